@@ -1,0 +1,25 @@
+"""gpu-nn: classic deep-learning layers as our own GPU kernels.
+
+Import ``gpu_nn.functional as F``, ``gpu_nn.nn as nn`` and ``gpu_nn.optim as optim`` in
+place of torch's, or call :func:`gpu_nn.convert` on an existing model.
+"""
+
+from ._backend import available_backends, backend, status as backend_status
+from ._errors import BackendUnavailableError, KernelInputError
+
+__version__ = "0.1.0"
+
+from . import functional, nn, optim  # noqa: E402  (registers the custom ops)
+from .convert import convert  # noqa: E402
+
+__all__ = [
+    "BackendUnavailableError",
+    "KernelInputError",
+    "available_backends",
+    "backend",
+    "backend_status",
+    "convert",
+    "functional",
+    "nn",
+    "optim",
+]

@@ -1,0 +1,193 @@
+"""The one place that chooses a backend.
+
+Backends:
+
+* ``reference`` -- vectorised NumPy on the CPU (CUDA tensors are copied to the host and back).
+* ``triton``    -- our ``@triton.jit`` kernels; CUDA tensors, or CPU tensors when
+  ``TRITON_INTERPRET=1`` was set before the kernels were imported.
+* ``cupy``      -- our CUDA C kernels compiled at run time by CuPy (NVRTC); CUDA tensors only.
+* ``auto``      -- a GPU backend for CUDA tensors, ``reference`` for CPU tensors.
+
+The choice comes from ``gpu_nn.backend(name)`` when one is active, else from the
+``GPU_NN_BACKEND`` environment variable, else ``auto``. The choice is process-wide (not
+thread-local) on purpose: autograd runs backward passes of CUDA tensors on its own worker
+threads, and those must see the backend the user asked for. An explicitly requested backend
+that cannot run raises :class:`BackendUnavailableError` saying why; nothing falls back silently.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import threading
+
+import torch
+
+from ._errors import BackendUnavailableError
+
+NAMES = ("auto", "reference", "triton", "cupy")
+GPU_BACKENDS = ("triton", "cupy")
+
+_lock = threading.Lock()
+_stack: list[str] = []
+
+
+def _validate(name: str, where: str) -> str:
+    name = str(name).strip().lower()
+    if name not in NAMES:
+        raise BackendUnavailableError(
+            f"{where}: unknown backend {name!r}; expected one of {', '.join(NAMES)}"
+        )
+    return name
+
+
+def requested() -> str:
+    """The backend asked for right now: innermost ``backend()`` block, else the env var."""
+    with _lock:
+        if _stack:
+            return _stack[-1]
+    return _validate(os.environ.get("GPU_NN_BACKEND", "auto") or "auto", "GPU_NN_BACKEND")
+
+
+@contextlib.contextmanager
+def backend(name: str):
+    """Run the enclosed ops on backend ``name`` (``auto``, ``reference``, ``triton``, ``cupy``).
+
+    Asking for a backend that cannot run here raises at once, not at the first op.
+    """
+    name = _validate(name, "gpu_nn.backend")
+    if name not in ("auto", "reference"):
+        ok, why = status(name)
+        if not ok:
+            raise BackendUnavailableError(f"backend {name!r} cannot run here: {why}")
+    with _lock:
+        _stack.append(name)
+    try:
+        yield name
+    finally:
+        with _lock:
+            _stack.pop()
+
+
+def interpret_mode() -> bool:
+    """True when Triton kernels run in the interpreter (TRITON_INTERPRET=1 at import)."""
+    if not _triton_importable()[0]:
+        return False
+    from .kernels import triton as ktriton
+
+    return ktriton.INTERPRET
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_importable() -> tuple[bool, str]:
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken install
+        return False, f"triton is not importable ({type(exc).__name__}: {exc})"
+    return True, ""
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_ok() -> tuple[bool, str]:
+    if not torch.cuda.is_available():
+        return False, "torch sees no CUDA device (torch.cuda.is_available() is False)"
+    return True, torch.cuda.get_device_name(0)
+
+
+@functools.lru_cache(maxsize=None)
+def _cupy_status() -> tuple[bool, str]:
+    try:
+        import cupy
+    except Exception as exc:
+        return False, (
+            f"cupy is not importable ({type(exc).__name__}: {exc}); "
+            "install gpu-nn[cuda12] or gpu-nn[cuda13]"
+        )
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:  # CUDARuntimeError without a driver or device
+        return False, f"cupy {cupy.__version__} is installed but finds no usable CUDA device ({exc})"
+    if count < 1:
+        return False, f"cupy {cupy.__version__} is installed but finds no CUDA device"
+    ok, why = _cuda_ok()
+    if not ok:
+        return False, why
+    return True, f"cupy {cupy.__version__} on {why}"
+
+
+def status(name: str) -> tuple[bool, str]:
+    """Whether backend ``name`` can run here, and why (or why not)."""
+    name = _validate(name, "gpu_nn.status")
+    if name in ("auto", "reference"):
+        return True, "NumPy on the CPU" if name == "reference" else "always"
+    if name == "triton":
+        ok, why = _triton_importable()
+        if not ok:
+            return False, why
+        cuda, cwhy = _cuda_ok()
+        if cuda:
+            return True, f"compiled kernels on {cwhy}"
+        if interpret_mode():
+            return True, "CPU tensors through the Triton interpreter (TRITON_INTERPRET=1)"
+        return False, f"{cwhy}, and TRITON_INTERPRET=1 was not set before the kernels were imported"
+    return _cupy_status()
+
+
+def available_backends() -> list[str]:
+    """The concrete backends that work here, in preference order."""
+    return [n for n in ("triton", "cupy", "reference") if status(n)[0]]
+
+
+def resolve(op: str, device: torch.device, have: tuple[str, ...], prefer: tuple[str, ...] = GPU_BACKENDS) -> str:
+    """Pick the backend that runs ``op`` on tensors of ``device``.
+
+    ``have`` lists the backends that implement ``op``; ``prefer`` orders the GPU ones for
+    ``auto``. Raises BackendUnavailableError when the requested backend cannot run.
+    """
+    req = requested()
+    dev = torch.device(device)
+    if req == "auto":
+        if dev.type != "cuda":
+            return "reference"
+        reasons = []
+        for name in prefer:
+            if name not in have:
+                continue
+            ok, why = status(name)
+            if ok:
+                return name
+            reasons.append(f"{name}: {why}")
+        raise BackendUnavailableError(
+            f"{op}: no GPU backend can run it on {dev} ({'; '.join(reasons) or 'none implemented'})"
+        )
+    if req not in have:
+        raise BackendUnavailableError(
+            f"{op} has no {req} implementation (it has: {', '.join(have)}); "
+            f"use gpu_nn.backend('auto') or one of those"
+        )
+    if req == "reference":
+        return req
+    ok, why = status(req)
+    if not ok:
+        raise BackendUnavailableError(f"{op}: backend {req!r} cannot run here: {why}")
+    if dev.type != "cuda":
+        if req == "triton" and interpret_mode() and dev.type == "cpu":
+            return req
+        raise BackendUnavailableError(
+            f"{op}: backend {req!r} needs CUDA tensors, got tensors on {dev}"
+            + (" (CPU tensors run Triton only under TRITON_INTERPRET=1)" if req == "triton" else "")
+        )
+    return req
+
+
+def check_interpreter_dtype(op: str, backend_name: str, *tensors: torch.Tensor) -> None:
+    """The Triton interpreter computes bfloat16 silently wrong, so refuse it there."""
+    if backend_name != "triton":
+        return
+    for t in tensors:
+        if t is not None and t.device.type == "cpu" and t.dtype == torch.bfloat16:
+            raise BackendUnavailableError(
+                f"{op}: bfloat16 is not supported by the Triton interpreter (its results are "
+                "wrong without error); run bfloat16 on a GPU or use float16/float32 here"
+            )

@@ -1,0 +1,92 @@
+"""The ``gpu-nn`` command.
+
+Subcommands: ``info`` (versions, devices, backends), ``check`` (every op on every backend
+against the reference), plus those contributed by other modules (``bench``, ``demo``,
+``sass``), each exposing ``add_arguments(parser)`` and ``run(args) -> int``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import platform
+import sys
+
+SUBCOMMANDS = {
+    "bench": ("gpu_nn.benchmarks.suite", "benchmark our kernels against torch"),
+    "demo": ("gpu_nn.demo", "train the textbook CNN and recurrent models on digits"),
+    "sass": ("gpu_nn.benchmarks.sass_report", "registers, spills and tensor-core use of each kernel on sm_90"),
+}
+
+
+def _version(mod: str) -> str:
+    try:
+        m = importlib.import_module(mod)
+    except Exception as exc:
+        return f"not importable ({type(exc).__name__})"
+    return getattr(m, "__version__", "?")
+
+
+def cmd_info(args) -> int:
+    import torch
+
+    from . import _backend
+
+    print(f"gpu-nn   {_version('gpu_nn')}")
+    print(f"python   {platform.python_version()} ({sys.executable})")
+    for mod in ("torch", "triton", "numpy", "cupy"):
+        print(f"{mod:<8} {_version(mod)}")
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            print(f"device   cuda:{i} {p.name} (sm_{p.major}{p.minor}, {p.total_memory / 2**30:.1f} GiB)")
+    else:
+        print("device   cpu only (torch.cuda.is_available() is False)")
+    print(f"backend  requested: {_backend.requested()}")
+    for name in ("reference", "triton", "cupy"):
+        ok, why = _backend.status(name)
+        print(f"  {name:<10} {'works' if ok else 'unavailable'}: {why}")
+    return 0
+
+
+def cmd_check(args) -> int:
+    import json
+
+    from . import check
+
+    rows = check.run_checks(ops=args.op, seed=args.seed, progress=not args.no_progress)
+    check.print_table(rows)
+    failed = [r for r in rows if not r["ok"]]
+    print(f"{len(rows) - len(failed)} passed, {len(failed)} failed")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 1 if failed or not rows else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gpu-nn", description="gpu-nn: classic layers as our own GPU kernels")
+    sub = p.add_subparsers(dest="command", required=True)
+    sp = sub.add_parser("info", help="versions, devices and which backends work here")
+    sp.set_defaults(func=cmd_info)
+    sp = sub.add_parser("check", help="every op on every working backend against the reference")
+    sp.add_argument("--op", action="append", help="only this op (repeatable)")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--json", help="write the rows to this JSON file")
+    sp.add_argument("--no-progress", action="store_true")
+    sp.set_defaults(func=cmd_check)
+    for name, (mod_name, help_text) in SUBCOMMANDS.items():
+        mod = importlib.import_module(mod_name)
+        sp = sub.add_parser(name, help=help_text, description=help_text)
+        mod.add_arguments(sp)
+        sp.set_defaults(func=mod.run)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,3 @@
+"""dense modules."""
+
+__all__: list[str] = []

@@ -1,0 +1,3 @@
+"""pool modules."""
+
+__all__: list[str] = []

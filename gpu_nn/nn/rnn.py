@@ -1,0 +1,3 @@
+"""rnn modules."""
+
+__all__: list[str] = []

@@ -1,0 +1,3 @@
+"""``gpu_nn.nn.utils``: gradient clipping (mirrors ``torch.nn.utils``)."""
+
+__all__: list[str] = []

@@ -1,0 +1,1 @@
+"""Per-family launchers: input checks, backend dispatch and ``torch.library`` registration."""

@@ -1,0 +1,134 @@
+"""relu / sigmoid / tanh: checks, dispatch and ``torch.library`` registration.
+
+``gpu_nn::activation(input, activation)`` and ``gpu_nn::activation_backward(grad_output,
+output, activation)`` are the two custom ops; the backward takes the forward output, as
+torch's own formulas do. Backends: reference, triton.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import _backend
+from .._errors import KernelInputError
+from ..check import CheckCase
+from ..reference import activation as ref
+from ._dispatch import check_float, empty, from_numpy, to_numpy
+
+__all__ = ["relu", "sigmoid", "tanh"]
+
+ACTIVATIONS = ("relu", "sigmoid", "tanh")
+BACKENDS = ("reference", "triton")
+
+
+def _check(activation: str, t: Tensor) -> None:
+    if activation not in ACTIVATIONS:
+        raise KernelInputError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+    check_float(activation, "input", t)
+
+
+def activation_forward(x: Tensor, activation: str) -> Tensor:
+    """y = act(x), any shape; returns a contiguous tensor of x's shape and dtype."""
+    _check(activation, x)
+    backend = _backend.resolve(activation, x.device, BACKENDS)
+    if backend == "reference":
+        return from_numpy(ref.FORWARD[activation](to_numpy(x)), x.dtype, x.device)
+    _backend.check_interpreter_dtype(activation, backend, x)
+    from ..kernels import triton as ktriton
+    from ..kernels.triton import activation as kt
+
+    xc = x.contiguous()
+    y = empty(xc.shape, dtype=x.dtype, device=x.device)
+    kt.act_forward(xc, y, activation, ktriton.INTERPRET)
+    return y
+
+
+def activation_backward(grad_output: Tensor, output: Tensor, activation: str) -> Tensor:
+    """dx = grad_output * act'(x), written through the forward output."""
+    _check(activation, grad_output)
+    if grad_output.shape != output.shape:
+        raise KernelInputError(f"{activation} backward: grad_output shape {tuple(grad_output.shape)} != output shape {tuple(output.shape)}")
+    backend = _backend.resolve(activation + "_backward", grad_output.device, BACKENDS)
+    if backend == "reference":
+        return from_numpy(ref.BACKWARD[activation](to_numpy(grad_output), to_numpy(output)), grad_output.dtype, grad_output.device)
+    _backend.check_interpreter_dtype(activation, backend, grad_output)
+    from ..kernels import triton as ktriton
+    from ..kernels.triton import activation as kt
+
+    g = grad_output.contiguous()
+    y = output.to(g.dtype).contiguous()
+    dx = empty(g.shape, dtype=g.dtype, device=g.device)
+    kt.act_backward(g, y, dx, activation, ktriton.INTERPRET)
+    return dx
+
+
+@torch.library.custom_op("gpu_nn::activation", mutates_args=())
+def _activation_op(input: Tensor, activation: str) -> Tensor:
+    return activation_forward(input, activation)
+
+
+@_activation_op.register_fake
+def _(input, activation):
+    return input.new_empty(input.shape)
+
+
+@torch.library.custom_op("gpu_nn::activation_backward", mutates_args=())
+def _activation_backward_op(grad_output: Tensor, output: Tensor, activation: str) -> Tensor:
+    return activation_backward(grad_output, output, activation)
+
+
+@_activation_backward_op.register_fake
+def _(grad_output, output, activation):
+    return grad_output.new_empty(grad_output.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.activation = inputs[1]
+    ctx.save_for_backward(output)
+
+
+def _backward(ctx, grad):
+    (out,) = ctx.saved_tensors
+    return _activation_backward_op(grad, out, ctx.activation), None
+
+
+_activation_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _apply(input: Tensor, activation: str, inplace: bool = False) -> Tensor:
+    if not isinstance(input, Tensor):
+        raise KernelInputError(f"{activation}(): argument 'input' must be Tensor, not {type(input).__name__}")
+    out = _activation_op(input, activation)
+    if inplace:
+        return input.copy_(out)
+    return out
+
+
+def relu(input: Tensor, inplace: bool = False) -> Tensor:
+    """max(input, 0), NaN kept; as ``torch.nn.functional.relu``."""
+    return _apply(input, "relu", inplace)
+
+
+def sigmoid(input: Tensor) -> Tensor:
+    """1 / (1 + exp(-input)); as ``torch.nn.functional.sigmoid``."""
+    return _apply(input, "sigmoid")
+
+
+def tanh(input: Tensor) -> Tensor:
+    """tanh(input); as ``torch.nn.functional.tanh``."""
+    return _apply(input, "tanh")
+
+
+def _make(shape):
+    def make(rng):
+        x = torch.from_numpy(rng.standard_normal(shape) * 3).requires_grad_()
+        return (x,), {}
+
+    return make
+
+
+CHECK_CASES = [
+    CheckCase(op=name, make=_make((3, 5, 17)), fn=fn, backends=BACKENDS)
+    for name, fn in (("relu", relu), ("sigmoid", sigmoid), ("tanh", tanh))
+]

@@ -1,0 +1,3 @@
+"""dense family: launchers, checks and custom-op registration."""
+
+__all__: list[str] = []

@@ -1,0 +1,3 @@
+"""rnn family: launchers, checks and custom-op registration."""
+
+__all__: list[str] = []

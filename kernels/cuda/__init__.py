@@ -1,0 +1,93 @@
+"""CUDA C kernels compiled at run time through CuPy (NVRTC).
+
+* :func:`source` / :func:`include_dir` -- the ``.cu`` files and their common header.
+* :func:`compile_cubin` -- compile a ``.cu`` for an architecture with NVRTC directly, without a
+  GPU or driver (CI compiles every source for sm_90 this way).
+* :func:`load` -- one cached ``cupy.RawModule`` per (source, defines, device).
+* :func:`launch` -- launch a kernel on torch's current stream with tensors shared by DLPack.
+
+Compile-time parameters are injected as ``-D`` defines; every ``.cu`` gives each one a default
+under ``#ifndef`` so it compiles standalone.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def include_dir() -> str:
+    return HERE
+
+
+def sources() -> list[str]:
+    """Names (without ``.cu``) of every CUDA C source."""
+    return sorted(f[:-3] for f in os.listdir(HERE) if f.endswith(".cu"))
+
+
+def source(name: str) -> str:
+    with open(os.path.join(HERE, f"{name}.cu")) as f:
+        return f.read()
+
+
+def _define_options(defines) -> list[str]:
+    return [f"-D{k}={v}" for k, v in sorted(dict(defines or {}).items())]
+
+
+def compile_cubin(name: str, defines=None, arch: str = "sm_90", extra_options=()) -> bytes:
+    """Compile ``<name>.cu`` to a cubin for ``arch`` with NVRTC; needs no GPU or driver.
+
+    Raises RuntimeError with NVRTC's log on a compile error.
+    """
+    from cupy_backends.cuda.libs import nvrtc
+
+    opts = [f"-arch={arch}", "-std=c++17", f"-I{HERE}", *_define_options(defines), *extra_options]
+    prog = nvrtc.createProgram(source(name), f"{name}.cu", [], [])
+    try:
+        try:
+            nvrtc.compileProgram(prog, opts)
+        except nvrtc.NVRTCError as exc:
+            raise RuntimeError(f"NVRTC failed on {name}.cu ({' '.join(opts)}):\n{nvrtc.getProgramLog(prog)}") from exc
+        return nvrtc.getCUBIN(prog)
+    finally:
+        nvrtc.destroyProgram(prog)
+
+
+@functools.lru_cache(maxsize=None)
+def _load(name: str, defines: tuple, device: int):
+    import cupy
+
+    with cupy.cuda.Device(device):
+        opts = ("-std=c++17", f"-I{HERE}", *_define_options(dict(defines)))
+        module = cupy.RawModule(code=source(name), options=opts)
+        module.compile()
+        return module
+
+
+def load(name: str, defines=None, device: int = 0):
+    """The ``cupy.RawModule`` of ``<name>.cu`` compiled with ``defines`` for ``device`` (cached)."""
+    return _load(name, tuple(sorted(dict(defines or {}).items())), int(device))
+
+
+def as_cupy(t):
+    """A CuPy view of a CUDA torch tensor (DLPack, no copy)."""
+    import cupy
+
+    return cupy.from_dlpack(t.detach())
+
+
+def launch(module, kernel: str, grid, block, args, shared_mem: int = 0, device: int = 0) -> None:
+    """Launch ``kernel`` of ``module`` on torch's current CUDA stream.
+
+    ``args`` may hold CUDA torch tensors (passed through DLPack), CuPy arrays and NumPy scalars
+    (``np.int32``, ``np.int64``, ``np.float32``: their type is the C parameter's type).
+    """
+    import cupy
+    import torch
+
+    conv = tuple(as_cupy(a) if isinstance(a, torch.Tensor) else a for a in args)
+    stream = torch.cuda.current_stream(device)
+    with cupy.cuda.Device(device), cupy.cuda.ExternalStream(stream.cuda_stream, device):
+        module.get_function(kernel)(tuple(grid), tuple(block), conv, shared_mem=shared_mem)

@@ -1,0 +1,16 @@
+"""Triton kernels, one module per op family.
+
+``INTERPRET`` records whether ``TRITON_INTERPRET=1`` was set when the kernels were imported:
+``@triton.jit`` decides at decoration time whether a kernel is compiled or interpreted, so a
+later change of the variable has no effect on kernels already imported.
+
+Each family module exposes ``aot_specs()``: every configuration its launchers can launch
+with, as :class:`~gpu_nn.kernels.triton._aot.AotSpec`, so that ``_aot`` compiles them all for
+sm_90 ahead of time (DESIGN section 4, level 3).
+"""
+
+import os
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+FAMILIES = ("activation", "conv", "dense", "pool", "rnn", "optim")

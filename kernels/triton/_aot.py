@@ -1,0 +1,138 @@
+"""Ahead-of-time compilation of every Triton kernel configuration for sm_90, without a GPU.
+
+``python -m gpu_nn.kernels.triton._aot [--family F ...] [--json PATH] [--sass]`` compiles each
+family's ``aot_specs()`` with ``triton.compile`` for ``GPUTarget("cuda", 90, 32)`` and reads
+registers, stack (spills), shared memory and tensor-core instructions off the cubin with the
+``cuobjdump`` that Triton's wheel ships. It must run in a process where ``TRITON_INTERPRET`` is
+unset: interpreted kernels cannot be compiled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class AotSpec:
+    """One launchable configuration of one kernel.
+
+    ``signature`` maps every argument name to a Triton type string (``"*fp32"``, ``"i32"``,
+    ``"i64"``, ``"fp32"``, or ``"constexpr"``); ``constexprs`` gives the constexpr values.
+    """
+
+    kernel: Any
+    signature: dict
+    constexprs: dict
+    num_warps: int = 4
+    num_stages: int = 3
+    label: str = ""
+
+    @property
+    def name(self) -> str:
+        fn = getattr(self.kernel, "fn", self.kernel)
+        return getattr(fn, "__name__", str(fn))
+
+
+def _tool(name: str) -> str:
+    import triton.backends.nvidia as nv
+
+    return os.path.join(os.path.dirname(nv.__file__), "bin", name)
+
+
+def _resources(cubin: bytes) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+        path = f.name
+    try:
+        usage = subprocess.run([_tool("cuobjdump"), "-res-usage", path], capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([_tool("cuobjdump"), "-sass", path], capture_output=True, text=True, check=True).stdout
+    finally:
+        os.unlink(path)
+    m = re.search(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)", usage)
+    regs, stack, shared, local = (int(g) for g in m.groups()) if m else (-1, -1, -1, -1)
+    return {
+        "registers": regs,
+        "stack_bytes": stack,
+        "local_bytes": local,
+        "static_shared_bytes": shared,
+        "hgmma": len(re.findall(r"\bHGMMA\b", sass)),
+        "hmma": len(re.findall(r"\bHMMA\b", sass)),
+        "sass_lines": sass.count("\n"),
+    }
+
+
+def compile_spec(spec: AotSpec) -> dict:
+    """Compile one spec for sm_90; returns its resource usage (raises on a compile error)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise RuntimeError("AOT compilation needs TRITON_INTERPRET unset (interpreted kernels cannot compile)")
+    src = ASTSource(fn=spec.kernel, signature=dict(spec.signature), constexprs=dict(spec.constexprs))
+    t0 = time.perf_counter()
+    compiled = triton.compile(
+        src,
+        target=GPUTarget("cuda", 90, 32),
+        options={"num_warps": spec.num_warps, "num_stages": spec.num_stages},
+    )
+    out = {
+        "kernel": spec.name,
+        "label": spec.label,
+        "num_warps": spec.num_warps,
+        "num_stages": spec.num_stages,
+        "shared_bytes": int(compiled.metadata.shared),
+        "compile_s": round(time.perf_counter() - t0, 3),
+    }
+    out.update(_resources(compiled.asm["cubin"]))
+    return out
+
+
+def family_specs(family: str) -> list[AotSpec]:
+    mod = importlib.import_module(f"{__package__}.{family}")
+    fn = getattr(mod, "aot_specs", None)
+    return list(fn()) if fn is not None else []
+
+
+def run(families, json_path=None) -> int:
+    from . import FAMILIES
+
+    failures = 0
+    rows = []
+    for fam in families or FAMILIES:
+        for spec in family_specs(fam):
+            try:
+                row = compile_spec(spec)
+                row["ok"] = True
+            except Exception as exc:  # report every failing config, not only the first
+                failures += 1
+                row = {"kernel": spec.name, "label": spec.label, "ok": False, "error": f"{type(exc).__name__}: {exc}"[:2000]}
+            row["family"] = fam
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 1 if failures else 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--family", action="append", help="family to compile (repeatable); default all")
+    p.add_argument("--json", help="write the rows as a JSON list to this path")
+    args = p.parse_args(argv)
+    return run(args.family, args.json)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""NumPy reference for the conv family (NumPy only)."""

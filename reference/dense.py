@@ -1,0 +1,1 @@
+"""NumPy reference for the dense family (NumPy only)."""

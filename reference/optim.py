@@ -1,0 +1,1 @@
+"""NumPy reference for the optimizers and gradient clipping (NumPy only)."""

@@ -1,0 +1,1 @@
+"""NumPy reference for the pool family (NumPy only)."""

@@ -1,0 +1,1 @@
+"""NumPy reference for the rnn family (NumPy only)."""

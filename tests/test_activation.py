@@ -1,0 +1,99 @@
+"""relu / sigmoid / tanh: reference against torch (float64, forward and backward), finite
+differences of the reference backward, every backend against the reference, opcheck, bad input."""
+
+import pytest
+import torch
+
+import gpu_nn
+import gpu_nn.functional as F
+from helpers import assert_close, backend_params, gpu_dtypes_for, randn
+
+OPS = {"relu": (F.relu, torch.relu), "sigmoid": (F.sigmoid, torch.sigmoid), "tanh": (F.tanh, torch.tanh)}
+SHAPES = [(1,), (7,), (3, 5, 17), (2, 0, 3), (2, 3, 33, 9)]
+
+
+@pytest.mark.parametrize("name", OPS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_reference_matches_torch_float64(name, shape, rng):
+    ours, theirs = OPS[name]
+    x = randn(rng, *shape, requires_grad=True) * 4
+    x.retain_grad()
+    with gpu_nn.backend("reference"):
+        y = ours(x)
+        g = randn(rng, *y.shape)
+        (gx,) = torch.autograd.grad(y, x, g)
+    xt = x.detach().requires_grad_()
+    yt = theirs(xt)
+    (gt,) = torch.autograd.grad(yt, xt, g)
+    assert_close(y, yt, torch.float64, what="forward")
+    assert_close(gx, gt, torch.float64, what="backward")
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_reference_backward_finite_differences(name, rng):
+    ours, _ = OPS[name]
+    x = randn(rng, 4, 7, requires_grad=True)
+    with gpu_nn.backend("reference"):
+        assert torch.autograd.gradcheck(ours, (x,))
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("name", OPS)
+@pytest.mark.parametrize("shape", [(5, 9, 11), (4099,), (0, 3)])
+@pytest.mark.parametrize("noncontig", [False, True])
+def test_backend_matches_reference(backend, device, name, shape, noncontig, rng):
+    ours, _ = OPS[name]
+    for dtype in gpu_dtypes_for(backend, device):
+        x64 = randn(rng, *shape) * 3
+        g64 = randn(rng, *shape)
+        with gpu_nn.backend("reference"):
+            xr = x64.clone().requires_grad_()
+            yr = ours(xr)
+            (gr,) = torch.autograd.grad(yr, xr, g64)
+        x = x64.to(device=device, dtype=dtype)
+        if noncontig:
+            x = torch.stack([x, x], dim=-1)[..., 0]
+            assert not x.is_contiguous() or x.numel() <= 1
+        x.requires_grad_()
+        with gpu_nn.backend(backend):
+            y = ours(x)
+            (gx,) = torch.autograd.grad(y, x, g64.to(device=device, dtype=dtype))
+        assert y.dtype == dtype and y.shape == x.shape
+        assert_close(y, yr, dtype, what=f"{name} forward {dtype}")
+        assert_close(gx, gr, dtype, what=f"{name} backward {dtype}")
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_nan_propagates(backend, device):
+    x = torch.tensor([float("nan"), -1.0, 2.0], device=device)
+    with gpu_nn.backend(backend):
+        for name, (ours, theirs) in OPS.items():
+            y = ours(x)
+            assert torch.isnan(y[0]), name
+            torch.testing.assert_close(y[1:].cpu(), theirs(x[1:]).cpu())
+
+
+def test_relu_inplace(rng):
+    x = randn(rng, 3, 4)
+    expect = torch.relu(x)
+    out = F.relu(x, inplace=True)
+    assert out is x
+    torch.testing.assert_close(x, expect)
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_opcheck(name, rng):
+    x = randn(rng, 3, 5, requires_grad=True)
+    torch.library.opcheck(torch.ops.gpu_nn.activation.default, (x, name))
+    g = randn(rng, 3, 5)
+    y = OPS[name][1](x).detach()
+    torch.library.opcheck(torch.ops.gpu_nn.activation_backward.default, (g, y, name))
+
+
+def test_bad_input():
+    with pytest.raises(gpu_nn.KernelInputError, match="floating-point"):
+        F.relu(torch.arange(5))
+    with pytest.raises(gpu_nn.KernelInputError):
+        F.sigmoid([1.0, 2.0])
+    with pytest.raises(ValueError):  # KernelInputError is a ValueError too
+        F.tanh(torch.arange(3))
