@@ -1,5 +1,120 @@
-"""``gpu_nn.convert``: swap the supported torch.nn layers of a model for ours."""
+"""``gpu_nn.convert``: swap the supported torch.nn layers of a model for ours, in place."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import torch
 
 
-def convert(model, *, inplace=True):
-    raise NotImplementedError("gpu_nn.convert is not written yet")
+
+def _conv_reason(m):
+    if m.padding_mode != "zeros":
+        return f"padding_mode={m.padding_mode!r} is not supported (only 'zeros')"
+    return None
+
+
+def _lstm_reason(m):
+    if getattr(m, "proj_size", 0) > 0:
+        return f"proj_size={m.proj_size} is not supported"
+    return None
+
+
+def _none(m):
+    return None
+
+
+# torch.nn class name (ours has the same name in gpu_nn.nn) -> the reason a given instance
+# cannot be converted, or None
+_SUPPORTED = {
+    "Conv1d": _conv_reason,
+    "Conv2d": _conv_reason,
+    "MaxPool1d": _none,
+    "MaxPool2d": _none,
+    "AvgPool1d": _none,
+    "AvgPool2d": _none,
+    "ReLU": _none,
+    "Sigmoid": _none,
+    "Tanh": _none,
+    "Flatten": _none,
+    "Linear": _none,
+    "Softmax": _none,
+    "LogSoftmax": _none,
+    "CrossEntropyLoss": _none,
+    "RNN": _none,
+    "LSTM": _lstm_reason,
+    "GRU": _none,
+    "RNNCell": _none,
+    "LSTMCell": _none,
+    "GRUCell": _none,
+}
+
+
+def _our_class(torch_cls):
+    """Our drop-in class for an exact torch.nn class, or None."""
+    from . import nn as gnn
+
+    name = torch_cls.__name__
+    if name not in _SUPPORTED or getattr(torch.nn, name, None) is not torch_cls:
+        return None
+    return getattr(gnn, name)
+
+
+def _swap(module: torch.nn.Module, ours: type) -> torch.nn.Module:
+    """Turn ``module`` into an instance of ``ours`` (a subclass of its torch class) in place:
+    the same object, parameter and buffer tensors (no copies), hooks, training flag and
+    options; only the forward changes."""
+    module.__class__ = ours
+    init = getattr(module, "_gpu_nn_after_convert", None)
+    if init is not None:
+        init()
+    return module
+
+
+def convert(model: torch.nn.Module, *, inplace: bool = True) -> torch.nn.Module:
+    """Replace every supported torch.nn layer of ``model`` by gpu-nn's drop-in module.
+
+    Parameters and buffers are kept (the same tensors, so optimizers built before the
+    conversion keep working), and the converted model computes the same function. Layers whose
+    options we do not support stay torch layers; they are named with the reason in one
+    warning. Layers are converted in place (their class changes, the objects stay), so the
+    same model object is returned, ``model`` itself included when it is a supported layer.
+    With ``inplace=False`` a deep copy is converted and ``model`` is left alone.
+    """
+    from . import nn as gnn
+
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"convert() expects a torch.nn.Module, got {type(model).__name__}")
+    if not inplace:
+        model = copy.deepcopy(model)
+    skipped: list[str] = []
+
+    def visit(mod: torch.nn.Module, prefix: str) -> torch.nn.Module:
+        for name, child in list(mod._modules.items()):
+            if child is None:
+                continue
+            mod._modules[name] = visit(child, f"{prefix}.{name}" if prefix else name)
+        cls = type(mod)
+        if cls.__module__.startswith(gnn.__name__):
+            return mod
+        ours = _our_class(cls)
+        if ours is None:
+            base = next((b for b in cls.__mro__[1:] if _our_class(b) is not None), None)
+            if base is not None:
+                skipped.append(f"{prefix or '<model>'} ({cls.__name__}): a subclass of torch.nn.{base.__name__} with code of its own")
+            return mod
+        reason = _SUPPORTED[cls.__name__](mod)
+        if reason:
+            skipped.append(f"{prefix or '<model>'} ({cls.__name__}): {reason}")
+            return mod
+        return _swap(mod, ours)
+
+    model = visit(model, "")
+    if skipped:
+        warnings.warn(
+            "gpu_nn.convert left these layers as torch layers: " + "; ".join(skipped),
+            UserWarning,
+            stacklevel=2,
+        )
+    return model

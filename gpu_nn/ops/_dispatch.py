@@ -85,3 +85,25 @@ def empty(shape, *, dtype: torch.dtype, device) -> torch.Tensor:
         out.fill_(float("nan"))
     return out
 
+
+
+def autocast_inputs(policy: str, *tensors):
+    """Apply torch's autocast rule to an op's inputs, as torch's own ops get it.
+
+    ``policy="lower"`` (conv, linear, recurrent layers): floating inputs run in the autocast
+    dtype; ``policy="fp32"`` (softmax, log_softmax, cross_entropy): they run in float32.
+    Outside an autocast region the inputs come back unchanged.
+    """
+    if not tensors:
+        return tensors
+    first = next((t for t in tensors if isinstance(t, torch.Tensor)), None)
+    if first is None:
+        return tensors
+    dev = first.device.type
+    if dev not in ("cuda", "cpu") or not torch.is_autocast_enabled(dev):
+        return tensors
+    dtype = torch.get_autocast_dtype(dev) if policy == "lower" else torch.float32
+    return tuple(
+        t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != dtype else t
+        for t in tensors
+    )

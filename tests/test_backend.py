@@ -1,0 +1,100 @@
+"""The backend switch: env var, context manager, explicit requests that cannot run."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import gpu_nn
+import gpu_nn.functional as F
+from gpu_nn import _backend
+
+
+def test_error_classes():
+    assert issubclass(gpu_nn.KernelInputError, ValueError)
+    assert issubclass(gpu_nn.KernelInputError, RuntimeError)
+    assert issubclass(gpu_nn.BackendUnavailableError, RuntimeError)
+
+
+def test_context_manager_nests_and_restores():
+    base = _backend.requested()
+    with gpu_nn.backend("reference"):
+        assert _backend.requested() == "reference"
+        with gpu_nn.backend("auto"):
+            assert _backend.requested() == "auto"
+        assert _backend.requested() == "reference"
+    assert _backend.requested() == base
+
+
+def test_unknown_backend_is_refused():
+    with pytest.raises(gpu_nn.BackendUnavailableError, match="unknown backend 'cuda'"):
+        with gpu_nn.backend("cuda"):
+            pass
+
+
+def test_env_var_selects_backend(monkeypatch):
+    monkeypatch.setenv("GPU_NN_BACKEND", "reference")
+    assert _backend.requested() == "reference"
+    monkeypatch.setenv("GPU_NN_BACKEND", "nonsense")
+    with pytest.raises(gpu_nn.BackendUnavailableError, match="GPU_NN_BACKEND"):
+        F.relu(torch.randn(3))
+
+
+def test_auto_uses_reference_for_cpu_tensors():
+    assert _backend.resolve("relu", torch.device("cpu"), ("reference", "triton")) == "reference"
+
+
+def test_available_backends_always_has_reference():
+    names = gpu_nn.available_backends()
+    assert "reference" in names
+    for name in names:
+        assert _backend.status(name)[0]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal of the cupy backend")
+def test_cupy_refused_without_gpu_with_reason():
+    ok, why = _backend.status("cupy")
+    assert not ok and why
+    with pytest.raises(gpu_nn.BackendUnavailableError, match="cupy"):
+        with gpu_nn.backend("cupy"):
+            pass
+
+
+def test_op_without_backend_says_so(monkeypatch):
+    with pytest.raises(gpu_nn.BackendUnavailableError, match="has no cupy implementation"):
+        monkeypatch.setattr(_backend, "_stack", ["cupy"])
+        _backend.resolve("someop", torch.device("cpu"), ("reference", "triton"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter refusal applies to CPU tensors only")
+def test_triton_refuses_bfloat16_in_interpreter():
+    if not _backend.interpret_mode():
+        pytest.skip("TRITON_INTERPRET is not set in this session")
+    with gpu_nn.backend("triton"):
+        with pytest.raises(gpu_nn.BackendUnavailableError, match="bfloat16"):
+            F.relu(torch.randn(4, dtype=torch.bfloat16))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="without a GPU, triton needs the interpreter")
+def test_triton_without_interpreter_explains_why():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = (
+        "import torch, gpu_nn\n"
+        "try:\n"
+        "    with gpu_nn.backend('triton'):\n"
+        "        pass\n"
+        "except gpu_nn.BackendUnavailableError as e:\n"
+        "    print('REFUSED:', e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120).stdout
+    assert "REFUSED:" in out and "TRITON_INTERPRET" in out
+
+
+def test_reference_handles_half_precision_by_widening():
+    x = torch.randn(7, dtype=torch.float16)
+    with gpu_nn.backend("reference"):
+        y = F.sigmoid(x)
+    assert y.dtype == torch.float16
+    torch.testing.assert_close(y, torch.sigmoid(x.float()).half())

@@ -1,0 +1,228 @@
+"""Drop-in integration (issue 8): convert, torch.compile, save/load, deepcopy, pickling,
+.to(dtype), DistributedDataParallel on gloo."""
+
+import copy
+import io
+import pickle
+import warnings
+
+import pytest
+import torch
+import torch.nn as tnn
+
+import gpu_nn
+import gpu_nn.nn as gnn
+
+
+class MixedCNN(tnn.Module):
+    """Every supported CNN layer, plus one we do not support (reflect padding)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = tnn.Conv1d(3, 4, 3, padding=1)
+        self.features = tnn.Sequential(
+            tnn.Conv2d(3, 6, 3, padding="same"),
+            tnn.ReLU(),
+            tnn.MaxPool2d(2, ceil_mode=True),
+            tnn.Conv2d(6, 6, 3, padding=1, padding_mode="reflect"),  # unsupported: stays torch's
+            tnn.Sigmoid(),
+            tnn.AvgPool2d(2, count_include_pad=False, padding=1),
+            tnn.Tanh(),
+        )
+        self.p1 = tnn.MaxPool1d(2)
+        self.p2 = tnn.AvgPool1d(3, stride=1)
+        self.flat = tnn.Flatten()
+        self.head = tnn.Linear(6 * 3 * 3 + 4 * 2, 5)
+        self.sm = tnn.Softmax(dim=1)
+        self.lsm = tnn.LogSoftmax(dim=1)
+
+    def forward(self, x, s):
+        a = self.flat(self.features(x))
+        b = self.flat(self.p2(self.p1(self.c1(s))))
+        z = self.head(torch.cat([a, b], dim=1))
+        return self.lsm(z) + self.sm(z)
+
+
+class Recurrent(tnn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm = tnn.LSTM(5, 7, num_layers=2, bidirectional=True, batch_first=True)
+        self.gru = tnn.GRU(14, 6, batch_first=True)
+        self.rnn = tnn.RNN(6, 4, nonlinearity="relu")
+        self.cell = tnn.GRUCell(4, 3)
+        self.out = tnn.Linear(3, 2)
+
+    def forward(self, x):
+        y, _ = self.lstm(x)
+        y, _ = self.gru(y)
+        y, _ = self.rnn(y.transpose(0, 1))
+        return self.out(self.cell(y[-1]))
+
+
+def _inputs(dtype=torch.float64):
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(2, 3, 11, 11, generator=g, dtype=dtype), torch.randn(2, 3, 9, generator=g, dtype=dtype)
+
+
+def test_convert_swaps_supported_layers_and_keeps_tensors():
+    torch.manual_seed(0)
+    model = MixedCNN().double()
+    reference = copy.deepcopy(model)
+    params_before = {n: p for n, p in model.named_parameters()}
+    with pytest.warns(UserWarning, match=r"features\.3 \(Conv2d\): padding_mode='reflect'"):
+        out = gpu_nn.convert(model)
+    assert out is model
+    for name, mod in model.named_modules():
+        if name in ("", "features"):
+            continue
+        if name == "features.3":
+            assert type(mod) is tnn.Conv2d
+        else:
+            assert type(mod).__module__.startswith("gpu_nn.nn"), name
+            assert isinstance(mod, getattr(tnn, type(mod).__name__))
+    for n, p in model.named_parameters():
+        assert p is params_before[n], n
+    x, s = _inputs()
+    torch.testing.assert_close(model(x, s), reference(x, s), rtol=1e-10, atol=1e-12)
+
+
+def test_convert_not_inplace_leaves_model_alone():
+    model = MixedCNN()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        new = gpu_nn.convert(model, inplace=False)
+    assert new is not model
+    assert type(model.head) is tnn.Linear
+    assert type(new.head) is gnn.Linear
+
+
+def test_convert_recurrent_model_same_function_and_gradients():
+    torch.manual_seed(1)
+    model = Recurrent().double()
+    reference = copy.deepcopy(model)
+    gpu_nn.convert(model)
+    assert type(model.lstm) is gnn.LSTM and type(model.cell) is gnn.GRUCell
+    x = torch.randn(3, 4, 5, dtype=torch.float64)
+    y, yr = model(x), reference(x)
+    torch.testing.assert_close(y, yr, rtol=1e-10, atol=1e-12)
+    y.sum().backward()
+    yr.sum().backward()
+    for (n, p), (_, pr) in zip(model.named_parameters(), reference.named_parameters()):
+        torch.testing.assert_close(p.grad, pr.grad, rtol=1e-9, atol=1e-12, msg=n)
+
+
+def test_unsupported_lstm_projection_stays_torch():
+    model = tnn.Sequential(tnn.LSTM(4, 6, proj_size=3))
+    with pytest.warns(UserWarning, match="proj_size=3"):
+        gpu_nn.convert(model)
+    assert type(model[0]) is tnn.LSTM
+
+
+def test_compiled_converted_model_equals_eager():
+    torch.manual_seed(2)
+    model = MixedCNN()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gpu_nn.convert(model)
+    x, s = _inputs(torch.float32)
+    eager = model(x, s)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x, s), eager)
+    # gradients through the compiled graph too
+    xr = x.clone().requires_grad_()
+    compiled(xr, s).sum().backward()
+    xe = x.clone().requires_grad_()
+    model(xe, s).sum().backward()
+    torch.testing.assert_close(xr.grad, xe.grad)
+
+
+def test_save_load_deepcopy_pickle_and_to():
+    torch.manual_seed(3)
+    model = gpu_nn.convert(tnn.Sequential(tnn.Conv2d(3, 4, 3), tnn.ReLU(), tnn.Flatten(), tnn.Linear(4 * 9 * 9, 3)))
+    x, _ = _inputs(torch.float32)
+    expect = model(x)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert type(loaded[0]) is gnn.Conv2d
+    torch.testing.assert_close(loaded(x), expect)
+    torch.testing.assert_close(copy.deepcopy(model)(x), expect)
+    torch.testing.assert_close(pickle.loads(pickle.dumps(model))(x), expect)
+    # state_dict round trip into a plain torch model
+    plain = tnn.Sequential(tnn.Conv2d(3, 4, 3), tnn.ReLU(), tnn.Flatten(), tnn.Linear(4 * 9 * 9, 3))
+    plain.load_state_dict(model.state_dict())
+    torch.testing.assert_close(plain(x), expect)
+    model64 = model.to(torch.float64)
+    assert model64[0].weight.dtype == torch.float64
+    torch.testing.assert_close(model64(x.double()), plain.double()(x.double()))
+
+
+def _ddp_worker(rank, world, init_file, result_file):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = _ddp_model()
+        ddp = DDP(model)
+        opt = gpu_nn.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
+        x, y = _ddp_batch()
+        per = x.shape[0] // world
+        for _ in range(3):
+            opt.zero_grad()
+            loss = gnn.CrossEntropyLoss()(ddp(x[rank * per:(rank + 1) * per]), y[rank * per:(rank + 1) * per])
+            loss.backward()
+            opt.step()
+        torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, f"{result_file}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def _ddp_model():
+    return gpu_nn.convert(tnn.Sequential(
+        tnn.Conv2d(1, 3, 3), tnn.ReLU(), tnn.MaxPool2d(2), tnn.Flatten(), tnn.Linear(3 * 3 * 3, 4),
+    )).double()
+
+
+def _ddp_batch():
+    g = torch.Generator().manual_seed(5)
+    return torch.randn(6, 1, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 4, (6,), generator=g)
+
+
+def test_distributed_data_parallel_gloo(tmp_path):
+    import torch.multiprocessing as mp
+
+    init_file, result = str(tmp_path / "rendezvous"), str(tmp_path / "params")
+    mp.spawn(_ddp_worker, args=(2, init_file, result), nprocs=2, join=True)
+    ranks = [torch.load(f"{result}.{r}") for r in range(2)]
+    torch.manual_seed(0)
+    single = _ddp_model()
+    opt = gpu_nn.optim.SGD(single.parameters(), lr=0.1, momentum=0.9)
+    x, y = _ddp_batch()
+    for _ in range(3):
+        opt.zero_grad()
+        gnn.CrossEntropyLoss()(single(x), y).backward()
+        opt.step()
+    for k, v in single.state_dict().items():
+        torch.testing.assert_close(ranks[0][k], ranks[1][k], rtol=0, atol=0, msg=f"ranks differ at {k}")
+        torch.testing.assert_close(ranks[0][k], v, rtol=1e-10, atol=1e-12, msg=f"DDP != single process at {k}")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="autocast through our kernels needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_autocast_on_gpu(dtype):
+    torch.manual_seed(4)
+    model = gpu_nn.convert(tnn.Sequential(tnn.Conv2d(3, 8, 3), tnn.ReLU(), tnn.Flatten(), tnn.Linear(8 * 9 * 9, 5))).cuda()
+    plain = copy.deepcopy(model)
+    x = torch.randn(4, 3, 11, 11, device="cuda")
+    with torch.autocast("cuda", dtype=dtype):
+        y = model(x)
+    assert y.dtype == dtype
+    expect = tnn.functional.linear(
+        tnn.functional.relu(tnn.functional.conv2d(x, plain[0].weight, plain[0].bias)).flatten(1), plain[3].weight, plain[3].bias
+    )
+    torch.testing.assert_close(y.float(), expect, rtol=5e-2, atol=5e-2)
+
