@@ -295,7 +295,7 @@ def avg_pool_backward(grad_output: Tensor, input_size, kernel_size, stride, padd
 # --- CuPy (CUDA C) launches ----------------------------------------------------------------
 
 _CUDA_THREADS = 256
-_CUDA_TYPES = {torch.float32: "float", torch.float16: "__half", torch.bfloat16: "__nv_bfloat16", torch.float64: "double"}
+_CUDA_TYPES = {torch.float32: "float", torch.float16: "gn_f16", torch.bfloat16: "gn_bf16", torch.float64: "double"}
 
 
 def _cuda_module(dtype: torch.dtype, device: torch.device):
