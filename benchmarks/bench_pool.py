@@ -20,7 +20,7 @@ import gpu_nn.functional as F
 from gpu_nn.benchmarks import harness
 
 
-def _fwd_bwd(pool, backend, make):
+def _fwd_bwd(pool, backend, make, padding=1):
     def setup():
         nxt = harness.rotating(make)
 
@@ -28,11 +28,11 @@ def _fwd_bwd(pool, backend, make):
             x, g = nxt()
             x = x.detach().requires_grad_()
             if backend is None:
-                y = pool(x, 3, 2, 1)
+                y = pool(x, 3, 2, padding)
                 y.backward(g)
             else:
                 with gpu_nn.backend(backend):
-                    y = pool(x, 3, 2, 1)
+                    y = pool(x, 3, 2, padding)
                     y.backward(g)
         return run
     return setup
@@ -64,9 +64,9 @@ def _copy(make):
     return setup
 
 
-def _inputs(shape, device, dtype):
+def _inputs(shape, device, dtype, padding=1):
     N, C, H, W = shape
-    oh, ow = (H + 2 - 3) // 2 + 1, (W + 2 - 3) // 2 + 1
+    oh, ow = (H + 2 * padding - 3) // 2 + 1, (W + 2 * padding - 3) // 2 + 1
 
     def make():
         return (torch.randn(shape, device=device, dtype=dtype),
@@ -77,11 +77,15 @@ def _inputs(shape, device, dtype):
 def cases(device: str, quick: bool) -> list[harness.Case]:
     if device == "cpu":
         shape = (16, 32, 32, 32)
-        make, _ = _inputs(shape, "cpu", torch.float32)
-        return [harness.Case(
-            "pool", "max_pool2d 3x3/2 p1 fwd+bwd", "N=16 C=32 32x32 fp32",
-            {"torch": _fwd_bwd(TF.max_pool2d, None, make), "reference": _fwd_bwd(F.max_pool2d, "reference", make)},
-            device="cpu")]
+        rows = []
+        for padding in (0, 1):
+            make, _ = _inputs(shape, "cpu", torch.float32, padding)
+            rows.append(harness.Case(
+                "pool", f"max_pool2d 3x3/2 p{padding} fwd+bwd", "N=16 C=32 32x32 fp32",
+                {"torch": _fwd_bwd(TF.max_pool2d, None, make, padding),
+                 "reference": _fwd_bwd(F.max_pool2d, "reference", make, padding)},
+                device="cpu"))
+        return rows
     out = []
     shape = (32, 64, 112, 112)
     dtypes = (torch.float32,) if quick else (torch.float32, torch.bfloat16)
