@@ -1,1 +1,283 @@
-"""NumPy reference for the pool family (NumPy only)."""
+"""NumPy reference for max / avg / min pooling, 1d and 2d, forward and explicit backward.
+
+Shapes: 2d functions take ``[..., H, W]`` (torch's ``[N, C, H, W]`` or unbatched ``[C, H, W]``),
+1d functions ``[..., L]``; any strides (non-contiguous and channels_last views are read in
+place). Outputs are fresh C-contiguous arrays.
+
+Semantics are torch's (``aten/src/ATen/native/cpu/MaxPoolKernel.cpp`` / ``AvgPoolKernel.cpp``):
+
+* output size ``floor_or_ceil((L + 2p - d(k-1) - 1) / s) + 1``; with ``ceil_mode`` the last
+  window is dropped when it would start past the input and its left padding
+  (``(out - 1) s >= L + p``).
+* max: windows are visited in row-major tap order and a tap replaces the running best when
+  ``v > best or isnan(v)``, so ties keep the first position and a NaN wins (the last NaN of a
+  window, as torch). Indices are flat positions in the input's spatial plane (``ih * W + iw``),
+  int64. A window whose taps all fall in the padding (possible only with dilation > 1 on tiny
+  inputs) gives ``-inf`` and index ``-1``: torch returns an out-of-range index there and its
+  backward writes out of bounds; ours marks it and the backward skips it.
+* min: ``-max_pool(-x)``, indices included.
+* avg: sum of the window's in-input values divided by ``divisor_override`` if given, else by
+  the window size clipped to the padded input (``count_include_pad``) or to the input. Avg
+  has no dilation (as torch).
+
+Not supported: return of int dtypes, 3d pooling, fractional/adaptive/lp pooling.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _pair(v, n: int, name: str = "value") -> tuple:
+    if isinstance(v, (int, np.integer)):
+        return (int(v),) * n
+    v = tuple(int(a) for a in v)
+    if len(v) == 1:
+        return v * n
+    if len(v) != n:
+        raise ValueError(f"{name} must be an int or a tuple of {n} ints, got {v}")
+    return v
+
+
+def out_size(length: int, k: int, s: int, p: int, d: int, ceil_mode: bool) -> int:
+    """torch's pooling_output_shape for one spatial dimension."""
+    num = length + 2 * p - d * (k - 1) - 1 + (s - 1 if ceil_mode else 0)
+    out = num // s + 1  # floor division (rounds towards -inf, as torch's div_rtn)
+    if ceil_mode and (out - 1) * s >= length + p:
+        out -= 1
+    return out
+
+
+def _params2d(kernel_size, stride, padding, dilation):
+    k = _pair(kernel_size, 2, "kernel_size")
+    s = k if stride is None or (not isinstance(stride, (int, np.integer)) and len(stride) == 0) else _pair(stride, 2, "stride")
+    return k, s, _pair(padding, 2, "padding"), _pair(dilation, 2, "dilation")
+
+
+def _params1d(kernel_size, stride, padding, dilation):
+    k = _pair(kernel_size, 1, "kernel_size")
+    s = k if stride is None or (not isinstance(stride, (int, np.integer)) and len(stride) == 0) else _pair(stride, 1, "stride")
+    return (1,) + k, (1,) + s, (0,) + _pair(padding, 1, "padding"), (1,) + _pair(dilation, 1, "dilation")
+
+
+def _tap_view(xp, i, j, k_s_d, oh, ow):
+    """The strided view of padded ``xp`` that tap (i, j) of every window reads."""
+    (dh, dw), (sh, sw) = k_s_d
+    return xp[..., i * dh: i * dh + sh * (oh - 1) + 1: sh, j * dw: j * dw + sw * (ow - 1) + 1: sw]
+
+
+def _padded(x, k, s, p, d, oh, ow, fill):
+    """``x`` inside a ``fill``-valued border wide enough for every tap of every window."""
+    H, W = x.shape[-2:]
+    hp = max(p[0] + H, (oh - 1) * s[0] + (k[0] - 1) * d[0] + 1)
+    wp = max(p[1] + W, (ow - 1) * s[1] + (k[1] - 1) * d[1] + 1)
+    if hp == H and wp == W:
+        return x
+    xp = np.full(x.shape[:-2] + (hp, wp), fill, dtype=x.dtype)
+    xp[..., p[0]:p[0] + H, p[1]:p[1] + W] = x
+    return xp
+
+
+def _first_valid(o: int, k: int, s: int, p: int, d: int, length: int):
+    """Per output position: the first tap position inside the input, or -1 if none."""
+    start = np.arange(o) * s - p
+    taps = start[:, None] + np.arange(k)[None, :] * d
+    inside = (taps >= 0) & (taps < length)
+    first = np.where(inside.any(1), taps[np.arange(o), inside.argmax(1)], -1)
+    return first
+
+
+def _max2d(x, k, s, p, d, ceil_mode):
+    """Core of max pooling on ``[..., H, W]``: returns (values, int64 flat indices)."""
+    x = np.asarray(x)
+    H, W = x.shape[-2:]
+    oh, ow = out_size(H, k[0], s[0], p[0], d[0], ceil_mode), out_size(W, k[1], s[1], p[1], d[1], ceil_mode)
+    lead = x.shape[:-2]
+    out = np.full(lead + (oh, ow), -np.inf, dtype=x.dtype)
+    if out.size == 0:
+        return out, np.zeros(out.shape, np.int64)
+    xp = _padded(x, k, s, p, d, oh, ow, -np.inf)
+    # torch's rule "v > best or isnan(v)"; the isnan test is only needed when a NaN is present
+    has_nan = bool(np.isnan(x).any())
+    tap = np.full(out.shape, -1, dtype=np.int16 if k[0] * k[1] < 2**15 else np.int32)
+    m = np.empty(out.shape, dtype=bool)
+    for i in range(k[0]):
+        for j in range(k[1]):
+            v = _tap_view(xp, i, j, (d, s), oh, ow)
+            np.greater(v, out, out=m)
+            if has_nan:
+                m |= np.isnan(v)
+            # np.maximum keeps NaN like the rule above and is ~2x faster than copyto(where=)
+            np.maximum(out, v, out=out)
+            np.putmask(tap, m, i * k[1] + j)
+    ti, tj = np.divmod(tap.astype(np.int64), k[1])
+    ih = (np.arange(oh) * s[0] - p[0])[:, None] + ti * d[0]
+    iw = (np.arange(ow) * s[1] - p[1])[None, :] + tj * d[1]
+    idx = ih * W + iw
+    unset = tap < 0
+    if unset.any():
+        # no tap beat -inf: torch keeps the window's first in-input position
+        fh = _first_valid(oh, k[0], s[0], p[0], d[0], H)[:, None]
+        fw = _first_valid(ow, k[1], s[1], p[1], d[1], W)[None, :]
+        first = np.where((fh >= 0) & (fw >= 0), fh * W + fw, -1)
+        idx = np.where(unset, np.broadcast_to(first, out.shape), idx)
+    return out, idx
+
+
+def _max_backward2d(grad_output, indices, input_shape):
+    """Scatter-add of ``grad_output`` to the input positions ``indices`` (bincount: O(n))."""
+    g = np.asarray(grad_output)
+    H, W = input_shape[-2:]
+    planes = int(np.prod(input_shape[:-2], dtype=np.int64))
+    hw = H * W
+    dtype = g.dtype if g.dtype in (np.float32, np.float64) else np.float32
+    if g.size == 0 or hw == 0:
+        return np.zeros(input_shape, dtype)
+    idx = np.asarray(indices).reshape(planes, -1)
+    gf = g.reshape(planes, -1)
+    keep = (idx >= 0) & (idx < hw)  # -1 marks an all-padding window (no input to credit)
+    flat = idx + (np.arange(planes, dtype=np.int64) * hw)[:, None]
+    if not keep.all():
+        flat, gf = flat[keep], gf[keep]
+    gi = np.bincount(flat.ravel(), weights=gf.ravel(), minlength=planes * hw)
+    return gi.astype(dtype, copy=False).reshape(input_shape)
+
+
+def _avg_divisor(H, W, oh, ow, k, s, p, count_include_pad, divisor_override):
+    """Per-output divisor ``[oh, ow]`` (torch's AvgPoolKernel rule)."""
+    def sizes(o, k, s, p, length):
+        start = np.arange(o) * s - p
+        end = np.minimum(start + k, length + p)
+        pool = end - start
+        clipped = np.minimum(end, length) - np.maximum(start, 0)
+        return pool, clipped
+
+    ph, ch = sizes(oh, k[0], s[0], p[0], H)
+    pw, cw = sizes(ow, k[1], s[1], p[1], W)
+    if divisor_override:
+        div = np.full((oh, ow), float(divisor_override))
+    elif count_include_pad:
+        div = (ph[:, None] * pw[None, :]).astype(np.float64)
+    else:
+        div = (ch[:, None] * cw[None, :]).astype(np.float64)
+    empty = (ch[:, None] <= 0) | (cw[None, :] <= 0)  # a window without input gives 0 (torch)
+    return div, empty
+
+
+def _avg2d(x, k, s, p, ceil_mode, count_include_pad, divisor_override):
+    x = np.asarray(x)
+    H, W = x.shape[-2:]
+    d = (1, 1)
+    oh, ow = out_size(H, k[0], s[0], p[0], 1, ceil_mode), out_size(W, k[1], s[1], p[1], 1, ceil_mode)
+    out = np.zeros(x.shape[:-2] + (oh, ow), dtype=x.dtype)
+    if out.size == 0:
+        return out
+    xp = _padded(x, k, s, p, d, oh, ow, 0)
+    for i in range(k[0]):
+        for j in range(k[1]):
+            out += _tap_view(xp, i, j, (d, s), oh, ow)
+    div, empty = _avg_divisor(H, W, oh, ow, k, s, p, count_include_pad, divisor_override)
+    out /= div.astype(x.dtype)
+    if empty.any():
+        out[..., empty] = 0
+    return out
+
+
+def _avg_backward2d(grad_output, input_shape, k, s, p, ceil_mode, count_include_pad, divisor_override):
+    g = np.asarray(grad_output)
+    H, W = input_shape[-2:]
+    oh, ow = g.shape[-2:]
+    dtype = g.dtype if g.dtype in (np.float32, np.float64) else np.float32
+    d = (1, 1)
+    hp = max(p[0] + H, (oh - 1) * s[0] + k[0])
+    wp = max(p[1] + W, (ow - 1) * s[1] + k[1])
+    gp = np.zeros(tuple(input_shape[:-2]) + (hp, wp), dtype=dtype)
+    if g.size == 0:
+        return np.zeros(input_shape, dtype)
+    div, empty = _avg_divisor(H, W, oh, ow, k, s, p, count_include_pad, divisor_override)
+    gs = g / div.astype(dtype)
+    if empty.any():
+        gs[..., empty] = 0
+    for i in range(k[0]):
+        for j in range(k[1]):
+            # one tap's positions are distinct (stride > 0), so += on the strided view is exact
+            _tap_view(gp, i, j, (d, s), oh, ow)[...] += gs
+    return np.ascontiguousarray(gp[..., p[0]:p[0] + H, p[1]:p[1] + W])
+
+
+# --- public functions (torch.nn.functional signatures on NumPy arrays) ---------------------
+
+
+def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
+    """Max pooling over ``[..., H, W]``; returns values (and int64 plane indices)."""
+    out, idx = _max2d(input, *_params2d(kernel_size, stride, padding, dilation), ceil_mode)
+    return (out, idx) if return_indices else out
+
+
+def max_pool2d_backward(grad_output, indices, input_shape):
+    """d input = scatter-add of grad_output ``[..., OH, OW]`` at ``indices`` into ``input_shape``."""
+    return _max_backward2d(grad_output, indices, tuple(input_shape))
+
+
+def min_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
+    """``-max_pool2d(-input)``, indices included."""
+    out, idx = _max2d(-np.asarray(input), *_params2d(kernel_size, stride, padding, dilation), ceil_mode)
+    np.negative(out, out=out)
+    return (out, idx) if return_indices else out
+
+
+def min_pool2d_backward(grad_output, indices, input_shape):
+    """Same scatter as max: d(-max(-x))/dx routes the gradient to the selected position."""
+    return _max_backward2d(grad_output, indices, tuple(input_shape))
+
+
+def avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True, divisor_override=None):
+    """Average pooling over ``[..., H, W]``."""
+    k, s, p, _ = _params2d(kernel_size, stride, padding, 1)
+    return _avg2d(input, k, s, p, ceil_mode, count_include_pad, divisor_override)
+
+
+def avg_pool2d_backward(grad_output, input_shape, kernel_size, stride=None, padding=0, ceil_mode=False,
+                        count_include_pad=True, divisor_override=None):
+    """d input: each output's gradient divided by its divisor, spread over its window."""
+    k, s, p, _ = _params2d(kernel_size, stride, padding, 1)
+    return _avg_backward2d(grad_output, tuple(input_shape), k, s, p, ceil_mode, count_include_pad, divisor_override)
+
+
+def max_pool1d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
+    """Max pooling over ``[..., L]`` (a 2d pooling of height 1); indices are positions in L."""
+    x = np.asarray(input)
+    out, idx = _max2d(x[..., None, :], *_params1d(kernel_size, stride, padding, dilation), ceil_mode)
+    out, idx = out[..., 0, :], idx[..., 0, :]
+    return (out, idx) if return_indices else out
+
+
+def max_pool1d_backward(grad_output, indices, input_shape):
+    input_shape = tuple(input_shape)
+    g = np.asarray(grad_output)[..., None, :]
+    return _max_backward2d(g, np.asarray(indices)[..., None, :], input_shape[:-1] + (1, input_shape[-1])).reshape(input_shape)
+
+
+def min_pool1d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
+    """``-max_pool1d(-input)``, indices included."""
+    out, idx = max_pool1d(-np.asarray(input), kernel_size, stride, padding, dilation, ceil_mode, True)
+    np.negative(out, out=out)
+    return (out, idx) if return_indices else out
+
+
+min_pool1d_backward = max_pool1d_backward
+
+
+def avg_pool1d(input, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True):
+    """Average pooling over ``[..., L]`` (torch's avg_pool1d has no divisor_override)."""
+    k, s, p, _ = _params1d(kernel_size, stride, padding, 1)
+    x = np.asarray(input)
+    return _avg2d(x[..., None, :], k, s, p, ceil_mode, count_include_pad, None)[..., 0, :]
+
+
+def avg_pool1d_backward(grad_output, input_shape, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True):
+    input_shape = tuple(input_shape)
+    k, s, p, _ = _params1d(kernel_size, stride, padding, 1)
+    g = np.asarray(grad_output)[..., None, :]
+    gi = _avg_backward2d(g, input_shape[:-1] + (1, input_shape[-1]), k, s, p, ceil_mode, count_include_pad, None)
+    return gi.reshape(input_shape)

@@ -1,3 +1,60 @@
-"""pool modules."""
+"""Pooling modules: same constructors, attributes and ``extra_repr`` as ``torch.nn``.
 
-__all__: list[str] = []
+``MaxPool1d/2d`` and ``AvgPool1d/2d`` subclass torch's modules and only replace ``forward``;
+``MinPool1d/2d`` (no torch counterpart) subclass torch's ``_MaxPoolNd`` base, so they take
+MaxPool's arguments and print like it, without claiming to be a ``torch.nn.MaxPool2d``.
+"""
+
+import torch
+from torch.nn.modules.pooling import _MaxPoolNd
+
+from .. import functional as F
+
+__all__ = ["MaxPool1d", "MaxPool2d", "MinPool1d", "MinPool2d", "AvgPool1d", "AvgPool2d"]
+
+
+class MaxPool1d(torch.nn.MaxPool1d):
+    """``torch.nn.MaxPool1d`` running ``gpu_nn.functional.max_pool1d``."""
+
+    def forward(self, input):
+        return F.max_pool1d(input, self.kernel_size, self.stride, self.padding, self.dilation,
+                            ceil_mode=self.ceil_mode, return_indices=self.return_indices)
+
+
+class MaxPool2d(torch.nn.MaxPool2d):
+    """``torch.nn.MaxPool2d`` running ``gpu_nn.functional.max_pool2d``."""
+
+    def forward(self, input):
+        return F.max_pool2d(input, self.kernel_size, self.stride, self.padding, self.dilation,
+                            ceil_mode=self.ceil_mode, return_indices=self.return_indices)
+
+
+class MinPool1d(_MaxPoolNd):
+    """Min pooling over ``[N, C, L]``: ``-MaxPool1d(-x)``; MaxPool1d's constructor."""
+
+    def forward(self, input):
+        return F.min_pool1d(input, self.kernel_size, self.stride, self.padding, self.dilation,
+                            ceil_mode=self.ceil_mode, return_indices=self.return_indices)
+
+
+class MinPool2d(_MaxPoolNd):
+    """Min pooling over ``[N, C, H, W]``: ``-MaxPool2d(-x)``; MaxPool2d's constructor."""
+
+    def forward(self, input):
+        return F.min_pool2d(input, self.kernel_size, self.stride, self.padding, self.dilation,
+                            ceil_mode=self.ceil_mode, return_indices=self.return_indices)
+
+
+class AvgPool1d(torch.nn.AvgPool1d):
+    """``torch.nn.AvgPool1d`` running ``gpu_nn.functional.avg_pool1d``."""
+
+    def forward(self, input):
+        return F.avg_pool1d(input, self.kernel_size, self.stride, self.padding, self.ceil_mode, self.count_include_pad)
+
+
+class AvgPool2d(torch.nn.AvgPool2d):
+    """``torch.nn.AvgPool2d`` running ``gpu_nn.functional.avg_pool2d``."""
+
+    def forward(self, input):
+        return F.avg_pool2d(input, self.kernel_size, self.stride, self.padding, self.ceil_mode,
+                            self.count_include_pad, self.divisor_override)

@@ -1,3 +1,546 @@
-"""pool family: launchers, checks and custom-op registration."""
+"""Max / avg / min pooling, 1d and 2d: checks, dispatch and ``torch.library`` registration.
 
-__all__: list[str] = []
+The public functions mirror ``torch.nn.functional`` (``min_pool*`` take ``max_pool*``'s
+arguments and equal ``-max_pool(-x)``, indices included). They validate arguments with torch's
+wording, view every input as ``[N, C, H, W]`` (a 1d pooling is a 2d pooling of height 1, an
+unbatched input gets N = 1) and call one of four custom ops:
+
+* ``gpu_nn::max_pool(input, kernel_size, stride, padding, dilation, ceil_mode, minimum)``
+  -> ``(values, indices)``; ``minimum=True`` is min pooling.
+* ``gpu_nn::max_pool_backward(grad_output, indices, input_size, kernel_size, stride, padding, dilation)``
+* ``gpu_nn::avg_pool(input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)``
+* ``gpu_nn::avg_pool_backward(grad_output, input_size, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)``
+
+Backends: reference, triton, cupy (CUDA C in ``kernels/cuda/pool.cu``). Outputs are
+contiguous ``[N, C, OH, OW]`` whatever the input's layout (channels_last inputs are read in
+place by every backend).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .. import _backend
+from .._errors import KernelInputError
+from ..check import CheckCase
+from ..reference import pool as ref
+from ._dispatch import check_float, empty, from_numpy, to_numpy
+
+__all__ = ["max_pool1d", "max_pool2d", "avg_pool1d", "avg_pool2d", "min_pool1d", "min_pool2d"]
+
+BACKENDS = ("reference", "triton", "cupy")
+
+
+# --- argument normalisation and checks (torch's wording) ------------------------------------
+
+
+def _tuple_arg(v, n: int, op: str, arg: str, allow_empty: bool = False):
+    """int or sequence -> tuple of n ints; torch's arity messages."""
+    if isinstance(v, bool):
+        v = int(v)
+    if isinstance(v, (int, np.integer)) or (isinstance(v, torch.SymInt)):
+        return (int(v),) * n
+    if isinstance(v, Tensor) and v.numel() == 1 and not v.is_floating_point():
+        return (int(v),) * n
+    try:
+        t = tuple(int(a) for a in v)
+    except TypeError:
+        raise KernelInputError(f"{op}(): argument '{arg}' must be tuple of ints, not {type(v).__name__}") from None
+    if allow_empty and len(t) == 0:
+        return None
+    if len(t) == 1:
+        return t * n
+    if len(t) != n:
+        if n == 1:
+            raise KernelInputError(f"{op}() argument '{arg}' should contain one int (got {len(t)})")
+        what = {
+            "kernel_size": "kernel_size must either be a single int, or a tuple of two ints",
+            "stride": "stride must either be omitted, a single int, or a tuple of two ints",
+            "padding": "padding must either be a single int, or a tuple of two ints",
+            "dilation": "dilation must be either a single int, or a tuple of two ints",
+        }[arg]
+        raise KernelInputError(f"{op}: {what}")
+    return t
+
+
+def _normalise(op: str, nd: int, kernel_size, stride, padding, dilation):
+    k = _tuple_arg(kernel_size, nd, op, "kernel_size")
+    s = None if stride is None else _tuple_arg(stride, nd, op, "stride", allow_empty=True)
+    s = k if s is None else s
+    p = _tuple_arg(padding, nd, op, "padding")
+    d = _tuple_arg(dilation, nd, op, "dilation")
+    return k, s, p, d
+
+
+def _check_input(op: str, input) -> None:
+    if not isinstance(input, Tensor):
+        raise KernelInputError(f"{op}(): argument 'input' (position 1) must be Tensor, not {type(input).__name__}")
+    check_float(op, "input", input)
+
+
+def _check_2d(input: Tensor, k, s, p, d, ceil_mode: bool, is_max: bool, shape_name: str | None = None):
+    """torch's pool2d_shape_check (+ max_pool2d's effective-kernel padding rule) on [N?, C, H, W]."""
+    shape = tuple(input.shape)
+    if any(v == 0 for v in s):
+        raise KernelInputError("stride should not be zero")
+    if len(shape) not in (3, 4):
+        raise KernelInputError("non-empty 3D or 4D (batch mode) tensor expected for input")
+    if min(k) <= 0:
+        raise KernelInputError(f"kernel size should be greater than zero, but got kH: {k[0]} kW: {k[1]}")
+    if min(s) <= 0:
+        raise KernelInputError(f"stride should be greater than zero, but got dH: {s[0]} dW: {s[1]}")
+    if min(d) <= 0:
+        raise KernelInputError(f"dilation should be greater than zero, but got dilationH: {d[0]} dilationW: {d[1]}")
+    if any(v == 0 for v in shape[-3:]):
+        raise KernelInputError(
+            "Expected 3D or 4D (batch mode) tensor with optional 0 dim batch size for input, "
+            f"but got:{list(shape_name or shape)}"
+        )
+    for pv in p:
+        if pv < 0:
+            raise KernelInputError(f"pad must be non-negative, but got pad: {pv}")
+    for kv, pv, dv in zip(k, p, d):
+        if pv > ((kv - 1) * dv + 1) // 2:
+            raise KernelInputError(
+                f"pad should be at most half of effective kernel size, but got pad={pv}, kernel_size={kv} and dilation={dv}"
+            )
+    if is_max and (p[0] > k[0] // 2 or p[1] > k[1] // 2):
+        raise KernelInputError(
+            f"pad should be smaller than or equal to half of kernel size, but got padW = {p[1]}, padH = {p[0]}, kW = {k[1]}, kH = {k[0]}"
+        )
+    C, H, W = shape[-3:]
+    oh = ref.out_size(H, k[0], s[0], p[0], d[0], ceil_mode)
+    ow = ref.out_size(W, k[1], s[1], p[1], d[1], ceil_mode)
+    if oh < 1 or ow < 1:
+        raise KernelInputError(
+            f"Given input size: ({C}x{H}x{W}). Calculated output size: ({C}x{oh}x{ow}). Output size is too small"
+        )
+
+
+def _check_max1d(op: str, input: Tensor, k, s, p, d, ceil_mode: bool):
+    """torch's max_pool1d checks (its own wording, prefixed with the op name)."""
+    shape = tuple(input.shape)
+    if len(shape) not in (2, 3) or any(v == 0 for v in shape[-2:]):
+        raise KernelInputError(
+            f"{op}: Expected 2D or 3D (batch mode) tensor with optional 0 dim batch size for input, but got:{list(shape)}"
+        )
+    if k[0] <= 0:
+        raise KernelInputError(f"{op}() kernel_size must be greater than zero, but got {k[0]}")
+    if s[0] <= 0:
+        raise KernelInputError(f"{op}() stride must be greater than zero, but got {s[0]}")
+    if d[0] <= 0:
+        raise KernelInputError(f"{op}() dilation must be greater than zero, but got {d[0]}")
+    if p[0] < 0:
+        raise KernelInputError(f"{op}() padding must be non-negative, but got {p[0]}")
+    if p[0] > k[0] // 2:
+        raise KernelInputError(f"{op}() padding should be at most half of kernel size, but got padding={p[0]} and kernel_size={k[0]}")
+    out = ref.out_size(shape[-1], k[0], s[0], p[0], d[0], ceil_mode)
+    if out < 1:
+        raise KernelInputError(f"{op}() Invalid computed output size: {out}")
+
+
+def _check_params4(op: str, x: Tensor, k, s, p, d):
+    """Launcher-level re-check: the custom ops can be called directly (torch.ops.gpu_nn.*)."""
+    check_float(op, "input", x)
+    if x.dim() != 4:
+        raise KernelInputError(f"{op}: expected a 4D [N, C, H, W] tensor, got shape {list(x.shape)}")
+    if len(k) != 2 or len(s) != 2 or len(p) != 2 or len(d) != 2:
+        raise KernelInputError(f"{op}: kernel_size, stride, padding and dilation must have 2 entries each")
+    if min(k) <= 0 or min(s) <= 0 or min(d) <= 0 or min(p) < 0 or p[0] > k[0] // 2 or p[1] > k[1] // 2:
+        raise KernelInputError(f"{op}: invalid pooling parameters kernel_size={k} stride={s} padding={p} dilation={d}")
+
+
+def _out_hw(H, W, k, s, p, d, ceil_mode):
+    return ref.out_size(H, k[0], s[0], p[0], d[0], ceil_mode), ref.out_size(W, k[1], s[1], p[1], d[1], ceil_mode)
+
+
+# --- launchers ------------------------------------------------------------------------------
+
+
+def max_pool_forward(x: Tensor, kernel_size, stride, padding, dilation, ceil_mode: bool, minimum: bool):
+    """Max (or, with ``minimum``, min) pooling of ``x`` ``[N, C, H, W]`` (any strides).
+
+    Returns ``(values [N, C, OH, OW], int64 indices ih * W + iw)``; see ``reference.pool`` for
+    the exact semantics (torch's, NaN wins, ties keep the first position).
+    """
+    op = "min_pool" if minimum else "max_pool"
+    k, s, p, d = (tuple(int(v) for v in a) for a in (kernel_size, stride, padding, dilation))
+    _check_params4(op, x, k, s, p, d)
+    N, C, H, W = x.shape
+    oh, ow = _out_hw(H, W, k, s, p, d, ceil_mode)
+    if oh < 1 or ow < 1:
+        raise KernelInputError(f"Given input size: ({C}x{H}x{W}). Calculated output size: ({C}x{oh}x{ow}). Output size is too small")
+    backend = _backend.resolve(op, x.device, BACKENDS)
+    if backend == "reference":
+        xn = to_numpy(x)
+        if minimum:
+            xn = -xn
+        vals, idx = ref._max2d(xn, k, s, p, d, ceil_mode)
+        if minimum:
+            np.negative(vals, out=vals)
+        return from_numpy(vals, x.dtype, x.device), from_numpy(idx, torch.int64, x.device)
+    _backend.check_interpreter_dtype(op, backend, x)
+    out = empty((N, C, oh, ow), dtype=x.dtype, device=x.device)
+    idx = torch.empty((N, C, oh, ow), dtype=torch.int64, device=x.device)
+    if out.numel() == 0:
+        return out, idx
+    if backend == "triton":
+        from ..kernels import triton as ktriton
+        from ..kernels.triton import pool as kt
+
+        kt.max_pool2d_forward(x, out, idx, k, s, p, d, minimum, ktriton.INTERPRET)
+    else:
+        _cupy_max_forward(x, out, idx, k, s, p, d, minimum)
+    return out, idx
+
+
+def max_pool_backward(grad_output: Tensor, indices: Tensor, input_size, kernel_size, stride, padding, dilation) -> Tensor:
+    """d input ``[N, C, H, W]`` = sum of ``grad_output`` over the windows whose saved index
+    points at that input position (the same for max and min pooling)."""
+    k, s, p, d = (tuple(int(v) for v in a) for a in (kernel_size, stride, padding, dilation))
+    size = tuple(int(v) for v in input_size)
+    check_float("max_pool_backward", "grad_output", grad_output)
+    if grad_output.shape != indices.shape or grad_output.dim() != 4 or len(size) != 4:
+        raise KernelInputError(
+            f"max_pool_backward: grad_output {list(grad_output.shape)} and indices {list(indices.shape)} must be the same 4D shape"
+        )
+    if indices.dtype != torch.int64:
+        raise KernelInputError(f"max_pool_backward: expected int64 indices, got {indices.dtype}")
+    backend = _backend.resolve("max_pool_backward", grad_output.device, BACKENDS)
+    if backend == "reference":
+        gi = ref._max_backward2d(to_numpy(grad_output), to_numpy(indices), size)
+        return from_numpy(gi, grad_output.dtype, grad_output.device)
+    _backend.check_interpreter_dtype("max_pool_backward", backend, grad_output)
+    gi = empty(size, dtype=grad_output.dtype, device=grad_output.device)
+    if gi.numel() == 0:
+        return gi
+    g = grad_output.contiguous()
+    ix = indices.contiguous()
+    if g.numel() == 0:
+        return gi.zero_()
+    if backend == "triton":
+        from ..kernels import triton as ktriton
+        from ..kernels.triton import pool as kt
+
+        kt.max_pool2d_backward(g, ix, gi, k, s, p, d, ktriton.INTERPRET)
+    else:
+        _cupy_max_backward(g, ix, gi, k, s, p, d)
+    return gi
+
+
+def avg_pool_forward(x: Tensor, kernel_size, stride, padding, ceil_mode: bool, count_include_pad: bool,
+                     divisor_override: Optional[int]) -> Tensor:
+    """Average pooling of ``x`` ``[N, C, H, W]`` (any strides) -> ``[N, C, OH, OW]``."""
+    k, s, p = (tuple(int(v) for v in a) for a in (kernel_size, stride, padding))
+    _check_params4("avg_pool", x, k, s, p, (1, 1))
+    if divisor_override is not None and divisor_override == 0:
+        raise KernelInputError("divisor must be not zero")
+    N, C, H, W = x.shape
+    oh, ow = _out_hw(H, W, k, s, p, (1, 1), ceil_mode)
+    if oh < 1 or ow < 1:
+        raise KernelInputError(f"Given input size: ({C}x{H}x{W}). Calculated output size: ({C}x{oh}x{ow}). Output size is too small")
+    backend = _backend.resolve("avg_pool", x.device, BACKENDS)
+    if backend == "reference":
+        y = ref._avg2d(to_numpy(x), k, s, p, ceil_mode, count_include_pad, divisor_override)
+        return from_numpy(y, x.dtype, x.device)
+    _backend.check_interpreter_dtype("avg_pool", backend, x)
+    out = empty((N, C, oh, ow), dtype=x.dtype, device=x.device)
+    if out.numel() == 0:
+        return out
+    if backend == "triton":
+        from ..kernels import triton as ktriton
+        from ..kernels.triton import pool as kt
+
+        kt.avg_pool2d_forward(x, out, k, s, p, ceil_mode, count_include_pad, divisor_override or 0, ktriton.INTERPRET)
+    else:
+        _cupy_avg_forward(x, out, k, s, p, count_include_pad, divisor_override or 0)
+    return out
+
+
+def avg_pool_backward(grad_output: Tensor, input_size, kernel_size, stride, padding, ceil_mode: bool,
+                      count_include_pad: bool, divisor_override: Optional[int]) -> Tensor:
+    """d input ``[N, C, H, W]``: each output's gradient / its divisor, summed over the windows
+    that cover the input position (gathered per input element: no atomics)."""
+    k, s, p = (tuple(int(v) for v in a) for a in (kernel_size, stride, padding))
+    size = tuple(int(v) for v in input_size)
+    check_float("avg_pool_backward", "grad_output", grad_output)
+    if grad_output.dim() != 4 or len(size) != 4:
+        raise KernelInputError(f"avg_pool_backward: expected 4D grad_output and input_size, got {list(grad_output.shape)} and {list(size)}")
+    oh, ow = _out_hw(size[2], size[3], k, s, p, (1, 1), ceil_mode)
+    if tuple(grad_output.shape) != (size[0], size[1], oh, ow):
+        raise KernelInputError(f"avg_pool_backward: grad_output shape {list(grad_output.shape)} != output shape {[size[0], size[1], oh, ow]}")
+    backend = _backend.resolve("avg_pool_backward", grad_output.device, BACKENDS)
+    if backend == "reference":
+        gi = ref._avg_backward2d(to_numpy(grad_output), size, k, s, p, ceil_mode, count_include_pad, divisor_override)
+        return from_numpy(gi, grad_output.dtype, grad_output.device)
+    _backend.check_interpreter_dtype("avg_pool_backward", backend, grad_output)
+    gi = empty(size, dtype=grad_output.dtype, device=grad_output.device)
+    if gi.numel() == 0:
+        return gi
+    g = grad_output.contiguous()
+    if backend == "triton":
+        from ..kernels import triton as ktriton
+        from ..kernels.triton import pool as kt
+
+        kt.avg_pool2d_backward(g, gi, k, s, p, count_include_pad, divisor_override or 0, ktriton.INTERPRET)
+    else:
+        _cupy_avg_backward(g, gi, k, s, p, count_include_pad, divisor_override or 0)
+    return gi
+
+
+# --- CuPy (CUDA C) launches ----------------------------------------------------------------
+
+_CUDA_THREADS = 256
+_CUDA_TYPES = {torch.float32: "float", torch.float16: "gn_f16", torch.bfloat16: "gn_bf16", torch.float64: "double"}
+
+
+def _cuda_module(dtype: torch.dtype, device: torch.device):
+    from ..kernels import cuda as kcuda
+
+    if dtype not in _CUDA_TYPES:
+        raise KernelInputError(f"pool (cupy): unsupported dtype {dtype}")
+    return kcuda.load("pool", {"POOL_T": _CUDA_TYPES[dtype], "POOL_THREADS": _CUDA_THREADS}, device.index or 0)
+
+
+def _cuda_launch(kernel: str, n: int, args, device: torch.device):
+    from ..kernels import cuda as kcuda
+
+    blocks = min((n + _CUDA_THREADS - 1) // _CUDA_THREADS, 65535 * 32)
+    mod = _cuda_module(args[0].dtype, device)
+    kcuda.launch(mod, kernel, (blocks,), (_CUDA_THREADS,), args, device=device.index or 0)
+
+
+def _i64(*vals):
+    return tuple(np.int64(v) for v in vals)
+
+
+def _cupy_max_forward(x, out, idx, k, s, p, d, minimum):
+    N, C, H, W = x.shape
+    _, _, oh, ow = out.shape
+    args = (x, out, idx, *_i64(N * C * oh * ow, C, H, W, oh, ow, *x.stride()), *(np.int32(v) for v in (*k, *s, *p, *d)),
+            np.int32(1 if minimum else 0))
+    _cuda_launch("pool_max_fwd", out.numel(), args, x.device)
+
+
+def _cupy_max_backward(g, ix, gi, k, s, p, d):
+    N, C, H, W = gi.shape
+    _, _, oh, ow = g.shape
+    args = (g, ix, gi, *_i64(gi.numel(), H, W, oh, ow), *(np.int32(v) for v in (*k, *s, *p, *d)))
+    _cuda_launch("pool_max_bwd", gi.numel(), args, g.device)
+
+
+def _cupy_avg_forward(x, out, k, s, p, count_include_pad, divisor):
+    N, C, H, W = x.shape
+    _, _, oh, ow = out.shape
+    args = (x, out, *_i64(out.numel(), C, H, W, oh, ow, *x.stride()), *(np.int32(v) for v in (*k, *s, *p)),
+            np.int32(int(count_include_pad)), np.int32(divisor))
+    _cuda_launch("pool_avg_fwd", out.numel(), args, x.device)
+
+
+def _cupy_avg_backward(g, gi, k, s, p, count_include_pad, divisor):
+    N, C, H, W = gi.shape
+    _, _, oh, ow = g.shape
+    args = (g, gi, *_i64(gi.numel(), H, W, oh, ow), *(np.int32(v) for v in (*k, *s, *p)),
+            np.int32(int(count_include_pad)), np.int32(divisor))
+    _cuda_launch("pool_avg_bwd", gi.numel(), args, g.device)
+
+
+# --- custom ops -----------------------------------------------------------------------------
+
+
+@torch.library.custom_op("gpu_nn::max_pool", mutates_args=())
+def _max_pool_op(input: Tensor, kernel_size: list[int], stride: list[int], padding: list[int], dilation: list[int],
+                 ceil_mode: bool, minimum: bool) -> tuple[Tensor, Tensor]:
+    return max_pool_forward(input, kernel_size, stride, padding, dilation, ceil_mode, minimum)
+
+
+@_max_pool_op.register_fake
+def _(input, kernel_size, stride, padding, dilation, ceil_mode, minimum):
+    N, C, H, W = input.shape
+    oh, ow = _out_hw(H, W, kernel_size, stride, padding, dilation, ceil_mode)
+    return input.new_empty((N, C, oh, ow)), input.new_empty((N, C, oh, ow), dtype=torch.int64)
+
+
+@torch.library.custom_op("gpu_nn::max_pool_backward", mutates_args=())
+def _max_pool_backward_op(grad_output: Tensor, indices: Tensor, input_size: list[int], kernel_size: list[int],
+                          stride: list[int], padding: list[int], dilation: list[int]) -> Tensor:
+    return max_pool_backward(grad_output, indices, input_size, kernel_size, stride, padding, dilation)
+
+
+@_max_pool_backward_op.register_fake
+def _(grad_output, indices, input_size, kernel_size, stride, padding, dilation):
+    return grad_output.new_empty(tuple(input_size))
+
+
+def _max_setup(ctx, inputs, output):
+    x, k, s, p, d, _, _ = inputs
+    ctx.params = (list(x.shape), k, s, p, d)
+    ctx.save_for_backward(output[1])
+    ctx.mark_non_differentiable(output[1])
+
+
+def _max_backward(ctx, grad, _grad_indices):
+    (idx,) = ctx.saved_tensors
+    size, k, s, p, d = ctx.params
+    return _max_pool_backward_op(grad, idx, size, k, s, p, d), None, None, None, None, None, None
+
+
+_max_pool_op.register_autograd(_max_backward, setup_context=_max_setup)
+
+
+@torch.library.custom_op("gpu_nn::avg_pool", mutates_args=())
+def _avg_pool_op(input: Tensor, kernel_size: list[int], stride: list[int], padding: list[int], ceil_mode: bool,
+                 count_include_pad: bool, divisor_override: Optional[int]) -> Tensor:
+    return avg_pool_forward(input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)
+
+
+@_avg_pool_op.register_fake
+def _(input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override):
+    N, C, H, W = input.shape
+    oh, ow = _out_hw(H, W, kernel_size, stride, padding, (1, 1), ceil_mode)
+    return input.new_empty((N, C, oh, ow))
+
+
+@torch.library.custom_op("gpu_nn::avg_pool_backward", mutates_args=())
+def _avg_pool_backward_op(grad_output: Tensor, input_size: list[int], kernel_size: list[int], stride: list[int],
+                          padding: list[int], ceil_mode: bool, count_include_pad: bool,
+                          divisor_override: Optional[int]) -> Tensor:
+    return avg_pool_backward(grad_output, input_size, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)
+
+
+@_avg_pool_backward_op.register_fake
+def _(grad_output, input_size, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override):
+    return grad_output.new_empty(tuple(input_size))
+
+
+def _avg_setup(ctx, inputs, output):
+    x, k, s, p, cm, cip, dov = inputs
+    ctx.params = (list(x.shape), k, s, p, cm, cip, dov)
+
+
+def _avg_backward(ctx, grad):
+    return _avg_pool_backward_op(grad, *ctx.params), None, None, None, None, None, None
+
+
+_avg_pool_op.register_autograd(_avg_backward, setup_context=_avg_setup)
+
+
+# --- public functions -----------------------------------------------------------------------
+
+
+def _max2d_public(op, input, kernel_size, stride, padding, dilation, ceil_mode, return_indices, minimum):
+    _check_input(op, input)
+    k, s, p, d = _normalise(op, 2, kernel_size, stride, padding, dilation)
+    _check_2d(input, k, s, p, d, bool(ceil_mode), is_max=True)
+    x4 = input if input.dim() == 4 else input.unsqueeze(0)
+    out, idx = _max_pool_op(x4, list(k), list(s), list(p), list(d), bool(ceil_mode), minimum)
+    if input.dim() == 3:
+        out, idx = out.squeeze(0), idx.squeeze(0)
+    return (out, idx) if return_indices else out
+
+
+def _max1d_public(op, input, kernel_size, stride, padding, dilation, ceil_mode, return_indices, minimum):
+    _check_input(op, input)
+    k, s, p, d = _normalise(op, 1, kernel_size, stride, padding, dilation)
+    _check_max1d(op, input, k, s, p, d, bool(ceil_mode))
+    x4 = input.unsqueeze(-2)
+    if x4.dim() == 3:
+        x4 = x4.unsqueeze(0)
+    out, idx = _max_pool_op(x4, [1, k[0]], [1, s[0]], [0, p[0]], [1, d[0]], bool(ceil_mode), minimum)
+    out, idx = out.squeeze(-2), idx.squeeze(-2)
+    if input.dim() == 2:
+        out, idx = out.squeeze(0), idx.squeeze(0)
+    return (out, idx) if return_indices else out
+
+
+def max_pool2d(input: Tensor, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
+    """2d max pooling of ``[N, C, H, W]`` or ``[C, H, W]``; as ``torch.nn.functional.max_pool2d``.
+
+    ``return_indices`` adds int64 flat indices into each ``H x W`` plane. NaN propagates.
+    """
+    return _max2d_public("max_pool2d", input, kernel_size, stride, padding, dilation, ceil_mode, return_indices, False)
+
+
+def min_pool2d(input: Tensor, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
+    """2d min pooling: ``-max_pool2d(-input)`` (indices included); max_pool2d's arguments."""
+    return _max2d_public("min_pool2d", input, kernel_size, stride, padding, dilation, ceil_mode, return_indices, True)
+
+
+def max_pool1d(input: Tensor, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
+    """1d max pooling of ``[N, C, L]`` or ``[C, L]``; as ``torch.nn.functional.max_pool1d``."""
+    return _max1d_public("max_pool1d", input, kernel_size, stride, padding, dilation, ceil_mode, return_indices, False)
+
+
+def min_pool1d(input: Tensor, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
+    """1d min pooling: ``-max_pool1d(-input)`` (indices included); max_pool1d's arguments."""
+    return _max1d_public("min_pool1d", input, kernel_size, stride, padding, dilation, ceil_mode, return_indices, True)
+
+
+def avg_pool2d(input: Tensor, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True, divisor_override=None):
+    """2d average pooling of ``[N, C, H, W]`` or ``[C, H, W]``; as ``torch.nn.functional.avg_pool2d``."""
+    op = "avg_pool2d"
+    _check_input(op, input)
+    k, s, p, d = _normalise(op, 2, kernel_size, stride, padding, 1)
+    _check_2d(input, k, s, p, d, bool(ceil_mode), is_max=False)
+    if divisor_override is not None and int(divisor_override) == 0:
+        raise KernelInputError("divisor must be not zero")
+    dov = None if divisor_override is None else int(divisor_override)
+    x4 = input if input.dim() == 4 else input.unsqueeze(0)
+    out = _avg_pool_op(x4, list(k), list(s), list(p), bool(ceil_mode), bool(count_include_pad), dov)
+    return out.squeeze(0) if input.dim() == 3 else out
+
+
+def avg_pool1d(input: Tensor, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True):
+    """1d average pooling of ``[N, C, L]`` or ``[C, L]``; as ``torch.nn.functional.avg_pool1d``
+    (no divisor_override, as torch)."""
+    op = "avg_pool1d"
+    _check_input(op, input)
+    if input.dim() not in (2, 3):
+        raise KernelInputError(
+            f"Expected 2 to 3 dimensions, but got {input.dim()}-dimensional tensor for argument #1 'self' "
+            "(while checking arguments for avg_pool1d)"
+        )
+    k, s, p, d = _normalise(op, 1, kernel_size, stride, padding, 1)
+    x3 = input.unsqueeze(-2)  # [N?, C, 1, L]: torch runs avg_pool1d as avg_pool2d of height 1
+    k2, s2, p2 = (1, k[0]), (1, s[0]), (0, p[0])
+    _check_2d(x3, k2, s2, p2, (1, 1), bool(ceil_mode), is_max=False)
+    x4 = x3 if x3.dim() == 4 else x3.unsqueeze(0)
+    out = _avg_pool_op(x4, list(k2), list(s2), list(p2), bool(ceil_mode), bool(count_include_pad), None).squeeze(-2)
+    return out.squeeze(0) if input.dim() == 2 else out
+
+
+# --- gpu-nn check cases ---------------------------------------------------------------------
+
+
+def _make(shape, scale=1.0):
+    def make(rng):
+        x = torch.from_numpy(rng.standard_normal(shape) * scale).requires_grad_()
+        return (x,), {}
+
+    return make
+
+
+def _bind(fn, *args, **kwargs):
+    def call(x):
+        return fn(x, *args, **kwargs)
+
+    call.__name__ = fn.__name__
+    return call
+
+
+CHECK_CASES = [
+    CheckCase(op="max_pool2d", make=_make((2, 3, 17, 13)), fn=_bind(max_pool2d, 3, 2, 1)),
+    CheckCase(op="max_pool2d", make=_make((2, 3, 17, 13)), fn=_bind(max_pool2d, (2, 3), (1, 2), (1, 1), (2, 1), True)),
+    CheckCase(op="min_pool2d", make=_make((2, 3, 17, 13)), fn=_bind(min_pool2d, 3, 2, 1, 1, True)),
+    CheckCase(op="max_pool1d", make=_make((3, 5, 31)), fn=_bind(max_pool1d, 4, 3, 2, 2, True)),
+    CheckCase(op="min_pool1d", make=_make((3, 5, 31)), fn=_bind(min_pool1d, 3, 2, 1)),
+    CheckCase(op="avg_pool2d", make=_make((2, 3, 17, 13)), fn=_bind(avg_pool2d, 3, 2, 1, True, False)),
+    CheckCase(op="avg_pool2d", make=_make((2, 3, 17, 13)), fn=_bind(avg_pool2d, (3, 2), 1, (1, 0), False, True, 5)),
+    CheckCase(op="avg_pool1d", make=_make((3, 5, 31)), fn=_bind(avg_pool1d, 5, 2, 2, True, True)),
+]
+for _c in CHECK_CASES:
+    _c.backends = BACKENDS

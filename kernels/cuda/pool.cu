@@ -1,0 +1,102 @@
+// Max / min / avg pooling, forward and backward, in CUDA C (launched through CuPy).
+//
+// Shapes: x is [N, C, H, W] with any strides (sxn, sxc, sxh, sxw in elements); y, idx, g
+// are contiguous [N, C, OH, OW]; dx is contiguous [N, C, H, W]. One thread per output
+// (forward) or input (backward) element, grid-stride loops, int64 offsets throughout. The
+// backward kernels gather over the windows covering each input element: no atomics, so the
+// results are deterministic. The window math lives in pool_math.cuh (also compiled on the host
+// by the tests). 1d pooling is 2d pooling of height 1.
+//
+// Compile-time parameters (defaults let the file compile standalone):
+//   POOL_T       element type: float, double, gn_f16 (IEEE half), gn_bf16 (bfloat16)
+//   POOL_THREADS threads per block (launch bound)
+#include "common.cuh"
+
+#ifndef POOL_T
+#define POOL_T float
+#endif
+#ifndef POOL_THREADS
+#define POOL_THREADS 256
+#endif
+
+// Half types as raw bits: NVRTC has no cuda_fp16.h on its search path; conversions by PTX.
+struct gn_f16 { unsigned short bits; };
+struct gn_bf16 { unsigned short bits; };
+
+__device__ __forceinline__ float gn_to_float(gn_f16 v) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v.bits));
+    return f;
+}
+__device__ __forceinline__ float gn_to_float(gn_bf16 v) { return __uint_as_float(((unsigned int)v.bits) << 16); }
+
+__device__ __forceinline__ void gn_store(float* p, float v) { *p = v; }
+__device__ __forceinline__ void gn_store(double* p, float v) { *p = (double)v; }
+__device__ __forceinline__ void gn_store(gn_f16* p, float v) {
+    unsigned short b;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(b) : "f"(v));
+    p->bits = b;
+}
+__device__ __forceinline__ void gn_store(gn_bf16* p, float v) {
+    unsigned short b;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(b) : "f"(v));
+    p->bits = b;
+}
+
+#include "pool_math.cuh"
+
+#define GN_GRID_LOOP(i, total) \
+    for (gn_index i = (gn_index)blockIdx.x * blockDim.x + threadIdx.x; i < (total); i += (gn_index)gridDim.x * blockDim.x)
+
+extern "C" __global__ void __launch_bounds__(POOL_THREADS)
+pool_max_fwd(const POOL_T* __restrict__ x, POOL_T* __restrict__ y, gn_index* __restrict__ idx, gn_index total,
+             gn_index C, gn_index H, gn_index W, gn_index OH, gn_index OW,
+             gn_index sxn, gn_index sxc, gn_index sxh, gn_index sxw,
+             int KH, int KW, int SH, int SW, int PH, int PW, int DH, int DW, int minimum) {
+    GN_GRID_LOOP(o, total) {
+        gn_index ow = o % OW, t = o / OW;
+        gn_index oh = t % OH, nc = t / OH;
+        const POOL_T* plane = x + (nc / C) * sxn + (nc % C) * sxc;
+        float best;
+        gn_index bidx;
+        gn_max_window(plane, sxh, sxw, H, W, oh * SH - PH, ow * SW - PW, KH, KW, DH, DW, minimum, &best, &bidx);
+        gn_store(y + o, best);
+        idx[o] = bidx;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(POOL_THREADS)
+pool_avg_fwd(const POOL_T* __restrict__ x, POOL_T* __restrict__ y, gn_index total,
+             gn_index C, gn_index H, gn_index W, gn_index OH, gn_index OW,
+             gn_index sxn, gn_index sxc, gn_index sxh, gn_index sxw,
+             int KH, int KW, int SH, int SW, int PH, int PW, int count_pad, int divisor) {
+    GN_GRID_LOOP(o, total) {
+        gn_index ow = o % OW, t = o / OW;
+        gn_index oh = t % OH, nc = t / OH;
+        const POOL_T* plane = x + (nc / C) * sxn + (nc % C) * sxc;
+        gn_store(y + o, gn_avg_window(plane, sxh, sxw, H, W, oh * SH - PH, ow * SW - PW, KH, KW, PH, PW, count_pad, divisor));
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(POOL_THREADS)
+pool_max_bwd(const POOL_T* __restrict__ g, const gn_index* __restrict__ idx, POOL_T* __restrict__ dx, gn_index total,
+             gn_index H, gn_index W, gn_index OH, gn_index OW,
+             int KH, int KW, int SH, int SW, int PH, int PW, int DH, int DW) {
+    GN_GRID_LOOP(e, total) {
+        gn_index iw = e % W, t = e / W;
+        gn_index ih = t % H, nc = t / H;
+        gn_index ob = nc * OH * OW;
+        gn_store(dx + e, gn_max_gather(g + ob, idx + ob, ih, iw, W, OH, OW, KH, KW, SH, SW, PH, PW, DH, DW));
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(POOL_THREADS)
+pool_avg_bwd(const POOL_T* __restrict__ g, POOL_T* __restrict__ dx, gn_index total,
+             gn_index H, gn_index W, gn_index OH, gn_index OW,
+             int KH, int KW, int SH, int SW, int PH, int PW, int count_pad, int divisor) {
+    GN_GRID_LOOP(e, total) {
+        gn_index iw = e % W, t = e / W;
+        gn_index ih = t % H, nc = t / H;
+        gn_store(dx + e, gn_avg_gather(g + nc * OH * OW, ih, iw, H, W, OH, OW, KH, KW, SH, SW, PH, PW, count_pad, divisor));
+    }
+}

@@ -1,0 +1,471 @@
+"""Max / avg / min pooling: reference against torch (float64, values, indices, gradients) over
+a grid of geometries; finite differences of the reference backward; every backend (Triton under
+the interpreter here, compiled on a GPU; CuPy on a GPU) against the reference; the CUDA C window
+math compiled with g++ against the reference; opcheck; bad input; modules against torch's."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as TF
+
+import gpu_nn
+import gpu_nn.functional as F
+import gpu_nn.nn as gnn
+from gpu_nn.reference import pool as R
+from helpers import assert_close, backend_params, build_host_library, fptr, gpu_dtypes_for, randn
+
+# (kernel, stride, padding, dilation, ceil_mode): kernels 1..7 and asymmetric, strides 1..3,
+# padding up to k/2, dilation 1..3, both ceil modes
+MAX2D = [
+    (1, 1, 0, 1, False), (2, None, 0, 1, False), (3, 2, 1, 1, False), (3, 2, 1, 1, True),
+    (3, 1, 1, 2, False), (3, 3, 0, 3, True), (4, 3, 2, 1, True), (5, 2, 2, 1, False),
+    (7, 1, 3, 1, False), (7, 3, 3, 1, True), ((2, 3), (1, 2), (1, 1), (2, 1), True),
+    ((1, 5), (3, 1), (0, 2), (1, 2), False), ((4, 2), (2, 3), (2, 0), (1, 3), True),
+    ((3, 1), 2, (1, 0), (3, 1), True), (2, 3, 1, 3, True),
+]
+AVG2D = [  # (kernel, stride, padding, ceil_mode, count_include_pad, divisor_override)
+    (1, 1, 0, False, True, None), (2, None, 0, False, True, None), (3, 2, 1, False, True, None),
+    (3, 2, 1, True, False, None), (3, 2, 1, True, True, None), (4, 3, 2, True, True, None),
+    (5, 2, 2, True, False, None), (7, 3, 3, False, False, None), ((2, 3), (1, 2), (1, 1), True, True, None),
+    ((3, 2), 1, (1, 0), False, True, 5), ((5, 1), (2, 3), (2, 0), True, False, 3), (3, 2, 1, True, True, -2),
+]
+MAX1D = [(1, 1, 0, 1, False), (2, None, 0, 1, False), (3, 2, 1, 1, True), (4, 3, 2, 2, True),
+         (5, 1, 2, 3, False), (7, 3, 3, 1, True), (3, 1, 0, 3, False), (6, 2, 3, 2, True)]
+AVG1D = [(1, 1, 0, False, True), (3, 2, 1, True, True), (4, 3, 2, True, False), (7, 3, 3, False, True),
+         (5, 1, 2, True, False), (2, None, 1, True, True)]
+SHAPES2D = [(2, 3, 11, 13), (1, 1, 9, 7), (0, 2, 10, 9), (3, 17, 8)]
+SHAPES1D = [(2, 3, 17), (1, 1, 9), (0, 2, 12), (3, 19)]
+
+
+def _fits(shape, k, s, p, d, ceil, nd):
+    """Whether torch accepts this geometry on this shape (output size >= 1)."""
+    k, s, p, d = (R._pair(v, nd) for v in (k, k if s is None else s, p, d))
+    return all(R.out_size(L, *a, ceil) >= 1 for L, *a in zip(shape[-nd:], k, s, p, d))
+
+
+def _layouts(x, which):
+    if which == "noncontig":
+        big = torch.empty(*x.shape[:-1], 2 * x.shape[-1], dtype=x.dtype)
+        big[..., ::2] = x
+        return big[..., ::2]
+    if which == "channels_last" and x.dim() == 4:
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def _fwd_bwd(fn, x, args, g=None, **kw):
+    x = x.detach().requires_grad_()
+    out = fn(x, *args, **kw)
+    y = out[0] if isinstance(out, tuple) else out
+    if g is None:
+        g = torch.from_numpy(np.random.default_rng(1).standard_normal(y.shape)).to(y.dtype)
+    (gx,) = torch.autograd.grad(y, x, g) if y.numel() else (torch.zeros_like(x),)
+    return out, gx, g
+
+
+# --- reference (through the public functions) against torch, float64 -----------------------
+
+
+@pytest.mark.parametrize("geo", MAX2D, ids=str)
+@pytest.mark.parametrize("shape", SHAPES2D, ids=str)
+@pytest.mark.parametrize("layout", ["contig", "noncontig", "channels_last"])
+def test_max_min_pool2d_reference_matches_torch(geo, shape, layout, rng):
+    k, s, p, d, ceil = geo
+    if not _fits(shape, k, s, p, d, ceil, 2):
+        pytest.skip("geometry does not fit this shape (torch rejects it; covered by test_bad_input)")
+    x = _layouts(randn(rng, *shape), layout)
+    args = (k, s, p, d, ceil)
+    with gpu_nn.backend("reference"):
+        (y, i), gx, g = _fwd_bwd(F.max_pool2d, x, args, return_indices=True)
+        (ym, im), gxm, _ = _fwd_bwd(F.min_pool2d, x, args, g, return_indices=True)
+    (yt, it), gt, _ = _fwd_bwd(TF.max_pool2d, x, args, g, return_indices=True)
+    (ytm, itm), gtm, _ = _fwd_bwd(lambda v, *a, **kw: tuple(o * m for o, m in zip(TF.max_pool2d(-v, *a, **kw), (-1, 1))), x, args, g, return_indices=True)
+    assert y.shape == yt.shape and y.dtype == torch.float64
+    assert torch.equal(y, yt) and torch.equal(i, it)  # random normal data: no ties
+    assert torch.equal(ym, ytm) and torch.equal(im, itm)
+    assert_close(gx, gt, torch.float64, what="max backward")
+    assert_close(gxm, gtm, torch.float64, what="min backward")
+
+
+@pytest.mark.parametrize("geo", AVG2D, ids=str)
+@pytest.mark.parametrize("shape", SHAPES2D, ids=str)
+@pytest.mark.parametrize("layout", ["contig", "noncontig", "channels_last"])
+def test_avg_pool2d_reference_matches_torch(geo, shape, layout, rng):
+    k, s, p, ceil, cip, dov = geo
+    if not _fits(shape, k, s, p, 1, ceil, 2):
+        pytest.skip("geometry does not fit this shape")
+    x = _layouts(randn(rng, *shape), layout)
+    args = (k, s, p, ceil, cip, dov)
+    with gpu_nn.backend("reference"):
+        y, gx, g = _fwd_bwd(F.avg_pool2d, x, args)
+    yt, gt, _ = _fwd_bwd(TF.avg_pool2d, x, args, g)
+    assert_close(y, yt, torch.float64, k=49, what="avg forward")
+    assert_close(gx, gt, torch.float64, k=49, what="avg backward")
+
+
+@pytest.mark.parametrize("geo", MAX1D, ids=str)
+@pytest.mark.parametrize("shape", SHAPES1D, ids=str)
+@pytest.mark.parametrize("layout", ["contig", "noncontig"])
+def test_max_min_pool1d_reference_matches_torch(geo, shape, layout, rng):
+    k, s, p, d, ceil = geo
+    if not _fits(shape, k, s, p, d, ceil, 1):
+        pytest.skip("geometry does not fit this shape")
+    x = _layouts(randn(rng, *shape), layout)
+    args = (k, s, p, d, ceil)
+    with gpu_nn.backend("reference"):
+        (y, i), gx, g = _fwd_bwd(F.max_pool1d, x, args, return_indices=True)
+        (ym, im), gxm, _ = _fwd_bwd(F.min_pool1d, x, args, g, return_indices=True)
+    (yt, it), gt, _ = _fwd_bwd(TF.max_pool1d, x, args, g, return_indices=True)
+    (ytm, itm), gtm, _ = _fwd_bwd(lambda v, *a, **kw: tuple(o * m for o, m in zip(TF.max_pool1d(-v, *a, **kw), (-1, 1))), x, args, g, return_indices=True)
+    assert torch.equal(y, yt) and torch.equal(i, it)
+    assert torch.equal(ym, ytm) and torch.equal(im, itm)
+    assert_close(gx, gt, torch.float64, what="max1d backward")
+    assert_close(gxm, gtm, torch.float64, what="min1d backward")
+
+
+@pytest.mark.parametrize("geo", AVG1D, ids=str)
+@pytest.mark.parametrize("shape", SHAPES1D, ids=str)
+def test_avg_pool1d_reference_matches_torch(geo, shape, rng):
+    k, s, p, ceil, cip = geo
+    if not _fits(shape, k, s, p, 1, ceil, 1):
+        pytest.skip("geometry does not fit this shape")
+    x = randn(rng, *shape)
+    with gpu_nn.backend("reference"):
+        y, gx, g = _fwd_bwd(F.avg_pool1d, x, geo)
+    yt, gt, _ = _fwd_bwd(TF.avg_pool1d, x, geo, g)
+    assert_close(y, yt, torch.float64, k=7, what="avg1d forward")
+    assert_close(gx, gt, torch.float64, k=7, what="avg1d backward")
+
+
+def test_ties_keep_first_position_like_torch():
+    x = torch.tensor([[[[1.0, 1.0, 0.0], [1.0, 2.0, 2.0], [0.0, 2.0, -1.0]]]], dtype=torch.float64)
+    with gpu_nn.backend("reference"):
+        y, i = F.max_pool2d(x, 2, 1, return_indices=True)
+    yt, it = TF.max_pool2d(x, 2, 1, return_indices=True)
+    assert torch.equal(y, yt) and torch.equal(i, it)
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("nd", [1, 2])
+def test_nan_propagates(backend, device, nd, rng):
+    shape = (2, 3, 9, 8) if nd == 2 else (2, 3, 13)
+    x = randn(rng, *shape, dtype=torch.float32)
+    flat = x.view(-1)
+    flat[[3, 40, 41, 70]] = float("nan")
+    args = (3, 2, 1)
+    maxf, minf = (F.max_pool2d, F.min_pool2d) if nd == 2 else (F.max_pool1d, F.min_pool1d)
+    yt, it = (TF.max_pool2d if nd == 2 else TF.max_pool1d)(x, *args, return_indices=True)
+    with gpu_nn.backend(backend):
+        y, i = maxf(x.to(device), *args, return_indices=True)
+        ym, im = minf(x.to(device), *args, return_indices=True)
+    assert torch.isnan(yt).any()
+    ytm, itm = (TF.max_pool2d if nd == 2 else TF.max_pool1d)(-x, *args, return_indices=True)
+    torch.testing.assert_close(y.cpu(), yt, equal_nan=True)
+    torch.testing.assert_close(ym.cpu(), -ytm, equal_nan=True)
+    assert torch.equal(im.cpu(), itm)
+    assert torch.equal(i.cpu(), it)  # the NaN's position, as torch
+
+
+def test_all_padding_window_gives_minus_inf_and_no_gradient():
+    # dilation 3, padding 1 on a 2x2 input: window (0, 0) reads rows/cols -1 and 2 only
+    x = torch.randn(1, 1, 2, 2, dtype=torch.float64, requires_grad=True)
+    with gpu_nn.backend("reference"):
+        y, i = F.max_pool2d(x, 2, 1, 1, 3, return_indices=True)
+        (g,) = torch.autograd.grad(y, x, torch.ones_like(y))
+    assert y.item() == float("-inf") and i.item() == -1
+    assert torch.equal(g, torch.zeros_like(x))
+
+
+# --- finite differences of the reference backward -----------------------------------------
+
+
+@pytest.mark.parametrize("case", [
+    (F.avg_pool2d, (3, 2, 1, True, False)), (F.avg_pool2d, ((2, 3), 1, (1, 1), False, True, 5)),
+    (F.avg_pool1d, (3, 2, 1, True, False)), (F.max_pool2d, (3, 2, 1, 2, True)), (F.min_pool2d, ((2, 3), 1, 1)),
+    (F.max_pool1d, (3, 2, 1, 2, True)), (F.min_pool1d, (4, 1, 2)),
+], ids=lambda c: f"{c[0].__name__}{c[1]}")
+def test_reference_backward_finite_differences(case, rng):
+    fn, args = case
+    shape = (2, 2, 7, 6) if fn.__name__.endswith("2d") else (2, 3, 11)
+    # a random permutation of spread-out values: no ties, and gaps far larger than gradcheck's eps
+    x = torch.from_numpy(rng.permutation(int(np.prod(shape))).reshape(shape) * 0.1 + 0.01).requires_grad_()
+    with gpu_nn.backend("reference"):
+        assert torch.autograd.gradcheck(lambda v: fn(v, *args), (x,))
+
+
+# --- opcheck, fake tensors, torch.compile --------------------------------------------------
+
+
+def test_opcheck_every_op(rng):
+    x = randn(rng, 2, 3, 9, 7, requires_grad=True)
+    torch.library.opcheck(torch.ops.gpu_nn.max_pool.default, (x, [3, 3], [2, 2], [1, 1], [1, 1], True, False))
+    torch.library.opcheck(torch.ops.gpu_nn.max_pool.default, (x, [2, 3], [1, 2], [1, 0], [2, 1], False, True))
+    torch.library.opcheck(torch.ops.gpu_nn.avg_pool.default, (x, [3, 2], [2, 1], [1, 1], True, False, None))
+    torch.library.opcheck(torch.ops.gpu_nn.avg_pool.default, (x, [3, 3], [2, 2], [1, 1], False, True, 4))
+    _, idx = F.max_pool2d(x.detach(), 3, 2, 1, 1, True, True)
+    g = randn(rng, *idx.shape)
+    torch.library.opcheck(torch.ops.gpu_nn.max_pool_backward.default, (g, idx, [2, 3, 9, 7], [3, 3], [2, 2], [1, 1], [1, 1]))
+    ga = randn(rng, 2, 3, 5, 4)
+    torch.library.opcheck(torch.ops.gpu_nn.avg_pool_backward.default, (ga, [2, 3, 9, 7], [3, 3], [2, 2], [1, 1], True, False, None))
+
+
+def test_torch_compile_fullgraph(rng):
+    x = randn(rng, 2, 3, 11, 9, dtype=torch.float32)
+
+    def f(v):
+        return F.max_pool2d(v, 3, 2, 1).sum() + F.avg_pool2d(v, 2).sum() + F.min_pool1d(v.flatten(2), 3).sum()
+
+    with gpu_nn.backend("reference"):
+        torch.testing.assert_close(torch.compile(f, fullgraph=True, backend="aot_eager")(x), f(x))
+
+
+# --- bad input ------------------------------------------------------------------------------
+
+BAD = [
+    (F.max_pool2d, (torch.randn(5, 5), 2), {}, "non-empty 3D or 4D"),
+    (F.max_pool2d, (torch.randn(2, 0, 5, 5), 2), {}, "optional 0 dim batch size"),
+    (F.max_pool2d, (torch.randn(2, 3, 5, 5), 0), {"stride": 1}, "kernel size should be greater than zero"),
+    (F.max_pool2d, (torch.randn(2, 3, 5, 5), 2), {"stride": 0}, "stride should not be zero"),
+    (F.max_pool2d, (torch.randn(2, 3, 5, 5), 2), {"stride": -1}, "stride should be greater than zero"),
+    (F.max_pool2d, (torch.randn(2, 3, 5, 5), 2), {"dilation": 0}, "dilation should be greater than zero"),
+    (F.max_pool2d, (torch.randn(2, 3, 5, 5), 2), {"padding": -1}, "pad must be non-negative"),
+    (F.max_pool2d, (torch.randn(2, 3, 5, 5), 2), {"padding": 2}, "pad should be at most half of effective kernel size"),
+    (F.max_pool2d, (torch.randn(2, 3, 5, 5), 2), {"padding": (1, 2), "stride": 1, "dilation": 3}, "smaller than or equal to half of kernel size"),
+    (F.max_pool2d, (torch.randn(2, 3, 5, 5), 7), {}, "Output size is too small"),
+    (F.max_pool2d, (torch.randn(2, 3, 5, 5), (2, 3, 4)), {}, "kernel_size must either be a single int"),
+    (F.max_pool2d, (torch.arange(50).reshape(2, 1, 5, 5), 2), {}, "floating-point"),
+    (F.min_pool2d, (torch.randn(2, 3, 5, 5), 2), {"padding": 2}, "pad should be at most half"),
+    (F.max_pool1d, (torch.randn(5), 2), {}, "Expected 2D or 3D"),
+    (F.max_pool1d, (torch.randn(2, 3, 5), 0), {}, "kernel_size must be greater than zero"),
+    (F.max_pool1d, (torch.randn(2, 3, 5), 2), {"stride": 0}, "stride must be greater than zero"),
+    (F.max_pool1d, (torch.randn(2, 3, 5), 2), {"dilation": 0}, "dilation must be greater than zero"),
+    (F.max_pool1d, (torch.randn(2, 3, 5), 2), {"padding": -1}, "padding must be non-negative"),
+    (F.max_pool1d, (torch.randn(2, 3, 5), 2), {"padding": 2}, "padding should be at most half of kernel size"),
+    (F.max_pool1d, (torch.randn(2, 3, 5), 7), {}, "Invalid computed output size"),
+    (F.min_pool1d, (torch.randn(2, 3, 5), 7), {}, "Invalid computed output size"),
+    (F.avg_pool2d, (torch.randn(2, 3, 5, 5), 2), {"padding": 2}, "pad should be at most half"),
+    (F.avg_pool2d, (torch.randn(2, 3, 5, 5), 2), {"divisor_override": 0}, "divisor must be not zero"),
+    (F.avg_pool2d, (torch.randn(2, 3, 5, 5), 7), {}, "Output size is too small"),
+    (F.avg_pool2d, (torch.randn(2, 3, 5, 5), 2), {"stride": 0}, "stride should not be zero"),
+    (F.avg_pool2d, (torch.randn(2, 3, 5, 5), 2), {"padding": -1}, "pad must be non-negative"),
+    (F.avg_pool1d, (torch.randn(5), 2), {}, "Expected 2 to 3 dimensions"),
+    (F.avg_pool1d, (torch.randn(2, 3, 5), (2, 3)), {}, "should contain one int"),
+    (F.avg_pool1d, (torch.randn(2, 3, 5), 7), {}, "Output size is too small"),
+]
+
+
+@pytest.mark.parametrize("fn,args,kwargs,match", BAD, ids=[f"{b[0].__name__}-{b[3][:24]}" for b in BAD])
+def test_bad_input(fn, args, kwargs, match):
+    with pytest.raises(gpu_nn.KernelInputError, match=match) as info:
+        fn(*args, **kwargs)
+    if fn in (F.max_pool2d, F.max_pool1d, F.avg_pool2d, F.avg_pool1d) and "floating" not in match:
+        theirs = getattr(TF, fn.__name__)
+        with pytest.raises(RuntimeError) as tinfo:
+            theirs(*args, **kwargs)
+        assert str(info.value) == str(tinfo.value).splitlines()[0], "wording differs from torch's"
+
+
+# --- every backend against the reference ---------------------------------------------------
+
+KERNEL_CASES = [  # (fn, args, shape)
+    (F.max_pool2d, (3, 2, 1), (2, 3, 11, 9)),
+    (F.max_pool2d, ((2, 3), (1, 2), (1, 1), (2, 1), True), (2, 3, 9, 11)),
+    (F.max_pool2d, (2, 3, 1, 3, True), (1, 2, 7, 8)),
+    (F.min_pool2d, (3, 2, 1, 1, True), (2, 3, 11, 9)),
+    (F.min_pool2d, ((4, 1), (2, 1), (2, 0), (1, 1), False), (2, 2, 9, 5)),
+    (F.max_pool1d, (4, 3, 2, 2, True), (2, 3, 29)),
+    (F.min_pool1d, (3, 1, 1), (3, 17)),
+    (F.avg_pool2d, (3, 2, 1, True, False), (2, 3, 11, 9)),
+    (F.avg_pool2d, (3, 2, 1, True, True), (2, 3, 10, 9)),
+    (F.avg_pool2d, ((3, 2), 1, (1, 0), False, True, 5), (2, 3, 9, 7)),
+    (F.avg_pool2d, ((5, 1), (2, 3), (2, 0), True, False, -3), (1, 2, 11, 10)),
+    (F.avg_pool1d, (5, 2, 2, True, True), (2, 3, 23)),
+    (F.avg_pool1d, (4, 3, 2, True, False), (3, 19)),
+]
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("triton", "cupy")))
+@pytest.mark.parametrize("case", KERNEL_CASES, ids=lambda c: f"{c[0].__name__}{c[1]}{c[2]}")
+@pytest.mark.parametrize("layout", ["contig", "channels_last"])
+def test_backend_matches_reference(backend, device, case, layout, rng):
+    fn, args, shape = case
+    if layout == "channels_last" and len(shape) != 4:
+        pytest.skip("channels_last applies to 4D inputs only")
+    is_max = fn.__name__.startswith(("max", "min"))
+    kw = {"return_indices": True} if is_max else {}
+    k = int(np.prod(R._pair(args[0], 2 if fn.__name__.endswith("2d") else 1)))
+    for dtype in gpu_dtypes_for(backend, device):
+        # the reference sees the same dtype-rounded values, so ties created by rounding are shared
+        x64 = randn(rng, *shape).to(dtype).double()
+        g64 = None
+        with gpu_nn.backend("reference"):
+            outr, gr, g64 = _fwd_bwd(fn, x64, args, **kw)
+        x = _layouts(x64.to(device=device, dtype=dtype), layout)
+        with gpu_nn.backend(backend):
+            out, gx, _ = _fwd_bwd(fn, x, args, g64.to(device=device, dtype=dtype), **kw)
+        y, yr = (out[0], outr[0]) if is_max else (out, outr)
+        assert y.dtype == dtype and y.shape == yr.shape
+        assert_close(y, yr, dtype, k=k, what=f"{fn.__name__} forward {dtype}")
+        if is_max:
+            assert torch.equal(out[1].cpu(), outr[1]), "indices"
+        assert_close(gx, gr, dtype, k=k, what=f"{fn.__name__} backward {dtype}")
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("triton", "cupy")))
+def test_backend_zero_batch_and_noncontig(backend, device, rng):
+    with gpu_nn.backend(backend):
+        y = F.max_pool2d(torch.randn(0, 3, 9, 9, device=device), 3, 2)
+        assert y.shape == (0, 3, 4, 4)
+        x = randn(rng, 2, 3, 9, 10, dtype=torch.float32, noncontig=True).to(device)
+        torch.testing.assert_close(F.avg_pool2d(x, 3, 2, 1).cpu(), TF.avg_pool2d(x.cpu(), 3, 2, 1))
+        torch.testing.assert_close(F.max_pool2d(x, 3, 2, 1).cpu(), TF.max_pool2d(x.cpu(), 3, 2, 1))
+
+
+def test_interpreter_refuses_bfloat16():
+    if torch.cuda.is_available() or not gpu_nn._backend.interpret_mode():
+        pytest.skip("only meaningful under the Triton interpreter")
+    with gpu_nn.backend("triton"), pytest.raises(gpu_nn.BackendUnavailableError, match="bfloat16"):
+        F.max_pool2d(torch.randn(1, 1, 4, 4, dtype=torch.bfloat16), 2)
+
+
+# --- CUDA C: window math on the host, NVRTC with non-default defines ------------------------
+
+_HOST_SRC = r"""
+#include "pool_math.cuh"
+extern "C" {
+void max_fwd(const float* x, float* y, long long* idx, long long P, long long H, long long W, long long OH, long long OW,
+             int KH, int KW, int SH, int SW, int PH, int PW, int DH, int DW, int minimum) {
+    for (long long pl = 0; pl < P; ++pl)
+        for (long long oh = 0; oh < OH; ++oh)
+            for (long long ow = 0; ow < OW; ++ow) {
+                long long o = (pl * OH + oh) * OW + ow;
+                gn_max_window(x + pl * H * W, W, 1, H, W, oh * SH - PH, ow * SW - PW, KH, KW, DH, DW, minimum, y + o, idx + o);
+            }
+}
+void avg_fwd(const float* x, float* y, long long P, long long H, long long W, long long OH, long long OW,
+             int KH, int KW, int SH, int SW, int PH, int PW, int cp, int dv) {
+    for (long long pl = 0; pl < P; ++pl)
+        for (long long oh = 0; oh < OH; ++oh)
+            for (long long ow = 0; ow < OW; ++ow)
+                y[(pl * OH + oh) * OW + ow] = gn_avg_window(x + pl * H * W, W, 1, H, W, oh * SH - PH, ow * SW - PW, KH, KW, PH, PW, cp, dv);
+}
+void max_bwd(const float* g, const long long* idx, float* dx, long long P, long long H, long long W, long long OH, long long OW,
+             int KH, int KW, int SH, int SW, int PH, int PW, int DH, int DW) {
+    for (long long pl = 0; pl < P; ++pl)
+        for (long long ih = 0; ih < H; ++ih)
+            for (long long iw = 0; iw < W; ++iw)
+                dx[(pl * H + ih) * W + iw] = gn_max_gather(g + pl * OH * OW, idx + pl * OH * OW, ih, iw, W, OH, OW, KH, KW, SH, SW, PH, PW, DH, DW);
+}
+void avg_bwd(const float* g, float* dx, long long P, long long H, long long W, long long OH, long long OW,
+             int KH, int KW, int SH, int SW, int PH, int PW, int cp, int dv) {
+    for (long long pl = 0; pl < P; ++pl)
+        for (long long ih = 0; ih < H; ++ih)
+            for (long long iw = 0; iw < W; ++iw)
+                dx[(pl * H + ih) * W + iw] = gn_avg_gather(g + pl * OH * OW, ih, iw, H, W, OH, OW, KH, KW, SH, SW, PH, PW, cp, dv);
+}
+long long out_size(long long L, int k, int s, int p, int d, int c) { return gn_pool_out_size(L, k, s, p, d, c); }
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def host_lib():
+    import ctypes
+
+    lib = build_host_library(_HOST_SRC, "pool_math")
+    lib.out_size.restype = ctypes.c_longlong
+    return lib
+
+
+def _ll(*v):
+    import ctypes
+
+    return [ctypes.c_longlong(int(a)) for a in v]
+
+
+def _ci(*v):
+    import ctypes
+
+    return [ctypes.c_int(int(a)) for a in v]
+
+
+@pytest.mark.parametrize("geo", MAX2D, ids=str)
+def test_cuda_max_math_on_host(host_lib, geo, rng):
+    k, s, p, d, ceil = geo
+    k, s, p, d = (R._pair(v, 2) for v in (k, k if s is None else s, p, d))
+    H, W = 11, 13
+    x = rng.standard_normal((2, 3, H, W)).astype(np.float32)
+    x.reshape(-1)[[5, 77]] = np.nan
+    g = None
+    for minimum in (0, 1):
+        yr, ir = (R.min_pool2d if minimum else R.max_pool2d)(x, k, s, p, d, ceil, True)
+        OH, OW = yr.shape[-2:]
+        assert host_lib.out_size(*_ll(H), *_ci(k[0], s[0], p[0], d[0], int(ceil))) == OH
+        y = np.empty_like(yr)
+        idx = np.empty(yr.shape, np.int64)
+        host_lib.max_fwd(fptr(x), fptr(y), fptr(idx), *_ll(6, H, W, OH, OW), *_ci(*k, *s, *p, *d, minimum))
+        np.testing.assert_array_equal(y, yr)
+        np.testing.assert_array_equal(idx, ir)
+        g = rng.standard_normal(yr.shape).astype(np.float32)
+        dx = np.empty_like(x)
+        host_lib.max_bwd(fptr(g), fptr(idx), fptr(dx), *_ll(6, H, W, OH, OW), *_ci(*k, *s, *p, *d))
+        np.testing.assert_allclose(dx, R.max_pool2d_backward(g, ir, x.shape), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("geo", AVG2D, ids=str)
+def test_cuda_avg_math_on_host(host_lib, geo, rng):
+    k, s, p, ceil, cip, dov = geo
+    k, s, p = (R._pair(v, 2) for v in (k, k if s is None else s, p))
+    H, W = 11, 13
+    x = rng.standard_normal((2, 3, H, W)).astype(np.float32)
+    yr = R.avg_pool2d(x, k, s, p, ceil, cip, dov)
+    OH, OW = yr.shape[-2:]
+    y = np.empty_like(yr)
+    host_lib.avg_fwd(fptr(x), fptr(y), *_ll(6, H, W, OH, OW), *_ci(*k, *s, *p, int(cip), dov or 0))
+    np.testing.assert_allclose(y, yr, rtol=1e-6, atol=1e-6)
+    g = rng.standard_normal(yr.shape).astype(np.float32)
+    dx = np.empty_like(x)
+    host_lib.avg_bwd(fptr(g), fptr(dx), *_ll(6, H, W, OH, OW), *_ci(*k, *s, *p, int(cip), dov or 0))
+    np.testing.assert_allclose(dx, R.avg_pool2d_backward(g, x.shape, k, s, p, ceil, cip, dov), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("defines", [
+    {"POOL_T": "gn_f16", "POOL_THREADS": 128}, {"POOL_T": "gn_bf16", "POOL_THREADS": 512}, {"POOL_T": "double"},
+], ids=str)
+def test_pool_cu_compiles_with_defines(defines):
+    from gpu_nn.kernels import cuda as kcuda
+
+    assert kcuda.compile_cubin("pool", defines, arch="sm_90")[:4] == b"\x7fELF"
+
+
+# --- modules ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ours,theirs,kwargs,shape", [
+    (gnn.MaxPool2d, torch.nn.MaxPool2d, dict(kernel_size=3, stride=2, padding=1, ceil_mode=True), (2, 3, 11, 9)),
+    (gnn.MaxPool1d, torch.nn.MaxPool1d, dict(kernel_size=4, stride=3, padding=2, dilation=2, return_indices=True), (2, 3, 29)),
+    (gnn.AvgPool2d, torch.nn.AvgPool2d, dict(kernel_size=(3, 2), padding=1, count_include_pad=False, divisor_override=5), (2, 3, 11, 9)),
+    (gnn.AvgPool1d, torch.nn.AvgPool1d, dict(kernel_size=5, stride=2, padding=2, ceil_mode=True), (3, 17)),
+    (gnn.MinPool2d, torch.nn.MaxPool2d, dict(kernel_size=3, stride=2, padding=1), (2, 3, 11, 9)),
+    (gnn.MinPool1d, torch.nn.MaxPool1d, dict(kernel_size=3, return_indices=True), (2, 3, 17)),
+], ids=lambda v: getattr(v, "__name__", None))
+def test_modules_match_torch(ours, theirs, kwargs, shape, rng):
+    m, t = ours(**kwargs), theirs(**kwargs)
+    assert m.extra_repr() == t.extra_repr()
+    x = randn(rng, *shape)
+    neg = ours.__name__.startswith("Min")
+    with gpu_nn.backend("reference"):
+        y = m(x)
+    yt = t(-x if neg else x)
+    if isinstance(y, tuple):
+        assert torch.equal(y[1], yt[1])
+        y, yt = y[0], yt[0]
+    torch.testing.assert_close(y, -yt if neg else yt)
+    if neg:
+        assert not isinstance(m, torch.nn.MaxPool2d) and type(m).__name__ in repr(m)
+
+
+def test_check_cases_exist_for_every_op():
+    from gpu_nn.ops import pool
+
+    assert {c.op for c in pool.CHECK_CASES} == set(pool.__all__)
