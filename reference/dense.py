@@ -244,7 +244,8 @@ def cross_entropy_backward(grad_out: np.ndarray, x: np.ndarray, target: np.ndarr
         g2 *= 1 - label_smoothing
         if label_smoothing > 0:
             g2 += (label_smoothing / C) * (np.sum(w) * p - w)
-        g2 = np.where(valid, g2 * s, np.zeros((), x2.dtype))
+        with np.errstate(invalid="ignore"):  # s is inf/NaN when 'mean' has nothing to average
+            g2 = np.where(valid, g2 * s, np.zeros((), x2.dtype))
     return _ce_unlayout(g2, x)
 
 

@@ -385,12 +385,25 @@ def _ce_row_weights(t2: Tensor, weight: Tensor | None, ignore_index: int, prob: 
     return torch.where(valid, weight.float()[idx], torch.zeros((), device=dev))
 
 
+def _check_target_range(target: Tensor, ignore_index: int, C: int) -> None:
+    """Out-of-range class indices would make a kernel read outside its row: refuse them here,
+    in the launcher (inside the custom op, so that torch.compile never traces this
+    data-dependent test), before any kernel runs. Costs one reduction and a sync on a GPU."""
+    if target.numel() == 0:
+        return
+    bad = (target != ignore_index) & ((target < 0) | (target >= C))
+    if bool(bad.any()):
+        raise KernelInputError(f"Target {int(target[bad].reshape(-1)[0])} is out of bounds.")
+
+
 def cross_entropy_forward(input: Tensor, target: Tensor, weight: Tensor | None, reduction: str, ignore_index: int,
                           label_smoothing: float) -> tuple[Tensor, Tensor]:
     """(loss, lse): the loss as torch's cross_entropy, and the [M] float32 logsumexp of each
     row (M = input.numel() / C) that the backward reuses instead of a second reduction."""
     M, C = _ce_rows(input)
     prob = target.is_floating_point()
+    if not prob:
+        _check_target_range(target, ignore_index, C)
     backend = _backend.resolve("cross_entropy", input.device, BACKENDS)
     if backend == "reference":
         xn, tn, wn = to_numpy(input), to_numpy(target), to_numpy(weight)
@@ -549,8 +562,6 @@ def _check_cross_entropy(input, target, weight, ignore_index, reduction, label_s
         if ignore_index >= 0:
             raise KernelInputError("ignore_index is not supported for floating point target")
         return True
-    if target.dtype not in (torch.int64, torch.uint8):
-        raise KernelInputError(f"expected target dtype to be Long or Byte, but got {_scalar_name(target.dtype)}")
     if input.dim() == 1:
         if target.dim() != 0:
             raise KernelInputError("0D target tensor expected for an unbatched [C] input (gpu_nn does not accept the "
@@ -579,12 +590,8 @@ def _check_cross_entropy(input, target, weight, ignore_index, reduction, label_s
             )
         if tuple(target.shape[1:]) != tuple(input.shape[2:]):
             raise KernelInputError(f"Expected target size {[input.shape[0], *input.shape[2:]]}, got {list(target.shape)}")
-    # out-of-range class indices would read outside the row: refuse them on the host
-    if target.numel():
-        t = target.long()
-        bad = (t != ignore_index) & ((t < 0) | (t >= C))
-        if bool(bad.any()):
-            raise KernelInputError(f"Target {int(t[bad].reshape(-1)[0])} is out of bounds.")
+    if target.dtype not in (torch.int64, torch.uint8):
+        raise KernelInputError(f"expected target dtype to be Long or Byte, but got {_scalar_name(target.dtype)}")
     return False
 
 
