@@ -396,7 +396,7 @@ def _ce_bwd_kernel(x_ptr, t_ptr, w_ptr, wtot_ptr, lse_ptr, scale_ptr, dx_ptr, dt
         tl.store(dx_ptr + base + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
-_CE_BLOCKS = ((256, 4), (1024, 4), (4096, 8))
+_CE_BLOCKS = ((256, 4), (1024, 4), (2048, 8))
 _CE_INTERP_BLOCK = 64
 
 
