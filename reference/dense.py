@@ -85,7 +85,9 @@ def logsumexp(x: np.ndarray, dim: int, keepdims: bool = True) -> np.ndarray:
     m = np.max(x, axis=dim, keepdims=True)
     # a row that is all -inf (or holds +inf) would make x - m NaN; shift by 0 there instead
     m = np.where(np.isfinite(m), m, np.zeros((), x.dtype))
-    s = np.sum(np.exp(x - m), axis=dim, keepdims=True)
+    e = np.subtract(x, m)
+    np.exp(e, out=e)
+    s = np.sum(e, axis=dim, keepdims=True)
     with np.errstate(divide="ignore"):
         out = np.log(s) + m
     return out if keepdims else np.squeeze(out, axis=dim)
@@ -150,26 +152,58 @@ def _ce_layout(x: np.ndarray, target: np.ndarray):
     return x2, t2, lead, prob
 
 
-def _ce_terms(x2, t2, prob, weight, ignore_index, label_smoothing):
-    """Per-row losses [M] and the per-row weights that 'mean' divides by [M]."""
+
+
+def _smoothed(t2: np.ndarray, eps: float, dtype) -> np.ndarray:
+    tt = t2.astype(dtype, copy=True)
+    if eps > 0:
+        tt *= 1 - eps
+        tt += eps / t2.shape[1]
+    return tt
+
+
+def _weights(weight, C, dtype):
+    return np.ones(C, dtype) if weight is None else weight.astype(dtype, copy=False)
+
+
+def _ce_rows(x2, t2, prob, weight, ignore_index, eps):
+    """Per-row losses [M], the per-row weights that 'mean' divides by [M], and lse [M, 1].
+
+    Written through lse = logsumexp(x) so that log_softmax is never materialised:
+    -logp_c = lse - x_c, hence w_t (lse - x_t) and sum_c w_c (lse - x_c) = W lse - x @ w.
+    """
     M, C = x2.shape
-    logp = x2 - logsumexp(x2, 1)
-    w = np.ones(C, x2.dtype) if weight is None else weight.astype(x2.dtype, copy=False)
+    lse = logsumexp(x2, 1)
+    w = _weights(weight, C, x2.dtype)
     if prob:
-        tt = t2.astype(x2.dtype, copy=False)
-        if label_smoothing > 0:
-            tt = tt * (1 - label_smoothing) + label_smoothing / C
-        loss = -np.sum(logp * tt * w, axis=1)
-        return loss, np.ones(M, x2.dtype), logp
+        wtt = _smoothed(t2, eps, x2.dtype)
+        wtt *= w
+        loss = lse[:, 0] * wtt.sum(axis=1) - np.einsum("ij,ij->i", x2, wtt)
+        return loss, np.ones(M, x2.dtype), lse
     valid = t2 != ignore_index
     tc = np.where(valid, t2, 0)
-    picked = np.take_along_axis(logp, tc[:, None], axis=1)[:, 0]
-    wt = np.where(valid, w[tc], 0).astype(x2.dtype)
-    loss = -picked * wt
-    if label_smoothing > 0:
-        smooth = np.where(valid, -(logp @ w), 0)
-        loss = (1 - label_smoothing) * loss + (label_smoothing / C) * smooth
-    return loss, wt, logp
+    wt = np.where(valid, w[tc], 0).astype(x2.dtype, copy=False)
+    loss = (lse[:, 0] - x2[np.arange(M), tc]) * wt
+    if eps > 0:
+        smooth = np.where(valid, w.sum() * lse[:, 0] - x2 @ w, 0)
+        loss = (1 - eps) * loss + (eps / C) * smooth
+    return loss, wt, lse
+
+
+def cross_entropy_forward(x: np.ndarray, target: np.ndarray, weight: np.ndarray | None = None, ignore_index: int = -100,
+                          reduction: str = "mean", label_smoothing: float = 0.0):
+    """(loss, lse): :func:`cross_entropy` and the [M] logsumexp of each row (class dim moved
+    last, M = x.size / C), which :func:`cross_entropy_backward` can reuse."""
+    x2, t2, _, prob = _ce_layout(x, target)
+    loss, wt, lse = _ce_rows(x2, t2, prob, weight, ignore_index, label_smoothing)
+    if reduction == "none":
+        out = loss.reshape(ce_loss_shape(x.shape, target.shape, prob))
+    elif reduction == "sum":
+        out = np.asarray(np.sum(loss), dtype=x.dtype)
+    else:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out = np.asarray(np.sum(loss) / np.sum(wt), dtype=x.dtype)
+    return out, lse[:, 0]
 
 
 def cross_entropy(x: np.ndarray, target: np.ndarray, weight: np.ndarray | None = None, ignore_index: int = -100,
@@ -185,18 +219,77 @@ def cross_entropy(x: np.ndarray, target: np.ndarray, weight: np.ndarray | None =
 
     'mean' divides the sum by the sum of w[t] over non-ignored elements (indices) or by the
     number of elements N * d1 * ... (probabilities), exactly as torch does; 'none' returns
-    the per-element losses in the target's shape ([N, d1, ...] / []).
+    the per-element losses ([N, d1, ...], or [] for a [C] input).
     """
-    x2, t2, lead, prob = _ce_layout(x, target)
-    loss, wt, _ = _ce_terms(x2, t2, prob, weight, ignore_index, label_smoothing)
-    if reduction == "none":
-        return loss.reshape(ce_loss_shape(x.shape, target.shape, prob))
-    total = np.sum(loss)
-    if reduction == "sum":
-        return np.asarray(total, dtype=x.dtype)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.asarray(total / np.sum(wt), dtype=x.dtype)
+    return cross_entropy_forward(x, target, weight, ignore_index, reduction, label_smoothing)[0]
 
+
+def _ce_row_scale(grad_out, x2, t2, prob, weight, ignore_index, reduction):
+    """d(reduced loss)/d(per-row loss) as an [M] vector."""
+    M, C = x2.shape
+    g = np.asarray(grad_out, dtype=x2.dtype)
+    if reduction == "none":
+        return g.reshape(M)
+    if reduction == "sum":
+        return np.full(M, g, x2.dtype)
+    if prob:
+        denom = M
+    else:
+        valid = t2 != ignore_index
+        denom = np.sum(valid) if weight is None else np.sum(weight.astype(x2.dtype)[t2[valid]])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.full(M, g / x2.dtype.type(denom), x2.dtype)
+
+
+def cross_entropy_backward(grad_out: np.ndarray, x: np.ndarray, target: np.ndarray, weight: np.ndarray | None = None,
+                           ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
+                           lse: np.ndarray | None = None) -> np.ndarray:
+    """d loss / d x, with p = softmax(x) over C (= exp(x - lse), from the forward's ``lse`` when
+    given), s = the row's share of grad_out, W = sum(w):
+
+    * indices: s * ((1 - eps) * w[t] * (p - onehot(t)) + eps / C * (W * p - w)), 0 on ignored rows
+    * probabilities: s * (p * sum_c w_c t'_c - w * t'), t' the smoothed target
+    """
+    x2, t2, _, prob = _ce_layout(x, target)
+    M, C = x2.shape
+    eps = label_smoothing
+    lse2 = logsumexp(x2, 1) if lse is None else lse.reshape(M, 1).astype(x2.dtype, copy=False)
+    s = _ce_row_scale(grad_out, x2, t2, prob, weight, ignore_index, reduction)
+    w = _weights(weight, C, x2.dtype)
+    g2 = np.subtract(x2, lse2)
+    np.exp(g2, out=g2)  # p
+    if prob:
+        wtt = _smoothed(t2, eps, x2.dtype)
+        wtt *= w
+        g2 *= (s * wtt.sum(axis=1))[:, None]
+        wtt *= s[:, None]
+        g2 -= wtt
+        return _ce_unlayout(g2, x)
+    valid = t2 != ignore_index
+    tc = np.where(valid, t2, 0)
+    with np.errstate(invalid="ignore"):  # s is inf/NaN when 'mean' has nothing to average
+        s = np.where(valid, s, 0).astype(x2.dtype, copy=False)
+        wt = np.where(valid, w[tc], 0).astype(x2.dtype, copy=False)
+        g2 *= (s * ((1 - eps) * wt + (eps / C) * w.sum()))[:, None]
+        if eps > 0:
+            g2 -= np.outer(s * (eps / C), w)
+        g2[np.arange(M), tc] -= s * (1 - eps) * wt
+    return _ce_unlayout(g2, x)
+
+
+def cross_entropy_target_backward(grad_out: np.ndarray, x: np.ndarray, target: np.ndarray, weight: np.ndarray | None = None,
+                                  ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
+                                  lse: np.ndarray | None = None) -> np.ndarray:
+    """d loss / d target for probability targets: -s * (1 - eps) * w * (x - lse)."""
+    x2, t2, _, prob = _ce_layout(x, target)
+    M, C = x2.shape
+    lse2 = logsumexp(x2, 1) if lse is None else lse.reshape(M, 1).astype(x2.dtype, copy=False)
+    s = _ce_row_scale(grad_out, x2, t2, prob, weight, ignore_index, reduction)
+    w = _weights(weight, C, x2.dtype)
+    g2 = np.subtract(x2, lse2)
+    g2 *= w
+    g2 *= (-(1 - label_smoothing) * s)[:, None]
+    return _ce_unlayout(g2, x)
 
 def ce_loss_shape(input_shape, target_shape, prob: bool) -> tuple:
     """Shape of the 'none' loss: the input's without the class dim ([] for a 1-d input)."""
@@ -204,60 +297,6 @@ def ce_loss_shape(input_shape, target_shape, prob: bool) -> tuple:
         return ()
     return tuple(input_shape[:1]) + tuple(input_shape[2:])
 
-
-def _ce_row_scale(grad_out, wt, lead, reduction, dtype):
-    """d(reduced loss)/d(per-row loss) as an [M] vector."""
-    M = wt.shape[0]
-    g = np.asarray(grad_out, dtype=dtype)
-    if reduction == "none":
-        return g.reshape(M)
-    if reduction == "sum":
-        return np.full(M, g, dtype)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.full(M, g / np.sum(wt), dtype)
-
-
-def cross_entropy_backward(grad_out: np.ndarray, x: np.ndarray, target: np.ndarray, weight: np.ndarray | None = None,
-                           ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0) -> np.ndarray:
-    """d loss / d x, with p = softmax(x) over C, s = the row's share of grad_out:
-
-    * indices: s * ((1 - eps) * w[t] * (p - onehot(t)) + eps / C * (sum(w) * p - w)), 0 on ignored rows
-    * probabilities: s * (p * sum_c w_c t'_c - w * t'), t' the smoothed target
-    """
-    x2, t2, lead, prob = _ce_layout(x, target)
-    M, C = x2.shape
-    loss, wt, logp = _ce_terms(x2, t2, prob, weight, ignore_index, label_smoothing)
-    s = _ce_row_scale(grad_out, wt, lead, reduction, x2.dtype)[:, None]
-    p = np.exp(logp)
-    w = np.ones(C, x2.dtype) if weight is None else weight.astype(x2.dtype, copy=False)
-    if prob:
-        tt = t2.astype(x2.dtype, copy=False)
-        if label_smoothing > 0:
-            tt = tt * (1 - label_smoothing) + label_smoothing / C
-        wtt = w * tt
-        g2 = s * (p * np.sum(wtt, axis=1, keepdims=True) - wtt)
-    else:
-        valid = (t2 != ignore_index)[:, None]
-        tc = np.where(valid[:, 0], t2, 0)
-        g2 = p * wt[:, None]
-        g2[np.arange(M), tc] -= wt
-        g2 *= 1 - label_smoothing
-        if label_smoothing > 0:
-            g2 += (label_smoothing / C) * (np.sum(w) * p - w)
-        with np.errstate(invalid="ignore"):  # s is inf/NaN when 'mean' has nothing to average
-            g2 = np.where(valid, g2 * s, np.zeros((), x2.dtype))
-    return _ce_unlayout(g2, x)
-
-
-def cross_entropy_target_backward(grad_out: np.ndarray, x: np.ndarray, target: np.ndarray, weight: np.ndarray | None = None,
-                                  ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0) -> np.ndarray:
-    """d loss / d target for probability targets: -s * (1 - eps) * w * logp."""
-    x2, t2, lead, prob = _ce_layout(x, target)
-    M, C = x2.shape
-    loss, wt, logp = _ce_terms(x2, t2, prob, weight, ignore_index, label_smoothing)
-    s = _ce_row_scale(grad_out, wt, lead, reduction, x2.dtype)[:, None]
-    w = np.ones(C, x2.dtype) if weight is None else weight.astype(x2.dtype, copy=False)
-    return _ce_unlayout(-(1 - label_smoothing) * s * w * logp, x)
 
 
 def _ce_unlayout(g2: np.ndarray, x: np.ndarray) -> np.ndarray:

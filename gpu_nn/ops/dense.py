@@ -385,6 +385,11 @@ def _ce_row_weights(t2: Tensor, weight: Tensor | None, ignore_index: int, prob: 
     return torch.where(valid, weight.float()[idx], torch.zeros((), device=dev))
 
 
+def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The saved logsumexp keeps float64 for float64 inputs (gradient checks), else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _check_target_range(target: Tensor, ignore_index: int, C: int) -> None:
     """Out-of-range class indices would make a kernel read outside its row: refuse them here,
     in the launcher (inside the custom op, so that torch.compile never traces this
@@ -398,8 +403,9 @@ def _check_target_range(target: Tensor, ignore_index: int, C: int) -> None:
 
 def cross_entropy_forward(input: Tensor, target: Tensor, weight: Tensor | None, reduction: str, ignore_index: int,
                           label_smoothing: float) -> tuple[Tensor, Tensor]:
-    """(loss, lse): the loss as torch's cross_entropy, and the [M] float32 logsumexp of each
-    row (M = input.numel() / C) that the backward reuses instead of a second reduction."""
+    """(loss, lse): the loss as torch's cross_entropy, and the [M] logsumexp of each row
+    (M = input.numel() / C; float32, float64 for float64 input) that the backward reuses
+    instead of a second reduction."""
     M, C = _ce_rows(input)
     prob = target.is_floating_point()
     if not prob:
@@ -407,15 +413,13 @@ def cross_entropy_forward(input: Tensor, target: Tensor, weight: Tensor | None, 
     backend = _backend.resolve("cross_entropy", input.device, BACKENDS)
     if backend == "reference":
         xn, tn, wn = to_numpy(input), to_numpy(target), to_numpy(weight)
-        loss = ref.cross_entropy(xn, tn, wn, ignore_index, reduction, label_smoothing)
-        x2, _, _, _ = ref._ce_layout(xn, tn)
-        lse = ref.logsumexp(x2, 1, keepdims=False)
-        return from_numpy(loss, input.dtype, input.device), from_numpy(lse, torch.float32, input.device)
+        loss, lse = ref.cross_entropy_forward(xn, tn, wn, ignore_index, reduction, label_smoothing)
+        return from_numpy(loss, input.dtype, input.device), from_numpy(lse, _lse_dtype(input.dtype), input.device)
     _backend.check_interpreter_dtype("cross_entropy", backend, input, target if prob else None, weight)
     ktriton, kd = _triton_modules()
     x2, t2 = _ce_2d(input, target, prob)
     loss_rows = empty((M,), dtype=torch.float32, device=input.device)
-    lse = empty((M,), dtype=torch.float32, device=input.device)
+    lse = empty((M,), dtype=_lse_dtype(input.dtype), device=input.device)
     w = None if weight is None else weight.contiguous()
     kd.ce_fwd(x2, t2, w, loss_rows, lse, prob, ignore_index, label_smoothing, ktriton.INTERPRET)
     if reduction == "none":
@@ -438,10 +442,10 @@ def cross_entropy_backward(grad: Tensor, input: Tensor, target: Tensor, weight: 
     backend = _backend.resolve("cross_entropy_backward", input.device, BACKENDS)
     args = (ignore_index, reduction, label_smoothing)
     if backend == "reference":
-        gn, xn, tn, wn = to_numpy(grad), to_numpy(input), to_numpy(target), to_numpy(weight)
-        dx = from_numpy(ref.cross_entropy_backward(gn, xn, tn, wn, *args), input.dtype, input.device)
+        gn, xn, tn, wn, ln = to_numpy(grad), to_numpy(input), to_numpy(target), to_numpy(weight), to_numpy(lse)
+        dx = from_numpy(ref.cross_entropy_backward(gn, xn, tn, wn, *args, lse=ln), input.dtype, input.device)
         if want_dt:
-            dt = from_numpy(ref.cross_entropy_target_backward(gn, xn, tn, wn, *args), target.dtype, target.device)
+            dt = from_numpy(ref.cross_entropy_target_backward(gn, xn, tn, wn, *args, lse=ln), target.dtype, target.device)
         else:
             dt = input.new_zeros(0)
         return dx, dt
@@ -487,7 +491,7 @@ def _(input, target, weight, reduction, ignore_index, label_smoothing):
     shape = ref.ce_loss_shape(tuple(input.shape), tuple(target.shape), prob) if reduction == "none" else ()
     M = math.prod(lead) if lead else 1
     del C
-    return input.new_empty(shape), input.new_empty((M,), dtype=torch.float32)
+    return input.new_empty(shape), input.new_empty((M,), dtype=_lse_dtype(input.dtype))
 
 
 @torch.library.custom_op("gpu_nn::cross_entropy_backward", mutates_args=())
