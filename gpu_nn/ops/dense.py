@@ -658,9 +658,9 @@ def _make_ce(prob=False, weight=False, smoothing=0.0, reduction="mean", kdim=Fal
         kw = {"reduction": reduction, "label_smoothing": smoothing}
         if not prob:
             kw["ignore_index"] = 2
-        if weight:
-            kw["weight"] = torch.from_numpy(rng.random(shape[1]) + 0.5)
-        return (x, t), kw
+        # weight goes positionally: the check runner converts positional args to the dtype under test
+        w = torch.from_numpy(rng.random(shape[1]) + 0.5) if weight else None
+        return (x, t, w), kw
 
     return make
 
