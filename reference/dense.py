@@ -1,1 +1,308 @@
-"""NumPy reference for the dense family (NumPy only)."""
+"""NumPy reference for the dense family: flatten, linear (+ fused activation), softmax,
+log_softmax and cross_entropy, forward and explicit backward (NumPy only).
+
+Every function mirrors its ``torch.nn.functional`` namesake on NumPy arrays and computes in
+the dtype of its input (the dispatch widens float16/bfloat16 to float32 before calling).
+Nothing here loops in Python over batch elements or rows: reductions are NumPy reductions
+over an axis and matrix products go to BLAS.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import activation as _act
+
+REDUCTIONS = ("none", "mean", "sum")
+
+
+# --------------------------------------------------------------------------- flatten
+
+
+def flatten(x: np.ndarray, start_dim: int = 1, end_dim: int = -1) -> np.ndarray:
+    """Merge dims ``start_dim..end_dim`` of ``x`` into one (torch.flatten's rule, 0-d -> (1,)).
+
+    Always returns a fresh array, never a view of ``x``: a custom op must not alias its input.
+    """
+    if x.ndim == 0:
+        return x.reshape(1).copy()
+    nd = x.ndim
+    s, e = start_dim % nd, end_dim % nd
+    shape = x.shape[:s] + (int(np.prod(x.shape[s:e + 1], dtype=np.int64)),) + x.shape[e + 1:]
+    return np.array(x.reshape(shape), copy=True)
+
+
+def flatten_backward(grad_out: np.ndarray, input_shape) -> np.ndarray:
+    return np.array(grad_out.reshape(input_shape), copy=True)
+
+
+# --------------------------------------------------------------------------- linear
+
+
+def linear(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None, activation=None) -> np.ndarray:
+    """y = act(x @ w.T + b).
+
+    x: [..., K] (any number of leading dims, including none), w: [O, K], b: [O] or None;
+    returns [..., O]. ``activation`` is None, 'relu', 'sigmoid' or 'tanh'.
+    """
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    y = x2 @ w.T
+    if b is not None:
+        y += b
+    y = _act.activate(y, activation)
+    return y.reshape(*lead, w.shape[0])
+
+
+def linear_backward(grad_out: np.ndarray, x: np.ndarray, w: np.ndarray, out: np.ndarray | None = None,
+                    activation=None, has_bias: bool = True):
+    """(dx, dw, db) of :func:`linear`. ``out`` (the forward output) is needed only when an
+    activation is fused: the derivatives of relu / sigmoid / tanh are written through it.
+
+    dY' = act'(dY), dx = dY' @ w, dw = dY'^T @ x, db = column sums of dY' (None without bias).
+    """
+    K, O = x.shape[-1], w.shape[0]
+    g = grad_out.reshape(-1, O)
+    if activation is not None:
+        g = _act.activate_backward(g, out.reshape(-1, O), activation)
+    x2 = x.reshape(-1, K)
+    dx = (g @ w).reshape(x.shape)
+    dw = g.T @ x2
+    db = g.sum(axis=0) if has_bias else None
+    return dx, dw, db
+
+
+# --------------------------------------------------------------------------- softmax
+
+
+def _norm_dim(dim: int, ndim: int) -> int:
+    return dim % max(ndim, 1)
+
+
+def logsumexp(x: np.ndarray, dim: int, keepdims: bool = True) -> np.ndarray:
+    """log(sum(exp(x))) over ``dim``, shifted by the max so exp never overflows; rows of -inf
+    give -inf and rows holding +inf give +inf, as torch."""
+    m = np.max(x, axis=dim, keepdims=True)
+    # a row that is all -inf (or holds +inf) would make x - m NaN; shift by 0 there instead
+    m = np.where(np.isfinite(m), m, np.zeros((), x.dtype))
+    e = np.subtract(x, m)
+    np.exp(e, out=e)
+    s = np.sum(e, axis=dim, keepdims=True)
+    with np.errstate(divide="ignore"):
+        out = np.log(s) + m
+    return out if keepdims else np.squeeze(out, axis=dim)
+
+
+def softmax(x: np.ndarray, dim: int) -> np.ndarray:
+    """exp(x - max) / sum(exp(x - max)) over ``dim`` (any shape; 0-d gives 1)."""
+    if x.ndim == 0:
+        return np.exp(x - x)
+    dim = _norm_dim(dim, x.ndim)
+    m = np.max(x, axis=dim, keepdims=True)
+    e = np.exp(x - m)
+    e /= np.sum(e, axis=dim, keepdims=True)
+    return e
+
+
+def softmax_backward(grad_out: np.ndarray, out: np.ndarray, dim: int) -> np.ndarray:
+    """dx = y * (g - sum(g * y)) over ``dim``, written through the forward output y."""
+    if out.ndim == 0:
+        return grad_out * out * (1 - out)
+    dim = _norm_dim(dim, out.ndim)
+    return out * (grad_out - np.sum(grad_out * out, axis=dim, keepdims=True))
+
+
+def log_softmax(x: np.ndarray, dim: int) -> np.ndarray:
+    """x - logsumexp(x) over ``dim``."""
+    if x.ndim == 0:
+        return x - x
+    dim = _norm_dim(dim, x.ndim)
+    return x - logsumexp(x, dim)
+
+
+def log_softmax_backward(grad_out: np.ndarray, out: np.ndarray, dim: int) -> np.ndarray:
+    """dx = g - exp(y) * sum(g) over ``dim``, y the forward output (log-probabilities)."""
+    if out.ndim == 0:
+        return grad_out - np.exp(out) * grad_out
+    dim = _norm_dim(dim, out.ndim)
+    return grad_out - np.exp(out) * np.sum(grad_out, axis=dim, keepdims=True)
+
+
+# --------------------------------------------------------------------------- cross_entropy
+
+
+def _ce_layout(x: np.ndarray, target: np.ndarray):
+    """Move the class dim last: x -> [M, C]; returns (x2, target2, lead_shape, prob).
+
+    Input [N, C, d1, ...] (class dim 1) or unbatched [C] (class dim 0). Class-index targets
+    are [N, d1, ...] / [] ; probability targets have the input's shape.
+    """
+    prob = np.issubdtype(target.dtype, np.floating)
+    if x.ndim == 1:
+        x = x[None]
+        target = target[None]
+    C = x.shape[1]
+    xl = np.moveaxis(x, 1, -1)
+    lead = xl.shape[:-1]
+    x2 = xl.reshape(-1, C)
+    if prob:
+        t2 = np.moveaxis(target, 1, -1).reshape(-1, C)
+    else:
+        t2 = target.reshape(-1).astype(np.int64, copy=False)
+    return x2, t2, lead, prob
+
+
+
+
+def _smoothed(t2: np.ndarray, eps: float, dtype) -> np.ndarray:
+    tt = t2.astype(dtype, copy=True)
+    if eps > 0:
+        tt *= 1 - eps
+        tt += eps / t2.shape[1]
+    return tt
+
+
+def _weights(weight, C, dtype):
+    return np.ones(C, dtype) if weight is None else weight.astype(dtype, copy=False)
+
+
+def _ce_rows(x2, t2, prob, weight, ignore_index, eps):
+    """Per-row losses [M], the per-row weights that 'mean' divides by [M], and lse [M, 1].
+
+    Written through lse = logsumexp(x) so that log_softmax is never materialised:
+    -logp_c = lse - x_c, hence w_t (lse - x_t) and sum_c w_c (lse - x_c) = W lse - x @ w.
+    """
+    M, C = x2.shape
+    lse = logsumexp(x2, 1)
+    w = _weights(weight, C, x2.dtype)
+    if prob:
+        wtt = _smoothed(t2, eps, x2.dtype)
+        wtt *= w
+        loss = lse[:, 0] * wtt.sum(axis=1) - np.einsum("ij,ij->i", x2, wtt)
+        return loss, np.ones(M, x2.dtype), lse
+    valid = t2 != ignore_index
+    tc = np.where(valid, t2, 0)
+    wt = np.where(valid, w[tc], 0).astype(x2.dtype, copy=False)
+    loss = (lse[:, 0] - x2[np.arange(M), tc]) * wt
+    if eps > 0:
+        smooth = np.where(valid, w.sum() * lse[:, 0] - x2 @ w, 0)
+        loss = (1 - eps) * loss + (eps / C) * smooth
+    return loss, wt, lse
+
+
+def cross_entropy_forward(x: np.ndarray, target: np.ndarray, weight: np.ndarray | None = None, ignore_index: int = -100,
+                          reduction: str = "mean", label_smoothing: float = 0.0):
+    """(loss, lse): :func:`cross_entropy` and the [M] logsumexp of each row (class dim moved
+    last, M = x.size / C), which :func:`cross_entropy_backward` can reuse."""
+    x2, t2, _, prob = _ce_layout(x, target)
+    loss, wt, lse = _ce_rows(x2, t2, prob, weight, ignore_index, label_smoothing)
+    if reduction == "none":
+        out = loss.reshape(ce_loss_shape(x.shape, target.shape, prob))
+    elif reduction == "sum":
+        out = np.asarray(np.sum(loss), dtype=x.dtype)
+    else:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out = np.asarray(np.sum(loss) / np.sum(wt), dtype=x.dtype)
+    return out, lse[:, 0]
+
+
+def cross_entropy(x: np.ndarray, target: np.ndarray, weight: np.ndarray | None = None, ignore_index: int = -100,
+                  reduction: str = "mean", label_smoothing: float = 0.0) -> np.ndarray:
+    """torch.nn.functional.cross_entropy on NumPy arrays.
+
+    x: [N, C, d1, ...] or [C] logits. target: class indices [N, d1, ...] / [] (integers;
+    ``ignore_index`` rows contribute 0) or class probabilities of x's shape (floats).
+    weight: [C] or None. Per element, with logp = log_softmax over C and eps = label_smoothing:
+
+    * indices: l = (1 - eps) * w[t] * -logp[t] + eps / C * sum_c w_c * -logp_c
+    * probabilities: l = -sum_c w_c * ((1 - eps) * t_c + eps / C) * logp_c
+
+    'mean' divides the sum by the sum of w[t] over non-ignored elements (indices) or by the
+    number of elements N * d1 * ... (probabilities), exactly as torch does; 'none' returns
+    the per-element losses ([N, d1, ...], or [] for a [C] input).
+    """
+    return cross_entropy_forward(x, target, weight, ignore_index, reduction, label_smoothing)[0]
+
+
+def _ce_row_scale(grad_out, x2, t2, prob, weight, ignore_index, reduction):
+    """d(reduced loss)/d(per-row loss) as an [M] vector."""
+    M, C = x2.shape
+    g = np.asarray(grad_out, dtype=x2.dtype)
+    if reduction == "none":
+        return g.reshape(M)
+    if reduction == "sum":
+        return np.full(M, g, x2.dtype)
+    if prob:
+        denom = M
+    else:
+        valid = t2 != ignore_index
+        denom = np.sum(valid) if weight is None else np.sum(weight.astype(x2.dtype)[t2[valid]])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.full(M, g / x2.dtype.type(denom), x2.dtype)
+
+
+def cross_entropy_backward(grad_out: np.ndarray, x: np.ndarray, target: np.ndarray, weight: np.ndarray | None = None,
+                           ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
+                           lse: np.ndarray | None = None) -> np.ndarray:
+    """d loss / d x, with p = softmax(x) over C (= exp(x - lse), from the forward's ``lse`` when
+    given), s = the row's share of grad_out, W = sum(w):
+
+    * indices: s * ((1 - eps) * w[t] * (p - onehot(t)) + eps / C * (W * p - w)), 0 on ignored rows
+    * probabilities: s * (p * sum_c w_c t'_c - w * t'), t' the smoothed target
+    """
+    x2, t2, _, prob = _ce_layout(x, target)
+    M, C = x2.shape
+    eps = label_smoothing
+    lse2 = logsumexp(x2, 1) if lse is None else lse.reshape(M, 1).astype(x2.dtype, copy=False)
+    s = _ce_row_scale(grad_out, x2, t2, prob, weight, ignore_index, reduction)
+    w = _weights(weight, C, x2.dtype)
+    g2 = np.subtract(x2, lse2)
+    np.exp(g2, out=g2)  # p
+    if prob:
+        wtt = _smoothed(t2, eps, x2.dtype)
+        wtt *= w
+        g2 *= (s * wtt.sum(axis=1))[:, None]
+        wtt *= s[:, None]
+        g2 -= wtt
+        return _ce_unlayout(g2, x)
+    valid = t2 != ignore_index
+    tc = np.where(valid, t2, 0)
+    with np.errstate(invalid="ignore"):  # s is inf/NaN when 'mean' has nothing to average
+        s = np.where(valid, s, 0).astype(x2.dtype, copy=False)
+        wt = np.where(valid, w[tc], 0).astype(x2.dtype, copy=False)
+        g2 *= (s * ((1 - eps) * wt + (eps / C) * w.sum()))[:, None]
+        if eps > 0:
+            g2 -= np.outer(s * (eps / C), w)
+        g2[np.arange(M), tc] -= s * (1 - eps) * wt
+    return _ce_unlayout(g2, x)
+
+
+def cross_entropy_target_backward(grad_out: np.ndarray, x: np.ndarray, target: np.ndarray, weight: np.ndarray | None = None,
+                                  ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
+                                  lse: np.ndarray | None = None) -> np.ndarray:
+    """d loss / d target for probability targets: -s * (1 - eps) * w * (x - lse)."""
+    x2, t2, _, prob = _ce_layout(x, target)
+    M, C = x2.shape
+    lse2 = logsumexp(x2, 1) if lse is None else lse.reshape(M, 1).astype(x2.dtype, copy=False)
+    s = _ce_row_scale(grad_out, x2, t2, prob, weight, ignore_index, reduction)
+    w = _weights(weight, C, x2.dtype)
+    g2 = np.subtract(x2, lse2)
+    g2 *= w
+    g2 *= (-(1 - label_smoothing) * s)[:, None]
+    return _ce_unlayout(g2, x)
+
+def ce_loss_shape(input_shape, target_shape, prob: bool) -> tuple:
+    """Shape of the 'none' loss: the input's without the class dim ([] for a 1-d input)."""
+    if len(input_shape) <= 1:
+        return ()
+    return tuple(input_shape[:1]) + tuple(input_shape[2:])
+
+
+
+def _ce_unlayout(g2: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """[M, C] back to x's layout (class dim 1, or 0 for a 1-d input)."""
+    if x.ndim == 1:
+        return np.ascontiguousarray(g2.reshape(x.shape))
+    C = x.shape[1]
+    lead = (x.shape[0],) + x.shape[2:]
+    return np.ascontiguousarray(np.moveaxis(g2.reshape(*lead, C), -1, 1))

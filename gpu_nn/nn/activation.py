@@ -1,3 +1,35 @@
-"""activation modules."""
+"""Activation modules: ReLU, Sigmoid, Tanh.
 
-__all__: list[str] = []
+Subclasses of the torch modules (same constructor arguments and ``extra_repr``) whose
+``forward`` calls :mod:`gpu_nn.functional`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import functional as F
+
+__all__ = ["ReLU", "Sigmoid", "Tanh"]
+
+
+class ReLU(torch.nn.ReLU):
+    """torch.nn.ReLU(inplace=False)."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.relu(input, inplace=self.inplace)
+
+
+class Sigmoid(torch.nn.Sigmoid):
+    """torch.nn.Sigmoid()."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.sigmoid(input)
+
+
+class Tanh(torch.nn.Tanh):
+    """torch.nn.Tanh()."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.tanh(input)

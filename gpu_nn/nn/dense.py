@@ -1,3 +1,69 @@
-"""dense modules."""
+"""Dense modules: Flatten, Linear, Softmax, LogSoftmax, CrossEntropyLoss.
 
-__all__: list[str] = []
+Subclasses of the torch modules (same constructor arguments, parameters, initialisation,
+``extra_repr`` and ``state_dict``), whose ``forward`` calls :mod:`gpu_nn.functional`. Only
+``Linear`` adds something: a keyword-only ``activation=None`` ('relu', 'sigmoid', 'tanh')
+fused into the matmul epilogue; it is not a parameter or buffer, so state_dicts stay
+interchangeable with torch's.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import functional as F
+from .._errors import KernelInputError
+from ..ops.dense import ACTIVATIONS
+
+__all__ = ["CrossEntropyLoss", "Flatten", "Linear", "LogSoftmax", "Softmax"]
+
+
+class Flatten(torch.nn.Flatten):
+    """torch.nn.Flatten (start_dim=1, end_dim=-1): a view when the strides allow, as torch."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.flatten(input, self.start_dim, self.end_dim)
+
+
+class Linear(torch.nn.Linear):
+    """torch.nn.Linear: y = x W^T + b, W [out_features, in_features], b [out_features];
+    plus ``activation`` (ours only, keyword-only, default None) fused into the epilogue."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
+                 activation: str | None = None) -> None:
+        if activation not in ACTIVATIONS:
+            raise KernelInputError(f"Linear: unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+        super().__init__(in_features, out_features, bias, device, dtype)
+        self.activation = activation
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.linear(input, self.weight, self.bias, activation=getattr(self, "activation", None))
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        act = getattr(self, "activation", None)
+        return s + (f", activation={act!r}" if act is not None else "")
+
+
+class Softmax(torch.nn.Softmax):
+    """torch.nn.Softmax(dim=None)."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.softmax(input, self.dim, _stacklevel=5)
+
+
+class LogSoftmax(torch.nn.LogSoftmax):
+    """torch.nn.LogSoftmax(dim=None)."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.log_softmax(input, self.dim, _stacklevel=5)
+
+
+class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
+    """torch.nn.CrossEntropyLoss(weight=None, size_average=None, ignore_index=-100, reduce=None,
+    reduction='mean', label_smoothing=0.0); ``weight`` is a buffer, as in torch."""
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return F.cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,
+                               reduction=self.reduction, label_smoothing=self.label_smoothing)

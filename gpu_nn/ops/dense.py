@@ -1,3 +1,684 @@
-"""dense family: launchers, checks and custom-op registration."""
+"""dense family: flatten, linear (+ fused activation), softmax, log_softmax, cross_entropy.
 
-__all__: list[str] = []
+Public functions take ``torch.nn.functional``'s arguments and defaults; each normalises its
+arguments, checks them (``KernelInputError`` with torch's wording, before any computation) and
+calls a ``torch.library.custom_op`` in the ``gpu_nn`` namespace:
+
+* ``gpu_nn::linear(input, weight, bias, activation)`` / ``gpu_nn::linear_backward``
+* ``gpu_nn::softmax`` / ``gpu_nn::log_softmax`` ``(input, dim)`` and their ``*_backward(grad, output, dim)``
+* ``gpu_nn::cross_entropy(input, target, weight, reduction, ignore_index, label_smoothing)``
+  returning ``(loss, lse)`` (the per-row logsumexp, saved for the backward), and
+  ``gpu_nn::cross_entropy_backward`` returning ``(grad_input, grad_target)``.
+
+``flatten`` is deliberately a plain ``reshape``, not a custom op: it moves no data whenever the
+strides allow, and torch's ``flatten`` returns a *view* in that case. A custom op may not
+return a view of its input, so wrapping it would force a copy on every call that torch avoids
+and break code that writes through the flattened view. ``reshape`` is already autograd- and
+``torch.compile``-aware, so there is nothing for a kernel to add. (``reference.dense.flatten``
+is still there, as the oracle the tests compare with.)
+
+Backends: reference (NumPy) and triton for linear, softmax, log_softmax and cross_entropy.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from torch import Tensor
+
+from .. import _backend
+from .._errors import KernelInputError
+from ..check import CheckCase
+from ..reference import dense as ref
+from ._dispatch import check_float, empty, from_numpy, to_numpy
+
+__all__ = ["cross_entropy", "flatten", "linear", "log_softmax", "softmax"]
+
+BACKENDS = ("reference", "triton")
+ACTIVATIONS = (None, "relu", "sigmoid", "tanh")
+REDUCTIONS = ("none", "mean", "sum")
+
+# torch's ScalarType names, used in its messages ("expected m1 and m2 ... c10::Half != float")
+_CPP_NAME = {torch.float16: "c10::Half", torch.bfloat16: "c10::BFloat16", torch.float32: "float", torch.float64: "double"}
+_SCALAR_NAME = {
+    torch.float16: "Half", torch.bfloat16: "BFloat16", torch.float32: "Float", torch.float64: "Double",
+    torch.int64: "Long", torch.int32: "Int", torch.int16: "Short", torch.int8: "Char", torch.uint8: "Byte",
+    torch.bool: "Bool",
+}
+
+
+def _scalar_name(dtype) -> str:
+    return _SCALAR_NAME.get(dtype, str(dtype).replace("torch.", ""))
+
+
+def _check_tensor(op: str, name: str, t) -> None:
+    if not isinstance(t, Tensor):
+        raise KernelInputError(f"{op}(): argument '{name}' must be Tensor, not {type(t).__name__}")
+
+
+def _wrap_dim(dim: int, ndim: int) -> int:
+    """torch's maybe_wrap_dim: a 0-d tensor takes dims -1 and 0."""
+    n = max(ndim, 1)
+    if not -n <= dim <= n - 1:
+        raise KernelInputError(f"Dimension out of range (expected to be in range of [{-n}, {n - 1}], but got {dim})")
+    return dim % n
+
+
+def _triton_modules():
+    from ..kernels import triton as ktriton
+    from ..kernels.triton import dense as kd
+
+    return ktriton, kd
+
+
+# =========================================================================== flatten
+
+
+def flatten(input: Tensor, start_dim: int = 0, end_dim: int = -1) -> Tensor:
+    """torch.flatten: merge dims ``start_dim..end_dim`` into one; a 0-d input gives [1].
+
+    A view of ``input`` when its strides allow, else a copy (exactly torch's rule, through
+    ``reshape``; see the module docstring for why this is not a custom op).
+    """
+    _check_tensor("flatten", "input", input)
+    s, e = _wrap_dim(start_dim, input.dim()), _wrap_dim(end_dim, input.dim())
+    if s > e:
+        raise KernelInputError("flatten() has invalid args: start_dim cannot come after end_dim")
+    if input.dim() == 0:
+        return input.reshape(1)
+    shape = input.shape
+    return input.reshape(*shape[:s], math.prod(shape[s:e + 1]), *shape[e + 1:])
+
+
+# =========================================================================== linear
+
+
+def _tf32_allowed() -> bool:
+    return bool(torch.backends.cuda.matmul.allow_tf32)
+
+
+def linear_forward(x: Tensor, w: Tensor, b: Tensor | None, activation: str | None) -> Tensor:
+    """y = act(x @ w^T + b); x [..., K], w [O, K], b [O] or None; y [..., O] in x's dtype."""
+    O, K = w.shape
+    backend = _backend.resolve("linear", x.device, BACKENDS)
+    if backend == "reference":
+        y = ref.linear(to_numpy(x), to_numpy(w), to_numpy(b), activation)
+        return from_numpy(y, x.dtype, x.device)
+    _backend.check_interpreter_dtype("linear", backend, x, w, b)
+    ktriton, kd = _triton_modules()
+    x2 = x.reshape(-1, K)
+    y = empty((x2.shape[0], O), dtype=x.dtype, device=x.device)
+    kd.matmul(x2, w.t(), y, bias=b, activation=activation, allow_tf32=_tf32_allowed(), interpret=ktriton.INTERPRET)
+    return y.reshape(*x.shape[:-1], O)
+
+
+def linear_backward(grad: Tensor, x: Tensor, w: Tensor, out: Tensor | None, activation: str | None, has_bias: bool):
+    """(dx [..., K], dw [O, K], db [O] or [0] without bias). dY' = dY through the activation
+    (written through the forward output), dx = dY' @ w, dw = dY'^T @ x, db = sum_rows dY'."""
+    O, K = w.shape
+    if activation is not None and out is None:
+        raise KernelInputError("linear backward: a fused activation needs the forward output")
+    backend = _backend.resolve("linear_backward", grad.device, BACKENDS)
+    if backend == "reference":
+        dx, dw, db = ref.linear_backward(to_numpy(grad), to_numpy(x), to_numpy(w), to_numpy(out), activation, has_bias)
+        dev = grad.device
+        db_t = from_numpy(db, w.dtype, dev) if has_bias else torch.zeros(0, dtype=w.dtype, device=dev)
+        return from_numpy(dx, x.dtype, dev), from_numpy(dw, w.dtype, dev), db_t
+    _backend.check_interpreter_dtype("linear_backward", backend, grad, x, w)
+    ktriton, kd = _triton_modules()
+    g2 = grad.reshape(-1, O)
+    if activation is not None:
+        g2 = kd.act_grad(g2.contiguous(), out.reshape(-1, O).contiguous(), activation, ktriton.INTERPRET)
+    x2 = x.reshape(-1, K)
+    tf32 = _tf32_allowed()
+    dx = empty((x2.shape[0], K), dtype=x.dtype, device=x.device)
+    dw = empty((O, K), dtype=w.dtype, device=w.device)
+    kd.matmul(g2, w, dx, allow_tf32=tf32, interpret=ktriton.INTERPRET)
+    kd.matmul(g2.t(), x2, dw, allow_tf32=tf32, interpret=ktriton.INTERPRET)
+    if has_bias:
+        db = empty((O,), dtype=w.dtype, device=w.device)
+        kd.colsum(g2, db, interpret=ktriton.INTERPRET)
+    else:
+        db = torch.zeros(0, dtype=w.dtype, device=w.device)
+    return dx.reshape(x.shape), dw, db
+
+
+@torch.library.custom_op("gpu_nn::linear", mutates_args=())
+def _linear_op(input: Tensor, weight: Tensor, bias: Tensor | None, activation: str | None) -> Tensor:
+    return linear_forward(input, weight, bias, activation)
+
+
+@_linear_op.register_fake
+def _(input, weight, bias, activation):
+    return input.new_empty((*input.shape[:-1], weight.shape[0]))
+
+
+@torch.library.custom_op("gpu_nn::linear_backward", mutates_args=())
+def _linear_backward_op(grad: Tensor, input: Tensor, weight: Tensor, output: Tensor | None, activation: str | None,
+                        has_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
+    return linear_backward(grad, input, weight, output, activation, has_bias)
+
+
+@_linear_backward_op.register_fake
+def _(grad, input, weight, output, activation, has_bias):
+    return (input.new_empty(input.shape), weight.new_empty(weight.shape),
+            weight.new_empty((weight.shape[0],) if has_bias else (0,)))
+
+
+def _linear_setup(ctx, inputs, output):
+    x, w, b, activation = inputs
+    ctx.activation = activation
+    ctx.has_bias = b is not None
+    ctx.save_for_backward(x, w, output if activation is not None else None)
+
+
+def _linear_backward(ctx, grad):
+    x, w, out = ctx.saved_tensors
+    dx, dw, db = _linear_backward_op(grad, x, w, out, ctx.activation, ctx.has_bias)
+    return dx, dw, (db if ctx.has_bias else None), None
+
+
+_linear_op.register_autograd(_linear_backward, setup_context=_linear_setup)
+
+
+def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None, *, activation: str | None = None) -> Tensor:
+    """torch.nn.functional.linear: ``act(input @ weight^T + bias)``.
+
+    input [..., K] (at least 1-d), weight [O, K] (or [K], giving an output without the last
+    dim, as torch), bias [O] (or anything broadcastable to it: [] or [1]) or None.
+    ``activation`` (ours only; default None) fuses relu / sigmoid / tanh into the epilogue.
+    """
+    _check_tensor("linear", "input", input)
+    _check_tensor("linear", "weight", weight)
+    if activation not in ACTIVATIONS:
+        raise KernelInputError(f"linear: unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+    if input.dim() == 0 or weight.dim() == 0:
+        raise KernelInputError(
+            f"both arguments to linear need to be at least 1D, but they are {input.dim()}D and {weight.dim()}D"
+        )
+    if weight.dim() > 2:
+        raise KernelInputError(f"t() expects a tensor with <= 2 dimensions, but self is {weight.dim()}D")
+    check_float("linear", "input", input)
+    if weight.device != input.device or (bias is not None and bias.device != input.device):
+        other = weight.device if weight.device != input.device else bias.device
+        raise KernelInputError(
+            f"Expected all tensors to be on the same device, but found at least two devices, {input.device} and {other}!"
+        )
+    if weight.dtype != input.dtype:
+        raise KernelInputError(
+            f"expected m1 and m2 to have the same dtype, but got: {_CPP_NAME.get(input.dtype, input.dtype)} != "
+            f"{_CPP_NAME.get(weight.dtype, weight.dtype)}"
+        )
+    vec_w = weight.dim() == 1
+    w = weight.unsqueeze(0) if vec_w else weight
+    O, K = w.shape
+    if input.shape[-1] != K:
+        rows = math.prod(input.shape[:-1])
+        raise KernelInputError(f"mat1 and mat2 shapes cannot be multiplied ({rows}x{input.shape[-1]} and {K}x{O})")
+    if bias is not None:
+        _check_tensor("linear", "bias", bias)
+        if bias.dtype != input.dtype:
+            raise KernelInputError(
+                f"self and mat2 must have the same dtype, but got {_scalar_name(bias.dtype)} and {_scalar_name(input.dtype)}"
+            )
+        if bias.shape != (O,):
+            if bias.numel() == 1 and bias.dim() <= 1:
+                bias = bias.reshape(1).expand(O)
+            else:
+                rows = math.prod(input.shape[:-1])
+                raise KernelInputError(
+                    f"The expanded size of the tensor ({O}) must match the existing size ({bias.shape[-1] if bias.dim() else 1}) "
+                    f"at non-singleton dimension {max(input.dim() - 1, 0)}.  Target sizes: [{rows}, {O}].  "
+                    f"Tensor sizes: {list(bias.shape)}"
+                )
+    y = _linear_op(input, w, bias, activation)
+    return y.squeeze(-1) if vec_w else y
+
+
+# =========================================================================== softmax / log_softmax
+
+
+def _softmax_forward(x: Tensor, dim: int, log: bool) -> Tensor:
+    """softmax / log_softmax of x over ``dim`` (any shape); result in x's dtype."""
+    name = "log_softmax" if log else "softmax"
+    backend = _backend.resolve(name, x.device, BACKENDS)
+    if backend == "reference":
+        fn = ref.log_softmax if log else ref.softmax
+        return from_numpy(fn(to_numpy(x), dim), x.dtype, x.device)
+    _backend.check_interpreter_dtype(name, backend, x)
+    ktriton, kd = _triton_modules()
+    shape = x.shape
+    if x.dim() == 0:
+        x = x.reshape(1)
+    xl = x.movedim(dim, -1)
+    x2 = xl.reshape(-1, xl.shape[-1]).contiguous()
+    y2 = empty(x2.shape, dtype=x.dtype, device=x.device)
+    kd.softmax_fwd(x2, y2, log, ktriton.INTERPRET)
+    return y2.reshape(xl.shape).movedim(-1, dim).contiguous().reshape(shape)
+
+
+def _softmax_backward(grad: Tensor, out: Tensor, dim: int, log: bool) -> Tensor:
+    """softmax: y * (g - sum(g y)); log_softmax: g - exp(y) sum(g); over ``dim``."""
+    name = ("log_softmax" if log else "softmax") + "_backward"
+    if grad.shape != out.shape:
+        raise KernelInputError(f"{name}: grad_output shape {tuple(grad.shape)} != output shape {tuple(out.shape)}")
+    backend = _backend.resolve(name, grad.device, BACKENDS)
+    if backend == "reference":
+        fn = ref.log_softmax_backward if log else ref.softmax_backward
+        return from_numpy(fn(to_numpy(grad), to_numpy(out), dim), grad.dtype, grad.device)
+    _backend.check_interpreter_dtype(name, backend, grad, out)
+    ktriton, kd = _triton_modules()
+    shape = grad.shape
+    if grad.dim() == 0:
+        grad, out = grad.reshape(1), out.reshape(1)
+    gl, yl = grad.movedim(dim, -1), out.to(grad.dtype).movedim(dim, -1)
+    g2 = gl.reshape(-1, gl.shape[-1]).contiguous()
+    y2 = yl.reshape(-1, yl.shape[-1]).contiguous()
+    dx2 = empty(g2.shape, dtype=grad.dtype, device=grad.device)
+    kd.softmax_bwd(g2, y2, dx2, log, ktriton.INTERPRET)
+    return dx2.reshape(gl.shape).movedim(-1, dim).contiguous().reshape(shape)
+
+
+def _register_softmax(log: bool):
+    name = "log_softmax" if log else "softmax"
+
+    @torch.library.custom_op(f"gpu_nn::{name}", mutates_args=())
+    def fwd(input: Tensor, dim: int) -> Tensor:
+        return _softmax_forward(input, dim, log)
+
+    @fwd.register_fake
+    def _(input, dim):
+        return input.new_empty(input.shape)
+
+    @torch.library.custom_op(f"gpu_nn::{name}_backward", mutates_args=())
+    def bwd(grad: Tensor, output: Tensor, dim: int) -> Tensor:
+        return _softmax_backward(grad, output, dim, log)
+
+    @bwd.register_fake
+    def _(grad, output, dim):
+        return grad.new_empty(grad.shape)
+
+    def setup(ctx, inputs, output):
+        ctx.dim = inputs[1]
+        ctx.save_for_backward(output)
+
+    def backward(ctx, grad):
+        (out,) = ctx.saved_tensors
+        return bwd(grad, out, ctx.dim), None
+
+    fwd.register_autograd(backward, setup_context=setup)
+    return fwd, bwd
+
+
+_softmax_op, _softmax_backward_op = _register_softmax(False)
+_log_softmax_op, _log_softmax_backward_op = _register_softmax(True)
+
+
+def _get_softmax_dim(name: str, ndim: int, stacklevel: int) -> int:
+    # torch.nn.functional._get_softmax_dim, with its warning
+    warnings.warn(
+        f"Implicit dimension choice for {name} has been deprecated. Change the call to include dim=X as an argument.",
+        stacklevel=stacklevel,
+    )
+    return 0 if ndim in (0, 1, 3) else 1
+
+
+def _softmax_public(name, op, input, dim, _stacklevel, dtype):
+    _check_tensor(name, "input", input)
+    if dim is None:
+        dim = _get_softmax_dim(name, input.dim(), _stacklevel + 1)
+    if dtype is not None:
+        input = input.to(dtype)
+    if not input.is_floating_point():
+        kernel = "log_softmax_lastdim_kernel_impl" if name == "log_softmax" else "softmax_lastdim_kernel_impl"
+        raise KernelInputError(f'"{kernel}" not implemented for \'{_scalar_name(input.dtype)}\'')
+    check_float(name, "input", input)
+    return op(input, _wrap_dim(int(dim), input.dim()))
+
+
+def softmax(input: Tensor, dim: int | None = None, _stacklevel: int = 3, dtype: torch.dtype | None = None) -> Tensor:
+    """torch.nn.functional.softmax: exp(x - max) / sum(exp(x - max)) over ``dim``.
+
+    Any shape; ``dim=None`` picks torch's implicit dim with its deprecation warning; ``dtype``
+    casts the input first. float16/bfloat16 are computed in float32.
+    """
+    return _softmax_public("softmax", _softmax_op, input, dim, _stacklevel, dtype)
+
+
+def log_softmax(input: Tensor, dim: int | None = None, _stacklevel: int = 3, dtype: torch.dtype | None = None) -> Tensor:
+    """torch.nn.functional.log_softmax: x - logsumexp(x) over ``dim`` (as :func:`softmax`)."""
+    return _softmax_public("log_softmax", _log_softmax_op, input, dim, _stacklevel, dtype)
+
+
+# =========================================================================== cross_entropy
+
+
+def _ce_rows(input: Tensor) -> tuple[int, int]:
+    C = input.shape[0] if input.dim() == 1 else input.shape[1]
+    M = input.numel() // C if C else math.prod(input.shape[:1] + input.shape[2:])
+    return M, C
+
+
+def _ce_2d(input: Tensor, target: Tensor, prob: bool):
+    """[M, C] logits (contiguous, class dim last) and [M] / [M, C] targets."""
+    if input.dim() == 1:
+        x2, t2 = input.reshape(1, -1), target.reshape(1, -1) if prob else target.reshape(1)
+    else:
+        C = input.shape[1]
+        x2 = input.movedim(1, -1).reshape(-1, C)
+        t2 = target.movedim(1, -1).reshape(-1, C) if prob else target.reshape(-1)
+    return x2.contiguous(), t2.contiguous()
+
+
+def _ce_row_weights(t2: Tensor, weight: Tensor | None, ignore_index: int, prob: bool, M: int, dtype) -> Tensor:
+    """The [M] float32 weights that 'mean' divides by: w[t] (0 where ignored), or 1 per row
+    for probability targets."""
+    dev = t2.device
+    if prob:
+        return torch.ones(M, dtype=torch.float32, device=dev)
+    valid = t2 != ignore_index
+    if weight is None:
+        return valid.to(torch.float32)
+    idx = torch.where(valid, t2, torch.zeros((), dtype=t2.dtype, device=dev)).long()
+    return torch.where(valid, weight.float()[idx], torch.zeros((), device=dev))
+
+
+def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The saved logsumexp keeps float64 for float64 inputs (gradient checks), else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check_target_range(target: Tensor, ignore_index: int, C: int) -> None:
+    """Out-of-range class indices would make a kernel read outside its row: refuse them here,
+    in the launcher (inside the custom op, so that torch.compile never traces this
+    data-dependent test), before any kernel runs. Costs one reduction and a sync on a GPU."""
+    if target.numel() == 0:
+        return
+    bad = (target != ignore_index) & ((target < 0) | (target >= C))
+    if bool(bad.any()):
+        raise KernelInputError(f"Target {int(target[bad].reshape(-1)[0])} is out of bounds.")
+
+
+def cross_entropy_forward(input: Tensor, target: Tensor, weight: Tensor | None, reduction: str, ignore_index: int,
+                          label_smoothing: float) -> tuple[Tensor, Tensor]:
+    """(loss, lse): the loss as torch's cross_entropy, and the [M] logsumexp of each row
+    (M = input.numel() / C; float32, float64 for float64 input) that the backward reuses
+    instead of a second reduction."""
+    M, C = _ce_rows(input)
+    prob = target.is_floating_point()
+    if not prob:
+        _check_target_range(target, ignore_index, C)
+    backend = _backend.resolve("cross_entropy", input.device, BACKENDS)
+    if backend == "reference":
+        xn, tn, wn = to_numpy(input), to_numpy(target), to_numpy(weight)
+        loss, lse = ref.cross_entropy_forward(xn, tn, wn, ignore_index, reduction, label_smoothing)
+        return from_numpy(loss, input.dtype, input.device), from_numpy(lse, _lse_dtype(input.dtype), input.device)
+    _backend.check_interpreter_dtype("cross_entropy", backend, input, target if prob else None, weight)
+    ktriton, kd = _triton_modules()
+    x2, t2 = _ce_2d(input, target, prob)
+    loss_rows = empty((M,), dtype=torch.float32, device=input.device)
+    lse = empty((M,), dtype=_lse_dtype(input.dtype), device=input.device)
+    w = None if weight is None else weight.contiguous()
+    kd.ce_fwd(x2, t2, w, loss_rows, lse, prob, ignore_index, label_smoothing, ktriton.INTERPRET)
+    if reduction == "none":
+        loss = loss_rows.reshape(ref.ce_loss_shape(tuple(input.shape), tuple(target.shape), prob))
+    elif reduction == "sum":
+        loss = loss_rows.sum()
+    else:
+        loss = loss_rows.sum() / _ce_row_weights(t2, weight, ignore_index, prob, M, input.dtype).sum()
+    return loss.to(input.dtype), lse
+
+
+def cross_entropy_backward(grad: Tensor, input: Tensor, target: Tensor, weight: Tensor | None, lse: Tensor,
+                           reduction: str, ignore_index: int, label_smoothing: float,
+                           target_grad: bool) -> tuple[Tensor, Tensor]:
+    """(grad_input [input's shape], grad_target [input's shape] for probability targets when
+    ``target_grad``, else [0]); see :func:`reference.dense.cross_entropy_backward`."""
+    M, C = _ce_rows(input)
+    prob = target.is_floating_point()
+    want_dt = prob and target_grad
+    backend = _backend.resolve("cross_entropy_backward", input.device, BACKENDS)
+    args = (ignore_index, reduction, label_smoothing)
+    if backend == "reference":
+        gn, xn, tn, wn, ln = to_numpy(grad), to_numpy(input), to_numpy(target), to_numpy(weight), to_numpy(lse)
+        dx = from_numpy(ref.cross_entropy_backward(gn, xn, tn, wn, *args, lse=ln), input.dtype, input.device)
+        if want_dt:
+            dt = from_numpy(ref.cross_entropy_target_backward(gn, xn, tn, wn, *args, lse=ln), target.dtype, target.device)
+        else:
+            dt = input.new_zeros(0)
+        return dx, dt
+    _backend.check_interpreter_dtype("cross_entropy_backward", backend, grad, input, weight)
+    ktriton, kd = _triton_modules()
+    x2, t2 = _ce_2d(input, target, prob)
+    # the share of grad that each row's loss gets, in float32 (M values: host-side torch ops)
+    g = grad.float()
+    if reduction == "none":
+        scale = g.reshape(M).contiguous()
+    elif reduction == "sum":
+        scale = g.reshape(1).expand(M).contiguous()
+    else:
+        denom = _ce_row_weights(t2, weight, ignore_index, prob, M, input.dtype).sum()
+        scale = (g / denom).reshape(1).expand(M).contiguous()
+    dx2 = empty((M, C), dtype=input.dtype, device=input.device)
+    dt2 = empty((M, C), dtype=target.dtype, device=target.device) if want_dt else None
+    w = None if weight is None else weight.contiguous()
+    kd.ce_bwd(x2, t2, w, lse.contiguous(), scale, dx2, dt2, prob, ignore_index, label_smoothing, ktriton.INTERPRET)
+    dx = _ce_unflatten(dx2, input)
+    dt = _ce_unflatten(dt2, input) if want_dt else input.new_zeros(0)
+    return dx, dt
+
+
+def _ce_unflatten(t2: Tensor, input: Tensor) -> Tensor:
+    if input.dim() == 1:
+        return t2.reshape(input.shape)
+    lead = (input.shape[0], *input.shape[2:])
+    return t2.reshape(*lead, input.shape[1]).movedim(-1, 1).contiguous()
+
+
+@torch.library.custom_op("gpu_nn::cross_entropy", mutates_args=())
+def _cross_entropy_op(input: Tensor, target: Tensor, weight: Tensor | None, reduction: str, ignore_index: int,
+                      label_smoothing: float) -> tuple[Tensor, Tensor]:
+    return cross_entropy_forward(input, target, weight, reduction, ignore_index, label_smoothing)
+
+
+@_cross_entropy_op.register_fake
+def _(input, target, weight, reduction, ignore_index, label_smoothing):
+    prob = target.is_floating_point()
+    C = input.shape[0] if input.dim() == 1 else input.shape[1]
+    lead = () if input.dim() == 1 else (input.shape[0], *input.shape[2:])
+    shape = ref.ce_loss_shape(tuple(input.shape), tuple(target.shape), prob) if reduction == "none" else ()
+    M = math.prod(lead) if lead else 1
+    del C
+    return input.new_empty(shape), input.new_empty((M,), dtype=_lse_dtype(input.dtype))
+
+
+@torch.library.custom_op("gpu_nn::cross_entropy_backward", mutates_args=())
+def _cross_entropy_backward_op(grad: Tensor, input: Tensor, target: Tensor, weight: Tensor | None, lse: Tensor,
+                               reduction: str, ignore_index: int, label_smoothing: float,
+                               target_grad: bool) -> tuple[Tensor, Tensor]:
+    return cross_entropy_backward(grad, input, target, weight, lse, reduction, ignore_index, label_smoothing, target_grad)
+
+
+@_cross_entropy_backward_op.register_fake
+def _(grad, input, target, weight, lse, reduction, ignore_index, label_smoothing, target_grad):
+    want_dt = target.is_floating_point() and target_grad
+    return input.new_empty(input.shape), (target.new_empty(target.shape) if want_dt else input.new_empty((0,)))
+
+
+def _ce_setup(ctx, inputs, output):
+    input, target, weight, reduction, ignore_index, label_smoothing = inputs
+    ctx.args = (reduction, ignore_index, label_smoothing)
+    ctx.prob = target.is_floating_point()
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(input, target, weight, output[1])
+
+
+def _ce_backward(ctx, grad, _grad_lse):
+    input, target, weight, lse = ctx.saved_tensors
+    want_dt = ctx.prob and ctx.needs_input_grad[1]
+    dx, dt = _cross_entropy_backward_op(grad, input, target, weight, lse, *ctx.args, want_dt)
+    return dx, (dt if want_dt else None), None, None, None, None
+
+
+_cross_entropy_op.register_autograd(_ce_backward, setup_context=_ce_setup)
+
+
+def _check_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing):
+    _check_tensor("cross_entropy", "input", input)
+    _check_tensor("cross_entropy", "target", target)
+    if reduction not in REDUCTIONS:
+        raise KernelInputError(f"{reduction} is not a valid value for reduction")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise KernelInputError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
+    if not input.is_floating_point():
+        raise KernelInputError(f'"log_softmax_lastdim_kernel_impl" not implemented for \'{_scalar_name(input.dtype)}\'')
+    check_float("cross_entropy", "input", input)
+    if target.device != input.device:
+        raise KernelInputError(
+            f"Expected all tensors to be on the same device, but found at least two devices, {input.device} and {target.device}!"
+        )
+    prob = input.shape == target.shape
+    if input.dim() == 0:
+        raise KernelInputError("Expected floating point type for target with class probabilities, got "
+                               f"{_scalar_name(target.dtype)}" if not target.is_floating_point() else
+                               "cross_entropy: input must have at least one dimension (the classes)")
+    C = input.shape[0] if input.dim() == 1 else input.shape[1]
+    if weight is not None:
+        _check_tensor("cross_entropy", "weight", weight)
+        if weight.device != input.device:
+            raise KernelInputError(
+                f"Expected all tensors to be on the same device, but found at least two devices, {input.device} and {weight.device}!"
+            )
+        if weight.dtype != input.dtype:
+            raise KernelInputError(f"expected scalar type {_scalar_name(input.dtype)} but found {_scalar_name(weight.dtype)}")
+        if weight.dim() != 1 or weight.shape[0] != C:
+            raise KernelInputError(
+                f"weight tensor should be defined either for all {C} classes or no classes but got weight tensor "
+                f"of shape: {list(weight.shape)}"
+            )
+    if prob:
+        if not target.is_floating_point():
+            raise KernelInputError(
+                f"Expected floating point type for target with class probabilities, got {_scalar_name(target.dtype)}"
+            )
+        if ignore_index >= 0:
+            raise KernelInputError("ignore_index is not supported for floating point target")
+        return True
+    if input.dim() == 1:
+        if target.dim() != 0:
+            raise KernelInputError("0D target tensor expected for an unbatched [C] input (gpu_nn does not accept the "
+                                   "[1]-shaped target that torch's forward alone tolerates)")
+    elif input.dim() == 2:
+        if target.dim() != 1:
+            raise KernelInputError("0D or 1D target tensor expected, multi-target not supported")
+        if target.shape[0] != input.shape[0]:
+            raise KernelInputError(
+                f"Expected input batch_size ({input.shape[0]}) to match target batch_size ({target.shape[0]})."
+            )
+    else:
+        if target.dim() != input.dim() - 1:
+            if target.dim() == 1:
+                if target.shape[0] != input.shape[0]:
+                    raise KernelInputError(
+                        f"Expected input batch_size ({input.shape[0]}) to match target batch_size ({target.shape[0]})."
+                    )
+                raise KernelInputError(f"Expected target size {[input.shape[0], *input.shape[2:]]}, got {list(target.shape)}")
+            raise KernelInputError(
+                f"size mismatch (got input: {list(input.shape)} , target: {list(target.shape)}"
+            )
+        if target.shape[0] != input.shape[0]:
+            raise KernelInputError(
+                f"Expected input batch_size ({input.shape[0]}) to match target batch_size ({target.shape[0]})."
+            )
+        if tuple(target.shape[1:]) != tuple(input.shape[2:]):
+            raise KernelInputError(f"Expected target size {[input.shape[0], *input.shape[2:]]}, got {list(target.shape)}")
+    if target.dtype not in (torch.int64, torch.uint8):
+        raise KernelInputError(f"expected target dtype to be Long or Byte, but got {_scalar_name(target.dtype)}")
+    return False
+
+
+def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, size_average: bool | None = None,
+                  ignore_index: int = -100, reduce: bool | None = None, reduction: str = "mean",
+                  label_smoothing: float = 0.0) -> Tensor:
+    """torch.nn.functional.cross_entropy: log_softmax over the class dim, then the weighted
+    negative log-likelihood with optional label smoothing.
+
+    input [N, C, d1, ...] or unbatched [C]; target class indices [N, d1, ...] / [] (int64 or
+    uint8, ``ignore_index`` entries contribute nothing) or class probabilities of input's shape
+    (any float dtype, cast to input's); weight [C]. 'mean' divides by the sum of the weights of
+    the non-ignored targets (class indices) or by N * d1 * ... (probabilities), as torch. The
+    legacy ``size_average`` / ``reduce`` arguments map to ``reduction`` with torch's warning.
+    Not supported: torch's tolerance of a [1]-shaped target for a [C] input.
+    """
+    if size_average is not None or reduce is not None:
+        reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
+    prob = _check_cross_entropy(input, target, weight, ignore_index, reduction, float(label_smoothing))
+    if prob and target.dtype != input.dtype:
+        target = target.to(input.dtype)
+    if not prob and target.dtype != torch.int64:
+        target = target.long()
+    loss, _ = _cross_entropy_op(input, target, weight, reduction, int(ignore_index), float(label_smoothing))
+    return loss
+
+
+# =========================================================================== gpu-nn check cases
+
+
+def _t(rng, *shape, scale=1.0, grad=True):
+    return torch.from_numpy(rng.standard_normal(shape) * scale).requires_grad_(grad)
+
+
+def _make_linear(act, bias=True):
+    def make(rng):
+        args = (_t(rng, 3, 5, 37), _t(rng, 19, 37, scale=0.2), _t(rng, 19) if bias else None)
+        return args, {"activation": act}
+
+    return make
+
+
+def _make_softmax(shape, dim):
+    def make(rng):
+        return (_t(rng, *shape, scale=3.0),), {"dim": dim}
+
+    return make
+
+
+def _make_ce(prob=False, weight=False, smoothing=0.0, reduction="mean", kdim=False):
+    def make(rng):
+        shape = (7, 29, 3) if kdim else (13, 29)
+        x = _t(rng, *shape, scale=2.0)
+        if prob:
+            t = torch.from_numpy(rng.random(shape))
+            t = (t / t.sum(1, keepdim=True)).requires_grad_()
+        else:
+            t = torch.from_numpy(rng.integers(0, shape[1], (shape[0], *shape[2:])))
+            t.view(-1)[::4] = 2  # class 2 is ignored below
+        kw = {"reduction": reduction, "label_smoothing": smoothing}
+        if not prob:
+            kw["ignore_index"] = 2
+        # weight goes positionally: the check runner converts positional args to the dtype under test
+        w = torch.from_numpy(rng.random(shape[1]) + 0.5) if weight else None
+        return (x, t, w), kw
+
+    return make
+
+
+CHECK_CASES = [
+    CheckCase(op="flatten", make=lambda rng: ((_t(rng, 3, 4, 5, 2),), {"start_dim": 1, "end_dim": 2}), fn=flatten,
+              backends=BACKENDS),
+    *[CheckCase(op="linear" + (f"+{a}" if a else ""), make=_make_linear(a), fn=linear, backends=BACKENDS, tol_scale=2.0)
+      for a in ACTIVATIONS],
+    CheckCase(op="linear (no bias)", make=_make_linear(None, bias=False), fn=linear, backends=BACKENDS, tol_scale=2.0),
+    CheckCase(op="softmax", make=_make_softmax((5, 7, 301), -1), fn=softmax, backends=BACKENDS),
+    CheckCase(op="softmax dim=1", make=_make_softmax((5, 33, 7), 1), fn=softmax, backends=BACKENDS),
+    CheckCase(op="log_softmax", make=_make_softmax((5, 7, 301), -1), fn=log_softmax, backends=BACKENDS),
+    CheckCase(op="cross_entropy", make=_make_ce(), fn=cross_entropy, backends=BACKENDS),
+    CheckCase(op="cross_entropy weight+smoothing", make=_make_ce(weight=True, smoothing=0.1), fn=cross_entropy,
+              backends=BACKENDS),
+    CheckCase(op="cross_entropy none k-dim", make=_make_ce(reduction="none", kdim=True, weight=True), fn=cross_entropy,
+              backends=BACKENDS),
+    CheckCase(op="cross_entropy prob", make=_make_ce(prob=True, weight=True, smoothing=0.2), fn=cross_entropy,
+              backends=BACKENDS),
+]

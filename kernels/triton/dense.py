@@ -1,0 +1,494 @@
+"""Triton kernels for the dense family: a tiled matmul (linear forward with fused bias and
+activation epilogue, and both backward products), column sums (bias gradient), softmax /
+log_softmax forward and backward over the last dim, and a fused cross_entropy.
+
+All kernels accumulate in float32 and store in the output's dtype (float32, float16,
+bfloat16). Row and element offsets are int64: logits of 32768 x 32000 already pass 2^31
+elements. Launchers take contiguous row-major 2-D tensors except :func:`matmul`, which takes
+any strides (so transposes are views, never copies).
+"""
+
+import triton
+import triton.language as tl
+
+from ._aot import AotSpec
+from .activation import ACT_CODES, _act_grad, _apply_act  # noqa: F401  (_act_grad for readers)
+from .activation import act_backward as _act_backward
+
+DTYPES = ("fp32", "fp16", "bf16")
+_TL = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+
+
+def _tdt(t) -> str:
+    return _TL[str(t.dtype).replace("torch.", "")]
+
+
+# =========================================================================== matmul
+
+
+@triton.jit
+def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, M, N, K,
+                   stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+                   HAS_BIAS: tl.constexpr, ACT: tl.constexpr, PREC: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """C[M, N] = act(A[M, K] @ B[K, N] + bias[N]) for any strides; float32 accumulation.
+
+    Programs are ordered in groups of GROUP_M row-tiles so that neighbouring programs share
+    B tiles in L2. ``PREC`` is the ``tl.dot`` input precision, chosen by the launcher
+    ("ieee" unless TF32 is allowed; it only matters for float32 operands).
+    """
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+
+    # int64 before multiplying by a stride: M * K may exceed 2^31
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        mask_k = kk < K
+        a = tl.load(a_ptr + offs_m[:, None] * stride_am + kk[None, :] * stride_ak,
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        b = tl.load(b_ptr + kk[:, None] * stride_bk + offs_n[None, :] * stride_bn,
+                    mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PREC)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        acc = acc + bias[None, :]
+    acc = _apply_act(acc, ACT)
+    tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn,
+             acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) per operand dtype on sm_90:
+# 128x128 tiles keep the tensor cores fed; fp32 takes a shorter K step because its tiles
+# are twice as large in shared memory.
+_MATMUL_GPU = {"fp32": (128, 128, 32, 8, 8, 3), "fp16": (128, 128, 64, 8, 8, 3), "bf16": (128, 128, 64, 8, 8, 3)}
+_MATMUL_INTERP = (32, 32, 16, 4, 4, 1)
+
+
+def matmul_config(dt: str, interpret: bool) -> tuple:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages). Under the interpreter one
+    small fixed config (fewer Python-level programs per test, still >= 16 on every side)."""
+    cfg = _MATMUL_INTERP if interpret else _MATMUL_GPU[dt]
+    # tl.dot needs every tile side >= 16 on NVIDIA GPUs; the interpreter would not notice
+    assert min(cfg[:3]) >= 16, cfg
+    return cfg
+
+
+def dot_precision(dt: str, allow_tf32: bool) -> str:
+    return "tf32" if (dt == "fp32" and allow_tf32) else "ieee"
+
+
+def matmul(a, b, c, bias=None, activation=None, allow_tf32=False, interpret=False) -> None:
+    """c[M, N] = act(a[M, K] @ b[K, N] + bias[N]); a, b, c any strides, same dtype."""
+    M, K = a.shape
+    N = b.shape[1]
+    if M == 0 or N == 0:
+        return
+    dt = _tdt(a)
+    bm, bn, bk, gm, warps, stages = matmul_config(dt, interpret)
+    grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
+    _matmul_kernel[grid](
+        a, b, c, bias if bias is not None else c, M, N, K,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
+        HAS_BIAS=bias is not None, ACT=ACT_CODES[activation], PREC=dot_precision(dt, allow_tf32),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, num_warps=warps, num_stages=stages,
+    )
+
+
+def act_grad(g, y, activation, interpret):
+    """dY' = dY through the activation (written through the forward output y); contiguous."""
+    import torch
+
+    out = torch.empty_like(g)
+    _act_backward(g, y, out, activation, interpret)
+    return out
+
+
+# =========================================================================== column sums
+
+
+@triton.jit
+def _colsum_kernel(g_ptr, out_ptr, M, N, stride_gm, stride_gn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """out[n] = sum_m g[m, n] (the bias gradient), float32 accumulation."""
+    pid = tl.program_id(0)
+    offs_n = (pid * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    mask_n = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
+        g = tl.load(g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :] * stride_gn,
+                    mask=(offs_m[:, None] < M) & mask_n[None, :], other=0.0)
+        acc += g.to(tl.float32)
+    tl.store(out_ptr + offs_n, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty), mask=mask_n)
+
+
+_COLSUM = (64, 64, 4)  # BLOCK_M, BLOCK_N, num_warps
+
+
+def colsum(g, out, interpret=False) -> None:
+    M, N = g.shape
+    if N == 0:
+        return
+    bm, bn, warps = _COLSUM
+    _colsum_kernel[(triton.cdiv(N, bn),)](g, out, M, N, g.stride(0), g.stride(1), BLOCK_M=bm, BLOCK_N=bn,
+                                          num_warps=warps)
+
+
+# =========================================================================== softmax
+
+
+@triton.jit
+def _row_stats(x_ptr, base, n_cols, BLOCK: tl.constexpr):
+    """(max, logsumexp) of one row, online over blocks: per-lane running max and rescaled
+    sums, combined once at the end (one reduction instead of two per block)."""
+    m_vec = tl.full((BLOCK,), float("-inf"), tl.float32)
+    s_vec = tl.zeros((BLOCK,), dtype=tl.float32)
+    for start in range(0, n_cols, BLOCK):
+        cols = start + tl.arange(0, BLOCK).to(tl.int64)
+        x = tl.load(x_ptr + base + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m_vec, x)
+        # a lane that has seen only -inf keeps sum 0 (exp(-inf - -inf) would be NaN)
+        s_vec = tl.where(m_new == float("-inf"), 0.0, s_vec * tl.exp(m_vec - m_new) + tl.exp(x - m_new))
+        m_vec = m_new
+    m = tl.max(m_vec, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    s = tl.sum(s_vec * tl.exp(m_vec - m_safe), 0)
+    return m, m_safe + tl.log(s)
+
+
+@triton.jit
+def _softmax_fwd_kernel(x_ptr, y_ptr, n_cols, LOG: tl.constexpr, SINGLE: tl.constexpr, BLOCK: tl.constexpr):
+    """y = softmax(x) (or log_softmax) of each row of a contiguous [rows, n_cols] tensor.
+
+    SINGLE: the row fits one block (one read of x). Otherwise a first pass computes the
+    row's logsumexp online and a second pass writes exp(x - lse) or x - lse.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    base = row * n_cols
+    if SINGLE:
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        x = tl.load(x_ptr + base + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        m = tl.max(x, 0)
+        e = tl.exp(x - m)
+        s = tl.sum(e, 0)
+        if LOG:
+            y = x - m - tl.log(s)
+        else:
+            y = e / s
+        tl.store(y_ptr + base + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        m, lse = _row_stats(x_ptr, base, n_cols, BLOCK)
+        for start in range(0, n_cols, BLOCK):
+            cols = start + tl.arange(0, BLOCK).to(tl.int64)
+            mask = cols < n_cols
+            x = tl.load(x_ptr + base + cols, mask=mask, other=0.0).to(tl.float32)
+            if LOG:
+                y = x - lse
+            else:
+                y = tl.exp(x - lse)
+            tl.store(y_ptr + base + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _softmax_bwd_kernel(g_ptr, y_ptr, dx_ptr, n_cols, LOG: tl.constexpr, SINGLE: tl.constexpr, BLOCK: tl.constexpr):
+    """softmax: dx = y (g - sum(g y)); log_softmax: dx = g - exp(y) sum(g); per row."""
+    row = tl.program_id(0).to(tl.int64)
+    base = row * n_cols
+    if SINGLE:
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        g = tl.load(g_ptr + base + cols, mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(y_ptr + base + cols, mask=mask, other=0.0).to(tl.float32)
+        if LOG:
+            dx = g - tl.exp(y) * tl.sum(g, 0)
+        else:
+            dx = y * (g - tl.sum(g * y, 0))
+        tl.store(dx_ptr + base + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    else:
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for start in range(0, n_cols, BLOCK):
+            cols = start + tl.arange(0, BLOCK).to(tl.int64)
+            mask = cols < n_cols
+            g = tl.load(g_ptr + base + cols, mask=mask, other=0.0).to(tl.float32)
+            if LOG:
+                acc += g
+            else:
+                y = tl.load(y_ptr + base + cols, mask=mask, other=0.0).to(tl.float32)
+                acc += g * y
+        total = tl.sum(acc, 0)
+        for start in range(0, n_cols, BLOCK):
+            cols = start + tl.arange(0, BLOCK).to(tl.int64)
+            mask = cols < n_cols
+            g = tl.load(g_ptr + base + cols, mask=mask, other=0.0).to(tl.float32)
+            y = tl.load(y_ptr + base + cols, mask=mask, other=0.0).to(tl.float32)
+            if LOG:
+                dx = g - tl.exp(y) * total
+            else:
+                dx = y * (g - total)
+            tl.store(dx_ptr + base + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+# single-block sizes with their warps, then the looped block for longer rows
+_SOFTMAX_SINGLE = ((128, 4), (512, 4), (2048, 8), (8192, 16))
+_SOFTMAX_LOOP = (4096, 8)
+_SOFTMAX_INTERP_SINGLE_MAX = 128
+_SOFTMAX_INTERP_LOOP = 64
+
+
+def softmax_config(n_cols: int, interpret: bool) -> tuple[int, bool, int]:
+    """(BLOCK, SINGLE, num_warps) for rows of ``n_cols``. The interpreter loops over blocks of
+    64 once a row passes 128 so that small tests reach the looped path."""
+    if interpret:
+        if n_cols <= _SOFTMAX_INTERP_SINGLE_MAX:
+            return max(16, triton.next_power_of_2(n_cols)), True, 4
+        return _SOFTMAX_INTERP_LOOP, False, 4
+    for blk, warps in _SOFTMAX_SINGLE:
+        if n_cols <= blk:
+            return blk, True, warps
+    return _SOFTMAX_LOOP[0], False, _SOFTMAX_LOOP[1]
+
+
+def softmax_fwd(x, y, log: bool, interpret: bool) -> None:
+    """Rows of contiguous [rows, n_cols] x into y (same shape and dtype)."""
+    rows, n = x.shape
+    if rows == 0 or n == 0:
+        return
+    blk, single, warps = softmax_config(n, interpret)
+    _softmax_fwd_kernel[(rows,)](x, y, n, LOG=log, SINGLE=single, BLOCK=blk, num_warps=warps)
+
+
+def softmax_bwd(g, y, dx, log: bool, interpret: bool) -> None:
+    rows, n = g.shape
+    if rows == 0 or n == 0:
+        return
+    blk, single, warps = softmax_config(n, interpret)
+    _softmax_bwd_kernel[(rows,)](g, y, dx, n, LOG=log, SINGLE=single, BLOCK=blk, num_warps=warps)
+
+
+# =========================================================================== cross_entropy
+
+
+@triton.jit
+def _ce_fwd_kernel(x_ptr, t_ptr, w_ptr, loss_ptr, lse_ptr, C, ignore_index, eps,
+                   PROB: tl.constexpr, HAS_W: tl.constexpr, BLOCK: tl.constexpr):
+    """Per-row cross entropy of contiguous logits [M, C], in ONE pass over the logits.
+
+    The pass keeps the online max / sum-exp and, at the same time, the linear terms the loss
+    needs (sum_c w_c x_c for label smoothing, or sum_c w_c t'_c x_c and sum_c w_c t'_c for
+    probability targets), so that with lse = logsumexp(x):
+
+    * indices: loss = (1 - eps) w_t (lse - x_t) + eps / C (sum_c w_c lse - sum_c w_c x_c), 0 if t == ignore_index
+    * probabilities (t' = (1 - eps) t + eps / C): loss = sum_c w_c t'_c lse - sum_c w_c t'_c x_c
+
+    Writes float32 loss[M] and lse[M]; the reduction over rows is the launcher's.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    base = row * C
+    m_vec = tl.full((BLOCK,), float("-inf"), tl.float32)
+    s_vec = tl.zeros((BLOCK,), dtype=tl.float32)
+    lin = tl.zeros((BLOCK,), dtype=tl.float32)   # sum w x   (or sum w t' x)
+    wsum = tl.zeros((BLOCK,), dtype=tl.float32)  # sum w     (or sum w t')
+    for start in range(0, C, BLOCK):
+        cols = start + tl.arange(0, BLOCK).to(tl.int64)
+        mask = cols < C
+        x = tl.load(x_ptr + base + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m_vec, x)
+        s_vec = tl.where(m_new == float("-inf"), 0.0, s_vec * tl.exp(m_vec - m_new) + tl.exp(x - m_new))
+        m_vec = m_new
+        if HAS_W:
+            w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        else:
+            w = tl.where(mask, 1.0, 0.0)
+        if PROB:
+            t = tl.load(t_ptr + base + cols, mask=mask, other=0.0).to(tl.float32)
+            w = w * (t * (1.0 - eps) + eps / C)
+        lin += w * tl.where(mask, x, 0.0)
+        wsum += w
+    m = tl.max(m_vec, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    lse = m_safe + tl.log(tl.sum(s_vec * tl.exp(m_vec - m_safe), 0))
+    smooth = tl.sum(wsum, 0) * lse - tl.sum(lin, 0)
+    if PROB:
+        loss = smooth
+    else:
+        t = tl.load(t_ptr + row)
+        valid = t != ignore_index
+        tc = tl.where(valid, t, 0)
+        x_t = tl.load(x_ptr + base + tc).to(tl.float32)
+        if HAS_W:
+            w_t = tl.load(w_ptr + tc).to(tl.float32)
+        else:
+            w_t = 1.0
+        loss = (1.0 - eps) * w_t * (lse - x_t) + (eps / C) * smooth
+        loss = tl.where(valid, loss, 0.0)
+    tl.store(loss_ptr + row, loss)
+    tl.store(lse_ptr + row, lse)
+
+
+@triton.jit
+def _ce_bwd_kernel(x_ptr, t_ptr, w_ptr, wtot_ptr, lse_ptr, scale_ptr, dx_ptr, dt_ptr, C, ignore_index, eps,
+                   PROB: tl.constexpr, HAS_W: tl.constexpr, HAS_DT: tl.constexpr, BLOCK: tl.constexpr):
+    """d loss / d logits for one row, p = exp(x - lse) from the saved lse, s = scale[row]:
+
+    * indices: s ((1 - eps) w_t (p - onehot(t)) + eps / C (W p - w)), W = sum(w); 0 if ignored
+    * probabilities: s (p sum_c w_c t'_c - w t'); with HAS_DT also d/dt = -(1 - eps) s w (x - lse)
+
+    Probability targets need sum_c w_c t'_c first: one extra pass over the target row.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    base = row * C
+    s = tl.load(scale_ptr + row)
+    lse = tl.load(lse_ptr + row)
+    if PROB:
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for start in range(0, C, BLOCK):
+            cols = start + tl.arange(0, BLOCK).to(tl.int64)
+            mask = cols < C
+            t = tl.load(t_ptr + base + cols, mask=mask, other=0.0).to(tl.float32)
+            if HAS_W:
+                w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            else:
+                w = tl.where(mask, 1.0, 0.0)
+            acc += w * (t * (1.0 - eps) + eps / C)
+        wt_sum = tl.sum(acc, 0)
+    else:
+        t_row = tl.load(t_ptr + row)
+        valid = t_row != ignore_index
+        tc = tl.where(valid, t_row, 0)
+        if HAS_W:
+            w_t = tl.load(w_ptr + tc).to(tl.float32)
+            w_tot = tl.load(wtot_ptr).to(tl.float32)
+        else:
+            w_t = 1.0
+            w_tot = C * 1.0
+        s = tl.where(valid, s, 0.0)
+    for start in range(0, C, BLOCK):
+        cols = start + tl.arange(0, BLOCK).to(tl.int64)
+        mask = cols < C
+        x = tl.load(x_ptr + base + cols, mask=mask, other=0.0).to(tl.float32)
+        p = tl.exp(x - lse)
+        if HAS_W:
+            w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        else:
+            w = 1.0
+        if PROB:
+            t = tl.load(t_ptr + base + cols, mask=mask, other=0.0).to(tl.float32)
+            tp = t * (1.0 - eps) + eps / C
+            dx = s * (p * wt_sum - w * tp)
+            if HAS_DT:
+                dt = -(1.0 - eps) * s * w * (x - lse)
+                tl.store(dt_ptr + base + cols, dt.to(dt_ptr.dtype.element_ty), mask=mask)
+        else:
+            onehot = tl.where(cols == tc, 1.0, 0.0)
+            dx = s * ((1.0 - eps) * w_t * (p - onehot) + (eps / C) * (w_tot * p - w))
+        tl.store(dx_ptr + base + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+_CE_BLOCKS = ((256, 4), (1024, 4), (2048, 8))
+_CE_INTERP_BLOCK = 64
+
+
+def ce_config(C: int, interpret: bool) -> tuple[int, int]:
+    """(BLOCK, num_warps): the smallest block that holds the row, else the largest, looped."""
+    if interpret:
+        return min(_CE_INTERP_BLOCK, max(16, triton.next_power_of_2(C))), 4
+    for blk, warps in _CE_BLOCKS:
+        if C <= blk:
+            return blk, warps
+    return _CE_BLOCKS[-1]
+
+
+def ce_fwd(x, t, w, loss, lse, prob: bool, ignore_index: int, eps: float, interpret: bool) -> None:
+    """x [M, C] contiguous logits; t [M] int64 indices or [M, C] probabilities (x's dtype);
+    w [C] or None; writes float32 loss [M] and lse [M]."""
+    M, C = x.shape
+    if M == 0:
+        return
+    blk, warps = ce_config(C, interpret)
+    _ce_fwd_kernel[(M,)](x, t, w if w is not None else x, loss, lse, C, ignore_index, float(eps),
+                         PROB=prob, HAS_W=w is not None, BLOCK=blk, num_warps=warps)
+
+
+def ce_bwd(x, t, w, lse, scale, dx, dt, prob: bool, ignore_index: int, eps: float, interpret: bool) -> None:
+    """dx [M, C] (and dt [M, C] for probability targets when given) from the saved lse [M]
+    and each row's float32 share of the upstream gradient, scale [M]."""
+    M, C = x.shape
+    if M == 0:
+        return
+    blk, warps = ce_config(C, interpret)
+    wtot = w.float().sum().reshape(1) if w is not None else lse
+    _ce_bwd_kernel[(M,)](x, t, w if w is not None else x, wtot, lse, scale, dx, dt if dt is not None else dx,
+                         C, ignore_index, float(eps), PROB=prob, HAS_W=w is not None, HAS_DT=dt is not None,
+                         BLOCK=blk, num_warps=warps)
+
+
+# =========================================================================== AOT
+
+
+def aot_specs():
+    """Every configuration the launchers above can launch with on a GPU."""
+    specs = []
+    for dt in DTYPES:
+        bm, bn, bk, gm, warps, stages = matmul_config(dt, False)
+        for prec in (("ieee", "tf32") if dt == "fp32" else ("ieee",)):
+            for act, code in ACT_CODES.items():
+                for has_bias in (False, True):
+                    sig = {"a_ptr": f"*{dt}", "b_ptr": f"*{dt}", "c_ptr": f"*{dt}", "bias_ptr": f"*{dt}",
+                           "M": "i32", "N": "i32", "K": "i32",
+                           "stride_am": "i32", "stride_ak": "i32", "stride_bk": "i32", "stride_bn": "i32",
+                           "stride_cm": "i32", "stride_cn": "i32",
+                           "HAS_BIAS": "constexpr", "ACT": "constexpr", "PREC": "constexpr",
+                           "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "GROUP_M": "constexpr"}
+                    ce = {"HAS_BIAS": has_bias, "ACT": code, "PREC": prec, "BLOCK_M": bm, "BLOCK_N": bn,
+                          "BLOCK_K": bk, "GROUP_M": gm}
+                    specs.append(AotSpec(_matmul_kernel, sig, ce, num_warps=warps, num_stages=stages,
+                                         label=f"{dt} {prec} act={act} bias={has_bias}"))
+        bm, bn, warps = _COLSUM
+        specs.append(AotSpec(_colsum_kernel, {"g_ptr": f"*{dt}", "out_ptr": f"*{dt}", "M": "i32", "N": "i32",
+                                              "stride_gm": "i32", "stride_gn": "i32",
+                                              "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"},
+                             {"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, label=dt))
+        smx = [(b, True, w) for b, w in _SOFTMAX_SINGLE] + [(_SOFTMAX_LOOP[0], False, _SOFTMAX_LOOP[1])]
+        for log in (False, True):
+            for blk, single, warps in smx:
+                ce = {"LOG": log, "SINGLE": single, "BLOCK": blk}
+                lab = f"{dt} {'log_' if log else ''}softmax BLOCK={blk} {'single' if single else 'loop'}"
+                specs.append(AotSpec(_softmax_fwd_kernel, {"x_ptr": f"*{dt}", "y_ptr": f"*{dt}", "n_cols": "i32",
+                                                           "LOG": "constexpr", "SINGLE": "constexpr", "BLOCK": "constexpr"},
+                                     ce, num_warps=warps, label=lab))
+                specs.append(AotSpec(_softmax_bwd_kernel, {"g_ptr": f"*{dt}", "y_ptr": f"*{dt}", "dx_ptr": f"*{dt}",
+                                                           "n_cols": "i32", "LOG": "constexpr", "SINGLE": "constexpr",
+                                                           "BLOCK": "constexpr"},
+                                     ce, num_warps=warps, label=lab))
+        for blk, warps in _CE_BLOCKS:
+            for prob in (False, True):
+                tdt = dt if prob else "i64"
+                for has_w in (False, True):
+                    lab = f"{dt} {'prob' if prob else 'index'} weight={has_w} BLOCK={blk}"
+                    specs.append(AotSpec(_ce_fwd_kernel, {"x_ptr": f"*{dt}", "t_ptr": f"*{tdt}", "w_ptr": f"*{dt}",
+                                                          "loss_ptr": "*fp32", "lse_ptr": "*fp32", "C": "i32",
+                                                          "ignore_index": "i32", "eps": "fp32", "PROB": "constexpr",
+                                                          "HAS_W": "constexpr", "BLOCK": "constexpr"},
+                                         {"PROB": prob, "HAS_W": has_w, "BLOCK": blk}, num_warps=warps, label=lab))
+                    for has_dt in ((False, True) if prob else (False,)):
+                        specs.append(AotSpec(
+                            _ce_bwd_kernel,
+                            {"x_ptr": f"*{dt}", "t_ptr": f"*{tdt}", "w_ptr": f"*{dt}", "wtot_ptr": "*fp32",
+                             "lse_ptr": "*fp32", "scale_ptr": "*fp32", "dx_ptr": f"*{dt}", "dt_ptr": f"*{dt}",
+                             "C": "i32", "ignore_index": "i32", "eps": "fp32", "PROB": "constexpr",
+                             "HAS_W": "constexpr", "HAS_DT": "constexpr", "BLOCK": "constexpr"},
+                            {"PROB": prob, "HAS_W": has_w, "HAS_DT": has_dt, "BLOCK": blk}, num_warps=warps,
+                            label=lab + f" dt={has_dt}"))
+    return specs

@@ -1,0 +1,532 @@
+"""dense family (flatten, linear, softmax, log_softmax, cross_entropy) and the dense and
+activation modules: reference against torch in float64 (forward and every gradient), finite
+differences of the reference backward, opcheck on every custom op, bad input, every Triton
+kernel against the reference, modules against torch's with the same state_dict."""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as TF
+
+import gpu_nn
+import gpu_nn.functional as F
+import gpu_nn.nn as gnn
+from gpu_nn.reference import dense as R
+from helpers import assert_close, backend_params, gpu_dtypes_for, max_rel_err, randn
+
+ACTS = (None, "relu", "sigmoid", "tanh")
+TORCH_ACT = {None: lambda y: y, "relu": torch.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh}
+WORST = {}  # largest float64 error against torch, per op (printed by test_zz_report)
+
+
+def _note(op, *errs):
+    WORST[op] = max([WORST.get(op, 0.0), *errs])
+
+
+def _grads(out, inputs, g):
+    inputs = [t for t in inputs if t is not None and t.requires_grad]
+    return torch.autograd.grad(out, inputs, g)
+
+
+# =========================================================================== flatten
+
+
+@pytest.mark.parametrize("shape,start,end", [
+    ((2, 3, 4), 0, -1), ((2, 3, 4), 1, -1), ((2, 3, 4, 5), 1, 2), ((2, 3, 4), -2, -1), ((5,), 0, 0),
+    ((), 0, -1), ((0, 3, 2), 1, 2), ((2, 3, 4), 2, 2),
+])
+def test_flatten_matches_torch(shape, start, end, rng):
+    x = randn(rng, *shape, requires_grad=True)
+    y = F.flatten(x, start, end)
+    yt = torch.flatten(x, start, end)
+    assert y.shape == yt.shape
+    torch.testing.assert_close(y, yt)
+    assert (y.data_ptr() == x.data_ptr()) == (yt.data_ptr() == x.data_ptr())  # view exactly when torch's is
+    g = randn(rng, *y.shape)
+    (gx,) = torch.autograd.grad(y, x, g)
+    torch.testing.assert_close(gx, g.reshape(shape))
+    # the reference never aliases its input
+    xn = x.detach().numpy()
+    r = R.flatten(xn, start, end)
+    assert r.shape == tuple(yt.shape) and not (r.size and __import__("numpy").shares_memory(r, xn))
+    assert R.flatten_backward(r, shape).shape == shape
+
+
+def test_flatten_noncontiguous_copies_like_torch(rng):
+    x = randn(rng, 4, 6).t()
+    y = F.flatten(x)
+    torch.testing.assert_close(y, torch.flatten(x))
+
+
+# =========================================================================== linear
+
+
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("xshape,out", [((7,), 5), ((1, 13), 1), ((3, 5, 17), 19), ((0, 4), 3), ((2, 1, 3, 9), 8)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_reference_matches_torch(act, xshape, out, bias, rng):
+    x = randn(rng, *xshape, requires_grad=True)
+    w = randn(rng, out, xshape[-1], requires_grad=True)
+    b = randn(rng, out, requires_grad=True) if bias else None
+    with gpu_nn.backend("reference"):
+        y = F.linear(x, w, b, activation=act)
+    yt = TORCH_ACT[act](TF.linear(x, w, b))
+    g = randn(rng, *yt.shape)
+    e = [assert_close(y, yt, torch.float64, what="linear forward")]
+    with gpu_nn.backend("reference"):
+        gs = _grads(y, [x, w, b], g)
+    for a, t in zip(gs, _grads(yt, [x, w, b], g)):
+        e.append(assert_close(a, t, torch.float64, k=max(xshape[0], 1) * 8, what="linear backward"))
+    _note("linear", *e)
+
+
+def test_linear_vector_weight_and_broadcast_bias(rng):
+    x = randn(rng, 3, 5)
+    w1 = randn(rng, 5)
+    torch.testing.assert_close(F.linear(x, w1), TF.linear(x, w1))
+    w = randn(rng, 4, 5)
+    b = randn(rng, 1)
+    torch.testing.assert_close(F.linear(x, w, b), TF.linear(x, w, b))
+
+
+@pytest.mark.parametrize("act", ACTS)
+def test_linear_reference_finite_differences(act, rng):
+    x = randn(rng, 3, 2, 5, requires_grad=True)
+    w = randn(rng, 4, 5, requires_grad=True)
+    b = randn(rng, 4, requires_grad=True)
+    with gpu_nn.backend("reference"):
+        assert torch.autograd.gradcheck(lambda x, w, b: F.linear(x, w, b, activation=act), (x, w, b))
+
+
+# =========================================================================== softmax / log_softmax
+
+SOFTMAX = {"softmax": (F.softmax, torch.softmax), "log_softmax": (F.log_softmax, torch.log_softmax)}
+
+
+@pytest.mark.parametrize("name", SOFTMAX)
+@pytest.mark.parametrize("shape,dim", [((7,), 0), ((3, 5, 17), -1), ((3, 5, 17), 1), ((3, 5, 17), 0),
+                                       ((2, 0, 3), 2), ((4, 1), 1), ((), 0), ((2, 3, 4, 5), -3)])
+def test_softmax_reference_matches_torch(name, shape, dim, rng):
+    ours, theirs = SOFTMAX[name]
+    x = randn(rng, *shape, requires_grad=True) * 4
+    with gpu_nn.backend("reference"):
+        y = ours(x, dim)
+    yt = theirs(x, dim)
+    g = randn(rng, *yt.shape)
+    with gpu_nn.backend("reference"):
+        (gx,) = torch.autograd.grad(y, x, g)
+    (gt,) = torch.autograd.grad(yt, x, g)
+    _note(name, assert_close(y, yt, torch.float64, what=name), assert_close(gx, gt, torch.float64, what=name + " bwd"))
+
+
+@pytest.mark.parametrize("name", SOFTMAX)
+def test_softmax_implicit_dim_and_dtype(name, rng):
+    ours, _ = SOFTMAX[name]
+    tfn = getattr(TF, name)
+    for shape in [(5,), (3, 4), (2, 3, 4), (2, 3, 4, 5)]:
+        x = randn(rng, *shape)
+        with pytest.warns(UserWarning, match=f"Implicit dimension choice for {name}"):
+            y = ours(x)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.testing.assert_close(y, tfn(x))
+    x = randn(rng, 3, 4, dtype=torch.float32)
+    y = ours(x, 1, dtype=torch.float64)
+    assert y.dtype == torch.float64
+    torch.testing.assert_close(y, tfn(x, 1, dtype=torch.float64))
+
+
+def test_softmax_large_logits_stable(rng):
+    x = randn(rng, 3, 9) * 1000
+    with gpu_nn.backend("reference"):
+        torch.testing.assert_close(F.softmax(x, 1), torch.softmax(x, 1))
+        torch.testing.assert_close(F.log_softmax(x, 1), torch.log_softmax(x, 1))
+
+
+@pytest.mark.parametrize("name", SOFTMAX)
+def test_softmax_reference_finite_differences(name, rng):
+    ours, _ = SOFTMAX[name]
+    x = randn(rng, 3, 4, 5, requires_grad=True)
+    with gpu_nn.backend("reference"):
+        assert torch.autograd.gradcheck(lambda x: ours(x, 1), (x,))
+
+
+# =========================================================================== cross_entropy
+
+
+def _ce_inputs(rng, shape, prob, weight, ignore, dtype=torch.float64):
+    C = shape[0] if len(shape) == 1 else shape[1]
+    x = randn(rng, *shape, dtype=dtype) * 2
+    if prob:
+        t = torch.from_numpy(rng.random(shape)).to(dtype)
+    else:
+        tshape = () if len(shape) == 1 else (shape[0], *shape[2:])
+        t = torch.from_numpy(rng.integers(0, C, tshape))
+        if ignore is not None and t.numel():
+            t.view(-1)[::3] = ignore
+    w = torch.from_numpy(rng.random(C) + 0.3).to(dtype) if weight else None
+    return x, t, w
+
+
+CE_SHAPES = [(11,), (7, 13), (4, 6, 3, 2), (0, 5), (1, 1)]
+
+
+@pytest.mark.parametrize("shape", CE_SHAPES)
+@pytest.mark.parametrize("prob", [False, True])
+@pytest.mark.parametrize("weight", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.3])
+def test_cross_entropy_reference_matches_torch(shape, prob, weight, reduction, smoothing, rng):
+    ignore = None if prob else 2
+    x, t, w = _ce_inputs(rng, shape, prob, weight, ignore)
+    x.requires_grad_()
+    if prob:
+        t.requires_grad_()
+    kw = dict(weight=w, reduction=reduction, label_smoothing=smoothing)
+    if ignore is not None:
+        kw["ignore_index"] = ignore
+    with gpu_nn.backend("reference"):
+        y = F.cross_entropy(x, t, **kw)
+    yt = TF.cross_entropy(x, t, **kw)
+    assert y.shape == yt.shape and y.dtype == yt.dtype
+    e = [assert_close(y, yt, torch.float64, what="cross_entropy")]
+    if x.numel() == 0:
+        return
+    g = randn(rng, *yt.shape)
+    with gpu_nn.backend("reference"):
+        gs = _grads(y, [x, t], g)
+    for a, b in zip(gs, _grads(yt, [x, t], g)):
+        e.append(assert_close(a, b, torch.float64, what="cross_entropy backward"))
+    _note("cross_entropy", *e)
+
+
+def test_cross_entropy_uint8_target_default_ignore_and_legacy_args(rng):
+    x = randn(rng, 6, 5)
+    t = torch.tensor([0, 1, 4, 3, 2, 1], dtype=torch.uint8)
+    torch.testing.assert_close(F.cross_entropy(x, t), TF.cross_entropy(x, t))
+    t2 = torch.tensor([0, -100, 4, -100, 2, 1])
+    torch.testing.assert_close(F.cross_entropy(x, t2), TF.cross_entropy(x, t2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.testing.assert_close(F.cross_entropy(x, t2, reduce=False), TF.cross_entropy(x, t2, reduce=False))
+        torch.testing.assert_close(F.cross_entropy(x, t2, size_average=False), TF.cross_entropy(x, t2, size_average=False))
+
+
+@pytest.mark.parametrize("prob", [False, True])
+def test_cross_entropy_reference_finite_differences(prob, rng):
+    x, t, w = _ce_inputs(rng, (5, 7, 2), prob, True, None if prob else 1)
+    x.requires_grad_()
+    kw = dict(weight=w, label_smoothing=0.2)
+    if not prob:
+        kw["ignore_index"] = 1
+    with gpu_nn.backend("reference"):
+        if prob:
+            t.requires_grad_()
+            assert torch.autograd.gradcheck(lambda x, t: F.cross_entropy(x, t, **kw), (x, t))
+        else:
+            assert torch.autograd.gradcheck(lambda x: F.cross_entropy(x, t, **kw), (x,))
+
+
+# =========================================================================== opcheck
+
+
+def test_opcheck_every_op(rng):
+    ops = torch.ops.gpu_nn
+    x = randn(rng, 3, 4, 5, requires_grad=True)
+    w = randn(rng, 6, 5, requires_grad=True)
+    b = randn(rng, 6, requires_grad=True)
+    for act in ACTS:
+        torch.library.opcheck(ops.linear.default, (x, w, b, act))
+        y = TORCH_ACT[act](TF.linear(x, w, b)).detach()
+        g = randn(rng, *y.shape)
+        torch.library.opcheck(ops.linear_backward.default, (g, x.detach(), w.detach(), y if act else None, act, True))
+    torch.library.opcheck(ops.linear.default, (x, w, None, None))
+    torch.library.opcheck(ops.linear_backward.default, (randn(rng, 3, 4, 6), x.detach(), w.detach(), None, None, False))
+    for name in ("softmax", "log_softmax"):
+        torch.library.opcheck(getattr(ops, name).default, (x, 1))
+        y = getattr(torch, name)(x, 1).detach()
+        torch.library.opcheck(getattr(ops, name + "_backward").default, (randn(rng, 3, 4, 5), y, 1))
+    for prob in (False, True):
+        for red in ("mean", "none"):
+            xc, t, wc = _ce_inputs(rng, (4, 7, 3), prob, True, None if prob else 1)
+            xc.requires_grad_()
+            ii = -100 if prob else 1
+            if prob:
+                t.requires_grad_()
+            torch.library.opcheck(ops.cross_entropy.default, (xc, t, wc, red, ii, 0.1))
+            loss, lse = ops.cross_entropy.default(xc.detach(), t.detach(), wc, red, ii, 0.1)
+            g = randn(rng, *loss.shape)
+            torch.library.opcheck(ops.cross_entropy_backward.default,
+                                  (g, xc.detach(), t.detach(), wc, lse, red, ii, 0.1, prob))
+
+
+def test_compile_fullgraph_through_dense_ops(rng):
+    x = randn(rng, 5, 2, 3, dtype=torch.float32)
+    t = torch.from_numpy(rng.integers(0, 4, (5,)))
+    lin = gnn.Linear(6, 4, activation="tanh")
+
+    def f(x):
+        h = F.flatten(x, 1)
+        return F.cross_entropy(F.log_softmax(lin(h), 1), t, label_smoothing=0.1)
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), f(x))
+
+
+# =========================================================================== bad input
+
+
+def _raises(match, fn):
+    with pytest.raises(gpu_nn.KernelInputError, match=match):
+        fn()
+
+
+def test_bad_input():
+    x = torch.randn(3, 5)
+    _raises(r"mat1 and mat2 shapes cannot be multiplied \(3x5 and 6x4\)", lambda: F.linear(x, torch.randn(4, 6)))
+    _raises(r"mat1 and mat2 shapes cannot be multiplied \(6x5 and 6x4\)", lambda: F.linear(torch.randn(2, 3, 5), torch.randn(4, 6)))
+    _raises("expected m1 and m2 to have the same dtype, but got: float != double",
+            lambda: F.linear(x, torch.randn(4, 5, dtype=torch.float64)))
+    _raises("must have the same dtype", lambda: F.linear(x, torch.randn(4, 5), torch.randn(4, dtype=torch.float64)))
+    _raises("The expanded size of the tensor", lambda: F.linear(x, torch.randn(4, 5), torch.randn(3)))
+    _raises("at least 1D", lambda: F.linear(torch.randn(()), torch.randn(4, 5)))
+    _raises("unknown activation", lambda: F.linear(x, torch.randn(4, 5), activation="gelu"))
+    _raises("floating-point", lambda: F.linear(x.long(), torch.randn(4, 5).long()))
+    _raises(r"Target 7 is out of bounds\.", lambda: F.cross_entropy(x, torch.tensor([0, 1, 7])))
+    _raises(r"Target -3 is out of bounds\.", lambda: F.cross_entropy(x, torch.tensor([0, 1, -3])))
+    _raises(r"Expected input batch_size \(3\) to match target batch_size \(4\)\.",
+            lambda: F.cross_entropy(x, torch.tensor([0, 1, 2, 3])))
+    _raises(r"Expected input batch_size \(3\) to match target batch_size \(4\)\.",
+            lambda: F.cross_entropy(torch.randn(3, 5, 2), torch.zeros(4, 2, dtype=torch.long)))
+    _raises("foo is not a valid value for reduction", lambda: F.cross_entropy(x, torch.tensor([0, 1, 2]), reduction="foo"))
+    _raises("weight tensor should be defined either for all 5 classes",
+            lambda: F.cross_entropy(x, torch.tensor([0, 1, 2]), weight=torch.rand(4)))
+    _raises("expected target dtype to be Long or Byte, but got Float", lambda: F.cross_entropy(x, torch.tensor([0.0, 1, 2])))
+    _raises("expected target dtype to be Long or Byte, but got Int",
+            lambda: F.cross_entropy(x, torch.tensor([0, 1, 2], dtype=torch.int32)))
+    _raises("multi-target not supported", lambda: F.cross_entropy(x, torch.randn(3, 4)))
+    _raises("label_smoothing must be between 0.0 and 1.0. Got: 1.5",
+            lambda: F.cross_entropy(x, torch.tensor([0, 1, 2]), label_smoothing=1.5))
+    _raises(r"Expected target size \[3, 4\], got \[3, 5\]", lambda: F.cross_entropy(torch.randn(3, 5, 4), torch.zeros(3, 5, dtype=torch.long)))
+    _raises("ignore_index is not supported for floating point target", lambda: F.cross_entropy(x, torch.rand(3, 5), ignore_index=1))
+    _raises("Expected floating point type for target with class probabilities, got Long",
+            lambda: F.cross_entropy(x, torch.zeros(3, 5, dtype=torch.long)))
+    _raises(r"Dimension out of range \(expected to be in range of \[-2, 1\], but got 2\)", lambda: F.softmax(x, 2))
+    _raises(r"Dimension out of range \(expected to be in range of \[-2, 1\], but got -3\)", lambda: F.log_softmax(x, -3))
+    _raises("not implemented for 'Long'", lambda: F.softmax(x.long(), 1))
+    _raises(r"Dimension out of range", lambda: F.flatten(x, 2))
+    _raises("start_dim cannot come after end_dim", lambda: F.flatten(x, 1, 0))
+    with pytest.raises(ValueError):  # a KernelInputError is a ValueError and a RuntimeError
+        F.cross_entropy(x, torch.tensor([0, 1, 9]))
+
+
+# =========================================================================== Triton kernels vs reference
+
+
+def _to(t, dtype, device, grad=False):
+    if t is None:
+        return None
+    t = t.detach().to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+    return t.requires_grad_(grad)
+
+
+def _round64(t, dtype):
+    """The float64 tensor holding exactly the values ``t`` has in ``dtype``: the reference then
+    sees the kernel's inputs, so the comparison measures the kernel alone."""
+    if t is None or not t.is_floating_point():
+        return t
+    return t.detach().to(dtype).to(torch.float64)
+
+
+def _check_backend(fn, args, diff, dtype, device, backend, k, what, gout_seed=0):
+    """Run ``fn(*args)`` on ``backend`` in ``dtype`` and on the reference in float64 (same
+    rounded inputs); compare the output and the gradients of the args indexed by ``diff``."""
+    args64 = [_round64(a, dtype) if torch.is_tensor(a) else a for a in args]
+    ref_in = [a.clone().requires_grad_(i in diff) if torch.is_tensor(a) and a.is_floating_point() else a
+              for i, a in enumerate(args64)]
+    with gpu_nn.backend("reference"):
+        yr = fn(*ref_in)
+    gen = torch.Generator().manual_seed(gout_seed)
+    g64 = _round64(torch.randn(yr.shape, generator=gen, dtype=torch.float64), dtype)
+    with gpu_nn.backend("reference"):
+        gr = torch.autograd.grad(yr, [ref_in[i] for i in diff], g64) if diff else ()
+    ins = [_to(a, dtype, device, grad=(i in diff)) if torch.is_tensor(a) else a for i, a in enumerate(args64)]
+    with gpu_nn.backend(backend):
+        y = fn(*ins)
+        gs = torch.autograd.grad(y, [ins[i] for i in diff], g64.to(device=device, dtype=y.dtype)) if diff else ()
+    assert y.dtype == (dtype if yr.dtype.is_floating_point else yr.dtype) and y.shape == yr.shape
+    errs = [assert_close(y, yr, dtype, k=k, what=f"{what} forward {dtype}")]
+    for a, b in zip(gs, gr):
+        errs.append(assert_close(a, b, dtype, k=k, what=f"{what} backward {dtype}"))
+    return max(errs)
+
+
+KERNEL_ERR = {}
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("xshape,out,bias,noncontig", [
+    ((67, 45), 37, True, False),     # several tiles on every side, partial tiles everywhere
+    ((3, 5, 19), 33, False, False),  # leading dims, no bias
+    ((9, 40), 17, True, True),       # non-contiguous input (a transposed view)
+])
+def test_linear_backend_matches_reference(backend, device, act, xshape, out, bias, noncontig, rng):
+    for dtype in gpu_dtypes_for(backend, device):
+        if noncontig:
+            x = randn(rng, xshape[-1], *xshape[:-1]).movedim(0, -1)
+        else:
+            x = randn(rng, *xshape)
+        w = randn(rng, out, xshape[-1]) * 0.3
+        b = randn(rng, out) if bias else None
+        args = [x, w, b]
+        diff = [0, 1, 2] if bias else [0, 1]
+        e = _check_backend(lambda x, w, b: F.linear(x, w, b, activation=act), args, diff, dtype, device, backend,
+                           k=max(xshape[-1], x.numel() // xshape[-1]), what=f"linear {act}")
+        KERNEL_ERR[(backend, "linear", str(dtype))] = max(KERNEL_ERR.get((backend, "linear", str(dtype)), 0), e)
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
+@pytest.mark.parametrize("name", SOFTMAX)
+@pytest.mark.parametrize("shape,dim", [((6, 37), -1), ((3, 301), 1), ((4, 9, 5), 1), ((2, 0, 3), -1), ((), 0)])
+def test_softmax_backend_matches_reference(backend, device, name, shape, dim, rng):
+    ours, _ = SOFTMAX[name]
+    for dtype in gpu_dtypes_for(backend, device):
+        x = randn(rng, *shape) * 3
+        e = _check_backend(lambda x: ours(x, dim), [x], [0], dtype, device, backend, k=shape[dim] if shape else 1,
+                           what=name)
+        KERNEL_ERR[(backend, name, str(dtype))] = max(KERNEL_ERR.get((backend, name, str(dtype)), 0), e)
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
+@pytest.mark.parametrize("shape,prob,weight,reduction,smoothing", [
+    ((9, 29), False, False, "mean", 0.0),
+    ((9, 29), False, True, "mean", 0.2),
+    ((5, 150), False, True, "sum", 0.1),      # a row longer than one block: looped
+    ((3, 13, 2, 3), False, False, "none", 0.3),
+    ((17,), False, True, "none", 0.0),
+    ((7, 70), True, True, "mean", 0.2),
+    ((4, 23, 3), True, False, "none", 0.0),
+    ((0, 7), False, False, "sum", 0.0),
+])
+def test_cross_entropy_backend_matches_reference(backend, device, shape, prob, weight, reduction, smoothing, rng):
+    for dtype in gpu_dtypes_for(backend, device):
+        x, t, w = _ce_inputs(rng, shape, prob, weight, None if prob else 4)
+        kw = dict(reduction=reduction, label_smoothing=smoothing)
+        if not prob:
+            kw["ignore_index"] = 4
+        diff = [0, 1] if prob else [0]
+        C = shape[0] if len(shape) == 1 else shape[1]
+        e = _check_backend(lambda x, t, w: F.cross_entropy(x, t, w, **kw), [x, t, w], diff, dtype, device, backend,
+                           k=C * max(x.numel() // max(C, 1), 1), what=f"cross_entropy {shape} prob={prob}")
+        KERNEL_ERR[(backend, "cross_entropy", str(dtype))] = max(KERNEL_ERR.get((backend, "cross_entropy", str(dtype)), 0), e)
+
+
+def test_interpreter_refuses_bfloat16():
+    from gpu_nn import _backend
+
+    if not (_backend.status("triton")[0] and _backend.interpret_mode()):
+        pytest.skip("only meaningful under the Triton interpreter")
+    x = torch.randn(3, 5, dtype=torch.bfloat16)
+    with gpu_nn.backend("triton"), pytest.raises(gpu_nn.BackendUnavailableError, match="bfloat16"):
+        F.softmax(x, 1)
+
+
+def test_heuristics_keep_dot_tiles_at_least_16():
+    from gpu_nn.kernels.triton import dense as kd
+
+    for dt in kd.DTYPES:
+        for interp in (False, True):
+            assert min(kd.matmul_config(dt, interp)[:3]) >= 16
+    assert kd.dot_precision("fp32", False) == "ieee" and kd.dot_precision("fp32", True) == "tf32"
+    assert kd.dot_precision("bf16", True) == "ieee"  # only float32 operands have a precision choice
+    for c in (1, 100, 129, 8192, 8193, 32000):
+        blk, single, _ = kd.softmax_config(c, False)
+        assert (blk >= c) == single
+    specs = kd.aot_specs()
+    labels = {(s.name, s.label) for s in specs}
+    assert len(labels) == len(specs)  # every config listed once
+
+
+# =========================================================================== modules
+
+
+def _same_state(ours, theirs):
+    theirs.load_state_dict(ours.state_dict())
+    ours.load_state_dict(theirs.state_dict())
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_module_matches_torch(bias, rng):
+    torch.manual_seed(0)
+    ours = gnn.Linear(7, 5, bias=bias, dtype=torch.float64)
+    torch.manual_seed(0)
+    theirs = torch.nn.Linear(7, 5, bias=bias, dtype=torch.float64)
+    torch.testing.assert_close(ours.weight, theirs.weight)  # same initialisation
+    assert isinstance(ours, torch.nn.Linear) and repr(ours) == repr(theirs)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    x = randn(rng, 3, 7, requires_grad=True)
+    y, yt = ours(x), theirs(x)
+    torch.testing.assert_close(y, yt)
+    g = randn(rng, 3, 5)
+    y.backward(g)
+    gx = x.grad.clone()
+    x.grad = None
+    yt.backward(g)
+    torch.testing.assert_close(gx, x.grad)
+    for p, q in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
+    act = gnn.Linear(7, 5, bias=bias, activation="relu", dtype=torch.float64)
+    assert "activation='relu'" in repr(act) and list(act.state_dict()) == list(theirs.state_dict())
+    act.load_state_dict(theirs.state_dict())
+    torch.testing.assert_close(act(x), torch.relu(theirs(x)))
+    with pytest.raises(gpu_nn.KernelInputError):
+        gnn.Linear(3, 4, activation="gelu")
+
+
+def test_simple_modules_match_torch(rng):
+    x = randn(rng, 2, 3, 4, 5) * 3
+    pairs = [
+        (gnn.Flatten(), torch.nn.Flatten()), (gnn.Flatten(0, 2), torch.nn.Flatten(0, 2)),
+        (gnn.Softmax(dim=2), torch.nn.Softmax(dim=2)), (gnn.LogSoftmax(dim=-1), torch.nn.LogSoftmax(dim=-1)),
+        (gnn.ReLU(), torch.nn.ReLU()), (gnn.Sigmoid(), torch.nn.Sigmoid()), (gnn.Tanh(), torch.nn.Tanh()),
+    ]
+    for ours, theirs in pairs:
+        assert isinstance(ours, type(theirs)) and repr(ours) == repr(theirs)
+        xo = x.clone().requires_grad_()
+        xt = x.clone().requires_grad_()
+        yo, yt = ours(xo), theirs(xt)
+        torch.testing.assert_close(yo, yt)
+        g = randn(rng, *yt.shape)
+        yo.backward(g)
+        yt.backward(g)
+        torch.testing.assert_close(xo.grad, xt.grad)
+    r = gnn.ReLU(inplace=True)
+    assert repr(r) == repr(torch.nn.ReLU(inplace=True))
+    y = x.clone()
+    assert r(y) is y
+    torch.testing.assert_close(y, torch.relu(x))
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(weight=True, label_smoothing=0.1, ignore_index=2), dict(reduction="sum")])
+def test_cross_entropy_module_matches_torch(kw, rng):
+    kw = dict(kw)
+    if kw.pop("weight", False):
+        kw["weight"] = torch.rand(6, dtype=torch.float64) + 0.5
+    ours, theirs = gnn.CrossEntropyLoss(**kw), torch.nn.CrossEntropyLoss(**kw)
+    assert repr(ours) == repr(theirs) and list(ours.state_dict()) == list(theirs.state_dict())
+    _same_state(ours, theirs)
+    x = randn(rng, 5, 6, requires_grad=True)
+    t = torch.from_numpy(rng.integers(0, 6, (5,)))
+    lo, lt = ours(x, t), theirs(x, t)
+    torch.testing.assert_close(lo, lt)
+    (go,) = torch.autograd.grad(lo, x)
+    (gt,) = torch.autograd.grad(lt, x)
+    torch.testing.assert_close(go, gt)
+
+
+def test_zz_report():
+    """Not a check: prints the largest errors seen, for the report (run with -s)."""
+    print("\nfloat64 reference vs torch, largest error per op:", {k: f"{v:.2e}" for k, v in WORST.items()})
+    print("backend vs reference, largest relative error:", {"/".join(k): f"{v:.2e}" for k, v in KERNEL_ERR.items()})
