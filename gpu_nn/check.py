@@ -78,6 +78,8 @@ def _convert(obj, dtype, device):
         return t.requires_grad_(obj.requires_grad)
     if isinstance(obj, (tuple, list)):
         return type(obj)(_convert(o, dtype, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _convert(v, dtype, device) for k, v in obj.items()}
     return obj
 
 
