@@ -206,7 +206,7 @@ def print_table(rows) -> None:
 
     table = Table(title="gpu-nn check: ours against the float64 reference")
     for col in ("op", "backend", "device", "dtype", "max rel err", "tol", "result"):
-        table.add_column(col, justify="right" if col in ("max rel err", "tol") else "left")
+        table.add_column(col, justify="right" if col in ("max rel err", "tol") else "left", no_wrap=True)
     for r in rows:
         table.add_row(
             r["op"], r["backend"], r["device"], r["dtype"], f"{r['max_rel_err']:.2e}", f"{r['tol']:.0e}",

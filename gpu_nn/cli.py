@@ -51,7 +51,15 @@ def cmd_info(args) -> int:
 
 def cmd_check(args) -> int:
     import json
+    import os
 
+    import torch
+
+    if not torch.cuda.is_available() and "gpu_nn.kernels.triton" not in sys.modules:
+        # no GPU: check the Triton kernels in the interpreter (decided before they are imported)
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+        if os.environ["TRITON_INTERPRET"] == "1":
+            print("no CUDA device: Triton kernels run in the interpreter (TRITON_INTERPRET=1)")
     from . import check
 
     rows = check.run_checks(ops=args.op, seed=args.seed, progress=not args.no_progress)
