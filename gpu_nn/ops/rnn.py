@@ -1,3 +1,562 @@
-"""rnn family: launchers, checks and custom-op registration."""
+"""Recurrent family: cells and whole sequences; checks, dispatch and ``torch.library`` registration.
 
-__all__: list[str] = []
+Public functions (``gpu_nn.functional``):
+
+* cells (DESIGN section 3): ``rnn_tanh_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None)``,
+  ``rnn_relu_cell(...)``, ``gru_cell(...)`` -> ``h'``; ``lstm_cell(input, (h, c), w_ih, w_hh,
+  b_ih=None, b_hh=None)`` -> ``(h', c')``. ``input [B, I]`` or unbatched ``[I]``, states
+  ``[B, H]`` / ``[H]``; ``hx=None`` means zeros.
+* sequences, mirroring ``torch.rnn_tanh`` / ``torch.rnn_relu`` / ``torch.lstm`` / ``torch.gru``
+  (the ATen ops behind ``torch.nn.RNN`` / ``LSTM`` / ``GRU``)::
+
+      rnn_tanh(input, hx, params, has_biases, num_layers, dropout, train, bidirectional,
+               batch_first, lengths=None, dropout_masks=None) -> (output, h_n)
+      rnn_relu(...)                                        -> (output, h_n)
+      gru(...)                                             -> (output, h_n)
+      lstm(input, (h0, c0), params, ...)                   -> (output, h_n, c_n)
+
+  ``input [T, B, I]`` (``[B, T, I]`` when batch_first), ``hx [L * D, B, H]``, ``params`` the flat
+  list ``w_ih, w_hh[, b_ih, b_hh]`` per layer and direction in torch's order (``_flat_weights``
+  of the module). Extensions: ``lengths`` (int64 ``[B]``, on the CPU) gives per-sequence lengths
+  with PackedSequence semantics (outputs beyond a length are zero, final states are each
+  sequence's own last step); ``dropout_masks [L - 1, T, B, D * H]`` replaces the masks that
+  ``train=True, dropout > 0`` would otherwise draw from torch's RNG. Not supported: LSTM
+  projections (``proj_size``).
+
+Custom ops (namespace ``gpu_nn``): ``rnn_seq`` / ``rnn_seq_backward`` (whole sequences; the
+forward returns a flat reserve of intermediates that the backward consumes, laid out by
+``reference.rnn.reserve_layout``) and ``rnn_cell`` / ``rnn_cell_backward`` (one step).
+Backends: reference, triton, cupy.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _backend
+from .._errors import KernelInputError
+from ..check import CheckCase
+from ..reference import rnn as ref
+from ._dispatch import FLOAT_DTYPES, compute_dtype, from_numpy, to_numpy
+
+__all__ = [
+    "gru",
+    "gru_cell",
+    "lstm",
+    "lstm_cell",
+    "rnn_relu",
+    "rnn_relu_cell",
+    "rnn_tanh",
+    "rnn_tanh_cell",
+]
+
+BACKENDS = ("reference", "triton", "cupy")
+MODES = ref.MODES
+GATES = ref.GATES
+
+
+def reserve_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Intermediates are kept in float32 for half inputs (the backward needs them accurate)."""
+    return compute_dtype(dtype)
+
+
+def _shape_info(input: Tensor, hx: Tensor, num_layers: int, bidirectional: bool):
+    T, B, _ = input.shape
+    return T, B, hx.shape[-1], num_layers, 2 if bidirectional else 1
+
+
+# ----------------------------------------------------------------------------------------------
+# checks
+
+
+def _check_seq(op, input, hx, cx, weights, mode, num_layers, bidirectional, has_biases, lengths, masks):
+    if mode not in MODES:
+        raise KernelInputError(f"{op}: unknown mode {mode!r}; expected one of {MODES}")
+    if not isinstance(input, Tensor) or input.dim() != 3:
+        raise KernelInputError(
+            f"{op}: input must have 3 dimensions, got {input.dim() if isinstance(input, Tensor) else type(input).__name__}"
+        )
+    if input.dtype not in FLOAT_DTYPES:
+        raise KernelInputError(f"{op}: expected input to be a floating-point tensor, but got {input.dtype}")
+    if num_layers < 1:
+        raise KernelInputError(f"{op}: num_layers must be at least 1, got {num_layers}")
+    D = 2 if bidirectional else 1
+    T, B, I = input.shape
+    if hx.dim() != 3 or hx.shape[0] != num_layers * D or hx.shape[1] != B:
+        raise KernelInputError(f"Expected hidden size ({num_layers * D}, {B}, {hx.shape[-1]}), got {list(hx.shape)}")
+    H = hx.shape[-1]
+    if mode == "lstm":
+        if cx is None:
+            raise KernelInputError(f"{op}: lstm needs a cell state")
+        if tuple(cx.shape) != (num_layers * D, B, H):
+            raise KernelInputError(f"Expected hidden size ({num_layers * D}, {B}, {H}), got {list(cx.shape)}")
+    per = 4 if has_biases else 2
+    if len(weights) != num_layers * D * per:
+        raise KernelInputError(f"{op}: expected {num_layers * D * per} weight tensors, got {len(weights)}")
+    G = GATES[mode] * H
+    for t in [hx, cx, *weights]:
+        if t is None:
+            continue
+        if t.device != input.device:
+            raise KernelInputError(
+                f"Expected all tensors to be on the same device, but found at least two devices, {input.device} and {t.device}!"
+            )
+        if t.dtype != input.dtype:
+            raise KernelInputError(f"{op}: input must have the type {t.dtype}, got type {input.dtype}")
+    for l in range(num_layers):
+        in_w = I if l == 0 else D * H
+        for d in range(D):
+            ws = weights[(l * D + d) * per:(l * D + d + 1) * per]
+            want = [(G, in_w), (G, H)] + ([(G,), (G,)] if has_biases else [])
+            for w, s in zip(ws, want):
+                if tuple(w.shape) != s:
+                    if len(s) == 2 and s[1] == in_w and w.dim() == 2 and w.shape[0] == G and l == 0:
+                        raise KernelInputError(f"input.size(-1) must be equal to input_size. Expected {w.shape[1]}, got {I}")
+                    raise KernelInputError(
+                        f"{op}: weight of layer {l} direction {d} has shape {list(w.shape)}, expected {list(s)}"
+                    )
+    if lengths is not None:
+        if lengths.dim() != 1 or lengths.shape[0] != B or lengths.dtype != torch.int64:
+            raise KernelInputError(f"{op}: lengths must be an int64 tensor of shape [{B}], got {lengths.dtype} {list(lengths.shape)}")
+        if B and (int(lengths.min()) < 0 or int(lengths.max()) > T):
+            raise KernelInputError(f"{op}: lengths must lie in [0, {T}]")
+    if masks is not None:
+        want = (num_layers - 1, T, B, D * H)
+        if tuple(masks.shape) != want:
+            raise KernelInputError(f"{op}: dropout_masks must have shape {list(want)}, got {list(masks.shape)}")
+
+
+def _split(weights, num_layers, D, has_biases):
+    per = 4 if has_biases else 2
+    out = []
+    for k in range(num_layers * D):
+        ws = list(weights[k * per:(k + 1) * per])
+        if not has_biases:
+            ws += [None, None]
+        out.append(tuple(ws))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers
+
+
+def rnn_seq_forward(input, hx, cx, weights, mode, num_layers, bidirectional, has_biases, lengths=None, dropout_masks=None):
+    """Whole sequence, time-major. ``input [T, B, I]``, ``hx / cx [L * D, B, H]``.
+
+    Returns ``(output [T, B, D * H], hn, cn, reserve)``; ``cn`` is an empty ``[0]`` tensor for
+    the Elman RNN and the GRU; ``reserve`` is flat, float32 for half inputs.
+    """
+    op = mode
+    _check_seq(op, input, hx, cx, weights, mode, num_layers, bidirectional, has_biases, lengths, dropout_masks)
+    backend = _backend.resolve(op, input.device, BACKENDS)
+    dev, dt = input.device, input.dtype
+    if backend == "reference":
+        D = 2 if bidirectional else 1
+        ws = _split([to_numpy(w) for w in weights], num_layers, D, has_biases)
+        out, hn, cn, res = ref.rnn_forward(
+            mode, to_numpy(input), to_numpy(hx), to_numpy(cx) if mode == "lstm" else None, ws,
+            num_layers, bidirectional, None if lengths is None else lengths.cpu().numpy(), to_numpy(dropout_masks),
+        )
+        cn_t = from_numpy(cn, dt, dev) if cn is not None else input.new_empty(0)
+        return from_numpy(out, dt, dev), from_numpy(hn, dt, dev), cn_t, from_numpy(res, reserve_dtype(dt), dev)
+    _backend.check_interpreter_dtype(op, backend, input)
+    if backend == "triton":
+        from ..kernels import triton as ktriton
+        from ..kernels.triton import rnn as kt
+
+        return kt.rnn_forward(mode, input, hx, cx, weights, num_layers, bidirectional, has_biases, lengths, dropout_masks, ktriton.INTERPRET)
+    from ..kernels.cuda import rnn_launch as kc  # noqa: F401  (cupy backend, see below)
+
+    return kc.rnn_forward(mode, input, hx, cx, weights, num_layers, bidirectional, has_biases, lengths, dropout_masks)
+
+
+def rnn_seq_backward(grad_output, grad_hn, grad_cn, input, weights, reserve, mode, num_layers, bidirectional,
+                     has_biases, lengths=None, dropout_masks=None):
+    """Gradients of :func:`rnn_seq_forward`: ``(dinput, dhx, dcx, dweights)`` (``dcx`` empty for
+    non-LSTM modes; ``dweights`` in the order of ``weights``)."""
+    op = mode + "_backward"
+    T, B, I = input.shape
+    D = 2 if bidirectional else 1
+    H = weights[1].shape[1]
+    want = (T, B, D * H)
+    if tuple(grad_output.shape) != want:
+        raise KernelInputError(f"{op}: grad_output has shape {list(grad_output.shape)}, expected {list(want)}")
+    size = ref.reserve_size(mode, T, B, H, num_layers, D)
+    if reserve.numel() != size:
+        raise KernelInputError(f"{op}: reserve has {reserve.numel()} elements, expected {size}")
+    backend = _backend.resolve(op, input.device, BACKENDS)
+    dev, dt = input.device, input.dtype
+    if backend == "reference":
+        ws = _split([to_numpy(w) for w in weights], num_layers, D, has_biases)
+        dx, dhx, dcx, dws = ref.rnn_backward(
+            mode, to_numpy(grad_output), to_numpy(grad_hn), to_numpy(grad_cn) if mode == "lstm" else None,
+            to_numpy(input), ws, to_numpy(reserve), num_layers, bidirectional,
+            None if lengths is None else lengths.cpu().numpy(), to_numpy(dropout_masks),
+        )
+        flat = [from_numpy(g, dt, dev) for k in range(num_layers * D) for g in dws[k] if g is not None]
+        dcx_t = from_numpy(dcx, dt, dev) if dcx is not None else input.new_empty(0)
+        return from_numpy(dx, dt, dev), from_numpy(dhx, dt, dev), dcx_t, flat
+    _backend.check_interpreter_dtype(op, backend, input)
+    if backend == "triton":
+        from ..kernels import triton as ktriton
+        from ..kernels.triton import rnn as kt
+
+        return kt.rnn_backward(mode, grad_output, grad_hn, grad_cn, input, weights, reserve, num_layers, bidirectional,
+                               has_biases, lengths, dropout_masks, ktriton.INTERPRET)
+    from ..kernels.cuda import rnn_launch as kc
+
+    return kc.rnn_backward(mode, grad_output, grad_hn, grad_cn, input, weights, reserve, num_layers, bidirectional,
+                           has_biases, lengths, dropout_masks)
+
+
+# ----------------------------------------------------------------------------------------------
+# custom ops: sequences
+
+
+@torch.library.custom_op("gpu_nn::rnn_seq", mutates_args=())
+def _rnn_seq_op(input: Tensor, hx: Tensor, cx: Optional[Tensor], weights: list[Tensor], mode: str, num_layers: int,
+                bidirectional: bool, has_biases: bool, lengths: Optional[Tensor],
+                dropout_masks: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return rnn_seq_forward(input, hx, cx, weights, mode, num_layers, bidirectional, has_biases, lengths, dropout_masks)
+
+
+@_rnn_seq_op.register_fake
+def _(input, hx, cx, weights, mode, num_layers, bidirectional, has_biases, lengths, dropout_masks):
+    T, B, H, L, D = _shape_info(input, hx, num_layers, bidirectional)
+    cn = input.new_empty((L * D, B, H)) if mode == "lstm" else input.new_empty(0)
+    res = input.new_empty(ref.reserve_size(mode, T, B, H, L, D), dtype=reserve_dtype(input.dtype))
+    return input.new_empty((T, B, D * H)), input.new_empty((L * D, B, H)), cn, res
+
+
+@torch.library.custom_op("gpu_nn::rnn_seq_backward", mutates_args=())
+def _rnn_seq_backward_op(grad_output: Tensor, grad_hn: Tensor, grad_cn: Optional[Tensor], input: Tensor,
+                         weights: list[Tensor], reserve: Tensor, mode: str, num_layers: int, bidirectional: bool,
+                         has_biases: bool, lengths: Optional[Tensor],
+                         dropout_masks: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
+    return rnn_seq_backward(grad_output, grad_hn, grad_cn, input, weights, reserve, mode, num_layers, bidirectional,
+                            has_biases, lengths, dropout_masks)
+
+
+@_rnn_seq_backward_op.register_fake
+def _(grad_output, grad_hn, grad_cn, input, weights, reserve, mode, num_layers, bidirectional, has_biases, lengths,
+      dropout_masks):
+    dcx = grad_hn.new_empty(grad_hn.shape) if mode == "lstm" else input.new_empty(0)
+    return input.new_empty(input.shape), grad_hn.new_empty(grad_hn.shape), dcx, [w.new_empty(w.shape) for w in weights]
+
+
+def _seq_setup(ctx, inputs, output):
+    input, hx, cx, weights, mode, num_layers, bidirectional, has_biases, lengths, masks = inputs
+    ctx.args = (mode, num_layers, bidirectional, has_biases)
+    ctx.has_cx = cx is not None
+    ctx.n_w = len(weights)
+    ctx.has_lengths, ctx.has_masks = lengths is not None, masks is not None
+    ctx.save_for_backward(input, output[3], lengths, masks, *weights)
+
+
+def _seq_backward(ctx, g_out, g_hn, g_cn, _g_res):
+    input, reserve, lengths, masks, *weights = ctx.saved_tensors
+    mode, num_layers, bidirectional, has_biases = ctx.args
+    lengths = lengths if ctx.has_lengths else None
+    masks = masks if ctx.has_masks else None
+    T, B, _ = input.shape
+    D = 2 if bidirectional else 1
+    H = weights[1].shape[1]
+    if g_out is None:
+        g_out = input.new_zeros((T, B, D * H))
+    if g_hn is None:
+        g_hn = input.new_zeros((num_layers * D, B, H))
+    if mode == "lstm" and (g_cn is None or g_cn.numel() == 0):
+        g_cn = input.new_zeros((num_layers * D, B, H))
+    dx, dhx, dcx, dws = _rnn_seq_backward_op(
+        g_out.contiguous(), g_hn.contiguous(), g_cn.contiguous() if mode == "lstm" else None, input, list(weights), reserve,
+        mode, num_layers, bidirectional, has_biases, lengths, masks,
+    )
+    return dx, dhx, (dcx if ctx.has_cx and mode == "lstm" else None), list(dws), None, None, None, None, None, None
+
+
+_rnn_seq_op.register_autograd(_seq_backward, setup_context=_seq_setup)
+
+
+# ----------------------------------------------------------------------------------------------
+# custom ops: cells (one step of one layer; the kernels are the sequence ones at T = 1)
+
+
+def rnn_cell_forward(input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode):
+    """``input [B, I]``, ``hx / cx [B, H]`` -> ``(h' [B, H], c' [B, H] or empty [0])``."""
+    weights = [w_ih, w_hh] + ([b_ih, b_hh] if b_ih is not None else [])
+    out, hn, cn, _ = rnn_seq_forward(input[None], hx[None], None if cx is None else cx[None], weights, mode, 1, False,
+                                     b_ih is not None)
+    return hn[0].clone(), (cn[0].clone() if mode == "lstm" else cn)
+
+
+def rnn_cell_backward(grad_h, grad_c, input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode):
+    """``(dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh)``; ``dc`` and the bias gradients are empty
+    ``[0]`` tensors where they do not apply. Recomputes the step (cells keep no reserve)."""
+    has_b = b_ih is not None
+    weights = [w_ih, w_hh] + ([b_ih, b_hh] if has_b else [])
+    x3 = input[None]
+    _, _, _, res = rnn_seq_forward(x3, hx[None], None if cx is None else cx[None], weights, mode, 1, False, has_b)
+    g_out = grad_h.new_zeros((1,) + tuple(grad_h.shape))
+    dx, dh, dc, dws = rnn_seq_backward(g_out, grad_h[None].contiguous(),
+                                       grad_c[None].contiguous() if mode == "lstm" else None, x3, weights, res, mode, 1,
+                                       False, has_b)
+    e = input.new_empty(0)
+    db = (dws[2], dws[3]) if has_b else (e, e.clone())
+    return dx[0].clone(), dh[0].clone(), (dc[0].clone() if mode == "lstm" else e.clone()), dws[0], dws[1], *db
+
+
+def _check_cell(op, input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode):
+    for name, t in (("input", input), ("hx", hx), ("w_ih", w_ih), ("w_hh", w_hh)):
+        if not isinstance(t, Tensor):
+            raise KernelInputError(f"{op}(): argument '{name}' must be Tensor, not {type(t).__name__}")
+    if input.dim() != 2:
+        raise KernelInputError(f"{op}: Expected input to be 1D or 2D, got {input.dim()}D instead")
+    H = w_hh.shape[-1]
+    G = GATES[mode] * H
+    if w_ih.dim() != 2 or w_ih.shape[0] != G or w_hh.dim() != 2 or tuple(w_hh.shape) != (G, H):
+        raise KernelInputError(f"{op}: weights of shape {list(w_ih.shape)} and {list(w_hh.shape)} do not fit a {mode} cell")
+    if input.shape[1] != w_ih.shape[1]:
+        raise KernelInputError(f"input has inconsistent input_size: got {input.shape[1]} expected {w_ih.shape[1]}")
+    for i, t in enumerate((hx, cx)):
+        if t is None:
+            continue
+        if t.dim() != 2 or t.shape[0] != input.shape[0]:
+            raise KernelInputError(f"Input batch size {input.shape[0]} doesn't match hidden{i} batch size {t.shape[0]}")
+        if t.shape[1] != H:
+            raise KernelInputError(f"hidden{i} has inconsistent hidden_size: got {t.shape[1]}, expected {H}")
+    for name, t in (("hx", hx), ("cx", cx), ("w_hh", w_hh), ("b_ih", b_ih), ("b_hh", b_hh)):
+        if t is None:
+            continue
+        if t.dtype != input.dtype or w_ih.dtype != input.dtype:
+            raise KernelInputError(
+                f"{op}: input dtype ({input.dtype}), weight dtype ({w_ih.dtype}) and {name} dtype ({t.dtype}) must be the same"
+            )
+        if t.device != input.device or w_ih.device != input.device:
+            raise KernelInputError(
+                f"Expected all tensors to be on the same device, but found at least two devices, {input.device} and {t.device}!"
+            )
+    if (b_ih is None) != (b_hh is None):
+        raise KernelInputError(f"{op}: give both b_ih and b_hh or neither")
+    for b in (b_ih, b_hh):
+        if b is not None and tuple(b.shape) != (G,):
+            raise KernelInputError(f"{op}: bias of shape {list(b.shape)}, expected [{G}]")
+
+
+@torch.library.custom_op("gpu_nn::rnn_cell", mutates_args=())
+def _rnn_cell_op(input: Tensor, hx: Tensor, cx: Optional[Tensor], w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
+                 b_hh: Optional[Tensor], mode: str) -> tuple[Tensor, Tensor]:
+    return rnn_cell_forward(input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode)
+
+
+@_rnn_cell_op.register_fake
+def _(input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode):
+    return hx.new_empty(hx.shape), (hx.new_empty(hx.shape) if mode == "lstm" else hx.new_empty(0))
+
+
+@torch.library.custom_op("gpu_nn::rnn_cell_backward", mutates_args=())
+def _rnn_cell_backward_op(grad_h: Tensor, grad_c: Optional[Tensor], input: Tensor, hx: Tensor, cx: Optional[Tensor],
+                          w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor],
+                          mode: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return rnn_cell_backward(grad_h, grad_c, input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode)
+
+
+@_rnn_cell_backward_op.register_fake
+def _(grad_h, grad_c, input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode):
+    e = input.new_empty(0)
+    dc = hx.new_empty(hx.shape) if mode == "lstm" else e.clone()
+    db = (b_ih.new_empty(b_ih.shape), b_hh.new_empty(b_hh.shape)) if b_ih is not None else (e.clone(), e.clone())
+    return input.new_empty(input.shape), hx.new_empty(hx.shape), dc, w_ih.new_empty(w_ih.shape), w_hh.new_empty(w_hh.shape), *db
+
+
+def _cell_setup(ctx, inputs, output):
+    input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode = inputs
+    ctx.mode = mode
+    ctx.has_b = b_ih is not None
+    ctx.has_cx = cx is not None
+    ctx.save_for_backward(input, hx, cx, w_ih, w_hh, b_ih, b_hh)
+
+
+def _cell_backward(ctx, g_h, g_c):
+    input, hx, cx, w_ih, w_hh, b_ih, b_hh = ctx.saved_tensors
+    mode = ctx.mode
+    if g_h is None:
+        g_h = torch.zeros_like(hx)
+    if mode == "lstm" and (g_c is None or g_c.numel() == 0):
+        g_c = torch.zeros_like(hx)
+    dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh = _rnn_cell_backward_op(
+        g_h.contiguous(), g_c.contiguous() if mode == "lstm" else None, input, hx, cx if ctx.has_cx else None,
+        w_ih, w_hh, b_ih if ctx.has_b else None, b_hh if ctx.has_b else None, mode,
+    )
+    return (dx, dh, dc if (mode == "lstm" and ctx.has_cx) else None, dw_ih, dw_hh,
+            db_ih if ctx.has_b else None, db_hh if ctx.has_b else None, None)
+
+
+_rnn_cell_op.register_autograd(_cell_backward, setup_context=_cell_setup)
+
+
+# ----------------------------------------------------------------------------------------------
+# public functions
+
+
+def _cell(op, mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh):
+    if not isinstance(input, Tensor):
+        raise KernelInputError(f"{op}(): argument 'input' must be Tensor, not {type(input).__name__}")
+    batched = input.dim() == 2
+    if input.dim() not in (1, 2):
+        raise KernelInputError(f"{op}: Expected input to be 1D or 2D, got {input.dim()}D instead")
+    if not batched:
+        input = input[None]
+        hx = None if hx is None else hx[None]
+        cx = None if cx is None else cx[None]
+    H = w_hh.shape[-1]
+    if hx is None:
+        hx = input.new_zeros((input.shape[0], H))
+    if mode == "lstm" and cx is None:
+        cx = input.new_zeros((input.shape[0], H))
+    _check_cell(op, input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode)
+    h, c = _rnn_cell_op(input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode)
+    if not batched:
+        h, c = h[0], (c[0] if mode == "lstm" else c)
+    return h, c
+
+
+def rnn_tanh_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
+    """h' = tanh(input W_ih^T + b_ih + hx W_hh^T + b_hh); ``input [B, I]`` or ``[I]``."""
+    return _cell("rnn_tanh_cell", "rnn_tanh", input, hx, None, w_ih, w_hh, b_ih, b_hh)[0]
+
+
+def rnn_relu_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
+    """h' = relu(input W_ih^T + b_ih + hx W_hh^T + b_hh); ``input [B, I]`` or ``[I]``."""
+    return _cell("rnn_relu_cell", "rnn_relu", input, hx, None, w_ih, w_hh, b_ih, b_hh)[0]
+
+
+def lstm_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
+    """One LSTM step (gate order i, f, g, o); ``hx = (h, c)`` or None -> ``(h', c')``."""
+    h, c = (None, None) if hx is None else hx
+    return _cell("lstm_cell", "lstm", input, h, c, w_ih, w_hh, b_ih, b_hh)
+
+
+def gru_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
+    """One GRU step, n = tanh(W_in x + b_in + r * (W_hn h + b_hn)), h' = (1 - z) n + z h."""
+    return _cell("gru_cell", "gru", input, hx, None, w_ih, w_hh, b_ih, b_hh)[0]
+
+
+def draw_dropout_masks(p: float, num_layers: int, T: int, B: int, width: int, like: Tensor) -> Tensor | None:
+    """Inverted-dropout masks ``[L - 1, T, B, width]`` drawn with torch's RNG (values 0 or 1/(1-p))."""
+    if num_layers < 2 or p <= 0:
+        return None
+    if p >= 1:
+        return like.new_zeros((num_layers - 1, T, B, width))
+    keep = torch.empty((num_layers - 1, T, B, width), dtype=like.dtype, device=like.device).bernoulli_(1 - p)
+    return keep.div_(1 - p)
+
+
+def _seq(mode, input, hx, cx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first, lengths,
+         dropout_masks):
+    if not isinstance(input, Tensor):
+        raise KernelInputError(f"{mode}(): argument 'input' must be Tensor, not {type(input).__name__}")
+    if input.dim() != 3:
+        raise KernelInputError(f"{mode}: input must have 3 dimensions, got {input.dim()}")
+    x = input.transpose(0, 1) if batch_first else input
+    T, B, _ = x.shape
+    D = 2 if bidirectional else 1
+    H = hx.shape[-1]
+    if dropout_masks is None and train and dropout > 0 and num_layers > 1:
+        dropout_masks = draw_dropout_masks(float(dropout), num_layers, T, B, D * H, x)
+    if not train:
+        dropout_masks = None
+    if lengths is not None:
+        lengths = torch.as_tensor(lengths, dtype=torch.int64, device="cpu")
+    out, hn, cn, _ = _rnn_seq_op(x.contiguous(), hx, cx, list(params), mode, int(num_layers), bool(bidirectional),
+                                 bool(has_biases), lengths, dropout_masks)
+    if batch_first:
+        out = out.transpose(0, 1)
+    return out, hn, cn
+
+
+def rnn_tanh(input, hx, params, has_biases=True, num_layers=1, dropout=0.0, train=False, bidirectional=False,
+             batch_first=False, lengths=None, dropout_masks=None):
+    """Multi-layer Elman RNN with tanh over a whole sequence -> ``(output, h_n)``; as ``torch.rnn_tanh``."""
+    out, hn, _ = _seq("rnn_tanh", input, hx, None, params, has_biases, num_layers, dropout, train, bidirectional,
+                      batch_first, lengths, dropout_masks)
+    return out, hn
+
+
+def rnn_relu(input, hx, params, has_biases=True, num_layers=1, dropout=0.0, train=False, bidirectional=False,
+             batch_first=False, lengths=None, dropout_masks=None):
+    """Multi-layer Elman RNN with relu over a whole sequence -> ``(output, h_n)``; as ``torch.rnn_relu``."""
+    out, hn, _ = _seq("rnn_relu", input, hx, None, params, has_biases, num_layers, dropout, train, bidirectional,
+                      batch_first, lengths, dropout_masks)
+    return out, hn
+
+
+def gru(input, hx, params, has_biases=True, num_layers=1, dropout=0.0, train=False, bidirectional=False,
+        batch_first=False, lengths=None, dropout_masks=None):
+    """Multi-layer GRU over a whole sequence -> ``(output, h_n)``; as ``torch.gru``."""
+    out, hn, _ = _seq("gru", input, hx, None, params, has_biases, num_layers, dropout, train, bidirectional,
+                      batch_first, lengths, dropout_masks)
+    return out, hn
+
+
+def lstm(input, hx, params, has_biases=True, num_layers=1, dropout=0.0, train=False, bidirectional=False,
+         batch_first=False, lengths=None, dropout_masks=None):
+    """Multi-layer LSTM over a whole sequence, ``hx = (h0, c0)`` -> ``(output, h_n, c_n)``; as ``torch.lstm``."""
+    h0, c0 = hx
+    return _seq("lstm", input, h0, c0, params, has_biases, num_layers, dropout, train, bidirectional, batch_first,
+                lengths, dropout_masks)
+
+
+SEQ_FUNCS = {"rnn_tanh": rnn_tanh, "rnn_relu": rnn_relu, "lstm": lstm, "gru": gru}
+CELL_FUNCS = {"rnn_tanh": rnn_tanh_cell, "rnn_relu": rnn_relu_cell, "lstm": lstm_cell, "gru": gru_cell}
+
+
+# ----------------------------------------------------------------------------------------------
+# gpu-nn check
+
+
+def _t(rng, *shape, grad=True, scale=1.0):
+    return torch.from_numpy(rng.standard_normal(shape) * scale).requires_grad_(grad)
+
+
+def _make_cell(mode, B=5, I=7, H=11, bias=True):
+    G = GATES[mode] * H
+
+    def make(rng):
+        s = H ** -0.5
+        x, h = _t(rng, B, I), _t(rng, B, H)
+        ws = [_t(rng, G, I, scale=s), _t(rng, G, H, scale=s)] + ([_t(rng, G, scale=s), _t(rng, G, scale=s)] if bias else [])
+        hx = (h, _t(rng, B, H)) if mode == "lstm" else h
+        return (x, hx, *ws), {}
+
+    return make
+
+
+def _make_seq(mode, T=4, B=3, I=5, H=9, L=2, bi=True, lengths=(4, 2, 3)):
+    G = GATES[mode] * H
+    D = 2 if bi else 1
+
+    def make(rng):
+        s = H ** -0.5
+        x = _t(rng, T, B, I)
+        h0 = _t(rng, L * D, B, H)
+        hx = (h0, _t(rng, L * D, B, H)) if mode == "lstm" else h0
+        params = []
+        for l in range(L):
+            for _ in range(D):
+                params += [_t(rng, G, I if l == 0 else D * H, scale=s), _t(rng, G, H, scale=s), _t(rng, G, scale=s),
+                           _t(rng, G, scale=s)]
+        kw = {"lengths": torch.tensor(lengths)} if lengths is not None else {}
+        return (x, hx, params, True, L, 0.0, False, bi, False), kw
+
+    return make
+
+
+CHECK_CASES = [
+    CheckCase(op=f"{m}_cell", make=_make_cell(m), fn=CELL_FUNCS[m], backends=BACKENDS) for m in MODES
+] + [
+    CheckCase(op=m, make=_make_seq(m), fn=SEQ_FUNCS[m], backends=BACKENDS, tol_scale=2.0) for m in MODES
+]
