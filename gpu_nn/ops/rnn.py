@@ -31,6 +31,7 @@ Backends: reference, triton, cupy.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -40,7 +41,7 @@ from .. import _backend
 from .._errors import KernelInputError
 from ..check import CheckCase
 from ..reference import rnn as ref
-from ._dispatch import FLOAT_DTYPES, compute_dtype, from_numpy, to_numpy
+from ._dispatch import FLOAT_DTYPES, compute_dtype, empty, from_numpy, to_numpy
 
 __all__ = [
     "gru",
@@ -164,14 +165,8 @@ def rnn_seq_forward(input, hx, cx, weights, mode, num_layers, bidirectional, has
         cn_t = from_numpy(cn, dt, dev) if cn is not None else input.new_empty(0)
         return from_numpy(out, dt, dev), from_numpy(hn, dt, dev), cn_t, from_numpy(res, reserve_dtype(dt), dev)
     _backend.check_interpreter_dtype(op, backend, input)
-    if backend == "triton":
-        from ..kernels import triton as ktriton
-        from ..kernels.triton import rnn as kt
-
-        return kt.rnn_forward(mode, input, hx, cx, weights, num_layers, bidirectional, has_biases, lengths, dropout_masks, ktriton.INTERPRET)
-    from ..kernels.cuda import rnn_launch as kc  # noqa: F401  (cupy backend, see below)
-
-    return kc.rnn_forward(mode, input, hx, cx, weights, num_layers, bidirectional, has_biases, lengths, dropout_masks)
+    return _gpu_forward(_impl(backend), mode, input, hx, cx, weights, num_layers, bidirectional, has_biases, lengths,
+                        dropout_masks)
 
 
 def rnn_seq_backward(grad_output, grad_hn, grad_cn, input, weights, reserve, mode, num_layers, bidirectional,
@@ -201,16 +196,195 @@ def rnn_seq_backward(grad_output, grad_hn, grad_cn, input, weights, reserve, mod
         dcx_t = from_numpy(dcx, dt, dev) if dcx is not None else input.new_empty(0)
         return from_numpy(dx, dt, dev), from_numpy(dhx, dt, dev), dcx_t, flat
     _backend.check_interpreter_dtype(op, backend, input)
+    return _gpu_backward(_impl(backend), mode, grad_output, grad_hn, grad_cn, input, weights, reserve, num_layers,
+                         bidirectional, has_biases, lengths, dropout_masks)
+
+
+# ----------------------------------------------------------------------------------------------
+# the GPU driver: host time loop over per-step kernel launches, shared by the triton and cupy
+# backends (which differ in how they run a matmul, a column sum and one fused step)
+
+
+def _impl(backend):
     if backend == "triton":
-        from ..kernels import triton as ktriton
         from ..kernels.triton import rnn as kt
 
-        return kt.rnn_backward(mode, grad_output, grad_hn, grad_cn, input, weights, reserve, num_layers, bidirectional,
-                               has_biases, lengths, dropout_masks, ktriton.INTERPRET)
-    from ..kernels.cuda import rnn_launch as kc
+        return kt
+    return _CupyImpl
 
-    return kc.rnn_backward(mode, grad_output, grad_hn, grad_cn, input, weights, reserve, num_layers, bidirectional,
-                           has_biases, lengths, dropout_masks)
+
+def _dot_code(*dtypes):
+    """Half-precision dot when any operand is half (the float32 one is cast down, as cuDNN keeps
+    half activations), exact float32 otherwise."""
+    for d in dtypes:
+        if d == torch.float16:
+            return 1
+        if d == torch.bfloat16:
+            return 2
+    return 0
+
+
+def _lengths_on(lengths, T, device):
+    if lengths is None or lengths.numel() == 0 or int(lengths.min()) >= T:
+        return None
+    return lengths.to(device=device, dtype=torch.int64)
+
+
+def _gpu_forward(K, mode, input, hx, cx, weights, num_layers, bidirectional, has_biases, lengths, masks):
+    T, B, I = input.shape
+    D = 2 if bidirectional else 1
+    H = hx.shape[-1]
+    L = num_layers
+    dt, dev = input.dtype, input.device
+    GH = GATES[mode] * H
+    layout, size = ref.reserve_layout(mode, T, B, H, L, D)
+    reserve = empty((size,), dtype=torch.float32, device=dev)
+    v = {k: reserve[o:o + math.prod(s)].view(s) for k, (o, s) in layout.items()}
+    out = empty((T, B, D * H), dtype=dt, device=dev)
+    hn = empty((L * D, B, H), dtype=dt, device=dev)
+    cn = empty((L * D, B, H), dtype=dt, device=dev) if mode == "lstm" else input.new_empty(0)
+    lens = _lengths_on(lengths, T, dev)
+    ws = _split(weights, L, D, has_biases)
+    xin = input
+    for l in range(L):
+        dest = v[("x", l + 1)] if l < L - 1 else out
+        mk = masks[l] if (masks is not None and l < L - 1) else None
+        in_w = xin.shape[-1]
+        for d in range(D):
+            k = l * D + d
+            w_ih, w_hh, b_ih, b_hh = ws[k]
+            Hs = v[("h", l, d)]
+            Cs = v.get(("c", l, d))
+            first = T if d == 1 else 0
+            Hs[first].copy_(hx[k])
+            if Cs is not None:
+                Cs[first].copy_(cx[k])
+            XG = v[("gates", l, d)] if mode in ("lstm", "gru") else empty((T, B, H), dtype=torch.float32, device=dev)
+            K.matmul(xin.reshape(T * B, in_w), w_ih.t(), XG.view(T * B, -1)[:, :GH], bias1=b_ih,
+                     bias2=b_hh if mode != "gru" else None, dot=_dot_code(xin.dtype, w_ih.dtype))
+            dcode = _dot_code(w_hh.dtype)
+            for t, p, n in ref._steps(T, d == 1):
+                K.step_forward(mode, XG[t], Hs[p], Hs[n], None if Cs is None else Cs[p], None if Cs is None else Cs[n],
+                               w_hh, b_hh if mode == "gru" else None, dest[t, :, d * H:(d + 1) * H],
+                               None if mk is None else mk[t, :, d * H:(d + 1) * H], lens, t, dcode)
+            last = 0 if d == 1 else T
+            hn[k].copy_(Hs[last])
+            if Cs is not None:
+                cn[k].copy_(Cs[last])
+        xin = dest
+    return out, hn, cn, reserve
+
+
+def _gpu_backward(K, mode, gout, ghn, gcn, input, weights, reserve, num_layers, bidirectional, has_biases, lengths,
+                  masks):
+    T, B, I = input.shape
+    D = 2 if bidirectional else 1
+    L = num_layers
+    H = weights[1].shape[1]
+    dt, dev = input.dtype, input.device
+    GH = GATES[mode] * H
+    layout, _ = ref.reserve_layout(mode, T, B, H, L, D)
+    v = {k: reserve[o:o + math.prod(s)].view(s) for k, (o, s) in layout.items()}
+    lens = _lengths_on(lengths, T, dev)
+    ws = _split(weights, L, D, has_biases)
+    f32 = torch.float32
+    dhx = empty((L * D, B, H), dtype=f32, device=dev)
+    dcx = empty((L * D, B, H), dtype=f32, device=dev) if mode == "lstm" else None
+    dGi = empty((T, B, GH), dtype=f32, device=dev)
+    dGh = empty((T, B, GH), dtype=f32, device=dev) if mode == "gru" else dGi
+    carry = empty((B, H), dtype=f32, device=dev)
+    dc = empty((B, H), dtype=f32, device=dev) if mode == "lstm" else None
+    dws = [None] * (L * D)
+    dout = gout
+    for l in range(L - 1, -1, -1):
+        xin = input if l == 0 else v[("x", l)]
+        in_w = xin.shape[-1]
+        dxin = empty((T, B, in_w), dtype=f32, device=dev)
+        mk = masks[l - 1] if (masks is not None and l > 0) else None
+        for d in range(D):
+            k = l * D + d
+            w_ih, w_hh, b_ih, b_hh = ws[k]
+            Hs = v[("h", l, d)]
+            Cs = v.get(("c", l, d))
+            G = v.get(("gates", l, d))
+            carry.copy_(ghn[k])
+            if dc is not None:
+                dc.copy_(gcn[k])
+            dcode = _dot_code(w_hh.dtype)
+            prev = None
+            for t, p, n in reversed(ref._steps(T, d == 1)):
+                K.step_backward(mode, prev, w_hh, carry, dc, dout[t, :, d * H:(d + 1) * H], None if G is None else G[t],
+                                Hs[p], Hs[n], None if Cs is None else Cs[p], None if Cs is None else Cs[n], dGi[t], dGh[t],
+                                None, lens, t, dcode)
+                prev = dGh[t]
+            K.step_backward(mode, prev, w_hh, carry, None, None, None, None, None, None, None, None, None, dhx[k], None, 0,
+                            dcode, final=True)
+            if dc is not None:
+                dcx[k].copy_(dc)
+            gi, gh = dGi.view(T * B, GH), dGh.view(T * B, GH)
+            hprev = (Hs[1:] if d == 1 else Hs[:T]).reshape(T * B, H)
+            x2 = xin.reshape(T * B, in_w)
+            dw_ih = empty(w_ih.shape, dtype=w_ih.dtype, device=dev)
+            dw_hh = empty(w_hh.shape, dtype=w_hh.dtype, device=dev)
+            K.matmul(gi.t(), x2, dw_ih, dot=_dot_code(x2.dtype))
+            K.matmul(gh.t(), hprev, dw_hh, dot=0)
+            grads = [dw_ih, dw_hh]
+            if b_ih is not None:
+                db_ih = empty(b_ih.shape, dtype=b_ih.dtype, device=dev)
+                db_hh = empty(b_hh.shape, dtype=b_hh.dtype, device=dev)
+                K.colsum(gi, db_ih)
+                K.colsum(gh, db_hh)
+                grads += [db_ih, db_hh]
+            K.matmul(gi, w_ih, dxin.view(T * B, in_w), scale=None if mk is None else mk.reshape(T * B, in_w),
+                     acc=d == 1, dot=_dot_code(w_ih.dtype))
+            dws[k] = grads
+        dout = dxin
+    dx = dout.to(dt)
+    flat = [g for k in range(L * D) for g in dws[k]]
+    dcx_t = dcx.to(dt) if dcx is not None else input.new_empty(0)
+    return dx, dhx.to(dt), dcx_t, flat
+
+
+class _CupyImpl:
+    """The cupy backend: torch's matmuls around our fused CUDA C cell kernels (kernels/cuda/rnn.cu)."""
+
+    @staticmethod
+    def matmul(a, b, c, *, bias1=None, bias2=None, scale=None, acc=False, dot=0):
+        wdt = {0: torch.float32, 1: torch.float16, 2: torch.bfloat16}[dot]
+        r = torch.mm(a.to(wdt), b.to(wdt)).float()
+        if bias1 is not None:
+            r += bias1.float()
+        if bias2 is not None:
+            r += bias2.float()
+        if scale is not None:
+            r *= scale.float()
+        if acc:
+            r += c.float()
+        c.copy_(r)
+
+    @staticmethod
+    def colsum(x, y):
+        y.copy_(x.sum(0))
+
+    @staticmethod
+    def step_forward(mode, xg, hp, hn, cp, cn, w_hh, b_hh, out, mask, lengths, t, dot):
+        from ..kernels.cuda import rnn as kc
+
+        wdt = w_hh.dtype
+        hh = torch.mm(hp.to(wdt), w_hh.t()).float()
+        kc.cell_forward(mode, xg, hh, hp, hn, cp, cn, None if b_hh is None else b_hh.float(), out, mask, lengths, t)
+
+    @staticmethod
+    def step_backward(mode, dg_next, w_hh, carry, dc, dout, g, hp, hn, cp, cn, dgi, dgh, dh0, lengths, t, dot,
+                      final=False):
+        from ..kernels.cuda import rnn as kc
+
+        if dg_next is not None:
+            carry += torch.mm(dg_next.to(w_hh.dtype), w_hh).float()
+        if final:
+            dh0.copy_(carry)
+            return
+        kc.cell_backward(mode, carry, dc, dout, g, hp, hn, cp, cn, dgi, dgh, lengths, t)
 
 
 # ----------------------------------------------------------------------------------------------
