@@ -455,3 +455,104 @@ def test_backend_cell_matches_reference(backend, device, mode, rng):
         o = run(backend, device, dtype)
         for a, b in zip(o[0] + list(o[1]), r[0] + list(r[1])):
             assert_close(a, b, dtype, k=4 * 13 * 3, what=f"{mode} cell {dtype}")
+
+
+# ----------------------------------------------------------------------------------------------
+# the CUDA kernels' per-element math (kernels/cuda/rnn_math.cuh), host-compiled, against the reference
+
+HOST_SRC = r"""
+#include "rnn_math.cuh"
+extern "C" {
+void host_rnn_fwd(int relu, int n, const float* x, const float* hh, float* h) {
+    for (int i = 0; i < n; ++i) h[i] = gn_rnn_fwd(relu, x[i], hh[i]);
+}
+void host_rnn_bwd(int relu, int n, const float* dh, const float* h, float* d) {
+    for (int i = 0; i < n; ++i) d[i] = gn_rnn_bwd(relu, dh[i], h[i]);
+}
+void host_lstm_fwd(int n, const float* x, const float* hh, const float* cp, float* g, float* c, float* h) {
+    for (int i = 0; i < n; ++i) gn_lstm_fwd(x + 4 * i, hh + 4 * i, cp[i], g + 4 * i, c + i, h + i);
+}
+void host_lstm_bwd(int n, const float* dh, const float* dc, const float* g, const float* c, const float* cp,
+                   float* dg, float* dco) {
+    for (int i = 0; i < n; ++i) gn_lstm_bwd(dh[i], dc[i], g + 4 * i, c[i], cp[i], dg + 4 * i, dco + i);
+}
+void host_gru_fwd(int n, const float* x, const float* hh, const float* hp, float* g, float* h) {
+    for (int i = 0; i < n; ++i) gn_gru_fwd(x + 3 * i, hh + 3 * i, hp[i], g + 4 * i, h + i);
+}
+void host_gru_bwd(int n, const float* dh, const float* g, const float* hp, float* dgi, float* dgh, float* carry) {
+    for (int i = 0; i < n; ++i) gn_gru_bwd(dh[i], g + 4 * i, hp[i], dgi + 3 * i, dgh + 3 * i, carry + i);
+}
+}
+"""
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_cuda_cell_math_on_host_matches_reference(mode, rng):
+    import ctypes
+
+    from helpers import build_host_library, fptr
+
+    lib = build_host_library(HOST_SRC, "rnn_math")
+    B, I, H = 3, 5, 7
+    G = ops.GATES[mode]
+    x, h, c = rng.standard_normal((B, I)), rng.standard_normal((B, H)), rng.standard_normal((B, H))
+    w_ih, w_hh = rng.standard_normal((G * H, I)) * 0.5, rng.standard_normal((G * H, H)) * 0.5
+    b_ih, b_hh = rng.standard_normal(G * H), rng.standard_normal(G * H)
+    gh_, gc_ = rng.standard_normal((B, H)), rng.standard_normal((B, H))
+    f32 = np.float32
+
+    def per_elem(a, k):  # [B, k * H] -> contiguous [B * H, k]
+        return np.ascontiguousarray(a.reshape(B, k, H).transpose(0, 2, 1).reshape(B * H, k), dtype=f32)
+
+    def from_elem(a, k):
+        return a.reshape(B, H, k).transpose(0, 2, 1).reshape(B, k * H)
+
+    n = ctypes.c_int(B * H)
+    xp = x @ w_ih.T + b_ih + (b_hh if mode != "gru" else 0)
+    hh = h @ w_hh.T + (b_hh if mode == "gru" else 0)
+    hp32 = np.ascontiguousarray(h.reshape(-1), dtype=f32)
+    out_h = np.empty(B * H, f32)
+    if mode.startswith("rnn"):
+        relu = ctypes.c_int(mode == "rnn_relu")
+        lib.host_rnn_fwd(relu, n, fptr(per_elem(xp, 1)), fptr(per_elem(hh, 1)), fptr(out_h))
+        want = ref.rnn_cell(x, h, w_ih, w_hh, b_ih, b_hh, mode[4:])
+        d = np.empty(B * H, f32)
+        lib.host_rnn_bwd(relu, n, fptr(np.ascontiguousarray(gh_.reshape(-1), dtype=f32)), fptr(out_h), fptr(d))
+        dg = d.reshape(B, H)
+        dgh, carry = dg, 0
+        wants = ref.rnn_cell_backward(gh_, x, h, w_ih, w_hh, b_ih, b_hh, mode[4:])
+        got_dc = None
+    elif mode == "lstm":
+        g4, c_new = np.empty((B * H, 4), f32), np.empty(B * H, f32)
+        cp32 = np.ascontiguousarray(c.reshape(-1), dtype=f32)
+        lib.host_lstm_fwd(n, fptr(per_elem(xp, 4)), fptr(per_elem(hh, 4)), fptr(cp32), fptr(g4), fptr(c_new), fptr(out_h))
+        want_h, want_c = ref.lstm_cell(x, h, c, w_ih, w_hh, b_ih, b_hh)
+        assert_close(torch.from_numpy(c_new.reshape(B, H)), torch.from_numpy(want_c), torch.float32, k=I + H)
+        want = want_h
+        dg4, dco = np.empty((B * H, 4), f32), np.empty(B * H, f32)
+        lib.host_lstm_bwd(n, fptr(np.ascontiguousarray(gh_.reshape(-1), dtype=f32)),
+                          fptr(np.ascontiguousarray(gc_.reshape(-1), dtype=f32)), fptr(g4), fptr(c_new), fptr(cp32),
+                          fptr(dg4), fptr(dco))
+        dg = from_elem(dg4, 4)
+        dgh, carry = dg, 0
+        wants = ref.lstm_cell_backward(gh_, gc_, x, h, c, w_ih, w_hh, b_ih, b_hh)
+        got_dc = dco.reshape(B, H)
+        wants = (wants[0], wants[1], *wants[3:]), wants[2]
+    else:
+        g4 = np.empty((B * H, 4), f32)
+        lib.host_gru_fwd(n, fptr(per_elem(xp, 3)), fptr(per_elem(hh, 3)), fptr(hp32), fptr(g4), fptr(out_h))
+        want = ref.gru_cell(x, h, w_ih, w_hh, b_ih, b_hh)
+        dgi3, dgh3, car = np.empty((B * H, 3), f32), np.empty((B * H, 3), f32), np.empty(B * H, f32)
+        lib.host_gru_bwd(n, fptr(np.ascontiguousarray(gh_.reshape(-1), dtype=f32)), fptr(g4), fptr(hp32), fptr(dgi3),
+                         fptr(dgh3), fptr(car))
+        dg, dgh, carry = from_elem(dgi3, 3), from_elem(dgh3, 3), car.reshape(B, H)
+        wants = ref.gru_cell_backward(gh_, x, h, w_ih, w_hh, b_ih, b_hh)
+        got_dc = None
+    assert_close(torch.from_numpy(out_h.reshape(B, H)), torch.from_numpy(want), torch.float32, k=I + H, what="h'")
+    if mode == "lstm":
+        wants, want_dc = wants
+        assert_close(torch.from_numpy(got_dc), torch.from_numpy(want_dc), torch.float32, k=G * H, what="dc")
+    dg, dgh = dg.astype(np.float64), np.asarray(dgh, np.float64)
+    got = (dg @ w_ih, dgh @ w_hh + carry, dg.T @ x, dgh.T @ h, dg.sum(0), dgh.sum(0))
+    for name, a, b in zip(("dx", "dh", "dw_ih", "dw_hh", "db_ih", "db_hh"), got, wants):
+        assert_close(torch.from_numpy(np.asarray(a)), torch.from_numpy(b), torch.float32, k=G * H, what=name)

@@ -224,9 +224,11 @@ def _dot_code(*dtypes):
     return 0
 
 
-def _lengths_on(lengths, T, device):
-    if lengths is None or lengths.numel() == 0 or int(lengths.min()) >= T:
-        return None
+def _lengths_on(lengths, T, B, device):
+    """Per-sequence lengths on the device; full length where the caller gave none (the step
+    kernels always mask)."""
+    if lengths is None:
+        return torch.full((B,), T, dtype=torch.int64, device=device)
     return lengths.to(device=device, dtype=torch.int64)
 
 
@@ -243,7 +245,7 @@ def _gpu_forward(K, mode, input, hx, cx, weights, num_layers, bidirectional, has
     out = empty((T, B, D * H), dtype=dt, device=dev)
     hn = empty((L * D, B, H), dtype=dt, device=dev)
     cn = empty((L * D, B, H), dtype=dt, device=dev) if mode == "lstm" else input.new_empty(0)
-    lens = _lengths_on(lengths, T, dev)
+    lens = _lengths_on(lengths, T, B, dev)
     ws = _split(weights, L, D, has_biases)
     xin = input
     for l in range(L):
@@ -285,7 +287,7 @@ def _gpu_backward(K, mode, gout, ghn, gcn, input, weights, reserve, num_layers, 
     GH = GATES[mode] * H
     layout, _ = ref.reserve_layout(mode, T, B, H, L, D)
     v = {k: reserve[o:o + math.prod(s)].view(s) for k, (o, s) in layout.items()}
-    lens = _lengths_on(lengths, T, dev)
+    lens = _lengths_on(lengths, T, B, dev)
     ws = _split(weights, L, D, has_biases)
     f32 = torch.float32
     dhx = empty((L * D, B, H), dtype=f32, device=dev)
@@ -367,24 +369,52 @@ class _CupyImpl:
         y.copy_(x.sum(0))
 
     @staticmethod
-    def step_forward(mode, xg, hp, hn, cp, cn, w_hh, b_hh, out, mask, lengths, t, dot):
-        from ..kernels.cuda import rnn as kc
+    def _module(mode, device):
+        from ..kernels import cuda as kcuda
 
-        wdt = w_hh.dtype
-        hh = torch.mm(hp.to(wdt), w_hh.t()).float()
-        kc.cell_forward(mode, xg, hh, hp, hn, cp, cn, None if b_hh is None else b_hh.float(), out, mask, lengths, t)
+        return kcuda, kcuda.load("rnn", {"GN_MODE": ref.MODES.index(mode)}, device.index or 0)
+
+    @staticmethod
+    def step_forward(mode, xg, hp, hn, cp, cn, w_hh, b_hh, out, mask, lengths, t, dot):
+        import numpy as np
+
+        B, H = hp.shape
+        if B * H == 0:
+            return
+        kcuda, mod = _CupyImpl._module(mode, hp.device)
+        hh = torch.mm(hp.to(w_hh.dtype), w_hh.t()).float()
+        o32 = out if out.dtype == torch.float32 else torch.empty(out.shape, dtype=torch.float32, device=out.device)
+        m32 = None if mask is None else mask.float()
+        any_ = hp
+        kcuda.launch(mod, "rnn_cell_fwd", ((B * H + 255) // 256,), (256,), (
+            xg, np.int64(xg.stride(0)), hh, hp, hn, any_ if cp is None else cp, any_ if cn is None else cn,
+            any_ if b_hh is None else b_hh.float(), np.int32(b_hh is not None), o32, np.int64(o32.stride(0)),
+            any_ if m32 is None else m32, np.int64(0 if m32 is None else m32.stride(0)), np.int32(m32 is not None),
+            lengths, np.int32(t), np.int32(B), np.int32(H)), device=hp.device.index or 0)
+        if o32 is not out:
+            out.copy_(o32)
 
     @staticmethod
     def step_backward(mode, dg_next, w_hh, carry, dc, dout, g, hp, hn, cp, cn, dgi, dgh, dh0, lengths, t, dot,
                       final=False):
-        from ..kernels.cuda import rnn as kc
+        import numpy as np
 
+        B, H = carry.shape
         if dg_next is not None:
             carry += torch.mm(dg_next.to(w_hh.dtype), w_hh).float()
         if final:
             dh0.copy_(carry)
             return
-        kc.cell_backward(mode, carry, dc, dout, g, hp, hn, cp, cn, dgi, dgh, lengths, t)
+        if B * H == 0:
+            return
+        kcuda, mod = _CupyImpl._module(mode, carry.device)
+        d32 = dout.float()
+        any_ = carry
+        kcuda.launch(mod, "rnn_cell_bwd", ((B * H + 255) // 256,), (256,), (
+            carry, any_ if dc is None else dc, d32, np.int64(d32.stride(0)), any_ if g is None else g,
+            np.int64(0 if g is None else g.stride(0)), hp, hn, any_ if cp is None else cp, any_ if cn is None else cn,
+            dgi, dgh, np.int64(dgi.stride(0)), lengths, np.int32(t), np.int32(B), np.int32(H)),
+            device=carry.device.index or 0)
 
 
 # ----------------------------------------------------------------------------------------------

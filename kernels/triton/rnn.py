@@ -107,7 +107,7 @@ def _rnn_colsum_kernel(x_ptr, y_ptr, M, N, stride_xm, BLOCK_M: tl.constexpr, BLO
 @triton.jit
 def _rnn_step_fwd_kernel(xg_ptr, stride_xg, hp_ptr, hn_ptr, cp_ptr, cn_ptr, w_ptr, stride_w0, stride_w1, bhh_ptr,
                          out_ptr, stride_out, mask_ptr, stride_mask, len_ptr, t, B, H,
-                         MODE: tl.constexpr, HAS_BHH: tl.constexpr, HAS_MASK: tl.constexpr, HAS_LEN: tl.constexpr,
+                         MODE: tl.constexpr, HAS_BHH: tl.constexpr, HAS_MASK: tl.constexpr,
                          DOT_DT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
     """One step of one layer and direction for a [BLOCK_B, BLOCK_H] tile of (batch, hidden unit).
 
@@ -177,12 +177,11 @@ def _rnn_step_fwd_kernel(xg_ptr, stride_xg, hp_ptr, hn_ptr, cp_ptr, cn_ptr, w_pt
         tl.store(xg + H, z, mask=m2)
         tl.store(xg + 2 * H, n, mask=m2)
         tl.store(xg + 3 * H, acc2, mask=m2)
-    out = h_new
-    if HAS_LEN:
-        valid = (t < tl.load(len_ptr + rb, mask=mb, other=0))[:, None]
-        h_new = tl.where(valid, h_new, hp)
-        c_new = tl.where(valid, c_new, cp)
-        out = tl.where(valid, out, 0.0)
+    # steps beyond a sequence's length keep its state and output zero (PackedSequence semantics)
+    valid = (t < tl.load(len_ptr + rb, mask=mb, other=0))[:, None]
+    out = tl.where(valid, h_new, 0.0)
+    h_new = tl.where(valid, h_new, hp)
+    c_new = tl.where(valid, c_new, cp)
     tl.store(hn_ptr + st, h_new, mask=m2)
     if MODE == 2:
         tl.store(cn_ptr + st, c_new, mask=m2)
@@ -195,7 +194,7 @@ def _rnn_step_fwd_kernel(xg_ptr, stride_xg, hp_ptr, hn_ptr, cp_ptr, cn_ptr, w_pt
 def _rnn_step_bwd_kernel(dgn_ptr, stride_dgn, w_ptr, stride_w0, stride_w1, carry_ptr, dc_ptr, dout_ptr, stride_dout,
                          g_ptr, stride_g, hp_ptr, hn_ptr, cp_ptr, cn_ptr, dgi_ptr, dgh_ptr, stride_dg, dh0_ptr,
                          len_ptr, t, B, H,
-                         MODE: tl.constexpr, HAS_NEXT: tl.constexpr, HAS_LEN: tl.constexpr, FINAL: tl.constexpr,
+                         MODE: tl.constexpr, HAS_NEXT: tl.constexpr, FINAL: tl.constexpr,
                          DOT_DT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
     """One step backward for a [BLOCK_B, BLOCK_H] tile.
 
@@ -229,10 +228,8 @@ def _rnn_step_bwd_kernel(dgn_ptr, stride_dgn, w_ptr, stride_w0, stride_w1, carry
         tl.store(dh0_ptr + st, dh, mask=m2)
     else:
         dout = tl.load(dout_ptr + rb[:, None] * stride_dout + rh[None, :], mask=m2, other=0.0).to(tl.float32)
-        valid = m2
-        if HAS_LEN:
-            valid = (t < tl.load(len_ptr + rb, mask=mb, other=0))[:, None] & m2
-            dout = tl.where(valid, dout, 0.0)
+        valid = (t < tl.load(len_ptr + rb, mask=mb, other=0))[:, None] & m2
+        dout = tl.where(valid, dout, 0.0)
         dh += dout
         g = g_ptr + rb[:, None] * stride_g + rh[None, :]
         dgi = dgi_ptr + rb[:, None] * stride_dg + rh[None, :]
@@ -294,9 +291,7 @@ def dot_code(dtype) -> int:
 def step_blocks(B: int, H: int, mode: str) -> tuple[int, int, int, int]:
     """(BLOCK_B, BLOCK_H, BLOCK_K, num_warps) of the step kernels: dot tiles of at least 16 on
     every side; the LSTM's four accumulators take a narrower hidden tile."""
-    bb = 16 if B <= 16 else 32
-    bh = 32 if (mode == "lstm" or H <= 32) else 64
-    return bb, bh, 32, 4
+    return (16 if B <= 16 else 32), 32, 32, 4
 
 
 MATMUL_BLOCKS = (32, 64, 32, 4)  # BLOCK_M, BLOCK_N, BLOCK_K, num_warps
@@ -337,8 +332,8 @@ def step_forward(mode, xg, hp, hn, cp, cn, w_hh, b_hh, out, mask, lengths, t, do
         xg, xg.stride(0), hp, hn, cp if cp is not None else hp, cn if cn is not None else hn, w_hh,
         w_hh.stride(0), w_hh.stride(1), b_hh if b_hh is not None else w_hh, out, out.stride(0),
         mask if mask is not None else out, mask.stride(0) if mask is not None else 0,
-        lengths if lengths is not None else hp, t, B, H,
-        MODE=MODE_CODES[mode], HAS_BHH=b_hh is not None, HAS_MASK=mask is not None, HAS_LEN=lengths is not None,
+        lengths, t, B, H,
+        MODE=MODE_CODES[mode], HAS_BHH=b_hh is not None, HAS_MASK=mask is not None,
         DOT_DT=dot, BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=bk, num_warps=warps,
     )
 
@@ -359,7 +354,7 @@ def step_backward(mode, dg_next, w_hh, carry, dc, dout, g, hp, hn, cp, cn, dgi, 
         cn if cn is not None else any_, dgi if dgi is not None else any_, dgh if dgh is not None else any_,
         dgi.stride(0) if dgi is not None else 0, dh0 if dh0 is not None else any_,
         lengths if lengths is not None else any_, t, B, H,
-        MODE=MODE_CODES[mode], HAS_NEXT=dg_next is not None, HAS_LEN=lengths is not None, FINAL=final, DOT_DT=dot,
+        MODE=MODE_CODES[mode], HAS_NEXT=dg_next is not None, FINAL=final, DOT_DT=dot,
         BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=bk, num_warps=warps,
     )
 
@@ -368,63 +363,72 @@ def step_backward(mode, dg_next, w_hh, carry, dc, dout, g, hp, hn, cp, cn, dgi, 
 # ahead-of-time configurations
 
 
-def aot_specs():
-    specs = []
-    dts = ("fp32", "fp16", "bf16")
+def _matmul_spec(a, b, c, bias1, bias2, scale, acc, dot, dt):
     bm, bn, bk, warps = MATMUL_BLOCKS
-    for dt in dts:
+    sig = {"a_ptr": f"*{a}", "b_ptr": f"*{b}", "c_ptr": f"*{c}", "bias1_ptr": f"*{dt}", "bias2_ptr": f"*{dt}",
+           "scale_ptr": f"*{dt}", "M": "i32", "N": "i32", "K": "i32"}
+    for s in ("stride_am", "stride_ak", "stride_bk", "stride_bn", "stride_cm", "stride_cn", "stride_sm", "stride_sn"):
+        sig[s] = "i32"
+    for k in ("HAS_BIAS1", "HAS_BIAS2", "HAS_SCALE", "ACC", "DOT_DT", "BLOCK_M", "BLOCK_N", "BLOCK_K"):
+        sig[k] = "constexpr"
+    cons = {"HAS_BIAS1": bias1, "HAS_BIAS2": bias2, "HAS_SCALE": scale, "ACC": acc, "DOT_DT": dot,
+            "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
+    return AotSpec(_rnn_matmul_kernel, sig, cons, num_warps=warps,
+                   label=f"matmul {a}x{b}->{c} bias{int(bias1)}{int(bias2)} scale{int(scale)} acc{int(acc)} dot{dot}")
+
+
+def aot_specs():
+    """Every launch configuration of the driver in gpu_nn.ops.rnn: per io dtype, the matmuls
+    (input projection from the io-dtype input or a float32 layer input, with both, one or no
+    bias; dW from io-dtype or float32 operands; dX with or without the dropout scale, first or
+    accumulating direction), the column sum, and the step kernels for every mode, both batch
+    tiles, output / output-gradient in the io dtype (last layer) or float32 (inner layers),
+    with and without the dropout mask, first / middle / final backward step."""
+    specs = []
+    for dt in ("fp32", "fp16", "bf16"):
         dot = DOT_CODES[dt]
-        # (A, B, C) dtypes the launchers use: input projection (x or the fp32 layer input, W -> fp32),
-        # dX = dG W (fp32, W -> fp32), dW = dG^T X (fp32, x/fp32 -> W dtype)
-        combos = {("fp32", dt, "fp32"), (dt, dt, "fp32"), ("fp32", "fp32", dt), ("fp32", dt, dt)}
-        for a, b, c in sorted(combos):
-            for bias1, bias2, scale, acc in ((1, 1, 0, 0), (1, 0, 0, 0), (0, 0, 0, 0), (0, 0, 1, 1), (0, 0, 0, 1)):
-                if (a, b, c) != ("fp32", dt, "fp32") and a != dt and (bias1 or scale or acc) and not (c == "fp32" and b == dt):
-                    continue
-                sig = {"a_ptr": f"*{a}", "b_ptr": f"*{b}", "c_ptr": f"*{c}", "bias1_ptr": f"*{dt}", "bias2_ptr": f"*{dt}",
-                       "scale_ptr": f"*{dt}", "M": "i32", "N": "i32", "K": "i32"}
-                for s in ("stride_am", "stride_ak", "stride_bk", "stride_bn", "stride_cm", "stride_cn", "stride_sm", "stride_sn"):
-                    sig[s] = "i32"
-                for k in ("HAS_BIAS1", "HAS_BIAS2", "HAS_SCALE", "ACC", "DOT_DT", "BLOCK_M", "BLOCK_N", "BLOCK_K"):
-                    sig[k] = "constexpr"
-                cons = {"HAS_BIAS1": bool(bias1), "HAS_BIAS2": bool(bias2), "HAS_SCALE": bool(scale), "ACC": bool(acc),
-                        "DOT_DT": dot if (a, b) != ("fp32", "fp32") else 0, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
-                specs.append(AotSpec(_rnn_matmul_kernel, sig, cons, num_warps=warps,
-                                     label=f"matmul {a}x{b}->{c} b{bias1}{bias2} s{scale} acc{acc}"))
+        mm = set()
+        for a in sorted({dt, "fp32"}):
+            for bias1, bias2 in ((True, True), (True, False), (False, False)):
+                mm.add((a, dt, "fp32", bias1, bias2, False, False, dot))
+        for b in sorted({dt, "fp32"}):
+            mm.add(("fp32", b, dt, False, False, False, False, dot if b == dt else 0))
+        for scale in (False, True):
+            for acc in (False, True):
+                mm.add(("fp32", dt, "fp32", False, False, scale, acc, dot))
+        specs += [_matmul_spec(*m, dt) for m in sorted(mm)]
         specs.append(AotSpec(_rnn_colsum_kernel, {"x_ptr": "*fp32", "y_ptr": f"*{dt}", "M": "i32", "N": "i32",
                                                   "stride_xm": "i32", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"},
                              {"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, label=f"colsum {dt}"))
         for mode, code in MODE_CODES.items():
             for bb in (16, 32):
-                bh_opts = (32,) if mode == "lstm" else (32, 64)
-                for bh in bh_opts:
-                    for out_dt in sorted({dt, "fp32"}):
-                        for has_len in (False, True):
-                            for has_mask in ((False, True) if out_dt == "fp32" else (False,)):
-                                sig = {"xg_ptr": "*fp32", "stride_xg": "i32", "hp_ptr": "*fp32", "hn_ptr": "*fp32",
-                                       "cp_ptr": "*fp32", "cn_ptr": "*fp32", "w_ptr": f"*{dt}", "stride_w0": "i32",
-                                       "stride_w1": "i32", "bhh_ptr": f"*{dt}", "out_ptr": f"*{out_dt}", "stride_out": "i32",
-                                       "mask_ptr": f"*{dt}", "stride_mask": "i32", "len_ptr": "*i64", "t": "i32",
-                                       "B": "i32", "H": "i32"}
-                                for k in ("MODE", "HAS_BHH", "HAS_MASK", "HAS_LEN", "DOT_DT", "BLOCK_B", "BLOCK_H", "BLOCK_K"):
-                                    sig[k] = "constexpr"
-                                cons = {"MODE": code, "HAS_BHH": mode == "gru", "HAS_MASK": has_mask, "HAS_LEN": has_len,
-                                        "DOT_DT": dot, "BLOCK_B": bb, "BLOCK_H": bh, "BLOCK_K": 32}
-                                specs.append(AotSpec(_rnn_step_fwd_kernel, sig, cons, num_warps=4,
-                                                     label=f"step fwd {mode} {dt} out {out_dt} B{bb} H{bh} len{int(has_len)} mask{int(has_mask)}"))
-                    for dout_dt in sorted({dt, "fp32"}):
-                        for has_len in (False, True):
-                            for has_next, final in ((False, False), (True, False), (True, True), (False, True)):
-                                sig = {"dgn_ptr": "*fp32", "stride_dgn": "i32", "w_ptr": f"*{dt}", "stride_w0": "i32",
-                                       "stride_w1": "i32", "carry_ptr": "*fp32", "dc_ptr": "*fp32", "dout_ptr": f"*{dout_dt}",
-                                       "stride_dout": "i32", "g_ptr": "*fp32", "stride_g": "i32", "hp_ptr": "*fp32",
-                                       "hn_ptr": "*fp32", "cp_ptr": "*fp32", "cn_ptr": "*fp32", "dgi_ptr": "*fp32",
-                                       "dgh_ptr": "*fp32", "stride_dg": "i32", "dh0_ptr": "*fp32", "len_ptr": "*i64",
-                                       "t": "i32", "B": "i32", "H": "i32"}
-                                for k in ("MODE", "HAS_NEXT", "HAS_LEN", "FINAL", "DOT_DT", "BLOCK_B", "BLOCK_H", "BLOCK_K"):
-                                    sig[k] = "constexpr"
-                                cons = {"MODE": code, "HAS_NEXT": has_next, "HAS_LEN": has_len, "FINAL": final,
-                                        "DOT_DT": dot, "BLOCK_B": bb, "BLOCK_H": bh, "BLOCK_K": 32}
-                                specs.append(AotSpec(_rnn_step_bwd_kernel, sig, cons, num_warps=4,
-                                                     label=f"step bwd {mode} {dt} dout {dout_dt} B{bb} H{bh} len{int(has_len)} next{int(has_next)} final{int(final)}"))
+                for out_dt in sorted({dt, "fp32"}):
+                    for has_mask in ((False, True) if out_dt == "fp32" else (False,)):
+                        sig = {"xg_ptr": "*fp32", "stride_xg": "i32", "hp_ptr": "*fp32", "hn_ptr": "*fp32",
+                               "cp_ptr": "*fp32", "cn_ptr": "*fp32", "w_ptr": f"*{dt}", "stride_w0": "i32",
+                               "stride_w1": "i32", "bhh_ptr": f"*{dt}", "out_ptr": f"*{out_dt}", "stride_out": "i32",
+                               "mask_ptr": f"*{dt}", "stride_mask": "i32", "len_ptr": "*i64", "t": "i32",
+                               "B": "i32", "H": "i32"}
+                        for k in ("MODE", "HAS_BHH", "HAS_MASK", "DOT_DT", "BLOCK_B", "BLOCK_H", "BLOCK_K"):
+                            sig[k] = "constexpr"
+                        cons = {"MODE": code, "HAS_BHH": mode == "gru", "HAS_MASK": has_mask, "DOT_DT": dot,
+                                "BLOCK_B": bb, "BLOCK_H": 32, "BLOCK_K": 32}
+                        specs.append(AotSpec(_rnn_step_fwd_kernel, sig, cons, num_warps=4,
+                                             label=f"step fwd {mode} {dt} out {out_dt} B{bb} mask{int(has_mask)}"))
+                for dout_dt in sorted({dt, "fp32"}):
+                    for has_next, final in ((False, False), (True, False), (True, True)):
+                        if final and dout_dt != dt:
+                            continue  # the final step reads no output gradient
+                        sig = {"dgn_ptr": "*fp32", "stride_dgn": "i32", "w_ptr": f"*{dt}", "stride_w0": "i32",
+                               "stride_w1": "i32", "carry_ptr": "*fp32", "dc_ptr": "*fp32", "dout_ptr": f"*{dout_dt}",
+                               "stride_dout": "i32", "g_ptr": "*fp32", "stride_g": "i32", "hp_ptr": "*fp32",
+                               "hn_ptr": "*fp32", "cp_ptr": "*fp32", "cn_ptr": "*fp32", "dgi_ptr": "*fp32",
+                               "dgh_ptr": "*fp32", "stride_dg": "i32", "dh0_ptr": "*fp32", "len_ptr": "*i64",
+                               "t": "i32", "B": "i32", "H": "i32"}
+                        for k in ("MODE", "HAS_NEXT", "FINAL", "DOT_DT", "BLOCK_B", "BLOCK_H", "BLOCK_K"):
+                            sig[k] = "constexpr"
+                        cons = {"MODE": code, "HAS_NEXT": has_next, "FINAL": final, "DOT_DT": dot,
+                                "BLOCK_B": bb, "BLOCK_H": 32, "BLOCK_K": 32}
+                        specs.append(AotSpec(_rnn_step_bwd_kernel, sig, cons, num_warps=4,
+                                             label=f"step bwd {mode} {dt} dout {dout_dt} B{bb} next{int(has_next)} final{int(final)}"))
     return specs
