@@ -107,7 +107,9 @@ def _dir_forward(mode, xin, w_ih, w_hh, b_ih, b_hh, G, Hs, Cs, reverse, valid):
     T, B, _ = xin.shape
     H = w_hh.shape[1]
     x2 = xin.reshape(T * B, -1)
-    whhT = w_hh.T
+    # a contiguous [H, G * H] copy: the per-step product then runs as a plain NN gemm, the
+    # fastest layout for OpenBLAS at these small shapes
+    whhT = np.ascontiguousarray(w_hh.T)
     if mode == "gru":
         np.matmul(x2, w_ih.T, out=G.reshape(T * B, 4 * H)[:, : 3 * H])
         if b_ih is not None:
