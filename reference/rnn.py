@@ -1,1 +1,433 @@
-"""NumPy reference for the rnn family (NumPy only)."""
+"""NumPy reference for the recurrent family: Elman RNN (tanh / relu), LSTM and GRU, as cells and
+as whole multi-layer, optionally bidirectional sequences with backpropagation through time.
+
+Formulas (torch's, gate order as in ``torch.nn``)::
+
+    rnn_tanh / rnn_relu:  h' = act(x W_ih^T + b_ih + h W_hh^T + b_hh)
+    lstm (i, f, g, o):    i, f, o = sigmoid(.), g = tanh(.)  of  x W_ih^T + b_ih + h W_hh^T + b_hh
+                          c' = f * c + i * g,   h' = o * tanh(c')
+    gru (r, z, n):        r, z = sigmoid(x W_i{r,z}^T + b_i{r,z} + h W_h{r,z}^T + b_h{r,z})
+                          n = tanh(x W_in^T + b_in + r * (h W_hn^T + b_hn)),  h' = (1 - z) * n + z * h
+
+Sequences are time-major: ``x [T, B, I]``, ``hx / cx [L * D, B, H]`` (D = 2 when
+bidirectional; index ``l * D + d``); ``batch_first`` is the caller's business. ``weights`` is a
+list with one ``(w_ih, w_hh, b_ih, b_hh)`` tuple per layer and direction (biases may be
+``None``), ``w_ih [G * H, I_l]`` and ``w_hh [G * H, H]`` with G = 1, 4, 3. ``lengths [B]``
+(optional) gives per-sequence lengths as a PackedSequence does: a step ``t >= lengths[b]``
+leaves sequence b's state unchanged and outputs zero, so the forward direction's final state is
+the state at each sequence's own last step and the reverse direction starts at it.
+``dropout_masks [L - 1, T, B, D * H]`` (optional, drawn by the caller, already scaled by
+1 / (1 - p)) multiply the output of each layer but the last before it feeds the next.
+
+The forward pass returns a flat ``reserve`` array (the intermediates the backward needs, laid
+out by :func:`reserve_layout`); the backward takes it back, as cuDNN's reserve space works.
+The input projection of a layer is one matmul over all time steps; the time loop is the only
+Python loop, and it runs in preallocated buffers with in-place updates. Not supported: LSTM
+projections (``proj_size``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+MODES = ("rnn_tanh", "rnn_relu", "lstm", "gru")
+# rows of w_ih / w_hh per hidden unit, and per-step values stored in the reserve per hidden unit
+GATES = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 4, "gru": 3}
+STORED = {"rnn_tanh": 0, "rnn_relu": 0, "lstm": 4, "gru": 4}
+
+
+def reserve_layout(mode: str, T: int, B: int, H: int, num_layers: int, num_directions: int):
+    """``({key: (offset, shape)}, total)`` of the flat reserve.
+
+    Per layer ``l`` and direction ``d``: ``("gates", l, d) [T, B, S * H]`` (LSTM: activated
+    i, f, g, o; GRU: r, z, n and h W_hn^T + b_hn; none for the Elman RNN), ``("h", l, d)
+    [T + 1, B, H]`` (the state before and after every step: slot 0 holds h0 for the forward
+    direction, slot T for the reverse one, and step t moves slot t -> t + 1 forward, t + 1 -> t
+    reverse), ``("c", l, d)`` likewise for the LSTM; per layer l >= 1 ``("x", l) [T, B, D * H]``,
+    the layer's input after dropout.
+    """
+    S = STORED[mode]
+    out, off = {}, 0
+
+    def put(key, shape):
+        nonlocal off
+        out[key] = (off, shape)
+        off += int(np.prod(shape))
+
+    for l in range(num_layers):
+        for d in range(num_directions):
+            if S:
+                put(("gates", l, d), (T, B, S * H))
+            put(("h", l, d), (T + 1, B, H))
+            if mode == "lstm":
+                put(("c", l, d), (T + 1, B, H))
+        if l > 0:
+            put(("x", l), (T, B, num_directions * H))
+    return out, off
+
+
+def reserve_size(mode: str, T: int, B: int, H: int, num_layers: int, num_directions: int) -> int:
+    return reserve_layout(mode, T, B, H, num_layers, num_directions)[1]
+
+
+def _views(reserve, layout):
+    return {k: reserve[o:o + int(np.prod(s))].reshape(s) for k, (o, s) in layout.items()}
+
+
+def _sigmoid_(a, tmp=None):
+    # sigmoid(x) = (1 + tanh(x / 2)) / 2: one transcendental pass and never overflows
+    a *= 0.5
+    np.tanh(a, out=a)
+    a *= 0.5
+    a += 0.5
+    return a
+
+
+def _valid_mask(lengths, T, B):
+    if lengths is None:
+        return None
+    lengths = np.asarray(lengths).astype(np.int64)
+    if lengths.shape != (B,):
+        raise ValueError(f"lengths must have shape ({B},), got {lengths.shape}")
+    if (lengths >= T).all():
+        return None
+    return np.arange(T)[:, None] < lengths[None, :]
+
+
+def _steps(T, reverse):
+    """(t, slot before, slot after) in processing order."""
+    return [(t, t + 1, t) for t in range(T - 1, -1, -1)] if reverse else [(t, t, t + 1) for t in range(T)]
+
+
+# ----------------------------------------------------------------------------------------------
+# one layer, one direction
+
+
+def _dir_forward(mode, xin, w_ih, w_hh, b_ih, b_hh, G, Hs, Cs, reverse, valid):
+    T, B, _ = xin.shape
+    H = w_hh.shape[1]
+    x2 = xin.reshape(T * B, -1)
+    # a contiguous [H, G * H] copy: the per-step product then runs as a plain NN gemm, the
+    # fastest layout for OpenBLAS at these small shapes
+    whhT = np.ascontiguousarray(w_hh.T)
+    if mode == "gru":
+        np.matmul(x2, w_ih.T, out=G.reshape(T * B, 4 * H)[:, : 3 * H])
+        if b_ih is not None:
+            G[:, :, : 3 * H] += b_ih
+    elif mode == "lstm":
+        np.matmul(x2, w_ih.T, out=G.reshape(T * B, 4 * H))
+        if b_ih is not None:
+            G += b_ih + b_hh
+    else:
+        G = np.matmul(x2, w_ih.T).reshape(T, B, H)
+        if b_ih is not None:
+            G += b_ih + b_hh
+    tmp = np.empty((B, GATES[mode] * H), G.dtype)
+    tH = np.empty((B, H), G.dtype)
+    for t, p, n in _steps(T, reverse):
+        g, hp, hn = G[t], Hs[p], Hs[n]
+        np.matmul(hp, whhT, out=tmp)
+        if mode == "lstm":
+            g += tmp
+            _sigmoid_(g[:, : 2 * H])
+            _sigmoid_(g[:, 3 * H:])
+            np.tanh(g[:, 2 * H: 3 * H], out=g[:, 2 * H: 3 * H])
+            c = Cs[n]
+            np.multiply(g[:, H: 2 * H], Cs[p], out=c)
+            np.multiply(g[:, :H], g[:, 2 * H: 3 * H], out=tH)
+            c += tH
+            np.tanh(c, out=hn)
+            hn *= g[:, 3 * H:]
+        elif mode == "gru":
+            if b_hh is not None:
+                tmp += b_hh
+            rz = g[:, : 2 * H]
+            rz += tmp[:, : 2 * H]
+            _sigmoid_(rz)
+            g[:, 3 * H:] = tmp[:, 2 * H:]
+            nn = g[:, 2 * H: 3 * H]
+            np.multiply(g[:, :H], tmp[:, 2 * H:], out=tH)
+            nn += tH
+            np.tanh(nn, out=nn)
+            np.subtract(hp, nn, out=hn)
+            hn *= g[:, H: 2 * H]
+            hn += nn
+        else:
+            np.add(g, tmp, out=hn)
+            if mode == "rnn_tanh":
+                np.tanh(hn, out=hn)
+            else:
+                np.maximum(hn, 0, out=hn)
+        if valid is not None and not valid[t].all():
+            inv = ~valid[t]
+            hn[inv] = hp[inv]
+            if Cs is not None:
+                Cs[n][inv] = Cs[p][inv]
+
+
+def _dir_backward(mode, dout, dhn, dcn, w_hh, G, Hs, Cs, reverse, valid, dGi, dGh):
+    """BPTT of one layer and direction. ``dout [T, B, H]`` (zero where invalid) is the gradient
+    of this direction's outputs; writes the gradient of the pre-activations seen by ``w_ih`` into
+    ``dGi`` and by ``w_hh`` into ``dGh`` (the same array except for the GRU); returns dh0, dc0."""
+    T, B, _ = dout.shape
+    H = w_hh.shape[1]
+    dh = np.array(dhn, dtype=dGi.dtype, copy=True)
+    dc = np.array(dcn, dtype=dGi.dtype, copy=True) if mode == "lstm" else None
+    tH = np.empty((B, H), dGi.dtype)
+    tH2 = np.empty((B, H), dGi.dtype)
+    nh = np.empty((B, H), dGi.dtype)
+    for t, p, n in reversed(_steps(T, reverse)):
+        dh += dout[t]
+        dg = dGi[t]
+        if valid is not None and not valid[t].all():
+            inv = ~valid[t]
+            keep_h = dh[inv]
+            keep_c = dc[inv] if dc is not None else None
+        else:
+            inv = None
+        if mode == "lstm":
+            g = G[t]
+            i, f, gg, o = g[:, :H], g[:, H: 2 * H], g[:, 2 * H: 3 * H], g[:, 3 * H:]
+            tc = np.tanh(Cs[n], out=tH)
+            # do = dh * tanh(c) * o (1 - o)
+            d_o = dg[:, 3 * H:]
+            np.multiply(dh, tc, out=d_o)
+            np.subtract(1, o, out=tH2)
+            tH2 *= o
+            d_o *= tH2
+            # dc += dh * o * (1 - tanh(c)^2)
+            np.multiply(tc, tc, out=tH2)
+            np.subtract(1, tH2, out=tH2)
+            tH2 *= o
+            tH2 *= dh
+            dc += tH2
+            # di = dc g i (1 - i); df = dc c_prev f (1 - f); dg = dc i (1 - g^2)
+            d_i, d_f, d_g = dg[:, :H], dg[:, H: 2 * H], dg[:, 2 * H: 3 * H]
+            np.subtract(1, i, out=tH2)
+            tH2 *= i
+            np.multiply(dc, gg, out=d_i)
+            d_i *= tH2
+            np.subtract(1, f, out=tH2)
+            tH2 *= f
+            np.multiply(dc, Cs[p], out=d_f)
+            d_f *= tH2
+            np.multiply(gg, gg, out=tH2)
+            np.subtract(1, tH2, out=tH2)
+            tH2 *= i
+            np.multiply(dc, tH2, out=d_g)
+            dc *= f
+            np.matmul(dg, w_hh, out=nh)
+            dh, nh = nh, dh
+        elif mode == "gru":
+            g = G[t]
+            r, z, nn, hn_ = g[:, :H], g[:, H: 2 * H], g[:, 2 * H: 3 * H], g[:, 3 * H:]
+            d_r, d_z, d_n = dg[:, :H], dg[:, H: 2 * H], dg[:, 2 * H: 3 * H]
+            # dz = dh (h_prev - n) z (1 - z)
+            np.subtract(Hs[p], nn, out=d_z)
+            d_z *= dh
+            np.subtract(1, z, out=tH)
+            d_n[...] = tH  # keep (1 - z) for dn
+            tH *= z
+            d_z *= tH
+            # dn = dh (1 - z) (1 - n^2)
+            d_n *= dh
+            np.multiply(nn, nn, out=tH)
+            np.subtract(1, tH, out=tH)
+            d_n *= tH
+            # dr = dn hn r (1 - r)
+            np.multiply(d_n, hn_, out=d_r)
+            np.subtract(1, r, out=tH)
+            tH *= r
+            d_r *= tH
+            dgh = dGh[t]
+            dgh[:, : 2 * H] = dg[:, : 2 * H]
+            np.multiply(d_n, r, out=dgh[:, 2 * H:])
+            np.matmul(dgh, w_hh, out=nh)
+            np.multiply(dh, z, out=tH)
+            nh += tH
+            dh, nh = nh, dh
+        else:
+            hcur = Hs[n]
+            if mode == "rnn_tanh":
+                np.multiply(hcur, hcur, out=tH)
+                np.subtract(1, tH, out=tH)
+                np.multiply(dh, tH, out=dg)
+            else:
+                np.multiply(dh, hcur > 0, out=dg)
+            np.matmul(dg, w_hh, out=nh)
+            dh, nh = nh, dh
+        if inv is not None:
+            dg[inv] = 0
+            if dGh is not dGi:
+                dGh[t][inv] = 0
+            dh[inv] = keep_h
+            if dc is not None:
+                dc[inv] = keep_c
+    return dh, dc
+
+
+# ----------------------------------------------------------------------------------------------
+# whole sequences
+
+
+def rnn_forward(mode, x, hx, cx, weights, num_layers, bidirectional, lengths=None, dropout_masks=None):
+    """Multi-layer (bi)directional recurrence over ``x [T, B, I]``.
+
+    Returns ``(output [T, B, D * H], hn [L * D, B, H], cn [L * D, B, H] or None, reserve)``.
+    ``output`` is zero at steps beyond a sequence's length.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}")
+    T, B, _ = x.shape
+    D = 2 if bidirectional else 1
+    H = hx.shape[-1]
+    dt = np.result_type(x.dtype, hx.dtype, *(w.dtype for ws in weights for w in ws if w is not None))
+    layout, size = reserve_layout(mode, T, B, H, num_layers, D)
+    reserve = np.empty(size, dt)
+    v = _views(reserve, layout)
+    valid = _valid_mask(lengths, T, B)
+    hn = np.empty((num_layers * D, B, H), dt)
+    cn = np.empty((num_layers * D, B, H), dt) if mode == "lstm" else None
+    xin = x
+    out = None
+    for l in range(num_layers):
+        if l > 0:
+            xin = v[("x", l)]
+            if dropout_masks is not None:
+                np.multiply(out, dropout_masks[l - 1], out=xin)
+            else:
+                xin[...] = out
+        out = np.empty((T, B, D * H), dt)
+        for d in range(D):
+            k = l * D + d
+            w_ih, w_hh, b_ih, b_hh = weights[k]
+            Hs = v[("h", l, d)]
+            Cs = v[("c", l, d)] if mode == "lstm" else None
+            G = v.get(("gates", l, d))
+            first = T if d == 1 else 0
+            Hs[first] = hx[k]
+            if Cs is not None:
+                Cs[first] = cx[k]
+            _dir_forward(mode, xin, w_ih, w_hh, b_ih, b_hh, G, Hs, Cs, d == 1, valid)
+            out[:, :, d * H:(d + 1) * H] = Hs[:T] if d == 1 else Hs[1:]
+            hn[k] = Hs[0] if d == 1 else Hs[T]
+            if cn is not None:
+                cn[k] = Cs[0] if d == 1 else Cs[T]
+        if valid is not None:
+            out *= valid[:, :, None]
+    return out, hn, cn, reserve
+
+
+def rnn_backward(mode, grad_output, grad_hn, grad_cn, x, weights, reserve, num_layers, bidirectional,
+                 lengths=None, dropout_masks=None):
+    """Gradients of :func:`rnn_forward`. ``grad_hn`` / ``grad_cn`` may be ``None`` (zero).
+
+    Returns ``(dx [T, B, I], dhx [L * D, B, H], dcx or None, dweights)`` with ``dweights`` a list
+    of ``(dw_ih, dw_hh, db_ih, db_hh)`` per layer and direction (bias gradients ``None`` where
+    the layer has no bias).
+    """
+    T, B, I = x.shape
+    D = 2 if bidirectional else 1
+    dt = reserve.dtype
+    H = weights[0][1].shape[1]
+    v = _views(reserve, reserve_layout(mode, T, B, H, num_layers, D)[0])
+    valid = _valid_mask(lengths, T, B)
+    gate_w = GATES[mode] * H
+    dhx = np.empty((num_layers * D, B, H), dt)
+    dcx = np.empty((num_layers * D, B, H), dt) if mode == "lstm" else None
+    dweights = [None] * (num_layers * D)
+    dout = np.array(grad_output, dtype=dt, copy=True)
+    zeros = np.zeros((B, H), dt)
+    dGi = np.empty((T, B, gate_w), dt)
+    dGh = np.empty((T, B, gate_w), dt) if mode == "gru" else dGi
+    for l in range(num_layers - 1, -1, -1):
+        xin = x if l == 0 else v[("x", l)]
+        in_w = xin.shape[-1]
+        dxin = np.zeros((T, B, in_w), dt)
+        if valid is not None:
+            dout *= valid[:, :, None]
+        for d in range(D):
+            k = l * D + d
+            w_ih, w_hh, b_ih, b_hh = weights[k]
+            Hs = v[("h", l, d)]
+            Cs = v[("c", l, d)] if mode == "lstm" else None
+            G = v.get(("gates", l, d))
+            dh0, dc0 = _dir_backward(
+                mode, dout[:, :, d * H:(d + 1) * H],
+                zeros if grad_hn is None else grad_hn[k],
+                (zeros if grad_cn is None else grad_cn[k]) if mode == "lstm" else None,
+                w_hh, G, Hs, Cs, d == 1, valid, dGi, dGh,
+            )
+            dhx[k] = dh0
+            if dcx is not None:
+                dcx[k] = dc0
+            gi = dGi.reshape(T * B, gate_w)
+            gh = dGh.reshape(T * B, gate_w)
+            hprev = (Hs[1:] if d == 1 else Hs[:T]).reshape(T * B, H)
+            dw_ih = gi.T @ xin.reshape(T * B, in_w)
+            dw_hh = gh.T @ hprev
+            db_ih = gi.sum(0) if b_ih is not None else None
+            db_hh = (gh.sum(0) if gh is not gi else db_ih.copy()) if b_hh is not None else None
+            dxin.reshape(T * B, in_w)[...] += gi @ w_ih
+            dweights[k] = (dw_ih, dw_hh, db_ih, db_hh)
+        if l > 0:
+            dout = dxin
+            if dropout_masks is not None:
+                dout *= dropout_masks[l - 1]
+        else:
+            dx = dxin
+    return dx, dhx, dcx, dweights
+
+
+# ----------------------------------------------------------------------------------------------
+# cells: one step of one layer
+
+
+def _cell_weights(w_ih, w_hh, b_ih, b_hh):
+    return [(w_ih, w_hh, b_ih, b_hh)]
+
+
+def rnn_cell(x, h, w_ih, w_hh, b_ih=None, b_hh=None, nonlinearity="tanh"):
+    """Elman cell: ``x [B, I]``, ``h [B, H]`` -> ``h' [B, H]``."""
+    out, hn, _, _ = rnn_forward("rnn_" + nonlinearity, x[None], h[None], None, _cell_weights(w_ih, w_hh, b_ih, b_hh), 1, False)
+    return hn[0]
+
+
+def rnn_cell_backward(grad_h, x, h, w_ih, w_hh, b_ih=None, b_hh=None, nonlinearity="tanh"):
+    """``(dx, dh, dw_ih, dw_hh, db_ih, db_hh)`` of :func:`rnn_cell` (bias gradients None without bias)."""
+    mode = "rnn_" + nonlinearity
+    ws = _cell_weights(w_ih, w_hh, b_ih, b_hh)
+    _, _, _, res = rnn_forward(mode, x[None], h[None], None, ws, 1, False)
+    g0 = np.zeros((1,) + h.shape, res.dtype)
+    dx, dh, _, dw = rnn_backward(mode, g0, grad_h[None], None, x[None], ws, res, 1, False)
+    return (dx[0], dh[0], *dw[0])
+
+
+def lstm_cell(x, h, c, w_ih, w_hh, b_ih=None, b_hh=None):
+    """LSTM cell: ``x [B, I]``, ``h, c [B, H]`` -> ``(h', c')``."""
+    _, hn, cn, _ = rnn_forward("lstm", x[None], h[None], c[None], _cell_weights(w_ih, w_hh, b_ih, b_hh), 1, False)
+    return hn[0], cn[0]
+
+
+def lstm_cell_backward(grad_h, grad_c, x, h, c, w_ih, w_hh, b_ih=None, b_hh=None):
+    """``(dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh)`` of :func:`lstm_cell`."""
+    ws = _cell_weights(w_ih, w_hh, b_ih, b_hh)
+    _, _, _, res = rnn_forward("lstm", x[None], h[None], c[None], ws, 1, False)
+    g0 = np.zeros((1,) + h.shape, res.dtype)
+    dx, dh, dc, dw = rnn_backward("lstm", g0, grad_h[None], grad_c[None], x[None], ws, res, 1, False)
+    return (dx[0], dh[0], dc[0], *dw[0])
+
+
+def gru_cell(x, h, w_ih, w_hh, b_ih=None, b_hh=None):
+    """GRU cell: ``x [B, I]``, ``h [B, H]`` -> ``h'``."""
+    _, hn, _, _ = rnn_forward("gru", x[None], h[None], None, _cell_weights(w_ih, w_hh, b_ih, b_hh), 1, False)
+    return hn[0]
+
+
+def gru_cell_backward(grad_h, x, h, w_ih, w_hh, b_ih=None, b_hh=None):
+    """``(dx, dh, dw_ih, dw_hh, db_ih, db_hh)`` of :func:`gru_cell`."""
+    ws = _cell_weights(w_ih, w_hh, b_ih, b_hh)
+    _, _, _, res = rnn_forward("gru", x[None], h[None], None, ws, 1, False)
+    g0 = np.zeros((1,) + h.shape, res.dtype)
+    dx, dh, _, dw = rnn_backward("gru", g0, grad_h[None], None, x[None], ws, res, 1, False)
+    return (dx[0], dh[0], *dw[0])

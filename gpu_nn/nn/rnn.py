@@ -1,3 +1,181 @@
-"""rnn modules."""
+"""Drop-in recurrent modules: ``RNN``, ``LSTM``, ``GRU``, ``RNNCell``, ``LSTMCell``, ``GRUCell``.
 
-__all__: list[str] = []
+Subclasses of torch's, so constructor arguments, parameter names (``weight_ih_l0``,
+``bias_hh_l1_reverse``, ...), shapes, initialisation and ``state_dict`` are torch's own and
+``load_state_dict`` works in both directions. Only ``forward`` changes: it runs our
+``gpu_nn::rnn_seq`` / ``gpu_nn::rnn_cell`` ops. Inputs as torch takes them: batched 3-D,
+unbatched 2-D, and ``PackedSequence`` (variable lengths, ``enforce_sorted`` either way; a packed
+input returns a ``PackedSequence`` with the input's ``sorted_indices``). Dropout between layers
+in training mode uses masks drawn here from torch's RNG. Not supported: LSTM ``proj_size > 0``
+(raises :class:`~gpu_nn.KernelInputError`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from .._errors import KernelInputError
+from ..ops import rnn as ops
+
+__all__ = ["GRU", "GRUCell", "LSTM", "LSTMCell", "RNN", "RNNCell"]
+
+_MODES = {"RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu", "LSTM": "lstm", "GRU": "gru"}
+
+
+def _as_input_error(fn, *args):
+    """Run one of torch's own argument checks, re-raising its error as KernelInputError with the
+    same words."""
+    try:
+        fn(*args)
+    except (RuntimeError, ValueError) as exc:
+        if isinstance(exc, KernelInputError):
+            raise
+        raise KernelInputError(str(exc)) from None
+
+
+class _SeqMixin:
+    """``forward`` of RNN / LSTM / GRU on our ops; mirrors ``torch.nn.LSTM.forward`` step by step."""
+
+    def _gn_forward(self, input, hx):
+        mode = _MODES[self.mode]
+        is_lstm = mode == "lstm"
+        name = type(self).__name__
+        if getattr(self, "proj_size", 0) > 0:
+            raise KernelInputError(
+                f"gpu_nn.nn.{name}: proj_size > 0 (got proj_size={self.proj_size}) is not supported; "
+                "use torch.nn.LSTM for projected LSTMs"
+            )
+        if hasattr(self, "_update_flat_weights"):
+            self._update_flat_weights()
+        D = 2 if self.bidirectional else 1
+        H = self.hidden_size
+        packed = isinstance(input, PackedSequence)
+        lengths = None
+        if packed:
+            data, batch_sizes, sorted_indices, unsorted_indices = input
+            hx_checked = hx
+            if hx is not None:
+                # torch checks the hidden state against the batch in the packed (sorted) order
+                hx_checked = self.permute_hidden(hx, sorted_indices)
+                _as_input_error(self.check_forward_args, data, hx_checked, batch_sizes)
+            else:
+                _as_input_error(self.check_input, data, batch_sizes)
+            # padded batch in the user's original order: the state needs no permutation
+            x, lengths = pad_packed_sequence(input, batch_first=False)
+            batch_first, is_batched = False, True
+        else:
+            if not isinstance(input, torch.Tensor):
+                raise KernelInputError(f"{name}: expected a Tensor or PackedSequence input, got {type(input).__name__}")
+            if input.dim() not in (2, 3):
+                # torch's RNN says "tensor instead", its LSTM and GRU "instead"
+                word = "D tensor" if name == "RNN" else "D"
+                raise KernelInputError(f"{name}: Expected input to be 2D or 3D, got {input.dim()}{word} instead")
+            is_batched = input.dim() == 3
+            batch_dim = 0 if self.batch_first else 1
+            if not is_batched:
+                input = input.unsqueeze(batch_dim)
+                if hx is not None:
+                    hs = hx if is_lstm else (hx,)
+                    if any(h.dim() != 2 for h in hs):
+                        dims = ", ".join(f"{h.dim()}-D" for h in hs)
+                        raise KernelInputError(
+                            f"For unbatched 2-D input, hx and cx should also be 2-D but got ({dims}) tensors"
+                            if is_lstm else f"For unbatched 2-D input, hx should also be 2-D but got {hx.dim()}-D tensor"
+                        )
+                    hx = tuple(h.unsqueeze(1) for h in hx) if is_lstm else hx.unsqueeze(1)
+            elif hx is not None:
+                hs = hx if is_lstm else (hx,)
+                if any(h.dim() != 3 for h in hs):
+                    dims = ", ".join(f"{h.dim()}-D" for h in hs)
+                    raise KernelInputError(
+                        f"For batched 3-D input, hx and cx should also be 3-D but got ({dims}) tensors"
+                        if is_lstm else f"For batched 3-D input, hx should also be 3-D but got {hx.dim()}-D tensor"
+                    )
+            if hx is not None:
+                _as_input_error(self.check_forward_args, input, hx, None)
+            else:
+                _as_input_error(self.check_input, input, None)
+            x = input
+            batch_first = self.batch_first
+        B = x.shape[0] if batch_first else x.shape[1]
+        if hx is None:
+            z = torch.zeros(self.num_layers * D, B, H, dtype=x.dtype, device=x.device)
+            hx = (z, z.clone()) if is_lstm else z
+        for h in (hx if is_lstm else (hx,)):
+            if h.dtype != x.dtype:
+                raise KernelInputError(
+                    f"{name}: hidden state dtype ({h.dtype}) does not match input dtype ({x.dtype}) and weight dtype "
+                    f"({self._flat_weights[0].dtype})"
+                )
+        fn = ops.SEQ_FUNCS[mode]
+        res = fn(x, hx, list(self._flat_weights), self.bias, self.num_layers, self.dropout, self.training,
+                 self.bidirectional, batch_first, lengths=lengths)
+        out, hidden = res[0], (res[1:] if is_lstm else res[1])
+        if packed:
+            # re-pack in the input's own sorted order so sorted_indices / unsorted_indices match
+            out_sorted = out.index_select(1, sorted_indices) if sorted_indices is not None else out
+            lens_sorted = lengths.index_select(0, sorted_indices.cpu()) if sorted_indices is not None else lengths
+            data_out = pack_padded_sequence(out_sorted, lens_sorted, enforce_sorted=True).data
+            return PackedSequence(data_out, batch_sizes, sorted_indices, unsorted_indices), hidden
+        if not is_batched:
+            out = out.squeeze(0 if self.batch_first else 1)
+            hidden = tuple(h.squeeze(1) for h in hidden) if is_lstm else hidden.squeeze(1)
+        return out, hidden
+
+
+class RNN(_SeqMixin, torch.nn.RNN):
+    """``torch.nn.RNN`` (tanh or relu) on gpu-nn's kernels."""
+
+    def forward(self, input, hx=None):
+        return self._gn_forward(input, hx)
+
+
+class LSTM(_SeqMixin, torch.nn.LSTM):
+    """``torch.nn.LSTM`` on gpu-nn's kernels (gate order i, f, g, o); ``proj_size`` unsupported."""
+
+    def forward(self, input, hx=None):
+        return self._gn_forward(input, hx)
+
+
+class GRU(_SeqMixin, torch.nn.GRU):
+    """``torch.nn.GRU`` on gpu-nn's kernels (torch's formula for n)."""
+
+    def forward(self, input, hx=None):
+        return self._gn_forward(input, hx)
+
+
+def _check_cell_dims(name, input, hs):
+    if input.dim() not in (1, 2):
+        raise KernelInputError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
+    for idx, h in hs:
+        if h is not None and h.dim() not in (1, 2):
+            what = "hidden" if idx is None else f"hx[{idx}]"
+            raise KernelInputError(f"{name}: Expected {what} to be 1D or 2D, got {h.dim()}D instead")
+
+
+class RNNCell(torch.nn.RNNCell):
+    """``torch.nn.RNNCell`` on gpu-nn's kernels."""
+
+    def forward(self, input, hx=None):
+        _check_cell_dims("RNNCell", input, [(None, hx)])
+        fn = ops.rnn_tanh_cell if self.nonlinearity == "tanh" else ops.rnn_relu_cell
+        if self.nonlinearity not in ("tanh", "relu"):
+            raise KernelInputError(f"Unknown nonlinearity: {self.nonlinearity}")
+        return fn(input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+
+
+class LSTMCell(torch.nn.LSTMCell):
+    """``torch.nn.LSTMCell`` on gpu-nn's kernels."""
+
+    def forward(self, input, hx=None):
+        _check_cell_dims("LSTMCell", input, list(enumerate(hx)) if hx is not None else [])
+        return ops.lstm_cell(input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+
+
+class GRUCell(torch.nn.GRUCell):
+    """``torch.nn.GRUCell`` on gpu-nn's kernels."""
+
+    def forward(self, input, hx=None):
+        _check_cell_dims("GRUCell", input, [(None, hx)])
+        return ops.gru_cell(input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)

@@ -1,3 +1,766 @@
-"""rnn family: launchers, checks and custom-op registration."""
+"""Recurrent family: cells and whole sequences; checks, dispatch and ``torch.library`` registration.
 
-__all__: list[str] = []
+Public functions (``gpu_nn.functional``):
+
+* cells (DESIGN section 3): ``rnn_tanh_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None)``,
+  ``rnn_relu_cell(...)``, ``gru_cell(...)`` -> ``h'``; ``lstm_cell(input, (h, c), w_ih, w_hh,
+  b_ih=None, b_hh=None)`` -> ``(h', c')``. ``input [B, I]`` or unbatched ``[I]``, states
+  ``[B, H]`` / ``[H]``; ``hx=None`` means zeros.
+* sequences, mirroring ``torch.rnn_tanh`` / ``torch.rnn_relu`` / ``torch.lstm`` / ``torch.gru``
+  (the ATen ops behind ``torch.nn.RNN`` / ``LSTM`` / ``GRU``)::
+
+      rnn_tanh(input, hx, params, has_biases, num_layers, dropout, train, bidirectional,
+               batch_first, lengths=None, dropout_masks=None) -> (output, h_n)
+      rnn_relu(...)                                        -> (output, h_n)
+      gru(...)                                             -> (output, h_n)
+      lstm(input, (h0, c0), params, ...)                   -> (output, h_n, c_n)
+
+  ``input [T, B, I]`` (``[B, T, I]`` when batch_first), ``hx [L * D, B, H]``, ``params`` the flat
+  list ``w_ih, w_hh[, b_ih, b_hh]`` per layer and direction in torch's order (``_flat_weights``
+  of the module). Extensions: ``lengths`` (int64 ``[B]``, on the CPU) gives per-sequence lengths
+  with PackedSequence semantics (outputs beyond a length are zero, final states are each
+  sequence's own last step); ``dropout_masks [L - 1, T, B, D * H]`` replaces the masks that
+  ``train=True, dropout > 0`` would otherwise draw from torch's RNG. Not supported: LSTM
+  projections (``proj_size``).
+
+Custom ops (namespace ``gpu_nn``): ``rnn_seq`` / ``rnn_seq_backward`` (whole sequences; the
+forward returns a flat reserve of intermediates that the backward consumes, laid out by
+``reference.rnn.reserve_layout``) and ``rnn_cell`` / ``rnn_cell_backward`` (one step).
+Backends: reference, triton, cupy.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _backend
+from .._errors import KernelInputError
+from ..check import CheckCase
+from ..reference import rnn as ref
+from ._dispatch import FLOAT_DTYPES, compute_dtype, empty, from_numpy, to_numpy
+
+__all__ = [
+    "gru",
+    "gru_cell",
+    "lstm",
+    "lstm_cell",
+    "rnn_relu",
+    "rnn_relu_cell",
+    "rnn_tanh",
+    "rnn_tanh_cell",
+]
+
+BACKENDS = ("reference", "triton", "cupy")
+MODES = ref.MODES
+GATES = ref.GATES
+
+
+def reserve_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Intermediates are kept in float32 for half inputs (the backward needs them accurate)."""
+    return compute_dtype(dtype)
+
+
+def _shape_info(input: Tensor, hx: Tensor, num_layers: int, bidirectional: bool):
+    T, B, _ = input.shape
+    return T, B, hx.shape[-1], num_layers, 2 if bidirectional else 1
+
+
+# ----------------------------------------------------------------------------------------------
+# checks
+
+
+def _check_seq(op, input, hx, cx, weights, mode, num_layers, bidirectional, has_biases, lengths, masks):
+    if mode not in MODES:
+        raise KernelInputError(f"{op}: unknown mode {mode!r}; expected one of {MODES}")
+    if not isinstance(input, Tensor) or input.dim() != 3:
+        raise KernelInputError(
+            f"{op}: input must have 3 dimensions, got {input.dim() if isinstance(input, Tensor) else type(input).__name__}"
+        )
+    if input.dtype not in FLOAT_DTYPES:
+        raise KernelInputError(f"{op}: expected input to be a floating-point tensor, but got {input.dtype}")
+    if num_layers < 1:
+        raise KernelInputError(f"{op}: num_layers must be at least 1, got {num_layers}")
+    D = 2 if bidirectional else 1
+    T, B, I = input.shape
+    if hx.dim() != 3 or hx.shape[0] != num_layers * D or hx.shape[1] != B:
+        raise KernelInputError(f"Expected hidden size ({num_layers * D}, {B}, {hx.shape[-1]}), got {list(hx.shape)}")
+    H = hx.shape[-1]
+    if mode == "lstm":
+        if cx is None:
+            raise KernelInputError(f"{op}: lstm needs a cell state")
+        if tuple(cx.shape) != (num_layers * D, B, H):
+            raise KernelInputError(f"Expected hidden size ({num_layers * D}, {B}, {H}), got {list(cx.shape)}")
+    per = 4 if has_biases else 2
+    if len(weights) != num_layers * D * per:
+        raise KernelInputError(f"{op}: expected {num_layers * D * per} weight tensors, got {len(weights)}")
+    G = GATES[mode] * H
+    for t in [hx, cx, *weights]:
+        if t is None:
+            continue
+        if t.device != input.device:
+            raise KernelInputError(
+                f"Expected all tensors to be on the same device, but found at least two devices, {input.device} and {t.device}!"
+            )
+        if t.dtype != input.dtype:
+            raise KernelInputError(f"{op}: input must have the type {t.dtype}, got type {input.dtype}")
+    for l in range(num_layers):
+        in_w = I if l == 0 else D * H
+        for d in range(D):
+            ws = weights[(l * D + d) * per:(l * D + d + 1) * per]
+            want = [(G, in_w), (G, H)] + ([(G,), (G,)] if has_biases else [])
+            for w, s in zip(ws, want):
+                if tuple(w.shape) != s:
+                    if len(s) == 2 and s[1] == in_w and w.dim() == 2 and w.shape[0] == G and l == 0:
+                        raise KernelInputError(f"input.size(-1) must be equal to input_size. Expected {w.shape[1]}, got {I}")
+                    raise KernelInputError(
+                        f"{op}: weight of layer {l} direction {d} has shape {list(w.shape)}, expected {list(s)}"
+                    )
+    if lengths is not None:
+        if lengths.dim() != 1 or lengths.shape[0] != B or lengths.dtype != torch.int64:
+            raise KernelInputError(f"{op}: lengths must be an int64 tensor of shape [{B}], got {lengths.dtype} {list(lengths.shape)}")
+        if B and (int(lengths.min()) < 0 or int(lengths.max()) > T):
+            raise KernelInputError(f"{op}: lengths must lie in [0, {T}]")
+    if masks is not None:
+        want = (num_layers - 1, T, B, D * H)
+        if tuple(masks.shape) != want:
+            raise KernelInputError(f"{op}: dropout_masks must have shape {list(want)}, got {list(masks.shape)}")
+
+
+def _split(weights, num_layers, D, has_biases):
+    per = 4 if has_biases else 2
+    out = []
+    for k in range(num_layers * D):
+        ws = list(weights[k * per:(k + 1) * per])
+        if not has_biases:
+            ws += [None, None]
+        out.append(tuple(ws))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers
+
+
+def rnn_seq_forward(input, hx, cx, weights, mode, num_layers, bidirectional, has_biases, lengths=None, dropout_masks=None):
+    """Whole sequence, time-major. ``input [T, B, I]``, ``hx / cx [L * D, B, H]``.
+
+    Returns ``(output [T, B, D * H], hn, cn, reserve)``; ``cn`` is an empty ``[0]`` tensor for
+    the Elman RNN and the GRU; ``reserve`` is flat, float32 for half inputs.
+    """
+    op = mode
+    _check_seq(op, input, hx, cx, weights, mode, num_layers, bidirectional, has_biases, lengths, dropout_masks)
+    backend = _backend.resolve(op, input.device, BACKENDS)
+    dev, dt = input.device, input.dtype
+    if backend == "reference":
+        D = 2 if bidirectional else 1
+        ws = _split([to_numpy(w) for w in weights], num_layers, D, has_biases)
+        out, hn, cn, res = ref.rnn_forward(
+            mode, to_numpy(input), to_numpy(hx), to_numpy(cx) if mode == "lstm" else None, ws,
+            num_layers, bidirectional, None if lengths is None else lengths.cpu().numpy(), to_numpy(dropout_masks),
+        )
+        cn_t = from_numpy(cn, dt, dev) if cn is not None else input.new_empty(0)
+        return from_numpy(out, dt, dev), from_numpy(hn, dt, dev), cn_t, from_numpy(res, reserve_dtype(dt), dev)
+    _backend.check_interpreter_dtype(op, backend, input)
+    return _gpu_forward(_impl(backend), mode, input, hx, cx, weights, num_layers, bidirectional, has_biases, lengths,
+                        dropout_masks)
+
+
+def rnn_seq_backward(grad_output, grad_hn, grad_cn, input, weights, reserve, mode, num_layers, bidirectional,
+                     has_biases, lengths=None, dropout_masks=None):
+    """Gradients of :func:`rnn_seq_forward`: ``(dinput, dhx, dcx, dweights)`` (``dcx`` empty for
+    non-LSTM modes; ``dweights`` in the order of ``weights``)."""
+    op = mode + "_backward"
+    T, B, I = input.shape
+    D = 2 if bidirectional else 1
+    H = weights[1].shape[1]
+    want = (T, B, D * H)
+    if tuple(grad_output.shape) != want:
+        raise KernelInputError(f"{op}: grad_output has shape {list(grad_output.shape)}, expected {list(want)}")
+    size = ref.reserve_size(mode, T, B, H, num_layers, D)
+    if reserve.numel() != size:
+        raise KernelInputError(f"{op}: reserve has {reserve.numel()} elements, expected {size}")
+    backend = _backend.resolve(op, input.device, BACKENDS)
+    dev, dt = input.device, input.dtype
+    if backend == "reference":
+        ws = _split([to_numpy(w) for w in weights], num_layers, D, has_biases)
+        dx, dhx, dcx, dws = ref.rnn_backward(
+            mode, to_numpy(grad_output), to_numpy(grad_hn), to_numpy(grad_cn) if mode == "lstm" else None,
+            to_numpy(input), ws, to_numpy(reserve), num_layers, bidirectional,
+            None if lengths is None else lengths.cpu().numpy(), to_numpy(dropout_masks),
+        )
+        flat = [from_numpy(g, dt, dev) for k in range(num_layers * D) for g in dws[k] if g is not None]
+        dcx_t = from_numpy(dcx, dt, dev) if dcx is not None else input.new_empty(0)
+        return from_numpy(dx, dt, dev), from_numpy(dhx, dt, dev), dcx_t, flat
+    _backend.check_interpreter_dtype(op, backend, input)
+    return _gpu_backward(_impl(backend), mode, grad_output, grad_hn, grad_cn, input, weights, reserve, num_layers,
+                         bidirectional, has_biases, lengths, dropout_masks)
+
+
+# ----------------------------------------------------------------------------------------------
+# the GPU driver: host time loop over per-step kernel launches, shared by the triton and cupy
+# backends (which differ in how they run a matmul, a column sum and one fused step)
+
+
+def _impl(backend):
+    if backend == "triton":
+        from ..kernels.triton import rnn as kt
+
+        return kt
+    return _CupyImpl
+
+
+def _dot_code(*dtypes):
+    """Half-precision dot when any operand is half (the float32 one is cast down, as cuDNN keeps
+    half activations), exact float32 otherwise."""
+    for d in dtypes:
+        if d == torch.float16:
+            return 1
+        if d == torch.bfloat16:
+            return 2
+    return 0
+
+
+def _lengths_on(lengths, T, B, device):
+    """Per-sequence lengths on the device; full length where the caller gave none (the step
+    kernels always mask)."""
+    if lengths is None:
+        return torch.full((B,), T, dtype=torch.int64, device=device)
+    return lengths.to(device=device, dtype=torch.int64)
+
+
+def _gpu_forward(K, mode, input, hx, cx, weights, num_layers, bidirectional, has_biases, lengths, masks):
+    T, B, I = input.shape
+    D = 2 if bidirectional else 1
+    H = hx.shape[-1]
+    L = num_layers
+    dt, dev = input.dtype, input.device
+    GH = GATES[mode] * H
+    layout, size = ref.reserve_layout(mode, T, B, H, L, D)
+    reserve = empty((size,), dtype=torch.float32, device=dev)
+    v = {k: reserve[o:o + math.prod(s)].view(s) for k, (o, s) in layout.items()}
+    out = empty((T, B, D * H), dtype=dt, device=dev)
+    hn = empty((L * D, B, H), dtype=dt, device=dev)
+    cn = empty((L * D, B, H), dtype=dt, device=dev) if mode == "lstm" else input.new_empty(0)
+    lens = _lengths_on(lengths, T, B, dev)
+    ws = _split(weights, L, D, has_biases)
+    xin = input
+    for l in range(L):
+        dest = v[("x", l + 1)] if l < L - 1 else out
+        mk = masks[l] if (masks is not None and l < L - 1) else None
+        in_w = xin.shape[-1]
+        for d in range(D):
+            k = l * D + d
+            w_ih, w_hh, b_ih, b_hh = ws[k]
+            Hs = v[("h", l, d)]
+            Cs = v.get(("c", l, d))
+            first = T if d == 1 else 0
+            Hs[first].copy_(hx[k])
+            if Cs is not None:
+                Cs[first].copy_(cx[k])
+            XG = v[("gates", l, d)] if mode in ("lstm", "gru") else empty((T, B, H), dtype=torch.float32, device=dev)
+            K.matmul(xin.reshape(T * B, in_w), w_ih.t(), XG.view(T * B, -1)[:, :GH], bias1=b_ih,
+                     bias2=b_hh if mode != "gru" else None, dot=_dot_code(xin.dtype, w_ih.dtype))
+            dcode = _dot_code(w_hh.dtype)
+            for t, p, n in ref._steps(T, d == 1):
+                K.step_forward(mode, XG[t], Hs[p], Hs[n], None if Cs is None else Cs[p], None if Cs is None else Cs[n],
+                               w_hh, b_hh if mode == "gru" else None, dest[t, :, d * H:(d + 1) * H],
+                               None if mk is None else mk[t, :, d * H:(d + 1) * H], lens, t, dcode)
+            last = 0 if d == 1 else T
+            hn[k].copy_(Hs[last])
+            if Cs is not None:
+                cn[k].copy_(Cs[last])
+        xin = dest
+    return out, hn, cn, reserve
+
+
+def _gpu_backward(K, mode, gout, ghn, gcn, input, weights, reserve, num_layers, bidirectional, has_biases, lengths,
+                  masks):
+    T, B, I = input.shape
+    D = 2 if bidirectional else 1
+    L = num_layers
+    H = weights[1].shape[1]
+    dt, dev = input.dtype, input.device
+    GH = GATES[mode] * H
+    layout, _ = ref.reserve_layout(mode, T, B, H, L, D)
+    v = {k: reserve[o:o + math.prod(s)].view(s) for k, (o, s) in layout.items()}
+    lens = _lengths_on(lengths, T, B, dev)
+    ws = _split(weights, L, D, has_biases)
+    f32 = torch.float32
+    dhx = empty((L * D, B, H), dtype=f32, device=dev)
+    dcx = empty((L * D, B, H), dtype=f32, device=dev) if mode == "lstm" else None
+    dGi = empty((T, B, GH), dtype=f32, device=dev)
+    dGh = empty((T, B, GH), dtype=f32, device=dev) if mode == "gru" else dGi
+    carry = empty((B, H), dtype=f32, device=dev)
+    dc = empty((B, H), dtype=f32, device=dev) if mode == "lstm" else None
+    dws = [None] * (L * D)
+    dout = gout
+    for l in range(L - 1, -1, -1):
+        xin = input if l == 0 else v[("x", l)]
+        in_w = xin.shape[-1]
+        dxin = empty((T, B, in_w), dtype=f32, device=dev)
+        mk = masks[l - 1] if (masks is not None and l > 0) else None
+        for d in range(D):
+            k = l * D + d
+            w_ih, w_hh, b_ih, b_hh = ws[k]
+            Hs = v[("h", l, d)]
+            Cs = v.get(("c", l, d))
+            G = v.get(("gates", l, d))
+            carry.copy_(ghn[k])
+            if dc is not None:
+                dc.copy_(gcn[k])
+            dcode = _dot_code(w_hh.dtype)
+            prev = None
+            for t, p, n in reversed(ref._steps(T, d == 1)):
+                K.step_backward(mode, prev, w_hh, carry, dc, dout[t, :, d * H:(d + 1) * H], None if G is None else G[t],
+                                Hs[p], Hs[n], None if Cs is None else Cs[p], None if Cs is None else Cs[n], dGi[t], dGh[t],
+                                None, lens, t, dcode)
+                prev = dGh[t]
+            K.step_backward(mode, prev, w_hh, carry, None, None, None, None, None, None, None, None, None, dhx[k], None, 0,
+                            dcode, final=True)
+            if dc is not None:
+                dcx[k].copy_(dc)
+            gi, gh = dGi.view(T * B, GH), dGh.view(T * B, GH)
+            hprev = (Hs[1:] if d == 1 else Hs[:T]).reshape(T * B, H)
+            x2 = xin.reshape(T * B, in_w)
+            dw_ih = empty(w_ih.shape, dtype=w_ih.dtype, device=dev)
+            dw_hh = empty(w_hh.shape, dtype=w_hh.dtype, device=dev)
+            K.matmul(gi.t(), x2, dw_ih, dot=_dot_code(x2.dtype))
+            K.matmul(gh.t(), hprev, dw_hh, dot=0)
+            grads = [dw_ih, dw_hh]
+            if b_ih is not None:
+                db_ih = empty(b_ih.shape, dtype=b_ih.dtype, device=dev)
+                db_hh = empty(b_hh.shape, dtype=b_hh.dtype, device=dev)
+                K.colsum(gi, db_ih)
+                K.colsum(gh, db_hh)
+                grads += [db_ih, db_hh]
+            K.matmul(gi, w_ih, dxin.view(T * B, in_w), scale=None if mk is None else mk.reshape(T * B, in_w),
+                     acc=d == 1, dot=_dot_code(w_ih.dtype))
+            dws[k] = grads
+        dout = dxin
+    dx = dout.to(dt)
+    flat = [g for k in range(L * D) for g in dws[k]]
+    dcx_t = dcx.to(dt) if dcx is not None else input.new_empty(0)
+    return dx, dhx.to(dt), dcx_t, flat
+
+
+class _CupyImpl:
+    """The cupy backend: torch's matmuls around our fused CUDA C cell kernels (kernels/cuda/rnn.cu)."""
+
+    @staticmethod
+    def matmul(a, b, c, *, bias1=None, bias2=None, scale=None, acc=False, dot=0):
+        wdt = {0: torch.float32, 1: torch.float16, 2: torch.bfloat16}[dot]
+        r = torch.mm(a.to(wdt), b.to(wdt)).float()
+        if bias1 is not None:
+            r += bias1.float()
+        if bias2 is not None:
+            r += bias2.float()
+        if scale is not None:
+            r *= scale.float()
+        if acc:
+            r += c.float()
+        c.copy_(r)
+
+    @staticmethod
+    def colsum(x, y):
+        y.copy_(x.sum(0))
+
+    @staticmethod
+    def _module(mode, device):
+        from ..kernels import cuda as kcuda
+
+        return kcuda, kcuda.load("rnn", {"GN_MODE": ref.MODES.index(mode)}, device.index or 0)
+
+    @staticmethod
+    def step_forward(mode, xg, hp, hn, cp, cn, w_hh, b_hh, out, mask, lengths, t, dot):
+        import numpy as np
+
+        B, H = hp.shape
+        if B * H == 0:
+            return
+        kcuda, mod = _CupyImpl._module(mode, hp.device)
+        hh = torch.mm(hp.to(w_hh.dtype), w_hh.t()).float()
+        o32 = out if out.dtype == torch.float32 else torch.empty(out.shape, dtype=torch.float32, device=out.device)
+        m32 = None if mask is None else mask.float()
+        any_ = hp
+        kcuda.launch(mod, "rnn_cell_fwd", ((B * H + 255) // 256,), (256,), (
+            xg, np.int64(xg.stride(0)), hh, hp, hn, any_ if cp is None else cp, any_ if cn is None else cn,
+            any_ if b_hh is None else b_hh.float(), np.int32(b_hh is not None), o32, np.int64(o32.stride(0)),
+            any_ if m32 is None else m32, np.int64(0 if m32 is None else m32.stride(0)), np.int32(m32 is not None),
+            lengths, np.int32(t), np.int32(B), np.int32(H)), device=hp.device.index or 0)
+        if o32 is not out:
+            out.copy_(o32)
+
+    @staticmethod
+    def step_backward(mode, dg_next, w_hh, carry, dc, dout, g, hp, hn, cp, cn, dgi, dgh, dh0, lengths, t, dot,
+                      final=False):
+        import numpy as np
+
+        B, H = carry.shape
+        if dg_next is not None:
+            carry += torch.mm(dg_next.to(w_hh.dtype), w_hh).float()
+        if final:
+            dh0.copy_(carry)
+            return
+        if B * H == 0:
+            return
+        kcuda, mod = _CupyImpl._module(mode, carry.device)
+        d32 = dout.float()
+        any_ = carry
+        kcuda.launch(mod, "rnn_cell_bwd", ((B * H + 255) // 256,), (256,), (
+            carry, any_ if dc is None else dc, d32, np.int64(d32.stride(0)), any_ if g is None else g,
+            np.int64(0 if g is None else g.stride(0)), hp, hn, any_ if cp is None else cp, any_ if cn is None else cn,
+            dgi, dgh, np.int64(dgi.stride(0)), lengths, np.int32(t), np.int32(B), np.int32(H)),
+            device=carry.device.index or 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# custom ops: sequences
+
+
+@torch.library.custom_op("gpu_nn::rnn_seq", mutates_args=())
+def _rnn_seq_op(input: Tensor, hx: Tensor, cx: Optional[Tensor], weights: list[Tensor], mode: str, num_layers: int,
+                bidirectional: bool, has_biases: bool, lengths: Optional[Tensor],
+                dropout_masks: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return rnn_seq_forward(input, hx, cx, weights, mode, num_layers, bidirectional, has_biases, lengths, dropout_masks)
+
+
+@_rnn_seq_op.register_fake
+def _(input, hx, cx, weights, mode, num_layers, bidirectional, has_biases, lengths, dropout_masks):
+    T, B, H, L, D = _shape_info(input, hx, num_layers, bidirectional)
+    cn = input.new_empty((L * D, B, H)) if mode == "lstm" else input.new_empty(0)
+    res = input.new_empty(ref.reserve_size(mode, T, B, H, L, D), dtype=reserve_dtype(input.dtype))
+    return input.new_empty((T, B, D * H)), input.new_empty((L * D, B, H)), cn, res
+
+
+@torch.library.custom_op("gpu_nn::rnn_seq_backward", mutates_args=())
+def _rnn_seq_backward_op(grad_output: Tensor, grad_hn: Tensor, grad_cn: Optional[Tensor], input: Tensor,
+                         weights: list[Tensor], reserve: Tensor, mode: str, num_layers: int, bidirectional: bool,
+                         has_biases: bool, lengths: Optional[Tensor],
+                         dropout_masks: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
+    return rnn_seq_backward(grad_output, grad_hn, grad_cn, input, weights, reserve, mode, num_layers, bidirectional,
+                            has_biases, lengths, dropout_masks)
+
+
+@_rnn_seq_backward_op.register_fake
+def _(grad_output, grad_hn, grad_cn, input, weights, reserve, mode, num_layers, bidirectional, has_biases, lengths,
+      dropout_masks):
+    dcx = grad_hn.new_empty(grad_hn.shape) if mode == "lstm" else input.new_empty(0)
+    return input.new_empty(input.shape), grad_hn.new_empty(grad_hn.shape), dcx, [w.new_empty(w.shape) for w in weights]
+
+
+def _seq_setup(ctx, inputs, output):
+    input, hx, cx, weights, mode, num_layers, bidirectional, has_biases, lengths, masks = inputs
+    ctx.args = (mode, num_layers, bidirectional, has_biases)
+    ctx.has_cx = cx is not None
+    ctx.n_w = len(weights)
+    ctx.has_lengths, ctx.has_masks = lengths is not None, masks is not None
+    ctx.save_for_backward(input, output[3], lengths, masks, *weights)
+
+
+def _seq_backward(ctx, g_out, g_hn, g_cn, _g_res):
+    input, reserve, lengths, masks, *weights = ctx.saved_tensors
+    mode, num_layers, bidirectional, has_biases = ctx.args
+    lengths = lengths if ctx.has_lengths else None
+    masks = masks if ctx.has_masks else None
+    T, B, _ = input.shape
+    D = 2 if bidirectional else 1
+    H = weights[1].shape[1]
+    if g_out is None:
+        g_out = input.new_zeros((T, B, D * H))
+    if g_hn is None:
+        g_hn = input.new_zeros((num_layers * D, B, H))
+    if mode == "lstm" and (g_cn is None or g_cn.numel() == 0):
+        g_cn = input.new_zeros((num_layers * D, B, H))
+    dx, dhx, dcx, dws = _rnn_seq_backward_op(
+        g_out.contiguous(), g_hn.contiguous(), g_cn.contiguous() if mode == "lstm" else None, input, list(weights), reserve,
+        mode, num_layers, bidirectional, has_biases, lengths, masks,
+    )
+    return dx, dhx, (dcx if ctx.has_cx and mode == "lstm" else None), list(dws), None, None, None, None, None, None
+
+
+_rnn_seq_op.register_autograd(_seq_backward, setup_context=_seq_setup)
+
+
+# ----------------------------------------------------------------------------------------------
+# custom ops: cells (one step of one layer; the kernels are the sequence ones at T = 1)
+
+
+def rnn_cell_forward(input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode):
+    """``input [B, I]``, ``hx / cx [B, H]`` -> ``(h' [B, H], c' [B, H] or empty [0])``."""
+    weights = [w_ih, w_hh] + ([b_ih, b_hh] if b_ih is not None else [])
+    out, hn, cn, _ = rnn_seq_forward(input[None], hx[None], None if cx is None else cx[None], weights, mode, 1, False,
+                                     b_ih is not None)
+    return hn[0].clone(), (cn[0].clone() if mode == "lstm" else cn)
+
+
+def rnn_cell_backward(grad_h, grad_c, input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode):
+    """``(dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh)``; ``dc`` and the bias gradients are empty
+    ``[0]`` tensors where they do not apply. Recomputes the step (cells keep no reserve)."""
+    has_b = b_ih is not None
+    weights = [w_ih, w_hh] + ([b_ih, b_hh] if has_b else [])
+    x3 = input[None]
+    _, _, _, res = rnn_seq_forward(x3, hx[None], None if cx is None else cx[None], weights, mode, 1, False, has_b)
+    g_out = grad_h.new_zeros((1,) + tuple(grad_h.shape))
+    dx, dh, dc, dws = rnn_seq_backward(g_out, grad_h[None].contiguous(),
+                                       grad_c[None].contiguous() if mode == "lstm" else None, x3, weights, res, mode, 1,
+                                       False, has_b)
+    e = input.new_empty(0)
+    db = (dws[2], dws[3]) if has_b else (e, e.clone())
+    return dx[0].clone(), dh[0].clone(), (dc[0].clone() if mode == "lstm" else e.clone()), dws[0], dws[1], *db
+
+
+def _check_cell(op, input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode):
+    for name, t in (("input", input), ("hx", hx), ("w_ih", w_ih), ("w_hh", w_hh)):
+        if not isinstance(t, Tensor):
+            raise KernelInputError(f"{op}(): argument '{name}' must be Tensor, not {type(t).__name__}")
+    if input.dim() != 2:
+        raise KernelInputError(f"{op}: Expected input to be 1D or 2D, got {input.dim()}D instead")
+    H = w_hh.shape[-1]
+    G = GATES[mode] * H
+    if w_ih.dim() != 2 or w_ih.shape[0] != G or w_hh.dim() != 2 or tuple(w_hh.shape) != (G, H):
+        raise KernelInputError(f"{op}: weights of shape {list(w_ih.shape)} and {list(w_hh.shape)} do not fit a {mode} cell")
+    if input.shape[1] != w_ih.shape[1]:
+        raise KernelInputError(f"input has inconsistent input_size: got {input.shape[1]} expected {w_ih.shape[1]}")
+    for i, t in enumerate((hx, cx)):
+        if t is None:
+            continue
+        if t.dim() != 2 or t.shape[0] != input.shape[0]:
+            raise KernelInputError(f"Input batch size {input.shape[0]} doesn't match hidden{i} batch size {t.shape[0]}")
+        if t.shape[1] != H:
+            raise KernelInputError(f"hidden{i} has inconsistent hidden_size: got {t.shape[1]}, expected {H}")
+    for name, t in (("hx", hx), ("cx", cx), ("w_hh", w_hh), ("b_ih", b_ih), ("b_hh", b_hh)):
+        if t is None:
+            continue
+        if t.dtype != input.dtype or w_ih.dtype != input.dtype:
+            raise KernelInputError(
+                f"{op}: input dtype ({input.dtype}), weight dtype ({w_ih.dtype}) and {name} dtype ({t.dtype}) must be the same"
+            )
+        if t.device != input.device or w_ih.device != input.device:
+            raise KernelInputError(
+                f"Expected all tensors to be on the same device, but found at least two devices, {input.device} and {t.device}!"
+            )
+    if (b_ih is None) != (b_hh is None):
+        raise KernelInputError(f"{op}: give both b_ih and b_hh or neither")
+    for b in (b_ih, b_hh):
+        if b is not None and tuple(b.shape) != (G,):
+            raise KernelInputError(f"{op}: bias of shape {list(b.shape)}, expected [{G}]")
+
+
+@torch.library.custom_op("gpu_nn::rnn_cell", mutates_args=())
+def _rnn_cell_op(input: Tensor, hx: Tensor, cx: Optional[Tensor], w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
+                 b_hh: Optional[Tensor], mode: str) -> tuple[Tensor, Tensor]:
+    return rnn_cell_forward(input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode)
+
+
+@_rnn_cell_op.register_fake
+def _(input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode):
+    return hx.new_empty(hx.shape), (hx.new_empty(hx.shape) if mode == "lstm" else hx.new_empty(0))
+
+
+@torch.library.custom_op("gpu_nn::rnn_cell_backward", mutates_args=())
+def _rnn_cell_backward_op(grad_h: Tensor, grad_c: Optional[Tensor], input: Tensor, hx: Tensor, cx: Optional[Tensor],
+                          w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor],
+                          mode: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return rnn_cell_backward(grad_h, grad_c, input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode)
+
+
+@_rnn_cell_backward_op.register_fake
+def _(grad_h, grad_c, input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode):
+    e = input.new_empty(0)
+    dc = hx.new_empty(hx.shape) if mode == "lstm" else e.clone()
+    db = (b_ih.new_empty(b_ih.shape), b_hh.new_empty(b_hh.shape)) if b_ih is not None else (e.clone(), e.clone())
+    return input.new_empty(input.shape), hx.new_empty(hx.shape), dc, w_ih.new_empty(w_ih.shape), w_hh.new_empty(w_hh.shape), *db
+
+
+def _cell_setup(ctx, inputs, output):
+    input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode = inputs
+    ctx.mode = mode
+    ctx.has_b = b_ih is not None
+    ctx.has_cx = cx is not None
+    ctx.save_for_backward(input, hx, cx, w_ih, w_hh, b_ih, b_hh)
+
+
+def _cell_backward(ctx, g_h, g_c):
+    input, hx, cx, w_ih, w_hh, b_ih, b_hh = ctx.saved_tensors
+    mode = ctx.mode
+    if g_h is None:
+        g_h = torch.zeros_like(hx)
+    if mode == "lstm" and (g_c is None or g_c.numel() == 0):
+        g_c = torch.zeros_like(hx)
+    dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh = _rnn_cell_backward_op(
+        g_h.contiguous(), g_c.contiguous() if mode == "lstm" else None, input, hx, cx if ctx.has_cx else None,
+        w_ih, w_hh, b_ih if ctx.has_b else None, b_hh if ctx.has_b else None, mode,
+    )
+    return (dx, dh, dc if (mode == "lstm" and ctx.has_cx) else None, dw_ih, dw_hh,
+            db_ih if ctx.has_b else None, db_hh if ctx.has_b else None, None)
+
+
+_rnn_cell_op.register_autograd(_cell_backward, setup_context=_cell_setup)
+
+
+# ----------------------------------------------------------------------------------------------
+# public functions
+
+
+def _cell(op, mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh):
+    if not isinstance(input, Tensor):
+        raise KernelInputError(f"{op}(): argument 'input' must be Tensor, not {type(input).__name__}")
+    batched = input.dim() == 2
+    if input.dim() not in (1, 2):
+        raise KernelInputError(f"{op}: Expected input to be 1D or 2D, got {input.dim()}D instead")
+    if not batched:
+        input = input[None]
+        hx = None if hx is None else hx[None]
+        cx = None if cx is None else cx[None]
+    H = w_hh.shape[-1]
+    if hx is None:
+        hx = input.new_zeros((input.shape[0], H))
+    if mode == "lstm" and cx is None:
+        cx = input.new_zeros((input.shape[0], H))
+    _check_cell(op, input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode)
+    h, c = _rnn_cell_op(input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode)
+    if not batched:
+        h, c = h[0], (c[0] if mode == "lstm" else c)
+    return h, c
+
+
+def rnn_tanh_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
+    """h' = tanh(input W_ih^T + b_ih + hx W_hh^T + b_hh); ``input [B, I]`` or ``[I]``."""
+    return _cell("rnn_tanh_cell", "rnn_tanh", input, hx, None, w_ih, w_hh, b_ih, b_hh)[0]
+
+
+def rnn_relu_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
+    """h' = relu(input W_ih^T + b_ih + hx W_hh^T + b_hh); ``input [B, I]`` or ``[I]``."""
+    return _cell("rnn_relu_cell", "rnn_relu", input, hx, None, w_ih, w_hh, b_ih, b_hh)[0]
+
+
+def lstm_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
+    """One LSTM step (gate order i, f, g, o); ``hx = (h, c)`` or None -> ``(h', c')``."""
+    h, c = (None, None) if hx is None else hx
+    return _cell("lstm_cell", "lstm", input, h, c, w_ih, w_hh, b_ih, b_hh)
+
+
+def gru_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
+    """One GRU step, n = tanh(W_in x + b_in + r * (W_hn h + b_hn)), h' = (1 - z) n + z h."""
+    return _cell("gru_cell", "gru", input, hx, None, w_ih, w_hh, b_ih, b_hh)[0]
+
+
+def draw_dropout_masks(p: float, num_layers: int, T: int, B: int, width: int, like: Tensor) -> Tensor | None:
+    """Inverted-dropout masks ``[L - 1, T, B, width]`` drawn with torch's RNG (values 0 or 1/(1-p))."""
+    if num_layers < 2 or p <= 0:
+        return None
+    if p >= 1:
+        return like.new_zeros((num_layers - 1, T, B, width))
+    keep = torch.empty((num_layers - 1, T, B, width), dtype=like.dtype, device=like.device).bernoulli_(1 - p)
+    return keep.div_(1 - p)
+
+
+def _seq(mode, input, hx, cx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first, lengths,
+         dropout_masks):
+    if not isinstance(input, Tensor):
+        raise KernelInputError(f"{mode}(): argument 'input' must be Tensor, not {type(input).__name__}")
+    if input.dim() != 3:
+        raise KernelInputError(f"{mode}: input must have 3 dimensions, got {input.dim()}")
+    x = input.transpose(0, 1) if batch_first else input
+    T, B, _ = x.shape
+    D = 2 if bidirectional else 1
+    H = hx.shape[-1]
+    if dropout_masks is None and train and dropout > 0 and num_layers > 1:
+        dropout_masks = draw_dropout_masks(float(dropout), num_layers, T, B, D * H, x)
+    if not train:
+        dropout_masks = None
+    if lengths is not None:
+        lengths = torch.as_tensor(lengths, dtype=torch.int64, device="cpu")
+    out, hn, cn, _ = _rnn_seq_op(x.contiguous(), hx, cx, list(params), mode, int(num_layers), bool(bidirectional),
+                                 bool(has_biases), lengths, dropout_masks)
+    if batch_first:
+        out = out.transpose(0, 1)
+    return out, hn, cn
+
+
+def rnn_tanh(input, hx, params, has_biases=True, num_layers=1, dropout=0.0, train=False, bidirectional=False,
+             batch_first=False, lengths=None, dropout_masks=None):
+    """Multi-layer Elman RNN with tanh over a whole sequence -> ``(output, h_n)``; as ``torch.rnn_tanh``."""
+    out, hn, _ = _seq("rnn_tanh", input, hx, None, params, has_biases, num_layers, dropout, train, bidirectional,
+                      batch_first, lengths, dropout_masks)
+    return out, hn
+
+
+def rnn_relu(input, hx, params, has_biases=True, num_layers=1, dropout=0.0, train=False, bidirectional=False,
+             batch_first=False, lengths=None, dropout_masks=None):
+    """Multi-layer Elman RNN with relu over a whole sequence -> ``(output, h_n)``; as ``torch.rnn_relu``."""
+    out, hn, _ = _seq("rnn_relu", input, hx, None, params, has_biases, num_layers, dropout, train, bidirectional,
+                      batch_first, lengths, dropout_masks)
+    return out, hn
+
+
+def gru(input, hx, params, has_biases=True, num_layers=1, dropout=0.0, train=False, bidirectional=False,
+        batch_first=False, lengths=None, dropout_masks=None):
+    """Multi-layer GRU over a whole sequence -> ``(output, h_n)``; as ``torch.gru``."""
+    out, hn, _ = _seq("gru", input, hx, None, params, has_biases, num_layers, dropout, train, bidirectional,
+                      batch_first, lengths, dropout_masks)
+    return out, hn
+
+
+def lstm(input, hx, params, has_biases=True, num_layers=1, dropout=0.0, train=False, bidirectional=False,
+         batch_first=False, lengths=None, dropout_masks=None):
+    """Multi-layer LSTM over a whole sequence, ``hx = (h0, c0)`` -> ``(output, h_n, c_n)``; as ``torch.lstm``."""
+    h0, c0 = hx
+    return _seq("lstm", input, h0, c0, params, has_biases, num_layers, dropout, train, bidirectional, batch_first,
+                lengths, dropout_masks)
+
+
+SEQ_FUNCS = {"rnn_tanh": rnn_tanh, "rnn_relu": rnn_relu, "lstm": lstm, "gru": gru}
+CELL_FUNCS = {"rnn_tanh": rnn_tanh_cell, "rnn_relu": rnn_relu_cell, "lstm": lstm_cell, "gru": gru_cell}
+
+
+# ----------------------------------------------------------------------------------------------
+# gpu-nn check
+
+
+def _t(rng, *shape, grad=True, scale=1.0):
+    return torch.from_numpy(rng.standard_normal(shape) * scale).requires_grad_(grad)
+
+
+def _make_cell(mode, B=5, I=7, H=11, bias=True):
+    G = GATES[mode] * H
+
+    def make(rng):
+        s = H ** -0.5
+        x, h = _t(rng, B, I), _t(rng, B, H)
+        ws = [_t(rng, G, I, scale=s), _t(rng, G, H, scale=s)] + ([_t(rng, G, scale=s), _t(rng, G, scale=s)] if bias else [])
+        hx = (h, _t(rng, B, H)) if mode == "lstm" else h
+        return (x, hx, *ws), {}
+
+    return make
+
+
+def _make_seq(mode, T=4, B=3, I=5, H=9, L=2, bi=True, lengths=(4, 2, 3)):
+    G = GATES[mode] * H
+    D = 2 if bi else 1
+
+    def make(rng):
+        s = H ** -0.5
+        x = _t(rng, T, B, I)
+        h0 = _t(rng, L * D, B, H)
+        hx = (h0, _t(rng, L * D, B, H)) if mode == "lstm" else h0
+        params = []
+        for l in range(L):
+            for _ in range(D):
+                params += [_t(rng, G, I if l == 0 else D * H, scale=s), _t(rng, G, H, scale=s), _t(rng, G, scale=s),
+                           _t(rng, G, scale=s)]
+        kw = {"lengths": torch.tensor(lengths)} if lengths is not None else {}
+        return (x, hx, params, True, L, 0.0, False, bi, False), kw
+
+    return make
+
+
+CHECK_CASES = [
+    CheckCase(op=f"{m}_cell", make=_make_cell(m), fn=CELL_FUNCS[m], backends=BACKENDS) for m in MODES
+] + [
+    CheckCase(op=m, make=_make_seq(m), fn=SEQ_FUNCS[m], backends=BACKENDS) for m in MODES
+]

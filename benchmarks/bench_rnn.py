@@ -1,0 +1,118 @@
+"""Recurrent layers: LSTM and GRU forward / forward+backward.
+
+CPU set (device "cpu"): T=50 B=32 I=128 H=256, float32, the NumPy reference fallback
+(``gpu_nn.nn.LSTM`` / ``GRU`` on the reference backend) against torch CPU.
+GPU set (device "cuda", issue 6): T=100 N=64 I=H=512 forward and forward+backward; small batch
+N=4 and 16 at H=256 / 512 / 1024, T=50; float32 and bfloat16; torch (cuDNN) against our triton
+and cupy backends and against a Python loop of ``torch.nn.LSTMCell`` / ``GRUCell``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import gpu_nn
+from gpu_nn import nn as gnn
+from gpu_nn.benchmarks import harness
+
+TORCH = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU}
+OURS = {"lstm": gnn.LSTM, "gru": gnn.GRU}
+CELLS = {"lstm": torch.nn.LSTMCell, "gru": torch.nn.GRUCell}
+
+
+def _flops(mode, T, N, I, H, backward):
+    G = 4 if mode == "lstm" else 3
+    f = 2 * T * N * G * H * (I + H)
+    return f * 3 if backward else f
+
+
+def _case(mode, T, N, I, H, dtype, device, backward, providers):
+    name = f"{mode} {'fwd+bwd' if backward else 'fwd'}"
+    shape = f"T={T} N={N} I={I} H={H} {str(dtype).replace('torch.', '')}"
+    base = TORCH[mode](I, H).to(device=device, dtype=dtype)
+
+    def inputs():
+        x = torch.randn(T, N, I, device=device, dtype=dtype, requires_grad=backward)
+        g = torch.randn(T, N, H, device=device, dtype=dtype)
+        return x, g
+
+    def run_module(module, backend=None):
+        def setup():
+            nxt = harness.rotating(inputs)
+
+            def fn():
+                x, g = nxt()
+                ctx = gpu_nn.backend(backend) if backend else _null()
+                with ctx:
+                    if backward:
+                        out, _ = module(x)
+                        out.backward(g)
+                    else:
+                        with torch.no_grad():
+                            module(x)
+
+            return fn
+
+        return setup
+
+    def cell_loop():
+        cell = CELLS[mode](I, H).to(device=device, dtype=dtype)
+        cell.load_state_dict({k.replace("_l0", ""): v for k, v in base.state_dict().items()})
+
+        def setup():
+            nxt = harness.rotating(inputs)
+
+            def fn():
+                x, g = nxt()
+                with torch.enable_grad() if backward else torch.no_grad():
+                    h = None
+                    outs = []
+                    for t in range(T):
+                        h = cell(x[t], h)
+                        outs.append(h[0] if mode == "lstm" else h)
+                    if backward:
+                        torch.stack(outs).backward(g)
+
+            return fn
+
+        return setup
+
+    provs = {"torch": run_module(base)}
+    for p in providers:
+        if p == "cell_loop":
+            provs[p] = cell_loop()
+        else:
+            ours = OURS[mode](I, H).to(device=device, dtype=dtype)
+            ours.load_state_dict(base.state_dict())
+            provs[p] = run_module(ours, p)
+    return harness.Case(family="rnn", name=name, shape=shape, providers=provs, device=device,
+                        flops=_flops(mode, T, N, I, H, backward))
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def cases(device: str = "cpu", quick: bool = False) -> list[harness.Case]:
+    out = []
+    if device == "cpu":
+        for mode in ("lstm", "gru"):
+            out.append(_case(mode, 50, 32, 128, 256, torch.float32, "cpu", True, ("reference",)))
+        return out
+    provs = ("triton", "cupy", "cell_loop")
+    for dtype in (torch.float32, torch.bfloat16):
+        for mode in ("lstm", "gru"):
+            for backward in (False, True):
+                out.append(_case(mode, 100, 64, 512, 512, dtype, device, backward, provs))
+            for N in (4, 16):
+                for H in ((512,) if quick else (256, 512, 1024)):
+                    out.append(_case(mode, 50, N, H, H, dtype, device, False, provs))
+    return out
+
+
+if __name__ == "__main__":
+    harness.main_for(cases)

@@ -1,0 +1,434 @@
+"""Triton kernels for the recurrent family (Elman tanh / relu, LSTM, GRU), forward and backward.
+
+The time loop runs on the host; each launch does one step of one layer and direction:
+
+* ``_rnn_matmul_kernel`` -- ``C (+)= scale * (A @ B + bias1 + bias2)`` with arbitrary strides,
+  float32 accumulation: the input projection of all time steps at once (``X W_ih^T + b``), and
+  in the backward ``dX = dG W_ih``, ``dW_ih = dG^T X``, ``dW_hh = dG^T H_prev``.
+* ``_rnn_step_fwd_kernel`` -- one time step, fused: ``h_{t-1} W_hh^T`` for every gate of the
+  program's tile of hidden units, plus the precomputed input projection, the gate
+  nonlinearities and the state update, the output write (times the dropout mask when the output
+  feeds the next layer) and the variable-length masking. No gate pre-activation goes through
+  global memory; the activated gates are stored for the backward (the reserve).
+* ``_rnn_step_bwd_kernel`` -- one step backward, fused: ``dh = carry + dG_{next} W_hh + dout``
+  (the recurrent term of the step processed before), then the gate gradients of this step and
+  the part of dh / dc that bypasses W_hh. With ``FINAL`` it only forms dh0.
+* ``_rnn_colsum_kernel`` -- bias gradients (column sums of the stored gate gradients).
+
+Layouts: everything row-major with explicit row strides; states and gates in float32 (the
+reserve); weights and the user's input / output in float32, float16 or bfloat16. Gate order
+i, f, g, o (LSTM) and r, z, n (GRU), torch's. ``MODE``: 0 tanh, 1 relu, 2 LSTM, 3 GRU.
+Float32 dots use ``input_precision="ieee"`` (TF32 would be outside the float32 tolerance);
+half-precision dots cast the float32 operand to the weights' dtype and accumulate in float32.
+Not supported: LSTM projections.
+"""
+
+import triton
+import triton.language as tl
+
+from ._aot import AotSpec
+
+MODE_CODES = {"rnn_tanh": 0, "rnn_relu": 1, "lstm": 2, "gru": 3}
+NGATES = {0: 1, 1: 1, 2: 4, 3: 3}
+DOT_CODES = {"fp32": 0, "fp16": 1, "bf16": 2}
+
+
+@triton.jit
+def _sigmoid(x):
+    e = tl.exp(-tl.abs(x))
+    return tl.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+@triton.jit
+def _tanh(x):
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x >= 0, t, -t)
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_DT: tl.constexpr):
+    """acc + a @ b; float32 operands as exact IEEE products, else both cast to the half dtype."""
+    if DOT_DT == 0:
+        acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    elif DOT_DT == 1:
+        acc += tl.dot(a.to(tl.float16), b.to(tl.float16), input_precision="ieee")
+    else:
+        acc += tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), input_precision="ieee")
+    return acc
+
+
+@triton.jit
+def _rnn_matmul_kernel(a_ptr, b_ptr, c_ptr, bias1_ptr, bias2_ptr, scale_ptr, M, N, K,
+                       stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, stride_sm, stride_sn,
+                       HAS_BIAS1: tl.constexpr, HAS_BIAS2: tl.constexpr, HAS_SCALE: tl.constexpr,
+                       ACC: tl.constexpr, DOT_DT: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """C[M, N] = (ACC ? C : 0) + scale[M, N] * (A[M, K] @ B[K, N] + bias1[N] + bias2[N])."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    mm = rm < M
+    mn = rn < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        mk = rk < K
+        a = tl.load(a_ptr + rm[:, None] * stride_am + rk[None, :] * stride_ak, mask=mm[:, None] & mk[None, :], other=0.0)
+        b = tl.load(b_ptr + rk[:, None] * stride_bk + rn[None, :] * stride_bn, mask=mk[:, None] & mn[None, :], other=0.0)
+        acc = _dot(a, b, acc, DOT_DT)
+    if HAS_BIAS1:
+        acc += tl.load(bias1_ptr + rn, mask=mn, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS2:
+        acc += tl.load(bias2_ptr + rn, mask=mn, other=0.0).to(tl.float32)[None, :]
+    m2 = mm[:, None] & mn[None, :]
+    if HAS_SCALE:
+        acc *= tl.load(scale_ptr + rm[:, None] * stride_sm + rn[None, :] * stride_sn, mask=m2, other=0.0).to(tl.float32)
+    c_ptrs = c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn
+    if ACC:
+        acc += tl.load(c_ptrs, mask=m2, other=0.0).to(tl.float32)
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m2)
+
+
+@triton.jit
+def _rnn_colsum_kernel(x_ptr, y_ptr, M, N, stride_xm, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """y[N] = sum over rows of x[M, N] (float32 accumulation)."""
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mn = rn < N
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        rm = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + rn[None, :], mask=(rm < M)[:, None] & mn[None, :], other=0.0)
+        acc += tl.sum(x.to(tl.float32), axis=0)
+    tl.store(y_ptr + rn, acc.to(y_ptr.dtype.element_ty), mask=mn)
+
+
+@triton.jit
+def _rnn_step_fwd_kernel(xg_ptr, stride_xg, hp_ptr, hn_ptr, cp_ptr, cn_ptr, w_ptr, stride_w0, stride_w1, bhh_ptr,
+                         out_ptr, stride_out, mask_ptr, stride_mask, len_ptr, t, B, H,
+                         MODE: tl.constexpr, HAS_BHH: tl.constexpr, HAS_MASK: tl.constexpr,
+                         DOT_DT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One step of one layer and direction for a [BLOCK_B, BLOCK_H] tile of (batch, hidden unit).
+
+    ``xg [B, *]`` holds the input projection of this step for every gate (biases folded in,
+    except the GRU's b_hh); LSTM / GRU overwrite it with the activated gates (GRU: r, z, n and
+    h W_hn^T + b_hn). ``hp / cp`` the previous state, ``hn / cn`` the new one (float32 [B, H]).
+    ``out`` gets h' (zero where ``t >= len[b]``), times ``mask`` when HAS_MASK.
+    """
+    pid_b = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    rb = (pid_b * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
+    rh = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    mb = rb < B
+    mh = rh < H
+    m2 = mb[:, None] & mh[None, :]
+    acc0 = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    acc3 = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        mk = rk < H
+        hprev = tl.load(hp_ptr + rb[:, None] * H + rk[None, :], mask=mb[:, None] & mk[None, :], other=0.0)
+        wm = mk[:, None] & mh[None, :]
+        # W_hh rows g * H + j, read transposed as [BLOCK_K, BLOCK_H]
+        w0 = tl.load(w_ptr + rh[None, :] * stride_w0 + rk[:, None] * stride_w1, mask=wm, other=0.0)
+        acc0 = _dot(hprev, w0, acc0, DOT_DT)
+        if MODE >= 2:
+            w1 = tl.load(w_ptr + (H + rh)[None, :] * stride_w0 + rk[:, None] * stride_w1, mask=wm, other=0.0)
+            acc1 = _dot(hprev, w1, acc1, DOT_DT)
+            w2 = tl.load(w_ptr + (2 * H + rh)[None, :] * stride_w0 + rk[:, None] * stride_w1, mask=wm, other=0.0)
+            acc2 = _dot(hprev, w2, acc2, DOT_DT)
+        if MODE == 2:
+            w3 = tl.load(w_ptr + (3 * H + rh)[None, :] * stride_w0 + rk[:, None] * stride_w1, mask=wm, other=0.0)
+            acc3 = _dot(hprev, w3, acc3, DOT_DT)
+    st = rb[:, None] * H + rh[None, :]
+    xg = xg_ptr + rb[:, None] * stride_xg + rh[None, :]
+    hp = tl.load(hp_ptr + st, mask=m2, other=0.0)
+    c_new = hp  # placeholder for the non-LSTM modes
+    cp = hp
+    if MODE == 0:
+        h_new = _tanh(tl.load(xg, mask=m2, other=0.0) + acc0)
+    elif MODE == 1:
+        h_new = tl.maximum(tl.load(xg, mask=m2, other=0.0) + acc0, 0.0)
+    elif MODE == 2:
+        gi = _sigmoid(tl.load(xg, mask=m2, other=0.0) + acc0)
+        gf = _sigmoid(tl.load(xg + H, mask=m2, other=0.0) + acc1)
+        gg = _tanh(tl.load(xg + 2 * H, mask=m2, other=0.0) + acc2)
+        go = _sigmoid(tl.load(xg + 3 * H, mask=m2, other=0.0) + acc3)
+        cp = tl.load(cp_ptr + st, mask=m2, other=0.0)
+        c_new = gf * cp + gi * gg
+        h_new = go * _tanh(c_new)
+        tl.store(xg, gi, mask=m2)
+        tl.store(xg + H, gf, mask=m2)
+        tl.store(xg + 2 * H, gg, mask=m2)
+        tl.store(xg + 3 * H, go, mask=m2)
+    else:
+        if HAS_BHH:
+            acc0 += tl.load(bhh_ptr + rh, mask=mh, other=0.0).to(tl.float32)[None, :]
+            acc1 += tl.load(bhh_ptr + H + rh, mask=mh, other=0.0).to(tl.float32)[None, :]
+            acc2 += tl.load(bhh_ptr + 2 * H + rh, mask=mh, other=0.0).to(tl.float32)[None, :]
+        r = _sigmoid(tl.load(xg, mask=m2, other=0.0) + acc0)
+        z = _sigmoid(tl.load(xg + H, mask=m2, other=0.0) + acc1)
+        n = _tanh(tl.load(xg + 2 * H, mask=m2, other=0.0) + r * acc2)
+        h_new = n + z * (hp - n)
+        tl.store(xg, r, mask=m2)
+        tl.store(xg + H, z, mask=m2)
+        tl.store(xg + 2 * H, n, mask=m2)
+        tl.store(xg + 3 * H, acc2, mask=m2)
+    # steps beyond a sequence's length keep its state and output zero (PackedSequence semantics)
+    valid = (t < tl.load(len_ptr + rb, mask=mb, other=0))[:, None]
+    out = tl.where(valid, h_new, 0.0)
+    h_new = tl.where(valid, h_new, hp)
+    c_new = tl.where(valid, c_new, cp)
+    tl.store(hn_ptr + st, h_new, mask=m2)
+    if MODE == 2:
+        tl.store(cn_ptr + st, c_new, mask=m2)
+    if HAS_MASK:
+        out = out * tl.load(mask_ptr + rb[:, None] * stride_mask + rh[None, :], mask=m2, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rb[:, None] * stride_out + rh[None, :], out.to(out_ptr.dtype.element_ty), mask=m2)
+
+
+@triton.jit
+def _rnn_step_bwd_kernel(dgn_ptr, stride_dgn, w_ptr, stride_w0, stride_w1, carry_ptr, dc_ptr, dout_ptr, stride_dout,
+                         g_ptr, stride_g, hp_ptr, hn_ptr, cp_ptr, cn_ptr, dgi_ptr, dgh_ptr, stride_dg, dh0_ptr,
+                         len_ptr, t, B, H,
+                         MODE: tl.constexpr, HAS_NEXT: tl.constexpr, FINAL: tl.constexpr,
+                         DOT_DT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One step backward for a [BLOCK_B, BLOCK_H] tile.
+
+    dh = carry + dG_next W_hh (HAS_NEXT; ``dgn [B, G * H]`` the W_hh-side gate gradients of the
+    step processed just before) + dout (where valid). FINAL: store dh to ``dh0`` and stop.
+    Otherwise write this step's gate gradients (``dgi`` the W_ih side, ``dgh`` the W_hh side;
+    the same buffer except for the GRU), the new carry (the part of dh_prev not through W_hh)
+    and, for the LSTM, dc_prev into ``dc`` in place. Invalid rows (t >= len) pass dh and dc
+    through unchanged and get zero gate gradients.
+    """
+    pid_b = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    rb = (pid_b * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
+    rh = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    mb = rb < B
+    mh = rh < H
+    m2 = mb[:, None] & mh[None, :]
+    st = rb[:, None] * H + rh[None, :]
+    dh = tl.load(carry_ptr + st, mask=m2, other=0.0)
+    if HAS_NEXT:
+        GH = H if MODE <= 1 else (4 * H if MODE == 2 else 3 * H)
+        acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+        for k0 in range(0, GH, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            mk = rk < GH
+            dg = tl.load(dgn_ptr + rb[:, None] * stride_dgn + rk[None, :], mask=mb[:, None] & mk[None, :], other=0.0)
+            w = tl.load(w_ptr + rk[:, None] * stride_w0 + rh[None, :] * stride_w1, mask=mk[:, None] & mh[None, :], other=0.0)
+            acc = _dot(dg, w, acc, DOT_DT)
+        dh += acc
+    if FINAL:
+        tl.store(dh0_ptr + st, dh, mask=m2)
+    else:
+        dout = tl.load(dout_ptr + rb[:, None] * stride_dout + rh[None, :], mask=m2, other=0.0).to(tl.float32)
+        valid = (t < tl.load(len_ptr + rb, mask=mb, other=0))[:, None] & m2
+        dout = tl.where(valid, dout, 0.0)
+        dh += dout
+        g = g_ptr + rb[:, None] * stride_g + rh[None, :]
+        dgi = dgi_ptr + rb[:, None] * stride_dg + rh[None, :]
+        dgh = dgh_ptr + rb[:, None] * stride_dg + rh[None, :]
+        carry = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+        if MODE <= 1:
+            h = tl.load(hn_ptr + st, mask=m2, other=0.0)
+            if MODE == 0:
+                d = dh * (1.0 - h * h)
+            else:
+                d = tl.where(h > 0, dh, 0.0)
+            tl.store(dgi, tl.where(valid, d, 0.0), mask=m2)
+        elif MODE == 2:
+            gi = tl.load(g, mask=m2, other=0.0)
+            gf = tl.load(g + H, mask=m2, other=0.0)
+            gg = tl.load(g + 2 * H, mask=m2, other=0.0)
+            go = tl.load(g + 3 * H, mask=m2, other=0.0)
+            c = tl.load(cn_ptr + st, mask=m2, other=0.0)
+            cp = tl.load(cp_ptr + st, mask=m2, other=0.0)
+            dc_in = tl.load(dc_ptr + st, mask=m2, other=0.0)
+            tc = _tanh(c)
+            dc = dc_in + dh * go * (1.0 - tc * tc)
+            tl.store(dgi, tl.where(valid, dc * gg * gi * (1.0 - gi), 0.0), mask=m2)
+            tl.store(dgi + H, tl.where(valid, dc * cp * gf * (1.0 - gf), 0.0), mask=m2)
+            tl.store(dgi + 2 * H, tl.where(valid, dc * gi * (1.0 - gg * gg), 0.0), mask=m2)
+            tl.store(dgi + 3 * H, tl.where(valid, dh * tc * go * (1.0 - go), 0.0), mask=m2)
+            tl.store(dc_ptr + st, tl.where(valid, dc * gf, dc_in), mask=m2)
+        else:
+            r = tl.load(g, mask=m2, other=0.0)
+            z = tl.load(g + H, mask=m2, other=0.0)
+            n = tl.load(g + 2 * H, mask=m2, other=0.0)
+            hn_ = tl.load(g + 3 * H, mask=m2, other=0.0)
+            hp = tl.load(hp_ptr + st, mask=m2, other=0.0)
+            dz = dh * (hp - n) * z * (1.0 - z)
+            dn = dh * (1.0 - z) * (1.0 - n * n)
+            dr = dn * hn_ * r * (1.0 - r)
+            dr = tl.where(valid, dr, 0.0)
+            dz = tl.where(valid, dz, 0.0)
+            tl.store(dgi, dr, mask=m2)
+            tl.store(dgi + H, dz, mask=m2)
+            tl.store(dgi + 2 * H, tl.where(valid, dn, 0.0), mask=m2)
+            tl.store(dgh, dr, mask=m2)
+            tl.store(dgh + H, dz, mask=m2)
+            tl.store(dgh + 2 * H, tl.where(valid, dn * r, 0.0), mask=m2)
+            carry = dh * z
+        tl.store(carry_ptr + st, tl.where(valid, carry, dh), mask=m2)
+
+
+# ----------------------------------------------------------------------------------------------
+# launch heuristics and launchers (all tensors already allocated and offset by the caller)
+
+
+def dot_code(dtype) -> int:
+    import torch
+
+    return {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[dtype]
+
+
+def step_blocks(B: int, H: int, mode: str) -> tuple[int, int, int, int]:
+    """(BLOCK_B, BLOCK_H, BLOCK_K, num_warps) of the step kernels: dot tiles of at least 16 on
+    every side; the LSTM's four accumulators take a narrower hidden tile."""
+    return (16 if B <= 16 else 32), 32, 32, 4
+
+
+MATMUL_BLOCKS = (32, 64, 32, 4)  # BLOCK_M, BLOCK_N, BLOCK_K, num_warps
+
+
+def matmul(a, b, c, *, bias1=None, bias2=None, scale=None, acc=False, dot=0):
+    """``c (+)= scale * (a @ b + bias1 + bias2)``; 2-D tensors with any strides."""
+    M, K = a.shape
+    N = b.shape[1]
+    if M == 0 or N == 0:
+        return
+    bm, bn, bk, warps = MATMUL_BLOCKS
+    grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
+    s = scale if scale is not None else c
+    _rnn_matmul_kernel[grid](
+        a, b, c, bias1 if bias1 is not None else c, bias2 if bias2 is not None else c, s, M, N, K,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1), s.stride(0), s.stride(1),
+        HAS_BIAS1=bias1 is not None, HAS_BIAS2=bias2 is not None, HAS_SCALE=scale is not None, ACC=acc, DOT_DT=dot,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
+    )
+
+
+def colsum(x, y):
+    """y[N] = x[M, N].sum(0); ``x`` with unit column stride."""
+    M, N = x.shape
+    if N == 0:
+        return
+    _rnn_colsum_kernel[(triton.cdiv(N, 64),)](x, y, M, N, x.stride(0), BLOCK_M=32, BLOCK_N=64, num_warps=4)
+
+
+def step_forward(mode, xg, hp, hn, cp, cn, w_hh, b_hh, out, mask, lengths, t, dot):
+    B, H = hp.shape
+    if B == 0 or H == 0:
+        return
+    bb, bh, bk, warps = step_blocks(B, H, mode)
+    grid = (triton.cdiv(B, bb), triton.cdiv(H, bh))
+    _rnn_step_fwd_kernel[grid](
+        xg, xg.stride(0), hp, hn, cp if cp is not None else hp, cn if cn is not None else hn, w_hh,
+        w_hh.stride(0), w_hh.stride(1), b_hh if b_hh is not None else w_hh, out, out.stride(0),
+        mask if mask is not None else out, mask.stride(0) if mask is not None else 0,
+        lengths, t, B, H,
+        MODE=MODE_CODES[mode], HAS_BHH=b_hh is not None, HAS_MASK=mask is not None,
+        DOT_DT=dot, BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=bk, num_warps=warps,
+    )
+
+
+def step_backward(mode, dg_next, w_hh, carry, dc, dout, g, hp, hn, cp, cn, dgi, dgh, dh0, lengths, t, dot, final=False):
+    B, H = carry.shape
+    if B == 0 or H == 0:
+        return
+    bb, bh, bk, warps = step_blocks(B, H, mode)
+    grid = (triton.cdiv(B, bb), triton.cdiv(H, bh))
+    any_ = carry
+    _rnn_step_bwd_kernel[grid](
+        dg_next if dg_next is not None else any_, dg_next.stride(0) if dg_next is not None else 0, w_hh,
+        w_hh.stride(0), w_hh.stride(1), carry, dc if dc is not None else any_,
+        dout if dout is not None else any_, dout.stride(0) if dout is not None else 0,
+        g if g is not None else any_, g.stride(0) if g is not None else 0,
+        hp if hp is not None else any_, hn if hn is not None else any_, cp if cp is not None else any_,
+        cn if cn is not None else any_, dgi if dgi is not None else any_, dgh if dgh is not None else any_,
+        dgi.stride(0) if dgi is not None else 0, dh0 if dh0 is not None else any_,
+        lengths if lengths is not None else any_, t, B, H,
+        MODE=MODE_CODES[mode], HAS_NEXT=dg_next is not None, FINAL=final, DOT_DT=dot,
+        BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=bk, num_warps=warps,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# ahead-of-time configurations
+
+
+def _matmul_spec(a, b, c, bias1, bias2, scale, acc, dot, dt):
+    bm, bn, bk, warps = MATMUL_BLOCKS
+    sig = {"a_ptr": f"*{a}", "b_ptr": f"*{b}", "c_ptr": f"*{c}", "bias1_ptr": f"*{dt}", "bias2_ptr": f"*{dt}",
+           "scale_ptr": f"*{dt}", "M": "i32", "N": "i32", "K": "i32"}
+    for s in ("stride_am", "stride_ak", "stride_bk", "stride_bn", "stride_cm", "stride_cn", "stride_sm", "stride_sn"):
+        sig[s] = "i32"
+    for k in ("HAS_BIAS1", "HAS_BIAS2", "HAS_SCALE", "ACC", "DOT_DT", "BLOCK_M", "BLOCK_N", "BLOCK_K"):
+        sig[k] = "constexpr"
+    cons = {"HAS_BIAS1": bias1, "HAS_BIAS2": bias2, "HAS_SCALE": scale, "ACC": acc, "DOT_DT": dot,
+            "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
+    return AotSpec(_rnn_matmul_kernel, sig, cons, num_warps=warps,
+                   label=f"matmul {a}x{b}->{c} bias{int(bias1)}{int(bias2)} scale{int(scale)} acc{int(acc)} dot{dot}")
+
+
+def aot_specs():
+    """Every launch configuration of the driver in gpu_nn.ops.rnn: per io dtype, the matmuls
+    (input projection from the io-dtype input or a float32 layer input, with both, one or no
+    bias; dW from io-dtype or float32 operands; dX with or without the dropout scale, first or
+    accumulating direction), the column sum, and the step kernels for every mode, both batch
+    tiles, output / output-gradient in the io dtype (last layer) or float32 (inner layers),
+    with and without the dropout mask, first / middle / final backward step."""
+    specs = []
+    for dt in ("fp32", "fp16", "bf16"):
+        dot = DOT_CODES[dt]
+        mm = set()
+        for a in sorted({dt, "fp32"}):
+            for bias1, bias2 in ((True, True), (True, False), (False, False)):
+                mm.add((a, dt, "fp32", bias1, bias2, False, False, dot))
+        for b in sorted({dt, "fp32"}):
+            mm.add(("fp32", b, dt, False, False, False, False, dot if b == dt else 0))
+        for scale in (False, True):
+            for acc in (False, True):
+                mm.add(("fp32", dt, "fp32", False, False, scale, acc, dot))
+        specs += [_matmul_spec(*m, dt) for m in sorted(mm)]
+        specs.append(AotSpec(_rnn_colsum_kernel, {"x_ptr": "*fp32", "y_ptr": f"*{dt}", "M": "i32", "N": "i32",
+                                                  "stride_xm": "i32", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"},
+                             {"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, label=f"colsum {dt}"))
+        for mode, code in MODE_CODES.items():
+            for bb in (16, 32):
+                for out_dt in sorted({dt, "fp32"}):
+                    for has_mask in ((False, True) if out_dt == "fp32" else (False,)):
+                        sig = {"xg_ptr": "*fp32", "stride_xg": "i32", "hp_ptr": "*fp32", "hn_ptr": "*fp32",
+                               "cp_ptr": "*fp32", "cn_ptr": "*fp32", "w_ptr": f"*{dt}", "stride_w0": "i32",
+                               "stride_w1": "i32", "bhh_ptr": f"*{dt}", "out_ptr": f"*{out_dt}", "stride_out": "i32",
+                               "mask_ptr": f"*{dt}", "stride_mask": "i32", "len_ptr": "*i64", "t": "i32",
+                               "B": "i32", "H": "i32"}
+                        for k in ("MODE", "HAS_BHH", "HAS_MASK", "DOT_DT", "BLOCK_B", "BLOCK_H", "BLOCK_K"):
+                            sig[k] = "constexpr"
+                        cons = {"MODE": code, "HAS_BHH": mode == "gru", "HAS_MASK": has_mask, "DOT_DT": dot,
+                                "BLOCK_B": bb, "BLOCK_H": 32, "BLOCK_K": 32}
+                        specs.append(AotSpec(_rnn_step_fwd_kernel, sig, cons, num_warps=4,
+                                             label=f"step fwd {mode} {dt} out {out_dt} B{bb} mask{int(has_mask)}"))
+                for dout_dt in sorted({dt, "fp32"}):
+                    for has_next, final in ((False, False), (True, False), (True, True)):
+                        if final and dout_dt != dt:
+                            continue  # the final step reads no output gradient
+                        sig = {"dgn_ptr": "*fp32", "stride_dgn": "i32", "w_ptr": f"*{dt}", "stride_w0": "i32",
+                               "stride_w1": "i32", "carry_ptr": "*fp32", "dc_ptr": "*fp32", "dout_ptr": f"*{dout_dt}",
+                               "stride_dout": "i32", "g_ptr": "*fp32", "stride_g": "i32", "hp_ptr": "*fp32",
+                               "hn_ptr": "*fp32", "cp_ptr": "*fp32", "cn_ptr": "*fp32", "dgi_ptr": "*fp32",
+                               "dgh_ptr": "*fp32", "stride_dg": "i32", "dh0_ptr": "*fp32", "len_ptr": "*i64",
+                               "t": "i32", "B": "i32", "H": "i32"}
+                        for k in ("MODE", "HAS_NEXT", "FINAL", "DOT_DT", "BLOCK_B", "BLOCK_H", "BLOCK_K"):
+                            sig[k] = "constexpr"
+                        cons = {"MODE": code, "HAS_NEXT": has_next, "FINAL": final, "DOT_DT": dot,
+                                "BLOCK_B": bb, "BLOCK_H": 32, "BLOCK_K": 32}
+                        specs.append(AotSpec(_rnn_step_bwd_kernel, sig, cons, num_warps=4,
+                                             label=f"step bwd {mode} {dt} dout {dout_dt} B{bb} next{int(has_next)} final{int(final)}"))
+    return specs

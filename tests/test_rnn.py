@@ -1,0 +1,557 @@
+"""Recurrent family: modules and ops against torch.nn in float64 (outputs, final states, the
+input gradient and every parameter gradient), finite differences of the reference backward,
+opcheck on every op, state_dict interchange, dropout, bad input, and every backend against the
+reference."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+import gpu_nn
+import gpu_nn.functional as F
+from gpu_nn import nn as gnn
+from gpu_nn.ops import rnn as ops
+from gpu_nn.reference import rnn as ref
+from helpers import assert_close, backend_params, gpu_dtypes_for, randn
+
+MODES = ("rnn_tanh", "rnn_relu", "lstm", "gru")
+MODULES = {
+    "rnn_tanh": (gnn.RNN, torch.nn.RNN, {"nonlinearity": "tanh"}),
+    "rnn_relu": (gnn.RNN, torch.nn.RNN, {"nonlinearity": "relu"}),
+    "lstm": (gnn.LSTM, torch.nn.LSTM, {}),
+    "gru": (gnn.GRU, torch.nn.GRU, {}),
+}
+CELLS = {
+    "rnn_tanh": (gnn.RNNCell, torch.nn.RNNCell, {"nonlinearity": "tanh"}),
+    "rnn_relu": (gnn.RNNCell, torch.nn.RNNCell, {"nonlinearity": "relu"}),
+    "lstm": (gnn.LSTMCell, torch.nn.LSTMCell, {}),
+    "gru": (gnn.GRUCell, torch.nn.GRUCell, {}),
+}
+
+
+def _pair(mode, I, H, dtype=torch.float64, **kw):
+    ours_cls, theirs_cls, extra = MODULES[mode]
+    theirs = theirs_cls(I, H, **extra, **kw).to(dtype)
+    ours = ours_cls(I, H, **extra, **kw).to(dtype)
+    ours.load_state_dict(theirs.state_dict())
+    return ours, theirs
+
+
+def _run(module, x, hx, go, ghs):
+    """Forward, then backward of sum(out * go) + sum(h_n * gh): returns outputs, grads of x / hx / params."""
+    out, hn = module(x, hx)
+    hs = hn if isinstance(hn, tuple) else (hn,)
+    out_t = out.data if isinstance(out, torch.nn.utils.rnn.PackedSequence) else out
+    loss = (out_t * go).sum() + sum((h * g).sum() for h, g in zip(hs, ghs))
+    leaves = [t for t in ([x if isinstance(x, torch.Tensor) else x.data] + list(hx if isinstance(hx, tuple) else (hx,) if hx is not None else ()))]
+    params = list(module.parameters())
+    grads = torch.autograd.grad(loss, leaves + params)
+    return [out_t, *hs], list(grads)
+
+
+def _compare(mode, rng, T, B, I, H, L, bi, batch_first, bias, init, packed=None, unbatched=False):
+    ours, theirs = _pair(mode, I, H, num_layers=L, bidirectional=bi, batch_first=batch_first, bias=bias)
+    D = 2 if bi else 1
+    shape = (T, I) if unbatched else ((B, T, I) if batch_first else (T, B, I))
+    x = randn(rng, *shape, requires_grad=True)
+    hshape = (L * D, H) if unbatched else (L * D, B, H)
+    hx = None
+    if init:
+        hx = randn(rng, *hshape, requires_grad=True)
+        if mode == "lstm":
+            hx = (hx, randn(rng, *hshape, requires_grad=True))
+    results = []
+    for m in (ours, theirs):
+        xin = x
+        if packed is not None:
+            lengths, enforce = packed
+            xin = pack_padded_sequence(x, torch.tensor(lengths), batch_first=batch_first, enforce_sorted=enforce)
+        results.append((m, xin))
+    with gpu_nn.backend("reference"):
+        out_o, hn_o = ours(results[0][1], hx)
+    out_t, hn_t = theirs(results[1][1], hx)
+    if packed is not None:
+        assert isinstance(out_o, torch.nn.utils.rnn.PackedSequence)
+        assert torch.equal(out_o.batch_sizes, out_t.batch_sizes)
+        for a, b in ((out_o.sorted_indices, out_t.sorted_indices), (out_o.unsorted_indices, out_t.unsorted_indices)):
+            assert (a is None and b is None) or torch.equal(a, b)
+        out_o, out_t = out_o.data, out_t.data
+    hs_o = hn_o if isinstance(hn_o, tuple) else (hn_o,)
+    hs_t = hn_t if isinstance(hn_t, tuple) else (hn_t,)
+    go = randn(rng, *out_t.shape)
+    ghs = [randn(rng, *h.shape) for h in hs_t]
+    leaves = [x] + (list(hx) if isinstance(hx, tuple) else [hx] if hx is not None else [])
+    worst = 0.0
+
+    def grads(m, out, hs):
+        loss = (out * go).sum() + sum((h * g).sum() for h, g in zip(hs, ghs))
+        return torch.autograd.grad(loss, leaves + list(m.parameters()))
+
+    with gpu_nn.backend("reference"):
+        g_o = grads(ours, out_o, hs_o)
+    g_t = grads(theirs, out_t, hs_t)
+    worst = max(worst, assert_close(out_o, out_t, torch.float64, k=H, what="output"))
+    for a, b in zip(hs_o, hs_t):
+        worst = max(worst, assert_close(a, b, torch.float64, k=H, what="final state"))
+    names = ["input"] + [f"hx{i}" for i in range(len(leaves) - 1)] + [n for n, _ in theirs.named_parameters()]
+    for n, a, b in zip(names, g_o, g_t):
+        worst = max(worst, assert_close(a, b, torch.float64, k=T * B * H, what=f"grad {n}"))
+    return worst
+
+
+GRID = [
+    # T, B, I, H, L, bi, batch_first, bias, init
+    (5, 3, 4, 7, 1, False, False, True, False),
+    (4, 2, 5, 6, 2, True, True, True, True),
+    (3, 3, 3, 5, 3, False, False, False, True),
+    (3, 2, 4, 5, 3, True, False, True, False),
+    (1, 1, 2, 3, 2, True, True, False, True),  # T = 1, batch 1
+]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("cfg", GRID, ids=lambda c: "T{}B{}I{}H{}L{}{}{}{}{}".format(
+    *c[:5], "bi" if c[5] else "", "bf" if c[6] else "", "" if c[7] else "nobias", "h0" if c[8] else ""))
+def test_module_matches_torch_float64(mode, cfg, rng):
+    _compare(mode, rng, *cfg)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("enforce_sorted", [True, False])
+@pytest.mark.parametrize("bi,L,batch_first", [(True, 2, False), (False, 1, True)])
+def test_packed_matches_torch_float64(mode, enforce_sorted, bi, L, batch_first, rng):
+    lengths = [5, 4, 2, 1] if enforce_sorted else [2, 5, 1, 4]
+    _compare(mode, rng, 5, 4, 3, 6, L, bi, batch_first, True, True, packed=(lengths, enforce_sorted))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("init", [False, True])
+def test_unbatched_matches_torch_float64(mode, init, rng):
+    _compare(mode, rng, 4, 1, 3, 5, 2, True, False, True, init, unbatched=True)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(3, None), (1, None), (None, None)], ids=["B3", "B1", "unbatched"])
+@pytest.mark.parametrize("init", [False, True])
+def test_cell_matches_torch_float64(mode, bias, shape, init, rng):
+    ours_cls, theirs_cls, extra = CELLS[mode]
+    I, H = 4, 7
+    theirs = theirs_cls(I, H, bias=bias, **extra).double()
+    ours = ours_cls(I, H, bias=bias, **extra).double()
+    ours.load_state_dict(theirs.state_dict())
+    B = shape[0]
+    bs = () if B is None else (B,)
+    x = randn(rng, *bs, I, requires_grad=True)
+    hx = None
+    leaves = [x]
+    if init:
+        hx = randn(rng, *bs, H, requires_grad=True)
+        leaves.append(hx)
+        if mode == "lstm":
+            c = randn(rng, *bs, H, requires_grad=True)
+            hx = (hx, c)
+            leaves.append(c)
+    outs = []
+    for m, be in ((ours, "reference"), (theirs, None)):
+        with gpu_nn.backend(be or "auto"):
+            o = m(x, hx)
+            o = o if isinstance(o, tuple) else (o,)
+            gs = [randn(np.random.default_rng(1), *t.shape) for t in o]
+            g = torch.autograd.grad(sum((a * b).sum() for a, b in zip(o, gs)), leaves + list(m.parameters()))
+        outs.append((o, g))
+    for a, b in zip(outs[0][0], outs[1][0]):
+        assert_close(a, b, torch.float64, k=H, what="cell output")
+    for a, b in zip(outs[0][1], outs[1][1]):
+        assert_close(a, b, torch.float64, k=H, what="cell grad")
+
+
+# ----------------------------------------------------------------------------------------------
+# finite differences of the reference backward
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_reference_cell_gradcheck(mode, rng):
+    I, H, B = 3, 4, 2
+    G = ops.GATES[mode] * H
+    x, h = randn(rng, B, I, requires_grad=True), randn(rng, B, H, requires_grad=True)
+    ws = [randn(rng, G, I, requires_grad=True), randn(rng, G, H, requires_grad=True), randn(rng, G, requires_grad=True),
+          randn(rng, G, requires_grad=True)]
+    with gpu_nn.backend("reference"):
+        if mode == "lstm":
+            c = randn(rng, B, H, requires_grad=True)
+            assert torch.autograd.gradcheck(lambda x, h, c, *w: F.lstm_cell(x, (h, c), *w), (x, h, c, *ws))
+        else:
+            assert torch.autograd.gradcheck(ops.CELL_FUNCS[mode], (x, h, *ws))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_reference_sequence_gradcheck(mode, rng):
+    args, kw = ops._make_seq(mode, T=3, B=3, I=2, H=3, L=2, bi=True, lengths=(3, 1, 2))(rng)
+    x, hx, params = args[0], args[1], args[2]
+    masks = torch.from_numpy(rng.uniform(0.5, 2.0, (1, 3, 3, 6)))
+    hs = list(hx) if mode == "lstm" else [hx]
+
+    def fn(x, *rest):
+        h = tuple(rest[:len(hs)]) if mode == "lstm" else rest[0]
+        p = list(rest[len(hs):])
+        out = ops.SEQ_FUNCS[mode](x, h, p, True, 2, 0.0, True, True, False, lengths=kw["lengths"], dropout_masks=masks)
+        return out
+
+    with gpu_nn.backend("reference"):
+        assert torch.autograd.gradcheck(fn, (x, *hs, *params))
+
+
+# ----------------------------------------------------------------------------------------------
+# opcheck
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_opcheck_sequence(mode, rng):
+    args, kw = ops._make_seq(mode, T=3, B=3, I=4, H=5, L=2, bi=True, lengths=(3, 1, 2))(rng)
+    x, hx, params = args[0], args[1], args[2]
+    h, c = hx if mode == "lstm" else (hx, None)
+    masks = torch.from_numpy(rng.uniform(0.5, 2.0, (1, 3, 3, 10)))
+    torch.library.opcheck(torch.ops.gpu_nn.rnn_seq.default, (x, h, c, params, mode, 2, True, True, kw["lengths"], masks))
+    out, hn, cn, res = torch.ops.gpu_nn.rnn_seq.default(x, h, c, params, mode, 2, True, True, kw["lengths"], None)
+    g = [randn(rng, *t.shape) for t in (out, hn)]
+    gc = randn(rng, *cn.shape) if mode == "lstm" else None
+    torch.library.opcheck(torch.ops.gpu_nn.rnn_seq_backward.default,
+                          (g[0], g[1], gc, x.detach(), [p.detach() for p in params], res.detach(), mode, 2, True, True, kw["lengths"], None))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_opcheck_cell(mode, bias, rng):
+    args, _ = ops._make_cell(mode, B=3, I=4, H=5, bias=bias)(rng)
+    x, hx = args[0], args[1]
+    h, c = hx if mode == "lstm" else (hx, None)
+    ws = list(args[2:]) + ([] if bias else [None, None])
+    torch.library.opcheck(torch.ops.gpu_nn.rnn_cell.default, (x, h, c, *ws, mode))
+    gh = randn(rng, *h.shape)
+    gc = randn(rng, *h.shape) if mode == "lstm" else None
+    torch.library.opcheck(torch.ops.gpu_nn.rnn_cell_backward.default,
+                          (gh, gc, x.detach(), h.detach(), None if c is None else c.detach(),
+                           *[w if w is None else w.detach() for w in ws], mode))
+
+
+# ----------------------------------------------------------------------------------------------
+# state_dict, dropout, options we do not support
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_load_state_dict_both_ways(mode, rng):
+    ours_cls, theirs_cls, extra = MODULES[mode]
+    kw = dict(num_layers=2, bidirectional=True, **extra)
+    theirs, ours = theirs_cls(5, 6, **kw), ours_cls(5, 6, **kw)
+    assert [(n, p.shape) for n, p in ours.named_parameters()] == [(n, p.shape) for n, p in theirs.named_parameters()]
+    assert "weight_hh_l1_reverse" in dict(ours.named_parameters())
+    ours.load_state_dict(theirs.state_dict())
+    for (n, a), (_, b) in zip(ours.state_dict().items(), theirs.state_dict().items()):
+        assert torch.equal(a, b), n
+    fresh = theirs_cls(5, 6, **kw)
+    fresh.load_state_dict(ours_cls(5, 6, **kw).state_dict())
+    x = torch.randn(3, 2, 5)
+    torch.testing.assert_close(ours(x)[0], theirs(x)[0], atol=2e-5, rtol=1e-4)
+    cours_cls, ctheirs_cls, cextra = CELLS[mode]
+    c_t, c_o = ctheirs_cls(5, 6, **cextra), cours_cls(5, 6, **cextra)
+    c_o.load_state_dict(c_t.state_dict())
+    c_t.load_state_dict(c_o.state_dict())
+    assert isinstance(ours, theirs_cls) and isinstance(c_o, ctheirs_cls)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_dropout_masks_match_layer_by_layer_torch(mode, rng):
+    """Dropout between layers: given masks, a 3-layer stack equals torch single layers with the
+    masks applied in between."""
+    T, B, I, H, L = 4, 3, 5, 6, 3
+    ours, _ = _pair(mode, I, H, num_layers=L, bidirectional=True)
+    x = randn(rng, T, B, I)
+    masks = torch.from_numpy((rng.uniform(size=(L - 1, T, B, 2 * H)) > 0.4) / 0.6)
+    fn = ops.SEQ_FUNCS[mode]
+    h0 = torch.zeros(L * 2, B, H, dtype=torch.float64)
+    hx = (h0, h0) if mode == "lstm" else h0
+    with gpu_nn.backend("reference"):
+        out = fn(x, hx, list(ours._flat_weights), True, L, 0.4, True, True, False, dropout_masks=masks)[0]
+    y = x
+    for l in range(L):
+        _, theirs_cls, extra = MODULES[mode]
+        one = theirs_cls(y.shape[-1], H, bidirectional=True, **extra).double()
+        sd = {k.replace(f"_l{l}", "_l0"): v for k, v in ours.state_dict().items() if f"_l{l}" in k}
+        one.load_state_dict(sd)
+        y = one(y)[0]
+        if l < L - 1:
+            y = y * masks[l]
+    assert_close(out, y, torch.float64, k=H)
+
+
+def test_module_dropout_in_training_only(rng):
+    torch.manual_seed(0)
+    m = gnn.LSTM(4, 5, num_layers=2, dropout=0.5)
+    x = torch.randn(6, 3, 4)
+    m.eval()
+    a, b = m(x)[0], m(x)[0]
+    assert torch.equal(a, b)
+    m.train()
+    c, d = m(x)[0], m(x)[0]
+    assert not torch.equal(c, d) and not torch.equal(a, c)
+    torch.manual_seed(7)
+    e = m(x)[0]
+    torch.manual_seed(7)
+    assert torch.equal(e, m(x)[0])
+
+
+def test_proj_size_is_refused():
+    m = gnn.LSTM(4, 6, proj_size=3)
+    with pytest.raises(gpu_nn.KernelInputError, match="proj_size"):
+        m(torch.randn(2, 3, 4))
+
+
+# ----------------------------------------------------------------------------------------------
+# bad input
+
+
+def _torch_msg(fn):
+    try:
+        fn()
+    except (RuntimeError, ValueError) as exc:
+        return str(exc)
+    raise AssertionError("torch accepted the bad input")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_bad_input_torch_wording(mode):
+    ours, theirs = _pair(mode, 8, 20, dtype=torch.float32, num_layers=2)
+    lstm = mode == "lstm"
+
+    def h(*s, dtype=torch.float32):
+        t = torch.zeros(*s, dtype=dtype)
+        return (t, t.clone()) if lstm else t
+
+    cases = [
+        (torch.randn(5, 3, 7), None),  # wrong input_size
+        (torch.randn(5, 3, 8), h(2, 4, 20)),  # batch mismatch with the state
+        (torch.randn(5, 3, 8), h(2, 3, 19)),  # hidden-size mismatch
+        (torch.randn(5, 3, 8), h(1, 3, 20)),  # layer-count mismatch
+        (torch.randn(5, 3, 8).double(), None),  # dtype mismatch with the parameters
+        (torch.randn(2, 5, 3, 8), None),  # wrong rank
+        (torch.randn(5, 8), h(2, 1, 20)),  # unbatched input, batched state
+    ]
+    for x, hx in cases:
+        want = _torch_msg(lambda: theirs(x, hx))
+        with pytest.raises(gpu_nn.KernelInputError) as info:
+            ours(x, hx)
+        assert str(info.value) == want
+    with pytest.raises(gpu_nn.KernelInputError, match="Expected input to be 2D or 3D"):
+        ours(torch.randn(5))
+    # a state in another dtype than the parameters
+    with pytest.raises(gpu_nn.KernelInputError, match="dtype"):
+        ours(torch.randn(5, 3, 8), h(2, 3, 20, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_bad_cell_input_torch_wording(mode):
+    ours_cls, theirs_cls, extra = CELLS[mode]
+    theirs = theirs_cls(8, 20, **extra)
+    ours = ours_cls(8, 20, **extra)
+    ours.load_state_dict(theirs.state_dict())
+    lstm = mode == "lstm"
+
+    def h(b, n):
+        return (torch.zeros(b, 20), torch.zeros(b, n)) if lstm else torch.zeros(b, n)
+
+    for x, hx in [(torch.randn(3, 7), None), (torch.randn(3, 8), h(4, 20) if not lstm else (torch.zeros(4, 20),) * 2),
+                  (torch.randn(3, 8), h(3, 19)), (torch.randn(2, 3, 8), None)]:
+        want = _torch_msg(lambda: theirs(x, hx))
+        with pytest.raises(gpu_nn.KernelInputError) as info:
+            ours(x, hx)
+        assert str(info.value) == want
+    with pytest.raises(gpu_nn.KernelInputError, match="dtype"):
+        ours(torch.randn(3, 8).double())
+
+
+def test_functional_bad_input():
+    with pytest.raises(gpu_nn.KernelInputError, match="3 dimensions"):
+        F.gru(torch.randn(3, 4), torch.zeros(1, 3, 5), [torch.randn(15, 4), torch.randn(15, 5)], False)
+    with pytest.raises(gpu_nn.KernelInputError, match="lengths"):
+        F.gru(torch.randn(3, 2, 4), torch.zeros(1, 2, 5), [torch.randn(15, 4), torch.randn(15, 5)], False,
+              lengths=torch.tensor([4, 1]))
+
+
+# ----------------------------------------------------------------------------------------------
+# every backend against the reference (Triton in the interpreter here, compiled on a GPU)
+
+
+def _seq_against_reference(backend, device, mode, dtype, rng, T, B, I, H, L, bi, lengths, masks, batch_first=False):
+    args, kw = ops._make_seq(mode, T=T, B=B, I=I, H=H, L=L, bi=bi, lengths=lengths)(rng)
+    x, hx, params = args[0], args[1], args[2]
+    D = 2 if bi else 1
+    if batch_first:
+        x = x.detach().transpose(0, 1).contiguous().requires_grad_()
+    mk = torch.from_numpy((rng.uniform(size=(L - 1, T, B, D * H)) > 0.3) / 0.7) if masks and L > 1 else None
+    hs = list(hx) if mode == "lstm" else [hx]
+    fn = ops.SEQ_FUNCS[mode]
+
+    def run(be, dev, dt):
+        leaves = [t.detach().to(dev, dt).requires_grad_() for t in [x, *hs, *params]]
+        h = tuple(leaves[1:1 + len(hs)]) if mode == "lstm" else leaves[1]
+        p = leaves[1 + len(hs):]
+        with gpu_nn.backend(be):
+            out = fn(leaves[0], h, p, True, L, 0.0, True, bi, batch_first, lengths=kw.get("lengths"),
+                     dropout_masks=None if mk is None else mk.to(dev, dt))
+            gens = np.random.default_rng(5)
+            gs = [torch.from_numpy(gens.standard_normal(o.shape)).to(dev, dt) for o in out]
+            grads = torch.autograd.grad(out, leaves, gs)
+        return list(out), list(grads)
+
+    r_out, r_grads = run("reference", "cpu", torch.float64)
+    o_out, o_grads = run(backend, device, dtype)
+    for a, b in zip(o_out, r_out):
+        assert a.dtype == dtype
+        assert_close(a, b, dtype, k=4 * H, what=f"{mode} output")
+    for i, (a, b) in enumerate(zip(o_grads, r_grads)):
+        assert_close(a, b, dtype, k=T * B * 4 * H, what=f"{mode} grad {i}")
+
+
+BACKEND_GRID = [
+    # T, B, I, H, L, bi, lengths, masks
+    (5, 3, 4, 5, 1, False, None, False),
+    (3, 3, 6, 19, 2, True, (3, 1, 2), True),
+    (4, 2, 3, 17, 2, False, (2, 4), False),
+]
+
+
+@pytest.mark.parametrize("backend,device", [p for p in backend_params() if p.values[0] != "reference"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("cfg", BACKEND_GRID, ids=lambda c: f"T{c[0]}B{c[1]}H{c[3]}L{c[4]}{'bi' if c[5] else ''}{'len' if c[6] else ''}")
+def test_backend_sequence_matches_reference(backend, device, mode, cfg, rng):
+    for dtype in gpu_dtypes_for(backend, device):
+        _seq_against_reference(backend, device, mode, dtype, rng, *cfg, batch_first=cfg[0] == 4)
+
+
+@pytest.mark.parametrize("backend,device", [p for p in backend_params() if p.values[0] != "reference"])
+@pytest.mark.parametrize("mode", MODES)
+def test_backend_cell_matches_reference(backend, device, mode, rng):
+    for dtype in gpu_dtypes_for(backend, device):
+        args, _ = ops._make_cell(mode, B=3, I=5, H=13)(rng)
+        fn = ops.CELL_FUNCS[mode]
+
+        def run(be, dev, dt):
+            flat = [args[0], *(args[1] if mode == "lstm" else (args[1],)), *args[2:]]
+            leaves = [t.detach().to(dev, dt).requires_grad_() for t in flat]
+            with gpu_nn.backend(be):
+                if mode == "lstm":
+                    out = fn(leaves[0], (leaves[1], leaves[2]), *leaves[3:])
+                else:
+                    out = (fn(*leaves),)
+                gs = [torch.from_numpy(np.random.default_rng(3).standard_normal(o.shape)).to(dev, dt) for o in out]
+                return list(out), torch.autograd.grad(out, leaves, gs)
+
+        r = run("reference", "cpu", torch.float64)
+        o = run(backend, device, dtype)
+        for a, b in zip(o[0] + list(o[1]), r[0] + list(r[1])):
+            assert_close(a, b, dtype, k=4 * 13 * 3, what=f"{mode} cell {dtype}")
+
+
+# ----------------------------------------------------------------------------------------------
+# the CUDA kernels' per-element math (kernels/cuda/rnn_math.cuh), host-compiled, against the reference
+
+HOST_SRC = r"""
+#include "rnn_math.cuh"
+extern "C" {
+void host_rnn_fwd(int relu, int n, const float* x, const float* hh, float* h) {
+    for (int i = 0; i < n; ++i) h[i] = gn_rnn_fwd(relu, x[i], hh[i]);
+}
+void host_rnn_bwd(int relu, int n, const float* dh, const float* h, float* d) {
+    for (int i = 0; i < n; ++i) d[i] = gn_rnn_bwd(relu, dh[i], h[i]);
+}
+void host_lstm_fwd(int n, const float* x, const float* hh, const float* cp, float* g, float* c, float* h) {
+    for (int i = 0; i < n; ++i) gn_lstm_fwd(x + 4 * i, hh + 4 * i, cp[i], g + 4 * i, c + i, h + i);
+}
+void host_lstm_bwd(int n, const float* dh, const float* dc, const float* g, const float* c, const float* cp,
+                   float* dg, float* dco) {
+    for (int i = 0; i < n; ++i) gn_lstm_bwd(dh[i], dc[i], g + 4 * i, c[i], cp[i], dg + 4 * i, dco + i);
+}
+void host_gru_fwd(int n, const float* x, const float* hh, const float* hp, float* g, float* h) {
+    for (int i = 0; i < n; ++i) gn_gru_fwd(x + 3 * i, hh + 3 * i, hp[i], g + 4 * i, h + i);
+}
+void host_gru_bwd(int n, const float* dh, const float* g, const float* hp, float* dgi, float* dgh, float* carry) {
+    for (int i = 0; i < n; ++i) gn_gru_bwd(dh[i], g + 4 * i, hp[i], dgi + 3 * i, dgh + 3 * i, carry + i);
+}
+}
+"""
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_cuda_cell_math_on_host_matches_reference(mode, rng):
+    import ctypes
+
+    from helpers import build_host_library, fptr
+
+    lib = build_host_library(HOST_SRC, "rnn_math")
+    B, I, H = 3, 5, 7
+    G = ops.GATES[mode]
+    x, h, c = rng.standard_normal((B, I)), rng.standard_normal((B, H)), rng.standard_normal((B, H))
+    w_ih, w_hh = rng.standard_normal((G * H, I)) * 0.5, rng.standard_normal((G * H, H)) * 0.5
+    b_ih, b_hh = rng.standard_normal(G * H), rng.standard_normal(G * H)
+    gh_, gc_ = rng.standard_normal((B, H)), rng.standard_normal((B, H))
+    f32 = np.float32
+
+    def per_elem(a, k):  # [B, k * H] -> contiguous [B * H, k]
+        return np.ascontiguousarray(a.reshape(B, k, H).transpose(0, 2, 1).reshape(B * H, k), dtype=f32)
+
+    def from_elem(a, k):
+        return a.reshape(B, H, k).transpose(0, 2, 1).reshape(B, k * H)
+
+    n = ctypes.c_int(B * H)
+    xp = x @ w_ih.T + b_ih + (b_hh if mode != "gru" else 0)
+    hh = h @ w_hh.T + (b_hh if mode == "gru" else 0)
+    hp32 = np.ascontiguousarray(h.reshape(-1), dtype=f32)
+    out_h = np.empty(B * H, f32)
+    if mode.startswith("rnn"):
+        relu = ctypes.c_int(mode == "rnn_relu")
+        lib.host_rnn_fwd(relu, n, fptr(per_elem(xp, 1)), fptr(per_elem(hh, 1)), fptr(out_h))
+        want = ref.rnn_cell(x, h, w_ih, w_hh, b_ih, b_hh, mode[4:])
+        d = np.empty(B * H, f32)
+        lib.host_rnn_bwd(relu, n, fptr(np.ascontiguousarray(gh_.reshape(-1), dtype=f32)), fptr(out_h), fptr(d))
+        dg = d.reshape(B, H)
+        dgh, carry = dg, 0
+        wants = ref.rnn_cell_backward(gh_, x, h, w_ih, w_hh, b_ih, b_hh, mode[4:])
+        got_dc = None
+    elif mode == "lstm":
+        g4, c_new = np.empty((B * H, 4), f32), np.empty(B * H, f32)
+        cp32 = np.ascontiguousarray(c.reshape(-1), dtype=f32)
+        lib.host_lstm_fwd(n, fptr(per_elem(xp, 4)), fptr(per_elem(hh, 4)), fptr(cp32), fptr(g4), fptr(c_new), fptr(out_h))
+        want_h, want_c = ref.lstm_cell(x, h, c, w_ih, w_hh, b_ih, b_hh)
+        assert_close(torch.from_numpy(c_new.reshape(B, H)), torch.from_numpy(want_c), torch.float32, k=I + H)
+        want = want_h
+        dg4, dco = np.empty((B * H, 4), f32), np.empty(B * H, f32)
+        lib.host_lstm_bwd(n, fptr(np.ascontiguousarray(gh_.reshape(-1), dtype=f32)),
+                          fptr(np.ascontiguousarray(gc_.reshape(-1), dtype=f32)), fptr(g4), fptr(c_new), fptr(cp32),
+                          fptr(dg4), fptr(dco))
+        dg = from_elem(dg4, 4)
+        dgh, carry = dg, 0
+        wants = ref.lstm_cell_backward(gh_, gc_, x, h, c, w_ih, w_hh, b_ih, b_hh)
+        got_dc = dco.reshape(B, H)
+        wants = (wants[0], wants[1], *wants[3:]), wants[2]
+    else:
+        g4 = np.empty((B * H, 4), f32)
+        lib.host_gru_fwd(n, fptr(per_elem(xp, 3)), fptr(per_elem(hh, 3)), fptr(hp32), fptr(g4), fptr(out_h))
+        want = ref.gru_cell(x, h, w_ih, w_hh, b_ih, b_hh)
+        dgi3, dgh3, car = np.empty((B * H, 3), f32), np.empty((B * H, 3), f32), np.empty(B * H, f32)
+        lib.host_gru_bwd(n, fptr(np.ascontiguousarray(gh_.reshape(-1), dtype=f32)), fptr(g4), fptr(hp32), fptr(dgi3),
+                         fptr(dgh3), fptr(car))
+        dg, dgh, carry = from_elem(dgi3, 3), from_elem(dgh3, 3), car.reshape(B, H)
+        wants = ref.gru_cell_backward(gh_, x, h, w_ih, w_hh, b_ih, b_hh)
+        got_dc = None
+    assert_close(torch.from_numpy(out_h.reshape(B, H)), torch.from_numpy(want), torch.float32, k=I + H, what="h'")
+    if mode == "lstm":
+        wants, want_dc = wants
+        assert_close(torch.from_numpy(got_dc), torch.from_numpy(want_dc), torch.float32, k=G * H, what="dc")
+    dg, dgh = dg.astype(np.float64), np.asarray(dgh, np.float64)
+    got = (dg @ w_ih, dgh @ w_hh + carry, dg.T @ x, dgh.T @ h, dg.sum(0), dgh.sum(0))
+    for name, a, b in zip(("dx", "dh", "dw_ih", "dw_hh", "db_ih", "db_hh"), got, wants):
+        assert_close(torch.from_numpy(np.asarray(a)), torch.from_numpy(b), torch.float32, k=G * H, what=name)
