@@ -32,7 +32,7 @@ from .. import _backend
 from .._errors import KernelInputError
 from ..check import CheckCase
 from ..reference import dense as ref
-from ._dispatch import check_float, empty, from_numpy, to_numpy
+from ._dispatch import autocast_inputs, check_float, empty, from_numpy, to_numpy
 
 __all__ = ["cross_entropy", "flatten", "linear", "log_softmax", "softmax"]
 
@@ -192,6 +192,7 @@ def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None, *, activat
     """
     _check_tensor("linear", "input", input)
     _check_tensor("linear", "weight", weight)
+    input, weight, bias = autocast_inputs("lower", input, weight, bias)
     if activation not in ACTIVATIONS:
         raise KernelInputError(f"linear: unknown activation {activation!r}; expected one of {ACTIVATIONS}")
     if input.dim() == 0 or weight.dim() == 0:
@@ -327,6 +328,8 @@ def _get_softmax_dim(name: str, ndim: int, stacklevel: int) -> int:
 
 def _softmax_public(name, op, input, dim, _stacklevel, dtype):
     _check_tensor(name, "input", input)
+    if dtype is None:
+        (input,) = autocast_inputs("fp32", input)
     if dim is None:
         dim = _get_softmax_dim(name, input.dim(), _stacklevel + 1)
     if dtype is not None:
@@ -614,6 +617,8 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, s
     """
     if size_average is not None or reduce is not None:
         reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
+    if isinstance(input, Tensor):
+        input, weight = autocast_inputs("fp32", input, weight)
     prob = _check_cross_entropy(input, target, weight, ignore_index, reduction, float(label_smoothing))
     if prob and target.dtype != input.dtype:
         target = target.to(input.dtype)
