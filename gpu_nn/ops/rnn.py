@@ -41,7 +41,7 @@ from .. import _backend
 from .._errors import KernelInputError
 from ..check import CheckCase
 from ..reference import rnn as ref
-from ._dispatch import FLOAT_DTYPES, compute_dtype, empty, from_numpy, to_numpy
+from ._dispatch import FLOAT_DTYPES, autocast_inputs, compute_dtype, empty, from_numpy, to_numpy
 
 __all__ = [
     "gru",
@@ -616,6 +616,7 @@ def _cell(op, mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh):
         input = input[None]
         hx = None if hx is None else hx[None]
         cx = None if cx is None else cx[None]
+    input, hx, cx, w_ih, w_hh, b_ih, b_hh = autocast_inputs("lower", input, hx, cx, w_ih, w_hh, b_ih, b_hh)
     H = w_hh.shape[-1]
     if hx is None:
         hx = input.new_zeros((input.shape[0], H))
@@ -665,6 +666,7 @@ def _seq(mode, input, hx, cx, params, has_biases, num_layers, dropout, train, bi
         raise KernelInputError(f"{mode}(): argument 'input' must be Tensor, not {type(input).__name__}")
     if input.dim() != 3:
         raise KernelInputError(f"{mode}: input must have 3 dimensions, got {input.dim()}")
+    input, hx, cx, *params = autocast_inputs("lower", input, hx, cx, *params)
     x = input.transpose(0, 1) if batch_first else input
     T, B, _ = x.shape
     D = 2 if bidirectional else 1
