@@ -1,0 +1,349 @@
+"""Triton implicit-GEMM convolution kernels: forward (fused bias + activation), backward data
+(dgrad) and backward weight (wgrad).
+
+Every tensor is 4-D ``[N, C, H, W]`` addressed through its strides, so NCHW, channels_last and
+strided views run without a copy; conv1d runs as H = 1. Per group ``g`` (grid axis 2):
+
+* forward  ``y[n, o, p, q] = act(b[o] + sum_{c, i, j} x[n, gCg + c, p*sh - pt + i*dh, q*sw - pl + j*dw] * w[o, c, i, j])``
+  as a GEMM with M = N*Ho*Wo output pixels, N = Og output channels, K = kh*kw taps x Cg channels;
+* dgrad    ``gx[n, c, h, w] = sum_{o, i, j} g[n, o, (h + pt - i*dh)/sh, (w + pl - j*dw)/sw] * w[o, c, i, j]``
+  (terms whose division is inexact or out of range vanish): M = N*H*W, N = Cg, K = taps x Og;
+* wgrad    ``gw[o, c, i, j] = sum_{n, p, q} g[n, o, p, q] * x[n, gCg + c, p*sh - pt + i*dh, q*sw - pl + j*dw]``:
+  a GEMM per tap with M = Og, N = Cg and K = N*Ho*Wo, split over K into float32 partial sums
+  (``SPLIT`` programs) that the launcher adds up, so small weights still fill the GPU.
+
+The im2col matrix never exists in memory: each program gathers its A tile straight from the
+input with masked loads (zero padding = ``other=0``). Inputs are float32 / float16 / bfloat16,
+accumulation is float32; float32 ``tl.dot`` runs with the ``PREC`` input precision the launcher
+chooses ("ieee", or "tf32" when torch allows TF32). Offsets that scale with the batch or a
+spatial index are int64, so tensors above 2^31 elements address correctly. A dedicated
+depthwise kernel is not provided: depthwise convolutions run through the same kernels with
+Cg = 1 (a 16-wide channel tile of which one lane is live), correct but not fast.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ._aot import AotSpec
+from .activation import ACT_CODES, _apply_act
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): the sm_90 configurations the heuristics
+# may pick; every tl.dot tile is >= 16 on each side.
+GPU_CONFIGS = {
+    "large": (128, 64, 32, 8, 3),
+    "medium": (64, 64, 32, 4, 3),
+    "small": (64, 32, 32, 4, 3),
+}
+# One small fixed configuration under the interpreter: few Python-level programs.
+INTERP_CONFIG = (32, 16, 16, 4, 1)
+WGRAD_TARGET_PROGRAMS = 264  # two waves of an H100's 132 SMs
+
+
+@triton.jit
+def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
+                     N, H, W, Ho, Wo, KW, TAPS, CG, OG,
+                     stride_xn, stride_xc, stride_xh, stride_xw,
+                     stride_wo, stride_wc, stride_wh, stride_ww,
+                     stride_yn, stride_yc, stride_yh, stride_yw,
+                     SH, SW, PH, PW, DH, DW,
+                     HAS_BIAS, ACT, PREC: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    grp = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_o = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < N * Ho * Wo
+    o_ok = offs_o < OG
+    hw = Ho * Wo
+    n = offs_m // hw
+    r = offs_m % hw
+    oh = r // Wo
+    ow = r % Wo
+    x_row = x_ptr + n.to(tl.int64) * stride_xn + (grp * CG).to(tl.int64) * stride_xc
+    oc = grp * OG + offs_o
+    w_col = w_ptr + oc.to(tl.int64) * stride_wo
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for t in range(0, TAPS):
+        i = t // KW
+        j = t % KW
+        ih = oh * SH - PH + i * DH
+        iw = ow * SW - PW + j * DW
+        pix_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        a_row = x_row + ih.to(tl.int64) * stride_xh + iw.to(tl.int64) * stride_xw
+        b_col = w_col + i * stride_wh + j * stride_ww
+        for c0 in range(0, CG, BLOCK_K):
+            cc = c0 + tl.arange(0, BLOCK_K)
+            c_ok = cc < CG
+            a = tl.load(a_row[:, None] + cc[None, :].to(tl.int64) * stride_xc,
+                        mask=pix_ok[:, None] & c_ok[None, :], other=0.0)
+            b = tl.load(b_col[None, :] + cc[:, None].to(tl.int64) * stride_wc,
+                        mask=c_ok[:, None] & o_ok[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=PREC, out_dtype=tl.float32)
+    # bias and activation are runtime flags (a uniform branch in the epilogue), not constexprs:
+    # eight compiled variants per configuration would buy nothing measurable
+    if HAS_BIAS != 0:
+        bias = tl.load(b_ptr + oc, mask=o_ok, other=0.0).to(tl.float32)
+        acc = acc + bias[None, :]
+    if ACT == 1:
+        acc = _apply_act(acc, 1)
+    elif ACT == 2:
+        acc = _apply_act(acc, 2)
+    elif ACT == 3:
+        acc = _apply_act(acc, 3)
+    y_off = (n.to(tl.int64) * stride_yn + oh.to(tl.int64) * stride_yh + ow.to(tl.int64) * stride_yw)[:, None] \
+        + oc.to(tl.int64)[None, :] * stride_yc
+    tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & o_ok[None, :])
+
+
+@triton.jit
+def _conv_dgrad_kernel(g_ptr, w_ptr, dx_ptr,
+                       N, H, W, Ho, Wo, KW, TAPS, CG, OG,
+                       stride_gn, stride_gc, stride_gh, stride_gw,
+                       stride_wo, stride_wc, stride_wh, stride_ww,
+                       stride_dn, stride_dc, stride_dh, stride_dw,
+                       SH, SW, PH, PW, DH, DW,
+                       PREC: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    grp = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < N * H * W
+    c_ok = offs_c < CG
+    hw = H * W
+    n = offs_m // hw
+    r = offs_m % hw
+    h = r // W
+    w = r % W
+    g_row = g_ptr + n.to(tl.int64) * stride_gn
+    cc = grp * CG + offs_c
+    w_col = w_ptr + offs_c.to(tl.int64) * stride_wc  # weight dim 1 counts channels within the group
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for t in range(0, TAPS):
+        i = t // KW
+        j = t % KW
+        th = h + PH - i * DH
+        tw = w + PW - j * DW
+        # clamp before // and %: Triton's integer division truncates toward zero
+        thc = tl.maximum(th, 0)
+        twc = tl.maximum(tw, 0)
+        oh = thc // SH
+        ow = twc // SW
+        ok = m_ok & (th >= 0) & (tw >= 0) & (thc % SH == 0) & (twc % SW == 0) & (oh < Ho) & (ow < Wo)
+        a_row = g_row + oh.to(tl.int64) * stride_gh + ow.to(tl.int64) * stride_gw
+        b_col = w_col + i * stride_wh + j * stride_ww
+        for o0 in range(0, OG, BLOCK_K):
+            oo = o0 + tl.arange(0, BLOCK_K)
+            oo_ok = oo < OG
+            oc = (grp * OG + oo).to(tl.int64)
+            a = tl.load(a_row[:, None] + oc[None, :] * stride_gc, mask=ok[:, None] & oo_ok[None, :], other=0.0)
+            b = tl.load(b_col[None, :] + oc[:, None] * stride_wo, mask=oo_ok[:, None] & c_ok[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=PREC, out_dtype=tl.float32)
+    d_off = (n.to(tl.int64) * stride_dn + h.to(tl.int64) * stride_dh + w.to(tl.int64) * stride_dw)[:, None] \
+        + cc.to(tl.int64)[None, :] * stride_dc
+    tl.store(dx_ptr + d_off, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :])
+
+
+@triton.jit
+def _conv_wgrad_kernel(g_ptr, x_ptr, ws_ptr,
+                       N, H, W, Ho, Wo, KW, TAPS, CG, OG, G, CHUNK,
+                       stride_gn, stride_gc, stride_gh, stride_gw,
+                       stride_xn, stride_xc, stride_xh, stride_xw,
+                       SH, SW, PH, PW, DH, DW,
+                       PREC: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Partial sums ws[split, o, c, tap] (float32, contiguous [SPLIT, O, CG, TAPS])."""
+    pid_o = tl.program_id(0)
+    pid_ct = tl.program_id(1)
+    pid_gs = tl.program_id(2)
+    grp = pid_gs % G
+    split = pid_gs // G
+    n_cblk = tl.cdiv(CG, BLOCK_N)
+    t = pid_ct // n_cblk
+    cblk = pid_ct % n_cblk
+    i = t // KW
+    j = t % KW
+    offs_o = pid_o * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = cblk * BLOCK_N + tl.arange(0, BLOCK_N)
+    o_ok = offs_o < OG
+    c_ok = offs_c < CG
+    oc = (grp * OG + offs_o).to(tl.int64)
+    cc = (grp * CG + offs_c).to(tl.int64)
+    M = N * Ho * Wo
+    hw = Ho * Wo
+    m_lo = split * CHUNK
+    m_hi = tl.minimum(m_lo + CHUNK, M)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for m0 in range(m_lo, m_hi, BLOCK_K):
+        mm = m0 + tl.arange(0, BLOCK_K)
+        mm_ok = mm < m_hi
+        n = mm // hw
+        r = mm % hw
+        oh = r // Wo
+        ow = r % Wo
+        ih = oh * SH - PH + i * DH
+        iw = ow * SW - PW + j * DW
+        x_ok = mm_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        n64 = n.to(tl.int64)
+        g_off = n64 * stride_gn + oh.to(tl.int64) * stride_gh + ow.to(tl.int64) * stride_gw
+        x_off = n64 * stride_xn + ih.to(tl.int64) * stride_xh + iw.to(tl.int64) * stride_xw
+        a = tl.load(g_ptr + oc[:, None] * stride_gc + g_off[None, :], mask=o_ok[:, None] & mm_ok[None, :], other=0.0)
+        b = tl.load(x_ptr + x_off[:, None] + cc[None, :] * stride_xc, mask=x_ok[:, None] & c_ok[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PREC, out_dtype=tl.float32)
+    ws_off = ((split * G * OG).to(tl.int64) + oc)[:, None] * (CG * TAPS) + offs_c[None, :] * TAPS + t
+    tl.store(ws_ptr + ws_off, acc, mask=o_ok[:, None] & c_ok[None, :])
+
+
+# ----------------------------------------------------------------------------- heuristics
+
+def pick_config(gemm_n: int, gemm_m: int, interpret: bool) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for a GEMM whose N side is
+    ``gemm_n`` wide (output channels per group for forward / wgrad rows, input channels per
+    group for dgrad) and ``gemm_m`` long. A pure function of the shape; the tile sides are
+    asserted >= 16."""
+    big = gemm_m >= 128 * 264  # enough row tiles to fill two waves with 128-row tiles
+    if interpret:
+        cfg = INTERP_CONFIG
+    elif gemm_n > 32 and big:
+        cfg = GPU_CONFIGS["large"]
+    elif gemm_n > 32:
+        cfg = GPU_CONFIGS["medium"]
+    else:
+        cfg = GPU_CONFIGS["small"]
+    assert min(cfg[:3]) >= 16, f"tl.dot tiles must be >= 16 on each side, got {cfg[:3]}"
+    return cfg
+
+
+def wgrad_split(tiles: int, m: int, block_k: int, interpret: bool) -> int:
+    """How many programs share the K = N*Ho*Wo reduction of wgrad (float32 partial sums)."""
+    if interpret:
+        return 2 if m > 4 * block_k else 1
+    want = -(-WGRAD_TARGET_PROGRAMS // max(tiles, 1))
+    return max(1, min(want, m // (8 * block_k)))
+
+
+def _dot_precision(prec: str) -> str:
+    assert prec in ("ieee", "tf32"), prec
+    return prec
+
+
+# ----------------------------------------------------------------------------- launchers
+
+def conv_forward(x, w, bias, y, stride, padding, dilation, groups, activation, prec, interpret):
+    """``y`` [N, O, Ho, Wo] = act(conv(x [N, C, H, W], w [O, C/groups, kh, kw]) + bias [O]).
+
+    ``padding`` is ``[top, bottom, left, right]`` (only top/left enter the index math: the
+    bottom/right padding only decides Ho/Wo, which ``y`` already has). Any strides."""
+    n, c, h, wd = x.shape
+    o, cg, kh, kw = w.shape
+    _, _, ho, wo = y.shape
+    if y.numel() == 0:
+        return
+    og = o // groups
+    bm, bn, bk, warps, stages = pick_config(og, n * ho * wo, interpret)
+    grid = (triton.cdiv(n * ho * wo, bm), triton.cdiv(og, bn), groups)
+    _conv_fwd_kernel[grid](
+        x, w, bias if bias is not None else y, y,
+        n, h, wd, ho, wo, kw, kh * kw, cg, og,
+        *x.stride(), *w.stride(), *y.stride(),
+        stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
+        int(bias is not None), ACT_CODES[activation], PREC=_dot_precision(prec),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+    )
+
+
+def conv_backward_data(g, w, dx, stride, padding, dilation, groups, prec, interpret):
+    """``dx`` [N, C, H, W] = gradient of the input from ``g`` [N, O, Ho, Wo] and ``w``."""
+    n, c, h, wd = dx.shape
+    o, cg, kh, kw = w.shape
+    _, _, ho, wo = g.shape
+    if dx.numel() == 0:
+        return
+    og = o // groups
+    bm, bn, bk, warps, stages = pick_config(cg, n * h * wd, interpret)
+    grid = (triton.cdiv(n * h * wd, bm), triton.cdiv(cg, bn), groups)
+    _conv_dgrad_kernel[grid](
+        g, w, dx,
+        n, h, wd, ho, wo, kw, kh * kw, cg, og,
+        *g.stride(), *w.stride(), *dx.stride(),
+        stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
+        PREC=_dot_precision(prec), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+    )
+
+
+def conv_backward_weight(g, x, dw, stride, padding, dilation, groups, prec, interpret):
+    """``dw`` [O, C/groups, kh, kw] = sum over batch and output pixels of ``g`` x input patches."""
+    import torch
+
+    n, c, h, wd = x.shape
+    o, cg, kh, kw = dw.shape
+    _, _, ho, wo = g.shape
+    og = o // groups
+    m = n * ho * wo
+    if m == 0:
+        dw.zero_()
+        return
+    bm, bn, bk, warps, stages = pick_config(og, 0, interpret)
+    tiles = triton.cdiv(og, bm) * triton.cdiv(cg, bn) * kh * kw * groups
+    split = wgrad_split(tiles, m, bk, interpret)
+    chunk = triton.cdiv(triton.cdiv(m, split), bk) * bk
+    split = triton.cdiv(m, chunk)
+    ws = torch.empty((split, o, cg, kh * kw), dtype=torch.float32, device=dw.device)
+    grid = (triton.cdiv(og, bm), triton.cdiv(cg, bn) * kh * kw, groups * split)
+    _conv_wgrad_kernel[grid](
+        g, x, ws,
+        n, h, wd, ho, wo, kw, kh * kw, cg, og, groups, chunk,
+        *g.stride(), *x.stride(),
+        stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
+        PREC=_dot_precision(prec), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+    )
+    dw.copy_(ws.sum(0).view(o, cg, kh, kw))
+
+
+# ----------------------------------------------------------------------------- AOT
+
+_INTS_FWD = ("N", "H", "W", "Ho", "Wo", "KW", "TAPS", "CG", "OG",
+             "stride_xn", "stride_xc", "stride_xh", "stride_xw",
+             "stride_wo", "stride_wc", "stride_wh", "stride_ww",
+             "stride_yn", "stride_yc", "stride_yh", "stride_yw",
+             "SH", "SW", "PH", "PW", "DH", "DW")
+_INTS_DGRAD = ("N", "H", "W", "Ho", "Wo", "KW", "TAPS", "CG", "OG",
+               "stride_gn", "stride_gc", "stride_gh", "stride_gw",
+               "stride_wo", "stride_wc", "stride_wh", "stride_ww",
+               "stride_dn", "stride_dc", "stride_dh", "stride_dw",
+               "SH", "SW", "PH", "PW", "DH", "DW")
+_INTS_WGRAD = ("N", "H", "W", "Ho", "Wo", "KW", "TAPS", "CG", "OG", "G", "CHUNK",
+               "stride_gn", "stride_gc", "stride_gh", "stride_gw",
+               "stride_xn", "stride_xc", "stride_xh", "stride_xw",
+               "SH", "SW", "PH", "PW", "DH", "DW")
+
+
+def aot_specs():
+    """Every configuration the launchers can launch on a GPU: each GPU config x dtype x
+    (float32) precision; bias and activation are runtime arguments of the forward kernel."""
+    specs = []
+    variants = [("fp32", "ieee"), ("fp32", "tf32"), ("fp16", "ieee"), ("bf16", "ieee")]
+    for cname, (bm, bn, bk, warps, stages) in GPU_CONFIGS.items():
+        blocks = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
+        for dt, prec in variants:
+            sig = {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": f"*{dt}", "y_ptr": f"*{dt}"}
+            sig.update({k: "i32" for k in _INTS_FWD})
+            sig.update({"HAS_BIAS": "i32", "ACT": "i32"})
+            sig.update({k: "constexpr" for k in ("PREC", *blocks)})
+            specs.append(AotSpec(_conv_fwd_kernel, sig, {"PREC": prec, **blocks}, num_warps=warps,
+                                 num_stages=stages, label=f"fwd {cname} {dt} {prec}"))
+            sig = {"g_ptr": f"*{dt}", "w_ptr": f"*{dt}", "dx_ptr": f"*{dt}"}
+            sig.update({k: "i32" for k in _INTS_DGRAD})
+            sig.update({k: "constexpr" for k in ("PREC", *blocks)})
+            specs.append(AotSpec(_conv_dgrad_kernel, sig, {"PREC": prec, **blocks}, num_warps=warps,
+                                 num_stages=stages, label=f"dgrad {cname} {dt} {prec}"))
+            sig = {"g_ptr": f"*{dt}", "x_ptr": f"*{dt}", "ws_ptr": "*fp32"}
+            sig.update({k: "i32" for k in _INTS_WGRAD})
+            sig.update({k: "constexpr" for k in ("PREC", *blocks)})
+            specs.append(AotSpec(_conv_wgrad_kernel, sig, {"PREC": prec, **blocks}, num_warps=warps,
+                                 num_stages=stages, label=f"wgrad {cname} {dt} {prec}"))
+    return specs
