@@ -257,3 +257,108 @@ def test_bad_input_device_mismatch():
     meta_w = torch.randn(6, 4, 3, 3, device="meta")
     with pytest.raises(gpu_nn.KernelInputError, match="same device"):
         F.conv2d(torch.randn(2, 4, 5, 5), meta_w)
+
+
+# ----------------------------------------------------------------------------- Triton kernels
+
+TRITON_CASES = [
+    # (nd, input shape, weight shape, kwargs, layout)
+    (2, (2, 5, 9, 7), (7, 5, 3, 3), dict(padding=1), "contig"),
+    (2, (1, 6, 9, 8), (4, 3, 2, 5), dict(stride=(2, 1), padding=(1, 2), dilation=(1, 2), groups=2), "noncontig"),
+    (2, (1, 3, 7, 6), (6, 1, 3, 3), dict(padding="same", dilation=2, groups=3), "channels_last"),
+    (2, (1, 7, 8, 7), (5, 7, 4, 4), dict(padding="same", activation="relu"), "contig"),
+    (2, (2, 20, 9, 7), (33, 20, 1, 1), dict(stride=3, activation="sigmoid"), "channels_last"),
+    (2, (1, 2, 8, 7), (3, 2, 7, 7), dict(padding="valid", bias=False), "contig"),
+    (2, (0, 3, 5, 5), (4, 3, 3, 3), dict(padding=1), "contig"),
+    (1, (3, 5, 29), (7, 5, 5), dict(padding=2, activation="tanh"), "noncontig"),
+    (1, (2, 6, 31), (12, 1, 3), dict(stride=2, dilation=3, groups=6), "channels_last"),
+]
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("triton",)))
+@pytest.mark.parametrize("nd,xs,ws,kw,layout", TRITON_CASES, ids=[f"case{i}" for i in range(len(TRITON_CASES))])
+def test_triton_matches_reference(backend, device, nd, xs, ws, kw, layout, rng):
+    kw = dict(kw)
+    has_bias = kw.pop("bias", True)
+    fn = F.conv2d if nd == 2 else F.conv1d
+    k = ws[1] * (ws[2] * ws[3] if nd == 2 else ws[2])
+    x64 = randn(rng, *xs)
+    w64 = randn(rng, *ws) / k ** 0.5
+    b64 = randn(rng, ws[0]) if has_bias else None
+    with gpu_nn.backend("reference"):
+        leaves = [x64.clone().requires_grad_(), w64.clone().requires_grad_()] + ([b64.clone().requires_grad_()] if has_bias else [])
+        yr = fn(leaves[0], leaves[1], leaves[2] if has_bias else None, **kw)
+        g64 = randn(rng, *yr.shape)
+        gr = torch.autograd.grad(yr, leaves, g64) if yr.numel() else [torch.zeros_like(t) for t in leaves]
+    red_bwd = max(yr.numel() // max(ws[0], 1), 1) + ws[0] * k
+    for dtype in gpu_dtypes_for(backend, device):
+        x = _layout(x64.to(device=device, dtype=dtype), layout).requires_grad_()
+        w = w64.to(device=device, dtype=dtype).requires_grad_()
+        b = b64.to(device=device, dtype=dtype).requires_grad_() if has_bias else None
+        ins = [x, w] + ([b] if has_bias else [])
+        with gpu_nn.backend(backend):
+            y = fn(x, w, b, **kw)
+            gs = torch.autograd.grad(y, ins, g64.to(device=device, dtype=dtype)) if y.numel() else [torch.zeros_like(t) for t in ins]
+        assert y.dtype == dtype and y.shape == yr.shape
+        assert_close(y, yr, dtype, k, f"forward {dtype}")
+        for name, a, e in zip(("grad_input", "grad_weight", "grad_bias"), gs, gr):
+            assert a.dtype == dtype
+            assert_close(a, e, dtype, red_bwd, f"{name} {dtype}")
+
+
+def test_triton_heuristic_tiles():
+    from gpu_nn.kernels.triton import conv as kt
+
+    configs = [c for table in kt.GPU_CONFIGS.values() for c in table.values()]
+    for cfg in (*configs, kt.INTERP_CONFIG):
+        assert min(cfg[:3]) >= 16
+    labels = {s.label for s in kt.aot_specs()}
+    for n in (1, 16, 33, 64, 65, 512):
+        for m in (0, 10**3, 10**6):
+            for half in (False, True):
+                assert kt.pick_config(n, m, half, True) == kt.INTERP_CONFIG
+                cfg = kt.pick_config(n, m, half, False)
+                table = kt.GPU_CONFIGS["half" if half else "fp32"]
+                assert cfg in table.values()
+                name = next(k for k, v in table.items() if v == cfg)
+                # whatever the heuristic picks is compiled ahead of time, in every dtype
+                for dt in (("fp16 ieee", "bf16 ieee") if half else ("fp32 ieee", "fp32 tf32")):
+                    for kind in ("fwd", "dgrad", "wgrad"):
+                        assert f"{kind} {name} {dt}" in labels
+
+
+# ----------------------------------------------------------------------------- modules
+
+@pytest.mark.parametrize("nd,args,kwargs,shape", [
+    (2, (4, 6, 3), dict(stride=2, padding=1), (2, 4, 9, 8)),
+    (2, (4, 8, (2, 3)), dict(padding="same", dilation=2, groups=4, bias=False), (1, 4, 7, 9)),
+    (1, (6, 4, 5), dict(padding="valid", groups=2), (3, 6, 17)),
+    (1, (3, 5, 4), dict(padding="same"), (3, 11)),
+])
+def test_modules_match_torch(nd, args, kwargs, shape, rng):
+    ours_cls, theirs_cls = (gpu_nn.nn.Conv2d, torch.nn.Conv2d) if nd == 2 else (gpu_nn.nn.Conv1d, torch.nn.Conv1d)
+    theirs = theirs_cls(*args, **kwargs).double()
+    ours = ours_cls(*args, **kwargs).double()
+    assert isinstance(ours, theirs_cls)
+    assert ours.extra_repr() == theirs.extra_repr()
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
+    ours.load_state_dict(theirs.state_dict())
+    x = randn(rng, *shape, requires_grad=True)
+    with _nowarn():
+        yt = theirs(x)
+    y = ours(x)
+    assert_close(y, yt, torch.float64, 100)
+    g = randn(rng, *y.shape)
+    gs = torch.autograd.grad(y, [x, *ours.parameters()], g)
+    gt = torch.autograd.grad(yt, [x, *theirs.parameters()], g)
+    for a, e in zip(gs, gt):
+        assert_close(a, e, torch.float64, 1000)
+
+
+def test_module_padding_mode_rejected():
+    with pytest.raises(gpu_nn.KernelInputError, match="padding_mode='reflect'"):
+        gpu_nn.nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect")
+    m = gpu_nn.nn.Conv1d(3, 4, 3)
+    m.padding_mode = "circular"
+    with pytest.raises(gpu_nn.KernelInputError, match="padding_mode='circular'"):
+        m(torch.randn(1, 3, 8))

@@ -30,14 +30,23 @@ from ._aot import AotSpec
 from .activation import ACT_CODES, _apply_act
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): the sm_90 configurations the heuristics
-# may pick; every tl.dot tile is >= 16 on each side.
+# may pick, per operand width; every tl.dot tile is >= 16 on each side. float32 operands take
+# K = 16 and two stages: with K = 32 or three stages the gathered pointer tiles spill
+# registers (checked by the AOT compile, see aot_specs). Register use is dominated by the
+# int64 pointer tiles of the gathered loads, not by the accumulator.
 GPU_CONFIGS = {
-    "large": (128, 64, 32, 8, 3),
-    "medium": (64, 64, 32, 4, 3),
-    "small": (64, 32, 32, 4, 3),
+    "fp32": {
+        "large": (128, 64, 16, 8, 2),
+        "small": (64, 32, 16, 4, 2),
+    },
+    "half": {
+        "large": (128, 64, 32, 8, 3),
+        "medium": (64, 64, 32, 4, 3),
+        "small": (64, 32, 32, 8, 3),  # 4 warps: dgrad spills (255 registers)
+    },
 }
 # One small fixed configuration under the interpreter: few Python-level programs.
-INTERP_CONFIG = (32, 16, 16, 4, 1)
+INTERP_CONFIG = (64, 16, 16, 4, 1)
 WGRAD_TARGET_PROGRAMS = 264  # two waves of an H100's 132 SMs
 
 
@@ -200,20 +209,22 @@ def _conv_wgrad_kernel(g_ptr, x_ptr, ws_ptr,
 
 # ----------------------------------------------------------------------------- heuristics
 
-def pick_config(gemm_n: int, gemm_m: int, interpret: bool) -> tuple[int, int, int, int, int]:
+def pick_config(gemm_n: int, gemm_m: int, half: bool, interpret: bool) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for a GEMM whose N side is
     ``gemm_n`` wide (output channels per group for forward / wgrad rows, input channels per
-    group for dgrad) and ``gemm_m`` long. A pure function of the shape; the tile sides are
-    asserted >= 16."""
-    big = gemm_m >= 128 * 264  # enough row tiles to fill two waves with 128-row tiles
+    group for dgrad) and ``gemm_m`` long; ``half`` for float16/bfloat16 operands. A pure
+    function of the shape; the tile sides are asserted >= 16."""
     if interpret:
         cfg = INTERP_CONFIG
-    elif gemm_n > 32 and big:
-        cfg = GPU_CONFIGS["large"]
-    elif gemm_n > 32:
-        cfg = GPU_CONFIGS["medium"]
     else:
-        cfg = GPU_CONFIGS["small"]
+        table = GPU_CONFIGS["half" if half else "fp32"]
+        big = gemm_m >= 128 * 264  # enough 128-row tiles for two waves of 132 SMs
+        if gemm_n > 32 and big:
+            cfg = table["large"]
+        elif gemm_n > 32 and "medium" in table:
+            cfg = table["medium"]
+        else:
+            cfg = table["small"]
     assert min(cfg[:3]) >= 16, f"tl.dot tiles must be >= 16 on each side, got {cfg[:3]}"
     return cfg
 
@@ -244,7 +255,7 @@ def conv_forward(x, w, bias, y, stride, padding, dilation, groups, activation, p
     if y.numel() == 0:
         return
     og = o // groups
-    bm, bn, bk, warps, stages = pick_config(og, n * ho * wo, interpret)
+    bm, bn, bk, warps, stages = pick_config(og, n * ho * wo, x.element_size() == 2, interpret)
     grid = (triton.cdiv(n * ho * wo, bm), triton.cdiv(og, bn), groups)
     _conv_fwd_kernel[grid](
         x, w, bias if bias is not None else y, y,
@@ -264,7 +275,7 @@ def conv_backward_data(g, w, dx, stride, padding, dilation, groups, prec, interp
     if dx.numel() == 0:
         return
     og = o // groups
-    bm, bn, bk, warps, stages = pick_config(cg, n * h * wd, interpret)
+    bm, bn, bk, warps, stages = pick_config(cg, n * h * wd, g.element_size() == 2, interpret)
     grid = (triton.cdiv(n * h * wd, bm), triton.cdiv(cg, bn), groups)
     _conv_dgrad_kernel[grid](
         g, w, dx,
@@ -287,7 +298,7 @@ def conv_backward_weight(g, x, dw, stride, padding, dilation, groups, prec, inte
     if m == 0:
         dw.zero_()
         return
-    bm, bn, bk, warps, stages = pick_config(og, 0, interpret)
+    bm, bn, bk, warps, stages = pick_config(og, 0, x.element_size() == 2, interpret)
     tiles = triton.cdiv(og, bm) * triton.cdiv(cg, bn) * kh * kw * groups
     split = wgrad_split(tiles, m, bk, interpret)
     chunk = triton.cdiv(triton.cdiv(m, split), bk) * bk
@@ -327,9 +338,9 @@ def aot_specs():
     (float32) precision; bias and activation are runtime arguments of the forward kernel."""
     specs = []
     variants = [("fp32", "ieee"), ("fp32", "tf32"), ("fp16", "ieee"), ("bf16", "ieee")]
-    for cname, (bm, bn, bk, warps, stages) in GPU_CONFIGS.items():
-        blocks = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
-        for dt, prec in variants:
+    for dt, prec in variants:
+        for cname, (bm, bn, bk, warps, stages) in GPU_CONFIGS["fp32" if dt == "fp32" else "half"].items():
+            blocks = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
             sig = {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": f"*{dt}", "y_ptr": f"*{dt}"}
             sig.update({k: "i32" for k in _INTS_FWD})
             sig.update({"HAS_BIAS": "i32", "ACT": "i32"})
