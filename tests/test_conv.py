@@ -275,6 +275,23 @@ TRITON_CASES = [
 ]
 
 
+def _set_tf32(mm, cudnn):
+    old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = mm
+    torch.backends.cudnn.allow_tf32 = cudnn
+    return old
+
+
+@pytest.fixture
+def no_tf32():
+    """float32 kernels compared at float32 tolerances: keep TF32 off (torch's cuDNN flag is on
+    by default, and the launcher follows it)."""
+    old = _set_tf32(False, False)
+    yield
+    _set_tf32(*old)
+
+
+@pytest.mark.usefixtures("no_tf32")
 @pytest.mark.parametrize("backend,device", backend_params(("triton",)))
 @pytest.mark.parametrize("nd,xs,ws,kw,layout", TRITON_CASES, ids=[f"case{i}" for i in range(len(TRITON_CASES))])
 def test_triton_matches_reference(backend, device, nd, xs, ws, kw, layout, rng):
@@ -304,6 +321,20 @@ def test_triton_matches_reference(backend, device, nd, xs, ws, kw, layout, rng):
         for name, a, e in zip(("grad_input", "grad_weight", "grad_bias"), gs, gr):
             assert a.dtype == dtype
             assert_close(a, e, dtype, red_bwd, f"{name} {dtype}")
+
+
+def test_dot_precision_follows_torch_flags(monkeypatch):
+    from gpu_nn.ops import conv as oc
+
+    monkeypatch.setattr(oc.torch.cuda, "is_available", lambda: True)
+    old = _set_tf32(False, False)
+    try:
+        for mm, cudnn, want in ((False, False, "ieee"), (True, False, "tf32"), (False, True, "tf32")):
+            _set_tf32(mm, cudnn)
+            assert oc._precision(torch.float32) == want
+            assert oc._precision(torch.float16) == "ieee"
+    finally:
+        _set_tf32(*old)
 
 
 def test_triton_heuristic_tiles():

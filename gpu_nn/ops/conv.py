@@ -229,7 +229,9 @@ def _as4d(t: Tensor) -> Tensor:
 
 
 def _precision(dtype: torch.dtype) -> str:
-    """tl.dot input precision for float32: 'ieee' unless torch allows TF32 for matmuls or cuDNN."""
+    """tl.dot input precision for float32: 'ieee' unless torch allows TF32 for matmuls or for
+    cuDNN (the flag torch's own convolutions obey, on by default). Decided here, per call, and
+    passed to the kernels as a constexpr. Meaningless under the interpreter, so 'ieee' there."""
     if dtype != torch.float32:
         return "ieee"
     tf32 = torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32
