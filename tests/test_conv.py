@@ -272,6 +272,7 @@ TRITON_CASES = [
     (2, (0, 3, 5, 5), (4, 3, 3, 3), dict(padding=1), "contig"),
     (1, (3, 5, 29), (7, 5, 5), dict(padding=2, activation="tanh"), "noncontig"),
     (1, (2, 6, 31), (12, 1, 3), dict(stride=2, dilation=3, groups=6), "channels_last"),
+    (2, (1, 4, 9, 8), (4, 1, 3, 2), dict(stride=(2, 3), padding=(1, 2), groups=4, activation="relu"), "noncontig"),
 ]
 
 
@@ -356,6 +357,12 @@ def test_triton_heuristic_tiles():
                 for dt in (("fp16 ieee", "bf16 ieee") if half else ("fp32 ieee", "fp32 tf32")):
                     for kind in ("fwd", "dgrad", "wgrad"):
                         assert f"{kind} {name} {dt}" in labels
+    for dt in ("fp32", "fp16", "bf16"):
+        for kind in ("fwd", "dgrad", "wgrad"):
+            assert f"depthwise {kind} {dt}" in labels
+    # depthwise = one input channel per group, whatever the channel multiplier
+    assert kt.is_depthwise(6, 1, 6) and kt.is_depthwise(1, 1, 1)
+    assert not kt.is_depthwise(6, 2, 3) and not kt.is_depthwise(6, 6, 1)
 
 
 # ----------------------------------------------------------------------------- modules

@@ -16,9 +16,11 @@ The im2col matrix never exists in memory: each program gathers its A tile straig
 input with masked loads (zero padding = ``other=0``). Inputs are float32 / float16 / bfloat16,
 accumulation is float32; float32 ``tl.dot`` runs with the ``PREC`` input precision the launcher
 chooses ("ieee", or "tf32" when torch allows TF32). Offsets that scale with the batch or a
-spatial index are int64, so tensors above 2^31 elements address correctly. A dedicated
-depthwise kernel is not provided: depthwise convolutions run through the same kernels with
-Cg = 1 (a 16-wide channel tile of which one lane is live), correct but not fast.
+spatial index are int64, so tensors above 2^31 elements address correctly.
+
+Depthwise convolutions (one input channel per group: groups = C, weight [C*mult, 1, kh, kw])
+have no GEMM to feed (K = taps only), so they run through dedicated FMA kernels
+(``_conv_dw_*``) over [pixels x channels] tiles instead of a 16-wide dot tile with one live lane.
 """
 
 from __future__ import annotations
@@ -48,6 +50,9 @@ GPU_CONFIGS = {
 # One small fixed configuration under the interpreter: few Python-level programs.
 INTERP_CONFIG = (64, 16, 16, 4, 1)
 WGRAD_TARGET_PROGRAMS = 264  # two waves of an H100's 132 SMs
+# (BLOCK_P, BLOCK_C, num_warps) of the depthwise FMA kernels, on a GPU and in the interpreter.
+DW_CONFIG = (64, 32, 8)  # 4 warps: the dgrad spills (255 registers)
+DW_INTERP_CONFIG = (64, 16, 4)
 
 
 @triton.jit
@@ -207,6 +212,140 @@ def _conv_wgrad_kernel(g_ptr, x_ptr, ws_ptr,
     tl.store(ws_ptr + ws_off, acc, mask=o_ok[:, None] & c_ok[None, :])
 
 
+@triton.jit
+def _conv_dw_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
+                        N, H, W, O, Ho, Wo, KW, TAPS, MULT,
+                        stride_xn, stride_xc, stride_xh, stride_xw,
+                        stride_wo, stride_wh, stride_ww,
+                        stride_yn, stride_yc, stride_yh, stride_yw,
+                        SH, SW, PH, PW, DH, DW, HAS_BIAS, ACT,
+                        BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Depthwise forward (groups = C, weight [O = C*MULT, 1, kh, kw]): a [BLOCK_P pixels,
+    BLOCK_C channels] output tile accumulated tap by tap with FMAs (no GEMM to feed: K = taps)."""
+    pid_p = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_o = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    p_ok = offs_p < N * Ho * Wo
+    o_ok = offs_o < O
+    hw = Ho * Wo
+    n = offs_p // hw
+    r = offs_p % hw
+    oh = r // Wo
+    ow = r % Wo
+    ci = (offs_o // MULT).to(tl.int64)
+    x_col = ci * stride_xc
+    x_row = n.to(tl.int64) * stride_xn
+    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    for t in range(0, TAPS):
+        i = t // KW
+        j = t % KW
+        ih = oh * SH - PH + i * DH
+        iw = ow * SW - PW + j * DW
+        ok = p_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        a = tl.load(x_ptr + (x_row + ih.to(tl.int64) * stride_xh + iw.to(tl.int64) * stride_xw)[:, None] + x_col[None, :],
+                    mask=ok[:, None] & o_ok[None, :], other=0.0).to(tl.float32)
+        wv = tl.load(w_ptr + offs_o.to(tl.int64) * stride_wo + i * stride_wh + j * stride_ww, mask=o_ok, other=0.0).to(tl.float32)
+        acc += a * wv[None, :]
+    if HAS_BIAS != 0:
+        acc += tl.load(b_ptr + offs_o, mask=o_ok, other=0.0).to(tl.float32)[None, :]
+    if ACT == 1:
+        acc = _apply_act(acc, 1)
+    elif ACT == 2:
+        acc = _apply_act(acc, 2)
+    elif ACT == 3:
+        acc = _apply_act(acc, 3)
+    y_off = (n.to(tl.int64) * stride_yn + oh.to(tl.int64) * stride_yh + ow.to(tl.int64) * stride_yw)[:, None] \
+        + offs_o.to(tl.int64)[None, :] * stride_yc
+    tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=p_ok[:, None] & o_ok[None, :])
+
+
+@triton.jit
+def _conv_dw_dgrad_kernel(g_ptr, w_ptr, dx_ptr,
+                          N, H, W, C, Ho, Wo, KW, TAPS, MULT,
+                          stride_gn, stride_gc, stride_gh, stride_gw,
+                          stride_wo, stride_wh, stride_ww,
+                          stride_dn, stride_dc, stride_dh, stride_dw,
+                          SH, SW, PH, PW, DH, DW,
+                          BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Depthwise input gradient: dx[n, c, h, w] = sum_{r < MULT, i, j} g[n, c*MULT + r, (h + pt - i*dh)/sh,
+    (w + pl - j*dw)/sw] * w[c*MULT + r, 0, i, j] over exact, in-range divisions."""
+    pid_p = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    p_ok = offs_p < N * H * W
+    c_ok = offs_c < C
+    hw = H * W
+    n = offs_p // hw
+    r = offs_p % hw
+    h = r // W
+    w = r % W
+    g_row = n.to(tl.int64) * stride_gn
+    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    for t in range(0, TAPS):
+        i = t // KW
+        j = t % KW
+        th = h + PH - i * DH
+        tw = w + PW - j * DW
+        thc = tl.maximum(th, 0)  # clamp before // and %: integer division truncates toward zero
+        twc = tl.maximum(tw, 0)
+        oh = thc // SH
+        ow = twc // SW
+        ok = p_ok & (th >= 0) & (tw >= 0) & (thc % SH == 0) & (twc % SW == 0) & (oh < Ho) & (ow < Wo)
+        off = g_row + oh.to(tl.int64) * stride_gh + ow.to(tl.int64) * stride_gw
+        for rr in range(0, MULT):
+            oc = (offs_c * MULT + rr).to(tl.int64)
+            a = tl.load(g_ptr + off[:, None] + (oc * stride_gc)[None, :], mask=ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+            wv = tl.load(w_ptr + oc * stride_wo + i * stride_wh + j * stride_ww, mask=c_ok, other=0.0).to(tl.float32)
+            acc += a * wv[None, :]
+    d_off = (n.to(tl.int64) * stride_dn + h.to(tl.int64) * stride_dh + w.to(tl.int64) * stride_dw)[:, None] \
+        + offs_c.to(tl.int64)[None, :] * stride_dc
+    tl.store(dx_ptr + d_off, acc.to(dx_ptr.dtype.element_ty), mask=p_ok[:, None] & c_ok[None, :])
+
+
+@triton.jit
+def _conv_dw_wgrad_kernel(g_ptr, x_ptr, ws_ptr,
+                          N, H, W, O, Ho, Wo, KW, TAPS, MULT, CHUNK,
+                          stride_gn, stride_gc, stride_gh, stride_gw,
+                          stride_xn, stride_xc, stride_xh, stride_xw,
+                          SH, SW, PH, PW, DH, DW,
+                          BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Depthwise weight gradient, partial sums ws[split, o, tap] (float32, contiguous
+    [SPLIT, O, TAPS]) of g[n, o, p, q] * x[n, o // MULT, p*sh - pt + i*dh, q*sw - pl + j*dw]."""
+    pid_c = tl.program_id(0)
+    t = tl.program_id(1)
+    split = tl.program_id(2)
+    i = t // KW
+    j = t % KW
+    offs_o = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    o_ok = offs_o < O
+    g_col = offs_o.to(tl.int64) * stride_gc
+    x_col = (offs_o // MULT).to(tl.int64) * stride_xc
+    M = N * Ho * Wo
+    hw = Ho * Wo
+    m_lo = split * CHUNK
+    m_hi = tl.minimum(m_lo + CHUNK, M)
+    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    for m0 in range(m_lo, m_hi, BLOCK_P):
+        mm = m0 + tl.arange(0, BLOCK_P)
+        mm_ok = mm < m_hi
+        n = mm // hw
+        r = mm % hw
+        oh = r // Wo
+        ow = r % Wo
+        ih = oh * SH - PH + i * DH
+        iw = ow * SW - PW + j * DW
+        x_ok = mm_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        n64 = n.to(tl.int64)
+        a = tl.load(g_ptr + (n64 * stride_gn + oh.to(tl.int64) * stride_gh + ow.to(tl.int64) * stride_gw)[:, None] + g_col[None, :],
+                    mask=mm_ok[:, None] & o_ok[None, :], other=0.0).to(tl.float32)
+        b = tl.load(x_ptr + (n64 * stride_xn + ih.to(tl.int64) * stride_xh + iw.to(tl.int64) * stride_xw)[:, None] + x_col[None, :],
+                    mask=x_ok[:, None] & o_ok[None, :], other=0.0).to(tl.float32)
+        acc += a * b
+    tl.store(ws_ptr + (split * O + offs_o).to(tl.int64) * TAPS + t, tl.sum(acc, axis=0), mask=o_ok)
+
+
 # ----------------------------------------------------------------------------- heuristics
 
 def pick_config(gemm_n: int, gemm_m: int, half: bool, interpret: bool) -> tuple[int, int, int, int, int]:
@@ -242,6 +381,15 @@ def _dot_precision(prec: str) -> str:
     return prec
 
 
+def is_depthwise(c: int, cg: int, groups: int) -> bool:
+    """One input channel per group: the depthwise kernels apply."""
+    return cg == 1 and groups == c
+
+
+def dw_config(interpret: bool) -> tuple[int, int, int]:
+    return DW_INTERP_CONFIG if interpret else DW_CONFIG
+
+
 # ----------------------------------------------------------------------------- launchers
 
 def conv_forward(x, w, bias, y, stride, padding, dilation, groups, activation, prec, interpret):
@@ -255,6 +403,18 @@ def conv_forward(x, w, bias, y, stride, padding, dilation, groups, activation, p
     if y.numel() == 0:
         return
     og = o // groups
+    if is_depthwise(c, cg, groups):
+        bp, bc, warps = dw_config(interpret)
+        grid = (triton.cdiv(n * ho * wo, bp), triton.cdiv(o, bc))
+        _conv_dw_fwd_kernel[grid](
+            x, w, bias if bias is not None else y, y,
+            n, h, wd, o, ho, wo, kw, kh * kw, og,
+            *x.stride(), w.stride(0), w.stride(2), w.stride(3), *y.stride(),
+            stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
+            int(bias is not None), ACT_CODES[activation],
+            BLOCK_P=bp, BLOCK_C=bc, num_warps=warps,
+        )
+        return
     bm, bn, bk, warps, stages = pick_config(og, n * ho * wo, x.element_size() == 2, interpret)
     grid = (triton.cdiv(n * ho * wo, bm), triton.cdiv(og, bn), groups)
     _conv_fwd_kernel[grid](
@@ -275,6 +435,17 @@ def conv_backward_data(g, w, dx, stride, padding, dilation, groups, prec, interp
     if dx.numel() == 0:
         return
     og = o // groups
+    if is_depthwise(c, cg, groups):
+        bp, bc, warps = dw_config(interpret)
+        grid = (triton.cdiv(n * h * wd, bp), triton.cdiv(c, bc))
+        _conv_dw_dgrad_kernel[grid](
+            g, w, dx,
+            n, h, wd, c, ho, wo, kw, kh * kw, og,
+            *g.stride(), w.stride(0), w.stride(2), w.stride(3), *dx.stride(),
+            stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
+            BLOCK_P=bp, BLOCK_C=bc, num_warps=warps,
+        )
+        return
     bm, bn, bk, warps, stages = pick_config(cg, n * h * wd, g.element_size() == 2, interpret)
     grid = (triton.cdiv(n * h * wd, bm), triton.cdiv(cg, bn), groups)
     _conv_dgrad_kernel[grid](
@@ -297,6 +468,21 @@ def conv_backward_weight(g, x, dw, stride, padding, dilation, groups, prec, inte
     m = n * ho * wo
     if m == 0:
         dw.zero_()
+        return
+    if is_depthwise(c, cg, groups):
+        bp, bc, warps = dw_config(interpret)
+        split = wgrad_split(triton.cdiv(o, bc) * kh * kw, m, bp, interpret)
+        chunk = triton.cdiv(triton.cdiv(m, split), bp) * bp
+        split = triton.cdiv(m, chunk)
+        ws = torch.empty((split, o, kh * kw), dtype=torch.float32, device=dw.device)
+        _conv_dw_wgrad_kernel[(triton.cdiv(o, bc), kh * kw, split)](
+            g, x, ws,
+            n, h, wd, o, ho, wo, kw, kh * kw, og, chunk,
+            *g.stride(), *x.stride(),
+            stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
+            BLOCK_P=bp, BLOCK_C=bc, num_warps=warps,
+        )
+        dw.copy_(ws.sum(0).view(o, 1, kh, kw))
         return
     bm, bn, bk, warps, stages = pick_config(og, 0, x.element_size() == 2, interpret)
     tiles = triton.cdiv(og, bm) * triton.cdiv(cg, bn) * kh * kw * groups
@@ -331,6 +517,15 @@ _INTS_WGRAD = ("N", "H", "W", "Ho", "Wo", "KW", "TAPS", "CG", "OG", "G", "CHUNK"
                "stride_gn", "stride_gc", "stride_gh", "stride_gw",
                "stride_xn", "stride_xc", "stride_xh", "stride_xw",
                "SH", "SW", "PH", "PW", "DH", "DW")
+_INTS_DW_FWD = ("N", "H", "W", "O", "Ho", "Wo", "KW", "TAPS", "MULT",
+                "stride_xn", "stride_xc", "stride_xh", "stride_xw", "stride_wo", "stride_wh", "stride_ww",
+                "stride_yn", "stride_yc", "stride_yh", "stride_yw", "SH", "SW", "PH", "PW", "DH", "DW", "HAS_BIAS", "ACT")
+_INTS_DW_DGRAD = ("N", "H", "W", "C", "Ho", "Wo", "KW", "TAPS", "MULT",
+                  "stride_gn", "stride_gc", "stride_gh", "stride_gw", "stride_wo", "stride_wh", "stride_ww",
+                  "stride_dn", "stride_dc", "stride_dh", "stride_dw", "SH", "SW", "PH", "PW", "DH", "DW")
+_INTS_DW_WGRAD = ("N", "H", "W", "O", "Ho", "Wo", "KW", "TAPS", "MULT", "CHUNK",
+                  "stride_gn", "stride_gc", "stride_gh", "stride_gw", "stride_xn", "stride_xc", "stride_xh", "stride_xw",
+                  "SH", "SW", "PH", "PW", "DH", "DW")
 
 
 def aot_specs():
@@ -357,4 +552,16 @@ def aot_specs():
             sig.update({k: "constexpr" for k in ("PREC", *blocks)})
             specs.append(AotSpec(_conv_wgrad_kernel, sig, {"PREC": prec, **blocks}, num_warps=warps,
                                  num_stages=stages, label=f"wgrad {cname} {dt} {prec}"))
+    bp, bc, warps = DW_CONFIG
+    blocks = {"BLOCK_P": bp, "BLOCK_C": bc}
+    for dt in ("fp32", "fp16", "bf16"):
+        for kernel, ptrs, ints, kind in (
+            (_conv_dw_fwd_kernel, ("x_ptr", "w_ptr", "b_ptr", "y_ptr"), _INTS_DW_FWD, "fwd"),
+            (_conv_dw_dgrad_kernel, ("g_ptr", "w_ptr", "dx_ptr"), _INTS_DW_DGRAD, "dgrad"),
+            (_conv_dw_wgrad_kernel, ("g_ptr", "x_ptr", "ws_ptr"), _INTS_DW_WGRAD, "wgrad"),
+        ):
+            sig = {p: ("*fp32" if p == "ws_ptr" else f"*{dt}") for p in ptrs}
+            sig.update({k: "i32" for k in ints})
+            sig.update({k: "constexpr" for k in blocks})
+            specs.append(AotSpec(kernel, sig, dict(blocks), num_warps=warps, label=f"depthwise {kind} {dt}"))
     return specs
