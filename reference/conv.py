@@ -124,8 +124,10 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
     o = w.shape[0]
     cols, (ho, wo) = _cols(x, w, stride, pads, dilation, groups)
     wg = w.reshape(groups, o // groups, -1)
-    out = np.matmul(wg, cols)  # [N, G, Og, P]: one BLAS call per (batch, group)
-    out = out.reshape(n, o, ho, wo)
+    # [N, G, Og, P]: one BLAS call per (batch, group), written straight into an array that owns
+    # its memory (so the torch layer can wrap it without another copy)
+    out = np.empty((n, o, ho, wo), dtype=np.result_type(x, w))
+    np.matmul(wg, cols, out=out.reshape(n, groups, o // groups, ho * wo))
     if bias is not None:
         out += np.asarray(bias, dtype=out.dtype).reshape(1, o, 1, 1)
     if activation is not None:
@@ -165,7 +167,8 @@ def conv2d_backward(grad_output, input, weight, stride=1, padding=0, dilation=1,
             gw = np.zeros(w.shape, g.dtype)
         else:
             # [N, G, Og, K] then a sum over the batch: keeps every product a plain BLAS call
-            gw = np.matmul(gg, cols.transpose(0, 1, 3, 2)).sum(axis=0).reshape(w.shape)
+            gw = np.empty(w.shape, dtype=g.dtype)
+            np.sum(np.matmul(gg, cols.transpose(0, 1, 3, 2)), axis=0, out=gw.reshape(groups, og, cg * kh * kw))
     if need[0]:
         if n == 0 or ho * wo == 0:
             gi = np.zeros(x.shape, g.dtype)
@@ -208,7 +211,9 @@ def _dgrad_stride1(g, w, pads, dilation, groups, in_size):
     cols = cols.reshape(n, groups, og * kh * kw, h * wd)
     # wt[g, c, (o, i', j')] = w[g*Og + o, c, kh-1-i', kw-1-j']
     wt = w[:, :, ::-1, ::-1].reshape(groups, og, cg, kh * kw).transpose(0, 2, 1, 3).reshape(groups, cg, og * kh * kw)
-    return np.matmul(wt, cols).reshape(n, groups * cg, h, wd)
+    gi = np.empty((n, groups * cg, h, wd), dtype=g.dtype)
+    np.matmul(wt, cols, out=gi.reshape(n, groups, cg, h * wd))
+    return gi
 
 
 def _dgrad_col2im(gg, w, stride, pads, dilation, groups, in_shape, out_size):
