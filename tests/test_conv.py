@@ -243,6 +243,7 @@ def _bad_cases():
         ("bias size", lambda: F.conv2d(x4, w, torch.randn(5)), "expected bias to be 1-dimensional with 6 elements"),
         ("int input", lambda: F.conv2d(x4.long(), w.long()), "floating-point"),
         ("activation", lambda: F.conv2d(x4, w, activation="gelu"), "unknown activation"),
+        ("empty kernel", lambda: F.conv2d(x4, torch.randn(6, 4, 0, 3)), "non-empty kernel"),
         ("not a tensor", lambda: F.conv1d([1.0, 2.0], torch.randn(1, 1, 1)), "must be Tensor"),
     ]
 

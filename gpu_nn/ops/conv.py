@@ -124,6 +124,8 @@ def _check(nd: int, input: Tensor, weight: Tensor, bias: Optional[Tensor], strid
             f"Given weight of size {list(weight.shape)}, expected bias to be 1-dimensional with {o} elements, "
             f"but got bias of size {list(bias.shape)} instead"
         )
+    if any(k <= 0 for k in weight.shape[2:]):
+        raise KernelInputError(f"{name}: expected a non-empty kernel, but got weight of size {list(weight.shape)}")
     padded = [input.shape[2 + i] + padding[2 * i] + padding[2 * i + 1] for i in range(nd)]
     kext = [dilation[i] * (weight.shape[2 + i] - 1) + 1 for i in range(nd)]
     if any(k > p for k, p in zip(kext, padded)):
