@@ -1,3 +1,49 @@
-"""conv modules."""
+"""Conv1d / Conv2d: ``torch.nn.Conv1d`` / ``Conv2d`` with our functional convolution.
 
-__all__: list[str] = []
+Subclasses of torch's modules, so the constructor, parameters (``weight`` [O, C/groups, *k],
+``bias`` [O]), initialisation, ``extra_repr`` and ``state_dict`` are torch's own; only the
+forward differs. ``padding_mode`` other than ``'zeros'`` is not supported (it raises
+``KernelInputError`` at construction and in forward, should the attribute be changed later).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .._errors import KernelInputError
+from ..ops import conv as _conv
+
+__all__ = ["Conv1d", "Conv2d"]
+
+
+def _check_mode(module) -> None:
+    if module.padding_mode != "zeros":
+        raise KernelInputError(
+            f"{type(module).__name__}: padding_mode={module.padding_mode!r} is not supported by gpu_nn "
+            "(only 'zeros'); pad the input with torch.nn.functional.pad and use padding=0"
+        )
+
+
+class Conv1d(torch.nn.Conv1d):
+    """As ``torch.nn.Conv1d`` (input [N, C, L] or [C, L]); padding_mode 'zeros' only."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        _check_mode(self)
+
+    def forward(self, input: Tensor) -> Tensor:
+        _check_mode(self)
+        return _conv.conv1d(input, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class Conv2d(torch.nn.Conv2d):
+    """As ``torch.nn.Conv2d`` (input [N, C, H, W] or [C, H, W]); padding_mode 'zeros' only."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        _check_mode(self)
+
+    def forward(self, input: Tensor) -> Tensor:
+        _check_mode(self)
+        return _conv.conv2d(input, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)

@@ -1,3 +1,356 @@
-"""conv family: launchers, checks and custom-op registration."""
+"""conv1d / conv2d: argument normalisation, checks, dispatch and ``torch.library`` registration.
 
-__all__: list[str] = []
+Public functions take ``torch.nn.functional.conv1d/conv2d``'s exact arguments, plus the fused
+``activation=`` keyword (None, 'relu', 'sigmoid', 'tanh'), applied after the bias.
+
+One custom-op pair serves both ranks (the rank is the weight's ``dim() - 2``):
+
+* ``gpu_nn::conv_forward(input, weight, bias, stride, padding, dilation, groups, activation)``
+  with a batched input (``[N, C, L]`` or ``[N, C, H, W]``) and ``padding`` per side
+  (``[lo, hi]`` per spatial dimension, so ``'same'`` with an even kernel is exact);
+* ``gpu_nn::conv_backward(grad_output, input, weight, output, ..., output_mask)`` returning
+  ``(grad_input, grad_weight, grad_bias)``; a gradient not asked for in ``output_mask`` comes
+  back as an empty tensor. ``output`` (the forward result) is only used, and only needed, with
+  a fused activation.
+
+Backends: reference (NumPy; float16/bfloat16 computed in float32), triton. Outputs are
+contiguous (NCHW), whatever the input's memory format.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _backend
+from .._errors import KernelInputError
+from ..check import CheckCase
+from ..reference import conv as ref
+from ._dispatch import check_float, check_same, empty, from_numpy, to_numpy
+
+__all__ = ["conv1d", "conv2d"]
+
+BACKENDS = ("reference", "triton")
+ACTIVATIONS = (None, "relu", "sigmoid", "tanh")
+
+
+# ----------------------------------------------------------------------------- arguments
+
+def _expand(name: str, v, nd: int) -> list[int]:
+    if isinstance(v, bool) or not isinstance(v, (int, tuple, list, torch.Size)):
+        raise KernelInputError(f"conv{nd}d(): argument '{name}' must be int or tuple of ints, not {type(v).__name__}")
+    if isinstance(v, int):
+        return [v] * nd
+    v = [int(a) for a in v]
+    if len(v) == 1:
+        return v * nd
+    if len(v) != nd:
+        raise KernelInputError(
+            f"expected {name} to be a single integer value or a list of {nd} values to match the "
+            f"convolution dimensions, but got {name}={v}"
+        )
+    return v
+
+
+def _normalise(nd, weight, stride, padding, dilation):
+    """(stride, per-side padding [lo, hi, ...], dilation) as int lists; torch's errors."""
+    stride = _expand("stride", stride, nd)
+    dilation = _expand("dilation", dilation, nd)
+    if isinstance(padding, str):
+        if padding not in ("same", "valid"):
+            raise KernelInputError(f"Invalid padding string: {padding!r}")
+        if padding == "same" and any(s != 1 for s in stride):
+            raise KernelInputError("padding='same' is not supported for strided convolutions")
+        if padding == "valid":
+            pads = [0] * (2 * nd)
+        else:
+            pads = []
+            for k, d in zip(weight.shape[2:], dilation):
+                total = d * (k - 1)
+                pads += [total // 2, total - total // 2]  # torch puts the odd element on the high side
+    else:
+        pads = [p for p in _expand("padding", padding, nd) for _ in (0, 1)]
+    return stride, pads, dilation
+
+
+def _check(nd: int, input: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, dilation,
+           groups: int, activation) -> None:
+    """Every bad-input kind, with torch's wording, before any computation. ``input`` is batched."""
+    name = f"conv{nd}d"
+    for arg, t in (("input", input), ("weight", weight)):
+        if not isinstance(t, Tensor):
+            raise KernelInputError(f"{name}(): argument '{arg}' must be Tensor, not {type(t).__name__}")
+    if bias is not None and not isinstance(bias, Tensor):
+        raise KernelInputError(f"{name}(): argument 'bias' must be Tensor, not {type(bias).__name__}")
+    if activation not in ACTIVATIONS:
+        raise KernelInputError(f"{name}: unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+    if weight.dim() != nd + 2:
+        raise KernelInputError(
+            f"{name}: expected weight to be {nd + 2}-dimensional [out_channels, in_channels/groups, kernel...], "
+            f"but got weight of size {list(weight.shape)}"
+        )
+    if input.dim() != nd + 2:
+        raise KernelInputError(
+            f"Expected {nd + 1}D (unbatched) or {nd + 2}D (batched) input to {name}, but got input of size: {list(input.shape)}"
+        )
+    check_float(name, "input", input)
+    check_same(name, input, weight, "weight")
+    check_same(name, input, bias, "bias")
+    if groups <= 0:
+        raise KernelInputError("non-positive groups is not supported")
+    if any(s <= 0 for s in stride):
+        raise KernelInputError("non-positive stride is not supported")
+    if any(p < 0 for p in padding):
+        raise KernelInputError("negative padding is not supported")
+    if any(d <= 0 for d in dilation):
+        raise KernelInputError("non-positive dilation is not supported")
+    o = weight.shape[0]
+    if o < groups or o % groups:
+        what = "at least" if o < groups else "divisible by"
+        raise KernelInputError(
+            f"Given groups={groups}, expected weight to be {what} {groups} at dimension 0, but got weight of size "
+            f"[{list(weight.shape)}] instead"
+        )
+    c = input.shape[1]
+    if c != weight.shape[1] * groups:
+        raise KernelInputError(
+            f"Given groups={groups}, weight of size {list(weight.shape)}, expected input{list(input.shape)} to have "
+            f"{weight.shape[1] * groups} channels, but got {c} channels instead"
+        )
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != o):
+        raise KernelInputError(
+            f"Given weight of size {list(weight.shape)}, expected bias to be 1-dimensional with {o} elements, "
+            f"but got bias of size {list(bias.shape)} instead"
+        )
+    if any(k <= 0 for k in weight.shape[2:]):
+        raise KernelInputError(f"{name}: expected a non-empty kernel, but got weight of size {list(weight.shape)}")
+    padded = [input.shape[2 + i] + padding[2 * i] + padding[2 * i + 1] for i in range(nd)]
+    kext = [dilation[i] * (weight.shape[2 + i] - 1) + 1 for i in range(nd)]
+    if any(k > p for k, p in zip(kext, padded)):
+        raise KernelInputError(
+            f"Calculated padded input size per channel: ({' x '.join(map(str, padded))}). Kernel size: "
+            f"({' x '.join(map(str, kext))}). Kernel size can't be greater than actual input size"
+        )
+
+
+def _out_size(input_shape, weight_shape, stride, padding, dilation):
+    nd = len(weight_shape) - 2
+    return [
+        (input_shape[2 + i] + padding[2 * i] + padding[2 * i + 1] - dilation[i] * (weight_shape[2 + i] - 1) - 1) // stride[i] + 1
+        for i in range(nd)
+    ]
+
+
+def _ref_pads(padding):
+    return tuple((padding[2 * i], padding[2 * i + 1]) for i in range(len(padding) // 2))
+
+
+# ----------------------------------------------------------------------------- launchers
+
+def conv_forward(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, dilation,
+                 groups: int, activation: Optional[str]) -> Tensor:
+    """out = act(conv(input, weight) + bias): ``input`` [N, C, *S], ``weight`` [O, C/groups, *K],
+    ``padding`` per side. Returns a contiguous [N, O, *So] tensor of input's dtype."""
+    nd = weight.dim() - 2
+    _check(nd, input, weight, bias, stride, padding, dilation, groups, activation)
+    backend = _backend.resolve(f"conv{nd}d", input.device, BACKENDS)
+    if backend == "reference":
+        f = ref.conv2d if nd == 2 else ref.conv1d
+        out = f(to_numpy(input), to_numpy(weight), to_numpy(bias), stride, _ref_pads(padding), dilation, groups, activation)
+        return from_numpy(out, input.dtype, input.device)
+    _backend.check_interpreter_dtype(f"conv{nd}d", backend, input, weight, bias)
+    from ..kernels import triton as ktriton
+    from ..kernels.triton import conv as kt
+
+    x4, w4 = _as4d(input), _as4d(weight)
+    pads4 = padding if nd == 2 else [0, 0] + list(padding)
+    st4 = stride if nd == 2 else [1] + list(stride)
+    dl4 = dilation if nd == 2 else [1] + list(dilation)
+    osz = _out_size(x4.shape, w4.shape, st4, pads4, dl4)
+    out = empty((x4.shape[0], w4.shape[0], *osz), dtype=input.dtype, device=input.device)
+    kt.conv_forward(x4, w4, bias, out, st4, pads4, dl4, groups, activation, _precision(input.dtype), ktriton.INTERPRET)
+    return out if nd == 2 else out[:, :, 0, :]
+
+
+def conv_backward(grad_output: Tensor, input: Tensor, weight: Tensor, output: Optional[Tensor], stride, padding,
+                  dilation, groups: int, activation: Optional[str], output_mask) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad_input, grad_weight, grad_bias) of :func:`conv_forward`; a gradient whose
+    ``output_mask`` entry is False comes back empty."""
+    nd = weight.dim() - 2
+    _check(nd, input, weight, None, stride, padding, dilation, groups, activation)
+    check_same(f"conv{nd}d backward", input, grad_output, "grad_output")
+    expect = [input.shape[0], weight.shape[0], *_out_size(input.shape, weight.shape, stride, padding, dilation)]
+    if list(grad_output.shape) != expect:
+        raise KernelInputError(f"conv{nd}d backward: grad_output of size {list(grad_output.shape)}, expected {expect}")
+    if activation is not None and (output is None or output.shape != grad_output.shape):
+        raise KernelInputError(f"conv{nd}d backward with activation={activation!r} needs the forward output")
+    mask = [bool(m) for m in output_mask]
+    backend = _backend.resolve(f"conv{nd}d_backward", input.device, BACKENDS)
+    dt, dev = input.dtype, input.device
+    if backend == "reference":
+        f = ref.conv2d_backward if nd == 2 else ref.conv1d_backward
+        gi, gw, gb = f(to_numpy(grad_output), to_numpy(input), to_numpy(weight), stride, _ref_pads(padding), dilation,
+                       groups, mask, to_numpy(output) if activation is not None else None, activation)
+        res = [from_numpy(a, dt, dev) if m else input.new_empty(0) for a, m in zip((gi, gw, gb), mask)]
+        return tuple(res)
+    _backend.check_interpreter_dtype(f"conv{nd}d", backend, input, weight, grad_output)
+    from ..kernels import triton as ktriton
+    from ..kernels.triton import conv as kt
+
+    g = grad_output
+    if activation is not None:
+        from ..kernels.triton import activation as ka
+
+        gc, yc = g.contiguous(), output.to(g.dtype).contiguous()
+        g = empty(gc.shape, dtype=dt, device=dev)
+        ka.act_backward(gc, yc, g, activation, ktriton.INTERPRET)
+    x4, w4, g4 = _as4d(input), _as4d(weight), _as4d(g)
+    pads4 = padding if nd == 2 else [0, 0] + list(padding)
+    st4 = stride if nd == 2 else [1] + list(stride)
+    dl4 = dilation if nd == 2 else [1] + list(dilation)
+    prec = _precision(dt)
+    gi = gw = gb = input.new_empty(0)
+    if mask[0]:
+        gi = empty(x4.shape, dtype=dt, device=dev)
+        kt.conv_backward_data(g4, w4, gi, st4, pads4, dl4, groups, prec, ktriton.INTERPRET)
+        gi = gi if nd == 2 else gi[:, :, 0, :]
+    if mask[1]:
+        gw = empty(w4.shape, dtype=dt, device=dev)
+        kt.conv_backward_weight(g4, x4, gw, st4, pads4, dl4, groups, prec, ktriton.INTERPRET)
+        gw = gw if nd == 2 else gw[:, :, 0, :]
+    if mask[2]:
+        gb = g.sum(dim=[0, *range(2, g.dim())], dtype=torch.float32).to(dt) if g.shape[0] else torch.zeros(weight.shape[0], dtype=dt, device=dev)
+    return gi, gw, gb
+
+
+def _as4d(t: Tensor) -> Tensor:
+    """conv1d tensors [N, C, L] as [N, C, 1, L] views (strides kept: no copy)."""
+    return t if t.dim() == 4 else t.unsqueeze(2)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision for float32: 'ieee' unless torch allows TF32 for matmuls or for
+    cuDNN (the flag torch's own convolutions obey, on by default). Decided here, per call, and
+    passed to the kernels as a constexpr. Meaningless under the interpreter, so 'ieee' there."""
+    if dtype != torch.float32:
+        return "ieee"
+    tf32 = torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32
+    return "tf32" if tf32 and torch.cuda.is_available() else "ieee"
+
+
+# ----------------------------------------------------------------------------- custom ops
+
+@torch.library.custom_op("gpu_nn::conv_forward", mutates_args=())
+def _conv_forward_op(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride: list[int], padding: list[int],
+                     dilation: list[int], groups: int, activation: Optional[str]) -> Tensor:
+    return conv_forward(input, weight, bias, stride, padding, dilation, groups, activation)
+
+
+@_conv_forward_op.register_fake
+def _(input, weight, bias, stride, padding, dilation, groups, activation):
+    osz = _out_size(input.shape, weight.shape, stride, padding, dilation)
+    return input.new_empty((input.shape[0], weight.shape[0], *osz))
+
+
+@torch.library.custom_op("gpu_nn::conv_backward", mutates_args=())
+def _conv_backward_op(grad_output: Tensor, input: Tensor, weight: Tensor, output: Optional[Tensor], stride: list[int],
+                      padding: list[int], dilation: list[int], groups: int, activation: Optional[str],
+                      output_mask: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
+    return conv_backward(grad_output, input, weight, output, stride, padding, dilation, groups, activation, output_mask)
+
+
+@_conv_backward_op.register_fake
+def _(grad_output, input, weight, output, stride, padding, dilation, groups, activation, output_mask):
+    shapes = (input.shape, weight.shape, (weight.shape[0],))
+    return tuple(input.new_empty(s if m else (0,)) for s, m in zip(shapes, output_mask))
+
+
+def _setup_context(ctx, inputs, output):
+    input, weight, bias, stride, padding, dilation, groups, activation = inputs
+    ctx.args = (stride, padding, dilation, groups, activation)
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(input, weight, output if activation is not None else None)
+
+
+def _backward(ctx, grad):
+    input, weight, output = ctx.saved_tensors
+    stride, padding, dilation, groups, activation = ctx.args
+    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
+    if not any(mask):
+        return None, None, None, None, None, None, None, None
+    gi, gw, gb = _conv_backward_op(grad, input, weight, output, stride, padding, dilation, groups, activation, mask)
+    return (gi if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None,
+            None, None, None, None, None)
+
+
+_conv_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- public API
+
+def _conv(nd, input, weight, bias, stride, padding, dilation, groups, activation):
+    name = f"conv{nd}d"
+    if not isinstance(input, Tensor):
+        raise KernelInputError(f"{name}(): argument 'input' (position 1) must be Tensor, not {type(input).__name__}")
+    if not isinstance(weight, Tensor):
+        raise KernelInputError(f"{name}(): argument 'weight' (position 2) must be Tensor, not {type(weight).__name__}")
+    if input.dim() not in (nd + 1, nd + 2):
+        raise KernelInputError(
+            f"Expected {nd + 1}D (unbatched) or {nd + 2}D (batched) input to {name}, but got input of size: {list(input.shape)}"
+        )
+    if weight.dim() != nd + 2:
+        raise KernelInputError(
+            f"{name}: expected weight to be {nd + 2}-dimensional [out_channels, in_channels/groups, kernel...], "
+            f"but got weight of size {list(weight.shape)}"
+        )
+    if isinstance(groups, bool) or not isinstance(groups, int):
+        raise KernelInputError(f"{name}(): argument 'groups' must be int, not {type(groups).__name__}")
+    stride, pads, dilation = _normalise(nd, weight, stride, padding, dilation)
+    unbatched = input.dim() == nd + 1
+    x = input.unsqueeze(0) if unbatched else input
+    _check(nd, x, weight, bias, stride, pads, dilation, groups, activation)
+    out = _conv_forward_op(x, weight, bias, stride, pads, dilation, groups, activation)
+    return out.squeeze(0) if unbatched else out
+
+
+def conv1d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=1, padding=0, dilation=1, groups=1,
+           *, activation: Optional[str] = None) -> Tensor:
+    """As ``torch.nn.functional.conv1d``: ``input`` [N, C, L] or [C, L], ``weight`` [O, C/groups, k],
+    ``bias`` [O] -> [N, O, Lo]; ``padding`` int, 1-tuple, 'same' (stride 1 only) or 'valid'.
+    ``activation`` (None, 'relu', 'sigmoid', 'tanh') is fused after the bias."""
+    return _conv(1, input, weight, bias, stride, padding, dilation, groups, activation)
+
+
+def conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=1, padding=0, dilation=1, groups=1,
+           *, activation: Optional[str] = None) -> Tensor:
+    """As ``torch.nn.functional.conv2d``: ``input`` [N, C, H, W] or [C, H, W], ``weight``
+    [O, C/groups, kh, kw], ``bias`` [O] -> [N, O, Ho, Wo]; ``padding`` int, pair, 'same' (stride 1
+    only; the odd element of an even kernel's padding goes right/bottom, as torch) or 'valid'.
+    ``activation`` (None, 'relu', 'sigmoid', 'tanh') is fused after the bias."""
+    return _conv(2, input, weight, bias, stride, padding, dilation, groups, activation)
+
+
+# ----------------------------------------------------------------------------- gpu-nn check
+
+def _make(nd, n, c, spatial, o, k, groups, bias, **kw):
+    def make(rng):
+        x = torch.from_numpy(rng.standard_normal((n, c, *spatial))).requires_grad_()
+        w = torch.from_numpy(rng.standard_normal((o, c // groups, *k)) / (c // groups * int(torch.tensor(k).prod())) ** 0.5).requires_grad_()
+        b = torch.from_numpy(rng.standard_normal(o)).requires_grad_() if bias else None
+        return (x, w, b), dict(groups=groups, **kw)
+
+    return make
+
+
+CHECK_CASES = [
+    CheckCase(op="conv2d", fn=conv2d, make=_make(2, 2, 5, (11, 9), 7, (3, 3), 1, True, padding=1)),
+    CheckCase(op="conv2d", fn=conv2d, make=_make(2, 3, 6, (13, 10), 4, (2, 5), 2, True, stride=(2, 1), padding=(1, 2), dilation=(1, 2))),
+    CheckCase(op="conv2d", fn=conv2d, make=_make(2, 2, 6, (9, 9), 6, (3, 3), 6, False, padding="same", dilation=2)),
+    CheckCase(op="conv2d", fn=conv2d, make=_make(2, 2, 7, (12, 11), 5, (4, 4), 1, True, padding="same", activation="relu")),
+    CheckCase(op="conv2d", fn=conv2d, make=_make(2, 1, 9, (10, 7), 3, (1, 1), 1, True, stride=3, activation="sigmoid")),
+    CheckCase(op="conv1d", fn=conv1d, make=_make(1, 3, 5, (29,), 7, (5,), 1, True, padding=2, activation="tanh")),
+    CheckCase(op="conv1d", fn=conv1d, make=_make(1, 2, 6, (31,), 6, (3,), 6, True, stride=2, dilation=3)),
+    CheckCase(op="conv1d", fn=conv1d, make=_make(1, 2, 4, (17,), 6, (4,), 2, False, padding="same")),
+]

@@ -1,0 +1,105 @@
+"""Convolution benchmarks: the reference fallback against torch on the CPU (issue 2) and the
+Triton kernels against torch / cuDNN on a GPU (issue 5), forward and forward+backward.
+
+CPU set: conv2d 3x3 forward+backward at N=8 C=64 32x32 O=64 and N=32 C=3 32x32 O=32,
+``reference`` (gpu_nn's NumPy fallback through the public function, custom-op overhead
+included) against ``torch``. GPU set: ResNet-50's 3x3 stages at N=32, the 7x7/2 stem, a 1x1
+64->256 at 56x56, text conv1d N=64 C=300 L=128 O=100 k=3/4/5 and depthwise conv1d N=256
+C=128 L=202 k=3, in float32 and bfloat16, ``triton`` against ``torch`` (cuDNN); TFLOP/s from
+the forward's 2*N*O*prod(out)*C/groups*prod(k) (x3 for forward+backward).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as TF
+
+import gpu_nn
+import gpu_nn.functional as F
+from gpu_nn.benchmarks import harness
+
+
+def _flops(n, c, spatial, o, k, stride, padding, groups):
+    out = [(s + 2 * padding - kk) // stride + 1 for s, kk in zip(spatial, k)]
+    return 2.0 * n * o * math.prod(out) * (c // groups) * math.prod(k)
+
+
+def _case(name, shape, device, dtype, n, c, spatial, o, k, stride=1, padding=0, groups=1, backward=True, providers=("torch", "reference")):
+    nd = len(spatial)
+    ours_fn = F.conv2d if nd == 2 else F.conv1d
+    theirs_fn = TF.conv2d if nd == 2 else TF.conv1d
+
+    def make():
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        x = torch.randn(n, c, *spatial, generator=gen).to(device=device, dtype=dtype).requires_grad_(backward)
+        w = (torch.randn(o, c // groups, *k, generator=gen) / math.sqrt(c // groups * math.prod(k))).to(device=device, dtype=dtype).requires_grad_(backward)
+        b = torch.randn(o, generator=gen).to(device=device, dtype=dtype).requires_grad_(backward)
+        return x, w, b
+
+    def setup_for(fn, backend):
+        def setup():
+            nxt = harness.rotating(make)
+            g = None
+
+            def run():
+                nonlocal g
+                x, w, b = nxt()
+                if backend is None:
+                    y = fn(x, w, b, stride, padding, 1, groups)
+                else:
+                    with gpu_nn.backend(backend):
+                        y = fn(x, w, b, stride, padding, 1, groups)
+                if backward:
+                    if g is None:
+                        g = torch.randn_like(y)
+                    if backend is None:
+                        torch.autograd.grad(y, (x, w, b), g)
+                    else:
+                        with gpu_nn.backend(backend):
+                            torch.autograd.grad(y, (x, w, b), g)
+                return y
+
+            return run
+
+        return setup
+
+    provs = {"torch": setup_for(theirs_fn, None)}
+    for p in providers:
+        if p != "torch":
+            provs[p] = setup_for(ours_fn, p)
+    flops = _flops(n, c, spatial, o, k, stride, padding, groups) * (3 if backward else 1)
+    dt = str(dtype).replace("torch.", "")
+    return harness.Case(family="conv", name=f"{name} {'fwd+bwd' if backward else 'fwd'} {dt}", shape=shape,
+                        providers=provs, device=device, flops=flops)
+
+
+def cases(device: str = "cpu", quick: bool = False) -> list[harness.Case]:
+    if device == "cpu":
+        return [
+            _case("conv2d 3x3", "N=8 C=64 32x32 O=64 k3 p1", "cpu", torch.float32, 8, 64, (32, 32), 64, (3, 3), padding=1),
+            _case("conv2d 3x3", "N=32 C=3 32x32 O=32 k3 p1", "cpu", torch.float32, 32, 3, (32, 32), 32, (3, 3), padding=1),
+        ]
+    shapes = [
+        ("conv2d 3x3", "N=32 C=64 56x56 O=64", dict(n=32, c=64, spatial=(56, 56), o=64, k=(3, 3), padding=1)),
+        ("conv2d 3x3", "N=32 C=128 28x28 O=128", dict(n=32, c=128, spatial=(28, 28), o=128, k=(3, 3), padding=1)),
+        ("conv2d 3x3", "N=32 C=256 14x14 O=256", dict(n=32, c=256, spatial=(14, 14), o=256, k=(3, 3), padding=1)),
+        ("conv2d 3x3", "N=32 C=512 7x7 O=512", dict(n=32, c=512, spatial=(7, 7), o=512, k=(3, 3), padding=1)),
+        ("conv2d 7x7/2 stem", "N=32 C=3 224x224 O=64", dict(n=32, c=3, spatial=(224, 224), o=64, k=(7, 7), stride=2, padding=3)),
+        ("conv2d 1x1", "N=32 C=64 56x56 O=256", dict(n=32, c=64, spatial=(56, 56), o=256, k=(1, 1))),
+        ("conv1d text k3", "N=64 C=300 L=128 O=100", dict(n=64, c=300, spatial=(128,), o=100, k=(3,))),
+        ("conv1d text k4", "N=64 C=300 L=128 O=100", dict(n=64, c=300, spatial=(128,), o=100, k=(4,))),
+        ("conv1d text k5", "N=64 C=300 L=128 O=100", dict(n=64, c=300, spatial=(128,), o=100, k=(5,))),
+        ("conv1d depthwise k3", "N=256 C=128 L=202", dict(n=256, c=128, spatial=(202,), o=128, k=(3,), padding=1, groups=128)),
+    ]
+    out = []
+    for dtype in (torch.float32, torch.bfloat16):
+        for backward in ((False,) if quick else (False, True)):
+            for name, shape, kw in shapes:
+                out.append(_case(name, shape, device, dtype, backward=backward, providers=("torch", "triton"), **kw))
+    return out
+
+
+if __name__ == "__main__":
+    harness.main_for(cases)

@@ -1,0 +1,567 @@
+"""Triton implicit-GEMM convolution kernels: forward (fused bias + activation), backward data
+(dgrad) and backward weight (wgrad).
+
+Every tensor is 4-D ``[N, C, H, W]`` addressed through its strides, so NCHW, channels_last and
+strided views run without a copy; conv1d runs as H = 1. Per group ``g`` (grid axis 2):
+
+* forward  ``y[n, o, p, q] = act(b[o] + sum_{c, i, j} x[n, gCg + c, p*sh - pt + i*dh, q*sw - pl + j*dw] * w[o, c, i, j])``
+  as a GEMM with M = N*Ho*Wo output pixels, N = Og output channels, K = kh*kw taps x Cg channels;
+* dgrad    ``gx[n, c, h, w] = sum_{o, i, j} g[n, o, (h + pt - i*dh)/sh, (w + pl - j*dw)/sw] * w[o, c, i, j]``
+  (terms whose division is inexact or out of range vanish): M = N*H*W, N = Cg, K = taps x Og;
+* wgrad    ``gw[o, c, i, j] = sum_{n, p, q} g[n, o, p, q] * x[n, gCg + c, p*sh - pt + i*dh, q*sw - pl + j*dw]``:
+  a GEMM per tap with M = Og, N = Cg and K = N*Ho*Wo, split over K into float32 partial sums
+  (``SPLIT`` programs) that the launcher adds up, so small weights still fill the GPU.
+
+The im2col matrix never exists in memory: each program gathers its A tile straight from the
+input with masked loads (zero padding = ``other=0``). Inputs are float32 / float16 / bfloat16,
+accumulation is float32; float32 ``tl.dot`` runs with the ``PREC`` input precision the launcher
+chooses ("ieee", or "tf32" when torch allows TF32). Offsets that scale with the batch or a
+spatial index are int64, so tensors above 2^31 elements address correctly.
+
+Depthwise convolutions (one input channel per group: groups = C, weight [C*mult, 1, kh, kw])
+have no GEMM to feed (K = taps only), so they run through dedicated FMA kernels
+(``_conv_dw_*``) over [pixels x channels] tiles instead of a 16-wide dot tile with one live lane.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ._aot import AotSpec
+from .activation import ACT_CODES, _apply_act
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): the sm_90 configurations the heuristics
+# may pick, per operand width; every tl.dot tile is >= 16 on each side. float32 operands take
+# K = 16 and two stages: with K = 32 or three stages the gathered pointer tiles spill
+# registers (checked by the AOT compile, see aot_specs). Register use is dominated by the
+# int64 pointer tiles of the gathered loads, not by the accumulator.
+GPU_CONFIGS = {
+    "fp32": {
+        "large": (128, 64, 16, 8, 2),
+        "small": (64, 32, 16, 4, 2),
+    },
+    "half": {
+        "large": (128, 64, 32, 8, 3),
+        "medium": (64, 64, 32, 4, 3),
+        "small": (64, 32, 32, 8, 3),  # 4 warps: dgrad spills (255 registers)
+    },
+}
+# One small fixed configuration under the interpreter: few Python-level programs.
+INTERP_CONFIG = (64, 16, 16, 4, 1)
+WGRAD_TARGET_PROGRAMS = 264  # two waves of an H100's 132 SMs
+# (BLOCK_P, BLOCK_C, num_warps) of the depthwise FMA kernels, on a GPU and in the interpreter.
+DW_CONFIG = (64, 32, 8)  # 4 warps: the dgrad spills (255 registers)
+DW_INTERP_CONFIG = (64, 16, 4)
+
+
+@triton.jit
+def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
+                     N, H, W, Ho, Wo, KW, TAPS, CG, OG,
+                     stride_xn, stride_xc, stride_xh, stride_xw,
+                     stride_wo, stride_wc, stride_wh, stride_ww,
+                     stride_yn, stride_yc, stride_yh, stride_yw,
+                     SH, SW, PH, PW, DH, DW,
+                     HAS_BIAS, ACT, PREC: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    grp = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_o = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < N * Ho * Wo
+    o_ok = offs_o < OG
+    hw = Ho * Wo
+    n = offs_m // hw
+    r = offs_m % hw
+    oh = r // Wo
+    ow = r % Wo
+    x_row = x_ptr + n.to(tl.int64) * stride_xn + (grp * CG).to(tl.int64) * stride_xc
+    oc = grp * OG + offs_o
+    w_col = w_ptr + oc.to(tl.int64) * stride_wo
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for t in range(0, TAPS):
+        i = t // KW
+        j = t % KW
+        ih = oh * SH - PH + i * DH
+        iw = ow * SW - PW + j * DW
+        pix_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        a_row = x_row + ih.to(tl.int64) * stride_xh + iw.to(tl.int64) * stride_xw
+        b_col = w_col + i * stride_wh + j * stride_ww
+        for c0 in range(0, CG, BLOCK_K):
+            cc = c0 + tl.arange(0, BLOCK_K)
+            c_ok = cc < CG
+            a = tl.load(a_row[:, None] + cc[None, :].to(tl.int64) * stride_xc,
+                        mask=pix_ok[:, None] & c_ok[None, :], other=0.0)
+            b = tl.load(b_col[None, :] + cc[:, None].to(tl.int64) * stride_wc,
+                        mask=c_ok[:, None] & o_ok[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=PREC, out_dtype=tl.float32)
+    # bias and activation are runtime flags (a uniform branch in the epilogue), not constexprs:
+    # eight compiled variants per configuration would buy nothing measurable
+    if HAS_BIAS != 0:
+        bias = tl.load(b_ptr + oc, mask=o_ok, other=0.0).to(tl.float32)
+        acc = acc + bias[None, :]
+    if ACT == 1:
+        acc = _apply_act(acc, 1)
+    elif ACT == 2:
+        acc = _apply_act(acc, 2)
+    elif ACT == 3:
+        acc = _apply_act(acc, 3)
+    y_off = (n.to(tl.int64) * stride_yn + oh.to(tl.int64) * stride_yh + ow.to(tl.int64) * stride_yw)[:, None] \
+        + oc.to(tl.int64)[None, :] * stride_yc
+    tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & o_ok[None, :])
+
+
+@triton.jit
+def _conv_dgrad_kernel(g_ptr, w_ptr, dx_ptr,
+                       N, H, W, Ho, Wo, KW, TAPS, CG, OG,
+                       stride_gn, stride_gc, stride_gh, stride_gw,
+                       stride_wo, stride_wc, stride_wh, stride_ww,
+                       stride_dn, stride_dc, stride_dh, stride_dw,
+                       SH, SW, PH, PW, DH, DW,
+                       PREC: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    grp = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < N * H * W
+    c_ok = offs_c < CG
+    hw = H * W
+    n = offs_m // hw
+    r = offs_m % hw
+    h = r // W
+    w = r % W
+    g_row = g_ptr + n.to(tl.int64) * stride_gn
+    cc = grp * CG + offs_c
+    w_col = w_ptr + offs_c.to(tl.int64) * stride_wc  # weight dim 1 counts channels within the group
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for t in range(0, TAPS):
+        i = t // KW
+        j = t % KW
+        th = h + PH - i * DH
+        tw = w + PW - j * DW
+        # clamp before // and %: Triton's integer division truncates toward zero
+        thc = tl.maximum(th, 0)
+        twc = tl.maximum(tw, 0)
+        oh = thc // SH
+        ow = twc // SW
+        ok = m_ok & (th >= 0) & (tw >= 0) & (thc % SH == 0) & (twc % SW == 0) & (oh < Ho) & (ow < Wo)
+        a_row = g_row + oh.to(tl.int64) * stride_gh + ow.to(tl.int64) * stride_gw
+        b_col = w_col + i * stride_wh + j * stride_ww
+        for o0 in range(0, OG, BLOCK_K):
+            oo = o0 + tl.arange(0, BLOCK_K)
+            oo_ok = oo < OG
+            oc = (grp * OG + oo).to(tl.int64)
+            a = tl.load(a_row[:, None] + oc[None, :] * stride_gc, mask=ok[:, None] & oo_ok[None, :], other=0.0)
+            b = tl.load(b_col[None, :] + oc[:, None] * stride_wo, mask=oo_ok[:, None] & c_ok[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=PREC, out_dtype=tl.float32)
+    d_off = (n.to(tl.int64) * stride_dn + h.to(tl.int64) * stride_dh + w.to(tl.int64) * stride_dw)[:, None] \
+        + cc.to(tl.int64)[None, :] * stride_dc
+    tl.store(dx_ptr + d_off, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :])
+
+
+@triton.jit
+def _conv_wgrad_kernel(g_ptr, x_ptr, ws_ptr,
+                       N, H, W, Ho, Wo, KW, TAPS, CG, OG, G, CHUNK,
+                       stride_gn, stride_gc, stride_gh, stride_gw,
+                       stride_xn, stride_xc, stride_xh, stride_xw,
+                       SH, SW, PH, PW, DH, DW,
+                       PREC: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Partial sums ws[split, o, c, tap] (float32, contiguous [SPLIT, O, CG, TAPS])."""
+    pid_o = tl.program_id(0)
+    pid_ct = tl.program_id(1)
+    pid_gs = tl.program_id(2)
+    grp = pid_gs % G
+    split = pid_gs // G
+    n_cblk = tl.cdiv(CG, BLOCK_N)
+    t = pid_ct // n_cblk
+    cblk = pid_ct % n_cblk
+    i = t // KW
+    j = t % KW
+    offs_o = pid_o * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = cblk * BLOCK_N + tl.arange(0, BLOCK_N)
+    o_ok = offs_o < OG
+    c_ok = offs_c < CG
+    oc = (grp * OG + offs_o).to(tl.int64)
+    cc = (grp * CG + offs_c).to(tl.int64)
+    M = N * Ho * Wo
+    hw = Ho * Wo
+    m_lo = split * CHUNK
+    m_hi = tl.minimum(m_lo + CHUNK, M)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for m0 in range(m_lo, m_hi, BLOCK_K):
+        mm = m0 + tl.arange(0, BLOCK_K)
+        mm_ok = mm < m_hi
+        n = mm // hw
+        r = mm % hw
+        oh = r // Wo
+        ow = r % Wo
+        ih = oh * SH - PH + i * DH
+        iw = ow * SW - PW + j * DW
+        x_ok = mm_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        n64 = n.to(tl.int64)
+        g_off = n64 * stride_gn + oh.to(tl.int64) * stride_gh + ow.to(tl.int64) * stride_gw
+        x_off = n64 * stride_xn + ih.to(tl.int64) * stride_xh + iw.to(tl.int64) * stride_xw
+        a = tl.load(g_ptr + oc[:, None] * stride_gc + g_off[None, :], mask=o_ok[:, None] & mm_ok[None, :], other=0.0)
+        b = tl.load(x_ptr + x_off[:, None] + cc[None, :] * stride_xc, mask=x_ok[:, None] & c_ok[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PREC, out_dtype=tl.float32)
+    ws_off = ((split * G * OG).to(tl.int64) + oc)[:, None] * (CG * TAPS) + offs_c[None, :] * TAPS + t
+    tl.store(ws_ptr + ws_off, acc, mask=o_ok[:, None] & c_ok[None, :])
+
+
+@triton.jit
+def _conv_dw_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
+                        N, H, W, O, Ho, Wo, KW, TAPS, MULT,
+                        stride_xn, stride_xc, stride_xh, stride_xw,
+                        stride_wo, stride_wh, stride_ww,
+                        stride_yn, stride_yc, stride_yh, stride_yw,
+                        SH, SW, PH, PW, DH, DW, HAS_BIAS, ACT,
+                        BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Depthwise forward (groups = C, weight [O = C*MULT, 1, kh, kw]): a [BLOCK_P pixels,
+    BLOCK_C channels] output tile accumulated tap by tap with FMAs (no GEMM to feed: K = taps)."""
+    pid_p = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_o = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    p_ok = offs_p < N * Ho * Wo
+    o_ok = offs_o < O
+    hw = Ho * Wo
+    n = offs_p // hw
+    r = offs_p % hw
+    oh = r // Wo
+    ow = r % Wo
+    ci = (offs_o // MULT).to(tl.int64)
+    x_col = ci * stride_xc
+    x_row = n.to(tl.int64) * stride_xn
+    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    for t in range(0, TAPS):
+        i = t // KW
+        j = t % KW
+        ih = oh * SH - PH + i * DH
+        iw = ow * SW - PW + j * DW
+        ok = p_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        a = tl.load(x_ptr + (x_row + ih.to(tl.int64) * stride_xh + iw.to(tl.int64) * stride_xw)[:, None] + x_col[None, :],
+                    mask=ok[:, None] & o_ok[None, :], other=0.0).to(tl.float32)
+        wv = tl.load(w_ptr + offs_o.to(tl.int64) * stride_wo + i * stride_wh + j * stride_ww, mask=o_ok, other=0.0).to(tl.float32)
+        acc += a * wv[None, :]
+    if HAS_BIAS != 0:
+        acc += tl.load(b_ptr + offs_o, mask=o_ok, other=0.0).to(tl.float32)[None, :]
+    if ACT == 1:
+        acc = _apply_act(acc, 1)
+    elif ACT == 2:
+        acc = _apply_act(acc, 2)
+    elif ACT == 3:
+        acc = _apply_act(acc, 3)
+    y_off = (n.to(tl.int64) * stride_yn + oh.to(tl.int64) * stride_yh + ow.to(tl.int64) * stride_yw)[:, None] \
+        + offs_o.to(tl.int64)[None, :] * stride_yc
+    tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=p_ok[:, None] & o_ok[None, :])
+
+
+@triton.jit
+def _conv_dw_dgrad_kernel(g_ptr, w_ptr, dx_ptr,
+                          N, H, W, C, Ho, Wo, KW, TAPS, MULT,
+                          stride_gn, stride_gc, stride_gh, stride_gw,
+                          stride_wo, stride_wh, stride_ww,
+                          stride_dn, stride_dc, stride_dh, stride_dw,
+                          SH, SW, PH, PW, DH, DW,
+                          BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Depthwise input gradient: dx[n, c, h, w] = sum_{r < MULT, i, j} g[n, c*MULT + r, (h + pt - i*dh)/sh,
+    (w + pl - j*dw)/sw] * w[c*MULT + r, 0, i, j] over exact, in-range divisions."""
+    pid_p = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    p_ok = offs_p < N * H * W
+    c_ok = offs_c < C
+    hw = H * W
+    n = offs_p // hw
+    r = offs_p % hw
+    h = r // W
+    w = r % W
+    g_row = n.to(tl.int64) * stride_gn
+    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    for t in range(0, TAPS):
+        i = t // KW
+        j = t % KW
+        th = h + PH - i * DH
+        tw = w + PW - j * DW
+        thc = tl.maximum(th, 0)  # clamp before // and %: integer division truncates toward zero
+        twc = tl.maximum(tw, 0)
+        oh = thc // SH
+        ow = twc // SW
+        ok = p_ok & (th >= 0) & (tw >= 0) & (thc % SH == 0) & (twc % SW == 0) & (oh < Ho) & (ow < Wo)
+        off = g_row + oh.to(tl.int64) * stride_gh + ow.to(tl.int64) * stride_gw
+        for rr in range(0, MULT):
+            oc = (offs_c * MULT + rr).to(tl.int64)
+            a = tl.load(g_ptr + off[:, None] + (oc * stride_gc)[None, :], mask=ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+            wv = tl.load(w_ptr + oc * stride_wo + i * stride_wh + j * stride_ww, mask=c_ok, other=0.0).to(tl.float32)
+            acc += a * wv[None, :]
+    d_off = (n.to(tl.int64) * stride_dn + h.to(tl.int64) * stride_dh + w.to(tl.int64) * stride_dw)[:, None] \
+        + offs_c.to(tl.int64)[None, :] * stride_dc
+    tl.store(dx_ptr + d_off, acc.to(dx_ptr.dtype.element_ty), mask=p_ok[:, None] & c_ok[None, :])
+
+
+@triton.jit
+def _conv_dw_wgrad_kernel(g_ptr, x_ptr, ws_ptr,
+                          N, H, W, O, Ho, Wo, KW, TAPS, MULT, CHUNK,
+                          stride_gn, stride_gc, stride_gh, stride_gw,
+                          stride_xn, stride_xc, stride_xh, stride_xw,
+                          SH, SW, PH, PW, DH, DW,
+                          BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Depthwise weight gradient, partial sums ws[split, o, tap] (float32, contiguous
+    [SPLIT, O, TAPS]) of g[n, o, p, q] * x[n, o // MULT, p*sh - pt + i*dh, q*sw - pl + j*dw]."""
+    pid_c = tl.program_id(0)
+    t = tl.program_id(1)
+    split = tl.program_id(2)
+    i = t // KW
+    j = t % KW
+    offs_o = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    o_ok = offs_o < O
+    g_col = offs_o.to(tl.int64) * stride_gc
+    x_col = (offs_o // MULT).to(tl.int64) * stride_xc
+    M = N * Ho * Wo
+    hw = Ho * Wo
+    m_lo = split * CHUNK
+    m_hi = tl.minimum(m_lo + CHUNK, M)
+    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    for m0 in range(m_lo, m_hi, BLOCK_P):
+        mm = m0 + tl.arange(0, BLOCK_P)
+        mm_ok = mm < m_hi
+        n = mm // hw
+        r = mm % hw
+        oh = r // Wo
+        ow = r % Wo
+        ih = oh * SH - PH + i * DH
+        iw = ow * SW - PW + j * DW
+        x_ok = mm_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        n64 = n.to(tl.int64)
+        a = tl.load(g_ptr + (n64 * stride_gn + oh.to(tl.int64) * stride_gh + ow.to(tl.int64) * stride_gw)[:, None] + g_col[None, :],
+                    mask=mm_ok[:, None] & o_ok[None, :], other=0.0).to(tl.float32)
+        b = tl.load(x_ptr + (n64 * stride_xn + ih.to(tl.int64) * stride_xh + iw.to(tl.int64) * stride_xw)[:, None] + x_col[None, :],
+                    mask=x_ok[:, None] & o_ok[None, :], other=0.0).to(tl.float32)
+        acc += a * b
+    tl.store(ws_ptr + (split * O + offs_o).to(tl.int64) * TAPS + t, tl.sum(acc, axis=0), mask=o_ok)
+
+
+# ----------------------------------------------------------------------------- heuristics
+
+def pick_config(gemm_n: int, gemm_m: int, half: bool, interpret: bool) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for a GEMM whose N side is
+    ``gemm_n`` wide (output channels per group for forward / wgrad rows, input channels per
+    group for dgrad) and ``gemm_m`` long; ``half`` for float16/bfloat16 operands. A pure
+    function of the shape; the tile sides are asserted >= 16."""
+    if interpret:
+        cfg = INTERP_CONFIG
+    else:
+        table = GPU_CONFIGS["half" if half else "fp32"]
+        big = gemm_m >= 128 * 264  # enough 128-row tiles for two waves of 132 SMs
+        if gemm_n > 32 and big:
+            cfg = table["large"]
+        elif gemm_n > 32 and "medium" in table:
+            cfg = table["medium"]
+        else:
+            cfg = table["small"]
+    assert min(cfg[:3]) >= 16, f"tl.dot tiles must be >= 16 on each side, got {cfg[:3]}"
+    return cfg
+
+
+def wgrad_split(tiles: int, m: int, block_k: int, interpret: bool) -> int:
+    """How many programs share the K = N*Ho*Wo reduction of wgrad (float32 partial sums)."""
+    if interpret:
+        return 2 if m > 4 * block_k else 1
+    want = -(-WGRAD_TARGET_PROGRAMS // max(tiles, 1))
+    return max(1, min(want, m // (8 * block_k)))
+
+
+def _dot_precision(prec: str) -> str:
+    assert prec in ("ieee", "tf32"), prec
+    return prec
+
+
+def is_depthwise(c: int, cg: int, groups: int) -> bool:
+    """One input channel per group: the depthwise kernels apply."""
+    return cg == 1 and groups == c
+
+
+def dw_config(interpret: bool) -> tuple[int, int, int]:
+    return DW_INTERP_CONFIG if interpret else DW_CONFIG
+
+
+# ----------------------------------------------------------------------------- launchers
+
+def conv_forward(x, w, bias, y, stride, padding, dilation, groups, activation, prec, interpret):
+    """``y`` [N, O, Ho, Wo] = act(conv(x [N, C, H, W], w [O, C/groups, kh, kw]) + bias [O]).
+
+    ``padding`` is ``[top, bottom, left, right]`` (only top/left enter the index math: the
+    bottom/right padding only decides Ho/Wo, which ``y`` already has). Any strides."""
+    n, c, h, wd = x.shape
+    o, cg, kh, kw = w.shape
+    _, _, ho, wo = y.shape
+    if y.numel() == 0:
+        return
+    og = o // groups
+    if is_depthwise(c, cg, groups):
+        bp, bc, warps = dw_config(interpret)
+        grid = (triton.cdiv(n * ho * wo, bp), triton.cdiv(o, bc))
+        _conv_dw_fwd_kernel[grid](
+            x, w, bias if bias is not None else y, y,
+            n, h, wd, o, ho, wo, kw, kh * kw, og,
+            *x.stride(), w.stride(0), w.stride(2), w.stride(3), *y.stride(),
+            stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
+            int(bias is not None), ACT_CODES[activation],
+            BLOCK_P=bp, BLOCK_C=bc, num_warps=warps,
+        )
+        return
+    bm, bn, bk, warps, stages = pick_config(og, n * ho * wo, x.element_size() == 2, interpret)
+    grid = (triton.cdiv(n * ho * wo, bm), triton.cdiv(og, bn), groups)
+    _conv_fwd_kernel[grid](
+        x, w, bias if bias is not None else y, y,
+        n, h, wd, ho, wo, kw, kh * kw, cg, og,
+        *x.stride(), *w.stride(), *y.stride(),
+        stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
+        int(bias is not None), ACT_CODES[activation], PREC=_dot_precision(prec),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+    )
+
+
+def conv_backward_data(g, w, dx, stride, padding, dilation, groups, prec, interpret):
+    """``dx`` [N, C, H, W] = gradient of the input from ``g`` [N, O, Ho, Wo] and ``w``."""
+    n, c, h, wd = dx.shape
+    o, cg, kh, kw = w.shape
+    _, _, ho, wo = g.shape
+    if dx.numel() == 0:
+        return
+    og = o // groups
+    if is_depthwise(c, cg, groups):
+        bp, bc, warps = dw_config(interpret)
+        grid = (triton.cdiv(n * h * wd, bp), triton.cdiv(c, bc))
+        _conv_dw_dgrad_kernel[grid](
+            g, w, dx,
+            n, h, wd, c, ho, wo, kw, kh * kw, og,
+            *g.stride(), w.stride(0), w.stride(2), w.stride(3), *dx.stride(),
+            stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
+            BLOCK_P=bp, BLOCK_C=bc, num_warps=warps,
+        )
+        return
+    bm, bn, bk, warps, stages = pick_config(cg, n * h * wd, g.element_size() == 2, interpret)
+    grid = (triton.cdiv(n * h * wd, bm), triton.cdiv(cg, bn), groups)
+    _conv_dgrad_kernel[grid](
+        g, w, dx,
+        n, h, wd, ho, wo, kw, kh * kw, cg, og,
+        *g.stride(), *w.stride(), *dx.stride(),
+        stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
+        PREC=_dot_precision(prec), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+    )
+
+
+def conv_backward_weight(g, x, dw, stride, padding, dilation, groups, prec, interpret):
+    """``dw`` [O, C/groups, kh, kw] = sum over batch and output pixels of ``g`` x input patches."""
+    import torch
+
+    n, c, h, wd = x.shape
+    o, cg, kh, kw = dw.shape
+    _, _, ho, wo = g.shape
+    og = o // groups
+    m = n * ho * wo
+    if m == 0:
+        dw.zero_()
+        return
+    if is_depthwise(c, cg, groups):
+        bp, bc, warps = dw_config(interpret)
+        split = wgrad_split(triton.cdiv(o, bc) * kh * kw, m, bp, interpret)
+        chunk = triton.cdiv(triton.cdiv(m, split), bp) * bp
+        split = triton.cdiv(m, chunk)
+        ws = torch.empty((split, o, kh * kw), dtype=torch.float32, device=dw.device)
+        _conv_dw_wgrad_kernel[(triton.cdiv(o, bc), kh * kw, split)](
+            g, x, ws,
+            n, h, wd, o, ho, wo, kw, kh * kw, og, chunk,
+            *g.stride(), *x.stride(),
+            stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
+            BLOCK_P=bp, BLOCK_C=bc, num_warps=warps,
+        )
+        dw.copy_(ws.sum(0).view(o, 1, kh, kw))
+        return
+    bm, bn, bk, warps, stages = pick_config(og, 0, x.element_size() == 2, interpret)
+    tiles = triton.cdiv(og, bm) * triton.cdiv(cg, bn) * kh * kw * groups
+    split = wgrad_split(tiles, m, bk, interpret)
+    chunk = triton.cdiv(triton.cdiv(m, split), bk) * bk
+    split = triton.cdiv(m, chunk)
+    ws = torch.empty((split, o, cg, kh * kw), dtype=torch.float32, device=dw.device)
+    grid = (triton.cdiv(og, bm), triton.cdiv(cg, bn) * kh * kw, groups * split)
+    _conv_wgrad_kernel[grid](
+        g, x, ws,
+        n, h, wd, ho, wo, kw, kh * kw, cg, og, groups, chunk,
+        *g.stride(), *x.stride(),
+        stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
+        PREC=_dot_precision(prec), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+    )
+    dw.copy_(ws.sum(0).view(o, cg, kh, kw))
+
+
+# ----------------------------------------------------------------------------- AOT
+
+_INTS_FWD = ("N", "H", "W", "Ho", "Wo", "KW", "TAPS", "CG", "OG",
+             "stride_xn", "stride_xc", "stride_xh", "stride_xw",
+             "stride_wo", "stride_wc", "stride_wh", "stride_ww",
+             "stride_yn", "stride_yc", "stride_yh", "stride_yw",
+             "SH", "SW", "PH", "PW", "DH", "DW")
+_INTS_DGRAD = ("N", "H", "W", "Ho", "Wo", "KW", "TAPS", "CG", "OG",
+               "stride_gn", "stride_gc", "stride_gh", "stride_gw",
+               "stride_wo", "stride_wc", "stride_wh", "stride_ww",
+               "stride_dn", "stride_dc", "stride_dh", "stride_dw",
+               "SH", "SW", "PH", "PW", "DH", "DW")
+_INTS_WGRAD = ("N", "H", "W", "Ho", "Wo", "KW", "TAPS", "CG", "OG", "G", "CHUNK",
+               "stride_gn", "stride_gc", "stride_gh", "stride_gw",
+               "stride_xn", "stride_xc", "stride_xh", "stride_xw",
+               "SH", "SW", "PH", "PW", "DH", "DW")
+_INTS_DW_FWD = ("N", "H", "W", "O", "Ho", "Wo", "KW", "TAPS", "MULT",
+                "stride_xn", "stride_xc", "stride_xh", "stride_xw", "stride_wo", "stride_wh", "stride_ww",
+                "stride_yn", "stride_yc", "stride_yh", "stride_yw", "SH", "SW", "PH", "PW", "DH", "DW", "HAS_BIAS", "ACT")
+_INTS_DW_DGRAD = ("N", "H", "W", "C", "Ho", "Wo", "KW", "TAPS", "MULT",
+                  "stride_gn", "stride_gc", "stride_gh", "stride_gw", "stride_wo", "stride_wh", "stride_ww",
+                  "stride_dn", "stride_dc", "stride_dh", "stride_dw", "SH", "SW", "PH", "PW", "DH", "DW")
+_INTS_DW_WGRAD = ("N", "H", "W", "O", "Ho", "Wo", "KW", "TAPS", "MULT", "CHUNK",
+                  "stride_gn", "stride_gc", "stride_gh", "stride_gw", "stride_xn", "stride_xc", "stride_xh", "stride_xw",
+                  "SH", "SW", "PH", "PW", "DH", "DW")
+
+
+def aot_specs():
+    """Every configuration the launchers can launch on a GPU: each GPU config x dtype x
+    (float32) precision; bias and activation are runtime arguments of the forward kernel."""
+    specs = []
+    variants = [("fp32", "ieee"), ("fp32", "tf32"), ("fp16", "ieee"), ("bf16", "ieee")]
+    for dt, prec in variants:
+        for cname, (bm, bn, bk, warps, stages) in GPU_CONFIGS["fp32" if dt == "fp32" else "half"].items():
+            blocks = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
+            sig = {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": f"*{dt}", "y_ptr": f"*{dt}"}
+            sig.update({k: "i32" for k in _INTS_FWD})
+            sig.update({"HAS_BIAS": "i32", "ACT": "i32"})
+            sig.update({k: "constexpr" for k in ("PREC", *blocks)})
+            specs.append(AotSpec(_conv_fwd_kernel, sig, {"PREC": prec, **blocks}, num_warps=warps,
+                                 num_stages=stages, label=f"fwd {cname} {dt} {prec}"))
+            sig = {"g_ptr": f"*{dt}", "w_ptr": f"*{dt}", "dx_ptr": f"*{dt}"}
+            sig.update({k: "i32" for k in _INTS_DGRAD})
+            sig.update({k: "constexpr" for k in ("PREC", *blocks)})
+            specs.append(AotSpec(_conv_dgrad_kernel, sig, {"PREC": prec, **blocks}, num_warps=warps,
+                                 num_stages=stages, label=f"dgrad {cname} {dt} {prec}"))
+            sig = {"g_ptr": f"*{dt}", "x_ptr": f"*{dt}", "ws_ptr": "*fp32"}
+            sig.update({k: "i32" for k in _INTS_WGRAD})
+            sig.update({k: "constexpr" for k in ("PREC", *blocks)})
+            specs.append(AotSpec(_conv_wgrad_kernel, sig, {"PREC": prec, **blocks}, num_warps=warps,
+                                 num_stages=stages, label=f"wgrad {cname} {dt} {prec}"))
+    bp, bc, warps = DW_CONFIG
+    blocks = {"BLOCK_P": bp, "BLOCK_C": bc}
+    for dt in ("fp32", "fp16", "bf16"):
+        for kernel, ptrs, ints, kind in (
+            (_conv_dw_fwd_kernel, ("x_ptr", "w_ptr", "b_ptr", "y_ptr"), _INTS_DW_FWD, "fwd"),
+            (_conv_dw_dgrad_kernel, ("g_ptr", "w_ptr", "dx_ptr"), _INTS_DW_DGRAD, "dgrad"),
+            (_conv_dw_wgrad_kernel, ("g_ptr", "x_ptr", "ws_ptr"), _INTS_DW_WGRAD, "wgrad"),
+        ):
+            sig = {p: ("*fp32" if p == "ws_ptr" else f"*{dt}") for p in ptrs}
+            sig.update({k: "i32" for k in ints})
+            sig.update({k: "constexpr" for k in blocks})
+            specs.append(AotSpec(kernel, sig, dict(blocks), num_warps=warps, label=f"depthwise {kind} {dt}"))
+    return specs

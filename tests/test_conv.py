@@ -1,0 +1,403 @@
+"""conv1d / conv2d: reference against torch (float64, forward and every gradient) over a grid of
+kernel sizes, strides, padding forms, dilations, groups, batch sizes and memory layouts; finite
+differences of the reference backward; opcheck; torch.compile; bad input; the Triton kernels
+against the reference; the nn modules against torch's."""
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as TF
+
+import gpu_nn
+import gpu_nn.functional as F
+from helpers import assert_close, backend_params, gpu_dtypes_for, max_rel_err, randn
+
+# ----------------------------------------------------------------------------- grid
+
+K2 = [(1, 1), (2, 2), (3, 3), (5, 5), (7, 7), (1, 3), (4, 2), (3, 6)]
+S2 = [1, 2, 3, (1, 2)]
+P2 = [0, 1, (2, 1), "valid", "same"]
+D2 = [1, 2, 3, (1, 2)]
+GROUPS = [1, 2, "dw"]
+LAYOUTS = ["contig", "noncontig", "channels_last"]
+
+
+def _grid2d():
+    cases = []
+    for i, (k, s, p) in enumerate(itertools.product(K2, S2, P2)):
+        if p == "same" and s != 1:
+            continue
+        cases.append((k, s, p, D2[i % 4], GROUPS[i % 3], 1 + i % 3, LAYOUTS[i % 3], i % 2 == 0))
+    return cases
+
+
+def _grid1d():
+    cases = []
+    for i, (k, s, p) in enumerate(itertools.product(range(1, 8), (1, 2, 3), (0, 2, "same", "valid"))):
+        if p == "same" and s != 1:
+            continue
+        cases.append((k, s, p, (1, 2, 3)[i % 3], GROUPS[i % 3], 1 + i % 2, LAYOUTS[i % 2], i % 2 == 1))
+    return cases
+
+
+def _layout(t, layout):
+    if layout == "noncontig":
+        big = torch.full((*t.shape[:-1], 2 * t.shape[-1]), float("nan"), dtype=t.dtype, device=t.device)
+        big[..., ::2] = t
+        return big[..., ::2]
+    if layout == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t.transpose(1, 2).contiguous().transpose(1, 2)
+    return t
+
+
+def _shapes(nd, k, s, p, d, groups, n, rng_sizes):
+    k = (k,) * nd if isinstance(k, int) else k
+    d = (d,) * nd if isinstance(d, int) else d
+    cin, o = (4, 6) if groups != "dw" else (3, 6)
+    g = cin if groups == "dw" else groups
+    if nd == 1:
+        d = d[:1]
+    # odd spatial size that always fits the dilated kernel
+    spatial = tuple(dd * (kk - 1) + 1 + extra for kk, dd, extra in zip(k, d, rng_sizes))
+    return (n, cin, *spatial), (o, cin // g, *k), g
+
+
+def _compare(nd, xs, ws, g, bias, s, p, d, layout, rng, activation=None):
+    x = _layout(randn(rng, *xs), layout).requires_grad_()
+    w = randn(rng, *ws, requires_grad=True)
+    b = randn(rng, ws[0], requires_grad=True) if bias else None
+    ours = F.conv2d if nd == 2 else F.conv1d
+    theirs = TF.conv2d if nd == 2 else TF.conv1d
+    leaves = [x, w] + ([b] if bias else [])
+    with gpu_nn.backend("reference"):
+        y = ours(x, w, b, s, p, d, g, activation=activation)
+        go = randn(rng, *y.shape)
+        grads = torch.autograd.grad(y, leaves, go) if y.numel() else [torch.zeros_like(t) for t in leaves]
+    with _nowarn():
+        yt = theirs(x, w, b, s, p, d, g)
+    if activation:
+        yt = getattr(torch, activation)(yt)
+    gt = torch.autograd.grad(yt, leaves, go) if yt.numel() else [torch.zeros_like(t) for t in leaves]
+    k = ws[1] * (ws[2] if nd == 1 else ws[2] * ws[3])
+    errs = [assert_close(y, yt, torch.float64, k, "forward")]
+    for name, a, e in zip(("grad_input", "grad_weight", "grad_bias"), grads, gt):
+        errs.append(assert_close(a, e, torch.float64, k * max(y.numel() // max(ws[0], 1), 1), name))
+    return max(errs)
+
+
+class _nowarn:
+    """torch warns about 'same' with even kernels; the warning is not under test."""
+
+    def __enter__(self):
+        import warnings
+
+        self._c = warnings.catch_warnings()
+        self._c.__enter__()
+        warnings.simplefilter("ignore")
+
+    def __exit__(self, *exc):
+        self._c.__exit__(*exc)
+
+
+@pytest.mark.parametrize("k,s,p,d,groups,n,layout,bias", _grid2d())
+def test_conv2d_reference_matches_torch(k, s, p, d, groups, n, layout, bias, rng):
+    xs, ws, g = _shapes(2, k, s, p, d, groups, n, (int(rng.integers(0, 6)), int(rng.integers(0, 6))))
+    _compare(2, xs, ws, g, bias, s, p, d, layout, rng)
+
+
+@pytest.mark.parametrize("k,s,p,d,groups,n,layout,bias", _grid1d())
+def test_conv1d_reference_matches_torch(k, s, p, d, groups, n, layout, bias, rng):
+    xs, ws, g = _shapes(1, k, s, p, d, groups, n, (int(rng.integers(0, 9)),))
+    _compare(1, xs, ws, g, bias, s, p, d, layout, rng)
+
+
+@pytest.mark.parametrize("nd", [1, 2])
+@pytest.mark.parametrize("n", [0, 1])
+@pytest.mark.parametrize("activation", [None, "relu", "sigmoid", "tanh"])
+def test_batch_sizes_and_activation(nd, n, activation, rng):
+    spatial = (7, 9) if nd == 2 else (13,)
+    ks = (3, 2) if nd == 2 else (4,)
+    _compare(nd, (n, 4, *spatial), (6, 2, *ks), 2, True, 1, "same", 1, "contig", rng, activation)
+
+
+@pytest.mark.parametrize("nd", [1, 2])
+def test_unbatched_input(nd, rng):
+    x = randn(rng, 3, *((6, 7) if nd == 2 else (11,)))
+    w = randn(rng, 4, 3, *((3, 3) if nd == 2 else (3,)))
+    ours, theirs = (F.conv2d, TF.conv2d) if nd == 2 else (F.conv1d, TF.conv1d)
+    y = ours(x, w, None, 1, 1)
+    assert y.shape == theirs(x, w, None, 1, 1).shape
+    assert_close(y, theirs(x, w, None, 1, 1), torch.float64, 27)
+
+
+def test_large_padding_and_big_stride(rng):
+    # padding wider than the kernel reach and a stride larger than the kernel: the output
+    # gradient gets cropped / leaves input pixels untouched
+    for s, p in ((1, 4), (4, 3), (5, (0, 6))):
+        _compare(2, (2, 3, 8, 9), (4, 3, 2, 3), 1, True, s, p, 1, "contig", rng)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_reference_low_precision_dtypes(dtype, rng):
+    x64, w64 = randn(rng, 2, 3, 9, 8), randn(rng, 5, 3, 3, 3)
+    y = F.conv2d(x64.to(dtype), w64.to(dtype), padding=1)
+    assert y.dtype == dtype
+    e = max_rel_err(y, TF.conv2d(x64, w64, padding=1))
+    assert e < (1e-5 if dtype == torch.float32 else 5e-3)
+
+
+# ----------------------------------------------------------------------------- gradients
+
+@pytest.mark.parametrize("nd,kw", [
+    (2, dict(stride=2, padding=1)),
+    (2, dict(padding="same", dilation=2, groups=2, activation="tanh")),
+    (2, dict(stride=(1, 3), padding=(0, 2), activation="sigmoid")),
+    (1, dict(stride=3, padding=2, dilation=2, groups=4)),
+    (1, dict(padding="same", activation="relu")),
+])
+def test_reference_backward_finite_differences(nd, kw, rng):
+    g = kw.get("groups", 1)
+    x = randn(rng, 2, 4, *((6, 7) if nd == 2 else (11,)), requires_grad=True)
+    w = randn(rng, 4, 4 // g, *((3, 2) if nd == 2 else (3,)), requires_grad=True)
+    b = randn(rng, 4, requires_grad=True)
+    fn = F.conv2d if nd == 2 else F.conv1d
+    if kw.get("activation") == "relu":
+        x = (x.detach() + 0.05 * torch.sign(x.detach())).requires_grad_()  # keep clear of relu's kink
+    with gpu_nn.backend("reference"):
+        assert torch.autograd.gradcheck(lambda x, w, b: fn(x, w, b, **kw), (x, w, b))
+
+
+# ----------------------------------------------------------------------------- opcheck / compile
+
+@pytest.mark.parametrize("nd,act,bias", [(2, None, True), (2, "relu", False), (1, "sigmoid", True), (1, None, False)])
+def test_opcheck(nd, act, bias, rng):
+    sp = (7, 6) if nd == 2 else (9,)
+    ks = (3, 2) if nd == 2 else (3,)
+    x = randn(rng, 2, 4, *sp, requires_grad=True)
+    w = randn(rng, 6, 2, *ks, requires_grad=True)
+    b = randn(rng, 6, requires_grad=True) if bias else None
+    stride, pad, dil = [1] * nd, [1, 2] * nd, [1] * nd
+    torch.library.opcheck(torch.ops.gpu_nn.conv_forward.default, (x, w, b, stride, pad, dil, 2, act))
+    y = torch.ops.gpu_nn.conv_forward.default(x, w, b, stride, pad, dil, 2, act).detach()
+    g = randn(rng, *y.shape)
+    for mask in ([True, True, bias], [False, True, False], [True, False, False]):
+        torch.library.opcheck(torch.ops.gpu_nn.conv_backward.default,
+                              (g, x.detach(), w.detach(), y if act else None, stride, pad, dil, 2, act, mask))
+
+
+class _SmallCNN(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w1 = torch.nn.Parameter(torch.randn(8, 3, 3, 3) * 0.3)
+        self.b1 = torch.nn.Parameter(torch.randn(8) * 0.1)
+        self.w2 = torch.nn.Parameter(torch.randn(6, 4, 3, 3) * 0.3)
+        self.w3 = torch.nn.Parameter(torch.randn(5, 6, 4) * 0.3)
+
+    def forward(self, x):
+        x = F.relu(F.conv2d(x, self.w1, self.b1, padding=1))
+        x = F.conv2d(x, self.w2, None, stride=2, padding="valid", groups=2, activation="relu")
+        x = F.conv1d(x.flatten(2), self.w3, padding="same", activation="tanh")
+        return x.sum()
+
+
+def test_torch_compile_fullgraph(rng):
+    torch._dynamo.reset()
+    model = _SmallCNN().double()
+    x = randn(rng, 2, 3, 11, 9, requires_grad=True)
+    eager = model(x)
+    ge = torch.autograd.grad(eager, [x, *model.parameters()])
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    gc = torch.autograd.grad(out, [x, *model.parameters()])
+    torch.testing.assert_close(out, eager)
+    for a, b in zip(gc, ge):
+        torch.testing.assert_close(a, b)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def _bad_cases():
+    x4, w = torch.randn(2, 4, 5, 5), torch.randn(6, 4, 3, 3)
+    return [
+        ("rank", lambda: F.conv2d(torch.randn(2, 4, 5, 5, 5), w), "Expected 3D \\(unbatched\\) or 4D \\(batched\\) input to conv2d"),
+        ("rank1d", lambda: F.conv1d(x4, torch.randn(6, 4, 3)), "Expected 2D \\(unbatched\\) or 3D \\(batched\\) input to conv1d"),
+        ("weight rank", lambda: F.conv2d(x4, torch.randn(6, 4, 3)), "expected weight to be 4-dimensional"),
+        ("channels", lambda: F.conv2d(x4, torch.randn(6, 3, 3, 3)),
+         r"Given groups=1, weight of size \[6, 3, 3, 3\], expected input\[2, 4, 5, 5\] to have 3 channels, but got 4 channels instead"),
+        ("group channels", lambda: F.conv2d(x4, torch.randn(6, 2, 3, 3), groups=3), "expected input\\[2, 4, 5, 5\\] to have 6 channels"),
+        ("groups divide", lambda: F.conv2d(x4, torch.randn(6, 1, 3, 3), groups=4), "expected weight to be divisible by 4 at dimension 0"),
+        ("groups", lambda: F.conv2d(x4, w, groups=0), "non-positive groups is not supported"),
+        ("kernel too big", lambda: F.conv2d(torch.randn(2, 4, 2, 2), w),
+         r"Calculated padded input size per channel: \(2 x 2\). Kernel size: \(3 x 3\). Kernel size can't be greater than actual input size"),
+        ("dilated kernel too big", lambda: F.conv1d(torch.randn(2, 4, 4), torch.randn(6, 4, 3), padding=1, dilation=3),
+         r"padded input size per channel: \(6\). Kernel size: \(7\)"),
+        ("negative padding", lambda: F.conv2d(x4, w, padding=-1), "negative padding is not supported"),
+        ("stride", lambda: F.conv2d(x4, w, stride=0), "non-positive stride is not supported"),
+        ("dilation", lambda: F.conv2d(x4, w, dilation=(1, 0)), "non-positive dilation is not supported"),
+        ("same strided", lambda: F.conv2d(x4, w, stride=2, padding="same"), "padding='same' is not supported for strided convolutions"),
+        ("padding string", lambda: F.conv2d(x4, w, padding="full"), "Invalid padding string: 'full'"),
+        ("stride length", lambda: F.conv2d(x4, w, stride=(1, 1, 1)), "a list of 2 values to match the convolution dimensions"),
+        ("weight dtype", lambda: F.conv2d(x4, w.double()), "weight type"),
+        ("bias dtype", lambda: F.conv2d(x4, w, torch.randn(6).double()), "bias type"),
+        ("bias size", lambda: F.conv2d(x4, w, torch.randn(5)), "expected bias to be 1-dimensional with 6 elements"),
+        ("int input", lambda: F.conv2d(x4.long(), w.long()), "floating-point"),
+        ("activation", lambda: F.conv2d(x4, w, activation="gelu"), "unknown activation"),
+        ("empty kernel", lambda: F.conv2d(x4, torch.randn(6, 4, 0, 3)), "non-empty kernel"),
+        ("not a tensor", lambda: F.conv1d([1.0, 2.0], torch.randn(1, 1, 1)), "must be Tensor"),
+    ]
+
+
+@pytest.mark.parametrize("what,fn,match", _bad_cases(), ids=[c[0] for c in _bad_cases()])
+def test_bad_input_raises(what, fn, match):
+    with pytest.raises(gpu_nn.KernelInputError, match=match):
+        fn()
+
+
+def test_bad_input_device_mismatch():
+    meta_w = torch.randn(6, 4, 3, 3, device="meta")
+    with pytest.raises(gpu_nn.KernelInputError, match="same device"):
+        F.conv2d(torch.randn(2, 4, 5, 5), meta_w)
+
+
+# ----------------------------------------------------------------------------- Triton kernels
+
+TRITON_CASES = [
+    # (nd, input shape, weight shape, kwargs, layout)
+    (2, (2, 5, 9, 7), (7, 5, 3, 3), dict(padding=1), "contig"),
+    (2, (1, 6, 9, 8), (4, 3, 2, 5), dict(stride=(2, 1), padding=(1, 2), dilation=(1, 2), groups=2), "noncontig"),
+    (2, (1, 3, 7, 6), (6, 1, 3, 3), dict(padding="same", dilation=2, groups=3), "channels_last"),
+    (2, (1, 7, 8, 7), (5, 7, 4, 4), dict(padding="same", activation="relu"), "contig"),
+    (2, (2, 20, 9, 7), (33, 20, 1, 1), dict(stride=3, activation="sigmoid"), "channels_last"),
+    (2, (1, 2, 8, 7), (3, 2, 7, 7), dict(padding="valid", bias=False), "contig"),
+    (2, (0, 3, 5, 5), (4, 3, 3, 3), dict(padding=1), "contig"),
+    (1, (3, 5, 29), (7, 5, 5), dict(padding=2, activation="tanh"), "noncontig"),
+    (1, (2, 6, 31), (12, 1, 3), dict(stride=2, dilation=3, groups=6), "channels_last"),
+    (2, (1, 4, 9, 8), (4, 1, 3, 2), dict(stride=(2, 3), padding=(1, 2), groups=4, activation="relu"), "noncontig"),
+]
+
+
+def _set_tf32(mm, cudnn):
+    old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = mm
+    torch.backends.cudnn.allow_tf32 = cudnn
+    return old
+
+
+@pytest.fixture
+def no_tf32():
+    """float32 kernels compared at float32 tolerances: keep TF32 off (torch's cuDNN flag is on
+    by default, and the launcher follows it)."""
+    old = _set_tf32(False, False)
+    yield
+    _set_tf32(*old)
+
+
+@pytest.mark.usefixtures("no_tf32")
+@pytest.mark.parametrize("backend,device", backend_params(("triton",)))
+@pytest.mark.parametrize("nd,xs,ws,kw,layout", TRITON_CASES, ids=[f"case{i}" for i in range(len(TRITON_CASES))])
+def test_triton_matches_reference(backend, device, nd, xs, ws, kw, layout, rng):
+    kw = dict(kw)
+    has_bias = kw.pop("bias", True)
+    fn = F.conv2d if nd == 2 else F.conv1d
+    k = ws[1] * (ws[2] * ws[3] if nd == 2 else ws[2])
+    x64 = randn(rng, *xs)
+    w64 = randn(rng, *ws) / k ** 0.5
+    b64 = randn(rng, ws[0]) if has_bias else None
+    with gpu_nn.backend("reference"):
+        leaves = [x64.clone().requires_grad_(), w64.clone().requires_grad_()] + ([b64.clone().requires_grad_()] if has_bias else [])
+        yr = fn(leaves[0], leaves[1], leaves[2] if has_bias else None, **kw)
+        g64 = randn(rng, *yr.shape)
+        gr = torch.autograd.grad(yr, leaves, g64) if yr.numel() else [torch.zeros_like(t) for t in leaves]
+    red_bwd = max(yr.numel() // max(ws[0], 1), 1) + ws[0] * k
+    for dtype in gpu_dtypes_for(backend, device):
+        x = _layout(x64.to(device=device, dtype=dtype), layout).requires_grad_()
+        w = w64.to(device=device, dtype=dtype).requires_grad_()
+        b = b64.to(device=device, dtype=dtype).requires_grad_() if has_bias else None
+        ins = [x, w] + ([b] if has_bias else [])
+        with gpu_nn.backend(backend):
+            y = fn(x, w, b, **kw)
+            gs = torch.autograd.grad(y, ins, g64.to(device=device, dtype=dtype)) if y.numel() else [torch.zeros_like(t) for t in ins]
+        assert y.dtype == dtype and y.shape == yr.shape
+        assert_close(y, yr, dtype, k, f"forward {dtype}")
+        for name, a, e in zip(("grad_input", "grad_weight", "grad_bias"), gs, gr):
+            assert a.dtype == dtype
+            assert_close(a, e, dtype, red_bwd, f"{name} {dtype}")
+
+
+def test_dot_precision_follows_torch_flags(monkeypatch):
+    from gpu_nn.ops import conv as oc
+
+    monkeypatch.setattr(oc.torch.cuda, "is_available", lambda: True)
+    old = _set_tf32(False, False)
+    try:
+        for mm, cudnn, want in ((False, False, "ieee"), (True, False, "tf32"), (False, True, "tf32")):
+            _set_tf32(mm, cudnn)
+            assert oc._precision(torch.float32) == want
+            assert oc._precision(torch.float16) == "ieee"
+    finally:
+        _set_tf32(*old)
+
+
+def test_triton_heuristic_tiles():
+    from gpu_nn.kernels.triton import conv as kt
+
+    configs = [c for table in kt.GPU_CONFIGS.values() for c in table.values()]
+    for cfg in (*configs, kt.INTERP_CONFIG):
+        assert min(cfg[:3]) >= 16
+    labels = {s.label for s in kt.aot_specs()}
+    for n in (1, 16, 33, 64, 65, 512):
+        for m in (0, 10**3, 10**6):
+            for half in (False, True):
+                assert kt.pick_config(n, m, half, True) == kt.INTERP_CONFIG
+                cfg = kt.pick_config(n, m, half, False)
+                table = kt.GPU_CONFIGS["half" if half else "fp32"]
+                assert cfg in table.values()
+                name = next(k for k, v in table.items() if v == cfg)
+                # whatever the heuristic picks is compiled ahead of time, in every dtype
+                for dt in (("fp16 ieee", "bf16 ieee") if half else ("fp32 ieee", "fp32 tf32")):
+                    for kind in ("fwd", "dgrad", "wgrad"):
+                        assert f"{kind} {name} {dt}" in labels
+    for dt in ("fp32", "fp16", "bf16"):
+        for kind in ("fwd", "dgrad", "wgrad"):
+            assert f"depthwise {kind} {dt}" in labels
+    # depthwise = one input channel per group, whatever the channel multiplier
+    assert kt.is_depthwise(6, 1, 6) and kt.is_depthwise(1, 1, 1)
+    assert not kt.is_depthwise(6, 2, 3) and not kt.is_depthwise(6, 6, 1)
+
+
+# ----------------------------------------------------------------------------- modules
+
+@pytest.mark.parametrize("nd,args,kwargs,shape", [
+    (2, (4, 6, 3), dict(stride=2, padding=1), (2, 4, 9, 8)),
+    (2, (4, 8, (2, 3)), dict(padding="same", dilation=2, groups=4, bias=False), (1, 4, 7, 9)),
+    (1, (6, 4, 5), dict(padding="valid", groups=2), (3, 6, 17)),
+    (1, (3, 5, 4), dict(padding="same"), (3, 11)),
+])
+def test_modules_match_torch(nd, args, kwargs, shape, rng):
+    ours_cls, theirs_cls = (gpu_nn.nn.Conv2d, torch.nn.Conv2d) if nd == 2 else (gpu_nn.nn.Conv1d, torch.nn.Conv1d)
+    theirs = theirs_cls(*args, **kwargs).double()
+    ours = ours_cls(*args, **kwargs).double()
+    assert isinstance(ours, theirs_cls)
+    assert ours.extra_repr() == theirs.extra_repr()
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
+    ours.load_state_dict(theirs.state_dict())
+    x = randn(rng, *shape, requires_grad=True)
+    with _nowarn():
+        yt = theirs(x)
+    y = ours(x)
+    assert_close(y, yt, torch.float64, 100)
+    g = randn(rng, *y.shape)
+    gs = torch.autograd.grad(y, [x, *ours.parameters()], g)
+    gt = torch.autograd.grad(yt, [x, *theirs.parameters()], g)
+    for a, e in zip(gs, gt):
+        assert_close(a, e, torch.float64, 1000)
+
+
+def test_module_padding_mode_rejected():
+    with pytest.raises(gpu_nn.KernelInputError, match="padding_mode='reflect'"):
+        gpu_nn.nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect")
+    m = gpu_nn.nn.Conv1d(3, 4, 3)
+    m.padding_mode = "circular"
+    with pytest.raises(gpu_nn.KernelInputError, match="padding_mode='circular'"):
+        m(torch.randn(1, 3, 8))
