@@ -28,7 +28,7 @@ from .. import _backend
 from .._errors import KernelInputError
 from ..check import CheckCase
 from ..reference import conv as ref
-from ._dispatch import check_float, check_same, empty, from_numpy, to_numpy
+from ._dispatch import autocast_inputs, check_float, check_same, empty, from_numpy, to_numpy
 
 __all__ = ["conv1d", "conv2d"]
 
@@ -307,6 +307,7 @@ def _conv(nd, input, weight, bias, stride, padding, dilation, groups, activation
         )
     if isinstance(groups, bool) or not isinstance(groups, int):
         raise KernelInputError(f"{name}(): argument 'groups' must be int, not {type(groups).__name__}")
+    input, weight, bias = autocast_inputs("lower", input, weight, bias)
     stride, pads, dilation = _normalise(nd, weight, stride, padding, dilation)
     unbatched = input.dim() == nd + 1
     x = input.unsqueeze(0) if unbatched else input
