@@ -32,7 +32,7 @@ class MixedCNN(tnn.Module):
         self.p1 = tnn.MaxPool1d(2)
         self.p2 = tnn.AvgPool1d(3, stride=1)
         self.flat = tnn.Flatten()
-        self.head = tnn.Linear(6 * 3 * 3 + 4 * 2, 5)
+        self.head = tnn.Linear(6 * 4 * 4 + 4 * 2, 5)
         self.sm = tnn.Softmax(dim=1)
         self.lsm = tnn.LogSoftmax(dim=1)
 
