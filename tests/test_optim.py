@@ -40,14 +40,14 @@ IDS = [f"{n}-{i}" for i, (n, _) in enumerate(CONFIGS)]
 def _model(dtype, device="cpu", seed=0):
     torch.manual_seed(seed)
     # odd sizes; a bias-free layer and a frozen tensor exercise "params without grads"
-    m = torch.nn.Sequential(torch.nn.Linear(7, 13), torch.nn.Tanh(), torch.nn.Linear(13, 5, bias=False),
+    m = torch.nn.Sequential(torch.nn.Linear(37, 29), torch.nn.Tanh(), torch.nn.Linear(29, 5, bias=False),
                             torch.nn.Tanh(), torch.nn.Linear(5, 3))
     return m.to(device=device, dtype=dtype)
 
 
 def _batch(dtype, device="cpu"):
     g = torch.Generator().manual_seed(1)
-    return torch.randn(11, 7, dtype=dtype, generator=g).to(device), torch.randn(11, 3, dtype=dtype, generator=g).to(device)
+    return torch.randn(11, 37, dtype=dtype, generator=g).to(device), torch.randn(11, 3, dtype=dtype, generator=g).to(device)
 
 
 def _train(models_opts, x, y, steps, backend="reference", sched=None):
