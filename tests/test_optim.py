@@ -313,20 +313,21 @@ def test_kernel_half_params_fp32_state(backend, device, name, kw):
 _HOST = r"""
 #include "optim_math.cuh"
 extern "C" void adam_host(float* p, const float* g, float* m, float* v, float* vmax, long long n, int amsgrad,
-                          int maximize, int decoupled, float lr, float beta1, float beta2, float wd, float eps,
-                          float neg_step_size, float inv_bc2_sqrt, float decay) {
+                          int maximize, int decoupled, float w1, float beta2, float w2, float wd, float eps,
+                          float neg_step_size, float bc2_sqrt, float decay) {
     for (long long i = 0; i < n; ++i) {
         float vm = amsgrad ? vmax[i] : 0.0f;
-        gn_adam_update(p[i], g[i], m[i], v[i], vm, amsgrad, maximize, decoupled, beta1, beta2, wd, eps,
-                       neg_step_size, inv_bc2_sqrt, decay);
+        gn_adam_update(p[i], g[i], m[i], v[i], vm, amsgrad, maximize, decoupled, w1, beta2, w2, wd, eps,
+                       neg_step_size, bc2_sqrt, decay);
         if (amsgrad) vmax[i] = vm;
     }
 }
 extern "C" void rmsprop_host(float* p, const float* g, float* v, float* ga, float* buf, long long n, int centered,
-                             int use_momentum, int maximize, float lr, float alpha, float eps, float wd, float momentum) {
+                             int use_momentum, int maximize, float lr, float alpha, float w, float eps, float wd,
+                             float momentum) {
     for (long long i = 0; i < n; ++i) {
         float gai = centered ? ga[i] : 0.0f, bi = use_momentum ? buf[i] : 0.0f;
-        gn_rmsprop_update(p[i], g[i], v[i], gai, bi, centered, use_momentum, maximize, lr, alpha, eps, wd, momentum);
+        gn_rmsprop_update(p[i], g[i], v[i], gai, bi, centered, use_momentum, maximize, lr, alpha, w, eps, wd, momentum);
         if (centered) ga[i] = gai;
         if (use_momentum) buf[i] = bi;
     }
@@ -348,8 +349,8 @@ def test_cuda_adam_math_on_host(opts, rng):
                   maximize=mx, decoupled_weight_decay=dec)
     bc1, bc2 = 1 - b1**step, 1 - b2**step
     f = ctypes.c_float
-    lib.adam_host(*[fptr(a) for a in arrs], ctypes.c_longlong(n), int(ams), int(mx), int(dec), f(lr), f(b1), f(b2),
-                  f(wd), f(eps), f(-(lr / bc1)), f(1 / bc2**0.5), f(1 - lr * wd))
+    lib.adam_host(*[fptr(a) for a in arrs], ctypes.c_longlong(n), int(ams), int(mx), int(dec), f(1 - b1), f(b2),
+                  f(1 - b2), f(wd), f(eps), f(-(lr / bc1)), f(bc2**0.5), f(1 - lr * wd))
     for a, b in zip(arrs, (p, g, m, v, vmax)):
         np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-7)
 
@@ -368,7 +369,7 @@ def test_cuda_rmsprop_math_on_host(opts, rng):
                      centered=c, maximize=mx)
     f = ctypes.c_float
     lib.rmsprop_host(*[fptr(a) for a in arrs], ctypes.c_longlong(n), int(c), int(mom > 0), int(mx), f(lr), f(alpha),
-                     f(eps), f(wd), f(mom))
+                     f(1 - alpha), f(eps), f(wd), f(mom))
     for a, b in zip(arrs, (p, g, v, ga, buf)):
         np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-7)
 
