@@ -44,7 +44,8 @@ def _table(P, G, C, steps, device):
 
 def run(kind: str, params, st: dict, hp: dict) -> None:
     from ..kernels import cuda as kcuda
-    from ._triton import _same_layout
+    from ._triton import _fresh
+    from ._triton import _same_layout as _same_layout_only
 
     if kind not in ("adam", "rmsprop"):
         raise KernelInputError(f"optim.{kind} has no cupy kernel")
@@ -56,11 +57,11 @@ def run(kind: str, params, st: dict, hp: dict) -> None:
     copies = []
     P, G, C = list(params), list(grads), [list(c) for c in cols]
     for i in range(len(P)):
-        if not _same_layout([P[i], G[i]] + [c[i] for c in C]):
-            P[i], G[i] = P[i].detach().contiguous(), G[i].contiguous()
+        if not _same_layout_only([P[i], G[i]] + [c[i] for c in C]):
+            P[i], G[i] = _fresh(P[i]), _fresh(G[i])
             for c in C:
                 if c[i] is not None:
-                    copies.append((c[i], c[i].contiguous()))
+                    copies.append((c[i], _fresh(c[i])))
                     c[i] = copies[-1][1]
             copies.append((params[i], P[i]))
     device = params[0].device

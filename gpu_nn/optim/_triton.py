@@ -22,12 +22,30 @@ _MAX_TABLES = 32
 
 
 def _dense(t: torch.Tensor) -> bool:
-    return t.is_contiguous() or (t.is_non_overlapping_and_dense() and t.numel() > 0)
+    """Non-overlapping and dense: some permutation of the dims is contiguous (e.g. channels_last)."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for size, stride in sorted((d for d in zip(t.shape, t.stride()) if d[0] != 1), key=lambda d: d[1]):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 def _same_layout(ts) -> bool:
     ts = [t for t in ts if t is not None]
     return all(_dense(t) for t in ts) and all(t.stride() == ts[0].stride() for t in ts)
+
+
+def _kernel_ready(ts) -> bool:
+    """One dense layout shared by all, every start 16-byte aligned (vector loads): true of
+    everything torch's allocator hands out; views at odd offsets go through copies."""
+    return _same_layout(ts) and all(t.data_ptr() % 16 == 0 for t in ts if t is not None)
+
+
+def _fresh(t):
+    return t.detach().clone(memory_format=torch.contiguous_format)
 
 
 def _offset(t, base) -> int:
@@ -41,7 +59,7 @@ def _offset(t, base) -> int:
 
 
 def _table(params, grads, states, steps, flags, device, chunk):
-    """(table on ``device``, n_chunks, aligned) for tensors of one part; cached by addresses."""
+    """(table on ``device``, n_chunks) for tensors of one part; cached by addresses."""
     key = (chunk, str(device),
            tuple((p.data_ptr(), p.numel(), g.data_ptr()) for p, g in zip(params, grads)),
            tuple(tuple(0 if s is None else s.data_ptr() for s in col) for col in states),
@@ -53,7 +71,6 @@ def _table(params, grads, states, steps, flags, device, chunk):
     sb = next((s for col in states for s in col if s is not None), None)
     tb = next((s for s in steps if s is not None), None)
     rows = []
-    aligned = True
     for i, (p, g) in enumerate(zip(params, grads)):
         n = p.numel()
         if n == 0:
@@ -61,18 +78,15 @@ def _table(params, grads, states, steps, flags, device, chunk):
         cols = [_offset(p, pb), _offset(g, gb)]
         cols += [_offset(states[k][i], sb) if k < len(states) else 0 for k in range(3)]
         cols.append(_offset(steps[i], tb) if steps else 0)
-        for t in [p, g] + [col[i] for col in states]:
-            if t is not None and t.data_ptr() % 16:
-                aligned = False
         for start in range(0, n, chunk):
             rows.append(cols + [start, n, int(flags[i])])
     if not rows:
-        out = (None, 0, aligned)
+        out = (None, 0)
     else:
         host = torch.tensor(rows, dtype=torch.int64)
         if torch.device(device).type == "cuda":
             host = host.pin_memory()
-        out = (host.to(device, non_blocking=True), len(rows), aligned)
+        out = (host.to(device, non_blocking=True), len(rows))
     if len(_TABLES) >= _MAX_TABLES:
         _TABLES.clear()
     _TABLES[key] = out
@@ -104,16 +118,16 @@ def run(kind: str, params, st: dict, hp: dict) -> None:
     if kind != "sgd":
         flags = [0] * len(params)
 
-    # the kernels walk storage order: parameter, gradient and state must share one dense layout
+    # the kernels walk storage order: parameter, gradient and state must share one dense,
+    # aligned layout; anything else runs on fresh copies that are written back
     copies = []
     P, G, C = list(params), list(grads), [list(c) for c in cols]
     for i in range(len(P)):
-        if not _same_layout([P[i], G[i]] + [c[i] for c in C]):
-            P[i] = P[i].detach().contiguous()
-            G[i] = G[i].contiguous()
+        if not _kernel_ready([P[i], G[i]] + [c[i] for c in C]):
+            P[i], G[i] = _fresh(P[i]), _fresh(G[i])
             for c in C:
                 if c[i] is not None:
-                    copies.append((c[i], c[i].contiguous()))
+                    copies.append((c[i], _fresh(c[i])))
                     c[i] = copies[-1][1]
             copies.append((params[i], P[i]))
     for s in steps:
@@ -121,7 +135,7 @@ def run(kind: str, params, st: dict, hp: dict) -> None:
             raise KernelInputError("optimizer kernels: state['step'] must be a float32 tensor on the device")
 
     interpret = ktriton.INTERPRET
-    table, n, aligned = _table(P, G, C, steps, flags, params[0].device, _chunk(kt, interpret))
+    table, n = _table(P, G, C, steps, flags, params[0].device, _chunk(kt, interpret))
     dummy = next((s for c in C for s in c if s is not None), None)
     if dummy is None:
         dummy = torch.empty(1, dtype=torch.float32, device=params[0].device)
@@ -146,7 +160,7 @@ def run(kind: str, params, st: dict, hp: dict) -> None:
         wd_mode = 0 if hp["weight_decay"] == 0 else (2 if hp["decoupled_weight_decay"] else 1)
         fl = dict(wd_mode=wd_mode, amsgrad=bool(hp["amsgrad"]))
     step_base = steps[0] if steps else dummy
-    kt.launch(kind, table, n, P[0], G[0], dummy, step_base, sc, fl, aligned, interpret)
+    kt.launch(kind, table, n, P[0], G[0], dummy, step_base, sc, fl, interpret)
     for orig, tmp in copies:
         orig.copy_(tmp)
 
@@ -180,19 +194,19 @@ def clip_grad_norm(grads, max_norm: float, norm_type: float, error_if_nonfinite:
         gs = []
         for i in idx:
             g = grads[i]
-            if not _dense(g):
-                c = g.contiguous()
+            if not _kernel_ready([g]):
+                c = _fresh(g)
                 copies.append((g, c))
                 g = c
             gs.append(g)
-        table, n, aligned = _table(gs, gs, [], [], [0] * len(gs), device, chunk)
-        plans.append((gs, table, n, aligned, n_total))
+        table, n = _table(gs, gs, [], [], [0] * len(gs), device, chunk)
+        plans.append((gs, table, n, n_total))
         n_total += n
     partials = torch.empty(max(n_total, 1), dtype=torch.float32, device=device)
     total = torch.zeros((), dtype=torch.float32, device=device)
-    for gs, table, n, aligned, part0 in plans:
+    for gs, table, n, part0 in plans:
         if n:
-            kt.clip_partial(table, n, gs[0], partials, part0, code, norm_type, aligned, interpret)
+            kt.clip_partial(table, n, gs[0], partials, part0, code, norm_type, interpret)
     if error_if_nonfinite:
         kt.clip_total(partials, n_total, total, code, norm_type)
         if not bool(torch.isfinite(total)):  # the one host read, as torch's own check needs
@@ -201,9 +215,9 @@ def clip_grad_norm(grads, max_norm: float, norm_type: float, error_if_nonfinite:
                 "cannot be clipped. To disable this error and scale the gradients by the non-finite norm anyway, "
                 "set `error_if_nonfinite=False`"
             )
-    for gs, table, n, aligned, part0 in plans:
+    for gs, table, n, part0 in plans:
         if n:
-            kt.clip_scale(table, n, gs[0], partials, n_total, total, max_norm, code, norm_type, aligned, interpret)
+            kt.clip_scale(table, n, gs[0], partials, n_total, total, max_norm, code, norm_type, interpret)
     if n_total == 0:
         kt.clip_total(partials, 0, total, code, norm_type)
     for g, c in copies:
