@@ -411,3 +411,10 @@ def test_kernel_odd_layouts(backend, device, name, rng):
         o2.step()
     for a, b in zip(ours, theirs):
         assert _rel(a, b) <= _f32_tol(3)
+
+
+@pytest.mark.parametrize("kind", [0, 1, 2], ids=["fp32", "fp16", "bf16"])
+def test_cuda_optim_compiles_for_every_param_dtype(kind):
+    from gpu_nn.kernels import cuda as kcuda
+
+    assert kcuda.compile_cubin("optim", {"PARAM_KIND": kind, "OPTIM_CHUNK": 16384}, arch="sm_90")[:4] == b"\x7fELF"
