@@ -1,3 +1,60 @@
 """``gpu_nn.nn.utils``: gradient clipping (mirrors ``torch.nn.utils``)."""
 
-__all__: list[str] = []
+from __future__ import annotations
+
+import math
+import types
+import warnings
+
+import torch
+
+from .. import _backend
+
+__all__ = ["clip_grad_norm_"]
+
+
+@torch.no_grad()
+def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False,
+                    foreach=None) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_: scale all gradients by ``min(1, max_norm / (total + 1e-6))``
+    where ``total`` is the ``norm_type``-norm of all gradients viewed as one vector; returns
+    ``total`` as a 0-d tensor (``torch.tensor(0.0)`` when no parameter has a gradient).
+
+    CPU gradients run the NumPy reference in place; CUDA gradients run one fused reduction and
+    one fused scale (Triton) with no host synchronisation unless ``error_if_nonfinite=True``
+    (which has to read the norm). ``foreach`` is accepted and ignored. The Triton path takes
+    norm_type 2, inf and any other p > 0; sparse gradients are not supported.
+    """
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    else:
+        is_generator = isinstance(parameters, types.GeneratorType)
+        parameters = list(parameters)
+        if is_generator and len(parameters) == 0:
+            warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.", stacklevel=2)
+    grads = [p.grad for p in parameters if p.grad is not None]
+    norm_type = float(norm_type)
+    max_norm = float(max_norm)
+    if len(grads) == 0:
+        return torch.tensor(0.0)
+    for g in grads:
+        if g.is_sparse:
+            raise RuntimeError("gpu_nn.nn.utils.clip_grad_norm_ does not support sparse gradients")
+    devices = {g.device for g in grads}
+    backends = {d: _backend.resolve("clip_grad_norm_", d, ("reference", "triton")) for d in devices}
+    if len(devices) == 1 and backends[grads[0].device] == "triton" and norm_type > 0 and not math.isnan(norm_type):
+        from ..optim import _triton
+
+        return _triton.clip_grad_norm(grads, max_norm, norm_type, error_if_nonfinite)
+    return _clip_reference(grads, max_norm, norm_type, error_if_nonfinite)
+
+
+def _clip_reference(grads, max_norm, norm_type, error_if_nonfinite):
+    from ..optim._dispatch import _Host
+    from ..reference import optim as ref
+
+    h = _Host()
+    arrays = [h.inout(g) for g in grads]
+    total = ref.clip_grad_norm(arrays, max_norm, norm_type, error_if_nonfinite)
+    h.write_back()
+    return torch.tensor(total, dtype=grads[0].dtype, device=grads[0].device)

@@ -1,0 +1,107 @@
+"""Optimizer step benchmarks.
+
+CPU set: one Adam step over 10 tensors totalling 4M float32 parameters, the NumPy reference
+(gpu_nn.optim.Adam on CPU tensors) against ``torch.optim.Adam(foreach=True)``.
+
+GPU set (issue 7): Adam, AdamW and RMSprop over 10.5M and 124M float32 parameters in many
+tensors of mixed sizes, and over bf16 parameters with float32 state; GB/s against the bytes a
+step must move (Adam fp32: p, g, m, v read + p, m, v written = 28 B/param; RMSprop fp32: 20;
+bf16 params: 2+2 B for p/g reads, 2 B p write); providers triton and cupy against torch
+``fused=True`` (baseline) and ``foreach=True``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gpu_nn.benchmarks import harness
+
+CPU_SIZES = [1_000_003, 700_001, 600_000, 500_000, 400_000, 300_000, 250_000, 150_000, 100_000, 194_304]
+
+
+def _mixed_sizes(total: int) -> list[int]:
+    """Transformer-like mix: big matrices, medium ones, many small vectors; sums to ``total``."""
+    base = [4096 * 1024, 1024 * 1024, 1024 * 4096, 768 * 768, 3072, 1024, 768, 50_257, 4_099, 131]
+    sizes, s, i = [], 0, 0
+    while s < total:
+        n = min(base[i % len(base)], total - s)
+        sizes.append(n)
+        s += n
+        i += 1
+    return sizes
+
+
+def _params(sizes, dtype, device, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    ps = []
+    for n in sizes:
+        p = torch.nn.Parameter(torch.randn(n, generator=g).to(device=device, dtype=dtype))
+        p.grad = torch.randn(n, generator=g).to(device=device, dtype=dtype)
+        ps.append(p)
+    return ps
+
+
+def _setup(cls, sizes, dtype, device, backend=None, **kw):
+    def setup():
+        import gpu_nn
+
+        ps = _params(sizes, dtype, device)
+        opt = cls(ps, **kw)
+        if backend is None:
+            return opt.step
+
+        def step():
+            with gpu_nn.backend(backend):
+                opt.step()
+
+        return step
+
+    return setup
+
+
+def cases(device: str, quick: bool) -> list[harness.Case]:
+    import gpu_nn.optim as go
+
+    out = []
+    if device == "cpu":
+        n = sum(CPU_SIZES)
+        out.append(harness.Case(
+            "optim", "adam step", f"10 tensors, {n / 1e6:.1f}M fp32", device="cpu", bytes=28 * n,
+            providers={
+                "torch": _setup(torch.optim.Adam, CPU_SIZES, torch.float32, "cpu", foreach=True),
+                "reference": _setup(go.Adam, CPU_SIZES, torch.float32, "cpu", backend="reference"),
+            }))
+        return out
+    totals = [10_500_000] if quick else [10_500_000, 124_000_000]
+    for total in totals:
+        sizes = _mixed_sizes(total)
+        for dtype, label in ((torch.float32, "fp32"), (torch.bfloat16, "bf16 params, fp32 state")):
+            pb = 4 if dtype == torch.float32 else 2
+            for name, tcls, ocls, state in (("adam", torch.optim.Adam, go.Adam, 2), ("adamw", torch.optim.AdamW, go.AdamW, 2),
+                                            ("rmsprop", torch.optim.RMSprop, go.RMSprop, 1)):
+                bytes_ = total * (3 * pb + 2 * 4 * state)  # p, g read + p written; state read + written
+                providers = {
+                    "torch": _setup(tcls, sizes, dtype, "cuda", **({"fused": True} if name != "rmsprop" else {"foreach": True})),
+                    "torch_foreach": _setup(tcls, sizes, dtype, "cuda", foreach=True),
+                    "triton": _setup(ocls, sizes, dtype, "cuda", backend="triton"),
+                    "cupy": _setup(ocls, sizes, dtype, "cuda", backend="cupy"),
+                }
+                if name == "rmsprop":
+                    providers.pop("torch_foreach")  # torch has no fused RMSprop: foreach is the baseline
+                out.append(harness.Case("optim", f"{name} step", f"{len(sizes)} tensors, {total / 1e6:.1f}M {label}",
+                                        device="cuda", bytes=bytes_, providers=providers))
+        out.append(harness.Case(
+            "optim", "copy (bandwidth ceiling)", f"{total / 1e6:.1f}M fp32 x 7 arrays", device="cuda", bytes=28 * total,
+            providers={"torch": lambda total=total: _copy_setup(total)}))
+    return out
+
+
+def _copy_setup(total):
+    """A device copy moving the same 28 B/param as an fp32 Adam step (3.5 x 4 B read + written)."""
+    src = torch.empty(int(3.5 * total), device="cuda")
+    dst = torch.empty_like(src)
+    return lambda: dst.copy_(src)
+
+
+if __name__ == "__main__":
+    harness.main_for(cases)

@@ -1,0 +1,82 @@
+"""CuPy (CUDA C) launch glue for Adam/AdamW and RMSprop: ``kernels/cuda/optim.cu``.
+
+CUDA C can cast integers to pointers, so the chunk table holds raw device addresses (one row
+of 8 int64 per chunk of ``CHUNK`` elements: param, grad, three state tensors, step, start,
+numel). Tables are cached by address; scalars pass by value as float64; the kernels read the
+step from the device. Tensors must be dense (contiguous or one dense layout shared by the
+parameter, its gradient and its state); others go through contiguous copies.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .._errors import KernelInputError
+
+CHUNK = 16384
+THREADS = 256
+_KIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_TABLES: dict = {}
+
+
+def _table(P, G, C, steps, device):
+    key = (str(device), tuple(t.data_ptr() for t in P), tuple(t.data_ptr() for t in G),
+           tuple(tuple(0 if s is None else s.data_ptr() for s in c) for c in C),
+           tuple(s.data_ptr() for s in steps))
+    hit = _TABLES.get(key)
+    if hit is not None:
+        return hit
+    rows = []
+    for i, (p, g) in enumerate(zip(P, G)):
+        n = p.numel()
+        cols = [p.data_ptr(), g.data_ptr()]
+        cols += [0 if k >= len(C) or C[k][i] is None else C[k][i].data_ptr() for k in range(3)]
+        cols.append(steps[i].data_ptr() if steps else 0)
+        for start in range(0, n, CHUNK):
+            rows.append(cols + [start, n])
+    out = (None, 0) if not rows else (torch.tensor(rows, dtype=torch.int64).pin_memory().to(device, non_blocking=True), len(rows))
+    if len(_TABLES) > 32:
+        _TABLES.clear()
+    _TABLES[key] = out
+    return out
+
+
+def run(kind: str, params, st: dict, hp: dict) -> None:
+    from ..kernels import cuda as kcuda
+    from ._triton import _fresh
+    from ._triton import _same_layout as _same_layout_only
+
+    if kind not in ("adam", "rmsprop"):
+        raise KernelInputError(f"optim.{kind} has no cupy kernel")
+    grads = [p.grad for p in params]
+    if kind == "adam":
+        cols, steps = [st["exp_avg"], st["exp_avg_sq"], st["max_exp_avg_sq"]], st["step"]
+    else:
+        cols, steps = [st["square_avg"], st["grad_avg"], st["momentum_buffer"]], []
+    copies = []
+    P, G, C = list(params), list(grads), [list(c) for c in cols]
+    for i in range(len(P)):
+        if not _same_layout_only([P[i], G[i]] + [c[i] for c in C]):
+            P[i], G[i] = _fresh(P[i]), _fresh(G[i])
+            for c in C:
+                if c[i] is not None:
+                    copies.append((c[i], _fresh(c[i])))
+                    c[i] = copies[-1][1]
+            copies.append((params[i], P[i]))
+    device = params[0].device
+    table, n = _table(P, G, C, steps, device)
+    if n:
+        mod = kcuda.load("optim", {"PARAM_KIND": _KIND[params[0].dtype], "OPTIM_CHUNK": CHUNK}, device.index or 0)
+        f64, i32 = np.float64, np.int32
+        if kind == "adam":
+            decoupled = bool(hp["decoupled_weight_decay"])
+            args = (table, f64(hp["lr"]), f64(hp["beta1"]), f64(hp["beta2"]), f64(hp["eps"]), f64(hp["weight_decay"]),
+                    i32(hp["amsgrad"]), i32(hp["maximize"]), i32(decoupled))
+            kcuda.launch(mod, "adam_step", (n,), (THREADS,), args, device=device.index or 0)
+        else:
+            args = (table, f64(hp["lr"]), f64(hp["alpha"]), f64(hp["eps"]), f64(hp["weight_decay"]),
+                    f64(hp["momentum"]), i32(hp["centered"]), i32(hp["maximize"]))
+            kcuda.launch(mod, "rmsprop_step", (n,), (THREADS,), args, device=device.index or 0)
+    for orig, tmp in copies:
+        orig.copy_(tmp)

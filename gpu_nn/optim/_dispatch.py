@@ -1,0 +1,143 @@
+"""One optimizer step of one parameter group: split by (device, dtype), pick the backend, run.
+
+``run(kind, params, state_lists, hp)``: ``kind`` is one of ``sgd``, ``adagrad``, ``adadelta``,
+``rmsprop``, ``adam``; ``state_lists`` maps torch's state key to a list parallel to ``params``
+(``step`` holds the step tensors, not yet incremented); ``hp`` the group's hyperparameters as
+Python numbers. The reference works on NumPy views of CPU float32/float64 tensors in place;
+anything else (half dtypes, CUDA tensors under the reference backend) goes through a host copy
+that is written back.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _backend
+from .._errors import KernelInputError
+from ..reference import optim as ref
+
+BACKENDS = {
+    "sgd": ("reference", "triton"),
+    "adagrad": ("reference", "triton"),
+    "adadelta": ("reference", "triton"),
+    "rmsprop": ("reference", "triton", "cupy"),
+    "adam": ("reference", "triton", "cupy"),
+}
+GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _split(params):
+    """Indices of ``params`` grouped by (device, dtype), in first-seen order."""
+    parts: dict = {}
+    for i, p in enumerate(params):
+        parts.setdefault((p.device, p.dtype), []).append(i)
+    return parts
+
+
+def run(kind: str, params, state_lists: dict, hp: dict) -> None:
+    for (device, dtype), idx in _split(params).items():
+        sub_p = [params[i] for i in idx]
+        sub_s = {k: [v[i] for i in idx] for k, v in state_lists.items()}
+        backend = _backend.resolve(f"optim.{kind}", device, BACKENDS[kind])
+        if backend == "reference":
+            _run_reference(kind, sub_p, sub_s, hp)
+            continue
+        _backend.check_interpreter_dtype(f"optim.{kind}", backend, *sub_p)
+        if dtype not in GPU_DTYPES:
+            raise KernelInputError(
+                f"optim.{kind}: the {backend} backend takes float32, float16 and bfloat16 parameters, "
+                f"got {dtype} (float64 runs on the reference backend)"
+            )
+        for p in sub_p:
+            if p.grad.dtype != p.dtype or p.grad.shape != p.shape or p.grad.device != p.device:
+                raise KernelInputError(
+                    f"optim.{kind}: a gradient must match its parameter's dtype, shape and device "
+                    f"(param {p.dtype} {tuple(p.shape)} on {p.device}, grad {p.grad.dtype} "
+                    f"{tuple(p.grad.shape)} on {p.grad.device})"
+                )
+        if "step" in sub_s:
+            # torch's fused path does the same: one multi-tensor add, no host round trip
+            torch._foreach_add_(sub_s["step"], 1.0)
+        if backend == "triton":
+            from . import _triton
+
+            _triton.run(kind, sub_p, sub_s, hp)
+        else:
+            from . import _cupy
+
+            _cupy.run(kind, sub_p, sub_s, hp)
+
+
+# -- reference ----------------------------------------------------------------------------
+
+class _Host:
+    """NumPy arrays for tensors: views where the tensor is CPU float32/float64, else host
+    copies that :meth:`write_back` copies into the tensors afterwards."""
+
+    def __init__(self):
+        self._back = []
+
+    def inout(self, t):
+        if t is None:
+            return None
+        if t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) and not t.is_conj() and not t.is_neg():
+            return t.detach().numpy()
+        a = t.detach().to("cpu", torch.float32 if t.dtype != torch.float64 else torch.float64).numpy().copy()
+        self._back.append((t, a))
+        return a
+
+    @staticmethod
+    def inp(t):
+        if t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) and not t.is_conj() and not t.is_neg():
+            return t.detach().numpy()
+        return t.detach().to("cpu", torch.float32 if t.dtype != torch.float64 else torch.float64).numpy()
+
+    def write_back(self):
+        for t, a in self._back:
+            t.copy_(torch.from_numpy(a))
+
+
+def _steps(step_tensors):
+    out = []
+    for s in step_tensors:
+        s += 1
+        out.append(float(s))  # host value: the reference runs on the host anyway
+    return out
+
+
+def _run_reference(kind, params, st, hp) -> None:
+    h = _Host()
+    P = [h.inout(p) for p in params]
+    G = [h.inp(p.grad) for p in params]
+    if kind == "sgd":
+        bufs = [None if first or b is None else h.inout(b) for b, first in zip(st["momentum_buffer"], st["first"])]
+        ref.sgd_step(P, G, bufs, lr=hp["lr"], momentum=hp["momentum"], dampening=hp["dampening"],
+                     weight_decay=hp["weight_decay"], nesterov=hp["nesterov"], maximize=hp["maximize"])
+        if hp["momentum"] != 0:
+            for b, first, a in zip(st["momentum_buffer"], st["first"], bufs):
+                if first:
+                    b.copy_(torch.from_numpy(a))
+    elif kind == "adagrad":
+        S = [h.inout(s) for s in st["sum"]]
+        ref.adagrad_step(P, G, S, _steps(st["step"]), lr=hp["lr"], lr_decay=hp["lr_decay"],
+                         weight_decay=hp["weight_decay"], eps=hp["eps"], maximize=hp["maximize"])
+    elif kind == "adadelta":
+        _steps(st["step"])
+        ref.adadelta_step(P, G, [h.inout(s) for s in st["square_avg"]], [h.inout(s) for s in st["acc_delta"]],
+                          lr=hp["lr"], rho=hp["rho"], eps=hp["eps"], weight_decay=hp["weight_decay"],
+                          maximize=hp["maximize"])
+    elif kind == "rmsprop":
+        _steps(st["step"])
+        ref.rmsprop_step(P, G, [h.inout(s) for s in st["square_avg"]], [h.inout(s) for s in st["grad_avg"]],
+                         [h.inout(s) for s in st["momentum_buffer"]], lr=hp["lr"], alpha=hp["alpha"], eps=hp["eps"],
+                         weight_decay=hp["weight_decay"], momentum=hp["momentum"], centered=hp["centered"],
+                         maximize=hp["maximize"])
+    elif kind == "adam":
+        ref.adam_step(P, G, [h.inout(s) for s in st["exp_avg"]], [h.inout(s) for s in st["exp_avg_sq"]],
+                      [h.inout(s) for s in st["max_exp_avg_sq"]], _steps(st["step"]), lr=hp["lr"],
+                      betas=(hp["beta1"], hp["beta2"]), eps=hp["eps"], weight_decay=hp["weight_decay"],
+                      amsgrad=hp["amsgrad"], maximize=hp["maximize"],
+                      decoupled_weight_decay=hp["decoupled_weight_decay"])
+    else:  # pragma: no cover
+        raise ValueError(kind)
+    h.write_back()

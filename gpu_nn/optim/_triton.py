@@ -1,0 +1,225 @@
+"""Triton launch glue for the optimizer steps and clipping: chunk tables, bases, alignment.
+
+See ``kernels/triton/optim.py`` for the layout: every tensor of a role is addressed as an
+int64 element offset from the role's base tensor, one table row per chunk of ``BLOCK * ITERS``
+elements. Tables are cached by the tensors' addresses, so a training loop whose gradients
+keep their memory (``zero_grad(set_to_none=False)``, or the caching allocator handing back the
+same blocks) builds each table once; a rebuilt table goes to the device with a non-blocking
+copy. Nothing here reads a device value on the host (except clipping with
+``error_if_nonfinite=True``, which must).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .._errors import KernelInputError
+
+_TABLES: dict = {}
+_MAX_TABLES = 32
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Non-overlapping and dense: some permutation of the dims is contiguous (e.g. channels_last)."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for size, stride in sorted((d for d in zip(t.shape, t.stride()) if d[0] != 1), key=lambda d: d[1]):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _same_layout(ts) -> bool:
+    ts = [t for t in ts if t is not None]
+    return all(_dense(t) for t in ts) and all(t.stride() == ts[0].stride() for t in ts)
+
+
+def _kernel_ready(ts) -> bool:
+    """One dense layout shared by all, every start 16-byte aligned (vector loads): true of
+    everything torch's allocator hands out; views at odd offsets go through copies."""
+    return _same_layout(ts) and all(t.data_ptr() % 16 == 0 for t in ts if t is not None)
+
+
+def _fresh(t):
+    return t.detach().clone(memory_format=torch.contiguous_format)
+
+
+def _offset(t, base) -> int:
+    if t is None:
+        return 0
+    # a dense tensor's lowest address: storage order is what the kernels walk
+    d = t.data_ptr() - base.data_ptr()
+    if d % t.element_size():
+        raise KernelInputError("optimizer kernels: a tensor is not aligned to its element size")
+    return d // t.element_size()
+
+
+def _table(params, grads, states, steps, flags, device, chunk):
+    """(table on ``device``, n_chunks) for tensors of one part; cached by addresses."""
+    key = (chunk, str(device),
+           tuple((p.data_ptr(), p.numel(), g.data_ptr()) for p, g in zip(params, grads)),
+           tuple(tuple(0 if s is None else s.data_ptr() for s in col) for col in states),
+           tuple(0 if s is None else s.data_ptr() for s in steps), tuple(flags))
+    hit = _TABLES.get(key)
+    if hit is not None:
+        return hit
+    pb, gb = params[0], grads[0]
+    sb = next((s for col in states for s in col if s is not None), None)
+    tb = next((s for s in steps if s is not None), None)
+    rows = []
+    for i, (p, g) in enumerate(zip(params, grads)):
+        n = p.numel()
+        if n == 0:
+            continue
+        cols = [_offset(p, pb), _offset(g, gb)]
+        cols += [_offset(states[k][i], sb) if k < len(states) else 0 for k in range(3)]
+        cols.append(_offset(steps[i], tb) if steps else 0)
+        for start in range(0, n, chunk):
+            rows.append(cols + [start, n, int(flags[i])])
+    if not rows:
+        out = (None, 0)
+    else:
+        host = torch.tensor(rows, dtype=torch.int64)
+        if torch.device(device).type == "cuda":
+            host = host.pin_memory()
+        out = (host.to(device, non_blocking=True), len(rows))
+    if len(_TABLES) >= _MAX_TABLES:
+        _TABLES.clear()
+    _TABLES[key] = out
+    return out
+
+
+def _chunk(kt, interpret):
+    blk, iters, _ = kt.config(interpret)
+    return blk * iters
+
+
+def run(kind: str, params, st: dict, hp: dict) -> None:
+    """One multi-tensor launch for ``params`` (one device and dtype; steps already incremented)."""
+    from ..kernels import triton as ktriton
+    from ..kernels.triton import optim as kt
+
+    grads = [p.grad for p in params]
+    if kind == "sgd":
+        cols = [st["momentum_buffer"]] if hp["momentum"] != 0 else []
+        steps, flags = [], st["first"]
+    elif kind == "adagrad":
+        cols, steps = [st["sum"]], st["step"]
+    elif kind == "adadelta":
+        cols, steps = [st["square_avg"], st["acc_delta"]], []
+    elif kind == "rmsprop":
+        cols, steps = [st["square_avg"], st["grad_avg"], st["momentum_buffer"]], []
+    else:
+        cols, steps = [st["exp_avg"], st["exp_avg_sq"], st["max_exp_avg_sq"]], st["step"]
+    if kind != "sgd":
+        flags = [0] * len(params)
+
+    # the kernels walk storage order: parameter, gradient and state must share one dense,
+    # aligned layout; anything else runs on fresh copies that are written back
+    copies = []
+    P, G, C = list(params), list(grads), [list(c) for c in cols]
+    for i in range(len(P)):
+        if not _kernel_ready([P[i], G[i]] + [c[i] for c in C]):
+            P[i], G[i] = _fresh(P[i]), _fresh(G[i])
+            for c in C:
+                if c[i] is not None:
+                    copies.append((c[i], _fresh(c[i])))
+                    c[i] = copies[-1][1]
+            copies.append((params[i], P[i]))
+    for s in steps:
+        if s.dtype != torch.float32:
+            raise KernelInputError("optimizer kernels: state['step'] must be a float32 tensor on the device")
+
+    interpret = ktriton.INTERPRET
+    table, n = _table(P, G, C, steps, flags, params[0].device, _chunk(kt, interpret))
+    dummy = next((s for c in C for s in c if s is not None), None)
+    if dummy is None:
+        dummy = torch.empty(1, dtype=torch.float32, device=params[0].device)
+    sign = -1.0 if hp.get("maximize") else 1.0
+    if kind == "sgd":
+        sc = dict(lr=hp["lr"], weight_decay=hp["weight_decay"], momentum=hp["momentum"], dampening=hp["dampening"],
+                  sign=sign)
+        fl = dict(momentum=hp["momentum"] != 0, nesterov=bool(hp["nesterov"]), wd=hp["weight_decay"] != 0)
+    elif kind == "adagrad":
+        sc = dict(lr=hp["lr"], lr_decay=hp["lr_decay"], weight_decay=hp["weight_decay"], eps=hp["eps"], sign=sign)
+        fl = dict(wd=hp["weight_decay"] != 0)
+    elif kind == "adadelta":
+        sc = dict(lr=hp["lr"], rho=hp["rho"], eps=hp["eps"], weight_decay=hp["weight_decay"], sign=sign)
+        fl = dict(wd=hp["weight_decay"] != 0)
+    elif kind == "rmsprop":
+        sc = dict(lr=hp["lr"], alpha=hp["alpha"], eps=hp["eps"], weight_decay=hp["weight_decay"],
+                  momentum=hp["momentum"], sign=sign)
+        fl = dict(wd=hp["weight_decay"] != 0, centered=bool(hp["centered"]), momentum=hp["momentum"] > 0)
+    else:
+        sc = dict(lr=hp["lr"], beta1=hp["beta1"], beta2=hp["beta2"], eps=hp["eps"], weight_decay=hp["weight_decay"],
+                  sign=sign)
+        wd_mode = 0 if hp["weight_decay"] == 0 else (2 if hp["decoupled_weight_decay"] else 1)
+        fl = dict(wd_mode=wd_mode, amsgrad=bool(hp["amsgrad"]))
+    step_base = steps[0] if steps else dummy
+    kt.launch(kind, table, n, P[0], G[0], dummy, step_base, sc, fl, interpret)
+    for orig, tmp in copies:
+        orig.copy_(tmp)
+
+
+NORM_INF, NORM_TWO, NORM_P = 0, 2, 1
+
+
+def clip_grad_norm(grads, max_norm: float, norm_type: float, error_if_nonfinite: bool) -> torch.Tensor:
+    """Fused clipping of CUDA (or interpreter) gradients on one device: a partial-norm kernel per
+    dtype, then a scale kernel per dtype whose programs each finish the reduction themselves."""
+    from ..kernels import triton as ktriton
+    from ..kernels.triton import optim as kt
+
+    if any(g.dtype == torch.bfloat16 and g.device.type == "cpu" for g in grads):
+        from .. import _backend
+
+        _backend.check_interpreter_dtype("clip_grad_norm_", "triton", *grads)
+    if any(g.dtype not in (torch.float32, torch.float16, torch.bfloat16) for g in grads):
+        raise KernelInputError("clip_grad_norm_: the triton backend takes float32/float16/bfloat16 gradients")
+    code = NORM_INF if math.isinf(norm_type) else (NORM_TWO if norm_type == 2.0 else NORM_P)
+    interpret = ktriton.INTERPRET
+    chunk = _chunk(kt, interpret)
+    device = grads[0].device
+    parts = {}
+    for i, g in enumerate(grads):
+        parts.setdefault(g.dtype, []).append(i)
+    plans = []
+    copies = []
+    n_total = 0
+    for dt, idx in parts.items():
+        gs = []
+        for i in idx:
+            g = grads[i]
+            if not _kernel_ready([g]):
+                c = _fresh(g)
+                copies.append((g, c))
+                g = c
+            gs.append(g)
+        table, n = _table(gs, gs, [], [], [0] * len(gs), device, chunk)
+        plans.append((gs, table, n, n_total))
+        n_total += n
+    partials = torch.empty(max(n_total, 1), dtype=torch.float32, device=device)
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    for gs, table, n, part0 in plans:
+        if n:
+            kt.clip_partial(table, n, gs[0], partials, part0, code, norm_type, interpret)
+    if error_if_nonfinite:
+        kt.clip_total(partials, n_total, total, code, norm_type)
+        if not bool(torch.isfinite(total)):  # the one host read, as torch's own check needs
+            raise RuntimeError(
+                f"The total norm of order {float(norm_type)} for gradients from `parameters` is non-finite, so it "
+                "cannot be clipped. To disable this error and scale the gradients by the non-finite norm anyway, "
+                "set `error_if_nonfinite=False`"
+            )
+    for gs, table, n, part0 in plans:
+        if n:
+            kt.clip_scale(table, n, gs[0], partials, n_total, total, max_norm, code, norm_type, interpret)
+    if n_total == 0:
+        kt.clip_total(partials, 0, total, code, norm_type)
+    for g, c in copies:
+        g.copy_(c)
+    return total if grads[0].dtype == torch.float32 else total.to(grads[0].dtype)

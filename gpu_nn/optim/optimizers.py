@@ -1,0 +1,360 @@
+"""``gpu_nn.optim.SGD``, ``Adagrad``, ``Adadelta``, ``RMSprop``, ``Adam``, ``AdamW``.
+
+Subclasses of ``torch.optim.Optimizer`` with torch's constructor arguments, defaults,
+validation messages, ``param_groups`` keys and state keys, so a ``state_dict()`` of ours loads
+into torch's optimizer and torch's into ours, and learning-rate schedulers work unchanged.
+
+What differs from torch:
+
+* The step runs our kernels: the group's parameters are split by (device, dtype) and each
+  part goes to the backend that ``gpu_nn._backend.resolve`` picks (CPU: the NumPy reference
+  on views of the tensors, in place; CUDA: one multi-tensor Triton launch per part, or the
+  CuPy kernels for Adam/AdamW/RMSprop).
+* float16/bfloat16 parameters keep float32 optimizer state (torch keeps it in the parameter's
+  dtype); a state loaded in another dtype is widened on the next step.
+* On CUDA, ``state["step"]`` lives on the parameter's device (as torch's fused/capturable
+  path keeps it), so a step never synchronises with the host.
+* ``foreach``, ``fused`` and ``capturable`` are accepted and stored (our step is always one
+  fused multi-tensor kernel per part); ``differentiable=True`` raises ValueError. Sparse
+  gradients raise RuntimeError; complex parameters are not supported.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from . import _dispatch
+
+__all__ = ["SGD", "Adagrad", "Adadelta", "RMSprop", "Adam", "AdamW"]
+
+
+def _lr_value(lr):
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+    return lr
+
+
+def _no_differentiable(name: str, differentiable: bool) -> None:
+    if differentiable:
+        raise ValueError(
+            f"gpu_nn.optim.{name} does not support differentiable=True (its step runs fused kernels "
+            f"outside autograd); use torch.optim.{name} for a differentiable optimizer step"
+        )
+
+
+def _scalar_dtype():
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def _state_dtype(p: Tensor) -> torch.dtype:
+    return torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
+
+
+class _Base(Optimizer):
+    """Shared step loop: closure, no_grad, sparse check, lazy state, dispatch by device/dtype."""
+
+    _NAME = ""
+    _SPARSE_MSG = ""
+    _SETDEFAULTS: dict = {}
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for k, v in self._SETDEFAULTS.items():
+                group.setdefault(k, v)
+
+    # -- state helpers -------------------------------------------------------------------
+    def _new_step(self, p: Tensor) -> Tensor:
+        if p.device.type == "cpu":
+            return torch.tensor(0.0, dtype=_scalar_dtype())
+        return torch.zeros((), dtype=torch.float32, device=p.device)
+
+    def _fix_step(self, state, p: Tensor) -> Tensor:
+        """The step tensor where our kernels want it: CUDA params keep it on the device in
+        float32 (torch's non-fused state keeps it on the CPU; moved once, no sync after)."""
+        step = state["step"]
+        if not torch.is_tensor(step):
+            step = torch.tensor(float(step), dtype=_scalar_dtype())
+        if p.device.type != "cpu" and (step.device != p.device or step.dtype != torch.float32):
+            step = step.to(device=p.device, dtype=torch.float32)
+        state["step"] = step
+        return step
+
+    def _buf(self, state, key: str, p: Tensor, fill: float = 0.0) -> Tensor:
+        """State buffer ``key`` of ``p``: created like torch (zeros_like / full_like, preserving
+        the layout), widened to float32 for half parameters, moved to ``p``'s device."""
+        dt = _state_dtype(p)
+        buf = state.get(key)
+        if buf is None:
+            buf = torch.full_like(p, fill, dtype=dt, memory_format=torch.preserve_format)
+            state[key] = buf
+        elif buf.dtype != dt or buf.device != p.device or buf.shape != p.shape:
+            buf = buf.to(device=p.device, dtype=dt).reshape(p.shape)
+            state[key] = buf
+        return buf
+
+    def _params_with_grad(self, group):
+        out = []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(self._SPARSE_MSG or f"gpu_nn.optim.{self._NAME} does not support sparse gradients")
+            if torch.is_complex(p):
+                raise RuntimeError(f"gpu_nn.optim.{self._NAME} does not support complex parameters")
+            out.append(p)
+        return out
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Perform a single optimization step (``closure`` re-evaluates the loss)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = self._params_with_grad(group)
+            if params:
+                self._step_group(group, params)
+        return loss
+
+    def _step_group(self, group, params):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class SGD(_Base):
+    """torch.optim.SGD: momentum, dampening, nesterov, weight_decay, maximize."""
+
+    _NAME = "SGD"
+    _SETDEFAULTS = {"nesterov": False, "maximize": False, "foreach": None, "differentiable": False, "fused": False}
+
+    def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False, *,
+                 maximize=False, foreach=None, differentiable=False, fused=None):
+        _lr_value(lr)
+        if lr < 0.0:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if momentum < 0.0:
+            raise ValueError(f"Invalid momentum value: {momentum}")
+        if weight_decay < 0.0:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                        nesterov=nesterov, maximize=maximize, foreach=foreach, differentiable=differentiable,
+                        fused=fused)
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        _no_differentiable("SGD", differentiable)
+        if fused and foreach:
+            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+        super().__init__(params, defaults)
+
+    def _step_group(self, group, params):
+        momentum = group["momentum"]
+        bufs, first = [], []
+        for p in params:
+            if momentum != 0:
+                state = self.state[p]
+                b = state.get("momentum_buffer")
+                first.append(b is None)
+                bufs.append(self._buf(state, "momentum_buffer", p))
+            else:
+                bufs.append(None)
+                first.append(False)
+        hp = dict(lr=float(group["lr"]), momentum=momentum, dampening=group["dampening"],
+                  weight_decay=float(group["weight_decay"]), nesterov=group["nesterov"],
+                  maximize=group.get("maximize", False))
+        _dispatch.run("sgd", params, dict(momentum_buffer=bufs, first=first), hp)
+
+
+class Adagrad(_Base):
+    """torch.optim.Adagrad: lr_decay, weight_decay, initial_accumulator_value, eps, maximize."""
+
+    _NAME = "Adagrad"
+    _SETDEFAULTS = {"foreach": None, "maximize": False, "differentiable": False, "fused": None}
+
+    def __init__(self, params, lr=1e-2, lr_decay=0, weight_decay=0, initial_accumulator_value=0, eps=1e-10,
+                 foreach=None, *, maximize=False, differentiable=False, fused=None):
+        _lr_value(lr)
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not 0.0 <= lr_decay:
+            raise ValueError(f"Invalid lr_decay value: {lr_decay}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if not 0.0 <= initial_accumulator_value:
+            raise ValueError(f"Invalid initial_accumulator_value value: {initial_accumulator_value}")
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        _no_differentiable("Adagrad", differentiable)
+        if fused and foreach:
+            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+        defaults = dict(lr=lr, lr_decay=lr_decay, eps=eps, weight_decay=weight_decay,
+                        initial_accumulator_value=initial_accumulator_value, foreach=foreach, maximize=maximize,
+                        differentiable=differentiable, fused=fused)
+        super().__init__(params, defaults)
+        # torch creates Adagrad's state eagerly in the constructor
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state[p]
+                state["step"] = self._new_step(p)
+                self._buf(state, "sum", p, group["initial_accumulator_value"])
+
+    def _step_group(self, group, params):
+        steps, sums = [], []
+        for p in params:
+            state = self.state[p]
+            if "step" not in state:
+                state["step"] = self._new_step(p)
+            steps.append(self._fix_step(state, p))
+            sums.append(self._buf(state, "sum", p, group["initial_accumulator_value"]))
+        hp = dict(lr=float(group["lr"]), lr_decay=group["lr_decay"], weight_decay=group["weight_decay"],
+                  eps=group["eps"], maximize=group.get("maximize", False))
+        _dispatch.run("adagrad", params, dict(step=steps, sum=sums), hp)
+
+
+class Adadelta(_Base):
+    """torch.optim.Adadelta: lr, rho, eps, weight_decay, maximize."""
+
+    _NAME = "Adadelta"
+    _SPARSE_MSG = "Adadelta does not support sparse gradients"
+    _SETDEFAULTS = {"foreach": None, "maximize": False, "differentiable": False, "capturable": False}
+
+    def __init__(self, params, lr=1.0, rho=0.9, eps=1e-6, weight_decay=0, foreach=None, *, capturable=False,
+                 maximize=False, differentiable=False):
+        _lr_value(lr)
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not 0.0 <= rho <= 1.0:
+            raise ValueError(f"Invalid rho value: {rho}")
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        _no_differentiable("Adadelta", differentiable)
+        defaults = dict(lr=lr, rho=rho, eps=eps, weight_decay=weight_decay, maximize=maximize,
+                        capturable=capturable, foreach=foreach, differentiable=differentiable)
+        super().__init__(params, defaults)
+
+    def _step_group(self, group, params):
+        steps, sq, acc = [], [], []
+        for p in params:
+            state = self.state[p]
+            if len(state) == 0:
+                state["step"] = self._new_step(p)
+            steps.append(self._fix_step(state, p))
+            sq.append(self._buf(state, "square_avg", p))
+            acc.append(self._buf(state, "acc_delta", p))
+        hp = dict(lr=float(group["lr"]), rho=group["rho"], eps=group["eps"], weight_decay=group["weight_decay"],
+                  maximize=group.get("maximize", False))
+        _dispatch.run("adadelta", params, dict(step=steps, square_avg=sq, acc_delta=acc), hp)
+
+
+class RMSprop(_Base):
+    """torch.optim.RMSprop: alpha, eps, weight_decay, momentum, centered, maximize."""
+
+    _NAME = "RMSprop"
+    _SPARSE_MSG = "RMSprop does not support sparse gradients"
+    _SETDEFAULTS = {"momentum": 0, "centered": False, "foreach": None, "maximize": False, "differentiable": False,
+                    "capturable": False}
+
+    def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0, centered=False,
+                 capturable=False, foreach=None, maximize=False, differentiable=False):
+        _lr_value(lr)
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        if not 0.0 <= momentum:
+            raise ValueError(f"Invalid momentum value: {momentum}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if not 0.0 <= alpha:
+            raise ValueError(f"Invalid alpha value: {alpha}")
+        _no_differentiable("RMSprop", differentiable)
+        defaults = dict(lr=lr, momentum=momentum, alpha=alpha, eps=eps, centered=centered, weight_decay=weight_decay,
+                        capturable=capturable, foreach=foreach, maximize=maximize, differentiable=differentiable)
+        super().__init__(params, defaults)
+
+    def _step_group(self, group, params):
+        steps, sq, ga, mb = [], [], [], []
+        for p in params:
+            state = self.state[p]
+            if len(state) == 0:
+                state["step"] = self._new_step(p)
+            steps.append(self._fix_step(state, p))
+            sq.append(self._buf(state, "square_avg", p))
+            mb.append(self._buf(state, "momentum_buffer", p) if group["momentum"] > 0 else None)
+            ga.append(self._buf(state, "grad_avg", p) if group["centered"] else None)
+        hp = dict(lr=float(group["lr"]), alpha=group["alpha"], eps=group["eps"], weight_decay=group["weight_decay"],
+                  momentum=group["momentum"], centered=group["centered"], maximize=group.get("maximize", False))
+        _dispatch.run("rmsprop", params, dict(step=steps, square_avg=sq, grad_avg=ga, momentum_buffer=mb), hp)
+
+
+class Adam(_Base):
+    """torch.optim.Adam: betas, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay."""
+
+    _NAME = "Adam"
+    _SPARSE_MSG = "Adam does not support sparse gradients, please consider SparseAdam instead"
+    _SETDEFAULTS = {"amsgrad": False, "maximize": False, "foreach": None, "capturable": False,
+                    "differentiable": False, "fused": None, "decoupled_weight_decay": False}
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, *,
+                 foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
+                 decoupled_weight_decay=False):
+        _lr_value(lr)
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        if not 0.0 <= betas[0] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+        if not 0.0 <= betas[1] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if isinstance(betas[0], Tensor) != isinstance(betas[1], Tensor):
+            raise ValueError("betas must be either both floats or both Tensors")
+        betas = tuple(float(b) for b in betas)
+        _no_differentiable(self._NAME, differentiable)
+        if fused and foreach:
+            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
+                        foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused,
+                        decoupled_weight_decay=decoupled_weight_decay)
+        super().__init__(params, defaults)
+
+    def _step_group(self, group, params):
+        steps, m, v, vmax = [], [], [], []
+        amsgrad = group["amsgrad"]
+        for p in params:
+            state = self.state[p]
+            if len(state) == 0:
+                state["step"] = self._new_step(p)
+            steps.append(self._fix_step(state, p))
+            m.append(self._buf(state, "exp_avg", p))
+            v.append(self._buf(state, "exp_avg_sq", p))
+            vmax.append(self._buf(state, "max_exp_avg_sq", p) if amsgrad else None)
+        beta1, beta2 = (float(b) for b in group["betas"])
+        hp = dict(lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
+                  weight_decay=group["weight_decay"], amsgrad=amsgrad, maximize=group.get("maximize", False),
+                  decoupled_weight_decay=group.get("decoupled_weight_decay", False))
+        _dispatch.run("adam", params, dict(step=steps, exp_avg=m, exp_avg_sq=v, max_exp_avg_sq=vmax), hp)
+
+
+class AdamW(Adam):
+    """torch.optim.AdamW: Adam with decoupled weight decay (default 1e-2)."""
+
+    _NAME = "AdamW"
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
+                 maximize=False, foreach=None, capturable=False, differentiable=False, fused=None):
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
+                         capturable=capturable, differentiable=differentiable, fused=fused,
+                         decoupled_weight_decay=True)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group["decoupled_weight_decay"] = True

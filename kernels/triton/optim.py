@@ -1,0 +1,521 @@
+"""Triton multi-tensor kernels for SGD, Adagrad, Adadelta, RMSprop, Adam/AdamW and global-norm
+gradient clipping: one launch per (device, dtype) part of a parameter group.
+
+Layout (why not a table of raw pointers): Triton cannot turn an integer loaded from memory into
+a typed pointer portably (and the interpreter has no such cast), so every tensor of one role is
+addressed **relative to a base tensor of that role**: ``p_base + p_off`` where ``p_off = (ptr -
+base_ptr) / itemsize`` is an int64 element offset (possibly negative) read from a chunk table.
+All tensors live in one address space, so this is plain pointer arithmetic on a GPU, and the
+interpreter (which runs on real host addresses) does the same. Roles: parameters and gradients
+(the parameters' dtype), optimizer state (always float32), step counts (float32 scalars).
+
+Chunk table: int64 ``[n_chunks, NCOL]``, one row per program: element offsets of the tensor's
+parameter, gradient, up to three state tensors and its step, the chunk's first element, the
+tensor's numel and a per-tensor flag (SGD: first step). Program ``i`` updates
+``CHUNK = BLOCK * ITERS`` elements of one tensor; full blocks run without masks (vectorised
+loads: every offset is 16-byte aligned, constexprs ``VP``/``VS`` give the alignment in
+elements of the parameter/gradient and state offsets; the launch glue copies any tensor that
+is not), the tail block masked.
+
+Scalars: hyperparameters arrive as int64 bit patterns of Python doubles (Triton passes Python
+floats as fp32, and ``1 - 0.999`` in fp32 is off by 1e-5 relative); per-tensor bias
+corrections are computed in-kernel in float64 from the step tensor (``beta**step`` by binary
+powering on the integer step), so a step never reads anything back to the host. The
+per-element math runs in float32 in torch's operation order; results are stored in the
+parameter's dtype (float32/float16/bfloat16). float64 parameters are not supported (they run
+on the reference).
+"""
+
+import struct
+
+import triton
+import triton.language as tl
+
+from ._aot import AotSpec
+
+NCOL = 9  # p_off, g_off, s0_off, s1_off, s2_off, step_off, start, numel, flag
+GPU_BLOCK, GPU_ITERS, GPU_WARPS = 1024, 16, 4
+INTERP_BLOCK, INTERP_ITERS = 512, 1
+CLIP_RBLOCK = 1024
+NORM_CODES = {"inf": 0, "two": 2, "p": 1}
+
+
+def f64_bits(x: float) -> int:
+    """A Python float's IEEE double bit pattern as a signed int64 (read back with bitcast)."""
+    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
+
+
+@triton.jit
+def _pow_int(base, step):
+    """``base ** step`` for a non-negative integer-valued float64 ``step``, by binary powering
+    (a handful of float64 multiplies: exact enough that 1 - beta^t keeps full precision)."""
+    n = step.to(tl.int64)
+    r = base * 0.0 + 1.0
+    b = base
+    while n > 0:
+        r = tl.where((n & 1) == 1, r * b, r)
+        b = b * b
+        n = n >> 1
+    return r
+
+
+@triton.jit
+def _lerp(a, b, w):
+    """torch.lerp's two-sided formula (exact at w = 1)."""
+    d = b - a
+    return tl.where(w < 0.5, a + w * d, b - d * (1.0 - w))
+
+
+# -- SGD ----------------------------------------------------------------------------------
+
+@triton.jit
+def _sgd_block(p_ptr, g_ptr, b_ptr, offs, mask, first, sign, lr, wd, momentum, damp1,
+               MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, WD: tl.constexpr):
+    p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
+    g = tl.load(g_ptr + offs, mask=mask).to(tl.float32) * sign
+    if WD:
+        g = g + wd * p
+    if MOMENTUM:
+        b = tl.load(b_ptr + offs, mask=mask).to(tl.float32)
+        # first step: the buffer is the gradient itself (torch clones it)
+        b = tl.where(first != 0, g, b * momentum + damp1 * g)
+        tl.store(b_ptr + offs, (b).to(b_ptr.dtype.element_ty), mask=mask)
+        if NESTEROV:
+            g = g + momentum * b
+        else:
+            g = b
+    tl.store(p_ptr + offs, (p + (-lr) * g).to(p_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["lr_b", "wd_b", "mom_b", "damp_b", "sign_b"])
+def _sgd_kernel(table_ptr, p_base, g_base, s_base, lr_b, wd_b, mom_b, damp_b, sign_b,
+                MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, WD: tl.constexpr, VP: tl.constexpr, VS: tl.constexpr,
+                BLOCK: tl.constexpr, ITERS: tl.constexpr):
+    """p -= lr * (b or g + momentum b); b = g (first step) | momentum b + (1 - dampening) g."""
+    row = table_ptr + tl.program_id(0).to(tl.int64) * 9  # this program's chunk
+    p_ptr = p_base + tl.multiple_of(tl.load(row + 0), VP)
+    g_ptr = g_base + tl.multiple_of(tl.load(row + 1), VP)
+    b_ptr = s_base + tl.multiple_of(tl.load(row + 2), VS)
+    start = tl.multiple_of(tl.load(row + 6), BLOCK)
+    n = tl.load(row + 7)
+    first = tl.load(row + 8)
+    lr = lr_b.to(tl.int64).to(tl.float64, bitcast=True).to(tl.float32)
+    wd = wd_b.to(tl.int64).to(tl.float64, bitcast=True).to(tl.float32)
+    momentum = mom_b.to(tl.int64).to(tl.float64, bitcast=True).to(tl.float32)
+    damp1 = (1.0 - damp_b.to(tl.int64).to(tl.float64, bitcast=True)).to(tl.float32)
+    sign = sign_b.to(tl.int64).to(tl.float64, bitcast=True).to(tl.float32)
+    for it in range(ITERS):
+        offs = start + it * BLOCK + tl.arange(0, BLOCK)
+        if start + (it + 1) * BLOCK <= n:
+            _sgd_block(p_ptr, g_ptr, b_ptr, offs, None, first, sign, lr, wd, momentum, damp1,
+                       MOMENTUM, NESTEROV, WD)
+        elif start + it * BLOCK < n:
+            _sgd_block(p_ptr, g_ptr, b_ptr, offs, offs < n, first, sign, lr, wd, momentum, damp1,
+                       MOMENTUM, NESTEROV, WD)
+
+
+# -- Adagrad ------------------------------------------------------------------------------
+
+@triton.jit
+def _adagrad_block(p_ptr, g_ptr, s_ptr, offs, mask, sign, wd, neg_clr, eps, WD: tl.constexpr):
+    p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
+    g = tl.load(g_ptr + offs, mask=mask).to(tl.float32) * sign
+    if WD:
+        g = g + wd * p
+    s = tl.load(s_ptr + offs, mask=mask).to(tl.float32) + g * g
+    tl.store(s_ptr + offs, (s).to(s_ptr.dtype.element_ty), mask=mask)
+    tl.store(p_ptr + offs, (p + (neg_clr * g) / (tl.sqrt_rn(s) + eps)).to(p_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["lr_b", "lr_decay_b", "wd_b", "eps_b", "sign_b"])
+def _adagrad_kernel(table_ptr, p_base, g_base, s_base, step_base, lr_b, lr_decay_b, wd_b, eps_b, sign_b,
+                    WD: tl.constexpr, VP: tl.constexpr, VS: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+    """sum += g^2; p -= lr / (1 + (step - 1) lr_decay) * g / (sqrt(sum) + eps)."""
+    row = table_ptr + tl.program_id(0).to(tl.int64) * 9  # this program's chunk
+    p_ptr = p_base + tl.multiple_of(tl.load(row + 0), VP)
+    g_ptr = g_base + tl.multiple_of(tl.load(row + 1), VP)
+    s_ptr = s_base + tl.multiple_of(tl.load(row + 2), VS)
+    step = tl.load(step_base + tl.load(row + 5)).to(tl.float64)
+    start = tl.multiple_of(tl.load(row + 6), BLOCK)
+    n = tl.load(row + 7)
+    neg_clr = (-(lr_b.to(tl.int64).to(tl.float64, bitcast=True) / (1.0 + (step - 1.0) * lr_decay_b.to(tl.int64).to(tl.float64, bitcast=True)))).to(tl.float32)
+    wd = wd_b.to(tl.int64).to(tl.float64, bitcast=True).to(tl.float32)
+    eps = eps_b.to(tl.int64).to(tl.float64, bitcast=True).to(tl.float32)
+    sign = sign_b.to(tl.int64).to(tl.float64, bitcast=True).to(tl.float32)
+    for it in range(ITERS):
+        offs = start + it * BLOCK + tl.arange(0, BLOCK)
+        if start + (it + 1) * BLOCK <= n:
+            _adagrad_block(p_ptr, g_ptr, s_ptr, offs, None, sign, wd, neg_clr, eps, WD)
+        elif start + it * BLOCK < n:
+            _adagrad_block(p_ptr, g_ptr, s_ptr, offs, offs < n, sign, wd, neg_clr, eps, WD)
+
+
+# -- Adadelta -----------------------------------------------------------------------------
+
+@triton.jit
+def _adadelta_block(p_ptr, g_ptr, v_ptr, u_ptr, offs, mask, sign, wd, neg_lr, rho, w, eps,
+                    WD: tl.constexpr):
+    p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
+    g = tl.load(g_ptr + offs, mask=mask).to(tl.float32) * sign
+    if WD:
+        g = g + wd * p
+    v = tl.load(v_ptr + offs, mask=mask).to(tl.float32) * rho + (w * g) * g
+    u = tl.load(u_ptr + offs, mask=mask).to(tl.float32)
+    delta = tl.sqrt_rn(u + eps) / tl.sqrt_rn(v + eps) * g
+    u = u * rho + (w * delta) * delta
+    tl.store(v_ptr + offs, (v).to(v_ptr.dtype.element_ty), mask=mask)
+    tl.store(u_ptr + offs, (u).to(u_ptr.dtype.element_ty), mask=mask)
+    tl.store(p_ptr + offs, (p + neg_lr * delta).to(p_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["lr_b", "rho_b", "eps_b", "wd_b", "sign_b"])
+def _adadelta_kernel(table_ptr, p_base, g_base, s_base, lr_b, rho_b, eps_b, wd_b, sign_b,
+                     WD: tl.constexpr, VP: tl.constexpr, VS: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+    """v = rho v + (1-rho) g^2; delta = sqrt(u+eps)/sqrt(v+eps) g; u = rho u + (1-rho) delta^2; p -= lr delta."""
+    row = table_ptr + tl.program_id(0).to(tl.int64) * 9  # this program's chunk
+    p_ptr = p_base + tl.multiple_of(tl.load(row + 0), VP)
+    g_ptr = g_base + tl.multiple_of(tl.load(row + 1), VP)
+    v_ptr = s_base + tl.multiple_of(tl.load(row + 2), VS)
+    u_ptr = s_base + tl.multiple_of(tl.load(row + 3), VS)
+    start = tl.multiple_of(tl.load(row + 6), BLOCK)
+    n = tl.load(row + 7)
+    rho64 = rho_b.to(tl.int64).to(tl.float64, bitcast=True)
+    neg_lr = (-lr_b.to(tl.int64).to(tl.float64, bitcast=True)).to(tl.float32)
+    rho = rho64.to(tl.float32)
+    w = (1.0 - rho64).to(tl.float32)
+    eps = eps_b.to(tl.int64).to(tl.float64, bitcast=True).to(tl.float32)
+    wd = wd_b.to(tl.int64).to(tl.float64, bitcast=True).to(tl.float32)
+    sign = sign_b.to(tl.int64).to(tl.float64, bitcast=True).to(tl.float32)
+    for it in range(ITERS):
+        offs = start + it * BLOCK + tl.arange(0, BLOCK)
+        if start + (it + 1) * BLOCK <= n:
+            _adadelta_block(p_ptr, g_ptr, v_ptr, u_ptr, offs, None, sign, wd, neg_lr, rho, w, eps, WD)
+        elif start + it * BLOCK < n:
+            _adadelta_block(p_ptr, g_ptr, v_ptr, u_ptr, offs, offs < n, sign, wd, neg_lr, rho, w, eps, WD)
+
+
+# -- RMSprop ------------------------------------------------------------------------------
+
+@triton.jit
+def _rmsprop_block(p_ptr, g_ptr, v_ptr, ga_ptr, b_ptr, offs, mask, sign, wd, neg_lr, alpha, w, eps, momentum,
+                   WD: tl.constexpr, CENTERED: tl.constexpr, MOMENTUM: tl.constexpr):
+    p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
+    g = tl.load(g_ptr + offs, mask=mask).to(tl.float32) * sign
+    if WD:
+        g = g + wd * p
+    v = tl.load(v_ptr + offs, mask=mask).to(tl.float32) * alpha + (w * g) * g
+    tl.store(v_ptr + offs, (v).to(v_ptr.dtype.element_ty), mask=mask)
+    if CENTERED:
+        ga = _lerp(tl.load(ga_ptr + offs, mask=mask).to(tl.float32), g, w)
+        tl.store(ga_ptr + offs, (ga).to(ga_ptr.dtype.element_ty), mask=mask)
+        avg = tl.sqrt_rn(v + (-ga) * ga)
+    else:
+        avg = tl.sqrt_rn(v)
+    avg = avg + eps
+    if MOMENTUM:
+        b = tl.load(b_ptr + offs, mask=mask).to(tl.float32) * momentum + g / avg
+        tl.store(b_ptr + offs, (b).to(b_ptr.dtype.element_ty), mask=mask)
+        p = p + neg_lr * b
+    else:
+        p = p + (neg_lr * g) / avg
+    tl.store(p_ptr + offs, (p).to(p_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["lr_b", "alpha_b", "eps_b", "wd_b", "mom_b", "sign_b"])
+def _rmsprop_kernel(table_ptr, p_base, g_base, s_base, lr_b, alpha_b, eps_b, wd_b, mom_b, sign_b,
+                    WD: tl.constexpr, CENTERED: tl.constexpr, MOMENTUM: tl.constexpr, VP: tl.constexpr, VS: tl.constexpr,
+                    BLOCK: tl.constexpr, ITERS: tl.constexpr):
+    """v = alpha v + (1-alpha) g^2; avg = sqrt(v [- gbar^2]) + eps; p -= lr (b | g / avg)."""
+    row = table_ptr + tl.program_id(0).to(tl.int64) * 9  # this program's chunk
+    p_ptr = p_base + tl.multiple_of(tl.load(row + 0), VP)
+    g_ptr = g_base + tl.multiple_of(tl.load(row + 1), VP)
+    v_ptr = s_base + tl.multiple_of(tl.load(row + 2), VS)
+    ga_ptr = s_base + tl.multiple_of(tl.load(row + 3), VS)
+    b_ptr = s_base + tl.multiple_of(tl.load(row + 4), VS)
+    start = tl.multiple_of(tl.load(row + 6), BLOCK)
+    n = tl.load(row + 7)
+    a64 = alpha_b.to(tl.int64).to(tl.float64, bitcast=True)
+    neg_lr = (-lr_b.to(tl.int64).to(tl.float64, bitcast=True)).to(tl.float32)
+    alpha = a64.to(tl.float32)
+    w = (1.0 - a64).to(tl.float32)
+    eps = eps_b.to(tl.int64).to(tl.float64, bitcast=True).to(tl.float32)
+    wd = wd_b.to(tl.int64).to(tl.float64, bitcast=True).to(tl.float32)
+    momentum = mom_b.to(tl.int64).to(tl.float64, bitcast=True).to(tl.float32)
+    sign = sign_b.to(tl.int64).to(tl.float64, bitcast=True).to(tl.float32)
+    for it in range(ITERS):
+        offs = start + it * BLOCK + tl.arange(0, BLOCK)
+        if start + (it + 1) * BLOCK <= n:
+            _rmsprop_block(p_ptr, g_ptr, v_ptr, ga_ptr, b_ptr, offs, None, sign, wd, neg_lr, alpha, w, eps,
+                           momentum, WD, CENTERED, MOMENTUM)
+        elif start + it * BLOCK < n:
+            _rmsprop_block(p_ptr, g_ptr, v_ptr, ga_ptr, b_ptr, offs, offs < n, sign, wd, neg_lr, alpha, w, eps,
+                           momentum, WD, CENTERED, MOMENTUM)
+
+
+# -- Adam / AdamW -------------------------------------------------------------------------
+
+@triton.jit
+def _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vm_ptr, offs, mask, sign, wd, decay, w1, beta2, w2, eps, neg_step,
+                bc2s, WD_MODE: tl.constexpr, AMSGRAD: tl.constexpr):
+    p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
+    g = tl.load(g_ptr + offs, mask=mask).to(tl.float32) * sign
+    if WD_MODE == 1:
+        g = g + wd * p
+    if WD_MODE == 2:
+        p = p * decay
+    m = _lerp(tl.load(m_ptr + offs, mask=mask).to(tl.float32), g, w1)
+    v = tl.load(v_ptr + offs, mask=mask).to(tl.float32) * beta2 + (w2 * g) * g
+    tl.store(m_ptr + offs, (m).to(m_ptr.dtype.element_ty), mask=mask)
+    tl.store(v_ptr + offs, (v).to(v_ptr.dtype.element_ty), mask=mask)
+    if AMSGRAD:
+        vm = tl.maximum(tl.load(vm_ptr + offs, mask=mask).to(tl.float32), v)
+        tl.store(vm_ptr + offs, (vm).to(vm_ptr.dtype.element_ty), mask=mask)
+        denom = tl.sqrt_rn(vm) / bc2s + eps
+    else:
+        denom = tl.sqrt_rn(v) / bc2s + eps
+    tl.store(p_ptr + offs, (p + (neg_step * m) / denom).to(p_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["lr_b", "beta1_b", "beta2_b", "eps_b", "wd_b", "sign_b"])
+def _adam_kernel(table_ptr, p_base, g_base, s_base, step_base, lr_b, beta1_b, beta2_b, eps_b, wd_b, sign_b,
+                 WD_MODE: tl.constexpr, AMSGRAD: tl.constexpr, VP: tl.constexpr, VS: tl.constexpr, BLOCK: tl.constexpr,
+                 ITERS: tl.constexpr):
+    """Adam (WD_MODE 1: L2 into the gradient) / AdamW (WD_MODE 2: decoupled decay), torch's order:
+    m = lerp(m, g, 1-b1); v = b2 v + (1-b2) g^2; p += -(lr / bc1) m / (sqrt(v) / sqrt(bc2) + eps)."""
+    row = table_ptr + tl.program_id(0).to(tl.int64) * 9  # this program's chunk
+    p_ptr = p_base + tl.multiple_of(tl.load(row + 0), VP)
+    g_ptr = g_base + tl.multiple_of(tl.load(row + 1), VP)
+    m_ptr = s_base + tl.multiple_of(tl.load(row + 2), VS)
+    v_ptr = s_base + tl.multiple_of(tl.load(row + 3), VS)
+    vm_ptr = s_base + tl.multiple_of(tl.load(row + 4), VS)
+    step = tl.load(step_base + tl.load(row + 5)).to(tl.float64)
+    start = tl.multiple_of(tl.load(row + 6), BLOCK)
+    n = tl.load(row + 7)
+    lr64 = lr_b.to(tl.int64).to(tl.float64, bitcast=True)
+    b1 = beta1_b.to(tl.int64).to(tl.float64, bitcast=True)
+    b2 = beta2_b.to(tl.int64).to(tl.float64, bitcast=True)
+    wd64 = wd_b.to(tl.int64).to(tl.float64, bitcast=True)
+    bc1 = 1.0 - _pow_int(b1, step)
+    bc2 = 1.0 - _pow_int(b2, step)
+    neg_step = (-(lr64 / bc1)).to(tl.float32)
+    bc2s = tl.sqrt(bc2).to(tl.float32)  # float64 sqrt is IEEE-rounded
+    w1 = (1.0 - b1).to(tl.float32)
+    beta2 = b2.to(tl.float32)
+    w2 = (1.0 - b2).to(tl.float32)
+    eps = eps_b.to(tl.int64).to(tl.float64, bitcast=True).to(tl.float32)
+    wd = wd64.to(tl.float32)
+    decay = (1.0 - lr64 * wd64).to(tl.float32)
+    sign = sign_b.to(tl.int64).to(tl.float64, bitcast=True).to(tl.float32)
+    for it in range(ITERS):
+        offs = start + it * BLOCK + tl.arange(0, BLOCK)
+        if start + (it + 1) * BLOCK <= n:
+            _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vm_ptr, offs, None, sign, wd, decay, w1, beta2, w2, eps,
+                        neg_step, bc2s, WD_MODE, AMSGRAD)
+        elif start + it * BLOCK < n:
+            _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vm_ptr, offs, offs < n, sign, wd, decay, w1, beta2, w2, eps,
+                        neg_step, bc2s, WD_MODE, AMSGRAD)
+
+
+# -- clipping -----------------------------------------------------------------------------
+
+@triton.jit
+def _norm_piece(x, p, NORM: tl.constexpr):
+    a = tl.abs(x)
+    if NORM == 0:
+        return a
+    elif NORM == 2:
+        return a * a
+    else:
+        return tl.where(a > 0, tl.exp(p * tl.log(tl.where(a > 0, a, 1.0))), 0.0)
+
+
+@triton.jit(do_not_specialize=["p_b"])
+def _clip_partial_kernel(table_ptr, g_base, part_ptr, part0, p_b, NORM: tl.constexpr, VP: tl.constexpr,
+                         BLOCK: tl.constexpr, ITERS: tl.constexpr):
+    """part[part0 + pid] = max |g| (NORM 0) | sum g^2 (NORM 2) | sum |g|^p (NORM 1) over the chunk."""
+    row = table_ptr + tl.program_id(0).to(tl.int64) * 9  # this program's chunk
+    g_ptr = g_base + tl.multiple_of(tl.load(row + 1), VP)
+    start = tl.multiple_of(tl.load(row + 6), BLOCK)
+    n = tl.load(row + 7)
+    p = p_b.to(tl.int64).to(tl.float64, bitcast=True).to(tl.float32)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for it in range(ITERS):
+        offs = start + it * BLOCK + tl.arange(0, BLOCK)
+        x = _norm_piece(tl.load(g_ptr + offs, mask=offs < n, other=0.0).to(tl.float32), p, NORM)
+        if NORM == 0:
+            # NaN must survive the max (torch's norm is NaN then)
+            acc = tl.maximum(acc, x, propagate_nan=tl.PropagateNan.ALL)
+        else:
+            acc = acc + x
+    if NORM == 0:
+        r = tl.max(acc, axis=0) + tl.sum(tl.where(acc != acc, acc, 0.0), axis=0)  # + NaN if any
+    else:
+        r = tl.sum(acc, axis=0)
+    tl.store(part_ptr + part0 + tl.program_id(0), r)
+
+
+@triton.jit
+def _clip_total(part_ptr, n_parts, p, NORM: tl.constexpr, RBLOCK: tl.constexpr):
+    acc = tl.zeros([RBLOCK], dtype=tl.float32)
+    for s in range(0, n_parts, RBLOCK):
+        o = s + tl.arange(0, RBLOCK)
+        x = tl.load(part_ptr + o, mask=o < n_parts, other=0.0)
+        if NORM == 0:
+            acc = tl.maximum(acc, x, propagate_nan=tl.PropagateNan.ALL)
+        else:
+            acc = acc + x
+    if NORM == 0:
+        total = tl.max(acc, axis=0) + tl.sum(tl.where(acc != acc, acc, 0.0), axis=0)  # + NaN if any
+    elif NORM == 2:
+        total = tl.sqrt_rn(tl.sum(acc, axis=0))
+    else:
+        total = tl.exp(tl.log(tl.sum(acc, axis=0)) / p)
+    return total
+
+
+@triton.jit(do_not_specialize=["max_norm_b", "p_b"])
+def _clip_scale_kernel(table_ptr, g_base, part_ptr, n_parts, total_ptr, max_norm_b, p_b, NORM: tl.constexpr,
+                       VP: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr, RBLOCK: tl.constexpr):
+    """Every program reduces the partials to the total norm (no separate launch, no host read),
+    program 0 stores it, and each scales its chunk by min(1, max_norm / (total + 1e-6))."""
+    row = table_ptr + tl.program_id(0).to(tl.int64) * 9  # this program's chunk
+    g_ptr = g_base + tl.multiple_of(tl.load(row + 1), VP)
+    start = tl.multiple_of(tl.load(row + 6), BLOCK)
+    n = tl.load(row + 7)
+    p = p_b.to(tl.int64).to(tl.float64, bitcast=True).to(tl.float32)
+    total = _clip_total(part_ptr, n_parts, p, NORM, RBLOCK)
+    if tl.program_id(0) == 0:
+        tl.store(total_ptr, total)
+    coef = (1.0 / (total + 1e-6)) * max_norm_b.to(tl.int64).to(tl.float64, bitcast=True).to(tl.float32)
+    coef = tl.where(coef > 1.0, 1.0, coef)  # NaN stays NaN, as torch.clamp keeps it
+    for it in range(ITERS):
+        offs = start + it * BLOCK + tl.arange(0, BLOCK)
+        if start + (it + 1) * BLOCK <= n:
+            tl.store(g_ptr + offs, (tl.load(g_ptr + offs).to(tl.float32) * coef).to(g_ptr.dtype.element_ty))
+        elif start + it * BLOCK < n:
+            tl.store(g_ptr + offs, (tl.load(g_ptr + offs, mask=offs < n).to(tl.float32) * coef).to(g_ptr.dtype.element_ty), mask=offs < n)
+
+
+@triton.jit
+def _clip_total_kernel(part_ptr, n_parts, total_ptr, p_b, NORM: tl.constexpr, RBLOCK: tl.constexpr):
+    """The total norm alone (error_if_nonfinite reads it before anything is scaled)."""
+    tl.store(total_ptr, _clip_total(part_ptr, n_parts, p_b.to(tl.int64).to(tl.float64, bitcast=True).to(tl.float32), NORM, RBLOCK))
+
+
+# -- launch configuration -----------------------------------------------------------------
+
+def config(interpret: bool) -> tuple[int, int, int]:
+    """(BLOCK, ITERS, num_warps): on a GPU 2048 x 8 = 16 Ki elements per program at 4 warps
+    (16 elements per thread per block: four 16-byte vectors per fp32 array); the interpreter
+    runs each program in Python, so one small block per program."""
+    return (INTERP_BLOCK, INTERP_ITERS, 4) if interpret else (GPU_BLOCK, GPU_ITERS, GPU_WARPS)
+
+
+def launch(kind: str, table, n_chunks: int, p_base, g_base, s_base, step_base, scalars: dict, flags: dict,
+           interpret: bool) -> None:
+    """One multi-tensor step launch over ``n_chunks`` table rows (see the module docstring)."""
+    if n_chunks == 0:
+        return
+    blk, iters, warps = config(interpret)
+    b = {k: f64_bits(v) for k, v in scalars.items()}
+    grid = (n_chunks,)
+    common = dict(VP=16 // p_base.element_size(), VS=4, BLOCK=blk, ITERS=iters, num_warps=warps)
+    if kind == "sgd":
+        _sgd_kernel[grid](table, p_base, g_base, s_base, b["lr"], b["weight_decay"], b["momentum"], b["dampening"],
+                          b["sign"], MOMENTUM=flags["momentum"], NESTEROV=flags["nesterov"], WD=flags["wd"], **common)
+    elif kind == "adagrad":
+        _adagrad_kernel[grid](table, p_base, g_base, s_base, step_base, b["lr"], b["lr_decay"], b["weight_decay"],
+                              b["eps"], b["sign"], WD=flags["wd"], **common)
+    elif kind == "adadelta":
+        _adadelta_kernel[grid](table, p_base, g_base, s_base, b["lr"], b["rho"], b["eps"], b["weight_decay"],
+                               b["sign"], WD=flags["wd"], **common)
+    elif kind == "rmsprop":
+        _rmsprop_kernel[grid](table, p_base, g_base, s_base, b["lr"], b["alpha"], b["eps"], b["weight_decay"],
+                              b["momentum"], b["sign"], WD=flags["wd"], CENTERED=flags["centered"],
+                              MOMENTUM=flags["momentum"], **common)
+    elif kind == "adam":
+        _adam_kernel[grid](table, p_base, g_base, s_base, step_base, b["lr"], b["beta1"], b["beta2"], b["eps"],
+                           b["weight_decay"], b["sign"], WD_MODE=flags["wd_mode"], AMSGRAD=flags["amsgrad"], **common)
+    else:
+        raise ValueError(f"unknown optimizer kernel {kind!r}")
+
+
+def clip_partial(table, n_chunks, g_base, partials, part0, norm_code, p, interpret):
+    blk, iters, warps = config(interpret)
+    _clip_partial_kernel[(n_chunks,)](table, g_base, partials, part0, f64_bits(p), NORM=norm_code,
+                                      VP=16 // g_base.element_size(),
+                                      BLOCK=blk, ITERS=iters, num_warps=warps)
+
+
+def clip_scale(table, n_chunks, g_base, partials, n_parts, total, max_norm, norm_code, p, interpret):
+    blk, iters, warps = config(interpret)
+    _clip_scale_kernel[(n_chunks,)](table, g_base, partials, n_parts, total, f64_bits(max_norm), f64_bits(p),
+                                    NORM=norm_code, VP=16 // g_base.element_size(), BLOCK=blk, ITERS=iters, RBLOCK=CLIP_RBLOCK,
+                                    num_warps=warps)
+
+
+def clip_total(partials, n_parts, total, norm_code, p):
+    _clip_total_kernel[(1,)](partials, n_parts, total, f64_bits(p), NORM=norm_code, RBLOCK=CLIP_RBLOCK, num_warps=4)
+
+
+def aot_specs():
+    """Every configuration the launchers can launch with on a GPU: each kernel x parameter dtype
+    x option flags (offsets are always 16-byte aligned: the launch glue copies anything else)."""
+    specs = []
+    blk, iters, warps = GPU_BLOCK, GPU_ITERS, GPU_WARPS
+    base = {"BLOCK": blk, "ITERS": iters}
+    for dt in ("fp32", "fp16", "bf16"):
+        pg = {"table_ptr": "*i64", "p_base": f"*{dt}", "g_base": f"*{dt}", "s_base": "*fp32"}
+        isz = {"fp32": 4, "fp16": 2, "bf16": 2}[dt]
+        for _ in (0,):
+            al = {"VP": 16 // isz, "VS": 4}
+            tag = dt
+            for mom in (False, True):
+                for nest in ((False, True) if mom else (False,)):
+                    for wd in (False, True):
+                        sig = {**pg, **{k: "i64" for k in ("lr_b", "wd_b", "mom_b", "damp_b", "sign_b")},
+                               **{k: "constexpr" for k in ("MOMENTUM", "NESTEROV", "WD", "VP", "VS", "BLOCK", "ITERS")}}
+                        specs.append(AotSpec(_sgd_kernel, sig, {**base, "MOMENTUM": mom, "NESTEROV": nest, "WD": wd,
+                                                                **al}, num_warps=warps,
+                                             label=f"sgd {tag} mom={mom} nesterov={nest} wd={wd}"))
+            for wd in (False, True):
+                sig = {**pg, "step_base": "*fp32", **{k: "i64" for k in ("lr_b", "lr_decay_b", "wd_b", "eps_b", "sign_b")},
+                       **{k: "constexpr" for k in ("WD", "VP", "VS", "BLOCK", "ITERS")}}
+                specs.append(AotSpec(_adagrad_kernel, sig, {**base, "WD": wd, **al}, num_warps=warps,
+                                     label=f"adagrad {tag} wd={wd}"))
+                sig = {**pg, **{k: "i64" for k in ("lr_b", "rho_b", "eps_b", "wd_b", "sign_b")},
+                       **{k: "constexpr" for k in ("WD", "VP", "VS", "BLOCK", "ITERS")}}
+                specs.append(AotSpec(_adadelta_kernel, sig, {**base, "WD": wd, **al}, num_warps=warps,
+                                     label=f"adadelta {tag} wd={wd}"))
+                for cen in (False, True):
+                    for mom in (False, True):
+                        sig = {**pg, **{k: "i64" for k in ("lr_b", "alpha_b", "eps_b", "wd_b", "mom_b", "sign_b")},
+                               **{k: "constexpr" for k in ("WD", "CENTERED", "MOMENTUM", "VP", "VS", "BLOCK", "ITERS")}}
+                        specs.append(AotSpec(_rmsprop_kernel, sig, {**base, "WD": wd, "CENTERED": cen, "MOMENTUM": mom,
+                                                                    **al}, num_warps=warps,
+                                             label=f"rmsprop {tag} wd={wd} centered={cen} momentum={mom}"))
+            for wd_mode in (0, 1, 2):
+                for ams in (False, True):
+                    sig = {**pg, "step_base": "*fp32",
+                           **{k: "i64" for k in ("lr_b", "beta1_b", "beta2_b", "eps_b", "wd_b", "sign_b")},
+                           **{k: "constexpr" for k in ("WD_MODE", "AMSGRAD", "VP", "VS", "BLOCK", "ITERS")}}
+                    specs.append(AotSpec(_adam_kernel, sig, {**base, "WD_MODE": wd_mode, "AMSGRAD": ams,
+                                                             **al}, num_warps=warps,
+                                         label=f"adam {tag} wd_mode={wd_mode} amsgrad={ams}"))
+            for norm in NORM_CODES.values():
+                sig = {"table_ptr": "*i64", "g_base": f"*{dt}", "part_ptr": "*fp32", "part0": "i32", "p_b": "i64",
+                       **{k: "constexpr" for k in ("NORM", "VP", "BLOCK", "ITERS")}}
+                specs.append(AotSpec(_clip_partial_kernel, sig, {**base, "NORM": norm, "VP": al["VP"]},
+                                     num_warps=warps, label=f"clip partial {tag} norm={norm}"))
+                sig = {"table_ptr": "*i64", "g_base": f"*{dt}", "part_ptr": "*fp32", "n_parts": "i32",
+                       "total_ptr": "*fp32", "max_norm_b": "i64", "p_b": "i64",
+                       **{k: "constexpr" for k in ("NORM", "VP", "BLOCK", "ITERS", "RBLOCK")}}
+                specs.append(AotSpec(_clip_scale_kernel, sig, {**base, "NORM": norm, "VP": al["VP"],
+                                                               "RBLOCK": CLIP_RBLOCK}, num_warps=warps,
+                                     label=f"clip scale {tag} norm={norm}"))
+    for norm in NORM_CODES.values():
+        sig = {"part_ptr": "*fp32", "n_parts": "i32", "total_ptr": "*fp32", "p_b": "i64", "NORM": "constexpr",
+               "RBLOCK": "constexpr"}
+        specs.append(AotSpec(_clip_total_kernel, sig, {"NORM": norm, "RBLOCK": CLIP_RBLOCK}, num_warps=4,
+                             label=f"clip total norm={norm}"))
+    return specs

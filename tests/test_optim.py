@@ -1,0 +1,420 @@
+"""Optimizers and clipping: 25-step trajectories against torch.optim (float64 to 1e-10, float32
+to float32 rounding) on the reference and on every kernel backend, state_dict interchange with
+torch in both directions mid-run, schedulers, clipping, validation messages, skipped params,
+sparse gradients, the CUDA C per-element math on the host."""
+
+import copy
+import ctypes
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import gpu_nn
+import gpu_nn.optim as go
+from gpu_nn.nn.utils import clip_grad_norm_
+from gpu_nn.reference import optim as ref
+from helpers import CUDA, backend_params, build_host_library, fptr
+
+CONFIGS = [
+    ("SGD", dict(lr=0.1)),
+    ("SGD", dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01)),
+    ("SGD", dict(lr=0.01, momentum=0.8, dampening=0.3, maximize=True)),
+    ("Adagrad", dict(lr=0.1)),
+    ("Adagrad", dict(lr=0.1, lr_decay=0.01, weight_decay=0.1, initial_accumulator_value=0.1, eps=1e-6)),
+    ("Adadelta", dict()),
+    ("Adadelta", dict(lr=0.5, rho=0.8, eps=1e-5, weight_decay=0.1, maximize=True)),
+    ("RMSprop", dict(lr=0.01)),
+    ("RMSprop", dict(lr=0.01, alpha=0.9, momentum=0.9, centered=True, weight_decay=0.1)),
+    ("RMSprop", dict(lr=0.001, centered=True, maximize=True)),
+    ("Adam", dict(lr=0.01)),
+    ("Adam", dict(lr=0.01, betas=(0.8, 0.99), amsgrad=True, weight_decay=0.1)),
+    ("Adam", dict(lr=0.001, maximize=True, eps=1e-6)),
+    ("AdamW", dict(lr=0.01)),
+    ("AdamW", dict(lr=0.01, amsgrad=True, weight_decay=0.3)),
+]
+IDS = [f"{n}-{i}" for i, (n, _) in enumerate(CONFIGS)]
+
+
+def _model(dtype, device="cpu", seed=0):
+    torch.manual_seed(seed)
+    # odd sizes; a bias-free layer and a frozen tensor exercise "params without grads"
+    m = torch.nn.Sequential(torch.nn.Linear(37, 29), torch.nn.Tanh(), torch.nn.Linear(29, 5, bias=False),
+                            torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    return m.to(device=device, dtype=dtype)
+
+
+def _batch(dtype, device="cpu"):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(11, 37, dtype=dtype, generator=g).to(device), torch.randn(11, 3, dtype=dtype, generator=g).to(device)
+
+
+def _train(models_opts, x, y, steps, backend="reference", sched=None):
+    """Run ``steps`` steps of every (model, optimizer); yield after each step."""
+    for _ in range(steps):
+        for i, (m, o) in enumerate(models_opts):
+            o.zero_grad()
+            ((m(x) - y) ** 2).mean().backward()
+            if i == 0:
+                with gpu_nn.backend(backend):
+                    o.step()
+            else:
+                o.step()
+        if sched:
+            for s in sched:
+                s.step()
+        yield
+
+
+def _rel(a, b):
+    return float((a.detach().double() - b.detach().double()).abs().max() / max(float(b.detach().abs().max()), 1e-30))
+
+
+def _max_err(m1, m2):
+    return max(_rel(a, b) for a, b in zip(m1.parameters(), m2.parameters()))
+
+
+def _f32_tol(steps=25):
+    # float32 rounding: both sides round every op; differences grow at most linearly with the steps
+    return 64 * 1.2e-7 * steps
+
+
+@pytest.mark.parametrize("name,kw", CONFIGS, ids=IDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_reference_trajectory_matches_torch(name, kw, dtype):
+    m1 = _model(dtype)
+    m2 = copy.deepcopy(m1)
+    x, y = _batch(dtype)
+    o1, o2 = getattr(go, name)(m1.parameters(), **kw), getattr(torch.optim, name)(m2.parameters(), **kw)
+    worst = 0.0
+    for _ in _train([(m1, o1), (m2, o2)], x, y, 25):
+        worst = max(worst, _max_err(m1, m2))
+    bound = 1e-10 if dtype == torch.float64 else _f32_tol()
+    assert worst <= bound, f"{name} {kw} {dtype}: {worst:.3e} > {bound:.1e}"
+    # the state has torch's keys and values
+    for p1, p2 in zip(m1.parameters(), m2.parameters()):
+        s1, s2 = o1.state[p1], o2.state[p2]
+        assert set(s1) == set(s2)
+        for k in s2:
+            assert _rel(s1[k], s2[k]) <= bound * 10 + 1e-300
+
+
+@pytest.mark.parametrize("name,kw", CONFIGS[1::2], ids=IDS[1::2])
+@pytest.mark.parametrize("direction", ["ours_to_torch", "torch_to_ours"])
+def test_state_dict_swap_mid_run(name, kw, direction):
+    dtype = torch.float64
+    x, y = _batch(dtype)
+    ma = _model(dtype)
+    mb = copy.deepcopy(ma)
+    first = go if direction == "ours_to_torch" else torch.optim
+    second = torch.optim if direction == "ours_to_torch" else go
+    oa = getattr(first, name)(ma.parameters(), **kw)
+    ob = getattr(torch.optim, name)(mb.parameters(), **kw)  # uninterrupted torch run
+    for _ in _train([(ma, oa), (mb, ob)], x, y, 10):
+        pass
+    mc = copy.deepcopy(ma)
+    oc = getattr(second, name)(mc.parameters(), **kw)
+    oc.load_state_dict(copy.deepcopy(oa.state_dict()))
+    assert set(oc.state_dict()["param_groups"][0]) >= set(ob.state_dict()["param_groups"][0]) - {"params"}
+    for _ in _train([(mc, oc), (mb, ob)], x, y, 15):
+        pass
+    assert _max_err(mc, mb) <= 1e-10
+
+
+def test_scheduler_and_closure():
+    dtype = torch.float64
+    x, y = _batch(dtype)
+    m1 = _model(dtype)
+    m2 = copy.deepcopy(m1)
+    o1, o2 = go.Adam(m1.parameters(), lr=0.05), torch.optim.Adam(m2.parameters(), lr=0.05)
+    s = [torch.optim.lr_scheduler.StepLR(o1, 5, 0.5), torch.optim.lr_scheduler.StepLR(o2, 5, 0.5)]
+    for _ in _train([(m1, o1), (m2, o2)], x, y, 25, sched=s):
+        pass
+    assert o1.param_groups[0]["lr"] == o2.param_groups[0]["lr"] < 0.05
+    assert _max_err(m1, m2) <= 1e-10
+
+    def closure():
+        o1.zero_grad()
+        loss = ((m1(x) - y) ** 2).mean()
+        loss.backward()
+        return loss
+
+    assert isinstance(o1.step(closure), torch.Tensor)
+
+
+def test_params_without_grads_are_skipped():
+    a = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    for cls in (go.SGD, go.Adam, go.RMSprop, go.Adadelta):
+        kw = dict(lr=0.1, momentum=0.9) if cls is go.SGD else dict(lr=0.1)
+        o = cls([a, b], **kw)
+        b0 = b.detach().clone()
+        a.grad = torch.randn_like(a)
+        b.grad = None
+        o.step()
+        assert torch.equal(b, b0)
+        assert len(o.state[b]) == 0
+    o = go.Adam([a, b])
+    o.step()  # nothing has grads: no-op
+
+
+def test_sparse_gradients_raise():
+    emb = torch.nn.Embedding(10, 3, sparse=True).double()
+    emb(torch.tensor([1, 2])).sum().backward()
+    for cls in (go.SGD, go.Adagrad, go.Adam, go.RMSprop, go.Adadelta):
+        with pytest.raises(RuntimeError, match="sparse"):
+            cls(emb.parameters(), lr=0.1).step()
+
+
+BAD = [
+    ("SGD", dict(lr=-1.0)), ("SGD", dict(lr=0.1, momentum=-0.5)), ("SGD", dict(lr=0.1, weight_decay=-1.0)),
+    ("SGD", dict(lr=0.1, nesterov=True)), ("SGD", dict(lr=0.1, momentum=0.9, dampening=0.1, nesterov=True)),
+    ("Adagrad", dict(lr=-0.1)), ("Adagrad", dict(lr_decay=-1.0)), ("Adagrad", dict(initial_accumulator_value=-1.0)),
+    ("Adagrad", dict(eps=-1.0)), ("Adadelta", dict(rho=1.5)), ("Adadelta", dict(eps=-1.0)),
+    ("RMSprop", dict(alpha=-0.1)), ("RMSprop", dict(momentum=-0.1)), ("RMSprop", dict(eps=-1e-3)),
+    ("Adam", dict(lr=-1.0)), ("Adam", dict(betas=(1.0, 0.999))), ("Adam", dict(betas=(0.9, -0.1))),
+    ("Adam", dict(eps=-1.0)), ("Adam", dict(weight_decay=-1.0)), ("AdamW", dict(betas=(0.9, 1.0))),
+]
+
+
+@pytest.mark.parametrize("name,kw", BAD, ids=[f"{n}-{i}" for i, (n, _) in enumerate(BAD)])
+def test_bad_hyperparameters_raise_like_torch(name, kw):
+    p = [torch.nn.Parameter(torch.randn(3))]
+    with pytest.raises(ValueError) as theirs:
+        getattr(torch.optim, name)(p, **kw)
+    with pytest.raises(ValueError) as ours:
+        getattr(go, name)(p, **kw)
+    assert str(ours.value) == str(theirs.value)
+
+
+def test_flags_accepted_and_differentiable_refused():
+    p = [torch.nn.Parameter(torch.randn(3))]
+    go.Adam(p, foreach=True)
+    go.Adam(p, fused=True)
+    go.AdamW(p, capturable=True)
+    go.SGD(p, foreach=False)
+    with pytest.raises(ValueError, match="differentiable"):
+        go.Adam(p, differentiable=True)
+    with pytest.raises(RuntimeError, match="cannot be `True` together"):
+        go.Adam(p, fused=True, foreach=True)
+    assert go.AdamW(p).defaults["weight_decay"] == 1e-2
+    assert isinstance(go.SGD(p), torch.optim.Optimizer)
+
+
+# -- clipping -----------------------------------------------------------------------------
+
+def _grads(rng, dtype, device="cpu", scale=1.0):
+    shapes = [(7, 13), (13,), (5,), (3, 17), (1,)]
+    ps = [torch.nn.Parameter(torch.zeros(s, dtype=dtype, device=device)) for s in shapes]
+    for p in ps:
+        p.grad = torch.from_numpy(rng.standard_normal(p.shape) * scale).to(dtype=dtype, device=device)
+    ps.append(torch.nn.Parameter(torch.zeros(4, dtype=dtype, device=device)))  # no grad
+    return ps
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
+@pytest.mark.parametrize("norm_type", [2.0, float("inf"), 1.0, 3.0])
+@pytest.mark.parametrize("max_norm", [0.5, 1e6])
+def test_clip_grad_norm_matches_torch(backend, device, norm_type, max_norm, rng):
+    dtypes = (torch.float64, torch.float32) if backend == "reference" else (torch.float32, torch.float16)
+    for dtype in dtypes:
+        ours = _grads(rng, dtype, device)
+        theirs = [torch.nn.Parameter(p.detach().cpu().double()) for p in ours]
+        for a, b in zip(ours, theirs):
+            b.grad = None if a.grad is None else a.grad.detach().cpu().double().clone()
+        with gpu_nn.backend(backend):
+            tn = clip_grad_norm_(ours, max_norm, norm_type)
+        tt = torch.nn.utils.clip_grad_norm_(theirs, max_norm, norm_type)
+        bound = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 2e-3}[dtype]
+        assert tn.dtype == dtype and tn.shape == ()
+        assert abs(float(tn) - float(tt)) <= bound * float(tt)
+        for a, b in zip(ours, theirs):
+            if b.grad is None:
+                assert a.grad is None
+            else:
+                assert _rel(a.grad.cpu(), b.grad) <= bound
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
+def test_clip_grad_norm_nonfinite(backend, device, rng):
+    ps = _grads(rng, torch.float32, device)
+    ps[1].grad[3] = float("inf")
+    with gpu_nn.backend(backend):
+        with pytest.raises(RuntimeError, match="non-finite"):
+            clip_grad_norm_(ps, 1.0, error_if_nonfinite=True)
+        tn = clip_grad_norm_(ps, 1.0)  # scales by the non-finite norm anyway, as torch does
+    assert math.isinf(float(tn))
+    assert float(clip_grad_norm_([], 1.0)) == 0.0
+    single = torch.nn.Parameter(torch.ones(4, device=device))
+    single.grad = torch.full((4,), 2.0, device=device)
+    with gpu_nn.backend(backend):
+        assert abs(float(clip_grad_norm_(single, 1.0)) - 4.0) < 1e-6
+
+
+# -- kernel backends ----------------------------------------------------------------------
+
+KERNEL_DTYPES = {"cpu": (torch.float32, torch.float16), "cuda": (torch.float32, torch.float16, torch.bfloat16)}
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("triton", "cupy")))
+@pytest.mark.parametrize("name,kw", CONFIGS, ids=IDS)
+def test_kernel_trajectory_matches_torch(backend, device, name, kw):
+    if backend == "cupy" and name not in ("Adam", "AdamW", "RMSprop"):
+        pytest.skip("the cupy backend implements Adam/AdamW/RMSprop only")
+    for dtype in KERNEL_DTYPES[device][:1]:
+        m1 = _model(dtype, device)
+        m2 = copy.deepcopy(m1)
+        x, y = _batch(dtype, device)
+        o1, o2 = getattr(go, name)(m1.parameters(), **kw), getattr(torch.optim, name)(m2.parameters(), **kw)
+        worst = 0.0
+        for _ in _train([(m1, o1), (m2, o2)], x, y, 25, backend=backend):
+            worst = max(worst, _max_err(m1, m2))
+        assert worst <= _f32_tol(), f"{name} {kw} {backend}: {worst:.3e}"
+        for p in m1.parameters():
+            if "step" in o1.state[p]:
+                assert o1.state[p]["step"].device == p.device and float(o1.state[p]["step"]) == 25
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("triton", "cupy")))
+@pytest.mark.parametrize("name,kw", [CONFIGS[2], CONFIGS[4], CONFIGS[6], CONFIGS[8], CONFIGS[11], CONFIGS[14]],
+                         ids=["SGD", "Adagrad", "Adadelta", "RMSprop", "Adam", "AdamW"])
+def test_kernel_half_params_fp32_state(backend, device, name, kw):
+    """float16 (and on a GPU bfloat16) parameters with float32 state against a float32 shadow run
+    of the reference started from the same rounded values."""
+    if backend == "cupy" and name not in ("Adam", "AdamW", "RMSprop"):
+        pytest.skip("the cupy backend implements Adam/AdamW/RMSprop only")
+    for dtype in KERNEL_DTYPES[device][1:]:
+        m1 = _model(dtype, device)
+        m2 = copy.deepcopy(m1).to("cpu", torch.float32)
+        x, y = _batch(dtype, device)
+        o1, o2 = getattr(go, name)(m1.parameters(), **kw), getattr(go, name)(m2.parameters(), **kw)
+        for _ in range(5):
+            o1.zero_grad()
+            ((m1(x) - y) ** 2).mean().backward()
+            for a, b in zip(m1.parameters(), m2.parameters()):
+                b.grad = a.grad.detach().to("cpu", torch.float32)
+            with gpu_nn.backend(backend):
+                o1.step()
+            with gpu_nn.backend("reference"):
+                o2.step()
+            for a, b in zip(m1.parameters(), m2.parameters()):
+                # the kernel rounds the float32 update into the half parameter once per step
+                ulp = 9.8e-4 if dtype == torch.float16 else 7.8e-3
+                assert _rel(a.float().cpu(), b.to(dtype).float()) <= 2 * ulp
+                b.data.copy_(a.detach().float().cpu())  # resynchronise the rounding of the parameter
+            for k, v in o1.state[next(iter(m1.parameters()))].items():
+                if k != "step":
+                    assert v.dtype == torch.float32
+
+
+# -- CUDA C per-element math on the host ---------------------------------------------------
+
+_HOST = r"""
+#include "optim_math.cuh"
+extern "C" void adam_host(float* p, const float* g, float* m, float* v, float* vmax, long long n, int amsgrad,
+                          int maximize, int decoupled, float w1, float beta2, float w2, float wd, float eps,
+                          float neg_step_size, float bc2_sqrt, float decay) {
+    for (long long i = 0; i < n; ++i) {
+        float vm = amsgrad ? vmax[i] : 0.0f;
+        gn_adam_update(p[i], g[i], m[i], v[i], vm, amsgrad, maximize, decoupled, w1, beta2, w2, wd, eps,
+                       neg_step_size, bc2_sqrt, decay);
+        if (amsgrad) vmax[i] = vm;
+    }
+}
+extern "C" void rmsprop_host(float* p, const float* g, float* v, float* ga, float* buf, long long n, int centered,
+                             int use_momentum, int maximize, float lr, float alpha, float w, float eps, float wd,
+                             float momentum) {
+    for (long long i = 0; i < n; ++i) {
+        float gai = centered ? ga[i] : 0.0f, bi = use_momentum ? buf[i] : 0.0f;
+        gn_rmsprop_update(p[i], g[i], v[i], gai, bi, centered, use_momentum, maximize, lr, alpha, w, eps, wd, momentum);
+        if (centered) ga[i] = gai;
+        if (use_momentum) buf[i] = bi;
+    }
+}
+"""
+
+
+@pytest.mark.parametrize("opts", [dict(), dict(amsgrad=True, weight_decay=0.1), dict(maximize=True, decoupled=True, weight_decay=0.2)])
+def test_cuda_adam_math_on_host(opts, rng):
+    lib = build_host_library(_HOST, "optim_math")
+    n = 1001
+    p, g = rng.standard_normal(n).astype(np.float32), rng.standard_normal(n).astype(np.float32)
+    m, v = (rng.standard_normal(n) * 0.1).astype(np.float32), (rng.random(n) * 0.1).astype(np.float32)
+    vmax = v + np.float32(0.01) * rng.random(n).astype(np.float32)
+    arrs = [a.copy() for a in (p, g, m, v, vmax)]
+    lr, b1, b2, eps, wd, step = 0.01, 0.9, 0.999, 1e-8, opts.get("weight_decay", 0.0), 7
+    ams, mx, dec = opts.get("amsgrad", False), opts.get("maximize", False), opts.get("decoupled", False)
+    ref.adam_step([p], [g], [m], [v], [vmax], [step], lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd, amsgrad=ams,
+                  maximize=mx, decoupled_weight_decay=dec)
+    bc1, bc2 = 1 - b1**step, 1 - b2**step
+    f = ctypes.c_float
+    lib.adam_host(*[fptr(a) for a in arrs], ctypes.c_longlong(n), int(ams), int(mx), int(dec), f(1 - b1), f(b2),
+                  f(1 - b2), f(wd), f(eps), f(-(lr / bc1)), f(bc2**0.5), f(1 - lr * wd))
+    for a, b in zip(arrs, (p, g, m, v, vmax)):
+        np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("opts", [dict(), dict(centered=True, momentum=0.9, weight_decay=0.1, maximize=True)])
+def test_cuda_rmsprop_math_on_host(opts, rng):
+    lib = build_host_library(_HOST, "optim_math")
+    n = 999
+    p, g = rng.standard_normal(n).astype(np.float32), rng.standard_normal(n).astype(np.float32)
+    v = (rng.random(n) + 0.5).astype(np.float32)
+    ga, buf = (rng.standard_normal(n) * 0.1).astype(np.float32), rng.standard_normal(n).astype(np.float32)
+    arrs = [a.copy() for a in (p, g, v, ga, buf)]
+    lr, alpha, eps = 0.01, 0.9, 1e-8
+    c, mom, wd, mx = opts.get("centered", False), opts.get("momentum", 0.0), opts.get("weight_decay", 0.0), opts.get("maximize", False)
+    ref.rmsprop_step([p], [g], [v], [ga], [buf], lr=lr, alpha=alpha, eps=eps, weight_decay=wd, momentum=mom,
+                     centered=c, maximize=mx)
+    f = ctypes.c_float
+    lib.rmsprop_host(*[fptr(a) for a in arrs], ctypes.c_longlong(n), int(c), int(mom > 0), int(mx), f(lr), f(alpha),
+                     f(1 - alpha), f(eps), f(wd), f(mom))
+    for a, b in zip(arrs, (p, g, v, ga, buf)):
+        np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-7)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device: the GPU step must not synchronise with the host")
+def test_gpu_step_does_not_sync():
+    m = _model(torch.float32, "cuda")
+    o = go.Adam(m.parameters(), lr=0.01)
+    x, y = _batch(torch.float32, "cuda")
+    ((m(x) - y) ** 2).mean().backward()
+    o.step()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        o.step()
+        clip_grad_norm_(m.parameters(), 1.0)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("reference", "triton", "cupy")))
+@pytest.mark.parametrize("name", ["Adam", "RMSprop", "SGD"])
+def test_kernel_odd_layouts(backend, device, name, rng):
+    """Misaligned views of a flat buffer and transposed parameters go through copies, written back."""
+    if backend == "cupy" and name == "SGD":
+        pytest.skip("the cupy backend implements Adam/AdamW/RMSprop only")
+    kw = dict(lr=0.01, momentum=0.9) if name != "Adam" else dict(lr=0.01)
+    flat = torch.from_numpy(rng.standard_normal(600)).float().to(device)
+    ours = [flat[1:38], flat[41:41 + 517].view(11, 47), torch.from_numpy(rng.standard_normal((7, 5))).float().to(device).t()]
+    theirs = [p.detach().clone() for p in ours]
+    for p in ours + theirs:
+        p.requires_grad_()
+    o1, o2 = getattr(go, name)(ours, **kw), getattr(torch.optim, name)(theirs, **kw)
+    for _ in range(3):
+        for a, b in zip(ours, theirs):
+            g = torch.from_numpy(rng.standard_normal(a.shape)).float().to(device)
+            a.grad, b.grad = g.clone(), g.clone()
+        with gpu_nn.backend(backend):
+            o1.step()
+        o2.step()
+    for a, b in zip(ours, theirs):
+        assert _rel(a, b) <= _f32_tol(3)
+
+
+@pytest.mark.parametrize("kind", [0, 1, 2], ids=["fp32", "fp16", "bf16"])
+def test_cuda_optim_compiles_for_every_param_dtype(kind):
+    from gpu_nn.kernels import cuda as kcuda
+
+    assert kcuda.compile_cubin("optim", {"PARAM_KIND": kind, "OPTIM_CHUNK": 16384}, arch="sm_90")[:4] == b"\x7fELF"
