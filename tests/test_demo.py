@@ -66,8 +66,13 @@ def test_ours_matches_torch_step_by_step(model):
     net, twin = r["models"]
     sd, tsd = net.state_dict(), twin.state_dict()
     assert sd.keys() == tsd.keys()
+    # Adam and RMSprop divide each gradient element by its running RMS, so an element whose
+    # gradient is a near-cancelling sum carries that sum's float32 relative error into a step
+    # of size ~lr: weights may differ by a small fraction of lr per step (a wrong layer or
+    # update rule would be off by ~lr or more, and would show in the losses above).
+    atol = 1e-2 * r["lr"] * len(ours)
     for k in sd:
-        torch.testing.assert_close(sd[k], tsd[k], rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
+        torch.testing.assert_close(sd[k], tsd[k], rtol=1e-4, atol=atol, msg=lambda m, k=k: f"{k}: {m}")
 
 
 def test_command_writes_json_and_plot(tmp_path, capsys):
