@@ -358,6 +358,8 @@ def run(args) -> int:
         results[m] = train_pair(m, args.epochs, device, args.backend, args.subset, args.seed, ours,
                                 progress=not args.no_progress)
     console = Console()
+    if not console.is_terminal:  # logs and pipes: wide enough that cells do not wrap
+        console = Console(width=160)
     print_table(results, console)
     console.print(f"total {time.perf_counter() - t0:.1f} s")
     if args.json:
