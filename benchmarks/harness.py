@@ -33,6 +33,11 @@ class Case:
     baseline: str = "torch"
 
 
+# (warm-up calls, timed calls, seconds after which a provider stops early)
+QUICK = (2, 7, 2.0)
+FULL = (3, 15, 10.0)
+
+
 def rotating(make_inputs: Callable[[], tuple], copies: int = 3) -> Callable[[], tuple]:
     """A function that returns a different one of ``copies`` input sets on each call."""
     sets = [make_inputs() for _ in range(copies)]
@@ -51,43 +56,75 @@ def _sync(device: str) -> None:
 
 
 def time_callable(fn: Callable[[], object], device: str, warmup: int = 2, reps: int = 7,
-                  min_time: float = 0.0) -> list[float]:
-    """Seconds per call for ``reps`` timed calls after ``warmup`` untimed ones."""
+                  min_time: float = 0.0, max_time: float | None = None, min_reps: int = 3) -> list[float]:
+    """Seconds per call for ``reps`` timed calls after ``warmup`` untimed ones.
+
+    On a GPU each call is bracketed by CUDA events recorded on the current stream (so the
+    figure is device time, not launch overhead); on the CPU by ``perf_counter``. Timing goes on
+    until ``reps`` calls and ``min_time`` seconds are done, but stops early (after at least
+    ``min_reps`` calls) once ``max_time`` seconds have been spent, so that one slow shape
+    cannot blow a ``--quick`` budget.
+    """
+    if reps < 1:
+        raise ValueError("reps must be >= 1")
+    cuda = device.startswith("cuda")
     for _ in range(warmup):
         fn()
     _sync(device)
-    times = []
-    if device.startswith("cuda"):
-        for _ in range(reps):
+    times: list[float] = []
+    t_start = time.perf_counter()
+    while True:
+        if cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             fn()
             end.record()
             end.synchronize()
             times.append(start.elapsed_time(end) / 1e3)
-    else:
-        t_end = time.perf_counter() + min_time
-        while len(times) < reps or time.perf_counter() < t_end:
+        else:
             t0 = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t0)
+        spent = time.perf_counter() - t_start
+        if max_time is not None and spent >= max_time and len(times) >= min(min_reps, reps):
+            break
+        if len(times) >= reps and spent >= min_time:
+            break
     return times
 
 
-def run_case(case: Case, providers=None, warmup: int = 2, reps: int = 7) -> dict:
-    """Time every provider of ``case``; returns a result row (seconds are medians)."""
+def summarize(times: list[float]) -> dict:
+    """Median (the figure every ratio uses), min, max and interquartile range of ``times``."""
+    s = sorted(times)
+    q = statistics.quantiles(s, n=4) if len(s) >= 2 else [s[0], s[0], s[0]]
+    return {"median": statistics.median(s), "min": s[0], "max": s[-1], "iqr": q[2] - q[0], "reps": len(s)}
+
+
+def run_case(case: Case, providers=None, warmup: int = 2, reps: int = 7, max_time: float | None = None) -> dict:
+    """Time every provider of ``case``; returns a result row (seconds are medians).
+
+    ``providers`` (an iterable of names) restricts the run to those providers plus the
+    baseline. A provider whose ``setup()`` or call raises is recorded under ``errors``.
+    """
     row = {
         "family": case.family, "name": case.name, "shape": case.shape, "device": case.device,
-        "baseline": case.baseline, "seconds": {}, "errors": {},
+        "baseline": case.baseline, "seconds": {}, "stats": {}, "errors": {},
+        "flops": case.flops, "bytes": case.bytes,
     }
     for name, setup in case.providers.items():
         if providers and name not in providers and name != case.baseline:
             continue
         try:
             fn = setup()
-            row["seconds"][name] = statistics.median(time_callable(fn, case.device, warmup, reps))
+            stats = summarize(time_callable(fn, case.device, warmup, reps, max_time=max_time))
+            row["seconds"][name] = stats["median"]
+            row["stats"][name] = stats
         except Exception as exc:  # a provider that cannot run here is reported, not fatal
             row["errors"][name] = f"{type(exc).__name__}: {exc}"[:500]
+        finally:
+            fn = None
+            if case.device.startswith("cuda"):
+                torch.cuda.empty_cache()
     base = row["seconds"].get(case.baseline)
     row["ratio"] = {  # ours / baseline: below 1 is faster than the baseline
         n: s / base for n, s in row["seconds"].items() if base and n != case.baseline
@@ -99,66 +136,106 @@ def run_case(case: Case, providers=None, warmup: int = 2, reps: int = 7) -> dict
     return row
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment() -> dict:
+    """Device name, library versions and the date, for the JSON of every run."""
     env = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "python": platform.python_version(),
+        "platform": platform.platform(),
         "torch": torch.__version__,
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": _cpu_name(),
         "threads": torch.get_num_threads(),
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
     }
-    try:
-        import numpy
-
-        env["numpy"] = numpy.__version__
-    except ImportError:
-        pass
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except ImportError:
-        pass
+    if torch.cuda.is_available():
+        env["cuda"] = torch.version.cuda
+        cap = torch.cuda.get_device_capability(0)
+        env["compute_capability"] = f"sm_{cap[0]}{cap[1]}"
+    for mod in ("numpy", "triton", "cupy", "gpu_nn"):
+        try:
+            env[mod] = __import__(mod).__version__
+        except Exception:  # not installed, or no usable driver for cupy
+            pass
     return env
 
 
-def run_cases(cases: list[Case], providers=None, warmup: int = 2, reps: int = 7, progress: bool = True) -> list[dict]:
-    it = cases
+def run_cases(cases: list[Case], providers=None, warmup: int = 2, reps: int = 7, progress: bool = True,
+              max_time: float | None = None) -> list[dict]:
+    """Run every case in order (with a tqdm progress bar unless ``progress`` is False)."""
+    rows = []
+    bar = None
     if progress:
         from tqdm import tqdm
 
-        it = tqdm(cases, desc="bench", unit="case")
-    return [run_case(c, providers, warmup, reps) for c in it]
+        bar = tqdm(total=len(cases), desc="bench", unit="case")
+    try:
+        for c in cases:
+            if bar is not None:
+                bar.set_postfix_str(f"{c.family}: {c.name} {c.shape}"[:60])
+            rows.append(run_case(c, providers, warmup, reps, max_time=max_time))
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    return rows
 
 
-def write_json(rows: list[dict], path: str) -> None:
+def write_json(rows: list[dict], path: str, **extra) -> None:
+    """``{"environment": ..., "results": rows, **extra}`` as JSON at ``path``."""
     with open(path, "w") as f:
-        json.dump({"environment": environment(), "results": rows}, f, indent=1)
+        json.dump({"environment": environment(), "results": rows, **extra}, f, indent=1)
 
 
-def print_table(rows: list[dict], title: str = "gpu-nn bench") -> None:
+def print_table(rows: list[dict], title: str = "gpu-nn bench", console=None) -> None:
+    """One line per (case, non-baseline provider): shape, ours, baseline, ratio, TFLOP/s, GB/s."""
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=title)
-    for col in ("op", "shape", "provider", "median ms", "baseline ms", "ratio", "TFLOP/s", "GB/s"):
-        table.add_column(col)
+    table = Table(title=title, caption="ratio = ours / baseline median time (below 1 is faster than the baseline)")
+    for col in ("family", "op", "shape", "ours", "ours ms", "baseline ms", "ratio", "TFLOP/s", "GB/s"):
+        table.add_column(col, justify="right" if col.endswith(("ms", "ratio", "/s")) else "left")
     for r in rows:
-        base = r["seconds"].get(r["baseline"])
-        for name, s in r["seconds"].items():
-            if name == r["baseline"]:
-                continue
+        bname = r["baseline"]
+        base = r["seconds"].get(bname)
+        others = [n for n in r["seconds"] if n != bname]
+        if not others and not r["errors"]:
+            table.add_row(r["family"], r["name"], r["shape"], "-", "-", f"{base * 1e3:.3f}" if base else "-", "-", "-", "-")
+        for name in others:
+            s = r["seconds"][name]
+            ratio = r["ratio"].get(name)
+            colour = "green" if ratio is not None and ratio <= 1.0 else "yellow"
+
+            def rate(key, fmt):
+                if key not in r:
+                    return "-"
+                mine, theirs = r[key].get(name), r[key].get(bname)
+                return fmt.format(mine) + (f" ({fmt.format(theirs)})" if theirs is not None else "")
+
             table.add_row(
-                r["name"], r["shape"], name, f"{s * 1e3:.3f}",
-                f"{base * 1e3:.3f}" if base else "-",
-                f"{r['ratio'].get(name, float('nan')):.2f}x" if base else "-",
-                f"{r.get('tflops', {}).get(name, float('nan')):.2f}" if "tflops" in r else "-",
-                f"{r.get('gbps', {}).get(name, float('nan')):.1f}" if "gbps" in r else "-",
+                r["family"], r["name"], r["shape"], name, f"{s * 1e3:.3f}",
+                f"{base * 1e3:.3f} {bname}" if base else f"- {bname}",
+                f"[{colour}]{ratio:.2f}x[/{colour}]" if ratio is not None else "-",
+                rate("tflops", "{:.2f}"), rate("gbps", "{:.0f}"),
             )
         for name, err in r["errors"].items():
-            table.add_row(r["name"], r["shape"], name, "error", "-", "-", "-", err[:60])
-    Console().print(table)
+            table.add_row(r["family"], r["name"], r["shape"], name, "[red]error[/red]", "-", "-", "-", err[:80])
+    if console is None:
+        console = Console()
+        if not console.is_terminal:  # logs and pipes: wide enough that cells do not wrap
+            console = Console(width=200)
+    console.print(table)
 
 
 def main_for(cases_fn: Callable[..., list[Case]], argv=None) -> list[dict]:
@@ -169,9 +246,11 @@ def main_for(cases_fn: Callable[..., list[Case]], argv=None) -> list[dict]:
     p.add_argument("--quick", action="store_true", help="fewer repetitions")
     p.add_argument("--json", help="write results to this JSON file")
     p.add_argument("--provider", action="append", help="only these providers (plus the baseline)")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
     args = p.parse_args(argv)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    rows = run_cases(cases_fn(device=device, quick=args.quick), args.provider, reps=5 if args.quick else 11)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    warmup, reps, max_time = QUICK if args.quick else FULL
+    rows = run_cases(cases_fn(device=device, quick=args.quick), args.provider, warmup=warmup, reps=reps, max_time=max_time)
     print_table(rows)
     if args.json:
         write_json(rows, args.json)

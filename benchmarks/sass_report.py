@@ -1,9 +1,205 @@
-"""Not written yet."""
+"""``gpu-nn sass``: every Triton kernel configuration compiled for sm_90, and what the SASS says.
+
+For each family (``gpu_nn.kernels.triton.<family>``) every ``aot_specs()`` configuration is
+compiled with ``triton.compile`` for ``GPUTarget("cuda", 90, 32)`` through
+:mod:`gpu_nn.kernels.triton._aot`, which reads the cubin with the ``cuobjdump`` shipped in
+Triton's wheel. No GPU is needed. The table shows per configuration: registers per thread,
+spills (local memory bytes; stack bytes besides), shared memory (Triton's dynamic allocation
+plus static), and the tensor-core instructions in the SASS (HGMMA: Hopper warpgroup MMA; HMMA:
+the older warp-level MMA). The float16/bfloat16 convolution and linear (matmul) kernels are
+flagged when their SASS has neither.
+
+Compilation runs in subprocesses (one per family, several at once) whose environment has no
+``TRITON_INTERPRET``: kernels imported under the interpreter cannot be compiled, and a test
+session sets it. A family whose kernel module does not exist is listed as missing.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+HALF_TYPES = ("*fp16", "*bf16")
+# Families whose half-precision kernels do matrix products and should use tensor cores.
+MMA_FAMILIES = ("conv", "dense")
 
 
-def add_arguments(parser):
-    pass
+def _families():
+    from gpu_nn.kernels.triton import FAMILIES
+
+    return FAMILIES
 
 
-def run(args):
-    raise SystemExit("not written yet")
+def add_arguments(parser) -> None:
+    parser.add_argument("--family", action="append", help="family to compile (repeatable); default all: "
+                        + ", ".join(_families()))
+    parser.add_argument("--json", help="write the rows as a JSON list to this path")
+    parser.add_argument("--jobs", type=int, default=max(1, min(8, (os.cpu_count() or 2))),
+                        help="families compiled at once (default %(default)s)")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds per family (default %(default)s)")
+
+
+def _needs_mma(row: dict) -> bool:
+    """A half-precision conv or linear/matmul kernel: one that should show HGMMA or HMMA."""
+    if row.get("family") not in MMA_FAMILIES or not row.get("half"):
+        return False
+    name = row.get("kernel", "").lower()
+    return any(k in name for k in ("conv", "linear", "matmul", "gemm", "dgrad", "wgrad"))
+
+
+# ------------------------------------------------------------------------------- worker side
+
+
+def _worker(family: str, json_path: str) -> int:
+    """In a TRITON_INTERPRET-free process: compile every spec of ``family``; rows to JSON."""
+    from gpu_nn.kernels.triton import _aot
+
+    rows = []
+    try:
+        specs = _aot.family_specs(family)
+    except Exception as exc:
+        rows.append({"family": family, "kernel": "-", "label": "", "ok": False,
+                     "error": f"aot_specs() failed: {type(exc).__name__}: {exc}"[:2000]})
+        specs = []
+    for spec in specs:
+        half = any(str(t) in HALF_TYPES for t in spec.signature.values())
+        try:
+            row = _aot.compile_spec(spec)
+            row["ok"] = True
+        except Exception as exc:  # every failing config is reported, not only the first
+            row = {"kernel": spec.name, "label": spec.label, "num_warps": spec.num_warps,
+                   "num_stages": spec.num_stages, "ok": False, "error": f"{type(exc).__name__}: {exc}"[:2000]}
+        row["family"] = family
+        row["half"] = half
+        row["needs_mma"] = _needs_mma(row)
+        rows.append(row)
+    with open(json_path, "w") as f:
+        json.dump(rows, f)
+    return 0
+
+
+# ------------------------------------------------------------------------------- parent side
+
+
+def _kernel_module_exists(family: str) -> bool:
+    return importlib.util.find_spec(f"gpu_nn.kernels.triton.{family}") is not None
+
+
+def _compile_family(family: str, timeout: float) -> list[dict]:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, f"{family}.json")
+        try:
+            proc = subprocess.run(
+                [sys.executable, "-m", "gpu_nn.benchmarks.sass_report", "--worker", family, out],
+                env=env, capture_output=True, text=True, timeout=timeout,
+            )
+        except subprocess.TimeoutExpired:
+            return [{"family": family, "kernel": "-", "label": "", "ok": False, "error": f"timed out after {timeout:.0f} s"}]
+        if not os.path.exists(out):
+            tail = (proc.stderr or proc.stdout)[-1500:]
+            return [{"family": family, "kernel": "-", "label": "", "ok": False,
+                     "error": f"compile process exited {proc.returncode}: {tail}"}]
+        with open(out) as f:
+            return json.load(f)
+
+
+def collect(families, jobs: int = 4, timeout: float = 900) -> list[dict]:
+    """Rows for every configuration of every family; a missing family gives one 'missing' row."""
+    rows_by_family = {}
+    present = []
+    for fam in families:
+        if _kernel_module_exists(fam):
+            present.append(fam)
+        else:
+            rows_by_family[fam] = [{"family": fam, "kernel": "-", "label": "", "ok": None,
+                                    "missing": True, "error": f"missing: no kernels/triton/{fam}.py"}]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        futures = {fam: pool.submit(_compile_family, fam, timeout) for fam in present}
+        for fam, fut in futures.items():
+            rows_by_family[fam] = fut.result()
+    return [r for fam in families for r in rows_by_family[fam]]
+
+
+def _mma_cell(r: dict) -> str:
+    hg, hm = r.get("hgmma", 0), r.get("hmma", 0)
+    parts = [f"HGMMA {hg}"] if hg else []
+    parts += [f"HMMA {hm}"] if hm else []
+    text = ", ".join(parts) if parts else "none"
+    if r.get("needs_mma"):
+        return f"[green]{text}[/green]" if parts else "[red]none (expected HGMMA/HMMA)[/red]"
+    return text
+
+
+def print_table(rows: list[dict], console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    if console is None:
+        console = Console()
+        if not console.is_terminal:
+            console = Console(width=200)
+    table = Table(title="Triton kernels compiled for sm_90 (no GPU needed)",
+                  caption="spills = local memory bytes per thread; shared = Triton's allocation + static")
+    for col in ("family", "kernel", "config", "warps/stages", "registers", "spills", "shared B", "tensor cores"):
+        table.add_column(col, justify="right" if col in ("registers", "spills", "shared B") else "left")
+    for r in rows:
+        if r.get("missing"):
+            table.add_row(r["family"], "[red]missing[/red]", r["error"], "-", "-", "-", "-", "-")
+            continue
+        if not r["ok"]:
+            table.add_row(r["family"], r.get("kernel", "-"), r.get("label", ""), "-", "-", "-", "-",
+                          f"[red]compile error[/red] {r['error'][:100]}")
+            continue
+        spills = r["local_bytes"]
+        spill = f"[red]{spills}[/red]" if spills > 0 else "0"
+        if r.get("stack_bytes"):
+            spill += f" (stack {r['stack_bytes']})"
+        table.add_row(r["family"], r["kernel"], r["label"], f"{r['num_warps']}/{r['num_stages']}",
+                      str(r["registers"]), spill, str(r["shared_bytes"] + r.get("static_shared_bytes", 0)), _mma_cell(r))
+    console.print(table)
+    ok = [r for r in rows if r.get("ok")]
+    need = [r for r in ok if r.get("needs_mma")]
+    with_mma = [r for r in need if r.get("hgmma") or r.get("hmma")]
+    console.print(
+        f"{len(ok)} configurations compiled, {sum(1 for r in rows if r.get('ok') is False)} failed, "
+        f"{sum(1 for r in ok if r['local_bytes'] > 0)} spill; "
+        f"float16/bfloat16 conv and linear kernels on tensor cores: {len(with_mma)} of {len(need)}"
+        + (f" (HGMMA in {sum(1 for r in need if r.get('hgmma'))})" if need else "")
+    )
+    missing = [r["family"] for r in rows if r.get("missing")]
+    if missing:
+        console.print(f"[red]families without kernels: {', '.join(missing)}[/red]")
+
+
+def run(args) -> int:
+    fams = args.family or list(_families())
+    unknown = [f for f in fams if f not in _families()]
+    if unknown:
+        raise SystemExit(f"gpu-nn sass: unknown family {', '.join(unknown)}; expected {', '.join(_families())}")
+    rows = collect(fams, jobs=args.jobs, timeout=args.timeout)
+    print_table(rows)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 1 if any(r.get("ok") is False for r in rows) else 0
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--worker"]:
+        return _worker(argv[1], argv[2])
+    p = argparse.ArgumentParser(prog="gpu-nn sass", description=__doc__.splitlines()[0])
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,9 +1,141 @@
-"""Not written yet."""
+"""``gpu-nn bench``: every family's benchmark cases, a table, JSON and a PNG of the ratios.
+
+Each family contributes ``gpu_nn.benchmarks.bench_<family>.cases(device, quick)``; a family
+whose module is missing (or fails to import, or whose ``cases`` raises) is listed as such in
+the table and the JSON rather than silently left out. On a GPU the families time our Triton /
+CUDA C kernels against torch (cuDNN, cuBLAS); on a CPU the NumPy reference fallback against
+torch's CPU kernels. Ratios are ours / torch median times measured in the same run.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import time
+
+FAMILIES = ("conv", "pool", "dense", "activation", "rnn", "optim")
+PROVIDERS = ("reference", "triton", "cupy")
 
 
-def add_arguments(parser):
-    pass
+def add_arguments(parser) -> None:
+    parser.add_argument("--family", action="append", choices=(*FAMILIES, "all"),
+                        help="family to run (repeatable); default all")
+    parser.add_argument("--quick", action="store_true",
+                        help="small shape sets and few repetitions (under 5 minutes on a 2-core CPU)")
+    parser.add_argument("--out", default="bench-results", help="directory for bench.json and bench.png (default %(default)s)")
+    parser.add_argument("--backend", action="append", choices=PROVIDERS,
+                        help="only time these providers of ours (repeatable); torch is always timed as the baseline")
+    parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def run(args):
-    raise SystemExit("not written yet")
+def collect(families, device: str, quick: bool):
+    """(cases, status): every family's cases, and per family 'ok (N cases)' or why it has none."""
+    cases, status = [], {}
+    for fam in families:
+        mod_name = f"gpu_nn.benchmarks.bench_{fam}"
+        try:
+            mod = importlib.import_module(mod_name)
+        except ModuleNotFoundError as exc:
+            if exc.name == mod_name:
+                status[fam] = "missing: no benchmarks/bench_%s.py" % fam
+            else:
+                status[fam] = f"import failed: {type(exc).__name__}: {exc}"
+            continue
+        except Exception as exc:
+            status[fam] = f"import failed: {type(exc).__name__}: {exc}"
+            continue
+        try:
+            got = list(mod.cases(device=device, quick=quick))
+        except Exception as exc:
+            status[fam] = f"cases() failed: {type(exc).__name__}: {exc}"
+            continue
+        status[fam] = f"ok ({len(got)} cases)"
+        cases.extend(got)
+    return cases, status
+
+
+def plot(rows, path: str, title: str, note: str = "") -> None:
+    """Horizontal bars of ours / torch per (op, shape, provider); a line at 1 (parity)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    items = []
+    for r in rows:
+        for prov, ratio in r["ratio"].items():
+            items.append((f"{r['family']}: {r['name']} {r['shape']} [{prov}]", ratio, r["family"]))
+    fams = sorted({f for _, _, f in items})
+    colours = {f: plt.cm.tab10(i % 10) for i, f in enumerate(fams)}
+    fig, ax = plt.subplots(figsize=(10, max(2.5, 0.28 * len(items) + 1.2)))
+    if items:
+        ys = range(len(items))
+        ax.barh(list(ys), [v for _, v, _ in items], color=[colours[f] for _, _, f in items])
+        ax.set_yticks(list(ys), [lab for lab, _, _ in items], fontsize=7)
+        ax.invert_yaxis()
+        ax.axvline(1.0, color="k", lw=1, ls="--")
+        ax.set_xscale("log")
+        ax.set_xlabel("time ours / time torch (median; < 1 is faster than torch)")
+    else:
+        ax.text(0.5, 0.5, "no ratios measured", ha="center", va="center", transform=ax.transAxes)
+        ax.set_axis_off()
+    ax.set_title(title, fontsize=10)
+    if note:
+        fig.text(0.01, 0.005, note, fontsize=7, va="bottom", color="firebrick")
+    fig.tight_layout(rect=(0, 0.04 if note else 0, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run(args) -> int:
+    import torch
+    from rich.console import Console
+
+    from . import harness
+
+    fams = FAMILIES if not args.family or "all" in args.family else tuple(dict.fromkeys(args.family))
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("gpu-nn bench: --device cuda but torch sees no CUDA device")
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=200)
+    t0 = time.perf_counter()
+    cases, status = collect(fams, device, args.quick)
+    warmup, reps, max_time = harness.QUICK if args.quick else harness.FULL
+    providers = set(args.backend) if args.backend else None
+    rows = harness.run_cases(cases, providers, warmup=warmup, reps=reps, max_time=max_time,
+                             progress=not args.no_progress)
+    env = harness.environment()
+    title = f"gpu-nn bench on {env['device'] if device == 'cuda' else 'CPU: ' + env['cpu']}" + (" (--quick)" if args.quick else "")
+    harness.print_table(rows, title=title, console=console)
+    for fam in fams:
+        colour = "green" if status[fam].startswith("ok") else "red"
+        console.print(f"  {fam:<10} [{colour}]{status[fam]}[/{colour}]")
+    os.makedirs(args.out, exist_ok=True)
+    json_path = os.path.join(args.out, "bench.json")
+    png_path = os.path.join(args.out, "bench.png")
+    harness.write_json(rows, json_path, families=status, quick=bool(args.quick), run_device=device,
+                       timing={"warmup": warmup, "reps": reps, "max_seconds_per_provider": max_time,
+                               "statistic": "median"},
+                       wall_seconds=round(time.perf_counter() - t0, 1))
+    not_run = [f"{f} ({status[f].split(':')[0]})" for f in fams if not status[f].startswith("ok")]
+    plot(rows, png_path, title, note=("not benchmarked: " + ", ".join(not_run)) if not_run else "")
+    n_err = sum(len(r["errors"]) for r in rows)
+    console.print(f"{len(rows)} cases, {n_err} provider errors, {time.perf_counter() - t0:.0f} s; "
+                  f"wrote {json_path} and {png_path}")
+    return 0
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="gpu-nn bench", description=__doc__.splitlines()[0])
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

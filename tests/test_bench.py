@@ -1,0 +1,105 @@
+"""The benchmark harness and ``gpu-nn bench``, on tiny fake cases (seconds, not minutes)."""
+
+import json
+import statistics
+import time
+
+import pytest
+
+from gpu_nn.benchmarks import harness, suite
+from gpu_nn.cli import main
+
+
+def _sleeper(durations):
+    """setup() whose calls sleep for the next of ``durations`` (cycled)."""
+    def setup():
+        it = iter(durations * 100)
+        return lambda: time.sleep(next(it))
+    return setup
+
+
+def test_time_callable_warms_up_then_times_reps():
+    calls = []
+    times = harness.time_callable(lambda: calls.append(1), "cpu", warmup=3, reps=5)
+    assert len(calls) == 8 and len(times) == 5 and all(t >= 0 for t in times)
+
+
+def test_time_callable_stops_early_past_max_time():
+    times = harness.time_callable(lambda: time.sleep(0.02), "cpu", warmup=0, reps=50, max_time=0.05, min_reps=3)
+    assert 3 <= len(times) < 10
+
+
+def test_median_is_robust_to_an_outlier_and_ratio_is_against_the_baseline():
+    # ours: 2 ms typically with one 60 ms outlier; torch: 4 ms. Median ratio 0.5, not the mean's.
+    ours = [0.002, 0.002, 0.06, 0.002, 0.002]
+    case = harness.Case("fake", "op", "n=1", {"torch": _sleeper([0.004]), "reference": _sleeper(ours)},
+                        flops=4e6, bytes=8e6)
+    row = harness.run_case(case, warmup=0, reps=5)
+    assert row["stats"]["reference"]["reps"] == 5
+    assert row["seconds"]["reference"] == pytest.approx(0.002, abs=1.5e-3)
+    assert row["seconds"]["reference"] < statistics.mean(ours)
+    assert row["stats"]["reference"]["max"] >= 0.06
+    assert row["ratio"]["reference"] == pytest.approx(row["seconds"]["reference"] / row["seconds"]["torch"])
+    assert row["ratio"]["reference"] == pytest.approx(0.5, abs=0.2)
+    assert row["tflops"]["torch"] == pytest.approx(4e6 / row["seconds"]["torch"] / 1e12)
+    assert row["gbps"]["reference"] == pytest.approx(8e6 / row["seconds"]["reference"] / 1e9)
+
+
+def test_rotating_cycles_through_distinct_copies():
+    made = []
+
+    def make():
+        made.append(object())
+        return (made[-1],)
+
+    nxt = harness.rotating(make, copies=3)
+    got = [nxt()[0] for _ in range(6)]
+    assert len(made) == 3
+    assert len({id(g) for g in got[:3]}) == 3 and got[:3] == got[3:]
+
+
+def test_provider_errors_are_reported_and_filtering_keeps_the_baseline():
+    def broken():
+        raise RuntimeError("no such device")
+
+    case = harness.Case("fake", "op", "n=1", {"torch": _sleeper([0.0]), "cupy": broken, "reference": _sleeper([0.0])})
+    row = harness.run_case(case, warmup=0, reps=2)
+    assert "no such device" in row["errors"]["cupy"] and "cupy" not in row["ratio"]
+    row = harness.run_case(case, providers={"reference"}, warmup=0, reps=2)
+    assert set(row["seconds"]) == {"torch", "reference"} and not row["errors"]
+
+
+def test_missing_family_is_reported_not_hidden():
+    cases, status = suite.collect(["activation", "nosuchfamily"], "cpu", quick=True)
+    assert status["activation"].startswith("ok") and cases
+    assert status["nosuchfamily"].startswith("missing")
+
+
+def test_bench_command_writes_json_and_png(tmp_path, monkeypatch, capsys):
+    from gpu_nn.benchmarks import bench_activation
+
+    monkeypatch.setattr(bench_activation, "CPU_SHAPES", [(3, 5, 17)])  # the command's path, tiny shapes
+    out = tmp_path / "out"
+    t0 = time.perf_counter()
+    rc = main(["bench", "--family", "activation", "--quick", "--out", str(out), "--no-progress", "--device", "cpu"])
+    assert rc == 0 and time.perf_counter() - t0 < 60
+    data = json.loads((out / "bench.json").read_text())
+    assert data["environment"]["device"] and data["environment"]["torch"] and data["environment"]["date"]
+    assert data["families"] == {"activation": "ok (6 cases)"}
+    rows = data["results"]
+    assert len(rows) == 6 and {r["name"] for r in rows} >= {"relu fwd", "tanh fwd+bwd"}
+    for r in rows:
+        assert set(r["seconds"]) == {"torch", "reference"} and r["ratio"]["reference"] > 0, r
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = capsys.readouterr().out
+    assert "sigmoid fwd+bwd" in text and "3x5x17 float32" in text
+
+
+def test_bench_all_lists_every_family(tmp_path, monkeypatch, capsys):
+    """Families not yet written show in the output as missing; the run still succeeds."""
+    monkeypatch.setattr(suite, "collect", lambda fams, device, quick: ([], {f: "missing: test" for f in fams}))
+    assert main(["bench", "--quick", "--out", str(tmp_path), "--no-progress", "--device", "cpu"]) == 0
+    text = capsys.readouterr().out
+    for fam in suite.FAMILIES:
+        assert fam in text
+    assert set(json.loads((tmp_path / "bench.json").read_text())["families"]) == set(suite.FAMILIES)

@@ -1,0 +1,90 @@
+"""gpu-nn demo: the digits data, and ours against the torch twin step by step.
+
+``test_ours_matches_torch_step_by_step`` runs the real gpu_nn path (gpu_nn.nn / gpu_nn.optim on
+the reference backend): it FAILS, deliberately not skipping, while a layer, the loss, an
+optimizer or clip_grad_norm_ is missing from gpu_nn.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from gpu_nn import demo
+from gpu_nn.cli import main
+
+SUBSET = 128  # 4 steps of the default batch of 32
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one torch thread is faster, and steady on a shared machine (as the demo does)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_digits_file():
+    images, labels = demo.load_digits()
+    assert images.shape == (1797, 8, 8) and images.dtype == np.uint8
+    assert labels.shape == (1797,) and labels.dtype == np.uint8
+    assert images.max() == 16 and images.min() == 0
+    assert sorted(np.unique(labels)) == list(range(10))
+
+
+def test_split_is_fixed_and_disjoint():
+    images, labels = demo.load_digits()
+    (xa, ya), (ta, tya) = demo.split(images, labels)
+    (xb, yb), (tb, tyb) = demo.split(images, labels)
+    assert xa.shape == (1437, 8, 8) and ta.shape == (360, 8, 8) and xa.dtype == np.float32
+    assert np.array_equal(xa, xb) and np.array_equal(tya, tyb)
+    train_rows = {r.tobytes() for r in (xa * 16).astype(np.uint8)}
+    # a handful of digits occur twice in the data; the split itself shares no index
+    assert sum(r.tobytes() in train_rows for r in (ta * 16).astype(np.uint8)) < 10
+
+
+@pytest.mark.parametrize("model", demo.MODELS)
+def test_twin_machinery_is_exact(model):
+    """With torch on both sides, the two runs are bitwise identical: same weights, same batches."""
+    r = demo.train_pair(model, epochs=1, subset=SUBSET, ours=demo.torch_impl(), progress=False)
+    assert len(r["loss_curve"]) == SUBSET // demo.HYPER[model]["batch_size"]
+    assert r["loss_curve"] == r["torch_loss_curve"]
+    assert r["test_accuracy"] == r["torch_test_accuracy"]
+
+
+@pytest.mark.parametrize("model", demo.MODELS)
+def test_ours_matches_torch_step_by_step(model):
+    """gpu_nn's layers, loss, optimizer and clipping against torch's: one epoch on a subset,
+    the loss of every step and the trained weights agree to float32 accuracy."""
+    r = demo.train_pair(model, epochs=1, device="cpu", backend="reference", subset=SUBSET,
+                        progress=False, keep_models=True)
+    ours, theirs = np.array(r["loss_curve"]), np.array(r["torch_loss_curve"])
+    assert len(ours) == len(theirs) == SUBSET // demo.HYPER[model]["batch_size"]
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-6)
+    net, twin = r["models"]
+    sd, tsd = net.state_dict(), twin.state_dict()
+    assert sd.keys() == tsd.keys()
+    # Adam and RMSprop divide each gradient element by its running RMS, so an element whose
+    # gradient is a near-cancelling sum carries that sum's float32 relative error into a step
+    # of size ~lr: weights may differ by a small fraction of lr per step (a wrong layer or
+    # update rule would be off by ~lr or more, and would show in the losses above).
+    atol = 1e-2 * r["lr"] * len(ours)
+    for k in sd:
+        torch.testing.assert_close(sd[k], tsd[k], rtol=1e-4, atol=atol, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_command_writes_json_and_plot(tmp_path, capsys):
+    """The command's output path (table, JSON keys of issue 10, PNG) with torch on both sides."""
+    js, png = tmp_path / "demo.json", tmp_path / "loss.png"
+    rc = main(["demo", "--model", "gru", "--epochs", "1", "--subset", "64", "--ours-from", "torch",
+               "--no-progress", "--json", str(js), "--plot", str(png)])
+    assert rc == 0
+    out = json.loads(js.read_text())
+    assert set(out) == {"gru"}
+    for key in ("test_accuracy", "torch_test_accuracy", "seconds", "epochs", "backend", "device"):
+        assert key in out["gru"]
+    assert out["gru"]["epochs"] == 1
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "gpu-nn demo" in capsys.readouterr().out
