@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as TF
-from hypothesis import HealthCheck, event, given, note, settings
+from hypothesis import HealthCheck, event, example, given, note, settings
 from hypothesis import strategies as st
 
 import gpu_nn
@@ -125,8 +125,8 @@ def pool_configs(draw, valid_only=False):
     """(op, shape, layout, kwargs) for max/min/avg pooling, 1d or 2d: a geometry drawn from
     plausible ranges (not always valid: padding up to k/2 + 1, windows larger than the input),
     then, unless ``valid_only``, up to two mutations towards something torch refuses."""
-    kind = draw(st.sampled_from(["max", "min", "avg"]))
-    nd = draw(st.sampled_from([1, 2]))
+    kind = draw(st.sampled_from(["max", "min", "avg", "avg"]))
+    nd = draw(st.sampled_from([1, 2, 2] if valid_only else [1, 2]))
     spatial = [draw(st.integers(1, 9)) for _ in range(nd)]
     batch = draw(st.sampled_from([[], [1], [2], [0]] if not valid_only else [[], [1], [2]]))
     chans = [draw(st.integers(1, 3))]
@@ -145,7 +145,7 @@ def pool_configs(draw, valid_only=False):
             if not batch:
                 chans = []
         elif m == "zero_size":
-            (spatial if draw(st.booleans()) else chans)[0] = 0
+            (spatial if draw(st.booleans()) or not chans else chans)[0] = 0
         elif m == "kernel":
             k[i] = draw(st.sampled_from([0, -1]))
         elif m == "stride":
@@ -172,9 +172,12 @@ def pool_configs(draw, valid_only=False):
         if name in kw:
             vals = {"kernel_size": k, "stride": s, "padding": p, "dilation": d}[name]
             kw[name] = tuple((vals * 2)[:n])
-    kw["ceil_mode"] = draw(st.booleans())
+    # ceil_mode windows that overhang the padding are where divisors go wrong: favoured when
+    # the geometry is valid (the kernel properties' strategy)
+    mostly = st.sampled_from([True, True, False]) if valid_only else st.booleans()
+    kw["ceil_mode"] = draw(mostly)
     if kind == "avg":
-        kw["count_include_pad"] = draw(st.booleans())
+        kw["count_include_pad"] = draw(mostly)
         if nd == 2:
             kw["divisor_override"] = divisor
     else:
@@ -288,8 +291,15 @@ def test_pool_reference_valid_geometries_match_torch():
 def test_pool_backend_matches_reference(backend, device):
     seen = collections.Counter()
 
-    @settings(max_examples=25, **PROFILE)
+    @settings(max_examples=40, **PROFILE)
     @given(cfg=pool_configs(valid_only=True), seed=SEEDS)
+    # pinned: a ceil_mode window overhanging the padding in H and W (count_include_pad's
+    # divisor stops at the padded edge), and an all-padding max window (dilation)
+    @example(cfg=("avg_pool2d", (1, 2, 5, 7), "channels_last",
+                  dict(kernel_size=(2, 3), stride=2, padding=(0, 1), ceil_mode=True, count_include_pad=True,
+                       divisor_override=None)), seed=1)
+    @example(cfg=("max_pool2d", (1, 1, 2, 2), "contig",
+                  dict(kernel_size=2, stride=1, padding=1, dilation=3, ceil_mode=False, return_indices=True)), seed=2)
     def prop(cfg, seed):
         name, shape, layout, kw = cfg
         note(f"{name} shape={shape} layout={layout} kw={kw} seed={seed}")
@@ -452,15 +462,15 @@ def ce_configs(draw):
     N = draw(st.sampled_from([1, 2, 3, 4, 0]))
     spatial = tuple(draw(st.integers(1, 3)) for _ in range(max(ndim - 2, 0)))
     shape = (C,) if ndim == 1 else (N, C, *spatial)
-    weight = draw(st.sampled_from(["none", "none", "pos", "zeros", "wrong", "f32"]))
+    weight = draw(st.sampled_from(["none", "pos", "pos", "zeros", "wrong", "f32"]))
     reduction = draw(st.sampled_from(["mean", "mean", "sum", "none", "bogus"]))
-    smoothing = draw(st.sampled_from([0.0, 0.0, 0.1, 0.5, 1.0, 1.5, -0.1]))
+    smoothing = draw(st.sampled_from([0.0, 0.0, 0.1, 0.3, 0.5, 1.0, 1.5, -0.1]))
     if prob:
         ignore = draw(st.sampled_from([-100, -100, -1, 0]))
         target = draw(st.sampled_from(["softmax", "softmax", "random", "grad", "f32", "long", "shape"]))
     else:
         ignore = draw(st.sampled_from([-100, -1, 0, 2, C + 3]))
-        target = draw(st.sampled_from(["ok", "ok", "ok", "ignored", "all_ignored", "uint8", "int32",
+        target = draw(st.sampled_from(["ok", "ok", "ok", "ignored", "ignored", "all_ignored", "uint8", "int32",
                                        "out_of_range", "negative", "batch", "shape"]))
     layout = draw(st.sampled_from(["contig", "noncontig", "transposed"]))
     return prob, shape, weight, reduction, smoothing, ignore, target, layout
@@ -539,7 +549,14 @@ def test_cross_entropy_matches_torch_or_both_refuse():
         g = _normal(rng, tuple(yt.shape))
         with gpu_nn.backend("reference"):
             go = _grads(yo, [x, t], g)
-        gt = _grads(yt, [x, t], g)
+        tb = _outcome(lambda: _grads(yt, [x, t], g))
+        if tb[0] == "err":
+            # torch's forward returns early for an empty uint8 target of a K-dim input, its
+            # backward then refuses the uint8 target; ours has a (zero-size) gradient
+            event("torch's backward refuses what its forward accepted")
+            assert target == "uint8" and x.numel() == 0, tb[1]
+            return
+        gt = tb[1]
         for a, b, what in zip(go, gt, ("input", "target")):
             if b is None:
                 assert a is None or not a.abs().sum(), what
@@ -699,7 +716,7 @@ def test_softmax_backend_matches_reference(backend, device):
         assert_close(gx, gr, torch.float32, k=k, what=f"{name} backward")
 
     prop()
-    assert seen["nonempty"] >= 10 and seen["empty"] >= 1, dict(seen)
+    assert seen["nonempty"] >= 10, dict(seen)  # empty dims: test_regression_softmax_over_an_empty_dim
 
 
 # =========================================================================== regressions

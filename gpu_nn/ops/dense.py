@@ -607,7 +607,9 @@ def _check_cross_entropy(input, target, weight, ignore_index, reduction, label_s
             raise KernelInputError(f"Expected target size {[input.shape[0], *input.shape[2:]]}, got {list(target.shape)}")
     if target.dtype not in (torch.int64, torch.uint8):
         raise KernelInputError(f"expected target dtype to be Long or Byte, but got {_scalar_name(target.dtype)}")
-    if target.dtype == torch.uint8 and input.dim() >= 3:  # torch's nll_loss2d path takes Long only
+    # torch's nll_loss2d path (rank >= 3) takes Long only, checked after its early return for
+    # an empty reduced target
+    if target.dtype == torch.uint8 and input.dim() >= 3 and (target.numel() > 0 or reduction == "none"):
         raise KernelInputError("expected scalar type Long but found Byte")
     return False
 
