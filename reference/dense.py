@@ -97,6 +97,8 @@ def softmax(x: np.ndarray, dim: int) -> np.ndarray:
     """exp(x - max) / sum(exp(x - max)) over ``dim`` (any shape; 0-d gives 1)."""
     if x.ndim == 0:
         return np.exp(x - x)
+    if x.size == 0:  # np.max has no identity for an empty softmax dim
+        return np.empty(x.shape, x.dtype)
     dim = _norm_dim(dim, x.ndim)
     m = np.max(x, axis=dim, keepdims=True)
     e = np.exp(x - m)
@@ -116,6 +118,8 @@ def log_softmax(x: np.ndarray, dim: int) -> np.ndarray:
     """x - logsumexp(x) over ``dim``."""
     if x.ndim == 0:
         return x - x
+    if x.size == 0:
+        return np.empty(x.shape, x.dtype)
     dim = _norm_dim(dim, x.ndim)
     return x - logsumexp(x, dim)
 
@@ -203,6 +207,9 @@ def cross_entropy_forward(x: np.ndarray, target: np.ndarray, weight: np.ndarray 
     else:
         with np.errstate(invalid="ignore", divide="ignore"):
             out = np.asarray(np.sum(loss) / np.sum(wt), dtype=x.dtype)
+        if label_smoothing > 0 and not prob and np.sum(wt) == 0:
+            # torch averages its nll and smoothing terms separately: the nll term is 0 / 0
+            out = np.asarray(np.nan, dtype=x.dtype)
     return out, lse[:, 0]
 
 

@@ -249,6 +249,8 @@ def _softmax_forward(x: Tensor, dim: int, log: bool) -> Tensor:
         fn = ref.log_softmax if log else ref.softmax
         return from_numpy(fn(to_numpy(x), dim), x.dtype, x.device)
     _backend.check_interpreter_dtype(name, backend, x)
+    if x.numel() == 0:  # an empty softmax dim has no [-1, 0] row layout
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
     ktriton, kd = _triton_modules()
     shape = x.shape
     if x.dim() == 0:
@@ -270,6 +272,8 @@ def _softmax_backward(grad: Tensor, out: Tensor, dim: int, log: bool) -> Tensor:
         fn = ref.log_softmax_backward if log else ref.softmax_backward
         return from_numpy(fn(to_numpy(grad), to_numpy(out), dim), grad.dtype, grad.device)
     _backend.check_interpreter_dtype(name, backend, grad, out)
+    if grad.numel() == 0:
+        return torch.empty_like(grad, memory_format=torch.contiguous_format)
     ktriton, kd = _triton_modules()
     shape = grad.shape
     if grad.dim() == 0:
@@ -430,7 +434,10 @@ def cross_entropy_forward(input: Tensor, target: Tensor, weight: Tensor | None, 
     elif reduction == "sum":
         loss = loss_rows.sum()
     else:
-        loss = loss_rows.sum() / _ce_row_weights(t2, weight, ignore_index, prob, M, input.dtype).sum()
+        denom = _ce_row_weights(t2, weight, ignore_index, prob, M, input.dtype).sum()
+        loss = loss_rows.sum() / denom
+        if label_smoothing > 0 and not prob:  # torch: NaN (its nll term is 0 / 0), not sum / 0
+            loss = torch.where(denom == 0, torch.full_like(loss, float("nan")), loss)
     return loss.to(input.dtype), lse
 
 
@@ -463,6 +470,8 @@ def cross_entropy_backward(grad: Tensor, input: Tensor, target: Tensor, weight: 
         scale = g.reshape(1).expand(M).contiguous()
     else:
         denom = _ce_row_weights(t2, weight, ignore_index, prob, M, input.dtype).sum()
+        if label_smoothing > 0 and not prob:  # torch's NaN loss (see the forward) has NaN gradients
+            denom = torch.where(denom == 0, torch.full_like(denom, float("nan")), denom)
         scale = (g / denom).reshape(1).expand(M).contiguous()
     dx2 = empty((M, C), dtype=input.dtype, device=input.device)
     dt2 = empty((M, C), dtype=target.dtype, device=target.device) if want_dt else None
@@ -533,7 +542,7 @@ def _check_cross_entropy(input, target, weight, ignore_index, reduction, label_s
     _check_tensor("cross_entropy", "target", target)
     if reduction not in REDUCTIONS:
         raise KernelInputError(f"{reduction} is not a valid value for reduction")
-    if not 0.0 <= label_smoothing <= 1.0:
+    if label_smoothing > 1.0:  # torch checks only this bound; values <= 0 (and NaN) mean no smoothing
         raise KernelInputError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
     if not input.is_floating_point():
         raise KernelInputError(f'"log_softmax_lastdim_kernel_impl" not implemented for \'{_scalar_name(input.dtype)}\'')
@@ -554,7 +563,9 @@ def _check_cross_entropy(input, target, weight, ignore_index, reduction, label_s
             raise KernelInputError(
                 f"Expected all tensors to be on the same device, but found at least two devices, {input.device} and {weight.device}!"
             )
-        if weight.dtype != input.dtype:
+        # probability targets go through elementwise products that type-promote (as torch);
+        # class indices through nll_loss, which wants the input's dtype
+        if weight.dtype != input.dtype and not (prob and weight.is_floating_point()):
             raise KernelInputError(f"expected scalar type {_scalar_name(input.dtype)} but found {_scalar_name(weight.dtype)}")
         if weight.dim() != 1 or weight.shape[0] != C:
             raise KernelInputError(
@@ -599,6 +610,10 @@ def _check_cross_entropy(input, target, weight, ignore_index, reduction, label_s
             raise KernelInputError(f"Expected target size {[input.shape[0], *input.shape[2:]]}, got {list(target.shape)}")
     if target.dtype not in (torch.int64, torch.uint8):
         raise KernelInputError(f"expected target dtype to be Long or Byte, but got {_scalar_name(target.dtype)}")
+    # torch's nll_loss2d path (rank >= 3) takes Long only, checked after its early return for
+    # an empty reduced target
+    if target.dtype == torch.uint8 and input.dim() >= 3 and (target.numel() > 0 or reduction == "none"):
+        raise KernelInputError("expected scalar type Long but found Byte")
     return False
 
 
@@ -610,7 +625,8 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, s
 
     input [N, C, d1, ...] or unbatched [C]; target class indices [N, d1, ...] / [] (int64 or
     uint8, ``ignore_index`` entries contribute nothing) or class probabilities of input's shape
-    (any float dtype, cast to input's); weight [C]. 'mean' divides by the sum of the weights of
+    (any float dtype; input, target and weight are then computed in their promoted dtype, as
+    torch); weight [C]. 'mean' divides by the sum of the weights of
     the non-ignored targets (class indices) or by N * d1 * ... (probabilities), as torch. The
     legacy ``size_average`` / ``reduce`` arguments map to ``reduction`` with torch's warning.
     Not supported: torch's tolerance of a [1]-shaped target for a [C] input.
@@ -620,8 +636,14 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, s
     if isinstance(input, Tensor):
         input, weight = autocast_inputs("fp32", input, weight)
     prob = _check_cross_entropy(input, target, weight, ignore_index, reduction, float(label_smoothing))
-    if prob and target.dtype != input.dtype:
-        target = target.to(input.dtype)
+    label_smoothing = float(label_smoothing) if float(label_smoothing) > 0.0 else 0.0  # as torch
+    if prob:
+        # torch computes -(log_softmax(input) * smoothed target * weight) in the promoted dtype
+        dt = torch.promote_types(input.dtype, target.dtype)
+        if weight is not None:
+            dt = torch.promote_types(dt, weight.dtype)
+        input, target = input.to(dt), target.to(dt)
+        weight = None if weight is None else weight.to(dt)
     if not prob and target.dtype != torch.int64:
         target = target.long()
     loss, _ = _cross_entropy_op(input, target, weight, reduction, int(ignore_index), float(label_smoothing))
