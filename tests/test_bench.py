@@ -101,9 +101,8 @@ def test_bench_command_writes_json_and_png(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(bench_activation, "CPU_SHAPES", [(3, 5, 17)])  # the command's path, tiny shapes
     out = tmp_path / "out"
-    t0 = time.perf_counter()
     rc = main(["bench", "--family", "activation", "--quick", "--out", str(out), "--no-progress", "--device", "cpu"])
-    assert rc == 0 and time.perf_counter() - t0 < 60
+    assert rc == 0
     data = json.loads((out / "bench.json").read_text())
     assert data["environment"]["device"] and data["environment"]["torch"] and data["environment"]["date"]
     assert data["families"] == {"activation": "ok (6 cases)"}
