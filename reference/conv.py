@@ -15,11 +15,24 @@ strings ``'same'`` / ``'valid'`` are resolved by :func:`resolve_padding`. Batche
 (the torch-facing layer adds the batch dimension of unbatched inputs). No input checks here:
 the torch-facing layer validates before calling.
 
-How: the padded input is viewed through ``as_strided`` as the im2col tensor
-``[N, G, Cg, kh, kw, Ho, Wo]`` (no copy), gathered once into a contiguous matrix and multiplied
-with the weight by one broadcast ``np.matmul`` over (batch, group) -- BLAS does the work, no
-Python loop over pixels, batch elements or groups. The input gradient scatters the column
-gradient back with one strided add per kernel tap (kh * kw adds of whole tensors).
+How: BLAS does the work, with no Python loop over pixels, batch elements or groups; each part
+(forward, weight gradient, input gradient) picks one of three algorithms by shape
+(:func:`_choose`; the results agree to rounding):
+
+- ``im2col`` (any stride): the padded input viewed through ``as_strided`` as the im2col tensor
+  ``[N, G, Cg, kh, kw, Ho, Wo]`` (no copy), gathered once into a contiguous matrix and multiplied
+  with the weight by one broadcast ``np.matmul`` over (batch, group). The input gradient is a
+  gather-convolution of the output gradient (stride 1) or a scatter with one strided add per
+  kernel tap (strided).
+- ``flat`` (stride 1, any dilation / padding / groups): the padded input laid out channel-major
+  and flat, where every kernel tap is a constant offset, so each tap is one GEMM on a shifted
+  slice -- no im2col copy (see :class:`_Flat`). The input gradient is the same with mirrored
+  taps on the zero-padded output gradient.
+- ``stacked`` (stride 1): the flat layout's shifted slices gathered once (whole-row copies) and
+  one GEMM; for depthwise input gradients.
+
+Temporaries live in reused per-thread scratch memory (:func:`_scratch`); returned arrays are
+fresh and C-contiguous.
 """
 
 from __future__ import annotations
@@ -32,10 +45,16 @@ from . import activation as _act
 
 # Reused scratch memory for the temporaries of one call (im2col columns, the flat layouts, GEMM
 # accumulators), per thread. Fresh multi-megabyte arrays are not free: every call would
-# page-fault them in again (~2 us per 4 KiB page here, a third of the forward's time at
+# page-fault them in again (~2 us per 4 KiB page here: ~25% of the forward's time at
 # N=8 C=64 32x32). Arrays handed back to the caller are always fresh (torch wraps them).
+# At most 6 names x _SCRATCH_MAX bytes stay allocated per thread.
 _SCRATCH = threading.local()
-_SCRATCH_MAX = 1 << 27  # bytes; larger temporaries are allocated per call
+_SCRATCH_MAX = 1 << 25  # bytes; larger temporaries are allocated per call
+
+
+def clear_scratch():
+    """Release this thread's scratch memory (it is reallocated on the next call)."""
+    _SCRATCH.bufs = {}
 
 
 def _scratch(name, shape, dtype, zero=False):
@@ -157,13 +176,15 @@ def _choose(part, stride, groups, cg, og, kshape, waste):
     """Path for ``part`` ("fwd", "wgrad", "dgrad") from the shape alone.
 
     ``waste`` is the share of flat positions that are not outputs, ``1 - Ho*Wo / (Hp*Wp)``.
-    Measured (CPU time, one OpenBLAS thread, temporaries in scratch memory): on the im2col-
-    friendly shapes the two are within ~5% of each other; the flat path wins clearly for grouped
-    convolutions (-15%: a few group-batched GEMMs instead of N*G small ones) and for the weight
-    gradient of narrow (<= 8 channel) or depthwise convolutions (-35..-55%); it loses when either
-    side of the per-tap GEMM (C/groups or O/groups) is narrow (RGB input: 2-3x slower),
-    for 1x1 kernels (nothing to save), and when the padded border is a large share of a small
-    image (5x5 on 16x16: +15%). The depthwise input gradient is best "stacked".
+    Measured (CPU time, one OpenBLAS thread, float32, temporaries in scratch memory; ms as
+    im2col / flat / stacked): at N=8 C=O=64 32x32 3x3 the paths are within ~5% (forward
+    9.2 / 8.7, weight grad 9.9 / 10.0, input grad 9.0 / 8.6: both are GEMM-bound); the flat path
+    wins for grouped convolutions (groups=4: 4.5 / 3.8 forward and input grad) and for the weight
+    gradient of narrow or depthwise convolutions (depthwise C=64: 2.2 / 1.0; C=O=8: 0.26 / 0.18);
+    it loses when one side of the per-tap GEMM (C/groups or O/groups) is narrow (RGB input,
+    N=32 C=3 O=32: 1.1 / 3.2 forward, 1.1 / 4.9 weight grad, 2.1 / 3.8 input grad), for 1x1
+    kernels (2.0 / 2.3) and when the border is a large share of a small image (5x5 on 16x16,
+    36% waste: 2.1 / 2.4). The depthwise input gradient is best stacked (3.8 / 7.7 / 2.8).
     """
     if isinstance(_FORCE, dict) and part in _FORCE:
         return "im2col" if stride != (1, 1) else _FORCE[part]

@@ -181,6 +181,8 @@ def test_reference_results_own_their_memory(scratch_max, rng, monkeypatch):
     for a, k in zip((y1, *g1), keep):
         assert a.flags.c_contiguous and a.base is None
         np.testing.assert_array_equal(a, k)
+    ref.clear_scratch()
+    np.testing.assert_array_equal(ref.conv2d(x1, w, None, 1, 1), y1)
 
     from concurrent.futures import ThreadPoolExecutor
 
