@@ -305,10 +305,10 @@ def conv2d_backward(grad_output, input, weight, stride=1, padding=0, dilation=1,
 #
 #     out[:, p] = sum_ij W_ij @ xf[:, p + off_ij]          (W_ij = w[:, :, i, j], [O, C])
 #
-# and each tap is ONE GEMM on a contiguous slice of ``xf``: no im2col copy, and a GEMM with
-# K = C that BLAS runs ~2x faster than im2col's K = C*kh*kw one. Positions with y >= Ho or
-# x >= Wo come out as by-products and are dropped (a waste of 1 - Ho*Wo/(Hp*Wp)). Every valid p
-# is below ``M = N*Hp*Wp - off_max``, so the GEMMs cover [0, M) and never read past the buffer.
+# and each tap is ONE GEMM on a contiguous slice of ``xf``: no im2col copy (kh*kw times the
+# input), at the price of computing positions with y >= Ho or x >= Wo as by-products that are
+# dropped (a share of 1 - Ho*Wo/(Hp*Wp) of the flops). Every valid p is below
+# ``M = N*Hp*Wp - off_max``, so the GEMMs cover [0, M) and never read past the buffer.
 
 
 class _Flat:
