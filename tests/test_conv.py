@@ -5,12 +5,14 @@ against the reference; the nn modules against torch's."""
 
 import itertools
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as TF
 
 import gpu_nn
 import gpu_nn.functional as F
+from gpu_nn.reference import conv as ref
 from helpers import assert_close, backend_params, gpu_dtypes_for, max_rel_err, randn
 
 # ----------------------------------------------------------------------------- grid
@@ -110,6 +112,89 @@ def test_conv2d_reference_matches_torch(k, s, p, d, groups, n, layout, bias, rng
 def test_conv1d_reference_matches_torch(k, s, p, d, groups, n, layout, bias, rng):
     xs, ws, g = _shapes(1, k, s, p, d, groups, n, (int(rng.integers(0, 9)),))
     _compare(1, xs, ws, g, bias, s, p, d, layout, rng)
+
+
+# ----------------------------------------------------------------------------- reference paths
+# The reference picks its algorithm per part (forward, weight gradient, input gradient) by shape:
+# im2col (any stride), "flat" (stride 1: one GEMM per kernel tap on the flat padded image) or
+# "stacked" (stride 1: the flat taps gathered, one GEMM). The grid above mostly lands on im2col
+# (small channel counts), so each stride-1 path is forced here and compared with torch.
+
+# (nd, x shape, weight shape, groups, padding, dilation, bias, layout, activation)
+PATH_CASES = [
+    (2, (2, 5, 9, 7), (7, 5, 3, 3), 1, 1, 1, True, "contig", None),
+    (2, (3, 6, 8, 11), (4, 3, 2, 3), 2, "same", (2, 1), False, "channels_last", None),    # asymmetric 'same'
+    (2, (1, 4, 7, 6), (4, 1, 3, 2), 4, "same", 3, True, "noncontig", "relu"),            # depthwise, dilated
+    (2, (2, 6, 5, 9), (9, 2, 4, 4), 3, (0, 2), (1, 2), True, "contig", "tanh"),
+    (2, (2, 3, 6, 5), (4, 3, 1, 1), 1, 1, 1, False, "contig", None),                     # 1x1 with padding
+    (2, (3, 2, 7, 8), (3, 2, 5, 5), 1, "valid", 1, True, "noncontig", None),
+    (1, (2, 4, 13), (6, 4, 4), 1, "same", 2, True, "contig", "sigmoid"),                 # 1d, even kernel
+    (1, (3, 6, 10), (6, 2, 3), 3, 2, 1, False, "channels_last", None),
+    (1, (1, 5, 9), (5, 1, 5), 5, "valid", 2, True, "contig", None),                      # 1d depthwise
+]
+
+
+@pytest.mark.parametrize("path", [
+    {"fwd": "flat", "wgrad": "flat", "dgrad": "flat"},
+    {"fwd": "stacked", "wgrad": "stacked", "dgrad": "stacked"},
+    {"fwd": "im2col", "wgrad": "flat", "dgrad": "stacked"},
+], ids=["flat", "stacked", "mixed"])
+@pytest.mark.parametrize("nd,xs,ws,g,p,d,bias,layout,act", PATH_CASES, ids=[f"case{i}" for i in range(len(PATH_CASES))])
+def test_reference_forced_path_matches_torch(path, nd, xs, ws, g, p, d, bias, layout, act, rng, monkeypatch):
+    monkeypatch.setattr(ref, "_FORCE", path)
+    _compare(nd, xs, ws, g, bias, 1, p, d, layout, rng, act)
+    # a stride > 1 ignores the forced stride-1 path and still matches
+    if p != "same":
+        _compare(nd, xs, ws, g, bias, 2, p, d, layout, rng, act)
+
+
+def test_reference_path_choice():
+    w = ((1, 1), 0.11)  # 3x3 padding 1 on 32x32: 11% of the flat positions are not outputs
+    k = (3, 3)
+    for part in ("fwd", "wgrad", "dgrad"):
+        assert ref._choose(part, (1, 1), 1, 64, 64, k, w[1]) == "flat"          # N=8 C=64 O=64 benchmark
+        assert ref._choose(part, (2, 2), 1, 64, 64, k, w[1]) == "im2col"        # strided
+        assert ref._choose(part, (1, 1), 1, 64, 64, (1, 1), 0.0) == "im2col"    # 1x1
+        assert ref._choose(part, (1, 1), 1, 64, 64, (5, 5), 0.36) == "im2col"   # border-heavy
+        assert ref._choose(part, (1, 1), 1, 3, 32, k, w[1]) == "im2col"         # RGB input benchmark
+    assert ref._choose("fwd", (1, 1), 64, 1, 1, k, w[1]) == "im2col"            # depthwise
+    assert ref._choose("wgrad", (1, 1), 64, 1, 1, k, w[1]) == "flat"
+    assert ref._choose("dgrad", (1, 1), 64, 1, 1, k, w[1]) == "stacked"
+    assert ref._choose("wgrad", (1, 1), 1, 8, 8, k, w[1]) == "flat"
+    assert ref._waste((8, 64, 32, 32), k, ((1, 1), (1, 1)), (1, 1)) == pytest.approx(1 - 1024 / 1156)
+
+
+@pytest.mark.parametrize("scratch_max", [None, 0], ids=["scratch", "fresh"])
+def test_reference_results_own_their_memory(scratch_max, rng, monkeypatch):
+    """Temporaries live in reused per-thread scratch memory; results must not: a second call
+    (or a call on another thread) must leave the first call's results untouched."""
+    if scratch_max is not None:
+        monkeypatch.setattr(ref, "_SCRATCH_MAX", scratch_max)
+    monkeypatch.setattr(ref, "_FORCE", {"fwd": "flat", "wgrad": "flat", "dgrad": "flat"})
+    x1, x2 = rng.standard_normal((2, 16, 6, 7)), rng.standard_normal((2, 16, 6, 7))
+    w = rng.standard_normal((16, 16, 3, 3))
+    y1 = ref.conv2d(x1, w, None, 1, 1)
+    g1 = ref.conv2d_backward(y1, x1, w, 1, 1)
+    keep = [a.copy() for a in (y1, *g1)]
+    y2 = ref.conv2d(x2, w, None, 1, 1)
+    ref.conv2d_backward(y2, x2, w, 1, 1)
+    for a, k in zip((y1, *g1), keep):
+        assert a.flags.c_contiguous and a.base is None
+        np.testing.assert_array_equal(a, k)
+    ref.clear_scratch()
+    np.testing.assert_array_equal(ref.conv2d(x1, w, None, 1, 1), y1)
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    def run(i):
+        xs = [x1, x2][i % 2]
+        return [ref.conv2d(xs, w, None, 1, 1) for _ in range(20)]
+
+    with ThreadPoolExecutor(2) as pool:
+        outs = list(pool.map(run, range(4)))
+    for i, ys in enumerate(outs):
+        for y in ys:
+            np.testing.assert_allclose(y, [y1, y2][i % 2], rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("nd", [1, 2])
