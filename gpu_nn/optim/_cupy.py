@@ -21,7 +21,8 @@ _TABLES: dict = {}
 
 
 def _table(P, G, C, steps, device):
-    key = (str(device), tuple(t.data_ptr() for t in P), tuple(t.data_ptr() for t in G),
+    # sizes are part of the key: new tensors can reuse freed addresses with other sizes
+    key = (str(device), tuple((t.data_ptr(), t.numel()) for t in P), tuple(t.data_ptr() for t in G),
            tuple(tuple(0 if s is None else s.data_ptr() for s in c) for c in C),
            tuple(s.data_ptr() for s in steps))
     hit = _TABLES.get(key)
@@ -44,8 +45,8 @@ def _table(P, G, C, steps, device):
 
 def run(kind: str, params, st: dict, hp: dict) -> None:
     from ..kernels import cuda as kcuda
-    from ._triton import _fresh
-    from ._triton import _same_layout as _same_layout_only
+    from ._triton import _same_layout as same_layout
+    from ._triton import stage
 
     if kind not in ("adam", "rmsprop"):
         raise KernelInputError(f"optim.{kind} has no cupy kernel")
@@ -54,16 +55,7 @@ def run(kind: str, params, st: dict, hp: dict) -> None:
         cols, steps = [st["exp_avg"], st["exp_avg_sq"], st["max_exp_avg_sq"]], st["step"]
     else:
         cols, steps = [st["square_avg"], st["grad_avg"], st["momentum_buffer"]], []
-    copies = []
-    P, G, C = list(params), list(grads), [list(c) for c in cols]
-    for i in range(len(P)):
-        if not _same_layout_only([P[i], G[i]] + [c[i] for c in C]):
-            P[i], G[i] = _fresh(P[i]), _fresh(G[i])
-            for c in C:
-                if c[i] is not None:
-                    copies.append((c[i], _fresh(c[i])))
-                    c[i] = copies[-1][1]
-            copies.append((params[i], P[i]))
+    P, G, C, copies = stage(params, grads, cols, same_layout)
     device = params[0].device
     table, n = _table(P, G, C, steps, device)
     if n:

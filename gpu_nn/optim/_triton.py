@@ -48,6 +48,24 @@ def _fresh(t):
     return t.detach().clone(memory_format=torch.contiguous_format)
 
 
+def stage(params, grads, cols, ready):
+    """Parameters, gradients and state columns as the kernels take them: each parameter whose
+    tensors fail ``ready`` is replaced, with its gradient and state, by fresh contiguous copies.
+    Returns ``(P, G, C, copies)``; after the step, ``orig.copy_(tmp)`` for each pair of
+    ``copies`` writes the parameter and its state back."""
+    copies = []
+    P, G, C = list(params), list(grads), [list(c) for c in cols]
+    for i in range(len(P)):
+        if not ready([P[i], G[i]] + [c[i] for c in C]):
+            P[i], G[i] = _fresh(P[i]), _fresh(G[i])
+            for c in C:
+                if c[i] is not None:
+                    copies.append((c[i], _fresh(c[i])))
+                    c[i] = copies[-1][1]
+            copies.append((params[i], P[i]))
+    return P, G, C, copies
+
+
 def _offset(t, base) -> int:
     if t is None:
         return 0
@@ -120,16 +138,7 @@ def run(kind: str, params, st: dict, hp: dict) -> None:
 
     # the kernels walk storage order: parameter, gradient and state must share one dense,
     # aligned layout; anything else runs on fresh copies that are written back
-    copies = []
-    P, G, C = list(params), list(grads), [list(c) for c in cols]
-    for i in range(len(P)):
-        if not _kernel_ready([P[i], G[i]] + [c[i] for c in C]):
-            P[i], G[i] = _fresh(P[i]), _fresh(G[i])
-            for c in C:
-                if c[i] is not None:
-                    copies.append((c[i], _fresh(c[i])))
-                    c[i] = copies[-1][1]
-            copies.append((params[i], P[i]))
+    P, G, C, copies = stage(params, grads, cols, _kernel_ready)
     for s in steps:
         if s.dtype != torch.float32:
             raise KernelInputError("optimizer kernels: state['step'] must be a float32 tensor on the device")
