@@ -10,7 +10,6 @@ torch's CPU kernels. Ratios are ours / torch median times measured in the same r
 from __future__ import annotations
 
 import importlib
-import json
 import os
 import time
 

@@ -13,7 +13,7 @@ import gpu_nn
 import gpu_nn.functional as F
 import gpu_nn.nn as gnn
 from gpu_nn.reference import dense as R
-from helpers import assert_close, backend_params, gpu_dtypes_for, max_rel_err, randn
+from helpers import assert_close, backend_params, gpu_dtypes_for, randn
 
 ACTS = (None, "relu", "sigmoid", "tanh")
 TORCH_ACT = {None: lambda y: y, "relu": torch.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh}

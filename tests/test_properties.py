@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 
 import gpu_nn
 import gpu_nn.functional as F
-from helpers import assert_close, backend_params, max_rel_err, tol
+from helpers import assert_close, backend_params, max_rel_err
 
 PROFILE = dict(deadline=None, database=None, derandomize=False, print_blob=True,
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,

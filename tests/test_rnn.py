@@ -3,12 +3,10 @@ input gradient and every parameter gradient), finite differences of the referenc
 opcheck on every op, state_dict interchange, dropout, bad input, and every backend against the
 reference."""
 
-import itertools
-
 import numpy as np
 import pytest
 import torch
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import pack_padded_sequence
 
 import gpu_nn
 import gpu_nn.functional as F

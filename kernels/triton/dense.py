@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from ._aot import AotSpec
-from .activation import ACT_CODES, _act_grad, _apply_act  # noqa: F401  (_act_grad for readers)
+from .activation import ACT_CODES, _apply_act
 from .activation import act_backward as _act_backward
 
 DTYPES = ("fp32", "fp16", "bf16")
