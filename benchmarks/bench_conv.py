@@ -101,5 +101,17 @@ def cases(device: str = "cpu", quick: bool = False) -> list[harness.Case]:
     return out
 
 
+def _script_cases(device: str = "cpu", quick: bool = False) -> list[harness.Case]:
+    """Run as a script on the CPU, this file also times max_pool2d 3x3/2 fwd+bwd at N=16 C=32
+    32x32 next to the convolutions (issue 2's CPU set); ``bench_pool`` owns that case, so
+    ``gpu-nn bench`` times it once, under pool."""
+    out = cases(device, quick)
+    if device == "cpu":
+        from . import bench_pool
+
+        out += bench_pool.cases(device, quick)
+    return out
+
+
 if __name__ == "__main__":
-    harness.main_for(cases)
+    harness.main_for(_script_cases)
