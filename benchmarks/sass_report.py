@@ -36,8 +36,11 @@ def _families():
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--family", action="append", help="family to compile (repeatable); default all: "
-                        + ", ".join(_families()))
+    # The help must not list _families(): importing gpu_nn.kernels.triton here, while `gpu-nn`
+    # builds its parser, would fix TRITON_INTERPRET for the whole process before `gpu-nn check`
+    # can set it, and check would then drop the Triton (interpreter) backend on a CPU machine.
+    parser.add_argument("--family", action="append",
+                        help="family to compile (repeatable); default all of gpu_nn.kernels.triton.FAMILIES")
     parser.add_argument("--json", help="write the rows as a JSON list to this path")
     parser.add_argument("--jobs", type=int, default=max(1, min(8, (os.cpu_count() or 2))),
                         help="families compiled at once (default %(default)s)")

@@ -3,8 +3,9 @@
 Each op family contributes ``CHECK_CASES`` (a list of :class:`CheckCase`) in its
 ``gpu_nn.ops.<family>`` module (optimizers: ``gpu_nn.optim``). A case makes fresh random
 odd-sized inputs in float64; the runner runs the op forward and backward on the backend in the
-dtype under test, runs it again on the reference in float64, and reports the largest error
-relative to the output scale over the output and every input gradient.
+dtype under test, runs it again on the reference in float64 on the same inputs (rounded to that
+dtype, then widened), and reports the largest error relative to the output scale over the
+output and every input gradient.
 """
 
 from __future__ import annotations
@@ -129,8 +130,12 @@ def generic_error(case: CheckCase, backend: str, device: str, dtype: torch.dtype
     seed = int(rng.integers(2**31))
     with _backend.backend(backend):
         outs, ints, grads = forward_backward(case.fn, _convert(args, dtype, device), _convert(kwargs, dtype, device), seed)
+    # The reference sees the inputs as the backend saw them (rounded to dtype, then widened to
+    # float64): otherwise input rounding alone can move an argmax (two float16/bfloat16 values
+    # of a pooling window rounding to a tie) and send a gradient to another element.
+    rargs, rkwargs = (_convert(_convert(a, dtype, "cpu"), torch.float64, "cpu") for a in (args, kwargs))
     with _backend.backend("reference"):
-        routs, rints, rgrads = forward_backward(case.fn, args, kwargs, seed)
+        routs, rints, rgrads = forward_backward(case.fn, rargs, rkwargs, seed)
     errs = [_rel(a, b) for a, b in zip(outs, routs)]
     errs += [_rel(a, b) for a, b in zip(grads, rgrads) if a is not None or b is not None]
     if len(outs) != len(routs) or len(grads) != len(rgrads):

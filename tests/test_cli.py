@@ -44,3 +44,20 @@ def test_sass_lists_a_missing_family(monkeypatch, capsys):
     assert main(["sass", "--family", "conv"]) == 0
     out = capsys.readouterr().out
     assert "missing" in out and "conv" in out
+
+
+def test_check_runs_triton_when_started_without_interpret(tmp_path):
+    """`gpu-nn check` started without TRITON_INTERPRET still checks the Triton backend (in the
+    interpreter on a CPU-only machine): building the parser must not import the kernels first."""
+    import json
+
+    import pytest
+
+    pytest.importorskip("triton")
+    js = tmp_path / "check.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "gpu_nn.cli", "check", "--op", "relu", "--no-progress", "--json", str(js)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = json.loads(js.read_text())
+    assert {r["backend"] for r in rows} >= {"reference", "triton"}
