@@ -56,6 +56,51 @@ DW_INTERP_CONFIG = (64, 16, 4)
 
 
 @triton.jit
+def _split_pos(m, RH, RW):
+    """Flat index over [N, RH, RW] -> (n, row, col)."""
+    plane = RH * RW
+    r = m % plane
+    return m // plane, r // RW, r % RW
+
+
+@triton.jit
+def _tap_source(oh, ow, i, j, H, W, SH, SW, PH, PW, DH, DW):
+    """Input pixel read by tap (i, j) of output pixel (oh, ow), and whether it is inside the
+    input (outside is zero padding)."""
+    ih = oh * SH - PH + i * DH
+    iw = ow * SW - PW + j * DW
+    return ih, iw, (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+
+
+@triton.jit
+def _tap_target(h, w, i, j, Ho, Wo, SH, SW, PH, PW, DH, DW):
+    """Output pixel whose tap (i, j) reads input pixel (h, w), and whether one exists (the
+    stride divides exactly and the pixel is in range)."""
+    th = h + PH - i * DH
+    tw = w + PW - j * DW
+    # clamp before // and %: Triton's integer division truncates toward zero
+    thc = tl.maximum(th, 0)
+    twc = tl.maximum(tw, 0)
+    oh = thc // SH
+    ow = twc // SW
+    ok = (th >= 0) & (tw >= 0) & (thc % SH == 0) & (twc % SW == 0) & (oh < Ho) & (ow < Wo)
+    return oh, ow, ok
+
+
+@triton.jit
+def _epilogue_act(acc, ACT):
+    """The activation chosen by the runtime flag ACT (0 = none): a uniform branch, so one
+    compiled kernel serves every activation."""
+    if ACT == 1:
+        acc = _apply_act(acc, 1)
+    elif ACT == 2:
+        acc = _apply_act(acc, 2)
+    elif ACT == 3:
+        acc = _apply_act(acc, 3)
+    return acc
+
+
+@triton.jit
 def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
                      N, H, W, Ho, Wo, KW, TAPS, CG, OG,
                      stride_xn, stride_xc, stride_xh, stride_xw,
@@ -71,11 +116,7 @@ def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
     offs_o = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = offs_m < N * Ho * Wo
     o_ok = offs_o < OG
-    hw = Ho * Wo
-    n = offs_m // hw
-    r = offs_m % hw
-    oh = r // Wo
-    ow = r % Wo
+    n, oh, ow = _split_pos(offs_m, Ho, Wo)
     x_row = x_ptr + n.to(tl.int64) * stride_xn + (grp * CG).to(tl.int64) * stride_xc
     oc = grp * OG + offs_o
     w_col = w_ptr + oc.to(tl.int64) * stride_wo
@@ -83,9 +124,8 @@ def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
     for t in range(0, TAPS):
         i = t // KW
         j = t % KW
-        ih = oh * SH - PH + i * DH
-        iw = ow * SW - PW + j * DW
-        pix_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        ih, iw, inside = _tap_source(oh, ow, i, j, H, W, SH, SW, PH, PW, DH, DW)
+        pix_ok = m_ok & inside
         a_row = x_row + ih.to(tl.int64) * stride_xh + iw.to(tl.int64) * stride_xw
         b_col = w_col + i * stride_wh + j * stride_ww
         for c0 in range(0, CG, BLOCK_K):
@@ -101,12 +141,7 @@ def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
     if HAS_BIAS != 0:
         bias = tl.load(b_ptr + oc, mask=o_ok, other=0.0).to(tl.float32)
         acc = acc + bias[None, :]
-    if ACT == 1:
-        acc = _apply_act(acc, 1)
-    elif ACT == 2:
-        acc = _apply_act(acc, 2)
-    elif ACT == 3:
-        acc = _apply_act(acc, 3)
+    acc = _epilogue_act(acc, ACT)
     y_off = (n.to(tl.int64) * stride_yn + oh.to(tl.int64) * stride_yh + ow.to(tl.int64) * stride_yw)[:, None] \
         + oc.to(tl.int64)[None, :] * stride_yc
     tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & o_ok[None, :])
@@ -128,11 +163,7 @@ def _conv_dgrad_kernel(g_ptr, w_ptr, dx_ptr,
     offs_c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = offs_m < N * H * W
     c_ok = offs_c < CG
-    hw = H * W
-    n = offs_m // hw
-    r = offs_m % hw
-    h = r // W
-    w = r % W
+    n, h, w = _split_pos(offs_m, H, W)
     g_row = g_ptr + n.to(tl.int64) * stride_gn
     cc = grp * CG + offs_c
     w_col = w_ptr + offs_c.to(tl.int64) * stride_wc  # weight dim 1 counts channels within the group
@@ -140,14 +171,8 @@ def _conv_dgrad_kernel(g_ptr, w_ptr, dx_ptr,
     for t in range(0, TAPS):
         i = t // KW
         j = t % KW
-        th = h + PH - i * DH
-        tw = w + PW - j * DW
-        # clamp before // and %: Triton's integer division truncates toward zero
-        thc = tl.maximum(th, 0)
-        twc = tl.maximum(tw, 0)
-        oh = thc // SH
-        ow = twc // SW
-        ok = m_ok & (th >= 0) & (tw >= 0) & (thc % SH == 0) & (twc % SW == 0) & (oh < Ho) & (ow < Wo)
+        oh, ow, hit = _tap_target(h, w, i, j, Ho, Wo, SH, SW, PH, PW, DH, DW)
+        ok = m_ok & hit
         a_row = g_row + oh.to(tl.int64) * stride_gh + ow.to(tl.int64) * stride_gw
         b_col = w_col + i * stride_wh + j * stride_ww
         for o0 in range(0, OG, BLOCK_K):
@@ -188,20 +213,15 @@ def _conv_wgrad_kernel(g_ptr, x_ptr, ws_ptr,
     oc = (grp * OG + offs_o).to(tl.int64)
     cc = (grp * CG + offs_c).to(tl.int64)
     M = N * Ho * Wo
-    hw = Ho * Wo
     m_lo = split * CHUNK
     m_hi = tl.minimum(m_lo + CHUNK, M)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for m0 in range(m_lo, m_hi, BLOCK_K):
         mm = m0 + tl.arange(0, BLOCK_K)
         mm_ok = mm < m_hi
-        n = mm // hw
-        r = mm % hw
-        oh = r // Wo
-        ow = r % Wo
-        ih = oh * SH - PH + i * DH
-        iw = ow * SW - PW + j * DW
-        x_ok = mm_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        n, oh, ow = _split_pos(mm, Ho, Wo)
+        ih, iw, inside = _tap_source(oh, ow, i, j, H, W, SH, SW, PH, PW, DH, DW)
+        x_ok = mm_ok & inside
         n64 = n.to(tl.int64)
         g_off = n64 * stride_gn + oh.to(tl.int64) * stride_gh + ow.to(tl.int64) * stride_gw
         x_off = n64 * stride_xn + ih.to(tl.int64) * stride_xh + iw.to(tl.int64) * stride_xw
@@ -228,11 +248,7 @@ def _conv_dw_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
     offs_o = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     p_ok = offs_p < N * Ho * Wo
     o_ok = offs_o < O
-    hw = Ho * Wo
-    n = offs_p // hw
-    r = offs_p % hw
-    oh = r // Wo
-    ow = r % Wo
+    n, oh, ow = _split_pos(offs_p, Ho, Wo)
     ci = (offs_o // MULT).to(tl.int64)
     x_col = ci * stride_xc
     x_row = n.to(tl.int64) * stride_xn
@@ -240,21 +256,15 @@ def _conv_dw_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
     for t in range(0, TAPS):
         i = t // KW
         j = t % KW
-        ih = oh * SH - PH + i * DH
-        iw = ow * SW - PW + j * DW
-        ok = p_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        ih, iw, inside = _tap_source(oh, ow, i, j, H, W, SH, SW, PH, PW, DH, DW)
+        ok = p_ok & inside
         a = tl.load(x_ptr + (x_row + ih.to(tl.int64) * stride_xh + iw.to(tl.int64) * stride_xw)[:, None] + x_col[None, :],
                     mask=ok[:, None] & o_ok[None, :], other=0.0).to(tl.float32)
         wv = tl.load(w_ptr + offs_o.to(tl.int64) * stride_wo + i * stride_wh + j * stride_ww, mask=o_ok, other=0.0).to(tl.float32)
         acc += a * wv[None, :]
     if HAS_BIAS != 0:
         acc += tl.load(b_ptr + offs_o, mask=o_ok, other=0.0).to(tl.float32)[None, :]
-    if ACT == 1:
-        acc = _apply_act(acc, 1)
-    elif ACT == 2:
-        acc = _apply_act(acc, 2)
-    elif ACT == 3:
-        acc = _apply_act(acc, 3)
+    acc = _epilogue_act(acc, ACT)
     y_off = (n.to(tl.int64) * stride_yn + oh.to(tl.int64) * stride_yh + ow.to(tl.int64) * stride_yw)[:, None] \
         + offs_o.to(tl.int64)[None, :] * stride_yc
     tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=p_ok[:, None] & o_ok[None, :])
@@ -276,23 +286,14 @@ def _conv_dw_dgrad_kernel(g_ptr, w_ptr, dx_ptr,
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     p_ok = offs_p < N * H * W
     c_ok = offs_c < C
-    hw = H * W
-    n = offs_p // hw
-    r = offs_p % hw
-    h = r // W
-    w = r % W
+    n, h, w = _split_pos(offs_p, H, W)
     g_row = n.to(tl.int64) * stride_gn
     acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
     for t in range(0, TAPS):
         i = t // KW
         j = t % KW
-        th = h + PH - i * DH
-        tw = w + PW - j * DW
-        thc = tl.maximum(th, 0)  # clamp before // and %: integer division truncates toward zero
-        twc = tl.maximum(tw, 0)
-        oh = thc // SH
-        ow = twc // SW
-        ok = p_ok & (th >= 0) & (tw >= 0) & (thc % SH == 0) & (twc % SW == 0) & (oh < Ho) & (ow < Wo)
+        oh, ow, hit = _tap_target(h, w, i, j, Ho, Wo, SH, SW, PH, PW, DH, DW)
+        ok = p_ok & hit
         off = g_row + oh.to(tl.int64) * stride_gh + ow.to(tl.int64) * stride_gw
         for rr in range(0, MULT):
             oc = (offs_c * MULT + rr).to(tl.int64)
@@ -323,20 +324,15 @@ def _conv_dw_wgrad_kernel(g_ptr, x_ptr, ws_ptr,
     g_col = offs_o.to(tl.int64) * stride_gc
     x_col = (offs_o // MULT).to(tl.int64) * stride_xc
     M = N * Ho * Wo
-    hw = Ho * Wo
     m_lo = split * CHUNK
     m_hi = tl.minimum(m_lo + CHUNK, M)
     acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
     for m0 in range(m_lo, m_hi, BLOCK_P):
         mm = m0 + tl.arange(0, BLOCK_P)
         mm_ok = mm < m_hi
-        n = mm // hw
-        r = mm % hw
-        oh = r // Wo
-        ow = r % Wo
-        ih = oh * SH - PH + i * DH
-        iw = ow * SW - PW + j * DW
-        x_ok = mm_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        n, oh, ow = _split_pos(mm, Ho, Wo)
+        ih, iw, inside = _tap_source(oh, ow, i, j, H, W, SH, SW, PH, PW, DH, DW)
+        x_ok = mm_ok & inside
         n64 = n.to(tl.int64)
         a = tl.load(g_ptr + (n64 * stride_gn + oh.to(tl.int64) * stride_gh + ow.to(tl.int64) * stride_gw)[:, None] + g_col[None, :],
                     mask=mm_ok[:, None] & o_ok[None, :], other=0.0).to(tl.float32)
