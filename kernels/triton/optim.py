@@ -46,6 +46,13 @@ def f64_bits(x: float) -> int:
 
 
 @triton.jit
+def _f64(bits):
+    """A hyperparameter passed as the int64 bit pattern of a Python double (Triton would pass a
+    float argument as fp32, and 1 - 0.999 in fp32 is off by about 1e-5 relative)."""
+    return bits.to(tl.int64).to(tl.float64, bitcast=True)
+
+
+@triton.jit
 def _pow_int(base, step):
     """``base ** step`` for a non-negative integer-valued float64 ``step``, by binary powering
     (a handful of float64 multiplies: exact enough that 1 - beta^t keeps full precision)."""
@@ -99,11 +106,11 @@ def _sgd_kernel(table_ptr, p_base, g_base, s_base, lr_b, wd_b, mom_b, damp_b, si
     start = tl.multiple_of(tl.load(row + 6), BLOCK)
     n = tl.load(row + 7)
     first = tl.load(row + 8)
-    lr = lr_b.to(tl.int64).to(tl.float64, bitcast=True).to(tl.float32)
-    wd = wd_b.to(tl.int64).to(tl.float64, bitcast=True).to(tl.float32)
-    momentum = mom_b.to(tl.int64).to(tl.float64, bitcast=True).to(tl.float32)
-    damp1 = (1.0 - damp_b.to(tl.int64).to(tl.float64, bitcast=True)).to(tl.float32)
-    sign = sign_b.to(tl.int64).to(tl.float64, bitcast=True).to(tl.float32)
+    lr = _f64(lr_b).to(tl.float32)
+    wd = _f64(wd_b).to(tl.float32)
+    momentum = _f64(mom_b).to(tl.float32)
+    damp1 = (1.0 - _f64(damp_b)).to(tl.float32)
+    sign = _f64(sign_b).to(tl.float32)
     for it in range(ITERS):
         offs = start + it * BLOCK + tl.arange(0, BLOCK)
         if start + (it + 1) * BLOCK <= n:
@@ -138,10 +145,10 @@ def _adagrad_kernel(table_ptr, p_base, g_base, s_base, step_base, lr_b, lr_decay
     step = tl.load(step_base + tl.load(row + 5)).to(tl.float64)
     start = tl.multiple_of(tl.load(row + 6), BLOCK)
     n = tl.load(row + 7)
-    neg_clr = (-(lr_b.to(tl.int64).to(tl.float64, bitcast=True) / (1.0 + (step - 1.0) * lr_decay_b.to(tl.int64).to(tl.float64, bitcast=True)))).to(tl.float32)
-    wd = wd_b.to(tl.int64).to(tl.float64, bitcast=True).to(tl.float32)
-    eps = eps_b.to(tl.int64).to(tl.float64, bitcast=True).to(tl.float32)
-    sign = sign_b.to(tl.int64).to(tl.float64, bitcast=True).to(tl.float32)
+    neg_clr = (-(_f64(lr_b) / (1.0 + (step - 1.0) * _f64(lr_decay_b)))).to(tl.float32)
+    wd = _f64(wd_b).to(tl.float32)
+    eps = _f64(eps_b).to(tl.float32)
+    sign = _f64(sign_b).to(tl.float32)
     for it in range(ITERS):
         offs = start + it * BLOCK + tl.arange(0, BLOCK)
         if start + (it + 1) * BLOCK <= n:
@@ -179,13 +186,13 @@ def _adadelta_kernel(table_ptr, p_base, g_base, s_base, lr_b, rho_b, eps_b, wd_b
     u_ptr = s_base + tl.multiple_of(tl.load(row + 3), VS)
     start = tl.multiple_of(tl.load(row + 6), BLOCK)
     n = tl.load(row + 7)
-    rho64 = rho_b.to(tl.int64).to(tl.float64, bitcast=True)
-    neg_lr = (-lr_b.to(tl.int64).to(tl.float64, bitcast=True)).to(tl.float32)
+    rho64 = _f64(rho_b)
+    neg_lr = (-_f64(lr_b)).to(tl.float32)
     rho = rho64.to(tl.float32)
     w = (1.0 - rho64).to(tl.float32)
-    eps = eps_b.to(tl.int64).to(tl.float64, bitcast=True).to(tl.float32)
-    wd = wd_b.to(tl.int64).to(tl.float64, bitcast=True).to(tl.float32)
-    sign = sign_b.to(tl.int64).to(tl.float64, bitcast=True).to(tl.float32)
+    eps = _f64(eps_b).to(tl.float32)
+    wd = _f64(wd_b).to(tl.float32)
+    sign = _f64(sign_b).to(tl.float32)
     for it in range(ITERS):
         offs = start + it * BLOCK + tl.arange(0, BLOCK)
         if start + (it + 1) * BLOCK <= n:
@@ -234,14 +241,14 @@ def _rmsprop_kernel(table_ptr, p_base, g_base, s_base, lr_b, alpha_b, eps_b, wd_
     b_ptr = s_base + tl.multiple_of(tl.load(row + 4), VS)
     start = tl.multiple_of(tl.load(row + 6), BLOCK)
     n = tl.load(row + 7)
-    a64 = alpha_b.to(tl.int64).to(tl.float64, bitcast=True)
-    neg_lr = (-lr_b.to(tl.int64).to(tl.float64, bitcast=True)).to(tl.float32)
+    a64 = _f64(alpha_b)
+    neg_lr = (-_f64(lr_b)).to(tl.float32)
     alpha = a64.to(tl.float32)
     w = (1.0 - a64).to(tl.float32)
-    eps = eps_b.to(tl.int64).to(tl.float64, bitcast=True).to(tl.float32)
-    wd = wd_b.to(tl.int64).to(tl.float64, bitcast=True).to(tl.float32)
-    momentum = mom_b.to(tl.int64).to(tl.float64, bitcast=True).to(tl.float32)
-    sign = sign_b.to(tl.int64).to(tl.float64, bitcast=True).to(tl.float32)
+    eps = _f64(eps_b).to(tl.float32)
+    wd = _f64(wd_b).to(tl.float32)
+    momentum = _f64(mom_b).to(tl.float32)
+    sign = _f64(sign_b).to(tl.float32)
     for it in range(ITERS):
         offs = start + it * BLOCK + tl.arange(0, BLOCK)
         if start + (it + 1) * BLOCK <= n:
@@ -291,10 +298,10 @@ def _adam_kernel(table_ptr, p_base, g_base, s_base, step_base, lr_b, beta1_b, be
     step = tl.load(step_base + tl.load(row + 5)).to(tl.float64)
     start = tl.multiple_of(tl.load(row + 6), BLOCK)
     n = tl.load(row + 7)
-    lr64 = lr_b.to(tl.int64).to(tl.float64, bitcast=True)
-    b1 = beta1_b.to(tl.int64).to(tl.float64, bitcast=True)
-    b2 = beta2_b.to(tl.int64).to(tl.float64, bitcast=True)
-    wd64 = wd_b.to(tl.int64).to(tl.float64, bitcast=True)
+    lr64 = _f64(lr_b)
+    b1 = _f64(beta1_b)
+    b2 = _f64(beta2_b)
+    wd64 = _f64(wd_b)
     bc1 = 1.0 - _pow_int(b1, step)
     bc2 = 1.0 - _pow_int(b2, step)
     neg_step = (-(lr64 / bc1)).to(tl.float32)
@@ -302,10 +309,10 @@ def _adam_kernel(table_ptr, p_base, g_base, s_base, step_base, lr_b, beta1_b, be
     w1 = (1.0 - b1).to(tl.float32)
     beta2 = b2.to(tl.float32)
     w2 = (1.0 - b2).to(tl.float32)
-    eps = eps_b.to(tl.int64).to(tl.float64, bitcast=True).to(tl.float32)
+    eps = _f64(eps_b).to(tl.float32)
     wd = wd64.to(tl.float32)
     decay = (1.0 - lr64 * wd64).to(tl.float32)
-    sign = sign_b.to(tl.int64).to(tl.float64, bitcast=True).to(tl.float32)
+    sign = _f64(sign_b).to(tl.float32)
     for it in range(ITERS):
         offs = start + it * BLOCK + tl.arange(0, BLOCK)
         if start + (it + 1) * BLOCK <= n:
@@ -337,7 +344,7 @@ def _clip_partial_kernel(table_ptr, g_base, part_ptr, part0, p_b, NORM: tl.const
     g_ptr = g_base + tl.multiple_of(tl.load(row + 1), VP)
     start = tl.multiple_of(tl.load(row + 6), BLOCK)
     n = tl.load(row + 7)
-    p = p_b.to(tl.int64).to(tl.float64, bitcast=True).to(tl.float32)
+    p = _f64(p_b).to(tl.float32)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for it in range(ITERS):
         offs = start + it * BLOCK + tl.arange(0, BLOCK)
@@ -382,11 +389,11 @@ def _clip_scale_kernel(table_ptr, g_base, part_ptr, n_parts, total_ptr, max_norm
     g_ptr = g_base + tl.multiple_of(tl.load(row + 1), VP)
     start = tl.multiple_of(tl.load(row + 6), BLOCK)
     n = tl.load(row + 7)
-    p = p_b.to(tl.int64).to(tl.float64, bitcast=True).to(tl.float32)
+    p = _f64(p_b).to(tl.float32)
     total = _clip_total(part_ptr, n_parts, p, NORM, RBLOCK)
     if tl.program_id(0) == 0:
         tl.store(total_ptr, total)
-    coef = (1.0 / (total + 1e-6)) * max_norm_b.to(tl.int64).to(tl.float64, bitcast=True).to(tl.float32)
+    coef = (1.0 / (total + 1e-6)) * _f64(max_norm_b).to(tl.float32)
     coef = tl.where(coef > 1.0, 1.0, coef)  # NaN stays NaN, as torch.clamp keeps it
     for it in range(ITERS):
         offs = start + it * BLOCK + tl.arange(0, BLOCK)
@@ -399,7 +406,7 @@ def _clip_scale_kernel(table_ptr, g_base, part_ptr, n_parts, total_ptr, max_norm
 @triton.jit
 def _clip_total_kernel(part_ptr, n_parts, total_ptr, p_b, NORM: tl.constexpr, RBLOCK: tl.constexpr):
     """The total norm alone (error_if_nonfinite reads it before anything is scaled)."""
-    tl.store(total_ptr, _clip_total(part_ptr, n_parts, p_b.to(tl.int64).to(tl.float64, bitcast=True).to(tl.float32), NORM, RBLOCK))
+    tl.store(total_ptr, _clip_total(part_ptr, n_parts, _f64(p_b).to(tl.float32), NORM, RBLOCK))
 
 
 # -- launch configuration -----------------------------------------------------------------
