@@ -575,10 +575,16 @@ def test_flatten_matches_torch_or_both_refuse():
 
     @settings(max_examples=100, **PROFILE)
     @given(shape=st.lists(st.sampled_from([1, 2, 3, 0]), max_size=4).map(tuple), start=st.integers(-8, 7),
-           end=st.integers(-8, 7), ordered=st.sampled_from([True, True, True, False]), perm_seed=SEEDS)
-    def prop(shape, start, end, ordered, perm_seed):
-        n = max(len(shape), 1)  # dims mostly in range, one past either end now and then
-        start, end = (v % (2 * n + 2) - n - 1 for v in (start, end))
+           end=st.integers(-8, 7), ordered=st.sampled_from([True, True, True, False]),
+           in_range=st.sampled_from([True, False]), perm_seed=SEEDS)
+    def prop(shape, start, end, ordered, in_range, perm_seed):
+        n = max(len(shape), 1)
+        # half the draws keep both dims in range; the other half put one of them one past
+        # either end, so neither kind can run short by chance
+        start, end = (v % (2 * n) - n for v in (start, end))
+        if not in_range:
+            past = n if end % 2 else -n - 1
+            start, end = (past, end) if start % 2 else (start, past)
         if ordered and -n <= min(start, end) and max(start, end) < n and start % n > end % n:
             start, end = end, start
         rng = np.random.default_rng(perm_seed)
