@@ -99,7 +99,14 @@ def _max2d(x, k, s, p, d, ceil_mode):
     xp = _padded(x, k, s, p, d, oh, ow, -np.inf)
     # torch's rule "v > best or isnan(v)"; the isnan test is only needed when a NaN is present
     has_nan = bool(np.isnan(x).any())
-    tap = np.full(out.shape, -1, dtype=np.int16 if k[0] * k[1] < 2**15 else np.int32)
+    # tap code per window: 0 = no tap beat -inf yet, else 1 + the row-major tap number of the best.
+    # Taps are visited in increasing code order, so "replace where this tap wins" is a running
+    # maximum of win * code: two small contiguous integer passes instead of a scattered putmask
+    # (putmask was 2/3 of the forward time at the benchmark shape).
+    n_taps = k[0] * k[1]
+    tdt = np.int8 if n_taps < 127 else np.int16 if n_taps < 2**15 else np.int32
+    code = np.zeros(out.shape, dtype=tdt)
+    win_code = np.empty(out.shape, dtype=tdt)
     m = np.empty(out.shape, dtype=bool)
     for i in range(k[0]):
         for j in range(k[1]):
@@ -107,14 +114,17 @@ def _max2d(x, k, s, p, d, ceil_mode):
             np.greater(v, out, out=m)
             if has_nan:
                 m |= np.isnan(v)
-            # np.maximum keeps NaN like the rule above and is ~2x faster than copyto(where=)
+            # np.maximum keeps NaN like the rule above
             np.maximum(out, v, out=out)
-            np.putmask(tap, m, i * k[1] + j)
-    ti, tj = np.divmod(tap.astype(np.int64), k[1])
-    ih = (np.arange(oh) * s[0] - p[0])[:, None] + ti * d[0]
-    iw = (np.arange(ow) * s[1] - p[1])[None, :] + tj * d[1]
-    idx = ih * W + iw
-    unset = tap < 0
+            np.multiply(m, tdt(i * k[1] + j + 1), out=win_code)
+            np.maximum(code, win_code, out=code)
+    # flat index = window origin (ih0 * W + iw0) + the winning tap's offset in the plane
+    ti, tj = np.divmod(np.arange(n_taps, dtype=np.int64), k[1])
+    offset = np.concatenate(([0], ti * d[0] * W + tj * d[1]))
+    origin = (np.arange(oh) * s[0] - p[0])[:, None] * W + (np.arange(ow) * s[1] - p[1])[None, :]
+    idx = np.take(offset, code)
+    idx += origin
+    unset = code == 0
     if unset.any():
         # no tap beat -inf: torch keeps the window's first in-input position
         fh = _first_valid(oh, k[0], s[0], p[0], d[0], H)[:, None]

@@ -145,6 +145,23 @@ def test_ties_keep_first_position_like_torch():
     assert torch.equal(y, yt) and torch.equal(i, it)
 
 
+@pytest.mark.parametrize("kernel,stride,padding", [((12, 13), 5, (6, 3)), (3, 1, 1), ((1, 11), (1, 4), (0, 5))])
+def test_ties_and_nans_in_large_and_small_windows_like_torch(kernel, stride, padding, rng):
+    # few distinct values, so most windows tie; NaNs sprinkled in: first max wins, last NaN wins.
+    # (12, 13) has 156 taps, past the reference's int8 tap code: the int16 path runs.
+    x = torch.from_numpy(rng.integers(-2, 3, (2, 3, 29, 31)).astype(np.float64))
+    x.view(-1)[rng.choice(x.numel(), 40, replace=False)] = float("nan")
+    with gpu_nn.backend("reference"):
+        y, i = F.max_pool2d(x, kernel, stride, padding, return_indices=True)
+        ym, im = F.min_pool2d(x, kernel, stride, padding, return_indices=True)
+    yt, it = TF.max_pool2d(x, kernel, stride, padding, return_indices=True)
+    ytm, itm = TF.max_pool2d(-x, kernel, stride, padding, return_indices=True)
+    assert torch.isnan(yt).any() and not torch.isnan(yt).all()
+    torch.testing.assert_close(y, yt, equal_nan=True, rtol=0, atol=0)
+    torch.testing.assert_close(ym, -ytm, equal_nan=True, rtol=0, atol=0)
+    assert torch.equal(i, it) and torch.equal(im, itm)
+
+
 @pytest.mark.parametrize("backend,device", backend_params())
 @pytest.mark.parametrize("nd", [1, 2])
 def test_nan_propagates(backend, device, nd, rng):
