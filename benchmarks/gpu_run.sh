@@ -8,6 +8,9 @@
 # each under `timeout`, so that the whole script ends within 8 minutes. Every log, JSON and PNG
 # lands in OUTDIR; OUTDIR/summary.txt has one line per step with its exit status and seconds.
 # Exits non-zero when gpu-nn check failed (or could not run); everything is written regardless.
+# OUTDIR holds about a dozen files; where only a few files come back (the device tool returns at
+# most 8), run it into a scratch folder and tar that:
+#   bash benchmarks/gpu_run.sh /tmp/gpu-run; tar -czf "$OUT/gpu-run.tgz" -C /tmp gpu-run
 set -u -o pipefail
 
 OUT=${1:?usage: benchmarks/gpu_run.sh OUTDIR}

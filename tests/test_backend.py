@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -98,3 +99,18 @@ def test_reference_handles_half_precision_by_widening():
         y = F.sigmoid(x)
     assert y.dtype == torch.float16
     torch.testing.assert_close(y, torch.sigmoid(x.float()).half())
+
+
+def test_from_numpy_copies_views_unless_promised_fresh():
+    from gpu_nn.ops._dispatch import from_numpy
+
+    base = np.arange(12, dtype=np.float32)
+    view = base.reshape(3, 4)  # a view: it could be an op's input seen through to_numpy
+    t = from_numpy(view, torch.float32, torch.device("cpu"))
+    t[0, 0] = 99.0
+    assert base[0] == 0.0  # copied: the tensor does not alias the array
+    fresh = from_numpy(view, torch.float32, torch.device("cpu"), fresh=True)
+    fresh[0, 0] = 7.0
+    assert base[0] == 7.0  # the caller's promise: shared without a copy
+    owned = np.zeros(5, np.float32)
+    assert from_numpy(owned, torch.float32, torch.device("cpu")).data_ptr() == owned.ctypes.data

@@ -34,13 +34,15 @@ def to_numpy(t: torch.Tensor | None) -> np.ndarray | None:
     return t.numpy()
 
 
-def from_numpy(a: np.ndarray, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def from_numpy(a: np.ndarray, dtype: torch.dtype, device: torch.device, fresh: bool = False) -> torch.Tensor:
     """A tensor of ``dtype`` on ``device`` holding ``a`` (a fresh array the reference made).
 
-    Never returns memory shared with an op's input: custom ops must not alias inputs.
+    Never returns memory shared with an op's input: custom ops must not alias inputs. A view
+    (``a.base`` set) is copied unless the caller passes ``fresh=True``, its promise that the
+    view's memory was allocated by the reference call that returned it.
     """
     a = np.asarray(a)
-    if not a.flags.writeable or not (a.flags.c_contiguous or a.flags.f_contiguous) or a.base is not None:
+    if not a.flags.writeable or not (a.flags.c_contiguous or a.flags.f_contiguous) or (a.base is not None and not fresh):
         a = np.array(a, copy=True)
     t = torch.from_numpy(a)
     if t.dtype != dtype or t.device != torch.device(device):
