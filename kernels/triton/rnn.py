@@ -462,11 +462,19 @@ def step_forward(mode, xg, hp, hn, cp, cn, w_hh, b_hh, out, mask, lengths, t, do
 PERSIST_BLOCKS = (16, 16, 32)  # BLOCK_B, BLOCK_H, BLOCK_K
 
 
-def persist_launch(mode: str, dot: int) -> tuple[int, int]:
-    """(num_warps, num_stages) of the persistent kernel, from ptxas for sm_90 (registers /
-    stack): the float32 LSTM and GRU spill at BLOCK_K = 64 or three stages, hence 32 and two;
-    the half-precision GRU keeps a 24-40 byte stack at two stages (4 or 8 warps), none at one."""
-    return (4, 1) if (mode == "gru" and dot != 0) else (4, 2)
+def persist_launch(mode: str, dot: int, has_bhh: bool) -> tuple[int, int]:
+    """(num_warps, num_stages) of the persistent kernel. One stage, always: with two or more,
+    Triton's pipeliner turns the h_{t-1} loads of the K loop into ``cp.async.ca`` (L1-cached;
+    the ``.cg`` modifier and ``volatile`` are both dropped, seen in the sm_90 PTX), and an L1
+    sector that straddles the end of slot t and the start of slot t + 1 (B * H not a multiple
+    of 8) would be cached before other programs write slot t + 1 and read stale a step later.
+    BLOCK_K = 32: the float32 LSTM spills at 64. Warps, from ptxas for sm_90: at one stage the
+    float32 (FMA) dots keep a few spill stores at 4 warps (rnn_tanh 8 B, LSTM / GRU with b_hh
+    24 B of stack), none at 8, except the GRU without b_hh, which spills at 8 and not at 4; the
+    half-precision dots spill at none with 4."""
+    if dot == 0 and not (mode == "gru" and not has_bhh):
+        return 8, 1
+    return 4, 1
 
 
 PERSIST_MAX_B = 16
@@ -496,7 +504,7 @@ def persist_forward(mode, xg, hs, cs, w_hh, b_hh, out, mask, lengths, reverse, d
     assert 1 <= num_programs <= triton.cdiv(H, PERSIST_BLOCKS[1]) and B <= PERSIST_MAX_B
     assert hs.stride(1) == H and hs.stride(2) == 1 and (cs is None or cs.stride() == hs.stride())
     bb, bh, bk = PERSIST_BLOCKS
-    warps, stages = persist_launch(mode, dot)
+    warps, stages = persist_launch(mode, dot, b_hh is not None)
     import torch
 
     # zeroed per launch: a re-launch (or a launch after an aborted one) never sees stale counts
@@ -553,7 +561,7 @@ def _matmul_spec(a, b, c, bias1, bias2, scale, acc, dot, dt):
 def _persist_spec(code, dt, out_dt, has_mask, has_bhh, dot):
     bb, bh, bk = PERSIST_BLOCKS
     mode = [m for m, c in MODE_CODES.items() if c == code][0]
-    warps, stages = persist_launch(mode, dot)
+    warps, stages = persist_launch(mode, dot, has_bhh)
     sig = {"xg_ptr": "*fp32", "stride_xgt": "i32", "stride_xgb": "i32", "hs_ptr": "*fp32", "cs_ptr": "*fp32",
            "stride_hs": "i32", "w_ptr": f"*{dt}", "stride_w0": "i32", "stride_w1": "i32", "bhh_ptr": f"*{dt}",
            "out_ptr": f"*{out_dt}", "stride_ot": "i32", "stride_ob": "i32", "mask_ptr": f"*{dt}", "stride_mt": "i32",
