@@ -4,10 +4,14 @@ CPU set (device "cpu"): T=50 B=32 I=128 H=256, float32, the NumPy reference fall
 (``gpu_nn.nn.LSTM`` / ``GRU`` on the reference backend) against torch CPU.
 GPU set (device "cuda", issue 6): T=100 N=64 I=H=512 forward and forward+backward; small batch
 N=4 and 16 at H=256 / 512 / 1024, T=50; float32 and bfloat16; torch (cuDNN) against our triton
-and cupy backends and against a Python loop of ``torch.nn.LSTMCell`` / ``GRUCell``.
+and cupy backends and against a Python loop of ``torch.nn.LSTMCell`` / ``GRUCell``; provider
+``triton`` runs the per-step launches (``GPU_NN_RNN_PERSISTENT=0``), and in the small-batch set
+``triton-persistent`` the one-launch persistent forward (``GPU_NN_RNN_PERSISTENT=1``).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -16,6 +20,11 @@ from gpu_nn import nn as gnn
 from gpu_nn.benchmarks import harness
 
 TORCH = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU}
+PERSISTENT_ENV = "GPU_NN_RNN_PERSISTENT"
+# provider -> (backend, GPU_NN_RNN_PERSISTENT): the small-batch set measures the per-step
+# launches ("triton", forced off) and the persistent kernel ("triton-persistent", forced on)
+PROVIDERS = {"triton": ("triton", "0"), "triton-persistent": ("triton", "1")}
+SMALL_PROVIDERS = ("triton", "triton-persistent", "cupy", "cell_loop")
 OURS = {"lstm": gnn.LSTM, "gru": gnn.GRU}
 CELLS = {"lstm": torch.nn.LSTMCell, "gru": torch.nn.GRUCell}
 
@@ -36,14 +45,14 @@ def _case(mode, T, N, I, H, dtype, device, backward, providers):
         g = torch.randn(T, N, H, device=device, dtype=dtype)
         return x, g
 
-    def run_module(module, backend=None):
+    def run_module(module, backend=None, persistent=None):
         def setup():
             nxt = harness.rotating(inputs)
 
             def fn():
                 x, g = nxt()
                 ctx = gpu_nn.backend(backend) if backend else _null()
-                with ctx:
+                with ctx, _env(PERSISTENT_ENV, persistent):
                     if backward:
                         out, _ = module(x)
                         out.backward(g)
@@ -84,9 +93,31 @@ def _case(mode, T, N, I, H, dtype, device, backward, providers):
         else:
             ours = OURS[mode](I, H).to(device=device, dtype=dtype)
             ours.load_state_dict(base.state_dict())
-            provs[p] = run_module(ours, p)
+            backend, persistent = PROVIDERS.get(p, (p, None))
+            provs[p] = run_module(ours, backend, persistent)
     return harness.Case(family="rnn", name=name, shape=shape, providers=provs, device=device,
                         flops=_flops(mode, T, N, I, H, backward))
+
+
+class _env:
+    """Sets an environment variable for the duration of a call (None: leave it as it is)."""
+
+    def __init__(self, name, value):
+        self.name, self.value = name, value
+
+    def __enter__(self):
+        if self.value is not None:
+            self.old = os.environ.get(self.name)
+            os.environ[self.name] = self.value
+        return self
+
+    def __exit__(self, *exc):
+        if self.value is not None:
+            if self.old is None:
+                os.environ.pop(self.name, None)
+            else:
+                os.environ[self.name] = self.old
+        return False
 
 
 class _null:
@@ -110,7 +141,7 @@ def cases(device: str = "cpu", quick: bool = False) -> list[harness.Case]:
                 out.append(_case(mode, 100, 64, 512, 512, dtype, device, backward, provs))
             for N in (4, 16):
                 for H in ((512,) if quick else (256, 512, 1024)):
-                    out.append(_case(mode, 50, N, H, H, dtype, device, False, provs))
+                    out.append(_case(mode, 50, N, H, H, dtype, device, False, SMALL_PROVIDERS))
     return out
 
 

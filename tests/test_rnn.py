@@ -553,3 +553,150 @@ def test_cuda_cell_math_on_host_matches_reference(mode, rng):
     got = (dg @ w_ih, dgh @ w_hh + carry, dg.T @ x, dgh.T @ h, dg.sum(0), dgh.sum(0))
     for name, a, b in zip(("dx", "dh", "dw_ih", "dw_hh", "db_ih", "db_hh"), got, wants):
         assert_close(torch.from_numpy(np.asarray(a)), torch.from_numpy(b), torch.float32, k=G * H, what=name)
+
+
+# ----------------------------------------------------------------------------------------------
+# the persistent small-batch forward (kernels/triton/rnn.py: _rnn_persist_fwd_kernel)
+
+_PERSIST_ENV = ops.PERSISTENT_ENV
+
+
+@pytest.mark.parametrize("device_type,B,H,sm,env,want", [
+    ("cuda", 4, 256, 132, None, True),    # the heuristic: CUDA, small batch, H <= 1024
+    ("cuda", 16, 1024, 132, "", True),
+    ("cuda", 17, 256, 132, None, False),  # batch beyond one tile
+    ("cuda", 4, 1025, 132, None, False),  # hidden beyond the bound
+    ("cuda", 0, 256, 132, None, False),
+    ("cuda", 4, 256, 0, None, False),     # no SM to run on
+    ("cuda", 4, 256, 132, "0", False),    # forced off
+    ("cuda", 4, 256, 1, "1", True),
+    ("cpu", 4, 13, 1, None, False),       # the heuristic never picks the interpreter
+    ("cpu", 4, 13, 1, "1", True),         # forced on: one program
+    ("cpu", 32, 13, 1, "1", False),       # forced on but not legal
+])
+def test_persistent_choice(device_type, B, H, sm, env, want):
+    assert ops.persistent_choice(device_type, B, H, sm, env) is want
+
+
+def test_persistent_choice_rejects_bad_env():
+    with pytest.raises(ValueError, match=_PERSIST_ENV):
+        ops.persistent_choice("cuda", 4, 256, 132, "yes")
+
+
+def test_persist_programs_capped_at_sm_count():
+    from gpu_nn.kernels.triton import rnn as kt
+
+    assert kt.persist_programs(4, 1024, 132) == 64  # one program per 16-unit hidden tile
+    assert kt.persist_programs(4, 1024, 20) == 20   # never more than one program per SM
+    assert kt.persist_programs(16, 33, 1) == 1
+    assert kt.persist_programs(17, 33, 132) == 0
+    assert kt.persist_programs(4, 1025, 132) == 0
+
+
+PERSIST_GRID = [
+    # T, B, I, H, L, bi, lengths, bias, masks
+    (5, 3, 4, 7, 1, False, None, True, False),
+    (3, 5, 3, 13, 2, True, (3, 1, 2, 3, 2), False, True),
+    (4, 1, 5, 33, 1, True, (3,), True, False),  # three hidden tiles in the one program
+]
+
+
+def _persist_case(mode, rng, T, B, I, H, L, bi, lengths, bias, masks):
+    D = 2 if bi else 1
+    G = ops.GATES[mode] * H
+    s = H ** -0.5
+    x = randn(rng, T, B, I)
+    hx = [randn(rng, L * D, B, H) for _ in range(2 if mode == "lstm" else 1)]
+    params = []
+    for l in range(L):
+        for _ in range(D):
+            params += [randn(rng, G, I if l == 0 else D * H) * s, randn(rng, G, H) * s]
+            params += [randn(rng, G) * s, randn(rng, G) * s] if bias else []
+    mk = torch.from_numpy((rng.uniform(size=(L - 1, T, B, D * H)) > 0.3) / 0.7) if masks and L > 1 else None
+    lens = torch.tensor(lengths) if lengths is not None else None
+    return x, hx, params, mk, lens
+
+
+def _persist_run(mode, backend, dtype, x, hx, params, mk, lens, L, bi, bias):
+    dev = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    leaves = [t.detach().to(dev, dtype).requires_grad_() for t in [x, *hx, *params]]
+    n_h = len(hx)
+    h, c = leaves[1], (leaves[2] if mode == "lstm" else None)
+    with gpu_nn.backend(backend):
+        out, hn, cn, res = torch.ops.gpu_nn.rnn_seq(leaves[0], h, c, leaves[1 + n_h:], mode, L, bi, bias, lens,
+                                                     None if mk is None else mk.to(dev, dtype))
+        outs = [out, hn] + ([cn] if mode == "lstm" else [])
+        gs = [torch.from_numpy(np.random.default_rng(7).standard_normal(o.shape)).to(dev, dtype) for o in outs]
+        grads = torch.autograd.grad(outs, leaves, gs)
+    return outs, res.detach(), grads
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("cfg", PERSIST_GRID, ids=lambda c: "T{}B{}H{}L{}{}{}{}{}".format(
+    c[0], c[1], c[3], c[4], "bi" if c[5] else "", "len" if c[6] else "", "" if c[7] else "nobias", "mask" if c[8] else ""))
+def test_persistent_forward_matches_reference(mode, cfg, rng, monkeypatch):
+    """Outputs, final states, every reserve entry, and the gradients of the per-step backward
+    that reads that reserve, against the float64 reference. In the interpreter with exactly one
+    program (programs run one after another there, so a grid barrier across several would never
+    open); on a GPU with the launcher's program count."""
+    pytest.importorskip("triton")
+    from gpu_nn.kernels.triton import rnn as kt
+
+    T, B, I, H, L, bi, lengths, bias, masks = cfg
+    x, hx, params, mk, lens = _persist_case(mode, rng, *cfg)
+    r_outs, r_res, r_grads = _persist_run(mode, "reference", torch.float64, x, hx, params, mk, lens, L, bi, bias)
+    calls = []
+    real = kt.persist_forward
+    monkeypatch.setattr(kt, "persist_forward", lambda *a: (calls.append(a[-1]), real(*a)))
+    monkeypatch.setenv(_PERSIST_ENV, "1")
+    for dtype in (torch.float32, torch.float16):
+        calls.clear()
+        o_outs, o_res, o_grads = _persist_run(mode, "triton", dtype, x, hx, params, mk, lens, L, bi, bias)
+        assert len(calls) == L * (2 if bi else 1), "the persistent kernel did not run"
+        assert all(c == 1 for c in calls) or torch.cuda.is_available()
+        for i, (a, b) in enumerate(zip(o_outs, r_outs)):
+            assert a.dtype == dtype
+            assert_close(a, b, dtype, k=4 * H, what=f"{mode} output {i}")
+        # the reserve is float32 for every io dtype; its error is that of the io dtype's inputs
+        assert_close(o_res, r_res, dtype, k=4 * H, what=f"{mode} reserve")
+        for i, (a, b) in enumerate(zip(o_grads, r_grads)):
+            assert_close(a, b, dtype, k=T * B * 4 * H, what=f"{mode} grad {i}")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs a GPU: the multi-program grid barrier cannot run in the interpreter "
+                           "(programs run one after another there, so a barrier across two never opens)")
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("B,H", [(4, 256), (16, 1000), (3, 1024)])
+def test_persistent_multi_program_matches_per_step_on_gpu(mode, B, H, rng, monkeypatch):
+    """Many programs across a grid barrier per step (min(ceil(H / 16), SMs) of them) against the
+    per-step launches: outputs, final states and the reserve, float32; launched twice so a stale
+    barrier counter would show; then the float64 reference."""
+    from gpu_nn.kernels.triton import rnn as kt
+
+    T, I, L, bi = 20, 64, 2, True
+    lengths = tuple(int(v) for v in rng.integers(1, T + 1, size=B))
+    x, hx, params, mk, lens = _persist_case(mode, rng, T, B, I, H, L, bi, lengths, True, True)
+    dev = torch.device("cuda")
+    programs = kt.persist_programs(B, H, torch.cuda.get_device_properties(dev).multi_processor_count)
+    assert programs > 1
+
+    def run(env):
+        monkeypatch.setenv(_PERSIST_ENV, env)
+        leaves = [t.to(dev, torch.float32) for t in [x, *hx, *params]]
+        n_h = len(hx)
+        with gpu_nn.backend("triton"):
+            out, hn, cn, res = torch.ops.gpu_nn.rnn_seq(
+                leaves[0], leaves[1], leaves[2] if mode == "lstm" else None, leaves[1 + n_h:], mode, L, bi, True, lens,
+                mk.to(dev, torch.float32))
+        return [out, hn, cn, res]
+
+    step = run("0")
+    for _ in range(2):
+        pers = run("1")
+        for a, b in zip(pers, step):
+            assert_close(a.cpu(), b.cpu().double(), torch.float32, k=4 * H, what=f"{mode} persistent vs per-step")
+    r_outs, r_res, _ = _persist_run(mode, "reference", torch.float64, x, hx, params, mk, lens, L, bi, True)
+    for a, b in zip(pers[:len(r_outs)], r_outs):
+        assert_close(a.cpu(), b, torch.float32, k=4 * H, what=f"{mode} persistent vs reference")
+    assert_close(pers[3].cpu(), r_res, torch.float32, k=4 * H, what=f"{mode} reserve vs reference")

@@ -27,11 +27,23 @@ Custom ops (namespace ``gpu_nn``): ``rnn_seq`` / ``rnn_seq_backward`` (whole seq
 forward returns a flat reserve of intermediates that the backward consumes, laid out by
 ``reference.rnn.reserve_layout``) and ``rnn_cell`` / ``rnn_cell_backward`` (one step).
 Backends: reference, triton, cupy.
+
+GPU forward of a sequence: the input projection of all steps as one matmul, then per layer and
+direction either one fused launch per time step, or (triton backend) the persistent kernel
+that runs the whole time loop in one launch with a grid barrier between steps. The persistent
+kernel is chosen by ``persistent_choice``: it is legal for batch 1..16 and hidden 1..1024 (one
+batch tile; W_hh, at most 16 MiB, stays in L2 across steps) with min(ceil(H / 16), SM count)
+programs, one per SM at most, so that all are resident and the barrier cannot deadlock; the
+heuristic takes it whenever it is legal on a CUDA device (at small batch a step's arithmetic
+is far below one launch's cost). ``GPU_NN_RNN_PERSISTENT=0`` never takes it, ``=1`` whenever
+legal (also under the Triton interpreter, with one program, since the interpreter runs
+programs one after another). The backward always runs the per-step kernels on the same reserve.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional
 
 import torch
@@ -232,6 +244,38 @@ def _lengths_on(lengths, T, B, device):
     return lengths.to(device=device, dtype=torch.int64)
 
 
+PERSISTENT_ENV = "GPU_NN_RNN_PERSISTENT"
+
+
+def persistent_choice(device_type: str, B: int, H: int, sm_count: int, env: Optional[str]) -> bool:
+    """Whether the forward runs the persistent kernel (``kernels.triton.rnn.persist_forward``, one
+    launch per layer and direction) instead of one launch per step. ``env`` is the value of
+    ``GPU_NN_RNN_PERSISTENT`` (None if unset).
+
+    Legal when 1 <= B <= 16, 1 <= H <= 1024 and ``sm_count >= 1``: the kernel holds every batch
+    row in one tile, and its grid is min(ceil(H / 16), sm_count) programs, one per SM at most,
+    so all of them are resident and the grid barrier cannot deadlock. ``"0"``: never; ``"1"``:
+    whenever legal (also under the interpreter, where ``sm_count`` is 1); unset or empty: the
+    heuristic, legal and a CUDA device (small batch is where one launch per step dominates).
+    """
+    if env not in (None, "", "0", "1"):
+        raise ValueError(f"{PERSISTENT_ENV} must be 0, 1 or unset, got {env!r}")
+    if env == "0" or sm_count < 1 or not (1 <= B <= 16 and 1 <= H <= 1024):
+        return False
+    return env == "1" or device_type == "cuda"
+
+
+def _persist_programs(K, dev, B, H):
+    """Programs of the persistent launch, 0 for per-step launches."""
+    if not hasattr(K, "persist_forward"):
+        return 0  # the cupy backend has no persistent kernel
+    # the interpreter runs programs one after another: only a single program can pass a barrier
+    sm = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 1
+    if not persistent_choice(dev.type, B, H, sm, os.environ.get(PERSISTENT_ENV)):
+        return 0
+    return K.persist_programs(B, H, sm)
+
+
 def _gpu_forward(K, mode, input, hx, cx, weights, num_layers, bidirectional, has_biases, lengths, masks):
     T, B, I = input.shape
     D = 2 if bidirectional else 1
@@ -247,6 +291,7 @@ def _gpu_forward(K, mode, input, hx, cx, weights, num_layers, bidirectional, has
     cn = empty((L * D, B, H), dtype=dt, device=dev) if mode == "lstm" else input.new_empty(0)
     lens = _lengths_on(lengths, T, B, dev)
     ws = _split(weights, L, D, has_biases)
+    persist = _persist_programs(K, dev, B, H)
     xin = input
     for l in range(L):
         dest = v[("x", l + 1)] if l < L - 1 else out
@@ -265,7 +310,12 @@ def _gpu_forward(K, mode, input, hx, cx, weights, num_layers, bidirectional, has
             K.matmul(xin.reshape(T * B, in_w), w_ih.t(), XG.view(T * B, -1)[:, :GH], bias1=b_ih,
                      bias2=b_hh if mode != "gru" else None, dot=_dot_code(xin.dtype, w_ih.dtype))
             dcode = _dot_code(w_hh.dtype)
-            for t, p, n in ref._steps(T, d == 1):
+            o_d = dest[:, :, d * H:(d + 1) * H]
+            m_d = None if mk is None else mk[:, :, d * H:(d + 1) * H]
+            if persist:
+                K.persist_forward(mode, XG, Hs, Cs, w_hh, b_hh if mode == "gru" else None, o_d, m_d, lens, d == 1,
+                                  dcode, persist)
+            for t, p, n in ([] if persist else ref._steps(T, d == 1)):
                 K.step_forward(mode, XG[t], Hs[p], Hs[n], None if Cs is None else Cs[p], None if Cs is None else Cs[n],
                                w_hh, b_hh if mode == "gru" else None, dest[t, :, d * H:(d + 1) * H],
                                None if mk is None else mk[t, :, d * H:(d + 1) * H], lens, t, dcode)

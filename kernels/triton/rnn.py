@@ -1,6 +1,7 @@
 """Triton kernels for the recurrent family (Elman tanh / relu, LSTM, GRU), forward and backward.
 
-The time loop runs on the host; each launch does one step of one layer and direction:
+The time loop runs on the host (one launch per step of one layer and direction), except in the
+persistent kernel:
 
 * ``_rnn_matmul_kernel`` -- ``C (+)= scale * (A @ B + bias1 + bias2)`` with arbitrary strides,
   float32 accumulation: the input projection of all time steps at once (``X W_ih^T + b``), and
@@ -14,6 +15,9 @@ The time loop runs on the host; each launch does one step of one layer and direc
   (the recurrent term of the step processed before), then the gate gradients of this step and
   the part of dh / dc that bypasses W_hh. With ``FINAL`` it only forms dh0.
 * ``_rnn_colsum_kernel`` -- bias gradients (column sums of the stored gate gradients).
+* ``_rnn_persist_fwd_kernel`` -- the small-batch path (B <= 16, H <= 1024): the whole forward
+  time loop of one layer and direction in one launch, the step kernel's math per hidden tile,
+  a grid-wide barrier (atomic counter) between steps; at most one program per SM.
 
 Layouts: everything row-major with explicit row strides; states and gates in float32 (the
 reserve); weights and the user's input / output in float32, float16 or bfloat16. Gate order
@@ -191,6 +195,123 @@ def _rnn_step_fwd_kernel(xg_ptr, stride_xg, hp_ptr, hn_ptr, cp_ptr, cn_ptr, w_pt
 
 
 @triton.jit
+def _rnn_persist_fwd_kernel(xg_ptr, stride_xgt, stride_xgb, hs_ptr, cs_ptr, stride_hs, w_ptr, stride_w0, stride_w1, bhh_ptr,
+                            out_ptr, stride_ot, stride_ob, mask_ptr, stride_mt, stride_mb, len_ptr, count_ptr,
+                            reverse, T, B, H,
+                            MODE: tl.constexpr, HAS_BHH: tl.constexpr, HAS_MASK: tl.constexpr, DOT_DT: tl.constexpr,
+                            BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The whole time loop of one layer and direction in one launch (persistent, small batch).
+
+    Shapes: ``xg [T, B, *]`` (strides ``stride_xgt``, ``stride_xgb``, unit last stride) the input
+    projections, overwritten with the activated gates as the step kernel does; ``hs / cs
+    [T + 1, B, H]`` float32, slot stride ``stride_hs`` (the reserve's state slots: slot 0 holds the initial state
+    forward, slot T when ``reverse``); ``out [T, B, H]`` (unit last stride), ``mask`` likewise;
+    ``count`` one int32, zero at launch. All batch rows in one tile (B <= BLOCK_B).
+
+    Program ``pid`` of ``P`` owns the hidden tiles ``pid, pid + P, ...`` (BLOCK_H units across
+    all gates each). Per step it computes ``h_{t-1} W_hh^T`` for its tiles and the same gate
+    math, stores and masking as ``_rnn_step_fwd_kernel``, then waits at a grid-wide barrier:
+    CTA barrier, one acq_rel gpu-scope increment of ``count``, spin on acquire reads until
+    ``count == (s + 1) * P``. This is only safe when every program is resident at once: the
+    launcher caps ``P`` at the SM count (one program per SM). h_{t-1} is read with ``.cg``
+    (L2, never a stale L1 line) because other programs wrote it. W_hh is re-read every step;
+    for B <= 16 and H <= 1024 it (at most 16 MiB in float32 for the LSTM) stays resident in L2
+    across steps, so the re-reads do not go to HBM. Not supported: B > BLOCK_B, more than 2^31 / P
+    steps (the counter is int32).
+    """
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    rb = tl.arange(0, BLOCK_B).to(tl.int64)
+    mb = rb < B
+    lens = tl.load(len_ptr + rb, mask=mb, other=0)
+    for s in range(0, T):
+        # forward: step t = s moves slot t -> t + 1; reverse: t = T - 1 - s moves slot t + 1 -> t
+        t = s + reverse * (T - 1 - 2 * s)
+        t64 = t.to(tl.int64)
+        hp_base = hs_ptr + (t64 + reverse) * stride_hs
+        hn_base = hs_ptr + (t64 + 1 - reverse) * stride_hs
+        valid = (t < lens)[:, None]
+        for j in range(pid, tl.cdiv(H, BLOCK_H), nprog):
+            rh = j * BLOCK_H + tl.arange(0, BLOCK_H)
+            mh = rh < H
+            m2 = mb[:, None] & mh[None, :]
+            acc0 = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+            acc1 = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+            acc2 = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+            acc3 = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+            for k0 in range(0, H, BLOCK_K):
+                rk = k0 + tl.arange(0, BLOCK_K)
+                mk = rk < H
+                hprev = tl.load(hp_base + rb[:, None] * H + rk[None, :], mask=mb[:, None] & mk[None, :], other=0.0,
+                                cache_modifier=".cg")
+                wm = mk[:, None] & mh[None, :]
+                w0 = tl.load(w_ptr + rh[None, :] * stride_w0 + rk[:, None] * stride_w1, mask=wm, other=0.0)
+                acc0 = _dot(hprev, w0, acc0, DOT_DT)
+                if MODE >= 2:
+                    w1 = tl.load(w_ptr + (H + rh)[None, :] * stride_w0 + rk[:, None] * stride_w1, mask=wm, other=0.0)
+                    acc1 = _dot(hprev, w1, acc1, DOT_DT)
+                    w2 = tl.load(w_ptr + (2 * H + rh)[None, :] * stride_w0 + rk[:, None] * stride_w1, mask=wm,
+                                 other=0.0)
+                    acc2 = _dot(hprev, w2, acc2, DOT_DT)
+                if MODE == 2:
+                    w3 = tl.load(w_ptr + (3 * H + rh)[None, :] * stride_w0 + rk[:, None] * stride_w1, mask=wm,
+                                 other=0.0)
+                    acc3 = _dot(hprev, w3, acc3, DOT_DT)
+            st = rb[:, None] * H + rh[None, :]
+            xg = xg_ptr + t64 * stride_xgt + rb[:, None] * stride_xgb + rh[None, :]
+            hp = tl.load(hp_base + st, mask=m2, other=0.0, cache_modifier=".cg")
+            c_new = hp  # placeholder for the non-LSTM modes
+            cp = hp
+            if MODE == 0:
+                h_new = _tanh(tl.load(xg, mask=m2, other=0.0) + acc0)
+            elif MODE == 1:
+                h_new = tl.maximum(tl.load(xg, mask=m2, other=0.0) + acc0, 0.0)
+            elif MODE == 2:
+                gi = _sigmoid(tl.load(xg, mask=m2, other=0.0) + acc0)
+                gf = _sigmoid(tl.load(xg + H, mask=m2, other=0.0) + acc1)
+                gg = _tanh(tl.load(xg + 2 * H, mask=m2, other=0.0) + acc2)
+                go = _sigmoid(tl.load(xg + 3 * H, mask=m2, other=0.0) + acc3)
+                cp = tl.load(cs_ptr + (t64 + reverse) * stride_hs + st, mask=m2, other=0.0, cache_modifier=".cg")
+                c_new = gf * cp + gi * gg
+                h_new = go * _tanh(c_new)
+                tl.store(xg, gi, mask=m2)
+                tl.store(xg + H, gf, mask=m2)
+                tl.store(xg + 2 * H, gg, mask=m2)
+                tl.store(xg + 3 * H, go, mask=m2)
+            else:
+                if HAS_BHH:
+                    acc0 += tl.load(bhh_ptr + rh, mask=mh, other=0.0).to(tl.float32)[None, :]
+                    acc1 += tl.load(bhh_ptr + H + rh, mask=mh, other=0.0).to(tl.float32)[None, :]
+                    acc2 += tl.load(bhh_ptr + 2 * H + rh, mask=mh, other=0.0).to(tl.float32)[None, :]
+                r = _sigmoid(tl.load(xg, mask=m2, other=0.0) + acc0)
+                z = _sigmoid(tl.load(xg + H, mask=m2, other=0.0) + acc1)
+                n = _tanh(tl.load(xg + 2 * H, mask=m2, other=0.0) + r * acc2)
+                h_new = n + z * (hp - n)
+                tl.store(xg, r, mask=m2)
+                tl.store(xg + H, z, mask=m2)
+                tl.store(xg + 2 * H, n, mask=m2)
+                tl.store(xg + 3 * H, acc2, mask=m2)
+            # steps beyond a sequence's length keep its state and output zero (PackedSequence semantics)
+            out = tl.where(valid, h_new, 0.0)
+            tl.store(hn_base + st, tl.where(valid, h_new, hp), mask=m2)
+            if MODE == 2:
+                tl.store(cs_ptr + (t64 + 1 - reverse) * stride_hs + st, tl.where(valid, c_new, cp), mask=m2)
+            if HAS_MASK:
+                out = out * tl.load(mask_ptr + t64 * stride_mt + rb[:, None] * stride_mb + rh[None, :], mask=m2,
+                                    other=0.0).to(tl.float32)
+            tl.store(out_ptr + t64 * stride_ot + rb[:, None] * stride_ob + rh[None, :],
+                     out.to(out_ptr.dtype.element_ty), mask=m2)
+        # grid-wide barrier: every thread's h_t stores precede the CTA barrier, the release
+        # increment publishes them at gpu scope, the acquire reads make the others' visible here
+        tl.debug_barrier()
+        target = (s + 1) * nprog
+        cnt = tl.atomic_add(count_ptr, 1, sem="acq_rel", scope="gpu") + 1
+        while cnt < target:
+            cnt = tl.atomic_add(count_ptr, 0, sem="acquire", scope="gpu")
+        tl.debug_barrier()
+
+
+@triton.jit
 def _rnn_step_bwd_kernel(dgn_ptr, stride_dgn, w_ptr, stride_w0, stride_w1, carry_ptr, dc_ptr, dout_ptr, stride_dout,
                          g_ptr, stride_g, hp_ptr, hn_ptr, cp_ptr, cn_ptr, dgi_ptr, dgh_ptr, stride_dg, dh0_ptr,
                          len_ptr, t, B, H,
@@ -338,6 +459,66 @@ def step_forward(mode, xg, hp, hn, cp, cn, w_hh, b_hh, out, mask, lengths, t, do
     )
 
 
+PERSIST_BLOCKS = (16, 16, 32)  # BLOCK_B, BLOCK_H, BLOCK_K
+
+
+def persist_launch(mode: str, dot: int, has_bhh: bool) -> tuple[int, int]:
+    """(num_warps, num_stages) of the persistent kernel. One stage, always: with two or more,
+    Triton's pipeliner turns the h_{t-1} loads of the K loop into ``cp.async.ca`` (L1-cached;
+    the ``.cg`` modifier and ``volatile`` are both dropped, seen in the sm_90 PTX), and an L1
+    sector that straddles the end of slot t and the start of slot t + 1 (B * H not a multiple
+    of 8) would be cached before other programs write slot t + 1 and read stale a step later.
+    BLOCK_K = 32: the float32 LSTM spills at 64. Warps, from ptxas for sm_90: at one stage the
+    float32 (FMA) dots keep a few spill stores at 4 warps (rnn_tanh 8 B, LSTM / GRU with b_hh
+    24 B of stack), none at 8, except the GRU without b_hh, which spills at 8 and not at 4; the
+    half-precision dots spill at none with 4."""
+    if dot == 0 and not (mode == "gru" and not has_bhh):
+        return 8, 1
+    return 4, 1
+
+
+PERSIST_MAX_B = 16
+PERSIST_MAX_H = 1024
+
+
+def persist_programs(B: int, H: int, sm_count: int) -> int:
+    """Programs of the persistent kernel: one per hidden tile, capped at ``sm_count`` so that
+    all of them are resident at once (the grid barrier needs it; one program per SM at most);
+    0 where the persistent kernel does not apply (B > 16, H > 1024, an empty problem)."""
+    if not (1 <= B <= PERSIST_MAX_B and 1 <= H <= PERSIST_MAX_H and sm_count >= 1):
+        return 0
+    return min(triton.cdiv(H, PERSIST_BLOCKS[1]), sm_count)
+
+
+def persist_forward(mode, xg, hs, cs, w_hh, b_hh, out, mask, lengths, reverse, dot, num_programs):
+    """Whole time loop of one layer and direction in one launch (``_rnn_persist_fwd_kernel``).
+
+    ``xg [T, B, *]``, ``hs / cs [T + 1, B, H]`` float32 with contiguous slots, ``out`` and
+    ``mask [T, B, H]`` with unit last stride, ``lengths`` int64 ``[B]``. ``num_programs`` from
+    ``persist_programs`` (the caller states the device's SM count; under the interpreter that
+    is 1, since programs run one after another and a barrier across two would never open).
+    """
+    T, B, H = hs.shape[0] - 1, hs.shape[1], hs.shape[2]
+    if T == 0 or B == 0 or H == 0:
+        return
+    assert 1 <= num_programs <= triton.cdiv(H, PERSIST_BLOCKS[1]) and B <= PERSIST_MAX_B
+    assert hs.stride(1) == H and hs.stride(2) == 1 and (cs is None or cs.stride() == hs.stride())
+    bb, bh, bk = PERSIST_BLOCKS
+    warps, stages = persist_launch(mode, dot, b_hh is not None)
+    import torch
+
+    # zeroed per launch: a re-launch (or a launch after an aborted one) never sees stale counts
+    count = torch.zeros(1, dtype=torch.int32, device=hs.device)
+    _rnn_persist_fwd_kernel[(num_programs,)](
+        xg, xg.stride(0), xg.stride(1), hs, cs if cs is not None else hs, hs.stride(0), w_hh,
+        w_hh.stride(0), w_hh.stride(1), b_hh if b_hh is not None else w_hh, out, out.stride(0), out.stride(1),
+        mask if mask is not None else out, mask.stride(0) if mask is not None else 0,
+        mask.stride(1) if mask is not None else 0, lengths, count, int(reverse), T, B, H,
+        MODE=MODE_CODES[mode], HAS_BHH=b_hh is not None, HAS_MASK=mask is not None,
+        DOT_DT=dot, BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+    )
+
+
 def step_backward(mode, dg_next, w_hh, carry, dc, dout, g, hp, hn, cp, cn, dgi, dgh, dh0, lengths, t, dot, final=False):
     B, H = carry.shape
     if B == 0 or H == 0:
@@ -377,13 +558,32 @@ def _matmul_spec(a, b, c, bias1, bias2, scale, acc, dot, dt):
                    label=f"matmul {a}x{b}->{c} bias{int(bias1)}{int(bias2)} scale{int(scale)} acc{int(acc)} dot{dot}")
 
 
+def _persist_spec(code, dt, out_dt, has_mask, has_bhh, dot):
+    bb, bh, bk = PERSIST_BLOCKS
+    mode = [m for m, c in MODE_CODES.items() if c == code][0]
+    warps, stages = persist_launch(mode, dot, has_bhh)
+    sig = {"xg_ptr": "*fp32", "stride_xgt": "i32", "stride_xgb": "i32", "hs_ptr": "*fp32", "cs_ptr": "*fp32",
+           "stride_hs": "i32", "w_ptr": f"*{dt}", "stride_w0": "i32", "stride_w1": "i32", "bhh_ptr": f"*{dt}",
+           "out_ptr": f"*{out_dt}", "stride_ot": "i32", "stride_ob": "i32", "mask_ptr": f"*{dt}", "stride_mt": "i32",
+           "stride_mb": "i32", "len_ptr": "*i64", "count_ptr": "*i32", "reverse": "i32", "T": "i32", "B": "i32",
+           "H": "i32"}
+    for k in ("MODE", "HAS_BHH", "HAS_MASK", "DOT_DT", "BLOCK_B", "BLOCK_H", "BLOCK_K"):
+        sig[k] = "constexpr"
+    cons = {"MODE": code, "HAS_BHH": has_bhh, "HAS_MASK": has_mask, "DOT_DT": dot, "BLOCK_B": bb, "BLOCK_H": bh,
+            "BLOCK_K": bk}
+    return AotSpec(_rnn_persist_fwd_kernel, sig, cons, num_warps=warps, num_stages=stages,
+                   label=f"persist fwd {mode} {dt} out {out_dt} mask{int(has_mask)} bhh{int(has_bhh)} w{warps} s{stages}")
+
+
 def aot_specs():
     """Every launch configuration of the driver in gpu_nn.ops.rnn: per io dtype, the matmuls
     (input projection from the io-dtype input or a float32 layer input, with both, one or no
     bias; dW from io-dtype or float32 operands; dX with or without the dropout scale, first or
     accumulating direction), the column sum, and the step kernels for every mode, both batch
     tiles, output / output-gradient in the io dtype (last layer) or float32 (inner layers),
-    with and without the dropout mask, first / middle / final backward step."""
+    with and without the dropout mask, first / middle / final backward step; the persistent
+    forward (one block configuration) for every mode, output in the io dtype or float32 (with
+    and without the mask), the GRU with and without b_hh."""
     specs = []
     for dt in ("fp32", "fp16", "bf16"):
         dot = DOT_CODES[dt]
@@ -401,6 +601,10 @@ def aot_specs():
                                                   "stride_xm": "i32", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"},
                              {"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, label=f"colsum {dt}"))
         for mode, code in MODE_CODES.items():
+            for out_dt in sorted({dt, "fp32"}):
+                for has_mask in ((False, True) if out_dt == "fp32" else (False,)):
+                    for has_bhh in ((False, True) if mode == "gru" else (False,)):
+                        specs.append(_persist_spec(code, dt, out_dt, has_mask, has_bhh, dot))
             for bb in (16, 32):
                 for out_dt in sorted({dt, "fp32"}):
                     for has_mask in ((False, True) if out_dt == "fp32" else (False,)):
