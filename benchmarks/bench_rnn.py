@@ -25,6 +25,13 @@ PERSISTENT_ENV = "GPU_NN_RNN_PERSISTENT"
 # launches ("triton", forced off) and the persistent kernel ("triton-persistent", forced on)
 PROVIDERS = {"triton": ("triton", "0"), "triton-persistent": ("triton", "1")}
 SMALL_PROVIDERS = ("triton", "triton-persistent", "cupy", "cell_loop")
+SKIP_PERSISTENT_ENV = "GPU_NN_BENCH_SKIP_PERSISTENT"  # set by gpu_run.sh when the barrier test failed
+
+
+def _small_providers():
+    if os.environ.get(SKIP_PERSISTENT_ENV) == "1":
+        return tuple(p for p in SMALL_PROVIDERS if p != "triton-persistent")
+    return SMALL_PROVIDERS
 OURS = {"lstm": gnn.LSTM, "gru": gnn.GRU}
 CELLS = {"lstm": torch.nn.LSTMCell, "gru": torch.nn.GRUCell}
 
@@ -141,7 +148,7 @@ def cases(device: str = "cpu", quick: bool = False) -> list[harness.Case]:
                 out.append(_case(mode, 100, 64, 512, 512, dtype, device, backward, provs))
             for N in (4, 16):
                 for H in ((512,) if quick else (256, 512, 1024)):
-                    out.append(_case(mode, 50, N, H, H, dtype, device, False, SMALL_PROVIDERS))
+                    out.append(_case(mode, 50, N, H, H, dtype, device, False, _small_providers()))
     return out
 
 

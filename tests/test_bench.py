@@ -123,3 +123,35 @@ def test_bench_all_lists_every_family(tmp_path, monkeypatch, capsys):
     for fam in suite.FAMILIES:
         assert fam in text
     assert set(json.loads((tmp_path / "bench.json").read_text())["families"]) == set(suite.FAMILIES)
+
+
+def test_gpu_run_script_steps_and_persistent_gate(tmp_path):
+    """benchmarks/gpu_run.sh with a stand-in python that records each call: every step runs in
+    order, and a failing persistent-barrier test keeps that kernel out of the benchmark and the
+    full pytest run."""
+    import os
+    import pathlib
+    import subprocess
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    log = tmp_path / "calls.txt"
+    fake = tmp_path / "python"
+    fake.write_text(
+        "#!/usr/bin/env bash\n"
+        f'echo "skip=${{GPU_NN_BENCH_SKIP_PERSISTENT:-}} $*" >> {log}\n'
+        'case "$*" in *persistent_multi_program*not*) exit 0;; *persistent_multi_program*) exit 1;; esac\n'
+        "exit 0\n")
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    r = subprocess.run(["bash", str(root / "benchmarks" / "gpu_run.sh"), str(out)], cwd=root,
+                       env={**os.environ, "PYTHON": str(fake)}, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    calls = log.read_text().splitlines()
+    steps = [line.split(":")[0] for line in (out / "summary.txt").read_text().splitlines()]
+    assert steps[:2] == ["install", "info"] and sorted(steps[2:4]) == ["check", "sass"]  # these two in parallel
+    assert steps[4:] == ["persistent", "bench", "pytest", "total"]
+    assert "persistent: rc=1" in (out / "summary.txt").read_text()
+    bench = [c for c in calls if " bench " in c]
+    pytest_full = [c for c in calls if "-x -q tests" in c]
+    assert len(bench) == 1 and bench[0].startswith("skip=1 ")
+    assert len(pytest_full) == 1 and "not persistent_multi_program" in pytest_full[0]

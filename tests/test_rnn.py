@@ -575,7 +575,14 @@ _PERSIST_ENV = ops.PERSISTENT_ENV
     ("cpu", 32, 13, 1, "1", False),       # forced on but not legal
 ])
 def test_persistent_choice(device_type, B, H, sm, env, want):
-    assert ops.persistent_choice(device_type, B, H, sm, env) is want
+    assert ops.persistent_choice(device_type, B, H, sm, env, by_default=True) is want
+    # shipped default: off until a GPU run validates the barrier; only "1" opts in
+    assert ops.persistent_choice(device_type, B, H, sm, env, by_default=False) is (want and env == "1")
+
+
+def test_persistent_path_is_opt_in_until_validated_on_a_gpu():
+    assert ops.PERSISTENT_BY_DEFAULT is False
+    assert ops.persistent_choice("cuda", 4, 256, 132, None) is False
 
 
 def test_persistent_choice_rejects_bad_env():

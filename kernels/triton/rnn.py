@@ -581,9 +581,9 @@ def aot_specs():
     bias; dW from io-dtype or float32 operands; dX with or without the dropout scale, first or
     accumulating direction), the column sum, and the step kernels for every mode, both batch
     tiles, output / output-gradient in the io dtype (last layer) or float32 (inner layers),
-    with and without the dropout mask, first / middle / final backward step; the persistent
-    forward (one block configuration) for every mode, output in the io dtype or float32 (with
-    and without the mask), the GRU with and without b_hh."""
+    with and without the dropout mask, the GRU with and without b_hh, first / middle / final
+    backward step; the persistent forward (one block configuration) for every mode, output in
+    the io dtype or float32 (with and without the mask), the GRU with and without b_hh."""
     specs = []
     for dt in ("fp32", "fp16", "bf16"):
         dot = DOT_CODES[dt]
@@ -608,17 +608,18 @@ def aot_specs():
             for bb in (16, 32):
                 for out_dt in sorted({dt, "fp32"}):
                     for has_mask in ((False, True) if out_dt == "fp32" else (False,)):
-                        sig = {"xg_ptr": "*fp32", "stride_xg": "i32", "hp_ptr": "*fp32", "hn_ptr": "*fp32",
-                               "cp_ptr": "*fp32", "cn_ptr": "*fp32", "w_ptr": f"*{dt}", "stride_w0": "i32",
-                               "stride_w1": "i32", "bhh_ptr": f"*{dt}", "out_ptr": f"*{out_dt}", "stride_out": "i32",
-                               "mask_ptr": f"*{dt}", "stride_mask": "i32", "len_ptr": "*i64", "t": "i32",
-                               "B": "i32", "H": "i32"}
-                        for k in ("MODE", "HAS_BHH", "HAS_MASK", "DOT_DT", "BLOCK_B", "BLOCK_H", "BLOCK_K"):
-                            sig[k] = "constexpr"
-                        cons = {"MODE": code, "HAS_BHH": mode == "gru", "HAS_MASK": has_mask, "DOT_DT": dot,
-                                "BLOCK_B": bb, "BLOCK_H": 32, "BLOCK_K": 32}
-                        specs.append(AotSpec(_rnn_step_fwd_kernel, sig, cons, num_warps=4,
-                                             label=f"step fwd {mode} {dt} out {out_dt} B{bb} mask{int(has_mask)}"))
+                        for has_bhh in ((False, True) if mode == "gru" else (False,)):
+                            sig = {"xg_ptr": "*fp32", "stride_xg": "i32", "hp_ptr": "*fp32", "hn_ptr": "*fp32",
+                                   "cp_ptr": "*fp32", "cn_ptr": "*fp32", "w_ptr": f"*{dt}", "stride_w0": "i32",
+                                   "stride_w1": "i32", "bhh_ptr": f"*{dt}", "out_ptr": f"*{out_dt}", "stride_out": "i32",
+                                   "mask_ptr": f"*{dt}", "stride_mask": "i32", "len_ptr": "*i64", "t": "i32",
+                                   "B": "i32", "H": "i32"}
+                            for k in ("MODE", "HAS_BHH", "HAS_MASK", "DOT_DT", "BLOCK_B", "BLOCK_H", "BLOCK_K"):
+                                sig[k] = "constexpr"
+                            cons = {"MODE": code, "HAS_BHH": has_bhh, "HAS_MASK": has_mask, "DOT_DT": dot,
+                                    "BLOCK_B": bb, "BLOCK_H": 32, "BLOCK_K": 32}
+                            label = f"step fwd {mode} {dt} out {out_dt} B{bb} mask{int(has_mask)} bhh{int(has_bhh)}"
+                            specs.append(AotSpec(_rnn_step_fwd_kernel, sig, cons, num_warps=4, label=label))
                 for dout_dt in sorted({dt, "fp32"}):
                     for has_next, final in ((False, False), (True, False), (True, True)):
                         if final and dout_dt != dt:
