@@ -1,0 +1,453 @@
+"""DESIGN section 4, level 3, checked from the other side: every Triton launch the launchers
+actually make is in its family's ``aot_specs()``.
+
+``aot_specs()`` claims to list every configuration a family's launchers can produce, and
+``test_compile.py`` compiles exactly that list for sm_90; nothing else checks the claim (the GRU
+step forward without b_hh was launched but missing from the list, so never compiled). Here each
+family's ops run on the triton backend under the interpreter -- its ``CHECK_CASES`` in float32 and
+float16 plus extra calls that reach the options the check cases miss -- while a recorder wrapped
+around every kernel's launch entry point (``kernel[grid](...)`` calls ``kernel.run(*args, grid=,
+warmup=, **kwargs)``, the public ``KernelInterface`` protocol of both the JIT and the interpreter)
+binds the arguments to the kernel's Python signature and notes: the kernel, every constexpr
+(defaults included), the element type of every pointer (tensor) argument, and num_warps /
+num_stages. Each launch must match one ``AotSpec`` of the family that defines the kernel.
+
+The launchers pick their block sizes and warps with ``interpret`` (smaller blocks under the
+interpreter); the configurations that matter are the GPU ones, so every function of the kernel
+modules that takes an ``interpret`` argument is called with ``interpret=False`` here, and the
+kernels run (in the interpreter) with the GPU block sizes. A launch that does not pass num_warps
+/ num_stages gets Triton's CUDA defaults (4 / 3), which is what it compiles with on a GPU.
+
+Not covered here (nothing in this process can reach it): bfloat16 (the interpreter refuses it;
+its configurations are the float16 ones with another pointer type), and conv's TF32 precision is
+reached by patching ``gpu_nn.ops.conv._precision`` (it only answers "tf32" when CUDA is present).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+import inspect
+
+import numpy as np
+import pytest
+import torch
+
+import gpu_nn
+from gpu_nn import _backend, check
+from gpu_nn.kernels import triton as ktriton
+
+pytestmark = pytest.mark.skipif(not ktriton.INTERPRET, reason="records launches through the Triton interpreter (CPU only)")
+
+FAMILY_MODULES = {
+    "activation": "gpu_nn.ops.activation",
+    "conv": "gpu_nn.ops.conv",
+    "dense": "gpu_nn.ops.dense",
+    "pool": "gpu_nn.ops.pool",
+    "rnn": "gpu_nn.ops.rnn",
+    "optim": "gpu_nn.optim",
+}
+TRITON_DEFAULTS = {"num_warps": 4, "num_stages": 3}  # the CUDA backend's defaults for a launch that passes neither
+_PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float64: "*fp64",
+        torch.int64: "*i64", torch.int32: "*i32", torch.int16: "*i16", torch.int8: "*i8", torch.uint8: "*u8",
+        torch.bool: "*i1"}
+
+
+def _kernel_modules():
+    return [importlib.import_module(f"gpu_nn.kernels.triton.{f}") for f in ktriton.FAMILIES]
+
+
+def _is_kernel(obj) -> bool:
+    from triton.runtime import KernelInterface
+
+    return isinstance(obj, KernelInterface) and hasattr(obj, "fn")
+
+
+def _fn(kernel):
+    return getattr(kernel, "fn", kernel)
+
+
+def _family_of(kernel) -> str:
+    return _fn(kernel).__module__.rsplit(".", 1)[-1]
+
+
+@functools.lru_cache(maxsize=None)
+def _params(fn):
+    """(signature, names of the constexpr parameters) of a kernel's Python function."""
+    import triton.language as tl
+
+    sig = inspect.signature(fn)
+    ann = inspect.get_annotations(fn)
+    cons = tuple(n for n in sig.parameters
+                 if ann.get(n) is tl.constexpr or str(ann.get(n, "")).rsplit(".", 1)[-1] == "constexpr")
+    return sig, cons
+
+
+@dataclasses.dataclass
+class Launch:
+    kernel: object
+    constexprs: dict
+    pointers: dict
+    num_warps: int
+    num_stages: int
+    where: str
+
+    @property
+    def name(self):
+        return _fn(self.kernel).__name__
+
+    def key(self):
+        return (self.name, tuple(sorted((k, repr(v)) for k, v in self.constexprs.items())),
+                tuple(sorted(self.pointers.items())), self.num_warps, self.num_stages)
+
+    def describe(self):
+        cons = ", ".join(f"{k}={v!r}" for k, v in self.constexprs.items())
+        ptrs = ", ".join(f"{k}:{v}" for k, v in self.pointers.items())
+        return f"{self.name}[{cons}] warps={self.num_warps} stages={self.num_stages} ptrs({ptrs}) from {self.where}"
+
+
+def _caller() -> str:
+    """The launcher frame (first frame outside this file and triton) for the failure message."""
+    for fr in inspect.stack()[2:]:
+        if "test_aot_coverage" not in fr.filename and "/triton/" not in fr.filename:
+            return f"{fr.filename.rsplit('/', 1)[-1]}:{fr.lineno} {fr.function}"
+    return "?"
+
+
+class Recorder:
+    """Wraps ``run`` of every kernel object in the kernel modules; ``launches`` collects them."""
+
+    def __init__(self, monkeypatch):
+        self.launches: list[Launch] = []
+        seen = set()
+        for mod in _kernel_modules():
+            for obj in vars(mod).values():
+                if _is_kernel(obj) and id(obj) not in seen:
+                    seen.add(id(obj))
+                    monkeypatch.setattr(obj, "run", self._wrap(obj, obj.run))
+
+    def _wrap(self, kernel, run):
+        sig, cons = _params(_fn(kernel))
+
+        def recorder(*args, grid, warmup, **kwargs):
+            opts = {k: kwargs.get(k, d) for k, d in TRITON_DEFAULTS.items()}
+            call_kwargs = {k: v for k, v in kwargs.items() if k in sig.parameters}
+            extra = set(kwargs) - set(call_kwargs) - {"num_warps", "num_stages"}
+            assert not extra, f"{_fn(kernel).__name__}: launch options this test does not check: {sorted(extra)}"
+            bound = sig.bind(*args, **call_kwargs)
+            bound.apply_defaults()
+            constexprs = {n: bound.arguments[n] for n in cons}
+            pointers = {n: _PTR[v.dtype] for n, v in bound.arguments.items() if isinstance(v, torch.Tensor)}
+            if not warmup:
+                self.launches.append(Launch(kernel, constexprs, pointers, opts["num_warps"], opts["num_stages"], _caller()))
+            return run(*args, grid=grid, warmup=warmup, **kwargs)
+
+        return recorder
+
+
+def _force_gpu_heuristics(monkeypatch):
+    """Every kernel-module function with an ``interpret`` parameter runs as on a GPU."""
+    for mod in _kernel_modules():
+        for name, obj in list(vars(mod).items()):
+            if inspect.isfunction(obj) and obj.__module__ == mod.__name__ and "interpret" in inspect.signature(obj).parameters:
+                monkeypatch.setattr(mod, name, _gpu_variant(obj))
+
+
+def _gpu_variant(fn):
+    sig = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        bound = sig.bind(*args, **kwargs)
+        bound.arguments["interpret"] = False
+        return fn(*bound.args, **bound.kwargs)
+
+    return wrapper
+
+
+# ----------------------------------------------------------------------------------------------
+# matching
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, bool) or isinstance(b, bool):
+        return isinstance(a, (bool, int)) and isinstance(b, (bool, int)) and int(a) == int(b)
+    return type(a) is type(b) and a == b
+
+
+def _mismatches(launch: Launch, spec) -> list[str]:
+    """What differs between a launch and a spec of the same kernel (empty: it matches)."""
+    sig, cons = _params(_fn(launch.kernel))
+    out = []
+    for n in cons:
+        default = sig.parameters[n].default
+        want = spec.constexprs.get(n, default)
+        if want is inspect.Parameter.empty:
+            out.append(f"{n}: spec lacks it (launch {launch.constexprs[n]!r})")
+        elif not _same(launch.constexprs[n], want):
+            out.append(f"{n}: launch {launch.constexprs[n]!r} vs spec {want!r}")
+    spec_ptrs = {n: t for n, t in spec.signature.items() if str(t).startswith("*")}
+    for n in sorted(set(spec_ptrs) | set(launch.pointers)):
+        if launch.pointers.get(n) != spec_ptrs.get(n):
+            out.append(f"{n}: launch {launch.pointers.get(n, 'not a tensor')} vs spec {spec_ptrs.get(n, 'not a pointer')}")
+    for opt in ("num_warps", "num_stages"):
+        if getattr(launch, opt) != getattr(spec, opt):
+            out.append(f"{opt}: launch {getattr(launch, opt)} vs spec {getattr(spec, opt)}")
+    return out
+
+
+def unmatched(launches, specs_by_family) -> list[str]:
+    """One report line per distinct launch that no spec of its kernel's family matches."""
+    report, done = [], set()
+    for la in launches:
+        if la.key() in done:
+            continue
+        done.add(la.key())
+        fam = _family_of(la.kernel)
+        same_kernel = [s for s in specs_by_family[fam] if _fn(s.kernel) is _fn(la.kernel)]
+        diffs = [(_mismatches(la, s), s) for s in same_kernel]
+        if any(not d for d, _ in diffs):
+            continue
+        line = f"[{fam}] {la.describe()}"
+        if diffs:
+            d, s = min(diffs, key=lambda x: len(x[0]))
+            line += f"\n    nearest spec '{s.label}': " + "; ".join(d)
+        else:
+            line += "\n    no spec of this kernel at all"
+        report.append(line)
+    return report
+
+
+def _all_specs():
+    from gpu_nn.kernels.triton import _aot
+
+    return {f: _aot.family_specs(f) for f in ktriton.FAMILIES}
+
+
+# ----------------------------------------------------------------------------------------------
+# exercising the ops
+
+
+DTYPES = (torch.float32, torch.float16)
+
+
+def _run_check_cases(family, rng):
+    for fam, case in check.collect_cases():
+        if fam != FAMILY_MODULES[family].rsplit(".", 1)[-1] or "triton" not in case.backends:
+            continue
+        for dtype in DTYPES:
+            if dtype not in case.dtypes:
+                continue
+            if case.run is not None:
+                case.run("triton", "cpu", dtype, rng)
+            else:
+                args, kwargs = case.make(rng)
+                with _backend.backend("triton"):
+                    check.forward_backward(case.fn, check._convert(args, dtype, "cpu"),
+                                           check._convert(kwargs, dtype, "cpu"), 0)
+
+
+def _t(rng, *shape, dtype, grad=True, scale=1.0):
+    t = torch.from_numpy(rng.standard_normal(shape) * scale).to(dtype)
+    return t.requires_grad_(grad)
+
+
+def _fwd_bwd(out):
+    outs = [o for o in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(o, torch.Tensor) and o.requires_grad]
+    torch.autograd.backward(outs, [torch.randn_like(o) for o in outs])
+
+
+def extra_activation(rng, monkeypatch):
+    pass  # CHECK_CASES run relu / sigmoid / tanh forward and backward in both dtypes
+
+
+def extra_conv(rng, monkeypatch):
+    from gpu_nn.ops import conv as ops
+
+    F = gpu_nn.functional
+    with _backend.backend("triton"):
+        for dt in DTYPES:
+            # more than 32 output channels on a short GEMM: fp32 "small", half "medium" (fwd, wgrad)
+            _fwd_bwd(F.conv2d(_t(rng, 1, 3, 5, 4, dtype=dt), _t(rng, 33, 3, 2, 2, dtype=dt), _t(rng, 33, dtype=dt)))
+            # more than 32 input channels per group: dgrad "medium"
+            _fwd_bwd(F.conv2d(_t(rng, 1, 33, 4, 3, dtype=dt), _t(rng, 3, 33, 1, 2, dtype=dt), None, padding=1))
+            # the "large" tiles need >= 128 * 264 GEMM rows: 1 x 184 x 184 pixels with 1x1 taps. The
+            # dgrad-only call keeps a bias gradient: with only grad_input wanted, conv_backward returns
+            # one empty tensor as both grad_weight and grad_bias, which the custom op rejects as aliasing
+            F.conv2d(_t(rng, 1, 1, 184, 184, dtype=dt, grad=False), _t(rng, 33, 1, 1, 1, dtype=dt, grad=False))
+            _fwd_bwd(F.conv2d(_t(rng, 1, 33, 184, 184, dtype=dt), _t(rng, 1, 33, 1, 1, dtype=dt, grad=False), _t(rng, 1, dtype=dt)))
+            # depthwise with a channel multiplier, no bias, activation
+            _fwd_bwd(F.conv2d(_t(rng, 2, 3, 6, 5, dtype=dt), _t(rng, 6, 1, 3, 3, dtype=dt), None, groups=3,
+                              activation="tanh"))
+    # float32 with TF32 allowed (the op only says "tf32" where CUDA is present)
+    orig = ops._precision
+    monkeypatch.setattr(ops, "_precision", lambda dtype: "tf32" if dtype == torch.float32 else orig(dtype))
+    with _backend.backend("triton"):
+        dt = torch.float32
+        _fwd_bwd(F.conv2d(_t(rng, 2, 3, 7, 6, dtype=dt), _t(rng, 5, 3, 3, 2, dtype=dt), _t(rng, 5, dtype=dt), padding=1,
+                          activation="relu"))
+        _fwd_bwd(F.conv2d(_t(rng, 1, 3, 5, 4, dtype=dt), _t(rng, 33, 3, 2, 2, dtype=dt), _t(rng, 33, dtype=dt)))
+        _fwd_bwd(F.conv2d(_t(rng, 1, 33, 4, 3, dtype=dt), _t(rng, 3, 33, 1, 2, dtype=dt), None, padding=1))
+        F.conv2d(_t(rng, 1, 1, 184, 184, dtype=dt, grad=False), _t(rng, 33, 1, 1, 1, dtype=dt, grad=False))
+        _fwd_bwd(F.conv2d(_t(rng, 1, 33, 184, 184, dtype=dt), _t(rng, 1, 33, 1, 1, dtype=dt, grad=False), _t(rng, 1, dtype=dt)))
+
+
+def extra_dense(rng, monkeypatch):
+    F = gpu_nn.functional
+    with _backend.backend("triton"):
+        for dt in DTYPES:
+            # every softmax block: each single-block bucket and the looped path
+            for n in (5, 129, 513, 2049, 8193):
+                for fn in (F.softmax, F.log_softmax):
+                    _fwd_bwd(fn(_t(rng, 2, n, dtype=dt), dim=-1))
+            # every cross_entropy block (C above the largest loops over it), index / probability
+            # targets with and without weight, the probability target's own gradient
+            for C in (7, 257, 1025, 2049):
+                x = _t(rng, 3, C, dtype=dt)
+                w = torch.rand(C, dtype=torch.float64).to(dt) + 0.5
+                idx = torch.from_numpy(rng.integers(0, C, 3))
+                _fwd_bwd(F.cross_entropy(x, idx))
+                _fwd_bwd(F.cross_entropy(x, idx, weight=w, label_smoothing=0.1))
+                prob = torch.softmax(torch.randn(3, C, dtype=torch.float64), -1).to(dt)
+                _fwd_bwd(F.cross_entropy(x, prob, weight=w))
+                _fwd_bwd(F.cross_entropy(x, prob.requires_grad_(True)))
+    # float32 matmuls with TF32 allowed, every activation, with and without bias
+    from gpu_nn.ops import dense as ops
+
+    monkeypatch.setattr(ops, "_tf32_allowed", lambda: True)
+    with _backend.backend("triton"):
+        dt = torch.float32
+        for act in (None, "relu", "sigmoid", "tanh"):
+            for bias in (True, False):
+                b = _t(rng, 5, dtype=dt) if bias else None
+                _fwd_bwd(F.linear(_t(rng, 3, 7, dtype=dt), _t(rng, 5, 7, dtype=dt), b, activation=act))
+
+
+def extra_pool(rng, monkeypatch):
+    F = gpu_nn.functional
+    with _backend.backend("triton"):
+        for dt in DTYPES:
+            x = _t(rng, 2, 3, 9, 8, dtype=dt)
+            _fwd_bwd(F.max_pool2d(x, 3, 2, 1, return_indices=True))
+            _fwd_bwd(F.min_pool2d(x, 2, 1, 0, 2, True, True))
+            _fwd_bwd(F.avg_pool2d(x, 3, 2, 1, True, False, 4))
+            y = _t(rng, 2, 3, 11, dtype=dt)
+            _fwd_bwd(F.max_pool1d(y, 3, 2, 1, 1, False, True))
+            _fwd_bwd(F.min_pool1d(y, 3))
+            _fwd_bwd(F.avg_pool1d(y, 4, 3, 2, True, False))
+
+
+def _seq_params(rng, mode, L, D, I, H, bias, dt):
+    G = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 4, "gru": 3}[mode] * H
+    ps = []
+    for layer in range(L):
+        for _ in range(D):
+            ps += [_t(rng, G, I if layer == 0 else D * H, dtype=dt, scale=H ** -0.5), _t(rng, G, H, dtype=dt, scale=H ** -0.5)]
+            if bias:
+                ps += [_t(rng, G, dtype=dt, scale=H ** -0.5), _t(rng, G, dtype=dt, scale=H ** -0.5)]
+    return ps
+
+
+def _run_seq(rng, mode, dt, T, B, I, H, L, bi, bias, lengths=None, dropout=0.0, backward=True):
+    from gpu_nn.ops import rnn as ops
+
+    D = 2 if bi else 1
+    x = _t(rng, T, B, I, dtype=dt)
+    h0 = _t(rng, L * D, B, H, dtype=dt)
+    hx = (h0, _t(rng, L * D, B, H, dtype=dt)) if mode == "lstm" else h0
+    ps = _seq_params(rng, mode, L, D, I, H, bias, dt)
+    kw = {"lengths": torch.tensor(lengths)} if lengths is not None else {}
+    out = ops.SEQ_FUNCS[mode](x, hx, ps, bias, L, dropout, dropout > 0, bi, False, **kw)
+    if backward:
+        _fwd_bwd(out)
+
+
+def _rnn_sweep(rng, dt, persistent):
+    """Sequences (the persistent kernel only changes the forward: no backward then) and cells."""
+    from gpu_nn.ops import rnn as ops
+
+    for mode in ("rnn_tanh", "rnn_relu", "lstm", "gru"):
+        # no biases, packed lengths, dropout between two layers, one direction
+        _run_seq(rng, mode, dt, 3, 3, 4, 5, 2, False, False, lengths=(3, 1, 2), dropout=0.5, backward=not persistent)
+        # biases, no lengths, two directions, no dropout
+        _run_seq(rng, mode, dt, 2, 2, 3, 5, 2, True, True, backward=not persistent)
+        if persistent:
+            continue
+        # more than 16 batch rows: the wide step tile (and no persistent kernel)
+        _run_seq(rng, mode, dt, 2, 17, 3, 4, 1, False, mode != "gru", lengths=[2] * 9 + [1] * 8)
+        # cells with and without biases
+        B, I, H = 3, 4, 5
+        G = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 4, "gru": 3}[mode] * H
+        for bias in (True, False):
+            h = _t(rng, B, H, dtype=dt)
+            hx = (h, _t(rng, B, H, dtype=dt)) if mode == "lstm" else h
+            bs = (_t(rng, G, dtype=dt), _t(rng, G, dtype=dt)) if bias else (None, None)
+            _fwd_bwd(ops.CELL_FUNCS[mode](_t(rng, B, I, dtype=dt), hx, _t(rng, G, I, dtype=dt), _t(rng, G, H, dtype=dt), *bs))
+            cell17 = _t(rng, 17, H, dtype=dt)
+            hx = (cell17, _t(rng, 17, H, dtype=dt)) if mode == "lstm" else cell17
+            _fwd_bwd(ops.CELL_FUNCS[mode](_t(rng, 17, I, dtype=dt), hx, _t(rng, G, I, dtype=dt), _t(rng, G, H, dtype=dt), *bs))
+
+
+def extra_rnn(rng, monkeypatch):
+    from gpu_nn.ops import rnn as ops
+
+    with _backend.backend("triton"):
+        for dt in DTYPES:
+            monkeypatch.setenv(ops.PERSISTENT_ENV, "0")
+            _rnn_sweep(rng, dt, False)
+            monkeypatch.setenv(ops.PERSISTENT_ENV, "1")  # the persistent forward wherever legal (B <= 16)
+            _rnn_sweep(rng, dt, True)
+
+
+def extra_optim(rng, monkeypatch):
+    from gpu_nn import optim
+    from gpu_nn.nn.utils import clip_grad_norm_
+
+    configs = [
+        ("SGD", dict(lr=0.1)), ("SGD", dict(lr=0.1, weight_decay=0.1, maximize=True)),
+        ("SGD", dict(lr=0.1, momentum=0.9, dampening=0.1)), ("SGD", dict(lr=0.1, momentum=0.9, weight_decay=0.1)),
+        ("SGD", dict(lr=0.1, momentum=0.9, nesterov=True)),
+        ("Adagrad", dict(lr=0.1)), ("Adagrad", dict(lr=0.1, weight_decay=0.1, maximize=True)),
+        ("Adadelta", dict()), ("Adadelta", dict(weight_decay=0.1, maximize=True)),
+        *[("RMSprop", dict(lr=0.01, weight_decay=wd, centered=c, momentum=m))
+          for wd in (0.0, 0.1) for c in (False, True) for m in (0.0, 0.9)],
+        *[(cls, dict(lr=0.01, weight_decay=wd, amsgrad=a, maximize=a))
+          for cls in ("Adam", "AdamW") for wd in (0.0, 0.1) for a in (False, True)],
+        ("Adam", dict(lr=0.01, foreach=True)), ("Adam", dict(lr=0.01, foreach=False)),
+    ]
+    shapes = [(5, 3), (7,), (1,)]
+    with _backend.backend("triton"):
+        for dt in DTYPES:
+            for name, kw in configs:
+                ps = [torch.nn.Parameter(torch.randn(s, dtype=dt)) for s in shapes]
+                opt = getattr(optim, name)(ps, **kw)
+                for _ in range(2):
+                    for p in ps:
+                        p.grad = torch.randn(p.shape, dtype=dt)
+                    opt.step()
+            for norm in (2.0, float("inf"), 3.0, 1.0):
+                for nonfinite in (False, True):
+                    ps = [torch.nn.Parameter(torch.randn(s, dtype=dt)) for s in shapes]
+                    for p in ps:
+                        p.grad = torch.randn(p.shape, dtype=dt)
+                    clip_grad_norm_(ps, 0.5, norm, error_if_nonfinite=nonfinite)
+            clip_grad_norm_([torch.nn.Parameter(torch.randn(3, dtype=dt))], 1.0)  # no gradient at all
+
+
+EXTRAS = {"activation": extra_activation, "conv": extra_conv, "dense": extra_dense, "pool": extra_pool,
+          "rnn": extra_rnn, "optim": extra_optim}
+
+
+@pytest.mark.parametrize("family", list(FAMILY_MODULES))
+def test_every_launch_is_in_aot_specs(family, monkeypatch):
+    rng = np.random.default_rng(abs(hash(family)) % 2**32)
+    rec = Recorder(monkeypatch)
+    _force_gpu_heuristics(monkeypatch)
+    _run_check_cases(family, rng)
+    EXTRAS[family](rng, monkeypatch)
+    assert rec.launches, f"{family}: no Triton launch recorded"
+    report = unmatched(rec.launches, _all_specs())
+    distinct = len({la.key() for la in rec.launches})
+    assert not report, (f"{family}: {len(report)} of {distinct} distinct launch configurations are missing from "
+                        "aot_specs() (never compiled for sm_90):\n" + "\n".join(report))
