@@ -546,8 +546,9 @@ def step_backward(mode, dg_next, w_hh, carry, dc, dout, g, hp, hn, cp, cn, dgi, 
 
 def _matmul_spec(a, b, c, bias1, bias2, scale, acc, dot, dt):
     bm, bn, bk, warps = MATMUL_BLOCKS
-    sig = {"a_ptr": f"*{a}", "b_ptr": f"*{b}", "c_ptr": f"*{c}", "bias1_ptr": f"*{dt}", "bias2_ptr": f"*{dt}",
-           "scale_ptr": f"*{dt}", "M": "i32", "N": "i32", "K": "i32"}
+    # an absent bias / scale is passed as c (a dummy pointer of c's type, never read)
+    sig = {"a_ptr": f"*{a}", "b_ptr": f"*{b}", "c_ptr": f"*{c}", "bias1_ptr": f"*{dt if bias1 else c}",
+           "bias2_ptr": f"*{dt if bias2 else c}", "scale_ptr": f"*{dt if scale else c}", "M": "i32", "N": "i32", "K": "i32"}
     for s in ("stride_am", "stride_ak", "stride_bk", "stride_bn", "stride_cm", "stride_cn", "stride_sm", "stride_sn"):
         sig[s] = "i32"
     for k in ("HAS_BIAS1", "HAS_BIAS2", "HAS_SCALE", "ACC", "DOT_DT", "BLOCK_M", "BLOCK_N", "BLOCK_K"):
@@ -564,7 +565,8 @@ def _persist_spec(code, dt, out_dt, has_mask, has_bhh, dot):
     warps, stages = persist_launch(mode, dot, has_bhh)
     sig = {"xg_ptr": "*fp32", "stride_xgt": "i32", "stride_xgb": "i32", "hs_ptr": "*fp32", "cs_ptr": "*fp32",
            "stride_hs": "i32", "w_ptr": f"*{dt}", "stride_w0": "i32", "stride_w1": "i32", "bhh_ptr": f"*{dt}",
-           "out_ptr": f"*{out_dt}", "stride_ot": "i32", "stride_ob": "i32", "mask_ptr": f"*{dt}", "stride_mt": "i32",
+           "out_ptr": f"*{out_dt}", "stride_ot": "i32", "stride_ob": "i32",
+           "mask_ptr": f"*{dt if has_mask else out_dt}", "stride_mt": "i32",
            "stride_mb": "i32", "len_ptr": "*i64", "count_ptr": "*i32", "reverse": "i32", "T": "i32", "B": "i32",
            "H": "i32"}
     for k in ("MODE", "HAS_BHH", "HAS_MASK", "DOT_DT", "BLOCK_B", "BLOCK_H", "BLOCK_K"):
@@ -583,7 +585,12 @@ def aot_specs():
     tiles, output / output-gradient in the io dtype (last layer) or float32 (inner layers),
     with and without the dropout mask, the GRU with and without b_hh, first / middle / final
     backward step; the persistent forward (one block configuration) for every mode, output in
-    the io dtype or float32 (with and without the mask), the GRU with and without b_hh."""
+    the io dtype or float32 (with and without the mask), the GRU with and without b_hh. Pointer
+    arguments a launch does not use carry the type of the dummy the launcher passes in their
+    place (each pointer type is its own compiled kernel): an absent bias / scale of the matmul
+    is ``c``, an absent dropout mask is the output, the final backward step's output gradient
+    and lengths are the float32 carry. tests/test_aot_coverage.py checks this list against the
+    launches the ops make."""
     specs = []
     for dt in ("fp32", "fp16", "bf16"):
         dot = DOT_CODES[dt]
@@ -612,7 +619,8 @@ def aot_specs():
                             sig = {"xg_ptr": "*fp32", "stride_xg": "i32", "hp_ptr": "*fp32", "hn_ptr": "*fp32",
                                    "cp_ptr": "*fp32", "cn_ptr": "*fp32", "w_ptr": f"*{dt}", "stride_w0": "i32",
                                    "stride_w1": "i32", "bhh_ptr": f"*{dt}", "out_ptr": f"*{out_dt}", "stride_out": "i32",
-                                   "mask_ptr": f"*{dt}", "stride_mask": "i32", "len_ptr": "*i64", "t": "i32",
+                                   "mask_ptr": f"*{dt if has_mask else out_dt}", "stride_mask": "i32",
+                                   "len_ptr": "*i64", "t": "i32",
                                    "B": "i32", "H": "i32"}
                             for k in ("MODE", "HAS_BHH", "HAS_MASK", "DOT_DT", "BLOCK_B", "BLOCK_H", "BLOCK_K"):
                                 sig[k] = "constexpr"
@@ -622,14 +630,16 @@ def aot_specs():
                             specs.append(AotSpec(_rnn_step_fwd_kernel, sig, cons, num_warps=4, label=label))
                 for dout_dt in sorted({dt, "fp32"}):
                     for has_next, final in ((False, False), (True, False), (True, True)):
-                        if final and dout_dt != dt:
-                            continue  # the final step reads no output gradient
+                        if final and dout_dt != "fp32":
+                            continue
+                        # the final step (dh0 only) gets no output gradient and no lengths: both
+                        # come as the float32 carry (dummy pointers, never read)
                         sig = {"dgn_ptr": "*fp32", "stride_dgn": "i32", "w_ptr": f"*{dt}", "stride_w0": "i32",
                                "stride_w1": "i32", "carry_ptr": "*fp32", "dc_ptr": "*fp32", "dout_ptr": f"*{dout_dt}",
                                "stride_dout": "i32", "g_ptr": "*fp32", "stride_g": "i32", "hp_ptr": "*fp32",
                                "hn_ptr": "*fp32", "cp_ptr": "*fp32", "cn_ptr": "*fp32", "dgi_ptr": "*fp32",
-                               "dgh_ptr": "*fp32", "stride_dg": "i32", "dh0_ptr": "*fp32", "len_ptr": "*i64",
-                               "t": "i32", "B": "i32", "H": "i32"}
+                               "dgh_ptr": "*fp32", "stride_dg": "i32", "dh0_ptr": "*fp32",
+                               "len_ptr": "*fp32" if final else "*i64", "t": "i32", "B": "i32", "H": "i32"}
                         for k in ("MODE", "HAS_NEXT", "FINAL", "DOT_DT", "BLOCK_B", "BLOCK_H", "BLOCK_K"):
                             sig[k] = "constexpr"
                         cons = {"MODE": code, "HAS_NEXT": has_next, "FINAL": final, "DOT_DT": dot,
