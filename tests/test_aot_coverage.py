@@ -284,11 +284,11 @@ def extra_conv(rng, monkeypatch, rec):
             _fwd_bwd(F.conv2d(_t(rng, 1, 3, 5, 4, dtype=dt), _t(rng, 33, 3, 2, 2, dtype=dt), _t(rng, 33, dtype=dt)))
             # more than 32 input channels per group: dgrad "medium"
             _fwd_bwd(F.conv2d(_t(rng, 1, 33, 4, 3, dtype=dt), _t(rng, 3, 33, 1, 2, dtype=dt), None, padding=1))
-            # the "large" tiles need >= 128 * 264 GEMM rows: 1 x 184 x 184 pixels with 1x1 taps. The
+            # the "large" tiles need >= 128 * 264 GEMM rows: 1 x 184 x 184 pixels with 1x1 taps (two input channels: one would be depthwise). The
             # dgrad-only call keeps a bias gradient: with only grad_input wanted, conv_backward returns
             # one empty tensor as both grad_weight and grad_bias, which the custom op rejects as aliasing
             with rec.dry_run():  # recorded, not interpreted: thousands of programs whose output nobody reads
-                F.conv2d(_t(rng, 1, 1, 184, 184, dtype=dt, grad=False), _t(rng, 33, 1, 1, 1, dtype=dt, grad=False))
+                F.conv2d(_t(rng, 1, 2, 184, 184, dtype=dt, grad=False), _t(rng, 33, 2, 1, 1, dtype=dt, grad=False))
                 _fwd_bwd(F.conv2d(_t(rng, 1, 33, 184, 184, dtype=dt), _t(rng, 1, 33, 1, 1, dtype=dt, grad=False),
                                   _t(rng, 1, dtype=dt)))
             # depthwise with a channel multiplier, no bias, activation
@@ -304,7 +304,7 @@ def extra_conv(rng, monkeypatch, rec):
         _fwd_bwd(F.conv2d(_t(rng, 1, 3, 5, 4, dtype=dt), _t(rng, 33, 3, 2, 2, dtype=dt), _t(rng, 33, dtype=dt)))
         _fwd_bwd(F.conv2d(_t(rng, 1, 33, 4, 3, dtype=dt), _t(rng, 3, 33, 1, 2, dtype=dt), None, padding=1))
         with rec.dry_run():
-            F.conv2d(_t(rng, 1, 1, 184, 184, dtype=dt, grad=False), _t(rng, 33, 1, 1, 1, dtype=dt, grad=False))
+            F.conv2d(_t(rng, 1, 2, 184, 184, dtype=dt, grad=False), _t(rng, 33, 2, 1, 1, dtype=dt, grad=False))
             _fwd_bwd(F.conv2d(_t(rng, 1, 33, 184, 184, dtype=dt), _t(rng, 1, 33, 1, 1, dtype=dt, grad=False),
                               _t(rng, 1, dtype=dt)))
 
@@ -313,6 +313,8 @@ def extra_dense(rng, monkeypatch, rec):
     F = gpu_nn.functional
     with _backend.backend("triton"):
         for dt in DTYPES:
+            for act in ("relu", "sigmoid", "tanh"):  # fused activation without a bias
+                _fwd_bwd(F.linear(_t(rng, 3, 7, dtype=dt), _t(rng, 5, 7, dtype=dt), None, activation=act))
             # every softmax block: each single-block bucket and the looped path
             for n in (5, 129, 513, 2049, 8193):
                 for fn in (F.softmax, F.log_softmax):
@@ -326,8 +328,9 @@ def extra_dense(rng, monkeypatch, rec):
                 _fwd_bwd(F.cross_entropy(x, idx))
                 _fwd_bwd(F.cross_entropy(x, idx, weight=w, label_smoothing=0.1))
                 prob = torch.softmax(torch.randn(3, C, dtype=torch.float64), -1).to(dt)
-                _fwd_bwd(F.cross_entropy(x, prob, weight=w))
-                _fwd_bwd(F.cross_entropy(x, prob.requires_grad_(True)))
+                for wt in (None, w):
+                    _fwd_bwd(F.cross_entropy(x, prob, weight=wt))
+                    _fwd_bwd(F.cross_entropy(x, prob.clone().requires_grad_(True), weight=wt))
     # float32 matmuls with TF32 allowed, every activation, with and without bias
     from gpu_nn.ops import dense as ops
 
