@@ -410,6 +410,37 @@ def test_triton_matches_reference(backend, device, nd, xs, ws, kw, layout, rng):
             assert_close(a, e, dtype, red_bwd, f"{name} {dtype}")
 
 
+@pytest.mark.usefixtures("no_tf32")
+@pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
+@pytest.mark.parametrize("nd", [1, 2])
+@pytest.mark.parametrize("wants", [w for w in itertools.product((0, 1), repeat=3) if any(w)], ids=str)
+def test_backward_with_some_leaves_frozen(backend, device, nd, wants, rng):
+    """Only the gradients autograd asks for (frozen weight, no bias, input without grad...): the
+    backward op returns a distinct placeholder for each gradient it skips (a custom op may not
+    return one tensor twice), and the ones it computes match torch."""
+    want_x, want_w, want_b = wants
+    xs, ws = ((2, 3, 7, 9), (4, 3, 3, 2)) if nd == 2 else ((2, 3, 11), (4, 3, 3))
+    x64, w64, b64 = randn(rng, *xs), randn(rng, *ws), randn(rng, ws[0])
+    fn, tfn = (F.conv2d, TF.conv2d) if nd == 2 else (F.conv1d, TF.conv1d)
+    dtype = torch.float64 if backend == "reference" else torch.float32
+
+    def leaves(dev, dt):
+        return (x64.to(dev, dt).requires_grad_(bool(want_x)), w64.to(dev, dt).requires_grad_(bool(want_w)),
+                b64.to(dev, dt).requires_grad_(bool(want_b)) if want_b else None)
+
+    x, w, b = leaves(device, dtype)
+    with gpu_nn.backend(backend):
+        y = fn(x, w, b, padding=1)
+        y.sum().backward()
+    xt, wt, bt = leaves("cpu", torch.float64)
+    tfn(xt, wt, bt, padding=1).sum().backward()
+    for name, ours, theirs in (("input", x, xt), ("weight", w, wt), ("bias", b, bt)):
+        if theirs is None or not theirs.requires_grad:
+            assert ours is None or ours.grad is None
+        else:
+            assert_close(ours.grad.cpu(), theirs.grad, dtype, 27, f"grad_{name}")
+
+
 def test_dot_precision_follows_torch_flags(monkeypatch):
     from gpu_nn.ops import conv as oc
 

@@ -211,7 +211,8 @@ def conv_backward(grad_output: Tensor, input: Tensor, weight: Tensor, output: Op
     st4 = stride if nd == 2 else [1] + list(stride)
     dl4 = dilation if nd == 2 else [1] + list(dilation)
     prec = _precision(dt)
-    gi = gw = gb = input.new_empty(0)
+    # one placeholder each: a custom op may not return the same tensor twice
+    gi, gw, gb = (input.new_empty(0) for _ in range(3))
     if mask[0]:
         gi = empty(x4.shape, dtype=dt, device=dev)
         kt.conv_backward_data(g4, w4, gi, st4, pads4, dl4, groups, prec, ktriton.INTERPRET)
