@@ -393,8 +393,10 @@ def _rnn_sweep(rng, dt, persistent):
         _run_seq(rng, mode, dt, 2, 2, 3, 5, 2, True, True, backward=not persistent)
         if persistent:
             continue
-        # more than 16 batch rows: the wide step tile (and no persistent kernel)
+        # more than 16 batch rows: the wide step tile (and no persistent kernel), with and without
+        # biases; two layers with dropout: float32 inner-layer outputs and the dropout masks
         _run_seq(rng, mode, dt, 2, 17, 3, 4, 1, False, mode != "gru", lengths=[2] * 9 + [1] * 8)
+        _run_seq(rng, mode, dt, 2, 17, 3, 4, 2, False, mode == "gru", dropout=0.5)
         # cells with and without biases
         B, I, H = 3, 4, 5
         G = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 4, "gru": 3}[mode] * H
