@@ -13,20 +13,38 @@ def relu(x: np.ndarray) -> np.ndarray:
 
 
 def relu_backward(grad_out: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """torch's threshold_backward: gradient flows where the output is > 0."""
-    return np.where(out > 0, grad_out, np.zeros((), grad_out.dtype))
+    """torch's threshold_backward: gradient flows where the output is > 0, +0 elsewhere (even
+    where the gradient is NaN or inf)."""
+    grad_out = np.asarray(grad_out)
+    return keep_where(np.greater(out, 0), grad_out)
+
+
+def keep_where(mask: np.ndarray, a: np.ndarray) -> np.ndarray:
+    """``a`` where ``mask``, +0.0 elsewhere: a fresh array, bit-exact (NaN / inf / -0 kept where
+    selected). Done on the bit patterns (AND with an all-ones or all-zeros word) because NumPy's
+    select (``np.where``) branches per element: 7 ms against 1 ms on 2M float32 with a random mask."""
+    a = np.asarray(a)
+    word = np.dtype(f"u{a.dtype.itemsize}")
+    bits = np.broadcast_to(mask, a.shape).astype(word)  # 0 / 1
+    np.multiply(bits, np.iinfo(word).max, out=bits)     # 0 / all ones
+    np.bitwise_and(bits, a.view(word), out=bits)
+    return bits.view(a.dtype)
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
-    # exp(-|x|) never overflows: 1 / (1 + e) for x >= 0, e / (1 + e) for x < 0; in place, so
-    # that a large input costs two temporaries rather than six
-    e = np.abs(x, out=np.empty_like(x))  # out= keeps 0-d inputs arrays, so later out= work
-    np.negative(e, out=e)
-    np.exp(e, out=e)
-    out = np.add(e, 1, out=np.empty_like(x))
-    np.reciprocal(out, out=out)
-    np.multiply(out, e, out=out, where=x < 0)
-    return out
+    # a / (a + b) with a = exp(min(x, 0)), b = exp(min(-x, 0)): that is e^x / (e^x + 1) for x < 0
+    # and 1 / (1 + e^-x) otherwise, so no exp overflows and tiny results keep their relative
+    # precision (0.5 + 0.5 tanh(x / 2) would round them to 0); +-inf give 1 / 0, NaN stays NaN.
+    # Seven plain passes: a select (np.where, or multiply with where=) cost 5x more than all of them.
+    x = np.asarray(x)
+    zero = np.zeros((), x.dtype)
+    a = np.minimum(x, zero, out=np.empty_like(x))  # out= keeps 0-d inputs arrays
+    np.exp(a, out=a)
+    b = np.negative(x, out=np.empty_like(x))
+    np.minimum(b, zero, out=b)
+    np.exp(b, out=b)
+    b += a
+    return np.divide(a, b, out=a)
 
 
 def sigmoid_backward(grad_out: np.ndarray, out: np.ndarray) -> np.ndarray:

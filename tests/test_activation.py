@@ -31,6 +31,28 @@ def test_reference_matches_torch_float64(name, shape, rng):
 
 
 @pytest.mark.parametrize("name", OPS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+def test_reference_extremes_elementwise_like_torch(name, dtype, rng):
+    """Tails, infinities, NaN, signed zeros and denormal results, each element within two ulps
+    of torch *relative to its own size* (not to the tensor's scale): sigmoid(-80) in float64
+    is 1.8e-35 and must not round to 0 through a cancellation."""
+    ours, theirs = OPS[name]
+    info = torch.finfo(dtype)
+    special = [0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1e-30, -1e-30, 15.0, -15.0, 40.0, -40.0,
+               80.0, -80.0, 88.7, -88.7, 103.0, -103.0, 700.0, -700.0, 745.0, -745.0, 1e4, -1e4]
+    x = torch.cat([torch.tensor(special, dtype=torch.float64), randn(rng, 2000) * 30]).to(dtype)
+    with gpu_nn.backend("reference"):
+        y = ours(x)
+    yt = theirs(x.double()).to(dtype).double()  # torch's float64 value, rounded to the dtype
+    assert torch.equal(torch.isnan(y), torch.isnan(yt))
+    ok = ~torch.isnan(yt)
+    y, yt = y.double()[ok], yt[ok]
+    ulp = torch.clamp(yt.abs(), min=info.smallest_normal) * info.eps
+    bad = (y - yt).abs() > 2 * ulp
+    assert not bad.any(), f"{name} {dtype}: x={x[ok][bad][:5].tolist()} ours={y[bad][:5].tolist()} torch={yt[bad][:5].tolist()}"
+
+
+@pytest.mark.parametrize("name", OPS)
 def test_reference_backward_finite_differences(name, rng):
     ours, _ = OPS[name]
     x = randn(rng, 4, 7, requires_grad=True)
@@ -98,3 +120,23 @@ def test_bad_input():
         F.sigmoid([1.0, 2.0])
     with pytest.raises(ValueError):  # KernelInputError is a ValueError too
         F.tanh(torch.arange(3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+def test_reference_relu_backward_is_torchs_threshold_backward_bit_for_bit(dtype, rng):
+    """+0 wherever the output is not > 0, even for NaN / inf gradients; the gradient's own bits
+    (NaN, inf, -0) where it is; strided views read in place."""
+    from gpu_nn.reference import activation as A
+
+    g = randn(rng, 6, 9, 10).to(dtype)
+    y = randn(rng, 6, 9, 10).to(dtype)
+    g.view(-1)[::7] = float("nan")
+    g.view(-1)[3::11] = float("inf")
+    g.view(-1)[5::13] = -0.0
+    y.view(-1)[::5] = 0.0
+    for gs, ys in ((g, y), (g[:, ::2, 1::3], y[:, ::2, 1::3]), (g.transpose(0, 2), y.transpose(0, 2))):
+        ours = torch.from_numpy(A.relu_backward(gs.numpy(), ys.numpy()))
+        theirs = torch.ops.aten.threshold_backward(gs, ys, 0)
+        assert ours.dtype == dtype and ours.shape == theirs.shape
+        bits = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16}[dtype]
+        assert torch.equal(ours.contiguous().view(bits), theirs.contiguous().view(bits))
