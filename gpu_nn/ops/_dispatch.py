@@ -34,15 +34,14 @@ def to_numpy(t: torch.Tensor | None) -> np.ndarray | None:
     return t.numpy()
 
 
-def from_numpy(a: np.ndarray, dtype: torch.dtype, device: torch.device, fresh: bool = False) -> torch.Tensor:
+def from_numpy(a: np.ndarray, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A tensor of ``dtype`` on ``device`` holding ``a`` (a fresh array the reference made).
 
-    Never returns memory shared with an op's input: custom ops must not alias inputs. A view
-    (``a.base`` set) is copied unless the caller passes ``fresh=True``, its promise that the
-    view's memory was allocated by the reference call that returned it.
+    Never returns memory shared with an op's input: custom ops must not alias inputs, so a
+    view (``a.base`` set: it could be an input seen through ``to_numpy``) is copied.
     """
     a = np.asarray(a)
-    if not a.flags.writeable or not (a.flags.c_contiguous or a.flags.f_contiguous) or (a.base is not None and not fresh):
+    if not a.flags.writeable or not (a.flags.c_contiguous or a.flags.f_contiguous) or a.base is not None:
         a = np.array(a, copy=True)
     t = torch.from_numpy(a)
     if t.dtype != dtype or t.device != torch.device(device):

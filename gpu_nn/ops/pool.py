@@ -213,7 +213,7 @@ def max_pool_backward(grad_output: Tensor, indices: Tensor, input_size, kernel_s
     backend = _backend.resolve("max_pool_backward", grad_output.device, BACKENDS)
     if backend == "reference":
         gi = ref._max_backward2d(to_numpy(grad_output), to_numpy(indices), size)
-        return from_numpy(gi, grad_output.dtype, grad_output.device, fresh=True)  # a reshape of bincount's array
+        return from_numpy(gi, grad_output.dtype, grad_output.device)
     _backend.check_interpreter_dtype("max_pool_backward", backend, grad_output)
     gi = empty(size, dtype=grad_output.dtype, device=grad_output.device)
     if gi.numel() == 0:
