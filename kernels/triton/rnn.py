@@ -109,6 +109,46 @@ def _rnn_colsum_kernel(x_ptr, y_ptr, M, N, stride_xm, BLOCK_M: tl.constexpr, BLO
 
 
 @triton.jit
+def _cell_update(xg, hp, cp, acc0, acc1, acc2, acc3, bhh_ptr, rh, mh, m2, H, MODE: tl.constexpr,
+                 HAS_BHH: tl.constexpr):
+    """One step's cell math on a [BLOCK_B, BLOCK_H] tile, shared by the step and persistent
+    kernels: ``xg`` points at the tile's input projections (gate g at ``xg + g * H``), ``acc*``
+    hold h_{t-1} W_hh^T per gate, ``cp`` the previous cell state (LSTM; ignored otherwise).
+    Overwrites the projections with the activated gates (GRU: r, z, n and the raw
+    W_hn h + b_hn, which the backward needs) and returns (h_t, c_t) before length masking."""
+    c_new = cp
+    if MODE == 0:
+        h_new = _tanh(tl.load(xg, mask=m2, other=0.0) + acc0)
+    elif MODE == 1:
+        h_new = tl.maximum(tl.load(xg, mask=m2, other=0.0) + acc0, 0.0)
+    elif MODE == 2:
+        gi = _sigmoid(tl.load(xg, mask=m2, other=0.0) + acc0)
+        gf = _sigmoid(tl.load(xg + H, mask=m2, other=0.0) + acc1)
+        gg = _tanh(tl.load(xg + 2 * H, mask=m2, other=0.0) + acc2)
+        go = _sigmoid(tl.load(xg + 3 * H, mask=m2, other=0.0) + acc3)
+        c_new = gf * cp + gi * gg
+        h_new = go * _tanh(c_new)
+        tl.store(xg, gi, mask=m2)
+        tl.store(xg + H, gf, mask=m2)
+        tl.store(xg + 2 * H, gg, mask=m2)
+        tl.store(xg + 3 * H, go, mask=m2)
+    else:
+        if HAS_BHH:
+            acc0 += tl.load(bhh_ptr + rh, mask=mh, other=0.0).to(tl.float32)[None, :]
+            acc1 += tl.load(bhh_ptr + H + rh, mask=mh, other=0.0).to(tl.float32)[None, :]
+            acc2 += tl.load(bhh_ptr + 2 * H + rh, mask=mh, other=0.0).to(tl.float32)[None, :]
+        r = _sigmoid(tl.load(xg, mask=m2, other=0.0) + acc0)
+        z = _sigmoid(tl.load(xg + H, mask=m2, other=0.0) + acc1)
+        n = _tanh(tl.load(xg + 2 * H, mask=m2, other=0.0) + r * acc2)
+        h_new = n + z * (hp - n)
+        tl.store(xg, r, mask=m2)
+        tl.store(xg + H, z, mask=m2)
+        tl.store(xg + 2 * H, n, mask=m2)
+        tl.store(xg + 3 * H, acc2, mask=m2)
+    return h_new, c_new
+
+
+@triton.jit
 def _rnn_step_fwd_kernel(xg_ptr, stride_xg, hp_ptr, hn_ptr, cp_ptr, cn_ptr, w_ptr, stride_w0, stride_w1, bhh_ptr,
                          out_ptr, stride_out, mask_ptr, stride_mask, len_ptr, t, B, H,
                          MODE: tl.constexpr, HAS_BHH: tl.constexpr, HAS_MASK: tl.constexpr,
@@ -150,37 +190,10 @@ def _rnn_step_fwd_kernel(xg_ptr, stride_xg, hp_ptr, hn_ptr, cp_ptr, cn_ptr, w_pt
     st = rb[:, None] * H + rh[None, :]
     xg = xg_ptr + rb[:, None] * stride_xg + rh[None, :]
     hp = tl.load(hp_ptr + st, mask=m2, other=0.0)
-    c_new = hp  # placeholder for the non-LSTM modes
-    cp = hp
-    if MODE == 0:
-        h_new = _tanh(tl.load(xg, mask=m2, other=0.0) + acc0)
-    elif MODE == 1:
-        h_new = tl.maximum(tl.load(xg, mask=m2, other=0.0) + acc0, 0.0)
-    elif MODE == 2:
-        gi = _sigmoid(tl.load(xg, mask=m2, other=0.0) + acc0)
-        gf = _sigmoid(tl.load(xg + H, mask=m2, other=0.0) + acc1)
-        gg = _tanh(tl.load(xg + 2 * H, mask=m2, other=0.0) + acc2)
-        go = _sigmoid(tl.load(xg + 3 * H, mask=m2, other=0.0) + acc3)
+    cp = hp  # placeholder for the non-LSTM modes
+    if MODE == 2:
         cp = tl.load(cp_ptr + st, mask=m2, other=0.0)
-        c_new = gf * cp + gi * gg
-        h_new = go * _tanh(c_new)
-        tl.store(xg, gi, mask=m2)
-        tl.store(xg + H, gf, mask=m2)
-        tl.store(xg + 2 * H, gg, mask=m2)
-        tl.store(xg + 3 * H, go, mask=m2)
-    else:
-        if HAS_BHH:
-            acc0 += tl.load(bhh_ptr + rh, mask=mh, other=0.0).to(tl.float32)[None, :]
-            acc1 += tl.load(bhh_ptr + H + rh, mask=mh, other=0.0).to(tl.float32)[None, :]
-            acc2 += tl.load(bhh_ptr + 2 * H + rh, mask=mh, other=0.0).to(tl.float32)[None, :]
-        r = _sigmoid(tl.load(xg, mask=m2, other=0.0) + acc0)
-        z = _sigmoid(tl.load(xg + H, mask=m2, other=0.0) + acc1)
-        n = _tanh(tl.load(xg + 2 * H, mask=m2, other=0.0) + r * acc2)
-        h_new = n + z * (hp - n)
-        tl.store(xg, r, mask=m2)
-        tl.store(xg + H, z, mask=m2)
-        tl.store(xg + 2 * H, n, mask=m2)
-        tl.store(xg + 3 * H, acc2, mask=m2)
+    h_new, c_new = _cell_update(xg, hp, cp, acc0, acc1, acc2, acc3, bhh_ptr, rh, mh, m2, H, MODE, HAS_BHH)
     # steps beyond a sequence's length keep its state and output zero (PackedSequence semantics)
     valid = (t < tl.load(len_ptr + rb, mask=mb, other=0))[:, None]
     out = tl.where(valid, h_new, 0.0)
@@ -260,37 +273,10 @@ def _rnn_persist_fwd_kernel(xg_ptr, stride_xgt, stride_xgb, hs_ptr, cs_ptr, stri
             st = rb[:, None] * H + rh[None, :]
             xg = xg_ptr + t64 * stride_xgt + rb[:, None] * stride_xgb + rh[None, :]
             hp = tl.load(hp_base + st, mask=m2, other=0.0, cache_modifier=".cg")
-            c_new = hp  # placeholder for the non-LSTM modes
-            cp = hp
-            if MODE == 0:
-                h_new = _tanh(tl.load(xg, mask=m2, other=0.0) + acc0)
-            elif MODE == 1:
-                h_new = tl.maximum(tl.load(xg, mask=m2, other=0.0) + acc0, 0.0)
-            elif MODE == 2:
-                gi = _sigmoid(tl.load(xg, mask=m2, other=0.0) + acc0)
-                gf = _sigmoid(tl.load(xg + H, mask=m2, other=0.0) + acc1)
-                gg = _tanh(tl.load(xg + 2 * H, mask=m2, other=0.0) + acc2)
-                go = _sigmoid(tl.load(xg + 3 * H, mask=m2, other=0.0) + acc3)
+            cp = hp  # placeholder for the non-LSTM modes
+            if MODE == 2:
                 cp = tl.load(cs_ptr + (t64 + reverse) * stride_hs + st, mask=m2, other=0.0, cache_modifier=".cg")
-                c_new = gf * cp + gi * gg
-                h_new = go * _tanh(c_new)
-                tl.store(xg, gi, mask=m2)
-                tl.store(xg + H, gf, mask=m2)
-                tl.store(xg + 2 * H, gg, mask=m2)
-                tl.store(xg + 3 * H, go, mask=m2)
-            else:
-                if HAS_BHH:
-                    acc0 += tl.load(bhh_ptr + rh, mask=mh, other=0.0).to(tl.float32)[None, :]
-                    acc1 += tl.load(bhh_ptr + H + rh, mask=mh, other=0.0).to(tl.float32)[None, :]
-                    acc2 += tl.load(bhh_ptr + 2 * H + rh, mask=mh, other=0.0).to(tl.float32)[None, :]
-                r = _sigmoid(tl.load(xg, mask=m2, other=0.0) + acc0)
-                z = _sigmoid(tl.load(xg + H, mask=m2, other=0.0) + acc1)
-                n = _tanh(tl.load(xg + 2 * H, mask=m2, other=0.0) + r * acc2)
-                h_new = n + z * (hp - n)
-                tl.store(xg, r, mask=m2)
-                tl.store(xg + H, z, mask=m2)
-                tl.store(xg + 2 * H, n, mask=m2)
-                tl.store(xg + 3 * H, acc2, mask=m2)
+            h_new, c_new = _cell_update(xg, hp, cp, acc0, acc1, acc2, acc3, bhh_ptr, rh, mh, m2, H, MODE, HAS_BHH)
             # steps beyond a sequence's length keep its state and output zero (PackedSequence semantics)
             out = tl.where(valid, h_new, 0.0)
             tl.store(hn_base + st, tl.where(valid, h_new, hp), mask=m2)
