@@ -109,6 +109,36 @@ def _rnn_colsum_kernel(x_ptr, y_ptr, M, N, stride_xm, BLOCK_M: tl.constexpr, BLO
 
 
 @triton.jit
+def _recurrent_dot(h_ptr, rb, mb, w_ptr, stride_w0, stride_w1, rh, mh, H, CACHE: tl.constexpr, MODE: tl.constexpr,
+                   DOT_DT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    """h_{t-1} W_hh^T for one [BLOCK_B, BLOCK_H] tile of hidden units, per gate (unused gates
+    stay zero): ``h_ptr`` float32 rows of H (read with cache modifier ``CACHE``: ".cg" where
+    other programs of the same launch wrote them), W_hh rows g * H + j read transposed as
+    [BLOCK_K, BLOCK_H] tiles. Returns the four float32 accumulators."""
+    acc0 = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    acc3 = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        mk = rk < H
+        hprev = tl.load(h_ptr + rb[:, None] * H + rk[None, :], mask=mb[:, None] & mk[None, :], other=0.0,
+                        cache_modifier=CACHE)
+        wm = mk[:, None] & mh[None, :]
+        w0 = tl.load(w_ptr + rh[None, :] * stride_w0 + rk[:, None] * stride_w1, mask=wm, other=0.0)
+        acc0 = _dot(hprev, w0, acc0, DOT_DT)
+        if MODE >= 2:
+            w1 = tl.load(w_ptr + (H + rh)[None, :] * stride_w0 + rk[:, None] * stride_w1, mask=wm, other=0.0)
+            acc1 = _dot(hprev, w1, acc1, DOT_DT)
+            w2 = tl.load(w_ptr + (2 * H + rh)[None, :] * stride_w0 + rk[:, None] * stride_w1, mask=wm, other=0.0)
+            acc2 = _dot(hprev, w2, acc2, DOT_DT)
+        if MODE == 2:
+            w3 = tl.load(w_ptr + (3 * H + rh)[None, :] * stride_w0 + rk[:, None] * stride_w1, mask=wm, other=0.0)
+            acc3 = _dot(hprev, w3, acc3, DOT_DT)
+    return acc0, acc1, acc2, acc3
+
+
+@triton.jit
 def _cell_update(xg, hp, cp, acc0, acc1, acc2, acc3, bhh_ptr, rh, mh, m2, H, MODE: tl.constexpr,
                  HAS_BHH: tl.constexpr):
     """One step's cell math on a [BLOCK_B, BLOCK_H] tile, shared by the step and persistent
@@ -167,26 +197,8 @@ def _rnn_step_fwd_kernel(xg_ptr, stride_xg, hp_ptr, hn_ptr, cp_ptr, cn_ptr, w_pt
     mb = rb < B
     mh = rh < H
     m2 = mb[:, None] & mh[None, :]
-    acc0 = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-    acc1 = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-    acc2 = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-    acc3 = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-    for k0 in range(0, H, BLOCK_K):
-        rk = k0 + tl.arange(0, BLOCK_K)
-        mk = rk < H
-        hprev = tl.load(hp_ptr + rb[:, None] * H + rk[None, :], mask=mb[:, None] & mk[None, :], other=0.0)
-        wm = mk[:, None] & mh[None, :]
-        # W_hh rows g * H + j, read transposed as [BLOCK_K, BLOCK_H]
-        w0 = tl.load(w_ptr + rh[None, :] * stride_w0 + rk[:, None] * stride_w1, mask=wm, other=0.0)
-        acc0 = _dot(hprev, w0, acc0, DOT_DT)
-        if MODE >= 2:
-            w1 = tl.load(w_ptr + (H + rh)[None, :] * stride_w0 + rk[:, None] * stride_w1, mask=wm, other=0.0)
-            acc1 = _dot(hprev, w1, acc1, DOT_DT)
-            w2 = tl.load(w_ptr + (2 * H + rh)[None, :] * stride_w0 + rk[:, None] * stride_w1, mask=wm, other=0.0)
-            acc2 = _dot(hprev, w2, acc2, DOT_DT)
-        if MODE == 2:
-            w3 = tl.load(w_ptr + (3 * H + rh)[None, :] * stride_w0 + rk[:, None] * stride_w1, mask=wm, other=0.0)
-            acc3 = _dot(hprev, w3, acc3, DOT_DT)
+    acc0, acc1, acc2, acc3 = _recurrent_dot(hp_ptr, rb, mb, w_ptr, stride_w0, stride_w1, rh, mh, H, "", MODE, DOT_DT,
+                                            BLOCK_B, BLOCK_H, BLOCK_K)
     st = rb[:, None] * H + rh[None, :]
     xg = xg_ptr + rb[:, None] * stride_xg + rh[None, :]
     hp = tl.load(hp_ptr + st, mask=m2, other=0.0)
@@ -248,28 +260,8 @@ def _rnn_persist_fwd_kernel(xg_ptr, stride_xgt, stride_xgb, hs_ptr, cs_ptr, stri
             rh = j * BLOCK_H + tl.arange(0, BLOCK_H)
             mh = rh < H
             m2 = mb[:, None] & mh[None, :]
-            acc0 = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-            acc1 = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-            acc2 = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-            acc3 = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-            for k0 in range(0, H, BLOCK_K):
-                rk = k0 + tl.arange(0, BLOCK_K)
-                mk = rk < H
-                hprev = tl.load(hp_base + rb[:, None] * H + rk[None, :], mask=mb[:, None] & mk[None, :], other=0.0,
-                                cache_modifier=".cg")
-                wm = mk[:, None] & mh[None, :]
-                w0 = tl.load(w_ptr + rh[None, :] * stride_w0 + rk[:, None] * stride_w1, mask=wm, other=0.0)
-                acc0 = _dot(hprev, w0, acc0, DOT_DT)
-                if MODE >= 2:
-                    w1 = tl.load(w_ptr + (H + rh)[None, :] * stride_w0 + rk[:, None] * stride_w1, mask=wm, other=0.0)
-                    acc1 = _dot(hprev, w1, acc1, DOT_DT)
-                    w2 = tl.load(w_ptr + (2 * H + rh)[None, :] * stride_w0 + rk[:, None] * stride_w1, mask=wm,
-                                 other=0.0)
-                    acc2 = _dot(hprev, w2, acc2, DOT_DT)
-                if MODE == 2:
-                    w3 = tl.load(w_ptr + (3 * H + rh)[None, :] * stride_w0 + rk[:, None] * stride_w1, mask=wm,
-                                 other=0.0)
-                    acc3 = _dot(hprev, w3, acc3, DOT_DT)
+            acc0, acc1, acc2, acc3 = _recurrent_dot(hp_base, rb, mb, w_ptr, stride_w0, stride_w1, rh, mh, H, ".cg",
+                                                    MODE, DOT_DT, BLOCK_B, BLOCK_H, BLOCK_K)
             st = rb[:, None] * H + rh[None, :]
             xg = xg_ptr + t64 * stride_xgt + rb[:, None] * stride_xgb + rh[None, :]
             hp = tl.load(hp_base + st, mask=m2, other=0.0, cache_modifier=".cg")
