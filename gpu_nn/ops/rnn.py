@@ -318,15 +318,15 @@ def _gpu_forward(K, mode, input, hx, cx, weights, num_layers, bidirectional, has
             K.matmul(xin.reshape(T * B, in_w), w_ih.t(), XG.view(T * B, -1)[:, :GH], bias1=b_ih,
                      bias2=b_hh if mode != "gru" else None, dot=_dot_code(xin.dtype, w_ih.dtype))
             dcode = _dot_code(w_hh.dtype)
-            o_d = dest[:, :, d * H:(d + 1) * H]
-            m_d = None if mk is None else mk[:, :, d * H:(d + 1) * H]
             if persist:
-                K.persist_forward(mode, XG, Hs, Cs, w_hh, b_hh if mode == "gru" else None, o_d, m_d, lens, d == 1,
-                                  dcode, persist)
-            for t, p, n in ([] if persist else ref._steps(T, d == 1)):
-                K.step_forward(mode, XG[t], Hs[p], Hs[n], None if Cs is None else Cs[p], None if Cs is None else Cs[n],
-                               w_hh, b_hh if mode == "gru" else None, dest[t, :, d * H:(d + 1) * H],
-                               None if mk is None else mk[t, :, d * H:(d + 1) * H], lens, t, dcode)
+                K.persist_forward(mode, XG, Hs, Cs, w_hh, b_hh if mode == "gru" else None, dest[:, :, d * H:(d + 1) * H],
+                                  None if mk is None else mk[:, :, d * H:(d + 1) * H], lens, d == 1, dcode, persist)
+            else:
+                for t, p, n in ref._steps(T, d == 1):
+                    K.step_forward(mode, XG[t], Hs[p], Hs[n], None if Cs is None else Cs[p],
+                                   None if Cs is None else Cs[n], w_hh, b_hh if mode == "gru" else None,
+                                   dest[t, :, d * H:(d + 1) * H], None if mk is None else mk[t, :, d * H:(d + 1) * H],
+                                   lens, t, dcode)
             last = 0 if d == 1 else T
             hn[k].copy_(Hs[last])
             if Cs is not None:
