@@ -337,6 +337,7 @@ def test_bad_input_torch_wording(mode):
         (torch.randn(5, 3, 8).double(), None),  # dtype mismatch with the parameters
         (torch.randn(2, 5, 3, 8), None),  # wrong rank
         (torch.randn(5, 8), h(2, 1, 20)),  # unbatched input, batched state
+        (torch.randn(5, 3, 8), h(3, 20)),  # batched input, unbatched state
     ]
     for x, hx in cases:
         want = _torch_msg(lambda: theirs(x, hx))

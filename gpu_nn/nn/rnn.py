@@ -34,6 +34,18 @@ def _as_input_error(fn, *args):
         raise KernelInputError(str(exc)) from None
 
 
+def _check_hx_dims(hx, is_lstm: bool, want: int) -> None:
+    """torch's check that the initial states match the input's rank (2-D unbatched, 3-D batched),
+    in its words."""
+    hs = hx if is_lstm else (hx,)
+    if any(h.dim() != want for h in hs):
+        kind = "unbatched 2-D" if want == 2 else "batched 3-D"
+        dims = ", ".join(f"{h.dim()}-D" for h in hs)
+        raise KernelInputError(
+            f"For {kind} input, hx and cx should also be {want}-D but got ({dims}) tensors"
+            if is_lstm else f"For {kind} input, hx should also be {want}-D but got {hx.dim()}-D tensor"
+        )
+
 class _SeqMixin:
     """``forward`` of RNN / LSTM / GRU on our ops; mirrors ``torch.nn.LSTM.forward`` step by step."""
 
@@ -73,25 +85,12 @@ class _SeqMixin:
                 raise KernelInputError(f"{name}: Expected input to be 2D or 3D, got {input.dim()}{word} instead")
             is_batched = input.dim() == 3
             batch_dim = 0 if self.batch_first else 1
+            if hx is not None:
+                _check_hx_dims(hx, is_lstm, input.dim())
             if not is_batched:
                 input = input.unsqueeze(batch_dim)
                 if hx is not None:
-                    hs = hx if is_lstm else (hx,)
-                    if any(h.dim() != 2 for h in hs):
-                        dims = ", ".join(f"{h.dim()}-D" for h in hs)
-                        raise KernelInputError(
-                            f"For unbatched 2-D input, hx and cx should also be 2-D but got ({dims}) tensors"
-                            if is_lstm else f"For unbatched 2-D input, hx should also be 2-D but got {hx.dim()}-D tensor"
-                        )
                     hx = tuple(h.unsqueeze(1) for h in hx) if is_lstm else hx.unsqueeze(1)
-            elif hx is not None:
-                hs = hx if is_lstm else (hx,)
-                if any(h.dim() != 3 for h in hs):
-                    dims = ", ".join(f"{h.dim()}-D" for h in hs)
-                    raise KernelInputError(
-                        f"For batched 3-D input, hx and cx should also be 3-D but got ({dims}) tensors"
-                        if is_lstm else f"For batched 3-D input, hx should also be 3-D but got {hx.dim()}-D tensor"
-                    )
             if hx is not None:
                 _as_input_error(self.check_forward_args, input, hx, None)
             else:
