@@ -39,21 +39,34 @@ def _decompose(offs, D1, D2):
 
 
 @triton.jit
-def _max_pool_fwd_kernel(x_ptr, y_ptr, i_ptr, total, C, H, W, OH, OW,
-                         stride_xn, stride_xc, stride_xh, stride_xw,
-                         KH, KW, SH, SW, PH, PW, DH, DW,
-                         MINIMUM: tl.constexpr, WIDE: tl.constexpr, BLOCK: tl.constexpr):
+def _block_offsets(total, WIDE: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's BLOCK flat element offsets and their in-range mask; int64 offsets when
+    ``WIDE`` (a tensor may exceed 2^31 elements)."""
     pid = tl.program_id(0)
-    if WIDE:  # int64 offsets: a tensor may exceed 2^31 elements
+    if WIDE:
         pid = pid.to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < total
+    return offs, offs < total
+
+
+@triton.jit
+def _window_origin(offs, x_ptr, C, OH, OW, stride_xn, stride_xc, SH, SW, PH, PW):
+    """Flat output offsets -> (the input plane's base pointer, top-left input row and column of
+    each output's window, padding included)."""
     nc, oh, ow = _decompose(offs, OH, OW)
     n = nc // C
     c = nc % C
     base = x_ptr + n.to(tl.int64) * stride_xn + c.to(tl.int64) * stride_xc
-    h0 = oh * SH - PH
-    w0 = ow * SW - PW
+    return base, oh * SH - PH, ow * SW - PW
+
+
+@triton.jit
+def _max_pool_fwd_kernel(x_ptr, y_ptr, i_ptr, total, C, H, W, OH, OW,
+                         stride_xn, stride_xc, stride_xh, stride_xw,
+                         KH, KW, SH, SW, PH, PW, DH, DW,
+                         MINIMUM: tl.constexpr, WIDE: tl.constexpr, BLOCK: tl.constexpr):
+    offs, mask = _block_offsets(total, WIDE, BLOCK)
+    base, h0, w0 = _window_origin(offs, x_ptr, C, OH, OW, stride_xn, stride_xc, SH, SW, PH, PW)
     best = tl.full([BLOCK], float("-inf"), tl.float32)
     bidx = tl.full([BLOCK], -1, tl.int64)
     for i in range(0, KH):
@@ -95,17 +108,8 @@ def _avg_pool_fwd_kernel(x_ptr, y_ptr, total, C, H, W, OH, OW,
                          stride_xn, stride_xc, stride_xh, stride_xw,
                          KH, KW, SH, SW, PH, PW, COUNT_PAD, DIVISOR,
                          WIDE: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    if WIDE:
-        pid = pid.to(tl.int64)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < total
-    nc, oh, ow = _decompose(offs, OH, OW)
-    n = nc // C
-    c = nc % C
-    base = x_ptr + n.to(tl.int64) * stride_xn + c.to(tl.int64) * stride_xc
-    h0 = oh * SH - PH
-    w0 = ow * SW - PW
+    offs, mask = _block_offsets(total, WIDE, BLOCK)
+    base, h0, w0 = _window_origin(offs, x_ptr, C, OH, OW, stride_xn, stride_xc, SH, SW, PH, PW)
     acc = tl.zeros([BLOCK], tl.float32)
     for i in range(0, KH):
         ih = h0 + i
@@ -124,11 +128,7 @@ def _avg_pool_fwd_kernel(x_ptr, y_ptr, total, C, H, W, OH, OW,
 def _max_pool_bwd_kernel(g_ptr, i_ptr, dx_ptr, total, H, W, OH, OW,
                          KH, KW, SH, SW, PH, PW, DH, DW,
                          WIDE: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    if WIDE:
-        pid = pid.to(tl.int64)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < total
+    offs, mask = _block_offsets(total, WIDE, BLOCK)
     nc, ih, iw = _decompose(offs, H, W)
     target = ih.to(tl.int64) * W + iw
     obase = nc.to(tl.int64) * OH * OW
@@ -152,11 +152,7 @@ def _max_pool_bwd_kernel(g_ptr, i_ptr, dx_ptr, total, H, W, OH, OW,
 def _avg_pool_bwd_kernel(g_ptr, dx_ptr, total, H, W, OH, OW,
                          KH, KW, SH, SW, PH, PW, COUNT_PAD, DIVISOR,
                          WIDE: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    if WIDE:
-        pid = pid.to(tl.int64)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < total
+    offs, mask = _block_offsets(total, WIDE, BLOCK)
     nc, ih, iw = _decompose(offs, H, W)
     obase = nc.to(tl.int64) * OH * OW
     acc = tl.zeros([BLOCK], tl.float32)
