@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import os
+import time
 from typing import Callable
 
 import numpy as np
@@ -170,8 +172,12 @@ def targets() -> list[tuple[str, str, tuple]]:
     return out
 
 
-def run_checks(ops=None, seed=0, progress=True) -> list[dict]:
-    rows = []
+def plan(ops=None) -> list[tuple]:
+    """Every (family, case, backend, device, dtype) that runs here, in a fixed order.
+
+    The position of a job in this list seeds its random inputs, so a job gives the same inputs
+    whether it runs in this process or in a worker.
+    """
     jobs = []
     for fam, case in collect_cases():
         if ops and case.op not in ops:
@@ -183,26 +189,163 @@ def run_checks(ops=None, seed=0, progress=True) -> list[dict]:
                 if dtype not in case.dtypes and dtype != torch.float64:
                     continue
                 jobs.append((fam, case, backend, device, dtype))
-    it = jobs
+    return jobs
+
+
+class _CompileTimer:
+    """Seconds spent compiling kernels in this process: Triton's compiler (its JIT takes
+    ``triton.compiler.compile`` when a kernel first binds on a device) and NVRTC through our
+    CuPy loader. Cache hits on disk count too; they take milliseconds."""
+
+    def __init__(self):
+        self.seconds = 0.0
+        self._installed = False
+
+    def _wrap(self, fn):
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - t0
+
+        timed.__wrapped__ = fn
+        return timed
+
+    def install(self) -> None:
+        if self._installed:
+            return
+        self._installed = True
+        try:
+            import triton.compiler as tc
+
+            if not getattr(tc.compile, "_gpu_nn_timed", False):
+                tc.compile = self._wrap(tc.compile)
+                tc.compile._gpu_nn_timed = True
+        except Exception:  # no triton: nothing of it to time
+            pass
+        try:
+            from .kernels import cuda as kcuda
+
+            if not getattr(kcuda._load, "_gpu_nn_timed", False):
+                kcuda._load = self._wrap(kcuda._load)
+                kcuda._load._gpu_nn_timed = True
+        except Exception:
+            pass
+
+
+_TIMER = _CompileTimer()
+
+
+def run_job(index: int, job: tuple, seed: int = 0) -> dict:
+    """Run one planned job and return its row (a crash is a failed row, not an exception)."""
+    fam, case, backend, device, dtype = job
+    rng = np.random.default_rng(seed * 1_000_003 + index)
+    tol = TOL[dtype] * case.tol_scale
+    c0, t0 = _TIMER.seconds, time.perf_counter()
+    try:
+        err = case.run(backend, device, dtype, rng) if case.run else generic_error(case, backend, device, dtype, rng)
+        ok = bool(err <= tol)
+        msg = ""
+    except Exception as exc:  # a crash is a failure, reported in the table
+        err, ok, msg = float("nan"), False, f"{type(exc).__name__}: {exc}"
+    return {
+        "family": fam, "op": case.op, "backend": backend, "device": device,
+        "dtype": str(dtype).replace("torch.", ""), "max_rel_err": err, "tol": tol,
+        "ok": ok, "error": msg, "seconds": time.perf_counter() - t0, "compile_s": _TIMER.seconds - c0,
+    }
+
+
+_WORKER_JOBS: list | None = None
+
+
+def _worker_run(index: int, ops, seed: int) -> dict:
+    """In a worker process: plan once (cases hold closures, so only indices cross processes),
+    then run job ``index``."""
+    global _WORKER_JOBS
+    _TIMER.install()
+    if _WORKER_JOBS is None:
+        _WORKER_JOBS = plan(ops)
+    return run_job(index, _WORKER_JOBS[index], seed)
+
+
+def default_workers() -> int:
+    """Workers for ``gpu-nn check``: on a GPU most of a first run is kernel compilation, which
+    is CPU work that parallelises across processes; under the interpreter (no GPU) the work
+    is the interpreter itself, and CI machines have two cores, so one process."""
+    if not torch.cuda.is_available():
+        return 1
+    return max(1, min(16, (os.cpu_count() or 2) - 1))
+
+
+def op_line(op: str, rows: list[dict]) -> str:
+    """One line for a finished op: pass count, worst error per backend, time and compile time."""
+    bad = [r for r in rows if not r["ok"]]
+    worst = {}
+    for r in rows:
+        key = r["backend"]
+        worst[key] = max(worst.get(key, 0.0), r["max_rel_err"] if r["max_rel_err"] == r["max_rel_err"] else float("inf"))
+    errs = ", ".join(f"{b} {e:.1e}" for b, e in worst.items())
+    secs = sum(r.get("seconds", 0.0) for r in rows)
+    comp = sum(r.get("compile_s", 0.0) for r in rows)
+    verdict = "ok" if not bad else "FAIL " + "; ".join(
+        f"{r['backend']}/{r['dtype']}: {(r['error'] or 'err %.2e > tol %.0e' % (r['max_rel_err'], r['tol']))[:120]}" for r in bad)
+    return f"{op}: {len(rows) - len(bad)}/{len(rows)} pass, worst {errs}; {secs:.1f} s ({comp:.1f} s compiling) {verdict}"
+
+
+def run_checks(ops=None, seed=0, progress=True, workers: int = 1, on_op=None) -> list[dict]:
+    """Run every planned job; ``workers > 1`` spreads them over that many processes.
+
+    ``on_op(op, rows)`` is called as soon as every job of an op has finished (in completion
+    order), so a run that is cut short has already said what passed. The rows come back in plan
+    order whatever the number of workers, with ``seconds`` and ``compile_s`` per row.
+    """
+    jobs = plan(ops)
+    per_op: dict[str, int] = {}
+    for _, case, *_ in jobs:
+        per_op[case.op] = per_op.get(case.op, 0) + 1
+    done: dict[str, list[dict]] = {}
+    rows: list[dict | None] = [None] * len(jobs)
+    bar = None
     if progress:
         from tqdm import tqdm
 
-        it = tqdm(jobs, desc="gpu-nn check", unit="check", leave=False)
-    for i, (fam, case, backend, device, dtype) in enumerate(it):
-        rng = np.random.default_rng(seed * 1_000_003 + i)
-        tol = TOL[dtype] * case.tol_scale
-        try:
-            err = case.run(backend, device, dtype, rng) if case.run else generic_error(case, backend, device, dtype, rng)
-            ok = bool(err <= tol)
-            msg = ""
-        except Exception as exc:  # a crash is a failure, reported in the table
-            err, ok, msg = float("nan"), False, f"{type(exc).__name__}: {exc}"
-        rows.append({
-            "family": fam, "op": case.op, "backend": backend, "device": device,
-            "dtype": str(dtype).replace("torch.", ""), "max_rel_err": err, "tol": tol,
-            "ok": ok, "error": msg,
-        })
-    return rows
+        bar = tqdm(total=len(jobs), desc="gpu-nn check", unit="check", leave=False)
+
+    def finished(i: int, row: dict) -> None:
+        rows[i] = row
+        if bar is not None:
+            bar.update(1)
+        got = done.setdefault(row["op"], [])
+        got.append(row)
+        if len(got) == per_op[row["op"]] and on_op is not None:
+            on_op(row["op"], got)
+
+    if workers <= 1 or len(jobs) <= 1:
+        _TIMER.install()
+        for i, job in enumerate(jobs):
+            finished(i, run_job(i, job, seed))
+    else:
+        import concurrent.futures as cf
+        import multiprocessing as mp
+
+        # spawn: a forked child would inherit this process's CUDA context, which CUDA forbids
+        with cf.ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=mp.get_context("spawn")) as ex:
+            futs = {ex.submit(_worker_run, i, ops, seed): i for i in range(len(jobs))}
+            for fut in cf.as_completed(futs):
+                i = futs[fut]
+                try:
+                    row = fut.result()
+                except Exception as exc:  # the worker itself died (the row could not even be made)
+                    fam, case, backend, device, dtype = jobs[i]
+                    row = {"family": fam, "op": case.op, "backend": backend, "device": device,
+                           "dtype": str(dtype).replace("torch.", ""), "max_rel_err": float("nan"),
+                           "tol": TOL[dtype] * case.tol_scale, "ok": False,
+                           "error": f"worker failed: {type(exc).__name__}: {exc}", "seconds": 0.0, "compile_s": 0.0}
+                finished(i, row)
+    if bar is not None:
+        bar.close()
+    return [r for r in rows if r is not None]
 
 
 def print_table(rows) -> None:

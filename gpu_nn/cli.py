@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "bench": ("gpu_nn.benchmarks.suite", "benchmark our kernels against torch"),
     "demo": ("gpu_nn.demo", "train the textbook CNN and recurrent models on digits"),
     "sass": ("gpu_nn.benchmarks.sass_report", "registers, spills and tensor-core use of each kernel on sm_90"),
+    "results": ("gpu_nn.benchmarks.results", "keep a GPU run's figures in benchmarks/results/ and the README"),
 }
 
 
@@ -60,11 +61,32 @@ def cmd_check(args) -> int:
         os.environ.setdefault("TRITON_INTERPRET", "1")
         if os.environ["TRITON_INTERPRET"] == "1":
             print("no CUDA device: Triton kernels run in the interpreter (TRITON_INTERPRET=1)")
+    import time
+
     from . import check
 
-    rows = check.run_checks(ops=args.op, seed=args.seed, progress=not args.no_progress)
+    workers = args.workers if args.workers is not None else check.default_workers()
+    t0 = time.perf_counter()
+    print(f"gpu-nn check: {len(check.plan(args.op))} checks on {', '.join(b for b, _, _ in check.targets())}, "
+          f"{workers} worker process{'es' if workers != 1 else ''}", flush=True)
+
+    def on_op(op, op_rows):
+        line = check.op_line(op, op_rows)
+        if args.no_progress:
+            print(line, flush=True)
+        else:
+            from tqdm import tqdm
+
+            tqdm.write(line)
+
+    rows = check.run_checks(ops=args.op, seed=args.seed, progress=not args.no_progress, workers=workers, on_op=on_op)
+    wall = time.perf_counter() - t0
     check.print_table(rows)
     failed = [r for r in rows if not r["ok"]]
+    busy = sum(r["seconds"] for r in rows)
+    comp = sum(r["compile_s"] for r in rows)
+    print(f"time: {wall:.1f} s wall; {busy:.1f} s of checks in {workers} process{'es' if workers != 1 else ''}, "
+          f"of which {comp:.1f} s ({100 * comp / max(busy, 1e-9):.0f}%) compiling kernels")
     print(f"{len(rows) - len(failed)} passed, {len(failed)} failed")
     if args.json:
         with open(args.json, "w") as f:
@@ -82,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--json", help="write the rows to this JSON file")
     sp.add_argument("--no-progress", action="store_true")
+    sp.add_argument("--workers", type=int, default=None,
+                    help="processes to spread the checks over (default: one per CPU core up to 16 on a GPU "
+                         "machine, where kernel compilation dominates; 1 without a GPU)")
     sp.set_defaults(func=cmd_check)
     for name, (mod_name, help_text) in SUBCOMMANDS.items():
         mod = importlib.import_module(mod_name)

@@ -125,33 +125,77 @@ def test_bench_all_lists_every_family(tmp_path, monkeypatch, capsys):
     assert set(json.loads((tmp_path / "bench.json").read_text())["families"]) == set(suite.FAMILIES)
 
 
-def test_gpu_run_script_steps_and_persistent_gate(tmp_path):
-    """benchmarks/gpu_run.sh with a stand-in python that records each call: every step runs in
-    order, and a failing persistent-barrier test keeps that kernel out of the benchmark and the
-    full pytest run."""
+def test_gpu_run_script_steps_summary_and_archive(tmp_path):
+    """benchmarks/gpu_run.sh with a stand-in python that records each call: the steps run in
+    order (no SASS: it belongs to CPU machines), pytest runs with -rfE so that failures are named
+    even in a cut run, those names reach summary.txt, a failing test run makes the script fail,
+    and everything lands in one archive beside OUTDIR."""
     import os
     import pathlib
     import subprocess
+    import tarfile
 
     root = pathlib.Path(__file__).resolve().parents[1]
     log = tmp_path / "calls.txt"
     fake = tmp_path / "python"
     fake.write_text(
         "#!/usr/bin/env bash\n"
-        f'echo "skip=${{GPU_NN_BENCH_SKIP_PERSISTENT:-}} $*" >> {log}\n'
-        'case "$*" in *persistent_multi_program*not*) exit 0;; *persistent_multi_program*) exit 1;; esac\n'
+        f'echo "$*" >> {log}\n'
+        'case "$*" in *"-m pytest"*) echo "FAILED tests/test_x.py::test_y - AssertionError: boom";'
+        ' echo "1 failed, 41 passed in 3.21s"; exit 1;; esac\n'
+        'case "$*" in *" check "*) echo "relu: 4/4 pass"; echo "time: 1.0 s wall"; echo "4 passed, 0 failed";; esac\n'
         "exit 0\n")
     fake.chmod(0o755)
     out = tmp_path / "out"
     r = subprocess.run(["bash", str(root / "benchmarks" / "gpu_run.sh"), str(out)], cwd=root,
                        env={**os.environ, "PYTHON": str(fake)}, capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.returncode == 1, r.stdout + r.stderr  # the tests failed
+    summary = (out / "summary.txt").read_text()
+    steps = [line.split(":")[0] for line in summary.splitlines() if not line.startswith(" ")]
+    assert steps == ["install", "info", "check", "pytest", "bench", "record", "total"]
+    assert "pytest: FAILED tests/test_x.py::test_y" in summary and "1 failed, 41 passed" in summary
+    assert "check: 4 passed, 0 failed" in summary
     calls = log.read_text().splitlines()
-    steps = [line.split(":")[0] for line in (out / "summary.txt").read_text().splitlines()]
-    assert steps[:2] == ["install", "info"] and sorted(steps[2:4]) == ["check", "sass"]  # these two in parallel
-    assert steps[4:] == ["persistent", "bench", "pytest", "total"]
-    assert "persistent: rc=1" in (out / "summary.txt").read_text()
-    bench = [c for c in calls if " bench " in c]
-    pytest_full = [c for c in calls if "-x -q tests" in c]
-    assert len(bench) == 1 and bench[0].startswith("skip=1 ")
-    assert len(pytest_full) == 1 and "not persistent_multi_program" in pytest_full[0]
+    assert not any(" sass" in c for c in calls)
+    (pytest_call,) = [c for c in calls if "-m pytest" in c]
+    assert "-rfE" in pytest_call and "-x" not in pytest_call.split()
+    with tarfile.open(str(out) + ".tgz") as tar:
+        names = tar.getnames()
+    assert "out/summary.txt" in names and "out/pytest.log" in names and "out/machine.txt" in names
+
+
+def test_results_record_and_render(tmp_path):
+    """A gpu_run.sh folder becomes benchmarks/results/<run>/ and the README section and history
+    plot are rebuilt from recorded runs only."""
+    import pathlib
+
+    from gpu_nn.benchmarks import results
+
+    run_dir = tmp_path / "gpu-run"
+    (run_dir / "bench").mkdir(parents=True)
+    (run_dir / "machine.txt").write_text("date: 2026-12-01T10:00:00Z\nhost: h\ncommit: abcdef1234567\n")
+    (run_dir / "summary.txt").write_text("install: rc=0 3s\ncheck: rc=0 41s\n")
+    (run_dir / "pytest.log").write_text("....F\nFAILED tests/test_a.py::test_b - x\n1 failed, 4 passed in 9.1s\n")
+    (run_dir / "check.json").write_text(json.dumps([
+        {"op": "relu", "backend": "triton", "dtype": "float32", "ok": True, "max_rel_err": 1e-7, "error": ""},
+        {"op": "lstm", "backend": "cupy", "dtype": "float16", "ok": False, "max_rel_err": 1.0, "error": "big"}]))
+    rows = [{"family": "activation", "name": "relu fwd", "shape": "N=32", "ratio": {"triton": 1.5}, "errors": {}},
+            {"family": "activation", "name": "tanh fwd", "shape": "N=32", "ratio": {"triton": 0.5}, "errors": {}}]
+    (run_dir / "bench" / "bench.json").write_text(json.dumps({
+        "environment": {"device": "NVIDIA H200", "torch": "2.11.0", "triton": "3.6.0", "date": "2026-12-01"},
+        "results": rows}))
+    into = tmp_path / "results"
+    dest = results.record(str(run_dir), str(into))
+    run = json.loads((pathlib.Path(dest) / "run.json").read_text())
+    assert run["gpu"] == "NVIDIA H200" and run["commit"] == "abcdef1234567"
+    assert run["check"]["rows"] == 2 and run["check"]["failed"] == 1
+    assert run["tests"]["summary"].startswith("1 failed, 4 passed") and run["tests"]["failures"] == ["FAILED tests/test_a.py::test_b - x"]
+    assert results.family_geomeans(rows) == {("activation", "triton"): pytest.approx(0.8660254)}
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{results.START}\nold\n{results.END}\nrest\n")
+    results.render(str(into), str(readme))
+    text = readme.read_text()
+    assert "old" not in text and "NVIDIA H200" in text and "| activation | relu fwd | N=32 | triton | 1.50x |" in text
+    assert text.startswith("intro\n") and text.endswith("rest\n") and "1 of 2 rows pass" in text
+    assert (into / "history.png").stat().st_size > 1000
+

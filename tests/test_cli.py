@@ -61,3 +61,53 @@ def test_check_runs_triton_when_started_without_interpret(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     rows = json.loads(js.read_text())
     assert {r["backend"] for r in rows} >= {"reference", "triton"}
+
+
+def test_check_prints_each_op_as_it_finishes(capsys):
+    """A cut run must already have said what passed: one line per op, also with --no-progress,
+    before the table."""
+    assert main(["check", "--op", "relu", "--op", "tanh", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    op_lines = [ln for ln in lines if ln.startswith(("relu:", "tanh:"))]
+    assert len(op_lines) == 2 and all("pass" in ln and "compiling" in ln for ln in op_lines)
+    table_at = next(i for i, ln in enumerate(lines) if "ours against the float64 reference" in ln)
+    assert all(lines.index(ln) < table_at for ln in op_lines)
+    assert "compiling kernels" in out  # the summary says how much of the time was compilation
+
+
+def test_check_workers_give_the_same_rows():
+    """Jobs seed their inputs by their place in the plan, so spreading them over processes
+    changes nothing but the time."""
+    from gpu_nn import check
+
+    ops = ["relu", "max_pool1d"]
+    seen = []
+    serial = check.run_checks(ops=ops, progress=False, workers=1)
+    parallel = check.run_checks(ops=ops, progress=False, workers=2, on_op=lambda op, rows: seen.append((op, len(rows))))
+    key = lambda r: (r["op"], r["backend"], r["dtype"], r["max_rel_err"], r["ok"])  # noqa: E731
+    assert [key(r) for r in serial] == [key(r) for r in parallel] and serial
+    assert sorted(seen) == sorted((op, sum(r["op"] == op for r in serial)) for op in ops)
+
+
+def test_compile_timer_wraps_what_the_jit_binds(monkeypatch):
+    """Triton's JIT binds ``triton.compiler.compile`` (``from ..compiler import compile`` in
+    ``create_binder``): the timer must sit on that name and count the time spent in it."""
+    import time
+
+    import pytest
+
+    triton_compiler = pytest.importorskip("triton.compiler")
+    from gpu_nn import check
+
+    def slow_compile(*args, **kwargs):
+        time.sleep(0.05)
+        return "kernel"
+
+    monkeypatch.setattr(triton_compiler, "compile", slow_compile)
+    timer = check._CompileTimer()
+    timer.install()
+    from triton.compiler import compile as bound  # what create_binder does
+
+    assert bound("src") == "kernel"
+    assert timer.seconds >= 0.05

@@ -1,0 +1,225 @@
+"""``gpu-nn results``: keep every GPU run's figures in the repository and show them in README.
+
+``gpu-nn results record RUN_DIR`` takes the folder that ``benchmarks/gpu_run.sh`` wrote (its
+``machine.txt``, ``summary.txt``, ``check.json``, ``bench/bench.json`` and the pytest log) and
+stores what it measured under ``benchmarks/results/<date>_<gpu>_<commit>/``: ``run.json`` (GPU,
+versions, commit, date, one line per step, the check and test summaries) plus the benchmark and
+check JSON as they came. ``gpu-nn results render`` rewrites the README's results section (the
+latest run's ratio table, with its date, GPU, versions and commit) and ``history.png`` (the
+geometric-mean ratio per family across every recorded run), from the recorded runs only: a
+figure that no run recorded cannot reach the README.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import re
+import shutil
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS_DIR = os.path.join(HERE, "results")
+START = "<!-- gpu-results:start (written by `gpu-nn results render`; do not edit by hand) -->"
+END = "<!-- gpu-results:end -->"
+
+
+def add_arguments(parser) -> None:
+    sub = parser.add_subparsers(dest="action", required=True)
+    rec = sub.add_parser("record", help="store a gpu_run.sh output folder under benchmarks/results/")
+    rec.add_argument("run_dir", help="the OUTDIR that benchmarks/gpu_run.sh wrote (unpacked)")
+    rec.add_argument("--into", default=RESULTS_DIR, help="results folder (default: the repository's)")
+    rec.add_argument("--no-render", action="store_true", help="do not rewrite README and history.png")
+    ren = sub.add_parser("render", help="rewrite README's results section and history.png from the recorded runs")
+    ren.add_argument("--dir", default=RESULTS_DIR)
+    ren.add_argument("--readme", default=os.path.join(os.path.dirname(HERE), "README.md"))
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def _load_json(path: str):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower() or "unknown"
+
+
+def pytest_summary(log: str) -> str:
+    """pytest's closing line ('N passed, M failed in T s'), or '' when the run was cut short."""
+    lines = [ln.strip("= ").strip() for ln in log.splitlines()]
+    for ln in reversed(lines):
+        if re.search(r"\d+ (passed|failed|error)", ln) and (" in " in ln or ln.endswith("s")):
+            return ln
+    return ""
+
+
+def failures(log: str) -> list[str]:
+    """The ``FAILED ...`` / ``ERROR ...`` lines of pytest's -rfE summary."""
+    return [ln.strip() for ln in log.splitlines() if ln.startswith(("FAILED ", "ERROR "))]
+
+
+def summarize_run(run_dir: str) -> dict:
+    """Everything ``record`` keeps about one gpu_run.sh folder, as one dict."""
+    machine = _read(os.path.join(run_dir, "machine.txt"))
+    meta = dict(re.findall(r"^(date|host|commit): (.+)$", machine, flags=re.M))
+    bench = _load_json(os.path.join(run_dir, "bench", "bench.json")) or {}
+    env = bench.get("environment", {})
+    check = _load_json(os.path.join(run_dir, "check.json"))
+    steps = [ln for ln in _read(os.path.join(run_dir, "summary.txt")).splitlines() if ln.strip()]
+    test_log = _read(os.path.join(run_dir, "pytest.log"))
+    gpu = env.get("device") or (re.search(r"NVIDIA [A-Z]\w+[^|]*?(?=\s{2,}|\|)", machine) or [None])[0] or "unknown GPU"
+    run = {
+        "date": meta.get("date") or env.get("date") or datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "commit": meta.get("commit", "unknown"),
+        "gpu": gpu.strip(),
+        "versions": {k: env[k] for k in ("python", "torch", "cuda", "triton", "cupy", "numpy", "gpu_nn") if k in env},
+        "steps": steps,
+        "check": None,
+        "tests": {"summary": pytest_summary(test_log), "failures": failures(test_log)},
+        "bench_cases": len(bench.get("results", [])),
+    }
+    if isinstance(check, list):
+        bad = [r for r in check if not r.get("ok")]
+        run["check"] = {"rows": len(check), "failed": len(bad),
+                        "failures": [f"{r['op']} {r['backend']} {r['dtype']}: {r.get('error') or r.get('max_rel_err')}" for r in bad][:50]}
+    return run
+
+
+def run_name(run: dict) -> str:
+    day = run["date"][:10]
+    return f"{day}_{_slug(run['gpu'])}_{run['commit'][:7]}"
+
+
+def record(run_dir: str, into: str = RESULTS_DIR) -> str:
+    """Store one gpu_run.sh folder; returns the new results folder."""
+    run = summarize_run(run_dir)
+    if not run["bench_cases"] and run["check"] is None:
+        raise SystemExit(f"gpu-nn results: {run_dir} has neither bench/bench.json nor check.json: nothing to record")
+    dest = os.path.join(into, run_name(run))
+    os.makedirs(dest, exist_ok=True)
+    with open(os.path.join(dest, "run.json"), "w") as f:
+        json.dump(run, f, indent=1)
+    for src, name in ((os.path.join(run_dir, "bench", "bench.json"), "bench.json"),
+                      (os.path.join(run_dir, "check.json"), "check.json")):
+        if os.path.exists(src):
+            shutil.copyfile(src, os.path.join(dest, name))
+    return dest
+
+
+def load_runs(results_dir: str = RESULTS_DIR) -> list[dict]:
+    """Every recorded run, oldest first, with its benchmark rows under ``bench``."""
+    runs = []
+    if not os.path.isdir(results_dir):
+        return runs
+    for name in sorted(os.listdir(results_dir)):
+        run = _load_json(os.path.join(results_dir, name, "run.json"))
+        if not isinstance(run, dict):
+            continue
+        bench = _load_json(os.path.join(results_dir, name, "bench.json")) or {}
+        run["name"] = name
+        run["bench"] = bench.get("results", [])
+        runs.append(run)
+    runs.sort(key=lambda r: (r["date"], r["name"]))
+    return runs
+
+
+def family_geomeans(rows: list[dict]) -> dict:
+    """Geometric mean of ours / torch per (family, provider) over a run's cases."""
+    acc: dict = {}
+    for r in rows:
+        for prov, ratio in (r.get("ratio") or {}).items():
+            if ratio and ratio > 0 and math.isfinite(ratio):
+                acc.setdefault((r["family"], prov), []).append(math.log(ratio))
+    return {k: math.exp(sum(v) / len(v)) for k, v in acc.items()}
+
+
+def markdown(runs: list[dict]) -> str:
+    """The README section: latest run's table (or a plain statement that none is recorded)."""
+    if not runs:
+        return ("No GPU run has been recorded yet: `benchmarks/gpu_run.sh` on a GPU machine, then "
+                "`gpu-nn results record OUTDIR`, puts its figures here.")
+    last = runs[-1]
+    v = last.get("versions", {})
+    head = (f"Latest recorded GPU run: **{last['gpu']}**, {last['date'][:10]}, commit `{last['commit'][:7]}`; "
+            + ", ".join(f"{k} {v[k]}" for k in ("torch", "cuda", "triton", "cupy", "python") if k in v)
+            + f". {len(runs)} run{'s' if len(runs) != 1 else ''} recorded in `benchmarks/results/`.")
+    lines = [head, ""]
+    chk, tests = last.get("check"), last.get("tests", {})
+    if chk:
+        lines.append(f"`gpu-nn check`: {chk['rows'] - chk['failed']} of {chk['rows']} rows pass.  ")
+    if tests.get("summary"):
+        lines.append(f"Test suite: {tests['summary']}.  ")
+    lines += ["", "Time ours / torch (median, same process; below 1 is faster than torch):", "",
+              "| family | case | shape | provider | ratio |", "| --- | --- | --- | --- | ---: |"]
+    for r in last["bench"]:
+        for prov, ratio in sorted((r.get("ratio") or {}).items()):
+            lines.append(f"| {r['family']} | {r['name']} | {r['shape']} | {prov} | {ratio:.2f}x |")
+        for prov, err in sorted((r.get("errors") or {}).items()):
+            lines.append(f"| {r['family']} | {r['name']} | {r['shape']} | {prov} | error: {err[:60]} |")
+    lines += ["", "![ratios across recorded runs](benchmarks/results/history.png)"]
+    return "\n".join(lines)
+
+
+def plot_history(runs: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    series: dict = {}
+    for i, run in enumerate(runs):
+        for key, g in family_geomeans(run["bench"]).items():
+            series.setdefault(key, []).append((i, g))
+    for (fam, prov), pts in sorted(series.items()):
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{fam} [{prov}]")
+    ax.axhline(1.0, color="k", lw=1, ls="--")
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(runs)), [f"{r['date'][:10]}\n{r['commit'][:7]}" for r in runs], fontsize=7)
+    ax.set_ylabel("geomean time ours / torch")
+    ax.set_title("gpu-nn on the GPU: ratio to torch per family across recorded runs", fontsize=10)
+    if series:
+        ax.legend(fontsize=7, ncol=2)
+    else:
+        ax.text(0.5, 0.5, "no GPU run recorded yet", ha="center", va="center", transform=ax.transAxes)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def render(results_dir: str = RESULTS_DIR, readme: str | None = None) -> None:
+    runs = load_runs(results_dir)
+    os.makedirs(results_dir, exist_ok=True)
+    plot_history(runs, os.path.join(results_dir, "history.png"))
+    if readme:
+        text = _read(readme)
+        if START not in text or END not in text:
+            raise SystemExit(f"gpu-nn results: {readme} has no results markers ({START} ... {END})")
+        pre, rest = text.split(START, 1)
+        _, post = rest.split(END, 1)
+        with open(readme, "w") as f:
+            f.write(pre + START + "\n" + markdown(runs) + "\n" + END + post)
+
+
+def run(args) -> int:
+    if args.action == "record":
+        dest = record(args.run_dir, args.into)
+        print(f"recorded {args.run_dir} as {dest}")
+        if not args.no_render:
+            render(args.into, os.path.join(os.path.dirname(HERE), "README.md") if args.into == RESULTS_DIR else None)
+        return 0
+    render(args.dir, args.readme)
+    print(f"rendered {args.readme} and {os.path.join(args.dir, 'history.png')} from {len(load_runs(args.dir))} runs")
+    return 0
