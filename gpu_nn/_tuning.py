@@ -1,0 +1,163 @@
+"""Configurations chosen by measurement on the device, cached in memory and on disk.
+
+Where one launch configuration cannot serve every shape, a launcher gives :func:`choose` a short
+list of candidates (each one compiled ahead of time for sm_90 in the tests), a key that names
+the problem (op, shapes, strides, dtypes, options) and a ``run(config)`` that launches the
+kernel with that configuration. On the first call with a new key on a CUDA device each candidate
+is timed with CUDA events (one warm-up launch, which also compiles it, then the median of a few
+timed launches) and the fastest is kept: in memory for this process, and in a JSON file keyed by
+GPU and versions so that the next process does not measure again. Afterwards the key costs one
+dictionary lookup.
+
+The heuristic (``default``) is used, and nothing is measured, where measuring is impossible or
+unwanted: CPU tensors (the Triton interpreter), ``GPU_NN_TUNE=0``, and while a CUDA graph is
+being captured (a timed launch would synchronise the host). ``GPU_NN_TUNE_CACHE`` names the
+cache file (default ``~/.cache/gpu_nn/tuning.json``).
+
+``run(config)`` must be idempotent: each call rewrites the outputs in full (a launcher whose
+kernel accumulates zeroes its output inside ``run``), because the candidates are timed on the
+real buffers; the caller then launches the returned configuration as usual.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+import threading
+from typing import Callable, Hashable, Sequence
+
+import torch
+
+ENV = "GPU_NN_TUNE"
+CACHE_ENV = "GPU_NN_TUNE_CACHE"
+REPS = 5
+
+_lock = threading.Lock()
+_memory: dict[tuple, object] = {}
+_disk: dict[str, dict] | None = None
+
+
+def enabled(device: torch.device) -> bool:
+    """Whether a call on ``device`` may measure: a CUDA device, tuning not switched off, and no
+    CUDA graph capture in progress on the current stream."""
+    if torch.device(device).type != "cuda" or os.environ.get(ENV, "1") == "0":
+        return False
+    return not torch.cuda.is_current_stream_capturing()
+
+
+def cache_path() -> str:
+    return os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "gpu_nn", "tuning.json")
+
+
+def device_key(device: torch.device) -> str:
+    """GPU name and compute capability plus the versions whose code generation matters."""
+    import triton
+
+    from . import __version__
+
+    idx = torch.device(device).index or 0
+    name = torch.cuda.get_device_name(idx)
+    major, minor = torch.cuda.get_device_capability(idx)
+    return f"{name}|sm_{major}{minor}|torch {torch.__version__}|triton {triton.__version__}|gpu_nn {__version__}"
+
+
+def _encode(key: tuple) -> str:
+    return json.dumps([str(k) if not isinstance(k, (int, float, str, bool, type(None), list, tuple)) else k
+                       for k in key])
+
+
+def _load_disk() -> dict:
+    global _disk
+    if _disk is None:
+        try:
+            with open(cache_path()) as f:
+                data = json.load(f)
+            _disk = data if isinstance(data, dict) else {}
+        except (OSError, ValueError):
+            _disk = {}
+    return _disk
+
+
+def _save_disk(dev_key: str, key: str, config) -> None:
+    """Merge one entry into the cache file (another process may have written since we read):
+    write a temporary file beside it and rename it over the old one."""
+    path = cache_path()
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:
+            with open(path) as f:
+                data = json.load(f)
+            if not isinstance(data, dict):
+                data = {}
+        except (OSError, ValueError):
+            data = {}
+        data.setdefault(dev_key, {})[key] = list(config)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tuning-", suffix=".json")
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=0)
+        os.replace(tmp, path)
+    except OSError:  # a read-only home: the choice still lives in memory
+        pass
+
+
+def cuda_timer(run: Callable[[], None], reps: int = REPS) -> float:
+    """Median milliseconds of ``run()`` over ``reps`` launches after one warm-up, CUDA events."""
+    run()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def choose(op: str, key: tuple, candidates: Sequence[tuple], run: Callable[[tuple], None], default: tuple,
+           device: torch.device, timer: Callable[[Callable[[], None]], float] | None = None,
+           force: bool = False) -> tuple:
+    """The configuration to launch ``op`` with for ``key`` (see the module docstring).
+
+    Returns ``default`` untouched where tuning does not apply. ``timer`` and ``force`` exist for
+    tests (a fake clock, measuring without a GPU). A candidate that fails to launch (too much
+    shared memory, say) is skipped; if all fail, ``default`` is returned.
+    """
+    if not (force or enabled(device)) or len(candidates) <= 1:
+        return default
+    dev_key = device_key(device) if not force else "test"
+    mkey = (dev_key, op, key)
+    with _lock:
+        hit = _memory.get(mkey)
+        if hit is None:
+            stored = _load_disk().get(dev_key, {}).get(_encode((op, *key)))
+            if stored is not None and tuple(stored) in {tuple(c) for c in candidates}:
+                hit = _memory[mkey] = tuple(stored)
+    if hit is not None:
+        return hit
+    timer = timer or cuda_timer
+    best, best_t = None, float("inf")
+    for cfg in candidates:
+        try:
+            t = timer(lambda cfg=cfg: run(cfg))
+        except Exception:  # this candidate cannot run on this device / shape
+            continue
+        if t < best_t:
+            best, best_t = tuple(cfg), t
+    if best is None:
+        return default
+    with _lock:
+        _memory[mkey] = best
+        _load_disk().setdefault(dev_key, {})[_encode((op, *key))] = list(best)
+    _save_disk(dev_key, _encode((op, *key)), best)
+    return best
+
+
+def clear() -> None:
+    """Forget every choice held in memory; the disk cache is read again on the next miss."""
+    global _disk
+    with _lock:
+        _memory.clear()
+        _disk = None

@@ -1,0 +1,108 @@
+"""Measured configuration choice (gpu_nn._tuning): timing, caching in memory and on disk,
+and the cases where the heuristic must be used instead. A fake timer stands in for CUDA
+events, so these run on any machine."""
+
+import json
+
+import pytest
+import torch
+
+from gpu_nn import _tuning
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    path = tmp_path / "tuning.json"
+    monkeypatch.setenv(_tuning.CACHE_ENV, str(path))
+    _tuning.clear()
+    yield path
+    _tuning.clear()
+
+
+def _fake(costs, calls):
+    """A timer that 'measures' candidate cfg at costs[cfg] and records which it timed."""
+    def timer(fn):
+        fn()
+        return costs[calls[-1]]
+    return timer
+
+
+def test_fastest_candidate_wins_and_is_cached_in_memory_and_on_disk(cache):
+    calls = []
+    costs = {(64, 4): 3.0, (128, 8): 1.0, (32, 2): 2.0}
+    run = calls.append
+    got = _tuning.choose("conv_fwd", (32, 64, "fp16"), list(costs), run, default=(32, 2),
+                         device=torch.device("cpu"), timer=_fake(costs, calls), force=True)
+    assert got == (128, 8) and sorted(calls) == sorted(costs)
+    calls.clear()
+    again = _tuning.choose("conv_fwd", (32, 64, "fp16"), list(costs), run, default=(32, 2),
+                           device=torch.device("cpu"), timer=_fake(costs, calls), force=True)
+    assert again == (128, 8) and calls == []  # no second measurement
+    data = json.loads(cache.read_text())
+    assert list(data["test"].values()) == [[128, 8]]
+    # a new process (memory cleared) reads the file instead of measuring
+    _tuning.clear()
+    assert _tuning.choose("conv_fwd", (32, 64, "fp16"), list(costs), run, default=(32, 2),
+                          device=torch.device("cpu"), timer=_fake(costs, calls), force=True) == (128, 8)
+    assert calls == []
+
+
+def test_other_keys_measure_separately(cache):
+    calls = []
+    costs = {(1,): 2.0, (2,): 1.0}
+    _tuning.choose("op", ("a",), list(costs), calls.append, (1,), torch.device("cpu"), _fake(costs, calls), force=True)
+    n = len(calls)
+    _tuning.choose("op", ("b",), list(costs), calls.append, (1,), torch.device("cpu"), _fake(costs, calls), force=True)
+    assert len(calls) == 2 * n
+
+
+def test_failing_candidates_are_skipped_and_all_failing_gives_the_default(cache):
+    def run(cfg):
+        if cfg == (1,):
+            raise RuntimeError("out of resources")
+    assert _tuning.choose("op", ("k",), [(1,), (2,)], run, (9,), torch.device("cpu"), lambda fn: (fn(), 1.0)[1],
+                          force=True) == (2,)
+
+    def bad(cfg):
+        raise RuntimeError("no")
+    assert _tuning.choose("op", ("k2",), [(1,), (2,)], bad, (9,), torch.device("cpu"), lambda fn: (fn(), 1.0)[1],
+                          force=True) == (9,)
+
+
+def test_no_measurement_where_it_cannot_or_must_not_happen(cache, monkeypatch):
+    def explode(fn):
+        raise AssertionError("must not time")
+    # CPU tensors (the interpreter): the heuristic
+    assert _tuning.choose("op", ("k",), [(1,), (2,)], lambda c: None, (1,), torch.device("cpu"), explode) == (1,)
+    assert not _tuning.enabled(torch.device("cpu"))
+    # switched off
+    monkeypatch.setenv(_tuning.ENV, "0")
+    assert not _tuning.enabled(torch.device("cuda"))
+    # a single candidate has nothing to choose between
+    assert _tuning.choose("op", ("k",), [(3,)], lambda c: None, (3,), torch.device("cpu"), explode, force=True) == (3,)
+
+
+def test_stale_cache_entry_not_among_candidates_is_ignored(cache):
+    cache.write_text(json.dumps({"test": {_tuning._encode(("op", "k")): [99]}}))
+    calls = []
+    costs = {(1,): 2.0, (2,): 1.0}
+    assert _tuning.choose("op", ("k",), list(costs), calls.append, (1,), torch.device("cpu"),
+                          _fake(costs, calls), force=True) == (2,)
+
+
+def test_unwritable_cache_keeps_the_choice_in_memory(tmp_path, monkeypatch):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")  # a file where the cache folder should be: no root privilege helps
+    monkeypatch.setenv(_tuning.CACHE_ENV, str(blocker / "tuning.json"))
+    _tuning.clear()
+    try:
+        calls = []
+        costs = {(1,): 2.0, (2,): 1.0}
+        assert _tuning.choose("op", ("k",), list(costs), calls.append, (1,), torch.device("cpu"),
+                              _fake(costs, calls), force=True) == (2,)
+        calls.clear()
+        assert _tuning.choose("op", ("k",), list(costs), calls.append, (1,), torch.device("cpu"),
+                              _fake(costs, calls), force=True) == (2,)
+        assert calls == [] and not (blocker / "tuning.json").exists()
+    finally:
+        _tuning.clear()
