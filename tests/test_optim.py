@@ -332,6 +332,16 @@ extern "C" void rmsprop_host(float* p, const float* g, float* v, float* ga, floa
         if (use_momentum) buf[i] = bi;
     }
 }
+extern "C" void adam_scalars_host(double lr, double beta1, double beta2, double eps, double wd, double step, float* out) {
+    GnAdamScalars s = gn_adam_scalars(lr, beta1, beta2, eps, wd, step);
+    const float v[8] = {s.neg_step_size, s.bc2_sqrt, s.w1, s.beta2, s.w2, s.wd, s.eps, s.decay};
+    for (int i = 0; i < 8; ++i) out[i] = v[i];
+}
+extern "C" void rmsprop_scalars_host(double lr, double alpha, double eps, double wd, double momentum, float* out) {
+    GnRmspropScalars s = gn_rmsprop_scalars(lr, alpha, eps, wd, momentum);
+    const float v[7] = {s.lr, s.alpha, s.w, s.eps, s.wd, s.momentum, (float)s.use_momentum};
+    for (int i = 0; i < 7; ++i) out[i] = v[i];
+}
 """
 
 
@@ -372,6 +382,53 @@ def test_cuda_rmsprop_math_on_host(opts, rng):
                      f(1 - alpha), f(eps), f(wd), f(mom))
     for a, b in zip(arrs, (p, g, v, ga, buf)):
         np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-7)
+
+
+# steps 1, 2, 3 (where the bias corrections move most), odd counts, powers of two and their
+# neighbours (the integer power's square-and-multiply bits), up to 2^24 (float32 step limit)
+SCALAR_STEPS = [1, 2, 3, 7, 10, 31, 64, 65, 1000, 4097, 99991, 2**20 + 3, 2**24]
+
+
+@pytest.mark.parametrize("name,kw", [c for c in CONFIGS if c[0] in ("Adam", "AdamW")] +
+                         [("Adam", dict(lr=3e-4, betas=(0.5, 0.9999), weight_decay=0.05)),
+                          ("AdamW", dict(lr=0.1, betas=(0.0, 0.25), weight_decay=0.7))],
+                         ids=lambda v: v if isinstance(v, str) else "")
+def test_cuda_adam_step_scalars_on_host(name, kw):
+    """optim.cu's per-block setup (gn_adam_scalars) against torch.optim.Adam's Python formulas
+    (torch/optim/adam.py, _single_tensor_adam: bias corrections with ``beta ** step``, the step
+    size, ``bias_correction2 ** 0.5``, the decoupled decay), each rounded to float32 once."""
+    lib = build_host_library(_HOST, "optim_math")
+    lr, (b1, b2) = kw.get("lr", 1e-3), kw.get("betas", (0.9, 0.999))
+    eps, wd = kw.get("eps", 1e-8), kw.get("weight_decay", 1e-2 if name == "AdamW" else 0.0)
+    out = np.full(8, np.nan, dtype=np.float32)
+    for step in SCALAR_STEPS:
+        lib.adam_scalars_host(ctypes.c_double(lr), ctypes.c_double(b1), ctypes.c_double(b2), ctypes.c_double(eps),
+                              ctypes.c_double(wd), ctypes.c_double(float(step)), fptr(out))
+        step = float(step)  # torch: step = _get_value(step_t), a Python float
+        bias_correction1 = 1 - b1**step
+        bias_correction2 = 1 - b2**step
+        step_size = lr / bias_correction1
+        bias_correction2_sqrt = bias_correction2**0.5
+        want = np.array([-step_size, bias_correction2_sqrt, 1 - b1, b2, 1 - b2, wd, eps, 1 - lr * wd], np.float32)
+        # the integer power and pow() may differ by a few double ulps, which float32 rounding
+        # absorbs except at a rounding boundary: one float32 ulp at most
+        np.testing.assert_array_max_ulp(out, want, maxulp=1)
+
+
+@pytest.mark.parametrize("name,kw", [c for c in CONFIGS if c[0] == "RMSprop"] +
+                         [("RMSprop", dict(lr=0.3, alpha=0.0, momentum=1e-3, weight_decay=5e-4))],
+                         ids=lambda v: v if isinstance(v, str) else "")
+def test_cuda_rmsprop_step_scalars_on_host(name, kw):
+    """optim.cu's per-block setup (gn_rmsprop_scalars) against torch.optim.RMSprop's formulas:
+    ``1 - alpha`` (addcmul value, lerp weight), momentum used when ``> 0``; no step dependence."""
+    lib = build_host_library(_HOST, "optim_math")
+    lr, alpha, eps = kw.get("lr", 1e-2), kw.get("alpha", 0.99), kw.get("eps", 1e-8)
+    wd, mom = kw.get("weight_decay", 0.0), kw.get("momentum", 0.0)
+    out = np.full(7, np.nan, dtype=np.float32)
+    lib.rmsprop_scalars_host(ctypes.c_double(lr), ctypes.c_double(alpha), ctypes.c_double(eps), ctypes.c_double(wd),
+                             ctypes.c_double(mom), fptr(out))
+    want = np.array([lr, alpha, 1 - alpha, eps, wd, mom, float(mom > 0)], np.float32)
+    np.testing.assert_array_equal(out, want)
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device: the GPU step must not synchronise with the host")
