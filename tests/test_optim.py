@@ -308,6 +308,42 @@ def test_kernel_half_params_fp32_state(backend, device, name, kw):
                     assert v.dtype == torch.float32
 
 
+RMSPROP_EDGE = [dict(lr=0.01, momentum=0.9, centered=True), dict(lr=0.01, centered=True),
+                dict(lr=0.01, momentum=0.9, centered=True, weight_decay=0.1, alpha=0.9), dict(lr=0.01, momentum=0.5)]
+
+
+def _huge_grads(dtype, steps=3):
+    """Gradients whose square overflows ``dtype`` (and, centered, whose running mean's square
+    overflows too: |ga| = (1 - alpha) |g| > sqrt(max)), next to ordinary ones."""
+    big = 0.9 * torch.finfo(dtype).max
+    return [torch.tensor([big, -big, 1.0, -0.5 * k, big * 1e-3, 2.0 ** (k - 80)], dtype=dtype) for k in range(steps)]
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter's g * g, as meant
+@pytest.mark.parametrize("backend,device", backend_params(("reference", "triton", "cupy")))
+@pytest.mark.parametrize("kw", RMSPROP_EDGE, ids=["centered-momentum", "centered", "centered-momentum-wd", "momentum"])
+def test_rmsprop_overflowing_grad_matches_torch(backend, device, kw):
+    """Issue 19: centered RMSprop with momentum and a 3e38 gradient left the parameter NaN where
+    torch leaves it unchanged (square_avg = inf, so g / avg = 0). torch's ``v - ga^2`` is one
+    fused multiply-add; rounding ga^2 alone overflowed it to inf and inf - inf gave NaN."""
+    dtypes = (torch.float64, torch.float32) if backend == "reference" else (torch.float32,)
+    for dtype in dtypes:
+        ours = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5, 0.25, -1.0, 3.0], dtype=dtype, device=device))
+        theirs = torch.nn.Parameter(ours.detach().cpu().clone())
+        o1, o2 = go.RMSprop([ours], **kw), torch.optim.RMSprop([theirs], **kw)
+        for g in _huge_grads(dtype):
+            ours.grad, theirs.grad = g.to(device), g.clone()
+            with gpu_nn.backend(backend):
+                o1.step()
+            o2.step()
+            torch.testing.assert_close(ours.detach().cpu(), theirs.detach(), equal_nan=True, rtol=_f32_tol(3), atol=0)
+            for k, v in o2.state[theirs].items():
+                if k != "step":
+                    torch.testing.assert_close(o1.state[ours][k].cpu().to(dtype), v, equal_nan=True,
+                                               rtol=_f32_tol(3), atol=0, msg=f"{k} {dtype}")
+        assert torch.isfinite(ours).all()
+
+
 # -- CUDA C per-element math on the host ---------------------------------------------------
 
 _HOST = r"""
@@ -429,6 +465,32 @@ def test_cuda_rmsprop_step_scalars_on_host(name, kw):
                              ctypes.c_double(mom), fptr(out))
     want = np.array([lr, alpha, 1 - alpha, eps, wd, mom, float(mom > 0)], np.float32)
     np.testing.assert_array_equal(out, want)
+
+
+@pytest.mark.parametrize("kw", RMSPROP_EDGE, ids=["centered-momentum", "centered", "centered-momentum-wd", "momentum"])
+def test_cuda_rmsprop_overflowing_grad_on_host(kw):
+    """gn_rmsprop_update with gradients whose square overflows float32, three steps, against
+    torch.optim.RMSprop (the parameter stays finite: v = inf makes g / avg = 0)."""
+    lib = build_host_library(_HOST, "optim_math")
+    theirs = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5, 0.25, -1.0, 3.0]))
+    o = torch.optim.RMSprop([theirs], **kw)
+    p = theirs.detach().numpy().copy()
+    v, ga, buf = np.zeros_like(p), np.zeros_like(p), np.zeros_like(p)
+    c, mom = kw.get("centered", False), kw.get("momentum", 0.0)
+    alpha, wd = kw.get("alpha", 0.99), kw.get("weight_decay", 0.0)
+    f = ctypes.c_float
+    for g in _huge_grads(torch.float32):
+        theirs.grad = g.clone()
+        o.step()
+        gn = g.numpy().copy()
+        lib.rmsprop_host(fptr(p), fptr(gn), fptr(v), fptr(ga), fptr(buf), ctypes.c_longlong(p.size), int(c),
+                         int(mom > 0), 0, f(kw["lr"]), f(alpha), f(1 - alpha), f(1e-8), f(wd), f(mom))
+        np.testing.assert_allclose(p, theirs.detach().numpy(), rtol=_f32_tol(3), atol=0)
+        st = o.state[theirs]
+        np.testing.assert_allclose(v, st["square_avg"].numpy(), rtol=_f32_tol(3), atol=0)
+        if mom > 0:
+            np.testing.assert_allclose(buf, st["momentum_buffer"].numpy(), rtol=_f32_tol(3), atol=0)
+    assert np.isfinite(p).all()
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device: the GPU step must not synchronise with the host")

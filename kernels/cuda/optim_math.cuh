@@ -105,7 +105,11 @@ GN_HD void gn_rmsprop_update(float& p, float g, float& v, float& ga, float& buf,
     float avg;
     if (centered) {
         ga = gn_lerp(ga, g, w);
-        avg = sqrtf(v + (-ga) * ga);
+        // torch's addcmul(v, ga, ga, value=-1) is one fused multiply-add (CPU and CUDA): ga^2
+        // is never rounded alone, so v = +inf (g^2 overflowed) minus a finite ga^2 stays +inf
+        // where a separately rounded ga^2 (> FLT_MAX once |ga| > 1.8e19) would give inf - inf =
+        // NaN. fmaf says so to NVRTC and to the host compiler alike.
+        avg = sqrtf(fmaf(-ga, ga, v));
     } else {
         avg = sqrtf(v);
     }
