@@ -202,6 +202,68 @@ def test_flags_accepted_and_differentiable_refused():
     assert isinstance(go.SGD(p), torch.optim.Optimizer)
 
 
+# (parameter, gradient set through .data) pairs: integer and bool parameters, gradients torch
+# cannot broadcast, gradients it broadcasts or promotes, other dtypes that its lerp refuses
+BAD_GRADS = {
+    "int64": (lambda: torch.ones(3, 4, dtype=torch.int64), lambda p: torch.ones_like(p)),
+    "int32": (lambda: torch.ones(3, 4, dtype=torch.int32), lambda p: torch.ones_like(p)),
+    "uint8": (lambda: torch.ones(3, 4, dtype=torch.uint8), lambda p: torch.ones_like(p)),
+    "bool": (lambda: torch.ones(3, 4, dtype=torch.bool), lambda p: torch.ones_like(p)),
+    "grad(5,)": (lambda: torch.randn(3, 4), lambda p: torch.randn(5)),
+    "grad(4,3)": (lambda: torch.randn(3, 4), lambda p: torch.randn(4, 3)),
+    "grad(2,3,4)": (lambda: torch.randn(3, 4), lambda p: torch.randn(2, 3, 4)),
+    "grad(3,1)": (lambda: torch.randn(3, 4), lambda p: torch.randn(3, 1)),
+    "grad(4,)": (lambda: torch.randn(3, 4), lambda p: torch.randn(4)),
+    "grad()": (lambda: torch.randn(3, 4), lambda p: torch.randn(())),
+    "grad-f64": (lambda: torch.randn(3, 4), lambda p: torch.randn(3, 4, dtype=torch.float64)),
+    "grad-f16": (lambda: torch.randn(3, 4), lambda p: torch.randn(3, 4).half()),
+    "grad-int64": (lambda: torch.randn(3, 4), lambda p: torch.randint(-3, 4, (3, 4))),
+}
+
+
+def _step_twice(mod, name, kw, case, backend=None):
+    make_p, make_g = BAD_GRADS[case]
+    torch.manual_seed(3)
+    p = make_p()
+    o = getattr(mod, name)([p], **kw)
+    for _ in range(2):
+        p.grad = torch.zeros_like(p)
+        p.grad.data = make_g(p)  # .data bypasses the assignment's shape/dtype check, as in issue 19
+        if backend is None:
+            o.step()
+        else:
+            with gpu_nn.backend(backend):
+                o.step()
+    return p
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
+@pytest.mark.parametrize("name,kw", CONFIGS, ids=IDS)
+def test_bad_params_and_grads_like_torch(backend, device, name, kw):
+    """Issue 19 item 3: integer parameters were zeroed, and gradients of another shape or dtype
+    applied silently (or failed inside NumPy). torch's step raises for these with its type and
+    message, or broadcasts / promotes the gradient: ours does the same, on every backend."""
+    for case in BAD_GRADS:
+        if name == "SGD" and kw.get("momentum") and not kw.get("weight_decay") and case in ("grad-f16", "grad-int64"):
+            # documented difference: without weight decay torch's SGD clones the gradient into
+            # its momentum buffer, so the buffer has the gradient's dtype (float16 rounding each
+            # step; int64 raises on the second step); ours keeps it in the parameter's dtype
+            continue
+        try:
+            want = _step_twice(torch.optim, name, kw, case)
+            theirs = None
+        except Exception as e:  # noqa: BLE001 - torch's exception is the expectation
+            theirs = e
+        if theirs is None:
+            got = _step_twice(go, name, kw, case, backend)
+            torch.testing.assert_close(got, want, rtol=_f32_tol(2), atol=1e-6, msg=f"{case}")
+            continue
+        with pytest.raises(gpu_nn.KernelInputError) as ours:
+            _step_twice(go, name, kw, case, backend)
+        assert isinstance(ours.value, type(theirs)), f"{case}: {type(ours.value)} is not a {type(theirs)}"
+        assert str(theirs).splitlines()[0] in str(ours.value), f"{case}: {ours.value!r} vs torch {theirs!r}"
+
+
 # -- clipping -----------------------------------------------------------------------------
 
 def _grads(rng, dtype, device="cpu", scale=1.0):
