@@ -401,18 +401,18 @@ MIXED_PADDINGS = [
 ]
 
 
+@pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
 @pytest.mark.parametrize("op,padding", MIXED_PADDINGS, ids=[f"{o}-{p}" for o, p in MIXED_PADDINGS])
-def test_mixed_sign_padding_raises_like_torch(op, padding):
+def test_mixed_sign_padding_raises_like_torch(backend, device, op, padding):
     """Issue 20: a padding negative in one dimension only (the only earlier test used -1, negative
     in every dimension, so a check weakened from ``any`` to ``all`` passed) raises before any
     kernel runs, with torch's message."""
     x, w = (torch.randn(2, 4, 7, 7), torch.randn(6, 4, 3, 3)) if op == "conv2d" else (torch.randn(2, 4, 7), torch.randn(6, 4, 3))
     with pytest.raises(RuntimeError) as theirs:
         getattr(TF, op)(x, w, padding=padding)
-    for backend in ("reference", "triton"):
-        with gpu_nn.backend(backend), pytest.raises(gpu_nn.KernelInputError) as ours:
-            getattr(F, op)(x, w, padding=padding)
-        assert str(theirs.value) in str(ours.value)
+    with gpu_nn.backend(backend), pytest.raises(gpu_nn.KernelInputError) as ours:
+        getattr(F, op)(x.to(device), w.to(device), padding=padding)
+    assert str(theirs.value) in str(ours.value)
 
 
 def test_bad_input_device_mismatch():
