@@ -187,14 +187,22 @@ def rmsprop_step(params, grads, square_avgs, grad_avgs, momentum_buffers, *, lr=
         g = _effective_grad(p, g, weight_decay, maximize, d)
         v *= alpha
         t = np.multiply(g, 1 - alpha)
-        t *= g
+        with np.errstate(over="ignore"):  # g^2 may overflow to inf, as in torch
+            t *= g
         v += t
         if centered:
             ga = grad_avgs[i]
             lerp_(ga, g, 1 - alpha, t)
-            avg = np.multiply(ga, -1)
-            avg *= ga
-            avg += v
+            with np.errstate(over="ignore", invalid="ignore"):  # torch does not warn either
+                avg = np.multiply(ga, -1)
+                avg *= ga
+                avg += v
+            # torch's addcmul(v, ga, ga, value=-1) is one fused multiply-add (CPU and CUDA), so
+            # ga^2 is never rounded alone: v = +inf (g^2 overflowed) minus a finite ga^2 is +inf.
+            # NumPy rounds ga^2 first, which overflows too once |ga| > sqrt(max) and makes
+            # inf - inf = NaN; that is the only case where the two differ in a special value
+            # (a finite v with an overflowing ga^2 is negative either way, and sqrt gives NaN).
+            np.copyto(avg, v, where=np.isposinf(v) & np.isfinite(ga))
             np.sqrt(avg, out=avg)
         else:
             avg = np.sqrt(v)

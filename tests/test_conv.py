@@ -148,6 +148,62 @@ def test_reference_forced_path_matches_torch(path, nd, xs, ws, g, p, d, bias, la
         _compare(nd, xs, ws, g, bias, 2, p, d, layout, rng, act)
 
 
+PAD_STRINGS_2D = [((4, 2), 1), ((2, 4), 1), ((2, 2), 1), ((4, 4), (2, 3)), ((1, 2), 2), ((6, 3), (1, 2)),
+                  ((3, 3), 1), ((2, 5), (3, 1))]
+
+
+@pytest.mark.parametrize("padding", ["same", "valid"])
+@pytest.mark.parametrize("k,d", PAD_STRINGS_2D, ids=[f"k{k}-d{d}" for k, d in PAD_STRINGS_2D])
+def test_reference_public_conv2d_padding_strings(padding, k, d, rng):
+    """Issue 20: ``reference.conv.conv2d`` / ``conv2d_backward`` called directly with a padding
+    string (the public ops resolve 'same' themselves and pass explicit pads, so this path of the
+    reference was never run): even and asymmetric kernels put the odd pad on the high side."""
+    dd = d if isinstance(d, tuple) else (d, d)
+    xs = (2, 3, 9 + dd[0] * k[0], 8 + dd[1] * k[1])
+    x = torch.from_numpy(rng.standard_normal(xs)).requires_grad_()
+    w = torch.from_numpy(rng.standard_normal((5, 3, *k))).requires_grad_()
+    b = torch.from_numpy(rng.standard_normal(5)).requires_grad_()
+    with _nowarn():
+        yt = TF.conv2d(x, w, b, 1, padding, d)
+    y = ref.conv2d(x.detach().numpy(), w.detach().numpy(), b.detach().numpy(), 1, padding, d)
+    assert y.shape == tuple(yt.shape)
+    kk = 3 * k[0] * k[1]
+    assert_close(torch.from_numpy(y), yt, torch.float64, kk, "forward")
+    go = torch.from_numpy(rng.standard_normal(y.shape))
+    gt = torch.autograd.grad(yt, (x, w, b), go)
+    got = ref.conv2d_backward(go.numpy(), x.detach().numpy(), w.detach().numpy(), 1, padding, d)
+    for name, a, e in zip(("grad_input", "grad_weight", "grad_bias"), got, gt):
+        assert_close(torch.from_numpy(np.asarray(a)), e, torch.float64, kk * y.shape[2] * y.shape[3], name)
+
+
+@pytest.mark.parametrize("padding", ["same", "valid"])
+@pytest.mark.parametrize("k,d", [(2, 1), (4, 1), (4, 3), (6, 2), (1, 1), (3, 2), (5, 1)])
+def test_reference_public_conv1d_padding_strings(padding, k, d, rng):
+    """As above for ``reference.conv.conv1d`` / ``conv1d_backward`` (even kernels, dilation)."""
+    x = torch.from_numpy(rng.standard_normal((3, 2, 11 + d * k))).requires_grad_()
+    w = torch.from_numpy(rng.standard_normal((4, 2, k))).requires_grad_()
+    b = torch.from_numpy(rng.standard_normal(4)).requires_grad_()
+    with _nowarn():
+        yt = TF.conv1d(x, w, b, 1, padding, d)
+    y = ref.conv1d(x.detach().numpy(), w.detach().numpy(), b.detach().numpy(), 1, padding, d)
+    assert y.shape == tuple(yt.shape)
+    assert_close(torch.from_numpy(y), yt, torch.float64, 2 * k, "forward")
+    go = torch.from_numpy(rng.standard_normal(y.shape))
+    gt = torch.autograd.grad(yt, (x, w, b), go)
+    got = ref.conv1d_backward(go.numpy(), x.detach().numpy(), w.detach().numpy(), 1, padding, d)
+    for name, a, e in zip(("grad_input", "grad_weight", "grad_bias"), got, gt):
+        assert_close(torch.from_numpy(np.asarray(a)), e, torch.float64, 2 * k * y.shape[2], name)
+
+
+def test_reference_resolve_padding():
+    """'same' pads d (k - 1) in total, the odd element on the high side, as torch does."""
+    assert ref.resolve_padding("same", (4, 2), 1) == ((1, 2), (0, 1))
+    assert ref.resolve_padding("same", (4, 5), (3, 2)) == ((4, 5), (4, 4))
+    assert ref.resolve_padding("valid", (4, 2), 1) == ((0, 0), (0, 0))
+    with pytest.raises(ValueError, match="Invalid padding string"):
+        ref.resolve_padding("full", (3, 3), 1)
+
+
 def test_reference_path_choice():
     w = ((1, 1), 0.11)  # 3x3 padding 1 on 32x32: 11% of the flat positions are not outputs
     k = (3, 3)
@@ -337,6 +393,26 @@ def _bad_cases():
 def test_bad_input_raises(what, fn, match):
     with pytest.raises(gpu_nn.KernelInputError, match=match):
         fn()
+
+
+MIXED_PADDINGS = [
+    ("conv2d", (0, -1)), ("conv2d", (-1, 0)), ("conv2d", (-2, 3)), ("conv2d", (1, -1)),
+    ("conv1d", (-1,)), ("conv1d", -1), ("conv1d", (0, -1)),
+]
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
+@pytest.mark.parametrize("op,padding", MIXED_PADDINGS, ids=[f"{o}-{p}" for o, p in MIXED_PADDINGS])
+def test_mixed_sign_padding_raises_like_torch(backend, device, op, padding):
+    """Issue 20: a padding negative in one dimension only (the only earlier test used -1, negative
+    in every dimension, so a check weakened from ``any`` to ``all`` passed) raises before any
+    kernel runs, with torch's message."""
+    x, w = (torch.randn(2, 4, 7, 7), torch.randn(6, 4, 3, 3)) if op == "conv2d" else (torch.randn(2, 4, 7), torch.randn(6, 4, 3))
+    with pytest.raises(RuntimeError) as theirs:
+        getattr(TF, op)(x, w, padding=padding)
+    with gpu_nn.backend(backend), pytest.raises(gpu_nn.KernelInputError) as ours:
+        getattr(F, op)(x.to(device), w.to(device), padding=padding)
+    assert str(theirs.value) in str(ours.value)
 
 
 def test_bad_input_device_mismatch():

@@ -13,7 +13,7 @@ import gpu_nn
 import gpu_nn.functional as F
 import gpu_nn.nn as gnn
 from gpu_nn.reference import dense as R
-from helpers import assert_close, backend_params, gpu_dtypes_for, randn
+from helpers import assert_like_torch, assert_close, backend_params, gpu_dtypes_for, randn
 
 ACTS = (None, "relu", "sigmoid", "tanh")
 TORCH_ACT = {None: lambda y: y, "relu": torch.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh}
@@ -142,6 +142,59 @@ def test_softmax_large_logits_stable(rng):
     with gpu_nn.backend("reference"):
         torch.testing.assert_close(F.softmax(x, 1), torch.softmax(x, 1))
         torch.testing.assert_close(F.log_softmax(x, 1), torch.log_softmax(x, 1))
+
+
+def _softmax_path_sizes():
+    """Row lengths on both sides of the Triton softmax's single-block limit in this mode (the
+    interpreter's limit is smaller), so the one-block and the looped kernels both run."""
+    from gpu_nn.kernels import triton as ktriton
+    from gpu_nn.kernels.triton import dense as kd
+
+    single = lambda n: kd.softmax_config(n, ktriton.INTERPRET)[1]  # noqa: E731
+    limit = 1
+    while single(2 * limit):
+        limit *= 2
+    lo, hi = limit, 2 * limit  # single(lo), not single(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if single(mid) else (lo, mid)
+    sizes = {"single-small": 9, "single-full": lo, "loop-one-over": lo + 1, "loop-long": 2 * lo + 37}
+    assert [single(n) for n in sizes.values()] == [True, True, False, False]
+    return sizes
+
+
+LARGE_LOGITS = {"x1000": lambda z: z * 1000, "plus3e4": lambda z: 3e4 + 10 * z, "minus3e4": lambda z: -3e4 + z}
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
+@pytest.mark.parametrize("name", SOFTMAX)
+@pytest.mark.parametrize("path", ["single-small", "single-full", "loop-one-over", "loop-long"])
+@pytest.mark.parametrize("logits", LARGE_LOGITS)
+def test_softmax_large_logits_every_backend(backend, device, name, path, logits, rng):
+    """Issue 20: logits whose exp overflows (or underflows to 0 in every column) on every backend,
+    float32 and float16, in the one-block and the looped kernel: a missing max subtraction gives
+    NaN. Error against float64 torch on the same rounded inputs: at most twice torch's own."""
+    ours, theirs = SOFTMAX[name]
+    n = _softmax_path_sizes()[path]
+    z = randn(rng, 3, n)
+    dtypes = (torch.float32, torch.float16) + ((torch.float64,) if backend == "reference" else ())
+    for dtype in dtypes + tuple(d for d in gpu_dtypes_for(backend, device) if d not in dtypes):
+        x = LARGE_LOGITS[logits](z).to(dtype)
+        assert torch.isfinite(x).all()
+        truth = theirs(x.double(), 1)
+        xg = x.to(device).requires_grad_()
+        with gpu_nn.backend(backend):
+            y = ours(xg, 1)
+            g = randn(rng, *y.shape).to(device=device, dtype=dtype)
+            (gx,) = torch.autograd.grad(y, xg, g)
+        assert y.dtype == dtype and torch.isfinite(y).all(), f"{name} {dtype}: non-finite output"
+        xt = x.clone().requires_grad_()
+        yt = theirs(xt, 1)
+        (gt,) = torch.autograd.grad(yt, xt, g.cpu())
+        x64 = x.double().requires_grad_()
+        (g64,) = torch.autograd.grad(theirs(x64, 1), x64, g.cpu().double())
+        assert_like_torch(y, yt, truth, dtype, k=n, what=f"{name} {dtype}")
+        assert_like_torch(gx, gt, g64, dtype, k=n, what=f"{name} backward {dtype}")
 
 
 @pytest.mark.parametrize("name", SOFTMAX)

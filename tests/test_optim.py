@@ -202,6 +202,68 @@ def test_flags_accepted_and_differentiable_refused():
     assert isinstance(go.SGD(p), torch.optim.Optimizer)
 
 
+# (parameter, gradient set through .data) pairs: integer and bool parameters, gradients torch
+# cannot broadcast, gradients it broadcasts or promotes, other dtypes that its lerp refuses
+BAD_GRADS = {
+    "int64": (lambda: torch.ones(3, 4, dtype=torch.int64), lambda p: torch.ones_like(p)),
+    "int32": (lambda: torch.ones(3, 4, dtype=torch.int32), lambda p: torch.ones_like(p)),
+    "uint8": (lambda: torch.ones(3, 4, dtype=torch.uint8), lambda p: torch.ones_like(p)),
+    "bool": (lambda: torch.ones(3, 4, dtype=torch.bool), lambda p: torch.ones_like(p)),
+    "grad(5,)": (lambda: torch.randn(3, 4), lambda p: torch.randn(5)),
+    "grad(4,3)": (lambda: torch.randn(3, 4), lambda p: torch.randn(4, 3)),
+    "grad(2,3,4)": (lambda: torch.randn(3, 4), lambda p: torch.randn(2, 3, 4)),
+    "grad(3,1)": (lambda: torch.randn(3, 4), lambda p: torch.randn(3, 1)),
+    "grad(4,)": (lambda: torch.randn(3, 4), lambda p: torch.randn(4)),
+    "grad()": (lambda: torch.randn(3, 4), lambda p: torch.randn(())),
+    "grad-f64": (lambda: torch.randn(3, 4), lambda p: torch.randn(3, 4, dtype=torch.float64)),
+    "grad-f16": (lambda: torch.randn(3, 4), lambda p: torch.randn(3, 4).half()),
+    "grad-int64": (lambda: torch.randn(3, 4), lambda p: torch.randint(-3, 4, (3, 4))),
+}
+
+
+def _step_twice(mod, name, kw, case, backend=None):
+    make_p, make_g = BAD_GRADS[case]
+    torch.manual_seed(3)
+    p = make_p()
+    o = getattr(mod, name)([p], **kw)
+    for _ in range(2):
+        p.grad = torch.zeros_like(p)
+        p.grad.data = make_g(p)  # .data bypasses the assignment's shape/dtype check, as in issue 19
+        if backend is None:
+            o.step()
+        else:
+            with gpu_nn.backend(backend):
+                o.step()
+    return p
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
+@pytest.mark.parametrize("name,kw", CONFIGS, ids=IDS)
+def test_bad_params_and_grads_like_torch(backend, device, name, kw):
+    """Issue 19 item 3: integer parameters were zeroed, and gradients of another shape or dtype
+    applied silently (or failed inside NumPy). torch's step raises for these with its type and
+    message, or broadcasts / promotes the gradient: ours does the same, on every backend."""
+    for case in BAD_GRADS:
+        if name == "SGD" and kw.get("momentum") and not kw.get("weight_decay") and case in ("grad-f16", "grad-int64"):
+            # documented difference: without weight decay torch's SGD clones the gradient into
+            # its momentum buffer, so the buffer has the gradient's dtype (float16 rounding each
+            # step; int64 raises on the second step); ours keeps it in the parameter's dtype
+            continue
+        try:
+            want = _step_twice(torch.optim, name, kw, case)
+            theirs = None
+        except Exception as e:  # noqa: BLE001 - torch's exception is the expectation
+            theirs = e
+        if theirs is None:
+            got = _step_twice(go, name, kw, case, backend)
+            torch.testing.assert_close(got, want, rtol=_f32_tol(2), atol=1e-6, msg=f"{case}")
+            continue
+        with pytest.raises(gpu_nn.KernelInputError) as ours:
+            _step_twice(go, name, kw, case, backend)
+        assert isinstance(ours.value, type(theirs)), f"{case}: {type(ours.value)} is not a {type(theirs)}"
+        assert str(theirs).splitlines()[0] in str(ours.value), f"{case}: {ours.value!r} vs torch {theirs!r}"
+
+
 # -- clipping -----------------------------------------------------------------------------
 
 def _grads(rng, dtype, device="cpu", scale=1.0):
@@ -308,6 +370,42 @@ def test_kernel_half_params_fp32_state(backend, device, name, kw):
                     assert v.dtype == torch.float32
 
 
+RMSPROP_EDGE = [dict(lr=0.01, momentum=0.9, centered=True), dict(lr=0.01, centered=True),
+                dict(lr=0.01, momentum=0.9, centered=True, weight_decay=0.1, alpha=0.9), dict(lr=0.01, momentum=0.5)]
+
+
+def _huge_grads(dtype, steps=3):
+    """Gradients whose square overflows ``dtype`` (and, centered, whose running mean's square
+    overflows too: |ga| = (1 - alpha) |g| > sqrt(max)), next to ordinary ones."""
+    big = 0.9 * torch.finfo(dtype).max
+    return [torch.tensor([big, -big, 1.0, -0.5 * k, big * 1e-3, 2.0 ** (k - 80)], dtype=dtype) for k in range(steps)]
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter's g * g, as meant
+@pytest.mark.parametrize("backend,device", backend_params(("reference", "triton", "cupy")))
+@pytest.mark.parametrize("kw", RMSPROP_EDGE, ids=["centered-momentum", "centered", "centered-momentum-wd", "momentum"])
+def test_rmsprop_overflowing_grad_matches_torch(backend, device, kw):
+    """Issue 19: centered RMSprop with momentum and a 3e38 gradient left the parameter NaN where
+    torch leaves it unchanged (square_avg = inf, so g / avg = 0). torch's ``v - ga^2`` is one
+    fused multiply-add; rounding ga^2 alone overflowed it to inf and inf - inf gave NaN."""
+    dtypes = (torch.float64, torch.float32) if backend == "reference" else (torch.float32,)
+    for dtype in dtypes:
+        ours = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5, 0.25, -1.0, 3.0], dtype=dtype, device=device))
+        theirs = torch.nn.Parameter(ours.detach().cpu().clone())
+        o1, o2 = go.RMSprop([ours], **kw), torch.optim.RMSprop([theirs], **kw)
+        for g in _huge_grads(dtype):
+            ours.grad, theirs.grad = g.to(device), g.clone()
+            with gpu_nn.backend(backend):
+                o1.step()
+            o2.step()
+            torch.testing.assert_close(ours.detach().cpu(), theirs.detach(), equal_nan=True, rtol=_f32_tol(3), atol=0)
+            for k, v in o2.state[theirs].items():
+                if k != "step":
+                    torch.testing.assert_close(o1.state[ours][k].cpu().to(dtype), v, equal_nan=True,
+                                               rtol=_f32_tol(3), atol=0, msg=f"{k} {dtype}")
+        assert torch.isfinite(ours).all()
+
+
 # -- CUDA C per-element math on the host ---------------------------------------------------
 
 _HOST = r"""
@@ -331,6 +429,16 @@ extern "C" void rmsprop_host(float* p, const float* g, float* v, float* ga, floa
         if (centered) ga[i] = gai;
         if (use_momentum) buf[i] = bi;
     }
+}
+extern "C" void adam_scalars_host(double lr, double beta1, double beta2, double eps, double wd, double step, float* out) {
+    GnAdamScalars s = gn_adam_scalars(lr, beta1, beta2, eps, wd, step);
+    const float v[8] = {s.neg_step_size, s.bc2_sqrt, s.w1, s.beta2, s.w2, s.wd, s.eps, s.decay};
+    for (int i = 0; i < 8; ++i) out[i] = v[i];
+}
+extern "C" void rmsprop_scalars_host(double lr, double alpha, double eps, double wd, double momentum, float* out) {
+    GnRmspropScalars s = gn_rmsprop_scalars(lr, alpha, eps, wd, momentum);
+    const float v[7] = {s.lr, s.alpha, s.w, s.eps, s.wd, s.momentum, (float)s.use_momentum};
+    for (int i = 0; i < 7; ++i) out[i] = v[i];
 }
 """
 
@@ -372,6 +480,79 @@ def test_cuda_rmsprop_math_on_host(opts, rng):
                      f(1 - alpha), f(eps), f(wd), f(mom))
     for a, b in zip(arrs, (p, g, v, ga, buf)):
         np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-7)
+
+
+# steps 1, 2, 3 (where the bias corrections move most), odd counts, powers of two and their
+# neighbours (the integer power's square-and-multiply bits), up to 2^24 (float32 step limit)
+SCALAR_STEPS = [1, 2, 3, 7, 10, 31, 64, 65, 1000, 4097, 99991, 2**20 + 3, 2**24]
+
+
+@pytest.mark.parametrize("name,kw", [c for c in CONFIGS if c[0] in ("Adam", "AdamW")] +
+                         [("Adam", dict(lr=3e-4, betas=(0.5, 0.9999), weight_decay=0.05)),
+                          ("AdamW", dict(lr=0.1, betas=(0.0, 0.25), weight_decay=0.7))],
+                         ids=lambda v: v if isinstance(v, str) else "")
+def test_cuda_adam_step_scalars_on_host(name, kw):
+    """optim.cu's per-block setup (gn_adam_scalars) against torch.optim.Adam's Python formulas
+    (torch/optim/adam.py, _single_tensor_adam: bias corrections with ``beta ** step``, the step
+    size, ``bias_correction2 ** 0.5``, the decoupled decay), each rounded to float32 once."""
+    lib = build_host_library(_HOST, "optim_math")
+    lr, (b1, b2) = kw.get("lr", 1e-3), kw.get("betas", (0.9, 0.999))
+    eps, wd = kw.get("eps", 1e-8), kw.get("weight_decay", 1e-2 if name == "AdamW" else 0.0)
+    out = np.full(8, np.nan, dtype=np.float32)
+    for step in SCALAR_STEPS:
+        lib.adam_scalars_host(ctypes.c_double(lr), ctypes.c_double(b1), ctypes.c_double(b2), ctypes.c_double(eps),
+                              ctypes.c_double(wd), ctypes.c_double(float(step)), fptr(out))
+        step = float(step)  # torch: step = _get_value(step_t), a Python float
+        bias_correction1 = 1 - b1**step
+        bias_correction2 = 1 - b2**step
+        step_size = lr / bias_correction1
+        bias_correction2_sqrt = bias_correction2**0.5
+        want = np.array([-step_size, bias_correction2_sqrt, 1 - b1, b2, 1 - b2, wd, eps, 1 - lr * wd], np.float32)
+        # the integer power and pow() may differ by a few double ulps, which float32 rounding
+        # absorbs except at a rounding boundary: one float32 ulp at most
+        np.testing.assert_array_max_ulp(out, want, maxulp=1)
+
+
+@pytest.mark.parametrize("name,kw", [c for c in CONFIGS if c[0] == "RMSprop"] +
+                         [("RMSprop", dict(lr=0.3, alpha=0.0, momentum=1e-3, weight_decay=5e-4))],
+                         ids=lambda v: v if isinstance(v, str) else "")
+def test_cuda_rmsprop_step_scalars_on_host(name, kw):
+    """optim.cu's per-block setup (gn_rmsprop_scalars) against torch.optim.RMSprop's formulas:
+    ``1 - alpha`` (addcmul value, lerp weight), momentum used when ``> 0``; no step dependence."""
+    lib = build_host_library(_HOST, "optim_math")
+    lr, alpha, eps = kw.get("lr", 1e-2), kw.get("alpha", 0.99), kw.get("eps", 1e-8)
+    wd, mom = kw.get("weight_decay", 0.0), kw.get("momentum", 0.0)
+    out = np.full(7, np.nan, dtype=np.float32)
+    lib.rmsprop_scalars_host(ctypes.c_double(lr), ctypes.c_double(alpha), ctypes.c_double(eps), ctypes.c_double(wd),
+                             ctypes.c_double(mom), fptr(out))
+    want = np.array([lr, alpha, 1 - alpha, eps, wd, mom, float(mom > 0)], np.float32)
+    np.testing.assert_array_equal(out, want)
+
+
+@pytest.mark.parametrize("kw", RMSPROP_EDGE, ids=["centered-momentum", "centered", "centered-momentum-wd", "momentum"])
+def test_cuda_rmsprop_overflowing_grad_on_host(kw):
+    """gn_rmsprop_update with gradients whose square overflows float32, three steps, against
+    torch.optim.RMSprop (the parameter stays finite: v = inf makes g / avg = 0)."""
+    lib = build_host_library(_HOST, "optim_math")
+    theirs = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5, 0.25, -1.0, 3.0]))
+    o = torch.optim.RMSprop([theirs], **kw)
+    p = theirs.detach().numpy().copy()
+    v, ga, buf = np.zeros_like(p), np.zeros_like(p), np.zeros_like(p)
+    c, mom = kw.get("centered", False), kw.get("momentum", 0.0)
+    alpha, wd = kw.get("alpha", 0.99), kw.get("weight_decay", 0.0)
+    f = ctypes.c_float
+    for g in _huge_grads(torch.float32):
+        theirs.grad = g.clone()
+        o.step()
+        gn = g.numpy().copy()
+        lib.rmsprop_host(fptr(p), fptr(gn), fptr(v), fptr(ga), fptr(buf), ctypes.c_longlong(p.size), int(c),
+                         int(mom > 0), 0, f(kw["lr"]), f(alpha), f(1 - alpha), f(1e-8), f(wd), f(mom))
+        np.testing.assert_allclose(p, theirs.detach().numpy(), rtol=_f32_tol(3), atol=0)
+        st = o.state[theirs]
+        np.testing.assert_allclose(v, st["square_avg"].numpy(), rtol=_f32_tol(3), atol=0)
+        if mom > 0:
+            np.testing.assert_allclose(buf, st["momentum_buffer"].numpy(), rtol=_f32_tol(3), atol=0)
+    assert np.isfinite(p).all()
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device: the GPU step must not synchronise with the host")

@@ -282,6 +282,26 @@ def test_bad_input(fn, args, kwargs, match):
         assert str(info.value) == str(tinfo.value).splitlines()[0], "wording differs from torch's"
 
 
+MIXED_PADDINGS = [(F.max_pool2d, (0, -1)), (F.max_pool2d, (-1, 0)), (F.min_pool2d, (0, -1)), (F.min_pool2d, (-1, 1)),
+                  (F.avg_pool2d, (0, -1)), (F.avg_pool2d, (-1, 0)), (F.max_pool1d, (-1,)), (F.min_pool1d, (-1,)),
+                  (F.avg_pool1d, (-1,))]
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("fn,padding", MIXED_PADDINGS, ids=[f"{f.__name__}-{p}" for f, p in MIXED_PADDINGS])
+def test_mixed_sign_padding_raises_like_torch(backend, device, fn, padding):
+    """Issue 20: a padding negative in one dimension only raises KernelInputError with torch's
+    message (min pooling: max pooling's) on every backend, before any kernel runs."""
+    x = torch.randn(2, 3, 7, 7) if fn.__name__.endswith("2d") else torch.randn(2, 3, 7)
+    theirs = getattr(TF, fn.__name__.replace("min_", "max_"))
+    with pytest.raises(RuntimeError) as tinfo:
+        theirs(x, 3, 1, padding)
+    want = str(tinfo.value).splitlines()[0].replace("max_pool1d()", f"{fn.__name__}()")
+    with gpu_nn.backend(backend), pytest.raises(gpu_nn.KernelInputError) as info:
+        fn(x.to(device), 3, 1, padding)
+    assert want in str(info.value)
+
+
 # --- every backend against the reference ---------------------------------------------------
 
 KERNEL_CASES = [  # (fn, args, shape)
@@ -326,6 +346,48 @@ def test_backend_matches_reference(backend, device, case, layout, rng):
         if is_max:
             assert torch.equal(out[1].cpu(), outr[1]), "indices"
         assert_close(gx, gr, dtype, k=k, what=f"{fn.__name__} backward {dtype}")
+
+
+def _ties_and_nans(rng, shape, nan_count):
+    """Few distinct small integers (exact in every dtype), so most windows hold a tie of their
+    maximum and of their minimum; NaNs at ``nan_count`` random places, some windows with two."""
+    x = rng.integers(-2, 3, shape).astype(np.float32)
+    flat = x.reshape(-1)
+    flat[rng.choice(flat.size, nan_count, replace=False)] = np.nan
+    if flat.size > 4 and nan_count:
+        flat[[1, 2]] = np.nan  # two NaNs next to each other: in one window for any kernel >= 2
+    return torch.from_numpy(x)
+
+
+MAXMIN_CASES = [c for c in KERNEL_CASES if c[0].__name__.startswith(("max", "min"))]
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("triton", "cupy")))
+@pytest.mark.parametrize("case", MAXMIN_CASES, ids=lambda c: f"{c[0].__name__}{c[1]}{c[2]}")
+@pytest.mark.parametrize("nans", [0, 7], ids=["ties", "ties+nans"])
+def test_backend_ties_and_nans_like_torch(backend, device, case, nans, rng):
+    """Issue 20: deliberate ties and NaNs in the kernels' windows (random inputs tie only by
+    rounding luck). torch: ties keep the first position; a NaN wins, the last NaN of a window
+    is its index; the gradient goes to that position. min pooling is -max_pool(-x)."""
+    fn, args, shape = case
+    theirs = TF.max_pool2d if fn.__name__.endswith("2d") else TF.max_pool1d
+    sign = -1.0 if fn.__name__.startswith("min") else 1.0
+    x32 = _ties_and_nans(rng, shape, nans)
+    yt, it = theirs(sign * x32, *args, return_indices=True)
+    yt = sign * yt
+    assert (nans == 0) == (not torch.isnan(yt).any())
+    for dtype in gpu_dtypes_for(backend, device):
+        x = x32.to(device=device, dtype=dtype).requires_grad_()
+        with gpu_nn.backend(backend):
+            y, i = fn(x, *args, return_indices=True)
+            g = torch.arange(1, y.numel() + 1, dtype=dtype, device=device).reshape(y.shape)
+            (gx,) = torch.autograd.grad(y, x, g)
+        torch.testing.assert_close(y.cpu().float(), yt, equal_nan=True, rtol=0, atol=0, msg=f"values {dtype}")
+        assert torch.equal(i.cpu(), it), f"indices {dtype}"
+        # every output sends its (distinct) gradient to torch's index
+        xt = (sign * x32).requires_grad_()
+        (gt,) = torch.autograd.grad(theirs(xt, *args), xt, g.cpu().float())
+        torch.testing.assert_close(gx.cpu().float(), gt, rtol=0, atol=0, msg=f"gradient {dtype}")
 
 
 @pytest.mark.parametrize("backend,device", backend_params(("triton", "cupy")))
@@ -433,6 +495,32 @@ def test_cuda_max_math_on_host(host_lib, geo, rng):
         dx = np.empty_like(x)
         host_lib.max_bwd(fptr(g), fptr(idx), fptr(dx), *_ll(6, H, W, OH, OW), *_ci(*k, *s, *p, *d))
         np.testing.assert_allclose(dx, R.max_pool2d_backward(g, ir, x.shape), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("geo", MAX2D, ids=str)
+@pytest.mark.parametrize("nans", [0, 9], ids=["ties", "ties+nans"])
+def test_cuda_max_math_ties_and_nans_on_host(host_lib, geo, nans, rng):
+    """Issue 20: gn_max_window / gn_max_gather on inputs built to tie (and with NaNs, two of them
+    adjacent), against torch's values, indices and gradient, max and min pooling."""
+    k, s, p, d, ceil = geo
+    k, s, p, d = (R._pair(v, 2) for v in (k, k if s is None else s, p, d))
+    H, W = 11, 13
+    x = _ties_and_nans(rng, (2, 3, H, W), nans).numpy()
+    for minimum in (0, 1):
+        sign = -1.0 if minimum else 1.0
+        xt = torch.from_numpy(sign * x).requires_grad_()
+        yt, it = TF.max_pool2d(xt, k, s, p, d, ceil, return_indices=True)
+        OH, OW = yt.shape[-2:]
+        y = np.empty(tuple(yt.shape), np.float32)
+        idx = np.empty(tuple(yt.shape), np.int64)
+        host_lib.max_fwd(fptr(x), fptr(y), fptr(idx), *_ll(6, H, W, OH, OW), *_ci(*k, *s, *p, *d, minimum))
+        np.testing.assert_array_equal(y, sign * yt.detach().numpy())
+        np.testing.assert_array_equal(idx, it.numpy())
+        g = np.arange(1, y.size + 1, dtype=np.float32).reshape(y.shape)
+        (gt,) = torch.autograd.grad(yt, xt, torch.from_numpy(g))
+        dx = np.empty_like(x)
+        host_lib.max_bwd(fptr(g), fptr(idx), fptr(dx), *_ll(6, H, W, OH, OW), *_ci(*k, *s, *p, *d))
+        np.testing.assert_array_equal(dx, gt.numpy())
 
 
 @pytest.mark.parametrize("geo", AVG2D, ids=str)

@@ -43,14 +43,14 @@ def _table(P, G, C, steps, device):
     return out
 
 
-def run(kind: str, params, st: dict, hp: dict) -> None:
+def run(kind: str, params, st: dict, hp: dict, grads=None) -> None:
     from ..kernels import cuda as kcuda
     from ._triton import _same_layout as same_layout
     from ._triton import stage
 
     if kind not in ("adam", "rmsprop"):
         raise KernelInputError(f"optim.{kind} has no cupy kernel")
-    grads = [p.grad for p in params]
+    grads = [p.grad for p in params] if grads is None else grads
     if kind == "adam":
         cols, steps = [st["exp_avg"], st["exp_avg_sq"], st["max_exp_avg_sq"]], st["step"]
     else:

@@ -3,7 +3,8 @@
 ``run(kind, params, state_lists, hp)``: ``kind`` is one of ``sgd``, ``adagrad``, ``adadelta``,
 ``rmsprop``, ``adam``; ``state_lists`` maps torch's state key to a list parallel to ``params``
 (``step`` holds the step tensors, not yet incremented); ``hp`` the group's hyperparameters as
-Python numbers. The reference works on NumPy views of CPU float32/float64 tensors in place;
+Python numbers; ``grads`` (parallel to ``params``, default ``p.grad``) the gradients with the
+parameters' shapes and dtypes (the optimizers check and broadcast them as torch does). The reference works on NumPy views of CPU float32/float64 tensors in place;
 anything else (half dtypes, CUDA tensors under the reference backend) goes through a host copy
 that is written back.
 """
@@ -34,13 +35,15 @@ def _split(params):
     return parts
 
 
-def run(kind: str, params, state_lists: dict, hp: dict) -> None:
+def run(kind: str, params, state_lists: dict, hp: dict, grads=None) -> None:
+    grads = [p.grad for p in params] if grads is None else grads
     for (device, dtype), idx in _split(params).items():
         sub_p = [params[i] for i in idx]
+        sub_g = [grads[i] for i in idx]
         sub_s = {k: [v[i] for i in idx] for k, v in state_lists.items()}
         backend = _backend.resolve(f"optim.{kind}", device, BACKENDS[kind])
         if backend == "reference":
-            _run_reference(kind, sub_p, sub_s, hp)
+            _run_reference(kind, sub_p, sub_s, hp, sub_g)
             continue
         _backend.check_interpreter_dtype(f"optim.{kind}", backend, *sub_p)
         if dtype not in GPU_DTYPES:
@@ -48,12 +51,12 @@ def run(kind: str, params, state_lists: dict, hp: dict) -> None:
                 f"optim.{kind}: the {backend} backend takes float32, float16 and bfloat16 parameters, "
                 f"got {dtype} (float64 runs on the reference backend)"
             )
-        for p in sub_p:
-            if p.grad.dtype != p.dtype or p.grad.shape != p.shape or p.grad.device != p.device:
+        for p, g in zip(sub_p, sub_g):
+            if g.dtype != p.dtype or g.shape != p.shape or g.device != p.device:
                 raise KernelInputError(
                     f"optim.{kind}: a gradient must match its parameter's dtype, shape and device "
-                    f"(param {p.dtype} {tuple(p.shape)} on {p.device}, grad {p.grad.dtype} "
-                    f"{tuple(p.grad.shape)} on {p.grad.device})"
+                    f"(param {p.dtype} {tuple(p.shape)} on {p.device}, grad {g.dtype} "
+                    f"{tuple(g.shape)} on {g.device})"
                 )
         if "step" in sub_s:
             # torch's fused path does the same: one multi-tensor add, no host round trip
@@ -61,11 +64,11 @@ def run(kind: str, params, state_lists: dict, hp: dict) -> None:
         if backend == "triton":
             from . import _triton
 
-            _triton.run(kind, sub_p, sub_s, hp)
+            _triton.run(kind, sub_p, sub_s, hp, sub_g)
         else:
             from . import _cupy
 
-            _cupy.run(kind, sub_p, sub_s, hp)
+            _cupy.run(kind, sub_p, sub_s, hp, sub_g)
 
 
 # -- reference ----------------------------------------------------------------------------
@@ -105,10 +108,10 @@ def _steps(step_tensors):
     return out
 
 
-def _run_reference(kind, params, st, hp) -> None:
+def _run_reference(kind, params, st, hp, grads) -> None:
     h = _Host()
     P = [h.inout(p) for p in params]
-    G = [h.inp(p.grad) for p in params]
+    G = [h.inp(g) for g in grads]
     if kind == "sgd":
         bufs = [None if first or b is None else h.inout(b) for b, first in zip(st["momentum_buffer"], st["first"])]
         ref.sgd_step(P, G, bufs, lr=hp["lr"], momentum=hp["momentum"], dampening=hp["dampening"],

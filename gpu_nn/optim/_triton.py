@@ -116,12 +116,12 @@ def _chunk(kt, interpret):
     return blk * iters
 
 
-def run(kind: str, params, st: dict, hp: dict) -> None:
+def run(kind: str, params, st: dict, hp: dict, grads=None) -> None:
     """One multi-tensor launch for ``params`` (one device and dtype; steps already incremented)."""
     from ..kernels import triton as ktriton
     from ..kernels.triton import optim as kt
 
-    grads = [p.grad for p in params]
+    grads = [p.grad for p in params] if grads is None else grads
     if kind == "sgd":
         cols = [st["momentum_buffer"]] if hp["momentum"] != 0 else []
         steps, flags = [], st["first"]

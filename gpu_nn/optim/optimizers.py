@@ -17,6 +17,13 @@ What differs from torch:
 * ``foreach``, ``fused`` and ``capturable`` are accepted and stored (our step is always one
   fused multi-tensor kernel per part); ``differentiable=True`` raises ValueError. Sparse
   gradients raise RuntimeError; complex parameters are not supported.
+* Integer and bool parameters raise the error torch's step raises first (RuntimeError or
+  NotImplementedError, torch's message), before any state is created; integer learning rates,
+  with which torch's SGD would step an integer parameter, are not supported. A gradient of another shape or dtype than its parameter (set
+  through ``.data``) raises where torch raises, with torch's message; where torch broadcasts
+  or promotes it, it is broadcast to the parameter's shape and rounded to its dtype first
+  (torch computes such a step in the promoted dtype and keeps SGD's momentum buffer in the
+  gradient's shape and dtype).
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from .._errors import KernelInputError
 from . import _dispatch
 
 __all__ = ["SGD", "Adagrad", "Adadelta", "RMSprop", "Adam", "AdamW"]
@@ -43,6 +51,54 @@ def _no_differentiable(name: str, differentiable: bool) -> None:
             f"gpu_nn.optim.{name} does not support differentiable=True (its step runs fused kernels "
             f"outside autograd); use torch.optim.{name} for a differentiable optimizer step"
         )
+
+
+class _NotImplementedInput(KernelInputError, NotImplementedError):
+    """Where torch raises NotImplementedError ("... not implemented for 'Long'")."""
+
+
+# c10's ScalarType names (torch's "not implemented for 'Long'") and the C++ type names of its
+# dtype checks ("expected dtype float for `end` but got dtype double")
+_SCALAR_NAME = {torch.bool: "Bool", torch.uint8: "Byte", torch.int8: "Char", torch.int16: "Short",
+                torch.int32: "Int", torch.int64: "Long", torch.uint16: "UInt16", torch.uint32: "UInt32",
+                torch.uint64: "UInt64"}
+_CPP_NAME = {torch.float32: "float", torch.float64: "double", torch.float16: "c10::Half",
+             torch.bfloat16: "c10::BFloat16", torch.int64: "long int", torch.int32: "int", torch.int16: "short int",
+             torch.int8: "signed char", torch.uint8: "unsigned char", torch.bool: "bool"}
+_ALPHA_MSG = "For integral input tensors, argument alpha must not be a floating point number."
+_NEG_BOOL_MSG = ("Negation, the `-` operator, on a bool tensor is not supported. If you are trying to invert a "
+                 "mask, use the `~` or `logical_not()` operator instead.")
+
+
+def _infer_size(a, b):
+    """torch's broadcast of shapes ``a`` and ``b`` (at::infer_size): scanned from the last
+    dimension, the first incompatible one raises torch's message."""
+    n = max(len(a), len(b))
+    out = [0] * n
+    for i in range(n - 1, -1, -1):
+        sa = a[i - n + len(a)] if i - n + len(a) >= 0 else 1
+        sb = b[i - n + len(b)] if i - n + len(b) >= 0 else 1
+        if sa != sb and sa != 1 and sb != 1:
+            raise KernelInputError(
+                f"The size of tensor a ({sa}) must match the size of tensor b ({sb}) at non-singleton dimension {i}"
+            )
+        out[i] = sb if sa == 1 else sa
+    return tuple(out)
+
+
+def _integral(group, dtype, then: Exception) -> Exception:
+    """The error of torch's step on an integer or bool parameter: the ops every optimizer starts
+    with (``-grad`` when maximizing, ``grad.add(param, alpha=weight_decay)``), else ``then``."""
+    if group.get("maximize", False) and dtype == torch.bool:
+        return KernelInputError(_NEG_BOOL_MSG)
+    if group["weight_decay"] != 0 and not group.get("decoupled_weight_decay", False):
+        return KernelInputError(_ALPHA_MSG)
+    return then
+
+
+def _cast_error(dtype) -> Exception:
+    """An in-place op with a float scalar (``state.mul_(rho)``, ``param.addcdiv_``) on ``dtype``."""
+    return KernelInputError(f"result type Float can't be cast to the desired output type {_SCALAR_NAME.get(dtype, dtype)}")
 
 
 def _scalar_dtype():
@@ -108,6 +164,52 @@ class _Base(Optimizer):
             out.append(p)
         return out
 
+    # -- torch's errors for gradients and parameters it cannot step ------------------------
+    def _grad_first(self, group) -> bool:
+        """Whether torch's first op that combines the gradient with the parameter or its state
+        has the gradient as its first operand (``grad.add(param, alpha=weight_decay)``) rather
+        than the parameter or state (``param.add_(grad)``, ``state.addcmul_(grad, grad)``,
+        ``exp_avg.lerp_(grad)``)."""
+        return group["weight_decay"] != 0 and not group.get("decoupled_weight_decay", False)
+
+    def _lerps(self, group) -> bool:
+        """Whether torch's step lerps a same-dtype state towards the gradient (lerp refuses
+        another dtype where the other ops promote)."""
+        return False
+
+    def _integral_error(self, group, dtype) -> Exception:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _checked_grads(self, group, params):
+        """The gradients of ``params`` with their parameters' shapes and dtypes, or torch's
+        error where torch's step raises. A shape torch broadcasts is expanded; a dtype torch
+        promotes is rounded to the parameter's."""
+        out = []
+        for p in params:
+            g = p.grad
+            if not (p.is_floating_point() or p.is_complex()):
+                raise self._integral_error(group, p.dtype)
+            if g.shape != p.shape:
+                a, b = (g.shape, p.shape) if self._grad_first(group) else (p.shape, g.shape)
+                shape = _infer_size(tuple(a), tuple(b))
+                if shape != tuple(p.shape):
+                    # the in-place update of the parameter (or its state) with the broadcast result
+                    raise KernelInputError(
+                        f"output with shape {list(p.shape)} doesn't match the broadcast shape {list(shape)}"
+                    )
+                g = g.expand(p.shape)
+            if g.dtype != p.dtype:
+                # maximize negates in the gradient's dtype; weight decay adds the parameter
+                end = torch.promote_types(g.dtype, p.dtype) if self._grad_first(group) else g.dtype
+                if self._lerps(group) and end != p.dtype:
+                    raise KernelInputError(
+                        f"expected dtype {_CPP_NAME.get(p.dtype, p.dtype)} for `end` but got dtype "
+                        f"{_CPP_NAME.get(end, end)}"
+                    )
+                g = g.to(p.dtype)
+            out.append(g)
+        return out
+
     @torch.no_grad()
     def step(self, closure=None):
         """Perform a single optimization step (``closure`` re-evaluates the loss)."""
@@ -118,10 +220,10 @@ class _Base(Optimizer):
         for group in self.param_groups:
             params = self._params_with_grad(group)
             if params:
-                self._step_group(group, params)
+                self._step_group(group, params, self._checked_grads(group, params))
         return loss
 
-    def _step_group(self, group, params):  # pragma: no cover - abstract
+    def _step_group(self, group, params, grads):  # pragma: no cover - abstract
         raise NotImplementedError
 
 
@@ -150,7 +252,7 @@ class SGD(_Base):
             raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
         super().__init__(params, defaults)
 
-    def _step_group(self, group, params):
+    def _step_group(self, group, params, grads):
         momentum = group["momentum"]
         bufs, first = [], []
         for p in params:
@@ -165,7 +267,10 @@ class SGD(_Base):
         hp = dict(lr=float(group["lr"]), momentum=momentum, dampening=group["dampening"],
                   weight_decay=float(group["weight_decay"]), nesterov=group["nesterov"],
                   maximize=group.get("maximize", False))
-        _dispatch.run("sgd", params, dict(momentum_buffer=bufs, first=first), hp)
+        _dispatch.run("sgd", params, dict(momentum_buffer=bufs, first=first), hp, grads)
+
+    def _integral_error(self, group, dtype):
+        return _integral(group, dtype, KernelInputError(_ALPHA_MSG))  # param.add_(grad, alpha=-lr)
 
 
 class Adagrad(_Base):
@@ -201,7 +306,7 @@ class Adagrad(_Base):
                 state["step"] = self._new_step(p)
                 self._buf(state, "sum", p, group["initial_accumulator_value"])
 
-    def _step_group(self, group, params):
+    def _step_group(self, group, params, grads):
         steps, sums = [], []
         for p in params:
             state = self.state[p]
@@ -211,7 +316,12 @@ class Adagrad(_Base):
             sums.append(self._buf(state, "sum", p, group["initial_accumulator_value"]))
         hp = dict(lr=float(group["lr"]), lr_decay=group["lr_decay"], weight_decay=group["weight_decay"],
                   eps=group["eps"], maximize=group.get("maximize", False))
-        _dispatch.run("adagrad", params, dict(step=steps, sum=sums), hp)
+        _dispatch.run("adagrad", params, dict(step=steps, sum=sums), hp, grads)
+
+    def _integral_error(self, group, dtype):
+        # state_sum.addcmul_(grad, grad) has no bool kernel; param.addcdiv_(grad, std) casts
+        then = _NotImplementedInput("\"addcmul_cpu_out\" not implemented for 'Bool'") if dtype == torch.bool else _cast_error(dtype)
+        return _integral(group, dtype, then)
 
 
 class Adadelta(_Base):
@@ -237,7 +347,7 @@ class Adadelta(_Base):
                         capturable=capturable, foreach=foreach, differentiable=differentiable)
         super().__init__(params, defaults)
 
-    def _step_group(self, group, params):
+    def _step_group(self, group, params, grads):
         steps, sq, acc = [], [], []
         for p in params:
             state = self.state[p]
@@ -248,7 +358,10 @@ class Adadelta(_Base):
             acc.append(self._buf(state, "acc_delta", p))
         hp = dict(lr=float(group["lr"]), rho=group["rho"], eps=group["eps"], weight_decay=group["weight_decay"],
                   maximize=group.get("maximize", False))
-        _dispatch.run("adadelta", params, dict(step=steps, square_avg=sq, acc_delta=acc), hp)
+        _dispatch.run("adadelta", params, dict(step=steps, square_avg=sq, acc_delta=acc), hp, grads)
+
+    def _integral_error(self, group, dtype):
+        return _integral(group, dtype, _cast_error(dtype))  # square_avg.mul_(rho)
 
 
 class RMSprop(_Base):
@@ -277,7 +390,7 @@ class RMSprop(_Base):
                         capturable=capturable, foreach=foreach, maximize=maximize, differentiable=differentiable)
         super().__init__(params, defaults)
 
-    def _step_group(self, group, params):
+    def _step_group(self, group, params, grads):
         steps, sq, ga, mb = [], [], [], []
         for p in params:
             state = self.state[p]
@@ -289,7 +402,13 @@ class RMSprop(_Base):
             ga.append(self._buf(state, "grad_avg", p) if group["centered"] else None)
         hp = dict(lr=float(group["lr"]), alpha=group["alpha"], eps=group["eps"], weight_decay=group["weight_decay"],
                   momentum=group["momentum"], centered=group["centered"], maximize=group.get("maximize", False))
-        _dispatch.run("rmsprop", params, dict(step=steps, square_avg=sq, grad_avg=ga, momentum_buffer=mb), hp)
+        _dispatch.run("rmsprop", params, dict(step=steps, square_avg=sq, grad_avg=ga, momentum_buffer=mb), hp, grads)
+
+    def _lerps(self, group):
+        return bool(group["centered"])  # grad_avg.lerp_(grad, 1 - alpha)
+
+    def _integral_error(self, group, dtype):
+        return _integral(group, dtype, _cast_error(dtype))  # square_avg.mul_(alpha)
 
 
 class Adam(_Base):
@@ -325,7 +444,7 @@ class Adam(_Base):
                         decoupled_weight_decay=decoupled_weight_decay)
         super().__init__(params, defaults)
 
-    def _step_group(self, group, params):
+    def _step_group(self, group, params, grads):
         steps, m, v, vmax = [], [], [], []
         amsgrad = group["amsgrad"]
         for p in params:
@@ -340,7 +459,18 @@ class Adam(_Base):
         hp = dict(lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
                   weight_decay=group["weight_decay"], amsgrad=amsgrad, maximize=group.get("maximize", False),
                   decoupled_weight_decay=group.get("decoupled_weight_decay", False))
-        _dispatch.run("adam", params, dict(step=steps, exp_avg=m, exp_avg_sq=v, max_exp_avg_sq=vmax), hp)
+        _dispatch.run("adam", params, dict(step=steps, exp_avg=m, exp_avg_sq=v, max_exp_avg_sq=vmax), hp, grads)
+
+    def _lerps(self, group):
+        return True  # exp_avg.lerp_(grad, 1 - beta1)
+
+    def _integral_error(self, group, dtype):
+        if group["weight_decay"] != 0 and group.get("decoupled_weight_decay", False):
+            if group.get("maximize", False) and dtype == torch.bool:
+                return KernelInputError(_NEG_BOOL_MSG)
+            return _cast_error(dtype)  # param.mul_(1 - lr * weight_decay)
+        name = _SCALAR_NAME.get(dtype, dtype)
+        return _integral(group, dtype, _NotImplementedInput(f"\"lerp_kernel_scalar\" not implemented for '{name}'"))
 
 
 class AdamW(Adam):

@@ -5,7 +5,8 @@
 // block-sized chunk, [param, grad, state0, state1, state2, step, start, numel]. Each thread
 // block walks OPTIM_CHUNK elements of one tensor with a grid-stride-free loop.
 // Per-step scalars that depend on the step count (bias corrections) are computed per block in
-// double from the device-resident step tensor: no host synchronisation.
+// double from the device-resident step tensor (no host synchronisation), by the GN_HD
+// functions of optim_math.cuh that tests/test_optim.py also runs on the host.
 // Parameters/gradients: PARAM_KIND 0 = float, 1 = float16, 2 = bfloat16 (the half kinds stored
 // as unsigned short and converted with PTX cvt, so no CUDA header beyond NVRTC's builtins is
 // needed); state is float32.
@@ -45,17 +46,6 @@ __device__ __forceinline__ unsigned short gn_from_f(float f) {
 }
 #endif
 
-__device__ __forceinline__ double gn_pow_int(double b, double step) {
-    long long n = (long long)step;
-    double r = 1.0;
-    while (n > 0) {
-        if (n & 1) r *= b;
-        b *= b;
-        n >>= 1;
-    }
-    return r;
-}
-
 // hyper: lr, beta1, beta2, eps, weight_decay (float64, by value)
 extern "C" __global__ void adam_step(const long long* __restrict__ table, double lr, double beta1, double beta2,
                                      double eps, double wd, int amsgrad, int maximize, int decoupled) {
@@ -67,19 +57,14 @@ extern "C" __global__ void adam_step(const long long* __restrict__ table, double
     float* vmax = reinterpret_cast<float*>(row[4]);
     double step = (double)*reinterpret_cast<const float*>(row[5]);
     long long start = row[6], n = row[7];
-    double bc1 = 1.0 - gn_pow_int(beta1, step);
-    double bc2 = 1.0 - gn_pow_int(beta2, step);
-    float neg_step = (float)(-(lr / bc1));
-    float bc2s = (float)sqrt(bc2);
-    float w1 = (float)(1.0 - beta1), w2 = (float)(1.0 - beta2), b2 = (float)beta2;
-    float decay = (float)(1.0 - lr * wd);
+    const GnAdamScalars s = gn_adam_scalars(lr, beta1, beta2, eps, wd, step);
     long long end = start + OPTIM_CHUNK < n ? start + OPTIM_CHUNK : n;
     for (long long i = start + threadIdx.x; i < end; i += blockDim.x) {
         float pi = gn_to_f(p[i]);
         float mi = m[i], vi = v[i];
         float vm = amsgrad ? vmax[i] : 0.0f;
-        gn_adam_update(pi, gn_to_f(g[i]), mi, vi, vm, amsgrad, maximize, decoupled, w1, b2, w2, (float)wd,
-                       (float)eps, neg_step, bc2s, decay);
+        gn_adam_update(pi, gn_to_f(g[i]), mi, vi, vm, amsgrad, maximize, decoupled, s.w1, s.beta2, s.w2, s.wd,
+                       s.eps, s.neg_step_size, s.bc2_sqrt, s.decay);
         p[i] = gn_from_f(pi);
         m[i] = mi;
         v[i] = vi;
@@ -96,16 +81,16 @@ extern "C" __global__ void rmsprop_step(const long long* __restrict__ table, dou
     float* ga = reinterpret_cast<float*>(row[3]);
     float* buf = reinterpret_cast<float*>(row[4]);
     long long start = row[6], n = row[7];
-    int use_momentum = momentum > 0.0;
-    float w = (float)(1.0 - alpha);
+    const GnRmspropScalars s = gn_rmsprop_scalars(lr, alpha, eps, wd, momentum);
+    const int use_momentum = s.use_momentum;
     long long end = start + OPTIM_CHUNK < n ? start + OPTIM_CHUNK : n;
     for (long long i = start + threadIdx.x; i < end; i += blockDim.x) {
         float pi = gn_to_f(p[i]);
         float vi = v[i];
         float gai = centered ? ga[i] : 0.0f;
         float bi = use_momentum ? buf[i] : 0.0f;
-        gn_rmsprop_update(pi, gn_to_f(g[i]), vi, gai, bi, centered, use_momentum, maximize, (float)lr,
-                          (float)alpha, w, (float)eps, (float)wd, (float)momentum);
+        gn_rmsprop_update(pi, gn_to_f(g[i]), vi, gai, bi, centered, use_momentum, maximize, s.lr, s.alpha, s.w,
+                          s.eps, s.wd, s.momentum);
         p[i] = gn_from_f(pi);
         v[i] = vi;
         if (centered) ga[i] = gai;

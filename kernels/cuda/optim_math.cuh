@@ -1,9 +1,69 @@
 // Per-element math of the optimizer steps (Adam/AdamW, RMSprop), in torch's operation order.
 // GN_HD: compiled by NVRTC for the kernels in optim.cu and by g++ in tests/test_optim.py,
-// which checks it against the NumPy reference. All arithmetic is float32; the per-step
-// scalars (bias corrections, decay) are computed by the caller in float64.
+// which checks it against the NumPy reference, and the per-step scalars (bias corrections,
+// step size, decay) against torch.optim's Python formulas. The per-element arithmetic is
+// float32; the per-step scalars are computed in float64 (as torch computes them in Python) and
+// rounded to float once.
 #pragma once
 #include "common.cuh"
+
+// b^n for an integer-valued step n >= 0 by repeated squaring: the step arrives as a float32
+// read from the device (exact up to 2^24), and NVRTC's pow(double, double) is slower than the
+// ~log2(n) multiplications this needs.
+GN_HD double gn_pow_int(double b, double step) {
+    long long n = (long long)step;
+    double r = 1.0;
+    while (n > 0) {
+        if (n & 1) r *= b;
+        b *= b;
+        n >>= 1;
+    }
+    return r;
+}
+
+// The per-step scalars of one Adam/AdamW step, in torch's order (torch/optim/adam.py,
+// _single_tensor_adam, non-capturable): bias_correction1 = 1 - beta1^t,
+// bias_correction2 = 1 - beta2^t, step_size = lr / bias_correction1,
+// bias_correction2_sqrt = bias_correction2^0.5, decay = 1 - lr wd (decoupled weight decay);
+// w1 = 1 - beta1 (lerp weight), w2 = 1 - beta2 (addcmul value). Each rounded to float once.
+struct GnAdamScalars {
+    float neg_step_size, bc2_sqrt, w1, beta2, w2, wd, eps, decay;
+};
+
+GN_HD GnAdamScalars gn_adam_scalars(double lr, double beta1, double beta2, double eps, double wd, double step) {
+    double bc1 = 1.0 - gn_pow_int(beta1, step);
+    double bc2 = 1.0 - gn_pow_int(beta2, step);
+    GnAdamScalars s;
+    s.neg_step_size = (float)(-(lr / bc1));
+    s.bc2_sqrt = (float)sqrt(bc2);
+    s.w1 = (float)(1.0 - beta1);
+    s.beta2 = (float)beta2;
+    s.w2 = (float)(1.0 - beta2);
+    s.wd = (float)wd;
+    s.eps = (float)eps;
+    s.decay = (float)(1.0 - lr * wd);
+    return s;
+}
+
+// The per-step scalars of one RMSprop step (torch/optim/rmsprop.py, _single_tensor_rmsprop):
+// w = 1 - alpha (addcmul value and lerp weight); momentum is used when > 0. RMSprop has no
+// bias correction, so nothing depends on the step count.
+struct GnRmspropScalars {
+    float lr, alpha, w, eps, wd, momentum;
+    int use_momentum;
+};
+
+GN_HD GnRmspropScalars gn_rmsprop_scalars(double lr, double alpha, double eps, double wd, double momentum) {
+    GnRmspropScalars s;
+    s.lr = (float)lr;
+    s.alpha = (float)alpha;
+    s.w = (float)(1.0 - alpha);
+    s.eps = (float)eps;
+    s.wd = (float)wd;
+    s.momentum = (float)momentum;
+    s.use_momentum = momentum > 0.0;
+    return s;
+}
 
 // torch.lerp's two-sided formula
 GN_HD float gn_lerp(float a, float b, float w) {
@@ -45,7 +105,11 @@ GN_HD void gn_rmsprop_update(float& p, float g, float& v, float& ga, float& buf,
     float avg;
     if (centered) {
         ga = gn_lerp(ga, g, w);
-        avg = sqrtf(v + (-ga) * ga);
+        // torch's addcmul(v, ga, ga, value=-1) is one fused multiply-add (CPU and CUDA): ga^2
+        // is never rounded alone, so v = +inf (g^2 overflowed) minus a finite ga^2 stays +inf
+        // where a separately rounded ga^2 (> FLT_MAX once |ga| > 1.8e19) would give inf - inf =
+        // NaN. fmaf says so to NVRTC and to the host compiler alike.
+        avg = sqrtf(fmaf(-ga, ga, v));
     } else {
         avg = sqrtf(v);
     }

@@ -215,7 +215,11 @@ def _rmsprop_block(p_ptr, g_ptr, v_ptr, ga_ptr, b_ptr, offs, mask, sign, wd, neg
     if CENTERED:
         ga = _lerp(tl.load(ga_ptr + offs, mask=mask).to(tl.float32), g, w)
         tl.store(ga_ptr + offs, (ga).to(ga_ptr.dtype.element_ty), mask=mask)
-        avg = tl.sqrt_rn(v + (-ga) * ga)
+        # torch's addcmul(v, ga, ga, value=-1) is one fused multiply-add on CPU and CUDA, so
+        # ga^2 is never rounded on its own: v = +inf (g^2 overflowed) minus a finite ga^2 stays
+        # +inf. Rounded separately (the interpreter, or a compiler that does not contract),
+        # ga^2 overflows too once |ga| > 1.8e19 and inf - inf gives NaN.
+        avg = tl.sqrt_rn(tl.fma(-ga, ga, v))
     else:
         avg = tl.sqrt_rn(v)
     avg = avg + eps
