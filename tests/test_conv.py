@@ -519,3 +519,80 @@ def test_module_padding_mode_rejected():
     m.padding_mode = "circular"
     with pytest.raises(gpu_nn.KernelInputError, match="padding_mode='circular'"):
         m(torch.randn(1, 3, 8))
+
+
+# --- torch's checks, in torch's order and wording (issues 18.3, 19.6, 19.9) -------------------
+
+
+def _outcome(fn):
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 (we compare whatever torch raises)
+        return type(e), str(e)
+    return None
+
+
+@pytest.mark.parametrize("nd", [1, 2])
+def test_every_fault_combination_reports_what_torch_reports(nd):
+    """Bad dtypes (integer input with and without a bias, mismatched weight / bias), bad
+    stride / padding / dilation / groups and bad shapes, alone and together: whenever torch
+    raises, we raise an exception of its type whose message contains torch's (the first fault
+    torch reports: the bias dtype before any shape, the weight dtype after them). Left out, and
+    stated: an all-integer convolution (torch computes it on the CPU, gpu-nn is floating-point
+    only) and a zero-size batch with a mismatched weight dtype (torch returns an empty result
+    unchecked; we refuse the dtypes)."""
+    dts = [torch.float32, torch.float64, torch.int64]
+    params = [(1, 0, 1, 1), (0, 0, 1, 1), (-1, 0, 1, 1), (1, -1, 1, 1), (1, 0, -1, 1), (1, 0, 1, 0), (1, 0, 1, -1),
+              (-1, -1, -1, -1), (1, "same", -1, 1), (2, "same", 1, 1)]
+    shapes = ([2, 4] + [6] * nd, [4] + [6] * nd, [2, 3] + [6] * nd, [2, 4] + [2] * nd, [0, 4] + [6] * nd)
+    bad, n = [], 0
+    for xd, wd, bd in itertools.product(dts, dts, [None] + dts):
+        for (stride, pad, dil, groups), xs in itertools.product(params, shapes):
+            x, w = torch.ones(xs, dtype=xd), torch.ones([6, 4] + [3] * nd, dtype=wd)
+            b = None if bd is None else torch.ones(6, dtype=bd)
+            kw = dict(stride=stride, padding=pad, dilation=dil, groups=groups)
+            theirs = _outcome(lambda: getattr(torch.nn.functional, f"conv{nd}d")(x, w, b, **kw))
+            with gpu_nn.backend("reference"):
+                ours = _outcome(lambda: getattr(F, f"conv{nd}d")(x, w, b, **kw))
+            if theirs is None and ours is not None and (
+                    (not xd.is_floating_point and wd == xd and bd in (None, xd)) or (xs[0] == 0 and wd != xd)):
+                continue  # the two stated exceptions
+            n += 1
+            if not ((theirs is None and ours is None) or (
+                    theirs is not None and ours is not None and issubclass(ours[0], theirs[0]) and theirs[1] in ours[1])):
+                bad.append(f"{xs} {xd} {wd} {bd} {kw}: torch {theirs}, ours {ours}")
+    assert n > 1000
+    assert not bad, f"{len(bad)} mismatches, e.g.\n" + "\n".join(bad[:10])
+
+
+_CONV_TYPE_CASES = [
+    dict(stride=(2.5, 1)), dict(stride=2.5), dict(stride="2"), dict(stride=True), dict(stride=None),
+    dict(stride=torch.tensor([2, 1])), dict(stride=torch.tensor(2.0)), dict(padding=1.5), dict(padding=("a", 1)),
+    dict(padding=(1, "a")), dict(dilation=(1, 1.0)), dict(groups=1.0), dict(groups=True), dict(bias=[1.0, 2.0, 3.0]),
+]
+
+
+@pytest.mark.parametrize("kwargs", _CONV_TYPE_CASES, ids=str)
+def test_non_int_arguments_raise_torchs_type_error(kwargs, rng):
+    """conv2d(stride=(2.5, 1)) used to run with stride 2: every value torch's parser refuses is
+    a TypeError (also a KernelInputError) whose message contains torch's, for a call that
+    passes the argument by keyword."""
+    x, w = randn(rng, 1, 2, 8, 8), randn(rng, 3, 2, 3, 3)
+    with pytest.raises(TypeError) as theirs:
+        torch.nn.functional.conv2d(x, w, **kwargs)
+    with pytest.raises(gpu_nn.KernelInputError) as ours:
+        F.conv2d(x, w, **kwargs)
+    assert isinstance(ours.value, TypeError)
+    assert str(theirs.value) in str(ours.value)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(stride=np.int64(2)), dict(stride=torch.tensor(2)), dict(padding=torch.tensor(1)),
+    dict(dilation=np.int32(2)), dict(groups=np.int64(1)), dict(groups=torch.tensor(1)),
+], ids=str)
+def test_numpy_and_0d_tensor_ints_are_accepted(kwargs, rng):
+    """torch (and our pools) take NumPy integers and integer 0-d tensors as ints."""
+    x, w, b = randn(rng, 2, 2, 9, 8), randn(rng, 3, 2, 3, 3), randn(rng, 3)
+    with gpu_nn.backend("reference"):
+        ours = F.conv2d(x, w, b, **kwargs)
+    assert_close(ours, torch.nn.functional.conv2d(x, w, b, **kwargs), torch.float64, k=18)
