@@ -307,7 +307,7 @@ def _bad_cases():
     return [
         ("rank", lambda: F.conv2d(torch.randn(2, 4, 5, 5, 5), w), "Expected 3D \\(unbatched\\) or 4D \\(batched\\) input to conv2d"),
         ("rank1d", lambda: F.conv1d(x4, torch.randn(6, 4, 3)), "Expected 2D \\(unbatched\\) or 3D \\(batched\\) input to conv1d"),
-        ("weight rank", lambda: F.conv2d(x4, torch.randn(6, 4, 3)), "expected weight to be 4-dimensional"),
+        ("weight rank", lambda: F.conv2d(x4, torch.randn(6, 4, 3)), "expected stride to be a single integer value or a list of 1 values"),
         ("channels", lambda: F.conv2d(x4, torch.randn(6, 3, 3, 3)),
          r"Given groups=1, weight of size \[6, 3, 3, 3\], expected input\[2, 4, 5, 5\] to have 3 channels, but got 4 channels instead"),
         ("group channels", lambda: F.conv2d(x4, torch.randn(6, 2, 3, 3), groups=3), "expected input\\[2, 4, 5, 5\\] to have 6 channels"),
@@ -596,3 +596,22 @@ def test_numpy_and_0d_tensor_ints_are_accepted(kwargs, rng):
     with gpu_nn.backend("reference"):
         ours = F.conv2d(x, w, b, **kwargs)
     assert_close(ours, torch.nn.functional.conv2d(x, w, b, **kwargs), torch.float64, k=18)
+
+
+@pytest.mark.parametrize("call", [
+    lambda M: M.conv1d(torch.randn(1, 1, 4), torch.randn(1, 2)),
+    lambda M: M.conv1d(torch.randn(1, 4), torch.randn(2)),
+    lambda M: M.conv1d(torch.randn(1, 1, 4), torch.randn(1, 1, 2, 2)),
+    lambda M: M.conv2d(torch.randn(1, 1, 4, 4), torch.randn(1, 2, 2)),
+    lambda M: M.conv2d(torch.randn(1, 1, 4, 4), torch.randn(1, 2, 2), stride=[1]),
+    lambda M: M.conv2d(torch.randn(1, 4, 4), torch.randn(1, 2, 2), None, [1], [1], [1]),
+    lambda M: M.conv2d(torch.randn(1, 1, 4, 4), torch.randn(1, 1, 1, 2, 2)),
+])
+def test_weight_of_the_wrong_rank_reports_what_torch_reports(call):
+    """A weight of rank != nd + 2 (an OpInfo error input): torch's message, in its order (too few
+    dims; parameter arity against the weight's rank; input rank against the weight's)."""
+    with pytest.raises(RuntimeError) as theirs:
+        call(TF)
+    with gpu_nn.backend("reference"), pytest.raises(gpu_nn.KernelInputError) as ours:
+        call(F)
+    assert str(theirs.value) in str(ours.value)

@@ -386,6 +386,30 @@ _conv_forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 # ----------------------------------------------------------------------------- public API
 
+def _wrong_weight_rank(nd, input, weight, stride, padding, dilation):
+    """torch's errors for a weight that is not [O, C/groups, *K] of rank nd + 2, in its order:
+    fewer than 3 dims; then each parameter must have 1 or weight.dim() - 2 entries (an int was
+    already repeated nd times by the parser); then the input rank must equal the weight's."""
+    if weight.dim() < 3:
+        raise KernelInputError("weight should have at least three dimensions")
+    wd = weight.dim() - 2
+    # output_padding: the transposed-conv parameter that torch's convolution also expands (nd zeros)
+    for arg, v in (("stride", stride), ("padding", padding), ("dilation", dilation), ("output_padding", [0] * nd)):
+        if isinstance(v, str):
+            continue
+        v = [int(v)] * nd if _is_int(v) else [int(a) for a in v]
+        if len(v) not in (1, wd):
+            raise KernelInputError(
+                f"expected {arg} to be a single integer value or a list of {wd} values to match the "
+                f"convolution dimensions, but got {arg}={v}"
+            )
+    x = input if input.dim() == nd + 2 else input.unsqueeze(0)
+    raise KernelInputError(
+        f"Expected {weight.dim()}-dimensional input for {weight.dim()}-dimensional weight {list(weight.shape)}, but got "
+        f"{x.dim()}-dimensional input of size {list(x.shape)} instead"
+    )
+
+
 def _conv(nd, input, weight, bias, stride, padding, dilation, groups, activation):
     name = f"conv{nd}d"
     # torch's argument parser first (TypeErrors), then conv's own checks
@@ -406,10 +430,7 @@ def _conv(nd, input, weight, bias, stride, padding, dilation, groups, activation
             f"Expected {nd + 1}D (unbatched) or {nd + 2}D (batched) input to {name}, but got input of size: {list(input.shape)}"
         )
     if weight.dim() != nd + 2:
-        raise KernelInputError(
-            f"{name}: expected weight to be {nd + 2}-dimensional [out_channels, in_channels/groups, kernel...], "
-            f"but got weight of size {list(weight.shape)}"
-        )
+        _wrong_weight_rank(nd, input, weight, stride, padding, dilation)
     input, weight, bias = autocast_inputs("lower", input, weight, bias)
     stride, pads, dilation = _normalise(nd, weight, stride, padding, dilation)
     unbatched = input.dim() == nd + 1
