@@ -606,6 +606,7 @@ def test_numpy_and_0d_tensor_ints_are_accepted(kwargs, rng):
     lambda M: M.conv2d(torch.randn(1, 1, 4, 4), torch.randn(1, 2, 2), stride=[1]),
     lambda M: M.conv2d(torch.randn(1, 4, 4), torch.randn(1, 2, 2), None, [1], [1], [1]),
     lambda M: M.conv2d(torch.randn(1, 1, 4, 4), torch.randn(1, 1, 1, 2, 2)),
+    lambda M: M.conv2d(torch.randn(1, 1, 4, 3), torch.randn(1, 2, 2), torch.randn(1), padding="same"),
 ])
 def test_weight_of_the_wrong_rank_reports_what_torch_reports(call):
     """A weight of rank != nd + 2 (an OpInfo error input): torch's message, in its order (too few

@@ -394,9 +394,10 @@ def _wrong_weight_rank(nd, input, weight, stride, padding, dilation):
         raise KernelInputError("weight should have at least three dimensions")
     wd = weight.dim() - 2
     # output_padding: the transposed-conv parameter that torch's convolution also expands (nd zeros)
-    for arg, v in (("stride", stride), ("padding", padding), ("dilation", dilation), ("output_padding", [0] * nd)):
-        if isinstance(v, str):
-            continue
+    # ('same' / 'valid' padding takes torch's string-padding path, which tests the input rank first)
+    params = () if isinstance(padding, str) else (("stride", stride), ("padding", padding), ("dilation", dilation),
+                                                  ("output_padding", [0] * nd))
+    for arg, v in params:
         v = [int(v)] * nd if _is_int(v) else [int(a) for a in v]
         if len(v) not in (1, wd):
             raise KernelInputError(
@@ -404,8 +405,9 @@ def _wrong_weight_rank(nd, input, weight, stride, padding, dilation):
                 f"convolution dimensions, but got {arg}={v}"
             )
     x = input if input.dim() == nd + 2 else input.unsqueeze(0)
+    sep = "" if isinstance(padding, str) else " "  # torch's two paths print it differently
     raise KernelInputError(
-        f"Expected {weight.dim()}-dimensional input for {weight.dim()}-dimensional weight {list(weight.shape)}, but got "
+        f"Expected {weight.dim()}-dimensional input for {weight.dim()}-dimensional weight{sep}{list(weight.shape)}, but got "
         f"{x.dim()}-dimensional input of size {list(x.shape)} instead"
     )
 
