@@ -228,18 +228,30 @@ def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None, *, activat
             raise KernelInputError(
                 f"self and mat2 must have the same dtype, but got {_scalar_name(bias.dtype)} and {_scalar_name(input.dtype)}"
             )
-        if bias.shape != (O,) or vec_w:
-            return _linear_general_bias(input, w, bias, vec_w, activation)
+        if vec_w:
+            # a 1-D weight with a bias: torch's verdict depends on its internal path (a contiguous
+            # input fails in addmm, "mat2 must be a matrix", its transposed copy succeeds); ours is
+            # the [1, K] weight's result, squeezed, which is what torch returns whenever it succeeds
+            if bias.shape != (1,):
+                if bias.numel() != 1 or bias.dim() > 1:
+                    raise KernelInputError(
+                        f"The expanded size of the tensor (1) must match the existing size "
+                        f"({bias.shape[-1] if bias.dim() else 1}) at non-singleton dimension {max(input.dim() - 1, 0)}.  "
+                        f"Target sizes: [{math.prod(input.shape[:-1])}, 1].  Tensor sizes: {list(bias.shape)}"
+                    )
+                bias = bias.reshape(1)
+        elif bias.shape != (O,):
+            return _linear_general_bias(input, w, bias, activation)
     y = _linear_op(input, w, bias, activation)
     return y.squeeze(-1) if vec_w else y
 
 
-def _linear_general_bias(input: Tensor, w: Tensor, bias: Tensor, vec_w: bool, activation) -> Tensor:
-    """torch's linear with a bias other than [O] (or a 1-D weight), by torch's own rule:
+def _linear_general_bias(input: Tensor, w: Tensor, bias: Tensor, activation) -> Tensor:
+    """torch's linear (2-D weight) with a bias other than [O], by torch's own rule:
 
     * a 2-D input, or a contiguous input with a bias that is 1-D once squeezed (contiguous),
       is torch's ``addmm(bias, input.flatten(0, -2), weight.t())``: the bias must expand to
-      [rows, O] (and a 1-D weight is "mat2 must be a matrix");
+      [rows, O];
     * anything else is ``matmul(input, weight.t()).add_(bias)``: the bias must broadcast to
       the output's shape without growing it.
 
@@ -250,12 +262,10 @@ def _linear_general_bias(input: Tensor, w: Tensor, bias: Tensor, vec_w: bool, ac
     O = w.shape[0]
     lead = input.shape[:-1]
     rows = math.prod(lead)
-    out_shape = tuple(lead) if vec_w else (*lead, O)
+    out_shape = (*lead, O)
     fusable = (bias.dim() == 1 or bias.squeeze().dim() == 1) and bias.is_contiguous()
     addmm = input.dim() == 2 or (fusable and input.is_contiguous())
     if addmm:
-        if vec_w:
-            raise KernelInputError("mat2 must be a matrix, got 1-D tensor")
         try:
             bias.expand(rows, O)
         except RuntimeError as e:  # torch's own message ("The expanded size of the tensor ...")
