@@ -5,7 +5,7 @@ place of torch's, or call :func:`gpu_nn.convert` on an existing model.
 """
 
 from ._backend import available_backends, backend, status as backend_status
-from ._errors import BackendUnavailableError, KernelInputError
+from ._errors import BackendUnavailableError, KernelInputError, KernelInputIndexError, KernelInputTypeError
 
 __version__ = "0.1.0"
 
@@ -15,6 +15,8 @@ from .convert import convert  # noqa: E402
 __all__ = [
     "BackendUnavailableError",
     "KernelInputError",
+    "KernelInputIndexError",
+    "KernelInputTypeError",
     "available_backends",
     "backend",
     "backend_status",

@@ -12,3 +12,13 @@ class KernelInputError(ValueError, RuntimeError):
 
 class BackendUnavailableError(RuntimeError):
     """An explicitly requested backend cannot run the op here; the message says why."""
+
+
+class KernelInputTypeError(KernelInputError, TypeError):
+    """Bad input where torch raises ``TypeError`` (an argument of the wrong type: a float
+    stride, a string kernel size, a list as a bias). Also a ``KernelInputError``, so
+    ``except KernelInputError`` still catches every bad input."""
+
+
+class KernelInputIndexError(KernelInputError, IndexError):
+    """Bad input where torch raises ``IndexError`` ("Dimension out of range")."""

@@ -13,10 +13,11 @@ def relu(x: np.ndarray) -> np.ndarray:
 
 
 def relu_backward(grad_out: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """torch's threshold_backward: gradient flows where the output is > 0, +0 elsewhere (even
-    where the gradient is NaN or inf)."""
+    """torch's threshold_backward(grad, out, 0): +0 where ``out <= 0`` (even where the gradient
+    is NaN or inf), the gradient everywhere else. Written as NOT(out <= 0), not out > 0: a NaN
+    output compares false both ways, and torch passes the gradient through there."""
     grad_out = np.asarray(grad_out)
-    return keep_where(np.greater(out, 0), grad_out)
+    return keep_where(np.logical_not(np.less_equal(out, 0)), grad_out)
 
 
 def keep_where(mask: np.ndarray, a: np.ndarray) -> np.ndarray:

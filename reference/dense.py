@@ -46,8 +46,9 @@ def linear(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None, activation
     returns [..., O]. ``activation`` is None, 'relu', 'sigmoid' or 'tanh'.
     """
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    y = x2 @ w.T
+    M = int(np.prod(lead, dtype=np.int64))  # not -1: a zero-size dim (K = 0 included) leaves -1 undefined
+    x2 = x.reshape(M, x.shape[-1])
+    y = x2 @ w.T  # K = 0: a [M, O] zero matrix, as torch
     if b is not None:
         y += b
     y = _act.activate(y, activation)
@@ -62,10 +63,11 @@ def linear_backward(grad_out: np.ndarray, x: np.ndarray, w: np.ndarray, out: np.
     dY' = act'(dY), dx = dY' @ w, dw = dY'^T @ x, db = column sums of dY' (None without bias).
     """
     K, O = x.shape[-1], w.shape[0]
-    g = grad_out.reshape(-1, O)
+    M = int(np.prod(x.shape[:-1], dtype=np.int64))
+    g = grad_out.reshape(M, O)
     if activation is not None:
-        g = _act.activate_backward(g, out.reshape(-1, O), activation)
-    x2 = x.reshape(-1, K)
+        g = _act.activate_backward(g, out.reshape(M, O), activation)
+    x2 = x.reshape(M, K)
     dx = (g @ w).reshape(x.shape)
     dw = g.T @ x2
     db = g.sum(axis=0) if has_bias else None

@@ -140,3 +140,72 @@ def test_reference_relu_backward_is_torchs_threshold_backward_bit_for_bit(dtype,
         assert ours.dtype == dtype and ours.shape == theirs.shape
         bits = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16}[dtype]
         assert torch.equal(ours.contiguous().view(bits), theirs.contiguous().view(bits))
+
+
+# --- relu's gradient at NaN, +-inf, +-0 (issue 18.2) ------------------------------------------
+# torch's relu backward is threshold_backward(grad, out, 0) = 0 where out <= 0, else grad: a NaN
+# input gives a NaN output, NaN <= 0 is false, so the gradient passes there.
+
+_RELU_EDGES = [float("nan"), -1.0, 2.0, float("inf"), float("-inf"), 0.0, -0.0, -3.5, 0.25]
+
+
+def _relu_dtypes(backend, device):
+    return gpu_dtypes_for(backend, device) if backend != "reference" else (torch.float64, torch.float32)
+
+
+@pytest.mark.parametrize("module", [False, True], ids=["F.relu", "nn.ReLU"])
+@pytest.mark.parametrize("backend,device", backend_params(BACKENDS))
+def test_relu_gradient_at_nan_inf_and_zero_is_torchs(backend, device, module, rng):
+    for dtype in _relu_dtypes(backend, device):
+        x = torch.tensor(_RELU_EDGES, dtype=dtype, device=device)
+        g = torch.from_numpy(rng.standard_normal(len(_RELU_EDGES)) + 3.0).to(dtype=dtype, device=device)
+        fn = gpu_nn.nn.ReLU() if module else F.relu
+        xo = x.clone().requires_grad_()
+        with gpu_nn.backend(backend):
+            (gx,) = torch.autograd.grad(fn(xo), xo, g)
+        xt = x.clone().requires_grad_()
+        (gt,) = torch.autograd.grad(torch.relu(xt), xt, g)
+        # expected [g0, 0, g2, g3, 0, 0, 0, 0, g8]: bit for bit (a select, no arithmetic)
+        assert torch.equal(gx.cpu(), gt.cpu()), f"{backend} {dtype}: {gx.tolist()} != torch {gt.tolist()}"
+        assert gx[0] == g[0], "gradient at a NaN input must pass through (torch's threshold_backward)"
+
+
+@pytest.mark.parametrize("layer", ["conv1d", "conv2d", "linear"])
+@pytest.mark.parametrize("backend,device", backend_params(BACKENDS))
+def test_fused_relu_epilogue_gradient_at_nan_inf_and_zero_is_torchs(layer, backend, device, rng):
+    """conv / linear with activation='relu': a NaN bias entry makes a whole output channel NaN,
+    and torch sends the gradient through it (so that channel's bias, weight and input gradients
+    are finite, not 0); +inf passes, -inf and an exact 0 output (zero weight, zero bias) stop it.
+    No NaN reaches the conv/matmul backward itself, so this isolates the epilogue."""
+    O = 7
+    bias_vals = [float("nan"), float("inf"), float("-inf"), 0.0, -0.0]
+    for dtype in _relu_dtypes(backend, device):
+        if layer == "linear":
+            x = torch.from_numpy(rng.standard_normal((5, 11))).to(dtype)
+            w = torch.from_numpy(rng.standard_normal((O, 11)) * 0.3).to(dtype)
+            ours_fn, theirs_fn = (lambda x, w, b: F.linear(x, w, b, activation="relu")), torch.nn.functional.linear
+        else:
+            nd = 1 if layer == "conv1d" else 2
+            x = torch.from_numpy(rng.standard_normal((2, 3) + (9,) * nd)).to(dtype)
+            w = torch.from_numpy(rng.standard_normal((O, 3) + (3,) * nd) * 0.3).to(dtype)
+            ours_f = F.conv1d if nd == 1 else F.conv2d
+            theirs_fn = torch.nn.functional.conv1d if nd == 1 else torch.nn.functional.conv2d
+            ours_fn = (lambda f: lambda x, w, b: f(x, w, b, padding=1, activation="relu"))(ours_f)
+            theirs_fn = (lambda f: lambda x, w, b: f(x, w, b, padding=1))(theirs_fn)
+        b = torch.from_numpy(rng.standard_normal(O)).to(dtype)
+        b[: len(bias_vals)] = torch.tensor(bias_vals, dtype=dtype)
+        w[3:5] = 0.0  # channels 3, 4: output exactly +-0 -> relu gradient 0
+        x, w, b = (t.to(device) for t in (x, w, b))
+        xo, wo, bo = (t.clone().requires_grad_() for t in (x, w, b))
+        with gpu_nn.backend(backend):
+            y = ours_fn(xo, wo, bo)
+            g = torch.from_numpy(rng.standard_normal(tuple(y.shape)) + 2.0).to(dtype=dtype, device=device)
+            grads = torch.autograd.grad(y, (xo, wo, bo), g)
+        xt, wt, bt = (t.clone().cpu().double().requires_grad_() for t in (x, w, b))
+        yt = torch.relu(theirs_fn(xt, wt, bt))
+        expect = torch.autograd.grad(yt, (xt, wt, bt), g.cpu().double())
+        for name, ours, theirs in zip(("input", "weight", "bias"), grads, expect):
+            assert torch.equal(torch.isfinite(ours.cpu()), torch.isfinite(theirs)), f"{layer} {backend} {dtype} grad {name}"
+            red = {"input": O * 3 ** (x.dim() - 2), "weight": x.numel() // 3, "bias": y.numel() // O}[name]
+            assert_close(ours.cpu(), theirs, dtype, k=red, what=f"{layer} {backend} {dtype} grad {name}")
+        assert torch.isnan(yt[:, 0]).all() and grads[2][0] != 0  # the NaN channel's gradient passed

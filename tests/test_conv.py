@@ -363,7 +363,7 @@ def _bad_cases():
     return [
         ("rank", lambda: F.conv2d(torch.randn(2, 4, 5, 5, 5), w), "Expected 3D \\(unbatched\\) or 4D \\(batched\\) input to conv2d"),
         ("rank1d", lambda: F.conv1d(x4, torch.randn(6, 4, 3)), "Expected 2D \\(unbatched\\) or 3D \\(batched\\) input to conv1d"),
-        ("weight rank", lambda: F.conv2d(x4, torch.randn(6, 4, 3)), "expected weight to be 4-dimensional"),
+        ("weight rank", lambda: F.conv2d(x4, torch.randn(6, 4, 3)), "expected stride to be a single integer value or a list of 1 values"),
         ("channels", lambda: F.conv2d(x4, torch.randn(6, 3, 3, 3)),
          r"Given groups=1, weight of size \[6, 3, 3, 3\], expected input\[2, 4, 5, 5\] to have 3 channels, but got 4 channels instead"),
         ("group channels", lambda: F.conv2d(x4, torch.randn(6, 2, 3, 3), groups=3), "expected input\\[2, 4, 5, 5\\] to have 6 channels"),
@@ -595,3 +595,100 @@ def test_module_padding_mode_rejected():
     m.padding_mode = "circular"
     with pytest.raises(gpu_nn.KernelInputError, match="padding_mode='circular'"):
         m(torch.randn(1, 3, 8))
+
+
+# --- torch's checks, in torch's order and wording (issues 18.3, 19.6, 19.9) -------------------
+
+
+def _outcome(fn):
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 (we compare whatever torch raises)
+        return type(e), str(e)
+    return None
+
+
+@pytest.mark.parametrize("nd", [1, 2])
+def test_every_fault_combination_reports_what_torch_reports(nd):
+    """Bad dtypes (integer input with and without a bias, mismatched weight / bias), bad
+    stride / padding / dilation / groups and bad shapes, alone and together: whenever torch
+    raises, we raise an exception of its type whose message contains torch's (the first fault
+    torch reports: the bias dtype before any shape, the weight dtype after them). Left out, and
+    stated: an all-integer convolution (torch computes it on the CPU, gpu-nn is floating-point
+    only) and a zero-size batch with a mismatched weight dtype (torch returns an empty result
+    unchecked; we refuse the dtypes)."""
+    dts = [torch.float32, torch.float64, torch.int64]
+    params = [(1, 0, 1, 1), (0, 0, 1, 1), (-1, 0, 1, 1), (1, -1, 1, 1), (1, 0, -1, 1), (1, 0, 1, 0), (1, 0, 1, -1),
+              (-1, -1, -1, -1), (1, "same", -1, 1), (2, "same", 1, 1)]
+    shapes = ([2, 4] + [6] * nd, [4] + [6] * nd, [2, 3] + [6] * nd, [2, 4] + [2] * nd, [0, 4] + [6] * nd)
+    bad, n = [], 0
+    for xd, wd, bd in itertools.product(dts, dts, [None] + dts):
+        for (stride, pad, dil, groups), xs in itertools.product(params, shapes):
+            x, w = torch.ones(xs, dtype=xd), torch.ones([6, 4] + [3] * nd, dtype=wd)
+            b = None if bd is None else torch.ones(6, dtype=bd)
+            kw = dict(stride=stride, padding=pad, dilation=dil, groups=groups)
+            theirs = _outcome(lambda: getattr(torch.nn.functional, f"conv{nd}d")(x, w, b, **kw))
+            with gpu_nn.backend("reference"):
+                ours = _outcome(lambda: getattr(F, f"conv{nd}d")(x, w, b, **kw))
+            if theirs is None and ours is not None and (
+                    (not xd.is_floating_point and wd == xd and bd in (None, xd)) or (xs[0] == 0 and wd != xd)):
+                continue  # the two stated exceptions
+            n += 1
+            if not ((theirs is None and ours is None) or (
+                    theirs is not None and ours is not None and issubclass(ours[0], theirs[0]) and theirs[1] in ours[1])):
+                bad.append(f"{xs} {xd} {wd} {bd} {kw}: torch {theirs}, ours {ours}")
+    assert n > 1000
+    assert not bad, f"{len(bad)} mismatches, e.g.\n" + "\n".join(bad[:10])
+
+
+_CONV_TYPE_CASES = [
+    dict(stride=(2.5, 1)), dict(stride=2.5), dict(stride="2"), dict(stride=True), dict(stride=None),
+    dict(stride=torch.tensor([2, 1])), dict(stride=torch.tensor(2.0)), dict(padding=1.5), dict(padding=("a", 1)),
+    dict(padding=(1, "a")), dict(dilation=(1, 1.0)), dict(groups=1.0), dict(groups=True), dict(bias=[1.0, 2.0, 3.0]),
+]
+
+
+@pytest.mark.parametrize("kwargs", _CONV_TYPE_CASES, ids=str)
+def test_non_int_arguments_raise_torchs_type_error(kwargs, rng):
+    """conv2d(stride=(2.5, 1)) used to run with stride 2: every value torch's parser refuses is
+    a TypeError (also a KernelInputError) whose message contains torch's, for a call that
+    passes the argument by keyword."""
+    x, w = randn(rng, 1, 2, 8, 8), randn(rng, 3, 2, 3, 3)
+    with pytest.raises(TypeError) as theirs:
+        torch.nn.functional.conv2d(x, w, **kwargs)
+    with pytest.raises(gpu_nn.KernelInputError) as ours:
+        F.conv2d(x, w, **kwargs)
+    assert isinstance(ours.value, TypeError)
+    assert str(theirs.value) in str(ours.value)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(stride=np.int64(2)), dict(stride=torch.tensor(2)), dict(padding=torch.tensor(1)),
+    dict(dilation=np.int32(2)), dict(groups=np.int64(1)), dict(groups=torch.tensor(1)),
+], ids=str)
+def test_numpy_and_0d_tensor_ints_are_accepted(kwargs, rng):
+    """torch (and our pools) take NumPy integers and integer 0-d tensors as ints."""
+    x, w, b = randn(rng, 2, 2, 9, 8), randn(rng, 3, 2, 3, 3), randn(rng, 3)
+    with gpu_nn.backend("reference"):
+        ours = F.conv2d(x, w, b, **kwargs)
+    assert_close(ours, torch.nn.functional.conv2d(x, w, b, **kwargs), torch.float64, k=18)
+
+
+@pytest.mark.parametrize("call", [
+    lambda M: M.conv1d(torch.randn(1, 1, 4), torch.randn(1, 2)),
+    lambda M: M.conv1d(torch.randn(1, 4), torch.randn(2)),
+    lambda M: M.conv1d(torch.randn(1, 1, 4), torch.randn(1, 1, 2, 2)),
+    lambda M: M.conv2d(torch.randn(1, 1, 4, 4), torch.randn(1, 2, 2)),
+    lambda M: M.conv2d(torch.randn(1, 1, 4, 4), torch.randn(1, 2, 2), stride=[1]),
+    lambda M: M.conv2d(torch.randn(1, 4, 4), torch.randn(1, 2, 2), None, [1], [1], [1]),
+    lambda M: M.conv2d(torch.randn(1, 1, 4, 4), torch.randn(1, 1, 1, 2, 2)),
+    lambda M: M.conv2d(torch.randn(1, 1, 4, 3), torch.randn(1, 2, 2), torch.randn(1), padding="same"),
+])
+def test_weight_of_the_wrong_rank_reports_what_torch_reports(call):
+    """A weight of rank != nd + 2 (an OpInfo error input): torch's message, in its order (too few
+    dims; parameter arity against the weight's rank; input rank against the weight's)."""
+    with pytest.raises(RuntimeError) as theirs:
+        call(TF)
+    with gpu_nn.backend("reference"), pytest.raises(gpu_nn.KernelInputError) as ours:
+        call(F)
+    assert str(theirs.value) in str(ours.value)

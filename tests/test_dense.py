@@ -3,6 +3,7 @@ activation modules: reference against torch in float64 (forward and every gradie
 differences of the reference backward, opcheck on every custom op, bad input, every Triton
 kernel against the reference, modules against torch's with the same state_dict."""
 
+import itertools
 import warnings
 
 import pytest
@@ -13,7 +14,8 @@ import gpu_nn
 import gpu_nn.functional as F
 import gpu_nn.nn as gnn
 from gpu_nn.reference import dense as R
-from helpers import assert_like_torch, assert_close, backend_params, gpu_dtypes_for, randn
+from gpu_nn.ops.dense import BACKENDS
+from helpers import assert_close, assert_like_torch, backend_params, gpu_dtypes_for, max_rel_err, randn
 
 ACTS = (None, "relu", "sigmoid", "tanh")
 TORCH_ACT = {None: lambda y: y, "relu": torch.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh}
@@ -590,3 +592,128 @@ def test_zz_report():
     """Not a check: prints the largest errors seen, for the report (run with -s)."""
     print("\nfloat64 reference vs torch, largest error per op:", {k: f"{v:.2e}" for k, v in WORST.items()})
     print("backend vs reference, largest relative error:", {"/".join(k): f"{v:.2e}" for k, v in KERNEL_ERR.items()})
+
+
+# --- torch's argument types, zero input features, general linear biases (issue 19.6, 19.8, 19.9)
+
+_DENSE_TYPE_CASES = [
+    ("softmax", lambda M, x: M.softmax(x, dim=1.9)),
+    ("softmax dim str", lambda M, x: M.softmax(x, dim="1")),
+    ("log_softmax", lambda M, x: M.log_softmax(x, dim=1.9)),
+    ("softmax dtype str", lambda M, x: M.softmax(x, 1, dtype="float")),
+    ("log_softmax dtype numpy", lambda M, x: M.log_softmax(x, 1, dtype=__import__("numpy").float32)),
+    ("cross_entropy ignore_index", lambda M, x: M.cross_entropy(x, torch.tensor([1, 2, 0]), ignore_index=1.5)),
+    ("cross_entropy ignore_index str", lambda M, x: M.cross_entropy(x, torch.tensor([1, 2, 0]), ignore_index="1")),
+    ("cross_entropy label_smoothing str", lambda M, x: M.cross_entropy(x, torch.tensor([1, 2, 0]), label_smoothing="0.1")),
+    ("cross_entropy input list", lambda M, x: M.cross_entropy([1.0], torch.tensor(0))),
+    ("linear bias list", lambda M, x: M.linear(x, torch.randn(5, 4, dtype=x.dtype), [1.0, 2, 3, 4, 5])),
+    ("linear bias float", lambda M, x: M.linear(x, torch.randn(5, 4, dtype=x.dtype), 2.0)),
+]
+
+
+@pytest.mark.parametrize("name,call", _DENSE_TYPE_CASES, ids=[c[0] for c in _DENSE_TYPE_CASES])
+def test_non_tensor_non_int_arguments_raise_torchs_type_error(name, call, rng):
+    """softmax(dim=1.9) used to run as dim=1, cross_entropy(ignore_index=1.5) as 1, a list bias
+    raised AttributeError: each is torch's TypeError (also a KernelInputError), torch's words."""
+    x = randn(rng, 3, 4)
+    with pytest.raises(TypeError) as theirs:
+        call(TF, x)
+    with gpu_nn.backend("reference"), pytest.raises(gpu_nn.KernelInputError) as ours:
+        call(F, x)
+    assert isinstance(ours.value, TypeError)
+    assert str(theirs.value) in str(ours.value)
+
+
+@pytest.mark.parametrize("backend,device", backend_params(BACKENDS))
+@pytest.mark.parametrize("xs,ws,bias", [((3, 0), (4, 0), True), ((3, 0), (4, 0), False), ((0,), (4, 0), True),
+                                        ((2, 3, 0), (5, 0), True)], ids=str)
+def test_zero_input_features_give_torchs_bias_broadcast(backend, device, xs, ws, bias, rng):
+    """F.linear with K = 0 is the bias broadcast (zeros without bias), gradients included (the
+    input and weight gradients are empty, the bias gradient the summed output gradient)."""
+    dt = gpu_dtypes_for(backend, device)[0]
+    x = randn(rng, *xs, dtype=dt, device=device, requires_grad=True)
+    w = randn(rng, *ws, dtype=dt, device=device, requires_grad=True)
+    b = randn(rng, ws[0], dtype=dt, device=device, requires_grad=True) if bias else None
+    with gpu_nn.backend(backend):
+        y = F.linear(x, w, b)
+        g = randn(rng, *y.shape, dtype=dt, device=device)
+        grads = torch.autograd.grad(y, [t for t in (x, w, b) if t is not None], g)
+    yt = TF.linear(x, w, b)
+    gt = torch.autograd.grad(yt, [t for t in (x, w, b) if t is not None], g)
+    assert y.shape == yt.shape
+    assert_close(y, yt, dt, what="forward")
+    for a, e in zip(grads, gt):
+        assert a.shape == e.shape
+        assert_close(a, e, dt, k=max(y.numel(), 1), what="grad")
+
+
+@pytest.mark.parametrize("backend,device", backend_params(BACKENDS))
+def test_linear_module_with_zero_in_features(backend, device, rng):
+    torch.manual_seed(0)
+    m = gnn.Linear(0, 3).to(device)
+    x = randn(rng, 5, 0, dtype=torch.float32, device=device)
+    with gpu_nn.backend(backend):
+        y = m(x)
+        y.sum().backward()
+    torch.testing.assert_close(y, TF.linear(x, m.weight, m.bias))
+    torch.testing.assert_close(m.bias.grad, torch.full((3,), 5.0, dtype=m.bias.dtype, device=device))
+
+
+_BIAS_SHAPES = [None, (), (1,), (5,), (1, 5), (3, 5), (5, 1), (3, 1), (1, 1, 5), (2, 1, 5), (2, 3, 5), (4, 3, 5),
+                (2, 3), (3,), (1, 1, 1, 5), (2, 5), (4, 5), (1, 3, 5)]
+
+
+def test_linear_bias_of_any_shape_follows_torchs_rule(rng):
+    """torch's linear takes a bias that expands to [rows, O] (2-D or contiguous input with a
+    bias that is 1-D once squeezed: its addmm path) or broadcasts to the output without growing
+    it (its matmul + add_ path), and refuses the rest with those ops' messages. Every input
+    rank / bias shape / contiguity combination below (2-D weight; a 1-D weight without bias):
+    same values, same gradients, or an error containing torch's."""
+    bad, n = [], 0
+    for xs, ws, bs, nc in itertools.product([(4,), (3, 4), (2, 3, 4), (2, 2, 3, 4)], [(5, 4), (4,)], _BIAS_SHAPES,
+                                            [False, True]):
+        if (nc and len(xs) < 2) or (len(ws) == 1 and bs is not None):
+            continue  # a 1-D weight with a bias: see test_properties (torch's layout-dependent verdict)
+        x = randn(rng, *xs, requires_grad=True)
+        xi = x.transpose(0, 1).contiguous().transpose(0, 1) if nc else x
+        w = randn(rng, *ws, requires_grad=True)
+        b = None if bs is None else randn(rng, *bs, requires_grad=True)
+        ins = [t for t in (x, w, b) if t is not None]
+        try:
+            yt = TF.linear(xi, w, b)
+        except RuntimeError as e:
+            with gpu_nn.backend("reference"), pytest.raises(gpu_nn.KernelInputError) as ours:
+                F.linear(xi, w, b)
+            if str(e) not in str(ours.value):
+                bad.append(f"{xs} {ws} {bs} nc={nc}: torch {e}, ours {ours.value}")
+            continue
+        n += 1
+        with gpu_nn.backend("reference"):
+            y = F.linear(xi, w, b)
+            g = randn(rng, *yt.shape)
+            grads = torch.autograd.grad(y, ins, g)
+        gt = torch.autograd.grad(yt, ins, g)
+        if y.shape != yt.shape or max_rel_err(y, yt) > 1e-12 or any(max_rel_err(a, e) > 1e-12 for a, e in zip(grads, gt)):
+            bad.append(f"{xs} {ws} {bs} nc={nc}: values or gradients differ")
+    assert n > 60 and not bad, "\n".join(bad[:10])
+
+
+@pytest.mark.parametrize("backend,device", backend_params(BACKENDS))
+@pytest.mark.parametrize("bs", [(1, 7), (6, 7), (6, 1)], ids=str)
+def test_linear_row_bias_on_every_backend(backend, device, bs, rng):
+    """A [1, O] or [N, O] bias (and [N, 1]): torch's result and gradients, fused relu included."""
+    dt = torch.float32
+    x = randn(rng, 6, 5, dtype=dt, device=device, requires_grad=True)
+    w = randn(rng, 7, 5, dtype=dt, device=device, requires_grad=True)
+    b = randn(rng, *bs, dtype=dt, device=device, requires_grad=True)
+    with gpu_nn.backend(backend):
+        y = F.linear(x, w, b, activation="relu")
+        g = randn(rng, *y.shape, dtype=dt, device=device)
+        grads = torch.autograd.grad(y, (x, w, b), g)
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
+    yt = torch.relu(TF.linear(x64, w64, b64))
+    gt = torch.autograd.grad(yt, (x64, w64, b64), g.double())
+    assert_close(y, yt, dt, k=5, what="forward")
+    for name, a, e in zip("xwb", grads, gt):
+        assert a.shape == e.shape, name
+        assert_close(a, e, dt, k=7, what=f"grad {name}")

@@ -580,3 +580,84 @@ def test_check_cases_exist_for_every_op():
     from gpu_nn.ops import pool
 
     assert {c.op for c in pool.CHECK_CASES} == set(pool.__all__)
+
+
+# --- torch's checks, in torch's order (issues 18.3, 19.6) ------------------------------------
+
+
+def _outcome(fn):
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 (we compare whatever torch raises)
+        return type(e), str(e)
+    return None
+
+
+def _pool_grid():
+    shapes2 = [(2, 3, 5, 5), (0, 3, 5, 5), (3, 0, 5, 5), (2, 3, 0, 5), (3, 5, 5), (5, 5), (1, 2, 3, 5, 5)]
+    shapes1 = [(2, 3, 7), (0, 3, 7), (3, 0, 7), (3, 7), (7,), (2, 3, 0)]
+    pads, dils = [-1, 0, 1, 2], [0, 1, 2, -1]
+    for shape in shapes2:
+        for k in (0, 3, -1, (3, 0), (2, 3)):
+            for s in (None, 0, -1, 2):
+                for p in pads:
+                    yield "avg_pool2d", shape, dict(kernel_size=k, stride=s, padding=p)
+                    for d in dils:
+                        yield "max_pool2d", shape, dict(kernel_size=k, stride=s, padding=p, dilation=d)
+    for shape in shapes1:
+        for k in (0, 1, 3, -1):
+            for s in (None, 0, -1):
+                for p in pads:
+                    yield "avg_pool1d", shape, dict(kernel_size=k, stride=s, padding=p)
+                    for d in dils:
+                        yield "max_pool1d", shape, dict(kernel_size=k, stride=s, padding=p, dilation=d)
+                        yield "max_pool1d", shape, dict(kernel_size=k, stride=s, padding=p, dilation=d, return_indices=True)
+
+
+def test_every_fault_combination_reports_what_torch_reports(rng):
+    """A grid of bad kernel / stride / padding / dilation values on bad and zero-size shapes:
+    whenever torch raises, we raise an exception of torch's type whose message contains torch's
+    (the first fault torch reports: padding before shape, 1d-with-indices through the 2d path),
+    and we run wherever torch runs."""
+    bad = []
+    for name, shape, kw in _pool_grid():
+        x = torch.from_numpy(rng.standard_normal(shape))
+        theirs = _outcome(lambda: getattr(torch.nn.functional, name)(x, **kw))
+        with gpu_nn.backend("reference"):
+            ours = _outcome(lambda: getattr(F, name)(x, **kw))
+        ok = (theirs is None and ours is None) or (
+            theirs is not None and ours is not None and issubclass(ours[0], theirs[0]) and theirs[1] in ours[1])
+        if not ok:
+            bad.append(f"{name}{shape} {kw}: torch {theirs}, ours {ours}")
+    assert not bad, f"{len(bad)} mismatches, e.g.\n" + "\n".join(bad[:10])
+
+
+_TYPE_CASES = [
+    ("max_pool2d", ("22",), {}),
+    ("max_pool2d", ((2.9, 2),), {}),
+    ("max_pool2d", (2.9,), {}),
+    ("max_pool2d", (True,), {}),
+    ("max_pool2d", (2,), dict(stride=1.5)),
+    ("max_pool2d", (2,), dict(padding=0.0)),
+    ("max_pool2d", (2,), dict(dilation=(1, 1.5))),
+    ("max_pool1d", (2.5,), {}),
+    ("max_pool1d", ("2",), {}),
+    ("max_pool1d", (2.5,), dict(return_indices=True)),
+    ("avg_pool1d", (2.5,), {}),
+    ("avg_pool2d", ("22",), {}),
+    ("avg_pool2d", ((2, 2.0),), {}),
+    ("avg_pool2d", (2,), dict(divisor_override=2.5)),
+    ("avg_pool2d", (2,), dict(divisor_override="2")),
+]
+
+
+@pytest.mark.parametrize("name,args,kwargs", _TYPE_CASES, ids=[f"{c[0]}-{c[1]}-{c[2]}" for c in _TYPE_CASES])
+def test_non_int_arguments_raise_torchs_type_error(name, args, kwargs, rng):
+    """A float, string or bool where torch wants ints is torch's TypeError, never coerced."""
+    x = torch.from_numpy(rng.standard_normal((1, 2, 8, 8) if name.endswith("2d") else (1, 2, 8)))
+    with pytest.raises(TypeError) as theirs:
+        getattr(torch.nn.functional, name)(x, *args, **kwargs)
+    with pytest.raises(gpu_nn.KernelInputError) as ours:
+        getattr(F, name)(x, *args, **kwargs)
+    assert isinstance(ours.value, TypeError)
+    assert str(theirs.value) in str(ours.value)

@@ -21,11 +21,12 @@ from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from .. import _backend
-from .._errors import KernelInputError
+from .._errors import KernelInputError, KernelInputTypeError
 from ..check import CheckCase
 from ..reference import conv as ref
 from ._dispatch import autocast_inputs, check_float, check_same, empty, from_numpy, to_numpy
@@ -38,12 +39,50 @@ ACTIVATIONS = (None, "relu", "sigmoid", "tanh")
 
 # ----------------------------------------------------------------------------- arguments
 
-def _expand(name: str, v, nd: int) -> list[int]:
-    if isinstance(v, bool) or not isinstance(v, (int, tuple, list, torch.Size)):
-        raise KernelInputError(f"conv{nd}d(): argument '{name}' must be int or tuple of ints, not {type(v).__name__}")
-    if isinstance(v, int):
-        return [v] * nd
+_OVERLOADS = (
+    " * (Tensor input, Tensor weight, Tensor bias = None, tuple of ints stride = 1, tuple of ints padding = 0, "
+    "tuple of ints dilation = 1, int groups = 1)\n"
+    " * (Tensor input, Tensor weight, Tensor bias = None, tuple of ints stride = 1, str padding = \"valid\", "
+    "tuple of ints dilation = 1, int groups = 1)\n"
+)
+
+
+def _bad_combination(nd: int, arg: str, v) -> KernelInputTypeError:
+    """torch's argument-parser TypeError (worded as for a call passing ``arg`` by keyword)."""
+    return KernelInputTypeError(
+        f"conv{nd}d() received an invalid combination of arguments - got (Tensor, Tensor, {arg}={type(v).__name__}), "
+        f"but expected one of:\n{_OVERLOADS}"
+    )
+
+
+def _is_int(v) -> bool:
+    """torch's parser's int: Python / NumPy ints and integer 0-d tensors; not bool or float."""
+    if isinstance(v, (bool, np.bool_)):
+        return False
+    if isinstance(v, (int, np.integer, torch.SymInt)):
+        return True
+    return isinstance(v, Tensor) and v.dim() == 0 and not v.is_floating_point() and not v.is_complex() and v.dtype != torch.bool
+
+
+def _expand(name: str, v, nd: int, types_only: bool = False) -> list[int]:
+    """An int or sequence of ints -> nd ints, as torch's parser and conv's arity check (a float,
+    string, bool or None is torch's TypeError, never coerced). ``types_only``: the parser's
+    part alone (run before conv's rank checks, as torch's parser runs before conv)."""
+    if _is_int(v):
+        return [int(v)] * nd
+    if not isinstance(v, (tuple, list, torch.Size)):
+        raise _bad_combination(nd, name, v)
+    for i, e in enumerate(v):
+        if not _is_int(e):
+            if i == 0:
+                raise _bad_combination(nd, name, v)
+            raise KernelInputTypeError(
+                f"conv{nd}d(): argument '{name}' failed to unpack the object at pos {i + 1} with error "
+                f'"type must be tuple of ints,but got {type(e).__name__}"'
+            )
     v = [int(a) for a in v]
+    if types_only:
+        return v
     if len(v) == 1:
         return v * nd
     if len(v) != nd:
@@ -70,13 +109,68 @@ def _normalise(nd, weight, stride, padding, dilation):
             for k, d in zip(weight.shape[2:], dilation):
                 total = d * (k - 1)
                 pads += [total // 2, total - total // 2]  # torch puts the odd element on the high side
+            if any(p < 0 for p in pads):  # negative dilation: torch fails here, before any dtype check
+                raise KernelInputError("negative padding is not supported")
     else:
         pads = [p for p in _expand("padding", padding, nd) for _ in (0, 1)]
     return stride, pads, dilation
 
 
+# torch's names for dtypes in conv's messages: caffe2 TypeMeta names (bias check), ScalarType
+# names ("expected scalar type Long but found Double") and legacy tensor type names
+_TYPEMETA = {
+    torch.float32: "float", torch.float64: "double", torch.float16: "c10::Half", torch.bfloat16: "c10::BFloat16",
+    torch.int64: "long int", torch.int32: "int", torch.int16: "short int", torch.int8: "signed char",
+    torch.uint8: "unsigned char", torch.bool: "bool", torch.complex64: "c10::complex<float>",
+    torch.complex128: "c10::complex<double>",
+}
+_SCALAR = {
+    torch.float32: "Float", torch.float64: "Double", torch.float16: "Half", torch.bfloat16: "BFloat16",
+    torch.int64: "Long", torch.int32: "Int", torch.int16: "Short", torch.int8: "Char", torch.uint8: "Byte",
+    torch.bool: "Bool", torch.complex64: "ComplexFloat", torch.complex128: "ComplexDouble",
+}
+
+
+def _legacy_type(t: Tensor) -> str:
+    if t.dtype in (torch.bool, torch.bfloat16, torch.complex64, torch.complex128):
+        return f"{'CPU' if t.device.type == 'cpu' else 'CUDA'}{_SCALAR[t.dtype]}Type"
+    return t.type()
+
+
+def _check_devices_and_bias(name: str, input: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
+    """Devices, then torch's first dtype check: the bias's against the input's (before any
+    shape check; the weight's comes after them, in :func:`_check_weight_dtype`)."""
+    for other, what in ((weight, "weight"), (bias, "bias")):
+        if other is not None and other.device != input.device:
+            raise KernelInputError(
+                f"Expected all tensors to be on the same device, but found at least two devices, "
+                f"{input.device} and {other.device}! ({name}: input and {what})"
+            )
+    if bias is not None and bias.dtype != input.dtype:
+        raise KernelInputError(
+            f"Input type ({_TYPEMETA.get(input.dtype, input.dtype)}) and bias type ({_TYPEMETA.get(bias.dtype, bias.dtype)}) "
+            "should be the same"
+        )
+
+
+def _check_weight_dtype(name: str, input: Tensor, weight: Tensor, unbatched: bool) -> None:
+    """torch's weight-dtype check (on the CPU a batched float32 input is told about MKLDNN, any
+    other input gets "expected scalar type"), then our own limit: floating-point tensors (torch
+    also convolves integer tensors on the CPU; gpu-nn does not)."""
+    if weight.dtype != input.dtype:
+        cpu = input.device.type == "cpu"
+        mkldnn = cpu and input.dtype == torch.float32 and not unbatched
+        if cpu and input.dtype in _SCALAR and not mkldnn and input.dtype not in (torch.complex64, torch.complex128):
+            raise KernelInputError(f"expected scalar type {_SCALAR[input.dtype]} but found {_SCALAR.get(weight.dtype, weight.dtype)}")
+        raise KernelInputError(
+            f"Input type ({_legacy_type(input)}) and weight type ({_legacy_type(weight)}) should be the same"
+            + (" or input should be a MKLDNN tensor and weight is a dense tensor" if mkldnn else "")
+        )
+    check_float(name, "input", input)
+
+
 def _check(nd: int, input: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, dilation,
-           groups: int, activation) -> None:
+           groups: int, activation, unbatched: bool = False) -> None:
     """Every bad-input kind, with torch's wording, before any computation. ``input`` is batched."""
     name = f"conv{nd}d"
     for arg, t in (("input", input), ("weight", weight)):
@@ -95,16 +189,16 @@ def _check(nd: int, input: Tensor, weight: Tensor, bias: Optional[Tensor], strid
         raise KernelInputError(
             f"Expected {nd + 1}D (unbatched) or {nd + 2}D (batched) input to {name}, but got input of size: {list(input.shape)}"
         )
-    check_float(name, "input", input)
-    check_same(name, input, weight, "weight")
-    check_same(name, input, bias, "bias")
+    _check_devices_and_bias(name, input, weight, bias)
     if groups <= 0:
         raise KernelInputError("non-positive groups is not supported")
     if any(s <= 0 for s in stride):
         raise KernelInputError("non-positive stride is not supported")
     if any(p < 0 for p in padding):
         raise KernelInputError("negative padding is not supported")
-    if any(d <= 0 for d in dilation):
+    if any(d < 0 for d in dilation):
+        raise KernelInputError("dilation should be greater than zero")
+    if any(d == 0 for d in dilation):
         raise KernelInputError("non-positive dilation is not supported")
     o = weight.shape[0]
     if o < groups or o % groups:
@@ -133,6 +227,7 @@ def _check(nd: int, input: Tensor, weight: Tensor, bias: Optional[Tensor], strid
             f"Calculated padded input size per channel: ({' x '.join(map(str, padded))}). Kernel size: "
             f"({' x '.join(map(str, kext))}). Kernel size can't be greater than actual input size"
         )
+    _check_weight_dtype(name, input, weight, unbatched)
 
 
 def _out_size(input_shape, weight_shape, stride, padding, dilation):
@@ -291,28 +386,58 @@ _conv_forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 # ----------------------------------------------------------------------------- public API
 
+def _wrong_weight_rank(nd, input, weight, stride, padding, dilation):
+    """torch's errors for a weight that is not [O, C/groups, *K] of rank nd + 2, in its order:
+    fewer than 3 dims; then each parameter must have 1 or weight.dim() - 2 entries (an int was
+    already repeated nd times by the parser); then the input rank must equal the weight's."""
+    if weight.dim() < 3:
+        raise KernelInputError("weight should have at least three dimensions")
+    wd = weight.dim() - 2
+    # output_padding: the transposed-conv parameter that torch's convolution also expands (nd zeros)
+    # ('same' / 'valid' padding takes torch's string-padding path, which tests the input rank first)
+    params = () if isinstance(padding, str) else (("stride", stride), ("padding", padding), ("dilation", dilation),
+                                                  ("output_padding", [0] * nd))
+    for arg, v in params:
+        v = [int(v)] * nd if _is_int(v) else [int(a) for a in v]
+        if len(v) not in (1, wd):
+            raise KernelInputError(
+                f"expected {arg} to be a single integer value or a list of {wd} values to match the "
+                f"convolution dimensions, but got {arg}={v}"
+            )
+    x = input if input.dim() == nd + 2 else input.unsqueeze(0)
+    sep = "" if isinstance(padding, str) else " "  # torch's two paths print it differently
+    raise KernelInputError(
+        f"Expected {weight.dim()}-dimensional input for {weight.dim()}-dimensional weight{sep}{list(weight.shape)}, but got "
+        f"{x.dim()}-dimensional input of size {list(x.shape)} instead"
+    )
+
+
 def _conv(nd, input, weight, bias, stride, padding, dilation, groups, activation):
     name = f"conv{nd}d"
+    # torch's argument parser first (TypeErrors), then conv's own checks
     if not isinstance(input, Tensor):
-        raise KernelInputError(f"{name}(): argument 'input' (position 1) must be Tensor, not {type(input).__name__}")
+        raise KernelInputTypeError(f"{name}(): argument 'input' (position 1) must be Tensor, not {type(input).__name__}")
     if not isinstance(weight, Tensor):
-        raise KernelInputError(f"{name}(): argument 'weight' (position 2) must be Tensor, not {type(weight).__name__}")
+        raise KernelInputTypeError(f"{name}(): argument 'weight' (position 2) must be Tensor, not {type(weight).__name__}")
+    if bias is not None and not isinstance(bias, Tensor):
+        raise _bad_combination(nd, "bias", bias)
+    for arg, v in (("stride", stride), ("padding", padding), ("dilation", dilation)):
+        if not (arg == "padding" and isinstance(v, str)):
+            _expand(arg, v, nd, types_only=True)
+    if not _is_int(groups):
+        raise _bad_combination(nd, "groups", groups)
+    groups = int(groups)
     if input.dim() not in (nd + 1, nd + 2):
         raise KernelInputError(
             f"Expected {nd + 1}D (unbatched) or {nd + 2}D (batched) input to {name}, but got input of size: {list(input.shape)}"
         )
     if weight.dim() != nd + 2:
-        raise KernelInputError(
-            f"{name}: expected weight to be {nd + 2}-dimensional [out_channels, in_channels/groups, kernel...], "
-            f"but got weight of size {list(weight.shape)}"
-        )
-    if isinstance(groups, bool) or not isinstance(groups, int):
-        raise KernelInputError(f"{name}(): argument 'groups' must be int, not {type(groups).__name__}")
+        _wrong_weight_rank(nd, input, weight, stride, padding, dilation)
     input, weight, bias = autocast_inputs("lower", input, weight, bias)
     stride, pads, dilation = _normalise(nd, weight, stride, padding, dilation)
     unbatched = input.dim() == nd + 1
     x = input.unsqueeze(0) if unbatched else input
-    _check(nd, x, weight, bias, stride, pads, dilation, groups, activation)
+    _check(nd, x, weight, bias, stride, pads, dilation, groups, activation, unbatched)
     out = _conv_forward_op(x, weight, bias, stride, pads, dilation, groups, activation)
     return out.squeeze(0) if unbatched else out
 

@@ -25,11 +25,12 @@ from __future__ import annotations
 import math
 import warnings
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from .. import _backend
-from .._errors import KernelInputError
+from .._errors import KernelInputError, KernelInputTypeError
 from ..check import CheckCase
 from ..reference import dense as ref
 from ._dispatch import autocast_inputs, check_float, empty, from_numpy, to_numpy
@@ -53,9 +54,10 @@ def _scalar_name(dtype) -> str:
     return _SCALAR_NAME.get(dtype, str(dtype).replace("torch.", ""))
 
 
-def _check_tensor(op: str, name: str, t) -> None:
+def _check_tensor(op: str, name: str, t, position: int | None = None) -> None:
     if not isinstance(t, Tensor):
-        raise KernelInputError(f"{op}(): argument '{name}' must be Tensor, not {type(t).__name__}")
+        pos = f" (position {position})" if position else ""
+        raise KernelInputTypeError(f"{op}(): argument '{name}'{pos} must be Tensor, not {type(t).__name__}")
 
 
 def _wrap_dim(dim: int, ndim: int) -> int:
@@ -108,7 +110,7 @@ def linear_forward(x: Tensor, w: Tensor, b: Tensor | None, activation: str | Non
         return from_numpy(y, x.dtype, x.device)
     _backend.check_interpreter_dtype("linear", backend, x, w, b)
     ktriton, kd = _triton_modules()
-    x2 = x.reshape(-1, K)
+    x2 = x.reshape(math.prod(x.shape[:-1]), K)  # not -1: undefined for a zero-size dim (K = 0)
     y = empty((x2.shape[0], O), dtype=x.dtype, device=x.device)
     kd.matmul(x2, w.t(), y, bias=b, activation=activation, allow_tf32=_tf32_allowed(), interpret=ktriton.INTERPRET)
     return y.reshape(*x.shape[:-1], O)
@@ -128,10 +130,11 @@ def linear_backward(grad: Tensor, x: Tensor, w: Tensor, out: Tensor | None, acti
         return from_numpy(dx, x.dtype, dev), from_numpy(dw, w.dtype, dev), db_t
     _backend.check_interpreter_dtype("linear_backward", backend, grad, x, w)
     ktriton, kd = _triton_modules()
-    g2 = grad.reshape(-1, O)
+    M = math.prod(x.shape[:-1])
+    g2 = grad.reshape(M, O)
     if activation is not None:
-        g2 = kd.act_grad(g2.contiguous(), out.reshape(-1, O).contiguous(), activation, ktriton.INTERPRET)
-    x2 = x.reshape(-1, K)
+        g2 = kd.act_grad(g2.contiguous(), out.reshape(M, O).contiguous(), activation, ktriton.INTERPRET)
+    x2 = x.reshape(M, K)
     tf32 = _tf32_allowed()
     dx = empty((x2.shape[0], K), dtype=x.dtype, device=x.device)
     dw = empty((O, K), dtype=w.dtype, device=w.device)
@@ -190,8 +193,10 @@ def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None, *, activat
     dim, as torch), bias [O] (or anything broadcastable to it: [] or [1]) or None.
     ``activation`` (ours only; default None) fuses relu / sigmoid / tanh into the epilogue.
     """
-    _check_tensor("linear", "input", input)
-    _check_tensor("linear", "weight", weight)
+    _check_tensor("linear", "input", input, 1)
+    _check_tensor("linear", "weight", weight, 2)
+    if bias is not None:
+        _check_tensor("linear", "bias", bias, 3)
     input, weight, bias = autocast_inputs("lower", input, weight, bias)
     if activation not in ACTIVATIONS:
         raise KernelInputError(f"linear: unknown activation {activation!r}; expected one of {ACTIVATIONS}")
@@ -219,23 +224,72 @@ def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None, *, activat
         rows = math.prod(input.shape[:-1])
         raise KernelInputError(f"mat1 and mat2 shapes cannot be multiplied ({rows}x{input.shape[-1]} and {K}x{O})")
     if bias is not None:
-        _check_tensor("linear", "bias", bias)
         if bias.dtype != input.dtype:
             raise KernelInputError(
                 f"self and mat2 must have the same dtype, but got {_scalar_name(bias.dtype)} and {_scalar_name(input.dtype)}"
             )
-        if bias.shape != (O,):
-            if bias.numel() == 1 and bias.dim() <= 1:
-                bias = bias.reshape(1).expand(O)
-            else:
-                rows = math.prod(input.shape[:-1])
-                raise KernelInputError(
-                    f"The expanded size of the tensor ({O}) must match the existing size ({bias.shape[-1] if bias.dim() else 1}) "
-                    f"at non-singleton dimension {max(input.dim() - 1, 0)}.  Target sizes: [{rows}, {O}].  "
-                    f"Tensor sizes: {list(bias.shape)}"
-                )
+        if vec_w:
+            # a 1-D weight with a bias: torch's verdict depends on its internal path (a contiguous
+            # input fails in addmm, "mat2 must be a matrix", its transposed copy succeeds); ours is
+            # the [1, K] weight's result, squeezed, which is what torch returns whenever it succeeds
+            if bias.shape != (1,):
+                if bias.numel() != 1 or bias.dim() > 1:
+                    raise KernelInputError(
+                        f"The expanded size of the tensor (1) must match the existing size "
+                        f"({bias.shape[-1] if bias.dim() else 1}) at non-singleton dimension {max(input.dim() - 1, 0)}.  "
+                        f"Target sizes: [{math.prod(input.shape[:-1])}, 1].  Tensor sizes: {list(bias.shape)}"
+                    )
+                bias = bias.reshape(1)
+        elif bias.shape != (O,):
+            return _linear_general_bias(input, w, bias, activation)
     y = _linear_op(input, w, bias, activation)
     return y.squeeze(-1) if vec_w else y
+
+
+def _linear_general_bias(input: Tensor, w: Tensor, bias: Tensor, activation) -> Tensor:
+    """torch's linear (2-D weight) with a bias other than [O], by torch's own rule:
+
+    * a 2-D input, or a contiguous input with a bias that is 1-D once squeezed (contiguous),
+      is torch's ``addmm(bias, input.flatten(0, -2), weight.t())``: the bias must expand to
+      [rows, O];
+    * anything else is ``matmul(input, weight.t()).add_(bias)``: the bias must broadcast to
+      the output's shape without growing it.
+
+    The product is our kernel; a bias that is [O], [1] or [] after those checks goes into its
+    epilogue, any other is added (broadcast) to the product afterwards by torch's own add, whose
+    autograd sums the bias gradient over the broadcast dims, and the activation follows.
+    """
+    O = w.shape[0]
+    lead = input.shape[:-1]
+    rows = math.prod(lead)
+    out_shape = (*lead, O)
+    fusable = (bias.dim() == 1 or bias.squeeze().dim() == 1) and bias.is_contiguous()
+    addmm = input.dim() == 2 or (fusable and input.is_contiguous())
+    if addmm:
+        try:
+            bias.expand(rows, O)
+        except RuntimeError as e:  # torch's own message ("The expanded size of the tensor ...")
+            raise KernelInputError(str(e)) from None
+        if bias.numel() == 1:
+            return _linear_op(input, w, bias.reshape(1).expand(O), activation)
+    else:
+        a, b = list(out_shape), list(bias.shape)
+        for i in range(1, min(len(a), len(b)) + 1):  # torch's infer_size: last dim first
+            if a[-i] != b[-i] and b[-i] != 1 and a[-i] != 1:
+                raise KernelInputError(
+                    f"The size of tensor a ({a[-i]}) must match the size of tensor b ({b[-i]}) at non-singleton "
+                    f"dimension {max(len(a), len(b)) - i}"
+                )
+        full = list(torch.broadcast_shapes(out_shape, bias.shape))
+        if full != list(out_shape):
+            raise KernelInputError(f"output with shape {list(out_shape)} doesn't match the broadcast shape {full}")
+    y = _linear_op(input, w, None, None).reshape(out_shape)
+    y = (y.reshape(rows, O) + bias).reshape(out_shape) if addmm else y + bias
+    if activation is not None:
+        from .activation import _activation_op
+
+        y = _activation_op(y, activation)
+    return y
 
 
 # =========================================================================== softmax / log_softmax
@@ -330,8 +384,27 @@ def _get_softmax_dim(name: str, ndim: int, stacklevel: int) -> int:
     return 0 if ndim in (0, 1, 3) else 1
 
 
+def _is_int(v) -> bool:
+    """torch's parser's int: Python / NumPy ints and integer 0-d tensors; not bool, float, str."""
+    if isinstance(v, (bool, np.bool_)):
+        return False
+    if isinstance(v, (int, np.integer, torch.SymInt)):
+        return True
+    return isinstance(v, Tensor) and v.dim() == 0 and not v.is_floating_point() and not v.is_complex() and v.dtype != torch.bool
+
+
+# Python types torch's parser takes as a dtype (dtype=float is torch.float64)
+_PY_DTYPES = {float: torch.float64, int: torch.int64, bool: torch.bool, complex: torch.complex128}
+
+
 def _softmax_public(name, op, input, dim, _stacklevel, dtype):
     _check_tensor(name, "input", input)
+    if dim is not None and not _is_int(dim):
+        raise KernelInputTypeError(f"{name}(): argument 'dim' (position 1) must be int, not {type(dim).__name__}")
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        if dtype not in _PY_DTYPES:
+            raise KernelInputTypeError(f"{name}(): argument 'dtype' must be torch.dtype, not {type(dtype).__name__}")
+        dtype = _PY_DTYPES[dtype]
     if dtype is None:
         (input,) = autocast_inputs("fp32", input)
     if dim is None:
@@ -538,8 +611,8 @@ _cross_entropy_op.register_autograd(_ce_backward, setup_context=_ce_setup)
 
 
 def _check_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing):
-    _check_tensor("cross_entropy", "input", input)
-    _check_tensor("cross_entropy", "target", target)
+    _check_tensor("cross_entropy_loss", "input", input, 1)
+    _check_tensor("cross_entropy_loss", "target", target, 2)
     if reduction not in REDUCTIONS:
         raise KernelInputError(f"{reduction} is not a valid value for reduction")
     if label_smoothing > 1.0:  # torch checks only this bound; values <= 0 (and NaN) mean no smoothing
@@ -633,6 +706,15 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, s
     """
     if size_average is not None or reduce is not None:
         reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
+    # torch's parser: ignore_index an int, label_smoothing a number (an int is fine), never coerced
+    if not _is_int(ignore_index):
+        raise KernelInputTypeError(
+            f"cross_entropy_loss(): argument 'ignore_index' (position 5) must be int, not {type(ignore_index).__name__}"
+        )
+    if isinstance(label_smoothing, (str, bytes)) or not isinstance(label_smoothing, (int, float, np.integer, np.floating, Tensor)):
+        raise KernelInputTypeError(
+            f"cross_entropy_loss(): argument 'label_smoothing' (position 6) must be float, not {type(label_smoothing).__name__}"
+        )
     if isinstance(input, Tensor):
         input, weight = autocast_inputs("fp32", input, weight)
     prob = _check_cross_entropy(input, target, weight, ignore_index, reduction, float(label_smoothing))

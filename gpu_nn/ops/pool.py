@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend
-from .._errors import KernelInputError
+from .._errors import KernelInputError, KernelInputIndexError, KernelInputTypeError
 from ..check import CheckCase
 from ..reference import pool as ref
 from ._dispatch import check_float, empty, from_numpy, to_numpy
@@ -36,79 +36,127 @@ BACKENDS = ("reference", "triton", "cupy")
 
 
 # --- argument normalisation and checks (torch's wording) ------------------------------------
+# Each check below is torch's own, in torch's order (ATen's max_pool2d_with_indices /
+# avg_pool2d meta functions, pooling_output_shape_pad_lr, pool2d_shape_check, check_max_pool1d),
+# so that an input with two faults reports the same one as torch.
+
+_POSITION = {"kernel_size": 2, "stride": 3, "padding": 4, "dilation": 5}
 
 
-def _tuple_arg(v, n: int, op: str, arg: str, allow_empty: bool = False):
-    """int or sequence -> tuple of n ints; torch's arity messages."""
-    if isinstance(v, bool):
-        v = int(v)
-    if isinstance(v, (int, np.integer)) or (isinstance(v, torch.SymInt)):
-        return (int(v),) * n
-    if isinstance(v, Tensor) and v.numel() == 1 and not v.is_floating_point():
-        return (int(v),) * n
-    try:
-        t = tuple(int(a) for a in v)
-    except TypeError:
-        raise KernelInputError(f"{op}(): argument '{arg}' must be tuple of ints, not {type(v).__name__}") from None
-    if allow_empty and len(t) == 0:
-        return None
-    if len(t) == 1:
-        return t * n
-    if len(t) != n:
-        if n == 1:
-            raise KernelInputError(f"{op}() argument '{arg}' should contain one int (got {len(t)})")
-        what = {
-            "kernel_size": "kernel_size must either be a single int, or a tuple of two ints",
-            "stride": "stride must either be omitted, a single int, or a tuple of two ints",
-            "padding": "padding must either be a single int, or a tuple of two ints",
-            "dilation": "dilation must be either a single int, or a tuple of two ints",
-        }[arg]
-        raise KernelInputError(f"{op}: {what}")
-    return t
+def _is_int(v) -> bool:
+    """What torch's argument parser takes as an int: Python / NumPy ints and integer 0-d
+    tensors, not bool (nor float, str)."""
+    if isinstance(v, (bool, np.bool_)):
+        return False
+    if isinstance(v, (int, np.integer, torch.SymInt)):
+        return True
+    return isinstance(v, Tensor) and v.dim() == 0 and not v.is_floating_point() and not v.is_complex() and v.dtype != torch.bool
 
 
-def _normalise(op: str, nd: int, kernel_size, stride, padding, dilation):
-    k = _tuple_arg(kernel_size, nd, op, "kernel_size")
-    s = None if stride is None else _tuple_arg(stride, nd, op, "stride", allow_empty=True)
-    s = k if s is None else s
-    p = _tuple_arg(padding, nd, op, "padding")
-    d = _tuple_arg(dilation, nd, op, "dilation")
-    return k, s, p, d
+def _int_list(op: str, arg: str, v) -> tuple[int, ...]:
+    """torch's parser for a ``tuple of ints`` argument: an int is one value, a sequence must
+    hold ints only; anything else (2.5, "22", (2.9, 2), True) is a TypeError, never coerced."""
+    pos = f" (position {_POSITION[arg]})"
+    if _is_int(v):
+        return (int(v),)
+    if not isinstance(v, (tuple, list, torch.Size)):
+        raise KernelInputTypeError(f"{op}(): argument '{arg}'{pos} must be tuple of ints, not {type(v).__name__}")
+    for i, e in enumerate(v):
+        if not _is_int(e):
+            if i == 0:
+                raise KernelInputTypeError(
+                    f"{op}(): argument '{arg}'{pos} must be tuple of ints, but found element of type {type(e).__name__} at pos 0"
+                )
+            raise KernelInputTypeError(
+                f"{op}(): argument '{arg}' failed to unpack the object at pos {i + 1} with error "
+                f'"type must be tuple of ints,but got {type(e).__name__}"'
+            )
+    return tuple(int(e) for e in v)
+
+
+def _parse(op: str, kernel_size, stride, padding, dilation=1):
+    """(k, s, p, d) as parsed tuples (any length); ``s`` is () for stride None, as torch."""
+    k = _int_list(op, "kernel_size", kernel_size)
+    s = () if stride is None else _int_list(op, "stride", stride)
+    return k, s, _int_list(op, "padding", padding), _int_list(op, "dilation", dilation)
+
+
+_ARITY_2D = {
+    "kernel_size": "kernel_size must either be a single int, or a tuple of two ints",
+    "stride": "stride must either be omitted, a single int, or a tuple of two ints",
+    "padding": "padding must either be a single int, or a tuple of two ints",
+    "dilation": "dilation must be either a single int, or a tuple of two ints",
+}
+
+
+def _pair2d(op: str, k, s, p, d):
+    """max_pool2d / avg_pool2d meta functions: arity checks, then pairs (stride () = kernel)."""
+    for name, v in (("kernel_size", k), ("stride", s), ("padding", p), ("dilation", d)):
+        if len(v) not in (1, 2) and not (name == "stride" and len(v) == 0):
+            raise KernelInputError(f"{op}: {_ARITY_2D[name]}")
+    two = lambda v: (v[0], v[0]) if len(v) == 1 else tuple(v)  # noqa: E731
+    k = two(k)
+    return k, (k if len(s) == 0 else two(s)), two(p), two(d)
+
+
+def _check1d(op: str, k, s, p, d=(1,)):
+    """torch's check1d (max_pool1d_with_indices, avg_pool1d): one int each."""
+    for name, v in (("kernel_size", k), ("stride", s), ("padding", p), ("dilation", d)):
+        if len(v) != 1:
+            raise KernelInputError(f"{op}() argument '{name}' should contain one int (got {len(v)})")
+
+
+def _check_dim_range(op: str, input: Tensor):
+    if input.dim() not in (2, 3):
+        raise KernelInputError(
+            f"Expected 2 to 3 dimensions, but got {input.dim()}-dimensional tensor for argument #1 'self' "
+            f"(while checking arguments for {op})"
+        )
 
 
 def _check_input(op: str, input) -> None:
     if not isinstance(input, Tensor):
-        raise KernelInputError(f"{op}(): argument 'input' (position 1) must be Tensor, not {type(input).__name__}")
+        raise KernelInputTypeError(f"{op}(): argument 'input' (position 1) must be Tensor, not {type(input).__name__}")
     check_float(op, "input", input)
 
 
-def _check_2d(input: Tensor, k, s, p, d, ceil_mode: bool, is_max: bool, shape_name: str | None = None):
-    """torch's pool2d_shape_check (+ max_pool2d's effective-kernel padding rule) on [N?, C, H, W]."""
+def _ctrunc_div(a: int, b: int) -> int:
+    """C++ integer division (rounds towards zero), which torch's bounds use."""
+    q = abs(a) // abs(b)
+    return q if (a >= 0) == (b > 0) else -q
+
+
+def _check_2d(input: Tensor, k, s, p, d, ceil_mode: bool, is_max: bool):
+    """torch's checks of a 2d pooling of ``input`` [N?, C, H, W] (pairs k, s, p, d), after the
+    arity checks, in torch's order: the 3D/4D rank (max), the padding bounds of H then W
+    (pooling_output_shape, before any shape check: a zero-size input with a bad padding
+    reports the padding), then pool2d_shape_check."""
     shape = tuple(input.shape)
-    if any(v == 0 for v in s):
-        raise KernelInputError("stride should not be zero")
-    if len(shape) not in (3, 4):
+    if is_max and len(shape) not in (3, 4):
         raise KernelInputError("non-empty 3D or 4D (batch mode) tensor expected for input")
+    if not is_max and len(shape) < 3:  # avg_pool2d reads input.size(-3) first
+        n = max(len(shape), 1)
+        raise KernelInputIndexError(f"Dimension out of range (expected to be in range of [{-n}, {n - 1}], but got -3)")
+    for kv, sv, pv, dv in zip(k, s, p, d):
+        if sv == 0:
+            raise KernelInputError("stride should not be zero")
+        if pv < 0:
+            raise KernelInputError(f"pad must be non-negative, but got pad: {pv}")
+        if pv > _ctrunc_div((kv - 1) * dv + 1, 2):
+            raise KernelInputError(
+                f"pad should be at most half of effective kernel size, but got pad={pv}, kernel_size={kv} and dilation={dv}"
+            )
     if min(k) <= 0:
         raise KernelInputError(f"kernel size should be greater than zero, but got kH: {k[0]} kW: {k[1]}")
     if min(s) <= 0:
         raise KernelInputError(f"stride should be greater than zero, but got dH: {s[0]} dW: {s[1]}")
     if min(d) <= 0:
         raise KernelInputError(f"dilation should be greater than zero, but got dilationH: {d[0]} dilationW: {d[1]}")
-    if any(v == 0 for v in shape[-3:]):
+    if len(shape) not in (3, 4) or any(v == 0 for v in shape[-3:]):
         raise KernelInputError(
-            "Expected 3D or 4D (batch mode) tensor with optional 0 dim batch size for input, "
-            f"but got:{list(shape_name or shape)}"
+            f"Expected 3D or 4D (batch mode) tensor with optional 0 dim batch size for input, but got:{list(shape)}"
         )
-    for pv in p:
-        if pv < 0:
-            raise KernelInputError(f"pad must be non-negative, but got pad: {pv}")
-    for kv, pv, dv in zip(k, p, d):
-        if pv > ((kv - 1) * dv + 1) // 2:
-            raise KernelInputError(
-                f"pad should be at most half of effective kernel size, but got pad={pv}, kernel_size={kv} and dilation={dv}"
-            )
-    if is_max and (p[0] > k[0] // 2 or p[1] > k[1] // 2):
+    if p[0] > k[0] // 2 or p[1] > k[1] // 2:
         raise KernelInputError(
             f"pad should be smaller than or equal to half of kernel size, but got padW = {p[1]}, padH = {p[0]}, kW = {k[1]}, kH = {k[0]}"
         )
@@ -122,22 +170,31 @@ def _check_2d(input: Tensor, k, s, p, d, ceil_mode: bool, is_max: bool, shape_na
 
 
 def _check_max1d(op: str, input: Tensor, k, s, p, d, ceil_mode: bool):
-    """torch's max_pool1d checks (its own wording, prefixed with the op name)."""
+    """torch's max_pool1d (no indices) checks: its own rank test, then check_max_pool1d."""
     shape = tuple(input.shape)
     if len(shape) not in (2, 3) or any(v == 0 for v in shape[-2:]):
         raise KernelInputError(
             f"{op}: Expected 2D or 3D (batch mode) tensor with optional 0 dim batch size for input, but got:{list(shape)}"
         )
+    if len(k) != 1:
+        raise KernelInputError(f"{op}() kernel_size must be an int, list of ints or tuple of ints of size 1 but got size {len(k)}")
+    if len(s) > 1:
+        raise KernelInputError(f"{op}() stride must be None, an int, list of ints, or tuple of ints of size 1 but got size {len(s)}")
+    if len(p) != 1:
+        raise KernelInputError(f"{op}() padding must be an int, list of ints, or tuple of ints of size 1 but got size {len(p)}")
+    if len(d) != 1:
+        raise KernelInputError(f"{op}() dilation must be an int, list of ints or tuple of ints of size 1 but got size {len(d)}")
+    s = s or k
     if k[0] <= 0:
         raise KernelInputError(f"{op}() kernel_size must be greater than zero, but got {k[0]}")
     if s[0] <= 0:
         raise KernelInputError(f"{op}() stride must be greater than zero, but got {s[0]}")
-    if d[0] <= 0:
-        raise KernelInputError(f"{op}() dilation must be greater than zero, but got {d[0]}")
     if p[0] < 0:
         raise KernelInputError(f"{op}() padding must be non-negative, but got {p[0]}")
     if p[0] > k[0] // 2:
         raise KernelInputError(f"{op}() padding should be at most half of kernel size, but got padding={p[0]} and kernel_size={k[0]}")
+    if d[0] <= 0:
+        raise KernelInputError(f"{op}() dilation must be greater than zero, but got {d[0]}")
     out = ref.out_size(shape[-1], k[0], s[0], p[0], d[0], ceil_mode)
     if out < 1:
         raise KernelInputError(f"{op}() Invalid computed output size: {out}")
@@ -434,7 +491,7 @@ _avg_pool_op.register_autograd(_avg_backward, setup_context=_avg_setup)
 
 def _max2d_public(op, input, kernel_size, stride, padding, dilation, ceil_mode, return_indices, minimum):
     _check_input(op, input)
-    k, s, p, d = _normalise(op, 2, kernel_size, stride, padding, dilation)
+    k, s, p, d = _pair2d(op, *_parse(op + ("_with_indices" if return_indices else ""), kernel_size, stride, padding, dilation))
     _check_2d(input, k, s, p, d, bool(ceil_mode), is_max=True)
     x4 = input if input.dim() == 4 else input.unsqueeze(0)
     out, idx = _max_pool_op(x4, list(k), list(s), list(p), list(d), bool(ceil_mode), minimum)
@@ -445,8 +502,17 @@ def _max2d_public(op, input, kernel_size, stride, padding, dilation, ceil_mode, 
 
 def _max1d_public(op, input, kernel_size, stride, padding, dilation, ceil_mode, return_indices, minimum):
     _check_input(op, input)
-    k, s, p, d = _normalise(op, 1, kernel_size, stride, padding, dilation)
-    _check_max1d(op, input, k, s, p, d, bool(ceil_mode))
+    k, s, p, d = _parse(op + ("_with_indices" if return_indices else ""), kernel_size, stride, padding, dilation)
+    if return_indices:
+        # torch's max_pool1d_with_indices: rank range, one int each, then max_pool2d_with_indices
+        # of the [N?, C, 1, L] view (its messages)
+        _check_dim_range(op, input)
+        s = s or k
+        _check1d(op, k, s, p, d)
+        _check_2d(input.unsqueeze(-2), (1, k[0]), (1, s[0]), (0, p[0]), (1, d[0]), bool(ceil_mode), is_max=True)
+    else:
+        _check_max1d(op, input, k, s, p, d, bool(ceil_mode))
+        s = s or k
     x4 = input.unsqueeze(-2)
     if x4.dim() == 3:
         x4 = x4.unsqueeze(0)
@@ -471,7 +537,8 @@ def min_pool2d(input: Tensor, kernel_size, stride=None, padding=0, dilation=1, c
 
 
 def max_pool1d(input: Tensor, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
-    """1d max pooling of ``[N, C, L]`` or ``[C, L]``; as ``torch.nn.functional.max_pool1d``."""
+    """1d max pooling of ``[N, C, L]`` or ``[C, L]``; as ``torch.nn.functional.max_pool1d``
+    (with ``return_indices`` torch checks as max_pool1d_with_indices does, and so do we)."""
     return _max1d_public("max_pool1d", input, kernel_size, stride, padding, dilation, ceil_mode, return_indices, False)
 
 
@@ -480,15 +547,24 @@ def min_pool1d(input: Tensor, kernel_size, stride=None, padding=0, dilation=1, c
     return _max1d_public("min_pool1d", input, kernel_size, stride, padding, dilation, ceil_mode, return_indices, True)
 
 
+def _divisor(op: str, divisor_override):
+    if divisor_override is None:
+        return None
+    if not _is_int(divisor_override):
+        raise KernelInputTypeError(f"{op}(): argument 'divisor_override' must be int, not {type(divisor_override).__name__}")
+    if int(divisor_override) == 0:
+        raise KernelInputError("divisor must be not zero")
+    return int(divisor_override)
+
+
 def avg_pool2d(input: Tensor, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True, divisor_override=None):
     """2d average pooling of ``[N, C, H, W]`` or ``[C, H, W]``; as ``torch.nn.functional.avg_pool2d``."""
     op = "avg_pool2d"
     _check_input(op, input)
-    k, s, p, d = _normalise(op, 2, kernel_size, stride, padding, 1)
+    k, s, p, _ = _parse(op, kernel_size, stride, padding)
+    k, s, p, d = _pair2d(op, k, s, p, (1,))
+    dov = _divisor(op, divisor_override)  # torch checks it before any shape
     _check_2d(input, k, s, p, d, bool(ceil_mode), is_max=False)
-    if divisor_override is not None and int(divisor_override) == 0:
-        raise KernelInputError("divisor must be not zero")
-    dov = None if divisor_override is None else int(divisor_override)
     x4 = input if input.dim() == 4 else input.unsqueeze(0)
     out = _avg_pool_op(x4, list(k), list(s), list(p), bool(ceil_mode), bool(count_include_pad), dov)
     return out.squeeze(0) if input.dim() == 3 else out
@@ -499,12 +575,10 @@ def avg_pool1d(input: Tensor, kernel_size, stride=None, padding=0, ceil_mode=Fal
     (no divisor_override, as torch)."""
     op = "avg_pool1d"
     _check_input(op, input)
-    if input.dim() not in (2, 3):
-        raise KernelInputError(
-            f"Expected 2 to 3 dimensions, but got {input.dim()}-dimensional tensor for argument #1 'self' "
-            "(while checking arguments for avg_pool1d)"
-        )
-    k, s, p, d = _normalise(op, 1, kernel_size, stride, padding, 1)
+    k, s, p, _ = _parse(op, kernel_size, stride, padding)
+    s = s or k
+    _check_dim_range(op, input)
+    _check1d(op, k, s, p)
     x3 = input.unsqueeze(-2)  # [N?, C, 1, L]: torch runs avg_pool1d as avg_pool2d of height 1
     k2, s2, p2 = (1, k[0]), (1, s[0]), (0, p[0])
     _check_2d(x3, k2, s2, p2, (1, 1), bool(ceil_mode), is_max=False)

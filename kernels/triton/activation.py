@@ -36,7 +36,8 @@ def _apply_act(x, ACT: tl.constexpr):
 def _act_grad(g, y, ACT: tl.constexpr):
     """Gradient through the activation given its float32 output tile ``y``."""
     if ACT == 1:
-        g = tl.where(y > 0, g, 0.0)
+        # torch's threshold_backward: 0 where y <= 0, else g; a NaN output (NaN input) passes g
+        g = tl.where(y <= 0, 0.0, g)
     elif ACT == 2:
         g = g * y * (1.0 - y)
     elif ACT == 3:
