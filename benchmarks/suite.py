@@ -13,7 +13,7 @@ import importlib
 import os
 import time
 
-FAMILIES = ("conv", "pool", "dense", "activation", "rnn", "optim")
+FAMILIES = ("conv", "pool", "dense", "activation", "rnn", "optim", "overhead")
 PROVIDERS = ("reference", "triton", "cupy")
 
 
@@ -113,13 +113,19 @@ def run(args) -> int:
     for fam in fams:
         colour = "green" if status[fam].startswith("ok") else "red"
         console.print(f"  {fam:<10} [{colour}]{status[fam]}[/{colour}]")
+    extra = {}
+    if "overhead" in fams:
+        from . import bench_overhead
+
+        extra["overhead_summary"] = bench_overhead.summary([r for r in rows if r["family"] == "overhead"])
+        bench_overhead.print_summary(extra["overhead_summary"], console)
     os.makedirs(args.out, exist_ok=True)
     json_path = os.path.join(args.out, "bench.json")
     png_path = os.path.join(args.out, "bench.png")
     harness.write_json(rows, json_path, families=status, quick=bool(args.quick), run_device=device,
                        timing={"warmup": warmup, "reps": reps, "max_seconds_per_provider": max_time,
                                "statistic": "median"},
-                       wall_seconds=round(time.perf_counter() - t0, 1))
+                       wall_seconds=round(time.perf_counter() - t0, 1), **extra)
     not_run = [f"{f} ({status[f].split(':')[0]})" for f in fams if not status[f].startswith("ok")]
     plot(rows, png_path, title, note=("not benchmarked: " + ", ".join(not_run)) if not_run else "")
     n_err = sum(len(r["errors"]) for r in rows)

@@ -155,3 +155,32 @@ def test_gpu_run_script_steps_and_persistent_gate(tmp_path):
     pytest_full = [c for c in calls if "-x -q tests" in c]
     assert len(bench) == 1 and bench[0].startswith("skip=1 ")
     assert len(pytest_full) == 1 and "not persistent_multi_program" in pytest_full[0]
+
+
+def test_overhead_family_times_ours_torch_and_both_floors():
+    """bench_overhead: per-call figures (the harness divides by the calls per sample) for an
+    op, a module and an optimizer, fwd and fwd+bwd, with both floors, and a goal summary."""
+    from gpu_nn.benchmarks import bench_overhead
+
+    cases = bench_overhead.cases("cpu", quick=True, only={"relu", "Linear", "SGD"})
+    assert [c.name for c in cases] == ["F.relu fwd", "F.relu fwd+bwd", "nn.Linear fwd", "nn.Linear fwd+bwd",
+                                       "optim.SGD step"]
+    assert all(c.calls == bench_overhead.CALLS > 1 for c in cases)
+    rows = [harness.run_case(c, warmup=0, reps=2) for c in cases]
+    for r in rows:
+        assert not r["errors"], r["errors"]
+        want = {"torch", "reference"} | ({"floor-custom-op", "floor-function"} if "optim" not in r["name"] else set())
+        assert set(r["seconds"]) == want
+    summ = bench_overhead.summary(rows)
+    assert [s["name"] for s in summ] == [c.name for c in cases]
+    relu = summ[0]
+    assert relu["vs_torch"] == pytest.approx(rows[0]["seconds"]["reference"] / rows[0]["seconds"]["torch"])
+    assert relu["vs_floor-custom-op"] == pytest.approx(rows[0]["seconds"]["reference"] / rows[0]["seconds"]["floor-custom-op"])
+
+
+def test_harness_divides_by_calls_per_sample(clock):
+    case = harness.Case("fake", "op", "n=1", {"torch": _sleeper([0.02], clock), "reference": _sleeper([0.04], clock)},
+                        calls=20, min_reps=9)
+    row = harness.run_case(case, warmup=0, reps=2)
+    assert row["seconds"]["torch"] == pytest.approx(0.001) and row["stats"]["torch"]["reps"] == 9
+    assert row["ratio"]["reference"] == pytest.approx(2.0)
