@@ -125,8 +125,10 @@ def autograd_pair(setup_context, backward):
     return setup, bwd
 
 
+@functools.lru_cache(maxsize=None)
 def interpret_mode() -> bool:
-    """True when Triton kernels run in the interpreter (TRITON_INTERPRET=1 at import)."""
+    """True when Triton kernels run in the interpreter (TRITON_INTERPRET=1 at import). Fixed
+    once the kernels are imported (``@triton.jit`` decides at decoration), so cached."""
     if not _triton_importable()[0]:
         return False
     from .kernels import triton as ktriton
@@ -171,9 +173,19 @@ def _cupy_status() -> tuple[bool, str]:
     return True, f"cupy {cupy.__version__} on {why}"
 
 
+_status_cache: dict = {}  # name -> (ok, why): every input to it is fixed for the process
+
+
 def status(name: str) -> tuple[bool, str]:
     """Whether backend ``name`` can run here, and why (or why not)."""
-    name = _validate(name, "gpu_nn.status")
+    got = _status_cache.get(name)
+    if got is not None:
+        return got
+    got = _status_cache[name] = _status(_validate(name, "gpu_nn.status"))
+    return got
+
+
+def _status(name: str) -> tuple[bool, str]:
     if name in ("auto", "reference"):
         return True, "NumPy on the CPU" if name == "reference" else "always"
     if name == "triton":
