@@ -118,8 +118,12 @@ def autograd_pair(setup_context, backward):
         return setup_context(ctx, inputs, output)
 
     def bwd(ctx, *grads):
-        with _entered(getattr(ctx, _CTX_ATTR, "auto")):
+        stack = _thread_stack()  # what _entered does, inline: this runs once per op backward
+        stack.append(getattr(ctx, _CTX_ATTR, "auto"))
+        try:
             return backward(ctx, *grads)
+        finally:
+            stack.pop()
 
     setup.__wrapped__, bwd.__wrapped__ = setup_context, backward
     return setup, bwd
