@@ -13,6 +13,10 @@ also times two bare wrappers around the same torch op on the same inputs -- a
 ``torch.autograd.Function`` (``floor-function``) -- so that ``ours / floor`` shows how much
 we add on top of the mechanism we use. Each timed call runs the op ``CALLS`` times in a loop;
 the harness divides, so the figures are seconds per call.
+
+On a shared, loaded CPU machine wall time measures the neighbours as much as the call (seen: a
+2-core box at load 6 tripled every figure, torch's included); ``gpu-nn bench --family overhead
+--clock thread`` times the calling thread's CPU seconds instead, the host cost proper.
 """
 
 from __future__ import annotations

@@ -184,3 +184,22 @@ def test_harness_divides_by_calls_per_sample(clock):
     row = harness.run_case(case, warmup=0, reps=2)
     assert row["seconds"]["torch"] == pytest.approx(0.001) and row["stats"]["torch"]["reps"] == 9
     assert row["ratio"]["reference"] == pytest.approx(2.0)
+
+
+def test_thread_clock_times_cpu_not_waiting(tmp_path, monkeypatch):
+    """--clock thread: a provider that sleeps (waits, as on a loaded machine) costs ~0 CPU."""
+    import types
+
+    def sleepy():
+        return lambda: time.sleep(0.01)
+
+    case = harness.Case("fake", "op", "n=1", {"torch": _sleeper([0.0]), "reference": sleepy})
+    monkeypatch.setattr(suite, "collect", lambda fams, device, quick: ([case], {f: "ok (1 cases)" for f in fams}))
+    for clock, lo, hi in (("wall", 0.009, 1.0), ("thread", 0.0, 0.005)):
+        out = tmp_path / clock
+        assert main(["bench", "--family", "activation", "--quick", "--out", str(out), "--no-progress", "--device", "cpu",
+                     "--clock", clock]) == 0
+        data = json.loads((out / "bench.json").read_text())
+        assert data["clock"] == clock
+        assert lo <= data["results"][0]["seconds"]["reference"] <= hi, (clock, data["results"][0]["seconds"])
+    assert harness.time is time or isinstance(harness.time, types.ModuleType)  # restored after the run
