@@ -206,6 +206,8 @@ class Routed:
         self.__doc__ = getattr(op, "__doc__", None)
 
     def __getattr__(self, name):
+        if name.startswith("__") or name in ("_op", "_overload", "_impl", "_function"):
+            raise AttributeError(name)  # copy/pickle probe instances before __init__: no recursion
         return getattr(self._op, name)
 
     def register_autograd(self, backward, /, *, setup_context=None):
