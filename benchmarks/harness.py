@@ -31,6 +31,8 @@ class Case:
     flops: float | None = None     # per call, for TFLOP/s
     bytes: float | None = None     # per call, for GB/s
     baseline: str = "torch"
+    calls: int = 1                 # op calls per timed callable; figures are per call
+    min_reps: int = 0              # timed calls at least, whatever the run's setting
 
 
 # (warm-up calls, timed calls, seconds after which a provider stops early)
@@ -116,7 +118,8 @@ def run_case(case: Case, providers=None, warmup: int = 2, reps: int = 7, max_tim
             continue
         try:
             fn = setup()
-            stats = summarize(time_callable(fn, case.device, warmup, reps, max_time=max_time))
+            times = time_callable(fn, case.device, warmup, max(reps, case.min_reps), max_time=max_time)
+            stats = summarize([t / case.calls for t in times])
             row["seconds"][name] = stats["median"]
             row["stats"][name] = stats
         except Exception as exc:  # a provider that cannot run here is reported, not fatal

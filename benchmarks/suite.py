@@ -13,7 +13,7 @@ import importlib
 import os
 import time
 
-FAMILIES = ("conv", "pool", "dense", "activation", "rnn", "optim")
+FAMILIES = ("conv", "pool", "dense", "activation", "rnn", "optim", "overhead")
 PROVIDERS = ("reference", "triton", "cupy")
 
 
@@ -26,6 +26,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--backend", action="append", choices=PROVIDERS,
                         help="only time these providers of ours (repeatable); torch is always timed as the baseline")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
+    parser.add_argument("--clock", choices=("wall", "thread"), default="wall",
+                        help="CPU runs: 'wall' (default) times wall-clock seconds; 'thread' times the calling "
+                             "thread's CPU seconds, the host cost of a call without the waits a loaded, shared "
+                             "machine adds (use with --family overhead; torch runs on one thread there)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -88,6 +92,13 @@ def plot(rows, path: str, title: str, note: str = "") -> None:
     plt.close(fig)
 
 
+class _ThreadClock:
+    """Stands in for the harness's ``time`` module: ``perf_counter`` reads this thread's CPU time."""
+
+    perf_counter = staticmethod(time.thread_time)
+    sleep = staticmethod(time.sleep)
+
+
 def run(args) -> int:
     import torch
     from rich.console import Console
@@ -101,25 +112,41 @@ def run(args) -> int:
     console = Console()
     if not console.is_terminal:
         console = Console(width=200)
+    clock = getattr(args, "clock", "wall")
+    if clock == "thread":
+        if device != "cpu":
+            raise SystemExit("gpu-nn bench: --clock thread is for CPU runs (GPU runs time with CUDA events)")
     t0 = time.perf_counter()
     cases, status = collect(fams, device, args.quick)
     warmup, reps, max_time = harness.QUICK if args.quick else harness.FULL
     providers = set(args.backend) if args.backend else None
-    rows = harness.run_cases(cases, providers, warmup=warmup, reps=reps, max_time=max_time,
-                             progress=not args.no_progress)
+    saved = harness.time
+    if clock == "thread":
+        harness.time = _ThreadClock()
+    try:
+        rows = harness.run_cases(cases, providers, warmup=warmup, reps=reps, max_time=max_time,
+                                 progress=not args.no_progress)
+    finally:
+        harness.time = saved
     env = harness.environment()
     title = f"gpu-nn bench on {env['device'] if device == 'cuda' else 'CPU: ' + env['cpu']}" + (" (--quick)" if args.quick else "")
     harness.print_table(rows, title=title, console=console)
     for fam in fams:
         colour = "green" if status[fam].startswith("ok") else "red"
         console.print(f"  {fam:<10} [{colour}]{status[fam]}[/{colour}]")
+    extra = {}
+    if "overhead" in fams:
+        from . import bench_overhead
+
+        extra["overhead_summary"] = bench_overhead.summary([r for r in rows if r["family"] == "overhead"])
+        bench_overhead.print_summary(extra["overhead_summary"], console)
     os.makedirs(args.out, exist_ok=True)
     json_path = os.path.join(args.out, "bench.json")
     png_path = os.path.join(args.out, "bench.png")
     harness.write_json(rows, json_path, families=status, quick=bool(args.quick), run_device=device,
                        timing={"warmup": warmup, "reps": reps, "max_seconds_per_provider": max_time,
                                "statistic": "median"},
-                       wall_seconds=round(time.perf_counter() - t0, 1))
+                       wall_seconds=round(time.perf_counter() - t0, 1), clock=clock, **extra)
     not_run = [f"{f} ({status[f].split(':')[0]})" for f in fams if not status[f].startswith("ok")]
     plot(rows, png_path, title, note=("not benchmarked: " + ", ".join(not_run)) if not_run else "")
     n_err = sum(len(r["errors"]) for r in rows)

@@ -8,11 +8,14 @@ Backends:
 * ``cupy``      -- our CUDA C kernels compiled at run time by CuPy (NVRTC); CUDA tensors only.
 * ``auto``      -- a GPU backend for CUDA tensors, ``reference`` for CPU tensors.
 
-The choice comes from ``gpu_nn.backend(name)`` when one is active, else from the
-``GPU_NN_BACKEND`` environment variable, else ``auto``. The choice is process-wide (not
-thread-local) on purpose: autograd runs backward passes of CUDA tensors on its own worker
-threads, and those must see the backend the user asked for. An explicitly requested backend
-that cannot run raises :class:`BackendUnavailableError` saying why; nothing falls back silently.
+The choice comes from the innermost ``gpu_nn.backend(name)`` block active in the calling
+thread, else from the ``GPU_NN_BACKEND`` environment variable (every thread's default), else
+``auto``. It is thread-local, as torch's own context managers are: two threads in overlapping
+blocks do not see each other's choice. Autograd runs the backward of CUDA tensors on its own
+worker threads, which see none of the user's blocks; so every op captures the backend its
+forward ran under (:func:`capture`) and its backward re-enters it (:func:`autograd_pair`). An
+explicitly requested backend that cannot run raises :class:`BackendUnavailableError` saying
+why; nothing falls back silently.
 """
 
 from __future__ import annotations
@@ -29,8 +32,8 @@ from ._errors import BackendUnavailableError
 NAMES = ("auto", "reference", "triton", "cupy")
 GPU_BACKENDS = ("triton", "cupy")
 
-_lock = threading.Lock()
-_stack: list[str] = []
+_local = threading.local()  # .stack: this thread's backend() blocks, innermost last
+_env_cache: tuple = (None, "auto")  # (raw GPU_NN_BACKEND, validated name): one tuple, swapped whole
 
 
 def _validate(name: str, where: str) -> str:
@@ -42,12 +45,27 @@ def _validate(name: str, where: str) -> str:
     return name
 
 
+def _thread_stack() -> list[str]:
+    stack = getattr(_local, "stack", None)
+    if stack is None:
+        stack = _local.stack = []
+    return stack
+
+
 def requested() -> str:
-    """The backend asked for right now: innermost ``backend()`` block, else the env var."""
-    with _lock:
-        if _stack:
-            return _stack[-1]
-    return _validate(os.environ.get("GPU_NN_BACKEND", "auto") or "auto", "GPU_NN_BACKEND")
+    """The backend asked for right now in this thread: innermost ``backend()`` block, else the
+    env var (read on every call, so a change to it is seen; validated once per value)."""
+    stack = getattr(_local, "stack", None)
+    if stack:
+        return stack[-1]
+    global _env_cache
+    raw = os.environ.get("GPU_NN_BACKEND")
+    cached = _env_cache
+    if raw == cached[0]:
+        return cached[1]
+    name = _validate(raw or "auto", "GPU_NN_BACKEND")
+    _env_cache = (raw, name)  # a tuple assignment is atomic: threads see the old or the new pair
+    return name
 
 
 @contextlib.contextmanager
@@ -61,17 +79,60 @@ def backend(name: str):
         ok, why = status(name)
         if not ok:
             raise BackendUnavailableError(f"backend {name!r} cannot run here: {why}")
-    with _lock:
-        _stack.append(name)
+    stack = _thread_stack()
+    stack.append(name)
     try:
         yield name
     finally:
-        with _lock:
-            _stack.pop()
+        stack.pop()
 
 
+@contextlib.contextmanager
+def _entered(name: str):
+    """Re-enter a backend captured earlier (already validated when it was captured)."""
+    stack = _thread_stack()
+    stack.append(name)
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def capture() -> str:
+    """The backend to record with an op's forward, so that its backward (perhaps on an
+    autograd worker thread) runs on the same one."""
+    return requested()
+
+
+_CTX_ATTR = "gpu_nn_backend"
+
+
+def autograd_pair(setup_context, backward):
+    """Wrap an op's ``(setup_context, backward)`` pair (``register_autograd``'s or an
+    ``autograd.Function``'s) so that the backward runs under the backend requested when the
+    forward ran, in whatever thread autograd runs it. The wrapped functions are unchanged
+    otherwise: same ``ctx``, same arguments, same results."""
+
+    def setup(ctx, inputs, output):
+        setattr(ctx, _CTX_ATTR, requested())
+        return setup_context(ctx, inputs, output)
+
+    def bwd(ctx, *grads):
+        stack = _thread_stack()  # what _entered does, inline: this runs once per op backward
+        stack.append(getattr(ctx, _CTX_ATTR, "auto"))
+        try:
+            return backward(ctx, *grads)
+        finally:
+            stack.pop()
+
+    setup.__wrapped__, bwd.__wrapped__ = setup_context, backward
+    return setup, bwd
+
+
+@functools.lru_cache(maxsize=None)
 def interpret_mode() -> bool:
-    """True when Triton kernels run in the interpreter (TRITON_INTERPRET=1 at import)."""
+    """True when Triton kernels run in the interpreter (TRITON_INTERPRET=1 at import). Fixed
+    once the kernels are imported (``@triton.jit`` decides at decoration), so cached."""
     if not _triton_importable()[0]:
         return False
     from .kernels import triton as ktriton
@@ -116,9 +177,19 @@ def _cupy_status() -> tuple[bool, str]:
     return True, f"cupy {cupy.__version__} on {why}"
 
 
+_status_cache: dict = {}  # name -> (ok, why): every input to it is fixed for the process
+
+
 def status(name: str) -> tuple[bool, str]:
     """Whether backend ``name`` can run here, and why (or why not)."""
-    name = _validate(name, "gpu_nn.status")
+    got = _status_cache.get(name)
+    if got is not None:
+        return got
+    got = _status_cache[name] = _status(_validate(name, "gpu_nn.status"))
+    return got
+
+
+def _status(name: str) -> tuple[bool, str]:
     if name in ("auto", "reference"):
         return True, "NumPy on the CPU" if name == "reference" else "always"
     if name == "triton":
@@ -146,7 +217,7 @@ def resolve(op: str, device: torch.device, have: tuple[str, ...], prefer: tuple[
     ``auto``. Raises BackendUnavailableError when the requested backend cannot run.
     """
     req = requested()
-    dev = torch.device(device)
+    dev = device if isinstance(device, torch.device) else torch.device(device)
     if req == "auto":
         if dev.type != "cuda":
             return "reference"

@@ -23,10 +23,19 @@ accuracies show that gpu-nn trains as torch does. Builders take the module names
 
 On a CUDA device with ``--backend auto`` our GPU kernels run (Triton / CUDA C); on the CPU the
 NumPy reference does.
+
+Timing: both twins go through one training-step function and one timing loop (the only
+difference is the ``gpu_nn.backend`` block around ours). The first epoch is reported apart as
+warm-up (it sees every batch shape once, so it pays kernel compilation, autotuning and, with
+``--compile``, ``torch.compile``'s tracing and code generation); ``seconds_per_epoch`` is the
+steady state, the mean of the later epochs (the first epoch's figure when only one ran).
+``--compile`` compiles both models the same way (``torch.compile`` with the same backend and
+mode; on a GPU ``mode="reduce-overhead"``, CUDA graphs, by default).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.resources
 import json
@@ -167,16 +176,48 @@ def backend_label(backend: str, device: str, impl: Impl) -> str:
     return "reference" if torch.device(device).type == "cpu" else "auto (our GPU kernels)"
 
 
+class _Side:
+    """One twin: its (maybe compiled) model, optimizer, loss, clipping and backend block, the
+    per-step losses and per-epoch seconds. Both twins run this same code."""
+
+    def __init__(self, net, opt, loss_fn, clip, context):
+        self.net, self.opt, self.loss_fn, self.clip, self.context = net, opt, loss_fn, clip, context
+        self.curve: list[float] = []
+        self.epoch_seconds: list[float] = []
+
+    def timed_step(self, xb, yb, clip_norm, device) -> None:
+        _sync(device)
+        t0 = time.perf_counter()
+        with self.context():
+            self.opt.zero_grad()
+            loss = self.loss_fn(self.net(xb), yb)
+            loss.backward()
+            if clip_norm is not None:
+                self.clip(self.net.parameters(), clip_norm)
+            self.opt.step()
+        _sync(device)
+        self.epoch_seconds[-1] += time.perf_counter() - t0
+        self.curve.append(float(loss.detach()))
+
+    def figures(self) -> tuple[float, float, float]:
+        """(total seconds, warm-up = first epoch, steady state = mean of the later epochs)."""
+        e = self.epoch_seconds
+        steady = sum(e[1:]) / (len(e) - 1) if len(e) > 1 else (e[0] if e else 0.0)
+        return sum(e), (e[0] if e else 0.0), steady
+
+
 def train_pair(model: str, epochs: int | None = None, device: str = "cpu", backend: str = "auto",
                subset: int | None = None, seed: int = 0, ours: Impl | None = None,
                batch_size: int | None = None, lr: float | None = None, progress: bool = True,
-               keep_models: bool = False) -> dict:
+               keep_models: bool = False, compile: bool | None = None, compile_backend: str = "inductor",
+               compile_mode: str | None = None) -> dict:
     """Train ``model`` built from ``ours`` (default gpu_nn) and its torch twin side by side.
 
     Both start from the same weights and take the same batches; each step runs ours (under
     ``gpu_nn.backend(backend)``) then the twin. Returns the figures of the JSON report, with
     per-step losses ``loss_curve`` / ``torch_loss_curve``; with ``keep_models`` also the two
-    trained modules under ``models``.
+    trained modules under ``models``. ``compile`` (truthy) wraps both models in
+    ``torch.compile(backend=compile_backend, mode=compile_mode)``.
     """
     import gpu_nn
 
@@ -199,18 +240,20 @@ def train_pair(model: str, epochs: int | None = None, device: str = "cpu", backe
     twin_opt = getattr(twin_impl.optim, hp["optimizer"])(twin.parameters(), lr=lr)
     loss_fn, twin_loss_fn = ours.nn.CrossEntropyLoss(), twin_impl.nn.CrossEntropyLoss()
 
-    def step(netw, optw, lossw, clip, xb, yb):
-        optw.zero_grad()
-        loss = lossw(netw(xb), yb)
-        loss.backward()
-        if hp["clip"] is not None:
-            clip(netw.parameters(), hp["clip"])
-        optw.step()
-        return loss.detach()
+    compile = True if compile else None
+    if compile is not None:
+        # the same compilation for both twins; the modules keep their parameters (state_dict,
+        # optimizers and the accuracy below see the same tensors)
+        kw = {"backend": compile_backend} if compile_mode is None else {"backend": compile_backend, "mode": compile_mode}
+        fwd, twin_fwd = torch.compile(net, **kw), torch.compile(twin, **kw)
+    else:
+        fwd, twin_fwd = net, twin
 
+    sides = (
+        _Side(fwd, opt, loss_fn, ours.clip_grad_norm_, lambda: gpu_nn.backend(backend)),
+        _Side(twin_fwd, twin_opt, twin_loss_fn, twin_impl.clip_grad_norm_, contextlib.nullcontext),
+    )
     order = np.random.default_rng(seed)
-    curve, twin_curve = [], []
-    seconds = twin_seconds = 0.0
     n = len(y_tr)
     for epoch in range(epochs):
         perm = order.permutation(n)
@@ -220,27 +263,20 @@ def train_pair(model: str, epochs: int | None = None, device: str = "cpu", backe
             from tqdm import tqdm
 
             bar = tqdm(total=len(batches), desc=f"{model} epoch {epoch + 1}/{epochs}", unit="batch", leave=True)
+        for side in sides:
+            side.epoch_seconds.append(0.0)
         for idx in batches:
             xb = _inputs(model, x_tr[idx], device)
             yb = torch.from_numpy(y_tr[idx]).to(device)
-            _sync(device)
-            t0 = time.perf_counter()
-            with gpu_nn.backend(backend):
-                loss = step(net, opt, loss_fn, ours.clip_grad_norm_, xb, yb)
-            _sync(device)
-            t1 = time.perf_counter()
-            twin_loss = step(twin, twin_opt, twin_loss_fn, twin_impl.clip_grad_norm_, xb, yb)
-            _sync(device)
-            t2 = time.perf_counter()
-            seconds += t1 - t0
-            twin_seconds += t2 - t1
-            curve.append(float(loss))
-            twin_curve.append(float(twin_loss))
+            for side in sides:  # same batch, same code, ours then the twin
+                side.timed_step(xb, yb, hp["clip"], device)
             if bar is not None:
-                bar.set_postfix(loss=f"{curve[-1]:.4f}", torch=f"{twin_curve[-1]:.4f}", refresh=False)
+                bar.set_postfix(loss=f"{sides[0].curve[-1]:.4f}", torch=f"{sides[1].curve[-1]:.4f}", refresh=False)
                 bar.update(1)
         if bar is not None:
             bar.close()
+    (seconds, warmup, steady), (twin_seconds, twin_warmup, twin_steady) = (s.figures() for s in sides)
+    curve, twin_curve = sides[0].curve, sides[1].curve
 
     with gpu_nn.backend(backend):
         acc = _accuracy(net, model, x_te, y_te, device)
@@ -250,8 +286,12 @@ def train_pair(model: str, epochs: int | None = None, device: str = "cpu", backe
         "torch_test_accuracy": twin_acc,
         "seconds": round(seconds, 3),
         "torch_seconds": round(twin_seconds, 3),
-        "seconds_per_epoch": round(seconds / max(epochs, 1), 3),
-        "torch_seconds_per_epoch": round(twin_seconds / max(epochs, 1), 3),
+        "seconds_per_epoch": round(steady, 3),
+        "torch_seconds_per_epoch": round(twin_steady, 3),
+        "warmup_seconds": round(warmup, 3),
+        "torch_warmup_seconds": round(twin_warmup, 3),
+        "steady_state": epochs > 1,
+        "compile": None if compile is None else {"backend": compile_backend, "mode": compile_mode},
         "epochs": epochs,
         "backend": backend_label(backend, device, ours),
         "device": str(device),
@@ -305,14 +345,21 @@ def print_table(results: dict, console=None) -> None:
     from rich.table import Table
 
     table = Table(title="gpu-nn demo: digits, fixed split (1437 train / 360 test)")
-    for col in ("model", "backend", "device", "epochs", "test acc ours", "test acc torch", "s/epoch ours", "s/epoch torch"):
+    for col in ("model", "backend", "device", "epochs", "test acc ours", "test acc torch", "s/epoch ours", "s/epoch torch",
+                "warm-up s ours", "warm-up s torch"):
         table.add_column(col, justify="right" if col not in ("model", "backend", "device") else "left")
     for name, r in results.items():
         close = abs(r["test_accuracy"] - r["torch_test_accuracy"]) <= 0.01
         colour = "green" if close else "red"
         table.add_row(name, r["backend"], r["device"], str(r["epochs"]),
                       f"[{colour}]{r['test_accuracy']:.4f}[/{colour}]", f"{r['torch_test_accuracy']:.4f}",
-                      f"{r['seconds_per_epoch']:.2f}", f"{r['torch_seconds_per_epoch']:.2f}")
+                      f"{r['seconds_per_epoch']:.2f}" + ("" if r.get("steady_state", True) else "*"),
+                      f"{r['torch_seconds_per_epoch']:.2f}" + ("" if r.get("steady_state", True) else "*"),
+                      f"{r.get('warmup_seconds', 0.0):.2f}", f"{r.get('torch_warmup_seconds', 0.0):.2f}")
+    if any(not r.get("steady_state", True) for r in results.values()):
+        table.caption = "* one epoch only: s/epoch includes the warm-up (compilation); run 2+ epochs for the steady state"
+    else:
+        table.caption = "s/epoch: steady state, mean of epochs 2..E; warm-up: epoch 1 (compilation, autotuning)"
     (console or Console()).print(table)
 
 
@@ -333,6 +380,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default %(default)s: the models are tiny, and fanning each small "
                              "op out over threads costs more than it saves, badly so on a busy machine)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile both models the same way (see --compile-backend / --compile-mode)")
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="torch.compile backend for --compile (default %(default)s; 'aot_eager' compiles fast)")
+    parser.add_argument("--compile-mode", default=None,
+                        help="torch.compile mode for --compile (default: reduce-overhead, i.e. CUDA graphs, on cuda "
+                             "with inductor; torch's default otherwise)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--ours-from", choices=("gpu_nn", "torch"), default="gpu_nn",
                         help="build 'ours' from gpu_nn (default) or, as a self-check of the demo itself, from torch")
@@ -354,9 +408,13 @@ def run(args) -> int:
     models = MODELS if args.model == "all" else (args.model,)
     results = {}
     t0 = time.perf_counter()
+    mode = args.compile_mode
+    if args.compile and mode is None and device == "cuda" and args.compile_backend == "inductor":
+        mode = "reduce-overhead"
     for m in models:
         results[m] = train_pair(m, args.epochs, device, args.backend, args.subset, args.seed, ours,
-                                progress=not args.no_progress)
+                                progress=not args.no_progress, compile=args.compile,
+                                compile_backend=args.compile_backend, compile_mode=mode)
     console = Console()
     if not console.is_terminal:  # logs and pipes: wide enough that cells do not wrap
         console = Console(width=160)

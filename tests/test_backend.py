@@ -72,7 +72,7 @@ def test_cupy_refused_without_gpu_with_reason():
 
 def test_op_without_backend_says_so(monkeypatch):
     with pytest.raises(gpu_nn.BackendUnavailableError, match="has no cupy implementation"):
-        monkeypatch.setattr(_backend, "_stack", ["cupy"])
+        monkeypatch.setattr(_backend, "requested", lambda: "cupy")
         _backend.resolve("someop", torch.device("cpu"), ("reference", "triton"))
 
 

@@ -199,3 +199,50 @@ def test_results_record_and_render(tmp_path):
     assert text.startswith("intro\n") and text.endswith("rest\n") and "1 of 2 rows pass" in text
     assert (into / "history.png").stat().st_size > 1000
 
+
+def test_overhead_family_times_ours_torch_and_both_floors():
+    """bench_overhead: per-call figures (the harness divides by the calls per sample) for an
+    op, a module and an optimizer, fwd and fwd+bwd, with both floors, and a goal summary."""
+    from gpu_nn.benchmarks import bench_overhead
+
+    cases = bench_overhead.cases("cpu", quick=True, only={"relu", "Linear", "SGD"})
+    assert [c.name for c in cases] == ["F.relu fwd", "F.relu fwd+bwd", "nn.Linear fwd", "nn.Linear fwd+bwd",
+                                       "optim.SGD step"]
+    assert all(c.calls == bench_overhead.CALLS > 1 for c in cases)
+    rows = [harness.run_case(c, warmup=0, reps=2) for c in cases]
+    for r in rows:
+        assert not r["errors"], r["errors"]
+        want = {"torch", "reference"} | ({"floor-custom-op", "floor-function"} if "optim" not in r["name"] else set())
+        assert set(r["seconds"]) == want
+    summ = bench_overhead.summary(rows)
+    assert [s["name"] for s in summ] == [c.name for c in cases]
+    relu = summ[0]
+    assert relu["vs_torch"] == pytest.approx(rows[0]["seconds"]["reference"] / rows[0]["seconds"]["torch"])
+    assert relu["vs_floor-custom-op"] == pytest.approx(rows[0]["seconds"]["reference"] / rows[0]["seconds"]["floor-custom-op"])
+
+
+def test_harness_divides_by_calls_per_sample(clock):
+    case = harness.Case("fake", "op", "n=1", {"torch": _sleeper([0.02], clock), "reference": _sleeper([0.04], clock)},
+                        calls=20, min_reps=9)
+    row = harness.run_case(case, warmup=0, reps=2)
+    assert row["seconds"]["torch"] == pytest.approx(0.001) and row["stats"]["torch"]["reps"] == 9
+    assert row["ratio"]["reference"] == pytest.approx(2.0)
+
+
+def test_thread_clock_times_cpu_not_waiting(tmp_path, monkeypatch):
+    """--clock thread: a provider that sleeps (waits, as on a loaded machine) costs ~0 CPU."""
+    import types
+
+    def sleepy():
+        return lambda: time.sleep(0.01)
+
+    case = harness.Case("fake", "op", "n=1", {"torch": _sleeper([0.0]), "reference": sleepy})
+    monkeypatch.setattr(suite, "collect", lambda fams, device, quick: ([case], {f: "ok (1 cases)" for f in fams}))
+    for clock, lo, hi in (("wall", 0.009, 1.0), ("thread", 0.0, 0.005)):
+        out = tmp_path / clock
+        assert main(["bench", "--family", "activation", "--quick", "--out", str(out), "--no-progress", "--device", "cpu",
+                     "--clock", clock]) == 0
+        data = json.loads((out / "bench.json").read_text())
+        assert data["clock"] == clock
+        assert lo <= data["results"][0]["seconds"]["reference"] <= hi, (clock, data["results"][0]["seconds"])
+    assert harness.time is time or isinstance(harness.time, types.ModuleType)  # restored after the run

@@ -88,3 +88,40 @@ def test_command_writes_json_and_plot(tmp_path, capsys):
     assert out["gru"]["epochs"] == 1
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "gpu-nn demo" in capsys.readouterr().out
+
+
+def test_warmup_is_reported_apart_from_the_steady_state():
+    side = demo._Side(None, None, None, None, None)
+    side.epoch_seconds = [5.0, 1.0, 2.0]
+    assert side.figures() == (8.0, 5.0, 1.5)
+    side.epoch_seconds = [4.0]
+    assert side.figures() == (4.0, 4.0, 4.0)  # one epoch: no steady state to tell apart
+    r = demo.train_pair("cnn", epochs=3, subset=64, ours=demo.torch_impl(), progress=False)
+    assert r["steady_state"] is True and r["compile"] is None
+    for who in ("", "torch_"):
+        assert r[f"{who}seconds"] == pytest.approx(r[f"{who}warmup_seconds"] + 2 * r[f"{who}seconds_per_epoch"], abs=2e-3)
+
+
+def test_compile_compiles_both_twins_the_same_way():
+    """--compile on the CPU (aot_eager: no C++ build): ours still matches torch step by step,
+    through the custom ops under torch.compile."""
+    r = demo.train_pair("cnn", epochs=2, subset=64, backend="reference", progress=False,
+                        compile=True, compile_backend="aot_eager", keep_models=True)
+    assert r["compile"] == {"backend": "aot_eager", "mode": None} and r["steady_state"] is True
+    np.testing.assert_allclose(r["loss_curve"], r["torch_loss_curve"], rtol=1e-4, atol=1e-6)
+    assert r["warmup_seconds"] > 0 and r["seconds_per_epoch"] > 0
+
+
+def test_compile_flags_reach_both_twins(monkeypatch, tmp_path):
+    seen = []
+
+    def fake(model, *args, **kw):
+        seen.append(kw)
+        return {"test_accuracy": 1.0, "torch_test_accuracy": 1.0, "seconds_per_epoch": 1.0, "torch_seconds_per_epoch": 1.0,
+                "backend": "x", "device": "cpu", "epochs": 1, "loss_curve": [1.0], "torch_loss_curve": [1.0]}
+
+    monkeypatch.setattr(demo, "train_pair", fake)
+    assert main(["demo", "--model", "cnn", "--compile", "--compile-backend", "aot_eager", "--no-progress"]) == 0
+    assert main(["demo", "--model", "cnn", "--no-progress"]) == 0
+    assert seen[0]["compile"] is True and seen[0]["compile_backend"] == "aot_eager" and seen[0]["compile_mode"] is None
+    assert seen[1]["compile"] is False

@@ -8,6 +8,7 @@ import os
 import numpy as np
 import torch
 
+from .. import _backend
 from .._errors import KernelInputError
 
 _NUMPY_NATIVE = (torch.float32, torch.float64)
@@ -47,6 +48,35 @@ def from_numpy(a: np.ndarray, dtype: torch.dtype, device: torch.device) -> torch
     if t.dtype != dtype or t.device != torch.device(device):
         t = t.to(device=device, dtype=dtype)
     return t
+
+
+_KERNELS: dict = {}
+
+
+def triton_kernels(family: str):
+    """``(gpu_nn.kernels.triton, gpu_nn.kernels.triton.<family>)``, imported on first use only
+    (Triton may be missing where the reference runs) and then served from a dict: no import
+    statement on the call path. Safe across threads: the import lock serialises the first
+    import, and every thread stores the same module objects."""
+    try:
+        return _KERNELS[family]
+    except KeyError:
+        import importlib
+
+        pkg = importlib.import_module("gpu_nn.kernels.triton")
+        mods = _KERNELS[family] = (pkg, importlib.import_module(f"gpu_nn.kernels.triton.{family}"))
+        return mods
+
+
+def cuda_kernels():
+    """``gpu_nn.kernels.cuda`` (the CuPy loader), imported on first use, then cached."""
+    try:
+        return _KERNELS["cuda"]
+    except KeyError:
+        import importlib
+
+        mod = _KERNELS["cuda"] = importlib.import_module("gpu_nn.kernels.cuda")
+        return mod
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -108,3 +138,107 @@ def autocast_inputs(policy: str, *tensors):
         t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != dtype else t
         for t in tensors
     )
+
+
+# ----------------------------------------------------------------------------- eager route
+
+EAGER = os.environ.get("GPU_NN_EAGER", "1") != "0"  # 0: every call through the custom op (tests compare)
+
+try:  # what torch's own custom ops use for list[Tensor] arguments (torch >= 2.4)
+    from torch._library.autograd import supports_tensorlist as _supports_tensorlist
+except ImportError:  # pragma: no cover - older torch: such ops keep the custom-op route
+    _supports_tensorlist = None
+
+_C = torch._C
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _plain(args) -> bool:
+    """No tensor subclass (fake, functional, DTensor, ...) among the arguments."""
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            if type(a) not in _PLAIN:
+                return False
+        elif isinstance(a, (list, tuple)) and not _plain(a):
+            return False
+    return True
+
+
+def _eager_ok(args) -> bool:
+    """True when nothing but plain eager autograd would see the call: no jit trace, no
+    dispatch or torch-function mode (fake tensors, functionalisation, op counters,
+    set_default_device), no functorch transform, no tensor subclass."""
+    return (
+        _C._len_torch_dispatch_stack() == 0
+        and not _C._is_torch_function_mode_enabled()
+        and not _C._are_functorch_transforms_active()
+        and _C._get_tracing_state() is None
+        and _plain(args)
+    )
+
+
+class Routed:
+    """A ``torch.library.custom_op`` with an eager route around its dispatcher machinery.
+
+    The custom op stays the contract: ``torch.compile``, fake tensors, ``opcheck``, jit
+    tracing, functorch and any dispatch mode get it unchanged. A plain eager call (every
+    argument given positionally, see :func:`_eager_ok`) instead runs the op's own Python
+    function directly when no gradient is wanted, and through a ``torch.autograd.Function``
+    built from the *same* ``setup_context`` / ``backward`` pair when one is -- what torch's
+    custom op builds internally, minus the dispatcher round trips (about half the host cost
+    per call, shared/DESIGN.md section 6). ``tests/test_hotpath.py`` checks that both routes
+    give the same values, gradients, errors and autograd graph for every op.
+
+    Everything else (``register_fake``, ``_opoverload``, ...) is the custom op's own;
+    ``register_autograd`` also records the pair for the eager route, both wrapped by
+    :func:`gpu_nn._backend.autograd_pair` so that a backward runs on the backend its forward
+    ran on, in whatever thread autograd runs it.
+    """
+
+    def __init__(self, op):
+        self._op = op
+        self._overload = op._opoverload
+        self._impl = op._init_fn
+        schema = self._overload._schema
+        self._nargs = len(schema.arguments)
+        self._tensorlist = any(isinstance(a.type, torch.ListType) and "Tensor" in str(a.type) for a in schema.arguments)
+        self._function = None
+        self.__doc__ = getattr(op, "__doc__", None)
+
+    def __getattr__(self, name):
+        if name.startswith("__") or name in ("_op", "_overload", "_impl", "_function"):
+            raise AttributeError(name)  # copy/pickle probe instances before __init__: no recursion
+        return getattr(self._op, name)
+
+    def register_autograd(self, backward, /, *, setup_context=None):
+        setup, bwd = _backend.autograd_pair(setup_context or (lambda ctx, inputs, output: None), backward)
+        self._op.register_autograd(bwd, setup_context=setup)
+        impl = self._impl
+
+        def forward(ctx, *args):
+            # what torch's generated Function for a custom op does: setup_context inside forward
+            out = impl(*args)
+            setup(ctx, args, out)
+            return out
+
+        fn = type(f"Eager_{self._op._name}", (torch.autograd.Function,), {
+            "forward": staticmethod(forward),
+            "backward": staticmethod(bwd),
+        })
+        if self._tensorlist:
+            fn = _supports_tensorlist(fn) if _supports_tensorlist is not None else None
+        self._function = fn
+
+    def __call__(self, *args, **kwargs):
+        if torch.compiler.is_compiling() or kwargs or len(args) != self._nargs or not EAGER or not _eager_ok(args):
+            return self._overload(*args, **kwargs)
+        if _C.is_grad_enabled() and _C._any_requires_grad(*args):
+            if self._function is None:  # no formula (yet): the custom op says so at backward time
+                return self._overload(*args)
+            return self._function.apply(*args)
+        return self._impl(*args)
+
+
+def routed(op) -> Routed:
+    """Decorator, outermost over ``@torch.library.custom_op``: see :class:`Routed`."""
+    return Routed(op)

@@ -14,7 +14,7 @@ from .. import _backend
 from .._errors import KernelInputError
 from ..check import CheckCase
 from ..reference import activation as ref
-from ._dispatch import check_float, empty, from_numpy, to_numpy
+from ._dispatch import check_float, empty, from_numpy, routed, to_numpy, triton_kernels
 
 __all__ = ["relu", "sigmoid", "tanh"]
 
@@ -35,8 +35,7 @@ def activation_forward(x: Tensor, activation: str) -> Tensor:
     if backend == "reference":
         return from_numpy(ref.FORWARD[activation](to_numpy(x)), x.dtype, x.device)
     _backend.check_interpreter_dtype(activation, backend, x)
-    from ..kernels import triton as ktriton
-    from ..kernels.triton import activation as kt
+    ktriton, kt = triton_kernels("activation")
 
     xc = x.contiguous()
     y = empty(xc.shape, dtype=x.dtype, device=x.device)
@@ -53,8 +52,7 @@ def activation_backward(grad_output: Tensor, output: Tensor, activation: str) ->
     if backend == "reference":
         return from_numpy(ref.BACKWARD[activation](to_numpy(grad_output), to_numpy(output)), grad_output.dtype, grad_output.device)
     _backend.check_interpreter_dtype(activation, backend, grad_output)
-    from ..kernels import triton as ktriton
-    from ..kernels.triton import activation as kt
+    ktriton, kt = triton_kernels("activation")
 
     g = grad_output.contiguous()
     y = output.to(g.dtype).contiguous()
@@ -63,6 +61,7 @@ def activation_backward(grad_output: Tensor, output: Tensor, activation: str) ->
     return dx
 
 
+@routed
 @torch.library.custom_op("gpu_nn::activation", mutates_args=())
 def _activation_op(input: Tensor, activation: str) -> Tensor:
     return activation_forward(input, activation)
@@ -73,6 +72,7 @@ def _(input, activation):
     return input.new_empty(input.shape)
 
 
+@routed
 @torch.library.custom_op("gpu_nn::activation_backward", mutates_args=())
 def _activation_backward_op(grad_output: Tensor, output: Tensor, activation: str) -> Tensor:
     return activation_backward(grad_output, output, activation)

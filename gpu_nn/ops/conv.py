@@ -29,7 +29,9 @@ from .. import _backend
 from .._errors import KernelInputError, KernelInputTypeError
 from ..check import CheckCase
 from ..reference import conv as ref
-from ._dispatch import autocast_inputs, check_float, check_same, empty, from_numpy, to_numpy
+from ._dispatch import (
+    autocast_inputs, check_float, check_same, empty, from_numpy, routed, to_numpy, triton_kernels,
+)
 
 __all__ = ["conv1d", "conv2d"]
 
@@ -256,8 +258,7 @@ def conv_forward(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride, 
         out = f(to_numpy(input), to_numpy(weight), to_numpy(bias), stride, _ref_pads(padding), dilation, groups, activation)
         return from_numpy(out, input.dtype, input.device)
     _backend.check_interpreter_dtype(f"conv{nd}d", backend, input, weight, bias)
-    from ..kernels import triton as ktriton
-    from ..kernels.triton import conv as kt
+    ktriton, kt = triton_kernels("conv")
 
     x4, w4 = _as4d(input), _as4d(weight)
     pads4 = padding if nd == 2 else [0, 0] + list(padding)
@@ -291,12 +292,11 @@ def conv_backward(grad_output: Tensor, input: Tensor, weight: Tensor, output: Op
         res = [from_numpy(a, dt, dev) if m else input.new_empty(0) for a, m in zip((gi, gw, gb), mask)]
         return tuple(res)
     _backend.check_interpreter_dtype(f"conv{nd}d", backend, input, weight, grad_output)
-    from ..kernels import triton as ktriton
-    from ..kernels.triton import conv as kt
+    ktriton, kt = triton_kernels("conv")
 
     g = grad_output
     if activation is not None:
-        from ..kernels.triton import activation as ka
+        _, ka = triton_kernels("activation")
 
         gc, yc = g.contiguous(), output.to(g.dtype).contiguous()
         g = empty(gc.shape, dtype=dt, device=dev)
@@ -338,6 +338,7 @@ def _precision(dtype: torch.dtype) -> str:
 
 # ----------------------------------------------------------------------------- custom ops
 
+@routed
 @torch.library.custom_op("gpu_nn::conv_forward", mutates_args=())
 def _conv_forward_op(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride: list[int], padding: list[int],
                      dilation: list[int], groups: int, activation: Optional[str]) -> Tensor:
@@ -350,6 +351,7 @@ def _(input, weight, bias, stride, padding, dilation, groups, activation):
     return input.new_empty((input.shape[0], weight.shape[0], *osz))
 
 
+@routed
 @torch.library.custom_op("gpu_nn::conv_backward", mutates_args=())
 def _conv_backward_op(grad_output: Tensor, input: Tensor, weight: Tensor, output: Optional[Tensor], stride: list[int],
                       padding: list[int], dilation: list[int], groups: int, activation: Optional[str],

@@ -33,7 +33,7 @@ from .. import _backend
 from .._errors import KernelInputError, KernelInputTypeError
 from ..check import CheckCase
 from ..reference import dense as ref
-from ._dispatch import autocast_inputs, check_float, empty, from_numpy, to_numpy
+from ._dispatch import autocast_inputs, check_float, empty, from_numpy, routed, to_numpy, triton_kernels
 
 __all__ = ["cross_entropy", "flatten", "linear", "log_softmax", "softmax"]
 
@@ -69,10 +69,7 @@ def _wrap_dim(dim: int, ndim: int) -> int:
 
 
 def _triton_modules():
-    from ..kernels import triton as ktriton
-    from ..kernels.triton import dense as kd
-
-    return ktriton, kd
+    return triton_kernels("dense")
 
 
 # =========================================================================== flatten
@@ -148,6 +145,7 @@ def linear_backward(grad: Tensor, x: Tensor, w: Tensor, out: Tensor | None, acti
     return dx.reshape(x.shape), dw, db
 
 
+@routed
 @torch.library.custom_op("gpu_nn::linear", mutates_args=())
 def _linear_op(input: Tensor, weight: Tensor, bias: Tensor | None, activation: str | None) -> Tensor:
     return linear_forward(input, weight, bias, activation)
@@ -158,6 +156,7 @@ def _(input, weight, bias, activation):
     return input.new_empty((*input.shape[:-1], weight.shape[0]))
 
 
+@routed
 @torch.library.custom_op("gpu_nn::linear_backward", mutates_args=())
 def _linear_backward_op(grad: Tensor, input: Tensor, weight: Tensor, output: Tensor | None, activation: str | None,
                         has_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -343,6 +342,7 @@ def _softmax_backward(grad: Tensor, out: Tensor, dim: int, log: bool) -> Tensor:
 def _register_softmax(log: bool):
     name = "log_softmax" if log else "softmax"
 
+    @routed
     @torch.library.custom_op(f"gpu_nn::{name}", mutates_args=())
     def fwd(input: Tensor, dim: int) -> Tensor:
         return _softmax_forward(input, dim, log)
@@ -351,6 +351,7 @@ def _register_softmax(log: bool):
     def _(input, dim):
         return input.new_empty(input.shape)
 
+    @routed
     @torch.library.custom_op(f"gpu_nn::{name}_backward", mutates_args=())
     def bwd(grad: Tensor, output: Tensor, dim: int) -> Tensor:
         return _softmax_backward(grad, output, dim, log)
@@ -562,6 +563,7 @@ def _ce_unflatten(t2: Tensor, input: Tensor) -> Tensor:
     return t2.reshape(*lead, input.shape[1]).movedim(-1, 1).contiguous()
 
 
+@routed
 @torch.library.custom_op("gpu_nn::cross_entropy", mutates_args=())
 def _cross_entropy_op(input: Tensor, target: Tensor, weight: Tensor | None, reduction: str, ignore_index: int,
                       label_smoothing: float) -> tuple[Tensor, Tensor]:
@@ -579,6 +581,7 @@ def _(input, target, weight, reduction, ignore_index, label_smoothing):
     return input.new_empty(shape), input.new_empty((M,), dtype=_lse_dtype(input.dtype))
 
 
+@routed
 @torch.library.custom_op("gpu_nn::cross_entropy_backward", mutates_args=())
 def _cross_entropy_backward_op(grad: Tensor, input: Tensor, target: Tensor, weight: Tensor | None, lse: Tensor,
                                reduction: str, ignore_index: int, label_smoothing: float,

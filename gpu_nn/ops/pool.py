@@ -28,7 +28,7 @@ from .. import _backend
 from .._errors import KernelInputError, KernelInputIndexError, KernelInputTypeError
 from ..check import CheckCase
 from ..reference import pool as ref
-from ._dispatch import check_float, empty, from_numpy, to_numpy
+from ._dispatch import check_float, cuda_kernels, empty, from_numpy, routed, to_numpy, triton_kernels
 
 __all__ = ["max_pool1d", "max_pool2d", "avg_pool1d", "avg_pool2d", "min_pool1d", "min_pool2d"]
 
@@ -246,8 +246,7 @@ def max_pool_forward(x: Tensor, kernel_size, stride, padding, dilation, ceil_mod
     if out.numel() == 0:
         return out, idx
     if backend == "triton":
-        from ..kernels import triton as ktriton
-        from ..kernels.triton import pool as kt
+        ktriton, kt = triton_kernels("pool")
 
         kt.max_pool2d_forward(x, out, idx, k, s, p, d, minimum, ktriton.INTERPRET)
     else:
@@ -280,8 +279,7 @@ def max_pool_backward(grad_output: Tensor, indices: Tensor, input_size, kernel_s
     if g.numel() == 0:
         return gi.zero_()
     if backend == "triton":
-        from ..kernels import triton as ktriton
-        from ..kernels.triton import pool as kt
+        ktriton, kt = triton_kernels("pool")
 
         kt.max_pool2d_backward(g, ix, gi, k, s, p, d, ktriton.INTERPRET)
     else:
@@ -309,8 +307,7 @@ def avg_pool_forward(x: Tensor, kernel_size, stride, padding, ceil_mode: bool, c
     if out.numel() == 0:
         return out
     if backend == "triton":
-        from ..kernels import triton as ktriton
-        from ..kernels.triton import pool as kt
+        ktriton, kt = triton_kernels("pool")
 
         kt.avg_pool2d_forward(x, out, k, s, p, ceil_mode, count_include_pad, divisor_override or 0, ktriton.INTERPRET)
     else:
@@ -340,8 +337,7 @@ def avg_pool_backward(grad_output: Tensor, input_size, kernel_size, stride, padd
         return gi
     g = grad_output.contiguous()
     if backend == "triton":
-        from ..kernels import triton as ktriton
-        from ..kernels.triton import pool as kt
+        ktriton, kt = triton_kernels("pool")
 
         kt.avg_pool2d_backward(g, gi, k, s, p, count_include_pad, divisor_override or 0, ktriton.INTERPRET)
     else:
@@ -356,7 +352,7 @@ _CUDA_TYPES = {torch.float32: "float", torch.float16: "gn_f16", torch.bfloat16: 
 
 
 def _cuda_module(dtype: torch.dtype, device: torch.device):
-    from ..kernels import cuda as kcuda
+    kcuda = cuda_kernels()
 
     if dtype not in _CUDA_TYPES:
         raise KernelInputError(f"pool (cupy): unsupported dtype {dtype}")
@@ -364,7 +360,7 @@ def _cuda_module(dtype: torch.dtype, device: torch.device):
 
 
 def _cuda_launch(kernel: str, n: int, args, device: torch.device):
-    from ..kernels import cuda as kcuda
+    kcuda = cuda_kernels()
 
     blocks = min((n + _CUDA_THREADS - 1) // _CUDA_THREADS, 65535 * 32)
     mod = _cuda_module(args[0].dtype, device)
@@ -409,6 +405,7 @@ def _cupy_avg_backward(g, gi, k, s, p, count_include_pad, divisor):
 # --- custom ops -----------------------------------------------------------------------------
 
 
+@routed
 @torch.library.custom_op("gpu_nn::max_pool", mutates_args=())
 def _max_pool_op(input: Tensor, kernel_size: list[int], stride: list[int], padding: list[int], dilation: list[int],
                  ceil_mode: bool, minimum: bool) -> tuple[Tensor, Tensor]:
@@ -422,6 +419,7 @@ def _(input, kernel_size, stride, padding, dilation, ceil_mode, minimum):
     return input.new_empty((N, C, oh, ow)), input.new_empty((N, C, oh, ow), dtype=torch.int64)
 
 
+@routed
 @torch.library.custom_op("gpu_nn::max_pool_backward", mutates_args=())
 def _max_pool_backward_op(grad_output: Tensor, indices: Tensor, input_size: list[int], kernel_size: list[int],
                           stride: list[int], padding: list[int], dilation: list[int]) -> Tensor:
@@ -449,6 +447,7 @@ def _max_backward(ctx, grad, _grad_indices):
 _max_pool_op.register_autograd(_max_backward, setup_context=_max_setup)
 
 
+@routed
 @torch.library.custom_op("gpu_nn::avg_pool", mutates_args=())
 def _avg_pool_op(input: Tensor, kernel_size: list[int], stride: list[int], padding: list[int], ceil_mode: bool,
                  count_include_pad: bool, divisor_override: Optional[int]) -> Tensor:
@@ -462,6 +461,7 @@ def _(input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor
     return input.new_empty((N, C, oh, ow))
 
 
+@routed
 @torch.library.custom_op("gpu_nn::avg_pool_backward", mutates_args=())
 def _avg_pool_backward_op(grad_output: Tensor, input_size: list[int], kernel_size: list[int], stride: list[int],
                           padding: list[int], ceil_mode: bool, count_include_pad: bool,

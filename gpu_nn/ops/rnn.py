@@ -58,7 +58,9 @@ from .. import _backend
 from .._errors import KernelInputError
 from ..check import CheckCase
 from ..reference import rnn as ref
-from ._dispatch import FLOAT_DTYPES, autocast_inputs, compute_dtype, empty, from_numpy, to_numpy
+from ._dispatch import (
+    FLOAT_DTYPES, autocast_inputs, compute_dtype, cuda_kernels, empty, from_numpy, routed, to_numpy, triton_kernels,
+)
 
 __all__ = [
     "gru",
@@ -224,9 +226,7 @@ def rnn_seq_backward(grad_output, grad_hn, grad_cn, input, weights, reserve, mod
 
 def _impl(backend):
     if backend == "triton":
-        from ..kernels.triton import rnn as kt
-
-        return kt
+        return triton_kernels("rnn")[1]
     return _CupyImpl
 
 
@@ -428,7 +428,7 @@ class _CupyImpl:
 
     @staticmethod
     def _module(mode, device):
-        from ..kernels import cuda as kcuda
+        kcuda = cuda_kernels()
 
         return kcuda, kcuda.load("rnn", {"GN_MODE": ref.MODES.index(mode)}, device.index or 0)
 
@@ -479,6 +479,7 @@ class _CupyImpl:
 # custom ops: sequences
 
 
+@routed
 @torch.library.custom_op("gpu_nn::rnn_seq", mutates_args=())
 def _rnn_seq_op(input: Tensor, hx: Tensor, cx: Optional[Tensor], weights: list[Tensor], mode: str, num_layers: int,
                 bidirectional: bool, has_biases: bool, lengths: Optional[Tensor],
@@ -494,6 +495,7 @@ def _(input, hx, cx, weights, mode, num_layers, bidirectional, has_biases, lengt
     return input.new_empty((T, B, D * H)), input.new_empty((L * D, B, H)), cn, res
 
 
+@routed
 @torch.library.custom_op("gpu_nn::rnn_seq_backward", mutates_args=())
 def _rnn_seq_backward_op(grad_output: Tensor, grad_hn: Tensor, grad_cn: Optional[Tensor], input: Tensor,
                          weights: list[Tensor], reserve: Tensor, mode: str, num_layers: int, bidirectional: bool,
@@ -608,6 +610,7 @@ def _check_cell(op, input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode):
             raise KernelInputError(f"{op}: bias of shape {list(b.shape)}, expected [{G}]")
 
 
+@routed
 @torch.library.custom_op("gpu_nn::rnn_cell", mutates_args=())
 def _rnn_cell_op(input: Tensor, hx: Tensor, cx: Optional[Tensor], w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
                  b_hh: Optional[Tensor], mode: str) -> tuple[Tensor, Tensor]:
@@ -619,6 +622,7 @@ def _(input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode):
     return hx.new_empty(hx.shape), (hx.new_empty(hx.shape) if mode == "lstm" else hx.new_empty(0))
 
 
+@routed
 @torch.library.custom_op("gpu_nn::rnn_cell_backward", mutates_args=())
 def _rnn_cell_backward_op(grad_h: Tensor, grad_c: Optional[Tensor], input: Tensor, hx: Tensor, cx: Optional[Tensor],
                           w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor],

@@ -25,6 +25,7 @@ have no GEMM to feed (K = taps only), so they run through dedicated FMA kernels
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -455,8 +456,6 @@ def conv_backward_data(g, w, dx, stride, padding, dilation, groups, prec, interp
 
 def conv_backward_weight(g, x, dw, stride, padding, dilation, groups, prec, interpret):
     """``dw`` [O, C/groups, kh, kw] = sum over batch and output pixels of ``g`` x input patches."""
-    import torch
-
     n, c, h, wd = x.shape
     o, cg, kh, kw = dw.shape
     _, _, ho, wo = g.shape
@@ -470,7 +469,7 @@ def conv_backward_weight(g, x, dw, stride, padding, dilation, groups, prec, inte
         split = wgrad_split(triton.cdiv(o, bc) * kh * kw, m, bp, interpret)
         chunk = triton.cdiv(triton.cdiv(m, split), bp) * bp
         split = triton.cdiv(m, chunk)
-        ws = torch.empty((split, o, kh * kw), dtype=torch.float32, device=dw.device)
+        ws = _partials(split, (o, kh * kw), dw)
         _conv_dw_wgrad_kernel[(triton.cdiv(o, bc), kh * kw, split)](
             g, x, ws,
             n, h, wd, o, ho, wo, kw, kh * kw, og, chunk,
@@ -478,14 +477,14 @@ def conv_backward_weight(g, x, dw, stride, padding, dilation, groups, prec, inte
             stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
             BLOCK_P=bp, BLOCK_C=bc, num_warps=warps,
         )
-        dw.copy_(ws.sum(0).view(o, 1, kh, kw))
+        _reduce_partials(ws, dw)
         return
     bm, bn, bk, warps, stages = pick_config(og, 0, x.element_size() == 2, interpret)
     tiles = triton.cdiv(og, bm) * triton.cdiv(cg, bn) * kh * kw * groups
     split = wgrad_split(tiles, m, bk, interpret)
     chunk = triton.cdiv(triton.cdiv(m, split), bk) * bk
     split = triton.cdiv(m, chunk)
-    ws = torch.empty((split, o, cg, kh * kw), dtype=torch.float32, device=dw.device)
+    ws = _partials(split, (o, cg, kh * kw), dw)
     grid = (triton.cdiv(og, bm), triton.cdiv(cg, bn) * kh * kw, groups * split)
     _conv_wgrad_kernel[grid](
         g, x, ws,
@@ -494,7 +493,29 @@ def conv_backward_weight(g, x, dw, stride, padding, dilation, groups, prec, inte
         stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
         PREC=_dot_precision(prec), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
     )
-    dw.copy_(ws.sum(0).view(o, cg, kh, kw))
+    _reduce_partials(ws, dw)
+
+
+def _direct(dw) -> bool:
+    return dw.dtype == torch.float32 and dw.is_contiguous()
+
+
+def _partials(split: int, shape: tuple, dw):
+    """The float32 buffer ``[split, *shape]`` of the wgrad kernels' partial sums. With one split
+    and a contiguous float32 ``dw`` (same layout) that is ``dw`` itself: no reduction, no copy."""
+    if split == 1 and _direct(dw):
+        return dw.view(1, *shape)
+    return torch.empty((split, *shape), dtype=torch.float32, device=dw.device)
+
+
+def _reduce_partials(ws, dw) -> None:
+    """dw = sum of the partials: one reduction, written in place when dw can take it."""
+    if ws.data_ptr() == dw.data_ptr() and ws.shape[0] == 1:
+        return  # the kernel wrote dw directly
+    if _direct(dw):
+        torch.sum(ws, 0, out=dw.view(ws.shape[1:]))
+    else:
+        dw.copy_(ws.sum(0).view(dw.shape))
 
 
 # ----------------------------------------------------------------------------- AOT

@@ -8,6 +8,7 @@ elements. Launchers take contiguous row-major 2-D tensors except :func:`matmul`,
 any strides (so transposes are views, never copies).
 """
 
+import torch
 import triton
 import triton.language as tl
 
@@ -108,8 +109,6 @@ def matmul(a, b, c, bias=None, activation=None, allow_tf32=False, interpret=Fals
 
 def act_grad(g, y, activation, interpret):
     """dY' = dY through the activation (written through the forward output y); contiguous."""
-    import torch
-
     out = torch.empty_like(g)
     _act_backward(g, y, out, activation, interpret)
     return out

@@ -27,6 +27,7 @@ half-precision dots cast the float32 operand to the weights' dtype and accumulat
 Not supported: LSTM projections.
 """
 
+import torch
 import triton
 import triton.language as tl
 
@@ -382,8 +383,6 @@ def _rnn_step_bwd_kernel(dgn_ptr, stride_dgn, w_ptr, stride_w0, stride_w1, carry
 
 
 def dot_code(dtype) -> int:
-    import torch
-
     return {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[dtype]
 
 
@@ -483,8 +482,6 @@ def persist_forward(mode, xg, hs, cs, w_hh, b_hh, out, mask, lengths, reverse, d
     assert hs.stride(1) == H and hs.stride(2) == 1 and (cs is None or cs.stride() == hs.stride())
     bb, bh, bk = PERSIST_BLOCKS
     warps, stages = persist_launch(mode, dot, b_hh is not None)
-    import torch
-
     # zeroed per launch: a re-launch (or a launch after an aborted one) never sees stale counts
     count = torch.zeros(1, dtype=torch.int32, device=hs.device)
     _rnn_persist_fwd_kernel[(num_programs,)](
