@@ -324,7 +324,7 @@ def test_triton_gradient_penalty(name, backend, device, rng):
 
 def test_opcheck_backward_ops(rng):
     ops = torch.ops.gpu_nn
-    x, w = _t(rng, 2, 4, 6, 5), _t(rng, 6, 2, 3, 2)
+    x, w = _t(rng, 1, 4, 4, 3), _t(rng, 4, 2, 3, 2)
     y = ops.conv_forward(x, w, None, [1, 1], [1, 1, 0, 0], [1, 1], 2, "sigmoid")
     g = _t(rng, *y.shape)
     torch.library.opcheck(ops.conv_backward.default,
