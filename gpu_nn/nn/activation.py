@@ -10,25 +10,26 @@ import torch
 from torch import Tensor
 
 from .. import functional as F
+from ._jit import NotScriptable
 
 __all__ = ["ReLU", "Sigmoid", "Tanh"]
 
 
-class ReLU(torch.nn.ReLU):
+class ReLU(NotScriptable, torch.nn.ReLU):
     """torch.nn.ReLU(inplace=False)."""
 
     def forward(self, input: Tensor) -> Tensor:
         return F.relu(input, inplace=self.inplace)
 
 
-class Sigmoid(torch.nn.Sigmoid):
+class Sigmoid(NotScriptable, torch.nn.Sigmoid):
     """torch.nn.Sigmoid()."""
 
     def forward(self, input: Tensor) -> Tensor:
         return F.sigmoid(input)
 
 
-class Tanh(torch.nn.Tanh):
+class Tanh(NotScriptable, torch.nn.Tanh):
     """torch.nn.Tanh()."""
 
     def forward(self, input: Tensor) -> Tensor:

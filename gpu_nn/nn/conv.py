@@ -13,6 +13,7 @@ from torch import Tensor
 
 from .._errors import KernelInputError
 from ..ops import conv as _conv
+from ._jit import NotScriptable
 
 __all__ = ["Conv1d", "Conv2d"]
 
@@ -25,7 +26,7 @@ def _check_mode(module) -> None:
         )
 
 
-class Conv1d(torch.nn.Conv1d):
+class Conv1d(NotScriptable, torch.nn.Conv1d):
     """As ``torch.nn.Conv1d`` (input [N, C, L] or [C, L]); padding_mode 'zeros' only."""
 
     def __init__(self, *args, **kwargs):
@@ -37,7 +38,7 @@ class Conv1d(torch.nn.Conv1d):
         return _conv.conv1d(input, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
-class Conv2d(torch.nn.Conv2d):
+class Conv2d(NotScriptable, torch.nn.Conv2d):
     """As ``torch.nn.Conv2d`` (input [N, C, H, W] or [C, H, W]); padding_mode 'zeros' only."""
 
     def __init__(self, *args, **kwargs):

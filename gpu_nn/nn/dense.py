@@ -15,18 +15,19 @@ from torch import Tensor
 from .. import functional as F
 from .._errors import KernelInputError
 from ..ops.dense import ACTIVATIONS
+from ._jit import NotScriptable
 
 __all__ = ["CrossEntropyLoss", "Flatten", "Linear", "LogSoftmax", "Softmax"]
 
 
-class Flatten(torch.nn.Flatten):
+class Flatten(NotScriptable, torch.nn.Flatten):
     """torch.nn.Flatten (start_dim=1, end_dim=-1): a view when the strides allow, as torch."""
 
     def forward(self, input: Tensor) -> Tensor:
         return F.flatten(input, self.start_dim, self.end_dim)
 
 
-class Linear(torch.nn.Linear):
+class Linear(NotScriptable, torch.nn.Linear):
     """torch.nn.Linear: y = x W^T + b, W [out_features, in_features], b [out_features];
     plus ``activation`` (ours only, keyword-only, default None) fused into the epilogue."""
 
@@ -46,21 +47,21 @@ class Linear(torch.nn.Linear):
         return s + (f", activation={act!r}" if act is not None else "")
 
 
-class Softmax(torch.nn.Softmax):
+class Softmax(NotScriptable, torch.nn.Softmax):
     """torch.nn.Softmax(dim=None)."""
 
     def forward(self, input: Tensor) -> Tensor:
         return F.softmax(input, self.dim, _stacklevel=5)
 
 
-class LogSoftmax(torch.nn.LogSoftmax):
+class LogSoftmax(NotScriptable, torch.nn.LogSoftmax):
     """torch.nn.LogSoftmax(dim=None)."""
 
     def forward(self, input: Tensor) -> Tensor:
         return F.log_softmax(input, self.dim, _stacklevel=5)
 
 
-class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
+class CrossEntropyLoss(NotScriptable, torch.nn.CrossEntropyLoss):
     """torch.nn.CrossEntropyLoss(weight=None, size_average=None, ignore_index=-100, reduce=None,
     reduction='mean', label_smoothing=0.0); ``weight`` is a buffer, as in torch."""
 

@@ -9,11 +9,12 @@ import torch
 from torch.nn.modules.pooling import _MaxPoolNd
 
 from .. import functional as F
+from ._jit import NotScriptable
 
 __all__ = ["MaxPool1d", "MaxPool2d", "MinPool1d", "MinPool2d", "AvgPool1d", "AvgPool2d"]
 
 
-class MaxPool1d(torch.nn.MaxPool1d):
+class MaxPool1d(NotScriptable, torch.nn.MaxPool1d):
     """``torch.nn.MaxPool1d`` running ``gpu_nn.functional.max_pool1d``."""
 
     def forward(self, input):
@@ -21,7 +22,7 @@ class MaxPool1d(torch.nn.MaxPool1d):
                             ceil_mode=self.ceil_mode, return_indices=self.return_indices)
 
 
-class MaxPool2d(torch.nn.MaxPool2d):
+class MaxPool2d(NotScriptable, torch.nn.MaxPool2d):
     """``torch.nn.MaxPool2d`` running ``gpu_nn.functional.max_pool2d``."""
 
     def forward(self, input):
@@ -29,7 +30,7 @@ class MaxPool2d(torch.nn.MaxPool2d):
                             ceil_mode=self.ceil_mode, return_indices=self.return_indices)
 
 
-class MinPool1d(_MaxPoolNd):
+class MinPool1d(NotScriptable, _MaxPoolNd):
     """Min pooling over ``[N, C, L]``: ``-MaxPool1d(-x)``; MaxPool1d's constructor."""
 
     def forward(self, input):
@@ -37,7 +38,7 @@ class MinPool1d(_MaxPoolNd):
                             ceil_mode=self.ceil_mode, return_indices=self.return_indices)
 
 
-class MinPool2d(_MaxPoolNd):
+class MinPool2d(NotScriptable, _MaxPoolNd):
     """Min pooling over ``[N, C, H, W]``: ``-MaxPool2d(-x)``; MaxPool2d's constructor."""
 
     def forward(self, input):
@@ -45,14 +46,14 @@ class MinPool2d(_MaxPoolNd):
                             ceil_mode=self.ceil_mode, return_indices=self.return_indices)
 
 
-class AvgPool1d(torch.nn.AvgPool1d):
+class AvgPool1d(NotScriptable, torch.nn.AvgPool1d):
     """``torch.nn.AvgPool1d`` running ``gpu_nn.functional.avg_pool1d``."""
 
     def forward(self, input):
         return F.avg_pool1d(input, self.kernel_size, self.stride, self.padding, self.ceil_mode, self.count_include_pad)
 
 
-class AvgPool2d(torch.nn.AvgPool2d):
+class AvgPool2d(NotScriptable, torch.nn.AvgPool2d):
     """``torch.nn.AvgPool2d`` running ``gpu_nn.functional.avg_pool2d``."""
 
     def forward(self, input):

@@ -17,6 +17,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from .._errors import KernelInputError
 from ..ops import rnn as ops
+from ._jit import NotScriptable
 
 __all__ = ["GRU", "GRUCell", "LSTM", "LSTMCell", "RNN", "RNNCell"]
 
@@ -123,21 +124,21 @@ class _SeqMixin:
         return out, hidden
 
 
-class RNN(_SeqMixin, torch.nn.RNN):
+class RNN(NotScriptable, _SeqMixin, torch.nn.RNN):
     """``torch.nn.RNN`` (tanh or relu) on gpu-nn's kernels."""
 
     def forward(self, input, hx=None):
         return self._gn_forward(input, hx)
 
 
-class LSTM(_SeqMixin, torch.nn.LSTM):
+class LSTM(NotScriptable, _SeqMixin, torch.nn.LSTM):
     """``torch.nn.LSTM`` on gpu-nn's kernels (gate order i, f, g, o); ``proj_size`` unsupported."""
 
     def forward(self, input, hx=None):
         return self._gn_forward(input, hx)
 
 
-class GRU(_SeqMixin, torch.nn.GRU):
+class GRU(NotScriptable, _SeqMixin, torch.nn.GRU):
     """``torch.nn.GRU`` on gpu-nn's kernels (torch's formula for n)."""
 
     def forward(self, input, hx=None):
@@ -153,7 +154,7 @@ def _check_cell_dims(name, input, hs):
             raise KernelInputError(f"{name}: Expected {what} to be 1D or 2D, got {h.dim()}D instead")
 
 
-class RNNCell(torch.nn.RNNCell):
+class RNNCell(NotScriptable, torch.nn.RNNCell):
     """``torch.nn.RNNCell`` on gpu-nn's kernels."""
 
     def forward(self, input, hx=None):
@@ -164,7 +165,7 @@ class RNNCell(torch.nn.RNNCell):
         return fn(input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
 
 
-class LSTMCell(torch.nn.LSTMCell):
+class LSTMCell(NotScriptable, torch.nn.LSTMCell):
     """``torch.nn.LSTMCell`` on gpu-nn's kernels."""
 
     def forward(self, input, hx=None):
@@ -172,7 +173,7 @@ class LSTMCell(torch.nn.LSTMCell):
         return ops.lstm_cell(input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
 
 
-class GRUCell(torch.nn.GRUCell):
+class GRUCell(NotScriptable, torch.nn.GRUCell):
     """``torch.nn.GRUCell`` on gpu-nn's kernels."""
 
     def forward(self, input, hx=None):

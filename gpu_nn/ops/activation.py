@@ -96,6 +96,39 @@ def _backward(ctx, grad):
 _activation_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def activation_double_backward(activation: str, gg: Tensor, grad: Tensor, output: Tensor, need_output: bool = True):
+    """Gradients of ``dx = grad * act'(output)`` (the backward written through the forward
+    output) given ``gg``, the gradient flowing into ``dx``: ``(d grad, d output)``.
+
+    d grad = gg * act'(output) is our activation backward again; d output is torch elementwise
+    math: relu' is piecewise constant in the output (None: zero almost everywhere, as torch's
+    threshold_backward), sigmoid' = y (1 - y) gives gg * grad * (1 - 2y), tanh' = 1 - y^2
+    gives -2 gg * grad * y. ``need_output=False`` skips d output.
+    """
+    d_grad = _activation_backward_op(gg, output, activation)
+    d_out = None
+    if need_output and activation == "sigmoid":
+        d_out = gg * grad * (1 - 2 * output)
+    elif need_output and activation == "tanh":
+        d_out = -2 * gg * grad * output
+    return d_grad, d_out
+
+
+def _setup_backward_context(ctx, inputs, output):
+    ctx.activation = inputs[2]
+    ctx.save_for_backward(inputs[0], inputs[1])
+
+
+def _backward_backward(ctx, gg):
+    grad, out = ctx.saved_tensors
+    d_grad, d_out = activation_double_backward(ctx.activation, gg, grad, out, ctx.needs_input_grad[1])
+    return (d_grad if ctx.needs_input_grad[0] else None), d_out, None
+
+
+# double backward (create_graph=True): the backward op is differentiable too
+_activation_backward_op.register_autograd(_backward_backward, setup_context=_setup_backward_context)
+
+
 def _apply(input: Tensor, activation: str, inplace: bool = False) -> Tensor:
     if not isinstance(input, Tensor):
         raise KernelInputError(f"{activation}(): argument 'input' must be Tensor, not {type(input).__name__}")

@@ -386,6 +386,59 @@ def _backward(ctx, grad):
 _conv_forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _bwd_setup_context(ctx, inputs, output):
+    grad_output, input, weight, output_, stride, padding, dilation, groups, activation, output_mask = inputs
+    ctx.args = (stride, padding, dilation, groups, activation)
+    ctx.mask = [bool(m) for m in output_mask]
+    ctx.save_for_backward(grad_output, input, weight, output_)
+
+
+def _backward_backward(ctx, ggi, ggw, ggb):
+    """Double backward of conv_backward, in terms of our conv ops.
+
+    With gz = grad_output through the activation, the backward is linear in each of its
+    arguments: gi = conv^T_x(gz; w), gw = conv^T_w(x; gz), gb = sum gz. So, given the
+    gradients (ggi, ggw, ggb) flowing into (gi, gw, gb):
+      d gz = conv(ggi, w) + conv(x, ggw) + ggb      (adjoints of the transposed convolutions)
+      d w  = grad_weight of conv(ggi, w) at gz       (from gi)
+      d x  = grad_input of conv(x, ggw) at gz        (from gw)
+    and d grad_output / d output follow from gz = act_backward(grad_output, output).
+    """
+    from .activation import _activation_backward_op, activation_double_backward
+
+    g, x, w, y = ctx.saved_tensors
+    stride, padding, dilation, groups, activation = ctx.args
+    mi, mw, mb = ctx.mask
+    need_g, need_x, need_w, need_y = ctx.needs_input_grad[:4]
+    gz = g if activation is None else _activation_backward_op(g, y, activation)
+    d_x = d_w = d_g = d_y = None
+    if need_x and mw:
+        d_x = _conv_backward_op(gz, x, ggw, None, stride, padding, dilation, groups, None, [True, False, False])[0]
+    if need_w and mi:
+        d_w = _conv_backward_op(gz, ggi, w, None, stride, padding, dilation, groups, None, [False, True, False])[1]
+    if need_g or need_y:
+        d_gz = None
+        if mi:
+            d_gz = _conv_forward_op(ggi, w, None, stride, padding, dilation, groups, None)
+        if mw:
+            t = _conv_forward_op(x, ggw, None, stride, padding, dilation, groups, None)
+            d_gz = t if d_gz is None else d_gz + t
+        if mb:
+            t = ggb.reshape(1, -1, *([1] * (g.dim() - 2))).expand(g.shape)
+            d_gz = t if d_gz is None else d_gz + t
+        if d_gz is None:
+            d_gz = torch.zeros_like(g)
+        if activation is None:
+            d_g = d_gz
+        else:
+            d_g, d_y = activation_double_backward(activation, d_gz, g, y, need_y)
+    return d_g, d_x, d_w, d_y, None, None, None, None, None, None
+
+
+# double backward (create_graph=True): the backward op is differentiable too
+_conv_backward_op.register_autograd(_backward_backward, setup_context=_bwd_setup_context)
+
+
 # ----------------------------------------------------------------------------- public API
 
 def _wrong_weight_rank(nd, input, weight, stride, padding, dilation):

@@ -185,6 +185,48 @@ def _linear_backward(ctx, grad):
 _linear_op.register_autograd(_linear_backward, setup_context=_linear_setup)
 
 
+def _linear_bwd_setup(ctx, inputs, output):
+    grad, x, w, out, activation, has_bias = inputs
+    ctx.activation = activation
+    ctx.has_bias = has_bias
+    ctx.save_for_backward(grad, x, w, out)
+
+
+def _linear_backward_backward(ctx, ggx, ggw, ggb):
+    """Double backward of linear_backward, as our linear op (every term is a matmul).
+
+    With gz = grad through the activation ([M, O] rows), dx = gz w, dw = gz^T x, db = sum gz;
+    given the gradients (ggx, ggw, ggb) flowing into them:
+      d gz = ggx w^T + x ggw^T + ggb = linear(ggx, w, ggb) + linear(x, ggw)
+      d w  = gz^T ggx = linear(gz^T, ggx^T),   d x = gz ggw = linear(gz, ggw^T)
+    and d grad / d output follow from gz = act_backward(grad, output).
+    """
+    from .activation import _activation_backward_op, activation_double_backward
+
+    g, x, w, out = ctx.saved_tensors
+    act = ctx.activation
+    need_g, need_x, need_w, need_out = ctx.needs_input_grad[:4]
+    O, K = w.shape
+    g2, x2, ggx2 = g.reshape(-1, O), x.reshape(-1, K), ggx.reshape(-1, K)
+    gz2 = g2 if act is None else _activation_backward_op(g2, out.reshape(-1, O), act)
+    d_x = _linear_op(gz2, ggw.t(), None, None).reshape(x.shape) if need_x else None
+    d_w = _linear_op(gz2.t(), ggx2.t(), None, None) if need_w else None
+    d_g = d_out = None
+    if need_g or need_out:
+        d_gz = _linear_op(ggx2, w, ggb if ctx.has_bias else None, None) + _linear_op(x2, ggw, None, None)
+        if act is None:
+            d_g = d_gz
+        else:
+            d_g, d_out = activation_double_backward(act, d_gz, g2, out.reshape(-1, O), need_out)
+            d_out = None if d_out is None else d_out.reshape(out.shape)
+        d_g = d_g.reshape(g.shape)
+    return d_g, d_x, d_w, d_out, None, None
+
+
+# double backward (create_graph=True): the backward op is differentiable too
+_linear_backward_op.register_autograd(_linear_backward_backward, setup_context=_linear_bwd_setup)
+
+
 def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None, *, activation: str | None = None) -> Tensor:
     """torch.nn.functional.linear: ``act(input @ weight^T + bias)``.
 
@@ -369,6 +411,34 @@ def _register_softmax(log: bool):
         return bwd(grad, out, ctx.dim), None
 
     fwd.register_autograd(backward, setup_context=setup)
+
+    def bwd_setup(ctx, inputs, output):
+        ctx.dim = inputs[2]
+        ctx.save_for_backward(inputs[0], inputs[1])
+
+    def backward_backward(ctx, gg):
+        """Double backward. softmax: dx = y (g - sum(g y)) is self-adjoint in g, so d g is the
+        softmax backward of gg again; d y = gg (g - sum(g y)) - g sum(gg y).
+        log_softmax: dx = g - exp(y) sum(g), so d g = gg - sum(gg exp(y)) and
+        d y = -gg exp(y) sum(g). Sums over ``dim``, kept for broadcasting."""
+        g, y = ctx.saved_tensors
+        dim = ctx.dim
+        d_g = d_y = None
+        if log:
+            p = y.exp()
+            if ctx.needs_input_grad[0]:
+                d_g = gg - (gg * p).sum(dim, keepdim=True)
+            if ctx.needs_input_grad[1]:
+                d_y = -gg * p * g.sum(dim, keepdim=True)
+        else:
+            if ctx.needs_input_grad[0]:
+                d_g = bwd(gg, y, dim)
+            if ctx.needs_input_grad[1]:
+                d_y = gg * (g - (g * y).sum(dim, keepdim=True)) - g * (gg * y).sum(dim, keepdim=True)
+        return d_g, d_y, None
+
+    # double backward (create_graph=True): the backward op is differentiable too
+    bwd.register_autograd(backward_backward, setup_context=bwd_setup)
     return fwd, bwd
 
 
@@ -611,6 +681,67 @@ def _ce_backward(ctx, grad, _grad_lse):
 
 
 _cross_entropy_op.register_autograd(_ce_backward, setup_context=_ce_setup)
+
+
+def _ce_compose(input: Tensor, target: Tensor, weight: Tensor | None, reduction: str, ignore_index: int,
+                label_smoothing: float) -> Tensor:
+    """torch's cross_entropy as a differentiable composition of our log_softmax and torch
+    elementwise math and reductions (the formula of reference.dense.cross_entropy_forward):
+    class targets: (1 - eps) w[t] (-logp[t]) + eps / C sum_c w_c (-logp_c), 0 where t is
+    ignored, 'mean' dividing both terms by sum w[t]; probability targets: -sum_c w_c t'_c logp_c
+    with t' = (1 - eps) t + eps / C, 'mean' dividing by the number of rows."""
+    cdim = 0 if input.dim() == 1 else 1
+    C = input.shape[cdim]
+    logp = _log_softmax_op(input, cdim)
+    wshape = [1] * input.dim()
+    wshape[cdim] = C
+    wlogp = logp if weight is None else logp * weight.reshape(wshape)
+    eps = label_smoothing
+    if target.is_floating_point():
+        t = target * (1 - eps) + eps / C if eps > 0 else target
+        rows = -(wlogp * t).sum(cdim)
+        if reduction == "none":
+            return rows
+        return rows.sum() if reduction == "sum" else rows.sum() / (input.numel() // C if C else 0)
+    valid = target != ignore_index
+    tt = torch.where(valid, target, torch.zeros((), dtype=target.dtype, device=target.device))
+    wt = valid.to(input.dtype) if weight is None else weight[tt] * valid
+    nll = -logp.gather(cdim, tt.unsqueeze(cdim)).squeeze(cdim) * wt
+    smooth = -wlogp.sum(cdim) * valid if eps > 0 else None
+    if reduction == "none":
+        return nll if smooth is None else (1 - eps) * nll + eps / C * smooth
+    nll, smooth = nll.sum(), (None if smooth is None else smooth.sum())
+    if reduction == "mean":
+        denom = wt.sum()
+        nll, smooth = nll / denom, (None if smooth is None else smooth / denom)
+    return nll if smooth is None else (1 - eps) * nll + eps / C * smooth
+
+
+def _ce_bwd_setup(ctx, inputs, output):
+    grad, input, target, weight, lse, reduction, ignore_index, label_smoothing, target_grad = inputs
+    ctx.args = (reduction, ignore_index, label_smoothing)
+    ctx.want_dt = target.is_floating_point() and target_grad
+    ctx.save_for_backward(grad, input, target, weight)
+
+
+def _ce_backward_backward(ctx, ggx, ggt):
+    """Double backward of cross_entropy_backward by recomputation (see ops/_autograd.py): the
+    saved logsumexp depends on the input too, which the composition of :func:`_ce_compose`
+    (through our log_softmax and its double backward) accounts for."""
+    from ._autograd import recompute_double_backward
+
+    grad, input, target, weight = ctx.saved_tensors
+    wrt = [0, 1] if ctx.want_dt else [0]
+    up = [ggx, ggt] if ctx.want_dt else [ggx]
+    (d_grad,), (d_x, d_t) = recompute_double_backward(
+        lambda x, t: (_ce_compose(x, t, weight, *ctx.args),), [input, target], wrt, [grad], up)
+    if not target.is_floating_point():
+        d_t = None
+    return d_grad, d_x, d_t, None, None, None, None, None, None
+
+
+# double backward (create_graph=True): the backward op is differentiable too
+_cross_entropy_backward_op.register_autograd(_ce_backward_backward, setup_context=_ce_bwd_setup)
 
 
 def _check_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing):

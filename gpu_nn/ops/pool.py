@@ -447,6 +447,23 @@ def _max_backward(ctx, grad, _grad_indices):
 _max_pool_op.register_autograd(_max_backward, setup_context=_max_setup)
 
 
+def _max_bwd_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1])
+
+
+def _max_backward_backward(ctx, ggi):
+    """Double backward: max_pool_backward scatters grad_output to the saved (non-differentiable)
+    indices, so its adjoint gathers ``ggi`` at the same indices (max and min pooling alike)."""
+    (idx,) = ctx.saved_tensors
+    N, C = idx.shape[:2]
+    d_g = ggi.reshape(N, C, -1).gather(2, idx.reshape(N, C, -1)).reshape(idx.shape)
+    return d_g, None, None, None, None, None, None
+
+
+# double backward (create_graph=True): the backward op is differentiable too
+_max_pool_backward_op.register_autograd(_max_backward_backward, setup_context=_max_bwd_setup)
+
+
 @routed
 @torch.library.custom_op("gpu_nn::avg_pool", mutates_args=())
 def _avg_pool_op(input: Tensor, kernel_size: list[int], stride: list[int], padding: list[int], ceil_mode: bool,
@@ -484,6 +501,21 @@ def _avg_backward(ctx, grad):
 
 
 _avg_pool_op.register_autograd(_avg_backward, setup_context=_avg_setup)
+
+
+def _avg_bwd_setup(ctx, inputs, output):
+    _, size, k, s, p, cm, cip, dov = inputs
+    ctx.params = (k, s, p, cm, cip, dov)
+
+
+def _avg_backward_backward(ctx, ggi):
+    """Double backward: avg_pool_backward is the transpose of the (linear) average pooling,
+    so its adjoint is our average pooling of ``ggi`` with the same arguments."""
+    return _avg_pool_op(ggi, *ctx.params), None, None, None, None, None, None, None
+
+
+# double backward (create_graph=True): the backward op is differentiable too
+_avg_pool_backward_op.register_autograd(_avg_backward_backward, setup_context=_avg_bwd_setup)
 
 
 # --- public functions -----------------------------------------------------------------------

@@ -518,14 +518,18 @@ def _seq_setup(ctx, inputs, output):
     ctx.has_cx = cx is not None
     ctx.n_w = len(weights)
     ctx.has_lengths, ctx.has_masks = lengths is not None, masks is not None
-    ctx.save_for_backward(input, output[3], lengths, masks, *weights)
+    # hx / cx are only read by the double backward (the first-order backward runs on the reserve)
+    ctx.save_for_backward(input, output[3], lengths, masks, hx, cx, *weights)
 
 
 def _seq_backward(ctx, g_out, g_hn, g_cn, _g_res):
-    input, reserve, lengths, masks, *weights = ctx.saved_tensors
+    input, reserve, lengths, masks, hx, cx, *weights = ctx.saved_tensors
     mode, num_layers, bidirectional, has_biases = ctx.args
     lengths = lengths if ctx.has_lengths else None
     masks = masks if ctx.has_masks else None
+    if torch.is_grad_enabled():
+        # create_graph=True: gradients that are themselves differentiable (double backward)
+        return _seq_backward_differentiable(ctx, g_out, g_hn, g_cn, input, hx, cx, weights, lengths, masks)
     T, B, _ = input.shape
     D = 2 if bidirectional else 1
     H = weights[1].shape[1]
@@ -543,6 +547,90 @@ def _seq_backward(ctx, g_out, g_hn, g_cn, _g_res):
 
 
 _rnn_seq_op.register_autograd(_seq_backward, setup_context=_seq_setup)
+
+
+# ----------------------------------------------------------------------------------------------
+# double backward: the recurrence rebuilt from our linear and activation ops (each with its own
+# double backward) and torch elementwise math, differentiated with create_graph=True. The
+# fused kernels' reserve holds the forward's intermediates but not a graph; recomputing one
+# forward is what torch's own cuDNN RNN cannot do at all (it has no double backward).
+
+
+def _step_compose(mode, gi, gh, h, c):
+    """One step from the input projection ``gi = x W_ih^T + b_ih`` and the recurrent one
+    ``gh = h W_hh^T + b_hh`` ([B, G * H] each): ``(h', c')`` (c' None but for the LSTM)."""
+    from .activation import _activation_op as act
+
+    if mode in ("rnn_tanh", "rnn_relu"):
+        return act(gi + gh, "tanh" if mode == "rnn_tanh" else "relu"), None
+    H = h.shape[-1]
+    if mode == "lstm":
+        z = gi + gh
+        i, f, o = act(z[:, :H], "sigmoid"), act(z[:, H:2 * H], "sigmoid"), act(z[:, 3 * H:], "sigmoid")
+        c2 = f * c + i * act(z[:, 2 * H:3 * H], "tanh")
+        return o * act(c2, "tanh"), c2
+    rz = act(gi[:, :2 * H] + gh[:, :2 * H], "sigmoid")
+    n = act(gi[:, 2 * H:] + rz[:, :H] * gh[:, 2 * H:], "tanh")
+    return n + rz[:, H:] * (h - n), None
+
+
+def _seq_compose(mode, num_layers, bidirectional, has_biases, lengths, masks, input, hx, cx, *weights):
+    """rnn_seq_forward as a differentiable composition: ``(output, hn, cn)`` (cn None but for
+    the LSTM), with the same length semantics (a finished sequence keeps its state, its outputs
+    are zero) and dropout between layers."""
+    from .dense import _linear_op as linear
+
+    T, B, _ = input.shape
+    D = 2 if bidirectional else 1
+    valid = None
+    if lengths is not None:
+        valid = (torch.arange(T)[:, None] < lengths[None, :]).to(input.device)[:, :, None]
+    ws = _split(list(weights), num_layers, D, has_biases)
+    xin, hns, cns = input, [], []
+    for l in range(num_layers):
+        outs = []
+        for d in range(D):
+            w_ih, w_hh, b_ih, b_hh = ws[l * D + d]
+            proj = linear(xin, w_ih, b_ih, None)
+            h = hx[l * D + d]
+            c = cx[l * D + d] if mode == "lstm" else None
+            seq = [None] * T
+            for t in (range(T - 1, -1, -1) if d == 1 else range(T)):
+                h2, c2 = _step_compose(mode, proj[t], linear(h, w_hh, b_hh, None), h, c)
+                if valid is not None:
+                    h2 = torch.where(valid[t], h2, h)
+                    c2 = None if c2 is None else torch.where(valid[t], c2, c)
+                seq[t] = h2 if valid is None else torch.where(valid[t], h2, torch.zeros_like(h2))
+                h, c = h2, c2
+            outs.append(torch.stack(seq))
+            hns.append(h)
+            cns.append(c)
+        out = torch.cat(outs, dim=2) if D == 2 else outs[0]
+        xin = out if masks is None or l == num_layers - 1 else out * masks[l]
+    return out, torch.stack(hns), (torch.stack(cns) if mode == "lstm" else None)
+
+
+def _seq_backward_differentiable(ctx, g_out, g_hn, g_cn, input, hx, cx, weights, lengths, masks):
+    mode, num_layers, bidirectional, has_biases = ctx.args
+    has_cx = ctx.has_cx and mode == "lstm"
+    prims = [input, hx, cx if has_cx else None, *weights]
+    wrt = [i for i, p in enumerate(prims) if p is not None and ctx.needs_input_grad[min(i, 3)]]
+    from ._autograd import leaf
+
+    full = list(prims)
+    with torch.enable_grad():
+        leaves = [leaf(prims[i], True) for i in wrt]
+        for i, t in zip(wrt, leaves):
+            full[i] = t
+        out, hn, cn = _seq_compose(mode, num_layers, bidirectional, has_biases, lengths, masks, full[0], full[1],
+                                   full[2] if has_cx else (cx if mode == "lstm" else None), *full[3:])
+        pairs = [(o, g) for o, g in ((out, g_out), (hn, g_hn), (cn, g_cn)) if o is not None and g is not None]
+        grads = torch.autograd.grad([o for o, _ in pairs], leaves, [g for _, g in pairs], create_graph=True,
+                                    allow_unused=True)
+    res = [None] * len(prims)
+    for i, g in zip(wrt, grads):
+        res[i] = g if g is not None else torch.zeros_like(prims[i])
+    return res[0], res[1], res[2], list(res[3:]) if ctx.needs_input_grad[3] else None, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -662,6 +750,39 @@ def _cell_backward(ctx, g_h, g_c):
 
 
 _rnn_cell_op.register_autograd(_cell_backward, setup_context=_cell_setup)
+
+
+def _cell_compose(mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh):
+    from .dense import _linear_op as linear
+
+    return _step_compose(mode, linear(input, w_ih, b_ih, None), linear(hx, w_hh, b_hh, None), hx, cx)
+
+
+def _cell_bwd_setup(ctx, inputs, output):
+    grad_h, grad_c, input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode = inputs
+    ctx.mode = mode
+    ctx.save_for_backward(grad_h, grad_c, input, hx, cx, w_ih, w_hh, b_ih, b_hh)
+
+
+def _cell_backward_backward(ctx, *gg):
+    """Double backward of rnn_cell_backward by recomputation (ops/_autograd.py): the step
+    rebuilt from our linear and activation ops, differentiated twice."""
+    from ._autograd import recompute_double_backward
+
+    grad_h, grad_c, *prims = ctx.saved_tensors
+    mode = ctx.mode
+    lstm = mode == "lstm"
+    # the backward's results in order (dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh) are the
+    # gradients of the primals (input, hx, cx, w_ih, w_hh, b_ih, b_hh); dc and the biases' are
+    # empty placeholders where the primal is absent
+    wrt = [i for i, p in enumerate(prims) if p is not None and (i != 2 or lstm)]
+    d_cot, d_prims = recompute_double_backward(
+        lambda *p: _cell_compose(mode, *p), prims, wrt, [grad_h, grad_c if lstm else None], [gg[i] for i in wrt])
+    return (d_cot[0], d_cot[1], *d_prims, None)
+
+
+# double backward (create_graph=True): the backward op is differentiable too
+_rnn_cell_backward_op.register_autograd(_cell_backward_backward, setup_context=_cell_bwd_setup)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,60 @@
+"""Double backward by recomputation, for backward ops whose second derivative has no short
+closed form (cross_entropy, the recurrent cells and sequences).
+
+The backward op ``B(cotangents, primals) = J_f(primals)^T cotangents`` of a forward ``f`` is
+differentiated by rebuilding ``f`` as a differentiable composition of our own custom ops (each
+with its own backward and double backward) and torch elementwise math, taking its first
+derivative with ``create_graph=True`` and then the vector-Jacobian product of that with the
+gradients flowing into ``B``'s results. Only runs under ``create_graph=True`` (or a direct
+differentiation of a backward op): the first-order path never reaches this module.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+
+def leaf(t: Optional[Tensor], create: bool) -> Optional[Tensor]:
+    """A tensor to differentiate with respect to, standing for ``t``: an alias of ``t`` where
+    its graph must be kept (higher-order derivatives), else a fresh leaf. The alias (not ``t``
+    itself) makes ``autograd.grad`` count only the paths through this use of ``t``: were ``hx``
+    computed from ``input``, differentiating with respect to ``input`` itself would also take
+    the path through ``hx`` and count it twice. Integer tensors (targets, lengths) pass as they
+    are."""
+    if t is None or not t.is_floating_point():
+        return t
+    if create and t.requires_grad:
+        return t.view_as(t)
+    return t.detach().requires_grad_()
+
+
+def recompute_double_backward(compose: Callable[..., Sequence[Optional[Tensor]]], primals: Sequence[Optional[Tensor]],
+                              wrt: Sequence[int], cotangents: Sequence[Optional[Tensor]],
+                              upstream: Sequence[Optional[Tensor]]) -> tuple[list, list]:
+    """Gradients of ``B = d compose(*primals) / d primals[wrt] . cotangents`` (the first
+    backward) given ``upstream``, the gradients flowing into ``B``'s results (one per ``wrt``
+    entry, None where none flows).
+
+    ``compose`` returns the forward's outputs (None for outputs without a cotangent). Returns
+    ``(d_cotangents, d_primals)``, None where there is no dependence. The result carries a
+    graph (third derivatives) exactly when grad mode is on, i.e. under ``create_graph=True``.
+    """
+    create = torch.is_grad_enabled()
+    with torch.enable_grad():
+        P = [leaf(p, create) for p in primals]
+        G = [leaf(g, create) for g in cotangents]
+        outs = compose(*P)
+        pairs = [(o, g) for o, g in zip(outs, G) if o is not None and g is not None and o.requires_grad]
+        firsts = torch.autograd.grad([o for o, _ in pairs], [P[i] for i in wrt], [g for _, g in pairs],
+                                     create_graph=True, allow_unused=True)
+        fu = [(f, u) for f, u in zip(firsts, upstream) if f is not None and u is not None and f.requires_grad]
+        targets = [t for t in (*G, *P) if t is not None and t.is_floating_point() and t.requires_grad]
+        if not fu or not targets:
+            return [None] * len(G), [None] * len(P)
+        seconds = torch.autograd.grad([f for f, _ in fu], targets, [u for _, u in fu], allow_unused=True,
+                                      create_graph=create)
+    found = dict(zip(map(id, targets), seconds))
+    return [found.get(id(g)) if g is not None else None for g in G], [found.get(id(p)) if p is not None else None for p in P]

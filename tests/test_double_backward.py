@@ -1,0 +1,406 @@
+"""Double backward (``create_graph=True``) of every op, and TorchScript's refusal.
+
+* ``torch.autograd.gradgradcheck`` on the reference backend in float64 for every op and option
+  group: the analytical second derivative (the backward ops' own backward) against finite
+  differences of our first-order backward.
+* First-order gradients taken with ``create_graph=True`` equal those without: the recurrent
+  sequences compute them by recomputation there, which gradgradcheck alone (differentiating
+  the recomputation against itself) would not check against the kernels.
+* On the Triton backend (the interpreter on a CPU) in float32: a gradient-penalty loss
+  ``|d(sum r * f(x)) / dx|^2`` differentiated once more, against torch's own double backward
+  in float64, within twice torch's float32 error plus a floor.
+* opcheck of the backward ops with inputs that require grad (their autograd registration).
+* ``torch.jit.script`` refuses every module in ``gpu_nn.nn`` with an error that names it;
+  trace, export and compile still work.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as TF
+
+import gpu_nn
+import gpu_nn.functional as F
+from gpu_nn.nn._jit import ScriptingNotSupportedError
+
+from helpers import assert_like_torch, backend_params, randn
+
+D64 = torch.float64
+
+
+def _t(rng, *shape, scale=1.0, grad=True):
+    return (randn(rng, *shape) * scale).requires_grad_(grad)
+
+
+def _away_from_zero(t, margin=0.05):
+    """Values kept clear of relu's kink, where finite differences would straddle it."""
+    return (t.detach() + margin * torch.sign(t.detach())).requires_grad_()
+
+
+def _outputs(out):
+    return [o for o in (out if isinstance(out, (tuple, list)) else (out,)) if o is not None and o.is_floating_point()]
+
+
+def _check(fn, inputs, fast=False):
+    """gradgradcheck, plus first-order gradients with create_graph equal to those without.
+
+    ``fast``: gradgradcheck's fast mode (one random projection of the Jacobians instead of all
+    of them), for the recurrent layers whose full check takes minutes."""
+    with gpu_nn.backend("reference"):
+        diff = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+        outs = _outputs(fn(*inputs))
+        cots = [torch.randn_like(o) for o in outs]
+        plain = torch.autograd.grad(outs, diff, cots, allow_unused=True)
+        outs = _outputs(fn(*inputs))
+        graph = torch.autograd.grad(outs, diff, cots, allow_unused=True, create_graph=True)
+        for a, b in zip(plain, graph):
+            if a is None or b is None:
+                assert a is None and b is None or (a if a is not None else b).abs().max() == 0
+                continue
+            torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+        assert torch.autograd.gradgradcheck(fn, inputs, fast_mode=fast)
+
+
+# ============================================================================ activations
+
+
+@pytest.mark.parametrize("act", ["relu", "sigmoid", "tanh"])
+def test_activation(act, rng):
+    x = _away_from_zero(_t(rng, 3, 7, scale=2.0))
+    _check(getattr(F, act), (x,))
+
+
+# ============================================================================ convolution
+
+CONV_CASES = [
+    # nd, N, C, spatial, O, kernel, options
+    (2, 1, 4, (5, 5), 4, (3, 2), dict(stride=(2, 1), padding=(1, 0), dilation=(1, 2), groups=2)),
+    (2, 1, 3, (5, 4), 4, (2, 3), dict(padding="same", activation="relu")),
+    (2, 2, 2, (5, 4), 3, (3, 3), dict(stride=2, padding=1, activation="sigmoid")),
+    (2, 1, 3, (5, 7), 3, (1, 3), dict(padding=(0, 1), groups=3, activation="tanh")),
+    (1, 2, 3, (11,), 5, (3,), dict(stride=2, padding=2, dilation=2)),
+    (1, 1, 4, (9,), 4, (4,), dict(padding="same", groups=2, activation="tanh")),
+    (1, 2, 2, (7,), 3, (2,), dict(activation="relu")),
+]
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: f"conv{c[0]}d-{'-'.join(map(str, c[6].values()))}")
+def test_conv(case, bias, rng):
+    nd, n, c, sp, o, k, kw = case
+    fn = F.conv2d if nd == 2 else F.conv1d
+    x = _t(rng, n, c, *sp)
+    w = _t(rng, o, c // kw.get("groups", 1), *k, scale=0.5)
+    b = _t(rng, o) if bias else None
+    # relu: random pre-activations lie far from zero next to the finite-difference step (1e-6)
+    _check(lambda x, w, *b: fn(x, w, *b, **kw), (x, w) + ((b,) if bias else ()))
+
+
+# ============================================================================ pooling
+
+POOL_CASES = [
+    ("max_pool2d", (2, 3, 7, 8), dict(kernel_size=3, stride=2, padding=1, dilation=(1, 2), ceil_mode=True)),
+    ("max_pool2d", (1, 2, 6, 5), dict(kernel_size=(2, 3), stride=(1, 2))),
+    ("min_pool2d", (2, 2, 7, 6), dict(kernel_size=3, stride=2, padding=1, ceil_mode=True)),
+    ("max_pool1d", (2, 3, 11), dict(kernel_size=3, stride=2, padding=1, dilation=2, ceil_mode=True)),
+    ("min_pool1d", (1, 2, 9), dict(kernel_size=2)),
+    ("avg_pool2d", (2, 3, 7, 8), dict(kernel_size=3, stride=2, padding=1, ceil_mode=True, count_include_pad=False)),
+    ("avg_pool2d", (1, 2, 7, 5), dict(kernel_size=(3, 2), stride=2, padding=1, count_include_pad=True)),
+    ("avg_pool2d", (2, 2, 5, 5), dict(kernel_size=2, padding=1, ceil_mode=True, divisor_override=3)),
+    ("avg_pool1d", (2, 3, 11), dict(kernel_size=3, stride=2, padding=1, ceil_mode=True, count_include_pad=False)),
+    ("avg_pool1d", (1, 2, 9), dict(kernel_size=4, stride=3, padding=2)),
+]
+
+
+@pytest.mark.parametrize("case", POOL_CASES, ids=lambda c: f"{c[0]}-{'-'.join(map(str, c[2].values()))}")
+def test_pool(case, rng):
+    name, shape, kw = case
+    x = _t(rng, *shape)
+    _check(lambda x: getattr(F, name)(x, **kw), (x,))
+
+
+def test_max_pool_with_indices(rng):
+    x = _t(rng, 2, 3, 6, 7)
+    _check(lambda x: F.max_pool2d(x, 2, return_indices=True)[0], (x,))
+
+
+# ============================================================================ dense
+
+
+@pytest.mark.parametrize("act", [None, "relu", "sigmoid", "tanh"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear(act, bias, rng):
+    x, w = _t(rng, 2, 3, 5), _t(rng, 4, 5, scale=0.5)
+    b = _t(rng, 4) if bias else None
+    _check(lambda x, w, *b: F.linear(x, w, *b, activation=act), (x, w) + ((b,) if bias else ()))
+
+
+def test_linear_vector_weight(rng):
+    _check(lambda x, w: F.linear(x, w), (_t(rng, 3, 5), _t(rng, 5)))
+
+
+@pytest.mark.parametrize("name", ["softmax", "log_softmax"])
+@pytest.mark.parametrize("dim", [0, 1, -1])
+def test_softmax(name, dim, rng):
+    _check(lambda x: getattr(F, name)(x, dim), (_t(rng, 3, 4, 5),))
+
+
+CE_CASES = [
+    dict(),
+    dict(weight=True),
+    dict(ignore_index=2),
+    dict(label_smoothing=0.2),
+    dict(label_smoothing=0.3, weight=True, ignore_index=1),
+    dict(prob=True),
+    dict(prob=True, weight=True, label_smoothing=0.15),
+]
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("case", CE_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()) or "plain")
+def test_cross_entropy(case, reduction, rng):
+    case = dict(case)
+    prob = case.pop("prob", False)
+    weight = torch.rand(4, dtype=D64) + 0.5 if case.pop("weight", False) else None
+    x = _t(rng, 5, 4, 3)
+    if prob:
+        t = torch.softmax(randn(rng, 5, 4, 3), 1).requires_grad_()
+        _check(lambda x, t: F.cross_entropy(x, t, weight=weight, reduction=reduction, **case), (x, t))
+    else:
+        t = torch.randint(0, 4, (5, 3))
+        t[0, 0], t[1, 1], t[2, 2] = 1, 2, 2  # an ignored class is present
+        _check(lambda x: F.cross_entropy(x, t, weight=weight, reduction=reduction, **case), (x,))
+
+
+def test_cross_entropy_unbatched(rng):
+    _check(lambda x: F.cross_entropy(x, torch.tensor(2), label_smoothing=0.1), (_t(rng, 5),))
+
+
+# ============================================================================ recurrent
+
+GATES = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 4, "gru": 3}
+
+
+def _cell_inputs(rng, mode, B=3, I=4, H=3):
+    G = GATES[mode] * H
+    return (_t(rng, B, I), _t(rng, B, H), _t(rng, B, H), _t(rng, G, I, scale=0.5), _t(rng, G, H, scale=0.5),
+            _t(rng, G, scale=0.5), _t(rng, G, scale=0.5))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("mode", list(GATES))
+def test_cell(mode, bias, rng):
+    x, h, c, wi, wh, bi, bh = _cell_inputs(rng, mode)
+    fn = getattr(F, mode + "_cell")
+    b = (bi, bh) if bias else ()
+    if mode == "lstm":
+        _check(lambda x, h, c, wi, wh, *b: fn(x, (h, c), wi, wh, *b), (x, h, c, wi, wh, *b))
+    else:
+        _check(lambda x, h, wi, wh, *b: fn(x, h, wi, wh, *b), (x, h, wi, wh, *b))
+
+
+SEQ_CASES = [
+    # layers, bidirectional, lengths, bias, dropout masks, batch_first
+    (1, False, None, True, False, False),
+    (2, True, [3, 1], True, True, False),
+    (2, False, None, False, False, True),
+]
+
+
+@pytest.mark.parametrize("case", SEQ_CASES, ids=lambda c: f"L{c[0]}-bi{int(c[1])}-len{int(c[2] is not None)}-b{int(c[3])}")
+@pytest.mark.parametrize("mode", list(GATES))
+def test_sequence(mode, case, rng):
+    L, bi, lengths, bias, masks, batch_first = case
+    T, B, I, H = 3, 2, 3, 2
+    D = 2 if bi else 1
+    G = GATES[mode] * H
+    ws = []
+    for layer in range(L):
+        for _ in range(D):
+            ws += [_t(rng, G, I if layer == 0 else D * H, scale=0.5), _t(rng, G, H, scale=0.5)]
+            ws += [_t(rng, G, scale=0.5), _t(rng, G, scale=0.5)] if bias else []
+    x = _t(rng, B, T, I) if batch_first else _t(rng, T, B, I)
+    hx, cx = _t(rng, L * D, B, H), _t(rng, L * D, B, H)
+    dm = torch.bernoulli(torch.full((L - 1, T, B, D * H), 0.7, dtype=D64)) / 0.7 if masks else None
+    fn = getattr(F, mode)
+    train = dm is not None  # given masks; without them train=True would draw fresh ones per call
+
+    def f(x, hx, *rest):
+        if mode == "lstm":
+            cx, *ws = rest
+            return fn(x, (hx, cx), ws, bias, L, 0.3, train, bi, batch_first, lengths, dm)
+        return fn(x, hx, list(rest), bias, L, 0.3, train, bi, batch_first, lengths, dm)
+
+    _check(f, (x, hx, cx, *ws) if mode == "lstm" else (x, hx, *ws), fast=True)
+
+
+def test_sequence_state_from_input(rng):
+    """An initial state computed from the input: the recomputation must not count the path
+    through hx twice (gradients with respect to input and hx are separate inputs of the op)."""
+    T, B, I, H = 3, 2, 3, 3
+    w = [_t(rng, 3 * H, I, scale=0.5), _t(rng, 3 * H, H, scale=0.5), _t(rng, 3 * H), _t(rng, 3 * H)]
+    x = _t(rng, T, B, I)
+    _check(lambda x, *w: F.gru(x, x[0:1], list(w))[0], (x, *w), fast=True)
+
+
+def test_packed_module(rng):
+    """nn.LSTM on a PackedSequence, gradient penalty through the module."""
+    torch.manual_seed(0)
+    m = gpu_nn.nn.LSTM(2, 2, num_layers=2, bidirectional=True).double()
+    x = _t(rng, 4, 3, 2)
+
+    def f(x, *params):
+        packed = torch.nn.utils.rnn.pack_padded_sequence(x, [4, 2, 1], enforce_sorted=False)
+        out = torch.func.functional_call(m, dict(zip(dict(m.named_parameters()), params)), (packed,))[0]
+        return torch.nn.utils.rnn.pad_packed_sequence(out)[0]
+
+    _check(f, (x, *[p.detach().requires_grad_() for p in m.parameters()]), fast=True)
+
+
+# ============================================================================ Triton (interpreter) vs torch
+
+
+def _penalty_grads(fn, inputs):
+    """Gradients of |d(sum r * fn(inputs)) / d inputs|^2 with respect to the inputs."""
+    out = fn(*inputs)
+    r = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)
+    gs = torch.autograd.grad((out * r).sum(), inputs, create_graph=True)
+    pen = sum((g * g).sum() for g in gs)
+    return torch.autograd.grad(pen, inputs)
+
+
+TRITON_CASES = {
+    "conv2d_tanh": (
+        lambda x, w, b: F.conv2d(x, w, b, stride=2, padding=1, activation="tanh"),
+        lambda x, w, b: torch.tanh(TF.conv2d(x, w, b, stride=2, padding=1)),
+        lambda rng: (_t(rng, 2, 3, 7, 6), _t(rng, 4, 3, 3, 3, scale=0.3), _t(rng, 4)),
+    ),
+    "linear_sigmoid": (
+        lambda x, w, b: F.linear(x, w, b, activation="sigmoid"),
+        lambda x, w, b: torch.sigmoid(TF.linear(x, w, b)),
+        lambda rng: (_t(rng, 5, 7), _t(rng, 3, 7, scale=0.4), _t(rng, 3)),
+    ),
+    "pools_softmax": (
+        lambda x: F.softmax(F.avg_pool2d(F.max_pool2d(x, 2, ceil_mode=True), 2, padding=1), 1),
+        lambda x: TF.softmax(TF.avg_pool2d(TF.max_pool2d(x, 2, ceil_mode=True), 2, padding=1), 1),
+        lambda rng: (_t(rng, 2, 3, 7, 5),),
+    ),
+    "cross_entropy": (
+        lambda x: F.cross_entropy(F.log_softmax(x, 1) * 2, torch.tensor([1, 0, 3]), label_smoothing=0.1),
+        lambda x: TF.cross_entropy(TF.log_softmax(x, 1) * 2, torch.tensor([1, 0, 3]), label_smoothing=0.1),
+        lambda rng: (_t(rng, 3, 5),),
+    ),
+    "lstm_cell": (
+        lambda x, h, c, wi, wh: torch.cat(F.lstm_cell(x, (h, c), wi, wh)),
+        lambda x, h, c, wi, wh: torch.cat(torch.lstm_cell(x, (h, c), wi, wh)),
+        lambda rng: (_t(rng, 2, 3), _t(rng, 2, 4), _t(rng, 2, 4), _t(rng, 16, 3, scale=0.5), _t(rng, 16, 4, scale=0.5)),
+    ),
+    "gru_sequence": (
+        lambda x, h, *w: F.gru(x, h, list(w), True, 1, 0.0, False, False, False)[0],
+        lambda x, h, *w: torch.gru(x, h, list(w), True, 1, 0.0, False, False, False)[0],
+        lambda rng: (_t(rng, 3, 2, 3), _t(rng, 1, 2, 2), _t(rng, 6, 3, scale=0.5), _t(rng, 6, 2, scale=0.5),
+                     _t(rng, 6), _t(rng, 6)),
+    ),
+}
+
+
+@pytest.mark.parametrize("backend,device", [p for p in backend_params(("triton",))])
+@pytest.mark.parametrize("name", list(TRITON_CASES))
+def test_triton_gradient_penalty(name, backend, device, rng):
+    ours_fn, torch_fn, make = TRITON_CASES[name]
+    inputs = make(rng)
+    ref = _penalty_grads(torch_fn, inputs)
+    f32 = [t.detach().to(device, torch.float32).requires_grad_() for t in inputs]
+    torch32 = _penalty_grads(torch_fn, f32)
+    with gpu_nn.backend(backend):
+        ours = _penalty_grads(ours_fn, f32)
+    for i, (a, t32, r) in enumerate(zip(ours, torch32, ref)):
+        assert_like_torch(a, t32, r, torch.float32, k=16, what=f"{name} input {i}")
+
+
+# ============================================================================ opcheck of the backward ops
+
+
+def test_opcheck_backward_ops(rng):
+    ops = torch.ops.gpu_nn
+    x, w = _t(rng, 1, 4, 4, 3), _t(rng, 4, 2, 3, 2)
+    y = ops.conv_forward(x, w, None, [1, 1], [1, 1, 0, 0], [1, 1], 2, "sigmoid")
+    g = _t(rng, *y.shape)
+    torch.library.opcheck(ops.conv_backward.default,
+                          (g, x, w, y.detach().requires_grad_(), [1, 1], [1, 1, 0, 0], [1, 1], 2, "sigmoid",
+                           [True, True, True]))
+    torch.library.opcheck(ops.activation_backward.default, (_t(rng, 3, 5), torch.rand(3, 5, dtype=D64).requires_grad_(), "tanh"))
+    xl, wl = _t(rng, 3, 5), _t(rng, 4, 5)
+    torch.library.opcheck(ops.linear_backward.default, (_t(rng, 3, 4), xl, wl, None, None, True))
+    sm = torch.softmax(randn(rng, 3, 5), 1).requires_grad_()
+    torch.library.opcheck(ops.softmax_backward.default, (_t(rng, 3, 5), sm, 1))
+    torch.library.opcheck(ops.log_softmax_backward.default, (_t(rng, 3, 5), sm.detach().log().requires_grad_(), 1))
+    xp = randn(rng, 1, 2, 5, 4)
+    _, idx = ops.max_pool(xp, [2, 2], [2, 2], [0, 0], [1, 1], False, False)
+    torch.library.opcheck(ops.max_pool_backward.default, (_t(rng, *idx.shape), idx, [1, 2, 5, 4], [2, 2], [2, 2], [0, 0], [1, 1]))
+    torch.library.opcheck(ops.avg_pool_backward.default, (_t(rng, 1, 2, 3, 2), [1, 2, 5, 4], [2, 2], [2, 2], [1, 0], False, True, None))
+
+
+# ============================================================================ TorchScript
+
+
+def _all_modules():
+    nn = gpu_nn.nn
+    return {
+        "ReLU": nn.ReLU(), "Sigmoid": nn.Sigmoid(), "Tanh": nn.Tanh(),
+        "Conv1d": nn.Conv1d(2, 3, 3), "Conv2d": nn.Conv2d(2, 3, 3),
+        "Flatten": nn.Flatten(), "Linear": nn.Linear(3, 2), "Softmax": nn.Softmax(1), "LogSoftmax": nn.LogSoftmax(1),
+        "CrossEntropyLoss": nn.CrossEntropyLoss(),
+        "MaxPool1d": nn.MaxPool1d(2), "MaxPool2d": nn.MaxPool2d(2), "MinPool1d": nn.MinPool1d(2),
+        "MinPool2d": nn.MinPool2d(2), "AvgPool1d": nn.AvgPool1d(2), "AvgPool2d": nn.AvgPool2d(2),
+        "RNN": nn.RNN(3, 2), "LSTM": nn.LSTM(3, 2), "GRU": nn.GRU(3, 2),
+        "RNNCell": nn.RNNCell(3, 2), "LSTMCell": nn.LSTMCell(3, 2), "GRUCell": nn.GRUCell(3, 2),
+    }
+
+
+def test_every_module_class_listed():
+    classes = {n for n in gpu_nn.nn.__all__ if isinstance(getattr(gpu_nn.nn, n), type)}
+    assert classes == set(_all_modules())
+
+
+@pytest.mark.parametrize("name", list(_all_modules()))
+def test_jit_script_refused(name):
+    mod = _all_modules()[name]
+    for target in (mod, torch.nn.Sequential(torch.nn.Identity(), mod)):
+        with pytest.raises(ScriptingNotSupportedError) as info:
+            torch.jit.script(target)
+        msg = str(info.value)
+        assert f"gpu_nn.nn.{name}" in msg
+        assert "torch.jit.trace" in msg and "torch.export" in msg and "torch.compile" in msg
+
+
+class _Model(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        nn = gpu_nn.nn
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.act = nn.ReLU()
+        self.pool = nn.MaxPool2d(2)
+        self.flat = nn.Flatten()
+        self.fc = nn.Linear(4 * 3 * 3, 5)
+        self.gru = nn.GRUCell(5, 3)
+
+    def forward(self, x):
+        h = self.fc(self.flat(self.pool(self.act(self.conv(x)))))
+        return self.gru(torch.tanh(h))
+
+
+def test_trace_export_compile_still_work(rng):
+    torch.manual_seed(0)
+    model = _Model().double()
+    x = randn(rng, 2, 2, 6, 7)
+    with gpu_nn.backend("reference"):
+        want = model(x)
+        traced = torch.jit.trace(model, (x,))
+        torch.testing.assert_close(traced(x), want)
+        exported = torch.export.export(model, (x,))
+        torch.testing.assert_close(exported.module()(x), want)
+        torch._dynamo.reset()
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+        torch.testing.assert_close(compiled(x), want)
