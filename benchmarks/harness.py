@@ -105,19 +105,28 @@ def summarize(times: list[float]) -> dict:
 def run_case(case: Case, providers=None, warmup: int = 2, reps: int = 7, max_time: float | None = None) -> dict:
     """Time every provider of ``case``; returns a result row (seconds are medians).
 
+    ``first_call`` holds, per provider, the seconds of its ``setup()`` plus one synchronised
+    call: the first use of a shape, kernel compilation included, kept apart from the medians.
+
     ``providers`` (an iterable of names) restricts the run to those providers plus the
     baseline. A provider whose ``setup()`` or call raises is recorded under ``errors``.
     """
     row = {
         "family": case.family, "name": case.name, "shape": case.shape, "device": case.device,
-        "baseline": case.baseline, "seconds": {}, "stats": {}, "errors": {},
+        "baseline": case.baseline, "seconds": {}, "stats": {}, "errors": {}, "first_call": {},
         "flops": case.flops, "bytes": case.bytes,
     }
     for name, setup in case.providers.items():
         if providers and name not in providers and name != case.baseline:
             continue
         try:
+            # first use apart from the steady state: setup plus one call, synchronised, is where
+            # kernels compile (or load from Triton's on-disk cache in a later process)
+            t0 = time.perf_counter()
             fn = setup()
+            fn()
+            _sync(case.device)
+            row["first_call"][name] = time.perf_counter() - t0
             times = time_callable(fn, case.device, warmup, max(reps, case.min_reps), max_time=max_time)
             stats = summarize([t / case.calls for t in times])
             row["seconds"][name] = stats["median"]
@@ -207,14 +216,14 @@ def print_table(rows: list[dict], title: str = "gpu-nn bench", console=None) -> 
     from rich.table import Table
 
     table = Table(title=title, caption="ratio = ours / baseline median time (below 1 is faster than the baseline)")
-    for col in ("family", "op", "shape", "ours", "ours ms", "baseline ms", "ratio", "TFLOP/s", "GB/s"):
-        table.add_column(col, justify="right" if col.endswith(("ms", "ratio", "/s")) else "left")
+    for col in ("family", "op", "shape", "ours", "ours ms", "baseline ms", "ratio", "TFLOP/s", "GB/s", "1st use s"):
+        table.add_column(col, justify="right" if col.endswith(("ms", "ratio", "/s", " s")) else "left")
     for r in rows:
         bname = r["baseline"]
         base = r["seconds"].get(bname)
         others = [n for n in r["seconds"] if n != bname]
         if not others and not r["errors"]:
-            table.add_row(r["family"], r["name"], r["shape"], "-", "-", f"{base * 1e3:.3f}" if base else "-", "-", "-", "-")
+            table.add_row(r["family"], r["name"], r["shape"], "-", "-", f"{base * 1e3:.3f}" if base else "-", "-", "-", "-", "-")
         for name in others:
             s = r["seconds"][name]
             ratio = r["ratio"].get(name)
@@ -231,9 +240,10 @@ def print_table(rows: list[dict], title: str = "gpu-nn bench", console=None) -> 
                 f"{base * 1e3:.3f} {bname}" if base else f"- {bname}",
                 f"[{colour}]{ratio:.2f}x[/{colour}]" if ratio is not None else "-",
                 rate("tflops", "{:.2f}"), rate("gbps", "{:.0f}"),
+                f"{r['first_call'][name]:.2f}" if name in r.get("first_call", {}) else "-",
             )
         for name, err in r["errors"].items():
-            table.add_row(r["family"], r["name"], r["shape"], name, "[red]error[/red]", "-", "-", "-", err[:80])
+            table.add_row(r["family"], r["name"], r["shape"], name, "[red]error[/red]", "-", "-", "-", err[:80], "-")
     if console is None:
         console = Console()
         if not console.is_terminal:  # logs and pipes: wide enough that cells do not wrap

@@ -149,6 +149,12 @@ def run(args) -> int:
                        wall_seconds=round(time.perf_counter() - t0, 1), clock=clock, **extra)
     not_run = [f"{f} ({status[f].split(':')[0]})" for f in fams if not status[f].startswith("ok")]
     plot(rows, png_path, title, note=("not benchmarked: " + ", ".join(not_run)) if not_run else "")
+    first = [(v, r, n) for r in rows for n, v in r.get("first_call", {}).items() if n != r["baseline"]]
+    if first:
+        v, r, n = max(first, key=lambda t: t[0])
+        console.print(f"first use of each shape (setup + one call, kernel compilation included): "
+                      f"{sum(t[0] for t in first):.1f} s in all for ours, apart from the steady-state medians; "
+                      f"slowest {v:.2f} s ({r['family']}: {r['name']} {r['shape']} [{n}])")
     n_err = sum(len(r["errors"]) for r in rows)
     console.print(f"{len(rows)} cases, {n_err} provider errors, {time.perf_counter() - t0:.0f} s; "
                   f"wrote {json_path} and {png_path}")

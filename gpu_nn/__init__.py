@@ -11,12 +11,14 @@ __version__ = "0.1.0"
 
 from . import functional, nn, optim  # noqa: E402  (registers the custom ops)
 from .convert import convert  # noqa: E402
+from .nn._jit import ScriptingNotSupportedError  # noqa: E402
 
 __all__ = [
     "BackendUnavailableError",
     "KernelInputError",
     "KernelInputIndexError",
     "KernelInputTypeError",
+    "ScriptingNotSupportedError",
     "available_backends",
     "backend",
     "backend_status",

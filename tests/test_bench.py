@@ -246,3 +246,16 @@ def test_thread_clock_times_cpu_not_waiting(tmp_path, monkeypatch):
         assert data["clock"] == clock
         assert lo <= data["results"][0]["seconds"]["reference"] <= hi, (clock, data["results"][0]["seconds"])
     assert harness.time is time or isinstance(harness.time, types.ModuleType)  # restored after the run
+
+
+def test_first_use_is_timed_apart_from_the_steady_state(clock):
+    """The first call of a provider (where kernels compile) is reported under first_call and
+    kept out of the medians: a 5 s first call leaves a 2 ms median alone."""
+    def setup():
+        n = iter(range(10**6))
+        return lambda: clock.sleep(5.0 if next(n) == 0 else 0.002)
+
+    case = harness.Case("fake", "op", "n=1", {"torch": _sleeper([0.004], clock), "triton": setup})
+    row = harness.run_case(case, warmup=0, reps=5)
+    assert row["first_call"]["triton"] == pytest.approx(5.0)
+    assert row["seconds"]["triton"] == pytest.approx(0.002) and row["ratio"]["triton"] == pytest.approx(0.5)

@@ -692,3 +692,18 @@ def test_weight_of_the_wrong_rank_reports_what_torch_reports(call):
     with gpu_nn.backend("reference"), pytest.raises(gpu_nn.KernelInputError) as ours:
         call(F)
     assert str(theirs.value) in str(ours.value)
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
+@pytest.mark.parametrize("nd", [1, 2])
+@pytest.mark.parametrize("bias_kind", ["expanded", "strided"])
+def test_conv_bias_view_of_any_stride(backend, device, nd, bias_kind, rng):
+    """An expanded (stride-0) or strided bias view, as a double backward passes, reads as its
+    values (the Triton epilogue read it with unit stride before: off by 1.0-1.5)."""
+    x = randn(rng, 2, 3, *([7] * nd), dtype=torch.float32).to(device)
+    w = randn(rng, 4, 3, *([3] * nd), dtype=torch.float32).to(device)
+    b = torch.tensor(0.5, device=device).expand(4) if bias_kind == "expanded" else randn(rng, 8, dtype=torch.float32).to(device)[::2]
+    fn, tfn = (F.conv1d, TF.conv1d) if nd == 1 else (F.conv2d, TF.conv2d)
+    with gpu_nn.backend(backend):
+        y = fn(x, w, b)
+    assert_close(y.cpu().double(), tfn(x.cpu().double(), w.cpu().double(), b.cpu().double()), torch.float32, k=27, what=f"conv bias {bias_kind}")

@@ -717,3 +717,18 @@ def test_linear_row_bias_on_every_backend(backend, device, bs, rng):
     for name, a, e in zip("xwb", grads, gt):
         assert a.shape == e.shape, name
         assert_close(a, e, dt, k=7, what=f"grad {name}")
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
+@pytest.mark.parametrize("bias_kind", ["expanded", "strided"])
+@pytest.mark.parametrize("activation", [None, "sigmoid"])
+def test_linear_bias_view_of_any_stride(backend, device, bias_kind, activation, rng):
+    """An expanded (stride-0) or strided bias view, as a double backward passes, reads as its
+    values: the Triton epilogue read it with unit stride and returned garbage (7e22) before."""
+    x = randn(rng, 5, 7, dtype=torch.float32).to(device)
+    w = randn(rng, 3, 7, dtype=torch.float32).to(device)
+    b = torch.tensor(1.75, device=device).expand(3) if bias_kind == "expanded" else randn(rng, 6, dtype=torch.float32).to(device)[::2]
+    with gpu_nn.backend(backend):
+        y = F.linear(x, w, b, activation=activation)
+    want = TORCH_ACT[activation](TF.linear(x.cpu().double(), w.cpu().double(), b.cpu().double()))
+    assert_close(y.cpu().double(), want, torch.float32, k=7, what=f"linear bias {bias_kind}")

@@ -266,6 +266,9 @@ def conv_forward(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride, 
     dl4 = dilation if nd == 2 else [1] + list(dilation)
     osz = _out_size(x4.shape, w4.shape, st4, pads4, dl4)
     out = empty((x4.shape[0], w4.shape[0], *osz), dtype=input.dtype, device=input.device)
+    # the epilogue reads the bias with unit stride: expanded or strided views (a double
+    # backward passes expanded ones) are made dense first (a no-op for a contiguous bias)
+    bias = None if bias is None else bias.contiguous()
     kt.conv_forward(x4, w4, bias, out, st4, pads4, dl4, groups, activation, _precision(input.dtype), ktriton.INTERPRET)
     return out if nd == 2 else out[:, :, 0, :]
 

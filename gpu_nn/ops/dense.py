@@ -109,6 +109,9 @@ def linear_forward(x: Tensor, w: Tensor, b: Tensor | None, activation: str | Non
     ktriton, kd = _triton_modules()
     x2 = x.reshape(math.prod(x.shape[:-1]), K)  # not -1: undefined for a zero-size dim (K = 0)
     y = empty((x2.shape[0], O), dtype=x.dtype, device=x.device)
+    # the epilogue reads the bias with unit stride: an expanded or strided view (a double
+    # backward passes expanded ones) is made dense first (a no-op for a contiguous bias)
+    b = None if b is None else b.contiguous()
     kd.matmul(x2, w.t(), y, bias=b, activation=activation, allow_tf32=_tf32_allowed(), interpret=ktriton.INTERPRET)
     return y.reshape(*x.shape[:-1], O)
 
