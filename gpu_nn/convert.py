@@ -15,12 +15,6 @@ def _conv_reason(m):
     return None
 
 
-def _lstm_reason(m):
-    if getattr(m, "proj_size", 0) > 0:
-        return f"proj_size={m.proj_size} is not supported"
-    return None
-
-
 def _none(m):
     return None
 
@@ -43,7 +37,7 @@ _SUPPORTED = {
     "LogSoftmax": _none,
     "CrossEntropyLoss": _none,
     "RNN": _none,
-    "LSTM": _lstm_reason,
+    "LSTM": _none,
     "GRU": _none,
     "RNNCell": _none,
     "LSTMCell": _none,

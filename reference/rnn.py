@@ -16,14 +16,18 @@ list with one ``(w_ih, w_hh, b_ih, b_hh)`` tuple per layer and direction (biases
 (optional) gives per-sequence lengths as a PackedSequence does: a step ``t >= lengths[b]``
 leaves sequence b's state unchanged and outputs zero, so the forward direction's final state is
 the state at each sequence's own last step and the reverse direction starts at it.
-``dropout_masks [L - 1, T, B, D * H]`` (optional, drawn by the caller, already scaled by
+``dropout_masks [L - 1, T, B, D * P]`` (optional, drawn by the caller, already scaled by
 1 / (1 - p)) multiply the output of each layer but the last before it feeds the next.
+
+LSTM projections (torch's ``proj_size``): a weight tuple may carry a fifth entry ``w_hr [P, H]``
+(P < H); then ``h`` has size P (``hx [L * D, B, P]``, ``w_hh [4 H, P]``, layer inputs above the
+first ``D * P`` wide, output ``[T, B, D * P]``) while ``c`` keeps size H, and each step ends with
+``h' = (o * tanh(c')) W_hr^T``. Without projections P = H below.
 
 The forward pass returns a flat ``reserve`` array (the intermediates the backward needs, laid
 out by :func:`reserve_layout`); the backward takes it back, as cuDNN's reserve space works.
 The input projection of a layer is one matmul over all time steps; the time loop is the only
-Python loop, and it runs in preallocated buffers with in-place updates. Not supported: LSTM
-projections (``proj_size``).
+Python loop, and it runs in preallocated buffers with in-place updates.
 """
 
 from __future__ import annotations
@@ -36,17 +40,21 @@ GATES = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 4, "gru": 3}
 STORED = {"rnn_tanh": 0, "rnn_relu": 0, "lstm": 4, "gru": 4}
 
 
-def reserve_layout(mode: str, T: int, B: int, H: int, num_layers: int, num_directions: int):
-    """``({key: (offset, shape)}, total)`` of the flat reserve.
+def reserve_layout(mode: str, T: int, B: int, H: int, num_layers: int, num_directions: int, P: int = 0):
+    """``({key: (offset, shape)}, total)`` of the flat reserve. ``P``: the LSTM's projection size
+    (0: none, and the state slots are H wide).
 
     Per layer ``l`` and direction ``d``: ``("gates", l, d) [T, B, S * H]`` (LSTM: activated
     i, f, g, o; GRU: r, z, n and h W_hn^T + b_hn; none for the Elman RNN), ``("h", l, d)
     [T + 1, B, H]`` (the state before and after every step: slot 0 holds h0 for the forward
     direction, slot T for the reverse one, and step t moves slot t -> t + 1 forward, t + 1 -> t
     reverse), ``("c", l, d)`` likewise for the LSTM; per layer l >= 1 ``("x", l) [T, B, D * H]``,
-    the layer's input after dropout.
+    the layer's input after dropout. With a projection (P > 0) the ``h`` slots and ``x`` are P
+    and D * P wide, and ``("m", l, d) [T, B, H]`` keeps ``o * tanh(c')`` of every step (the
+    input of the projection, which dW_hr needs).
     """
     S = STORED[mode]
+    W = P if P else H
     out, off = {}, 0
 
     def put(key, shape):
@@ -58,16 +66,23 @@ def reserve_layout(mode: str, T: int, B: int, H: int, num_layers: int, num_direc
         for d in range(num_directions):
             if S:
                 put(("gates", l, d), (T, B, S * H))
-            put(("h", l, d), (T + 1, B, H))
+            put(("h", l, d), (T + 1, B, W))
             if mode == "lstm":
                 put(("c", l, d), (T + 1, B, H))
+            if P:
+                put(("m", l, d), (T, B, H))
         if l > 0:
-            put(("x", l), (T, B, num_directions * H))
+            put(("x", l), (T, B, num_directions * W))
     return out, off
 
 
-def reserve_size(mode: str, T: int, B: int, H: int, num_layers: int, num_directions: int) -> int:
-    return reserve_layout(mode, T, B, H, num_layers, num_directions)[1]
+def reserve_size(mode: str, T: int, B: int, H: int, num_layers: int, num_directions: int, P: int = 0) -> int:
+    return reserve_layout(mode, T, B, H, num_layers, num_directions, P)[1]
+
+
+def _unpack(ws):
+    """``(w_ih, w_hh, b_ih, b_hh, w_hr or None)`` of one layer and direction."""
+    return (*ws[:4], ws[4] if len(ws) > 4 else None)
 
 
 def _views(reserve, layout):
@@ -103,10 +118,10 @@ def _steps(T, reverse):
 # one layer, one direction
 
 
-def _dir_forward(mode, xin, w_ih, w_hh, b_ih, b_hh, G, Hs, Cs, reverse, valid):
+def _dir_forward(mode, xin, w_ih, w_hh, b_ih, b_hh, G, Hs, Cs, reverse, valid, w_hr=None, Ms=None):
     T, B, _ = xin.shape
-    H = w_hh.shape[1]
-    x2 = xin.reshape(T * B, -1)
+    H = w_hh.shape[0] // GATES[mode]
+    x2 = xin.reshape(T * B, xin.shape[-1])
     # a contiguous [H, G * H] copy: the per-step product then runs as a plain NN gemm, the
     # fastest layout for OpenBLAS at these small shapes
     whhT = np.ascontiguousarray(w_hh.T)
@@ -124,6 +139,7 @@ def _dir_forward(mode, xin, w_ih, w_hh, b_ih, b_hh, G, Hs, Cs, reverse, valid):
             G += b_ih + b_hh
     tmp = np.empty((B, GATES[mode] * H), G.dtype)
     tH = np.empty((B, H), G.dtype)
+    whrT = None if w_hr is None else np.ascontiguousarray(w_hr.T)
     for t, p, n in _steps(T, reverse):
         g, hp, hn = G[t], Hs[p], Hs[n]
         np.matmul(hp, whhT, out=tmp)
@@ -136,8 +152,11 @@ def _dir_forward(mode, xin, w_ih, w_hh, b_ih, b_hh, G, Hs, Cs, reverse, valid):
             np.multiply(g[:, H: 2 * H], Cs[p], out=c)
             np.multiply(g[:, :H], g[:, 2 * H: 3 * H], out=tH)
             c += tH
-            np.tanh(c, out=hn)
-            hn *= g[:, 3 * H:]
+            m = hn if whrT is None else Ms[t]
+            np.tanh(c, out=m)
+            m *= g[:, 3 * H:]
+            if whrT is not None:
+                np.matmul(m, whrT, out=hn)
         elif mode == "gru":
             if b_hh is not None:
                 tmp += b_hh
@@ -165,17 +184,20 @@ def _dir_forward(mode, xin, w_ih, w_hh, b_ih, b_hh, G, Hs, Cs, reverse, valid):
                 Cs[n][inv] = Cs[p][inv]
 
 
-def _dir_backward(mode, dout, dhn, dcn, w_hh, G, Hs, Cs, reverse, valid, dGi, dGh):
-    """BPTT of one layer and direction. ``dout [T, B, H]`` (zero where invalid) is the gradient
-    of this direction's outputs; writes the gradient of the pre-activations seen by ``w_ih`` into
-    ``dGi`` and by ``w_hh`` into ``dGh`` (the same array except for the GRU); returns dh0, dc0."""
+def _dir_backward(mode, dout, dhn, dcn, w_hh, G, Hs, Cs, reverse, valid, dGi, dGh, w_hr=None, dHp=None):
+    """BPTT of one layer and direction. ``dout [T, B, W]`` (zero where invalid; W = P with a
+    projection, else H) is the gradient of this direction's outputs; writes the gradient of the
+    pre-activations seen by ``w_ih`` into ``dGi`` and by ``w_hh`` into ``dGh`` (the same array
+    except for the GRU) and, with a projection ``w_hr``, the gradient of each step's projected
+    state into ``dHp [T, B, P]`` (zero where invalid; dW_hr = sum_t dHp[t]^T m_t); returns dh0, dc0."""
     T, B, _ = dout.shape
-    H = w_hh.shape[1]
+    H = w_hh.shape[0] // GATES[mode]
     dh = np.array(dhn, dtype=dGi.dtype, copy=True)
     dc = np.array(dcn, dtype=dGi.dtype, copy=True) if mode == "lstm" else None
     tH = np.empty((B, H), dGi.dtype)
     tH2 = np.empty((B, H), dGi.dtype)
-    nh = np.empty((B, H), dGi.dtype)
+    nh = np.empty((B, w_hh.shape[1]), dGi.dtype)
+    dm = np.empty((B, H), dGi.dtype) if w_hr is not None else None
     for t, p, n in reversed(_steps(T, reverse)):
         dh += dout[t]
         dg = dGi[t]
@@ -186,6 +208,14 @@ def _dir_backward(mode, dout, dhn, dcn, w_hh, G, Hs, Cs, reverse, valid, dGi, dG
         else:
             inv = None
         if mode == "lstm":
+            dhp = dh
+            if w_hr is not None:
+                # h = m W_hr^T: dm = dh W_hr, and the cell below sees dm where it would see dh
+                dHp[t] = dh
+                if inv is not None:
+                    dHp[t][inv] = 0
+                np.matmul(dh, w_hr, out=dm)
+                dh = dm
             g = G[t]
             i, f, gg, o = g[:, :H], g[:, H: 2 * H], g[:, 2 * H: 3 * H], g[:, 3 * H:]
             tc = np.tanh(Cs[n], out=tH)
@@ -217,7 +247,7 @@ def _dir_backward(mode, dout, dhn, dcn, w_hh, G, Hs, Cs, reverse, valid, dGi, dG
             np.multiply(dc, tH2, out=d_g)
             dc *= f
             np.matmul(dg, w_hh, out=nh)
-            dh, nh = nh, dh
+            dh, nh = nh, dhp
         elif mode == "gru":
             g = G[t]
             r, z, nn, hn_ = g[:, :H], g[:, H: 2 * H], g[:, 2 * H: 3 * H], g[:, 3 * H:]
@@ -273,20 +303,22 @@ def _dir_backward(mode, dout, dhn, dcn, w_hh, G, Hs, Cs, reverse, valid, dGi, dG
 def rnn_forward(mode, x, hx, cx, weights, num_layers, bidirectional, lengths=None, dropout_masks=None):
     """Multi-layer (bi)directional recurrence over ``x [T, B, I]``.
 
-    Returns ``(output [T, B, D * H], hn [L * D, B, H], cn [L * D, B, H] or None, reserve)``.
-    ``output`` is zero at steps beyond a sequence's length.
+    Returns ``(output [T, B, D * W], hn [L * D, B, W], cn [L * D, B, H] or None, reserve)``
+    (W = P with an LSTM projection, else H). ``output`` is zero at steps beyond a sequence's length.
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}")
     T, B, _ = x.shape
     D = 2 if bidirectional else 1
-    H = hx.shape[-1]
+    H = weights[0][1].shape[0] // GATES[mode]
+    P = weights[0][4].shape[0] if len(weights[0]) > 4 and weights[0][4] is not None else 0
+    W = P if P else H
     dt = np.result_type(x.dtype, hx.dtype, *(w.dtype for ws in weights for w in ws if w is not None))
-    layout, size = reserve_layout(mode, T, B, H, num_layers, D)
+    layout, size = reserve_layout(mode, T, B, H, num_layers, D, P)
     reserve = np.empty(size, dt)
     v = _views(reserve, layout)
     valid = _valid_mask(lengths, T, B)
-    hn = np.empty((num_layers * D, B, H), dt)
+    hn = np.empty((num_layers * D, B, W), dt)
     cn = np.empty((num_layers * D, B, H), dt) if mode == "lstm" else None
     xin = x
     out = None
@@ -297,10 +329,10 @@ def rnn_forward(mode, x, hx, cx, weights, num_layers, bidirectional, lengths=Non
                 np.multiply(out, dropout_masks[l - 1], out=xin)
             else:
                 xin[...] = out
-        out = np.empty((T, B, D * H), dt)
+        out = np.empty((T, B, D * W), dt)
         for d in range(D):
             k = l * D + d
-            w_ih, w_hh, b_ih, b_hh = weights[k]
+            w_ih, w_hh, b_ih, b_hh, w_hr = _unpack(weights[k])
             Hs = v[("h", l, d)]
             Cs = v[("c", l, d)] if mode == "lstm" else None
             G = v.get(("gates", l, d))
@@ -308,8 +340,8 @@ def rnn_forward(mode, x, hx, cx, weights, num_layers, bidirectional, lengths=Non
             Hs[first] = hx[k]
             if Cs is not None:
                 Cs[first] = cx[k]
-            _dir_forward(mode, xin, w_ih, w_hh, b_ih, b_hh, G, Hs, Cs, d == 1, valid)
-            out[:, :, d * H:(d + 1) * H] = Hs[:T] if d == 1 else Hs[1:]
+            _dir_forward(mode, xin, w_ih, w_hh, b_ih, b_hh, G, Hs, Cs, d == 1, valid, w_hr, v.get(("m", l, d)))
+            out[:, :, d * W:(d + 1) * W] = Hs[:T] if d == 1 else Hs[1:]
             hn[k] = Hs[0] if d == 1 else Hs[T]
             if cn is not None:
                 cn[k] = Cs[0] if d == 1 else Cs[T]
@@ -322,24 +354,28 @@ def rnn_backward(mode, grad_output, grad_hn, grad_cn, x, weights, reserve, num_l
                  lengths=None, dropout_masks=None):
     """Gradients of :func:`rnn_forward`. ``grad_hn`` / ``grad_cn`` may be ``None`` (zero).
 
-    Returns ``(dx [T, B, I], dhx [L * D, B, H], dcx or None, dweights)`` with ``dweights`` a list
-    of ``(dw_ih, dw_hh, db_ih, db_hh)`` per layer and direction (bias gradients ``None`` where
-    the layer has no bias).
+    Returns ``(dx [T, B, I], dhx [L * D, B, W], dcx or None, dweights)`` with ``dweights`` a list
+    of ``(dw_ih, dw_hh, db_ih, db_hh[, dw_hr])`` per layer and direction (bias gradients ``None``
+    where the layer has no bias; ``dw_hr`` with a projection).
     """
     T, B, I = x.shape
     D = 2 if bidirectional else 1
     dt = reserve.dtype
-    H = weights[0][1].shape[1]
-    v = _views(reserve, reserve_layout(mode, T, B, H, num_layers, D)[0])
+    H = weights[0][1].shape[0] // GATES[mode]
+    P = weights[0][4].shape[0] if len(weights[0]) > 4 and weights[0][4] is not None else 0
+    W = P if P else H
+    v = _views(reserve, reserve_layout(mode, T, B, H, num_layers, D, P)[0])
     valid = _valid_mask(lengths, T, B)
     gate_w = GATES[mode] * H
-    dhx = np.empty((num_layers * D, B, H), dt)
+    dhx = np.empty((num_layers * D, B, W), dt)
     dcx = np.empty((num_layers * D, B, H), dt) if mode == "lstm" else None
     dweights = [None] * (num_layers * D)
     dout = np.array(grad_output, dtype=dt, copy=True)
-    zeros = np.zeros((B, H), dt)
+    zeros = np.zeros((B, W), dt)
+    zeros_c = np.zeros((B, H), dt)
     dGi = np.empty((T, B, gate_w), dt)
     dGh = np.empty((T, B, gate_w), dt) if mode == "gru" else dGi
+    dHp = np.empty((T, B, P), dt) if P else None
     for l in range(num_layers - 1, -1, -1):
         xin = x if l == 0 else v[("x", l)]
         in_w = xin.shape[-1]
@@ -348,28 +384,30 @@ def rnn_backward(mode, grad_output, grad_hn, grad_cn, x, weights, reserve, num_l
             dout *= valid[:, :, None]
         for d in range(D):
             k = l * D + d
-            w_ih, w_hh, b_ih, b_hh = weights[k]
+            w_ih, w_hh, b_ih, b_hh, w_hr = _unpack(weights[k])
             Hs = v[("h", l, d)]
             Cs = v[("c", l, d)] if mode == "lstm" else None
             G = v.get(("gates", l, d))
             dh0, dc0 = _dir_backward(
-                mode, dout[:, :, d * H:(d + 1) * H],
+                mode, dout[:, :, d * W:(d + 1) * W],
                 zeros if grad_hn is None else grad_hn[k],
-                (zeros if grad_cn is None else grad_cn[k]) if mode == "lstm" else None,
-                w_hh, G, Hs, Cs, d == 1, valid, dGi, dGh,
+                (zeros_c if grad_cn is None else grad_cn[k]) if mode == "lstm" else None,
+                w_hh, G, Hs, Cs, d == 1, valid, dGi, dGh, w_hr, dHp,
             )
             dhx[k] = dh0
             if dcx is not None:
                 dcx[k] = dc0
             gi = dGi.reshape(T * B, gate_w)
             gh = dGh.reshape(T * B, gate_w)
-            hprev = (Hs[1:] if d == 1 else Hs[:T]).reshape(T * B, H)
+            hprev = (Hs[1:] if d == 1 else Hs[:T]).reshape(T * B, W)
             dw_ih = gi.T @ xin.reshape(T * B, in_w)
             dw_hh = gh.T @ hprev
             db_ih = gi.sum(0) if b_ih is not None else None
             db_hh = (gh.sum(0) if gh is not gi else db_ih.copy()) if b_hh is not None else None
             dxin.reshape(T * B, in_w)[...] += gi @ w_ih
             dweights[k] = (dw_ih, dw_hh, db_ih, db_hh)
+            if P:
+                dweights[k] += (dHp.reshape(T * B, P).T @ v[("m", l, d)].reshape(T * B, H),)
         if l > 0:
             dout = dxin
             if dropout_masks is not None:

@@ -111,11 +111,21 @@ def test_convert_recurrent_model_same_function_and_gradients():
         torch.testing.assert_close(p.grad, pr.grad, rtol=1e-9, atol=1e-12, msg=n)
 
 
-def test_unsupported_lstm_projection_stays_torch():
-    model = tnn.Sequential(tnn.LSTM(4, 6, proj_size=3))
-    with pytest.warns(UserWarning, match="proj_size=3"):
+def test_lstm_projection_converts_and_matches_torch():
+    torch.manual_seed(3)
+    model = tnn.Sequential(tnn.LSTM(4, 6, proj_size=3, num_layers=2, bidirectional=True)).double()
+    reference = copy.deepcopy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # converted without a "not supported" warning
         gpu_nn.convert(model)
-    assert type(model[0]) is tnn.LSTM
+    assert type(model[0]) is gnn.LSTM and model[0].proj_size == 3
+    x = torch.randn(5, 2, 4, dtype=torch.float64)
+    with gpu_nn.backend("reference"):
+        out, (hn, cn) = model(x)
+    want, (whn, wcn) = reference(x)
+    assert hn.shape == (4, 2, 3) and cn.shape == (4, 2, 6)
+    for a, b in ((out, want), (hn, whn), (cn, wcn)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 def test_compiled_converted_model_equals_eager():

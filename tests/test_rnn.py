@@ -50,15 +50,17 @@ def _run(module, x, hx, go, ghs):
     return [out_t, *hs], list(grads)
 
 
-def _compare(mode, rng, T, B, I, H, L, bi, batch_first, bias, init, packed=None, unbatched=False):
-    ours, theirs = _pair(mode, I, H, num_layers=L, bidirectional=bi, batch_first=batch_first, bias=bias)
+def _compare(mode, rng, T, B, I, H, L, bi, batch_first, bias, init, packed=None, unbatched=False, proj=0):
+    kw = {"proj_size": proj} if proj else {}
+    ours, theirs = _pair(mode, I, H, num_layers=L, bidirectional=bi, batch_first=batch_first, bias=bias, **kw)
     D = 2 if bi else 1
     shape = (T, I) if unbatched else ((B, T, I) if batch_first else (T, B, I))
     x = randn(rng, *shape, requires_grad=True)
     hshape = (L * D, H) if unbatched else (L * D, B, H)
+    pshape = hshape[:-1] + (proj or H,)  # a projected LSTM's h is proj_size wide
     hx = None
     if init:
-        hx = randn(rng, *hshape, requires_grad=True)
+        hx = randn(rng, *pshape, requires_grad=True)
         if mode == "lstm":
             hx = (hx, randn(rng, *hshape, requires_grad=True))
     results = []
@@ -302,10 +304,267 @@ def test_module_dropout_in_training_only(rng):
     assert torch.equal(e, m(x)[0])
 
 
-def test_proj_size_is_refused():
-    m = gnn.LSTM(4, 6, proj_size=3)
-    with pytest.raises(gpu_nn.KernelInputError, match="proj_size"):
-        m(torch.randn(2, 3, 4))
+# ----------------------------------------------------------------------------------------------
+# LSTM projections (proj_size): h' = (o * tanh(c')) W_hr^T, h proj_size wide, c hidden_size wide
+
+PROJ_GRID = [
+    # T, B, I, H, L, bi, batch_first, bias, init
+    (4, 3, 5, 7, 1, False, False, True, False),
+    (4, 3, 5, 7, 2, True, False, True, True),
+    (3, 2, 4, 6, 2, False, True, False, True),
+    (1, 1, 2, 5, 2, True, True, True, False),
+]
+
+
+@pytest.mark.parametrize("proj", [3, 1])
+@pytest.mark.parametrize("cfg", PROJ_GRID, ids=lambda c: "T{}B{}I{}H{}L{}{}{}{}{}".format(
+    *c[:5], "bi" if c[5] else "", "bf" if c[6] else "", "" if c[7] else "nobias", "h0" if c[8] else ""))
+def test_proj_module_matches_torch_float64(cfg, proj, rng):
+    """Outputs, h_n [L * D, B, P], c_n [L * D, B, H] and every gradient (weight_hr_l{k} included)."""
+    _compare("lstm", rng, *cfg, proj=proj)
+
+
+@pytest.mark.parametrize("enforce_sorted", [True, False])
+@pytest.mark.parametrize("bi,L,init", [(True, 2, True), (False, 2, False), (True, 1, False)])
+def test_proj_packed_matches_torch_float64(enforce_sorted, bi, L, init, rng):
+    lengths = [4, 3, 2] if enforce_sorted else [2, 4, 1]
+    _compare("lstm", rng, 4, 3, 5, 7, L, bi, False, True, init, packed=(lengths, enforce_sorted), proj=3)
+
+
+@pytest.mark.parametrize("init", [False, True])
+def test_proj_unbatched_matches_torch_float64(init, rng):
+    _compare("lstm", rng, 4, 1, 5, 7, 2, True, False, True, init, unbatched=True, proj=3)
+
+
+def test_proj_functional_matches_torch_lstm(rng):
+    """gpu_nn.functional.lstm with w_hr in params (torch's flat order) equals torch.lstm."""
+    T, B, I, H, P, L = 4, 3, 5, 7, 3, 2
+    m = torch.nn.LSTM(I, H, num_layers=L, bidirectional=True, proj_size=P).double()
+    x = randn(rng, T, B, I)
+    h0, c0 = randn(rng, 2 * L, B, P), randn(rng, 2 * L, B, H)
+    want = torch.lstm(x, (h0, c0), m._flat_weights, True, L, 0.0, False, True, False)
+    with gpu_nn.backend("reference"):
+        got = F.lstm(x, (h0, c0), list(m._flat_weights), True, L, 0.0, False, True, False)
+    assert [tuple(t.shape) for t in got] == [(T, B, 2 * P), (2 * L, B, P), (2 * L, B, H)]
+    for a, b in zip(got, want):
+        assert_close(a, b, torch.float64, k=H)
+
+
+def test_proj_reference_gradcheck(rng):
+    """Finite differences of the reference backward with projections, lengths and dropout masks."""
+    args, kw = ops._make_seq("lstm", T=3, B=3, I=2, H=4, L=2, bi=True, lengths=(3, 1, 2), P=2)(rng)
+    x, (h0, c0), params = args[0], args[1], args[2]
+    masks = torch.from_numpy(rng.uniform(0.5, 2.0, (1, 3, 3, 4)))
+
+    def fn(x, h0, c0, *p):
+        return F.lstm(x, (h0, c0), list(p), True, 2, 0.0, True, True, False, lengths=kw["lengths"], dropout_masks=masks)
+
+    with gpu_nn.backend("reference"):
+        assert torch.autograd.gradcheck(fn, (x, h0, c0, *params))
+
+
+def test_proj_opcheck_sequence(rng):
+    args, kw = ops._make_seq("lstm", T=3, B=3, I=4, H=5, L=2, bi=True, lengths=(3, 1, 2), P=2)(rng)
+    x, (h, c), params = args[0], args[1], args[2]
+    masks = torch.from_numpy(rng.uniform(0.5, 2.0, (1, 3, 3, 4)))
+    torch.library.opcheck(torch.ops.gpu_nn.rnn_seq.default, (x, h, c, params, "lstm", 2, True, True, kw["lengths"], masks))
+    out, hn, cn, res = torch.ops.gpu_nn.rnn_seq.default(x, h, c, params, "lstm", 2, True, True, kw["lengths"], None)
+    assert hn.shape == (4, 3, 2) and cn.shape == (4, 3, 5) and out.shape == (3, 3, 4)
+    g = [randn(rng, *t.shape) for t in (out, hn, cn)]
+    torch.library.opcheck(torch.ops.gpu_nn.rnn_seq_backward.default,
+                          (*g, x.detach(), [p.detach() for p in params], res.detach(), "lstm", 2, True, True,
+                           kw["lengths"], None))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_proj_state_dict_round_trip(bias, rng):
+    kw = dict(num_layers=2, bidirectional=True, proj_size=3, bias=bias)
+    theirs, ours = torch.nn.LSTM(5, 7, **kw), gnn.LSTM(5, 7, **kw)
+    names = [(n, tuple(p.shape)) for n, p in theirs.named_parameters()]
+    assert [(n, tuple(p.shape)) for n, p in ours.named_parameters()] == names
+    assert ("weight_hr_l1_reverse", (3, 7)) in names and ("weight_hh_l1", (28, 3)) in names
+    assert ("weight_ih_l1", (28, 6)) in names
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(4, 2, 5)
+    with gpu_nn.backend("reference"):
+        got = ours(x)
+    want = theirs(x)
+    torch.testing.assert_close(got[0], want[0], atol=2e-5, rtol=1e-4)
+    for a, b in zip(got[1], want[1]):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+    fresh = torch.nn.LSTM(5, 7, **kw)
+    fresh.load_state_dict(gnn.LSTM(5, 7, **kw).state_dict())
+    with gpu_nn.backend("reference"):
+        fresh_ours = gnn.LSTM(5, 7, **kw)
+        fresh_ours.load_state_dict(fresh.state_dict())
+        torch.testing.assert_close(fresh_ours(x)[0], fresh(x)[0], atol=2e-5, rtol=1e-4)
+
+
+def test_proj_bad_state_torch_wording():
+    ours, theirs = _pair("lstm", 5, 7, dtype=torch.float32, num_layers=2, proj_size=3)
+    x = torch.randn(4, 2, 5)
+    for hx in [(torch.zeros(2, 2, 7), torch.zeros(2, 2, 7)),  # h hidden_size wide instead of proj_size
+               (torch.zeros(2, 2, 3), torch.zeros(2, 2, 3))]:  # c proj_size wide instead of hidden_size
+        want = _torch_msg(lambda: theirs(x, hx))
+        with pytest.raises(gpu_nn.KernelInputError) as info:
+            ours(x, hx)
+        assert str(info.value) == want
+
+
+# ----------------------------------------------------------------------------------------------
+# devices, empty batches, the LSTM cell's state argument (issue 19)
+
+
+def _meta(*shape):
+    return torch.zeros(*shape, device="meta")
+
+
+def _seq_device_cases(mode):
+    """(description, ours(), theirs()) calls where a state or the parameters sit on the meta device."""
+    ours, theirs = _pair(mode, 4, 5, dtype=torch.float32)
+    x = torch.randn(3, 2, 4)
+    lstm = mode == "lstm"
+    if lstm:
+        hxs = [("h0 and c0", (_meta(1, 2, 5), _meta(1, 2, 5))), ("c0", (torch.zeros(1, 2, 5), _meta(1, 2, 5))),
+               ("h0", (_meta(1, 2, 5), torch.zeros(1, 2, 5)))]
+    else:
+        hxs = [("h0", _meta(1, 2, 5))]
+    cases = [(f"module, {d} on meta", lambda hx=hx: ours(x, hx), lambda hx=hx: theirs(x, hx)) for d, hx in hxs]
+    fn, tfn = ops.SEQ_FUNCS[mode], getattr(torch, mode)
+    for d, hx in hxs:
+        cases.append((f"functional, {d} on meta", lambda hx=hx: fn(x, hx, list(ours._flat_weights), True, 1, 0.0, False,
+                                                                    False, False),
+                      lambda hx=hx: tfn(x, hx, list(theirs._flat_weights), True, 1, 0.0, False, False, False)))
+    ours_m, theirs_m = _pair(mode, 4, 5, dtype=torch.float32)
+    ours_m.to("meta")
+    theirs_m.to("meta")
+    cases.append(("module on meta, CPU input", lambda: ours_m(x), lambda: theirs_m(x)))
+    return cases
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_state_or_weights_on_another_device_raise_torch_wording(mode):
+    """A meta state used to reach the custom op's fake kernel and come back as uninitialised memory."""
+    for what, ours_fn, theirs_fn in _seq_device_cases(mode):
+        want = _torch_msg(theirs_fn)
+        assert "not at the same device" in want, what
+        with pytest.raises(gpu_nn.KernelInputError) as info:
+            ours_fn()
+        assert want in str(info.value), what
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_cell_state_or_weights_on_another_device_raise_torch_wording(mode):
+    ours_cls, theirs_cls, extra = CELLS[mode]
+    theirs, ours = theirs_cls(4, 5, **extra), ours_cls(4, 5, **extra)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(2, 4)
+    lstm = mode == "lstm"
+    hxs = [(_meta(2, 5), _meta(2, 5)), (torch.zeros(2, 5), _meta(2, 5))] if lstm else [_meta(2, 5)]
+    calls = [(lambda hx=hx: ours(x, hx), lambda hx=hx: theirs(x, hx)) for hx in hxs]
+    theirs_m, ours_m = theirs_cls(4, 5, **extra).to("meta"), ours_cls(4, 5, **extra).to("meta")
+    calls.append((lambda: ours_m(x), lambda: theirs_m(x)))
+    for ours_fn, theirs_fn in calls:
+        want = _torch_msg(theirs_fn)
+        with pytest.raises(gpu_nn.KernelInputError) as info:
+            ours_fn()
+        assert want in str(info.value)
+        assert "not at the same device" in str(info.value)
+
+
+def _empty_batch_cases():
+    return [
+        # mode, module kwargs, input shape, with initial state
+        ("lstm", dict(), (3, 0, 4), False),
+        ("lstm", dict(num_layers=2, bidirectional=True), (3, 0, 4), True),
+        ("lstm", dict(proj_size=2, batch_first=True), (0, 3, 4), False),
+        ("gru", dict(num_layers=2), (3, 0, 4), True),
+        ("rnn_tanh", dict(bidirectional=True), (3, 0, 4), False),
+        ("rnn_relu", dict(batch_first=True), (0, 2, 4), True),
+    ]
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("case", _empty_batch_cases(), ids=lambda c: f"{c[0]}-{c[2]}-{'h0' if c[3] else ''}")
+def test_empty_batch_returns_what_torch_returns(backend, case):
+    mode, kw, shape, init = case
+    ours, theirs = _pair(mode, 4, 5, dtype=torch.float32, **kw)
+    x = torch.randn(*shape, requires_grad=True)
+    L, D = ours.num_layers, 2 if ours.bidirectional else 1
+    B = 0
+    hx = None
+    if init:
+        P = kw.get("proj_size", 0) or 5
+        hx = torch.zeros(L * D, B, P) if mode != "lstm" else (torch.zeros(L * D, B, P), torch.zeros(L * D, B, 5))
+    want = theirs(x, hx)
+    with gpu_nn.backend(backend):
+        got = ours(x, hx)
+    flat = lambda r: [r[0], *(r[1] if isinstance(r[1], tuple) else (r[1],))]  # noqa: E731
+    assert [t.shape for t in flat(got)] == [t.shape for t in flat(want)]
+    with gpu_nn.backend(backend):
+        grads = torch.autograd.grad(got[0].sum(), [x, *ours.parameters()], allow_unused=True)
+    assert grads[0].shape == x.shape
+    for g, p in zip(grads[1:], ours.parameters()):
+        assert g is not None and g.shape == p.shape and not g.any()
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("mode", MODES)
+def test_cell_empty_batch_returns_what_torch_returns(backend, mode):
+    ours_cls, theirs_cls, extra = CELLS[mode]
+    theirs, ours = theirs_cls(4, 5, **extra), ours_cls(4, 5, **extra)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(0, 4)
+    want = theirs(x)
+    with gpu_nn.backend(backend):
+        got = ours(x)
+    got, want = (got, want) if mode == "lstm" else ((got,), (want,))
+    assert [t.shape for t in got] == [t.shape for t in want]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("shape,kw", [((0, 2, 4), {}), ((0, 4), {}), ((2, 0, 4), {"batch_first": True})])
+def test_empty_sequence_raises_torch_wording(mode, shape, kw):
+    ours, theirs = _pair(mode, 4, 5, dtype=torch.float32, **kw)
+    x = torch.randn(*shape)
+    want = _torch_msg(lambda: theirs(x))
+    assert "Expected sequence length to be larger than 0" in want
+    with pytest.raises(gpu_nn.KernelInputError) as info:
+        ours(x)
+    assert want in str(info.value)
+    hx = torch.zeros(1, shape[1] if len(shape) == 3 and not kw else 2, 5)
+    with pytest.raises(gpu_nn.KernelInputError, match="Expected sequence length to be larger than 0"):
+        ops.SEQ_FUNCS[mode](torch.randn(0, 2, 4), (hx, hx) if mode == "lstm" else hx, list(ours._flat_weights))
+
+
+def _torch_exc(fn):
+    try:
+        fn()
+    except Exception as exc:  # noqa: BLE001 -- the type is what we compare
+        return exc
+    raise AssertionError("torch accepted the bad input")
+
+
+@pytest.mark.parametrize("x_shape,hx", [
+    ((2, 4), torch.zeros(2, 5)),  # one [B, H] tensor: would unpack into two rows
+    ((2, 4), torch.zeros(2, 2, 5)),  # one [2, B, H] tensor: would unpack into (h, c)
+    ((2, 4), [torch.zeros(2, 5)]),  # one state
+    ((2, 4), [torch.zeros(2, 5)] * 3),  # three states
+    ((4,), torch.zeros(2, 2, 5)),  # unbatched input: torch indexes the tensor, then finds h 2-D
+], ids=["2d-tensor", "3d-tensor", "one", "three", "unbatched-3d"])
+def test_lstm_cell_state_not_a_pair_fails_as_torch(x_shape, hx):
+    theirs = torch.nn.LSTMCell(4, 5)
+    ours = gnn.LSTMCell(4, 5)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(*x_shape)
+    want = _torch_exc(lambda: theirs(x, hx))
+    with pytest.raises(type(want)) as info:
+        ours(x, hx)
+    assert isinstance(info.value, gpu_nn.KernelInputError)
+    assert str(want) in str(info.value)
+    if isinstance(hx, torch.Tensor) and len(x_shape) == 2:
+        with pytest.raises(TypeError, match="must be tuple of Tensors"):
+            F.lstm_cell(x, hx, ours.weight_ih, ours.weight_hh)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -384,13 +643,14 @@ def test_functional_bad_input():
 # every backend against the reference (Triton in the interpreter here, compiled on a GPU)
 
 
-def _seq_against_reference(backend, device, mode, dtype, rng, T, B, I, H, L, bi, lengths, masks, batch_first=False):
-    args, kw = ops._make_seq(mode, T=T, B=B, I=I, H=H, L=L, bi=bi, lengths=lengths)(rng)
+def _seq_against_reference(backend, device, mode, dtype, rng, T, B, I, H, L, bi, lengths, masks, batch_first=False,
+                           P=0):
+    args, kw = ops._make_seq(mode, T=T, B=B, I=I, H=H, L=L, bi=bi, lengths=lengths, P=P)(rng)
     x, hx, params = args[0], args[1], args[2]
     D = 2 if bi else 1
     if batch_first:
         x = x.detach().transpose(0, 1).contiguous().requires_grad_()
-    mk = torch.from_numpy((rng.uniform(size=(L - 1, T, B, D * H)) > 0.3) / 0.7) if masks and L > 1 else None
+    mk = torch.from_numpy((rng.uniform(size=(L - 1, T, B, D * (P or H))) > 0.3) / 0.7) if masks and L > 1 else None
     hs = list(hx) if mode == "lstm" else [hx]
     fn = ops.SEQ_FUNCS[mode]
 
@@ -429,6 +689,47 @@ BACKEND_GRID = [
 def test_backend_sequence_matches_reference(backend, device, mode, cfg, rng):
     for dtype in gpu_dtypes_for(backend, device):
         _seq_against_reference(backend, device, mode, dtype, rng, *cfg, batch_first=cfg[0] == 4)
+
+
+PROJ_BACKEND_GRID = [
+    # T, B, I, H, L, bi, lengths, masks, P
+    (4, 3, 5, 7, 2, True, (4, 1, 3), True, 3),
+    (3, 2, 5, 19, 2, False, None, False, 5),
+    (4, 3, 4, 7, 1, True, (2, 4, 3), False, 1),
+]
+
+
+@pytest.mark.parametrize("backend,device", [p for p in backend_params() if p.values[0] != "reference"])
+@pytest.mark.parametrize("cfg", PROJ_BACKEND_GRID, ids=lambda c: f"T{c[0]}B{c[1]}H{c[3]}P{c[8]}L{c[4]}"
+                         f"{'bi' if c[5] else ''}{'len' if c[6] else ''}{'mask' if c[7] else ''}")
+def test_backend_proj_sequence_matches_reference(backend, device, cfg, rng):
+    """LSTM with projections: outputs, h_n, c_n and every gradient (w_hr included) against the
+    float64 reference, in every GPU dtype, packed lengths, dropout masks, two layers, both ways."""
+    *c, P = cfg
+    for dtype in gpu_dtypes_for(backend, device):
+        _seq_against_reference(backend, device, "lstm", dtype, rng, *c, batch_first=c[0] == 3, P=P)
+
+
+@pytest.mark.parametrize("backend,device", [p for p in backend_params() if p.values[0] != "reference"])
+@pytest.mark.parametrize("packed", [False, True])
+def test_backend_proj_module_without_state_matches_reference(backend, device, packed, rng):
+    """nn.LSTM(proj_size) with no initial state (zeros of the two widths) on a GPU backend."""
+    m = gnn.LSTM(5, 7, num_layers=2, bidirectional=True, proj_size=3).to(device)
+    x = randn(rng, 4, 3, 5).float().to(device)
+    lengths = torch.tensor([4, 1, 3])
+    res = {}
+    for be in ("reference", backend):
+        with gpu_nn.backend(be):
+            xin = x.cpu() if be == "reference" else x
+            mm = m.cpu() if be == "reference" else m.to(device)
+            if packed:
+                xin = pack_padded_sequence(xin, lengths, enforce_sorted=False)
+            out, (hn, cn) = mm(xin)
+            out = out.data if packed else out
+            g = torch.autograd.grad(out.sum() + hn.sum() + cn.sum(), list(mm.parameters()))
+            res[be] = [t.detach().cpu() for t in (out, hn, cn, *g)]
+    for a, b in zip(res[backend], res["reference"]):
+        assert_close(a, b.double(), torch.float32, k=4 * 3 * 28)
 
 
 @pytest.mark.parametrize("backend,device", [p for p in backend_params() if p.values[0] != "reference"])
@@ -480,8 +781,57 @@ void host_gru_fwd(int n, const float* x, const float* hh, const float* hp, float
 void host_gru_bwd(int n, const float* dh, const float* g, const float* hp, float* dgi, float* dgh, float* carry) {
     for (int i = 0; i < n; ++i) gn_gru_bwd(dh[i], g + 4 * i, hp[i], dgi + 3 * i, dgh + 3 * i, carry + i);
 }
+void host_proj_fwd(int n, const int* valid, const float* hw, const float* hp, const float* mask, float* h, float* out) {
+    for (int i = 0; i < n; ++i) gn_proj_fwd(valid[i], hw[i], hp[i], mask[i], h + i, out + i);
+}
+void host_proj_bwd(int n, const int* valid, const float* carry, const float* dout, float* dh, float* carry_out) {
+    for (int i = 0; i < n; ++i) gn_proj_bwd(valid[i], carry[i], dout[i], dh + i, carry_out + i);
+}
 }
 """
+
+
+def test_cuda_proj_math_on_host_matches_reference(rng):
+    """The cupy backend's projection step (rnn.cu's rnn_proj_fwd / rnn_proj_bwd math) run on the
+    host, composed as the driver composes it, against the float64 reference: one forward step and
+    one backward step of a projected LSTM with a row past its length."""
+    import ctypes
+
+    from helpers import build_host_library, fptr
+
+    lib = build_host_library(HOST_SRC, "rnn_math")
+    B, I, H, P = 3, 5, 7, 3
+    f32 = np.float32
+    x, h, c = rng.standard_normal((B, I)), rng.standard_normal((B, P)), rng.standard_normal((B, H))
+    w_ih, w_hh = rng.standard_normal((4 * H, I)) * 0.5, rng.standard_normal((4 * H, P)) * 0.5
+    w_hr = rng.standard_normal((P, H)) * 0.5
+    ws = [(w_ih, w_hh, None, None, w_hr)]
+    lengths = np.array([1, 0, 1])
+    out, hn, cn, res = ref.rnn_forward("lstm", x[None], h[None], c[None], ws, 1, False, lengths)
+    # the cell math (checked by the test above) gives m = o * tanh(c'); the projection is a matmul
+    m = ref._views(res, ref.reserve_layout("lstm", 1, B, H, 1, 1, P)[0])[("m", 0, 0)][0]
+    valid = np.ascontiguousarray(np.broadcast_to((lengths > 0)[:, None], (B, P)), dtype=np.int32)
+    mask = rng.uniform(0.5, 2.0, (B, P)).astype(f32)
+    hw = np.ascontiguousarray(m @ w_hr.T, dtype=f32)
+    hp = np.ascontiguousarray(h, dtype=f32)
+    got_h, got_o = np.empty((B, P), f32), np.empty((B, P), f32)
+    n = ctypes.c_int(B * P)
+    lib.host_proj_fwd(n, valid.ctypes.data_as(ctypes.c_void_p), fptr(hw), fptr(hp), fptr(mask), fptr(got_h), fptr(got_o))
+    assert_close(torch.from_numpy(got_h), torch.from_numpy(hn[0]), torch.float32, k=H)
+    assert_close(torch.from_numpy(got_o), torch.from_numpy(out[0] * mask), torch.float32, k=H)
+    # backward of one step: dh = carry + dout (valid rows) goes to dm = dh W_hr, the rest stays
+    gh, go = rng.standard_normal((B, P)), rng.standard_normal((B, P))
+    dx, dhx, dcx, dws = ref.rnn_backward("lstm", go[None], gh[None], np.zeros((1, B, H)), x[None], ws, res, 1, False,
+                                         lengths)
+    dh, carry = np.empty((B, P), f32), np.empty((B, P), f32)
+    lib.host_proj_bwd(n, valid.ctypes.data_as(ctypes.c_void_p), fptr(np.ascontiguousarray(gh, dtype=f32)),
+                      fptr(np.ascontiguousarray(go, dtype=f32)), fptr(dh), fptr(carry))
+    want_dh = np.where(valid, gh + go, 0)
+    assert_close(torch.from_numpy(dh), torch.from_numpy(want_dh), torch.float32, k=1)
+    assert_close(torch.from_numpy(carry), torch.from_numpy(np.where(valid, 0, gh)), torch.float32, k=1)
+    # dW_hr from the kernel's dh, as the driver forms it, and the invalid row's dh0 = its carry
+    assert_close(torch.from_numpy(dh.T.astype(np.float64) @ m), torch.from_numpy(dws[0][4]), torch.float32, k=B)
+    assert_close(torch.from_numpy(carry[1]), torch.from_numpy(dhx[0][1]), torch.float32, k=1)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -584,6 +934,28 @@ def test_persistent_choice(device_type, B, H, sm, env, want):
 def test_persistent_path_is_opt_in_until_validated_on_a_gpu():
     assert ops.PERSISTENT_BY_DEFAULT is False
     assert ops.persistent_choice("cuda", 4, 256, 132, None) is False
+
+
+@pytest.mark.parametrize("env,device_type,by_default", [("1", "cpu", False), ("", "cuda", True), (None, "cuda", True)])
+def test_persistent_choice_skips_projections(env, device_type, by_default):
+    assert ops.persistent_choice(device_type, 4, 64, 132, env, by_default=by_default)
+    assert not ops.persistent_choice(device_type, 4, 64, 132, env, by_default=by_default, proj_size=3)
+
+
+def test_persistent_opt_in_runs_projections_per_step(rng, monkeypatch):
+    """GPU_NN_RNN_PERSISTENT=1 (legal size) with proj_size: the per-step path runs, correctly."""
+    from gpu_nn.kernels.triton import rnn as kt
+
+    if not gpu_nn.available_backends() or "triton" not in gpu_nn.available_backends():
+        pytest.skip("triton backend not available here")
+    monkeypatch.setenv(_PERSIST_ENV, "1")
+
+    def refuse(*a, **k):
+        raise AssertionError("persistent kernel launched for a projected LSTM")
+
+    monkeypatch.setattr(kt, "persist_forward", refuse)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    _seq_against_reference("triton", dev, "lstm", torch.float32, rng, 3, 2, 4, 7, 2, True, (3, 2), False, P=3)
 
 
 def test_persistent_choice_rejects_bad_env():

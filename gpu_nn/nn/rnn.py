@@ -6,8 +6,8 @@ Subclasses of torch's, so constructor arguments, parameter names (``weight_ih_l0
 ``gpu_nn::rnn_seq`` / ``gpu_nn::rnn_cell`` ops. Inputs as torch takes them: batched 3-D,
 unbatched 2-D, and ``PackedSequence`` (variable lengths, ``enforce_sorted`` either way; a packed
 input returns a ``PackedSequence`` with the input's ``sorted_indices``). Dropout between layers
-in training mode uses masks drawn here from torch's RNG. Not supported: LSTM ``proj_size > 0``
-(raises :class:`~gpu_nn.KernelInputError`).
+in training mode uses masks drawn here from torch's RNG. LSTM ``proj_size > 0`` as torch: ``h``
+of size proj_size, ``c`` of size hidden_size, ``weight_hr_l{k}[_reverse]`` after the biases.
 """
 
 from __future__ import annotations
@@ -54,11 +54,6 @@ class _SeqMixin:
         mode = _MODES[self.mode]
         is_lstm = mode == "lstm"
         name = type(self).__name__
-        if getattr(self, "proj_size", 0) > 0:
-            raise KernelInputError(
-                f"gpu_nn.nn.{name}: proj_size > 0 (got proj_size={self.proj_size}) is not supported; "
-                "use torch.nn.LSTM for projected LSTMs"
-            )
         if hasattr(self, "_update_flat_weights"):
             self._update_flat_weights()
         D = 2 if self.bidirectional else 1
@@ -100,8 +95,10 @@ class _SeqMixin:
             batch_first = self.batch_first
         B = x.shape[0] if batch_first else x.shape[1]
         if hx is None:
-            z = torch.zeros(self.num_layers * D, B, H, dtype=x.dtype, device=x.device)
-            hx = (z, z.clone()) if is_lstm else z
+            # a projected LSTM's h is proj_size wide, its c hidden_size wide (as in torch)
+            W = getattr(self, "proj_size", 0) or H
+            z = torch.zeros(self.num_layers * D, B, W, dtype=x.dtype, device=x.device)
+            hx = (z, torch.zeros(self.num_layers * D, B, H, dtype=x.dtype, device=x.device)) if is_lstm else z
         for h in (hx if is_lstm else (hx,)):
             if h.dtype != x.dtype:
                 raise KernelInputError(
@@ -132,7 +129,7 @@ class RNN(NotScriptable, _SeqMixin, torch.nn.RNN):
 
 
 class LSTM(NotScriptable, _SeqMixin, torch.nn.LSTM):
-    """``torch.nn.LSTM`` on gpu-nn's kernels (gate order i, f, g, o); ``proj_size`` unsupported."""
+    """``torch.nn.LSTM`` on gpu-nn's kernels (gate order i, f, g, o), ``proj_size`` included."""
 
     def forward(self, input, hx=None):
         return self._gn_forward(input, hx)
@@ -170,6 +167,9 @@ class LSTMCell(NotScriptable, torch.nn.LSTMCell):
 
     def forward(self, input, hx=None):
         _check_cell_dims("LSTMCell", input, list(enumerate(hx)) if hx is not None else [])
+        if hx is not None and input.dim() == 1:
+            # torch indexes the state of an unbatched input, whatever it is (a [2, H] tensor works)
+            hx = (hx[0], hx[1])
         return ops.lstm_cell(input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
 
 

@@ -20,8 +20,13 @@ Public functions (``gpu_nn.functional``):
   of the module). Extensions: ``lengths`` (int64 ``[B]``, on the CPU) gives per-sequence lengths
   with PackedSequence semantics (outputs beyond a length are zero, final states are each
   sequence's own last step); ``dropout_masks [L - 1, T, B, D * H]`` replaces the masks that
-  ``train=True, dropout > 0`` would otherwise draw from torch's RNG. Not supported: LSTM
-  projections (``proj_size``).
+  ``train=True, dropout > 0`` would otherwise draw from torch's RNG.
+
+  LSTM projections (``torch.nn.LSTM(proj_size=P)``), detected as torch detects them: ``h0`` and
+  ``c0`` of different widths. Then ``h0 [L * D, B, P]``, ``c0 [L * D, B, H]``, ``params`` per
+  layer and direction ``w_ih, w_hh [4 H, P][, b_ih, b_hh], w_hr [P, H]`` (torch's order), layer
+  inputs above the first ``D * P`` wide, output ``[T, B, D * P]``; each step ends with
+  ``h' = (o * tanh(c')) W_hr^T``.
 
 Custom ops (namespace ``gpu_nn``): ``rnn_seq`` / ``rnn_seq_backward`` (whole sequences; the
 forward returns a flat reserve of intermediates that the backward consumes, laid out by
@@ -37,7 +42,13 @@ programs, one per SM at most, so that all are resident and the barrier cannot de
 heuristic takes it whenever it is legal on a CUDA device (at small batch a step's arithmetic
 is far below one launch's cost). ``GPU_NN_RNN_PERSISTENT=0`` never takes it, ``=1`` whenever
 legal (also under the Triton interpreter, with one program, since the interpreter runs
-programs one after another). The backward always runs the per-step kernels on the same reserve.
+programs one after another); never for an LSTM with a projection (the persistent kernel has
+none). The backward always runs the per-step kernels on the same reserve.
+
+A projected LSTM step on the GPU: the step kernel (recurrent product over the P-wide state,
+m = o * tanh(c') into the reserve), then the projection kernel (h' = m W_hr^T, length masking,
+output); backward: the projection-gradient kernel (dh of the projected state), dm = dh W_hr
+(the matmul), then the step kernel's cell backward with dm as its output gradient.
 
 Shipped off by default (``PERSISTENT_BY_DEFAULT``): the grid barrier has only run as a single
 program under the interpreter, and a barrier bug on a GPU would hang rather than fail. A GPU
@@ -83,9 +94,53 @@ def reserve_dtype(dtype: torch.dtype) -> torch.dtype:
     return compute_dtype(dtype)
 
 
-def _shape_info(input: Tensor, hx: Tensor, num_layers: int, bidirectional: bool):
+def _shape_info(input: Tensor, hx: Tensor, cx: Optional[Tensor], num_layers: int, bidirectional: bool):
+    """``(T, B, H, P, L, D)``; ``P`` the projection size (0: none)."""
     T, B, _ = input.shape
-    return T, B, hx.shape[-1], num_layers, 2 if bidirectional else 1
+    H, P = _state_widths(hx, cx)
+    return T, B, H, P, num_layers, 2 if bidirectional else 1
+
+
+def _state_widths(hx, cx):
+    """``(H, P)`` from the initial states, as torch tells a projected LSTM: h and c of different widths."""
+    if cx is not None and cx.dim() == 3 and hx.shape[-1] != cx.shape[-1]:
+        return cx.shape[-1], hx.shape[-1]
+    return hx.shape[-1], 0
+
+
+def _weight_dims(mode, weights, num_layers, D, has_biases):
+    """``(H, P, per)`` from the flat weights: ``per`` tensors per layer and direction, one more
+    (``w_hr``, last) for a projected LSTM."""
+    per = 4 if has_biases else 2
+    if mode == "lstm" and len(weights) == num_layers * D * (per + 1):
+        return weights[1].shape[0] // 4, weights[per].shape[0], per + 1
+    return weights[1].shape[0] // GATES[mode], 0, per
+
+
+_HIDDEN_DEVICE = "Input and hidden tensors are not at the same device, found input tensor at {} and hidden tensor at {}"
+_PARAM_DEVICE = "Input and parameter tensors are not at the same device, found input tensor at {} and parameter tensor at {}"
+
+
+def _check_devices(input, hiddens, weights, cell=False):
+    """torch's device check of the recurrent ops, before anything dispatches: a hidden state or
+    a weight on another device (meta included) must not reach a kernel, nor the fake kernel
+    (a meta argument sends a custom op there, which returns uninitialised tensors). Cells get
+    torch's cell wording too, ``Tensor on device A is not on the expected device B!``, where torch
+    expects the device of h when h is the odd one and the input's otherwise."""
+    for fmt, ts in ((_HIDDEN_DEVICE, hiddens), (_PARAM_DEVICE, weights)):
+        for t in ts:
+            if isinstance(t, Tensor) and t.device != input.device:
+                msg = fmt.format(input.device, t.device)
+                if cell:
+                    h = hiddens[0]
+                    got, want = ((input.device, h.device) if isinstance(h, Tensor) and h.device != input.device
+                                 else (t.device, input.device))
+                    msg = f"Tensor on device {got} is not on the expected device {want}! ({msg})"
+                raise KernelInputError(msg)
+
+
+class HiddenStateTypeError(KernelInputError, TypeError):
+    """An LSTM cell state that is not a pair of tensors: torch raises TypeError there."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -105,32 +160,34 @@ def _check_seq(op, input, hx, cx, weights, mode, num_layers, bidirectional, has_
         raise KernelInputError(f"{op}: num_layers must be at least 1, got {num_layers}")
     D = 2 if bidirectional else 1
     T, B, I = input.shape
+    if T == 0:
+        raise KernelInputError("Expected sequence length to be larger than 0 in RNN")
+    _check_devices(input, [hx, cx], weights)
+    H, P = _state_widths(hx, cx)
+    W = P or H  # the width of h and of a direction's output
     if hx.dim() != 3 or hx.shape[0] != num_layers * D or hx.shape[1] != B:
         raise KernelInputError(f"Expected hidden size ({num_layers * D}, {B}, {hx.shape[-1]}), got {list(hx.shape)}")
-    H = hx.shape[-1]
     if mode == "lstm":
         if cx is None:
             raise KernelInputError(f"{op}: lstm needs a cell state")
-        if tuple(cx.shape) != (num_layers * D, B, H):
+        if cx.dim() != 3 or tuple(cx.shape[:2]) != (num_layers * D, B):
             raise KernelInputError(f"Expected hidden size ({num_layers * D}, {B}, {H}), got {list(cx.shape)}")
-    per = 4 if has_biases else 2
+        if P and P > H:
+            raise KernelInputError(f"{op}: proj_size has to be smaller than hidden_size (h0 width {P}, c0 width {H})")
+    per = (4 if has_biases else 2) + (1 if P else 0)
     if len(weights) != num_layers * D * per:
         raise KernelInputError(f"{op}: expected {num_layers * D * per} weight tensors, got {len(weights)}")
     G = GATES[mode] * H
     for t in [hx, cx, *weights]:
         if t is None:
             continue
-        if t.device != input.device:
-            raise KernelInputError(
-                f"Expected all tensors to be on the same device, but found at least two devices, {input.device} and {t.device}!"
-            )
         if t.dtype != input.dtype:
             raise KernelInputError(f"{op}: input must have the type {t.dtype}, got type {input.dtype}")
     for l in range(num_layers):
-        in_w = I if l == 0 else D * H
+        in_w = I if l == 0 else D * W
         for d in range(D):
             ws = weights[(l * D + d) * per:(l * D + d + 1) * per]
-            want = [(G, in_w), (G, H)] + ([(G,), (G,)] if has_biases else [])
+            want = [(G, in_w), (G, W)] + ([(G,), (G,)] if has_biases else []) + ([(P, H)] if P else [])
             for w, s in zip(ws, want):
                 if tuple(w.shape) != s:
                     if len(s) == 2 and s[1] == in_w and w.dim() == 2 and w.shape[0] == G and l == 0:
@@ -144,19 +201,27 @@ def _check_seq(op, input, hx, cx, weights, mode, num_layers, bidirectional, has_
         if B and (int(lengths.min()) < 0 or int(lengths.max()) > T):
             raise KernelInputError(f"{op}: lengths must lie in [0, {T}]")
     if masks is not None:
-        want = (num_layers - 1, T, B, D * H)
+        if masks.device != input.device:
+            raise KernelInputError(
+                f"Expected all tensors to be on the same device, but found at least two devices, {input.device} and {masks.device}!"
+            )
+        want = (num_layers - 1, T, B, D * W)
         if tuple(masks.shape) != want:
             raise KernelInputError(f"{op}: dropout_masks must have shape {list(want)}, got {list(masks.shape)}")
 
 
 def _split(weights, num_layers, D, has_biases):
+    """Per layer and direction ``(w_ih, w_hh, b_ih, b_hh, w_hr)``, absent ones None."""
     per = 4 if has_biases else 2
+    if len(weights) == num_layers * D * (per + 1):
+        per += 1
     out = []
     for k in range(num_layers * D):
         ws = list(weights[k * per:(k + 1) * per])
+        w_hr = ws.pop() if len(ws) in (3, 5) else None
         if not has_biases:
             ws += [None, None]
-        out.append(tuple(ws))
+        out.append((*ws, w_hr))
     return out
 
 
@@ -167,8 +232,9 @@ def _split(weights, num_layers, D, has_biases):
 def rnn_seq_forward(input, hx, cx, weights, mode, num_layers, bidirectional, has_biases, lengths=None, dropout_masks=None):
     """Whole sequence, time-major. ``input [T, B, I]``, ``hx / cx [L * D, B, H]``.
 
-    Returns ``(output [T, B, D * H], hn, cn, reserve)``; ``cn`` is an empty ``[0]`` tensor for
-    the Elman RNN and the GRU; ``reserve`` is flat, float32 for half inputs.
+    Returns ``(output [T, B, D * W], hn, cn, reserve)`` (W = P for a projected LSTM, else H);
+    ``cn`` is an empty ``[0]`` tensor for the Elman RNN and the GRU; ``reserve`` is flat, float32
+    for half inputs.
     """
     op = mode
     _check_seq(op, input, hx, cx, weights, mode, num_layers, bidirectional, has_biases, lengths, dropout_masks)
@@ -195,11 +261,11 @@ def rnn_seq_backward(grad_output, grad_hn, grad_cn, input, weights, reserve, mod
     op = mode + "_backward"
     T, B, I = input.shape
     D = 2 if bidirectional else 1
-    H = weights[1].shape[1]
-    want = (T, B, D * H)
+    H, P, _ = _weight_dims(mode, weights, num_layers, D, has_biases)
+    want = (T, B, D * (P or H))
     if tuple(grad_output.shape) != want:
         raise KernelInputError(f"{op}: grad_output has shape {list(grad_output.shape)}, expected {list(want)}")
-    size = ref.reserve_size(mode, T, B, H, num_layers, D)
+    size = ref.reserve_size(mode, T, B, H, num_layers, D, P)
     if reserve.numel() != size:
         raise KernelInputError(f"{op}: reserve has {reserve.numel()} elements, expected {size}")
     backend = _backend.resolve(op, input.device, BACKENDS)
@@ -254,7 +320,7 @@ PERSISTENT_BY_DEFAULT = False  # see the module docstring: on once a GPU run has
 
 
 def persistent_choice(device_type: str, B: int, H: int, sm_count: int, env: Optional[str],
-                      by_default: bool = PERSISTENT_BY_DEFAULT) -> bool:
+                      by_default: bool = PERSISTENT_BY_DEFAULT, proj_size: int = 0) -> bool:
     """Whether the forward runs the persistent kernel (``kernels.triton.rnn.persist_forward``, one
     launch per layer and direction) instead of one launch per step. ``env`` is the value of
     ``GPU_NN_RNN_PERSISTENT`` (None if unset).
@@ -264,22 +330,23 @@ def persistent_choice(device_type: str, B: int, H: int, sm_count: int, env: Opti
     so all of them are resident and the grid barrier cannot deadlock. ``"0"``: never; ``"1"``:
     whenever legal (also under the interpreter, where ``sm_count`` is 1); unset or empty: the
     heuristic, legal and a CUDA device (small batch is where one launch per step dominates),
-    applied only when ``by_default``.
+    applied only when ``by_default``. Never for an LSTM with a projection (``proj_size > 0``): the
+    persistent kernel has no projection step.
     """
     if env not in (None, "", "0", "1"):
         raise ValueError(f"{PERSISTENT_ENV} must be 0, 1 or unset, got {env!r}")
-    if env == "0" or sm_count < 1 or not (1 <= B <= 16 and 1 <= H <= 1024):
+    if env == "0" or proj_size > 0 or sm_count < 1 or not (1 <= B <= 16 and 1 <= H <= 1024):
         return False
     return env == "1" or (by_default and device_type == "cuda")
 
 
-def _persist_programs(K, dev, B, H):
+def _persist_programs(K, dev, B, H, P=0):
     """Programs of the persistent launch, 0 for per-step launches."""
     if not hasattr(K, "persist_forward"):
         return 0  # the cupy backend has no persistent kernel
     # the interpreter runs programs one after another: only a single program can pass a barrier
     sm = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 1
-    if not persistent_choice(dev.type, B, H, sm, os.environ.get(PERSISTENT_ENV)):
+    if not persistent_choice(dev.type, B, H, sm, os.environ.get(PERSISTENT_ENV), proj_size=P):
         return 0
     return K.persist_programs(B, H, sm)
 
@@ -287,19 +354,20 @@ def _persist_programs(K, dev, B, H):
 def _gpu_forward(K, mode, input, hx, cx, weights, num_layers, bidirectional, has_biases, lengths, masks):
     T, B, I = input.shape
     D = 2 if bidirectional else 1
-    H = hx.shape[-1]
+    H, P = _state_widths(hx, cx)
+    W = P or H
     L = num_layers
     dt, dev = input.dtype, input.device
     GH = GATES[mode] * H
-    layout, size = ref.reserve_layout(mode, T, B, H, L, D)
+    layout, size = ref.reserve_layout(mode, T, B, H, L, D, P)
     reserve = empty((size,), dtype=torch.float32, device=dev)
     v = {k: reserve[o:o + math.prod(s)].view(s) for k, (o, s) in layout.items()}
-    out = empty((T, B, D * H), dtype=dt, device=dev)
-    hn = empty((L * D, B, H), dtype=dt, device=dev)
+    out = empty((T, B, D * W), dtype=dt, device=dev)
+    hn = empty((L * D, B, W), dtype=dt, device=dev)
     cn = empty((L * D, B, H), dtype=dt, device=dev) if mode == "lstm" else input.new_empty(0)
     lens = _lengths_on(lengths, T, B, dev)
     ws = _split(weights, L, D, has_biases)
-    persist = _persist_programs(K, dev, B, H)
+    persist = _persist_programs(K, dev, B, H, P)
     xin = input
     for l in range(L):
         dest = v[("x", l + 1)] if l < L - 1 else out
@@ -307,7 +375,7 @@ def _gpu_forward(K, mode, input, hx, cx, weights, num_layers, bidirectional, has
         in_w = xin.shape[-1]
         for d in range(D):
             k = l * D + d
-            w_ih, w_hh, b_ih, b_hh = ws[k]
+            w_ih, w_hh, b_ih, b_hh, w_hr = ws[k]
             Hs = v[("h", l, d)]
             Cs = v.get(("c", l, d))
             first = T if d == 1 else 0
@@ -315,12 +383,19 @@ def _gpu_forward(K, mode, input, hx, cx, weights, num_layers, bidirectional, has
             if Cs is not None:
                 Cs[first].copy_(cx[k])
             XG = v[("gates", l, d)] if mode in ("lstm", "gru") else empty((T, B, H), dtype=torch.float32, device=dev)
-            K.matmul(xin.reshape(T * B, in_w), w_ih.t(), XG.view(T * B, -1)[:, :GH], bias1=b_ih,
+            K.matmul(xin.reshape(T * B, in_w), w_ih.t(), XG.view(T * B, XG.shape[-1])[:, :GH], bias1=b_ih,
                      bias2=b_hh if mode != "gru" else None, dot=_dot_code(xin.dtype, w_ih.dtype))
             dcode = _dot_code(w_hh.dtype)
             if persist:
                 K.persist_forward(mode, XG, Hs, Cs, w_hh, b_hh if mode == "gru" else None, dest[:, :, d * H:(d + 1) * H],
                                   None if mk is None else mk[:, :, d * H:(d + 1) * H], lens, d == 1, dcode, persist)
+            elif P:
+                Ms = v[("m", l, d)]
+                for t, p, n in ref._steps(T, d == 1):
+                    K.step_forward(mode, XG[t], Hs[p], Ms[t], Cs[p], Cs[n], w_hh, None, None, None, lens, t, dcode,
+                                   proj=True)
+                    K.proj_forward(Ms[t], w_hr, Hs[p], Hs[n], dest[t, :, d * P:(d + 1) * P],
+                                   None if mk is None else mk[t, :, d * P:(d + 1) * P], lens, t, _dot_code(w_hr.dtype))
             else:
                 for t, p, n in ref._steps(T, d == 1):
                     K.step_forward(mode, XG[t], Hs[p], Hs[n], None if Cs is None else Cs[p],
@@ -340,20 +415,28 @@ def _gpu_backward(K, mode, gout, ghn, gcn, input, weights, reserve, num_layers, 
     T, B, I = input.shape
     D = 2 if bidirectional else 1
     L = num_layers
-    H = weights[1].shape[1]
+    H, P, _ = _weight_dims(mode, weights, L, D, has_biases)
+    W = P or H
     dt, dev = input.dtype, input.device
     GH = GATES[mode] * H
-    layout, _ = ref.reserve_layout(mode, T, B, H, L, D)
+    layout, _ = ref.reserve_layout(mode, T, B, H, L, D, P)
     v = {k: reserve[o:o + math.prod(s)].view(s) for k, (o, s) in layout.items()}
     lens = _lengths_on(lengths, T, B, dev)
     ws = _split(weights, L, D, has_biases)
     f32 = torch.float32
-    dhx = empty((L * D, B, H), dtype=f32, device=dev)
+    dhx = empty((L * D, B, W), dtype=f32, device=dev)
     dcx = empty((L * D, B, H), dtype=f32, device=dev) if mode == "lstm" else None
     dGi = empty((T, B, GH), dtype=f32, device=dev)
     dGh = empty((T, B, GH), dtype=f32, device=dev) if mode == "gru" else dGi
-    carry = empty((B, H), dtype=f32, device=dev)
+    carry = empty((B, W), dtype=f32, device=dev)
     dc = empty((B, H), dtype=f32, device=dev) if mode == "lstm" else None
+    if P:
+        # per step: dHp[t] the projected state's gradient (zero where invalid), dm = dHp[t] W_hr
+        # the cell's output gradient; the cell's own carry stays zero (an LSTM's dh_prev goes
+        # through W_hh only), so one zero buffer serves every step
+        dHp = empty((T, B, P), dtype=f32, device=dev)
+        dm = empty((B, H), dtype=f32, device=dev)
+        zero_h = torch.zeros((B, H), dtype=f32, device=dev)
     dws = [None] * (L * D)
     dout = gout
     for l in range(L - 1, -1, -1):
@@ -363,7 +446,7 @@ def _gpu_backward(K, mode, gout, ghn, gcn, input, weights, reserve, num_layers, 
         mk = masks[l - 1] if (masks is not None and l > 0) else None
         for d in range(D):
             k = l * D + d
-            w_ih, w_hh, b_ih, b_hh = ws[k]
+            w_ih, w_hh, b_ih, b_hh, w_hr = ws[k]
             Hs = v[("h", l, d)]
             Cs = v.get(("c", l, d))
             G = v.get(("gates", l, d))
@@ -372,17 +455,27 @@ def _gpu_backward(K, mode, gout, ghn, gcn, input, weights, reserve, num_layers, 
                 dc.copy_(gcn[k])
             dcode = _dot_code(w_hh.dtype)
             prev = None
-            for t, p, n in reversed(ref._steps(T, d == 1)):
-                K.step_backward(mode, prev, w_hh, carry, dc, dout[t, :, d * H:(d + 1) * H], None if G is None else G[t],
-                                Hs[p], Hs[n], None if Cs is None else Cs[p], None if Cs is None else Cs[n], dGi[t], dGh[t],
-                                None, lens, t, dcode)
-                prev = dGh[t]
-            K.step_backward(mode, prev, w_hh, carry, None, None, None, None, None, None, None, None, None, dhx[k], None, 0,
-                            dcode, final=True)
+            if P:
+                rdot = _dot_code(w_hr.dtype)
+                for t, p, n in reversed(ref._steps(T, d == 1)):
+                    K.proj_backward(prev, w_hh, carry, dout[t, :, d * P:(d + 1) * P], dHp[t], lens, t, dcode)
+                    K.matmul(dHp[t], w_hr, dm, dot=rdot)
+                    K.step_backward(mode, None, w_hh, zero_h, dc, dm, G[t], None, None, Cs[p], Cs[n], dGi[t], dGh[t],
+                                    None, lens, t, dcode)
+                    prev = dGh[t]
+                K.proj_backward(prev, w_hh, carry, None, dhx[k], None, 0, dcode, final=True)
+            else:
+                for t, p, n in reversed(ref._steps(T, d == 1)):
+                    K.step_backward(mode, prev, w_hh, carry, dc, dout[t, :, d * H:(d + 1) * H],
+                                    None if G is None else G[t], Hs[p], Hs[n], None if Cs is None else Cs[p],
+                                    None if Cs is None else Cs[n], dGi[t], dGh[t], None, lens, t, dcode)
+                    prev = dGh[t]
+                K.step_backward(mode, prev, w_hh, carry, None, None, None, None, None, None, None, None, None, dhx[k], None,
+                                0, dcode, final=True)
             if dc is not None:
                 dcx[k].copy_(dc)
             gi, gh = dGi.view(T * B, GH), dGh.view(T * B, GH)
-            hprev = (Hs[1:] if d == 1 else Hs[:T]).reshape(T * B, H)
+            hprev = (Hs[1:] if d == 1 else Hs[:T]).reshape(T * B, W)
             x2 = xin.reshape(T * B, in_w)
             dw_ih = empty(w_ih.shape, dtype=w_ih.dtype, device=dev)
             dw_hh = empty(w_hh.shape, dtype=w_hh.dtype, device=dev)
@@ -397,6 +490,10 @@ def _gpu_backward(K, mode, gout, ghn, gcn, input, weights, reserve, num_layers, 
                 grads += [db_ih, db_hh]
             K.matmul(gi, w_ih, dxin.view(T * B, in_w), scale=None if mk is None else mk.reshape(T * B, in_w),
                      acc=d == 1, dot=_dot_code(w_ih.dtype))
+            if P:
+                dw_hr = empty(w_hr.shape, dtype=w_hr.dtype, device=dev)
+                K.matmul(dHp.view(T * B, P).t(), v[("m", l, d)].reshape(T * B, H), dw_hr, dot=0)
+                grads.append(dw_hr)
             dws[k] = grads
         dout = dxin
     dx = dout.to(dt)
@@ -433,14 +530,16 @@ class _CupyImpl:
         return kcuda, kcuda.load("rnn", {"GN_MODE": ref.MODES.index(mode)}, device.index or 0)
 
     @staticmethod
-    def step_forward(mode, xg, hp, hn, cp, cn, w_hh, b_hh, out, mask, lengths, t, dot):
+    def step_forward(mode, xg, hp, hn, cp, cn, w_hh, b_hh, out, mask, lengths, t, dot, proj=False):
         import numpy as np
 
-        B, H = hp.shape
+        B, H = hn.shape
         if B * H == 0:
             return
         kcuda, mod = _CupyImpl._module(mode, hp.device)
         hh = torch.mm(hp.to(w_hh.dtype), w_hh.t()).float()
+        if proj:
+            out, mask = hn, None  # not written: rnn_proj_fwd writes the output
         o32 = out if out.dtype == torch.float32 else torch.empty(out.shape, dtype=torch.float32, device=out.device)
         m32 = None if mask is None else mask.float()
         any_ = hp
@@ -448,9 +547,47 @@ class _CupyImpl:
             xg, np.int64(xg.stride(0)), hh, hp, hn, any_ if cp is None else cp, any_ if cn is None else cn,
             any_ if b_hh is None else b_hh.float(), np.int32(b_hh is not None), o32, np.int64(o32.stride(0)),
             any_ if m32 is None else m32, np.int64(0 if m32 is None else m32.stride(0)), np.int32(m32 is not None),
-            lengths, np.int32(t), np.int32(B), np.int32(H)), device=hp.device.index or 0)
+            lengths, np.int32(t), np.int32(B), np.int32(H), np.int32(proj)), device=hp.device.index or 0)
         if o32 is not out:
             out.copy_(o32)
+
+    @staticmethod
+    def proj_forward(m, w_hr, hp, hn, out, mask, lengths, t, dot):
+        """h' = m W_hr^T (torch's matmul into hn), then rnn_proj_fwd masks it and writes the output."""
+        import numpy as np
+
+        B, P = hn.shape
+        if B * P == 0:
+            return
+        kcuda, mod = _CupyImpl._module("lstm", hn.device)
+        hn.copy_(torch.mm(m.to(w_hr.dtype), w_hr.t()))
+        o32 = out if out.dtype == torch.float32 else torch.empty(out.shape, dtype=torch.float32, device=out.device)
+        m32 = None if mask is None else mask.float()
+        kcuda.launch(mod, "rnn_proj_fwd", ((B * P + 255) // 256,), (256,), (
+            hn, hp, hn, o32, np.int64(o32.stride(0)), hn if m32 is None else m32,
+            np.int64(0 if m32 is None else m32.stride(0)), np.int32(m32 is not None), lengths, np.int32(t), np.int32(B),
+            np.int32(P)), device=hn.device.index or 0)
+        if o32 is not out:
+            out.copy_(o32)
+
+    @staticmethod
+    def proj_backward(dg_next, w_hh, carry, dout, dh, lengths, t, dot, final=False):
+        """carry += dG_next W_hh (torch's matmul); final: dh0 = carry, else rnn_proj_bwd."""
+        import numpy as np
+
+        B, P = carry.shape
+        if dg_next is not None:
+            carry += torch.mm(dg_next.to(w_hh.dtype), w_hh).float()
+        if final:
+            dh.copy_(carry)
+            return
+        if B * P == 0:
+            return
+        kcuda, mod = _CupyImpl._module("lstm", carry.device)
+        d32 = dout.float()
+        kcuda.launch(mod, "rnn_proj_bwd", ((B * P + 255) // 256,), (256,), (
+            carry, d32, np.int64(d32.stride(0)), dh, lengths, np.int32(t), np.int32(B), np.int32(P)),
+            device=carry.device.index or 0)
 
     @staticmethod
     def step_backward(mode, dg_next, w_hh, carry, dc, dout, g, hp, hn, cp, cn, dgi, dgh, dh0, lengths, t, dot,
@@ -489,10 +626,11 @@ def _rnn_seq_op(input: Tensor, hx: Tensor, cx: Optional[Tensor], weights: list[T
 
 @_rnn_seq_op.register_fake
 def _(input, hx, cx, weights, mode, num_layers, bidirectional, has_biases, lengths, dropout_masks):
-    T, B, H, L, D = _shape_info(input, hx, num_layers, bidirectional)
+    T, B, H, P, L, D = _shape_info(input, hx, cx, num_layers, bidirectional)
+    W = P or H
     cn = input.new_empty((L * D, B, H)) if mode == "lstm" else input.new_empty(0)
-    res = input.new_empty(ref.reserve_size(mode, T, B, H, L, D), dtype=reserve_dtype(input.dtype))
-    return input.new_empty((T, B, D * H)), input.new_empty((L * D, B, H)), cn, res
+    res = input.new_empty(ref.reserve_size(mode, T, B, H, L, D, P), dtype=reserve_dtype(input.dtype))
+    return input.new_empty((T, B, D * W)), input.new_empty((L * D, B, W)), cn, res
 
 
 @routed
@@ -508,7 +646,7 @@ def _rnn_seq_backward_op(grad_output: Tensor, grad_hn: Tensor, grad_cn: Optional
 @_rnn_seq_backward_op.register_fake
 def _(grad_output, grad_hn, grad_cn, input, weights, reserve, mode, num_layers, bidirectional, has_biases, lengths,
       dropout_masks):
-    dcx = grad_hn.new_empty(grad_hn.shape) if mode == "lstm" else input.new_empty(0)
+    dcx = grad_cn.new_empty(grad_cn.shape) if mode == "lstm" else input.new_empty(0)
     return input.new_empty(input.shape), grad_hn.new_empty(grad_hn.shape), dcx, [w.new_empty(w.shape) for w in weights]
 
 
@@ -532,11 +670,12 @@ def _seq_backward(ctx, g_out, g_hn, g_cn, _g_res):
         return _seq_backward_differentiable(ctx, g_out, g_hn, g_cn, input, hx, cx, weights, lengths, masks)
     T, B, _ = input.shape
     D = 2 if bidirectional else 1
-    H = weights[1].shape[1]
+    H, P, _ = _weight_dims(mode, weights, num_layers, D, has_biases)
+    W = P or H
     if g_out is None:
-        g_out = input.new_zeros((T, B, D * H))
+        g_out = input.new_zeros((T, B, D * W))
     if g_hn is None:
-        g_hn = input.new_zeros((num_layers * D, B, H))
+        g_hn = input.new_zeros((num_layers * D, B, W))
     if mode == "lstm" and (g_cn is None or g_cn.numel() == 0):
         g_cn = input.new_zeros((num_layers * D, B, H))
     dx, dhx, dcx, dws = _rnn_seq_backward_op(
@@ -676,10 +815,15 @@ def _check_cell(op, input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode):
     for i, t in enumerate((hx, cx)):
         if t is None:
             continue
-        if t.dim() != 2 or t.shape[0] != input.shape[0]:
-            raise KernelInputError(f"Input batch size {input.shape[0]} doesn't match hidden{i} batch size {t.shape[0]}")
-        if t.shape[1] != H:
-            raise KernelInputError(f"hidden{i} has inconsistent hidden_size: got {t.shape[1]}, expected {H}")
+        # torch's order: the batch size, then the hidden size, then the rank
+        if t.dim() == 0 or t.shape[0] != input.shape[0]:
+            raise KernelInputError(
+                f"Input batch size {input.shape[0]} doesn't match hidden{i} batch size {t.shape[0] if t.dim() else 0}")
+        if t.dim() < 2 or t.shape[1] != H:
+            raise KernelInputError(
+                f"hidden{i} has inconsistent hidden_size: got {t.shape[1] if t.dim() > 1 else 1}, expected {H}")
+        if t.dim() != 2:
+            raise KernelInputError(f"{op}: Expected hidden{i} to be 2D, got {t.dim()}D instead")
     for name, t in (("hx", hx), ("cx", cx), ("w_hh", w_hh), ("b_ih", b_ih), ("b_hh", b_hh)):
         if t is None:
             continue
@@ -789,12 +933,25 @@ _rnn_cell_backward_op.register_autograd(_cell_backward_backward, setup_context=_
 # public functions
 
 
+def _lstm_state(op, hx):
+    """``(h, c)`` from an LSTM state argument, refused as torch refuses it: a single tensor (which
+    would unpack along its first dimension) is a TypeError, a sequence of another length an error."""
+    if isinstance(hx, Tensor) or not isinstance(hx, (tuple, list)):
+        raise HiddenStateTypeError(
+            f"{op}(): argument 'hx' (position 2) must be tuple of Tensors, not {type(hx).__name__}"
+        )
+    if len(hx) != 2:
+        raise KernelInputError(f"{op} expects two hidden states")
+    return hx[0], hx[1]
+
+
 def _cell(op, mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh):
     if not isinstance(input, Tensor):
         raise KernelInputError(f"{op}(): argument 'input' must be Tensor, not {type(input).__name__}")
     batched = input.dim() == 2
     if input.dim() not in (1, 2):
         raise KernelInputError(f"{op}: Expected input to be 1D or 2D, got {input.dim()}D instead")
+    _check_devices(input, [hx, cx], [w_ih, w_hh, b_ih, b_hh], cell=True)
     if not batched:
         input = input[None]
         hx = None if hx is None else hx[None]
@@ -824,7 +981,7 @@ def rnn_relu_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
 
 def lstm_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
     """One LSTM step (gate order i, f, g, o); ``hx = (h, c)`` or None -> ``(h', c')``."""
-    h, c = (None, None) if hx is None else hx
+    h, c = (None, None) if hx is None else _lstm_state("lstm_cell", hx)
     return _cell("lstm_cell", "lstm", input, h, c, w_ih, w_hh, b_ih, b_hh)
 
 
@@ -849,6 +1006,7 @@ def _seq(mode, input, hx, cx, params, has_biases, num_layers, dropout, train, bi
         raise KernelInputError(f"{mode}(): argument 'input' must be Tensor, not {type(input).__name__}")
     if input.dim() != 3:
         raise KernelInputError(f"{mode}: input must have 3 dimensions, got {input.dim()}")
+    _check_devices(input, [hx, cx], params)
     input, hx, cx, *params = autocast_inputs("lower", input, hx, cx, *params)
     x = input.transpose(0, 1) if batch_first else input
     T, B, _ = x.shape
@@ -893,8 +1051,9 @@ def gru(input, hx, params, has_biases=True, num_layers=1, dropout=0.0, train=Fal
 
 def lstm(input, hx, params, has_biases=True, num_layers=1, dropout=0.0, train=False, bidirectional=False,
          batch_first=False, lengths=None, dropout_masks=None):
-    """Multi-layer LSTM over a whole sequence, ``hx = (h0, c0)`` -> ``(output, h_n, c_n)``; as ``torch.lstm``."""
-    h0, c0 = hx
+    """Multi-layer LSTM over a whole sequence, ``hx = (h0, c0)`` -> ``(output, h_n, c_n)``; as ``torch.lstm``.
+    A projected LSTM (``h0`` narrower than ``c0``) takes ``w_hr`` after each layer's biases in ``params``."""
+    h0, c0 = _lstm_state("lstm", hx)
     return _seq("lstm", input, h0, c0, params, has_biases, num_layers, dropout, train, bidirectional, batch_first,
                 lengths, dropout_masks)
 
@@ -924,20 +1083,22 @@ def _make_cell(mode, B=5, I=7, H=11, bias=True):
     return make
 
 
-def _make_seq(mode, T=4, B=3, I=5, H=9, L=2, bi=True, lengths=(4, 2, 3)):
+def _make_seq(mode, T=4, B=3, I=5, H=9, L=2, bi=True, lengths=(4, 2, 3), P=0):
+    """A sequence case; ``P > 0``: an LSTM with projections of size P."""
     G = GATES[mode] * H
     D = 2 if bi else 1
+    W = P or H
 
     def make(rng):
         s = H ** -0.5
         x = _t(rng, T, B, I)
-        h0 = _t(rng, L * D, B, H)
+        h0 = _t(rng, L * D, B, W)
         hx = (h0, _t(rng, L * D, B, H)) if mode == "lstm" else h0
         params = []
         for l in range(L):
             for _ in range(D):
-                params += [_t(rng, G, I if l == 0 else D * H, scale=s), _t(rng, G, H, scale=s), _t(rng, G, scale=s),
-                           _t(rng, G, scale=s)]
+                params += [_t(rng, G, I if l == 0 else D * W, scale=s), _t(rng, G, W, scale=s), _t(rng, G, scale=s),
+                           _t(rng, G, scale=s)] + ([_t(rng, P, H, scale=s)] if P else [])
         kw = {"lengths": torch.tensor(lengths)} if lengths is not None else {}
         return (x, hx, params, True, L, 0.0, False, bi, False), kw
 
@@ -948,4 +1109,4 @@ CHECK_CASES = [
     CheckCase(op=f"{m}_cell", make=_make_cell(m), fn=CELL_FUNCS[m], backends=BACKENDS) for m in MODES
 ] + [
     CheckCase(op=m, make=_make_seq(m), fn=SEQ_FUNCS[m], backends=BACKENDS) for m in MODES
-]
+] + [CheckCase(op="lstm_proj", make=_make_seq("lstm", H=7, P=3), fn=lstm, backends=BACKENDS)]

@@ -9,8 +9,13 @@
 // rnn_cell_fwd: xg [B, *] holds the input projection for every gate and gets the stored gates
 // (LSTM / GRU); hh [B, G*H] the recurrent product; bhh [G*H] (GRU only); the new state goes to
 // hn / cn, the output (zero where t >= len[b], times the dropout mask) to out.
+// With proj (LSTM with a projection): hp is P wide and not read, hn gets m = o * tanh(c')
+// unmasked and out is not written; rnn_proj_fwd then masks h' = m W_hr^T (computed by a matmul
+// into hn of the projected state) and writes the output.
 // rnn_cell_bwd: carry [B, H] holds dh without this step's output gradient; writes the gate
 // gradients dgi (W_ih side) / dgh (W_hh side, GRU only) and the new carry / dc in place.
+// rnn_proj_bwd: carry [B, P] holds dG_next W_hh plus what invalid rows carried; dh [B, P] gets
+// the projected state's gradient where valid (zero elsewhere).
 #include "rnn_math.cuh"
 
 #ifndef GN_MODE
@@ -20,12 +25,12 @@
 extern "C" __global__ void rnn_cell_fwd(float* xg, long long sxg, const float* hh, const float* hp, float* hn,
                                         const float* cp, float* cn, const float* bhh, int has_bhh, float* out,
                                         long long sout, const float* mask, long long smask, int has_mask,
-                                        const long long* len, int t, int B, int H) {
+                                        const long long* len, int t, int B, int H, int proj) {
     gn_index idx = (gn_index)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (gn_index)B * H) return;
     gn_index b = idx / H, j = idx % H;
     float* x = xg + b * sxg + j;
-    float hprev = hp[idx];
+    float hprev = proj ? 0.0f : hp[idx];  // a projected state is P wide: only the GRU reads it
     float hnew, cnew = 0.0f, cprev = 0.0f;
 #if GN_MODE <= 1
     hnew = gn_rnn_fwd(GN_MODE, x[0], hh[b * H + j]);
@@ -53,13 +58,36 @@ extern "C" __global__ void rnn_cell_fwd(float* xg, long long sxg, const float* h
     }
 #endif
     bool valid = t < len[b];
-    float o = valid ? hnew : 0.0f;
-    hn[idx] = valid ? hnew : hprev;
 #if GN_MODE == 2
     cn[idx] = valid ? cnew : cprev;
 #endif
+    if (proj) {
+        hn[idx] = hnew;
+        return;
+    }
+    float o = valid ? hnew : 0.0f;
+    hn[idx] = valid ? hnew : hprev;
     if (has_mask) o *= mask[b * smask + j];
     out[b * sout + j] = o;
+}
+
+extern "C" __global__ void rnn_proj_fwd(const float* hw, const float* hp, float* hn, float* out, long long sout,
+                                        const float* mask, long long smask, int has_mask, const long long* len, int t,
+                                        int B, int P) {
+    gn_index idx = (gn_index)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (gn_index)B * P) return;
+    gn_index b = idx / P, j = idx % P;
+    float o;
+    gn_proj_fwd(t < len[b], hw[idx], hp[idx], has_mask ? mask[b * smask + j] : 1.0f, &hn[idx], &o);
+    out[b * sout + j] = o;
+}
+
+extern "C" __global__ void rnn_proj_bwd(float* carry, const float* dout, long long sdout, float* dh,
+                                        const long long* len, int t, int B, int P) {
+    gn_index idx = (gn_index)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (gn_index)B * P) return;
+    gn_index b = idx / P, j = idx % P;
+    gn_proj_bwd(t < len[b], carry[idx], dout[b * sdout + j], &dh[idx], &carry[idx]);
 }
 
 extern "C" __global__ void rnn_cell_bwd(float* carry, float* dc, const float* dout, long long sdout, const float* g,

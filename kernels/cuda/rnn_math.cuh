@@ -61,3 +61,20 @@ GN_HD void gn_gru_bwd(float dh, const float* g, float hp, float* dgi, float* dgh
     dgh[2] = dn * r;
     *carry = dh * z;
 }
+
+// The LSTM projection (proj_size) around h' = m W_hr^T, m = o * tanh(c') (the product itself is a
+// matmul). Forward, per element of the projected state: a row at or past its length keeps the
+// previous state and outputs zero; the output is times the dropout mask. Backward: dh of the
+// projected state is the carry (which already holds dG_next W_hh) plus the output gradient where
+// valid; a valid row hands dh on (to dm = dh W_hr and dW_hr) and restarts the carry at zero, an
+// invalid row hands on zero and keeps dh in the carry.
+GN_HD void gn_proj_fwd(int valid, float hw, float hp, float mask, float* h, float* out) {
+    *h = valid ? hw : hp;
+    *out = valid ? hw * mask : 0.0f;
+}
+
+GN_HD void gn_proj_bwd(int valid, float carry, float dout, float* dh, float* carry_out) {
+    float d = carry + (valid ? dout : 0.0f);
+    *dh = valid ? d : 0.0f;
+    *carry_out = valid ? 0.0f : d;
+}

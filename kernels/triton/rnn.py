@@ -15,6 +15,11 @@ persistent kernel:
   (the recurrent term of the step processed before), then the gate gradients of this step and
   the part of dh / dc that bypasses W_hh. With ``FINAL`` it only forms dh0.
 * ``_rnn_colsum_kernel`` -- bias gradients (column sums of the stored gate gradients).
+* ``_rnn_proj_fwd_kernel`` / ``_rnn_proj_bwd_kernel`` -- the LSTM projection (``proj_size``):
+  per step, after the step kernel (run with ``PROJ``: recurrent product over the P-wide state,
+  ``m = o * tanh(c')`` stored unmasked), ``h' = m W_hr^T`` with the length masking and the output
+  write; backward, ``dh`` of the projected state before the step kernel's cell math (which then
+  takes ``dm = dh W_hr``, formed by ``_rnn_matmul_kernel``, as its output gradient).
 * ``_rnn_persist_fwd_kernel`` -- the small-batch path (B <= 16, H <= 1024): the whole forward
   time loop of one layer and direction in one launch, the step kernel's math per hidden tile,
   a grid-wide barrier (atomic counter) between steps; at most one program per SM.
@@ -24,7 +29,7 @@ reserve); weights and the user's input / output in float32, float16 or bfloat16.
 i, f, g, o (LSTM) and r, z, n (GRU), torch's. ``MODE``: 0 tanh, 1 relu, 2 LSTM, 3 GRU.
 Float32 dots use ``input_precision="ieee"`` (TF32 would be outside the float32 tolerance);
 half-precision dots cast the float32 operand to the weights' dtype and accumulate in float32.
-Not supported: LSTM projections.
+Not supported: projections in the persistent kernel (the ops never choose it for them).
 """
 
 import torch
@@ -110,20 +115,21 @@ def _rnn_colsum_kernel(x_ptr, y_ptr, M, N, stride_xm, BLOCK_M: tl.constexpr, BLO
 
 
 @triton.jit
-def _recurrent_dot(h_ptr, rb, mb, w_ptr, stride_w0, stride_w1, rh, mh, H, CACHE: tl.constexpr, MODE: tl.constexpr,
+def _recurrent_dot(h_ptr, rb, mb, w_ptr, stride_w0, stride_w1, rh, mh, H, P, CACHE: tl.constexpr, MODE: tl.constexpr,
                    DOT_DT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
     """h_{t-1} W_hh^T for one [BLOCK_B, BLOCK_H] tile of hidden units, per gate (unused gates
-    stay zero): ``h_ptr`` float32 rows of H (read with cache modifier ``CACHE``: ".cg" where
+    stay zero): ``h_ptr`` float32 rows of P (the state width: H, or the LSTM's projection size;
+    read with cache modifier ``CACHE``: ".cg" where
     other programs of the same launch wrote them), W_hh rows g * H + j read transposed as
     [BLOCK_K, BLOCK_H] tiles. Returns the four float32 accumulators."""
     acc0 = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
     acc1 = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
     acc3 = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-    for k0 in range(0, H, BLOCK_K):
+    for k0 in range(0, P, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
-        mk = rk < H
-        hprev = tl.load(h_ptr + rb[:, None] * H + rk[None, :], mask=mb[:, None] & mk[None, :], other=0.0,
+        mk = rk < P
+        hprev = tl.load(h_ptr + rb[:, None] * P + rk[None, :], mask=mb[:, None] & mk[None, :], other=0.0,
                         cache_modifier=CACHE)
         wm = mk[:, None] & mh[None, :]
         w0 = tl.load(w_ptr + rh[None, :] * stride_w0 + rk[:, None] * stride_w1, mask=wm, other=0.0)
@@ -181,8 +187,8 @@ def _cell_update(xg, hp, cp, acc0, acc1, acc2, acc3, bhh_ptr, rh, mh, m2, H, MOD
 
 @triton.jit
 def _rnn_step_fwd_kernel(xg_ptr, stride_xg, hp_ptr, hn_ptr, cp_ptr, cn_ptr, w_ptr, stride_w0, stride_w1, bhh_ptr,
-                         out_ptr, stride_out, mask_ptr, stride_mask, len_ptr, t, B, H,
-                         MODE: tl.constexpr, HAS_BHH: tl.constexpr, HAS_MASK: tl.constexpr,
+                         out_ptr, stride_out, mask_ptr, stride_mask, len_ptr, t, B, H, P,
+                         MODE: tl.constexpr, HAS_BHH: tl.constexpr, HAS_MASK: tl.constexpr, PROJ: tl.constexpr,
                          DOT_DT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
     """One step of one layer and direction for a [BLOCK_B, BLOCK_H] tile of (batch, hidden unit).
 
@@ -190,6 +196,10 @@ def _rnn_step_fwd_kernel(xg_ptr, stride_xg, hp_ptr, hn_ptr, cp_ptr, cn_ptr, w_pt
     except the GRU's b_hh); LSTM / GRU overwrite it with the activated gates (GRU: r, z, n and
     h W_hn^T + b_hn). ``hp / cp`` the previous state, ``hn / cn`` the new one (float32 [B, H]).
     ``out`` gets h' (zero where ``t >= len[b]``), times ``mask`` when HAS_MASK.
+
+    PROJ (LSTM with a projection): ``hp [B, P]`` is the projected state, ``hn [B, H]`` gets
+    ``m = o * tanh(c')`` with no length masking (the projection kernel masks h), ``out`` is not
+    written; ``cn`` is masked as usual.
     """
     pid_b = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -198,26 +208,103 @@ def _rnn_step_fwd_kernel(xg_ptr, stride_xg, hp_ptr, hn_ptr, cp_ptr, cn_ptr, w_pt
     mb = rb < B
     mh = rh < H
     m2 = mb[:, None] & mh[None, :]
-    acc0, acc1, acc2, acc3 = _recurrent_dot(hp_ptr, rb, mb, w_ptr, stride_w0, stride_w1, rh, mh, H, "", MODE, DOT_DT,
-                                            BLOCK_B, BLOCK_H, BLOCK_K)
+    acc0, acc1, acc2, acc3 = _recurrent_dot(hp_ptr, rb, mb, w_ptr, stride_w0, stride_w1, rh, mh, H, P, "", MODE,
+                                            DOT_DT, BLOCK_B, BLOCK_H, BLOCK_K)
     st = rb[:, None] * H + rh[None, :]
     xg = xg_ptr + rb[:, None] * stride_xg + rh[None, :]
-    hp = tl.load(hp_ptr + st, mask=m2, other=0.0)
-    cp = hp  # placeholder for the non-LSTM modes
-    if MODE == 2:
+    if PROJ:
+        # h is P wide here and only the GRU's update reads it: the cell state stands in
         cp = tl.load(cp_ptr + st, mask=m2, other=0.0)
+        hp = cp
+    else:
+        hp = tl.load(hp_ptr + st, mask=m2, other=0.0)
+        cp = hp  # placeholder for the non-LSTM modes
+        if MODE == 2:
+            cp = tl.load(cp_ptr + st, mask=m2, other=0.0)
     h_new, c_new = _cell_update(xg, hp, cp, acc0, acc1, acc2, acc3, bhh_ptr, rh, mh, m2, H, MODE, HAS_BHH)
     # steps beyond a sequence's length keep its state and output zero (PackedSequence semantics)
     valid = (t < tl.load(len_ptr + rb, mask=mb, other=0))[:, None]
-    out = tl.where(valid, h_new, 0.0)
-    h_new = tl.where(valid, h_new, hp)
     c_new = tl.where(valid, c_new, cp)
-    tl.store(hn_ptr + st, h_new, mask=m2)
     if MODE == 2:
         tl.store(cn_ptr + st, c_new, mask=m2)
+    if PROJ:
+        tl.store(hn_ptr + st, h_new, mask=m2)
+    else:
+        out = tl.where(valid, h_new, 0.0)
+        h_new = tl.where(valid, h_new, hp)
+        tl.store(hn_ptr + st, h_new, mask=m2)
+        if HAS_MASK:
+            out = out * tl.load(mask_ptr + rb[:, None] * stride_mask + rh[None, :], mask=m2, other=0.0).to(tl.float32)
+        tl.store(out_ptr + rb[:, None] * stride_out + rh[None, :], out.to(out_ptr.dtype.element_ty), mask=m2)
+
+
+@triton.jit
+def _rnn_proj_fwd_kernel(m_ptr, w_ptr, stride_w0, stride_w1, hp_ptr, hn_ptr, out_ptr, stride_out, mask_ptr, stride_mask,
+                         len_ptr, t, B, H, P, HAS_MASK: tl.constexpr, DOT_DT: tl.constexpr,
+                         BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The LSTM projection of one step, for a [BLOCK_B, BLOCK_P] tile: ``h' = m W_hr^T`` with
+    ``m [B, H]`` (float32, contiguous: o * tanh(c') from the step kernel) and ``W_hr [P, H]``;
+    rows with ``t >= len[b]`` keep ``hp`` instead. ``hp / hn [B, P]`` float32 contiguous;
+    ``out`` gets h' (zero where invalid), times ``mask`` when HAS_MASK."""
+    pid_b = tl.program_id(0)
+    pid_p = tl.program_id(1)
+    rb = (pid_b * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
+    rp = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    mb = rb < B
+    mp = rp < P
+    m2 = mb[:, None] & mp[None, :]
+    acc = tl.zeros((BLOCK_B, BLOCK_P), dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        mk = rk < H
+        m = tl.load(m_ptr + rb[:, None] * H + rk[None, :], mask=mb[:, None] & mk[None, :], other=0.0)
+        w = tl.load(w_ptr + rp[None, :] * stride_w0 + rk[:, None] * stride_w1, mask=mk[:, None] & mp[None, :], other=0.0)
+        acc = _dot(m, w, acc, DOT_DT)
+    st = rb[:, None] * P + rp[None, :]
+    valid = (t < tl.load(len_ptr + rb, mask=mb, other=0))[:, None]
+    hp = tl.load(hp_ptr + st, mask=m2, other=0.0)
+    tl.store(hn_ptr + st, tl.where(valid, acc, hp), mask=m2)
+    out = tl.where(valid, acc, 0.0)
     if HAS_MASK:
-        out = out * tl.load(mask_ptr + rb[:, None] * stride_mask + rh[None, :], mask=m2, other=0.0).to(tl.float32)
-    tl.store(out_ptr + rb[:, None] * stride_out + rh[None, :], out.to(out_ptr.dtype.element_ty), mask=m2)
+        out = out * tl.load(mask_ptr + rb[:, None] * stride_mask + rp[None, :], mask=m2, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rb[:, None] * stride_out + rp[None, :], out.to(out_ptr.dtype.element_ty), mask=m2)
+
+
+@triton.jit
+def _rnn_proj_bwd_kernel(dgn_ptr, stride_dgn, w_ptr, stride_w0, stride_w1, carry_ptr, dout_ptr, stride_dout, dh_ptr,
+                         len_ptr, t, B, P, GH, HAS_NEXT: tl.constexpr, FINAL: tl.constexpr, DOT_DT: tl.constexpr,
+                         BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The gradient of one step's projected state (LSTM with a projection), [BLOCK_B, BLOCK_P]
+    tile: ``dh = carry + dG_next W_hh`` (HAS_NEXT; ``dgn [B, GH]``, ``W_hh [GH, P]``) ``+ dout``
+    (where valid). FINAL: store dh to ``dh [B, P]`` (dh0) and stop. Otherwise ``dh [B, P]`` gets
+    dh where valid and 0 elsewhere (the caller forms dm = dh W_hr and dW_hr from it) and the
+    carry keeps dh only where invalid (those rows pass it on unchanged)."""
+    pid_b = tl.program_id(0)
+    pid_p = tl.program_id(1)
+    rb = (pid_b * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
+    rp = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    mb = rb < B
+    mp = rp < P
+    m2 = mb[:, None] & mp[None, :]
+    st = rb[:, None] * P + rp[None, :]
+    dh = tl.load(carry_ptr + st, mask=m2, other=0.0)
+    if HAS_NEXT:
+        acc = tl.zeros((BLOCK_B, BLOCK_P), dtype=tl.float32)
+        for k0 in range(0, GH, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            mk = rk < GH
+            dg = tl.load(dgn_ptr + rb[:, None] * stride_dgn + rk[None, :], mask=mb[:, None] & mk[None, :], other=0.0)
+            w = tl.load(w_ptr + rk[:, None] * stride_w0 + rp[None, :] * stride_w1, mask=mk[:, None] & mp[None, :], other=0.0)
+            acc = _dot(dg, w, acc, DOT_DT)
+        dh += acc
+    if FINAL:
+        tl.store(dh_ptr + st, dh, mask=m2)
+    else:
+        valid = (t < tl.load(len_ptr + rb, mask=mb, other=0))[:, None] & m2
+        dout = tl.load(dout_ptr + rb[:, None] * stride_dout + rp[None, :], mask=m2, other=0.0).to(tl.float32)
+        dh += tl.where(valid, dout, 0.0)
+        tl.store(dh_ptr + st, tl.where(valid, dh, 0.0), mask=m2)
+        tl.store(carry_ptr + st, tl.where(valid, 0.0, dh), mask=m2)
 
 
 @triton.jit
@@ -261,7 +348,7 @@ def _rnn_persist_fwd_kernel(xg_ptr, stride_xgt, stride_xgb, hs_ptr, cs_ptr, stri
             rh = j * BLOCK_H + tl.arange(0, BLOCK_H)
             mh = rh < H
             m2 = mb[:, None] & mh[None, :]
-            acc0, acc1, acc2, acc3 = _recurrent_dot(hp_base, rb, mb, w_ptr, stride_w0, stride_w1, rh, mh, H, ".cg",
+            acc0, acc1, acc2, acc3 = _recurrent_dot(hp_base, rb, mb, w_ptr, stride_w0, stride_w1, rh, mh, H, H, ".cg",
                                                     MODE, DOT_DT, BLOCK_B, BLOCK_H, BLOCK_K)
             st = rb[:, None] * H + rh[None, :]
             xg = xg_ptr + t64 * stride_xgt + rb[:, None] * stride_xgb + rh[None, :]
@@ -420,19 +507,60 @@ def colsum(x, y):
     _rnn_colsum_kernel[(triton.cdiv(N, 64),)](x, y, M, N, x.stride(0), BLOCK_M=32, BLOCK_N=64, num_warps=4)
 
 
-def step_forward(mode, xg, hp, hn, cp, cn, w_hh, b_hh, out, mask, lengths, t, dot):
-    B, H = hp.shape
+def step_forward(mode, xg, hp, hn, cp, cn, w_hh, b_hh, out, mask, lengths, t, dot, proj=False):
+    """One step; ``proj``: LSTM with a projection (``hp [B, P]``, ``hn`` gets m, ``out`` unused)."""
+    B, H = hn.shape
+    P = hp.shape[1]
     if B == 0 or H == 0:
         return
+    if proj:
+        out, mask = hn, None  # not written: the projection kernel writes the output
     bb, bh, bk, warps = step_blocks(B, H, mode)
     grid = (triton.cdiv(B, bb), triton.cdiv(H, bh))
     _rnn_step_fwd_kernel[grid](
         xg, xg.stride(0), hp, hn, cp if cp is not None else hp, cn if cn is not None else hn, w_hh,
         w_hh.stride(0), w_hh.stride(1), b_hh if b_hh is not None else w_hh, out, out.stride(0),
         mask if mask is not None else out, mask.stride(0) if mask is not None else 0,
-        lengths, t, B, H,
-        MODE=MODE_CODES[mode], HAS_BHH=b_hh is not None, HAS_MASK=mask is not None,
+        lengths, t, B, H, P,
+        MODE=MODE_CODES[mode], HAS_BHH=b_hh is not None, HAS_MASK=mask is not None, PROJ=proj,
         DOT_DT=dot, BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=bk, num_warps=warps,
+    )
+
+
+def proj_blocks(B: int) -> tuple[int, int, int, int]:
+    """(BLOCK_B, BLOCK_P, BLOCK_K, num_warps) of the projection kernels: the step kernels' tiles."""
+    return step_blocks(B, 0, "lstm")
+
+
+def proj_forward(m, w_hr, hp, hn, out, mask, lengths, t, dot):
+    """``hn = valid ? m W_hr^T : hp``, ``out = valid ? hn * mask : 0`` (``_rnn_proj_fwd_kernel``).
+    ``m [B, H]``, ``hp / hn [B, P]`` float32 contiguous; ``out`` / ``mask [B, P]`` unit last stride."""
+    B, H = m.shape
+    P = hn.shape[1]
+    if B == 0:
+        return
+    bb, bp, bk, warps = proj_blocks(B)
+    _rnn_proj_fwd_kernel[(triton.cdiv(B, bb), triton.cdiv(P, bp))](
+        m, w_hr, w_hr.stride(0), w_hr.stride(1), hp, hn, out, out.stride(0), mask if mask is not None else out,
+        mask.stride(0) if mask is not None else 0, lengths, t, B, H, P, HAS_MASK=mask is not None, DOT_DT=dot,
+        BLOCK_B=bb, BLOCK_P=bp, BLOCK_K=bk, num_warps=warps,
+    )
+
+
+def proj_backward(dg_next, w_hh, carry, dout, dh, lengths, t, dot, final=False):
+    """``_rnn_proj_bwd_kernel``: ``carry / dh [B, P]`` float32 contiguous, ``dg_next [B, 4 H]`` or
+    None, ``dout [B, P]`` unit last stride (None when ``final``: dh gets dh0)."""
+    B, P = carry.shape
+    if B == 0:
+        return
+    bb, bp, bk, warps = proj_blocks(B)
+    any_ = carry
+    _rnn_proj_bwd_kernel[(triton.cdiv(B, bb), triton.cdiv(P, bp))](
+        dg_next if dg_next is not None else any_, dg_next.stride(0) if dg_next is not None else 0, w_hh,
+        w_hh.stride(0), w_hh.stride(1), carry, dout if dout is not None else any_,
+        dout.stride(0) if dout is not None else 0, dh, lengths if lengths is not None else any_, t, B, P,
+        w_hh.shape[0], HAS_NEXT=dg_next is not None, FINAL=final, DOT_DT=dot,
+        BLOCK_B=bb, BLOCK_P=bp, BLOCK_K=bk, num_warps=warps,
     )
 
 
@@ -591,18 +719,7 @@ def aot_specs():
                 for out_dt in sorted({dt, "fp32"}):
                     for has_mask in ((False, True) if out_dt == "fp32" else (False,)):
                         for has_bhh in ((False, True) if mode == "gru" else (False,)):
-                            sig = {"xg_ptr": "*fp32", "stride_xg": "i32", "hp_ptr": "*fp32", "hn_ptr": "*fp32",
-                                   "cp_ptr": "*fp32", "cn_ptr": "*fp32", "w_ptr": f"*{dt}", "stride_w0": "i32",
-                                   "stride_w1": "i32", "bhh_ptr": f"*{dt}", "out_ptr": f"*{out_dt}", "stride_out": "i32",
-                                   "mask_ptr": f"*{dt if has_mask else out_dt}", "stride_mask": "i32",
-                                   "len_ptr": "*i64", "t": "i32",
-                                   "B": "i32", "H": "i32"}
-                            for k in ("MODE", "HAS_BHH", "HAS_MASK", "DOT_DT", "BLOCK_B", "BLOCK_H", "BLOCK_K"):
-                                sig[k] = "constexpr"
-                            cons = {"MODE": code, "HAS_BHH": has_bhh, "HAS_MASK": has_mask, "DOT_DT": dot,
-                                    "BLOCK_B": bb, "BLOCK_H": 32, "BLOCK_K": 32}
-                            label = f"step fwd {mode} {dt} out {out_dt} B{bb} mask{int(has_mask)} bhh{int(has_bhh)}"
-                            specs.append(AotSpec(_rnn_step_fwd_kernel, sig, cons, num_warps=4, label=label))
+                            specs.append(_step_fwd_spec(mode, code, dt, out_dt, bb, has_mask, has_bhh, False, dot))
                 for dout_dt in sorted({dt, "fp32"}):
                     for has_next, final in ((False, False), (True, False), (True, True)):
                         if final and dout_dt != "fp32":
@@ -621,4 +738,56 @@ def aot_specs():
                                 "BLOCK_B": bb, "BLOCK_H": 32, "BLOCK_K": 32}
                         specs.append(AotSpec(_rnn_step_bwd_kernel, sig, cons, num_warps=4,
                                              label=f"step bwd {mode} {dt} dout {dout_dt} B{bb} next{int(has_next)} final{int(final)}"))
+        specs += _proj_specs(dt, dot)
+    return specs
+
+
+def _step_fwd_spec(mode, code, dt, out_dt, bb, has_mask, has_bhh, proj, dot):
+    sig = {"xg_ptr": "*fp32", "stride_xg": "i32", "hp_ptr": "*fp32", "hn_ptr": "*fp32",
+           "cp_ptr": "*fp32", "cn_ptr": "*fp32", "w_ptr": f"*{dt}", "stride_w0": "i32",
+           "stride_w1": "i32", "bhh_ptr": f"*{dt}", "out_ptr": f"*{out_dt}", "stride_out": "i32",
+           "mask_ptr": f"*{dt if has_mask else out_dt}", "stride_mask": "i32",
+           "len_ptr": "*i64", "t": "i32", "B": "i32", "H": "i32", "P": "i32"}
+    for k in ("MODE", "HAS_BHH", "HAS_MASK", "PROJ", "DOT_DT", "BLOCK_B", "BLOCK_H", "BLOCK_K"):
+        sig[k] = "constexpr"
+    cons = {"MODE": code, "HAS_BHH": has_bhh, "HAS_MASK": has_mask, "PROJ": proj, "DOT_DT": dot,
+            "BLOCK_B": bb, "BLOCK_H": 32, "BLOCK_K": 32}
+    label = f"step fwd {mode} {dt} out {out_dt} B{bb} mask{int(has_mask)} bhh{int(has_bhh)} proj{int(proj)}"
+    return AotSpec(_rnn_step_fwd_kernel, sig, cons, num_warps=4, label=label)
+
+
+def _proj_specs(dt, dot):
+    """The LSTM projection: the step forward with PROJ (its output is the float32 m slot, passed
+    as out too), the projection forward (output in the io dtype or float32, the latter with and
+    without the dropout mask), the projection backward (first / middle / final step, output
+    gradient in the io dtype or float32; the final step's dout and lengths are the carry)."""
+    specs = []
+    for bb in (16, 32):
+        bp, bk, warps = 32, 32, 4
+        specs.append(_step_fwd_spec("lstm", 2, dt, "fp32", bb, False, False, True, dot))
+        for out_dt in sorted({dt, "fp32"}):
+            for has_mask in ((False, True) if out_dt == "fp32" else (False,)):
+                sig = {"m_ptr": "*fp32", "w_ptr": f"*{dt}", "stride_w0": "i32", "stride_w1": "i32", "hp_ptr": "*fp32",
+                       "hn_ptr": "*fp32", "out_ptr": f"*{out_dt}", "stride_out": "i32",
+                       "mask_ptr": f"*{dt if has_mask else out_dt}", "stride_mask": "i32", "len_ptr": "*i64",
+                       "t": "i32", "B": "i32", "H": "i32", "P": "i32"}
+                for k in ("HAS_MASK", "DOT_DT", "BLOCK_B", "BLOCK_P", "BLOCK_K"):
+                    sig[k] = "constexpr"
+                cons = {"HAS_MASK": has_mask, "DOT_DT": dot, "BLOCK_B": bb, "BLOCK_P": bp, "BLOCK_K": bk}
+                specs.append(AotSpec(_rnn_proj_fwd_kernel, sig, cons, num_warps=warps,
+                                     label=f"proj fwd {dt} out {out_dt} B{bb} mask{int(has_mask)}"))
+        for dout_dt in sorted({dt, "fp32"}):
+            for has_next, final in ((False, False), (True, False), (True, True)):
+                if final and dout_dt != "fp32":
+                    continue
+                sig = {"dgn_ptr": "*fp32", "stride_dgn": "i32", "w_ptr": f"*{dt}", "stride_w0": "i32",
+                       "stride_w1": "i32", "carry_ptr": "*fp32", "dout_ptr": f"*{dout_dt}", "stride_dout": "i32",
+                       "dh_ptr": "*fp32", "len_ptr": "*fp32" if final else "*i64", "t": "i32", "B": "i32", "P": "i32",
+                       "GH": "i32"}
+                for k in ("HAS_NEXT", "FINAL", "DOT_DT", "BLOCK_B", "BLOCK_P", "BLOCK_K"):
+                    sig[k] = "constexpr"
+                cons = {"HAS_NEXT": has_next, "FINAL": final, "DOT_DT": dot, "BLOCK_B": bb, "BLOCK_P": bp,
+                        "BLOCK_K": bk}
+                specs.append(AotSpec(_rnn_proj_bwd_kernel, sig, cons, num_warps=warps,
+                                     label=f"proj bwd {dt} dout {dout_dt} B{bb} next{int(has_next)} final{int(final)}"))
     return specs
