@@ -283,7 +283,8 @@ def _dir_backward(mode, dout, dhn, dcn, w_hh, G, Hs, Cs, reverse, valid, dGi, dG
                 np.subtract(1, tH, out=tH)
                 np.multiply(dh, tH, out=dg)
             else:
-                np.multiply(dh, hcur > 0, out=dg)
+                # torch's threshold_backward: 0 where h <= 0, else dh (a NaN h passes dh)
+                np.multiply(dh, ~(hcur <= 0), out=dg)
             np.matmul(dg, w_hh, out=nh)
             dh, nh = nh, dh
         if inv is not None:

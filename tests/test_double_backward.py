@@ -258,6 +258,21 @@ def test_packed_module(rng):
     _check(f, (x, *[p.detach().requires_grad_() for p in m.parameters()]), fast=True)
 
 
+def test_packed_projected_lstm(rng):
+    """nn.LSTM(proj_size=1) on a PackedSequence: the recomputed recurrence must project h
+    through weight_hr (a recomputation without it gives other gradients, or fails to fit)."""
+    torch.manual_seed(0)
+    m = gpu_nn.nn.LSTM(2, 3, num_layers=2, bidirectional=True, proj_size=1).double()
+    x = _t(rng, 4, 3, 2)
+
+    def f(x, *params):
+        packed = torch.nn.utils.rnn.pack_padded_sequence(x, [4, 2, 1], enforce_sorted=False)
+        out = torch.func.functional_call(m, dict(zip(dict(m.named_parameters()), params)), (packed,))[0]
+        return torch.nn.utils.rnn.pad_packed_sequence(out)[0]
+
+    _check(f, (x, *[p.detach().requires_grad_() for p in m.parameters()]), fast=True)
+
+
 # ============================================================================ Triton (interpreter) vs torch
 
 

@@ -1080,3 +1080,49 @@ def test_persistent_multi_program_matches_per_step_on_gpu(mode, B, H, rng, monke
     for a, b in zip(pers[:len(r_outs)], r_outs):
         assert_close(a.cpu(), b, torch.float32, k=4 * H, what=f"{mode} persistent vs reference")
     assert_close(pers[3].cpu(), r_res, torch.float32, k=4 * H, what=f"{mode} reserve vs reference")
+
+
+def test_relu_recurrence_at_nan_inf_and_zero_is_torchs(rng):
+    """rnn_relu keeps a NaN pre-activation (torch's relu) and its backward is torch's
+    threshold_backward: 0 where h <= 0, else dh, so a NaN h passes the gradient. Reference and
+    Triton (cell and sequence) against torch; the CUDA C math on the host."""
+    import ctypes
+
+    from helpers import build_host_library, fptr
+
+    pre = torch.tensor([[float("nan"), -1.0, 2.0, float("inf"), float("-inf"), 0.0, -0.0]], dtype=torch.float64)
+    H = pre.shape[1]
+    x = torch.zeros(1, 1)
+    w_ih, w_hh = torch.zeros(H, 1), torch.zeros(H, H)
+    b_ih, b_hh = pre[0].clone(), torch.zeros(H)
+    want_h = torch.relu(pre)
+    want_g = torch.where(want_h <= 0, 0.0, 1.0).double()  # d h / d b_ih for an upstream gradient of ones
+    bes = [("reference", torch.float64)] + ([("triton", torch.float32)] if gpu_nn._backend.status("triton")[0] else [])
+    for be, dt in bes:
+        dev = "cuda" if (be != "reference" and torch.cuda.is_available()) else "cpu"
+        b = b_ih.to(dev, dt).requires_grad_()
+        with gpu_nn.backend(be):
+            h = F.rnn_relu_cell(x.to(dev, dt), torch.zeros(1, H, device=dev, dtype=dt), w_ih.to(dev, dt), w_hh.to(dev, dt),
+                                b, b_hh.to(dev, dt))
+            (g,) = torch.autograd.grad(h, b, torch.ones_like(h))
+        torch.testing.assert_close(h.cpu().double(), want_h, equal_nan=True, msg=f"{be} forward")
+        torch.testing.assert_close(g.cpu().double(), want_g[0], equal_nan=True, msg=f"{be} backward")
+        # the sequence path (T = 2: the second step's recurrent product sees the first's NaN too)
+        b2 = b_ih.to(dev, dt).requires_grad_()
+        with gpu_nn.backend(be):
+            out, hn = F.rnn_relu(x.to(dev, dt).expand(2, 1, 1).contiguous(), torch.zeros(1, 1, H, device=dev, dtype=dt),
+                                 [w_ih.to(dev, dt), w_hh.to(dev, dt), b2, b_hh.to(dev, dt)])
+            (g2,) = torch.autograd.grad(out[0], b2, torch.ones_like(out[0]))
+        torch.testing.assert_close(out[0].cpu().double(), want_h, equal_nan=True, msg=f"{be} sequence forward")
+        torch.testing.assert_close(g2.cpu().double(), want_g[0], equal_nan=True, msg=f"{be} sequence backward")
+    lib = build_host_library(HOST_SRC, "rnn_math")
+    for fn in (lib.host_rnn_fwd, lib.host_rnn_bwd):
+        fn.restype = None
+    p32 = pre[0].float().numpy().copy()
+    zeros = np.zeros_like(p32)
+    hout = np.empty_like(p32)
+    lib.host_rnn_fwd(1, ctypes.c_int(H), fptr(p32), fptr(zeros), fptr(hout))
+    np.testing.assert_array_equal(hout, want_h[0].float().numpy())
+    d = np.empty_like(p32)
+    lib.host_rnn_bwd(1, ctypes.c_int(H), fptr(np.ones_like(p32)), fptr(hout), fptr(d))
+    np.testing.assert_array_equal(d, want_g[0].float().numpy())

@@ -14,8 +14,8 @@ The reference backend runs every sample in float64. The Triton backend (the inte
 no GPU is present) runs a fixed, evenly spaced subset of each op's float32 samples, so the module
 stays within about a minute on one core; its error bound is the project's (DESIGN section 4):
 at most twice torch's own float32 error against float64, plus a floor for a reduction as long as
-the input. A sample gpu-nn cannot run is a failure: none is out of gpu-nn's scope today, and the
-only samples not run are LSTM's proj_size ones, pending (``_PENDING_PROJ_SIZE``).
+the input. A sample gpu-nn cannot run is a failure: none is out of gpu-nn's scope today, LSTM's
+proj_size samples included.
 """
 
 from __future__ import annotations
@@ -59,13 +59,6 @@ OP_INFOS = [op for op in op_db if op.name in OPS]
 MODULE_INFOS = [m for m in module_db if m.module_cls.__name__ in MODULES]
 assert {op.name for op in OP_INFOS} == set(OPS), "an OpInfo named in OPS is missing from this torch"
 assert {m.module_cls.__name__ for m in MODULE_INFOS} == set(MODULES), "a ModuleInfo named in MODULES is missing"
-
-# Samples (by id "<Module>[<index in module_inputs(training=True)>]") that use LSTM's proj_size,
-# which lands with branch rnn; the coordinator deletes this set at merge.
-_PENDING_PROJ_SIZE = {
-    "LSTM[2]", "LSTM[3]", "LSTM[6]", "LSTM[7]", "LSTM[10]", "LSTM[11]", "LSTM[14]", "LSTM[15]",
-    "LSTM[18]", "LSTM[19]", "LSTM[22]", "LSTM[23]", "LSTM[26]", "LSTM[27]", "LSTM[30]", "LSTM[31]",
-}
 
 TRITON_SAMPLES_PER_OP = 6  # evenly spaced over each op's samples: about a minute for the module on one core
 
@@ -323,15 +316,13 @@ def _module_samples(info, dtype):
 
 
 def _module_params():
-    """One pytest param per ModuleInfo sample, id "<Module>[<index>]"; the pending proj_size
-    samples are skipped with the reason, visibly."""
+    """One pytest param per ModuleInfo sample, id "<Module>[<index>]"."""
     params = []
     for info in MODULE_INFOS:
         name = info.module_cls.__name__
         for i, mi in enumerate(_module_samples(info, torch.float64)):
             sid = f"{name}[{i}]"
-            marks = pytest.mark.skip(reason="proj_size lands with branch rnn") if sid in _PENDING_PROJ_SIZE else ()
-            params.append(pytest.param(info, i, id=sid, marks=marks))
+            params.append(pytest.param(info, i, id=sid))
     return params
 
 
@@ -378,11 +369,3 @@ def test_module_error_inputs(info):
             bad.append(f"[{i}] {c_kw}: torch raises {e.error_type.__name__} /{e.error_regex}/, ours did not")
     assert n > 0
     assert not bad, f"{len(bad)} of {n} error inputs:\n" + "\n".join(bad[:12])
-
-
-def test_pending_proj_size_set_is_exactly_the_proj_size_samples():
-    """The pending set names exactly the LSTM samples with proj_size > 0 (and nothing else)."""
-    info = next(m for m in MODULE_INFOS if m.module_cls.__name__ == "LSTM")
-    ids = {f"LSTM[{i}]" for i, mi in enumerate(_module_samples(info, torch.float64))
-           if mi.constructor_input.kwargs.get("proj_size", 0) > 0}
-    assert ids == _PENDING_PROJ_SIZE

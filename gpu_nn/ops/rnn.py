@@ -695,19 +695,26 @@ _rnn_seq_op.register_autograd(_seq_backward, setup_context=_seq_setup)
 # forward is what torch's own cuDNN RNN cannot do at all (it has no double backward).
 
 
-def _step_compose(mode, gi, gh, h, c):
+def _step_compose(mode, gi, gh, h, c, w_hr=None):
     """One step from the input projection ``gi = x W_ih^T + b_ih`` and the recurrent one
-    ``gh = h W_hh^T + b_hh`` ([B, G * H] each): ``(h', c')`` (c' None but for the LSTM)."""
+    ``gh = h W_hh^T + b_hh`` ([B, G * H] each): ``(h', c')`` (c' None but for the LSTM; a
+    projected LSTM's h' is ``(o * tanh(c')) W_hr^T``)."""
     from .activation import _activation_op as act
 
     if mode in ("rnn_tanh", "rnn_relu"):
         return act(gi + gh, "tanh" if mode == "rnn_tanh" else "relu"), None
-    H = h.shape[-1]
     if mode == "lstm":
+        H = c.shape[-1]
         z = gi + gh
         i, f, o = act(z[:, :H], "sigmoid"), act(z[:, H:2 * H], "sigmoid"), act(z[:, 3 * H:], "sigmoid")
         c2 = f * c + i * act(z[:, 2 * H:3 * H], "tanh")
-        return o * act(c2, "tanh"), c2
+        m = o * act(c2, "tanh")
+        if w_hr is not None:
+            from .dense import _linear_op as linear
+
+            return linear(m, w_hr, None, None), c2
+        return m, c2
+    H = h.shape[-1]
     rz = act(gi[:, :2 * H] + gh[:, :2 * H], "sigmoid")
     n = act(gi[:, 2 * H:] + rz[:, :H] * gh[:, 2 * H:], "tanh")
     return n + rz[:, H:] * (h - n), None
@@ -729,13 +736,13 @@ def _seq_compose(mode, num_layers, bidirectional, has_biases, lengths, masks, in
     for l in range(num_layers):
         outs = []
         for d in range(D):
-            w_ih, w_hh, b_ih, b_hh = ws[l * D + d]
+            w_ih, w_hh, b_ih, b_hh, w_hr = ws[l * D + d]
             proj = linear(xin, w_ih, b_ih, None)
             h = hx[l * D + d]
             c = cx[l * D + d] if mode == "lstm" else None
             seq = [None] * T
             for t in (range(T - 1, -1, -1) if d == 1 else range(T)):
-                h2, c2 = _step_compose(mode, proj[t], linear(h, w_hh, b_hh, None), h, c)
+                h2, c2 = _step_compose(mode, proj[t], linear(h, w_hh, b_hh, None), h, c, w_hr)
                 if valid is not None:
                     h2 = torch.where(valid[t], h2, h)
                     c2 = None if c2 is None else torch.where(valid[t], c2, c)

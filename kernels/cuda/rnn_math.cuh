@@ -16,7 +16,7 @@ GN_HD float gn_sigmoid(float x) {
 
 GN_HD float gn_rnn_fwd(int relu, float x, float hh) {
     float p = x + hh;
-    return relu ? (p > 0.0f ? p : 0.0f) : tanhf(p);
+    return relu ? ((p > 0.0f || p != p) ? p : 0.0f) : tanhf(p);  // relu keeps NaN, as torch
 }
 
 GN_HD void gn_lstm_fwd(const float* x, const float* hh, float cp, float* g, float* c, float* h) {
@@ -39,7 +39,7 @@ GN_HD void gn_gru_fwd(const float* x, const float* hh, float hp, float* g, float
 // Backward: dh is the full gradient of this step's new state. Returns the gradient of the
 // pre-activation(s) and the part of dh_prev that bypasses W_hh (carry) / dc_prev.
 GN_HD float gn_rnn_bwd(int relu, float dh, float h) {
-    return relu ? (h > 0.0f ? dh : 0.0f) : dh * (1.0f - h * h);
+    return relu ? (h <= 0.0f ? 0.0f : dh) : dh * (1.0f - h * h);  // threshold_backward: NaN h passes dh
 }
 
 GN_HD void gn_lstm_bwd(float dh, float dc_in, const float* g, float c, float cp, float* dg, float* dc_out) {

@@ -157,7 +157,9 @@ def _cell_update(xg, hp, cp, acc0, acc1, acc2, acc3, bhh_ptr, rh, mh, m2, H, MOD
     if MODE == 0:
         h_new = _tanh(tl.load(xg, mask=m2, other=0.0) + acc0)
     elif MODE == 1:
-        h_new = tl.maximum(tl.load(xg, mask=m2, other=0.0) + acc0, 0.0)
+        # relu keeping NaN (tl.maximum would drop it on the GPU)
+        pre = tl.load(xg, mask=m2, other=0.0) + acc0
+        h_new = tl.where((pre > 0) | (pre != pre), pre, 0.0)
     elif MODE == 2:
         gi = _sigmoid(tl.load(xg, mask=m2, other=0.0) + acc0)
         gf = _sigmoid(tl.load(xg + H, mask=m2, other=0.0) + acc1)
@@ -427,7 +429,7 @@ def _rnn_step_bwd_kernel(dgn_ptr, stride_dgn, w_ptr, stride_w0, stride_w1, carry
             if MODE == 0:
                 d = dh * (1.0 - h * h)
             else:
-                d = tl.where(h > 0, dh, 0.0)
+                d = tl.where(h <= 0, 0.0, dh)  # torch's threshold_backward: a NaN h passes dh
             tl.store(dgi, tl.where(valid, d, 0.0), mask=m2)
         elif MODE == 2:
             gi = tl.load(g, mask=m2, other=0.0)
