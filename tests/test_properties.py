@@ -1377,3 +1377,46 @@ def test_regression_conv_nan_reaches_what_torchs_reaches(backend, device, case):
         assert int((~torch.isfinite(gx_t)).sum()) == 9
     if case == "1d":
         torch.testing.assert_close(gx.cpu().double(), torch.tensor([[[nan, nan, nan, 2.0, 1.0]]], dtype=F64), equal_nan=True)
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("triton",)))
+def test_softmax_family_extreme_values_backend_match_torch(backend, device):
+    """The Triton softmax / log_softmax / cross_entropy kernels on float32 logits holding NaN,
+    +-inf, +-1e38: NaN / inf placement as torch's float32 (sums of the non-negative -logp
+    terms overflow in any order alike), values within float32 tolerance; C = 150 takes the
+    interpreter's looped paths."""
+    seen = collections.Counter()
+
+    @settings(max_examples=30, **PROFILE)
+    @given(op=st.sampled_from(["softmax", "log_softmax", "ce", "ce", "ce_prob"]), n=st.sampled_from([1, 2, 3]),
+           C=st.sampled_from([3, 5, 150]), weight=st.booleans(), eps=st.sampled_from([0.0, 0.1]),
+           density=DENSITY, seed=SEEDS)
+    def prop(op, n, C, weight, eps, density, seed):
+        note(f"{op} n={n} C={C} weight={weight} eps={eps} density={density} seed={seed}")
+        rng = np.random.default_rng(seed)
+        x = _extreme(rng, (n, C), density).float()
+        seen["nonfinite" if not torch.isfinite(x).all() else "finite"] += 1
+        if op in ("softmax", "log_softmax"):
+            xr = x.clone().requires_grad_()
+            g = _normal(rng, (n, C)).float()
+            yt = getattr(TF, op)(xr, 1)
+            (gt,) = torch.autograd.grad(yt, xr, g)
+            with gpu_nn.backend(backend):
+                xo = x.to(device).requires_grad_()
+                yo = getattr(F, op)(xo, 1)
+                (go,) = torch.autograd.grad(yo, xo, g.to(device))
+        else:
+            t = torch.softmax(_normal(rng, (n, C)), 1).float() if op == "ce_prob" else torch.from_numpy(rng.integers(0, C, n))
+            if op == "ce" and n > 1:
+                t[1] = -100
+            w = torch.from_numpy(rng.random(C) + 0.2).float() if weight else None
+            kw = dict(weight=w, label_smoothing=eps, reduction="sum")
+            yt, gt = _ce_with_grad(x, t, ours=False, **kw)
+            kw["weight"] = None if w is None else w.to(device)
+            with gpu_nn.backend(backend):
+                yo, go = _ce_with_grad(x.to(device), t.to(device), **kw)
+        _same_nonfinite(yo.cpu(), yt, f"{op} forward", _finite_scale(yt), C * n, dtype=torch.float32)
+        _same_nonfinite(go.cpu(), gt, f"{op} backward", _finite_scale(gt), C * n, dtype=torch.float32)
+
+    prop()
+    assert seen["nonfinite"] >= 5, dict(seen)
