@@ -820,13 +820,14 @@ EXTREMES = (0.0, -0.0, 1e-38, -1e-38, 1.4e-45, 5e-324, 1e38, -1e38, float("nan")
 ODD = st.sampled_from([1, 2, 3, 5, 7])
 
 
-def _extreme(rng, shape, density):
-    """float64 normals of ``shape`` with a share ``density`` of entries replaced by EXTREMES."""
+def _extreme(rng, shape, density, finite=EXTREMES[:-3]):
+    """float64 normals of ``shape`` with a share ``density`` of entries replaced by EXTREMES
+    (the finite ones from ``finite``)."""
     x = rng.standard_normal(shape)
     if x.size and density:
         m = rng.random(shape) < density
         # half of the replaced entries NaN / +-inf, half the finite extremes
-        special = np.asarray(EXTREMES[-3:] * 8 + EXTREMES[:-3] * 3)
+        special = np.asarray(EXTREMES[-3:] * 8 + tuple(finite) * (24 // max(len(finite), 1)))
         x[m] = special[rng.integers(0, len(special), int(m.sum()))]
     return torch.from_numpy(np.asarray(x, dtype=np.float64))
 
@@ -943,6 +944,48 @@ def extreme_pool_configs(draw):
     else:
         extra = dict(dilation=tuple(draw(st.integers(1, 2)) for _ in range(nd)), ceil_mode=draw(st.booleans()))
     return kind, nd, n, k, s, p, size, extra, draw(DENSITY), draw(st.booleans())
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("triton",)))
+def test_conv_extreme_values_backend_match_torch(backend, device):
+    """The Triton conv kernels (implicit GEMM and depthwise; forward, dgrad, wgrad) in float32
+    with NaN / +-inf / signed zeros in the input, weight or output gradient: NaN and inf where
+    torch's float64 has them (no +-1e38 here: float32 overflows where float64 does not)."""
+    seen = collections.Counter()
+
+    @settings(max_examples=20, **PROFILE)
+    @given(cfg=extreme_conv_configs(), seed=SEEDS)
+    def prop(cfg, seed):
+        note(f"cfg={cfg} seed={seed}")
+        nd, n, groups, cg, og, k, s, p, d, size, which, density, bias = cfg
+        out = [(sz + 2 * pp - dd * (kk - 1) - 1) // ss + 1 for sz, pp, dd, kk, ss in zip(size, p, d, k, s)]
+        if min(out) < 1 or n == 0:
+            return
+        rng = np.random.default_rng(seed)
+        mild = (0.0, -0.0, 1e-30)
+        x = _extreme(rng, (n, groups * cg, *size), density if which in ("x", "all") else 0, mild)
+        w = _extreme(rng, (groups * og, cg, *k), density if which in ("w", "all") else 0, mild)
+        kw = dict(stride=tuple(s), padding=tuple(p), dilation=tuple(d), groups=groups)
+        fn, tfn = (F.conv1d, TF.conv1d) if nd == 1 else (F.conv2d, TF.conv2d)
+        shape = (n, groups * og, *out)
+        g = _extreme(rng, shape, density if which in ("g", "all") else 0, mild)
+        x64, w64 = x.float().double().requires_grad_(), w.float().double().requires_grad_()
+        yt = tfn(x64, w64, **kw)
+        gt = _grads_or_none(yt, [x64, w64], g.float().double())
+        with gpu_nn.backend(backend):
+            xo, wo = x.float().to(device).requires_grad_(), w.float().to(device).requires_grad_()
+            yo = fn(xo, wo, **kw)
+            go = _grads_or_none(yo, [xo, wo], g.float().to(device))
+        seen["nonfinite" if not all(torch.isfinite(t).all() for t in (yt, *gt)) else "finite"] += 1
+        taps = cg * math.prod(k)
+        _same_nonfinite(yo.cpu(), yt, "conv forward", _finite_scale(x) * _finite_scale(w), taps, dtype=torch.float32)
+        _same_nonfinite(go[0].cpu(), gt[0], "conv input grad", _finite_scale(g) * _finite_scale(w), og * math.prod(k),
+                        dtype=torch.float32)
+        _same_nonfinite(go[1].cpu(), gt[1], "conv weight grad", _finite_scale(g) * _finite_scale(x), n * math.prod(out),
+                        dtype=torch.float32)
+
+    prop()
+    assert seen["nonfinite"] >= 5, dict(seen)
 
 
 def test_pool_extreme_values_match_torch():
