@@ -89,7 +89,7 @@ def shifted_log_sum(x: np.ndarray, dim: int):
     somewhere, hence a NaN log_s and an all-NaN row; a -inf entry of a finite row gives -inf.
     """
     m = np.max(x, axis=dim, keepdims=True)
-    with np.errstate(invalid="ignore"):
+    with np.errstate(invalid="ignore", over="ignore"):
         shifted = np.subtract(x, m)
     e = np.exp(shifted)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -107,7 +107,7 @@ def softmax(x: np.ndarray, dim: int) -> np.ndarray:
         return np.empty(x.shape, x.dtype)
     dim = _norm_dim(dim, x.ndim)
     m = np.max(x, axis=dim, keepdims=True)
-    with np.errstate(invalid="ignore"):
+    with np.errstate(invalid="ignore", over="ignore"):
         e = np.exp(x - m)
         e /= np.sum(e, axis=dim, keepdims=True)
     return e
@@ -129,7 +129,7 @@ def log_softmax(x: np.ndarray, dim: int) -> np.ndarray:
         return np.empty(x.shape, x.dtype)
     dim = _norm_dim(dim, x.ndim)
     shifted, log_s = shifted_log_sum(x, dim)
-    with np.errstate(invalid="ignore"):
+    with np.errstate(invalid="ignore", over="ignore"):
         shifted -= log_s
     return shifted
 
@@ -139,7 +139,7 @@ def log_softmax_backward(grad_out: np.ndarray, out: np.ndarray, dim: int) -> np.
     if out.ndim == 0:
         return grad_out - np.exp(out) * grad_out
     dim = _norm_dim(dim, out.ndim)
-    with np.errstate(invalid="ignore"):
+    with np.errstate(invalid="ignore", over="ignore"):
         return grad_out - np.exp(out) * np.sum(grad_out, axis=dim, keepdims=True)
 
 
@@ -193,10 +193,10 @@ def _ce_logp(x2: np.ndarray, stats: np.ndarray | None = None):
         stats = np.stack([np.max(x2, axis=1), log_s[:, 0]])
     else:
         stats = stats.reshape(2, -1).astype(x2.dtype, copy=False)
-        with np.errstate(invalid="ignore"):
+        with np.errstate(invalid="ignore", over="ignore"):
             shifted = x2 - stats[0][:, None]
         log_s = stats[1][:, None]
-    with np.errstate(invalid="ignore"):
+    with np.errstate(invalid="ignore", over="ignore"):
         shifted -= log_s
     return shifted, stats
 
@@ -215,13 +215,13 @@ def _ce_rows(x2, t2, prob, weight, ignore_index, eps):
     if prob:
         wtt = _smoothed(t2, eps, x2.dtype)
         wtt *= w
-        with np.errstate(invalid="ignore"):
+        with np.errstate(invalid="ignore", over="ignore"):
             loss = -np.sum(logp * wtt, axis=1)
         return loss, np.ones(M, x2.dtype), stats
     valid = t2 != ignore_index
     tc = np.where(valid, t2, 0)
     wt = np.where(valid, w[tc], 0).astype(x2.dtype, copy=False)
-    with np.errstate(invalid="ignore"):
+    with np.errstate(invalid="ignore", over="ignore"):
         loss = np.where(valid, -logp[np.arange(M), tc] * wt, 0).astype(x2.dtype, copy=False)
         if eps > 0:  # torch adds the smoothing term only when eps > 0 (0 * inf would be NaN)
             smooth = np.where(valid, -np.sum(logp * w, axis=1), 0)
@@ -311,7 +311,7 @@ def cross_entropy_backward(grad_out: np.ndarray, x: np.ndarray, target: np.ndarr
         return _ce_unlayout(g2, x)
     valid = t2 != ignore_index
     tc = np.where(valid, t2, 0)
-    with np.errstate(invalid="ignore"):  # s is inf/NaN when 'mean' has nothing to average
+    with np.errstate(invalid="ignore", over="ignore"):  # s is inf/NaN when 'mean' has nothing to average
         s = np.where(valid, s, 0).astype(x2.dtype, copy=False)
         wt = np.where(valid, w[tc], 0).astype(x2.dtype, copy=False)
         g2 *= (s * ((1 - eps) * wt + (eps / C) * w.sum()))[:, None]
