@@ -204,6 +204,16 @@ def _waste(xshape, kshape, pads, dilation):
     return 1.0 - ho * wo / (hp * wp) if ho > 0 and wo > 0 else 1.0
 
 
+def _quiet(fn):
+    """Run ``fn`` without NumPy's warnings for NaN / inf operands: they are data, as in torch."""
+    def wrapped(*args, **kwargs):
+        with np.errstate(invalid="ignore", over="ignore"):
+            return fn(*args, **kwargs)
+    wrapped.__name__, wrapped.__qualname__, wrapped.__doc__ = fn.__name__, fn.__qualname__, fn.__doc__
+    return wrapped
+
+
+@_quiet
 def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, activation=None):
     """2d convolution (cross-correlation, as torch); optional fused activation after the bias.
 
@@ -233,6 +243,7 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
     return out
 
 
+@_quiet
 def conv2d_backward(grad_output, input, weight, stride=1, padding=0, dilation=1, groups=1,
                     need=(True, True, True), output=None, activation=None):
     """Gradients ``(grad_input, grad_weight, grad_bias)`` of :func:`conv2d`.
@@ -267,8 +278,20 @@ def conv2d_backward(grad_output, input, weight, stride=1, padding=0, dilation=1,
     waste = _waste(x.shape, (kh, kw), pads, dilation)
     wpath = _choose("wgrad", stride, groups, cg, og, (kh, kw), waste)
     dpath = _choose("dgrad", stride, groups, cg, og, (kh, kw), waste)
+    # NaN / inf reach exactly the gradients torch's reach: torch's input gradient is a col2im
+    # scatter of W^T g over the (output, tap) pairs that exist, so a non-finite weight tap
+    # touches only the inputs it reads; the stride-1 and flat input gradients convolve the
+    # zero-padded output gradient with the whole weight (0 * inf = NaN everywhere). Likewise
+    # the flat weight gradient multiplies the zeros of its by-product positions with the
+    # input. Those paths are exact only for finite operands: otherwise take im2col / col2im
+    # (one isfinite pass; the weight's is negligible, the input's ~3% of the GEMM).
+    w_finite = need[0] and bool(np.isfinite(w).all())
+    if need[1] and wpath != "im2col" and not np.isfinite(x).all():
+        wpath = "im2col"
     flat = None
-    if not empty and ((need[1] and wpath != "im2col") or (need[0] and dpath != "im2col")):
+    if need[0] and not w_finite:
+        dpath = "col2im"
+    if not empty and ((need[1] and wpath != "im2col") or (need[0] and dpath not in ("im2col", "col2im"))):
         geo = _Flat(x.shape, (kh, kw), pads, dilation, groups)
         # the output gradient on the padded grid, zero off the valid outputs, after off_max
         # leading zeros (the mirrored taps of the input gradient read up to off_max before 0)
@@ -286,9 +309,9 @@ def conv2d_backward(grad_output, input, weight, stride=1, padding=0, dilation=1,
     if need[0]:
         if empty:
             gi = np.zeros(x.shape, g.dtype)
-        elif dpath != "im2col":
+        elif dpath not in ("im2col", "col2im"):
             gi = _dgrad_flat(w, x.shape, *flat, dpath == "stacked")
-        elif stride == (1, 1) and o <= 2 * c:
+        elif dpath == "im2col" and stride == (1, 1) and o <= 2 * c:
             # gathering the output gradient costs ~O*k*HW copies; the scatter path ~4*C*k*HW
             gi = _dgrad_stride1(g, w, pads, dilation, groups, (h, wd))
         else:

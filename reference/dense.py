@@ -81,30 +81,37 @@ def _norm_dim(dim: int, ndim: int) -> int:
     return dim % max(ndim, 1)
 
 
-def logsumexp(x: np.ndarray, dim: int, keepdims: bool = True) -> np.ndarray:
-    """log(sum(exp(x))) over ``dim``, shifted by the max so exp never overflows; rows of -inf
-    give -inf and rows holding +inf give +inf, as torch."""
+def shifted_log_sum(x: np.ndarray, dim: int):
+    """(x - m, log(sum(exp(x - m)))) over ``dim``, m = max(x) (the second keeps the dim).
+
+    log_softmax is (x - m) - log_s: the shift is subtracted from each x *before* the small
+    log_s is, so nothing large cancels (x - lse with lse = m + log_s rounded to x's precision
+    gives log_softmax([1e8, 1e8]) = [0, 0] in float32, torch -0.693). The arithmetic is
+    torch's, so is the NaN placement: a row holding NaN or +inf, or all -inf, has x - m NaN
+    somewhere, hence a NaN log_s and an all-NaN row; a -inf entry of a finite row gives -inf.
+    """
     m = np.max(x, axis=dim, keepdims=True)
-    # a row that is all -inf (or holds +inf) would make x - m NaN; shift by 0 there instead
-    m = np.where(np.isfinite(m), m, np.zeros((), x.dtype))
-    e = np.subtract(x, m)
-    np.exp(e, out=e)
-    s = np.sum(e, axis=dim, keepdims=True)
-    with np.errstate(divide="ignore"):
-        out = np.log(s) + m
-    return out if keepdims else np.squeeze(out, axis=dim)
+    with np.errstate(invalid="ignore", over="ignore"):
+        shifted = np.subtract(x, m)
+    e = np.exp(shifted)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_s = np.log(np.sum(e, axis=dim, keepdims=True))
+    return shifted, log_s
 
 
 def softmax(x: np.ndarray, dim: int) -> np.ndarray:
-    """exp(x - max) / sum(exp(x - max)) over ``dim`` (any shape; 0-d gives 1)."""
+    """exp(x - max) / sum(exp(x - max)) over ``dim`` (any shape; 0-d gives 1).
+
+    NaN as torch: a row holding NaN or +inf, or all -inf, is all NaN."""
     if x.ndim == 0:
         return np.exp(x - x)
     if x.size == 0:  # np.max has no identity for an empty softmax dim
         return np.empty(x.shape, x.dtype)
     dim = _norm_dim(dim, x.ndim)
     m = np.max(x, axis=dim, keepdims=True)
-    e = np.exp(x - m)
-    e /= np.sum(e, axis=dim, keepdims=True)
+    with np.errstate(invalid="ignore", over="ignore"):
+        e = np.exp(x - m)
+        e /= np.sum(e, axis=dim, keepdims=True)
     return e
 
 
@@ -117,13 +124,16 @@ def softmax_backward(grad_out: np.ndarray, out: np.ndarray, dim: int) -> np.ndar
 
 
 def log_softmax(x: np.ndarray, dim: int) -> np.ndarray:
-    """x - logsumexp(x) over ``dim``."""
+    """(x - m) - log(sum(exp(x - m))) over ``dim``, m = max(x): see :func:`shifted_log_sum`."""
     if x.ndim == 0:
         return x - x
     if x.size == 0:
         return np.empty(x.shape, x.dtype)
     dim = _norm_dim(dim, x.ndim)
-    return x - logsumexp(x, dim)
+    shifted, log_s = shifted_log_sum(x, dim)
+    with np.errstate(invalid="ignore", over="ignore"):
+        shifted -= log_s
+    return shifted
 
 
 def log_softmax_backward(grad_out: np.ndarray, out: np.ndarray, dim: int) -> np.ndarray:
@@ -131,7 +141,8 @@ def log_softmax_backward(grad_out: np.ndarray, out: np.ndarray, dim: int) -> np.
     if out.ndim == 0:
         return grad_out - np.exp(out) * grad_out
     dim = _norm_dim(dim, out.ndim)
-    return grad_out - np.exp(out) * np.sum(grad_out, axis=dim, keepdims=True)
+    with np.errstate(invalid="ignore", over="ignore"):
+        return grad_out - np.exp(out) * np.sum(grad_out, axis=dim, keepdims=True)
 
 
 # --------------------------------------------------------------------------- cross_entropy
@@ -172,36 +183,61 @@ def _weights(weight, C, dtype):
     return np.ones(C, dtype) if weight is None else weight.astype(dtype, copy=False)
 
 
-def _ce_rows(x2, t2, prob, weight, ignore_index, eps):
-    """Per-row losses [M], the per-row weights that 'mean' divides by [M], and lse [M, 1].
+def _ce_logp(x2: np.ndarray, stats: np.ndarray | None = None):
+    """(log_softmax of x2 [M, C] over C, stats [2, M] = (row max, log sum exp(x - max))).
 
-    Written through lse = logsumexp(x) so that log_softmax is never materialised:
-    -logp_c = lse - x_c, hence w_t (lse - x_t) and sum_c w_c (lse - x_c) = W lse - x @ w.
+    The rows' max and log-sum are the statistics kept for the backward instead of a
+    logsumexp: m + log_s rounds to x's precision and x - (m + log_s) would lose everything
+    below it (cross-entropy [1e8, 1e8] -> loss 0, gradient [0, 1]; torch 0.693, [-0.5, 0.5]).
+    """
+    if stats is None:
+        shifted, log_s = shifted_log_sum(x2, 1)
+        stats = np.stack([np.max(x2, axis=1), log_s[:, 0]])
+    else:
+        stats = stats.reshape(2, -1).astype(x2.dtype, copy=False)
+        with np.errstate(invalid="ignore", over="ignore"):
+            shifted = x2 - stats[0][:, None]
+        log_s = stats[1][:, None]
+    with np.errstate(invalid="ignore", over="ignore"):
+        shifted -= log_s
+    return shifted, stats
+
+
+def _ce_rows(x2, t2, prob, weight, ignore_index, eps):
+    """Per-row losses [M], the per-row weights that 'mean' divides by [M], and the row
+    statistics [2, M] of :func:`_ce_logp`.
+
+    Term by term as torch: -logp_c = log_s - (x_c - m) times its weight, so a 0 weight on a
+    -inf logit gives NaN as torch's 0 * inf does, and nothing overflows that torch keeps finite
+    (label smoothing over [2e38, 2e38, 1]: the sum of the weighted logits would be inf).
     """
     M, C = x2.shape
-    lse = logsumexp(x2, 1)
+    logp, stats = _ce_logp(x2)
     w = _weights(weight, C, x2.dtype)
     if prob:
         wtt = _smoothed(t2, eps, x2.dtype)
         wtt *= w
-        loss = lse[:, 0] * wtt.sum(axis=1) - np.einsum("ij,ij->i", x2, wtt)
-        return loss, np.ones(M, x2.dtype), lse
+        with np.errstate(invalid="ignore", over="ignore"):
+            loss = -np.sum(logp * wtt, axis=1)
+        return loss, np.ones(M, x2.dtype), stats
     valid = t2 != ignore_index
     tc = np.where(valid, t2, 0)
     wt = np.where(valid, w[tc], 0).astype(x2.dtype, copy=False)
-    loss = (lse[:, 0] - x2[np.arange(M), tc]) * wt
-    if eps > 0:
-        smooth = np.where(valid, w.sum() * lse[:, 0] - x2 @ w, 0)
-        loss = (1 - eps) * loss + (eps / C) * smooth
-    return loss, wt, lse
+    with np.errstate(invalid="ignore", over="ignore"):
+        loss = np.where(valid, -logp[np.arange(M), tc] * wt, 0).astype(x2.dtype, copy=False)
+        if eps > 0:  # torch adds the smoothing term only when eps > 0 (0 * inf would be NaN)
+            smooth = np.where(valid, -np.sum(logp * w, axis=1), 0)
+            loss = (1 - eps) * loss + (eps / C) * smooth
+    return loss, wt, stats
 
 
 def cross_entropy_forward(x: np.ndarray, target: np.ndarray, weight: np.ndarray | None = None, ignore_index: int = -100,
                           reduction: str = "mean", label_smoothing: float = 0.0):
-    """(loss, lse): :func:`cross_entropy` and the [M] logsumexp of each row (class dim moved
-    last, M = x.size / C), which :func:`cross_entropy_backward` can reuse."""
+    """(loss, stats): :func:`cross_entropy` and the [2, M] row statistics (max, log-sum-exp
+    of x - max; class dim moved last, M = x.size / C), which :func:`cross_entropy_backward`
+    reuses."""
     x2, t2, _, prob = _ce_layout(x, target)
-    loss, wt, lse = _ce_rows(x2, t2, prob, weight, ignore_index, label_smoothing)
+    loss, wt, stats = _ce_rows(x2, t2, prob, weight, ignore_index, label_smoothing)
     if reduction == "none":
         out = loss.reshape(ce_loss_shape(x.shape, target.shape, prob))
     elif reduction == "sum":
@@ -212,7 +248,7 @@ def cross_entropy_forward(x: np.ndarray, target: np.ndarray, weight: np.ndarray 
         if label_smoothing > 0 and not prob and np.sum(wt) == 0:
             # torch averages its nll and smoothing terms separately: the nll term is 0 / 0
             out = np.asarray(np.nan, dtype=x.dtype)
-    return out, lse[:, 0]
+    return out, stats
 
 
 def cross_entropy(x: np.ndarray, target: np.ndarray, weight: np.ndarray | None = None, ignore_index: int = -100,
@@ -253,8 +289,9 @@ def _ce_row_scale(grad_out, x2, t2, prob, weight, ignore_index, reduction):
 def cross_entropy_backward(grad_out: np.ndarray, x: np.ndarray, target: np.ndarray, weight: np.ndarray | None = None,
                            ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
                            lse: np.ndarray | None = None) -> np.ndarray:
-    """d loss / d x, with p = softmax(x) over C (= exp(x - lse), from the forward's ``lse`` when
-    given), s = the row's share of grad_out, W = sum(w):
+    """d loss / d x, with p = softmax(x) over C (= exp((x - m) - log_s), from the forward's row
+    statistics ``lse`` = [2, M] (m, log_s) when given), s = the row's share of grad_out,
+    W = sum(w):
 
     * indices: s * ((1 - eps) * w[t] * (p - onehot(t)) + eps / C * (W * p - w)), 0 on ignored rows
     * probabilities: s * (p * sum_c w_c t'_c - w * t'), t' the smoothed target
@@ -262,21 +299,21 @@ def cross_entropy_backward(grad_out: np.ndarray, x: np.ndarray, target: np.ndarr
     x2, t2, _, prob = _ce_layout(x, target)
     M, C = x2.shape
     eps = label_smoothing
-    lse2 = logsumexp(x2, 1) if lse is None else lse.reshape(M, 1).astype(x2.dtype, copy=False)
+    g2, _ = _ce_logp(x2, lse)
     s = _ce_row_scale(grad_out, x2, t2, prob, weight, ignore_index, reduction)
     w = _weights(weight, C, x2.dtype)
-    g2 = np.subtract(x2, lse2)
     np.exp(g2, out=g2)  # p
     if prob:
         wtt = _smoothed(t2, eps, x2.dtype)
         wtt *= w
-        g2 *= (s * wtt.sum(axis=1))[:, None]
-        wtt *= s[:, None]
-        g2 -= wtt
+        with np.errstate(invalid="ignore", over="ignore"):  # NaN / inf where torch has them
+            g2 *= (s * wtt.sum(axis=1))[:, None]
+            wtt *= s[:, None]
+            g2 -= wtt
         return _ce_unlayout(g2, x)
     valid = t2 != ignore_index
     tc = np.where(valid, t2, 0)
-    with np.errstate(invalid="ignore"):  # s is inf/NaN when 'mean' has nothing to average
+    with np.errstate(invalid="ignore", over="ignore"):  # s is inf/NaN when 'mean' has nothing to average
         s = np.where(valid, s, 0).astype(x2.dtype, copy=False)
         wt = np.where(valid, w[tc], 0).astype(x2.dtype, copy=False)
         g2 *= (s * ((1 - eps) * wt + (eps / C) * w.sum()))[:, None]
@@ -289,16 +326,17 @@ def cross_entropy_backward(grad_out: np.ndarray, x: np.ndarray, target: np.ndarr
 def cross_entropy_target_backward(grad_out: np.ndarray, x: np.ndarray, target: np.ndarray, weight: np.ndarray | None = None,
                                   ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
                                   lse: np.ndarray | None = None) -> np.ndarray:
-    """d loss / d target for probability targets: -s * (1 - eps) * w * (x - lse)."""
+    """d loss / d target for probability targets: -s * (1 - eps) * w * logp (``lse``: as in
+    :func:`cross_entropy_backward`)."""
     x2, t2, _, prob = _ce_layout(x, target)
     M, C = x2.shape
-    lse2 = logsumexp(x2, 1) if lse is None else lse.reshape(M, 1).astype(x2.dtype, copy=False)
+    g2, _ = _ce_logp(x2, lse)
     s = _ce_row_scale(grad_out, x2, t2, prob, weight, ignore_index, reduction)
     w = _weights(weight, C, x2.dtype)
-    g2 = np.subtract(x2, lse2)
     g2 *= w
     g2 *= (-(1 - label_smoothing) * s)[:, None]
     return _ce_unlayout(g2, x)
+
 
 def ce_loss_shape(input_shape, target_shape, prob: bool) -> tuple:
     """Shape of the 'none' loss: the input's without the class dim ([] for a 1-d input)."""

@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 
 import gpu_nn
 import gpu_nn.functional as F
-from helpers import assert_close, backend_params, max_rel_err
+from helpers import assert_close, backend_params, max_rel_err, tol
 
 PROFILE = dict(deadline=None, database=None, derandomize=False, print_blob=True,
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
@@ -806,3 +806,660 @@ def test_regression_cross_entropy_smoothing_mean_over_zero_weight_is_nan(backend
     yt = TF.cross_entropy(x.cpu(), t.cpu(), weight=w.cpu(), label_smoothing=0.1)
     assert torch.isnan(yt) and torch.isnan(y.cpu())
     assert torch.isnan(gx).all()
+
+
+# =========================================================================== extreme values
+# Every family on values at the edges of floating point (issue 19 goal): signed zeros,
+# float32 / float64 denormals, +-1e38, NaN, +-inf mixed into normal values, on odd shapes
+# (0, 1, primes), against torch in float64 on the reference backend. NaN and +-inf must sit
+# exactly where torch's sit (masks compared exactly, the sign of infinities included); finite
+# values agree to a tolerance scaled by the largest finite magnitude involved (sums over
+# +-1e38 cancel differently in another order).
+
+EXTREMES = (0.0, -0.0, 1e-38, -1e-38, 1.4e-45, 5e-324, 1e38, -1e38, float("nan"), float("inf"), float("-inf"))
+ODD = st.sampled_from([1, 2, 3, 5, 7])
+
+
+def _extreme(rng, shape, density, finite=EXTREMES[:-3]):
+    """float64 normals of ``shape`` with a share ``density`` of entries replaced by EXTREMES
+    (the finite ones from ``finite``)."""
+    x = rng.standard_normal(shape)
+    if x.size and density:
+        m = rng.random(shape) < density
+        # half of the replaced entries NaN / +-inf, half the finite extremes
+        special = np.asarray(EXTREMES[-3:] * 8 + tuple(finite) * (24 // max(len(finite), 1)))
+        x[m] = special[rng.integers(0, len(special), int(m.sum()))]
+    return torch.from_numpy(np.asarray(x, dtype=np.float64))
+
+
+def _finite_scale(*ts):
+    """The largest finite magnitude among the tensors (1 at least)."""
+    s = 1.0
+    for t in ts:
+        if t is not None and t.numel():
+            t = t.detach().double()
+            f = t[torch.isfinite(t)]
+            if f.numel():
+                s = max(s, float(f.abs().max()))
+    return s
+
+
+def _same_nonfinite(actual, expected, what, scale=1.0, k=1, dtype=F64, elementwise=False):
+    """NaN, +inf and -inf at exactly the same places; the finite rest within tol(dtype, k)
+    of ``scale`` (the magnitude of the terms the result sums), or with ``elementwise`` of each
+    expected value (at least 1)."""
+    a, e = actual.detach().cpu().double(), expected.detach().cpu().double()
+    assert a.shape == e.shape, f"{what}: shape {tuple(a.shape)} != {tuple(e.shape)}"
+    for name, fa, fe in (("NaN", torch.isnan(a), torch.isnan(e)), ("+inf", a == math.inf, e == math.inf),
+                         ("-inf", a == -math.inf, e == -math.inf)):
+        assert torch.equal(fa, fe), (f"{what}: {name} at {fa.nonzero().tolist()[:6]} (ours) vs "
+                                     f"{fe.nonzero().tolist()[:6]} (torch)")
+    fin = torch.isfinite(e)
+    if fin.any():
+        if elementwise:
+            rel = (a[fin] - e[fin]).abs() / e[fin].abs().clamp(min=1.0)
+            err, bound = float(rel.max()), tol(dtype, k)
+        else:
+            err, bound = float((a[fin] - e[fin]).abs().max()), tol(dtype, k) * scale
+        assert err <= bound, f"{what}: finite values differ by {err:.3e} > {bound:.3e}"
+
+
+def _grads_or_none(out, inputs, g):
+    gs = torch.autograd.grad(out, inputs, g, allow_unused=True)
+    return [torch.zeros_like(i) if a is None else a for a, i in zip(gs, inputs)]
+
+
+DENSITY = st.sampled_from([0.3, 0.6, 0.1, 0.0])  # none at all last: hypothesis favours the first
+
+
+@st.composite
+def extreme_conv_configs(draw):
+    nd = draw(st.sampled_from([1, 2]))
+    groups = draw(st.sampled_from([1, 1, 2, 3]))
+    cg, og = draw(st.sampled_from([1, 2, 3])), draw(st.sampled_from([1, 2]))
+    k = [draw(st.integers(1, 3)) for _ in range(nd)]
+    s = [draw(st.integers(1, 2)) for _ in range(nd)]
+    p = [draw(st.integers(0, kv)) for kv in k]
+    d = [draw(st.integers(1, 2)) for _ in range(nd)]
+    size = [draw(st.sampled_from([1, 2, 3, 5, 7])) for _ in range(nd)]
+    n = draw(st.sampled_from([1, 2, 0]))
+    which = draw(st.sampled_from(["x", "w", "g", "all"]))
+    return nd, n, groups, cg, og, k, s, p, d, size, which, draw(DENSITY), draw(st.booleans())
+
+
+def test_conv_extreme_values_match_torch():
+    """conv1d / conv2d forward, input and weight gradients with NaN / inf / huge / tiny values
+    in the input, the weight or the output gradient: torch's NaN and inf placement exactly
+    (issue 19.4: a NaN weight reached every input-gradient pixel, torch only the taps')."""
+    seen = collections.Counter()
+
+    @settings(max_examples=60, **PROFILE)
+    @given(cfg=extreme_conv_configs(), seed=SEEDS)
+    def prop(cfg, seed):
+        note(f"cfg={cfg} seed={seed}")
+        nd, n, groups, cg, og, k, s, p, d, size, which, density, bias = cfg
+        out = [(sz + 2 * pp - dd * (kk - 1) - 1) // ss + 1 for sz, pp, dd, kk, ss in zip(size, p, d, k, s)]
+        if min(out) < 1:
+            return
+        rng = np.random.default_rng(seed)
+        x = _extreme(rng, (n, groups * cg, *size), density if which in ("x", "all") else 0).requires_grad_()
+        w = _extreme(rng, (groups * og, cg, *k), density if which in ("w", "all") else 0).requires_grad_()
+        b = _extreme(rng, (groups * og,), density if which == "all" else 0).requires_grad_() if bias else None
+        kw = dict(stride=tuple(s), padding=tuple(p), dilation=tuple(d), groups=groups)
+        fn, tfn = (F.conv1d, TF.conv1d) if nd == 1 else (F.conv2d, TF.conv2d)
+        with gpu_nn.backend("reference"):
+            yo = fn(x, w, b, **kw)
+        yt = tfn(x, w, b, **kw)
+        taps = cg * math.prod(k)
+        scale = _finite_scale(x) * _finite_scale(w) + _finite_scale(b)
+        _same_nonfinite(yo, yt, "conv forward", scale, taps)
+        g = _extreme(rng, tuple(yt.shape), density if which in ("g", "all") else 0)
+        ins = [x, w] + ([b] if bias else [])
+        with gpu_nn.backend("reference"):
+            go = _grads_or_none(yo, ins, g)
+        gt = _grads_or_none(yt, ins, g)
+        seen["nonfinite" if not all(torch.isfinite(t).all() for t in (yt, *gt)) else "finite"] += 1
+        gs = _finite_scale(g)
+        _same_nonfinite(go[0], gt[0], "conv input grad", gs * _finite_scale(w), og * math.prod(k))
+        _same_nonfinite(go[1], gt[1], "conv weight grad", gs * _finite_scale(x), max(n * math.prod(out), 1))
+        if bias:
+            _same_nonfinite(go[2], gt[2], "conv bias grad", gs, max(n * math.prod(out), 1))
+
+    prop()
+    assert seen["nonfinite"] >= 10 and seen["finite"] >= 5, dict(seen)
+
+
+@st.composite
+def extreme_pool_configs(draw):
+    kind = draw(st.sampled_from(["max", "min", "avg"]))
+    nd = draw(st.sampled_from([1, 2]))
+    k = [draw(st.integers(1, 3)) for _ in range(nd)]
+    s = [draw(st.integers(1, 3)) for _ in range(nd)]
+    p = [draw(st.integers(0, kv // 2)) for kv in k]
+    size = [draw(st.sampled_from([5, 7, 1, 2, 3])) for _ in range(nd)]
+    n = draw(st.sampled_from([1, 2, 0]))
+    extra = {}
+    if kind == "avg":
+        extra = dict(count_include_pad=draw(st.booleans()), ceil_mode=draw(st.booleans()))
+    else:
+        extra = dict(dilation=tuple(draw(st.integers(1, 2)) for _ in range(nd)), ceil_mode=draw(st.booleans()))
+    return kind, nd, n, k, s, p, size, extra, draw(DENSITY), draw(st.booleans())
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("triton",)))
+def test_conv_extreme_values_backend_match_torch(backend, device):
+    """The Triton conv kernels (implicit GEMM and depthwise; forward, dgrad, wgrad) in float32
+    with NaN / +-inf / signed zeros in the input, weight or output gradient: NaN and inf where
+    torch's float64 has them (no +-1e38 here: float32 overflows where float64 does not)."""
+    seen = collections.Counter()
+
+    @settings(max_examples=20, **PROFILE)
+    @given(cfg=extreme_conv_configs(), seed=SEEDS)
+    def prop(cfg, seed):
+        note(f"cfg={cfg} seed={seed}")
+        nd, n, groups, cg, og, k, s, p, d, size, which, density, bias = cfg
+        out = [(sz + 2 * pp - dd * (kk - 1) - 1) // ss + 1 for sz, pp, dd, kk, ss in zip(size, p, d, k, s)]
+        if min(out) < 1 or n == 0:
+            return
+        rng = np.random.default_rng(seed)
+        mild = (0.0, -0.0, 1e-30)
+        x = _extreme(rng, (n, groups * cg, *size), density if which in ("x", "all") else 0, mild)
+        w = _extreme(rng, (groups * og, cg, *k), density if which in ("w", "all") else 0, mild)
+        kw = dict(stride=tuple(s), padding=tuple(p), dilation=tuple(d), groups=groups)
+        fn, tfn = (F.conv1d, TF.conv1d) if nd == 1 else (F.conv2d, TF.conv2d)
+        shape = (n, groups * og, *out)
+        g = _extreme(rng, shape, density if which in ("g", "all") else 0, mild)
+        x64, w64 = x.float().double().requires_grad_(), w.float().double().requires_grad_()
+        yt = tfn(x64, w64, **kw)
+        gt = _grads_or_none(yt, [x64, w64], g.float().double())
+        with gpu_nn.backend(backend):
+            xo, wo = x.float().to(device).requires_grad_(), w.float().to(device).requires_grad_()
+            yo = fn(xo, wo, **kw)
+            go = _grads_or_none(yo, [xo, wo], g.float().to(device))
+        seen["nonfinite" if not all(torch.isfinite(t).all() for t in (yt, *gt)) else "finite"] += 1
+        taps = cg * math.prod(k)
+        _same_nonfinite(yo.cpu(), yt, "conv forward", _finite_scale(x) * _finite_scale(w), taps, dtype=torch.float32)
+        _same_nonfinite(go[0].cpu(), gt[0], "conv input grad", _finite_scale(g) * _finite_scale(w), og * math.prod(k),
+                        dtype=torch.float32)
+        _same_nonfinite(go[1].cpu(), gt[1], "conv weight grad", _finite_scale(g) * _finite_scale(x), n * math.prod(out),
+                        dtype=torch.float32)
+
+    prop()
+    assert seen["nonfinite"] >= 5, dict(seen)
+
+
+def test_pool_extreme_values_match_torch():
+    """max / min / avg pooling, forward and input gradient, with NaN / inf / huge / tiny inputs
+    and output gradients: torch's NaN and inf placement (min pooling as -max_pool(-x))."""
+    seen = collections.Counter()
+
+    @settings(max_examples=60, **PROFILE)
+    @given(cfg=extreme_pool_configs(), seed=SEEDS)
+    def prop(cfg, seed):
+        note(f"cfg={cfg} seed={seed}")
+        kind, nd, n, k, s, p, size, extra, density, grad_extreme = cfg
+        rng = np.random.default_rng(seed)
+        x = _extreme(rng, (n, 2, *size), density).requires_grad_()
+        kw = dict(kernel_size=tuple(k), stride=tuple(s), padding=tuple(p), **extra)
+        tname = f"{'avg' if kind == 'avg' else 'max'}_pool{nd}d"
+        sign = -1 if kind == "min" else 1
+        theirs = _outcome(lambda: sign * getattr(TF, tname)(sign * x, **kw))
+        with gpu_nn.backend("reference"):
+            ours = _outcome(lambda: getattr(F, f"{kind}_pool{nd}d")(x, **kw))
+        if not _same_verdict(theirs, ours, seen):
+            return
+        yt, yo = theirs[1], ours[1]
+        _same_nonfinite(yo, yt, f"{kind} pool forward", _finite_scale(x), math.prod(k))
+        seen["nonfinite" if not torch.isfinite(x).all() else "finite"] += 1
+        if kind != "avg" and x.numel() and torch.isinf(getattr(TF, tname)(torch.zeros_like(x), **kw)).any():
+            # a window of padding only (dilation): torch's max-pool backward then scatters
+            # through an invalid index (wrong values, and segfaults / aborts seen in this
+            # property); its gradient there is no oracle
+            event("max/min pool window of padding only: gradient not compared")
+            return
+        g = _extreme(rng, tuple(yt.shape), density if grad_extreme else 0)
+        with gpu_nn.backend("reference"):
+            (go,) = _grads_or_none(yo, [x], g)
+        (gt,) = _grads_or_none(yt, [x], g)
+        _same_nonfinite(go, gt, f"{kind} pool input grad", _finite_scale(g), math.prod(k))
+
+    prop()
+    assert seen["nonfinite"] >= 10 and seen["finite"] >= 5, dict(seen)
+
+
+def test_activation_extreme_values_match_torch():
+    """relu / sigmoid / tanh forward and backward at +-0, denormals, +-1e38, NaN, +-inf."""
+    seen = collections.Counter()
+
+    @settings(max_examples=40, **PROFILE)
+    @given(name=st.sampled_from(list(ACT_OPS)),
+           shape=st.lists(st.sampled_from([7, 5, 3, 2, 1]), min_size=1, max_size=3).map(tuple) | st.just((0, 3)) | st.just(()),
+           density=DENSITY, seed=SEEDS)
+    def prop(name, shape, density, seed):
+        note(f"{name} shape={shape} density={density} seed={seed}")
+        rng = np.random.default_rng(seed)
+        x = _extreme(rng, shape, density).requires_grad_()
+        ours_fn, torch_fn = ACT_OPS[name]
+        with gpu_nn.backend("reference"):
+            yo = ours_fn(x)
+        yt = torch_fn(x)
+        _same_nonfinite(yo, yt, f"{name} forward")
+        g = _extreme(rng, shape, density)
+        with gpu_nn.backend("reference"):
+            (go,) = _grads_or_none(yo, [x], g)
+        (gt,) = _grads_or_none(yt, [x], g)
+        seen["nonfinite" if not torch.isfinite(x).all() else "finite"] += 1
+        if name == "relu":
+            # torch passes the gradient through relu at NaN (its test is out <= 0), ours gives 0:
+            # the relu-gradient epilogue is another engineer's; pinned by the xfail test below
+            keep = ~torch.isnan(x.detach())
+            go, gt = go[keep], gt[keep]
+        _same_nonfinite(go, gt, f"{name} backward", _finite_scale(g))
+
+    prop()
+    assert seen["nonfinite"] >= 5, dict(seen)
+
+
+@pytest.mark.xfail(strict=True, reason="issue 19 (relu grad at NaN, another engineer's item): torch's relu "
+                   "backward passes the gradient where the input is NaN (out <= 0 is False), ours gives 0")
+def test_relu_backward_at_nan_passes_the_gradient_as_torch():
+    x = torch.tensor([float("nan"), 1.0, -1.0], dtype=F64, requires_grad=True)
+    g = torch.tensor([2.0, 3.0, 4.0], dtype=F64)
+    with gpu_nn.backend("reference"):
+        (go,) = torch.autograd.grad(F.relu(x), x, g)
+    (gt,) = torch.autograd.grad(torch.relu(x), x, g)
+    torch.testing.assert_close(go, gt, equal_nan=True)
+
+
+def test_softmax_extreme_values_match_torch():
+    """softmax / log_softmax forward and backward over rows holding NaN, +-inf, +-1e38 (issue
+    19.1 / 19.5: log_softmax([inf, 1, 2]) must be all NaN, [-inf, 1] gives [-inf, 0])."""
+    seen = collections.Counter()
+
+    @settings(max_examples=60, **PROFILE)
+    @given(name=st.sampled_from(["softmax", "log_softmax"]), shape=st.lists(ODD, min_size=1, max_size=3).map(tuple),
+           dim=st.integers(-1, 2), density=DENSITY, seed=SEEDS)
+    def prop(name, shape, dim, density, seed):
+        dim = min(dim, len(shape) - 1)
+        note(f"{name} shape={shape} dim={dim} density={density} seed={seed}")
+        rng = np.random.default_rng(seed)
+        x = _extreme(rng, shape, density).requires_grad_()
+        with gpu_nn.backend("reference"):
+            yo = getattr(F, name)(x, dim)
+        yt = getattr(TF, name)(x, dim)
+        _same_nonfinite(yo, yt, f"{name} forward", _finite_scale(yt), shape[dim])
+        g = _normal(rng, shape)
+        with gpu_nn.backend("reference"):
+            (go,) = _grads_or_none(yo, [x], g)
+        (gt,) = _grads_or_none(yt, [x], g)
+        seen["nonfinite" if not torch.isfinite(x).all() else "finite"] += 1
+        _same_nonfinite(go, gt, f"{name} backward", _finite_scale(g) * _finite_scale(yt), shape[dim])
+
+    prop()
+    assert seen["nonfinite"] >= 10, dict(seen)
+
+
+def test_cross_entropy_extreme_values_match_torch():
+    """cross_entropy (class indices with ignore_index, or probabilities; weights; label
+    smoothing; every reduction) on logits holding NaN, +-inf, +-1e38: loss and logit gradient
+    with torch's NaN / inf placement (issue 19.1 / 19.5)."""
+    seen = collections.Counter()
+
+    @settings(max_examples=80, **PROFILE)
+    @given(prob=st.booleans(), n=st.sampled_from([1, 2, 3, 5]), C=ODD, weight=st.booleans(),
+           reduction=st.sampled_from(["mean", "sum", "none"]), eps=st.sampled_from([0.0, 0.0, 0.1, 0.5]),
+           ignored=st.booleans(), density=DENSITY, seed=SEEDS)
+    def prop(prob, n, C, weight, reduction, eps, ignored, density, seed):
+        note(f"prob={prob} n={n} C={C} weight={weight} {reduction} eps={eps} ignored={ignored} seed={seed}")
+        rng = np.random.default_rng(seed)
+        x = _extreme(rng, (n, C), density).requires_grad_()
+        if prob:
+            t = torch.softmax(_normal(rng, (n, C)), 1)
+        else:
+            t = torch.from_numpy(rng.integers(0, C, n))
+            if ignored:
+                t[0] = -100
+        w = torch.from_numpy(rng.random(C) + 0.2) if weight else None
+        kw = dict(weight=w, reduction=reduction, label_smoothing=eps)
+        with gpu_nn.backend("reference"):
+            yo = F.cross_entropy(x, t, **kw)
+        yt = TF.cross_entropy(x, t, **kw)
+        xs = _finite_scale(x)
+        _same_nonfinite(yo, yt, "cross_entropy", xs * n, n * C)
+        g = torch.ones(()) if yt.dim() == 0 else _normal(rng, tuple(yt.shape))
+        with gpu_nn.backend("reference"):
+            (go,) = _grads_or_none(yo, [x], g.double())
+        (gt,) = _grads_or_none(yt, [x], g.double())
+        seen["nonfinite" if not torch.isfinite(x).all() else "finite"] += 1
+        _same_nonfinite(go, gt, "cross_entropy grad", _finite_scale(g) * 2, C)
+
+    prop()
+    assert seen["nonfinite"] >= 10, dict(seen)
+
+
+CELLS = {"rnn_tanh_cell": (F.rnn_tanh_cell, torch.rnn_tanh_cell, 1), "rnn_relu_cell": (F.rnn_relu_cell, torch.rnn_relu_cell, 1),
+         "lstm_cell": (F.lstm_cell, torch.lstm_cell, 4), "gru_cell": (F.gru_cell, torch.gru_cell, 3)}
+
+
+def test_rnn_cell_extreme_values_match_torch():
+    """RNN (tanh / relu), LSTM and GRU cells, forward and every gradient, with NaN / inf /
+    huge / tiny values in the input, the state or the weights."""
+    seen = collections.Counter()
+
+    @settings(max_examples=40, **PROFILE)
+    # batch 0 is refused today (issue 19.7, another engineer's): see the xfail test below
+    @given(name=st.sampled_from(list(CELLS)), batch=st.sampled_from([1, 2, 3]), isz=ODD, hsz=ODD,
+           bias=st.booleans(), which=st.sampled_from(["x", "h", "w", "all"]), density=DENSITY, seed=SEEDS)
+    def prop(name, batch, isz, hsz, bias, which, density, seed):
+        note(f"{name} batch={batch} input={isz} hidden={hsz} bias={bias} which={which} seed={seed}")
+        rng = np.random.default_rng(seed)
+        ours_fn, torch_fn, gates = CELLS[name]
+        dens = {k: density if which in (k, "all") else 0 for k in ("x", "h", "w")}
+        x = _extreme(rng, (batch, isz), dens["x"]).requires_grad_()
+        h = _extreme(rng, (batch, hsz), dens["h"]).requires_grad_()
+        c = _extreme(rng, (batch, hsz), dens["h"]).requires_grad_()
+        w_ih = _extreme(rng, (gates * hsz, isz), dens["w"]).requires_grad_()
+        w_hh = _extreme(rng, (gates * hsz, hsz), dens["w"]).requires_grad_()
+        b_ih = _extreme(rng, (gates * hsz,), dens["w"]).requires_grad_() if bias else None
+        b_hh = _extreme(rng, (gates * hsz,), dens["w"]).requires_grad_() if bias else None
+        hx = (h, c) if name == "lstm_cell" else h
+        with gpu_nn.backend("reference"):
+            yo = ours_fn(x, hx, w_ih, w_hh, b_ih, b_hh)
+        yt = torch_fn(x, hx, w_ih, w_hh, b_ih, b_hh)
+        yo, yt = (list(yo), list(yt)) if name == "lstm_cell" else ([yo], [yt])
+        ins = [t for t in (x, h, c, w_ih, w_hh, b_ih, b_hh) if t is not None]
+        k = isz + hsz
+        scale = (_finite_scale(x, h) * _finite_scale(w_ih, w_hh) * k + _finite_scale(b_ih, b_hh)) if name == "rnn_relu_cell" else 1.0
+        for i, (a, b) in enumerate(zip(yo, yt)):
+            _same_nonfinite(a, b, f"{name} output {i}", scale * (1 + _finite_scale(c) * (i == 1)), k)
+        if name == "rnn_relu_cell" and torch.isnan(yt[0]).any():
+            # relu's gradient at a NaN pre-activation: torch passes it, ours gives 0 (another
+            # engineer's item, pinned by the xfail test below)
+            event("rnn_relu_cell: NaN pre-activation, gradients not compared")
+            return
+        gs = [_normal(rng, tuple(t.shape)) for t in yt]
+        with gpu_nn.backend("reference"):
+            go = _grads_or_none(yo, ins, gs)
+        gt = _grads_or_none(yt, ins, gs)
+        seen["nonfinite" if not all(torch.isfinite(t).all() for t in (*yt, *gt)) else "finite"] += 1
+        gscale = _finite_scale(*ins) ** 2 * k * max(batch, 1) * scale
+        for i, (a, b) in enumerate(zip(go, gt)):
+            _same_nonfinite(a, b, f"{name} grad {i}", gscale, k * max(batch, 1))
+
+    prop()
+    assert seen["nonfinite"] >= 5 and seen["finite"] >= 3, dict(seen)
+
+
+@pytest.mark.xfail(strict=True, reason="issue 19 (relu grad at NaN, another engineer's item): torch's "
+                   "rnn_relu_cell passes the gradient through a NaN pre-activation, ours gives 0")
+def test_rnn_relu_cell_backward_through_a_nan_preactivation_as_torch():
+    x = torch.tensor([[1.0]], dtype=F64, requires_grad=True)
+    h = torch.zeros(1, 2, dtype=F64, requires_grad=True)
+    w_ih = torch.tensor([[float("nan")], [1.0]], dtype=F64, requires_grad=True)
+    w_hh = torch.ones(2, 2, dtype=F64, requires_grad=True)
+    g = torch.tensor([[2.0, 3.0]], dtype=F64)
+    with gpu_nn.backend("reference"):
+        go = torch.autograd.grad(F.rnn_relu_cell(x, h, w_ih, w_hh), [h, w_hh], g)
+    gt = torch.autograd.grad(torch.rnn_relu_cell(x, h, w_ih, w_hh), [h, w_hh], g)
+    for a, b in zip(go, gt):
+        torch.testing.assert_close(a, b, equal_nan=True)
+
+
+@pytest.mark.xfail(strict=True, raises=ValueError,
+                   reason="issue 19.7 (another engineer's item): a batch of 0 through the cells raises NumPy's "
+                          "'cannot reshape array of size 0'; torch returns an empty state")
+@pytest.mark.parametrize("name", list(CELLS))
+def test_rnn_cell_batch_zero_as_torch(name):
+    ours_fn, torch_fn, gates = CELLS[name]
+    x, h = torch.randn(0, 3, dtype=F64), torch.randn(0, 2, dtype=F64)
+    hx = (h, h) if name == "lstm_cell" else h
+    w_ih, w_hh = torch.randn(gates * 2, 3, dtype=F64), torch.randn(gates * 2, 2, dtype=F64)
+    with gpu_nn.backend("reference"):
+        yo = ours_fn(x, hx, w_ih, w_hh)
+    yt = torch_fn(x, hx, w_ih, w_hh)
+    for a, b in zip(*(((y,) if name != "lstm_cell" else y) for y in (yo, yt))):
+        assert a.shape == b.shape
+
+
+OPTIMIZERS = {
+    "SGD": [dict(lr=0.1), dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01), dict(lr=0.1, momentum=0.5, dampening=0.3)],
+    "Adagrad": [dict(lr=0.1), dict(lr=0.1, lr_decay=0.01, weight_decay=0.1)],
+    "Adadelta": [dict(), dict(rho=0.5, weight_decay=0.1)],
+    "RMSprop": [dict(), dict(momentum=0.9), dict(centered=True), dict(centered=True, momentum=0.9, weight_decay=0.1)],
+    "Adam": [dict(), dict(amsgrad=True, weight_decay=0.1)],
+    "AdamW": [dict(), dict(amsgrad=True)],
+}
+
+
+def test_optimizer_extreme_values_match_torch():
+    """Two steps of every optimizer (several hyperparameter sets each) on parameters and
+    gradients holding NaN, +-inf, +-1e38, denormals: parameters and state as torch's, NaN and
+    inf placement included."""
+    seen = collections.Counter()
+
+    @settings(max_examples=60, **PROFILE)
+    @given(name=st.sampled_from(list(OPTIMIZERS)), which=st.integers(0, 3), size=ODD, where=st.sampled_from(["p", "g", "all"]),
+           dtype=st.sampled_from([F64, torch.float32]), density=DENSITY, seed=SEEDS)
+    def prop(name, which, size, where, dtype, density, seed):
+        hp = OPTIMIZERS[name][which % len(OPTIMIZERS[name])]
+        note(f"{name} {hp} size={size} where={where} {dtype} density={density} seed={seed}")
+        rng = np.random.default_rng(seed)
+        # float32 too: 1e38 squared overflows there (the second moments of RMSprop / Adam)
+        p0 = _extreme(rng, (size,), density if where in ("p", "all") else 0).to(dtype)
+        grads = [_extreme(rng, (size,), density if where in ("g", "all") else 0).to(dtype), _normal(rng, (size,)).to(dtype)]
+        if name == "RMSprop" and hp.get("centered") and dtype == torch.float32 and \
+                bool(((grads[0].abs() > 1.8e19) & torch.isfinite(grads[0])).any()):
+            # g * g overflows float32: ours NaN, torch finite (issue 19.5's RMSprop part, another
+            # engineer's item): pinned by the xfail test below
+            event("centered RMSprop with an overflowing float32 gradient: not compared")
+            return
+        params = []
+        for opt_cls in (getattr(gpu_nn.optim, name), getattr(torch.optim, name)):
+            p = torch.nn.Parameter(p0.clone())
+            opt = opt_cls([p], **hp)
+            for g in grads:
+                p.grad = g.clone()
+                with gpu_nn.backend("reference"), warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    opt.step()
+            params.append(p.detach())
+        seen["nonfinite" if not torch.isfinite(params[1]).all() else "finite"] += 1
+        _same_nonfinite(params[0], params[1], f"{name} parameter", k=4, dtype=dtype, elementwise=True)
+
+    prop()
+    assert seen["nonfinite"] >= 5 and seen["finite"] >= 5, dict(seen)
+
+
+@pytest.mark.xfail(strict=True, reason="issue 19.5, RMSprop part (another engineer's item): centered RMSprop "
+                   "with a float32 gradient whose square overflows leaves the parameter NaN, torch finite")
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_centered_rmsprop_overflowing_float32_gradient_as_torch(momentum):
+    out = []
+    for opt_cls in (gpu_nn.optim.RMSprop, torch.optim.RMSprop):
+        p = torch.nn.Parameter(torch.ones(3))
+        opt = opt_cls([p], centered=True, momentum=momentum)
+        p.grad = torch.tensor([3e38, 1.0, 2.0])
+        with gpu_nn.backend("reference"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt.step()
+        out.append(p.detach())
+    torch.testing.assert_close(out[0], out[1], equal_nan=True)
+
+
+# --------------------------------------------------------------------------- issue 19.1 / 19.5 / 19.4 cases
+
+BACKENDS_RT = backend_params(("reference", "triton"))
+
+
+def _f(backend, device, fn, *tensors):
+    """fn(*tensors moved to device) on ``backend``, results back on the CPU."""
+    with gpu_nn.backend(backend):
+        out = fn(*[t.to(device) for t in tensors])
+    return [o.cpu() for o in out] if isinstance(out, (tuple, list)) else out.cpu()
+
+
+def _ce_with_grad(x, t, **kw):
+    x = x.detach().clone().requires_grad_()
+    t = t.detach().clone().requires_grad_() if t.is_floating_point() else t
+    loss = (F if kw.pop("ours", True) else TF).cross_entropy(x, t, **kw)
+    (g,) = torch.autograd.grad(loss.sum(), x)
+    return loss.detach(), g
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS_RT)
+@pytest.mark.parametrize("offset", [1e3, 1e4, 1e7])
+@pytest.mark.parametrize("C", [37, 150])  # 150 > 128: the interpreter's looped softmax path too
+def test_regression_softmax_family_precision_at_large_logits(backend, device, offset, C):
+    # issue 19.1: float32 logits M + randn lost precision as M grew (reference log_softmax
+    # error 3e-5 / 5e-4 / 0.47 at M = 1e3 / 1e4 / 1e7, torch 3e-7): x - (m + log s), with
+    # m + log s rounded to float32. Every result within 2x torch's own float32 error (+ floor).
+    from helpers import assert_like_torch
+    gen = torch.Generator().manual_seed(int(offset) + C)
+    x = offset + torch.randn(6, C, generator=gen)
+    x64 = x.double()
+    t = torch.randint(0, C, (6,), generator=gen)
+    tp = torch.softmax(torch.randn(6, C, generator=gen), 1)
+    w = torch.rand(C, generator=gen) + 0.2
+    for name in ("log_softmax", "softmax"):
+        ours = _f(backend, device, lambda x: getattr(F, name)(x, 1), x)
+        assert_like_torch(ours, getattr(TF, name)(x, 1), getattr(TF, name)(x64, 1), torch.float32, k=C, what=name)
+    for target, kw in ((t, {}), (t, dict(weight=w, label_smoothing=0.1)), (tp, dict(weight=w, label_smoothing=0.2))):
+        lo, go = _f(backend, device, lambda x, tt: _ce_with_grad(x, tt, **kw), x, target)
+        lt, gt = _ce_with_grad(x, target, ours=False, **kw)
+        kw64 = {k: v.double() if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+        l64, g64 = _ce_with_grad(x64, target.double() if target.is_floating_point() else target, ours=False, **kw64)
+        assert_like_torch(lo, lt, l64, torch.float32, k=C, what="cross_entropy loss")
+        assert_like_torch(go, gt, g64, torch.float32, k=C, what="cross_entropy grad")
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS_RT)
+def test_regression_softmax_family_at_1e8_and_2e38(backend, device):
+    # issue 19.1: log_softmax([1e8, 1e8]) was [0, 0] (torch -0.693 each), cross-entropy 0 with
+    # gradient [0, 1] (torch 0.693, [-0.5, 0.5]); label smoothing over [2e38, 2e38, 1] was
+    # NaN (torch 6.67e36: the weighted sum of the logits overflowed)
+    x = torch.tensor([1e8, 1e8])
+    y = _f(backend, device, lambda x: F.log_softmax(x, 0), x)
+    torch.testing.assert_close(y, torch.full((2,), -math.log(2.0)))
+    loss, g = _f(backend, device, lambda x, t: _ce_with_grad(x, t), x[None], torch.tensor([0]))
+    torch.testing.assert_close(loss, torch.tensor(math.log(2.0)))
+    torch.testing.assert_close(g, torch.tensor([[-0.5, 0.5]]))
+    big = torch.tensor([[2e38, 2e38, 1.0]])
+    for kw in (dict(label_smoothing=0.1), dict(label_smoothing=0.1, weight=torch.tensor([0.5, 1.0, 2.0]))):
+        lo, go = _f(backend, device, lambda x, t: _ce_with_grad(x, t, **kw), big, torch.tensor([0]))
+        lt, gt = _ce_with_grad(big, torch.tensor([0]), ours=False, **kw)
+        assert "weight" in kw or (torch.isfinite(lt) and lt > 1e36)  # 6.67e36 (weighted: inf, as torch)
+        torch.testing.assert_close(lo, lt)
+        torch.testing.assert_close(go, gt)
+
+
+INF, NAN = float("inf"), float("nan")
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS_RT)
+@pytest.mark.parametrize("row", [[INF, 1.0, 2.0], [-INF, 1.0, 2.0], [-INF, -INF, -INF], [NAN, 1.0, 2.0],
+                                 [INF, -INF, 0.0], [-INF, 3.0, -INF]])
+def test_regression_softmax_family_at_infinite_logits(backend, device, row):
+    # issue 19.5: log_softmax([inf, 1, 2]) was [nan, -inf, -inf] (torch: all NaN), cross-entropy
+    # with target 1 gave loss inf, gradient [nan, -1, 0] (torch: NaN, all NaN); -inf logits
+    # (torch: -inf log-probability, 0 probability, finite gradients) and NaN as torch too
+    x = torch.tensor(row)
+    for name in ("log_softmax", "softmax"):
+        torch.testing.assert_close(_f(backend, device, lambda x: getattr(F, name)(x, 0), x), getattr(TF, name)(x, 0),
+                                   equal_nan=True)
+    tp = torch.tensor([[0.0, 0.5, 0.5]])
+    for target in (torch.tensor([0]), torch.tensor([1]), torch.tensor([-100]), tp):
+        for kw in ({}, dict(label_smoothing=0.1), dict(weight=torch.tensor([0.5, 1.0, 2.0]), reduction="sum")):
+            lo, go = _f(backend, device, lambda x, t: _ce_with_grad(x, t, **kw), x[None], target)
+            lt, gt = _ce_with_grad(x[None], target, ours=False, **kw)
+            torch.testing.assert_close(lo, lt, equal_nan=True, msg=f"loss {target} {kw}")
+            torch.testing.assert_close(go, gt, equal_nan=True, msg=f"grad {target} {kw}")
+
+
+def _conv_masks(fn, x, w, g, **kw):
+    x, w = x.clone().requires_grad_(), w.clone().requires_grad_()
+    y = fn(x, w, **kw)
+    gx, gw = torch.autograd.grad(y, [x, w], g)
+    return [(torch.isnan(t), torch.isinf(t)) for t in (y, gx, gw)], gx
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS_RT)
+@pytest.mark.parametrize("case", ["2d", "1d", "2d-stride2-pad1", "depthwise-pad1", "2d-x-nan-pad1"])
+def test_regression_conv_nan_reaches_what_torchs_reaches(backend, device, case):
+    # issue 19.4: x = ones(1,1,5,5) and a 3x3 weight of ones with one NaN gave 25 of 25
+    # non-finite input-gradient entries (torch 9: the taps that touch it); conv1d with
+    # w = [nan, 1, 1] gave all NaN (torch [nan, nan, nan, 2, 1]). The backward convolved the
+    # zero-padded output gradient with the whole weight (0 * NaN); also the flat weight
+    # gradient's by-product positions (0 * a NaN input) and the Triton dgrad kernels' masked
+    # loads (other=0 times a NaN weight tap).
+    nan = float("nan")
+    kw = {}
+    if case == "2d":
+        fn, tfn, x, w = F.conv2d, TF.conv2d, torch.ones(1, 1, 5, 5), torch.ones(1, 1, 3, 3)
+        w[0, 0, 1, 2] = nan
+    elif case == "1d":
+        fn, tfn, x, w = F.conv1d, TF.conv1d, torch.ones(1, 1, 5), torch.tensor([[[nan, 1.0, 1.0]]])
+    elif case == "2d-stride2-pad1":
+        fn, tfn, x, w = F.conv2d, TF.conv2d, torch.ones(2, 3, 7, 6), torch.ones(4, 3, 3, 3)
+        w[1, 2, 0, 0] = -float("inf")
+        kw = dict(stride=2, padding=1)
+    elif case == "depthwise-pad1":
+        fn, tfn, x, w = F.conv2d, TF.conv2d, torch.ones(1, 3, 5, 5), torch.ones(3, 1, 3, 3)
+        w[1, 0, 2, 2] = nan
+        kw = dict(padding=1, groups=3)
+    else:  # the reference's flat (stride-1) weight gradient: 20x20 keeps the padding share low
+        fn, tfn, x, w = F.conv2d, TF.conv2d, torch.ones(1, 1, 20, 20), torch.ones(1, 1, 3, 3)
+        x[0, 0, 0, 0] = nan
+        kw = dict(padding=1)
+    g = torch.ones_like(tfn(x, w, **kw))
+    theirs, gx_t = _conv_masks(tfn, x.double(), w.double(), g.double(), **kw)
+    with gpu_nn.backend(backend):
+        ours, gx = _conv_masks(fn, x.to(device), w.to(device), g.to(device), **kw)
+    for (on, oi), (tn, ti), what in zip(ours, theirs, ("output", "input grad", "weight grad")):
+        assert torch.equal(on.cpu(), tn) and torch.equal(oi.cpu(), ti), f"{what}: NaN/inf placement differs"
+    if case == "2d":
+        assert int((~torch.isfinite(gx_t)).sum()) == 9
+    if case == "1d":
+        torch.testing.assert_close(gx.cpu().double(), torch.tensor([[[nan, nan, nan, 2.0, 1.0]]], dtype=F64), equal_nan=True)
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("triton",)))
+def test_softmax_family_extreme_values_backend_match_torch(backend, device):
+    """The Triton softmax / log_softmax / cross_entropy kernels on float32 logits holding NaN,
+    +-inf, +-1e38: NaN / inf placement as torch's float32 (sums of the non-negative -logp
+    terms overflow in any order alike), values within float32 tolerance; C = 150 takes the
+    interpreter's looped paths."""
+    seen = collections.Counter()
+
+    @settings(max_examples=30, **PROFILE)
+    @given(op=st.sampled_from(["softmax", "log_softmax", "ce", "ce", "ce_prob"]), n=st.sampled_from([1, 2, 3]),
+           C=st.sampled_from([3, 5, 150]), weight=st.booleans(), eps=st.sampled_from([0.0, 0.1]),
+           density=DENSITY, seed=SEEDS)
+    def prop(op, n, C, weight, eps, density, seed):
+        note(f"{op} n={n} C={C} weight={weight} eps={eps} density={density} seed={seed}")
+        rng = np.random.default_rng(seed)
+        x = _extreme(rng, (n, C), density).float()
+        seen["nonfinite" if not torch.isfinite(x).all() else "finite"] += 1
+        if op in ("softmax", "log_softmax"):
+            xr = x.clone().requires_grad_()
+            g = _normal(rng, (n, C)).float()
+            yt = getattr(TF, op)(xr, 1)
+            (gt,) = torch.autograd.grad(yt, xr, g)
+            with gpu_nn.backend(backend):
+                xo = x.to(device).requires_grad_()
+                yo = getattr(F, op)(xo, 1)
+                (go,) = torch.autograd.grad(yo, xo, g.to(device))
+        else:
+            t = torch.softmax(_normal(rng, (n, C)), 1).float() if op == "ce_prob" else torch.from_numpy(rng.integers(0, C, n))
+            if op == "ce" and n > 1:
+                t[1] = -100
+            w = torch.from_numpy(rng.random(C) + 0.2).float() if weight else None
+            kw = dict(weight=w, label_smoothing=eps, reduction="sum")
+            yt, gt = _ce_with_grad(x, t, ours=False, **kw)
+            kw["weight"] = None if w is None else w.to(device)
+            with gpu_nn.backend(backend):
+                yo, go = _ce_with_grad(x.to(device), t.to(device), **kw)
+        _same_nonfinite(yo.cpu(), yt, f"{op} forward", _finite_scale(yt), C * n, dtype=torch.float32)
+        _same_nonfinite(go.cpu(), gt, f"{op} backward", _finite_scale(gt), C * n, dtype=torch.float32)
+
+    prop()
+    assert seen["nonfinite"] >= 5, dict(seen)

@@ -7,7 +7,8 @@ calls a ``torch.library.custom_op`` in the ``gpu_nn`` namespace:
 * ``gpu_nn::linear(input, weight, bias, activation)`` / ``gpu_nn::linear_backward``
 * ``gpu_nn::softmax`` / ``gpu_nn::log_softmax`` ``(input, dim)`` and their ``*_backward(grad, output, dim)``
 * ``gpu_nn::cross_entropy(input, target, weight, reduction, ignore_index, label_smoothing)``
-  returning ``(loss, lse)`` (the per-row logsumexp, saved for the backward), and
+  returning ``(loss, lse)`` (``lse``: the [2, M] row statistics max and log-sum-exp of x - max,
+  saved for the backward; kept apart because their sum rounds to x's precision), and
   ``gpu_nn::cross_entropy_backward`` returning ``(grad_input, grad_target)``.
 
 ``flatten`` is deliberately a plain ``reshape``, not a custom op: it moves no data whenever the
@@ -540,7 +541,7 @@ def _ce_row_weights(t2: Tensor, weight: Tensor | None, ignore_index: int, prob: 
 
 
 def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The saved logsumexp keeps float64 for float64 inputs (gradient checks), else float32."""
+    """The saved row statistics keep float64 for float64 inputs (gradient checks), else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -557,9 +558,9 @@ def _check_target_range(target: Tensor, ignore_index: int, C: int) -> None:
 
 def cross_entropy_forward(input: Tensor, target: Tensor, weight: Tensor | None, reduction: str, ignore_index: int,
                           label_smoothing: float) -> tuple[Tensor, Tensor]:
-    """(loss, lse): the loss as torch's cross_entropy, and the [M] logsumexp of each row
-    (M = input.numel() / C; float32, float64 for float64 input) that the backward reuses
-    instead of a second reduction."""
+    """(loss, lse): the loss as torch's cross_entropy, and the [2, M] statistics of each row,
+    max and log(sum(exp(x - max))) (M = input.numel() / C; float32, float64 for float64 input),
+    that the backward reuses instead of a second reduction."""
     M, C = _ce_rows(input)
     prob = target.is_floating_point()
     if not prob:
@@ -573,7 +574,7 @@ def cross_entropy_forward(input: Tensor, target: Tensor, weight: Tensor | None, 
     ktriton, kd = _triton_modules()
     x2, t2 = _ce_2d(input, target, prob)
     loss_rows = empty((M,), dtype=torch.float32, device=input.device)
-    lse = empty((M,), dtype=_lse_dtype(input.dtype), device=input.device)
+    lse = empty((2, M), dtype=_lse_dtype(input.dtype), device=input.device)
     w = None if weight is None else weight.contiguous()
     kd.ce_fwd(x2, t2, w, loss_rows, lse, prob, ignore_index, label_smoothing, ktriton.INTERPRET)
     if reduction == "none":
@@ -651,7 +652,7 @@ def _(input, target, weight, reduction, ignore_index, label_smoothing):
     shape = ref.ce_loss_shape(tuple(input.shape), tuple(target.shape), prob) if reduction == "none" else ()
     M = math.prod(lead) if lead else 1
     del C
-    return input.new_empty(shape), input.new_empty((M,), dtype=_lse_dtype(input.dtype))
+    return input.new_empty(shape), input.new_empty((2, M), dtype=_lse_dtype(input.dtype))
 
 
 @routed

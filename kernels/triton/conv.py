@@ -176,13 +176,18 @@ def _conv_dgrad_kernel(g_ptr, w_ptr, dx_ptr,
         ok = m_ok & hit
         a_row = g_row + oh.to(tl.int64) * stride_gh + ow.to(tl.int64) * stride_gw
         b_col = w_col + i * stride_wh + j * stride_ww
+        # the tap's products go to their own accumulator, added only to the pixels the tap
+        # reaches: a pixel it misses has a zero row of A, and 0 * (inf or NaN weight) would
+        # spread a non-finite weight to every input pixel (torch's scatter never forms it)
+        tap = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for o0 in range(0, OG, BLOCK_K):
             oo = o0 + tl.arange(0, BLOCK_K)
             oo_ok = oo < OG
             oc = (grp * OG + oo).to(tl.int64)
             a = tl.load(a_row[:, None] + oc[None, :] * stride_gc, mask=ok[:, None] & oo_ok[None, :], other=0.0)
             b = tl.load(b_col[None, :] + oc[:, None] * stride_wo, mask=oo_ok[:, None] & c_ok[None, :], other=0.0)
-            acc = tl.dot(a, b, acc, input_precision=PREC, out_dtype=tl.float32)
+            tap = tl.dot(a, b, tap, input_precision=PREC, out_dtype=tl.float32)
+        acc += tl.where(ok[:, None], tap, 0.0)
     d_off = (n.to(tl.int64) * stride_dn + h.to(tl.int64) * stride_dh + w.to(tl.int64) * stride_dw)[:, None] \
         + cc.to(tl.int64)[None, :] * stride_dc
     tl.store(dx_ptr + d_off, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :])
@@ -300,7 +305,8 @@ def _conv_dw_dgrad_kernel(g_ptr, w_ptr, dx_ptr,
             oc = (offs_c * MULT + rr).to(tl.int64)
             a = tl.load(g_ptr + off[:, None] + (oc * stride_gc)[None, :], mask=ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
             wv = tl.load(w_ptr + oc * stride_wo + i * stride_wh + j * stride_ww, mask=c_ok, other=0.0).to(tl.float32)
-            acc += a * wv[None, :]
+            # only where the tap reaches the pixel: 0 * (inf or NaN weight) must not spread
+            acc += tl.where(ok[:, None], a * wv[None, :], 0.0)
     d_off = (n.to(tl.int64) * stride_dn + h.to(tl.int64) * stride_dh + w.to(tl.int64) * stride_dw)[:, None] \
         + offs_c.to(tl.int64)[None, :] * stride_dc
     tl.store(dx_ptr + d_off, acc.to(dx_ptr.dtype.element_ty), mask=p_ok[:, None] & c_ok[None, :])

@@ -149,29 +149,39 @@ def colsum(g, out, interpret=False) -> None:
 
 @triton.jit
 def _row_stats(x_ptr, base, n_cols, BLOCK: tl.constexpr):
-    """(max, logsumexp) of one row, online over blocks: per-lane running max and rescaled
-    sums, combined once at the end (one reduction instead of two per block)."""
+    """(m, log_s) of one row, m = max(x), log_s = log(sum(exp(x - m))), online over blocks:
+    per-lane running max and rescaled sums, combined once at the end (one reduction instead
+    of two per block). Kept apart, never as m + log_s: that sum rounds to x's precision and
+    x - (m + log_s) loses log_s (log_softmax([1e8, 1e8]) = 0, torch -0.693).
+
+    A row holding NaN or +inf, or all -inf, gets a NaN log_s (so an all-NaN result, as
+    torch's x - m is NaN there): exp(inf - inf) is NaN; an all -inf row sums to 0, forced to NaN.
+    """
     m_vec = tl.full((BLOCK,), float("-inf"), tl.float32)
     s_vec = tl.zeros((BLOCK,), dtype=tl.float32)
     for start in range(0, n_cols, BLOCK):
         cols = start + tl.arange(0, BLOCK).to(tl.int64)
         x = tl.load(x_ptr + base + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32)
-        m_new = tl.maximum(m_vec, x)
+        # NaN must reach the sum: tl.maximum drops it by default (fmaxf)
+        m_new = tl.maximum(m_vec, x, propagate_nan=tl.PropagateNan.ALL)
         # a lane that has seen only -inf keeps sum 0 (exp(-inf - -inf) would be NaN)
         s_vec = tl.where(m_new == float("-inf"), 0.0, s_vec * tl.exp(m_vec - m_new) + tl.exp(x - m_new))
         m_vec = m_new
     m = tl.max(m_vec, 0)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     s = tl.sum(s_vec * tl.exp(m_vec - m_safe), 0)
-    return m, m_safe + tl.log(s)
+    log_s = tl.where(m == float("-inf"), float("nan"), tl.log(s))
+    return m, log_s
 
 
 @triton.jit
 def _softmax_fwd_kernel(x_ptr, y_ptr, n_cols, LOG: tl.constexpr, SINGLE: tl.constexpr, BLOCK: tl.constexpr):
-    """y = softmax(x) (or log_softmax) of each row of a contiguous [rows, n_cols] tensor.
+    """y = softmax(x) = exp(x - m) / s (or log_softmax = (x - m) - log(s)) of each row of a
+    contiguous [rows, n_cols] tensor, m = max(x), s = sum(exp(x - m)): the shift is taken
+    off x before the small log(s) (see :func:`_row_stats`). NaN / inf placement as torch.
 
     SINGLE: the row fits one block (one read of x). Otherwise a first pass computes the
-    row's logsumexp online and a second pass writes exp(x - lse) or x - lse.
+    row's (m, log s) online and a second pass writes the result.
     """
     row = tl.program_id(0).to(tl.int64)
     base = row * n_cols
@@ -180,23 +190,24 @@ def _softmax_fwd_kernel(x_ptr, y_ptr, n_cols, LOG: tl.constexpr, SINGLE: tl.cons
         mask = cols < n_cols
         x = tl.load(x_ptr + base + cols, mask=mask, other=float("-inf")).to(tl.float32)
         m = tl.max(x, 0)
-        e = tl.exp(x - m)
+        # the padding lanes would give exp(-inf - -inf) = NaN in an all -inf row: keep them 0
+        e = tl.where(mask, tl.exp(x - m), 0.0)
         s = tl.sum(e, 0)
         if LOG:
-            y = x - m - tl.log(s)
+            y = (x - m) - tl.log(s)
         else:
             y = e / s
         tl.store(y_ptr + base + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
     else:
-        m, lse = _row_stats(x_ptr, base, n_cols, BLOCK)
+        m, log_s = _row_stats(x_ptr, base, n_cols, BLOCK)
         for start in range(0, n_cols, BLOCK):
             cols = start + tl.arange(0, BLOCK).to(tl.int64)
             mask = cols < n_cols
             x = tl.load(x_ptr + base + cols, mask=mask, other=0.0).to(tl.float32)
             if LOG:
-                y = x - lse
+                y = (x - m) - log_s
             else:
-                y = tl.exp(x - lse)
+                y = tl.exp((x - m) - log_s)
             tl.store(y_ptr + base + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -284,28 +295,34 @@ def _ce_fwd_kernel(x_ptr, t_ptr, w_ptr, loss_ptr, lse_ptr, C, ignore_index, eps,
                    PROB: tl.constexpr, HAS_W: tl.constexpr, BLOCK: tl.constexpr):
     """Per-row cross entropy of contiguous logits [M, C], in ONE pass over the logits.
 
-    The pass keeps the online max / sum-exp and, at the same time, the linear terms the loss
-    needs (sum_c w_c x_c for label smoothing, or sum_c w_c t'_c x_c and sum_c w_c t'_c for
-    probability targets), so that with lse = logsumexp(x):
+    With m = max(x), log_s = log(sum(exp(x - m))), -logp_c = log_s - (x_c - m) (the shift
+    taken off x first: m + log_s would round to x's precision, see :func:`_row_stats`):
 
-    * indices: loss = (1 - eps) w_t (lse - x_t) + eps / C (sum_c w_c lse - sum_c w_c x_c), 0 if t == ignore_index
-    * probabilities (t' = (1 - eps) t + eps / C): loss = sum_c w_c t'_c lse - sum_c w_c t'_c x_c
+    * indices: loss = (1 - eps) w_t (-logp_t) + eps / C sum_c w_c (-logp_c), 0 if t == ignore_index
+    * probabilities (t' = (1 - eps) t + eps / C): loss = sum_c w_c t'_c (-logp_c)
 
-    Writes float32 loss[M] and lse[M]; the reduction over rows is the launcher's.
+    sum_c w_c (-logp_c) = W log_s - sum_c w_c (x_c - m): the pass keeps, per lane, the running
+    max, the rescaled sum of exp and the weighted sum of x - (running max), moved to a new max
+    by adding W_lane (old - new), so that no weighted sum of raw logits can overflow (label
+    smoothing over [2e38, 2e38, 1]: torch 6.67e36). NaN / inf as torch's term-by-term sums:
+    NaN or +inf in a row, or an all -inf row, give NaN; a 0 weight on a -inf logit gives NaN.
+
+    Writes float32 loss[M] and the row statistics lse[0, M] = m, lse[1, M] = log_s.
     """
     row = tl.program_id(0).to(tl.int64)
+    M = tl.num_programs(0).to(tl.int64)
     base = row * C
     m_vec = tl.full((BLOCK,), float("-inf"), tl.float32)
     s_vec = tl.zeros((BLOCK,), dtype=tl.float32)
-    lin = tl.zeros((BLOCK,), dtype=tl.float32)   # sum w x   (or sum w t' x)
-    wsum = tl.zeros((BLOCK,), dtype=tl.float32)  # sum w     (or sum w t')
+    lin = tl.zeros((BLOCK,), dtype=tl.float32)   # sum w (x - m_vec)   (or sum w t' (x - m_vec))
+    wsum = tl.zeros((BLOCK,), dtype=tl.float32)  # sum w               (or sum w t')
     for start in range(0, C, BLOCK):
         cols = start + tl.arange(0, BLOCK).to(tl.int64)
         mask = cols < C
         x = tl.load(x_ptr + base + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        m_new = tl.maximum(m_vec, x)
+        # NaN must reach the sum: tl.maximum drops it by default (fmaxf)
+        m_new = tl.maximum(m_vec, x, propagate_nan=tl.PropagateNan.ALL)
         s_vec = tl.where(m_new == float("-inf"), 0.0, s_vec * tl.exp(m_vec - m_new) + tl.exp(x - m_new))
-        m_vec = m_new
         if HAS_W:
             w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         else:
@@ -313,12 +330,18 @@ def _ce_fwd_kernel(x_ptr, t_ptr, w_ptr, loss_ptr, lse_ptr, C, ignore_index, eps,
         if PROB:
             t = tl.load(t_ptr + base + cols, mask=mask, other=0.0).to(tl.float32)
             w = w * (t * (1.0 - eps) + eps / C)
-        lin += w * tl.where(mask, x, 0.0)
+        # an unchanged max (or no weight yet) moves nothing: avoids inf - inf and 0 * inf
+        lin += tl.where((m_vec == m_new) | (wsum == 0.0), 0.0, wsum * (m_vec - m_new))
+        # a lane that has seen only -inf adds w * -inf (torch's w_c * logp_c there), not -inf - -inf
+        lin += tl.where(mask, w * tl.where(m_new == float("-inf"), x, x - m_new), 0.0)
         wsum += w
+        m_vec = m_new
     m = tl.max(m_vec, 0)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
-    lse = m_safe + tl.log(tl.sum(s_vec * tl.exp(m_vec - m_safe), 0))
-    smooth = tl.sum(wsum, 0) * lse - tl.sum(lin, 0)
+    log_s = tl.log(tl.sum(s_vec * tl.exp(m_vec - m_safe), 0))
+    log_s = tl.where(m == float("-inf"), float("nan"), log_s)  # torch: all -inf -> NaN
+    lin_m = tl.sum(lin + tl.where((m_vec == m) | (wsum == 0.0), 0.0, wsum * (m_vec - m)), 0)
+    smooth = tl.sum(wsum, 0) * log_s - lin_m
     if PROB:
         loss = smooth
     else:
@@ -330,26 +353,34 @@ def _ce_fwd_kernel(x_ptr, t_ptr, w_ptr, loss_ptr, lse_ptr, C, ignore_index, eps,
             w_t = tl.load(w_ptr + tc).to(tl.float32)
         else:
             w_t = 1.0
-        loss = (1.0 - eps) * w_t * (lse - x_t) + (eps / C) * smooth
+        loss = (1.0 - eps) * w_t * (log_s - (x_t - m))
+        # torch adds the smoothing term only for eps > 0 (0 * inf would be NaN)
+        loss += tl.where(eps > 0.0, (eps / C) * smooth, 0.0)
         loss = tl.where(valid, loss, 0.0)
     tl.store(loss_ptr + row, loss)
-    tl.store(lse_ptr + row, lse)
+    tl.store(lse_ptr + row, m)
+    tl.store(lse_ptr + M + row, log_s)
 
 
 @triton.jit
 def _ce_bwd_kernel(x_ptr, t_ptr, w_ptr, wtot_ptr, lse_ptr, scale_ptr, dx_ptr, dt_ptr, C, ignore_index, eps,
                    PROB: tl.constexpr, HAS_W: tl.constexpr, HAS_DT: tl.constexpr, BLOCK: tl.constexpr):
-    """d loss / d logits for one row, p = exp(x - lse) from the saved lse, s = scale[row]:
+    """d loss / d logits for one row, logp = (x - m) - log_s and p = exp(logp) from the saved
+    row statistics lse[2, M] (never x - (m + log_s): see :func:`_row_stats`), s = scale[row]:
 
-    * indices: s ((1 - eps) w_t (p - onehot(t)) + eps / C (W p - w)), W = sum(w); 0 if ignored
-    * probabilities: s (p sum_c w_c t'_c - w t'); with HAS_DT also d/dt = -(1 - eps) s w (x - lse)
+    * indices: s ((1 - eps) w_t (p - onehot(t)) + eps / C (W p - w)), W = sum(w); s = 0 if ignored
+    * probabilities: s (p sum_c w_c t'_c - w t'); with HAS_DT also d/dt = -(1 - eps) s w logp
 
-    Probability targets need sum_c w_c t'_c first: one extra pass over the target row.
+    (torch's log_softmax backward g - p sum(g) of the loss's g = d loss / d logp, regrouped:
+    a NaN p, from a NaN / +inf / all -inf row, makes the whole row NaN as in torch, ignored
+    rows included.) Probability targets need sum_c w_c t'_c first: one extra pass over t.
     """
     row = tl.program_id(0).to(tl.int64)
+    M = tl.num_programs(0).to(tl.int64)
     base = row * C
     s = tl.load(scale_ptr + row)
-    lse = tl.load(lse_ptr + row)
+    m = tl.load(lse_ptr + row)
+    log_s = tl.load(lse_ptr + M + row)
     if PROB:
         acc = tl.zeros((BLOCK,), dtype=tl.float32)
         for start in range(0, C, BLOCK):
@@ -377,7 +408,8 @@ def _ce_bwd_kernel(x_ptr, t_ptr, w_ptr, wtot_ptr, lse_ptr, scale_ptr, dx_ptr, dt
         cols = start + tl.arange(0, BLOCK).to(tl.int64)
         mask = cols < C
         x = tl.load(x_ptr + base + cols, mask=mask, other=0.0).to(tl.float32)
-        p = tl.exp(x - lse)
+        logp = (x - m) - log_s
+        p = tl.exp(logp)
         if HAS_W:
             w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         else:
@@ -387,7 +419,7 @@ def _ce_bwd_kernel(x_ptr, t_ptr, w_ptr, wtot_ptr, lse_ptr, scale_ptr, dx_ptr, dt
             tp = t * (1.0 - eps) + eps / C
             dx = s * (p * wt_sum - w * tp)
             if HAS_DT:
-                dt = -(1.0 - eps) * s * w * (x - lse)
+                dt = -(1.0 - eps) * s * w * logp
                 tl.store(dt_ptr + base + cols, dt.to(dt_ptr.dtype.element_ty), mask=mask)
         else:
             onehot = tl.where(cols == tc, 1.0, 0.0)
