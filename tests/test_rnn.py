@@ -927,13 +927,19 @@ _PERSIST_ENV = ops.PERSISTENT_ENV
 ])
 def test_persistent_choice(device_type, B, H, sm, env, want):
     assert ops.persistent_choice(device_type, B, H, sm, env, by_default=True) is want
-    # shipped default: off until a GPU run validates the barrier; only "1" opts in
+    # with the heuristic off only "1" opts in
     assert ops.persistent_choice(device_type, B, H, sm, env, by_default=False) is (want and env == "1")
 
 
-def test_persistent_path_is_opt_in_until_validated_on_a_gpu():
-    assert ops.PERSISTENT_BY_DEFAULT is False
-    assert ops.persistent_choice("cuda", 4, 256, 132, None) is False
+def test_persistent_default_follows_the_h200_measurements():
+    """On by default (the barrier passed on the H200) for half-precision inputs, where it measured
+    faster than per-step launches; float32 stays per step (measured slower); "1" forces it."""
+    assert ops.PERSISTENT_BY_DEFAULT is True
+    assert ops.persistent_choice("cuda", 4, 256, 132, None, half=True) is True
+    assert ops.persistent_choice("cuda", 16, 512, 132, None, half=True) is True
+    assert ops.persistent_choice("cuda", 4, 256, 132, None, half=False) is False
+    assert ops.persistent_choice("cuda", 4, 256, 132, "1", half=False) is True
+    assert ops.persistent_choice("cuda", 17, 256, 132, None, half=True) is False
 
 
 @pytest.mark.parametrize("env,device_type,by_default", [("1", "cpu", False), ("", "cuda", True), (None, "cuda", True)])
