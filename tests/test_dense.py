@@ -732,3 +732,28 @@ def test_linear_bias_view_of_any_stride(backend, device, bias_kind, activation, 
         y = F.linear(x, w, b, activation=activation)
     want = TORCH_ACT[activation](TF.linear(x.cpu().double(), w.cpu().double(), b.cpu().double()))
     assert_close(y.cpu().double(), want, torch.float32, k=7, what=f"linear bias {bias_kind}")
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("triton",)))
+@pytest.mark.parametrize("weighted", [False, True])
+def test_cross_entropy_kernels_guard_out_of_range_targets(backend, device, weighted, rng):
+    """During CUDA graph capture the launcher cannot refuse an out-of-range target (that needs a
+    host sync), so the kernels guard it themselves: that row's loss and gradient are NaN, every
+    other row is exact, and nothing is read outside the row (the interpreter would raise)."""
+    from gpu_nn.kernels import triton as ktriton
+    from gpu_nn.kernels.triton import dense as kd
+
+    M, C = 5, 7
+    x = randn(rng, M, C, dtype=torch.float32).to(device)
+    t = torch.tensor([2, 9, -3, 6, 4], device=device)  # rows 1 and 2 out of range
+    w = (torch.rand(C) + 0.5).to(device) if weighted else None
+    loss = torch.empty(M, device=device)
+    lse = torch.empty(2, M, device=device)
+    kd.ce_fwd(x, t, w, loss, lse, False, -100, 0.0, ktriton.INTERPRET)
+    assert torch.isnan(loss[1:3]).all()
+    good = torch.tensor([0, 3, 4])
+    want = TF.cross_entropy(x[good].cpu().double(), t[good].cpu(), None if w is None else w.cpu().double(), reduction="none")
+    assert_close(loss[good].cpu().double(), want, torch.float32, k=C, what="ce rows in range")
+    dx = torch.empty_like(x)
+    kd.ce_bwd(x, t, w, lse, torch.ones(M, device=device), dx, None, False, -100, 0.0, ktriton.INTERPRET)
+    assert torch.isnan(dx[1:3]).all() and torch.isfinite(dx[good]).all()

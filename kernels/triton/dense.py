@@ -347,7 +347,10 @@ def _ce_fwd_kernel(x_ptr, t_ptr, w_ptr, loss_ptr, lse_ptr, C, ignore_index, eps,
     else:
         t = tl.load(t_ptr + row)
         valid = t != ignore_index
-        tc = tl.where(valid, t, 0)
+        # the launcher refuses out-of-range targets, except during CUDA graph capture (no host
+        # sync allowed): then such a row reads class 0 and its loss is NaN, never out of bounds
+        in_range = (t >= 0) & (t < C)
+        tc = tl.where(valid & in_range, t, 0)
         x_t = tl.load(x_ptr + base + tc).to(tl.float32)
         if HAS_W:
             w_t = tl.load(w_ptr + tc).to(tl.float32)
@@ -356,7 +359,7 @@ def _ce_fwd_kernel(x_ptr, t_ptr, w_ptr, loss_ptr, lse_ptr, C, ignore_index, eps,
         loss = (1.0 - eps) * w_t * (log_s - (x_t - m))
         # torch adds the smoothing term only for eps > 0 (0 * inf would be NaN)
         loss += tl.where(eps > 0.0, (eps / C) * smooth, 0.0)
-        loss = tl.where(valid, loss, 0.0)
+        loss = tl.where(valid, tl.where(in_range, loss, float("nan")), 0.0)
     tl.store(loss_ptr + row, loss)
     tl.store(lse_ptr + row, m)
     tl.store(lse_ptr + M + row, log_s)
@@ -396,14 +399,15 @@ def _ce_bwd_kernel(x_ptr, t_ptr, w_ptr, wtot_ptr, lse_ptr, scale_ptr, dx_ptr, dt
     else:
         t_row = tl.load(t_ptr + row)
         valid = t_row != ignore_index
-        tc = tl.where(valid, t_row, 0)
+        in_range = (t_row >= 0) & (t_row < C)  # see the forward: NaN, never out of bounds
+        tc = tl.where(valid & in_range, t_row, 0)
         if HAS_W:
             w_t = tl.load(w_ptr + tc).to(tl.float32)
             w_tot = tl.load(wtot_ptr).to(tl.float32)
         else:
             w_t = 1.0
             w_tot = C * 1.0
-        s = tl.where(valid, s, 0.0)
+        s = tl.where(valid, tl.where(in_range, s, float("nan")), 0.0)
     for start in range(0, C, BLOCK):
         cols = start + tl.arange(0, BLOCK).to(tl.int64)
         mask = cols < C
