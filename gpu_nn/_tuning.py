@@ -26,7 +26,7 @@ import os
 import statistics
 import tempfile
 import threading
-from typing import Callable, Hashable, Sequence
+from typing import Callable, Sequence
 
 import torch
 

@@ -84,6 +84,17 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in _NUMPY_NATIVE else torch.float32
 
 
+def is_int(v) -> bool:
+    """What torch's argument parser takes as an int: Python / NumPy ints and integer 0-d
+    tensors; not bool, float or str."""
+    if isinstance(v, (bool, np.bool_)):
+        return False
+    if isinstance(v, (int, np.integer, torch.SymInt)):
+        return True
+    return (isinstance(v, torch.Tensor) and v.dim() == 0 and not v.is_floating_point() and not v.is_complex()
+            and v.dtype != torch.bool)
+
+
 def check_float(op: str, name: str, t: torch.Tensor) -> None:
     if not t.is_floating_point() or t.dtype not in FLOAT_DTYPES:
         raise KernelInputError(f"{op}: expected {name} to be a floating-point tensor, but got {t.dtype}")

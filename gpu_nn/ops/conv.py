@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -30,7 +29,7 @@ from .._errors import KernelInputError, KernelInputTypeError
 from ..check import CheckCase
 from ..reference import conv as ref
 from ._dispatch import (
-    autocast_inputs, check_float, check_same, empty, from_numpy, routed, to_numpy, triton_kernels,
+    autocast_inputs, check_float, check_same, empty, from_numpy, is_int, routed, to_numpy, triton_kernels,
 )
 
 __all__ = ["conv1d", "conv2d"]
@@ -57,25 +56,18 @@ def _bad_combination(nd: int, arg: str, v) -> KernelInputTypeError:
     )
 
 
-def _is_int(v) -> bool:
-    """torch's parser's int: Python / NumPy ints and integer 0-d tensors; not bool or float."""
-    if isinstance(v, (bool, np.bool_)):
-        return False
-    if isinstance(v, (int, np.integer, torch.SymInt)):
-        return True
-    return isinstance(v, Tensor) and v.dim() == 0 and not v.is_floating_point() and not v.is_complex() and v.dtype != torch.bool
 
 
 def _expand(name: str, v, nd: int, types_only: bool = False) -> list[int]:
     """An int or sequence of ints -> nd ints, as torch's parser and conv's arity check (a float,
     string, bool or None is torch's TypeError, never coerced). ``types_only``: the parser's
     part alone (run before conv's rank checks, as torch's parser runs before conv)."""
-    if _is_int(v):
+    if is_int(v):
         return [int(v)] * nd
     if not isinstance(v, (tuple, list, torch.Size)):
         raise _bad_combination(nd, name, v)
     for i, e in enumerate(v):
-        if not _is_int(e):
+        if not is_int(e):
             if i == 0:
                 raise _bad_combination(nd, name, v)
             raise KernelInputTypeError(
@@ -456,7 +448,7 @@ def _wrong_weight_rank(nd, input, weight, stride, padding, dilation):
     params = () if isinstance(padding, str) else (("stride", stride), ("padding", padding), ("dilation", dilation),
                                                   ("output_padding", [0] * nd))
     for arg, v in params:
-        v = [int(v)] * nd if _is_int(v) else [int(a) for a in v]
+        v = [int(v)] * nd if is_int(v) else [int(a) for a in v]
         if len(v) not in (1, wd):
             raise KernelInputError(
                 f"expected {arg} to be a single integer value or a list of {wd} values to match the "
@@ -482,7 +474,7 @@ def _conv(nd, input, weight, bias, stride, padding, dilation, groups, activation
     for arg, v in (("stride", stride), ("padding", padding), ("dilation", dilation)):
         if not (arg == "padding" and isinstance(v, str)):
             _expand(arg, v, nd, types_only=True)
-    if not _is_int(groups):
+    if not is_int(groups):
         raise _bad_combination(nd, "groups", groups)
     groups = int(groups)
     if input.dim() not in (nd + 1, nd + 2):

@@ -34,7 +34,7 @@ from .. import _backend
 from .._errors import KernelInputError, KernelInputTypeError
 from ..check import CheckCase
 from ..reference import dense as ref
-from ._dispatch import autocast_inputs, check_float, empty, from_numpy, routed, to_numpy, triton_kernels
+from ._dispatch import autocast_inputs, check_float, empty, from_numpy, is_int, routed, to_numpy, triton_kernels
 
 __all__ = ["cross_entropy", "flatten", "linear", "log_softmax", "softmax"]
 
@@ -459,13 +459,6 @@ def _get_softmax_dim(name: str, ndim: int, stacklevel: int) -> int:
     return 0 if ndim in (0, 1, 3) else 1
 
 
-def _is_int(v) -> bool:
-    """torch's parser's int: Python / NumPy ints and integer 0-d tensors; not bool, float, str."""
-    if isinstance(v, (bool, np.bool_)):
-        return False
-    if isinstance(v, (int, np.integer, torch.SymInt)):
-        return True
-    return isinstance(v, Tensor) and v.dim() == 0 and not v.is_floating_point() and not v.is_complex() and v.dtype != torch.bool
 
 
 # Python types torch's parser takes as a dtype (dtype=float is torch.float64)
@@ -474,7 +467,7 @@ _PY_DTYPES = {float: torch.float64, int: torch.int64, bool: torch.bool, complex:
 
 def _softmax_public(name, op, input, dim, _stacklevel, dtype):
     _check_tensor(name, "input", input)
-    if dim is not None and not _is_int(dim):
+    if dim is not None and not is_int(dim):
         raise KernelInputTypeError(f"{name}(): argument 'dim' (position 1) must be int, not {type(dim).__name__}")
     if dtype is not None and not isinstance(dtype, torch.dtype):
         if dtype not in _PY_DTYPES:
@@ -849,7 +842,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, s
     if size_average is not None or reduce is not None:
         reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
     # torch's parser: ignore_index an int, label_smoothing a number (an int is fine), never coerced
-    if not _is_int(ignore_index):
+    if not is_int(ignore_index):
         raise KernelInputTypeError(
             f"cross_entropy_loss(): argument 'ignore_index' (position 5) must be int, not {type(ignore_index).__name__}"
         )

@@ -28,7 +28,7 @@ from .. import _backend
 from .._errors import KernelInputError, KernelInputIndexError, KernelInputTypeError
 from ..check import CheckCase
 from ..reference import pool as ref
-from ._dispatch import check_float, cuda_kernels, empty, from_numpy, routed, to_numpy, triton_kernels
+from ._dispatch import check_float, cuda_kernels, empty, from_numpy, is_int, routed, to_numpy, triton_kernels
 
 __all__ = ["max_pool1d", "max_pool2d", "avg_pool1d", "avg_pool2d", "min_pool1d", "min_pool2d"]
 
@@ -43,26 +43,18 @@ BACKENDS = ("reference", "triton", "cupy")
 _POSITION = {"kernel_size": 2, "stride": 3, "padding": 4, "dilation": 5}
 
 
-def _is_int(v) -> bool:
-    """What torch's argument parser takes as an int: Python / NumPy ints and integer 0-d
-    tensors, not bool (nor float, str)."""
-    if isinstance(v, (bool, np.bool_)):
-        return False
-    if isinstance(v, (int, np.integer, torch.SymInt)):
-        return True
-    return isinstance(v, Tensor) and v.dim() == 0 and not v.is_floating_point() and not v.is_complex() and v.dtype != torch.bool
 
 
 def _int_list(op: str, arg: str, v) -> tuple[int, ...]:
     """torch's parser for a ``tuple of ints`` argument: an int is one value, a sequence must
     hold ints only; anything else (2.5, "22", (2.9, 2), True) is a TypeError, never coerced."""
     pos = f" (position {_POSITION[arg]})"
-    if _is_int(v):
+    if is_int(v):
         return (int(v),)
     if not isinstance(v, (tuple, list, torch.Size)):
         raise KernelInputTypeError(f"{op}(): argument '{arg}'{pos} must be tuple of ints, not {type(v).__name__}")
     for i, e in enumerate(v):
-        if not _is_int(e):
+        if not is_int(e):
             if i == 0:
                 raise KernelInputTypeError(
                     f"{op}(): argument '{arg}'{pos} must be tuple of ints, but found element of type {type(e).__name__} at pos 0"
@@ -582,7 +574,7 @@ def min_pool1d(input: Tensor, kernel_size, stride=None, padding=0, dilation=1, c
 def _divisor(op: str, divisor_override):
     if divisor_override is None:
         return None
-    if not _is_int(divisor_override):
+    if not is_int(divisor_override):
         raise KernelInputTypeError(f"{op}(): argument 'divisor_override' must be int, not {type(divisor_override).__name__}")
     if int(divisor_override) == 0:
         raise KernelInputError("divisor must be not zero")
