@@ -273,6 +273,26 @@ def _rnn_proj_fwd_kernel(m_ptr, w_ptr, stride_w0, stride_w1, hp_ptr, hn_ptr, out
 
 
 @triton.jit
+def _carried_dh(dgn_ptr, stride_dgn, w_ptr, stride_w0, stride_w1, carry_ptr, st, rb, mb, rn, mn, m2, GH,
+                HAS_NEXT: tl.constexpr, DOT_DT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr):
+    """The state gradient a backward step starts from, for rows ``rb`` and state columns ``rn``:
+    the carry at ``st`` plus, with HAS_NEXT, ``dG_next W_hh`` over the GH gate columns of the
+    step processed just before (``dgn [B, GH]``, ``W_hh [GH, N]``), float32."""
+    dh = tl.load(carry_ptr + st, mask=m2, other=0.0)
+    if HAS_NEXT:
+        acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, GH, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            mk = rk < GH
+            dg = tl.load(dgn_ptr + rb[:, None] * stride_dgn + rk[None, :], mask=mb[:, None] & mk[None, :], other=0.0)
+            w = tl.load(w_ptr + rk[:, None] * stride_w0 + rn[None, :] * stride_w1, mask=mk[:, None] & mn[None, :], other=0.0)
+            acc = _dot(dg, w, acc, DOT_DT)
+        dh += acc
+    return dh
+
+
+@triton.jit
 def _rnn_proj_bwd_kernel(dgn_ptr, stride_dgn, w_ptr, stride_w0, stride_w1, carry_ptr, dout_ptr, stride_dout, dh_ptr,
                          len_ptr, t, B, P, GH, HAS_NEXT: tl.constexpr, FINAL: tl.constexpr, DOT_DT: tl.constexpr,
                          BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -289,16 +309,8 @@ def _rnn_proj_bwd_kernel(dgn_ptr, stride_dgn, w_ptr, stride_w0, stride_w1, carry
     mp = rp < P
     m2 = mb[:, None] & mp[None, :]
     st = rb[:, None] * P + rp[None, :]
-    dh = tl.load(carry_ptr + st, mask=m2, other=0.0)
-    if HAS_NEXT:
-        acc = tl.zeros((BLOCK_B, BLOCK_P), dtype=tl.float32)
-        for k0 in range(0, GH, BLOCK_K):
-            rk = k0 + tl.arange(0, BLOCK_K)
-            mk = rk < GH
-            dg = tl.load(dgn_ptr + rb[:, None] * stride_dgn + rk[None, :], mask=mb[:, None] & mk[None, :], other=0.0)
-            w = tl.load(w_ptr + rk[:, None] * stride_w0 + rp[None, :] * stride_w1, mask=mk[:, None] & mp[None, :], other=0.0)
-            acc = _dot(dg, w, acc, DOT_DT)
-        dh += acc
+    dh = _carried_dh(dgn_ptr, stride_dgn, w_ptr, stride_w0, stride_w1, carry_ptr, st, rb, mb, rp, mp, m2, GH,
+                     HAS_NEXT, DOT_DT, BLOCK_B, BLOCK_P, BLOCK_K)
     if FINAL:
         tl.store(dh_ptr + st, dh, mask=m2)
     else:
@@ -402,17 +414,9 @@ def _rnn_step_bwd_kernel(dgn_ptr, stride_dgn, w_ptr, stride_w0, stride_w1, carry
     mh = rh < H
     m2 = mb[:, None] & mh[None, :]
     st = rb[:, None] * H + rh[None, :]
-    dh = tl.load(carry_ptr + st, mask=m2, other=0.0)
-    if HAS_NEXT:
-        GH = H if MODE <= 1 else (4 * H if MODE == 2 else 3 * H)
-        acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-        for k0 in range(0, GH, BLOCK_K):
-            rk = k0 + tl.arange(0, BLOCK_K)
-            mk = rk < GH
-            dg = tl.load(dgn_ptr + rb[:, None] * stride_dgn + rk[None, :], mask=mb[:, None] & mk[None, :], other=0.0)
-            w = tl.load(w_ptr + rk[:, None] * stride_w0 + rh[None, :] * stride_w1, mask=mk[:, None] & mh[None, :], other=0.0)
-            acc = _dot(dg, w, acc, DOT_DT)
-        dh += acc
+    GH = H if MODE <= 1 else (4 * H if MODE == 2 else 3 * H)
+    dh = _carried_dh(dgn_ptr, stride_dgn, w_ptr, stride_w0, stride_w1, carry_ptr, st, rb, mb, rh, mh, m2, GH,
+                     HAS_NEXT, DOT_DT, BLOCK_B, BLOCK_H, BLOCK_K)
     if FINAL:
         tl.store(dh0_ptr + st, dh, mask=m2)
     else:
