@@ -643,8 +643,13 @@ def test_activation_on_strided_views(backend, device):
     seen = collections.Counter()
     dtype = F64 if backend == "reference" else torch.float32
 
+    # the mix the closing assert asks for is drawn by chance (an empty view was missing in one
+    # run of 40): these examples always run, on top of the fresh draws
     @settings(max_examples=120 if backend == "reference" else 40, **PROFILE)
     @given(view=strided_views(), name=st.sampled_from(list(ACT_OPS)), seed=SEEDS, inplace=st.booleans())
+    @example(view=((2, 0, 3), [("permute", 1, 0)]), name="relu", seed=1, inplace=True)
+    @example(view=((3, 5), [("slice", 1, 1)]), name="tanh", seed=2, inplace=True)
+    @example(view=((4, 1, 3), [("expand", 0, 1), ("permute", 1, 1)]), name="sigmoid", seed=3, inplace=False)
     def prop(view, name, seed, inplace):
         shape, ops = view
         note(f"shape={shape} ops={ops} seed={seed}")
