@@ -185,7 +185,8 @@ def plot_history(runs: list[dict], path: str) -> None:
             series.setdefault(key, []).append((i, g))
     for (fam, prov), pts in sorted(series.items()):
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{fam} [{prov}]")
-    ax.axhline(1.0, color="k", lw=1, ls="--")
+    if series:
+        ax.axhline(1.0, color="k", lw=1, ls="--")
     ax.set_yscale("log")
     ax.set_xticks(range(len(runs)), [f"{r['date'][:10]}\n{r['commit'][:7]}" for r in runs], fontsize=7)
     ax.set_ylabel("geomean time ours / torch")
