@@ -265,15 +265,7 @@ def _loop(fn, make, backward: bool, backend: str | None, params=()):
             with _one_thread():
                 _calls(fn, args, leaves, backward)
 
-        if backend is None:
-            return call
-
-        def on_backend():
-            with gpu_nn.backend(backend):
-                call()
-
-        on_backend()  # fails here, at setup, when the backend cannot run the op
-        return on_backend
+        return _on_backend(call, backend)
 
     return setup
 
@@ -297,51 +289,51 @@ def _flat(args):
             yield a
 
 
+def _params_with_grads(device):
+    ps = [torch.nn.Parameter(_r(*s, device=device)) for s in ((3, 4), (3,), (5,))]
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    return ps
+
+
+def _on_backend(call, backend):
+    """``call`` as is (torch), or inside ``gpu_nn.backend(backend)`` after one untimed run (which
+    fails here, at setup, when the backend cannot run the op)."""
+    if backend is None:
+        return call
+
+    def on_backend():
+        with gpu_nn.backend(backend):
+            call()
+
+    on_backend()
+    return on_backend
+
+
 def _optim_setup(cls, kw, device, backend):
     def setup():
-        ps = [torch.nn.Parameter(_r(*s, device=device)) for s in ((3, 4), (3,), (5,))]
-        for p in ps:
-            p.grad = torch.randn_like(p)
-        opt = cls(ps, **kw)
+        opt = cls(_params_with_grads(device), **kw)
 
         def call():
             with _one_thread():
                 for _ in range(CALLS):
                     opt.step()
 
-        if backend is None:
-            return call
-
-        def on_backend():
-            with gpu_nn.backend(backend):
-                call()
-
-        on_backend()
-        return on_backend
+        return _on_backend(call, backend)
 
     return setup
 
 
 def _clip_setup(fn, device, backend):
     def setup():
-        ps = [torch.nn.Parameter(_r(*s, device=device)) for s in ((3, 4), (3,), (5,))]
-        for p in ps:
-            p.grad = torch.randn_like(p)
+        ps = _params_with_grads(device)
 
         def call():
             with _one_thread():
                 for _ in range(CALLS):
                     fn(ps, 1e6)  # a max_norm that never scales: the figure is the call, not the data
 
-        if backend is None:
-            return call
-
-        def on_backend():
-            with gpu_nn.backend(backend):
-                call()
-
-        on_backend()
-        return on_backend
+        return _on_backend(call, backend)
 
     return setup
 

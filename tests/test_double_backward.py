@@ -244,25 +244,13 @@ def test_sequence_state_from_input(rng):
     _check(lambda x, *w: F.gru(x, x[0:1], list(w))[0], (x, *w), fast=True)
 
 
-def test_packed_module(rng):
-    """nn.LSTM on a PackedSequence, gradient penalty through the module."""
+@pytest.mark.parametrize("proj_size", [0, 1])
+def test_packed_module(proj_size, rng):
+    """nn.LSTM on a PackedSequence, gradient penalty through the module; with proj_size the
+    recomputed recurrence must project h through weight_hr (without it the gradients differ,
+    or the shapes do not fit)."""
     torch.manual_seed(0)
-    m = gpu_nn.nn.LSTM(2, 2, num_layers=2, bidirectional=True).double()
-    x = _t(rng, 4, 3, 2)
-
-    def f(x, *params):
-        packed = torch.nn.utils.rnn.pack_padded_sequence(x, [4, 2, 1], enforce_sorted=False)
-        out = torch.func.functional_call(m, dict(zip(dict(m.named_parameters()), params)), (packed,))[0]
-        return torch.nn.utils.rnn.pad_packed_sequence(out)[0]
-
-    _check(f, (x, *[p.detach().requires_grad_() for p in m.parameters()]), fast=True)
-
-
-def test_packed_projected_lstm(rng):
-    """nn.LSTM(proj_size=1) on a PackedSequence: the recomputed recurrence must project h
-    through weight_hr (a recomputation without it gives other gradients, or fails to fit)."""
-    torch.manual_seed(0)
-    m = gpu_nn.nn.LSTM(2, 3, num_layers=2, bidirectional=True, proj_size=1).double()
+    m = gpu_nn.nn.LSTM(2, 3 if proj_size else 2, num_layers=2, bidirectional=True, proj_size=proj_size).double()
     x = _t(rng, 4, 3, 2)
 
     def f(x, *params):
