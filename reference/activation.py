@@ -25,6 +25,9 @@ def keep_where(mask: np.ndarray, a: np.ndarray) -> np.ndarray:
     selected). Done on the bit patterns (AND with an all-ones or all-zeros word) because NumPy's
     select (``np.where``) branches per element: 7 ms against 1 ms on 2M float32 with a random mask."""
     a = np.asarray(a)
+    if a.size <= 4096:
+        # small: one select is cheaper than the word dance's five calls, and as exact
+        return np.where(mask, a, a.dtype.type(0))
     word = np.dtype(f"u{a.dtype.itemsize}")
     bits = np.broadcast_to(mask, a.shape).astype(word)  # 0 / 1
     np.multiply(bits, np.iinfo(word).max, out=bits)     # 0 / all ones

@@ -9,6 +9,8 @@ over an axis and matrix products go to BLAS.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from . import activation as _act
@@ -46,7 +48,7 @@ def linear(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None, activation
     returns [..., O]. ``activation`` is None, 'relu', 'sigmoid' or 'tanh'.
     """
     lead = x.shape[:-1]
-    M = int(np.prod(lead, dtype=np.int64))  # not -1: a zero-size dim (K = 0 included) leaves -1 undefined
+    M = math.prod(lead)  # not -1: a zero-size dim (K = 0 included) leaves -1 undefined
     x2 = x.reshape(M, x.shape[-1])
     y = x2 @ w.T  # K = 0: a [M, O] zero matrix, as torch
     if b is not None:
@@ -63,7 +65,7 @@ def linear_backward(grad_out: np.ndarray, x: np.ndarray, w: np.ndarray, out: np.
     dY' = act'(dY), dx = dY' @ w, dw = dY'^T @ x, db = column sums of dY' (None without bias).
     """
     K, O = x.shape[-1], w.shape[0]
-    M = int(np.prod(x.shape[:-1], dtype=np.int64))
+    M = math.prod(x.shape[:-1])
     g = grad_out.reshape(M, O)
     if activation is not None:
         g = _act.activate_backward(g, out.reshape(M, O), activation)
@@ -90,12 +92,11 @@ def shifted_log_sum(x: np.ndarray, dim: int):
     torch's, so is the NaN placement: a row holding NaN or +inf, or all -inf, has x - m NaN
     somewhere, hence a NaN log_s and an all-NaN row; a -inf entry of a finite row gives -inf.
     """
-    m = np.max(x, axis=dim, keepdims=True)
-    with np.errstate(invalid="ignore", over="ignore"):
+    m = x.max(axis=dim, keepdims=True)
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
         shifted = np.subtract(x, m)
-    e = np.exp(shifted)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        log_s = np.log(np.sum(e, axis=dim, keepdims=True))
+        e = np.exp(shifted)
+        log_s = np.log(e.sum(axis=dim, keepdims=True))
     return shifted, log_s
 
 
@@ -108,10 +109,10 @@ def softmax(x: np.ndarray, dim: int) -> np.ndarray:
     if x.size == 0:  # np.max has no identity for an empty softmax dim
         return np.empty(x.shape, x.dtype)
     dim = _norm_dim(dim, x.ndim)
-    m = np.max(x, axis=dim, keepdims=True)
+    m = x.max(axis=dim, keepdims=True)
     with np.errstate(invalid="ignore", over="ignore"):
         e = np.exp(x - m)
-        e /= np.sum(e, axis=dim, keepdims=True)
+        e /= e.sum(axis=dim, keepdims=True)
     return e
 
 
@@ -120,7 +121,7 @@ def softmax_backward(grad_out: np.ndarray, out: np.ndarray, dim: int) -> np.ndar
     if out.ndim == 0:
         return grad_out * out * (1 - out)
     dim = _norm_dim(dim, out.ndim)
-    return out * (grad_out - np.sum(grad_out * out, axis=dim, keepdims=True))
+    return out * (grad_out - (grad_out * out).sum(axis=dim, keepdims=True))
 
 
 def log_softmax(x: np.ndarray, dim: int) -> np.ndarray:
@@ -142,7 +143,7 @@ def log_softmax_backward(grad_out: np.ndarray, out: np.ndarray, dim: int) -> np.
         return grad_out - np.exp(out) * grad_out
     dim = _norm_dim(dim, out.ndim)
     with np.errstate(invalid="ignore", over="ignore"):
-        return grad_out - np.exp(out) * np.sum(grad_out, axis=dim, keepdims=True)
+        return grad_out - np.exp(out) * np.asarray(grad_out).sum(axis=dim, keepdims=True)
 
 
 # --------------------------------------------------------------------------- cross_entropy
@@ -159,11 +160,11 @@ def _ce_layout(x: np.ndarray, target: np.ndarray):
         x = x[None]
         target = target[None]
     C = x.shape[1]
-    xl = np.moveaxis(x, 1, -1)
+    xl = x if x.ndim == 2 else np.moveaxis(x, 1, -1)  # [N, C] is laid out already
     lead = xl.shape[:-1]
     x2 = xl.reshape(-1, C)
     if prob:
-        t2 = np.moveaxis(target, 1, -1).reshape(-1, C)
+        t2 = (target if target.ndim == 2 else np.moveaxis(target, 1, -1)).reshape(-1, C)
     else:
         t2 = target.reshape(-1).astype(np.int64, copy=False)
     return x2, t2, lead, prob
@@ -192,7 +193,9 @@ def _ce_logp(x2: np.ndarray, stats: np.ndarray | None = None):
     """
     if stats is None:
         shifted, log_s = shifted_log_sum(x2, 1)
-        stats = np.stack([np.max(x2, axis=1), log_s[:, 0]])
+        stats = np.empty((2, x2.shape[0]), x2.dtype)
+        x2.max(axis=1, out=stats[0])
+        stats[1] = log_s[:, 0]
     else:
         stats = stats.reshape(2, -1).astype(x2.dtype, copy=False)
         with np.errstate(invalid="ignore", over="ignore"):

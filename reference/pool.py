@@ -25,7 +25,15 @@ Not supported: return of int dtypes, 3d pooling, fractional/adaptive/lp pooling.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
+
+# Small inputs take a gather path (one fancy index and one reduction, or one product with a
+# 0/1 window matrix) whose index tables are cached per geometry: on a few hundred elements the
+# per-tap loops below cost a dozen NumPy calls per tap, which is all of their time. Large
+# inputs keep the loops (the gathered copy is k_h * k_w times the output).
+SMALL = 1 << 15  # elements of the gathered [planes, windows, taps] array (or window matrix)
 
 
 def _pair(v, n: int, name: str = "value") -> tuple:
@@ -87,12 +95,64 @@ def _first_valid(o: int, k: int, s: int, p: int, d: int, length: int):
     return first
 
 
+@functools.lru_cache(maxsize=256)
+def _window_plan(H: int, W: int, k: tuple, s: tuple, p: tuple, d: tuple, ceil_mode: bool):
+    """Per geometry: ``(oh, ow, pos, gather, padded)``. ``pos[o, t]`` is the flat plane position
+    ``ih * W + iw`` of tap ``t`` (row-major) of window ``o`` (row-major); ``gather`` is the same
+    with ``H * W`` (a sentinel column) where the tap falls in the padding; ``padded`` says
+    whether any tap does. Read-only arrays: the cache hands the same ones to every call."""
+    oh, ow = out_size(H, k[0], s[0], p[0], d[0], ceil_mode), out_size(W, k[1], s[1], p[1], d[1], ceil_mode)
+    rows = (np.arange(oh) * s[0] - p[0])[:, None] + np.arange(k[0]) * d[0]  # [oh, kh]
+    cols = (np.arange(ow) * s[1] - p[1])[:, None] + np.arange(k[1]) * d[1]  # [ow, kw]
+    pos = rows[:, None, :, None] * W + cols[None, :, None, :]  # [oh, ow, kh, kw]
+    inside = ((rows >= 0) & (rows < H))[:, None, :, None] & ((cols >= 0) & (cols < W))[None, :, None, :]
+    pos = pos.reshape(oh * ow, k[0] * k[1]).astype(np.intp)
+    gather = np.where(inside.reshape(pos.shape), pos, H * W).astype(np.intp)
+    padded = not bool(inside.all())
+    for a in (pos, gather):
+        a.flags.writeable = False
+    return oh, ow, pos, gather, padded
+
+
+def _gathered(x, plan, fill):
+    """``[planes, windows, taps]``: every window's taps of ``x`` ``[..., H, W]`` (``fill`` in
+    the padding)."""
+    H, W = x.shape[-2:]
+    _, _, _, gather, padded = plan
+    xf = x.reshape(-1, H * W)
+    if padded:
+        xe = np.empty((xf.shape[0], H * W + 1), x.dtype)
+        xe[:, :-1] = xf
+        xe[:, -1] = fill
+        xf = xe
+    return xf[:, gather]
+
+
+def _max2d_small(x, plan):
+    """The gather path of :func:`_max2d`, or None where it would differ: a NaN (torch keeps the
+    last NaN of a window, argmax the first) or an infinite maximum (a window of -inf only
+    keeps its first in-input position; the loop path handles both)."""
+    oh, ow, pos, _, _ = plan
+    g = _gathered(x, plan, -np.inf)
+    vals = g.max(-1)
+    if not np.isfinite(vals).all():
+        return None
+    am = g.argmax(-1)  # first maximum in row-major tap order: torch's tie rule
+    idx = pos[np.arange(pos.shape[0]), am]
+    shape = x.shape[:-2] + (oh, ow)
+    return vals.reshape(shape), idx.reshape(shape).astype(np.int64, copy=False)
+
+
 def _max2d(x, k, s, p, d, ceil_mode):
     """Core of max pooling on ``[..., H, W]``: returns (values, int64 flat indices)."""
     x = np.asarray(x)
     H, W = x.shape[-2:]
     oh, ow = out_size(H, k[0], s[0], p[0], d[0], ceil_mode), out_size(W, k[1], s[1], p[1], d[1], ceil_mode)
     lead = x.shape[:-2]
+    if 0 < x.size and oh > 0 and ow > 0 and x.size // (H * W) * oh * ow * k[0] * k[1] <= SMALL:
+        got = _max2d_small(x, _window_plan(H, W, tuple(k), tuple(s), tuple(p), tuple(d), bool(ceil_mode)))
+        if got is not None:
+            return got
     out = np.full(lead + (oh, ow), -np.inf, dtype=x.dtype)
     if out.size == 0:
         return out, np.zeros(out.shape, np.int64)
@@ -141,17 +201,17 @@ def _max_backward2d(grad_output, indices, input_shape):
     fresh temporaries that glibc may hand back to the OS and page-fault in again each call)."""
     g = np.asarray(grad_output)
     H, W = input_shape[-2:]
-    planes = int(np.prod(input_shape[:-2], dtype=np.int64))
     hw = H * W
     dtype = g.dtype if g.dtype in (np.float32, np.float64) else np.float32
     gi = np.zeros(input_shape, dtype)
     if g.size == 0 or hw == 0:
         return gi
+    planes = gi.size // hw
     idx = np.asarray(indices).reshape(planes, -1)
     gf = g.reshape(planes, -1).astype(dtype, copy=False)
-    keep = (idx >= 0) & (idx < hw)  # -1 marks an all-padding window (no input to credit)
     flat = idx + (np.arange(planes, dtype=np.int64) * hw)[:, None]
-    if not keep.all():
+    if idx.min() < 0 or idx.max() >= hw:
+        keep = (idx >= 0) & (idx < hw)  # -1 marks an all-padding window (no input to credit)
         flat, gf = flat[keep], gf[keep]
     np.add.at(gi.reshape(-1), flat.reshape(-1), gf.reshape(-1))
     return gi
@@ -178,11 +238,51 @@ def _avg_divisor(H, W, oh, ow, k, s, p, count_include_pad, divisor_override):
     return div, empty
 
 
+@functools.lru_cache(maxsize=256)
+def _avg_plan(H: int, W: int, k: tuple, s: tuple, p: tuple, ceil_mode: bool, count_include_pad: bool,
+              divisor_override, dtype: np.dtype):
+    """Per geometry and dtype: ``(oh, ow, A, div, empty)``: the 0/1 window matrix ``A``
+    ``[oh * ow, H * W]`` (window o covers position q), the per-window divisor and the mask of
+    windows without input (None if none). Average pooling is then ``x @ A.T / div`` and its
+    backward ``(g / div) @ A``. Read-only arrays, shared by every call."""
+    oh, ow, pos, _, _ = _window_plan(H, W, k, s, p, (1, 1), ceil_mode)
+    rows = (np.arange(oh) * s[0] - p[0])[:, None] + np.arange(k[0])
+    cols = (np.arange(ow) * s[1] - p[1])[:, None] + np.arange(k[1])
+    inside = ((rows >= 0) & (rows < H))[:, None, :, None] & ((cols >= 0) & (cols < W))[None, :, None, :]
+    A = np.zeros((oh * ow, H * W), dtype)
+    o, t = np.nonzero(inside.reshape(pos.shape))
+    A[o, pos[o, t]] = 1  # the taps of one window are distinct positions (stride, kernel > 0)
+    div, empty = _avg_divisor(H, W, oh, ow, k, s, p, count_include_pad, divisor_override)
+    div = div.reshape(-1).astype(dtype)
+    empty = empty.reshape(-1)
+    empty = empty if empty.any() else None
+    for a in (A, div, empty):
+        if a is not None:
+            a.flags.writeable = False
+    return oh, ow, A, div, empty
+
+
+def _avg_small(H, W, oh, ow, k, s, p, ceil_mode, count_include_pad, divisor_override, dtype):
+    """The window-matrix plan of an average pooling when the matrix is small, else None."""
+    if not (0 < oh * ow * H * W <= SMALL):
+        return None
+    return _avg_plan(H, W, tuple(k), tuple(s), tuple(p), bool(ceil_mode), bool(count_include_pad),
+                     divisor_override, np.dtype(dtype))
+
+
 def _avg2d(x, k, s, p, ceil_mode, count_include_pad, divisor_override):
     x = np.asarray(x)
     H, W = x.shape[-2:]
     d = (1, 1)
     oh, ow = out_size(H, k[0], s[0], p[0], 1, ceil_mode), out_size(W, k[1], s[1], p[1], 1, ceil_mode)
+    plan = _avg_small(H, W, oh, ow, k, s, p, ceil_mode, count_include_pad, divisor_override, x.dtype) if x.size else None
+    if plan is not None:
+        _, _, A, div, empty = plan
+        out = x.reshape(-1, H * W) @ A.T
+        out /= div
+        if empty is not None:
+            out[:, empty] = 0
+        return out.reshape(x.shape[:-2] + (oh, ow))
     out = np.zeros(x.shape[:-2] + (oh, ow), dtype=x.dtype)
     if out.size == 0:
         return out
@@ -203,6 +303,13 @@ def _avg_backward2d(grad_output, input_shape, k, s, p, ceil_mode, count_include_
     oh, ow = g.shape[-2:]
     dtype = g.dtype if g.dtype in (np.float32, np.float64) else np.float32
     d = (1, 1)
+    plan = _avg_small(H, W, oh, ow, k, s, p, ceil_mode, count_include_pad, divisor_override, dtype) if g.size else None
+    if plan is not None and plan[:2] == (oh, ow):
+        _, _, A, div, empty = plan
+        gs = g.reshape(-1, oh * ow).astype(dtype, copy=False) / div
+        if empty is not None:
+            gs[:, empty] = 0
+        return (gs @ A).reshape(input_shape)
     hp = max(p[0] + H, (oh - 1) * s[0] + k[0])
     wp = max(p[1] + W, (ow - 1) * s[1] + k[1])
     gp = np.zeros(tuple(input_shape[:-2]) + (hp, wp), dtype=dtype)

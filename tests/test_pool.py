@@ -661,3 +661,38 @@ def test_non_int_arguments_raise_torchs_type_error(name, args, kwargs, rng):
         getattr(F, name)(x, *args, **kwargs)
     assert isinstance(ours.value, TypeError)
     assert str(theirs.value) in str(ours.value)
+
+
+# --- the reference's two paths: small inputs gather through cached window tables, large ones
+# loop over taps; both must give the same values, indices and gradients ----------------------
+
+def test_reference_small_gather_path_equals_tap_loop(monkeypatch, rng):
+    x = np.round(rng.standard_normal((2, 3, 11, 13)) * 2) / 2  # ties in most windows
+    x[0, 1, :4, :5] = -np.inf  # windows of -inf only: their first in-input position (loop path)
+    xs = [x, x[0, 0, :7, :5].copy(), rng.standard_normal((1, 2, 9, 7)).astype(np.float32)]
+    got = {}
+    for small in (R.SMALL, 0):
+        monkeypatch.setattr(R, "SMALL", small)
+        runs = []
+        for a in xs:
+            for k, s, p, d, ceil in MAX2D:
+                k, s, p, d = R._params2d(k, s, p, d)
+                if R.out_size(a.shape[-2], k[0], s[0], p[0], d[0], ceil) < 1 or R.out_size(a.shape[-1], k[1], s[1], p[1], d[1], ceil) < 1:
+                    continue
+                vals, idx = R._max2d(a, k, s, p, d, ceil)
+                runs.append((vals, idx, R._max_backward2d(np.cos(vals), idx, a.shape)))
+            for k, s, p, ceil, cip, dov in AVG2D:
+                k, s, p, _ = R._params2d(k, s, p, 1)
+                if R.out_size(a.shape[-2], k[0], s[0], p[0], 1, ceil) < 1 or R.out_size(a.shape[-1], k[1], s[1], p[1], 1, ceil) < 1:
+                    continue
+                y = R._avg2d(np.where(np.isinf(a), 0.5, a), k, s, p, ceil, cip, dov)
+                runs.append((y, R._avg_backward2d(np.sin(y), a.shape, k, s, p, ceil, cip, dov)))
+        got[small] = runs
+    assert len(got[0]) == len(got[R.SMALL]) > 60
+    for fast, loop in zip(got[R.SMALL], got[0]):
+        for f, l in zip(fast, loop):
+            assert f.dtype == l.dtype and f.shape == l.shape
+            if f.dtype == np.int64:
+                np.testing.assert_array_equal(f, l)
+            else:
+                np.testing.assert_allclose(f, l, rtol=2e-6 if f.dtype == np.float32 else 1e-14, atol=1e-6 if f.dtype == np.float32 else 1e-14)

@@ -164,13 +164,20 @@ _C = torch._C
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
+_SCALARS = (int, float, bool, str, type(None))
+
+
 def _plain(args) -> bool:
-    """No tensor subclass (fake, functional, DTensor, ...) among the arguments."""
+    """No tensor subclass (fake, functional, DTensor, ...) among the arguments. Plain tensors
+    and Python scalars are settled by their exact type, without an isinstance chain: this runs
+    on every eager call, and an op's argument lists are mostly ints."""
     for a in args:
+        t = type(a)
+        if t in _PLAIN or t in _SCALARS:
+            continue
         if isinstance(a, torch.Tensor):
-            if type(a) not in _PLAIN:
-                return False
-        elif isinstance(a, (list, tuple)) and not _plain(a):
+            return False
+        if isinstance(a, (list, tuple)) and not _plain(a):
             return False
     return True
 
