@@ -46,24 +46,43 @@ def _validate(name: str, where: str) -> str:
 
 
 def _thread_stack() -> list[str]:
-    stack = getattr(_local, "stack", None)
-    if stack is None:
+    try:
+        return _local.stack
+    except AttributeError:
         stack = _local.stack = []
-    return stack
+        return stack
+
+
+_ENV_DATA = getattr(os.environ, "_data", None)
+_ENV_KEY = os.environ.encodekey("GPU_NN_BACKEND") if _ENV_DATA is not None and hasattr(os.environ, "encodekey") else None
+
+
+def _env_raw():
+    """GPU_NN_BACKEND as stored, read on every call (None when unset): CPython's os.environ
+    keeps its entries in ``_data`` under encoded keys, and one dict lookup there costs a tenth
+    of ``os.environ.get`` (which encodes the key and decodes the value each time); elsewhere
+    the public call. Compared raw against the cache; decoded only when it changed."""
+    if _ENV_KEY is None:
+        return os.environ.get("GPU_NN_BACKEND")
+    return _ENV_DATA.get(_ENV_KEY)
+
+
+def _env_decode(raw):
+    return raw if raw is None or isinstance(raw, str) else os.environ.decodevalue(raw)
 
 
 def requested() -> str:
     """The backend asked for right now in this thread: innermost ``backend()`` block, else the
     env var (read on every call, so a change to it is seen; validated once per value)."""
-    stack = getattr(_local, "stack", None)
+    stack = _thread_stack()  # created once per thread: a missing attribute is a slow lookup each time
     if stack:
         return stack[-1]
     global _env_cache
-    raw = os.environ.get("GPU_NN_BACKEND")
+    raw = _env_raw()
     cached = _env_cache
     if raw == cached[0]:
         return cached[1]
-    name = _validate(raw or "auto", "GPU_NN_BACKEND")
+    name = _validate(_env_decode(raw) or "auto", "GPU_NN_BACKEND")
     _env_cache = (raw, name)  # a tuple assignment is atomic: threads see the old or the new pair
     return name
 

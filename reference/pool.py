@@ -125,7 +125,7 @@ def _gathered(x, plan, fill):
         xe[:, :-1] = xf
         xe[:, -1] = fill
         xf = xe
-    return xf[:, gather]
+    return xf.take(gather, axis=1)  # C-contiguous (fancy indexing may lay the result out transposed)
 
 
 def _max2d_small(x, plan):
@@ -140,7 +140,7 @@ def _max2d_small(x, plan):
     am = g.argmax(-1)  # first maximum in row-major tap order: torch's tie rule
     idx = pos[np.arange(pos.shape[0]), am]
     shape = x.shape[:-2] + (oh, ow)
-    return vals.reshape(shape), idx.reshape(shape).astype(np.int64, copy=False)
+    return np.ascontiguousarray(vals).reshape(shape), np.ascontiguousarray(idx, dtype=np.int64).reshape(shape)
 
 
 def _max2d(x, k, s, p, d, ceil_mode):
@@ -282,7 +282,7 @@ def _avg2d(x, k, s, p, ceil_mode, count_include_pad, divisor_override):
         out /= div
         if empty is not None:
             out[:, empty] = 0
-        return out.reshape(x.shape[:-2] + (oh, ow))
+        return np.ascontiguousarray(out).reshape(x.shape[:-2] + (oh, ow))
     out = np.zeros(x.shape[:-2] + (oh, ow), dtype=x.dtype)
     if out.size == 0:
         return out
@@ -309,7 +309,7 @@ def _avg_backward2d(grad_output, input_shape, k, s, p, ceil_mode, count_include_
         gs = g.reshape(-1, oh * ow).astype(dtype, copy=False) / div
         if empty is not None:
             gs[:, empty] = 0
-        return (gs @ A).reshape(input_shape)
+        return np.ascontiguousarray(gs @ A).reshape(input_shape)
     hp = max(p[0] + H, (oh - 1) * s[0] + k[0])
     wp = max(p[1] + W, (ow - 1) * s[1] + k[1])
     gp = np.zeros(tuple(input_shape[:-2]) + (hp, wp), dtype=dtype)

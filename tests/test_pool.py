@@ -691,8 +691,26 @@ def test_reference_small_gather_path_equals_tap_loop(monkeypatch, rng):
     assert len(got[0]) == len(got[R.SMALL]) > 60
     for fast, loop in zip(got[R.SMALL], got[0]):
         for f, l in zip(fast, loop):
-            assert f.dtype == l.dtype and f.shape == l.shape
+            assert f.dtype == l.dtype and f.shape == l.shape and f.flags.c_contiguous  # ops return contiguous outputs
             if f.dtype == np.int64:
                 np.testing.assert_array_equal(f, l)
             else:
                 np.testing.assert_allclose(f, l, rtol=2e-6 if f.dtype == np.float32 else 1e-14, atol=1e-6 if f.dtype == np.float32 else 1e-14)
+
+
+def test_memoised_argument_checks_still_refuse_what_torch_refuses():
+    """The public functions remember argument sets that passed (per input shape): a shape that
+    fails with the same arguments, or a failing argument after a passing one, still raises."""
+    x = torch.randn(1, 2, 5, 5)
+    for _ in range(2):
+        F.max_pool2d(x, 3, 2, 0)
+        with pytest.raises(gpu_nn.KernelInputError, match="Output size is too small"):
+            F.max_pool2d(torch.randn(1, 2, 1, 1), 3, 2, 0)
+        with pytest.raises(gpu_nn.KernelInputError, match="pad should be at most half"):
+            F.max_pool2d(x, 3, 2, 2)
+        with pytest.raises(gpu_nn.KernelInputError, match="Invalid computed output size"):
+            F.max_pool1d(torch.randn(1, 2, 1), 3, 2, 0)
+        F.max_pool1d(torch.randn(1, 2, 7), 3, 2, 0)
+        F.avg_pool2d(x, 3, 2, 0)
+        with pytest.raises(gpu_nn.KernelInputError, match="Output size is too small"):
+            F.avg_pool2d(torch.randn(1, 2, 1, 1), 3, 2, 0)

@@ -25,6 +25,8 @@ def to_numpy(t: torch.Tensor | None) -> np.ndarray | None:
     """
     if t is None:
         return None
+    if t.dtype in _NUMPY_NATIVE and t.device.type == "cpu":  # the reference's usual case: a view
+        return t.detach().numpy()
     t = t.detach()
     if t.is_floating_point() and t.dtype not in _NUMPY_NATIVE:
         t = t.float()
@@ -45,7 +47,7 @@ def from_numpy(a: np.ndarray, dtype: torch.dtype, device: torch.device) -> torch
     if not a.flags.writeable or not (a.flags.c_contiguous or a.flags.f_contiguous) or a.base is not None:
         a = np.array(a, copy=True)
     t = torch.from_numpy(a)
-    if t.dtype != dtype or t.device != torch.device(device):
+    if t.dtype != dtype or t.device != (device if type(device) is torch.device else torch.device(device)):
         t = t.to(device=device, dtype=dtype)
     return t
 
@@ -174,6 +176,14 @@ def _plain(args) -> bool:
     for a in args:
         t = type(a)
         if t in _PLAIN or t in _SCALARS:
+            continue
+        if t is list or t is tuple:  # int lists (kernel sizes, strides): no call per list
+            for e in a:
+                te = type(e)
+                if te in _PLAIN or te in _SCALARS:
+                    continue
+                if isinstance(e, torch.Tensor) or (isinstance(e, (list, tuple)) and not _plain(e)):
+                    return False
             continue
         if isinstance(a, torch.Tensor):
             return False

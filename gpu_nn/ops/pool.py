@@ -66,7 +66,31 @@ def _int_list(op: str, arg: str, v) -> tuple[int, ...]:
     return tuple(int(e) for e in v)
 
 
+# Valid argument sets seen before, so that a layer called in a loop parses and checks its
+# arguments once: parsed plain-int arguments, and (shape, parameters) pairs that passed the
+# shape checks (which read nothing else). Only successes are stored; bounded.
+_PARSED: dict = {}
+_SHAPES_OK: set = set()
+_MEMO_MAX = 4096
+
+
 def _parse(op: str, kernel_size, stride, padding, dilation=1):
+    """(k, s, p, d) as parsed tuples (any length); ``s`` is () for stride None, as torch.
+    Plain ints (not bool, not int-like objects) are served from a cache."""
+    if (type(kernel_size) is int and type(padding) is int and type(dilation) is int and (stride is None or type(stride) is int)
+            and not torch.compiler.is_compiling()):
+        key = (op, kernel_size, stride, padding, dilation)
+        got = _PARSED.get(key)
+        if got is None:
+            got = _parse_args(op, kernel_size, stride, padding, dilation)
+            if len(_PARSED) >= _MEMO_MAX:
+                _PARSED.clear()
+            _PARSED[key] = got
+        return got
+    return _parse_args(op, kernel_size, stride, padding, dilation)
+
+
+def _parse_args(op: str, kernel_size, stride, padding, dilation=1):
     """(k, s, p, d) as parsed tuples (any length); ``s`` is () for stride None, as torch."""
     k = _int_list(op, "kernel_size", kernel_size)
     s = () if stride is None else _int_list(op, "stride", stride)
@@ -82,6 +106,20 @@ _ARITY_2D = {
 
 
 def _pair2d(op: str, k, s, p, d):
+    """:func:`_pair2d_args`, served from a cache for argument tuples seen before (outside tracing)."""
+    if torch.compiler.is_compiling():
+        return _pair2d_args(op, k, s, p, d)
+    key = ("pair2d", op, k, s, p, d)
+    got = _PARSED.get(key)
+    if got is None:
+        got = _pair2d_args(op, k, s, p, d)
+        if len(_PARSED) >= _MEMO_MAX:
+            _PARSED.clear()
+        _PARSED[key] = got
+    return got
+
+
+def _pair2d_args(op: str, k, s, p, d):
     """max_pool2d / avg_pool2d meta functions: arity checks, then pairs (stride () = kernel)."""
     for name, v in (("kernel_size", k), ("stride", s), ("padding", p), ("dilation", d)):
         if len(v) not in (1, 2) and not (name == "stride" and len(v) == 0):
@@ -118,7 +156,26 @@ def _ctrunc_div(a: int, b: int) -> int:
     return q if (a >= 0) == (b > 0) else -q
 
 
+def _memo_ok(check, key_fn, *args) -> None:
+    """Run ``check(*args)`` unless ``key`` passed it before (the checks read only what the key holds)."""
+    if torch.compiler.is_compiling():  # traced: no global state (shapes may be symbolic)
+        check(*args)
+        return
+    key = key_fn()
+    if key in _SHAPES_OK:
+        return
+    check(*args)
+    if len(_SHAPES_OK) >= _MEMO_MAX:
+        _SHAPES_OK.clear()
+    _SHAPES_OK.add(key)
+
+
 def _check_2d(input: Tensor, k, s, p, d, ceil_mode: bool, is_max: bool):
+    _memo_ok(_check_2d_shape, lambda: ("2d", tuple(input.shape), k, s, p, d, ceil_mode, is_max),
+             input, k, s, p, d, ceil_mode, is_max)
+
+
+def _check_2d_shape(input: Tensor, k, s, p, d, ceil_mode: bool, is_max: bool):
     """torch's checks of a 2d pooling of ``input`` [N?, C, H, W] (pairs k, s, p, d), after the
     arity checks, in torch's order: the 3D/4D rank (max), the padding bounds of H then W
     (pooling_output_shape, before any shape check: a zero-size input with a bad padding
@@ -162,6 +219,10 @@ def _check_2d(input: Tensor, k, s, p, d, ceil_mode: bool, is_max: bool):
 
 
 def _check_max1d(op: str, input: Tensor, k, s, p, d, ceil_mode: bool):
+    _memo_ok(_check_max1d_shape, lambda: ("1d", op, tuple(input.shape), k, s, p, d, ceil_mode), op, input, k, s, p, d, ceil_mode)
+
+
+def _check_max1d_shape(op: str, input: Tensor, k, s, p, d, ceil_mode: bool):
     """torch's max_pool1d (no indices) checks: its own rank test, then check_max_pool1d."""
     shape = tuple(input.shape)
     if len(shape) not in (2, 3) or any(v == 0 for v in shape[-2:]):
@@ -217,7 +278,7 @@ def max_pool_forward(x: Tensor, kernel_size, stride, padding, dilation, ceil_mod
     the exact semantics (torch's, NaN wins, ties keep the first position).
     """
     op = "min_pool" if minimum else "max_pool"
-    k, s, p, d = (tuple(int(v) for v in a) for a in (kernel_size, stride, padding, dilation))
+    k, s, p, d = (tuple(map(int, a)) for a in (kernel_size, stride, padding, dilation))
     _check_params4(op, x, k, s, p, d)
     N, C, H, W = x.shape
     oh, ow = _out_hw(H, W, k, s, p, d, ceil_mode)
@@ -249,8 +310,8 @@ def max_pool_forward(x: Tensor, kernel_size, stride, padding, dilation, ceil_mod
 def max_pool_backward(grad_output: Tensor, indices: Tensor, input_size, kernel_size, stride, padding, dilation) -> Tensor:
     """d input ``[N, C, H, W]`` = sum of ``grad_output`` over the windows whose saved index
     points at that input position (the same for max and min pooling)."""
-    k, s, p, d = (tuple(int(v) for v in a) for a in (kernel_size, stride, padding, dilation))
-    size = tuple(int(v) for v in input_size)
+    k, s, p, d = (tuple(map(int, a)) for a in (kernel_size, stride, padding, dilation))
+    size = tuple(map(int, input_size))
     check_float("max_pool_backward", "grad_output", grad_output)
     if grad_output.shape != indices.shape or grad_output.dim() != 4 or len(size) != 4:
         raise KernelInputError(
@@ -282,7 +343,7 @@ def max_pool_backward(grad_output: Tensor, indices: Tensor, input_size, kernel_s
 def avg_pool_forward(x: Tensor, kernel_size, stride, padding, ceil_mode: bool, count_include_pad: bool,
                      divisor_override: Optional[int]) -> Tensor:
     """Average pooling of ``x`` ``[N, C, H, W]`` (any strides) -> ``[N, C, OH, OW]``."""
-    k, s, p = (tuple(int(v) for v in a) for a in (kernel_size, stride, padding))
+    k, s, p = (tuple(map(int, a)) for a in (kernel_size, stride, padding))
     _check_params4("avg_pool", x, k, s, p, (1, 1))
     if divisor_override is not None and divisor_override == 0:
         raise KernelInputError("divisor must be not zero")
@@ -311,8 +372,8 @@ def avg_pool_backward(grad_output: Tensor, input_size, kernel_size, stride, padd
                       count_include_pad: bool, divisor_override: Optional[int]) -> Tensor:
     """d input ``[N, C, H, W]``: each output's gradient / its divisor, summed over the windows
     that cover the input position (gathered per input element: no atomics)."""
-    k, s, p = (tuple(int(v) for v in a) for a in (kernel_size, stride, padding))
-    size = tuple(int(v) for v in input_size)
+    k, s, p = (tuple(map(int, a)) for a in (kernel_size, stride, padding))
+    size = tuple(map(int, input_size))
     check_float("avg_pool_backward", "grad_output", grad_output)
     if grad_output.dim() != 4 or len(size) != 4:
         raise KernelInputError(f"avg_pool_backward: expected 4D grad_output and input_size, got {list(grad_output.shape)} and {list(size)}")
