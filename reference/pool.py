@@ -134,13 +134,18 @@ def _max2d_small(x, plan):
     keeps its first in-input position; the loop path handles both)."""
     oh, ow, pos, _, _ = plan
     g = _gathered(x, plan, -np.inf)
-    vals = g.max(-1)
+    shape = x.shape[:-2] + (oh, ow)
+    # results allocated in their final shape and written through flat views: arrays that own
+    # their memory, which the torch layer wraps without a copy
+    vals = np.empty(shape, x.dtype)
+    g.max(-1, out=vals.reshape(g.shape[:2]))
     if not np.isfinite(vals).all():
         return None
     am = g.argmax(-1)  # first maximum in row-major tap order: torch's tie rule
-    idx = pos[np.arange(pos.shape[0]), am]
-    shape = x.shape[:-2] + (oh, ow)
-    return np.ascontiguousarray(vals).reshape(shape), np.ascontiguousarray(idx, dtype=np.int64).reshape(shape)
+    am += np.arange(0, pos.size, pos.shape[1])
+    idx = np.empty(shape, np.int64)
+    np.take(pos.reshape(-1), am, out=idx.reshape(g.shape[:2]))
+    return vals, idx
 
 
 def _max2d(x, k, s, p, d, ceil_mode):
@@ -278,11 +283,13 @@ def _avg2d(x, k, s, p, ceil_mode, count_include_pad, divisor_override):
     plan = _avg_small(H, W, oh, ow, k, s, p, ceil_mode, count_include_pad, divisor_override, x.dtype) if x.size else None
     if plan is not None:
         _, _, A, div, empty = plan
-        out = x.reshape(-1, H * W) @ A.T
+        res = np.empty(x.shape[:-2] + (oh, ow), x.dtype)  # owns its memory: no copy in the torch layer
+        out = res.reshape(-1, oh * ow)
+        np.matmul(x.reshape(-1, H * W), A.T, out=out)
         out /= div
         if empty is not None:
             out[:, empty] = 0
-        return np.ascontiguousarray(out).reshape(x.shape[:-2] + (oh, ow))
+        return res
     out = np.zeros(x.shape[:-2] + (oh, ow), dtype=x.dtype)
     if out.size == 0:
         return out
@@ -309,7 +316,9 @@ def _avg_backward2d(grad_output, input_shape, k, s, p, ceil_mode, count_include_
         gs = g.reshape(-1, oh * ow).astype(dtype, copy=False) / div
         if empty is not None:
             gs[:, empty] = 0
-        return np.ascontiguousarray(gs @ A).reshape(input_shape)
+        gi = np.empty(input_shape, dtype)
+        np.matmul(gs, A, out=gi.reshape(-1, H * W))
+        return gi
     hp = max(p[0] + H, (oh - 1) * s[0] + k[0])
     wp = max(p[1] + W, (ow - 1) * s[1] + k[1])
     gp = np.zeros(tuple(input_shape[:-2]) + (hp, wp), dtype=dtype)
