@@ -17,6 +17,9 @@ def relu_backward(grad_out: np.ndarray, out: np.ndarray) -> np.ndarray:
     is NaN or inf), the gradient everywhere else. Written as NOT(out <= 0), not out > 0: a NaN
     output compares false both ways, and torch passes the gradient through there."""
     grad_out = np.asarray(grad_out)
+    if grad_out.size <= 4096 and np.shape(out) == grad_out.shape:
+        # small: one comparison and one select (the same bits: +0 where out <= 0, else the gradient)
+        return np.where(np.less_equal(out, 0), grad_out.dtype.type(0), grad_out)
     return keep_where(np.logical_not(np.less_equal(out, 0)), grad_out)
 
 

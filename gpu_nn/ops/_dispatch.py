@@ -26,7 +26,7 @@ def to_numpy(t: torch.Tensor | None) -> np.ndarray | None:
     if t is None:
         return None
     if t.dtype in _NUMPY_NATIVE and t.device.type == "cpu":  # the reference's usual case: a view
-        return t.detach().numpy()
+        return t.detach().numpy() if t.requires_grad else t.numpy()
     t = t.detach()
     if t.is_floating_point() and t.dtype not in _NUMPY_NATIVE:
         t = t.float()
