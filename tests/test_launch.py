@@ -211,7 +211,7 @@ def test_key_facts(fake_env):
     x = torch.zeros(40)
 
     def key(*args, **kw):
-        return L.plan_key(kernel, info, 0, BaseBackend, args, kw, native_specialize_impl)
+        return L.plan_key(info, 0, BaseBackend, args, kw, native_specialize_impl)
 
     base = key(x, x, 32, 5, 1.0, True, BLOCK=16)
     assert key(x, x, 48, 5, 2.0, False, BLOCK=16) == base  # same facts: 16 | n; floats, bools unspecialised
@@ -304,6 +304,7 @@ def _bitwise(a, b):
             assert y is None
             continue
         assert x.dtype == y.dtype and x.shape == y.shape
+        x, y = x.reshape(-1), y.reshape(-1)
         assert torch.equal(x.view(torch.uint8) if x.is_floating_point() else x,
                            y.view(torch.uint8) if y.is_floating_point() else y)
 
@@ -345,6 +346,28 @@ def test_gpu_pool_fast_equals_jit(mode):
                 y = fn(x, 3, 2, 1)
                 (dx,) = torch.autograd.grad(y, x, torch.ones_like(y))
             return y.detach().clone(), dx.clone()
+
+        _bitwise(*_both_paths(run))
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_softmax_ce_fast_equals_jit(dtype):
+    import gpu_nn.functional as F
+
+    for rows, cols in ((1, 1), (3, 17), (5, 1025)):
+        base = torch.randn(rows * cols + 1, device="cuda", dtype=dtype)
+        z = base[1:].view(rows, cols).detach().requires_grad_()  # unaligned data pointer
+        t = torch.randint(0, cols, (rows,), device="cuda")
+        g = torch.randn(rows, cols, device="cuda", dtype=dtype)
+
+        def run():
+            with gpu_nn.backend("triton"):
+                y = F.softmax(z, 1)
+                ly = F.log_softmax(z, 1)
+                ce = F.cross_entropy(z, t)
+                dz = torch.autograd.grad((y * g).sum() + (ly * g).sum() + ce, z)[0]
+            return y.detach().clone(), ly.detach().clone(), ce.detach().clone(), dz.clone()
 
         _bitwise(*_both_paths(run))
 

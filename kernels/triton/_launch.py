@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import inspect
 import os
-from itertools import repeat
 
 from . import INTERPRET
 from ._compat import triton_version
@@ -74,9 +73,8 @@ def fast_launch_supported(version: tuple[int, int], interpret: bool, env_value: 
 
 _ENABLED = fast_launch_supported(triton_version(), INTERPRET, os.environ.get(ENV))
 
-_KERNELS: dict = {}  # id(kernel) -> _KernelInfo, or None where the fast path never applies
-_PLANS: dict = {}  # plan key -> (run, function, packed_metadata, tail, compiled), or None
-MAX_PLANS = 4096  # plans are keyed by facts, not shapes; this bounds a pathological caller
+_KERNELS: dict = {}  # id(kernel) -> _KernelInfo (with its plans), or None: never a fast path
+MAX_PLANS = 1024  # per kernel; plans are keyed by facts, not shapes: this bounds a pathological caller
 _get_device = None  # the JIT's own driver functions, bound on the first fast launch
 _get_stream = None
 _HookChain = None
@@ -100,34 +98,51 @@ def set_enabled(flag: bool) -> bool:
 
 def clear() -> None:
     """Drop every launch plan (and the per-kernel facts)."""
-    _PLANS.clear()
     _KERNELS.clear()
 
 
 def stats() -> dict:
     """Numbers of cached plans and of keys that always take the JIT path (for tests)."""
-    return {"plans": sum(p is not None for p in _PLANS.values()),
-            "jit_only": sum(p is None for p in _PLANS.values())}
+    plans = [p for info in _KERNELS.values() if info is not None for p in info.plans.values()]
+    return {"plans": sum(p is not None for p in plans), "jit_only": sum(p is None for p in plans)}
 
 
 class _KernelInfo:
-    """Per-kernel facts the plan key needs, from the JIT's own parameter descriptions."""
+    """Per-kernel facts the plan key needs, from the JIT's own parameter descriptions, and the
+    kernel's plans."""
 
-    __slots__ = ("kernel", "n_lead", "is_const", "specialize", "align", "runtime_names", "names",
-                 "backends")
+    __slots__ = ("kernel", "n_lead", "flags", "runtime_names", "backends", "key_fns", "plans")
 
     def __init__(self, kernel, params):
         self.kernel = kernel  # keeps id(kernel) unique while the entry exists
-        self.names = [p.name for p in params]
         lead = 0
         while lead < len(params) and not params[lead].is_constexpr:
             lead += 1
         self.n_lead = lead  # positional arguments beyond this would land on a constexpr
-        self.is_const = tuple(bool(p.is_const) for p in params[:lead])
-        self.specialize = tuple(not p.do_not_specialize for p in params[:lead])
-        self.align = tuple(not p.do_not_specialize_on_alignment for p in params[:lead])
+        # the binder's flags per leading parameter: (is_const, specialize, align)
+        self.flags = [(bool(p.is_const), not p.do_not_specialize, not p.do_not_specialize_on_alignment)
+                      for p in params[:lead]]
         self.runtime_names = frozenset(p.name for p in params if not p.is_constexpr)
         self.backends = {}
+        self.key_fns = {}
+        self.plans = {}
+
+    def key_fn(self, n_args: int):
+        """``key(spec, backend, device, args, kwargs)`` for calls with ``n_args`` positional
+        arguments: generated once, as Triton generates its binder, so that a call pays one
+        ``spec`` per argument and no loop."""
+        fn = self.key_fns.get(n_args)
+        if fn is None:
+            names = [f"a{i}" for i in range(n_args)]
+            specs = "".join(f"spec(backend, a{i}, {c}, {s}, {a}), "
+                            for i, (c, s, a) in enumerate(self.flags[:n_args]))
+            unpack = f"    {', '.join(names)}, = args\n" if n_args else ""
+            src = (f"def key(spec, backend, device, args, kwargs):\n{unpack}"
+                   f"    return (device, {specs}*kwargs.items(), *map(type, kwargs.values()))\n")
+            namespace = {}
+            exec(src, namespace)  # noqa: S102  (source built above from booleans and counts only)
+            fn = self.key_fns[n_args] = namespace["key"]
+        return fn
 
 
 def kernel_info(kernel):
@@ -144,17 +159,15 @@ def kernel_info(kernel):
             continue
         if getattr(p, "annotation_type", None):
             return None
-        if inspect.Parameter.VAR_POSITIONAL == p._param.kind or inspect.Parameter.VAR_KEYWORD == p._param.kind:
+        if p._param.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
             return None
     return _KernelInfo(kernel, params)
 
 
-def plan_key(kernel, info: _KernelInfo, device: int, backend, args: tuple, kwargs: dict, specialize) -> tuple:
-    """The plan key of one call (see the module docstring); ``specialize`` is the JIT's
-    ``native_specialize_impl``."""
-    return (id(kernel), device,
-            tuple(map(specialize, repeat(backend), args, info.is_const, info.specialize, info.align)),
-            tuple(kwargs.items()), tuple(map(type, kwargs.values())))
+def plan_key(info: _KernelInfo, device: int, backend, args: tuple, kwargs: dict, specialize) -> tuple:
+    """The plan key of one call within its kernel (see the module docstring); ``specialize`` is
+    the JIT's ``native_specialize_impl``."""
+    return info.key_fn(len(args))(specialize, backend, device, args, kwargs)
 
 
 def call_shape_ok(info: _KernelInfo | None, grid, args: tuple, kwargs: dict) -> bool:
@@ -201,7 +214,7 @@ def _bind_driver() -> None:
     _COMPILED_TYPE = CompiledKernel
 
 
-def _make_plan(kernel, info: _KernelInfo, compiled, args: tuple, kwargs: dict):
+def _make_plan(kernel, compiled, args: tuple, kwargs: dict):
     """The plan for a call the JIT has just launched, or None where it cannot be made."""
     if type(compiled) is not _COMPILED_TYPE:
         return None
@@ -225,7 +238,8 @@ def launch(kernel, grid, *args, **kwargs):
     info = _KERNELS.get(id(kernel), False)
     if info is False:
         info = _KERNELS[id(kernel)] = kernel_info(kernel)
-    if not call_shape_ok(info, grid, args, kwargs) or kernel.pre_run_hooks:
+    if (info is None or type(grid) is not tuple or not 0 < len(grid) < 4 or len(args) > info.n_lead
+            or not info.runtime_names.isdisjoint(kwargs) or kernel.pre_run_hooks):
         return kernel[grid](*args, **kwargs)
     if _get_device is None:
         _bind_driver()
@@ -236,15 +250,15 @@ def launch(kernel, grid, *args, **kwargs):
     if backend is None:
         backend = info.backends[device] = kernel.device_caches[device][3]
     try:
-        key = plan_key(kernel, info, device, backend, args, kwargs, _specialize)
-        plan = _PLANS.get(key, False)
+        key = info.key_fn(len(args))(_specialize, backend, device, args, kwargs)
+        plan = info.plans.get(key, False)
     except TypeError:  # an unhashable keyword value: no plan for this call
         return kernel[grid](*args, **kwargs)
     if plan is False:
         compiled = kernel[grid](*args, **kwargs)
-        if len(_PLANS) >= MAX_PLANS:
-            _PLANS.clear()
-        _PLANS[key] = _make_plan(kernel, info, compiled, args, kwargs)
+        if len(info.plans) >= MAX_PLANS:
+            info.plans.clear()
+        info.plans[key] = _make_plan(kernel, compiled, args, kwargs)
         return compiled
     if plan is None:
         return kernel[grid](*args, **kwargs)
