@@ -246,7 +246,7 @@ def test_wired_calls_have_the_fast_shape(monkeypatch):
     back to the JIT for its shape. Checked on the calls themselves, run here in the interpreter."""
     import gpu_nn.functional as F
     import gpu_nn.optim as goptim
-    from gpu_nn.kernels.triton import activation, dense, optim, pool
+    from gpu_nn.kernels.triton import activation, dense, optim, pool, rnn
 
     seen = {}
 
@@ -259,7 +259,7 @@ def test_wired_calls_have_the_fast_shape(monkeypatch):
             return real(kernel, grid, *args, **kwargs)
         return launch_kernel
 
-    for mod in (activation, dense, optim, pool):
+    for mod in (activation, dense, optim, pool, rnn):
         monkeypatch.setattr(mod, "launch_kernel", recorder(mod.launch_kernel))
     torch.manual_seed(0)
     with gpu_nn.backend("triton"):
@@ -275,10 +275,15 @@ def test_wired_calls_have_the_fast_shape(monkeypatch):
             p.grad = torch.randn(7)
             getattr(goptim, name)([p], lr=0.1).step()
         gpu_nn.nn.utils.clip_grad_norm_([p], 0.1)
+        a = torch.randn(3, 5, requires_grad=True)
+        F.linear(a, torch.randn(2, 5)).sum().backward()
+        out, _ = gpu_nn.nn.LSTM(3, 4, proj_size=2)(torch.randn(2, 1, 3, requires_grad=True))
+        out.sum().backward()
     expected = {"_act_fwd_kernel", "_act_bwd_kernel", "_max_pool_fwd_kernel", "_max_pool_bwd_kernel",
                 "_avg_pool_fwd_kernel", "_avg_pool_bwd_kernel", "_softmax_fwd_kernel", "_softmax_bwd_kernel",
                 "_ce_fwd_kernel", "_ce_bwd_kernel", "_sgd_kernel", "_adagrad_kernel", "_adadelta_kernel",
-                "_rmsprop_kernel", "_adam_kernel", "_clip_partial_kernel", "_clip_scale_kernel"}
+                "_rmsprop_kernel", "_adam_kernel", "_clip_partial_kernel", "_clip_scale_kernel", "_matmul_kernel",
+                "_rnn_step_fwd_kernel", "_rnn_step_bwd_kernel", "_rnn_proj_fwd_kernel", "_rnn_proj_bwd_kernel"}
     assert expected <= set(seen), sorted(expected - set(seen))
 
 

@@ -100,7 +100,7 @@ def matmul(a, b, c, bias=None, activation=None, allow_tf32=False, interpret=Fals
     dt = _tdt(a)
     bm, bn, bk, gm, warps, stages = matmul_config(dt, interpret)
     grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
-    _matmul_kernel[grid](
+    launch_kernel(_matmul_kernel, grid,
         a, b, c, bias if bias is not None else c, M, N, K,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
         HAS_BIAS=bias is not None, ACT=ACT_CODES[activation], PREC=dot_precision(dt, allow_tf32),
