@@ -42,6 +42,16 @@ pre-run hooks) goes through ``kernel[grid]`` on every call, as do all calls wher
 * ``TRITON_INTERPRET=1`` (no compiled kernel exists); ``GPU_NN_FAST_LAUNCH=0``;
 * a launch hook is installed (profilers such as proton need the JIT's launch metadata).
 
+Plans live per kernel; the key of a call is computed by a function generated once per (kernel,
+number of positional arguments), as Triton generates its binder, so a call pays one
+``native_specialize_impl`` per argument and a dict look-up, and none of the JIT's option
+dictionary, ``str(options)``, knob reads, used-globals loop or launch metadata. Versions are
+compared on (major, minor): patch releases of a verified minor are taken to keep its launcher.
+
+Wired launchers: activation, pooling, softmax / log_softmax, cross-entropy, the optimizer and
+clipping kernels, the dense matmul, the per-step RNN kernels (step and projection, forward and
+backward). Launchers that call ``kernel[grid]`` directly keep working as before.
+
 What a plan deliberately does not re-check per call (the JIT does): that the globals a kernel
 reads are unchanged (ours read module constants), and Triton knobs read at compile time
 (``TRITON_DEBUG``, instrumentation, pipeline-inspection hooks): a plan keeps the kernel chosen
