@@ -338,6 +338,51 @@ def _clip_setup(fn, device, backend):
     return setup
 
 
+def _launch_setup(device: str, fast: bool | None):
+    """setup(): CALLS launches of the relu forward kernel on 4 elements straight through the
+    Triton launcher function (no op machinery): ``fast`` False through ``kernel[grid]`` (the
+    JIT's binder on every call), True through the cached launch plan (``kernels/triton/_launch``);
+    None is torch's ``clamp_min(out=)`` for scale."""
+
+    def setup():
+        x = _r(4, device=device)
+        y = torch.empty_like(x)
+        if fast is None:
+            def call():
+                for _ in range(CALLS):
+                    torch.clamp_min(x, 0, out=y)
+            return call
+        from gpu_nn.kernels.triton import _launch, activation
+
+        def call():
+            prev = _launch.set_enabled(fast)
+            try:
+                for _ in range(CALLS):
+                    activation.act_forward(x, y, "relu", False)
+            finally:
+                _launch.set_enabled(prev)
+
+        call()  # compiles, and makes the plan
+        return call
+
+    return setup
+
+
+def _launch_case(device: str) -> harness.Case | None:
+    """Triton launch cost per call, JIT path against the cached launch plan (GPU only)."""
+    if not device.startswith("cuda"):
+        return None
+    from gpu_nn.kernels.triton import _launch
+
+    providers = {"torch": _launch_setup(device, None), "triton-jit": _launch_setup(device, False)}
+    prev = _launch.set_enabled(True)
+    if _launch.enabled():  # a verified Triton version: the fast path exists here
+        providers["triton-fast"] = _launch_setup(device, True)
+    _launch.set_enabled(prev)
+    return harness.Case(family="overhead", name="launch relu fwd kernel", shape="4",
+                        providers=providers, device=device, calls=CALLS, min_reps=REPS)
+
+
 def _ours(device: str):
     return ("triton", "cupy") if device.startswith("cuda") else ("reference",)
 
@@ -398,6 +443,8 @@ def cases(device: str, quick: bool, only=None) -> list[harness.Case]:
             providers[b] = _clip_setup(gnn.utils.clip_grad_norm_, device, b)
         out.append(harness.Case(family="overhead", name="clip_grad_norm_", shape="3 params, 20 elements",
                                 providers=providers, device=device, calls=CALLS, min_reps=REPS))
+    if (not only or "launch" in only) and (case := _launch_case(device)) is not None:
+        out.append(case)
     return out
 
 

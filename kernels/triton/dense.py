@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from ._aot import AotSpec
+from ._launch import launch as launch_kernel
 from .activation import ACT_CODES, _apply_act
 from .activation import act_backward as _act_backward
 
@@ -99,7 +100,7 @@ def matmul(a, b, c, bias=None, activation=None, allow_tf32=False, interpret=Fals
     dt = _tdt(a)
     bm, bn, bk, gm, warps, stages = matmul_config(dt, interpret)
     grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
-    _matmul_kernel[grid](
+    launch_kernel(_matmul_kernel, grid,
         a, b, c, bias if bias is not None else c, M, N, K,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
         HAS_BIAS=bias is not None, ACT=ACT_CODES[activation], PREC=dot_precision(dt, allow_tf32),
@@ -276,7 +277,7 @@ def softmax_fwd(x, y, log: bool, interpret: bool) -> None:
     if rows == 0 or n == 0:
         return
     blk, single, warps = softmax_config(n, interpret)
-    _softmax_fwd_kernel[(rows,)](x, y, n, LOG=log, SINGLE=single, BLOCK=blk, num_warps=warps)
+    launch_kernel(_softmax_fwd_kernel, (rows,), x, y, n, LOG=log, SINGLE=single, BLOCK=blk, num_warps=warps)
 
 
 def softmax_bwd(g, y, dx, log: bool, interpret: bool) -> None:
@@ -284,7 +285,7 @@ def softmax_bwd(g, y, dx, log: bool, interpret: bool) -> None:
     if rows == 0 or n == 0:
         return
     blk, single, warps = softmax_config(n, interpret)
-    _softmax_bwd_kernel[(rows,)](g, y, dx, n, LOG=log, SINGLE=single, BLOCK=blk, num_warps=warps)
+    launch_kernel(_softmax_bwd_kernel, (rows,), g, y, dx, n, LOG=log, SINGLE=single, BLOCK=blk, num_warps=warps)
 
 
 # =========================================================================== cross_entropy
@@ -452,8 +453,8 @@ def ce_fwd(x, t, w, loss, lse, prob: bool, ignore_index: int, eps: float, interp
     if M == 0:
         return
     blk, warps = ce_config(C, interpret)
-    _ce_fwd_kernel[(M,)](x, t, w if w is not None else x, loss, lse, C, ignore_index, float(eps),
-                         PROB=prob, HAS_W=w is not None, BLOCK=blk, num_warps=warps)
+    launch_kernel(_ce_fwd_kernel, (M,), x, t, w if w is not None else x, loss, lse, C, ignore_index, float(eps),
+                  PROB=prob, HAS_W=w is not None, BLOCK=blk, num_warps=warps)
 
 
 def ce_bwd(x, t, w, lse, scale, dx, dt, prob: bool, ignore_index: int, eps: float, interpret: bool) -> None:
@@ -464,9 +465,9 @@ def ce_bwd(x, t, w, lse, scale, dx, dt, prob: bool, ignore_index: int, eps: floa
         return
     blk, warps = ce_config(C, interpret)
     wtot = w.float().sum().reshape(1) if w is not None else lse
-    _ce_bwd_kernel[(M,)](x, t, w if w is not None else x, wtot, lse, scale, dx, dt if dt is not None else dx,
-                         C, ignore_index, float(eps), PROB=prob, HAS_W=w is not None, HAS_DT=dt is not None,
-                         BLOCK=blk, num_warps=warps)
+    launch_kernel(_ce_bwd_kernel, (M,), x, t, w if w is not None else x, wtot, lse, scale, dx, dt if dt is not None else dx,
+                  C, ignore_index, float(eps), PROB=prob, HAS_W=w is not None, HAS_DT=dt is not None,
+                  BLOCK=blk, num_warps=warps)
 
 
 # =========================================================================== AOT

@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from ._aot import AotSpec
+from ._launch import launch as launch_kernel
 
 NCOL = 9  # p_off, g_off, s0_off, s1_off, s2_off, step_off, start, numel, flag
 GPU_BLOCK, GPU_ITERS, GPU_WARPS = 1024, 16, 4
@@ -432,41 +433,41 @@ def launch(kind: str, table, n_chunks: int, p_base, g_base, s_base, step_base, s
     grid = (n_chunks,)
     common = dict(VP=16 // p_base.element_size(), VS=4, BLOCK=blk, ITERS=iters, num_warps=warps)
     if kind == "sgd":
-        _sgd_kernel[grid](table, p_base, g_base, s_base, b["lr"], b["weight_decay"], b["momentum"], b["dampening"],
-                          b["sign"], MOMENTUM=flags["momentum"], NESTEROV=flags["nesterov"], WD=flags["wd"], **common)
+        launch_kernel(_sgd_kernel, grid, table, p_base, g_base, s_base, b["lr"], b["weight_decay"], b["momentum"], b["dampening"],
+                      b["sign"], MOMENTUM=flags["momentum"], NESTEROV=flags["nesterov"], WD=flags["wd"], **common)
     elif kind == "adagrad":
-        _adagrad_kernel[grid](table, p_base, g_base, s_base, step_base, b["lr"], b["lr_decay"], b["weight_decay"],
-                              b["eps"], b["sign"], WD=flags["wd"], **common)
+        launch_kernel(_adagrad_kernel, grid, table, p_base, g_base, s_base, step_base, b["lr"], b["lr_decay"], b["weight_decay"],
+                      b["eps"], b["sign"], WD=flags["wd"], **common)
     elif kind == "adadelta":
-        _adadelta_kernel[grid](table, p_base, g_base, s_base, b["lr"], b["rho"], b["eps"], b["weight_decay"],
-                               b["sign"], WD=flags["wd"], **common)
+        launch_kernel(_adadelta_kernel, grid, table, p_base, g_base, s_base, b["lr"], b["rho"], b["eps"], b["weight_decay"],
+                      b["sign"], WD=flags["wd"], **common)
     elif kind == "rmsprop":
-        _rmsprop_kernel[grid](table, p_base, g_base, s_base, b["lr"], b["alpha"], b["eps"], b["weight_decay"],
-                              b["momentum"], b["sign"], WD=flags["wd"], CENTERED=flags["centered"],
-                              MOMENTUM=flags["momentum"], **common)
+        launch_kernel(_rmsprop_kernel, grid, table, p_base, g_base, s_base, b["lr"], b["alpha"], b["eps"], b["weight_decay"],
+                      b["momentum"], b["sign"], WD=flags["wd"], CENTERED=flags["centered"],
+                      MOMENTUM=flags["momentum"], **common)
     elif kind == "adam":
-        _adam_kernel[grid](table, p_base, g_base, s_base, step_base, b["lr"], b["beta1"], b["beta2"], b["eps"],
-                           b["weight_decay"], b["sign"], WD_MODE=flags["wd_mode"], AMSGRAD=flags["amsgrad"], **common)
+        launch_kernel(_adam_kernel, grid, table, p_base, g_base, s_base, step_base, b["lr"], b["beta1"], b["beta2"], b["eps"],
+                      b["weight_decay"], b["sign"], WD_MODE=flags["wd_mode"], AMSGRAD=flags["amsgrad"], **common)
     else:
         raise ValueError(f"unknown optimizer kernel {kind!r}")
 
 
 def clip_partial(table, n_chunks, g_base, partials, part0, norm_code, p, interpret):
     blk, iters, warps = config(interpret)
-    _clip_partial_kernel[(n_chunks,)](table, g_base, partials, part0, f64_bits(p), NORM=norm_code,
-                                      VP=16 // g_base.element_size(),
-                                      BLOCK=blk, ITERS=iters, num_warps=warps)
+    launch_kernel(_clip_partial_kernel, (n_chunks,), table, g_base, partials, part0, f64_bits(p), NORM=norm_code,
+                  VP=16 // g_base.element_size(),
+                  BLOCK=blk, ITERS=iters, num_warps=warps)
 
 
 def clip_scale(table, n_chunks, g_base, partials, n_parts, total, max_norm, norm_code, p, interpret):
     blk, iters, warps = config(interpret)
-    _clip_scale_kernel[(n_chunks,)](table, g_base, partials, n_parts, total, f64_bits(max_norm), f64_bits(p),
-                                    NORM=norm_code, VP=16 // g_base.element_size(), BLOCK=blk, ITERS=iters, RBLOCK=CLIP_RBLOCK,
-                                    num_warps=warps)
+    launch_kernel(_clip_scale_kernel, (n_chunks,), table, g_base, partials, n_parts, total, f64_bits(max_norm), f64_bits(p),
+                  NORM=norm_code, VP=16 // g_base.element_size(), BLOCK=blk, ITERS=iters, RBLOCK=CLIP_RBLOCK,
+                  num_warps=warps)
 
 
 def clip_total(partials, n_parts, total, norm_code, p):
-    _clip_total_kernel[(1,)](partials, n_parts, total, f64_bits(p), NORM=norm_code, RBLOCK=CLIP_RBLOCK, num_warps=4)
+    launch_kernel(_clip_total_kernel, (1,), partials, n_parts, total, f64_bits(p), NORM=norm_code, RBLOCK=CLIP_RBLOCK, num_warps=4)
 
 
 def aot_specs():

@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from ._aot import AotSpec
+from ._launch import launch as launch_kernel
 
 MODES = {"max": 0, "min": 1}
 GPU_BLOCK, GPU_WARPS = 512, 4
@@ -195,7 +196,7 @@ def max_pool2d_forward(x, y, idx, k, s, p, d, minimum: bool, interpret: bool) ->
     OH, OW = y.shape[-2:]
     total = y.numel()
     blk, warps = launch_config(interpret)
-    _max_pool_fwd_kernel[(triton.cdiv(total, blk),)](
+    launch_kernel(_max_pool_fwd_kernel, (triton.cdiv(total, blk),),
         x, y, idx, total, C, H, W, OH, OW, *x.stride(), *k, *s, *p, *d,
         MINIMUM=int(minimum), WIDE=_wide(x, y), BLOCK=blk, num_warps=warps)
 
@@ -206,7 +207,7 @@ def avg_pool2d_forward(x, y, k, s, p, ceil_mode, count_include_pad, divisor, int
     OH, OW = y.shape[-2:]
     total = y.numel()
     blk, warps = launch_config(interpret)
-    _avg_pool_fwd_kernel[(triton.cdiv(total, blk),)](
+    launch_kernel(_avg_pool_fwd_kernel, (triton.cdiv(total, blk),),
         x, y, total, C, H, W, OH, OW, *x.stride(), *k, *s, *p, int(count_include_pad), int(divisor),
         WIDE=_wide(x, y), BLOCK=blk, num_warps=warps)
 
@@ -217,7 +218,7 @@ def max_pool2d_backward(g, idx, dx, k, s, p, d, interpret: bool) -> None:
     OH, OW = g.shape[-2:]
     total = dx.numel()
     blk, warps = launch_config(interpret)
-    _max_pool_bwd_kernel[(triton.cdiv(total, blk),)](
+    launch_kernel(_max_pool_bwd_kernel, (triton.cdiv(total, blk),),
         g, idx, dx, total, H, W, OH, OW, *k, *s, *p, *d, WIDE=_wide(dx, g), BLOCK=blk, num_warps=warps)
 
 
@@ -227,7 +228,7 @@ def avg_pool2d_backward(g, dx, k, s, p, count_include_pad, divisor, interpret: b
     OH, OW = g.shape[-2:]
     total = dx.numel()
     blk, warps = launch_config(interpret)
-    _avg_pool_bwd_kernel[(triton.cdiv(total, blk),)](
+    launch_kernel(_avg_pool_bwd_kernel, (triton.cdiv(total, blk),),
         g, dx, total, H, W, OH, OW, *k, *s, *p, int(count_include_pad), int(divisor),
         WIDE=_wide(dx, g), BLOCK=blk, num_warps=warps)
 

@@ -37,6 +37,7 @@ import triton
 import triton.language as tl
 
 from ._aot import AotSpec
+from ._launch import launch as launch_kernel
 
 MODE_CODES = {"rnn_tanh": 0, "rnn_relu": 1, "lstm": 2, "gru": 3}
 NGATES = {0: 1, 1: 1, 2: 4, 3: 3}
@@ -523,7 +524,7 @@ def step_forward(mode, xg, hp, hn, cp, cn, w_hh, b_hh, out, mask, lengths, t, do
         out, mask = hn, None  # not written: the projection kernel writes the output
     bb, bh, bk, warps = step_blocks(B, H, mode)
     grid = (triton.cdiv(B, bb), triton.cdiv(H, bh))
-    _rnn_step_fwd_kernel[grid](
+    launch_kernel(_rnn_step_fwd_kernel, grid,
         xg, xg.stride(0), hp, hn, cp if cp is not None else hp, cn if cn is not None else hn, w_hh,
         w_hh.stride(0), w_hh.stride(1), b_hh if b_hh is not None else w_hh, out, out.stride(0),
         mask if mask is not None else out, mask.stride(0) if mask is not None else 0,
@@ -546,7 +547,7 @@ def proj_forward(m, w_hr, hp, hn, out, mask, lengths, t, dot):
     if B == 0:
         return
     bb, bp, bk, warps = proj_blocks(B)
-    _rnn_proj_fwd_kernel[(triton.cdiv(B, bb), triton.cdiv(P, bp))](
+    launch_kernel(_rnn_proj_fwd_kernel, (triton.cdiv(B, bb), triton.cdiv(P, bp)),
         m, w_hr, w_hr.stride(0), w_hr.stride(1), hp, hn, out, out.stride(0), mask if mask is not None else out,
         mask.stride(0) if mask is not None else 0, lengths, t, B, H, P, HAS_MASK=mask is not None, DOT_DT=dot,
         BLOCK_B=bb, BLOCK_P=bp, BLOCK_K=bk, num_warps=warps,
@@ -561,7 +562,7 @@ def proj_backward(dg_next, w_hh, carry, dout, dh, lengths, t, dot, final=False):
         return
     bb, bp, bk, warps = proj_blocks(B)
     any_ = carry
-    _rnn_proj_bwd_kernel[(triton.cdiv(B, bb), triton.cdiv(P, bp))](
+    launch_kernel(_rnn_proj_bwd_kernel, (triton.cdiv(B, bb), triton.cdiv(P, bp)),
         dg_next if dg_next is not None else any_, dg_next.stride(0) if dg_next is not None else 0, w_hh,
         w_hh.stride(0), w_hh.stride(1), carry, dout if dout is not None else any_,
         dout.stride(0) if dout is not None else 0, dh, lengths if lengths is not None else any_, t, B, P,
@@ -635,7 +636,7 @@ def step_backward(mode, dg_next, w_hh, carry, dc, dout, g, hp, hn, cp, cn, dgi, 
     bb, bh, bk, warps = step_blocks(B, H, mode)
     grid = (triton.cdiv(B, bb), triton.cdiv(H, bh))
     any_ = carry
-    _rnn_step_bwd_kernel[grid](
+    launch_kernel(_rnn_step_bwd_kernel, grid,
         dg_next if dg_next is not None else any_, dg_next.stride(0) if dg_next is not None else 0, w_hh,
         w_hh.stride(0), w_hh.stride(1), carry, dc if dc is not None else any_,
         dout if dout is not None else any_, dout.stride(0) if dout is not None else 0,
