@@ -96,6 +96,8 @@ _MATMUL_CANDIDATES = {
     "ieee": ((128, 128, 32, 8, 8, 3), (128, 128, 16, 8, 8, 4), (64, 128, 32, 8, 4, 3), (128, 64, 32, 8, 4, 3)),
 }
 _MATMUL_INTERP = (32, 32, 16, 4, 4, 1)
+# tl.dot needs every tile side >= 16 on NVIDIA GPUs; the interpreter would not notice
+assert all(min(c[:3]) >= 16 for cands in _MATMUL_CANDIDATES.values() for c in (*cands, _MATMUL_INTERP))
 
 
 def _operand_kind(dt: str, prec: str) -> str:
@@ -105,10 +107,7 @@ def _operand_kind(dt: str, prec: str) -> str:
 def matmul_candidates(dt: str, prec: str) -> tuple:
     """Every configuration :func:`matmul` may launch on a GPU for operand dtype ``dt`` and dot
     precision ``prec``; the first is the heuristic."""
-    cands = _MATMUL_CANDIDATES[_operand_kind(dt, prec)]
-    # tl.dot needs every tile side >= 16 on NVIDIA GPUs; the interpreter would not notice
-    assert all(min(c[:3]) >= 16 for c in cands), cands
-    return cands
+    return _MATMUL_CANDIDATES[_operand_kind(dt, prec)]
 
 
 def matmul_config(dt: str, interpret: bool, prec: str = "ieee") -> tuple:
