@@ -166,12 +166,15 @@ def cuda_timer(run: Callable[[], None], reps: int = REPS) -> float:
 
 def choose(op: str, key: tuple, candidates: Sequence[tuple], run: Callable[[tuple], None], default: tuple,
            device: torch.device, timer: Callable[[Callable[[], None]], float] | None = None,
-           force: bool = False) -> tuple:
+           force: bool = False, prepare: Callable[[Sequence[tuple]], None] | None = None) -> tuple:
     """The configuration to launch ``op`` with for ``key`` (see the module docstring).
 
     Returns ``default`` untouched where tuning does not apply. ``timer`` and ``force`` exist for
     tests (a fake clock, measuring without a GPU). A candidate that fails to launch (too much
-    shared memory, say) is skipped; if all fail, ``default`` is returned.
+    shared memory, say) is skipped; if all fail, ``default`` is returned. ``prepare(candidates)``,
+    when given, is called once before a measurement (never on a cached key): a launcher compiles
+    all its candidates there at once (in parallel) instead of one by one in their warm-up
+    launches; whatever it raises is ignored (the warm-up launches compile what it did not).
     """
     if len(candidates) <= 1:
         return default
@@ -194,6 +197,11 @@ def choose(op: str, key: tuple, candidates: Sequence[tuple], run: Callable[[tupl
                 hit = _memory[mkey] = tuple(stored)
     if hit is not None:
         return hit
+    if prepare is not None:
+        try:
+            prepare(candidates)
+        except Exception:  # best effort: each candidate's warm-up launch compiles it anyway
+            pass
     timer = timer or cuda_timer
     best, best_t = None, float("inf")
     rows = []

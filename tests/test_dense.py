@@ -609,7 +609,7 @@ def test_matmul_launches_the_measured_winner_and_caches_it(tune_cache, monkeypat
         fn()
         return cost[launched[-1]]
 
-    monkeypatch.setattr(_tune, "_chooser", lambda *args: _tuning.choose(*args, timer=timer, force=True))
+    monkeypatch.setattr(_tune, "_chooser", lambda *args, **kw: _tuning.choose(*args, timer=timer, force=True, **kw))
     for M in (37, 21):
         a, b = _mm_operands(rng, "fwd", M, 29, 45, torch.float32, device)
         bias = randn(rng, 29, dtype=torch.float32, device=device)

@@ -169,3 +169,20 @@ def test_graph_capture_uses_a_made_choice_and_never_measures(cache, monkeypatch)
     assert _tuning.choose("op", ("b",), list(costs), calls.append, (1,), dev, explode) == (1,)
     monkeypatch.setenv(_tuning.ENV, "0")  # switched off: the heuristic, even for a measured key
     assert _tuning.choose("op", ("a",), list(costs), calls.append, (1,), dev, explode) == (1,)
+
+
+def test_prepare_runs_once_before_a_measurement_and_its_failure_is_harmless(cache):
+    """``prepare(candidates)`` (a launcher compiling every candidate at once) runs before the
+    candidates are timed, never for a key already chosen; if it raises, timing goes on."""
+    seen = []
+    calls = []
+    costs = {(1,): 2.0, (2,): 1.0}
+
+    def prepare(cands):
+        seen.append((list(cands), list(calls)))
+        raise RuntimeError("async compile unavailable")
+
+    for _ in range(2):
+        assert _tuning.choose("op", ("k",), list(costs), calls.append, (1,), torch.device("cpu"),
+                              _fake(costs, calls), force=True, prepare=prepare) == (2,)
+    assert seen == [([(1,), (2,)], [])] and calls == [(1,), (2,)]

@@ -23,11 +23,11 @@ def installed():
     return _chooser
 
 
-def choose(op: str, key: tuple, candidates, run, default, device):
-    """``gpu_nn._tuning.choose(op, key, candidates, run, default, device)`` when installed, else
-    ``default``. ``run(config)`` must rewrite the launch's outputs in full (the candidates are
-    timed on the real buffers)."""
+def choose(op: str, key: tuple, candidates, run, default, device, prepare=None):
+    """``gpu_nn._tuning.choose(op, key, candidates, run, default, device, prepare=prepare)`` when
+    installed, else ``default``. ``run(config)`` must rewrite the launch's outputs in full (the
+    candidates are timed on the real buffers); ``prepare(candidates)`` may compile them all first."""
     fn = _chooser
     if fn is None:
         return default
-    return fn(op, key, candidates, run, default, device)
+    return fn(op, key, candidates, run, default, device, prepare=prepare)

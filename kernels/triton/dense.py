@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import INTERPRET as _INTERPRETED
 from . import _tune
 from ._aot import AotSpec
 from .activation import ACT_CODES, _apply_act
@@ -141,6 +142,31 @@ def _launch_matmul(a, b, c, bias, act, prec, cfg) -> None:
     )
 
 
+def _compile_candidates(a, b, c, bias, act, prec, cands) -> None:
+    """Compile every candidate for this call's specialisation at once, in threads, before they are
+    timed (``prepare`` of the tuning): Triton's AsyncCompileMode (Triton >= 3.4) runs the compiles
+    in an executor, and ptxas runs as a separate process, so four candidates cost about one
+    compile instead of four on the first call of a shape. Where that mode is missing nothing
+    happens here and each candidate compiles in its warm-up launch, as before."""
+    if _INTERPRETED or len(cands) < 2:
+        return
+    try:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from triton.runtime._async_compile import AsyncCompileMode
+    except ImportError:
+        return
+    M, K = a.shape
+    N = b.shape[1]
+    args = (a, b, c, bias if bias is not None else c, M, N, K,
+            a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1), 1 if bias is not None else 0, act)
+    # the executor must outlive the mode: its exit waits for (and installs) every compiled kernel
+    with ThreadPoolExecutor(len(cands)) as pool, AsyncCompileMode(pool, ignore_errors=True):
+        for bm, bn, bk, gm, warps, stages in cands:
+            _matmul_kernel.warmup(*args, PREC=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, num_warps=warps,
+                                  num_stages=stages, grid=(1,))
+
+
 def matmul(a, b, c, bias=None, activation=None, allow_tf32=False, interpret=False) -> None:
     """c[M, N] = act(a[M, K] @ b[K, N] + bias[N]); a, b, c any strides, same dtype; bias
     contiguous [N] or None; c must not overlap a, b or bias.
@@ -162,7 +188,8 @@ def matmul(a, b, c, bias=None, activation=None, allow_tf32=False, interpret=Fals
     if not interpret:
         key = (M, N, K, _layout(a) + _layout(b) + _layout(c), dt, bias is not None, act, prec)
         cfg = _tune.choose("matmul", key, matmul_candidates(dt, prec),
-                           lambda cand: _launch_matmul(a, b, c, bias, act, prec, cand), cfg, a.device)
+                           lambda cand: _launch_matmul(a, b, c, bias, act, prec, cand), cfg, a.device,
+                           prepare=lambda cands: _compile_candidates(a, b, c, bias, act, prec, cands))
     _launch_matmul(a, b, c, bias, act, prec, cfg)
 
 
