@@ -9,7 +9,13 @@
 #   check     gpu-nn check --no-progress --json (one line per op as it finishes; its workers
 #             compile kernels in parallel, and its last lines say how much time was compilation)
 #   pytest    the whole suite with xdist, -rfE so that a run cut short still names what failed
-#   bench     gpu-nn bench --quick (JSON + PNG)
+#   bench     gpu-nn bench --quick (JSON + PNG), with GPU_NN_TUNE_RECORD=OUTDIR/tuning.jsonl: every
+#             candidate configuration of every tuned launcher (linear's matmul, and any other that
+#             goes through gpu_nn._tuning.choose) is timed at every benchmark shape it meets, one
+#             JSON row each ({device_key, op, key, config, ms, chosen}), so that CPU-only sessions
+#             can fit heuristics to them; GPU_NN_TUNE_CACHE=OUTDIR/tuning-cache.json starts the
+#             tuning cache empty (nothing measured in an earlier run is skipped) and keeps the
+#             choices made
 #   record    gpu-nn results record: OUTDIR/results/<run>/ is what goes into benchmarks/results/
 # The SASS report needs no GPU: it runs on CPU machines (`gpu-nn sass`), not here.
 # OUTDIR/summary.txt has one line per step (exit status, seconds); everything OUTDIR holds is also
@@ -66,6 +72,10 @@ if ! step install 60 "$PY" -m pip install --no-deps --no-build-isolation --no-in
 fi
 
 GN=("$PY" -m gpu_nn.cli)
+# check and the tests run the heuristic configurations: measuring every candidate at each of
+# their many small shapes would cost compile time and prove nothing more (the tests check each
+# candidate's results explicitly); the bench step below tunes and records
+export GPU_NN_TUNE=0
 step info 30 "${GN[@]}" info
 
 # check: one worker per core (up to 16); first use of each kernel compiles, in parallel.
@@ -82,7 +92,12 @@ TEST_RC=$?
 grep -E "^(FAILED|ERROR) " "$OUTDIR/pytest.log" | head -20 | sed 's/^/  pytest: /' | tee -a "$SUMMARY"
 tail -n 1 "$OUTDIR/pytest.log" | sed 's/^/  pytest: /' | tee -a "$SUMMARY"
 
-step bench 100 "${GN[@]}" bench --quick --out "$OUTDIR/bench" --no-progress
+# the first call of each tuned shape compiles and times every candidate (first_call in bench.json)
+rm -f "$OUTDIR/tuning.jsonl" "$OUTDIR/tuning-cache.json"
+step bench 120 env GPU_NN_TUNE=1 GPU_NN_TUNE_RECORD="$OUTDIR/tuning.jsonl" GPU_NN_TUNE_CACHE="$OUTDIR/tuning-cache.json" \
+    "${GN[@]}" bench --quick --out "$OUTDIR/bench" --no-progress
+echo "  bench: $(cat "$OUTDIR/tuning.jsonl" 2>/dev/null | wc -l | tr -d ' ') tuning timings recorded in tuning.jsonl" \
+    | tee -a "$SUMMARY"
 
 step record 20 "${GN[@]}" results record "$OUTDIR" --into "$OUTDIR/results" --no-render
 

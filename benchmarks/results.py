@@ -4,7 +4,9 @@
 ``machine.txt``, ``summary.txt``, ``check.json``, ``bench/bench.json`` and the pytest log) and
 stores what it measured under ``benchmarks/results/<date>_<gpu>_<commit>/``: ``run.json`` (GPU,
 versions, commit, date, one line per step, the check and test summaries) plus the benchmark and
-check JSON as they came. ``gpu-nn results render`` rewrites the README's results section (the
+check JSON as they came, and ``tuning.jsonl``: the time of every candidate configuration of every
+tuned launcher at every benchmark shape (``GPU_NN_TUNE_RECORD`` rows, see gpu_nn._tuning), the
+data from which CPU-only sessions fit tuning heuristics. ``gpu-nn results render`` rewrites the README's results section (the
 latest run's ratio table, with its date, GPU, versions and commit) and ``history.png`` (the
 geometric-mean ratio per family across every recorded run), from the recorded runs only: a
 figure that no run recorded cannot reach the README.
@@ -70,6 +72,27 @@ def failures(log: str) -> list[str]:
     return [ln.strip() for ln in log.splitlines() if ln.startswith(("FAILED ", "ERROR "))]
 
 
+def tuning_summary(path: str) -> dict | None:
+    """How many timings a GPU_NN_TUNE_RECORD file holds, for how many (op, key) problems, per op;
+    None where the run recorded none."""
+    rows = []
+    for line in _read(path).splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:  # a line cut short by a killed process
+            continue
+        if isinstance(row, dict) and "op" in row:
+            rows.append(row)
+    if not rows:
+        return None
+    problems = {(r["op"], json.dumps(r.get("key"))) for r in rows}
+    ops: dict = {}
+    for op, _ in problems:
+        ops[op] = ops.get(op, 0) + 1
+    return {"rows": len(rows), "problems": len(problems), "failed": sum(r.get("ms") is None for r in rows),
+            "per_op": dict(sorted(ops.items()))}
+
+
 def summarize_run(run_dir: str) -> dict:
     """Everything ``record`` keeps about one gpu_run.sh folder, as one dict."""
     machine = _read(os.path.join(run_dir, "machine.txt"))
@@ -89,6 +112,7 @@ def summarize_run(run_dir: str) -> dict:
         "check": None,
         "tests": {"summary": pytest_summary(test_log), "failures": failures(test_log)},
         "bench_cases": len(bench.get("results", [])),
+        "tuning": tuning_summary(os.path.join(run_dir, "tuning.jsonl")),
     }
     if isinstance(check, list):
         bad = [r for r in check if not r.get("ok")]
@@ -112,7 +136,8 @@ def record(run_dir: str, into: str = RESULTS_DIR) -> str:
     with open(os.path.join(dest, "run.json"), "w") as f:
         json.dump(run, f, indent=1)
     for src, name in ((os.path.join(run_dir, "bench", "bench.json"), "bench.json"),
-                      (os.path.join(run_dir, "check.json"), "check.json")):
+                      (os.path.join(run_dir, "check.json"), "check.json"),
+                      (os.path.join(run_dir, "tuning.jsonl"), "tuning.jsonl")):
         if os.path.exists(src):
             shutil.copyfile(src, os.path.join(dest, name))
     return dest

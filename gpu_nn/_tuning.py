@@ -11,8 +11,16 @@ dictionary lookup.
 
 The heuristic (``default``) is used, and nothing is measured, where measuring is impossible or
 unwanted: CPU tensors (the Triton interpreter), ``GPU_NN_TUNE=0``, and while a CUDA graph is
-being captured (a timed launch would synchronise the host). ``GPU_NN_TUNE_CACHE`` names the
-cache file (default ``~/.cache/gpu_nn/tuning.json``).
+being captured (a timed launch would synchronise the host; a choice already made is still
+used during capture). ``GPU_NN_TUNE_CACHE`` names the cache file (default
+``~/.cache/gpu_nn/tuning.json``).
+
+``GPU_NN_TUNE_RECORD=path`` keeps every timing this process measures: one JSON object per line
+(``{"device_key", "op", "key", "config", "ms", "chosen"}``; ``ms`` is null and ``error`` says why
+for a candidate that could not run), appended to ``path``, so that a scarce GPU session leaves
+the time of every candidate of every tuned launcher at every shape it met, from which CPU-only
+sessions can fit heuristics. While recording, the disk cache is not read (each key is measured
+once per process, so the record is complete); choices are still written to it.
 
 ``run(config)`` must be idempotent: each call rewrites the outputs in full (a launcher whose
 kernel accumulates zeroes its output inside ``run``), because the candidates are timed on the
@@ -21,6 +29,7 @@ real buffers; the caller then launches the returned configuration as usual.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import statistics
@@ -32,6 +41,7 @@ import torch
 
 ENV = "GPU_NN_TUNE"
 CACHE_ENV = "GPU_NN_TUNE_CACHE"
+RECORD_ENV = "GPU_NN_TUNE_RECORD"
 REPS = 5
 
 _lock = threading.Lock()
@@ -53,11 +63,15 @@ def cache_path() -> str:
 
 def device_key(device: torch.device) -> str:
     """GPU name and compute capability plus the versions whose code generation matters."""
+    return _device_key(torch.device(device).index or 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_key(idx: int) -> str:
     import triton
 
     from . import __version__
 
-    idx = torch.device(device).index or 0
     name = torch.cuda.get_device_name(idx)
     major, minor = torch.cuda.get_device_capability(idx)
     return f"{name}|sm_{major}{minor}|torch {torch.__version__}|triton {triton.__version__}|gpu_nn {__version__}"
@@ -102,6 +116,40 @@ def _save_disk(dev_key: str, key: str, config) -> None:
         pass
 
 
+def _record(rows: list[dict]) -> None:
+    """Append measured rows to the GPU_NN_TUNE_RECORD file (one JSON object per line; one write
+    per key, opened in append mode, so processes that record at once do not interleave rows)."""
+    path = os.environ.get(RECORD_ENV)
+    if not path or not rows:
+        return
+    try:
+        d = os.path.dirname(path)
+        if d:
+            os.makedirs(d, exist_ok=True)
+        with open(path, "a") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in rows))
+    except OSError:  # recording is best effort: never fail the call that is being tuned
+        pass
+
+
+def read_record(path: str) -> list[dict]:
+    """The rows of a GPU_NN_TUNE_RECORD file (lines that do not parse, e.g. one cut short by a
+    killed process, are skipped)."""
+    rows = []
+    try:
+        with open(path) as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(row, dict):
+                    rows.append(row)
+    except OSError:
+        pass
+    return rows
+
+
 def cuda_timer(run: Callable[[], None], reps: int = REPS) -> float:
     """Median milliseconds of ``run()`` over ``reps`` launches after one warm-up, CUDA events."""
     run()
@@ -118,40 +166,66 @@ def cuda_timer(run: Callable[[], None], reps: int = REPS) -> float:
 
 def choose(op: str, key: tuple, candidates: Sequence[tuple], run: Callable[[tuple], None], default: tuple,
            device: torch.device, timer: Callable[[Callable[[], None]], float] | None = None,
-           force: bool = False) -> tuple:
+           force: bool = False, prepare: Callable[[Sequence[tuple]], None] | None = None) -> tuple:
     """The configuration to launch ``op`` with for ``key`` (see the module docstring).
 
     Returns ``default`` untouched where tuning does not apply. ``timer`` and ``force`` exist for
     tests (a fake clock, measuring without a GPU). A candidate that fails to launch (too much
-    shared memory, say) is skipped; if all fail, ``default`` is returned.
+    shared memory, say) is skipped; if all fail, ``default`` is returned. ``prepare(candidates)``,
+    when given, is called once before a measurement (never on a cached key): a launcher compiles
+    all its candidates there at once (in parallel) instead of one by one in their warm-up
+    launches; whatever it raises is ignored (the warm-up launches compile what it did not).
     """
-    if not (force or enabled(device)) or len(candidates) <= 1:
+    if len(candidates) <= 1:
+        return default
+    if not force and (torch.device(device).type != "cuda" or os.environ.get(ENV, "1") == "0"):
         return default
     dev_key = device_key(device) if not force else "test"
     mkey = (dev_key, op, key)
+    hit = _memory.get(mkey)  # the hot path: one dictionary lookup
+    if hit is not None:
+        return hit
+    if not force and torch.cuda.is_current_stream_capturing():
+        return default  # measuring would synchronise the host inside the capture
+    recording = bool(os.environ.get(RECORD_ENV))
+    ekey = _encode((op, *key))
     with _lock:
         hit = _memory.get(mkey)
-        if hit is None:
-            stored = _load_disk().get(dev_key, {}).get(_encode((op, *key)))
+        if hit is None and not recording:
+            stored = _load_disk().get(dev_key, {}).get(ekey)
             if stored is not None and tuple(stored) in {tuple(c) for c in candidates}:
                 hit = _memory[mkey] = tuple(stored)
     if hit is not None:
         return hit
+    if prepare is not None:
+        try:
+            prepare(candidates)
+        except Exception:  # best effort: each candidate's warm-up launch compiles it anyway
+            pass
     timer = timer or cuda_timer
     best, best_t = None, float("inf")
+    rows = []
     for cfg in candidates:
+        row = {"device_key": dev_key, "op": op, "key": json.loads(_encode(key)), "config": list(cfg), "ms": None}
+        rows.append(row)
         try:
             t = timer(lambda cfg=cfg: run(cfg))
-        except Exception:  # this candidate cannot run on this device / shape
+        except Exception as exc:  # this candidate cannot run on this device / shape
+            row["error"] = f"{type(exc).__name__}: {exc}"[:300]
             continue
+        row["ms"] = float(t)
         if t < best_t:
             best, best_t = tuple(cfg), t
+    for row in rows:
+        row["chosen"] = best is not None and tuple(row["config"]) == best
+    if recording:
+        _record(rows)
     if best is None:
         return default
     with _lock:
         _memory[mkey] = best
-        _load_disk().setdefault(dev_key, {})[_encode((op, *key))] = list(best)
-    _save_disk(dev_key, _encode((op, *key)), best)
+        _load_disk().setdefault(dev_key, {})[ekey] = list(best)
+    _save_disk(dev_key, ekey, best)
     return best
 
 

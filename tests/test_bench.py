@@ -140,7 +140,8 @@ def test_gpu_run_script_steps_summary_and_archive(tmp_path):
     fake = tmp_path / "python"
     fake.write_text(
         "#!/usr/bin/env bash\n"
-        f'echo "$*" >> {log}\n'
+        f'echo "$* [TUNE=${{GPU_NN_TUNE:-}} RECORD=${{GPU_NN_TUNE_RECORD:-}} CACHE=${{GPU_NN_TUNE_CACHE:-}}]" >> {log}\n'
+        'case "$*" in *" bench "*) echo \'{"op": "matmul", "ms": 0.5}\' >> "$GPU_NN_TUNE_RECORD";; esac\n'
         'case "$*" in *"-m pytest"*) echo "FAILED tests/test_x.py::test_y - AssertionError: boom";'
         ' echo "1 failed, 41 passed in 3.21s"; exit 1;; esac\n'
         'case "$*" in *" check "*) echo "relu: 4/4 pass"; echo "time: 1.0 s wall"; echo "4 passed, 0 failed";; esac\n'
@@ -155,13 +156,20 @@ def test_gpu_run_script_steps_summary_and_archive(tmp_path):
     assert steps == ["install", "info", "check", "pytest", "bench", "record", "total"]
     assert "pytest: FAILED tests/test_x.py::test_y" in summary and "1 failed, 41 passed" in summary
     assert "check: 4 passed, 0 failed" in summary
+    assert "bench: 1 tuning timings recorded" in summary
     calls = log.read_text().splitlines()
+    # the bench step tunes, with an empty cache, and records every candidate's time into the run
+    # folder; check and the tests run the heuristics
+    (bench_call,) = [c for c in calls if " bench " in c]
+    assert bench_call.endswith(f"[TUNE=1 RECORD={out}/tuning.jsonl CACHE={out}/tuning-cache.json]")
+    assert all("[TUNE=0 RECORD= CACHE=]" in c for c in calls if " check " in c or "-m pytest" in c)
     assert not any(" sass" in c for c in calls)
     (pytest_call,) = [c for c in calls if "-m pytest" in c]
     assert "-rfE" in pytest_call and "-x" not in pytest_call.split()
     with tarfile.open(str(out) + ".tgz") as tar:
         names = tar.getnames()
     assert "out/summary.txt" in names and "out/pytest.log" in names and "out/machine.txt" in names
+    assert "out/tuning.jsonl" in names
 
 
 def test_results_record_and_render(tmp_path):
@@ -184,9 +192,17 @@ def test_results_record_and_render(tmp_path):
     (run_dir / "bench" / "bench.json").write_text(json.dumps({
         "environment": {"device": "NVIDIA H200", "torch": "2.11.0", "triton": "3.6.0", "date": "2026-12-01"},
         "results": rows}))
+    tuning = [{"device_key": "H200|sm_90", "op": "matmul", "key": [8192, 4096, 4096, "rcr", "bf16"], "config": c,
+               "ms": ms, "chosen": ch} for c, ms, ch in (([128, 128], 0.41, False), ([128, 256], 0.35, True))]
+    tuning.append({"device_key": "H200|sm_90", "op": "conv_fwd", "key": [32, 64], "config": [1], "ms": None,
+                   "error": "OutOfResources", "chosen": False})
+    (run_dir / "tuning.jsonl").write_text("".join(json.dumps(r) + "\n" for r in tuning) + '{"cut sh')
     into = tmp_path / "results"
     dest = results.record(str(run_dir), str(into))
     run = json.loads((pathlib.Path(dest) / "run.json").read_text())
+    # every timing is kept as it came; run.json says how much there is
+    assert (pathlib.Path(dest) / "tuning.jsonl").read_text() == (run_dir / "tuning.jsonl").read_text()
+    assert run["tuning"] == {"rows": 3, "problems": 2, "failed": 1, "per_op": {"conv_fwd": 1, "matmul": 1}}
     assert run["gpu"] == "NVIDIA H200" and run["commit"] == "abcdef1234567"
     assert run["check"]["rows"] == 2 and run["check"]["failed"] == 1
     assert run["tests"]["summary"].startswith("1 failed, 4 passed") and run["tests"]["failures"] == ["FAILED tests/test_a.py::test_b - x"]

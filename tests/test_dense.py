@@ -4,6 +4,7 @@ differences of the reference backward, opcheck on every custom op, bad input, ev
 kernel against the reference, modules against torch's with the same state_dict."""
 
 import itertools
+import json
 import warnings
 
 import pytest
@@ -501,6 +502,10 @@ def test_heuristics_keep_dot_tiles_at_least_16():
     for dt in kd.DTYPES:
         for interp in (False, True):
             assert min(kd.matmul_config(dt, interp)[:3]) >= 16
+        for prec in ("ieee", "tf32"):
+            cands = kd.matmul_candidates(dt, prec)
+            assert 3 <= len(cands) <= 5 and len(set(cands)) == len(cands)
+            assert all(min(c[:3]) >= 16 for c in cands) and cands[0] == kd.matmul_config(dt, False, prec)
     assert kd.dot_precision("fp32", False) == "ieee" and kd.dot_precision("fp32", True) == "tf32"
     assert kd.dot_precision("bf16", True) == "ieee"  # only float32 operands have a precision choice
     for c in (1, 100, 129, 8192, 8193, 32000):
@@ -509,6 +514,169 @@ def test_heuristics_keep_dot_tiles_at_least_16():
     specs = kd.aot_specs()
     labels = {(s.name, s.label) for s in specs}
     assert len(labels) == len(specs)  # every config listed once
+
+
+# =========================================================================== matmul tuning
+
+_MM_LAYOUTS = ("fwd", "dgrad", "wgrad")  # the operand layouts linear's three GEMMs launch with
+
+
+def _mm_operands(rng, layout, M, N, K, dtype, device):
+    """(a [M, K], b [K, N]) as linear passes them: x @ w^T (b column-major), dY @ w (both
+    row-major), dY^T @ x (a column-major)."""
+    def t(*shape):
+        return randn(rng, *shape, dtype=dtype, device=device)
+    if layout == "fwd":
+        return t(M, K), t(N, K).t()
+    if layout == "dgrad":
+        return t(M, K), t(K, N)
+    return t(K, M).t(), t(K, N)
+
+
+def _mm_reference(a, b, bias, act):
+    y = a.double().cpu() @ b.double().cpu()
+    if bias is not None:
+        y = y + bias.double().cpu()
+    return TORCH_ACT[act](y)
+
+
+def _triton_here():
+    from gpu_nn import _backend
+
+    if not torch.cuda.is_available() and not (_backend.status("triton")[0] and _backend.interpret_mode()):
+        pytest.skip("TRITON_INTERPRET is not set in this session: triton cannot run on this CPU machine")
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("dt,prec", [("fp32", "ieee"), ("fp32", "tf32"), ("fp16", "ieee"), ("bf16", "ieee")])
+def test_every_matmul_candidate_matches_reference(dt, prec, rng):
+    """Each configuration the tuner may pick computes the right product: odd M, N, K (partial tiles
+    on every side, K not a multiple of BLOCK_K), the candidates cycling through linear's three
+    operand layouts and the eight epilogues (bias x activation)."""
+    device = _triton_here()
+    if dt == "bf16" and device == "cpu":
+        pytest.skip("bfloat16 runs on a GPU only (the interpreter computes it wrong)")
+    from gpu_nn.kernels.triton import dense as kd
+
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dt]
+    # tf32 rounds the operands to a 10-bit mantissa, as float16 does, and accumulates in float32
+    tol_dtype = torch.float16 if prec == "tf32" else dtype
+    M, N, K = 37, 29, 83
+    for i, cfg in enumerate(kd.matmul_candidates(dt, prec)):
+        layout, act, has_bias = _MM_LAYOUTS[i % 3], ACTS[i % 4], i % 2 == 0
+        a, b = _mm_operands(rng, layout, M, N, K, dtype, device)
+        bias = randn(rng, N, dtype=dtype, device=device) if has_bias else None
+        c = torch.full((M, N), float("nan"), dtype=dtype, device=device)
+        kd._launch_matmul(a, b, c, bias, kd.ACT_CODES[act], prec, cfg)
+        assert_close(c, _mm_reference(a, b, bias, act), tol_dtype, k=K,
+                     what=f"matmul {dt} {prec} {cfg} {layout} act={act} bias={has_bias}")
+
+
+@pytest.fixture
+def tune_cache(tmp_path, monkeypatch):
+    from gpu_nn import _tuning
+
+    monkeypatch.setenv(_tuning.CACHE_ENV, str(tmp_path / "tuning.json"))
+    monkeypatch.delenv(_tuning.RECORD_ENV, raising=False)
+    _tuning.clear()
+    yield tmp_path / "tuning.json"
+    _tuning.clear()
+
+
+def test_matmul_launches_the_measured_winner_and_caches_it(tune_cache, monkeypatch, rng):
+    """With measuring forced and a fake clock that makes the last candidate fastest, matmul times
+    every candidate once on its own buffers, launches the winner, keeps it (memory and disk) for
+    the shape, and measures again for another shape; the result is the product either way."""
+    device = _triton_here()
+    from gpu_nn import _tuning
+    from gpu_nn.kernels.triton import _tune
+    from gpu_nn.kernels.triton import dense as kd
+
+    launched = []
+    real = kd._launch_matmul
+
+    def spy(a, b, c, bias, act, prec, cfg):
+        launched.append(cfg)
+        real(a, b, c, bias, act, prec, cfg)
+
+    monkeypatch.setattr(kd, "_launch_matmul", spy)
+    cands = kd.matmul_candidates("fp32", "ieee")
+    winner = cands[-1]
+    cost = {c: 2.0 + i for i, c in enumerate(cands)}
+    cost[winner] = 1.0
+
+    def timer(fn):
+        fn()
+        return cost[launched[-1]]
+
+    monkeypatch.setattr(_tune, "_chooser", lambda *args, **kw: _tuning.choose(*args, timer=timer, force=True, **kw))
+    for M in (37, 21):
+        a, b = _mm_operands(rng, "fwd", M, 29, 45, torch.float32, device)
+        bias = randn(rng, 29, dtype=torch.float32, device=device)
+        for first in (True, False):
+            launched.clear()
+            c = torch.full((M, 29), float("nan"), device=device)
+            kd.matmul(a, b, c, bias=bias, activation="tanh")
+            assert launched == (list(cands) + [winner] if first else [winner])
+            assert_close(c, _mm_reference(a, b, bias, "tanh"), torch.float32, k=45, what=f"tuned matmul M={M}")
+    stored = json.loads(tune_cache.read_text())["test"]
+    assert len(stored) == 2 and all(v == list(winner) for v in stored.values())
+
+
+def test_linear_tunes_and_records_on_a_gpu(tune_cache, monkeypatch, rng):
+    """On a GPU, unforced: a linear forward and backward measure every candidate of each of the
+    three GEMMs with CUDA events (recorded: one row per candidate with a positive time, one chosen
+    per problem), and the results still match the reference."""
+    if not torch.cuda.is_available():
+        pytest.skip("measures with CUDA events: needs a GPU")
+    from gpu_nn import _tuning
+    from gpu_nn.kernels.triton import dense as kd
+
+    rec = tune_cache.parent / "record.jsonl"
+    monkeypatch.setenv(_tuning.ENV, "1")
+    monkeypatch.setenv(_tuning.RECORD_ENV, str(rec))
+    x = randn(rng, 300, 257, dtype=torch.float16, device="cuda", requires_grad=True)
+    w = (randn(rng, 129, 257, dtype=torch.float16, device="cuda") * 0.1).requires_grad_()
+    b = randn(rng, 129, dtype=torch.float16, device="cuda", requires_grad=True)
+    g = randn(rng, 300, 129, dtype=torch.float16, device="cuda")
+    with gpu_nn.backend("triton"):
+        y = F.linear(x, w, b, activation="relu")
+        dx, dw, db = torch.autograd.grad(y, (x, w, b), g)
+    rows = _tuning.read_record(str(rec))
+    n = len(kd.matmul_candidates("fp16", "ieee"))
+    problems = {json.dumps(r["key"]) for r in rows}
+    assert len(problems) == 3 and len(rows) == 3 * n and all(r["op"] == "matmul" for r in rows)
+    assert all(r["ms"] is not None and r["ms"] > 0 for r in rows), [r for r in rows if not r["ms"]]
+    assert sum(r["chosen"] for r in rows) == 3
+    x64, w64, b64 = (t.detach().double().cpu().requires_grad_() for t in (x, w, b))
+    y64 = torch.relu(x64 @ w64.t() + b64)
+    want = torch.autograd.grad(y64, (x64, w64, b64), g.double().cpu())
+    assert_close(y, y64, torch.float16, k=257, what="tuned linear")
+    for got, ref, k in zip((dx, dw, db), want, (129, 300, 300)):
+        assert_close(got, ref, torch.float16, k=k, what="tuned linear backward")
+
+
+def test_matmul_uses_the_heuristic_where_tuning_does_not_apply(tune_cache, monkeypatch, rng):
+    """CPU tensors and the interpreter take the heuristic without measuring (the installed chooser
+    is gpu_nn._tuning.choose itself, as in normal use)."""
+    device = _triton_here()
+    if device == "cuda":
+        pytest.skip("CPU-side behaviour: on a GPU matmul measures")
+    from gpu_nn import _tuning
+    from gpu_nn.kernels.triton import _tune
+    from gpu_nn.kernels.triton import dense as kd
+
+    with gpu_nn.backend("triton"):  # loads the kernels, which installs the chooser
+        F.linear(randn(rng, 2, 3, dtype=torch.float32), randn(rng, 4, 3, dtype=torch.float32))
+    assert _tune.installed() is _tuning.choose
+    launched = []
+    real = kd._launch_matmul
+    monkeypatch.setattr(kd, "_launch_matmul", lambda *args: (launched.append(args[-1]), real(*args)))
+    a, b = _mm_operands(rng, "dgrad", 19, 23, 17, torch.float32, device)
+    for interpret in (False, True):
+        launched.clear()
+        kd.matmul(a, b, torch.empty(19, 23), interpret=interpret)
+        assert launched == [kd.matmul_config("fp32", interpret)]
 
 
 # =========================================================================== modules

@@ -106,3 +106,83 @@ def test_unwritable_cache_keeps_the_choice_in_memory(tmp_path, monkeypatch):
         assert calls == [] and not (blocker / "tuning.json").exists()
     finally:
         _tuning.clear()
+
+
+def test_record_keeps_every_timing_as_json_rows(cache, tmp_path, monkeypatch):
+    """GPU_NN_TUNE_RECORD: every candidate's time for every key measured, one JSON row each,
+    appended; a candidate that fails is a row with ms null and its error; while recording the
+    disk cache is not read (so a cached key is measured and recorded again), only written."""
+    rec = tmp_path / "sub" / "tuning.jsonl"
+    monkeypatch.setenv(_tuning.RECORD_ENV, str(rec))
+    cache.write_text(json.dumps({"test": {_tuning._encode(("matmul", 8, "fp16")): [1]}}))
+    calls = []
+    costs = {(1,): 2.0, (2,): 0.5, (3,): 1.0}
+
+    def run(cfg):
+        if cfg == (3,):
+            raise RuntimeError("out of resources: shared memory")
+        calls.append(cfg)
+
+    got = _tuning.choose("matmul", (8, "fp16"), list(costs), run, (1,), torch.device("cpu"),
+                         _fake(costs, calls), force=True)
+    assert got == (2,) and calls == [(1,), (2,)]  # measured despite the cached (1,)
+    _tuning.choose("conv_fwd", (5, True), [(1,), (2,)], calls.append, (1,), torch.device("cpu"),
+                   _fake(costs, calls), force=True)
+    # a repeated key is served from memory: nothing more measured, nothing more recorded
+    _tuning.choose("matmul", (8, "fp16"), list(costs), run, (1,), torch.device("cpu"), _fake(costs, calls), force=True)
+    with open(rec, "a") as f:
+        f.write('{"cut short by a kil')  # a killed process: the reader skips the broken line
+    rows = _tuning.read_record(str(rec))
+    assert [(r["op"], r["key"], r["config"], r["ms"], r["chosen"]) for r in rows] == [
+        ("matmul", [8, "fp16"], [1], 2.0, False), ("matmul", [8, "fp16"], [2], 0.5, True),
+        ("matmul", [8, "fp16"], [3], None, False),
+        ("conv_fwd", [5, True], [1], 2.0, False), ("conv_fwd", [5, True], [2], 0.5, True)]
+    assert all(r["device_key"] == "test" for r in rows)
+    assert "shared memory" in rows[2]["error"] and "error" not in rows[0]
+    assert json.loads(cache.read_text())["test"][_tuning._encode(("matmul", 8, "fp16"))] == [2]
+
+
+def test_nothing_recorded_without_the_variable(cache, tmp_path, monkeypatch):
+    monkeypatch.delenv(_tuning.RECORD_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)
+    calls = []
+    costs = {(1,): 2.0, (2,): 1.0}
+    _tuning.choose("op", ("k",), list(costs), calls.append, (1,), torch.device("cpu"), _fake(costs, calls), force=True)
+    assert list(tmp_path.iterdir()) == [cache]
+
+
+def test_graph_capture_uses_a_made_choice_and_never_measures(cache, monkeypatch):
+    """During CUDA graph capture a key already measured keeps its choice (a captured graph runs
+    the tuned kernel); an unmeasured key gets the heuristic, and nothing is timed."""
+    monkeypatch.setattr(_tuning, "device_key", lambda device: "gpu")
+    capturing = [False]
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    calls = []
+    costs = {(1,): 2.0, (2,): 1.0}
+    dev = torch.device("cuda", 0)
+    assert _tuning.choose("op", ("a",), list(costs), calls.append, (1,), dev, _fake(costs, calls)) == (2,)
+    capturing[0] = True
+
+    def explode(fn):
+        raise AssertionError("must not time during capture")
+    assert _tuning.choose("op", ("a",), list(costs), calls.append, (1,), dev, explode) == (2,)
+    assert _tuning.choose("op", ("b",), list(costs), calls.append, (1,), dev, explode) == (1,)
+    monkeypatch.setenv(_tuning.ENV, "0")  # switched off: the heuristic, even for a measured key
+    assert _tuning.choose("op", ("a",), list(costs), calls.append, (1,), dev, explode) == (1,)
+
+
+def test_prepare_runs_once_before_a_measurement_and_its_failure_is_harmless(cache):
+    """``prepare(candidates)`` (a launcher compiling every candidate at once) runs before the
+    candidates are timed, never for a key already chosen; if it raises, timing goes on."""
+    seen = []
+    calls = []
+    costs = {(1,): 2.0, (2,): 1.0}
+
+    def prepare(cands):
+        seen.append((list(cands), list(calls)))
+        raise RuntimeError("async compile unavailable")
+
+    for _ in range(2):
+        assert _tuning.choose("op", ("k",), list(costs), calls.append, (1,), torch.device("cpu"),
+                              _fake(costs, calls), force=True, prepare=prepare) == (2,)
+    assert seen == [([(1,), (2,)], [])] and calls == [(1,), (2,)]

@@ -66,6 +66,8 @@ def triton_kernels(family: str):
         import importlib
 
         pkg = importlib.import_module("gpu_nn.kernels.triton")
+        # launchers reach gpu_nn._tuning through this hook (kernels never import gpu_nn)
+        importlib.import_module("gpu_nn.kernels.triton._tune").install(importlib.import_module("gpu_nn._tuning").choose)
         mods = _KERNELS[family] = (pkg, importlib.import_module(f"gpu_nn.kernels.triton.{family}"))
         return mods
 

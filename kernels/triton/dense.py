@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import INTERPRET as _INTERPRETED
+from . import _tune
 from ._aot import AotSpec
 from ._launch import launch as launch_kernel
 from .activation import ACT_CODES, _apply_act
@@ -28,16 +30,22 @@ def _tdt(t) -> str:
 # =========================================================================== matmul
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["has_bias", "act"])
 def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, M, N, K,
-                   stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
-                   HAS_BIAS: tl.constexpr, ACT: tl.constexpr, PREC: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                   stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, has_bias, act,
+                   PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   GROUP_M: tl.constexpr):
     """C[M, N] = act(A[M, K] @ B[K, N] + bias[N]) for any strides; float32 accumulation.
 
     Programs are ordered in groups of GROUP_M row-tiles so that neighbouring programs share
     B tiles in L2. ``PREC`` is the ``tl.dot`` input precision, chosen by the launcher
     ("ieee" unless TF32 is allowed; it only matters for float32 operands).
+
+    The epilogue flags ``has_bias`` (0 / 1) and ``act`` (an ``ACT_CODES`` value) are run-time
+    arguments, never specialised (not even the JIT's usual value-1 specialisation): they run once
+    per output tile, so a branch costs nothing, and one compiled kernel per tile configuration
+    serves all eight epilogues (the tuning candidates would otherwise multiply by eight in the
+    ahead-of-time compile).
     """
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -63,49 +71,127 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, M, N, K,
         b = tl.load(b_ptr + kk[:, None] * stride_bk + offs_n[None, :] * stride_bn,
                     mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PREC)
-    if HAS_BIAS:
+    if has_bias != 0:
         bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         acc = acc + bias[None, :]
-    acc = _apply_act(acc, ACT)
+    if act == 1:
+        acc = _apply_act(acc, 1)
+    elif act == 2:
+        acc = _apply_act(acc, 2)
+    elif act == 3:
+        acc = _apply_act(acc, 3)
     tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn,
              acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) per operand dtype on sm_90:
-# 128x128 tiles keep the tensor cores fed; fp32 takes a shorter K step because its tiles
-# are twice as large in shared memory.
-_MATMUL_GPU = {"fp32": (128, 128, 32, 8, 8, 3), "fp16": (128, 128, 64, 8, 8, 3), "bf16": (128, 128, 64, 8, 8, 3)}
+# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) on sm_90, per operand kind: "half"
+# (fp16 / bf16 on wgmma), "tf32" (fp32 on wgmma) and "ieee" (fp32 on FMA). The first of each list
+# is the heuristic (the configuration used before tuning existed: 128x128 tiles keep the tensor
+# cores fed; fp32 takes a shorter K step because its tiles are twice as large in shared memory);
+# the others are the candidates timed on first use of a shape on a GPU: wide 128x256 / 256x128
+# tiles (cuBLAS's choice for large bf16 GEMMs is a 256x128 tile), deeper pipelines with one
+# warpgroup, and 64-row tiles that give small problems more programs. FMA fp32 has no wide
+# tiles (its operands live in registers); it tries a shorter K step and half-size tiles instead.
+_MATMUL_CANDIDATES = {
+    "half": ((128, 128, 64, 8, 8, 3), (128, 256, 64, 8, 8, 3), (256, 128, 64, 8, 8, 3), (64, 128, 64, 8, 4, 4)),
+    "tf32": ((128, 128, 32, 8, 8, 3), (128, 256, 32, 8, 8, 3), (128, 128, 32, 8, 4, 4), (64, 128, 32, 8, 4, 4)),
+    "ieee": ((128, 128, 32, 8, 8, 3), (128, 128, 16, 8, 8, 4), (64, 128, 32, 8, 4, 3), (128, 64, 32, 8, 4, 3)),
+}
 _MATMUL_INTERP = (32, 32, 16, 4, 4, 1)
+# tl.dot needs every tile side >= 16 on NVIDIA GPUs; the interpreter would not notice
+assert all(min(c[:3]) >= 16 for cands in _MATMUL_CANDIDATES.values() for c in (*cands, _MATMUL_INTERP))
 
 
-def matmul_config(dt: str, interpret: bool) -> tuple:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages). Under the interpreter one
-    small fixed config (fewer Python-level programs per test, still >= 16 on every side)."""
-    cfg = _MATMUL_INTERP if interpret else _MATMUL_GPU[dt]
-    # tl.dot needs every tile side >= 16 on NVIDIA GPUs; the interpreter would not notice
-    assert min(cfg[:3]) >= 16, cfg
-    return cfg
+def _operand_kind(dt: str, prec: str) -> str:
+    return "half" if dt in ("fp16", "bf16") else prec
+
+
+def matmul_candidates(dt: str, prec: str) -> tuple:
+    """Every configuration :func:`matmul` may launch on a GPU for operand dtype ``dt`` and dot
+    precision ``prec``; the first is the heuristic."""
+    return _MATMUL_CANDIDATES[_operand_kind(dt, prec)]
+
+
+def matmul_config(dt: str, interpret: bool, prec: str = "ieee") -> tuple:
+    """The heuristic (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages). Under the
+    interpreter one small fixed config (fewer Python-level programs per test, still >= 16 on
+    every side)."""
+    return _MATMUL_INTERP if interpret else matmul_candidates(dt, prec)[0]
 
 
 def dot_precision(dt: str, allow_tf32: bool) -> str:
     return "tf32" if (dt == "fp32" and allow_tf32) else "ieee"
 
 
+def _layout(t) -> str:
+    """'r' row-major (unit column stride), 'c' column-major, 'g' general: part of the tuning key,
+    since which operand dimension is contiguous decides the load vectorisation."""
+    s0, s1 = t.stride()
+    return "r" if s1 == 1 else ("c" if s0 == 1 else "g")
+
+
+def _launch_matmul(a, b, c, bias, act, prec, cfg) -> None:
+    M, K = a.shape
+    N = b.shape[1]
+    bm, bn, bk, gm, warps, stages = cfg
+    grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
+    launch_kernel(_matmul_kernel, grid,
+        a, b, c, bias if bias is not None else c, M, N, K,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
+        1 if bias is not None else 0, act,
+        PREC=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, num_warps=warps, num_stages=stages,
+    )
+
+
+def _compile_candidates(a, b, c, bias, act, prec, cands) -> None:
+    """Compile every candidate for this call's specialisation at once, in threads, before they are
+    timed (``prepare`` of the tuning): Triton's AsyncCompileMode (Triton >= 3.4) runs the compiles
+    in an executor, and ptxas runs as a separate process, so four candidates cost about one
+    compile instead of four on the first call of a shape. Where that mode is missing nothing
+    happens here and each candidate compiles in its warm-up launch, as before."""
+    if _INTERPRETED or len(cands) < 2:
+        return
+    try:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from triton.runtime._async_compile import AsyncCompileMode
+    except ImportError:
+        return
+    M, K = a.shape
+    N = b.shape[1]
+    args = (a, b, c, bias if bias is not None else c, M, N, K,
+            a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1), 1 if bias is not None else 0, act)
+    # the executor must outlive the mode: its exit waits for (and installs) every compiled kernel
+    with ThreadPoolExecutor(len(cands)) as pool, AsyncCompileMode(pool, ignore_errors=True):
+        for bm, bn, bk, gm, warps, stages in cands:
+            _matmul_kernel.warmup(*args, PREC=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, num_warps=warps,
+                                  num_stages=stages, grid=(1,))
+
+
 def matmul(a, b, c, bias=None, activation=None, allow_tf32=False, interpret=False) -> None:
-    """c[M, N] = act(a[M, K] @ b[K, N] + bias[N]); a, b, c any strides, same dtype."""
+    """c[M, N] = act(a[M, K] @ b[K, N] + bias[N]); a, b, c any strides, same dtype; bias
+    contiguous [N] or None; c must not overlap a, b or bias.
+
+    On a GPU the configuration is measured on first use of a (M, N, K, layouts of a / b / c,
+    dtype, bias, activation, precision) on the device (``gpu_nn._tuning``: every
+    :func:`matmul_candidates` entry timed on these very buffers, the fastest cached in memory and
+    on disk); the heuristic serves CPU tensors, the interpreter, ``GPU_NN_TUNE=0`` and CUDA graph
+    capture.
+    """
     M, K = a.shape
     N = b.shape[1]
     if M == 0 or N == 0:
         return
     dt = _tdt(a)
-    bm, bn, bk, gm, warps, stages = matmul_config(dt, interpret)
-    grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
-    launch_kernel(_matmul_kernel, grid,
-        a, b, c, bias if bias is not None else c, M, N, K,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
-        HAS_BIAS=bias is not None, ACT=ACT_CODES[activation], PREC=dot_precision(dt, allow_tf32),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, num_warps=warps, num_stages=stages,
-    )
+    prec = dot_precision(dt, allow_tf32)
+    act = ACT_CODES[activation]
+    cfg = matmul_config(dt, interpret, prec)
+    if not interpret:
+        key = (M, N, K, _layout(a) + _layout(b) + _layout(c), dt, bias is not None, act, prec)
+        cfg = _tune.choose("matmul", key, matmul_candidates(dt, prec),
+                           lambda cand: _launch_matmul(a, b, c, bias, act, prec, cand), cfg, a.device,
+                           prepare=lambda cands: _compile_candidates(a, b, c, bias, act, prec, cands))
+    _launch_matmul(a, b, c, bias, act, prec, cfg)
 
 
 def act_grad(g, y, activation, interpret):
@@ -477,20 +563,17 @@ def aot_specs():
     """Every configuration the launchers above can launch with on a GPU."""
     specs = []
     for dt in DTYPES:
-        bm, bn, bk, gm, warps, stages = matmul_config(dt, False)
         for prec in (("ieee", "tf32") if dt == "fp32" else ("ieee",)):
-            for act, code in ACT_CODES.items():
-                for has_bias in (False, True):
-                    sig = {"a_ptr": f"*{dt}", "b_ptr": f"*{dt}", "c_ptr": f"*{dt}", "bias_ptr": f"*{dt}",
-                           "M": "i32", "N": "i32", "K": "i32",
-                           "stride_am": "i32", "stride_ak": "i32", "stride_bk": "i32", "stride_bn": "i32",
-                           "stride_cm": "i32", "stride_cn": "i32",
-                           "HAS_BIAS": "constexpr", "ACT": "constexpr", "PREC": "constexpr",
-                           "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "GROUP_M": "constexpr"}
-                    ce = {"HAS_BIAS": has_bias, "ACT": code, "PREC": prec, "BLOCK_M": bm, "BLOCK_N": bn,
-                          "BLOCK_K": bk, "GROUP_M": gm}
-                    specs.append(AotSpec(_matmul_kernel, sig, ce, num_warps=warps, num_stages=stages,
-                                         label=f"{dt} {prec} act={act} bias={has_bias}"))
+            for bm, bn, bk, gm, warps, stages in matmul_candidates(dt, prec):
+                sig = {"a_ptr": f"*{dt}", "b_ptr": f"*{dt}", "c_ptr": f"*{dt}", "bias_ptr": f"*{dt}",
+                       "M": "i32", "N": "i32", "K": "i32",
+                       "stride_am": "i32", "stride_ak": "i32", "stride_bk": "i32", "stride_bn": "i32",
+                       "stride_cm": "i32", "stride_cn": "i32", "has_bias": "i32", "act": "i32",
+                       "PREC": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
+                       "GROUP_M": "constexpr"}
+                ce = {"PREC": prec, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": gm}
+                specs.append(AotSpec(_matmul_kernel, sig, ce, num_warps=warps, num_stages=stages,
+                                     label=f"{dt} {prec} {bm}x{bn}x{bk} g{gm} w{warps} s{stages}"))
         bm, bn, warps = _COLSUM
         specs.append(AotSpec(_colsum_kernel, {"g_ptr": f"*{dt}", "out_ptr": f"*{dt}", "M": "i32", "N": "i32",
                                               "stride_gm": "i32", "stride_gn": "i32",
