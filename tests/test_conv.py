@@ -518,17 +518,178 @@ def test_backward_with_some_leaves_frozen(backend, device, nd, wants, rng):
 
 
 def test_dot_precision_follows_torch_flags(monkeypatch):
+    """float32 convolutions obey torch.backends.cudnn.allow_tf32 alone (as torch's cuDNN
+    convolutions do); the matmul flag and set_float32_matmul_precision are linear's."""
     from gpu_nn.ops import conv as oc
 
     monkeypatch.setattr(oc.torch.cuda, "is_available", lambda: True)
     old = _set_tf32(False, False)
     try:
-        for mm, cudnn, want in ((False, False, "ieee"), (True, False, "tf32"), (False, True, "tf32")):
+        for mm, cudnn, want in ((False, False, "ieee"), (True, False, "ieee"), (False, True, "tf32"), (True, True, "tf32")):
             _set_tf32(mm, cudnn)
             assert oc._precision(torch.float32) == want
             assert oc._precision(torch.float16) == "ieee"
     finally:
         _set_tf32(*old)
+
+
+class _Recorder:
+    """Stands in for a @triton.jit kernel: ``kernel[grid](...)`` records the launch's keyword
+    arguments and, with ``run=True``, launches the real kernel."""
+
+    def __init__(self, kernel, run=True):
+        self.kernel, self.run, self.launches = kernel, run, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append(kwargs)
+            if self.run:
+                return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+@pytest.mark.parametrize("cudnn", [False, True])
+def test_tf32_flag_reaches_the_kernels(cudnn, monkeypatch, rng):
+    """The PREC constexpr of the forward, dgrad and wgrad launches follows
+    torch.backends.cudnn.allow_tf32 (and not the matmul flag, set the other way); linear's
+    switch follows the matmul flag and torch.set_float32_matmul_precision, not cudnn's."""
+    from gpu_nn.kernels.triton import conv as kt
+    from gpu_nn.ops import conv as oc
+    from gpu_nn.ops import dense as od
+
+    if not gpu_nn.available_backends().count("triton"):
+        pytest.skip("triton backend unavailable")
+    monkeypatch.setattr(oc.torch.cuda, "is_available", lambda: True)  # the interpreter answers 'ieee' otherwise
+    monkeypatch.setattr(oc, "_chooser", lambda device: None)
+    recs = {}
+    for name in ("_conv_fwd_kernel", "_conv_dgrad_kernel", "_conv_wgrad_kernel"):
+        recs[name] = _Recorder(getattr(kt, name), run=False)  # precision is the point, not the values
+        monkeypatch.setattr(kt, name, recs[name])
+    old = _set_tf32(not cudnn, cudnn)
+    try:
+        x = randn(rng, 1, 3, 6, 5, dtype=torch.float32, requires_grad=True)
+        w = randn(rng, 4, 3, 3, 3, dtype=torch.float32, requires_grad=True)
+        with gpu_nn.backend("triton"):
+            y = F.conv2d(x, w, padding=1)
+            torch.autograd.grad(y, (x, w), torch.ones_like(y))
+        want = "tf32" if cudnn else "ieee"
+        for name, rec in recs.items():
+            assert [k["PREC"] for k in rec.launches] == [want], name
+        assert od._tf32_allowed() is (not cudnn)
+    finally:
+        _set_tf32(*old)
+    old_mm = torch.get_float32_matmul_precision()
+    try:
+        for prec, want in (("highest", False), ("high", True), ("medium", True)):
+            torch.set_float32_matmul_precision(prec)
+            assert od._tf32_allowed() is want
+    finally:
+        torch.set_float32_matmul_precision(old_mm)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="TF32 exists only on a GPU (the interpreter computes float32)")
+@pytest.mark.parametrize("backend,device", backend_params(("triton",)))
+def test_tf32_error_bound_on_gpu(backend, device, rng):
+    """With torch's default (cudnn.allow_tf32 on) a float32 conv's operands are rounded to TF32:
+    10 explicit mantissa bits (unit roundoff 2^-11, as float16) with float32 accumulation, so
+    the error bound is float16's: 4 ulps of a 10-bit mantissa plus the float32 floor."""
+    old = _set_tf32(False, True)
+    try:
+        xs, ws = (2, 64, 13, 11), (48, 64, 3, 3)
+        k = ws[1] * ws[2] * ws[3]
+        x64, w64, b64 = randn(rng, *xs), randn(rng, *ws) / k ** 0.5, randn(rng, ws[0])
+        leaves64 = [t.clone().requires_grad_() for t in (x64, w64, b64)]
+        with gpu_nn.backend("reference"):
+            yr = F.conv2d(*leaves64, padding=1)
+            g64 = randn(rng, *yr.shape)
+            gr = torch.autograd.grad(yr, leaves64, g64)
+        leaves = [t.to(device, torch.float32).requires_grad_() for t in (x64, w64, b64)]
+        with gpu_nn.backend(backend):
+            y = F.conv2d(*leaves, padding=1)
+            gs = torch.autograd.grad(y, leaves, g64.to(device, torch.float32))
+        eps_tf32 = 2.0 ** -10  # machine epsilon of a 10-bit mantissa (helpers' float16 EPS)
+        bound = lambda red: 4 * eps_tf32 + 8 * 1.2e-7 * red ** 0.5  # noqa: E731
+        assert max_rel_err(y, yr) <= bound(k)
+        red_bwd = yr.numel() // ws[0] + ws[0] * k
+        for a, e in zip(gs, gr):
+            assert max_rel_err(a, e) <= bound(red_bwd)
+    finally:
+        _set_tf32(*old)
+
+
+# ----------------------------------------------------------------------------- memory format
+
+def _same_layout(a, b):
+    """Equal strides wherever the size is above 1 (a size-1 dimension's stride is immaterial)."""
+    return a.shape == b.shape and all(sa == sb for n, sa, sb in zip(a.shape, a.stride(), b.stride()) if n > 1)
+
+
+def _lay(t, layout):
+    if layout == "NHWC":
+        return _layout(t, "channels_last")
+    if layout == "HW":  # spatial dims swapped in memory: neither format
+        return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+    return t
+
+
+@pytest.mark.parametrize("nd", [1, 2])
+def test_memory_format_rule_matches_torch(nd, rng):
+    """_memory_format against what torch's CPU convolution returns (output, input gradient,
+    weight gradient), over every input x weight layout and sizes where the formats coincide
+    (one channel, 1x1 images and kernels)."""
+    from gpu_nn.ops import conv as oc
+
+    sizes = [(2, 4, 3, 6, 3), (2, 1, 3, 6, 3), (2, 4, 1, 6, 3), (1, 4, 3, 1, 1), (2, 4, 3, 5, 1), (3, 2, 5, 1, 1)]
+    for (n, c, o, s, k), xl, wl in itertools.product(sizes, ("NCHW", "NHWC", "HW"), ("NCHW", "NHWC", "HW")):
+        xs, ws = ((n, c, s, s + 1), (o, c, k, k)) if nd == 2 else ((n, c, s + 1), (o, c, k))
+        x = _lay(randn(rng, *xs), xl).requires_grad_()
+        w = _lay(randn(rng, *ws), wl).requires_grad_()
+        y = (TF.conv2d if nd == 2 else TF.conv1d)(x, w)
+        gi, gw = torch.autograd.grad(y, (x, w), torch.ones_like(y))
+        fmt = oc._memory_format(x, w)
+        for what, t in (("output", y), ("grad_input", gi), ("grad_weight", gw)):
+            want = oc._alloc(t.shape, fmt, torch.empty)
+            assert _same_layout(t, want), f"{what} {(n, c, o, s, k)} {xl} x {wl}: torch {t.stride()}, ours {want.stride()}"
+
+
+@pytest.mark.usefixtures("no_tf32")
+@pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
+@pytest.mark.parametrize("nd", [1, 2])
+@pytest.mark.parametrize("xl,wl", list(itertools.product(("NCHW", "NHWC"), repeat=2)))
+def test_memory_format_like_torch_both_directions(backend, device, nd, xl, wl, rng):
+    """NCHW and channels_last inputs and weights on every backend: the output, input gradient and
+    weight gradient have torch's memory format and match the float64 reference (forward, dgrad,
+    wgrad; a fused activation where both are channels_last, which routes the gradient through
+    the elementwise kernel in channels_last)."""
+    act = "relu" if xl == wl == "NHWC" else None
+    groups = 2 if wl == "NCHW" else 1
+    xs, ws = ((2, 6, 9, 7), (5 * groups, 6 // groups, 3, 2)) if nd == 2 else ((2, 6, 13), (5 * groups, 6 // groups, 3))
+    kw = dict(stride=(2, 1) if nd == 2 else 2, padding=1, groups=groups, activation=act)
+    k = ws[1] * (ws[2] * ws[3] if nd == 2 else ws[2])
+    x64, w64, b64 = randn(rng, *xs), randn(rng, *ws) / k ** 0.5, randn(rng, ws[0])
+    fn, tfn = (F.conv2d, TF.conv2d) if nd == 2 else (F.conv1d, TF.conv1d)
+    with gpu_nn.backend("reference"):
+        leaves = [x64.clone().requires_grad_(), w64.clone().requires_grad_(), b64.clone().requires_grad_()]
+        yr = fn(*leaves, **kw)
+        g64 = randn(rng, *yr.shape)
+        gr = torch.autograd.grad(yr, leaves, g64)
+    dtype = torch.float64 if backend == "reference" else torch.float32
+    x = _lay(x64.to(device, dtype), xl).requires_grad_()
+    w = _lay(w64.to(device, dtype), wl).requires_grad_()
+    b = b64.to(device, dtype).requires_grad_()
+    with gpu_nn.backend(backend):
+        y = fn(x, w, b, **kw)
+        gs = torch.autograd.grad(y, (x, w, b), _lay(g64.to(device, dtype), "NHWC" if "NHWC" in (xl, wl) else "NCHW"))
+    # torch's layouts, from torch's own convolution on the same layouts
+    xt, wt = x.detach().cpu().requires_grad_(), w.detach().cpu().requires_grad_()
+    yt = tfn(xt, wt, None, kw["stride"], kw["padding"], 1, groups)
+    gt = torch.autograd.grad(yt, (xt, wt), torch.ones_like(yt))
+    for what, ours, theirs in (("output", y, yt), ("grad_input", gs[0], gt[0]), ("grad_weight", gs[1], gt[1])):
+        assert _same_layout(ours, theirs), f"{what}: strides {ours.stride()}, torch's {theirs.stride()}"
+    red_bwd = max(yr.numel() // ws[0], 1) + ws[0] * k
+    assert_close(y, yr, dtype, k, "forward")
+    for name, a, e in zip(("grad_input", "grad_weight", "grad_bias"), gs, gr):
+        assert_close(a, e, dtype, red_bwd, name)
 
 
 def test_triton_heuristic_tiles():

@@ -13,18 +13,26 @@ One custom-op pair serves both ranks (the rank is the weight's ``dim() - 2``):
   back as an empty tensor. ``output`` (the forward result) is only used, and only needed, with
   a fused activation.
 
-Backends: reference (NumPy; float16/bfloat16 computed in float32), triton. Outputs are
-contiguous (NCHW), whatever the input's memory format.
+Backends: reference (NumPy; float16/bfloat16 computed in float32), triton.
+
+Memory format: as torch's own convolution (checked against torch on the CPU for every input x
+weight layout in tests/test_conv.py), the output, the input gradient and the weight gradient are
+all channels_last (NHWC; NLC for conv1d) when the weight's strides look channels_last, or for
+conv2d the input's do (:func:`_memory_format`); otherwise contiguous. The Triton kernels address
+every tensor through its strides, so either layout is read and written in place, without a
+transpose pass; the reference computes contiguous and lays the result out afterwards.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 from torch import Tensor
+from torch._prims_common import suggest_memory_format as _suggest
 
-from .. import _backend
+from .. import _backend, _tuning
 from .._errors import KernelInputError, KernelInputTypeError
 from ..check import CheckCase
 from ..reference import conv as ref
@@ -244,11 +252,12 @@ def conv_forward(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride, 
     ``padding`` per side. Returns a contiguous [N, O, *So] tensor of input's dtype."""
     nd = weight.dim() - 2
     _check(nd, input, weight, bias, stride, padding, dilation, groups, activation)
+    fmt = _memory_format(input, weight)
     backend = _backend.resolve(f"conv{nd}d", input.device, BACKENDS)
     if backend == "reference":
         f = ref.conv2d if nd == 2 else ref.conv1d
         out = f(to_numpy(input), to_numpy(weight), to_numpy(bias), stride, _ref_pads(padding), dilation, groups, activation)
-        return from_numpy(out, input.dtype, input.device)
+        return _in_format(from_numpy(out, input.dtype, input.device), fmt)
     _backend.check_interpreter_dtype(f"conv{nd}d", backend, input, weight, bias)
     ktriton, kt = triton_kernels("conv")
 
@@ -256,13 +265,14 @@ def conv_forward(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride, 
     pads4 = padding if nd == 2 else [0, 0] + list(padding)
     st4 = stride if nd == 2 else [1] + list(stride)
     dl4 = dilation if nd == 2 else [1] + list(dilation)
-    osz = _out_size(x4.shape, w4.shape, st4, pads4, dl4)
-    out = empty((x4.shape[0], w4.shape[0], *osz), dtype=input.dtype, device=input.device)
+    osz = _out_size(input.shape, weight.shape, stride, padding, dilation)
+    out = _alloc((input.shape[0], weight.shape[0], *osz), fmt, lambda s: empty(s, dtype=input.dtype, device=input.device))
     # the epilogue reads the bias with unit stride: expanded or strided views (a double
     # backward passes expanded ones) are made dense first (a no-op for a contiguous bias)
     bias = None if bias is None else bias.contiguous()
-    kt.conv_forward(x4, w4, bias, out, st4, pads4, dl4, groups, activation, _precision(input.dtype), ktriton.INTERPRET)
-    return out if nd == 2 else out[:, :, 0, :]
+    kt.conv_forward(x4, w4, bias, _as4d(out), st4, pads4, dl4, groups, activation, _precision(input.dtype),
+                    ktriton.INTERPRET, choose=_chooser(input.device))
+    return out
 
 
 def conv_backward(grad_output: Tensor, input: Tensor, weight: Tensor, output: Optional[Tensor], stride, padding,
@@ -278,13 +288,14 @@ def conv_backward(grad_output: Tensor, input: Tensor, weight: Tensor, output: Op
     if activation is not None and (output is None or output.shape != grad_output.shape):
         raise KernelInputError(f"conv{nd}d backward with activation={activation!r} needs the forward output")
     mask = [bool(m) for m in output_mask]
+    fmt = _memory_format(input, weight)
     backend = _backend.resolve(f"conv{nd}d_backward", input.device, BACKENDS)
     dt, dev = input.dtype, input.device
     if backend == "reference":
         f = ref.conv2d_backward if nd == 2 else ref.conv1d_backward
         gi, gw, gb = f(to_numpy(grad_output), to_numpy(input), to_numpy(weight), stride, _ref_pads(padding), dilation,
                        groups, mask, to_numpy(output) if activation is not None else None, activation)
-        res = [from_numpy(a, dt, dev) if m else input.new_empty(0) for a, m in zip((gi, gw, gb), mask)]
+        res = [_in_format(from_numpy(a, dt, dev), fmt) if m else input.new_empty(0) for a, m in zip((gi, gw, gb), mask)]
         return tuple(res)
     _backend.check_interpreter_dtype(f"conv{nd}d", backend, input, weight, grad_output)
     ktriton, kt = triton_kernels("conv")
@@ -293,8 +304,14 @@ def conv_backward(grad_output: Tensor, input: Tensor, weight: Tensor, output: Op
     if activation is not None:
         _, ka = triton_kernels("activation")
 
-        gc, yc = g.contiguous(), output.to(g.dtype).contiguous()
-        g = empty(gc.shape, dtype=dt, device=dev)
+        # the elementwise kernel walks flat memory: g, y and the result share one dense layout
+        # (channels_last stays channels_last, no transpose pass)
+        gfmt = torch.channels_last if _dense_channels_last(g) else torch.contiguous_format
+        gc = g if gfmt == torch.channels_last else g.contiguous()
+        yc = output.to(g.dtype)
+        if yc.stride() != gc.stride():
+            yc = _alloc(yc.shape, gfmt, lambda s: torch.empty(s, dtype=dt, device=dev)).copy_(yc)
+        g = _alloc(gc.shape, gfmt, lambda s: empty(s, dtype=dt, device=dev))
         ka.act_backward(gc, yc, g, activation, ktriton.INTERPRET)
     x4, w4, g4 = _as4d(input), _as4d(weight), _as4d(g)
     pads4 = padding if nd == 2 else [0, 0] + list(padding)
@@ -303,17 +320,59 @@ def conv_backward(grad_output: Tensor, input: Tensor, weight: Tensor, output: Op
     prec = _precision(dt)
     # one placeholder each: a custom op may not return the same tensor twice
     gi, gw, gb = (input.new_empty(0) for _ in range(3))
+    new = lambda s: empty(s, dtype=dt, device=dev)  # noqa: E731
     if mask[0]:
-        gi = empty(x4.shape, dtype=dt, device=dev)
-        kt.conv_backward_data(g4, w4, gi, st4, pads4, dl4, groups, prec, ktriton.INTERPRET)
-        gi = gi if nd == 2 else gi[:, :, 0, :]
+        gi = _alloc(input.shape, fmt, new)
+        kt.conv_backward_data(g4, w4, _as4d(gi), st4, pads4, dl4, groups, prec, ktriton.INTERPRET)
     if mask[1]:
-        gw = empty(w4.shape, dtype=dt, device=dev)
-        kt.conv_backward_weight(g4, x4, gw, st4, pads4, dl4, groups, prec, ktriton.INTERPRET)
-        gw = gw if nd == 2 else gw[:, :, 0, :]
+        gw = _alloc(weight.shape, fmt, new)
+        kt.conv_backward_weight(g4, x4, _as4d(gw), st4, pads4, dl4, groups, prec, ktriton.INTERPRET)
     if mask[2]:
         gb = g.sum(dim=[0, *range(2, g.dim())], dtype=torch.float32).to(dt) if g.shape[0] else torch.zeros(weight.shape[0], dtype=dt, device=dev)
     return gi, gw, gb
+
+
+def _memory_format(input: Tensor, weight: Tensor) -> torch.memory_format:
+    """The memory format of a convolution's results, by torch's rule: channels_last when the
+    weight's strides suggest it (a conv1d weight [O, C, k] seen as [O, C, 1, k], as torch sees
+    it) or, for conv2d, the input's do; else contiguous. (torch's CPU convolution ignores a
+    conv1d input's layout; tests/test_conv.py checks the rule against torch for both ranks,
+    every input x weight layout, and degenerate sizes where both formats coincide.)"""
+    w4 = _as4d(weight)
+    if _suggest(w4) == torch.channels_last or (input.dim() == 4 and _suggest(input) == torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _dense_channels_last(t: Tensor) -> bool:
+    """Whether ``t`` ([N, C, *S]) is a dense NHWC / NLC tensor and not also a contiguous one."""
+    return not t.is_contiguous() and t.permute(0, *range(2, t.dim()), 1).is_contiguous()
+
+
+def _chooser(device: torch.device):
+    """The measuring configuration chooser handed to the kernel launchers, or None where the
+    heuristic serves (CPU and the interpreter, GPU_NN_TUNE=0, CUDA graph capture)."""
+    if not _tuning.enabled(device):
+        return None
+    return functools.partial(_tuning.choose, device=device)
+
+
+def _alloc(shape, fmt: torch.memory_format, new) -> Tensor:
+    """A [N, C, *S] tensor laid out in ``fmt``: ``new(shape)`` itself, or for channels_last
+    ``new([N, *S, C])`` seen through a permutation (C innermost; NLC for conv1d)."""
+    shape = tuple(shape)
+    if fmt != torch.channels_last:
+        return new(shape)
+    nd = len(shape)
+    return new((shape[0], *shape[2:], shape[1])).permute(0, nd - 1, *range(1, nd - 1))
+
+
+def _in_format(t: Tensor, fmt: torch.memory_format) -> Tensor:
+    """A contiguous result (the reference's) laid out in ``fmt`` (one copy for channels_last)."""
+    if fmt != torch.channels_last or t.dim() < 3:
+        return t
+    out = _alloc(t.shape, fmt, lambda s: t.new_empty(s))
+    return out.copy_(t)
 
 
 def _as4d(t: Tensor) -> Tensor:
@@ -322,13 +381,14 @@ def _as4d(t: Tensor) -> Tensor:
 
 
 def _precision(dtype: torch.dtype) -> str:
-    """tl.dot input precision for float32: 'ieee' unless torch allows TF32 for matmuls or for
-    cuDNN (the flag torch's own convolutions obey, on by default). Decided here, per call, and
-    passed to the kernels as a constexpr. Meaningless under the interpreter, so 'ieee' there."""
+    """tl.dot input precision for float32: 'tf32' when torch allows TF32 for its own
+    convolutions (``torch.backends.cudnn.allow_tf32``, on by default; the matmul flag and
+    ``torch.set_float32_matmul_precision`` are linear's, not conv's), else 'ieee'. Decided here,
+    per call, and passed to the kernels as a constexpr. Meaningless under the interpreter, so
+    'ieee' there."""
     if dtype != torch.float32:
         return "ieee"
-    tf32 = torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32
-    return "tf32" if tf32 and torch.cuda.is_available() else "ieee"
+    return "tf32" if torch.backends.cudnn.allow_tf32 and torch.cuda.is_available() else "ieee"
 
 
 # ----------------------------------------------------------------------------- custom ops
@@ -343,7 +403,7 @@ def _conv_forward_op(input: Tensor, weight: Tensor, bias: Optional[Tensor], stri
 @_conv_forward_op.register_fake
 def _(input, weight, bias, stride, padding, dilation, groups, activation):
     osz = _out_size(input.shape, weight.shape, stride, padding, dilation)
-    return input.new_empty((input.shape[0], weight.shape[0], *osz))
+    return _alloc((input.shape[0], weight.shape[0], *osz), _memory_format(input, weight), input.new_empty)
 
 
 @routed
@@ -356,8 +416,9 @@ def _conv_backward_op(grad_output: Tensor, input: Tensor, weight: Tensor, output
 
 @_conv_backward_op.register_fake
 def _(grad_output, input, weight, output, stride, padding, dilation, groups, activation, output_mask):
+    fmt = _memory_format(input, weight)
     shapes = (input.shape, weight.shape, (weight.shape[0],))
-    return tuple(input.new_empty(s if m else (0,)) for s, m in zip(shapes, output_mask))
+    return tuple(_alloc(s, fmt, input.new_empty) if m else input.new_empty((0,)) for s, m in zip(shapes, output_mask))
 
 
 def _setup_context(ctx, inputs, output):

@@ -48,6 +48,25 @@ GPU_CONFIGS = {
         "small": (64, 32, 32, 8, 3),  # 4 warps: dgrad spills (255 registers)
     },
 }
+# Extra forward configurations for measured choice only (pick_config never returns them): a
+# deeper pipeline and a wider N tile. sm_90 AOT compile (fwd): fp32 large3 192 (ieee) / 202
+# (tf32) registers; half large4 234 and wide 188 registers; no spills. Larger tiles (128x128,
+# 128x32 or K = 64 in half precision; 64x64x16 in fp32 ieee) spill with this kernel's gathered
+# int64 pointer tiles (255 registers plus 24-490 bytes of stack), so they are not candidates.
+TUNE_CONFIGS = {
+    "fp32": {
+        "large3": (128, 64, 16, 8, 3),
+    },
+    "half": {
+        "large4": (128, 64, 32, 8, 4),
+        "wide": (64, 128, 32, 8, 3),
+    },
+}
+# The forward candidates a measuring chooser times, by name (GPU_CONFIGS or TUNE_CONFIGS).
+FWD_CANDIDATES = {
+    "fp32": ("large", "small", "large3"),
+    "half": ("large", "medium", "large4", "wide"),
+}
 # One small fixed configuration under the interpreter: few Python-level programs.
 INTERP_CONFIG = (64, 16, 16, 4, 1)
 WGRAD_TARGET_PROGRAMS = 264  # two waves of an H100's 132 SMs
@@ -371,6 +390,14 @@ def pick_config(gemm_n: int, gemm_m: int, half: bool, interpret: bool) -> tuple[
     return cfg
 
 
+def fwd_candidates(half: bool) -> list[tuple[int, int, int, int, int]]:
+    """The forward configurations a measuring chooser times: the heuristic's table plus the
+    pipelined tiles in ``TUNE_CONFIGS`` (all compiled for sm_90 in :func:`aot_specs`)."""
+    key = "half" if half else "fp32"
+    table = {**GPU_CONFIGS[key], **TUNE_CONFIGS[key]}
+    return [table[name] for name in FWD_CANDIDATES[key]]
+
+
 def wgrad_split(tiles: int, m: int, block_k: int, interpret: bool) -> int:
     """How many programs share the K = N*Ho*Wo reduction of wgrad (float32 partial sums)."""
     if interpret:
@@ -395,11 +422,17 @@ def dw_config(interpret: bool) -> tuple[int, int, int]:
 
 # ----------------------------------------------------------------------------- launchers
 
-def conv_forward(x, w, bias, y, stride, padding, dilation, groups, activation, prec, interpret):
+def conv_forward(x, w, bias, y, stride, padding, dilation, groups, activation, prec, interpret, choose=None):
     """``y`` [N, O, Ho, Wo] = act(conv(x [N, C, H, W], w [O, C/groups, kh, kw]) + bias [O]).
 
     ``padding`` is ``[top, bottom, left, right]`` (only top/left enter the index math: the
-    bottom/right padding only decides Ho/Wo, which ``y`` already has). Any strides."""
+    bottom/right padding only decides Ho/Wo, which ``y`` already has). Any strides.
+
+    ``choose``: None (the heuristic :func:`pick_config` decides) or a measuring chooser
+    ``choose(op, key, candidates, run, default) -> config`` (``gpu_nn._tuning.choose`` bound to
+    the device, which the caller passes only where measuring is possible): the implicit-GEMM
+    forward then launches the fastest of :func:`fwd_candidates` for this problem. Depthwise
+    convolutions keep their single configuration."""
     n, c, h, wd = x.shape
     o, cg, kh, kw = w.shape
     _, _, ho, wo = y.shape
@@ -418,16 +451,28 @@ def conv_forward(x, w, bias, y, stride, padding, dilation, groups, activation, p
             BLOCK_P=bp, BLOCK_C=bc, num_warps=warps,
         )
         return
-    bm, bn, bk, warps, stages = pick_config(og, n * ho * wo, x.element_size() == 2, interpret)
-    grid = (triton.cdiv(n * ho * wo, bm), triton.cdiv(og, bn), groups)
-    _conv_fwd_kernel[grid](
-        x, w, bias if bias is not None else y, y,
-        n, h, wd, ho, wo, kw, kh * kw, cg, og,
-        *x.stride(), *w.stride(), *y.stride(),
-        stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
-        int(bias is not None), ACT_CODES[activation], PREC=_dot_precision(prec),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
-    )
+    half = x.element_size() == 2
+
+    def launch(cfg):
+        bm, bn, bk, warps, stages = cfg
+        grid = (triton.cdiv(n * ho * wo, bm), triton.cdiv(og, bn), groups)
+        _conv_fwd_kernel[grid](
+            x, w, bias if bias is not None else y, y,
+            n, h, wd, ho, wo, kw, kh * kw, cg, og,
+            *x.stride(), *w.stride(), *y.stride(),
+            stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
+            int(bias is not None), ACT_CODES[activation], PREC=_dot_precision(prec),
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+        )
+
+    cfg = pick_config(og, n * ho * wo, half, interpret)
+    if choose is not None:
+        # every launch rewrites y in full, so the candidates are timed on the real buffers
+        key = (tuple(x.shape), tuple(x.stride()), tuple(w.shape), tuple(w.stride()), tuple(y.stride()),
+               str(x.dtype), tuple(stride), tuple(padding), tuple(dilation), groups, prec,
+               bias is not None, activation)
+        cfg = tuple(choose("conv_fwd", key, fwd_candidates(half), launch, cfg))
+    launch(cfg)
 
 
 def conv_backward_data(g, w, dx, stride, padding, dilation, groups, prec, interpret):
@@ -553,7 +598,8 @@ _INTS_DW_WGRAD = ("N", "H", "W", "O", "Ho", "Wo", "KW", "TAPS", "MULT", "CHUNK",
 
 def aot_specs():
     """Every configuration the launchers can launch on a GPU: each GPU config x dtype x
-    (float32) precision (wgrad: all but "large"); bias and activation are runtime arguments of
+    (float32) precision (wgrad: all but "large"), plus the forward's measured-choice candidates
+    (TUNE_CONFIGS); bias and activation are runtime arguments of
     the forward kernel. ``tests/test_aot_coverage.py`` checks that launches stay within this list."""
     specs = []
     variants = [("fp32", "ieee"), ("fp32", "tf32"), ("fp16", "ieee"), ("bf16", "ieee")]
@@ -578,6 +624,14 @@ def aot_specs():
             sig.update({k: "constexpr" for k in ("PREC", *blocks)})
             specs.append(AotSpec(_conv_wgrad_kernel, sig, {"PREC": prec, **blocks}, num_warps=warps,
                                  num_stages=stages, label=f"wgrad {cname} {dt} {prec}"))
+        for cname, (bm, bn, bk, warps, stages) in TUNE_CONFIGS["fp32" if dt == "fp32" else "half"].items():
+            blocks = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
+            sig = {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": f"*{dt}", "y_ptr": f"*{dt}"}
+            sig.update({k: "i32" for k in _INTS_FWD})
+            sig.update({"HAS_BIAS": "i32", "ACT": "i32"})
+            sig.update({k: "constexpr" for k in ("PREC", *blocks)})
+            specs.append(AotSpec(_conv_fwd_kernel, sig, {"PREC": prec, **blocks}, num_warps=warps,
+                                 num_stages=stages, label=f"fwd {cname} {dt} {prec}"))
     bp, bc, warps = DW_CONFIG
     blocks = {"BLOCK_P": bp, "BLOCK_C": bc}
     for dt in ("fp32", "fp16", "bf16"):
