@@ -3,7 +3,9 @@ kernel sizes, strides, padding forms, dilations, groups, batch sizes and memory 
 differences of the reference backward; opcheck; torch.compile; bad input; the Triton kernels
 against the reference; the nn modules against torch's."""
 
+import functools
 import itertools
+import json
 
 import numpy as np
 import pytest
@@ -13,7 +15,7 @@ import torch.nn.functional as TF
 import gpu_nn
 import gpu_nn.functional as F
 from gpu_nn.reference import conv as ref
-from helpers import assert_close, backend_params, gpu_dtypes_for, max_rel_err, randn
+from helpers import CUDA, assert_close, backend_params, gpu_dtypes_for, max_rel_err, randn
 
 # ----------------------------------------------------------------------------- grid
 
@@ -617,6 +619,104 @@ def test_tf32_error_bound_on_gpu(backend, device, rng):
         _set_tf32(*old)
 
 
+# ----------------------------------------------------------------------------- measured configurations
+
+@pytest.fixture
+def tune_cache(tmp_path, monkeypatch):
+    from gpu_nn import _tuning
+
+    monkeypatch.setenv(_tuning.CACHE_ENV, str(tmp_path / "tuning.json"))
+    _tuning.clear()
+    yield tmp_path / "tuning.json"
+    _tuning.clear()
+
+
+def _small_conv(rng, dtype, layout="contig"):
+    """A small odd problem: [1, 5, 7, 6] * [7, 5, 3, 3], padding 1, bias, relu (one program per candidate tile)."""
+    x64, w64, b64 = randn(rng, 1, 5, 7, 6), randn(rng, 7, 5, 3, 3) / 45 ** 0.5, randn(rng, 7)
+    with gpu_nn.backend("reference"):
+        yr = F.conv2d(x64, w64, b64, padding=1, activation="relu")
+    dev = "cuda" if CUDA else "cpu"
+    return (_layout(x64.to(dev, dtype), layout), w64.to(dev, dtype), b64.to(dev, dtype)), yr
+
+
+@pytest.mark.usefixtures("no_tf32")
+def test_forward_tuning_launches_the_timed_winner_and_caches_it(tune_cache, monkeypatch, rng):
+    """With a forced chooser and a fake clock, the forward times every candidate once, launches
+    the fastest, keeps it (memory and disk), and the next call with the same problem launches
+    the winner straight away; the result matches the reference."""
+    from gpu_nn import _tuning
+    from gpu_nn.kernels.triton import conv as kt
+    from gpu_nn.ops import conv as oc
+
+    if "triton" not in gpu_nn.available_backends():
+        pytest.skip("triton backend unavailable")
+    cands = kt.fwd_candidates(False)
+    assert 3 <= len(cands) <= 4 and len(set(cands)) == len(cands)
+    winner = cands[-1]  # not the heuristic's choice: the clock decides
+    rec = _Recorder(kt._conv_fwd_kernel)
+    monkeypatch.setattr(kt, "_conv_fwd_kernel", rec)
+    timed = []
+
+    def timer(fn):
+        n = len(rec.launches)
+        fn()
+        cfg = tuple(rec.launches[n][k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages"))
+        timed.append(cfg)
+        return 1.0 if cfg == winner else 2.0 + len(timed)
+
+    monkeypatch.setattr(oc, "_chooser", lambda device: functools.partial(_tuning.choose, device=device, timer=timer, force=True))
+    cfg_of = lambda k: (k["BLOCK_M"], k["BLOCK_N"], k["BLOCK_K"], k["num_warps"], k["num_stages"])  # noqa: E731
+    (x, w, b), yr = _small_conv(rng, torch.float32)
+    with gpu_nn.backend("triton"):
+        y = F.conv2d(x, w, b, padding=1, activation="relu")
+    assert sorted(timed) == sorted(cands)
+    assert cfg_of(rec.launches[-1]) == winner and len(rec.launches) == len(cands) + 1
+    assert_close(y, yr, torch.float32, 45, "forward (tuned)")
+    assert winner in [tuple(v) for d in json.loads(tune_cache.read_text()).values() for v in d.values()]
+    timed.clear()
+    rec.launches.clear()
+    with gpu_nn.backend("triton"):
+        y2 = F.conv2d(x, w, b, padding=1, activation="relu")
+    assert timed == [] and [cfg_of(k) for k in rec.launches] == [winner]
+    assert_close(y2, yr, torch.float32, 45, "forward (cached)")
+    # another layout is another problem: measured again
+    with gpu_nn.backend("triton"):
+        F.conv2d(_layout(x, "channels_last"), w, b, padding=1, activation="relu")
+    assert sorted(timed) == sorted(cands)
+
+
+def test_heuristic_serves_where_nothing_can_be_measured(monkeypatch):
+    from gpu_nn.ops import conv as oc
+
+    assert oc._chooser(torch.device("cpu")) is None
+    monkeypatch.setenv("GPU_NN_TUNE", "0")
+    assert oc._chooser(torch.device("cuda", 0)) is None
+
+
+@pytest.mark.usefixtures("no_tf32")
+@pytest.mark.parametrize("half", [False, True], ids=["fp32", "half"])
+def test_every_forward_candidate_matches_reference(half, monkeypatch, rng):
+    """Each configuration a measuring chooser may pick, launched on its own (under the
+    interpreter on a CPU machine), on NCHW and channels_last inputs, against the reference."""
+    from gpu_nn.kernels.triton import conv as kt
+    from gpu_nn.ops import conv as oc
+
+    if "triton" not in gpu_nn.available_backends():
+        pytest.skip("triton backend unavailable")
+    dtype = torch.float16 if half else torch.float32
+    for cand in kt.fwd_candidates(half):
+        def pick(op, key, candidates, run, default, cand=cand):
+            assert cand in candidates
+            return cand
+        monkeypatch.setattr(oc, "_chooser", lambda device: pick)
+        for layout in ("contig", "channels_last"):
+            (x, w, b), yr = _small_conv(rng, dtype, layout)
+            with gpu_nn.backend("triton"):
+                y = F.conv2d(x, w, b, padding=1, activation="relu")
+            assert_close(y, yr, dtype, 45, f"forward {cand} {layout}")
+
+
 # ----------------------------------------------------------------------------- memory format
 
 def _same_layout(a, b):
@@ -716,6 +816,13 @@ def test_triton_heuristic_tiles():
     for dt in ("fp32", "fp16", "bf16"):
         for kind in ("fwd", "dgrad", "wgrad"):
             assert f"depthwise {kind} {dt}" in labels
+    # every candidate a measuring chooser may launch is compiled ahead of time too
+    for half, dts in ((False, ("fp32 ieee", "fp32 tf32")), (True, ("fp16 ieee", "bf16 ieee"))):
+        table = {**kt.GPU_CONFIGS["half" if half else "fp32"], **kt.TUNE_CONFIGS["half" if half else "fp32"]}
+        for cand in kt.fwd_candidates(half):
+            name = next(k for k, v in table.items() if v == cand)
+            for dt in dts:
+                assert f"fwd {name} {dt}" in labels
     # depthwise = one input channel per group, whatever the channel multiplier
     assert kt.is_depthwise(6, 1, 6) and kt.is_depthwise(1, 1, 1)
     assert not kt.is_depthwise(6, 2, 3) and not kt.is_depthwise(6, 6, 1)
