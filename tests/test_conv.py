@@ -15,7 +15,7 @@ import torch.nn.functional as TF
 import gpu_nn
 import gpu_nn.functional as F
 from gpu_nn.reference import conv as ref
-from helpers import CUDA, assert_close, backend_params, gpu_dtypes_for, max_rel_err, randn
+from helpers import CUDA, EPS, assert_close, backend_params, gpu_dtypes_for, max_rel_err, randn
 
 # ----------------------------------------------------------------------------- grid
 
@@ -589,6 +589,13 @@ def test_tf32_flag_reaches_the_kernels(cudnn, monkeypatch, rng):
         torch.set_float32_matmul_precision(old_mm)
 
 
+def _tf32_bound(red: int) -> float:
+    """The tolerance of a float32 result whose operands were rounded to TF32 (10 explicit mantissa
+    bits, machine epsilon 2^-10 as float16) and accumulated in float32 over ``red`` terms:
+    helpers.tol's formula with TF32's epsilon in place of the output dtype's."""
+    return 4 * 2.0 ** -10 + 8 * EPS[torch.float32] * max(red, 1) ** 0.5
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="TF32 exists only on a GPU (the interpreter computes float32)")
 @pytest.mark.parametrize("backend,device", backend_params(("triton",)))
 def test_tf32_error_bound_on_gpu(backend, device, rng):
@@ -609,12 +616,10 @@ def test_tf32_error_bound_on_gpu(backend, device, rng):
         with gpu_nn.backend(backend):
             y = F.conv2d(*leaves, padding=1)
             gs = torch.autograd.grad(y, leaves, g64.to(device, torch.float32))
-        eps_tf32 = 2.0 ** -10  # machine epsilon of a 10-bit mantissa (helpers' float16 EPS)
-        bound = lambda red: 4 * eps_tf32 + 8 * 1.2e-7 * red ** 0.5  # noqa: E731
-        assert max_rel_err(y, yr) <= bound(k)
+        assert max_rel_err(y, yr) <= _tf32_bound(k)
         red_bwd = yr.numel() // ws[0] + ws[0] * k
         for a, e in zip(gs, gr):
-            assert max_rel_err(a, e) <= bound(red_bwd)
+            assert max_rel_err(a, e) <= _tf32_bound(red_bwd)
     finally:
         _set_tf32(*old)
 
@@ -631,13 +636,14 @@ def tune_cache(tmp_path, monkeypatch):
     _tuning.clear()
 
 
-def _small_conv(rng, dtype, layout="contig"):
-    """A small odd problem: [1, 5, 7, 6] * [7, 5, 3, 3], padding 1, bias, relu (one program per candidate tile)."""
-    x64, w64, b64 = randn(rng, 1, 5, 7, 6), randn(rng, 7, 5, 3, 3) / 45 ** 0.5, randn(rng, 7)
+def _small_conv(rng, dtype, layout="contig", c=5, o=7):
+    """A small odd image: [1, c, 7, 5] * [o, c, 3, 3], padding 1, bias, relu (one program per
+    candidate tile); channels_last lays out the input and the weight."""
+    x64, w64, b64 = randn(rng, 1, c, 7, 5), randn(rng, o, c, 3, 3) / (9 * c) ** 0.5, randn(rng, o)
     with gpu_nn.backend("reference"):
         yr = F.conv2d(x64, w64, b64, padding=1, activation="relu")
     dev = "cuda" if CUDA else "cpu"
-    return (_layout(x64.to(dev, dtype), layout), w64.to(dev, dtype), b64.to(dev, dtype)), yr
+    return (_layout(x64.to(dev, dtype), layout), _layout(w64.to(dev, dtype), layout), b64.to(dev, dtype)), yr
 
 
 @pytest.mark.usefixtures("no_tf32")
@@ -698,23 +704,57 @@ def test_heuristic_serves_where_nothing_can_be_measured(monkeypatch):
 @pytest.mark.parametrize("half", [False, True], ids=["fp32", "half"])
 def test_every_forward_candidate_matches_reference(half, monkeypatch, rng):
     """Each configuration a measuring chooser may pick, launched on its own (under the
-    interpreter on a CPU machine), on NCHW and channels_last inputs, against the reference."""
+    interpreter on a CPU machine) against the reference: the generic candidates on NCHW and
+    channels_last inputs with odd channel counts, the NHWC tiles on a channels_last problem with
+    16 / 32 channels (the specialisation they are compiled for)."""
     from gpu_nn.kernels.triton import conv as kt
     from gpu_nn.ops import conv as oc
 
     if "triton" not in gpu_nn.available_backends():
         pytest.skip("triton backend unavailable")
     dtype = torch.float16 if half else torch.float32
-    for cand in kt.fwd_candidates(half):
-        def pick(op, key, candidates, run, default, cand=cand):
-            assert cand in candidates
-            return cand
-        monkeypatch.setattr(oc, "_chooser", lambda device: pick)
-        for layout in ("contig", "channels_last"):
-            (x, w, b), yr = _small_conv(rng, dtype, layout)
+    problems = [("contig", 5, 7, False), ("channels_last", 5, 7, False), ("channels_last", 16, 32, True)]
+    for layout, c, o, nhwc in problems:
+        for cand in kt.fwd_candidates(half, nhwc):
+            if nhwc and cand in kt.fwd_candidates(half, False):
+                continue  # run above
+            def pick(op, key, candidates, run, default, cand=cand):
+                assert cand in candidates
+                return cand
+            monkeypatch.setattr(oc, "_chooser", lambda device: pick)
+            # float32 gets the NHWC tiles under TF32 only (the interpreter may emulate its rounding)
+            tf32 = nhwc and not half
+            monkeypatch.setattr(oc, "_precision", lambda dt, tf32=tf32: "tf32" if tf32 and dt == torch.float32 else "ieee")
+            (x, w, b), yr = _small_conv(rng, dtype, layout, c, o)
+            y4 = torch.empty(1, o, 7, 5, dtype=dtype).contiguous(memory_format=torch.channels_last)
+            assert kt.nhwc_specialised(x, w, b, y4, c, o) is nhwc
             with gpu_nn.backend("triton"):
                 y = F.conv2d(x, w, b, padding=1, activation="relu")
-            assert_close(y, yr, dtype, 45, f"forward {cand} {layout}")
+            if tf32:
+                assert max_rel_err(y, yr) <= _tf32_bound(9 * c), f"forward {cand} {layout} C={c} (tf32)"
+            else:
+                assert_close(y, yr, dtype, 9 * c, f"forward {cand} {layout} C={c}")
+
+
+def test_nhwc_tiles_only_where_their_specialisation_holds(rng):
+    """The large NHWC tiles are compiled for unit channel strides and multiples of 16: any
+    other problem gets the generic candidates (and float32 without TF32 never gets them)."""
+    from gpu_nn.kernels.triton import conv as kt
+
+    cl = torch.channels_last
+    x, w, y = (torch.empty(*sh).to(memory_format=cl) for sh in ((2, 32, 9, 7), (48, 32, 3, 3), (2, 48, 9, 7)))
+    assert kt.nhwc_specialised(x, w, None, y, 32, 48)
+    assert kt.nhwc_specialised(x, w, torch.empty(48), y, 32, 48)
+    assert not kt.nhwc_specialised(x, w[:, :16], None, y, 16, 24)  # groups=2 with 24 output channels per group
+    assert not kt.nhwc_specialised(x.contiguous(), w, None, y, 32, 48)
+    assert not kt.nhwc_specialised(x, w.contiguous(), None, y, 32, 48)
+    assert not kt.nhwc_specialised(x, w, None, y.contiguous(), 32, 48)
+    x24, w24 = torch.empty(2, 24, 9, 7).to(memory_format=cl), torch.empty(48, 24, 3, 3).to(memory_format=cl)
+    assert not kt.nhwc_specialised(x24, w24, None, y, 24, 48)  # 24 channels: not a multiple of 16
+    assert not kt.nhwc_specialised(x, w, torch.empty(49)[1:], y, 32, 48)  # a misaligned bias pointer
+    for half in (False, True):
+        generic, nhwc = kt.fwd_candidates(half), kt.fwd_candidates(half, True)
+        assert 3 <= len(generic) <= 4 and 3 <= len(nhwc) <= 4 and set(nhwc) - set(generic)
 
 
 # ----------------------------------------------------------------------------- memory format
@@ -817,12 +857,17 @@ def test_triton_heuristic_tiles():
         for kind in ("fwd", "dgrad", "wgrad"):
             assert f"depthwise {kind} {dt}" in labels
     # every candidate a measuring chooser may launch is compiled ahead of time too
-    for half, dts in ((False, ("fp32 ieee", "fp32 tf32")), (True, ("fp16 ieee", "bf16 ieee"))):
-        table = {**kt.GPU_CONFIGS["half" if half else "fp32"], **kt.TUNE_CONFIGS["half" if half else "fp32"]}
-        for cand in kt.fwd_candidates(half):
+    for half, nhwc, dts in ((False, False, ("fp32 ieee", "fp32 tf32")), (True, False, ("fp16 ieee", "bf16 ieee")),
+                            (False, True, ("fp32 tf32",)), (True, True, ("fp16 ieee", "bf16 ieee"))):
+        key = "half" if half else "fp32"
+        table = {**kt.GPU_CONFIGS[key], **kt.TUNE_CONFIGS[key], **kt.NHWC_CONFIGS[key]}
+        for cand in kt.fwd_candidates(half, nhwc):
             name = next(k for k, v in table.items() if v == cand)
             for dt in dts:
                 assert f"fwd {name} {dt}" in labels
+    nhwc_specs = [sp for sp in kt.aot_specs() if sp.label.split()[1] in {**kt.NHWC_CONFIGS["fp32"], **kt.NHWC_CONFIGS["half"]}]
+    assert nhwc_specs and all(sp.divisible_by_16 == kt.NHWC_DIV16 and all(sp.constexprs[k] == 1 for k in kt.NHWC_UNIT)
+                              for sp in nhwc_specs)
     # depthwise = one input channel per group, whatever the channel multiplier
     assert kt.is_depthwise(6, 1, 6) and kt.is_depthwise(1, 1, 1)
     assert not kt.is_depthwise(6, 2, 3) and not kt.is_depthwise(6, 6, 1)
