@@ -647,48 +647,62 @@ def _small_conv(rng, dtype, layout="contig", c=5, o=7):
 
 
 @pytest.mark.usefixtures("no_tf32")
-def test_forward_tuning_launches_the_timed_winner_and_caches_it(tune_cache, monkeypatch, rng):
-    """With a forced chooser and a fake clock, the forward times every candidate once, launches
-    the fastest, keeps it (memory and disk), and the next call with the same problem launches
-    the winner straight away; the result matches the reference."""
+@pytest.mark.parametrize("part", ["fwd", "dgrad"])
+def test_tuning_launches_the_timed_winner_and_caches_it(part, tune_cache, monkeypatch, rng):
+    """With a forced chooser and a fake clock, the forward (or the input gradient) times every
+    candidate once, launches the fastest, keeps it (memory and disk), and the next call with
+    the same problem launches the winner straight away; the result matches the reference."""
     from gpu_nn import _tuning
     from gpu_nn.kernels.triton import conv as kt
     from gpu_nn.ops import conv as oc
 
     if "triton" not in gpu_nn.available_backends():
         pytest.skip("triton backend unavailable")
-    cands = kt.fwd_candidates(False)
-    assert 3 <= len(cands) <= 4 and len(set(cands)) == len(cands)
+    cands = kt.fwd_candidates(False) if part == "fwd" else kt.dgrad_candidates(False)
+    assert 2 <= len(cands) <= 4 and len(set(cands)) == len(cands)
     winner = cands[-1]  # not the heuristic's choice: the clock decides
-    rec = _Recorder(kt._conv_fwd_kernel)
-    monkeypatch.setattr(kt, "_conv_fwd_kernel", rec)
+    recs = {p: _Recorder(getattr(kt, f"_conv_{p}_kernel")) for p in ("fwd", "dgrad")}
+    for p, rec in recs.items():
+        monkeypatch.setattr(kt, f"_conv_{p}_kernel", rec)
+    rec = recs[part]
+    cfg_of = lambda k: (k["BLOCK_M"], k["BLOCK_N"], k["BLOCK_K"], k["num_warps"], k["num_stages"])  # noqa: E731
     timed = []
 
     def timer(fn):
         n = len(rec.launches)
         fn()
-        cfg = tuple(rec.launches[n][k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages"))
-        timed.append(cfg)
-        return 1.0 if cfg == winner else 2.0 + len(timed)
+        if len(rec.launches) == n:  # the other part's candidate: any constant clock
+            return 1.0
+        timed.append(cfg_of(rec.launches[n]))
+        return 1.0 if timed[-1] == winner else 2.0 + len(timed)
 
     monkeypatch.setattr(oc, "_chooser", lambda device: functools.partial(_tuning.choose, device=device, timer=timer, force=True))
-    cfg_of = lambda k: (k["BLOCK_M"], k["BLOCK_N"], k["BLOCK_K"], k["num_warps"], k["num_stages"])  # noqa: E731
     (x, w, b), yr = _small_conv(rng, torch.float32)
-    with gpu_nn.backend("triton"):
-        y = F.conv2d(x, w, b, padding=1, activation="relu")
+    x.requires_grad_(part == "dgrad")
+    g = randn(rng, *yr.shape, dtype=torch.float32)
+    if part == "dgrad":
+        with gpu_nn.backend("reference"):
+            x64 = x.detach().double().requires_grad_()
+            yr64 = F.conv2d(x64, w.double(), b.double(), padding=1, activation="relu")
+            want = torch.autograd.grad(yr64, x64, g.double())[0]
+
+    def call(x):
+        with gpu_nn.backend("triton"):
+            y = F.conv2d(x, w, b, padding=1, activation="relu")
+            return y if part == "fwd" else torch.autograd.grad(y, x, g)[0]
+
+    got = call(x)
     assert sorted(timed) == sorted(cands)
     assert cfg_of(rec.launches[-1]) == winner and len(rec.launches) == len(cands) + 1
-    assert_close(y, yr, torch.float32, 45, "forward (tuned)")
     assert winner in [tuple(v) for d in json.loads(tune_cache.read_text()).values() for v in d.values()]
+    assert_close(got, yr if part == "fwd" else want, torch.float32, 45 if part == "fwd" else 7 * 9 + 35, "tuned")
     timed.clear()
     rec.launches.clear()
-    with gpu_nn.backend("triton"):
-        y2 = F.conv2d(x, w, b, padding=1, activation="relu")
+    got = call(x)
     assert timed == [] and [cfg_of(k) for k in rec.launches] == [winner]
-    assert_close(y2, yr, torch.float32, 45, "forward (cached)")
+    assert_close(got, yr if part == "fwd" else want, torch.float32, 45 if part == "fwd" else 7 * 9 + 35, "cached")
     # another layout is another problem: measured again
-    with gpu_nn.backend("triton"):
-        F.conv2d(_layout(x, "channels_last"), w, b, padding=1, activation="relu")
+    call(_layout(x.detach(), "channels_last").requires_grad_(part == "dgrad"))
     assert sorted(timed) == sorted(cands)
 
 
@@ -702,11 +716,11 @@ def test_heuristic_serves_where_nothing_can_be_measured(monkeypatch):
 
 @pytest.mark.usefixtures("no_tf32")
 @pytest.mark.parametrize("half", [False, True], ids=["fp32", "half"])
-def test_every_forward_candidate_matches_reference(half, monkeypatch, rng):
+def test_every_candidate_matches_reference(half, monkeypatch, rng):
     """Each configuration a measuring chooser may pick, launched on its own (under the
-    interpreter on a CPU machine) against the reference: the generic candidates on NCHW and
-    channels_last inputs with odd channel counts, the NHWC tiles on a channels_last problem with
-    16 / 32 channels (the specialisation they are compiled for)."""
+    interpreter on a CPU machine) against the reference: the generic forward candidates on NCHW
+    and channels_last inputs with odd channel counts, the NHWC tiles on a channels_last problem
+    with 16 / 32 channels (the specialisation they are compiled for), the dgrad candidates."""
     from gpu_nn.kernels.triton import conv as kt
     from gpu_nn.ops import conv as oc
 
@@ -734,6 +748,19 @@ def test_every_forward_candidate_matches_reference(half, monkeypatch, rng):
                 assert max_rel_err(y, yr) <= _tf32_bound(9 * c), f"forward {cand} {layout} C={c} (tf32)"
             else:
                 assert_close(y, yr, dtype, 9 * c, f"forward {cand} {layout} C={c}")
+    # the input gradient's candidates (the heuristic's table), on the odd NCHW problem
+    monkeypatch.setattr(oc, "_precision", lambda dt: "ieee")
+    (x, w, b), _ = _small_conv(rng, dtype)
+    g64 = randn(rng, 1, 7, 7, 5)
+    with gpu_nn.backend("reference"):
+        x64 = x.detach().double().requires_grad_()
+        want = torch.autograd.grad(F.conv2d(x64, w.double(), b.double(), padding=1), x64, g64)[0]
+    x.requires_grad_()
+    for cand in kt.dgrad_candidates(half):
+        monkeypatch.setattr(oc, "_chooser", lambda device, cand=cand: (lambda op, key, cs, run, default: cand if op == "conv_dgrad" else default))
+        with gpu_nn.backend("triton"):
+            got = torch.autograd.grad(F.conv2d(x, w, b, padding=1), x, g64.to(x.device, dtype))[0]
+        assert_close(got, want, dtype, 63, f"dgrad {cand}")
 
 
 def test_nhwc_tiles_only_where_their_specialisation_holds(rng):

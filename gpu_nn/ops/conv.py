@@ -323,7 +323,7 @@ def conv_backward(grad_output: Tensor, input: Tensor, weight: Tensor, output: Op
     new = lambda s: empty(s, dtype=dt, device=dev)  # noqa: E731
     if mask[0]:
         gi = _alloc(input.shape, fmt, new)
-        kt.conv_backward_data(g4, w4, _as4d(gi), st4, pads4, dl4, groups, prec, ktriton.INTERPRET)
+        kt.conv_backward_data(g4, w4, _as4d(gi), st4, pads4, dl4, groups, prec, ktriton.INTERPRET, choose=_chooser(dev))
     if mask[1]:
         gw = _alloc(weight.shape, fmt, new)
         kt.conv_backward_weight(g4, x4, _as4d(gw), st4, pads4, dl4, groups, prec, ktriton.INTERPRET)

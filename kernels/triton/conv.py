@@ -423,6 +423,12 @@ def fwd_candidates(half: bool, nhwc: bool = False) -> list[tuple[int, int, int, 
     return [table[name] for name in FWD_CANDIDATES[(key, nhwc)]]
 
 
+def dgrad_candidates(half: bool) -> list[tuple[int, int, int, int, int]]:
+    """The input-gradient configurations a measuring chooser times: the heuristic's own table
+    (already compiled for dgrad in :func:`aot_specs`, so measuring adds no compile)."""
+    return list(GPU_CONFIGS["half" if half else "fp32"].values())
+
+
 def nhwc_specialised(x, w, b, y, cg: int, og: int) -> bool:
     """Whether the forward's arguments take the specialisation NHWC_CONFIGS are compiled for:
     unit channel strides (channels_last input, weight and output) and the NHWC_DIV16 pointers
@@ -514,8 +520,9 @@ def conv_forward(x, w, bias, y, stride, padding, dilation, groups, activation, p
     launch(cfg)
 
 
-def conv_backward_data(g, w, dx, stride, padding, dilation, groups, prec, interpret):
-    """``dx`` [N, C, H, W] = gradient of the input from ``g`` [N, O, Ho, Wo] and ``w``."""
+def conv_backward_data(g, w, dx, stride, padding, dilation, groups, prec, interpret, choose=None):
+    """``dx`` [N, C, H, W] = gradient of the input from ``g`` [N, O, Ho, Wo] and ``w``.
+    ``choose``: as for :func:`conv_forward`, over :func:`dgrad_candidates`."""
     n, c, h, wd = dx.shape
     o, cg, kh, kw = w.shape
     _, _, ho, wo = g.shape
@@ -533,15 +540,25 @@ def conv_backward_data(g, w, dx, stride, padding, dilation, groups, prec, interp
             BLOCK_P=bp, BLOCK_C=bc, num_warps=warps,
         )
         return
-    bm, bn, bk, warps, stages = pick_config(cg, n * h * wd, g.element_size() == 2, interpret)
-    grid = (triton.cdiv(n * h * wd, bm), triton.cdiv(cg, bn), groups)
-    _conv_dgrad_kernel[grid](
-        g, w, dx,
-        n, h, wd, ho, wo, kw, kh * kw, cg, og,
-        *g.stride(), *w.stride(), *dx.stride(),
-        stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
-        PREC=_dot_precision(prec), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
-    )
+    half = g.element_size() == 2
+
+    def launch(cfg):
+        bm, bn, bk, warps, stages = cfg
+        grid = (triton.cdiv(n * h * wd, bm), triton.cdiv(cg, bn), groups)
+        _conv_dgrad_kernel[grid](
+            g, w, dx,
+            n, h, wd, ho, wo, kw, kh * kw, cg, og,
+            *g.stride(), *w.stride(), *dx.stride(),
+            stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
+            PREC=_dot_precision(prec), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+        )
+
+    cfg = pick_config(cg, n * h * wd, half, interpret)
+    if choose is not None:
+        key = (tuple(g.shape), tuple(g.stride()), tuple(w.shape), tuple(w.stride()), tuple(dx.shape), tuple(dx.stride()),
+               str(g.dtype), tuple(stride), tuple(padding), tuple(dilation), groups, prec)
+        cfg = tuple(choose("conv_dgrad", key, dgrad_candidates(half), launch, cfg))
+    launch(cfg)
 
 
 def conv_backward_weight(g, x, dw, stride, padding, dilation, groups, prec, interpret):
