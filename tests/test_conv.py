@@ -803,10 +803,10 @@ def _lay(t, layout):
 def test_memory_format_rule_matches_torch(nd, rng):
     """_memory_format against what torch's CPU convolution returns (output, input gradient,
     weight gradient), over every input x weight layout and sizes where the formats coincide
-    (one channel, 1x1 images and kernels)."""
+    (one input or output channel, 1x1 images and kernels)."""
     from gpu_nn.ops import conv as oc
 
-    sizes = [(2, 4, 3, 6, 3), (2, 1, 3, 6, 3), (2, 4, 1, 6, 3), (1, 4, 3, 1, 1), (2, 4, 3, 5, 1), (3, 2, 5, 1, 1)]
+    sizes = [(2, 4, 3, 6, 3), (2, 1, 3, 6, 3), (2, 4, 1, 6, 3), (3, 2, 5, 1, 1)]
     for (n, c, o, s, k), xl, wl in itertools.product(sizes, ("NCHW", "NHWC", "HW"), ("NCHW", "NHWC", "HW")):
         xs, ws = ((n, c, s, s + 1), (o, c, k, k)) if nd == 2 else ((n, c, s + 1), (o, c, k))
         x = _lay(randn(rng, *xs), xl).requires_grad_()

@@ -249,7 +249,8 @@ def _ref_pads(padding):
 def conv_forward(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, dilation,
                  groups: int, activation: Optional[str]) -> Tensor:
     """out = act(conv(input, weight) + bias): ``input`` [N, C, *S], ``weight`` [O, C/groups, *K],
-    ``padding`` per side. Returns a contiguous [N, O, *So] tensor of input's dtype."""
+    ``padding`` per side. Returns a [N, O, *So] tensor of input's dtype in the memory format
+    :func:`_memory_format` gives (torch's)."""
     nd = weight.dim() - 2
     _check(nd, input, weight, bias, stride, padding, dilation, groups, activation)
     fmt = _memory_format(input, weight)

@@ -13,7 +13,11 @@ strided views run without a copy; conv1d runs as H = 1. Per group ``g`` (grid ax
   (``SPLIT`` programs) that the launcher adds up, so small weights still fill the GPU.
 
 The im2col matrix never exists in memory: each program gathers its A tile straight from the
-input with masked loads (zero padding = ``other=0``). Inputs are float32 / float16 / bfloat16,
+input with masked loads (zero padding = ``other=0``). The K loop runs taps outside, channels
+inside, so in channels_last (unit channel stride) the A and B tiles are read along contiguous
+channels: with channel counts that are multiples of 16 Triton compiles 128-bit cp.async copies
+(``NHWC_CONFIGS``). NCHW tensors are read in place as well (no transpose pass), along the pixel
+axis, with per-element gathers. Inputs are float32 / float16 / bfloat16,
 accumulation is float32; float32 ``tl.dot`` runs with the ``PREC`` input precision the launcher
 chooses ("ieee", or "tf32" when torch allows TF32). Offsets that scale with the batch or a
 spatial index are int64, so tensors above 2^31 elements address correctly.
