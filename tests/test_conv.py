@@ -819,6 +819,20 @@ def test_memory_format_rule_matches_torch(nd, rng):
             assert _same_layout(t, want), f"{what} {(n, c, o, s, k)} {xl} x {wl}: torch {t.stride()}, ours {want.stride()}"
 
 
+def test_channels_last_like_is_torchs_suggest_memory_format():
+    """The inline stride test equals torch's suggest_memory_format on every permuted, sliced and
+    expanded 4-d tensor with sides 1..3 (the ambiguous size-1 cases included)."""
+    from torch._prims_common import suggest_memory_format
+
+    from gpu_nn.ops import conv as oc
+
+    for shape in itertools.product((1, 2, 3), repeat=4):
+        for perm in itertools.permutations(range(4)):
+            t = torch.empty(*shape).permute(*perm).contiguous().permute(*[perm.index(i) for i in range(4)])
+            for v in (t, t[..., ::2], t[:, :, :1].expand(shape)):
+                assert oc._channels_last_like(v) == (suggest_memory_format(v) == torch.channels_last), (shape, v.stride())
+
+
 @pytest.mark.usefixtures("no_tf32")
 @pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
 @pytest.mark.parametrize("nd", [1, 2])

@@ -30,7 +30,6 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-from torch._prims_common import suggest_memory_format as _suggest
 
 from .. import _backend, _tuning
 from .._errors import KernelInputError, KernelInputTypeError
@@ -339,10 +338,27 @@ def _memory_format(input: Tensor, weight: Tensor) -> torch.memory_format:
     it) or, for conv2d, the input's do; else contiguous. (torch's CPU convolution ignores a
     conv1d input's layout; tests/test_conv.py checks the rule against torch for both ranks,
     every input x weight layout, and degenerate sizes where both formats coincide.)"""
-    w4 = _as4d(weight)
-    if _suggest(w4) == torch.channels_last or (input.dim() == 4 and _suggest(input) == torch.channels_last):
+    if _channels_last_like(_as4d(weight)) or (input.dim() == 4 and _channels_last_like(input)):
         return torch.channels_last
     return torch.contiguous_format
+
+
+def _channels_last_like(t: Tensor) -> bool:
+    """torch's ``suggest_memory_format(t) == channels_last`` for a 4-d strided tensor (c10's
+    is_channels_last_strides_2d): strides non-decreasing in the order C, W, H, N, each at least
+    the extent of the previous one, ambiguous cases (zero C stride, N111-like) NCHW. Inline
+    here: torch._prims_common's version costs ~45 us a call, this ~2 us."""
+    sizes, strides = t.shape, t.stride()
+    if strides[1] == 0:
+        return False
+    lo = 0
+    for d in (1, 3, 2, 0):
+        if sizes[d] == 0 or strides[d] < lo:
+            return False
+        if d == 0 and lo == strides[1]:
+            return False
+        lo = strides[d] * sizes[d] if sizes[d] > 1 else strides[d]
+    return True
 
 
 def _dense_channels_last(t: Tensor) -> bool:
