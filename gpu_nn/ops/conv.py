@@ -589,10 +589,13 @@ def conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=
 
 # ----------------------------------------------------------------------------- gpu-nn check
 
-def _make(nd, n, c, spatial, o, k, groups, bias, **kw):
+def _make(nd, n, c, spatial, o, k, groups, bias, channels_last=(False, False), **kw):
+    """``channels_last``: (input, weight) laid out in torch.channels_last (conv2d)."""
     def make(rng):
-        x = torch.from_numpy(rng.standard_normal((n, c, *spatial))).requires_grad_()
-        w = torch.from_numpy(rng.standard_normal((o, c // groups, *k)) / (c // groups * int(torch.tensor(k).prod())) ** 0.5).requires_grad_()
+        x = torch.from_numpy(rng.standard_normal((n, c, *spatial)))
+        w = torch.from_numpy(rng.standard_normal((o, c // groups, *k)) / (c // groups * int(torch.tensor(k).prod())) ** 0.5)
+        x = (x.contiguous(memory_format=torch.channels_last) if channels_last[0] else x).requires_grad_()
+        w = (w.contiguous(memory_format=torch.channels_last) if channels_last[1] else w).requires_grad_()
         b = torch.from_numpy(rng.standard_normal(o)).requires_grad_() if bias else None
         return (x, w, b), dict(groups=groups, **kw)
 
@@ -605,6 +608,10 @@ CHECK_CASES = [
     CheckCase(op="conv2d", fn=conv2d, make=_make(2, 2, 6, (9, 9), 6, (3, 3), 6, False, padding="same", dilation=2)),
     CheckCase(op="conv2d", fn=conv2d, make=_make(2, 2, 7, (12, 11), 5, (4, 4), 1, True, padding="same", activation="relu")),
     CheckCase(op="conv2d", fn=conv2d, make=_make(2, 1, 9, (10, 7), 3, (1, 1), 1, True, stride=3, activation="sigmoid")),
+    # channels_last, 16 -> 32 channels NHWC throughout (the layout the large NHWC tiles are
+    # measured for on a GPU; tests/test_conv.py covers the mixed layouts)
+    CheckCase(op="conv2d", fn=conv2d, make=_make(2, 1, 16, (6, 5), 32, (3, 3), 1, True, (True, True), padding=1,
+                                                 activation="relu")),
     CheckCase(op="conv1d", fn=conv1d, make=_make(1, 3, 5, (29,), 7, (5,), 1, True, padding=2, activation="tanh")),
     CheckCase(op="conv1d", fn=conv1d, make=_make(1, 2, 6, (31,), 6, (3,), 6, True, stride=2, dilation=3)),
     CheckCase(op="conv1d", fn=conv1d, make=_make(1, 2, 4, (17,), 6, (4,), 2, False, padding="same")),
