@@ -819,6 +819,32 @@ def test_memory_format_rule_matches_torch(nd, rng):
             assert _same_layout(t, want), f"{what} {(n, c, o, s, k)} {xl} x {wl}: torch {t.stride()}, ours {want.stride()}"
 
 
+@pytest.mark.parametrize("nd", [1, 2])
+def test_fake_kernels_give_the_real_layouts(nd, rng):
+    """register_fake's outputs (what torch.compile traces with) have the real outputs' strides,
+    forward and backward, every gradient asked for, in channels_last and not."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from gpu_nn.ops import conv as oc
+
+    xs, ws = ((2, 4, 6, 5), (6, 4, 3, 2)) if nd == 2 else ((2, 4, 9), (6, 4, 3))
+    for xl, wl in itertools.product(("NCHW", "NHWC"), repeat=2):
+        x, w, b = _lay(randn(rng, *xs), xl), _lay(randn(rng, *ws), wl), randn(rng, ws[0])
+        args = ([1] * nd, [1, 1] * nd, [1] * nd, 1, "relu")
+        with gpu_nn.backend("reference"):
+            y = oc._conv_forward_op(x, w, b, *args)
+            grads = oc._conv_backward_op(torch.ones_like(y), x, w, y, *args, [True, True, True])
+        assert not any(t.requires_grad for t in (x, w, b))
+        ones = torch.ones_like(y)
+        mode = FakeTensorMode()
+        fx, fw, fb, fy, fg = (mode.from_tensor(t) for t in (x, w, b, y, ones))
+        with mode:
+            fake_y = oc._conv_forward_op(fx, fw, fb, *args)
+            fake_g = oc._conv_backward_op(fg, fx, fw, fy, *args, [True, True, True])
+        for what, real, fake in zip(("output", "grad_input", "grad_weight", "grad_bias"), (y, *grads), (fake_y, *fake_g)):
+            assert real.shape == fake.shape and _same_layout(real, fake), f"{what} {xl} x {wl}: {real.stride()} vs {fake.stride()}"
+
+
 def test_channels_last_like_is_torchs_suggest_memory_format():
     """The inline stride test equals torch's suggest_memory_format on every permuted, sliced and
     expanded 4-d tensor with sides 1..3 (the ambiguous size-1 cases included)."""

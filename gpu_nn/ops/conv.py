@@ -376,9 +376,10 @@ def _chooser(device: torch.device):
 
 def _alloc(shape, fmt: torch.memory_format, new) -> Tensor:
     """A [N, C, *S] tensor laid out in ``fmt``: ``new(shape)`` itself, or for channels_last
-    ``new([N, *S, C])`` seen through a permutation (C innermost; NLC for conv1d)."""
+    ``new([N, *S, C])`` seen through a permutation (C innermost; NLC for conv1d). Shapes of
+    fewer than 3 dimensions are allocated as they are."""
     shape = tuple(shape)
-    if fmt != torch.channels_last:
+    if fmt != torch.channels_last or len(shape) < 3:  # a bias gradient [O] has no layout
         return new(shape)
     nd = len(shape)
     return new((shape[0], *shape[2:], shape[1])).permute(0, nd - 1, *range(1, nd - 1))
