@@ -6,7 +6,9 @@ CPU set: conv2d 3x3 forward+backward at N=8 C=64 32x32 O=64 and N=32 C=3 32x32 O
 included) against ``torch``. GPU set: ResNet-50's 3x3 stages at N=32, the 7x7/2 stem, a 1x1
 64->256 at 56x56, text conv1d N=64 C=300 L=128 O=100 k=3/4/5 and depthwise conv1d N=256
 C=128 L=202 k=3, in float32 and bfloat16, ``triton`` against ``torch`` (cuDNN); TFLOP/s from
-the forward's 2*N*O*prod(out)*C/groups*prod(k) (x3 for forward+backward).
+the forward's 2*N*O*prod(out)*C/groups*prod(k) (x3 for forward+backward). Each conv2d GPU case
+also runs in channels_last (input and weight; torch in channels_last too), and the 3x3 28x28 stage
+runs as conv + bias + ReLU (ours fused into one launch, torch's conv then relu), in both layouts.
 """
 
 from __future__ import annotations
@@ -26,15 +28,30 @@ def _flops(n, c, spatial, o, k, stride, padding, groups):
     return 2.0 * n * o * math.prod(out) * (c // groups) * math.prod(k)
 
 
-def _case(name, shape, device, dtype, n, c, spatial, o, k, stride=1, padding=0, groups=1, backward=True, providers=("torch", "reference")):
+def _case(name, shape, device, dtype, n, c, spatial, o, k, stride=1, padding=0, groups=1, backward=True,
+          providers=("torch", "reference"), channels_last=False, relu=False):
+    """``channels_last``: input and weight in torch.channels_last for every provider (torch in
+    channels_last too, as a convnet after ``model.to(memory_format=torch.channels_last)``).
+    ``relu``: ours fuses bias + ReLU into the convolution (``activation="relu"``), torch runs
+    its convolution (bias included) then ``relu``."""
     nd = len(spatial)
-    ours_fn = F.conv2d if nd == 2 else F.conv1d
-    theirs_fn = TF.conv2d if nd == 2 else TF.conv1d
+    base_fn = F.conv2d if nd == 2 else F.conv1d
+    tconv = TF.conv2d if nd == 2 else TF.conv1d
+    if relu:
+        def ours_fn(*args):
+            return base_fn(*args, activation="relu")
+
+        def theirs_fn(*args):
+            return torch.relu(tconv(*args))
+    else:
+        ours_fn, theirs_fn = base_fn, tconv
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
 
     def make():
         gen = torch.Generator(device="cpu").manual_seed(0)
-        x = torch.randn(n, c, *spatial, generator=gen).to(device=device, dtype=dtype).requires_grad_(backward)
-        w = (torch.randn(o, c // groups, *k, generator=gen) / math.sqrt(c // groups * math.prod(k))).to(device=device, dtype=dtype).requires_grad_(backward)
+        x = torch.randn(n, c, *spatial, generator=gen).to(device=device, dtype=dtype, memory_format=fmt).requires_grad_(backward)
+        w = (torch.randn(o, c // groups, *k, generator=gen) / math.sqrt(c // groups * math.prod(k))).to(
+            device=device, dtype=dtype, memory_format=fmt).requires_grad_(backward)
         b = torch.randn(o, generator=gen).to(device=device, dtype=dtype).requires_grad_(backward)
         return x, w, b
 
@@ -71,6 +88,7 @@ def _case(name, shape, device, dtype, n, c, spatial, o, k, stride=1, padding=0, 
             provs[p] = setup_for(ours_fn, p)
     flops = _flops(n, c, spatial, o, k, stride, padding, groups) * (3 if backward else 1)
     dt = str(dtype).replace("torch.", "")
+    name = name + (" +bias+relu" if relu else "") + (" channels_last" if channels_last else "")
     return harness.Case(family="conv", name=f"{name} {'fwd+bwd' if backward else 'fwd'} {dt}", shape=shape,
                         providers=provs, device=device, flops=flops)
 
@@ -94,10 +112,19 @@ def cases(device: str = "cpu", quick: bool = False) -> list[harness.Case]:
         ("conv1d depthwise k3", "N=256 C=128 L=202", dict(n=256, c=128, spatial=(202,), o=128, k=(3,), padding=1, groups=128)),
     ]
     out = []
+    gpu = ("torch", "triton")
     for dtype in (torch.float32, torch.bfloat16):
         for backward in ((False,) if quick else (False, True)):
             for name, shape, kw in shapes:
-                out.append(_case(name, shape, device, dtype, backward=backward, providers=("torch", "triton"), **kw))
+                out.append(_case(name, shape, device, dtype, backward=backward, providers=gpu, **kw))
+            # channels_last (conv2d: the layout convnets run in for speed), against torch in channels_last
+            for name, shape, kw in shapes:
+                if len(kw["spatial"]) == 2:
+                    out.append(_case(name, shape, device, dtype, backward=backward, providers=gpu, channels_last=True, **kw))
+        # conv + bias + ReLU as one launch of ours against torch's conv (bias included) then relu
+        name, shape, kw = shapes[1]
+        for cl in (False, True):
+            out.append(_case(name, shape, device, dtype, backward=False, providers=gpu, channels_last=cl, relu=True, **kw))
     return out
 
 

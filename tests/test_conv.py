@@ -3,7 +3,9 @@ kernel sizes, strides, padding forms, dilations, groups, batch sizes and memory 
 differences of the reference backward; opcheck; torch.compile; bad input; the Triton kernels
 against the reference; the nn modules against torch's."""
 
+import functools
 import itertools
+import json
 
 import numpy as np
 import pytest
@@ -13,7 +15,7 @@ import torch.nn.functional as TF
 import gpu_nn
 import gpu_nn.functional as F
 from gpu_nn.reference import conv as ref
-from helpers import assert_close, backend_params, gpu_dtypes_for, max_rel_err, randn
+from helpers import CUDA, EPS, assert_close, backend_params, gpu_dtypes_for, max_rel_err, randn
 
 # ----------------------------------------------------------------------------- grid
 
@@ -518,17 +520,383 @@ def test_backward_with_some_leaves_frozen(backend, device, nd, wants, rng):
 
 
 def test_dot_precision_follows_torch_flags(monkeypatch):
+    """float32 convolutions obey torch.backends.cudnn.allow_tf32 alone (as torch's cuDNN
+    convolutions do); the matmul flag and set_float32_matmul_precision are linear's."""
     from gpu_nn.ops import conv as oc
 
     monkeypatch.setattr(oc.torch.cuda, "is_available", lambda: True)
     old = _set_tf32(False, False)
     try:
-        for mm, cudnn, want in ((False, False, "ieee"), (True, False, "tf32"), (False, True, "tf32")):
+        for mm, cudnn, want in ((False, False, "ieee"), (True, False, "ieee"), (False, True, "tf32"), (True, True, "tf32")):
             _set_tf32(mm, cudnn)
             assert oc._precision(torch.float32) == want
             assert oc._precision(torch.float16) == "ieee"
     finally:
         _set_tf32(*old)
+
+
+class _Recorder:
+    """Stands in for a @triton.jit kernel: ``kernel[grid](...)`` records the launch's keyword
+    arguments and, with ``run=True``, launches the real kernel."""
+
+    def __init__(self, kernel, run=True):
+        self.kernel, self.run, self.launches = kernel, run, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append(kwargs)
+            if self.run:
+                return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+@pytest.mark.parametrize("cudnn", [False, True])
+def test_tf32_flag_reaches_the_kernels(cudnn, monkeypatch, rng):
+    """The PREC constexpr of the forward, dgrad and wgrad launches follows
+    torch.backends.cudnn.allow_tf32 (and not the matmul flag, set the other way); linear's
+    switch follows the matmul flag and torch.set_float32_matmul_precision, not cudnn's."""
+    from gpu_nn.kernels.triton import conv as kt
+    from gpu_nn.ops import conv as oc
+    from gpu_nn.ops import dense as od
+
+    if not gpu_nn.available_backends().count("triton"):
+        pytest.skip("triton backend unavailable")
+    monkeypatch.setattr(oc.torch.cuda, "is_available", lambda: True)  # the interpreter answers 'ieee' otherwise
+    monkeypatch.setattr(oc, "_chooser", lambda device: None)
+    recs = {}
+    for name in ("_conv_fwd_kernel", "_conv_dgrad_kernel", "_conv_wgrad_kernel"):
+        recs[name] = _Recorder(getattr(kt, name), run=False)  # precision is the point, not the values
+        monkeypatch.setattr(kt, name, recs[name])
+    old = _set_tf32(not cudnn, cudnn)
+    try:
+        x = randn(rng, 1, 3, 6, 5, dtype=torch.float32, requires_grad=True)
+        w = randn(rng, 4, 3, 3, 3, dtype=torch.float32, requires_grad=True)
+        with gpu_nn.backend("triton"):
+            y = F.conv2d(x, w, padding=1)
+            torch.autograd.grad(y, (x, w), torch.ones_like(y))
+        want = "tf32" if cudnn else "ieee"
+        for name, rec in recs.items():
+            assert [k["PREC"] for k in rec.launches] == [want], name
+        assert od._tf32_allowed() is (not cudnn)
+    finally:
+        _set_tf32(*old)
+    old_mm = torch.get_float32_matmul_precision()
+    try:
+        for prec, want in (("highest", False), ("high", True), ("medium", True)):
+            torch.set_float32_matmul_precision(prec)
+            assert od._tf32_allowed() is want
+    finally:
+        torch.set_float32_matmul_precision(old_mm)
+
+
+def _tf32_bound(red: int) -> float:
+    """The tolerance of a float32 result whose operands were rounded to TF32 (10 explicit mantissa
+    bits, machine epsilon 2^-10 as float16) and accumulated in float32 over ``red`` terms:
+    helpers.tol's formula with TF32's epsilon in place of the output dtype's."""
+    return 4 * 2.0 ** -10 + 8 * EPS[torch.float32] * max(red, 1) ** 0.5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="TF32 exists only on a GPU (the interpreter computes float32)")
+@pytest.mark.parametrize("backend,device", backend_params(("triton",)))
+def test_tf32_error_bound_on_gpu(backend, device, rng):
+    """With torch's default (cudnn.allow_tf32 on) a float32 conv's operands are rounded to TF32:
+    10 explicit mantissa bits (unit roundoff 2^-11, as float16) with float32 accumulation, so
+    the error bound is float16's: 4 ulps of a 10-bit mantissa plus the float32 floor."""
+    old = _set_tf32(False, True)
+    try:
+        xs, ws = (2, 64, 13, 11), (48, 64, 3, 3)
+        k = ws[1] * ws[2] * ws[3]
+        x64, w64, b64 = randn(rng, *xs), randn(rng, *ws) / k ** 0.5, randn(rng, ws[0])
+        leaves64 = [t.clone().requires_grad_() for t in (x64, w64, b64)]
+        with gpu_nn.backend("reference"):
+            yr = F.conv2d(*leaves64, padding=1)
+            g64 = randn(rng, *yr.shape)
+            gr = torch.autograd.grad(yr, leaves64, g64)
+        leaves = [t.to(device, torch.float32).requires_grad_() for t in (x64, w64, b64)]
+        with gpu_nn.backend(backend):
+            y = F.conv2d(*leaves, padding=1)
+            gs = torch.autograd.grad(y, leaves, g64.to(device, torch.float32))
+        assert max_rel_err(y, yr) <= _tf32_bound(k)
+        red_bwd = yr.numel() // ws[0] + ws[0] * k
+        for a, e in zip(gs, gr):
+            assert max_rel_err(a, e) <= _tf32_bound(red_bwd)
+    finally:
+        _set_tf32(*old)
+
+
+# ----------------------------------------------------------------------------- measured configurations
+
+@pytest.fixture
+def tune_cache(tmp_path, monkeypatch):
+    from gpu_nn import _tuning
+
+    monkeypatch.setenv(_tuning.CACHE_ENV, str(tmp_path / "tuning.json"))
+    _tuning.clear()
+    yield tmp_path / "tuning.json"
+    _tuning.clear()
+
+
+def _small_conv(rng, dtype, layout="contig", c=5, o=7):
+    """A small odd image: [1, c, 7, 5] * [o, c, 3, 3], padding 1, bias, relu (one program per
+    candidate tile); channels_last lays out the input and the weight."""
+    x64, w64, b64 = randn(rng, 1, c, 7, 5), randn(rng, o, c, 3, 3) / (9 * c) ** 0.5, randn(rng, o)
+    with gpu_nn.backend("reference"):
+        yr = F.conv2d(x64, w64, b64, padding=1, activation="relu")
+    dev = "cuda" if CUDA else "cpu"
+    return (_layout(x64.to(dev, dtype), layout), _layout(w64.to(dev, dtype), layout), b64.to(dev, dtype)), yr
+
+
+@pytest.mark.usefixtures("no_tf32")
+@pytest.mark.parametrize("part", ["fwd", "dgrad"])
+def test_tuning_launches_the_timed_winner_and_caches_it(part, tune_cache, monkeypatch, rng):
+    """With a forced chooser and a fake clock, the forward (or the input gradient) times every
+    candidate once, launches the fastest, keeps it (memory and disk), and the next call with
+    the same problem launches the winner straight away; the result matches the reference."""
+    from gpu_nn import _tuning
+    from gpu_nn.kernels.triton import conv as kt
+    from gpu_nn.ops import conv as oc
+
+    if "triton" not in gpu_nn.available_backends():
+        pytest.skip("triton backend unavailable")
+    cands = kt.fwd_candidates(False) if part == "fwd" else kt.dgrad_candidates(False)
+    assert 2 <= len(cands) <= 4 and len(set(cands)) == len(cands)
+    winner = cands[-1]  # not the heuristic's choice: the clock decides
+    recs = {p: _Recorder(getattr(kt, f"_conv_{p}_kernel")) for p in ("fwd", "dgrad")}
+    for p, rec in recs.items():
+        monkeypatch.setattr(kt, f"_conv_{p}_kernel", rec)
+    rec = recs[part]
+    cfg_of = lambda k: (k["BLOCK_M"], k["BLOCK_N"], k["BLOCK_K"], k["num_warps"], k["num_stages"])  # noqa: E731
+    timed = []
+
+    def timer(fn):
+        n = len(rec.launches)
+        fn()
+        if len(rec.launches) == n:  # the other part's candidate: any constant clock
+            return 1.0
+        timed.append(cfg_of(rec.launches[n]))
+        return 1.0 if timed[-1] == winner else 2.0 + len(timed)
+
+    monkeypatch.setattr(oc, "_chooser", lambda device: functools.partial(_tuning.choose, device=device, timer=timer, force=True))
+    (x, w, b), yr = _small_conv(rng, torch.float32)
+    x.requires_grad_(part == "dgrad")
+    g = randn(rng, *yr.shape, dtype=torch.float32)
+    if part == "dgrad":
+        with gpu_nn.backend("reference"):
+            x64 = x.detach().double().requires_grad_()
+            yr64 = F.conv2d(x64, w.double(), b.double(), padding=1, activation="relu")
+            want = torch.autograd.grad(yr64, x64, g.double())[0]
+
+    def call(x):
+        with gpu_nn.backend("triton"):
+            y = F.conv2d(x, w, b, padding=1, activation="relu")
+            return y if part == "fwd" else torch.autograd.grad(y, x, g)[0]
+
+    got = call(x)
+    assert sorted(timed) == sorted(cands)
+    assert cfg_of(rec.launches[-1]) == winner and len(rec.launches) == len(cands) + 1
+    assert winner in [tuple(v) for d in json.loads(tune_cache.read_text()).values() for v in d.values()]
+    assert_close(got, yr if part == "fwd" else want, torch.float32, 45 if part == "fwd" else 7 * 9 + 35, "tuned")
+    timed.clear()
+    rec.launches.clear()
+    got = call(x)
+    assert timed == [] and [cfg_of(k) for k in rec.launches] == [winner]
+    assert_close(got, yr if part == "fwd" else want, torch.float32, 45 if part == "fwd" else 7 * 9 + 35, "cached")
+    # another layout is another problem: measured again
+    call(_layout(x.detach(), "channels_last").requires_grad_(part == "dgrad"))
+    assert sorted(timed) == sorted(cands)
+
+
+def test_heuristic_serves_where_nothing_can_be_measured(monkeypatch):
+    from gpu_nn.ops import conv as oc
+
+    assert oc._chooser(torch.device("cpu")) is None
+    monkeypatch.setenv("GPU_NN_TUNE", "0")
+    assert oc._chooser(torch.device("cuda", 0)) is None
+
+
+@pytest.mark.usefixtures("no_tf32")
+@pytest.mark.parametrize("half", [False, True], ids=["fp32", "half"])
+def test_every_candidate_matches_reference(half, monkeypatch, rng):
+    """Each configuration a measuring chooser may pick, launched on its own (under the
+    interpreter on a CPU machine) against the reference: the generic forward candidates on NCHW
+    and channels_last inputs with odd channel counts, the NHWC tiles on a channels_last problem
+    with 16 / 32 channels (the specialisation they are compiled for), the dgrad candidates."""
+    from gpu_nn.kernels.triton import conv as kt
+    from gpu_nn.ops import conv as oc
+
+    if "triton" not in gpu_nn.available_backends():
+        pytest.skip("triton backend unavailable")
+    dtype = torch.float16 if half else torch.float32
+    problems = [("contig", 5, 7, False), ("channels_last", 5, 7, False), ("channels_last", 16, 32, True)]
+    for layout, c, o, nhwc in problems:
+        for cand in kt.fwd_candidates(half, nhwc):
+            if nhwc and cand in kt.fwd_candidates(half, False):
+                continue  # run above
+            def pick(op, key, candidates, run, default, cand=cand):
+                assert cand in candidates
+                return cand
+            monkeypatch.setattr(oc, "_chooser", lambda device: pick)
+            # float32 gets the NHWC tiles under TF32 only (the interpreter may emulate its rounding)
+            tf32 = nhwc and not half
+            monkeypatch.setattr(oc, "_precision", lambda dt, tf32=tf32: "tf32" if tf32 and dt == torch.float32 else "ieee")
+            (x, w, b), yr = _small_conv(rng, dtype, layout, c, o)
+            y4 = torch.empty(1, o, 7, 5, dtype=dtype).contiguous(memory_format=torch.channels_last)
+            assert kt.nhwc_specialised(x, w, b, y4, c, o) is nhwc
+            with gpu_nn.backend("triton"):
+                y = F.conv2d(x, w, b, padding=1, activation="relu")
+            if tf32:
+                assert max_rel_err(y, yr) <= _tf32_bound(9 * c), f"forward {cand} {layout} C={c} (tf32)"
+            else:
+                assert_close(y, yr, dtype, 9 * c, f"forward {cand} {layout} C={c}")
+    # the input gradient's candidates (the heuristic's table), on the odd NCHW problem
+    monkeypatch.setattr(oc, "_precision", lambda dt: "ieee")
+    (x, w, b), _ = _small_conv(rng, dtype)
+    g64 = randn(rng, 1, 7, 7, 5)
+    with gpu_nn.backend("reference"):
+        x64 = x.detach().double().requires_grad_()
+        want = torch.autograd.grad(F.conv2d(x64, w.double(), b.double(), padding=1), x64, g64)[0]
+    x.requires_grad_()
+    for cand in kt.dgrad_candidates(half):
+        monkeypatch.setattr(oc, "_chooser", lambda device, cand=cand: (lambda op, key, cs, run, default: cand if op == "conv_dgrad" else default))
+        with gpu_nn.backend("triton"):
+            got = torch.autograd.grad(F.conv2d(x, w, b, padding=1), x, g64.to(x.device, dtype))[0]
+        assert_close(got, want, dtype, 63, f"dgrad {cand}")
+
+
+def test_nhwc_tiles_only_where_their_specialisation_holds(rng):
+    """The large NHWC tiles are compiled for unit channel strides and multiples of 16: any
+    other problem gets the generic candidates (and float32 without TF32 never gets them)."""
+    from gpu_nn.kernels.triton import conv as kt
+
+    cl = torch.channels_last
+    x, w, y = (torch.empty(*sh).to(memory_format=cl) for sh in ((2, 32, 9, 7), (48, 32, 3, 3), (2, 48, 9, 7)))
+    assert kt.nhwc_specialised(x, w, None, y, 32, 48)
+    assert kt.nhwc_specialised(x, w, torch.empty(48), y, 32, 48)
+    assert not kt.nhwc_specialised(x, w[:, :16], None, y, 16, 24)  # groups=2 with 24 output channels per group
+    assert not kt.nhwc_specialised(x.contiguous(), w, None, y, 32, 48)
+    assert not kt.nhwc_specialised(x, w.contiguous(), None, y, 32, 48)
+    assert not kt.nhwc_specialised(x, w, None, y.contiguous(), 32, 48)
+    x24, w24 = torch.empty(2, 24, 9, 7).to(memory_format=cl), torch.empty(48, 24, 3, 3).to(memory_format=cl)
+    assert not kt.nhwc_specialised(x24, w24, None, y, 24, 48)  # 24 channels: not a multiple of 16
+    assert not kt.nhwc_specialised(x, w, torch.empty(49)[1:], y, 32, 48)  # a misaligned bias pointer
+    for half in (False, True):
+        generic, nhwc = kt.fwd_candidates(half), kt.fwd_candidates(half, True)
+        assert 3 <= len(generic) <= 4 and 3 <= len(nhwc) <= 4 and set(nhwc) - set(generic)
+
+
+# ----------------------------------------------------------------------------- memory format
+
+def _same_layout(a, b):
+    """Equal strides wherever the size is above 1 (a size-1 dimension's stride is immaterial)."""
+    return a.shape == b.shape and all(sa == sb for n, sa, sb in zip(a.shape, a.stride(), b.stride()) if n > 1)
+
+
+def _lay(t, layout):
+    if layout == "NHWC":
+        return _layout(t, "channels_last")
+    if layout == "HW":  # spatial dims swapped in memory: neither format
+        return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+    return t
+
+
+@pytest.mark.parametrize("nd", [1, 2])
+def test_memory_format_rule_matches_torch(nd, rng):
+    """_memory_format against what torch's CPU convolution returns (output, input gradient,
+    weight gradient), over every input x weight layout and sizes where the formats coincide
+    (one input or output channel, 1x1 images and kernels)."""
+    from gpu_nn.ops import conv as oc
+
+    sizes = [(2, 4, 3, 6, 3), (2, 1, 3, 6, 3), (2, 4, 1, 6, 3), (3, 2, 5, 1, 1)]
+    for (n, c, o, s, k), xl, wl in itertools.product(sizes, ("NCHW", "NHWC", "HW"), ("NCHW", "NHWC", "HW")):
+        xs, ws = ((n, c, s, s + 1), (o, c, k, k)) if nd == 2 else ((n, c, s + 1), (o, c, k))
+        x = _lay(randn(rng, *xs), xl).requires_grad_()
+        w = _lay(randn(rng, *ws), wl).requires_grad_()
+        y = (TF.conv2d if nd == 2 else TF.conv1d)(x, w)
+        gi, gw = torch.autograd.grad(y, (x, w), torch.ones_like(y))
+        fmt = oc._memory_format(x, w)
+        for what, t in (("output", y), ("grad_input", gi), ("grad_weight", gw)):
+            want = oc._alloc(t.shape, fmt, torch.empty)
+            assert _same_layout(t, want), f"{what} {(n, c, o, s, k)} {xl} x {wl}: torch {t.stride()}, ours {want.stride()}"
+
+
+@pytest.mark.parametrize("nd", [1, 2])
+def test_fake_kernels_give_the_real_layouts(nd, rng):
+    """register_fake's outputs (what torch.compile traces with) have the real outputs' strides,
+    forward and backward, every gradient asked for, in channels_last and not."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from gpu_nn.ops import conv as oc
+
+    xs, ws = ((2, 4, 6, 5), (6, 4, 3, 2)) if nd == 2 else ((2, 4, 9), (6, 4, 3))
+    for xl, wl in itertools.product(("NCHW", "NHWC"), repeat=2):
+        x, w, b = _lay(randn(rng, *xs), xl), _lay(randn(rng, *ws), wl), randn(rng, ws[0])
+        args = ([1] * nd, [1, 1] * nd, [1] * nd, 1, "relu")
+        with gpu_nn.backend("reference"):
+            y = oc._conv_forward_op(x, w, b, *args)
+            grads = oc._conv_backward_op(torch.ones_like(y), x, w, y, *args, [True, True, True])
+        assert not any(t.requires_grad for t in (x, w, b))
+        ones = torch.ones_like(y)
+        mode = FakeTensorMode()
+        fx, fw, fb, fy, fg = (mode.from_tensor(t) for t in (x, w, b, y, ones))
+        with mode:
+            fake_y = oc._conv_forward_op(fx, fw, fb, *args)
+            fake_g = oc._conv_backward_op(fg, fx, fw, fy, *args, [True, True, True])
+        for what, real, fake in zip(("output", "grad_input", "grad_weight", "grad_bias"), (y, *grads), (fake_y, *fake_g)):
+            assert real.shape == fake.shape and _same_layout(real, fake), f"{what} {xl} x {wl}: {real.stride()} vs {fake.stride()}"
+
+
+def test_channels_last_like_is_torchs_suggest_memory_format():
+    """The inline stride test equals torch's suggest_memory_format on every permuted, sliced and
+    expanded 4-d tensor with sides 1..3 (the ambiguous size-1 cases included)."""
+    from torch._prims_common import suggest_memory_format
+
+    from gpu_nn.ops import conv as oc
+
+    for shape in itertools.product((1, 2, 3), repeat=4):
+        for perm in itertools.permutations(range(4)):
+            t = torch.empty(*shape).permute(*perm).contiguous().permute(*[perm.index(i) for i in range(4)])
+            for v in (t, t[..., ::2], t[:, :, :1].expand(shape)):
+                assert oc._channels_last_like(v) == (suggest_memory_format(v) == torch.channels_last), (shape, v.stride())
+
+
+@pytest.mark.usefixtures("no_tf32")
+@pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
+@pytest.mark.parametrize("nd", [1, 2])
+@pytest.mark.parametrize("xl,wl", list(itertools.product(("NCHW", "NHWC"), repeat=2)))
+def test_memory_format_like_torch_both_directions(backend, device, nd, xl, wl, rng):
+    """NCHW and channels_last inputs and weights on every backend: the output, input gradient and
+    weight gradient have torch's memory format and match the float64 reference (forward, dgrad,
+    wgrad; a fused activation where both are channels_last, which routes the gradient through
+    the elementwise kernel in channels_last)."""
+    act = "relu" if xl == wl == "NHWC" else None
+    groups = 2 if wl == "NCHW" else 1
+    xs, ws = ((2, 6, 9, 7), (5 * groups, 6 // groups, 3, 2)) if nd == 2 else ((2, 6, 13), (5 * groups, 6 // groups, 3))
+    kw = dict(stride=(2, 1) if nd == 2 else 2, padding=1, groups=groups, activation=act)
+    k = ws[1] * (ws[2] * ws[3] if nd == 2 else ws[2])
+    x64, w64, b64 = randn(rng, *xs), randn(rng, *ws) / k ** 0.5, randn(rng, ws[0])
+    fn, tfn = (F.conv2d, TF.conv2d) if nd == 2 else (F.conv1d, TF.conv1d)
+    with gpu_nn.backend("reference"):
+        leaves = [x64.clone().requires_grad_(), w64.clone().requires_grad_(), b64.clone().requires_grad_()]
+        yr = fn(*leaves, **kw)
+        g64 = randn(rng, *yr.shape)
+        gr = torch.autograd.grad(yr, leaves, g64)
+    dtype = torch.float64 if backend == "reference" else torch.float32
+    x = _lay(x64.to(device, dtype), xl).requires_grad_()
+    w = _lay(w64.to(device, dtype), wl).requires_grad_()
+    b = b64.to(device, dtype).requires_grad_()
+    with gpu_nn.backend(backend):
+        y = fn(x, w, b, **kw)
+        gs = torch.autograd.grad(y, (x, w, b), _lay(g64.to(device, dtype), "NHWC" if "NHWC" in (xl, wl) else "NCHW"))
+    # torch's layouts, from torch's own convolution on the same layouts
+    xt, wt = x.detach().cpu().requires_grad_(), w.detach().cpu().requires_grad_()
+    yt = tfn(xt, wt, None, kw["stride"], kw["padding"], 1, groups)
+    gt = torch.autograd.grad(yt, (xt, wt), torch.ones_like(yt))
+    for what, ours, theirs in (("output", y, yt), ("grad_input", gs[0], gt[0]), ("grad_weight", gs[1], gt[1])):
+        assert _same_layout(ours, theirs), f"{what}: strides {ours.stride()}, torch's {theirs.stride()}"
+    red_bwd = max(yr.numel() // ws[0], 1) + ws[0] * k
+    assert_close(y, yr, dtype, k, "forward")
+    for name, a, e in zip(("grad_input", "grad_weight", "grad_bias"), gs, gr):
+        assert_close(a, e, dtype, red_bwd, name)
 
 
 def test_triton_heuristic_tiles():
@@ -555,6 +923,18 @@ def test_triton_heuristic_tiles():
     for dt in ("fp32", "fp16", "bf16"):
         for kind in ("fwd", "dgrad", "wgrad"):
             assert f"depthwise {kind} {dt}" in labels
+    # every candidate a measuring chooser may launch is compiled ahead of time too
+    for half, nhwc, dts in ((False, False, ("fp32 ieee", "fp32 tf32")), (True, False, ("fp16 ieee", "bf16 ieee")),
+                            (False, True, ("fp32 tf32",)), (True, True, ("fp16 ieee", "bf16 ieee"))):
+        key = "half" if half else "fp32"
+        table = {**kt.GPU_CONFIGS[key], **kt.TUNE_CONFIGS[key], **kt.NHWC_CONFIGS[key]}
+        for cand in kt.fwd_candidates(half, nhwc):
+            name = next(k for k, v in table.items() if v == cand)
+            for dt in dts:
+                assert f"fwd {name} {dt}" in labels
+    nhwc_specs = [sp for sp in kt.aot_specs() if sp.label.split()[1] in {**kt.NHWC_CONFIGS["fp32"], **kt.NHWC_CONFIGS["half"]}]
+    assert nhwc_specs and all(sp.divisible_by_16 == kt.NHWC_DIV16 and all(sp.constexprs[k] == 1 for k in kt.NHWC_UNIT)
+                              for sp in nhwc_specs)
     # depthwise = one input channel per group, whatever the channel multiplier
     assert kt.is_depthwise(6, 1, 6) and kt.is_depthwise(1, 1, 1)
     assert not kt.is_depthwise(6, 2, 3) and not kt.is_depthwise(6, 6, 1)

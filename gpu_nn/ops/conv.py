@@ -13,18 +13,25 @@ One custom-op pair serves both ranks (the rank is the weight's ``dim() - 2``):
   back as an empty tensor. ``output`` (the forward result) is only used, and only needed, with
   a fused activation.
 
-Backends: reference (NumPy; float16/bfloat16 computed in float32), triton. Outputs are
-contiguous (NCHW), whatever the input's memory format.
+Backends: reference (NumPy; float16/bfloat16 computed in float32), triton.
+
+Memory format: as torch's own convolution (checked against torch on the CPU for every input x
+weight layout in tests/test_conv.py), the output, the input gradient and the weight gradient are
+all channels_last (NHWC; NLC for conv1d) when the weight's strides look channels_last, or for
+conv2d the input's do (:func:`_memory_format`); otherwise contiguous. The Triton kernels address
+every tensor through its strides, so either layout is read and written in place, without a
+transpose pass; the reference computes contiguous and lays the result out afterwards.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from .. import _backend
+from .. import _backend, _tuning
 from .._errors import KernelInputError, KernelInputTypeError
 from ..check import CheckCase
 from ..reference import conv as ref
@@ -241,14 +248,16 @@ def _ref_pads(padding):
 def conv_forward(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, dilation,
                  groups: int, activation: Optional[str]) -> Tensor:
     """out = act(conv(input, weight) + bias): ``input`` [N, C, *S], ``weight`` [O, C/groups, *K],
-    ``padding`` per side. Returns a contiguous [N, O, *So] tensor of input's dtype."""
+    ``padding`` per side. Returns a [N, O, *So] tensor of input's dtype in the memory format
+    :func:`_memory_format` gives (torch's)."""
     nd = weight.dim() - 2
     _check(nd, input, weight, bias, stride, padding, dilation, groups, activation)
+    fmt = _memory_format(input, weight)
     backend = _backend.resolve(f"conv{nd}d", input.device, BACKENDS)
     if backend == "reference":
         f = ref.conv2d if nd == 2 else ref.conv1d
         out = f(to_numpy(input), to_numpy(weight), to_numpy(bias), stride, _ref_pads(padding), dilation, groups, activation)
-        return from_numpy(out, input.dtype, input.device)
+        return _in_format(from_numpy(out, input.dtype, input.device), fmt)
     _backend.check_interpreter_dtype(f"conv{nd}d", backend, input, weight, bias)
     ktriton, kt = triton_kernels("conv")
 
@@ -256,13 +265,14 @@ def conv_forward(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride, 
     pads4 = padding if nd == 2 else [0, 0] + list(padding)
     st4 = stride if nd == 2 else [1] + list(stride)
     dl4 = dilation if nd == 2 else [1] + list(dilation)
-    osz = _out_size(x4.shape, w4.shape, st4, pads4, dl4)
-    out = empty((x4.shape[0], w4.shape[0], *osz), dtype=input.dtype, device=input.device)
+    osz = _out_size(input.shape, weight.shape, stride, padding, dilation)
+    out = _alloc((input.shape[0], weight.shape[0], *osz), fmt, lambda s: empty(s, dtype=input.dtype, device=input.device))
     # the epilogue reads the bias with unit stride: expanded or strided views (a double
     # backward passes expanded ones) are made dense first (a no-op for a contiguous bias)
     bias = None if bias is None else bias.contiguous()
-    kt.conv_forward(x4, w4, bias, out, st4, pads4, dl4, groups, activation, _precision(input.dtype), ktriton.INTERPRET)
-    return out if nd == 2 else out[:, :, 0, :]
+    kt.conv_forward(x4, w4, bias, _as4d(out), st4, pads4, dl4, groups, activation, _precision(input.dtype),
+                    ktriton.INTERPRET, choose=_chooser(input.device))
+    return out
 
 
 def conv_backward(grad_output: Tensor, input: Tensor, weight: Tensor, output: Optional[Tensor], stride, padding,
@@ -278,13 +288,14 @@ def conv_backward(grad_output: Tensor, input: Tensor, weight: Tensor, output: Op
     if activation is not None and (output is None or output.shape != grad_output.shape):
         raise KernelInputError(f"conv{nd}d backward with activation={activation!r} needs the forward output")
     mask = [bool(m) for m in output_mask]
+    fmt = _memory_format(input, weight)
     backend = _backend.resolve(f"conv{nd}d_backward", input.device, BACKENDS)
     dt, dev = input.dtype, input.device
     if backend == "reference":
         f = ref.conv2d_backward if nd == 2 else ref.conv1d_backward
         gi, gw, gb = f(to_numpy(grad_output), to_numpy(input), to_numpy(weight), stride, _ref_pads(padding), dilation,
                        groups, mask, to_numpy(output) if activation is not None else None, activation)
-        res = [from_numpy(a, dt, dev) if m else input.new_empty(0) for a, m in zip((gi, gw, gb), mask)]
+        res = [_in_format(from_numpy(a, dt, dev), fmt) if m else input.new_empty(0) for a, m in zip((gi, gw, gb), mask)]
         return tuple(res)
     _backend.check_interpreter_dtype(f"conv{nd}d", backend, input, weight, grad_output)
     ktriton, kt = triton_kernels("conv")
@@ -293,8 +304,14 @@ def conv_backward(grad_output: Tensor, input: Tensor, weight: Tensor, output: Op
     if activation is not None:
         _, ka = triton_kernels("activation")
 
-        gc, yc = g.contiguous(), output.to(g.dtype).contiguous()
-        g = empty(gc.shape, dtype=dt, device=dev)
+        # the elementwise kernel walks flat memory: g, y and the result share one dense layout
+        # (channels_last stays channels_last, no transpose pass)
+        gfmt = torch.channels_last if _dense_channels_last(g) else torch.contiguous_format
+        gc = g if gfmt == torch.channels_last else g.contiguous()
+        yc = output.to(g.dtype)
+        if yc.stride() != gc.stride():
+            yc = _alloc(yc.shape, gfmt, lambda s: torch.empty(s, dtype=dt, device=dev)).copy_(yc)
+        g = _alloc(gc.shape, gfmt, lambda s: empty(s, dtype=dt, device=dev))
         ka.act_backward(gc, yc, g, activation, ktriton.INTERPRET)
     x4, w4, g4 = _as4d(input), _as4d(weight), _as4d(g)
     pads4 = padding if nd == 2 else [0, 0] + list(padding)
@@ -303,17 +320,77 @@ def conv_backward(grad_output: Tensor, input: Tensor, weight: Tensor, output: Op
     prec = _precision(dt)
     # one placeholder each: a custom op may not return the same tensor twice
     gi, gw, gb = (input.new_empty(0) for _ in range(3))
+    new = lambda s: empty(s, dtype=dt, device=dev)  # noqa: E731
     if mask[0]:
-        gi = empty(x4.shape, dtype=dt, device=dev)
-        kt.conv_backward_data(g4, w4, gi, st4, pads4, dl4, groups, prec, ktriton.INTERPRET)
-        gi = gi if nd == 2 else gi[:, :, 0, :]
+        gi = _alloc(input.shape, fmt, new)
+        kt.conv_backward_data(g4, w4, _as4d(gi), st4, pads4, dl4, groups, prec, ktriton.INTERPRET, choose=_chooser(dev))
     if mask[1]:
-        gw = empty(w4.shape, dtype=dt, device=dev)
-        kt.conv_backward_weight(g4, x4, gw, st4, pads4, dl4, groups, prec, ktriton.INTERPRET)
-        gw = gw if nd == 2 else gw[:, :, 0, :]
+        gw = _alloc(weight.shape, fmt, new)
+        kt.conv_backward_weight(g4, x4, _as4d(gw), st4, pads4, dl4, groups, prec, ktriton.INTERPRET)
     if mask[2]:
         gb = g.sum(dim=[0, *range(2, g.dim())], dtype=torch.float32).to(dt) if g.shape[0] else torch.zeros(weight.shape[0], dtype=dt, device=dev)
     return gi, gw, gb
+
+
+def _memory_format(input: Tensor, weight: Tensor) -> torch.memory_format:
+    """The memory format of a convolution's results, by torch's rule: channels_last when the
+    weight's strides suggest it (a conv1d weight [O, C, k] seen as [O, C, 1, k], as torch sees
+    it) or, for conv2d, the input's do; else contiguous. (torch's CPU convolution ignores a
+    conv1d input's layout; tests/test_conv.py checks the rule against torch for both ranks,
+    every input x weight layout, and degenerate sizes where both formats coincide.)"""
+    if _channels_last_like(_as4d(weight)) or (input.dim() == 4 and _channels_last_like(input)):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _channels_last_like(t: Tensor) -> bool:
+    """torch's ``suggest_memory_format(t) == channels_last`` for a 4-d strided tensor (c10's
+    is_channels_last_strides_2d): strides non-decreasing in the order C, W, H, N, each at least
+    the extent of the previous one, ambiguous cases (zero C stride, N111-like) NCHW. Inline
+    here: torch._prims_common's version costs ~45 us a call, this ~2 us."""
+    sizes, strides = t.shape, t.stride()
+    if strides[1] == 0:
+        return False
+    lo = 0
+    for d in (1, 3, 2, 0):
+        if sizes[d] == 0 or strides[d] < lo:
+            return False
+        if d == 0 and lo == strides[1]:
+            return False
+        lo = strides[d] * sizes[d] if sizes[d] > 1 else strides[d]
+    return True
+
+
+def _dense_channels_last(t: Tensor) -> bool:
+    """Whether ``t`` ([N, C, *S]) is a dense NHWC / NLC tensor and not also a contiguous one."""
+    return not t.is_contiguous() and t.permute(0, *range(2, t.dim()), 1).is_contiguous()
+
+
+def _chooser(device: torch.device):
+    """The measuring configuration chooser handed to the kernel launchers, or None where the
+    heuristic serves (CPU and the interpreter, GPU_NN_TUNE=0, CUDA graph capture)."""
+    if not _tuning.enabled(device):
+        return None
+    return functools.partial(_tuning.choose, device=device)
+
+
+def _alloc(shape, fmt: torch.memory_format, new) -> Tensor:
+    """A [N, C, *S] tensor laid out in ``fmt``: ``new(shape)`` itself, or for channels_last
+    ``new([N, *S, C])`` seen through a permutation (C innermost; NLC for conv1d). Shapes of
+    fewer than 3 dimensions are allocated as they are."""
+    shape = tuple(shape)
+    if fmt != torch.channels_last or len(shape) < 3:  # a bias gradient [O] has no layout
+        return new(shape)
+    nd = len(shape)
+    return new((shape[0], *shape[2:], shape[1])).permute(0, nd - 1, *range(1, nd - 1))
+
+
+def _in_format(t: Tensor, fmt: torch.memory_format) -> Tensor:
+    """A contiguous result (the reference's) laid out in ``fmt`` (one copy for channels_last)."""
+    if fmt != torch.channels_last or t.dim() < 3:
+        return t
+    out = _alloc(t.shape, fmt, lambda s: t.new_empty(s))
+    return out.copy_(t)
 
 
 def _as4d(t: Tensor) -> Tensor:
@@ -322,13 +399,14 @@ def _as4d(t: Tensor) -> Tensor:
 
 
 def _precision(dtype: torch.dtype) -> str:
-    """tl.dot input precision for float32: 'ieee' unless torch allows TF32 for matmuls or for
-    cuDNN (the flag torch's own convolutions obey, on by default). Decided here, per call, and
-    passed to the kernels as a constexpr. Meaningless under the interpreter, so 'ieee' there."""
+    """tl.dot input precision for float32: 'tf32' when torch allows TF32 for its own
+    convolutions (``torch.backends.cudnn.allow_tf32``, on by default; the matmul flag and
+    ``torch.set_float32_matmul_precision`` are linear's, not conv's), else 'ieee'. Decided here,
+    per call, and passed to the kernels as a constexpr. Meaningless under the interpreter, so
+    'ieee' there."""
     if dtype != torch.float32:
         return "ieee"
-    tf32 = torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32
-    return "tf32" if tf32 and torch.cuda.is_available() else "ieee"
+    return "tf32" if torch.backends.cudnn.allow_tf32 and torch.cuda.is_available() else "ieee"
 
 
 # ----------------------------------------------------------------------------- custom ops
@@ -343,7 +421,7 @@ def _conv_forward_op(input: Tensor, weight: Tensor, bias: Optional[Tensor], stri
 @_conv_forward_op.register_fake
 def _(input, weight, bias, stride, padding, dilation, groups, activation):
     osz = _out_size(input.shape, weight.shape, stride, padding, dilation)
-    return input.new_empty((input.shape[0], weight.shape[0], *osz))
+    return _alloc((input.shape[0], weight.shape[0], *osz), _memory_format(input, weight), input.new_empty)
 
 
 @routed
@@ -356,8 +434,9 @@ def _conv_backward_op(grad_output: Tensor, input: Tensor, weight: Tensor, output
 
 @_conv_backward_op.register_fake
 def _(grad_output, input, weight, output, stride, padding, dilation, groups, activation, output_mask):
+    fmt = _memory_format(input, weight)
     shapes = (input.shape, weight.shape, (weight.shape[0],))
-    return tuple(input.new_empty(s if m else (0,)) for s, m in zip(shapes, output_mask))
+    return tuple(_alloc(s, fmt, input.new_empty) if m else input.new_empty((0,)) for s, m in zip(shapes, output_mask))
 
 
 def _setup_context(ctx, inputs, output):
@@ -511,10 +590,13 @@ def conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=
 
 # ----------------------------------------------------------------------------- gpu-nn check
 
-def _make(nd, n, c, spatial, o, k, groups, bias, **kw):
+def _make(nd, n, c, spatial, o, k, groups, bias, channels_last=(False, False), **kw):
+    """``channels_last``: (input, weight) laid out in torch.channels_last (conv2d)."""
     def make(rng):
-        x = torch.from_numpy(rng.standard_normal((n, c, *spatial))).requires_grad_()
-        w = torch.from_numpy(rng.standard_normal((o, c // groups, *k)) / (c // groups * int(torch.tensor(k).prod())) ** 0.5).requires_grad_()
+        x = torch.from_numpy(rng.standard_normal((n, c, *spatial)))
+        w = torch.from_numpy(rng.standard_normal((o, c // groups, *k)) / (c // groups * int(torch.tensor(k).prod())) ** 0.5)
+        x = (x.contiguous(memory_format=torch.channels_last) if channels_last[0] else x).requires_grad_()
+        w = (w.contiguous(memory_format=torch.channels_last) if channels_last[1] else w).requires_grad_()
         b = torch.from_numpy(rng.standard_normal(o)).requires_grad_() if bias else None
         return (x, w, b), dict(groups=groups, **kw)
 
@@ -527,6 +609,10 @@ CHECK_CASES = [
     CheckCase(op="conv2d", fn=conv2d, make=_make(2, 2, 6, (9, 9), 6, (3, 3), 6, False, padding="same", dilation=2)),
     CheckCase(op="conv2d", fn=conv2d, make=_make(2, 2, 7, (12, 11), 5, (4, 4), 1, True, padding="same", activation="relu")),
     CheckCase(op="conv2d", fn=conv2d, make=_make(2, 1, 9, (10, 7), 3, (1, 1), 1, True, stride=3, activation="sigmoid")),
+    # channels_last, 16 -> 32 channels NHWC throughout (the layout the large NHWC tiles are
+    # measured for on a GPU; tests/test_conv.py covers the mixed layouts)
+    CheckCase(op="conv2d", fn=conv2d, make=_make(2, 1, 16, (6, 5), 32, (3, 3), 1, True, (True, True), padding=1,
+                                                 activation="relu")),
     CheckCase(op="conv1d", fn=conv1d, make=_make(1, 3, 5, (29,), 7, (5,), 1, True, padding=2, activation="tanh")),
     CheckCase(op="conv1d", fn=conv1d, make=_make(1, 2, 6, (31,), 6, (3,), 6, True, stride=2, dilation=3)),
     CheckCase(op="conv1d", fn=conv1d, make=_make(1, 2, 4, (17,), 6, (4,), 2, False, padding="same")),

@@ -28,6 +28,9 @@ class AotSpec:
 
     ``signature`` maps every argument name to a Triton type string (``"*fp32"``, ``"i32"``,
     ``"i64"``, ``"fp32"``, or ``"constexpr"``); ``constexprs`` gives the constexpr values.
+    ``divisible_by_16`` names the arguments (pointers or ints) compiled as multiples of 16, as
+    Triton's JIT specialises them at run time when they are (a launcher that relies on that
+    specialisation launches such a configuration only when the arguments are multiples of 16).
     """
 
     kernel: Any
@@ -36,6 +39,7 @@ class AotSpec:
     num_warps: int = 4
     num_stages: int = 3
     label: str = ""
+    divisible_by_16: tuple = ()
 
     @property
     def name(self) -> str:
@@ -79,7 +83,9 @@ def compile_spec(spec: AotSpec) -> dict:
 
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("AOT compilation needs TRITON_INTERPRET unset (interpreted kernels cannot compile)")
-    src = ASTSource(fn=spec.kernel, signature=dict(spec.signature), constexprs=dict(spec.constexprs))
+    arg_names = getattr(spec.kernel, "arg_names", None) or list(spec.signature)
+    attrs = {(arg_names.index(a),): [["tt.divisibility", 16]] for a in spec.divisible_by_16}
+    src = ASTSource(fn=spec.kernel, signature=dict(spec.signature), constexprs=dict(spec.constexprs), attrs=attrs)
     t0 = time.perf_counter()
     compiled = triton.compile(
         src,

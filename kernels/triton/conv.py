@@ -13,7 +13,11 @@ strided views run without a copy; conv1d runs as H = 1. Per group ``g`` (grid ax
   (``SPLIT`` programs) that the launcher adds up, so small weights still fill the GPU.
 
 The im2col matrix never exists in memory: each program gathers its A tile straight from the
-input with masked loads (zero padding = ``other=0``). Inputs are float32 / float16 / bfloat16,
+input with masked loads (zero padding = ``other=0``). The K loop runs taps outside, channels
+inside, so in channels_last (unit channel stride) the A and B tiles are read along contiguous
+channels: with channel counts that are multiples of 16 Triton compiles 128-bit cp.async copies
+(``NHWC_CONFIGS``). NCHW tensors are read in place as well (no transpose pass), along the pixel
+axis, with per-element gathers. Inputs are float32 / float16 / bfloat16,
 accumulation is float32; float32 ``tl.dot`` runs with the ``PREC`` input precision the launcher
 chooses ("ieee", or "tf32" when torch allows TF32). Offsets that scale with the batch or a
 spatial index are int64, so tensors above 2^31 elements address correctly.
@@ -48,6 +52,48 @@ GPU_CONFIGS = {
         "small": (64, 32, 32, 8, 3),  # 4 warps: dgrad spills (255 registers)
     },
 }
+# Extra forward configuration for measured choice only (pick_config never returns it): the
+# float32 large tile with a third stage (sm_90 AOT: 192 registers ieee, 202 tf32; no spills).
+# Larger generic tiles (128x128; 128x32 or K = 64 in half precision; 64x64x16 in fp32 ieee)
+# spill with this kernel's gathered int64 pointer tiles (255 registers plus 24-490 bytes of
+# stack), and half's 128x64x32/4st (234 registers) and 64x128x32/3st (188) were left out to
+# keep the list and the compile time short.
+TUNE_CONFIGS = {
+    "fp32": {
+        "large3": (128, 64, 16, 8, 3),
+    },
+    "half": {},
+}
+# Forward tiles for channels_last problems whose channel counts and strides are multiples of
+# 16 (nhwc_specialised), fp16 / bf16 / tf32 only: with unit channel strides and those
+# divisibilities (what Triton's JIT specialises at run time) the gathered A tile is read along
+# contiguous channels with 128-bit cp.async copies and the pointer arithmetic shrinks, so
+# cuDNN-sized tiles fit. sm_90 AOT compile of that specialisation: half 128x128x64/3st 157
+# registers, tf32 128x128x32/3st 160; no spills, HGMMA, LDGSTS.E.BYPASS.128 (ieee float32 at
+# 128x128x32 spills: it is not a candidate). The same tiles without the specialisation spill
+# (255 registers + stack), so only such problems get them.
+NHWC_CONFIGS = {
+    "fp32": {
+        "nhwc128k32": (128, 128, 32, 8, 3),
+    },
+    "half": {
+        "nhwc128k64": (128, 128, 64, 8, 3),
+    },
+}
+# The forward candidates a measuring chooser times, by name (GPU_CONFIGS, TUNE_CONFIGS or
+# NHWC_CONFIGS), for (operand width, NHWC tiles eligible: nhwc_specialised and not ieee fp32).
+FWD_CANDIDATES = {
+    ("fp32", False): ("large", "small", "large3"),
+    ("half", False): ("large", "medium", "small"),
+    ("fp32", True): ("large", "large3", "nhwc128k32"),
+    ("half", True): ("large", "medium", "nhwc128k64"),
+}
+# The specialisation NHWC_CONFIGS are compiled (and launched) with: unit channel strides, and
+# these pointers / ints multiples of 16.
+NHWC_UNIT = ("stride_xc", "stride_wc", "stride_yc")
+NHWC_DIV16 = ("x_ptr", "w_ptr", "b_ptr", "y_ptr", "CG", "OG",
+              "stride_xn", "stride_xh", "stride_xw", "stride_wo", "stride_wh", "stride_ww",
+              "stride_yn", "stride_yh", "stride_yw")
 # One small fixed configuration under the interpreter: few Python-level programs.
 INTERP_CONFIG = (64, 16, 16, 4, 1)
 WGRAD_TARGET_PROGRAMS = 264  # two waves of an H100's 132 SMs
@@ -371,6 +417,34 @@ def pick_config(gemm_n: int, gemm_m: int, half: bool, interpret: bool) -> tuple[
     return cfg
 
 
+def fwd_candidates(half: bool, nhwc: bool = False) -> list[tuple[int, int, int, int, int]]:
+    """The forward configurations a measuring chooser times (``FWD_CANDIDATES``): tiles of the
+    heuristic's table, the pipelined ``TUNE_CONFIGS`` and, with ``nhwc`` (a half or TF32
+    problem that :func:`nhwc_specialised` accepts), the large ``NHWC_CONFIGS`` tiles; all
+    compiled for sm_90 in :func:`aot_specs`."""
+    key = "half" if half else "fp32"
+    table = {**GPU_CONFIGS[key], **TUNE_CONFIGS[key], **NHWC_CONFIGS[key]}
+    return [table[name] for name in FWD_CANDIDATES[(key, nhwc)]]
+
+
+def dgrad_candidates(half: bool) -> list[tuple[int, int, int, int, int]]:
+    """The input-gradient configurations a measuring chooser times: the heuristic's own table
+    (already compiled for dgrad in :func:`aot_specs`, so measuring adds no compile)."""
+    return list(GPU_CONFIGS["half" if half else "fp32"].values())
+
+
+def nhwc_specialised(x, w, b, y, cg: int, og: int) -> bool:
+    """Whether the forward's arguments take the specialisation NHWC_CONFIGS are compiled for:
+    unit channel strides (channels_last input, weight and output) and the NHWC_DIV16 pointers
+    and ints multiples of 16 (so Triton's JIT compiles exactly that specialisation)."""
+    if x.stride(1) != 1 or w.stride(1) != 1 or y.stride(1) != 1:
+        return False
+    ints = (cg, og, x.stride(0), x.stride(2), x.stride(3), w.stride(0), w.stride(2), w.stride(3),
+            y.stride(0), y.stride(2), y.stride(3))
+    ptrs = (x, w, y) if b is None else (x, w, b, y)
+    return all(v % 16 == 0 for v in ints) and all(t.data_ptr() % 16 == 0 for t in ptrs)
+
+
 def wgrad_split(tiles: int, m: int, block_k: int, interpret: bool) -> int:
     """How many programs share the K = N*Ho*Wo reduction of wgrad (float32 partial sums)."""
     if interpret:
@@ -395,11 +469,17 @@ def dw_config(interpret: bool) -> tuple[int, int, int]:
 
 # ----------------------------------------------------------------------------- launchers
 
-def conv_forward(x, w, bias, y, stride, padding, dilation, groups, activation, prec, interpret):
+def conv_forward(x, w, bias, y, stride, padding, dilation, groups, activation, prec, interpret, choose=None):
     """``y`` [N, O, Ho, Wo] = act(conv(x [N, C, H, W], w [O, C/groups, kh, kw]) + bias [O]).
 
     ``padding`` is ``[top, bottom, left, right]`` (only top/left enter the index math: the
-    bottom/right padding only decides Ho/Wo, which ``y`` already has). Any strides."""
+    bottom/right padding only decides Ho/Wo, which ``y`` already has). Any strides.
+
+    ``choose``: None (the heuristic :func:`pick_config` decides) or a measuring chooser
+    ``choose(op, key, candidates, run, default) -> config`` (``gpu_nn._tuning.choose`` bound to
+    the device, which the caller passes only where measuring is possible): the implicit-GEMM
+    forward then launches the fastest of :func:`fwd_candidates` for this problem. Depthwise
+    convolutions keep their single configuration."""
     n, c, h, wd = x.shape
     o, cg, kh, kw = w.shape
     _, _, ho, wo = y.shape
@@ -418,20 +498,35 @@ def conv_forward(x, w, bias, y, stride, padding, dilation, groups, activation, p
             BLOCK_P=bp, BLOCK_C=bc, num_warps=warps,
         )
         return
-    bm, bn, bk, warps, stages = pick_config(og, n * ho * wo, x.element_size() == 2, interpret)
-    grid = (triton.cdiv(n * ho * wo, bm), triton.cdiv(og, bn), groups)
-    _conv_fwd_kernel[grid](
-        x, w, bias if bias is not None else y, y,
-        n, h, wd, ho, wo, kw, kh * kw, cg, og,
-        *x.stride(), *w.stride(), *y.stride(),
-        stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
-        int(bias is not None), ACT_CODES[activation], PREC=_dot_precision(prec),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
-    )
+    half = x.element_size() == 2
+
+    def launch(cfg):
+        bm, bn, bk, warps, stages = cfg
+        grid = (triton.cdiv(n * ho * wo, bm), triton.cdiv(og, bn), groups)
+        _conv_fwd_kernel[grid](
+            x, w, bias if bias is not None else y, y,
+            n, h, wd, ho, wo, kw, kh * kw, cg, og,
+            *x.stride(), *w.stride(), *y.stride(),
+            stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
+            int(bias is not None), ACT_CODES[activation], PREC=_dot_precision(prec),
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+        )
+
+    cfg = pick_config(og, n * ho * wo, half, interpret)
+    if choose is not None:
+        # every launch rewrites y in full, so the candidates are timed on the real buffers
+        key = (tuple(x.shape), tuple(x.stride()), tuple(w.shape), tuple(w.stride()), tuple(y.stride()),
+               str(x.dtype), tuple(stride), tuple(padding), tuple(dilation), groups, prec,
+               bias is not None, activation)
+        nhwc = (half or prec == "tf32") and nhwc_specialised(x, w, bias, y, cg, og)
+        cands = fwd_candidates(half, nhwc)
+        cfg = tuple(choose("conv_fwd", key, cands, launch, cfg))
+    launch(cfg)
 
 
-def conv_backward_data(g, w, dx, stride, padding, dilation, groups, prec, interpret):
-    """``dx`` [N, C, H, W] = gradient of the input from ``g`` [N, O, Ho, Wo] and ``w``."""
+def conv_backward_data(g, w, dx, stride, padding, dilation, groups, prec, interpret, choose=None):
+    """``dx`` [N, C, H, W] = gradient of the input from ``g`` [N, O, Ho, Wo] and ``w``.
+    ``choose``: as for :func:`conv_forward`, over :func:`dgrad_candidates`."""
     n, c, h, wd = dx.shape
     o, cg, kh, kw = w.shape
     _, _, ho, wo = g.shape
@@ -449,15 +544,25 @@ def conv_backward_data(g, w, dx, stride, padding, dilation, groups, prec, interp
             BLOCK_P=bp, BLOCK_C=bc, num_warps=warps,
         )
         return
-    bm, bn, bk, warps, stages = pick_config(cg, n * h * wd, g.element_size() == 2, interpret)
-    grid = (triton.cdiv(n * h * wd, bm), triton.cdiv(cg, bn), groups)
-    _conv_dgrad_kernel[grid](
-        g, w, dx,
-        n, h, wd, ho, wo, kw, kh * kw, cg, og,
-        *g.stride(), *w.stride(), *dx.stride(),
-        stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
-        PREC=_dot_precision(prec), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
-    )
+    half = g.element_size() == 2
+
+    def launch(cfg):
+        bm, bn, bk, warps, stages = cfg
+        grid = (triton.cdiv(n * h * wd, bm), triton.cdiv(cg, bn), groups)
+        _conv_dgrad_kernel[grid](
+            g, w, dx,
+            n, h, wd, ho, wo, kw, kh * kw, cg, og,
+            *g.stride(), *w.stride(), *dx.stride(),
+            stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
+            PREC=_dot_precision(prec), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+        )
+
+    cfg = pick_config(cg, n * h * wd, half, interpret)
+    if choose is not None:
+        key = (tuple(g.shape), tuple(g.stride()), tuple(w.shape), tuple(w.stride()), tuple(dx.shape), tuple(dx.stride()),
+               str(g.dtype), tuple(stride), tuple(padding), tuple(dilation), groups, prec)
+        cfg = tuple(choose("conv_dgrad", key, dgrad_candidates(half), launch, cfg))
+    launch(cfg)
 
 
 def conv_backward_weight(g, x, dw, stride, padding, dilation, groups, prec, interpret):
@@ -553,7 +658,8 @@ _INTS_DW_WGRAD = ("N", "H", "W", "O", "Ho", "Wo", "KW", "TAPS", "MULT", "CHUNK",
 
 def aot_specs():
     """Every configuration the launchers can launch on a GPU: each GPU config x dtype x
-    (float32) precision (wgrad: all but "large"); bias and activation are runtime arguments of
+    (float32) precision (wgrad: all but "large"), plus the forward's measured-choice candidates
+    (TUNE_CONFIGS, and NHWC_CONFIGS in the channels_last specialisation they launch with); bias and activation are runtime arguments of
     the forward kernel. ``tests/test_aot_coverage.py`` checks that launches stay within this list."""
     specs = []
     variants = [("fp32", "ieee"), ("fp32", "tf32"), ("fp16", "ieee"), ("bf16", "ieee")]
@@ -578,6 +684,25 @@ def aot_specs():
             sig.update({k: "constexpr" for k in ("PREC", *blocks)})
             specs.append(AotSpec(_conv_wgrad_kernel, sig, {"PREC": prec, **blocks}, num_warps=warps,
                                  num_stages=stages, label=f"wgrad {cname} {dt} {prec}"))
+        for cname, (bm, bn, bk, warps, stages) in TUNE_CONFIGS["fp32" if dt == "fp32" else "half"].items():
+            blocks = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
+            sig = {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": f"*{dt}", "y_ptr": f"*{dt}"}
+            sig.update({k: "i32" for k in _INTS_FWD})
+            sig.update({"HAS_BIAS": "i32", "ACT": "i32"})
+            sig.update({k: "constexpr" for k in ("PREC", *blocks)})
+            specs.append(AotSpec(_conv_fwd_kernel, sig, {"PREC": prec, **blocks}, num_warps=warps,
+                                 num_stages=stages, label=f"fwd {cname} {dt} {prec}"))
+        for cname, (bm, bn, bk, warps, stages) in NHWC_CONFIGS["fp32" if dt == "fp32" else "half"].items():
+            if prec == "ieee" and dt == "fp32":
+                continue  # TF32 or half only (see NHWC_CONFIGS)
+            blocks = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
+            sig = {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": f"*{dt}", "y_ptr": f"*{dt}"}
+            sig.update({k: "i32" for k in _INTS_FWD})
+            sig.update({"HAS_BIAS": "i32", "ACT": "i32"})
+            sig.update({k: "constexpr" for k in ("PREC", *blocks, *NHWC_UNIT)})
+            specs.append(AotSpec(_conv_fwd_kernel, sig, {"PREC": prec, **blocks, **{k: 1 for k in NHWC_UNIT}},
+                                 num_warps=warps, num_stages=stages, label=f"fwd {cname} {dt} {prec}",
+                                 divisible_by_16=NHWC_DIV16))
     bp, bc, warps = DW_CONFIG
     blocks = {"BLOCK_P": bp, "BLOCK_C": bc}
     for dt in ("fp32", "fp16", "bf16"):
