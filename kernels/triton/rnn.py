@@ -27,8 +27,10 @@ persistent kernel:
 Layouts: everything row-major with explicit row strides; states and gates in float32 (the
 reserve); weights and the user's input / output in float32, float16 or bfloat16. Gate order
 i, f, g, o (LSTM) and r, z, n (GRU), torch's. ``MODE``: 0 tanh, 1 relu, 2 LSTM, 3 GRU.
-Float32 dots use ``input_precision="ieee"`` (TF32 would be outside the float32 tolerance);
-half-precision dots cast the float32 operand to the weights' dtype and accumulate in float32.
+Dots (``DOT_DT``, chosen per call by gpu_nn.ops.rnn): float32 operands exact (``input_precision=
+"ieee"``, FMA) or TF32 (tensor cores) as ``torch.backends.cudnn.allow_tf32`` says for float32
+layers; half-precision dots cast the float32 operand to the weights' dtype; all accumulate in
+float32.
 Not supported: projections in the persistent kernel (the ops never choose it for them).
 """
 
@@ -40,7 +42,7 @@ from ._aot import AotSpec
 
 MODE_CODES = {"rnn_tanh": 0, "rnn_relu": 1, "lstm": 2, "gru": 3}
 NGATES = {0: 1, 1: 1, 2: 4, 3: 3}
-DOT_CODES = {"fp32": 0, "fp16": 1, "bf16": 2}
+DOT_CODES = {"fp32": 0, "fp16": 1, "bf16": 2, "tf32": 3}
 
 
 @triton.jit
@@ -58,9 +60,13 @@ def _tanh(x):
 
 @triton.jit
 def _dot(a, b, acc, DOT_DT: tl.constexpr):
-    """acc + a @ b; float32 operands as exact IEEE products, else both cast to the half dtype."""
+    """acc + a @ b, float32 accumulation. DOT_DT 0: float32 operands, exact IEEE products (FMA,
+    no tensor cores); 3: float32 operands as TF32 (tensor cores, 10-bit mantissa); 1 / 2: both
+    operands cast to float16 / bfloat16 (tensor cores)."""
     if DOT_DT == 0:
         acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    elif DOT_DT == 3:
+        acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32")
     elif DOT_DT == 1:
         acc += tl.dot(a.to(tl.float16), b.to(tl.float16), input_precision="ieee")
     else:
@@ -71,32 +77,45 @@ def _dot(a, b, acc, DOT_DT: tl.constexpr):
 @triton.jit
 def _rnn_matmul_kernel(a_ptr, b_ptr, c_ptr, bias1_ptr, bias2_ptr, scale_ptr, M, N, K,
                        stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, stride_sm, stride_sn,
-                       HAS_BIAS1: tl.constexpr, HAS_BIAS2: tl.constexpr, HAS_SCALE: tl.constexpr,
-                       ACC: tl.constexpr, DOT_DT: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """C[M, N] = (ACC ? C : 0) + scale[M, N] * (A[M, K] @ B[K, N] + bias1[N] + bias2[N])."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+                       has_bias1, has_bias2, has_scale, accumulate, DOT_DT: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """C[M, N] = (accumulate ? C : 0) + scale[M, N] * (A[M, K] @ B[K, N] + bias1[N] + bias2[N]).
+
+    One program per [BLOCK_M, BLOCK_N] tile of C, ordered in groups of GROUP_M row tiles so that
+    neighbouring programs share B tiles in L2; the K loop is software-pipelined (the launch's
+    num_stages) and its dots run on tensor cores unless DOT_DT is 0. The epilogue options are
+    runtime flags, not constexprs (one compiled kernel serves every combination: they cost a
+    uniform branch per tile, once); the bias / scale pointers have the type of B (the caller
+    passes B where one is absent; never read then).
+    """
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
     rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     mm = rm < M
     mn = rn < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        rk = k0 + tl.arange(0, BLOCK_K)
+        rk = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
         mk = rk < K
         a = tl.load(a_ptr + rm[:, None] * stride_am + rk[None, :] * stride_ak, mask=mm[:, None] & mk[None, :], other=0.0)
         b = tl.load(b_ptr + rk[:, None] * stride_bk + rn[None, :] * stride_bn, mask=mk[:, None] & mn[None, :], other=0.0)
         acc = _dot(a, b, acc, DOT_DT)
-    if HAS_BIAS1:
+    if has_bias1:
         acc += tl.load(bias1_ptr + rn, mask=mn, other=0.0).to(tl.float32)[None, :]
-    if HAS_BIAS2:
+    if has_bias2:
         acc += tl.load(bias2_ptr + rn, mask=mn, other=0.0).to(tl.float32)[None, :]
     m2 = mm[:, None] & mn[None, :]
-    if HAS_SCALE:
+    if has_scale:
         acc *= tl.load(scale_ptr + rm[:, None] * stride_sm + rn[None, :] * stride_sn, mask=m2, other=0.0).to(tl.float32)
     c_ptrs = c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn
-    if ACC:
+    if accumulate:
         acc += tl.load(c_ptrs, mask=m2, other=0.0).to(tl.float32)
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m2)
 
@@ -475,33 +494,62 @@ def _rnn_step_bwd_kernel(dgn_ptr, stride_dgn, w_ptr, stride_w0, stride_w1, carry
 # launch heuristics and launchers (all tensors already allocated and offset by the caller)
 
 
-def dot_code(dtype) -> int:
-    return {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[dtype]
+STEP_BLOCKS = (16, 16, 32, 4)  # BLOCK_B, BLOCK_H, BLOCK_K, num_warps
 
 
-def step_blocks(B: int, H: int, mode: str) -> tuple[int, int, int, int]:
-    """(BLOCK_B, BLOCK_H, BLOCK_K, num_warps) of the step kernels: dot tiles of at least 16 on
-    every side; the LSTM's four accumulators take a narrower hidden tile."""
-    return (16 if B <= 16 else 32), 32, 32, 4
+def step_blocks(B: int, H: int, mode: str = "lstm") -> tuple[int, int, int, int]:
+    """(BLOCK_B, BLOCK_H, BLOCK_K, num_warps) of the step kernels, forward and backward (and of the
+    projection kernels, with the projection size for H): one tile for every shape, mode and dtype.
+
+    Each program computes every gate of a [BLOCK_B, BLOCK_H] tile of (batch row, hidden unit), so
+    the cell math stays fused; the grid is cdiv(B, 16) x cdiv(H, 16) programs, the most that dot
+    tiles of at least 16 on every side allow: N = 64, H = 512 makes 4 x 32 = 128 programs for the
+    H200's 132 SMs, where the former 32 x 32 tiles made 2 x 16 = 32. A wider hidden tile would
+    only save re-reads of the small h_{t-1} rows (W_hh, the large operand, is read once per batch
+    tile whatever BLOCK_H is), and each further tile is a further set of compiled
+    configurations for every mode, dtype and dot code (tests/test_compile.py); a wider batch tile
+    (fewer W_hh re-reads) would only pay where cdiv(B, 64) * cdiv(H, 16) already fills the GPU,
+    batches of 64 and more with H above 2000, beyond the sizes measured (issue 16)."""
+    return STEP_BLOCKS
 
 
-MATMUL_BLOCKS = (32, 64, 32, 4)  # BLOCK_M, BLOCK_N, BLOCK_K, num_warps
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps) of _rnn_matmul_kernel, per dot kind; GROUP_M 8
+MATMUL_TC = (128, 128, 32, 8)  # tensor-core dots (TF32, float16, bfloat16): two warpgroups of wgmma
+MATMUL_FMA = (64, 64, 32, 4)  # exact float32 (FMA): 128 x 128 needs all 255 registers at 8 warps
+MATMUL_STAGES = 3
+MATMUL_GROUP_M = 8
+
+
+def matmul_blocks(M: int, N: int, dot: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) of ``_rnn_matmul_kernel`` for C [M, N] with dot code
+    ``dot``: 128 x 128 tiles on tensor cores, 64 x 64 for the exact float32 dot. The matmuls that
+    carry the work are the input projection of all steps (M = T * B, N = G * H: 50 x 16 tiles at
+    T = 100, N = 64, H = 512) and dX (N = I: 200 tiles); the weight gradients (M = G * H, N = I or
+    H, K = T * B) make 64 tiles there, half the GPU for about 50 us against the per-step kernels'
+    milliseconds, and cells / per-step products are a tile or two whatever the size. One tile per
+    dot kind keeps the compiled set small (every tile is one more kernel per operand types)."""
+    return MATMUL_FMA if dot == 0 else MATMUL_TC
 
 
 def matmul(a, b, c, *, bias1=None, bias2=None, scale=None, acc=False, dot=0):
-    """``c (+)= scale * (a @ b + bias1 + bias2)``; 2-D tensors with any strides."""
+    """``c (+)= scale * (a @ b + bias1 + bias2)``; 2-D tensors with any strides; ``bias1 / bias2
+    [N]`` and ``scale [M, N]`` (unit last stride) of b's dtype."""
     M, K = a.shape
     N = b.shape[1]
     if M == 0 or N == 0:
         return
-    bm, bn, bk, warps = MATMUL_BLOCKS
-    grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
-    s = scale if scale is not None else c
+    for t in (bias1, bias2, scale):
+        assert t is None or t.dtype == b.dtype, "bias / scale must have B's dtype (one compiled kernel per pointer type)"
+    bm, bn, bk, warps = matmul_blocks(M, N, dot)
+    grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
+    s = scale if scale is not None else b
     _rnn_matmul_kernel[grid](
-        a, b, c, bias1 if bias1 is not None else c, bias2 if bias2 is not None else c, s, M, N, K,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1), s.stride(0), s.stride(1),
-        HAS_BIAS1=bias1 is not None, HAS_BIAS2=bias2 is not None, HAS_SCALE=scale is not None, ACC=acc, DOT_DT=dot,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
+        a, b, c, bias1 if bias1 is not None else b, bias2 if bias2 is not None else b, s, M, N, K,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
+        s.stride(0) if scale is not None else 0, s.stride(1) if scale is not None else 0,
+        int(bias1 is not None), int(bias2 is not None), int(scale is not None), int(acc),
+        DOT_DT=dot, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=MATMUL_GROUP_M, num_warps=warps,
+        num_stages=MATMUL_STAGES,
     )
 
 
@@ -533,9 +581,10 @@ def step_forward(mode, xg, hp, hn, cp, cn, w_hh, b_hh, out, mask, lengths, t, do
     )
 
 
-def proj_blocks(B: int) -> tuple[int, int, int, int]:
-    """(BLOCK_B, BLOCK_P, BLOCK_K, num_warps) of the projection kernels: the step kernels' tiles."""
-    return step_blocks(B, 0, "lstm")
+def proj_blocks(B: int, P: int) -> tuple[int, int, int, int]:
+    """(BLOCK_B, BLOCK_P, BLOCK_K, num_warps) of the projection kernels: the step kernels' tiles
+    over the P projected units."""
+    return step_blocks(B, P, "lstm")
 
 
 def proj_forward(m, w_hr, hp, hn, out, mask, lengths, t, dot):
@@ -545,7 +594,7 @@ def proj_forward(m, w_hr, hp, hn, out, mask, lengths, t, dot):
     P = hn.shape[1]
     if B == 0:
         return
-    bb, bp, bk, warps = proj_blocks(B)
+    bb, bp, bk, warps = proj_blocks(B, P)
     _rnn_proj_fwd_kernel[(triton.cdiv(B, bb), triton.cdiv(P, bp))](
         m, w_hr, w_hr.stride(0), w_hr.stride(1), hp, hn, out, out.stride(0), mask if mask is not None else out,
         mask.stride(0) if mask is not None else 0, lengths, t, B, H, P, HAS_MASK=mask is not None, DOT_DT=dot,
@@ -559,7 +608,7 @@ def proj_backward(dg_next, w_hh, carry, dout, dh, lengths, t, dot, final=False):
     B, P = carry.shape
     if B == 0:
         return
-    bb, bp, bk, warps = proj_blocks(B)
+    bb, bp, bk, warps = proj_blocks(B, P)
     any_ = carry
     _rnn_proj_bwd_kernel[(triton.cdiv(B, bb), triton.cdiv(P, bp))](
         dg_next if dg_next is not None else any_, dg_next.stride(0) if dg_next is not None else 0, w_hh,
@@ -582,7 +631,7 @@ def persist_launch(mode: str, dot: int, has_bhh: bool) -> tuple[int, int]:
     BLOCK_K = 32: the float32 LSTM spills at 64. Warps, from ptxas for sm_90: at one stage the
     float32 (FMA) dots keep a few spill stores at 4 warps (rnn_tanh 8 B, LSTM / GRU with b_hh
     24 B of stack), none at 8, except the GRU without b_hh, which spills at 8 and not at 4; the
-    half-precision dots spill at none with 4."""
+    tensor-core dots (TF32, float16, bfloat16) spill at none with 4."""
     if dot == 0 and not (mode == "gru" and not has_bhh):
         return 8, 1
     return 4, 1
@@ -653,19 +702,19 @@ def step_backward(mode, dg_next, w_hh, carry, dc, dout, g, hp, hn, cp, cn, dgi, 
 # ahead-of-time configurations
 
 
-def _matmul_spec(a, b, c, bias1, bias2, scale, acc, dot, dt):
-    bm, bn, bk, warps = MATMUL_BLOCKS
-    # an absent bias / scale is passed as c (a dummy pointer of c's type, never read)
-    sig = {"a_ptr": f"*{a}", "b_ptr": f"*{b}", "c_ptr": f"*{c}", "bias1_ptr": f"*{dt if bias1 else c}",
-           "bias2_ptr": f"*{dt if bias2 else c}", "scale_ptr": f"*{dt if scale else c}", "M": "i32", "N": "i32", "K": "i32"}
-    for s in ("stride_am", "stride_ak", "stride_bk", "stride_bn", "stride_cm", "stride_cn", "stride_sm", "stride_sn"):
+def _matmul_spec(a, b, c, dot, tile):
+    bm, bn, bk, warps = tile
+    # bias1 / bias2 / scale have B's type (B itself stands in where one is absent)
+    sig = {"a_ptr": f"*{a}", "b_ptr": f"*{b}", "c_ptr": f"*{c}", "bias1_ptr": f"*{b}", "bias2_ptr": f"*{b}",
+           "scale_ptr": f"*{b}", "M": "i32", "N": "i32", "K": "i32"}
+    for s in ("stride_am", "stride_ak", "stride_bk", "stride_bn", "stride_cm", "stride_cn", "stride_sm", "stride_sn",
+              "has_bias1", "has_bias2", "has_scale", "accumulate"):
         sig[s] = "i32"
-    for k in ("HAS_BIAS1", "HAS_BIAS2", "HAS_SCALE", "ACC", "DOT_DT", "BLOCK_M", "BLOCK_N", "BLOCK_K"):
+    for k in ("DOT_DT", "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"):
         sig[k] = "constexpr"
-    cons = {"HAS_BIAS1": bias1, "HAS_BIAS2": bias2, "HAS_SCALE": scale, "ACC": acc, "DOT_DT": dot,
-            "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
-    return AotSpec(_rnn_matmul_kernel, sig, cons, num_warps=warps,
-                   label=f"matmul {a}x{b}->{c} bias{int(bias1)}{int(bias2)} scale{int(scale)} acc{int(acc)} dot{dot}")
+    cons = {"DOT_DT": dot, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": MATMUL_GROUP_M}
+    return AotSpec(_rnn_matmul_kernel, sig, cons, num_warps=warps, num_stages=MATMUL_STAGES,
+                   label=f"matmul {a}x{b}->{c} dot{dot} {bm}x{bn}x{bk} w{warps}")
 
 
 def _persist_spec(code, dt, out_dt, has_mask, has_bhh, dot):
@@ -683,68 +732,84 @@ def _persist_spec(code, dt, out_dt, has_mask, has_bhh, dot):
     cons = {"MODE": code, "HAS_BHH": has_bhh, "HAS_MASK": has_mask, "DOT_DT": dot, "BLOCK_B": bb, "BLOCK_H": bh,
             "BLOCK_K": bk}
     return AotSpec(_rnn_persist_fwd_kernel, sig, cons, num_warps=warps, num_stages=stages,
-                   label=f"persist fwd {mode} {dt} out {out_dt} mask{int(has_mask)} bhh{int(has_bhh)} w{warps} s{stages}")
+                   label=f"persist fwd {mode} {dt} dot{dot} out {out_dt} mask{int(has_mask)} bhh{int(has_bhh)} w{warps} s{stages}")
+
+
+def step_dots(dt: str) -> tuple[int, ...]:
+    """The dot codes a layer of io dtype ``dt`` runs its recurrent products with: float32 exact
+    (torch.backends.cudnn.allow_tf32 off) or TF32 (on); a half dtype its own."""
+    return (DOT_CODES["fp32"], DOT_CODES["tf32"]) if dt == "fp32" else (DOT_CODES[dt],)
+
+
+def matmul_operands(dt: str) -> list[tuple[str, str, str, int]]:
+    """(A, B, C, DOT_DT) of every matmul the driver runs for io dtype ``dt``. float32: all float32,
+    exact or TF32. Half: the input projection from the io-dtype input (first layer) or the float32
+    layer input (the reserve), and dX, dm from float32 gate gradients, into float32; dW_ih of the
+    first layer from the io-dtype input into dt; those in the half dtype. The weight gradients from
+    two float32 operands (dW_hh, dW_ih of inner layers, dW_hr) in TF32: 10-bit mantissas, as
+    float16's and more than bfloat16's, on tensor cores."""
+    if dt == "fp32":
+        return [("fp32", "fp32", "fp32", d) for d in step_dots(dt)]
+    h = DOT_CODES[dt]
+    return [(dt, dt, "fp32", h), ("fp32", dt, "fp32", h), ("fp32", dt, dt, h), ("fp32", "fp32", dt, DOT_CODES["tf32"])]
 
 
 def aot_specs():
     """Every launch configuration of the driver in gpu_nn.ops.rnn: per io dtype, the matmuls
-    (input projection from the io-dtype input or a float32 layer input, with both, one or no
-    bias; dW from io-dtype or float32 operands; dX with or without the dropout scale, first or
-    accumulating direction), the column sum, and the step kernels for every mode, both batch
-    tiles, output / output-gradient in the io dtype (last layer) or float32 (inner layers),
-    with and without the dropout mask, the GRU with and without b_hh, first / middle / final
-    backward step; the persistent forward (one block configuration) for every mode, output in
-    the io dtype or float32 (with and without the mask), the GRU with and without b_hh. Pointer
-    arguments a launch does not use carry the type of the dummy the launcher passes in their
-    place (each pointer type is its own compiled kernel): an absent bias / scale of the matmul
-    is ``c``, an absent dropout mask is the output, the final backward step's output gradient
+    (``matmul_operands``, each in its tile of ``matmul_blocks``), the column sum, and per dot code
+    of ``step_dots`` the step kernels for every mode in the tile of ``step_blocks`` (output / output-gradient in the io dtype (last layer) or float32 (inner layers), with and
+    without the dropout mask, the GRU with and without b_hh, first / middle / final backward
+    step), the projection kernels, and the persistent forward (one block configuration) for every
+    mode, output in the io dtype or float32 (with and without the mask), the GRU with and without
+    b_hh. Pointer arguments a launch does not use carry the type of the dummy the launcher passes
+    in their place (each pointer type is its own compiled kernel): an absent bias / scale of the
+    matmul is B, an absent dropout mask is the output, the final backward step's output gradient
     and lengths are the float32 carry. tests/test_aot_coverage.py checks this list against the
     launches the ops make."""
     specs = []
     for dt in ("fp32", "fp16", "bf16"):
-        dot = DOT_CODES[dt]
-        mm = set()
-        for a in sorted({dt, "fp32"}):
-            for bias1, bias2 in ((True, True), (True, False), (False, False)):
-                mm.add((a, dt, "fp32", bias1, bias2, False, False, dot))
-        for b in sorted({dt, "fp32"}):
-            mm.add(("fp32", b, dt, False, False, False, False, dot if b == dt else 0))
-        for scale in (False, True):
-            for acc in (False, True):
-                mm.add(("fp32", dt, "fp32", False, False, scale, acc, dot))
-        specs += [_matmul_spec(*m, dt) for m in sorted(mm)]
+        for a, b, c, d in matmul_operands(dt):
+            specs.append(_matmul_spec(a, b, c, d, matmul_blocks(1, 1, d)))
         specs.append(AotSpec(_rnn_colsum_kernel, {"x_ptr": "*fp32", "y_ptr": f"*{dt}", "M": "i32", "N": "i32",
                                                   "stride_xm": "i32", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"},
                              {"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, label=f"colsum {dt}"))
-        for mode, code in MODE_CODES.items():
-            for out_dt in sorted({dt, "fp32"}):
-                for has_mask in ((False, True) if out_dt == "fp32" else (False,)):
-                    for has_bhh in ((False, True) if mode == "gru" else (False,)):
-                        specs.append(_persist_spec(code, dt, out_dt, has_mask, has_bhh, dot))
-            for bb in (16, 32):
-                for out_dt in sorted({dt, "fp32"}):
-                    for has_mask in ((False, True) if out_dt == "fp32" else (False,)):
-                        for has_bhh in ((False, True) if mode == "gru" else (False,)):
-                            specs.append(_step_fwd_spec(mode, code, dt, out_dt, bb, has_mask, has_bhh, False, dot))
-                for dout_dt in sorted({dt, "fp32"}):
-                    for has_next, final in ((False, False), (True, False), (True, True)):
-                        if final and dout_dt != "fp32":
-                            continue
-                        # the final step (dh0 only) gets no output gradient and no lengths: both
-                        # come as the float32 carry (dummy pointers, never read)
-                        sig = {"dgn_ptr": "*fp32", "stride_dgn": "i32", "w_ptr": f"*{dt}", "stride_w0": "i32",
-                               "stride_w1": "i32", "carry_ptr": "*fp32", "dc_ptr": "*fp32", "dout_ptr": f"*{dout_dt}",
-                               "stride_dout": "i32", "g_ptr": "*fp32", "stride_g": "i32", "hp_ptr": "*fp32",
-                               "hn_ptr": "*fp32", "cp_ptr": "*fp32", "cn_ptr": "*fp32", "dgi_ptr": "*fp32",
-                               "dgh_ptr": "*fp32", "stride_dg": "i32", "dh0_ptr": "*fp32",
-                               "len_ptr": "*fp32" if final else "*i64", "t": "i32", "B": "i32", "H": "i32"}
-                        for k in ("MODE", "HAS_NEXT", "FINAL", "DOT_DT", "BLOCK_B", "BLOCK_H", "BLOCK_K"):
-                            sig[k] = "constexpr"
-                        cons = {"MODE": code, "HAS_NEXT": has_next, "FINAL": final, "DOT_DT": dot,
-                                "BLOCK_B": bb, "BLOCK_H": 32, "BLOCK_K": 32}
-                        specs.append(AotSpec(_rnn_step_bwd_kernel, sig, cons, num_warps=4,
-                                             label=f"step bwd {mode} {dt} dout {dout_dt} B{bb} next{int(has_next)} final{int(final)}"))
-        specs += _proj_specs(dt, dot)
+        for dot in step_dots(dt):
+            specs += _step_specs(dt, dot)
+            specs += _proj_specs(dt, dot)
+    return specs
+
+
+def _step_specs(dt, dot):
+    """The persistent forward and the step kernels of one io dtype and dot code."""
+    bb, bh, bk, warps = step_blocks(1, 1)
+    specs = []
+    for mode, code in MODE_CODES.items():
+        for out_dt in sorted({dt, "fp32"}):
+            for has_mask in ((False, True) if out_dt == "fp32" else (False,)):
+                for has_bhh in ((False, True) if mode == "gru" else (False,)):
+                    specs.append(_persist_spec(code, dt, out_dt, has_mask, has_bhh, dot))
+        for out_dt in sorted({dt, "fp32"}):
+            for has_mask in ((False, True) if out_dt == "fp32" else (False,)):
+                for has_bhh in ((False, True) if mode == "gru" else (False,)):
+                    specs.append(_step_fwd_spec(mode, code, dt, out_dt, bb, has_mask, has_bhh, False, dot))
+        for dout_dt in sorted({dt, "fp32"}):
+            for has_next, final in ((False, False), (True, False), (True, True)):
+                if final and dout_dt != "fp32":
+                    continue
+                # the final step (dh0 only) gets no output gradient and no lengths: both
+                # come as the float32 carry (dummy pointers, never read)
+                sig = {"dgn_ptr": "*fp32", "stride_dgn": "i32", "w_ptr": f"*{dt}", "stride_w0": "i32",
+                       "stride_w1": "i32", "carry_ptr": "*fp32", "dc_ptr": "*fp32", "dout_ptr": f"*{dout_dt}",
+                       "stride_dout": "i32", "g_ptr": "*fp32", "stride_g": "i32", "hp_ptr": "*fp32",
+                       "hn_ptr": "*fp32", "cp_ptr": "*fp32", "cn_ptr": "*fp32", "dgi_ptr": "*fp32",
+                       "dgh_ptr": "*fp32", "stride_dg": "i32", "dh0_ptr": "*fp32",
+                       "len_ptr": "*fp32" if final else "*i64", "t": "i32", "B": "i32", "H": "i32"}
+                for k in ("MODE", "HAS_NEXT", "FINAL", "DOT_DT", "BLOCK_B", "BLOCK_H", "BLOCK_K"):
+                    sig[k] = "constexpr"
+                cons = {"MODE": code, "HAS_NEXT": has_next, "FINAL": final, "DOT_DT": dot,
+                        "BLOCK_B": bb, "BLOCK_H": bh, "BLOCK_K": bk}
+                specs.append(AotSpec(_rnn_step_bwd_kernel, sig, cons, num_warps=warps,
+                                     label=f"step bwd {mode} {dt} dot{dot} dout {dout_dt} B{bb} next{int(has_next)} final{int(final)}"))
     return specs
 
 
@@ -756,10 +821,11 @@ def _step_fwd_spec(mode, code, dt, out_dt, bb, has_mask, has_bhh, proj, dot):
            "len_ptr": "*i64", "t": "i32", "B": "i32", "H": "i32", "P": "i32"}
     for k in ("MODE", "HAS_BHH", "HAS_MASK", "PROJ", "DOT_DT", "BLOCK_B", "BLOCK_H", "BLOCK_K"):
         sig[k] = "constexpr"
+    _, bh, bk, warps = step_blocks(1, 1)
     cons = {"MODE": code, "HAS_BHH": has_bhh, "HAS_MASK": has_mask, "PROJ": proj, "DOT_DT": dot,
-            "BLOCK_B": bb, "BLOCK_H": 32, "BLOCK_K": 32}
-    label = f"step fwd {mode} {dt} out {out_dt} B{bb} mask{int(has_mask)} bhh{int(has_bhh)} proj{int(proj)}"
-    return AotSpec(_rnn_step_fwd_kernel, sig, cons, num_warps=4, label=label)
+            "BLOCK_B": bb, "BLOCK_H": bh, "BLOCK_K": bk}
+    label = f"step fwd {mode} {dt} dot{dot} out {out_dt} B{bb} mask{int(has_mask)} bhh{int(has_bhh)} proj{int(proj)}"
+    return AotSpec(_rnn_step_fwd_kernel, sig, cons, num_warps=warps, label=label)
 
 
 def _proj_specs(dt, dot):
@@ -767,33 +833,32 @@ def _proj_specs(dt, dot):
     as out too), the projection forward (output in the io dtype or float32, the latter with and
     without the dropout mask), the projection backward (first / middle / final step, output
     gradient in the io dtype or float32; the final step's dout and lengths are the carry)."""
+    bb, bp, bk, warps = proj_blocks(1, 1)
     specs = []
-    for bb in (16, 32):
-        bp, bk, warps = 32, 32, 4
-        specs.append(_step_fwd_spec("lstm", 2, dt, "fp32", bb, False, False, True, dot))
-        for out_dt in sorted({dt, "fp32"}):
-            for has_mask in ((False, True) if out_dt == "fp32" else (False,)):
-                sig = {"m_ptr": "*fp32", "w_ptr": f"*{dt}", "stride_w0": "i32", "stride_w1": "i32", "hp_ptr": "*fp32",
-                       "hn_ptr": "*fp32", "out_ptr": f"*{out_dt}", "stride_out": "i32",
-                       "mask_ptr": f"*{dt if has_mask else out_dt}", "stride_mask": "i32", "len_ptr": "*i64",
-                       "t": "i32", "B": "i32", "H": "i32", "P": "i32"}
-                for k in ("HAS_MASK", "DOT_DT", "BLOCK_B", "BLOCK_P", "BLOCK_K"):
-                    sig[k] = "constexpr"
-                cons = {"HAS_MASK": has_mask, "DOT_DT": dot, "BLOCK_B": bb, "BLOCK_P": bp, "BLOCK_K": bk}
-                specs.append(AotSpec(_rnn_proj_fwd_kernel, sig, cons, num_warps=warps,
-                                     label=f"proj fwd {dt} out {out_dt} B{bb} mask{int(has_mask)}"))
-        for dout_dt in sorted({dt, "fp32"}):
-            for has_next, final in ((False, False), (True, False), (True, True)):
-                if final and dout_dt != "fp32":
-                    continue
-                sig = {"dgn_ptr": "*fp32", "stride_dgn": "i32", "w_ptr": f"*{dt}", "stride_w0": "i32",
-                       "stride_w1": "i32", "carry_ptr": "*fp32", "dout_ptr": f"*{dout_dt}", "stride_dout": "i32",
-                       "dh_ptr": "*fp32", "len_ptr": "*fp32" if final else "*i64", "t": "i32", "B": "i32", "P": "i32",
-                       "GH": "i32"}
-                for k in ("HAS_NEXT", "FINAL", "DOT_DT", "BLOCK_B", "BLOCK_P", "BLOCK_K"):
-                    sig[k] = "constexpr"
-                cons = {"HAS_NEXT": has_next, "FINAL": final, "DOT_DT": dot, "BLOCK_B": bb, "BLOCK_P": bp,
-                        "BLOCK_K": bk}
-                specs.append(AotSpec(_rnn_proj_bwd_kernel, sig, cons, num_warps=warps,
-                                     label=f"proj bwd {dt} dout {dout_dt} B{bb} next{int(has_next)} final{int(final)}"))
+    specs.append(_step_fwd_spec("lstm", 2, dt, "fp32", bb, False, False, True, dot))
+    for out_dt in sorted({dt, "fp32"}):
+        for has_mask in ((False, True) if out_dt == "fp32" else (False,)):
+            sig = {"m_ptr": "*fp32", "w_ptr": f"*{dt}", "stride_w0": "i32", "stride_w1": "i32", "hp_ptr": "*fp32",
+                   "hn_ptr": "*fp32", "out_ptr": f"*{out_dt}", "stride_out": "i32",
+                   "mask_ptr": f"*{dt if has_mask else out_dt}", "stride_mask": "i32", "len_ptr": "*i64",
+                   "t": "i32", "B": "i32", "H": "i32", "P": "i32"}
+            for k in ("HAS_MASK", "DOT_DT", "BLOCK_B", "BLOCK_P", "BLOCK_K"):
+                sig[k] = "constexpr"
+            cons = {"HAS_MASK": has_mask, "DOT_DT": dot, "BLOCK_B": bb, "BLOCK_P": bp, "BLOCK_K": bk}
+            specs.append(AotSpec(_rnn_proj_fwd_kernel, sig, cons, num_warps=warps,
+                                 label=f"proj fwd {dt} dot{dot} out {out_dt} B{bb} mask{int(has_mask)}"))
+    for dout_dt in sorted({dt, "fp32"}):
+        for has_next, final in ((False, False), (True, False), (True, True)):
+            if final and dout_dt != "fp32":
+                continue
+            sig = {"dgn_ptr": "*fp32", "stride_dgn": "i32", "w_ptr": f"*{dt}", "stride_w0": "i32",
+                   "stride_w1": "i32", "carry_ptr": "*fp32", "dout_ptr": f"*{dout_dt}", "stride_dout": "i32",
+                   "dh_ptr": "*fp32", "len_ptr": "*fp32" if final else "*i64", "t": "i32", "B": "i32", "P": "i32",
+                   "GH": "i32"}
+            for k in ("HAS_NEXT", "FINAL", "DOT_DT", "BLOCK_B", "BLOCK_P", "BLOCK_K"):
+                sig[k] = "constexpr"
+            cons = {"HAS_NEXT": has_next, "FINAL": final, "DOT_DT": dot, "BLOCK_B": bb, "BLOCK_P": bp,
+                    "BLOCK_K": bk}
+            specs.append(AotSpec(_rnn_proj_bwd_kernel, sig, cons, num_warps=warps,
+                                 label=f"proj bwd {dt} dot{dot} dout {dout_dt} B{bb} next{int(has_next)} final{int(final)}"))
     return specs
