@@ -1178,6 +1178,7 @@ def test_tf32_follows_torchs_cudnn_flag():
             for mm in (False, True):
                 torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = cudnn, mm
                 assert ops.tf32_allowed(torch.float32) is cudnn
+                assert ops.tf32_allowed(torch.float64) is False
                 for half in (torch.float16, torch.bfloat16):
                     assert ops.tf32_allowed(half) is True
     finally:

@@ -309,8 +309,10 @@ def tf32_allowed(dtype: torch.dtype) -> bool:
     torch's cuDNN RNN decides it, ``torch.backends.cudnn.allow_tf32`` (on by default), read per
     call. Half layers: always; their only float32 x float32 products are the weight gradients
     from the float32 reserve, which TF32 keeps at 10 mantissa bits (float16's, more than
-    bfloat16's) where cuDNN would compute them in the half dtype."""
-    return dtype != torch.float32 or bool(torch.backends.cudnn.allow_tf32)
+    bfloat16's) where cuDNN would compute them in the half dtype. float64: never."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return True
+    return dtype == torch.float32 and bool(torch.backends.cudnn.allow_tf32)
 
 
 def _dot_code(*dtypes, tf32: bool):
