@@ -417,13 +417,17 @@ def extra_rnn(rng, monkeypatch, rec):
             _rnn_sweep(rng, dt, False)
             monkeypatch.setenv(ops.PERSISTENT_ENV, "1")  # the persistent forward wherever legal (B <= 16)
             _rnn_sweep(rng, dt, True)
-        # TF32 off: float32 with the exact dot code (DOT_DT 0) in every kernel; half layers do not
-        # read the flag, and cells run the sequence kernels
+        # TF32 off: float32 with the exact dot code (DOT_DT 0), otherwise the launches above (half
+        # layers do not read the flag). One short two-layer sequence per mode with dropout and
+        # lengths, no biases, forward and backward, the GRU also with b_hh; then the persistent
+        # forward (whose warps depend on the dot code)
         monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-        monkeypatch.setenv(ops.PERSISTENT_ENV, "0")
-        _rnn_sweep(rng, torch.float32, False, cells=False)
-        monkeypatch.setenv(ops.PERSISTENT_ENV, "1")
-        _rnn_sweep(rng, torch.float32, True)
+        for env, backward in (("0", True), ("1", False)):
+            monkeypatch.setenv(ops.PERSISTENT_ENV, env)
+            for mode in ("rnn_tanh", "rnn_relu", "lstm", "gru"):
+                for bias in ((False, True) if mode == "gru" else (False,)):
+                    _run_seq(rng, mode, torch.float32, 2, 2, 3, 4, 2, False, bias, lengths=(2, 1), dropout=0.5,
+                             backward=backward)
 
 
 def extra_optim(rng, monkeypatch, rec):

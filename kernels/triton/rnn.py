@@ -208,15 +208,16 @@ def _cell_update(xg, hp, cp, acc0, acc1, acc2, acc3, bhh_ptr, rh, mh, m2, H, MOD
 
 @triton.jit
 def _rnn_step_fwd_kernel(xg_ptr, stride_xg, hp_ptr, hn_ptr, cp_ptr, cn_ptr, w_ptr, stride_w0, stride_w1, bhh_ptr,
-                         out_ptr, stride_out, mask_ptr, stride_mask, len_ptr, t, B, H, P,
-                         MODE: tl.constexpr, HAS_BHH: tl.constexpr, HAS_MASK: tl.constexpr, PROJ: tl.constexpr,
+                         out_ptr, stride_out, mask_ptr, stride_mask, has_mask, len_ptr, t, B, H, P,
+                         MODE: tl.constexpr, HAS_BHH: tl.constexpr, PROJ: tl.constexpr,
                          DOT_DT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
     """One step of one layer and direction for a [BLOCK_B, BLOCK_H] tile of (batch, hidden unit).
 
     ``xg [B, *]`` holds the input projection of this step for every gate (biases folded in,
     except the GRU's b_hh); LSTM / GRU overwrite it with the activated gates (GRU: r, z, n and
     h W_hn^T + b_hn). ``hp / cp`` the previous state, ``hn / cn`` the new one (float32 [B, H]).
-    ``out`` gets h' (zero where ``t >= len[b]``), times ``mask`` when HAS_MASK.
+    ``out`` gets h' (zero where ``t >= len[b]``), times ``mask`` when ``has_mask`` (a runtime
+    flag: one compiled kernel with and without the dropout mask, a uniform branch per tile).
 
     PROJ (LSTM with a projection): ``hp [B, P]`` is the projected state, ``hn [B, H]`` gets
     ``m = o * tanh(c')`` with no length masking (the projection kernel masks h), ``out`` is not
@@ -254,19 +255,19 @@ def _rnn_step_fwd_kernel(xg_ptr, stride_xg, hp_ptr, hn_ptr, cp_ptr, cn_ptr, w_pt
         out = tl.where(valid, h_new, 0.0)
         h_new = tl.where(valid, h_new, hp)
         tl.store(hn_ptr + st, h_new, mask=m2)
-        if HAS_MASK:
+        if has_mask:
             out = out * tl.load(mask_ptr + rb[:, None] * stride_mask + rh[None, :], mask=m2, other=0.0).to(tl.float32)
         tl.store(out_ptr + rb[:, None] * stride_out + rh[None, :], out.to(out_ptr.dtype.element_ty), mask=m2)
 
 
 @triton.jit
 def _rnn_proj_fwd_kernel(m_ptr, w_ptr, stride_w0, stride_w1, hp_ptr, hn_ptr, out_ptr, stride_out, mask_ptr, stride_mask,
-                         len_ptr, t, B, H, P, HAS_MASK: tl.constexpr, DOT_DT: tl.constexpr,
+                         has_mask, len_ptr, t, B, H, P, DOT_DT: tl.constexpr,
                          BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
     """The LSTM projection of one step, for a [BLOCK_B, BLOCK_P] tile: ``h' = m W_hr^T`` with
     ``m [B, H]`` (float32, contiguous: o * tanh(c') from the step kernel) and ``W_hr [P, H]``;
     rows with ``t >= len[b]`` keep ``hp`` instead. ``hp / hn [B, P]`` float32 contiguous;
-    ``out`` gets h' (zero where invalid), times ``mask`` when HAS_MASK."""
+    ``out`` gets h' (zero where invalid), times ``mask`` when ``has_mask`` (runtime flag)."""
     pid_b = tl.program_id(0)
     pid_p = tl.program_id(1)
     rb = (pid_b * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
@@ -286,7 +287,7 @@ def _rnn_proj_fwd_kernel(m_ptr, w_ptr, stride_w0, stride_w1, hp_ptr, hn_ptr, out
     hp = tl.load(hp_ptr + st, mask=m2, other=0.0)
     tl.store(hn_ptr + st, tl.where(valid, acc, hp), mask=m2)
     out = tl.where(valid, acc, 0.0)
-    if HAS_MASK:
+    if has_mask:
         out = out * tl.load(mask_ptr + rb[:, None] * stride_mask + rp[None, :], mask=m2, other=0.0).to(tl.float32)
     tl.store(out_ptr + rb[:, None] * stride_out + rp[None, :], out.to(out_ptr.dtype.element_ty), mask=m2)
 
@@ -342,9 +343,9 @@ def _rnn_proj_bwd_kernel(dgn_ptr, stride_dgn, w_ptr, stride_w0, stride_w1, carry
 
 @triton.jit
 def _rnn_persist_fwd_kernel(xg_ptr, stride_xgt, stride_xgb, hs_ptr, cs_ptr, stride_hs, w_ptr, stride_w0, stride_w1, bhh_ptr,
-                            out_ptr, stride_ot, stride_ob, mask_ptr, stride_mt, stride_mb, len_ptr, count_ptr,
+                            out_ptr, stride_ot, stride_ob, mask_ptr, stride_mt, stride_mb, has_mask, len_ptr, count_ptr,
                             reverse, T, B, H,
-                            MODE: tl.constexpr, HAS_BHH: tl.constexpr, HAS_MASK: tl.constexpr, DOT_DT: tl.constexpr,
+                            MODE: tl.constexpr, HAS_BHH: tl.constexpr, DOT_DT: tl.constexpr,
                             BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
     """The whole time loop of one layer and direction in one launch (persistent, small batch).
 
@@ -395,7 +396,7 @@ def _rnn_persist_fwd_kernel(xg_ptr, stride_xgt, stride_xgb, hs_ptr, cs_ptr, stri
             tl.store(hn_base + st, tl.where(valid, h_new, hp), mask=m2)
             if MODE == 2:
                 tl.store(cs_ptr + (t64 + 1 - reverse) * stride_hs + st, tl.where(valid, c_new, cp), mask=m2)
-            if HAS_MASK:
+            if has_mask:
                 out = out * tl.load(mask_ptr + t64 * stride_mt + rb[:, None] * stride_mb + rh[None, :], mask=m2,
                                     other=0.0).to(tl.float32)
             tl.store(out_ptr + t64 * stride_ot + rb[:, None] * stride_ob + rh[None, :],
@@ -574,9 +575,9 @@ def step_forward(mode, xg, hp, hn, cp, cn, w_hh, b_hh, out, mask, lengths, t, do
     _rnn_step_fwd_kernel[grid](
         xg, xg.stride(0), hp, hn, cp if cp is not None else hp, cn if cn is not None else hn, w_hh,
         w_hh.stride(0), w_hh.stride(1), b_hh if b_hh is not None else w_hh, out, out.stride(0),
-        mask if mask is not None else out, mask.stride(0) if mask is not None else 0,
+        mask if mask is not None else w_hh, mask.stride(0) if mask is not None else 0, int(mask is not None),
         lengths, t, B, H, P,
-        MODE=MODE_CODES[mode], HAS_BHH=b_hh is not None, HAS_MASK=mask is not None, PROJ=proj,
+        MODE=MODE_CODES[mode], HAS_BHH=b_hh is not None, PROJ=proj,
         DOT_DT=dot, BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=bk, num_warps=warps,
     )
 
@@ -596,8 +597,8 @@ def proj_forward(m, w_hr, hp, hn, out, mask, lengths, t, dot):
         return
     bb, bp, bk, warps = proj_blocks(B, P)
     _rnn_proj_fwd_kernel[(triton.cdiv(B, bb), triton.cdiv(P, bp))](
-        m, w_hr, w_hr.stride(0), w_hr.stride(1), hp, hn, out, out.stride(0), mask if mask is not None else out,
-        mask.stride(0) if mask is not None else 0, lengths, t, B, H, P, HAS_MASK=mask is not None, DOT_DT=dot,
+        m, w_hr, w_hr.stride(0), w_hr.stride(1), hp, hn, out, out.stride(0), mask if mask is not None else w_hr,
+        mask.stride(0) if mask is not None else 0, int(mask is not None), lengths, t, B, H, P, DOT_DT=dot,
         BLOCK_B=bb, BLOCK_P=bp, BLOCK_K=bk, num_warps=warps,
     )
 
@@ -670,9 +671,9 @@ def persist_forward(mode, xg, hs, cs, w_hh, b_hh, out, mask, lengths, reverse, d
     _rnn_persist_fwd_kernel[(num_programs,)](
         xg, xg.stride(0), xg.stride(1), hs, cs if cs is not None else hs, hs.stride(0), w_hh,
         w_hh.stride(0), w_hh.stride(1), b_hh if b_hh is not None else w_hh, out, out.stride(0), out.stride(1),
-        mask if mask is not None else out, mask.stride(0) if mask is not None else 0,
-        mask.stride(1) if mask is not None else 0, lengths, count, int(reverse), T, B, H,
-        MODE=MODE_CODES[mode], HAS_BHH=b_hh is not None, HAS_MASK=mask is not None,
+        mask if mask is not None else w_hh, mask.stride(0) if mask is not None else 0,
+        mask.stride(1) if mask is not None else 0, int(mask is not None), lengths, count, int(reverse), T, B, H,
+        MODE=MODE_CODES[mode], HAS_BHH=b_hh is not None,
         DOT_DT=dot, BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=bk, num_warps=warps, num_stages=stages,
     )
 
@@ -717,22 +718,22 @@ def _matmul_spec(a, b, c, dot, tile):
                    label=f"matmul {a}x{b}->{c} dot{dot} {bm}x{bn}x{bk} w{warps}")
 
 
-def _persist_spec(code, dt, out_dt, has_mask, has_bhh, dot):
+def _persist_spec(code, dt, out_dt, has_bhh, dot):
     bb, bh, bk = PERSIST_BLOCKS
     mode = [m for m, c in MODE_CODES.items() if c == code][0]
     warps, stages = persist_launch(mode, dot, has_bhh)
     sig = {"xg_ptr": "*fp32", "stride_xgt": "i32", "stride_xgb": "i32", "hs_ptr": "*fp32", "cs_ptr": "*fp32",
            "stride_hs": "i32", "w_ptr": f"*{dt}", "stride_w0": "i32", "stride_w1": "i32", "bhh_ptr": f"*{dt}",
            "out_ptr": f"*{out_dt}", "stride_ot": "i32", "stride_ob": "i32",
-           "mask_ptr": f"*{dt if has_mask else out_dt}", "stride_mt": "i32",
-           "stride_mb": "i32", "len_ptr": "*i64", "count_ptr": "*i32", "reverse": "i32", "T": "i32", "B": "i32",
+           "mask_ptr": f"*{dt}", "stride_mt": "i32",
+           "stride_mb": "i32", "has_mask": "i32", "len_ptr": "*i64", "count_ptr": "*i32", "reverse": "i32", "T": "i32", "B": "i32",
            "H": "i32"}
-    for k in ("MODE", "HAS_BHH", "HAS_MASK", "DOT_DT", "BLOCK_B", "BLOCK_H", "BLOCK_K"):
+    for k in ("MODE", "HAS_BHH", "DOT_DT", "BLOCK_B", "BLOCK_H", "BLOCK_K"):
         sig[k] = "constexpr"
-    cons = {"MODE": code, "HAS_BHH": has_bhh, "HAS_MASK": has_mask, "DOT_DT": dot, "BLOCK_B": bb, "BLOCK_H": bh,
+    cons = {"MODE": code, "HAS_BHH": has_bhh, "DOT_DT": dot, "BLOCK_B": bb, "BLOCK_H": bh,
             "BLOCK_K": bk}
     return AotSpec(_rnn_persist_fwd_kernel, sig, cons, num_warps=warps, num_stages=stages,
-                   label=f"persist fwd {mode} {dt} dot{dot} out {out_dt} mask{int(has_mask)} bhh{int(has_bhh)} w{warps} s{stages}")
+                   label=f"persist fwd {mode} {dt} dot{dot} out {out_dt} bhh{int(has_bhh)} w{warps} s{stages}")
 
 
 def step_dots(dt: str) -> tuple[int, ...]:
@@ -757,15 +758,17 @@ def matmul_operands(dt: str) -> list[tuple[str, str, str, int]]:
 def aot_specs():
     """Every launch configuration of the driver in gpu_nn.ops.rnn: per io dtype, the matmuls
     (``matmul_operands``, each in its tile of ``matmul_blocks``), the column sum, and per dot code
-    of ``step_dots`` the step kernels for every mode in the tile of ``step_blocks`` (output / output-gradient in the io dtype (last layer) or float32 (inner layers), with and
-    without the dropout mask, the GRU with and without b_hh, first / middle / final backward
-    step), the projection kernels, and the persistent forward (one block configuration) for every
-    mode, output in the io dtype or float32 (with and without the mask), the GRU with and without
-    b_hh. Pointer arguments a launch does not use carry the type of the dummy the launcher passes
-    in their place (each pointer type is its own compiled kernel): an absent bias / scale of the
-    matmul is B, an absent dropout mask is the output, the final backward step's output gradient
-    and lengths are the float32 carry. tests/test_aot_coverage.py checks this list against the
-    launches the ops make."""
+    of ``step_dots`` the step kernels for every mode in the tile of ``step_blocks`` (output /
+    output-gradient in the io dtype (last layer) or float32 (inner layers), the GRU with and
+    without b_hh, first / middle / final backward step), the projection kernels, and the
+    persistent forward (one block configuration) for every mode, output in the io dtype or
+    float32, the GRU with and without b_hh. The dropout mask, like the matmul's biases / scale /
+    accumulation, is a runtime flag (one compiled kernel with and without). Pointer arguments a
+    launch does not use carry the type of the dummy the launcher passes in their place (each
+    pointer type is its own compiled kernel): an absent bias / scale of the matmul is B, an
+    absent dropout mask the weights (the mask's dtype), the final backward step's output
+    gradient and lengths the float32 carry. tests/test_aot_coverage.py checks this list against
+    the launches the ops make."""
     specs = []
     for dt in ("fp32", "fp16", "bf16"):
         for a, b, c, d in matmul_operands(dt):
@@ -785,13 +788,9 @@ def _step_specs(dt, dot):
     specs = []
     for mode, code in MODE_CODES.items():
         for out_dt in sorted({dt, "fp32"}):
-            for has_mask in ((False, True) if out_dt == "fp32" else (False,)):
-                for has_bhh in ((False, True) if mode == "gru" else (False,)):
-                    specs.append(_persist_spec(code, dt, out_dt, has_mask, has_bhh, dot))
-        for out_dt in sorted({dt, "fp32"}):
-            for has_mask in ((False, True) if out_dt == "fp32" else (False,)):
-                for has_bhh in ((False, True) if mode == "gru" else (False,)):
-                    specs.append(_step_fwd_spec(mode, code, dt, out_dt, bb, has_mask, has_bhh, False, dot))
+            for has_bhh in ((False, True) if mode == "gru" else (False,)):
+                specs.append(_persist_spec(code, dt, out_dt, has_bhh, dot))
+                specs.append(_step_fwd_spec(mode, code, dt, out_dt, bb, has_bhh, False, dot))
         for dout_dt in sorted({dt, "fp32"}):
             for has_next, final in ((False, False), (True, False), (True, True)):
                 if final and dout_dt != "fp32":
@@ -813,40 +812,39 @@ def _step_specs(dt, dot):
     return specs
 
 
-def _step_fwd_spec(mode, code, dt, out_dt, bb, has_mask, has_bhh, proj, dot):
+def _step_fwd_spec(mode, code, dt, out_dt, bb, has_bhh, proj, dot):
     sig = {"xg_ptr": "*fp32", "stride_xg": "i32", "hp_ptr": "*fp32", "hn_ptr": "*fp32",
            "cp_ptr": "*fp32", "cn_ptr": "*fp32", "w_ptr": f"*{dt}", "stride_w0": "i32",
            "stride_w1": "i32", "bhh_ptr": f"*{dt}", "out_ptr": f"*{out_dt}", "stride_out": "i32",
-           "mask_ptr": f"*{dt if has_mask else out_dt}", "stride_mask": "i32",
+           "mask_ptr": f"*{dt}", "stride_mask": "i32", "has_mask": "i32",
            "len_ptr": "*i64", "t": "i32", "B": "i32", "H": "i32", "P": "i32"}
-    for k in ("MODE", "HAS_BHH", "HAS_MASK", "PROJ", "DOT_DT", "BLOCK_B", "BLOCK_H", "BLOCK_K"):
+    for k in ("MODE", "HAS_BHH", "PROJ", "DOT_DT", "BLOCK_B", "BLOCK_H", "BLOCK_K"):
         sig[k] = "constexpr"
     _, bh, bk, warps = step_blocks(1, 1)
-    cons = {"MODE": code, "HAS_BHH": has_bhh, "HAS_MASK": has_mask, "PROJ": proj, "DOT_DT": dot,
+    cons = {"MODE": code, "HAS_BHH": has_bhh, "PROJ": proj, "DOT_DT": dot,
             "BLOCK_B": bb, "BLOCK_H": bh, "BLOCK_K": bk}
-    label = f"step fwd {mode} {dt} dot{dot} out {out_dt} B{bb} mask{int(has_mask)} bhh{int(has_bhh)} proj{int(proj)}"
+    label = f"step fwd {mode} {dt} dot{dot} out {out_dt} B{bb} bhh{int(has_bhh)} proj{int(proj)}"
     return AotSpec(_rnn_step_fwd_kernel, sig, cons, num_warps=warps, label=label)
 
 
 def _proj_specs(dt, dot):
     """The LSTM projection: the step forward with PROJ (its output is the float32 m slot, passed
-    as out too), the projection forward (output in the io dtype or float32, the latter with and
-    without the dropout mask), the projection backward (first / middle / final step, output
+    as out too), the projection forward (output in the io dtype or float32; the dropout mask a
+    runtime flag), the projection backward (first / middle / final step, output
     gradient in the io dtype or float32; the final step's dout and lengths are the carry)."""
     bb, bp, bk, warps = proj_blocks(1, 1)
     specs = []
-    specs.append(_step_fwd_spec("lstm", 2, dt, "fp32", bb, False, False, True, dot))
+    specs.append(_step_fwd_spec("lstm", 2, dt, "fp32", bb, False, True, dot))
     for out_dt in sorted({dt, "fp32"}):
-        for has_mask in ((False, True) if out_dt == "fp32" else (False,)):
-            sig = {"m_ptr": "*fp32", "w_ptr": f"*{dt}", "stride_w0": "i32", "stride_w1": "i32", "hp_ptr": "*fp32",
-                   "hn_ptr": "*fp32", "out_ptr": f"*{out_dt}", "stride_out": "i32",
-                   "mask_ptr": f"*{dt if has_mask else out_dt}", "stride_mask": "i32", "len_ptr": "*i64",
-                   "t": "i32", "B": "i32", "H": "i32", "P": "i32"}
-            for k in ("HAS_MASK", "DOT_DT", "BLOCK_B", "BLOCK_P", "BLOCK_K"):
-                sig[k] = "constexpr"
-            cons = {"HAS_MASK": has_mask, "DOT_DT": dot, "BLOCK_B": bb, "BLOCK_P": bp, "BLOCK_K": bk}
-            specs.append(AotSpec(_rnn_proj_fwd_kernel, sig, cons, num_warps=warps,
-                                 label=f"proj fwd {dt} dot{dot} out {out_dt} B{bb} mask{int(has_mask)}"))
+        sig = {"m_ptr": "*fp32", "w_ptr": f"*{dt}", "stride_w0": "i32", "stride_w1": "i32", "hp_ptr": "*fp32",
+               "hn_ptr": "*fp32", "out_ptr": f"*{out_dt}", "stride_out": "i32",
+               "mask_ptr": f"*{dt}", "stride_mask": "i32", "has_mask": "i32", "len_ptr": "*i64",
+               "t": "i32", "B": "i32", "H": "i32", "P": "i32"}
+        for k in ("DOT_DT", "BLOCK_B", "BLOCK_P", "BLOCK_K"):
+            sig[k] = "constexpr"
+        cons = {"DOT_DT": dot, "BLOCK_B": bb, "BLOCK_P": bp, "BLOCK_K": bk}
+        specs.append(AotSpec(_rnn_proj_fwd_kernel, sig, cons, num_warps=warps,
+                             label=f"proj fwd {dt} dot{dot} out {out_dt} B{bb}"))
     for dout_dt in sorted({dt, "fp32"}):
         for has_next, final in ((False, False), (True, False), (True, True)):
             if final and dout_dt != "fp32":
