@@ -1301,4 +1301,5 @@ def test_launch_heuristics_fill_the_gpu_and_are_compiled():
             tile = kt.matmul_blocks(M, N, dot)
             assert min(tile[:3]) >= 16 and (dot, tile) in mm
     assert kt.matmul_blocks(6400, 2048, 3)[:2] == (128, 128)
+    assert min(kt.matmul_blocks(6400, 2048, 3, interpret=True)[:3]) >= 16
     assert {d for d, _ in mm} == {0, 1, 2, 3}

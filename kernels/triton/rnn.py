@@ -38,6 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import INTERPRET as _INTERPRET
 from ._aot import AotSpec
 
 MODE_CODES = {"rnn_tanh": 0, "rnn_relu": 1, "lstm": 2, "gru": 3}
@@ -517,18 +518,25 @@ def step_blocks(B: int, H: int, mode: str = "lstm") -> tuple[int, int, int, int]
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps) of _rnn_matmul_kernel, per dot kind; GROUP_M 8
 MATMUL_TC = (128, 128, 32, 8)  # tensor-core dots (TF32, float16, bfloat16): two warpgroups of wgmma
 MATMUL_FMA = (64, 64, 32, 4)  # exact float32 (FMA): 128 x 128 needs all 255 registers at 8 warps
+MATMUL_INTERP = (32, 32, 32, 4)  # under the interpreter: numpy work per program grows with the tile
 MATMUL_STAGES = 3
 MATMUL_GROUP_M = 8
 
 
-def matmul_blocks(M: int, N: int, dot: int) -> tuple[int, int, int, int]:
+def matmul_blocks(M: int, N: int, dot: int, interpret: bool = False) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) of ``_rnn_matmul_kernel`` for C [M, N] with dot code
     ``dot``: 128 x 128 tiles on tensor cores, 64 x 64 for the exact float32 dot. The matmuls that
     carry the work are the input projection of all steps (M = T * B, N = G * H: 50 x 16 tiles at
     T = 100, N = 64, H = 512) and dX (N = I: 200 tiles); the weight gradients (M = G * H, N = I or
     H, K = T * B) make 64 tiles there, half the GPU for about 50 us against the per-step kernels'
     milliseconds, and cells / per-step products are a tile or two whatever the size. One tile per
-    dot kind keeps the compiled set small (every tile is one more kernel per operand types)."""
+    dot kind keeps the compiled set small (every tile is one more kernel per operand types).
+    ``interpret``: 32 x 32 tiles, as dense.py's matmul does there (the interpreter runs each
+    program's block ops in numpy, so the tests' small products would run 128 x 128 blocks that
+    are mostly masked; smaller tiles also give them several programs and row groups to order);
+    tests/test_aot_coverage.py runs the GPU tiles in the interpreter."""
+    if interpret:
+        return MATMUL_INTERP
     return MATMUL_FMA if dot == 0 else MATMUL_TC
 
 
@@ -541,7 +549,7 @@ def matmul(a, b, c, *, bias1=None, bias2=None, scale=None, acc=False, dot=0):
         return
     for t in (bias1, bias2, scale):
         assert t is None or t.dtype == b.dtype, "bias / scale must have B's dtype (one compiled kernel per pointer type)"
-    bm, bn, bk, warps = matmul_blocks(M, N, dot)
+    bm, bn, bk, warps = matmul_blocks(M, N, dot, _INTERPRET)
     grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
     s = scale if scale is not None else b
     _rnn_matmul_kernel[grid](
