@@ -734,7 +734,8 @@ def _persist_spec(code, dt, out_dt, has_bhh, dot):
            "stride_hs": "i32", "w_ptr": f"*{dt}", "stride_w0": "i32", "stride_w1": "i32", "bhh_ptr": f"*{dt}",
            "out_ptr": f"*{out_dt}", "stride_ot": "i32", "stride_ob": "i32",
            "mask_ptr": f"*{dt}", "stride_mt": "i32",
-           "stride_mb": "i32", "has_mask": "i32", "len_ptr": "*i64", "count_ptr": "*i32", "reverse": "i32", "T": "i32", "B": "i32",
+           "stride_mb": "i32", "has_mask": "i32", "len_ptr": "*i64", "count_ptr": "*i32", "reverse": "i32",
+           "T": "i32", "B": "i32",
            "H": "i32"}
     for k in ("MODE", "HAS_BHH", "DOT_DT", "BLOCK_B", "BLOCK_H", "BLOCK_K"):
         sig[k] = "constexpr"
@@ -815,8 +816,8 @@ def _step_specs(dt, dot):
                     sig[k] = "constexpr"
                 cons = {"MODE": code, "HAS_NEXT": has_next, "FINAL": final, "DOT_DT": dot,
                         "BLOCK_B": bb, "BLOCK_H": bh, "BLOCK_K": bk}
-                specs.append(AotSpec(_rnn_step_bwd_kernel, sig, cons, num_warps=warps,
-                                     label=f"step bwd {mode} {dt} dot{dot} dout {dout_dt} B{bb} next{int(has_next)} final{int(final)}"))
+                label = f"step bwd {mode} {dt} dot{dot} dout {dout_dt} B{bb} next{int(has_next)} final{int(final)}"
+                specs.append(AotSpec(_rnn_step_bwd_kernel, sig, cons, num_warps=warps, label=label))
     return specs
 
 
@@ -865,6 +866,6 @@ def _proj_specs(dt, dot):
                 sig[k] = "constexpr"
             cons = {"HAS_NEXT": has_next, "FINAL": final, "DOT_DT": dot, "BLOCK_B": bb, "BLOCK_P": bp,
                     "BLOCK_K": bk}
-            specs.append(AotSpec(_rnn_proj_bwd_kernel, sig, cons, num_warps=warps,
-                                 label=f"proj bwd {dt} dot{dot} dout {dout_dt} B{bb} next{int(has_next)} final{int(final)}"))
+            label = f"proj bwd {dt} dot{dot} dout {dout_dt} B{bb} next{int(has_next)} final{int(final)}"
+            specs.append(AotSpec(_rnn_proj_bwd_kernel, sig, cons, num_warps=warps, label=label))
     return specs
