@@ -382,21 +382,20 @@ def _run_seq(rng, mode, dt, T, B, I, H, L, bi, bias, lengths=None, dropout=0.0, 
         _fwd_bwd(out)
 
 
-def _rnn_sweep(rng, dt, persistent):
-    """Sequences (the persistent kernel only changes the forward: no backward then) and cells."""
+def _rnn_sweep(rng, dt, persistent, cells=True):
+    """Sequences (the persistent kernel only changes the forward: no backward then) and cells.
+    The step kernels have one tile for every batch size (kernels/triton/rnn.py ``step_blocks``)
+    and the matmul one per dot code, so small shapes reach every configuration."""
     from gpu_nn.ops import rnn as ops
 
     for mode in ("rnn_tanh", "rnn_relu", "lstm", "gru"):
-        # no biases, packed lengths, dropout between two layers, one direction
+        # no biases, packed lengths, dropout between two layers (float32 inner-layer outputs and
+        # the dropout masks), one direction
         _run_seq(rng, mode, dt, 3, 3, 4, 5, 2, False, False, lengths=(3, 1, 2), dropout=0.5, backward=not persistent)
         # biases, no lengths, two directions, no dropout
         _run_seq(rng, mode, dt, 2, 2, 3, 5, 2, True, True, backward=not persistent)
-        if persistent:
+        if persistent or not cells:
             continue
-        # more than 16 batch rows: the wide step tile (and no persistent kernel), with and without
-        # biases; two layers with dropout: float32 inner-layer outputs and the dropout masks
-        _run_seq(rng, mode, dt, 2, 17, 3, 4, 1, False, mode != "gru", lengths=[2] * 9 + [1] * 8)
-        _run_seq(rng, mode, dt, 2, 17, 3, 4, 2, False, mode == "gru", dropout=0.5)
         # cells with and without biases
         B, I, H = 3, 4, 5
         G = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 4, "gru": 3}[mode] * H
@@ -405,20 +404,30 @@ def _rnn_sweep(rng, dt, persistent):
             hx = (h, _t(rng, B, H, dtype=dt)) if mode == "lstm" else h
             bs = (_t(rng, G, dtype=dt), _t(rng, G, dtype=dt)) if bias else (None, None)
             _fwd_bwd(ops.CELL_FUNCS[mode](_t(rng, B, I, dtype=dt), hx, _t(rng, G, I, dtype=dt), _t(rng, G, H, dtype=dt), *bs))
-            cell17 = _t(rng, 17, H, dtype=dt)
-            hx = (cell17, _t(rng, 17, H, dtype=dt)) if mode == "lstm" else cell17
-            _fwd_bwd(ops.CELL_FUNCS[mode](_t(rng, 17, I, dtype=dt), hx, _t(rng, G, I, dtype=dt), _t(rng, G, H, dtype=dt), *bs))
 
 
 def extra_rnn(rng, monkeypatch, rec):
     from gpu_nn.ops import rnn as ops
 
     with _backend.backend("triton"):
+        # torch's default: float32 recurrent layers in TF32 (cudnn.allow_tf32 on)
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
         for dt in DTYPES:
             monkeypatch.setenv(ops.PERSISTENT_ENV, "0")
             _rnn_sweep(rng, dt, False)
             monkeypatch.setenv(ops.PERSISTENT_ENV, "1")  # the persistent forward wherever legal (B <= 16)
             _rnn_sweep(rng, dt, True)
+        # TF32 off: float32 with the exact dot code (DOT_DT 0), otherwise the launches above (half
+        # layers do not read the flag). One short two-layer sequence per mode with dropout and
+        # lengths, no biases, forward and backward, the GRU also with b_hh; then the persistent
+        # forward (whose warps depend on the dot code)
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+        for env, backward in (("0", True), ("1", False)):
+            monkeypatch.setenv(ops.PERSISTENT_ENV, env)
+            for mode in ("rnn_tanh", "rnn_relu", "lstm", "gru"):
+                for bias in ((False, True) if mode == "gru" else (False,)):
+                    _run_seq(rng, mode, torch.float32, 2, 2, 3, 4, 2, False, bias, lengths=(2, 1), dropout=0.5,
+                             backward=backward)
 
 
 def extra_optim(rng, monkeypatch, rec):

@@ -13,7 +13,7 @@ import gpu_nn.functional as F
 from gpu_nn import nn as gnn
 from gpu_nn.ops import rnn as ops
 from gpu_nn.reference import rnn as ref
-from helpers import assert_close, backend_params, gpu_dtypes_for, randn
+from helpers import EPS, assert_close, backend_params, gpu_dtypes_for, max_rel_err, randn
 
 MODES = ("rnn_tanh", "rnn_relu", "lstm", "gru")
 MODULES = {
@@ -28,6 +28,17 @@ CELLS = {
     "lstm": (gnn.LSTMCell, torch.nn.LSTMCell, {}),
     "gru": (gnn.GRUCell, torch.nn.GRUCell, {}),
 }
+
+
+@pytest.fixture(autouse=True)
+def _exact_float32():
+    """float32 results are compared at float32 tolerances: TF32 off. torch's default
+    (``torch.backends.cudnn.allow_tf32`` on) sends the Triton path's float32 dots to TF32 on a
+    GPU, as it does cuDNN's; the TF32 tests below turn it on themselves."""
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = old
 
 
 def _pair(mode, I, H, dtype=torch.float64, **kw):
@@ -644,7 +655,9 @@ def test_functional_bad_input():
 
 
 def _seq_against_reference(backend, device, mode, dtype, rng, T, B, I, H, L, bi, lengths, masks, batch_first=False,
-                           P=0):
+                           P=0, tf32=False):
+    """``tf32``: the float32 products may have run in TF32 (cudnn.allow_tf32 on), so a float32
+    result on a GPU is held to the TF32 tolerance (the interpreter computes every dot exactly)."""
     args, kw = ops._make_seq(mode, T=T, B=B, I=I, H=H, L=L, bi=bi, lengths=lengths, P=P)(rng)
     x, hx, params = args[0], args[1], args[2]
     D = 2 if bi else 1
@@ -668,11 +681,19 @@ def _seq_against_reference(backend, device, mode, dtype, rng, T, B, I, H, L, bi,
 
     r_out, r_grads = run("reference", "cpu", torch.float64)
     o_out, o_grads = run(backend, device, dtype)
+
+    def close(a, b, k, what):
+        if tf32 and dtype == torch.float32 and device != "cpu":
+            err = max_rel_err(a, b)
+            assert err <= tol_tf32(k), f"{what}: max relative error {err:.3e} > TF32 bound {tol_tf32(k):.3e} (k={k})"
+        else:
+            assert_close(a, b, dtype, k=k, what=what)
+
     for a, b in zip(o_out, r_out):
         assert a.dtype == dtype
-        assert_close(a, b, dtype, k=4 * H, what=f"{mode} output")
+        close(a, b, 4 * H, f"{mode} output")
     for i, (a, b) in enumerate(zip(o_grads, r_grads)):
-        assert_close(a, b, dtype, k=T * B * 4 * H, what=f"{mode} grad {i}")
+        close(a, b, T * B * 4 * H, f"{mode} grad {i}")
 
 
 BACKEND_GRID = [
@@ -1132,3 +1153,153 @@ def test_relu_recurrence_at_nan_inf_and_zero_is_torchs(rng):
     d = np.empty_like(p32)
     lib.host_rnn_bwd(1, ctypes.c_int(H), fptr(np.ones_like(p32)), fptr(hout), fptr(d))
     np.testing.assert_array_equal(d, want_g[0].float().numpy())
+
+
+# ----------------------------------------------------------------------------------------------
+# precision as torch decides it (torch.backends.cudnn.allow_tf32) and the launch heuristics
+
+EPS_TF32 = 2.0 ** -10  # TF32 keeps 10 mantissa bits (float16's: EPS[torch.float16] is the same 2^-10)
+
+
+def tol_tf32(k: int) -> float:
+    """helpers.tol for float32 results of TF32 products: a few ulps of TF32's 10-bit mantissa
+    (operands rounded or truncated to it) plus the float32 accumulation floor over k terms."""
+    return 4 * EPS_TF32 + 8 * EPS[torch.float32] * max(k, 1) ** 0.5
+
+
+def test_tf32_follows_torchs_cudnn_flag():
+    """float32 layers: TF32 exactly when torch.backends.cudnn.allow_tf32 (read per call, as torch's
+    cuDNN RNN does; torch.backends.cuda.matmul.allow_tf32 does not matter); half layers use it for
+    their float32 x float32 weight-gradient products whatever the flag. Dot codes: 0 exact float32,
+    3 TF32, 1 / 2 the half dtypes (the float32 operand cast down)."""
+    old = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    try:
+        for cudnn in (False, True):
+            for mm in (False, True):
+                torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = cudnn, mm
+                assert ops.tf32_allowed(torch.float32) is cudnn
+                assert ops.tf32_allowed(torch.float64) is False
+                for half in (torch.float16, torch.bfloat16):
+                    assert ops.tf32_allowed(half) is True
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+    f32, f16, bf16 = torch.float32, torch.float16, torch.bfloat16
+    assert ops._dot_code(f32, f32, tf32=False) == 0 and ops._dot_code(f32, tf32=True) == 3
+    for tf32 in (False, True):
+        assert ops._dot_code(f32, f16, tf32=tf32) == 1 and ops._dot_code(bf16, f32, tf32=tf32) == 2
+
+
+def _record_dots(monkeypatch):
+    """Wraps ``run`` of every Triton kernel of the family that takes a DOT_DT: the list gets
+    (kernel name, DOT_DT) of each launch, the constexpr as the kernel receives it."""
+    from gpu_nn.kernels.triton import rnn as kt
+
+    seen = []
+    for name in ("_rnn_matmul_kernel", "_rnn_step_fwd_kernel", "_rnn_step_bwd_kernel", "_rnn_persist_fwd_kernel",
+                 "_rnn_proj_fwd_kernel", "_rnn_proj_bwd_kernel"):
+        kernel = getattr(kt, name)
+
+        def run(*args, _name=name, _run=kernel.run, **kwargs):
+            if not kwargs.get("warmup", False):
+                seen.append((_name, kwargs["DOT_DT"]))
+            return _run(*args, **kwargs)
+
+        monkeypatch.setattr(kernel, "run", run)
+    return seen
+
+
+@pytest.mark.skipif(not gpu_nn._backend.status("triton")[0], reason="triton backend not available here")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_tf32_flag_reaches_every_launch(dtype, rng, monkeypatch):
+    """The dot code each kernel is launched with, per cudnn.allow_tf32 setting: a two-layer
+    projected LSTM and a GRU (matmuls, step / projection kernels forward and backward) and the
+    persistent forward. float32: every launch 3 with the flag on, 0 with it off; float16: every
+    recurrent product 1, the matmuls 1 except the float32 x float32 weight gradients (3). Under
+    the interpreter the dot is exact whatever the code, so the results must also match the
+    reference at the float32 tolerance there (on a GPU, the TF32 tolerance with the flag on)."""
+    seen = _record_dots(monkeypatch)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    for tf32 in (False, True):
+        torch.backends.cudnn.allow_tf32 = tf32
+        seen.clear()
+        monkeypatch.setenv(ops.PERSISTENT_ENV, "0")
+        _seq_against_reference("triton", dev, "lstm", dtype, rng, 2, 2, 3, 5, 2, False, (2, 1), False, P=3, tf32=tf32)
+        _seq_against_reference("triton", dev, "gru", dtype, rng, 2, 2, 3, 4, 1, False, None, False, tf32=tf32)
+        monkeypatch.setenv(ops.PERSISTENT_ENV, "1")
+        with gpu_nn.backend("triton"), torch.no_grad():
+            gnn.LSTM(3, 4).to(dev, dtype)(torch.randn(2, 2, 3, dtype=dtype, device=dev))
+        kernels = {n for n, _ in seen}
+        assert kernels == {"_rnn_matmul_kernel", "_rnn_step_fwd_kernel", "_rnn_step_bwd_kernel",
+                           "_rnn_persist_fwd_kernel", "_rnn_proj_fwd_kernel", "_rnn_proj_bwd_kernel"}, kernels
+        if dtype == torch.float32:
+            assert {d for _, d in seen} == {3 if tf32 else 0}
+        else:
+            assert {d for n, d in seen if n != "_rnn_matmul_kernel"} == {1}
+            assert {d for n, d in seen if n == "_rnn_matmul_kernel"} == {1, 3}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs a GPU: the interpreter computes every float32 dot exactly, TF32 or not "
+                           "(the CPU test above checks that the flag reaches the kernels)")
+@pytest.mark.parametrize("mode", MODES)
+def test_tf32_error_within_its_precision_on_gpu(mode, rng):
+    """cudnn.allow_tf32 on (torch's default): float32 sequences on the Triton backend against the
+    float64 reference within the TF32 tolerance (10-bit mantissa, float32 accumulation), every
+    output and gradient; and the result differs from the exact float32 run (the products did
+    run in TF32), which itself meets the float32 tolerance."""
+    args, kw = ops._make_seq(mode, T=6, B=5, I=40, H=48, L=2, bi=True, lengths=(6, 3, 5, 1, 6))(rng)
+    x, hx, params = args[0], args[1], args[2]
+    hs = list(hx) if mode == "lstm" else [hx]
+    T, B, H = 6, 5, 48
+
+    def run(be, dev, dt):
+        leaves = [t.detach().to(dev, dt).requires_grad_() for t in [x, *hs, *params]]
+        h = tuple(leaves[1:1 + len(hs)]) if mode == "lstm" else leaves[1]
+        with gpu_nn.backend(be):
+            out = ops.SEQ_FUNCS[mode](leaves[0], h, leaves[1 + len(hs):], True, 2, 0.0, False, True, False,
+                                      lengths=kw["lengths"])
+            gs = [torch.from_numpy(np.random.default_rng(9).standard_normal(o.shape)).to(dev, dt) for o in out]
+            grads = torch.autograd.grad(out, leaves, gs)
+        return [t.detach().cpu() for t in (*out, *grads)]
+
+    want = run("reference", "cpu", torch.float64)
+    torch.backends.cudnn.allow_tf32 = True
+    tf32 = run("triton", "cuda", torch.float32)
+    torch.backends.cudnn.allow_tf32 = False
+    exact = run("triton", "cuda", torch.float32)
+    n_out = 3 if mode == "lstm" else 2
+    for i, (a, e, w) in enumerate(zip(tf32, exact, want)):
+        k = 4 * H if i < n_out else T * B * 4 * H
+        err = max_rel_err(a, w)
+        assert err <= tol_tf32(k), f"{mode} result {i}: TF32 error {err:.3e} > {tol_tf32(k):.3e} (k={k})"
+        assert_close(e, w, torch.float32, k=k, what=f"{mode} result {i} exact float32")
+    assert any(not torch.equal(a, e) for a, e in zip(tf32, exact)), "TF32 on and off gave identical results"
+
+
+def test_launch_heuristics_fill_the_gpu_and_are_compiled():
+    """The step tile gives every batch size the most programs dot tiles of 16 allow (N = 64, H =
+    512: 128 for 132 SMs), each tile >= 16 on every side; the matmul tiles are tensor-core tiles
+    except for the exact float32 dot; every configuration they return is in aot_specs()."""
+    from gpu_nn.kernels.triton import rnn as kt
+
+    specs = kt.aot_specs()
+    step = {(s.constexprs["BLOCK_B"], s.constexprs["BLOCK_H"], s.constexprs["BLOCK_K"], s.num_warps)
+            for s in specs if s.name in ("_rnn_step_fwd_kernel", "_rnn_step_bwd_kernel")}
+    proj = {(s.constexprs["BLOCK_B"], s.constexprs["BLOCK_P"], s.constexprs["BLOCK_K"], s.num_warps)
+            for s in specs if s.name in ("_rnn_proj_fwd_kernel", "_rnn_proj_bwd_kernel")}
+    for B in (1, 4, 16, 17, 64, 1000):
+        for H in (1, 16, 256, 512, 1024, 4096):
+            bb, bh, bk, warps = kt.step_blocks(B, H, "lstm")
+            assert min(bb, bh, bk) >= 16 and (bb, bh, bk, warps) in step
+            assert kt.proj_blocks(B, H) in proj
+            assert -(-B // bb) * -(-H // bh) == -(-B // 16) * -(-H // 16)
+    assert kt.step_blocks(64, 512, "lstm")[:2] == (16, 16)  # 128 programs, not the former 32
+    mm = {(s.constexprs["DOT_DT"], (s.constexprs["BLOCK_M"], s.constexprs["BLOCK_N"], s.constexprs["BLOCK_K"],
+                                    s.num_warps)) for s in specs if s.name == "_rnn_matmul_kernel"}
+    for dot in (0, 1, 2, 3):
+        for M, N in ((1, 1), (6400, 2048), (2048, 512), (64, 17)):
+            tile = kt.matmul_blocks(M, N, dot)
+            assert min(tile[:3]) >= 16 and (dot, tile) in mm
+    assert kt.matmul_blocks(6400, 2048, 3)[:2] == (128, 128)
+    assert min(kt.matmul_blocks(6400, 2048, 3, interpret=True)[:3]) >= 16
+    assert {d for d, _ in mm} == {0, 1, 2, 3}

@@ -33,6 +33,10 @@ forward returns a flat reserve of intermediates that the backward consumes, laid
 ``reference.rnn.reserve_layout``) and ``rnn_cell`` / ``rnn_cell_backward`` (one step).
 Backends: reference, triton, cupy.
 
+Precision: float32 layers run their products in TF32 when ``torch.backends.cudnn.allow_tf32``
+(torch's default, the switch torch's cuDNN RNN obeys), else exactly (``tf32_allowed``); half
+layers in their dtype with float32 accumulation.
+
 GPU forward of a sequence: the input projection of all steps as one matmul, then per layer and
 direction either one fused launch per time step, or (triton backend) the persistent kernel
 that runs the whole time loop in one launch with a grid barrier between steps. The persistent
@@ -42,7 +46,10 @@ programs, one per SM at most, so that all are resident and the barrier cannot de
 heuristic takes it where it is legal on a CUDA device and the H200 measured it faster: float16 /
 bfloat16 inputs (LSTM T=50 I=H=512 bf16: 1.45x / 1.44x cuDNN at N=4 / 16 against 2.28x / 2.30x
 per step; GRU N=16 bf16: 0.92x against 1.66x), not float32 (6.33x / 5.18x against 6.01x /
-4.93x: its IEEE float32 recurrent product is the bottleneck there, not the launches). ``GPU_NN_RNN_PERSISTENT=0`` never takes it, ``=1`` whenever
+4.93x: its IEEE float32 recurrent product was the bottleneck there, not the launches). Those
+figures predate TF32 and the 16 x 16 step tiles (both paths changed since); the small-batch set of
+``benchmarks/bench_rnn.py`` measures both providers in float32 and bfloat16 on the next GPU run,
+and the heuristic stays as measured until then. ``GPU_NN_RNN_PERSISTENT=0`` never takes it, ``=1`` whenever
 legal (also under the Triton interpreter, with one program, since the interpreter runs
 programs one after another); never for an LSTM with a projection (the persistent kernel has
 none). The backward always runs the per-step kernels on the same reserve.
@@ -297,15 +304,27 @@ def _impl(backend):
     return _CupyImpl
 
 
-def _dot_code(*dtypes):
-    """Half-precision dot when any operand is half (the float32 one is cast down, as cuDNN keeps
-    half activations), exact float32 otherwise."""
+def tf32_allowed(dtype: torch.dtype) -> bool:
+    """Whether a layer of io dtype ``dtype`` may round float32 dot operands to TF32. float32: as
+    torch's cuDNN RNN decides it, ``torch.backends.cudnn.allow_tf32`` (on by default), read per
+    call. Half layers: always; their only float32 x float32 products are the weight gradients
+    from the float32 reserve, which TF32 keeps at 10 mantissa bits (float16's, more than
+    bfloat16's) where cuDNN would compute them in the half dtype. float64: never."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return True
+    return dtype == torch.float32 and bool(torch.backends.cudnn.allow_tf32)
+
+
+def _dot_code(*dtypes, tf32: bool):
+    """The dot code (kernels/triton/rnn.py ``_dot``) of a product of operands of these dtypes:
+    half-precision when any operand is half (the float32 one is cast down, as cuDNN keeps half
+    activations); two float32 operands as TF32 when ``tf32`` (``tf32_allowed``), else exact."""
     for d in dtypes:
         if d == torch.float16:
             return 1
         if d == torch.bfloat16:
             return 2
-    return 0
+    return 3 if tf32 else 0
 
 
 def _lengths_on(lengths, T, B, device):
@@ -370,6 +389,7 @@ def _gpu_forward(K, mode, input, hx, cx, weights, num_layers, bidirectional, has
     lens = _lengths_on(lengths, T, B, dev)
     ws = _split(weights, L, D, has_biases)
     persist = _persist_programs(K, dev, B, H, P, half=dt in (torch.float16, torch.bfloat16))
+    tf32 = tf32_allowed(dt)
     xin = input
     for l in range(L):
         dest = v[("x", l + 1)] if l < L - 1 else out
@@ -386,8 +406,8 @@ def _gpu_forward(K, mode, input, hx, cx, weights, num_layers, bidirectional, has
                 Cs[first].copy_(cx[k])
             XG = v[("gates", l, d)] if mode in ("lstm", "gru") else empty((T, B, H), dtype=torch.float32, device=dev)
             K.matmul(xin.reshape(T * B, in_w), w_ih.t(), XG.view(T * B, XG.shape[-1])[:, :GH], bias1=b_ih,
-                     bias2=b_hh if mode != "gru" else None, dot=_dot_code(xin.dtype, w_ih.dtype))
-            dcode = _dot_code(w_hh.dtype)
+                     bias2=b_hh if mode != "gru" else None, dot=_dot_code(xin.dtype, w_ih.dtype, tf32=tf32))
+            dcode = _dot_code(w_hh.dtype, tf32=tf32)
             if persist:
                 K.persist_forward(mode, XG, Hs, Cs, w_hh, b_hh if mode == "gru" else None, dest[:, :, d * H:(d + 1) * H],
                                   None if mk is None else mk[:, :, d * H:(d + 1) * H], lens, d == 1, dcode, persist)
@@ -397,7 +417,8 @@ def _gpu_forward(K, mode, input, hx, cx, weights, num_layers, bidirectional, has
                     K.step_forward(mode, XG[t], Hs[p], Ms[t], Cs[p], Cs[n], w_hh, None, None, None, lens, t, dcode,
                                    proj=True)
                     K.proj_forward(Ms[t], w_hr, Hs[p], Hs[n], dest[t, :, d * P:(d + 1) * P],
-                                   None if mk is None else mk[t, :, d * P:(d + 1) * P], lens, t, _dot_code(w_hr.dtype))
+                                   None if mk is None else mk[t, :, d * P:(d + 1) * P], lens, t,
+                                   _dot_code(w_hr.dtype, tf32=tf32))
             else:
                 for t, p, n in ref._steps(T, d == 1):
                     K.step_forward(mode, XG[t], Hs[p], Hs[n], None if Cs is None else Cs[p],
@@ -440,6 +461,7 @@ def _gpu_backward(K, mode, gout, ghn, gcn, input, weights, reserve, num_layers, 
         dm = empty((B, H), dtype=f32, device=dev)
         zero_h = torch.zeros((B, H), dtype=f32, device=dev)
     dws = [None] * (L * D)
+    tf32 = tf32_allowed(dt)
     dout = gout
     for l in range(L - 1, -1, -1):
         xin = input if l == 0 else v[("x", l)]
@@ -455,10 +477,10 @@ def _gpu_backward(K, mode, gout, ghn, gcn, input, weights, reserve, num_layers, 
             carry.copy_(ghn[k])
             if dc is not None:
                 dc.copy_(gcn[k])
-            dcode = _dot_code(w_hh.dtype)
+            dcode = _dot_code(w_hh.dtype, tf32=tf32)
             prev = None
             if P:
-                rdot = _dot_code(w_hr.dtype)
+                rdot = _dot_code(w_hr.dtype, tf32=tf32)
                 for t, p, n in reversed(ref._steps(T, d == 1)):
                     K.proj_backward(prev, w_hh, carry, dout[t, :, d * P:(d + 1) * P], dHp[t], lens, t, dcode)
                     K.matmul(dHp[t], w_hr, dm, dot=rdot)
@@ -481,8 +503,8 @@ def _gpu_backward(K, mode, gout, ghn, gcn, input, weights, reserve, num_layers, 
             x2 = xin.reshape(T * B, in_w)
             dw_ih = empty(w_ih.shape, dtype=w_ih.dtype, device=dev)
             dw_hh = empty(w_hh.shape, dtype=w_hh.dtype, device=dev)
-            K.matmul(gi.t(), x2, dw_ih, dot=_dot_code(x2.dtype))
-            K.matmul(gh.t(), hprev, dw_hh, dot=0)
+            K.matmul(gi.t(), x2, dw_ih, dot=_dot_code(x2.dtype, tf32=tf32))
+            K.matmul(gh.t(), hprev, dw_hh, dot=_dot_code(hprev.dtype, tf32=tf32))
             grads = [dw_ih, dw_hh]
             if b_ih is not None:
                 db_ih = empty(b_ih.shape, dtype=b_ih.dtype, device=dev)
@@ -491,10 +513,10 @@ def _gpu_backward(K, mode, gout, ghn, gcn, input, weights, reserve, num_layers, 
                 K.colsum(gh, db_hh)
                 grads += [db_ih, db_hh]
             K.matmul(gi, w_ih, dxin.view(T * B, in_w), scale=None if mk is None else mk.reshape(T * B, in_w),
-                     acc=d == 1, dot=_dot_code(w_ih.dtype))
+                     acc=d == 1, dot=_dot_code(w_ih.dtype, tf32=tf32))
             if P:
                 dw_hr = empty(w_hr.shape, dtype=w_hr.dtype, device=dev)
-                K.matmul(dHp.view(T * B, P).t(), v[("m", l, d)].reshape(T * B, H), dw_hr, dot=0)
+                K.matmul(dHp.view(T * B, P).t(), v[("m", l, d)].reshape(T * B, H), dw_hr, dot=_dot_code(f32, tf32=tf32))
                 grads.append(dw_hr)
             dws[k] = grads
         dout = dxin
@@ -509,7 +531,7 @@ class _CupyImpl:
 
     @staticmethod
     def matmul(a, b, c, *, bias1=None, bias2=None, scale=None, acc=False, dot=0):
-        wdt = {0: torch.float32, 1: torch.float16, 2: torch.bfloat16}[dot]
+        wdt = {1: torch.float16, 2: torch.bfloat16}.get(dot, torch.float32)  # 0 / 3: float32 (TF32 is torch's call)
         r = torch.mm(a.to(wdt), b.to(wdt)).float()
         if bias1 is not None:
             r += bias1.float()

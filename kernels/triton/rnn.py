@@ -27,8 +27,10 @@ persistent kernel:
 Layouts: everything row-major with explicit row strides; states and gates in float32 (the
 reserve); weights and the user's input / output in float32, float16 or bfloat16. Gate order
 i, f, g, o (LSTM) and r, z, n (GRU), torch's. ``MODE``: 0 tanh, 1 relu, 2 LSTM, 3 GRU.
-Float32 dots use ``input_precision="ieee"`` (TF32 would be outside the float32 tolerance);
-half-precision dots cast the float32 operand to the weights' dtype and accumulate in float32.
+Dots (``DOT_DT``, chosen per call by gpu_nn.ops.rnn): float32 operands exact (``input_precision=
+"ieee"``, FMA) or TF32 (tensor cores) as ``torch.backends.cudnn.allow_tf32`` says for float32
+layers; half-precision dots cast the float32 operand to the weights' dtype; all accumulate in
+float32.
 Not supported: projections in the persistent kernel (the ops never choose it for them).
 """
 
@@ -36,12 +38,13 @@ import torch
 import triton
 import triton.language as tl
 
+from . import INTERPRET as _INTERPRET
 from ._aot import AotSpec
 from ._launch import launch as launch_kernel
 
 MODE_CODES = {"rnn_tanh": 0, "rnn_relu": 1, "lstm": 2, "gru": 3}
 NGATES = {0: 1, 1: 1, 2: 4, 3: 3}
-DOT_CODES = {"fp32": 0, "fp16": 1, "bf16": 2}
+DOT_CODES = {"fp32": 0, "fp16": 1, "bf16": 2, "tf32": 3}
 
 
 @triton.jit
@@ -59,9 +62,13 @@ def _tanh(x):
 
 @triton.jit
 def _dot(a, b, acc, DOT_DT: tl.constexpr):
-    """acc + a @ b; float32 operands as exact IEEE products, else both cast to the half dtype."""
+    """acc + a @ b, float32 accumulation. DOT_DT 0: float32 operands, exact IEEE products (FMA,
+    no tensor cores); 3: float32 operands as TF32 (tensor cores, 10-bit mantissa); 1 / 2: both
+    operands cast to float16 / bfloat16 (tensor cores)."""
     if DOT_DT == 0:
         acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    elif DOT_DT == 3:
+        acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32")
     elif DOT_DT == 1:
         acc += tl.dot(a.to(tl.float16), b.to(tl.float16), input_precision="ieee")
     else:
@@ -72,32 +79,45 @@ def _dot(a, b, acc, DOT_DT: tl.constexpr):
 @triton.jit
 def _rnn_matmul_kernel(a_ptr, b_ptr, c_ptr, bias1_ptr, bias2_ptr, scale_ptr, M, N, K,
                        stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, stride_sm, stride_sn,
-                       HAS_BIAS1: tl.constexpr, HAS_BIAS2: tl.constexpr, HAS_SCALE: tl.constexpr,
-                       ACC: tl.constexpr, DOT_DT: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """C[M, N] = (ACC ? C : 0) + scale[M, N] * (A[M, K] @ B[K, N] + bias1[N] + bias2[N])."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+                       has_bias1, has_bias2, has_scale, accumulate, DOT_DT: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """C[M, N] = (accumulate ? C : 0) + scale[M, N] * (A[M, K] @ B[K, N] + bias1[N] + bias2[N]).
+
+    One program per [BLOCK_M, BLOCK_N] tile of C, ordered in groups of GROUP_M row tiles so that
+    neighbouring programs share B tiles in L2; the K loop is software-pipelined (the launch's
+    num_stages) and its dots run on tensor cores unless DOT_DT is 0. The epilogue options are
+    runtime flags, not constexprs (one compiled kernel serves every combination: they cost a
+    uniform branch per tile, once); the bias / scale pointers have the type of B (the caller
+    passes B where one is absent; never read then).
+    """
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
     rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     mm = rm < M
     mn = rn < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        rk = k0 + tl.arange(0, BLOCK_K)
+        rk = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
         mk = rk < K
         a = tl.load(a_ptr + rm[:, None] * stride_am + rk[None, :] * stride_ak, mask=mm[:, None] & mk[None, :], other=0.0)
         b = tl.load(b_ptr + rk[:, None] * stride_bk + rn[None, :] * stride_bn, mask=mk[:, None] & mn[None, :], other=0.0)
         acc = _dot(a, b, acc, DOT_DT)
-    if HAS_BIAS1:
+    if has_bias1:
         acc += tl.load(bias1_ptr + rn, mask=mn, other=0.0).to(tl.float32)[None, :]
-    if HAS_BIAS2:
+    if has_bias2:
         acc += tl.load(bias2_ptr + rn, mask=mn, other=0.0).to(tl.float32)[None, :]
     m2 = mm[:, None] & mn[None, :]
-    if HAS_SCALE:
+    if has_scale:
         acc *= tl.load(scale_ptr + rm[:, None] * stride_sm + rn[None, :] * stride_sn, mask=m2, other=0.0).to(tl.float32)
     c_ptrs = c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn
-    if ACC:
+    if accumulate:
         acc += tl.load(c_ptrs, mask=m2, other=0.0).to(tl.float32)
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m2)
 
@@ -190,15 +210,16 @@ def _cell_update(xg, hp, cp, acc0, acc1, acc2, acc3, bhh_ptr, rh, mh, m2, H, MOD
 
 @triton.jit
 def _rnn_step_fwd_kernel(xg_ptr, stride_xg, hp_ptr, hn_ptr, cp_ptr, cn_ptr, w_ptr, stride_w0, stride_w1, bhh_ptr,
-                         out_ptr, stride_out, mask_ptr, stride_mask, len_ptr, t, B, H, P,
-                         MODE: tl.constexpr, HAS_BHH: tl.constexpr, HAS_MASK: tl.constexpr, PROJ: tl.constexpr,
+                         out_ptr, stride_out, mask_ptr, stride_mask, has_mask, len_ptr, t, B, H, P,
+                         MODE: tl.constexpr, HAS_BHH: tl.constexpr, PROJ: tl.constexpr,
                          DOT_DT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
     """One step of one layer and direction for a [BLOCK_B, BLOCK_H] tile of (batch, hidden unit).
 
     ``xg [B, *]`` holds the input projection of this step for every gate (biases folded in,
     except the GRU's b_hh); LSTM / GRU overwrite it with the activated gates (GRU: r, z, n and
     h W_hn^T + b_hn). ``hp / cp`` the previous state, ``hn / cn`` the new one (float32 [B, H]).
-    ``out`` gets h' (zero where ``t >= len[b]``), times ``mask`` when HAS_MASK.
+    ``out`` gets h' (zero where ``t >= len[b]``), times ``mask`` when ``has_mask`` (a runtime
+    flag: one compiled kernel with and without the dropout mask, a uniform branch per tile).
 
     PROJ (LSTM with a projection): ``hp [B, P]`` is the projected state, ``hn [B, H]`` gets
     ``m = o * tanh(c')`` with no length masking (the projection kernel masks h), ``out`` is not
@@ -236,19 +257,19 @@ def _rnn_step_fwd_kernel(xg_ptr, stride_xg, hp_ptr, hn_ptr, cp_ptr, cn_ptr, w_pt
         out = tl.where(valid, h_new, 0.0)
         h_new = tl.where(valid, h_new, hp)
         tl.store(hn_ptr + st, h_new, mask=m2)
-        if HAS_MASK:
+        if has_mask:
             out = out * tl.load(mask_ptr + rb[:, None] * stride_mask + rh[None, :], mask=m2, other=0.0).to(tl.float32)
         tl.store(out_ptr + rb[:, None] * stride_out + rh[None, :], out.to(out_ptr.dtype.element_ty), mask=m2)
 
 
 @triton.jit
 def _rnn_proj_fwd_kernel(m_ptr, w_ptr, stride_w0, stride_w1, hp_ptr, hn_ptr, out_ptr, stride_out, mask_ptr, stride_mask,
-                         len_ptr, t, B, H, P, HAS_MASK: tl.constexpr, DOT_DT: tl.constexpr,
+                         has_mask, len_ptr, t, B, H, P, DOT_DT: tl.constexpr,
                          BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
     """The LSTM projection of one step, for a [BLOCK_B, BLOCK_P] tile: ``h' = m W_hr^T`` with
     ``m [B, H]`` (float32, contiguous: o * tanh(c') from the step kernel) and ``W_hr [P, H]``;
     rows with ``t >= len[b]`` keep ``hp`` instead. ``hp / hn [B, P]`` float32 contiguous;
-    ``out`` gets h' (zero where invalid), times ``mask`` when HAS_MASK."""
+    ``out`` gets h' (zero where invalid), times ``mask`` when ``has_mask`` (runtime flag)."""
     pid_b = tl.program_id(0)
     pid_p = tl.program_id(1)
     rb = (pid_b * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
@@ -268,7 +289,7 @@ def _rnn_proj_fwd_kernel(m_ptr, w_ptr, stride_w0, stride_w1, hp_ptr, hn_ptr, out
     hp = tl.load(hp_ptr + st, mask=m2, other=0.0)
     tl.store(hn_ptr + st, tl.where(valid, acc, hp), mask=m2)
     out = tl.where(valid, acc, 0.0)
-    if HAS_MASK:
+    if has_mask:
         out = out * tl.load(mask_ptr + rb[:, None] * stride_mask + rp[None, :], mask=m2, other=0.0).to(tl.float32)
     tl.store(out_ptr + rb[:, None] * stride_out + rp[None, :], out.to(out_ptr.dtype.element_ty), mask=m2)
 
@@ -324,9 +345,9 @@ def _rnn_proj_bwd_kernel(dgn_ptr, stride_dgn, w_ptr, stride_w0, stride_w1, carry
 
 @triton.jit
 def _rnn_persist_fwd_kernel(xg_ptr, stride_xgt, stride_xgb, hs_ptr, cs_ptr, stride_hs, w_ptr, stride_w0, stride_w1, bhh_ptr,
-                            out_ptr, stride_ot, stride_ob, mask_ptr, stride_mt, stride_mb, len_ptr, count_ptr,
+                            out_ptr, stride_ot, stride_ob, mask_ptr, stride_mt, stride_mb, has_mask, len_ptr, count_ptr,
                             reverse, T, B, H,
-                            MODE: tl.constexpr, HAS_BHH: tl.constexpr, HAS_MASK: tl.constexpr, DOT_DT: tl.constexpr,
+                            MODE: tl.constexpr, HAS_BHH: tl.constexpr, DOT_DT: tl.constexpr,
                             BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
     """The whole time loop of one layer and direction in one launch (persistent, small batch).
 
@@ -377,7 +398,7 @@ def _rnn_persist_fwd_kernel(xg_ptr, stride_xgt, stride_xgb, hs_ptr, cs_ptr, stri
             tl.store(hn_base + st, tl.where(valid, h_new, hp), mask=m2)
             if MODE == 2:
                 tl.store(cs_ptr + (t64 + 1 - reverse) * stride_hs + st, tl.where(valid, c_new, cp), mask=m2)
-            if HAS_MASK:
+            if has_mask:
                 out = out * tl.load(mask_ptr + t64 * stride_mt + rb[:, None] * stride_mb + rh[None, :], mask=m2,
                                     other=0.0).to(tl.float32)
             tl.store(out_ptr + t64 * stride_ot + rb[:, None] * stride_ob + rh[None, :],
@@ -476,33 +497,69 @@ def _rnn_step_bwd_kernel(dgn_ptr, stride_dgn, w_ptr, stride_w0, stride_w1, carry
 # launch heuristics and launchers (all tensors already allocated and offset by the caller)
 
 
-def dot_code(dtype) -> int:
-    return {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[dtype]
+STEP_BLOCKS = (16, 16, 32, 4)  # BLOCK_B, BLOCK_H, BLOCK_K, num_warps
 
 
-def step_blocks(B: int, H: int, mode: str) -> tuple[int, int, int, int]:
-    """(BLOCK_B, BLOCK_H, BLOCK_K, num_warps) of the step kernels: dot tiles of at least 16 on
-    every side; the LSTM's four accumulators take a narrower hidden tile."""
-    return (16 if B <= 16 else 32), 32, 32, 4
+def step_blocks(B: int, H: int, mode: str = "lstm") -> tuple[int, int, int, int]:
+    """(BLOCK_B, BLOCK_H, BLOCK_K, num_warps) of the step kernels, forward and backward (and of the
+    projection kernels, with the projection size for H): one tile for every shape, mode and dtype.
+
+    Each program computes every gate of a [BLOCK_B, BLOCK_H] tile of (batch row, hidden unit), so
+    the cell math stays fused; the grid is cdiv(B, 16) x cdiv(H, 16) programs, the most that dot
+    tiles of at least 16 on every side allow: N = 64, H = 512 makes 4 x 32 = 128 programs for the
+    H200's 132 SMs, where the former 32 x 32 tiles made 2 x 16 = 32. A wider hidden tile would
+    only save re-reads of the small h_{t-1} rows (W_hh, the large operand, is read once per batch
+    tile whatever BLOCK_H is), and each further tile is a further set of compiled
+    configurations for every mode, dtype and dot code (tests/test_compile.py); a wider batch tile
+    (fewer W_hh re-reads) would only pay where cdiv(B, 64) * cdiv(H, 16) already fills the GPU,
+    batches of 64 and more with H above 2000, beyond the sizes measured (issue 16)."""
+    return STEP_BLOCKS
 
 
-MATMUL_BLOCKS = (32, 64, 32, 4)  # BLOCK_M, BLOCK_N, BLOCK_K, num_warps
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps) of _rnn_matmul_kernel, per dot kind; GROUP_M 8
+MATMUL_TC = (128, 128, 32, 8)  # tensor-core dots (TF32, float16, bfloat16): two warpgroups of wgmma
+MATMUL_FMA = (64, 64, 32, 4)  # exact float32 (FMA): 128 x 128 needs all 255 registers at 8 warps
+MATMUL_INTERP = (32, 32, 32, 4)  # under the interpreter: numpy work per program grows with the tile
+MATMUL_STAGES = 3
+MATMUL_GROUP_M = 8
+
+
+def matmul_blocks(M: int, N: int, dot: int, interpret: bool = False) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) of ``_rnn_matmul_kernel`` for C [M, N] with dot code
+    ``dot``: 128 x 128 tiles on tensor cores, 64 x 64 for the exact float32 dot. The matmuls that
+    carry the work are the input projection of all steps (M = T * B, N = G * H: 50 x 16 tiles at
+    T = 100, N = 64, H = 512) and dX (N = I: 200 tiles); the weight gradients (M = G * H, N = I or
+    H, K = T * B) make 64 tiles there, half the GPU for about 50 us against the per-step kernels'
+    milliseconds, and cells / per-step products are a tile or two whatever the size. One tile per
+    dot kind keeps the compiled set small (every tile is one more kernel per operand types).
+    ``interpret``: 32 x 32 tiles, as dense.py's matmul does there (the interpreter runs each
+    program's block ops in numpy, so the tests' small products would run 128 x 128 blocks that
+    are mostly masked; smaller tiles also give them several programs and row groups to order);
+    tests/test_aot_coverage.py runs the GPU tiles in the interpreter."""
+    if interpret:
+        return MATMUL_INTERP
+    return MATMUL_FMA if dot == 0 else MATMUL_TC
 
 
 def matmul(a, b, c, *, bias1=None, bias2=None, scale=None, acc=False, dot=0):
-    """``c (+)= scale * (a @ b + bias1 + bias2)``; 2-D tensors with any strides."""
+    """``c (+)= scale * (a @ b + bias1 + bias2)``; 2-D tensors with any strides; ``bias1 / bias2
+    [N]`` and ``scale [M, N]`` (unit last stride) of b's dtype."""
     M, K = a.shape
     N = b.shape[1]
     if M == 0 or N == 0:
         return
-    bm, bn, bk, warps = MATMUL_BLOCKS
-    grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
-    s = scale if scale is not None else c
-    _rnn_matmul_kernel[grid](
-        a, b, c, bias1 if bias1 is not None else c, bias2 if bias2 is not None else c, s, M, N, K,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1), s.stride(0), s.stride(1),
-        HAS_BIAS1=bias1 is not None, HAS_BIAS2=bias2 is not None, HAS_SCALE=scale is not None, ACC=acc, DOT_DT=dot,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
+    for t in (bias1, bias2, scale):
+        assert t is None or t.dtype == b.dtype, "bias / scale must have B's dtype (one compiled kernel per pointer type)"
+    bm, bn, bk, warps = matmul_blocks(M, N, dot, _INTERPRET)
+    grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
+    s = scale if scale is not None else b
+    launch_kernel(_rnn_matmul_kernel, grid,
+        a, b, c, bias1 if bias1 is not None else b, bias2 if bias2 is not None else b, s, M, N, K,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
+        s.stride(0) if scale is not None else 0, s.stride(1) if scale is not None else 0,
+        int(bias1 is not None), int(bias2 is not None), int(scale is not None), int(acc),
+        DOT_DT=dot, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=MATMUL_GROUP_M, num_warps=warps,
+        num_stages=MATMUL_STAGES,
     )
 
 
@@ -511,7 +568,7 @@ def colsum(x, y):
     M, N = x.shape
     if N == 0:
         return
-    _rnn_colsum_kernel[(triton.cdiv(N, 64),)](x, y, M, N, x.stride(0), BLOCK_M=32, BLOCK_N=64, num_warps=4)
+    launch_kernel(_rnn_colsum_kernel, (triton.cdiv(N, 64),), x, y, M, N, x.stride(0), BLOCK_M=32, BLOCK_N=64, num_warps=4)
 
 
 def step_forward(mode, xg, hp, hn, cp, cn, w_hh, b_hh, out, mask, lengths, t, dot, proj=False):
@@ -527,16 +584,17 @@ def step_forward(mode, xg, hp, hn, cp, cn, w_hh, b_hh, out, mask, lengths, t, do
     launch_kernel(_rnn_step_fwd_kernel, grid,
         xg, xg.stride(0), hp, hn, cp if cp is not None else hp, cn if cn is not None else hn, w_hh,
         w_hh.stride(0), w_hh.stride(1), b_hh if b_hh is not None else w_hh, out, out.stride(0),
-        mask if mask is not None else out, mask.stride(0) if mask is not None else 0,
+        mask if mask is not None else w_hh, mask.stride(0) if mask is not None else 0, int(mask is not None),
         lengths, t, B, H, P,
-        MODE=MODE_CODES[mode], HAS_BHH=b_hh is not None, HAS_MASK=mask is not None, PROJ=proj,
+        MODE=MODE_CODES[mode], HAS_BHH=b_hh is not None, PROJ=proj,
         DOT_DT=dot, BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=bk, num_warps=warps,
     )
 
 
-def proj_blocks(B: int) -> tuple[int, int, int, int]:
-    """(BLOCK_B, BLOCK_P, BLOCK_K, num_warps) of the projection kernels: the step kernels' tiles."""
-    return step_blocks(B, 0, "lstm")
+def proj_blocks(B: int, P: int) -> tuple[int, int, int, int]:
+    """(BLOCK_B, BLOCK_P, BLOCK_K, num_warps) of the projection kernels: the step kernels' tiles
+    over the P projected units."""
+    return step_blocks(B, P, "lstm")
 
 
 def proj_forward(m, w_hr, hp, hn, out, mask, lengths, t, dot):
@@ -546,10 +604,10 @@ def proj_forward(m, w_hr, hp, hn, out, mask, lengths, t, dot):
     P = hn.shape[1]
     if B == 0:
         return
-    bb, bp, bk, warps = proj_blocks(B)
+    bb, bp, bk, warps = proj_blocks(B, P)
     launch_kernel(_rnn_proj_fwd_kernel, (triton.cdiv(B, bb), triton.cdiv(P, bp)),
-        m, w_hr, w_hr.stride(0), w_hr.stride(1), hp, hn, out, out.stride(0), mask if mask is not None else out,
-        mask.stride(0) if mask is not None else 0, lengths, t, B, H, P, HAS_MASK=mask is not None, DOT_DT=dot,
+        m, w_hr, w_hr.stride(0), w_hr.stride(1), hp, hn, out, out.stride(0), mask if mask is not None else w_hr,
+        mask.stride(0) if mask is not None else 0, int(mask is not None), lengths, t, B, H, P, DOT_DT=dot,
         BLOCK_B=bb, BLOCK_P=bp, BLOCK_K=bk, num_warps=warps,
     )
 
@@ -560,7 +618,7 @@ def proj_backward(dg_next, w_hh, carry, dout, dh, lengths, t, dot, final=False):
     B, P = carry.shape
     if B == 0:
         return
-    bb, bp, bk, warps = proj_blocks(B)
+    bb, bp, bk, warps = proj_blocks(B, P)
     any_ = carry
     launch_kernel(_rnn_proj_bwd_kernel, (triton.cdiv(B, bb), triton.cdiv(P, bp)),
         dg_next if dg_next is not None else any_, dg_next.stride(0) if dg_next is not None else 0, w_hh,
@@ -583,7 +641,7 @@ def persist_launch(mode: str, dot: int, has_bhh: bool) -> tuple[int, int]:
     BLOCK_K = 32: the float32 LSTM spills at 64. Warps, from ptxas for sm_90: at one stage the
     float32 (FMA) dots keep a few spill stores at 4 warps (rnn_tanh 8 B, LSTM / GRU with b_hh
     24 B of stack), none at 8, except the GRU without b_hh, which spills at 8 and not at 4; the
-    half-precision dots spill at none with 4."""
+    tensor-core dots (TF32, float16, bfloat16) spill at none with 4."""
     if dot == 0 and not (mode == "gru" and not has_bhh):
         return 8, 1
     return 4, 1
@@ -622,9 +680,9 @@ def persist_forward(mode, xg, hs, cs, w_hh, b_hh, out, mask, lengths, reverse, d
     _rnn_persist_fwd_kernel[(num_programs,)](
         xg, xg.stride(0), xg.stride(1), hs, cs if cs is not None else hs, hs.stride(0), w_hh,
         w_hh.stride(0), w_hh.stride(1), b_hh if b_hh is not None else w_hh, out, out.stride(0), out.stride(1),
-        mask if mask is not None else out, mask.stride(0) if mask is not None else 0,
-        mask.stride(1) if mask is not None else 0, lengths, count, int(reverse), T, B, H,
-        MODE=MODE_CODES[mode], HAS_BHH=b_hh is not None, HAS_MASK=mask is not None,
+        mask if mask is not None else w_hh, mask.stride(0) if mask is not None else 0,
+        mask.stride(1) if mask is not None else 0, int(mask is not None), lengths, count, int(reverse), T, B, H,
+        MODE=MODE_CODES[mode], HAS_BHH=b_hh is not None,
         DOT_DT=dot, BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=bk, num_warps=warps, num_stages=stages,
     )
 
@@ -654,147 +712,161 @@ def step_backward(mode, dg_next, w_hh, carry, dc, dout, g, hp, hn, cp, cn, dgi, 
 # ahead-of-time configurations
 
 
-def _matmul_spec(a, b, c, bias1, bias2, scale, acc, dot, dt):
-    bm, bn, bk, warps = MATMUL_BLOCKS
-    # an absent bias / scale is passed as c (a dummy pointer of c's type, never read)
-    sig = {"a_ptr": f"*{a}", "b_ptr": f"*{b}", "c_ptr": f"*{c}", "bias1_ptr": f"*{dt if bias1 else c}",
-           "bias2_ptr": f"*{dt if bias2 else c}", "scale_ptr": f"*{dt if scale else c}", "M": "i32", "N": "i32", "K": "i32"}
-    for s in ("stride_am", "stride_ak", "stride_bk", "stride_bn", "stride_cm", "stride_cn", "stride_sm", "stride_sn"):
+def _matmul_spec(a, b, c, dot, tile):
+    bm, bn, bk, warps = tile
+    # bias1 / bias2 / scale have B's type (B itself stands in where one is absent)
+    sig = {"a_ptr": f"*{a}", "b_ptr": f"*{b}", "c_ptr": f"*{c}", "bias1_ptr": f"*{b}", "bias2_ptr": f"*{b}",
+           "scale_ptr": f"*{b}", "M": "i32", "N": "i32", "K": "i32"}
+    for s in ("stride_am", "stride_ak", "stride_bk", "stride_bn", "stride_cm", "stride_cn", "stride_sm", "stride_sn",
+              "has_bias1", "has_bias2", "has_scale", "accumulate"):
         sig[s] = "i32"
-    for k in ("HAS_BIAS1", "HAS_BIAS2", "HAS_SCALE", "ACC", "DOT_DT", "BLOCK_M", "BLOCK_N", "BLOCK_K"):
+    for k in ("DOT_DT", "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"):
         sig[k] = "constexpr"
-    cons = {"HAS_BIAS1": bias1, "HAS_BIAS2": bias2, "HAS_SCALE": scale, "ACC": acc, "DOT_DT": dot,
-            "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
-    return AotSpec(_rnn_matmul_kernel, sig, cons, num_warps=warps,
-                   label=f"matmul {a}x{b}->{c} bias{int(bias1)}{int(bias2)} scale{int(scale)} acc{int(acc)} dot{dot}")
+    cons = {"DOT_DT": dot, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": MATMUL_GROUP_M}
+    return AotSpec(_rnn_matmul_kernel, sig, cons, num_warps=warps, num_stages=MATMUL_STAGES,
+                   label=f"matmul {a}x{b}->{c} dot{dot} {bm}x{bn}x{bk} w{warps}")
 
 
-def _persist_spec(code, dt, out_dt, has_mask, has_bhh, dot):
+def _persist_spec(code, dt, out_dt, has_bhh, dot):
     bb, bh, bk = PERSIST_BLOCKS
     mode = [m for m, c in MODE_CODES.items() if c == code][0]
     warps, stages = persist_launch(mode, dot, has_bhh)
     sig = {"xg_ptr": "*fp32", "stride_xgt": "i32", "stride_xgb": "i32", "hs_ptr": "*fp32", "cs_ptr": "*fp32",
            "stride_hs": "i32", "w_ptr": f"*{dt}", "stride_w0": "i32", "stride_w1": "i32", "bhh_ptr": f"*{dt}",
            "out_ptr": f"*{out_dt}", "stride_ot": "i32", "stride_ob": "i32",
-           "mask_ptr": f"*{dt if has_mask else out_dt}", "stride_mt": "i32",
-           "stride_mb": "i32", "len_ptr": "*i64", "count_ptr": "*i32", "reverse": "i32", "T": "i32", "B": "i32",
+           "mask_ptr": f"*{dt}", "stride_mt": "i32",
+           "stride_mb": "i32", "has_mask": "i32", "len_ptr": "*i64", "count_ptr": "*i32", "reverse": "i32",
+           "T": "i32", "B": "i32",
            "H": "i32"}
-    for k in ("MODE", "HAS_BHH", "HAS_MASK", "DOT_DT", "BLOCK_B", "BLOCK_H", "BLOCK_K"):
+    for k in ("MODE", "HAS_BHH", "DOT_DT", "BLOCK_B", "BLOCK_H", "BLOCK_K"):
         sig[k] = "constexpr"
-    cons = {"MODE": code, "HAS_BHH": has_bhh, "HAS_MASK": has_mask, "DOT_DT": dot, "BLOCK_B": bb, "BLOCK_H": bh,
+    cons = {"MODE": code, "HAS_BHH": has_bhh, "DOT_DT": dot, "BLOCK_B": bb, "BLOCK_H": bh,
             "BLOCK_K": bk}
     return AotSpec(_rnn_persist_fwd_kernel, sig, cons, num_warps=warps, num_stages=stages,
-                   label=f"persist fwd {mode} {dt} out {out_dt} mask{int(has_mask)} bhh{int(has_bhh)} w{warps} s{stages}")
+                   label=f"persist fwd {mode} {dt} dot{dot} out {out_dt} bhh{int(has_bhh)} w{warps} s{stages}")
+
+
+def step_dots(dt: str) -> tuple[int, ...]:
+    """The dot codes a layer of io dtype ``dt`` runs its recurrent products with: float32 exact
+    (torch.backends.cudnn.allow_tf32 off) or TF32 (on); a half dtype its own."""
+    return (DOT_CODES["fp32"], DOT_CODES["tf32"]) if dt == "fp32" else (DOT_CODES[dt],)
+
+
+def matmul_operands(dt: str) -> list[tuple[str, str, str, int]]:
+    """(A, B, C, DOT_DT) of every matmul the driver runs for io dtype ``dt``. float32: all float32,
+    exact or TF32. Half: the input projection from the io-dtype input (first layer) or the float32
+    layer input (the reserve), and dX, dm from float32 gate gradients, into float32; dW_ih of the
+    first layer from the io-dtype input into dt; those in the half dtype. The weight gradients from
+    two float32 operands (dW_hh, dW_ih of inner layers, dW_hr) in TF32: 10-bit mantissas, as
+    float16's and more than bfloat16's, on tensor cores."""
+    if dt == "fp32":
+        return [("fp32", "fp32", "fp32", d) for d in step_dots(dt)]
+    h = DOT_CODES[dt]
+    return [(dt, dt, "fp32", h), ("fp32", dt, "fp32", h), ("fp32", dt, dt, h), ("fp32", "fp32", dt, DOT_CODES["tf32"])]
 
 
 def aot_specs():
     """Every launch configuration of the driver in gpu_nn.ops.rnn: per io dtype, the matmuls
-    (input projection from the io-dtype input or a float32 layer input, with both, one or no
-    bias; dW from io-dtype or float32 operands; dX with or without the dropout scale, first or
-    accumulating direction), the column sum, and the step kernels for every mode, both batch
-    tiles, output / output-gradient in the io dtype (last layer) or float32 (inner layers),
-    with and without the dropout mask, the GRU with and without b_hh, first / middle / final
-    backward step; the persistent forward (one block configuration) for every mode, output in
-    the io dtype or float32 (with and without the mask), the GRU with and without b_hh. Pointer
-    arguments a launch does not use carry the type of the dummy the launcher passes in their
-    place (each pointer type is its own compiled kernel): an absent bias / scale of the matmul
-    is ``c``, an absent dropout mask is the output, the final backward step's output gradient
-    and lengths are the float32 carry. tests/test_aot_coverage.py checks this list against the
-    launches the ops make."""
+    (``matmul_operands``, each in its tile of ``matmul_blocks``), the column sum, and per dot code
+    of ``step_dots`` the step kernels for every mode in the tile of ``step_blocks`` (output /
+    output-gradient in the io dtype (last layer) or float32 (inner layers), the GRU with and
+    without b_hh, first / middle / final backward step), the projection kernels, and the
+    persistent forward (one block configuration) for every mode, output in the io dtype or
+    float32, the GRU with and without b_hh. The dropout mask, like the matmul's biases / scale /
+    accumulation, is a runtime flag (one compiled kernel with and without). Pointer arguments a
+    launch does not use carry the type of the dummy the launcher passes in their place (each
+    pointer type is its own compiled kernel): an absent bias / scale of the matmul is B, an
+    absent dropout mask the weights (the mask's dtype), the final backward step's output
+    gradient and lengths the float32 carry. tests/test_aot_coverage.py checks this list against
+    the launches the ops make."""
     specs = []
     for dt in ("fp32", "fp16", "bf16"):
-        dot = DOT_CODES[dt]
-        mm = set()
-        for a in sorted({dt, "fp32"}):
-            for bias1, bias2 in ((True, True), (True, False), (False, False)):
-                mm.add((a, dt, "fp32", bias1, bias2, False, False, dot))
-        for b in sorted({dt, "fp32"}):
-            mm.add(("fp32", b, dt, False, False, False, False, dot if b == dt else 0))
-        for scale in (False, True):
-            for acc in (False, True):
-                mm.add(("fp32", dt, "fp32", False, False, scale, acc, dot))
-        specs += [_matmul_spec(*m, dt) for m in sorted(mm)]
+        for a, b, c, d in matmul_operands(dt):
+            specs.append(_matmul_spec(a, b, c, d, matmul_blocks(1, 1, d)))
         specs.append(AotSpec(_rnn_colsum_kernel, {"x_ptr": "*fp32", "y_ptr": f"*{dt}", "M": "i32", "N": "i32",
                                                   "stride_xm": "i32", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"},
                              {"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, label=f"colsum {dt}"))
-        for mode, code in MODE_CODES.items():
-            for out_dt in sorted({dt, "fp32"}):
-                for has_mask in ((False, True) if out_dt == "fp32" else (False,)):
-                    for has_bhh in ((False, True) if mode == "gru" else (False,)):
-                        specs.append(_persist_spec(code, dt, out_dt, has_mask, has_bhh, dot))
-            for bb in (16, 32):
-                for out_dt in sorted({dt, "fp32"}):
-                    for has_mask in ((False, True) if out_dt == "fp32" else (False,)):
-                        for has_bhh in ((False, True) if mode == "gru" else (False,)):
-                            specs.append(_step_fwd_spec(mode, code, dt, out_dt, bb, has_mask, has_bhh, False, dot))
-                for dout_dt in sorted({dt, "fp32"}):
-                    for has_next, final in ((False, False), (True, False), (True, True)):
-                        if final and dout_dt != "fp32":
-                            continue
-                        # the final step (dh0 only) gets no output gradient and no lengths: both
-                        # come as the float32 carry (dummy pointers, never read)
-                        sig = {"dgn_ptr": "*fp32", "stride_dgn": "i32", "w_ptr": f"*{dt}", "stride_w0": "i32",
-                               "stride_w1": "i32", "carry_ptr": "*fp32", "dc_ptr": "*fp32", "dout_ptr": f"*{dout_dt}",
-                               "stride_dout": "i32", "g_ptr": "*fp32", "stride_g": "i32", "hp_ptr": "*fp32",
-                               "hn_ptr": "*fp32", "cp_ptr": "*fp32", "cn_ptr": "*fp32", "dgi_ptr": "*fp32",
-                               "dgh_ptr": "*fp32", "stride_dg": "i32", "dh0_ptr": "*fp32",
-                               "len_ptr": "*fp32" if final else "*i64", "t": "i32", "B": "i32", "H": "i32"}
-                        for k in ("MODE", "HAS_NEXT", "FINAL", "DOT_DT", "BLOCK_B", "BLOCK_H", "BLOCK_K"):
-                            sig[k] = "constexpr"
-                        cons = {"MODE": code, "HAS_NEXT": has_next, "FINAL": final, "DOT_DT": dot,
-                                "BLOCK_B": bb, "BLOCK_H": 32, "BLOCK_K": 32}
-                        specs.append(AotSpec(_rnn_step_bwd_kernel, sig, cons, num_warps=4,
-                                             label=f"step bwd {mode} {dt} dout {dout_dt} B{bb} next{int(has_next)} final{int(final)}"))
-        specs += _proj_specs(dt, dot)
+        for dot in step_dots(dt):
+            specs += _step_specs(dt, dot)
+            specs += _proj_specs(dt, dot)
     return specs
 
 
-def _step_fwd_spec(mode, code, dt, out_dt, bb, has_mask, has_bhh, proj, dot):
-    sig = {"xg_ptr": "*fp32", "stride_xg": "i32", "hp_ptr": "*fp32", "hn_ptr": "*fp32",
-           "cp_ptr": "*fp32", "cn_ptr": "*fp32", "w_ptr": f"*{dt}", "stride_w0": "i32",
-           "stride_w1": "i32", "bhh_ptr": f"*{dt}", "out_ptr": f"*{out_dt}", "stride_out": "i32",
-           "mask_ptr": f"*{dt if has_mask else out_dt}", "stride_mask": "i32",
-           "len_ptr": "*i64", "t": "i32", "B": "i32", "H": "i32", "P": "i32"}
-    for k in ("MODE", "HAS_BHH", "HAS_MASK", "PROJ", "DOT_DT", "BLOCK_B", "BLOCK_H", "BLOCK_K"):
-        sig[k] = "constexpr"
-    cons = {"MODE": code, "HAS_BHH": has_bhh, "HAS_MASK": has_mask, "PROJ": proj, "DOT_DT": dot,
-            "BLOCK_B": bb, "BLOCK_H": 32, "BLOCK_K": 32}
-    label = f"step fwd {mode} {dt} out {out_dt} B{bb} mask{int(has_mask)} bhh{int(has_bhh)} proj{int(proj)}"
-    return AotSpec(_rnn_step_fwd_kernel, sig, cons, num_warps=4, label=label)
-
-
-def _proj_specs(dt, dot):
-    """The LSTM projection: the step forward with PROJ (its output is the float32 m slot, passed
-    as out too), the projection forward (output in the io dtype or float32, the latter with and
-    without the dropout mask), the projection backward (first / middle / final step, output
-    gradient in the io dtype or float32; the final step's dout and lengths are the carry)."""
+def _step_specs(dt, dot):
+    """The persistent forward and the step kernels of one io dtype and dot code."""
+    bb, bh, bk, warps = step_blocks(1, 1)
     specs = []
-    for bb in (16, 32):
-        bp, bk, warps = 32, 32, 4
-        specs.append(_step_fwd_spec("lstm", 2, dt, "fp32", bb, False, False, True, dot))
+    for mode, code in MODE_CODES.items():
         for out_dt in sorted({dt, "fp32"}):
-            for has_mask in ((False, True) if out_dt == "fp32" else (False,)):
-                sig = {"m_ptr": "*fp32", "w_ptr": f"*{dt}", "stride_w0": "i32", "stride_w1": "i32", "hp_ptr": "*fp32",
-                       "hn_ptr": "*fp32", "out_ptr": f"*{out_dt}", "stride_out": "i32",
-                       "mask_ptr": f"*{dt if has_mask else out_dt}", "stride_mask": "i32", "len_ptr": "*i64",
-                       "t": "i32", "B": "i32", "H": "i32", "P": "i32"}
-                for k in ("HAS_MASK", "DOT_DT", "BLOCK_B", "BLOCK_P", "BLOCK_K"):
-                    sig[k] = "constexpr"
-                cons = {"HAS_MASK": has_mask, "DOT_DT": dot, "BLOCK_B": bb, "BLOCK_P": bp, "BLOCK_K": bk}
-                specs.append(AotSpec(_rnn_proj_fwd_kernel, sig, cons, num_warps=warps,
-                                     label=f"proj fwd {dt} out {out_dt} B{bb} mask{int(has_mask)}"))
+            for has_bhh in ((False, True) if mode == "gru" else (False,)):
+                specs.append(_persist_spec(code, dt, out_dt, has_bhh, dot))
+                specs.append(_step_fwd_spec(mode, code, dt, out_dt, bb, has_bhh, False, dot))
         for dout_dt in sorted({dt, "fp32"}):
             for has_next, final in ((False, False), (True, False), (True, True)):
                 if final and dout_dt != "fp32":
                     continue
+                # the final step (dh0 only) gets no output gradient and no lengths: both
+                # come as the float32 carry (dummy pointers, never read)
                 sig = {"dgn_ptr": "*fp32", "stride_dgn": "i32", "w_ptr": f"*{dt}", "stride_w0": "i32",
-                       "stride_w1": "i32", "carry_ptr": "*fp32", "dout_ptr": f"*{dout_dt}", "stride_dout": "i32",
-                       "dh_ptr": "*fp32", "len_ptr": "*fp32" if final else "*i64", "t": "i32", "B": "i32", "P": "i32",
-                       "GH": "i32"}
-                for k in ("HAS_NEXT", "FINAL", "DOT_DT", "BLOCK_B", "BLOCK_P", "BLOCK_K"):
+                       "stride_w1": "i32", "carry_ptr": "*fp32", "dc_ptr": "*fp32", "dout_ptr": f"*{dout_dt}",
+                       "stride_dout": "i32", "g_ptr": "*fp32", "stride_g": "i32", "hp_ptr": "*fp32",
+                       "hn_ptr": "*fp32", "cp_ptr": "*fp32", "cn_ptr": "*fp32", "dgi_ptr": "*fp32",
+                       "dgh_ptr": "*fp32", "stride_dg": "i32", "dh0_ptr": "*fp32",
+                       "len_ptr": "*fp32" if final else "*i64", "t": "i32", "B": "i32", "H": "i32"}
+                for k in ("MODE", "HAS_NEXT", "FINAL", "DOT_DT", "BLOCK_B", "BLOCK_H", "BLOCK_K"):
                     sig[k] = "constexpr"
-                cons = {"HAS_NEXT": has_next, "FINAL": final, "DOT_DT": dot, "BLOCK_B": bb, "BLOCK_P": bp,
-                        "BLOCK_K": bk}
-                specs.append(AotSpec(_rnn_proj_bwd_kernel, sig, cons, num_warps=warps,
-                                     label=f"proj bwd {dt} dout {dout_dt} B{bb} next{int(has_next)} final{int(final)}"))
+                cons = {"MODE": code, "HAS_NEXT": has_next, "FINAL": final, "DOT_DT": dot,
+                        "BLOCK_B": bb, "BLOCK_H": bh, "BLOCK_K": bk}
+                label = f"step bwd {mode} {dt} dot{dot} dout {dout_dt} B{bb} next{int(has_next)} final{int(final)}"
+                specs.append(AotSpec(_rnn_step_bwd_kernel, sig, cons, num_warps=warps, label=label))
+    return specs
+
+
+def _step_fwd_spec(mode, code, dt, out_dt, bb, has_bhh, proj, dot):
+    sig = {"xg_ptr": "*fp32", "stride_xg": "i32", "hp_ptr": "*fp32", "hn_ptr": "*fp32",
+           "cp_ptr": "*fp32", "cn_ptr": "*fp32", "w_ptr": f"*{dt}", "stride_w0": "i32",
+           "stride_w1": "i32", "bhh_ptr": f"*{dt}", "out_ptr": f"*{out_dt}", "stride_out": "i32",
+           "mask_ptr": f"*{dt}", "stride_mask": "i32", "has_mask": "i32",
+           "len_ptr": "*i64", "t": "i32", "B": "i32", "H": "i32", "P": "i32"}
+    for k in ("MODE", "HAS_BHH", "PROJ", "DOT_DT", "BLOCK_B", "BLOCK_H", "BLOCK_K"):
+        sig[k] = "constexpr"
+    _, bh, bk, warps = step_blocks(1, 1)
+    cons = {"MODE": code, "HAS_BHH": has_bhh, "PROJ": proj, "DOT_DT": dot,
+            "BLOCK_B": bb, "BLOCK_H": bh, "BLOCK_K": bk}
+    label = f"step fwd {mode} {dt} dot{dot} out {out_dt} B{bb} bhh{int(has_bhh)} proj{int(proj)}"
+    return AotSpec(_rnn_step_fwd_kernel, sig, cons, num_warps=warps, label=label)
+
+
+def _proj_specs(dt, dot):
+    """The LSTM projection: the step forward with PROJ (its output is the float32 m slot, passed
+    as out too), the projection forward (output in the io dtype or float32; the dropout mask a
+    runtime flag), the projection backward (first / middle / final step, output
+    gradient in the io dtype or float32; the final step's dout and lengths are the carry)."""
+    bb, bp, bk, warps = proj_blocks(1, 1)
+    specs = []
+    specs.append(_step_fwd_spec("lstm", 2, dt, "fp32", bb, False, True, dot))
+    for out_dt in sorted({dt, "fp32"}):
+        sig = {"m_ptr": "*fp32", "w_ptr": f"*{dt}", "stride_w0": "i32", "stride_w1": "i32", "hp_ptr": "*fp32",
+               "hn_ptr": "*fp32", "out_ptr": f"*{out_dt}", "stride_out": "i32",
+               "mask_ptr": f"*{dt}", "stride_mask": "i32", "has_mask": "i32", "len_ptr": "*i64",
+               "t": "i32", "B": "i32", "H": "i32", "P": "i32"}
+        for k in ("DOT_DT", "BLOCK_B", "BLOCK_P", "BLOCK_K"):
+            sig[k] = "constexpr"
+        cons = {"DOT_DT": dot, "BLOCK_B": bb, "BLOCK_P": bp, "BLOCK_K": bk}
+        specs.append(AotSpec(_rnn_proj_fwd_kernel, sig, cons, num_warps=warps,
+                             label=f"proj fwd {dt} dot{dot} out {out_dt} B{bb}"))
+    for dout_dt in sorted({dt, "fp32"}):
+        for has_next, final in ((False, False), (True, False), (True, True)):
+            if final and dout_dt != "fp32":
+                continue
+            sig = {"dgn_ptr": "*fp32", "stride_dgn": "i32", "w_ptr": f"*{dt}", "stride_w0": "i32",
+                   "stride_w1": "i32", "carry_ptr": "*fp32", "dout_ptr": f"*{dout_dt}", "stride_dout": "i32",
+                   "dh_ptr": "*fp32", "len_ptr": "*fp32" if final else "*i64", "t": "i32", "B": "i32", "P": "i32",
+                   "GH": "i32"}
+            for k in ("HAS_NEXT", "FINAL", "DOT_DT", "BLOCK_B", "BLOCK_P", "BLOCK_K"):
+                sig[k] = "constexpr"
+            cons = {"HAS_NEXT": has_next, "FINAL": final, "DOT_DT": dot, "BLOCK_B": bb, "BLOCK_P": bp,
+                    "BLOCK_K": bk}
+            label = f"proj bwd {dt} dot{dot} dout {dout_dt} B{bb} next{int(has_next)} final{int(final)}"
+            specs.append(AotSpec(_rnn_proj_bwd_kernel, sig, cons, num_warps=warps, label=label))
     return specs
