@@ -94,17 +94,22 @@ def mode_code(mode):
     return ref.MODES.index(mode)
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_device_loop_unit_work_on_host_matches_reference(mode, rng):
+@pytest.mark.parametrize("mode,T,B,H,lens", [
+    # slices shorter than a staged chunk
+    *[(m, 5, 11, 37, (5, 2, 4, 1, 3, 5, 5, 2, 4, 3, 1)) for m in MODES],
+    # slices of 67 k (forward) / 199 or 265 (backward): several chunks, a short last one
+    *[(m, 2, 3, 529, (2, 1, 2)) for m in ("lstm", "gru")],
+])
+def test_device_loop_unit_work_on_host_matches_reference(mode, T, B, H, lens, rng):
     """Forward and backward of a bidirectional layer with lengths and initial states: the kernels'
     per-unit functions run over every (t, n, j) in step order (the order the grid barrier
-    enforces), on odd sizes (H = 37: uneven reduction slices, more than one 32-unit task), checked
+    enforces), on odd sizes (uneven reduction slices, more than one 32-unit task, staged chunks), checked
     against the float64 reference: outputs, h_n, c_n, and every gradient composed from the gate
     gradients as the driver composes them."""
     lib = _lib()
-    T, B, I, H = 5, 11, 6, 37
+    I = 6
     G = ref.GATES[mode]
-    lens = np.array([5, 2, 4, 1, 3, 5, 5, 2, 4, 3, 1], np.int64)
+    lens = np.array(lens, np.int64)
     x = rng.standard_normal((T, B, I))
     h0 = rng.standard_normal((2, B, H))
     c0 = rng.standard_normal((2, B, H)) if mode == "lstm" else None

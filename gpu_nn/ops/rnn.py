@@ -55,6 +55,13 @@ output); backward: the projection-gradient kernel (dh of the projected state), d
 On by default (``PERSISTENT_BY_DEFAULT``) since the grid barrier's GPU tests passed on an H200
 (12 of 12, issue 16) and the small-batch set of ``benchmarks/bench_rnn.py`` measured the gains
 above there.
+
+The cupy backend runs the time loop on the device (``_CupyImpl.persist_forward`` /
+``loop_backward``, kernels/cuda/rnn.cu ``rnn_seq_fwd`` / ``rnn_seq_bwd``): one cooperative launch
+per layer, direction and pass, forward and backward, chosen by ``cupy_loop_choice``
+(``GPU_NN_CUPY_RNN=step``: per step, as before; projections always per step) with a grid of
+``cupy_loop_grid`` blocks, falling back per step when nothing can be resident. The input
+projection and the weight gradients remain one torch matmul each over all steps.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
-// Fused recurrent cell kernels for the cupy backend (Elman tanh / relu, LSTM, GRU).
+// Fused recurrent cell kernels for the cupy backend (Elman tanh / relu, LSTM, GRU): per-step
+// kernels (rnn_cell_*, rnn_proj_*) and, below, the device time loop (rnn_seq_fwd / rnn_seq_bwd).
 //
-// One thread per (batch row b, hidden unit j) of one time step; the recurrent matmul
+// Per step: one thread per (batch row b, hidden unit j) of one time step; the recurrent matmul
 // h_{t-1} W_hh^T (forward) and dG_{t+1} W_hh (backward) run before, as a matmul (torch's).
 // Everything here is float32: states, gates and gate gradients live in the float32 reserve; the
 // launcher converts half-precision outputs. Rows are strided (row stride in elements), hidden
@@ -119,6 +120,7 @@ extern "C" __global__ void __launch_bounds__(GN_SEQ_KS * 32, 2)
     rnn_seq_fwd(GN_SEQ_FWD_PARAMS) {
     GnSeqFwd a = GN_SEQ_FWD_STRUCT;
     __shared__ float part[GN_SEQ_KS][GN_SEQ_NR][4][GN_SEQ_JB];
+    __shared__ float vs[GN_SEQ_KS][GN_SEQ_NR][GN_SEQ_CH];
     const int G = gn_gates(GN_MODE);
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const int nj = (H + GN_SEQ_JB - 1) / GN_SEQ_JB, ntasks = nj * ((B + GN_SEQ_NR - 1) / GN_SEQ_NR);
@@ -132,7 +134,9 @@ extern "C" __global__ void __launch_bounds__(GN_SEQ_KS * 32, 2)
             int j = (task % nj) * GN_SEQ_JB + lane, n0 = (task / nj) * GN_SEQ_NR;
             int nr = B - n0 < GN_SEQ_NR ? B - n0 : GN_SEQ_NR;
             float acc[GN_SEQ_NR][4] = {};
-            if (j < H) gn_seq_dot<GN_ROUND>(hs + p * BH + (gn_index)n0 * H, H, nr, wt, (gn_index)G * H, j, H, G, k0, k1, acc);
+            // every lane stages (j may be past H in the last unit tile; its columns are not read)
+            gn_seq_dot_staged<GN_ROUND>(hs + p * BH + (gn_index)n0 * H, H, nr, wt, (gn_index)G * H, j < H ? j : 0, H, G,
+                                        k0, k1, vs[warp], acc, lane, 32);
 #pragma unroll
             for (int r = 0; r < GN_SEQ_NR; ++r)
 #pragma unroll
@@ -154,6 +158,7 @@ extern "C" __global__ void __launch_bounds__(GN_SEQ_KS * 32, 2)
     rnn_seq_bwd(GN_SEQ_BWD_PARAMS) {
     GnSeqBwd a = GN_SEQ_BWD_STRUCT;
     __shared__ float part[GN_SEQ_KS][GN_SEQ_NR][GN_SEQ_JB];
+    __shared__ float vs[GN_SEQ_KS][GN_SEQ_NR][GN_SEQ_CH];
     const int GH = gn_gates(GN_MODE) * H;
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const int nj = (H + GN_SEQ_JB - 1) / GN_SEQ_JB, ntasks = nj * ((B + GN_SEQ_NR - 1) / GN_SEQ_NR);
@@ -166,7 +171,9 @@ extern "C" __global__ void __launch_bounds__(GN_SEQ_KS * 32, 2)
             int j = (task % nj) * GN_SEQ_JB + lane, n0 = (task / nj) * GN_SEQ_NR;
             int nr = B - n0 < GN_SEQ_NR ? B - n0 : GN_SEQ_NR;
             float acc[GN_SEQ_NR][4] = {};
-            if (s > 0 && j < H) gn_seq_dot<GN_ROUND>(dgh + tn * sdg_t + n0 * sdg_n, sdg_n, nr, w, H, j, 0, 1, k0, k1, acc);
+            if (s > 0)
+                gn_seq_dot_staged<GN_ROUND>(dgh + tn * sdg_t + n0 * sdg_n, sdg_n, nr, w, H, j < H ? j : 0, 0, 1, k0, k1,
+                                            vs[warp], acc, lane, 32);
 #pragma unroll
             for (int r = 0; r < GN_SEQ_NR; ++r) part[warp][r][lane] = acc[r][0];
             __syncthreads();

@@ -150,6 +150,7 @@ GN_HD float gn_cell_bwd(int mode, int valid, float dh, const float* g, gn_index 
 #define GN_SEQ_JB 32
 #define GN_SEQ_NR 8
 #define GN_SEQ_KS 8
+#define GN_SEQ_CH 64  // k staged in shared memory at a time, per warp
 
 GN_HD int gn_gates(int mode) { return mode <= 1 ? 1 : (mode == 2 ? 4 : 3); }
 
@@ -193,15 +194,6 @@ GN_HD float gn_round(float x) {
     return gn_u2f(u & ~0x1fffu);
 }
 
-// A state another block wrote before the last barrier: read through L2 (L1 is not coherent).
-GN_HD float gn_ld_shared_state(const float* p) {
-#if GN_DEVICE
-    return __ldcg(p);
-#else
-    return *p;
-#endif
-}
-
 // The k range of slice s when K is cut into GN_SEQ_KS slices.
 GN_HD void gn_seq_slice(int K, int s, int* k0, int* k1) {
     int per = (K + GN_SEQ_KS - 1) / GN_SEQ_KS;
@@ -210,12 +202,13 @@ GN_HD void gn_seq_slice(int K, int s, int* k0, int* k1) {
 }
 
 // acc[r][g] += sum over k in [k0, k1) of round(v[r * ldv + k]) * M[k * ldm + col + g * gs], for the
-// first nr rows and the first ng columns (ng <= 4).
+// first nr rows and the first ng columns (ng <= 4). Called on chunks of v staged by
+// gn_seq_dot_staged (the sums keep the order of k).
 template <int ROUND>
 GN_HD void gn_seq_dot(const float* v, gn_index ldv, int nr, const float* M, gn_index ldm, gn_index col, gn_index gs,
                       int ng, int k0, int k1, float (*acc)[4]) {
 #if GN_DEVICE
-#pragma unroll 2
+#pragma unroll 4
 #endif
     for (int k = k0; k < k1; ++k) {
         const float* mk = M + (gn_index)k * ldm + col;
@@ -223,12 +216,47 @@ GN_HD void gn_seq_dot(const float* v, gn_index ldv, int nr, const float* M, gn_i
         for (int g = 0; g < 4; ++g) m[g] = g < ng ? mk[g * gs] : 0.0f;
         for (int r = 0; r < GN_SEQ_NR; ++r) {
             if (r < nr) {
-                float a = gn_round<ROUND>(gn_ld_shared_state(v + r * ldv + k));
+                float a = gn_round<ROUND>(v[r * ldv + k]);
                 for (int g = 0; g < 4; ++g) {
                     if (g < ng) acc[r][g] += a * m[g];
                 }
             }
         }
+    }
+}
+
+// The same sum as gn_seq_dot over rows [0, nr) of v (row stride ldv), with v staged GN_SEQ_CH k
+// at a time in vs (the calling warp's buffer) by the `lanes` lanes of a warp, this one being
+// `lane`: on the device one burst of loads per chunk instead of a round trip per k, read through
+// L2 since other blocks wrote v before the last barrier (L1 is not coherent). The host runs it as
+// one lane.
+GN_HD float gn_ld_l2(const float* p) {
+#if GN_DEVICE
+    return __ldcg(p);
+#else
+    return *p;
+#endif
+}
+
+GN_HD void gn_sync_warp() {
+#if GN_DEVICE
+    __syncwarp();
+#endif
+}
+
+template <int ROUND>
+GN_HD void gn_seq_dot_staged(const float* v, gn_index ldv, int nr, const float* M, gn_index ldm, gn_index col,
+                             gn_index gs, int ng, int k0, int k1, float (*vs)[GN_SEQ_CH], float (*acc)[4], int lane,
+                             int lanes) {
+    for (int c0 = k0; c0 < k1; c0 += GN_SEQ_CH) {
+        int len = k1 - c0 < GN_SEQ_CH ? k1 - c0 : GN_SEQ_CH;
+        for (int i = lane; i < nr * GN_SEQ_CH; i += lanes) {
+            int r = i / GN_SEQ_CH, k = i % GN_SEQ_CH;
+            if (k < len) vs[r][k] = gn_ld_l2(v + r * ldv + c0 + k);
+        }
+        gn_sync_warp();
+        gn_seq_dot<ROUND>(&vs[0][0], GN_SEQ_CH, nr, M + (gn_index)c0 * ldm, ldm, col, gs, ng, 0, len, acc);
+        gn_sync_warp();  // the chunk is read before the next one overwrites it
     }
 }
 
@@ -332,7 +360,9 @@ GN_HD void gn_seq_fwd_unit(const GnSeqFwd& a, int mode, int t, int n, int j) {
         int k0, k1;
         gn_seq_slice(a.H, s, &k0, &k1);
         float acc[GN_SEQ_NR][4] = {};
-        gn_seq_dot<ROUND>(a.hs + (p * a.B + n) * a.H, a.H, 1, a.wt, (gn_index)G * a.H, j, a.H, G, k0, k1, acc);
+        float vs[GN_SEQ_NR][GN_SEQ_CH];
+        gn_seq_dot_staged<ROUND>(a.hs + (p * a.B + n) * a.H, a.H, 1, a.wt, (gn_index)G * a.H, j, a.H, G, k0, k1, vs, acc,
+                                 0, 1);
         for (int g = 0; g < 4; ++g) hh[g] += acc[0][g];
     }
     gn_seq_fwd_cell(a, mode, t, n, j, hh);
@@ -349,7 +379,9 @@ GN_HD void gn_seq_bwd_unit(const GnSeqBwd& a, int mode, int t, int n, int j, int
             int k0, k1;
             gn_seq_slice(GH, s, &k0, &k1);
             float acc[GN_SEQ_NR][4] = {};
-            gn_seq_dot<ROUND>(a.dgh + tn * a.sdg_t + n * a.sdg_n, a.sdg_n, 1, a.w, a.H, j, 0, 1, k0, k1, acc);
+            float vs[GN_SEQ_NR][GN_SEQ_CH];
+            gn_seq_dot_staged<ROUND>(a.dgh + tn * a.sdg_t + n * a.sdg_n, a.sdg_n, 1, a.w, a.H, j, 0, 1, k0, k1, vs, acc,
+                                     0, 1);
             dd += acc[0][0];
         }
     }
