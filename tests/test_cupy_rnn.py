@@ -49,7 +49,8 @@ void host_rnn_seq_bwd(int mode, int round, GN_SEQ_BWD_PARAMS) {
     }
 }
 void host_round(int which, int n, const float* x, float* y) {
-    for (int i = 0; i < n; ++i) y[i] = which == 1 ? gn_round<1>(x[i]) : (which == 2 ? gn_round<2>(x[i]) : gn_round<0>(x[i]));
+    for (int i = 0; i < n; ++i)
+        y[i] = which == 1 ? gn_round<1>(x[i]) : (which == 2 ? gn_round<2>(x[i]) : gn_round<0>(x[i]));
 }
 }
 """
@@ -232,7 +233,8 @@ def test_cupy_driver_with_host_loop_matches_reference(mode, dtype, rng, monkeypa
     rounded before the dot as the GPU kernel does)."""
     host = _HostLaunch(_lib())
     monkeypatch.delenv(ops.CUPY_RNN_ENV, raising=False)
-    monkeypatch.setattr(ops._CupyImpl, "_loop_kernel", staticmethod(lambda mode, dot, device, kernel, B, H: (host, (mode, dot), 1)))
+    monkeypatch.setattr(ops._CupyImpl, "_loop_kernel",
+                        staticmethod(lambda mode, dot, device, kernel, B, H: (host, (mode, dot), 1)))
     T, B, I, H, L = 4, 5, 3, 11, 2
     lengths = torch.tensor([4, 1, 3, 4, 2])
     args, _ = ops._make_seq(mode, T=T, B=B, I=I, H=H, L=L, bi=True, lengths=(4, 1, 3, 4, 2))(rng)
@@ -357,7 +359,8 @@ def test_device_loop_matches_reference(backend, device, mode, blocks, rng, monke
     calls = []
     for name in ("persist_forward", "loop_backward"):
         orig = getattr(ops._CupyImpl, name)
-        monkeypatch.setattr(ops._CupyImpl, name, staticmethod(lambda *a, _o=orig, _n=name, **k: (calls.append(_n), _o(*a, **k))[1]))
+        monkeypatch.setattr(ops._CupyImpl, name,
+                            staticmethod(lambda *a, _o=orig, _n=name, **k: (calls.append(_n), _o(*a, **k))[1]))
     for cfg in LOOP_GRID:
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
             _seq_against_reference(backend, device, mode, dtype, rng, *cfg, batch_first=cfg[0] == 5)

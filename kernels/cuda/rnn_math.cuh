@@ -184,7 +184,8 @@ GN_HD float gn_round(float x) {
         return gn_u2f(u & 0xffff0000u);
     }
     float a = fabsf(x);
-    if (a >= 65520.0f) return gn_u2f(x > 0.0f ? 0x7f800000u : 0xff800000u);  // past the largest half's rounding midpoint
+    // at or past the midpoint between the largest half and the next power of two: infinity
+    if (a >= 65520.0f) return gn_u2f(x > 0.0f ? 0x7f800000u : 0xff800000u);
     if (a < 6.103515625e-05f) {                                 // half subnormals: steps of 2^-24
         float r = rintf(a * 16777216.0f) * 5.9604644775390625e-08f;
         return x < 0.0f ? -r : r;
@@ -312,7 +313,8 @@ struct GnSeqBwd {
     const float *w, float *carry, float *dc, const float *dout, long long sdo_t, long long sdo_n, const float *g, \
         long long sg_t, long long sg_n, const float *hs, const float *cs, float *dgi, float *dgh, long long sdg_t, \
         long long sdg_n, const long long *len, int reverse, int T, int B, int H, unsigned int *count
-#define GN_SEQ_BWD_STRUCT {w, carry, dc, dout, sdo_t, sdo_n, g, sg_t, sg_n, hs, cs, dgi, dgh, sdg_t, sdg_n, len, T, B, H, reverse}
+#define GN_SEQ_BWD_STRUCT \
+    {w, carry, dc, dout, sdo_t, sdo_n, g, sg_t, sg_n, hs, cs, dgi, dgh, sdg_t, sdg_n, len, T, B, H, reverse}
 
 // Forward cell of unit j of row n at step t, given the summed recurrent dot hh[G].
 GN_HD void gn_seq_fwd_cell(const GnSeqFwd& a, int mode, int t, int n, int j, const float* hh) {
@@ -361,8 +363,8 @@ GN_HD void gn_seq_fwd_unit(const GnSeqFwd& a, int mode, int t, int n, int j) {
         gn_seq_slice(a.H, s, &k0, &k1);
         float acc[GN_SEQ_NR][4] = {};
         float vs[GN_SEQ_NR][GN_SEQ_CH];
-        gn_seq_dot_staged<ROUND>(a.hs + (p * a.B + n) * a.H, a.H, 1, a.wt, (gn_index)G * a.H, j, a.H, G, k0, k1, vs, acc,
-                                 0, 1);
+        gn_seq_dot_staged<ROUND>(a.hs + (p * a.B + n) * a.H, a.H, 1, a.wt, (gn_index)G * a.H, j, a.H, G, k0, k1, vs,
+                                 acc, 0, 1);
         for (int g = 0; g < 4; ++g) hh[g] += acc[0][g];
     }
     gn_seq_fwd_cell(a, mode, t, n, j, hh);
