@@ -62,10 +62,18 @@ output); backward: the projection-gradient kernel (dh of the projected state), d
 On by default (``PERSISTENT_BY_DEFAULT``) since the grid barrier's GPU tests passed on an H200
 (12 of 12, issue 16) and the small-batch set of ``benchmarks/bench_rnn.py`` measured the gains
 above there.
+
+The cupy backend runs the time loop on the device (``_CupyImpl.persist_forward`` /
+``loop_backward``, kernels/cuda/rnn.cu ``rnn_seq_fwd`` / ``rnn_seq_bwd``): one cooperative launch
+per layer, direction and pass, forward and backward, chosen by ``cupy_loop_choice``
+(``GPU_NN_CUPY_RNN=step``: per step, as before; projections always per step) with a grid of
+``cupy_loop_grid`` blocks, falling back per step when nothing can be resident. The input
+projection and the weight gradients remain one torch matmul each over all steps.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Optional
@@ -363,8 +371,10 @@ def persistent_choice(device_type: str, B: int, H: int, sm_count: int, env: Opti
 
 def _persist_programs(K, dev, B, H, P=0, half=False):
     """Programs of the persistent launch, 0 for per-step launches."""
+    if K is _CupyImpl:  # its own device loop, sized when launched (it falls back per step there)
+        return int(cupy_loop_choice(B, H, P, os.environ.get(CUPY_RNN_ENV)))
     if not hasattr(K, "persist_forward"):
-        return 0  # the cupy backend has no persistent kernel
+        return 0
     # the interpreter runs programs one after another: only a single program can pass a barrier
     sm = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 1
     if not persistent_choice(dev.type, B, H, sm, os.environ.get(PERSISTENT_ENV), proj_size=P, half=half):
@@ -463,6 +473,7 @@ def _gpu_backward(K, mode, gout, ghn, gcn, input, weights, reserve, num_layers, 
     dws = [None] * (L * D)
     tf32 = tf32_allowed(dt)
     dout = gout
+    bloop = hasattr(K, "loop_backward") and _persist_programs(K, dev, B, H, P)
     for l in range(L - 1, -1, -1):
         xin = input if l == 0 else v[("x", l)]
         in_w = xin.shape[-1]
@@ -488,6 +499,11 @@ def _gpu_backward(K, mode, gout, ghn, gcn, input, weights, reserve, num_layers, 
                                     None, lens, t, dcode)
                     prev = dGh[t]
                 K.proj_backward(prev, w_hh, carry, None, dhx[k], None, 0, dcode, final=True)
+            elif bloop and K.loop_backward(mode, w_hh, carry, dc, dout[:, :, d * H:(d + 1) * H], G, Hs, Cs, dGi, dGh,
+                                           lens, d == 1, dcode):
+                prev = dGh[T - 1 if d == 1 else 0]  # the last step processed: the final dot below
+                K.step_backward(mode, prev, w_hh, carry, None, None, None, None, None, None, None, None, None, dhx[k], None,
+                                0, dcode, final=True)
             else:
                 for t, p, n in reversed(ref._steps(T, d == 1)):
                     K.step_backward(mode, prev, w_hh, carry, dc, dout[t, :, d * H:(d + 1) * H],
@@ -526,6 +542,47 @@ def _gpu_backward(K, mode, gout, ghn, gcn, input, weights, reserve, num_layers, 
     return dx, dhx.to(dt), dcx_t, flat
 
 
+CUPY_RNN_ENV = "GPU_NN_CUPY_RNN"
+# kernels/cuda/rnn_math.cuh: a task of the device loop is SEQ_UNITS hidden units x SEQ_ROWS batch
+# rows, run by a block of SEQ_THREADS threads
+SEQ_UNITS, SEQ_ROWS, SEQ_THREADS = 32, 8, 256
+
+
+def cupy_loop_choice(B: int, H: int, P: int, env: Optional[str]) -> bool:
+    """Whether the cupy backend runs the time loop of a layer and direction on the device
+    (``rnn_seq_fwd`` / ``rnn_seq_bwd``: one cooperative launch per layer, direction and pass)
+    rather than a torch matmul and a cell launch per step. ``env`` is ``GPU_NN_CUPY_RNN`` (None if
+    unset): ``"step"`` forces the per-step path; unset, ``""`` or ``"loop"`` take the device loop
+    wherever it applies: every mode, lengths, initial states and dropout masks, but not an LSTM
+    with a projection (``P > 0``: the loop has no projection step) nor an empty batch.
+
+    The loop is the default although no GPU has run it yet (its per-unit work is host-tested
+    against the reference, the source compiles with NVRTC for sm_90): the next GPU run's
+    ``gpu-nn check`` and tests must validate it, and ``GPU_NN_CUPY_RNN=step`` keeps the old path.
+    """
+    if env not in (None, "", "loop", "step"):
+        raise ValueError(f"{CUPY_RNN_ENV} must be loop, step or unset, got {env!r}")
+    return env != "step" and P == 0 and B >= 1 and H >= 1
+
+
+def cupy_loop_grid(B: int, H: int, sm_count: int, blocks_per_sm: int, cap: Optional[int] = None) -> int:
+    """Blocks of a device-loop launch: one per task (``SEQ_UNITS`` units x ``SEQ_ROWS`` rows) up to
+    what the device holds at once (``sm_count`` x ``blocks_per_sm`` from the occupancy API; more
+    tasks than that loop inside the blocks) and ``cap``; 0 when nothing can be resident (the
+    caller then runs per step)."""
+    tasks = -(-H // SEQ_UNITS) * -(-B // SEQ_ROWS)
+    grid = min(tasks, sm_count * blocks_per_sm)
+    if cap is not None:
+        grid = min(grid, cap)
+    return max(grid, 0)
+
+
+def _unit_last(t):
+    """``t`` as float32 with a unit last stride (the loop kernels index hidden units densely)."""
+    t = t.float()
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 class _CupyImpl:
     """The cupy backend: torch's matmuls around our fused CUDA C cell kernels (kernels/cuda/rnn.cu)."""
 
@@ -552,6 +609,89 @@ class _CupyImpl:
         kcuda = cuda_kernels()
 
         return kcuda, kcuda.load("rnn", {"GN_MODE": ref.MODES.index(mode)}, device.index or 0)
+
+    # tests cap the loop's grid to make blocks loop over tasks (None: the occupancy bound only)
+    max_loop_blocks: Optional[int] = None
+
+    @staticmethod
+    def _loop_kernel(mode, dot, device, kernel, B, H):
+        """(kcuda, cooperative module, grid) of a loop kernel; grid 0: it cannot be resident."""
+        kcuda = cuda_kernels()
+        dev = device.index if device.index is not None else torch.cuda.current_device()
+        # dot 3 (TF32 allowed for float32) runs as exact float32 here: the loop's dots are CUDA-core FMAs
+        rnd = dot if dot in (1, 2) else 0
+        mod = kcuda.load("rnn", {"GN_MODE": ref.MODES.index(mode), "GN_ROUND": rnd}, dev, cooperative=True)
+        per_sm, sms = _CupyImpl._residency(mod, kernel, dev)
+        return kcuda, mod, cupy_loop_grid(B, H, sms, per_sm, _CupyImpl.max_loop_blocks)
+
+    @staticmethod
+    @functools.lru_cache(maxsize=None)
+    def _residency(mod, kernel, dev):
+        import cupy
+        from cupy_backends.cuda.api import driver
+
+        with cupy.cuda.Device(dev):
+            fn = mod.get_function(kernel)
+            per_sm = driver.occupancyMaxActiveBlocksPerMultiprocessor(fn.kernel.ptr, SEQ_THREADS, 0)
+        return per_sm, torch.cuda.get_device_properties(dev).multi_processor_count
+
+    @staticmethod
+    def persist_forward(mode, xg, hs, cs, w_hh, b_hh, out, mask, lengths, reverse, dot, programs):
+        """Every step of one layer and direction in one launch of ``rnn_seq_fwd``: ``xg [T, B, *]``
+        the input projections (unit last stride; become the stored gates), ``hs / cs [T + 1, B, H]``
+        contiguous float32 slots, ``out`` / ``mask [T, B, H]``, ``lengths`` int64 ``[B]``.
+        ``programs`` is :func:`cupy_loop_choice`'s yes. Runs per step when the grid cannot be
+        resident."""
+        import numpy as np
+
+        T, B, H = hs.shape[0] - 1, hs.shape[1], hs.shape[2]
+        kcuda, mod, grid = _CupyImpl._loop_kernel(mode, dot, hs.device, "rnn_seq_fwd", B, H)
+        if grid == 0:
+            for t, p, n in ref._steps(T, reverse):
+                _CupyImpl.step_forward(mode, xg[t], hs[p], hs[n], None if cs is None else cs[p],
+                                       None if cs is None else cs[n], w_hh, b_hh, out[t],
+                                       None if mask is None else mask[t], lengths, t, dot)
+            return
+        assert hs.is_contiguous() and (cs is None or cs.is_contiguous()) and xg.stride(2) == 1
+        wt = w_hh.t().float().contiguous()  # [H, G * H]: lanes (consecutive units) read consecutive words
+        o32 = out if out.dtype == torch.float32 and out.stride(2) == 1 else torch.empty(
+            out.shape, dtype=torch.float32, device=out.device)
+        m32 = None if mask is None else _unit_last(mask)
+        bhh = None if b_hh is None else b_hh.float()
+        count = torch.zeros(1, dtype=torch.int32, device=hs.device)
+        kcuda.launch(mod, "rnn_seq_fwd", (grid,), (SEQ_THREADS,), (
+            xg, np.int64(xg.stride(0)), np.int64(xg.stride(1)), hs, hs if cs is None else cs, wt,
+            wt if bhh is None else bhh, np.int32(bhh is not None), o32, np.int64(o32.stride(0)),
+            np.int64(o32.stride(1)), o32 if m32 is None else m32, np.int64(0 if m32 is None else m32.stride(0)),
+            np.int64(0 if m32 is None else m32.stride(1)), np.int32(m32 is not None), lengths, np.int32(reverse),
+            np.int32(T), np.int32(B), np.int32(H), count), device=hs.device.index or 0)
+        if o32 is not out:
+            out.copy_(o32)
+
+    @staticmethod
+    def loop_backward(mode, w_hh, carry, dc, dout, g, hs, cs, dgi, dgh, lengths, reverse, dot):
+        """Every step of one layer and direction's backward in one launch of ``rnn_seq_bwd``: from
+        ``carry`` / ``dc [B, H]`` (dh_T / dc_T), ``dout [T, B, H]``, the stored gates ``g`` and
+        states, writes the gate gradients ``dgi / dgh [T, B, G * H]`` and leaves in ``carry`` dh_0
+        without the last step's ``dG W_hh`` (the caller adds it, as after the per-step loop) and
+        in ``dc`` dc_0. Returns False, having done nothing, when the grid cannot be resident."""
+        import numpy as np
+
+        T, B, H = hs.shape[0] - 1, hs.shape[1], hs.shape[2]
+        kcuda, mod, grid = _CupyImpl._loop_kernel(mode, dot, hs.device, "rnn_seq_bwd", B, H)
+        if grid == 0:
+            return False
+        assert hs.is_contiguous() and carry.is_contiguous() and dgi.stride(2) == 1 and dgh.stride() == dgi.stride()
+        w = w_hh.float().contiguous()  # [G * H, H]
+        d32 = _unit_last(dout)
+        count = torch.zeros(1, dtype=torch.int32, device=hs.device)
+        kcuda.launch(mod, "rnn_seq_bwd", (grid,), (SEQ_THREADS,), (
+            w, carry, carry if dc is None else dc, d32, np.int64(d32.stride(0)), np.int64(d32.stride(1)),
+            carry if g is None else g, np.int64(0 if g is None else g.stride(0)),
+            np.int64(0 if g is None else g.stride(1)), hs, hs if cs is None else cs, dgi, dgh,
+            np.int64(dgi.stride(0)), np.int64(dgi.stride(1)), lengths, np.int32(reverse), np.int32(T), np.int32(B),
+            np.int32(H), count), device=hs.device.index or 0)
+        return True
 
     @staticmethod
     def step_forward(mode, xg, hp, hn, cp, cn, w_hh, b_hh, out, mask, lengths, t, dot, proj=False):

@@ -3,7 +3,7 @@
 * :func:`source` / :func:`include_dir` -- the ``.cu`` files and their common header.
 * :func:`compile_cubin` -- compile a ``.cu`` for an architecture with NVRTC directly, without a
   GPU or driver (CI compiles every source for sm_90 this way).
-* :func:`load` -- one cached ``cupy.RawModule`` per (source, defines, device).
+* :func:`load` -- one cached ``cupy.RawModule`` per (source, defines, device, cooperative).
 * :func:`launch` -- launch a kernel on torch's current stream with tensors shared by DLPack.
 
 Compile-time parameters are injected as ``-D`` defines; every ``.cu`` gives each one a default
@@ -56,19 +56,23 @@ def compile_cubin(name: str, defines=None, arch: str = "sm_90", extra_options=()
 
 
 @functools.lru_cache(maxsize=None)
-def _load(name: str, defines: tuple, device: int):
+def _load(name: str, defines: tuple, device: int, cooperative: bool = False):
     import cupy
 
     with cupy.cuda.Device(device):
         opts = ("-std=c++17", f"-I{HERE}", *_define_options(dict(defines)))
-        module = cupy.RawModule(code=source(name), options=opts)
+        module = cupy.RawModule(code=source(name), options=opts, enable_cooperative_groups=cooperative)
         module.compile()
         return module
 
 
-def load(name: str, defines=None, device: int = 0):
-    """The ``cupy.RawModule`` of ``<name>.cu`` compiled with ``defines`` for ``device`` (cached)."""
-    return _load(name, tuple(sorted(dict(defines or {}).items())), int(device))
+def load(name: str, defines=None, device: int = 0, cooperative: bool = False):
+    """The ``cupy.RawModule`` of ``<name>.cu`` compiled with ``defines`` for ``device`` (cached).
+
+    ``cooperative``: its kernels launch through ``cuLaunchCooperativeKernel``, which refuses a grid
+    that cannot be resident all at once (kernels with a grid barrier need that guarantee).
+    """
+    return _load(name, tuple(sorted(dict(defines or {}).items())), int(device), bool(cooperative))
 
 
 def as_cupy(t):

@@ -1,6 +1,7 @@
-// Fused recurrent cell kernels for the cupy backend (Elman tanh / relu, LSTM, GRU).
+// Fused recurrent cell kernels for the cupy backend (Elman tanh / relu, LSTM, GRU): per-step
+// kernels (rnn_cell_*, rnn_proj_*) and, below, the device time loop (rnn_seq_fwd / rnn_seq_bwd).
 //
-// One thread per (batch row b, hidden unit j) of one time step; the recurrent matmul
+// Per step: one thread per (batch row b, hidden unit j) of one time step; the recurrent matmul
 // h_{t-1} W_hh^T (forward) and dG_{t+1} W_hh (backward) run before, as a matmul (torch's).
 // Everything here is float32: states, gates and gate gradients live in the float32 reserve; the
 // launcher converts half-precision outputs. Rows are strided (row stride in elements), hidden
@@ -31,32 +32,11 @@ extern "C" __global__ void rnn_cell_fwd(float* xg, long long sxg, const float* h
     gn_index b = idx / H, j = idx % H;
     float* x = xg + b * sxg + j;
     float hprev = proj ? 0.0f : hp[idx];  // a projected state is P wide: only the GRU reads it
-    float hnew, cnew = 0.0f, cprev = 0.0f;
-#if GN_MODE <= 1
-    hnew = gn_rnn_fwd(GN_MODE, x[0], hh[b * H + j]);
-#elif GN_MODE == 2
-    {
-        const float* r = hh + b * 4 * H + j;
-        float xs[4] = {x[0], x[H], x[2 * H], x[3 * H]};
-        float hs[4] = {r[0], r[H], r[2 * H], r[3 * H]};
-        float g[4];
-        cprev = cp[idx];
-        gn_lstm_fwd(xs, hs, cprev, g, &cnew, &hnew);
-        for (int k = 0; k < 4; ++k) x[k * H] = g[k];
-    }
-#else
-    {
-        const float* r = hh + b * 3 * H + j;
-        float xs[3] = {x[0], x[H], x[2 * H]};
-        float hs[3] = {r[0], r[H], r[2 * H]};
-        if (has_bhh) {
-            for (int k = 0; k < 3; ++k) hs[k] += bhh[k * H + j];
-        }
-        float g[4];
-        gn_gru_fwd(xs, hs, hprev, g, &hnew);
-        for (int k = 0; k < 4; ++k) x[k * H] = g[k];
-    }
-#endif
+    float cnew = 0.0f, cprev = GN_MODE == 2 ? cp[idx] : 0.0f;
+    const int G = gn_gates(GN_MODE);
+    float hs[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int k = 0; k < G; ++k) hs[k] = hh[b * G * H + k * H + j];
+    float hnew = gn_cell_fwd(GN_MODE, x, H, hs, has_bhh ? bhh + j : 0, hprev, cprev, &cnew);
     bool valid = t < len[b];
 #if GN_MODE == 2
     cn[idx] = valid ? cnew : cprev;
@@ -99,32 +79,111 @@ extern "C" __global__ void rnn_cell_bwd(float* carry, float* dc, const float* do
     gn_index b = idx / H, j = idx % H;
     bool valid = t < len[b];
     float dh = carry[idx] + (valid ? dout[b * sdout + j] : 0.0f);
-    float* di = dgi + b * sdg + j;
-    float new_carry = 0.0f;
-#if GN_MODE <= 1
-    di[0] = valid ? gn_rnn_bwd(GN_MODE, dh, hn[idx]) : 0.0f;
-#elif GN_MODE == 2
-    {
-        const float* gp = g + b * sg + j;
-        float gs[4] = {gp[0], gp[H], gp[2 * H], gp[3 * H]};
-        float dg[4], dcn;
-        float dcin = dc[idx];
-        gn_lstm_bwd(dh, dcin, gs, cn[idx], cp[idx], dg, &dcn);
-        for (int k = 0; k < 4; ++k) di[k * H] = valid ? dg[k] : 0.0f;
-        dc[idx] = valid ? dcn : dcin;
-    }
-#else
-    {
-        const float* gp = g + b * sg + j;
-        float gs[4] = {gp[0], gp[H], gp[2 * H], gp[3 * H]};
-        float a[3], h[3];
-        gn_gru_bwd(dh, gs, hp[idx], a, h, &new_carry);
-        float* dhp = dgh + b * sdg + j;
-        for (int k = 0; k < 3; ++k) {
-            di[k * H] = valid ? a[k] : 0.0f;
-            dhp[k * H] = valid ? h[k] : 0.0f;
-        }
-    }
+    gn_index o = b * sdg + j;
+    float dcn = 0.0f;
+    // only the Elman RNN reads h', only the GRU h (the projected LSTM passes neither)
+    carry[idx] = gn_cell_bwd(GN_MODE, valid, dh, g + b * sg + j, H, GN_MODE == 3 ? hp[idx] : 0.0f,
+                             GN_MODE <= 1 ? hn[idx] : 0.0f, GN_MODE == 2 ? cp[idx] : 0.0f,
+                             GN_MODE == 2 ? cn[idx] : 0.0f, GN_MODE == 2 ? dc[idx] : 0.0f, dgi + o, dgh + o, &dcn);
+    if (GN_MODE == 2) dc[idx] = dcn;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The device time loop: every step of one layer and direction in one launch (rnn_math.cuh,
+// "The device time loop", says how a block splits a task). The grid must be co-resident: the
+// launcher sizes it by the occupancy API and launches it cooperatively, which the driver refuses
+// rather than run a grid that could deadlock. GN_ROUND: 0 exact float32 dots, 1 / 2 the state
+// operand rounded to float16 / bfloat16 (half weights). Blocks loop over tasks when there are more
+// tasks than blocks; a task stays on the same block and thread every step, so the states a thread
+// finalizes are its own, and only what other blocks wrote is read through L2.
+
+#ifndef GN_ROUND
+#define GN_ROUND 0
 #endif
-    carry[idx] = valid ? new_carry : dh;
+
+static_assert(GN_SEQ_NR == GN_SEQ_KS, "after the slice dots, warp r finalizes row r of the task");
+
+// count is zeroed before the launch and only grows: after step s's barrier it is (s + 1) * gridDim.x.
+__device__ __forceinline__ void gn_grid_barrier(unsigned int* count, unsigned int target) {
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        __threadfence();  // this block's writes (ordered by the bar.sync above) before the arrival
+        atomicAdd(count, 1u);
+        while (*(volatile unsigned int*)count < target) {
+        }
+        __threadfence();
+    }
+    __syncthreads();
+}
+
+extern "C" __global__ void __launch_bounds__(GN_SEQ_KS * 32, 2)
+    rnn_seq_fwd(GN_SEQ_FWD_PARAMS) {
+    GnSeqFwd a = GN_SEQ_FWD_STRUCT;
+    __shared__ float part[GN_SEQ_KS][GN_SEQ_NR][4][GN_SEQ_JB];
+    __shared__ float vs[GN_SEQ_KS][GN_SEQ_NR][GN_SEQ_CH];
+    const int G = gn_gates(GN_MODE);
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int nj = (H + GN_SEQ_JB - 1) / GN_SEQ_JB, ntasks = nj * ((B + GN_SEQ_NR - 1) / GN_SEQ_NR);
+    const gn_index BH = (gn_index)B * H;
+    int k0, k1;
+    gn_seq_slice(H, warp, &k0, &k1);
+    for (int s = 0; s < T; ++s) {
+        int t = reverse ? T - 1 - s : s;
+        gn_index p = reverse ? t + 1 : t;
+        for (int task = blockIdx.x; task < ntasks; task += gridDim.x) {
+            int j = (task % nj) * GN_SEQ_JB + lane, n0 = (task / nj) * GN_SEQ_NR;
+            int nr = B - n0 < GN_SEQ_NR ? B - n0 : GN_SEQ_NR;
+            float acc[GN_SEQ_NR][4] = {};
+            // every lane stages (j may be past H in the last unit tile; its columns are not read)
+            gn_seq_dot_staged<GN_ROUND>(hs + p * BH + (gn_index)n0 * H, H, nr, wt, (gn_index)G * H, j < H ? j : 0, H, G,
+                                        k0, k1, vs[warp], acc, lane, 32);
+#pragma unroll
+            for (int r = 0; r < GN_SEQ_NR; ++r)
+#pragma unroll
+                for (int g = 0; g < 4; ++g) part[warp][r][g][lane] = acc[r][g];
+            __syncthreads();
+            if (warp < nr && j < H) {
+                float hh[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                for (int q = 0; q < GN_SEQ_KS; ++q)
+                    for (int g = 0; g < 4; ++g) hh[g] += part[q][warp][g][lane];
+                gn_seq_fwd_cell(a, GN_MODE, t, n0 + warp, j, hh);
+            }
+            __syncthreads();
+        }
+        if (s + 1 < T) gn_grid_barrier(count, (unsigned int)(s + 1) * gridDim.x);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(GN_SEQ_KS * 32, 2)
+    rnn_seq_bwd(GN_SEQ_BWD_PARAMS) {
+    GnSeqBwd a = GN_SEQ_BWD_STRUCT;
+    __shared__ float part[GN_SEQ_KS][GN_SEQ_NR][GN_SEQ_JB];
+    __shared__ float vs[GN_SEQ_KS][GN_SEQ_NR][GN_SEQ_CH];
+    const int GH = gn_gates(GN_MODE) * H;
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int nj = (H + GN_SEQ_JB - 1) / GN_SEQ_JB, ntasks = nj * ((B + GN_SEQ_NR - 1) / GN_SEQ_NR);
+    int k0, k1;
+    gn_seq_slice(GH, warp, &k0, &k1);
+    for (int s = 0; s < T; ++s) {
+        int t = reverse ? s : T - 1 - s;  // the forward's steps in reverse
+        gn_index tn = reverse ? t - 1 : t + 1;
+        for (int task = blockIdx.x; task < ntasks; task += gridDim.x) {
+            int j = (task % nj) * GN_SEQ_JB + lane, n0 = (task / nj) * GN_SEQ_NR;
+            int nr = B - n0 < GN_SEQ_NR ? B - n0 : GN_SEQ_NR;
+            float acc[GN_SEQ_NR][4] = {};
+            if (s > 0)
+                gn_seq_dot_staged<GN_ROUND>(dgh + tn * sdg_t + n0 * sdg_n, sdg_n, nr, w, H, j < H ? j : 0, 0, 1, k0, k1,
+                                            vs[warp], acc, lane, 32);
+#pragma unroll
+            for (int r = 0; r < GN_SEQ_NR; ++r) part[warp][r][lane] = acc[r][0];
+            __syncthreads();
+            if (warp < nr && j < H) {
+                float dd = 0.0f;
+                for (int q = 0; q < GN_SEQ_KS; ++q) dd += part[q][warp][lane];
+                gn_seq_bwd_cell(a, GN_MODE, t, n0 + warp, j, dd);
+            }
+            __syncthreads();
+        }
+        if (s + 1 < T) gn_grid_barrier(count, (unsigned int)(s + 1) * gridDim.x);
+    }
 }

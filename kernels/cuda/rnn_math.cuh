@@ -7,6 +7,9 @@
 // nonlinearities; GRU r, z, n and hn = h W_hn^T + b_hn.
 #pragma once
 #include "common.cuh"
+#if !GN_DEVICE
+#include <string.h>
+#endif
 
 GN_HD float gn_sigmoid(float x) {
     // split by sign so exp never overflows
@@ -77,4 +80,312 @@ GN_HD void gn_proj_bwd(int valid, float carry, float dout, float* dh, float* car
     float d = carry + (valid ? dout : 0.0f);
     *dh = valid ? d : 0.0f;
     *carry_out = valid ? 0.0f : d;
+}
+
+// ---------------------------------------------------------------------------------------------
+// One unit of one batch row after the recurrent dot, shared by the per-step kernels and the
+// device time loop. mode: 0 tanh, 1 relu, 2 LSTM, 3 GRU. x points at the unit's input projection
+// (gates H apart; LSTM / GRU: overwritten with the stored gates), hh[] the recurrent dot per gate
+// (the GRU's b_hh not yet added: bhh points at b_hh[j], gates H apart, or is null). Returns h' and
+// writes c' (LSTM), before any length masking.
+GN_HD float gn_cell_fwd(int mode, float* x, gn_index H, const float* hh, const float* bhh, float hprev, float cprev,
+                        float* cnew) {
+    float hnew;
+    if (mode <= 1) return gn_rnn_fwd(mode, x[0], hh[0]);
+    if (mode == 2) {
+        float xs[4] = {x[0], x[H], x[2 * H], x[3 * H]};
+        float hs[4] = {hh[0], hh[1], hh[2], hh[3]};
+        float g[4];
+        gn_lstm_fwd(xs, hs, cprev, g, cnew, &hnew);
+        for (int k = 0; k < 4; ++k) x[k * H] = g[k];
+        return hnew;
+    }
+    float xs[3] = {x[0], x[H], x[2 * H]};
+    float hs[3] = {hh[0], hh[1], hh[2]};
+    if (bhh) {
+        for (int k = 0; k < 3; ++k) hs[k] += bhh[k * H];
+    }
+    float g[4];
+    gn_gru_fwd(xs, hs, hprev, g, &hnew);
+    for (int k = 0; k < 4; ++k) x[k * H] = g[k];
+    return hnew;
+}
+
+// Backward of one unit of one row: dh the full gradient of the new state, g the stored gates
+// (H apart), di / dhh the gate gradients to write (H apart; dhh: the GRU's W_hh side), zero where
+// the row is past its length. Writes dc_prev (LSTM: the row keeps dc when invalid) and returns the
+// carry (the part of dh_prev that bypasses W_hh; dh itself when invalid).
+GN_HD float gn_cell_bwd(int mode, int valid, float dh, const float* g, gn_index H, float hp, float hn, float cp,
+                        float cn, float dcin, float* di, float* dhh, float* dcout) {
+    float carry = 0.0f;
+    if (mode <= 1) {
+        di[0] = valid ? gn_rnn_bwd(mode, dh, hn) : 0.0f;
+    } else if (mode == 2) {
+        float gs[4] = {g[0], g[H], g[2 * H], g[3 * H]};
+        float dg[4], dcn;
+        gn_lstm_bwd(dh, dcin, gs, cn, cp, dg, &dcn);
+        for (int k = 0; k < 4; ++k) di[k * H] = valid ? dg[k] : 0.0f;
+        *dcout = valid ? dcn : dcin;
+    } else {
+        float gs[4] = {g[0], g[H], g[2 * H], g[3 * H]};
+        float a[3], h[3];
+        gn_gru_bwd(dh, gs, hp, a, h, &carry);
+        for (int k = 0; k < 3; ++k) {
+            di[k * H] = valid ? a[k] : 0.0f;
+            dhh[k * H] = valid ? h[k] : 0.0f;
+        }
+    }
+    return valid ? carry : dh;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The device time loop (rnn_seq_fwd / rnn_seq_bwd in rnn.cu): one launch runs every step of one
+// layer and direction, a grid barrier between steps. A task is GN_SEQ_JB hidden units (one per
+// lane) x GN_SEQ_NR batch rows; its block's GN_SEQ_KS warps each reduce one slice of the dot
+// (forward: over the H inputs of h_prev, for all gates of the unit, so the cell stays fused;
+// backward: over the G * H gate gradients of the step after), the slices are summed in order and
+// one warp per row applies the cell. The weight is read so that lanes (consecutive units) load
+// consecutive addresses: forward W_hh^T [H, G * H], backward W_hh [G * H, H], float32 (half
+// weights converted exactly; ROUND rounds the other operand as torch's half matmul does).
+#define GN_SEQ_JB 32
+#define GN_SEQ_NR 8
+#define GN_SEQ_KS 8
+#define GN_SEQ_CH 64  // k staged in shared memory at a time, per warp
+
+GN_HD int gn_gates(int mode) { return mode <= 1 ? 1 : (mode == 2 ? 4 : 3); }
+
+GN_HD unsigned int gn_f2u(float x) {
+#if GN_DEVICE
+    return __float_as_uint(x);
+#else
+    unsigned int u;
+    memcpy(&u, &x, 4);
+    return u;
+#endif
+}
+
+GN_HD float gn_u2f(unsigned int u) {
+#if GN_DEVICE
+    return __uint_as_float(u);
+#else
+    float x;
+    memcpy(&x, &u, 4);
+    return x;
+#endif
+}
+
+// x rounded to float16 (ROUND 1) or bfloat16 (ROUND 2), nearest even, as a float; ROUND 0: x.
+template <int ROUND>
+GN_HD float gn_round(float x) {
+    if (ROUND == 0 || x != x) return x;
+    if (ROUND == 2) {
+        unsigned int u = gn_f2u(x);
+        u += 0x7fffu + ((u >> 16) & 1u);
+        return gn_u2f(u & 0xffff0000u);
+    }
+    float a = fabsf(x);
+    // at or past the midpoint between the largest half and the next power of two: infinity
+    if (a >= 65520.0f) return gn_u2f(x > 0.0f ? 0x7f800000u : 0xff800000u);
+    if (a < 6.103515625e-05f) {                                 // half subnormals: steps of 2^-24
+        float r = rintf(a * 16777216.0f) * 5.9604644775390625e-08f;
+        return x < 0.0f ? -r : r;
+    }
+    unsigned int u = gn_f2u(x);
+    u += 0xfffu + ((u >> 13) & 1u);
+    return gn_u2f(u & ~0x1fffu);
+}
+
+// The k range of slice s when K is cut into GN_SEQ_KS slices.
+GN_HD void gn_seq_slice(int K, int s, int* k0, int* k1) {
+    int per = (K + GN_SEQ_KS - 1) / GN_SEQ_KS;
+    *k0 = s * per < K ? s * per : K;
+    *k1 = *k0 + per < K ? *k0 + per : K;
+}
+
+// acc[r][g] += sum over k in [k0, k1) of round(v[r * ldv + k]) * M[k * ldm + col + g * gs], for the
+// first nr rows and the first ng columns (ng <= 4). Called on chunks of v staged by
+// gn_seq_dot_staged (the sums keep the order of k).
+template <int ROUND>
+GN_HD void gn_seq_dot(const float* v, gn_index ldv, int nr, const float* M, gn_index ldm, gn_index col, gn_index gs,
+                      int ng, int k0, int k1, float (*acc)[4]) {
+#if GN_DEVICE
+#pragma unroll 4
+#endif
+    for (int k = k0; k < k1; ++k) {
+        const float* mk = M + (gn_index)k * ldm + col;
+        float m[4];
+        for (int g = 0; g < 4; ++g) m[g] = g < ng ? mk[g * gs] : 0.0f;
+        for (int r = 0; r < GN_SEQ_NR; ++r) {
+            if (r < nr) {
+                float a = gn_round<ROUND>(v[r * ldv + k]);
+                for (int g = 0; g < 4; ++g) {
+                    if (g < ng) acc[r][g] += a * m[g];
+                }
+            }
+        }
+    }
+}
+
+// The same sum as gn_seq_dot over rows [0, nr) of v (row stride ldv), with v staged GN_SEQ_CH k
+// at a time in vs (the calling warp's buffer) by the `lanes` lanes of a warp, this one being
+// `lane`: on the device one burst of loads per chunk instead of a round trip per k, read through
+// L2 since other blocks wrote v before the last barrier (L1 is not coherent). The host runs it as
+// one lane.
+GN_HD float gn_ld_l2(const float* p) {
+#if GN_DEVICE
+    return __ldcg(p);
+#else
+    return *p;
+#endif
+}
+
+GN_HD void gn_sync_warp() {
+#if GN_DEVICE
+    __syncwarp();
+#endif
+}
+
+template <int ROUND>
+GN_HD void gn_seq_dot_staged(const float* v, gn_index ldv, int nr, const float* M, gn_index ldm, gn_index col,
+                             gn_index gs, int ng, int k0, int k1, float (*vs)[GN_SEQ_CH], float (*acc)[4], int lane,
+                             int lanes) {
+    for (int c0 = k0; c0 < k1; c0 += GN_SEQ_CH) {
+        int len = k1 - c0 < GN_SEQ_CH ? k1 - c0 : GN_SEQ_CH;
+        for (int i = lane; i < nr * GN_SEQ_CH; i += lanes) {
+            int r = i / GN_SEQ_CH, k = i % GN_SEQ_CH;
+            if (k < len) vs[r][k] = gn_ld_l2(v + r * ldv + c0 + k);
+        }
+        gn_sync_warp();
+        gn_seq_dot<ROUND>(&vs[0][0], GN_SEQ_CH, nr, M + (gn_index)c0 * ldm, ldm, col, gs, ng, 0, len, acc);
+        gn_sync_warp();  // the chunk is read before the next one overwrites it
+    }
+}
+
+// Arguments of one forward time loop: xg [T, B, *] the input projections (strided; LSTM / GRU:
+// become the stored gates), hs / cs [T + 1, B, H] contiguous states, wt = W_hh^T [H, G * H],
+// bhh [G * H] or null (GRU), out / mask [T, B, H] strided (mask may be null), len [B].
+struct GnSeqFwd {
+    float* xg;
+    gn_index sxg_t, sxg_n;
+    float* hs;
+    float* cs;
+    const float* wt;
+    const float* bhh;
+    float* out;
+    gn_index sout_t, sout_n;
+    const float* mask;
+    gn_index smask_t, smask_n;
+    const long long* len;
+    int T, B, H, reverse;
+};
+
+// Arguments of one backward time loop: w = W_hh [G * H, H]; carry [B, H] dh without this step's
+// output gradient nor the dot; dc [B, H] (LSTM); dout [T, B, H] strided; g [T, B, *] the stored
+// gates; hs / cs as forward; dgi / dgh [T, B, G * H] (strided; dgh == dgi but for the GRU).
+struct GnSeqBwd {
+    const float* w;
+    float* carry;
+    float* dc;
+    const float* dout;
+    gn_index sdo_t, sdo_n;
+    const float* g;
+    gn_index sg_t, sg_n;
+    const float* hs;
+    const float* cs;
+    float* dgi;
+    float* dgh;
+    gn_index sdg_t, sdg_n;
+    const long long* len;
+    int T, B, H, reverse;
+};
+
+// The kernels' parameter lists and how they become the structs, written once: rnn_seq_fwd /
+// rnn_seq_bwd and the host test's stand-ins for them take exactly these (so a launcher that passes
+// arguments in another order fails on the host too). count: the grid barrier's counter.
+#define GN_SEQ_FWD_PARAMS                                                                                         \
+    float *xg, long long sxg_t, long long sxg_n, float *hs, float *cs, const float *wt, const float *bhh,         \
+        int has_bhh, float *out, long long sout_t, long long sout_n, const float *mask, long long smask_t,        \
+        long long smask_n, int has_mask, const long long *len, int reverse, int T, int B, int H, unsigned int *count
+#define GN_SEQ_FWD_STRUCT                                                                                         \
+    {xg, sxg_t, sxg_n, hs, cs, wt, has_bhh ? bhh : 0, out, sout_t, sout_n, has_mask ? mask : 0, smask_t, smask_n, \
+     len, T, B, H, reverse}
+#define GN_SEQ_BWD_PARAMS                                                                                         \
+    const float *w, float *carry, float *dc, const float *dout, long long sdo_t, long long sdo_n, const float *g, \
+        long long sg_t, long long sg_n, const float *hs, const float *cs, float *dgi, float *dgh, long long sdg_t, \
+        long long sdg_n, const long long *len, int reverse, int T, int B, int H, unsigned int *count
+#define GN_SEQ_BWD_STRUCT \
+    {w, carry, dc, dout, sdo_t, sdo_n, g, sg_t, sg_n, hs, cs, dgi, dgh, sdg_t, sdg_n, len, T, B, H, reverse}
+
+// Forward cell of unit j of row n at step t, given the summed recurrent dot hh[G].
+GN_HD void gn_seq_fwd_cell(const GnSeqFwd& a, int mode, int t, int n, int j, const float* hh) {
+    gn_index BH = (gn_index)a.B * a.H, idx = (gn_index)n * a.H + j;
+    gn_index p = a.reverse ? t + 1 : t, nx = a.reverse ? t : t + 1;
+    float hprev = a.hs[p * BH + idx];
+    float cprev = mode == 2 ? a.cs[p * BH + idx] : 0.0f;
+    float cnew = 0.0f;
+    float* x = a.xg + t * a.sxg_t + n * a.sxg_n + j;
+    float hnew = gn_cell_fwd(mode, x, a.H, hh, a.bhh ? a.bhh + j : 0, hprev, cprev, &cnew);
+    bool valid = t < a.len[n];
+    if (mode == 2) a.cs[nx * BH + idx] = valid ? cnew : cprev;
+    a.hs[nx * BH + idx] = valid ? hnew : hprev;
+    float o = valid ? hnew : 0.0f;
+    if (a.mask) o *= a.mask[t * a.smask_t + n * a.smask_n + j];
+    a.out[t * a.sout_t + n * a.sout_n + j] = o;
+}
+
+// Backward cell of unit j of row n at step t, given dd = dG_next[n] . W_hh[:, j] (0 at the first
+// step processed).
+GN_HD void gn_seq_bwd_cell(const GnSeqBwd& a, int mode, int t, int n, int j, float dd) {
+    gn_index BH = (gn_index)a.B * a.H, idx = (gn_index)n * a.H + j;
+    gn_index p = a.reverse ? t + 1 : t, nx = a.reverse ? t : t + 1;
+    float c = a.carry[idx] + dd;
+    bool valid = t < a.len[n];
+    float dh = c + (valid ? a.dout[t * a.sdo_t + n * a.sdo_n + j] : 0.0f);
+    const float* g = mode >= 2 ? a.g + t * a.sg_t + n * a.sg_n + j : 0;
+    gn_index o = t * a.sdg_t + n * a.sdg_n + j;
+    float dcin = mode == 2 ? a.dc[idx] : 0.0f, dcn = 0.0f;
+    float cp = mode == 2 ? a.cs[p * BH + idx] : 0.0f, cn = mode == 2 ? a.cs[nx * BH + idx] : 0.0f;
+    float hp = mode == 3 ? a.hs[p * BH + idx] : 0.0f, hn = mode <= 1 ? a.hs[nx * BH + idx] : 0.0f;
+    a.carry[idx] = gn_cell_bwd(mode, valid, dh, g, a.H, hp, hn, cp, cn, dcin,
+                               a.dgi + o, a.dgh + o, &dcn);
+    if (mode == 2) a.dc[idx] = dcn;
+}
+
+// The whole work of one thread-unit of a step, as the kernel composes it (slice dots summed in
+// slice order, then the cell): the host runs it over every (t, n, j) in step order.
+template <int ROUND>
+GN_HD void gn_seq_fwd_unit(const GnSeqFwd& a, int mode, int t, int n, int j) {
+    int G = gn_gates(mode);
+    gn_index p = a.reverse ? t + 1 : t;
+    float hh[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int s = 0; s < GN_SEQ_KS; ++s) {
+        int k0, k1;
+        gn_seq_slice(a.H, s, &k0, &k1);
+        float acc[GN_SEQ_NR][4] = {};
+        float vs[GN_SEQ_NR][GN_SEQ_CH];
+        gn_seq_dot_staged<ROUND>(a.hs + (p * a.B + n) * a.H, a.H, 1, a.wt, (gn_index)G * a.H, j, a.H, G, k0, k1, vs,
+                                 acc, 0, 1);
+        for (int g = 0; g < 4; ++g) hh[g] += acc[0][g];
+    }
+    gn_seq_fwd_cell(a, mode, t, n, j, hh);
+}
+
+// first: the first step processed (t = T - 1 forward, 0 reverse), which has no step after it.
+template <int ROUND>
+GN_HD void gn_seq_bwd_unit(const GnSeqBwd& a, int mode, int t, int n, int j, int first) {
+    int GH = gn_gates(mode) * a.H;
+    float dd = 0.0f;
+    if (!first) {
+        gn_index tn = a.reverse ? t - 1 : t + 1;
+        for (int s = 0; s < GN_SEQ_KS; ++s) {
+            int k0, k1;
+            gn_seq_slice(GH, s, &k0, &k1);
+            float acc[GN_SEQ_NR][4] = {};
+            float vs[GN_SEQ_NR][GN_SEQ_CH];
+            gn_seq_dot_staged<ROUND>(a.dgh + tn * a.sdg_t + n * a.sdg_n, a.sdg_n, 1, a.w, a.H, j, 0, 1, k0, k1, vs, acc,
+                                     0, 1);
+            dd += acc[0][0];
+        }
+    }
+    gn_seq_bwd_cell(a, mode, t, n, j, dd);
 }

@@ -1,0 +1,424 @@
+"""The cupy backend's device time loop (kernels/cuda/rnn.cu: rnn_seq_fwd / rnn_seq_bwd, one
+cooperative launch per layer, direction and pass): its per-unit work host-compiled and run over
+every (t, n, j) in step order against the float64 reference, the half-precision rounding it
+applies, the path choice and grid size, NVRTC for sm_90 in every configuration the loader builds,
+and on a GPU the whole path against the reference and against the per-step path."""
+
+import ctypes
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from gpu_nn.ops import rnn as ops
+from gpu_nn.reference import rnn as ref
+from helpers import CUDA, assert_close, backend_params, build_host_library, fptr
+
+MODES = ("rnn_tanh", "rnn_relu", "lstm", "gru")
+
+HOST_SRC = r"""
+#include "rnn_math.cuh"
+extern "C" {
+// stand-ins for the kernels rnn_seq_fwd / rnn_seq_bwd with their very parameter lists: the per-unit
+// work over every (t, n, j) in step order (the order the grid barrier enforces)
+void host_rnn_seq_fwd(int mode, int round, GN_SEQ_FWD_PARAMS) {
+    GnSeqFwd a = GN_SEQ_FWD_STRUCT;
+    (void)count;
+    for (int s = 0; s < T; ++s) {
+        int t = reverse ? T - 1 - s : s;
+        for (int n = 0; n < B; ++n)
+            for (int j = 0; j < H; ++j) {
+                if (round == 0) gn_seq_fwd_unit<0>(a, mode, t, n, j);
+                if (round == 1) gn_seq_fwd_unit<1>(a, mode, t, n, j);
+                if (round == 2) gn_seq_fwd_unit<2>(a, mode, t, n, j);
+            }
+    }
+}
+void host_rnn_seq_bwd(int mode, int round, GN_SEQ_BWD_PARAMS) {
+    GnSeqBwd a = GN_SEQ_BWD_STRUCT;
+    (void)count;
+    for (int s = 0; s < T; ++s) {
+        int t = reverse ? s : T - 1 - s;
+        for (int n = 0; n < B; ++n)
+            for (int j = 0; j < H; ++j) {
+                if (round == 0) gn_seq_bwd_unit<0>(a, mode, t, n, j, s == 0);
+                if (round == 1) gn_seq_bwd_unit<1>(a, mode, t, n, j, s == 0);
+                if (round == 2) gn_seq_bwd_unit<2>(a, mode, t, n, j, s == 0);
+            }
+    }
+}
+void host_round(int which, int n, const float* x, float* y) {
+    for (int i = 0; i < n; ++i)
+        y[i] = which == 1 ? gn_round<1>(x[i]) : (which == 2 ? gn_round<2>(x[i]) : gn_round<0>(x[i]));
+}
+}
+"""
+
+
+def _lib():
+    return build_host_library(HOST_SRC, "rnn_seq")
+
+
+def _f32(a):
+    return np.ascontiguousarray(a, dtype=np.float32)
+
+
+def _ptr(a):
+    return None if a is None else fptr(a)
+
+
+def _host_direction(lib, mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, lens, reverse, mask=None):
+    """One layer and direction through the host-compiled loop, composed as the driver composes it."""
+    T, B, _ = x.shape
+    H = w_hh.shape[1]
+    G = ref.GATES[mode]
+    S = 4 if mode in ("lstm", "gru") else 1  # reserve width of the stored gates, in units of H
+    xg = np.zeros((T, B, S * H), np.float32)
+    xg[:, :, :G * H] = x @ w_ih.T + b_ih + (b_hh if mode != "gru" else 0)
+    hs = np.full((T + 1, B, H), np.nan, np.float32)
+    hs[T if reverse else 0] = h0
+    cs = None
+    if mode == "lstm":
+        cs = np.full((T + 1, B, H), np.nan, np.float32)
+        cs[T if reverse else 0] = c0
+    out = np.full((T, B, H), np.nan, np.float32)
+    wt = _f32(w_hh.T)
+    ll = ctypes.c_longlong
+    lib.host_rnn_seq_fwd(mode_code(mode), 0, fptr(xg), ll(B * S * H), ll(S * H), fptr(hs), _ptr(cs), fptr(wt),
+                         fptr(_f32(b_hh)) if mode == "gru" else None, int(mode == "gru"), fptr(out), ll(B * H), ll(H),
+                         _ptr(mask), ll(B * H), ll(H), int(mask is not None), fptr(lens), int(reverse), T, B, H, None)
+    return xg, hs, cs, out
+
+
+def mode_code(mode):
+    return ref.MODES.index(mode)
+
+
+@pytest.mark.parametrize("mode,T,B,H,lens", [
+    # slices shorter than a staged chunk
+    *[(m, 5, 11, 37, (5, 2, 4, 1, 3, 5, 5, 2, 4, 3, 1)) for m in MODES],
+    # slices of 67 k (forward) / 199 or 265 (backward): several chunks, a short last one
+    *[(m, 2, 3, 529, (2, 1, 2)) for m in ("lstm", "gru")],
+])
+def test_device_loop_unit_work_on_host_matches_reference(mode, T, B, H, lens, rng):
+    """Forward and backward of a bidirectional layer with lengths and initial states: the kernels'
+    per-unit functions run over every (t, n, j) in step order (the order the grid barrier
+    enforces), on odd sizes (uneven reduction slices, more than one 32-unit task, staged chunks), checked
+    against the float64 reference: outputs, h_n, c_n, and every gradient composed from the gate
+    gradients as the driver composes them."""
+    lib = _lib()
+    I = 6
+    G = ref.GATES[mode]
+    lens = np.array(lens, np.int64)
+    x = rng.standard_normal((T, B, I))
+    h0 = rng.standard_normal((2, B, H))
+    c0 = rng.standard_normal((2, B, H)) if mode == "lstm" else None
+    ws = [tuple(rng.standard_normal(s) * 0.4 for s in ((G * H, I), (G * H, H), (G * H,), (G * H,))) + (None,)
+          for _ in range(2)]
+    want_out, want_hn, want_cn, reserve = ref.rnn_forward(mode, x, h0, c0, ws, 1, True, lens)
+    gout, ghn = rng.standard_normal(want_out.shape), rng.standard_normal(want_hn.shape)
+    gcn = rng.standard_normal(want_hn.shape) if mode == "lstm" else None
+    want_dx, want_dhx, want_dcx, want_dws = ref.rnn_backward(mode, gout, ghn, gcn, x, ws, reserve, 1, True, lens)
+    x32 = _f32(x)
+    dx = np.zeros((T, B, I))
+    for d in range(2):
+        w_ih, w_hh, b_ih, b_hh, _ = (None if a is None else _f32(a) for a in ws[d])
+        xg, hs, cs, out = _host_direction(lib, mode, x32, h0[d], None if c0 is None else c0[d], w_ih, w_hh, b_ih, b_hh,
+                                          lens, d == 1)
+        assert_close(torch.from_numpy(out), torch.from_numpy(want_out[:, :, d * H:(d + 1) * H]), torch.float32,
+                     k=I + H, what=f"{mode} out dir {d}")
+        last = 0 if d == 1 else T
+        assert_close(torch.from_numpy(hs[last]), torch.from_numpy(want_hn[d]), torch.float32, k=I + H, what="h_n")
+        if mode == "lstm":
+            assert_close(torch.from_numpy(cs[last]), torch.from_numpy(want_cn[d]), torch.float32, k=I + H, what="c_n")
+        # backward through the host loop from the host forward's states and stored gates
+        carry = _f32(ghn[d])
+        dc = _f32(gcn[d]) if mode == "lstm" else None
+        dgi = np.full((T, B, G * H), np.nan, np.float32)
+        dgh = np.full((T, B, G * H), np.nan, np.float32) if mode == "gru" else dgi
+        S = xg.shape[2]  # the stored gates' row stride
+        ll = ctypes.c_longlong
+        lib.host_rnn_seq_bwd(mode_code(mode), 0, fptr(w_hh), fptr(carry), _ptr(dc),
+                             fptr(_f32(gout[:, :, d * H:(d + 1) * H])), ll(B * H), ll(H), fptr(xg), ll(B * S), ll(S),
+                             fptr(hs), _ptr(cs), fptr(dgi), fptr(dgh), ll(B * G * H), ll(G * H), fptr(lens),
+                             int(d == 1), T, B, H, None)
+        gi, gh = dgi.astype(np.float64), dgh.astype(np.float64)
+        last_t = T - 1 if d == 1 else 0  # the last step processed: its dG W_hh is added after the loop
+        dh0 = carry + gh[last_t] @ w_hh
+        hprev = (hs[1:] if d == 1 else hs[:T]).astype(np.float64)
+        got = {
+            "dh0": (dh0, want_dhx[d]),
+            "dw_ih": (gi.reshape(T * B, -1).T @ x.reshape(T * B, I), want_dws[d][0]),
+            "dw_hh": (gh.reshape(T * B, -1).T @ hprev.reshape(T * B, H), want_dws[d][1]),
+            "db_ih": (gi.sum((0, 1)), want_dws[d][2]),
+            "db_hh": (gh.sum((0, 1)), want_dws[d][3]),
+        }
+        if mode == "lstm":
+            got["dc0"] = (dc, want_dcx[d])
+        for name, (a, b) in got.items():
+            assert_close(torch.from_numpy(np.asarray(a, np.float64)), torch.from_numpy(b), torch.float32,
+                         k=T * B * G * H, what=f"{mode} {name} dir {d}")
+        dx += gi @ w_ih
+    assert_close(torch.from_numpy(dx), torch.from_numpy(want_dx), torch.float32, k=T * B * G * H, what=f"{mode} dx")
+
+
+def test_device_loop_dropout_mask_on_host(rng):
+    """The mask multiplies the output (only): the same run with and without it."""
+    lib = _lib()
+    T, B, I, H, mode = 3, 4, 5, 9, "gru"
+    lens = np.array([3, 1, 2, 3], np.int64)
+    x = _f32(rng.standard_normal((T, B, I)))
+    w = [_f32(rng.standard_normal(s) * 0.4) for s in ((3 * H, I), (3 * H, H), (3 * H,), (3 * H,))]
+    h0 = _f32(rng.standard_normal((B, H)))
+    mask = _f32((rng.uniform(size=(T, B, H)) > 0.3) / 0.7)
+    _, hs_a, _, out_a = _host_direction(lib, mode, x, h0, None, *w, lens, False)
+    _, hs_b, _, out_b = _host_direction(lib, mode, x, h0, None, *w, lens, False, mask=mask)
+    np.testing.assert_array_equal(hs_a, hs_b)
+    np.testing.assert_array_equal(out_b, out_a * mask)
+    assert (out_a[1:, 1] == 0).all() and (out_a[0, 1] != 0).all()  # past its length a row outputs zero
+
+
+def test_half_rounding_matches_torch(rng):
+    """gn_round<1> / <2> (the state operand of a half dot) equal torch's float16 / bfloat16
+    rounding, nearest even, at midpoints, subnormals, overflow, infinities and NaN."""
+    lib = _lib()
+    edge = [0.0, -0.0, 1.0, 65504.0, 65519.99, 65520.0, -65520.0, 1e6, 6.1e-5, 6.0e-5, 2.0 ** -24, 2.0 ** -25,
+            3 * 2.0 ** -26, 1e-8, 1 + 2.0 ** -11, 1 + 3 * 2.0 ** -11, 1 + 2.0 ** -8, 1 + 3 * 2.0 ** -8, np.inf,
+            -np.inf, 3.4e38]
+    x = np.concatenate([np.array(edge), rng.standard_normal(4000) * 10.0 ** rng.integers(-9, 6, 4000)])
+    x = _f32(x)
+    x = np.concatenate([x, -x])
+    for which, dt in ((1, torch.float16), (2, torch.bfloat16)):
+        y = np.empty_like(x)
+        lib.host_round(which, x.size, fptr(x), fptr(y))
+        want = torch.from_numpy(x).to(dt).float().numpy()
+        np.testing.assert_array_equal(y, want, err_msg=str(dt))
+    y = np.empty(1, np.float32)
+    for which in (0, 1, 2):
+        lib.host_round(which, 1, fptr(_f32([np.nan])), fptr(y))
+        assert np.isnan(y[0])
+
+
+class _HostLaunch:
+    """Stands in for kcuda.launch of the loop kernels: the same arguments, converted as CuPy
+    converts them (tensors to pointers, NumPy scalars to their C types), go to the host stand-ins."""
+
+    def __init__(self, lib):
+        self.lib = lib
+        self.launches = []
+
+    def launch(self, mod, kernel, grid, block, args, shared_mem=0, device=0):
+        mode, dot = mod
+        conv = []
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                conv.append(ctypes.c_void_p(a.data_ptr()))
+            elif isinstance(a, np.int64):
+                conv.append(ctypes.c_longlong(int(a)))
+            else:
+                assert isinstance(a, np.int32), type(a)
+                conv.append(ctypes.c_int(int(a)))
+        self.launches.append(kernel)
+        getattr(self.lib, f"host_{kernel}")(ctypes.c_int(ref.MODES.index(mode)), ctypes.c_int(dot), *conv)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cupy_driver_with_host_loop_matches_reference(mode, dtype, rng, monkeypatch):
+    """The cupy backend's driver (_gpu_forward / _gpu_backward with _CupyImpl: the input
+    projection and weight gradients as torch matmuls, the loop launches with the arguments it
+    builds) on CPU tensors, every loop launch run by the host stand-ins: two bidirectional layers,
+    lengths, initial states, dropout masks, against the float64 reference (float16: the state
+    rounded before the dot as the GPU kernel does)."""
+    host = _HostLaunch(_lib())
+    monkeypatch.delenv(ops.CUPY_RNN_ENV, raising=False)
+    monkeypatch.setattr(ops._CupyImpl, "_loop_kernel",
+                        staticmethod(lambda mode, dot, device, kernel, B, H: (host, (mode, dot), 1)))
+    T, B, I, H, L = 4, 5, 3, 11, 2
+    lengths = torch.tensor([4, 1, 3, 4, 2])
+    args, _ = ops._make_seq(mode, T=T, B=B, I=I, H=H, L=L, bi=True, lengths=(4, 1, 3, 4, 2))(rng)
+    x, hx, params = args[0], args[1], args[2]
+    hs = list(hx) if mode == "lstm" else [hx, None]
+    masks = torch.from_numpy((rng.uniform(size=(L - 1, T, B, 2 * H)) > 0.3) / 0.7)
+    ws = ops._split([p.detach().numpy() for p in params], L, 2, True)
+    out_r, hn_r, cn_r, res = ref.rnn_forward(mode, x.detach().numpy(), hs[0].detach().numpy(),
+                                             None if hs[1] is None else hs[1].detach().numpy(), ws, L, True,
+                                             lengths.numpy(), masks.numpy())
+    gout, ghn = rng.standard_normal(out_r.shape), rng.standard_normal(hn_r.shape)
+    gcn = rng.standard_normal(cn_r.shape) if mode == "lstm" else None
+    want_b = ref.rnn_backward(mode, gout, ghn, gcn, x.detach().numpy(), ws, res, L, True, lengths.numpy(),
+                              masks.numpy())
+    c = lambda a: None if a is None else (torch.from_numpy(a) if isinstance(a, np.ndarray) else a).detach().to(dtype)
+    weights = [c(p) for p in params]
+    out, hn, cn, reserve = ops._gpu_forward(ops._CupyImpl, mode, c(x), c(hs[0]), c(hs[1]), weights, L, True, True,
+                                            lengths, c(masks))
+    assert host.launches == ["rnn_seq_fwd"] * 4
+    k = I + 2 * H
+    assert_close(out, torch.from_numpy(out_r), dtype, k=k, what="out")
+    assert_close(hn, torch.from_numpy(hn_r), dtype, k=k, what="h_n")
+    if mode == "lstm":
+        assert_close(cn, torch.from_numpy(cn_r), dtype, k=k, what="c_n")
+    dx, dhx, dcx, dws = ops._gpu_backward(ops._CupyImpl, mode, c(gout), c(ghn), c(gcn), c(x), weights, reserve, L,
+                                          True, True, lengths, c(masks))
+    assert host.launches[4:] == ["rnn_seq_bwd"] * 4
+    want_dx, want_dhx, want_dcx, want_dws = want_b
+    flat = [g for kk in range(2 * L) for g in want_dws[kk] if g is not None]
+    got = [("dx", dx, want_dx), ("dhx", dhx, want_dhx)] + [(f"dw{i}", a, b) for i, (a, b) in enumerate(zip(dws, flat))]
+    if mode == "lstm":
+        got.append(("dcx", dcx, want_dcx))
+    for name, a, b in got:
+        assert_close(a, torch.from_numpy(b), dtype, k=T * B * 4 * H, what=f"{mode} {name}")
+
+
+@pytest.mark.parametrize("B,H,P,env,want", [
+    (64, 512, 0, None, True),
+    (1, 1, 0, "", True),
+    (4, 13, 0, "loop", True),
+    (4, 13, 0, "step", False),   # the old path on request
+    (4, 13, 3, None, False),     # projections run per step
+    (0, 13, 0, None, False),
+])
+def test_cupy_loop_choice(B, H, P, env, want):
+    assert ops.cupy_loop_choice(B, H, P, env) is want
+
+
+def test_cupy_loop_choice_rejects_bad_env():
+    with pytest.raises(ValueError, match=ops.CUPY_RNN_ENV):
+        ops.cupy_loop_choice(4, 13, 0, "1")
+
+
+@pytest.mark.parametrize("B,H,sm,per_sm,cap,want", [
+    (64, 512, 132, 2, None, 128),  # 16 unit tiles x 8 row tiles
+    (4, 512, 132, 2, None, 16),
+    (256, 1024, 132, 2, None, 264),  # more tasks than resident blocks: blocks loop over tasks
+    (9, 33, 132, 2, None, 4),
+    (64, 512, 132, 2, 3, 3),
+    (64, 512, 132, 0, None, 0),  # nothing resident: per step
+])
+def test_cupy_loop_grid(B, H, sm, per_sm, cap, want):
+    assert ops.cupy_loop_grid(B, H, sm, per_sm, cap) == want
+
+
+def test_rnn_cu_compiles_in_every_loader_configuration():
+    """NVRTC for sm_90, every (GN_MODE, GN_ROUND) the loader builds, the loop kernels without
+    register spills (ptxas's report)."""
+    from cupy_backends.cuda.libs import nvrtc
+
+    from gpu_nn.kernels import cuda as kcuda
+
+    for mode, rnd in itertools.product(range(4), range(3)):
+        opts = ["-arch=sm_90", "-std=c++17", f"-I{kcuda.include_dir()}", f"-DGN_MODE={mode}", f"-DGN_ROUND={rnd}",
+                "-ftz=true", "--ptxas-options=-v"]
+        prog = nvrtc.createProgram(kcuda.source("rnn"), "rnn.cu", [], [])
+        try:
+            try:
+                nvrtc.compileProgram(prog, opts)
+            except nvrtc.NVRTCError:
+                pytest.fail(nvrtc.getProgramLog(prog))
+            log = nvrtc.getProgramLog(prog)
+        finally:
+            nvrtc.destroyProgram(prog)
+        entries = {}
+        cur = None
+        for line in log.splitlines():
+            if "Compiling entry function" in line:
+                cur = line.split("'")[1]
+            elif cur and "spill stores" in line:
+                entries[cur] = line
+        assert {"rnn_seq_fwd", "rnn_seq_bwd", "rnn_cell_fwd", "rnn_cell_bwd"} <= set(entries), log
+        for name, line in entries.items():
+            assert " 0 bytes spill stores, 0 bytes spill loads" in line, f"GN_MODE={mode} GN_ROUND={rnd} {name}: {line}"
+
+
+# ----------------------------------------------------------------------------------------------
+# on a GPU: the whole path
+
+CUPY = [p for p in backend_params(("cupy",))]
+GPU_ONLY = pytest.mark.skipif(not CUDA, reason="the device loop needs a CUDA GPU (its unit work is host-tested above)")
+
+LOOP_GRID = [
+    # T, B, I, H, L, bi, lengths, masks
+    (7, 11, 6, 37, 2, True, (7, 2, 5, 1, 3, 7, 6, 4, 7, 2, 5), True),
+    (5, 3, 4, 5, 1, False, None, False),
+    (9, 20, 17, 70, 1, True, None, False),
+]
+
+
+@GPU_ONLY
+@pytest.mark.parametrize("backend,device", CUPY)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("blocks", [None, 1, 3])
+def test_device_loop_matches_reference(backend, device, mode, blocks, rng, monkeypatch):
+    """The default cupy path (the device loop) against the float64 reference, every GPU dtype;
+    ``blocks`` caps the grid so that blocks loop over several tasks between barriers."""
+    from test_rnn import _seq_against_reference
+
+    monkeypatch.delenv(ops.CUPY_RNN_ENV, raising=False)
+    monkeypatch.setattr(ops._CupyImpl, "max_loop_blocks", blocks)
+    calls = []
+    for name in ("persist_forward", "loop_backward"):
+        orig = getattr(ops._CupyImpl, name)
+        monkeypatch.setattr(ops._CupyImpl, name,
+                            staticmethod(lambda *a, _o=orig, _n=name, **k: (calls.append(_n), _o(*a, **k))[1]))
+    for cfg in LOOP_GRID:
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            _seq_against_reference(backend, device, mode, dtype, rng, *cfg, batch_first=cfg[0] == 5)
+    assert "persist_forward" in calls and "loop_backward" in calls  # the loop ran, not the per-step path
+
+
+@GPU_ONLY
+@pytest.mark.parametrize("backend,device", CUPY)
+@pytest.mark.parametrize("mode", MODES)
+def test_device_loop_matches_per_step_path(backend, device, mode, rng, monkeypatch):
+    """Same inputs through GPU_NN_CUPY_RNN=step and the device loop: outputs and every gradient
+    agree to float32 rounding (the dots sum in another order)."""
+    import gpu_nn
+
+    T, B, I, H = 13, 9, 10, 45
+    args, kw = ops._make_seq(mode, T=T, B=B, I=I, H=H, L=2, bi=True, lengths=(13, 4, 9, 1, 13, 7, 2, 11, 6))(rng)
+    flat = [args[0], *(args[1] if mode == "lstm" else (args[1],)), *args[2]]
+    res = {}
+    for env in ("step", "loop"):
+        monkeypatch.setenv(ops.CUPY_RNN_ENV, env)
+        leaves = [t.detach().to("cuda", torch.float32).requires_grad_() for t in flat]
+        n_h = 2 if mode == "lstm" else 1
+        h = tuple(leaves[1:1 + n_h]) if mode == "lstm" else leaves[1]
+        with gpu_nn.backend("cupy"):
+            out = ops.SEQ_FUNCS[mode](leaves[0], h, leaves[1 + n_h:], True, 2, 0.0, True, True, False,
+                                      lengths=kw.get("lengths"))
+            gs = [torch.from_numpy(np.random.default_rng(7).standard_normal(o.shape)).float().cuda() for o in out]
+            grads = torch.autograd.grad(out, leaves, gs)
+        res[env] = [t.detach().double().cpu() for t in (*out, *grads)]
+    for a, b in zip(res["loop"], res["step"]):
+        assert_close(a, b, torch.float32, k=T * B * 4 * H)
+
+
+@GPU_ONLY
+@pytest.mark.parametrize("backend,device", CUPY)
+def test_device_loop_launch_is_cooperative(backend, device):
+    """The loop kernels go through the cooperative API: a grid one block past what can be resident
+    is refused by the driver (T = 1, so no barrier is ever waited on even if it were not)."""
+    import cupy
+
+    from gpu_nn.kernels import cuda as kcuda
+
+    dev = torch.cuda.current_device()
+    mod = kcuda.load("rnn", {"GN_MODE": 0, "GN_ROUND": 0}, dev, cooperative=True)
+    per_sm, sms = ops._CupyImpl._residency(mod, "rnn_seq_fwd", dev)
+    assert per_sm >= 1
+    B, H = 8, 32 * (per_sm * sms + 1)
+    f = torch.float32
+    xg = torch.randn(1, B, H, device="cuda")
+    hs = torch.randn(2, B, H, device="cuda")
+    wt = torch.randn(H, H, device="cuda")
+    out = torch.empty(1, B, H, device="cuda", dtype=f)
+    lens = torch.ones(B, dtype=torch.int64, device="cuda")
+    count = torch.zeros(1, dtype=torch.int32, device="cuda")
+    args = (xg, np.int64(B * H), np.int64(H), hs, hs, wt, wt, np.int32(0), out, np.int64(B * H), np.int64(H), out,
+            np.int64(0), np.int64(0), np.int32(0), lens, np.int32(0), np.int32(1), np.int32(B), np.int32(H), count)
+    kcuda.launch(mod, "rnn_seq_fwd", (per_sm * sms,), (ops.SEQ_THREADS,), args, device=dev)
+    torch.cuda.synchronize()
+    with pytest.raises(cupy.cuda.driver.CUDADriverError):
+        kcuda.launch(mod, "rnn_seq_fwd", (per_sm * sms + 1,), (ops.SEQ_THREADS,), args, device=dev)
+        torch.cuda.synchronize()
