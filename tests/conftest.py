@@ -19,6 +19,27 @@ import pytest  # noqa: E402
 import gpu_nn  # noqa: E402,F401  (imports kernels after the variables above are set)
 
 
+@pytest.fixture(autouse=True)
+def _exact_float32():
+    """Every test starts with TF32 off for both of torch's switches (torch's defaults are matmul
+    off, cuDNN on), so float32 checks on a GPU hold our float32 tolerances; the tests of the TF32
+    path switch it on themselves and derive their bound from TF32's precision. The flags are put
+    back afterwards."""
+    flags = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_tuning_cache(tmp_path_factory):
+    """Measured configurations (gpu_nn._tuning, GPU only) go to a file of this session, not the
+    user's ~/.cache."""
+    if "GPU_NN_TUNE_CACHE" not in os.environ:
+        os.environ["GPU_NN_TUNE_CACHE"] = str(tmp_path_factory.mktemp("tuning") / "tuning.json")
+    yield
+
+
 @pytest.fixture
 def rng(request):
     """A fresh NumPy generator per test, seeded from the test's id so failures reproduce."""
