@@ -183,8 +183,10 @@ def environment() -> dict:
 
 
 def run_cases(cases: list[Case], providers=None, warmup: int = 2, reps: int = 7, progress: bool = True,
-              max_time: float | None = None) -> list[dict]:
-    """Run every case in order (with a tqdm progress bar unless ``progress`` is False)."""
+              max_time: float | None = None, on_row=None) -> list[dict]:
+    """Run every case in order (with a tqdm progress bar unless ``progress`` is False);
+    ``on_row(rows)`` after each case (``gpu-nn bench`` writes its JSON so far, so that a run
+    cut short by a time limit keeps what it measured)."""
     rows = []
     bar = None
     if progress:
@@ -196,6 +198,8 @@ def run_cases(cases: list[Case], providers=None, warmup: int = 2, reps: int = 7,
             if bar is not None:
                 bar.set_postfix_str(f"{c.family}: {c.name} {c.shape}"[:60])
             rows.append(run_case(c, providers, warmup, reps, max_time=max_time))
+            if on_row is not None:
+                on_row(rows)
             if bar is not None:
                 bar.update(1)
     finally:

@@ -112,6 +112,9 @@ def summarize_run(run_dir: str) -> dict:
         "check": None,
         "tests": {"summary": pytest_summary(test_log), "failures": failures(test_log)},
         "bench_cases": len(bench.get("results", [])),
+        # a bench step cut by its time limit leaves the cases it finished (bench.json "partial")
+        "bench_partial": bool(bench.get("partial", False)),
+        "bench_cases_planned": bench.get("cases_planned"),
         "tuning": tuning_summary(os.path.join(run_dir, "tuning.jsonl")),
     }
     if isinstance(check, list):

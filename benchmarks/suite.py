@@ -123,9 +123,17 @@ def run(args) -> int:
     saved = harness.time
     if clock == "thread":
         harness.time = _ThreadClock()
+    os.makedirs(args.out, exist_ok=True)
+    json_path = os.path.join(args.out, "bench.json")
+    timing = {"warmup": warmup, "reps": reps, "max_seconds_per_provider": max_time, "statistic": "median"}
+
+    def partial(rows_so_far):  # a run killed by a time limit (gpu_run.sh) keeps every finished case
+        harness.write_json(rows_so_far, json_path, families=status, quick=bool(args.quick), run_device=device,
+                           timing=timing, clock=clock, partial=True, cases_planned=len(cases))
+
     try:
         rows = harness.run_cases(cases, providers, warmup=warmup, reps=reps, max_time=max_time,
-                                 progress=not args.no_progress)
+                                 progress=not args.no_progress, on_row=partial)
     finally:
         harness.time = saved
     env = harness.environment()
@@ -140,13 +148,10 @@ def run(args) -> int:
 
         extra["overhead_summary"] = bench_overhead.summary([r for r in rows if r["family"] == "overhead"])
         bench_overhead.print_summary(extra["overhead_summary"], console)
-    os.makedirs(args.out, exist_ok=True)
-    json_path = os.path.join(args.out, "bench.json")
     png_path = os.path.join(args.out, "bench.png")
     harness.write_json(rows, json_path, families=status, quick=bool(args.quick), run_device=device,
-                       timing={"warmup": warmup, "reps": reps, "max_seconds_per_provider": max_time,
-                               "statistic": "median"},
-                       wall_seconds=round(time.perf_counter() - t0, 1), clock=clock, **extra)
+                       timing=timing, wall_seconds=round(time.perf_counter() - t0, 1), clock=clock,
+                       partial=False, cases_planned=len(cases), **extra)
     not_run = [f"{f} ({status[f].split(':')[0]})" for f in fams if not status[f].startswith("ok")]
     plot(rows, png_path, title, note=("not benchmarked: " + ", ".join(not_run)) if not_run else "")
     first = [(v, r, n) for r in rows for n, v in r.get("first_call", {}).items() if n != r["baseline"]]

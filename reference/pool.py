@@ -281,7 +281,9 @@ def _avg2d(x, k, s, p, ceil_mode, count_include_pad, divisor_override):
     d = (1, 1)
     oh, ow = out_size(H, k[0], s[0], p[0], 1, ceil_mode), out_size(W, k[1], s[1], p[1], 1, ceil_mode)
     plan = _avg_small(H, W, oh, ow, k, s, p, ceil_mode, count_include_pad, divisor_override, x.dtype) if x.size else None
-    if plan is not None:
+    # the product also multiplies the taps outside each window by 0: a NaN or inf anywhere in the
+    # plane would reach every window (0 * inf = NaN), so non-finite inputs take the tap loop
+    if plan is not None and np.isfinite(x).all():
         _, _, A, div, empty = plan
         res = np.empty(x.shape[:-2] + (oh, ow), x.dtype)  # owns its memory: no copy in the torch layer
         out = res.reshape(-1, oh * ow)
@@ -311,7 +313,7 @@ def _avg_backward2d(grad_output, input_shape, k, s, p, ceil_mode, count_include_
     dtype = g.dtype if g.dtype in (np.float32, np.float64) else np.float32
     d = (1, 1)
     plan = _avg_small(H, W, oh, ow, k, s, p, ceil_mode, count_include_pad, divisor_override, dtype) if g.size else None
-    if plan is not None and plan[:2] == (oh, ow):
+    if plan is not None and plan[:2] == (oh, ow) and np.isfinite(g).all():  # non-finite: as in the forward
         _, _, A, div, empty = plan
         gs = g.reshape(-1, oh * ow).astype(dtype, copy=False) / div
         if empty is not None:

@@ -115,6 +115,34 @@ def test_bench_command_writes_json_and_png(tmp_path, monkeypatch, capsys):
     assert "sigmoid fwd+bwd" in text and "3x5x17 float32" in text
 
 
+def test_bench_cut_short_keeps_the_cases_it_finished(tmp_path, monkeypatch):
+    """gpu_run.sh kills the bench step at its time limit: bench.json must already hold every case
+    finished before that, marked partial; a complete run says partial false."""
+    from gpu_nn.benchmarks import bench_activation
+
+    monkeypatch.setattr(bench_activation, "CPU_SHAPES", [(3, 5, 17)])
+    out = tmp_path / "out"
+    real = harness.run_case
+    done = []
+
+    def dies_on_the_fourth(c, *a, **k):
+        if len(done) == 3:
+            raise KeyboardInterrupt  # what a SIGTERM/SIGINT from the time limit amounts to
+        done.append(c)
+        return real(c, *a, **k)
+
+    monkeypatch.setattr(harness, "run_case", dies_on_the_fourth)
+    with pytest.raises(KeyboardInterrupt):
+        main(["bench", "--family", "activation", "--quick", "--out", str(out), "--no-progress", "--device", "cpu"])
+    data = json.loads((out / "bench.json").read_text())
+    assert data["partial"] is True and data["cases_planned"] == 6
+    assert [r["name"] for r in data["results"]] == [c.name for c in done]
+    monkeypatch.setattr(harness, "run_case", real)
+    assert main(["bench", "--family", "activation", "--quick", "--out", str(out), "--no-progress", "--device", "cpu"]) == 0
+    data = json.loads((out / "bench.json").read_text())
+    assert data["partial"] is False and len(data["results"]) == 6
+
+
 def test_bench_all_lists_every_family(tmp_path, monkeypatch, capsys):
     """Families not yet written show in the output as missing; the run still succeeds."""
     monkeypatch.setattr(suite, "collect", lambda fams, device, quick: ([], {f: "missing: test" for f in fams}))
@@ -149,7 +177,7 @@ def test_gpu_run_script_steps_summary_and_archive(tmp_path):
     fake.chmod(0o755)
     out = tmp_path / "out"
     r = subprocess.run(["bash", str(root / "benchmarks" / "gpu_run.sh"), str(out)], cwd=root,
-                       env={**os.environ, "PYTHON": str(fake)}, capture_output=True, text=True, timeout=60)
+                       env={**{k: v for k, v in os.environ.items() if not k.startswith("GPU_NN_TUNE")}, "PYTHON": str(fake)}, capture_output=True, text=True, timeout=60)
     assert r.returncode == 1, r.stdout + r.stderr  # the tests failed
     summary = (out / "summary.txt").read_text()
     steps = [line.split(":")[0] for line in summary.splitlines() if not line.startswith(" ")]

@@ -671,7 +671,8 @@ def test_reference_small_gather_path_equals_tap_loop(monkeypatch, rng):
     x[0, 1, :4, :5] = -np.inf  # windows of -inf only: their first in-input position (loop path)
     xs = [x, x[0, 0, :7, :5].copy(), rng.standard_normal((1, 2, 9, 7)).astype(np.float32)]
     got = {}
-    for small in (R.SMALL, 0):
+    fast_limit = R.SMALL
+    for small in (fast_limit, 0):
         monkeypatch.setattr(R, "SMALL", small)
         runs = []
         for a in xs:
@@ -687,9 +688,19 @@ def test_reference_small_gather_path_equals_tap_loop(monkeypatch, rng):
                     continue
                 y = R._avg2d(np.where(np.isinf(a), 0.5, a), k, s, p, ceil, cip, dov)
                 runs.append((y, R._avg_backward2d(np.sin(y), a.shape, k, s, p, ceil, cip, dov)))
+                # a NaN and infs (the -inf block, a +inf): only the windows that hold them turn
+                # non-finite (the window product must not spread them through 0 * inf), and a
+                # non-finite output gradient reaches only its own window's inputs
+                an = a.copy()
+                an.flat[3] = np.nan
+                an.flat[-2] = np.inf
+                y = R._avg2d(an, k, s, p, ceil, cip, dov)
+                gy = np.ones_like(y)
+                gy.flat[0] = np.inf
+                runs.append((y, R._avg_backward2d(gy, a.shape, k, s, p, ceil, cip, dov)))
         got[small] = runs
-    assert len(got[0]) == len(got[R.SMALL]) > 60
-    for fast, loop in zip(got[R.SMALL], got[0]):
+    assert len(got[0]) == len(got[fast_limit]) > 60
+    for fast, loop in zip(got[fast_limit], got[0]):
         for f, l in zip(fast, loop):
             assert f.dtype == l.dtype and f.shape == l.shape and f.flags.c_contiguous  # ops return contiguous outputs
             if f.dtype == np.int64:
