@@ -79,15 +79,21 @@ def _parse(op: str, kernel_size, stride, padding, dilation=1):
     Plain ints (not bool, not int-like objects) are served from a cache."""
     if (type(kernel_size) is int and type(padding) is int and type(dilation) is int and (stride is None or type(stride) is int)
             and not torch.compiler.is_compiling()):
-        key = (op, kernel_size, stride, padding, dilation)
-        got = _PARSED.get(key)
-        if got is None:
-            got = _parse_args(op, kernel_size, stride, padding, dilation)
-            if len(_PARSED) >= _MEMO_MAX:
-                _PARSED.clear()
-            _PARSED[key] = got
-        return got
+        return _memo((op, kernel_size, stride, padding, dilation), _parse_args, op, kernel_size, stride, padding,
+                     dilation)
     return _parse_args(op, kernel_size, stride, padding, dilation)
+
+
+def _memo(key, fn, *args):
+    """``fn(*args)``, remembered under ``key`` in _PARSED (bounded: cleared when full). Only
+    results are kept: a call that raises is never remembered, so bad arguments raise every time."""
+    got = _PARSED.get(key)
+    if got is None:
+        got = fn(*args)
+        if len(_PARSED) >= _MEMO_MAX:
+            _PARSED.clear()
+        _PARSED[key] = got
+    return got
 
 
 def _parse_args(op: str, kernel_size, stride, padding, dilation=1):
@@ -109,14 +115,7 @@ def _pair2d(op: str, k, s, p, d):
     """:func:`_pair2d_args`, served from a cache for argument tuples seen before (outside tracing)."""
     if torch.compiler.is_compiling():
         return _pair2d_args(op, k, s, p, d)
-    key = ("pair2d", op, k, s, p, d)
-    got = _PARSED.get(key)
-    if got is None:
-        got = _pair2d_args(op, k, s, p, d)
-        if len(_PARSED) >= _MEMO_MAX:
-            _PARSED.clear()
-        _PARSED[key] = got
-    return got
+    return _memo(("pair2d", op, k, s, p, d), _pair2d_args, op, k, s, p, d)
 
 
 def _pair2d_args(op: str, k, s, p, d):

@@ -34,6 +34,33 @@ def _apply_act(x, ACT: tl.constexpr):
 
 
 @triton.jit
+def _epilogue_act(acc, ACT):
+    """The activation chosen by the runtime flag ACT (0 = none): a uniform branch, so one
+    compiled kernel serves every activation (the conv and matmul epilogues)."""
+    if ACT == 1:
+        acc = _apply_act(acc, 1)
+    elif ACT == 2:
+        acc = _apply_act(acc, 2)
+    elif ACT == 3:
+        acc = _apply_act(acc, 3)
+    return acc
+
+
+@triton.jit
+def _grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of program ``pid`` of a GEMM over [BLOCK_M, BLOCK_N] tiles, ordered in groups
+    of GROUP_M row tiles so that neighbouring programs share B tiles in L2."""
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+    return pid_m, pid_n
+
+
+@triton.jit
 def _act_grad(g, y, ACT: tl.constexpr):
     """Gradient through the activation given its float32 output tile ``y``."""
     if ACT == 1:

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from ._aot import AotSpec
-from .activation import ACT_CODES, _apply_act
+from .activation import ACT_CODES, _epilogue_act
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): the sm_90 configurations the heuristics
 # may pick, per operand width; every tl.dot tile is >= 16 on each side. float32 operands take
@@ -132,19 +132,6 @@ def _tap_target(h, w, i, j, Ho, Wo, SH, SW, PH, PW, DH, DW):
     ow = twc // SW
     ok = (th >= 0) & (tw >= 0) & (thc % SH == 0) & (twc % SW == 0) & (oh < Ho) & (ow < Wo)
     return oh, ow, ok
-
-
-@triton.jit
-def _epilogue_act(acc, ACT):
-    """The activation chosen by the runtime flag ACT (0 = none): a uniform branch, so one
-    compiled kernel serves every activation."""
-    if ACT == 1:
-        acc = _apply_act(acc, 1)
-    elif ACT == 2:
-        acc = _apply_act(acc, 2)
-    elif ACT == 3:
-        acc = _apply_act(acc, 3)
-    return acc
 
 
 @triton.jit
@@ -656,6 +643,20 @@ _INTS_DW_WGRAD = ("N", "H", "W", "O", "Ho", "Wo", "KW", "TAPS", "MULT", "CHUNK",
                   "SH", "SW", "PH", "PW", "DH", "DW")
 
 
+def _fwd_spec(dt: str, prec: str, cname: str, cfg: tuple, nhwc: bool = False) -> AotSpec:
+    """The forward kernel's spec for one configuration; ``nhwc``: in the channels_last
+    specialisation NHWC_CONFIGS launch with (unit strides as constexprs, 16-divisible ints)."""
+    bm, bn, bk, warps, stages = cfg
+    blocks = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
+    unit = {k: 1 for k in NHWC_UNIT} if nhwc else {}
+    sig = {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": f"*{dt}", "y_ptr": f"*{dt}"}
+    sig.update({k: "i32" for k in _INTS_FWD})
+    sig.update({"HAS_BIAS": "i32", "ACT": "i32"})
+    sig.update({k: "constexpr" for k in ("PREC", *blocks, *unit)})
+    return AotSpec(_conv_fwd_kernel, sig, {"PREC": prec, **blocks, **unit}, num_warps=warps, num_stages=stages,
+                   label=f"fwd {cname} {dt} {prec}", **({"divisible_by_16": NHWC_DIV16} if nhwc else {}))
+
+
 def aot_specs():
     """Every configuration the launchers can launch on a GPU: each GPU config x dtype x
     (float32) precision (wgrad: all but "large"), plus the forward's measured-choice candidates
@@ -666,12 +667,7 @@ def aot_specs():
     for dt, prec in variants:
         for cname, (bm, bn, bk, warps, stages) in GPU_CONFIGS["fp32" if dt == "fp32" else "half"].items():
             blocks = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
-            sig = {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": f"*{dt}", "y_ptr": f"*{dt}"}
-            sig.update({k: "i32" for k in _INTS_FWD})
-            sig.update({"HAS_BIAS": "i32", "ACT": "i32"})
-            sig.update({k: "constexpr" for k in ("PREC", *blocks)})
-            specs.append(AotSpec(_conv_fwd_kernel, sig, {"PREC": prec, **blocks}, num_warps=warps,
-                                 num_stages=stages, label=f"fwd {cname} {dt} {prec}"))
+            specs.append(_fwd_spec(dt, prec, cname, (bm, bn, bk, warps, stages)))
             sig = {"g_ptr": f"*{dt}", "w_ptr": f"*{dt}", "dx_ptr": f"*{dt}"}
             sig.update({k: "i32" for k in _INTS_DGRAD})
             sig.update({k: "constexpr" for k in ("PREC", *blocks)})
@@ -684,25 +680,12 @@ def aot_specs():
             sig.update({k: "constexpr" for k in ("PREC", *blocks)})
             specs.append(AotSpec(_conv_wgrad_kernel, sig, {"PREC": prec, **blocks}, num_warps=warps,
                                  num_stages=stages, label=f"wgrad {cname} {dt} {prec}"))
-        for cname, (bm, bn, bk, warps, stages) in TUNE_CONFIGS["fp32" if dt == "fp32" else "half"].items():
-            blocks = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
-            sig = {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": f"*{dt}", "y_ptr": f"*{dt}"}
-            sig.update({k: "i32" for k in _INTS_FWD})
-            sig.update({"HAS_BIAS": "i32", "ACT": "i32"})
-            sig.update({k: "constexpr" for k in ("PREC", *blocks)})
-            specs.append(AotSpec(_conv_fwd_kernel, sig, {"PREC": prec, **blocks}, num_warps=warps,
-                                 num_stages=stages, label=f"fwd {cname} {dt} {prec}"))
-        for cname, (bm, bn, bk, warps, stages) in NHWC_CONFIGS["fp32" if dt == "fp32" else "half"].items():
+        for cname, cfg in TUNE_CONFIGS["fp32" if dt == "fp32" else "half"].items():
+            specs.append(_fwd_spec(dt, prec, cname, cfg))
+        for cname, cfg in NHWC_CONFIGS["fp32" if dt == "fp32" else "half"].items():
             if prec == "ieee" and dt == "fp32":
                 continue  # TF32 or half only (see NHWC_CONFIGS)
-            blocks = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
-            sig = {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": f"*{dt}", "y_ptr": f"*{dt}"}
-            sig.update({k: "i32" for k in _INTS_FWD})
-            sig.update({"HAS_BIAS": "i32", "ACT": "i32"})
-            sig.update({k: "constexpr" for k in ("PREC", *blocks, *NHWC_UNIT)})
-            specs.append(AotSpec(_conv_fwd_kernel, sig, {"PREC": prec, **blocks, **{k: 1 for k in NHWC_UNIT}},
-                                 num_warps=warps, num_stages=stages, label=f"fwd {cname} {dt} {prec}",
-                                 divisible_by_16=NHWC_DIV16))
+            specs.append(_fwd_spec(dt, prec, cname, cfg, nhwc=True))
     bp, bc, warps = DW_CONFIG
     blocks = {"BLOCK_P": bp, "BLOCK_C": bc}
     for dt in ("fp32", "fp16", "bf16"):

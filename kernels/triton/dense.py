@@ -16,7 +16,7 @@ from . import INTERPRET as _INTERPRETED
 from . import _tune
 from ._aot import AotSpec
 from ._launch import launch as launch_kernel
-from .activation import ACT_CODES, _apply_act
+from .activation import ACT_CODES, _epilogue_act, _grouped_tile
 from .activation import act_backward as _act_backward
 
 DTYPES = ("fp32", "fp16", "bf16")
@@ -47,14 +47,7 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, M, N, K,
     serves all eight epilogues (the tuning candidates would otherwise multiply by eight in the
     ahead-of-time compile).
     """
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * num_n
-    first_m = (pid // per_group) * GROUP_M
-    group_rows = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_rows
-    pid_n = (pid % per_group) // group_rows
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     # int64 before multiplying by a stride: M * K may exceed 2^31
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -74,12 +67,7 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, M, N, K,
     if has_bias != 0:
         bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         acc = acc + bias[None, :]
-    if act == 1:
-        acc = _apply_act(acc, 1)
-    elif act == 2:
-        acc = _apply_act(acc, 2)
-    elif act == 3:
-        acc = _apply_act(acc, 3)
+    acc = _epilogue_act(acc, act)
     tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn,
              acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
