@@ -1087,3 +1087,24 @@ def test_conv_bias_view_of_any_stride(backend, device, nd, bias_kind, rng):
     with gpu_nn.backend(backend):
         y = fn(x, w, b)
     assert_close(y.cpu().double(), tfn(x.cpu().double(), w.cpu().double(), b.cpu().double()), torch.float32, k=27, what=f"conv bias {bias_kind}")
+
+
+def test_remembered_checks_still_refuse_what_torch_refuses():
+    """conv's argument checks are remembered per (tensor type, shape, dtype, device, arguments)
+    after they pass; whatever differs in one of those facts is checked again and still raises,
+    every time (only passes are remembered)."""
+    GF = F
+    x, w, b = torch.randn(1, 2, 5, 5), torch.randn(3, 2, 3, 3), torch.randn(3)
+    for _ in range(2):
+        GF.conv2d(x, w, b)
+        with pytest.raises(gpu_nn.KernelInputError, match="expected bias to be 1-dimensional with 3 elements"):
+            GF.conv2d(x, w, torch.randn(4))
+        with pytest.raises(gpu_nn.KernelInputError, match="should be the same"):
+            GF.conv2d(x, w, b.double())
+        with pytest.raises(gpu_nn.KernelInputError, match="Kernel size can't be greater than actual input size"):
+            GF.conv2d(torch.randn(1, 2, 2, 2), w, b)
+        with pytest.raises(gpu_nn.KernelInputError, match="expected input.* to have 4 channels"):
+            GF.conv2d(x, torch.randn(4, 2, 3, 3), None, groups=2)
+        with pytest.raises(gpu_nn.KernelInputError, match="non-positive stride"):
+            GF.conv2d(x, w, b, stride=0)
+        GF.conv2d(x, w, b, stride=1)

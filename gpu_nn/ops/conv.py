@@ -170,8 +170,42 @@ def _check_weight_dtype(name: str, input: Tensor, weight: Tensor, unbatched: boo
     check_float(name, "input", input)
 
 
+_CHECKED: set = set()  # argument facts that passed _check_all (bounded: cleared when full)
+_CHECKED_MAX = 4096
+
+
+def _meta(t):
+    return None if t is None else (type(t), t.shape, t.dtype, t.device)
+
+
 def _check(nd: int, input: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, dilation,
            groups: int, activation, unbatched: bool = False) -> None:
+    """:func:`_check_all`, skipped where the same facts passed before: the public function and
+    the custom op (which opcheck and torch.compile call directly) both check, and a training
+    loop repeats the same shapes. The key holds everything ``_check_all`` reads: each tensor's
+    type, shape, dtype and device, and the other arguments; only passes are remembered, so bad
+    input raises every time."""
+    if torch.compiler.is_compiling() or type(input) is not Tensor and not isinstance(input, Tensor):
+        _check_all(nd, input, weight, bias, stride, padding, dilation, groups, activation, unbatched)
+        return
+    try:
+        key = (nd, _meta(input), _meta(weight) if isinstance(weight, Tensor) else weight,
+               _meta(bias) if isinstance(bias, Tensor) else bias, tuple(stride), tuple(padding), tuple(dilation),
+               groups, activation, unbatched)
+        hit = key in _CHECKED
+    except TypeError:  # something unhashable (a symbolic size): check in full
+        _check_all(nd, input, weight, bias, stride, padding, dilation, groups, activation, unbatched)
+        return
+    if hit:
+        return
+    _check_all(nd, input, weight, bias, stride, padding, dilation, groups, activation, unbatched)
+    if len(_CHECKED) >= _CHECKED_MAX:
+        _CHECKED.clear()
+    _CHECKED.add(key)
+
+
+def _check_all(nd: int, input: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, dilation,
+               groups: int, activation, unbatched: bool = False) -> None:
     """Every bad-input kind, with torch's wording, before any computation. ``input`` is batched."""
     name = f"conv{nd}d"
     for arg, t in (("input", input), ("weight", weight)):
