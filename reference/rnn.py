@@ -32,6 +32,8 @@ Python loop, and it runs in preallocated buffers with in-place updates.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 MODES = ("rnn_tanh", "rnn_relu", "lstm", "gru")
@@ -60,7 +62,7 @@ def reserve_layout(mode: str, T: int, B: int, H: int, num_layers: int, num_direc
     def put(key, shape):
         nonlocal off
         out[key] = (off, shape)
-        off += int(np.prod(shape))
+        off += math.prod(shape)  # math.prod: np.prod costs microseconds on a tuple
 
     for l in range(num_layers):
         for d in range(num_directions):
@@ -86,7 +88,7 @@ def _unpack(ws):
 
 
 def _views(reserve, layout):
-    return {k: reserve[o:o + int(np.prod(s))].reshape(s) for k, (o, s) in layout.items()}
+    return {k: reserve[o:o + math.prod(s)].reshape(s) for k, (o, s) in layout.items()}
 
 
 def _sigmoid_(a, tmp=None):
