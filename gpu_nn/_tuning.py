@@ -49,10 +49,17 @@ _memory: dict[tuple, object] = {}
 _disk: dict[str, dict] | None = None
 
 
+def applies(device: torch.device) -> bool:
+    """Whether measured configurations apply to calls on ``device`` at all: a CUDA device and
+    tuning not switched off. (During a CUDA graph capture :func:`choose` still serves a choice
+    already made; it only does not measure.)"""
+    return torch.device(device).type == "cuda" and os.environ.get(ENV, "1") != "0"
+
+
 def enabled(device: torch.device) -> bool:
-    """Whether a call on ``device`` may measure: a CUDA device, tuning not switched off, and no
-    CUDA graph capture in progress on the current stream."""
-    if torch.device(device).type != "cuda" or os.environ.get(ENV, "1") == "0":
+    """Whether a call on ``device`` may measure: :func:`applies`, and no CUDA graph capture in
+    progress on the current stream."""
+    if not applies(device):
         return False
     return not torch.cuda.is_current_stream_capturing()
 
@@ -178,7 +185,7 @@ def choose(op: str, key: tuple, candidates: Sequence[tuple], run: Callable[[tupl
     """
     if len(candidates) <= 1:
         return default
-    if not force and (torch.device(device).type != "cuda" or os.environ.get(ENV, "1") == "0"):
+    if not (force or applies(device)):
         return default
     dev_key = device_key(device) if not force else "test"
     mkey = (dev_key, op, key)

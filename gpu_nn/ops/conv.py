@@ -402,8 +402,9 @@ def _dense_channels_last(t: Tensor) -> bool:
 
 def _chooser(device: torch.device):
     """The measuring configuration chooser handed to the kernel launchers, or None where the
-    heuristic serves (CPU and the interpreter, GPU_NN_TUNE=0, CUDA graph capture)."""
-    if not _tuning.enabled(device):
+    heuristic serves (CPU and the interpreter, GPU_NN_TUNE=0). During a CUDA graph capture the
+    chooser serves a choice already measured and otherwise the heuristic, as for linear."""
+    if not _tuning.applies(device):
         return None
     return functools.partial(_tuning.choose, device=device)
 
