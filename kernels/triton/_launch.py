@@ -248,8 +248,7 @@ def launch(kernel, grid, *args, **kwargs):
     info = _KERNELS.get(id(kernel), False)
     if info is False:
         info = _KERNELS[id(kernel)] = kernel_info(kernel)
-    if (info is None or type(grid) is not tuple or not 0 < len(grid) < 4 or len(args) > info.n_lead
-            or not info.runtime_names.isdisjoint(kwargs) or kernel.pre_run_hooks):
+    if not call_shape_ok(info, grid, args, kwargs) or kernel.pre_run_hooks:
         return kernel[grid](*args, **kwargs)
     if _get_device is None:
         _bind_driver()
@@ -260,7 +259,7 @@ def launch(kernel, grid, *args, **kwargs):
     if backend is None:
         backend = info.backends[device] = kernel.device_caches[device][3]
     try:
-        key = info.key_fn(len(args))(_specialize, backend, device, args, kwargs)
+        key = plan_key(info, device, backend, args, kwargs, _specialize)
         plan = info.plans.get(key, False)
     except TypeError:  # an unhashable keyword value: no plan for this call
         return kernel[grid](*args, **kwargs)
