@@ -250,13 +250,10 @@ def _avg_plan(H: int, W: int, k: tuple, s: tuple, p: tuple, ceil_mode: bool, cou
     ``[oh * ow, H * W]`` (window o covers position q), the per-window divisor and the mask of
     windows without input (None if none). Average pooling is then ``x @ A.T / div`` and its
     backward ``(g / div) @ A``. Read-only arrays, shared by every call."""
-    oh, ow, pos, _, _ = _window_plan(H, W, k, s, p, (1, 1), ceil_mode)
-    rows = (np.arange(oh) * s[0] - p[0])[:, None] + np.arange(k[0])
-    cols = (np.arange(ow) * s[1] - p[1])[:, None] + np.arange(k[1])
-    inside = ((rows >= 0) & (rows < H))[:, None, :, None] & ((cols >= 0) & (cols < W))[None, :, None, :]
+    oh, ow, _, gather, _ = _window_plan(H, W, k, s, p, (1, 1), ceil_mode)
     A = np.zeros((oh * ow, H * W), dtype)
-    o, t = np.nonzero(inside.reshape(pos.shape))
-    A[o, pos[o, t]] = 1  # the taps of one window are distinct positions (stride, kernel > 0)
+    o, t = np.nonzero(gather < H * W)  # the taps inside the input (padding taps hold the sentinel H * W)
+    A[o, gather[o, t]] = 1  # the taps of one window are distinct positions (stride, kernel > 0)
     div, empty = _avg_divisor(H, W, oh, ow, k, s, p, count_include_pad, divisor_override)
     div = div.reshape(-1).astype(dtype)
     empty = empty.reshape(-1)
