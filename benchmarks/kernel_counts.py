@@ -1,0 +1,117 @@
+"""Kernels per op, ours against torch (issue 14.2): what one forward+backward launches on the GPU.
+
+For every public op of the overhead family (its tiny, odd-sized inputs, every input requiring
+grad), one warm forward+backward runs under ``torch.profiler`` with CUDA activity, on each GPU
+backend of ours and on torch; the GPU-side events (kernels, memsets, memcpys) are counted by name.
+A warm-up call first, so that lazy set-up and compilation are not counted.
+
+    python -m gpu_nn.benchmarks.kernel_counts --out counts.json   (prints a markdown table)
+
+On a machine without a GPU there is nothing to count: it says so and exits 0 (the launch counts
+are pinned on the CPU through the Triton interpreter in tests/test_hotpath.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+
+import torch
+
+import gpu_nn
+from gpu_nn.benchmarks import bench_overhead
+
+
+def _first_tensor(y):
+    if isinstance(y, torch.Tensor):
+        return y
+    for v in y:
+        t = _first_tensor(v)
+        if t is not None:
+            return t
+    return None
+
+
+def _leaves(args):
+    out = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            if a.requires_grad:
+                out.append(a)
+        elif isinstance(a, (tuple, list)):
+            out.extend(_leaves(a))
+    return out
+
+
+def _fwd_bwd(fn, args):
+    y = _first_tensor(fn(*args))
+    g = torch.ones_like(y)
+    torch.cuda.synchronize()
+    return y, g
+
+
+def count(fn, args):
+    """{gpu event name: count} for one fwd+bwd of fn(*args) (after one warm-up call)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    y, g = _fwd_bwd(fn, args)
+    torch.autograd.grad(y, _leaves(args), g, allow_unused=True)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        y = _first_tensor(fn(*args))
+        torch.autograd.grad(y, _leaves(args), g, allow_unused=True)
+        torch.cuda.synchronize()
+    got = collections.Counter()
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            got[e.name] += 1
+    return dict(got)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", help="JSON file for the counts")
+    ap.add_argument("--op", action="append", help="only this op (repeatable)")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("kernel_counts: no GPU here, nothing to count")
+        return 0
+    from gpu_nn import _backend
+
+    ops = bench_overhead._functional_ops("cuda")
+    rows = []
+    for name, (make, ours, theirs) in ops.items():
+        if args.op and name not in args.op:
+            continue
+        row = {"op": name}
+        try:
+            row["torch"] = count(theirs, make(True))
+        except Exception as exc:  # noqa: BLE001 - a row that fails says why and the rest go on
+            row["torch"] = {"error": repr(exc)[:200]}
+        for be in ("triton", "cupy"):
+            if not _backend.status(be)[0]:
+                continue
+            try:
+                with gpu_nn.backend(be):
+                    row[be] = count(ours, make(True))
+            except Exception as exc:  # noqa: BLE001
+                row[be] = {"error": repr(exc)[:200]}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print("\n| op | torch | triton | cupy |\n| --- | --- | --- | --- |")
+    for r in rows:
+        cells = []
+        for k in ("torch", "triton", "cupy"):
+            d = r.get(k, {})
+            cells.append("error" if "error" in d else str(sum(d.values())) if d else "-")
+        print(f"| {r['op']} | " + " | ".join(cells) + " |")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
