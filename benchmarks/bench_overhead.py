@@ -398,8 +398,38 @@ def _floors(make, backward: bool):
     }
 
 
+# --quick on a GPU: one op of each kind (the full family is about 100 cases, each of whose
+# providers compiles its kernels on first use, which a quick GPU run cannot afford)
+QUICK_GPU = ("relu", "sigmoid", "conv2d", "max_pool2d", "avg_pool2d", "linear", "softmax", "cross_entropy",
+             "lstm_cell", "lstm", "gru", "Linear", "Conv2d", "LSTM", "SGD", "Adam", "clip_grad_norm_", "launch")
+
+
+def _implemented(providers: dict, device: str) -> dict:
+    """On a GPU, drop the providers of ours whose backend lacks the op (relu has no CUDA C
+    kernel, say): one call each, and a BackendUnavailableError means the op is not there.
+    Any other error stays for the timed run to report."""
+    if not device.startswith("cuda"):
+        return providers
+    from gpu_nn._errors import BackendUnavailableError
+
+    keep = {}
+    for name, setup in providers.items():
+        if name in ("triton", "cupy"):
+            try:
+                setup()()
+            except BackendUnavailableError:
+                continue
+            except Exception:  # noqa: BLE001 - reported by the timed run
+                pass
+        keep[name] = setup
+    return keep
+
+
 def cases(device: str, quick: bool, only=None) -> list[harness.Case]:
-    """One case per (op | module | optimizer, fwd | fwd+bwd); ``only`` restricts to those names."""
+    """One case per (op | module | optimizer, fwd | fwd+bwd); ``only`` restricts to those names
+    (``--quick`` on a GPU: ``QUICK_GPU``)."""
+    if only is None and quick and device.startswith("cuda"):
+        only = QUICK_GPU
     out = []
     ours = _ours(device)
 
@@ -410,6 +440,7 @@ def cases(device: str, quick: bool, only=None) -> list[harness.Case]:
             providers = {"torch": _loop(torch_fn, make, backward, None, tp)}
             for b in ours:
                 providers[b] = _loop(ours_fn, make, backward, b, op)
+            providers = _implemented(providers, device)
             providers.update(_floors(make, backward))
             out.append(harness.Case(family="overhead", name=f"{name} {'fwd+bwd' if backward else 'fwd'}",
                                     shape=shape, providers=providers, device=device, calls=CALLS, min_reps=REPS))
@@ -435,12 +466,14 @@ def cases(device: str, quick: bool, only=None) -> list[harness.Case]:
         providers = {"torch": _optim_setup(getattr(torch.optim, name), {**kw, "foreach": False}, device, None)}
         for b in _ours(device):
             providers[b] = _optim_setup(getattr(goptim, name), kw, device, b)
+        providers = _implemented(providers, device)
         out.append(harness.Case(family="overhead", name=f"optim.{name} step", shape="3 params, 20 elements",
                                 providers=providers, device=device, calls=CALLS, min_reps=REPS))
     if not only or "clip_grad_norm_" in only:
         providers = {"torch": _clip_setup(torch.nn.utils.clip_grad_norm_, device, None)}
         for b in _ours(device):
             providers[b] = _clip_setup(gnn.utils.clip_grad_norm_, device, b)
+        providers = _implemented(providers, device)
         out.append(harness.Case(family="overhead", name="clip_grad_norm_", shape="3 params, 20 elements",
                                 providers=providers, device=device, calls=CALLS, min_reps=REPS))
     if (not only or "launch" in only) and (case := _launch_case(device)) is not None:

@@ -8,7 +8,9 @@
 #   info      gpu-nn info (versions, device, which backends work)
 #   check     gpu-nn check --no-progress --json (one line per op as it finishes; its workers
 #             compile kernels in parallel, and its last lines say how much time was compilation)
-#   bench     gpu-nn bench --quick (JSON + PNG), with GPU_NN_TUNE_RECORD=OUTDIR/tuning.jsonl: every
+#   bench     gpu-nn bench --quick --warm-jobs N (JSON + PNG): N processes first make every case's
+#             first call in parallel (kernel compilation on N cores; the cold first calls are kept in
+#             bench.json as first_call_cold), then one process times every case; with GPU_NN_TUNE_RECORD=OUTDIR/tuning.jsonl: every
 #             candidate configuration of every tuned launcher (linear's matmul, and any other that
 #             goes through gpu_nn._tuning.choose) is timed at every benchmark shape it meets, one
 #             JSON row each ({device_key, op, key, config, ms, chosen}), so that CPU-only sessions
@@ -86,8 +88,9 @@ tail -n 3 "$OUTDIR/check.log" | sed 's/^/  check: /' | tee -a "$SUMMARY"
 
 # the first call of each tuned shape compiles and times every candidate (first_call in bench.json)
 rm -f "$OUTDIR/tuning.jsonl" "$OUTDIR/tuning-cache.json"
+WARM_JOBS=$(( NCPU > 12 ? 12 : NCPU ))
 step bench 120 env GPU_NN_TUNE=1 GPU_NN_TUNE_RECORD="$OUTDIR/tuning.jsonl" GPU_NN_TUNE_CACHE="$OUTDIR/tuning-cache.json" \
-    "${GN[@]}" bench --quick --out "$OUTDIR/bench" --no-progress
+    "${GN[@]}" bench --quick --warm-jobs "$WARM_JOBS" --out "$OUTDIR/bench" --no-progress
 echo "  bench: $(cat "$OUTDIR/tuning.jsonl" 2>/dev/null | wc -l | tr -d ' ') tuning timings recorded in tuning.jsonl" \
     | tee -a "$SUMMARY"
 

@@ -116,6 +116,7 @@ def run_case(case: Case, providers=None, warmup: int = 2, reps: int = 7, max_tim
         "baseline": case.baseline, "seconds": {}, "stats": {}, "errors": {}, "first_call": {},
         "flops": case.flops, "bytes": case.bytes,
     }
+    t_case = time.perf_counter()
     for name, setup in case.providers.items():
         if providers and name not in providers and name != case.baseline:
             continue
@@ -137,6 +138,7 @@ def run_case(case: Case, providers=None, warmup: int = 2, reps: int = 7, max_tim
             fn = None
             if case.device.startswith("cuda"):
                 torch.cuda.empty_cache()
+    row["wall_s"] = round(time.perf_counter() - t_case, 3)  # the whole case, first calls included
     base = row["seconds"].get(case.baseline)
     row["ratio"] = {  # ours / baseline: below 1 is faster than the baseline
         n: s / base for n, s in row["seconds"].items() if base and n != case.baseline

@@ -31,6 +31,11 @@ def add_arguments(parser) -> None:
                              "thread's CPU seconds, the host cost of a call without the waits a loaded, shared "
                              "machine adds (use with --family overhead; torch runs on one thread there)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--warm-jobs", type=int, default=0, metavar="N",
+                        help="GPU runs: before timing, N processes make each case's first call in parallel, "
+                             "so that kernel compilation (Triton's and CuPy's on-disk caches, shared by every "
+                             "process) runs on N cores instead of one; each case's cold first call is kept as "
+                             "first_call_cold, its warm one as first_call (default 0: no warm phase)")
 
 
 def collect(families, device: str, quick: bool):
@@ -92,6 +97,60 @@ def plot(rows, path: str, title: str, note: str = "") -> None:
     plt.close(fig)
 
 
+def _warm_worker(fams, device, quick, indices, cache_path):
+    """One warm-phase process: the first call of every provider of cases ``indices`` (in the
+    order ``collect`` gives), timed; {index: {provider: seconds}}. Tuned launchers measure their
+    candidates here too (so that every candidate compiles), but into a throw-away cache and with
+    no record: timings taken beside other busy processes are not choices."""
+    os.environ.pop("GPU_NN_TUNE_RECORD", None)
+    os.environ["GPU_NN_TUNE_CACHE"] = cache_path
+    import torch
+
+    cases, _ = collect(fams, device, quick)
+    out = {}
+    for i in indices:
+        got = out.setdefault(i, {})
+        for name, setup in cases[i].providers.items():
+            fn = None
+            try:
+                t0 = time.perf_counter()
+                fn = setup()
+                fn()
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                got[name] = time.perf_counter() - t0
+            except Exception:  # the timed run reports it
+                pass
+            finally:
+                fn = None
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return out
+
+
+def warm(fams, device: str, quick: bool, n_cases: int, jobs: int) -> tuple[dict, float]:
+    """The parallel warm phase: ({case index: {provider: cold first-call seconds}}, wall seconds).
+    Cases are dealt round-robin so that each process gets a mix of families."""
+    import concurrent.futures as cf
+    import multiprocessing as mp
+    import tempfile
+
+    t0 = time.perf_counter()
+    jobs = max(1, min(jobs, n_cases))
+    cold = {}
+    with tempfile.TemporaryDirectory(prefix="gpu_nn_warm_") as tmp:
+        # spawn: a forked child would inherit this process's CUDA context, which CUDA forbids
+        with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as ex:
+            futs = [ex.submit(_warm_worker, tuple(fams), device, quick, list(range(j, n_cases, jobs)),
+                              os.path.join(tmp, f"tuning-{j}.json")) for j in range(jobs)]
+            for f in futs:
+                try:
+                    cold.update(f.result())
+                except Exception:  # a worker that died leaves its cases cold: the timed run compiles them
+                    pass
+    return cold, time.perf_counter() - t0
+
+
 class _ThreadClock:
     """Stands in for the harness's ``time`` module: ``perf_counter`` reads this thread's CPU time."""
 
@@ -118,6 +177,13 @@ def run(args) -> int:
             raise SystemExit("gpu-nn bench: --clock thread is for CPU runs (GPU runs time with CUDA events)")
     t0 = time.perf_counter()
     cases, status = collect(fams, device, args.quick)
+    cold, warm_s = {}, None
+    jobs = getattr(args, "warm_jobs", 0) or 0
+    if jobs > 0 and device == "cuda" and cases:
+        cold, warm_s = warm(fams, device, args.quick, len(cases), jobs)
+        console.print(f"warm phase: first call of {len(cold)} of {len(cases)} cases in {jobs} processes, "
+                      f"{warm_s:.1f} s wall ({sum(sum(v.values()) for v in cold.values()):.1f} s of first calls, "
+                      f"kernel compilation included)")
     warmup, reps, max_time = harness.QUICK if args.quick else harness.FULL
     providers = set(args.backend) if args.backend else None
     saved = harness.time
@@ -127,9 +193,18 @@ def run(args) -> int:
     json_path = os.path.join(args.out, "bench.json")
     timing = {"warmup": warmup, "reps": reps, "max_seconds_per_provider": max_time, "statistic": "median"}
 
+    def with_cold(rows_so_far):  # row i is case i: run_cases appends one row per case, in order
+        for i, r in enumerate(rows_so_far):
+            if i in cold:
+                r["first_call_cold"] = cold[i]
+        return rows_so_far
+
+    warm_info = {} if warm_s is None else {"warm_phase": {"jobs": jobs, "wall_seconds": round(warm_s, 1)}}
+
     def partial(rows_so_far):  # a run killed by a time limit (gpu_run.sh) keeps every finished case
-        harness.write_json(rows_so_far, json_path, families=status, quick=bool(args.quick), run_device=device,
-                           timing=timing, clock=clock, partial=True, cases_planned=len(cases))
+        harness.write_json(with_cold(rows_so_far), json_path, families=status, quick=bool(args.quick),
+                           run_device=device, timing=timing, clock=clock, partial=True, cases_planned=len(cases),
+                           **warm_info)
 
     try:
         rows = harness.run_cases(cases, providers, warmup=warmup, reps=reps, max_time=max_time,
@@ -149,12 +224,13 @@ def run(args) -> int:
         extra["overhead_summary"] = bench_overhead.summary([r for r in rows if r["family"] == "overhead"])
         bench_overhead.print_summary(extra["overhead_summary"], console)
     png_path = os.path.join(args.out, "bench.png")
-    harness.write_json(rows, json_path, families=status, quick=bool(args.quick), run_device=device,
+    harness.write_json(with_cold(rows), json_path, families=status, quick=bool(args.quick), run_device=device,
                        timing=timing, wall_seconds=round(time.perf_counter() - t0, 1), clock=clock,
-                       partial=False, cases_planned=len(cases), **extra)
+                       partial=False, cases_planned=len(cases), **warm_info, **extra)
     not_run = [f"{f} ({status[f].split(':')[0]})" for f in fams if not status[f].startswith("ok")]
     plot(rows, png_path, title, note=("not benchmarked: " + ", ".join(not_run)) if not_run else "")
-    first = [(v, r, n) for r in rows for n, v in r.get("first_call", {}).items() if n != r["baseline"]]
+    key = "first_call_cold" if cold else "first_call"  # with a warm phase, the cold calls were its
+    first = [(v, r, n) for r in rows for n, v in r.get(key, {}).items() if n != r["baseline"]]
     if first:
         v, r, n = max(first, key=lambda t: t[0])
         console.print(f"first use of each shape (setup + one call, kernel compilation included): "

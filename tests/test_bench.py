@@ -304,3 +304,34 @@ def test_first_use_is_timed_apart_from_the_steady_state(clock):
     row = harness.run_case(case, warmup=0, reps=5)
     assert row["first_call"]["triton"] == pytest.approx(5.0)
     assert row["seconds"]["triton"] == pytest.approx(0.002) and row["ratio"]["triton"] == pytest.approx(0.5)
+
+
+def test_warm_phase_makes_every_first_call_in_parallel_processes():
+    """``--warm-jobs``: the spawned processes rebuild the same cases (same order) and make each
+    provider's first call; every case index comes back with its providers' cold times."""
+    cases, _ = suite.collect(("activation",), "cpu", True)
+    cold, wall = suite.warm(("activation",), "cpu", True, len(cases), 2)
+    assert sorted(cold) == list(range(len(cases)))
+    for i, c in enumerate(cases):
+        assert set(cold[i]) == set(c.providers), (i, c.name)
+        assert all(v > 0 for v in cold[i].values())
+    assert wall > 0
+
+
+def test_overhead_drops_only_the_backends_that_lack_the_op():
+    from gpu_nn._errors import BackendUnavailableError
+    from gpu_nn.benchmarks import bench_overhead
+
+    def lacks():
+        def call():
+            raise BackendUnavailableError("relu has no cupy implementation")
+        return call
+
+    def broken():
+        def call():
+            raise RuntimeError("a real failure")
+        return call
+
+    provs = {"torch": lambda: (lambda: None), "cupy": lacks, "triton": broken}
+    assert set(bench_overhead._implemented(provs, "cuda")) == {"torch", "triton"}  # triton's error is reported later
+    assert bench_overhead._implemented(provs, "cpu") is provs
