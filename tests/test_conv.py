@@ -569,8 +569,9 @@ def test_tf32_flag_reaches_the_kernels(cudnn, monkeypatch, rng):
         monkeypatch.setattr(kt, name, recs[name])
     old = _set_tf32(not cudnn, cudnn)
     try:
-        x = randn(rng, 1, 3, 6, 5, dtype=torch.float32, requires_grad=True)
-        w = randn(rng, 4, 3, 3, 3, dtype=torch.float32, requires_grad=True)
+        dev = "cuda" if CUDA else "cpu"  # compiled Triton takes CUDA tensors; the interpreter CPU ones
+        x = randn(rng, 1, 3, 6, 5, dtype=torch.float32, device=dev, requires_grad=True)
+        w = randn(rng, 4, 3, 3, 3, dtype=torch.float32, device=dev, requires_grad=True)
         with gpu_nn.backend("triton"):
             y = F.conv2d(x, w, padding=1)
             torch.autograd.grad(y, (x, w), torch.ones_like(y))
@@ -590,18 +591,20 @@ def test_tf32_flag_reaches_the_kernels(cudnn, monkeypatch, rng):
 
 
 def _tf32_bound(red: int) -> float:
-    """The tolerance of a float32 result whose operands were rounded to TF32 (10 explicit mantissa
+    """The tolerance of a float32 result whose operands were cut to TF32 (10 explicit mantissa
     bits, machine epsilon 2^-10 as float16) and accumulated in float32 over ``red`` terms:
-    helpers.tol's formula with TF32's epsilon in place of the output dtype's."""
+    helpers.tol's formula with TF32's epsilon in place of the output dtype's. Triton's "tf32"
+    truncates (the MMA drops the low 13 bits; no round-to-nearest as in cuBLAS / cuDNN), so an
+    operand is off by < 2^-10 and a product by < 2 x 2^-10, inside the 4 x 2^-10 term."""
     return 4 * 2.0 ** -10 + 8 * EPS[torch.float32] * max(red, 1) ** 0.5
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="TF32 exists only on a GPU (the interpreter computes float32)")
 @pytest.mark.parametrize("backend,device", backend_params(("triton",)))
 def test_tf32_error_bound_on_gpu(backend, device, rng):
-    """With torch's default (cudnn.allow_tf32 on) a float32 conv's operands are rounded to TF32:
-    10 explicit mantissa bits (unit roundoff 2^-11, as float16) with float32 accumulation, so
-    the error bound is float16's: 4 ulps of a 10-bit mantissa plus the float32 floor."""
+    """With torch's default (cudnn.allow_tf32 on) a float32 conv's operands are cut to TF32:
+    10 explicit mantissa bits (truncated in Triton: relative error < 2^-10) with float32
+    accumulation, so the error bound is float16's: 4 ulps of a 10-bit mantissa plus the float32 floor."""
     old = _set_tf32(False, True)
     try:
         xs, ws = (2, 64, 13, 11), (48, 64, 3, 3)
@@ -679,7 +682,7 @@ def test_tuning_launches_the_timed_winner_and_caches_it(part, tune_cache, monkey
     monkeypatch.setattr(oc, "_chooser", lambda device: functools.partial(_tuning.choose, device=device, timer=timer, force=True))
     (x, w, b), yr = _small_conv(rng, torch.float32)
     x.requires_grad_(part == "dgrad")
-    g = randn(rng, *yr.shape, dtype=torch.float32)
+    g = randn(rng, *yr.shape, dtype=torch.float32, device=x.device)
     if part == "dgrad":
         with gpu_nn.backend("reference"):
             x64 = x.detach().double().requires_grad_()
@@ -751,7 +754,7 @@ def test_every_candidate_matches_reference(half, monkeypatch, rng):
     # the input gradient's candidates (the heuristic's table), on the odd NCHW problem
     monkeypatch.setattr(oc, "_precision", lambda dt: "ieee")
     (x, w, b), _ = _small_conv(rng, dtype)
-    g64 = randn(rng, 1, 7, 7, 5)
+    g64 = randn(rng, 1, 7, 7, 5, device=x.device)  # x64 (the reference's leaf) is on x's device
     with gpu_nn.backend("reference"):
         x64 = x.detach().double().requires_grad_()
         want = torch.autograd.grad(F.conv2d(x64, w.double(), b.double(), padding=1), x64, g64)[0]
