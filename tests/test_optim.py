@@ -221,14 +221,14 @@ BAD_GRADS = {
 }
 
 
-def _step_twice(mod, name, kw, case, backend=None):
+def _step_twice(mod, name, kw, case, backend=None, device="cpu"):
     make_p, make_g = BAD_GRADS[case]
     torch.manual_seed(3)
-    p = make_p()
+    p = make_p().to(device)  # drawn on the CPU: the same values on every device
     o = getattr(mod, name)([p], **kw)
     for _ in range(2):
         p.grad = torch.zeros_like(p)
-        p.grad.data = make_g(p)  # .data bypasses the assignment's shape/dtype check, as in issue 19
+        p.grad.data = make_g(p).to(device)  # .data bypasses the assignment's shape/dtype check, as in issue 19
         if backend is None:
             o.step()
         else:
@@ -242,7 +242,10 @@ def _step_twice(mod, name, kw, case, backend=None):
 def test_bad_params_and_grads_like_torch(backend, device, name, kw):
     """Issue 19 item 3: integer parameters were zeroed, and gradients of another shape or dtype
     applied silently (or failed inside NumPy). torch's step raises for these with its type and
-    message, or broadcasts / promotes the gradient: ours does the same, on every backend."""
+    message, or broadcasts / promotes the gradient: ours does the same, on every backend, on its
+    device. torch's step runs on the CPU: ours reproduces the errors of torch's single-tensor
+    implementation on CPU tensors (they name its CPU kernels, "lerp_kernel_scalar"...), and on
+    CUDA tensors torch defaults to its foreach implementation instead."""
     for case in BAD_GRADS:
         if name == "SGD" and kw.get("momentum") and not kw.get("weight_decay") and case in ("grad-f16", "grad-int64"):
             # documented difference: without weight decay torch's SGD clones the gradient into
@@ -255,11 +258,11 @@ def test_bad_params_and_grads_like_torch(backend, device, name, kw):
         except Exception as e:  # noqa: BLE001 - torch's exception is the expectation
             theirs = e
         if theirs is None:
-            got = _step_twice(go, name, kw, case, backend)
-            torch.testing.assert_close(got, want, rtol=_f32_tol(2), atol=1e-6, msg=f"{case}")
+            got = _step_twice(go, name, kw, case, backend, device)
+            torch.testing.assert_close(got.cpu(), want, rtol=_f32_tol(2), atol=1e-6, msg=f"{case}")
             continue
         with pytest.raises(gpu_nn.KernelInputError) as ours:
-            _step_twice(go, name, kw, case, backend)
+            _step_twice(go, name, kw, case, backend, device)
         assert isinstance(ours.value, type(theirs)), f"{case}: {type(ours.value)} is not a {type(theirs)}"
         assert str(theirs).splitlines()[0] in str(ours.value), f"{case}: {ours.value!r} vs torch {theirs!r}"
 
