@@ -25,6 +25,9 @@ from gpu_nn.ops import _dispatch
 # every op of gpu-nn check with a custom op (flatten is a view, no op of ours)
 CASES = [(fam, c) for fam, c in check.collect_cases() if c.fn is not None and c.op != "flatten"]
 BACKENDS = [b for b in ("reference", "triton") if _backend.status(b)[0]]
+# where the tests run each backend: Triton takes CUDA tensors on a GPU machine, CPU tensors
+# only under the interpreter
+DEVICE = {"reference": "cpu", "triton": "cuda" if torch.cuda.is_available() else "cpu"}
 
 
 # ----------------------------------------------------------------------------- eager route
@@ -49,10 +52,10 @@ def _same(a, b):
         torch.nan_to_num(a.detach(), nan=1.5), torch.nan_to_num(b.detach(), nan=1.5))
 
 
-def _run(case, args, kwargs, dtype, eager, grad_mask, monkeypatch):
+def _run(case, args, kwargs, dtype, device, eager, grad_mask, monkeypatch):
     """Outputs, gradients, graph node names and the outcome of a second backward."""
     monkeypatch.setattr(_dispatch, "EAGER", eager)
-    args, kwargs = check._convert((args, kwargs), dtype, "cpu")
+    args, kwargs = check._convert((args, kwargs), dtype, device)
     leaves = check._leaves((args, kwargs))
     for leaf, keep in zip(leaves, grad_mask):
         leaf.requires_grad_(keep)
@@ -62,7 +65,7 @@ def _run(case, args, kwargs, dtype, eager, grad_mask, monkeypatch):
     ints = check._int_outputs(out)
     names = _graph_names(outs)
     gen = torch.Generator().manual_seed(0)
-    diff = [(o, torch.randn(o.shape, generator=gen, dtype=o.dtype)) for o in outs if o.requires_grad]
+    diff = [(o, torch.randn(o.shape, generator=gen, dtype=o.dtype).to(o.device)) for o in outs if o.requires_grad]
     grads = torch.autograd.grad([o for o, _ in diff], leaves, [g for _, g in diff], allow_unused=True,
                                 create_graph=True)
     # a second backward through the gradients: the same values, or the same error, on both routes
@@ -89,8 +92,8 @@ def test_eager_route_equals_custom_op(fam, case, backend, monkeypatch):
     masks = [[True] * n] + ([[True] + [False] * (n - 1)] if backend == "reference" else [])
     for mask in masks:
         with gpu_nn.backend(backend):
-            ref = _run(case, args, kwargs, dtype, False, mask, monkeypatch)
-            got = _run(case, args, kwargs, dtype, True, mask, monkeypatch)
+            ref = _run(case, args, kwargs, dtype, DEVICE[backend], False, mask, monkeypatch)
+            got = _run(case, args, kwargs, dtype, DEVICE[backend], True, mask, monkeypatch)
         outs, ints, grads, names, second, nograd = got
         assert any(nm.startswith("GeneratedBackwardFor_gpu_nn") for nm in ref[3]), ref[3]
         assert not any(nm.startswith("GeneratedBackwardFor_gpu_nn") for nm in names), names
@@ -246,8 +249,9 @@ def test_eight_threads_bitwise_equal_one_thread():
 
 @needs_triton
 def test_backward_in_another_thread_runs_on_the_forwards_backend(monkeypatch):
-    """Autograd may run a backward on a worker thread that sees none of the user's blocks:
-    the backward must still use the backend the forward ran on."""
+    """Autograd may run a backward on a thread that sees none of the user's blocks (the thread
+    that called it; for CUDA tensors, autograd's own device thread): the backward must still use
+    the backend the forward ran on."""
     calls = []
     resolve = _backend.resolve
 
@@ -257,8 +261,9 @@ def test_backward_in_another_thread_runs_on_the_forwards_backend(monkeypatch):
         return got
 
     monkeypatch.setattr(_backend, "resolve", spy)
-    x = torch.randn(2, 3, 7, 7, requires_grad=True)
-    w = torch.randn(4, 3, 3, 3, requires_grad=True)
+    dev = DEVICE["triton"]
+    x = torch.randn(2, 3, 7, 7, device=dev, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, device=dev, requires_grad=True)
     with gpu_nn.backend("triton"):
         y = F.max_pool2d(F.sigmoid(F.conv2d(x, w, padding=1)), 2)
         loss = F.log_softmax(y.flatten(1), 1).sum()
@@ -270,16 +275,23 @@ def test_backward_in_another_thread_runs_on_the_forwards_backend(monkeypatch):
         except Exception as exc:  # noqa: BLE001
             box["e"] = exc
 
+    n_fwd = len(calls)
     t = threading.Thread(target=worker, name="not-the-forward-thread")
     t.start()
     t.join(60)
     assert "e" not in box, box.get("e")
-    bwd = [c for c in calls if c[2] == "not-the-forward-thread"]
+    # the backward's calls: on CPU tensors autograd runs them in the calling thread (the worker),
+    # on CUDA tensors in its own device thread; neither is the forward's thread
+    bwd = calls[n_fwd:]
+    threads = {c[2] for c in bwd}
+    assert threading.current_thread().name not in threads, bwd
+    assert torch.cuda.is_available() or threads == {"not-the-forward-thread"}, bwd
     assert len(bwd) >= 4 and {c[1] for c in bwd} == {"triton"}, bwd
-    with gpu_nn.backend("reference"):
-        y2 = F.max_pool2d(F.sigmoid(F.conv2d(x, w, padding=1)), 2)
-        want = torch.autograd.grad(F.log_softmax(y2.flatten(1), 1).sum(), [x, w])
-    for a, b in zip(box["g"], want):
+    with gpu_nn.backend("reference"):  # the reference takes CPU tensors
+        xc, wc = x.detach().cpu().requires_grad_(), w.detach().cpu().requires_grad_()
+        y2 = F.max_pool2d(F.sigmoid(F.conv2d(xc, wc, padding=1)), 2)
+        want = torch.autograd.grad(F.log_softmax(y2.flatten(1), 1).sum(), [xc, wc])
+    for a, b in zip((g.cpu() for g in box["g"]), want):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 

@@ -243,7 +243,8 @@ def test_wired_launch_sites_use_launch():
 def test_wired_calls_have_the_fast_shape(monkeypatch):
     """Every call the wired launchers make has the shape the fast path takes (runtime arguments
     positional, constexprs and options by keyword, a tuple grid), so on a GPU none of them falls
-    back to the JIT for its shape. Checked on the calls themselves, run here in the interpreter."""
+    back to the JIT for its shape. Checked on the calls themselves: CUDA tensors on a GPU, CPU
+    tensors in the interpreter elsewhere."""
     import gpu_nn.functional as F
     import gpu_nn.optim as goptim
     from gpu_nn.kernels.triton import activation, dense, optim, pool, rnn
@@ -262,22 +263,27 @@ def test_wired_calls_have_the_fast_shape(monkeypatch):
     for mod in (activation, dense, optim, pool, rnn):
         monkeypatch.setattr(mod, "launch_kernel", recorder(mod.launch_kernel))
     torch.manual_seed(0)
+    dev = "cuda" if GPU else "cpu"  # compiled kernels on a GPU, the interpreter on CPU tensors
+
+    def r(*shape):
+        return torch.randn(*shape).to(dev)
+
     with gpu_nn.backend("triton"):
         for act in ("relu", "sigmoid", "tanh"):
-            x = torch.randn(5, 3, requires_grad=True)
+            x = r(5, 3).requires_grad_()
             getattr(F, act)(x).sum().backward()
-        x = torch.randn(1, 2, 7, 6, requires_grad=True)
+        x = r(1, 2, 7, 6).requires_grad_()
         (F.max_pool2d(x, 3, 2, 1).sum() + F.avg_pool2d(x, 2).sum()).backward()
-        z = torch.randn(3, 5, requires_grad=True)
-        (F.softmax(z, 1).square().sum() + F.cross_entropy(z, torch.tensor([0, 4, 2]))).backward()
+        z = r(3, 5).requires_grad_()
+        (F.softmax(z, 1).square().sum() + F.cross_entropy(z, torch.tensor([0, 4, 2], device=dev))).backward()
         for name in ("SGD", "Adagrad", "Adadelta", "RMSprop", "Adam"):
-            p = torch.nn.Parameter(torch.randn(7))
-            p.grad = torch.randn(7)
+            p = torch.nn.Parameter(r(7))
+            p.grad = r(7)
             getattr(goptim, name)([p], lr=0.1).step()
         gpu_nn.nn.utils.clip_grad_norm_([p], 0.1)
-        a = torch.randn(3, 5, requires_grad=True)
-        F.linear(a, torch.randn(2, 5)).sum().backward()
-        out, _ = gpu_nn.nn.LSTM(3, 4, proj_size=2)(torch.randn(2, 1, 3, requires_grad=True))
+        a = r(3, 5).requires_grad_()
+        F.linear(a, r(2, 5)).sum().backward()
+        out, _ = gpu_nn.nn.LSTM(3, 4, proj_size=2).to(dev)(r(2, 1, 3).requires_grad_())
         out.sum().backward()
     expected = {"_act_fwd_kernel", "_act_bwd_kernel", "_max_pool_fwd_kernel", "_max_pool_bwd_kernel",
                 "_avg_pool_fwd_kernel", "_avg_pool_bwd_kernel", "_softmax_fwd_kernel", "_softmax_bwd_kernel",

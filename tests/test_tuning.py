@@ -154,6 +154,7 @@ def test_nothing_recorded_without_the_variable(cache, tmp_path, monkeypatch):
 def test_graph_capture_uses_a_made_choice_and_never_measures(cache, monkeypatch):
     """During CUDA graph capture a key already measured keeps its choice (a captured graph runs
     the tuned kernel); an unmeasured key gets the heuristic, and nothing is timed."""
+    monkeypatch.setenv(_tuning.ENV, "1")  # tuning on, whatever the run's environment says (GPU runs set 0)
     monkeypatch.setattr(_tuning, "device_key", lambda device: "gpu")
     capturing = [False]
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])

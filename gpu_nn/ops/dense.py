@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend
-from .._errors import KernelInputError, KernelInputTypeError
+from .._errors import KernelInputError, KernelInputIndexError, KernelInputTypeError
 from ..check import CheckCase
 from ..reference import dense as ref
 from ._dispatch import autocast_inputs, check_float, empty, from_numpy, is_int, routed, to_numpy, triton_kernels
@@ -465,13 +465,36 @@ def _get_softmax_dim(name: str, ndim: int, stacklevel: int) -> int:
 _PY_DTYPES = {float: torch.float64, int: torch.int64, bool: torch.bool, complex: torch.complex128}
 
 
+def _torchs_error(name: str, ndim: int, dim, dtype, fallback: str) -> KernelInputError:
+    """torch's own error for a bad ``dim`` / ``dtype``, from the torch installed: its argument
+    parser words it differently across versions (2.11: "softmax() received an invalid
+    combination of arguments - got (float), ..."; 2.13: "softmax(): argument 'dim' (position 1)
+    must be int, not float"), and before 2.13 a string dim is a RuntimeError of the named-dim
+    overload, not a TypeError. So torch is asked, with the call torch.nn.functional makes
+    (``input.softmax(dim)``, or ``input.softmax(dim, dtype=dtype)``) on an empty tensor of the
+    input's rank (a named-dim lookup's message names the dims), and its message is raised with
+    its type. ``fallback``: a TypeError's message, where torch takes the arguments after all."""
+    args = (0 if dim is None else dim,)  # F resolves dim=None to an int before that call
+    try:
+        getattr(torch.empty((0,) * ndim), name)(*args, **({} if dtype is None else {"dtype": dtype}))
+    except TypeError as exc:
+        return KernelInputTypeError(str(exc))
+    except IndexError as exc:
+        return KernelInputIndexError(str(exc))
+    except RuntimeError as exc:
+        return KernelInputError(str(exc))
+    return KernelInputTypeError(fallback)
+
+
 def _softmax_public(name, op, input, dim, _stacklevel, dtype):
     _check_tensor(name, "input", input)
     if dim is not None and not is_int(dim):
-        raise KernelInputTypeError(f"{name}(): argument 'dim' (position 1) must be int, not {type(dim).__name__}")
+        raise _torchs_error(name, input.dim(), dim, dtype,
+                            f"{name}(): argument 'dim' (position 1) must be int, not {type(dim).__name__}")
     if dtype is not None and not isinstance(dtype, torch.dtype):
         if dtype not in _PY_DTYPES:
-            raise KernelInputTypeError(f"{name}(): argument 'dtype' must be torch.dtype, not {type(dtype).__name__}")
+            raise _torchs_error(name, input.dim(), dim, dtype,
+                                f"{name}(): argument 'dtype' must be torch.dtype, not {type(dtype).__name__}")
         dtype = _PY_DTYPES[dtype]
     if dtype is None:
         (input,) = autocast_inputs("fp32", input)
