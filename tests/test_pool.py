@@ -3,6 +3,8 @@ a grid of geometries; finite differences of the reference backward; every backen
 the interpreter here, compiled on a GPU; CuPy on a GPU) against the reference; the CUDA C window
 math compiled with g++ against the reference; opcheck; bad input; modules against torch's."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -362,6 +364,26 @@ def _ties_and_nans(rng, shape, nan_count):
 MAXMIN_CASES = [c for c in KERNEL_CASES if c[0].__name__.startswith(("max", "min"))]
 
 
+def _nan_pair_in_a_window(x, theirs, args):
+    """NaN at the first and the last tap of plane 0's first window with two taps: the windows
+    ``theirs(*args)`` reads (dilation and stride may skip the NaNs _ties_and_nans placed), found
+    as torch's indices of the smallest and largest in-plane position."""
+    nd = 2 if theirs is TF.max_pool2d else 1
+    plane = x.shape[-nd:]
+    pos = torch.arange(math.prod(plane), dtype=torch.float32).reshape(plane).expand(x.shape)
+    first = theirs(-pos, *args, return_indices=True)[1].reshape(-1)
+    last = theirs(pos, *args, return_indices=True)[1].reshape(-1)
+    j = int((first != last).nonzero()[0, 0])
+    x.view(-1)[[int(first[j]), int(last[j])]] = float("nan")  # in-plane positions are plane 0's flat ones
+
+
+def _distinct_integers(n, dtype):
+    """The n smallest positive integers that ``dtype`` holds exactly: 1..n in float32 and
+    float16 (to 2048), in bfloat16 every integer to 256, then every 2nd to 512, every 4th..."""
+    v = torch.arange(1, 4 * n + 1, dtype=torch.float64)
+    return v[v.to(dtype).double() == v][:n]
+
+
 @pytest.mark.parametrize("backend,device", backend_params(("triton", "cupy")))
 @pytest.mark.parametrize("case", MAXMIN_CASES, ids=lambda c: f"{c[0].__name__}{c[1]}{c[2]}")
 @pytest.mark.parametrize("nans", [0, 7], ids=["ties", "ties+nans"])
@@ -373,6 +395,8 @@ def test_backend_ties_and_nans_like_torch(backend, device, case, nans, rng):
     theirs = TF.max_pool2d if fn.__name__.endswith("2d") else TF.max_pool1d
     sign = -1.0 if fn.__name__.startswith("min") else 1.0
     x32 = _ties_and_nans(rng, shape, nans)
+    if nans:
+        _nan_pair_in_a_window(x32, theirs, args)
     yt, it = theirs(sign * x32, *args, return_indices=True)
     yt = sign * yt
     assert (nans == 0) == (not torch.isnan(yt).any())
@@ -380,14 +404,15 @@ def test_backend_ties_and_nans_like_torch(backend, device, case, nans, rng):
         x = x32.to(device=device, dtype=dtype).requires_grad_()
         with gpu_nn.backend(backend):
             y, i = fn(x, *args, return_indices=True)
-            g = torch.arange(1, y.numel() + 1, dtype=dtype, device=device).reshape(y.shape)
+            g = _distinct_integers(y.numel(), dtype).to(device=device, dtype=dtype).reshape(y.shape)
             (gx,) = torch.autograd.grad(y, x, g)
         torch.testing.assert_close(y.cpu().float(), yt, equal_nan=True, rtol=0, atol=0, msg=f"values {dtype}")
         assert torch.equal(i.cpu(), it), f"indices {dtype}"
-        # every output sends its (distinct) gradient to torch's index
+        # every output sends its (distinct, exact) gradient to torch's index: torch's float32
+        # sums are exact, and ours (as torch's CUDA kernels) add in float32 and round once to dtype
         xt = (sign * x32).requires_grad_()
         (gt,) = torch.autograd.grad(theirs(xt, *args), xt, g.cpu().float())
-        torch.testing.assert_close(gx.cpu().float(), gt, rtol=0, atol=0, msg=f"gradient {dtype}")
+        torch.testing.assert_close(gx.cpu(), gt.to(dtype), rtol=0, atol=0, msg=f"gradient {dtype}")
 
 
 @pytest.mark.parametrize("backend,device", backend_params(("triton", "cupy")))
@@ -630,6 +655,31 @@ def test_every_fault_combination_reports_what_torch_reports(rng):
         if not ok:
             bad.append(f"{name}{shape} {kw}: torch {theirs}, ours {ours}")
     assert not bad, f"{len(bad)} mismatches, e.g.\n" + "\n".join(bad[:10])
+
+
+def test_avg_range_refusals_come_first_where_torch_has_them(monkeypatch):
+    """torch 2.11's avg_pool2d meta function refuses kernel sizes < 1 (and some strides) as
+    "integer out of range" before the padding and shape checks; avg_pool1d gets there after its
+    own rank and arity checks. The installed torch decides (probed at import): here the rule is
+    forced, so its order is checked on any torch."""
+    from gpu_nn.ops import pool as P
+
+    monkeypatch.setattr(P, "_AVG_REFUSED", {"kernel_size": {0, -1}, "stride": {-1}, "padding": set()})
+    monkeypatch.setattr(P, "_PARSED", {})
+    x2, x1 = torch.zeros(2, 3, 5, 5), torch.zeros(2, 3, 7)
+    for fn, x, kw in ((F.avg_pool2d, x2, dict(kernel_size=0, padding=-1)), (F.avg_pool2d, x2[0, 0], dict(kernel_size=(3, -1))),
+                      (F.avg_pool2d, x2, dict(kernel_size=3, stride=(1, -2))), (F.avg_pool1d, x1, dict(kernel_size=0, stride=0))):
+        with pytest.raises(gpu_nn.KernelInputError, match="^integer out of range$"):
+            fn(x, **kw)
+    with pytest.raises(gpu_nn.KernelInputError, match="stride should not be zero"):
+        F.avg_pool2d(x2, 3, stride=0)
+    with pytest.raises(gpu_nn.KernelInputError, match="pad must be non-negative"):
+        F.avg_pool2d(x2, 3, padding=-1)
+    with pytest.raises(gpu_nn.KernelInputError, match="avg_pool2d: stride must either be omitted"):
+        F.avg_pool2d(x2, 3, stride=(1, 1, 1))
+    with pytest.raises(gpu_nn.KernelInputError, match="Expected 2 to 3 dimensions"):
+        F.avg_pool1d(torch.zeros(7), 0)
+    assert F.avg_pool2d(x2, 3, 2, 1).shape == (2, 3, 3, 3)
 
 
 _TYPE_CASES = [

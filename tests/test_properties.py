@@ -93,7 +93,7 @@ def _normal(rng, shape, scale=1.0):
 def _layout(x: torch.Tensor, which: str) -> torch.Tensor:
     """The same values as ``x`` in another memory layout (a view of a larger buffer)."""
     if which == "noncontig" and x.dim() >= 1:
-        big = torch.full((*x.shape[:-1], 2 * x.shape[-1] + 1), float("nan"), dtype=x.dtype)
+        big = torch.full((*x.shape[:-1], 2 * x.shape[-1] + 1), float("nan"), dtype=x.dtype, device=x.device)
         big[..., 1::2] = x
         return big[..., 1::2]
     if which == "channels_last" and x.dim() == 4:
@@ -1281,6 +1281,9 @@ def _f(backend, device, fn, *tensors):
 
 
 def _ce_with_grad(x, t, **kw):
+    """cross_entropy (ours, or torch's with ours=False) and its input gradient; tensor keyword
+    arguments (a class weight) go to x's device, as _f moves x and t."""
+    kw = {k: v.to(x.device) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
     x = x.detach().clone().requires_grad_()
     t = t.detach().clone().requires_grad_() if t.is_floating_point() else t
     loss = (F if kw.pop("ours", True) else TF).cross_entropy(x, t, **kw)

@@ -119,13 +119,47 @@ def _pair2d(op: str, k, s, p, d):
 
 
 def _pair2d_args(op: str, k, s, p, d):
-    """max_pool2d / avg_pool2d meta functions: arity checks, then pairs (stride () = kernel)."""
+    """max_pool2d / avg_pool2d meta functions: arity checks, then pairs (stride () = kernel);
+    avg_pool2d checks each argument's range after its arity where torch does (_check_avg_range)."""
     for name, v in (("kernel_size", k), ("stride", s), ("padding", p), ("dilation", d)):
         if len(v) not in (1, 2) and not (name == "stride" and len(v) == 0):
             raise KernelInputError(f"{op}: {_ARITY_2D[name]}")
+        if op == "avg_pool2d" and name != "dilation":
+            _check_avg_range(name, v)
     two = lambda v: (v[0], v[0]) if len(v) == 1 else tuple(v)  # noqa: E731
     k = two(k)
     return k, (k if len(s) == 0 else two(s)), two(p), two(d)
+
+
+def _avg_refusals() -> dict:
+    """Which values of avg_pool2d's kernel_size, stride and padding the installed torch refuses
+    as "integer out of range" in its meta function, each right after that argument's arity
+    check and so before any shape check: torch 2.11 refuses kernel sizes < 1 and some strides
+    there; 2.13 leaves every sign to pooling_output_shape and pool2d_shape_check (their own
+    wording, which _check_2d_shape has). Found once by asking torch about 0 and -1 for each
+    argument on a 1x1x1x1 tensor, so the wording follows whichever torch is installed."""
+    x = torch.zeros(1, 1, 1, 1)
+    refused = {}
+    for name in ("kernel_size", "stride", "padding"):
+        refused[name] = set()
+        for v in (0, -1):
+            kw = {"kernel_size": 1, "stride": 1, "padding": 0, name: v}
+            try:
+                torch.nn.functional.avg_pool2d(x, **kw)
+            except RuntimeError as exc:
+                if "integer out of range" in str(exc):
+                    refused[name].add(v)
+    return refused
+
+
+_AVG_REFUSED = _avg_refusals()
+
+
+def _check_avg_range(name: str, v) -> None:
+    """torch's up-front range check of one avg_pool2d argument (see _avg_refusals)."""
+    bad = _AVG_REFUSED[name]
+    if bad and any((e < 0 and -1 in bad) or (e == 0 and 0 in bad) for e in v):
+        raise KernelInputError("integer out of range")
 
 
 def _check1d(op: str, k, s, p, d=(1,)):
@@ -665,6 +699,8 @@ def avg_pool1d(input: Tensor, kernel_size, stride=None, padding=0, ceil_mode=Fal
     _check1d(op, k, s, p)
     x3 = input.unsqueeze(-2)  # [N?, C, 1, L]: torch runs avg_pool1d as avg_pool2d of height 1
     k2, s2, p2 = (1, k[0]), (1, s[0]), (0, p[0])
+    for name, v in (("kernel_size", k2), ("stride", s2), ("padding", p2)):
+        _check_avg_range(name, v)
     _check_2d(x3, k2, s2, p2, (1, 1), bool(ceil_mode), is_max=False)
     x4 = x3 if x3.dim() == 4 else x3.unsqueeze(0)
     out = _avg_pool_op(x4, list(k2), list(s2), list(p2), bool(ceil_mode), bool(count_include_pad), None).squeeze(-2)
