@@ -83,7 +83,7 @@ from torch import Tensor
 
 from .. import _backend
 from .._errors import KernelInputError
-from ..check import CheckCase
+from ..check import CheckCase, _rel, generic_error
 from ..reference import rnn as ref
 from ._dispatch import (
     FLOAT_DTYPES, autocast_inputs, compute_dtype, cuda_kernels, empty, from_numpy, routed, to_numpy, triton_kernels,
@@ -1276,8 +1276,77 @@ def _make_seq(mode, T=4, B=3, I=5, H=9, L=2, bi=True, lengths=(4, 2, 3), P=0):
     return make
 
 
+def own_state_pairs(mode, x, hx, params, num_layers, bidirectional, has_biases, lengths, masks, out, hn, reserve,
+                    gouts, grads):
+    """``[(what, ours, want)]`` of a sequence run of an Elman RNN or a GRU (no cell state):
+    ``x``, ``hx``, ``params``, ``masks`` the inputs as the backend got them (time major, in its
+    dtype), ``out``, ``hn``, ``reserve`` what ``gpu_nn::rnn_seq`` returned, ``grads`` the
+    gradients of ``x``, ``hx`` and ``params`` for the output gradients ``gouts``. The outputs
+    and the stored states (``h`` and ``x`` slots of the reserve) against the float64 reference
+    forward; the gradients against the float64 reference backward *from the reserve the backend
+    stored*.
+
+    That is the well-posed comparison of the relu RNN's gradients in float16 / bfloat16: relu'
+    jumps at 0, and a pre-activation within the half dots' rounding of 0 (about one unit in a
+    thousand at bfloat16) may take the other branch than the float64 reference, which drops (or
+    adds) a whole dh there and moves every gradient upstream of it far past any rounding bound,
+    in any correct half-precision implementation (``gpu-nn check``'s rnn_relu cupy bfloat16 row
+    on the H200: 0.60, from one unit whose float64 pre-activation is 3.6e-4 while the states'
+    rounding is 5e-3). Given the branches the backend took (its stored h), its backward must
+    match the reference to rounding, and its states must match the reference's."""
+    assert mode != "lstm", "the reference forward here takes no cell state"
+    import numpy as np
+
+    def np64(t):
+        return t.detach().to("cpu", torch.float64).numpy()
+
+    T, B, _ = x.shape
+    H, L, D = hx.shape[-1], num_layers, 2 if bidirectional else 1
+    ws = _split([np64(p) for p in params], L, D, has_biases)
+    lens = None if lengths is None else np.asarray(torch.as_tensor(lengths).cpu(), dtype=np.int64)
+    mk = None if masks is None else np64(masks)
+    x64 = np64(x)
+    out_r, hn_r, _, res_r = ref.rnn_forward(mode, x64, np64(hx), None, ws, L, bidirectional, lens, mk)
+    res = np64(reserve)
+    pairs = [("output", out, out_r), ("h_n", hn, hn_r)]
+    for key, (o, s) in ref.reserve_layout(mode, T, B, H, L, D)[0].items():
+        if key[0] in ("h", "x"):
+            pairs.append((f"stored {key}", res[o:o + math.prod(s)].reshape(s), res_r[o:o + math.prod(s)].reshape(s)))
+    dx_r, dhx_r, _, dws_r = ref.rnn_backward(mode, np64(gouts[0]), np64(gouts[1]), None, x64, ws, res, L,
+                                             bidirectional, lens, mk)
+    want = [dx_r, dhx_r] + [g for k in range(L * D) for g in dws_r[k] if g is not None]
+    assert len(grads) == len(want)
+    pairs += [(f"grad {i}", a, b) for i, (a, b) in enumerate(zip(grads, want))]
+    return [(what, torch.as_tensor(a), torch.from_numpy(np.asarray(b))) for what, a, b in pairs]
+
+
+_RELU_SEQ = CheckCase(op="rnn_relu", make=_make_seq("rnn_relu"), fn=rnn_relu, backends=BACKENDS)
+
+
+def _relu_seq_check(backend, device, dtype, rng):
+    """rnn_relu's check: float32 / float64 the generic comparison; float16 / bfloat16 the outputs
+    and states against the reference, the gradients against the reference backward from the
+    backend's own stored states (:func:`own_state_pairs` says why). Same inputs and output
+    gradients as the generic comparison draws."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        return generic_error(_RELU_SEQ, backend, device, dtype, rng)
+    (x, hx, params, has_biases, L, _, _, bi, _), kw = _RELU_SEQ.make(rng)
+    seed = int(rng.integers(2**31))
+    leaves = [t.detach().to(device, dtype).requires_grad_() for t in (x, hx, *params)]
+    with _backend.backend(backend):
+        out, hn, _, res = _rnn_seq_op(leaves[0], leaves[1], None, leaves[2:], "rnn_relu", L, bi, has_biases,
+                                      kw.get("lengths"), None)
+        gen = torch.Generator().manual_seed(seed)
+        gouts = [torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.device, o.dtype) for o in (out, hn)]
+        grads = torch.autograd.grad((out, hn), leaves, gouts)
+    pairs = own_state_pairs("rnn_relu", leaves[0], leaves[1], leaves[2:], L, bi, has_biases, kw.get("lengths"), None,
+                            out, hn, res, gouts, grads)
+    return max(_rel(a, b) for _, a, b in pairs)
+
+
 CHECK_CASES = [
     CheckCase(op=f"{m}_cell", make=_make_cell(m), fn=CELL_FUNCS[m], backends=BACKENDS) for m in MODES
 ] + [
-    CheckCase(op=m, make=_make_seq(m), fn=SEQ_FUNCS[m], backends=BACKENDS) for m in MODES
+    CheckCase(op=m, make=_make_seq(m), fn=SEQ_FUNCS[m], backends=BACKENDS,
+              run=_relu_seq_check if m == "rnn_relu" else None) for m in MODES
 ] + [CheckCase(op="lstm_proj", make=_make_seq("lstm", H=7, P=3), fn=lstm, backends=BACKENDS)]

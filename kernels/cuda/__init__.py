@@ -69,8 +69,10 @@ def _load(name: str, defines: tuple, device: int, cooperative: bool = False):
 def load(name: str, defines=None, device: int = 0, cooperative: bool = False):
     """The ``cupy.RawModule`` of ``<name>.cu`` compiled with ``defines`` for ``device`` (cached).
 
-    ``cooperative``: its kernels launch through ``cuLaunchCooperativeKernel``, which refuses a grid
-    that cannot be resident all at once (kernels with a grid barrier need that guarantee).
+    ``cooperative``: its kernels launch through ``cuLaunchCooperativeKernel``, so the whole grid is
+    resident at once (kernels with a grid barrier need that guarantee). CuPy first reduces a 1-D
+    grid larger than occupancy x SMs to that size, with a warning, rather than have the driver
+    refuse it: such kernels must take any grid size (loop over their work by ``gridDim``).
     """
     return _load(name, tuple(sorted(dict(defines or {}).items())), int(device), bool(cooperative))
 

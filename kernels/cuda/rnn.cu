@@ -91,11 +91,12 @@ extern "C" __global__ void rnn_cell_bwd(float* carry, float* dc, const float* do
 // ---------------------------------------------------------------------------------------------
 // The device time loop: every step of one layer and direction in one launch (rnn_math.cuh,
 // "The device time loop", says how a block splits a task). The grid must be co-resident: the
-// launcher sizes it by the occupancy API and launches it cooperatively, which the driver refuses
-// rather than run a grid that could deadlock. GN_ROUND: 0 exact float32 dots, 1 / 2 the state
-// operand rounded to float16 / bfloat16 (half weights). Blocks loop over tasks when there are more
-// tasks than blocks; a task stays on the same block and thread every step, so the states a thread
-// finalizes are its own, and only what other blocks wrote is read through L2.
+// launcher sizes it by the occupancy API and launches it cooperatively (CuPy reduces a larger 1-D
+// grid to what can be resident, with a warning, so any gridDim.x must work). GN_ROUND: 0 exact
+// float32 dots, 1 / 2 the state operand rounded to float16 / bfloat16 (half weights). Blocks loop
+// over tasks when there are more tasks than blocks; a task stays on the same block and thread
+// every step, so the states a thread finalizes are its own, and only what other blocks wrote is
+// read through L2.
 
 #ifndef GN_ROUND
 #define GN_ROUND 0
