@@ -1319,27 +1319,3 @@ def test_launch_heuristics_fill_the_gpu_and_are_compiled():
     assert kt.matmul_blocks(6400, 2048, 3)[:2] == (128, 128)
     assert min(kt.matmul_blocks(6400, 2048, 3, interpret=True)[:3]) >= 16
     assert {d for d, _ in mm} == {0, 1, 2, 3}
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_auto_orders_sequence_backends_by_dtype_in_forward_and_backward(dtype, monkeypatch):
-    """``auto`` on a GPU: float32 sequences try the CuPy device loop first (ops.SEQ_PREFER), other
-    dtypes the default order; the backward asks in the same order as the forward, since the
-    reserve it reads has the layout of the backend that wrote it."""
-    seen = []
-    resolve = gpu_nn._backend.resolve
-
-    def spy(op, device, have, prefer=gpu_nn._backend.GPU_BACKENDS):
-        seen.append((op, prefer))
-        return resolve(op, device, have, prefer)
-
-    monkeypatch.setattr(gpu_nn._backend, "resolve", spy)
-    m = gnn.LSTM(3, 4).to(dtype)
-    x = torch.randn(5, 2, 3, dtype=dtype, requires_grad=True)
-    with gpu_nn.backend("auto"):
-        y, _ = m(x)
-        torch.autograd.grad(y.sum(), [x])
-    want = ("cupy", "triton") if dtype == torch.float32 else gpu_nn._backend.GPU_BACKENDS
-    seq = [p for op, p in seen if op in ("lstm", "lstm_backward")]
-    assert [op for op, _ in seen if op in ("lstm", "lstm_backward")] == ["lstm", "lstm_backward"], seen
-    assert seq == [want, want], seen

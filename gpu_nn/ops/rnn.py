@@ -101,14 +101,6 @@ __all__ = [
 ]
 
 BACKENDS = ("reference", "triton", "cupy")
-# ``auto``'s order of the GPU backends for whole sequences, by dtype. float32: the CuPy backend's
-# on-device time loop first. On the H200 (2026-11-30, commit 82f8513, bench --quick, ratios to
-# cuDNN) it was the fastest default in all 13 float32 sequence cases (LSTM/GRU/RNN, T=50/100,
-# batch 4-64, H=256/512, fwd and fwd+bwd, 2-layer bidirectional): 0.85x-1.20x, and 1.58x / 1.90x
-# for the LSTM forward at batch 4 / 16, against 2.1x-3.6x for Triton's float32 default (per-step
-# launches). float16 / bfloat16 keep Triton first: mixed there, and Triton's persistent loop (its
-# half-precision default) led at small batch. Cells keep the default order.
-SEQ_PREFER = {torch.float32: ("cupy", "triton")}
 MODES = ref.MODES
 GATES = ref.GATES
 
@@ -262,7 +254,7 @@ def rnn_seq_forward(input, hx, cx, weights, mode, num_layers, bidirectional, has
     """
     op = mode
     _check_seq(op, input, hx, cx, weights, mode, num_layers, bidirectional, has_biases, lengths, dropout_masks)
-    backend = _backend.resolve(op, input.device, BACKENDS, SEQ_PREFER.get(input.dtype, _backend.GPU_BACKENDS))
+    backend = _backend.resolve(op, input.device, BACKENDS)
     dev, dt = input.device, input.dtype
     if backend == "reference":
         D = 2 if bidirectional else 1
@@ -292,8 +284,7 @@ def rnn_seq_backward(grad_output, grad_hn, grad_cn, input, weights, reserve, mod
     size = ref.reserve_size(mode, T, B, H, num_layers, D, P)
     if reserve.numel() != size:
         raise KernelInputError(f"{op}: reserve has {reserve.numel()} elements, expected {size}")
-    # the forward's order (same dtype): the reserve is the layout of the backend that wrote it
-    backend = _backend.resolve(op, input.device, BACKENDS, SEQ_PREFER.get(input.dtype, _backend.GPU_BACKENDS))
+    backend = _backend.resolve(op, input.device, BACKENDS)
     dev, dt = input.device, input.dtype
     if backend == "reference":
         ws = _split([to_numpy(w) for w in weights], num_layers, D, has_biases)
