@@ -940,3 +940,21 @@ def test_cross_entropy_kernels_guard_out_of_range_targets(backend, device, weigh
     dx = torch.empty_like(x)
     kd.ce_bwd(x, t, w, lse, torch.ones(M, device=device), dx, None, False, -100, 0.0, ktriton.INTERPRET)
     assert torch.isnan(dx[1:3]).all() and torch.isfinite(dx[good]).all()
+
+
+def test_full_precision_float32_product_reads_a_row_major_b():
+    """kernels.triton.dense.b_operand: a column-major B (linear's x @ w.t()) is copied row-major
+    for a full-precision float32 product of at least ROW_MAJOR_B_MIN_M rows (the H200 ran the
+    column-major case at half speed), and left alone everywhere else."""
+    from gpu_nn.kernels.triton import dense as kd
+
+    m = kd.ROW_MAJOR_B_MIN_M
+    w = torch.randn(7, 5)  # [N, K]
+    b = w.t()  # [K, N], column-major
+    got = kd.b_operand(b, m, "fp32", "ieee", False)
+    assert got.stride() == (7, 1) and torch.equal(got, b)
+    for args in ((m - 1, "fp32", "ieee", False), (m, "fp32", "tf32", False), (m, "bf16", "ieee", False),
+                 (m, "fp32", "ieee", True)):
+        assert kd.b_operand(b, *args) is b, args
+    r = torch.randn(5, 7)  # already row-major
+    assert kd.b_operand(r, m, "fp32", "ieee", False) is r
