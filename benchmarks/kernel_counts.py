@@ -3,12 +3,14 @@
 For every public op of the overhead family (its tiny, odd-sized inputs, every input requiring
 grad), one warm forward+backward runs under ``torch.profiler`` with CUDA activity, on each GPU
 backend of ours and on torch; the GPU-side events (kernels, memsets, memcpys) are counted by name.
-A warm-up call first, so that lazy set-up and compilation are not counted.
+A warm-up call first, so that lazy set-up and compilation are not counted. :func:`by_kind` sorts
+the events into kernels named as themselves (ours) and torch's by kind (fills, reductions, copies,
+host syncs, other aten kernels); tests/test_hotpath.py pins its launch cases that way on a GPU.
 
     python -m gpu_nn.benchmarks.kernel_counts --out counts.json   (prints a markdown table)
 
-On a machine without a GPU there is nothing to count: it says so and exits 0 (the launch counts
-are pinned on the CPU through the Triton interpreter in tests/test_hotpath.py).
+On a machine without a GPU there is nothing to count: it says so and exits 0 (there the launch
+counts are pinned through the Triton interpreter in tests/test_hotpath.py).
 """
 
 from __future__ import annotations
@@ -52,6 +54,37 @@ def _fwd_bwd(fn, args):
     return y, g
 
 
+# What a GPU event of torch's is, by a substring of its name (the first that matches).
+KINDS = (
+    ("Memcpy DtoH", "sync"),           # a copy to the host, which waits for it (.item(), a bool test)
+    ("Memcpy", "copy"),                # device to device, host to device
+    ("direct_copy_kernel", "copy"),    # aten copy_: .contiguous(), .to(), clone
+    ("Memset", "fill"),
+    ("FillFunctor", "fill"),           # zeros, full, fill_
+    ("reduce_kernel", "reduce"),       # sum, any, ...
+    ("at::native::", "aten"),          # another of torch's kernels (elementwise arithmetic, comparisons)
+)
+
+
+def kind(name: str) -> str:
+    """The kind of a GPU event (:data:`KINDS`), or ``"kernel"`` for a kernel named as itself:
+    ours (a Triton or CuPy kernel's function name), or a cuDNN / cuBLAS kernel of torch's."""
+    return next((k for sub, k in KINDS if sub in name), "kernel")
+
+
+def by_kind(counts: dict) -> tuple[dict, dict]:
+    """({kernel name: count} for the ``"kernel"`` events, {kind: count} for the rest) of a
+    :func:`count` result."""
+    kernels, kinds = {}, collections.Counter()
+    for name, n in counts.items():
+        k = kind(name)
+        if k == "kernel":
+            kernels[name] = n
+        else:
+            kinds[k] += n
+    return kernels, dict(kinds)
+
+
 def count(fn, args):
     """{gpu event name: count} for one fwd+bwd of fn(*args) (after one warm-up call)."""
     from torch.profiler import ProfilerActivity, profile
@@ -68,6 +101,11 @@ def count(fn, args):
         if e.device_type == torch.autograd.DeviceType.CUDA:
             got[e.name] += 1
     return dict(got)
+
+
+def _cell(counts: dict) -> str:
+    kinds = by_kind(counts)[1]
+    return f"{sum(counts.values())}" + (f" ({', '.join(f'{k} {n}' for k, n in sorted(kinds.items()))})" if kinds else "")
 
 
 def main(argv=None):
@@ -100,12 +138,14 @@ def main(argv=None):
                 row[be] = {"error": repr(exc)[:200]}
         rows.append(row)
         print(json.dumps(row), flush=True)
+    print("\nGPU events per op fwd+bwd; in brackets torch's fills, reductions, copies, host syncs and other"
+          " aten kernels among them (kernel_counts.KINDS)")
     print("\n| op | torch | triton | cupy |\n| --- | --- | --- | --- |")
     for r in rows:
         cells = []
         for k in ("torch", "triton", "cupy"):
             d = r.get(k, {})
-            cells.append("error" if "error" in d else str(sum(d.values())) if d else "-")
+            cells.append("error" if "error" in d else _cell(d) if d else "-")
         print(f"| {r['op']} | " + " | ".join(cells) + " |")
     if args.out:
         with open(args.out, "w") as f:

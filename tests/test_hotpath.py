@@ -5,7 +5,8 @@
   backend available here.
 * ``gpu_nn.backend()`` is per thread; a backward runs on the backend its forward ran on, in
   whatever thread autograd runs it.
-* Launch and copy counts per op fwd+bwd (Triton, counted under the interpreter) are pinned.
+* Launch and copy counts per op fwd+bwd (Triton) are pinned: counted under the interpreter on a
+  CPU, and as GPU events by torch.profiler on a GPU (benchmarks/kernel_counts.py's count).
 """
 
 from __future__ import annotations
@@ -326,13 +327,31 @@ LAUNCHES = {
     "softmax": ({"_softmax_fwd_kernel": 1, "_softmax_bwd_kernel": 1}, {}),
     "log_softmax": ({"_softmax_fwd_kernel": 1, "_softmax_bwd_kernel": 1}, {}),
 }
+# The same fwd+bwd on a GPU, as GPU events (torch.profiler, CUDA activity; kernel_counts.by_kind):
+# our kernels are LAUNCHES' own, by name and number; beside them, torch's events by kind. Each aten
+# op above is one GPU event (aten::zeros a fill kernel, aten::sum a reduce kernel) except where a
+# comment says otherwise. The H200 record at 82f8513 (RECORD, triton column, at the benchmark's
+# smaller shapes) has exactly these; test_recorded_gpu_counts_match_the_pins checks that here.
+GPU_OTHER = {
+    "relu": {}, "sigmoid": {}, "avg_pool2d": {}, "linear": {}, "linear+relu": {}, "softmax": {}, "log_softmax": {},
+    # one reduction where the interpreter counts two: the bias gradient. The compiled wgrad kernel
+    # writes dw itself, unsplit, while its K = N*Ho*Wo < 2 * 8 * BLOCK_K (256 in float32; here 98),
+    # where the interpreter splits K in two from 4 * 16 = 64 on and sums the partials with
+    # aten::sum (test_conv2d_wgrad_split_differs_between_interpreter_and_gpu)
+    "conv2d": {"reduce": 1},
+    "conv2d+relu": {"reduce": 1},
+    # the aten::zeros: the zero gradient that autograd makes for the unused int64 indices output,
+    # inside the backward (FillFunctor<long>)
+    "max_pool2d": {"fill": 1},
+}
+RECORD = "benchmarks/results/2026-11-30_nvidia-h200_82f8513/kernel_counts.json"
 COPIES = ("aten::copy_", "aten::fill_", "aten::zero_", "aten::zeros", "aten::clone", "aten::_to_copy",
           "aten::contiguous", "aten::sum")
 
 
-def _launch_case(name):
+def _launch_case(name, device="cpu"):
     def r(*s):
-        return torch.randn(*s, requires_grad=True)
+        return torch.randn(*s, device=device, requires_grad=True)
 
     return {
         "relu": (F.relu, (r(3, 5, 7),)),
@@ -390,3 +409,58 @@ def test_launch_and_copy_counts_are_pinned(name, monkeypatch):
         grad = torch.randn_like(fn(*args))  # first call: anything lazily set up is not counted
         got = count_launches(fn, args, grad)
     assert got == LAUNCHES[name], got
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="counts CUDA kernels: needs a GPU")
+@needs_triton
+@pytest.mark.parametrize("name", sorted(LAUNCHES))
+def test_gpu_kernel_counts_are_pinned(name, monkeypatch):
+    from gpu_nn.benchmarks import kernel_counts
+
+    monkeypatch.setattr(_dispatch, "_POISON", False)  # the poison fill is the tests', not the op's
+    fn, args = _launch_case(name, "cuda")
+    with gpu_nn.backend("triton"):
+        got = kernel_counts.by_kind(kernel_counts.count(fn, args))  # after a warm-up call of its own
+    assert got == (LAUNCHES[name][0], GPU_OTHER[name]), got
+
+
+def test_recorded_gpu_counts_match_the_pins():
+    """kernel_counts.by_kind on the GPU events that the H200 recorded (benchmark shapes): every
+    LAUNCHES case recorded there is GPU_OTHER's pin, and every kernel it names as itself in the
+    Triton column is one of ours (a Python identifier: no aten kernel taken for ours)."""
+    import json
+    import pathlib
+
+    from gpu_nn.benchmarks import kernel_counts
+
+    rows = json.loads((pathlib.Path(__file__).parents[1] / RECORD).read_text())
+    seen = set()
+    for row in rows:
+        kernels = kernel_counts.by_kind(row["triton"])[0]
+        assert all(k.isidentifier() for k in kernels), (row["op"], kernels)
+        if row["op"] in LAUNCHES:
+            seen.add(row["op"])
+            assert kernel_counts.by_kind(row["triton"]) == (LAUNCHES[row["op"]][0], GPU_OTHER[row["op"]]), row
+    assert seen == set(LAUNCHES) - {"conv2d+relu", "linear+relu"}  # fused activations: not benchmarked
+    by_op = {r["op"]: r for r in rows}
+    assert kernel_counts.by_kind(by_op["cross_entropy"]["triton"]) == (
+        {"_ce_fwd_kernel": 1, "_ce_bwd_kernel": 1}, {"aten": 9, "reduce": 4, "copy": 3, "fill": 1, "sync": 1})
+    assert kernel_counts.by_kind(by_op["lstm_cell"]["triton"])[1] == {"fill": 5, "copy": 16}
+    assert kernel_counts.by_kind(by_op["conv1d"]["torch"])[1] == {"fill": 1, "reduce": 1, "aten": 1}
+
+
+@needs_triton
+def test_conv2d_wgrad_split_differs_between_interpreter_and_gpu():
+    """Why GPU_OTHER's conv2d has one reduction where LAUNCHES has two aten::sum: for the case's
+    wgrad (dw [4, 3, 3, 3], K = N*Ho*Wo = 98) the GPU's split of K is 1 (the kernel writes dw
+    directly, no sum) and the interpreter's 2 (partials summed by aten::sum)."""
+    import triton
+
+    from gpu_nn.kernels.triton import conv as kc
+
+    m = 2 * 7 * 7
+    splits = {}
+    for interpret in (False, True):
+        bm, bn, bk = kc.pick_config(4, 0, False, interpret)[:3]  # as conv_backward_weight picks it
+        splits[interpret] = kc.wgrad_split(triton.cdiv(4, bm) * triton.cdiv(3, bn) * 9, m, bk, interpret)
+    assert splits == {False: 1, True: 2}
