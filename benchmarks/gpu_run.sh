@@ -42,33 +42,9 @@ SUMMARY="$OUTDIR/summary.txt"
 : > "$SUMMARY"
 NCPU=$(nproc 2>/dev/null || echo 4)
 
-left() { echo $(( BUDGET - (SECONDS - START) )); }
+. "$ROOT/benchmarks/steps.sh"  # left, step, machine_info
 
-# step NAME LIMIT_S CMD...: run CMD under timeout (capped by the time left), log to NAME.log,
-# and write one summary line.
-step() {
-    local name=$1 limit=$2; shift 2
-    local rem; rem=$(left)
-    (( limit > rem )) && limit=$rem
-    if (( limit < 5 )); then
-        echo "$name: skipped (no time left of ${BUDGET}s)" | tee -a "$SUMMARY"
-        return 124
-    fi
-    local t0=$SECONDS
-    echo "== $name (limit ${limit}s): $*" > "$OUTDIR/$name.log"
-    timeout -k 10 "$limit" "$@" >> "$OUTDIR/$name.log" 2>&1
-    local rc=$?
-    echo "$name: rc=$rc $(( SECONDS - t0 ))s$( [ "$rc" = 124 ] && echo ' (timed out)')" | tee -a "$SUMMARY"
-    return "$rc"
-}
-
-{
-    echo "date: $(date -u +%FT%TZ)"
-    echo "host: $(hostname)"
-    git -C "$ROOT" rev-parse HEAD 2>/dev/null | sed 's/^/commit: /'
-    echo "cpus: $NCPU"
-    nvidia-smi 2>&1 || echo "nvidia-smi unavailable"
-} > "$OUTDIR/machine.txt"
+machine_info > "$OUTDIR/machine.txt"
 
 if ! step install 60 "$PY" -m pip install --no-deps --no-build-isolation --no-index -e .; then
     step install-noneditable 60 "$PY" -m pip install --no-deps --no-build-isolation --no-index . || true

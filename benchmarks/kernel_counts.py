@@ -96,11 +96,19 @@ def count(fn, args):
         y = _first_tensor(fn(*args))
         torch.autograd.grad(y, _leaves(args), g, allow_unused=True)
         torch.cuda.synchronize()
-    got = collections.Counter()
-    for e in prof.events():
+    return dict(collections.Counter(e["name"] for e in gpu_events(prof.events())))
+
+
+def gpu_events(events) -> list[dict]:
+    """The GPU-side entries (kernels, memsets, memcpys) of a profiler's ``events()``, in start
+    order: ``{name, start_us, dur_us}``, times in microseconds as the profiler gives them."""
+    out = []
+    for e in events:
         if e.device_type == torch.autograd.DeviceType.CUDA:
-            got[e.name] += 1
-    return dict(got)
+            start, end = e.time_range.start, e.time_range.end
+            out.append({"name": e.name, "start_us": float(start), "dur_us": float(end - start)})
+    out.sort(key=lambda r: r["start_us"])
+    return out
 
 
 def _cell(counts: dict) -> str:

@@ -1,0 +1,34 @@
+# benchmarks/steps.sh: the step runner of gpu_run.sh and gpu_measure.sh (sourced, not run).
+#
+# The sourcing script sets OUTDIR (logs go there), SUMMARY (its summary file), BUDGET (seconds for
+# the whole script) and START (its $SECONDS when it began).
+
+# seconds of BUDGET left
+left() { echo $(( BUDGET - (SECONDS - START) )); }
+
+# step NAME LIMIT_S CMD...: run CMD under timeout (capped by the time left), log to NAME.log,
+# and write one summary line.
+step() {
+    local name=$1 limit=$2; shift 2
+    local rem; rem=$(left)
+    (( limit > rem )) && limit=$rem
+    if (( limit < 5 )); then
+        echo "$name: skipped (no time left of ${BUDGET}s)" | tee -a "$SUMMARY"
+        return 124
+    fi
+    local t0=$SECONDS
+    echo "== $name (limit ${limit}s): $*" > "$OUTDIR/$name.log"
+    timeout -k 10 "$limit" "$@" >> "$OUTDIR/$name.log" 2>&1
+    local rc=$?
+    echo "$name: rc=$rc $(( SECONDS - t0 ))s$( [ "$rc" = 124 ] && echo ' (timed out)')" | tee -a "$SUMMARY"
+    return "$rc"
+}
+
+# date, host, commit, cores and nvidia-smi, for OUTDIR/machine.txt
+machine_info() {
+    echo "date: $(date -u +%FT%TZ)"
+    echo "host: $(hostname)"
+    git -C "$ROOT" rev-parse HEAD 2>/dev/null | sed 's/^/commit: /'
+    echo "cpus: $(nproc 2>/dev/null || echo unknown)"
+    nvidia-smi 2>&1 || echo "nvidia-smi unavailable"
+}
