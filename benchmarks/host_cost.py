@@ -1,0 +1,176 @@
+"""Host cost of the Triton path per call, measured without a GPU (issue 14, item 1).
+
+The Triton path's host cost is everything but the kernel: argument checks, backend resolution,
+the custom-op / autograd machinery, allocation, launch-plan look-up. Under ``TRITON_INTERPRET=1``
+the kernels run in Python on CPU tensors, so their time would swamp that; here every launch is
+replaced by a no-op (``InterpretedFunction.run``, which ``kernel[grid](...)`` and the fallback of
+``_launch.launch`` reach, and the ``launch_kernel`` names the launchers call), and the ops run on
+tiny CPU tensors under ``gpu_nn.backend("triton")``. What is left is the Python-side path.
+
+Outputs are garbage (nothing writes them); the figures are per call, medians over samples of
+``CALLS`` calls, the calling thread's CPU time (``--clock wall`` for wall time), for the ops of
+``bench_overhead`` (same inputs), forward without grad and forward+backward, against torch's own
+op and a bare custom op around a clone (``floor``) on the same inputs::
+
+    .venv/bin/python -m benchmarks.host_cost                 # every op
+    .venv/bin/python -m benchmarks.host_cost relu lstm_cell  # some
+    .venv/bin/python -m benchmarks.host_cost --profile conv1d  # cProfile of fwd+bwd
+
+Must run in a fresh process: the environment is set before the kernels are imported.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
+os.environ.setdefault("GPU_NN_POISON", "0")
+
+import argparse  # noqa: E402
+import cProfile  # noqa: E402
+import json  # noqa: E402
+import pstats  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+
+CALLS = 50
+SAMPLES = 15
+
+
+def _noop(*args, **kwargs):
+    return None
+
+
+def patch_launches() -> None:
+    """Every Triton launch becomes a no-op (see the module docstring)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    import gpu_nn.kernels.triton as pkg
+    from gpu_nn.kernels.triton import _launch
+
+    InterpretedFunction.run = lambda self, *a, grid, warmup, **k: None
+    _launch.launch = _noop
+    for family in pkg.FAMILIES:
+        mod = __import__(f"gpu_nn.kernels.triton.{family}", fromlist=["_"])
+        if hasattr(mod, "launch_kernel"):
+            mod.launch_kernel = _noop
+
+
+def _per_call(fn, make, backward: bool, backend, clock) -> float:
+    import gpu_nn
+    from benchmarks.bench_overhead import _first, _flat
+
+    def sample():
+        args = make(backward)
+        leaves = [t for t in _flat(args) if t.requires_grad]
+        t0 = clock()
+        if backward:
+            for _ in range(CALLS):
+                y = _first(fn(*args))
+                torch.autograd.grad(y, leaves, torch.ones_like(y), allow_unused=True)
+        else:
+            with torch.no_grad():
+                for _ in range(CALLS):
+                    fn(*args)
+        return (clock() - t0) / CALLS
+
+    def run():
+        if backend is None:
+            return sample()
+        with gpu_nn.backend(backend):
+            return sample()
+
+    run()  # warm-up: caches, plans, first-use imports
+    return statistics.median(run() for _ in range(SAMPLES))
+
+
+def measure(names=None, clock=time.thread_time) -> dict:
+    """name -> {"fwd": {...}, "fwd+bwd": {...}} with microseconds per call for ``triton``
+    (launches no-op), ``torch`` and ``floor``."""
+    from benchmarks.bench_overhead import _flat, _functional_ops, floor_custom_op
+
+    ops = _functional_ops("cpu")
+    out = {}
+    torch.set_num_threads(1)
+    for name, (make, ours, theirs) in ops.items():
+        if names and name not in names:
+            continue
+        row = {}
+        for label, backward in (("fwd", False), ("fwd+bwd", True)):
+            def first(grad, make=make):
+                return (next(_flat(make(grad))),)
+            cell = {}
+            for who, fn, mk, be in (("triton", ours, make, "triton"), ("torch", theirs, make, None),
+                                    ("floor", floor_custom_op, first, None)):
+                try:
+                    cell[who] = round(_per_call(fn, mk, backward, be, clock) * 1e6, 1)
+                except Exception as exc:  # noqa: BLE001 - reported, not hidden
+                    cell[who] = f"{type(exc).__name__}: {exc}"[:120]
+            row[label] = cell
+        out[name] = row
+    return out
+
+
+def table(res: dict) -> str:
+    lines = [f"{'op':<15}{'pass':<9}{'triton us':>10}{'torch us':>10}{'floor us':>10}{'tri/torch':>10}"]
+    for name, row in res.items():
+        for label, c in row.items():
+            t, o, f = c["triton"], c["torch"], c["floor"]
+            ratio = f"{t / o:.2f}" if isinstance(t, float) and isinstance(o, float) and o else "-"
+            fmt = lambda v: f"{v:>10.1f}" if isinstance(v, float) else f"  {v}"  # noqa: E731
+            lines.append(f"{name:<15}{label:<9}{fmt(t)}{fmt(o)}{fmt(f)}{ratio:>10}")
+    return "\n".join(lines)
+
+
+def profile(name: str, backward: bool = True, top: int = 30) -> None:
+    import gpu_nn
+    from benchmarks.bench_overhead import _first, _flat, _functional_ops
+
+    make, ours, _ = _functional_ops("cpu")[name]
+    args = make(backward)
+    leaves = [t for t in _flat(args) if t.requires_grad]
+
+    def body(n):
+        with gpu_nn.backend("triton"):
+            for _ in range(n):
+                if backward:
+                    y = _first(ours(*args))
+                    torch.autograd.grad(y, leaves, torch.ones_like(y), allow_unused=True)
+                else:
+                    with torch.no_grad():
+                        ours(*args)
+
+    body(2)
+    prof = cProfile.Profile()
+    prof.enable()
+    body(500)
+    prof.disable()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(top)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("ops", nargs="*")
+    p.add_argument("--clock", choices=("thread", "wall"), default="thread")
+    p.add_argument("--profile", metavar="OP")
+    p.add_argument("--fwd", action="store_true", help="with --profile: forward only")
+    p.add_argument("--json", metavar="PATH")
+    a = p.parse_args(argv)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    patch_launches()
+    if a.profile:
+        profile(a.profile, backward=not a.fwd)
+        return 0
+    res = measure(a.ops or None, time.thread_time if a.clock == "thread" else time.perf_counter)
+    print(table(res))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(res, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
