@@ -23,21 +23,10 @@
 # Typical device call (README, tools): gpu_run.sh, then this, each archive copied to $OUT.
 set -u -o pipefail
 
-OUTARG=${1:?usage: benchmarks/gpu_measure.sh OUTDIR}
-mkdir -p "$OUTARG"
-OUTDIR=$(cd "$OUTARG" && pwd)
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-cd "$ROOT"
-PY=${PYTHON:-python3}
+. "$(dirname "${BASH_SOURCE[0]}")/steps.sh"  # begin, left, step, machine_info
+begin "${1:?usage: benchmarks/gpu_measure.sh OUTDIR}"
 BUDGET=${GPU_MEASURE_BUDGET_S:-300}
 SWEEP_S=${GPU_MEASURE_SWEEP_S:-150}
-START=$SECONDS
-SUMMARY="$OUTDIR/summary.txt"
-: > "$SUMMARY"
-
-. "$ROOT/benchmarks/steps.sh"  # left, step, machine_info
-
-machine_info > "$OUTDIR/machine.txt"
 
 if ! "$PY" -c "import gpu_nn" > /dev/null 2>&1; then
     step install 60 "$PY" -m pip install --no-deps --no-build-isolation --no-index -e . || true

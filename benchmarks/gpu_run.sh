@@ -30,21 +30,10 @@
 # then here: tar -xzf gpu-run.tgz -C /tmp && gpu-nn results record /tmp/gpu-run
 set -u -o pipefail
 
-OUTARG=${1:?usage: benchmarks/gpu_run.sh OUTDIR}
-mkdir -p "$OUTARG"
-OUTDIR=$(cd "$OUTARG" && pwd)
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-cd "$ROOT"
-PY=${PYTHON:-python3}
+. "$(dirname "${BASH_SOURCE[0]}")/steps.sh"  # begin, left, step, machine_info
+begin "${1:?usage: benchmarks/gpu_run.sh OUTDIR}"
 BUDGET=${GPU_RUN_BUDGET_S:-330}
-START=$SECONDS
-SUMMARY="$OUTDIR/summary.txt"
-: > "$SUMMARY"
 NCPU=$(nproc 2>/dev/null || echo 4)
-
-. "$ROOT/benchmarks/steps.sh"  # left, step, machine_info
-
-machine_info > "$OUTDIR/machine.txt"
 
 if ! step install 60 "$PY" -m pip install --no-deps --no-build-isolation --no-index -e .; then
     step install-noneditable 60 "$PY" -m pip install --no-deps --no-build-isolation --no-index . || true

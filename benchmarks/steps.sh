@@ -1,7 +1,21 @@
 # benchmarks/steps.sh: the step runner of gpu_run.sh and gpu_measure.sh (sourced, not run).
 #
-# The sourcing script sets OUTDIR (logs go there), SUMMARY (its summary file), BUDGET (seconds for
-# the whole script) and START (its $SECONDS when it began).
+# The sourcing script calls `begin OUTDIR_ARG` first (which sets OUTDIR, ROOT, PY, SUMMARY, START,
+# moves to the repository root and writes OUTDIR/machine.txt) and sets BUDGET (seconds for the
+# whole script).
+
+# begin OUTDIR_ARG: the common start of gpu_run.sh and gpu_measure.sh
+begin() {
+    mkdir -p "$1"
+    OUTDIR=$(cd "$1" && pwd)
+    ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+    cd "$ROOT" || exit 1
+    PY=${PYTHON:-python3}
+    START=$SECONDS
+    SUMMARY="$OUTDIR/summary.txt"
+    : > "$SUMMARY"
+    machine_info > "$OUTDIR/machine.txt"
+}
 
 # seconds of BUDGET left
 left() { echo $(( BUDGET - (SECONDS - START) )); }
