@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import os
 import platform
 import statistics
 import time
@@ -210,10 +211,19 @@ def run_cases(cases: list[Case], providers=None, warmup: int = 2, reps: int = 7,
     return rows
 
 
+def dump_json(doc, path: str) -> None:
+    """``doc`` as JSON at ``path``, atomically: a run killed mid-write (gpu_run.sh's time limits
+    cut the bench and the sweep, which rewrite their JSON after every case) leaves the previous
+    version, never half a file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=1)
+    os.replace(tmp, path)
+
+
 def write_json(rows: list[dict], path: str, **extra) -> None:
-    """``{"environment": ..., "results": rows, **extra}`` as JSON at ``path``."""
-    with open(path, "w") as f:
-        json.dump({"environment": environment(), "results": rows, **extra}, f, indent=1)
+    """``{"environment": ..., "results": rows, **extra}`` as JSON at ``path`` (atomically)."""
+    dump_json({"environment": environment(), "results": rows, **extra}, path)
 
 
 def print_table(rows: list[dict], title: str = "gpu-nn bench", console=None) -> None:

@@ -47,7 +47,6 @@ import contextlib
 import dataclasses
 import functools
 import itertools
-import json
 import math
 import os
 import sys
@@ -430,14 +429,6 @@ def default_groups(device: str = "cuda") -> list[Group]:
 
 # ------------------------------------------------------------------------------ runner
 
-def write_json(doc: dict, path: str) -> None:
-    """Atomically: a run killed mid-write leaves the previous version, never half a file."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(doc, f, indent=1)
-    os.replace(tmp, path)
-
-
 def do_bench_seconds(fn) -> float:
     """Median seconds per call: triton.testing.do_bench (CUDA events, L2 flushed before each)."""
     from triton.testing import do_bench
@@ -465,7 +456,7 @@ def run_sweep(groups, out_path: str, budget_s: float, bench=do_bench_seconds, cl
 
     def save():
         doc["elapsed_s"] = round(clock() - t0, 3)
-        write_json(doc, out_path)
+        harness.dump_json(doc, out_path)
 
     for gi, g in enumerate(groups):
         if clock() - t0 >= budget_s:
@@ -691,10 +682,10 @@ def run_profile(cases, out_dir: str, budget_s: float, profile=profile_one, clock
                     cleanup()
             records.append(rec)
             log(format_profile([rec]).splitlines()[0])
-            write_json(doc, os.path.join(out_dir, "profile.json"))
+            harness.dump_json(doc, os.path.join(out_dir, "profile.json"))
     doc["status"] = "complete"
     doc["elapsed_s"] = round(clock() - t0, 3)
-    write_json(doc, os.path.join(out_dir, "profile.json"))
+    harness.dump_json(doc, os.path.join(out_dir, "profile.json"))
     with open(os.path.join(out_dir, "profile.txt"), "w") as f:
         f.write(format_profile(records) + "\n")
     return records
