@@ -136,17 +136,14 @@ def _precompile(module, launch: Callable[[dict], None], configs) -> None:
     """Compile every configuration of a group at once: each launch becomes ``kernel.warmup`` under
     Triton's AsyncCompileMode on a thread pool (Triton >= 3.4; older ones compile on first launch).
     A configuration that fails to compile fails again, and is reported, when it is launched."""
-    try:
-        from concurrent.futures import ThreadPoolExecutor
-
-        from triton.runtime._async_compile import AsyncCompileMode
-    except ImportError:
-        return
+    from gpu_nn.kernels.triton._compat import parallel_compile
 
     def warm(kernel, grid_, *args, **kw):
         kernel.warmup(*args, grid=grid_, **kw)
 
-    with ThreadPoolExecutor(min(16, len(configs))) as pool, AsyncCompileMode(pool, ignore_errors=True):
+    with parallel_compile(min(16, len(configs))) as available:
+        if not available:
+            return
         with _patched(module, launch_kernel=warm):
             for cfg in configs:
                 try:

@@ -958,3 +958,20 @@ def test_full_precision_float32_product_reads_a_row_major_b():
         assert kd.b_operand(b, *args) is b, args
     r = torch.randn(5, 7)  # already row-major
     assert kd.b_operand(r, m, "fp32", "ieee", False) is r
+
+
+def test_parallel_compile_says_whether_triton_has_the_mode(monkeypatch):
+    """kernels.triton._compat.parallel_compile (the linear tuning's and the sweep's batch compile):
+    True inside the block where Triton has AsyncCompileMode, False and nothing done without it."""
+    import sys
+
+    from gpu_nn.kernels.triton._compat import parallel_compile
+
+    import importlib.util
+
+    have = importlib.util.find_spec("triton.runtime._async_compile") is not None
+    with parallel_compile(2) as available:
+        assert available is have
+    monkeypatch.setitem(sys.modules, "triton.runtime._async_compile", None)  # import now fails
+    with parallel_compile(2) as available:
+        assert available is False

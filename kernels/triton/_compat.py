@@ -16,6 +16,8 @@ configuration compiles for sm_90 under both 3.6 and 3.9).
 
 from __future__ import annotations
 
+import contextlib
+
 
 def _version(text: str) -> tuple[int, int]:
     major, minor = text.split(".")[:2]
@@ -60,3 +62,22 @@ def apply(interpret: bool) -> None:
     _applied = True
     if interpret and needs_interpreter_index_fix():
         _install_interpreter_index_fix()
+
+
+@contextlib.contextmanager
+def parallel_compile(workers: int):
+    """Inside the block, ``kernel.warmup(...)`` calls only queue their compilation, on a pool of
+    ``workers`` threads (ptxas runs as its own process, so they overlap), and leaving the block
+    waits for every one and installs it (Triton >= 3.4's AsyncCompileMode; compile errors are
+    left for the real launch to raise). Yields False, doing nothing, where Triton lacks that mode:
+    the caller then leaves compilation to the first launches."""
+    try:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from triton.runtime._async_compile import AsyncCompileMode
+    except ImportError:
+        yield False
+        return
+    # the executor must outlive the mode: the mode's exit waits for (and installs) every kernel
+    with ThreadPoolExecutor(max(1, workers)) as pool, AsyncCompileMode(pool, ignore_errors=True):
+        yield True

@@ -15,6 +15,7 @@ import triton.language as tl
 from . import INTERPRET as _INTERPRETED
 from . import _tune
 from ._aot import AotSpec
+from ._compat import parallel_compile
 from ._launch import launch as launch_kernel
 from .activation import ACT_CODES, _epilogue_act, _grouped_tile
 from .activation import act_backward as _act_backward
@@ -157,19 +158,12 @@ def _compile_candidates(a, b, c, bias, act, prec, cands) -> None:
     happens here and each candidate compiles in its warm-up launch, as before."""
     if _INTERPRETED or len(cands) < 2:
         return
-    try:
-        from concurrent.futures import ThreadPoolExecutor
-
-        from triton.runtime._async_compile import AsyncCompileMode
-    except ImportError:
-        return
     M, K = a.shape
     N = b.shape[1]
     args = (a, b, c, bias if bias is not None else c, M, N, K,
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1), 1 if bias is not None else 0, act)
-    # the executor must outlive the mode: its exit waits for (and installs) every compiled kernel
-    with ThreadPoolExecutor(len(cands)) as pool, AsyncCompileMode(pool, ignore_errors=True):
-        for bm, bn, bk, gm, warps, stages in cands:
+    with parallel_compile(len(cands)) as available:
+        for bm, bn, bk, gm, warps, stages in (cands if available else ()):
             _matmul_kernel.warmup(*args, PREC=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, num_warps=warps,
                                   num_stages=stages, grid=(1,))
 
