@@ -164,3 +164,21 @@ __all__ = [
     "randn",
     "tol",
 ]
+
+
+def run_bench_script(tmp_path, script: str, python_body: str, env: dict, log_line: str = 'echo "$*"'):
+    """Run ``benchmarks/<script> tmp_path/out`` with ``PYTHON`` a bash stand-in that appends
+    ``log_line``'s output (each call's arguments, by default) to a log and then runs
+    ``python_body``. ``env`` is the whole environment but ``PYTHON``. Returns
+    ``(CompletedProcess, out folder, logged lines)``."""
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    log = tmp_path / "calls.txt"
+    fake = tmp_path / "python"
+    fake.write_text(f"#!/usr/bin/env bash\n{log_line} >> {log}\n{python_body}")
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    r = subprocess.run(["bash", str(root / "benchmarks" / script), str(out)], cwd=root, env={**env, "PYTHON": str(fake)},
+                       capture_output=True, text=True, timeout=60)
+    return r, out, log.read_text().splitlines() if log.exists() else []

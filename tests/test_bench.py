@@ -159,25 +159,19 @@ def test_gpu_run_script_steps_summary_and_archive(tmp_path):
     even in a cut run, those names reach summary.txt, a failing test run makes the script fail,
     and everything lands in one archive beside OUTDIR."""
     import os
-    import pathlib
-    import subprocess
     import tarfile
 
-    root = pathlib.Path(__file__).resolve().parents[1]
-    log = tmp_path / "calls.txt"
-    fake = tmp_path / "python"
-    fake.write_text(
-        "#!/usr/bin/env bash\n"
-        f'echo "$* [TUNE=${{GPU_NN_TUNE:-}} RECORD=${{GPU_NN_TUNE_RECORD:-}} CACHE=${{GPU_NN_TUNE_CACHE:-}}]" >> {log}\n'
+    from helpers import run_bench_script
+
+    r, out, calls = run_bench_script(
+        tmp_path, "gpu_run.sh",
         'case "$*" in *" bench "*) echo \'{"op": "matmul", "ms": 0.5}\' >> "$GPU_NN_TUNE_RECORD";; esac\n'
         'case "$*" in *"-m pytest"*) echo "FAILED tests/test_x.py::test_y - AssertionError: boom";'
         ' echo "1 failed, 41 passed in 3.21s"; exit 1;; esac\n'
         'case "$*" in *" check "*) echo "relu: 4/4 pass"; echo "time: 1.0 s wall"; echo "4 passed, 0 failed";; esac\n'
-        "exit 0\n")
-    fake.chmod(0o755)
-    out = tmp_path / "out"
-    r = subprocess.run(["bash", str(root / "benchmarks" / "gpu_run.sh"), str(out)], cwd=root,
-                       env={**{k: v for k, v in os.environ.items() if not k.startswith("GPU_NN_TUNE")}, "PYTHON": str(fake)}, capture_output=True, text=True, timeout=60)
+        "exit 0\n",
+        {k: v for k, v in os.environ.items() if not k.startswith("GPU_NN_TUNE")},
+        log_line='echo "$* [TUNE=${GPU_NN_TUNE:-} RECORD=${GPU_NN_TUNE_RECORD:-} CACHE=${GPU_NN_TUNE_CACHE:-}]"')
     assert r.returncode == 1, r.stdout + r.stderr  # the tests failed
     summary = (out / "summary.txt").read_text()
     steps = [line.split(":")[0] for line in summary.splitlines() if not line.startswith(" ")]
@@ -185,7 +179,6 @@ def test_gpu_run_script_steps_summary_and_archive(tmp_path):
     assert "pytest: FAILED tests/test_x.py::test_y" in summary and "1 failed, 41 passed" in summary
     assert "check: 4 passed, 0 failed" in summary
     assert "bench: 1 tuning timings recorded" in summary
-    calls = log.read_text().splitlines()
     # the bench step tunes, with an empty cache, and records every candidate's time into the run
     # folder; check and the tests run the heuristics
     (bench_call,) = [c for c in calls if " bench " in c]

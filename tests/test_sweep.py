@@ -6,7 +6,6 @@ events, and the measuring script's steps with a stand-in python."""
 import json
 import os
 import pathlib
-import subprocess
 import tarfile
 import types
 
@@ -14,6 +13,7 @@ import pytest
 import torch
 
 from gpu_nn.benchmarks import kernel_counts, sweep
+from helpers import run_bench_script
 
 
 class Clock:
@@ -253,24 +253,15 @@ def test_without_a_gpu_the_command_says_so_and_succeeds(tmp_path, monkeypatch, c
 
 
 def _measure(tmp_path, budget, import_ok=True):
-    root = pathlib.Path(__file__).resolve().parents[1]
-    log = tmp_path / "calls.txt"
-    fake = tmp_path / "python"
-    fake.write_text(
-        "#!/usr/bin/env bash\n"
-        f'echo "$*" >> {log}\n'
-        + ("" if import_ok else 'case "$*" in "-c import gpu_nn") exit 1;; esac\n')
+    env = {**os.environ, "GPU_MEASURE_BUDGET_S": str(budget)}
+    env.pop("GPU_MEASURE_SWEEP_S", None)
+    return run_bench_script(
+        tmp_path, "gpu_measure.sh",
+        ("" if import_ok else 'case "$*" in "-c import gpu_nn") exit 1;; esac\n')
         + 'case "$*" in *"--only sweep"*) echo "relu fwd float32 8x8 BLOCK=1024 num_warps=4: 1.0 us 9 GB/s ok";'
         ' echo "sweep: 191 rows, complete";; esac\n'
         'case "$*" in *"--only profile"*) echo "profile: 20 of 22 (op, provider) regions profiled, 1 errors"; exit 3;; esac\n'
-        "exit 0\n")
-    fake.chmod(0o755)
-    out = tmp_path / "out"
-    env = {**os.environ, "PYTHON": str(fake), "GPU_MEASURE_BUDGET_S": str(budget)}
-    env.pop("GPU_MEASURE_SWEEP_S", None)
-    r = subprocess.run(["bash", str(root / "benchmarks" / "gpu_measure.sh"), str(out)], cwd=root, env=env,
-                       capture_output=True, text=True, timeout=60)
-    return r, out, log.read_text().splitlines()
+        "exit 0\n", env)
 
 
 def test_gpu_measure_script_steps_summary_and_archive(tmp_path):
