@@ -270,14 +270,16 @@ def _loop(fn, make, backward: bool, backend: str | None, params=()):
     return setup
 
 
-def _calls(fn, args, leaves, backward):
+def _calls(fn, args, leaves, backward, calls=CALLS, allow_unused=False):
+    """``calls`` calls of ``fn(*args)``: with ``backward`` each also takes the gradient of its
+    first output with respect to ``leaves``; else under no_grad."""
     if backward:
-        for _ in range(CALLS):
+        for _ in range(calls):
             y = _first(fn(*args))
-            torch.autograd.grad(y, leaves, torch.ones_like(y))
+            torch.autograd.grad(y, leaves, torch.ones_like(y), allow_unused=allow_unused)
     else:
         with torch.no_grad():
-            for _ in range(CALLS):
+            for _ in range(calls):
                 fn(*args)
 
 

@@ -12,9 +12,9 @@ Outputs are garbage (nothing writes them); the figures are per call, medians ove
 ``bench_overhead`` (same inputs), forward without grad and forward+backward, against torch's own
 op and a bare custom op around a clone (``floor``) on the same inputs::
 
-    .venv/bin/python -m benchmarks.host_cost                 # every op
-    .venv/bin/python -m benchmarks.host_cost relu lstm_cell  # some
-    .venv/bin/python -m benchmarks.host_cost --profile conv1d  # cProfile of fwd+bwd
+    .venv/bin/python -m gpu_nn.benchmarks.host_cost                 # every op
+    .venv/bin/python -m gpu_nn.benchmarks.host_cost relu lstm_cell  # some
+    .venv/bin/python -m gpu_nn.benchmarks.host_cost --profile conv1d  # cProfile of fwd+bwd
 
 Must run in a fresh process: the environment is set before the kernels are imported.
 """
@@ -61,20 +61,13 @@ def patch_launches() -> None:
 
 def _per_call(fn, make, backward: bool, backend, clock) -> float:
     import gpu_nn
-    from benchmarks.bench_overhead import _first, _flat
+    from gpu_nn.benchmarks.bench_overhead import _calls, _flat
 
     def sample():
         args = make(backward)
         leaves = [t for t in _flat(args) if t.requires_grad]
         t0 = clock()
-        if backward:
-            for _ in range(CALLS):
-                y = _first(fn(*args))
-                torch.autograd.grad(y, leaves, torch.ones_like(y), allow_unused=True)
-        else:
-            with torch.no_grad():
-                for _ in range(CALLS):
-                    fn(*args)
+        _calls(fn, args, leaves, backward, calls=CALLS, allow_unused=True)
         return (clock() - t0) / CALLS
 
     def run():
@@ -90,7 +83,7 @@ def _per_call(fn, make, backward: bool, backend, clock) -> float:
 def measure(names=None, clock=time.thread_time) -> dict:
     """name -> {"fwd": {...}, "fwd+bwd": {...}} with microseconds per call for ``triton``
     (launches no-op), ``torch`` and ``floor``."""
-    from benchmarks.bench_overhead import _flat, _functional_ops, floor_custom_op
+    from gpu_nn.benchmarks.bench_overhead import _flat, _functional_ops, floor_custom_op
 
     ops = _functional_ops("cpu")
     out = {}
@@ -127,7 +120,7 @@ def table(res: dict) -> str:
 
 def profile(name: str, backward: bool = True, top: int = 30) -> None:
     import gpu_nn
-    from benchmarks.bench_overhead import _first, _flat, _functional_ops
+    from gpu_nn.benchmarks.bench_overhead import _first, _flat, _functional_ops
 
     make, ours, _ = _functional_ops("cpu")[name]
     args = make(backward)
