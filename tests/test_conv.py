@@ -559,8 +559,7 @@ def test_tf32_flag_reaches_the_kernels(cudnn, monkeypatch, rng):
     from gpu_nn.ops import conv as oc
     from gpu_nn.ops import dense as od
 
-    if not gpu_nn.available_backends().count("triton"):
-        pytest.skip("triton backend unavailable")
+    _need_triton()
     monkeypatch.setattr(oc.torch.cuda, "is_available", lambda: True)  # the interpreter answers 'ieee' otherwise
     monkeypatch.setattr(oc, "_chooser", lambda device: None)
     recs = {}
@@ -639,6 +638,13 @@ def tune_cache(tmp_path, monkeypatch):
     _tuning.clear()
 
 
+def _need_triton():
+    """Skip, saying why, where the Triton backend cannot run (neither a GPU nor the interpreter)."""
+    ok, why = gpu_nn._backend.status("triton")
+    if not ok:
+        pytest.skip(f"triton backend unavailable here: {why}")
+
+
 def _small_conv(rng, dtype, layout="contig", c=5, o=7):
     """A small odd image: [1, c, 7, 5] * [o, c, 3, 3], padding 1, bias, relu (one program per
     candidate tile); channels_last lays out the input and the weight."""
@@ -659,8 +665,7 @@ def test_tuning_launches_the_timed_winner_and_caches_it(part, tune_cache, monkey
     from gpu_nn.kernels.triton import conv as kt
     from gpu_nn.ops import conv as oc
 
-    if "triton" not in gpu_nn.available_backends():
-        pytest.skip("triton backend unavailable")
+    _need_triton()
     cands = kt.fwd_candidates(False) if part == "fwd" else kt.dgrad_candidates(False)
     assert 2 <= len(cands) <= 4 and len(set(cands)) == len(cands)
     winner = cands[-1]  # not the heuristic's choice: the clock decides
@@ -727,8 +732,7 @@ def test_every_candidate_matches_reference(half, monkeypatch, rng):
     from gpu_nn.kernels.triton import conv as kt
     from gpu_nn.ops import conv as oc
 
-    if "triton" not in gpu_nn.available_backends():
-        pytest.skip("triton backend unavailable")
+    _need_triton()
     dtype = torch.float16 if half else torch.float32
     problems = [("contig", 5, 7, False), ("channels_last", 5, 7, False), ("channels_last", 16, 32, True)]
     for layout, c, o, nhwc in problems:
