@@ -664,7 +664,7 @@ def test_avg_range_refusals_come_first_where_torch_has_them(monkeypatch):
     forced, so its order is checked on any torch."""
     from gpu_nn.ops import pool as P
 
-    monkeypatch.setattr(P, "_avg_refusals", lambda: {"kernel_size": {0, -1}, "stride": {-1}, "padding": set()})
+    monkeypatch.setattr(P, "_AVG_REFUSED", {"kernel_size": {0, -1}, "stride": {-1}, "padding": set()})
     monkeypatch.setattr(P, "_PARSED", {})
     x2, x1 = torch.zeros(2, 3, 5, 5), torch.zeros(2, 3, 7)
     for fn, x, kw in ((F.avg_pool2d, x2, dict(kernel_size=0, padding=-1)), (F.avg_pool2d, x2[0, 0], dict(kernel_size=(3, -1))),

@@ -18,7 +18,6 @@ place by every backend).
 
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import numpy as np
@@ -132,15 +131,13 @@ def _pair2d_args(op: str, k, s, p, d):
     return k, (k if len(s) == 0 else two(s)), two(p), two(d)
 
 
-@functools.cache
 def _avg_refusals() -> dict:
     """Which values of avg_pool2d's kernel_size, stride and padding the installed torch refuses
     as "integer out of range" in its meta function, each right after that argument's arity
     check and so before any shape check: torch 2.11 refuses kernel sizes < 1 and some strides
     there; 2.13 leaves every sign to pooling_output_shape and pool2d_shape_check (their own
     wording, which _check_2d_shape has). Found once by asking torch about 0 and -1 for each
-    argument on a 1x1x1x1 tensor, so the wording follows whichever torch is installed: on first
-    use, not at import (six torch calls that most programs never need)."""
+    argument on a 1x1x1x1 tensor, so the wording follows whichever torch is installed."""
     x = torch.zeros(1, 1, 1, 1)
     refused = {}
     for name in ("kernel_size", "stride", "padding"):
@@ -155,9 +152,12 @@ def _avg_refusals() -> dict:
     return refused
 
 
+_AVG_REFUSED = _avg_refusals()
+
+
 def _check_avg_range(name: str, v) -> None:
     """torch's up-front range check of one avg_pool2d argument (see _avg_refusals)."""
-    bad = _avg_refusals()[name]
+    bad = _AVG_REFUSED[name]
     if bad and any((e < 0 and -1 in bad) or (e == 0 and 0 in bad) for e in v):
         raise KernelInputError("integer out of range")
 
