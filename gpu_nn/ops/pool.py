@@ -152,6 +152,8 @@ def _avg_refusals() -> dict:
     return refused
 
 
+# at import, outside any torch.compile trace: asked lazily, the first use may come while dynamo
+# traces, and the probe's own avg_pool2d call would be traced with fake tensors
 _AVG_REFUSED = _avg_refusals()
 
 
