@@ -777,7 +777,7 @@ def _persist_setup(mode: str, B: int, H: int, T: int, dtype, device: str, copies
     out = torch.empty(T, B, H, dtype=dtype, device=dev)
     sm = _sm_count(dev)
 
-    def launch(cfg, i, kernel_name=None, kernel=None):
+    def launch(cfg, i, kernel=None):
         bh, bk, w = cfg["BLOCK_H"], cfg["BLOCK_K"], cfg["num_warps"]
         patch = {"PERSIST_BLOCKS": (krnn.PERSIST_BLOCKS[0], bh, bk), "persist_launch": lambda *a, _w=w: (_w, 1)}
         if kernel is not None:
