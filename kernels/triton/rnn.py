@@ -500,7 +500,9 @@ STEP_BLOCKS = (16, 16, 32, 4, 3)  # BLOCK_B, BLOCK_H, BLOCK_K, num_warps, num_st
 # batch, the fastest correct configuration without spills; a session copies those that beat
 # STEP_BLOCKS here, e.g. ("fwd", "lstm", 64, "tf32"): (16, 32, 64, 4, 3). pass: "fwd" / "bwd";
 # mode: a MODE_CODES key; bucket: STEP_BATCH_BUCKETS entry holding B (None above the last);
-# dot kind: ``dot_kind(dot)``. Every entry is compiled by aot_specs() (tests/test_compile.py
+# dot kind: ``dot_kind(dot)``. A best entry's op "lstm step fwd", dtype float32, shape "N=64 H=512
+# tf32" is the key ("fwd", "lstm", 64, "tf32"); its op "rnn step ..." serves "rnn_tanh" and
+# "rnn_relu" (the sweep runs tanh). Every entry is compiled by aot_specs() (tests/test_compile.py
 # checks it compiles without spills), and must have BLOCK_B, BLOCK_H, BLOCK_K >= 16 (tl.dot).
 STEP_TABLE: dict = {}
 STEP_BATCH_BUCKETS = (16, 64)  # B <= 16 (the small-batch bench), B <= 64 (its N=64), larger
