@@ -455,6 +455,28 @@ def test_softmax_backend_matches_reference(backend, device, name, shape, dim, rn
         KERNEL_ERR[(backend, name, str(dtype))] = max(KERNEL_ERR.get((backend, name, str(dtype)), 0), e)
 
 
+@pytest.mark.parametrize("backend,device", backend_params(("triton",)))
+@pytest.mark.parametrize("name", SOFTMAX)
+def test_softmax_rows_in_place_and_strided_match_reference(backend, device, name, rng):
+    """A last-dim softmax of a contiguous input runs on the tensors as they are (no [rows, n]
+    view in or out); a transposed input, a non-last dim and an expanded gradient (from sum())
+    take the general path. Both against the reference, values and gradients."""
+    ours, _ = SOFTMAX[name]
+    for dtype in gpu_dtypes_for(backend, device):
+        x = randn(rng, 3, 5, 17) * 3
+        for fn, k in ((lambda x: ours(x, -1), 17), (lambda x: ours(x, 2), 17), (lambda x: ours(x.transpose(1, 2), -1), 5),
+                      (lambda x: ours(x.transpose(0, 2), 0), 17), (lambda x: ours(x[:, 1], 1), 17)):
+            e = _check_backend(fn, [x], [0], dtype, device, backend, k=k, what=name)
+            KERNEL_ERR[(backend, name, str(dtype))] = max(KERNEL_ERR.get((backend, name, str(dtype)), 0), e)
+        xr = x.clone().requires_grad_()
+        with gpu_nn.backend("reference"):
+            ours(xr, -1).sum().backward()
+        xt = x.to(device=device, dtype=dtype).requires_grad_()
+        with gpu_nn.backend(backend):
+            ours(xt, -1).sum().backward()  # the gradient reaching the backward is expanded (stride 0)
+        assert_close(xt.grad, xr.grad, dtype, k=17, what=f"{name} expanded gradient {dtype}")
+
+
 @pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
 @pytest.mark.parametrize("shape,prob,weight,reduction,smoothing", [
     ((9, 29), False, False, "mean", 0.0),
