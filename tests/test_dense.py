@@ -997,3 +997,14 @@ def test_parallel_compile_says_whether_triton_has_the_mode(monkeypatch):
     monkeypatch.setitem(sys.modules, "triton.runtime._async_compile", None)  # import now fails
     with parallel_compile(2) as available:
         assert available is False
+
+
+def test_cpu_autocast_region_reaches_linear(rng):
+    """autocast_inputs asks one 'any autocast region?' question before the per-device one: a CPU
+    region must still be seen (linear runs in its dtype, as torch's), and none outside it."""
+    x, w, b = (torch.from_numpy(rng.standard_normal(s)).float() for s in ((3, 5), (4, 5), (4,)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, yt = F.linear(x, w, b), torch.nn.functional.linear(x, w, b)
+    assert y.dtype == yt.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), yt.float(), rtol=2e-2, atol=2e-2)
+    assert F.linear(x, w, b).dtype == torch.float32

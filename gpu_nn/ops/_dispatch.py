@@ -175,6 +175,7 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 _SCALARS = (int, float, bool, str, type(None))
+_SETTLED = frozenset((*_PLAIN, *_SCALARS))  # one hashed look-up per argument, not two tuple scans
 
 
 def _plain(args) -> bool:
@@ -183,12 +184,11 @@ def _plain(args) -> bool:
     on every eager call, and an op's argument lists are mostly ints."""
     for a in args:
         t = type(a)
-        if t in _PLAIN or t in _SCALARS:
+        if t in _SETTLED:
             continue
         if t is list or t is tuple:  # int lists (kernel sizes, strides): no call per list
             for e in a:
-                te = type(e)
-                if te in _PLAIN or te in _SCALARS:
+                if type(e) in _SETTLED:
                     continue
                 if isinstance(e, torch.Tensor) or (isinstance(e, (list, tuple)) and not _plain(e)):
                     return False
