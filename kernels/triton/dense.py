@@ -537,7 +537,7 @@ _CE_INTERP_BLOCK = 64
 def ce_config(C: int, interpret: bool) -> tuple[int, int]:
     """(BLOCK, num_warps): the smallest block that holds the row, else the largest, looped."""
     if interpret:
-        return min(_CE_INTERP_BLOCK, max(16, next_power_of_2(C))), 4
+        return min(_CE_INTERP_BLOCK, max(16, triton.next_power_of_2(C))), 4
     for blk, warps in _CE_BLOCKS:
         if C <= blk:
             return blk, warps
