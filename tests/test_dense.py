@@ -1039,6 +1039,27 @@ def test_cross_entropy_target_check_kernel_finds_the_first_bad_target(backend, d
         F.cross_entropy(x, t.to(device))
 
 
+@pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_cross_entropy_compiled_backward_equals_eager(backend, device, reduction, rng):
+    """torch.compile(fullgraph) through fwd AND bwd: the saved statistics (fake shape = real
+    shape, 'mean' one entry longer) and the unmaterialised gradient of the statistics output
+    pass AOT autograd, and the gradient equals the eager one."""
+    x = randn(rng, 6, 9, dtype=torch.float32, device=device).requires_grad_()
+    t = torch.tensor([1, 8, 0, 3, 2, 3], device=device)
+    w = (torch.rand(9) + 0.5).to(device)
+
+    def f(x):
+        y = F.cross_entropy(x, t, w, reduction=reduction, ignore_index=3, label_smoothing=0.1)
+        return y.square().sum()
+
+    with gpu_nn.backend(backend):
+        (want,) = torch.autograd.grad(f(x), [x])
+        torch._dynamo.reset()
+        (got,) = torch.autograd.grad(torch.compile(f, fullgraph=True, backend="aot_eager")(x), [x])
+    torch.testing.assert_close(got, want)
+
+
 def test_full_precision_float32_product_reads_a_row_major_b():
     """kernels.triton.dense.b_operand: a column-major B (linear's x @ w.t()) is copied row-major
     for a full-precision float32 product of at least ROW_MAJOR_B_MIN_M rows (the H200 ran the
