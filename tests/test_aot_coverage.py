@@ -327,6 +327,8 @@ def extra_dense(rng, monkeypatch, rec):
                 idx = torch.from_numpy(rng.integers(0, C, 3))
                 _fwd_bwd(F.cross_entropy(x, idx))
                 _fwd_bwd(F.cross_entropy(x, idx, weight=w, label_smoothing=0.1))
+                if C == 7:  # the finish of a 'sum' (the check cases reach 'mean' and 'none')
+                    _fwd_bwd(F.cross_entropy(x, idx, weight=w, reduction="sum"))
                 prob = torch.softmax(torch.randn(3, C, dtype=torch.float64), -1).to(dt)
                 for wt in (None, w):
                     _fwd_bwd(F.cross_entropy(x, prob, weight=wt))

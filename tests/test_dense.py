@@ -953,15 +953,133 @@ def test_cross_entropy_kernels_guard_out_of_range_targets(backend, device, weigh
     t = torch.tensor([2, 9, -3, 6, 4], device=device)  # rows 1 and 2 out of range
     w = (torch.rand(C) + 0.5).to(device) if weighted else None
     loss = torch.empty(M, device=device)
-    lse = torch.empty(2, M, device=device)
-    kd.ce_fwd(x, t, w, loss, lse, False, -100, 0.0, ktriton.INTERPRET)
+    stats = torch.empty(3 * M + 1, device=device)
+    kd.ce_fwd(x, t, w, loss, stats, False, -100, 0.0, ktriton.INTERPRET)
     assert torch.isnan(loss[1:3]).all()
     good = torch.tensor([0, 3, 4])
     want = TF.cross_entropy(x[good].cpu().double(), t[good].cpu(), None if w is None else w.cpu().double(), reduction="none")
     assert_close(loss[good].cpu().double(), want, torch.float32, k=C, what="ce rows in range")
+    # the 'mean' finish: NaN, and the bad rows weigh nothing (no read of w outside [0, C))
+    out = torch.empty((), device=device)
+    kd.ce_reduce(loss, t, w, out, stats, True, False, -100, C, 0.0, ktriton.INTERPRET)
+    assert torch.isnan(out)
+    den = 3.0 if w is None else float(w[t[good]].sum())
+    assert float(stats[3 * M]) == pytest.approx(den, rel=1e-6)
     dx = torch.empty_like(x)
-    kd.ce_bwd(x, t, w, lse, torch.ones(M, device=device), dx, None, False, -100, 0.0, ktriton.INTERPRET)
+    kd.ce_bwd(x, t, w, stats, torch.ones(M, device=device), False, dx, None, False, -100, 0.0, ktriton.INTERPRET)
     assert torch.isnan(dx[1:3]).all() and torch.isfinite(dx[good]).all()
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("triton",)))
+@pytest.mark.parametrize("case", ["zero_weight_smooth", "all_ignored", "empty_mean", "prob_sum", "prob_mean"])
+def test_cross_entropy_reductions_finish_on_the_device(backend, device, case, rng):
+    """The 'sum' / 'mean' finish (one program) and the backward's read of grad / denominator
+    where torch has special values: a mean over zero total weight (0 / 0 = NaN; with label
+    smoothing NaN although the smoothing term is not 0, and NaN gradients), an empty batch
+    (mean NaN), probability targets (divided by the row count)."""
+    kw = {"zero_weight_smooth": dict(label_smoothing=0.2), "all_ignored": dict(ignore_index=3),
+          "empty_mean": {}, "prob_sum": dict(reduction="sum", label_smoothing=0.3), "prob_mean": {}}[case]
+    shape = (0, 5) if case == "empty_mean" else (7, 11) if case.startswith("prob") else (6, 5)
+    x = randn(rng, *shape)
+    if case.startswith("prob"):
+        t = torch.softmax(randn(rng, *shape), 1)
+    else:
+        t = torch.full(shape[:1], 3, dtype=torch.int64)
+    w = torch.from_numpy(rng.random(shape[1]) + 0.3) if case != "prob_mean" else None
+    if case == "zero_weight_smooth":
+        w[3] = 0.0  # every row's target weighs 0: the denominator is 0, the smoothing sum is not
+    for dtype in gpu_dtypes_for(backend, device):
+        _check_backend(lambda x, t, w: F.cross_entropy(x, t, w, **kw), [x, t, w], [0], dtype, device, backend,
+                       k=x.numel() + 1, what=f"cross_entropy {case}")
+    with gpu_nn.backend(backend):
+        xo = x.float().to(device).requires_grad_()
+        y = F.cross_entropy(xo, (t.float() if case.startswith("prob") else t).to(device),
+                            None if w is None else w.float().to(device), **kw)
+        (gx,) = torch.autograd.grad(y, [xo])
+    assert torch.isnan(y).item() == (case not in ("prob_sum", "prob_mean")), y
+    assert torch.isnan(gx).all() if case == "zero_weight_smooth" else not torch.isnan(gx).any(), gx
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("triton",)))
+@pytest.mark.parametrize("layout", ["expanded", "strided"])
+def test_cross_entropy_none_reads_grad_of_any_stride(backend, device, layout, rng, monkeypatch):
+    """'none': the backward reads the upstream gradient with its own stride (an expanded one
+    from ``loss.sum()``, a strided view) instead of a contiguous float32 copy of it."""
+    from gpu_nn.kernels.triton import dense as kd
+
+    x, t, w = _ce_inputs(rng, (9, 13), False, True, 4)
+    # made in float32 on the device: a conversion (.float(), .to) would hand over a dense copy
+    if layout == "expanded":
+        g = torch.full((), 0.7, device=device).expand(9)
+    else:
+        g = randn(rng, 9, 2, dtype=torch.float32, device=device)[:, 1]
+    with gpu_nn.backend("reference"):
+        xr = x.clone().requires_grad_()
+        (want,) = torch.autograd.grad(F.cross_entropy(xr, t, w, ignore_index=4, reduction="none"), [xr],
+                                      g.cpu().double())
+    with gpu_nn.backend(backend):
+        xo = x.float().to(device).requires_grad_()
+        y = F.cross_entropy(xo, t.to(device), w.float().to(device), ignore_index=4, reduction="none")
+        seen = []
+        orig = kd.ce_bwd
+        monkeypatch.setattr(kd, "ce_bwd", lambda *a: seen.append(a[4].stride()) or orig(*a))
+        (got,) = torch.autograd.grad(y, [xo], g)
+    assert seen == [g.stride()] and g.stride() != (1,)  # read as it is, no copy
+    assert_close(got, want, torch.float32, k=13, what=f"cross_entropy none grad {layout}")
+    assert_close(got, want, torch.float32, k=13, what=f"cross_entropy none grad {layout}")
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("triton",)))
+def test_cross_entropy_target_check_kernel_finds_the_first_bad_target(backend, device, rng, monkeypatch):
+    """The range check that the Triton route runs on a GPU (one kernel, one copy back): the
+    first offending target in row order, whichever program's blocks it falls in (several
+    programs, each looping over several blocks), or None; ignore_index is never offending."""
+    from gpu_nn.kernels import triton as ktriton
+    from gpu_nn.kernels.triton import dense as kd
+
+    C, ii = 7, -100
+    for M in (1, 37, 203):
+        t = torch.from_numpy(rng.integers(0, C, M))
+        t[rng.random(M) < 0.2] = ii
+        for bad in ([], [M - 1], [int(rng.integers(M)), M - 1], sorted(set(rng.integers(0, M, 3).tolist()))):
+            tb = t.clone()
+            for i, r in enumerate(bad):
+                tb[r] = C + i if i % 2 == 0 else -2 - i
+            pairs = kd.ce_check_targets(tb.to(device), C, ii, ktriton.INTERPRET)
+            assert 1 <= pairs.shape[0] <= (4 if ktriton.INTERPRET else kd._CE_CHECK_PROGRAMS)
+            got = kd.first_bad_target(pairs.tolist(), M)
+            assert got == (int(tb[bad[0]]) if bad else None), (M, bad)
+    if ktriton.INTERPRET:
+        assert kd.ce_check_targets(torch.zeros(203, dtype=torch.int64), C, ii, True).shape[0] == 4  # 13 blocks, 4 programs
+    # through the op: refused with torch's message before any kernel of the op runs
+    x = randn(rng, 203, C, dtype=torch.float32).to(device)
+    t = torch.from_numpy(rng.integers(0, C, 203))
+    t[150], t[180] = C + 2, -5
+    for name in ("ce_fwd", "ce_reduce", "ce_bwd"):
+        monkeypatch.setattr(kd, name, lambda *a, name=name: pytest.fail(f"{name} ran before the range check"))
+    with gpu_nn.backend(backend), pytest.raises(gpu_nn.KernelInputError, match=f"Target {C + 2} is out of bounds."):
+        F.cross_entropy(x, t.to(device))
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_cross_entropy_compiled_backward_equals_eager(backend, device, reduction, rng):
+    """torch.compile(fullgraph) through fwd AND bwd: the saved statistics (fake shape = real
+    shape, 'mean' one entry longer) and the unmaterialised gradient of the statistics output
+    pass AOT autograd, and the gradient equals the eager one."""
+    x = randn(rng, 6, 9, dtype=torch.float32, device=device).requires_grad_()
+    t = torch.tensor([1, 8, 0, 3, 2, 3], device=device)
+    w = (torch.rand(9) + 0.5).to(device)
+
+    def f(x):
+        y = F.cross_entropy(x, t, w, reduction=reduction, ignore_index=3, label_smoothing=0.1)
+        return y.square().sum()
+
+    with gpu_nn.backend(backend):
+        (want,) = torch.autograd.grad(f(x), [x])
+        torch._dynamo.reset()
+        (got,) = torch.autograd.grad(torch.compile(f, fullgraph=True, backend="aot_eager")(x), [x])
+    torch.testing.assert_close(got, want)
 
 
 def test_full_precision_float32_product_reads_a_row_major_b():

@@ -7,8 +7,9 @@ calls a ``torch.library.custom_op`` in the ``gpu_nn`` namespace:
 * ``gpu_nn::linear(input, weight, bias, activation)`` / ``gpu_nn::linear_backward``
 * ``gpu_nn::softmax`` / ``gpu_nn::log_softmax`` ``(input, dim)`` and their ``*_backward(grad, output, dim)``
 * ``gpu_nn::cross_entropy(input, target, weight, reduction, ignore_index, label_smoothing)``
-  returning ``(loss, lse)`` (``lse``: the [2, M] row statistics max and log-sum-exp of x - max,
-  saved for the backward; kept apart because their sum rounds to x's precision), and
+  returning ``(loss, lse)`` (``lse``: the statistics saved for the backward, flat: the [3, M]
+  row statistics max, log-sum-exp of x - max (kept apart because their sum rounds to x's
+  precision) and total weight, then for 'mean' the denominator), and
   ``gpu_nn::cross_entropy_backward`` returning ``(grad_input, grad_target)``.
 
 ``flatten`` is deliberately a plain ``reshape``, not a custom op: it moves no data whenever the
@@ -562,28 +563,25 @@ def _ce_2d(input: Tensor, target: Tensor, prob: bool):
     return x2.contiguous(), t2.contiguous()
 
 
-def _ce_row_weights(t2: Tensor, weight: Tensor | None, ignore_index: int, prob: bool, M: int, dtype) -> Tensor:
-    """The [M] float32 weights that 'mean' divides by: w[t] (0 where ignored), or 1 per row
-    for probability targets."""
-    dev = t2.device
-    if prob:
-        return torch.ones(M, dtype=torch.float32, device=dev)
-    valid = t2 != ignore_index
-    if weight is None:
-        return valid.to(torch.float32)
-    idx = torch.where(valid, t2, torch.zeros((), dtype=t2.dtype, device=dev)).long()
-    return torch.where(valid, weight.float()[idx], torch.zeros((), device=dev))
-
-
 def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
     """The saved row statistics keep float64 for float64 inputs (gradient checks), else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _check_target_range(target: Tensor, ignore_index: int, C: int) -> None:
+def _stats_size(M: int, reduction: str) -> int:
+    """Length of the saved statistics ``stats``: [3, M] row statistics (max, log-sum-exp of
+    x - max, the row's total weight W), flattened, and for 'mean' one more entry, the
+    denominator (see kernels/triton/dense.py ``_ce_fwd_kernel`` / ``_ce_reduce_kernel``): what
+    the backward needs, so that it launches one kernel and no reduction."""
+    return 3 * M + (reduction == "mean")
+
+
+def _check_target_range(target: Tensor, ignore_index: int, C: int, kernels=None) -> None:
     """Out-of-range class indices would make a kernel read outside its row: refuse them here,
     in the launcher (inside the custom op, so that torch.compile never traces this
-    data-dependent test), before any kernel runs. Costs one reduction and a sync on a GPU."""
+    data-dependent test), before any kernel of the op runs. Costs, on a GPU, one small
+    kernel (``kernels``: ``_triton_modules()``, given when the op runs on Triton) and one copy
+    to the host of its per-program answers; on a CPU two NumPy reductions."""
     if target.numel() == 0:
         return
     if target.is_cuda and torch.cuda.is_current_stream_capturing():
@@ -594,6 +592,13 @@ def _check_target_range(target: Tensor, ignore_index: int, C: int) -> None:
         t = target.numpy()  # two NumPy reductions; the five torch ops below cost 4x more on a tiny target
         if t.min() >= 0 and t.max() < C:
             return
+    if kernels is not None and target.dtype == torch.int64:
+        ktriton, kd = kernels
+        t1 = target.reshape(-1).contiguous()
+        bad = kd.first_bad_target(kd.ce_check_targets(t1, C, ignore_index, ktriton.INTERPRET).tolist(), t1.shape[0])
+        if bad is not None:
+            raise KernelInputError(f"Target {bad} is out of bounds.")
+        return
     bad = (target != ignore_index) & ((target < 0) | (target >= C))
     if bool(bad.any()):
         raise KernelInputError(f"Target {int(target[bad].reshape(-1)[0])} is out of bounds.")
@@ -601,42 +606,48 @@ def _check_target_range(target: Tensor, ignore_index: int, C: int) -> None:
 
 def cross_entropy_forward(input: Tensor, target: Tensor, weight: Tensor | None, reduction: str, ignore_index: int,
                           label_smoothing: float) -> tuple[Tensor, Tensor]:
-    """(loss, lse): the loss as torch's cross_entropy, and the [2, M] statistics of each row,
-    max and log(sum(exp(x - max))) (M = input.numel() / C; float32, float64 for float64 input),
-    that the backward reuses instead of a second reduction."""
+    """(loss, stats): the loss as torch's cross_entropy, and the statistics the backward reuses
+    instead of a second reduction (:func:`_stats_size`; float32, float64 for float64 input;
+    M = input.numel() / C). The Triton route launches the per-row kernel and, for 'sum' /
+    'mean', one finishing reduction; the reference fills only the [2, M] max / log-sum-exp rows
+    that its backward reads (the rest 0)."""
     M, C = _ce_rows(input)
     prob = target.is_floating_point()
-    if not prob:
-        _check_target_range(target, ignore_index, C)
     backend = _backend.resolve("cross_entropy", input.device, BACKENDS)
     if backend == "reference":
+        if not prob:
+            _check_target_range(target, ignore_index, C)
         xn, tn, wn = to_numpy(input), to_numpy(target), to_numpy(weight)
         loss, lse = ref.cross_entropy_forward(xn, tn, wn, ignore_index, reduction, label_smoothing)
-        return from_numpy(loss, input.dtype, input.device), from_numpy(lse, _lse_dtype(input.dtype), input.device)
+        stats = np.zeros(_stats_size(M, reduction), lse.dtype)
+        stats[: 2 * M] = lse.reshape(-1)
+        return from_numpy(loss, input.dtype, input.device), from_numpy(stats, _lse_dtype(input.dtype), input.device)
     _backend.check_interpreter_dtype("cross_entropy", backend, input, target if prob else None, weight)
     ktriton, kd = _triton_modules()
+    if not prob:
+        _check_target_range(target, ignore_index, C, (ktriton, kd))
     x2, t2 = _ce_2d(input, target, prob)
-    loss_rows = empty((M,), dtype=torch.float32, device=input.device)
-    lse = empty((2, M), dtype=_lse_dtype(input.dtype), device=input.device)
+    stats = empty((_stats_size(M, reduction),), dtype=_lse_dtype(input.dtype), device=input.device)
     w = None if weight is None else weight.contiguous()
-    kd.ce_fwd(x2, t2, w, loss_rows, lse, prob, ignore_index, label_smoothing, ktriton.INTERPRET)
-    if reduction == "none":
-        loss = loss_rows.reshape(ref.ce_loss_shape(tuple(input.shape), tuple(target.shape), prob))
-    elif reduction == "sum":
-        loss = loss_rows.sum()
-    else:
-        denom = _ce_row_weights(t2, weight, ignore_index, prob, M, input.dtype).sum()
-        loss = loss_rows.sum() / denom
-        if label_smoothing > 0 and not prob:  # torch: NaN (its nll term is 0 / 0), not sum / 0
-            loss = torch.where(denom == 0, torch.full_like(loss, float("nan")), loss)
-    return loss.to(input.dtype), lse
+    if reduction == "none":  # the kernel writes the losses in the input's dtype, in the loss's shape
+        loss = empty((M,), dtype=input.dtype, device=input.device)
+        kd.ce_fwd(x2, t2, w, loss, stats, prob, ignore_index, label_smoothing, ktriton.INTERPRET)
+        return loss.reshape(ref.ce_loss_shape(tuple(input.shape), tuple(target.shape), prob)), stats
+    loss_rows = empty((M,), dtype=torch.float32, device=input.device)
+    kd.ce_fwd(x2, t2, w, loss_rows, stats, prob, ignore_index, label_smoothing, ktriton.INTERPRET)
+    loss = empty((), dtype=input.dtype, device=input.device)
+    kd.ce_reduce(loss_rows, t2, w, loss, stats, reduction == "mean", prob, ignore_index, C, label_smoothing,
+                 ktriton.INTERPRET)
+    return loss, stats
 
 
 def cross_entropy_backward(grad: Tensor, input: Tensor, target: Tensor, weight: Tensor | None, lse: Tensor,
                            reduction: str, ignore_index: int, label_smoothing: float,
                            target_grad: bool) -> tuple[Tensor, Tensor]:
     """(grad_input [input's shape], grad_target [input's shape] for probability targets when
-    ``target_grad``, else [0]); see :func:`reference.dense.cross_entropy_backward`."""
+    ``target_grad``, else [0]); ``lse``: the forward's statistics (:func:`_stats_size`); see
+    :func:`reference.dense.cross_entropy_backward`. The Triton route is one kernel launch,
+    reading ``grad`` (0-d, or the loss's shape for 'none', any float dtype) as it is."""
     M, C = _ce_rows(input)
     prob = target.is_floating_point()
     want_dt = prob and target_grad
@@ -644,6 +655,7 @@ def cross_entropy_backward(grad: Tensor, input: Tensor, target: Tensor, weight: 
     args = (ignore_index, reduction, label_smoothing)
     if backend == "reference":
         gn, xn, tn, wn, ln = to_numpy(grad), to_numpy(input), to_numpy(target), to_numpy(weight), to_numpy(lse)
+        ln = ln[: 2 * M]
         dx = from_numpy(ref.cross_entropy_backward(gn, xn, tn, wn, *args, lse=ln), input.dtype, input.device)
         if want_dt:
             dt = from_numpy(ref.cross_entropy_target_backward(gn, xn, tn, wn, *args, lse=ln), target.dtype, target.device)
@@ -653,23 +665,15 @@ def cross_entropy_backward(grad: Tensor, input: Tensor, target: Tensor, weight: 
     _backend.check_interpreter_dtype("cross_entropy_backward", backend, grad, input, weight)
     ktriton, kd = _triton_modules()
     x2, t2 = _ce_2d(input, target, prob)
-    # the share of grad that each row's loss gets, in float32 (M values: host-side torch ops)
-    g = grad.float()
-    if reduction == "none":
-        scale = g.reshape(M).contiguous()
-    elif reduction == "sum":
-        scale = g.reshape(1).expand(M).contiguous()
-    else:
-        denom = _ce_row_weights(t2, weight, ignore_index, prob, M, input.dtype).sum()
-        if label_smoothing > 0 and not prob:  # torch's NaN loss (see the forward) has NaN gradients
-            denom = torch.where(denom == 0, torch.full_like(denom, float("nan")), denom)
-        scale = (g / denom).reshape(1).expand(M).contiguous()
+    # [M] with one stride: a view whenever the layout allows (an expanded grad included), 0-d as is
+    g = grad.reshape(M) if reduction == "none" else grad
     dx2 = empty((M, C), dtype=input.dtype, device=input.device)
     dt2 = empty((M, C), dtype=target.dtype, device=target.device) if want_dt else None
     w = None if weight is None else weight.contiguous()
-    kd.ce_bwd(x2, t2, w, lse.contiguous(), scale, dx2, dt2, prob, ignore_index, label_smoothing, ktriton.INTERPRET)
+    kd.ce_bwd(x2, t2, w, lse.contiguous(), g, reduction == "mean", dx2, dt2, prob, ignore_index, label_smoothing,
+              ktriton.INTERPRET)
     dx = _ce_unflatten(dx2, input)
-    dt = _ce_unflatten(dt2, input) if want_dt else input.new_zeros(0)
+    dt = _ce_unflatten(dt2, input) if want_dt else input.new_empty(0)
     return dx, dt
 
 
@@ -695,7 +699,7 @@ def _(input, target, weight, reduction, ignore_index, label_smoothing):
     shape = ref.ce_loss_shape(tuple(input.shape), tuple(target.shape), prob) if reduction == "none" else ()
     M = math.prod(lead) if lead else 1
     del C
-    return input.new_empty(shape), input.new_empty((2, M), dtype=_lse_dtype(input.dtype))
+    return input.new_empty(shape), input.new_empty((_stats_size(M, reduction),), dtype=_lse_dtype(input.dtype))
 
 
 @routed
@@ -717,10 +721,13 @@ def _ce_setup(ctx, inputs, output):
     ctx.args = (reduction, ignore_index, label_smoothing)
     ctx.prob = target.is_floating_point()
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # no zero-filled gradient for the statistics, which nothing reads
     ctx.save_for_backward(input, target, weight, output[1])
 
 
 def _ce_backward(ctx, grad, _grad_lse):
+    if grad is None:  # not materialised (see _ce_setup): an undefined gradient gives undefined ones
+        return None, None, None, None, None, None
     input, target, weight, lse = ctx.saved_tensors
     want_dt = ctx.prob and ctx.needs_input_grad[1]
     dx, dt = _cross_entropy_backward_op(grad, input, target, weight, lse, *ctx.args, want_dt)
@@ -902,8 +909,9 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, s
     label_smoothing = float(label_smoothing) if float(label_smoothing) > 0.0 else 0.0  # as torch
     if prob:
         # torch computes -(log_softmax(input) * smoothed target * weight) in the promoted dtype
-        dt = torch.promote_types(input.dtype, target.dtype)
-        if weight is not None:
+        # (asked only where the dtypes differ: promote_types is an aten call of its own)
+        dt = input.dtype if target.dtype == input.dtype else torch.promote_types(input.dtype, target.dtype)
+        if weight is not None and weight.dtype != dt:
             dt = torch.promote_types(dt, weight.dtype)
         input, target = input.to(dt), target.to(dt)
         weight = None if weight is None else weight.to(dt)

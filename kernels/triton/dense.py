@@ -390,7 +390,7 @@ def softmax_bwd_rows(g, y, dx, rows: int, n: int, log: bool, interpret: bool) ->
 
 
 @triton.jit
-def _ce_fwd_kernel(x_ptr, t_ptr, w_ptr, loss_ptr, lse_ptr, C, ignore_index, eps,
+def _ce_fwd_kernel(x_ptr, t_ptr, w_ptr, loss_ptr, stats_ptr, C, ignore_index, eps,
                    PROB: tl.constexpr, HAS_W: tl.constexpr, BLOCK: tl.constexpr):
     """Per-row cross entropy of contiguous logits [M, C], in ONE pass over the logits.
 
@@ -406,7 +406,10 @@ def _ce_fwd_kernel(x_ptr, t_ptr, w_ptr, loss_ptr, lse_ptr, C, ignore_index, eps,
     smoothing over [2e38, 2e38, 1]: torch 6.67e36). NaN / inf as torch's term-by-term sums:
     NaN or +inf in a row, or an all -inf row, give NaN; a 0 weight on a -inf logit gives NaN.
 
-    Writes float32 loss[M] and the row statistics lse[0, M] = m, lse[1, M] = log_s.
+    Writes loss[M] (in loss_ptr's dtype: float32 for a reduction to finish, the input's for
+    'none') and the row statistics stats[0, M] = m, stats[1, M] = log_s, stats[2, M] = the row's
+    total weight W (sum_c w_c for indices, C without weights; sum_c w_c t'_c for probabilities),
+    which the backward needs before its pass and so need not sum again.
     """
     row = tl.program_id(0).to(tl.int64)
     M = tl.num_programs(0).to(tl.int64)
@@ -440,7 +443,8 @@ def _ce_fwd_kernel(x_ptr, t_ptr, w_ptr, loss_ptr, lse_ptr, C, ignore_index, eps,
     log_s = tl.log(tl.sum(s_vec * tl.exp(m_vec - m_safe), 0))
     log_s = tl.where(m == float("-inf"), float("nan"), log_s)  # torch: all -inf -> NaN
     lin_m = tl.sum(lin + tl.where((m_vec == m) | (wsum == 0.0), 0.0, wsum * (m_vec - m)), 0)
-    smooth = tl.sum(wsum, 0) * log_s - lin_m
+    w_row = tl.sum(wsum, 0)
+    smooth = w_row * log_s - lin_m
     if PROB:
         loss = smooth
     else:
@@ -459,53 +463,106 @@ def _ce_fwd_kernel(x_ptr, t_ptr, w_ptr, loss_ptr, lse_ptr, C, ignore_index, eps,
         # torch adds the smoothing term only for eps > 0 (0 * inf would be NaN)
         loss += tl.where(eps > 0.0, (eps / C) * smooth, 0.0)
         loss = tl.where(valid, tl.where(in_range, loss, float("nan")), 0.0)
-    tl.store(loss_ptr + row, loss)
-    tl.store(lse_ptr + row, m)
-    tl.store(lse_ptr + M + row, log_s)
+    tl.store(loss_ptr + row, loss.to(loss_ptr.dtype.element_ty))
+    tl.store(stats_ptr + row, m)
+    tl.store(stats_ptr + M + row, log_s)
+    tl.store(stats_ptr + 2 * M + row, w_row)
 
 
-@triton.jit
-def _ce_bwd_kernel(x_ptr, t_ptr, w_ptr, wtot_ptr, lse_ptr, scale_ptr, dx_ptr, dt_ptr, C, ignore_index, eps,
+@triton.jit(do_not_specialize=["M"])
+def _ce_reduce_kernel(loss_ptr, t_ptr, w_ptr, out_ptr, stats_ptr, M, C, ignore_index, eps,
+                      MEAN: tl.constexpr, PROB: tl.constexpr, HAS_W: tl.constexpr, BLOCK: tl.constexpr):
+    """'sum' / 'mean' of the float32 row losses loss[M], in ONE program: per-lane float32 sums
+    in a fixed order, then one tree sum (deterministic, no atomics), stored in out_ptr's dtype.
+
+    'mean' divides by the denominator D = sum of w[t] over the non-ignored rows (indices; 1 per
+    row without weights) or M (probabilities), and stores D at stats[3 M] for the backward. With
+    label smoothing and index targets D = 0 becomes NaN (torch averages its nll and smoothing
+    terms separately, and the nll term is 0 / 0), so the loss and its gradient are NaN.
+    ``t_ptr`` / ``w_ptr`` are read only for 'mean' over index targets (resp. with weights).
+    """
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    den = tl.zeros((BLOCK,), dtype=tl.float32)
+    for start in range(0, M, BLOCK):
+        rows = start + tl.arange(0, BLOCK).to(tl.int64)
+        mask = rows < M
+        acc += tl.load(loss_ptr + rows, mask=mask, other=0.0)
+        if MEAN and not PROB:
+            t = tl.load(t_ptr + rows, mask=mask, other=ignore_index)
+            # an out-of-range target (only during CUDA graph capture, see _ce_fwd_kernel) has a
+            # NaN loss already: it weighs 0 here and reads nothing outside w
+            valid = mask & (t != ignore_index) & (t >= 0) & (t < C)
+            if HAS_W:
+                den += tl.load(w_ptr + tl.where(valid, t, 0), mask=valid, other=0.0).to(tl.float32)
+            else:
+                den += tl.where(valid, 1.0, 0.0)
+    total = tl.sum(acc, 0)
+    if MEAN:
+        if PROB:
+            d = M * 1.0
+        else:
+            d = tl.sum(den, 0)
+            d = tl.where((eps > 0.0) & (d == 0.0), float("nan"), d)
+        total = total / d
+        tl.store(stats_ptr + 3 * M, d)
+    tl.store(out_ptr, total.to(out_ptr.dtype.element_ty))
+
+
+@triton.jit(do_not_specialize=["M"])
+def _ce_target_check_kernel(t_ptr, out_ptr, M, C, ignore_index, BLOCK: tl.constexpr):
+    """The first out-of-range class index of t[M] among this program's blocks (blocks pid,
+    pid + P, pid + 2P, ...: each program visits its rows in increasing order): writes
+    out[pid] = (row, t[row]), row = M when every target is in [0, C) or ignore_index. Every
+    entry is written, so the buffer needs no zero-fill; the host reads all P pairs at once."""
+    pid = tl.program_id(0)
+    P = tl.num_programs(0)
+    M64 = M.to(tl.int64)
+    first = M64
+    for start in range(pid * BLOCK, M, P * BLOCK):
+        rows = start + tl.arange(0, BLOCK).to(tl.int64)
+        mask = rows < M64
+        t = tl.load(t_ptr + rows, mask=mask, other=ignore_index)
+        bad = mask & (t != ignore_index) & ((t < 0) | (t >= C))
+        first = tl.minimum(first, tl.min(tl.where(bad, rows, M64), 0))
+    v = tl.load(t_ptr + first, mask=first < M64, other=0)
+    tl.store(out_ptr + 2 * pid, first)
+    tl.store(out_ptr + 2 * pid + 1, v.to(tl.int64))
+
+
+@triton.jit(do_not_specialize=["stride_g", "mean"])
+def _ce_bwd_kernel(x_ptr, t_ptr, w_ptr, stats_ptr, g_ptr, stride_g, mean, dx_ptr, dt_ptr, C, ignore_index, eps,
                    PROB: tl.constexpr, HAS_W: tl.constexpr, HAS_DT: tl.constexpr, BLOCK: tl.constexpr):
     """d loss / d logits for one row, logp = (x - m) - log_s and p = exp(logp) from the saved
-    row statistics lse[2, M] (never x - (m + log_s): see :func:`_row_stats`), s = scale[row]:
+    row statistics stats[3, M] of :func:`_ce_fwd_kernel` (never x - (m + log_s): see
+    :func:`_row_stats`), W = stats[2, row], and the row's share of the upstream gradient
+    s = g[row * stride_g] (any float dtype; stride 0 for 'sum' / 'mean'), divided by the 'mean'
+    denominator stats[3 M] when ``mean`` (of :func:`_ce_reduce_kernel`, NaN where torch's is):
 
-    * indices: s ((1 - eps) w_t (p - onehot(t)) + eps / C (W p - w)), W = sum(w); s = 0 if ignored
-    * probabilities: s (p sum_c w_c t'_c - w t'); with HAS_DT also d/dt = -(1 - eps) s w logp
+    * indices: s ((1 - eps) w_t (p - onehot(t)) + eps / C (W p - w)); s = 0 if ignored
+    * probabilities: s (p W - w t'); with HAS_DT also d/dt = -(1 - eps) s w logp
 
     (torch's log_softmax backward g - p sum(g) of the loss's g = d loss / d logp, regrouped:
     a NaN p, from a NaN / +inf / all -inf row, makes the whole row NaN as in torch, ignored
-    rows included.) Probability targets need sum_c w_c t'_c first: one extra pass over t.
+    rows included.)
     """
     row = tl.program_id(0).to(tl.int64)
     M = tl.num_programs(0).to(tl.int64)
     base = row * C
-    s = tl.load(scale_ptr + row)
-    m = tl.load(lse_ptr + row)
-    log_s = tl.load(lse_ptr + M + row)
-    if PROB:
-        acc = tl.zeros((BLOCK,), dtype=tl.float32)
-        for start in range(0, C, BLOCK):
-            cols = start + tl.arange(0, BLOCK).to(tl.int64)
-            mask = cols < C
-            t = tl.load(t_ptr + base + cols, mask=mask, other=0.0).to(tl.float32)
-            if HAS_W:
-                w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-            else:
-                w = tl.where(mask, 1.0, 0.0)
-            acc += w * (t * (1.0 - eps) + eps / C)
-        wt_sum = tl.sum(acc, 0)
-    else:
+    s = tl.load(g_ptr + row * stride_g).to(tl.float32)
+    if mean != 0:
+        s = s / tl.load(stats_ptr + 3 * M).to(tl.float32)
+    m = tl.load(stats_ptr + row)
+    log_s = tl.load(stats_ptr + M + row)
+    w_tot = tl.load(stats_ptr + 2 * M + row).to(tl.float32)
+    if not PROB:
         t_row = tl.load(t_ptr + row)
         valid = t_row != ignore_index
         in_range = (t_row >= 0) & (t_row < C)  # see the forward: NaN, never out of bounds
         tc = tl.where(valid & in_range, t_row, 0)
         if HAS_W:
             w_t = tl.load(w_ptr + tc).to(tl.float32)
-            w_tot = tl.load(wtot_ptr).to(tl.float32)
         else:
             w_t = 1.0
-            w_tot = C * 1.0
         s = tl.where(valid, tl.where(in_range, s, float("nan")), 0.0)
     for start in range(0, C, BLOCK):
         cols = start + tl.arange(0, BLOCK).to(tl.int64)
@@ -520,7 +577,7 @@ def _ce_bwd_kernel(x_ptr, t_ptr, w_ptr, wtot_ptr, lse_ptr, scale_ptr, dx_ptr, dt
         if PROB:
             t = tl.load(t_ptr + base + cols, mask=mask, other=0.0).to(tl.float32)
             tp = t * (1.0 - eps) + eps / C
-            dx = s * (p * wt_sum - w * tp)
+            dx = s * (p * w_tot - w * tp)
             if HAS_DT:
                 dt = -(1.0 - eps) * s * w * logp
                 tl.store(dt_ptr + base + cols, dt.to(dt_ptr.dtype.element_ty), mask=mask)
@@ -544,28 +601,73 @@ def ce_config(C: int, interpret: bool) -> tuple[int, int]:
     return _CE_BLOCKS[-1]
 
 
-def ce_fwd(x, t, w, loss, lse, prob: bool, ignore_index: int, eps: float, interpret: bool) -> None:
+def ce_fwd(x, t, w, loss, stats, prob: bool, ignore_index: int, eps: float, interpret: bool) -> None:
     """x [M, C] contiguous logits; t [M] int64 indices or [M, C] probabilities (x's dtype);
-    w [C] or None; writes float32 loss [M] and lse [M]."""
+    w [C] or None; writes loss [M] (float32, or the dtype of ``loss``) and stats[:3 M], the
+    [3, M] row statistics of :func:`_ce_fwd_kernel`."""
     M, C = x.shape
     if M == 0:
         return
     blk, warps = ce_config(C, interpret)
-    launch_kernel(_ce_fwd_kernel, (M,), x, t, w if w is not None else x, loss, lse, C, ignore_index, float(eps),
+    launch_kernel(_ce_fwd_kernel, (M,), x, t, w if w is not None else x, loss, stats, C, ignore_index, float(eps),
                   PROB=prob, HAS_W=w is not None, BLOCK=blk, num_warps=warps)
 
 
-def ce_bwd(x, t, w, lse, scale, dx, dt, prob: bool, ignore_index: int, eps: float, interpret: bool) -> None:
-    """dx [M, C] (and dt [M, C] for probability targets when given) from the saved lse [M]
-    and each row's float32 share of the upstream gradient, scale [M]."""
+_CE_REDUCE = (2048, 8)  # (BLOCK, num_warps) of the one program that sums the rows
+_CE_REDUCE_INTERP = 16
+
+
+def ce_reduce(loss_rows, t, w, out, stats, mean: bool, prob: bool, ignore_index: int, C: int, eps: float,
+              interpret: bool) -> None:
+    """out [] (any float dtype) = the sum of the float32 row losses loss_rows [M], or for
+    ``mean`` their mean as torch divides it (t [M] int64 indices, w [C] or None: the weights
+    of the non-ignored targets; probabilities: M), the denominator stored at stats[3 M]. One
+    launch, also for M = 0 (sum 0, mean NaN, as torch)."""
+    M = loss_rows.shape[0]
+    blk, warps = (_CE_REDUCE_INTERP, 4) if interpret else _CE_REDUCE
+    idx = mean and not prob  # only then are t and w read: the others pass float32 placeholders
+    has_w = idx and w is not None
+    launch_kernel(_ce_reduce_kernel, (1,), loss_rows, t if idx else loss_rows, w if has_w else loss_rows, out, stats,
+                  M, C, ignore_index, float(eps), MEAN=mean, PROB=mean and prob, HAS_W=has_w, BLOCK=blk,
+                  num_warps=warps)
+
+
+def ce_bwd(x, t, w, stats, g, mean: bool, dx, dt, prob: bool, ignore_index: int, eps: float, interpret: bool) -> None:
+    """dx [M, C] (and dt [M, C] for probability targets when given) from the saved stats of
+    :func:`ce_fwd` (and :func:`ce_reduce` for ``mean``) and the upstream gradient g: [M] with
+    any stride for 'none', 0-d for 'sum' / 'mean' (any float dtype; read as float32)."""
     M, C = x.shape
     if M == 0:
         return
     blk, warps = ce_config(C, interpret)
-    wtot = w.float().sum().reshape(1) if w is not None else lse
-    launch_kernel(_ce_bwd_kernel, (M,), x, t, w if w is not None else x, wtot, lse, scale, dx, dt if dt is not None else dx,
-                  C, ignore_index, float(eps), PROB=prob, HAS_W=w is not None, HAS_DT=dt is not None,
-                  BLOCK=blk, num_warps=warps)
+    stride_g = g.stride(0) if g.dim() else 0
+    launch_kernel(_ce_bwd_kernel, (M,), x, t, w if w is not None else x, stats, g, stride_g, int(mean), dx,
+                  dt if dt is not None else dx, C, ignore_index, float(eps), PROB=prob, HAS_W=w is not None,
+                  HAS_DT=dt is not None, BLOCK=blk, num_warps=warps)
+
+
+_CE_CHECK = (1024, 4)  # (BLOCK, num_warps) of the target check
+_CE_CHECK_INTERP = 16
+_CE_CHECK_PROGRAMS = 64  # at most: each writes one pair, all read back at once
+
+
+def ce_check_targets(t, C: int, ignore_index: int, interpret: bool):
+    """The first target of t [M] (int64, contiguous, M > 0) that is neither ignore_index nor
+    in [0, C), as (row, value), row = M when there is none: an int64 [P, 2] tensor on t's
+    device (P <= _CE_CHECK_PROGRAMS programs, each its blocks' first), to be read back in
+    ONE copy; :func:`first_bad_target` reads it."""
+    M = t.shape[0]
+    blk, warps = (_CE_CHECK_INTERP, 4) if interpret else _CE_CHECK
+    P = min(triton.cdiv(M, blk), 4 if interpret else _CE_CHECK_PROGRAMS)
+    out = torch.empty((P, 2), dtype=torch.int64, device=t.device)
+    launch_kernel(_ce_target_check_kernel, (P,), t, out, M, C, ignore_index, BLOCK=blk, num_warps=warps)
+    return out
+
+
+def first_bad_target(pairs: list, M: int):
+    """The offending value of :func:`ce_check_targets`' pairs (read back as a list), or None."""
+    row, value = min((tuple(p) for p in pairs), default=(M, 0))
+    return value if row < M else None
 
 
 # =========================================================================== AOT
@@ -608,18 +710,36 @@ def aot_specs():
                 tdt = dt if prob else "i64"
                 for has_w in (False, True):
                     lab = f"{dt} {'prob' if prob else 'index'} weight={has_w} BLOCK={blk}"
-                    specs.append(AotSpec(_ce_fwd_kernel, {"x_ptr": f"*{dt}", "t_ptr": f"*{tdt}", "w_ptr": f"*{dt}",
-                                                          "loss_ptr": "*fp32", "lse_ptr": "*fp32", "C": "i32",
-                                                          "ignore_index": "i32", "eps": "fp32", "PROB": "constexpr",
-                                                          "HAS_W": "constexpr", "BLOCK": "constexpr"},
-                                         {"PROB": prob, "HAS_W": has_w, "BLOCK": blk}, num_warps=warps, label=lab))
+                    # the row losses: float32 for a reduction to finish, the input's dtype for 'none'
+                    for ldt in sorted({"fp32", dt}):
+                        specs.append(AotSpec(_ce_fwd_kernel, {"x_ptr": f"*{dt}", "t_ptr": f"*{tdt}", "w_ptr": f"*{dt}",
+                                                              "loss_ptr": f"*{ldt}", "stats_ptr": "*fp32", "C": "i32",
+                                                              "ignore_index": "i32", "eps": "fp32", "PROB": "constexpr",
+                                                              "HAS_W": "constexpr", "BLOCK": "constexpr"},
+                                             {"PROB": prob, "HAS_W": has_w, "BLOCK": blk}, num_warps=warps,
+                                             label=lab + f" loss={ldt}"))
                     for has_dt in ((False, True) if prob else (False,)):
                         specs.append(AotSpec(
                             _ce_bwd_kernel,
-                            {"x_ptr": f"*{dt}", "t_ptr": f"*{tdt}", "w_ptr": f"*{dt}", "wtot_ptr": "*fp32",
-                             "lse_ptr": "*fp32", "scale_ptr": "*fp32", "dx_ptr": f"*{dt}", "dt_ptr": f"*{dt}",
-                             "C": "i32", "ignore_index": "i32", "eps": "fp32", "PROB": "constexpr",
+                            {"x_ptr": f"*{dt}", "t_ptr": f"*{tdt}", "w_ptr": f"*{dt}", "stats_ptr": "*fp32",
+                             "g_ptr": f"*{dt}", "stride_g": "i32", "mean": "i32", "dx_ptr": f"*{dt}",
+                             "dt_ptr": f"*{dt}", "C": "i32", "ignore_index": "i32", "eps": "fp32", "PROB": "constexpr",
                              "HAS_W": "constexpr", "HAS_DT": "constexpr", "BLOCK": "constexpr"},
                             {"PROB": prob, "HAS_W": has_w, "HAS_DT": has_dt, "BLOCK": blk}, num_warps=warps,
                             label=lab + f" dt={has_dt}"))
+        # the finishing reduction: 'sum'; 'mean' over probabilities; over indices, without and with weights
+        blk, warps = _CE_REDUCE
+        for mean, prob, has_w in ((False, False, False), (True, True, False), (True, False, False), (True, False, True)):
+            idx = mean and not prob
+            specs.append(AotSpec(_ce_reduce_kernel,
+                                 {"loss_ptr": "*fp32", "t_ptr": "*i64" if idx else "*fp32",
+                                  "w_ptr": f"*{dt}" if has_w else "*fp32", "out_ptr": f"*{dt}", "stats_ptr": "*fp32",
+                                  "M": "i32", "C": "i32", "ignore_index": "i32", "eps": "fp32", "MEAN": "constexpr",
+                                  "PROB": "constexpr", "HAS_W": "constexpr", "BLOCK": "constexpr"},
+                                 {"MEAN": mean, "PROB": prob, "HAS_W": has_w, "BLOCK": blk}, num_warps=warps,
+                                 label=f"{dt} {'mean' if mean else 'sum'}{' prob' if prob else ''} weight={has_w}"))
+    blk, warps = _CE_CHECK
+    specs.append(AotSpec(_ce_target_check_kernel, {"t_ptr": "*i64", "out_ptr": "*i64", "M": "i32", "C": "i32",
+                                                   "ignore_index": "i32", "BLOCK": "constexpr"},
+                         {"BLOCK": blk}, num_warps=warps, label="int64 targets"))
     return specs
