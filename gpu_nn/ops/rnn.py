@@ -339,7 +339,8 @@ def _dot_code(*dtypes, tf32: bool):
 
 def _lengths_on(lengths, T, B, device):
     """Per-sequence lengths on the device; full length where the caller gave none (the step
-    kernels always mask)."""
+    kernels always mask; a sequence passing none to the per-step kernels, t = -1 as the cells
+    do, would take a further compiled variant of each for the other lengths pointer type)."""
     if lengths is None:
         return torch.full((B,), T, dtype=torch.int64, device=device)
     return lengths.to(device=device, dtype=torch.int64)
@@ -833,6 +834,9 @@ def _seq_setup(ctx, inputs, output):
     ctx.has_cx = cx is not None
     ctx.n_w = len(weights)
     ctx.has_lengths, ctx.has_masks = lengths is not None, masks is not None
+    # no zero tensors for the gradients that do not come: the reserve's never does (a fill of
+    # its whole size per backward), h_n's / c_n's often not; the backward takes None
+    ctx.set_materialize_grads(False)
     # hx / cx are only read by the double backward (the first-order backward runs on the reserve)
     ctx.save_for_backward(input, output[3], lengths, masks, hx, cx, *weights)
 
