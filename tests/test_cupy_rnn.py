@@ -48,6 +48,16 @@ void host_rnn_seq_bwd(int mode, int round, GN_SEQ_BWD_PARAMS) {
             }
     }
 }
+// stand-ins for the per-step kernels rnn_cell_fwd / rnn_cell_bwd, their very parameter lists: one
+// element per thread there, every element in turn here (no element reads another's result)
+void host_rnn_cell_fwd(int mode, int round, GN_CELL_FWD_PARAMS) {
+    (void)round;
+    for (gn_index idx = 0; idx < (gn_index)B * H; ++idx) gn_cell_fwd_at(mode, idx, GN_CELL_FWD_ARGS);
+}
+void host_rnn_cell_bwd(int mode, int round, GN_CELL_BWD_PARAMS) {
+    (void)round;
+    for (gn_index idx = 0; idx < (gn_index)B * H; ++idx) gn_cell_bwd_at(mode, idx, GN_CELL_BWD_ARGS);
+}
 void host_round(int which, int n, const float* x, float* y) {
     for (int i = 0; i < n; ++i)
         y[i] = which == 1 ? gn_round<1>(x[i]) : (which == 2 ? gn_round<2>(x[i]) : gn_round<0>(x[i]));
@@ -269,6 +279,47 @@ def test_cupy_driver_with_host_loop_matches_reference(mode, dtype, rng, monkeypa
         got.append(("dcx", dcx, want_dcx))
     for name, a, b in got:
         assert_close(a, torch.from_numpy(b), dtype, k=T * B * 4 * H, what=f"{mode} {name}")
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cupy_cell_path_with_host_kernels_matches_reference(mode, dtype, rng, monkeypatch):
+    """The cupy backend's cell path (ops._gpu_cell_forward / _gpu_cell_backward with _CupyImpl:
+    torch's matmuls, the per-step kernels launched with the arguments it builds: t = -1 and no
+    lengths, no carry in, the c' gradient from its own tensor or none) on CPU tensors, every
+    kernel launch run by the host stand-ins, against the float64 reference; the LSTM also with no
+    c' gradient. States are strided views (converted for the kernels)."""
+    host = _HostLaunch(_lib())
+    monkeypatch.setattr(ops._CupyImpl, "_module", staticmethod(lambda mode, device: (host, (mode, 0))))
+    B, I, H = 3, 4, 5
+    G = ref.GATES[mode] * H
+    s = H ** -0.5
+    x = rng.standard_normal((B, I))
+    h0, c0 = rng.standard_normal((B, 2 * H))[:, ::2], rng.standard_normal((B, H))
+    w_ih, w_hh = rng.standard_normal((G, I)) * s, rng.standard_normal((G, H)) * s
+    b_ih, b_hh = rng.standard_normal(G) * s, rng.standard_normal(G) * s
+    gh, gc = rng.standard_normal((B, H)), rng.standard_normal((B, H))
+    lstm = mode == "lstm"
+    ws = [(w_ih, w_hh, b_ih, b_hh)]
+    _, hn_r, cn_r, res = ref.rnn_forward(mode, x[None], h0[None], c0[None] if lstm else None, ws, 1, False)
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(dtype)
+    hx = torch.from_numpy(rng.standard_normal((B, 2 * H))).to(dtype)[:, ::2].copy_(t(h0))  # a strided view
+    args = (t(x), hx, t(c0) if lstm else None, t(w_ih), t(w_hh), t(b_ih), t(b_hh))
+    h, c, reserve = ops._gpu_cell_forward(ops._CupyImpl, mode, *args)
+    assert host.launches == ["rnn_cell_fwd"]
+    assert_close(h, torch.from_numpy(hn_r[0]), dtype, k=I + H, what=f"{mode} h'")
+    if lstm:
+        assert_close(c, torch.from_numpy(cn_r[0]), dtype, k=I + H, what=f"{mode} c'")
+    for with_gc in (True, False) if lstm else (False,):
+        host.launches.clear()
+        grads = ops._gpu_cell_backward(ops._CupyImpl, mode, t(gh), t(gc) if with_gc else None, *args, h, c, reserve)
+        assert host.launches == ["rnn_cell_bwd"]
+        gcn = (gc if with_gc else np.zeros_like(gc))[None] if lstm else None
+        dx, dh, dc, dws = ref.rnn_backward(mode, np.zeros((1, B, H)), gh[None], gcn, x[None], ws, res, 1, False)
+        want = [dx[0], dh[0]] + ([dc[0]] if lstm else []) + list(dws[0])
+        got = [g for i, g in enumerate(grads) if i != 2 or lstm]
+        for i, (a, b) in enumerate(zip(got, want)):
+            assert_close(a, torch.from_numpy(b), dtype, k=B * 4 * H, what=f"{mode} grad {i} (c' gradient: {with_gc})")
 
 
 def _assert_own_state_pairs(pairs, dtype, T, B, H):

@@ -338,19 +338,20 @@ LAUNCHES_INTERP = {
     "cross_entropy none": ({"_ce_fwd_kernel": 1, "_ce_bwd_kernel": 1}, {}),
     "cross_entropy weight+ignore+smoothing": (_CE, {}),
     "cross_entropy prob+weight": (_CE, {}),
-    "rnn_tanh_cell": ({"_rnn_matmul_kernel": 5, "_rnn_step_fwd_kernel": 2, "_rnn_step_bwd_kernel": 2,
-                       "_rnn_colsum_kernel": 2},
-                      {"aten::full": 3, "aten::copy_": 5, "aten::clone": 4, "aten::zeros": 1, "aten::new_zeros": 1}),
-    "gru_cell": ({"_rnn_matmul_kernel": 5, "_rnn_step_fwd_kernel": 2, "_rnn_step_bwd_kernel": 2,
-                  "_rnn_colsum_kernel": 2},
-                 {"aten::full": 3, "aten::copy_": 5, "aten::clone": 4, "aten::zeros": 1, "aten::new_zeros": 1}),
-    "lstm_cell": ({"_rnn_matmul_kernel": 5, "_rnn_step_fwd_kernel": 2, "_rnn_step_bwd_kernel": 2,
-                   "_rnn_colsum_kernel": 2},
-                  {"aten::full": 3, "aten::copy_": 11, "aten::clone": 5, "aten::zeros": 1, "aten::new_zeros": 1}),
+    # the cells: forward = the input projection + one step; backward = one step + dh, dx, dW_ih,
+    # dW_hh (matmuls) + the two bias sums; nothing else (float32, contiguous states, the LSTM's
+    # c' unused: no zero gradient made for it)
+    "rnn_tanh_cell": ({"_rnn_matmul_kernel": 5, "_rnn_step_fwd_kernel": 1, "_rnn_step_bwd_kernel": 1,
+                       "_rnn_colsum_kernel": 2}, {}),
+    "gru_cell": ({"_rnn_matmul_kernel": 5, "_rnn_step_fwd_kernel": 1, "_rnn_step_bwd_kernel": 1,
+                  "_rnn_colsum_kernel": 2}, {}),
+    "lstm_cell": ({"_rnn_matmul_kernel": 5, "_rnn_step_fwd_kernel": 1, "_rnn_step_bwd_kernel": 1,
+                   "_rnn_colsum_kernel": 2}, {}),
+    # the sequences: the unused h_n (and c_n) get one zero gradient each; the reserve none
     "gru": ({"_rnn_matmul_kernel": 4, "_rnn_step_fwd_kernel": 3, "_rnn_step_bwd_kernel": 4, "_rnn_colsum_kernel": 2},
-            {"aten::full": 2, "aten::copy_": 3, "aten::zeros": 3}),
+            {"aten::full": 2, "aten::copy_": 3, "aten::new_zeros": 1}),
     "lstm": ({"_rnn_matmul_kernel": 4, "_rnn_step_fwd_kernel": 3, "_rnn_step_bwd_kernel": 4, "_rnn_colsum_kernel": 2},
-             {"aten::full": 2, "aten::copy_": 7, "aten::zeros": 3}),
+             {"aten::full": 2, "aten::copy_": 7, "aten::new_zeros": 2}),
 }
 # The same fwd+bwd on a GPU, as GPU events (torch.profiler, CUDA activity; kernel_counts.by_kind):
 # our kernels are LAUNCHES' own, by name and number; beside them, torch's events by kind. Each aten

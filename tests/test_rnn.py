@@ -242,11 +242,13 @@ def test_opcheck_cell(mode, bias, rng):
     h, c = hx if mode == "lstm" else (hx, None)
     ws = list(args[2:]) + ([] if bias else [None, None])
     torch.library.opcheck(torch.ops.gpu_nn.rnn_cell.default, (x, h, c, *ws, mode))
+    outs = [t.detach() for t in torch.ops.gpu_nn.rnn_cell.default(x, h, c, *ws, mode)]
     gh = randn(rng, *h.shape)
-    gc = randn(rng, *h.shape) if mode == "lstm" else None
-    torch.library.opcheck(torch.ops.gpu_nn.rnn_cell_backward.default,
-                          (gh, gc, x.detach(), h.detach(), None if c is None else c.detach(),
-                           *[w if w is None else w.detach() for w in ws], mode))
+    # the LSTM with and without a c' gradient (None: c' did not reach the loss)
+    for gc in ((randn(rng, *h.shape), None) if mode == "lstm" else (None,)):
+        torch.library.opcheck(torch.ops.gpu_nn.rnn_cell_backward.default,
+                              (gh, gc, x.detach(), h.detach(), None if c is None else c.detach(),
+                               *[w if w is None else w.detach() for w in ws], *outs, mode))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -786,6 +788,89 @@ def test_backend_cell_matches_reference(backend, device, mode, rng):
         o = run(backend, device, dtype)
         for a, b in zip(o[0] + list(o[1]), r[0] + list(r[1])):
             assert_close(a, b, dtype, k=4 * 13 * 3, what=f"{mode} cell {dtype}")
+
+
+@pytest.mark.parametrize("backend,device", [p for p in backend_params() if p.values[0] != "reference"])
+@pytest.mark.parametrize("mode,reach", [(m, "h") for m in MODES] + [("lstm", "c")])
+def test_backend_cell_strided_states_and_one_output_reaching_the_loss(backend, device, mode, reach, rng):
+    """The GPU cell path's other inputs (gpu_nn.ops.rnn._gpu_cell_forward / _backward): states
+    that are strided views (the kernels take float32 unit-stride rows: converted), an output
+    gradient with a non-unit last stride (what autograd hands back through a transpose), and only
+    one of the LSTM's outputs reaching the loss (no zero gradient is made for the other: the step
+    kernel reads no c' gradient, or gets a zero h' one). Values and every gradient against the
+    float64 reference. ``reach``: the output that reaches the loss, through a transpose."""
+    B, I, H = 3, 5, 6
+    G = ops.GATES[mode] * H
+    for dtype in gpu_dtypes_for(backend, device):
+        x = randn(rng, B, I)
+        hs = [randn(rng, B, 2 * H)[:, ::2] for _ in range(2 if mode == "lstm" else 1)]  # column stride 2
+        ws = [randn(rng, G, I) * H ** -0.5, randn(rng, G, H) * H ** -0.5, randn(rng, G), randn(rng, G)]
+        g = randn(rng, H, B)
+
+        def run(be, dev, dt):
+            leaves = [t.to(dev, dt).requires_grad_() for t in (x, *ws)]
+            states = [t.to(dev, dt).detach().requires_grad_() for t in hs]
+            # strided views of the states as the kernels' inputs; the leaves get the gradients
+            sv = [torch.stack([s, s], dim=2)[:, :, 0] for s in states]
+            assert not sv[0].is_contiguous()
+            with gpu_nn.backend(be):
+                if mode == "lstm":
+                    h, c = F.lstm_cell(leaves[0], (sv[0], sv[1]), *leaves[1:])
+                    out = c if reach == "c" else h
+                else:
+                    out = ops.CELL_FUNCS[mode](leaves[0], sv[0], *leaves[1:])
+                loss = (out.t() * g.to(dev, dt)).sum()  # out's gradient: g.t(), a non-unit last stride
+                grads = torch.autograd.grad(loss, leaves + states)
+            return [out, *grads]
+
+        r = run("reference", "cpu", torch.float64)
+        o = run(backend, device, dtype)
+        for i, (a, b) in enumerate(zip(o, r)):
+            assert_close(a, b, dtype, k=4 * H * B, what=f"{mode} cell {dtype} reach {reach} result {i}")
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("triton",)))
+def test_cells_compile_fullgraph_as_eager(backend, device, rng):
+    """torch.compile(fullgraph=True) through the GPU cell path (the fake kernel's reserve, the
+    backward from the saved outputs and reserve; opcheck covers the reference): an LSTM step
+    and a GRU step, outputs and every gradient equal to the eager run, float32."""
+    lstm, gru = gnn.LSTMCell(4, 5).to(device), gnn.GRUCell(5, 3).to(device)
+    params = list(lstm.parameters()) + list(gru.parameters())
+
+    def f(x, h, c):
+        h, c = lstm(x, (h, c))
+        return gru(h) + c[:, :3]
+
+    args = [randn(rng, *s, dtype=torch.float32, device=device, requires_grad=True) for s in ((3, 4), (3, 5), (3, 5))]
+    with gpu_nn.backend(backend):
+        eager = f(*args)
+        want = torch.autograd.grad(eager.sum(), args + params)
+        torch._dynamo.reset()
+        compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+        got = compiled(*args)
+        grads = torch.autograd.grad(got.sum(), args + params)
+    torch.testing.assert_close(got, eager)
+    for a, b in zip(grads, want):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("triton",)))
+def test_cell_fake_kernels_match_the_gpu_path(backend, device, rng):
+    """The fake kernels of both cell ops against what the GPU path returns (the reserve's size
+    depends on the io dtype): opcheck's fake-tensor check on this backend, every mode, float32
+    and float16, the LSTM backward with and without a c' gradient."""
+    for dtype in (torch.float32, torch.float16):
+        for mode in MODES:
+            (x, hx, *ws), _ = ops._make_cell(mode, B=3, I=4, H=5)(rng)
+            h, c = hx if mode == "lstm" else (hx, None)
+            args = [t if t is None else t.detach().to(device, dtype) for t in (x, h, c, *ws)]
+            with gpu_nn.backend(backend):
+                torch.library.opcheck(torch.ops.gpu_nn.rnn_cell.default, (*args, mode), test_utils="test_faketensor")
+                outs = list(torch.ops.gpu_nn.rnn_cell.default(*args, mode))
+                g = randn(rng, 3, 5, dtype=dtype, device=device)
+                for gc in ((g, None) if mode == "lstm" else (None,)):
+                    torch.library.opcheck(torch.ops.gpu_nn.rnn_cell_backward.default, (g, gc, *args, *outs, mode),
+                                          test_utils="test_faketensor")
 
 
 # ----------------------------------------------------------------------------------------------

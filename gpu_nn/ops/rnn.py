@@ -30,7 +30,9 @@ Public functions (``gpu_nn.functional``):
 
 Custom ops (namespace ``gpu_nn``): ``rnn_seq`` / ``rnn_seq_backward`` (whole sequences; the
 forward returns a flat reserve of intermediates that the backward consumes, laid out by
-``reference.rnn.reserve_layout``) and ``rnn_cell`` / ``rnn_cell_backward`` (one step).
+``reference.rnn.reserve_layout``) and ``rnn_cell`` / ``rnn_cell_backward`` (one step; the
+forward returns ``(h', c', reserve)``, a float32 reserve laid out by ``cell_reserve_layout``,
+and its backward reads that and the saved h', c' instead of recomputing the step).
 Backends: reference, triton, cupy.
 
 Precision: float32 layers run their products in TF32 when ``torch.backends.cudnn.allow_tf32``
@@ -337,7 +339,8 @@ def _dot_code(*dtypes, tf32: bool):
 
 def _lengths_on(lengths, T, B, device):
     """Per-sequence lengths on the device; full length where the caller gave none (the step
-    kernels always mask)."""
+    kernels always mask; a sequence passing none to the per-step kernels, t = -1 as the cells
+    do, would take a further compiled variant of each for the other lengths pointer type)."""
     if lengths is None:
         return torch.full((B,), T, dtype=torch.int64, device=device)
     return lengths.to(device=device, dtype=torch.int64)
@@ -695,11 +698,14 @@ class _CupyImpl:
 
     @staticmethod
     def step_forward(mode, xg, hp, hn, cp, cn, w_hh, b_hh, out, mask, lengths, t, dot, proj=False):
+        """As kernels/triton/rnn.py ``step_forward`` (``lengths`` None: a cell, t = -1)."""
         import numpy as np
 
         B, H = hn.shape
         if B * H == 0:
             return
+        if lengths is None:
+            lengths, t = hp, -1  # rnn_cell_fwd reads no lengths at t < 0
         kcuda, mod = _CupyImpl._module(mode, hp.device)
         hh = torch.mm(hp.to(w_hh.dtype), w_hh.t()).float()
         if proj:
@@ -755,7 +761,9 @@ class _CupyImpl:
 
     @staticmethod
     def step_backward(mode, dg_next, w_hh, carry, dc, dout, g, hp, hn, cp, cn, dgi, dgh, dh0, lengths, t, dot,
-                      final=False):
+                      final=False, has_carry=True, dc_in=None):
+        """As kernels/triton/rnn.py ``step_backward`` (``has_carry=False``, ``dc_in``, ``lengths``
+        None: a cell)."""
         import numpy as np
 
         B, H = carry.shape
@@ -766,12 +774,18 @@ class _CupyImpl:
             return
         if B * H == 0:
             return
+        if has_carry:
+            dc_in = dc
+        if lengths is None:
+            lengths, t = carry, -1  # rnn_cell_bwd reads no lengths at t < 0
         kcuda, mod = _CupyImpl._module(mode, carry.device)
-        d32 = dout.float()
+        d32 = _unit_last(dout)
         any_ = carry
         kcuda.launch(mod, "rnn_cell_bwd", ((B * H + 255) // 256,), (256,), (
-            carry, any_ if dc is None else dc, d32, np.int64(d32.stride(0)), any_ if g is None else g,
-            np.int64(0 if g is None else g.stride(0)), hp, hn, any_ if cp is None else cp, any_ if cn is None else cn,
+            carry, np.int32(has_carry), any_ if dc is None else dc, any_ if dc_in is None else dc_in,
+            np.int32(dc_in is not None), d32, np.int64(d32.stride(0)), any_ if g is None else g,
+            np.int64(0 if g is None else g.stride(0)), any_ if hp is None else hp, any_ if hn is None else hn,
+            any_ if cp is None else cp, any_ if cn is None else cn,
             dgi, dgh, np.int64(dgi.stride(0)), lengths, np.int32(t), np.int32(B), np.int32(H)),
             device=carry.device.index or 0)
 
@@ -820,6 +834,9 @@ def _seq_setup(ctx, inputs, output):
     ctx.has_cx = cx is not None
     ctx.n_w = len(weights)
     ctx.has_lengths, ctx.has_masks = lengths is not None, masks is not None
+    # no zero tensors for the gradients that do not come: the reserve's never does (a fill of
+    # its whole size per backward), h_n's / c_n's often not; the backward takes None
+    ctx.set_materialize_grads(False)
     # hx / cx are only read by the double backward (the first-order backward runs on the reserve)
     ctx.save_for_backward(input, output[3], lengths, masks, hx, cx, *weights)
 
@@ -944,31 +961,194 @@ def _seq_backward_differentiable(ctx, g_out, g_hn, g_cn, input, hx, cx, weights,
 
 
 # ----------------------------------------------------------------------------------------------
-# custom ops: cells (one step of one layer; the kernels are the sequence ones at T = 1)
+# custom ops: cells (one step of one layer). On the GPU backends a dedicated path over the
+# sequence's kernels: the input projection (one matmul) and one fused step forward; the backward
+# one step-backward launch and the GEMMs, from what the forward kept (no recompute), with no
+# lengths (the kernels take t = -1) and no copy of a float32 row-contiguous state.
+
+
+def cell_reserve_layout(mode: str, B: int, H: int, f32_io: bool):
+    """``({name: (offset, shape)}, total)`` of a cell's float32 reserve (the third output of
+    ``gpu_nn::rnn_cell``): what the backward reads besides the op's inputs and outputs.
+
+    ``"gates" [B, S * H]`` (LSTM: activated i, f, g, o; GRU: r, z, n and h W_hn^T + b_hn; none for
+    the Elman cell, ``reference.rnn.STORED``). A float32 layer (``f32_io``) keeps nothing else:
+    its outputs h' and c' are the float32 states the kernels read, saved for the backward as they
+    are. Other dtypes add the float32 states: ``"h"`` (h'; the Elman cell's input projection is
+    formed there), ``"hp"`` (h), and for the LSTM ``"c"`` (c') and ``"cp"`` (c)."""
+    S = ref.STORED[mode]
+    slots = [("gates", (B, S * H))] if S else []
+    if not f32_io:
+        slots += [("h", (B, H)), ("hp", (B, H))] + ([("c", (B, H)), ("cp", (B, H))] if mode == "lstm" else [])
+    out, off = {}, 0
+    for name, shape in slots:
+        out[name] = (off, shape)
+        off += shape[0] * shape[1]
+    return out, off
+
+
+def _cell_views(reserve, mode, B, H, f32_io):
+    layout, _ = cell_reserve_layout(mode, B, H, f32_io)
+    return {k: reserve[o:o + s[0] * s[1]].view(s) for k, (o, s) in layout.items()}
+
+
+def _rows32(t):
+    """``t`` as float32 ``[B, H]`` rows with unit strides (the step kernels' state layout): ``t``
+    itself when it already is one, else one conversion."""
+    if t.dtype == torch.float32 and t.is_contiguous():
+        return t
+    # (not t.to(float32, memory_format=...): that returns a float32 t itself, strides and all)
+    return torch.empty(t.shape, dtype=torch.float32, device=t.device).copy_(t)
+
+
+def _unit_cols(t):
+    """``t`` with a unit last stride (rows may be strided): itself when it has one."""
+    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
 
 
 def rnn_cell_forward(input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode):
-    """``input [B, I]``, ``hx / cx [B, H]`` -> ``(h' [B, H], c' [B, H] or empty [0])``."""
+    """``input [B, I]``, ``hx / cx [B, H]`` -> ``(h' [B, H], c' [B, H] or empty [0], reserve)``,
+    ``reserve`` float32, laid out by :func:`cell_reserve_layout`."""
+    op = mode + "_cell"
+    backend = _backend.resolve(op, input.device, BACKENDS)
+    if backend == "reference":
+        return _reference_cell_forward(input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode)
+    _backend.check_interpreter_dtype(op, backend, input)
+    return _gpu_cell_forward(_impl(backend), mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh)
+
+
+def _reference_cell_forward(input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode):
+    """The reference at T = 1, its reserve's slots copied into the cell's layout (the reference
+    backward recomputes and does not read them; they make the op's outputs complete)."""
+    B, H = hx.shape
     weights = [w_ih, w_hh] + ([b_ih, b_hh] if b_ih is not None else [])
-    out, hn, cn, _ = rnn_seq_forward(input[None], hx[None], None if cx is None else cx[None], weights, mode, 1, False,
+    _, hn, cn, res = rnn_seq_forward(input[None], hx[None], None if cx is None else cx[None], weights, mode, 1, False,
                                      b_ih is not None)
-    return hn[0].clone(), (cn[0].clone() if mode == "lstm" else cn)
+    seq = {k: res[o:o + math.prod(s)].view(s) for k, (o, s) in ref.reserve_layout(mode, 1, B, H, 1, 1)[0].items()}
+    f32_io = input.dtype == torch.float32
+    reserve = torch.empty(cell_reserve_layout(mode, B, H, f32_io)[1], dtype=torch.float32, device=input.device)
+    src = {"gates": ("gates", 0), "h": ("h", 1), "hp": ("h", 0), "c": ("c", 1), "cp": ("c", 0)}
+    for name, view in _cell_views(reserve, mode, B, H, f32_io).items():
+        key, slot = src[name]
+        view.copy_(seq[(key, 0, 0)][slot])
+    return hn[0].clone(), (cn[0].clone() if mode == "lstm" else cn), reserve
 
 
-def rnn_cell_backward(grad_h, grad_c, input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode):
+def _gpu_cell_forward(K, mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh):
+    """Two launches for a float32 layer with row-contiguous states: ``K.matmul`` (x W_ih^T + b_ih
+    (+ b_hh but for the GRU) into the gates slot, or for the Elman cell straight into h') and
+    ``K.step_forward`` (recurrent product, cell math, h' and c'). Other dtypes convert h (and c)
+    once into the reserve and c' once out of it."""
+    B, I = input.shape
+    H = w_hh.shape[1]
+    dt, dev = input.dtype, input.device
+    f32_io = dt == torch.float32
+    lstm = mode == "lstm"
+    _, size = cell_reserve_layout(mode, B, H, f32_io)
+    reserve = empty((size,), dtype=torch.float32, device=dev)
+    v = _cell_views(reserve, mode, B, H, f32_io)
+    h = empty((B, H), dtype=dt, device=dev)
+    c = empty((B, H), dtype=dt, device=dev) if lstm else input.new_empty(0)
+    if f32_io:
+        hp, hn = _rows32(hx), h
+        cp, cn = (_rows32(cx), c) if lstm else (None, None)
+    else:
+        hp, hn = v["hp"], v["h"]
+        hp.copy_(hx)
+        cp, cn = (v["cp"], v["c"]) if lstm else (None, None)
+        if lstm:
+            cp.copy_(cx)
+    xg = v["gates"] if "gates" in v else hn  # the Elman cell: each element read, then h' written over it
+    tf32 = tf32_allowed(dt)
+    K.matmul(input, w_ih.t(), xg[:, :GATES[mode] * H], bias1=b_ih, bias2=b_hh if mode != "gru" else None,
+             dot=_dot_code(input.dtype, w_ih.dtype, tf32=tf32))
+    K.step_forward(mode, xg, hp, hn, cp, cn, w_hh, b_hh if mode == "gru" else None, h, None, None, -1,
+                   _dot_code(w_hh.dtype, tf32=tf32))
+    if lstm and not f32_io:
+        c.copy_(cn)
+    return h, c, reserve
+
+
+def rnn_cell_backward(grad_h, grad_c, input, hx, cx, w_ih, w_hh, b_ih, b_hh, h, c, reserve, mode):
     """``(dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh)``; ``dc`` and the bias gradients are empty
-    ``[0]`` tensors where they do not apply. Recomputes the step (cells keep no reserve)."""
+    ``[0]`` tensors where they do not apply. ``h, c, reserve`` are the forward's outputs;
+    ``grad_c`` None: no gradient reached c'."""
+    op = mode + "_cell_backward"
+    backend = _backend.resolve(op, input.device, BACKENDS)
+    if backend == "reference":
+        return _reference_cell_backward(grad_h, grad_c, input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode)
+    _backend.check_interpreter_dtype(op, backend, input)
+    return _gpu_cell_backward(_impl(backend), mode, grad_h, grad_c, input, hx, cx, w_ih, w_hh, b_ih, b_hh, h, c,
+                              reserve)
+
+
+def _reference_cell_backward(grad_h, grad_c, input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode):
+    """The reference sequence backward at T = 1 on a recomputed reserve."""
     has_b = b_ih is not None
     weights = [w_ih, w_hh] + ([b_ih, b_hh] if has_b else [])
     x3 = input[None]
     _, _, _, res = rnn_seq_forward(x3, hx[None], None if cx is None else cx[None], weights, mode, 1, False, has_b)
     g_out = grad_h.new_zeros((1,) + tuple(grad_h.shape))
-    dx, dh, dc, dws = rnn_seq_backward(g_out, grad_h[None].contiguous(),
-                                       grad_c[None].contiguous() if mode == "lstm" else None, x3, weights, res, mode, 1,
-                                       False, has_b)
+    if mode == "lstm" and grad_c is None:
+        grad_c = torch.zeros_like(grad_h)
+    dx, dh, dc, dws = rnn_seq_backward(g_out, grad_h[None], grad_c[None] if mode == "lstm" else None, x3, weights,
+                                       res, mode, 1, False, has_b)
     e = input.new_empty(0)
     db = (dws[2], dws[3]) if has_b else (e, e.clone())
     return dx[0].clone(), dh[0].clone(), (dc[0].clone() if mode == "lstm" else e.clone()), dws[0], dws[1], *db
+
+
+def _gpu_cell_backward(K, mode, grad_h, grad_c, input, hx, cx, w_ih, w_hh, b_ih, b_hh, h, c, reserve):
+    """One ``K.step_backward`` (no carry in: dh = grad_h; the gate gradients dG, dc = dc_prev, the
+    carry = the part of dh_prev that bypasses W_hh, zero but for the GRU), then the GEMMs: dh =
+    (carry +) dG_hh W_hh, dx = dG W_ih, dW_ih = dG^T x, dW_hh = dG_hh^T h, and the bias gradients
+    as two column sums. Nine launches with float32 row-contiguous states and gradients."""
+    B, I = input.shape
+    H = w_hh.shape[1]
+    dt, dev = input.dtype, input.device
+    f32 = torch.float32
+    f32_io = dt == f32
+    lstm, gru = mode == "lstm", mode == "gru"
+    v = _cell_views(reserve, mode, B, H, f32_io)
+    GH = GATES[mode] * H
+    if f32_io:
+        hp = _rows32(hx) if gru else None
+        hn = h if mode in ("rnn_tanh", "rnn_relu") else None
+        cp, cn = (_rows32(cx), c) if lstm else (None, None)
+    else:
+        hp, hn = v["hp"], v["h"]
+        cp, cn = (v["cp"], v["c"]) if lstm else (None, None)
+    dGi = empty((B, GH), dtype=f32, device=dev)
+    dGh = empty((B, GH), dtype=f32, device=dev) if gru else dGi
+    carry = empty((B, H), dtype=f32, device=dev)
+    dc32 = empty((B, H), dtype=f32, device=dev) if lstm else None
+    dc_in = _rows32(grad_c) if (lstm and grad_c is not None) else None
+    tf32 = tf32_allowed(dt)
+    wdot = _dot_code(w_hh.dtype, tf32=tf32)
+    K.step_backward(mode, None, w_hh, carry, dc32, _unit_cols(grad_h), v.get("gates"), hp, hn, cp, cn, dGi, dGh, None,
+                    None, -1, wdot, has_carry=False, dc_in=dc_in)
+    if gru:  # dh = carry (dh * z) + dG_hh W_hh, in float32
+        K.matmul(dGh, w_hh, carry, acc=True, dot=wdot)
+        dh = carry if f32_io else carry.to(dt)
+    else:  # the carry is zero: dh = dG W_hh, straight into the io dtype
+        dh = empty((B, H), dtype=dt, device=dev)
+        K.matmul(dGh, w_hh, dh, dot=wdot)
+    dx = empty((B, I), dtype=dt, device=dev)
+    K.matmul(dGi, w_ih, dx, dot=_dot_code(w_ih.dtype, tf32=tf32))
+    dw_ih = empty(w_ih.shape, dtype=w_ih.dtype, device=dev)
+    K.matmul(dGi.t(), input, dw_ih, dot=_dot_code(input.dtype, tf32=tf32))
+    hprev = hx if f32_io else v["hp"]  # float32 h: the TF32 product of two float32 operands, as the sequence's
+    dw_hh = empty(w_hh.shape, dtype=w_hh.dtype, device=dev)
+    K.matmul(dGh.t(), hprev, dw_hh, dot=_dot_code(hprev.dtype, tf32=tf32))
+    if b_ih is not None:
+        db_ih = empty(b_ih.shape, dtype=b_ih.dtype, device=dev)
+        db_hh = empty(b_hh.shape, dtype=b_hh.dtype, device=dev)
+        K.colsum(dGi, db_ih)
+        K.colsum(dGh, db_hh)
+    else:  # empty placeholders, each its own tensor (outputs never alias), none a launch
+        db_ih, db_hh = input.new_empty(0), input.new_empty(0)
+    dc = (dc32 if f32_io else dc32.to(dt)) if lstm else input.new_empty(0)
+    return dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh
 
 
 def _check_cell(op, input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode):
@@ -1016,25 +1196,28 @@ def _check_cell(op, input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode):
 @routed
 @torch.library.custom_op("gpu_nn::rnn_cell", mutates_args=())
 def _rnn_cell_op(input: Tensor, hx: Tensor, cx: Optional[Tensor], w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
-                 b_hh: Optional[Tensor], mode: str) -> tuple[Tensor, Tensor]:
+                 b_hh: Optional[Tensor], mode: str) -> tuple[Tensor, Tensor, Tensor]:
     return rnn_cell_forward(input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode)
 
 
 @_rnn_cell_op.register_fake
 def _(input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode):
-    return hx.new_empty(hx.shape), (hx.new_empty(hx.shape) if mode == "lstm" else hx.new_empty(0))
+    B, H = hx.shape
+    res = hx.new_empty(cell_reserve_layout(mode, B, H, input.dtype == torch.float32)[1], dtype=torch.float32)
+    return hx.new_empty(hx.shape), (hx.new_empty(hx.shape) if mode == "lstm" else hx.new_empty(0)), res
 
 
 @routed
 @torch.library.custom_op("gpu_nn::rnn_cell_backward", mutates_args=())
 def _rnn_cell_backward_op(grad_h: Tensor, grad_c: Optional[Tensor], input: Tensor, hx: Tensor, cx: Optional[Tensor],
-                          w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor],
+                          w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor], h: Tensor,
+                          c: Tensor, reserve: Tensor,
                           mode: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return rnn_cell_backward(grad_h, grad_c, input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode)
+    return rnn_cell_backward(grad_h, grad_c, input, hx, cx, w_ih, w_hh, b_ih, b_hh, h, c, reserve, mode)
 
 
 @_rnn_cell_backward_op.register_fake
-def _(grad_h, grad_c, input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode):
+def _(grad_h, grad_c, input, hx, cx, w_ih, w_hh, b_ih, b_hh, h, c, reserve, mode):
     e = input.new_empty(0)
     dc = hx.new_empty(hx.shape) if mode == "lstm" else e.clone()
     db = (b_ih.new_empty(b_ih.shape), b_hh.new_empty(b_hh.shape)) if b_ih is not None else (e.clone(), e.clone())
@@ -1046,19 +1229,25 @@ def _cell_setup(ctx, inputs, output):
     ctx.mode = mode
     ctx.has_b = b_ih is not None
     ctx.has_cx = cx is not None
-    ctx.save_for_backward(input, hx, cx, w_ih, w_hh, b_ih, b_hh)
+    # no zero tensors for the gradients that do not come (the reserve's never does; c' often
+    # does not): the backward takes None
+    ctx.set_materialize_grads(False)
+    # the outputs too: a float32 layer's h' / c' are the states its backward reads
+    ctx.save_for_backward(input, hx, cx, w_ih, w_hh, b_ih, b_hh, *output)
 
 
-def _cell_backward(ctx, g_h, g_c):
-    input, hx, cx, w_ih, w_hh, b_ih, b_hh = ctx.saved_tensors
+def _cell_backward(ctx, g_h, g_c, _g_res):
+    input, hx, cx, w_ih, w_hh, b_ih, b_hh, h, c, reserve = ctx.saved_tensors
     mode = ctx.mode
-    if g_h is None:
+    if g_h is None and g_c is None:
+        return (None,) * 8
+    if g_h is None:  # only c' reached the loss
         g_h = torch.zeros_like(hx)
-    if mode == "lstm" and (g_c is None or g_c.numel() == 0):
-        g_c = torch.zeros_like(hx)
+    if mode != "lstm" or (g_c is not None and g_c.numel() == 0):
+        g_c = None
     dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh = _rnn_cell_backward_op(
-        g_h.contiguous(), g_c.contiguous() if mode == "lstm" else None, input, hx, cx if ctx.has_cx else None,
-        w_ih, w_hh, b_ih if ctx.has_b else None, b_hh if ctx.has_b else None, mode,
+        g_h, g_c, input, hx, cx if ctx.has_cx else None, w_ih, w_hh, b_ih if ctx.has_b else None,
+        b_hh if ctx.has_b else None, h, c, reserve, mode,
     )
     return (dx, dh, dc if (mode == "lstm" and ctx.has_cx) else None, dw_ih, dw_hh,
             db_ih if ctx.has_b else None, db_hh if ctx.has_b else None, None)
@@ -1074,14 +1263,16 @@ def _cell_compose(mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh):
 
 
 def _cell_bwd_setup(ctx, inputs, output):
-    grad_h, grad_c, input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode = inputs
+    grad_h, grad_c, input, hx, cx, w_ih, w_hh, b_ih, b_hh, h, c, reserve, mode = inputs
     ctx.mode = mode
     ctx.save_for_backward(grad_h, grad_c, input, hx, cx, w_ih, w_hh, b_ih, b_hh)
 
 
 def _cell_backward_backward(ctx, *gg):
     """Double backward of rnn_cell_backward by recomputation (ops/_autograd.py): the step
-    rebuilt from our linear and activation ops, differentiated twice."""
+    rebuilt from our linear and activation ops, differentiated twice. The forward's outputs
+    that the backward takes (h', c', the reserve) get no gradient of their own: they are
+    functions of the primals, whose whole dependence the recomputation differentiates."""
     from ._autograd import recompute_double_backward
 
     grad_h, grad_c, *prims = ctx.saved_tensors
@@ -1093,7 +1284,7 @@ def _cell_backward_backward(ctx, *gg):
     wrt = [i for i, p in enumerate(prims) if p is not None and (i != 2 or lstm)]
     d_cot, d_prims = recompute_double_backward(
         lambda *p: _cell_compose(mode, *p), prims, wrt, [grad_h, grad_c if lstm else None], [gg[i] for i in wrt])
-    return (d_cot[0], d_cot[1], *d_prims, None)
+    return (d_cot[0], d_cot[1], *d_prims, None, None, None, None)
 
 
 # double backward (create_graph=True): the backward op is differentiable too
@@ -1134,7 +1325,7 @@ def _cell(op, mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh):
     if mode == "lstm" and cx is None:
         cx = input.new_zeros((input.shape[0], H))
     _check_cell(op, input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode)
-    h, c = _rnn_cell_op(input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode)
+    h, c, _ = _rnn_cell_op(input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode)
     if not batched:
         h, c = h[0], (c[0] if mode == "lstm" else c)
     return h, c

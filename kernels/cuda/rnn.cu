@@ -13,8 +13,11 @@
 // With proj (LSTM with a projection): hp is P wide and not read, hn gets m = o * tanh(c')
 // unmasked and out is not written; rnn_proj_fwd then masks h' = m W_hr^T (computed by a matmul
 // into hn of the projected state) and writes the output.
-// rnn_cell_bwd: carry [B, H] holds dh without this step's output gradient; writes the gate
-// gradients dgi (W_ih side) / dgh (W_hh side, GRU only) and the new carry / dc in place.
+// rnn_cell_bwd: carry [B, H] holds dh without this step's output gradient (not read, taken as
+// zero, when has_carry is 0: a cell); writes the gate gradients dgi (W_ih side) / dgh (W_hh side,
+// GRU only), the new carry, and dc from dc_next read at dcin (dc itself in a sequence; zero, not
+// read, when has_dcin is 0).
+// Cells pass t = -1: no lengths, every row valid, len not read.
 // rnn_proj_bwd: carry [B, P] holds dG_next W_hh plus what invalid rows carried; dh [B, P] gets
 // the projected state's gradient where valid (zero elsewhere).
 #include "rnn_math.cuh"
@@ -23,32 +26,10 @@
 #define GN_MODE 2
 #endif
 
-extern "C" __global__ void rnn_cell_fwd(float* xg, long long sxg, const float* hh, const float* hp, float* hn,
-                                        const float* cp, float* cn, const float* bhh, int has_bhh, float* out,
-                                        long long sout, const float* mask, long long smask, int has_mask,
-                                        const long long* len, int t, int B, int H, int proj) {
+extern "C" __global__ void rnn_cell_fwd(GN_CELL_FWD_PARAMS) {
     gn_index idx = (gn_index)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (gn_index)B * H) return;
-    gn_index b = idx / H, j = idx % H;
-    float* x = xg + b * sxg + j;
-    float hprev = proj ? 0.0f : hp[idx];  // a projected state is P wide: only the GRU reads it
-    float cnew = 0.0f, cprev = GN_MODE == 2 ? cp[idx] : 0.0f;
-    const int G = gn_gates(GN_MODE);
-    float hs[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    for (int k = 0; k < G; ++k) hs[k] = hh[b * G * H + k * H + j];
-    float hnew = gn_cell_fwd(GN_MODE, x, H, hs, has_bhh ? bhh + j : 0, hprev, cprev, &cnew);
-    bool valid = t < len[b];
-#if GN_MODE == 2
-    cn[idx] = valid ? cnew : cprev;
-#endif
-    if (proj) {
-        hn[idx] = hnew;
-        return;
-    }
-    float o = valid ? hnew : 0.0f;
-    hn[idx] = valid ? hnew : hprev;
-    if (has_mask) o *= mask[b * smask + j];
-    out[b * sout + j] = o;
+    gn_cell_fwd_at(GN_MODE, idx, GN_CELL_FWD_ARGS);
 }
 
 extern "C" __global__ void rnn_proj_fwd(const float* hw, const float* hp, float* hn, float* out, long long sout,
@@ -70,22 +51,10 @@ extern "C" __global__ void rnn_proj_bwd(float* carry, const float* dout, long lo
     gn_proj_bwd(t < len[b], carry[idx], dout[b * sdout + j], &dh[idx], &carry[idx]);
 }
 
-extern "C" __global__ void rnn_cell_bwd(float* carry, float* dc, const float* dout, long long sdout, const float* g,
-                                        long long sg, const float* hp, const float* hn, const float* cp,
-                                        const float* cn, float* dgi, float* dgh, long long sdg, const long long* len,
-                                        int t, int B, int H) {
+extern "C" __global__ void rnn_cell_bwd(GN_CELL_BWD_PARAMS) {
     gn_index idx = (gn_index)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (gn_index)B * H) return;
-    gn_index b = idx / H, j = idx % H;
-    bool valid = t < len[b];
-    float dh = carry[idx] + (valid ? dout[b * sdout + j] : 0.0f);
-    gn_index o = b * sdg + j;
-    float dcn = 0.0f;
-    // only the Elman RNN reads h', only the GRU h (the projected LSTM passes neither)
-    carry[idx] = gn_cell_bwd(GN_MODE, valid, dh, g + b * sg + j, H, GN_MODE == 3 ? hp[idx] : 0.0f,
-                             GN_MODE <= 1 ? hn[idx] : 0.0f, GN_MODE == 2 ? cp[idx] : 0.0f,
-                             GN_MODE == 2 ? cn[idx] : 0.0f, GN_MODE == 2 ? dc[idx] : 0.0f, dgi + o, dgh + o, &dcn);
-    if (GN_MODE == 2) dc[idx] = dcn;
+    gn_cell_bwd_at(GN_MODE, idx, GN_CELL_BWD_ARGS);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -139,6 +139,59 @@ GN_HD float gn_cell_bwd(int mode, int valid, float dh, const float* g, gn_index 
 }
 
 // ---------------------------------------------------------------------------------------------
+// The per-step kernels' work at one element idx = b * H + j (rnn.cu rnn_cell_fwd / rnn_cell_bwd,
+// one thread each; the host stand-ins of tests/test_cupy_rnn.py loop over idx), with the
+// kernels' very parameter lists. rnn.cu's header comment says what each argument holds. t < 0: a
+// cell, no lengths (every row valid, len not read).
+#define GN_CELL_FWD_PARAMS                                                                                         \
+    float *xg, long long sxg, const float *hh, const float *hp, float *hn, const float *cp, float *cn,            \
+        const float *bhh, int has_bhh, float *out, long long sout, const float *mask, long long smask, int has_mask, \
+        const long long *len, int t, int B, int H, int proj
+#define GN_CELL_FWD_ARGS xg, sxg, hh, hp, hn, cp, cn, bhh, has_bhh, out, sout, mask, smask, has_mask, len, t, B, H, proj
+#define GN_CELL_BWD_PARAMS                                                                                         \
+    float *carry, int has_carry, float *dc, const float *dcin, int has_dcin, const float *dout, long long sdout,  \
+        const float *g, long long sg, const float *hp, const float *hn, const float *cp, const float *cn,          \
+        float *dgi, float *dgh, long long sdg, const long long *len, int t, int B, int H
+#define GN_CELL_BWD_ARGS \
+    carry, has_carry, dc, dcin, has_dcin, dout, sdout, g, sg, hp, hn, cp, cn, dgi, dgh, sdg, len, t, B, H
+
+GN_HD int gn_gates(int mode) { return mode <= 1 ? 1 : (mode == 2 ? 4 : 3); }
+
+GN_HD void gn_cell_fwd_at(int mode, gn_index idx, GN_CELL_FWD_PARAMS) {
+    gn_index b = idx / H, j = idx % H;
+    float* x = xg + b * sxg + j;
+    float hprev = proj ? 0.0f : hp[idx];  // a projected state is P wide: only the GRU reads it
+    float cnew = 0.0f, cprev = mode == 2 ? cp[idx] : 0.0f;
+    const int G = gn_gates(mode);
+    float hs[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int k = 0; k < G; ++k) hs[k] = hh[b * G * H + k * H + j];
+    float hnew = gn_cell_fwd(mode, x, H, hs, has_bhh ? bhh + j : 0, hprev, cprev, &cnew);
+    bool valid = t < 0 || t < len[b];
+    if (mode == 2) cn[idx] = valid ? cnew : cprev;
+    if (proj) {
+        hn[idx] = hnew;
+        return;
+    }
+    float o = valid ? hnew : 0.0f;
+    hn[idx] = valid ? hnew : hprev;  // x (xg) may be hn and out (an Elman cell): read above, same element
+    if (has_mask) o *= mask[b * smask + j];
+    out[b * sout + j] = o;
+}
+
+GN_HD void gn_cell_bwd_at(int mode, gn_index idx, GN_CELL_BWD_PARAMS) {
+    gn_index b = idx / H, j = idx % H;
+    bool valid = t < 0 || t < len[b];
+    float dh = (has_carry ? carry[idx] : 0.0f) + (valid ? dout[b * sdout + j] : 0.0f);
+    gn_index o = b * sdg + j;
+    float dcn = 0.0f;
+    // only the Elman RNN reads h', only the GRU h (the projected LSTM passes neither)
+    carry[idx] = gn_cell_bwd(mode, valid, dh, g + b * sg + j, H, mode == 3 ? hp[idx] : 0.0f,
+                             mode <= 1 ? hn[idx] : 0.0f, mode == 2 ? cp[idx] : 0.0f, mode == 2 ? cn[idx] : 0.0f,
+                             mode == 2 && has_dcin ? dcin[idx] : 0.0f, dgi + o, dgh + o, &dcn);
+    if (mode == 2) dc[idx] = dcn;
+}
+
+// ---------------------------------------------------------------------------------------------
 // The device time loop (rnn_seq_fwd / rnn_seq_bwd in rnn.cu): one launch runs every step of one
 // layer and direction, a grid barrier between steps. A task is GN_SEQ_JB hidden units (one per
 // lane) x GN_SEQ_NR batch rows; its block's GN_SEQ_KS warps each reduce one slice of the dot
@@ -152,7 +205,6 @@ GN_HD float gn_cell_bwd(int mode, int valid, float dh, const float* g, gn_index 
 #define GN_SEQ_KS 8
 #define GN_SEQ_CH 64  // k staged in shared memory at a time, per warp
 
-GN_HD int gn_gates(int mode) { return mode <= 1 ? 1 : (mode == 2 ? 4 : 3); }
 
 GN_HD unsigned int gn_f2u(float x) {
 #if GN_DEVICE

@@ -14,6 +14,8 @@ persistent kernel:
 * ``_rnn_step_bwd_kernel`` -- one step backward, fused: ``dh = carry + dG_{next} W_hh + dout``
   (the recurrent term of the step processed before), then the gate gradients of this step and
   the part of dh / dc that bypasses W_hh. With ``FINAL`` it only forms dh0.
+  The cells (gpu_nn.ops.rnn) run the step kernels once each, with ``t = -1`` (no lengths) and,
+  backward, no carry in and the c' gradient read from its own tensor.
 * ``_rnn_colsum_kernel`` -- bias gradients (column sums of the stored gate gradients).
 * ``_rnn_proj_fwd_kernel`` / ``_rnn_proj_bwd_kernel`` -- the LSTM projection (``proj_size``):
   per step, after the step kernel (run with ``PROJ``: recurrent product over the P-wide state,
@@ -203,6 +205,17 @@ def _cell_update(xg, hp, cp, acc0, acc1, acc2, acc3, bhh_ptr, rh, mh, m2, H, MOD
 
 
 @triton.jit
+def _valid_rows(len_ptr, rb, mb, t):
+    """Which batch rows ``rb`` run step ``t``: ``t < len[b]``; every row when ``t < 0`` (a cell:
+    no lengths, ``len`` not read, any pointer will do). A uniform branch, not a load mask: the
+    interpreter refuses a mask combined from a tensor and a scalar."""
+    valid = rb >= 0
+    if t >= 0:
+        valid = t < tl.load(len_ptr + rb, mask=mb, other=0)
+    return valid
+
+
+@triton.jit
 def _rnn_step_fwd_kernel(xg_ptr, stride_xg, hp_ptr, hn_ptr, cp_ptr, cn_ptr, w_ptr, stride_w0, stride_w1, bhh_ptr,
                          out_ptr, stride_out, mask_ptr, stride_mask, has_mask, len_ptr, t, B, H, P,
                          MODE: tl.constexpr, HAS_BHH: tl.constexpr, PROJ: tl.constexpr,
@@ -214,6 +227,9 @@ def _rnn_step_fwd_kernel(xg_ptr, stride_xg, hp_ptr, hn_ptr, cp_ptr, cn_ptr, w_pt
     h W_hn^T + b_hn). ``hp / cp`` the previous state, ``hn / cn`` the new one (float32 [B, H]).
     ``out`` gets h' (zero where ``t >= len[b]``), times ``mask`` when ``has_mask`` (a runtime
     flag: one compiled kernel with and without the dropout mask, a uniform branch per tile).
+    ``t < 0`` (the cells): no lengths, every row valid, ``len`` not read (any pointer will do).
+    Element-wise in place is safe: ``xg`` may be ``hn`` and ``out`` (the Elman cell in float32),
+    each element is read before it is written, by the same tile.
 
     PROJ (LSTM with a projection): ``hp [B, P]`` is the projected state, ``hn [B, H]`` gets
     ``m = o * tanh(c')`` with no length masking (the projection kernel masks h), ``out`` is not
@@ -241,7 +257,7 @@ def _rnn_step_fwd_kernel(xg_ptr, stride_xg, hp_ptr, hn_ptr, cp_ptr, cn_ptr, w_pt
             cp = tl.load(cp_ptr + st, mask=m2, other=0.0)
     h_new, c_new = _cell_update(xg, hp, cp, acc0, acc1, acc2, acc3, bhh_ptr, rh, mh, m2, H, MODE, HAS_BHH)
     # steps beyond a sequence's length keep its state and output zero (PackedSequence semantics)
-    valid = (t < tl.load(len_ptr + rb, mask=mb, other=0))[:, None]
+    valid = _valid_rows(len_ptr, rb, mb, t)[:, None]
     c_new = tl.where(valid, c_new, cp)
     if MODE == 2:
         tl.store(cn_ptr + st, c_new, mask=m2)
@@ -289,13 +305,16 @@ def _rnn_proj_fwd_kernel(m_ptr, w_ptr, stride_w0, stride_w1, hp_ptr, hn_ptr, out
 
 
 @triton.jit
-def _carried_dh(dgn_ptr, stride_dgn, w_ptr, stride_w0, stride_w1, carry_ptr, st, rb, mb, rn, mn, m2, GH,
+def _carried_dh(dgn_ptr, stride_dgn, w_ptr, stride_w0, stride_w1, carry_ptr, has_carry, st, rb, mb, rn, mn, m2, GH,
                 HAS_NEXT: tl.constexpr, DOT_DT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_K: tl.constexpr):
     """The state gradient a backward step starts from, for rows ``rb`` and state columns ``rn``:
-    the carry at ``st`` plus, with HAS_NEXT, ``dG_next W_hh`` over the GH gate columns of the
-    step processed just before (``dgn [B, GH]``, ``W_hh [GH, N]``), float32."""
-    dh = tl.load(carry_ptr + st, mask=m2, other=0.0)
+    the carry at ``st`` (zero, not read, when ``has_carry`` is 0) plus, with HAS_NEXT,
+    ``dG_next W_hh`` over the GH gate columns of the step processed just before (``dgn [B, GH]``,
+    ``W_hh [GH, N]``), float32."""
+    dh = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+    if has_carry != 0:  # a uniform branch (the interpreter refuses a tensor & scalar load mask)
+        dh = tl.load(carry_ptr + st, mask=m2, other=0.0)
     if HAS_NEXT:
         acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, GH, BLOCK_K):
@@ -325,7 +344,7 @@ def _rnn_proj_bwd_kernel(dgn_ptr, stride_dgn, w_ptr, stride_w0, stride_w1, carry
     mp = rp < P
     m2 = mb[:, None] & mp[None, :]
     st = rb[:, None] * P + rp[None, :]
-    dh = _carried_dh(dgn_ptr, stride_dgn, w_ptr, stride_w0, stride_w1, carry_ptr, st, rb, mb, rp, mp, m2, GH,
+    dh = _carried_dh(dgn_ptr, stride_dgn, w_ptr, stride_w0, stride_w1, carry_ptr, 1, st, rb, mb, rp, mp, m2, GH,
                      HAS_NEXT, DOT_DT, BLOCK_B, BLOCK_P, BLOCK_K)
     if FINAL:
         tl.store(dh_ptr + st, dh, mask=m2)
@@ -408,8 +427,8 @@ def _rnn_persist_fwd_kernel(xg_ptr, stride_xgt, stride_xgb, hs_ptr, cs_ptr, stri
 
 
 @triton.jit
-def _rnn_step_bwd_kernel(dgn_ptr, stride_dgn, w_ptr, stride_w0, stride_w1, carry_ptr, dc_ptr, dout_ptr, stride_dout,
-                         g_ptr, stride_g, hp_ptr, hn_ptr, cp_ptr, cn_ptr, dgi_ptr, dgh_ptr, stride_dg, dh0_ptr,
+def _rnn_step_bwd_kernel(dgn_ptr, stride_dgn, w_ptr, stride_w0, stride_w1, carry_ptr, has_carry, dc_ptr, dcin_ptr,
+                         has_dcin, dout_ptr, stride_dout, g_ptr, stride_g, hp_ptr, hn_ptr, cp_ptr, cn_ptr, dgi_ptr, dgh_ptr, stride_dg, dh0_ptr,
                          len_ptr, t, B, H,
                          MODE: tl.constexpr, HAS_NEXT: tl.constexpr, FINAL: tl.constexpr,
                          DOT_DT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -419,8 +438,14 @@ def _rnn_step_bwd_kernel(dgn_ptr, stride_dgn, w_ptr, stride_w0, stride_w1, carry
     step processed just before) + dout (where valid). FINAL: store dh to ``dh0`` and stop.
     Otherwise write this step's gate gradients (``dgi`` the W_ih side, ``dgh`` the W_hh side;
     the same buffer except for the GRU), the new carry (the part of dh_prev not through W_hh)
-    and, for the LSTM, dc_prev into ``dc`` in place. Invalid rows (t >= len) pass dh and dc
-    through unchanged and get zero gate gradients.
+    and, for the LSTM, dc_prev into ``dc`` (from dc_next read at ``dcin``: ``dc`` itself in the
+    sequence, in place). Invalid rows (t >= len) pass dh and dc through unchanged and get zero
+    gate gradients.
+
+    The cells (one step, no state gradient carried in): ``has_carry`` 0 (dh is dout alone, the
+    carry only written), ``has_dcin`` 0 where no c' gradient came (dc_next zero, not read), and
+    ``t < 0``: no lengths, every row valid, ``len`` not read. Both flags are runtime arguments
+    (one compiled kernel serves sequence and cell; a uniform predicate on one load each).
     """
     pid_b = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -431,13 +456,13 @@ def _rnn_step_bwd_kernel(dgn_ptr, stride_dgn, w_ptr, stride_w0, stride_w1, carry
     m2 = mb[:, None] & mh[None, :]
     st = rb[:, None] * H + rh[None, :]
     GH = H if MODE <= 1 else (4 * H if MODE == 2 else 3 * H)
-    dh = _carried_dh(dgn_ptr, stride_dgn, w_ptr, stride_w0, stride_w1, carry_ptr, st, rb, mb, rh, mh, m2, GH,
-                     HAS_NEXT, DOT_DT, BLOCK_B, BLOCK_H, BLOCK_K)
+    dh = _carried_dh(dgn_ptr, stride_dgn, w_ptr, stride_w0, stride_w1, carry_ptr, has_carry, st, rb, mb, rh, mh, m2,
+                     GH, HAS_NEXT, DOT_DT, BLOCK_B, BLOCK_H, BLOCK_K)
     if FINAL:
         tl.store(dh0_ptr + st, dh, mask=m2)
     else:
         dout = tl.load(dout_ptr + rb[:, None] * stride_dout + rh[None, :], mask=m2, other=0.0).to(tl.float32)
-        valid = (t < tl.load(len_ptr + rb, mask=mb, other=0))[:, None] & m2
+        valid = _valid_rows(len_ptr, rb, mb, t)[:, None] & m2
         dout = tl.where(valid, dout, 0.0)
         dh += dout
         g = g_ptr + rb[:, None] * stride_g + rh[None, :]
@@ -458,7 +483,9 @@ def _rnn_step_bwd_kernel(dgn_ptr, stride_dgn, w_ptr, stride_w0, stride_w1, carry
             go = tl.load(g + 3 * H, mask=m2, other=0.0)
             c = tl.load(cn_ptr + st, mask=m2, other=0.0)
             cp = tl.load(cp_ptr + st, mask=m2, other=0.0)
-            dc_in = tl.load(dc_ptr + st, mask=m2, other=0.0)
+            dc_in = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+            if has_dcin != 0:
+                dc_in = tl.load(dcin_ptr + st, mask=m2, other=0.0)
             tc = _tanh(c)
             dc = dc_in + dh * go * (1.0 - tc * tc)
             tl.store(dgi, tl.where(valid, dc * gg * gi * (1.0 - gi), 0.0), mask=m2)
@@ -598,13 +625,17 @@ def colsum(x, y):
 
 
 def step_forward(mode, xg, hp, hn, cp, cn, w_hh, b_hh, out, mask, lengths, t, dot, proj=False):
-    """One step; ``proj``: LSTM with a projection (``hp [B, P]``, ``hn`` gets m, ``out`` unused)."""
+    """One step; ``proj``: LSTM with a projection (``hp [B, P]``, ``hn`` gets m, ``out`` unused).
+    ``lengths`` None (a cell): every row valid (the kernel gets ``t = -1`` and ``hn`` for the
+    lengths, never read)."""
     B, H = hn.shape
     P = hp.shape[1]
     if B == 0 or H == 0:
         return
     if proj:
         out, mask = hn, None  # not written: the projection kernel writes the output
+    if lengths is None:
+        lengths, t = hn, -1
     bb, bh, bk, warps, stages = step_blocks(B, H, mode, dot)
     grid = (triton.cdiv(B, bb), triton.cdiv(H, bh))
     launch_kernel(_rnn_step_fwd_kernel, grid,
@@ -713,16 +744,27 @@ def persist_forward(mode, xg, hs, cs, w_hh, b_hh, out, mask, lengths, reverse, d
     )
 
 
-def step_backward(mode, dg_next, w_hh, carry, dc, dout, g, hp, hn, cp, cn, dgi, dgh, dh0, lengths, t, dot, final=False):
+def step_backward(mode, dg_next, w_hh, carry, dc, dout, g, hp, hn, cp, cn, dgi, dgh, dh0, lengths, t, dot, final=False,
+                  has_carry=True, dc_in=None):
+    """One backward step (``_rnn_step_bwd_kernel``). The sequence (``has_carry``): ``carry`` and
+    ``dc`` updated in place. A cell (``has_carry=False``): dh is ``dout`` alone and ``carry`` only
+    written; ``dc_in`` the c' gradient (float32 [B, H], contiguous) or None (zero), ``dc``
+    written; ``lengths`` None (every row valid: ``t = -1``, the carry passed for the lengths,
+    never read)."""
     B, H = carry.shape
     if B == 0 or H == 0:
         return
     bb, bh, bk, warps, stages = step_blocks(B, H, mode, dot, backward=True)
     grid = (triton.cdiv(B, bb), triton.cdiv(H, bh))
     any_ = carry
+    if has_carry:
+        dc_in = dc
+    if lengths is None:
+        t = -1
     launch_kernel(_rnn_step_bwd_kernel, grid,
         dg_next if dg_next is not None else any_, dg_next.stride(0) if dg_next is not None else 0, w_hh,
-        w_hh.stride(0), w_hh.stride(1), carry, dc if dc is not None else any_,
+        w_hh.stride(0), w_hh.stride(1), carry, int(has_carry), dc if dc is not None else any_,
+        dc_in if dc_in is not None else any_, int(dc_in is not None),
         dout if dout is not None else any_, dout.stride(0) if dout is not None else 0,
         g if g is not None else any_, g.stride(0) if g is not None else 0,
         hp if hp is not None else any_, hn if hn is not None else any_, cp if cp is not None else any_,
@@ -796,14 +838,15 @@ def aot_specs():
     (``matmul_operands``, each in its tile of ``matmul_blocks``), the column sum, and per dot code
     of ``step_dots`` the step kernels for every mode in the tile of ``step_blocks`` (output /
     output-gradient in the io dtype (last layer) or float32 (inner layers), the GRU with and
-    without b_hh, first / middle / final backward step), the projection kernels, and the
-    persistent forward (one block configuration) for every mode, output in the io dtype or
+    without b_hh, first / middle / final backward step; the cells' one forward and one backward
+    step, without lengths), the projection kernels, and the persistent forward (one block configuration) for every mode, output in the io dtype or
     float32, the GRU with and without b_hh. The dropout mask, like the matmul's biases / scale /
     accumulation, is a runtime flag (one compiled kernel with and without). Pointer arguments a
     launch does not use carry the type of the dummy the launcher passes in their place (each
     pointer type is its own compiled kernel): an absent bias / scale of the matmul is B, an
     absent dropout mask the weights (the mask's dtype), the final backward step's output
-    gradient and lengths the float32 carry. tests/test_aot_coverage.py checks this list against
+    gradient and lengths the float32 carry, a cell's lengths its float32 state (the cell
+    launches' carry-in and c'-gradient flags are runtime arguments). tests/test_aot_coverage.py checks this list against
     the launches the ops make."""
     specs = []
     for dt in ("fp32", "fp16", "bf16"):
@@ -832,46 +875,56 @@ def _step_specs(dt, dot):
             for has_next, final in ((False, False), (True, False), (True, True)):
                 if final and dout_dt != "fp32":
                     continue
+                # the final step (dh0 only) gets no output gradient and no lengths: both
+                # come as the float32 carry (dummy pointers, never read)
                 for cfg in step_configs(mode, dot, True):
-                    specs.append(step_bwd_spec(mode, dt, dout_dt, has_next, final, dot, cfg))
+                    specs.append(step_bwd_spec(mode, dt, dout_dt, "fp32" if final else "i64", has_next, final, dot,
+                                               cfg))
+        # the cells (gpu_nn.ops.rnn._gpu_cell_forward / _backward): no lengths (the float32 state
+        # passed instead, never read), h' and its gradient in the io dtype, one backward step
+        for has_bhh in ((False, True) if mode == "gru" else (False,)):
+            for cfg in step_configs(mode, dot, False):
+                specs.append(step_fwd_spec(mode, dt, dt, has_bhh, False, dot, cfg, len_dt="fp32"))
+        for cfg in step_configs(mode, dot, True):
+            specs.append(step_bwd_spec(mode, dt, dt, "fp32", False, False, dot, cfg))
     return specs
 
 
-def step_bwd_spec(mode, dt, dout_dt, has_next, final, dot, cfg):
+def step_bwd_spec(mode, dt, dout_dt, len_dt, has_next, final, dot, cfg):
     """The AotSpec of one ``_rnn_step_bwd_kernel`` launch: io dtype ``dt`` (the weights'),
-    output gradient ``dout_dt``, configuration ``cfg`` (a ``step_blocks`` tuple)."""
+    output gradient ``dout_dt``, lengths ``len_dt`` (a float32 dummy where the launch has none),
+    configuration ``cfg`` (a ``step_blocks`` tuple)."""
     bb, bh, bk, warps, stages = cfg
-    # the final step (dh0 only) gets no output gradient and no lengths: both
-    # come as the float32 carry (dummy pointers, never read)
     sig = {"dgn_ptr": "*fp32", "stride_dgn": "i32", "w_ptr": f"*{dt}", "stride_w0": "i32",
-           "stride_w1": "i32", "carry_ptr": "*fp32", "dc_ptr": "*fp32", "dout_ptr": f"*{dout_dt}",
-           "stride_dout": "i32", "g_ptr": "*fp32", "stride_g": "i32", "hp_ptr": "*fp32",
-           "hn_ptr": "*fp32", "cp_ptr": "*fp32", "cn_ptr": "*fp32", "dgi_ptr": "*fp32",
+           "stride_w1": "i32", "carry_ptr": "*fp32", "has_carry": "i32", "dc_ptr": "*fp32", "dcin_ptr": "*fp32",
+           "has_dcin": "i32", "dout_ptr": f"*{dout_dt}", "stride_dout": "i32", "g_ptr": "*fp32", "stride_g": "i32",
+           "hp_ptr": "*fp32", "hn_ptr": "*fp32", "cp_ptr": "*fp32", "cn_ptr": "*fp32", "dgi_ptr": "*fp32",
            "dgh_ptr": "*fp32", "stride_dg": "i32", "dh0_ptr": "*fp32",
-           "len_ptr": "*fp32" if final else "*i64", "t": "i32", "B": "i32", "H": "i32"}
+           "len_ptr": f"*{len_dt}", "t": "i32", "B": "i32", "H": "i32"}
     for k in ("MODE", "HAS_NEXT", "FINAL", "DOT_DT", "BLOCK_B", "BLOCK_H", "BLOCK_K"):
         sig[k] = "constexpr"
     cons = {"MODE": MODE_CODES[mode], "HAS_NEXT": has_next, "FINAL": final, "DOT_DT": dot,
             "BLOCK_B": bb, "BLOCK_H": bh, "BLOCK_K": bk}
-    label = (f"step bwd {mode} {dt} dot{dot} dout {dout_dt} next{int(has_next)} final{int(final)} "
+    label = (f"step bwd {mode} {dt} dot{dot} dout {dout_dt} len {len_dt} next{int(has_next)} final{int(final)} "
              f"{bb}x{bh}x{bk} w{warps} s{stages}")
     return AotSpec(_rnn_step_bwd_kernel, sig, cons, num_warps=warps, num_stages=stages, label=label)
 
 
-def step_fwd_spec(mode, dt, out_dt, has_bhh, proj, dot, cfg):
+def step_fwd_spec(mode, dt, out_dt, has_bhh, proj, dot, cfg, len_dt="i64"):
     """The AotSpec of one ``_rnn_step_fwd_kernel`` launch: io dtype ``dt`` (the weights'), output
-    ``out_dt``, configuration ``cfg`` (a ``step_blocks`` tuple)."""
+    ``out_dt``, lengths ``len_dt`` (a cell's launch passes a float32 state instead, never read),
+    configuration ``cfg`` (a ``step_blocks`` tuple)."""
     bb, bh, bk, warps, stages = cfg
     sig = {"xg_ptr": "*fp32", "stride_xg": "i32", "hp_ptr": "*fp32", "hn_ptr": "*fp32",
            "cp_ptr": "*fp32", "cn_ptr": "*fp32", "w_ptr": f"*{dt}", "stride_w0": "i32",
            "stride_w1": "i32", "bhh_ptr": f"*{dt}", "out_ptr": f"*{out_dt}", "stride_out": "i32",
            "mask_ptr": f"*{dt}", "stride_mask": "i32", "has_mask": "i32",
-           "len_ptr": "*i64", "t": "i32", "B": "i32", "H": "i32", "P": "i32"}
+           "len_ptr": f"*{len_dt}", "t": "i32", "B": "i32", "H": "i32", "P": "i32"}
     for k in ("MODE", "HAS_BHH", "PROJ", "DOT_DT", "BLOCK_B", "BLOCK_H", "BLOCK_K"):
         sig[k] = "constexpr"
     cons = {"MODE": MODE_CODES[mode], "HAS_BHH": has_bhh, "PROJ": proj, "DOT_DT": dot,
             "BLOCK_B": bb, "BLOCK_H": bh, "BLOCK_K": bk}
-    label = (f"step fwd {mode} {dt} dot{dot} out {out_dt} bhh{int(has_bhh)} proj{int(proj)} "
+    label = (f"step fwd {mode} {dt} dot{dot} out {out_dt} len {len_dt} bhh{int(has_bhh)} proj{int(proj)} "
              f"{bb}x{bh}x{bk} w{warps} s{stages}")
     return AotSpec(_rnn_step_fwd_kernel, sig, cons, num_warps=warps, num_stages=stages, label=label)
 
