@@ -72,21 +72,46 @@ TUNE_CONFIGS = {
 # registers, tf32 128x128x32/3st 160; no spills, HGMMA, LDGSTS.E.BYPASS.128 (ieee float32 at
 # 128x128x32 spills: it is not a candidate). The same tiles without the specialisation spill
 # (255 registers + stack), so only such problems get them.
+# Added as measured candidates (sm_90 AOT, Triton 3.9, registers / shared memory, no spills,
+# HGMMA in each): tf32 128x128x32 with 4 stages 161 / 128 KB; tf32 128x128x64/3st 225 / 192 KB;
+# half 128x128x64 with 4 stages 162 / 128 KB; half 128x256x32/3st 199 / 72 KB and 256x128x32/3st
+# 204 / 72 KB. Tried and left out: half 128x256x64/3st (244 registers, 144 KB) and 256x128x64/3st
+# (252 registers, 144 KB): no spills, but at the register limit, one codegen change from spilling.
 NHWC_CONFIGS = {
     "fp32": {
         "nhwc128k32": (128, 128, 32, 8, 3),
+        "nhwc128k32s4": (128, 128, 32, 8, 4),
+        "nhwc128k64": (128, 128, 64, 8, 3),
     },
     "half": {
         "nhwc128k64": (128, 128, 64, 8, 3),
+        "nhwc128k64s4": (128, 128, 64, 8, 4),
+        "nhwc128x256": (128, 256, 32, 8, 3),
+        "nhwc256x128": (256, 128, 32, 8, 3),
     },
 }
 # The forward candidates a measuring chooser times, by name (GPU_CONFIGS, TUNE_CONFIGS or
 # NHWC_CONFIGS), for (operand width, NHWC tiles eligible: nhwc_specialised and not ieee fp32).
+# The generic tiles stay among the channels_last candidates: on the H200 (82f8513) they won
+# bf16 64x56^2 and 512x7^2 and fp32 64x56^2 against nhwc128k*.
 FWD_CANDIDATES = {
     ("fp32", False): ("large", "small", "large3"),
     ("half", False): ("large", "medium", "small"),
-    ("fp32", True): ("large", "large3", "nhwc128k32"),
-    ("half", True): ("large", "medium", "nhwc128k64"),
+    ("fp32", True): ("large", "large3", "nhwc128k32", "nhwc128k32s4", "nhwc128k64"),
+    ("half", True): ("large", "medium", "nhwc128k64", "nhwc128k64s4", "nhwc128x256", "nhwc256x128"),
+}
+# "Via channels_last": extra forward candidates for problems that are not channels_last but whose
+# channel counts per group are multiples of 16 (fp16 / bf16 / tf32): x and w are copied to
+# channels_last (one pass each), the forward runs on the copies, into a channels_last y that is
+# copied into the caller's y (one pass). cuDNN runs NCHW convolutions the same way (its NHWC
+# implicit GEMM between two transposes); whether the three copies cost less than the direct
+# kernel's per-element NCHW gathers is measured, per problem, never assumed. A candidate of this
+# variant is its configuration tuple with VIA_CL appended (so the tuning cache and the
+# GPU_NN_TUNE_RECORD rows name the variant); the tiles by name, as in FWD_CANDIDATES:
+VIA_CL = "via_channels_last"
+FWD_VIA_CL = {
+    "fp32": ("large3", "nhwc128k32"),
+    "half": ("large", "nhwc128k64"),
 }
 # The specialisation NHWC_CONFIGS are compiled (and launched) with: unit channel strides, and
 # these pointers / ints multiples of 16.
@@ -94,6 +119,12 @@ NHWC_UNIT = ("stride_xc", "stride_wc", "stride_yc")
 NHWC_DIV16 = ("x_ptr", "w_ptr", "b_ptr", "y_ptr", "CG", "OG",
               "stride_xn", "stride_xh", "stride_xw", "stride_wo", "stride_wh", "stride_ww",
               "stride_yn", "stride_yh", "stride_yw")
+# The same specialisation for the input gradient (dgrad reads g along its channels and w along
+# its input channels: unit stride_gc / stride_wc, and writes dx along its channels).
+DGRAD_NHWC_UNIT = ("stride_gc", "stride_wc", "stride_dc")
+DGRAD_NHWC_DIV16 = ("g_ptr", "w_ptr", "dx_ptr", "CG", "OG",
+                    "stride_gn", "stride_gh", "stride_gw", "stride_wo", "stride_wh", "stride_ww",
+                    "stride_dn", "stride_dh", "stride_dw")
 # One small fixed configuration under the interpreter: few Python-level programs.
 INTERP_CONFIG = (64, 16, 16, 4, 1)
 WGRAD_TARGET_PROGRAMS = 264  # two waves of an H100's 132 SMs
@@ -404,14 +435,18 @@ def pick_config(gemm_n: int, gemm_m: int, half: bool, interpret: bool) -> tuple[
     return cfg
 
 
-def fwd_candidates(half: bool, nhwc: bool = False) -> list[tuple[int, int, int, int, int]]:
+def fwd_candidates(half: bool, nhwc: bool = False, via_cl: bool = False) -> list[tuple]:
     """The forward configurations a measuring chooser times (``FWD_CANDIDATES``): tiles of the
     heuristic's table, the pipelined ``TUNE_CONFIGS`` and, with ``nhwc`` (a half or TF32
-    problem that :func:`nhwc_specialised` accepts), the large ``NHWC_CONFIGS`` tiles; all
-    compiled for sm_90 in :func:`aot_specs`."""
+    problem that :func:`nhwc_specialised` accepts), the large ``NHWC_CONFIGS`` tiles; with
+    ``via_cl`` (a problem :func:`via_cl_eligible` accepts) also the ``FWD_VIA_CL`` tiles run on
+    channels_last copies, as ``(*config, VIA_CL)``. All compiled for sm_90 in :func:`aot_specs`."""
     key = "half" if half else "fp32"
     table = {**GPU_CONFIGS[key], **TUNE_CONFIGS[key], **NHWC_CONFIGS[key]}
-    return [table[name] for name in FWD_CANDIDATES[(key, nhwc)]]
+    out = [table[name] for name in FWD_CANDIDATES[(key, nhwc)]]
+    if via_cl and not nhwc:
+        out += [(*table[name], VIA_CL) for name in FWD_VIA_CL[key]]
+    return out
 
 
 def dgrad_candidates(half: bool) -> list[tuple[int, int, int, int, int]]:
@@ -430,6 +465,34 @@ def nhwc_specialised(x, w, b, y, cg: int, og: int) -> bool:
             y.stride(0), y.stride(2), y.stride(3))
     ptrs = (x, w, y) if b is None else (x, w, b, y)
     return all(v % 16 == 0 for v in ints) and all(t.data_ptr() % 16 == 0 for t in ptrs)
+
+
+def via_cl_eligible(x, w, b, y, cg: int, og: int) -> bool:
+    """Whether the via-channels_last forward candidates apply: a problem that does not already
+    take the NHWC specialisation as it stands, whose channels_last copies would
+    (:func:`_nhwc_copy` makes every stride a multiple of C, O or CG, all multiples of 16 here;
+    torch's allocations are 16-byte aligned), and whose bias is aligned."""
+    if cg % 16 or og % 16 or (b is not None and b.data_ptr() % 16):
+        return False
+    return not nhwc_specialised(x, w, b, y, cg, og)
+
+
+def _nhwc_strided(t) -> bool:
+    """Unit channel stride and every other stride a multiple of 16, 16-byte aligned."""
+    return t.stride(1) == 1 and all(s % 16 == 0 for s in (t.stride(0), t.stride(2), t.stride(3))) \
+        and t.data_ptr() % 16 == 0
+
+
+def _nhwc_empty(t):
+    """A new [N, C, H, W] tensor like ``t`` laid out NHWC with exactly the dense strides (not
+    ``memory_format=channels_last``, which keeps torch's freedom for size-1 dimensions)."""
+    n, c, h, w = t.shape
+    return torch.empty((n, h, w, c), dtype=t.dtype, device=t.device).permute(0, 3, 1, 2)
+
+
+def _nhwc_copy(t):
+    """``t`` itself when :func:`_nhwc_strided`, else a dense NHWC copy (one pass)."""
+    return t if _nhwc_strided(t) else _nhwc_empty(t).copy_(t)
 
 
 def wgrad_split(tiles: int, m: int, block_k: int, interpret: bool) -> int:
@@ -487,7 +550,7 @@ def conv_forward(x, w, bias, y, stride, padding, dilation, groups, activation, p
         return
     half = x.element_size() == 2
 
-    def launch(cfg):
+    def direct(cfg, x, w, y):
         bm, bn, bk, warps, stages = cfg
         grid = (triton.cdiv(n * ho * wo, bm), triton.cdiv(og, bn), groups)
         _conv_fwd_kernel[grid](
@@ -499,14 +562,29 @@ def conv_forward(x, w, bias, y, stride, padding, dilation, groups, activation, p
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
         )
 
+    def launch(cfg):
+        if len(cfg) == 5:
+            direct(cfg, x, w, y)
+            return
+        assert cfg[5] == VIA_CL, cfg
+        # the via-channels_last variant: NHWC copies of what is not NHWC already, the kernel in
+        # its NHWC specialisation, y copied back (a fresh temporary each call: run(cfg) must be
+        # idempotent, and torch's caching allocator makes it cheap)
+        yc = y if _nhwc_strided(y) else _nhwc_empty(y)
+        direct(cfg[:5], _nhwc_copy(x), _nhwc_copy(w), yc)
+        if yc is not y:
+            y.copy_(yc)
+
     cfg = pick_config(og, n * ho * wo, half, interpret)
     if choose is not None:
         # every launch rewrites y in full, so the candidates are timed on the real buffers
         key = (tuple(x.shape), tuple(x.stride()), tuple(w.shape), tuple(w.stride()), tuple(y.stride()),
                str(x.dtype), tuple(stride), tuple(padding), tuple(dilation), groups, prec,
                bias is not None, activation)
-        nhwc = (half or prec == "tf32") and nhwc_specialised(x, w, bias, y, cg, og)
-        cands = fwd_candidates(half, nhwc)
+        tiles = half or prec == "tf32"  # the NHWC tiles are not candidates for ieee float32
+        nhwc = tiles and nhwc_specialised(x, w, bias, y, cg, og)
+        via_cl = tiles and not nhwc and via_cl_eligible(x, w, bias, y, cg, og)
+        cands = fwd_candidates(half, nhwc, via_cl)
         cfg = tuple(choose("conv_fwd", key, cands, launch, cfg))
     launch(cfg)
 
@@ -657,22 +735,31 @@ def _fwd_spec(dt: str, prec: str, cname: str, cfg: tuple, nhwc: bool = False) ->
                    label=f"fwd {cname} {dt} {prec}", **({"divisible_by_16": NHWC_DIV16} if nhwc else {}))
 
 
+def _dgrad_spec(dt: str, prec: str, cname: str, cfg: tuple, nhwc: bool = False) -> AotSpec:
+    """The input gradient kernel's spec for one configuration; ``nhwc``: in the channels_last
+    specialisation NHWC_DGRAD_CONFIGS launch with (DGRAD_NHWC_UNIT, DGRAD_NHWC_DIV16)."""
+    bm, bn, bk, warps, stages = cfg
+    blocks = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
+    unit = {k: 1 for k in DGRAD_NHWC_UNIT} if nhwc else {}
+    sig = {"g_ptr": f"*{dt}", "w_ptr": f"*{dt}", "dx_ptr": f"*{dt}"}
+    sig.update({k: "i32" for k in _INTS_DGRAD})
+    sig.update({k: "constexpr" for k in ("PREC", *blocks, *unit)})
+    return AotSpec(_conv_dgrad_kernel, sig, {"PREC": prec, **blocks, **unit}, num_warps=warps, num_stages=stages,
+                   label=f"dgrad {cname} {dt} {prec}", **({"divisible_by_16": DGRAD_NHWC_DIV16} if nhwc else {}))
+
+
 def aot_specs():
     """Every configuration the launchers can launch on a GPU: each GPU config x dtype x
     (float32) precision (wgrad: all but "large"), plus the forward's measured-choice candidates
-    (TUNE_CONFIGS, and NHWC_CONFIGS in the channels_last specialisation they launch with); bias and activation are runtime arguments of
-    the forward kernel. ``tests/test_aot_coverage.py`` checks that launches stay within this list."""
+    (TUNE_CONFIGS, and NHWC_CONFIGS and the FWD_VIA_CL tiles in the channels_last specialisation
+    they launch with); bias and activation are runtime arguments of the forward kernel. ``tests/test_aot_coverage.py`` checks that launches stay within this list."""
     specs = []
     variants = [("fp32", "ieee"), ("fp32", "tf32"), ("fp16", "ieee"), ("bf16", "ieee")]
     for dt, prec in variants:
         for cname, (bm, bn, bk, warps, stages) in GPU_CONFIGS["fp32" if dt == "fp32" else "half"].items():
             blocks = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
             specs.append(_fwd_spec(dt, prec, cname, (bm, bn, bk, warps, stages)))
-            sig = {"g_ptr": f"*{dt}", "w_ptr": f"*{dt}", "dx_ptr": f"*{dt}"}
-            sig.update({k: "i32" for k in _INTS_DGRAD})
-            sig.update({k: "constexpr" for k in ("PREC", *blocks)})
-            specs.append(AotSpec(_conv_dgrad_kernel, sig, {"PREC": prec, **blocks}, num_warps=warps,
-                                 num_stages=stages, label=f"dgrad {cname} {dt} {prec}"))
+            specs.append(_dgrad_spec(dt, prec, cname, (bm, bn, bk, warps, stages)))
             if cname == "large":
                 continue  # wgrad parallelises by splitting its reduction: pick_config(og, 0) never picks it
             sig = {"g_ptr": f"*{dt}", "x_ptr": f"*{dt}", "ws_ptr": "*fp32"}
@@ -682,10 +769,17 @@ def aot_specs():
                                  num_stages=stages, label=f"wgrad {cname} {dt} {prec}"))
         for cname, cfg in TUNE_CONFIGS["fp32" if dt == "fp32" else "half"].items():
             specs.append(_fwd_spec(dt, prec, cname, cfg))
-        for cname, cfg in NHWC_CONFIGS["fp32" if dt == "fp32" else "half"].items():
-            if prec == "ieee" and dt == "fp32":
-                continue  # TF32 or half only (see NHWC_CONFIGS)
+        if prec == "ieee" and dt == "fp32":
+            continue  # the NHWC specialisation: TF32 or half only (see NHWC_CONFIGS)
+        key = "fp32" if dt == "fp32" else "half"
+        for cname, cfg in NHWC_CONFIGS[key].items():
             specs.append(_fwd_spec(dt, prec, cname, cfg, nhwc=True))
+        # the generic tiles the via-channels_last variant launches on its NHWC copies (channels_last
+        # callers with channel counts in multiples of 16 get the same specialisation)
+        for cname in FWD_VIA_CL[key]:
+            if cname not in NHWC_CONFIGS[key]:
+                cfg = {**GPU_CONFIGS[key], **TUNE_CONFIGS[key]}[cname]
+                specs.append(_fwd_spec(dt, prec, f"{cname}/nhwc", cfg, nhwc=True))
     bp, bc, warps = DW_CONFIG
     blocks = {"BLOCK_P": bp, "BLOCK_C": bc}
     for dt in ("fp32", "fp16", "bf16"):
