@@ -853,6 +853,62 @@ def test_via_channels_last_candidates_match_reference(half, monkeypatch, rng):
             assert _same_layout(y, oc._alloc(y.shape, fmt, torch.empty)), f"{what}: strides {y.stride()} ({fmt})"
 
 
+@pytest.mark.parametrize("half", [False, True], ids=["tf32", "half"])
+def test_via_channels_last_dgrad_candidates_match_reference(half, monkeypatch, rng):
+    """The input gradient's via-channels_last candidates, forced, on the same problems: against
+    the reference's gradient, bitwise equal to the same tile launched directly on channels_last
+    copies (where the DGRAD_NHWC tiles are candidates), in the input's memory format."""
+    from gpu_nn.kernels.triton import conv as kt
+    from gpu_nn.ops import conv as oc
+
+    _need_triton()
+    dtype = torch.float16 if half else torch.float32
+    monkeypatch.setattr(oc, "_precision", lambda dt: "ieee" if half or dt != torch.float32 else "tf32")
+    vias = [c for c in kt.dgrad_candidates(half, False, True) if c[-1] == kt.VIA_CL]
+    assert vias and not any(c[-1] == kt.VIA_CL for c in kt.dgrad_candidates(half, True, True))
+    for nd, n, c, sp, o, k, st, pad, dil, groups, bias, act, (lx, lw) in VIA_CL_CASES:
+        x64, w64 = randn(rng, n, c, *sp), randn(rng, o, c // groups, *k) / (c // groups * np.prod(k)) ** 0.5
+        b64 = randn(rng, o) if bias else None
+        conv = F.conv2d if nd == 2 else F.conv1d
+        kw = dict(stride=st, padding=pad, dilation=dil, groups=groups, activation=act)
+        with gpu_nn.backend("reference"):
+            x64.requires_grad_()
+            y64 = conv(x64, w64, b64, **kw)
+            g64 = randn(rng, *y64.shape)
+            want = torch.autograd.grad(y64, x64, g64)[0]
+        dev = "cuda" if CUDA else "cpu"
+        x, w = _layout(x64.detach().to(dev, dtype), lx).requires_grad_(), _layout(w64.to(dev, dtype), lw)
+        b, g = None if b64 is None else b64.to(dev, dtype), g64.to(dev, dtype)
+        xc = _layout(x.detach().contiguous(), "channels_last").requires_grad_()
+        wc, gc = _layout(w.contiguous(), "channels_last"), _layout(g, "channels_last")
+        seen, choice = [], []
+
+        def pick(op, key, candidates, run, default):
+            if op != "conv_dgrad":
+                return default
+            seen.append(list(candidates))
+            return choice[-1]
+
+        monkeypatch.setattr(oc, "_chooser", lambda device: pick)
+        for via in vias:
+            tile = via[:5]
+            with gpu_nn.backend("triton"):
+                choice.append(via)
+                got = torch.autograd.grad(conv(x, w, b, **kw), x, g)[0]
+                choice.append(tile)  # the same tile, directly on channels_last copies
+                direct = torch.autograd.grad(conv(xc, wc, b, **kw), xc, gc)[0]
+            assert via in seen[-2] and tile in seen[-1] and via not in seen[-1], "the variant is for the NCHW problem only"
+            what = f"dgrad via channels_last {tile} conv{nd}d {lx}/{lw}"
+            red = o // groups * int(np.prod(k))
+            if half:
+                assert_close(got, want, dtype, red, what)
+            else:
+                assert max_rel_err(got, want) <= _tf32_bound(red), what
+            assert torch.equal(got.contiguous(), direct.contiguous()), f"{what}: not bitwise equal to the direct NHWC launch"
+            fmt = oc._memory_format(x, w)
+            assert _same_layout(got, oc._alloc(got.shape, fmt, torch.empty)), f"{what}: strides {got.stride()} ({fmt})"
+
+
 def test_via_channels_last_choice_is_recorded_and_cached(tune_cache, tmp_path, monkeypatch):
     """A winning via-channels_last candidate is named as such in the GPU_NN_TUNE_RECORD rows
     (its config ends with VIA_CL) and comes back from the disk cache as the same tuple, not as
@@ -1065,10 +1121,24 @@ def test_triton_heuristic_tiles():
                 spec = name if name in kt.NHWC_CONFIGS[key] else f"{name}/nhwc"
                 for dt in dts:
                     assert f"fwd {spec} {dt}" in labels
-    nhwc_specs = [sp for sp in kt.aot_specs() if sp.label.split()[1] in {**kt.NHWC_CONFIGS["fp32"], **kt.NHWC_CONFIGS["half"]}
-                  or sp.label.split()[1].endswith("/nhwc")]
-    assert nhwc_specs and all(sp.divisible_by_16 == kt.NHWC_DIV16 and all(sp.constexprs[k] == 1 for k in kt.NHWC_UNIT)
-                              for sp in nhwc_specs)
+    # ... and so is every input-gradient candidate (NHWC tiles and via channels_last included)
+    for half, dts in ((False, ("fp32 tf32",)), (True, ("fp16 ieee", "bf16 ieee"))):
+        key = "half" if half else "fp32"
+        table = {**kt.GPU_CONFIGS[key], **kt.DGRAD_NHWC_CONFIGS[key]}
+        for cand in {*kt.dgrad_candidates(half, True), *kt.dgrad_candidates(half, False, True)}:
+            name = next(k for k, v in table.items() if v == cand[:5])
+            if len(cand) == 6 and name not in kt.DGRAD_NHWC_CONFIGS[key]:
+                name += "/nhwc"
+            for dt in dts:
+                assert f"dgrad {name} {dt}" in labels
+    for kind, names, unit, div16 in (
+            ("fwd", {**kt.NHWC_CONFIGS["fp32"], **kt.NHWC_CONFIGS["half"]}, kt.NHWC_UNIT, kt.NHWC_DIV16),
+            ("dgrad", {**kt.DGRAD_NHWC_CONFIGS["fp32"], **kt.DGRAD_NHWC_CONFIGS["half"]}, kt.DGRAD_NHWC_UNIT,
+             kt.DGRAD_NHWC_DIV16)):
+        nhwc_specs = [sp for sp in kt.aot_specs() if sp.label.split()[0] == kind
+                      and (sp.label.split()[1] in names or sp.label.split()[1].endswith("/nhwc"))]
+        assert nhwc_specs and all(sp.divisible_by_16 == div16 and all(sp.constexprs[k] == 1 for k in unit)
+                                  for sp in nhwc_specs)
     # depthwise = one input channel per group, whatever the channel multiplier
     assert kt.is_depthwise(6, 1, 6) and kt.is_depthwise(1, 1, 1)
     assert not kt.is_depthwise(6, 2, 3) and not kt.is_depthwise(6, 6, 1)

@@ -125,6 +125,22 @@ DGRAD_NHWC_UNIT = ("stride_gc", "stride_wc", "stride_dc")
 DGRAD_NHWC_DIV16 = ("g_ptr", "w_ptr", "dx_ptr", "CG", "OG",
                     "stride_gn", "stride_gh", "stride_gw", "stride_wo", "stride_wh", "stride_ww",
                     "stride_dn", "stride_dh", "stride_dw")
+# Input-gradient tiles in that specialisation (fp16 / bf16 / tf32), measured candidates only.
+# dgrad keeps two accumulators (the running sum and the tap's, see _conv_dgrad_kernel), so its
+# tiles stop short of the forward's: sm_90 AOT, registers / shared memory, no spills, HGMMA: tf32
+# 128x64x32/3st 190 / 72 KB, half 128x64x64/3st 178 / 72 KB; in the specialisation the generic
+# "large" tile takes 120 (tf32) / 124 (half). 128x128 (tf32 x32: 246 registers, half x64: 244)
+# does not spill but sits at the register limit: left out.
+DGRAD_NHWC_CONFIGS = {
+    "fp32": {"nhwc128x64k32": (128, 64, 32, 8, 3)},
+    "half": {"nhwc128x64k64": (128, 64, 64, 8, 3)},
+}
+# The via-channels_last input-gradient candidates (as FWD_VIA_CL: g and w copied to NHWC, dx
+# through an NHWC temporary), by tile name in GPU_CONFIGS / DGRAD_NHWC_CONFIGS.
+DGRAD_VIA_CL = {
+    "fp32": ("large", "nhwc128x64k32"),
+    "half": ("large", "nhwc128x64k64"),
+}
 # One small fixed configuration under the interpreter: few Python-level programs.
 INTERP_CONFIG = (64, 16, 16, 4, 1)
 WGRAD_TARGET_PROGRAMS = 264  # two waves of an H100's 132 SMs
@@ -449,10 +465,47 @@ def fwd_candidates(half: bool, nhwc: bool = False, via_cl: bool = False) -> list
     return out
 
 
-def dgrad_candidates(half: bool) -> list[tuple[int, int, int, int, int]]:
+def problem_candidates(x, w, b, y, groups: int, prec: str) -> list[tuple]:
+    """The forward candidates :func:`conv_forward` hands a measuring chooser for these tensors
+    (layouts, alignment, channel counts) and float32 precision; benchmarks/sweep.py times the
+    same list."""
+    half = x.element_size() == 2
+    cg, og = w.shape[1], w.shape[0] // groups
+    tiles = half or prec == "tf32"  # the NHWC tiles are not candidates for ieee float32
+    nhwc = tiles and nhwc_specialised(x, w, b, y, cg, og)
+    via_cl = tiles and not nhwc and via_cl_eligible(x, w, b, y, cg, og)
+    return fwd_candidates(half, nhwc, via_cl)
+
+
+def dgrad_candidates(half: bool, nhwc: bool = False, via_cl: bool = False) -> list[tuple]:
     """The input-gradient configurations a measuring chooser times: the heuristic's own table
-    (already compiled for dgrad in :func:`aot_specs`, so measuring adds no compile)."""
-    return list(GPU_CONFIGS["half" if half else "fp32"].values())
+    (already compiled for dgrad in :func:`aot_specs`); with ``nhwc`` (a half or TF32 problem
+    that :func:`dgrad_nhwc_specialised` accepts) also the ``DGRAD_NHWC_CONFIGS`` tiles; with
+    ``via_cl`` (:func:`dgrad_via_cl_eligible`) the ``DGRAD_VIA_CL`` tiles run on channels_last
+    copies, as ``(*config, VIA_CL)``."""
+    key = "half" if half else "fp32"
+    out = list(GPU_CONFIGS[key].values())
+    if nhwc:
+        out += list(DGRAD_NHWC_CONFIGS[key].values())
+    elif via_cl:
+        table = {**GPU_CONFIGS[key], **DGRAD_NHWC_CONFIGS[key]}
+        out += [(*table[name], VIA_CL) for name in DGRAD_VIA_CL[key]]
+    return out
+
+
+def dgrad_nhwc_specialised(g, w, dx, cg: int, og: int) -> bool:
+    """As :func:`nhwc_specialised`, for the input gradient's arguments (DGRAD_NHWC_UNIT unit,
+    DGRAD_NHWC_DIV16 multiples of 16)."""
+    if g.stride(1) != 1 or w.stride(1) != 1 or dx.stride(1) != 1:
+        return False
+    ints = (cg, og, g.stride(0), g.stride(2), g.stride(3), w.stride(0), w.stride(2), w.stride(3),
+            dx.stride(0), dx.stride(2), dx.stride(3))
+    return all(v % 16 == 0 for v in ints) and all(t.data_ptr() % 16 == 0 for t in (g, w, dx))
+
+
+def dgrad_via_cl_eligible(g, w, dx, cg: int, og: int) -> bool:
+    """As :func:`via_cl_eligible`, for the input gradient."""
+    return cg % 16 == 0 and og % 16 == 0 and not dgrad_nhwc_specialised(g, w, dx, cg, og)
 
 
 def nhwc_specialised(x, w, b, y, cg: int, og: int) -> bool:
@@ -581,17 +634,14 @@ def conv_forward(x, w, bias, y, stride, padding, dilation, groups, activation, p
         key = (tuple(x.shape), tuple(x.stride()), tuple(w.shape), tuple(w.stride()), tuple(y.stride()),
                str(x.dtype), tuple(stride), tuple(padding), tuple(dilation), groups, prec,
                bias is not None, activation)
-        tiles = half or prec == "tf32"  # the NHWC tiles are not candidates for ieee float32
-        nhwc = tiles and nhwc_specialised(x, w, bias, y, cg, og)
-        via_cl = tiles and not nhwc and via_cl_eligible(x, w, bias, y, cg, og)
-        cands = fwd_candidates(half, nhwc, via_cl)
-        cfg = tuple(choose("conv_fwd", key, cands, launch, cfg))
+        cfg = tuple(choose("conv_fwd", key, problem_candidates(x, w, bias, y, groups, prec), launch, cfg))
     launch(cfg)
 
 
 def conv_backward_data(g, w, dx, stride, padding, dilation, groups, prec, interpret, choose=None):
     """``dx`` [N, C, H, W] = gradient of the input from ``g`` [N, O, Ho, Wo] and ``w``.
-    ``choose``: as for :func:`conv_forward`, over :func:`dgrad_candidates`."""
+    ``choose``: as for :func:`conv_forward`, over :func:`dgrad_candidates` (with its NHWC tiles
+    or its via-channels_last variant where they apply)."""
     n, c, h, wd = dx.shape
     o, cg, kh, kw = w.shape
     _, _, ho, wo = g.shape
@@ -611,7 +661,7 @@ def conv_backward_data(g, w, dx, stride, padding, dilation, groups, prec, interp
         return
     half = g.element_size() == 2
 
-    def launch(cfg):
+    def direct(cfg, g, w, dx):
         bm, bn, bk, warps, stages = cfg
         grid = (triton.cdiv(n * h * wd, bm), triton.cdiv(cg, bn), groups)
         _conv_dgrad_kernel[grid](
@@ -622,11 +672,25 @@ def conv_backward_data(g, w, dx, stride, padding, dilation, groups, prec, interp
             PREC=_dot_precision(prec), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
         )
 
+    def launch(cfg):
+        if len(cfg) == 5:
+            direct(cfg, g, w, dx)
+            return
+        assert cfg[5] == VIA_CL, cfg
+        # via channels_last, as in conv_forward: NHWC copies in, an NHWC temporary out
+        dxc = dx if _nhwc_strided(dx) else _nhwc_empty(dx)
+        direct(cfg[:5], _nhwc_copy(g), _nhwc_copy(w), dxc)
+        if dxc is not dx:
+            dx.copy_(dxc)
+
     cfg = pick_config(cg, n * h * wd, half, interpret)
     if choose is not None:
         key = (tuple(g.shape), tuple(g.stride()), tuple(w.shape), tuple(w.stride()), tuple(dx.shape), tuple(dx.stride()),
                str(g.dtype), tuple(stride), tuple(padding), tuple(dilation), groups, prec)
-        cfg = tuple(choose("conv_dgrad", key, dgrad_candidates(half), launch, cfg))
+        tiles = half or prec == "tf32"  # the NHWC tiles are not candidates for ieee float32
+        nhwc = tiles and dgrad_nhwc_specialised(g, w, dx, cg, og)
+        via_cl = tiles and not nhwc and dgrad_via_cl_eligible(g, w, dx, cg, og)
+        cfg = tuple(choose("conv_dgrad", key, dgrad_candidates(half, nhwc, via_cl), launch, cfg))
     launch(cfg)
 
 
@@ -752,7 +816,8 @@ def aot_specs():
     """Every configuration the launchers can launch on a GPU: each GPU config x dtype x
     (float32) precision (wgrad: all but "large"), plus the forward's measured-choice candidates
     (TUNE_CONFIGS, and NHWC_CONFIGS and the FWD_VIA_CL tiles in the channels_last specialisation
-    they launch with); bias and activation are runtime arguments of the forward kernel. ``tests/test_aot_coverage.py`` checks that launches stay within this list."""
+    they launch with) and the input gradient's (DGRAD_NHWC_CONFIGS and the DGRAD_VIA_CL tiles, in
+    theirs); bias and activation are runtime arguments of the forward kernel. ``tests/test_aot_coverage.py`` checks that launches stay within this list."""
     specs = []
     variants = [("fp32", "ieee"), ("fp32", "tf32"), ("fp16", "ieee"), ("bf16", "ieee")]
     for dt, prec in variants:
@@ -780,6 +845,11 @@ def aot_specs():
             if cname not in NHWC_CONFIGS[key]:
                 cfg = {**GPU_CONFIGS[key], **TUNE_CONFIGS[key]}[cname]
                 specs.append(_fwd_spec(dt, prec, f"{cname}/nhwc", cfg, nhwc=True))
+        for cname, cfg in DGRAD_NHWC_CONFIGS[key].items():
+            specs.append(_dgrad_spec(dt, prec, cname, cfg, nhwc=True))
+        for cname in DGRAD_VIA_CL[key]:
+            if cname not in DGRAD_NHWC_CONFIGS[key]:
+                specs.append(_dgrad_spec(dt, prec, f"{cname}/nhwc", GPU_CONFIGS[key][cname], nhwc=True))
     bp, bc, warps = DW_CONFIG
     blocks = {"BLOCK_P": bp, "BLOCK_C": bc}
     for dt in ("fp32", "fp16", "bf16"):
