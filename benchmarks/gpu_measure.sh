@@ -5,10 +5,13 @@
 # package installed, Triton's cache holding the default kernels). Steps, each under `timeout`,
 # the whole within GPU_MEASURE_BUDGET_S (default 300 s), most wanted first:
 #   install        only when gpu_nn does not import (gpu_run.sh has installed it)
-#   sweep          python -m gpu_nn.benchmarks.sweep --only sweep: every launch configuration of a
-#                  candidate grid of the activation, pooling and Adam kernels, checked against
-#                  torch and timed (sweep.json, rewritten after every row); its --budget-s is
-#                  GPU_MEASURE_SWEEP_S (default 150) or less, so that the profile keeps its time
+#   sweep          python -m gpu_nn.benchmarks.sweep --only sweep: first every conv forward
+#                  candidate (direct, NHWC tiles, via channels_last) and torch at bench_conv's
+#                  shapes, within at most 60 s (sweep_conv.json, and sweep.json's "conv"), then
+#                  every launch configuration of a candidate grid of the activation, pooling and
+#                  Adam kernels, checked against torch and timed (sweep.json, rewritten after
+#                  every row); its --budget-s is GPU_MEASURE_SWEEP_S (default 150) or less, so
+#                  that the profile keeps its time
 #   profile        ... --only profile: torch.profiler breakdown of one warm fwd+bwd per op, ours
 #                  against torch: every GPU event, wall time, GPU busy / idle (profile.json,
 #                  profile.txt)
