@@ -816,7 +816,7 @@ def test_via_channels_last_candidates_match_reference(half, monkeypatch, rng):
     monkeypatch.setattr(oc, "_precision", lambda dt: "ieee" if half or dt != torch.float32 else "tf32")
     vias = [c for c in kt.fwd_candidates(half, False, True) if c[-1] == kt.VIA_CL]
     assert vias and all(c[:5] not in vias for c in kt.fwd_candidates(half, False))
-    for nd, n, c, sp, o, k, st, pad, dil, groups, bias, act, (lx, lw) in VIA_CL_CASES:
+    for ci, (nd, n, c, sp, o, k, st, pad, dil, groups, bias, act, (lx, lw)) in enumerate(VIA_CL_CASES):
         x64, w64 = randn(rng, n, c, *sp), randn(rng, o, c // groups, *k) / (c // groups * np.prod(k)) ** 0.5
         b64 = randn(rng, o) if bias else None
         conv = F.conv2d if nd == 2 else F.conv1d
@@ -833,7 +833,7 @@ def test_via_channels_last_candidates_match_reference(half, monkeypatch, rng):
             return choice[-1]
 
         monkeypatch.setattr(oc, "_chooser", lambda device: pick)
-        for via in vias:
+        for via in [vias[(ci + 1) % len(vias)]]:  # each tile on every other problem (the NHWC tile first)
             tile = via[:5]
             xc, wc = _layout(x.contiguous(), "channels_last"), _layout(w.contiguous(), "channels_last")
             with gpu_nn.backend("triton"):
@@ -866,7 +866,7 @@ def test_via_channels_last_dgrad_candidates_match_reference(half, monkeypatch, r
     monkeypatch.setattr(oc, "_precision", lambda dt: "ieee" if half or dt != torch.float32 else "tf32")
     vias = [c for c in kt.dgrad_candidates(half, False, True) if c[-1] == kt.VIA_CL]
     assert vias and not any(c[-1] == kt.VIA_CL for c in kt.dgrad_candidates(half, True, True))
-    for nd, n, c, sp, o, k, st, pad, dil, groups, bias, act, (lx, lw) in VIA_CL_CASES:
+    for ci, (nd, n, c, sp, o, k, st, pad, dil, groups, bias, act, (lx, lw)) in enumerate(VIA_CL_CASES):
         x64, w64 = randn(rng, n, c, *sp), randn(rng, o, c // groups, *k) / (c // groups * np.prod(k)) ** 0.5
         b64 = randn(rng, o) if bias else None
         conv = F.conv2d if nd == 2 else F.conv1d
@@ -890,7 +890,7 @@ def test_via_channels_last_dgrad_candidates_match_reference(half, monkeypatch, r
             return choice[-1]
 
         monkeypatch.setattr(oc, "_chooser", lambda device: pick)
-        for via in vias:
+        for via in [vias[(ci + 1) % len(vias)]]:  # each tile on every other problem (the NHWC tile first)
             tile = via[:5]
             with gpu_nn.backend("triton"):
                 choice.append(via)
