@@ -502,7 +502,7 @@ def _conv_setup(p: dict, dtype, channels_last: bool, device: str, copies: int, c
             return tconv(x, w, b, st, pad, 1, groups)
         choice = _conv_tuple(cfg)
         kt.conv_forward(_as4d(x), _as4d(w), b, _as4d(y), st4, pads4, dl4, groups, None, prec, interpret,
-                        choose=lambda op, key, cands, run, default: choice)
+                        choose=lambda op, key, cands, run, default, **_: choice)
         return y
 
     seeds = itertools.count()

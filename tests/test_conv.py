@@ -739,7 +739,7 @@ def test_every_candidate_matches_reference(half, monkeypatch, rng):
         for cand in kt.fwd_candidates(half, nhwc):
             if nhwc and cand in kt.fwd_candidates(half, False):
                 continue  # run above
-            def pick(op, key, candidates, run, default, cand=cand):
+            def pick(op, key, candidates, run, default, cand=cand, **_):
                 assert cand in candidates
                 return cand
             monkeypatch.setattr(oc, "_chooser", lambda device: pick)
@@ -764,7 +764,7 @@ def test_every_candidate_matches_reference(half, monkeypatch, rng):
         want = torch.autograd.grad(F.conv2d(x64, w.double(), b.double(), padding=1), x64, g64)[0]
     x.requires_grad_()
     for cand in kt.dgrad_candidates(half):
-        monkeypatch.setattr(oc, "_chooser", lambda device, cand=cand: (lambda op, key, cs, run, default: cand if op == "conv_dgrad" else default))
+        monkeypatch.setattr(oc, "_chooser", lambda device, cand=cand: (lambda op, key, cs, run, default, **_: cand if op == "conv_dgrad" else default))
         with gpu_nn.backend("triton"):
             got = torch.autograd.grad(F.conv2d(x, w, b, padding=1), x, g64.to(x.device, dtype))[0]
         assert_close(got, want, dtype, 63, f"dgrad {cand}")
@@ -828,7 +828,7 @@ def test_via_channels_last_candidates_match_reference(half, monkeypatch, rng):
         b = None if b64 is None else b64.to(dev, dtype)
         seen, choice = [], []
 
-        def pick(op, key, candidates, run, default):
+        def pick(op, key, candidates, run, default, **_):
             seen.append(list(candidates))
             return choice[-1]
 
@@ -883,7 +883,7 @@ def test_via_channels_last_dgrad_candidates_match_reference(half, monkeypatch, r
         wc, gc = _layout(w.contiguous(), "channels_last"), _layout(g, "channels_last")
         seen, choice = [], []
 
-        def pick(op, key, candidates, run, default):
+        def pick(op, key, candidates, run, default, **_):
             if op != "conv_dgrad":
                 return default
             seen.append(list(candidates))
@@ -935,6 +935,57 @@ def test_via_channels_last_choice_is_recorded_and_cached(tune_cache, tmp_path, m
 
     assert _tuning.choose("conv_fwd", key, cands, lambda cfg: cfg, cands[0], torch.device("cpu"), timer=no_clock,
                           force=True) == winner
+
+
+@pytest.mark.parametrize("part", ["fwd", "dgrad"])
+def test_tuning_compiles_every_candidate_up_front(part, monkeypatch):
+    """Before timing, the launchers' ``prepare`` compiles every candidate at once (warmup calls
+    inside parallel_compile), the via-channels_last ones on NHWC stand-ins with the strides their
+    launch will have (nothing copied); under the interpreter it does nothing."""
+    import contextlib
+
+    from gpu_nn.kernels.triton import conv as kt
+
+    class Stub:
+        def __init__(self):
+            self.warm, self.runs = [], 0
+
+        def __getitem__(self, grid):
+            def run(*args, **kw):
+                self.runs += 1
+            return run
+
+        def warmup(self, *args, grid, **kw):
+            self.warm.append((args, kw))
+
+    stub = Stub()
+    monkeypatch.setattr(kt, f"_conv_{part}_kernel", stub)
+    monkeypatch.setattr(kt, "parallel_compile", lambda n: contextlib.nullcontext(True))
+    offered = []
+
+    def choose(op, key, cands, run, default, prepare):
+        offered.extend(cands)
+        prepare(cands)
+        return default
+
+    x, w = torch.randn(2, 32, 5, 6, dtype=torch.float16), torch.randn(32, 32, 3, 3, dtype=torch.float16)
+    y = torch.empty(2, 32, 5, 6, dtype=torch.float16)
+    for interpret in (True, False):
+        if part == "fwd":
+            kt.conv_forward(x, w, None, y, (1, 1), (1, 1, 1, 1), (1, 1), 1, None, "ieee", interpret, choose=choose)
+        else:
+            kt.conv_backward_data(y, w, x, (1, 1), (1, 1, 1, 1), (1, 1), 1, "ieee", interpret, choose=choose)
+        if interpret:
+            assert stub.warm == [] and stub.runs == 1
+    vias = [c for c in offered if c[-1] == kt.VIA_CL]
+    assert vias and len(stub.warm) == len(offered) // 2 and stub.runs == 2
+    for cand, (args, kw) in zip(offered[len(offered) // 2:], stub.warm):
+        assert (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], kw["num_warps"], kw["num_stages"]) == cand[:5]
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        if cand in vias:
+            assert all(kt._nhwc_strided(t) for t in tensors) and not any(t is x or t is y for t in tensors)
+        else:
+            assert tensors[0] is (x if part == "fwd" else y)
 
 
 def test_via_channels_last_only_where_it_applies(rng):

@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from ._aot import AotSpec
+from ._compat import parallel_compile
 from .activation import ACT_CODES, _epilogue_act
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): the sm_90 configurations the heuristics
@@ -572,6 +573,31 @@ def dw_config(interpret: bool) -> tuple[int, int, int]:
 
 # ----------------------------------------------------------------------------- launchers
 
+def _compiling(kernel, grid):
+    """``kernel[grid]``'s stand-in that only compiles (``warmup``) for these arguments."""
+    return lambda *args, **kw: kernel.warmup(*args, grid=grid, **kw)
+
+
+def _nhwc_like(*ts):
+    """Unwritten NHWC stand-ins for the via-channels_last variant's copies (same strides,
+    alignment and dtypes, so the same specialisation compiles), or the tensors themselves where
+    they already qualify."""
+    return tuple(t if _nhwc_strided(t) else _nhwc_empty(t) for t in ts)
+
+
+def _compile_all(cands, interpret: bool, warm) -> None:
+    """The tuning's ``prepare``: compile every candidate for this call's specialisation at once,
+    in threads (as dense's matmul does), before they are timed. ``warm(config, nhwc)`` launches
+    ``warmup`` with the direct configuration on ``nhwc(*tensors)``: the tensors themselves, or
+    for a via-channels_last candidate their NHWC stand-ins (nothing copied). Where Triton lacks
+    AsyncCompileMode each candidate compiles in its warm-up launch instead."""
+    if interpret or len(cands) < 2:
+        return
+    with parallel_compile(len(cands)) as available:
+        for cfg in (cands if available else ()):
+            warm(cfg[:5], _nhwc_like if len(cfg) == 6 else (lambda *ts: ts))
+
+
 def conv_forward(x, w, bias, y, stride, padding, dilation, groups, activation, prec, interpret, choose=None):
     """``y`` [N, O, Ho, Wo] = act(conv(x [N, C, H, W], w [O, C/groups, kh, kw]) + bias [O]).
 
@@ -579,10 +605,11 @@ def conv_forward(x, w, bias, y, stride, padding, dilation, groups, activation, p
     bottom/right padding only decides Ho/Wo, which ``y`` already has). Any strides.
 
     ``choose``: None (the heuristic :func:`pick_config` decides) or a measuring chooser
-    ``choose(op, key, candidates, run, default) -> config`` (``gpu_nn._tuning.choose`` bound to
-    the device, which the caller passes only where measuring is possible): the implicit-GEMM
-    forward then launches the fastest of :func:`fwd_candidates` for this problem. Depthwise
-    convolutions keep their single configuration."""
+    ``choose(op, key, candidates, run, default, prepare=) -> config`` (``gpu_nn._tuning.choose``
+    bound to the device, which the caller passes only where measuring is possible; ``prepare``
+    compiles every candidate at once before they are timed): the implicit-GEMM forward then
+    launches the fastest of :func:`problem_candidates` for this problem. Depthwise convolutions
+    keep their single configuration."""
     n, c, h, wd = x.shape
     o, cg, kh, kw = w.shape
     _, _, ho, wo = y.shape
@@ -603,10 +630,11 @@ def conv_forward(x, w, bias, y, stride, padding, dilation, groups, activation, p
         return
     half = x.element_size() == 2
 
-    def direct(cfg, x, w, y):
+    def direct(cfg, x, w, y, warm=False):
         bm, bn, bk, warps, stages = cfg
         grid = (triton.cdiv(n * ho * wo, bm), triton.cdiv(og, bn), groups)
-        _conv_fwd_kernel[grid](
+        kernel = _compiling(_conv_fwd_kernel, grid) if warm else _conv_fwd_kernel[grid]
+        kernel(
             x, w, bias if bias is not None else y, y,
             n, h, wd, ho, wo, kw, kh * kw, cg, og,
             *x.stride(), *w.stride(), *y.stride(),
@@ -634,7 +662,9 @@ def conv_forward(x, w, bias, y, stride, padding, dilation, groups, activation, p
         key = (tuple(x.shape), tuple(x.stride()), tuple(w.shape), tuple(w.stride()), tuple(y.stride()),
                str(x.dtype), tuple(stride), tuple(padding), tuple(dilation), groups, prec,
                bias is not None, activation)
-        cfg = tuple(choose("conv_fwd", key, problem_candidates(x, w, bias, y, groups, prec), launch, cfg))
+        cands = problem_candidates(x, w, bias, y, groups, prec)
+        cfg = tuple(choose("conv_fwd", key, cands, launch, cfg,
+                           prepare=lambda cs: _compile_all(cs, interpret, lambda c, nhwc: direct(c, *nhwc(x, w, y), warm=True))))
     launch(cfg)
 
 
@@ -661,10 +691,11 @@ def conv_backward_data(g, w, dx, stride, padding, dilation, groups, prec, interp
         return
     half = g.element_size() == 2
 
-    def direct(cfg, g, w, dx):
+    def direct(cfg, g, w, dx, warm=False):
         bm, bn, bk, warps, stages = cfg
         grid = (triton.cdiv(n * h * wd, bm), triton.cdiv(cg, bn), groups)
-        _conv_dgrad_kernel[grid](
+        kernel = _compiling(_conv_dgrad_kernel, grid) if warm else _conv_dgrad_kernel[grid]
+        kernel(
             g, w, dx,
             n, h, wd, ho, wo, kw, kh * kw, cg, og,
             *g.stride(), *w.stride(), *dx.stride(),
@@ -690,7 +721,8 @@ def conv_backward_data(g, w, dx, stride, padding, dilation, groups, prec, interp
         tiles = half or prec == "tf32"  # the NHWC tiles are not candidates for ieee float32
         nhwc = tiles and dgrad_nhwc_specialised(g, w, dx, cg, og)
         via_cl = tiles and not nhwc and dgrad_via_cl_eligible(g, w, dx, cg, og)
-        cfg = tuple(choose("conv_dgrad", key, dgrad_candidates(half, nhwc, via_cl), launch, cfg))
+        cfg = tuple(choose("conv_dgrad", key, dgrad_candidates(half, nhwc, via_cl), launch, cfg,
+                           prepare=lambda cs: _compile_all(cs, interpret, lambda c, nhwc: direct(c, *nhwc(g, w, dx), warm=True))))
     launch(cfg)
 
 
