@@ -17,7 +17,10 @@ input with masked loads (zero padding = ``other=0``). The K loop runs taps outsi
 inside, so in channels_last (unit channel stride) the A and B tiles are read along contiguous
 channels: with channel counts that are multiples of 16 Triton compiles 128-bit cp.async copies
 (``NHWC_CONFIGS``). NCHW tensors are read in place as well (no transpose pass), along the pixel
-axis, with per-element gathers. Inputs are float32 / float16 / bfloat16,
+axis, with per-element gathers; where a measuring chooser runs (a GPU), NCHW problems in half
+precision or TF32 with channel counts in multiples of 16 also get "via channels_last"
+candidates (``VIA_CL``: NHWC copies in, the NHWC specialisation, an NHWC temporary copied out),
+taken only where they time faster. Inputs are float32 / float16 / bfloat16,
 accumulation is float32; float32 ``tl.dot`` runs with the ``PREC`` input precision the launcher
 chooses ("ieee", or "tf32" when torch allows TF32). Offsets that scale with the batch or a
 spatial index are int64, so tensors above 2^31 elements address correctly.
