@@ -314,8 +314,11 @@ def test_conv_section_times_every_candidate_and_torch(tmp_path):
     (the via-channels_last variant for NCHW half problems, the NHWC tiles for channels_last
     ones) and torch last; every configuration's output matches torch's in float64; the best
     rows carry torch's time; depthwise (one configuration) has no group."""
+    from gpu_nn.kernels import triton as ktriton
     from gpu_nn.kernels.triton import conv as kt
 
+    if not ktriton.INTERPRET:
+        pytest.skip("launches Triton kernels on CPU tensors: Triton interpreter only (the GPU runs the real section)")
     f16, f32 = torch.float16, torch.float32
     groups = sweep.conv_groups([f16, f32], shapes=CONV_TINY, device="cpu")
     names = [(g.op, g.dtype) for g in groups]
