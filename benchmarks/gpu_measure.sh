@@ -7,11 +7,18 @@
 #   install        only when gpu_nn does not import (gpu_run.sh has installed it)
 #   sweep          python -m gpu_nn.benchmarks.sweep --only sweep: first every conv forward
 #                  candidate (direct, NHWC tiles, via channels_last) and torch at bench_conv's
-#                  shapes, within at most 60 s (sweep_conv.json, and sweep.json's "conv"), then
-#                  every launch configuration of a candidate grid of the activation, pooling and
-#                  Adam kernels, checked against torch and timed (sweep.json, rewritten after
-#                  every row); its --budget-s is GPU_MEASURE_SWEEP_S (default 150) or less, so
-#                  that the profile keeps its time
+#                  shapes, within at most 60 s of its budget (sweep_conv.json, and sweep.json's
+#                  "conv"), then every launch configuration of a
+#                  candidate grid of the activation, pooling and Adam kernels, checked against
+#                  torch and timed (sweep.json, rewritten after every row)
+#   rnn            ... --only rnn: the recurrent kernels (issue 16): torch.profiler breakdown of the
+#                  LSTM T=100 N=64 fwd and fwd+bwd, ours against cuDNN (rnn_profile.json / .txt),
+#                  then the step / persistent / projection kernels over their candidate
+#                  configurations (rnn_sweep.json, rewritten after every row)
+#                  The two sweeps share what the profile and REST seconds leave, in proportion to
+#                  what each wants: GPU_MEASURE_SWEEP_S (default 150) and GPU_MEASURE_RNN_S
+#                  (default 120) seconds of measuring, each plus MARGIN for its process; each gets
+#                  all it wants when the budget holds both
 #   profile        ... --only profile: torch.profiler breakdown of one warm fwd+bwd per op, ours
 #                  against torch: every GPU event, wall time, GPU busy / idle (profile.json,
 #                  profile.txt)
@@ -20,7 +27,7 @@
 #   demo           gpu-nn demo --epochs 3 (eager; demo.json)
 #   demo-compile   the same with --compile (demo-compile.json), when 60 s are left
 # OUTDIR/summary.txt has one line per step (exit status, seconds); everything OUTDIR holds is also
-# packed into OUTDIR.tgz beside it. Exits non-zero when the sweep or the profile failed or could
+# packed into OUTDIR.tgz beside it. Exits non-zero when a sweep or the profile failed or could
 # not finish (the later steps repeat earlier measurements; their status is in the summary).
 #
 # Typical device call (README, tools): gpu_run.sh, then this, each archive copied to $OUT.
@@ -30,6 +37,7 @@ set -u -o pipefail
 begin "${1:?usage: benchmarks/gpu_measure.sh OUTDIR}"
 BUDGET=${GPU_MEASURE_BUDGET_S:-300}
 SWEEP_S=${GPU_MEASURE_SWEEP_S:-150}
+RNN_S=${GPU_MEASURE_RNN_S:-120}
 
 if ! "$PY" -c "import gpu_nn" > /dev/null 2>&1; then
     step install 60 "$PY" -m pip install --no-deps --no-build-isolation --no-index -e . || true
@@ -37,14 +45,27 @@ fi
 
 SW=("$PY" -m gpu_nn.benchmarks.sweep --out "$OUTDIR")
 PROFILE_S=60   # the profile step's limit; it starts no new case after PROFILE_S - 20
-MARGIN=25      # the sweep's limit over its own budget: imports, CUDA start, the row in flight
-# the sweep gets what the profile and a minute for the rest leave, at most SWEEP_S of measuring
-SW_LIMIT=$(( $(left) - PROFILE_S - 60 ))
-(( SW_LIMIT > SWEEP_S + MARGIN )) && SW_LIMIT=$(( SWEEP_S + MARGIN ))
+MARGIN=25      # a sweep's limit over its own budget: imports, CUDA start, the row in flight
+REST=30        # kept for kernel_counts and the demo (they repeat measurements gpu_run.sh made)
+# the two sweeps share what the profile and REST leave, in proportion to their wants
+AVAIL=$(( $(left) - PROFILE_S - REST ))
+WANT_SW=$(( SWEEP_S + MARGIN )); WANT_RNN=$(( RNN_S + MARGIN ))
+if (( AVAIL >= WANT_SW + WANT_RNN )); then
+    SW_LIMIT=$WANT_SW; RNN_LIMIT=$WANT_RNN
+elif (( AVAIL > 0 )); then
+    SW_LIMIT=$(( AVAIL * WANT_SW / (WANT_SW + WANT_RNN) )); RNN_LIMIT=$(( AVAIL - SW_LIMIT ))
+else
+    SW_LIMIT=0; RNN_LIMIT=0
+fi
 SW_BUDGET=$(( SW_LIMIT - MARGIN )); (( SW_BUDGET < 0 )) && SW_BUDGET=0
+RNN_BUDGET=$(( RNN_LIMIT - MARGIN )); (( RNN_BUDGET < 0 )) && RNN_BUDGET=0
 step sweep "$SW_LIMIT" "${SW[@]}" --only sweep --budget-s "$SW_BUDGET"
 SWEEP_RC=$?
 grep -E "^sweep: " "$OUTDIR/sweep.log" 2>/dev/null | tail -n 1 | sed 's/^/  /' | tee -a "$SUMMARY"
+
+step rnn "$RNN_LIMIT" "${SW[@]}" --only rnn --budget-s "$RNN_BUDGET"
+RNN_RC=$?
+grep -E "^rnn: " "$OUTDIR/rnn.log" 2>/dev/null | tail -n 1 | sed 's/^/  /' | tee -a "$SUMMARY"
 
 step profile "$PROFILE_S" "${SW[@]}" --only profile --profile-budget-s $(( PROFILE_S - 20 ))
 PROFILE_RC=$?
@@ -60,6 +81,6 @@ else
     echo "demo-compile: skipped ($(left)s left of ${BUDGET}s, it needs 60)" | tee -a "$SUMMARY"
 fi
 
-echo "total: $(( SECONDS - START ))s; sweep rc=$SWEEP_RC, profile rc=$PROFILE_RC" | tee -a "$SUMMARY"
+echo "total: $(( SECONDS - START ))s; sweep rc=$SWEEP_RC, rnn rc=$RNN_RC, profile rc=$PROFILE_RC" | tee -a "$SUMMARY"
 tar -czf "$OUTDIR.tgz" -C "$(dirname "$OUTDIR")" "$(basename "$OUTDIR")"
-exit $(( SWEEP_RC != 0 || PROFILE_RC != 0 ))
+exit $(( SWEEP_RC != 0 || RNN_RC != 0 || PROFILE_RC != 0 ))

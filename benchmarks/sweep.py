@@ -30,6 +30,36 @@ short keeps what it measured; ``--budget-s`` stops the sweep cleanly between row
 order of what matters most: relu at the main shape, pooling and Adam in float32, then the rest.
 Kernel defaults are not changed here: the data is for choosing them.
 
+(c) ``rnn`` (issue 16): first a torch.profiler breakdown like (b) of bench_rnn's LSTM T=100 N=64
+I=H=512 float32 (TF32) forward and forward+backward and bfloat16 forward, torch (cuDNN) against
+our triton and cupy backends (``DIR/rnn_profile.json``, ``.txt``: time per kernel name); then a sweep
+like (a) into ``DIR/rnn_sweep.json``, most wanted first (``rnn_groups``):
+
+* the step forward ``_rnn_step_fwd_kernel`` (LSTM, N=64 H=512, TF32 then bfloat16): BLOCK_B 16 /
+  32 / 64 x BLOCK_H 16 / 32 / 64 x BLOCK_K 32 / 64 / 128 x num_warps 2 / 4 / 8 at three stages,
+  pruned to grids of at least 32 programs and to what fits in shared memory (51 and 54
+  configurations), then the 4 fastest at 1 / 2 / 4 stages;
+* the persistent forward (LSTM, T=50 N=16, both dtypes): BLOCK_H x BLOCK_K x num_warps (27;
+  always one stage: see ``persist_launch``), programs = min(hidden tiles, SMs) as the product;
+* the input projection (6400x512 -> 2048): ``_rnn_matmul_kernel`` in 7 tiles, dense.py's linear
+  kernel in its 4 tuning candidates (the fastest is its tuned choice), torch.addmm;
+* the step backward ``_rnn_step_bwd_kernel`` (LSTM, N=64) as the forward (54 + 12 per dtype);
+* GRU and Elman RNN steps, forward and backward, in the 6 fastest LSTM configurations; the
+  per-step LSTM forward at N=16 (24 + 12) and N=4 (24; float32 runs it at small batch), the
+  persistent LSTM at N=4 and GRU at N=16 in the 6 fastest of the N=16 LSTM.
+
+About 490 configurations in all, each compiled once (the Triton cache keeps them across runs).
+The step kernels run on buffers shaped as the driver's; the buffers a launch updates in place
+(the projection, which becomes the activated gates; the persistent kernel's; the backward's carry
+and dc) have one copy per launch of a timed batch (8 step launches, 3 persistent), restored before
+each batch outside the timed region; ``queued_seconds`` times the batch with CUDA events behind a
+GPU sleep, so that the host's launch rate is not what is measured, and no L2 flush (W_hh stays in
+L2 across the steps of a layer). Each configuration's outputs are checked against the product's
+own configuration on the same inputs (the projection: against a float64 product, 4 units of the
+dot's roundoff of the largest output); registers and spills of each launch are recorded and
+``best`` passes over spilling ones. ``us`` is per launch (a persistent launch is the whole
+sequence). kernels/triton/rnn.py ``STEP_TABLE`` takes the step kernels' winners.
+
 (b) ``profile``: one warm forward+backward (a step for Adam) at the benchmark shape of relu,
 sigmoid, max_pool2d, avg_pool2d, softmax, cross_entropy, linear (8192x4096 -> 4096, float32 and
 bfloat16) and Adam, for torch and ours (triton; cupy where it has the op), under torch.profiler
@@ -38,7 +68,7 @@ with CPU and CUDA activity: every GPU event (name, start, duration), the region'
 region, host-bound gaps), and the CPU ops with the most self time. ``DIR/profile.json`` and a
 compact table (kernel, count, total us per provider), ``DIR/profile.txt``, printed last.
 
-    python -m gpu_nn.benchmarks.sweep --out DIR [--budget-s S] [--only sweep|profile]
+    python -m gpu_nn.benchmarks.sweep --out DIR [--budget-s S] [--only sweep|rnn|profile]
 
 Without a GPU it says so and exits 0. The inputs, providers and counts come from the
 ``bench_<family>`` modules and ``kernel_counts``; the grids, the runner and the summariser are
@@ -163,16 +193,16 @@ def _finite(x: float):
     return x if math.isfinite(x) else str(x)
 
 
-def compare(out: torch.Tensor, ref: torch.Tensor, **tol) -> tuple[bool, float | str]:
-    """(within torch.testing.assert_close's default tolerances for the dtype, or ``tol``'s rtol /
-    atol, largest absolute error); an index tensor must be equal."""
+def compare(out: torch.Tensor, ref: torch.Tensor) -> tuple[bool, float | str]:
+    """(within torch.testing.assert_close's default tolerances for the dtype, largest absolute
+    error); an index tensor must be equal."""
     if out.shape != ref.shape:
         return False, f"shape {tuple(out.shape)} != {tuple(ref.shape)}"
     if out.numel() == 0:
         return True, 0.0
     err = float((out.double() - ref.double()).abs().max())
     try:
-        torch.testing.assert_close(out, ref, **tol)
+        torch.testing.assert_close(out, ref)
     except AssertionError:
         return False, _finite(err)
     return True, _finite(err)
@@ -196,16 +226,23 @@ def _interpret() -> bool:
 @dataclasses.dataclass
 class Group:
     """The configurations of one kernel at one dtype and shape. ``setup(configs)`` builds the
-    inputs (and compiles the configurations) and returns ``(run, check)``: ``run(cfg)`` launches
-    once on the next input set, ``check(cfg)`` launches once and returns ``(correct, max_err)``."""
+    inputs (and compiles the configurations) and returns ``(run, check)`` or ``(run, check,
+    reset)``: ``run(cfg)`` launches ``launches`` times (each on its next input set), ``check(cfg)``
+    launches once and returns ``(correct, max_err)`` or ``(correct, max_err, extra)`` (``extra``
+    joins the row: registers, spills); ``reset()`` restores what the launches update in place,
+    and is then called before every timed ``run``, outside the timed region. ``configs``: a list,
+    or a function of the rows measured so far returning one (a group that refines an earlier
+    group's best). ``bytes`` / ``flops``: per launch."""
 
     kernel: str
     op: str
     dtype: str
     shape: str
     bytes: int
-    configs: list
+    configs: list | Callable
     setup: Callable
+    launches: int = 1
+    flops: float = 0
 
 
 def _dtype_str(dtype) -> str:
@@ -516,33 +553,11 @@ def _conv_setup(p: dict, dtype, channels_last: bool, device: str, copies: int, c
 
     def check(cfg):
         chk[3].fill_(float("nan"))
-        return compare(launch(cfg, chk).double(), ref, **tol)
+        return compare_tol(launch(cfg, chk), ref, **tol)
 
-    if not interpret:
-        _conv_precompile(kt, run, [c for c in configs if "provider" not in c])
+    if not interpret:  # the conv launchers index their kernel object directly
+        _precompile_direct(kt, "_conv_fwd_kernel", run, [c for c in configs if "provider" not in c])
     return run, check
-
-
-def _conv_precompile(kt, run: Callable[[dict], None], configs) -> None:
-    """:func:`_precompile` for the conv launchers, which index their kernel object directly
-    (``_conv_fwd_kernel[grid](...)``): a stand-in whose launches are ``warmup`` calls."""
-    from gpu_nn.kernels.triton._compat import parallel_compile
-
-    kernel = kt._conv_fwd_kernel
-
-    class Warm:
-        def __getitem__(self, grid_):
-            return lambda *args, **kw: kernel.warmup(*args, grid=grid_, **kw)
-
-    with parallel_compile(min(16, len(configs))) as available:
-        if not available:
-            return
-        with _patched(kt, _conv_fwd_kernel=Warm()):
-            for cfg in configs:
-                try:
-                    run(cfg)
-                except Exception:  # noqa: BLE001 - reported by the timed launch
-                    pass
 
 
 def conv_groups(dtypes, layouts=("nchw", "channels_last"), shapes=None, device: str = "cuda", copies: int = 2,
@@ -586,6 +601,562 @@ def default_groups(device: str = "cuda") -> list[Group]:
             + activation_groups(["relu", "sigmoid", "tanh"], others, [f32, bf16], device))
 
 
+# ------------------------------------------------------------------------------ recurrent (issue 16)
+
+RNN_T, RNN_N, RNN_H = 100, 64, 512  # bench_rnn's main shape (I = H)
+RNN_SMALL_T, RNN_SMALL_N = 50, (16, 4)  # its small-batch set (quick: H = 512)
+STEP_KEYS = ("BLOCK_B", "BLOCK_H", "BLOCK_K", "num_warps", "num_stages")
+STEP_BB = (16, 32, 64)
+STEP_BH = (16, 32, 64)
+STEP_BK = (32, 64, 128)
+STEP_WARPS = (2, 4, 8)
+STEP_STAGES = (1, 2, 3, 4)
+STEP_MIN_PROGRAMS = 32  # a quarter of the H200's 132 SMs: fewer programs cannot pay for wider tiles
+STEP_TOP = 4  # the fastest tiles of the first pass whose pipeline depths are tried next
+RNN_TOP = 6  # the fastest LSTM configurations tried on the GRU / Elman RNN and at N = 4
+PERSIST_KEYS = ("BLOCK_H", "BLOCK_K", "num_warps")
+PERSIST_BH = (16, 32, 64)
+PERSIST_BK = (32, 64, 128)
+PERSIST_WARPS = (2, 4, 8)
+RNN_COPIES = 8  # input sets per timed batch of step launches (each launch on its own copy)
+PERSIST_COPIES = 3
+RNN_REPS = 10
+SLEEP_CYCLES = 3_000_000  # about 1.5 ms of GPU time at the H200's clock: the host queues a batch meanwhile
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of _rnn_matmul_kernel tried on the projection
+PROJ_TILES = ((128, 128, 64, 8, 3), (128, 256, 32, 8, 3), (128, 128, 32, 8, 4), (64, 128, 32, 4, 3),
+              (128, 64, 32, 4, 3), (64, 64, 32, 4, 4))
+SMEM_LIMIT = 232_448  # bytes of shared memory one block may use on sm_90 (227 KiB)
+
+
+_U = {"fp32": 2.0 ** -24, "tf32": 2.0 ** -11, "half": 2.0 ** -11, "bf16": 2.0 ** -8}
+
+
+def _mode_name(mode: str) -> str:
+    return {"rnn_tanh": "rnn"}.get(mode, mode)
+
+
+def step_smem_bytes(cfg: dict, gates: int, w_bytes: int, backward: bool) -> int:
+    """Shared memory of a step-kernel configuration as Triton 3.9 allocates it for sm_90 (read off
+    ``gpu-nn sass`` for 69 LSTM configurations in float32 / TF32, all matched): num_stages - 1
+    buffers (at least one) of each K step's operands, the W_hh tile of every gate (forward; the
+    backward's one [BLOCK_K, BLOCK_H] tile of W_hh) and the float32 [BLOCK_B, BLOCK_K] rows of
+    h_{t-1} (backward: of the next step's gate gradients), those twice for 64-row tiles at 4 or
+    more warps (a layout conversion's copy)."""
+    bb, bh, bk, w, s = (cfg[k] for k in STEP_KEYS)
+    w_tiles = 1 if backward else gates
+    h_copies = 2 if (bb >= 64 and w >= 4) else 1
+    return max(1, s - 1) * (w_tiles * bk * bh * w_bytes + h_copies * bb * bk * 4)
+
+
+def rnn_step_grid(B: int, H: int, mode: str = "lstm", dot: int = 3, backward: bool = False,
+                  stages=(3,), min_programs: int = STEP_MIN_PROGRAMS) -> list[dict]:
+    """Step-kernel configurations (``STEP_KEYS``) for batch ``B`` and hidden size ``H``: the
+    product's own (``step_blocks``) first, then every BLOCK_B (at most the batch rounded up to 16)
+    x BLOCK_H x BLOCK_K x num_warps x ``stages`` whose grid has at least ``min_programs`` programs
+    (or the most any tile gives), BLOCK_K at most H rounded up to 32, and whose shared memory
+    (``step_smem_bytes``) fits in a block: a configuration that cannot launch would only cost its
+    compile. (No configuration of the LSTM TF32 forward grid at three stages spilled registers in
+    ptxas for sm_90, Triton 3.9; the sweep records each launch's spills, and ``best`` passes over
+    any that spill.)"""
+    from gpu_nn.kernels.triton import rnn as krnn
+
+    default = dict(zip(STEP_KEYS, krnn.step_blocks(B, H, mode, dot, backward)))
+    gates = krnn.NGATES[krnn.MODE_CODES[mode]]
+    w_bytes = 4 if dot in (0, 3) else 2
+    cap_b = max(16, -(-B // 16) * 16)
+    tiles = [(bb, bh) for bb in STEP_BB for bh in STEP_BH if bb <= cap_b]
+    most = max(-(-B // bb) * -(-H // bh) for bb, bh in tiles)
+    out = [default]
+    for (bb, bh), bk, w, s in itertools.product(tiles, STEP_BK, STEP_WARPS, stages):
+        cfg = dict(zip(STEP_KEYS, (bb, bh, bk, w, s)))
+        if (-(-B // bb) * -(-H // bh) >= min(min_programs, most) and bk <= max(32, -(-H // 32) * 32)
+                and step_smem_bytes(cfg, gates, w_bytes, backward) <= SMEM_LIMIT and cfg != default):
+            out.append(cfg)
+    return out
+
+
+def persist_grid() -> list[dict]:
+    """Persistent-kernel configurations (``PERSIST_KEYS``; one pipeline stage always, see
+    ``persist_launch``): the product's first, then BLOCK_H x BLOCK_K x num_warps."""
+    from gpu_nn.kernels.triton import rnn as krnn
+
+    default = {"BLOCK_H": krnn.PERSIST_BLOCKS[1], "BLOCK_K": krnn.PERSIST_BLOCKS[2],
+               "num_warps": krnn.persist_launch("lstm", 3, False)[0]}
+    out = [default]
+    for cfg in itertools.product(PERSIST_BH, PERSIST_BK, PERSIST_WARPS):
+        c = dict(zip(PERSIST_KEYS, cfg))
+        if c != default:
+            out.append(c)
+    return out
+
+
+def top_configs(rows, kernel: str, op: str, dtype: str, shape: str, k: int, default: dict) -> list[dict]:
+    """``default``, then the ``k`` fastest correct configurations without spills that a group
+    measured (by kernel, op, dtype, shape): the grid of a group that refines an earlier one."""
+    good = [r for r in rows if (r["kernel"], r["op"], r["dtype"], r["shape"]) == (kernel, op, dtype, shape)
+            and "us" in r and r.get("correct") and not r.get("spills")]
+    good.sort(key=lambda r: r["us"])
+    out = [dict(default)]
+    for r in good:
+        if len(out) > k:
+            break
+        if r["config"] not in out:
+            out.append(dict(r["config"]))
+    return out
+
+
+def _with_stages(rows, kernel, op, dtype, shape, default, fits=lambda cfg: True, stages=STEP_STAGES, k=STEP_TOP):
+    """Configs for a second pass: the ``k`` fastest of the first pass, each at every pipeline depth
+    for which ``fits(cfg)``."""
+    best_ = top_configs(rows, kernel, op, dtype, shape, k, default)[1:]
+    out = [dict(default)]
+    for cfg in best_ or [default]:
+        for s in stages:
+            c = {**cfg, "num_stages": s}
+            if c not in out and fits(c):
+                out.append(c)
+    return out
+
+
+def compare_tol(out: torch.Tensor, ref: torch.Tensor, rtol: float, atol: float) -> tuple[bool, float | str]:
+    """Like :func:`compare`, with explicit tolerances."""
+    if out.shape != ref.shape:
+        return False, f"shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    if out.numel() == 0:
+        return True, 0.0
+    err = float((out.double() - ref.double()).abs().max())
+    try:
+        torch.testing.assert_close(out.double(), ref.double(), rtol=rtol, atol=atol)
+    except AssertionError:
+        return False, _finite(err)
+    return True, _finite(err)
+
+
+def _spill_info(compiled) -> dict:
+    """Registers and spilled registers of a launched kernel, where the compiled kernel says."""
+    spills, regs = getattr(compiled, "n_spills", None), getattr(compiled, "n_regs", None)
+    out = {}
+    if isinstance(spills, int):
+        out["spills"] = spills
+    if isinstance(regs, int):
+        out["registers"] = regs
+    return out
+
+
+class _Capture:
+    """Wraps a launch function (``launch_kernel``) or a kernel (``kernel[grid](...)``) to keep the
+    compiled kernel the last launch returned."""
+
+    def __init__(self, target):
+        self.target, self.compiled = target, None
+
+    def __call__(self, kernel, grid, *args, **kw):
+        self.compiled = self.target(kernel, grid, *args, **kw)
+        return self.compiled
+
+    def __getitem__(self, grid):
+        def go(*args, **kw):
+            self.compiled = self.target[grid](*args, **kw)
+            return self.compiled
+        return go
+
+
+class _Warm:
+    """A kernel whose ``[grid](...)`` only compiles (``warmup``): the persistent launcher calls its
+    kernel directly, not through ``launch_kernel``."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        return lambda *args, **kw: self.kernel.warmup(*args, grid=grid, **kw)
+
+
+def _precompile_direct(module, name: str, launch, configs) -> None:
+    """:func:`_precompile` for a launcher that calls ``module.<name>[grid](...)`` itself."""
+    from gpu_nn.kernels.triton._compat import parallel_compile
+
+    with parallel_compile(min(16, len(configs))) as available:
+        if not available:
+            return
+        with _patched(module, **{name: _Warm(getattr(module, name))}):
+            for cfg in configs:
+                try:
+                    launch(cfg)
+                except Exception:  # noqa: BLE001 - reported by the timed launch
+                    pass
+
+
+def _step_cfg(cfg: dict) -> tuple:
+    return tuple(cfg[k] for k in STEP_KEYS)
+
+
+def _rnn_dot(dtype) -> int:
+    """float32 layers at torch's default (cudnn.allow_tf32: TF32), half dtypes their own dot."""
+    return {torch.float32: 3, torch.float16: 1, torch.bfloat16: 2}[dtype]
+
+
+def _rnn_width(mode: str, H: int) -> int:
+    """Columns of a step's projection / gates buffer: the reserve's S * H (GRU: r, z, n and
+    h W_hn^T + b_hn)."""
+    return {"lstm": 4, "gru": 4}.get(mode, 1) * H
+
+
+def _sm_count(device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if torch.device(device).type == "cuda" else 1
+
+
+def _step_setup(mode: str, backward: bool, B: int, H: int, dtype, device: str, copies: int, configs):
+    """One step of one layer, forward (``step_forward``) or backward (``step_backward``, a middle
+    step: the next step's gate gradients, an output gradient), on buffers shaped as the
+    driver's. The buffers a launch updates in place (forward: the projection, which becomes the
+    activated gates; backward: the carry and the LSTM's dc) have ``copies`` copies, one per launch
+    of a timed batch, restored from a pristine set by ``reset`` outside the timed region. The
+    check compares every output with the product's own configuration on the same inputs."""
+    from gpu_nn.kernels.triton import rnn as krnn
+
+    interpret = _interpret()
+    dot = _rnn_dot(dtype)
+    G = krnn.NGATES[krnn.MODE_CODES[mode]]
+    GH, W = G * H, _rnn_width(mode, H)
+    dev = device
+    s = H ** -0.5
+    w_hh = (torch.randn(GH, H, device=dev) * s).to(dtype)
+    b_hh = (torch.randn(GH, device=dev) * s).to(dtype) if mode == "gru" else None
+    lens = torch.full((B,), RNN_T, dtype=torch.int64, device=dev)
+    hp = torch.randn(B, H, device=dev).tanh()
+    cp = torch.randn(B, H, device=dev) if mode == "lstm" else None
+    if not backward:
+        pristine = [torch.randn(B, W, device=dev)]  # the step's input projection
+        work = [torch.empty(copies, B, W, device=dev)]
+        outs = {"hn": torch.empty(B, H, device=dev), "out": torch.empty(B, H, dtype=dtype, device=dev)}
+        if mode == "lstm":
+            outs["cn"] = torch.empty(B, H, device=dev)
+
+        def launch(i):
+            krnn.step_forward(mode, work[0][i], hp, outs["hn"], cp, outs.get("cn"), w_hh, b_hh, outs["out"], None,
+                              lens, 0, dot)
+    else:
+        g = torch.rand(B, W, device=dev)  # activated gates in (0, 1); GRU's 4th: h W_hn^T + b_hn
+        hn = torch.randn(B, H, device=dev).tanh()
+        cn = torch.randn(B, H, device=dev) if mode == "lstm" else None
+        dg_next = torch.randn(B, GH, device=dev) * 0.1
+        dout = torch.randn(B, H, device=dev).to(dtype)
+        pristine = [torch.randn(B, H, device=dev)] + ([torch.randn(B, H, device=dev)] if mode == "lstm" else [])
+        work = [torch.empty(copies, B, H, device=dev) for _ in pristine]
+        outs = {"dgi": torch.empty(B, GH, device=dev)}
+        if mode == "gru":
+            outs["dgh"] = torch.empty(B, GH, device=dev)
+
+        def launch(i):
+            krnn.step_backward(mode, dg_next, w_hh, work[0][i], work[1][i] if mode == "lstm" else None, dout,
+                               None if mode == "rnn_tanh" else g, hp, hn, cp, cn, outs["dgi"],
+                               outs.get("dgh", outs["dgi"]), None, lens, 0, dot)
+
+    def reset():
+        for w, p in zip(work, pristine):
+            w.copy_(p.expand_as(w))
+
+    def results():
+        got = {k: v.clone() for k, v in outs.items()}
+        got.update({f"inplace{j}": w[0].clone() for j, w in enumerate(work)})
+        return got
+
+    def poison():
+        for v in outs.values():
+            v.fill_(float("nan"))
+
+    reset()
+    poison()
+    launch(0)  # the product's own configuration: the reference of every other
+    ref = results()
+
+    def run(cfg):
+        with _configured(krnn, "step_blocks", {k: cfg[k] for k in STEP_KEYS}):
+            for i in range(copies):
+                launch(i)
+
+    def check(cfg):
+        reset()
+        poison()
+        cap = _Capture(krnn.launch_kernel)
+        with _configured(krnn, "step_blocks", {k: cfg[k] for k in STEP_KEYS}), _patched(krnn, launch_kernel=cap):
+            launch(0)
+        got = results()
+        return (*_all_ok(*(compare(got[k], ref[k]) for k in ref)), _spill_info(cap.compiled))
+
+    if not interpret:
+        def one(cfg):
+            with _configured(krnn, "step_blocks", {k: cfg[k] for k in STEP_KEYS}):
+                launch(0)
+        _precompile(krnn, one, configs)
+    return run, check, reset
+
+
+def _persist_setup(mode: str, B: int, H: int, T: int, dtype, device: str, copies: int, configs):
+    """The persistent forward of one layer (T steps in one launch) with the
+    configuration's BLOCK_H / BLOCK_K / num_warps (one stage) and one program per hidden tile,
+    capped at the SM count as the product does; the projection buffer (overwritten with the
+    activated gates) has one copy per launch of a timed batch, restored outside the timed region."""
+    from gpu_nn.kernels.triton import rnn as krnn
+
+    interpret = _interpret()
+    dot = _rnn_dot(dtype)
+    G = krnn.NGATES[krnn.MODE_CODES[mode]]
+    W = _rnn_width(mode, H)
+    dev = device
+    s = H ** -0.5
+    w_hh = (torch.randn(G * H, H, device=dev) * s).to(dtype)
+    b_hh = (torch.randn(G * H, device=dev) * s).to(dtype) if mode == "gru" else None
+    lens = torch.full((B,), T, dtype=torch.int64, device=dev)
+    pristine = torch.randn(T, B, W, device=dev)
+    work = torch.empty(copies, T, B, W, device=dev)
+    hs = torch.empty(T + 1, B, H, device=dev)
+    cs = torch.empty(T + 1, B, H, device=dev) if mode == "lstm" else None
+    h0, c0 = torch.randn(B, H, device=dev).tanh(), torch.randn(B, H, device=dev)
+    out = torch.empty(T, B, H, dtype=dtype, device=dev)
+    sm = _sm_count(dev)
+
+    def launch(cfg, i, kernel=None):
+        bh, bk, w = cfg["BLOCK_H"], cfg["BLOCK_K"], cfg["num_warps"]
+        patch = {"PERSIST_BLOCKS": (krnn.PERSIST_BLOCKS[0], bh, bk), "persist_launch": lambda *a, _w=w: (_w, 1)}
+        if kernel is not None:
+            patch["_rnn_persist_fwd_kernel"] = kernel
+        with _patched(krnn, **patch):
+            krnn.persist_forward(mode, work[i], hs, cs, w_hh, b_hh, out, None, lens, False, dot,
+                                 min(-(-H // bh), sm) if not interpret else 1)
+
+    def reset():
+        work.copy_(pristine.expand_as(work))
+        hs[0].copy_(h0)
+        if cs is not None:
+            cs[0].copy_(c0)
+
+    def poison():
+        for t in (out, hs[1:]) + ((cs[1:],) if cs is not None else ()):
+            t.fill_(float("nan"))
+
+    def results():
+        got = {"out": out.clone(), "hs": hs.clone(), "gates": work[0].clone()}
+        if cs is not None:
+            got["cs"] = cs.clone()
+        return got
+
+    reset()
+    poison()
+    launch(configs[0], 0)  # the product's own configuration (configs[0]): the reference
+    ref = results()
+
+    def run(cfg):
+        for i in range(copies):
+            launch(cfg, i)
+
+    def check(cfg):
+        reset()
+        poison()
+        cap = _Capture(krnn._rnn_persist_fwd_kernel)
+        launch(cfg, 0, kernel=cap)
+        got = results()
+        return (*_all_ok(*(compare(got[k], ref[k]) for k in ref)), _spill_info(cap.compiled))
+
+    if not interpret:
+        _precompile_direct(krnn, "_rnn_persist_fwd_kernel", lambda cfg: launch(cfg, 0), configs)
+    return run, check, reset
+
+
+def proj_grid(dtype) -> list[dict]:
+    """The input projection's candidates: ``_rnn_matmul_kernel`` in the product's tile, then in
+    PROJ_TILES; dense.py's ``_matmul_kernel`` in each of its tuning candidates (the fastest of
+    them is what its tuning would choose); torch (cuBLAS)."""
+    from gpu_nn.kernels.triton import dense as kd, rnn as krnn
+
+    dot = _rnn_dot(dtype)
+    bm, bn, bk, w = krnn.matmul_blocks(RNN_T * RNN_N, 4 * RNN_H, dot)
+    keys = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
+    out = [{"impl": "rnn", **dict(zip(keys, (bm, bn, bk, w, krnn.MATMUL_STAGES)))}]
+    for t in PROJ_TILES:
+        c = {"impl": "rnn", **dict(zip(keys, t))}
+        if c not in out:
+            out.append(c)
+    dt = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+    for c in kd.matmul_candidates(dt, "tf32" if dtype == torch.float32 else "ieee"):
+        out.append({"impl": "dense", **dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages"), c))})
+    out.append({"impl": "torch"})
+    return out
+
+
+def _proj_setup(M: int, K: int, N: int, dtype, device: str, configs):
+    """The input projection of all steps, ``XG[M, N] = X[M, K] W_ih^T + b_ih + b_hh`` into the
+    float32 reserve, as the driver launches it, against dense.py's linear kernel (one bias: b_ih
+    + b_hh summed once, outside the timing) and torch.addmm (output in the io dtype, TF32 allowed
+    for float32 as cuDNN does). Checked against a float64 product of the same operands, within
+    4 u (u the dot's unit roundoff) of the largest output."""
+    from gpu_nn.kernels.triton import dense as kd, rnn as krnn
+
+    interpret = _interpret()
+    dot = _rnn_dot(dtype)
+    dev = device
+    x = torch.randn(M, K, device=dev).to(dtype)
+    w = (torch.randn(N, K, device=dev) * K ** -0.5).to(dtype)
+    b1, b2 = (torch.randn(N, device=dev) * 0.1).to(dtype), (torch.randn(N, device=dev) * 0.1).to(dtype)
+    bsum = b1 + b2
+    out32 = torch.empty(M, N, device=dev)
+    outio = torch.empty(M, N, dtype=dtype, device=dev)
+    prec = "tf32" if dtype == torch.float32 else "ieee"
+    ref = x.double() @ w.double().t() + b1.double() + b2.double()
+    u = _U["tf32" if dtype == torch.float32 else ("bf16" if dtype == torch.bfloat16 else "half")]
+    keys = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps")
+
+    def launch(cfg):
+        if cfg["impl"] == "rnn":
+            with _configured(krnn, "matmul_blocks", {k: cfg[k] for k in keys}), \
+                    _patched(krnn, MATMUL_STAGES=cfg["num_stages"]):
+                krnn.matmul(x, w.t(), out32, bias1=b1, bias2=b2, dot=dot)
+            return out32
+        if cfg["impl"] == "dense":
+            kd._launch_matmul(x, w.t(), out32, bsum, 0, prec,
+                              tuple(cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")))
+            return out32
+        old = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = True
+        try:
+            torch.addmm(bsum, x, w.t(), out=outio)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = old
+        return outio
+
+    def check(cfg):
+        out32.fill_(float("nan"))
+        outio.fill_(float("nan"))
+        got = launch(cfg)
+        atol = 4 * u * float(ref.abs().max()) + (2.0 ** -8 if got.dtype == torch.bfloat16 else 0.0) * float(ref.abs().max())
+        return compare_tol(got, ref, rtol=4 * u, atol=atol)
+
+    if not interpret:
+        _precompile(krnn, launch, [c for c in configs if c["impl"] == "rnn"])
+        _precompile(kd, launch, [c for c in configs if c["impl"] == "dense"])
+    return launch, check
+
+
+def _step_bytes(mode, backward, B, H, es) -> int:
+    """What one step launch must move: W_hh once, the state and gate rows read and written."""
+    G = {"lstm": 4, "gru": 3}.get(mode, 1)
+    W = _rnn_width(mode, H)
+    if backward:
+        return G * H * H * es + B * G * H * 4 * (2 if mode == "gru" else 1) + B * (G * H + W) * 4 + B * H * 4 * 6
+    return G * H * H * es + 2 * B * W * 4 + B * H * (4 * 4 + es)
+
+
+def step_groups(modes, backward: bool, B: int, H: int, dtypes, device: str = "cuda", copies: int = RNN_COPIES,
+                configs=None, stages_pass: bool = True, from_lstm: bool = False) -> list[Group]:
+    """Per mode and dtype: the step kernel over ``rnn_step_grid`` at one pipeline depth, then (if
+    ``stages_pass``) the fastest STEP_TOP of those at every depth. ``from_lstm``: instead, the
+    RNN_TOP fastest LSTM configurations of the same pass, dtype and shape (the grid measured
+    first), each of the mode's own. ``configs`` (tests): a fixed list, one group per mode and dtype."""
+    from gpu_nn.kernels.triton import rnn as krnn
+
+    kernel = "_rnn_step_bwd_kernel" if backward else "_rnn_step_fwd_kernel"
+    out = []
+    for mode in modes:
+        op = f"{_mode_name(mode)} step {'bwd' if backward else 'fwd'}"
+        for dtype in dtypes:
+            dot = _rnn_dot(dtype)
+            shape = f"N={B} H={H} {krnn.dot_kind(dot)}"
+            es = torch.empty((), dtype=dtype).element_size()
+            default = dict(zip(STEP_KEYS, krnn.step_blocks(B, H, mode, dot, backward)))
+            nbytes = _step_bytes(mode, backward, B, H, es)
+            flops = 2 * B * krnn.NGATES[krnn.MODE_CODES[mode]] * H * H
+            setup = functools.partial(_step_setup, mode, backward, B, H, dtype, device, copies)
+            mk = functools.partial(Group, kernel, op, _dtype_str(dtype), shape, nbytes, setup=setup, launches=copies,
+                                   flops=flops)
+            if configs is not None:
+                out.append(mk(configs=configs))
+            elif from_lstm:
+                lstm_op = f"lstm step {'bwd' if backward else 'fwd'}"
+                out.append(mk(configs=lambda rows, _op=lstm_op, _d=default, _s=shape, _dt=_dtype_str(dtype):
+                              top_configs(rows, kernel, _op, _dt, _s, RNN_TOP, _d)))
+            else:
+                out.append(mk(configs=rnn_step_grid(B, H, mode, dot, backward,
+                                                    min_programs=STEP_MIN_PROGRAMS if B > 16 else 8)))
+                if stages_pass:
+                    fits = functools.partial(lambda c, _g, _w: step_smem_bytes(c, _g, _w, backward) <= SMEM_LIMIT,
+                                             _g=krnn.NGATES[krnn.MODE_CODES[mode]], _w=es if dot not in (0, 3) else 4)
+                    out.append(mk(configs=lambda rows, _op=op, _d=default, _s=shape, _dt=_dtype_str(dtype), _f=fits:
+                                  _with_stages(rows, kernel, _op, _dt, _s, _d, _f)))
+    return out
+
+
+def persist_groups(modes, B: int, H: int, dtypes, device: str = "cuda", copies: int = PERSIST_COPIES, configs=None,
+                   from_n=None, T: int = RNN_SMALL_T) -> list[Group]:
+    """The persistent forward per mode and dtype over ``persist_grid`` (``from_n``: the RNN_TOP
+    fastest LSTM configurations measured at that batch instead)."""
+    from gpu_nn.kernels.triton import rnn as krnn
+
+    out = []
+    for mode in modes:
+        for dtype in dtypes:
+            dot = _rnn_dot(dtype)
+            shape = f"T={T} N={B} H={H} {krnn.dot_kind(dot)}"
+            es = torch.empty((), dtype=dtype).element_size()
+            G = krnn.NGATES[krnn.MODE_CODES[mode]]
+            nbytes = T * _step_bytes(mode, False, B, H, es)
+            grid_ = persist_grid() if configs is None else configs
+            cfgs = grid_
+            if from_n is not None or mode != "lstm":
+                src = f"T={T} N={from_n or B} H={H} {krnn.dot_kind(dot)}"
+                cfgs = (lambda rows, _s=src, _dt=_dtype_str(dtype), _d=grid_[0]:
+                        top_configs(rows, "_rnn_persist_fwd_kernel", "lstm persistent fwd", _dt, _s, RNN_TOP, _d))
+            out.append(Group("_rnn_persist_fwd_kernel", f"{_mode_name(mode)} persistent fwd", _dtype_str(dtype), shape,
+                             nbytes, cfgs, functools.partial(_persist_setup, mode, B, H, T, dtype, device, copies),
+                             launches=copies, flops=2 * T * B * G * H * H))
+    return out
+
+
+def proj_groups(dtypes, M=RNN_T * RNN_N, K=RNN_H, N=4 * RNN_H, device: str = "cuda", configs=None) -> list[Group]:
+    out = []
+    for dtype in dtypes:
+        es = torch.empty((), dtype=dtype).element_size()
+        out.append(Group("input projection", "lstm input projection", _dtype_str(dtype), f"{M}x{K}->{N}",
+                         (M * K + N * K) * es + M * N * 4, proj_grid(dtype) if configs is None else configs,
+                         functools.partial(_proj_setup, M, K, N, dtype, device), flops=2 * M * N * K))
+    return out
+
+
+def rnn_groups(device: str = "cuda") -> list[Group]:
+    """The recurrent sweep, most wanted first (issue 16's gaps): the LSTM step forward at N = 64
+    (TF32, then bfloat16), the persistent LSTM at N = 16 (both), the input projection, the LSTM
+    step backward at N = 64, the GRU / Elman RNN steps with the LSTM's best, the small-batch
+    per-step forward (float32 runs it: the persistent kernel is the default for half dtypes
+    only), the persistent LSTM at N = 4 and GRU at N = 16 with the N = 16 LSTM's best."""
+    f32, bf16 = torch.float32, torch.bfloat16
+    N, H = RNN_N, RNN_H
+    g = []
+    g += step_groups(["lstm"], False, N, H, [f32], device)
+    g += step_groups(["lstm"], False, N, H, [bf16], device)
+    g += persist_groups(["lstm"], 16, H, [f32, bf16], device)
+    g += proj_groups([f32, bf16], device=device)
+    g += step_groups(["lstm"], True, N, H, [f32, bf16], device)
+    g += step_groups(["gru", "rnn_tanh"], False, N, H, [f32, bf16], device, from_lstm=True)
+    g += step_groups(["gru", "rnn_tanh"], True, N, H, [f32, bf16], device, from_lstm=True)
+    g += step_groups(["lstm"], False, 16, H, [f32], device)
+    g += persist_groups(["lstm"], 4, H, [f32, bf16], device, from_n=16)
+    g += persist_groups(["gru"], 16, H, [f32, bf16], device)
+    g += step_groups(["lstm"], False, 4, H, [f32], device, stages_pass=False)
+    return g
+
+
+def rnn_profile_cases(device: str = "cuda") -> list[tuple[str, str, dict]]:
+    """bench_rnn's LSTM T=100 N=64 I=H=512 float32 (TF32) forward and forward+backward, and the
+    bfloat16 forward: torch (cuDNN) against our triton and cupy backends."""
+    from gpu_nn.benchmarks import bench_rnn as br
+
+    cases = []
+    for dtype, backward in ((torch.float32, False), (torch.float32, True), (torch.bfloat16, False)):
+        c = br._case("lstm", RNN_T, RNN_N, RNN_H, RNN_H, dtype, device, backward, ("triton", "cupy"))
+        cases.append((c.name, c.shape, dict(c.providers)))
+    return cases
+
+
 # ------------------------------------------------------------------------------ runner
 
 def do_bench_seconds(fn) -> float:
@@ -602,14 +1173,41 @@ def _row_line(row: dict) -> str:
     return f"{head}: {row['us']:.1f} us {row['gbps']:.0f} GB/s {'ok' if row['correct'] else 'WRONG'}"
 
 
+def queued_seconds(fn, reset, reps: int = RNN_REPS, sleep_cycles: int = SLEEP_CYCLES) -> float:
+    """Median seconds of ``fn()`` over ``reps`` timed calls, CUDA events, ``reset()`` before each
+    (untimed). The GPU is first kept busy for ``sleep_cycles`` (``torch.cuda._sleep``) so that the
+    host queues all of ``fn``'s launches before the start event is reached: the events then time
+    the kernels back to back, not the host's launch rate (a step kernel of 10 us is shorter than
+    its Python launch). No L2 flush: in the layer's time loop W_hh stays in L2 from step to step."""
+    import statistics
+
+    reset()
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        reset()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(sleep_cycles)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
 def run_sweep(groups, out_path: str, budget_s: float, bench=do_bench_seconds, clock=time.perf_counter,
-              cleanup=None, log=print) -> dict:
-    """Every group's every configuration: check once, then ``bench(fn) -> seconds``; the JSON at
-    ``out_path`` is rewritten after every row. No new group or row starts once ``budget_s``
-    seconds have passed (``clock``); the document then says where it stopped."""
+              cleanup=None, log=print, bench_reset=queued_seconds) -> dict:
+    """Every group's every configuration: check once, then ``bench(fn) -> seconds`` (a group with
+    a ``reset``: ``bench_reset(fn, reset)``), divided by the group's ``launches``: ``us`` is per
+    launch; the JSON at ``out_path`` is rewritten after every row. No new group or row starts once
+    ``budget_s`` seconds have passed (``clock``); the document then says where it stopped.
+    ``setups`` records each group's setup time (input buffers and the parallel compilation of
+    its configurations) and configuration count."""
     t0 = clock()
     doc = {"environment": harness.environment(), "budget_s": budget_s, "status": "running", "elapsed_s": 0.0,
-           "rows": []}
+           "rows": [], "setups": []}
     rows = doc["rows"]
     stopped = None
 
@@ -622,29 +1220,41 @@ def run_sweep(groups, out_path: str, budget_s: float, bench=do_bench_seconds, cl
             stopped = (gi, 0)
             break
         base = {"kernel": g.kernel, "op": g.op, "dtype": g.dtype, "shape": g.shape, "bytes": g.bytes}
+        configs = g.configs(rows) if callable(g.configs) else g.configs
+        ts = clock()
         try:
-            run, check = g.setup(g.configs)
+            made = g.setup(configs)
         except Exception as exc:  # noqa: BLE001 - the group is reported, the sweep goes on
             rows.append({**base, "error": f"setup: {type(exc).__name__}: {exc}"[:500]})
             log(_row_line(rows[-1]))
             save()
             continue
-        for ci, cfg in enumerate(g.configs):
+        run, check = made[:2]
+        reset = made[2] if len(made) > 2 else None
+        doc["setups"].append({"op": g.op, "dtype": g.dtype, "shape": g.shape, "configs": len(configs),
+                              "setup_s": round(clock() - ts, 3)})
+        for ci, cfg in enumerate(configs):
             if clock() - t0 >= budget_s:
                 stopped = (gi, ci)
                 break
             row = {**base, "config": dict(cfg), "default": ci == 0}
             try:
-                row["correct"], row["max_err"] = check(cfg)
-                s = bench(functools.partial(run, cfg))
+                res = check(cfg)
+                row["correct"], row["max_err"] = res[:2]
+                if len(res) > 2:
+                    row.update(res[2])
+                fn = functools.partial(run, cfg)
+                s = (bench(fn) if reset is None else bench_reset(fn, reset)) / g.launches
                 row["us"] = s * 1e6
                 row["gbps"] = g.bytes / s / 1e9
+                if g.flops:
+                    row["tflops"] = g.flops / s / 1e12
             except Exception as exc:  # noqa: BLE001 - one configuration failing (compile, launch) is data
                 row["error"] = f"{type(exc).__name__}: {exc}"[:500]
             rows.append(row)
             log(_row_line(row))
             save()
-        run = check = None
+        run = check = reset = made = None
         if cleanup is not None:
             cleanup()
         if stopped is not None:
@@ -664,7 +1274,8 @@ def run_sweep(groups, out_path: str, budget_s: float, bench=do_bench_seconds, cl
 
 def best(rows) -> list[dict]:
     """Per (kernel, op, dtype, shape): the default configuration's time and the fastest correct
-    configuration, with default / best (above 1: the best is faster)."""
+    configuration that does not spill registers (one that spills may not launch in the product),
+    with default / best (above 1: the best is faster)."""
     groups = collections.OrderedDict()
     for r in rows:
         if "us" in r:
@@ -673,10 +1284,10 @@ def best(rows) -> list[dict]:
     for (kernel, op, dtype, shape), rs in groups.items():
         theirs = next((r for r in rs if r["config"].get("provider") == "torch"), None)  # conv: torch's time
         rs = [r for r in rs if r is not theirs]
-        good = [r for r in rs if r.get("correct")]
+        good = [r for r in rs if r.get("correct") and not r.get("spills")]
         default = next((r for r in rs if r.get("default")), None)
         item = {"kernel": kernel, "op": op, "dtype": dtype, "shape": shape, "configs": len(rs),
-                "wrong": sum(not r.get("correct") for r in rs)}
+                "wrong": sum(not r.get("correct") for r in rs), "spilled": sum(bool(r.get("spills")) for r in rs)}
         if default is not None:
             item.update(default_config=default["config"], default_us=default["us"], default_gbps=default["gbps"])
         if good:
@@ -825,9 +1436,9 @@ def profile_one(setup, sync=torch.cuda.synchronize) -> dict:
 
 
 def run_profile(cases, out_dir: str, budget_s: float, profile=profile_one, clock=time.perf_counter,
-                cleanup=None, log=print) -> list[dict]:
-    """Every (case, provider) through ``profile``, into ``out_dir``/profile.json (after each)
-    and profile.txt; a provider whose backend lacks the op is recorded as skipped."""
+                cleanup=None, log=print, name: str = "profile") -> list[dict]:
+    """Every (case, provider) through ``profile``, into ``out_dir``/``name``.json (after each)
+    and ``name``.txt; a provider whose backend lacks the op is recorded as skipped."""
     from gpu_nn._errors import BackendUnavailableError
 
     t0 = clock()
@@ -849,26 +1460,48 @@ def run_profile(cases, out_dir: str, budget_s: float, profile=profile_one, clock
                     cleanup()
             records.append(rec)
             log(format_profile([rec]).splitlines()[0])
-            harness.dump_json(doc, os.path.join(out_dir, "profile.json"))
+            harness.dump_json(doc, os.path.join(out_dir, f"{name}.json"))
     doc["status"] = "complete"
     doc["elapsed_s"] = round(clock() - t0, 3)
-    harness.dump_json(doc, os.path.join(out_dir, "profile.json"))
-    with open(os.path.join(out_dir, "profile.txt"), "w") as f:
+    harness.dump_json(doc, os.path.join(out_dir, f"{name}.json"))
+    with open(os.path.join(out_dir, f"{name}.txt"), "w") as f:
         f.write(format_profile(records) + "\n")
     return records
 
 
 # ------------------------------------------------------------------------------ command line
 
+RNN_PROFILE_S = 20.0  # of the rnn part's budget: the profile's three cases, before the sweep
+
+
+def run_rnn(out_dir: str, budget_s: float, device: str = "cuda", log=print) -> dict:
+    """The recurrent part: the profile of ``rnn_profile_cases`` (rnn_profile.json / .txt; it
+    starts no new case after RNN_PROFILE_S or a fifth of the budget), then ``rnn_groups`` swept
+    in what is left (rnn_sweep.json)."""
+    t0 = time.perf_counter()
+    cleanup = torch.cuda.empty_cache
+    records = run_profile(rnn_profile_cases(device), out_dir, min(RNN_PROFILE_S, budget_s / 5), cleanup=cleanup,
+                          log=log, name="rnn_profile")
+    log(format_profile(records))
+    left = max(0.0, budget_s - (time.perf_counter() - t0))
+    doc = run_sweep(rnn_groups(device), os.path.join(out_dir, "rnn_sweep.json"), left, cleanup=cleanup, log=log)
+    log(f"rnn: {len(doc['rows'])} rows, {doc['status']}; profile: {sum('summary' in r for r in records)} of "
+        f"{len(records)} regions")
+    log(format_best(doc["best"]))
+    return doc
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", required=True, help="folder for sweep.json, profile.json, profile.txt")
-    ap.add_argument("--budget-s", type=float, default=150.0, help="seconds for the sweep (default %(default)s)")
+    ap.add_argument("--out", required=True,
+                    help="folder for sweep.json, profile.json / .txt, rnn_sweep.json, rnn_profile.json / .txt")
+    ap.add_argument("--budget-s", type=float, default=150.0,
+                    help="seconds for the sweep, and again for the rnn part (default %(default)s)")
     ap.add_argument("--conv-budget-s", type=float, default=CONV_BUDGET_S,
                     help="seconds of the sweep's budget for its conv section, first (at most half; default %(default)s)")
     ap.add_argument("--profile-budget-s", type=float, default=90.0,
                     help="seconds after which the profile starts no new case (default %(default)s)")
-    ap.add_argument("--only", choices=("sweep", "profile"), help="one part only (default both)")
+    ap.add_argument("--only", choices=("sweep", "rnn", "profile"), help="one part only (default all three)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("sweep: no GPU here, nothing to measure")
@@ -889,6 +1522,8 @@ def main(argv=None) -> int:
         harness.dump_json(doc, path)
         print(f"sweep: {len(doc['rows'])} rows, {doc['status']}")
         print(format_best(doc["best"]), flush=True)
+    if args.only in (None, "rnn"):
+        run_rnn(args.out, args.budget_s, "cuda", log=lambda s: print(s, flush=True))
     if args.only in (None, "profile"):
         records = run_profile(profile_cases("cuda"), args.out, args.profile_budget_s, cleanup=torch.cuda.empty_cache)
         print(format_profile(records))

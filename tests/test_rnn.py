@@ -1001,6 +1001,29 @@ def test_persistent_choice_rejects_bad_env():
         ops.persistent_choice("cuda", 4, 256, 132, "yes")
 
 
+def test_step_table_entries_are_chosen_by_bucket_and_compiled(monkeypatch):
+    """A measured STEP_TABLE entry serves its (pass, mode, batch bucket, dot kind) and nothing
+    else, and aot_specs() compiles it for every launch that can take it (both output dtypes, the
+    LSTM's projection step too), so tests/test_compile.py checks it for spills."""
+    from gpu_nn.kernels.triton import rnn as kt
+
+    entry = (32, 32, 64, 8, 2)
+    monkeypatch.setattr(kt, "STEP_TABLE", {("fwd", "lstm", 64, "tf32"): entry})
+    assert kt.step_blocks(64, 512, "lstm", 3) == entry and kt.step_blocks(17, 512, "lstm", 3) == entry
+    for B, mode, dot, bwd in ((16, "lstm", 3, False), (65, "lstm", 3, False), (64, "gru", 3, False),
+                              (64, "lstm", 0, False), (64, "lstm", 2, False), (64, "lstm", 3, True)):
+        assert kt.step_blocks(B, 512, mode, dot, bwd) == kt.STEP_BLOCKS
+    assert kt.step_configs("lstm", 3, False) == [kt.STEP_BLOCKS, entry]
+    assert kt.step_configs("lstm", 1, False) == [kt.STEP_BLOCKS] == kt.step_configs("lstm", 3, True)
+    got = [(s.constexprs["PROJ"], s.signature["out_ptr"]) for s in kt.aot_specs()
+           if s.name == "_rnn_step_fwd_kernel" and s.constexprs["MODE"] == 2 and s.constexprs["DOT_DT"] == 3
+           and (s.constexprs["BLOCK_B"], s.constexprs["BLOCK_H"], s.constexprs["BLOCK_K"], s.num_warps,
+                s.num_stages) == entry]
+    assert sorted(got) == [(False, "*fp32"), (True, "*fp32")]  # float32 io: out is float32 either way
+    assert kt.dot_kind(0) == "fma" and kt.dot_kind(3) == "tf32" and kt.dot_kind(1) == kt.dot_kind(2) == "half"
+    assert [kt.batch_bucket(b) for b in (1, 16, 17, 64, 65)] == [16, 16, 64, 64, None]
+
+
 def test_persist_programs_capped_at_sm_count():
     from gpu_nn.kernels.triton import rnn as kt
 
@@ -1299,16 +1322,22 @@ def test_launch_heuristics_fill_the_gpu_and_are_compiled():
     from gpu_nn.kernels.triton import rnn as kt
 
     specs = kt.aot_specs()
-    step = {(s.constexprs["BLOCK_B"], s.constexprs["BLOCK_H"], s.constexprs["BLOCK_K"], s.num_warps)
+    step = {(s.name, s.constexprs["MODE"], s.constexprs["DOT_DT"], s.constexprs["BLOCK_B"], s.constexprs["BLOCK_H"],
+             s.constexprs["BLOCK_K"], s.num_warps, s.num_stages)
             for s in specs if s.name in ("_rnn_step_fwd_kernel", "_rnn_step_bwd_kernel")}
     proj = {(s.constexprs["BLOCK_B"], s.constexprs["BLOCK_P"], s.constexprs["BLOCK_K"], s.num_warps)
             for s in specs if s.name in ("_rnn_proj_fwd_kernel", "_rnn_proj_bwd_kernel")}
     for B in (1, 4, 16, 17, 64, 1000):
         for H in (1, 16, 256, 512, 1024, 4096):
-            bb, bh, bk, warps = kt.step_blocks(B, H, "lstm")
-            assert min(bb, bh, bk) >= 16 and (bb, bh, bk, warps) in step
+            for mode, code in kt.MODE_CODES.items():
+                for dot in (0, 1, 2, 3):
+                    for bwd in (False, True):
+                        cfg = kt.step_blocks(B, H, mode, dot, bwd)
+                        bb, bh, bk, warps, stages = cfg
+                        name = "_rnn_step_bwd_kernel" if bwd else "_rnn_step_fwd_kernel"
+                        assert min(bb, bh, bk) >= 16 and (name, code, dot, *cfg) in step
+                        assert -(-B // bb) * -(-H // bh) == -(-B // 16) * -(-H // 16)  # STEP_TABLE is empty
             assert kt.proj_blocks(B, H) in proj
-            assert -(-B // bb) * -(-H // bh) == -(-B // 16) * -(-H // 16)
     assert kt.step_blocks(64, 512, "lstm")[:2] == (16, 16)  # 128 programs, not the former 32
     mm = {(s.constexprs["DOT_DT"], (s.constexprs["BLOCK_M"], s.constexprs["BLOCK_N"], s.constexprs["BLOCK_K"],
                                     s.num_warps)) for s in specs if s.name == "_rnn_matmul_kernel"}

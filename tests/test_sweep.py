@@ -260,26 +260,34 @@ def _measure(tmp_path, budget, import_ok=True):
         ("" if import_ok else 'case "$*" in "-c import gpu_nn") exit 1;; esac\n')
         + 'case "$*" in *"--only sweep"*) echo "relu fwd float32 8x8 BLOCK=1024 num_warps=4: 1.0 us 9 GB/s ok";'
         ' echo "sweep: 191 rows, complete";; esac\n'
+        'case "$*" in *"--only rnn"*) echo "rnn: 240 rows, complete; profile: 9 of 9 regions";; esac\n'
         'case "$*" in *"--only profile"*) echo "profile: 20 of 22 (op, provider) regions profiled, 1 errors"; exit 3;; esac\n'
         "exit 0\n", env)
 
 
+def _budget(calls, part):
+    (call,) = [c for c in calls if f"--only {part}" in c]
+    assert call.startswith("-m gpu_nn.benchmarks.sweep --out ") and f"--only {part} --budget-s " in call
+    return int(call.split()[-1])
+
+
 def test_gpu_measure_script_steps_summary_and_archive(tmp_path):
-    """benchmarks/gpu_measure.sh with a stand-in python: the steps run in order, the sweep gets a
-    budget that leaves the profile its time, each step's result line reaches summary.txt, a
-    failed profile fails the script, and everything lands in one archive beside OUTDIR."""
+    """benchmarks/gpu_measure.sh with a stand-in python: the steps run in order, the two sweeps
+    share what the profile and the rest leave (in proportion to their wants: 150 + 25 and 120 +
+    25 s), each step's result line reaches summary.txt, a failed profile fails the script, and
+    everything lands in one archive beside OUTDIR."""
     r, out, calls = _measure(tmp_path, 300)
     assert r.returncode == 1, r.stdout + r.stderr  # the profile failed
     summary = (out / "summary.txt").read_text()
     steps = [line.split(":")[0] for line in summary.splitlines() if not line.startswith(" ")]
-    assert steps == ["sweep", "profile", "kernel_counts", "demo", "demo-compile", "total"]
+    assert steps == ["sweep", "rnn", "profile", "kernel_counts", "demo", "demo-compile", "total"]
     assert "  sweep: 191 rows, complete" in summary and "  profile: 20 of 22" in summary
-    assert "profile: rc=3" in summary and "total:" in summary and "sweep rc=0, profile rc=3" in summary
+    assert "  rnn: 240 rows, complete" in summary
+    assert "profile: rc=3" in summary and "total:" in summary and "sweep rc=0, rnn rc=0, profile rc=3" in summary
     assert calls[0] == "-c import gpu_nn"  # installed already: no pip
-    (sweep_call,) = [c for c in calls if "--only sweep" in c]
-    assert sweep_call.startswith(f"-m gpu_nn.benchmarks.sweep --out {out} --only sweep --budget-s ")
-    budget = int(sweep_call.split()[-1])
-    assert 120 <= budget <= 150  # about 150 s of the 300, the profile's 60 s and a minute left
+    # 300 - 60 (profile) - 30 (rest) = 210 s of limits: 114 and 96, less 25 s each for the process
+    sw, rnn = _budget(calls, "sweep"), _budget(calls, "rnn")
+    assert 85 <= sw <= 89 and 67 <= rnn <= 71 and sw + rnn + 2 * 25 + 60 + 30 <= 300
     (profile_call,) = [c for c in calls if "--only profile" in c]
     assert profile_call.endswith("--profile-budget-s 40")
     assert f"-m gpu_nn.benchmarks.kernel_counts --out {out}/counts.json" in calls
@@ -288,19 +296,197 @@ def test_gpu_measure_script_steps_summary_and_archive(tmp_path):
     assert demo[1] == f"-m gpu_nn.cli demo --epochs 3 --compile --json {out}/demo-compile.json --no-progress"
     with tarfile.open(str(out) + ".tgz") as tar:
         names = tar.getnames()
-    for f in ("summary.txt", "machine.txt", "sweep.log", "profile.log", "kernel_counts.log", "demo.log"):
+    for f in ("summary.txt", "machine.txt", "sweep.log", "rnn.log", "profile.log", "kernel_counts.log", "demo.log"):
         assert f"out/{f}" in names
+    # a budget that holds both: each sweep gets all it wants
+    (tmp_path / "big").mkdir()
+    _, _, calls = _measure(tmp_path / "big", 1000)
+    assert (_budget(calls, "sweep"), _budget(calls, "rnn")) == (150, 120)
 
 
 def test_gpu_measure_script_installs_when_needed_and_skips_what_the_budget_cannot_hold(tmp_path):
     r, out, calls = _measure(tmp_path, 3, import_ok=False)
     summary = (out / "summary.txt").read_text()
     assert "install: skipped (no time left of 3s)" in summary
-    assert "sweep: skipped" in summary and "profile: skipped" in summary
+    assert "sweep: skipped" in summary and "rnn: skipped" in summary and "profile: skipped" in summary
     assert "demo-compile: skipped" in summary
     assert not any("gpu_nn.benchmarks.sweep" in c for c in calls)
     assert r.returncode == 1  # nothing was measured
     assert (pathlib.Path(str(out) + ".tgz")).exists()
+
+
+# ------------------------------------------------------------------------------ recurrent part
+
+
+def test_rnn_grids_keep_the_default_first_and_only_what_can_launch():
+    from gpu_nn.kernels.triton import dense as kd, rnn as krnn
+
+    keys = sweep.STEP_KEYS
+    for B, H, mode, dot, bwd, n in ((64, 512, "lstm", 3, False, 51), (64, 512, "lstm", 2, False, 54),
+                                    (64, 512, "lstm", 3, True, 54), (16, 512, "gru", 3, False, 27)):
+        g = sweep.rnn_step_grid(B, H, mode, dot, bwd, min_programs=32 if B > 16 else 8)
+        assert tuple(g[0][k] for k in keys) == krnn.step_blocks(B, H, mode, dot, bwd)
+        assert len(g) == n and len({tuple(c.values()) for c in g}) == n
+        gates = krnn.NGATES[krnn.MODE_CODES[mode]]
+        for c in g[1:]:
+            assert -(-B // c["BLOCK_B"]) * -(-H // c["BLOCK_H"]) >= (32 if B > 16 else 8)
+            assert sweep.step_smem_bytes(c, gates, 4 if dot == 3 else 2, bwd) <= sweep.SMEM_LIMIT
+    # the three float32 LSTM forward tiles of BLOCK_K 128 x BLOCK_H 64 need 272 KiB: left out
+    assert {"BLOCK_B": 16, "BLOCK_H": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3} not in \
+        sweep.rnn_step_grid(64, 512, "lstm", 3)
+    # BLOCK_B never above the batch rounded up to 16, BLOCK_K never above H rounded up to 32
+    assert {c["BLOCK_B"] for c in sweep.rnn_step_grid(4, 40, "lstm", 3)} == {16}
+    assert {c["BLOCK_K"] for c in sweep.rnn_step_grid(4, 40, "lstm", 3)} == {32, 64}
+    per = sweep.persist_grid()
+    assert (16, per[0]["BLOCK_H"], per[0]["BLOCK_K"]) == krnn.PERSIST_BLOCKS and len(per) == 27
+    assert per[0]["num_warps"] == krnn.persist_launch("lstm", 3, False)[0]
+    proj = sweep.proj_grid(torch.float32)
+    first = proj[0]
+    assert (first["impl"], first["BLOCK_M"], first["BLOCK_N"], first["BLOCK_K"], first["num_warps"],
+            first["num_stages"]) == ("rnn", *krnn.matmul_blocks(6400, 2048, 3), krnn.MATMUL_STAGES)
+    assert [c for c in proj if c["impl"] == "dense"] == [
+        {"impl": "dense", **dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages"), c))}
+        for c in kd.matmul_candidates("fp32", "tf32")]
+    assert proj[-1] == {"impl": "torch"}
+
+
+def test_step_shared_memory_estimate_matches_ptxas():
+    """``step_smem_bytes`` against the shared memory `gpu-nn sass` reported for sm_90 (Triton
+    3.9): LSTM float32 (TF32) forward 16x16x32, 16x64x128 and 64x16x32 (4 and 2 warps) at three
+    stages, backward 16x16x128; bfloat16 halves the W_hh tiles only."""
+    c = lambda bb, bh, bk, s, w=4: dict(zip(sweep.STEP_KEYS, (bb, bh, bk, w, s)))  # noqa: E731
+    assert sweep.step_smem_bytes(c(16, 16, 32, 3), 4, 4, False) == 20480
+    assert sweep.step_smem_bytes(c(64, 16, 32, 3), 4, 4, False) == 49152
+    assert sweep.step_smem_bytes(c(64, 16, 32, 3, 2), 4, 4, False) == 32768
+    assert sweep.step_smem_bytes(c(16, 64, 128, 3), 4, 4, False) == 278528
+    assert sweep.step_smem_bytes(c(16, 16, 128, 3), 4, 4, True) == 32768
+    assert sweep.step_smem_bytes(c(16, 16, 32, 1), 4, 2, False) == 16 * 32 * (4 * 2 + 4)
+
+
+def _row(op, cfg, us, correct=True, spills=0, shape="s"):
+    return {"kernel": "k", "op": op, "dtype": "float32", "shape": shape, "config": cfg, "us": us, "correct": correct,
+            "spills": spills}
+
+
+def test_refining_groups_take_the_fastest_correct_unspilled_configurations(tmp_path):
+    cfg = lambda b, s=3: {"BLOCK_H": b, "num_stages": s}  # noqa: E731
+    rows = [_row("a", cfg(16), 5.0), _row("a", cfg(32), 2.0), _row("a", cfg(64), 1.0, correct=False),
+            _row("a", cfg(128), 1.5, spills=8), _row("a", cfg(8), 3.0), _row("b", cfg(4), 0.1),
+            _row("a", cfg(2), 0.5, shape="other")]
+    assert sweep.top_configs(rows, "k", "a", "float32", "s", 2, cfg(16)) == [cfg(16), cfg(32), cfg(8)]
+    assert sweep.top_configs(rows, "k", "a", "float32", "s", 9, cfg(16)) == [cfg(16), cfg(32), cfg(8)]
+    staged = sweep._with_stages(rows, "k", "a", "float32", "s", cfg(16), fits=lambda c: c["num_stages"] < 4, k=1)
+    assert staged == [cfg(16), cfg(32, 1), cfg(32, 2), cfg(32, 3)]
+    # nothing measured yet (a cut first pass): the default at every depth
+    assert sweep._with_stages([], "k", "a", "float32", "s", cfg(16), k=1) == [cfg(16, 3), cfg(16, 1), cfg(16, 2),
+                                                                               cfg(16, 4)]
+    # the runner resolves a group's configuration function with the rows measured before it
+    seen = []
+
+    def setup(configs):
+        seen.append(list(configs))
+        return (lambda c: None), (lambda c: (True, 0.0))
+
+    first = sweep.Group("k", "a", "float32", "s", 1, [cfg(16), cfg(32)], setup)
+    second = sweep.Group("k", "a", "float32", "s", 1,
+                         lambda rows: sweep.top_configs(rows, "k", "a", "float32", "s", 1, cfg(16)), setup)
+    times = iter([4e-6, 2e-6, 4e-6, 2e-6])
+    doc = sweep.run_sweep([first, second], str(tmp_path / "r.json"), 1e9, bench=lambda fn: next(times),
+                          log=lambda s: None)
+    assert seen == [[cfg(16), cfg(32)], [cfg(16), cfg(32)]] and len(doc["rows"]) == 4
+    assert [s["configs"] for s in doc["setups"]] == [2, 2]
+    (b,) = doc["best"]
+    assert b["best_config"] == cfg(32) and b["configs"] == 4 and b["spilled"] == 0
+
+
+def test_rnn_groups_run_every_configuration_under_the_interpreter(tmp_path, monkeypatch):
+    """The recurrent groups on tiny CPU tensors (Triton interpreter): step forward / backward
+    (LSTM, GRU, Elman), the persistent forward and the input projection; each configuration's
+    tile, warps and stages reach the launch, every output matches the product's configuration
+    (or, for the projection, a float64 product), ``reset`` runs before every timed batch, times
+    are per launch, and a configuration whose output differs is flagged wrong."""
+    from gpu_nn.kernels.triton import rnn as krnn
+
+    f32 = torch.float32
+    launched = []
+    real = krnn.launch_kernel
+
+    def spy(kernel, grid, *args, **kw):
+        launched.append((kernel.fn.__name__ if hasattr(kernel, "fn") else str(kernel), grid,
+                         tuple(kw.get(k) for k in ("BLOCK_B", "BLOCK_H", "BLOCK_K", "num_warps", "num_stages"))))
+        out = real(kernel, grid, *args, **kw)
+        if kw.get("num_warps") == 1:  # the sabotaged configuration below: its step writes a wrong h
+            args[3].add_(1.0)
+        return out
+    monkeypatch.setattr(krnn, "launch_kernel", spy)
+
+    d = dict(zip(sweep.STEP_KEYS, (16, 16, 32, 4, 3)))
+    o = dict(zip(sweep.STEP_KEYS, (16, 32, 64, 2, 1)))
+    bad = dict(zip(sweep.STEP_KEYS, (16, 16, 32, 1, 3)))
+    per = [{"BLOCK_H": 16, "BLOCK_K": 32, "num_warps": 8}, {"BLOCK_H": 32, "BLOCK_K": 64, "num_warps": 4}]
+    proj = [{"impl": "rnn", "BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1},
+            {"impl": "dense", "BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 4, "num_warps": 4, "num_stages": 1},
+            {"impl": "torch"}]
+    groups = (sweep.step_groups(["lstm"], False, 3, 5, [f32], "cpu", copies=2, configs=[d, o, bad])
+              + sweep.step_groups(["gru"], False, 3, 5, [f32], "cpu", copies=2, configs=[d, o])
+              + sweep.step_groups(["lstm", "rnn_tanh", "gru"], True, 3, 5, [f32], "cpu", copies=2, configs=[d, o])
+              + sweep.persist_groups(["lstm"], 3, 5, [f32], "cpu", copies=2, T=4, configs=per)
+              + sweep.proj_groups([f32], M=7, K=5, N=20, device="cpu", configs=proj))
+    resets = []
+
+    def bench_reset(fn, reset):
+        reset()
+        resets.append(1)
+        fn()
+        return 4e-6
+
+    def bench(fn):
+        fn()
+        return 2e-6
+
+    doc = sweep.run_sweep(groups, str(tmp_path / "rnn.json"), 1e9, bench=bench, bench_reset=bench_reset,
+                          log=lambda s: None)
+    rows = doc["rows"]
+    assert doc["status"] == "complete" and len(rows) == 3 + 2 + 6 + 2 + 3 and all("error" not in r for r in rows), rows
+    wrong = [r for r in rows if not r["correct"]]
+    assert [(r["op"], r["config"]) for r in wrong] == [("lstm step fwd", bad)]
+    assert len(resets) == 3 + 2 + 6 + 2  # every timed batch of a group that updates in place
+    for r in rows:
+        assert r["us"] == pytest.approx(2.0)  # 4 us per batch of two launches; 2 us per projection call
+    by_kernel = {}
+    for name, grid, cfg in launched:
+        by_kernel.setdefault(name, set()).add((grid, cfg))
+    assert ((1, 1), (16, 32, 64, 2, 1)) in by_kernel["_rnn_step_fwd_kernel"]
+    assert ((1, 1), (16, 16, 32, 4, 3)) in by_kernel["_rnn_step_bwd_kernel"]
+    assert ((1, 1), (16, 32, 64, 2, 1)) in by_kernel["_rnn_step_bwd_kernel"]
+    assert ((1,), (None, None, 32, 4, 1)) in by_kernel["_rnn_matmul_kernel"]
+    best = {(b["op"]): b for b in doc["best"]}
+    assert best["lstm step fwd"]["wrong"] == 1 and best["lstm persistent fwd"]["configs"] == 2
+    assert best["lstm input projection"]["configs"] == 3
+
+
+def test_rnn_groups_order_and_profile_cases():
+    groups = sweep.rnn_groups("cpu")  # built, not set up: nothing runs
+    first = groups[0]
+    assert (first.kernel, first.op, first.dtype, first.shape) == ("_rnn_step_fwd_kernel", "lstm step fwd", "float32",
+                                                                  "N=64 H=512 tf32")
+    assert len(first.configs) == 51 and callable(groups[1].configs) and groups[1].shape == first.shape
+    assert [g.op for g in groups[2:6]] == ["lstm step fwd", "lstm step fwd", "lstm persistent fwd", "lstm persistent fwd"]
+    assert {g.op for g in groups} >= {"gru step fwd", "rnn step bwd", "lstm input projection", "gru persistent fwd"}
+    assert all(g.launches == sweep.RNN_COPIES for g in groups if "step" in g.op)
+    cases = sweep.rnn_profile_cases("cpu")
+    assert [(op, shape) for op, shape, _ in cases] == [("lstm fwd", "T=100 N=64 I=512 H=512 float32"),
+                                                       ("lstm fwd+bwd", "T=100 N=64 I=512 H=512 float32"),
+                                                       ("lstm fwd", "T=100 N=64 I=512 H=512 bfloat16")]
+    assert all(set(p) == {"torch", "triton", "cupy"} for _, _, p in cases)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA events need a GPU")
+def test_queued_seconds_resets_before_every_timed_call():
+    x = torch.zeros(1 << 20, device="cuda")
+    calls = []
+    s = sweep.queued_seconds(lambda: x.add_(1), lambda: calls.append(1), reps=3)
+    assert s > 0 and len(calls) == 4
 
 
 CONV_TINY = [("conv2d 3x3", "N=1 C=16 5x6 O=16", dict(n=1, c=16, spatial=(5, 6), o=16, k=(3, 3), padding=1)),

@@ -491,23 +491,55 @@ def _rnn_step_bwd_kernel(dgn_ptr, stride_dgn, w_ptr, stride_w0, stride_w1, carry
 # launch heuristics and launchers (all tensors already allocated and offset by the caller)
 
 
-STEP_BLOCKS = (16, 16, 32, 4)  # BLOCK_B, BLOCK_H, BLOCK_K, num_warps
+STEP_BLOCKS = (16, 16, 32, 4, 3)  # BLOCK_B, BLOCK_H, BLOCK_K, num_warps, num_stages (Triton's default 3)
+
+# Measured choices of the step kernels' configuration, (pass, mode, batch bucket, dot kind) ->
+# (BLOCK_B, BLOCK_H, BLOCK_K, num_warps, num_stages); a key not listed gets STEP_BLOCKS. Empty
+# until a GPU run of ``python -m gpu_nn.benchmarks.sweep --only rnn`` (benchmarks/gpu_measure.sh)
+# has timed the candidates: its rnn_sweep.json "best" entries name, per kernel, mode, dtype and
+# batch, the fastest correct configuration without spills; a session copies those that beat
+# STEP_BLOCKS here, e.g. ("fwd", "lstm", 64, "tf32"): (16, 32, 64, 4, 3). pass: "fwd" / "bwd";
+# mode: a MODE_CODES key; bucket: STEP_BATCH_BUCKETS entry holding B (None above the last);
+# dot kind: ``dot_kind(dot)``. A best entry's op "lstm step fwd", dtype float32, shape "N=64 H=512
+# tf32" is the key ("fwd", "lstm", 64, "tf32"); its op "rnn step ..." serves "rnn_tanh" and
+# "rnn_relu" (the sweep runs tanh). Every entry is compiled by aot_specs() (tests/test_compile.py
+# checks it compiles without spills), and must have BLOCK_B, BLOCK_H, BLOCK_K >= 16 (tl.dot).
+STEP_TABLE: dict = {}
+STEP_BATCH_BUCKETS = (16, 64)  # B <= 16 (the small-batch bench), B <= 64 (its N=64), larger
 
 
-def step_blocks(B: int, H: int, mode: str = "lstm") -> tuple[int, int, int, int]:
-    """(BLOCK_B, BLOCK_H, BLOCK_K, num_warps) of the step kernels, forward and backward (and of the
-    projection kernels, with the projection size for H): one tile for every shape, mode and dtype.
+def dot_kind(dot: int) -> str:
+    """The table's name of a dot code: "fma" (exact float32), "tf32", or "half" (float16 and
+    bfloat16: the same tensor-core instructions on operands of the same width)."""
+    return {0: "fma", 3: "tf32"}.get(dot, "half")
+
+
+def batch_bucket(B: int):
+    return next((b for b in STEP_BATCH_BUCKETS if B <= b), None)
+
+
+def step_blocks(B: int, H: int, mode: str = "lstm", dot: int = 3, backward: bool = False) -> tuple:
+    """(BLOCK_B, BLOCK_H, BLOCK_K, num_warps, num_stages) of the step kernels, forward or backward:
+    STEP_TABLE's measured entry for (pass, mode, batch bucket, dot kind), else STEP_BLOCKS.
 
     Each program computes every gate of a [BLOCK_B, BLOCK_H] tile of (batch row, hidden unit), so
-    the cell math stays fused; the grid is cdiv(B, 16) x cdiv(H, 16) programs, the most that dot
-    tiles of at least 16 on every side allow: N = 64, H = 512 makes 4 x 32 = 128 programs for the
-    H200's 132 SMs, where the former 32 x 32 tiles made 2 x 16 = 32. A wider hidden tile would
-    only save re-reads of the small h_{t-1} rows (W_hh, the large operand, is read once per batch
-    tile whatever BLOCK_H is), and each further tile is a further set of compiled
-    configurations for every mode, dtype and dot code (tests/test_compile.py); a wider batch tile
-    (fewer W_hh re-reads) would only pay where cdiv(B, 64) * cdiv(H, 16) already fills the GPU,
-    batches of 64 and more with H above 2000, beyond the sizes measured (issue 16)."""
-    return STEP_BLOCKS
+    the cell math stays fused. STEP_BLOCKS makes the grid cdiv(B, 16) x cdiv(H, 16) programs, the
+    most that dot tiles of at least 16 on every side allow: N = 64, H = 512 makes 4 x 32 = 128
+    programs for the H200's 132 SMs, where the former 32 x 32 tiles made 2 x 16 = 32. Whether a
+    wider tile (fewer re-reads of W_hh per batch tile, of h_{t-1} per hidden tile), another K step,
+    warp count or pipeline depth is faster is for the H200 to say: benchmarks/sweep.py times the
+    candidates (``rnn_step_grid``) and STEP_TABLE takes what it measures. H does not key the table:
+    the measured shapes have H = 512."""
+    return STEP_TABLE.get(("bwd" if backward else "fwd", mode, batch_bucket(B), dot_kind(dot)), STEP_BLOCKS)
+
+
+def step_configs(mode: str, dot: int, backward: bool) -> list:
+    """Every configuration ``step_blocks`` can return for one pass, mode and dot code (the
+    default first): what aot_specs() compiles."""
+    kind = dot_kind(dot)
+    p = "bwd" if backward else "fwd"
+    extra = [c for k, c in sorted(STEP_TABLE.items(), key=repr) if k[0] == p and k[1] == mode and k[3] == kind]
+    return list(dict.fromkeys([STEP_BLOCKS, *extra]))
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps) of _rnn_matmul_kernel, per dot kind; GROUP_M 8
@@ -573,7 +605,7 @@ def step_forward(mode, xg, hp, hn, cp, cn, w_hh, b_hh, out, mask, lengths, t, do
         return
     if proj:
         out, mask = hn, None  # not written: the projection kernel writes the output
-    bb, bh, bk, warps = step_blocks(B, H, mode)
+    bb, bh, bk, warps, stages = step_blocks(B, H, mode, dot)
     grid = (triton.cdiv(B, bb), triton.cdiv(H, bh))
     launch_kernel(_rnn_step_fwd_kernel, grid,
         xg, xg.stride(0), hp, hn, cp if cp is not None else hp, cn if cn is not None else hn, w_hh,
@@ -581,14 +613,14 @@ def step_forward(mode, xg, hp, hn, cp, cn, w_hh, b_hh, out, mask, lengths, t, do
         mask if mask is not None else w_hh, mask.stride(0) if mask is not None else 0, int(mask is not None),
         lengths, t, B, H, P,
         MODE=MODE_CODES[mode], HAS_BHH=b_hh is not None, PROJ=proj,
-        DOT_DT=dot, BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=bk, num_warps=warps,
+        DOT_DT=dot, BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=bk, num_warps=warps, num_stages=stages,
     )
 
 
 def proj_blocks(B: int, P: int) -> tuple[int, int, int, int]:
-    """(BLOCK_B, BLOCK_P, BLOCK_K, num_warps) of the projection kernels: the step kernels' tiles
-    over the P projected units."""
-    return step_blocks(B, P, "lstm")
+    """(BLOCK_B, BLOCK_P, BLOCK_K, num_warps) of the projection kernels: the step kernels' default
+    tile (STEP_BLOCKS, not the measured table) over the P projected units."""
+    return STEP_BLOCKS[:4]
 
 
 def proj_forward(m, w_hr, hp, hn, out, mask, lengths, t, dot):
@@ -685,7 +717,7 @@ def step_backward(mode, dg_next, w_hh, carry, dc, dout, g, hp, hn, cp, cn, dgi, 
     B, H = carry.shape
     if B == 0 or H == 0:
         return
-    bb, bh, bk, warps = step_blocks(B, H, mode)
+    bb, bh, bk, warps, stages = step_blocks(B, H, mode, dot, backward=True)
     grid = (triton.cdiv(B, bb), triton.cdiv(H, bh))
     any_ = carry
     launch_kernel(_rnn_step_bwd_kernel, grid,
@@ -698,7 +730,7 @@ def step_backward(mode, dg_next, w_hh, carry, dc, dout, g, hp, hn, cp, cn, dgi, 
         dgi.stride(0) if dgi is not None else 0, dh0 if dh0 is not None else any_,
         lengths if lengths is not None else any_, t, B, H,
         MODE=MODE_CODES[mode], HAS_NEXT=dg_next is not None, FINAL=final, DOT_DT=dot,
-        BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=bk, num_warps=warps,
+        BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=bk, num_warps=warps, num_stages=stages,
     )
 
 
@@ -787,36 +819,49 @@ def aot_specs():
 
 
 def _step_specs(dt, dot):
-    """The persistent forward and the step kernels of one io dtype and dot code."""
-    bb, bh, bk, warps = step_blocks(1, 1)
+    """The persistent forward and the step kernels of one io dtype and dot code, the step kernels
+    in every configuration ``step_configs`` lists for their pass and mode."""
     specs = []
     for mode, code in MODE_CODES.items():
         for out_dt in sorted({dt, "fp32"}):
             for has_bhh in ((False, True) if mode == "gru" else (False,)):
                 specs.append(_persist_spec(code, dt, out_dt, has_bhh, dot))
-                specs.append(_step_fwd_spec(mode, code, dt, out_dt, bb, has_bhh, False, dot))
+                for cfg in step_configs(mode, dot, False):
+                    specs.append(step_fwd_spec(mode, dt, out_dt, has_bhh, False, dot, cfg))
         for dout_dt in sorted({dt, "fp32"}):
             for has_next, final in ((False, False), (True, False), (True, True)):
                 if final and dout_dt != "fp32":
                     continue
-                # the final step (dh0 only) gets no output gradient and no lengths: both
-                # come as the float32 carry (dummy pointers, never read)
-                sig = {"dgn_ptr": "*fp32", "stride_dgn": "i32", "w_ptr": f"*{dt}", "stride_w0": "i32",
-                       "stride_w1": "i32", "carry_ptr": "*fp32", "dc_ptr": "*fp32", "dout_ptr": f"*{dout_dt}",
-                       "stride_dout": "i32", "g_ptr": "*fp32", "stride_g": "i32", "hp_ptr": "*fp32",
-                       "hn_ptr": "*fp32", "cp_ptr": "*fp32", "cn_ptr": "*fp32", "dgi_ptr": "*fp32",
-                       "dgh_ptr": "*fp32", "stride_dg": "i32", "dh0_ptr": "*fp32",
-                       "len_ptr": "*fp32" if final else "*i64", "t": "i32", "B": "i32", "H": "i32"}
-                for k in ("MODE", "HAS_NEXT", "FINAL", "DOT_DT", "BLOCK_B", "BLOCK_H", "BLOCK_K"):
-                    sig[k] = "constexpr"
-                cons = {"MODE": code, "HAS_NEXT": has_next, "FINAL": final, "DOT_DT": dot,
-                        "BLOCK_B": bb, "BLOCK_H": bh, "BLOCK_K": bk}
-                label = f"step bwd {mode} {dt} dot{dot} dout {dout_dt} B{bb} next{int(has_next)} final{int(final)}"
-                specs.append(AotSpec(_rnn_step_bwd_kernel, sig, cons, num_warps=warps, label=label))
+                for cfg in step_configs(mode, dot, True):
+                    specs.append(step_bwd_spec(mode, dt, dout_dt, has_next, final, dot, cfg))
     return specs
 
 
-def _step_fwd_spec(mode, code, dt, out_dt, bb, has_bhh, proj, dot):
+def step_bwd_spec(mode, dt, dout_dt, has_next, final, dot, cfg):
+    """The AotSpec of one ``_rnn_step_bwd_kernel`` launch: io dtype ``dt`` (the weights'),
+    output gradient ``dout_dt``, configuration ``cfg`` (a ``step_blocks`` tuple)."""
+    bb, bh, bk, warps, stages = cfg
+    # the final step (dh0 only) gets no output gradient and no lengths: both
+    # come as the float32 carry (dummy pointers, never read)
+    sig = {"dgn_ptr": "*fp32", "stride_dgn": "i32", "w_ptr": f"*{dt}", "stride_w0": "i32",
+           "stride_w1": "i32", "carry_ptr": "*fp32", "dc_ptr": "*fp32", "dout_ptr": f"*{dout_dt}",
+           "stride_dout": "i32", "g_ptr": "*fp32", "stride_g": "i32", "hp_ptr": "*fp32",
+           "hn_ptr": "*fp32", "cp_ptr": "*fp32", "cn_ptr": "*fp32", "dgi_ptr": "*fp32",
+           "dgh_ptr": "*fp32", "stride_dg": "i32", "dh0_ptr": "*fp32",
+           "len_ptr": "*fp32" if final else "*i64", "t": "i32", "B": "i32", "H": "i32"}
+    for k in ("MODE", "HAS_NEXT", "FINAL", "DOT_DT", "BLOCK_B", "BLOCK_H", "BLOCK_K"):
+        sig[k] = "constexpr"
+    cons = {"MODE": MODE_CODES[mode], "HAS_NEXT": has_next, "FINAL": final, "DOT_DT": dot,
+            "BLOCK_B": bb, "BLOCK_H": bh, "BLOCK_K": bk}
+    label = (f"step bwd {mode} {dt} dot{dot} dout {dout_dt} next{int(has_next)} final{int(final)} "
+             f"{bb}x{bh}x{bk} w{warps} s{stages}")
+    return AotSpec(_rnn_step_bwd_kernel, sig, cons, num_warps=warps, num_stages=stages, label=label)
+
+
+def step_fwd_spec(mode, dt, out_dt, has_bhh, proj, dot, cfg):
+    """The AotSpec of one ``_rnn_step_fwd_kernel`` launch: io dtype ``dt`` (the weights'), output
+    ``out_dt``, configuration ``cfg`` (a ``step_blocks`` tuple)."""
+    bb, bh, bk, warps, stages = cfg
     sig = {"xg_ptr": "*fp32", "stride_xg": "i32", "hp_ptr": "*fp32", "hn_ptr": "*fp32",
            "cp_ptr": "*fp32", "cn_ptr": "*fp32", "w_ptr": f"*{dt}", "stride_w0": "i32",
            "stride_w1": "i32", "bhh_ptr": f"*{dt}", "out_ptr": f"*{out_dt}", "stride_out": "i32",
@@ -824,11 +869,11 @@ def _step_fwd_spec(mode, code, dt, out_dt, bb, has_bhh, proj, dot):
            "len_ptr": "*i64", "t": "i32", "B": "i32", "H": "i32", "P": "i32"}
     for k in ("MODE", "HAS_BHH", "PROJ", "DOT_DT", "BLOCK_B", "BLOCK_H", "BLOCK_K"):
         sig[k] = "constexpr"
-    _, bh, bk, warps = step_blocks(1, 1)
-    cons = {"MODE": code, "HAS_BHH": has_bhh, "PROJ": proj, "DOT_DT": dot,
+    cons = {"MODE": MODE_CODES[mode], "HAS_BHH": has_bhh, "PROJ": proj, "DOT_DT": dot,
             "BLOCK_B": bb, "BLOCK_H": bh, "BLOCK_K": bk}
-    label = f"step fwd {mode} {dt} dot{dot} out {out_dt} B{bb} bhh{int(has_bhh)} proj{int(proj)}"
-    return AotSpec(_rnn_step_fwd_kernel, sig, cons, num_warps=warps, label=label)
+    label = (f"step fwd {mode} {dt} dot{dot} out {out_dt} bhh{int(has_bhh)} proj{int(proj)} "
+             f"{bb}x{bh}x{bk} w{warps} s{stages}")
+    return AotSpec(_rnn_step_fwd_kernel, sig, cons, num_warps=warps, num_stages=stages, label=label)
 
 
 def _proj_specs(dt, dot):
@@ -837,8 +882,7 @@ def _proj_specs(dt, dot):
     runtime flag), the projection backward (first / middle / final step, output
     gradient in the io dtype or float32; the final step's dout and lengths are the carry)."""
     bb, bp, bk, warps = proj_blocks(1, 1)
-    specs = []
-    specs.append(_step_fwd_spec("lstm", 2, dt, "fp32", bb, False, True, dot))
+    specs = [step_fwd_spec("lstm", dt, "fp32", False, True, dot, cfg) for cfg in step_configs("lstm", dot, False)]
     for out_dt in sorted({dt, "fp32"}):
         sig = {"m_ptr": "*fp32", "w_ptr": f"*{dt}", "stride_w0": "i32", "stride_w1": "i32", "hp_ptr": "*fp32",
                "hn_ptr": "*fp32", "out_ptr": f"*{out_dt}", "stride_out": "i32",
