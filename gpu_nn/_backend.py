@@ -276,7 +276,7 @@ def check_interpreter_dtype(op: str, backend_name: str, *tensors: torch.Tensor) 
     if backend_name != "triton":
         return
     for t in tensors:
-        if t is not None and t.device.type == "cpu" and t.dtype == torch.bfloat16:
+        if t is not None and t.dtype == torch.bfloat16 and t.device.type == "cpu":  # dtype first: no device object
             raise BackendUnavailableError(
                 f"{op}: bfloat16 is not supported by the Triton interpreter (its results are "
                 "wrong without error); run bfloat16 on a GPU or use float16/float32 here"

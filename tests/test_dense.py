@@ -455,6 +455,28 @@ def test_softmax_backend_matches_reference(backend, device, name, shape, dim, rn
         KERNEL_ERR[(backend, name, str(dtype))] = max(KERNEL_ERR.get((backend, name, str(dtype)), 0), e)
 
 
+@pytest.mark.parametrize("backend,device", backend_params(("triton",)))
+@pytest.mark.parametrize("name", SOFTMAX)
+def test_softmax_rows_in_place_and_strided_match_reference(backend, device, name, rng):
+    """A last-dim softmax of a contiguous input runs on the tensors as they are (no [rows, n]
+    view in or out); a transposed input, a non-last dim and an expanded gradient (from sum())
+    take the general path. Both against the reference, values and gradients."""
+    ours, _ = SOFTMAX[name]
+    for dtype in gpu_dtypes_for(backend, device):
+        x = randn(rng, 3, 5, 17) * 3
+        for fn, k in ((lambda x: ours(x, -1), 17), (lambda x: ours(x, 2), 17), (lambda x: ours(x.transpose(1, 2), -1), 5),
+                      (lambda x: ours(x.transpose(0, 2), 0), 17), (lambda x: ours(x[:, 1], 1), 17)):
+            e = _check_backend(fn, [x], [0], dtype, device, backend, k=k, what=name)
+            KERNEL_ERR[(backend, name, str(dtype))] = max(KERNEL_ERR.get((backend, name, str(dtype)), 0), e)
+        xr = x.clone().requires_grad_()
+        with gpu_nn.backend("reference"):
+            ours(xr, -1).sum().backward()
+        xt = x.to(device=device, dtype=dtype).requires_grad_()
+        with gpu_nn.backend(backend):
+            ours(xt, -1).sum().backward()  # the gradient reaching the backward is expanded (stride 0)
+        assert_close(xt.grad, xr.grad, dtype, k=17, what=f"{name} expanded gradient {dtype}")
+
+
 @pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
 @pytest.mark.parametrize("shape,prob,weight,reduction,smoothing", [
     ((9, 29), False, False, "mean", 0.0),
@@ -975,3 +997,14 @@ def test_parallel_compile_says_whether_triton_has_the_mode(monkeypatch):
     monkeypatch.setitem(sys.modules, "triton.runtime._async_compile", None)  # import now fails
     with parallel_compile(2) as available:
         assert available is False
+
+
+def test_cpu_autocast_region_reaches_linear(rng):
+    """autocast_inputs asks one 'any autocast region?' question before the per-device one: a CPU
+    region must still be seen (linear runs in its dtype, as torch's), and none outside it."""
+    x, w, b = (torch.from_numpy(rng.standard_normal(s)).float() for s in ((3, 5), (4, 5), (4,)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, yt = F.linear(x, w, b), torch.nn.functional.linear(x, w, b)
+    assert y.dtype == yt.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), yt.float(), rtol=2e-2, atol=2e-2)
+    assert F.linear(x, w, b).dtype == torch.float32

@@ -282,13 +282,13 @@ def test_wired_calls_have_the_fast_shape(monkeypatch):
             getattr(goptim, name)([p], lr=0.1).step()
         gpu_nn.nn.utils.clip_grad_norm_([p], 0.1)
         a = r(3, 5).requires_grad_()
-        F.linear(a, r(2, 5)).sum().backward()
+        F.linear(a, r(2, 5), r(2)).sum().backward()
         out, _ = gpu_nn.nn.LSTM(3, 4, proj_size=2).to(dev)(r(2, 1, 3).requires_grad_())
         out.sum().backward()
     expected = {"_act_fwd_kernel", "_act_bwd_kernel", "_max_pool_fwd_kernel", "_max_pool_bwd_kernel",
                 "_avg_pool_fwd_kernel", "_avg_pool_bwd_kernel", "_softmax_fwd_kernel", "_softmax_bwd_kernel",
                 "_ce_fwd_kernel", "_ce_bwd_kernel", "_sgd_kernel", "_adagrad_kernel", "_adadelta_kernel",
-                "_rmsprop_kernel", "_adam_kernel", "_clip_partial_kernel", "_clip_scale_kernel", "_matmul_kernel",
+                "_rmsprop_kernel", "_adam_kernel", "_clip_partial_kernel", "_clip_scale_kernel", "_matmul_kernel", "_colsum_kernel",
                 "_rnn_step_fwd_kernel", "_rnn_step_bwd_kernel", "_rnn_proj_fwd_kernel", "_rnn_proj_bwd_kernel"}
     assert expected <= set(seen), sorted(expected - set(seen))
 

@@ -775,3 +775,54 @@ def test_memoised_argument_checks_still_refuse_what_torch_refuses():
         F.avg_pool2d(x, 3, 2, 0)
         with pytest.raises(gpu_nn.KernelInputError, match="Output size is too small"):
             F.avg_pool2d(torch.randn(1, 2, 1, 1), 3, 2, 0)
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
+def test_remembered_launcher_checks_still_refuse_direct_calls(backend, device, rng):
+    """The custom ops' own checks (they may be called directly) are remembered per (shapes,
+    dtypes, arguments) that passed: after a good call, a call that differs only in what a check
+    reads -- the dtype, a geometry, the indices' dtype, a gradient's shape -- still raises."""
+    ops = torch.ops.gpu_nn
+    x = randn(rng, 2, 3, 9, 7, dtype=torch.float32).to(device)
+    with gpu_nn.backend(backend):
+        for _ in range(2):
+            y, idx = ops.max_pool.default(x, [3, 3], [2, 2], [1, 1], [1, 1], False, False)
+            ops.max_pool_backward.default(torch.ones_like(y), idx, [2, 3, 9, 7], [3, 3], [2, 2], [1, 1], [1, 1])
+            a = ops.avg_pool.default(x, [3, 3], [2, 2], [1, 1], False, True, None)
+            ops.avg_pool_backward.default(torch.ones_like(a), [2, 3, 9, 7], [3, 3], [2, 2], [1, 1], False, True, None)
+            with pytest.raises(gpu_nn.KernelInputError, match="floating-point"):
+                ops.max_pool.default(x.to(torch.int32), [3, 3], [2, 2], [1, 1], [1, 1], False, False)
+            with pytest.raises(gpu_nn.KernelInputError, match="invalid pooling parameters"):
+                ops.max_pool.default(x, [3, 3], [2, 2], [2, 1], [1, 1], False, False)
+            with pytest.raises(gpu_nn.KernelInputError, match="Output size is too small"):
+                ops.max_pool.default(x[..., :1, :], [3, 3], [2, 2], [0, 0], [1, 1], False, False)
+            with pytest.raises(gpu_nn.KernelInputError, match="expected int64 indices"):
+                ops.max_pool_backward.default(torch.ones_like(y), idx.int(), [2, 3, 9, 7], [3, 3], [2, 2], [1, 1], [1, 1])
+            with pytest.raises(gpu_nn.KernelInputError, match="must be the same 4D shape"):
+                ops.max_pool_backward.default(torch.ones_like(y)[:, :2], idx, [2, 3, 9, 7], [3, 3], [2, 2], [1, 1], [1, 1])
+            with pytest.raises(gpu_nn.KernelInputError, match="divisor must be not zero"):
+                ops.avg_pool.default(x, [3, 3], [2, 2], [1, 1], False, True, 0)
+            with pytest.raises(gpu_nn.KernelInputError, match="!= output shape"):
+                ops.avg_pool_backward.default(torch.ones_like(a)[..., :-1], [2, 3, 9, 7], [3, 3], [2, 2], [1, 1], False, True,
+                                              None)
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("triton", "cupy")))
+@pytest.mark.parametrize("shape", [(2, 3, 17), (3, 19), (0, 2, 12)], ids=str)
+@pytest.mark.parametrize("layout", ["contig", "noncontig"])
+def test_pool1d_view_of_every_layout_matches_reference(backend, device, shape, layout, rng):
+    """1d pooling runs on one [N, C, 1, L] view of a contiguous input (strided ones take the
+    unsqueeze chain): values, indices, gradients and result strides as the reference's, batched,
+    unbatched and zero-size, called twice (the second through the remembered checks)."""
+    x = _layouts(randn(rng, *shape, dtype=torch.float32), layout)
+    for fn, args, kw in ((F.max_pool1d, (3, 2, 1), dict(return_indices=True)), (F.min_pool1d, (4, 3, 2, 2, True), {}),
+                         (F.avg_pool1d, (3, 2, 1, True, False), {})):
+        with gpu_nn.backend("reference"):
+            want, gwant, g = _fwd_bwd(fn, x, args, **kw)
+        for _ in range(2):
+            with gpu_nn.backend(backend):
+                got, ggot, _ = _fwd_bwd(fn, x.to(device), args, g.to(device), **kw)
+            for a, b in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
+                assert a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
+                torch.testing.assert_close(a.cpu(), b, rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(ggot.cpu(), gwant, rtol=1e-6, atol=1e-6)

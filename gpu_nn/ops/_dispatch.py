@@ -133,6 +133,12 @@ def empty(shape, *, dtype: torch.dtype, device) -> torch.Tensor:
 
 
 
+# whether any autocast region is active, on any device: one C call, cheaper than finding the
+# first tensor's device and asking about it (torch >= 2.4); not used while dynamo traces, which
+# knows torch.is_autocast_enabled but need not know this binding
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None)
+
+
 def autocast_inputs(policy: str, *tensors):
     """Apply torch's autocast rule to an op's inputs, as torch's own ops get it.
 
@@ -140,8 +146,8 @@ def autocast_inputs(policy: str, *tensors):
     dtype; ``policy="fp32"`` (softmax, log_softmax, cross_entropy): they run in float32.
     Outside an autocast region the inputs come back unchanged.
     """
-    if not tensors:
-        return tensors
+    if _any_autocast is not None and not torch.compiler.is_compiling() and not _any_autocast():
+        return tensors  # the usual case: no region at all (traced, torch's own query is kept)
     first = next((t for t in tensors if isinstance(t, torch.Tensor)), None)
     if first is None:
         return tensors
@@ -169,6 +175,7 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 _SCALARS = (int, float, bool, str, type(None))
+_SETTLED = frozenset((*_PLAIN, *_SCALARS))  # one hashed look-up per argument, not two tuple scans
 
 
 def _plain(args) -> bool:
@@ -177,12 +184,11 @@ def _plain(args) -> bool:
     on every eager call, and an op's argument lists are mostly ints."""
     for a in args:
         t = type(a)
-        if t in _PLAIN or t in _SCALARS:
+        if t in _SETTLED:
             continue
         if t is list or t is tuple:  # int lists (kernel sizes, strides): no call per list
             for e in a:
-                te = type(e)
-                if te in _PLAIN or te in _SCALARS:
+                if type(e) in _SETTLED:
                     continue
                 if isinstance(e, torch.Tensor) or (isinstance(e, (list, tuple)) and not _plain(e)):
                     return False

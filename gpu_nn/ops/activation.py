@@ -55,7 +55,7 @@ def activation_backward(grad_output: Tensor, output: Tensor, activation: str) ->
     ktriton, kt = triton_kernels("activation")
 
     g = grad_output.contiguous()
-    y = output.to(g.dtype).contiguous()
+    y = (output if output.dtype == g.dtype else output.to(g.dtype)).contiguous()
     dx = empty(g.shape, dtype=g.dtype, device=g.device)
     kt.act_backward(g, y, dx, activation, ktriton.INTERPRET)
     return dx

@@ -95,8 +95,14 @@ def flatten(input: Tensor, start_dim: int = 0, end_dim: int = -1) -> Tensor:
 # =========================================================================== linear
 
 
+# what torch.backends.cuda.matmul.allow_tf32 reads, without that attribute's __getattr__ chain
+_get_allow_tf32 = getattr(torch._C, "_get_cublas_allow_tf32", None)
+
+
 def _tf32_allowed() -> bool:
-    return bool(torch.backends.cuda.matmul.allow_tf32)
+    if _get_allow_tf32 is not None:
+        return bool(_get_allow_tf32())
+    return bool(torch.backends.cuda.matmul.allow_tf32)  # pragma: no cover - torch without the binding
 
 
 def linear_forward(x: Tensor, w: Tensor, b: Tensor | None, activation: str | None) -> Tensor:
@@ -108,13 +114,14 @@ def linear_forward(x: Tensor, w: Tensor, b: Tensor | None, activation: str | Non
         return from_numpy(y, x.dtype, x.device)
     _backend.check_interpreter_dtype("linear", backend, x, w, b)
     ktriton, kd = _triton_modules()
-    x2 = x.reshape(math.prod(x.shape[:-1]), K)  # not -1: undefined for a zero-size dim (K = 0)
+    flat = x.dim() == 2  # the usual case: no view in, none out
+    x2 = x if flat else x.reshape(math.prod(x.shape[:-1]), K)  # not -1: undefined for a zero-size dim (K = 0)
     y = empty((x2.shape[0], O), dtype=x.dtype, device=x.device)
     # the epilogue reads the bias with unit stride: an expanded or strided view (a double
     # backward passes expanded ones) is made dense first (a no-op for a contiguous bias)
     b = None if b is None else b.contiguous()
     kd.matmul(x2, w.t(), y, bias=b, activation=activation, allow_tf32=_tf32_allowed(), interpret=ktriton.INTERPRET)
-    return y.reshape(*x.shape[:-1], O)
+    return y if flat else y.reshape(*x.shape[:-1], O)
 
 
 def linear_backward(grad: Tensor, x: Tensor, w: Tensor, out: Tensor | None, activation: str | None, has_bias: bool):
@@ -131,11 +138,13 @@ def linear_backward(grad: Tensor, x: Tensor, w: Tensor, out: Tensor | None, acti
         return from_numpy(dx, x.dtype, dev), from_numpy(dw, w.dtype, dev), db_t
     _backend.check_interpreter_dtype("linear_backward", backend, grad, x, w)
     ktriton, kd = _triton_modules()
-    M = math.prod(x.shape[:-1])
-    g2 = grad.reshape(M, O)
+    flat = x.dim() == 2 and grad.dim() == 2  # the usual case: no views
+    M = x.shape[0] if flat else math.prod(x.shape[:-1])
+    g2 = grad if flat else grad.reshape(M, O)
     if activation is not None:
-        g2 = kd.act_grad(g2.contiguous(), out.reshape(M, O).contiguous(), activation, ktriton.INTERPRET)
-    x2 = x.reshape(M, K)
+        g2 = kd.act_grad(g2.contiguous(), (out if out.dim() == 2 else out.reshape(M, O)).contiguous(), activation,
+                         ktriton.INTERPRET)
+    x2 = x if flat else x.reshape(M, K)
     tf32 = _tf32_allowed()
     dx = empty((x2.shape[0], K), dtype=x.dtype, device=x.device)
     dw = empty((O, K), dtype=w.dtype, device=w.device)
@@ -146,7 +155,7 @@ def linear_backward(grad: Tensor, x: Tensor, w: Tensor, out: Tensor | None, acti
         kd.colsum(g2, db, interpret=ktriton.INTERPRET)
     else:
         db = torch.zeros(0, dtype=w.dtype, device=w.device)
-    return dx.reshape(x.shape), dw, db
+    return (dx if flat else dx.reshape(x.shape)), dw, db
 
 
 @routed
@@ -352,6 +361,10 @@ def _softmax_forward(x: Tensor, dim: int, log: bool) -> Tensor:
         return torch.empty_like(x, memory_format=torch.contiguous_format)
     ktriton, kd = _triton_modules()
     shape = x.shape
+    if dim == x.dim() - 1 and x.is_contiguous():  # rows already in place: no view, no copy
+        y = empty(shape, dtype=x.dtype, device=x.device)
+        kd.softmax_fwd_rows(x, y, x.numel() // shape[-1], shape[-1], log, ktriton.INTERPRET)
+        return y
     if x.dim() == 0:
         x = x.reshape(1)
     xl = x.movedim(dim, -1)
@@ -375,9 +388,15 @@ def _softmax_backward(grad: Tensor, out: Tensor, dim: int, log: bool) -> Tensor:
         return torch.empty_like(grad, memory_format=torch.contiguous_format)
     ktriton, kd = _triton_modules()
     shape = grad.shape
+    if out.dtype != grad.dtype:
+        out = out.to(grad.dtype)
+    if dim == grad.dim() - 1 and grad.is_contiguous() and out.is_contiguous():  # rows in place
+        dx = empty(shape, dtype=grad.dtype, device=grad.device)
+        kd.softmax_bwd_rows(grad, out, dx, grad.numel() // shape[-1], shape[-1], log, ktriton.INTERPRET)
+        return dx
     if grad.dim() == 0:
         grad, out = grad.reshape(1), out.reshape(1)
-    gl, yl = grad.movedim(dim, -1), out.to(grad.dtype).movedim(dim, -1)
+    gl, yl = grad.movedim(dim, -1), out.movedim(dim, -1)
     g2 = gl.reshape(-1, gl.shape[-1]).contiguous()
     y2 = yl.reshape(-1, yl.shape[-1]).contiguous()
     dx2 = empty(g2.shape, dtype=grad.dtype, device=grad.device)

@@ -96,6 +96,46 @@ def _memo(key, fn, *args):
     return got
 
 
+def _plain_int_arg(v) -> bool:
+    """An int (not bool, not an int-like object) or a tuple of them: a value a memo key holds
+    as it is, whose parse cannot depend on anything but its value."""
+    if type(v) is int:
+        return True
+    if type(v) is not tuple:
+        return False
+    for e in v:
+        if type(e) is not int:
+            return False
+    return True
+
+
+def _public_memo(key, fn, *args):
+    """``fn(*args)`` -- a public function's parse and checks of everything but the input's dtype
+    (checked on every call, first, as torch does) --, remembered under ``key`` (the op, the
+    input's shape and every argument) when the arguments are plain ints / bools and no trace is
+    running; else run as it is. ``fn`` reads nothing but what ``key`` holds, and only results
+    are remembered (a call that raises is never), so a hit skips exactly checks that passed."""
+    if torch.compiler.is_compiling():
+        return fn(*args)
+    got = _PARSED.get(key)
+    if got is None:
+        got = fn(*args)
+        if len(_PARSED) >= _MEMO_MAX:
+            _PARSED.clear()
+        _PARSED[key] = got
+    return got
+
+
+def _plain_call(kernel_size, stride, padding, dilation, *flags) -> bool:
+    """Whether a public call's arguments may key :func:`_public_memo`: int / tuple-of-int
+    geometry (stride also None), bool flags."""
+    for f in flags:
+        if type(f) is not bool:
+            return False
+    return (_plain_int_arg(kernel_size) and _plain_int_arg(padding) and _plain_int_arg(dilation)
+            and (stride is None or _plain_int_arg(stride)))
+
+
 def _parse_args(op: str, kernel_size, stride, padding, dilation=1):
     """(k, s, p, d) as parsed tuples (any length); ``s`` is () for stride None, as torch."""
     k = _int_list(op, "kernel_size", kernel_size)
@@ -306,6 +346,19 @@ def _out_hw(H, W, k, s, p, d, ceil_mode):
 # --- launchers ------------------------------------------------------------------------------
 
 
+def _max_fwd_geometry(op: str, x: Tensor, kernel_size, stride, padding, dilation, ceil_mode: bool):
+    """The launcher's own checks of a max / min pooling (a custom op may be called directly):
+    ``(k, s, p, d, output shape)``. Reads only x's shape and dtype and the arguments, so the
+    launcher remembers what passed under those (:func:`_memo`)."""
+    k, s, p, d = (tuple(map(int, a)) for a in (kernel_size, stride, padding, dilation))
+    _check_params4(op, x, k, s, p, d)
+    N, C, H, W = x.shape
+    oh, ow = _out_hw(H, W, k, s, p, d, ceil_mode)
+    if oh < 1 or ow < 1:
+        raise KernelInputError(f"Given input size: ({C}x{H}x{W}). Calculated output size: ({C}x{oh}x{ow}). Output size is too small")
+    return k, s, p, d, (N, C, oh, ow)
+
+
 def max_pool_forward(x: Tensor, kernel_size, stride, padding, dilation, ceil_mode: bool, minimum: bool):
     """Max (or, with ``minimum``, min) pooling of ``x`` ``[N, C, H, W]`` (any strides).
 
@@ -313,12 +366,9 @@ def max_pool_forward(x: Tensor, kernel_size, stride, padding, dilation, ceil_mod
     the exact semantics (torch's, NaN wins, ties keep the first position).
     """
     op = "min_pool" if minimum else "max_pool"
-    k, s, p, d = (tuple(map(int, a)) for a in (kernel_size, stride, padding, dilation))
-    _check_params4(op, x, k, s, p, d)
-    N, C, H, W = x.shape
-    oh, ow = _out_hw(H, W, k, s, p, d, ceil_mode)
-    if oh < 1 or ow < 1:
-        raise KernelInputError(f"Given input size: ({C}x{H}x{W}). Calculated output size: ({C}x{oh}x{ow}). Output size is too small")
+    k, s, p, d, (N, C, oh, ow) = _memo(("max_fwd", x.shape, x.dtype, tuple(kernel_size), tuple(stride), tuple(padding),
+                                        tuple(dilation), ceil_mode, minimum),
+                                       _max_fwd_geometry, op, x, kernel_size, stride, padding, dilation, ceil_mode)
     backend = _backend.resolve(op, x.device, BACKENDS)
     if backend == "reference":
         xn = to_numpy(x)
@@ -342,9 +392,9 @@ def max_pool_forward(x: Tensor, kernel_size, stride, padding, dilation, ceil_mod
     return out, idx
 
 
-def max_pool_backward(grad_output: Tensor, indices: Tensor, input_size, kernel_size, stride, padding, dilation) -> Tensor:
-    """d input ``[N, C, H, W]`` = sum of ``grad_output`` over the windows whose saved index
-    points at that input position (the same for max and min pooling)."""
+def _max_bwd_args(grad_output: Tensor, indices: Tensor, input_size, kernel_size, stride, padding, dilation):
+    """max_pool_backward's checks: ``(k, s, p, d, input size)`` as int tuples. Reads only the
+    shapes and dtypes of its tensors and the lists, so the launcher remembers what passed."""
     k, s, p, d = (tuple(map(int, a)) for a in (kernel_size, stride, padding, dilation))
     size = tuple(map(int, input_size))
     check_float("max_pool_backward", "grad_output", grad_output)
@@ -354,6 +404,15 @@ def max_pool_backward(grad_output: Tensor, indices: Tensor, input_size, kernel_s
         )
     if indices.dtype != torch.int64:
         raise KernelInputError(f"max_pool_backward: expected int64 indices, got {indices.dtype}")
+    return k, s, p, d, size
+
+
+def max_pool_backward(grad_output: Tensor, indices: Tensor, input_size, kernel_size, stride, padding, dilation) -> Tensor:
+    """d input ``[N, C, H, W]`` = sum of ``grad_output`` over the windows whose saved index
+    points at that input position (the same for max and min pooling)."""
+    k, s, p, d, size = _memo(("max_bwd", grad_output.shape, indices.shape, grad_output.dtype, indices.dtype,
+                              tuple(input_size), tuple(kernel_size), tuple(stride), tuple(padding), tuple(dilation)),
+                             _max_bwd_args, grad_output, indices, input_size, kernel_size, stride, padding, dilation)
     backend = _backend.resolve("max_pool_backward", grad_output.device, BACKENDS)
     if backend == "reference":
         gi = ref._max_backward2d(to_numpy(grad_output), to_numpy(indices), size)
@@ -375,9 +434,9 @@ def max_pool_backward(grad_output: Tensor, indices: Tensor, input_size, kernel_s
     return gi
 
 
-def avg_pool_forward(x: Tensor, kernel_size, stride, padding, ceil_mode: bool, count_include_pad: bool,
-                     divisor_override: Optional[int]) -> Tensor:
-    """Average pooling of ``x`` ``[N, C, H, W]`` (any strides) -> ``[N, C, OH, OW]``."""
+def _avg_fwd_geometry(x: Tensor, kernel_size, stride, padding, ceil_mode: bool, divisor_override):
+    """The launcher's own checks of an average pooling (as :func:`_max_fwd_geometry`):
+    ``(k, s, p, output shape)``."""
     k, s, p = (tuple(map(int, a)) for a in (kernel_size, stride, padding))
     _check_params4("avg_pool", x, k, s, p, (1, 1))
     if divisor_override is not None and divisor_override == 0:
@@ -386,6 +445,15 @@ def avg_pool_forward(x: Tensor, kernel_size, stride, padding, ceil_mode: bool, c
     oh, ow = _out_hw(H, W, k, s, p, (1, 1), ceil_mode)
     if oh < 1 or ow < 1:
         raise KernelInputError(f"Given input size: ({C}x{H}x{W}). Calculated output size: ({C}x{oh}x{ow}). Output size is too small")
+    return k, s, p, (N, C, oh, ow)
+
+
+def avg_pool_forward(x: Tensor, kernel_size, stride, padding, ceil_mode: bool, count_include_pad: bool,
+                     divisor_override: Optional[int]) -> Tensor:
+    """Average pooling of ``x`` ``[N, C, H, W]`` (any strides) -> ``[N, C, OH, OW]``."""
+    k, s, p, (N, C, oh, ow) = _memo(("avg_fwd", x.shape, x.dtype, tuple(kernel_size), tuple(stride), tuple(padding),
+                                     ceil_mode, divisor_override), _avg_fwd_geometry, x, kernel_size, stride, padding,
+                                    ceil_mode, divisor_override)
     backend = _backend.resolve("avg_pool", x.device, BACKENDS)
     if backend == "reference":
         y = ref._avg2d(to_numpy(x), k, s, p, ceil_mode, count_include_pad, divisor_override)
@@ -403,10 +471,9 @@ def avg_pool_forward(x: Tensor, kernel_size, stride, padding, ceil_mode: bool, c
     return out
 
 
-def avg_pool_backward(grad_output: Tensor, input_size, kernel_size, stride, padding, ceil_mode: bool,
-                      count_include_pad: bool, divisor_override: Optional[int]) -> Tensor:
-    """d input ``[N, C, H, W]``: each output's gradient / its divisor, summed over the windows
-    that cover the input position (gathered per input element: no atomics)."""
+def _avg_bwd_args(grad_output: Tensor, input_size, kernel_size, stride, padding, ceil_mode: bool):
+    """avg_pool_backward's checks: ``(k, s, p, input size)`` as int tuples (remembered as
+    :func:`_max_bwd_args`)."""
     k, s, p = (tuple(map(int, a)) for a in (kernel_size, stride, padding))
     size = tuple(map(int, input_size))
     check_float("avg_pool_backward", "grad_output", grad_output)
@@ -415,6 +482,16 @@ def avg_pool_backward(grad_output: Tensor, input_size, kernel_size, stride, padd
     oh, ow = _out_hw(size[2], size[3], k, s, p, (1, 1), ceil_mode)
     if tuple(grad_output.shape) != (size[0], size[1], oh, ow):
         raise KernelInputError(f"avg_pool_backward: grad_output shape {list(grad_output.shape)} != output shape {[size[0], size[1], oh, ow]}")
+    return k, s, p, size
+
+
+def avg_pool_backward(grad_output: Tensor, input_size, kernel_size, stride, padding, ceil_mode: bool,
+                      count_include_pad: bool, divisor_override: Optional[int]) -> Tensor:
+    """d input ``[N, C, H, W]``: each output's gradient / its divisor, summed over the windows
+    that cover the input position (gathered per input element: no atomics)."""
+    k, s, p, size = _memo(("avg_bwd", grad_output.shape, grad_output.dtype, tuple(input_size), tuple(kernel_size),
+                           tuple(stride), tuple(padding), ceil_mode),
+                          _avg_bwd_args, grad_output, input_size, kernel_size, stride, padding, ceil_mode)
     backend = _backend.resolve("avg_pool_backward", grad_output.device, BACKENDS)
     if backend == "reference":
         gi = ref._avg_backward2d(to_numpy(grad_output), size, k, s, p, ceil_mode, count_include_pad, divisor_override)
@@ -609,19 +686,31 @@ _avg_pool_backward_op.register_autograd(_avg_backward_backward, setup_context=_a
 # --- public functions -----------------------------------------------------------------------
 
 
-def _max2d_public(op, input, kernel_size, stride, padding, dilation, ceil_mode, return_indices, minimum):
-    _check_input(op, input)
+def _max2d_args(op, input, kernel_size, stride, padding, dilation, ceil_mode, return_indices):
+    """max_pool2d's parse and checks: the custom op's (k, s, p, d, ceil_mode), pairs as tuples."""
     k, s, p, d = _pair2d(op, *_parse(op + ("_with_indices" if return_indices else ""), kernel_size, stride, padding, dilation))
     _check_2d(input, k, s, p, d, bool(ceil_mode), is_max=True)
-    x4 = input if input.dim() == 4 else input.unsqueeze(0)
-    out, idx = _max_pool_op(x4, list(k), list(s), list(p), list(d), bool(ceil_mode), minimum)
-    if input.dim() == 3:
+    return k, s, p, d, bool(ceil_mode)
+
+
+def _max2d_public(op, input, kernel_size, stride, padding, dilation, ceil_mode, return_indices, minimum):
+    _check_input(op, input)
+    args = (op, input, kernel_size, stride, padding, dilation, ceil_mode, return_indices)
+    if _plain_call(kernel_size, stride, padding, dilation, ceil_mode, return_indices):
+        k, s, p, d, cm = _public_memo(("public", op, input.shape, kernel_size, stride, padding, dilation, ceil_mode, return_indices),
+                                      _max2d_args, *args)
+    else:
+        k, s, p, d, cm = _max2d_args(*args)
+    batched = input.dim() == 4
+    out, idx = _max_pool_op(input if batched else input.unsqueeze(0), list(k), list(s), list(p), list(d), cm, minimum)
+    if not batched:
         out, idx = out.squeeze(0), idx.squeeze(0)
     return (out, idx) if return_indices else out
 
 
-def _max1d_public(op, input, kernel_size, stride, padding, dilation, ceil_mode, return_indices, minimum):
-    _check_input(op, input)
+def _max1d_args(op, input, kernel_size, stride, padding, dilation, ceil_mode, return_indices):
+    """max_pool1d's parse and checks (max_pool1d_with_indices' with ``return_indices``): the
+    custom op's 2d (k, s, p, d, ceil_mode) of the [N, C, 1, L] view, as tuples."""
     k, s, p, d = _parse(op + ("_with_indices" if return_indices else ""), kernel_size, stride, padding, dilation)
     if return_indices:
         # torch's max_pool1d_with_indices: rank range, one int each, then max_pool2d_with_indices
@@ -633,14 +722,25 @@ def _max1d_public(op, input, kernel_size, stride, padding, dilation, ceil_mode, 
     else:
         _check_max1d(op, input, k, s, p, d, bool(ceil_mode))
         s = s or k
-    x4 = input.unsqueeze(-2)
-    if x4.dim() == 3:
-        x4 = x4.unsqueeze(0)
-    out, idx = _max_pool_op(x4, [1, k[0]], [1, s[0]], [0, p[0]], [1, d[0]], bool(ceil_mode), minimum)
-    out, idx = out.squeeze(-2), idx.squeeze(-2)
-    if input.dim() == 2:
-        out, idx = out.squeeze(0), idx.squeeze(0)
-    return (out, idx) if return_indices else out
+    return (1, k[0]), (1, s[0]), (0, p[0]), (1, d[0]), bool(ceil_mode)
+
+
+def _max1d_public(op, input, kernel_size, stride, padding, dilation, ceil_mode, return_indices, minimum):
+    _check_input(op, input)
+    args = (op, input, kernel_size, stride, padding, dilation, ceil_mode, return_indices)
+    if _plain_call(kernel_size, stride, padding, dilation, ceil_mode, return_indices):
+        k, s, p, d, cm = _public_memo(("public", op, input.shape, kernel_size, stride, padding, dilation, ceil_mode,
+                                       return_indices), _max1d_args, *args)
+    else:
+        k, s, p, d, cm = _max1d_args(*args)
+    batched = input.dim() == 3
+    shape = input.shape
+    # one view [N, C, 1, L] (N = 1 unbatched) in, one view of the result's shape out
+    x4 = input.view(shape[0] if batched else 1, shape[-2], 1, shape[-1]) if input.is_contiguous() else (
+        input.unsqueeze(-2) if batched else input.unsqueeze(-2).unsqueeze(0))
+    out, idx = _max_pool_op(x4, list(k), list(s), list(p), list(d), cm, minimum)
+    oshape = (*shape[:-1], out.shape[-1])
+    return (out.view(oshape), idx.view(oshape)) if return_indices else out.view(oshape)
 
 
 def max_pool2d(input: Tensor, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
@@ -677,24 +777,34 @@ def _divisor(op: str, divisor_override):
     return int(divisor_override)
 
 
-def avg_pool2d(input: Tensor, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True, divisor_override=None):
-    """2d average pooling of ``[N, C, H, W]`` or ``[C, H, W]``; as ``torch.nn.functional.avg_pool2d``."""
-    op = "avg_pool2d"
-    _check_input(op, input)
+def _avg2d_args(op, input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override):
+    """avg_pool2d's parse and checks: the custom op's (k, s, p, ceil_mode, count_include_pad,
+    divisor_override), pairs as tuples."""
     k, s, p, _ = _parse(op, kernel_size, stride, padding)
     k, s, p, d = _pair2d(op, k, s, p, (1,))
     dov = _divisor(op, divisor_override)  # torch checks it before any shape
     _check_2d(input, k, s, p, d, bool(ceil_mode), is_max=False)
-    x4 = input if input.dim() == 4 else input.unsqueeze(0)
-    out = _avg_pool_op(x4, list(k), list(s), list(p), bool(ceil_mode), bool(count_include_pad), dov)
-    return out.squeeze(0) if input.dim() == 3 else out
+    return k, s, p, bool(ceil_mode), bool(count_include_pad), dov
 
 
-def avg_pool1d(input: Tensor, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True):
-    """1d average pooling of ``[N, C, L]`` or ``[C, L]``; as ``torch.nn.functional.avg_pool1d``
-    (no divisor_override, as torch)."""
-    op = "avg_pool1d"
+def avg_pool2d(input: Tensor, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True, divisor_override=None):
+    """2d average pooling of ``[N, C, H, W]`` or ``[C, H, W]``; as ``torch.nn.functional.avg_pool2d``."""
+    op = "avg_pool2d"
     _check_input(op, input)
+    args = (op, input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)
+    if _plain_call(kernel_size, stride, padding, 1, ceil_mode, count_include_pad) and (
+            divisor_override is None or type(divisor_override) is int):
+        k, s, p, cm, cip, dov = _public_memo(("public",) + args[:1] + (input.shape,) + args[2:], _avg2d_args, *args)
+    else:
+        k, s, p, cm, cip, dov = _avg2d_args(*args)
+    batched = input.dim() == 4
+    out = _avg_pool_op(input if batched else input.unsqueeze(0), list(k), list(s), list(p), cm, cip, dov)
+    return out if batched else out.squeeze(0)
+
+
+def _avg1d_args(op, input, kernel_size, stride, padding, ceil_mode, count_include_pad):
+    """avg_pool1d's parse and checks: the custom op's 2d (k, s, p, ceil_mode, count_include_pad)
+    of the [N, C, 1, L] view, as tuples."""
     k, s, p, _ = _parse(op, kernel_size, stride, padding)
     s = s or k
     _check_dim_range(op, input)
@@ -704,9 +814,26 @@ def avg_pool1d(input: Tensor, kernel_size, stride=None, padding=0, ceil_mode=Fal
     for name, v in (("kernel_size", k2), ("stride", s2), ("padding", p2)):
         _check_avg_range(name, v)
     _check_2d(x3, k2, s2, p2, (1, 1), bool(ceil_mode), is_max=False)
-    x4 = x3 if x3.dim() == 4 else x3.unsqueeze(0)
-    out = _avg_pool_op(x4, list(k2), list(s2), list(p2), bool(ceil_mode), bool(count_include_pad), None).squeeze(-2)
-    return out.squeeze(0) if input.dim() == 2 else out
+    return k2, s2, p2, bool(ceil_mode), bool(count_include_pad)
+
+
+def avg_pool1d(input: Tensor, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True):
+    """1d average pooling of ``[N, C, L]`` or ``[C, L]``; as ``torch.nn.functional.avg_pool1d``
+    (no divisor_override, as torch)."""
+    op = "avg_pool1d"
+    _check_input(op, input)
+    args = (op, input, kernel_size, stride, padding, ceil_mode, count_include_pad)
+    if _plain_call(kernel_size, stride, padding, 1, ceil_mode, count_include_pad):
+        k, s, p, cm, cip = _public_memo(("public",) + args[:1] + (input.shape,) + args[2:], _avg1d_args, *args)
+    else:
+        k, s, p, cm, cip = _avg1d_args(*args)
+    batched = input.dim() == 3
+    shape = input.shape
+    # one view [N, C, 1, L] (N = 1 unbatched) in, one view of the result's shape out
+    x4 = input.view(shape[0] if batched else 1, shape[-2], 1, shape[-1]) if input.is_contiguous() else (
+        input.unsqueeze(-2) if batched else input.unsqueeze(-2).unsqueeze(0))
+    out = _avg_pool_op(x4, list(k), list(s), list(p), cm, cip, None)
+    return out.view(*shape[:-1], out.shape[-1])
 
 
 # --- gpu-nn check cases ---------------------------------------------------------------------

@@ -49,7 +49,7 @@ dictionary, ``str(options)``, knob reads, used-globals loop or launch metadata. 
 compared on (major, minor): patch releases of a verified minor are taken to keep its launcher.
 
 Wired launchers: activation, pooling, softmax / log_softmax, cross-entropy, the optimizer and
-clipping kernels, the dense matmul, the per-step RNN kernels (step and projection, forward and
+clipping kernels, the dense matmul and column sums, the per-step RNN kernels (step and projection, forward and
 backward). Launchers that call ``kernel[grid]`` directly keep working as before.
 
 What a plan deliberately does not re-check per call (the JIT does): that the globals a kernel
@@ -91,6 +91,19 @@ _HookChain = None
 _runtime_knobs = None
 _specialize = None
 _COMPILED_TYPE = None
+
+
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for the grid of a launch. ``triton.cdiv`` is a ``ConstexprFunction`` since
+    Triton 3.5 (it unwraps constexpr arguments on every call), several microseconds on the host
+    per call; launchers compute grids with this plain function instead."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of 2 >= ``n`` (0 for n = 0), as ``triton.next_power_of_2`` without its
+    ``ConstexprFunction`` wrapper (see :func:`cdiv`)."""
+    return 0 if n <= 0 else 1 << (n - 1).bit_length()
 
 
 def enabled() -> bool:

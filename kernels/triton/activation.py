@@ -10,6 +10,7 @@ import triton
 import triton.language as tl
 
 from ._aot import AotSpec
+from ._launch import cdiv
 from ._launch import launch as launch_kernel
 
 ACT_CODES = {None: 0, "relu": 1, "sigmoid": 2, "tanh": 3}
@@ -106,7 +107,7 @@ def act_forward(x, y, activation: str, interpret: bool) -> None:
     if n == 0:
         return
     blk, warps = block_size(n, interpret)
-    launch_kernel(_act_fwd_kernel, (triton.cdiv(n, blk),), x, y, n, ACT=ACT_CODES[activation], BLOCK=blk, num_warps=warps)
+    launch_kernel(_act_fwd_kernel, (cdiv(n, blk),), x, y, n, ACT=ACT_CODES[activation], BLOCK=blk, num_warps=warps)
 
 
 def act_backward(g, y, dx, activation: str, interpret: bool) -> None:
@@ -115,7 +116,7 @@ def act_backward(g, y, dx, activation: str, interpret: bool) -> None:
     if n == 0:
         return
     blk, warps = block_size(n, interpret)
-    launch_kernel(_act_bwd_kernel, (triton.cdiv(n, blk),), g, y, dx, n, ACT=ACT_CODES[activation], BLOCK=blk, num_warps=warps)
+    launch_kernel(_act_bwd_kernel, (cdiv(n, blk),), g, y, dx, n, ACT=ACT_CODES[activation], BLOCK=blk, num_warps=warps)
 
 
 def aot_specs():

@@ -16,16 +16,17 @@ from . import INTERPRET as _INTERPRETED
 from . import _tune
 from ._aot import AotSpec
 from ._compat import parallel_compile
+from ._launch import cdiv, next_power_of_2
 from ._launch import launch as launch_kernel
 from .activation import ACT_CODES, _epilogue_act, _grouped_tile
 from .activation import act_backward as _act_backward
 
 DTYPES = ("fp32", "fp16", "bf16")
-_TL = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+_TL = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 def _tdt(t) -> str:
-    return _TL[str(t.dtype).replace("torch.", "")]
+    return _TL[t.dtype]
 
 
 # =========================================================================== matmul
@@ -141,10 +142,10 @@ def _launch_matmul(a, b, c, bias, act, prec, cfg) -> None:
     M, K = a.shape
     N = b.shape[1]
     bm, bn, bk, gm, warps, stages = cfg
-    grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
+    grid = (cdiv(M, bm) * cdiv(N, bn),)
     launch_kernel(_matmul_kernel, grid,
         a, b, c, bias if bias is not None else c, M, N, K,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
+        *a.stride(), *b.stride(), *c.stride(),  # one call per tensor: a, b, c are 2-D
         1 if bias is not None else 0, act,
         PREC=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, num_warps=warps, num_stages=stages,
     )
@@ -228,8 +229,8 @@ def colsum(g, out, interpret=False) -> None:
     if N == 0:
         return
     bm, bn, warps = _COLSUM
-    _colsum_kernel[(triton.cdiv(N, bn),)](g, out, M, N, g.stride(0), g.stride(1), BLOCK_M=bm, BLOCK_N=bn,
-                                          num_warps=warps)
+    launch_kernel(_colsum_kernel, (cdiv(N, bn),), g, out, M, N, g.stride(0), g.stride(1), BLOCK_M=bm, BLOCK_N=bn,
+                  num_warps=warps)
 
 
 # =========================================================================== softmax
@@ -350,7 +351,7 @@ def softmax_config(n_cols: int, interpret: bool) -> tuple[int, bool, int]:
     64 once a row passes 128 so that small tests reach the looped path."""
     if interpret:
         if n_cols <= _SOFTMAX_INTERP_SINGLE_MAX:
-            return max(16, triton.next_power_of_2(n_cols)), True, 4
+            return max(16, next_power_of_2(n_cols)), True, 4
         return _SOFTMAX_INTERP_LOOP, False, 4
     for blk, warps in _SOFTMAX_SINGLE:
         if n_cols <= blk:
@@ -360,7 +361,12 @@ def softmax_config(n_cols: int, interpret: bool) -> tuple[int, bool, int]:
 
 def softmax_fwd(x, y, log: bool, interpret: bool) -> None:
     """Rows of contiguous [rows, n_cols] x into y (same shape and dtype)."""
-    rows, n = x.shape
+    softmax_fwd_rows(x, y, *x.shape, log, interpret)
+
+
+def softmax_fwd_rows(x, y, rows: int, n: int, log: bool, interpret: bool) -> None:
+    """:func:`softmax_fwd` of contiguous x, y of any shape holding ``rows`` rows of ``n`` (the
+    last dim): the caller needs no [rows, n] view."""
     if rows == 0 or n == 0:
         return
     blk, single, warps = softmax_config(n, interpret)
@@ -368,7 +374,12 @@ def softmax_fwd(x, y, log: bool, interpret: bool) -> None:
 
 
 def softmax_bwd(g, y, dx, log: bool, interpret: bool) -> None:
-    rows, n = g.shape
+    """dx from g and the forward output y, all contiguous [rows, n_cols]."""
+    softmax_bwd_rows(g, y, dx, *g.shape, log, interpret)
+
+
+def softmax_bwd_rows(g, y, dx, rows: int, n: int, log: bool, interpret: bool) -> None:
+    """:func:`softmax_bwd` of contiguous tensors of any shape holding ``rows`` rows of ``n``."""
     if rows == 0 or n == 0:
         return
     blk, single, warps = softmax_config(n, interpret)

@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from ._aot import AotSpec
+from ._launch import cdiv
 from ._launch import launch as launch_kernel
 
 MODES = {"max": 0, "min": 1}
@@ -182,8 +183,13 @@ def launch_config(interpret: bool) -> tuple[int, int]:
 
 
 def _wide(*tensors) -> bool:
-    """int64 index arithmetic when any tensor's element span reaches 2^31."""
+    """int64 index arithmetic when any tensor's element span reaches 2^31. A contiguous tensor
+    spans its element count: the usual case costs no walk over the dims."""
     for t in tensors:
+        if t.is_contiguous():
+            if t.numel() >= 2**31 - 1:
+                return True
+            continue
         span = 1 + sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride()))
         if max(span, t.numel()) >= 2**31 - 1:
             return True
@@ -196,7 +202,7 @@ def max_pool2d_forward(x, y, idx, k, s, p, d, minimum: bool, interpret: bool) ->
     OH, OW = y.shape[-2:]
     total = y.numel()
     blk, warps = launch_config(interpret)
-    launch_kernel(_max_pool_fwd_kernel, (triton.cdiv(total, blk),),
+    launch_kernel(_max_pool_fwd_kernel, (cdiv(total, blk),),
         x, y, idx, total, C, H, W, OH, OW, *x.stride(), *k, *s, *p, *d,
         MINIMUM=int(minimum), WIDE=_wide(x, y), BLOCK=blk, num_warps=warps)
 
@@ -207,7 +213,7 @@ def avg_pool2d_forward(x, y, k, s, p, ceil_mode, count_include_pad, divisor, int
     OH, OW = y.shape[-2:]
     total = y.numel()
     blk, warps = launch_config(interpret)
-    launch_kernel(_avg_pool_fwd_kernel, (triton.cdiv(total, blk),),
+    launch_kernel(_avg_pool_fwd_kernel, (cdiv(total, blk),),
         x, y, total, C, H, W, OH, OW, *x.stride(), *k, *s, *p, int(count_include_pad), int(divisor),
         WIDE=_wide(x, y), BLOCK=blk, num_warps=warps)
 
@@ -218,7 +224,7 @@ def max_pool2d_backward(g, idx, dx, k, s, p, d, interpret: bool) -> None:
     OH, OW = g.shape[-2:]
     total = dx.numel()
     blk, warps = launch_config(interpret)
-    launch_kernel(_max_pool_bwd_kernel, (triton.cdiv(total, blk),),
+    launch_kernel(_max_pool_bwd_kernel, (cdiv(total, blk),),
         g, idx, dx, total, H, W, OH, OW, *k, *s, *p, *d, WIDE=_wide(dx, g), BLOCK=blk, num_warps=warps)
 
 
@@ -228,7 +234,7 @@ def avg_pool2d_backward(g, dx, k, s, p, count_include_pad, divisor, interpret: b
     OH, OW = g.shape[-2:]
     total = dx.numel()
     blk, warps = launch_config(interpret)
-    launch_kernel(_avg_pool_bwd_kernel, (triton.cdiv(total, blk),),
+    launch_kernel(_avg_pool_bwd_kernel, (cdiv(total, blk),),
         g, dx, total, H, W, OH, OW, *k, *s, *p, int(count_include_pad), int(divisor),
         WIDE=_wide(dx, g), BLOCK=blk, num_warps=warps)
 
