@@ -93,24 +93,29 @@ def _case(name, shape, device, dtype, n, c, spatial, o, k, stride=1, padding=0, 
                         providers=provs, device=device, flops=flops)
 
 
+# (name, shape label, problem) of the GPU cases; benchmarks/sweep.py times every forward
+# configuration candidate at these too.
+GPU_SHAPES = [
+    ("conv2d 3x3", "N=32 C=64 56x56 O=64", dict(n=32, c=64, spatial=(56, 56), o=64, k=(3, 3), padding=1)),
+    ("conv2d 3x3", "N=32 C=128 28x28 O=128", dict(n=32, c=128, spatial=(28, 28), o=128, k=(3, 3), padding=1)),
+    ("conv2d 3x3", "N=32 C=256 14x14 O=256", dict(n=32, c=256, spatial=(14, 14), o=256, k=(3, 3), padding=1)),
+    ("conv2d 3x3", "N=32 C=512 7x7 O=512", dict(n=32, c=512, spatial=(7, 7), o=512, k=(3, 3), padding=1)),
+    ("conv2d 7x7/2 stem", "N=32 C=3 224x224 O=64", dict(n=32, c=3, spatial=(224, 224), o=64, k=(7, 7), stride=2, padding=3)),
+    ("conv2d 1x1", "N=32 C=64 56x56 O=256", dict(n=32, c=64, spatial=(56, 56), o=256, k=(1, 1))),
+    ("conv1d text k3", "N=64 C=300 L=128 O=100", dict(n=64, c=300, spatial=(128,), o=100, k=(3,))),
+    ("conv1d text k4", "N=64 C=300 L=128 O=100", dict(n=64, c=300, spatial=(128,), o=100, k=(4,))),
+    ("conv1d text k5", "N=64 C=300 L=128 O=100", dict(n=64, c=300, spatial=(128,), o=100, k=(5,))),
+    ("conv1d depthwise k3", "N=256 C=128 L=202", dict(n=256, c=128, spatial=(202,), o=128, k=(3,), padding=1, groups=128)),
+]
+
+
 def cases(device: str = "cpu", quick: bool = False) -> list[harness.Case]:
     if device == "cpu":
         return [
             _case("conv2d 3x3", "N=8 C=64 32x32 O=64 k3 p1", "cpu", torch.float32, 8, 64, (32, 32), 64, (3, 3), padding=1),
             _case("conv2d 3x3", "N=32 C=3 32x32 O=32 k3 p1", "cpu", torch.float32, 32, 3, (32, 32), 32, (3, 3), padding=1),
         ]
-    shapes = [
-        ("conv2d 3x3", "N=32 C=64 56x56 O=64", dict(n=32, c=64, spatial=(56, 56), o=64, k=(3, 3), padding=1)),
-        ("conv2d 3x3", "N=32 C=128 28x28 O=128", dict(n=32, c=128, spatial=(28, 28), o=128, k=(3, 3), padding=1)),
-        ("conv2d 3x3", "N=32 C=256 14x14 O=256", dict(n=32, c=256, spatial=(14, 14), o=256, k=(3, 3), padding=1)),
-        ("conv2d 3x3", "N=32 C=512 7x7 O=512", dict(n=32, c=512, spatial=(7, 7), o=512, k=(3, 3), padding=1)),
-        ("conv2d 7x7/2 stem", "N=32 C=3 224x224 O=64", dict(n=32, c=3, spatial=(224, 224), o=64, k=(7, 7), stride=2, padding=3)),
-        ("conv2d 1x1", "N=32 C=64 56x56 O=256", dict(n=32, c=64, spatial=(56, 56), o=256, k=(1, 1))),
-        ("conv1d text k3", "N=64 C=300 L=128 O=100", dict(n=64, c=300, spatial=(128,), o=100, k=(3,))),
-        ("conv1d text k4", "N=64 C=300 L=128 O=100", dict(n=64, c=300, spatial=(128,), o=100, k=(4,))),
-        ("conv1d text k5", "N=64 C=300 L=128 O=100", dict(n=64, c=300, spatial=(128,), o=100, k=(5,))),
-        ("conv1d depthwise k3", "N=256 C=128 L=202", dict(n=256, c=128, spatial=(202,), o=128, k=(3,), padding=1, groups=128)),
-    ]
+    shapes = GPU_SHAPES
     out = []
     gpu = ("torch", "triton")
     for dtype in (torch.float32, torch.bfloat16):

@@ -8,7 +8,14 @@ bfloat16, of
 * the pooling kernels (max with indices / avg, forward / backward, 3x3/2 padding 1):
   BLOCK 128..2048 x num_warps 2 / 4 / 8;
 * the Adam kernel (10.5M parameters in bench_optim's mix of tensors): BLOCK x ITERS x num_warps,
-  its chunk table built for each chunk size.
+  its chunk table built for each chunk size;
+* first, within ``--conv-budget-s`` (at most half the budget): the convolution forward at
+  bench_conv's conv2d / conv1d shapes, NCHW and channels_last, float32 (TF32, as torch's
+  default) and bfloat16: every candidate the measuring chooser would time for the problem (the
+  heuristic's first; NHWC tiles and the via-channels_last variant where they apply), launched
+  through ``conv_forward`` with a chooser that answers the row's candidate, and torch's conv
+  (``{"provider": "torch"}``; ``best`` gives best / torch). Rows in ``DIR/sweep_conv.json`` as
+  they come, and in ``sweep.json`` under ``"conv"``.
 
 Each configuration is launched through the kernel module's own launcher with the module's
 configuration function replaced for the call (``block_size`` / ``launch_config`` / ``config``), so
@@ -445,6 +452,139 @@ def adam_groups(dtypes, sizes=None, device: str = "cuda", copies: int = 2, confi
         out.append(Group("_adam_kernel", "adam step", _dtype_str(dtype), f"{len(sizes)} tensors {total}",
                          total * (3 * pb + 16), configs, functools.partial(_adam_setup, sizes, dtype, device, copies)))
     return out
+
+
+CONV_BUDGET_S = 60.0  # the conv section's share of the sweep's budget (at most half of it)
+
+
+def conv_config(cfg: tuple) -> dict:
+    """A forward candidate (``kernels/triton/conv.py``: a config tuple, VIA_CL appended for the
+    via-channels_last variant) as a row's config."""
+    keys = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
+    return {"variant": "via_channels_last" if len(cfg) == 6 else "direct", **dict(zip(keys, cfg[:5]))}
+
+
+def _conv_tuple(cfg: dict) -> tuple:
+    t = tuple(cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages"))
+    if cfg["variant"] == "via_channels_last":
+        from gpu_nn.kernels.triton import conv as kt
+
+        return (*t, kt.VIA_CL)
+    return t
+
+
+def _conv_problem(p: dict, dtype, channels_last: bool, device: str, fill: bool = True, seed: int = 0):
+    """(x, w, b, y): bench_conv's tensors for problem ``p``, y laid out as our forward lays it out
+    (torch's rule) and unwritten; ``fill=False``: all unwritten (for the layout questions only)."""
+    from gpu_nn.ops import conv as oc
+
+    n, c, sp, o, k, groups = p["n"], p["c"], p["spatial"], p["o"], p["k"], p.get("groups", 1)
+    fmt = torch.channels_last if channels_last and len(sp) == 2 else torch.contiguous_format
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    new = (lambda *s: torch.randn(*s, generator=gen)) if fill else (lambda *s: torch.empty(*s))
+    x = new(n, c, *sp).to(device=device, dtype=dtype, memory_format=fmt)
+    w = (new(o, c // groups, *k) / math.sqrt(c // groups * math.prod(k))).to(device=device, dtype=dtype, memory_format=fmt)
+    b = new(o).to(device=device, dtype=dtype)
+    st, pad = p.get("stride", 1), p.get("padding", 0)
+    out = [(s + 2 * pad - kk) // st + 1 for s, kk in zip(sp, k)]
+    y = oc._alloc((n, o, *out), oc._memory_format(x, w), lambda s: torch.empty(s, dtype=dtype, device=device))
+    return x, w, b, y
+
+
+def _as4d(t):
+    """conv1d's [N, C, L] as [N, C, 1, L] (a view), as gpu_nn.ops.conv hands it to the kernels;
+    a bias is left as it is."""
+    return t if t.dim() != 3 else t.unsqueeze(2)
+
+
+def conv_candidates(p: dict, dtype, channels_last: bool) -> list[dict]:
+    """The heuristic's forward configuration first, then every candidate the measuring chooser
+    would time for this problem (``problem_candidates``: the NHWC tiles and the via-channels_last
+    variant where they apply; the float32 precision as the launcher decides it here), then torch
+    (``{"provider": "torch"}``). Depthwise problems have one configuration: none."""
+    from gpu_nn.kernels.triton import conv as kt
+    from gpu_nn.ops import conv as oc
+
+    groups = p.get("groups", 1)
+    if kt.is_depthwise(p["c"], p["c"] // groups, groups):
+        return []
+    x, w, b, y = (_as4d(t) for t in _conv_problem(p, dtype, channels_last, "cpu", fill=False))
+    default = kt.pick_config(p["o"] // groups, y.shape[0] * y.shape[2] * y.shape[3], dtype.itemsize == 2, False)
+    cands = kt.problem_candidates(x, w, b, y, groups, oc._precision(dtype))
+    return [conv_config(c) for c in dict.fromkeys([default, *cands])] + [{"provider": "torch"}]
+
+
+def _conv_setup(p: dict, dtype, channels_last: bool, device: str, copies: int, configs):
+    """The forward through ``kernels/triton/conv.conv_forward`` with a chooser that answers the
+    row's configuration (bias, no activation); torch's conv for the torch row. The check compares
+    against torch's convolution of the same inputs in float64."""
+    import torch.nn.functional as TF
+
+    from gpu_nn.kernels.triton import conv as kt
+    from gpu_nn.ops import conv as oc
+
+    interpret = _interpret()
+    nd = len(p["spatial"])
+    st, pad, groups = p.get("stride", 1), p.get("padding", 0), p.get("groups", 1)
+    st4, pads4, dl4 = ([st, st] if nd == 2 else [1, st]), ([pad] * 4 if nd == 2 else [0, 0, pad, pad]), [1, 1]
+    tconv = TF.conv2d if nd == 2 else TF.conv1d
+    prec = oc._precision(dtype)
+    # against float64: half precision and float32 under TF32 round their operands (about 2^-8 and
+    # 2^-11 relative), float32 accumulates K = C*taps products (outputs are O(1) here)
+    tol = {"rtol": 2e-2, "atol": 2e-2} if dtype != torch.float32 or prec == "tf32" else {"rtol": 1e-4, "atol": 1e-4}
+
+    def launch(cfg, t):
+        x, w, b, y = t
+        if cfg.get("provider") == "torch":
+            return tconv(x, w, b, st, pad, 1, groups)
+        choice = _conv_tuple(cfg)
+        kt.conv_forward(_as4d(x), _as4d(w), b, _as4d(y), st4, pads4, dl4, groups, None, prec, interpret,
+                        choose=lambda op, key, cands, run, default, **_: choice)
+        return y
+
+    seeds = itertools.count()
+    nxt = harness.rotating(lambda: _conv_problem(p, dtype, channels_last, device, seed=next(seeds)), copies)
+
+    def run(cfg):
+        launch(cfg, nxt())
+
+    chk = _conv_problem(p, dtype, channels_last, device, seed=99)
+    ref = tconv(*(t.double() for t in chk[:3]), st, pad, 1, groups)
+
+    def check(cfg):
+        chk[3].fill_(float("nan"))
+        return compare_tol(launch(cfg, chk), ref, **tol)
+
+    if not interpret:  # the conv launchers index their kernel object directly
+        _precompile_direct(kt, "_conv_fwd_kernel", run, [c for c in configs if "provider" not in c])
+    return run, check
+
+
+def conv_groups(dtypes, layouts=("nchw", "channels_last"), shapes=None, device: str = "cuda", copies: int = 2,
+                configs=None) -> list[Group]:
+    """The forward of bench_conv's conv2d / conv1d cases (``GPU_SHAPES``; depthwise has no
+    candidates), per dtype and layout (channels_last: conv2d only, as bench_conv): every
+    configuration of :func:`conv_candidates` and torch. ResNet's 3x3 stages first."""
+    from gpu_nn.benchmarks import bench_conv
+
+    shapes = bench_conv.GPU_SHAPES if shapes is None else shapes
+    out = []
+    for dtype in dtypes:
+        es = torch.empty((), dtype=dtype).element_size()
+        for layout in layouts:
+            for name, shape, p in shapes:
+                cl = layout == "channels_last"
+                if cl and len(p["spatial"]) != 2:
+                    continue
+                cfgs = conv_candidates(p, dtype, cl) if configs is None else configs
+                if not cfgs:
+                    continue
+                x, w, _, y = _conv_problem(p, dtype, cl, "cpu", fill=False)
+                out.append(Group("_conv_fwd_kernel", f"{name} fwd {layout}", _dtype_str(dtype), shape,
+                                 (x.numel() + w.numel() + y.numel()) * es, cfgs,
+                                 functools.partial(_conv_setup, p, dtype, cl, device, copies)))
+    order = {n: i for i, n in enumerate(("conv2d 3x3", "conv2d 1x1", "conv2d 7x7/2 stem"))}
+    return sorted(out, key=lambda g: order.get(g.op.split(" fwd")[0], len(order)))
 
 
 def default_groups(device: str = "cuda") -> list[Group]:
@@ -1142,6 +1282,8 @@ def best(rows) -> list[dict]:
             groups.setdefault((r["kernel"], r["op"], r["dtype"], r["shape"]), []).append(r)
     out = []
     for (kernel, op, dtype, shape), rs in groups.items():
+        theirs = next((r for r in rs if r["config"].get("provider") == "torch"), None)  # conv: torch's time
+        rs = [r for r in rs if r is not theirs]
         good = [r for r in rs if r.get("correct") and not r.get("spills")]
         default = next((r for r in rs if r.get("default")), None)
         item = {"kernel": kernel, "op": op, "dtype": dtype, "shape": shape, "configs": len(rs),
@@ -1153,6 +1295,10 @@ def best(rows) -> list[dict]:
             item.update(best_config=b["config"], best_us=b["us"], best_gbps=b["gbps"])
             if default is not None:
                 item["speedup"] = default["us"] / b["us"]
+        if theirs is not None:
+            item["torch_us"] = theirs["us"]
+            if good:
+                item["best_vs_torch"] = item["best_us"] / theirs["us"]
         out.append(item)
     return out
 
@@ -1163,7 +1309,9 @@ def format_best(items) -> str:
         d = f"{b['default_us']:.1f} ({b['default_gbps']:.0f})" if "default_us" in b else "-"
         s = f"{b['best_us']:.1f} ({b['best_gbps']:.0f})" if "best_us" in b else "-"
         lines.append(f"{b['op']} | {b['dtype']} | {b['shape']} | {d} | {s} | {config_str(b.get('best_config', {}))} | "
-                     f"{b.get('speedup', float('nan')):.2f} | {b['wrong']}")
+                     f"{b.get('speedup', float('nan')):.2f} | {b['wrong']}"
+                     + (f" | torch {b['torch_us']:.1f} us, best/torch {b.get('best_vs_torch', float('nan')):.2f}"
+                        if "torch_us" in b else ""))
     return "\n".join(lines)
 
 
@@ -1349,6 +1497,8 @@ def main(argv=None) -> int:
                     help="folder for sweep.json, profile.json / .txt, rnn_sweep.json, rnn_profile.json / .txt")
     ap.add_argument("--budget-s", type=float, default=150.0,
                     help="seconds for the sweep, and again for the rnn part (default %(default)s)")
+    ap.add_argument("--conv-budget-s", type=float, default=CONV_BUDGET_S,
+                    help="seconds of the sweep's budget for its conv section, first (at most half; default %(default)s)")
     ap.add_argument("--profile-budget-s", type=float, default=90.0,
                     help="seconds after which the profile starts no new case (default %(default)s)")
     ap.add_argument("--only", choices=("sweep", "rnn", "profile"), help="one part only (default all three)")
@@ -1358,8 +1508,18 @@ def main(argv=None) -> int:
         return 0
     os.makedirs(args.out, exist_ok=True)
     if args.only in (None, "sweep"):
-        doc = run_sweep(default_groups("cuda"), os.path.join(args.out, "sweep.json"), args.budget_s,
+        # conv first, within its share: every forward candidate (and torch) at bench_conv's shapes;
+        # its rows go to sweep_conv.json as they come and into sweep.json under "conv"
+        conv = run_sweep(conv_groups([torch.float32, torch.bfloat16], device="cuda"),
+                         os.path.join(args.out, "sweep_conv.json"), min(args.conv_budget_s, args.budget_s / 2),
+                         cleanup=torch.cuda.empty_cache)
+        print(f"sweep conv: {len(conv['rows'])} rows, {conv['status']}")
+        print(format_best(conv["best"]), flush=True)
+        path = os.path.join(args.out, "sweep.json")
+        doc = run_sweep(default_groups("cuda"), path, max(0.0, args.budget_s - conv["elapsed_s"]),
                         cleanup=torch.cuda.empty_cache)
+        doc["conv"] = conv
+        harness.dump_json(doc, path)
         print(f"sweep: {len(doc['rows'])} rows, {doc['status']}")
         print(format_best(doc["best"]), flush=True)
     if args.only in (None, "rnn"):

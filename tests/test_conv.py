@@ -739,7 +739,7 @@ def test_every_candidate_matches_reference(half, monkeypatch, rng):
         for cand in kt.fwd_candidates(half, nhwc):
             if nhwc and cand in kt.fwd_candidates(half, False):
                 continue  # run above
-            def pick(op, key, candidates, run, default, cand=cand):
+            def pick(op, key, candidates, run, default, cand=cand, **_):
                 assert cand in candidates
                 return cand
             monkeypatch.setattr(oc, "_chooser", lambda device: pick)
@@ -764,7 +764,7 @@ def test_every_candidate_matches_reference(half, monkeypatch, rng):
         want = torch.autograd.grad(F.conv2d(x64, w.double(), b.double(), padding=1), x64, g64)[0]
     x.requires_grad_()
     for cand in kt.dgrad_candidates(half):
-        monkeypatch.setattr(oc, "_chooser", lambda device, cand=cand: (lambda op, key, cs, run, default: cand if op == "conv_dgrad" else default))
+        monkeypatch.setattr(oc, "_chooser", lambda device, cand=cand: (lambda op, key, cs, run, default, **_: cand if op == "conv_dgrad" else default))
         with gpu_nn.backend("triton"):
             got = torch.autograd.grad(F.conv2d(x, w, b, padding=1), x, g64.to(x.device, dtype))[0]
         assert_close(got, want, dtype, 63, f"dgrad {cand}")
@@ -788,7 +788,232 @@ def test_nhwc_tiles_only_where_their_specialisation_holds(rng):
     assert not kt.nhwc_specialised(x, w, torch.empty(49)[1:], y, 32, 48)  # a misaligned bias pointer
     for half in (False, True):
         generic, nhwc = kt.fwd_candidates(half), kt.fwd_candidates(half, True)
-        assert 3 <= len(generic) <= 4 and 3 <= len(nhwc) <= 4 and set(nhwc) - set(generic)
+        assert 3 <= len(generic) <= 4 and 3 <= len(nhwc) <= 6 and set(nhwc) - set(generic)
+
+
+# (nd, N, C, spatial, O, kernel, stride, padding, dilation, groups, bias, activation, layouts of
+# (input, weight)): odd sizes, channel counts per group in multiples of 16 (what the variant needs)
+VIA_CL_CASES = [
+    (2, 3, 32, (7, 5), 32, (3, 2), (2, 1), (1, 0), (1, 2), 2, True, "relu", ("contig", "contig")),
+    (2, 1, 16, (5, 9), 16, (3, 3), 1, 1, 1, 1, False, None, ("contig", "noncontig")),
+    (2, 2, 16, (6, 7), 32, (2, 3), 1, (0, 1), (2, 1), 1, True, "sigmoid", ("channels_last", "contig")),
+    (1, 2, 16, (13,), 16, (3,), 1, "same", 2, 1, True, "tanh", ("contig", "contig")),
+]
+
+
+@pytest.mark.parametrize("half", [False, True], ids=["tf32", "half"])
+def test_via_channels_last_candidates_match_reference(half, monkeypatch, rng):
+    """The via-channels_last forward candidates, forced (the tuner that would time them does not
+    run on a CPU), on problems that are not channels_last: against the reference, bitwise equal
+    to the same tile launched directly on channels_last copies of the operands, and the result
+    in the memory format torch gives (the caller's y is written, not replaced)."""
+    from gpu_nn.kernels.triton import conv as kt
+    from gpu_nn.ops import conv as oc
+
+    _need_triton()
+    dtype = torch.float16 if half else torch.float32
+    # float32 takes the variant under TF32 only (the interpreter may emulate its rounding)
+    monkeypatch.setattr(oc, "_precision", lambda dt: "ieee" if half or dt != torch.float32 else "tf32")
+    vias = [c for c in kt.fwd_candidates(half, False, True) if c[-1] == kt.VIA_CL]
+    assert vias and all(c[:5] not in vias for c in kt.fwd_candidates(half, False))
+    for ci, (nd, n, c, sp, o, k, st, pad, dil, groups, bias, act, (lx, lw)) in enumerate(VIA_CL_CASES):
+        x64, w64 = randn(rng, n, c, *sp), randn(rng, o, c // groups, *k) / (c // groups * np.prod(k)) ** 0.5
+        b64 = randn(rng, o) if bias else None
+        conv = F.conv2d if nd == 2 else F.conv1d
+        kw = dict(stride=st, padding=pad, dilation=dil, groups=groups, activation=act)
+        with gpu_nn.backend("reference"):
+            yr = conv(x64, w64, b64, **kw)
+        dev = "cuda" if CUDA else "cpu"
+        x, w = _layout(x64.to(dev, dtype), lx), _layout(w64.to(dev, dtype), lw)
+        b = None if b64 is None else b64.to(dev, dtype)
+        seen, choice = [], []
+
+        def pick(op, key, candidates, run, default, **_):
+            seen.append(list(candidates))
+            return choice[-1]
+
+        monkeypatch.setattr(oc, "_chooser", lambda device: pick)
+        for via in [vias[(ci + 1) % len(vias)]]:  # each tile on every other problem (the NHWC tile first)
+            tile = via[:5]
+            xc, wc = _layout(x.contiguous(), "channels_last"), _layout(w.contiguous(), "channels_last")
+            with gpu_nn.backend("triton"):
+                choice.append(via)
+                y = conv(x, w, b, **kw)
+                choice.append(tile)  # the same tile, launched directly on channels_last copies
+                y_direct = conv(xc, wc, b, **kw)
+            assert via in seen[-2] and tile in seen[-1] and via not in seen[-1], "the variant is for the NCHW problem only"
+            what = f"via channels_last {tile} conv{nd}d {lx}/{lw}"
+            red = c // groups * int(np.prod(k))
+            if half:
+                assert_close(y, yr, dtype, red, what)
+            else:
+                assert max_rel_err(y, yr) <= _tf32_bound(red), what
+            assert torch.equal(y.contiguous(), y_direct.contiguous()), f"{what}: not bitwise equal to the direct NHWC launch"
+            fmt = oc._memory_format(x, w)
+            assert _same_layout(y, oc._alloc(y.shape, fmt, torch.empty)), f"{what}: strides {y.stride()} ({fmt})"
+
+
+@pytest.mark.parametrize("half", [False, True], ids=["tf32", "half"])
+def test_via_channels_last_dgrad_candidates_match_reference(half, monkeypatch, rng):
+    """The input gradient's via-channels_last candidates, forced, on the same problems: against
+    the reference's gradient, bitwise equal to the same tile launched directly on channels_last
+    copies (where the DGRAD_NHWC tiles are candidates), in the input's memory format."""
+    from gpu_nn.kernels.triton import conv as kt
+    from gpu_nn.ops import conv as oc
+
+    _need_triton()
+    dtype = torch.float16 if half else torch.float32
+    monkeypatch.setattr(oc, "_precision", lambda dt: "ieee" if half or dt != torch.float32 else "tf32")
+    vias = [c for c in kt.dgrad_candidates(half, False, True) if c[-1] == kt.VIA_CL]
+    assert vias and not any(c[-1] == kt.VIA_CL for c in kt.dgrad_candidates(half, True, True))
+    for ci, (nd, n, c, sp, o, k, st, pad, dil, groups, bias, act, (lx, lw)) in enumerate(VIA_CL_CASES):
+        x64, w64 = randn(rng, n, c, *sp), randn(rng, o, c // groups, *k) / (c // groups * np.prod(k)) ** 0.5
+        b64 = randn(rng, o) if bias else None
+        conv = F.conv2d if nd == 2 else F.conv1d
+        kw = dict(stride=st, padding=pad, dilation=dil, groups=groups, activation=act)
+        with gpu_nn.backend("reference"):
+            x64.requires_grad_()
+            y64 = conv(x64, w64, b64, **kw)
+            g64 = randn(rng, *y64.shape)
+            want = torch.autograd.grad(y64, x64, g64)[0]
+        dev = "cuda" if CUDA else "cpu"
+        x, w = _layout(x64.detach().to(dev, dtype), lx).requires_grad_(), _layout(w64.to(dev, dtype), lw)
+        b, g = None if b64 is None else b64.to(dev, dtype), g64.to(dev, dtype)
+        xc = _layout(x.detach().contiguous(), "channels_last").requires_grad_()
+        wc, gc = _layout(w.contiguous(), "channels_last"), _layout(g, "channels_last")
+        seen, choice = [], []
+
+        def pick(op, key, candidates, run, default, **_):
+            if op != "conv_dgrad":
+                return default
+            seen.append(list(candidates))
+            return choice[-1]
+
+        monkeypatch.setattr(oc, "_chooser", lambda device: pick)
+        for via in [vias[(ci + 1) % len(vias)]]:  # each tile on every other problem (the NHWC tile first)
+            tile = via[:5]
+            with gpu_nn.backend("triton"):
+                choice.append(via)
+                got = torch.autograd.grad(conv(x, w, b, **kw), x, g)[0]
+                choice.append(tile)  # the same tile, directly on channels_last copies
+                direct = torch.autograd.grad(conv(xc, wc, b, **kw), xc, gc)[0]
+            assert via in seen[-2] and tile in seen[-1] and via not in seen[-1], "the variant is for the NCHW problem only"
+            what = f"dgrad via channels_last {tile} conv{nd}d {lx}/{lw}"
+            red = o // groups * int(np.prod(k))
+            if half:
+                assert_close(got, want, dtype, red, what)
+            else:
+                assert max_rel_err(got, want) <= _tf32_bound(red), what
+            assert torch.equal(got.contiguous(), direct.contiguous()), f"{what}: not bitwise equal to the direct NHWC launch"
+            fmt = oc._memory_format(x, w)
+            assert _same_layout(got, oc._alloc(got.shape, fmt, torch.empty)), f"{what}: strides {got.stride()} ({fmt})"
+
+
+def test_via_channels_last_choice_is_recorded_and_cached(tune_cache, tmp_path, monkeypatch):
+    """A winning via-channels_last candidate is named as such in the GPU_NN_TUNE_RECORD rows
+    (its config ends with VIA_CL) and comes back from the disk cache as the same tuple, not as
+    the direct launch of its tile."""
+    from gpu_nn import _tuning
+    from gpu_nn.kernels.triton import conv as kt
+
+    record = tmp_path / "record.jsonl"
+    monkeypatch.setenv(_tuning.RECORD_ENV, str(record))
+    cands = kt.fwd_candidates(True, False, True)
+    winner = next(c for c in cands if c[-1] == kt.VIA_CL)
+    key = ((32, 128, 28, 28), (100352, 784, 28, 1), "torch.bfloat16")
+    clock = lambda fn: 1.0 if fn() == winner else 2.0  # noqa: E731
+    got = _tuning.choose("conv_fwd", key, cands, lambda cfg: cfg, cands[0], torch.device("cpu"), timer=clock, force=True)
+    assert got == winner
+    rows = _tuning.read_record(str(record))
+    assert [tuple(r["config"]) for r in rows] == cands
+    assert [r["config"][-1] == kt.VIA_CL for r in rows if r["chosen"]] == [True]
+    monkeypatch.delenv(_tuning.RECORD_ENV)
+    _tuning.clear()
+
+    def no_clock(fn):
+        raise AssertionError("measured again")
+
+    assert _tuning.choose("conv_fwd", key, cands, lambda cfg: cfg, cands[0], torch.device("cpu"), timer=no_clock,
+                          force=True) == winner
+
+
+@pytest.mark.parametrize("part", ["fwd", "dgrad"])
+def test_tuning_compiles_every_candidate_up_front(part, monkeypatch):
+    """Before timing, the launchers' ``prepare`` compiles every candidate at once (warmup calls
+    inside parallel_compile), the via-channels_last ones on NHWC stand-ins with the strides their
+    launch will have (nothing copied); under the interpreter it does nothing."""
+    import contextlib
+
+    from gpu_nn.kernels.triton import conv as kt
+
+    class Stub:
+        def __init__(self):
+            self.warm, self.runs = [], 0
+
+        def __getitem__(self, grid):
+            def run(*args, **kw):
+                self.runs += 1
+            return run
+
+        def warmup(self, *args, grid, **kw):
+            self.warm.append((args, kw))
+
+    stub = Stub()
+    monkeypatch.setattr(kt, f"_conv_{part}_kernel", stub)
+    monkeypatch.setattr(kt, "parallel_compile", lambda n: contextlib.nullcontext(True))
+    offered = []
+
+    def choose(op, key, cands, run, default, prepare):
+        offered.extend(cands)
+        prepare(cands)
+        return default
+
+    x, w = torch.randn(2, 32, 5, 6, dtype=torch.float16), torch.randn(32, 32, 3, 3, dtype=torch.float16)
+    y = torch.empty(2, 32, 5, 6, dtype=torch.float16)
+    for interpret in (True, False):
+        if part == "fwd":
+            kt.conv_forward(x, w, None, y, (1, 1), (1, 1, 1, 1), (1, 1), 1, None, "ieee", interpret, choose=choose)
+        else:
+            kt.conv_backward_data(y, w, x, (1, 1), (1, 1, 1, 1), (1, 1), 1, "ieee", interpret, choose=choose)
+        if interpret:
+            assert stub.warm == [] and stub.runs == 1
+    vias = [c for c in offered if c[-1] == kt.VIA_CL]
+    assert vias and len(stub.warm) == len(offered) // 2 and stub.runs == 2
+    for cand, (args, kw) in zip(offered[len(offered) // 2:], stub.warm):
+        assert (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], kw["num_warps"], kw["num_stages"]) == cand[:5]
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        if cand in vias:
+            assert all(kt._nhwc_strided(t) for t in tensors) and not any(t is x or t is y for t in tensors)
+        else:
+            assert tensors[0] is (x if part == "fwd" else y)
+
+
+def test_via_channels_last_only_where_it_applies(rng):
+    """The variant is offered for half / TF32 problems with channel counts per group in multiples
+    of 16 that are not already in the NHWC specialisation (those get the NHWC tiles directly)."""
+    from gpu_nn.kernels.triton import conv as kt
+
+    cl = torch.channels_last
+    x, w, y = torch.empty(2, 32, 9, 7), torch.empty(48, 32, 3, 3), torch.empty(2, 48, 9, 7)
+    assert kt.via_cl_eligible(x, w, None, y, 32, 48)
+    assert kt.via_cl_eligible(x.to(memory_format=cl), w, None, y.to(memory_format=cl), 32, 48)  # weight NCHW
+    assert kt.via_cl_eligible(x, w, torch.empty(48), y, 32, 48)
+    assert not kt.via_cl_eligible(*(t.to(memory_format=cl) for t in (x, w)), None, y.to(memory_format=cl), 32, 48)
+    assert not kt.via_cl_eligible(x, w[:, :16], None, y, 16, 24)  # groups=2 with 24 output channels per group
+    assert not kt.via_cl_eligible(torch.empty(2, 24, 9, 7), torch.empty(48, 24, 3, 3), None, y, 24, 48)
+    assert not kt.via_cl_eligible(x, w, torch.empty(49)[1:], y, 32, 48)  # a misaligned bias pointer
+    for half in (False, True):
+        plain, via = kt.fwd_candidates(half), kt.fwd_candidates(half, False, True)
+        assert via[:len(plain)] == plain and 1 <= len(via) - len(plain) <= 2
+        assert all(cand[-1] == kt.VIA_CL and cand[:5] in kt.fwd_candidates(half, True) for cand in via[len(plain):])
+        assert kt.fwd_candidates(half, True, True) == kt.fwd_candidates(half, True)
+    # the copies take exactly the strides the NHWC specialisation is compiled for, whatever the
+    # sizes (torch's channels_last may keep NCHW strides where a dimension is 1)
+    for shape in ((1, 32, 1, 1), (3, 16, 1, 5), (2, 32, 4, 1)):
+        t = torch.randn(shape)
+        c = kt._nhwc_copy(t)
+        assert torch.equal(c, t) and kt._nhwc_strided(c) and c.stride(1) == 1
+        assert kt._nhwc_copy(c) is c
 
 
 # ----------------------------------------------------------------------------- memory format
@@ -939,9 +1164,32 @@ def test_triton_heuristic_tiles():
             name = next(k for k, v in table.items() if v == cand)
             for dt in dts:
                 assert f"fwd {name} {dt}" in labels
-    nhwc_specs = [sp for sp in kt.aot_specs() if sp.label.split()[1] in {**kt.NHWC_CONFIGS["fp32"], **kt.NHWC_CONFIGS["half"]}]
-    assert nhwc_specs and all(sp.divisible_by_16 == kt.NHWC_DIV16 and all(sp.constexprs[k] == 1 for k in kt.NHWC_UNIT)
-                              for sp in nhwc_specs)
+        if nhwc:  # the via-channels_last candidates launch their tile in the NHWC specialisation
+            for cand in kt.fwd_candidates(half, False, True):
+                if cand[-1] != kt.VIA_CL:
+                    continue
+                name = next(k for k, v in table.items() if v == cand[:5])
+                spec = name if name in kt.NHWC_CONFIGS[key] else f"{name}/nhwc"
+                for dt in dts:
+                    assert f"fwd {spec} {dt}" in labels
+    # ... and so is every input-gradient candidate (NHWC tiles and via channels_last included)
+    for half, dts in ((False, ("fp32 tf32",)), (True, ("fp16 ieee", "bf16 ieee"))):
+        key = "half" if half else "fp32"
+        table = {**kt.GPU_CONFIGS[key], **kt.DGRAD_NHWC_CONFIGS[key]}
+        for cand in {*kt.dgrad_candidates(half, True), *kt.dgrad_candidates(half, False, True)}:
+            name = next(k for k, v in table.items() if v == cand[:5])
+            if len(cand) == 6 and name not in kt.DGRAD_NHWC_CONFIGS[key]:
+                name += "/nhwc"
+            for dt in dts:
+                assert f"dgrad {name} {dt}" in labels
+    for kind, names, unit, div16 in (
+            ("fwd", {**kt.NHWC_CONFIGS["fp32"], **kt.NHWC_CONFIGS["half"]}, kt.NHWC_UNIT, kt.NHWC_DIV16),
+            ("dgrad", {**kt.DGRAD_NHWC_CONFIGS["fp32"], **kt.DGRAD_NHWC_CONFIGS["half"]}, kt.DGRAD_NHWC_UNIT,
+             kt.DGRAD_NHWC_DIV16)):
+        nhwc_specs = [sp for sp in kt.aot_specs() if sp.label.split()[0] == kind
+                      and (sp.label.split()[1] in names or sp.label.split()[1].endswith("/nhwc"))]
+        assert nhwc_specs and all(sp.divisible_by_16 == div16 and all(sp.constexprs[k] == 1 for k in unit)
+                                  for sp in nhwc_specs)
     # depthwise = one input channel per group, whatever the channel multiplier
     assert kt.is_depthwise(6, 1, 6) and kt.is_depthwise(1, 1, 1)
     assert not kt.is_depthwise(6, 2, 3) and not kt.is_depthwise(6, 6, 1)

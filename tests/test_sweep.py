@@ -487,3 +487,50 @@ def test_queued_seconds_resets_before_every_timed_call():
     calls = []
     s = sweep.queued_seconds(lambda: x.add_(1), lambda: calls.append(1), reps=3)
     assert s > 0 and len(calls) == 4
+
+
+CONV_TINY = [("conv2d 3x3", "N=1 C=16 5x6 O=16", dict(n=1, c=16, spatial=(5, 6), o=16, k=(3, 3), padding=1)),
+             ("conv1d k3", "N=2 C=16 L=9 O=32", dict(n=2, c=16, spatial=(9,), o=32, k=(3,), stride=2)),
+             ("conv1d depthwise", "N=1 C=4 L=9", dict(n=1, c=4, spatial=(9,), o=4, k=(3,), groups=4))]
+
+
+def test_conv_section_times_every_candidate_and_torch(tmp_path):
+    """The conv groups on tiny CPU problems (Triton interpreter, float16 and float32): each group
+    holds the heuristic's configuration first, every candidate the measuring chooser would time
+    (the via-channels_last variant for NCHW half problems, the NHWC tiles for channels_last
+    ones) and torch last; every configuration's output matches torch's in float64; the best
+    rows carry torch's time; depthwise (one configuration) has no group."""
+    from gpu_nn.kernels import triton as ktriton
+    from gpu_nn.kernels.triton import conv as kt
+
+    if not ktriton.INTERPRET:
+        pytest.skip("launches Triton kernels on CPU tensors: Triton interpreter only (the GPU runs the real section)")
+    f16, f32 = torch.float16, torch.float32
+    groups = sweep.conv_groups([f16, f32], shapes=CONV_TINY, device="cpu")
+    names = [(g.op, g.dtype) for g in groups]
+    assert names == [("conv2d 3x3 fwd nchw", "float16"), ("conv2d 3x3 fwd channels_last", "float16"),
+                     ("conv2d 3x3 fwd nchw", "float32"), ("conv2d 3x3 fwd channels_last", "float32"),
+                     ("conv1d k3 fwd nchw", "float16"), ("conv1d k3 fwd nchw", "float32")]
+    by = dict(zip(names, groups))
+    half_nchw, half_cl = by[names[0]].configs, by[names[1]].configs
+    default = kt.pick_config(16, 30, True, False)
+    assert half_nchw[0] == half_cl[0] == sweep.conv_config(default) and half_nchw[-1] == {"provider": "torch"}
+    assert {sweep._conv_tuple(c) for c in half_nchw[:-1]} == {default, *kt.fwd_candidates(True, False, True)}
+    assert {sweep._conv_tuple(c) for c in half_cl[:-1]} == {default, *kt.fwd_candidates(True, True)}
+    assert len(half_cl) == len({*map(str, half_cl)})  # the default is not repeated
+    assert {c["variant"] for c in half_nchw[:-1]} == {"direct", "via_channels_last"}
+    assert {c["variant"] for c in by[names[2]].configs[:-1]} == {"direct"}  # ieee float32 here: no NHWC tiles
+
+    def bench(fn):
+        fn()
+        return 3e-6
+
+    # run: the half groups of conv2d (both variants, the NHWC tiles) and float32 conv1d (keeps the test short)
+    groups = [by[names[0]], by[names[1]], by[names[5]]]
+    doc = sweep.run_sweep(groups, str(tmp_path / "conv.json"), 1e9, bench=bench, log=lambda s: None)
+    rows = doc["rows"]
+    assert doc["status"] == "complete" and len(rows) == sum(len(g.configs) for g in groups)
+    assert all("error" not in r and r["correct"] for r in rows), [r for r in rows if "error" in r or not r["correct"]]
+    assert all(b["torch_us"] == pytest.approx(3.0) and b["best_vs_torch"] == pytest.approx(1.0) for b in doc["best"])
+    assert all(b["configs"] == len(by[(b["op"], b["dtype"])].configs) - 1 for b in doc["best"])
+    assert "torch 3.0 us" in sweep.format_best(doc["best"])

@@ -20,7 +20,9 @@ weight layout in tests/test_conv.py), the output, the input gradient and the wei
 all channels_last (NHWC; NLC for conv1d) when the weight's strides look channels_last, or for
 conv2d the input's do (:func:`_memory_format`); otherwise contiguous. The Triton kernels address
 every tensor through its strides, so either layout is read and written in place, without a
-transpose pass; the reference computes contiguous and lays the result out afterwards.
+transpose pass (on a GPU the forward and the input gradient may measure, and then pick, a
+variant that transposes NCHW operands to channels_last: ``kernels/triton/conv.py``, ``VIA_CL``);
+the reference computes contiguous and lays the result out afterwards.
 """
 
 from __future__ import annotations

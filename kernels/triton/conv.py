@@ -17,7 +17,10 @@ input with masked loads (zero padding = ``other=0``). The K loop runs taps outsi
 inside, so in channels_last (unit channel stride) the A and B tiles are read along contiguous
 channels: with channel counts that are multiples of 16 Triton compiles 128-bit cp.async copies
 (``NHWC_CONFIGS``). NCHW tensors are read in place as well (no transpose pass), along the pixel
-axis, with per-element gathers. Inputs are float32 / float16 / bfloat16,
+axis, with per-element gathers; where a measuring chooser runs (a GPU), NCHW problems in half
+precision or TF32 with channel counts in multiples of 16 also get "via channels_last"
+candidates (``VIA_CL``: NHWC copies in, the NHWC specialisation, an NHWC temporary copied out),
+taken only where they time faster. Inputs are float32 / float16 / bfloat16,
 accumulation is float32; float32 ``tl.dot`` runs with the ``PREC`` input precision the launcher
 chooses ("ieee", or "tf32" when torch allows TF32). Offsets that scale with the batch or a
 spatial index are int64, so tensors above 2^31 elements address correctly.
@@ -34,6 +37,7 @@ import triton
 import triton.language as tl
 
 from ._aot import AotSpec
+from ._compat import parallel_compile
 from .activation import ACT_CODES, _epilogue_act
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): the sm_90 configurations the heuristics
@@ -72,21 +76,46 @@ TUNE_CONFIGS = {
 # registers, tf32 128x128x32/3st 160; no spills, HGMMA, LDGSTS.E.BYPASS.128 (ieee float32 at
 # 128x128x32 spills: it is not a candidate). The same tiles without the specialisation spill
 # (255 registers + stack), so only such problems get them.
+# Added as measured candidates (sm_90 AOT, Triton 3.9, registers / shared memory, no spills,
+# HGMMA in each): tf32 128x128x32 with 4 stages 161 / 128 KB; tf32 128x128x64/3st 225 / 192 KB;
+# half 128x128x64 with 4 stages 162 / 128 KB; half 128x256x32/3st 199 / 72 KB and 256x128x32/3st
+# 204 / 72 KB. Tried and left out: half 128x256x64/3st (244 registers, 144 KB) and 256x128x64/3st
+# (252 registers, 144 KB): no spills, but at the register limit, one codegen change from spilling.
 NHWC_CONFIGS = {
     "fp32": {
         "nhwc128k32": (128, 128, 32, 8, 3),
+        "nhwc128k32s4": (128, 128, 32, 8, 4),
+        "nhwc128k64": (128, 128, 64, 8, 3),
     },
     "half": {
         "nhwc128k64": (128, 128, 64, 8, 3),
+        "nhwc128k64s4": (128, 128, 64, 8, 4),
+        "nhwc128x256": (128, 256, 32, 8, 3),
+        "nhwc256x128": (256, 128, 32, 8, 3),
     },
 }
 # The forward candidates a measuring chooser times, by name (GPU_CONFIGS, TUNE_CONFIGS or
 # NHWC_CONFIGS), for (operand width, NHWC tiles eligible: nhwc_specialised and not ieee fp32).
+# The generic tiles stay among the channels_last candidates: on the H200 (82f8513) they won
+# bf16 64x56^2 and 512x7^2 and fp32 64x56^2 against nhwc128k*.
 FWD_CANDIDATES = {
     ("fp32", False): ("large", "small", "large3"),
     ("half", False): ("large", "medium", "small"),
-    ("fp32", True): ("large", "large3", "nhwc128k32"),
-    ("half", True): ("large", "medium", "nhwc128k64"),
+    ("fp32", True): ("large", "large3", "nhwc128k32", "nhwc128k32s4", "nhwc128k64"),
+    ("half", True): ("large", "medium", "nhwc128k64", "nhwc128k64s4", "nhwc128x256", "nhwc256x128"),
+}
+# "Via channels_last": extra forward candidates for problems that are not channels_last but whose
+# channel counts per group are multiples of 16 (fp16 / bf16 / tf32): x and w are copied to
+# channels_last (one pass each), the forward runs on the copies, into a channels_last y that is
+# copied into the caller's y (one pass). cuDNN runs NCHW convolutions the same way (its NHWC
+# implicit GEMM between two transposes); whether the three copies cost less than the direct
+# kernel's per-element NCHW gathers is measured, per problem, never assumed. A candidate of this
+# variant is its configuration tuple with VIA_CL appended (so the tuning cache and the
+# GPU_NN_TUNE_RECORD rows name the variant); the tiles by name, as in FWD_CANDIDATES:
+VIA_CL = "via_channels_last"
+FWD_VIA_CL = {
+    "fp32": ("large3", "nhwc128k32"),
+    "half": ("large", "nhwc128k64"),
 }
 # The specialisation NHWC_CONFIGS are compiled (and launched) with: unit channel strides, and
 # these pointers / ints multiples of 16.
@@ -94,6 +123,28 @@ NHWC_UNIT = ("stride_xc", "stride_wc", "stride_yc")
 NHWC_DIV16 = ("x_ptr", "w_ptr", "b_ptr", "y_ptr", "CG", "OG",
               "stride_xn", "stride_xh", "stride_xw", "stride_wo", "stride_wh", "stride_ww",
               "stride_yn", "stride_yh", "stride_yw")
+# The same specialisation for the input gradient (dgrad reads g along its channels and w along
+# its input channels: unit stride_gc / stride_wc, and writes dx along its channels).
+DGRAD_NHWC_UNIT = ("stride_gc", "stride_wc", "stride_dc")
+DGRAD_NHWC_DIV16 = ("g_ptr", "w_ptr", "dx_ptr", "CG", "OG",
+                    "stride_gn", "stride_gh", "stride_gw", "stride_wo", "stride_wh", "stride_ww",
+                    "stride_dn", "stride_dh", "stride_dw")
+# Input-gradient tiles in that specialisation (fp16 / bf16 / tf32), measured candidates only.
+# dgrad keeps two accumulators (the running sum and the tap's, see _conv_dgrad_kernel), so its
+# tiles stop short of the forward's: sm_90 AOT, registers / shared memory, no spills, HGMMA: tf32
+# 128x64x32/3st 190 / 72 KB, half 128x64x64/3st 178 / 72 KB; in the specialisation the generic
+# "large" tile takes 120 (tf32) / 124 (half). 128x128 (tf32 x32: 246 registers, half x64: 244)
+# does not spill but sits at the register limit: left out.
+DGRAD_NHWC_CONFIGS = {
+    "fp32": {"nhwc128x64k32": (128, 64, 32, 8, 3)},
+    "half": {"nhwc128x64k64": (128, 64, 64, 8, 3)},
+}
+# The via-channels_last input-gradient candidates (as FWD_VIA_CL: g and w copied to NHWC, dx
+# through an NHWC temporary), by tile name in GPU_CONFIGS / DGRAD_NHWC_CONFIGS.
+DGRAD_VIA_CL = {
+    "fp32": ("large", "nhwc128x64k32"),
+    "half": ("large", "nhwc128x64k64"),
+}
 # One small fixed configuration under the interpreter: few Python-level programs.
 INTERP_CONFIG = (64, 16, 16, 4, 1)
 WGRAD_TARGET_PROGRAMS = 264  # two waves of an H100's 132 SMs
@@ -404,20 +455,61 @@ def pick_config(gemm_n: int, gemm_m: int, half: bool, interpret: bool) -> tuple[
     return cfg
 
 
-def fwd_candidates(half: bool, nhwc: bool = False) -> list[tuple[int, int, int, int, int]]:
+def fwd_candidates(half: bool, nhwc: bool = False, via_cl: bool = False) -> list[tuple]:
     """The forward configurations a measuring chooser times (``FWD_CANDIDATES``): tiles of the
     heuristic's table, the pipelined ``TUNE_CONFIGS`` and, with ``nhwc`` (a half or TF32
-    problem that :func:`nhwc_specialised` accepts), the large ``NHWC_CONFIGS`` tiles; all
-    compiled for sm_90 in :func:`aot_specs`."""
+    problem that :func:`nhwc_specialised` accepts), the large ``NHWC_CONFIGS`` tiles; with
+    ``via_cl`` (a problem :func:`via_cl_eligible` accepts) also the ``FWD_VIA_CL`` tiles run on
+    channels_last copies, as ``(*config, VIA_CL)``. All compiled for sm_90 in :func:`aot_specs`."""
     key = "half" if half else "fp32"
     table = {**GPU_CONFIGS[key], **TUNE_CONFIGS[key], **NHWC_CONFIGS[key]}
-    return [table[name] for name in FWD_CANDIDATES[(key, nhwc)]]
+    out = [table[name] for name in FWD_CANDIDATES[(key, nhwc)]]
+    if via_cl and not nhwc:
+        out += [(*table[name], VIA_CL) for name in FWD_VIA_CL[key]]
+    return out
 
 
-def dgrad_candidates(half: bool) -> list[tuple[int, int, int, int, int]]:
+def problem_candidates(x, w, b, y, groups: int, prec: str) -> list[tuple]:
+    """The forward candidates :func:`conv_forward` hands a measuring chooser for these tensors
+    (layouts, alignment, channel counts) and float32 precision; benchmarks/sweep.py times the
+    same list."""
+    half = x.element_size() == 2
+    cg, og = w.shape[1], w.shape[0] // groups
+    tiles = half or prec == "tf32"  # the NHWC tiles are not candidates for ieee float32
+    nhwc = tiles and nhwc_specialised(x, w, b, y, cg, og)
+    via_cl = tiles and not nhwc and via_cl_eligible(x, w, b, y, cg, og)
+    return fwd_candidates(half, nhwc, via_cl)
+
+
+def dgrad_candidates(half: bool, nhwc: bool = False, via_cl: bool = False) -> list[tuple]:
     """The input-gradient configurations a measuring chooser times: the heuristic's own table
-    (already compiled for dgrad in :func:`aot_specs`, so measuring adds no compile)."""
-    return list(GPU_CONFIGS["half" if half else "fp32"].values())
+    (already compiled for dgrad in :func:`aot_specs`); with ``nhwc`` (a half or TF32 problem
+    that :func:`dgrad_nhwc_specialised` accepts) also the ``DGRAD_NHWC_CONFIGS`` tiles; with
+    ``via_cl`` (:func:`dgrad_via_cl_eligible`) the ``DGRAD_VIA_CL`` tiles run on channels_last
+    copies, as ``(*config, VIA_CL)``."""
+    key = "half" if half else "fp32"
+    out = list(GPU_CONFIGS[key].values())
+    if nhwc:
+        out += list(DGRAD_NHWC_CONFIGS[key].values())
+    elif via_cl:
+        table = {**GPU_CONFIGS[key], **DGRAD_NHWC_CONFIGS[key]}
+        out += [(*table[name], VIA_CL) for name in DGRAD_VIA_CL[key]]
+    return out
+
+
+def dgrad_nhwc_specialised(g, w, dx, cg: int, og: int) -> bool:
+    """As :func:`nhwc_specialised`, for the input gradient's arguments (DGRAD_NHWC_UNIT unit,
+    DGRAD_NHWC_DIV16 multiples of 16)."""
+    if g.stride(1) != 1 or w.stride(1) != 1 or dx.stride(1) != 1:
+        return False
+    ints = (cg, og, g.stride(0), g.stride(2), g.stride(3), w.stride(0), w.stride(2), w.stride(3),
+            dx.stride(0), dx.stride(2), dx.stride(3))
+    return all(v % 16 == 0 for v in ints) and all(t.data_ptr() % 16 == 0 for t in (g, w, dx))
+
+
+def dgrad_via_cl_eligible(g, w, dx, cg: int, og: int) -> bool:
+    """As :func:`via_cl_eligible`, for the input gradient."""
+    return cg % 16 == 0 and og % 16 == 0 and not dgrad_nhwc_specialised(g, w, dx, cg, og)
 
 
 def nhwc_specialised(x, w, b, y, cg: int, og: int) -> bool:
@@ -430,6 +522,34 @@ def nhwc_specialised(x, w, b, y, cg: int, og: int) -> bool:
             y.stride(0), y.stride(2), y.stride(3))
     ptrs = (x, w, y) if b is None else (x, w, b, y)
     return all(v % 16 == 0 for v in ints) and all(t.data_ptr() % 16 == 0 for t in ptrs)
+
+
+def via_cl_eligible(x, w, b, y, cg: int, og: int) -> bool:
+    """Whether the via-channels_last forward candidates apply: a problem that does not already
+    take the NHWC specialisation as it stands, whose channels_last copies would
+    (:func:`_nhwc_copy` makes every stride a multiple of C, O or CG, all multiples of 16 here;
+    torch's allocations are 16-byte aligned), and whose bias is aligned."""
+    if cg % 16 or og % 16 or (b is not None and b.data_ptr() % 16):
+        return False
+    return not nhwc_specialised(x, w, b, y, cg, og)
+
+
+def _nhwc_strided(t) -> bool:
+    """Unit channel stride and every other stride a multiple of 16, 16-byte aligned."""
+    return t.stride(1) == 1 and all(s % 16 == 0 for s in (t.stride(0), t.stride(2), t.stride(3))) \
+        and t.data_ptr() % 16 == 0
+
+
+def _nhwc_empty(t):
+    """A new [N, C, H, W] tensor like ``t`` laid out NHWC with exactly the dense strides (not
+    ``memory_format=channels_last``, which keeps torch's freedom for size-1 dimensions)."""
+    n, c, h, w = t.shape
+    return torch.empty((n, h, w, c), dtype=t.dtype, device=t.device).permute(0, 3, 1, 2)
+
+
+def _nhwc_copy(t):
+    """``t`` itself when :func:`_nhwc_strided`, else a dense NHWC copy (one pass)."""
+    return t if _nhwc_strided(t) else _nhwc_empty(t).copy_(t)
 
 
 def wgrad_split(tiles: int, m: int, block_k: int, interpret: bool) -> int:
@@ -456,6 +576,31 @@ def dw_config(interpret: bool) -> tuple[int, int, int]:
 
 # ----------------------------------------------------------------------------- launchers
 
+def _compiling(kernel, grid):
+    """``kernel[grid]``'s stand-in that only compiles (``warmup``) for these arguments."""
+    return lambda *args, **kw: kernel.warmup(*args, grid=grid, **kw)
+
+
+def _nhwc_like(*ts):
+    """Unwritten NHWC stand-ins for the via-channels_last variant's copies (same strides,
+    alignment and dtypes, so the same specialisation compiles), or the tensors themselves where
+    they already qualify."""
+    return tuple(t if _nhwc_strided(t) else _nhwc_empty(t) for t in ts)
+
+
+def _compile_all(cands, interpret: bool, warm) -> None:
+    """The tuning's ``prepare``: compile every candidate for this call's specialisation at once,
+    in threads (as dense's matmul does), before they are timed. ``warm(config, nhwc)`` launches
+    ``warmup`` with the direct configuration on ``nhwc(*tensors)``: the tensors themselves, or
+    for a via-channels_last candidate their NHWC stand-ins (nothing copied). Where Triton lacks
+    AsyncCompileMode each candidate compiles in its warm-up launch instead."""
+    if interpret or len(cands) < 2:
+        return
+    with parallel_compile(len(cands)) as available:
+        for cfg in (cands if available else ()):
+            warm(cfg[:5], _nhwc_like if len(cfg) == 6 else (lambda *ts: ts))
+
+
 def conv_forward(x, w, bias, y, stride, padding, dilation, groups, activation, prec, interpret, choose=None):
     """``y`` [N, O, Ho, Wo] = act(conv(x [N, C, H, W], w [O, C/groups, kh, kw]) + bias [O]).
 
@@ -463,10 +608,11 @@ def conv_forward(x, w, bias, y, stride, padding, dilation, groups, activation, p
     bottom/right padding only decides Ho/Wo, which ``y`` already has). Any strides.
 
     ``choose``: None (the heuristic :func:`pick_config` decides) or a measuring chooser
-    ``choose(op, key, candidates, run, default) -> config`` (``gpu_nn._tuning.choose`` bound to
-    the device, which the caller passes only where measuring is possible): the implicit-GEMM
-    forward then launches the fastest of :func:`fwd_candidates` for this problem. Depthwise
-    convolutions keep their single configuration."""
+    ``choose(op, key, candidates, run, default, prepare=) -> config`` (``gpu_nn._tuning.choose``
+    bound to the device, which the caller passes only where measuring is possible; ``prepare``
+    compiles every candidate at once before they are timed): the implicit-GEMM forward then
+    launches the fastest of :func:`problem_candidates` for this problem. Depthwise convolutions
+    keep their single configuration."""
     n, c, h, wd = x.shape
     o, cg, kh, kw = w.shape
     _, _, ho, wo = y.shape
@@ -487,10 +633,11 @@ def conv_forward(x, w, bias, y, stride, padding, dilation, groups, activation, p
         return
     half = x.element_size() == 2
 
-    def launch(cfg):
+    def direct(cfg, x, w, y, warm=False):
         bm, bn, bk, warps, stages = cfg
         grid = (triton.cdiv(n * ho * wo, bm), triton.cdiv(og, bn), groups)
-        _conv_fwd_kernel[grid](
+        kernel = _compiling(_conv_fwd_kernel, grid) if warm else _conv_fwd_kernel[grid]
+        kernel(
             x, w, bias if bias is not None else y, y,
             n, h, wd, ho, wo, kw, kh * kw, cg, og,
             *x.stride(), *w.stride(), *y.stride(),
@@ -499,21 +646,35 @@ def conv_forward(x, w, bias, y, stride, padding, dilation, groups, activation, p
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
         )
 
+    def launch(cfg):
+        if len(cfg) == 5:
+            direct(cfg, x, w, y)
+            return
+        assert cfg[5] == VIA_CL, cfg
+        # the via-channels_last variant: NHWC copies of what is not NHWC already, the kernel in
+        # its NHWC specialisation, y copied back (a fresh temporary each call: run(cfg) must be
+        # idempotent, and torch's caching allocator makes it cheap)
+        yc = y if _nhwc_strided(y) else _nhwc_empty(y)
+        direct(cfg[:5], _nhwc_copy(x), _nhwc_copy(w), yc)
+        if yc is not y:
+            y.copy_(yc)
+
     cfg = pick_config(og, n * ho * wo, half, interpret)
     if choose is not None:
         # every launch rewrites y in full, so the candidates are timed on the real buffers
         key = (tuple(x.shape), tuple(x.stride()), tuple(w.shape), tuple(w.stride()), tuple(y.stride()),
                str(x.dtype), tuple(stride), tuple(padding), tuple(dilation), groups, prec,
                bias is not None, activation)
-        nhwc = (half or prec == "tf32") and nhwc_specialised(x, w, bias, y, cg, og)
-        cands = fwd_candidates(half, nhwc)
-        cfg = tuple(choose("conv_fwd", key, cands, launch, cfg))
+        cands = problem_candidates(x, w, bias, y, groups, prec)
+        cfg = tuple(choose("conv_fwd", key, cands, launch, cfg,
+                           prepare=lambda cs: _compile_all(cs, interpret, lambda c, nhwc: direct(c, *nhwc(x, w, y), warm=True))))
     launch(cfg)
 
 
 def conv_backward_data(g, w, dx, stride, padding, dilation, groups, prec, interpret, choose=None):
     """``dx`` [N, C, H, W] = gradient of the input from ``g`` [N, O, Ho, Wo] and ``w``.
-    ``choose``: as for :func:`conv_forward`, over :func:`dgrad_candidates`."""
+    ``choose``: as for :func:`conv_forward`, over :func:`dgrad_candidates` (with its NHWC tiles
+    or its via-channels_last variant where they apply)."""
     n, c, h, wd = dx.shape
     o, cg, kh, kw = w.shape
     _, _, ho, wo = g.shape
@@ -533,10 +694,11 @@ def conv_backward_data(g, w, dx, stride, padding, dilation, groups, prec, interp
         return
     half = g.element_size() == 2
 
-    def launch(cfg):
+    def direct(cfg, g, w, dx, warm=False):
         bm, bn, bk, warps, stages = cfg
         grid = (triton.cdiv(n * h * wd, bm), triton.cdiv(cg, bn), groups)
-        _conv_dgrad_kernel[grid](
+        kernel = _compiling(_conv_dgrad_kernel, grid) if warm else _conv_dgrad_kernel[grid]
+        kernel(
             g, w, dx,
             n, h, wd, ho, wo, kw, kh * kw, cg, og,
             *g.stride(), *w.stride(), *dx.stride(),
@@ -544,11 +706,26 @@ def conv_backward_data(g, w, dx, stride, padding, dilation, groups, prec, interp
             PREC=_dot_precision(prec), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
         )
 
+    def launch(cfg):
+        if len(cfg) == 5:
+            direct(cfg, g, w, dx)
+            return
+        assert cfg[5] == VIA_CL, cfg
+        # via channels_last, as in conv_forward: NHWC copies in, an NHWC temporary out
+        dxc = dx if _nhwc_strided(dx) else _nhwc_empty(dx)
+        direct(cfg[:5], _nhwc_copy(g), _nhwc_copy(w), dxc)
+        if dxc is not dx:
+            dx.copy_(dxc)
+
     cfg = pick_config(cg, n * h * wd, half, interpret)
     if choose is not None:
         key = (tuple(g.shape), tuple(g.stride()), tuple(w.shape), tuple(w.stride()), tuple(dx.shape), tuple(dx.stride()),
                str(g.dtype), tuple(stride), tuple(padding), tuple(dilation), groups, prec)
-        cfg = tuple(choose("conv_dgrad", key, dgrad_candidates(half), launch, cfg))
+        tiles = half or prec == "tf32"  # the NHWC tiles are not candidates for ieee float32
+        nhwc = tiles and dgrad_nhwc_specialised(g, w, dx, cg, og)
+        via_cl = tiles and not nhwc and dgrad_via_cl_eligible(g, w, dx, cg, og)
+        cfg = tuple(choose("conv_dgrad", key, dgrad_candidates(half, nhwc, via_cl), launch, cfg,
+                           prepare=lambda cs: _compile_all(cs, interpret, lambda c, nhwc: direct(c, *nhwc(g, w, dx), warm=True))))
     launch(cfg)
 
 
@@ -657,22 +834,32 @@ def _fwd_spec(dt: str, prec: str, cname: str, cfg: tuple, nhwc: bool = False) ->
                    label=f"fwd {cname} {dt} {prec}", **({"divisible_by_16": NHWC_DIV16} if nhwc else {}))
 
 
+def _dgrad_spec(dt: str, prec: str, cname: str, cfg: tuple, nhwc: bool = False) -> AotSpec:
+    """The input gradient kernel's spec for one configuration; ``nhwc``: in the channels_last
+    specialisation NHWC_DGRAD_CONFIGS launch with (DGRAD_NHWC_UNIT, DGRAD_NHWC_DIV16)."""
+    bm, bn, bk, warps, stages = cfg
+    blocks = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
+    unit = {k: 1 for k in DGRAD_NHWC_UNIT} if nhwc else {}
+    sig = {"g_ptr": f"*{dt}", "w_ptr": f"*{dt}", "dx_ptr": f"*{dt}"}
+    sig.update({k: "i32" for k in _INTS_DGRAD})
+    sig.update({k: "constexpr" for k in ("PREC", *blocks, *unit)})
+    return AotSpec(_conv_dgrad_kernel, sig, {"PREC": prec, **blocks, **unit}, num_warps=warps, num_stages=stages,
+                   label=f"dgrad {cname} {dt} {prec}", **({"divisible_by_16": DGRAD_NHWC_DIV16} if nhwc else {}))
+
+
 def aot_specs():
     """Every configuration the launchers can launch on a GPU: each GPU config x dtype x
     (float32) precision (wgrad: all but "large"), plus the forward's measured-choice candidates
-    (TUNE_CONFIGS, and NHWC_CONFIGS in the channels_last specialisation they launch with); bias and activation are runtime arguments of
-    the forward kernel. ``tests/test_aot_coverage.py`` checks that launches stay within this list."""
+    (TUNE_CONFIGS, and NHWC_CONFIGS and the FWD_VIA_CL tiles in the channels_last specialisation
+    they launch with) and the input gradient's (DGRAD_NHWC_CONFIGS and the DGRAD_VIA_CL tiles, in
+    theirs); bias and activation are runtime arguments of the forward kernel. ``tests/test_aot_coverage.py`` checks that launches stay within this list."""
     specs = []
     variants = [("fp32", "ieee"), ("fp32", "tf32"), ("fp16", "ieee"), ("bf16", "ieee")]
     for dt, prec in variants:
         for cname, (bm, bn, bk, warps, stages) in GPU_CONFIGS["fp32" if dt == "fp32" else "half"].items():
             blocks = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
             specs.append(_fwd_spec(dt, prec, cname, (bm, bn, bk, warps, stages)))
-            sig = {"g_ptr": f"*{dt}", "w_ptr": f"*{dt}", "dx_ptr": f"*{dt}"}
-            sig.update({k: "i32" for k in _INTS_DGRAD})
-            sig.update({k: "constexpr" for k in ("PREC", *blocks)})
-            specs.append(AotSpec(_conv_dgrad_kernel, sig, {"PREC": prec, **blocks}, num_warps=warps,
-                                 num_stages=stages, label=f"dgrad {cname} {dt} {prec}"))
+            specs.append(_dgrad_spec(dt, prec, cname, (bm, bn, bk, warps, stages)))
             if cname == "large":
                 continue  # wgrad parallelises by splitting its reduction: pick_config(og, 0) never picks it
             sig = {"g_ptr": f"*{dt}", "x_ptr": f"*{dt}", "ws_ptr": "*fp32"}
@@ -682,10 +869,22 @@ def aot_specs():
                                  num_stages=stages, label=f"wgrad {cname} {dt} {prec}"))
         for cname, cfg in TUNE_CONFIGS["fp32" if dt == "fp32" else "half"].items():
             specs.append(_fwd_spec(dt, prec, cname, cfg))
-        for cname, cfg in NHWC_CONFIGS["fp32" if dt == "fp32" else "half"].items():
-            if prec == "ieee" and dt == "fp32":
-                continue  # TF32 or half only (see NHWC_CONFIGS)
+        if prec == "ieee" and dt == "fp32":
+            continue  # the NHWC specialisation: TF32 or half only (see NHWC_CONFIGS)
+        key = "fp32" if dt == "fp32" else "half"
+        for cname, cfg in NHWC_CONFIGS[key].items():
             specs.append(_fwd_spec(dt, prec, cname, cfg, nhwc=True))
+        # the generic tiles the via-channels_last variant launches on its NHWC copies (channels_last
+        # callers with channel counts in multiples of 16 get the same specialisation)
+        for cname in FWD_VIA_CL[key]:
+            if cname not in NHWC_CONFIGS[key]:
+                cfg = {**GPU_CONFIGS[key], **TUNE_CONFIGS[key]}[cname]
+                specs.append(_fwd_spec(dt, prec, f"{cname}/nhwc", cfg, nhwc=True))
+        for cname, cfg in DGRAD_NHWC_CONFIGS[key].items():
+            specs.append(_dgrad_spec(dt, prec, cname, cfg, nhwc=True))
+        for cname in DGRAD_VIA_CL[key]:
+            if cname not in DGRAD_NHWC_CONFIGS[key]:
+                specs.append(_dgrad_spec(dt, prec, f"{cname}/nhwc", GPU_CONFIGS[key][cname], nhwc=True))
     bp, bc, warps = DW_CONFIG
     blocks = {"BLOCK_P": bp, "BLOCK_C": bc}
     for dt in ("fp32", "fp16", "bf16"):
