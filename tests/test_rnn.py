@@ -1100,11 +1100,12 @@ def test_step_table_entries_are_chosen_by_bucket_and_compiled(monkeypatch):
         assert kt.step_blocks(B, 512, mode, dot, bwd) == kt.STEP_BLOCKS
     assert kt.step_configs("lstm", 3, False) == [kt.STEP_BLOCKS, entry]
     assert kt.step_configs("lstm", 1, False) == [kt.STEP_BLOCKS] == kt.step_configs("lstm", 3, True)
-    got = [(s.constexprs["PROJ"], s.signature["out_ptr"]) for s in kt.aot_specs()
+    got = [(s.constexprs["PROJ"], s.signature["out_ptr"], s.signature["len_ptr"]) for s in kt.aot_specs()
            if s.name == "_rnn_step_fwd_kernel" and s.constexprs["MODE"] == 2 and s.constexprs["DOT_DT"] == 3
            and (s.constexprs["BLOCK_B"], s.constexprs["BLOCK_H"], s.constexprs["BLOCK_K"], s.num_warps,
                 s.num_stages) == entry]
-    assert sorted(got) == [(False, "*fp32"), (True, "*fp32")]  # float32 io: out is float32 either way
+    # float32 io: out is float32 either way; the cells' launch has no lengths (a float32 dummy)
+    assert sorted(got) == [(False, "*fp32", "*fp32"), (False, "*fp32", "*i64"), (True, "*fp32", "*i64")]
     assert kt.dot_kind(0) == "fma" and kt.dot_kind(3) == "tf32" and kt.dot_kind(1) == kt.dot_kind(2) == "half"
     assert [kt.batch_bucket(b) for b in (1, 16, 17, 64, 65)] == [16, 16, 64, 64, None]
 
