@@ -347,11 +347,14 @@ LAUNCHES_INTERP = {
                   "_rnn_colsum_kernel": 2}, {}),
     "lstm_cell": ({"_rnn_matmul_kernel": 5, "_rnn_step_fwd_kernel": 1, "_rnn_step_bwd_kernel": 1,
                    "_rnn_colsum_kernel": 2}, {}),
-    # the sequences: the unused h_n (and c_n) get one zero gradient each; the reserve none
+    # the sequences: the unused h_n (and c_n) get one zero gradient each; the reserve none; the
+    # states in and out of the reserve one multi-tensor copy each way (all layers and
+    # directions), the backward's carries (and the LSTM's dc) one copy each; the full lengths
+    # made once (the first call), not per call
     "gru": ({"_rnn_matmul_kernel": 4, "_rnn_step_fwd_kernel": 3, "_rnn_step_bwd_kernel": 4, "_rnn_colsum_kernel": 2},
-            {"aten::full": 2, "aten::copy_": 3, "aten::new_zeros": 1}),
+            {"aten::_foreach_copy_": 2, "aten::copy_": 1, "aten::new_zeros": 1}),
     "lstm": ({"_rnn_matmul_kernel": 4, "_rnn_step_fwd_kernel": 3, "_rnn_step_bwd_kernel": 4, "_rnn_colsum_kernel": 2},
-             {"aten::full": 2, "aten::copy_": 7, "aten::new_zeros": 2}),
+             {"aten::_foreach_copy_": 2, "aten::copy_": 2, "aten::new_zeros": 2}),
 }
 # The same fwd+bwd on a GPU, as GPU events (torch.profiler, CUDA activity; kernel_counts.by_kind):
 # our kernels are LAUNCHES' own, by name and number; beside them, torch's events by kind. Each aten

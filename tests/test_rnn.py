@@ -1434,3 +1434,83 @@ def test_launch_heuristics_fill_the_gpu_and_are_compiled():
     assert kt.matmul_blocks(6400, 2048, 3)[:2] == (128, 128)
     assert min(kt.matmul_blocks(6400, 2048, 3, interpret=True)[:3]) >= 16
     assert {d for d, _ in mm} == {0, 1, 2, 3}
+
+
+# the per-layer step loops (kernels/triton/rnn.py steps_forward / steps_backward): the same
+# launches, argument for argument, as the per-step launchers they stand in for
+
+
+def _launch_record(kt, monkeypatch):
+    calls = []
+
+    def record(kernel, grid, *args, **kwargs):
+        # a tensor by what the kernel sees of it: address, dtype, shape, strides
+        key = tuple((a.data_ptr(), a.dtype, tuple(a.shape), a.stride()) if isinstance(a, torch.Tensor)
+                    else (type(a), a) for a in args)
+        calls.append((kernel, grid, key, kwargs))
+
+    monkeypatch.setattr(kt, "launch_kernel", record)
+    return calls
+
+
+@pytest.mark.parametrize("mode", ["rnn_tanh", "lstm", "gru"])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_step_loops_launch_as_the_per_step_launchers(mode, reverse, monkeypatch):
+    from gpu_nn.kernels.triton import rnn as kt
+
+    calls = _launch_record(kt, monkeypatch)
+    T, B, H, D = 3, 5, 7, 2
+    G, S = ref.GATES[mode] * H, ref.STORED[mode] * H or H
+    lstm = mode == "lstm"
+    out = torch.empty(T, B, D * H)[:, :, H:]  # the reverse direction's half: a strided view
+    mask = torch.rand(T, B, D * H)[:, :, :H]
+    XG, Hs = torch.empty(T, B, S), torch.empty(T + 1, B, H)
+    Cs = torch.empty(T + 1, B, H) if lstm else None
+    w_hh, b_hh = torch.empty(G, H).t().contiguous().t(), (torch.empty(G) if mode == "gru" else None)
+    lens = torch.full((B,), T, dtype=torch.int64)
+    for mk in (None, mask):
+        kt.steps_forward(mode, XG, Hs, Cs, w_hh, b_hh, out, mk, lens, reverse, 3)
+        n_loop = len(calls)
+        for t, p, n in ref._steps(T, reverse):
+            kt.step_forward(mode, XG[t], Hs[p], Hs[n], Cs[p] if lstm else None, Cs[n] if lstm else None, w_hh, b_hh,
+                            out[t], None if mk is None else mk[t], lens, t, 3)
+        assert n_loop == T and calls[:T] == calls[T:], mode
+        calls.clear()
+    carry, dc = torch.empty(B, H), (torch.empty(B, H) if lstm else None)
+    dout = torch.empty(T, B, D * H)[:, :, :H]
+    gates = XG if mode != "rnn_tanh" else None
+    dGi = torch.empty(T, B, G)
+    dGh = torch.empty(T, B, G) if mode == "gru" else dGi
+    last = kt.steps_backward(mode, w_hh, carry, dc, dout, gates, Hs, Cs, dGi, dGh, lens, reverse, 0)
+    prev = None
+    for t, p, n in reversed(ref._steps(T, reverse)):
+        kt.step_backward(mode, prev, w_hh, carry, dc, dout[t], None if gates is None else gates[t], Hs[p], Hs[n],
+                         Cs[p] if lstm else None, Cs[n] if lstm else None, dGi[t], dGh[t], None, lens, t, 0)
+        prev = dGh[t]
+    assert len(calls) == 2 * T and calls[:T] == calls[T:], mode
+    assert (last.data_ptr(), last.shape) == (prev.data_ptr(), prev.shape)
+
+
+@pytest.mark.parametrize("mode", ["lstm", "gru"])
+def test_reserve_views_match_the_layout(mode):
+    """gpu_nn.ops.rnn._reserve_views (as_strided on a contiguous reserve, which may start at a
+    storage offset; slice and view otherwise) against the layout's own offsets and shapes."""
+    T, B, H, L, D, P = 3, 2, 5, 2, 2, 0
+    layout, size = ref.reserve_layout(mode, T, B, H, L, D, P)
+    base = torch.arange(2 * size + 7, dtype=torch.float32)
+    for reserve in (base[7:7 + size], base[:2 * size:2]):
+        views = ops._reserve_views(reserve, mode, T, B, H, L, D, P)
+        assert list(views) == list(layout)
+        for k, (o, s) in layout.items():
+            want = reserve[o:o + int(np.prod(s))].reshape(s)
+            assert views[k].shape == want.shape and torch.equal(views[k], want), k
+            assert views[k].data_ptr() == want.data_ptr() and views[k].stride() == want.stride(), k
+
+
+def test_full_lengths_made_once():
+    a = ops._lengths_on(None, 4, 3, torch.device("cpu"))
+    assert torch.equal(a, torch.full((3,), 4, dtype=torch.int64))
+    assert ops._lengths_on(None, 4, 3, torch.device("cpu")) is a
+    assert torch.equal(ops._lengths_on(None, 5, 3, torch.device("cpu")), torch.full((3,), 5, dtype=torch.int64))
+    given = torch.tensor([3, 1, 2])
+    assert torch.equal(ops._lengths_on(given, 4, 3, torch.device("cpu")), given)

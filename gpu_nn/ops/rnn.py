@@ -337,13 +337,55 @@ def _dot_code(*dtypes, tf32: bool):
     return 3 if tf32 else 0
 
 
+_FULL_LENGTHS: dict = {}  # (T, B, device) -> read-only int64 [B] filled with T
+_FULL_LENGTHS_MAX = 256
+
+
 def _lengths_on(lengths, T, B, device):
     """Per-sequence lengths on the device; full length where the caller gave none (the step
     kernels always mask; a sequence passing none to the per-step kernels, t = -1 as the cells
-    do, would take a further compiled variant of each for the other lengths pointer type)."""
-    if lengths is None:
-        return torch.full((B,), T, dtype=torch.int64, device=device)
-    return lengths.to(device=device, dtype=torch.int64)
+    do, would take a further compiled variant of each for the other lengths pointer type).
+
+    The full lengths are made once per (T, B, device) and kept (a fill per call was one more GPU
+    launch and a few microseconds on the host): the kernels only read them, and a kept tensor is
+    never freed, so no stream can see its memory reused. Not kept when made during CUDA-graph
+    capture (its fill would only run at replay), nor beyond ``_FULL_LENGTHS_MAX`` shapes (then
+    made per call, never evicted: an evicted tensor could still be read by queued kernels)."""
+    if lengths is not None:
+        return lengths.to(device=device, dtype=torch.int64)
+    key = (T, B, device)
+    full = _FULL_LENGTHS.get(key)
+    if full is None:
+        full = torch.full((B,), T, dtype=torch.int64, device=device)
+        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        if not capturing and len(_FULL_LENGTHS) < _FULL_LENGTHS_MAX:
+            _FULL_LENGTHS[key] = full
+    return full
+
+
+@functools.lru_cache(maxsize=256)
+def _reserve_views_plan(mode, T, B, H, L, D, P):
+    """``(size, ((key, shape, strides, offset), ...))`` of the reserve layout
+    (``reference.rnn.reserve_layout``), contiguous strides: computed once per layout."""
+    layout, size = ref.reserve_layout(mode, T, B, H, L, D, P)
+    plan = []
+    for k, (o, s) in layout.items():
+        strides, acc = [], 1
+        for n in reversed(s):
+            strides.append(acc)
+            acc *= n
+        plan.append((k, tuple(s), tuple(reversed(strides)), o))
+    return size, tuple(plan)
+
+
+def _reserve_views(reserve, mode, T, B, H, L, D, P):
+    """``{key: view}`` of a flat reserve laid out by ``reference.rnn.reserve_layout``: one
+    ``as_strided`` per entry on a contiguous reserve (a slice and a view otherwise)."""
+    _, plan = _reserve_views_plan(mode, T, B, H, L, D, P)
+    if reserve.is_contiguous():
+        base = reserve.storage_offset()
+        return {k: reserve.as_strided(s, st, base + o) for k, s, st, o in plan}
+    return {k: reserve[o:o + math.prod(s)].view(s) for k, s, _, o in plan}
 
 
 PERSISTENT_ENV = "GPU_NN_RNN_PERSISTENT"
@@ -393,9 +435,9 @@ def _gpu_forward(K, mode, input, hx, cx, weights, num_layers, bidirectional, has
     L = num_layers
     dt, dev = input.dtype, input.device
     GH = GATES[mode] * H
-    layout, size = ref.reserve_layout(mode, T, B, H, L, D, P)
+    size, _ = _reserve_views_plan(mode, T, B, H, L, D, P)
     reserve = empty((size,), dtype=torch.float32, device=dev)
-    v = {k: reserve[o:o + math.prod(s)].view(s) for k, (o, s) in layout.items()}
+    v = _reserve_views(reserve, mode, T, B, H, L, D, P)
     out = empty((T, B, D * W), dtype=dt, device=dev)
     hn = empty((L * D, B, W), dtype=dt, device=dev)
     cn = empty((L * D, B, H), dtype=dt, device=dev) if mode == "lstm" else input.new_empty(0)
@@ -403,6 +445,15 @@ def _gpu_forward(K, mode, input, hx, cx, weights, num_layers, bidirectional, has
     ws = _split(weights, L, D, has_biases)
     persist = _persist_programs(K, dev, B, H, P, half=dt in (torch.float16, torch.bfloat16))
     tf32 = tf32_allowed(dt)
+    steps_forward = getattr(K, "steps_forward", None)  # one call per layer and direction (triton)
+    # the initial states into their reserve slots (slot 0 forward, slot T reverse) before the
+    # loop, the final ones out after it: one copy op each way for all layers and directions
+    # (a multi-tensor copy on a GPU, where a copy per state was a launch each)
+    slots = [v[("h", l, d)] for l in range(L) for d in range(D)]
+    if mode == "lstm":
+        slots += [v[("c", l, d)] for l in range(L) for d in range(D)]
+    torch._foreach_copy_([sl[T if k % D else 0] for k, sl in enumerate(slots)],
+                         [*hx.unbind(0), *(cx.unbind(0) if mode == "lstm" else ())])
     xin = input
     for l in range(L):
         dest = v[("x", l + 1)] if l < L - 1 else out
@@ -413,10 +464,6 @@ def _gpu_forward(K, mode, input, hx, cx, weights, num_layers, bidirectional, has
             w_ih, w_hh, b_ih, b_hh, w_hr = ws[k]
             Hs = v[("h", l, d)]
             Cs = v.get(("c", l, d))
-            first = T if d == 1 else 0
-            Hs[first].copy_(hx[k])
-            if Cs is not None:
-                Cs[first].copy_(cx[k])
             XG = v[("gates", l, d)] if mode in ("lstm", "gru") else empty((T, B, H), dtype=torch.float32, device=dev)
             K.matmul(xin.reshape(T * B, in_w), w_ih.t(), XG.view(T * B, XG.shape[-1])[:, :GH], bias1=b_ih,
                      bias2=b_hh if mode != "gru" else None, dot=_dot_code(xin.dtype, w_ih.dtype, tf32=tf32))
@@ -432,17 +479,18 @@ def _gpu_forward(K, mode, input, hx, cx, weights, num_layers, bidirectional, has
                     K.proj_forward(Ms[t], w_hr, Hs[p], Hs[n], dest[t, :, d * P:(d + 1) * P],
                                    None if mk is None else mk[t, :, d * P:(d + 1) * P], lens, t,
                                    _dot_code(w_hr.dtype, tf32=tf32))
+            elif steps_forward is not None:
+                steps_forward(mode, XG, Hs, Cs, w_hh, b_hh if mode == "gru" else None, dest[:, :, d * H:(d + 1) * H],
+                              None if mk is None else mk[:, :, d * H:(d + 1) * H], lens, d == 1, dcode)
             else:
                 for t, p, n in ref._steps(T, d == 1):
                     K.step_forward(mode, XG[t], Hs[p], Hs[n], None if Cs is None else Cs[p],
                                    None if Cs is None else Cs[n], w_hh, b_hh if mode == "gru" else None,
                                    dest[t, :, d * H:(d + 1) * H], None if mk is None else mk[t, :, d * H:(d + 1) * H],
                                    lens, t, dcode)
-            last = 0 if d == 1 else T
-            hn[k].copy_(Hs[last])
-            if Cs is not None:
-                cn[k].copy_(Cs[last])
         xin = dest
+    torch._foreach_copy_([*hn.unbind(0), *(cn.unbind(0) if mode == "lstm" else ())],
+                         [sl[0 if k % D else T] for k, sl in enumerate(slots)])
     return out, hn, cn, reserve
 
 
@@ -455,8 +503,7 @@ def _gpu_backward(K, mode, gout, ghn, gcn, input, weights, reserve, num_layers, 
     W = P or H
     dt, dev = input.dtype, input.device
     GH = GATES[mode] * H
-    layout, _ = ref.reserve_layout(mode, T, B, H, L, D, P)
-    v = {k: reserve[o:o + math.prod(s)].view(s) for k, (o, s) in layout.items()}
+    v = _reserve_views(reserve, mode, T, B, H, L, D, P)
     lens = _lengths_on(lengths, T, B, dev)
     ws = _split(weights, L, D, has_biases)
     f32 = torch.float32
@@ -464,8 +511,12 @@ def _gpu_backward(K, mode, gout, ghn, gcn, input, weights, reserve, num_layers, 
     dcx = empty((L * D, B, H), dtype=f32, device=dev) if mode == "lstm" else None
     dGi = empty((T, B, GH), dtype=f32, device=dev)
     dGh = empty((T, B, GH), dtype=f32, device=dev) if mode == "gru" else dGi
-    carry = empty((B, W), dtype=f32, device=dev)
-    dc = empty((B, H), dtype=f32, device=dev) if mode == "lstm" else None
+    # the state-gradient carries of every layer and direction, from grad h_n in one copy (and the
+    # LSTM's cell-state carries in dcx itself, from grad c_n: what the steps leave there is dc0)
+    carries = empty((L * D, B, W), dtype=f32, device=dev)
+    carries.copy_(ghn)
+    if dcx is not None:
+        dcx.copy_(gcn)
     if P:
         # per step: dHp[t] the projected state's gradient (zero where invalid), dm = dHp[t] W_hr
         # the cell's output gradient; the cell's own carry stays zero (an LSTM's dh_prev goes
@@ -477,6 +528,7 @@ def _gpu_backward(K, mode, gout, ghn, gcn, input, weights, reserve, num_layers, 
     tf32 = tf32_allowed(dt)
     dout = gout
     bloop = hasattr(K, "loop_backward") and _persist_programs(K, dev, B, H, P)
+    steps_backward = getattr(K, "steps_backward", None)  # one call per layer and direction (triton)
     for l in range(L - 1, -1, -1):
         xin = input if l == 0 else v[("x", l)]
         in_w = xin.shape[-1]
@@ -488,9 +540,8 @@ def _gpu_backward(K, mode, gout, ghn, gcn, input, weights, reserve, num_layers, 
             Hs = v[("h", l, d)]
             Cs = v.get(("c", l, d))
             G = v.get(("gates", l, d))
-            carry.copy_(ghn[k])
-            if dc is not None:
-                dc.copy_(gcn[k])
+            carry = carries[k]
+            dc = None if dcx is None else dcx[k]
             dcode = _dot_code(w_hh.dtype, tf32=tf32)
             prev = None
             if P:
@@ -507,6 +558,11 @@ def _gpu_backward(K, mode, gout, ghn, gcn, input, weights, reserve, num_layers, 
                 prev = dGh[T - 1 if d == 1 else 0]  # the last step processed: the final dot below
                 K.step_backward(mode, prev, w_hh, carry, None, None, None, None, None, None, None, None, None, dhx[k], None,
                                 0, dcode, final=True)
+            elif steps_backward is not None:
+                prev = steps_backward(mode, w_hh, carry, dc, dout[:, :, d * H:(d + 1) * H], G, Hs, Cs, dGi, dGh, lens,
+                                      d == 1, dcode)
+                K.step_backward(mode, prev, w_hh, carry, None, None, None, None, None, None, None, None, None, dhx[k], None,
+                                0, dcode, final=True)
             else:
                 for t, p, n in reversed(ref._steps(T, d == 1)):
                     K.step_backward(mode, prev, w_hh, carry, dc, dout[t, :, d * H:(d + 1) * H],
@@ -515,8 +571,6 @@ def _gpu_backward(K, mode, gout, ghn, gcn, input, weights, reserve, num_layers, 
                     prev = dGh[t]
                 K.step_backward(mode, prev, w_hh, carry, None, None, None, None, None, None, None, None, None, dhx[k], None,
                                 0, dcode, final=True)
-            if dc is not None:
-                dcx[k].copy_(dc)
             gi, gh = dGi.view(T * B, GH), dGh.view(T * B, GH)
             hprev = (Hs[1:] if d == 1 else Hs[:T]).reshape(T * B, W)
             x2 = xin.reshape(T * B, in_w)

@@ -43,6 +43,7 @@ import triton.language as tl
 from . import INTERPRET as _INTERPRET
 from ._aot import AotSpec
 from .activation import _grouped_tile
+from ._launch import cdiv
 from ._launch import launch as launch_kernel
 
 MODE_CODES = {"rnn_tanh": 0, "rnn_relu": 1, "lstm": 2, "gru": 3}
@@ -538,11 +539,17 @@ STEP_BATCH_BUCKETS = (16, 64)  # B <= 16 (the small-batch bench), B <= 64 (its N
 def dot_kind(dot: int) -> str:
     """The table's name of a dot code: "fma" (exact float32), "tf32", or "half" (float16 and
     bfloat16: the same tensor-core instructions on operands of the same width)."""
-    return {0: "fma", 3: "tf32"}.get(dot, "half")
+    return _DOT_KINDS.get(dot, "half")
+
+
+_DOT_KINDS = {0: "fma", 3: "tf32"}
 
 
 def batch_bucket(B: int):
-    return next((b for b in STEP_BATCH_BUCKETS if B <= b), None)
+    for b in STEP_BATCH_BUCKETS:  # a plain loop: a generator costs a microsecond per step launch
+        if B <= b:
+            return b
+    return None
 
 
 def step_blocks(B: int, H: int, mode: str = "lstm", dot: int = 3, backward: bool = False) -> tuple:
@@ -604,7 +611,7 @@ def matmul(a, b, c, *, bias1=None, bias2=None, scale=None, acc=False, dot=0):
     for t in (bias1, bias2, scale):
         assert t is None or t.dtype == b.dtype, "bias / scale must have B's dtype (one compiled kernel per pointer type)"
     bm, bn, bk, warps = matmul_blocks(M, N, dot, _INTERPRET)
-    grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
+    grid = (cdiv(M, bm) * cdiv(N, bn),)
     s = scale if scale is not None else b
     launch_kernel(_rnn_matmul_kernel, grid,
         a, b, c, bias1 if bias1 is not None else b, bias2 if bias2 is not None else b, s, M, N, K,
@@ -621,7 +628,7 @@ def colsum(x, y):
     M, N = x.shape
     if N == 0:
         return
-    launch_kernel(_rnn_colsum_kernel, (triton.cdiv(N, 64),), x, y, M, N, x.stride(0), BLOCK_M=32, BLOCK_N=64, num_warps=4)
+    launch_kernel(_rnn_colsum_kernel, (cdiv(N, 64),), x, y, M, N, x.stride(0), BLOCK_M=32, BLOCK_N=64, num_warps=4)
 
 
 def step_forward(mode, xg, hp, hn, cp, cn, w_hh, b_hh, out, mask, lengths, t, dot, proj=False):
@@ -637,7 +644,7 @@ def step_forward(mode, xg, hp, hn, cp, cn, w_hh, b_hh, out, mask, lengths, t, do
     if lengths is None:
         lengths, t = hn, -1
     bb, bh, bk, warps, stages = step_blocks(B, H, mode, dot)
-    grid = (triton.cdiv(B, bb), triton.cdiv(H, bh))
+    grid = (cdiv(B, bb), cdiv(H, bh))
     launch_kernel(_rnn_step_fwd_kernel, grid,
         xg, xg.stride(0), hp, hn, cp if cp is not None else hp, cn if cn is not None else hn, w_hh,
         w_hh.stride(0), w_hh.stride(1), b_hh if b_hh is not None else w_hh, out, out.stride(0),
@@ -662,7 +669,7 @@ def proj_forward(m, w_hr, hp, hn, out, mask, lengths, t, dot):
     if B == 0:
         return
     bb, bp, bk, warps = proj_blocks(B, P)
-    launch_kernel(_rnn_proj_fwd_kernel, (triton.cdiv(B, bb), triton.cdiv(P, bp)),
+    launch_kernel(_rnn_proj_fwd_kernel, (cdiv(B, bb), cdiv(P, bp)),
         m, w_hr, w_hr.stride(0), w_hr.stride(1), hp, hn, out, out.stride(0), mask if mask is not None else w_hr,
         mask.stride(0) if mask is not None else 0, int(mask is not None), lengths, t, B, H, P, DOT_DT=dot,
         BLOCK_B=bb, BLOCK_P=bp, BLOCK_K=bk, num_warps=warps,
@@ -677,7 +684,7 @@ def proj_backward(dg_next, w_hh, carry, dout, dh, lengths, t, dot, final=False):
         return
     bb, bp, bk, warps = proj_blocks(B, P)
     any_ = carry
-    launch_kernel(_rnn_proj_bwd_kernel, (triton.cdiv(B, bb), triton.cdiv(P, bp)),
+    launch_kernel(_rnn_proj_bwd_kernel, (cdiv(B, bb), cdiv(P, bp)),
         dg_next if dg_next is not None else any_, dg_next.stride(0) if dg_next is not None else 0, w_hh,
         w_hh.stride(0), w_hh.stride(1), carry, dout if dout is not None else any_,
         dout.stride(0) if dout is not None else 0, dh, lengths if lengths is not None else any_, t, B, P,
@@ -714,7 +721,7 @@ def persist_programs(B: int, H: int, sm_count: int) -> int:
     0 where the persistent kernel does not apply (B > 16, H > 1024, an empty problem)."""
     if not (1 <= B <= PERSIST_MAX_B and 1 <= H <= PERSIST_MAX_H and sm_count >= 1):
         return 0
-    return min(triton.cdiv(H, PERSIST_BLOCKS[1]), sm_count)
+    return min(cdiv(H, PERSIST_BLOCKS[1]), sm_count)
 
 
 def persist_forward(mode, xg, hs, cs, w_hh, b_hh, out, mask, lengths, reverse, dot, num_programs):
@@ -728,7 +735,7 @@ def persist_forward(mode, xg, hs, cs, w_hh, b_hh, out, mask, lengths, reverse, d
     T, B, H = hs.shape[0] - 1, hs.shape[1], hs.shape[2]
     if T == 0 or B == 0 or H == 0:
         return
-    assert 1 <= num_programs <= triton.cdiv(H, PERSIST_BLOCKS[1]) and B <= PERSIST_MAX_B
+    assert 1 <= num_programs <= cdiv(H, PERSIST_BLOCKS[1]) and B <= PERSIST_MAX_B
     assert hs.stride(1) == H and hs.stride(2) == 1 and (cs is None or cs.stride() == hs.stride())
     bb, bh, bk = PERSIST_BLOCKS
     warps, stages = persist_launch(mode, dot, b_hh is not None)
@@ -755,7 +762,7 @@ def step_backward(mode, dg_next, w_hh, carry, dc, dout, g, hp, hn, cp, cn, dgi, 
     if B == 0 or H == 0:
         return
     bb, bh, bk, warps, stages = step_blocks(B, H, mode, dot, backward=True)
-    grid = (triton.cdiv(B, bb), triton.cdiv(H, bh))
+    grid = (cdiv(B, bb), cdiv(H, bh))
     any_ = carry
     if has_carry:
         dc_in = dc
@@ -774,6 +781,92 @@ def step_backward(mode, dg_next, w_hh, carry, dc, dout, g, hp, hn, cp, cn, dgi, 
         MODE=MODE_CODES[mode], HAS_NEXT=dg_next is not None, FINAL=final, DOT_DT=dot,
         BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=bk, num_warps=warps, num_stages=stages,
     )
+
+
+def _steps(T: int, reverse: bool):
+    """``(t, p, n)`` per step in processing order, as ``reference.rnn._steps``: step t moves state
+    slot p to slot n (t -> t + 1 forward, t + 1 -> t reverse)."""
+    return [(t, t + 1, t) for t in range(T - 1, -1, -1)] if reverse else [(t, t, t + 1) for t in range(T)]
+
+
+def steps_forward(mode, XG, Hs, Cs, w_hh, b_hh, out, mask, lengths, reverse, dot):
+    """The per-step time loop of one layer and direction: for each step ``(t, p, n)`` of
+    ``_steps(T, reverse)`` exactly the launch ``step_forward(mode, XG[t], Hs[p], Hs[n], Cs[p],
+    Cs[n], w_hh, b_hh, out[t], mask[t], lengths, t, dot)`` makes, at a fraction of its host cost
+    (the demo's models are host-bound): the configuration, grid, strides and keywords are
+    computed once, each buffer's per-step views come from one ``unbind`` (not one indexing per
+    step), and a step is one ``launch_kernel`` call.
+
+    ``XG [T, B, *]`` the input projections (unit last stride), ``Hs / Cs [T + 1, B, H]`` float32
+    state slots (``Cs`` None but for the LSTM), ``out`` and ``mask [T, B, H]`` with unit last stride
+    (views into the layer's output / dropout masks; ``mask`` may be None), ``lengths`` int64 [B].
+    No projection (``step_forward(..., proj=True)`` stays per step)."""
+    T, B, H = out.shape
+    if T == 0 or B == 0 or H == 0:
+        return
+    bb, bh, bk, warps, stages = step_blocks(B, H, mode, dot)
+    grid = (cdiv(B, bb), cdiv(H, bh))
+    kw = dict(MODE=MODE_CODES[mode], HAS_BHH=b_hh is not None, PROJ=False, DOT_DT=dot, BLOCK_B=bb, BLOCK_H=bh,
+              BLOCK_K=bk, num_warps=warps, num_stages=stages)
+    sxg, sout = XG.stride(1), out.stride(1)
+    s0, s1 = w_hh.stride(0), w_hh.stride(1)
+    bhh = b_hh if b_hh is not None else w_hh
+    xgs, hs, outs = XG.unbind(0), Hs.unbind(0), out.unbind(0)
+    cs = Cs.unbind(0) if Cs is not None else hs  # as step_forward: cp / cn default to hp / hn
+    if mask is None:
+        masks, smask, has_mask = (w_hh,) * T, 0, 0
+    else:
+        masks, smask, has_mask = mask.unbind(0), mask.stride(1), 1
+    P = H
+    launch = launch_kernel  # the module's (host_cost patches it)
+    kernel = _rnn_step_fwd_kernel
+    for t, p, n in _steps(T, reverse):
+        launch(kernel, grid, xgs[t], sxg, hs[p], hs[n], cs[p], cs[n], w_hh, s0, s1, bhh, outs[t], sout, masks[t],
+               smask, has_mask, lengths, t, B, H, P, **kw)
+
+
+def steps_backward(mode, w_hh, carry, dc, dout, G, Hs, Cs, dGi, dGh, lengths, reverse, dot):
+    """The per-step backward time loop of one layer and direction, without the final dh0 step:
+    for each step ``(t, p, n)`` of ``reversed(_steps(T, reverse))`` exactly the launch
+    ``step_backward(mode, prev, w_hh, carry, dc, dout[t], G[t], Hs[p], Hs[n], Cs[p], Cs[n],
+    dGi[t], dGh[t], None, lengths, t, dot)`` makes (``prev``: ``dGh`` of the step before, None
+    first), with the per-call work done once (see :func:`steps_forward`). Returns that last
+    ``prev`` (the dgn of the final step), None when T = 0.
+
+    ``carry [B, H]`` and ``dc [B, H]`` (LSTM; else None) float32 contiguous, updated in place;
+    ``dout [T, B, H]`` unit last stride; ``G`` the stored gates ``[T, B, *]`` (None: Elman);
+    ``Hs / Cs [T + 1, B, H]``; ``dGi / dGh [T, B, GH]`` written (the same tensor but for the GRU)."""
+    T = dout.shape[0]
+    B, H = carry.shape
+    if T == 0 or B == 0 or H == 0:
+        return None
+    bb, bh, bk, warps, stages = step_blocks(B, H, mode, dot, backward=True)
+    grid = (cdiv(B, bb), cdiv(H, bh))
+    kw_first = dict(MODE=MODE_CODES[mode], HAS_NEXT=False, FINAL=False, DOT_DT=dot, BLOCK_B=bb, BLOCK_H=bh,
+                    BLOCK_K=bk, num_warps=warps, num_stages=stages)
+    kw_next = {**kw_first, "HAS_NEXT": True}
+    any_ = carry
+    s0, s1 = w_hh.stride(0), w_hh.stride(1)
+    dcp = dc if dc is not None else any_
+    has_dc = int(dc is not None)
+    douts, sdout = dout.unbind(0), dout.stride(1)
+    if G is None:
+        gs, sg = (any_,) * T, 0
+    else:
+        gs, sg = G.unbind(0), G.stride(1)
+    hs = Hs.unbind(0)
+    cs = Cs.unbind(0) if Cs is not None else (any_,) * (T + 1)
+    dgis = dGi.unbind(0)
+    dghs = dgis if dGh is dGi else dGh.unbind(0)
+    sdg, sdgn = dGi.stride(1), dGh.stride(1)
+    launch = launch_kernel  # the module's (host_cost patches it)
+    kernel = _rnn_step_bwd_kernel
+    prev, kw, sprev = any_, kw_first, 0
+    for t, p, n in reversed(_steps(T, reverse)):
+        launch(kernel, grid, prev, sprev, w_hh, s0, s1, carry, 1, dcp, dcp, has_dc, douts[t], sdout, gs[t], sg,
+               hs[p], hs[n], cs[p], cs[n], dgis[t], dghs[t], sdg, any_, lengths, t, B, H, **kw)
+        prev, kw, sprev = dghs[t], kw_next, sdgn
+    return prev
 
 
 # ----------------------------------------------------------------------------------------------
