@@ -1363,3 +1363,53 @@ def test_remembered_checks_still_refuse_what_torch_refuses():
         with pytest.raises(gpu_nn.KernelInputError, match="non-positive stride"):
             GF.conv2d(x, w, b, stride=0)
         GF.conv2d(x, w, b, stride=1)
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("triton",)))
+def test_planned_launchers_check_once_per_facts(backend, device, monkeypatch, rng):
+    """The public function remembers its parse and checks, the launchers their checks and
+    geometry (gpu_nn.ops.conv._PUBLIC / _PLANS), per call facts: a repeated fwd+bwd runs no
+    check at all and gives the same values; a layout change (same shapes, other strides) is
+    planned anew and keeps torch's memory format; the custom ops called directly with facts
+    that differ from a planned call are checked again and still raise."""
+    from gpu_nn.ops import conv as oc
+
+    for name in ("_PUBLIC", "_PLANS", "_CHECKED"):  # empty caches: the first call below plans
+        monkeypatch.setattr(oc, name, type(getattr(oc, name))())
+    calls = []
+    orig = oc._check_all
+    monkeypatch.setattr(oc, "_check_all", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    x = randn(rng, 2, 3, 7, 6, dtype=torch.float32).to(device)
+    w = randn(rng, 5, 3, 3, 3, dtype=torch.float32).to(device).requires_grad_()
+    b = randn(rng, 5, dtype=torch.float32).to(device).requires_grad_()
+
+    def run(x):
+        x = x.detach().requires_grad_()
+        y = F.conv2d(x, w, b, padding=1, activation="relu")
+        return (y, *torch.autograd.grad(y, (x, w, b), torch.ones_like(y)))
+
+    with gpu_nn.backend(backend):
+        first = run(x)
+        n = len(calls)
+        assert n == 3  # public, forward launcher, backward launcher
+        again = run(x)
+        assert len(calls) == n  # all remembered
+        for a, c in zip(first, again):
+            assert torch.equal(a, c)
+        xcl = x.contiguous(memory_format=torch.channels_last)
+        got = run(xcl)
+        assert len(calls) == n + 2  # the public facts hold no strides; both launchers' do
+        want = TF.conv2d(xcl.double(), w.detach().double(), b.detach().double(), padding=1).relu()
+        assert got[0].is_contiguous(memory_format=torch.channels_last)  # as torch's (not the first plan's NCHW)
+        assert want.is_contiguous(memory_format=torch.channels_last)
+        assert_close(got[0].double(), want, torch.float32, k=27, what="planned channels_last forward")
+        for a, c in zip(first[1:], got[1:]):
+            assert_close(c.double(), a.double(), torch.float32, k=27, what="planned channels_last gradients")
+        op_fwd, op_bwd = torch.ops.gpu_nn.conv_forward, torch.ops.gpu_nn.conv_backward
+        args = ([1, 1], [1, 1, 1, 1], [1, 1], 1, None)
+        with pytest.raises(gpu_nn.KernelInputError, match="should be the same"):
+            op_fwd(x, w.detach(), b.detach().double(), *args)
+        g = torch.ones_like(first[0])
+        for bad, match in ((g.double(), "grad_output type"), (g[:, :, :-1], "grad_output of size")):
+            with pytest.raises(gpu_nn.KernelInputError, match=match):
+                op_bwd(bad, x, w.detach(), None, *args, [True, True, True])

@@ -362,6 +362,39 @@ def test_gpu_pool_fast_equals_jit(mode):
 
 
 @needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gpu_conv_fast_equals_jit(dtype, monkeypatch):
+    """conv1d / conv2d fwd+bwd (implicit GEMM, depthwise, fused activation, channels_last, an
+    unaligned input) through launch plans and through the JIT: bitwise the same. The heuristic
+    configurations (no measuring), so both paths launch the same kernels."""
+    import gpu_nn.functional as F
+    from gpu_nn import _tuning
+
+    monkeypatch.setenv(_tuning.ENV, "0")
+    cases = [
+        (F.conv2d, (2, 3, 9, 7), (5, 3, 3, 3), dict(padding=1, activation="relu"), False),
+        (F.conv2d, (2, 4, 8, 8), (8, 1, 3, 3), dict(padding="same", groups=4), False),  # depthwise
+        (F.conv2d, (2, 16, 6, 5), (32, 16, 3, 3), dict(stride=2, padding=1), True),  # channels_last
+        (F.conv1d, (3, 5, 29), (7, 5, 5), dict(padding=2, activation="tanh"), False),
+    ]
+    for fn, xs, ws, kw, cl in cases:
+        base = torch.randn(int(np.prod(xs)) + 1, device="cuda", dtype=dtype)
+        x = base[1:].view(xs).detach()
+        x = (x.contiguous(memory_format=torch.channels_last) if cl else x).requires_grad_()
+        w = (torch.randn(ws, device="cuda", dtype=dtype) / 4).requires_grad_()
+        b = torch.randn(ws[0], device="cuda", dtype=dtype).requires_grad_()
+
+        def run():
+            with gpu_nn.backend("triton"):
+                y = fn(x, w, b, **kw)
+                grads = torch.autograd.grad(y, (x, w, b), torch.ones_like(y))
+            return (y.detach().clone(), *(t.clone() for t in grads))
+
+        _bitwise(*_both_paths(run))
+    assert L.stats()["plans"] > 0
+
+
+@needs_gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_softmax_ce_fast_equals_jit(dtype):
     import gpu_nn.functional as F

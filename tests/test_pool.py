@@ -826,3 +826,33 @@ def test_pool1d_view_of_every_layout_matches_reference(backend, device, shape, l
                 assert a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
                 torch.testing.assert_close(a.cpu(), b, rtol=1e-6, atol=1e-6)
             torch.testing.assert_close(ggot.cpu(), gwant, rtol=1e-6, atol=1e-6)
+
+
+class _DropGrad(torch.autograd.Function):
+    """Identity forward; an undefined gradient backward (as a branch that contributes nothing)."""
+
+    @staticmethod
+    def forward(ctx, y):
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, g):
+        return None
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
+@pytest.mark.parametrize("fn", ["max_pool2d", "min_pool2d", "max_pool1d"])
+def test_max_pool_backward_takes_an_undefined_gradient(backend, device, fn, rng):
+    """The max / min pool autograd setup does not materialise gradients (no zero fill for the
+    unused indices' gradient): an undefined gradient of the output reaches the backward, which
+    then gives an undefined one for the input (no kernel, no error); defined ones still flow."""
+    x = randn(rng, 2, 3, 9, 8, dtype=torch.float32).to(device)
+    x = (x if fn != "max_pool1d" else x[:, :, 0]).requires_grad_()
+    with gpu_nn.backend(backend):
+        y, idx = getattr(F, fn)(x, 3, 2, 1, return_indices=True)
+        (dx,) = torch.autograd.grad(_DropGrad.apply(y).sum(), [x], allow_unused=True, retain_graph=True)
+        assert dx is None
+        (dx,) = torch.autograd.grad(_DropGrad.apply(y).sum() + (2 * y).sum(), [x])
+    want = torch.zeros_like(x).reshape(*x.shape[:2], -1)
+    want.scatter_add_(2, idx.reshape(*x.shape[:2], -1), torch.full(idx.shape, 2.0, device=device).reshape(*x.shape[:2], -1))
+    assert torch.equal(dx, want.reshape(x.shape))

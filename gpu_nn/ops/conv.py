@@ -281,90 +281,160 @@ def _ref_pads(padding):
 
 # ----------------------------------------------------------------------------- launchers
 
+_NAMES = {1: ("conv1d", "conv1d_backward"), 2: ("conv2d", "conv2d_backward")}
+_PLAIN_T = (Tensor, torch.nn.Parameter)  # tensor types whose facts a plan key holds in full
+_PLANS: dict = {}  # launcher call facts -> checked, normalised geometry (bounded: cleared when full)
+_PLANS_MAX = 4096
+
+
+def _planned(n_tensors, key_fn, make, *args):
+    """``make(*args)`` -- the checks of a launcher call and what follows from them alone --,
+    remembered under ``key_fn()`` when the first ``n_tensors`` arguments (the tensor slots) are
+    plain tensors or None and no trace runs; else run as it is. ``key_fn`` holds everything
+    ``make`` reads (each tensor's shape, strides, dtype and device, the other arguments); only
+    results are remembered (a call that raises is never), so a hit skips exactly checks that
+    passed and work whose answer is known."""
+    if torch.compiler.is_compiling():
+        return make(*args)
+    for i in range(n_tensors):
+        t = args[i]
+        if t is not None and type(t) not in _PLAIN_T:
+            return make(*args)
+    try:
+        key = key_fn()
+        got = _PLANS.get(key)
+    except TypeError:  # something unhashable (a symbolic size, a list where an int belongs): in full
+        return make(*args)
+    if got is None:
+        got = make(*args)
+        if len(_PLANS) >= _PLANS_MAX:
+            _PLANS.clear()
+        _PLANS[key] = got
+    return got
+
+
+def _facts(t):
+    return None if t is None else (t.shape, t.stride(), t.dtype, t.device)
+
+
+def _geometry(nd, stride, padding, dilation):
+    """(stride, per-side padding, dilation) of the 2-d kernels: conv1d's [N, C, L] runs as
+    [N, C, 1, L] (unit stride and dilation, no padding on the added axis)."""
+    if nd == 2:
+        return list(stride), list(padding), list(dilation)
+    return [1, *stride], [0, 0, *padding], [1, *dilation]
+
+
+def _fwd_plan(input, weight, bias, stride, padding, dilation, groups, activation):
+    """:func:`conv_forward`'s checks, then (rank, memory format, output shape, 2-d geometry)."""
+    nd = weight.dim() - 2
+    _check_all(nd, input, weight, bias, stride, padding, dilation, groups, activation)
+    fmt = _memory_format(input, weight)
+    oshape = (input.shape[0], weight.shape[0], *_out_size(input.shape, weight.shape, stride, padding, dilation))
+    return (nd, fmt, oshape, *_geometry(nd, stride, padding, dilation))
+
+
 def conv_forward(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, dilation,
                  groups: int, activation: Optional[str]) -> Tensor:
     """out = act(conv(input, weight) + bias): ``input`` [N, C, *S], ``weight`` [O, C/groups, *K],
     ``padding`` per side. Returns a [N, O, *So] tensor of input's dtype in the memory format
-    :func:`_memory_format` gives (torch's)."""
-    nd = weight.dim() - 2
-    _check(nd, input, weight, bias, stride, padding, dilation, groups, activation)
-    fmt = _memory_format(input, weight)
-    backend = _backend.resolve(f"conv{nd}d", input.device, BACKENDS)
+    :func:`_memory_format` gives (torch's). The checks and the geometry are planned once per
+    call facts (:func:`_planned`)."""
+    nd, fmt, oshape, st4, pads4, dl4 = _planned(
+        3,
+        lambda: (_facts(input), _facts(weight), _facts(bias), tuple(stride), tuple(padding), tuple(dilation), groups,
+                 activation),
+        _fwd_plan, input, weight, bias, stride, padding, dilation, groups, activation)
+    name = _NAMES[nd][0]
+    backend = _backend.resolve(name, input.device, BACKENDS)
     if backend == "reference":
         f = ref.conv2d if nd == 2 else ref.conv1d
         out = f(to_numpy(input), to_numpy(weight), to_numpy(bias), stride, _ref_pads(padding), dilation, groups, activation)
         return _in_format(from_numpy(out, input.dtype, input.device), fmt)
-    _backend.check_interpreter_dtype(f"conv{nd}d", backend, input, weight, bias)
+    _backend.check_interpreter_dtype(name, backend, input, weight, bias)
     ktriton, kt = triton_kernels("conv")
-
-    x4, w4 = _as4d(input), _as4d(weight)
-    pads4 = padding if nd == 2 else [0, 0] + list(padding)
-    st4 = stride if nd == 2 else [1] + list(stride)
-    dl4 = dilation if nd == 2 else [1] + list(dilation)
-    osz = _out_size(input.shape, weight.shape, stride, padding, dilation)
-    out = _alloc((input.shape[0], weight.shape[0], *osz), fmt, lambda s: empty(s, dtype=input.dtype, device=input.device))
+    dt, dev = input.dtype, input.device
+    out = _alloc(oshape, fmt, lambda s: empty(s, dtype=dt, device=dev))
     # the epilogue reads the bias with unit stride: expanded or strided views (a double
     # backward passes expanded ones) are made dense first (a no-op for a contiguous bias)
     bias = None if bias is None else bias.contiguous()
-    kt.conv_forward(x4, w4, bias, _as4d(out), st4, pads4, dl4, groups, activation, _precision(input.dtype),
-                    ktriton.INTERPRET, choose=_chooser(input.device))
+    kt.conv_forward(_as4d(input), _as4d(weight), bias, _as4d(out), st4, pads4, dl4, groups, activation, _precision(dt),
+                    ktriton.INTERPRET, choose=_chooser(dev))
     return out
 
 
-def conv_backward(grad_output: Tensor, input: Tensor, weight: Tensor, output: Optional[Tensor], stride, padding,
-                  dilation, groups: int, activation: Optional[str], output_mask) -> tuple[Tensor, Tensor, Tensor]:
-    """(grad_input, grad_weight, grad_bias) of :func:`conv_forward`; a gradient whose
-    ``output_mask`` entry is False comes back empty."""
+def _bwd_plan(grad_output, input, weight, output, stride, padding, dilation, groups, activation, output_mask):
+    """:func:`conv_backward`'s checks, then (rank, memory format, 2-d geometry, mask, the
+    layout of the activation's gradient, the bias gradient's reduced dimensions)."""
     nd = weight.dim() - 2
-    _check(nd, input, weight, None, stride, padding, dilation, groups, activation)
+    _check_all(nd, input, weight, None, stride, padding, dilation, groups, activation)
     check_same(f"conv{nd}d backward", input, grad_output, "grad_output")
     expect = [input.shape[0], weight.shape[0], *_out_size(input.shape, weight.shape, stride, padding, dilation)]
     if list(grad_output.shape) != expect:
         raise KernelInputError(f"conv{nd}d backward: grad_output of size {list(grad_output.shape)}, expected {expect}")
     if activation is not None and (output is None or output.shape != grad_output.shape):
         raise KernelInputError(f"conv{nd}d backward with activation={activation!r} needs the forward output")
-    mask = [bool(m) for m in output_mask]
-    fmt = _memory_format(input, weight)
-    backend = _backend.resolve(f"conv{nd}d_backward", input.device, BACKENDS)
+    mask = tuple(bool(m) for m in output_mask)
+    # the activation's elementwise kernel walks flat memory: g, y and its result share one dense
+    # layout (channels_last stays channels_last, no transpose pass)
+    gfmt = torch.channels_last if _dense_channels_last(grad_output) else torch.contiguous_format
+    return (nd, _memory_format(input, weight), *_geometry(nd, stride, padding, dilation), mask, gfmt,
+            (0, *range(2, grad_output.dim())))
+
+
+def conv_backward(grad_output: Tensor, input: Tensor, weight: Tensor, output: Optional[Tensor], stride, padding,
+                  dilation, groups: int, activation: Optional[str], output_mask) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad_input, grad_weight, grad_bias) of :func:`conv_forward`; a gradient whose
+    ``output_mask`` entry is False comes back empty. Checks and geometry planned as the forward's."""
+    nd, fmt, st4, pads4, dl4, mask, gfmt, bias_dims = _planned(
+        4,
+        lambda: (_facts(grad_output), _facts(input), _facts(weight), _facts(output), tuple(stride), tuple(padding),
+                 tuple(dilation), groups, activation, tuple(output_mask)),
+        _bwd_plan, grad_output, input, weight, output, stride, padding, dilation, groups, activation, output_mask)
+    name = _NAMES[nd][0]
+    backend = _backend.resolve(_NAMES[nd][1], input.device, BACKENDS)
     dt, dev = input.dtype, input.device
     if backend == "reference":
         f = ref.conv2d_backward if nd == 2 else ref.conv1d_backward
         gi, gw, gb = f(to_numpy(grad_output), to_numpy(input), to_numpy(weight), stride, _ref_pads(padding), dilation,
-                       groups, mask, to_numpy(output) if activation is not None else None, activation)
+                       groups, list(mask), to_numpy(output) if activation is not None else None, activation)
         res = [_in_format(from_numpy(a, dt, dev), fmt) if m else input.new_empty(0) for a, m in zip((gi, gw, gb), mask)]
         return tuple(res)
-    _backend.check_interpreter_dtype(f"conv{nd}d", backend, input, weight, grad_output)
+    _backend.check_interpreter_dtype(name, backend, input, weight, grad_output)
     ktriton, kt = triton_kernels("conv")
 
     g = grad_output
+    new = lambda s: empty(s, dtype=dt, device=dev)  # noqa: E731
     if activation is not None:
         _, ka = triton_kernels("activation")
-
-        # the elementwise kernel walks flat memory: g, y and the result share one dense layout
-        # (channels_last stays channels_last, no transpose pass)
-        gfmt = torch.channels_last if _dense_channels_last(g) else torch.contiguous_format
         gc = g if gfmt == torch.channels_last else g.contiguous()
         yc = output.to(g.dtype)
         if yc.stride() != gc.stride():
             yc = _alloc(yc.shape, gfmt, lambda s: torch.empty(s, dtype=dt, device=dev)).copy_(yc)
-        g = _alloc(gc.shape, gfmt, lambda s: empty(s, dtype=dt, device=dev))
+        g = _alloc(gc.shape, gfmt, new)
         ka.act_backward(gc, yc, g, activation, ktriton.INTERPRET)
-    x4, w4, g4 = _as4d(input), _as4d(weight), _as4d(g)
-    pads4 = padding if nd == 2 else [0, 0] + list(padding)
-    st4 = stride if nd == 2 else [1] + list(stride)
-    dl4 = dilation if nd == 2 else [1] + list(dilation)
+    g4 = _as4d(g)
     prec = _precision(dt)
-    # one placeholder each: a custom op may not return the same tensor twice
-    gi, gw, gb = (input.new_empty(0) for _ in range(3))
-    new = lambda s: empty(s, dtype=dt, device=dev)  # noqa: E731
+    # a gradient not asked for is an empty placeholder of its own: a custom op may not return
+    # the same tensor twice
     if mask[0]:
         gi = _alloc(input.shape, fmt, new)
-        kt.conv_backward_data(g4, w4, _as4d(gi), st4, pads4, dl4, groups, prec, ktriton.INTERPRET, choose=_chooser(dev))
+        kt.conv_backward_data(g4, _as4d(weight), _as4d(gi), st4, pads4, dl4, groups, prec, ktriton.INTERPRET,
+                              choose=_chooser(dev))
+    else:
+        gi = input.new_empty(0)
     if mask[1]:
         gw = _alloc(weight.shape, fmt, new)
-        kt.conv_backward_weight(g4, x4, _as4d(gw), st4, pads4, dl4, groups, prec, ktriton.INTERPRET)
-    if mask[2]:
-        gb = g.sum(dim=[0, *range(2, g.dim())], dtype=torch.float32).to(dt) if g.shape[0] else torch.zeros(weight.shape[0], dtype=dt, device=dev)
+        kt.conv_backward_weight(g4, _as4d(input), _as4d(gw), st4, pads4, dl4, groups, prec, ktriton.INTERPRET)
+    else:
+        gw = input.new_empty(0)
+    if not mask[2]:
+        gb = input.new_empty(0)
+    elif g.shape[0]:
+        gb = g.sum(dim=bias_dims, dtype=torch.float32)
+        gb = gb if dt == torch.float32 else gb.to(dt)
+    else:
+        gb = torch.zeros(weight.shape[0], dtype=dt, device=dev)
     return gi, gw, gb
 
 
@@ -406,7 +476,7 @@ def _chooser(device: torch.device):
     """The measuring configuration chooser handed to the kernel launchers, or None where the
     heuristic serves (CPU and the interpreter, GPU_NN_TUNE=0). During a CUDA graph capture the
     chooser serves a choice already measured and otherwise the heuristic, as for linear."""
-    if not _tuning.applies(device):
+    if device.type != "cuda" or not _tuning.applies(device):  # the type first: no call on a CPU
         return None
     return functools.partial(_tuning.choose, device=device)
 
@@ -578,7 +648,54 @@ def _wrong_weight_rank(nd, input, weight, stride, padding, dilation):
     )
 
 
+_PUBLIC: dict = {}  # public call facts -> normalised arguments (bounded: cleared when full)
+
+
+def _plain_arg(v) -> bool:
+    """An int (not bool, not an int-like object), a tuple of them, or a string: a value a memo
+    key holds as it is, whose parse cannot depend on anything but its value."""
+    if type(v) is int or type(v) is str:
+        return True
+    if type(v) is not tuple:
+        return False
+    for e in v:
+        if type(e) is not int:
+            return False
+    return True
+
+
 def _conv(nd, input, weight, bias, stride, padding, dilation, groups, activation):
+    """The public function: parse, autocast, checks (:func:`_conv_args`), the custom op. The
+    parse and checks are remembered per call facts (each tensor's shape, dtype and device, the
+    other arguments) for plain arguments outside tracing; only passes are remembered, so bad
+    input raises every time, and a hit skips exactly checks that passed."""
+    if (type(input) in _PLAIN_T and type(weight) in _PLAIN_T and (bias is None or type(bias) in _PLAIN_T)
+            and type(groups) is int and (activation is None or type(activation) is str)
+            and _plain_arg(stride) and _plain_arg(padding) and _plain_arg(dilation)
+            and not torch.compiler.is_compiling()):
+        # autocast first (dtypes only; a no-op outside a region): the key holds the dtypes the checks see
+        input, weight, bias = autocast_inputs("lower", input, weight, bias)
+        key = (nd, input.shape, input.dtype, input.device, weight.shape, weight.dtype, weight.device,
+               None if bias is None else (bias.shape, bias.dtype, bias.device), stride, padding, dilation, groups,
+               activation)
+        got = _PUBLIC.get(key)
+        if got is None:
+            got = _conv_args(nd, input, weight, bias, stride, padding, dilation, groups, activation)[3:]
+            if len(_PUBLIC) >= _CHECKED_MAX:
+                _PUBLIC.clear()
+            _PUBLIC[key] = got
+        stride, pads, dilation, groups, unbatched = got
+    else:
+        input, weight, bias, stride, pads, dilation, groups, unbatched = _conv_args(
+            nd, input, weight, bias, stride, padding, dilation, groups, activation)
+    x = input.unsqueeze(0) if unbatched else input
+    out = _conv_forward_op(x, weight, bias, stride, pads, dilation, groups, activation)
+    return out.squeeze(0) if unbatched else out
+
+
+def _conv_args(nd, input, weight, bias, stride, padding, dilation, groups, activation):
+    """Every check of a public call, in torch's order, and the normalised arguments: (input,
+    weight, bias after autocast, stride, per-side padding, dilation, groups, unbatched)."""
     name = f"conv{nd}d"
     # torch's argument parser first (TypeErrors), then conv's own checks
     if not isinstance(input, Tensor):
@@ -604,8 +721,7 @@ def _conv(nd, input, weight, bias, stride, padding, dilation, groups, activation
     unbatched = input.dim() == nd + 1
     x = input.unsqueeze(0) if unbatched else input
     _check(nd, x, weight, bias, stride, pads, dilation, groups, activation, unbatched)
-    out = _conv_forward_op(x, weight, bias, stride, pads, dilation, groups, activation)
-    return out.squeeze(0) if unbatched else out
+    return input, weight, bias, stride, pads, dilation, groups, unbatched
 
 
 def conv1d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=1, padding=0, dilation=1, groups=1,

@@ -601,9 +601,14 @@ def _max_setup(ctx, inputs, output):
     ctx.params = (list(x.shape), k, s, p, d)
     ctx.save_for_backward(output[1])
     ctx.mark_non_differentiable(output[1])
+    # no zero-filled gradient for the int64 indices, which nothing reads (one fill kernel a
+    # backward otherwise); the backward then sees None for an output nothing flowed into
+    ctx.set_materialize_grads(False)
 
 
 def _max_backward(ctx, grad, _grad_indices):
+    if grad is None:  # not materialised (see _max_setup): an undefined gradient gives an undefined one
+        return None, None, None, None, None, None, None
     (idx,) = ctx.saved_tensors
     size, k, s, p, d = ctx.params
     return _max_pool_backward_op(grad, idx, size, k, s, p, d), None, None, None, None, None, None

@@ -38,6 +38,8 @@ import triton.language as tl
 
 from ._aot import AotSpec
 from ._compat import parallel_compile
+from ._launch import cdiv
+from ._launch import launch as launch_kernel
 from .activation import ACT_CODES, _epilogue_act
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): the sm_90 configurations the heuristics
@@ -581,6 +583,11 @@ def _compiling(kernel, grid):
     return lambda *args, **kw: kernel.warmup(*args, grid=grid, **kw)
 
 
+def _launching(kernel, grid):
+    """``kernel[grid]`` through a cached launch plan (:func:`._launch.launch`)."""
+    return lambda *args, **kw: launch_kernel(kernel, grid, *args, **kw)
+
+
 def _nhwc_like(*ts):
     """Unwritten NHWC stand-ins for the via-channels_last variant's copies (same strides,
     alignment and dtypes, so the same specialisation compiles), or the tensors themselves where
@@ -621,8 +628,9 @@ def conv_forward(x, w, bias, y, stride, padding, dilation, groups, activation, p
     og = o // groups
     if is_depthwise(c, cg, groups):
         bp, bc, warps = dw_config(interpret)
-        grid = (triton.cdiv(n * ho * wo, bp), triton.cdiv(o, bc))
-        _conv_dw_fwd_kernel[grid](
+        grid = (cdiv(n * ho * wo, bp), cdiv(o, bc))
+        launch_kernel(
+            _conv_dw_fwd_kernel, grid,
             x, w, bias if bias is not None else y, y,
             n, h, wd, o, ho, wo, kw, kh * kw, og,
             *x.stride(), w.stride(0), w.stride(2), w.stride(3), *y.stride(),
@@ -635,8 +643,8 @@ def conv_forward(x, w, bias, y, stride, padding, dilation, groups, activation, p
 
     def direct(cfg, x, w, y, warm=False):
         bm, bn, bk, warps, stages = cfg
-        grid = (triton.cdiv(n * ho * wo, bm), triton.cdiv(og, bn), groups)
-        kernel = _compiling(_conv_fwd_kernel, grid) if warm else _conv_fwd_kernel[grid]
+        grid = (cdiv(n * ho * wo, bm), cdiv(og, bn), groups)
+        kernel = _compiling(_conv_fwd_kernel, grid) if warm else _launching(_conv_fwd_kernel, grid)
         kernel(
             x, w, bias if bias is not None else y, y,
             n, h, wd, ho, wo, kw, kh * kw, cg, og,
@@ -683,8 +691,9 @@ def conv_backward_data(g, w, dx, stride, padding, dilation, groups, prec, interp
     og = o // groups
     if is_depthwise(c, cg, groups):
         bp, bc, warps = dw_config(interpret)
-        grid = (triton.cdiv(n * h * wd, bp), triton.cdiv(c, bc))
-        _conv_dw_dgrad_kernel[grid](
+        grid = (cdiv(n * h * wd, bp), cdiv(c, bc))
+        launch_kernel(
+            _conv_dw_dgrad_kernel, grid,
             g, w, dx,
             n, h, wd, c, ho, wo, kw, kh * kw, og,
             *g.stride(), w.stride(0), w.stride(2), w.stride(3), *dx.stride(),
@@ -696,8 +705,8 @@ def conv_backward_data(g, w, dx, stride, padding, dilation, groups, prec, interp
 
     def direct(cfg, g, w, dx, warm=False):
         bm, bn, bk, warps, stages = cfg
-        grid = (triton.cdiv(n * h * wd, bm), triton.cdiv(cg, bn), groups)
-        kernel = _compiling(_conv_dgrad_kernel, grid) if warm else _conv_dgrad_kernel[grid]
+        grid = (cdiv(n * h * wd, bm), cdiv(cg, bn), groups)
+        kernel = _compiling(_conv_dgrad_kernel, grid) if warm else _launching(_conv_dgrad_kernel, grid)
         kernel(
             g, w, dx,
             n, h, wd, ho, wo, kw, kh * kw, cg, og,
@@ -741,11 +750,12 @@ def conv_backward_weight(g, x, dw, stride, padding, dilation, groups, prec, inte
         return
     if is_depthwise(c, cg, groups):
         bp, bc, warps = dw_config(interpret)
-        split = wgrad_split(triton.cdiv(o, bc) * kh * kw, m, bp, interpret)
-        chunk = triton.cdiv(triton.cdiv(m, split), bp) * bp
-        split = triton.cdiv(m, chunk)
+        split = wgrad_split(cdiv(o, bc) * kh * kw, m, bp, interpret)
+        chunk = cdiv(cdiv(m, split), bp) * bp
+        split = cdiv(m, chunk)
         ws = _partials(split, (o, kh * kw), dw)
-        _conv_dw_wgrad_kernel[(triton.cdiv(o, bc), kh * kw, split)](
+        launch_kernel(
+            _conv_dw_wgrad_kernel, (cdiv(o, bc), kh * kw, split),
             g, x, ws,
             n, h, wd, o, ho, wo, kw, kh * kw, og, chunk,
             *g.stride(), *x.stride(),
@@ -755,13 +765,14 @@ def conv_backward_weight(g, x, dw, stride, padding, dilation, groups, prec, inte
         _reduce_partials(ws, dw)
         return
     bm, bn, bk, warps, stages = pick_config(og, 0, x.element_size() == 2, interpret)
-    tiles = triton.cdiv(og, bm) * triton.cdiv(cg, bn) * kh * kw * groups
+    tiles = cdiv(og, bm) * cdiv(cg, bn) * kh * kw * groups
     split = wgrad_split(tiles, m, bk, interpret)
-    chunk = triton.cdiv(triton.cdiv(m, split), bk) * bk
-    split = triton.cdiv(m, chunk)
+    chunk = cdiv(cdiv(m, split), bk) * bk
+    split = cdiv(m, chunk)
     ws = _partials(split, (o, cg, kh * kw), dw)
-    grid = (triton.cdiv(og, bm), triton.cdiv(cg, bn) * kh * kw, groups * split)
-    _conv_wgrad_kernel[grid](
+    grid = (cdiv(og, bm), cdiv(cg, bn) * kh * kw, groups * split)
+    launch_kernel(
+        _conv_wgrad_kernel, grid,
         g, x, ws,
         n, h, wd, ho, wo, kw, kh * kw, cg, og, groups, chunk,
         *g.stride(), *x.stride(),
