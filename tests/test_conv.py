@@ -842,15 +842,23 @@ def test_via_channels_last_candidates_match_reference(half, monkeypatch, rng):
                 choice.append(tile)  # the same tile, launched directly on channels_last copies
                 y_direct = conv(xc, wc, b, **kw)
             assert via in seen[-2] and tile in seen[-1] and via not in seen[-1], "the variant is for the NCHW problem only"
-            what = f"via channels_last {tile} conv{nd}d {lx}/{lw}"
-            red = c // groups * int(np.prod(k))
-            if half:
-                assert_close(y, yr, dtype, red, what)
-            else:
-                assert max_rel_err(y, yr) <= _tf32_bound(red), what
-            assert torch.equal(y.contiguous(), y_direct.contiguous()), f"{what}: not bitwise equal to the direct NHWC launch"
-            fmt = oc._memory_format(x, w)
-            assert _same_layout(y, oc._alloc(y.shape, fmt, torch.empty)), f"{what}: strides {y.stride()} ({fmt})"
+            _check_via(y, yr, y_direct, x, w, dtype, c // groups * int(np.prod(k)), half,
+                       f"via channels_last {tile} conv{nd}d {lx}/{lw}")
+
+
+def _check_via(got, want, direct, x, w, dtype, red, half, what):
+    """A via-channels_last result: within the tolerance of its precision against the reference
+    (``red`` terms per output), bitwise equal to the same tile launched directly on channels_last
+    copies, and in the memory format torch gives for ``x`` and ``w``."""
+    from gpu_nn.ops import conv as oc
+
+    if half:
+        assert_close(got, want, dtype, red, what)
+    else:
+        assert max_rel_err(got, want) <= _tf32_bound(red), what
+    assert torch.equal(got.contiguous(), direct.contiguous()), f"{what}: not bitwise equal to the direct NHWC launch"
+    fmt = oc._memory_format(x, w)
+    assert _same_layout(got, oc._alloc(got.shape, fmt, torch.empty)), f"{what}: strides {got.stride()} ({fmt})"
 
 
 @pytest.mark.parametrize("half", [False, True], ids=["tf32", "half"])
@@ -898,15 +906,8 @@ def test_via_channels_last_dgrad_candidates_match_reference(half, monkeypatch, r
                 choice.append(tile)  # the same tile, directly on channels_last copies
                 direct = torch.autograd.grad(conv(xc, wc, b, **kw), xc, gc)[0]
             assert via in seen[-2] and tile in seen[-1] and via not in seen[-1], "the variant is for the NCHW problem only"
-            what = f"dgrad via channels_last {tile} conv{nd}d {lx}/{lw}"
-            red = o // groups * int(np.prod(k))
-            if half:
-                assert_close(got, want, dtype, red, what)
-            else:
-                assert max_rel_err(got, want) <= _tf32_bound(red), what
-            assert torch.equal(got.contiguous(), direct.contiguous()), f"{what}: not bitwise equal to the direct NHWC launch"
-            fmt = oc._memory_format(x, w)
-            assert _same_layout(got, oc._alloc(got.shape, fmt, torch.empty)), f"{what}: strides {got.stride()} ({fmt})"
+            _check_via(got, want, direct, x, w, dtype, o // groups * int(np.prod(k)), half,
+                       f"dgrad via channels_last {tile} conv{nd}d {lx}/{lw}")
 
 
 def test_via_channels_last_choice_is_recorded_and_cached(tune_cache, tmp_path, monkeypatch):

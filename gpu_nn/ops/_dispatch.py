@@ -278,3 +278,29 @@ class Routed:
 def routed(op) -> Routed:
     """Decorator, outermost over ``@torch.library.custom_op``: see :class:`Routed`."""
     return Routed(op)
+
+
+def plain_arg(v, strings: bool = False) -> bool:
+    """An int (not bool, not an int-like object), a tuple of them, or (``strings``) a string: a
+    value a memo key holds as it is, whose parse cannot depend on anything but its value."""
+    if type(v) is int or (strings and type(v) is str):
+        return True
+    if type(v) is not tuple:
+        return False
+    for e in v:
+        if type(e) is not int:
+            return False
+    return True
+
+
+def memo(table: dict, limit: int, key, fn, *args):
+    """``fn(*args)``, remembered in ``table`` under ``key`` (bounded: cleared when it holds
+    ``limit`` entries). Only results are kept: a call that raises is never remembered, so bad
+    arguments raise every time."""
+    got = table.get(key)
+    if got is None:
+        got = fn(*args)
+        if len(table) >= limit:
+            table.clear()
+        table[key] = got
+    return got

@@ -38,7 +38,7 @@ from .._errors import KernelInputError, KernelInputTypeError
 from ..check import CheckCase
 from ..reference import conv as ref
 from ._dispatch import (
-    autocast_inputs, check_float, check_same, empty, from_numpy, is_int, routed, to_numpy, triton_kernels,
+    autocast_inputs, check_float, check_same, empty, from_numpy, is_int, memo, plain_arg, routed, to_numpy, triton_kernels,
 )
 
 __all__ = ["conv1d", "conv2d"]
@@ -651,19 +651,6 @@ def _wrong_weight_rank(nd, input, weight, stride, padding, dilation):
 _PUBLIC: dict = {}  # public call facts -> normalised arguments (bounded: cleared when full)
 
 
-def _plain_arg(v) -> bool:
-    """An int (not bool, not an int-like object), a tuple of them, or a string: a value a memo
-    key holds as it is, whose parse cannot depend on anything but its value."""
-    if type(v) is int or type(v) is str:
-        return True
-    if type(v) is not tuple:
-        return False
-    for e in v:
-        if type(e) is not int:
-            return False
-    return True
-
-
 def _conv(nd, input, weight, bias, stride, padding, dilation, groups, activation):
     """The public function: parse, autocast, checks (:func:`_conv_args`), the custom op. The
     parse and checks are remembered per call facts (each tensor's shape, dtype and device, the
@@ -671,20 +658,16 @@ def _conv(nd, input, weight, bias, stride, padding, dilation, groups, activation
     input raises every time, and a hit skips exactly checks that passed."""
     if (type(input) in _PLAIN_T and type(weight) in _PLAIN_T and (bias is None or type(bias) in _PLAIN_T)
             and type(groups) is int and (activation is None or type(activation) is str)
-            and _plain_arg(stride) and _plain_arg(padding) and _plain_arg(dilation)
+            and plain_arg(stride, True) and plain_arg(padding, True) and plain_arg(dilation, True)
             and not torch.compiler.is_compiling()):
         # autocast first (dtypes only; a no-op outside a region): the key holds the dtypes the checks see
         input, weight, bias = autocast_inputs("lower", input, weight, bias)
         key = (nd, input.shape, input.dtype, input.device, weight.shape, weight.dtype, weight.device,
                None if bias is None else (bias.shape, bias.dtype, bias.device), stride, padding, dilation, groups,
                activation)
-        got = _PUBLIC.get(key)
-        if got is None:
-            got = _conv_args(nd, input, weight, bias, stride, padding, dilation, groups, activation)[3:]
-            if len(_PUBLIC) >= _CHECKED_MAX:
-                _PUBLIC.clear()
-            _PUBLIC[key] = got
-        stride, pads, dilation, groups, unbatched = got
+        stride, pads, dilation, groups, unbatched = memo(
+            _PUBLIC, _CHECKED_MAX, key,
+            lambda: _conv_args(nd, input, weight, bias, stride, padding, dilation, groups, activation)[3:])
     else:
         input, weight, bias, stride, pads, dilation, groups, unbatched = _conv_args(
             nd, input, weight, bias, stride, padding, dilation, groups, activation)

@@ -28,7 +28,7 @@ from .. import _backend
 from .._errors import KernelInputError, KernelInputIndexError, KernelInputTypeError
 from ..check import CheckCase
 from ..reference import pool as ref
-from ._dispatch import check_float, cuda_kernels, empty, from_numpy, is_int, routed, to_numpy, triton_kernels
+from ._dispatch import check_float, cuda_kernels, empty, from_numpy, is_int, memo, plain_arg, routed, to_numpy, triton_kernels
 
 __all__ = ["max_pool1d", "max_pool2d", "avg_pool1d", "avg_pool2d", "min_pool1d", "min_pool2d"]
 
@@ -85,28 +85,8 @@ def _parse(op: str, kernel_size, stride, padding, dilation=1):
 
 
 def _memo(key, fn, *args):
-    """``fn(*args)``, remembered under ``key`` in _PARSED (bounded: cleared when full). Only
-    results are kept: a call that raises is never remembered, so bad arguments raise every time."""
-    got = _PARSED.get(key)
-    if got is None:
-        got = fn(*args)
-        if len(_PARSED) >= _MEMO_MAX:
-            _PARSED.clear()
-        _PARSED[key] = got
-    return got
-
-
-def _plain_int_arg(v) -> bool:
-    """An int (not bool, not an int-like object) or a tuple of them: a value a memo key holds
-    as it is, whose parse cannot depend on anything but its value."""
-    if type(v) is int:
-        return True
-    if type(v) is not tuple:
-        return False
-    for e in v:
-        if type(e) is not int:
-            return False
-    return True
+    """``fn(*args)``, remembered under ``key`` in _PARSED (:func:`_dispatch.memo`)."""
+    return memo(_PARSED, _MEMO_MAX, key, fn, *args)
 
 
 def _public_memo(key, fn, *args):
@@ -117,13 +97,7 @@ def _public_memo(key, fn, *args):
     are remembered (a call that raises is never), so a hit skips exactly checks that passed."""
     if torch.compiler.is_compiling():
         return fn(*args)
-    got = _PARSED.get(key)
-    if got is None:
-        got = fn(*args)
-        if len(_PARSED) >= _MEMO_MAX:
-            _PARSED.clear()
-        _PARSED[key] = got
-    return got
+    return _memo(key, fn, *args)
 
 
 def _plain_call(kernel_size, stride, padding, dilation, *flags) -> bool:
@@ -132,8 +106,8 @@ def _plain_call(kernel_size, stride, padding, dilation, *flags) -> bool:
     for f in flags:
         if type(f) is not bool:
             return False
-    return (_plain_int_arg(kernel_size) and _plain_int_arg(padding) and _plain_int_arg(dilation)
-            and (stride is None or _plain_int_arg(stride)))
+    return (plain_arg(kernel_size) and plain_arg(padding) and plain_arg(dilation)
+            and (stride is None or plain_arg(stride)))
 
 
 def _parse_args(op: str, kernel_size, stride, padding, dilation=1):

@@ -608,6 +608,22 @@ def _compile_all(cands, interpret: bool, warm) -> None:
             warm(cfg[:5], _nhwc_like if len(cfg) == 6 else (lambda *ts: ts))
 
 
+def _launch_variant(direct, cfg, a, w, out):
+    """``direct(cfg, a, w, out)`` for a plain 5-tuple configuration; for the via-channels_last
+    variant (``cfg[5] == VIA_CL``): NHWC copies of the operands that are not NHWC already, the
+    kernel in its NHWC specialisation, ``out`` copied back from an NHWC temporary (a fresh one
+    each call: a tuning run(cfg) must be idempotent, and torch's caching allocator makes it
+    cheap)."""
+    if len(cfg) == 5:
+        direct(cfg, a, w, out)
+        return
+    assert cfg[5] == VIA_CL, cfg
+    oc = out if _nhwc_strided(out) else _nhwc_empty(out)
+    direct(cfg[:5], _nhwc_copy(a), _nhwc_copy(w), oc)
+    if oc is not out:
+        out.copy_(oc)
+
+
 def conv_forward(x, w, bias, y, stride, padding, dilation, groups, activation, prec, interpret, choose=None):
     """``y`` [N, O, Ho, Wo] = act(conv(x [N, C, H, W], w [O, C/groups, kh, kw]) + bias [O]).
 
@@ -655,17 +671,7 @@ def conv_forward(x, w, bias, y, stride, padding, dilation, groups, activation, p
         )
 
     def launch(cfg):
-        if len(cfg) == 5:
-            direct(cfg, x, w, y)
-            return
-        assert cfg[5] == VIA_CL, cfg
-        # the via-channels_last variant: NHWC copies of what is not NHWC already, the kernel in
-        # its NHWC specialisation, y copied back (a fresh temporary each call: run(cfg) must be
-        # idempotent, and torch's caching allocator makes it cheap)
-        yc = y if _nhwc_strided(y) else _nhwc_empty(y)
-        direct(cfg[:5], _nhwc_copy(x), _nhwc_copy(w), yc)
-        if yc is not y:
-            y.copy_(yc)
+        _launch_variant(direct, cfg, x, w, y)
 
     cfg = pick_config(og, n * ho * wo, half, interpret)
     if choose is not None:
@@ -716,15 +722,7 @@ def conv_backward_data(g, w, dx, stride, padding, dilation, groups, prec, interp
         )
 
     def launch(cfg):
-        if len(cfg) == 5:
-            direct(cfg, g, w, dx)
-            return
-        assert cfg[5] == VIA_CL, cfg
-        # via channels_last, as in conv_forward: NHWC copies in, an NHWC temporary out
-        dxc = dx if _nhwc_strided(dx) else _nhwc_empty(dx)
-        direct(cfg[:5], _nhwc_copy(g), _nhwc_copy(w), dxc)
-        if dxc is not dx:
-            dx.copy_(dxc)
+        _launch_variant(direct, cfg, g, w, dx)
 
     cfg = pick_config(cg, n * h * wd, half, interpret)
     if choose is not None:
