@@ -631,10 +631,27 @@ def colsum(x, y):
     launch_kernel(_rnn_colsum_kernel, (cdiv(N, 64),), x, y, M, N, x.stride(0), BLOCK_M=32, BLOCK_N=64, num_warps=4)
 
 
+_NO_LENGTHS: dict = {}  # device -> int64 [1]
+
+
+def _no_lengths(like):
+    """The lengths pointer of a launch with ``t = -1`` (every row valid; never read): an int64
+    tensor, so that the cells' launches are the sequences' own compiled kernels (a pointer of
+    another type would be one more specialisation of every step kernel). Kept per device, except
+    when made during CUDA-graph capture (its memory would be the graph pool's)."""
+    d = like.device
+    got = _NO_LENGTHS.get(d)
+    if got is None:
+        got = torch.empty(1, dtype=torch.int64, device=d)
+        if not (d.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            _NO_LENGTHS[d] = got
+    return got
+
+
 def step_forward(mode, xg, hp, hn, cp, cn, w_hh, b_hh, out, mask, lengths, t, dot, proj=False):
     """One step; ``proj``: LSTM with a projection (``hp [B, P]``, ``hn`` gets m, ``out`` unused).
-    ``lengths`` None (a cell): every row valid (the kernel gets ``t = -1`` and ``hn`` for the
-    lengths, never read)."""
+    ``lengths`` None (a cell): every row valid (the kernel gets ``t = -1`` and ``_no_lengths``,
+    never read)."""
     B, H = hn.shape
     P = hp.shape[1]
     if B == 0 or H == 0:
@@ -642,7 +659,7 @@ def step_forward(mode, xg, hp, hn, cp, cn, w_hh, b_hh, out, mask, lengths, t, do
     if proj:
         out, mask = hn, None  # not written: the projection kernel writes the output
     if lengths is None:
-        lengths, t = hn, -1
+        lengths, t = _no_lengths(hn), -1
     bb, bh, bk, warps, stages = step_blocks(B, H, mode, dot)
     grid = (cdiv(B, bb), cdiv(H, bh))
     launch_kernel(_rnn_step_fwd_kernel, grid,
@@ -756,8 +773,8 @@ def step_backward(mode, dg_next, w_hh, carry, dc, dout, g, hp, hn, cp, cn, dgi, 
     """One backward step (``_rnn_step_bwd_kernel``). The sequence (``has_carry``): ``carry`` and
     ``dc`` updated in place. A cell (``has_carry=False``): dh is ``dout`` alone and ``carry`` only
     written; ``dc_in`` the c' gradient (float32 [B, H], contiguous) or None (zero), ``dc``
-    written; ``lengths`` None (every row valid: ``t = -1``, the carry passed for the lengths,
-    never read)."""
+    written; ``lengths`` None (every row valid: ``t = -1``, ``_no_lengths`` passed for the
+    lengths, never read)."""
     B, H = carry.shape
     if B == 0 or H == 0:
         return
@@ -768,6 +785,8 @@ def step_backward(mode, dg_next, w_hh, carry, dc, dout, g, hp, hn, cp, cn, dgi, 
         dc_in = dc
     if lengths is None:
         t = -1
+        if not final:  # the final step (dh0 only) reads no lengths; its compiled kernel takes the carry
+            lengths = _no_lengths(carry)
     launch_kernel(_rnn_step_bwd_kernel, grid,
         dg_next if dg_next is not None else any_, dg_next.stride(0) if dg_next is not None else 0, w_hh,
         w_hh.stride(0), w_hh.stride(1), carry, int(has_carry), dc if dc is not None else any_,
@@ -973,13 +992,9 @@ def _step_specs(dt, dot):
                 for cfg in step_configs(mode, dot, True):
                     specs.append(step_bwd_spec(mode, dt, dout_dt, "fp32" if final else "i64", has_next, final, dot,
                                                cfg))
-        # the cells (gpu_nn.ops.rnn._gpu_cell_forward / _backward): no lengths (the float32 state
-        # passed instead, never read), h' and its gradient in the io dtype, one backward step
-        for has_bhh in ((False, True) if mode == "gru" else (False,)):
-            for cfg in step_configs(mode, dot, False):
-                specs.append(step_fwd_spec(mode, dt, dt, has_bhh, False, dot, cfg, len_dt="fp32"))
-        for cfg in step_configs(mode, dot, True):
-            specs.append(step_bwd_spec(mode, dt, dt, "fp32", False, False, dot, cfg))
+        # the cells (gpu_nn.ops.rnn._gpu_cell_forward / _backward) launch these very kernels:
+        # t = -1 and an int64 dummy for the lengths (_no_lengths), h' and its gradient in the io
+        # dtype, a middle backward step
     return specs
 
 
