@@ -196,16 +196,7 @@ def _finite(x: float):
 def compare(out: torch.Tensor, ref: torch.Tensor) -> tuple[bool, float | str]:
     """(within torch.testing.assert_close's default tolerances for the dtype, largest absolute
     error); an index tensor must be equal."""
-    if out.shape != ref.shape:
-        return False, f"shape {tuple(out.shape)} != {tuple(ref.shape)}"
-    if out.numel() == 0:
-        return True, 0.0
-    err = float((out.double() - ref.double()).abs().max())
-    try:
-        torch.testing.assert_close(out, ref)
-    except AssertionError:
-        return False, _finite(err)
-    return True, _finite(err)
+    return compare_tol(out, ref, None, None)
 
 
 def _all_ok(*results) -> tuple[bool, float | str]:
@@ -718,15 +709,20 @@ def _with_stages(rows, kernel, op, dtype, shape, default, fits=lambda cfg: True,
     return out
 
 
-def compare_tol(out: torch.Tensor, ref: torch.Tensor, rtol: float, atol: float) -> tuple[bool, float | str]:
-    """Like :func:`compare`, with explicit tolerances."""
+def compare_tol(out: torch.Tensor, ref: torch.Tensor, rtol: float | None,
+                atol: float | None) -> tuple[bool, float | str]:
+    """Like :func:`compare`, with explicit tolerances (compared in float64); None for both:
+    assert_close's defaults for the dtype, in the dtype."""
     if out.shape != ref.shape:
         return False, f"shape {tuple(out.shape)} != {tuple(ref.shape)}"
     if out.numel() == 0:
         return True, 0.0
     err = float((out.double() - ref.double()).abs().max())
     try:
-        torch.testing.assert_close(out.double(), ref.double(), rtol=rtol, atol=atol)
+        if rtol is None:
+            torch.testing.assert_close(out, ref)
+        else:
+            torch.testing.assert_close(out.double(), ref.double(), rtol=rtol, atol=atol)
     except AssertionError:
         return False, _finite(err)
     return True, _finite(err)

@@ -1000,8 +1000,8 @@ def _step_specs(dt, dot):
 
 def step_bwd_spec(mode, dt, dout_dt, len_dt, has_next, final, dot, cfg):
     """The AotSpec of one ``_rnn_step_bwd_kernel`` launch: io dtype ``dt`` (the weights'),
-    output gradient ``dout_dt``, lengths ``len_dt`` (a float32 dummy where the launch has none),
-    configuration ``cfg`` (a ``step_blocks`` tuple)."""
+    output gradient ``dout_dt``, lengths ``len_dt`` ("i64"; "fp32" for the final step, which
+    gets the carry, never read), configuration ``cfg`` (a ``step_blocks`` tuple)."""
     bb, bh, bk, warps, stages = cfg
     sig = {"dgn_ptr": "*fp32", "stride_dgn": "i32", "w_ptr": f"*{dt}", "stride_w0": "i32",
            "stride_w1": "i32", "carry_ptr": "*fp32", "has_carry": "i32", "dc_ptr": "*fp32", "dcin_ptr": "*fp32",
@@ -1018,21 +1018,21 @@ def step_bwd_spec(mode, dt, dout_dt, len_dt, has_next, final, dot, cfg):
     return AotSpec(_rnn_step_bwd_kernel, sig, cons, num_warps=warps, num_stages=stages, label=label)
 
 
-def step_fwd_spec(mode, dt, out_dt, has_bhh, proj, dot, cfg, len_dt="i64"):
+def step_fwd_spec(mode, dt, out_dt, has_bhh, proj, dot, cfg):
     """The AotSpec of one ``_rnn_step_fwd_kernel`` launch: io dtype ``dt`` (the weights'), output
-    ``out_dt``, lengths ``len_dt`` (a cell's launch passes a float32 state instead, never read),
-    configuration ``cfg`` (a ``step_blocks`` tuple)."""
+    ``out_dt``, configuration ``cfg`` (a ``step_blocks`` tuple); lengths int64 (the cells pass
+    ``_no_lengths``)."""
     bb, bh, bk, warps, stages = cfg
     sig = {"xg_ptr": "*fp32", "stride_xg": "i32", "hp_ptr": "*fp32", "hn_ptr": "*fp32",
            "cp_ptr": "*fp32", "cn_ptr": "*fp32", "w_ptr": f"*{dt}", "stride_w0": "i32",
            "stride_w1": "i32", "bhh_ptr": f"*{dt}", "out_ptr": f"*{out_dt}", "stride_out": "i32",
            "mask_ptr": f"*{dt}", "stride_mask": "i32", "has_mask": "i32",
-           "len_ptr": f"*{len_dt}", "t": "i32", "B": "i32", "H": "i32", "P": "i32"}
+           "len_ptr": "*i64", "t": "i32", "B": "i32", "H": "i32", "P": "i32"}
     for k in ("MODE", "HAS_BHH", "PROJ", "DOT_DT", "BLOCK_B", "BLOCK_H", "BLOCK_K"):
         sig[k] = "constexpr"
     cons = {"MODE": MODE_CODES[mode], "HAS_BHH": has_bhh, "PROJ": proj, "DOT_DT": dot,
             "BLOCK_B": bb, "BLOCK_H": bh, "BLOCK_K": bk}
-    label = (f"step fwd {mode} {dt} dot{dot} out {out_dt} len {len_dt} bhh{int(has_bhh)} proj{int(proj)} "
+    label = (f"step fwd {mode} {dt} dot{dot} out {out_dt} bhh{int(has_bhh)} proj{int(proj)} "
              f"{bb}x{bh}x{bk} w{warps} s{stages}")
     return AotSpec(_rnn_step_fwd_kernel, sig, cons, num_warps=warps, num_stages=stages, label=label)
 
