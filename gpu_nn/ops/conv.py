@@ -302,15 +302,10 @@ def _planned(n_tensors, key_fn, make, *args):
             return make(*args)
     try:
         key = key_fn()
-        got = _PLANS.get(key)
+        hash(key)
     except TypeError:  # something unhashable (a symbolic size, a list where an int belongs): in full
         return make(*args)
-    if got is None:
-        got = make(*args)
-        if len(_PLANS) >= _PLANS_MAX:
-            _PLANS.clear()
-        _PLANS[key] = got
-    return got
+    return memo(_PLANS, _PLANS_MAX, key, make, *args)
 
 
 def _facts(t):

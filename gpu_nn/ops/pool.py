@@ -704,6 +704,15 @@ def _max1d_args(op, input, kernel_size, stride, padding, dilation, ceil_mode, re
     return (1, k[0]), (1, s[0]), (0, p[0]), (1, d[0]), bool(ceil_mode)
 
 
+def _as_4d(input):
+    """A 1d pooling input ``[N, C, L]`` or ``[C, L]`` as ``[N, C, 1, L]`` (N = 1 unbatched): one
+    view where the input is contiguous (the result is viewed back to the input's shape)."""
+    shape = input.shape
+    if input.is_contiguous():
+        return input.view(shape[0] if input.dim() == 3 else 1, shape[-2], 1, shape[-1])
+    return input.unsqueeze(-2) if input.dim() == 3 else input.unsqueeze(-2).unsqueeze(0)
+
+
 def _max1d_public(op, input, kernel_size, stride, padding, dilation, ceil_mode, return_indices, minimum):
     _check_input(op, input)
     args = (op, input, kernel_size, stride, padding, dilation, ceil_mode, return_indices)
@@ -712,11 +721,8 @@ def _max1d_public(op, input, kernel_size, stride, padding, dilation, ceil_mode, 
                                        return_indices), _max1d_args, *args)
     else:
         k, s, p, d, cm = _max1d_args(*args)
-    batched = input.dim() == 3
     shape = input.shape
-    # one view [N, C, 1, L] (N = 1 unbatched) in, one view of the result's shape out
-    x4 = input.view(shape[0] if batched else 1, shape[-2], 1, shape[-1]) if input.is_contiguous() else (
-        input.unsqueeze(-2) if batched else input.unsqueeze(-2).unsqueeze(0))
+    x4 = _as_4d(input)
     out, idx = _max_pool_op(x4, list(k), list(s), list(p), list(d), cm, minimum)
     oshape = (*shape[:-1], out.shape[-1])
     return (out.view(oshape), idx.view(oshape)) if return_indices else out.view(oshape)
@@ -806,11 +812,8 @@ def avg_pool1d(input: Tensor, kernel_size, stride=None, padding=0, ceil_mode=Fal
         k, s, p, cm, cip = _public_memo(("public",) + args[:1] + (input.shape,) + args[2:], _avg1d_args, *args)
     else:
         k, s, p, cm, cip = _avg1d_args(*args)
-    batched = input.dim() == 3
     shape = input.shape
-    # one view [N, C, 1, L] (N = 1 unbatched) in, one view of the result's shape out
-    x4 = input.view(shape[0] if batched else 1, shape[-2], 1, shape[-1]) if input.is_contiguous() else (
-        input.unsqueeze(-2) if batched else input.unsqueeze(-2).unsqueeze(0))
+    x4 = _as_4d(input)
     out = _avg_pool_op(x4, list(k), list(s), list(p), cm, cip, None)
     return out.view(*shape[:-1], out.shape[-1])
 
