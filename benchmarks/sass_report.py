@@ -4,7 +4,8 @@ For each family (``gpu_nn.kernels.triton.<family>``) every ``aot_specs()`` confi
 compiled with ``triton.compile`` for ``GPUTarget("cuda", 90, 32)`` through
 :mod:`gpu_nn.kernels.triton._aot`, which reads the cubin with the ``cuobjdump`` shipped in
 Triton's wheel. No GPU is needed. The table shows per configuration: registers per thread,
-spills (local memory bytes; stack bytes besides), shared memory (Triton's dynamic allocation
+spills (the stack frame plus local memory, bytes per thread, with the SASS's spill stores / loads:
+ptxas keeps spilled registers in the stack frame), shared memory (Triton's dynamic allocation
 plus static), and the tensor-core instructions in the SASS (HGMMA: Hopper warpgroup MMA; HMMA:
 the older warp-level MMA). The float16/bfloat16 convolution and linear (matmul) kernels are
 flagged when their SASS has neither.
@@ -139,6 +140,11 @@ def _mma_cell(r: dict) -> str:
     return text
 
 
+def _spill_bytes(r: dict) -> int:
+    """Spilled bytes per thread of a row (rows written before ``spill_bytes`` existed: stack + local)."""
+    return r.get("spill_bytes", r.get("stack_bytes", 0) + r.get("local_bytes", 0))
+
+
 def print_table(rows: list[dict], console=None) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -148,7 +154,8 @@ def print_table(rows: list[dict], console=None) -> None:
         if not console.is_terminal:
             console = Console(width=200)
     table = Table(title="Triton kernels compiled for sm_90 (no GPU needed)",
-                  caption="spills = local memory bytes per thread; shared = Triton's allocation + static")
+                  caption="spills = stack frame + local memory, bytes per thread (STL / LDL instructions); "
+                          "shared = Triton's allocation + static")
     for col in ("family", "kernel", "config", "warps/stages", "registers", "spills", "shared B", "tensor cores"):
         table.add_column(col, justify="right" if col in ("registers", "spills", "shared B") else "left")
     for r in rows:
@@ -159,10 +166,10 @@ def print_table(rows: list[dict], console=None) -> None:
             table.add_row(r["family"], r.get("kernel", "-"), r.get("label", ""), "-", "-", "-", "-",
                           f"[red]compile error[/red] {r['error'][:100]}")
             continue
-        spills = r["local_bytes"]
+        spills = _spill_bytes(r)
         spill = f"[red]{spills}[/red]" if spills > 0 else "0"
-        if r.get("stack_bytes"):
-            spill += f" (stack {r['stack_bytes']})"
+        if r.get("spill_stores") or r.get("spill_loads"):
+            spill += f" ({r.get('spill_stores', 0)} STL / {r.get('spill_loads', 0)} LDL)"
         table.add_row(r["family"], r["kernel"], r["label"], f"{r['num_warps']}/{r['num_stages']}",
                       str(r["registers"]), spill, str(r["shared_bytes"] + r.get("static_shared_bytes", 0)), _mma_cell(r))
     console.print(table)
@@ -171,7 +178,7 @@ def print_table(rows: list[dict], console=None) -> None:
     with_mma = [r for r in need if r.get("hgmma") or r.get("hmma")]
     console.print(
         f"{len(ok)} configurations compiled, {sum(1 for r in rows if r.get('ok') is False)} failed, "
-        f"{sum(1 for r in ok if r['local_bytes'] > 0)} spill; "
+        f"{sum(1 for r in ok if _spill_bytes(r) > 0)} spill; "
         f"float16/bfloat16 conv and linear kernels on tensor cores: {len(with_mma)} of {len(need)}"
         + (f" (HGMMA in {sum(1 for r in need if r.get('hgmma'))})" if need else "")
     )

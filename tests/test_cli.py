@@ -34,7 +34,7 @@ def test_sass_prints_the_table(tmp_path):
     import json
 
     rows = json.loads(js.read_text())
-    assert len(rows) == 18 and all(r["ok"] and r["registers"] > 0 and r["local_bytes"] == 0 for r in rows)
+    assert len(rows) == 18 and all(r["ok"] and r["registers"] > 0 and r["spill_bytes"] == 0 for r in rows)
 
 
 def test_sass_lists_a_missing_family(monkeypatch, capsys):

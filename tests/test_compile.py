@@ -16,11 +16,51 @@ def _aot_rows(family, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = tmp_path / f"{family}.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "gpu_nn.kernels.triton._aot", "--family", family, "--json", str(out)],
+        [sys.executable, "-m", "gpu_nn.kernels.triton._aot", "--family", family, "--json", str(out), "--no-sass"],
         env=env, capture_output=True, text=True, timeout=900,
     )
     assert out.exists(), f"AOT run for {family} produced nothing:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return json.loads(out.read_text()), proc
+
+
+# The configurations known to spill registers in the specialisation aot_specs() compiles (sm_90,
+# Triton 3.9), bytes of stack frame per thread. Until 2026-12-01 the check read cuobjdump's LOCAL,
+# which stays 0 (ptxas keeps spills in the stack frame), so these went unseen. Most spill only in
+# that *generic* specialisation -- every stride a run-time int -- while a launch specialises the
+# strides equal to 1 (Triton's JIT compiles an int argument equal to 1 as a constant): the dense
+# bf16 matmul tiles below, compiled with the unit strides and 16-divisible pointers and sizes a
+# row- or column-major launch has, take 110-200 registers and do not spill (3-stage pipeline);
+# half's dgrad "medium" tile likewise (unit stride_gw / stride_ww / stride_dw: 0 bytes). The
+# recurrent projection's 128x128x32 tile and the persistent forward's few spill slots are not yet
+# checked in their launched specialisation. The list is exact: a new spill fails, and so does an
+# entry that stops spilling (remove it then).
+KNOWN_SPILLS = {
+    ("_conv_dgrad_kernel", "dgrad medium fp16 ieee"): 16,
+    ("_conv_dgrad_kernel", "dgrad medium bf16 ieee"): 16,
+    ("_matmul_kernel", "fp32 ieee 128x128x32 g8 w8 s3"): 192,
+    ("_matmul_kernel", "fp32 ieee 128x64x32 g8 w4 s3"): 136,
+    ("_matmul_kernel", "fp16 ieee 128x128x64 g8 w8 s3"): 24,
+    ("_matmul_kernel", "fp16 ieee 128x256x64 g8 w8 s3"): 296,
+    ("_matmul_kernel", "fp16 ieee 256x128x64 g8 w8 s3"): 728,
+    ("_matmul_kernel", "bf16 ieee 128x128x64 g8 w8 s3"): 24,
+    ("_matmul_kernel", "bf16 ieee 128x256x64 g8 w8 s3"): 296,
+    ("_matmul_kernel", "bf16 ieee 256x128x64 g8 w8 s3"): 728,
+    ("_rnn_matmul_kernel", "matmul fp32xfp32->fp32 dot3 128x128x32 w8"): 248,
+    ("_rnn_matmul_kernel", "matmul fp16xfp16->fp32 dot1 128x128x32 w8"): 296,
+    ("_rnn_matmul_kernel", "matmul fp32xfp16->fp32 dot1 128x128x32 w8"): 296,
+    ("_rnn_matmul_kernel", "matmul fp32xfp16->fp16 dot1 128x128x32 w8"): 256,
+    ("_rnn_matmul_kernel", "matmul fp32xfp32->fp16 dot3 128x128x32 w8"): 200,
+    ("_rnn_matmul_kernel", "matmul bf16xbf16->fp32 dot2 128x128x32 w8"): 296,
+    ("_rnn_matmul_kernel", "matmul fp32xbf16->fp32 dot2 128x128x32 w8"): 296,
+    ("_rnn_matmul_kernel", "matmul fp32xbf16->bf16 dot2 128x128x32 w8"): 256,
+    ("_rnn_matmul_kernel", "matmul fp32xfp32->bf16 dot3 128x128x32 w8"): 200,
+    ("_rnn_persist_fwd_kernel", "persist fwd lstm fp32 dot3 out fp32 bhh0 w4 s1"): 16,
+    ("_rnn_persist_fwd_kernel", "persist fwd gru fp32 dot3 out fp32 bhh0 w4 s1"): 16,
+    ("_rnn_persist_fwd_kernel", "persist fwd lstm fp16 dot1 out fp16 bhh0 w4 s1"): 16,
+    ("_rnn_persist_fwd_kernel", "persist fwd lstm fp16 dot1 out fp32 bhh0 w4 s1"): 16,
+    ("_rnn_persist_fwd_kernel", "persist fwd lstm bf16 dot2 out bf16 bhh0 w4 s1"): 16,
+    ("_rnn_persist_fwd_kernel", "persist fwd lstm bf16 dot2 out fp32 bhh0 w4 s1"): 16,
+}
 
 
 @pytest.mark.parametrize("family", ktriton.FAMILIES)
@@ -28,8 +68,11 @@ def test_triton_kernels_compile_for_sm90(family, tmp_path):
     rows, proc = _aot_rows(family, tmp_path)
     failed = [r for r in rows if not r["ok"]]
     assert not failed, "\n".join(f"{r['kernel']} [{r['label']}]: {r['error']}" for r in failed)
-    spilled = [r for r in rows if r["local_bytes"] > 0]
-    assert not spilled, "register spills: " + ", ".join(f"{r['kernel']} [{r['label']}] {r['local_bytes']} B" for r in spilled)
+    # spilled registers live in the stack frame (LOCAL stays 0 for Triton kernels: see _aot._resources)
+    changed = [r for r in rows if r["spill_bytes"] != KNOWN_SPILLS.get((r["kernel"], r["label"]), 0)]
+    assert not changed, "register spills (bytes per thread) differ from KNOWN_SPILLS: " + ", ".join(
+        f"{r['kernel']} [{r['label']}] {r['spill_bytes']} B, known "
+        f"{KNOWN_SPILLS.get((r['kernel'], r['label']), 0)}" for r in changed)
     assert proc.returncode == 0
 
 
@@ -48,6 +91,37 @@ def test_aot_catches_a_compile_error(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
+
+
+def test_aot_sees_register_spills(tmp_path):
+    """The spill check must be able to fail: the same small kernel compiled with its registers
+    capped at 32 (``maxnreg``) spills, and ``_resources`` reports it (stack frame, STL / LDL in the
+    SASS); uncapped it does not. ptxas puts spills in the stack frame, not in LOCAL."""
+    code = (
+        "import json, triton, triton.language as tl\n"
+        "from triton.backends.compiler import GPUTarget\n"
+        "from triton.compiler import ASTSource\n"
+        "from gpu_nn.kernels.triton._aot import _resources\n"
+        "@triton.jit\n"
+        "def k(x_ptr, y_ptr, B: tl.constexpr):\n"
+        "    offs = tl.arange(0, B)\n"
+        "    x = tl.load(x_ptr + offs)\n"
+        "    tl.store(y_ptr + offs, x / tl.sum(x * x, axis=0) + tl.sqrt(x))\n"
+        "rows = []\n"
+        "for cap in ({}, {'maxnreg': 32}):\n"
+        "    src = ASTSource(fn=k, signature={'x_ptr': '*fp32', 'y_ptr': '*fp32', 'B': 'constexpr'}, constexprs={'B': 1024})\n"
+        "    c = triton.compile(src, target=GPUTarget('cuda', 90, 32), options={'num_warps': 1, **cap})\n"
+        "    rows.append(_resources(c.asm['cubin']))\n"
+        "print(json.dumps(rows))\n"
+    )
+    script = tmp_path / "spill_kernel.py"
+    script.write_text(code)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    free, capped = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert free["spill_bytes"] == 0 and free["spill_stores"] == 0
+    assert capped["registers"] <= 32 and capped["spill_bytes"] > 0 and capped["spill_stores"] > 0 and capped["spill_loads"] > 0
 
 
 @pytest.mark.parametrize("name", kcuda.sources() or [pytest.param(None, marks=pytest.mark.skip(reason="no .cu sources yet"))])

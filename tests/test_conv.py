@@ -1150,8 +1150,12 @@ def test_triton_heuristic_tiles():
                 # whatever the heuristic picks is compiled ahead of time, in every dtype; wgrad
                 # asks with a zero GEMM length (it splits its reduction over programs instead)
                 wname = next(k for k, v in table.items() if v == kt.pick_config(n, 0, half, False))
+                # the input gradient picks by the same rule from its own table (two tiles replaced)
+                dtable = kt.DGRAD_CONFIGS["half" if half else "fp32"]
+                dname = next(k for k, v in dtable.items() if v == kt.pick_config(n, m, half, False, kt.DGRAD_CONFIGS))
+                assert dname == name
                 for dt in (("fp16 ieee", "bf16 ieee") if half else ("fp32 ieee", "fp32 tf32")):
-                    for kind, nm in (("fwd", name), ("dgrad", name), ("wgrad", wname)):
+                    for kind, nm in (("fwd", name), ("dgrad", dname), ("wgrad", wname)):
                         assert f"{kind} {nm} {dt}" in labels
     for dt in ("fp32", "fp16", "bf16"):
         for kind in ("fwd", "dgrad", "wgrad"):
@@ -1176,7 +1180,7 @@ def test_triton_heuristic_tiles():
     # ... and so is every input-gradient candidate (NHWC tiles and via channels_last included)
     for half, dts in ((False, ("fp32 tf32",)), (True, ("fp16 ieee", "bf16 ieee"))):
         key = "half" if half else "fp32"
-        table = {**kt.GPU_CONFIGS[key], **kt.DGRAD_NHWC_CONFIGS[key]}
+        table = {**kt.DGRAD_CONFIGS[key], **kt.DGRAD_NHWC_CONFIGS[key]}
         for cand in {*kt.dgrad_candidates(half, True), *kt.dgrad_candidates(half, False, True)}:
             name = next(k for k, v in table.items() if v == cand[:5])
             if len(cand) == 6 and name not in kt.DGRAD_NHWC_CONFIGS[key]:

@@ -1,8 +1,9 @@
 """Ahead-of-time compilation of every Triton kernel configuration for sm_90, without a GPU.
 
-``python -m gpu_nn.kernels.triton._aot [--family F ...] [--json PATH] [--sass]`` compiles each
+``python -m gpu_nn.kernels.triton._aot [--family F ...] [--json PATH] [--no-sass]`` compiles each
 family's ``aot_specs()`` with ``triton.compile`` for ``GPUTarget("cuda", 90, 32)`` and reads
-registers, stack (spills), shared memory and tensor-core instructions off the cubin with the
+registers, spills (the stack frame: see :func:`_resources`), shared memory and the tensor-core,
+spill and TMA instructions off the cubin with the
 ``cuobjdump`` that Triton's wheel ships. It must run in a process where ``TRITON_INTERPRET`` is
 unset: interpreted kernels cannot be compiled.
 """
@@ -53,30 +54,47 @@ def _tool(name: str) -> str:
     return os.path.join(os.path.dirname(nv.__file__), "bin", name)
 
 
-def _resources(cubin: bytes) -> dict:
+def _resources(cubin: bytes, sass: bool = True) -> dict:
+    """Registers, stack and local memory (``cuobjdump -res-usage``) and, with ``sass``, counts of
+    instructions in the disassembly (tensor-core MMAs, spill stores / loads, TMA loads).
+
+    ``spill_bytes`` is the per-thread stack frame plus local memory: ptxas places spilled
+    registers in the stack frame (``STL`` / ``LDL`` instructions), not in ``LOCAL``, which stays
+    0 for Triton's kernels (no local arrays, every call inlined); a non-zero stack in a Triton
+    kernel is spilled registers. The disassembly is the slow part (about a second for a large
+    GEMM kernel), so the ahead-of-time test skips it."""
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(cubin)
         path = f.name
     try:
         usage = subprocess.run([_tool("cuobjdump"), "-res-usage", path], capture_output=True, text=True, check=True).stdout
-        sass = subprocess.run([_tool("cuobjdump"), "-sass", path], capture_output=True, text=True, check=True).stdout
+        text = subprocess.run([_tool("cuobjdump"), "-sass", path], capture_output=True, text=True, check=True).stdout if sass else None
     finally:
         os.unlink(path)
     m = re.search(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)", usage)
     regs, stack, shared, local = (int(g) for g in m.groups()) if m else (-1, -1, -1, -1)
-    return {
+    out = {
         "registers": regs,
         "stack_bytes": stack,
         "local_bytes": local,
+        "spill_bytes": stack + local if m else -1,
         "static_shared_bytes": shared,
-        "hgmma": len(re.findall(r"\bHGMMA\b", sass)),
-        "hmma": len(re.findall(r"\bHMMA\b", sass)),
-        "sass_lines": sass.count("\n"),
     }
+    if text is not None:
+        out.update({
+            "hgmma": len(re.findall(r"\bHGMMA\b", text)),
+            "hmma": len(re.findall(r"\bHMMA\b", text)),
+            "spill_stores": len(re.findall(r"\bSTL\b", text)),
+            "spill_loads": len(re.findall(r"\bLDL\b", text)),
+            "tma_loads": len(re.findall(r"\bUTMALDG\b", text)),
+            "sass_lines": text.count("\n"),
+        })
+    return out
 
 
-def compile_spec(spec: AotSpec) -> dict:
-    """Compile one spec for sm_90; returns its resource usage (raises on a compile error)."""
+def compile_spec(spec: AotSpec, sass: bool = True) -> dict:
+    """Compile one spec for sm_90; returns its resource usage (raises on a compile error); without
+    ``sass`` no disassembly counts (see :func:`_resources`)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -100,7 +118,7 @@ def compile_spec(spec: AotSpec) -> dict:
         "shared_bytes": int(compiled.metadata.shared),
         "compile_s": round(time.perf_counter() - t0, 3),
     }
-    out.update(_resources(compiled.asm["cubin"]))
+    out.update(_resources(compiled.asm["cubin"], sass))
     return out
 
 
@@ -110,7 +128,7 @@ def family_specs(family: str) -> list[AotSpec]:
     return list(fn()) if fn is not None else []
 
 
-def run(families, json_path=None) -> int:
+def run(families, json_path=None, sass: bool = True) -> int:
     from . import FAMILIES
 
     failures = 0
@@ -118,7 +136,7 @@ def run(families, json_path=None) -> int:
     for fam in families or FAMILIES:
         for spec in family_specs(fam):
             try:
-                row = compile_spec(spec)
+                row = compile_spec(spec, sass)
                 row["ok"] = True
             except Exception as exc:  # report every failing config, not only the first
                 failures += 1
@@ -136,8 +154,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--family", action="append", help="family to compile (repeatable); default all")
     p.add_argument("--json", help="write the rows as a JSON list to this path")
+    p.add_argument("--no-sass", action="store_true", help="skip the disassembly counts (registers and spills only)")
     args = p.parse_args(argv)
-    return run(args.family, args.json)
+    return run(args.family, args.json, sass=not args.no_sass)
 
 
 if __name__ == "__main__":
