@@ -500,6 +500,27 @@ def _lstm_affine(H, dt):
     return got
 
 
+_CONSTS: dict = {}  # dtype -> 0-d arrays (0.5, 1, 0)
+
+
+def _consts(dt):
+    """``(0.5, 1, 0)`` as 0-d arrays of ``dt``: a ufunc takes one at half the cost of a Python
+    float (no scalar conversion per call), with the same result (same dtype, same value)."""
+    got = _CONSTS.get(dt)
+    if got is None:
+        got = _CONSTS[dt] = (np.array(0.5, dt), np.array(1, dt), np.array(0, dt))
+    return got
+
+
+def _sigmoid0_(a, half):
+    """:func:`_sigmoid_` with ``half`` a 0-d array of a's dtype (see :func:`_consts`)."""
+    a *= half
+    np.tanh(a, out=a)
+    a *= half
+    a += half
+    return a
+
+
 def cell_forward(mode, x, h, c, w_ih, w_hh, b_ih=None, b_hh=None):
     """One step of one layer: ``x [B, I]``, ``h [B, H]``, ``c [B, H]`` (LSTM, else None), weights
     as :func:`rnn_forward`'s, every array of one dtype. Returns ``(h' [B, H], c' [B, H] or None,
@@ -533,7 +554,7 @@ def cell_forward(mode, x, h, c, w_ih, w_hh, b_ih=None, b_hh=None):
         if b_hh is not None:
             gh += b_hh
         rz = np.add(gi[:, : 2 * H], gh[:, : 2 * H])
-        _sigmoid_(rz)
+        _sigmoid0_(rz, _consts(rz.dtype)[0])
         hW = gh[:, 2 * H:]
         n = np.multiply(rz[:, :H], hW)
         n += gi[:, 2 * H:]
@@ -552,7 +573,7 @@ def cell_forward(mode, x, h, c, w_ih, w_hh, b_ih=None, b_hh=None):
     if mode == "rnn_tanh":
         np.tanh(hn, out=hn)
     else:
-        np.maximum(hn, 0, out=hn)
+        np.maximum(hn, _consts(hn.dtype)[2], out=hn)
     return hn, None, None
 
 
@@ -562,17 +583,18 @@ def cell_backward(mode, grad_h, grad_c, x, h, c, w_ih, w_hh, b_ih=None, b_hh=Non
     absent c' gradient) counts as zero. Equal to ``rnn_backward`` at ``T = 1``."""
     hn, cn, G = cell_forward(mode, x, h, c, w_ih, w_hh, b_ih, b_hh)
     H = w_hh.shape[1]
+    one = _consts(hn.dtype)[1]
     if mode == "lstm":
         i, f, gg, o = G[:, :H], G[:, H: 2 * H], G[:, 2 * H: 3 * H], G[:, 3 * H:]
         dG = np.empty_like(G)
-        s = np.subtract(1, G)
+        s = np.subtract(one, G)
         s *= G  # a (1 - a) of every gate: the sigmoid derivative on i, f, o (g's column unused)
         tc = np.tanh(cn)
         d_o = dG[:, 3 * H:]
         np.multiply(grad_h, tc, out=d_o)
         d_o *= s[:, 3 * H:]
         t = np.multiply(tc, tc)
-        np.subtract(1, t, out=t)
+        np.subtract(one, t, out=t)
         t *= o
         t *= grad_h
         dc = t if grad_c is None else np.add(grad_c, t)
@@ -583,7 +605,7 @@ def cell_backward(mode, grad_h, grad_c, x, h, c, w_ih, w_hh, b_ih=None, b_hh=Non
         np.multiply(dc, c, out=d_f)
         d_f *= s[:, H: 2 * H]
         t = np.multiply(gg, gg, out=t if t is not dc else None)
-        np.subtract(1, t, out=t)
+        np.subtract(one, t, out=t)
         t *= i
         np.multiply(dc, t, out=dG[:, 2 * H: 3 * H])
         dc_prev = dc * f
@@ -592,7 +614,7 @@ def cell_backward(mode, grad_h, grad_c, x, h, c, w_ih, w_hh, b_ih=None, b_hh=Non
     elif mode == "gru":
         r, z, n, hW = G[:, :H], G[:, H: 2 * H], G[:, 2 * H: 3 * H], G[:, 3 * H:]
         dG = np.empty((x.shape[0], 3 * H), G.dtype)
-        s = np.subtract(1, G[:, : 2 * H])  # 1 - r, 1 - z
+        s = np.subtract(one, G[:, : 2 * H])  # 1 - r, 1 - z
         d_r, d_z, d_n = dG[:, :H], dG[:, H: 2 * H], dG[:, 2 * H:]
         np.subtract(h, n, out=d_z)
         d_z *= grad_h
@@ -601,7 +623,7 @@ def cell_backward(mode, grad_h, grad_c, x, h, c, w_ih, w_hh, b_ih=None, b_hh=Non
         d_z *= s[:, H:]
         d_n *= grad_h
         t = np.multiply(n, n)
-        np.subtract(1, t, out=t)
+        np.subtract(one, t, out=t)
         d_n *= t
         np.multiply(d_n, hW, out=d_r)
         d_r *= s[:, :H]
@@ -614,7 +636,7 @@ def cell_backward(mode, grad_h, grad_c, x, h, c, w_ih, w_hh, b_ih=None, b_hh=Non
     else:
         if mode == "rnn_tanh":
             t = np.multiply(hn, hn)
-            np.subtract(1, t, out=t)
+            np.subtract(one, t, out=t)
             dG = np.multiply(grad_h, t)
         else:
             # torch's threshold_backward: 0 where h' <= 0, else the gradient (a NaN h' passes it)

@@ -146,9 +146,10 @@ def _check_devices(input, hiddens, weights, cell=False):
     (a meta argument sends a custom op there, which returns uninitialised tensors). Cells get
     torch's cell wording too, ``Tensor on device A is not on the expected device B!``, where torch
     expects the device of h when h is the odd one and the input's otherwise."""
+    dev = input.device  # once: each .device makes a torch.device
     for fmt, ts in ((_HIDDEN_DEVICE, hiddens), (_PARAM_DEVICE, weights)):
         for t in ts:
-            if isinstance(t, Tensor) and t.device != input.device:
+            if isinstance(t, Tensor) and t.device != dev:
                 msg = fmt.format(input.device, t.device)
                 if cell:
                     h = hiddens[0]
@@ -1207,7 +1208,32 @@ def _gpu_cell_backward(K, mode, grad_h, grad_c, input, hx, cx, w_ih, w_hh, b_ih,
     return dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh
 
 
+def _cell_usual(input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode) -> bool:
+    """The usual call, accepted in a few comparisons (this runs on every cell step): tensors of
+    one dtype, ``input [B, I]``, ``hx`` (and ``cx``) ``[B, H]``, ``w_ih [G H, I]``, ``w_hh [G H, H]``,
+    both biases ``[G H]`` or neither. False sends the call through every check of
+    :func:`_check_cell`, which words the error (or accepts what this does not cover)."""
+    if not (isinstance(input, Tensor) and isinstance(hx, Tensor) and isinstance(w_ih, Tensor)
+            and isinstance(w_hh, Tensor)) or w_hh.dim() != 2:
+        return False
+    H = w_hh.shape[1]
+    G = GATES[mode] * H
+    s = input.shape
+    dt = input.dtype
+    if (len(s) != 2 or hx.shape != (s[0], H) or w_ih.shape != (G, s[1]) or w_hh.shape != (G, H)
+            or hx.dtype != dt or w_ih.dtype != dt or w_hh.dtype != dt):
+        return False
+    if cx is not None and not (isinstance(cx, Tensor) and cx.shape == (s[0], H) and cx.dtype == dt):
+        return False
+    if b_ih is None or b_hh is None:
+        return b_ih is None and b_hh is None
+    return (isinstance(b_ih, Tensor) and isinstance(b_hh, Tensor) and b_ih.shape == (G,) and b_hh.shape == (G,)
+            and b_ih.dtype == dt and b_hh.dtype == dt)
+
+
 def _check_cell(op, input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode):
+    if _cell_usual(input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode):
+        return
     for name, t in (("input", input), ("hx", hx), ("w_ih", w_ih), ("w_hh", w_hh)):
         if not isinstance(t, Tensor):
             raise KernelInputError(f"{op}(): argument '{name}' must be Tensor, not {type(t).__name__}")
@@ -1231,18 +1257,13 @@ def _check_cell(op, input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode):
                 f"hidden{i} has inconsistent hidden_size: got {t.shape[1] if t.dim() > 1 else 1}, expected {H}")
         if t.dim() != 2:
             raise KernelInputError(f"{op}: Expected hidden{i} to be 2D, got {t.dim()}D instead")
-    dt, dev = input.dtype, input.device
-    w_dt_bad, w_dev_bad = w_ih.dtype != dt, w_ih.device != dev  # once, not once per tensor below
+    # (devices: _check_devices, which _cell calls first, has refused any other device already)
+    dt = input.dtype
+    w_dt_bad = w_ih.dtype != dt  # once, not once per tensor below
     for name, t in (("hx", hx), ("cx", cx), ("w_hh", w_hh), ("b_ih", b_ih), ("b_hh", b_hh)):
-        if t is None:
-            continue
-        if w_dt_bad or t.dtype != dt:
+        if t is not None and (w_dt_bad or t.dtype != dt):
             raise KernelInputError(
                 f"{op}: input dtype ({input.dtype}), weight dtype ({w_ih.dtype}) and {name} dtype ({t.dtype}) must be the same"
-            )
-        if w_dev_bad or t.device != dev:
-            raise KernelInputError(
-                f"Expected all tensors to be on the same device, but found at least two devices, {input.device} and {t.device}!"
             )
     if (b_ih is None) != (b_hh is None):
         raise KernelInputError(f"{op}: give both b_ih and b_hh or neither")
