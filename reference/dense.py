@@ -16,6 +16,9 @@ import numpy as np
 from . import activation as _act
 
 REDUCTIONS = ("none", "mean", "sum")
+# cross_entropy with class indices and no label smoothing takes a path of fewer NumPy calls
+# (_ce_index_rows, _ce_index_backward); False: the general one (the tests compare the two)
+INDEX_PATH = True
 
 
 # --------------------------------------------------------------------------- flatten
@@ -47,6 +50,11 @@ def linear(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None, activation
     x: [..., K] (any number of leading dims, including none), w: [O, K], b: [O] or None;
     returns [..., O]. ``activation`` is None, 'relu', 'sigmoid' or 'tanh'.
     """
+    if x.ndim == 2:  # the usual case: no reshape either way
+        y = x @ w.T
+        if b is not None:
+            y += b
+        return y if activation is None else _act.FORWARD[activation](y)
     lead = x.shape[:-1]
     M = math.prod(lead)  # not -1: a zero-size dim (K = 0 included) leaves -1 undefined
     x2 = x.reshape(M, x.shape[-1])
@@ -65,14 +73,15 @@ def linear_backward(grad_out: np.ndarray, x: np.ndarray, w: np.ndarray, out: np.
     dY' = act'(dY), dx = dY' @ w, dw = dY'^T @ x, db = column sums of dY' (None without bias).
     """
     K, O = x.shape[-1], w.shape[0]
-    M = math.prod(x.shape[:-1])
-    g = grad_out.reshape(M, O)
+    flat = x.ndim == 2 and grad_out.ndim == 2  # the usual case: no reshape
+    M = x.shape[0] if flat else math.prod(x.shape[:-1])
+    g = grad_out if flat else grad_out.reshape(M, O)
     if activation is not None:
-        g = _act.activate_backward(g, out.reshape(M, O), activation)
-    x2 = x.reshape(M, K)
-    dx = (g @ w).reshape(x.shape)
+        g = _act.activate_backward(g, out if flat else out.reshape(M, O), activation)
+    x2 = x if flat else x.reshape(M, K)
+    dx = g @ w if flat else (g @ w).reshape(x.shape)
     dw = g.T @ x2
-    db = g.sum(axis=0) if has_bias else None
+    db = np.add.reduce(g, axis=0) if has_bias else None  # g.sum(axis=0) without its Python wrapper
     return dx, dw, db
 
 
@@ -92,11 +101,11 @@ def shifted_log_sum(x: np.ndarray, dim: int):
     torch's, so is the NaN placement: a row holding NaN or +inf, or all -inf, has x - m NaN
     somewhere, hence a NaN log_s and an all-NaN row; a -inf entry of a finite row gives -inf.
     """
-    m = x.max(axis=dim, keepdims=True)
+    m = np.maximum.reduce(x, axis=dim, keepdims=True)  # x.max without its Python wrapper
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
         shifted = np.subtract(x, m)
         e = np.exp(shifted)
-        log_s = np.log(e.sum(axis=dim, keepdims=True))
+        log_s = np.log(np.add.reduce(e, axis=dim, keepdims=True))
     return shifted, log_s
 
 
@@ -109,10 +118,12 @@ def softmax(x: np.ndarray, dim: int) -> np.ndarray:
     if x.size == 0:  # np.max has no identity for an empty softmax dim
         return np.empty(x.shape, x.dtype)
     dim = _norm_dim(dim, x.ndim)
-    m = x.max(axis=dim, keepdims=True)
+    # the ufuncs' reduce: x.max / e.sum without their Python wrappers (the same results)
+    m = np.maximum.reduce(x, axis=dim, keepdims=True)
     with np.errstate(invalid="ignore", over="ignore"):
-        e = np.exp(x - m)
-        e /= e.sum(axis=dim, keepdims=True)
+        e = np.subtract(x, m)
+        np.exp(e, out=e)
+        e /= np.add.reduce(e, axis=dim, keepdims=True)
     return e
 
 
@@ -121,7 +132,7 @@ def softmax_backward(grad_out: np.ndarray, out: np.ndarray, dim: int) -> np.ndar
     if out.ndim == 0:
         return grad_out * out * (1 - out)
     dim = _norm_dim(dim, out.ndim)
-    return out * (grad_out - (grad_out * out).sum(axis=dim, keepdims=True))
+    return out * np.subtract(grad_out, np.add.reduce(grad_out * out, axis=dim, keepdims=True))
 
 
 def log_softmax(x: np.ndarray, dim: int) -> np.ndarray:
@@ -143,7 +154,7 @@ def log_softmax_backward(grad_out: np.ndarray, out: np.ndarray, dim: int) -> np.
         return grad_out - np.exp(out) * grad_out
     dim = _norm_dim(dim, out.ndim)
     with np.errstate(invalid="ignore", over="ignore"):
-        return grad_out - np.exp(out) * np.asarray(grad_out).sum(axis=dim, keepdims=True)
+        return grad_out - np.exp(out) * np.add.reduce(grad_out, axis=dim, keepdims=True)
 
 
 # --------------------------------------------------------------------------- cross_entropy
@@ -155,7 +166,7 @@ def _ce_layout(x: np.ndarray, target: np.ndarray):
     Input [N, C, d1, ...] (class dim 1) or unbatched [C] (class dim 0). Class-index targets
     are [N, d1, ...] / [] ; probability targets have the input's shape.
     """
-    prob = np.issubdtype(target.dtype, np.floating)
+    prob = target.dtype.kind == "f"  # a floating dtype (np.issubdtype costs a microsecond)
     if x.ndim == 1:
         x = x[None]
         target = target[None]
@@ -215,6 +226,8 @@ def _ce_rows(x2, t2, prob, weight, ignore_index, eps):
     (label smoothing over [2e38, 2e38, 1]: the sum of the weighted logits would be inf).
     """
     M, C = x2.shape
+    if INDEX_PATH and not prob and not eps > 0 and M and C:
+        return _ce_index_rows(x2, t2, weight, ignore_index)
     logp, stats = _ce_logp(x2)
     w = _weights(weight, C, x2.dtype)
     if prob:
@@ -234,6 +247,39 @@ def _ce_rows(x2, t2, prob, weight, ignore_index, eps):
     return loss, wt, stats
 
 
+def _ce_index_rows(x2, t2, weight, ignore_index):
+    """:func:`_ce_rows` for class indices without label smoothing (M, C > 0), the common case,
+    the row weights None where every one is 1 (no weight, no ignored target),
+    in fewer NumPy calls (at a loss's usual sizes each call costs about a microsecond whatever
+    it does): only the target's log-probability per row is formed, the row max is taken once,
+    one error-state block. The same operations per element as the general path, so the same
+    values (tests/test_dense.py compares the two)."""
+    M = x2.shape[0]
+    stats = np.empty((2, M), x2.dtype)
+    m = np.maximum.reduce(x2, axis=1, out=stats[0])
+    rows = np.arange(M)
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        shifted = np.subtract(x2, m[:, None])
+        e = np.exp(shifted)
+        np.log(np.add.reduce(e, axis=1), out=stats[1])
+        valid = t2 != ignore_index
+        every = np.count_nonzero(valid) == M
+        tc = t2 if every else np.where(valid, t2, 0)
+        loss = shifted[rows, tc]
+        loss -= stats[1]
+        np.negative(loss, out=loss)  # -logp[t]
+        if weight is None:
+            wt = None if every else valid.astype(x2.dtype)  # None: all ones
+        else:
+            wt = weight.astype(x2.dtype, copy=False)[tc]
+            if not every:
+                wt[~valid] = 0
+            loss *= wt
+        if not every:
+            loss[~valid] = 0
+    return loss, wt, stats
+
+
 def cross_entropy_forward(x: np.ndarray, target: np.ndarray, weight: np.ndarray | None = None, ignore_index: int = -100,
                           reduction: str = "mean", label_smoothing: float = 0.0):
     """(loss, stats): :func:`cross_entropy` and the [2, M] row statistics (max, log-sum-exp
@@ -244,11 +290,12 @@ def cross_entropy_forward(x: np.ndarray, target: np.ndarray, weight: np.ndarray 
     if reduction == "none":
         out = loss.reshape(ce_loss_shape(x.shape, target.shape, prob))
     elif reduction == "sum":
-        out = np.asarray(np.sum(loss), dtype=x.dtype)
+        out = np.asarray(np.add.reduce(loss), dtype=x.dtype)
     else:
+        total = x2.shape[0] if wt is None else np.add.reduce(wt)  # None: M weights of 1
         with np.errstate(invalid="ignore", divide="ignore"):
-            out = np.asarray(np.sum(loss) / np.sum(wt), dtype=x.dtype)
-        if label_smoothing > 0 and not prob and np.sum(wt) == 0:
+            out = np.asarray(np.add.reduce(loss) / total, dtype=x.dtype)
+        if label_smoothing > 0 and not prob and total == 0:
             # torch averages its nll and smoothing terms separately: the nll term is 0 / 0
             out = np.asarray(np.nan, dtype=x.dtype)
     return out, stats
@@ -302,6 +349,8 @@ def cross_entropy_backward(grad_out: np.ndarray, x: np.ndarray, target: np.ndarr
     x2, t2, _, prob = _ce_layout(x, target)
     M, C = x2.shape
     eps = label_smoothing
+    if INDEX_PATH and not prob and not eps > 0 and M and C:
+        return _ce_unlayout(_ce_index_backward(grad_out, x2, t2, weight, ignore_index, reduction, lse), x)
     g2, _ = _ce_logp(x2, lse)
     s = _ce_row_scale(grad_out, x2, t2, prob, weight, ignore_index, reduction)
     w = _weights(weight, C, x2.dtype)
@@ -324,6 +373,49 @@ def cross_entropy_backward(grad_out: np.ndarray, x: np.ndarray, target: np.ndarr
             g2 -= np.outer(s * (eps / C), w)
         g2[np.arange(M), tc] -= s * (1 - eps) * wt
     return _ce_unlayout(g2, x)
+
+
+def _ce_index_backward(grad_out, x2, t2, weight, ignore_index, reduction, lse):
+    """:func:`cross_entropy_backward` on [M, C] for class indices without label smoothing
+    (M, C > 0): s w[t] (p - onehot(t)) per row in fewer NumPy calls, the same operations per
+    element as the general path (tests/test_dense.py compares the two)."""
+    M = x2.shape[0]
+    dt = x2.dtype
+    rows = np.arange(M)
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        if lse is None:
+            m = np.maximum.reduce(x2, axis=1)
+            g2 = np.subtract(x2, m[:, None])
+            log_s = np.log(np.add.reduce(np.exp(g2), axis=1))
+        else:
+            st = lse.reshape(2, M).astype(dt, copy=False)
+            g2 = np.subtract(x2, st[0][:, None])
+            log_s = st[1]
+        g2 -= log_s[:, None]
+        np.exp(g2, out=g2)  # p
+        valid = t2 != ignore_index
+        every = np.count_nonzero(valid) == M
+        tc = t2 if every else np.where(valid, t2, 0)
+        g = np.asarray(grad_out, dtype=dt)
+        if reduction == "none":
+            s = g.reshape(M).copy()
+        else:
+            if reduction == "sum":
+                g1 = g
+            else:
+                denom = np.count_nonzero(valid) if weight is None else np.add.reduce(weight.astype(dt)[t2[valid]])
+                g1 = g / dt.type(denom)
+            s = np.full(M, g1, dt)
+        if not every:
+            s[~valid] = 0
+        if weight is not None:
+            wt = weight.astype(dt, copy=False)[tc]
+            if not every:
+                wt[~valid] = 0
+            s *= wt  # s w[t]
+        g2 *= s[:, None]
+        g2[rows, tc] -= s
+    return g2
 
 
 def cross_entropy_target_backward(grad_out: np.ndarray, x: np.ndarray, target: np.ndarray, weight: np.ndarray | None = None,
@@ -353,6 +445,8 @@ def _ce_unlayout(g2: np.ndarray, x: np.ndarray) -> np.ndarray:
     """[M, C] back to x's layout (class dim 1, or 0 for a 1-d input)."""
     if x.ndim == 1:
         return np.ascontiguousarray(g2.reshape(x.shape))
+    if x.ndim == 2:  # [N, C] is the layout already
+        return np.ascontiguousarray(g2)
     C = x.shape[1]
     lead = (x.shape[0],) + x.shape[2:]
     return np.ascontiguousarray(np.moveaxis(g2.reshape(*lead, C), -1, 1))

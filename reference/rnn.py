@@ -472,3 +472,183 @@ def gru_cell_backward(grad_h, x, h, w_ih, w_hh, b_ih=None, b_hh=None):
     g0 = np.zeros((1,) + h.shape, res.dtype)
     dx, dh, _, dw = rnn_backward("gru", g0, grad_h[None], None, x[None], ws, res, 1, False)
     return (dx[0], dh[0], *dw[0])
+
+
+# ----------------------------------------------------------------------------------------------
+# cells, small-input path: what rnn_forward / rnn_backward compute at T = 1 for one layer and
+# direction (the same operations in the same order, so the same values up to the sign of a
+# zero), without the reserve, the views and the sequence bookkeeping. At a cell's usual sizes
+# each NumPy call costs about a microsecond whatever it does, so the count of calls is the cost:
+# the LSTM's four gate activations are two full-width passes with per-column constants.
+
+_LSTM_AFFINE: dict = {}  # (H, dtype) -> (scale, shift) [4 H]
+
+
+def _lstm_affine(H, dt):
+    """``(scale, shift)`` over the LSTM's 4 H gate columns: 0.5 / 0.5 on i, f, o (sigmoid(x) =
+    0.5 tanh(0.5 x) + 0.5, the steps of :func:`_sigmoid_`) and 1 / 0 on g (tanh(x) itself:
+    multiplying by 1 changes no bits, adding 0 only the sign of a zero)."""
+    got = _LSTM_AFFINE.get((H, dt))
+    if got is None:
+        scale = np.full(4 * H, 0.5, dt)
+        shift = np.full(4 * H, 0.5, dt)
+        scale[2 * H: 3 * H] = 1
+        shift[2 * H: 3 * H] = 0
+        if len(_LSTM_AFFINE) >= 64:
+            _LSTM_AFFINE.clear()
+        got = _LSTM_AFFINE[(H, dt)] = (scale, shift)
+    return got
+
+
+_CONSTS: dict = {}  # dtype -> 0-d arrays (0.5, 1, 0)
+
+
+def _consts(dt):
+    """``(0.5, 1, 0)`` as 0-d arrays of ``dt``: a ufunc takes one at half the cost of a Python
+    float (no scalar conversion per call), with the same result (same dtype, same value)."""
+    got = _CONSTS.get(dt)
+    if got is None:
+        got = _CONSTS[dt] = (np.array(0.5, dt), np.array(1, dt), np.array(0, dt))
+    return got
+
+
+def _sigmoid0_(a, half):
+    """:func:`_sigmoid_` with ``half`` a 0-d array of a's dtype (see :func:`_consts`)."""
+    a *= half
+    np.tanh(a, out=a)
+    a *= half
+    a += half
+    return a
+
+
+def cell_forward(mode, x, h, c, w_ih, w_hh, b_ih=None, b_hh=None):
+    """One step of one layer: ``x [B, I]``, ``h [B, H]``, ``c [B, H]`` (LSTM, else None), weights
+    as :func:`rnn_forward`'s, every array of one dtype. Returns ``(h' [B, H], c' [B, H] or None,
+    gates [B, S * H] or None)``, ``gates`` being the reserve's slot (LSTM: activated i, f, g, o;
+    GRU: r, z, n and h W_hn^T + b_hn; None for the Elman cell). Equal to ``rnn_forward`` at
+    ``T = 1`` (tests/test_rnn.py compares them); the public cells above keep that general path."""
+    H = w_hh.shape[1]
+    if mode == "lstm":
+        G = x @ w_ih.T
+        if b_ih is not None:
+            G += b_ih + b_hh
+        G += h @ w_hh.T
+        scale, shift = _lstm_affine(H, G.dtype)
+        G *= scale
+        np.tanh(G, out=G)
+        G *= scale
+        G += shift
+        cn = G[:, H: 2 * H] * c
+        ig = G[:, :H] * G[:, 2 * H: 3 * H]
+        cn += ig
+        hn = np.tanh(cn)
+        hn *= G[:, 3 * H:]
+        return hn, cn, G
+    if mode == "gru":
+        # contiguous pieces, joined once at the end: NumPy's strided loops cost twice the
+        # contiguous ones at these sizes
+        gi = x @ w_ih.T
+        if b_ih is not None:
+            gi += b_ih
+        gh = h @ w_hh.T
+        if b_hh is not None:
+            gh += b_hh
+        rz = np.add(gi[:, : 2 * H], gh[:, : 2 * H])
+        _sigmoid0_(rz, _consts(rz.dtype)[0])
+        hW = gh[:, 2 * H:]
+        n = np.multiply(rz[:, :H], hW)
+        n += gi[:, 2 * H:]
+        np.tanh(n, out=n)
+        hn = np.subtract(h, n)
+        hn *= rz[:, H:]
+        hn += n
+        G = np.concatenate((rz, n, hW), axis=1)
+        return hn, None, G
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}")
+    hn = x @ w_ih.T
+    if b_ih is not None:
+        hn += b_ih + b_hh
+    hn += h @ w_hh.T
+    if mode == "rnn_tanh":
+        np.tanh(hn, out=hn)
+    else:
+        np.maximum(hn, _consts(hn.dtype)[2], out=hn)
+    return hn, None, None
+
+
+def cell_backward(mode, grad_h, grad_c, x, h, c, w_ih, w_hh, b_ih=None, b_hh=None):
+    """Gradients of :func:`cell_forward` (recomputed here): ``(dx, dh, dc or None, dw_ih, dw_hh,
+    db_ih, db_hh)``, the bias gradients None without biases; ``grad_c`` None (or the LSTM's
+    absent c' gradient) counts as zero. Equal to ``rnn_backward`` at ``T = 1``."""
+    hn, cn, G = cell_forward(mode, x, h, c, w_ih, w_hh, b_ih, b_hh)
+    H = w_hh.shape[1]
+    one = _consts(hn.dtype)[1]
+    if mode == "lstm":
+        i, f, gg, o = G[:, :H], G[:, H: 2 * H], G[:, 2 * H: 3 * H], G[:, 3 * H:]
+        dG = np.empty_like(G)
+        s = np.subtract(one, G)
+        s *= G  # a (1 - a) of every gate: the sigmoid derivative on i, f, o (g's column unused)
+        tc = np.tanh(cn)
+        d_o = dG[:, 3 * H:]
+        np.multiply(grad_h, tc, out=d_o)
+        d_o *= s[:, 3 * H:]
+        t = np.multiply(tc, tc)
+        np.subtract(one, t, out=t)
+        t *= o
+        t *= grad_h
+        dc = t if grad_c is None else np.add(grad_c, t)
+        d_i = dG[:, :H]
+        np.multiply(dc, gg, out=d_i)
+        d_i *= s[:, :H]
+        d_f = dG[:, H: 2 * H]
+        np.multiply(dc, c, out=d_f)
+        d_f *= s[:, H: 2 * H]
+        t = np.multiply(gg, gg, out=t if t is not dc else None)
+        np.subtract(one, t, out=t)
+        t *= i
+        np.multiply(dc, t, out=dG[:, 2 * H: 3 * H])
+        dc_prev = dc * f
+        dGh = dG
+        dh = dG @ w_hh
+    elif mode == "gru":
+        r, z, n, hW = G[:, :H], G[:, H: 2 * H], G[:, 2 * H: 3 * H], G[:, 3 * H:]
+        dG = np.empty((x.shape[0], 3 * H), G.dtype)
+        s = np.subtract(one, G[:, : 2 * H])  # 1 - r, 1 - z
+        d_r, d_z, d_n = dG[:, :H], dG[:, H: 2 * H], dG[:, 2 * H:]
+        np.subtract(h, n, out=d_z)
+        d_z *= grad_h
+        d_n[...] = s[:, H:]  # 1 - z, for dn
+        s *= G[:, : 2 * H]
+        d_z *= s[:, H:]
+        d_n *= grad_h
+        t = np.multiply(n, n)
+        np.subtract(one, t, out=t)
+        d_n *= t
+        np.multiply(d_n, hW, out=d_r)
+        d_r *= s[:, :H]
+        dGh = dG.copy()
+        np.multiply(d_n, r, out=dGh[:, 2 * H:])
+        dh = dGh @ w_hh
+        np.multiply(grad_h, z, out=t)
+        dh += t
+        dc_prev = None
+    else:
+        if mode == "rnn_tanh":
+            t = np.multiply(hn, hn)
+            np.subtract(one, t, out=t)
+            dG = np.multiply(grad_h, t)
+        else:
+            # torch's threshold_backward: 0 where h' <= 0, else the gradient (a NaN h' passes it)
+            dG = np.multiply(grad_h, ~(hn <= 0))
+        dGh = dG
+        dh = dG @ w_hh
+        dc_prev = None
+    dx = dG @ w_ih
+    dw_ih = dG.T @ x
+    dw_hh = dGh.T @ h
+    db_ih = db_hh = None
+    if b_ih is not None:
+        db_ih = dG.sum(0)
+        db_hh = dGh.sum(0) if dGh is not dG else db_ih.copy()
+    return dx, dh, dc_prev, dw_ih, dw_hh, db_ih, db_hh

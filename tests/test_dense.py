@@ -7,6 +7,7 @@ import itertools
 import json
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as TF
@@ -282,6 +283,47 @@ def test_cross_entropy_reference_finite_differences(prob, rng):
             assert torch.autograd.gradcheck(lambda x, t: F.cross_entropy(x, t, **kw), (x, t))
         else:
             assert torch.autograd.gradcheck(lambda x: F.cross_entropy(x, t, **kw), (x,))
+
+
+@pytest.mark.parametrize("shape", [(11,), (7, 13), (4, 6, 3, 2), (1, 1)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("weight", [False, True])
+@pytest.mark.parametrize("ignore", ["none", "some", "all"])
+@pytest.mark.parametrize("special", [False, True])
+def test_cross_entropy_index_path_equals_general_path(shape, dtype, weight, ignore, special, rng, monkeypatch):
+    """The reference's path for class indices without label smoothing (reference.dense
+    _ce_index_rows / _ce_index_backward, fewer NumPy calls) gives the general path's values
+    bit for bit: losses, row statistics and input gradients (from the statistics and without),
+    every reduction, ignored targets (some, all: 'mean' is then 0 / 0), weights, and logits
+    holding +-inf and NaN."""
+    C = shape[0] if len(shape) == 1 else shape[1]
+    x = (rng.standard_normal(shape) * 3).astype(dtype)
+    tshape = () if len(shape) == 1 else (shape[0], *shape[2:])
+    t = rng.integers(0, C, tshape)
+    if special:
+        x.reshape(-1)[[0, -1]] = [np.inf, -np.inf]
+        if x.size > 4:
+            x.reshape(-1)[2] = np.nan
+    ii = -100
+    if ignore != "none":
+        ii = C - 1 if ignore == "some" else -7
+        if ignore == "all":
+            t = np.full(tshape, ii)
+        else:
+            t.reshape(-1)[: max(1, t.size // 3)] = ii
+    w = (rng.random(C) + 0.5).astype(dtype) if weight else None
+    for reduction in R.REDUCTIONS:
+        outs, g = [], None
+        for fast in (True, False):
+            monkeypatch.setattr(R, "INDEX_PATH", fast)
+            loss, stats = R.cross_entropy_forward(x, t, w, ii, reduction, 0.0)
+            if g is None:
+                g = np.asarray(rng.standard_normal(loss.shape), dtype)
+            outs.append((loss, stats, R.cross_entropy_backward(g, x, t, w, ii, reduction, 0.0, lse=stats),
+                         R.cross_entropy_backward(g, x, t, w, ii, reduction, 0.0)))
+        for what, a, b in zip(("loss", "stats", "grad", "grad without stats"), *outs):
+            assert a.shape == b.shape and a.dtype == b.dtype, (what, reduction)
+            np.testing.assert_array_equal(a, b, err_msg=f"{what} {reduction}")
 
 
 # =========================================================================== opcheck

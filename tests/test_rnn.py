@@ -200,6 +200,45 @@ def test_reference_cell_gradcheck(mode, rng):
 
 
 @pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("B,I,H", [(3, 5, 7), (1, 2, 1)])
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # the NaN and inf inputs, both paths alike
+def test_reference_cell_path_equals_sequence_path(mode, bias, dtype, B, I, H, rng):
+    """reference.rnn.cell_forward / cell_backward (the cells' path of fewer NumPy calls) give
+    what rnn_forward / rnn_backward give at T = 1, bit for bit: h', c', the reserve's gate slot,
+    every gradient (no gradient for c' counts as zero), with a NaN and an inf among the inputs
+    (the relu cell passes the gradient where h' is NaN, as torch's threshold_backward)."""
+    G = ref.GATES[mode]
+    x, h, c = (rng.standard_normal(s).astype(dtype) for s in ((B, I), (B, H), (B, H)))
+    x[0, 0] = np.nan
+    h[-1, -1] = np.inf
+    c = c if mode == "lstm" else None
+    ws = [rng.standard_normal(s).astype(dtype) for s in ((G * H, I), (G * H, H), (G * H,), (G * H,))]
+    if not bias:
+        ws[2] = ws[3] = None
+    hn, cn, gates = ref.cell_forward(mode, x, h, c, *ws)
+    _, hN, cN, res = ref.rnn_forward(mode, x[None], h[None], None if c is None else c[None], [tuple(ws)], 1, False)
+    want = [hN[0]] + ([cN[0]] if mode == "lstm" else [])
+    if ref.STORED[mode]:
+        o, s = ref.reserve_layout(mode, 1, B, H, 1, 1)[0][("gates", 0, 0)]
+        want.append(res[o:o + np.prod(s)].reshape(s)[0])
+    got = [hn] + ([cn] if mode == "lstm" else []) + ([gates] if ref.STORED[mode] else [])
+    assert (cn is None) == (mode != "lstm") and (gates is None) == (not ref.STORED[mode])
+    for grad_c in ([None, rng.standard_normal((B, H)).astype(dtype)] if mode == "lstm" else [None]):
+        gh = rng.standard_normal((B, H)).astype(dtype)
+        got_b = ref.cell_backward(mode, gh, grad_c, x, h, c, *ws)
+        dx, dh, dc, dw = ref.rnn_backward(mode, np.zeros((1, B, H), dtype), gh[None],
+                                          None if grad_c is None else grad_c[None], x[None], [tuple(ws)], res, 1, False)
+        want_b = [dx[0], dh[0], None if dc is None else dc[0], *dw[0]]
+        got, want = got + [g for g in got_b if g is not None], want + [g for g in want_b if g is not None]
+        assert [g is None for g in got_b] == [g is None for g in want_b]
+    for a, b in zip(got, want, strict=True):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_reference_sequence_gradcheck(mode, rng):
     args, kw = ops._make_seq(mode, T=3, B=3, I=2, H=3, L=2, bi=True, lengths=(3, 1, 2))(rng)
     x, hx, params = args[0], args[1], args[2]

@@ -80,6 +80,7 @@ import math
 import os
 from typing import Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -145,9 +146,10 @@ def _check_devices(input, hiddens, weights, cell=False):
     (a meta argument sends a custom op there, which returns uninitialised tensors). Cells get
     torch's cell wording too, ``Tensor on device A is not on the expected device B!``, where torch
     expects the device of h when h is the odd one and the input's otherwise."""
+    dev = input.device  # once: each .device makes a torch.device
     for fmt, ts in ((_HIDDEN_DEVICE, hiddens), (_PARAM_DEVICE, weights)):
         for t in ts:
-            if isinstance(t, Tensor) and t.device != input.device:
+            if isinstance(t, Tensor) and t.device != dev:
                 msg = fmt.format(input.device, t.device)
                 if cell:
                     h = hiddens[0]
@@ -1072,20 +1074,23 @@ def rnn_cell_forward(input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode):
 
 
 def _reference_cell_forward(input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode):
-    """The reference at T = 1, its reserve's slots copied into the cell's layout (the reference
-    backward recomputes and does not read them; they make the op's outputs complete)."""
-    B, H = hx.shape
-    weights = [w_ih, w_hh] + ([b_ih, b_hh] if b_ih is not None else [])
-    _, hn, cn, res = rnn_seq_forward(input[None], hx[None], None if cx is None else cx[None], weights, mode, 1, False,
-                                     b_ih is not None)
-    seq = {k: res[o:o + math.prod(s)].view(s) for k, (o, s) in ref.reserve_layout(mode, 1, B, H, 1, 1)[0].items()}
-    f32_io = input.dtype == torch.float32
-    reserve = torch.empty(cell_reserve_layout(mode, B, H, f32_io)[1], dtype=torch.float32, device=input.device)
-    src = {"gates": ("gates", 0), "h": ("h", 1), "hp": ("h", 0), "c": ("c", 1), "cp": ("c", 0)}
-    for name, view in _cell_views(reserve, mode, B, H, f32_io).items():
-        key, slot = src[name]
-        view.copy_(seq[(key, 0, 0)][slot])
-    return hn[0].clone(), (cn[0].clone() if mode == "lstm" else cn), reserve
+    """``reference.rnn.cell_forward`` (the sequence reference's step, without its reserve and
+    bookkeeping: a cell is a handful of NumPy calls), its reserve laid out as the cell's own
+    (:func:`cell_reserve_layout`; the reference backward recomputes and does not read it, it
+    makes the op's outputs complete)."""
+    dt, dev = input.dtype, input.device
+    hn, cn, gates = ref.cell_forward(mode, to_numpy(input), to_numpy(hx), to_numpy(cx), to_numpy(w_ih), to_numpy(w_hh),
+                                     to_numpy(b_ih), to_numpy(b_hh))
+    parts = [] if gates is None else [gates]
+    if dt != torch.float32:  # the float32 states, in cell_reserve_layout's order
+        parts += [hn, to_numpy(hx)] + ([cn, to_numpy(cx)] if mode == "lstm" else [])
+    if not parts:
+        reserve = torch.empty(0, dtype=torch.float32, device=dev)
+    elif len(parts) == 1:  # the gates, a fresh contiguous array: shared, then viewed flat
+        reserve = from_numpy(gates, torch.float32, dev).view(-1)
+    else:
+        reserve = from_numpy(np.concatenate([p.reshape(-1) for p in parts]), torch.float32, dev)
+    return from_numpy(hn, dt, dev), (from_numpy(cn, dt, dev) if mode == "lstm" else input.new_empty(0)), reserve
 
 
 def _gpu_cell_forward(K, mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh):
@@ -1137,19 +1142,17 @@ def rnn_cell_backward(grad_h, grad_c, input, hx, cx, w_ih, w_hh, b_ih, b_hh, h, 
 
 
 def _reference_cell_backward(grad_h, grad_c, input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode):
-    """The reference sequence backward at T = 1 on a recomputed reserve."""
-    has_b = b_ih is not None
-    weights = [w_ih, w_hh] + ([b_ih, b_hh] if has_b else [])
-    x3 = input[None]
-    _, _, _, res = rnn_seq_forward(x3, hx[None], None if cx is None else cx[None], weights, mode, 1, False, has_b)
-    g_out = grad_h.new_zeros((1,) + tuple(grad_h.shape))
-    if mode == "lstm" and grad_c is None:
-        grad_c = torch.zeros_like(grad_h)
-    dx, dh, dc, dws = rnn_seq_backward(g_out, grad_h[None], grad_c[None] if mode == "lstm" else None, x3, weights,
-                                       res, mode, 1, False, has_b)
+    """``reference.rnn.cell_backward`` (the sequence reference's step backward on a recomputed
+    step); absent gradients as empty ``[0]`` tensors."""
+    dt, dev = input.dtype, input.device
+    lstm = mode == "lstm"
+    dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh = ref.cell_backward(
+        mode, to_numpy(grad_h), to_numpy(grad_c) if lstm else None, to_numpy(input), to_numpy(hx), to_numpy(cx),
+        to_numpy(w_ih), to_numpy(w_hh), to_numpy(b_ih), to_numpy(b_hh))
     e = input.new_empty(0)
-    db = (dws[2], dws[3]) if has_b else (e, e.clone())
-    return dx[0].clone(), dh[0].clone(), (dc[0].clone() if mode == "lstm" else e.clone()), dws[0], dws[1], *db
+    db = (from_numpy(db_ih, dt, dev), from_numpy(db_hh, dt, dev)) if b_ih is not None else (e, e.clone())
+    return (from_numpy(dx, dt, dev), from_numpy(dh, dt, dev), from_numpy(dc, dt, dev) if lstm else e.clone(),
+            from_numpy(dw_ih, dt, dev), from_numpy(dw_hh, dt, dev), *db)
 
 
 def _gpu_cell_backward(K, mode, grad_h, grad_c, input, hx, cx, w_ih, w_hh, b_ih, b_hh, h, c, reserve):
@@ -1205,7 +1208,32 @@ def _gpu_cell_backward(K, mode, grad_h, grad_c, input, hx, cx, w_ih, w_hh, b_ih,
     return dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh
 
 
+def _cell_usual(input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode) -> bool:
+    """The usual call, accepted in a few comparisons (this runs on every cell step): tensors of
+    one dtype, ``input [B, I]``, ``hx`` (and ``cx``) ``[B, H]``, ``w_ih [G H, I]``, ``w_hh [G H, H]``,
+    both biases ``[G H]`` or neither. False sends the call through every check of
+    :func:`_check_cell`, which words the error (or accepts what this does not cover)."""
+    if not (isinstance(input, Tensor) and isinstance(hx, Tensor) and isinstance(w_ih, Tensor)
+            and isinstance(w_hh, Tensor)) or w_hh.dim() != 2:
+        return False
+    H = w_hh.shape[1]
+    G = GATES[mode] * H
+    s = input.shape
+    dt = input.dtype
+    if (len(s) != 2 or hx.shape != (s[0], H) or w_ih.shape != (G, s[1]) or w_hh.shape != (G, H)
+            or hx.dtype != dt or w_ih.dtype != dt or w_hh.dtype != dt):
+        return False
+    if cx is not None and not (isinstance(cx, Tensor) and cx.shape == (s[0], H) and cx.dtype == dt):
+        return False
+    if b_ih is None or b_hh is None:
+        return b_ih is None and b_hh is None
+    return (isinstance(b_ih, Tensor) and isinstance(b_hh, Tensor) and b_ih.shape == (G,) and b_hh.shape == (G,)
+            and b_ih.dtype == dt and b_hh.dtype == dt)
+
+
 def _check_cell(op, input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode):
+    if _cell_usual(input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode):
+        return
     for name, t in (("input", input), ("hx", hx), ("w_ih", w_ih), ("w_hh", w_hh)):
         if not isinstance(t, Tensor):
             raise KernelInputError(f"{op}(): argument '{name}' must be Tensor, not {type(t).__name__}")
@@ -1229,16 +1257,13 @@ def _check_cell(op, input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode):
                 f"hidden{i} has inconsistent hidden_size: got {t.shape[1] if t.dim() > 1 else 1}, expected {H}")
         if t.dim() != 2:
             raise KernelInputError(f"{op}: Expected hidden{i} to be 2D, got {t.dim()}D instead")
+    # (devices: _check_devices, which _cell calls first, has refused any other device already)
+    dt = input.dtype
+    w_dt_bad = w_ih.dtype != dt  # once, not once per tensor below
     for name, t in (("hx", hx), ("cx", cx), ("w_hh", w_hh), ("b_ih", b_ih), ("b_hh", b_hh)):
-        if t is None:
-            continue
-        if t.dtype != input.dtype or w_ih.dtype != input.dtype:
+        if t is not None and (w_dt_bad or t.dtype != dt):
             raise KernelInputError(
                 f"{op}: input dtype ({input.dtype}), weight dtype ({w_ih.dtype}) and {name} dtype ({t.dtype}) must be the same"
-            )
-        if t.device != input.device or w_ih.device != input.device:
-            raise KernelInputError(
-                f"Expected all tensors to be on the same device, but found at least two devices, {input.device} and {t.device}!"
             )
     if (b_ih is None) != (b_hh is None):
         raise KernelInputError(f"{op}: give both b_ih and b_hh or neither")
