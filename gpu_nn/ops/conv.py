@@ -351,7 +351,7 @@ def _np(t, native: bool):
 def _wrap(a, dtype: torch.dtype, device, native: bool) -> Tensor:
     """A reference result as a tensor: wrapped without a copy where it is a fresh array that
     owns its memory (never an input's, so no aliasing), else :func:`from_numpy`."""
-    if native and a.base is None and a.flags.c_contiguous and a.flags.writeable:
+    if native and a.base is None and a.flags.writeable:
         t = torch.from_numpy(a)
         return t if t.dtype == dtype else t.to(dtype)
     return from_numpy(a, dtype, device)

@@ -328,7 +328,7 @@ def _wrap(a: np.ndarray, dtype: torch.dtype, device) -> Tensor:
     """A reference result as a tensor: wrapped without a copy where it is a fresh array that owns
     its memory (never an input's: no aliasing) of the wanted dtype on the CPU, else
     :func:`from_numpy`."""
-    if a.base is None and a.flags.c_contiguous and a.flags.writeable and device.type == "cpu":
+    if a.base is None and a.flags.writeable and device.type == "cpu":
         t = torch.from_numpy(a)
         if t.dtype == dtype:
             return t
