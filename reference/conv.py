@@ -389,16 +389,15 @@ def conv2d_backward(grad_output, input, weight, stride=1, padding=0, dilation=1,
     stride, pads, dilation = _norm2d(stride, padding, dilation, w.shape[2:])
     n, c, h, wd = x.shape
     o, cg, kh, kw = w.shape
-    og = o // groups
     ho, wo = g.shape[2:]
-    gg = g.reshape(n, groups, og, ho * wo)
-    gi = gw = gb = None
-    empty = n == 0 or ho * wo == 0
-    if need[2]:
-        gb = g.sum(axis=(0, 2, 3)) if n else np.zeros(o, g.dtype)
+    gb = (g.sum(axis=(0, 2, 3)) if n else np.zeros(o, g.dtype)) if need[2] else None
     if _small(n, groups, cg * kh * kw, ho, wo, pads):
         gi, gw = _backward_small(g, x, w, stride, pads, dilation, groups, need) if need[0] or need[1] else (None, None)
         return gi, gw, gb
+    og = o // groups
+    gg = g.reshape(n, groups, og, ho * wo)
+    gi = gw = None
+    empty = n == 0 or ho * wo == 0
     waste = _waste(x.shape, (kh, kw), pads, dilation)
     wpath = _choose("wgrad", stride, groups, cg, og, (kh, kw), waste)
     dpath = _choose("dgrad", stride, groups, cg, og, (kh, kw), waste)

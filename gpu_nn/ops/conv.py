@@ -428,8 +428,10 @@ def conv_backward(grad_output: Tensor, input: Tensor, weight: Tensor, output: Op
         f = ref.conv2d_backward if nd == 2 else ref.conv1d_backward
         gi, gw, gb = f(_np(grad_output, native), _np(input, native), _np(weight, native), *rargs, groups, mask,
                        _np(output, native) if activation is not None else None, activation)
-        return tuple(_in_format(_wrap(a, dt, dev, native), fmt) if m else input.new_empty(0)
-                     for a, m in zip((gi, gw, gb), mask))
+        # a gradient not asked for is an empty placeholder of its own (see below)
+        gi = _in_format(_wrap(gi, dt, dev, native), fmt) if mask[0] else input.new_empty(0)
+        gw = _in_format(_wrap(gw, dt, dev, native), fmt) if mask[1] else input.new_empty(0)
+        return gi, gw, (_wrap(gb, dt, dev, native) if mask[2] else input.new_empty(0))
     _backend.check_interpreter_dtype(name, backend, input, weight, grad_output)
     ktriton, kt = triton_kernels("conv")
 
