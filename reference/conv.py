@@ -31,12 +31,21 @@ How: BLAS does the work, with no Python loop over pixels, batch elements or grou
 - ``stacked`` (stride 1): the flat layout's shifted slices gathered once (whole-row copies) and
   one GEMM; for depthwise input gradients.
 
+Small problems (an im2col matrix of at most :data:`SMALL` elements, e.g. the per-call host-cost
+benchmark's 1x2x5x5 input) skip all of that: one zero-padded copy, one gather through a cached
+index table, one broadcast ``np.matmul``, and for the input gradient one ``np.bincount`` scatter
+through the same table (:func:`_conv2d_small`, :func:`_backward_small`). On a few hundred
+elements the general machinery's dozen NumPy calls and Python bookkeeping were all of the time
+(56 us against 8 us for that forward). Both give the same values to rounding (the input
+gradient sums in float64 here); tests/test_conv.py compares them.
+
 Temporaries live in reused per-thread scratch memory (:func:`_scratch`); returned arrays are
 fresh and C-contiguous.
 """
 
 from __future__ import annotations
 
+import functools
 import threading
 
 import numpy as np
@@ -77,6 +86,103 @@ def _scratch(name, shape, dtype, zero=False):
     if zero:
         out.fill(0)
     return out
+
+
+# ----------------------------------------------------------------------------- small problems
+
+SMALL = 1 << 14  # elements of the im2col matrix [N, G, Cg*kh*kw, Ho*Wo] up to which the small path runs
+_SMALL_IDX: dict = {}  # geometry -> read-only gather table (bounded: cleared when full)
+_SMALL_IDX_MAX = 256  # tables of at most SMALL int64 each: 32 MiB at most
+
+
+def _small(n, groups, k, ho, wo, pads):
+    """Whether a convolution takes the small path: a non-empty im2col matrix of at most
+    :data:`SMALL` elements, non-negative padding, and no path forced by a test."""
+    return (_FORCE is None and ho > 0 and wo > 0 and 0 < n * groups * k * ho * wo <= SMALL
+            and min(pads[0][0], pads[0][1], pads[1][0], pads[1][1]) >= 0)
+
+
+def _small_index(n, c, hp, wp, groups, kshape, out_size, stride, dilation):
+    """``[N, G, Cg*kh*kw, Ho*Wo]`` flat positions in the zero-padded batch ``[N, C, Hp, Wp]`` of
+    every im2col entry (entry ``(n, g, (c, i, j), (y, x))`` reads ``[n, g*Cg + c, y*sh + i*dh,
+    x*sw + j*dw]``). Cached per geometry; read-only (shared by every call)."""
+    key = (n, c, hp, wp, groups, kshape, out_size, stride, dilation)
+    idx = _SMALL_IDX.get(key)
+    if idx is None:
+        (kh, kw), (ho, wo), cg = kshape, out_size, c // groups
+        idx = (np.arange(n).reshape(n, 1, 1, 1, 1, 1, 1) * (c * hp * wp)
+               + np.arange(c).reshape(1, groups, cg, 1, 1, 1, 1) * (hp * wp)
+               + np.arange(kh).reshape(1, 1, 1, kh, 1, 1, 1) * (dilation[0] * wp)
+               + np.arange(kw).reshape(1, 1, 1, 1, kw, 1, 1) * dilation[1]
+               + np.arange(ho).reshape(1, 1, 1, 1, 1, ho, 1) * (stride[0] * wp)
+               + np.arange(wo).reshape(1, 1, 1, 1, 1, 1, wo) * stride[1])
+        idx = idx.astype(np.intp).reshape(n, groups, cg * kh * kw, ho * wo)
+        idx.flags.writeable = False
+        if len(_SMALL_IDX) >= _SMALL_IDX_MAX:
+            _SMALL_IDX.clear()
+        _SMALL_IDX[key] = idx
+    return idx
+
+
+def _small_cols(x, kshape, out_size, stride, pads, dilation, groups):
+    """im2col matrix ``[N, G, Cg*kh*kw, Ho*Wo]`` (x's dtype) of a small problem: one zero-padded
+    copy of ``x`` (any strides) and one gather. Also returns the gather table."""
+    n, c, h, w = x.shape
+    (pt, pb), (pl, pr) = pads
+    hp, wp = h + pt + pb, w + pl + pr
+    xp = np.zeros((n, c, hp, wp), x.dtype)
+    xp[:, :, pt:pt + h, pl:pl + w] = x
+    idx = _small_index(n, c, hp, wp, groups, kshape, out_size, stride, dilation)
+    return xp.reshape(-1).take(idx), idx
+
+
+def _conv2d_small(x, w, bias, stride, pads, dilation, groups, out_size):
+    """The forward of a small problem: ``out[n, g] = W_g @ cols[n, g]`` (+ bias), one broadcast
+    GEMM over (batch, group) into an array that owns its memory."""
+    n = x.shape[0]
+    o, cg, kh, kw = w.shape
+    ho, wo = out_size
+    cols, _ = _small_cols(x, (kh, kw), out_size, stride, pads, dilation, groups)
+    out = np.empty((n, o, ho, wo), dtype=np.result_type(x, w))
+    np.matmul(w.reshape(groups, o // groups, cg * kh * kw), cols, out=out.reshape(n, groups, o // groups, ho * wo))
+    if bias is not None:
+        out += np.asarray(bias, dtype=out.dtype).reshape(1, o, 1, 1)
+    return out
+
+
+def _backward_small(g, x, w, stride, pads, dilation, groups, need):
+    """``(grad_input, grad_weight)`` of a small problem (None where ``need`` says so):
+
+        grad_weight[g] = sum_n gg[n, g] @ cols[n, g]^T
+        grad_input     = scatter of W_g^T @ gg[n, g] to the positions the gather read
+
+    The scatter is one ``np.bincount`` over the gather table (float64 sums) on the padded grid,
+    then the interior copied out: a col2im over exactly the (output, tap) pairs that exist, as
+    torch's and the general path's (so non-finite values reach the same gradients)."""
+    n, c, h, wd = x.shape
+    o, cg, kh, kw = w.shape
+    og = o // groups
+    ho, wo = g.shape[2:]
+    gg = g.reshape(n, groups, og, ho * wo)
+    (pt, pb), (pl, pr) = pads
+    hp, wp = h + pt + pb, wd + pl + pr
+    gi = gw = None
+    if need[1]:
+        cols, idx = _small_cols(x, (kh, kw), (ho, wo), stride, pads, dilation, groups)
+        gw = np.empty(w.shape, dtype=g.dtype)
+        gwv = gw.reshape(groups, og, cg * kh * kw)
+        if n == 1:  # no batch to sum over: the GEMM writes the result
+            np.matmul(gg[0], cols[0].transpose(0, 2, 1), out=gwv)
+        else:
+            np.sum(np.matmul(gg, cols.transpose(0, 1, 3, 2)), axis=0, out=gwv)
+    else:
+        idx = _small_index(n, c, hp, wp, groups, (kh, kw), (ho, wo), stride, dilation)
+    if need[0]:
+        dcols = np.matmul(w.reshape(groups, og, cg * kh * kw).transpose(0, 2, 1), gg)  # [N, G, Cg*kh*kw, Ho*Wo]
+        dxp = np.bincount(idx.reshape(-1), weights=dcols.reshape(-1), minlength=n * c * hp * wp)
+        gi = np.empty(x.shape, dtype=g.dtype)
+        np.copyto(gi, dxp.reshape(n, c, hp, wp)[:, :, pt:pt + h, pl:pl + wd], casting="unsafe")
+    return gi, gw
 
 
 def _pair(v, n):
@@ -157,10 +263,22 @@ def _cols(x, weight, stride, pads, dilation, groups):
 
 
 def _norm2d(stride, padding, dilation, kernel_size):
+    """(stride, per-side pads, dilation) as int tuples; remembered for hashable arguments (the
+    torch-facing layer passes tuples), since the parse costs more than a small convolution."""
+    try:
+        return _norm2d_memo(stride, padding, dilation, tuple(kernel_size))
+    except TypeError:  # a list somewhere: unhashable, parsed every time
+        return _norm2d_parse(stride, padding, dilation, kernel_size)
+
+
+def _norm2d_parse(stride, padding, dilation, kernel_size):
     stride = _pair(stride, 2)
     dilation = _pair(dilation, 2)
     pads = resolve_padding(padding, kernel_size, dilation)
     return stride, pads, dilation
+
+
+_norm2d_memo = functools.lru_cache(maxsize=1024, typed=True)(_norm2d_parse)
 
 
 # ----------------------------------------------------------------------------- path choice
@@ -226,6 +344,9 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
     o, cg, kh, kw = w.shape
     ho = output_size(x.shape[2], kh, stride[0], pads[0], dilation[0])
     wo = output_size(x.shape[3], kw, stride[1], pads[1], dilation[1])
+    if _small(n, groups, cg * kh * kw, ho, wo, pads):
+        out = _conv2d_small(x, w, bias, stride, pads, dilation, groups, (ho, wo))
+        return out if activation is None else _act.activate(out, activation)
     path = _choose("fwd", stride, groups, cg, o // groups, (kh, kw), _waste(x.shape, (kh, kw), pads, dilation))
     if path != "im2col" and n and ho > 0 and wo > 0:
         out = _conv2d_flat(x, w, bias, pads, dilation, groups, path == "stacked")
@@ -268,13 +389,15 @@ def conv2d_backward(grad_output, input, weight, stride=1, padding=0, dilation=1,
     stride, pads, dilation = _norm2d(stride, padding, dilation, w.shape[2:])
     n, c, h, wd = x.shape
     o, cg, kh, kw = w.shape
-    og = o // groups
     ho, wo = g.shape[2:]
+    gb = (g.sum(axis=(0, 2, 3)) if n else np.zeros(o, g.dtype)) if need[2] else None
+    if _small(n, groups, cg * kh * kw, ho, wo, pads):
+        gi, gw = _backward_small(g, x, w, stride, pads, dilation, groups, need) if need[0] or need[1] else (None, None)
+        return gi, gw, gb
+    og = o // groups
     gg = g.reshape(n, groups, og, ho * wo)
-    gi = gw = gb = None
+    gi = gw = None
     empty = n == 0 or ho * wo == 0
-    if need[2]:
-        gb = g.sum(axis=(0, 2, 3)) if n else np.zeros(o, g.dtype)
     waste = _waste(x.shape, (kh, kw), pads, dilation)
     wpath = _choose("wgrad", stride, groups, cg, og, (kh, kw), waste)
     dpath = _choose("dgrad", stride, groups, cg, og, (kh, kw), waste)
@@ -514,6 +637,22 @@ def _dgrad_col2im(gg, w, stride, pads, dilation, groups, in_shape, out_size):
     return gi if pt == pb == pl == pr == 0 else np.ascontiguousarray(gi)
 
 
+def _args1d(stride, padding, dilation, k):
+    """conv1d's arguments as conv2d's of the [N, C, 1, L] view: (stride, per-side pads,
+    dilation); remembered for hashable arguments, as :func:`_norm2d`."""
+    try:
+        return _args1d_memo(stride, padding, dilation, k)
+    except TypeError:
+        return _args1d_parse(stride, padding, dilation, k)
+
+
+def _args1d_parse(stride, padding, dilation, k):
+    return (1, _pair(stride, 1)[0]), _pads1d(padding, k, dilation), (1, _pair(dilation, 1)[0])
+
+
+_args1d_memo = functools.lru_cache(maxsize=1024, typed=True)(_args1d_parse)
+
+
 def _pads1d(padding, k, dilation):
     if isinstance(padding, str):
         return ((0, 0),) + resolve_padding(padding, (k,), _pair(dilation, 1))
@@ -524,8 +663,7 @@ def conv1d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
     """1d convolution: ``input`` [N, C, L], ``weight`` [O, C/groups, k] -> [N, O, Lo]; runs as 2d with H = 1."""
     x = np.asarray(input)[:, :, None, :]
     w = np.asarray(weight)[:, :, None, :]
-    pads = _pads1d(padding, w.shape[-1], dilation)
-    out = conv2d(x, w, bias, (1, _pair(stride, 1)[0]), pads, (1, _pair(dilation, 1)[0]), groups, activation)
+    out = conv2d(x, w, bias, *_args1d(stride, padding, dilation, w.shape[-1]), groups, activation)
     return out[:, :, 0, :]
 
 
@@ -536,7 +674,6 @@ def conv1d_backward(grad_output, input, weight, stride=1, padding=0, dilation=1,
     w = np.asarray(weight)[:, :, None, :]
     g = np.asarray(grad_output)[:, :, None, :]
     out4 = None if output is None else np.asarray(output)[:, :, None, :]
-    pads = _pads1d(padding, w.shape[-1], dilation)
-    gi, gw, gb = conv2d_backward(g, x, w, (1, _pair(stride, 1)[0]), pads, (1, _pair(dilation, 1)[0]), groups,
-                                 need, out4, activation)
+    gi, gw, gb = conv2d_backward(g, x, w, *_args1d(stride, padding, dilation, w.shape[-1]), groups, need, out4,
+                                 activation)
     return (None if gi is None else gi[:, :, 0, :]), (None if gw is None else gw[:, :, 0, :]), gb

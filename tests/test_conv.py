@@ -197,6 +197,63 @@ def test_reference_public_conv1d_padding_strings(padding, k, d, rng):
         assert_close(torch.from_numpy(np.asarray(a)), e, torch.float64, 2 * k * y.shape[2], name)
 
 
+# (nd, x shape, weight shape, groups, stride, padding, dilation, bias, activation): odd sizes,
+# strides, dilations, groups / depthwise, symmetric, per-side ('same', even kernel) and no padding
+SMALL_CASES = [
+    (2, (1, 2, 5, 5), (3, 2, 3, 3), 1, 1, 1, 1, True, None),                 # the overhead benchmark's
+    (2, (2, 4, 7, 6), (6, 2, 3, 2), 2, (2, 1), (1, 2), (1, 2), True, "relu"),
+    (2, (3, 3, 6, 9), (3, 1, 2, 3), 3, 1, "same", 2, False, "tanh"),         # depthwise, asymmetric 'same'
+    (2, (2, 16, 5, 5), (16, 16, 3, 3), 1, 1, 1, 1, False, None),              # general path: flat
+    (2, (1, 3, 8, 7), (5, 3, 4, 4), 1, 3, 0, 1, True, "sigmoid"),
+    (1, (2, 4, 11), (6, 2, 4), 2, 1, "same", 3, True, None),
+    (1, (3, 5, 9), (4, 5, 3), 1, 2, 2, 1, False, "relu"),
+]
+
+
+@pytest.mark.parametrize("nonfinite", [False, True], ids=["finite", "nonfinite"])
+@pytest.mark.parametrize("nd,xs,ws,g,s,p,d,bias,act", SMALL_CASES, ids=[f"case{i}" for i in range(len(SMALL_CASES))])
+def test_reference_small_path_matches_general(nd, xs, ws, g, s, p, d, bias, act, nonfinite, rng, monkeypatch):
+    """Small problems take one gather, one GEMM and a bincount scatter (``ref.SMALL``); the
+    general paths stay for large ones. Both must agree to rounding, forward and every gradient,
+    on strided (non-contiguous) inputs too, and NaN / inf must reach the same outputs and
+    gradients (torch's col2im rule: only the (output, tap) pairs that exist)."""
+    x = rng.standard_normal((xs[0], xs[1], *xs[2:-1], 2 * xs[-1]))[..., ::2]  # strided view
+    w = rng.standard_normal(ws)
+    b = rng.standard_normal(ws[0]) if bias else None
+    if nonfinite:
+        x[(0,) * (x.ndim - 1) + (1,)] = np.inf
+        x[(-1,) * x.ndim] = np.nan
+        w[(0,) * w.ndim] = -np.inf
+    fwd, bwd = (ref.conv2d, ref.conv2d_backward) if nd == 2 else (ref.conv1d, ref.conv1d_backward)
+    used = []
+    for name in ("_conv2d_small", "_backward_small"):
+        real = getattr(ref, name)
+        monkeypatch.setattr(ref, name, lambda *a, _r=real, _n=name: used.append(_n) or _r(*a))
+
+    def run():
+        y = fwd(x, w, b, s, p, d, g, act)
+        go = rng.standard_normal(y.shape)
+        return [y, *bwd(go, x, w, s, p, d, g, (True, True, True), y, act)]
+
+    state, limit = rng.bit_generator.state, ref.SMALL
+    small = run()
+    assert used == ["_conv2d_small", "_backward_small"]
+    monkeypatch.setattr(ref, "SMALL", 0)
+    rng.bit_generator.state = state  # the same output gradient
+    general = run()
+    assert used == ["_conv2d_small", "_backward_small"]
+    for what, a, e in zip(("forward", "grad_input", "grad_weight", "grad_bias"), small, general):
+        assert a.shape == e.shape and a.dtype == e.dtype and a.flags.c_contiguous, what
+        np.testing.assert_array_equal(np.isnan(a), np.isnan(e), err_msg=what)
+        np.testing.assert_allclose(a, e, rtol=1e-12, atol=1e-12, err_msg=what)
+    if not nonfinite:  # float32 through the small path against the float64 general result
+        y32 = fwd(x.astype(np.float32), w.astype(np.float32), None if b is None else b.astype(np.float32), s, p, d, g, act)
+        monkeypatch.setattr(ref, "SMALL", limit)
+        y32s = fwd(x.astype(np.float32), w.astype(np.float32), None if b is None else b.astype(np.float32), s, p, d, g, act)
+        assert y32s.dtype == np.float32
+        np.testing.assert_allclose(y32s, y32, rtol=1e-5, atol=1e-5)
+
+
 def test_reference_resolve_padding():
     """'same' pads d (k - 1) in total, the odd element on the high side, as torch does."""
     assert ref.resolve_padding("same", (4, 2), 1) == ((1, 2), (0, 1))
