@@ -71,6 +71,7 @@ def _resources(cubin: bytes) -> dict:
         "static_shared_bytes": shared,
         "hgmma": len(re.findall(r"\bHGMMA\b", sass)),
         "hmma": len(re.findall(r"\bHMMA\b", sass)),
+        "utmaldg": len(re.findall(r"\bUTMALDG\b", sass)),  # TMA (bulk tensor) loads
         "sass_lines": sass.count("\n"),
     }
 
