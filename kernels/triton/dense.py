@@ -322,8 +322,9 @@ def _launch_matmul_tma(a, b, c, bias, act, prec, cfg, programs=None) -> None:
     N = b.shape[1]
     bm, bn, bk, gm, warps, stages, _ = cfg
     args, a_km, b_nk = _tma_args(a, b, c, bias, act, bm, bn, bk)
-    if programs is None:
-        programs = _sm_count(a.device.index if a.device.index is not None else torch.cuda.current_device())
+    if programs is None:  # CPU tensors: the interpreter (tests, the sweep's CPU check), a few programs
+        programs = _sm_count(a.device.index if a.device.index is not None else torch.cuda.current_device()) \
+            if a.device.type == "cuda" else 3
     grid = (max(1, min(programs, cdiv(M, bm) * cdiv(N, bn))),)
     _matmul_tma_kernel[grid](*args, A_KM=a_km, B_NK=b_nk, PREC=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                              GROUP_M=gm, FLATTEN=TMA_FLATTEN, num_warps=warps, num_stages=stages)
