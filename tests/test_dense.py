@@ -694,6 +694,8 @@ def test_tma_candidates_only_for_calls_that_can_run_them(monkeypatch, rng):
     assert kd.tma_layout(randn(rng, M, K + 8, dtype=torch.bfloat16)[:, :K], b, "bf16", "ieee", sms) == (False, False)
     a = randn(rng, M * K + 1, dtype=torch.bfloat16)[1:].view(M, K)
     assert kd.tma_layout(a, b, "bf16", "ieee", sms) is None
+    # a broadcast operand (row stride 0: overlapping rows)
+    assert kd.tma_layout(randn(rng, 1, K, dtype=torch.bfloat16).expand(M, K), b, "bf16", "ieee", sms) is None
     # both operands column-major: not one of linear's layouts
     assert kd.tma_layout(ops("wgrad")[0], ops("fwd")[1], "bf16", "ieee", sms) is None
 

@@ -253,11 +253,13 @@ def _has_tma(index: int) -> bool:
 def _tma_operand(t, transposed: bool):
     """Whether t [R, C] can be described for TMA as itself (``transposed`` False: row-major, unit
     column stride) or as its transpose [C, R] (True: unit row stride): 16-byte aligned base, and
-    the described tensor's row stride a multiple of 16 bytes."""
+    the described tensor's row stride a multiple of 16 bytes and at least its row length (rows
+    that overlap, such as a broadcast operand's stride 0, are left to the pointer kernel)."""
     s0, s1 = t.stride()
     row, unit = (s1, s0) if transposed else (s0, s1)
+    length = t.shape[0] if transposed else t.shape[1]
     es = t.element_size()
-    return unit == 1 and t.data_ptr() % 16 == 0 and (row * es) % 16 == 0
+    return unit == 1 and row >= length and (row * es) % 16 == 0 and t.data_ptr() % 16 == 0
 
 
 def _tma_layouts(a, b):
