@@ -9,6 +9,10 @@ bfloat16, of
   BLOCK 128..2048 x num_warps 2 / 4 / 8;
 * the Adam kernel (10.5M parameters in bench_optim's mix of tensors): BLOCK x ITERS x num_warps,
   its chunk table built for each chunk size;
+* linear's three GEMMs (issue 15) at bench_dense's 8192x4096 -> 4096, bfloat16 and float32
+  (TF32): every candidate dense.py's tuning times for such a problem (the pointer kernel's, then
+  the persistent TMA kernel's) through ``_launch_matmul``, and torch's matmul (cuBLAS; ``best``
+  gives best / torch);
 * first, within ``--conv-budget-s`` (at most half the budget): the convolution forward at
   bench_conv's conv2d / conv1d shapes, NCHW and channels_last, float32 (TF32, as torch's
   default) and bfloat16: every candidate the measuring chooser would time for the problem (the
@@ -579,17 +583,116 @@ def conv_groups(dtypes, layouts=("nchw", "channels_last"), shapes=None, device: 
 
 
 def default_groups(device: str = "cuda") -> list[Group]:
-    """The GPU sweep, most wanted first: relu at the main shape, pooling and Adam in float32,
+    """The GPU sweep, most wanted first: relu at the main shape, linear's three GEMMs (issue
+    15: the pointer and persistent TMA matmul candidates against cuBLAS, bfloat16 and TF32),
+    pooling and Adam in float32,
     sigmoid / tanh, pooling and Adam in bfloat16, then the other activation shapes."""
     from gpu_nn.benchmarks import bench_activation
 
     f32, bf16 = torch.float32, torch.bfloat16
     main, others = bench_activation.GPU_SHAPES[0], bench_activation.GPU_SHAPES[1:]
     return (activation_groups(["relu"], [main], [f32, bf16], device)
+            + linear_groups([bf16, f32], device=device)
             + pool_groups([f32], device=device) + adam_groups([f32], device=device)
             + activation_groups(["sigmoid", "tanh"], [main], [f32, bf16], device)
             + pool_groups([bf16], device=device) + adam_groups([bf16], device=device)
             + activation_groups(["relu", "sigmoid", "tanh"], others, [f32, bf16], device))
+
+
+# ------------------------------------------------------------------------------ linear (issue 15)
+
+MATMUL_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
+LINEAR_GEMMS = ("fwd", "dgrad", "wgrad")
+
+
+def linear_grid(dtype) -> list[dict]:
+    """What dense.py's tuning times for a large GEMM of linear where the persistent TMA kernel
+    applies (``kd.tuning_candidates(..., tma=True)``: the pointer kernel's candidates, the
+    heuristic first, then the TMA kernel's, ``tma`` True), and torch (cuBLAS) last. float32 runs
+    with TF32, as torch's linear benchmark allows it."""
+    from gpu_nn.kernels.triton import dense as kd
+
+    dt = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+    cands = kd.tuning_candidates(dt, "tf32" if dt == "fp32" else "ieee", True)
+    return ([{"impl": "dense", **dict(zip(MATMUL_KEYS, c[:6])), "tma": len(c) == 7} for c in cands]
+            + [{"provider": "torch"}])
+
+
+def _matmul_tuple(cfg: dict) -> tuple:
+    from gpu_nn.kernels.triton import dense as kd
+
+    return tuple(cfg[k] for k in MATMUL_KEYS) + ((kd.TMA,) if cfg["tma"] else ())
+
+
+def _linear_gemm_operands(gemm: str, M: int, K: int, N: int, dtype, device: str):
+    """(a, b, c, bias) of one of linear's GEMMs for y = x [M, K] @ w [N, K]^T + b, as
+    gpu_nn.ops.dense passes them: fwd x @ w.t() (+ bias) into y [M, N]; dgrad dY @ w into
+    dx [M, K]; wgrad dY.t() @ x into dw [N, K]. Operands scaled so that outputs are O(1)."""
+    g = torch.Generator(device="cpu").manual_seed(5)
+
+    def t(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
+
+    if gemm == "fwd":
+        return t(M, K), t(N, K, scale=K ** -0.5).t(), torch.empty(M, N, device=device, dtype=dtype), t(N, scale=0.1)
+    if gemm == "dgrad":
+        return t(M, N), t(N, K, scale=N ** -0.5), torch.empty(M, K, device=device, dtype=dtype), None
+    return t(M, N, scale=M ** -0.5).t(), t(M, K), torch.empty(N, K, device=device, dtype=dtype), None
+
+
+def _linear_setup(gemm: str, M: int, K: int, N: int, dtype, device: str, configs):
+    """One GEMM of linear launched through ``kd._launch_matmul`` in the row's configuration
+    (the tuning bypassed), or torch.matmul / addmm (TF32 allowed for float32) into the same
+    output; checked against the float64 product within 4 u of its largest entry (u the dot's unit
+    roundoff; Triton's TF32 truncates: 2^-10), plus bfloat16's output rounding."""
+    from gpu_nn.kernels.triton import dense as kd
+
+    a, b, c, bias = _linear_gemm_operands(gemm, M, K, N, dtype, device)
+    prec = "tf32" if dtype == torch.float32 else "ieee"
+    ref = a.double() @ b.double() + (bias.double() if bias is not None else 0.0)
+    u = {torch.float32: 2.0 ** -10, torch.float16: _U["half"], torch.bfloat16: _U["bf16"]}[dtype]
+    scale = float(ref.abs().max())
+    atol = 4 * u * scale + (2.0 ** -8 if dtype == torch.bfloat16 else 0.0) * scale
+
+    def launch(cfg):
+        if cfg.get("provider") == "torch":
+            old = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = True
+            try:
+                if bias is not None:
+                    torch.addmm(bias, a, b, out=c)
+                else:
+                    torch.matmul(a, b, out=c)
+            finally:
+                torch.backends.cuda.matmul.allow_tf32 = old
+        else:
+            kd._launch_matmul(a, b, c, bias, 0, prec, _matmul_tuple(cfg))
+        return c
+
+    def check(cfg):
+        c.fill_(float("nan"))
+        return compare_tol(launch(cfg), ref, rtol=4 * u, atol=atol)
+
+    if not _interpret():  # both kernels' configurations at once (Triton's AsyncCompileMode)
+        kd._compile_candidates(a, b, c, bias, 0, prec, [_matmul_tuple(x) for x in configs if "provider" not in x])
+    return launch, check
+
+
+def linear_groups(dtypes, gemms=LINEAR_GEMMS, shape=LINEAR, device: str = "cuda", configs=None) -> list[Group]:
+    """linear's three GEMMs at bench_dense's shape (``LINEAR``: M, K, N), per dtype: every
+    configuration of :func:`linear_grid` (pointer and TMA kernels, torch), one launch each."""
+    M, K, N = shape
+    dims = {"fwd": (M, N, K), "dgrad": (M, K, N), "wgrad": (N, K, M)}  # (rows, cols, depth) of each product
+    out = []
+    for dtype in dtypes:
+        es = torch.empty((), dtype=dtype).element_size()
+        for gemm in gemms:
+            r, c, d = dims[gemm]
+            out.append(Group("_matmul_kernel / _matmul_tma_kernel", f"linear {gemm} GEMM", _dtype_str(dtype),
+                             f"{r}x{d} @ {d}x{c}", (r * d + d * c + r * c) * es,
+                             linear_grid(dtype) if configs is None else configs,
+                             functools.partial(_linear_setup, gemm, M, K, N, dtype, device), flops=2 * r * c * d))
+    return out
 
 
 # ------------------------------------------------------------------------------ recurrent (issue 16)

@@ -630,11 +630,16 @@ def test_every_matmul_candidate_matches_reference(dt, prec, rng):
         bias = randn(rng, N, dtype=dtype, device=device) if has_bias else None
         c = torch.full((M, N), float("nan"), dtype=dtype, device=device)
         kd._launch_matmul(a, b, c, bias, kd.ACT_CODES[act], prec, cfg)
-        what = f"matmul {dt} {prec} {cfg} {layout} act={act} bias={has_bias}"
-        want = _mm_reference(a, b, bias, act)
-        if prec != "tf32":
-            assert_close(c, want, dtype, k=K, what=what)
-            continue
+        _assert_product(c, a, b, bias, act, dtype, prec, K, f"matmul {dt} {prec} {cfg} {layout} act={act} bias={has_bias}")
+
+
+def _assert_product(c, a, b, bias, act, dtype, prec, K, what):
+    """c = act(a @ b + bias) within the dtype's tolerance for a K-deep float32-accumulated dot,
+    or for prec "tf32" within the TF32 bound below."""
+    want = _mm_reference(a, b, bias, act)
+    if prec != "tf32":
+        assert_close(c, want, dtype, k=K, what=what)
+    else:
         # tf32 (compiled Triton; the interpreter computes float32) cuts each operand to a 10-bit
         # mantissa: Triton hands the float32 registers to the MMA, which drops the low 13 bits
         # (truncation, relative error < 2^-10, where cuBLAS rounds to nearest, < 2^-11), so a
@@ -647,6 +652,148 @@ def test_every_matmul_candidate_matches_reference(dt, prec, rng):
         err = max_rel_err(c, want) * max(float(want.abs().max()), 1.0) / max(float(z.abs().max()), 1.0)
         bound = tol(torch.float16, K)
         assert err <= bound, f"{what}: max error {err:.3e} of the product's scale > {bound:.3e} (tf32, k={K})"
+
+
+# (M, N, K) per layout for the TMA kernel: odd M where A's rows are not a described stride
+# (fwd, dgrad), odd K where it is (wgrad: A^T = dY is [K, M], so M must be a multiple of 8, as
+# must every other described row length); every side a partial tile of the interpreter's 32x32x16
+# configuration, and several tiles per program of a 2-program persistent grid
+_TMA_SHAPES = {"fwd": (37, 72, 88), "dgrad": (37, 40, 88), "wgrad": (72, 40, 83)}
+_TMA_KIND = {"fwd": (False, True), "dgrad": (False, False), "wgrad": (True, False)}  # (A_KM, B_NK)
+
+
+@pytest.mark.parametrize("dt,prec", [("fp16", "ieee"), ("fp32", "tf32"), ("bf16", "ieee")])
+def test_tma_matmul_kernel_matches_reference(dt, prec, rng):
+    """The persistent TMA kernel, launched directly (production never launches it under the
+    interpreter; on a GPU its real configurations), against the float64 product: linear's three
+    layouts, each with and without bias, the four activations, C written through a transposed
+    view once per layout, two programs looping over 4-6 tiles each (partial on every side)."""
+    device = _triton_here()
+    if dt == "bf16" and device == "cpu":
+        pytest.skip("bfloat16 runs on a GPU only (the interpreter computes it wrong)")
+    if device == "cuda" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA and wgmma need compute capability 9.0")
+    from gpu_nn.kernels.triton import dense as kd
+
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dt]
+    # on a GPU its real configurations (float16 has none of its own yet: bfloat16's)
+    cfgs = [kd._MATMUL_TMA_INTERP] if device == "cpu" else list(kd.matmul_tma_candidates(dt, prec)
+                                                                or kd.matmul_tma_candidates("bf16", prec))
+    assert cfgs and all(c[-1] == kd.TMA for c in cfgs)
+    i = 0
+    for cfg in cfgs:
+        for layout in _MM_LAYOUTS:
+            M, N, K = _TMA_SHAPES[layout]
+            for has_bias in (False, True):
+                act = ACTS[i % 4]
+                i += 1
+                a, b = _mm_operands(rng, layout, M, N, K, dtype, device)
+                assert kd._tma_layouts(a, b) == _TMA_KIND[layout]
+                bias = randn(rng, N, dtype=dtype, device=device) if has_bias else None
+                if has_bias:
+                    c = torch.full((N, M), float("nan"), dtype=dtype, device=device).t()
+                else:
+                    c = torch.full((M, N), float("nan"), dtype=dtype, device=device)
+                kd._launch_matmul_tma(a, b, c, bias, kd.ACT_CODES[act], prec, cfg, programs=2)
+                _assert_product(c, a, b, bias, act, dtype, prec, K,
+                                f"tma matmul {dt} {prec} {cfg} {layout} act={act} bias={has_bias}")
+
+
+def test_tma_candidates_only_for_calls_that_can_run_them(monkeypatch, rng):
+    """The TMA configurations are timed (and a cached TMA choice served) only for half or TF32
+    products in one of linear's three layouts, with 16-byte aligned bases and row strides, of at
+    least one wave of 128x128 tiles and TMA_MIN_K deep, on a GPU, never under the interpreter;
+    the tuning key carries the verdict."""
+    from gpu_nn.kernels.triton import _tune
+    from gpu_nn.kernels.triton import dense as kd
+
+    M, N, K, sms = 296, 264, kd.TMA_MIN_K, 4  # 3 x 3 tiles of 128 on 4 "SMs"; M, N multiples of 8
+
+    def ops(layout, dtype=torch.bfloat16, m=M, n=N, k=K):
+        return _mm_operands(rng, layout, m, n, k, dtype, "cpu")
+
+    for layout, kind in _TMA_KIND.items():
+        a, b = ops(layout)
+        assert kd.tma_layout(a, b, "bf16", "ieee", sms) == kind
+        assert kd.tma_layout(a.half(), b.half(), "fp16", "ieee", sms) is None  # no float16 configuration yet
+        a32, b32 = ops(layout, torch.float32)
+        assert kd.tma_layout(a32, b32, "fp32", "tf32", sms) == kind
+        assert kd.tma_layout(a32, b32, "fp32", "ieee", sms) is None  # full precision stays on FMA
+        assert kd.tma_layout(a, b, "bf16", "ieee", 10 * sms) is None  # under one wave of tiles
+        assert kd.tma_layout(*ops(layout, k=K - 8), "bf16", "ieee", sms) is None  # too shallow
+        assert not kd.tma_eligible(a, b, "bf16", "ieee", interpret=True)
+        assert not kd.tma_eligible(a, b, "bf16", "ieee", interpret=False)  # CPU tensors
+    # odd K: the row stride of x and w (fwd), of dY (dgrad) is not a multiple of 16 bytes
+    for layout in ("fwd", "dgrad"):
+        assert kd.tma_layout(*ops(layout, k=K + 1), "bf16", "ieee", sms) is None
+        assert kd.tma_layout(*ops(layout, torch.float32, k=K + 2), "fp32", "tf32", sms) is None
+    assert kd.tma_layout(*ops("wgrad", m=M + 1), "bf16", "ieee", sms) is None  # dY^T's row stride M
+    assert kd.tma_layout(*ops("wgrad", k=K + 1), "bf16", "ieee", sms) == (True, False)  # K is no stride here
+    # a padded row stride that is not a multiple of 16 bytes, and a base off by one element
+    b = ops("dgrad")[1]
+    a = randn(rng, M, K + 4, dtype=torch.bfloat16)[:, :K]
+    assert kd.tma_layout(a, b, "bf16", "ieee", sms) is None
+    assert kd.tma_layout(randn(rng, M, K + 8, dtype=torch.bfloat16)[:, :K], b, "bf16", "ieee", sms) == (False, False)
+    a = randn(rng, M * K + 1, dtype=torch.bfloat16)[1:].view(M, K)
+    assert kd.tma_layout(a, b, "bf16", "ieee", sms) is None
+    # a broadcast operand (row stride 0: overlapping rows)
+    assert kd.tma_layout(randn(rng, 1, K, dtype=torch.bfloat16).expand(M, K), b, "bf16", "ieee", sms) is None
+    # both operands column-major: not one of linear's layouts
+    assert kd.tma_layout(ops("wgrad")[0], ops("fwd")[1], "bf16", "ieee", sms) is None
+
+    for dt, prec in (("fp16", "ieee"), ("bf16", "ieee"), ("fp32", "tf32"), ("fp32", "ieee")):
+        plain = kd.matmul_candidates(dt, prec)
+        assert kd.tuning_candidates(dt, prec, False) == plain
+        tma = kd.tuning_candidates(dt, prec, True)
+        assert tma[:len(plain)] == plain  # the heuristic stays first
+        assert [c for c in tma[len(plain):]] == list(kd.matmul_tma_candidates(dt, prec))
+        assert all(c[-1] == kd.TMA for c in tma[len(plain):]) and all(len(c) == 6 for c in plain)
+        assert (len(tma) > len(plain)) == (prec == "tf32" or dt == "bf16")
+
+    # the launcher asks the tuner with the verdict in the key and the candidates it allows
+    asked = []
+    monkeypatch.setattr(_tune, "_chooser", lambda op, key, cands, run, default, device, prepare=None:
+                        (asked.append((key, cands)), default)[1])
+    a, b = _mm_operands(rng, "fwd", 19, 24, 32, torch.float32, "cpu")
+    kd.matmul(a, b, torch.empty(19, 24), allow_tf32=True)
+    monkeypatch.setattr(kd, "tma_eligible", lambda *args: True)
+    kd.matmul(a, b, torch.empty(19, 24), allow_tf32=True)
+    (key0, cands0), (key1, cands1) = asked
+    assert key0[-1] is False and key1[-1] is True and key0[:-1] == key1[:-1]
+    assert cands0 == kd.matmul_candidates("fp32", "tf32") and cands1 == kd.tuning_candidates("fp32", "tf32", True)
+    assert len(cands1) > len(cands0)
+
+
+def test_every_tma_launch_is_in_aot_specs(monkeypatch, rng):
+    """What the TMA launcher passes for each configuration and layout (recorded from a stand-in
+    for the kernel: no CPU process can launch it, so tests/test_aot_coverage.py never sees it) is
+    an ahead-of-time spec: the same constexprs, warps, stages and descriptor block shapes."""
+    from gpu_nn.kernels.triton import dense as kd
+
+    launches = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kw: launches.append((args, kw))
+
+    specs = [s for s in kd.aot_specs() if s.kernel is kd._matmul_tma_kernel]
+    monkeypatch.setattr(kd, "_matmul_tma_kernel", Recorder())
+    n = 0
+    for dt, prec, dtype in (("bf16", "ieee", torch.bfloat16), ("fp32", "tf32", torch.float32)):
+        for cfg in kd.matmul_tma_candidates(dt, prec):
+            for layout in _MM_LAYOUTS:
+                a, b = _mm_operands(rng, layout, 40, 48, 64, dtype, "cpu")
+                launches.clear()
+                kd._launch_matmul_tma(a, b, torch.empty(40, 48, dtype=dtype), None, 0, prec, cfg, programs=1)
+                (args, kw), = launches
+                opts = {k: kw.pop(k) for k in ("num_warps", "num_stages")}
+                match = [s for s in specs if s.constexprs == kw and s.signature["c_ptr"] == f"*{dt}"
+                         and (s.num_warps, s.num_stages) == (opts["num_warps"], opts["num_stages"])]
+                assert len(match) == 1, f"{dt} {cfg} {layout}: {kw} {opts} has {len(match)} specs"
+                for desc, name in zip(args[:2], ("a_desc", "b_desc")):
+                    assert match[0].signature[name] == f"tensordesc<{dt}[{desc.block_shape[0]}, {desc.block_shape[1]}]>"
+                n += 1
+    assert n == len(specs) == 3 * sum(len(kd.matmul_tma_candidates(*k)) for k in (("bf16", "ieee"), ("fp32", "tf32")))
 
 
 @pytest.fixture

@@ -534,3 +534,32 @@ def test_conv_section_times_every_candidate_and_torch(tmp_path):
     assert all(b["torch_us"] == pytest.approx(3.0) and b["best_vs_torch"] == pytest.approx(1.0) for b in doc["best"])
     assert all(b["configs"] == len(by[(b["op"], b["dtype"])].configs) - 1 for b in doc["best"])
     assert "torch 3.0 us" in sweep.format_best(doc["best"])
+
+
+def test_linear_section_times_every_matmul_candidate_and_torch(tmp_path):
+    """The linear groups on a tiny CPU problem (Triton interpreter, float32 with TF32): one group
+    per GEMM of linear, each holding what the tuning times where the TMA kernel applies (the
+    pointer kernel's candidates, the heuristic first, then the TMA kernel's) and torch last; every
+    configuration's output matches the float64 product; the best rows carry torch's time."""
+    from gpu_nn.kernels import triton as ktriton
+    from gpu_nn.kernels.triton import dense as kd
+
+    if not ktriton.INTERPRET:
+        pytest.skip("launches Triton kernels on CPU tensors: Triton interpreter only (the GPU runs the real section)")
+    groups = sweep.linear_groups([torch.float32], shape=(37, 40, 24), device="cpu")
+    assert [g.op for g in groups] == ["linear fwd GEMM", "linear dgrad GEMM", "linear wgrad GEMM"]
+    assert [g.shape for g in groups] == ["37x40 @ 40x24", "37x24 @ 24x40", "24x37 @ 37x40"]
+    cfgs = groups[0].configs
+    assert [sweep._matmul_tuple(c) for c in cfgs[:-1]] == list(kd.tuning_candidates("fp32", "tf32", True))
+    assert cfgs[0]["tma"] is False and cfgs[-2]["tma"] is True and cfgs[-1] == {"provider": "torch"}
+    assert [c["tma"] for c in sweep.linear_grid(torch.bfloat16)[:-1]].count(True) == len(kd.matmul_tma_candidates("bf16", "ieee"))
+
+    def bench(fn):
+        fn()
+        return 3e-6
+
+    doc = sweep.run_sweep(groups, str(tmp_path / "linear.json"), 1e9, bench=bench, log=lambda s: None)
+    rows = doc["rows"]
+    assert doc["status"] == "complete" and len(rows) == sum(len(g.configs) for g in groups)
+    assert all("error" not in r and r["correct"] for r in rows), [r for r in rows if "error" in r or not r["correct"]]
+    assert all(b["torch_us"] == pytest.approx(3.0) and b["configs"] == len(cfgs) - 1 for b in doc["best"])

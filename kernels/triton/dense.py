@@ -8,9 +8,12 @@ elements. Launchers take contiguous row-major 2-D tensors except :func:`matmul`,
 any strides (so transposes are views, never copies).
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import INTERPRET as _INTERPRETED
 from . import _tune
@@ -74,6 +77,59 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, M, N, K,
              acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
+@triton.jit(do_not_specialize=["has_bias", "act"])
+def _matmul_tma_kernel(a_desc, b_desc, c_ptr, bias_ptr, M, N, K, stride_cm, stride_cn, has_bias, act,
+                       A_KM: tl.constexpr, B_NK: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, FLATTEN: tl.constexpr):
+    """C[M, N] = act(A[M, K] @ B[K, N] + bias[N]) as :func:`_matmul_kernel`, persistent, with A and
+    B read through host-side tensor descriptors (TMA: the copy engine fills the shared-memory
+    tiles, no address arithmetic or masks in the K loop; out-of-bounds rows and columns read as 0).
+
+    The grid is at most one program per SM; program p computes output tiles p, p + P, p + 2 P, ...
+    (P programs) in :func:`_grouped_tile`'s order, so one launch fills every SM once and the tiles
+    of a wave share B tiles in L2 as in the non-persistent kernel. ``FLATTEN`` lets the software
+    pipeliner fuse the tile loop with the K loop (the next tile's first loads are issued during
+    this tile's last products and its epilogue).
+
+    Layouts (a descriptor's last dimension is the contiguous one): ``A_KM`` False: ``a_desc``
+    describes A [M, K] (row-major); True: A^T [K, M] (A column-major, the weight gradient's
+    dY^T), its [BLOCK_K, BLOCK_M] tile transposed in the kernel. ``B_NK`` True: ``b_desc``
+    describes B^T [N, K] (linear's forward reads the weight w [N, K] itself for B = w^T); False:
+    B [K, N] row-major. The epilogue (run-time ``has_bias`` / ``act``, never specialised) and the
+    store through plain pointers (C any strides, int64 offsets, masked) are the non-persistent
+    kernel's.
+    """
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    for tile in tl.range(tl.program_id(0), num_m * num_n, tl.num_programs(0), flatten=FLATTEN):
+        pid_m, pid_n = _grouped_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for ki in range(k_tiles):
+            off_k = ki * BLOCK_K
+            if A_KM:
+                a = a_desc.load([off_k, off_m]).T
+            else:
+                a = a_desc.load([off_m, off_k])
+            if B_NK:
+                b = b_desc.load([off_n, off_k]).T
+            else:
+                b = b_desc.load([off_k, off_n])
+            acc = tl.dot(a, b, acc, input_precision=PREC)
+        # int64 before multiplying by a stride: M * N may exceed 2^31
+        offs_m = off_m + tl.arange(0, BLOCK_M).to(tl.int64)
+        offs_n = off_n + tl.arange(0, BLOCK_N).to(tl.int64)
+        mask_n = offs_n < N
+        if has_bias != 0:
+            bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            acc = acc + bias[None, :]
+        acc = _epilogue_act(acc, act)
+        tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn,
+                 acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & mask_n[None, :])
+
+
 # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) on sm_90, per operand kind: "half"
 # (fp16 / bf16 on wgmma), "tf32" (fp32 on wgmma) and "ieee" (fp32 on FMA). The first of each list
 # is the heuristic (the configuration used before tuning existed: 128x128 tiles keep the tensor
@@ -88,8 +144,29 @@ _MATMUL_CANDIDATES = {
     "ieee": ((128, 128, 32, 8, 8, 3), (128, 128, 16, 8, 8, 4), (64, 128, 32, 8, 4, 3), (128, 64, 32, 8, 4, 3)),
 }
 _MATMUL_INTERP = (32, 32, 16, 4, 4, 1)
+
+# The persistent TMA kernel's configurations (_matmul_tma_kernel) per operand kind: the same six
+# numbers and a "tma" tag (a tuning choice is stored and compared as the whole tuple). Only where
+# :func:`tma_eligible` holds do they join the candidates, after the pointer kernel's (whose first
+# stays the heuristic). One per kind, because each is compiled ahead of time for each of linear's
+# three layouts (5-7 s apiece on the test machine's CPU, cold; tests/test_compile.py):
+# bf16, the tile that won the pointer kernel's tuning of every bf16 GEMM of linear at
+# 8192x4096x4096 on the H200 (2026-11-30), 128x256 with two warpgroups (one m64n256 wgmma each)
+# and three stages of 64-deep K tiles (144 KiB, plus the flattened loop's epilogue buffer: 176
+# KiB with Triton 3.9); tf32, the pointer kernel's heuristic 128x128x32 (128x256x32 needs 272
+# KiB of shared memory). float16 has none yet, only to keep the AOT compile within its budget:
+# the kernel is the same (tests run it in float16), and adding "fp16" with bf16's tuple enables it
+# (three more AOT compiles, about 17 s).
+TMA = "tma"
+_MATMUL_TMA_CANDIDATES = {
+    "bf16": ((128, 256, 64, 8, 8, 3, TMA),),
+    "tf32": ((128, 128, 32, 8, 8, 3, TMA),),
+}
+# the small configuration the interpreter tests run the TMA kernel in
+_MATMUL_TMA_INTERP = (32, 32, 16, 4, 4, 1, TMA)
 # tl.dot needs every tile side >= 16 on NVIDIA GPUs; the interpreter would not notice
-assert all(min(c[:3]) >= 16 for cands in _MATMUL_CANDIDATES.values() for c in (*cands, _MATMUL_INTERP))
+assert all(min(c[:3]) >= 16 for cands in (*_MATMUL_CANDIDATES.values(), *_MATMUL_TMA_CANDIDATES.values())
+           for c in (*cands, _MATMUL_INTERP, _MATMUL_TMA_INTERP))
 
 
 def _operand_kind(dt: str, prec: str) -> str:
@@ -100,6 +177,19 @@ def matmul_candidates(dt: str, prec: str) -> tuple:
     """Every configuration :func:`matmul` may launch on a GPU for operand dtype ``dt`` and dot
     precision ``prec``; the first is the heuristic."""
     return _MATMUL_CANDIDATES[_operand_kind(dt, prec)]
+
+
+def matmul_tma_candidates(dt: str, prec: str) -> tuple:
+    """The persistent TMA kernel's configurations for operand dtype ``dt`` and precision ``prec``
+    (none for full-precision float32, which stays on FMA in the pointer kernel, nor yet for
+    float16: see _MATMUL_TMA_CANDIDATES)."""
+    return _MATMUL_TMA_CANDIDATES.get(prec if dt == "fp32" else dt, ())
+
+
+def tuning_candidates(dt: str, prec: str, tma: bool) -> tuple:
+    """What the tuning times for one call: :func:`matmul_candidates` (the heuristic first), then,
+    where the call is :func:`tma_eligible`, :func:`matmul_tma_candidates`."""
+    return matmul_candidates(dt, prec) + (matmul_tma_candidates(dt, prec) if tma else ())
 
 
 def matmul_config(dt: str, interpret: bool, prec: str = "ieee") -> tuple:
@@ -138,7 +228,114 @@ def _layout(t) -> str:
     return "r" if s1 == 1 else ("c" if s0 == 1 else "g")
 
 
+# The TMA kernel applies from this many output tiles of 128x128 on (times the SM count): below
+# one full wave every program of a persistent grid gets at most one tile, so persistence buys
+# nothing there, and the pointer kernel's 64-row candidates give such problems more programs;
+# and only from this many K steps of 64 (8) do three pipeline stages reach a steady state. Both
+# keep the two extra compilations and timings of the first call of a key to GEMMs of tens of
+# microseconds and more (132 tiles x 512 deep is 2.2 GFLOP, ~4 us at the H200's bf16 rate).
+TMA_MIN_WAVES = 1
+TMA_MIN_K = 512
+# tl.range(flatten=...) of the persistent tile loop (see _matmul_tma_kernel)
+TMA_FLATTEN = True
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+@functools.lru_cache(maxsize=None)
+def _has_tma(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def _tma_operand(t, transposed: bool):
+    """Whether t [R, C] can be described for TMA as itself (``transposed`` False: row-major, unit
+    column stride) or as its transpose [C, R] (True: unit row stride): 16-byte aligned base, and
+    the described tensor's row stride a multiple of 16 bytes and at least its row length (rows
+    that overlap, such as a broadcast operand's stride 0, are left to the pointer kernel)."""
+    s0, s1 = t.stride()
+    row, unit = (s1, s0) if transposed else (s0, s1)
+    length = t.shape[0] if transposed else t.shape[1]
+    es = t.element_size()
+    return unit == 1 and row >= length and (row * es) % 16 == 0 and t.data_ptr() % 16 == 0
+
+
+def _tma_layouts(a, b):
+    """(A_KM, B_NK) of :func:`_matmul_tma_kernel` for a @ b by layout and alignment alone, or
+    None. Only linear's three layouts, each compiled ahead of time: A row-major with B
+    column-major (x @ w.t()) or row-major (dY @ W), and A column-major with B row-major
+    (dY.t() @ X); the first that fits, in that order."""
+    for a_km, b_nk in ((False, True), (False, False), (True, False)):
+        if _tma_operand(a, a_km) and _tma_operand(b, b_nk):
+            return a_km, b_nk
+    return None
+
+
+def tma_layout(a, b, dt: str, prec: str, sm_count: int):
+    """:func:`_tma_layouts`, or None also where the TMA kernel does not apply by dtype /
+    precision (:func:`matmul_tma_candidates`) or size (TMA_MIN_WAVES waves of ``sm_count``
+    128x128 tiles, TMA_MIN_K). Device-independent: :func:`tma_eligible` adds the device checks."""
+    if not matmul_tma_candidates(dt, prec):
+        return None
+    M, K = a.shape
+    N = b.shape[1]
+    if K < TMA_MIN_K or cdiv(M, 128) * cdiv(N, 128) < TMA_MIN_WAVES * sm_count:
+        return None
+    return _tma_layouts(a, b)
+
+
+def tma_eligible(a, b, dt: str, prec: str, interpret: bool) -> bool:
+    """Whether the TMA candidates may be timed (and a cached TMA choice launched) for this call:
+    compiled kernels (never the interpreter), a CUDA device of compute capability >= 9 (TMA and
+    wgmma), and :func:`tma_layout`."""
+    if interpret or _INTERPRETED or a.device.type != "cuda":
+        return False
+    idx = a.device.index if a.device.index is not None else torch.cuda.current_device()
+    return _has_tma(idx) and tma_layout(a, b, dt, prec, _sm_count(idx)) is not None
+
+
+def _tma_args(a, b, c, bias, act, bm, bn, bk):
+    """The runtime arguments of :func:`_matmul_tma_kernel` and its (A_KM, B_NK)."""
+    M, K = a.shape
+    N = b.shape[1]
+    a_km, b_nk = _tma_layouts(a, b)  # the caller checked that there is one
+    if a_km:
+        a_desc = TensorDescriptor(a, [K, M], [a.stride(1), 1], [bk, bm])
+    else:
+        a_desc = TensorDescriptor(a, [M, K], [a.stride(0), 1], [bm, bk])
+    if b_nk:
+        b_desc = TensorDescriptor(b, [N, K], [b.stride(1), 1], [bn, bk])
+    else:
+        b_desc = TensorDescriptor(b, [K, N], [b.stride(0), 1], [bk, bn])
+    args = (a_desc, b_desc, c, bias if bias is not None else c, M, N, K, c.stride(0), c.stride(1),
+            1 if bias is not None else 0, act)
+    return args, a_km, b_nk
+
+
+def _launch_matmul_tma(a, b, c, bias, act, prec, cfg, programs=None) -> None:
+    """One launch of :func:`_matmul_tma_kernel` through the JIT (``kernel[grid]``, not the cached
+    launch plans of ``_launch``: the GEMMs it serves take hundreds of microseconds, and the plan
+    key was verified for pointer arguments only). ``programs``: the persistent grid's size
+    (default: one per SM, at most one per tile; tests pass a few to run several tiles per program
+    under the interpreter)."""
+    M, K = a.shape
+    N = b.shape[1]
+    bm, bn, bk, gm, warps, stages, _ = cfg
+    args, a_km, b_nk = _tma_args(a, b, c, bias, act, bm, bn, bk)
+    if programs is None:  # CPU tensors: the interpreter (tests, the sweep's CPU check), a few programs
+        programs = _sm_count(a.device.index if a.device.index is not None else torch.cuda.current_device()) \
+            if a.device.type == "cuda" else 3
+    grid = (max(1, min(programs, cdiv(M, bm) * cdiv(N, bn))),)
+    _matmul_tma_kernel[grid](*args, A_KM=a_km, B_NK=b_nk, PREC=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                             GROUP_M=gm, FLATTEN=TMA_FLATTEN, num_warps=warps, num_stages=stages)
+
+
 def _launch_matmul(a, b, c, bias, act, prec, cfg) -> None:
+    if len(cfg) == 7:
+        _launch_matmul_tma(a, b, c, bias, act, prec, cfg)
+        return
     M, K = a.shape
     N = b.shape[1]
     bm, bn, bk, gm, warps, stages = cfg
@@ -164,9 +361,16 @@ def _compile_candidates(a, b, c, bias, act, prec, cands) -> None:
     args = (a, b, c, bias if bias is not None else c, M, N, K,
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1), 1 if bias is not None else 0, act)
     with parallel_compile(len(cands)) as available:
-        for bm, bn, bk, gm, warps, stages in (cands if available else ()):
-            _matmul_kernel.warmup(*args, PREC=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, num_warps=warps,
-                                  num_stages=stages, grid=(1,))
+        for cfg in (cands if available else ()):
+            bm, bn, bk, gm, warps, stages = cfg[:6]
+            if len(cfg) == 7:
+                targs, a_km, b_nk = _tma_args(a, b, c, bias, act, bm, bn, bk)
+                _matmul_tma_kernel.warmup(*targs, A_KM=a_km, B_NK=b_nk, PREC=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                                          GROUP_M=gm, FLATTEN=TMA_FLATTEN, num_warps=warps, num_stages=stages,
+                                          grid=(1,))
+            else:
+                _matmul_kernel.warmup(*args, PREC=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm,
+                                      num_warps=warps, num_stages=stages, grid=(1,))
 
 
 def matmul(a, b, c, bias=None, activation=None, allow_tf32=False, interpret=False) -> None:
@@ -174,10 +378,10 @@ def matmul(a, b, c, bias=None, activation=None, allow_tf32=False, interpret=Fals
     contiguous [N] or None; c must not overlap a, b or bias.
 
     On a GPU the configuration is measured on first use of a (M, N, K, layouts of a / b / c,
-    dtype, bias, activation, precision) on the device (``gpu_nn._tuning``: every
-    :func:`matmul_candidates` entry timed on these very buffers, the fastest cached in memory and
-    on disk); the heuristic serves CPU tensors, the interpreter, ``GPU_NN_TUNE=0`` and CUDA graph
-    capture.
+    dtype, bias, activation, precision, TMA eligibility) on the device (``gpu_nn._tuning``: every
+    :func:`tuning_candidates` entry timed on these very buffers, the fastest cached in memory and
+    on disk; the persistent TMA kernel's among them where :func:`tma_eligible`); the heuristic
+    serves CPU tensors, the interpreter, ``GPU_NN_TUNE=0`` and CUDA graph capture.
     """
     M, K = a.shape
     N = b.shape[1]
@@ -189,8 +393,11 @@ def matmul(a, b, c, bias=None, activation=None, allow_tf32=False, interpret=Fals
     act = ACT_CODES[activation]
     cfg = matmul_config(dt, interpret, prec)
     if not interpret:
-        key = (M, N, K, _layout(a) + _layout(b) + _layout(c), dt, bias is not None, act, prec)
-        cfg = _tune.choose("matmul", key, matmul_candidates(dt, prec),
+        # tma: whether the TMA candidates apply (alignment included), so that a cached TMA
+        # choice is only ever served to calls that can run it
+        tma = tma_eligible(a, b, dt, prec, interpret)
+        key = (M, N, K, _layout(a) + _layout(b) + _layout(c), dt, bias is not None, act, prec, tma)
+        cfg = _tune.choose("matmul", key, tuning_candidates(dt, prec, tma),
                            lambda cand: _launch_matmul(a, b, c, bias, act, prec, cand), cfg, a.device,
                            prepare=lambda cands: _compile_candidates(a, b, c, bias, act, prec, cands))
     _launch_matmul(a, b, c, bias, act, prec, cfg)
@@ -688,6 +895,22 @@ def aot_specs():
                 ce = {"PREC": prec, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": gm}
                 specs.append(AotSpec(_matmul_kernel, sig, ce, num_warps=warps, num_stages=stages,
                                      label=f"{dt} {prec} {bm}x{bn}x{bk} g{gm} w{warps} s{stages}"))
+        prec = "tf32" if dt == "fp32" else "ieee"
+        for bm, bn, bk, gm, warps, stages, _ in matmul_tma_candidates(dt, prec):
+            for a_km, b_nk in ((False, True), (False, False), (True, False)):  # linear's three, see tma_layout
+                a_blk = (bk, bm) if a_km else (bm, bk)
+                b_blk = (bn, bk) if b_nk else (bk, bn)
+                sig = {"a_desc": f"tensordesc<{dt}[{a_blk[0]}, {a_blk[1]}]>",
+                       "b_desc": f"tensordesc<{dt}[{b_blk[0]}, {b_blk[1]}]>",
+                       "c_ptr": f"*{dt}", "bias_ptr": f"*{dt}", "M": "i32", "N": "i32", "K": "i32",
+                       "stride_cm": "i32", "stride_cn": "i32", "has_bias": "i32", "act": "i32",
+                       "A_KM": "constexpr", "B_NK": "constexpr", "PREC": "constexpr", "BLOCK_M": "constexpr",
+                       "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "GROUP_M": "constexpr", "FLATTEN": "constexpr"}
+                ce = {"A_KM": a_km, "B_NK": b_nk, "PREC": prec, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
+                      "GROUP_M": gm, "FLATTEN": TMA_FLATTEN}
+                lay = ("c" if a_km else "r") + ("c" if b_nk else "r")
+                specs.append(AotSpec(_matmul_tma_kernel, sig, ce, num_warps=warps, num_stages=stages,
+                                     label=f"tma {dt} {prec} {lay} {bm}x{bn}x{bk} g{gm} w{warps} s{stages}"))
         bm, bn, warps = _COLSUM
         specs.append(AotSpec(_colsum_kernel, {"g_ptr": f"*{dt}", "out_ptr": f"*{dt}", "M": "i32", "N": "i32",
                                               "stride_gm": "i32", "stride_gn": "i32",
