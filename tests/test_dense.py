@@ -666,8 +666,8 @@ _TMA_KIND = {"fwd": (False, True), "dgrad": (False, False), "wgrad": (True, Fals
 def test_tma_matmul_kernel_matches_reference(dt, prec, rng):
     """The persistent TMA kernel, launched directly (production never launches it under the
     interpreter; on a GPU its real configurations), against the float64 product: linear's three
-    layouts, each with and without bias, the four activations, C written through a transposed
-    view once per layout, two programs looping over 4-6 tiles each (partial on every side)."""
+    layouts, each with and without bias, the four activations, C a column slice of a wider
+    buffer, two programs looping over 4-6 tiles each (partial on every side)."""
     device = _triton_here()
     if dt == "bf16" and device == "cpu":
         pytest.skip("bfloat16 runs on a GPU only (the interpreter computes it wrong)")
@@ -690,11 +690,15 @@ def test_tma_matmul_kernel_matches_reference(dt, prec, rng):
                 a, b = _mm_operands(rng, layout, M, N, K, dtype, device)
                 assert kd._tma_layouts(a, b) == _TMA_KIND[layout]
                 bias = randn(rng, N, dtype=dtype, device=device) if has_bias else None
-                if has_bias:
-                    c = torch.full((N, M), float("nan"), dtype=dtype, device=device).t()
-                else:
-                    c = torch.full((M, N), float("nan"), dtype=dtype, device=device)
+                # C as the kernel takes it (kd.tma_output): unit column stride, rows a multiple
+                # of 16 elements apart: here every row padded to the next multiple, past N,
+                # whose padding must stay untouched
+                ld = -(-N // 16) * 16 + 16 * has_bias
+                buf = torch.full((M, ld), float("nan"), dtype=dtype, device=device)
+                c = buf[:, :N]
+                assert kd.tma_output(c)
                 kd._launch_matmul_tma(a, b, c, bias, kd.ACT_CODES[act], prec, cfg, programs=2)
+                assert buf[:, N:].isnan().all(), "the TMA kernel wrote past column N"
                 _assert_product(c, a, b, bias, act, dtype, prec, K,
                                 f"tma matmul {dt} {prec} {cfg} {layout} act={act} bias={has_bias}")
 
@@ -754,11 +758,18 @@ def test_tma_candidates_only_for_calls_that_can_run_them(monkeypatch, rng):
     asked = []
     monkeypatch.setattr(_tune, "_chooser", lambda op, key, cands, run, default, device, prepare=None:
                         (asked.append((key, cands)), default)[1])
-    a, b = _mm_operands(rng, "fwd", 19, 24, 32, torch.float32, "cpu")
-    kd.matmul(a, b, torch.empty(19, 24), allow_tf32=True)
+    a, b = _mm_operands(rng, "fwd", 19, 32, 32, torch.float32, "cpu")
+    kd.matmul(a, b, torch.empty(19, 32), allow_tf32=True)
     monkeypatch.setattr(kd, "tma_eligible", lambda *args: True)
-    kd.matmul(a, b, torch.empty(19, 24), allow_tf32=True)
-    (key0, cands0), (key1, cands1) = asked
+    kd.matmul(a, b, torch.empty(19, 32), allow_tf32=True)
+    # an output the TMA kernel cannot store into (row stride not a multiple of 16, or a column
+    # stride) gets the pointer kernel's candidates only
+    kd.matmul(a, b[:, :24], torch.empty(19, 24), allow_tf32=True)
+    kd.matmul(a, b, torch.empty(32, 19).t(), allow_tf32=True)
+    (key0, cands0), (key1, cands1), (key2, cands2), (key3, cands3) = asked
+    assert key2[-1] is False and key3[-1] is False and cands2 == cands3 == cands0
+    assert kd.tma_output(torch.empty(19, 32)) and not kd.tma_output(torch.empty(19, 24))
+    assert not kd.tma_output(torch.empty(19, 33)[:, 1:]) and not kd.tma_output(torch.empty(32, 19).t())
     assert key0[-1] is False and key1[-1] is True and key0[:-1] == key1[:-1]
     assert cands0 == kd.matmul_candidates("fp32", "tf32") and cands1 == kd.tuning_candidates("fp32", "tf32", True)
     assert len(cands1) > len(cands0)

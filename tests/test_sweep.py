@@ -546,9 +546,10 @@ def test_linear_section_times_every_matmul_candidate_and_torch(tmp_path):
 
     if not ktriton.INTERPRET:
         pytest.skip("launches Triton kernels on CPU tensors: Triton interpreter only (the GPU runs the real section)")
-    groups = sweep.linear_groups([torch.float32], shape=(37, 40, 24), device="cpu")
+    # K and N multiples of 16: every GEMM's output rows as the TMA kernel stores them (kd.tma_output)
+    groups = sweep.linear_groups([torch.float32], shape=(37, 48, 32), device="cpu")
     assert [g.op for g in groups] == ["linear fwd GEMM", "linear dgrad GEMM", "linear wgrad GEMM"]
-    assert [g.shape for g in groups] == ["37x40 @ 40x24", "37x24 @ 24x40", "24x37 @ 37x40"]
+    assert [g.shape for g in groups] == ["37x48 @ 48x32", "37x32 @ 32x48", "32x37 @ 37x48"]
     cfgs = groups[0].configs
     assert [sweep._matmul_tuple(c) for c in cfgs[:-1]] == list(kd.tuning_candidates("fp32", "tf32", True))
     assert cfgs[0]["tma"] is False and cfgs[-2]["tma"] is True and cfgs[-1] == {"provider": "torch"}

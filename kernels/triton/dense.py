@@ -78,7 +78,7 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, M, N, K,
 
 
 @triton.jit(do_not_specialize=["has_bias", "act"])
-def _matmul_tma_kernel(a_desc, b_desc, c_ptr, bias_ptr, M, N, K, stride_cm, stride_cn, has_bias, act,
+def _matmul_tma_kernel(a_desc, b_desc, c_ptr, bias_ptr, M, N, K, stride_cm, has_bias, act,
                        A_KM: tl.constexpr, B_NK: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, FLATTEN: tl.constexpr):
     """C[M, N] = act(A[M, K] @ B[K, N] + bias[N]) as :func:`_matmul_kernel`, persistent, with A and
@@ -96,8 +96,11 @@ def _matmul_tma_kernel(a_desc, b_desc, c_ptr, bias_ptr, M, N, K, stride_cm, stri
     dY^T), its [BLOCK_K, BLOCK_M] tile transposed in the kernel. ``B_NK`` True: ``b_desc``
     describes B^T [N, K] (linear's forward reads the weight w [N, K] itself for B = w^T); False:
     B [K, N] row-major. The epilogue (run-time ``has_bias`` / ``act``, never specialised) and the
-    store through plain pointers (C any strides, int64 offsets, masked) are the non-persistent
-    kernel's.
+    store through plain pointers (int64 offsets, masked) are the non-persistent kernel's, in four
+    column slices (a quarter of the store addresses live at a time), for C with unit column
+    stride (``stride_cm`` its row stride; :func:`matmul` offers the kernel no other C): with a
+    run-time column stride, or the whole tile stored at once, the 128x256 tile spilled in the
+    specialisation where ``stride_cm`` is not a multiple of 16 (tests/test_compile.py).
     """
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -118,16 +121,31 @@ def _matmul_tma_kernel(a_desc, b_desc, c_ptr, bias_ptr, M, N, K, stride_cm, stri
             else:
                 b = b_desc.load([off_k, off_n])
             acc = tl.dot(a, b, acc, input_precision=PREC)
-        # int64 before multiplying by a stride: M * N may exceed 2^31
-        offs_m = off_m + tl.arange(0, BLOCK_M).to(tl.int64)
-        offs_n = off_n + tl.arange(0, BLOCK_N).to(tl.int64)
-        mask_n = offs_n < N
-        if has_bias != 0:
-            bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-            acc = acc + bias[None, :]
-        acc = _epilogue_act(acc, act)
-        tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn,
-                 acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & mask_n[None, :])
+        # the epilogue in column quarters: a quarter of the store addresses live at a time
+        QN: tl.constexpr = BLOCK_N // 4
+        h0, h1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+        q0, q1 = tl.split(tl.permute(tl.reshape(h0, (BLOCK_M, 2, QN)), (0, 2, 1)))
+        _store_tile(c_ptr, bias_ptr, q0, off_m, off_n, M, N, stride_cm, 1, has_bias, act, BLOCK_M, QN)
+        _store_tile(c_ptr, bias_ptr, q1, off_m, off_n + QN, M, N, stride_cm, 1, has_bias, act, BLOCK_M, QN)
+        q2, q3 = tl.split(tl.permute(tl.reshape(h1, (BLOCK_M, 2, QN)), (0, 2, 1)))
+        _store_tile(c_ptr, bias_ptr, q2, off_m, off_n + 2 * QN, M, N, stride_cm, 1, has_bias, act, BLOCK_M, QN)
+        _store_tile(c_ptr, bias_ptr, q3, off_m, off_n + 3 * QN, M, N, stride_cm, 1, has_bias, act, BLOCK_M, QN)
+
+
+@triton.jit
+def _store_tile(c_ptr, bias_ptr, acc, off_m, off_n, M, N, stride_cm, stride_cn, has_bias, act,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """C[off_m:, off_n:] = act(acc + bias) (masked to [M, N]): the matmul kernels' epilogue."""
+    # int64 before multiplying by a stride: M * N may exceed 2^31
+    offs_m = off_m + tl.arange(0, BLOCK_M).to(tl.int64)
+    offs_n = off_n + tl.arange(0, BLOCK_N).to(tl.int64)
+    mask_n = offs_n < N
+    if has_bias != 0:
+        bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        acc = acc + bias[None, :]
+    acc = _epilogue_act(acc, act)
+    tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn,
+             acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & mask_n[None, :])
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) on sm_90, per operand kind: "half"
@@ -152,8 +170,8 @@ _MATMUL_INTERP = (32, 32, 16, 4, 4, 1)
 # three layouts (5-7 s apiece on the test machine's CPU, cold; tests/test_compile.py):
 # bf16, the tile that won the pointer kernel's tuning of every bf16 GEMM of linear at
 # 8192x4096x4096 on the H200 (2026-11-30), 128x256 with two warpgroups (one m64n256 wgmma each)
-# and three stages of 64-deep K tiles (144 KiB, plus the flattened loop's epilogue buffer: 176
-# KiB with Triton 3.9); tf32, the pointer kernel's heuristic 128x128x32 (128x256x32 needs 272
+# and three stages of 64-deep K tiles (144 KiB, plus the flattened loop's epilogue buffer: 160
+# KiB with Triton 3.9 and the epilogue in column quarters, 176 KiB storing the whole tile); tf32, the pointer kernel's heuristic 128x128x32 (128x256x32 needs 272
 # KiB of shared memory). float16 has none yet, only to keep the AOT compile within its budget:
 # the kernel is the same (tests run it in float16), and adding "fp16" with bf16's tuple enables it
 # (three more AOT compiles, about 17 s).
@@ -286,6 +304,15 @@ def tma_layout(a, b, dt: str, prec: str, sm_count: int):
     return _tma_layouts(a, b)
 
 
+def tma_output(c) -> bool:
+    """Whether the TMA kernel may store into c: unit column stride, and base and row stride
+    multiples of 16 (bytes and elements: Triton's divisibility specialisation, which the kernel's
+    ahead-of-time specs assume; without it the 128x256 tile spilled up to 500 bytes per thread in
+    the epilogue). :func:`matmul`'s outputs are fresh contiguous tensors, so this excludes N not a
+    multiple of 16."""
+    return c.stride(1) == 1 and c.stride(0) % 16 == 0 and c.data_ptr() % 16 == 0
+
+
 def tma_eligible(a, b, dt: str, prec: str, interpret: bool) -> bool:
     """Whether the TMA candidates may be timed (and a cached TMA choice launched) for this call:
     compiled kernels (never the interpreter), a CUDA device of compute capability >= 9 (TMA and
@@ -309,7 +336,8 @@ def _tma_args(a, b, c, bias, act, bm, bn, bk):
         b_desc = TensorDescriptor(b, [N, K], [b.stride(1), 1], [bn, bk])
     else:
         b_desc = TensorDescriptor(b, [K, N], [b.stride(0), 1], [bk, bn])
-    args = (a_desc, b_desc, c, bias if bias is not None else c, M, N, K, c.stride(0), c.stride(1),
+    assert tma_output(c), "the TMA kernel stores C with unit column stride, 16-aligned rows"
+    args = (a_desc, b_desc, c, bias if bias is not None else c, M, N, K, c.stride(0),
             1 if bias is not None else 0, act)
     return args, a_km, b_nk
 
@@ -395,7 +423,7 @@ def matmul(a, b, c, bias=None, activation=None, allow_tf32=False, interpret=Fals
     if not interpret:
         # tma: whether the TMA candidates apply (alignment included), so that a cached TMA
         # choice is only ever served to calls that can run it
-        tma = tma_eligible(a, b, dt, prec, interpret)
+        tma = tma_output(c) and tma_eligible(a, b, dt, prec, interpret)
         key = (M, N, K, _layout(a) + _layout(b) + _layout(c), dt, bias is not None, act, prec, tma)
         cfg = _tune.choose("matmul", key, tuning_candidates(dt, prec, tma),
                            lambda cand: _launch_matmul(a, b, c, bias, act, prec, cand), cfg, a.device,
@@ -903,13 +931,14 @@ def aot_specs():
                 sig = {"a_desc": f"tensordesc<{dt}[{a_blk[0]}, {a_blk[1]}]>",
                        "b_desc": f"tensordesc<{dt}[{b_blk[0]}, {b_blk[1]}]>",
                        "c_ptr": f"*{dt}", "bias_ptr": f"*{dt}", "M": "i32", "N": "i32", "K": "i32",
-                       "stride_cm": "i32", "stride_cn": "i32", "has_bias": "i32", "act": "i32",
+                       "stride_cm": "i32", "has_bias": "i32", "act": "i32",
                        "A_KM": "constexpr", "B_NK": "constexpr", "PREC": "constexpr", "BLOCK_M": "constexpr",
                        "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "GROUP_M": "constexpr", "FLATTEN": "constexpr"}
                 ce = {"A_KM": a_km, "B_NK": b_nk, "PREC": prec, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
                       "GROUP_M": gm, "FLATTEN": TMA_FLATTEN}
                 lay = ("c" if a_km else "r") + ("c" if b_nk else "r")
                 specs.append(AotSpec(_matmul_tma_kernel, sig, ce, num_warps=warps, num_stages=stages,
+                                     divisible_by_16=("c_ptr", "stride_cm"),  # see tma_output
                                      label=f"tma {dt} {prec} {lay} {bm}x{bn}x{bk} g{gm} w{warps} s{stages}"))
         bm, bn, warps = _COLSUM
         specs.append(AotSpec(_colsum_kernel, {"g_ptr": f"*{dt}", "out_ptr": f"*{dt}", "M": "i32", "N": "i32",
