@@ -7,6 +7,7 @@ Every test here needs a CUDA device: capture and replay exist nowhere else. On a
 the module is skipped with that reason; ``benchmarks/gpu_run.sh`` runs it on the GPU.
 """
 
+import contextlib
 import copy
 
 import pytest
@@ -26,15 +27,56 @@ def _cnn():
 
 
 class _Rnn(torch.nn.Module):
-    def __init__(self, cell):
+    """``inner``: the backend the recurrent layer runs under (None: the surrounding one)."""
+
+    def __init__(self, cell, inner=None):
         super().__init__()
         torch.manual_seed(0)
         self.rnn = getattr(nn, cell)(7, 16, num_layers=2, bidirectional=True, batch_first=True)
         self.head = nn.Linear(32, 10)
+        self.inner = inner
 
     def forward(self, x):
-        out, _ = self.rnn(x)
+        with gpu_nn.backend(self.inner) if self.inner else contextlib.nullcontext():
+            out, _ = self.rnn(x)
         return self.head(out[:, -1])
+
+
+class _CupyCnn(torch.nn.Module):
+    """_cnn's model with its max pooling on the cupy backend (the rest on the surrounding one)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = _cnn()
+
+    def forward(self, x):
+        conv, relu, pool, *rest = self.net
+        h = relu(conv(x))
+        with gpu_nn.backend("cupy"):
+            h = pool(h)
+        for m in rest:
+            h = m(h)
+        return h
+
+
+class _StepUnder:
+    """An optimizer whose step runs under ``backend`` (the cupy backend has Adam and RMSprop;
+    clipping and the model run under the surrounding backend)."""
+
+    def __init__(self, opt, backend):
+        self.opt, self.backend = opt, backend
+
+    def zero_grad(self, set_to_none=True):
+        self.opt.zero_grad(set_to_none=set_to_none)
+
+    def step(self):
+        with gpu_nn.backend(self.backend):
+            return self.opt.step()
+
+
+def _cupy_or_skip():
+    if not gpu_nn._backend.status("cupy")[0]:
+        pytest.skip(f"cupy backend unavailable: {gpu_nn._backend.status('cupy')[1]}")
 
 
 def _train_step(model, opt, x, y, clip):
@@ -94,19 +136,39 @@ def test_cnn_training_step_replays_as_a_cuda_graph(backend, opt_name):
     assert le[-1] != le[0]  # the replays really stepped
 
 
+@pytest.mark.parametrize("opt_name", ["Adam", "RMSprop"])
+def test_cupy_pooling_and_optimizer_replay_as_a_cuda_graph(opt_name):
+    """The cupy backend's launches captured: the CNN's max pooling and the optimizer step on
+    cupy, the rest on triton (a launch that synchronised, allocated outside torch or made a
+    stream wait on captured work would fail the capture or the replayed values)."""
+    _cupy_or_skip()
+    x = torch.randn(8, 1, 14, 14, device="cuda")
+    y = torch.randint(0, 10, (8,), device="cuda")
+    with gpu_nn.backend("triton"):
+        eager, graphed, le, lg = _eager_and_graphed(
+            lambda: _CupyCnn().cuda(), lambda p: _StepUnder(getattr(optim, opt_name)(p, lr=1e-3), "cupy"), x, y,
+            clip=True)
+    for a, b in zip(le, lg):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for pe, pg in zip(eager.parameters(), graphed.parameters()):
+        torch.testing.assert_close(pe, pg, rtol=1e-5, atol=1e-6)
+    assert le[-1] != le[0]
+
+
 @pytest.mark.parametrize("backend", ["triton", "cupy"])
 @pytest.mark.parametrize("cell", ["LSTM", "GRU", "RNN"])
 def test_recurrent_training_step_replays_as_a_cuda_graph(backend, cell):
-    if backend == "cupy" and not gpu_nn._backend.status("cupy")[0]:
-        pytest.skip(f"cupy backend unavailable: {gpu_nn._backend.status('cupy')[1]}")
+    """``cupy``: the recurrent layer (its device time loop) and Adam on the cupy backend, the
+    head, loss and clipping on triton (the cupy backend has no linear or loss)."""
+    if backend == "cupy":
+        _cupy_or_skip()
     x = torch.randn(5, 9, 7, device="cuda")
     y = torch.randint(0, 10, (5,), device="cuda")
-    # the cupy backend has recurrent layers, pooling and Adam/RMSprop; linear and the loss of
-    # this model run on triton (auto prefers the backend that has the op)
-    ctx = gpu_nn.backend("auto") if backend == "cupy" else gpu_nn.backend(backend)
-    with ctx:
-        eager, graphed, le, lg = _eager_and_graphed(lambda: _Rnn(cell).cuda(), lambda p: optim.Adam(p, lr=1e-3),
-                                                    x, y, clip=True)
+    inner = "cupy" if backend == "cupy" else None
+    with gpu_nn.backend("triton"):
+        eager, graphed, le, lg = _eager_and_graphed(
+            lambda: _Rnn(cell, inner).cuda(),
+            lambda p: _StepUnder(optim.Adam(p, lr=1e-3), backend), x, y, clip=True)
     for a, b in zip(le, lg):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     for pe, pg in zip(eager.parameters(), graphed.parameters()):

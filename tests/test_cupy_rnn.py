@@ -547,3 +547,21 @@ def test_device_loop_launch_is_cooperative(backend, device):
         kcuda.launch(mod, "rnn_seq_fwd", (resident + 1,), (ops.SEQ_THREADS,), args, device=dev)
     torch.cuda.synchronize()
     assert_close(out[0], want, f, k=H, what="reduced grid")
+
+
+def test_cupy_launch_passes_tensors_as_addresses_without_dlpack(monkeypatch):
+    """kcuda.launch hands CuPy a tensor as its device address (np.uint64, a T* parameter's eight
+    bytes), never through DLPack, whose stream handshake makes CuPy's stream wait on torch's
+    (an invalid capture inside torch.cuda.graph); NumPy scalars pass as they are."""
+    from gpu_nn.kernels import cuda as kcuda
+
+    def no_dlpack(self, *args, **kwargs):
+        raise AssertionError("a tensor went through DLPack")
+
+    monkeypatch.setattr(torch.Tensor, "__dlpack__", no_dlpack)
+    t = torch.arange(10, dtype=torch.float32)[3:]  # a view: its address includes the offset
+    n, s = np.int32(7), np.int64(-3)
+    out = kcuda.kernel_args((t, n, torch.empty(0), s))
+    assert type(out[0]) is np.uint64 and int(out[0]) == t.data_ptr()
+    assert int(out[0]) == t.untyped_storage().data_ptr() + 3 * 4
+    assert out[1] is n and out[3] is s and type(out[2]) is np.uint64

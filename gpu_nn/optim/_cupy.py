@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from .._errors import KernelInputError
+from ._triton import to_device_table
 
 CHUNK = 16384
 THREADS = 256
@@ -36,7 +37,7 @@ def _table(P, G, C, steps, device):
         cols.append(steps[i].data_ptr() if steps else 0)
         for start in range(0, n, CHUNK):
             rows.append(cols + [start, n])
-    out = (None, 0) if not rows else (torch.tensor(rows, dtype=torch.int64).pin_memory().to(device, non_blocking=True), len(rows))
+    out = (None, 0) if not rows else (to_device_table(torch.tensor(rows, dtype=torch.int64), device), len(rows))
     if len(_TABLES) > 32:
         _TABLES.clear()
     _TABLES[key] = out

@@ -76,6 +76,22 @@ def _offset(t, base) -> int:
     return d // t.element_size()
 
 
+# pinned host tables copied during a CUDA-graph capture: the graph's copy node reads them again
+# at every replay, so they must outlive it (one per table built while capturing, never freed)
+_CAPTURED_HOST_TABLES: list = []
+
+
+def to_device_table(host, device):
+    """A host int64 table on ``device``, copied without a host synchronisation: from pinned
+    memory on CUDA (capturable), kept alive for good when copied while a graph is captured."""
+    if torch.device(device).type != "cuda":
+        return host.to(device)
+    host = host.pin_memory()
+    if torch.cuda.is_current_stream_capturing():
+        _CAPTURED_HOST_TABLES.append(host)
+    return host.to(device, non_blocking=True)
+
+
 def _table(params, grads, states, steps, flags, device, chunk):
     """(table on ``device``, n_chunks) for tensors of one part; cached by addresses."""
     key = (chunk, str(device),
@@ -101,10 +117,7 @@ def _table(params, grads, states, steps, flags, device, chunk):
     if not rows:
         out = (None, 0)
     else:
-        host = torch.tensor(rows, dtype=torch.int64)
-        if torch.device(device).type == "cuda":
-            host = host.pin_memory()
-        out = (host.to(device, non_blocking=True), len(rows))
+        out = (to_device_table(torch.tensor(rows, dtype=torch.int64), device), len(rows))
     if len(_TABLES) >= _MAX_TABLES:
         _TABLES.clear()
     _TABLES[key] = out

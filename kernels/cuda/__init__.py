@@ -77,23 +77,34 @@ def load(name: str, defines=None, device: int = 0, cooperative: bool = False):
     return _load(name, tuple(sorted(dict(defines or {}).items())), int(device), bool(cooperative))
 
 
-def as_cupy(t):
-    """A CuPy view of a CUDA torch tensor (DLPack, no copy)."""
-    import cupy
+def kernel_args(args) -> tuple:
+    """``args`` as CuPy's launcher packs them: a torch tensor becomes its device address as a
+    ``np.uint64`` (the eight bytes of a ``T*`` parameter), everything else (NumPy scalars, whose
+    type is the C parameter's type) is passed as it is.
 
-    return cupy.from_dlpack(t.detach())
+    Not through DLPack (``cupy.from_dlpack``): CuPy hands the producer its own current stream, and
+    torch's ``__dlpack__`` then makes that stream wait, through a new CUDA event, for torch's
+    current stream whenever the two differ. Inside a CUDA-graph capture (torch's current stream
+    capturing, CuPy's the legacy default stream) that wait on captured work invalidates the
+    capture; outside one it costs an event per tensor per launch on a side stream, and a CuPy
+    array per tensor always. The kernels read plain pointers either way."""
+    import numpy as np
+    import torch
+
+    return tuple(np.uint64(a.data_ptr()) if isinstance(a, torch.Tensor) else a for a in args)
 
 
 def launch(module, kernel: str, grid, block, args, shared_mem: int = 0, device: int = 0) -> None:
-    """Launch ``kernel`` of ``module`` on torch's current CUDA stream.
+    """Launch ``kernel`` of ``module`` on torch's current CUDA stream (capturable: no
+    synchronisation, no allocation, see :func:`kernel_args`).
 
-    ``args`` may hold CUDA torch tensors (passed through DLPack), CuPy arrays and NumPy scalars
-    (``np.int32``, ``np.int64``, ``np.float32``: their type is the C parameter's type).
+    ``args`` may hold CUDA torch tensors (passed as their data pointers), CuPy arrays and NumPy
+    scalars (``np.int32``, ``np.int64``, ``np.float32``: their type is the C parameter's type).
     """
     import cupy
     import torch
 
-    conv = tuple(as_cupy(a) if isinstance(a, torch.Tensor) else a for a in args)
+    conv = kernel_args(args)
     stream = torch.cuda.current_stream(device)
     with cupy.cuda.Device(device), cupy.cuda.ExternalStream(stream.cuda_stream, device):
         module.get_function(kernel)(tuple(grid), tuple(block), conv, shared_mem=shared_mem)
