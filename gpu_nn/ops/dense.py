@@ -554,7 +554,9 @@ def _ce_rows(input: Tensor) -> tuple[int, int]:
 
 def _ce_2d(input: Tensor, target: Tensor, prob: bool):
     """[M, C] logits (contiguous, class dim last) and [M] / [M, C] targets."""
-    if input.dim() == 1:
+    if input.dim() == 2:  # the usual call: already [M, C] (movedim / reshape are views, each a few us)
+        x2, t2 = input, target
+    elif input.dim() == 1:
         x2, t2 = input.reshape(1, -1), target.reshape(1, -1) if prob else target.reshape(1)
     else:
         C = input.shape[1]
@@ -680,6 +682,8 @@ def cross_entropy_backward(grad: Tensor, input: Tensor, target: Tensor, weight: 
 
 
 def _ce_unflatten(t2: Tensor, input: Tensor) -> Tensor:
+    if input.dim() == 2:
+        return t2
     if input.dim() == 1:
         return t2.reshape(input.shape)
     lead = (input.shape[0], *input.shape[2:])

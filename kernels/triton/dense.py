@@ -829,7 +829,7 @@ _CE_INTERP_BLOCK = 64
 def ce_config(C: int, interpret: bool) -> tuple[int, int]:
     """(BLOCK, num_warps): the smallest block that holds the row, else the largest, looped."""
     if interpret:
-        return min(_CE_INTERP_BLOCK, max(16, triton.next_power_of_2(C))), 4
+        return min(_CE_INTERP_BLOCK, max(16, next_power_of_2(C))), 4
     for blk, warps in _CE_BLOCKS:
         if C <= blk:
             return blk, warps
@@ -893,7 +893,7 @@ def ce_check_targets(t, C: int, ignore_index: int, interpret: bool):
     ONE copy; :func:`first_bad_target` reads it."""
     M = t.shape[0]
     blk, warps = (_CE_CHECK_INTERP, 4) if interpret else _CE_CHECK
-    P = min(triton.cdiv(M, blk), 4 if interpret else _CE_CHECK_PROGRAMS)
+    P = min(cdiv(M, blk), 4 if interpret else _CE_CHECK_PROGRAMS)
     out = torch.empty((P, 2), dtype=torch.int64, device=t.device)
     launch_kernel(_ce_target_check_kernel, (P,), t, out, M, C, ignore_index, BLOCK=blk, num_warps=warps)
     return out
