@@ -46,6 +46,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--jobs", type=int, default=max(1, min(8, (os.cpu_count() or 2))),
                         help="families compiled at once (default %(default)s)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per family (default %(default)s)")
+    parser.add_argument("--launched", action="store_true",
+                        help="compile the families' launched_specs() instead: configurations in the specialisation "
+                             "common launches compile to (unit strides as constants, sizes multiples of 16); "
+                             "today the dense matmul in linear's three layouts")
 
 
 def _needs_mma(row: dict) -> bool:
@@ -59,13 +63,14 @@ def _needs_mma(row: dict) -> bool:
 # ------------------------------------------------------------------------------- worker side
 
 
-def _worker(family: str, json_path: str) -> int:
-    """In a TRITON_INTERPRET-free process: compile every spec of ``family``; rows to JSON."""
+def _worker(family: str, json_path: str, launched: bool = False) -> int:
+    """In a TRITON_INTERPRET-free process: compile every spec of ``family`` (``launched``: its
+    launched_specs()); rows to JSON."""
     from gpu_nn.kernels.triton import _aot
 
     rows = []
     try:
-        specs = _aot.family_specs(family)
+        specs = _aot.family_specs(family, launched)
     except Exception as exc:
         rows.append({"family": family, "kernel": "-", "label": "", "ok": False,
                      "error": f"aot_specs() failed: {type(exc).__name__}: {exc}"[:2000]})
@@ -94,13 +99,14 @@ def _kernel_module_exists(family: str) -> bool:
     return importlib.util.find_spec(f"gpu_nn.kernels.triton.{family}") is not None
 
 
-def _compile_family(family: str, timeout: float) -> list[dict]:
+def _compile_family(family: str, timeout: float, launched: bool = False) -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, f"{family}.json")
         try:
             proc = subprocess.run(
-                [sys.executable, "-m", "gpu_nn.benchmarks.sass_report", "--worker", family, out],
+                [sys.executable, "-m", "gpu_nn.benchmarks.sass_report", "--worker", family, out]
+                + (["--launched"] if launched else []),
                 env=env, capture_output=True, text=True, timeout=timeout,
             )
         except subprocess.TimeoutExpired:
@@ -113,7 +119,7 @@ def _compile_family(family: str, timeout: float) -> list[dict]:
             return json.load(f)
 
 
-def collect(families, jobs: int = 4, timeout: float = 900) -> list[dict]:
+def collect(families, jobs: int = 4, timeout: float = 900, launched: bool = False) -> list[dict]:
     """Rows for every configuration of every family; a missing family gives one 'missing' row."""
     rows_by_family = {}
     present = []
@@ -124,7 +130,7 @@ def collect(families, jobs: int = 4, timeout: float = 900) -> list[dict]:
             rows_by_family[fam] = [{"family": fam, "kernel": "-", "label": "", "ok": None,
                                     "missing": True, "error": f"missing: no kernels/triton/{fam}.py"}]
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        futures = {fam: pool.submit(_compile_family, fam, timeout) for fam in present}
+        futures = {fam: pool.submit(_compile_family, fam, timeout, launched) for fam in present}
         for fam, fut in futures.items():
             rows_by_family[fam] = fut.result()
     return [r for fam in families for r in rows_by_family[fam]]
@@ -192,7 +198,7 @@ def run(args) -> int:
     unknown = [f for f in fams if f not in _families()]
     if unknown:
         raise SystemExit(f"gpu-nn sass: unknown family {', '.join(unknown)}; expected {', '.join(_families())}")
-    rows = collect(fams, jobs=args.jobs, timeout=args.timeout)
+    rows = collect(fams, jobs=args.jobs, timeout=args.timeout, launched=args.launched)
     print_table(rows)
     if args.json:
         with open(args.json, "w") as f:
@@ -205,7 +211,7 @@ def main(argv=None) -> int:
 
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--worker"]:
-        return _worker(argv[1], argv[2])
+        return _worker(argv[1], argv[2], launched="--launched" in argv[3:])
     p = argparse.ArgumentParser(prog="gpu-nn sass", description=__doc__.splitlines()[0])
     add_arguments(p)
     return run(p.parse_args(argv))

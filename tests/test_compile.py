@@ -137,3 +137,36 @@ def test_nvrtc_reports_errors():
     with pytest.raises(nvrtc.NVRTCError):
         nvrtc.compileProgram(prog, ["-arch=sm_90"])
     nvrtc.destroyProgram(prog)
+
+
+def test_linear_launched_forms_compile_without_spills(tmp_path):
+    """dense.launched_specs(): every pointer-matmul configuration in each of linear's three layouts,
+    its unit strides constant and the rest multiples of 16, as launches at benchmark sizes compile
+    it. One pair compiled here (``gpu-nn sass --family dense --launched`` compiles all 48: 0 spill,
+    HGMMA in every half tile): the bfloat16 128x256 tile in linear's forward layout, which spills
+    in its general form (KNOWN_SPILLS) and not as launched, where its SASS is on HGMMA."""
+    from gpu_nn.kernels.triton import dense as kd
+
+    specs = kd.launched_specs()
+    plain = [s for s in kd.aot_specs() if s.kernel is kd._matmul_kernel]
+    assert len(specs) == 3 * len(plain) and all(s.kernel is kd._matmul_kernel for s in specs)
+    for s in specs:
+        lay = s.label.rsplit(" ", 1)[1]
+        assert all(s.constexprs[u] == 1 and s.signature[u] == "constexpr" for u in kd.LINEAR_UNIT_STRIDES[lay])
+        assert not set(s.divisible_by_16) & set(kd.LINEAR_UNIT_STRIDES[lay])
+    label = "bf16 ieee 128x256x64 g8 w8 s3"
+    assert KNOWN_SPILLS[("_matmul_kernel", label)] > 0
+    code = (
+        "import json\n"
+        "from gpu_nn.kernels.triton import dense as kd\n"
+        "from gpu_nn.kernels.triton._aot import compile_spec\n"
+        f"spec, = [s for s in kd.launched_specs() if s.label == {label + ' launched rc'!r}]\n"
+        "print(json.dumps(compile_spec(spec)))\n"
+    )
+    script = tmp_path / "launched.py"
+    script.write_text(code)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert row["spill_bytes"] == 0 and row["spill_stores"] == 0 and row["hgmma"] > 0, row

@@ -122,9 +122,11 @@ def compile_spec(spec: AotSpec, sass: bool = True) -> dict:
     return out
 
 
-def family_specs(family: str) -> list[AotSpec]:
+def family_specs(family: str, launched: bool = False) -> list[AotSpec]:
+    """``family``'s ``aot_specs()``, or with ``launched`` its ``launched_specs()`` (configurations
+    in the specialisation common launches compile to; none where the family has no such list)."""
     mod = importlib.import_module(f"{__package__}.{family}")
-    fn = getattr(mod, "aot_specs", None)
+    fn = getattr(mod, "launched_specs" if launched else "aot_specs", None)
     return list(fn()) if fn is not None else []
 
 

@@ -995,3 +995,36 @@ def aot_specs():
                                                    "ignore_index": "i32", "BLOCK": "constexpr"},
                          {"BLOCK": blk}, num_warps=warps, label="int64 targets"))
     return specs
+
+
+# linear's operand layouts as a launch specialises them (see launched_specs): the strides that
+# are 1 in each of its three GEMMs (fwd x @ w^T: A row-major, B = w^T column-major; dgrad dY @ w:
+# both row-major; wgrad dY^T @ x: A column-major), C always a fresh row-major tensor
+LINEAR_UNIT_STRIDES = {"rc": ("stride_ak", "stride_bk", "stride_cn"), "rr": ("stride_ak", "stride_bn", "stride_cn"),
+                       "cr": ("stride_am", "stride_bn", "stride_cn")}
+_DIVISIBLE = ("a_ptr", "b_ptr", "c_ptr", "bias_ptr", "M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn",
+              "stride_cm")
+
+
+def launched_specs():
+    """The pointer matmul's configurations as linear launches them at sizes like the benchmark's
+    (8192x4096 -> 4096): each of linear's three layouts, its unit strides specialised to 1 (Triton's
+    JIT compiles any int argument equal to 1 as the constant 1) and every other pointer and int a
+    multiple of 16. :func:`aot_specs` compiles the general form instead (no unit stride, no
+    divisibility: it serves every launch, but the SASS it gives is not the one that runs on these
+    calls: more registers, spills the launched forms do not have, half-precision tiles without the
+    software pipeline). ``gpu-nn sass --launched`` compiles these; the TMA kernel's specs are
+    already in their launched form."""
+    specs = []
+    for spec in aot_specs():
+        if spec.kernel is not _matmul_kernel:
+            continue
+        for lay, units in LINEAR_UNIT_STRIDES.items():
+            sig, ce = dict(spec.signature), dict(spec.constexprs)
+            for name in units:
+                sig[name] = "constexpr"
+                ce[name] = 1
+            specs.append(AotSpec(spec.kernel, sig, ce, num_warps=spec.num_warps, num_stages=spec.num_stages,
+                                 label=f"{spec.label} launched {lay}",
+                                 divisible_by_16=tuple(a for a in _DIVISIBLE if a not in units)))
+    return specs
