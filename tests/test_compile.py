@@ -23,6 +23,15 @@ def _aot_rows(family, tmp_path):
     return json.loads(out.read_text()), proc
 
 
+def _run_uninterpreted(tmp_path, name: str, code: str, timeout: float = 300):
+    """Run ``code`` as a script in a process without TRITON_INTERPRET (kernels imported under
+    the interpreter cannot be compiled); returns the finished process."""
+    script = tmp_path / name
+    script.write_text(code)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=timeout)
+
+
 # The configurations known to spill registers in the specialisation aot_specs() compiles (sm_90,
 # Triton 3.9), bytes of stack frame per thread. Until 2026-12-01 the check read cuobjdump's LOCAL,
 # which stays 0 (ptxas keeps spills in the stack frame), so these went unseen. Most spill only in
@@ -86,10 +95,7 @@ def test_aot_catches_a_compile_error(tmp_path):
         "    tl.store(x_ptr + tl.arange(0, B), tl.dot(tl.zeros((B, 3), tl.float32), tl.zeros((3, B), tl.float32)))\n"
         "compile_spec(AotSpec(bad, {'x_ptr': '*fp32', 'B': 'constexpr'}, {'B': 16}))\n"
     )
-    script = tmp_path / "bad_kernel.py"
-    script.write_text(code)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    proc = _run_uninterpreted(tmp_path, "bad_kernel.py", code)
     assert proc.returncode != 0
 
 
@@ -114,10 +120,7 @@ def test_aot_sees_register_spills(tmp_path):
         "    rows.append(_resources(c.asm['cubin']))\n"
         "print(json.dumps(rows))\n"
     )
-    script = tmp_path / "spill_kernel.py"
-    script.write_text(code)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    proc = _run_uninterpreted(tmp_path, "spill_kernel.py", code)
     assert proc.returncode == 0, proc.stderr[-3000:]
     free, capped = json.loads(proc.stdout.strip().splitlines()[-1])
     assert free["spill_bytes"] == 0 and free["spill_stores"] == 0
@@ -163,10 +166,7 @@ def test_linear_launched_forms_compile_without_spills(tmp_path):
         f"spec, = [s for s in kd.launched_specs() if s.label == {label + ' launched rc'!r}]\n"
         "print(json.dumps(compile_spec(spec)))\n"
     )
-    script = tmp_path / "launched.py"
-    script.write_text(code)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
+    proc = _run_uninterpreted(tmp_path, "launched.py", code, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     row = json.loads(proc.stdout.strip().splitlines()[-1])
     assert row["spill_bytes"] == 0 and row["spill_stores"] == 0 and row["hgmma"] > 0, row
