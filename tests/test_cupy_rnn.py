@@ -4,6 +4,7 @@ every (t, n, j) in step order against the float64 reference, the half-precision 
 applies, the path choice and grid size, NVRTC for sm_90 in every configuration the loader builds,
 and on a GPU the whole path against the reference and against the per-step path."""
 
+import contextlib
 import ctypes
 import itertools
 
@@ -565,3 +566,51 @@ def test_cupy_launch_passes_tensors_as_addresses_without_dlpack(monkeypatch):
     assert type(out[0]) is np.uint64 and int(out[0]) == t.data_ptr()
     assert int(out[0]) == t.untyped_storage().data_ptr() + 3 * 4
     assert out[1] is n and out[3] is s and type(out[2]) is np.uint64
+
+
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cupy_matmul_writes_what_the_general_formula_gives(dtype, grad, rng, monkeypatch):
+    """_CupyImpl.matmul, whose float32 cases without a scale write c through mm / addmm /
+    addmm_ (no temporary copied into c: counted), against (a @ b + bias1 + bias2) * scale (+ c)
+    in float64: every combination of the options, c a strided view (the input projection writes
+    the first G H columns of a wider gate buffer) whose other columns stay untouched; ``grad``:
+    inputs that autograd records (the double-backward route), which take the general path."""
+    from gpu_nn.ops import rnn as ops
+
+    copies = []
+    real_copy = torch.Tensor.copy_
+    monkeypatch.setattr(torch.Tensor, "copy_", lambda self, src, *a, **k: (copies.append(1), real_copy(self, src, *a, **k))[1])
+
+    M, K, N, ld = 13, 9, 11, 16
+    a = torch.from_numpy(rng.standard_normal((M, K))).to(dtype).requires_grad_(grad)
+    b = torch.from_numpy(rng.standard_normal((K, N))).to(dtype)
+    vec = [torch.from_numpy(rng.standard_normal(N)).to(dtype) for _ in range(2)]
+    scale = torch.from_numpy(rng.standard_normal((M, N))).to(dtype)
+    dot = 0 if dtype == torch.float32 else 1
+    for acc in (False, True):
+        for use in range(8):
+            b1, b2, sc = (vec[0] if use & 1 else None), (vec[1] if use & 2 else None), (scale if use & 4 else None)
+            buf = torch.from_numpy(rng.standard_normal((M, ld))).float()
+            before = buf.clone()
+            c = buf[:, :N]
+            want = a.detach().double() @ b.double()
+            for v in (b1, b2):
+                if v is not None:
+                    want = want + v.double()
+            if sc is not None:
+                want = want * sc.double()
+            if acc:
+                want = want + before[:, :N].double()
+            copies.clear()
+            with torch.no_grad() if not grad else contextlib.nullcontext():
+                ops._CupyImpl.matmul(a, b, c, bias1=b1, bias2=b2, scale=sc, acc=acc, dot=dot)
+            fast = dtype == torch.float32 and sc is None and not grad and not (acc and (b1 is not None or b2 is not None))
+            assert len(copies) == (0 if fast else 1)
+            c = c.detach()
+            # float32: float32 sums of K products; float16: the product itself rounded to
+            # float16 (unit roundoff 2^-11 of values ~ sqrt(K)), then float32 adds
+            rtol, atol = (1e-5, 1e-5 * K) if dtype == torch.float32 else (2e-3, 2e-3 * K)
+            torch.testing.assert_close(c.double(), want, rtol=rtol, atol=atol,
+                                       msg=f"acc={acc} bias1={b1 is not None} bias2={b2 is not None} scale={sc is not None}")
+            assert torch.equal(buf[:, N:], before[:, N:])
