@@ -36,12 +36,14 @@ def _run_uninterpreted(tmp_path, name: str, code: str, timeout: float = 300):
 # Triton 3.9), bytes of stack frame per thread. Until 2026-12-01 the check read cuobjdump's LOCAL,
 # which stays 0 (ptxas keeps spills in the stack frame), so these went unseen. Most spill only in
 # that *generic* specialisation -- every stride a run-time int -- while a launch specialises the
-# strides equal to 1 (Triton's JIT compiles an int argument equal to 1 as a constant): the dense
-# bf16 matmul tiles below, compiled with the unit strides and 16-divisible pointers and sizes a
-# row- or column-major launch has, take 110-200 registers and do not spill (3-stage pipeline);
+# strides equal to 1 (Triton's JIT compiles an int argument equal to 1 as a constant): every dense
+# matmul configuration, compiled in linear's three layouts with the unit strides and 16-divisible
+# pointers and sizes such launches have (dense.launched_specs(), `gpu-nn sass --launched`), does
+# not spill (110-254 registers; the half tiles with their 3-stage pipeline);
 # half's dgrad "medium" tile likewise (unit stride_gw / stride_ww / stride_dw: 0 bytes), and the
 # recurrent projection's 128x128x32 tile (unit K or N strides: 194-197 registers, 0 bytes). The
-# persistent forward's three or four spill slots (128-168 registers) are not yet explained. The
+# persistent forward's spill (4 STL / 4 LDL at 128-168 registers; as launched one slot, 1 STL /
+# 1 LDL, even at 48-96 registers) is a long-lived value reloaded once per step. The
 # list is exact: a new spill fails, and so does an entry that stops spilling (remove it then).
 KNOWN_SPILLS = {
     ("_conv_dgrad_kernel", "dgrad medium fp16 ieee"): 16,
