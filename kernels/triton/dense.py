@@ -122,14 +122,22 @@ def _matmul_tma_kernel(a_desc, b_desc, c_ptr, bias_ptr, M, N, K, stride_cm, has_
                 b = b_desc.load([off_k, off_n])
             acc = tl.dot(a, b, acc, input_precision=PREC)
         # the epilogue in column quarters: a quarter of the store addresses live at a time
-        QN: tl.constexpr = BLOCK_N // 4
-        h0, h1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
-        q0, q1 = tl.split(tl.permute(tl.reshape(h0, (BLOCK_M, 2, QN)), (0, 2, 1)))
-        _store_tile(c_ptr, bias_ptr, q0, off_m, off_n, M, N, stride_cm, 1, has_bias, act, BLOCK_M, QN)
-        _store_tile(c_ptr, bias_ptr, q1, off_m, off_n + QN, M, N, stride_cm, 1, has_bias, act, BLOCK_M, QN)
-        q2, q3 = tl.split(tl.permute(tl.reshape(h1, (BLOCK_M, 2, QN)), (0, 2, 1)))
-        _store_tile(c_ptr, bias_ptr, q2, off_m, off_n + 2 * QN, M, N, stride_cm, 1, has_bias, act, BLOCK_M, QN)
-        _store_tile(c_ptr, bias_ptr, q3, off_m, off_n + 3 * QN, M, N, stride_cm, 1, has_bias, act, BLOCK_M, QN)
+        h0, h1 = _column_halves(acc, BLOCK_M, BLOCK_N)
+        q0, q1 = _column_halves(h0, BLOCK_M, BLOCK_N // 2)
+        q2, q3 = _column_halves(h1, BLOCK_M, BLOCK_N // 2)
+        _store_tile(c_ptr, bias_ptr, q0, off_m, off_n, M, N, stride_cm, 1, has_bias, act, BLOCK_M, BLOCK_N // 4)
+        _store_tile(c_ptr, bias_ptr, q1, off_m, off_n + BLOCK_N // 4, M, N, stride_cm, 1, has_bias, act, BLOCK_M,
+                    BLOCK_N // 4)
+        _store_tile(c_ptr, bias_ptr, q2, off_m, off_n + BLOCK_N // 2, M, N, stride_cm, 1, has_bias, act, BLOCK_M,
+                    BLOCK_N // 4)
+        _store_tile(c_ptr, bias_ptr, q3, off_m, off_n + 3 * (BLOCK_N // 4), M, N, stride_cm, 1, has_bias, act, BLOCK_M,
+                    BLOCK_N // 4)
+
+
+@triton.jit
+def _column_halves(x, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """x [BLOCK_M, BLOCK_N] as its left and right [BLOCK_M, BLOCK_N / 2] halves."""
+    return tl.split(tl.permute(tl.reshape(x, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
 
 
 @triton.jit
