@@ -676,9 +676,8 @@ def test_tma_matmul_kernel_matches_reference(dt, prec, rng):
     from gpu_nn.kernels.triton import dense as kd
 
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dt]
-    # on a GPU its real configurations (float16 has none of its own yet: bfloat16's)
-    cfgs = [kd._MATMUL_TMA_INTERP] if device == "cpu" else list(kd.matmul_tma_candidates(dt, prec)
-                                                                or kd.matmul_tma_candidates("bf16", prec))
+    # on a GPU its real configurations
+    cfgs = [kd._MATMUL_TMA_INTERP] if device == "cpu" else list(kd.matmul_tma_candidates(dt, prec))
     assert cfgs and all(c[-1] == kd.TMA for c in cfgs)
     i = 0
     for cfg in cfgs:
@@ -719,7 +718,7 @@ def test_tma_candidates_only_for_calls_that_can_run_them(monkeypatch, rng):
     for layout, kind in _TMA_KIND.items():
         a, b = ops(layout)
         assert kd.tma_layout(a, b, "bf16", "ieee", sms) == kind
-        assert kd.tma_layout(a.half(), b.half(), "fp16", "ieee", sms) is None  # no float16 configuration yet
+        assert kd.tma_layout(a.half(), b.half(), "fp16", "ieee", sms) == kind
         a32, b32 = ops(layout, torch.float32)
         assert kd.tma_layout(a32, b32, "fp32", "tf32", sms) == kind
         assert kd.tma_layout(a32, b32, "fp32", "ieee", sms) is None  # full precision stays on FMA
@@ -752,7 +751,7 @@ def test_tma_candidates_only_for_calls_that_can_run_them(monkeypatch, rng):
         assert tma[:len(plain)] == plain  # the heuristic stays first
         assert [c for c in tma[len(plain):]] == list(kd.matmul_tma_candidates(dt, prec))
         assert all(c[-1] == kd.TMA for c in tma[len(plain):]) and all(len(c) == 6 for c in plain)
-        assert (len(tma) > len(plain)) == (prec == "tf32" or dt == "bf16")
+        assert (len(tma) > len(plain)) == (prec == "tf32" or dt in ("bf16", "fp16"))
 
     # the launcher asks the tuner with the verdict in the key and the candidates it allows
     asked = []
@@ -790,7 +789,8 @@ def test_every_tma_launch_is_in_aot_specs(monkeypatch, rng):
     specs = [s for s in kd.aot_specs() if s.kernel is kd._matmul_tma_kernel]
     monkeypatch.setattr(kd, "_matmul_tma_kernel", Recorder())
     n = 0
-    for dt, prec, dtype in (("bf16", "ieee", torch.bfloat16), ("fp32", "tf32", torch.float32)):
+    for dt, prec, dtype in (("bf16", "ieee", torch.bfloat16), ("fp16", "ieee", torch.float16),
+                            ("fp32", "tf32", torch.float32)):
         for cfg in kd.matmul_tma_candidates(dt, prec):
             for layout in _MM_LAYOUTS:
                 a, b = _mm_operands(rng, layout, 40, 48, 64, dtype, "cpu")
@@ -804,7 +804,8 @@ def test_every_tma_launch_is_in_aot_specs(monkeypatch, rng):
                 for desc, name in zip(args[:2], ("a_desc", "b_desc")):
                     assert match[0].signature[name] == f"tensordesc<{dt}[{desc.block_shape[0]}, {desc.block_shape[1]}]>"
                 n += 1
-    assert n == len(specs) == 3 * sum(len(kd.matmul_tma_candidates(*k)) for k in (("bf16", "ieee"), ("fp32", "tf32")))
+    assert n == len(specs) == 3 * sum(len(kd.matmul_tma_candidates(*k))
+                                      for k in (("bf16", "ieee"), ("fp16", "ieee"), ("fp32", "tf32")))
 
 
 @pytest.fixture

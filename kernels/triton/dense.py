@@ -179,13 +179,13 @@ _MATMUL_INTERP = (32, 32, 16, 4, 4, 1)
 # bf16, the tile that won the pointer kernel's tuning of every bf16 GEMM of linear at
 # 8192x4096x4096 on the H200 (2026-11-30), 128x256 with two warpgroups (one m64n256 wgmma each)
 # and three stages of 64-deep K tiles (144 KiB, plus the flattened loop's epilogue buffer: 160
-# KiB with Triton 3.9 and the epilogue in column quarters, 176 KiB storing the whole tile); tf32, the pointer kernel's heuristic 128x128x32 (128x256x32 needs 272
-# KiB of shared memory). float16 has none yet, only to keep the AOT compile within its budget:
-# the kernel is the same (tests run it in float16), and adding "fp16" with bf16's tuple enables it
-# (three more AOT compiles, about 17 s).
+# KiB with Triton 3.9 and the epilogue in column quarters, 176 KiB storing the whole tile), and
+# float16 the same (one wgmma shape for both 16-bit types); tf32, the pointer kernel's heuristic
+# 128x128x32 (128x256x32 needs 272 KiB of shared memory).
 TMA = "tma"
 _MATMUL_TMA_CANDIDATES = {
     "bf16": ((128, 256, 64, 8, 8, 3, TMA),),
+    "fp16": ((128, 256, 64, 8, 8, 3, TMA),),
     "tf32": ((128, 128, 32, 8, 8, 3, TMA),),
 }
 # the small configuration the interpreter tests run the TMA kernel in
@@ -207,8 +207,7 @@ def matmul_candidates(dt: str, prec: str) -> tuple:
 
 def matmul_tma_candidates(dt: str, prec: str) -> tuple:
     """The persistent TMA kernel's configurations for operand dtype ``dt`` and precision ``prec``
-    (none for full-precision float32, which stays on FMA in the pointer kernel, nor yet for
-    float16: see _MATMUL_TMA_CANDIDATES)."""
+    (none for full-precision float32, which stays on FMA in the pointer kernel)."""
     return _MATMUL_TMA_CANDIDATES.get(prec if dt == "fp32" else dt, ())
 
 
