@@ -614,3 +614,23 @@ def test_cupy_matmul_writes_what_the_general_formula_gives(dtype, grad, rng, mon
             torch.testing.assert_close(c.double(), want, rtol=rtol, atol=atol,
                                        msg=f"acc={acc} bias1={b1 is not None} bias2={b2 is not None} scale={sc is not None}")
             assert torch.equal(buf[:, N:], before[:, N:])
+
+
+def test_cupy_kernel_functions_are_looked_up_once():
+    """kcuda.function keeps one RawKernel per (module, kernel): CuPy's get_function builds a new
+    one, with a cache lookup keyed by the whole source, on every call."""
+    from gpu_nn.kernels import cuda as kcuda
+
+    class Module:
+        def __init__(self):
+            self.calls = []
+
+        def get_function(self, name):
+            self.calls.append(name)
+            return (self, name)
+
+    m1, m2 = Module(), Module()
+    for _ in range(3):
+        assert kcuda.function(m1, "a") == (m1, "a") and kcuda.function(m1, "b") == (m1, "b")
+        assert kcuda.function(m2, "a") == (m2, "a")
+    assert m1.calls == ["a", "b"] and m2.calls == ["a"]

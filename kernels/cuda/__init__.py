@@ -94,6 +94,22 @@ def kernel_args(args) -> tuple:
     return tuple(np.uint64(a.data_ptr()) if isinstance(a, torch.Tensor) else a for a in args)
 
 
+_FUNCTIONS: dict = {}  # (module, kernel name) -> its RawKernel
+
+
+def function(module, kernel: str):
+    """``module.get_function(kernel)``, kept: CuPy's ``RawModule.get_function`` builds a new
+    ``RawKernel`` and looks its compiled function up in a cache keyed by the whole source on
+    every call, while a RawKernel resolves the device it runs on at launch, so one object per
+    (module, kernel) serves every launch (the modules themselves live for the process:
+    :func:`load`)."""
+    key = (module, kernel)
+    fn = _FUNCTIONS.get(key)
+    if fn is None:
+        fn = _FUNCTIONS[key] = module.get_function(kernel)
+    return fn
+
+
 def launch(module, kernel: str, grid, block, args, shared_mem: int = 0, device: int = 0) -> None:
     """Launch ``kernel`` of ``module`` on torch's current CUDA stream (capturable: no
     synchronisation, no allocation, see :func:`kernel_args`).
@@ -107,4 +123,4 @@ def launch(module, kernel: str, grid, block, args, shared_mem: int = 0, device: 
     conv = kernel_args(args)
     stream = torch.cuda.current_stream(device)
     with cupy.cuda.Device(device), cupy.cuda.ExternalStream(stream.cuda_stream, device):
-        module.get_function(kernel)(tuple(grid), tuple(block), conv, shared_mem=shared_mem)
+        function(module, kernel)(tuple(grid), tuple(block), conv, shared_mem=shared_mem)
