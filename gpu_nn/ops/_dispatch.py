@@ -12,6 +12,7 @@ from .. import _backend
 from .._errors import KernelInputError
 
 _NUMPY_NATIVE = (torch.float32, torch.float64)
+_VIEWABLE = (torch.float32, torch.float64, torch.int64)  # read by the reference as they are
 _POISON = os.environ.get("GPU_NN_POISON", "0") == "1"
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -25,8 +26,8 @@ def to_numpy(t: torch.Tensor | None) -> np.ndarray | None:
     """
     if t is None:
         return None
-    if t.dtype in _NUMPY_NATIVE and t.device.type == "cpu":  # the reference's usual case: a view
-        return t.detach().numpy() if t.requires_grad else t.numpy()
+    if t.is_cpu and t.dtype in _VIEWABLE:  # the reference's usual case: a view (detached, no copy)
+        return t.numpy(force=True)
     t = t.detach()
     if t.is_floating_point() and t.dtype not in _NUMPY_NATIVE:
         t = t.float()
@@ -44,12 +45,15 @@ def from_numpy(a: np.ndarray, dtype: torch.dtype, device: torch.device) -> torch
     view (``a.base`` set: it could be an input seen through ``to_numpy``) is copied.
     """
     a = np.asarray(a)
-    if not a.flags.writeable or not (a.flags.c_contiguous or a.flags.f_contiguous) or a.base is not None:
+    f = a.flags  # once: each .flags makes a flags object
+    if not f.writeable or not (f.c_contiguous or f.f_contiguous) or a.base is not None:
         a = np.array(a, copy=True)
     t = torch.from_numpy(a)
-    if t.dtype != dtype or t.device != (device if type(device) is torch.device else torch.device(device)):
-        t = t.to(device=device, dtype=dtype)
-    return t
+    # the reference's usual case, a fresh CPU array of the wanted dtype, returned as it is; the
+    # device's type only (each t.device makes a torch.device, and a CPU device has no index)
+    if t.dtype == dtype and (device.type if type(device) is torch.device else torch.device(device).type) == "cpu":
+        return t
+    return t.to(device=device, dtype=dtype)
 
 
 _KERNELS: dict = {}

@@ -326,35 +326,7 @@ def _fwd_plan(input, weight, bias, stride, padding, dilation, groups, activation
     _check_all(nd, input, weight, bias, stride, padding, dilation, groups, activation)
     fmt = _memory_format(input, weight)
     oshape = (input.shape[0], weight.shape[0], *_out_size(input.shape, weight.shape, stride, padding, dilation))
-    return (nd, fmt, oshape, *_geometry(nd, stride, padding, dilation), _ref_args(stride, padding, dilation),
-            _native(input, weight, bias))
-
-
-_NATIVE = (torch.float32, torch.float64)
-
-
-def _native(*tensors) -> bool:
-    """Whether every tensor given (None skipped) is a CPU float32 / float64 one: the reference
-    then reads it through a plain view (:func:`_np`) and its results need no dtype or device
-    change (:func:`_wrap`). A plan fact: the plan key holds each tensor's dtype and device."""
-    return all(t is None or (t.dtype in _NATIVE and t.device.type == "cpu") for t in tensors)
-
-
-def _np(t, native: bool):
-    """The reference's view of ``t``: ``numpy(force=True)`` (detached, no copy) where the plan
-    found every tensor native, else :func:`to_numpy` (widening, host copies)."""
-    if t is None or not native:
-        return to_numpy(t)
-    return t.numpy(force=True)
-
-
-def _wrap(a, dtype: torch.dtype, device, native: bool) -> Tensor:
-    """A reference result as a tensor: wrapped without a copy where it is a fresh array that
-    owns its memory (never an input's, so no aliasing), else :func:`from_numpy`."""
-    if native and a.base is None and a.flags.writeable:
-        t = torch.from_numpy(a)
-        return t if t.dtype == dtype else t.to(dtype)
-    return from_numpy(a, dtype, device)
+    return (nd, fmt, oshape, *_geometry(nd, stride, padding, dilation), _ref_args(stride, padding, dilation))
 
 
 def _ref_args(stride, padding, dilation):
@@ -369,7 +341,7 @@ def conv_forward(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride, 
     ``padding`` per side. Returns a [N, O, *So] tensor of input's dtype in the memory format
     :func:`_memory_format` gives (torch's). The checks and the geometry are planned once per
     call facts (:func:`_planned`)."""
-    nd, fmt, oshape, st4, pads4, dl4, rargs, native = _planned(
+    nd, fmt, oshape, st4, pads4, dl4, rargs = _planned(
         3,
         lambda: (_facts(input), _facts(weight), _facts(bias), tuple(stride), tuple(padding), tuple(dilation), groups,
                  activation),
@@ -378,8 +350,8 @@ def conv_forward(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride, 
     backend = _backend.resolve(name, input.device, BACKENDS)
     if backend == "reference":
         f = ref.conv2d if nd == 2 else ref.conv1d
-        out = f(_np(input, native), _np(weight, native), _np(bias, native), *rargs, groups, activation)
-        return _in_format(_wrap(out, input.dtype, input.device, native), fmt)
+        out = f(to_numpy(input), to_numpy(weight), to_numpy(bias), *rargs, groups, activation)
+        return _in_format(from_numpy(out, input.dtype, input.device), fmt)
     _backend.check_interpreter_dtype(name, backend, input, weight, bias)
     ktriton, kt = triton_kernels("conv")
     dt, dev = input.dtype, input.device
@@ -408,15 +380,14 @@ def _bwd_plan(grad_output, input, weight, output, stride, padding, dilation, gro
     # layout (channels_last stays channels_last, no transpose pass)
     gfmt = torch.channels_last if _dense_channels_last(grad_output) else torch.contiguous_format
     return (nd, _memory_format(input, weight), *_geometry(nd, stride, padding, dilation), mask, gfmt,
-            (0, *range(2, grad_output.dim())), _ref_args(stride, padding, dilation),
-            _native(grad_output, input, weight, output))
+            (0, *range(2, grad_output.dim())), _ref_args(stride, padding, dilation))
 
 
 def conv_backward(grad_output: Tensor, input: Tensor, weight: Tensor, output: Optional[Tensor], stride, padding,
                   dilation, groups: int, activation: Optional[str], output_mask) -> tuple[Tensor, Tensor, Tensor]:
     """(grad_input, grad_weight, grad_bias) of :func:`conv_forward`; a gradient whose
     ``output_mask`` entry is False comes back empty. Checks and geometry planned as the forward's."""
-    nd, fmt, st4, pads4, dl4, mask, gfmt, bias_dims, rargs, native = _planned(
+    nd, fmt, st4, pads4, dl4, mask, gfmt, bias_dims, rargs = _planned(
         4,
         lambda: (_facts(grad_output), _facts(input), _facts(weight), _facts(output), tuple(stride), tuple(padding),
                  tuple(dilation), groups, activation, tuple(output_mask)),
@@ -426,12 +397,12 @@ def conv_backward(grad_output: Tensor, input: Tensor, weight: Tensor, output: Op
     dt, dev = input.dtype, input.device
     if backend == "reference":
         f = ref.conv2d_backward if nd == 2 else ref.conv1d_backward
-        gi, gw, gb = f(_np(grad_output, native), _np(input, native), _np(weight, native), *rargs, groups, mask,
-                       _np(output, native) if activation is not None else None, activation)
+        gi, gw, gb = f(to_numpy(grad_output), to_numpy(input), to_numpy(weight), *rargs, groups, mask,
+                       to_numpy(output) if activation is not None else None, activation)
         # a gradient not asked for is an empty placeholder of its own (see below)
-        gi = _in_format(_wrap(gi, dt, dev, native), fmt) if mask[0] else input.new_empty(0)
-        gw = _in_format(_wrap(gw, dt, dev, native), fmt) if mask[1] else input.new_empty(0)
-        return gi, gw, (_wrap(gb, dt, dev, native) if mask[2] else input.new_empty(0))
+        gi = _in_format(from_numpy(gi, dt, dev), fmt) if mask[0] else input.new_empty(0)
+        gw = _in_format(from_numpy(gw, dt, dev), fmt) if mask[1] else input.new_empty(0)
+        return gi, gw, (from_numpy(gb, dt, dev) if mask[2] else input.new_empty(0))
     _backend.check_interpreter_dtype(name, backend, input, weight, grad_output)
     ktriton, kt = triton_kernels("conv")
 

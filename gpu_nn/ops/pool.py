@@ -313,28 +313,6 @@ def _check_params4(op: str, x: Tensor, k, s, p, d):
         raise KernelInputError(f"{op}: invalid pooling parameters kernel_size={k} stride={s} padding={p} dilation={d}")
 
 
-_VIEWABLE = (torch.float32, torch.float64, torch.int64)  # dtypes the reference reads as they are
-
-
-def _np(t: Tensor):
-    """The reference's view of ``t``: ``numpy(force=True)`` (detached, no copy) for a CPU tensor
-    of a dtype the reference reads as it is, else :func:`to_numpy` (widening, host copies)."""
-    if t.is_cpu and t.dtype in _VIEWABLE:
-        return t.numpy(force=True)
-    return to_numpy(t)
-
-
-def _wrap(a: np.ndarray, dtype: torch.dtype, device) -> Tensor:
-    """A reference result as a tensor: wrapped without a copy where it is a fresh array that owns
-    its memory (never an input's: no aliasing) of the wanted dtype on the CPU, else
-    :func:`from_numpy`."""
-    if a.base is None and a.flags.writeable and device.type == "cpu":
-        t = torch.from_numpy(a)
-        if t.dtype == dtype:
-            return t
-    return from_numpy(a, dtype, device)
-
-
 def _out_hw(H, W, k, s, p, d, ceil_mode):
     return ref.out_size(H, k[0], s[0], p[0], d[0], ceil_mode), ref.out_size(W, k[1], s[1], p[1], d[1], ceil_mode)
 
@@ -367,14 +345,14 @@ def max_pool_forward(x: Tensor, kernel_size, stride, padding, dilation, ceil_mod
                                        _max_fwd_geometry, op, x, kernel_size, stride, padding, dilation, ceil_mode)
     backend = _backend.resolve(op, x.device, BACKENDS)
     if backend == "reference":
-        xn = _np(x)
+        xn = to_numpy(x)
         if minimum:
             xn = -xn
         vals, idx = ref._max2d(xn, k, s, p, d, ceil_mode)
         if minimum:
             np.negative(vals, out=vals)
         dev = x.device
-        return _wrap(vals, x.dtype, dev), _wrap(idx, torch.int64, dev)
+        return from_numpy(vals, x.dtype, dev), from_numpy(idx, torch.int64, dev)
     _backend.check_interpreter_dtype(op, backend, x)
     out = empty((N, C, oh, ow), dtype=x.dtype, device=x.device)
     idx = torch.empty((N, C, oh, ow), dtype=torch.int64, device=x.device)
@@ -412,8 +390,8 @@ def max_pool_backward(grad_output: Tensor, indices: Tensor, input_size, kernel_s
                              _max_bwd_args, grad_output, indices, input_size, kernel_size, stride, padding, dilation)
     backend = _backend.resolve("max_pool_backward", grad_output.device, BACKENDS)
     if backend == "reference":
-        gi = ref._max_backward2d(_np(grad_output), _np(indices), size)
-        return _wrap(gi, grad_output.dtype, grad_output.device)
+        gi = ref._max_backward2d(to_numpy(grad_output), to_numpy(indices), size)
+        return from_numpy(gi, grad_output.dtype, grad_output.device)
     _backend.check_interpreter_dtype("max_pool_backward", backend, grad_output)
     gi = empty(size, dtype=grad_output.dtype, device=grad_output.device)
     if gi.numel() == 0:
@@ -453,8 +431,8 @@ def avg_pool_forward(x: Tensor, kernel_size, stride, padding, ceil_mode: bool, c
                                     ceil_mode, divisor_override)
     backend = _backend.resolve("avg_pool", x.device, BACKENDS)
     if backend == "reference":
-        y = ref._avg2d(_np(x), k, s, p, ceil_mode, count_include_pad, divisor_override)
-        return _wrap(y, x.dtype, x.device)
+        y = ref._avg2d(to_numpy(x), k, s, p, ceil_mode, count_include_pad, divisor_override)
+        return from_numpy(y, x.dtype, x.device)
     _backend.check_interpreter_dtype("avg_pool", backend, x)
     out = empty((N, C, oh, ow), dtype=x.dtype, device=x.device)
     if out.numel() == 0:
@@ -491,8 +469,8 @@ def avg_pool_backward(grad_output: Tensor, input_size, kernel_size, stride, padd
                           _avg_bwd_args, grad_output, input_size, kernel_size, stride, padding, ceil_mode)
     backend = _backend.resolve("avg_pool_backward", grad_output.device, BACKENDS)
     if backend == "reference":
-        gi = ref._avg_backward2d(_np(grad_output), size, k, s, p, ceil_mode, count_include_pad, divisor_override)
-        return _wrap(gi, grad_output.dtype, grad_output.device)
+        gi = ref._avg_backward2d(to_numpy(grad_output), size, k, s, p, ceil_mode, count_include_pad, divisor_override)
+        return from_numpy(gi, grad_output.dtype, grad_output.device)
     _backend.check_interpreter_dtype("avg_pool_backward", backend, grad_output)
     gi = empty(size, dtype=grad_output.dtype, device=grad_output.device)
     if gi.numel() == 0:
