@@ -91,13 +91,27 @@ def _views(reserve, layout):
     return {k: reserve[o:o + math.prod(s)].reshape(s) for k, (o, s) in layout.items()}
 
 
-def _sigmoid_(a, tmp=None):
-    # sigmoid(x) = (1 + tanh(x / 2)) / 2: one transcendental pass and never overflows
-    a *= 0.5
+def _sigmoid_(a):
+    # sigmoid(x) = (1 + tanh(x / 2)) / 2: one transcendental pass and never overflows; the 0.5
+    # a 0-d array of a's dtype (see _consts)
+    half = _consts(a.dtype)[0]
+    a *= half
     np.tanh(a, out=a)
-    a *= 0.5
-    a += 0.5
+    a *= half
+    a += half
     return a
+
+
+_CONSTS: dict = {}  # dtype -> 0-d arrays (0.5, 1, 0)
+
+
+def _consts(dt):
+    """``(0.5, 1, 0)`` as 0-d arrays of ``dt``: a ufunc takes one at half the cost of a Python
+    float (no scalar conversion per call), with the same result (same dtype, same value)."""
+    got = _CONSTS.get(dt)
+    if got is None:
+        got = _CONSTS[dt] = (np.array(0.5, dt), np.array(1, dt), np.array(0, dt))
+    return got
 
 
 def _valid_mask(lengths, T, B):
@@ -500,27 +514,6 @@ def _lstm_affine(H, dt):
     return got
 
 
-_CONSTS: dict = {}  # dtype -> 0-d arrays (0.5, 1, 0)
-
-
-def _consts(dt):
-    """``(0.5, 1, 0)`` as 0-d arrays of ``dt``: a ufunc takes one at half the cost of a Python
-    float (no scalar conversion per call), with the same result (same dtype, same value)."""
-    got = _CONSTS.get(dt)
-    if got is None:
-        got = _CONSTS[dt] = (np.array(0.5, dt), np.array(1, dt), np.array(0, dt))
-    return got
-
-
-def _sigmoid0_(a, half):
-    """:func:`_sigmoid_` with ``half`` a 0-d array of a's dtype (see :func:`_consts`)."""
-    a *= half
-    np.tanh(a, out=a)
-    a *= half
-    a += half
-    return a
-
-
 def cell_forward(mode, x, h, c, w_ih, w_hh, b_ih=None, b_hh=None):
     """One step of one layer: ``x [B, I]``, ``h [B, H]``, ``c [B, H]`` (LSTM, else None), weights
     as :func:`rnn_forward`'s, every array of one dtype. Returns ``(h' [B, H], c' [B, H] or None,
@@ -554,7 +547,7 @@ def cell_forward(mode, x, h, c, w_ih, w_hh, b_ih=None, b_hh=None):
         if b_hh is not None:
             gh += b_hh
         rz = np.add(gi[:, : 2 * H], gh[:, : 2 * H])
-        _sigmoid0_(rz, _consts(rz.dtype)[0])
+        _sigmoid_(rz)
         hW = gh[:, 2 * H:]
         n = np.multiply(rz[:, :H], hW)
         n += gi[:, 2 * H:]
