@@ -262,23 +262,29 @@ def _cols(x, weight, stride, pads, dilation, groups):
     return cols.reshape(n, groups, cg * kh * kw, ho * wo), (ho, wo)
 
 
+def _remembered(parse):
+    """``parse`` remembered for hashable arguments (the torch-facing layer passes tuples), since
+    an argument parse costs more than a small convolution; unhashable ones (a list somewhere)
+    are parsed every time."""
+    cached = functools.lru_cache(maxsize=1024, typed=True)(parse)
+
+    @functools.wraps(parse)
+    def call(*args):
+        try:
+            return cached(*args)
+        except TypeError:
+            return parse(*args)
+
+    return call
+
+
+@_remembered
 def _norm2d(stride, padding, dilation, kernel_size):
-    """(stride, per-side pads, dilation) as int tuples; remembered for hashable arguments (the
-    torch-facing layer passes tuples), since the parse costs more than a small convolution."""
-    try:
-        return _norm2d_memo(stride, padding, dilation, tuple(kernel_size))
-    except TypeError:  # a list somewhere: unhashable, parsed every time
-        return _norm2d_parse(stride, padding, dilation, kernel_size)
-
-
-def _norm2d_parse(stride, padding, dilation, kernel_size):
+    """(stride, per-side pads, dilation) as int tuples."""
     stride = _pair(stride, 2)
     dilation = _pair(dilation, 2)
     pads = resolve_padding(padding, kernel_size, dilation)
     return stride, pads, dilation
-
-
-_norm2d_memo = functools.lru_cache(maxsize=1024, typed=True)(_norm2d_parse)
 
 
 # ----------------------------------------------------------------------------- path choice
@@ -637,20 +643,11 @@ def _dgrad_col2im(gg, w, stride, pads, dilation, groups, in_shape, out_size):
     return gi if pt == pb == pl == pr == 0 else np.ascontiguousarray(gi)
 
 
+@_remembered
 def _args1d(stride, padding, dilation, k):
     """conv1d's arguments as conv2d's of the [N, C, 1, L] view: (stride, per-side pads,
-    dilation); remembered for hashable arguments, as :func:`_norm2d`."""
-    try:
-        return _args1d_memo(stride, padding, dilation, k)
-    except TypeError:
-        return _args1d_parse(stride, padding, dilation, k)
-
-
-def _args1d_parse(stride, padding, dilation, k):
+    dilation)."""
     return (1, _pair(stride, 1)[0]), _pads1d(padding, k, dilation), (1, _pair(dilation, 1)[0])
-
-
-_args1d_memo = functools.lru_cache(maxsize=1024, typed=True)(_args1d_parse)
 
 
 def _pads1d(padding, k, dilation):
