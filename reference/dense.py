@@ -247,6 +247,24 @@ def _ce_rows(x2, t2, prob, weight, ignore_index, eps):
     return loss, wt, stats
 
 
+def _ce_targets(t2, ignore_index):
+    """``(valid, n_valid, every, tc)`` of class-index targets ``t2 [M]``: the rows whose target
+    is not ``ignore_index``, their count, whether that is all of them, and the targets with
+    ignored ones replaced by class 0 (t2 itself when none is ignored), fit for indexing."""
+    valid = t2 != ignore_index
+    n_valid = np.count_nonzero(valid)
+    every = n_valid == t2.shape[0]
+    return valid, n_valid, every, (t2 if every else np.where(valid, t2, 0))
+
+
+def _ce_target_weights(weight, dt, tc, valid, every):
+    """The class weight of each row's target (0 for ignored rows), in dtype ``dt``."""
+    wt = weight.astype(dt, copy=False)[tc]
+    if not every:
+        wt[~valid] = 0
+    return wt
+
+
 def _ce_index_rows(x2, t2, weight, ignore_index):
     """:func:`_ce_rows` for class indices without label smoothing (M, C > 0), the common case,
     the row weights None where every one is 1 (no weight, no ignored target),
@@ -262,18 +280,14 @@ def _ce_index_rows(x2, t2, weight, ignore_index):
         shifted = np.subtract(x2, m[:, None])
         e = np.exp(shifted)
         np.log(np.add.reduce(e, axis=1), out=stats[1])
-        valid = t2 != ignore_index
-        every = np.count_nonzero(valid) == M
-        tc = t2 if every else np.where(valid, t2, 0)
+        valid, _, every, tc = _ce_targets(t2, ignore_index)
         loss = shifted[rows, tc]
         loss -= stats[1]
         np.negative(loss, out=loss)  # -logp[t]
         if weight is None:
             wt = None if every else valid.astype(x2.dtype)  # None: all ones
         else:
-            wt = weight.astype(x2.dtype, copy=False)[tc]
-            if not every:
-                wt[~valid] = 0
+            wt = _ce_target_weights(weight, x2.dtype, tc, valid, every)
             loss *= wt
         if not every:
             loss[~valid] = 0
@@ -393,9 +407,7 @@ def _ce_index_backward(grad_out, x2, t2, weight, ignore_index, reduction, lse):
             log_s = st[1]
         g2 -= log_s[:, None]
         np.exp(g2, out=g2)  # p
-        valid = t2 != ignore_index
-        every = np.count_nonzero(valid) == M
-        tc = t2 if every else np.where(valid, t2, 0)
+        valid, n_valid, every, tc = _ce_targets(t2, ignore_index)
         g = np.asarray(grad_out, dtype=dt)
         if reduction == "none":
             s = g.reshape(M).copy()
@@ -403,16 +415,13 @@ def _ce_index_backward(grad_out, x2, t2, weight, ignore_index, reduction, lse):
             if reduction == "sum":
                 g1 = g
             else:
-                denom = np.count_nonzero(valid) if weight is None else np.add.reduce(weight.astype(dt)[t2[valid]])
+                denom = n_valid if weight is None else np.add.reduce(weight.astype(dt)[t2[valid]])
                 g1 = g / dt.type(denom)
             s = np.full(M, g1, dt)
         if not every:
             s[~valid] = 0
         if weight is not None:
-            wt = weight.astype(dt, copy=False)[tc]
-            if not every:
-                wt[~valid] = 0
-            s *= wt  # s w[t]
+            s *= _ce_target_weights(weight, dt, tc, valid, every)  # s w[t]
         g2 *= s[:, None]
         g2[rows, tc] -= s
     return g2
