@@ -578,6 +578,12 @@ def _stats_size(M: int, reduction: str) -> int:
     return 3 * M + (reduction == "mean")
 
 
+def _indices_in_range(t: np.ndarray, C: int) -> bool:
+    """Every class index of the non-empty array ``t`` in [0, C): two NumPy reductions (anything
+    else, ignore_index entries and errors, is :func:`_check_target_range`'s to judge)."""
+    return bool(np.minimum.reduce(t, None) >= 0 and np.maximum.reduce(t, None) < C)
+
+
 def _check_target_range(target: Tensor, ignore_index: int, C: int, kernels=None) -> None:
     """Out-of-range class indices would make a kernel read outside its row: refuse them here,
     in the launcher (inside the custom op, so that torch.compile never traces this
@@ -591,8 +597,7 @@ def _check_target_range(target: Tensor, ignore_index: int, C: int, kernels=None)
         # range themselves (an out-of-range row gives NaN, never a read outside its row)
         return
     if target.device.type == "cpu" and not target.requires_grad and target.dtype in (torch.int64, torch.int32):
-        t = target.numpy()  # two NumPy reductions; the five torch ops below cost 4x more on a tiny target
-        if t.min() >= 0 and t.max() < C:
+        if _indices_in_range(target.numpy(), C):  # the five torch ops below cost 4x more on a tiny target
             return
     if kernels is not None and target.dtype == torch.int64:
         ktriton, kd = kernels
@@ -618,9 +623,8 @@ def cross_entropy_forward(input: Tensor, target: Tensor, weight: Tensor | None, 
     backend = _backend.resolve("cross_entropy", input.device, BACKENDS)
     if backend == "reference":
         xn, tn, wn = to_numpy(input), to_numpy(target), to_numpy(weight)
-        # every class index in [0, C): two NumPy reductions on the array the reference reads;
-        # anything else (ignore_index entries, errors) is _check_target_range's to judge
-        if not prob and tn.size and not (np.minimum.reduce(tn, None) >= 0 and np.maximum.reduce(tn, None) < C):
+        # checked on the array the reference reads (a CUDA target's host copy too)
+        if not prob and tn.size and not _indices_in_range(tn, C):
             _check_target_range(target, ignore_index, C)
         loss, lse = ref.cross_entropy_forward(xn, tn, wn, ignore_index, reduction, label_smoothing)
         stats = np.zeros(_stats_size(M, reduction), lse.dtype)
