@@ -612,7 +612,7 @@ def linear_grid(dtype) -> list[dict]:
     with TF32, as torch's linear benchmark allows it."""
     from gpu_nn.kernels.triton import dense as kd
 
-    dt = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+    dt = kd._TL[dtype]
     cands = kd.tuning_candidates(dt, "tf32" if dt == "fp32" else "ieee", True)
     return ([{"impl": "dense", **dict(zip(MATMUL_KEYS, c[:6])), "tma": len(c) == 7} for c in cands]
             + [{"provider": "torch"}])

@@ -320,13 +320,17 @@ def tma_output(c) -> bool:
     return c.stride(1) == 1 and c.stride(0) % 16 == 0 and c.data_ptr() % 16 == 0
 
 
+def _device_index(t) -> int:
+    return t.device.index if t.device.index is not None else torch.cuda.current_device()
+
+
 def tma_eligible(a, b, dt: str, prec: str, interpret: bool) -> bool:
     """Whether the TMA candidates may be timed (and a cached TMA choice launched) for this call:
     compiled kernels (never the interpreter), a CUDA device of compute capability >= 9 (TMA and
     wgmma), and :func:`tma_layout`."""
     if interpret or _INTERPRETED or a.device.type != "cuda":
         return False
-    idx = a.device.index if a.device.index is not None else torch.cuda.current_device()
+    idx = _device_index(a)
     return _has_tma(idx) and tma_layout(a, b, dt, prec, _sm_count(idx)) is not None
 
 
@@ -360,8 +364,7 @@ def _launch_matmul_tma(a, b, c, bias, act, prec, cfg, programs=None) -> None:
     bm, bn, bk, gm, warps, stages, _ = cfg
     args, a_km, b_nk = _tma_args(a, b, c, bias, act, bm, bn, bk)
     if programs is None:  # CPU tensors: the interpreter (tests, the sweep's CPU check), a few programs
-        programs = _sm_count(a.device.index if a.device.index is not None else torch.cuda.current_device()) \
-            if a.device.type == "cuda" else 3
+        programs = _sm_count(_device_index(a)) if a.device.type == "cuda" else 3
     grid = (max(1, min(programs, cdiv(M, bm) * cdiv(N, bn))),)
     _matmul_tma_kernel[grid](*args, A_KM=a_km, B_NK=b_nk, PREC=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                              GROUP_M=gm, FLATTEN=TMA_FLATTEN, num_warps=warps, num_stages=stages)
