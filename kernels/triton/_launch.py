@@ -48,8 +48,9 @@ number of positional arguments), as Triton generates its binder, so a call pays 
 dictionary, ``str(options)``, knob reads, used-globals loop or launch metadata. Versions are
 compared on (major, minor): patch releases of a verified minor are taken to keep its launcher.
 
-Wired launchers: activation, pooling, convolution (forward, input and weight gradients, depthwise too), softmax / log_softmax, cross-entropy, the optimizer and
-clipping kernels, the dense matmul and column sums, the per-step RNN kernels (step and projection, forward and
+Wired launchers: activation, pooling, convolution (forward, input and weight gradients,
+depthwise too), softmax / log_softmax, cross-entropy, the optimizer and clipping kernels, the
+dense matmul and column sums, the per-step RNN kernels (step and projection, forward and
 backward). Launchers that call ``kernel[grid]`` directly keep working as before.
 
 What a plan deliberately does not re-check per call (the JIT does): that the globals a kernel
