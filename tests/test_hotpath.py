@@ -356,6 +356,12 @@ LAUNCHES_INTERP = {
             {"aten::_foreach_copy_": 2, "aten::copy_": 1, "aten::new_zeros": 1}),
     "lstm": ({"_rnn_matmul_kernel": 4, "_rnn_step_fwd_kernel": 3, "_rnn_step_bwd_kernel": 4, "_rnn_colsum_kernel": 2},
              {"aten::_foreach_copy_": 2, "aten::copy_": 2, "aten::new_zeros": 2}),
+    # bidirectional: both directions of a step in one launch (the pair kernels), T = 3 of them
+    # forward and T + 1 backward (the last forms both directions' dh0); per direction the input
+    # projection, dW_ih, dW_hh and dx (4 x 2 matmuls) and the two bias sums
+    "lstm bidirectional": ({"_rnn_matmul_kernel": 8, "_rnn_step2_fwd_kernel": 3, "_rnn_step2_bwd_kernel": 4,
+                            "_rnn_colsum_kernel": 4},
+                           {"aten::_foreach_copy_": 2, "aten::copy_": 2, "aten::new_zeros": 2}),
 }
 # The same fwd+bwd on a GPU, as GPU events (torch.profiler, CUDA activity; kernel_counts.by_kind):
 # our kernels are LAUNCHES' own, by name and number; beside them, torch's events by kind. Each aten
@@ -437,6 +443,8 @@ def _launch_case(name, device="cpu"):
         "gru": (lambda x, h, *p: F.gru(x, h, p)[0], (r(3, 2, 5), r(1, 2, 4), r(12, 5), r(12, 4), r(12), r(12))),
         "lstm": (lambda x, h, c, *p: F.lstm(x, (h, c), p)[0],
                  (r(3, 2, 5), r(1, 2, 4), r(1, 2, 4), r(16, 5), r(16, 4), r(16), r(16))),
+        "lstm bidirectional": (lambda x, h, c, *p: F.lstm(x, (h, c), p, bidirectional=True)[0],
+                               (r(3, 2, 5), r(2, 2, 4), r(2, 2, 4), *(t for _ in range(2) for t in (r(16, 5), r(16, 4), r(16), r(16))))),
     }[name]
 
 

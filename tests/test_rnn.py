@@ -3,6 +3,8 @@ input gradient and every parameter gradient), finite differences of the referenc
 opcheck on every op, state_dict interchange, dropout, bad input, and every backend against the
 reference."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -1528,6 +1530,77 @@ def test_step_loops_launch_as_the_per_step_launchers(mode, reverse, monkeypatch)
         prev = dGh[t]
     assert len(calls) == 2 * T and calls[:T] == calls[T:], mode
     assert (last.data_ptr(), last.shape) == (prev.data_ptr(), prev.shape)
+
+
+@pytest.mark.skipif(not os.environ.get("TRITON_INTERPRET"), reason="runs the kernels on CPU tensors (interpreter)")
+@pytest.mark.parametrize("mode,has_bhh", [("rnn_tanh", False), ("rnn_relu", False), ("lstm", False), ("gru", True),
+                                          ("gru", False)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_pair_loops_equal_two_one_direction_loops(mode, has_bhh, masked):
+    """steps_forward_pair / steps_backward_pair (both directions of a layer, one launch per step)
+    leave every buffer exactly as steps_forward and steps_backward + the final step_backward run
+    per direction do: fresh random data, odd sizes, unequal lengths, both dropout-mask forms."""
+    from gpu_nn.kernels.triton import rnn as kt
+
+    g = torch.Generator().manual_seed(7)
+    T, B, H = 5, 3, 7
+    G, S = ref.GATES[mode] * H, ref.STORED[mode] * H or H
+    lstm = mode == "lstm"
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g)
+
+    lens = torch.tensor([5, 2, 4], dtype=torch.int64)
+    out = torch.zeros(T, B, 2 * H)
+    mask = (torch.rand(T, B, 2 * H, generator=g) > 0.3).float() * 1.4 if masked else None
+
+    def direction(d):
+        Hs, Cs = rnd(T + 1, B, H), (rnd(T + 1, B, H) if lstm else None)
+        return dict(XG=rnd(T, B, S), Hs=Hs, Cs=Cs, w_hh=rnd(G, H) * 0.4, b_hh=rnd(G) if has_bhh else None,
+                    out=out[:, :, d * H:(d + 1) * H], mask=None if mask is None else mask[:, :, d * H:(d + 1) * H])
+
+    dirs = [direction(0), direction(1)]
+    keys = ("XG", "Hs", "Cs", "w_hh", "b_hh", "out", "mask")
+    fwd_args = lambda d: tuple(d[k] for k in keys)  # noqa: E731
+    start = [{k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in d.items()} for d in dirs]
+    for d, dd in enumerate(dirs):
+        kt.steps_forward(mode, *fwd_args(dd), lens, d == 1, 0)
+    want_out = out.clone()
+    out.zero_()
+    again = [{**s, "out": out[:, :, d * H:(d + 1) * H]} for d, s in enumerate(start)]
+    for s in again:  # the originals' inputs, untouched by the run above
+        for k in ("XG", "Hs", "Cs"):
+            if s[k] is not None:
+                s[k] = s[k].clone()
+    kt.steps_forward_pair(mode, fwd_args(again[0]), fwd_args(again[1]), lens, 0)
+    assert torch.equal(out, want_out)
+    for a, b in zip(dirs, again):
+        for k in ("XG", "Hs", "Cs"):
+            assert a[k] is None or torch.equal(a[k], b[k]), k
+    # backward on what the forward left
+    dout = rnd(T, B, 2 * H)
+
+    def bwd_state(d, dd):
+        return dict(w_hh=dd["w_hh"], carry=rnd(B, H), dc=rnd(B, H) if lstm else None,
+                    dout=dout[:, :, d * H:(d + 1) * H], G=dd["XG"] if mode != "rnn_tanh" and mode != "rnn_relu" else None,
+                    Hs=dd["Hs"], Cs=dd["Cs"], dGi=torch.full((T, B, G), 9.0),
+                    dGh=torch.full((T, B, G), 9.0) if mode == "gru" else None, dh0=torch.full((B, H), 9.0))
+
+    one = [bwd_state(d, dd) for d, dd in enumerate(dirs)]
+    two = [{k: (v.clone() if isinstance(v, torch.Tensor) and k in ("carry", "dc", "dGi", "dGh", "dh0") else v)
+            for k, v in o.items()} for o in one]
+    for d, o in enumerate(one):
+        dgh = o["dGh"] if o["dGh"] is not None else o["dGi"]
+        prev = kt.steps_backward(mode, o["w_hh"], o["carry"], o["dc"], o["dout"], o["G"], o["Hs"], o["Cs"], o["dGi"],
+                                 dgh, lens, d == 1, 0)
+        kt.step_backward(mode, prev, o["w_hh"], o["carry"], None, None, None, None, None, None, None, None, None,
+                         o["dh0"], None, 0, 0, final=True)
+    bkeys = ("w_hh", "carry", "dc", "dout", "G", "Hs", "Cs", "dGi", "dGh", "dh0")
+    kt.steps_backward_pair(mode, *[tuple(o[k] if k != "dGh" or o[k] is not None else o["dGi"] for k in bkeys)
+                                   for o in two], lens, 0)
+    for a, b in zip(one, two):
+        for k in ("carry", "dc", "dGi", "dGh", "dh0"):
+            assert a[k] is None or torch.equal(a[k], b[k]), k
 
 
 @pytest.mark.parametrize("mode", ["lstm", "gru"])

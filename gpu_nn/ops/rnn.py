@@ -461,6 +461,7 @@ def _gpu_forward(K, mode, input, hx, cx, weights, num_layers, bidirectional, has
         dest = v[("x", l + 1)] if l < L - 1 else out
         mk = masks[l] if (masks is not None and l < L - 1) else None
         in_w = xin.shape[-1]
+        pair = []  # both directions' step loops in one launch per step (triton, per-step path)
         for d in range(D):
             k = l * D + d
             w_ih, w_hh, b_ih, b_hh, w_hr = ws[k]
@@ -482,8 +483,14 @@ def _gpu_forward(K, mode, input, hx, cx, weights, num_layers, bidirectional, has
                                    None if mk is None else mk[t, :, d * P:(d + 1) * P], lens, t,
                                    _dot_code(w_hr.dtype, tf32=tf32))
             elif steps_forward is not None:
-                steps_forward(mode, XG, Hs, Cs, w_hh, b_hh if mode == "gru" else None, dest[:, :, d * H:(d + 1) * H],
-                              None if mk is None else mk[:, :, d * H:(d + 1) * H], lens, d == 1, dcode)
+                args = (XG, Hs, Cs, w_hh, b_hh if mode == "gru" else None, dest[:, :, d * H:(d + 1) * H],
+                        None if mk is None else mk[:, :, d * H:(d + 1) * H])
+                if D == 2 and K.pair_ok(ws[l * D][1], ws[l * D + 1][1]):
+                    pair.append(args)
+                    if d == 1:
+                        K.steps_forward_pair(mode, *pair, lens, dcode)
+                else:
+                    steps_forward(mode, *args, lens, d == 1, dcode)
             else:
                 for t, p, n in ref._steps(T, d == 1):
                     K.step_forward(mode, XG[t], Hs[p], Hs[n], None if Cs is None else Cs[p],
@@ -507,12 +514,19 @@ def _gpu_backward(K, mode, gout, ghn, gcn, input, weights, reserve, num_layers, 
     GH = GATES[mode] * H
     v = _reserve_views(reserve, mode, T, B, H, L, D, P)
     lens = _lengths_on(lengths, T, B, dev)
-    ws = _split(weights, L, D, has_biases)
     f32 = torch.float32
     dhx = empty((L * D, B, W), dtype=f32, device=dev)
     dcx = empty((L * D, B, H), dtype=f32, device=dev) if mode == "lstm" else None
-    dGi = empty((T, B, GH), dtype=f32, device=dev)
-    dGh = empty((T, B, GH), dtype=f32, device=dev) if mode == "gru" else dGi
+    bloop = hasattr(K, "loop_backward") and _persist_programs(K, dev, B, H, P)
+    steps_backward = getattr(K, "steps_backward", None)  # one call per layer and direction (triton)
+    ws = _split(weights, L, D, has_biases)
+    # both directions of a layer in one launch per step (triton's per-step path): the two
+    # directions' gate gradients coexist, one buffer each; otherwise one buffer serves both in turn
+    pairs = [D == 2 and not P and steps_backward is not None and K.pair_ok(ws[l * D][1], ws[l * D + 1][1])
+             for l in range(L)]
+    nbuf = 2 if any(pairs) else 1
+    dGis = empty((nbuf, T, B, GH), dtype=f32, device=dev)
+    dGhs = empty((nbuf, T, B, GH), dtype=f32, device=dev) if mode == "gru" else dGis
     # the state-gradient carries of every layer and direction, from grad h_n in one copy (and the
     # LSTM's cell-state carries in dcx itself, from grad c_n: what the steps leave there is dc0)
     carries = empty((L * D, B, W), dtype=f32, device=dev)
@@ -529,13 +543,16 @@ def _gpu_backward(K, mode, gout, ghn, gcn, input, weights, reserve, num_layers, 
     dws = [None] * (L * D)
     tf32 = tf32_allowed(dt)
     dout = gout
-    bloop = hasattr(K, "loop_backward") and _persist_programs(K, dev, B, H, P)
-    steps_backward = getattr(K, "steps_backward", None)  # one call per layer and direction (triton)
     for l in range(L - 1, -1, -1):
         xin = input if l == 0 else v[("x", l)]
         in_w = xin.shape[-1]
         dxin = empty((T, B, in_w), dtype=f32, device=dev)
         mk = masks[l - 1] if (masks is not None and l > 0) else None
+        if pairs[l]:
+            K.steps_backward_pair(mode, *[
+                (ws[k][1], carries[k], None if dcx is None else dcx[k], dout[:, :, d * H:(d + 1) * H],
+                 v.get(("gates", l, d)), v[("h", l, d)], v.get(("c", l, d)), dGis[d], dGhs[d], dhx[k])
+                for d, k in ((0, l * D), (1, l * D + 1))], lens, _dot_code(ws[l * D][1].dtype, tf32=tf32))
         for d in range(D):
             k = l * D + d
             w_ih, w_hh, b_ih, b_hh, w_hr = ws[k]
@@ -545,8 +562,11 @@ def _gpu_backward(K, mode, gout, ghn, gcn, input, weights, reserve, num_layers, 
             carry = carries[k]
             dc = None if dcx is None else dcx[k]
             dcode = _dot_code(w_hh.dtype, tf32=tf32)
+            dGi, dGh = (dGis[d], dGhs[d]) if pairs[l] else (dGis[0], dGhs[0])
             prev = None
-            if P:
+            if pairs[l]:
+                pass  # the step loops of both directions ran above
+            elif P:
                 rdot = _dot_code(w_hr.dtype, tf32=tf32)
                 for t, p, n in reversed(ref._steps(T, d == 1)):
                     K.proj_backward(prev, w_hh, carry, dout[t, :, d * P:(d + 1) * P], dHp[t], lens, t, dcode)

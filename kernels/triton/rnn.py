@@ -1,7 +1,7 @@
 """Triton kernels for the recurrent family (Elman tanh / relu, LSTM, GRU), forward and backward.
 
-The time loop runs on the host (one launch per step of one layer and direction), except in the
-persistent kernel:
+The time loop runs on the host (one launch per step of one layer and both its directions),
+except in the persistent kernel:
 
 * ``_rnn_matmul_kernel`` -- ``C (+)= scale * (A @ B + bias1 + bias2)`` with arbitrary strides,
   float32 accumulation: the input projection of all time steps at once (``X W_ih^T + b``), and
@@ -16,6 +16,10 @@ persistent kernel:
   the part of dh / dc that bypasses W_hh. With ``FINAL`` it only forms dh0.
   The cells (gpu_nn.ops.rnn) run the step kernels once each, with ``t = -1`` (no lengths) and,
   backward, no carry in and the c' gradient read from its own tensor.
+* ``_rnn_step2_fwd_kernel`` / ``_rnn_step2_bwd_kernel`` -- the same step tiles for both
+  directions of a bidirectional layer in one launch (grid axis 2 picks the direction, each with
+  its own buffers and step index): a layer's time loop is T launches, not 2T, each with twice
+  the programs (issue 16: the two directions concurrently, not one after the other).
 * ``_rnn_colsum_kernel`` -- bias gradients (column sums of the stored gate gradients).
 * ``_rnn_proj_fwd_kernel`` / ``_rnn_proj_bwd_kernel`` -- the LSTM projection (``proj_size``):
   per step, after the step kernel (run with ``PROJ``: recurrent product over the P-wide state,
@@ -35,6 +39,8 @@ layers; half-precision dots cast the float32 operand to the weights' dtype; all 
 float32.
 Not supported: projections in the persistent kernel (the ops never choose it for them).
 """
+
+import inspect
 
 import torch
 import triton
@@ -236,8 +242,39 @@ def _rnn_step_fwd_kernel(xg_ptr, stride_xg, hp_ptr, hn_ptr, cp_ptr, cn_ptr, w_pt
     ``m = o * tanh(c')`` with no length masking (the projection kernel masks h), ``out`` is not
     written; ``cn`` is masked as usual.
     """
-    pid_b = tl.program_id(0)
-    pid_h = tl.program_id(1)
+    _step_fwd_tile(tl.program_id(0), tl.program_id(1), xg_ptr, stride_xg, hp_ptr, hn_ptr, cp_ptr, cn_ptr, w_ptr,
+                   stride_w0, stride_w1, bhh_ptr, out_ptr, stride_out, mask_ptr, stride_mask, has_mask, len_ptr, t, B,
+                   H, P, MODE, HAS_BHH, PROJ, DOT_DT, BLOCK_B, BLOCK_H, BLOCK_K)
+
+
+@triton.jit(do_not_specialize=["t", "t1"])
+def _rnn_step2_fwd_kernel(xg_ptr, xg1_ptr, stride_xg, hp_ptr, hp1_ptr, hn_ptr, hn1_ptr, cp_ptr, cp1_ptr, cn_ptr,
+                          cn1_ptr, w_ptr, w1_ptr, stride_w0, stride_w1, bhh_ptr, bhh1_ptr, out_ptr, out1_ptr,
+                          stride_out, mask_ptr, mask1_ptr, stride_mask, has_mask, len_ptr, t, t1, B, H,
+                          MODE: tl.constexpr, HAS_BHH: tl.constexpr,
+                          DOT_DT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One step of both directions of a bidirectional layer in one launch: grid axis 2 picks the
+    direction, 0 the forward one (step ``t``, the ``*_ptr`` buffers), 1 the reverse one (step
+    ``t1``, the ``*1_ptr`` buffers); each program then runs ``_rnn_step_fwd_kernel``'s tile, no
+    projection. Shared by the two directions: the strides, the mask flag, the lengths and the
+    sizes. The two directions are independent within a step, so the launch is twice the programs
+    of one direction at the same latency, and half the launches of a layer. ``t`` and ``t1`` are
+    not specialised (a step index of 1 or a multiple of 16 would compile another kernel)."""
+    rev = tl.program_id(2) == 1
+    _step_fwd_tile(tl.program_id(0), tl.program_id(1), tl.where(rev, xg1_ptr, xg_ptr), stride_xg,
+                   tl.where(rev, hp1_ptr, hp_ptr), tl.where(rev, hn1_ptr, hn_ptr), tl.where(rev, cp1_ptr, cp_ptr),
+                   tl.where(rev, cn1_ptr, cn_ptr), tl.where(rev, w1_ptr, w_ptr), stride_w0, stride_w1,
+                   tl.where(rev, bhh1_ptr, bhh_ptr), tl.where(rev, out1_ptr, out_ptr), stride_out,
+                   tl.where(rev, mask1_ptr, mask_ptr), stride_mask, has_mask, len_ptr, tl.where(rev, t1, t), B, H, H,
+                   MODE, HAS_BHH, False, DOT_DT, BLOCK_B, BLOCK_H, BLOCK_K)
+
+
+@triton.jit
+def _step_fwd_tile(pid_b, pid_h, xg_ptr, stride_xg, hp_ptr, hn_ptr, cp_ptr, cn_ptr, w_ptr, stride_w0, stride_w1, bhh_ptr,
+                   out_ptr, stride_out, mask_ptr, stride_mask, has_mask, len_ptr, t, B, H, P,
+                   MODE: tl.constexpr, HAS_BHH: tl.constexpr, PROJ: tl.constexpr,
+                   DOT_DT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The body of ``_rnn_step_fwd_kernel`` for the tile (``pid_b``, ``pid_h``)."""
     rb = (pid_b * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
     rh = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     mb = rb < B
@@ -448,8 +485,42 @@ def _rnn_step_bwd_kernel(dgn_ptr, stride_dgn, w_ptr, stride_w0, stride_w1, carry
     ``t < 0``: no lengths, every row valid, ``len`` not read. Both flags are runtime arguments
     (one compiled kernel serves sequence and cell; a uniform predicate on one load each).
     """
-    pid_b = tl.program_id(0)
-    pid_h = tl.program_id(1)
+    _step_bwd_tile(tl.program_id(0), tl.program_id(1), dgn_ptr, stride_dgn, w_ptr, stride_w0, stride_w1, carry_ptr,
+                   has_carry, dc_ptr, dcin_ptr, has_dcin, dout_ptr, stride_dout, g_ptr, stride_g, hp_ptr, hn_ptr, cp_ptr,
+                   cn_ptr, dgi_ptr, dgh_ptr, stride_dg, dh0_ptr, len_ptr, t, B, H, MODE, HAS_NEXT, FINAL, DOT_DT,
+                   BLOCK_B, BLOCK_H, BLOCK_K)
+
+
+@triton.jit(do_not_specialize=["t", "t1"])
+def _rnn_step2_bwd_kernel(dgn_ptr, dgn1_ptr, stride_dgn, w_ptr, w1_ptr, stride_w0, stride_w1, carry_ptr, carry1_ptr,
+                          dc_ptr, dc1_ptr, has_dc, dout_ptr, dout1_ptr, stride_dout, g_ptr, g1_ptr, stride_g, hp_ptr,
+                          hp1_ptr, hn_ptr, hn1_ptr, cp_ptr, cp1_ptr, cn_ptr, cn1_ptr, dgi_ptr, dgi1_ptr, dgh_ptr,
+                          dgh1_ptr, stride_dg, dh0_ptr, dh01_ptr, len_ptr, t, t1, B, H,
+                          MODE: tl.constexpr, HAS_NEXT: tl.constexpr, FINAL: tl.constexpr,
+                          DOT_DT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One backward step of both directions of a bidirectional layer in one launch, as
+    ``_rnn_step2_fwd_kernel`` is to the forward: grid axis 2 picks the direction (0: step ``t``
+    and the ``*_ptr`` buffers, 1: step ``t1`` and the ``*1_ptr`` ones), each program runs
+    ``_rnn_step_bwd_kernel``'s tile of a sequence (the carry always read; the LSTM's c gradient
+    ``dc`` updated in place when ``has_dc``). ``FINAL``: both directions' dh0."""
+    rev = tl.program_id(2) == 1
+    dc = tl.where(rev, dc1_ptr, dc_ptr)
+    _step_bwd_tile(tl.program_id(0), tl.program_id(1), tl.where(rev, dgn1_ptr, dgn_ptr), stride_dgn,
+                   tl.where(rev, w1_ptr, w_ptr), stride_w0, stride_w1, tl.where(rev, carry1_ptr, carry_ptr), 1, dc, dc,
+                   has_dc, tl.where(rev, dout1_ptr, dout_ptr), stride_dout, tl.where(rev, g1_ptr, g_ptr), stride_g,
+                   tl.where(rev, hp1_ptr, hp_ptr), tl.where(rev, hn1_ptr, hn_ptr), tl.where(rev, cp1_ptr, cp_ptr),
+                   tl.where(rev, cn1_ptr, cn_ptr), tl.where(rev, dgi1_ptr, dgi_ptr), tl.where(rev, dgh1_ptr, dgh_ptr),
+                   stride_dg, tl.where(rev, dh01_ptr, dh0_ptr), len_ptr, tl.where(rev, t1, t), B, H, MODE, HAS_NEXT,
+                   FINAL, DOT_DT, BLOCK_B, BLOCK_H, BLOCK_K)
+
+
+@triton.jit
+def _step_bwd_tile(pid_b, pid_h, dgn_ptr, stride_dgn, w_ptr, stride_w0, stride_w1, carry_ptr, has_carry, dc_ptr,
+                   dcin_ptr, has_dcin, dout_ptr, stride_dout, g_ptr, stride_g, hp_ptr, hn_ptr, cp_ptr, cn_ptr, dgi_ptr,
+                   dgh_ptr, stride_dg, dh0_ptr, len_ptr, t, B, H,
+                   MODE: tl.constexpr, HAS_NEXT: tl.constexpr, FINAL: tl.constexpr,
+                   DOT_DT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The body of ``_rnn_step_bwd_kernel`` for the tile (``pid_b``, ``pid_h``)."""
     rb = (pid_b * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
     rh = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     mb = rb < B
@@ -888,6 +959,99 @@ def steps_backward(mode, w_hh, carry, dc, dout, G, Hs, Cs, dGi, dGh, lengths, re
     return prev
 
 
+def pair_ok(fwd_w_hh, rev_w_hh) -> bool:
+    """Whether the two directions of a layer can share the pair launches
+    (``steps_forward_pair`` / ``steps_backward_pair``): their recurrent weights have the same
+    dtype and strides (the pair kernels take one set of strides)."""
+    return fwd_w_hh.dtype == rev_w_hh.dtype and fwd_w_hh.stride() == rev_w_hh.stride()
+
+
+def steps_forward_pair(mode, fwd, rev, lengths, dot):
+    """Both directions of a bidirectional layer, one ``_rnn_step2_fwd_kernel`` launch per step:
+    step ``i`` runs the forward direction's step ``(t, p, n) = _steps(T, False)[i]`` and the
+    reverse one's ``_steps(T, True)[i]`` side by side (grid axis 2), each exactly as
+    ``steps_forward`` would. ``fwd`` / ``rev``: ``(XG, Hs, Cs, w_hh, b_hh, out, mask)`` of each
+    direction, as ``steps_forward`` takes them; the two share strides (``pair_ok`` of the
+    weights; the other buffers are views of the same layouts) and ``mask`` is None for both or
+    neither."""
+    XG, Hs, Cs, w_hh, b_hh, out, mask = fwd
+    XG1, Hs1, Cs1, w_hh1, b_hh1, out1, mask1 = rev
+    T, B, H = out.shape
+    if T == 0 or B == 0 or H == 0:
+        return
+    assert XG.stride() == XG1.stride() and out.stride() == out1.stride() and pair_ok(w_hh, w_hh1)
+    bb, bh, bk, warps, stages = step_blocks(B, H, mode, dot)
+    grid = (cdiv(B, bb), cdiv(H, bh), 2)
+    kw = dict(MODE=MODE_CODES[mode], HAS_BHH=b_hh is not None, DOT_DT=dot, BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=bk,
+              num_warps=warps, num_stages=stages)
+    sxg, sout = XG.stride(1), out.stride(1)
+    s0, s1 = w_hh.stride(0), w_hh.stride(1)
+    bhh, bhh1 = (b_hh, b_hh1) if b_hh is not None else (w_hh, w_hh1)
+    xgs, hs, outs = XG.unbind(0), Hs.unbind(0), out.unbind(0)
+    xgs1, hs1, outs1 = XG1.unbind(0), Hs1.unbind(0), out1.unbind(0)
+    cs = Cs.unbind(0) if Cs is not None else hs
+    cs1 = Cs1.unbind(0) if Cs1 is not None else hs1
+    if mask is None:
+        masks, masks1, smask, has_mask = (w_hh,) * T, (w_hh1,) * T, 0, 0
+    else:
+        assert mask.stride() == mask1.stride()
+        masks, masks1, smask, has_mask = mask.unbind(0), mask1.unbind(0), mask.stride(1), 1
+    launch = launch_kernel  # the module's (host_cost patches it)
+    kernel = _rnn_step2_fwd_kernel
+    for (t, p, n), (u, q, m) in zip(_steps(T, False), _steps(T, True)):
+        launch(kernel, grid, xgs[t], xgs1[u], sxg, hs[p], hs1[q], hs[n], hs1[m], cs[p], cs1[q], cs[n], cs1[m],
+               w_hh, w_hh1, s0, s1, bhh, bhh1, outs[t], outs1[u], sout, masks[t], masks1[u], smask, has_mask, lengths,
+               t, u, B, H, **kw)
+
+
+def steps_backward_pair(mode, fwd, rev, lengths, dot):
+    """Both directions' backward time loops, one ``_rnn_step2_bwd_kernel`` launch per step, and
+    the final dh0 step of both in one more: the launches ``steps_backward`` and the final
+    ``step_backward`` make per direction, side by side. ``fwd`` / ``rev``: ``(w_hh, carry, dc,
+    dout, G, Hs, Cs, dGi, dGh, dh0)`` of each direction (``dGi`` and ``dGh`` of one direction
+    are its own buffers: the two directions' gate gradients coexist), as ``steps_backward``
+    takes them, ``dh0 [B, H]`` float32 the initial state's gradient written last."""
+    w_hh, carry, dc, dout, G, Hs, Cs, dGi, dGh, dh0 = fwd
+    w_hh1, carry1, dc1, dout1, G1, Hs1, Cs1, dGi1, dGh1, dh01 = rev
+    T = dout.shape[0]
+    B, H = carry.shape
+    if B == 0 or H == 0:
+        return
+    assert pair_ok(w_hh, w_hh1) and dout.stride() == dout1.stride() and dGi.stride() == dGi1.stride()
+    bb, bh, bk, warps, stages = step_blocks(B, H, mode, dot, backward=True)
+    grid = (cdiv(B, bb), cdiv(H, bh), 2)
+    kw_first = dict(MODE=MODE_CODES[mode], HAS_NEXT=False, FINAL=False, DOT_DT=dot, BLOCK_B=bb, BLOCK_H=bh,
+                    BLOCK_K=bk, num_warps=warps, num_stages=stages)
+    kw_next = {**kw_first, "HAS_NEXT": True}
+    s0, s1 = w_hh.stride(0), w_hh.stride(1)
+    has_dc = int(dc is not None)
+    dcp, dcp1 = (dc, dc1) if dc is not None else (carry, carry1)
+    douts, douts1, sdout = dout.unbind(0), dout1.unbind(0), dout.stride(1)
+    if G is None:
+        gs, gs1, sg = (carry,) * T, (carry1,) * T, 0
+    else:
+        gs, gs1, sg = G.unbind(0), G1.unbind(0), G.stride(1)
+    hs, hs1 = Hs.unbind(0), Hs1.unbind(0)
+    cs = Cs.unbind(0) if Cs is not None else (carry,) * (T + 1)
+    cs1 = Cs1.unbind(0) if Cs1 is not None else (carry1,) * (T + 1)
+    dgis, dgis1 = dGi.unbind(0), dGi1.unbind(0)
+    dghs = dgis if dGh is dGi else dGh.unbind(0)
+    dghs1 = dgis1 if dGh1 is dGi1 else dGh1.unbind(0)
+    sdg, sdgn = dGi.stride(1), dGh.stride(1)
+    launch = launch_kernel  # the module's (host_cost patches it)
+    kernel = _rnn_step2_bwd_kernel
+    prev, prev1, kw, sprev = carry, carry1, kw_first, 0
+    for (t, p, n), (u, q, m) in zip(reversed(_steps(T, False)), reversed(_steps(T, True))):
+        launch(kernel, grid, prev, prev1, sprev, w_hh, w_hh1, s0, s1, carry, carry1, dcp, dcp1, has_dc, douts[t],
+               douts1[u], sdout, gs[t], gs1[u], sg, hs[p], hs1[q], hs[n], hs1[m], cs[p], cs1[q], cs[n], cs1[m],
+               dgis[t], dgis1[u], dghs[t], dghs1[u], sdg, carry, carry1, lengths, t, u, B, H, **kw)
+        prev, prev1, kw, sprev = dghs[t], dghs1[u], kw_next, sdgn
+    # the final step: dh0 = carry + dG_first W_hh of each direction (no lengths, no output gradient read)
+    launch(kernel, grid, prev, prev1, sprev, w_hh, w_hh1, s0, s1, carry, carry1, carry, carry1, 0, carry, carry1, 0,
+           carry, carry1, 0, carry, carry1, carry, carry1, carry, carry1, carry, carry1, carry, carry1, carry, carry1, 0,
+           dh0, dh01, lengths, 0, 0, B, H, **{**kw, "FINAL": True})
+
+
 # ----------------------------------------------------------------------------------------------
 # ahead-of-time configurations
 
@@ -983,19 +1147,40 @@ def _step_specs(dt, dot):
                 specs.append(_persist_spec(code, dt, out_dt, has_bhh, dot))
                 for cfg in step_configs(mode, dot, False):
                     specs.append(step_fwd_spec(mode, dt, out_dt, has_bhh, False, dot, cfg))
+                for cfg in step_configs(mode, dot, False):
+                    specs.append(_pair_spec(_rnn_step2_fwd_kernel, step_fwd_spec(mode, dt, out_dt, has_bhh, False, dot,
+                                                                                 cfg)))
         for dout_dt in sorted({dt, "fp32"}):
             for has_next, final in ((False, False), (True, False), (True, True)):
                 if final and dout_dt != "fp32":
                     continue
                 # the final step (dh0 only) gets no output gradient and no lengths: both
-                # come as the float32 carry (dummy pointers, never read)
+                # come as the float32 carry (dummy pointers, never read); the pair's final step
+                # gets the lengths (int64, never read either)
                 for cfg in step_configs(mode, dot, True):
                     specs.append(step_bwd_spec(mode, dt, dout_dt, "fp32" if final else "i64", has_next, final, dot,
                                                cfg))
+                    if has_next or not final:
+                        specs.append(_pair_spec(_rnn_step2_bwd_kernel,
+                                                step_bwd_spec(mode, dt, dout_dt, "i64", has_next, final, dot, cfg)))
         # the cells (gpu_nn.ops.rnn._gpu_cell_forward / _backward) launch these very kernels:
         # t = -1 and an int64 dummy for the lengths (_no_lengths), h' and its gradient in the io
         # dtype, a middle backward step
     return specs
+
+
+def _pair_spec(kernel, single: AotSpec) -> AotSpec:
+    """The AotSpec of a pair kernel (``_rnn_step2_fwd_kernel`` / ``_rnn_step2_bwd_kernel``) for the
+    launch whose one-direction form is ``single``: each ``x1_ptr`` of the reverse direction has the
+    type of ``x_ptr``, ``t1`` that of ``t``, an argument of the pair's own (``has_dc``) is i32; the
+    constexprs and launch options are the single kernel's, less those the pair fixes (PROJ)."""
+    sig = {}
+    for name in inspect.signature(kernel.fn).parameters:
+        base = name[:-5] + "_ptr" if name.endswith("1_ptr") else ("t" if name == "t1" else name)
+        sig[name] = single.signature.get(base, "i32")
+    cons = {k: v for k, v in single.constexprs.items() if k in sig}
+    return AotSpec(kernel, sig, cons, num_warps=single.num_warps, num_stages=single.num_stages,
+                   label="pair " + single.label)
 
 
 def step_bwd_spec(mode, dt, dout_dt, len_dt, has_next, final, dot, cfg):
