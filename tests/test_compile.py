@@ -75,6 +75,9 @@ KNOWN_SPILLS = {
     # registers and keeps one value in the stack frame (1 STL / 1 LDL; the one-direction kernel
     # takes 72 registers and none)
     ("_rnn_step2_bwd_kernel", "pair step bwd rnn_relu fp32 dot3 dout fp32 len i64 next1 final0 16x16x32 w4 s3"): 8,
+    # the two-direction persistent forward, TF32 LSTM: 128 registers, one value reloaded per step
+    # (the one-direction kernel, above, spills 16 B at 168)
+    ("_rnn_persist2_fwd_kernel", "pair persist fwd lstm fp32 dot3 out fp32 bhh0 w4 s1"): 8,
 }
 
 

@@ -1118,6 +1118,7 @@ def test_persistent_opt_in_runs_projections_per_step(rng, monkeypatch):
         raise AssertionError("persistent kernel launched for a projected LSTM")
 
     monkeypatch.setattr(kt, "persist_forward", refuse)
+    monkeypatch.setattr(kt, "persist_forward_pair", refuse)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     _seq_against_reference("triton", dev, "lstm", torch.float32, rng, 3, 2, 4, 7, 2, True, (3, 2), False, P=3)
 
@@ -1214,13 +1215,15 @@ def test_persistent_forward_matches_reference(mode, cfg, rng, monkeypatch):
     x, hx, params, mk, lens = _persist_case(mode, rng, *cfg)
     r_outs, r_res, r_grads = _persist_run(mode, "reference", torch.float64, x, hx, params, mk, lens, L, bi, bias)
     calls = []
-    real = kt.persist_forward
+    real, real_pair = kt.persist_forward, kt.persist_forward_pair
     monkeypatch.setattr(kt, "persist_forward", lambda *a: (calls.append(a[-1]), real(*a)))
+    monkeypatch.setattr(kt, "persist_forward_pair", lambda *a: (calls.append(a[-1]), real_pair(*a)))
     monkeypatch.setenv(_PERSIST_ENV, "1")
     for dtype in (torch.float32, torch.float16):
         calls.clear()
         o_outs, o_res, o_grads = _persist_run(mode, "triton", dtype, x, hx, params, mk, lens, L, bi, bias)
-        assert len(calls) == L * (2 if bi else 1), "the persistent kernel did not run"
+        # one launch per layer: a bidirectional layer's two directions share it
+        assert len(calls) == L, "the persistent kernel did not run"
         assert all(c == 1 for c in calls) or torch.cuda.is_available()
         for i, (a, b) in enumerate(zip(o_outs, r_outs)):
             assert a.dtype == dtype
@@ -1601,6 +1604,45 @@ def test_pair_loops_equal_two_one_direction_loops(mode, has_bhh, masked):
     for a, b in zip(one, two):
         for k in ("carry", "dc", "dGi", "dGh", "dh0"):
             assert a[k] is None or torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.skipif(not os.environ.get("TRITON_INTERPRET"), reason="runs the kernels on CPU tensors (interpreter)")
+@pytest.mark.parametrize("mode,has_bhh", [("rnn_tanh", False), ("lstm", False), ("gru", True), ("gru", False)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_persist_pair_equals_two_one_direction_launches(mode, has_bhh, masked):
+    """persist_forward_pair (both directions in one persistent launch; one program under the
+    interpreter, which then runs every tile of both directions per step) leaves every buffer
+    exactly as persist_forward run per direction does: random data, odd sizes, unequal lengths."""
+    from gpu_nn.kernels.triton import rnn as kt
+
+    g = torch.Generator().manual_seed(11)
+    T, B, H = 4, 3, 37  # three hidden tiles per direction
+    G, S = ref.GATES[mode] * H, ref.STORED[mode] * H or H
+    lstm = mode == "lstm"
+    lens = torch.tensor([4, 1, 3], dtype=torch.int64)
+    mask = (torch.rand(T, B, 2 * H, generator=g) > 0.3).float() * 1.4 if masked else None
+
+    def buffers():
+        gg = torch.Generator().manual_seed(5)
+        out = torch.zeros(T, B, 2 * H)
+        dirs = []
+        for d in range(2):
+            dirs.append([torch.randn(T, B, S, generator=gg), torch.randn(T + 1, B, H, generator=gg),
+                         torch.randn(T + 1, B, H, generator=gg) if lstm else None,
+                         torch.randn(G, H, generator=gg) * 0.4, torch.randn(G, generator=gg) if has_bhh else None,
+                         out[:, :, d * H:(d + 1) * H], None if mask is None else mask[:, :, d * H:(d + 1) * H]])
+        return out, dirs
+
+    out1, one = buffers()
+    for d in range(2):
+        kt.persist_forward(mode, *one[d], lens, d == 1, 0, 1)
+    out2, two = buffers()
+    assert kt.persist_pair_programs(B, H, 1) == 1 and kt.persist_pair_programs(B, H, 132) == 6
+    kt.persist_forward_pair(mode, *two, lens, 0, 1)
+    assert torch.equal(out1, out2)
+    for a, b in zip(one, two):
+        for x, y in zip(a[:3], b[:3]):
+            assert x is None or torch.equal(x, y)
 
 
 @pytest.mark.parametrize("mode", ["lstm", "gru"])

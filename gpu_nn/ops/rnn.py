@@ -397,7 +397,8 @@ PERSISTENT_BY_DEFAULT = True  # the barrier passed its H200 tests; the heuristic
 def persistent_choice(device_type: str, B: int, H: int, sm_count: int, env: Optional[str],
                       by_default: bool = PERSISTENT_BY_DEFAULT, proj_size: int = 0, half: bool = True) -> bool:
     """Whether the forward runs the persistent kernel (``kernels.triton.rnn.persist_forward``, one
-    launch per layer and direction) instead of one launch per step. ``env`` is the value of
+    launch per layer and direction; ``persist_forward_pair``, one per bidirectional layer)
+    instead of one launch per step. ``env`` is the value of
     ``GPU_NN_RNN_PERSISTENT`` (None if unset).
 
     Legal when 1 <= B <= 16, 1 <= H <= 1024 and ``sm_count >= 1``: the kernel holds every batch
@@ -429,6 +430,14 @@ def _persist_programs(K, dev, B, H, P=0, half=False):
     return K.persist_programs(B, H, sm)
 
 
+def _persist_pair_programs(K, dev, B, H):
+    """Programs of the two-direction persistent launch, 0 where the backend has none (cupy)."""
+    if not hasattr(K, "persist_pair_programs"):
+        return 0
+    sm = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 1
+    return K.persist_pair_programs(B, H, sm)
+
+
 def _gpu_forward(K, mode, input, hx, cx, weights, num_layers, bidirectional, has_biases, lengths, masks):
     T, B, I = input.shape
     D = 2 if bidirectional else 1
@@ -446,6 +455,8 @@ def _gpu_forward(K, mode, input, hx, cx, weights, num_layers, bidirectional, has
     lens = _lengths_on(lengths, T, B, dev)
     ws = _split(weights, L, D, has_biases)
     persist = _persist_programs(K, dev, B, H, P, half=dt in (torch.float16, torch.bfloat16))
+    # both directions in one persistent launch (triton): its own program count, all resident
+    persist_pair = _persist_pair_programs(K, dev, B, H) if persist and D == 2 else 0
     tf32 = tf32_allowed(dt)
     steps_forward = getattr(K, "steps_forward", None)  # one call per layer and direction (triton)
     # the initial states into their reserve slots (slot 0 forward, slot T reverse) before the
@@ -472,8 +483,14 @@ def _gpu_forward(K, mode, input, hx, cx, weights, num_layers, bidirectional, has
                      bias2=b_hh if mode != "gru" else None, dot=_dot_code(xin.dtype, w_ih.dtype, tf32=tf32))
             dcode = _dot_code(w_hh.dtype, tf32=tf32)
             if persist:
-                K.persist_forward(mode, XG, Hs, Cs, w_hh, b_hh if mode == "gru" else None, dest[:, :, d * H:(d + 1) * H],
-                                  None if mk is None else mk[:, :, d * H:(d + 1) * H], lens, d == 1, dcode, persist)
+                args = (XG, Hs, Cs, w_hh, b_hh if mode == "gru" else None, dest[:, :, d * H:(d + 1) * H],
+                        None if mk is None else mk[:, :, d * H:(d + 1) * H])
+                if persist_pair and K.pair_ok(ws[l * D][1], ws[l * D + 1][1]):
+                    pair.append(args)
+                    if d == 1:
+                        K.persist_forward_pair(mode, *pair, lens, dcode, persist_pair)
+                else:
+                    K.persist_forward(mode, *args, lens, d == 1, dcode, persist)
             elif P:
                 Ms = v[("m", l, d)]
                 for t, p, n in ref._steps(T, d == 1):

@@ -29,6 +29,8 @@ except in the persistent kernel:
 * ``_rnn_persist_fwd_kernel`` -- the small-batch path (B <= 16, H <= 1024): the whole forward
   time loop of one layer and direction in one launch, the step kernel's math per hidden tile,
   a grid-wide barrier (atomic counter) between steps; at most one program per SM.
+  ``_rnn_persist2_fwd_kernel`` does both directions of a bidirectional layer in one such launch
+  (the hidden tiles of both dealt to the programs, one barrier per step for both).
 
 Layouts: everything row-major with explicit row strides; states and gates in float32 (the
 reserve); weights and the user's input / output in float32, float16 or bfloat16. Gate order
@@ -425,43 +427,89 @@ def _rnn_persist_fwd_kernel(xg_ptr, stride_xgt, stride_xgb, hs_ptr, cs_ptr, stri
     mb = rb < B
     lens = tl.load(len_ptr + rb, mask=mb, other=0)
     for s in range(0, T):
-        # forward: step t = s moves slot t -> t + 1; reverse: t = T - 1 - s moves slot t + 1 -> t
-        t = s + reverse * (T - 1 - 2 * s)
-        t64 = t.to(tl.int64)
-        hp_base = hs_ptr + (t64 + reverse) * stride_hs
-        hn_base = hs_ptr + (t64 + 1 - reverse) * stride_hs
-        valid = (t < lens)[:, None]
         for j in range(pid, tl.cdiv(H, BLOCK_H), nprog):
-            rh = j * BLOCK_H + tl.arange(0, BLOCK_H)
-            mh = rh < H
-            m2 = mb[:, None] & mh[None, :]
-            acc0, acc1, acc2, acc3 = _recurrent_dot(hp_base, rb, mb, w_ptr, stride_w0, stride_w1, rh, mh, H, H, ".cg",
-                                                    MODE, DOT_DT, BLOCK_B, BLOCK_H, BLOCK_K)
-            st = rb[:, None] * H + rh[None, :]
-            xg = xg_ptr + t64 * stride_xgt + rb[:, None] * stride_xgb + rh[None, :]
-            hp = tl.load(hp_base + st, mask=m2, other=0.0, cache_modifier=".cg")
-            cp = hp  # placeholder for the non-LSTM modes
-            if MODE == 2:
-                cp = tl.load(cs_ptr + (t64 + reverse) * stride_hs + st, mask=m2, other=0.0, cache_modifier=".cg")
-            h_new, c_new = _cell_update(xg, hp, cp, acc0, acc1, acc2, acc3, bhh_ptr, rh, mh, m2, H, MODE, HAS_BHH)
-            # steps beyond a sequence's length keep its state and output zero (PackedSequence semantics)
-            out = tl.where(valid, h_new, 0.0)
-            tl.store(hn_base + st, tl.where(valid, h_new, hp), mask=m2)
-            if MODE == 2:
-                tl.store(cs_ptr + (t64 + 1 - reverse) * stride_hs + st, tl.where(valid, c_new, cp), mask=m2)
-            if has_mask:
-                out = out * tl.load(mask_ptr + t64 * stride_mt + rb[:, None] * stride_mb + rh[None, :], mask=m2,
-                                    other=0.0).to(tl.float32)
-            tl.store(out_ptr + t64 * stride_ot + rb[:, None] * stride_ob + rh[None, :],
-                     out.to(out_ptr.dtype.element_ty), mask=m2)
-        # grid-wide barrier: every thread's h_t stores precede the CTA barrier, the release
-        # increment publishes them at gpu scope, the acquire reads make the others' visible here
-        tl.debug_barrier()
-        target = (s + 1) * nprog
-        cnt = tl.atomic_add(count_ptr, 1, sem="acq_rel", scope="gpu") + 1
-        while cnt < target:
-            cnt = tl.atomic_add(count_ptr, 0, sem="acquire", scope="gpu")
-        tl.debug_barrier()
+            _persist_tile(j, s, reverse, xg_ptr, stride_xgt, stride_xgb, hs_ptr, cs_ptr, stride_hs, w_ptr, stride_w0,
+                          stride_w1, bhh_ptr, out_ptr, stride_ot, stride_ob, mask_ptr, stride_mt, stride_mb, has_mask,
+                          lens, rb, mb, T, H, MODE, HAS_BHH, DOT_DT, BLOCK_B, BLOCK_H, BLOCK_K)
+        _grid_barrier(count_ptr, (s + 1) * nprog)
+
+
+@triton.jit
+def _rnn_persist2_fwd_kernel(xg_ptr, xg1_ptr, stride_xgt, stride_xgb, hs_ptr, hs1_ptr, cs_ptr, cs1_ptr, stride_hs, w_ptr,
+                             w1_ptr, stride_w0, stride_w1, bhh_ptr, bhh1_ptr, out_ptr, out1_ptr, stride_ot, stride_ob,
+                             mask_ptr, mask1_ptr, stride_mt, stride_mb, has_mask, len_ptr, count_ptr, T, B, H,
+                             MODE: tl.constexpr, HAS_BHH: tl.constexpr, DOT_DT: tl.constexpr,
+                             BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Both directions of a bidirectional layer in one persistent launch: the hidden tiles of the
+    forward direction (the ``*_ptr`` buffers) and of the reverse one (``*1_ptr``) are
+    ``2 * cdiv(H, BLOCK_H)`` tiles dealt to the programs as ``_rnn_persist_fwd_kernel`` deals one
+    direction's; per step every program runs its tiles of both directions (step ``s`` forward,
+    ``T - 1 - s`` reverse), then the same grid barrier. Shared: strides, mask flag, lengths,
+    sizes. Half the barriers and launches of two one-direction launches, twice the programs."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    rb = tl.arange(0, BLOCK_B).to(tl.int64)
+    mb = rb < B
+    lens = tl.load(len_ptr + rb, mask=mb, other=0)
+    nt = tl.cdiv(H, BLOCK_H)
+    for s in range(0, T):
+        for j in range(pid, 2 * nt, nprog):
+            rev = j >= nt
+            r = rev.to(tl.int32)
+            _persist_tile(j - r * nt, s, r, tl.where(rev, xg1_ptr, xg_ptr), stride_xgt, stride_xgb,
+                          tl.where(rev, hs1_ptr, hs_ptr), tl.where(rev, cs1_ptr, cs_ptr), stride_hs,
+                          tl.where(rev, w1_ptr, w_ptr), stride_w0, stride_w1, tl.where(rev, bhh1_ptr, bhh_ptr),
+                          tl.where(rev, out1_ptr, out_ptr), stride_ot, stride_ob, tl.where(rev, mask1_ptr, mask_ptr),
+                          stride_mt, stride_mb, has_mask, lens, rb, mb, T, H, MODE, HAS_BHH, DOT_DT, BLOCK_B, BLOCK_H,
+                          BLOCK_K)
+        _grid_barrier(count_ptr, (s + 1) * nprog)
+
+
+@triton.jit
+def _grid_barrier(count_ptr, target):
+    """Grid-wide barrier: every thread's h_t stores precede the CTA barrier, the release
+    increment publishes them at gpu scope, the acquire reads make the others' visible here."""
+    tl.debug_barrier()
+    cnt = tl.atomic_add(count_ptr, 1, sem="acq_rel", scope="gpu") + 1
+    while cnt < target:
+        cnt = tl.atomic_add(count_ptr, 0, sem="acquire", scope="gpu")
+    tl.debug_barrier()
+
+
+@triton.jit
+def _persist_tile(j, s, reverse, xg_ptr, stride_xgt, stride_xgb, hs_ptr, cs_ptr, stride_hs, w_ptr, stride_w0, stride_w1,
+                  bhh_ptr, out_ptr, stride_ot, stride_ob, mask_ptr, stride_mt, stride_mb, has_mask, lens, rb, mb, T, H,
+                  MODE: tl.constexpr, HAS_BHH: tl.constexpr, DOT_DT: tl.constexpr,
+                  BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Step ``s`` of the persistent forward for hidden tile ``j`` of one direction."""
+    # forward: step t = s moves slot t -> t + 1; reverse: t = T - 1 - s moves slot t + 1 -> t
+    t = s + reverse * (T - 1 - 2 * s)
+    t64 = t.to(tl.int64)
+    hp_base = hs_ptr + (t64 + reverse) * stride_hs
+    hn_base = hs_ptr + (t64 + 1 - reverse) * stride_hs
+    valid = (t < lens)[:, None]
+    rh = j * BLOCK_H + tl.arange(0, BLOCK_H)
+    mh = rh < H
+    m2 = mb[:, None] & mh[None, :]
+    acc0, acc1, acc2, acc3 = _recurrent_dot(hp_base, rb, mb, w_ptr, stride_w0, stride_w1, rh, mh, H, H, ".cg",
+                                            MODE, DOT_DT, BLOCK_B, BLOCK_H, BLOCK_K)
+    st = rb[:, None] * H + rh[None, :]
+    xg = xg_ptr + t64 * stride_xgt + rb[:, None] * stride_xgb + rh[None, :]
+    hp = tl.load(hp_base + st, mask=m2, other=0.0, cache_modifier=".cg")
+    cp = hp  # placeholder for the non-LSTM modes
+    if MODE == 2:
+        cp = tl.load(cs_ptr + (t64 + reverse) * stride_hs + st, mask=m2, other=0.0, cache_modifier=".cg")
+    h_new, c_new = _cell_update(xg, hp, cp, acc0, acc1, acc2, acc3, bhh_ptr, rh, mh, m2, H, MODE, HAS_BHH)
+    # steps beyond a sequence's length keep its state and output zero (PackedSequence semantics)
+    out = tl.where(valid, h_new, 0.0)
+    tl.store(hn_base + st, tl.where(valid, h_new, hp), mask=m2)
+    if MODE == 2:
+        tl.store(cs_ptr + (t64 + 1 - reverse) * stride_hs + st, tl.where(valid, c_new, cp), mask=m2)
+    if has_mask:
+        out = out * tl.load(mask_ptr + t64 * stride_mt + rb[:, None] * stride_mb + rh[None, :], mask=m2,
+                            other=0.0).to(tl.float32)
+    tl.store(out_ptr + t64 * stride_ot + rb[:, None] * stride_ob + rh[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=m2)
 
 
 @triton.jit
@@ -812,6 +860,42 @@ def persist_programs(B: int, H: int, sm_count: int) -> int:
     return min(cdiv(H, PERSIST_BLOCKS[1]), sm_count)
 
 
+def persist_pair_programs(B: int, H: int, sm_count: int) -> int:
+    """Programs of the pair persistent kernel (both directions): one per hidden tile of either
+    direction, capped at ``sm_count`` as ``persist_programs``; 0 where it does not apply."""
+    if not persist_programs(B, H, sm_count):
+        return 0
+    return min(2 * cdiv(H, PERSIST_BLOCKS[1]), sm_count)
+
+
+def persist_forward_pair(mode, fwd, rev, lengths, dot, num_programs):
+    """Both directions' whole time loops in one launch (``_rnn_persist2_fwd_kernel``): ``fwd`` /
+    ``rev`` are ``(xg, hs, cs, w_hh, b_hh, out, mask)`` of each direction as ``persist_forward``
+    takes them, with the same strides (``pair_ok`` of the weights); ``num_programs`` from
+    ``persist_pair_programs`` (1 under the interpreter)."""
+    xg, hs, cs, w_hh, b_hh, out, mask = fwd
+    xg1, hs1, cs1, w_hh1, b_hh1, out1, mask1 = rev
+    T, B, H = hs.shape[0] - 1, hs.shape[1], hs.shape[2]
+    if T == 0 or B == 0 or H == 0:
+        return
+    assert 1 <= num_programs <= 2 * cdiv(H, PERSIST_BLOCKS[1]) and B <= PERSIST_MAX_B
+    assert hs.stride(1) == H and hs.stride(2) == 1 and hs1.stride() == hs.stride()
+    assert (cs is None or cs.stride() == hs.stride() == cs1.stride()) and xg.stride() == xg1.stride()
+    assert out.stride() == out1.stride() and pair_ok(w_hh, w_hh1) and (mask is None or mask.stride() == mask1.stride())
+    bb, bh, bk = PERSIST_BLOCKS
+    warps, stages = persist_launch(mode, dot, b_hh is not None)
+    count = torch.zeros(1, dtype=torch.int32, device=hs.device)  # zeroed per launch, as persist_forward's
+    _rnn_persist2_fwd_kernel[(num_programs,)](
+        xg, xg1, xg.stride(0), xg.stride(1), hs, hs1, cs if cs is not None else hs, cs1 if cs1 is not None else hs1,
+        hs.stride(0), w_hh, w_hh1, w_hh.stride(0), w_hh.stride(1), b_hh if b_hh is not None else w_hh,
+        b_hh1 if b_hh1 is not None else w_hh1, out, out1, out.stride(0), out.stride(1),
+        mask if mask is not None else w_hh, mask1 if mask1 is not None else w_hh1,
+        mask.stride(0) if mask is not None else 0, mask.stride(1) if mask is not None else 0, int(mask is not None),
+        lengths, count, T, B, H, MODE=MODE_CODES[mode], HAS_BHH=b_hh is not None,
+        DOT_DT=dot, BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+    )
+
+
 def persist_forward(mode, xg, hs, cs, w_hh, b_hh, out, mask, lengths, reverse, dot, num_programs):
     """Whole time loop of one layer and direction in one launch (``_rnn_persist_fwd_kernel``).
 
@@ -1145,6 +1229,7 @@ def _step_specs(dt, dot):
         for out_dt in sorted({dt, "fp32"}):
             for has_bhh in ((False, True) if mode == "gru" else (False,)):
                 specs.append(_persist_spec(code, dt, out_dt, has_bhh, dot))
+                specs.append(_pair_spec(_rnn_persist2_fwd_kernel, specs[-1]))
                 for cfg in step_configs(mode, dot, False):
                     specs.append(step_fwd_spec(mode, dt, out_dt, has_bhh, False, dot, cfg))
                 for cfg in step_configs(mode, dot, False):
