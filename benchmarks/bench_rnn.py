@@ -6,7 +6,8 @@ GPU set (device "cuda", issues 6 and 16), float32 and bfloat16, torch's default 
 (float32 recurrent layers in TF32 on both sides, ``torch.backends.cudnn.allow_tf32``):
 LSTM, GRU and RNN (tanh) T=100 N=64 I=H=512 forward and forward+backward; small batch N=4 and 16,
 T=50, at H=256 / 512 / 1024 (``--quick``: 512) forward, and the LSTM forward+backward at H=512;
-a 2-layer bidirectional LSTM N=32 T=100 I=H=256 forward+backward. torch (cuDNN) against our
+a 2-layer bidirectional LSTM N=32 T=100 I=H=256 forward+backward; a bidirectional LSTM N=4 T=50
+I=H=512 forward. torch (cuDNN) against our
 triton and cupy backends and against a Python loop of ``torch.nn.LSTMCell`` / ``GRUCell`` /
 ``RNNCell``; provider ``triton`` runs the per-step launches (``GPU_NN_RNN_PERSISTENT=0``), and in
 the small-batch set ``triton-persistent`` the one-launch persistent forward
@@ -162,6 +163,9 @@ def cases(device: str = "cpu", quick: bool = False) -> list[harness.Case]:
         for N in (4, 16):  # fwd+bwd at small batch (the persistent kernel is forward only)
             out.append(_case("lstm", 50, N, 512, 512, dtype, device, True, ("triton", "cupy")))
         out.append(_case("lstm", 100, 32, 256, 256, dtype, device, True, ("triton", "cupy"), L=2, bidirectional=True))
+        # small-batch bidirectional forward: both directions in one launch per step (triton) or
+        # in one persistent launch (triton-persistent)
+        out.append(_case("lstm", 50, 4, 512, 512, dtype, device, False, _small_providers(), bidirectional=True))
     return out
 
 

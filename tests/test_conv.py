@@ -730,7 +730,8 @@ def test_tuning_launches_the_timed_winner_and_caches_it(part, tune_cache, monkey
     for p, rec in recs.items():
         monkeypatch.setattr(kt, f"_conv_{p}_kernel", rec)
     rec = recs[part]
-    cfg_of = lambda k: (k["BLOCK_M"], k["BLOCK_N"], k["BLOCK_K"], k["num_warps"], k["num_stages"])  # noqa: E731
+    cfg_of = lambda k: ((k["BLOCK_M"], k["BLOCK_N"], k["BLOCK_K"], k["num_warps"], k["num_stages"])  # noqa: E731
+                        + ((kt.FLAT,) if k.get("FLAT_K") else ()))
     timed = []
 
     def timer(fn):
@@ -845,7 +846,11 @@ def test_nhwc_tiles_only_where_their_specialisation_holds(rng):
     assert not kt.nhwc_specialised(x, w, torch.empty(49)[1:], y, 32, 48)  # a misaligned bias pointer
     for half in (False, True):
         generic, nhwc = kt.fwd_candidates(half), kt.fwd_candidates(half, True)
-        assert 3 <= len(generic) <= 4 and 3 <= len(nhwc) <= 6 and set(nhwc) - set(generic)
+        assert 3 <= len(generic) <= 4 and 3 <= len(nhwc) <= 8 and set(nhwc) - set(generic)
+        # each kind has its one-loop K variants (FLAT), of tiles that are candidates themselves
+        for cands in (generic, nhwc):
+            flat = [c for c in cands if c[5:] == (kt.FLAT,)]
+            assert flat and all(c[:5] in cands for c in flat)
 
 
 # (nd, N, C, spatial, O, kernel, stride, padding, dilation, groups, bias, activation, layouts of
@@ -1062,7 +1067,7 @@ def test_via_channels_last_only_where_it_applies(rng):
     assert not kt.via_cl_eligible(x, w, torch.empty(49)[1:], y, 32, 48)  # a misaligned bias pointer
     for half in (False, True):
         plain, via = kt.fwd_candidates(half), kt.fwd_candidates(half, False, True)
-        assert via[:len(plain)] == plain and 1 <= len(via) - len(plain) <= 2
+        assert via[:len(plain)] == plain and 1 <= len(via) - len(plain) <= 3
         assert all(cand[-1] == kt.VIA_CL and cand[:5] in kt.fwd_candidates(half, True) for cand in via[len(plain):])
         assert kt.fwd_candidates(half, True, True) == kt.fwd_candidates(half, True)
     # the copies take exactly the strides the NHWC specialisation is compiled for, whatever the
@@ -1223,17 +1228,19 @@ def test_triton_heuristic_tiles():
         key = "half" if half else "fp32"
         table = {**kt.GPU_CONFIGS[key], **kt.TUNE_CONFIGS[key], **kt.NHWC_CONFIGS[key]}
         for cand in kt.fwd_candidates(half, nhwc):
-            name = next(k for k, v in table.items() if v == cand)
+            name = next(k for k, v in table.items() if v == cand[:5])
+            flat = " flat" if kt.FLAT in cand[5:] else ""  # the one-loop K variant: its own spec
             for dt in dts:
-                assert f"fwd {name} {dt}" in labels
+                assert f"fwd {name} {dt}{flat}" in labels
         if nhwc:  # the via-channels_last candidates launch their tile in the NHWC specialisation
             for cand in kt.fwd_candidates(half, False, True):
                 if cand[-1] != kt.VIA_CL:
                     continue
                 name = next(k for k, v in table.items() if v == cand[:5])
                 spec = name if name in kt.NHWC_CONFIGS[key] else f"{name}/nhwc"
+                flat = " flat" if kt.FLAT in cand[5:] else ""
                 for dt in dts:
-                    assert f"fwd {spec} {dt}" in labels
+                    assert f"fwd {spec} {dt}{flat}" in labels
     # ... and so is every input-gradient candidate (NHWC tiles and via channels_last included)
     for half, dts in ((False, ("fp32 tf32",)), (True, ("fp16 ieee", "bf16 ieee"))):
         key = "half" if half else "fp32"

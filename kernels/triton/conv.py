@@ -14,7 +14,8 @@ strided views run without a copy; conv1d runs as H = 1. Per group ``g`` (grid ax
 
 The im2col matrix never exists in memory: each program gathers its A tile straight from the
 input with masked loads (zero padding = ``other=0``). The K loop runs taps outside, channels
-inside, so in channels_last (unit channel stride) the A and B tiles are read along contiguous
+inside (or, in the forward's ``FLAT_K`` candidates, as one loop over both, so that Triton's
+software pipeline spans taps), so in channels_last (unit channel stride) the A and B tiles are read along contiguous
 channels: with channel counts that are multiples of 16 Triton compiles 128-bit cp.async copies
 (``NHWC_CONFIGS``). NCHW tensors are read in place as well (no transpose pass), along the pixel
 axis, with per-element gathers; where a measuring chooser runs (a GPU), NCHW problems in half
@@ -119,6 +120,20 @@ FWD_VIA_CL = {
     "fp32": ("large3", "nhwc128k32"),
     "half": ("large", "nhwc128k64"),
 }
+# "Flat K": forward candidates whose K loop is one loop over (tap, channel block) pairs
+# (``_conv_fwd_kernel``'s FLAT_K) instead of taps outside, channel blocks inside. Triton
+# pipelines only the innermost loop: nested, that loop has cdiv(CG, BLOCK_K) trips (one at 64
+# channels and BLOCK_K 64), so no load of the next tap is in flight while a tap's dot runs; flat,
+# the stages overlap across taps. A candidate of this variant is its tile tuple with FLAT
+# appended (before VIA_CL where both apply); by tile name, per (operand width, NHWC tiles eligible):
+FLAT = "flat_k"
+FWD_FLAT = {
+    ("fp32", False): ("large3",),
+    ("half", False): ("large",),
+    ("fp32", True): ("nhwc128k32", "nhwc128k32s4"),
+    ("half", True): ("nhwc128k64", "nhwc128k64s4"),
+}
+FWD_VIA_CL_FLAT = {"fp32": ("nhwc128k32",), "half": ("nhwc128k64",)}
 # The specialisation NHWC_CONFIGS are compiled (and launched) with: unit channel strides, and
 # these pointers / ints multiples of 16.
 NHWC_UNIT = ("stride_xc", "stride_wc", "stride_yc")
@@ -206,7 +221,15 @@ def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
                      stride_yn, stride_yc, stride_yh, stride_yw,
                      SH, SW, PH, PW, DH, DW,
                      HAS_BIAS, ACT, PREC: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     FLAT_K: tl.constexpr = False):
+    """``FLAT_K``: the K loop as one loop over (tap, channel block) pairs instead of taps outside
+    and channel blocks inside. Triton pipelines (``num_stages``) only the innermost loop, whose
+    trip count in the nested form is ``cdiv(CG, BLOCK_K)``: one or two at 64 or 128 channels, so
+    the loads of one tap are never in flight while the previous tap's dot runs. Flat, the loop
+    has ``TAPS * cdiv(CG, BLOCK_K)`` trips (9 and more for a 3x3 kernel) and the stages overlap
+    across taps, at the cost of the tap's index math in every trip. Same results either way
+    (the same products summed in the same order)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     grp = tl.program_id(2)
@@ -219,14 +242,17 @@ def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
     oc = grp * OG + offs_o
     w_col = w_ptr + oc.to(tl.int64) * stride_wo
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for t in range(0, TAPS):
-        i = t // KW
-        j = t % KW
-        ih, iw, inside = _tap_source(oh, ow, i, j, H, W, SH, SW, PH, PW, DH, DW)
-        pix_ok = m_ok & inside
-        a_row = x_row + ih.to(tl.int64) * stride_xh + iw.to(tl.int64) * stride_xw
-        b_col = w_col + i * stride_wh + j * stride_ww
-        for c0 in range(0, CG, BLOCK_K):
+    if FLAT_K:
+        KC = tl.cdiv(CG, BLOCK_K)
+        for kk in range(0, TAPS * KC):
+            t = kk // KC
+            c0 = (kk - t * KC) * BLOCK_K
+            i = t // KW
+            j = t - i * KW
+            ih, iw, inside = _tap_source(oh, ow, i, j, H, W, SH, SW, PH, PW, DH, DW)
+            pix_ok = m_ok & inside
+            a_row = x_row + ih.to(tl.int64) * stride_xh + iw.to(tl.int64) * stride_xw
+            b_col = w_col + i * stride_wh + j * stride_ww
             cc = c0 + tl.arange(0, BLOCK_K)
             c_ok = cc < CG
             a = tl.load(a_row[:, None] + cc[None, :].to(tl.int64) * stride_xc,
@@ -234,6 +260,22 @@ def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
             b = tl.load(b_col[None, :] + cc[:, None].to(tl.int64) * stride_wc,
                         mask=c_ok[:, None] & o_ok[None, :], other=0.0)
             acc = tl.dot(a, b, acc, input_precision=PREC, out_dtype=tl.float32)
+    else:
+        for t in range(0, TAPS):
+            i = t // KW
+            j = t % KW
+            ih, iw, inside = _tap_source(oh, ow, i, j, H, W, SH, SW, PH, PW, DH, DW)
+            pix_ok = m_ok & inside
+            a_row = x_row + ih.to(tl.int64) * stride_xh + iw.to(tl.int64) * stride_xw
+            b_col = w_col + i * stride_wh + j * stride_ww
+            for c0 in range(0, CG, BLOCK_K):
+                cc = c0 + tl.arange(0, BLOCK_K)
+                c_ok = cc < CG
+                a = tl.load(a_row[:, None] + cc[None, :].to(tl.int64) * stride_xc,
+                            mask=pix_ok[:, None] & c_ok[None, :], other=0.0)
+                b = tl.load(b_col[None, :] + cc[:, None].to(tl.int64) * stride_wc,
+                            mask=c_ok[:, None] & o_ok[None, :], other=0.0)
+                acc = tl.dot(a, b, acc, input_precision=PREC, out_dtype=tl.float32)
     # bias and activation are runtime flags (a uniform branch in the epilogue), not constexprs:
     # eight compiled variants per configuration would buy nothing measurable
     if HAS_BIAS != 0:
@@ -475,12 +517,15 @@ def fwd_candidates(half: bool, nhwc: bool = False, via_cl: bool = False) -> list
     heuristic's table, the pipelined ``TUNE_CONFIGS`` and, with ``nhwc`` (a half or TF32
     problem that :func:`nhwc_specialised` accepts), the large ``NHWC_CONFIGS`` tiles; with
     ``via_cl`` (a problem :func:`via_cl_eligible` accepts) also the ``FWD_VIA_CL`` tiles run on
-    channels_last copies, as ``(*config, VIA_CL)``. All compiled for sm_90 in :func:`aot_specs`."""
+    channels_last copies, as ``(*config, VIA_CL)``; the ``FWD_FLAT`` / ``FWD_VIA_CL_FLAT`` tiles
+    with the one-loop K as ``(*config, FLAT[, VIA_CL])``. All compiled for sm_90 in :func:`aot_specs`."""
     key = "half" if half else "fp32"
     table = {**GPU_CONFIGS[key], **TUNE_CONFIGS[key], **NHWC_CONFIGS[key]}
     out = [table[name] for name in FWD_CANDIDATES[(key, nhwc)]]
+    out += [(*table[name], FLAT) for name in FWD_FLAT[(key, nhwc)]]
     if via_cl and not nhwc:
         out += [(*table[name], VIA_CL) for name in FWD_VIA_CL[key]]
+        out += [(*table[name], FLAT, VIA_CL) for name in FWD_VIA_CL_FLAT[key]]
     return out
 
 
@@ -618,7 +663,13 @@ def _compile_all(cands, interpret: bool, warm) -> None:
         return
     with parallel_compile(len(cands)) as available:
         for cfg in (cands if available else ()):
-            warm(cfg[:5], _nhwc_like if len(cfg) == 6 else (lambda *ts: ts))
+            warm(_direct_cfg(cfg), _nhwc_like if VIA_CL in cfg[5:] else (lambda *ts: ts))
+
+
+def _direct_cfg(cfg: tuple) -> tuple:
+    """A candidate as the direct launch takes it: the tile, and FLAT where the candidate has it
+    (VIA_CL is the launcher's business, not the kernel's)."""
+    return tuple(c for c in cfg if c != VIA_CL)
 
 
 def _launch_variant(direct, cfg, a, w, out):
@@ -627,12 +678,11 @@ def _launch_variant(direct, cfg, a, w, out):
     kernel in its NHWC specialisation, ``out`` copied back from an NHWC temporary (a fresh one
     each call: a tuning run(cfg) must be idempotent, and torch's caching allocator makes it
     cheap)."""
-    if len(cfg) == 5:
+    if VIA_CL not in cfg[5:]:
         direct(cfg, a, w, out)
         return
-    assert cfg[5] == VIA_CL, cfg
     oc = out if _nhwc_strided(out) else _nhwc_empty(out)
-    direct(cfg[:5], _nhwc_copy(a), _nhwc_copy(w), oc)
+    direct(_direct_cfg(cfg), _nhwc_copy(a), _nhwc_copy(w), oc)
     if oc is not out:
         out.copy_(oc)
 
@@ -671,7 +721,7 @@ def conv_forward(x, w, bias, y, stride, padding, dilation, groups, activation, p
     half = x.element_size() == 2
 
     def direct(cfg, x, w, y, warm=False):
-        bm, bn, bk, warps, stages = cfg
+        bm, bn, bk, warps, stages = cfg[:5]
         grid = (cdiv(n * ho * wo, bm), cdiv(og, bn), groups)
         kernel = _compiling(_conv_fwd_kernel, grid) if warm else _launching(_conv_fwd_kernel, grid)
         kernel(
@@ -680,7 +730,7 @@ def conv_forward(x, w, bias, y, stride, padding, dilation, groups, activation, p
             *x.stride(), *w.stride(), *y.stride(),
             stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
             int(bias is not None), ACT_CODES[activation], PREC=_dot_precision(prec),
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, FLAT_K=FLAT in cfg[5:], num_warps=warps, num_stages=stages,
         )
 
     def launch(cfg):
@@ -842,18 +892,20 @@ _INTS_DW_WGRAD = ("N", "H", "W", "O", "Ho", "Wo", "KW", "TAPS", "MULT", "CHUNK",
                   "SH", "SW", "PH", "PW", "DH", "DW")
 
 
-def _fwd_spec(dt: str, prec: str, cname: str, cfg: tuple, nhwc: bool = False) -> AotSpec:
+def _fwd_spec(dt: str, prec: str, cname: str, cfg: tuple, nhwc: bool = False, flat: bool = False) -> AotSpec:
     """The forward kernel's spec for one configuration; ``nhwc``: in the channels_last
-    specialisation NHWC_CONFIGS launch with (unit strides as constexprs, 16-divisible ints)."""
+    specialisation NHWC_CONFIGS launch with (unit strides as constexprs, 16-divisible ints);
+    ``flat``: the one-loop K (``FLAT_K``)."""
     bm, bn, bk, warps, stages = cfg
-    blocks = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
+    blocks = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "FLAT_K": flat}
     unit = {k: 1 for k in NHWC_UNIT} if nhwc else {}
     sig = {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": f"*{dt}", "y_ptr": f"*{dt}"}
     sig.update({k: "i32" for k in _INTS_FWD})
     sig.update({"HAS_BIAS": "i32", "ACT": "i32"})
     sig.update({k: "constexpr" for k in ("PREC", *blocks, *unit)})
     return AotSpec(_conv_fwd_kernel, sig, {"PREC": prec, **blocks, **unit}, num_warps=warps, num_stages=stages,
-                   label=f"fwd {cname} {dt} {prec}", **({"divisible_by_16": NHWC_DIV16} if nhwc else {}))
+                   label=f"fwd {cname} {dt} {prec}{' flat' if flat else ''}",
+                   **({"divisible_by_16": NHWC_DIV16} if nhwc else {}))
 
 
 def _dgrad_spec(dt: str, prec: str, cname: str, cfg: tuple, nhwc: bool = False) -> AotSpec:
@@ -889,13 +941,21 @@ def aot_specs():
             sig.update({k: "constexpr" for k in ("PREC", *blocks)})
             specs.append(AotSpec(_conv_wgrad_kernel, sig, {"PREC": prec, **blocks}, num_warps=warps,
                                  num_stages=stages, label=f"wgrad {cname} {dt} {prec}"))
-        for cname, cfg in TUNE_CONFIGS["fp32" if dt == "fp32" else "half"].items():
+        key = "fp32" if dt == "fp32" else "half"
+        for cname, cfg in TUNE_CONFIGS[key].items():
             specs.append(_fwd_spec(dt, prec, cname, cfg))
+        tiles = {**GPU_CONFIGS[key], **TUNE_CONFIGS[key], **NHWC_CONFIGS[key]}
+        for cname in FWD_FLAT[(key, False)]:
+            specs.append(_fwd_spec(dt, prec, cname, tiles[cname], flat=True))
         if prec == "ieee" and dt == "fp32":
             continue  # the NHWC specialisation: TF32 or half only (see NHWC_CONFIGS)
-        key = "fp32" if dt == "fp32" else "half"
         for cname, cfg in NHWC_CONFIGS[key].items():
             specs.append(_fwd_spec(dt, prec, cname, cfg, nhwc=True))
+        # the flat-K tiles in the NHWC specialisation (FWD_FLAT's NHWC ones, and those the
+        # via-channels_last variant launches flat on its copies)
+        for cname in dict.fromkeys([*FWD_FLAT[(key, True)], *FWD_VIA_CL_FLAT[key]]):
+            specs.append(_fwd_spec(dt, prec, cname if cname in NHWC_CONFIGS[key] else f"{cname}/nhwc", tiles[cname],
+                                   nhwc=True, flat=True))
         # the generic tiles the via-channels_last variant launches on its NHWC copies (channels_last
         # callers with channel counts in multiples of 16 get the same specialisation)
         for cname in FWD_VIA_CL[key]:
