@@ -454,12 +454,13 @@ CONV_BUDGET_S = 60.0  # the conv section's share of the sweep's budget (at most 
 
 def conv_config(cfg: tuple) -> dict:
     """A forward candidate (``kernels/triton/conv.py``: a config tuple, FLAT appended for the
-    one-loop K, VIA_CL for the via-channels_last variant) as a row's config."""
+    one-loop K, SPLIT after it for split K, VIA_CL for the via-channels_last variant) as a row's
+    config."""
     from gpu_nn.kernels.triton import conv as kt
 
     keys = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
     return {"variant": "via_channels_last" if kt.VIA_CL in cfg[5:] else "direct", "flat_k": kt.FLAT in cfg[5:],
-            **dict(zip(keys, cfg[:5]))}
+            "split_k": kt.SPLIT in cfg[5:], **dict(zip(keys, cfg[:5]))}
 
 
 def _conv_tuple(cfg: dict) -> tuple:
@@ -468,6 +469,8 @@ def _conv_tuple(cfg: dict) -> tuple:
     t = tuple(cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages"))
     if cfg.get("flat_k"):
         t = (*t, kt.FLAT)
+    if cfg.get("split_k"):
+        t = (*t, kt.SPLIT)
     if cfg["variant"] == "via_channels_last":
         return (*t, kt.VIA_CL)
     return t

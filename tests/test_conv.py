@@ -723,15 +723,20 @@ def test_tuning_launches_the_timed_winner_and_caches_it(part, tune_cache, monkey
     from gpu_nn.ops import conv as oc
 
     _need_triton()
-    cands = kt.fwd_candidates(False) if part == "fwd" else kt.dgrad_candidates(False)
-    assert 2 <= len(cands) <= 4 and len(set(cands)) == len(cands)
+    if part == "fwd":  # the problem's own list (_small_conv: split K is offered to its one tile)
+        (x, w, b), yr = _small_conv(np.random.default_rng(0), torch.float32)
+        cands = kt.problem_candidates(x, w, b, torch.empty(yr.shape), 1, "ieee")
+        assert cands[:len(kt.fwd_candidates(False))] == kt.fwd_candidates(False)
+    else:
+        cands = kt.dgrad_candidates(False)
+    assert 2 <= len(cands) <= 5 and len(set(cands)) == len(cands)
     winner = cands[-1]  # not the heuristic's choice: the clock decides
     recs = {p: _Recorder(getattr(kt, f"_conv_{p}_kernel")) for p in ("fwd", "dgrad")}
     for p, rec in recs.items():
         monkeypatch.setattr(kt, f"_conv_{p}_kernel", rec)
     rec = recs[part]
     cfg_of = lambda k: ((k["BLOCK_M"], k["BLOCK_N"], k["BLOCK_K"], k["num_warps"], k["num_stages"])  # noqa: E731
-                        + ((kt.FLAT,) if k.get("FLAT_K") else ()))
+                        + ((kt.FLAT,) if k.get("FLAT_K") else ()) + ((kt.SPLIT,) if k.get("SPLIT_K") else ()))
     timed = []
 
     def timer(fn):
@@ -826,6 +831,81 @@ def test_every_candidate_matches_reference(half, monkeypatch, rng):
         with gpu_nn.backend("triton"):
             got = torch.autograd.grad(F.conv2d(x, w, b, padding=1), x, g64.to(x.device, dtype))[0]
         assert_close(got, want, dtype, 63, f"dgrad {cand}")
+
+
+@pytest.mark.usefixtures("no_tf32")
+@pytest.mark.parametrize("half", [False, True], ids=["fp32", "half"])
+def test_split_k_candidates_match_reference(half, monkeypatch, rng):
+    """The split-K forward candidates (problem_candidates offers them to one-group problems with
+    few output tiles), forced: partial products over grid axis 2 into the float32 workspace,
+    then the reduce + bias + activation pass; against the reference on an odd NCHW problem and a
+    channels_last one in the NHWC specialisation, with stride / dilation / padding, and every
+    split launched (two or more)."""
+    from gpu_nn.kernels.triton import conv as kt
+    from gpu_nn.ops import conv as oc
+
+    _need_triton()
+    dtype = torch.float16 if half else torch.float32
+    launched = []
+    real = kt._launching
+
+    def spy(kernel, grid):
+        launched.append((getattr(kernel, "fn", kernel).__name__, grid))
+        return real(kernel, grid)
+
+    monkeypatch.setattr(kt, "_launching", spy)
+    for layout, c, o, nhwc in (("contig", 5, 7, False), ("channels_last", 16, 32, True)):
+        tf32 = nhwc and not half  # float32 gets the NHWC tiles under TF32 only
+        monkeypatch.setattr(oc, "_precision", lambda dt, tf32=tf32: "tf32" if tf32 and dt == torch.float32 else "ieee")
+        x64, w64, b64 = randn(rng, 2, c, 9, 7), randn(rng, o, c, 3, 2) / (6 * c) ** 0.5, randn(rng, o)
+        kw = dict(stride=(2, 1), padding=(1, 0), dilation=(1, 2), activation="tanh")
+        with gpu_nn.backend("reference"):
+            yr = F.conv2d(x64, w64, b64, **kw)
+        x, w, b = _layout(x64.to(dtype), layout), _layout(w64.to(dtype), layout), b64.to(dtype)
+        y4 = torch.empty(yr.shape, dtype=dtype).contiguous(
+            memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
+        cands = [cand for cand in kt.problem_candidates(x, w, b, y4, 1, oc._precision(dtype)) if kt.SPLIT in cand]
+        assert cands and all(cand[5:] == (kt.FLAT, kt.SPLIT) for cand in cands)
+        assert kt.nhwc_specialised(x, w, b, y4, c, o) is nhwc
+        for cand in cands:
+            monkeypatch.setattr(oc, "_chooser", lambda device, cand=cand: (
+                lambda op, key, candidates, run, default, **_: cand if op == "conv_fwd" else default))
+            launched.clear()
+            with gpu_nn.backend("triton"):
+                y = F.conv2d(x, w, b, **kw)
+            names = [nm for nm, _ in launched]
+            assert names == ["_conv_fwd_kernel", "_conv_splitk_reduce_kernel"], names
+            assert launched[0][1][2] >= 2, f"{cand}: {launched[0][1]} (no split)"
+            if tf32:
+                assert max_rel_err(y, yr) <= _tf32_bound(6 * c), f"split {cand} {layout} (tf32)"
+            else:
+                assert_close(y, yr, dtype, 6 * c, f"split {cand} {layout}")
+
+
+def test_split_k_only_where_tiles_are_few():
+    """Split K is offered to one-group problems with fewer output tiles than SPLIT_WAVE and a K
+    loop of four trips or more; the split count aims at two waves, at least 2, at most
+    SPLIT_MAX and the K loop's trips."""
+    from gpu_nn.kernels.triton import conv as kt
+
+    cl = torch.channels_last
+    deep = [torch.empty(*sh).to(memory_format=cl) for sh in ((32, 512, 7, 7), (512, 512, 3, 3), (32, 512, 7, 7))]
+    wide = [torch.empty(*sh).to(memory_format=cl) for sh in ((32, 64, 56, 56), (64, 64, 3, 3), (32, 64, 56, 56))]
+    for half in (False, True):
+        prec = "ieee" if half else "tf32"
+        assert any(kt.SPLIT in c for c in kt.problem_candidates(*deep[:2], None, deep[2], 1, prec))
+        assert not any(kt.SPLIT in c for c in kt.problem_candidates(*wide[:2], None, wide[2], 1, prec))
+    assert kt.split_eligible(1, 1568, 512, 128, 128, 72) and not kt.split_eligible(2, 1568, 256, 128, 128, 72)
+    assert not kt.split_eligible(1, 1568, 512, 128, 128, 3)
+    assert kt.split_count(52, 72) == 6 and kt.split_count(1, 72) == kt.SPLIT_MAX and kt.split_count(1, 5) == 5
+    assert kt.split_count(131, 72) == 3 and kt.split_count(200, 9) == 2
+    # compiled ahead of time: every split tile in the specialisation it launches with, and the finish
+    labels = {sp.label for sp in kt.aot_specs()}
+    for (key, nhwc), names in kt.FWD_SPLIT.items():
+        dts = ("fp16 ieee", "bf16 ieee") if key == "half" else ("fp32 tf32",) if nhwc else ("fp32 ieee", "fp32 tf32")
+        for name in names:
+            assert all(f"fwd {name} {dt} split" in labels for dt in dts), name
+    assert all(f"splitk reduce {dt}" in labels for dt in ("fp32", "fp16", "bf16"))
 
 
 def test_nhwc_tiles_only_where_their_specialisation_holds(rng):

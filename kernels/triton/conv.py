@@ -15,7 +15,8 @@ strided views run without a copy; conv1d runs as H = 1. Per group ``g`` (grid ax
 The im2col matrix never exists in memory: each program gathers its A tile straight from the
 input with masked loads (zero padding = ``other=0``). The K loop runs taps outside, channels
 inside (or, in the forward's ``FLAT_K`` candidates, as one loop over both, so that Triton's
-software pipeline spans taps), so in channels_last (unit channel stride) the A and B tiles are read along contiguous
+software pipeline spans taps; its ``SPLIT_K`` form splits that loop over float32 partial
+sums for deep layers whose output tiles do not fill the GPU), so in channels_last (unit channel stride) the A and B tiles are read along contiguous
 channels: with channel counts that are multiples of 16 Triton compiles 128-bit cp.async copies
 (``NHWC_CONFIGS``). NCHW tensors are read in place as well (no transpose pass), along the pixel
 axis, with per-element gathers; where a measuring chooser runs (a GPU), NCHW problems in half
@@ -134,6 +135,23 @@ FWD_FLAT = {
     ("half", True): ("nhwc128k64", "nhwc128k64s4"),
 }
 FWD_VIA_CL_FLAT = {"fp32": ("nhwc128k32",), "half": ("nhwc128k64",)}
+# Split K: flat-K candidates whose K loop is split over grid axis 2 into float32 partial sums
+# (a workspace [S, N*Ho*Wo, O]) that _conv_splitk_reduce_kernel adds up with the bias and the
+# activation. Offered only to one-group problems whose output tiles make less than a wave of
+# SPLIT_WAVE programs (deep layers: 512 channels at 7x7 and N = 32 make 52 tiles of 128x128 for
+# 132 SMs); the split count (split_count) brings the programs to about two waves. As
+# ``(*tile, FLAT, SPLIT)``, by tile name per (operand width, NHWC tiles eligible):
+SPLIT = "split_k"
+FWD_SPLIT = {
+    ("fp32", False): ("large3",),
+    ("half", False): ("large",),
+    ("fp32", True): ("nhwc128k32",),
+    ("half", True): ("nhwc128k64",),
+}
+SPLIT_WAVE = 132
+SPLIT_TARGET_PROGRAMS = 264
+SPLIT_MAX = 16
+REDUCE_BLOCKS = (32, 64, 4)  # BLOCK_M, BLOCK_N, num_warps of the split-K finish
 # The specialisation NHWC_CONFIGS are compiled (and launched) with: unit channel strides, and
 # these pointers / ints multiples of 16.
 NHWC_UNIT = ("stride_xc", "stride_wc", "stride_yc")
@@ -222,17 +240,30 @@ def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
                      SH, SW, PH, PW, DH, DW,
                      HAS_BIAS, ACT, PREC: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     FLAT_K: tl.constexpr = False):
+                     FLAT_K: tl.constexpr = False, SPLIT_K: tl.constexpr = False):
     """``FLAT_K``: the K loop as one loop over (tap, channel block) pairs instead of taps outside
     and channel blocks inside. Triton pipelines (``num_stages``) only the innermost loop, whose
     trip count in the nested form is ``cdiv(CG, BLOCK_K)``: one or two at 64 or 128 channels, so
     the loads of one tap are never in flight while the previous tap's dot runs. Flat, the loop
     has ``TAPS * cdiv(CG, BLOCK_K)`` trips (9 and more for a 3x3 kernel) and the stages overlap
     across taps, at the cost of the tap's index math in every trip. Same results either way
-    (the same products summed in the same order)."""
+    (the same products summed in the same order).
+
+    ``SPLIT_K`` (with FLAT_K, one group): grid axis 2 splits the K loop into ``num_programs(2)``
+    contiguous ranges; split ``s`` stores its float32 partial product, no bias or activation,
+    at ``y + s * N * Ho * Wo * OG`` (``y`` the float32 workspace [S, N, Ho, Wo, OG] that
+    ``_conv_splitk_reduce_kernel`` sums into the output): for problems whose output tiles do
+    not fill the GPU (deep layers: few pixels, a long K)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    grp = tl.program_id(2)
+    if SPLIT_K:
+        grp = 0
+        split = tl.program_id(2)
+        nsplit = tl.num_programs(2)
+    else:
+        grp = tl.program_id(2)
+        split = 0
+        nsplit = 1
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_o = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = offs_m < N * Ho * Wo
@@ -244,7 +275,8 @@ def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if FLAT_K:
         KC = tl.cdiv(CG, BLOCK_K)
-        for kk in range(0, TAPS * KC):
+        per = tl.cdiv(TAPS * KC, nsplit)
+        for kk in range(split * per, tl.minimum(split * per + per, TAPS * KC)):
             t = kk // KC
             c0 = (kk - t * KC) * BLOCK_K
             i = t // KW
@@ -284,7 +316,35 @@ def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
     acc = _epilogue_act(acc, ACT)
     y_off = (n.to(tl.int64) * stride_yn + oh.to(tl.int64) * stride_yh + ow.to(tl.int64) * stride_yw)[:, None] \
         + oc.to(tl.int64)[None, :] * stride_yc
+    if SPLIT_K:
+        y_off += split.to(tl.int64) * N * Ho * Wo * OG
     tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & o_ok[None, :])
+
+
+@triton.jit(do_not_specialize=["M"])  # M may be 1: never a constexpr (M.to below)
+def _conv_splitk_reduce_kernel(ws_ptr, b_ptr, y_ptr, M, O, Ho, Wo, S,
+                               stride_yn, stride_yc, stride_yh, stride_yw, HAS_BIAS, ACT,
+                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The split-K forward's finish: ``y[n, o, p, q] = act(sum_s ws[s, m, o] + b[o])`` with
+    ``m = (n * Ho + p) * Wo + q``, ``ws`` float32 [S, M, O] contiguous, ``y`` any strides."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_o = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+    o_ok = offs_o < O
+    mask = m_ok[:, None] & o_ok[None, :]
+    src = ws_ptr + offs_m.to(tl.int64)[:, None] * O + offs_o[None, :]
+    plane = M.to(tl.int64) * O
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for _ in range(0, S):
+        acc += tl.load(src, mask=mask, other=0.0)
+        src += plane
+    if HAS_BIAS != 0:
+        acc = acc + tl.load(b_ptr + offs_o, mask=o_ok, other=0.0).to(tl.float32)[None, :]
+    acc = _epilogue_act(acc, ACT)
+    n, oh, ow = _split_pos(offs_m, Ho, Wo)
+    y_off = (n.to(tl.int64) * stride_yn + oh.to(tl.int64) * stride_yh + ow.to(tl.int64) * stride_yw)[:, None] \
+        + offs_o.to(tl.int64)[None, :] * stride_yc
+    tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -529,6 +589,19 @@ def fwd_candidates(half: bool, nhwc: bool = False, via_cl: bool = False) -> list
     return out
 
 
+def split_count(tiles: int, k_iters: int) -> int:
+    """Splits of the split-K forward: enough for about SPLIT_TARGET_PROGRAMS programs with
+    ``tiles`` output tiles, at least 2, at most SPLIT_MAX and at most ``k_iters`` (each split
+    keeps one trip of the K loop at least)."""
+    return max(2, min(SPLIT_MAX, k_iters, cdiv(SPLIT_TARGET_PROGRAMS, max(tiles, 1))))
+
+
+def split_eligible(groups: int, m: int, og: int, bm: int, bn: int, k_iters: int) -> bool:
+    """Whether a split-K candidate of tile ``bm x bn`` is offered: one group, fewer output tiles
+    than a wave (SPLIT_WAVE) and a K loop of at least four trips."""
+    return groups == 1 and cdiv(m, bm) * cdiv(og, bn) < SPLIT_WAVE and k_iters >= 4
+
+
 def problem_candidates(x, w, b, y, groups: int, prec: str) -> list[tuple]:
     """The forward candidates :func:`conv_forward` hands a measuring chooser for these tensors
     (layouts, alignment, channel counts) and float32 precision; benchmarks/sweep.py times the
@@ -538,7 +611,15 @@ def problem_candidates(x, w, b, y, groups: int, prec: str) -> list[tuple]:
     tiles = half or prec == "tf32"  # the NHWC tiles are not candidates for ieee float32
     nhwc = tiles and nhwc_specialised(x, w, b, y, cg, og)
     via_cl = tiles and not nhwc and via_cl_eligible(x, w, b, y, cg, og)
-    return fwd_candidates(half, nhwc, via_cl)
+    out = fwd_candidates(half, nhwc, via_cl)
+    key = "half" if half else "fp32"
+    table = {**GPU_CONFIGS[key], **TUNE_CONFIGS[key], **NHWC_CONFIGS[key]}
+    m, taps = y.shape[0] * y.shape[2] * y.shape[3], w.shape[2] * w.shape[3]
+    for name in FWD_SPLIT[(key, nhwc)]:
+        bm, bn, bk = table[name][:3]
+        if split_eligible(groups, m, og, bm, bn, taps * cdiv(cg, bk)):
+            out.append((*table[name], FLAT, SPLIT))
+    return out
 
 
 def dgrad_candidates(half: bool, nhwc: bool = False, via_cl: bool = False) -> list[tuple]:
@@ -722,6 +803,9 @@ def conv_forward(x, w, bias, y, stride, padding, dilation, groups, activation, p
 
     def direct(cfg, x, w, y, warm=False):
         bm, bn, bk, warps, stages = cfg[:5]
+        if SPLIT in cfg[5:]:
+            splitk(cfg, x, w, y, warm)
+            return
         grid = (cdiv(n * ho * wo, bm), cdiv(og, bn), groups)
         kernel = _compiling(_conv_fwd_kernel, grid) if warm else _launching(_conv_fwd_kernel, grid)
         kernel(
@@ -732,6 +816,32 @@ def conv_forward(x, w, bias, y, stride, padding, dilation, groups, activation, p
             int(bias is not None), ACT_CODES[activation], PREC=_dot_precision(prec),
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, FLAT_K=FLAT in cfg[5:], num_warps=warps, num_stages=stages,
         )
+
+    def splitk(cfg, x, w, y, warm):
+        """Split-K (one group): the partial products into a float32 workspace [S, M, O] (read
+        by the kernel as an NHWC output, unit channel stride), then the reduce + bias +
+        activation pass into y."""
+        bm, bn, bk, warps, stages = cfg[:5]
+        m = n * ho * wo
+        tiles = cdiv(m, bm) * cdiv(og, bn)
+        nsplit = split_count(tiles, kh * kw * cdiv(cg, bk))
+        ws = torch.empty((nsplit, m, og), dtype=torch.float32, device=y.device)
+        grid = (cdiv(m, bm), cdiv(og, bn), nsplit)
+        kernel = _compiling(_conv_fwd_kernel, grid) if warm else _launching(_conv_fwd_kernel, grid)
+        kernel(
+            x, w, ws, ws,
+            n, h, wd, ho, wo, kw, kh * kw, cg, og,
+            *x.stride(), *w.stride(), ho * wo * og, 1, wo * og, og,
+            stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
+            0, 0, PREC=_dot_precision(prec),
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, FLAT_K=True, SPLIT_K=True, num_warps=warps, num_stages=stages,
+        )
+        rbm, rbn, rwarps = REDUCE_BLOCKS
+        rgrid = (cdiv(m, rbm), cdiv(og, rbn))
+        reduce = _compiling(_conv_splitk_reduce_kernel, rgrid) if warm else _launching(_conv_splitk_reduce_kernel,
+                                                                                         rgrid)
+        reduce(ws, bias if bias is not None else y, y, m, og, ho, wo, nsplit, *y.stride(),
+               int(bias is not None), ACT_CODES[activation], BLOCK_M=rbm, BLOCK_N=rbn, num_warps=rwarps)
 
     def launch(cfg):
         _launch_variant(direct, cfg, x, w, y)
@@ -892,19 +1002,23 @@ _INTS_DW_WGRAD = ("N", "H", "W", "O", "Ho", "Wo", "KW", "TAPS", "MULT", "CHUNK",
                   "SH", "SW", "PH", "PW", "DH", "DW")
 
 
-def _fwd_spec(dt: str, prec: str, cname: str, cfg: tuple, nhwc: bool = False, flat: bool = False) -> AotSpec:
+def _fwd_spec(dt: str, prec: str, cname: str, cfg: tuple, nhwc: bool = False, flat: bool = False,
+              split: bool = False) -> AotSpec:
     """The forward kernel's spec for one configuration; ``nhwc``: in the channels_last
     specialisation NHWC_CONFIGS launch with (unit strides as constexprs, 16-divisible ints);
-    ``flat``: the one-loop K (``FLAT_K``)."""
+    ``flat``: the one-loop K (``FLAT_K``); ``split``: its split-K form (``SPLIT_K``, flat too),
+    which writes the float32 workspace (passed as y and as the unread bias)."""
     bm, bn, bk, warps, stages = cfg
-    blocks = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "FLAT_K": flat}
+    blocks = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "FLAT_K": flat or split, "SPLIT_K": split}
     unit = {k: 1 for k in NHWC_UNIT} if nhwc else {}
-    sig = {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": f"*{dt}", "y_ptr": f"*{dt}"}
+    out = "fp32" if split else dt
+    sig = {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": f"*{out}", "y_ptr": f"*{out}"}
     sig.update({k: "i32" for k in _INTS_FWD})
     sig.update({"HAS_BIAS": "i32", "ACT": "i32"})
     sig.update({k: "constexpr" for k in ("PREC", *blocks, *unit)})
+    variant = " split" if split else " flat" if flat else ""
     return AotSpec(_conv_fwd_kernel, sig, {"PREC": prec, **blocks, **unit}, num_warps=warps, num_stages=stages,
-                   label=f"fwd {cname} {dt} {prec}{' flat' if flat else ''}",
+                   label=f"fwd {cname} {dt} {prec}{variant}",
                    **({"divisible_by_16": NHWC_DIV16} if nhwc else {}))
 
 
@@ -947,6 +1061,8 @@ def aot_specs():
         tiles = {**GPU_CONFIGS[key], **TUNE_CONFIGS[key], **NHWC_CONFIGS[key]}
         for cname in FWD_FLAT[(key, False)]:
             specs.append(_fwd_spec(dt, prec, cname, tiles[cname], flat=True))
+        for cname in FWD_SPLIT[(key, False)]:
+            specs.append(_fwd_spec(dt, prec, cname, tiles[cname], split=True))
         if prec == "ieee" and dt == "fp32":
             continue  # the NHWC specialisation: TF32 or half only (see NHWC_CONFIGS)
         for cname, cfg in NHWC_CONFIGS[key].items():
@@ -956,6 +1072,8 @@ def aot_specs():
         for cname in dict.fromkeys([*FWD_FLAT[(key, True)], *FWD_VIA_CL_FLAT[key]]):
             specs.append(_fwd_spec(dt, prec, cname if cname in NHWC_CONFIGS[key] else f"{cname}/nhwc", tiles[cname],
                                    nhwc=True, flat=True))
+        for cname in FWD_SPLIT[(key, True)]:
+            specs.append(_fwd_spec(dt, prec, cname, tiles[cname], nhwc=True, split=True))
         # the generic tiles the via-channels_last variant launches on its NHWC copies (channels_last
         # callers with channel counts in multiples of 16 get the same specialisation)
         for cname in FWD_VIA_CL[key]:
@@ -967,6 +1085,14 @@ def aot_specs():
         for cname in DGRAD_VIA_CL[key]:
             if cname not in DGRAD_NHWC_CONFIGS[key]:
                 specs.append(_dgrad_spec(dt, prec, f"{cname}/nhwc", DGRAD_CONFIGS[key][cname], nhwc=True))
+    rbm, rbn, rwarps = REDUCE_BLOCKS
+    for dt in ("fp32", "fp16", "bf16"):
+        sig = {"ws_ptr": "*fp32", "b_ptr": f"*{dt}", "y_ptr": f"*{dt}"}
+        sig.update({k: "i32" for k in ("M", "O", "Ho", "Wo", "S", "stride_yn", "stride_yc", "stride_yh", "stride_yw",
+                                       "HAS_BIAS", "ACT")})
+        sig.update({"BLOCK_M": "constexpr", "BLOCK_N": "constexpr"})
+        specs.append(AotSpec(_conv_splitk_reduce_kernel, sig, {"BLOCK_M": rbm, "BLOCK_N": rbn}, num_warps=rwarps,
+                             label=f"splitk reduce {dt}"))
     bp, bc, warps = DW_CONFIG
     blocks = {"BLOCK_P": bp, "BLOCK_C": bc}
     for dt in ("fp32", "fp16", "bf16"):
