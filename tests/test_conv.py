@@ -861,8 +861,9 @@ def test_split_k_candidates_match_reference(half, monkeypatch, rng):
         kw = dict(stride=(2, 1), padding=(1, 0), dilation=(1, 2), activation="tanh")
         with gpu_nn.backend("reference"):
             yr = F.conv2d(x64, w64, b64, **kw)
-        x, w, b = _layout(x64.to(dtype), layout), _layout(w64.to(dtype), layout), b64.to(dtype)
-        y4 = torch.empty(yr.shape, dtype=dtype).contiguous(
+        dev = "cuda" if CUDA else "cpu"
+        x, w, b = _layout(x64.to(dev, dtype), layout), _layout(w64.to(dev, dtype), layout), b64.to(dev, dtype)
+        y4 = torch.empty(yr.shape, dtype=dtype, device=dev).contiguous(
             memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
         cands = [cand for cand in kt.problem_candidates(x, w, b, y4, 1, oc._precision(dtype)) if kt.SPLIT in cand]
         assert cands and all(cand[5:] == (kt.FLAT, kt.SPLIT) for cand in cands)
@@ -880,6 +881,61 @@ def test_split_k_candidates_match_reference(half, monkeypatch, rng):
                 assert max_rel_err(y, yr) <= _tf32_bound(6 * c), f"split {cand} {layout} (tf32)"
             else:
                 assert_close(y, yr, dtype, 6 * c, f"split {cand} {layout}")
+
+
+@pytest.mark.usefixtures("no_tf32")
+@pytest.mark.parametrize("half", [False, True], ids=["fp32", "half"])
+def test_dgrad_split_candidates_match_reference(half, monkeypatch, rng):
+    """The input gradient's tap-split candidates (dgrad_problem_candidates), forced: whole taps
+    per split into the float32 workspace, then summed into dx; against the reference gradient
+    on an odd NCHW problem and a channels_last one in the NHWC specialisation, with stride,
+    dilation and padding, every split launched (two or more)."""
+    from gpu_nn.kernels.triton import conv as kt
+    from gpu_nn.ops import conv as oc
+
+    _need_triton()
+    dtype = torch.float16 if half else torch.float32
+    launched = []
+    real = kt._launching
+
+    def spy(kernel, grid):
+        launched.append((getattr(kernel, "fn", kernel).__name__, grid))
+        return real(kernel, grid)
+
+    monkeypatch.setattr(kt, "_launching", spy)
+    dev = "cuda" if CUDA else "cpu"
+    for layout, c, o, nhwc in (("contig", 5, 7, False), ("channels_last", 16, 32, True)):
+        tf32 = nhwc and not half
+        monkeypatch.setattr(oc, "_precision", lambda dt, tf32=tf32: "tf32" if tf32 and dt == torch.float32 else "ieee")
+        x64, w64 = randn(rng, 2, c, 9, 7), randn(rng, o, c, 3, 2) / (6 * c) ** 0.5
+        kw = dict(stride=(2, 1), padding=(1, 0), dilation=(1, 2))
+        with gpu_nn.backend("reference"):
+            xr = x64.clone().requires_grad_()
+            yr = F.conv2d(xr, w64, None, **kw)
+            g64 = randn(rng, *yr.shape)
+            want = torch.autograd.grad(yr, xr, g64)[0]
+        x = _layout(x64.to(dev, dtype), layout).requires_grad_()
+        w = _layout(w64.to(dev, dtype), layout)
+        g = _layout(g64.to(dev, dtype), layout)
+        dx_like = torch.empty_like(x)
+        cands = [cd for cd in kt.dgrad_problem_candidates(g, w, dx_like, 1, oc._precision(dtype)) if kt.SPLIT in cd]
+        offered = bool(kt.DGRAD_SPLIT[("half" if half else "fp32", nhwc)])
+        assert bool(cands) is offered and all(cd[5:] == (kt.SPLIT,) for cd in cands)
+        assert kt.dgrad_nhwc_specialised(g, w, dx_like, c, o) is nhwc
+        for cand in cands:
+            monkeypatch.setattr(oc, "_chooser", lambda device, cand=cand: (
+                lambda op, key, candidates, run, default, **_: cand if op == "conv_dgrad" else default))
+            with gpu_nn.backend("triton"):
+                y = F.conv2d(x, w, None, **kw)
+                launched.clear()
+                got = torch.autograd.grad(y, x, g)[0]
+            dgrad = [grid for nm, grid in launched if nm == "_conv_dgrad_kernel"]
+            assert len(dgrad) == 1 and dgrad[0][2] >= 2, launched
+            assert "_conv_splitk_reduce_kernel" in [nm for nm, _ in launched]
+            if tf32:
+                assert max_rel_err(got, want) <= _tf32_bound(6 * o), f"dgrad split {cand} {layout} (tf32)"
+            else:
+                assert_close(got, want, dtype, 6 * o, f"dgrad split {cand} {layout}")
 
 
 def test_split_k_only_where_tiles_are_few():
@@ -906,6 +962,18 @@ def test_split_k_only_where_tiles_are_few():
         for name in names:
             assert all(f"fwd {name} {dt} split" in labels for dt in dts), name
     assert all(f"splitk reduce {dt}" in labels for dt in ("fp32", "fp16", "bf16"))
+    for (key, nhwc), names in kt.DGRAD_SPLIT.items():
+        dts = ("fp16 ieee", "bf16 ieee") if key == "half" else ("fp32 tf32",) if nhwc else ("fp32 ieee", "fp32 tf32")
+        for name in names:
+            assert all(f"dgrad {name} {dt} split" in labels for dt in dts), name
+    assert not [lb for lb in labels if lb.startswith("dgrad large fp16") and lb.endswith("split")]
+    # the input gradient splits whole taps: a deep layer's 3x3 gets it, a 1x1 (one tap) never
+    for dt, prec in ((torch.float32, "tf32"), (torch.float16, "ieee")):
+        d, wd = [t.to(dt) for t in deep], [t.to(dt) for t in wide]
+        assert any(kt.SPLIT in c for c in kt.dgrad_problem_candidates(d[2], d[1], d[0], 1, prec))
+        one_tap = torch.empty(512, 512, 1, 1, dtype=dt).to(memory_format=cl)
+        assert not any(kt.SPLIT in c for c in kt.dgrad_problem_candidates(d[2], one_tap, d[0], 1, prec))
+        assert not any(kt.SPLIT in c for c in kt.dgrad_problem_candidates(wd[2], wd[1], wd[0], 1, prec))
 
 
 def test_nhwc_tiles_only_where_their_specialisation_holds(rng):

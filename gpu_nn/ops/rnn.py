@@ -458,7 +458,7 @@ def _gpu_forward(K, mode, input, hx, cx, weights, num_layers, bidirectional, has
     # both directions in one persistent launch (triton): its own program count, all resident
     persist_pair = _persist_pair_programs(K, dev, B, H) if persist and D == 2 else 0
     tf32 = tf32_allowed(dt)
-    steps_forward = getattr(K, "steps_forward", None)  # one call per layer and direction (triton)
+    steps_forward = getattr(K, "steps_forward", None)  # one call per layer and direction (triton; pairs below)
     # the initial states into their reserve slots (slot 0 forward, slot T reverse) before the
     # loop, the final ones out after it: one copy op each way for all layers and directions
     # (a multi-tensor copy on a GPU, where a copy per state was a launch each)
@@ -535,7 +535,7 @@ def _gpu_backward(K, mode, gout, ghn, gcn, input, weights, reserve, num_layers, 
     dhx = empty((L * D, B, W), dtype=f32, device=dev)
     dcx = empty((L * D, B, H), dtype=f32, device=dev) if mode == "lstm" else None
     bloop = hasattr(K, "loop_backward") and _persist_programs(K, dev, B, H, P)
-    steps_backward = getattr(K, "steps_backward", None)  # one call per layer and direction (triton)
+    steps_backward = getattr(K, "steps_backward", None)  # one call per layer and direction (triton; pairs below)
     ws = _split(weights, L, D, has_biases)
     # both directions of a layer in one launch per step (triton's per-step path): the two
     # directions' gate gradients coexist, one buffer each; otherwise one buffer serves both in turn

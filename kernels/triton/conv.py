@@ -148,6 +148,14 @@ FWD_SPLIT = {
     ("fp32", True): ("nhwc128k32",),
     ("half", True): ("nhwc128k64",),
 }
+# The input gradient's split: its taps (whole taps: each keeps its own accumulator) over grid
+# axis 2, by tile name in DGRAD_CONFIGS / DGRAD_NHWC_CONFIGS, as ``(*tile, SPLIT)``:
+DGRAD_SPLIT = {
+    ("fp32", False): ("large",),
+    ("half", False): (),  # half's "large" split takes all 255 registers (sm_90 AOT): one codegen change from spilling
+    ("fp32", True): ("nhwc128x64k32",),
+    ("half", True): ("nhwc128x64k64",),
+}
 SPLIT_WAVE = 132
 SPLIT_TARGET_PROGRAMS = 264
 SPLIT_MAX = 16
@@ -355,10 +363,26 @@ def _conv_dgrad_kernel(g_ptr, w_ptr, dx_ptr,
                        stride_dn, stride_dc, stride_dh, stride_dw,
                        SH, SW, PH, PW, DH, DW,
                        PREC: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       SPLIT_T: tl.constexpr = False):
+    """``SPLIT_T`` (one group): grid axis 2 splits the taps into ``num_programs(2)`` contiguous
+    ranges (whole taps, so each tap's own accumulator stays as below); split ``s`` stores its
+    float32 partial sum at ``dx + s * N * H * W * CG`` (``dx`` the float32 workspace [S, N, H, W,
+    CG] that ``_conv_splitk_reduce_kernel`` sums into the gradient): for deep layers whose
+    output tiles do not fill the GPU."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    grp = tl.program_id(2)
+    if SPLIT_T:
+        grp = 0
+        split = tl.program_id(2)
+        per = tl.cdiv(TAPS, tl.num_programs(2))
+        t_lo = split * per
+        t_hi = tl.minimum(t_lo + per, TAPS)
+    else:
+        grp = tl.program_id(2)
+        split = 0
+        t_lo = 0
+        t_hi = TAPS
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = offs_m < N * H * W
@@ -368,7 +392,7 @@ def _conv_dgrad_kernel(g_ptr, w_ptr, dx_ptr,
     cc = grp * CG + offs_c
     w_col = w_ptr + offs_c.to(tl.int64) * stride_wc  # weight dim 1 counts channels within the group
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for t in range(0, TAPS):
+    for t in range(t_lo, t_hi):
         i = t // KW
         j = t % KW
         oh, ow, hit = _tap_target(h, w, i, j, Ho, Wo, SH, SW, PH, PW, DH, DW)
@@ -389,6 +413,8 @@ def _conv_dgrad_kernel(g_ptr, w_ptr, dx_ptr,
         acc += tl.where(ok[:, None], tap, 0.0)
     d_off = (n.to(tl.int64) * stride_dn + h.to(tl.int64) * stride_dh + w.to(tl.int64) * stride_dw)[:, None] \
         + cc.to(tl.int64)[None, :] * stride_dc
+    if SPLIT_T:
+        d_off += split.to(tl.int64) * N * H * W * CG
     tl.store(dx_ptr + d_off, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :])
 
 
@@ -638,6 +664,28 @@ def dgrad_candidates(half: bool, nhwc: bool = False, via_cl: bool = False) -> li
     return out
 
 
+def dgrad_problem_candidates(g, w, dx, groups: int, prec: str) -> list[tuple]:
+    """The input-gradient candidates :func:`conv_backward_data` hands a measuring chooser for
+    these tensors: :func:`dgrad_candidates` for their layouts, and the tap-split ``DGRAD_SPLIT``
+    tiles as ``(*tile, SPLIT)`` for one-group problems with two taps or more and fewer output
+    tiles than a wave."""
+    half = g.element_size() == 2
+    o, cg, kh, kw = w.shape
+    og = o // groups
+    tiles = half or prec == "tf32"  # the NHWC tiles are not candidates for ieee float32
+    nhwc = tiles and dgrad_nhwc_specialised(g, w, dx, cg, og)
+    via_cl = tiles and not nhwc and dgrad_via_cl_eligible(g, w, dx, cg, og)
+    out = dgrad_candidates(half, nhwc, via_cl)
+    key = "half" if half else "fp32"
+    table = {**DGRAD_CONFIGS[key], **DGRAD_NHWC_CONFIGS[key]}
+    m = dx.shape[0] * dx.shape[2] * dx.shape[3]
+    for name in DGRAD_SPLIT[(key, nhwc)]:
+        bm, bn = table[name][:2]
+        if kh * kw >= 2 and split_eligible(groups, m, cg, bm, bn, 4):  # split over whole taps
+            out.append((*table[name], SPLIT))
+    return out
+
+
 def dgrad_nhwc_specialised(g, w, dx, cg: int, og: int) -> bool:
     """As :func:`nhwc_specialised`, for the input gradient's arguments (DGRAD_NHWC_UNIT unit,
     DGRAD_NHWC_DIV16 multiples of 16)."""
@@ -883,16 +931,31 @@ def conv_backward_data(g, w, dx, stride, padding, dilation, groups, prec, interp
     half = g.element_size() == 2
 
     def direct(cfg, g, w, dx, warm=False):
-        bm, bn, bk, warps, stages = cfg
-        grid = (cdiv(n * h * wd, bm), cdiv(cg, bn), groups)
+        bm, bn, bk, warps, stages = cfg[:5]
+        split = SPLIT in cfg[5:]
+        m = n * h * wd
+        nsplit = split_count(cdiv(m, bm) * cdiv(cg, bn), kh * kw) if split else groups
+        # split: the taps' partial sums into a float32 workspace [S, N, H, W, CG] (an NHWC
+        # gradient to the kernel), then summed into dx
+        out = torch.empty((nsplit, m, cg), dtype=torch.float32, device=dx.device) if split else dx
+        strides = (h * wd * cg, 1, wd * cg, cg) if split else dx.stride()
+        grid = (cdiv(m, bm), cdiv(cg, bn), nsplit)
         kernel = _compiling(_conv_dgrad_kernel, grid) if warm else _launching(_conv_dgrad_kernel, grid)
         kernel(
-            g, w, dx,
+            g, w, out,
             n, h, wd, ho, wo, kw, kh * kw, cg, og,
-            *g.stride(), *w.stride(), *dx.stride(),
+            *g.stride(), *w.stride(), *strides,
             stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
-            PREC=_dot_precision(prec), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+            PREC=_dot_precision(prec), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_T=split, num_warps=warps,
+            num_stages=stages,
         )
+        if split:
+            rbm, rbn, rwarps = REDUCE_BLOCKS
+            rgrid = (cdiv(m, rbm), cdiv(cg, rbn))
+            reduce = _compiling(_conv_splitk_reduce_kernel, rgrid) if warm else _launching(
+                _conv_splitk_reduce_kernel, rgrid)
+            reduce(out, dx, dx, m, cg, h, wd, nsplit, *dx.stride(), 0, 0, BLOCK_M=rbm, BLOCK_N=rbn,
+                   num_warps=rwarps)
 
     def launch(cfg):
         _launch_variant(direct, cfg, g, w, dx)
@@ -901,10 +964,7 @@ def conv_backward_data(g, w, dx, stride, padding, dilation, groups, prec, interp
     if choose is not None:
         key = (tuple(g.shape), tuple(g.stride()), tuple(w.shape), tuple(w.stride()), tuple(dx.shape), tuple(dx.stride()),
                str(g.dtype), tuple(stride), tuple(padding), tuple(dilation), groups, prec)
-        tiles = half or prec == "tf32"  # the NHWC tiles are not candidates for ieee float32
-        nhwc = tiles and dgrad_nhwc_specialised(g, w, dx, cg, og)
-        via_cl = tiles and not nhwc and dgrad_via_cl_eligible(g, w, dx, cg, og)
-        cfg = tuple(choose("conv_dgrad", key, dgrad_candidates(half, nhwc, via_cl), launch, cfg,
+        cfg = tuple(choose("conv_dgrad", key, dgrad_problem_candidates(g, w, dx, groups, prec), launch, cfg,
                            prepare=lambda cs: _compile_all(cs, interpret, lambda c, nhwc: direct(c, *nhwc(g, w, dx), warm=True))))
     launch(cfg)
 
@@ -1022,17 +1082,19 @@ def _fwd_spec(dt: str, prec: str, cname: str, cfg: tuple, nhwc: bool = False, fl
                    **({"divisible_by_16": NHWC_DIV16} if nhwc else {}))
 
 
-def _dgrad_spec(dt: str, prec: str, cname: str, cfg: tuple, nhwc: bool = False) -> AotSpec:
+def _dgrad_spec(dt: str, prec: str, cname: str, cfg: tuple, nhwc: bool = False, split: bool = False) -> AotSpec:
     """The input gradient kernel's spec for one configuration; ``nhwc``: in the channels_last
-    specialisation NHWC_DGRAD_CONFIGS launch with (DGRAD_NHWC_UNIT, DGRAD_NHWC_DIV16)."""
+    specialisation NHWC_DGRAD_CONFIGS launch with (DGRAD_NHWC_UNIT, DGRAD_NHWC_DIV16); ``split``:
+    the tap-split form (``SPLIT_T``), which writes the float32 workspace."""
     bm, bn, bk, warps, stages = cfg
-    blocks = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
+    blocks = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_T": split}
     unit = {k: 1 for k in DGRAD_NHWC_UNIT} if nhwc else {}
-    sig = {"g_ptr": f"*{dt}", "w_ptr": f"*{dt}", "dx_ptr": f"*{dt}"}
+    sig = {"g_ptr": f"*{dt}", "w_ptr": f"*{dt}", "dx_ptr": f"*{'fp32' if split else dt}"}
     sig.update({k: "i32" for k in _INTS_DGRAD})
     sig.update({k: "constexpr" for k in ("PREC", *blocks, *unit)})
     return AotSpec(_conv_dgrad_kernel, sig, {"PREC": prec, **blocks, **unit}, num_warps=warps, num_stages=stages,
-                   label=f"dgrad {cname} {dt} {prec}", **({"divisible_by_16": DGRAD_NHWC_DIV16} if nhwc else {}))
+                   label=f"dgrad {cname} {dt} {prec}{' split' if split else ''}",
+                   **({"divisible_by_16": DGRAD_NHWC_DIV16} if nhwc else {}))
 
 
 def aot_specs():
@@ -1063,6 +1125,8 @@ def aot_specs():
             specs.append(_fwd_spec(dt, prec, cname, tiles[cname], flat=True))
         for cname in FWD_SPLIT[(key, False)]:
             specs.append(_fwd_spec(dt, prec, cname, tiles[cname], split=True))
+        for cname in DGRAD_SPLIT[(key, False)]:
+            specs.append(_dgrad_spec(dt, prec, cname, DGRAD_CONFIGS[key][cname], split=True))
         if prec == "ieee" and dt == "fp32":
             continue  # the NHWC specialisation: TF32 or half only (see NHWC_CONFIGS)
         for cname, cfg in NHWC_CONFIGS[key].items():
@@ -1074,6 +1138,8 @@ def aot_specs():
                                    nhwc=True, flat=True))
         for cname in FWD_SPLIT[(key, True)]:
             specs.append(_fwd_spec(dt, prec, cname, tiles[cname], nhwc=True, split=True))
+        for cname in DGRAD_SPLIT[(key, True)]:
+            specs.append(_dgrad_spec(dt, prec, cname, DGRAD_NHWC_CONFIGS[key][cname], nhwc=True, split=True))
         # the generic tiles the via-channels_last variant launches on its NHWC copies (channels_last
         # callers with channel counts in multiples of 16 get the same specialisation)
         for cname in FWD_VIA_CL[key]:
