@@ -723,20 +723,23 @@ def test_tuning_launches_the_timed_winner_and_caches_it(part, tune_cache, monkey
     from gpu_nn.ops import conv as oc
 
     _need_triton()
-    if part == "fwd":  # the problem's own list (_small_conv: split K is offered to its one tile)
-        (x, w, b), yr = _small_conv(np.random.default_rng(0), torch.float32)
+    # the problem's own list (_small_conv makes one output tile: the split candidates are offered)
+    (x, w, b), yr = _small_conv(np.random.default_rng(0), torch.float32)
+    if part == "fwd":
         cands = kt.problem_candidates(x, w, b, torch.empty(yr.shape), 1, "ieee")
         assert cands[:len(kt.fwd_candidates(False))] == kt.fwd_candidates(False)
     else:
-        cands = kt.dgrad_candidates(False)
-    assert 2 <= len(cands) <= 5 and len(set(cands)) == len(cands)
+        cands = kt.dgrad_problem_candidates(torch.empty(yr.shape), w, x, 1, "ieee")
+        assert cands[:len(kt.dgrad_candidates(False))] == kt.dgrad_candidates(False)
+    assert 2 <= len(cands) <= 5 and len(set(cands)) == len(cands) and kt.SPLIT in cands[-1]
     winner = cands[-1]  # not the heuristic's choice: the clock decides
     recs = {p: _Recorder(getattr(kt, f"_conv_{p}_kernel")) for p in ("fwd", "dgrad")}
     for p, rec in recs.items():
         monkeypatch.setattr(kt, f"_conv_{p}_kernel", rec)
     rec = recs[part]
     cfg_of = lambda k: ((k["BLOCK_M"], k["BLOCK_N"], k["BLOCK_K"], k["num_warps"], k["num_stages"])  # noqa: E731
-                        + ((kt.FLAT,) if k.get("FLAT_K") else ()) + ((kt.SPLIT,) if k.get("SPLIT_K") else ()))
+                        + ((kt.FLAT,) if k.get("FLAT_K") else ())
+                        + ((kt.SPLIT,) if k.get("SPLIT_K") or k.get("SPLIT_T") else ()))
     timed = []
 
     def timer(fn):
@@ -833,6 +836,19 @@ def test_every_candidate_matches_reference(half, monkeypatch, rng):
         assert_close(got, want, dtype, 63, f"dgrad {cand}")
 
 
+def _spy_launches(kt, monkeypatch) -> list:
+    """(kernel name, grid) of every launch the conv launchers plan from here on."""
+    launched = []
+    real = kt._launching
+
+    def spy(kernel, grid):
+        launched.append((getattr(kernel, "fn", kernel).__name__, grid))
+        return real(kernel, grid)
+
+    monkeypatch.setattr(kt, "_launching", spy)
+    return launched
+
+
 @pytest.mark.usefixtures("no_tf32")
 @pytest.mark.parametrize("half", [False, True], ids=["fp32", "half"])
 def test_split_k_candidates_match_reference(half, monkeypatch, rng):
@@ -846,14 +862,7 @@ def test_split_k_candidates_match_reference(half, monkeypatch, rng):
 
     _need_triton()
     dtype = torch.float16 if half else torch.float32
-    launched = []
-    real = kt._launching
-
-    def spy(kernel, grid):
-        launched.append((getattr(kernel, "fn", kernel).__name__, grid))
-        return real(kernel, grid)
-
-    monkeypatch.setattr(kt, "_launching", spy)
+    launched = _spy_launches(kt, monkeypatch)
     for layout, c, o, nhwc in (("contig", 5, 7, False), ("channels_last", 16, 32, True)):
         tf32 = nhwc and not half  # float32 gets the NHWC tiles under TF32 only
         monkeypatch.setattr(oc, "_precision", lambda dt, tf32=tf32: "tf32" if tf32 and dt == torch.float32 else "ieee")
@@ -895,14 +904,7 @@ def test_dgrad_split_candidates_match_reference(half, monkeypatch, rng):
 
     _need_triton()
     dtype = torch.float16 if half else torch.float32
-    launched = []
-    real = kt._launching
-
-    def spy(kernel, grid):
-        launched.append((getattr(kernel, "fn", kernel).__name__, grid))
-        return real(kernel, grid)
-
-    monkeypatch.setattr(kt, "_launching", spy)
+    launched = _spy_launches(kt, monkeypatch)
     dev = "cuda" if CUDA else "cpu"
     for layout, c, o, nhwc in (("contig", 5, 7, False), ("channels_last", 16, 32, True)):
         tf32 = nhwc and not half

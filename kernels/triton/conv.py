@@ -240,6 +240,27 @@ def _tap_target(h, w, i, j, Ho, Wo, SH, SW, PH, PW, DH, DW):
 
 
 @triton.jit
+def _fwd_tap(x_row, w_col, oh, ow, m_ok, i, j, H, W, SH, SW, PH, PW, DH, DW, stride_xh, stride_xw, stride_wh,
+             stride_ww):
+    """The forward's tap (i, j): the A rows (input pixels it reads, ``m_ok`` and inside the
+    input) and the B columns (the weights' tap) of the program's tile."""
+    ih, iw, inside = _tap_source(oh, ow, i, j, H, W, SH, SW, PH, PW, DH, DW)
+    return x_row + ih.to(tl.int64) * stride_xh + iw.to(tl.int64) * stride_xw, \
+        w_col + i * stride_wh + j * stride_ww, m_ok & inside
+
+
+@triton.jit
+def _fwd_block(acc, a_row, b_col, pix_ok, o_ok, c0, CG, stride_xc, stride_wc, PREC: tl.constexpr,
+               BLOCK_K: tl.constexpr):
+    """acc + the products of one tap's channel block ``c0 .. c0 + BLOCK_K``."""
+    cc = c0 + tl.arange(0, BLOCK_K)
+    c_ok = cc < CG
+    a = tl.load(a_row[:, None] + cc[None, :].to(tl.int64) * stride_xc, mask=pix_ok[:, None] & c_ok[None, :], other=0.0)
+    b = tl.load(b_col[None, :] + cc[:, None].to(tl.int64) * stride_wc, mask=c_ok[:, None] & o_ok[None, :], other=0.0)
+    return tl.dot(a, b, acc, input_precision=PREC, out_dtype=tl.float32)
+
+
+@triton.jit
 def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
                      N, H, W, Ho, Wo, KW, TAPS, CG, OG,
                      stride_xn, stride_xc, stride_xh, stride_xw,
@@ -288,34 +309,15 @@ def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
             t = kk // KC
             c0 = (kk - t * KC) * BLOCK_K
             i = t // KW
-            j = t - i * KW
-            ih, iw, inside = _tap_source(oh, ow, i, j, H, W, SH, SW, PH, PW, DH, DW)
-            pix_ok = m_ok & inside
-            a_row = x_row + ih.to(tl.int64) * stride_xh + iw.to(tl.int64) * stride_xw
-            b_col = w_col + i * stride_wh + j * stride_ww
-            cc = c0 + tl.arange(0, BLOCK_K)
-            c_ok = cc < CG
-            a = tl.load(a_row[:, None] + cc[None, :].to(tl.int64) * stride_xc,
-                        mask=pix_ok[:, None] & c_ok[None, :], other=0.0)
-            b = tl.load(b_col[None, :] + cc[:, None].to(tl.int64) * stride_wc,
-                        mask=c_ok[:, None] & o_ok[None, :], other=0.0)
-            acc = tl.dot(a, b, acc, input_precision=PREC, out_dtype=tl.float32)
+            a_row, b_col, pix_ok = _fwd_tap(x_row, w_col, oh, ow, m_ok, i, t - i * KW, H, W, SH, SW, PH, PW, DH,
+                                            DW, stride_xh, stride_xw, stride_wh, stride_ww)
+            acc = _fwd_block(acc, a_row, b_col, pix_ok, o_ok, c0, CG, stride_xc, stride_wc, PREC, BLOCK_K)
     else:
         for t in range(0, TAPS):
-            i = t // KW
-            j = t % KW
-            ih, iw, inside = _tap_source(oh, ow, i, j, H, W, SH, SW, PH, PW, DH, DW)
-            pix_ok = m_ok & inside
-            a_row = x_row + ih.to(tl.int64) * stride_xh + iw.to(tl.int64) * stride_xw
-            b_col = w_col + i * stride_wh + j * stride_ww
+            a_row, b_col, pix_ok = _fwd_tap(x_row, w_col, oh, ow, m_ok, t // KW, t % KW, H, W, SH, SW, PH, PW, DH,
+                                            DW, stride_xh, stride_xw, stride_wh, stride_ww)
             for c0 in range(0, CG, BLOCK_K):
-                cc = c0 + tl.arange(0, BLOCK_K)
-                c_ok = cc < CG
-                a = tl.load(a_row[:, None] + cc[None, :].to(tl.int64) * stride_xc,
-                            mask=pix_ok[:, None] & c_ok[None, :], other=0.0)
-                b = tl.load(b_col[None, :] + cc[:, None].to(tl.int64) * stride_wc,
-                            mask=c_ok[:, None] & o_ok[None, :], other=0.0)
-                acc = tl.dot(a, b, acc, input_precision=PREC, out_dtype=tl.float32)
+                acc = _fwd_block(acc, a_row, b_col, pix_ok, o_ok, c0, CG, stride_xc, stride_wc, PREC, BLOCK_K)
     # bias and activation are runtime flags (a uniform branch in the epilogue), not constexprs:
     # eight compiled variants per configuration would buy nothing measurable
     if HAS_BIAS != 0:
