@@ -713,7 +713,7 @@ def _small_conv(rng, dtype, layout="contig", c=5, o=7):
 
 
 @pytest.mark.usefixtures("no_tf32")
-@pytest.mark.parametrize("part", ["fwd", "dgrad"])
+@pytest.mark.parametrize("part", ["fwd", "dgrad", "wgrad"])
 def test_tuning_launches_the_timed_winner_and_caches_it(part, tune_cache, monkeypatch, rng):
     """With a forced chooser and a fake clock, the forward (or the input gradient) times every
     candidate once, launches the fastest, keeps it (memory and disk), and the next call with
@@ -728,12 +728,14 @@ def test_tuning_launches_the_timed_winner_and_caches_it(part, tune_cache, monkey
     if part == "fwd":
         cands = kt.problem_candidates(x, w, b, torch.empty(yr.shape), 1, "ieee")
         assert cands[:len(kt.fwd_candidates(False))] == kt.fwd_candidates(False)
-    else:
+    elif part == "dgrad":
         cands = kt.dgrad_problem_candidates(torch.empty(yr.shape), w, x, 1, "ieee")
         assert cands[:len(kt.dgrad_candidates(False))] == kt.dgrad_candidates(False)
-    assert 2 <= len(cands) <= 5 and len(set(cands)) == len(cands) and kt.SPLIT in cands[-1]
+    else:
+        cands = kt.wgrad_candidates(False)
+    assert 2 <= len(cands) <= 5 and len(set(cands)) == len(cands) and (kt.SPLIT in cands[-1]) is (part != "wgrad")
     winner = cands[-1]  # not the heuristic's choice: the clock decides
-    recs = {p: _Recorder(getattr(kt, f"_conv_{p}_kernel")) for p in ("fwd", "dgrad")}
+    recs = {p: _Recorder(getattr(kt, f"_conv_{p}_kernel")) for p in ("fwd", "dgrad", "wgrad")}
     for p, rec in recs.items():
         monkeypatch.setattr(kt, f"_conv_{p}_kernel", rec)
     rec = recs[part]
@@ -753,28 +755,32 @@ def test_tuning_launches_the_timed_winner_and_caches_it(part, tune_cache, monkey
     monkeypatch.setattr(oc, "_chooser", lambda device: functools.partial(_tuning.choose, device=device, timer=timer, force=True))
     (x, w, b), yr = _small_conv(rng, torch.float32)
     x.requires_grad_(part == "dgrad")
+    w.requires_grad_(part == "wgrad")
     g = randn(rng, *yr.shape, dtype=torch.float32, device=x.device)
-    if part == "dgrad":
+    # the reduction length of each result element (the tolerance's k): the forward sums 9 taps x
+    # 5 channels, dgrad 9 taps x 7 output channels, wgrad the 7 x 5 output pixels
+    kred = {"fwd": 45, "dgrad": 7 * 9 + 35, "wgrad": 35 + 35}[part]
+    if part != "fwd":
         with gpu_nn.backend("reference"):
-            x64 = x.detach().double().requires_grad_()
-            yr64 = F.conv2d(x64, w.double(), b.double(), padding=1, activation="relu")
-            want = torch.autograd.grad(yr64, x64, g.double())[0]
+            x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+            yr64 = F.conv2d(x64, w64, b.double(), padding=1, activation="relu")
+            want = torch.autograd.grad(yr64, x64 if part == "dgrad" else w64, g.double())[0]
 
     def call(x):
         with gpu_nn.backend("triton"):
             y = F.conv2d(x, w, b, padding=1, activation="relu")
-            return y if part == "fwd" else torch.autograd.grad(y, x, g)[0]
+            return y if part == "fwd" else torch.autograd.grad(y, x if part == "dgrad" else w, g)[0]
 
     got = call(x)
     assert sorted(timed) == sorted(cands)
     assert cfg_of(rec.launches[-1]) == winner and len(rec.launches) == len(cands) + 1
     assert winner in [tuple(v) for d in json.loads(tune_cache.read_text()).values() for v in d.values()]
-    assert_close(got, yr if part == "fwd" else want, torch.float32, 45 if part == "fwd" else 7 * 9 + 35, "tuned")
+    assert_close(got, yr if part == "fwd" else want, torch.float32, kred, "tuned")
     timed.clear()
     rec.launches.clear()
     got = call(x)
     assert timed == [] and [cfg_of(k) for k in rec.launches] == [winner]
-    assert_close(got, yr if part == "fwd" else want, torch.float32, 45 if part == "fwd" else 7 * 9 + 35, "cached")
+    assert_close(got, yr if part == "fwd" else want, torch.float32, kred, "cached")
     # another layout is another problem: measured again
     call(_layout(x.detach(), "channels_last").requires_grad_(part == "dgrad"))
     assert sorted(timed) == sorted(cands)
@@ -834,6 +840,19 @@ def test_every_candidate_matches_reference(half, monkeypatch, rng):
         with gpu_nn.backend("triton"):
             got = torch.autograd.grad(F.conv2d(x, w, b, padding=1), x, g64.to(x.device, dtype))[0]
         assert_close(got, want, dtype, 63, f"dgrad {cand}")
+    # ... and the weight gradient's (NCHW and channels_last: the K split differs per tile)
+    for layout in ("contig", "channels_last"):
+        (x, w, b), _ = _small_conv(rng, dtype, layout)
+        with gpu_nn.backend("reference"):
+            w64 = w.detach().double().requires_grad_()
+            want = torch.autograd.grad(F.conv2d(x.double(), w64, b.double(), padding=1), w64, g64)[0]
+        w.requires_grad_()
+        for cand in kt.wgrad_candidates(half):
+            monkeypatch.setattr(oc, "_chooser", lambda device, cand=cand: (
+                lambda op, key, cs, run, default, **_: cand if op == "conv_wgrad" else default))
+            with gpu_nn.backend("triton"):
+                got = torch.autograd.grad(F.conv2d(x, w, b, padding=1), w, g64.to(x.device, dtype))[0]
+            assert_close(got, want, dtype, 35, f"wgrad {cand} {layout}")
 
 
 def _spy_launches(kt, monkeypatch) -> list:
@@ -1401,6 +1420,13 @@ def test_triton_heuristic_tiles():
                 name += "/nhwc"
             for dt in dts:
                 assert f"dgrad {name} {dt}" in labels
+    # ... and every weight-gradient candidate
+    for half, dts in ((False, ("fp32 ieee", "fp32 tf32")), (True, ("fp16 ieee", "bf16 ieee"))):
+        key = "half" if half else "fp32"
+        table = {**kt.GPU_CONFIGS[key], **kt.TUNE_CONFIGS[key]}
+        for cand in kt.wgrad_candidates(half):
+            name = next(k for k, v in table.items() if v == cand)
+            assert all(f"wgrad {name} {dt}" in labels for dt in dts), name
     for kind, names, unit, div16 in (
             ("fwd", {**kt.NHWC_CONFIGS["fp32"], **kt.NHWC_CONFIGS["half"]}, kt.NHWC_UNIT, kt.NHWC_DIV16),
             ("dgrad", {**kt.DGRAD_NHWC_CONFIGS["fp32"], **kt.DGRAD_NHWC_CONFIGS["half"]}, kt.DGRAD_NHWC_UNIT,

@@ -428,7 +428,8 @@ def conv_backward(grad_output: Tensor, input: Tensor, weight: Tensor, output: Op
         gi = input.new_empty(0)
     if mask[1]:
         gw = _alloc(weight.shape, fmt, new)
-        kt.conv_backward_weight(g4, _as4d(input), _as4d(gw), st4, pads4, dl4, groups, prec, ktriton.INTERPRET)
+        kt.conv_backward_weight(g4, _as4d(input), _as4d(gw), st4, pads4, dl4, groups, prec, ktriton.INTERPRET,
+                                choose=_chooser(dev))
     else:
         gw = input.new_empty(0)
     if not mask[2]:

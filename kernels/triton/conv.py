@@ -743,6 +743,22 @@ def _nhwc_copy(t):
     return t if _nhwc_strided(t) else _nhwc_empty(t).copy_(t)
 
 
+# The weight gradient's candidates for a measuring chooser, by tile name (GPU_CONFIGS /
+# TUNE_CONFIGS), the heuristic's own first (pick_config(og, 0): "small" for float32, "medium"
+# for half with more than 32 output channels per group). Larger tiles re-read g and x less; the
+# K split (wgrad_split) follows each tile's count. sm_90 AOT of the kernel in its generic form:
+# float32 128x64x16 at 2 / 3 stages 151-156 registers, half 128x64x32/3st 195, no spills;
+# 128x128 (fp32 x16 / half x32), 64x128x32 and 128x64x64 (half) spill (32-184 B): left out.
+WGRAD_CANDIDATES = {"fp32": ("small", "large", "large3"), "half": ("medium", "small", "large")}
+
+
+def wgrad_candidates(half: bool) -> list[tuple]:
+    """The weight-gradient configurations a measuring chooser times (``WGRAD_CANDIDATES``)."""
+    key = "half" if half else "fp32"
+    table = {**GPU_CONFIGS[key], **TUNE_CONFIGS[key]}
+    return [table[name] for name in WGRAD_CANDIDATES[key]]
+
+
 def wgrad_split(tiles: int, m: int, block_k: int, interpret: bool) -> int:
     """How many programs share the K = N*Ho*Wo reduction of wgrad (float32 partial sums)."""
     if interpret:
@@ -971,8 +987,10 @@ def conv_backward_data(g, w, dx, stride, padding, dilation, groups, prec, interp
     launch(cfg)
 
 
-def conv_backward_weight(g, x, dw, stride, padding, dilation, groups, prec, interpret):
-    """``dw`` [O, C/groups, kh, kw] = sum over batch and output pixels of ``g`` x input patches."""
+def conv_backward_weight(g, x, dw, stride, padding, dilation, groups, prec, interpret, choose=None):
+    """``dw`` [O, C/groups, kh, kw] = sum over batch and output pixels of ``g`` x input patches.
+    ``choose``: as for :func:`conv_forward`, over :func:`wgrad_candidates` (the K split follows
+    each candidate's tile); depthwise convolutions keep their single configuration."""
     n, c, h, wd = x.shape
     o, cg, kh, kw = dw.shape
     _, _, ho, wo = g.shape
@@ -997,22 +1015,35 @@ def conv_backward_weight(g, x, dw, stride, padding, dilation, groups, prec, inte
         )
         _reduce_partials(ws, dw)
         return
-    bm, bn, bk, warps, stages = pick_config(og, 0, x.element_size() == 2, interpret)
-    tiles = cdiv(og, bm) * cdiv(cg, bn) * kh * kw * groups
-    split = wgrad_split(tiles, m, bk, interpret)
-    chunk = cdiv(cdiv(m, split), bk) * bk
-    split = cdiv(m, chunk)
-    ws = _partials(split, (o, cg, kh * kw), dw)
-    grid = (cdiv(og, bm), cdiv(cg, bn) * kh * kw, groups * split)
-    launch_kernel(
-        _conv_wgrad_kernel, grid,
-        g, x, ws,
-        n, h, wd, ho, wo, kw, kh * kw, cg, og, groups, chunk,
-        *g.stride(), *x.stride(),
-        stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
-        PREC=_dot_precision(prec), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
-    )
-    _reduce_partials(ws, dw)
+    half = x.element_size() == 2
+
+    def run(cfg, warm=False):
+        bm, bn, bk, warps, stages = cfg
+        tiles = cdiv(og, bm) * cdiv(cg, bn) * kh * kw * groups
+        split = wgrad_split(tiles, m, bk, interpret)
+        chunk = cdiv(cdiv(m, split), bk) * bk
+        split = cdiv(m, chunk)
+        ws = _partials(split, (o, cg, kh * kw), dw)
+        grid = (cdiv(og, bm), cdiv(cg, bn) * kh * kw, groups * split)
+        kernel = _compiling(_conv_wgrad_kernel, grid) if warm else _launching(_conv_wgrad_kernel, grid)
+        kernel(
+            g, x, ws,
+            n, h, wd, ho, wo, kw, kh * kw, cg, og, groups, chunk,
+            *g.stride(), *x.stride(),
+            stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
+            PREC=_dot_precision(prec), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+        )
+        if not warm:
+            _reduce_partials(ws, dw)
+
+    cfg = pick_config(og, 0, half, interpret)
+    if choose is not None:
+        # every run rewrites dw in full (its partials summed into it, or written directly)
+        key = (tuple(g.shape), tuple(g.stride()), tuple(x.shape), tuple(x.stride()), tuple(dw.shape),
+               tuple(dw.stride()), str(x.dtype), tuple(stride), tuple(padding), tuple(dilation), groups, prec)
+        cfg = tuple(choose("conv_wgrad", key, wgrad_candidates(half), run, cfg,
+                           prepare=lambda cs: _compile_all(cs, interpret, lambda c, _nhwc: run(c, warm=True))))
+    run(cfg)
 
 
 def _direct(dw) -> bool:
@@ -1109,11 +1140,13 @@ def aot_specs():
     variants = [("fp32", "ieee"), ("fp32", "tf32"), ("fp16", "ieee"), ("bf16", "ieee")]
     for dt, prec in variants:
         for cname, (bm, bn, bk, warps, stages) in GPU_CONFIGS["fp32" if dt == "fp32" else "half"].items():
-            blocks = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
             specs.append(_fwd_spec(dt, prec, cname, (bm, bn, bk, warps, stages)))
             specs.append(_dgrad_spec(dt, prec, cname, DGRAD_CONFIGS["fp32" if dt == "fp32" else "half"][cname]))
-            if cname == "large":
-                continue  # wgrad parallelises by splitting its reduction: pick_config(og, 0) never picks it
+        key = "fp32" if dt == "fp32" else "half"
+        # the weight gradient: every candidate (pick_config(og, 0)'s "small" / "medium" among them)
+        for cname in WGRAD_CANDIDATES[key]:
+            bm, bn, bk, warps, stages = {**GPU_CONFIGS[key], **TUNE_CONFIGS[key]}[cname]
+            blocks = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
             sig = {"g_ptr": f"*{dt}", "x_ptr": f"*{dt}", "ws_ptr": "*fp32"}
             sig.update({k: "i32" for k in _INTS_WGRAD})
             sig.update({k: "constexpr" for k in ("PREC", *blocks)})
