@@ -340,27 +340,28 @@ LAUNCHES_INTERP = {
     "cross_entropy weight+ignore+smoothing": (_CE, {}),
     "cross_entropy prob+weight": (_CE, {}),
     # the cells: forward = the input projection + one step; backward = one step + dh, dx, dW_ih,
-    # dW_hh (matmuls) + the two bias sums; nothing else (float32, contiguous states, the LSTM's
+    # dW_hh (matmuls) + the bias sums (one launch for both where the gate gradients are one:
+    # Elman and LSTM; two for the GRU); nothing else (float32, contiguous states, the LSTM's
     # c' unused: no zero gradient made for it)
     "rnn_tanh_cell": ({"_rnn_matmul_kernel": 5, "_rnn_step_fwd_kernel": 1, "_rnn_step_bwd_kernel": 1,
-                       "_rnn_colsum_kernel": 2}, {}),
+                       "_rnn_colsum_kernel": 1}, {}),
     "gru_cell": ({"_rnn_matmul_kernel": 5, "_rnn_step_fwd_kernel": 1, "_rnn_step_bwd_kernel": 1,
                   "_rnn_colsum_kernel": 2}, {}),
     "lstm_cell": ({"_rnn_matmul_kernel": 5, "_rnn_step_fwd_kernel": 1, "_rnn_step_bwd_kernel": 1,
-                   "_rnn_colsum_kernel": 2}, {}),
+                   "_rnn_colsum_kernel": 1}, {}),
     # the sequences: the unused h_n (and c_n) get one zero gradient each; the reserve none; the
     # states in and out of the reserve one multi-tensor copy each way (all layers and
     # directions), the backward's carries (and the LSTM's dc) one copy each; the full lengths
     # made once (the first call), not per call
     "gru": ({"_rnn_matmul_kernel": 4, "_rnn_step_fwd_kernel": 3, "_rnn_step_bwd_kernel": 4, "_rnn_colsum_kernel": 2},
             {"aten::_foreach_copy_": 2, "aten::copy_": 1, "aten::new_zeros": 1}),
-    "lstm": ({"_rnn_matmul_kernel": 4, "_rnn_step_fwd_kernel": 3, "_rnn_step_bwd_kernel": 4, "_rnn_colsum_kernel": 2},
+    "lstm": ({"_rnn_matmul_kernel": 4, "_rnn_step_fwd_kernel": 3, "_rnn_step_bwd_kernel": 4, "_rnn_colsum_kernel": 1},
              {"aten::_foreach_copy_": 2, "aten::copy_": 2, "aten::new_zeros": 2}),
     # bidirectional: both directions of a step in one launch (the pair kernels), T = 3 of them
     # forward and T + 1 backward (the last forms both directions' dh0); per direction the input
-    # projection, dW_ih, dW_hh and dx (4 x 2 matmuls) and the two bias sums
+    # projection, dW_ih, dW_hh and dx (4 x 2 matmuls) and its bias sums (one launch for both)
     "lstm bidirectional": ({"_rnn_matmul_kernel": 8, "_rnn_step2_fwd_kernel": 3, "_rnn_step2_bwd_kernel": 4,
-                            "_rnn_colsum_kernel": 4},
+                            "_rnn_colsum_kernel": 2},
                            {"aten::_foreach_copy_": 2, "aten::copy_": 2, "aten::new_zeros": 2}),
 }
 # The same fwd+bwd on a GPU, as GPU events (torch.profiler, CUDA activity; kernel_counts.by_kind):

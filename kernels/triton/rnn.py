@@ -128,8 +128,10 @@ def _rnn_matmul_kernel(a_ptr, b_ptr, c_ptr, bias1_ptr, bias2_ptr, scale_ptr, M, 
 
 
 @triton.jit
-def _rnn_colsum_kernel(x_ptr, y_ptr, M, N, stride_xm, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """y[N] = sum over rows of x[M, N] (float32 accumulation)."""
+def _rnn_colsum_kernel(x_ptr, y_ptr, y2_ptr, M, N, stride_xm, HAS_Y2: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr):
+    """y[N] = sum over rows of x[M, N] (float32 accumulation); with HAS_Y2 the same sums also
+    into y2 (the two bias gradients of the Elman / LSTM layers, whose gate gradients are one)."""
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mn = rn < N
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -138,6 +140,8 @@ def _rnn_colsum_kernel(x_ptr, y_ptr, M, N, stride_xm, BLOCK_M: tl.constexpr, BLO
         x = tl.load(x_ptr + rm[:, None] * stride_xm + rn[None, :], mask=(rm < M)[:, None] & mn[None, :], other=0.0)
         acc += tl.sum(x.to(tl.float32), axis=0)
     tl.store(y_ptr + rn, acc.to(y_ptr.dtype.element_ty), mask=mn)
+    if HAS_Y2:
+        tl.store(y2_ptr + rn, acc.to(y2_ptr.dtype.element_ty), mask=mn)
 
 
 @triton.jit
@@ -742,12 +746,15 @@ def matmul(a, b, c, *, bias1=None, bias2=None, scale=None, acc=False, dot=0):
     )
 
 
-def colsum(x, y):
-    """y[N] = x[M, N].sum(0); ``x`` with unit column stride."""
+def colsum(x, y, y2=None):
+    """y[N] = x[M, N].sum(0), and y2 the same when given (one launch); ``x`` with unit column
+    stride, ``y2`` of y's dtype."""
     M, N = x.shape
     if N == 0:
         return
-    launch_kernel(_rnn_colsum_kernel, (cdiv(N, 64),), x, y, M, N, x.stride(0), BLOCK_M=32, BLOCK_N=64, num_warps=4)
+    assert y2 is None or y2.dtype == y.dtype
+    launch_kernel(_rnn_colsum_kernel, (cdiv(N, 64),), x, y, y2 if y2 is not None else y, M, N, x.stride(0),
+                  HAS_Y2=y2 is not None, BLOCK_M=32, BLOCK_N=64, num_warps=4)
 
 
 _NO_LENGTHS: dict = {}  # device -> int64 [1]
@@ -1212,9 +1219,13 @@ def aot_specs():
     for dt in ("fp32", "fp16", "bf16"):
         for a, b, c, d in matmul_operands(dt):
             specs.append(_matmul_spec(a, b, c, d, matmul_blocks(1, 1, d)))
-        specs.append(AotSpec(_rnn_colsum_kernel, {"x_ptr": "*fp32", "y_ptr": f"*{dt}", "M": "i32", "N": "i32",
-                                                  "stride_xm": "i32", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"},
-                             {"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, label=f"colsum {dt}"))
+        for two in (False, True):
+            specs.append(AotSpec(_rnn_colsum_kernel, {"x_ptr": "*fp32", "y_ptr": f"*{dt}", "y2_ptr": f"*{dt}",
+                                                      "M": "i32", "N": "i32", "stride_xm": "i32",
+                                                      "HAS_Y2": "constexpr", "BLOCK_M": "constexpr",
+                                                      "BLOCK_N": "constexpr"},
+                                 {"HAS_Y2": two, "BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4,
+                                 label=f"colsum {dt}{' x2' if two else ''}"))
         for dot in step_dots(dt):
             specs += _step_specs(dt, dot)
             specs += _proj_specs(dt, dot)
