@@ -340,20 +340,20 @@ LAUNCHES_INTERP = {
     "cross_entropy weight+ignore+smoothing": (_CE, {}),
     "cross_entropy prob+weight": (_CE, {}),
     # the cells: forward = the input projection + one step; backward = one step + dh, dx, dW_ih,
-    # dW_hh (matmuls) + the bias sums (one launch for both where the gate gradients are one:
-    # Elman and LSTM; two for the GRU); nothing else (float32, contiguous states, the LSTM's
+    # dW_hh (matmuls) + one launch for both bias sums (Elman and LSTM: one gate gradient; the
+    # GRU's two summed in the same pass); nothing else (float32, contiguous states, the LSTM's
     # c' unused: no zero gradient made for it)
     "rnn_tanh_cell": ({"_rnn_matmul_kernel": 5, "_rnn_step_fwd_kernel": 1, "_rnn_step_bwd_kernel": 1,
                        "_rnn_colsum_kernel": 1}, {}),
     "gru_cell": ({"_rnn_matmul_kernel": 5, "_rnn_step_fwd_kernel": 1, "_rnn_step_bwd_kernel": 1,
-                  "_rnn_colsum_kernel": 2}, {}),
+                  "_rnn_colsum_kernel": 1}, {}),
     "lstm_cell": ({"_rnn_matmul_kernel": 5, "_rnn_step_fwd_kernel": 1, "_rnn_step_bwd_kernel": 1,
                    "_rnn_colsum_kernel": 1}, {}),
     # the sequences: the unused h_n (and c_n) get one zero gradient each; the reserve none; the
     # states in and out of the reserve one multi-tensor copy each way (all layers and
     # directions), the backward's carries (and the LSTM's dc) one copy each; the full lengths
     # made once (the first call), not per call
-    "gru": ({"_rnn_matmul_kernel": 4, "_rnn_step_fwd_kernel": 3, "_rnn_step_bwd_kernel": 4, "_rnn_colsum_kernel": 2},
+    "gru": ({"_rnn_matmul_kernel": 4, "_rnn_step_fwd_kernel": 3, "_rnn_step_bwd_kernel": 4, "_rnn_colsum_kernel": 1},
             {"aten::_foreach_copy_": 2, "aten::copy_": 1, "aten::new_zeros": 1}),
     "lstm": ({"_rnn_matmul_kernel": 4, "_rnn_step_fwd_kernel": 3, "_rnn_step_bwd_kernel": 4, "_rnn_colsum_kernel": 1},
              {"aten::_foreach_copy_": 2, "aten::copy_": 2, "aten::new_zeros": 2}),

@@ -621,11 +621,8 @@ def _gpu_backward(K, mode, gout, ghn, gcn, input, weights, reserve, num_layers, 
             if b_ih is not None:
                 db_ih = empty(b_ih.shape, dtype=b_ih.dtype, device=dev)
                 db_hh = empty(b_hh.shape, dtype=b_hh.dtype, device=dev)
-                if dGhs is dGis:  # Elman / LSTM: one gate gradient, one sum for both bias gradients
-                    K.colsum(gi, db_ih, db_hh)
-                else:
-                    K.colsum(gi, db_ih)
-                    K.colsum(gh, db_hh)
+                # one launch for both (Elman / LSTM: one gate gradient; the GRU's two in one pass)
+                K.colsum(gi, db_ih, db_hh, None if dGhs is dGis else gh)
                 grads += [db_ih, db_hh]
             K.matmul(gi, w_ih, dxin.view(T * B, in_w), scale=None if mk is None else mk.reshape(T * B, in_w),
                      acc=d == 1, dot=_dot_code(w_ih.dtype, tf32=tf32))
@@ -720,11 +717,11 @@ class _CupyImpl:
         c.copy_(r)
 
     @staticmethod
-    def colsum(x, y, y2=None):
+    def colsum(x, y, y2=None, x2=None):
         s = x.sum(0)
         y.copy_(s)
         if y2 is not None:
-            y2.copy_(s)
+            y2.copy_(s if x2 is None else x2.sum(0))
 
     @staticmethod
     def _module(mode, device):
@@ -1263,11 +1260,9 @@ def _gpu_cell_backward(K, mode, grad_h, grad_c, input, hx, cx, w_ih, w_hh, b_ih,
     if b_ih is not None:
         db_ih = empty(b_ih.shape, dtype=b_ih.dtype, device=dev)
         db_hh = empty(b_hh.shape, dtype=b_hh.dtype, device=dev)
-        if dGh is dGi:  # Elman / LSTM: one gate gradient, so b_ih's and b_hh's gradients are one sum
-            K.colsum(dGi, db_ih, db_hh)
-        else:
-            K.colsum(dGi, db_ih)
-            K.colsum(dGh, db_hh)
+        # one launch: Elman / LSTM have one gate gradient (b_ih's and b_hh's gradients are one
+        # sum), the GRU two (summed in the same pass)
+        K.colsum(dGi, db_ih, db_hh, None if dGh is dGi else dGh)
     else:  # empty placeholders, each its own tensor (outputs never alias), none a launch
         db_ih, db_hh = input.new_empty(0), input.new_empty(0)
     dc = (dc32 if f32_io else dc32.to(dt)) if lstm else input.new_empty(0)

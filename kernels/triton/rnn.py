@@ -128,20 +128,28 @@ def _rnn_matmul_kernel(a_ptr, b_ptr, c_ptr, bias1_ptr, bias2_ptr, scale_ptr, M, 
 
 
 @triton.jit
-def _rnn_colsum_kernel(x_ptr, y_ptr, y2_ptr, M, N, stride_xm, HAS_Y2: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr):
-    """y[N] = sum over rows of x[M, N] (float32 accumulation); with HAS_Y2 the same sums also
-    into y2 (the two bias gradients of the Elman / LSTM layers, whose gate gradients are one)."""
+def _rnn_colsum_kernel(x_ptr, x2_ptr, y_ptr, y2_ptr, M, N, stride_xm, stride_x2m, Y2: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """y[N] = sum over rows of x[M, N] (float32 accumulation). ``Y2``: 0 nothing more; 1 the same
+    sums into y2 too (the two bias gradients of the Elman / LSTM layers, whose gate gradients are
+    one); 2 y2 = the column sums of x2 [M, N] (the GRU's two gate gradients), in the same pass."""
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mn = rn < N
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for m0 in range(0, M, BLOCK_M):
         rm = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
-        x = tl.load(x_ptr + rm[:, None] * stride_xm + rn[None, :], mask=(rm < M)[:, None] & mn[None, :], other=0.0)
+        mask = (rm < M)[:, None] & mn[None, :]
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + rn[None, :], mask=mask, other=0.0)
         acc += tl.sum(x.to(tl.float32), axis=0)
+        if Y2 == 2:
+            x2 = tl.load(x2_ptr + rm[:, None] * stride_x2m + rn[None, :], mask=mask, other=0.0)
+            acc2 += tl.sum(x2.to(tl.float32), axis=0)
     tl.store(y_ptr + rn, acc.to(y_ptr.dtype.element_ty), mask=mn)
-    if HAS_Y2:
+    if Y2 == 1:
         tl.store(y2_ptr + rn, acc.to(y2_ptr.dtype.element_ty), mask=mn)
+    if Y2 == 2:
+        tl.store(y2_ptr + rn, acc2.to(y2_ptr.dtype.element_ty), mask=mn)
 
 
 @triton.jit
@@ -746,15 +754,18 @@ def matmul(a, b, c, *, bias1=None, bias2=None, scale=None, acc=False, dot=0):
     )
 
 
-def colsum(x, y, y2=None):
-    """y[N] = x[M, N].sum(0), and y2 the same when given (one launch); ``x`` with unit column
-    stride, ``y2`` of y's dtype."""
+def colsum(x, y, y2=None, x2=None):
+    """y[N] = x[M, N].sum(0) and, in the same launch, y2 = x2.sum(0) (x2 given), or y2 = y
+    (y2 given, x2 not); ``x`` / ``x2`` float32 with unit column stride, ``y2`` of y's dtype."""
     M, N = x.shape
     if N == 0:
         return
     assert y2 is None or y2.dtype == y.dtype
-    launch_kernel(_rnn_colsum_kernel, (cdiv(N, 64),), x, y, y2 if y2 is not None else y, M, N, x.stride(0),
-                  HAS_Y2=y2 is not None, BLOCK_M=32, BLOCK_N=64, num_warps=4)
+    assert x2 is None or (y2 is not None and x2.shape == x.shape)
+    mode = 0 if y2 is None else (1 if x2 is None else 2)
+    launch_kernel(_rnn_colsum_kernel, (cdiv(N, 64),), x, x2 if x2 is not None else x, y,
+                  y2 if y2 is not None else y, M, N, x.stride(0), x2.stride(0) if x2 is not None else 0,
+                  Y2=mode, BLOCK_M=32, BLOCK_N=64, num_warps=4)
 
 
 _NO_LENGTHS: dict = {}  # device -> int64 [1]
@@ -1219,13 +1230,13 @@ def aot_specs():
     for dt in ("fp32", "fp16", "bf16"):
         for a, b, c, d in matmul_operands(dt):
             specs.append(_matmul_spec(a, b, c, d, matmul_blocks(1, 1, d)))
-        for two in (False, True):
-            specs.append(AotSpec(_rnn_colsum_kernel, {"x_ptr": "*fp32", "y_ptr": f"*{dt}", "y2_ptr": f"*{dt}",
-                                                      "M": "i32", "N": "i32", "stride_xm": "i32",
-                                                      "HAS_Y2": "constexpr", "BLOCK_M": "constexpr",
-                                                      "BLOCK_N": "constexpr"},
-                                 {"HAS_Y2": two, "BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4,
-                                 label=f"colsum {dt}{' x2' if two else ''}"))
+        for y2 in (0, 1, 2):
+            specs.append(AotSpec(_rnn_colsum_kernel, {"x_ptr": "*fp32", "x2_ptr": "*fp32", "y_ptr": f"*{dt}",
+                                                      "y2_ptr": f"*{dt}", "M": "i32", "N": "i32", "stride_xm": "i32",
+                                                      "stride_x2m": "i32", "Y2": "constexpr",
+                                                      "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"},
+                                 {"Y2": y2, "BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4,
+                                 label=f"colsum {dt} y2 {y2}"))
         for dot in step_dots(dt):
             specs += _step_specs(dt, dot)
             specs += _proj_specs(dt, dot)
