@@ -75,6 +75,18 @@ KNOWN_SPILLS = {
     # registers and keeps one value in the stack frame (1 STL / 1 LDL; the one-direction kernel
     # takes 72 registers and none)
     ("_rnn_step2_bwd_kernel", "pair step bwd rnn_relu fp32 dot3 dout fp32 len i64 next1 final0 16x16x32 w4 s3"): 8,
+    # the two-direction recurrent matmul (_rnn_matmul2_kernel: a bidirectional layer's products in
+    # one launch), the one-direction kernel's 128x128 tile: its generic form spills as that one's
+    # does (above); launched only for products of fewer than a wave of tiles (MATMUL_PAIR_MAX_TILES)
+    ("_rnn_matmul2_kernel", "pair matmul fp32xfp32->fp32 dot3 128x128x32 w8"): 136,
+    ("_rnn_matmul2_kernel", "pair matmul fp16xfp16->fp32 dot1 128x128x32 w8"): 64,
+    ("_rnn_matmul2_kernel", "pair matmul fp32xfp16->fp32 dot1 128x128x32 w8"): 64,
+    ("_rnn_matmul2_kernel", "pair matmul fp32xfp16->fp16 dot1 128x128x32 w8"): 104,
+    ("_rnn_matmul2_kernel", "pair matmul fp32xfp32->fp16 dot3 128x128x32 w8"): 120,
+    ("_rnn_matmul2_kernel", "pair matmul bf16xbf16->fp32 dot2 128x128x32 w8"): 64,
+    ("_rnn_matmul2_kernel", "pair matmul fp32xbf16->fp32 dot2 128x128x32 w8"): 64,
+    ("_rnn_matmul2_kernel", "pair matmul fp32xbf16->bf16 dot2 128x128x32 w8"): 104,
+    ("_rnn_matmul2_kernel", "pair matmul fp32xfp32->bf16 dot3 128x128x32 w8"): 120,
     # the two-direction persistent forward, TF32 LSTM: 128 registers, one value reloaded per step
     # (the one-direction kernel, above, spills 16 B at 168)
     ("_rnn_persist2_fwd_kernel", "pair persist fwd lstm fp32 dot3 out fp32 bhh0 w4 s1"): 8,

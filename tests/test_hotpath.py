@@ -358,10 +358,11 @@ LAUNCHES_INTERP = {
     "lstm": ({"_rnn_matmul_kernel": 4, "_rnn_step_fwd_kernel": 3, "_rnn_step_bwd_kernel": 4, "_rnn_colsum_kernel": 1},
              {"aten::_foreach_copy_": 2, "aten::copy_": 2, "aten::new_zeros": 2}),
     # bidirectional: both directions of a step in one launch (the pair kernels), T = 3 of them
-    # forward and T + 1 backward (the last forms both directions' dh0); per direction the input
-    # projection, dW_ih, dW_hh and dx (4 x 2 matmuls) and its bias sums (one launch for both)
-    "lstm bidirectional": ({"_rnn_matmul_kernel": 8, "_rnn_step2_fwd_kernel": 3, "_rnn_step2_bwd_kernel": 4,
-                            "_rnn_colsum_kernel": 2},
+    # forward and T + 1 backward (the last forms both directions' dh0); the two directions' input
+    # projections, dW_ih and dW_hh in one launch each (_rnn_matmul2_kernel), dx per direction (the
+    # second accumulates into the first's), and each direction's bias sums (one launch for both)
+    "lstm bidirectional": ({"_rnn_matmul_kernel": 2, "_rnn_matmul2_kernel": 3, "_rnn_step2_fwd_kernel": 3,
+                            "_rnn_step2_bwd_kernel": 4, "_rnn_colsum_kernel": 2},
                            {"aten::_foreach_copy_": 2, "aten::copy_": 2, "aten::new_zeros": 2}),
 }
 # The same fwd+bwd on a GPU, as GPU events (torch.profiler, CUDA activity; kernel_counts.by_kind):

@@ -1625,6 +1625,44 @@ def test_pair_loops_equal_two_one_direction_loops(mode, has_bhh, masked):
             assert a[k] is None or _same(a[k], b[k]), k
 
 
+def test_matmul_pair_equals_two_matmuls():
+    """matmul_pair (two products of one shape in one launch: a bidirectional layer's input
+    projections, dW_ih, dW_hh) writes what two matmul calls write, biases included, odd sizes and
+    transposed operands; pair_matmul_ok refuses operands that differ in shape, strides, dtype or
+    in which biases they have."""
+    from gpu_nn.kernels.triton import rnn as kt
+
+    dev = _kernels_here()
+    g = torch.Generator().manual_seed(3)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(dev)
+
+    for bias in (False, True):
+        x = rnd(37, 13)
+        ws = [rnd(23, 13) for _ in range(2)]
+        bs = [(rnd(23), rnd(23)) if bias else (None, None) for _ in range(2)]
+        one = [torch.full((37, 23), 7.0, device=dev) for _ in range(2)]
+        two = [torch.full((37, 23), 7.0, device=dev) for _ in range(2)]
+        for d in range(2):
+            kt.matmul(x, ws[d].t(), one[d], bias1=bs[d][0], bias2=bs[d][1], dot=0)
+        kt.matmul_pair(*[(x, ws[d].t(), two[d], *bs[d]) for d in range(2)], dot=0)
+        for a, b in zip(one, two):
+            assert _same(a, b)
+    a = (x, ws[0].t(), one[0], None, None)
+    assert kt.pair_matmul_ok(a, (x, ws[1].t(), one[1], None, None))
+    assert not kt.pair_matmul_ok(a, (x, ws[1].t().contiguous(), one[1], None, None))  # other strides
+    assert not kt.pair_matmul_ok(a, (x[:, :12], ws[1].t()[:12], one[1], None, None))  # other shapes
+    assert not kt.pair_matmul_ok(a, (x, ws[1].t(), one[1], rnd(23), None))  # a bias on one side only
+    assert not kt.pair_matmul_ok(a, (x.double(), ws[1].t(), one[1], None, None))  # another dtype
+    # a product that fills a wave of tiles by itself keeps its own launch
+    big = [(torch.empty(128 * 12, 8), torch.empty(8, 128 * 11), torch.empty(128 * 12, 128 * 11), None, None)
+           for _ in range(2)]
+    bm, bn = kt.matmul_blocks(128 * 12, 128 * 11, 3, kt._INTERPRET)[:2]
+    assert kt.pair_matmul_ok(*big, 3) is ((128 * 12 // bm) * (128 * 11 // bn) < kt.MATMUL_PAIR_MAX_TILES)
+    assert not kt.pair_matmul_ok(*big, 3) or kt._INTERPRET
+
+
 @pytest.mark.parametrize("mode,has_bhh", [("rnn_tanh", False), ("lstm", False), ("gru", True), ("gru", False)])
 @pytest.mark.parametrize("masked", [False, True])
 def test_persist_pair_equals_two_one_direction_launches(mode, has_bhh, masked):

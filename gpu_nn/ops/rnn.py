@@ -473,14 +473,25 @@ def _gpu_forward(K, mode, input, hx, cx, weights, num_layers, bidirectional, has
         mk = masks[l] if (masks is not None and l < L - 1) else None
         in_w = xin.shape[-1]
         pair = []  # both directions' step loops in one launch per step (triton, per-step path)
+        XGs = [v[("gates", l, d)] if mode in ("lstm", "gru") else empty((T, B, H), dtype=torch.float32, device=dev)
+               for d in range(D)]
+        # the input projection of every step: (x, W_ih^T, XG, b_ih, b_hh) per direction, the two
+        # directions in one launch where they can share it (triton)
+        projs = [(xin.reshape(T * B, in_w), ws[l * D + d][0].t(), XGs[d].view(T * B, XGs[d].shape[-1])[:, :GH],
+                  ws[l * D + d][2], ws[l * D + d][3] if mode != "gru" else None) for d in range(D)]
+        pdot = _dot_code(xin.dtype, ws[l * D][0].dtype, tf32=tf32)
+        paired = D == 2 and hasattr(K, "matmul_pair") and K.pair_matmul_ok(*projs, pdot)
+        if paired:
+            K.matmul_pair(*projs, dot=pdot)
         for d in range(D):
             k = l * D + d
             w_ih, w_hh, b_ih, b_hh, w_hr = ws[k]
             Hs = v[("h", l, d)]
             Cs = v.get(("c", l, d))
-            XG = v[("gates", l, d)] if mode in ("lstm", "gru") else empty((T, B, H), dtype=torch.float32, device=dev)
-            K.matmul(xin.reshape(T * B, in_w), w_ih.t(), XG.view(T * B, XG.shape[-1])[:, :GH], bias1=b_ih,
-                     bias2=b_hh if mode != "gru" else None, dot=_dot_code(xin.dtype, w_ih.dtype, tf32=tf32))
+            XG = XGs[d]
+            if not paired:
+                a, b, c, bias1, bias2 = projs[d]
+                K.matmul(a, b, c, bias1=bias1, bias2=bias2, dot=pdot)
             dcode = _dot_code(w_hh.dtype, tf32=tf32)
             if persist:
                 args = (XG, Hs, Cs, w_hh, b_hh if mode == "gru" else None, dest[:, :, d * H:(d + 1) * H],
@@ -565,11 +576,25 @@ def _gpu_backward(K, mode, gout, ghn, gcn, input, weights, reserve, num_layers, 
         in_w = xin.shape[-1]
         dxin = empty((T, B, in_w), dtype=f32, device=dev)
         mk = masks[l - 1] if (masks is not None and l > 0) else None
+        dws_pair = None
         if pairs[l]:
             K.steps_backward_pair(mode, *[
                 (ws[k][1], carries[k], None if dcx is None else dcx[k], dout[:, :, d * H:(d + 1) * H],
                  v.get(("gates", l, d)), v[("h", l, d)], v.get(("c", l, d)), dGis[d], dGhs[d], dhx[k])
                 for d, k in ((0, l * D), (1, l * D + 1))], lens, _dot_code(ws[l * D][1].dtype, tf32=tf32))
+            # dW_ih and dW_hh of both directions, each pair in one launch where the two can share it
+            dws_pair = [(empty(ws[l * D + d][0].shape, dtype=ws[l * D + d][0].dtype, device=dev),
+                         empty(ws[l * D + d][1].shape, dtype=ws[l * D + d][1].dtype, device=dev)) for d in range(D)]
+            x2 = xin.reshape(T * B, in_w)
+            hps = [(v[("h", l, d)][1:] if d == 1 else v[("h", l, d)][:T]).reshape(T * B, W) for d in range(D)]
+            ih = [(dGis[d].view(T * B, GH).t(), x2, dws_pair[d][0], None, None) for d in range(D)]
+            hh = [(dGhs[d].view(T * B, GH).t(), hps[d], dws_pair[d][1], None, None) for d in range(D)]
+            ih_dot, hh_dot = _dot_code(x2.dtype, tf32=tf32), _dot_code(hps[0].dtype, tf32=tf32)
+            if K.pair_matmul_ok(*ih, ih_dot) and K.pair_matmul_ok(*hh, hh_dot):
+                K.matmul_pair(*ih, dot=ih_dot)
+                K.matmul_pair(*hh, dot=hh_dot)
+            else:
+                dws_pair = None
         for d in range(D):
             k = l * D + d
             w_ih, w_hh, b_ih, b_hh, w_hr = ws[k]
@@ -613,10 +638,13 @@ def _gpu_backward(K, mode, gout, ghn, gcn, input, weights, reserve, num_layers, 
             gi, gh = dGi.view(T * B, GH), dGh.view(T * B, GH)
             hprev = (Hs[1:] if d == 1 else Hs[:T]).reshape(T * B, W)
             x2 = xin.reshape(T * B, in_w)
-            dw_ih = empty(w_ih.shape, dtype=w_ih.dtype, device=dev)
-            dw_hh = empty(w_hh.shape, dtype=w_hh.dtype, device=dev)
-            K.matmul(gi.t(), x2, dw_ih, dot=_dot_code(x2.dtype, tf32=tf32))
-            K.matmul(gh.t(), hprev, dw_hh, dot=_dot_code(hprev.dtype, tf32=tf32))
+            if dws_pair is not None:
+                dw_ih, dw_hh = dws_pair[d]  # made above, both directions in one launch each
+            else:
+                dw_ih = empty(w_ih.shape, dtype=w_ih.dtype, device=dev)
+                dw_hh = empty(w_hh.shape, dtype=w_hh.dtype, device=dev)
+                K.matmul(gi.t(), x2, dw_ih, dot=_dot_code(x2.dtype, tf32=tf32))
+                K.matmul(gh.t(), hprev, dw_hh, dot=_dot_code(hprev.dtype, tf32=tf32))
             grads = [dw_ih, dw_hh]
             if b_ih is not None:
                 db_ih = empty(b_ih.shape, dtype=b_ih.dtype, device=dev)

@@ -102,7 +102,36 @@ def _rnn_matmul_kernel(a_ptr, b_ptr, c_ptr, bias1_ptr, bias2_ptr, scale_ptr, M, 
     uniform branch per tile, once); the bias / scale pointers have the type of B (the caller
     passes B where one is absent; never read then).
     """
-    pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    _matmul_tile(tl.program_id(0), a_ptr, b_ptr, c_ptr, bias1_ptr, bias2_ptr, scale_ptr, M, N, K, stride_am, stride_ak,
+                 stride_bk, stride_bn, stride_cm, stride_cn, stride_sm, stride_sn, has_bias1, has_bias2, has_scale,
+                 accumulate, DOT_DT, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+
+
+@triton.jit
+def _rnn_matmul2_kernel(a_ptr, a1_ptr, b_ptr, b1_ptr, c_ptr, c1_ptr, bias1_ptr, bias11_ptr, bias2_ptr, bias21_ptr,
+                        scale_ptr, scale1_ptr, M, N, K,
+                        stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, stride_sm, stride_sn,
+                        has_bias1, has_bias2, has_scale, accumulate, DOT_DT: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """Two products of one shape in one launch, the two directions of a bidirectional layer
+    (their input projections, dW_ih, dW_hh): grid axis 1 picks the operands (0: the ``*_ptr``
+    ones, 1: the ``*1_ptr`` ones), each program then runs ``_rnn_matmul_kernel``'s tile. Shared:
+    sizes, strides and epilogue flags. The two outputs must not overlap."""
+    two = tl.program_id(1) == 1
+    _matmul_tile(tl.program_id(0), tl.where(two, a1_ptr, a_ptr), tl.where(two, b1_ptr, b_ptr),
+                 tl.where(two, c1_ptr, c_ptr), tl.where(two, bias11_ptr, bias1_ptr), tl.where(two, bias21_ptr, bias2_ptr),
+                 tl.where(two, scale1_ptr, scale_ptr), M, N, K, stride_am, stride_ak, stride_bk, stride_bn, stride_cm,
+                 stride_cn, stride_sm, stride_sn, has_bias1, has_bias2, has_scale, accumulate, DOT_DT, BLOCK_M,
+                 BLOCK_N, BLOCK_K, GROUP_M)
+
+
+@triton.jit
+def _matmul_tile(pid, a_ptr, b_ptr, c_ptr, bias1_ptr, bias2_ptr, scale_ptr, M, N, K,
+                 stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, stride_sm, stride_sn,
+                 has_bias1, has_bias2, has_scale, accumulate, DOT_DT: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """The body of ``_rnn_matmul_kernel`` for program ``pid``."""
+    pid_m, pid_n = _grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     mm = rm < M
@@ -754,6 +783,54 @@ def matmul(a, b, c, *, bias1=None, bias2=None, scale=None, acc=False, dot=0):
     )
 
 
+def matmul_pair(first, second, *, acc=False, dot=0):
+    """Two products of one shape in one launch (``_rnn_matmul2_kernel``): ``first`` / ``second``
+    are ``(a, b, c, bias1, bias2)`` as :func:`matmul` takes them (no scale), the two with the
+    same shapes and strides, few tiles (``pair_matmul_ok``) and outputs that do not overlap."""
+    a, b, c, bias1, bias2 = first
+    a1, b1, c1, bias11, bias21 = second
+    M, K = a.shape
+    N = b.shape[1]
+    if M == 0 or N == 0:
+        return
+    assert pair_matmul_ok(first, second, dot)
+    bm, bn, bk, warps = matmul_blocks(M, N, dot, _INTERPRET)
+    grid = (cdiv(M, bm) * cdiv(N, bn), 2)
+    launch_kernel(_rnn_matmul2_kernel, grid,
+        a, a1, b, b1, c, c1, bias1 if bias1 is not None else b, bias11 if bias11 is not None else b1,
+        bias2 if bias2 is not None else b, bias21 if bias21 is not None else b1, b, b1, M, N, K,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1), 0, 0,
+        int(bias1 is not None), int(bias2 is not None), 0, int(acc),
+        DOT_DT=dot, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=MATMUL_GROUP_M, num_warps=warps,
+        num_stages=MATMUL_STAGES,
+    )
+
+
+# A product pairs (matmul_pair) only while one of them makes fewer tiles than a wave of the
+# H200's 132 SMs: there one launch of both fills the GPU better than two under-filled ones and
+# saves a launch (the demo's and the weight gradients' small products). Larger products keep a
+# launch each: the 128x128 tile sits at the register limit (sm_90 AOT: the pair form spills
+# 64-488 bytes per thread in the generic specialisation, the one-direction form 200-296; both
+# in tests/test_compile.py's ledger), so a product that fills the GPU alone gains nothing.
+MATMUL_PAIR_MAX_TILES = 132
+
+
+def pair_matmul_ok(first, second, dot: int = 0) -> bool:
+    """Whether two ``(a, b, c, bias1, bias2)`` products can share a :func:`matmul_pair` launch:
+    the same shapes, strides and dtypes operand by operand, biases present in both or neither
+    (of B's dtype, unit stride), and fewer than MATMUL_PAIR_MAX_TILES tiles each with the tile
+    of ``dot``."""
+    for x, y in zip(first, second):
+        if (x is None) != (y is None):
+            return False
+        if x is not None and (x.shape != y.shape or x.stride() != y.stride() or x.dtype != y.dtype):
+            return False
+    M, N = first[0].shape[0], first[1].shape[1]
+    bm, bn = matmul_blocks(M, N, dot, _INTERPRET)[:2]
+    return cdiv(M, bm) * cdiv(N, bn) < MATMUL_PAIR_MAX_TILES and all(
+        t is None or t.dtype == first[1].dtype for t in first[3:])
+
+
 def colsum(x, y, y2=None, x2=None):
     """y[N] = x[M, N].sum(0) and, in the same launch, y2 = x2.sum(0) (x2 given), or y2 = y
     (y2 given, x2 not); ``x`` / ``x2`` float32 with unit column stride, ``y2`` of y's dtype."""
@@ -1230,6 +1307,7 @@ def aot_specs():
     for dt in ("fp32", "fp16", "bf16"):
         for a, b, c, d in matmul_operands(dt):
             specs.append(_matmul_spec(a, b, c, d, matmul_blocks(1, 1, d)))
+            specs.append(_pair_spec(_rnn_matmul2_kernel, specs[-1]))
         for y2 in (0, 1, 2):
             specs.append(AotSpec(_rnn_colsum_kernel, {"x_ptr": "*fp32", "x2_ptr": "*fp32", "y_ptr": f"*{dt}",
                                                       "y2_ptr": f"*{dt}", "M": "i32", "N": "i32", "stride_xm": "i32",
@@ -1283,6 +1361,9 @@ def _pair_spec(kernel, single: AotSpec) -> AotSpec:
     constexprs and launch options are the single kernel's, less those the pair fixes (PROJ)."""
     sig = {}
     for name in inspect.signature(kernel.fn).parameters:
+        if name in single.signature:  # the first direction's own (bias1_ptr too)
+            sig[name] = single.signature[name]
+            continue
         base = name[:-5] + "_ptr" if name.endswith("1_ptr") else ("t" if name == "t1" else name)
         sig[name] = single.signature.get(base, "i32")
     cons = {k: v for k, v in single.constexprs.items() if k in sig}
