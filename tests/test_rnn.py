@@ -3,8 +3,6 @@ input gradient and every parameter gradient), finite differences of the referenc
 opcheck on every op, state_dict interchange, dropout, bad input, and every backend against the
 reference."""
 
-import os
-
 import numpy as np
 import pytest
 import torch
@@ -1545,12 +1543,12 @@ def _same(a, b):
 
 
 def _kernels_here():
-    """The device the Triton kernels run on here: CUDA, else the CPU under the interpreter."""
-    if torch.cuda.is_available():
-        return "cuda"
-    if not os.environ.get("TRITON_INTERPRET"):
-        pytest.skip("no GPU and no Triton interpreter: the kernels cannot run here")
-    return "cpu"
+    """The device the Triton kernels run on here: CUDA, else the CPU under the interpreter; a
+    skip saying why where the triton backend cannot run at all (gpu_nn._backend.status)."""
+    ok, why = gpu_nn._backend.status("triton")
+    if not ok:
+        pytest.skip(f"triton backend unavailable here: {why}")
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.mark.parametrize("mode,has_bhh", [("rnn_tanh", False), ("rnn_relu", False), ("lstm", False), ("gru", True),

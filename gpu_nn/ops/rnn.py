@@ -472,7 +472,17 @@ def _gpu_forward(K, mode, input, hx, cx, weights, num_layers, bidirectional, has
         dest = v[("x", l + 1)] if l < L - 1 else out
         mk = masks[l] if (masks is not None and l < L - 1) else None
         in_w = xin.shape[-1]
-        pair = []  # both directions' step loops in one launch per step (triton, per-step path)
+        # both directions' time loops in one launch (triton: per step, or one persistent launch)
+        # where their weights share dtype and strides: (launcher, its arguments after the two
+        # directions'), called once both are collected
+        pair_loop = None
+        if D == 2 and hasattr(K, "pair_ok") and K.pair_ok(ws[l * D][1], ws[l * D + 1][1]):
+            pdc = _dot_code(ws[l * D][1].dtype, tf32=tf32)
+            if persist and persist_pair:
+                pair_loop = (K.persist_forward_pair, (lens, pdc, persist_pair))
+            elif not persist and not P and steps_forward is not None:
+                pair_loop = (K.steps_forward_pair, (lens, pdc))
+        pair = []
         XGs = [v[("gates", l, d)] if mode in ("lstm", "gru") else empty((T, B, H), dtype=torch.float32, device=dev)
                for d in range(D)]
         # the input projection of every step: (x, W_ih^T, XG, b_ih, b_hh) per direction, the two
@@ -493,15 +503,15 @@ def _gpu_forward(K, mode, input, hx, cx, weights, num_layers, bidirectional, has
                 a, b, c, bias1, bias2 = projs[d]
                 K.matmul(a, b, c, bias1=bias1, bias2=bias2, dot=pdot)
             dcode = _dot_code(w_hh.dtype, tf32=tf32)
-            if persist:
-                args = (XG, Hs, Cs, w_hh, b_hh if mode == "gru" else None, dest[:, :, d * H:(d + 1) * H],
-                        None if mk is None else mk[:, :, d * H:(d + 1) * H])
-                if persist_pair and K.pair_ok(ws[l * D][1], ws[l * D + 1][1]):
-                    pair.append(args)
-                    if d == 1:
-                        K.persist_forward_pair(mode, *pair, lens, dcode, persist_pair)
-                else:
-                    K.persist_forward(mode, *args, lens, d == 1, dcode, persist)
+            # (XG, Hs, Cs, w_hh, b_hh, out, mask): what a whole-sequence loop of this direction takes
+            loop = (XG, Hs, Cs, w_hh, b_hh if mode == "gru" else None, dest[:, :, d * H:(d + 1) * H],
+                    None if mk is None else mk[:, :, d * H:(d + 1) * H])
+            if pair_loop is not None:
+                pair.append(loop)
+                if d == 1:
+                    pair_loop[0](mode, *pair, *pair_loop[1])
+            elif persist:
+                K.persist_forward(mode, *loop, lens, d == 1, dcode, persist)
             elif P:
                 Ms = v[("m", l, d)]
                 for t, p, n in ref._steps(T, d == 1):
@@ -511,14 +521,7 @@ def _gpu_forward(K, mode, input, hx, cx, weights, num_layers, bidirectional, has
                                    None if mk is None else mk[t, :, d * P:(d + 1) * P], lens, t,
                                    _dot_code(w_hr.dtype, tf32=tf32))
             elif steps_forward is not None:
-                args = (XG, Hs, Cs, w_hh, b_hh if mode == "gru" else None, dest[:, :, d * H:(d + 1) * H],
-                        None if mk is None else mk[:, :, d * H:(d + 1) * H])
-                if D == 2 and K.pair_ok(ws[l * D][1], ws[l * D + 1][1]):
-                    pair.append(args)
-                    if d == 1:
-                        K.steps_forward_pair(mode, *pair, lens, dcode)
-                else:
-                    steps_forward(mode, *args, lens, d == 1, dcode)
+                steps_forward(mode, *loop, lens, d == 1, dcode)
             else:
                 for t, p, n in ref._steps(T, d == 1):
                     K.step_forward(mode, XG[t], Hs[p], Hs[n], None if Cs is None else Cs[p],

@@ -16,10 +16,10 @@ The im2col matrix never exists in memory: each program gathers its A tile straig
 input with masked loads (zero padding = ``other=0``). The K loop runs taps outside, channels
 inside (or, in the forward's ``FLAT_K`` candidates, as one loop over both, so that Triton's
 software pipeline spans taps; its ``SPLIT_K`` form splits that loop over float32 partial
-sums for deep layers whose output tiles do not fill the GPU), so in channels_last (unit channel stride) the A and B tiles are read along contiguous
-channels: with channel counts that are multiples of 16 Triton compiles 128-bit cp.async copies
-(``NHWC_CONFIGS``). NCHW tensors are read in place as well (no transpose pass), along the pixel
-axis, with per-element gathers; where a measuring chooser runs (a GPU), NCHW problems in half
+sums for deep layers whose output tiles do not fill the GPU), so in channels_last (unit
+channel stride) the A and B tiles are read along contiguous channels: with channel counts that
+are multiples of 16 Triton compiles 128-bit cp.async copies (``NHWC_CONFIGS``). NCHW tensors
+are read in place as well (no transpose pass), along the pixel axis, with per-element gathers; where a measuring chooser runs (a GPU), NCHW problems in half
 precision or TF32 with channel counts in multiples of 16 also get "via channels_last"
 candidates (``VIA_CL``: NHWC copies in, the NHWC specialisation, an NHWC temporary copied out),
 taken only where they time faster. Inputs are float32 / float16 / bfloat16,
@@ -793,6 +793,21 @@ def _launching(kernel, grid):
     return lambda *args, **kw: launch_kernel(kernel, grid, *args, **kw)
 
 
+def _launcher(kernel, grid, warm: bool):
+    """:func:`_compiling` when ``warm`` (a tuning's prepare: compile only), else :func:`_launching`."""
+    return _compiling(kernel, grid) if warm else _launching(kernel, grid)
+
+
+def _splitk_finish(ws, bias, out, act: str | None, warm: bool) -> None:
+    """The split launches' finish (``_conv_splitk_reduce_kernel``): ``out`` [N, C, H, W] (any
+    strides) = act(sum over the splits of the float32 workspace ``ws`` [S, N*H*W, C] + bias)."""
+    nsplit, m, c = ws.shape
+    rbm, rbn, rwarps = REDUCE_BLOCKS
+    _launcher(_conv_splitk_reduce_kernel, (cdiv(m, rbm), cdiv(c, rbn)), warm)(
+        ws, bias if bias is not None else out, out, m, c, out.shape[2], out.shape[3], nsplit, *out.stride(),
+        int(bias is not None), ACT_CODES[act], BLOCK_M=rbm, BLOCK_N=rbn, num_warps=rwarps)
+
+
 def _nhwc_like(*ts):
     """Unwritten NHWC stand-ins for the via-channels_last variant's copies (same strides,
     alignment and dtypes, so the same specialisation compiles), or the tensors themselves where
@@ -869,45 +884,28 @@ def conv_forward(x, w, bias, y, stride, padding, dilation, groups, activation, p
 
     def direct(cfg, x, w, y, warm=False):
         bm, bn, bk, warps, stages = cfg[:5]
-        if SPLIT in cfg[5:]:
-            splitk(cfg, x, w, y, warm)
-            return
-        grid = (cdiv(n * ho * wo, bm), cdiv(og, bn), groups)
-        kernel = _compiling(_conv_fwd_kernel, grid) if warm else _launching(_conv_fwd_kernel, grid)
-        kernel(
-            x, w, bias if bias is not None else y, y,
-            n, h, wd, ho, wo, kw, kh * kw, cg, og,
-            *x.stride(), *w.stride(), *y.stride(),
-            stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
-            int(bias is not None), ACT_CODES[activation], PREC=_dot_precision(prec),
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, FLAT_K=FLAT in cfg[5:], num_warps=warps, num_stages=stages,
-        )
-
-    def splitk(cfg, x, w, y, warm):
-        """Split-K (one group): the partial products into a float32 workspace [S, M, O] (read
-        by the kernel as an NHWC output, unit channel stride), then the reduce + bias +
-        activation pass into y."""
-        bm, bn, bk, warps, stages = cfg[:5]
+        split = SPLIT in cfg[5:]
         m = n * ho * wo
-        tiles = cdiv(m, bm) * cdiv(og, bn)
-        nsplit = split_count(tiles, kh * kw * cdiv(cg, bk))
-        ws = torch.empty((nsplit, m, og), dtype=torch.float32, device=y.device)
+        if split:
+            # split K (one group): the partial products, no bias or activation, into a float32
+            # workspace [S, N*Ho*Wo, O] (an NHWC output to the kernel), then summed into y with them
+            nsplit = split_count(cdiv(m, bm) * cdiv(og, bn), kh * kw * cdiv(cg, bk))
+            out = torch.empty((nsplit, m, og), dtype=torch.float32, device=y.device)
+            out_strides, b, epilogue = (ho * wo * og, 1, wo * og, og), out, (0, 0)
+        else:
+            nsplit, out, out_strides = groups, y, y.stride()
+            b, epilogue = bias if bias is not None else y, (int(bias is not None), ACT_CODES[activation])
         grid = (cdiv(m, bm), cdiv(og, bn), nsplit)
-        kernel = _compiling(_conv_fwd_kernel, grid) if warm else _launching(_conv_fwd_kernel, grid)
-        kernel(
-            x, w, ws, ws,
+        _launcher(_conv_fwd_kernel, grid, warm)(
+            x, w, b, out,
             n, h, wd, ho, wo, kw, kh * kw, cg, og,
-            *x.stride(), *w.stride(), ho * wo * og, 1, wo * og, og,
+            *x.stride(), *w.stride(), *out_strides,
             stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
-            0, 0, PREC=_dot_precision(prec),
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, FLAT_K=True, SPLIT_K=True, num_warps=warps, num_stages=stages,
+            *epilogue, PREC=_dot_precision(prec), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+            FLAT_K=FLAT in cfg[5:], SPLIT_K=split, num_warps=warps, num_stages=stages,
         )
-        rbm, rbn, rwarps = REDUCE_BLOCKS
-        rgrid = (cdiv(m, rbm), cdiv(og, rbn))
-        reduce = _compiling(_conv_splitk_reduce_kernel, rgrid) if warm else _launching(_conv_splitk_reduce_kernel,
-                                                                                         rgrid)
-        reduce(ws, bias if bias is not None else y, y, m, og, ho, wo, nsplit, *y.stride(),
-               int(bias is not None), ACT_CODES[activation], BLOCK_M=rbm, BLOCK_N=rbn, num_warps=rwarps)
+        if split:
+            _splitk_finish(out, bias, y, activation, warm)
 
     def launch(cfg):
         _launch_variant(direct, cfg, x, w, y)
@@ -958,7 +956,7 @@ def conv_backward_data(g, w, dx, stride, padding, dilation, groups, prec, interp
         out = torch.empty((nsplit, m, cg), dtype=torch.float32, device=dx.device) if split else dx
         strides = (h * wd * cg, 1, wd * cg, cg) if split else dx.stride()
         grid = (cdiv(m, bm), cdiv(cg, bn), nsplit)
-        kernel = _compiling(_conv_dgrad_kernel, grid) if warm else _launching(_conv_dgrad_kernel, grid)
+        kernel = _launcher(_conv_dgrad_kernel, grid, warm)
         kernel(
             g, w, out,
             n, h, wd, ho, wo, kw, kh * kw, cg, og,
@@ -968,12 +966,7 @@ def conv_backward_data(g, w, dx, stride, padding, dilation, groups, prec, interp
             num_stages=stages,
         )
         if split:
-            rbm, rbn, rwarps = REDUCE_BLOCKS
-            rgrid = (cdiv(m, rbm), cdiv(cg, rbn))
-            reduce = _compiling(_conv_splitk_reduce_kernel, rgrid) if warm else _launching(
-                _conv_splitk_reduce_kernel, rgrid)
-            reduce(out, dx, dx, m, cg, h, wd, nsplit, *dx.stride(), 0, 0, BLOCK_M=rbm, BLOCK_N=rbn,
-                   num_warps=rwarps)
+            _splitk_finish(out, None, dx, None, warm)
 
     def launch(cfg):
         _launch_variant(direct, cfg, g, w, dx)
@@ -1025,7 +1018,7 @@ def conv_backward_weight(g, x, dw, stride, padding, dilation, groups, prec, inte
         split = cdiv(m, chunk)
         ws = _partials(split, (o, cg, kh * kw), dw)
         grid = (cdiv(og, bm), cdiv(cg, bn) * kh * kw, groups * split)
-        kernel = _compiling(_conv_wgrad_kernel, grid) if warm else _launching(_conv_wgrad_kernel, grid)
+        kernel = _launcher(_conv_wgrad_kernel, grid, warm)
         kernel(
             g, x, ws,
             n, h, wd, ho, wo, kw, kh * kw, cg, og, groups, chunk,
@@ -1139,23 +1132,22 @@ def aot_specs():
     specs = []
     variants = [("fp32", "ieee"), ("fp32", "tf32"), ("fp16", "ieee"), ("bf16", "ieee")]
     for dt, prec in variants:
-        for cname, (bm, bn, bk, warps, stages) in GPU_CONFIGS["fp32" if dt == "fp32" else "half"].items():
-            specs.append(_fwd_spec(dt, prec, cname, (bm, bn, bk, warps, stages)))
-            specs.append(_dgrad_spec(dt, prec, cname, DGRAD_CONFIGS["fp32" if dt == "fp32" else "half"][cname]))
         key = "fp32" if dt == "fp32" else "half"
+        tiles = {**GPU_CONFIGS[key], **TUNE_CONFIGS[key], **NHWC_CONFIGS[key]}
+        for cname, cfg in GPU_CONFIGS[key].items():
+            specs.append(_fwd_spec(dt, prec, cname, cfg))
+            specs.append(_dgrad_spec(dt, prec, cname, DGRAD_CONFIGS[key][cname]))
         # the weight gradient: every candidate (pick_config(og, 0)'s "small" / "medium" among them)
         for cname in WGRAD_CANDIDATES[key]:
-            bm, bn, bk, warps, stages = {**GPU_CONFIGS[key], **TUNE_CONFIGS[key]}[cname]
+            bm, bn, bk, warps, stages = tiles[cname]
             blocks = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
             sig = {"g_ptr": f"*{dt}", "x_ptr": f"*{dt}", "ws_ptr": "*fp32"}
             sig.update({k: "i32" for k in _INTS_WGRAD})
             sig.update({k: "constexpr" for k in ("PREC", *blocks)})
             specs.append(AotSpec(_conv_wgrad_kernel, sig, {"PREC": prec, **blocks}, num_warps=warps,
                                  num_stages=stages, label=f"wgrad {cname} {dt} {prec}"))
-        key = "fp32" if dt == "fp32" else "half"
         for cname, cfg in TUNE_CONFIGS[key].items():
             specs.append(_fwd_spec(dt, prec, cname, cfg))
-        tiles = {**GPU_CONFIGS[key], **TUNE_CONFIGS[key], **NHWC_CONFIGS[key]}
         for cname in FWD_FLAT[(key, False)]:
             specs.append(_fwd_spec(dt, prec, cname, tiles[cname], flat=True))
         for cname in FWD_SPLIT[(key, False)]:

@@ -783,7 +783,7 @@ def matmul(a, b, c, *, bias1=None, bias2=None, scale=None, acc=False, dot=0):
     )
 
 
-def matmul_pair(first, second, *, acc=False, dot=0):
+def matmul_pair(first, second, *, dot=0):
     """Two products of one shape in one launch (``_rnn_matmul2_kernel``): ``first`` / ``second``
     are ``(a, b, c, bias1, bias2)`` as :func:`matmul` takes them (no scale), the two with the
     same shapes and strides, few tiles (``pair_matmul_ok``) and outputs that do not overlap."""
@@ -800,7 +800,7 @@ def matmul_pair(first, second, *, acc=False, dot=0):
         a, a1, b, b1, c, c1, bias1 if bias1 is not None else b, bias11 if bias11 is not None else b1,
         bias2 if bias2 is not None else b, bias21 if bias21 is not None else b1, b, b1, M, N, K,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1), 0, 0,
-        int(bias1 is not None), int(bias2 is not None), 0, int(acc),
+        int(bias1 is not None), int(bias2 is not None), 0, 0,
         DOT_DT=dot, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=MATMUL_GROUP_M, num_warps=warps,
         num_stages=MATMUL_STAGES,
     )
@@ -809,17 +809,17 @@ def matmul_pair(first, second, *, acc=False, dot=0):
 # A product pairs (matmul_pair) only while one of them makes fewer tiles than a wave of the
 # H200's 132 SMs: there one launch of both fills the GPU better than two under-filled ones and
 # saves a launch (the demo's and the weight gradients' small products). Larger products keep a
-# launch each: the 128x128 tile sits at the register limit (sm_90 AOT: the pair form spills
-# 64-488 bytes per thread in the generic specialisation, the one-direction form 200-296; both
-# in tests/test_compile.py's ledger), so a product that fills the GPU alone gains nothing.
+# launch each: the 128x128 tile sits at the register limit (sm_90 AOT, generic specialisation:
+# the pair form spills 64-136 bytes per thread, the one-direction form 200-296, both in
+# tests/test_compile.py's ledger; with the input projection's unit strides as constants, 312-488
+# against 320-368), so a product that fills the GPU alone gains nothing.
 MATMUL_PAIR_MAX_TILES = 132
 
 
 def pair_matmul_ok(first, second, dot: int = 0) -> bool:
     """Whether two ``(a, b, c, bias1, bias2)`` products can share a :func:`matmul_pair` launch:
     the same shapes, strides and dtypes operand by operand, biases present in both or neither
-    (of B's dtype, unit stride), and fewer than MATMUL_PAIR_MAX_TILES tiles each with the tile
-    of ``dot``."""
+    (of B's dtype), and fewer than MATMUL_PAIR_MAX_TILES tiles each with the tile of ``dot``."""
     for x, y in zip(first, second):
         if (x is None) != (y is None):
             return False
@@ -1332,9 +1332,7 @@ def _step_specs(dt, dot):
                 specs.append(_pair_spec(_rnn_persist2_fwd_kernel, specs[-1]))
                 for cfg in step_configs(mode, dot, False):
                     specs.append(step_fwd_spec(mode, dt, out_dt, has_bhh, False, dot, cfg))
-                for cfg in step_configs(mode, dot, False):
-                    specs.append(_pair_spec(_rnn_step2_fwd_kernel, step_fwd_spec(mode, dt, out_dt, has_bhh, False, dot,
-                                                                                 cfg)))
+                    specs.append(_pair_spec(_rnn_step2_fwd_kernel, specs[-1]))
         for dout_dt in sorted({dt, "fp32"}):
             for has_next, final in ((False, False), (True, False), (True, True)):
                 if final and dout_dt != "fp32":
@@ -1355,10 +1353,12 @@ def _step_specs(dt, dot):
 
 
 def _pair_spec(kernel, single: AotSpec) -> AotSpec:
-    """The AotSpec of a pair kernel (``_rnn_step2_fwd_kernel`` / ``_rnn_step2_bwd_kernel``) for the
-    launch whose one-direction form is ``single``: each ``x1_ptr`` of the reverse direction has the
-    type of ``x_ptr``, ``t1`` that of ``t``, an argument of the pair's own (``has_dc``) is i32; the
-    constexprs and launch options are the single kernel's, less those the pair fixes (PROJ)."""
+    """The AotSpec of a two-direction kernel (``_rnn_step2_fwd_kernel``, ``_rnn_step2_bwd_kernel``,
+    ``_rnn_persist2_fwd_kernel``, ``_rnn_matmul2_kernel``) for the launch whose one-direction form
+    is ``single``: an argument the single kernel has keeps its type, each other ``x1_ptr`` (the
+    second direction's) takes the type of ``x_ptr``, ``t1`` that of ``t``, an argument of the
+    pair's own (``has_dc``) is i32; the constexprs and launch options are the single kernel's,
+    less those the pair fixes (PROJ)."""
     sig = {}
     for name in inspect.signature(kernel.fn).parameters:
         if name in single.signature:  # the first direction's own (bias1_ptr too)
