@@ -71,10 +71,6 @@ KNOWN_SPILLS = {
     ("_rnn_persist_fwd_kernel", "persist fwd lstm fp16 dot1 out fp32 bhh0 w4 s1"): 16,
     ("_rnn_persist_fwd_kernel", "persist fwd lstm bf16 dot2 out bf16 bhh0 w4 s1"): 16,
     ("_rnn_persist_fwd_kernel", "persist fwd lstm bf16 dot2 out fp32 bhh0 w4 s1"): 16,
-    # the bidirectional pair's backward step (both directions in one launch): ptxas caps it at 64
-    # registers and keeps one value in the stack frame (1 STL / 1 LDL; the one-direction kernel
-    # takes 72 registers and none)
-    ("_rnn_step2_bwd_kernel", "pair step bwd rnn_relu fp32 dot3 dout fp32 len i64 next1 final0 16x16x32 w4 s3"): 8,
     # the two-direction recurrent matmul (_rnn_matmul2_kernel: a bidirectional layer's products in
     # one launch), the one-direction kernel's 128x128 tile: its generic form spills as that one's
     # does (above); launched only for products of fewer than a wave of tiles (MATMUL_PAIR_MAX_TILES)

@@ -753,6 +753,10 @@ BACKEND_GRID = [
     (5, 3, 4, 5, 1, False, None, False),
     (3, 3, 6, 19, 2, True, (3, 1, 2), True),
     (4, 2, 3, 17, 2, False, (2, 4), False),
+    # a packed batch in sorted order over two batch tiles of 16: the second tile's sequences end
+    # early and every sequence ends before T, so both directions' forward and backward steps run
+    # with whole tiles finished (the recurrent product skipped) next to tiles still running
+    (5, 19, 3, 7, 1, True, (4, 4, 4, 3, 3, 3, 3, 3, 2, 2, 2, 2, 2, 2, 2, 2, 2, 1, 1), False),
 ]
 
 
@@ -1621,6 +1625,72 @@ def test_pair_loops_equal_two_one_direction_loops(mode, has_bhh, masked):
     for a, b in zip(one, two):
         for k in ("carry", "dc", "dGi", "dGh", "dh0"):
             assert a[k] is None or _same(a[k], b[k]), k
+
+
+def _finished_tile_case(mode, backward):
+    """Two batch tiles of the step kernels: the first's sequences run step ``t``, the second's
+    have ended (a packed batch's padding, sorted order) -- before ``t - 1`` for the backward,
+    whose skip needs the neighbouring step's gate gradients zero too. W_hh is all NaN, so
+    whichever tile reads it is poisoned: only the first may."""
+    from gpu_nn.kernels.triton import rnn as kt
+
+    dev = _kernels_here()
+    g = torch.Generator().manual_seed(11)
+    H, t = 5, 3
+    bb = kt.step_blocks(18, H, mode, 0, backward=backward)[0]
+    B = bb + 3
+    lens = torch.tensor([4] * bb + [2, 1, 2], dtype=torch.int64, device=dev)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(dev)
+
+    w_hh = torch.full((ref.GATES[mode] * H, H), float("nan"), device=dev)
+    return kt, dev, rnd, B, bb, H, t, lens, w_hh
+
+
+@pytest.mark.parametrize("mode", ["lstm", "gru"])
+def test_finished_tile_skips_recurrent_product_forward(mode):
+    """A forward step leaves a tile whose sequences have all ended as it was (state carried,
+    output zero) without reading W_hh: its stored gates are the activated input projections
+    alone, finite although W_hh is NaN. (The Elman cells store no gates: the backward test
+    below covers their skip.)"""
+    kt, dev, rnd, B, bb, H, t, lens, w_hh = _finished_tile_case(mode, False)
+    S = ref.STORED[mode] * H
+    xg, hp, cp = rnd(B, S), rnd(B, H), rnd(B, H)
+    hn, cn, out = torch.zeros(B, H, device=dev), torch.zeros(B, H, device=dev), rnd(B, H)
+    kt.step_forward(mode, xg, hp, hn, cp if mode == "lstm" else None, cn if mode == "lstm" else None, w_hh,
+                    rnd(ref.GATES[mode] * H) if mode == "gru" else None, out, None, lens, t, 0)
+    done = slice(bb, B)
+    assert torch.isnan(xg[:bb]).any()  # the running tile did read W_hh
+    assert torch.isfinite(xg[done]).all()
+    assert torch.equal(hn[done], hp[done]) and torch.equal(out[done], torch.zeros_like(out[done]))
+    if mode == "lstm":
+        assert torch.equal(cn[done], cp[done])
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_finished_tile_skips_recurrent_product_backward(mode):
+    """A backward step passes a finished tile's state gradient through unchanged without
+    reading W_hh (its rows of the previous step's gate gradients are zero: nothing to add),
+    finite although W_hh is NaN; its gate gradients are zero."""
+    kt, dev, rnd, B, bb, H, t, lens, w_hh = _finished_tile_case(mode, True)
+    GH = ref.GATES[mode] * H
+    S = ref.STORED[mode] * H
+    lstm = mode == "lstm"
+    dg_next = rnd(B, GH)
+    dg_next[bb:] = 0.0
+    carry, dc = rnd(B, H), (rnd(B, H) if lstm else None)
+    carry0, dc0 = carry.clone(), (dc.clone() if lstm else None)
+    dgi = torch.full((B, GH), 7.0, device=dev)
+    dgh = dgi if mode != "gru" else torch.full((B, GH), 7.0, device=dev)
+    kt.step_backward(mode, dg_next, w_hh, carry, dc, rnd(B, H), rnd(B, S) if S else None, rnd(B, H), rnd(B, H),
+                     rnd(B, H), rnd(B, H), dgi, dgh, None, lens, t, 0)
+    done = slice(bb, B)
+    assert torch.isnan(dgi[:bb]).any()  # the running tile did read W_hh
+    assert torch.equal(carry[done], carry0[done])
+    assert torch.equal(dgi[done], torch.zeros_like(dgi[done])) and torch.equal(dgh[done], torch.zeros_like(dgh[done]))
+    if lstm:
+        assert torch.equal(dc[done], dc0[done])
 
 
 def test_matmul_pair_equals_two_matmuls():

@@ -104,9 +104,11 @@ extern "C" __global__ void __launch_bounds__(GN_SEQ_KS * 32, 2)
             int j = (task % nj) * GN_SEQ_JB + lane, n0 = (task / nj) * GN_SEQ_NR;
             int nr = B - n0 < GN_SEQ_NR ? B - n0 : GN_SEQ_NR;
             float acc[GN_SEQ_NR][4] = {};
-            // every lane stages (j may be past H in the last unit tile; its columns are not read)
-            gn_seq_dot_staged<GN_ROUND>(hs + p * BH + (gn_index)n0 * H, H, nr, wt, (gn_index)G * H, j < H ? j : 0, H, G,
-                                        k0, k1, vs[warp], acc, lane, 32);
+            // every lane stages (j may be past H in the last unit tile; its columns are not read);
+            // a task whose rows have all ended skips the dot (the same test in every thread)
+            if (gn_rows_live(a.len, n0, nr, t))
+                gn_seq_dot_staged<GN_ROUND>(hs + p * BH + (gn_index)n0 * H, H, nr, wt, (gn_index)G * H, j < H ? j : 0, H,
+                                            G, k0, k1, vs[warp], acc, lane, 32);
 #pragma unroll
             for (int r = 0; r < GN_SEQ_NR; ++r)
 #pragma unroll
@@ -141,7 +143,7 @@ extern "C" __global__ void __launch_bounds__(GN_SEQ_KS * 32, 2)
             int j = (task % nj) * GN_SEQ_JB + lane, n0 = (task / nj) * GN_SEQ_NR;
             int nr = B - n0 < GN_SEQ_NR ? B - n0 : GN_SEQ_NR;
             float acc[GN_SEQ_NR][4] = {};
-            if (s > 0)
+            if (s > 0 && gn_rows_live(a.len, n0, nr, tn))  // rows whose step tn ran (the others' dG are 0)
                 gn_seq_dot_staged<GN_ROUND>(dgh + tn * sdg_t + n0 * sdg_n, sdg_n, nr, w, H, j < H ? j : 0, 0, 1, k0, k1,
                                             vs[warp], acc, lane, 32);
 #pragma unroll

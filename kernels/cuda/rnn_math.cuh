@@ -403,14 +403,27 @@ GN_HD void gn_seq_bwd_cell(const GnSeqBwd& a, int mode, int t, int n, int j, flo
     if (mode == 2) a.dc[idx] = dcn;
 }
 
+// Whether any of the rows [n0, n0 + nr) runs step t (t < len). A task whose rows have all ended
+// (a packed batch's padding: in the sorted order a packed batch runs in, the last rows) skips its
+// recurrent dot: the forward cell would discard it (the state is carried, the output zero), and in
+// the backward it would add nothing (called with the step processed before, whose gate gradients
+// are zero in a row that has ended).
+GN_HD bool gn_rows_live(const long long* len, int n0, int nr, gn_index t) {
+    for (int r = 0; r < nr; ++r)
+        if (t < len[n0 + r]) return true;
+    return false;
+}
+
 // The whole work of one thread-unit of a step, as the kernel composes it (slice dots summed in
-// slice order, then the cell): the host runs it over every (t, n, j) in step order.
+// slice order, then the cell; the dot skipped where the kernel's task skips it, here per row):
+// the host runs it over every (t, n, j) in step order.
 template <int ROUND>
 GN_HD void gn_seq_fwd_unit(const GnSeqFwd& a, int mode, int t, int n, int j) {
     int G = gn_gates(mode);
     gn_index p = a.reverse ? t + 1 : t;
     float hh[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     for (int s = 0; s < GN_SEQ_KS; ++s) {
+        if (!gn_rows_live(a.len, n, 1, t)) break;
         int k0, k1;
         gn_seq_slice(a.H, s, &k0, &k1);
         float acc[GN_SEQ_NR][4] = {};
@@ -427,8 +440,8 @@ template <int ROUND>
 GN_HD void gn_seq_bwd_unit(const GnSeqBwd& a, int mode, int t, int n, int j, int first) {
     int GH = gn_gates(mode) * a.H;
     float dd = 0.0f;
-    if (!first) {
-        gn_index tn = a.reverse ? t - 1 : t + 1;
+    gn_index tn = a.reverse ? t - 1 : t + 1;
+    if (!first && gn_rows_live(a.len, n, 1, tn)) {
         for (int s = 0; s < GN_SEQ_KS; ++s) {
             int k0, k1;
             gn_seq_slice(GH, s, &k0, &k1);

@@ -32,6 +32,13 @@ except in the persistent kernel:
   ``_rnn_persist2_fwd_kernel`` does both directions of a bidirectional layer in one such launch
   (the hidden tiles of both dealt to the programs, one barrier per step for both).
 
+Variable lengths (``len [B]``; full lengths when none were given): a step beyond a sequence's
+length keeps its state, writes a zero output and zero gate gradients. A step tile whose batch
+rows have all ended (a packed batch's padding: the nn modules run a packed batch in its sorted
+order, longest first, so the short sequences end in the last batch tiles) skips the recurrent
+product, forward and backward, so a packed batch's per-step work follows the sequences still
+running, not the longest one; the persistent kernel (one batch tile) keeps the full product.
+
 Layouts: everything row-major with explicit row strides; states and gates in float32 (the
 reserve); weights and the user's input / output in float32, float16 or bfloat16. Gate order
 i, f, g, o (LSTM) and r, z, n (GRU), torch's. ``MODE``: 0 tanh, 1 relu, 2 LSTM, 3 GRU.
@@ -182,18 +189,21 @@ def _rnn_colsum_kernel(x_ptr, x2_ptr, y_ptr, y2_ptr, M, N, stride_xm, stride_x2m
 
 
 @triton.jit
-def _recurrent_dot(h_ptr, rb, mb, w_ptr, stride_w0, stride_w1, rh, mh, H, P, CACHE: tl.constexpr, MODE: tl.constexpr,
-                   DOT_DT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+def _recurrent_dot(h_ptr, rb, mb, w_ptr, stride_w0, stride_w1, rh, mh, H, P, K_END, CACHE: tl.constexpr,
+                   MODE: tl.constexpr, DOT_DT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
     """h_{t-1} W_hh^T for one [BLOCK_B, BLOCK_H] tile of hidden units, per gate (unused gates
     stay zero): ``h_ptr`` float32 rows of P (the state width: H, or the LSTM's projection size;
     read with cache modifier ``CACHE``: ".cg" where
     other programs of the same launch wrote them), W_hh rows g * H + j read transposed as
-    [BLOCK_K, BLOCK_H] tiles. Returns the four float32 accumulators."""
+    [BLOCK_K, BLOCK_H] tiles. The product runs over the first ``K_END`` state columns: P, or 0
+    where no row of the tile needs it (the accumulators stay zero, W_hh is not read). Returns the
+    four float32 accumulators."""
     acc0 = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
     acc1 = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
     acc3 = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-    for k0 in range(0, P, BLOCK_K):
+    for k0 in range(0, K_END, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         mk = rk < P
         hprev = tl.load(h_ptr + rb[:, None] * P + rk[None, :], mask=mb[:, None] & mk[None, :], other=0.0,
@@ -323,8 +333,13 @@ def _step_fwd_tile(pid_b, pid_h, xg_ptr, stride_xg, hp_ptr, hn_ptr, cp_ptr, cn_p
     mb = rb < B
     mh = rh < H
     m2 = mb[:, None] & mh[None, :]
-    acc0, acc1, acc2, acc3 = _recurrent_dot(hp_ptr, rb, mb, w_ptr, stride_w0, stride_w1, rh, mh, H, P, "", MODE,
-                                            DOT_DT, BLOCK_B, BLOCK_H, BLOCK_K)
+    # steps beyond a sequence's length keep its state and output zero (PackedSequence semantics);
+    # a tile whose sequences have all ended (a packed batch's padding: in the sorted order a
+    # packed batch runs in, the last tiles as the short sequences end) skips the recurrent product
+    valid = _valid_rows(len_ptr, rb, mb, t)
+    k_end = P * tl.max(valid.to(tl.int32), axis=0)
+    acc0, acc1, acc2, acc3 = _recurrent_dot(hp_ptr, rb, mb, w_ptr, stride_w0, stride_w1, rh, mh, H, P, k_end, "",
+                                            MODE, DOT_DT, BLOCK_B, BLOCK_H, BLOCK_K)
     st = rb[:, None] * H + rh[None, :]
     xg = xg_ptr + rb[:, None] * stride_xg + rh[None, :]
     if PROJ:
@@ -337,8 +352,7 @@ def _step_fwd_tile(pid_b, pid_h, xg_ptr, stride_xg, hp_ptr, hn_ptr, cp_ptr, cn_p
         if MODE == 2:
             cp = tl.load(cp_ptr + st, mask=m2, other=0.0)
     h_new, c_new = _cell_update(xg, hp, cp, acc0, acc1, acc2, acc3, bhh_ptr, rh, mh, m2, H, MODE, HAS_BHH)
-    # steps beyond a sequence's length keep its state and output zero (PackedSequence semantics)
-    valid = _valid_rows(len_ptr, rb, mb, t)[:, None]
+    valid = valid[:, None]
     c_new = tl.where(valid, c_new, cp)
     if MODE == 2:
         tl.store(cn_ptr + st, c_new, mask=m2)
@@ -387,18 +401,19 @@ def _rnn_proj_fwd_kernel(m_ptr, w_ptr, stride_w0, stride_w1, hp_ptr, hn_ptr, out
 
 @triton.jit
 def _carried_dh(dgn_ptr, stride_dgn, w_ptr, stride_w0, stride_w1, carry_ptr, has_carry, st, rb, mb, rn, mn, m2, GH,
-                HAS_NEXT: tl.constexpr, DOT_DT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+                K_END, HAS_NEXT: tl.constexpr, DOT_DT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_K: tl.constexpr):
     """The state gradient a backward step starts from, for rows ``rb`` and state columns ``rn``:
     the carry at ``st`` (zero, not read, when ``has_carry`` is 0) plus, with HAS_NEXT,
     ``dG_next W_hh`` over the GH gate columns of the step processed just before (``dgn [B, GH]``,
-    ``W_hh [GH, N]``), float32."""
+    ``W_hh [GH, N]``), float32; the product over the first ``K_END`` of them (GH, or 0 where the
+    tile's rows of ``dgn`` are all zero: nothing to add, W_hh not read)."""
     dh = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
     if has_carry != 0:  # a uniform branch (the interpreter refuses a tensor & scalar load mask)
         dh = tl.load(carry_ptr + st, mask=m2, other=0.0)
     if HAS_NEXT:
         acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, GH, BLOCK_K):
+        for k0 in range(0, K_END, BLOCK_K):
             rk = k0 + tl.arange(0, BLOCK_K)
             mk = rk < GH
             dg = tl.load(dgn_ptr + rb[:, None] * stride_dgn + rk[None, :], mask=mb[:, None] & mk[None, :], other=0.0)
@@ -425,7 +440,7 @@ def _rnn_proj_bwd_kernel(dgn_ptr, stride_dgn, w_ptr, stride_w0, stride_w1, carry
     mp = rp < P
     m2 = mb[:, None] & mp[None, :]
     st = rb[:, None] * P + rp[None, :]
-    dh = _carried_dh(dgn_ptr, stride_dgn, w_ptr, stride_w0, stride_w1, carry_ptr, 1, st, rb, mb, rp, mp, m2, GH,
+    dh = _carried_dh(dgn_ptr, stride_dgn, w_ptr, stride_w0, stride_w1, carry_ptr, 1, st, rb, mb, rp, mp, m2, GH, GH,
                      HAS_NEXT, DOT_DT, BLOCK_B, BLOCK_P, BLOCK_K)
     if FINAL:
         tl.store(dh_ptr + st, dh, mask=m2)
@@ -532,7 +547,7 @@ def _persist_tile(j, s, reverse, xg_ptr, stride_xgt, stride_xgb, hs_ptr, cs_ptr,
     rh = j * BLOCK_H + tl.arange(0, BLOCK_H)
     mh = rh < H
     m2 = mb[:, None] & mh[None, :]
-    acc0, acc1, acc2, acc3 = _recurrent_dot(hp_base, rb, mb, w_ptr, stride_w0, stride_w1, rh, mh, H, H, ".cg",
+    acc0, acc1, acc2, acc3 = _recurrent_dot(hp_base, rb, mb, w_ptr, stride_w0, stride_w1, rh, mh, H, H, H, ".cg",
                                             MODE, DOT_DT, BLOCK_B, BLOCK_H, BLOCK_K)
     st = rb[:, None] * H + rh[None, :]
     xg = xg_ptr + t64 * stride_xgt + rb[:, None] * stride_xgb + rh[None, :]
@@ -617,8 +632,15 @@ def _step_bwd_tile(pid_b, pid_h, dgn_ptr, stride_dgn, w_ptr, stride_w0, stride_w
     m2 = mb[:, None] & mh[None, :]
     st = rb[:, None] * H + rh[None, :]
     GH = H if MODE <= 1 else (4 * H if MODE == 2 else 3 * H)
+    k_end = GH
+    if HAS_NEXT and not FINAL:
+        # a sequence that ended before step t - 1 has zero gate gradients at t - 1, t and t + 1
+        # (the step processed before this one, either direction): where every row of the tile
+        # has (a packed batch's padding), the carried product adds nothing and is skipped
+        last = tl.max(tl.load(len_ptr + rb, mask=mb, other=0), axis=0)
+        k_end = tl.where(last < t, 0, GH)
     dh = _carried_dh(dgn_ptr, stride_dgn, w_ptr, stride_w0, stride_w1, carry_ptr, has_carry, st, rb, mb, rh, mh, m2,
-                     GH, HAS_NEXT, DOT_DT, BLOCK_B, BLOCK_H, BLOCK_K)
+                     GH, k_end, HAS_NEXT, DOT_DT, BLOCK_B, BLOCK_H, BLOCK_K)
     if FINAL:
         tl.store(dh0_ptr + st, dh, mask=m2)
     else:
