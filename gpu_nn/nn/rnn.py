@@ -69,8 +69,11 @@ class _SeqMixin:
                 _as_input_error(self.check_forward_args, data, hx_checked, batch_sizes)
             else:
                 _as_input_error(self.check_input, data, batch_sizes)
-            # padded batch in the user's original order: the state needs no permutation
-            x, lengths = pad_packed_sequence(input, batch_first=False)
+            # the padded batch in the packed (sorted: longest first) order, the state permuted to
+            # it as torch does: the sequences that end first fill the last batch tiles of the
+            # step kernels, which skip a tile's recurrent product once all its sequences have ended
+            x, lengths = pad_packed_sequence(PackedSequence(data, batch_sizes), batch_first=False)
+            hx = hx_checked
             batch_first, is_batched = False, True
         else:
             if not isinstance(input, torch.Tensor):
@@ -110,11 +113,10 @@ class _SeqMixin:
                  self.bidirectional, batch_first, lengths=lengths)
         out, hidden = res[0], (res[1:] if is_lstm else res[1])
         if packed:
-            # re-pack in the input's own sorted order so sorted_indices / unsorted_indices match
-            out_sorted = out.index_select(1, sorted_indices) if sorted_indices is not None else out
-            lens_sorted = lengths.index_select(0, sorted_indices.cpu()) if sorted_indices is not None else lengths
-            data_out = pack_padded_sequence(out_sorted, lens_sorted, enforce_sorted=True).data
-            return PackedSequence(data_out, batch_sizes, sorted_indices, unsorted_indices), hidden
+            # the output is in the packed order already; the final state goes back to the user's
+            data_out = pack_padded_sequence(out, lengths, enforce_sorted=True).data
+            return (PackedSequence(data_out, batch_sizes, sorted_indices, unsorted_indices),
+                    self.permute_hidden(hidden, unsorted_indices))
         if not is_batched:
             out = out.squeeze(0 if self.batch_first else 1)
             hidden = tuple(h.squeeze(1) for h in hidden) if is_lstm else hidden.squeeze(1)
