@@ -7,7 +7,8 @@ GPU set (device "cuda", issues 6 and 16), float32 and bfloat16, torch's default 
 LSTM, GRU and RNN (tanh) T=100 N=64 I=H=512 forward and forward+backward; small batch N=4 and 16,
 T=50, at H=256 / 512 / 1024 (``--quick``: 512) forward, and the LSTM forward+backward at H=512;
 a 2-layer bidirectional LSTM N=32 T=100 I=H=256 forward+backward; a bidirectional LSTM N=4 T=50
-I=H=512 forward. torch (cuDNN) against our
+I=H=512 forward; a packed LSTM N=64 T=100 I=H=512 forward+backward (lengths T down to T / 10,
+``packed_lengths``), PackedSequence in and out on both sides. torch (cuDNN) against our
 triton and cupy backends and against a Python loop of ``torch.nn.LSTMCell`` / ``GRUCell`` /
 ``RNNCell``; provider ``triton`` runs the per-step launches (``GPU_NN_RNN_PERSISTENT=0``), and in
 the small-batch set ``triton-persistent`` the one-launch persistent forward
@@ -19,6 +20,7 @@ from __future__ import annotations
 import os
 
 import torch
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import gpu_nn
 from gpu_nn import nn as gnn
@@ -48,15 +50,29 @@ def _flops(mode, T, N, I, H, backward, L=1, D=1):
     return f * 3 if backward else f
 
 
-def _case(mode, T, N, I, H, dtype, device, backward, providers, L=1, bidirectional=False):
+def packed_lengths(T: int, N: int) -> torch.Tensor:
+    """The packed cases' sequence lengths: N lengths spread evenly from T down to T // 10, in a
+    fixed shuffled order (a batch as a data loader gives it: ``enforce_sorted=False``)."""
+    lens = torch.linspace(T, max(1, T // 10), N).round().to(torch.int64)
+    return lens[torch.randperm(N, generator=torch.Generator().manual_seed(0))]
+
+
+def _case(mode, T, N, I, H, dtype, device, backward, providers, L=1, bidirectional=False, packed=False):
     D = 2 if bidirectional else 1
     name = f"{mode} {'fwd+bwd' if backward else 'fwd'}"
     layers = f" L={L}" if L > 1 else ""
-    shape = f"T={T} N={N} I={I} H={H}{layers}{' bi' if bidirectional else ''} {str(dtype).replace('torch.', '')}"
+    shape = (f"T={T} N={N} I={I} H={H}{layers}{' bi' if bidirectional else ''}{' packed' if packed else ''} "
+             f"{str(dtype).replace('torch.', '')}")
     kw = {"num_layers": L, "bidirectional": bidirectional}
     base = TORCH[mode](I, H, **kw).to(device=device, dtype=dtype)
+    lens = packed_lengths(T, N) if packed else None
 
     def inputs():
+        if packed:
+            # the leaf is the packed data itself (one graph per rotated input, nothing before it)
+            p = pack_padded_sequence(torch.randn(T, N, I, device=device, dtype=dtype), lens, enforce_sorted=False)
+            x = PackedSequence(p.data.requires_grad_(backward), p.batch_sizes, p.sorted_indices, p.unsorted_indices)
+            return x, torch.randn(p.data.shape[0], D * H, device=device, dtype=dtype)
         x = torch.randn(T, N, I, device=device, dtype=dtype, requires_grad=backward)
         g = torch.randn(T, N, D * H, device=device, dtype=dtype)
         return x, g
@@ -71,7 +87,7 @@ def _case(mode, T, N, I, H, dtype, device, backward, providers, L=1, bidirection
                 with ctx, _env(PERSISTENT_ENV, persistent):
                     if backward:
                         out, _ = module(x)
-                        out.backward(g)
+                        (out.data if packed else out).backward(g)
                     else:
                         with torch.no_grad():
                             module(x)
@@ -104,6 +120,8 @@ def _case(mode, T, N, I, H, dtype, device, backward, providers, L=1, bidirection
 
     provs = {"torch": run_module(base)}
     for p in providers:
+        if p == "cell_loop" and packed:
+            continue  # a cell loop has no packed form
         if p == "cell_loop":
             provs[p] = cell_loop()
         else:
@@ -111,8 +129,10 @@ def _case(mode, T, N, I, H, dtype, device, backward, providers, L=1, bidirection
             ours.load_state_dict(base.state_dict())
             backend, persistent = PROVIDERS.get(p, (p, None))
             provs[p] = run_module(ours, backend, persistent)
+    # a packed batch does the work of its steps that run: sum(lengths) of T * N
+    useful = float(lens.sum()) / (T * N) if packed else 1.0
     return harness.Case(family="rnn", name=name, shape=shape, providers=provs, device=device,
-                        flops=_flops(mode, T, N, I, H, backward, L, D))
+                        flops=_flops(mode, T, N, I, H, backward, L, D) * useful)
 
 
 class _env:
@@ -166,6 +186,10 @@ def cases(device: str = "cpu", quick: bool = False) -> list[harness.Case]:
         # small-batch bidirectional forward: both directions in one launch per step (triton) or
         # in one persistent launch (triton-persistent)
         out.append(_case("lstm", 50, 4, 512, 512, dtype, device, False, _small_providers(), bidirectional=True))
+        # a packed batch of unequal lengths (T down to T / 10, shuffled): the step kernels skip
+        # the batch tiles whose sequences have ended (torch: cuDNN's packed path); --quick: float32
+        if not quick or dtype == torch.float32:
+            out.append(_case("lstm", 100, 64, 512, 512, dtype, device, True, ("triton", "cupy"), packed=True))
     return out
 
 
