@@ -11,8 +11,8 @@ I=H=512 forward; a packed LSTM N=64 T=100 I=H=512 forward+backward (lengths T do
 ``packed_lengths``), PackedSequence in and out on both sides. torch (cuDNN) against our
 triton and cupy backends and against a Python loop of ``torch.nn.LSTMCell`` / ``GRUCell`` /
 ``RNNCell``; provider ``triton`` runs the per-step launches (``GPU_NN_RNN_PERSISTENT=0``), and in
-the small-batch set ``triton-persistent`` the one-launch persistent forward
-(``GPU_NN_RNN_PERSISTENT=1``).
+the small-batch set ``triton-persistent`` the one-launch persistent forward and, in the
+fwd+bwd cases, the one-launch persistent backward (``GPU_NN_RNN_PERSISTENT=1``).
 """
 
 from __future__ import annotations
@@ -180,8 +180,9 @@ def cases(device: str = "cpu", quick: bool = False) -> list[harness.Case]:
             for N in (4, 16):
                 for H in ((512,) if quick else (256, 512, 1024)):
                     out.append(_case(mode, 50, N, H, H, dtype, device, False, _small_providers()))
-        for N in (4, 16):  # fwd+bwd at small batch (the persistent kernel is forward only)
-            out.append(_case("lstm", 50, N, 512, 512, dtype, device, True, ("triton", "cupy")))
+        for N in (4, 16):  # fwd+bwd at small batch: per step, persistent forward and backward, cupy
+            out.append(_case("lstm", 50, N, 512, 512, dtype, device, True,
+                             tuple(p for p in _small_providers() if p != "cell_loop")))
         out.append(_case("lstm", 100, 32, 256, 256, dtype, device, True, ("triton", "cupy"), L=2, bidirectional=True))
         # small-batch bidirectional forward: both directions in one launch per step (triton) or
         # in one persistent launch (triton-persistent)

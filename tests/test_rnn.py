@@ -1275,6 +1275,43 @@ def test_persistent_multi_program_matches_per_step_on_gpu(mode, B, H, rng, monke
     assert_close(pers[3].cpu(), r_res, torch.float32, k=4 * H, what=f"{mode} reserve vs reference")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs a GPU: the multi-program grid barrier cannot run in the interpreter "
+                           "(programs run one after another there, so a barrier across two never opens)")
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("B,H", [(4, 256), (16, 1000), (3, 1024)])
+def test_persistent_backward_multi_program_matches_per_step_on_gpu(mode, B, H, rng, monkeypatch):
+    """The persistent backward (GPU_NN_RNN_PERSISTENT=1: one launch per layer and direction, many
+    programs across a grid barrier per step) against the per-step backward: every gradient of a
+    two-layer unidirectional layer with unequal lengths and dropout masks, float32; run twice so a
+    stale barrier counter would show; then the float64 reference."""
+    from gpu_nn.kernels.triton import rnn as kt
+
+    T, I, L, bi = 20, 64, 2, False
+    lengths = tuple(int(v) for v in rng.integers(1, T + 1, size=B))
+    x, hx, params, mk, lens = _persist_case(mode, rng, T, B, I, H, L, bi, lengths, True, True)
+    assert kt.persist_programs(B, H, torch.cuda.get_device_properties(0).multi_processor_count) > 1
+    calls = []
+    real = kt.loop_backward
+    monkeypatch.setattr(kt, "loop_backward", lambda *a: (calls.append(a[-1]), real(*a))[1])
+
+    def run(env):
+        monkeypatch.setenv(_PERSIST_ENV, env)
+        return _persist_run(mode, "triton", torch.float32, x, hx, params, mk, lens, L, bi, True)[2]
+
+    step = run("0")
+    assert not calls
+    for _ in range(2):
+        pers = run("1")
+        assert len(calls) == L and all(c > 1 for c in calls)
+        calls.clear()
+        for i, (a, b) in enumerate(zip(pers, step)):
+            assert_close(a.cpu(), b.cpu().double(), torch.float32, k=T * B * 4 * H, what=f"{mode} grad {i} vs per-step")
+    r_grads = _persist_run(mode, "reference", torch.float64, x, hx, params, mk, lens, L, bi, True)[2]
+    for i, (a, b) in enumerate(zip(pers, r_grads)):
+        assert_close(a.cpu(), b, torch.float32, k=T * B * 4 * H, what=f"{mode} grad {i} vs reference")
+
+
 def test_relu_recurrence_at_nan_inf_and_zero_is_torchs(rng):
     """rnn_relu keeps a NaN pre-activation (torch's relu) and its backward is torch's
     threshold_backward: 0 where h <= 0, else dh, so a NaN h passes the gradient. Reference and
@@ -1367,7 +1404,7 @@ def _record_dots(monkeypatch):
     monkeypatch.setattr(_launch, "_ENABLED", False)
     seen = []
     for name in ("_rnn_matmul_kernel", "_rnn_step_fwd_kernel", "_rnn_step_bwd_kernel", "_rnn_persist_fwd_kernel",
-                 "_rnn_proj_fwd_kernel", "_rnn_proj_bwd_kernel"):
+                 "_rnn_persist_bwd_kernel", "_rnn_proj_fwd_kernel", "_rnn_proj_bwd_kernel"):
         kernel = getattr(kt, name)
 
         def run(*args, _name=name, _run=kernel.run, **kwargs):
@@ -1384,7 +1421,7 @@ def _record_dots(monkeypatch):
 def test_tf32_flag_reaches_every_launch(dtype, rng, monkeypatch):
     """The dot code each kernel is launched with, per cudnn.allow_tf32 setting: a two-layer
     projected LSTM and a GRU (matmuls, step / projection kernels forward and backward) and the
-    persistent forward. float32: every launch 3 with the flag on, 0 with it off; float16: every
+    persistent forward and backward. float32: every launch 3 with the flag on, 0 with it off; float16: every
     recurrent product 1, the matmuls 1 except the float32 x float32 weight gradients (3). Under
     the interpreter the dot is exact whatever the code, so the results must also match the
     reference at the float32 tolerance there (on a GPU, the TF32 tolerance with the flag on)."""
@@ -1397,11 +1434,13 @@ def test_tf32_flag_reaches_every_launch(dtype, rng, monkeypatch):
         _seq_against_reference("triton", dev, "lstm", dtype, rng, 2, 2, 3, 5, 2, False, (2, 1), False, P=3, tf32=tf32)
         _seq_against_reference("triton", dev, "gru", dtype, rng, 2, 2, 3, 4, 1, False, None, False, tf32=tf32)
         monkeypatch.setenv(ops.PERSISTENT_ENV, "1")
-        with gpu_nn.backend("triton"), torch.no_grad():
-            gnn.LSTM(3, 4).to(dev, dtype)(torch.randn(2, 2, 3, dtype=dtype, device=dev))
+        with gpu_nn.backend("triton"):
+            out, _ = gnn.LSTM(3, 4).to(dev, dtype)(torch.randn(2, 2, 3, dtype=dtype, device=dev, requires_grad=True))
+            out.sum().backward()
         kernels = {n for n, _ in seen}
         assert kernels == {"_rnn_matmul_kernel", "_rnn_step_fwd_kernel", "_rnn_step_bwd_kernel",
-                           "_rnn_persist_fwd_kernel", "_rnn_proj_fwd_kernel", "_rnn_proj_bwd_kernel"}, kernels
+                           "_rnn_persist_fwd_kernel", "_rnn_persist_bwd_kernel", "_rnn_proj_fwd_kernel",
+                           "_rnn_proj_bwd_kernel"}, kernels
         if dtype == torch.float32:
             assert {d for _, d in seen} == {3 if tf32 else 0}
         else:
@@ -1625,6 +1664,52 @@ def test_pair_loops_equal_two_one_direction_loops(mode, has_bhh, masked):
     for a, b in zip(one, two):
         for k in ("carry", "dc", "dGi", "dGh", "dh0"):
             assert a[k] is None or _same(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("lengths", [None, (5, 2, 0, 4)], ids=["full", "len"])
+def test_persistent_backward_equals_per_step_loop(mode, reverse, lengths):
+    """loop_backward (the whole backward time loop of one layer and direction in one launch)
+    leaves carry, dc and every gate gradient exactly as steps_backward's launch per step does:
+    fresh random data, three hidden tiles run by the one program the interpreter allows (on a
+    GPU: the launcher's program count, across the grid barrier), unequal lengths (one of zero),
+    both directions; then the final dh0 step on either gives the same dh0."""
+    from gpu_nn.kernels.triton import rnn as kt
+
+    dev = _kernels_here()
+    g = torch.Generator().manual_seed(3)
+    T, B, H = 5, 4, 33
+    G, S = ref.GATES[mode] * H, ref.STORED[mode] * H
+    lstm = mode == "lstm"
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(dev)
+
+    lens = torch.tensor(lengths or (T,) * B, dtype=torch.int64, device=dev)
+    programs = 1 if dev == "cpu" else kt.persist_programs(B, H, torch.cuda.get_device_properties(0).multi_processor_count)
+    w_hh = rnd(G, H) * 0.3
+    dout, Hs, Cs = rnd(T, B, 2 * H)[:, :, H:], rnd(T + 1, B, H), (rnd(T + 1, B, H) if lstm else None)
+    Gs = rnd(T, B, S) if S else None
+    start = dict(carry=rnd(B, H), dc=rnd(B, H) if lstm else None, dGi=torch.full((T, B, G), 9.0, device=dev),
+                 dGh=torch.full((T, B, G), 9.0, device=dev) if mode == "gru" else None)
+    runs = []
+    for persistent in (False, True):
+        b = {k: (None if v is None else v.clone()) for k, v in start.items()}
+        dgh = b["dGh"] if b["dGh"] is not None else b["dGi"]
+        if persistent:
+            assert kt.loop_backward(mode, w_hh, b["carry"], b["dc"], dout, Gs, Hs, Cs, b["dGi"], dgh, lens, reverse, 0,
+                                    programs)
+            prev = dgh[T - 1 if reverse else 0]
+        else:
+            prev = kt.steps_backward(mode, w_hh, b["carry"], b["dc"], dout, Gs, Hs, Cs, b["dGi"], dgh, lens, reverse, 0)
+        b["dh0"] = torch.full((B, H), 9.0, device=dev)
+        kt.step_backward(mode, prev, w_hh, b["carry"], None, None, None, None, None, None, None, None, None, b["dh0"],
+                         None, 0, 0, final=True)
+        runs.append(b)
+    for k in ("carry", "dc", "dGi", "dGh", "dh0"):
+        assert runs[0][k] is None or _same(runs[0][k], runs[1][k]), k
+    assert not torch.equal(runs[1]["dGi"], start["dGi"])  # the loop wrote the gate gradients
 
 
 def _finished_tile_case(mode, backward):

@@ -54,7 +54,11 @@ figures predate TF32 and the 16 x 16 step tiles (both paths changed since); the 
 and the heuristic stays as measured until then. ``GPU_NN_RNN_PERSISTENT=0`` never takes it, ``=1`` whenever
 legal (also under the Triton interpreter, with one program, since the interpreter runs
 programs one after another); never for an LSTM with a projection (the persistent kernel has
-none). The backward always runs the per-step kernels on the same reserve.
+none). The backward: for a unidirectional layer the persistent backward
+(``kernels.triton.rnn.loop_backward``: the backward time loop in one launch, the same barrier,
+then the final dh0 step as after the per-step loop) under ``GPU_NN_RNN_PERSISTENT=1``; not by
+default (``PERSISTENT_BWD_BY_DEFAULT``: no GPU has run it yet); otherwise, and for bidirectional
+layers (both directions per step in one launch), the per-step kernels on the same reserve.
 
 A projected LSTM step on the GPU: the step kernel (recurrent product over the P-wide state,
 m = o * tanh(c') into the reserve), then the projection kernel (h' = m W_hr^T, length masking,
@@ -392,6 +396,10 @@ def _reserve_views(reserve, mode, T, B, H, L, D, P):
 
 PERSISTENT_ENV = "GPU_NN_RNN_PERSISTENT"
 PERSISTENT_BY_DEFAULT = True  # the barrier passed its H200 tests; the heuristic is in persistent_choice
+# the persistent backward (kernels.triton.rnn.loop_backward) has not run on a GPU yet: by default
+# the backward keeps its per-step launches; GPU_NN_RNN_PERSISTENT=1 takes it (bench_rnn's
+# triton-persistent provider times it in the small-batch fwd+bwd cases)
+PERSISTENT_BWD_BY_DEFAULT = False
 
 
 def persistent_choice(device_type: str, B: int, H: int, sm_count: int, env: Optional[str],
@@ -417,15 +425,17 @@ def persistent_choice(device_type: str, B: int, H: int, sm_count: int, env: Opti
     return env == "1" or (by_default and device_type == "cuda" and half)
 
 
-def _persist_programs(K, dev, B, H, P=0, half=False):
-    """Programs of the persistent launch, 0 for per-step launches."""
+def _persist_programs(K, dev, B, H, P=0, half=False, backward=False):
+    """Programs of the persistent launch, 0 for per-step launches (``backward``: of the backward
+    time loop, whose default is PERSISTENT_BWD_BY_DEFAULT)."""
     if K is _CupyImpl:  # its own device loop, sized when launched (it falls back per step there)
         return int(cupy_loop_choice(B, H, P, os.environ.get(CUPY_RNN_ENV)))
     if not hasattr(K, "persist_forward"):
         return 0
     # the interpreter runs programs one after another: only a single program can pass a barrier
     sm = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 1
-    if not persistent_choice(dev.type, B, H, sm, os.environ.get(PERSISTENT_ENV), proj_size=P, half=half):
+    by_default = PERSISTENT_BWD_BY_DEFAULT if backward else PERSISTENT_BY_DEFAULT
+    if not persistent_choice(dev.type, B, H, sm, os.environ.get(PERSISTENT_ENV), by_default, P, half):
         return 0
     return K.persist_programs(B, H, sm)
 
@@ -548,7 +558,10 @@ def _gpu_backward(K, mode, gout, ghn, gcn, input, weights, reserve, num_layers, 
     f32 = torch.float32
     dhx = empty((L * D, B, W), dtype=f32, device=dev)
     dcx = empty((L * D, B, H), dtype=f32, device=dev) if mode == "lstm" else None
-    bloop = hasattr(K, "loop_backward") and _persist_programs(K, dev, B, H, P)
+    # the whole backward time loop of a layer and direction in one launch (cupy's device loop,
+    # triton's persistent backward), its program count (cupy: 1, sized at launch)
+    bloop = hasattr(K, "loop_backward") and _persist_programs(K, dev, B, H, P, dt in (torch.float16, torch.bfloat16),
+                                                              backward=True)
     steps_backward = getattr(K, "steps_backward", None)  # one call per layer and direction (triton; pairs below)
     ws = _split(weights, L, D, has_biases)
     # both directions of a layer in one launch per step (triton's per-step path): the two
@@ -621,7 +634,7 @@ def _gpu_backward(K, mode, gout, ghn, gcn, input, weights, reserve, num_layers, 
                     prev = dGh[t]
                 K.proj_backward(prev, w_hh, carry, None, dhx[k], None, 0, dcode, final=True)
             elif bloop and K.loop_backward(mode, w_hh, carry, dc, dout[:, :, d * H:(d + 1) * H], G, Hs, Cs, dGi, dGh,
-                                           lens, d == 1, dcode):
+                                           lens, d == 1, dcode, bloop):
                 prev = dGh[T - 1 if d == 1 else 0]  # the last step processed: the final dot below
                 K.step_backward(mode, prev, w_hh, carry, None, None, None, None, None, None, None, None, None, dhx[k], None,
                                 0, dcode, final=True)
@@ -819,12 +832,13 @@ class _CupyImpl:
             out.copy_(o32)
 
     @staticmethod
-    def loop_backward(mode, w_hh, carry, dc, dout, g, hs, cs, dgi, dgh, lengths, reverse, dot):
+    def loop_backward(mode, w_hh, carry, dc, dout, g, hs, cs, dgi, dgh, lengths, reverse, dot, programs=None):
         """Every step of one layer and direction's backward in one launch of ``rnn_seq_bwd``: from
         ``carry`` / ``dc [B, H]`` (dh_T / dc_T), ``dout [T, B, H]``, the stored gates ``g`` and
         states, writes the gate gradients ``dgi / dgh [T, B, G * H]`` and leaves in ``carry`` dh_0
         without the last step's ``dG W_hh`` (the caller adds it, as after the per-step loop) and
-        in ``dc`` dc_0. Returns False, having done nothing, when the grid cannot be resident."""
+        in ``dc`` dc_0. Returns False, having done nothing, when the grid cannot be resident.
+        ``programs`` (the Triton launcher's program count) is not used: the grid is sized here."""
         import numpy as np
 
         T, B, H = hs.shape[0] - 1, hs.shape[1], hs.shape[2]

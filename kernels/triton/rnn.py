@@ -31,6 +31,9 @@ except in the persistent kernel:
   a grid-wide barrier (atomic counter) between steps; at most one program per SM.
   ``_rnn_persist2_fwd_kernel`` does both directions of a bidirectional layer in one such launch
   (the hidden tiles of both dealt to the programs, one barrier per step for both).
+* ``_rnn_persist_bwd_kernel`` -- the backward time loop of one layer and direction in one launch:
+  per step the step backward's tile for each of the program's hidden tiles, then the barrier;
+  the previous step's gate gradients, written by every program, read through L2 (``.cg``).
 
 Variable lengths (``len [B]``; full lengths when none were given): a step beyond a sequence's
 length keeps its state, writes a zero output and zero gate gradients. A step tile whose batch
@@ -402,12 +405,13 @@ def _rnn_proj_fwd_kernel(m_ptr, w_ptr, stride_w0, stride_w1, hp_ptr, hn_ptr, out
 @triton.jit
 def _carried_dh(dgn_ptr, stride_dgn, w_ptr, stride_w0, stride_w1, carry_ptr, has_carry, st, rb, mb, rn, mn, m2, GH,
                 K_END, HAS_NEXT: tl.constexpr, DOT_DT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_K: tl.constexpr):
+                BLOCK_K: tl.constexpr, CACHE: tl.constexpr):
     """The state gradient a backward step starts from, for rows ``rb`` and state columns ``rn``:
     the carry at ``st`` (zero, not read, when ``has_carry`` is 0) plus, with HAS_NEXT,
     ``dG_next W_hh`` over the GH gate columns of the step processed just before (``dgn [B, GH]``,
     ``W_hh [GH, N]``), float32; the product over the first ``K_END`` of them (GH, or 0 where the
-    tile's rows of ``dgn`` are all zero: nothing to add, W_hh not read)."""
+    tile's rows of ``dgn`` are all zero: nothing to add, W_hh not read). ``dgn`` is read with
+    cache modifier ``CACHE`` (".cg" where other programs of the same launch wrote it)."""
     dh = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
     if has_carry != 0:  # a uniform branch (the interpreter refuses a tensor & scalar load mask)
         dh = tl.load(carry_ptr + st, mask=m2, other=0.0)
@@ -416,7 +420,8 @@ def _carried_dh(dgn_ptr, stride_dgn, w_ptr, stride_w0, stride_w1, carry_ptr, has
         for k0 in range(0, K_END, BLOCK_K):
             rk = k0 + tl.arange(0, BLOCK_K)
             mk = rk < GH
-            dg = tl.load(dgn_ptr + rb[:, None] * stride_dgn + rk[None, :], mask=mb[:, None] & mk[None, :], other=0.0)
+            dg = tl.load(dgn_ptr + rb[:, None] * stride_dgn + rk[None, :], mask=mb[:, None] & mk[None, :], other=0.0,
+                         cache_modifier=CACHE)
             w = tl.load(w_ptr + rk[:, None] * stride_w0 + rn[None, :] * stride_w1, mask=mk[:, None] & mn[None, :], other=0.0)
             acc = _dot(dg, w, acc, DOT_DT)
         dh += acc
@@ -441,7 +446,7 @@ def _rnn_proj_bwd_kernel(dgn_ptr, stride_dgn, w_ptr, stride_w0, stride_w1, carry
     m2 = mb[:, None] & mp[None, :]
     st = rb[:, None] * P + rp[None, :]
     dh = _carried_dh(dgn_ptr, stride_dgn, w_ptr, stride_w0, stride_w1, carry_ptr, 1, st, rb, mb, rp, mp, m2, GH, GH,
-                     HAS_NEXT, DOT_DT, BLOCK_B, BLOCK_P, BLOCK_K)
+                     HAS_NEXT, DOT_DT, BLOCK_B, BLOCK_P, BLOCK_K, "")
     if FINAL:
         tl.store(dh_ptr + st, dh, mask=m2)
     else:
@@ -592,7 +597,7 @@ def _rnn_step_bwd_kernel(dgn_ptr, stride_dgn, w_ptr, stride_w0, stride_w1, carry
     _step_bwd_tile(tl.program_id(0), tl.program_id(1), dgn_ptr, stride_dgn, w_ptr, stride_w0, stride_w1, carry_ptr,
                    has_carry, dc_ptr, dcin_ptr, has_dcin, dout_ptr, stride_dout, g_ptr, stride_g, hp_ptr, hn_ptr, cp_ptr,
                    cn_ptr, dgi_ptr, dgh_ptr, stride_dg, dh0_ptr, len_ptr, t, B, H, MODE, HAS_NEXT, FINAL, DOT_DT,
-                   BLOCK_B, BLOCK_H, BLOCK_K)
+                   BLOCK_B, BLOCK_H, BLOCK_K, 1, "")
 
 
 @triton.jit(do_not_specialize=["t", "t1"])
@@ -615,7 +620,7 @@ def _rnn_step2_bwd_kernel(dgn_ptr, dgn1_ptr, stride_dgn, w_ptr, w1_ptr, stride_w
                    tl.where(rev, hp1_ptr, hp_ptr), tl.where(rev, hn1_ptr, hn_ptr), tl.where(rev, cp1_ptr, cp_ptr),
                    tl.where(rev, cn1_ptr, cn_ptr), tl.where(rev, dgi1_ptr, dgi_ptr), tl.where(rev, dgh1_ptr, dgh_ptr),
                    stride_dg, tl.where(rev, dh01_ptr, dh0_ptr), len_ptr, tl.where(rev, t1, t), B, H, MODE, HAS_NEXT,
-                   FINAL, DOT_DT, BLOCK_B, BLOCK_H, BLOCK_K)
+                   FINAL, DOT_DT, BLOCK_B, BLOCK_H, BLOCK_K, 1, "")
 
 
 @triton.jit
@@ -623,8 +628,11 @@ def _step_bwd_tile(pid_b, pid_h, dgn_ptr, stride_dgn, w_ptr, stride_w0, stride_w
                    dcin_ptr, has_dcin, dout_ptr, stride_dout, g_ptr, stride_g, hp_ptr, hn_ptr, cp_ptr, cn_ptr, dgi_ptr,
                    dgh_ptr, stride_dg, dh0_ptr, len_ptr, t, B, H,
                    MODE: tl.constexpr, HAS_NEXT: tl.constexpr, FINAL: tl.constexpr,
-                   DOT_DT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The body of ``_rnn_step_bwd_kernel`` for the tile (``pid_b``, ``pid_h``)."""
+                   DOT_DT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+                   has_next, CACHE: tl.constexpr):
+    """The body of ``_rnn_step_bwd_kernel`` for the tile (``pid_b``, ``pid_h``). The persistent
+    backward passes ``has_next`` 0 at its first step (HAS_NEXT is a compile-time flag there) and
+    ``CACHE`` ".cg" for ``dgn``, which other programs wrote."""
     rb = (pid_b * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
     rh = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     mb = rb < B
@@ -638,9 +646,9 @@ def _step_bwd_tile(pid_b, pid_h, dgn_ptr, stride_dgn, w_ptr, stride_w0, stride_w
         # (the step processed before this one, either direction): where every row of the tile
         # has (a packed batch's padding), the carried product adds nothing and is skipped
         last = tl.max(tl.load(len_ptr + rb, mask=mb, other=0), axis=0)
-        k_end = tl.where(last < t, 0, GH)
+        k_end = tl.where((last < t) | (has_next == 0), 0, GH)
     dh = _carried_dh(dgn_ptr, stride_dgn, w_ptr, stride_w0, stride_w1, carry_ptr, has_carry, st, rb, mb, rh, mh, m2,
-                     GH, k_end, HAS_NEXT, DOT_DT, BLOCK_B, BLOCK_H, BLOCK_K)
+                     GH, k_end, HAS_NEXT, DOT_DT, BLOCK_B, BLOCK_H, BLOCK_K, CACHE)
     if FINAL:
         tl.store(dh0_ptr + st, dh, mask=m2)
     else:
@@ -695,6 +703,47 @@ def _step_bwd_tile(pid_b, pid_h, dgn_ptr, stride_dgn, w_ptr, stride_w0, stride_w
             tl.store(dgh + 2 * H, tl.where(valid, dn * r, 0.0), mask=m2)
             carry = dh * z
         tl.store(carry_ptr + st, tl.where(valid, carry, dh), mask=m2)
+
+
+@triton.jit
+def _rnn_persist_bwd_kernel(w_ptr, stride_w0, stride_w1, carry_ptr, dc_ptr, has_dc, dout_ptr, stride_dot, stride_dob,
+                            g_ptr, stride_gt, stride_gb, hs_ptr, cs_ptr, stride_hs, dgi_ptr, dgh_ptr, stride_dgt,
+                            stride_dgb, len_ptr, count_ptr, reverse, T, B, H,
+                            MODE: tl.constexpr, DOT_DT: tl.constexpr,
+                            BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The whole backward time loop of one layer and direction in one launch (persistent, small
+    batch), as ``_rnn_persist_fwd_kernel`` is to the forward: the forward's steps in reverse
+    order (``T - 1`` down to 0 forward, 0 up to ``T - 1`` when ``reverse``), per step every
+    hidden tile of the program (``pid, pid + P, ...``) runs ``_rnn_step_bwd_kernel``'s tile of a
+    sequence step (the carry always read, ``dc`` updated in place when ``has_dc``; the first
+    step processed has no ``dG_next W_hh``), then the grid barrier. The gate gradients of the
+    step processed before (``dgh`` at ``tn``) were written by every program: read with ``.cg``
+    after the barrier. ``carry`` / ``dc [B, H]`` are each tile's own across steps. Leaves in
+    ``carry`` dh_0 without the last step's ``dG W_hh`` (the caller's final step adds it, as after
+    the per-step loop) and in ``dc`` dc_0.
+
+    Shapes: ``dout [T, B, H]`` (strides ``stride_dot``, ``stride_dob``, unit last), ``g [T, B, *]``
+    the stored gates (strides ``stride_gt``, ``stride_gb``), ``hs / cs [T + 1, B, H]`` float32
+    slots (stride ``stride_hs``), ``dgi / dgh [T, B, G * H]`` (strides ``stride_dgt``,
+    ``stride_dgb``; the same tensor but for the GRU), ``len [B]``, ``count`` one int32, zero at
+    launch. All batch rows in one tile (B <= BLOCK_B); every program resident (the launcher
+    caps the grid at the SM count), one pipeline stage (see ``persist_launch``)."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    for s in range(0, T):
+        # forward: t = T - 1 - s, the step before it t + 1; reverse: t = s, the step before t - 1
+        t = T - 1 - s + reverse * (2 * s + 1 - T)
+        t64 = t.to(tl.int64)
+        tn64 = t64 + 1 - 2 * reverse
+        hp = (t64 + reverse) * stride_hs  # forward: slot t -> t + 1; reverse: slot t + 1 -> t
+        hn = (t64 + 1 - reverse) * stride_hs
+        for j in range(pid, tl.cdiv(H, BLOCK_H), nprog):
+            _step_bwd_tile(0, j, dgh_ptr + tn64 * stride_dgt, stride_dgb, w_ptr, stride_w0, stride_w1, carry_ptr, 1,
+                           dc_ptr, dc_ptr, has_dc, dout_ptr + t64 * stride_dot, stride_dob, g_ptr + t64 * stride_gt,
+                           stride_gb, hs_ptr + hp, hs_ptr + hn, cs_ptr + hp, cs_ptr + hn, dgi_ptr + t64 * stride_dgt,
+                           dgh_ptr + t64 * stride_dgt, stride_dgb, carry_ptr, len_ptr, t, B, H, MODE, True, False,
+                           DOT_DT, BLOCK_B, BLOCK_H, BLOCK_K, s > 0, ".cg")
+        _grid_barrier(count_ptr, (s + 1) * nprog)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1040,6 +1089,40 @@ def persist_forward(mode, xg, hs, cs, w_hh, b_hh, out, mask, lengths, reverse, d
     )
 
 
+def persist_bwd_launch(mode: str, dot: int) -> tuple[int, int]:
+    """(num_warps, num_stages) of the persistent backward: one stage, as the forward's (the
+    pipeliner would make the ``.cg`` loads of ``dG_next`` L1-cached ``cp.async.ca``), 4 warps."""
+    return 4, 1
+
+
+def loop_backward(mode, w_hh, carry, dc, dout, g, hs, cs, dgi, dgh, lengths, reverse, dot, programs):
+    """The backward time loop of one layer and direction in one launch
+    (``_rnn_persist_bwd_kernel``), what ``steps_backward`` does in one launch per step: from
+    ``carry`` / ``dc [B, H]`` (float32 contiguous; ``dc`` the LSTM's, else None) and ``dout
+    [T, B, H]`` (unit last stride), the stored gates ``g`` (None: Elman) and ``hs / cs [T + 1, B,
+    H]``, writes ``dgi / dgh [T, B, G * H]`` and leaves dh_0 without the last step's ``dG W_hh``
+    in ``carry`` (the caller's final ``step_backward`` adds it), dc_0 in ``dc``. ``programs``
+    from ``persist_programs`` (1 under the interpreter). Returns True (the cupy backend's
+    ``loop_backward`` may decline; this one always runs)."""
+    T, B, H = hs.shape[0] - 1, hs.shape[1], hs.shape[2]
+    if T == 0 or B == 0 or H == 0:
+        return True
+    assert 1 <= programs <= cdiv(H, PERSIST_BLOCKS[1]) and B <= PERSIST_MAX_B
+    assert hs.stride(1) == H and hs.stride(2) == 1 and (cs is None or cs.stride() == hs.stride())
+    assert carry.is_contiguous() and dout.stride(2) == 1 and dgi.stride(2) == 1 and dgh.stride() == dgi.stride()
+    bb, bh, bk = PERSIST_BLOCKS
+    warps, stages = persist_bwd_launch(mode, dot)
+    count = torch.zeros(1, dtype=torch.int32, device=hs.device)  # per launch, as the forward's
+    _rnn_persist_bwd_kernel[(programs,)](
+        w_hh, w_hh.stride(0), w_hh.stride(1), carry, dc if dc is not None else carry, int(dc is not None),
+        dout, dout.stride(0), dout.stride(1), g if g is not None else carry, g.stride(0) if g is not None else 0,
+        g.stride(1) if g is not None else 0, hs, cs if cs is not None else hs, hs.stride(0), dgi, dgh,
+        dgi.stride(0), dgi.stride(1), lengths, count, int(reverse), T, B, H,
+        MODE=MODE_CODES[mode], DOT_DT=dot, BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+    )
+    return True
+
+
 def step_backward(mode, dg_next, w_hh, carry, dc, dout, g, hp, hn, cp, cn, dgi, dgh, dh0, lengths, t, dot, final=False,
                   has_carry=True, dc_in=None):
     """One backward step (``_rnn_step_bwd_kernel``). The sequence (``has_carry``): ``carry`` and
@@ -1291,6 +1374,21 @@ def _persist_spec(code, dt, out_dt, has_bhh, dot):
                    label=f"persist fwd {mode} {dt} dot{dot} out {out_dt} bhh{int(has_bhh)} w{warps} s{stages}")
 
 
+def _persist_bwd_spec(mode, dt, dout_dt, dot):
+    bb, bh, bk = PERSIST_BLOCKS
+    warps, stages = persist_bwd_launch(mode, dot)
+    sig = {"w_ptr": f"*{dt}", "stride_w0": "i32", "stride_w1": "i32", "carry_ptr": "*fp32", "dc_ptr": "*fp32",
+           "has_dc": "i32", "dout_ptr": f"*{dout_dt}", "stride_dot": "i32", "stride_dob": "i32", "g_ptr": "*fp32",
+           "stride_gt": "i32", "stride_gb": "i32", "hs_ptr": "*fp32", "cs_ptr": "*fp32", "stride_hs": "i32",
+           "dgi_ptr": "*fp32", "dgh_ptr": "*fp32", "stride_dgt": "i32", "stride_dgb": "i32", "len_ptr": "*i64",
+           "count_ptr": "*i32", "reverse": "i32", "T": "i32", "B": "i32", "H": "i32"}
+    for k in ("MODE", "DOT_DT", "BLOCK_B", "BLOCK_H", "BLOCK_K"):
+        sig[k] = "constexpr"
+    cons = {"MODE": MODE_CODES[mode], "DOT_DT": dot, "BLOCK_B": bb, "BLOCK_H": bh, "BLOCK_K": bk}
+    return AotSpec(_rnn_persist_bwd_kernel, sig, cons, num_warps=warps, num_stages=stages,
+                   label=f"persist bwd {mode} {dt} dot{dot} dout {dout_dt} w{warps} s{stages}")
+
+
 def step_dots(dt: str) -> tuple[int, ...]:
     """The dot codes a layer of io dtype ``dt`` runs its recurrent products with: float32 exact
     (torch.backends.cudnn.allow_tf32 off) or TF32 (on); a half dtype its own."""
@@ -1356,6 +1454,7 @@ def _step_specs(dt, dot):
                     specs.append(step_fwd_spec(mode, dt, out_dt, has_bhh, False, dot, cfg))
                     specs.append(_pair_spec(_rnn_step2_fwd_kernel, specs[-1]))
         for dout_dt in sorted({dt, "fp32"}):
+            specs.append(_persist_bwd_spec(mode, dt, dout_dt, dot))
             for has_next, final in ((False, False), (True, False), (True, True)):
                 if final and dout_dt != "fp32":
                     continue
