@@ -7,7 +7,8 @@ GPU set (device "cuda", issues 6 and 16), float32 and bfloat16, torch's default 
 LSTM, GRU and RNN (tanh) T=100 N=64 I=H=512 forward and forward+backward; small batch N=4 and 16,
 T=50, at H=256 / 512 / 1024 (``--quick``: 512) forward, and the LSTM forward+backward at H=512;
 a 2-layer bidirectional LSTM N=32 T=100 I=H=256 forward+backward; a bidirectional LSTM N=4 T=50
-I=H=512 forward; a packed LSTM N=64 T=100 I=H=512 forward+backward (lengths T down to T / 10,
+I=H=512 forward; the demo's models (LSTM and GRU, T=8 N=32 I=8 H=32, two bidirectional layers,
+float32) forward+backward; a packed LSTM N=64 T=100 I=H=512 forward+backward (lengths T down to T / 10,
 ``packed_lengths``), PackedSequence in and out on both sides. torch (cuDNN) against our
 triton and cupy backends and against a Python loop of ``torch.nn.LSTMCell`` / ``GRUCell`` /
 ``RNNCell``; provider ``triton`` runs the per-step launches (``GPU_NN_RNN_PERSISTENT=0``), and in
@@ -187,6 +188,12 @@ def cases(device: str = "cpu", quick: bool = False) -> list[harness.Case]:
         # small-batch bidirectional forward: both directions in one launch per step (triton) or
         # in one persistent launch (triton-persistent)
         out.append(_case("lstm", 50, 4, 512, 512, dtype, device, False, _small_providers(), bidirectional=True))
+        # the demo's recurrent models (gpu-nn demo: T=8 N=32 I=8 H=32, two bidirectional layers),
+        # launch-bound: per step against one persistent launch per layer forward and backward
+        if dtype == torch.float32:
+            for mode in ("lstm", "gru"):
+                out.append(_case(mode, 8, 32, 8, 32, dtype, device, True,
+                                 tuple(p for p in _small_providers() if p != "cell_loop"), L=2, bidirectional=True))
         # a packed batch of unequal lengths (T down to T / 10, shuffled): the step kernels skip
         # the batch tiles whose sequences have ended (torch: cuDNN's packed path); --quick: float32
         if not quick or dtype == torch.float32:

@@ -1075,7 +1075,9 @@ _PERSIST_ENV = ops.PERSISTENT_ENV
 @pytest.mark.parametrize("device_type,B,H,sm,env,want", [
     ("cuda", 4, 256, 132, None, True),    # the heuristic: CUDA, small batch, H <= 1024
     ("cuda", 16, 1024, 132, "", True),
-    ("cuda", 17, 256, 132, None, False),  # batch beyond one tile
+    ("cuda", 17, 256, 132, None, False),  # the heuristic: batch beyond one tile (unmeasured there)
+    ("cuda", 64, 256, 132, "1", True),    # forced on: up to four batch tiles
+    ("cuda", 65, 256, 132, "1", False),   # forced on but not legal
     ("cuda", 4, 1025, 132, None, False),  # hidden beyond the bound
     ("cuda", 0, 256, 132, None, False),
     ("cuda", 4, 256, 0, None, False),     # no SM to run on
@@ -1083,7 +1085,7 @@ _PERSIST_ENV = ops.PERSISTENT_ENV
     ("cuda", 4, 256, 1, "1", True),
     ("cpu", 4, 13, 1, None, False),       # the heuristic never picks the interpreter
     ("cpu", 4, 13, 1, "1", True),         # forced on: one program
-    ("cpu", 32, 13, 1, "1", False),       # forced on but not legal
+    ("cpu", 32, 13, 1, "1", True),        # forced on: two batch tiles, one program
 ])
 def test_persistent_choice(device_type, B, H, sm, env, want):
     assert ops.persistent_choice(device_type, B, H, sm, env, by_default=True) is want
@@ -1160,7 +1162,9 @@ def test_persist_programs_capped_at_sm_count():
     assert kt.persist_programs(4, 1024, 132) == 64  # one program per 16-unit hidden tile
     assert kt.persist_programs(4, 1024, 20) == 20   # never more than one program per SM
     assert kt.persist_programs(16, 33, 1) == 1
-    assert kt.persist_programs(17, 33, 132) == 0
+    assert kt.persist_programs(17, 33, 132) == 6   # two batch tiles x three hidden tiles
+    assert kt.persist_programs(64, 1024, 132) == 132
+    assert kt.persist_programs(65, 33, 132) == 0
     assert kt.persist_programs(4, 1025, 132) == 0
 
 
@@ -1169,6 +1173,9 @@ PERSIST_GRID = [
     (5, 3, 4, 7, 1, False, None, True, False),
     (3, 5, 3, 13, 2, True, (3, 1, 2, 3, 2), False, True),
     (4, 1, 5, 33, 1, True, (3,), True, False),  # three hidden tiles in the one program
+    # two batch tiles of 16 (B <= 64 when forced on): one direction, then a bidirectional stack
+    (4, 18, 3, 9, 1, False, (4, 1, 3, 4, 2, 4, 4, 1, 3, 2, 4, 4, 3, 1, 2, 4, 3, 2), True, False),
+    (3, 19, 4, 7, 2, True, (3, 1, 2, 3, 3, 2, 1, 3, 2, 3, 1, 2, 3, 3, 2, 1, 3, 2, 1), True, True),
 ]
 
 
@@ -1240,7 +1247,7 @@ def test_persistent_forward_matches_reference(mode, cfg, rng, monkeypatch):
                     reason="needs a GPU: the multi-program grid barrier cannot run in the interpreter "
                            "(programs run one after another there, so a barrier across two never opens)")
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("B,H", [(4, 256), (16, 1000), (3, 1024)])
+@pytest.mark.parametrize("B,H", [(4, 256), (16, 1000), (3, 1024), (40, 200)])
 def test_persistent_multi_program_matches_per_step_on_gpu(mode, B, H, rng, monkeypatch):
     """Many programs across a grid barrier per step (min(ceil(H / 16), SMs) of them) against the
     per-step launches: outputs, final states and the reserve, float32; launched twice so a stale
@@ -1279,21 +1286,23 @@ def test_persistent_multi_program_matches_per_step_on_gpu(mode, B, H, rng, monke
                     reason="needs a GPU: the multi-program grid barrier cannot run in the interpreter "
                            "(programs run one after another there, so a barrier across two never opens)")
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("B,H", [(4, 256), (16, 1000), (3, 1024)])
-def test_persistent_backward_multi_program_matches_per_step_on_gpu(mode, B, H, rng, monkeypatch):
-    """The persistent backward (GPU_NN_RNN_PERSISTENT=1: one launch per layer and direction, many
-    programs across a grid barrier per step) against the per-step backward: every gradient of a
-    two-layer unidirectional layer with unequal lengths and dropout masks, float32; run twice so a
-    stale barrier counter would show; then the float64 reference."""
+@pytest.mark.parametrize("B,H", [(4, 256), (16, 1000), (40, 200)])
+@pytest.mark.parametrize("bi", [False, True], ids=["uni", "bi"])
+def test_persistent_backward_multi_program_matches_per_step_on_gpu(mode, B, H, bi, rng, monkeypatch):
+    """The persistent backward (GPU_NN_RNN_PERSISTENT=1: one launch per layer and direction, or
+    per bidirectional layer, many programs across a grid barrier per step) against the per-step
+    backward: every gradient of a two-layer stack with unequal lengths and dropout masks,
+    float32; run twice so a stale barrier counter would show; then the float64 reference."""
     from gpu_nn.kernels.triton import rnn as kt
 
-    T, I, L, bi = 20, 64, 2, False
+    T, I, L = 20, 64, 2
     lengths = tuple(int(v) for v in rng.integers(1, T + 1, size=B))
     x, hx, params, mk, lens = _persist_case(mode, rng, T, B, I, H, L, bi, lengths, True, True)
     assert kt.persist_programs(B, H, torch.cuda.get_device_properties(0).multi_processor_count) > 1
     calls = []
-    real = kt.loop_backward
-    monkeypatch.setattr(kt, "loop_backward", lambda *a: (calls.append(a[-1]), real(*a))[1])
+    name = "persist_backward_pair" if bi else "loop_backward"
+    real = getattr(kt, name)
+    monkeypatch.setattr(kt, name, lambda *a: (calls.append(a[-1]), real(*a))[1])
 
     def run(env):
         monkeypatch.setenv(_PERSIST_ENV, env)
@@ -1668,18 +1677,19 @@ def test_pair_loops_equal_two_one_direction_loops(mode, has_bhh, masked):
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("reverse", [False, True])
-@pytest.mark.parametrize("lengths", [None, (5, 2, 0, 4)], ids=["full", "len"])
+@pytest.mark.parametrize("lengths", [None, (5, 2, 0, 4), (5, 2, 0, 4) * 5], ids=["full", "len", "len2tiles"])
 def test_persistent_backward_equals_per_step_loop(mode, reverse, lengths):
     """loop_backward (the whole backward time loop of one layer and direction in one launch)
     leaves carry, dc and every gate gradient exactly as steps_backward's launch per step does:
     fresh random data, three hidden tiles run by the one program the interpreter allows (on a
-    GPU: the launcher's program count, across the grid barrier), unequal lengths (one of zero),
-    both directions; then the final dh0 step on either gives the same dh0."""
+    GPU: the launcher's program count, across the grid barrier), one and two batch tiles, unequal
+    lengths (some of zero), both directions; then the final dh0 step on either gives the same
+    dh0."""
     from gpu_nn.kernels.triton import rnn as kt
 
     dev = _kernels_here()
     g = torch.Generator().manual_seed(3)
-    T, B, H = 5, 4, 33
+    T, B, H = 5, len(lengths or (0,) * 4), 33
     G, S = ref.GATES[mode] * H, ref.STORED[mode] * H
     lstm = mode == "lstm"
 
@@ -1710,6 +1720,51 @@ def test_persistent_backward_equals_per_step_loop(mode, reverse, lengths):
     for k in ("carry", "dc", "dGi", "dGh", "dh0"):
         assert runs[0][k] is None or _same(runs[0][k], runs[1][k]), k
     assert not torch.equal(runs[1]["dGi"], start["dGi"])  # the loop wrote the gate gradients
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("B", [4, 19])
+def test_persistent_backward_pair_equals_per_step_pair(mode, B):
+    """persist_backward_pair (both directions' backward time loops in one persistent launch, then
+    their final dh0 step) leaves carry, dc, every gate gradient and dh0 exactly as
+    steps_backward_pair's launch per step does: fresh random data, unequal lengths, one and two
+    batch tiles, three hidden tiles, one program here (on a GPU the launcher's count)."""
+    from gpu_nn.kernels.triton import rnn as kt
+
+    dev = _kernels_here()
+    g = torch.Generator().manual_seed(5 + B)
+    T, H = 4, 33
+    G, S = ref.GATES[mode] * H, ref.STORED[mode] * H
+    lstm = mode == "lstm"
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(dev)
+
+    lens = torch.randint(1, T + 1, (B,), generator=g, dtype=torch.int64).to(dev)
+    sm = torch.cuda.get_device_properties(0).multi_processor_count if dev == "cuda" else 1
+    programs = kt.persist_pair_programs(B, H, sm)
+    dout = rnd(T, B, 2 * H)
+
+    def direction(d):
+        return dict(w_hh=rnd(G, H) * 0.3, carry=rnd(B, H), dc=rnd(B, H) if lstm else None,
+                    dout=dout[:, :, d * H:(d + 1) * H], G=rnd(T, B, S) if S else None, Hs=rnd(T + 1, B, H),
+                    Cs=rnd(T + 1, B, H) if lstm else None, dGi=torch.full((T, B, G), 9.0, device=dev),
+                    dGh=torch.full((T, B, G), 9.0, device=dev) if mode == "gru" else None,
+                    dh0=torch.full((B, H), 9.0, device=dev))
+
+    one = [direction(0), direction(1)]
+    mutable = ("carry", "dc", "dGi", "dGh", "dh0")
+    two = [{k: (v.clone() if k in mutable and v is not None else v) for k, v in o.items()} for o in one]
+    keys = ("w_hh", "carry", "dc", "dout", "G", "Hs", "Cs", "dGi", "dGh", "dh0")
+
+    def args(o):
+        return tuple(o[k] if k != "dGh" or o[k] is not None else o["dGi"] for k in keys)
+
+    kt.steps_backward_pair(mode, args(one[0]), args(one[1]), lens, 0)
+    kt.persist_backward_pair(mode, args(two[0]), args(two[1]), lens, 0, programs)
+    for a, b in zip(one, two):
+        for k in mutable:
+            assert a[k] is None or _same(a[k], b[k]), k
 
 
 def _finished_tile_case(mode, backward):

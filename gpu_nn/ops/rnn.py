@@ -54,11 +54,16 @@ figures predate TF32 and the 16 x 16 step tiles (both paths changed since); the 
 and the heuristic stays as measured until then. ``GPU_NN_RNN_PERSISTENT=0`` never takes it, ``=1`` whenever
 legal (also under the Triton interpreter, with one program, since the interpreter runs
 programs one after another); never for an LSTM with a projection (the persistent kernel has
-none). The backward: for a unidirectional layer the persistent backward
-(``kernels.triton.rnn.loop_backward``: the backward time loop in one launch, the same barrier,
-then the final dh0 step as after the per-step loop) under ``GPU_NN_RNN_PERSISTENT=1``; not by
-default (``PERSISTENT_BWD_BY_DEFAULT``: no GPU has run it yet); otherwise, and for bidirectional
-layers (both directions per step in one launch), the per-step kernels on the same reserve.
+none). Forced on (``=1``), the persistent kernels also take batches up to 64 (four batch tiles
+of 16 dealt to the programs with the hidden tiles: the demo's recurrent models, batch 32, hidden
+32, make 8 tiles a bidirectional layer), outside the heuristic's measured domain.
+
+The backward: the persistent backward (``kernels.triton.rnn.loop_backward``, one launch per layer
+and direction; ``persist_backward_pair``, both directions of a bidirectional layer in one launch;
+the same barrier, then the final dh0 step as after the per-step loop) under
+``GPU_NN_RNN_PERSISTENT=1``; not by default (``PERSISTENT_BWD_BY_DEFAULT``: no GPU has run it
+yet); otherwise the per-step kernels (both directions per step in one launch) on the same
+reserve.
 
 A projected LSTM step on the GPU: the step kernel (recurrent product over the P-wide state,
 m = o * tanh(c') into the reserve), then the projection kernel (h' = m W_hr^T, length masking,
@@ -400,6 +405,8 @@ PERSISTENT_BY_DEFAULT = True  # the barrier passed its H200 tests; the heuristic
 # the backward keeps its per-step launches; GPU_NN_RNN_PERSISTENT=1 takes it (bench_rnn's
 # triton-persistent provider times it in the small-batch fwd+bwd cases)
 PERSISTENT_BWD_BY_DEFAULT = False
+PERSIST_MAX_B = 64  # kernels/triton/rnn.py PERSIST_MAX_B: four batch tiles of 16
+PERSIST_DEFAULT_MAX_B = 16  # the heuristic's batch bound: one tile, as the H200 measured it
 
 
 def persistent_choice(device_type: str, B: int, H: int, sm_count: int, env: Optional[str],
@@ -409,20 +416,20 @@ def persistent_choice(device_type: str, B: int, H: int, sm_count: int, env: Opti
     instead of one launch per step. ``env`` is the value of
     ``GPU_NN_RNN_PERSISTENT`` (None if unset).
 
-    Legal when 1 <= B <= 16, 1 <= H <= 1024 and ``sm_count >= 1``: the kernel holds every batch
-    row in one tile, and its grid is min(ceil(H / 16), sm_count) programs, one per SM at most,
-    so all of them are resident and the grid barrier cannot deadlock. ``"0"``: never; ``"1"``:
+    Legal when 1 <= B <= PERSIST_MAX_B (64), 1 <= H <= 1024 and ``sm_count >= 1``: the (batch,
+    hidden) tiles of 16 x 16 are dealt to min(tiles, sm_count) programs, one per SM at most, so
+    all of them are resident and the grid barrier cannot deadlock. ``"0"``: never; ``"1"``:
     whenever legal (also under the interpreter, where ``sm_count`` is 1); unset or empty: the
-    heuristic, legal, a CUDA device and ``half`` (float16 / bfloat16 inputs: where the H200
-    measured the persistent kernel faster; float32 measured slower), applied only when
-    ``by_default``. Never for an LSTM with a projection (``proj_size > 0``): the persistent kernel
-    has no projection step.
+    heuristic, within the domain the H200 measured (B <= 16: one batch tile), a CUDA device and
+    ``half`` (float16 / bfloat16 inputs: where the H200 measured the persistent kernel faster;
+    float32 measured slower), applied only when ``by_default``. Never for an LSTM with a
+    projection (``proj_size > 0``): the persistent kernel has no projection step.
     """
     if env not in (None, "", "0", "1"):
         raise ValueError(f"{PERSISTENT_ENV} must be 0, 1 or unset, got {env!r}")
-    if env == "0" or proj_size > 0 or sm_count < 1 or not (1 <= B <= 16 and 1 <= H <= 1024):
+    if env == "0" or proj_size > 0 or sm_count < 1 or not (1 <= B <= PERSIST_MAX_B and 1 <= H <= 1024):
         return False
-    return env == "1" or (by_default and device_type == "cuda" and half)
+    return env == "1" or (by_default and device_type == "cuda" and half and B <= PERSIST_DEFAULT_MAX_B)
 
 
 def _persist_programs(K, dev, B, H, P=0, half=False, backward=False):
@@ -441,7 +448,8 @@ def _persist_programs(K, dev, B, H, P=0, half=False, backward=False):
 
 
 def _persist_pair_programs(K, dev, B, H):
-    """Programs of the two-direction persistent launch, 0 where the backend has none (cupy)."""
+    """Programs of the two-direction persistent launches (forward or backward), 0 where the
+    backend has none (cupy)."""
     if not hasattr(K, "persist_pair_programs"):
         return 0
     sm = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 1
@@ -568,6 +576,8 @@ def _gpu_backward(K, mode, gout, ghn, gcn, input, weights, reserve, num_layers, 
     # directions' gate gradients coexist, one buffer each; otherwise one buffer serves both in turn
     pairs = [D == 2 and not P and steps_backward is not None and K.pair_ok(ws[l * D][1], ws[l * D + 1][1])
              for l in range(L)]
+    # the pairs' persistent backward (triton, where the persistent backward is chosen): its programs
+    bpair = _persist_pair_programs(K, dev, B, H) if bloop and any(pairs) and hasattr(K, "persist_backward_pair") else 0
     nbuf = 2 if any(pairs) else 1
     dGis = empty((nbuf, T, B, GH), dtype=f32, device=dev)
     dGhs = empty((nbuf, T, B, GH), dtype=f32, device=dev) if mode == "gru" else dGis
@@ -594,10 +604,14 @@ def _gpu_backward(K, mode, gout, ghn, gcn, input, weights, reserve, num_layers, 
         mk = masks[l - 1] if (masks is not None and l > 0) else None
         dws_pair = None
         if pairs[l]:
-            K.steps_backward_pair(mode, *[
-                (ws[k][1], carries[k], None if dcx is None else dcx[k], dout[:, :, d * H:(d + 1) * H],
-                 v.get(("gates", l, d)), v[("h", l, d)], v.get(("c", l, d)), dGis[d], dGhs[d], dhx[k])
-                for d, k in ((0, l * D), (1, l * D + 1))], lens, _dot_code(ws[l * D][1].dtype, tf32=tf32))
+            dirs = [(ws[k][1], carries[k], None if dcx is None else dcx[k], dout[:, :, d * H:(d + 1) * H],
+                     v.get(("gates", l, d)), v[("h", l, d)], v.get(("c", l, d)), dGis[d], dGhs[d], dhx[k])
+                    for d, k in ((0, l * D), (1, l * D + 1))]
+            pdc = _dot_code(ws[l * D][1].dtype, tf32=tf32)
+            if bpair:  # both directions' time loops in one persistent launch
+                K.persist_backward_pair(mode, *dirs, lens, pdc, bpair)
+            else:
+                K.steps_backward_pair(mode, *dirs, lens, pdc)
             # dW_ih and dW_hh of both directions, each pair in one launch where the two can share it
             dws_pair = [(empty(ws[l * D + d][0].shape, dtype=ws[l * D + d][0].dtype, device=dev),
                          empty(ws[l * D + d][1].shape, dtype=ws[l * D + d][1].dtype, device=dev)) for d in range(D)]

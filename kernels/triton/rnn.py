@@ -26,14 +26,16 @@ except in the persistent kernel:
   ``m = o * tanh(c')`` stored unmasked), ``h' = m W_hr^T`` with the length masking and the output
   write; backward, ``dh`` of the projected state before the step kernel's cell math (which then
   takes ``dm = dh W_hr``, formed by ``_rnn_matmul_kernel``, as its output gradient).
-* ``_rnn_persist_fwd_kernel`` -- the small-batch path (B <= 16, H <= 1024): the whole forward
+* ``_rnn_persist_fwd_kernel`` -- the small-batch path (B <= 64, H <= 1024): the whole forward
   time loop of one layer and direction in one launch, the step kernel's math per hidden tile,
   a grid-wide barrier (atomic counter) between steps; at most one program per SM.
   ``_rnn_persist2_fwd_kernel`` does both directions of a bidirectional layer in one such launch
   (the hidden tiles of both dealt to the programs, one barrier per step for both).
 * ``_rnn_persist_bwd_kernel`` -- the backward time loop of one layer and direction in one launch:
-  per step the step backward's tile for each of the program's hidden tiles, then the barrier;
-  the previous step's gate gradients, written by every program, read through L2 (``.cg``).
+  per step the step backward's tile for each of the program's tiles, then the barrier; the
+  previous step's gate gradients, written by every program, read through L2 (``.cg``).
+  ``_rnn_persist2_bwd_kernel``: both directions of a bidirectional layer in one such launch.
+  The persistent kernels deal (batch, hidden) tiles of 16 x 16 to the programs, B <= 64.
 
 Variable lengths (``len [B]``; full lengths when none were given): a step beyond a sequence's
 length keeps its state, writes a zero output and zero gate gradients. A step tile whose batch
@@ -469,29 +471,28 @@ def _rnn_persist_fwd_kernel(xg_ptr, stride_xgt, stride_xgb, hs_ptr, cs_ptr, stri
     projections, overwritten with the activated gates as the step kernel does; ``hs / cs
     [T + 1, B, H]`` float32, slot stride ``stride_hs`` (the reserve's state slots: slot 0 holds the initial state
     forward, slot T when ``reverse``); ``out [T, B, H]`` (unit last stride), ``mask`` likewise;
-    ``count`` one int32, zero at launch. All batch rows in one tile (B <= BLOCK_B).
+    ``count`` one int32, zero at launch.
 
-    Program ``pid`` of ``P`` owns the hidden tiles ``pid, pid + P, ...`` (BLOCK_H units across
-    all gates each). Per step it computes ``h_{t-1} W_hh^T`` for its tiles and the same gate
+    The (batch, hidden) tiles, ``cdiv(B, BLOCK_B) * cdiv(H, BLOCK_H)`` of them numbered batch
+    tile major, are dealt to the programs: program ``pid`` of ``P`` owns tiles ``pid, pid + P,
+    ...`` (BLOCK_B rows x BLOCK_H units across all gates each). Per step it computes ``h_{t-1} W_hh^T`` for its tiles and the same gate
     math, stores and masking as ``_rnn_step_fwd_kernel``, then waits at a grid-wide barrier:
     CTA barrier, one acq_rel gpu-scope increment of ``count``, spin on acquire reads until
     ``count == (s + 1) * P``. This is only safe when every program is resident at once: the
     launcher caps ``P`` at the SM count (one program per SM). h_{t-1} is read with ``.cg``
     (L2, never a stale L1 line) because other programs wrote it. W_hh is re-read every step;
-    for B <= 16 and H <= 1024 it (at most 16 MiB in float32 for the LSTM) stays resident in L2
-    across steps, so the re-reads do not go to HBM. Not supported: B > BLOCK_B, more than 2^31 / P
-    steps (the counter is int32).
+    for H <= 1024 it (at most 16 MiB in float32 for the LSTM) stays resident in L2 across steps,
+    so the re-reads do not go to HBM. Not supported: more than 2^31 / P steps (the counter is
+    int32); the launcher takes B <= PERSIST_MAX_B.
     """
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    rb = tl.arange(0, BLOCK_B).to(tl.int64)
-    mb = rb < B
-    lens = tl.load(len_ptr + rb, mask=mb, other=0)
+    nh = tl.cdiv(H, BLOCK_H)
     for s in range(0, T):
-        for j in range(pid, tl.cdiv(H, BLOCK_H), nprog):
-            _persist_tile(j, s, reverse, xg_ptr, stride_xgt, stride_xgb, hs_ptr, cs_ptr, stride_hs, w_ptr, stride_w0,
-                          stride_w1, bhh_ptr, out_ptr, stride_ot, stride_ob, mask_ptr, stride_mt, stride_mb, has_mask,
-                          lens, rb, mb, T, H, MODE, HAS_BHH, DOT_DT, BLOCK_B, BLOCK_H, BLOCK_K)
+        for j in range(pid, tl.cdiv(B, BLOCK_B) * nh, nprog):
+            _persist_tile(j // nh, j % nh, s, reverse, xg_ptr, stride_xgt, stride_xgb, hs_ptr, cs_ptr, stride_hs, w_ptr,
+                          stride_w0, stride_w1, bhh_ptr, out_ptr, stride_ot, stride_ob, mask_ptr, stride_mt, stride_mb,
+                          has_mask, len_ptr, B, T, H, MODE, HAS_BHH, DOT_DT, BLOCK_B, BLOCK_H, BLOCK_K)
         _grid_barrier(count_ptr, (s + 1) * nprog)
 
 
@@ -503,27 +504,34 @@ def _rnn_persist2_fwd_kernel(xg_ptr, xg1_ptr, stride_xgt, stride_xgb, hs_ptr, hs
                              BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
     """Both directions of a bidirectional layer in one persistent launch: the hidden tiles of the
     forward direction (the ``*_ptr`` buffers) and of the reverse one (``*1_ptr``) are
-    ``2 * cdiv(H, BLOCK_H)`` tiles dealt to the programs as ``_rnn_persist_fwd_kernel`` deals one
+    twice ``_rnn_persist_fwd_kernel``'s tiles, dealt to the programs as it deals one
     direction's; per step every program runs its tiles of both directions (step ``s`` forward,
     ``T - 1 - s`` reverse), then the same grid barrier. Shared: strides, mask flag, lengths,
     sizes. Half the barriers and launches of two one-direction launches, twice the programs."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    rb = tl.arange(0, BLOCK_B).to(tl.int64)
-    mb = rb < B
-    lens = tl.load(len_ptr + rb, mask=mb, other=0)
-    nt = tl.cdiv(H, BLOCK_H)
+    nh = tl.cdiv(H, BLOCK_H)
+    nt = tl.cdiv(B, BLOCK_B) * nh
     for s in range(0, T):
         for j in range(pid, 2 * nt, nprog):
-            rev = j >= nt
-            r = rev.to(tl.int32)
-            _persist_tile(j - r * nt, s, r, tl.where(rev, xg1_ptr, xg_ptr), stride_xgt, stride_xgb,
+            rev, r, jb, jh = _pair_tile(j, nt, nh)
+            _persist_tile(jb, jh, s, r, tl.where(rev, xg1_ptr, xg_ptr), stride_xgt, stride_xgb,
                           tl.where(rev, hs1_ptr, hs_ptr), tl.where(rev, cs1_ptr, cs_ptr), stride_hs,
                           tl.where(rev, w1_ptr, w_ptr), stride_w0, stride_w1, tl.where(rev, bhh1_ptr, bhh_ptr),
                           tl.where(rev, out1_ptr, out_ptr), stride_ot, stride_ob, tl.where(rev, mask1_ptr, mask_ptr),
-                          stride_mt, stride_mb, has_mask, lens, rb, mb, T, H, MODE, HAS_BHH, DOT_DT, BLOCK_B, BLOCK_H,
-                          BLOCK_K)
+                          stride_mt, stride_mb, has_mask, len_ptr, B, T, H, MODE, HAS_BHH, DOT_DT, BLOCK_B,
+                          BLOCK_H, BLOCK_K)
         _grid_barrier(count_ptr, (s + 1) * nprog)
+
+
+@triton.jit
+def _pair_tile(j, nt, nh):
+    """Tile ``j`` of a two-direction persistent launch (``nt`` tiles a direction, ``nh`` hidden
+    tiles a batch tile): (reverse direction?, the same as int32, batch tile, hidden tile)."""
+    rev = j >= nt
+    r = rev.to(tl.int32)
+    jj = j - r * nt
+    return rev, r, jj // nh, jj % nh
 
 
 @triton.jit
@@ -538,11 +546,15 @@ def _grid_barrier(count_ptr, target):
 
 
 @triton.jit
-def _persist_tile(j, s, reverse, xg_ptr, stride_xgt, stride_xgb, hs_ptr, cs_ptr, stride_hs, w_ptr, stride_w0, stride_w1,
-                  bhh_ptr, out_ptr, stride_ot, stride_ob, mask_ptr, stride_mt, stride_mb, has_mask, lens, rb, mb, T, H,
-                  MODE: tl.constexpr, HAS_BHH: tl.constexpr, DOT_DT: tl.constexpr,
+def _persist_tile(jb, j, s, reverse, xg_ptr, stride_xgt, stride_xgb, hs_ptr, cs_ptr, stride_hs, w_ptr, stride_w0,
+                  stride_w1, bhh_ptr, out_ptr, stride_ot, stride_ob, mask_ptr, stride_mt, stride_mb, has_mask, len_ptr,
+                  B, T, H, MODE: tl.constexpr, HAS_BHH: tl.constexpr, DOT_DT: tl.constexpr,
                   BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Step ``s`` of the persistent forward for hidden tile ``j`` of one direction."""
+    """Step ``s`` of the persistent forward for batch tile ``jb``, hidden tile ``j`` of one
+    direction."""
+    rb = (jb * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
+    mb = rb < B
+    lens = tl.load(len_ptr + rb, mask=mb, other=0)
     # forward: step t = s moves slot t -> t + 1; reverse: t = T - 1 - s moves slot t + 1 -> t
     t = s + reverse * (T - 1 - 2 * s)
     t64 = t.to(tl.int64)
@@ -726,24 +738,68 @@ def _rnn_persist_bwd_kernel(w_ptr, stride_w0, stride_w1, carry_ptr, dc_ptr, has_
     the stored gates (strides ``stride_gt``, ``stride_gb``), ``hs / cs [T + 1, B, H]`` float32
     slots (stride ``stride_hs``), ``dgi / dgh [T, B, G * H]`` (strides ``stride_dgt``,
     ``stride_dgb``; the same tensor but for the GRU), ``len [B]``, ``count`` one int32, zero at
-    launch. All batch rows in one tile (B <= BLOCK_B); every program resident (the launcher
-    caps the grid at the SM count), one pipeline stage (see ``persist_launch``)."""
+    launch. The (batch, hidden) tiles are dealt to the programs as the forward's; every program
+    resident (the launcher caps the grid at the SM count), one pipeline stage (see
+    ``persist_launch``)."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
+    nh = tl.cdiv(H, BLOCK_H)
     for s in range(0, T):
-        # forward: t = T - 1 - s, the step before it t + 1; reverse: t = s, the step before t - 1
-        t = T - 1 - s + reverse * (2 * s + 1 - T)
-        t64 = t.to(tl.int64)
-        tn64 = t64 + 1 - 2 * reverse
-        hp = (t64 + reverse) * stride_hs  # forward: slot t -> t + 1; reverse: slot t + 1 -> t
-        hn = (t64 + 1 - reverse) * stride_hs
-        for j in range(pid, tl.cdiv(H, BLOCK_H), nprog):
-            _step_bwd_tile(0, j, dgh_ptr + tn64 * stride_dgt, stride_dgb, w_ptr, stride_w0, stride_w1, carry_ptr, 1,
-                           dc_ptr, dc_ptr, has_dc, dout_ptr + t64 * stride_dot, stride_dob, g_ptr + t64 * stride_gt,
-                           stride_gb, hs_ptr + hp, hs_ptr + hn, cs_ptr + hp, cs_ptr + hn, dgi_ptr + t64 * stride_dgt,
-                           dgh_ptr + t64 * stride_dgt, stride_dgb, carry_ptr, len_ptr, t, B, H, MODE, True, False,
-                           DOT_DT, BLOCK_B, BLOCK_H, BLOCK_K, s > 0, ".cg")
+        for j in range(pid, tl.cdiv(B, BLOCK_B) * nh, nprog):
+            _persist_bwd_tile(j // nh, j % nh, s, reverse, w_ptr, stride_w0, stride_w1, carry_ptr, dc_ptr, has_dc,
+                              dout_ptr, stride_dot, stride_dob, g_ptr, stride_gt, stride_gb, hs_ptr, cs_ptr, stride_hs,
+                              dgi_ptr, dgh_ptr, stride_dgt, stride_dgb, len_ptr, T, B, H, MODE, DOT_DT, BLOCK_B,
+                              BLOCK_H, BLOCK_K)
         _grid_barrier(count_ptr, (s + 1) * nprog)
+
+
+@triton.jit
+def _rnn_persist2_bwd_kernel(w_ptr, w1_ptr, stride_w0, stride_w1, carry_ptr, carry1_ptr, dc_ptr, dc1_ptr, has_dc,
+                             dout_ptr, dout1_ptr, stride_dot, stride_dob, g_ptr, g1_ptr, stride_gt, stride_gb, hs_ptr,
+                             hs1_ptr, cs_ptr, cs1_ptr, stride_hs, dgi_ptr, dgi1_ptr, dgh_ptr, dgh1_ptr, stride_dgt,
+                             stride_dgb, len_ptr, count_ptr, T, B, H,
+                             MODE: tl.constexpr, DOT_DT: tl.constexpr,
+                             BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Both directions' backward time loops of a bidirectional layer in one persistent launch,
+    as ``_rnn_persist2_fwd_kernel`` is to the forward: the tiles of the forward direction (the
+    ``*_ptr`` buffers) and of the reverse one (``*1_ptr``) dealt to the programs, per step every
+    program runs its tiles of both (step ``T - 1 - s`` forward, ``s`` reverse), then one grid
+    barrier. Each direction as ``_rnn_persist_bwd_kernel`` leaves it."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    nh = tl.cdiv(H, BLOCK_H)
+    nt = tl.cdiv(B, BLOCK_B) * nh
+    for s in range(0, T):
+        for j in range(pid, 2 * nt, nprog):
+            rev, r, jb, jh = _pair_tile(j, nt, nh)
+            _persist_bwd_tile(jb, jh, s, r, tl.where(rev, w1_ptr, w_ptr), stride_w0, stride_w1,
+                              tl.where(rev, carry1_ptr, carry_ptr), tl.where(rev, dc1_ptr, dc_ptr), has_dc,
+                              tl.where(rev, dout1_ptr, dout_ptr), stride_dot, stride_dob, tl.where(rev, g1_ptr, g_ptr),
+                              stride_gt, stride_gb, tl.where(rev, hs1_ptr, hs_ptr), tl.where(rev, cs1_ptr, cs_ptr),
+                              stride_hs, tl.where(rev, dgi1_ptr, dgi_ptr), tl.where(rev, dgh1_ptr, dgh_ptr), stride_dgt,
+                              stride_dgb, len_ptr, T, B, H, MODE, DOT_DT, BLOCK_B, BLOCK_H, BLOCK_K)
+        _grid_barrier(count_ptr, (s + 1) * nprog)
+
+
+@triton.jit
+def _persist_bwd_tile(jb, jh, s, reverse, w_ptr, stride_w0, stride_w1, carry_ptr, dc_ptr, has_dc, dout_ptr, stride_dot,
+                      stride_dob, g_ptr, stride_gt, stride_gb, hs_ptr, cs_ptr, stride_hs, dgi_ptr, dgh_ptr, stride_dgt,
+                      stride_dgb, len_ptr, T, B, H, MODE: tl.constexpr, DOT_DT: tl.constexpr, BLOCK_B: tl.constexpr,
+                      BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Step ``s`` of the persistent backward for batch tile ``jb``, hidden tile ``jh`` of one
+    direction: the step backward's tile of a sequence step (the first step processed, s = 0, has
+    no ``dG_next W_hh``; the previous step's ``dgh``, written by other programs, read ``.cg``)."""
+    # forward: t = T - 1 - s, the step before it t + 1; reverse: t = s, the step before t - 1
+    t = T - 1 - s + reverse * (2 * s + 1 - T)
+    t64 = t.to(tl.int64)
+    tn64 = t64 + 1 - 2 * reverse
+    hp = (t64 + reverse) * stride_hs  # forward: slot t -> t + 1; reverse: slot t + 1 -> t
+    hn = (t64 + 1 - reverse) * stride_hs
+    _step_bwd_tile(jb, jh, dgh_ptr + tn64 * stride_dgt, stride_dgb, w_ptr, stride_w0, stride_w1, carry_ptr, 1, dc_ptr,
+                   dc_ptr, has_dc, dout_ptr + t64 * stride_dot, stride_dob, g_ptr + t64 * stride_gt, stride_gb,
+                   hs_ptr + hp, hs_ptr + hn, cs_ptr + hp, cs_ptr + hn, dgi_ptr + t64 * stride_dgt,
+                   dgh_ptr + t64 * stride_dgt, stride_dgb, carry_ptr, len_ptr, t, B, H, MODE, True, False, DOT_DT,
+                   BLOCK_B, BLOCK_H, BLOCK_K, s > 0, ".cg")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1013,25 +1069,31 @@ def persist_launch(mode: str, dot: int, has_bhh: bool) -> tuple[int, int]:
     return 4, 1
 
 
-PERSIST_MAX_B = 16
+PERSIST_MAX_B = 64  # four batch tiles; the ops' heuristic takes it by default up to one (B <= 16)
 PERSIST_MAX_H = 1024
 
 
+def persist_tiles(B: int, H: int) -> int:
+    """(batch, hidden) tiles of one direction's persistent launch."""
+    return cdiv(B, PERSIST_BLOCKS[0]) * cdiv(H, PERSIST_BLOCKS[1])
+
+
 def persist_programs(B: int, H: int, sm_count: int) -> int:
-    """Programs of the persistent kernel: one per hidden tile, capped at ``sm_count`` so that
-    all of them are resident at once (the grid barrier needs it; one program per SM at most);
-    0 where the persistent kernel does not apply (B > 16, H > 1024, an empty problem)."""
+    """Programs of the persistent kernels: one per (batch, hidden) tile, capped at ``sm_count``
+    so that all of them are resident at once (the grid barrier needs it; one program per SM at
+    most); 0 where the persistent kernels do not apply (B > PERSIST_MAX_B, H > PERSIST_MAX_H, an
+    empty problem)."""
     if not (1 <= B <= PERSIST_MAX_B and 1 <= H <= PERSIST_MAX_H and sm_count >= 1):
         return 0
-    return min(cdiv(H, PERSIST_BLOCKS[1]), sm_count)
+    return min(persist_tiles(B, H), sm_count)
 
 
 def persist_pair_programs(B: int, H: int, sm_count: int) -> int:
-    """Programs of the pair persistent kernel (both directions): one per hidden tile of either
-    direction, capped at ``sm_count`` as ``persist_programs``; 0 where it does not apply."""
+    """Programs of the pair persistent kernels (both directions): one per tile of either
+    direction, capped at ``sm_count`` as ``persist_programs``; 0 where they do not apply."""
     if not persist_programs(B, H, sm_count):
         return 0
-    return min(2 * cdiv(H, PERSIST_BLOCKS[1]), sm_count)
+    return min(2 * persist_tiles(B, H), sm_count)
 
 
 def persist_forward_pair(mode, fwd, rev, lengths, dot, num_programs):
@@ -1044,7 +1106,7 @@ def persist_forward_pair(mode, fwd, rev, lengths, dot, num_programs):
     T, B, H = hs.shape[0] - 1, hs.shape[1], hs.shape[2]
     if T == 0 or B == 0 or H == 0:
         return
-    assert 1 <= num_programs <= 2 * cdiv(H, PERSIST_BLOCKS[1]) and B <= PERSIST_MAX_B
+    assert 1 <= num_programs <= 2 * persist_tiles(B, H) and B <= PERSIST_MAX_B
     assert hs.stride(1) == H and hs.stride(2) == 1 and hs1.stride() == hs.stride()
     assert (cs is None or cs.stride() == hs.stride() == cs1.stride()) and xg.stride() == xg1.stride()
     assert out.stride() == out1.stride() and pair_ok(w_hh, w_hh1) and (mask is None or mask.stride() == mask1.stride())
@@ -1073,7 +1135,7 @@ def persist_forward(mode, xg, hs, cs, w_hh, b_hh, out, mask, lengths, reverse, d
     T, B, H = hs.shape[0] - 1, hs.shape[1], hs.shape[2]
     if T == 0 or B == 0 or H == 0:
         return
-    assert 1 <= num_programs <= cdiv(H, PERSIST_BLOCKS[1]) and B <= PERSIST_MAX_B
+    assert 1 <= num_programs <= persist_tiles(B, H) and B <= PERSIST_MAX_B
     assert hs.stride(1) == H and hs.stride(2) == 1 and (cs is None or cs.stride() == hs.stride())
     bb, bh, bk = PERSIST_BLOCKS
     warps, stages = persist_launch(mode, dot, b_hh is not None)
@@ -1107,7 +1169,7 @@ def loop_backward(mode, w_hh, carry, dc, dout, g, hs, cs, dgi, dgh, lengths, rev
     T, B, H = hs.shape[0] - 1, hs.shape[1], hs.shape[2]
     if T == 0 or B == 0 or H == 0:
         return True
-    assert 1 <= programs <= cdiv(H, PERSIST_BLOCKS[1]) and B <= PERSIST_MAX_B
+    assert 1 <= programs <= persist_tiles(B, H) and B <= PERSIST_MAX_B
     assert hs.stride(1) == H and hs.stride(2) == 1 and (cs is None or cs.stride() == hs.stride())
     assert carry.is_contiguous() and dout.stride(2) == 1 and dgi.stride(2) == 1 and dgh.stride() == dgi.stride()
     bb, bh, bk = PERSIST_BLOCKS
@@ -1121,6 +1183,46 @@ def loop_backward(mode, w_hh, carry, dc, dout, g, hs, cs, dgi, dgh, lengths, rev
         MODE=MODE_CODES[mode], DOT_DT=dot, BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=bk, num_warps=warps, num_stages=stages,
     )
     return True
+
+
+def persist_backward_pair(mode, fwd, rev, lengths, dot, programs):
+    """Both directions' backward time loops in one persistent launch (``_rnn_persist2_bwd_kernel``)
+    and their final dh0 step in one more: what ``steps_backward_pair`` leaves, in two launches.
+    ``fwd`` / ``rev`` as ``steps_backward_pair`` takes them; ``programs`` from
+    ``persist_pair_programs`` (1 under the interpreter)."""
+    w_hh, carry, dc, dout, G, Hs, Cs, dGi, dGh, dh0 = fwd
+    w_hh1, carry1, dc1, dout1, G1, Hs1, Cs1, dGi1, dGh1, dh01 = rev
+    T = dout.shape[0]
+    B, H = carry.shape
+    if B == 0 or H == 0:
+        return
+    assert pair_ok(w_hh, w_hh1) and dout.stride() == dout1.stride() and dGi.stride() == dGi1.stride()
+    assert 1 <= programs <= 2 * persist_tiles(B, H) and B <= PERSIST_MAX_B
+    assert Hs.stride() == Hs1.stride() and Hs.stride(1) == H and Hs.stride(2) == 1
+    assert carry.is_contiguous() and carry1.is_contiguous() and dout.stride(2) == 1 and dGi.stride(2) == 1
+    dGh = dGi if dGh is None else dGh
+    dGh1 = dGi1 if dGh1 is None else dGh1
+    if T:
+        bb, bh, bk = PERSIST_BLOCKS
+        warps, stages = persist_bwd_launch(mode, dot)
+        count = torch.zeros(1, dtype=torch.int32, device=carry.device)
+        _rnn_persist2_bwd_kernel[(programs,)](
+            w_hh, w_hh1, w_hh.stride(0), w_hh.stride(1), carry, carry1, dc if dc is not None else carry,
+            dc1 if dc1 is not None else carry1, int(dc is not None), dout, dout1, dout.stride(0), dout.stride(1),
+            G if G is not None else carry, G1 if G1 is not None else carry1, G.stride(0) if G is not None else 0,
+            G.stride(1) if G is not None else 0, Hs, Hs1, Cs if Cs is not None else Hs,
+            Cs1 if Cs1 is not None else Hs1, Hs.stride(0), dGi, dGi1, dGh, dGh1, dGi.stride(0), dGi.stride(1),
+            lengths, count, T, B, H,
+            MODE=MODE_CODES[mode], DOT_DT=dot, BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=bk, num_warps=warps,
+            num_stages=stages,
+        )
+    # the final step: the last steps processed are 0 forward and T - 1 reverse (none when T = 0)
+    bb, bh, bk, warps, stages = step_blocks(B, H, mode, dot, backward=True)
+    kw = dict(MODE=MODE_CODES[mode], HAS_NEXT=T > 0, FINAL=True, DOT_DT=dot, BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=bk,
+              num_warps=warps, num_stages=stages)
+    prev, prev1 = (dGh[0], dGh1[T - 1]) if T else (carry, carry1)
+    _final_pair_step(launch_kernel, (cdiv(B, bb), cdiv(H, bh), 2), prev, prev1, dGh.stride(1) if T else 0, w_hh,
+                     w_hh1, carry, carry1, dh0, dh01, lengths, kw)
 
 
 def step_backward(mode, dg_next, w_hh, carry, dc, dout, g, hp, hn, cp, cn, dgi, dgh, dh0, lengths, t, dot, final=False,
@@ -1330,10 +1432,17 @@ def steps_backward_pair(mode, fwd, rev, lengths, dot):
                douts1[u], sdout, gs[t], gs1[u], sg, hs[p], hs1[q], hs[n], hs1[m], cs[p], cs1[q], cs[n], cs1[m],
                dgis[t], dgis1[u], dghs[t], dghs1[u], sdg, carry, carry1, lengths, t, u, B, H, **kw)
         prev, prev1, kw, sprev = dghs[t], dghs1[u], kw_next, sdgn
-    # the final step: dh0 = carry + dG_first W_hh of each direction (no lengths, no output gradient read)
-    launch(kernel, grid, prev, prev1, sprev, w_hh, w_hh1, s0, s1, carry, carry1, carry, carry1, 0, carry, carry1, 0,
-           carry, carry1, 0, carry, carry1, carry, carry1, carry, carry1, carry, carry1, carry, carry1, carry, carry1, 0,
-           dh0, dh01, lengths, 0, 0, B, H, **{**kw, "FINAL": True})
+    _final_pair_step(launch, grid, prev, prev1, sprev, w_hh, w_hh1, carry, carry1, dh0, dh01, lengths, kw)
+
+
+def _final_pair_step(launch, grid, prev, prev1, sprev, w_hh, w_hh1, carry, carry1, dh0, dh01, lengths, kw):
+    """The final step of both directions' backward in one ``_rnn_step2_bwd_kernel`` launch:
+    dh0 = carry + dG_last W_hh of each (``prev`` / ``prev1`` the gate gradients of the last step
+    processed, row stride ``sprev``; no lengths, no output gradient read)."""
+    s0, s1 = w_hh.stride(0), w_hh.stride(1)
+    launch(_rnn_step2_bwd_kernel, grid, prev, prev1, sprev, w_hh, w_hh1, s0, s1, carry, carry1, carry, carry1, 0, carry,
+           carry1, 0, carry, carry1, 0, carry, carry1, carry, carry1, carry, carry1, carry, carry1, carry, carry1, carry,
+           carry1, 0, dh0, dh01, lengths, 0, 0, carry.shape[0], carry.shape[1], **{**kw, "FINAL": True})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1455,6 +1564,7 @@ def _step_specs(dt, dot):
                     specs.append(_pair_spec(_rnn_step2_fwd_kernel, specs[-1]))
         for dout_dt in sorted({dt, "fp32"}):
             specs.append(_persist_bwd_spec(mode, dt, dout_dt, dot))
+            specs.append(_pair_spec(_rnn_persist2_bwd_kernel, specs[-1]))
             for has_next, final in ((False, False), (True, False), (True, True)):
                 if final and dout_dt != "fp32":
                     continue
@@ -1475,8 +1585,8 @@ def _step_specs(dt, dot):
 
 def _pair_spec(kernel, single: AotSpec) -> AotSpec:
     """The AotSpec of a two-direction kernel (``_rnn_step2_fwd_kernel``, ``_rnn_step2_bwd_kernel``,
-    ``_rnn_persist2_fwd_kernel``, ``_rnn_matmul2_kernel``) for the launch whose one-direction form
-    is ``single``: an argument the single kernel has keeps its type, each other ``x1_ptr`` (the
+    ``_rnn_persist2_fwd_kernel``, ``_rnn_persist2_bwd_kernel``, ``_rnn_matmul2_kernel``) for the
+    launch whose one-direction form is ``single``: an argument the single kernel has keeps its type, each other ``x1_ptr`` (the
     second direction's) takes the type of ``x_ptr``, ``t1`` that of ``t``, an argument of the
     pair's own (``has_dc``) is i32; the constexprs and launch options are the single kernel's,
     less those the pair fixes (PROJ)."""
