@@ -25,9 +25,9 @@
 #   kernel_counts  python -m gpu_nn.benchmarks.kernel_counts: GPU events per op fwd+bwd at tiny
 #                  shapes (counts.json)
 #   demo           gpu-nn demo --epochs 3 (eager; demo.json)
+#   demo-compile   the same with --compile (demo-compile.json), when 60 s are left
 #   demo-persistent-lstm / -gru   the recurrent demos with GPU_NN_RNN_PERSISTENT=1 (every time loop
 #                  one persistent launch, forward and backward), when 30 s are left each
-#   demo-compile   the same with --compile (demo-compile.json), when 60 s are left
 # OUTDIR/summary.txt has one line per step (exit status, seconds); everything OUTDIR holds is also
 # packed into OUTDIR.tgz beside it. Exits non-zero when a sweep or the profile failed or could
 # not finish (the later steps repeat earlier measurements; their status is in the summary).
@@ -77,19 +77,21 @@ step kernel_counts 40 "$PY" -m gpu_nn.benchmarks.kernel_counts --out "$OUTDIR/co
 
 GN=("$PY" -m gpu_nn.cli)
 step demo 50 "${GN[@]}" demo --epochs 3 --json "$OUTDIR/demo.json" --no-progress
+if (( $(left) >= 60 )); then
+    step demo-compile 90 "${GN[@]}" demo --epochs 3 --compile --json "$OUTDIR/demo-compile.json" --no-progress
+else
+    echo "demo-compile: skipped ($(left)s left of ${BUDGET}s, it needs 60)" | tee -a "$SUMMARY"
+fi
 # the recurrent demos with every time loop in one persistent launch (forward and backward; not the
 # default until measured): the same epochs, to set against demo.json's
 for m in lstm gru; do
     if (( $(left) >= 30 )); then
         step "demo-persistent-$m" 25 env GPU_NN_RNN_PERSISTENT=1 "${GN[@]}" demo --model "$m" --epochs 3 \
             --json "$OUTDIR/demo-persistent-$m.json" --no-progress
+    else
+        echo "demo-persistent-$m: skipped ($(left)s left of ${BUDGET}s, it needs 30)" | tee -a "$SUMMARY"
     fi
 done
-if (( $(left) >= 60 )); then
-    step demo-compile 90 "${GN[@]}" demo --epochs 3 --compile --json "$OUTDIR/demo-compile.json" --no-progress
-else
-    echo "demo-compile: skipped ($(left)s left of ${BUDGET}s, it needs 60)" | tee -a "$SUMMARY"
-fi
 
 echo "total: $(( SECONDS - START ))s; sweep rc=$SWEEP_RC, rnn rc=$RNN_RC, profile rc=$PROFILE_RC" | tee -a "$SUMMARY"
 tar -czf "$OUTDIR.tgz" -C "$(dirname "$OUTDIR")" "$(basename "$OUTDIR")"

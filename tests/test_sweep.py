@@ -280,7 +280,8 @@ def test_gpu_measure_script_steps_summary_and_archive(tmp_path):
     assert r.returncode == 1, r.stdout + r.stderr  # the profile failed
     summary = (out / "summary.txt").read_text()
     steps = [line.split(":")[0] for line in summary.splitlines() if not line.startswith(" ")]
-    assert steps == ["sweep", "rnn", "profile", "kernel_counts", "demo", "demo-compile", "total"]
+    assert steps == ["sweep", "rnn", "profile", "kernel_counts", "demo", "demo-compile", "demo-persistent-lstm",
+                     "demo-persistent-gru", "total"]
     assert "  sweep: 191 rows, complete" in summary and "  profile: 20 of 22" in summary
     assert "  rnn: 240 rows, complete" in summary
     assert "profile: rc=3" in summary and "total:" in summary and "sweep rc=0, rnn rc=0, profile rc=3" in summary
@@ -294,6 +295,8 @@ def test_gpu_measure_script_steps_summary_and_archive(tmp_path):
     demo = [c for c in calls if " demo " in c]
     assert demo[0] == f"-m gpu_nn.cli demo --epochs 3 --json {out}/demo.json --no-progress"
     assert demo[1] == f"-m gpu_nn.cli demo --epochs 3 --compile --json {out}/demo-compile.json --no-progress"
+    for m, call in zip(("lstm", "gru"), demo[2:]):
+        assert call == f"-m gpu_nn.cli demo --model {m} --epochs 3 --json {out}/demo-persistent-{m}.json --no-progress"
     with tarfile.open(str(out) + ".tgz") as tar:
         names = tar.getnames()
     for f in ("summary.txt", "machine.txt", "sweep.log", "rnn.log", "profile.log", "kernel_counts.log", "demo.log"):
