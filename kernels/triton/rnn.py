@@ -1113,7 +1113,7 @@ def persist_forward_pair(mode, fwd, rev, lengths, dot, num_programs):
     bb, bh, bk = PERSIST_BLOCKS
     warps, stages = persist_launch(mode, dot, b_hh is not None)
     count = torch.zeros(1, dtype=torch.int32, device=hs.device)  # zeroed per launch, as persist_forward's
-    _rnn_persist2_fwd_kernel[(num_programs,)](
+    launch_kernel(_rnn_persist2_fwd_kernel, (num_programs,),
         xg, xg1, xg.stride(0), xg.stride(1), hs, hs1, cs if cs is not None else hs, cs1 if cs1 is not None else hs1,
         hs.stride(0), w_hh, w_hh1, w_hh.stride(0), w_hh.stride(1), b_hh if b_hh is not None else w_hh,
         b_hh1 if b_hh1 is not None else w_hh1, out, out1, out.stride(0), out.stride(1),
@@ -1141,7 +1141,7 @@ def persist_forward(mode, xg, hs, cs, w_hh, b_hh, out, mask, lengths, reverse, d
     warps, stages = persist_launch(mode, dot, b_hh is not None)
     # zeroed per launch: a re-launch (or a launch after an aborted one) never sees stale counts
     count = torch.zeros(1, dtype=torch.int32, device=hs.device)
-    _rnn_persist_fwd_kernel[(num_programs,)](
+    launch_kernel(_rnn_persist_fwd_kernel, (num_programs,),
         xg, xg.stride(0), xg.stride(1), hs, cs if cs is not None else hs, hs.stride(0), w_hh,
         w_hh.stride(0), w_hh.stride(1), b_hh if b_hh is not None else w_hh, out, out.stride(0), out.stride(1),
         mask if mask is not None else w_hh, mask.stride(0) if mask is not None else 0,
@@ -1175,7 +1175,7 @@ def loop_backward(mode, w_hh, carry, dc, dout, g, hs, cs, dgi, dgh, lengths, rev
     bb, bh, bk = PERSIST_BLOCKS
     warps, stages = persist_bwd_launch(mode, dot)
     count = torch.zeros(1, dtype=torch.int32, device=hs.device)  # per launch, as the forward's
-    _rnn_persist_bwd_kernel[(programs,)](
+    launch_kernel(_rnn_persist_bwd_kernel, (programs,),
         w_hh, w_hh.stride(0), w_hh.stride(1), carry, dc if dc is not None else carry, int(dc is not None),
         dout, dout.stride(0), dout.stride(1), g if g is not None else carry, g.stride(0) if g is not None else 0,
         g.stride(1) if g is not None else 0, hs, cs if cs is not None else hs, hs.stride(0), dgi, dgh,
@@ -1206,7 +1206,7 @@ def persist_backward_pair(mode, fwd, rev, lengths, dot, programs):
         bb, bh, bk = PERSIST_BLOCKS
         warps, stages = persist_bwd_launch(mode, dot)
         count = torch.zeros(1, dtype=torch.int32, device=carry.device)
-        _rnn_persist2_bwd_kernel[(programs,)](
+        launch_kernel(_rnn_persist2_bwd_kernel, (programs,),
             w_hh, w_hh1, w_hh.stride(0), w_hh.stride(1), carry, carry1, dc if dc is not None else carry,
             dc1 if dc1 is not None else carry1, int(dc is not None), dout, dout1, dout.stride(0), dout.stride(1),
             G if G is not None else carry, G1 if G1 is not None else carry1, G.stride(0) if G is not None else 0,
