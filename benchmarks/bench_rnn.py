@@ -40,6 +40,12 @@ def _small_providers():
     if os.environ.get(SKIP_PERSISTENT_ENV) == "1":
         return tuple(p for p in SMALL_PROVIDERS if p != "triton-persistent")
     return SMALL_PROVIDERS
+
+
+def _layer_providers():
+    """The fwd+bwd cases' providers: per step, persistent, cupy (a cell loop has no backward
+    through a bidirectional stack, nor a persistent form)."""
+    return tuple(p for p in _small_providers() if p != "cell_loop")
 OURS = {"lstm": gnn.LSTM, "gru": gnn.GRU, "rnn": gnn.RNN}
 CELLS = {"lstm": torch.nn.LSTMCell, "gru": torch.nn.GRUCell, "rnn": torch.nn.RNNCell}
 GATES = {"lstm": 4, "gru": 3, "rnn": 1}
@@ -182,12 +188,11 @@ def cases(device: str = "cpu", quick: bool = False) -> list[harness.Case]:
                 for H in ((512,) if quick else (256, 512, 1024)):
                     out.append(_case(mode, 50, N, H, H, dtype, device, False, _small_providers()))
         for N in (4, 16):  # fwd+bwd at small batch: per step, persistent forward and backward, cupy
-            out.append(_case("lstm", 50, N, 512, 512, dtype, device, True,
-                             tuple(p for p in _small_providers() if p != "cell_loop")))
+            out.append(_case("lstm", 50, N, 512, 512, dtype, device, True, _layer_providers()))
         # issue 16's stack; triton-persistent: both directions' loops, forward and backward, one
         # persistent launch per layer each (B = 32: two batch tiles)
-        out.append(_case("lstm", 100, 32, 256, 256, dtype, device, True,
-                         tuple(p for p in _small_providers() if p != "cell_loop"), L=2, bidirectional=True))
+        out.append(_case("lstm", 100, 32, 256, 256, dtype, device, True, _layer_providers(), L=2,
+                         bidirectional=True))
         # small-batch bidirectional forward: both directions in one launch per step (triton) or
         # in one persistent launch (triton-persistent)
         out.append(_case("lstm", 50, 4, 512, 512, dtype, device, False, _small_providers(), bidirectional=True))
@@ -195,8 +200,7 @@ def cases(device: str = "cpu", quick: bool = False) -> list[harness.Case]:
         # launch-bound: per step against one persistent launch per layer forward and backward
         if dtype == torch.float32:
             for mode in ("lstm", "gru"):
-                out.append(_case(mode, 8, 32, 8, 32, dtype, device, True,
-                                 tuple(p for p in _small_providers() if p != "cell_loop"), L=2, bidirectional=True))
+                out.append(_case(mode, 8, 32, 8, 32, dtype, device, True, _layer_providers(), L=2, bidirectional=True))
         # a packed batch of unequal lengths (T down to T / 10, shuffled): the step kernels skip
         # the batch tiles whose sequences have ended (torch: cuDNN's packed path); --quick: float32
         if not quick or dtype == torch.float32:

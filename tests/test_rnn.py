@@ -1165,6 +1165,7 @@ def test_persist_programs_capped_at_sm_count():
     assert kt.persist_programs(17, 33, 132) == 6   # two batch tiles x three hidden tiles
     assert kt.persist_programs(64, 1024, 132) == 132
     assert kt.persist_programs(65, 33, 132) == 0
+    assert ops.PERSIST_MAX_B == kt.PERSIST_MAX_B  # the ops' legal bound mirrors the kernels' own
     assert kt.persist_programs(4, 1025, 132) == 0
 
 

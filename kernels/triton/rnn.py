@@ -42,7 +42,9 @@ length keeps its state, writes a zero output and zero gate gradients. A step til
 rows have all ended (a packed batch's padding: the nn modules run a packed batch in its sorted
 order, longest first, so the short sequences end in the last batch tiles) skips the recurrent
 product, forward and backward, so a packed batch's per-step work follows the sequences still
-running, not the longest one; the persistent kernel (one batch tile) keeps the full product.
+running, not the longest one. The persistent forward keeps the full product in every batch
+tile: its stored gates equal the reference's entry for entry, finished rows included (its tests
+compare the whole reserve); the persistent backward skips as the step backward does.
 
 Layouts: everything row-major with explicit row strides; states and gates in float32 (the
 reserve); weights and the user's input / output in float32, float16 or bfloat16. Gate order
@@ -475,10 +477,11 @@ def _rnn_persist_fwd_kernel(xg_ptr, stride_xgt, stride_xgb, hs_ptr, cs_ptr, stri
 
     The (batch, hidden) tiles, ``cdiv(B, BLOCK_B) * cdiv(H, BLOCK_H)`` of them numbered batch
     tile major, are dealt to the programs: program ``pid`` of ``P`` owns tiles ``pid, pid + P,
-    ...`` (BLOCK_B rows x BLOCK_H units across all gates each). Per step it computes ``h_{t-1} W_hh^T`` for its tiles and the same gate
-    math, stores and masking as ``_rnn_step_fwd_kernel``, then waits at a grid-wide barrier:
-    CTA barrier, one acq_rel gpu-scope increment of ``count``, spin on acquire reads until
-    ``count == (s + 1) * P``. This is only safe when every program is resident at once: the
+    ...`` (BLOCK_B rows x BLOCK_H units across all gates each). Per step it computes
+    ``h_{t-1} W_hh^T`` for its tiles and the same gate math, stores and masking as
+    ``_rnn_step_fwd_kernel``, then waits at a grid-wide barrier: CTA barrier, one acq_rel
+    gpu-scope increment of ``count``, spin on acquire reads until ``count == (s + 1) * P``.
+    This is only safe when every program is resident at once: the
     launcher caps ``P`` at the SM count (one program per SM). h_{t-1} is read with ``.cg``
     (L2, never a stale L1 line) because other programs wrote it. W_hh is re-read every step;
     for H <= 1024 it (at most 16 MiB in float32 for the LSTM) stays resident in L2 across steps,
@@ -1586,10 +1589,10 @@ def _step_specs(dt, dot):
 def _pair_spec(kernel, single: AotSpec) -> AotSpec:
     """The AotSpec of a two-direction kernel (``_rnn_step2_fwd_kernel``, ``_rnn_step2_bwd_kernel``,
     ``_rnn_persist2_fwd_kernel``, ``_rnn_persist2_bwd_kernel``, ``_rnn_matmul2_kernel``) for the
-    launch whose one-direction form is ``single``: an argument the single kernel has keeps its type, each other ``x1_ptr`` (the
-    second direction's) takes the type of ``x_ptr``, ``t1`` that of ``t``, an argument of the
-    pair's own (``has_dc``) is i32; the constexprs and launch options are the single kernel's,
-    less those the pair fixes (PROJ)."""
+    launch whose one-direction form is ``single``: an argument the single kernel has keeps its
+    type, each other ``x1_ptr`` (the second direction's) takes the type of ``x_ptr``, ``t1`` that
+    of ``t``, an argument of the pair's own (``has_dc``) is i32; the constexprs and launch options
+    are the single kernel's, less those the pair fixes (PROJ)."""
     sig = {}
     for name in inspect.signature(kernel.fn).parameters:
         if name in single.signature:  # the first direction's own (bias1_ptr too)
