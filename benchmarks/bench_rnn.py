@@ -13,7 +13,10 @@ float32) forward+backward; a packed LSTM N=64 T=100 I=H=512 forward+backward (le
 triton and cupy backends and against a Python loop of ``torch.nn.LSTMCell`` / ``GRUCell`` /
 ``RNNCell``; provider ``triton`` runs the per-step launches (``GPU_NN_RNN_PERSISTENT=0``), and in
 the small-batch set ``triton-persistent`` the one-launch persistent forward and, in the
-fwd+bwd cases, the one-launch persistent backward (``GPU_NN_RNN_PERSISTENT=1``).
+fwd+bwd cases, the one-launch persistent backward (``GPU_NN_RNN_PERSISTENT=1``). In the
+bidirectional cases ``cupy`` runs both directions of a layer in one device-loop launch (its
+default) and ``cupy-one-direction`` one launch per direction, one after the other (what it did
+before), so the run shows what the pairing gains.
 """
 
 from __future__ import annotations
@@ -46,6 +49,29 @@ def _layer_providers():
     """The fwd+bwd cases' providers: per step, persistent, cupy (a cell loop has no backward
     through a bidirectional stack, nor a persistent form)."""
     return tuple(p for p in _small_providers() if p != "cell_loop")
+
+
+def _bi(providers):
+    """A bidirectional case's providers: ``providers`` and, after cupy, cupy with one launch
+    per direction."""
+    return tuple(q for p in providers for q in ((p, "cupy-one-direction") if p == "cupy" else (p,)))
+
+
+class _one_direction_loops:
+    """The cupy backend's bidirectional layers one device-loop launch per direction while a call
+    runs (``_CupyImpl.pair_loops`` off)."""
+
+    def __enter__(self):
+        from gpu_nn.ops import rnn as ops
+
+        self.impl, self.old = ops._CupyImpl, ops._CupyImpl.pair_loops
+        self.impl.pair_loops = False
+        return self
+
+    def __exit__(self, *exc):
+        self.impl.pair_loops = self.old
+        return False
+
 OURS = {"lstm": gnn.LSTM, "gru": gnn.GRU, "rnn": gnn.RNN}
 CELLS = {"lstm": torch.nn.LSTMCell, "gru": torch.nn.GRUCell, "rnn": torch.nn.RNNCell}
 GATES = {"lstm": 4, "gru": 3, "rnn": 1}
@@ -84,14 +110,14 @@ def _case(mode, T, N, I, H, dtype, device, backward, providers, L=1, bidirection
         g = torch.randn(T, N, D * H, device=device, dtype=dtype)
         return x, g
 
-    def run_module(module, backend=None, persistent=None):
+    def run_module(module, backend=None, persistent=None, one_direction=False):
         def setup():
             nxt = harness.rotating(inputs)
 
             def fn():
                 x, g = nxt()
                 ctx = gpu_nn.backend(backend) if backend else _null()
-                with ctx, _env(PERSISTENT_ENV, persistent):
+                with ctx, _env(PERSISTENT_ENV, persistent), _one_direction_loops() if one_direction else _null():
                     if backward:
                         out, _ = module(x)
                         (out.data if packed else out).backward(g)
@@ -134,6 +160,9 @@ def _case(mode, T, N, I, H, dtype, device, backward, providers, L=1, bidirection
         else:
             ours = OURS[mode](I, H, **kw).to(device=device, dtype=dtype)
             ours.load_state_dict(base.state_dict())
+            if p == "cupy-one-direction":
+                provs[p] = run_module(ours, "cupy", one_direction=True)
+                continue
             backend, persistent = PROVIDERS.get(p, (p, None))
             provs[p] = run_module(ours, backend, persistent)
     # a packed batch does the work of its steps that run: sum(lengths) of T * N
@@ -191,16 +220,17 @@ def cases(device: str = "cpu", quick: bool = False) -> list[harness.Case]:
             out.append(_case("lstm", 50, N, 512, 512, dtype, device, True, _layer_providers()))
         # issue 16's stack; triton-persistent: both directions' loops, forward and backward, one
         # persistent launch per layer each (B = 32: two batch tiles)
-        out.append(_case("lstm", 100, 32, 256, 256, dtype, device, True, _layer_providers(), L=2,
+        out.append(_case("lstm", 100, 32, 256, 256, dtype, device, True, _bi(_layer_providers()), L=2,
                          bidirectional=True))
         # small-batch bidirectional forward: both directions in one launch per step (triton) or
         # in one persistent launch (triton-persistent)
-        out.append(_case("lstm", 50, 4, 512, 512, dtype, device, False, _small_providers(), bidirectional=True))
+        out.append(_case("lstm", 50, 4, 512, 512, dtype, device, False, _bi(_small_providers()), bidirectional=True))
         # the demo's recurrent models (gpu-nn demo: T=8 N=32 I=8 H=32, two bidirectional layers),
         # launch-bound: per step against one persistent launch per layer forward and backward
         if dtype == torch.float32:
             for mode in ("lstm", "gru"):
-                out.append(_case(mode, 8, 32, 8, 32, dtype, device, True, _layer_providers(), L=2, bidirectional=True))
+                out.append(_case(mode, 8, 32, 8, 32, dtype, device, True, _bi(_layer_providers()), L=2,
+                                 bidirectional=True))
         # a packed batch of unequal lengths (T down to T / 10, shuffled): the step kernels skip
         # the batch tiles whose sequences have ended (torch: cuDNN's packed path); --quick: float32
         if not quick or dtype == torch.float32:

@@ -328,3 +328,22 @@ def test_overhead_drops_only_the_backends_that_lack_the_op():
     provs = {"torch": lambda: (lambda: None), "cupy": lacks, "triton": broken}
     assert set(bench_overhead._implemented(provs, "cuda")) == {"torch", "triton"}  # triton's error is reported later
     assert bench_overhead._implemented(provs, "cpu") is provs
+
+
+def test_rnn_bidirectional_cases_time_cupy_both_ways():
+    """bench_rnn's bidirectional cases time cupy twice: its default (both directions of a layer
+    in one device-loop launch) and ``cupy-one-direction``, which turns the pairing off for the
+    call and back after it (also when the call raises)."""
+    from gpu_nn.benchmarks import bench_rnn
+    from gpu_nn.ops import rnn as ops
+
+    assert bench_rnn._bi(("triton", "cupy", "cell_loop")) == ("triton", "cupy", "cupy-one-direction", "cell_loop")
+    assert bench_rnn._bi(("triton",)) == ("triton",)
+    assert ops._CupyImpl.pair_loops is True
+    with bench_rnn._one_direction_loops():
+        assert ops._CupyImpl.pair_loops is False
+        assert ops._CupyImpl.persist_pair_programs(4, 8, 132) == 0  # the driver then runs each direction
+    assert ops._CupyImpl.pair_loops is True and ops._CupyImpl.persist_pair_programs(4, 8, 132) == 1
+    with pytest.raises(RuntimeError), bench_rnn._one_direction_loops():
+        raise RuntimeError
+    assert ops._CupyImpl.pair_loops is True

@@ -49,6 +49,36 @@ void host_rnn_seq_bwd(int mode, int round, GN_SEQ_BWD_PARAMS) {
             }
     }
 }
+// stand-ins for the two-direction kernels rnn_seq2_fwd / rnn_seq2_bwd, their very parameter lists:
+// step s of both directions between two barriers (forward t = s, reverse t = T - 1 - s)
+void host_rnn_seq2_fwd(int mode, int round, GN_SEQ2_FWD_PARAMS) {
+    GnSeqFwd dirs[2] = {GN_SEQ_FWD_STRUCT_OF(f_), GN_SEQ_FWD_STRUCT_OF(r_)};
+    (void)count;
+    for (int s = 0; s < f_T; ++s)
+        for (const GnSeqFwd& a : dirs) {
+            int t = a.reverse ? a.T - 1 - s : s;
+            for (int n = 0; n < a.B; ++n)
+                for (int j = 0; j < a.H; ++j) {
+                    if (round == 0) gn_seq_fwd_unit<0>(a, mode, t, n, j);
+                    if (round == 1) gn_seq_fwd_unit<1>(a, mode, t, n, j);
+                    if (round == 2) gn_seq_fwd_unit<2>(a, mode, t, n, j);
+                }
+        }
+}
+void host_rnn_seq2_bwd(int mode, int round, GN_SEQ2_BWD_PARAMS) {
+    GnSeqBwd dirs[2] = {GN_SEQ_BWD_STRUCT_OF(f_), GN_SEQ_BWD_STRUCT_OF(r_)};
+    (void)count;
+    for (int s = 0; s < f_T; ++s)
+        for (const GnSeqBwd& a : dirs) {
+            int t = a.reverse ? s : a.T - 1 - s;
+            for (int n = 0; n < a.B; ++n)
+                for (int j = 0; j < a.H; ++j) {
+                    if (round == 0) gn_seq_bwd_unit<0>(a, mode, t, n, j, s == 0);
+                    if (round == 1) gn_seq_bwd_unit<1>(a, mode, t, n, j, s == 0);
+                    if (round == 2) gn_seq_bwd_unit<2>(a, mode, t, n, j, s == 0);
+                }
+        }
+}
 // stand-ins for the per-step kernels rnn_cell_fwd / rnn_cell_bwd, their very parameter lists: one
 // element per thread there, every element in turn here (no element reads another's result)
 void host_rnn_cell_fwd(int mode, int round, GN_CELL_FWD_PARAMS) {
@@ -236,16 +266,19 @@ class _HostLaunch:
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_cupy_driver_with_host_loop_matches_reference(mode, dtype, rng, monkeypatch):
+@pytest.mark.parametrize("pair", [True, False], ids=["pair", "one-direction"])
+def test_cupy_driver_with_host_loop_matches_reference(mode, dtype, pair, rng, monkeypatch):
     """The cupy backend's driver (_gpu_forward / _gpu_backward with _CupyImpl: the input
     projection and weight gradients as torch matmuls, the loop launches with the arguments it
     builds) on CPU tensors, every loop launch run by the host stand-ins: two bidirectional layers,
     lengths, initial states, dropout masks, against the float64 reference (float16: the state
-    rounded before the dot as the GPU kernel does)."""
+    rounded before the dot as the GPU kernel does). ``pair``: both directions of a layer in one
+    launch (rnn_seq2_fwd / rnn_seq2_bwd, the default), else one launch per direction."""
     host = _HostLaunch(_lib())
     monkeypatch.delenv(ops.CUPY_RNN_ENV, raising=False)
+    monkeypatch.setattr(ops._CupyImpl, "pair_loops", pair)
     monkeypatch.setattr(ops._CupyImpl, "_loop_kernel",
-                        staticmethod(lambda mode, dot, device, kernel, B, H: (host, (mode, dot), 1)))
+                        staticmethod(lambda mode, dot, device, kernel, B, H, directions=1: (host, (mode, dot), 1)))
     T, B, I, H, L = 4, 5, 3, 11, 2
     lengths = torch.tensor([4, 1, 3, 4, 2])
     args, _ = ops._make_seq(mode, T=T, B=B, I=I, H=H, L=L, bi=True, lengths=(4, 1, 3, 4, 2))(rng)
@@ -264,7 +297,8 @@ def test_cupy_driver_with_host_loop_matches_reference(mode, dtype, rng, monkeypa
     weights = [c(p) for p in params]
     out, hn, cn, reserve = ops._gpu_forward(ops._CupyImpl, mode, c(x), c(hs[0]), c(hs[1]), weights, L, True, True,
                                             lengths, c(masks))
-    assert host.launches == ["rnn_seq_fwd"] * 4
+    fwd_launches = ["rnn_seq2_fwd"] * 2 if pair else ["rnn_seq_fwd"] * 4
+    assert host.launches == fwd_launches
     k = I + 2 * H
     assert_close(out, torch.from_numpy(out_r), dtype, k=k, what="out")
     assert_close(hn, torch.from_numpy(hn_r), dtype, k=k, what="h_n")
@@ -272,7 +306,7 @@ def test_cupy_driver_with_host_loop_matches_reference(mode, dtype, rng, monkeypa
         assert_close(cn, torch.from_numpy(cn_r), dtype, k=k, what="c_n")
     dx, dhx, dcx, dws = ops._gpu_backward(ops._CupyImpl, mode, c(gout), c(ghn), c(gcn), c(x), weights, reserve, L,
                                           True, True, lengths, c(masks))
-    assert host.launches[4:] == ["rnn_seq_bwd"] * 4
+    assert host.launches[len(fwd_launches):] == (["rnn_seq2_bwd"] * 2 if pair else ["rnn_seq_bwd"] * 4)
     want_dx, want_dhx, want_dcx, want_dws = want_b
     flat = [g for kk in range(2 * L) for g in want_dws[kk] if g is not None]
     got = [("dx", dx, want_dx), ("dhx", dhx, want_dhx)] + [(f"dw{i}", a, b) for i, (a, b) in enumerate(zip(dws, flat))]
@@ -341,7 +375,7 @@ def test_relu_half_gradients_from_own_states_on_host(dtype, rng, monkeypatch):
     host = _HostLaunch(_lib())
     monkeypatch.delenv(ops.CUPY_RNN_ENV, raising=False)
     monkeypatch.setattr(ops._CupyImpl, "_loop_kernel",
-                        staticmethod(lambda mode, dot, device, kernel, B, H: (host, (mode, dot), 1)))
+                        staticmethod(lambda mode, dot, device, kernel, B, H, directions=1: (host, (mode, dot), 1)))
     T, B, I, H, L, bi, lens, _ = LOOP_GRID[0]
     mode = "rnn_relu"
     args, kw = ops._make_seq(mode, T=T, B=B, I=I, H=H, L=L, bi=bi, lengths=lens)(rng)
@@ -353,7 +387,7 @@ def test_relu_half_gradients_from_own_states_on_host(dtype, rng, monkeypatch):
     gouts = [torch.from_numpy(rng.standard_normal(o.shape)).to(dtype) for o in (out, hn)]
     dx, dhx, _, dws = ops._gpu_backward(ops._CupyImpl, mode, gouts[0], gouts[1], None, x, weights, reserve, L, bi,
                                         True, kw["lengths"], masks)
-    assert host.launches == ["rnn_seq_fwd"] * 4 + ["rnn_seq_bwd"] * 4
+    assert host.launches == ["rnn_seq2_fwd"] * 2 + ["rnn_seq2_bwd"] * 2  # bidirectional: both directions per launch
     pairs = ops.own_state_pairs(mode, x, hx, weights, L, bi, True, kw["lengths"], masks, out, hn, reserve, gouts,
                                 [dx, dhx, *dws])
     _assert_own_state_pairs(pairs, dtype, T, B, H)
@@ -414,7 +448,7 @@ def test_rnn_cu_compiles_in_every_loader_configuration():
                 cur = line.split("'")[1]
             elif cur and "spill stores" in line:
                 entries[cur] = line
-        assert {"rnn_seq_fwd", "rnn_seq_bwd", "rnn_cell_fwd", "rnn_cell_bwd"} <= set(entries), log
+        assert {"rnn_seq_fwd", "rnn_seq_bwd", "rnn_seq2_fwd", "rnn_seq2_bwd", "rnn_cell_fwd", "rnn_cell_bwd"} <= set(entries), log
         for name, line in entries.items():
             assert " 0 bytes spill stores, 0 bytes spill loads" in line, f"GN_MODE={mode} GN_ROUND={rnd} {name}: {line}"
 
@@ -445,7 +479,8 @@ def test_device_loop_matches_reference(backend, device, mode, blocks, rng, monke
     monkeypatch.delenv(ops.CUPY_RNN_ENV, raising=False)
     monkeypatch.setattr(ops._CupyImpl, "max_loop_blocks", blocks)
     calls = []
-    for name in ("persist_forward", "loop_backward"):
+    names = ("persist_forward", "loop_backward", "persist_forward_pair", "persist_backward_pair")
+    for name in names:
         orig = getattr(ops._CupyImpl, name)
         monkeypatch.setattr(ops._CupyImpl, name,
                             staticmethod(lambda *a, _o=orig, _n=name, **k: (calls.append(_n), _o(*a, **k))[1]))
@@ -455,7 +490,8 @@ def test_device_loop_matches_reference(backend, device, mode, blocks, rng, monke
                 _relu_half_against_reference(backend, device, dtype, rng, *cfg)
             else:
                 _seq_against_reference(backend, device, mode, dtype, rng, *cfg, batch_first=cfg[0] == 5)
-    assert "persist_forward" in calls and "loop_backward" in calls  # the loop ran, not the per-step path
+    # the loops ran, not the per-step path: one direction (LOOP_GRID[1]) and both in one launch
+    assert set(names) <= set(calls)
 
 
 def _relu_half_against_reference(backend, device, dtype, rng, T, B, I, H, L, bi, lengths, masks):
@@ -507,6 +543,42 @@ def test_device_loop_matches_per_step_path(backend, device, mode, rng, monkeypat
         res[env] = [t.detach().double().cpu() for t in (*out, *grads)]
     for a, b in zip(res["loop"], res["step"]):
         assert_close(a, b, torch.float32, k=T * B * 4 * H)
+
+
+@GPU_ONLY
+@pytest.mark.parametrize("backend,device", CUPY)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("blocks", [None, 3])
+def test_device_loop_pair_matches_one_direction_launches(backend, device, mode, blocks, rng, monkeypatch):
+    """Both directions of a layer in one launch (rnn_seq2_fwd / rnn_seq2_bwd, the default) against
+    one launch per direction (``_CupyImpl.pair_loops`` off): the same inputs give the same outputs
+    and gradients, float32 and bfloat16, lengths, two layers; ``blocks`` 3 makes the blocks loop
+    over tasks of both directions between barriers."""
+    import gpu_nn
+
+    monkeypatch.delenv(ops.CUPY_RNN_ENV, raising=False)
+    monkeypatch.setattr(ops._CupyImpl, "max_loop_blocks", blocks)
+    T, B, I, H = 11, 13, 7, 45
+    args, kw = ops._make_seq(mode, T=T, B=B, I=I, H=H, L=2, bi=True,
+                             lengths=(11, 4, 9, 1, 11, 7, 2, 10, 6, 11, 3, 8, 5))(rng)
+    flat = [args[0], *(args[1] if mode == "lstm" else (args[1],)), *args[2]]
+    for dtype in (torch.float32, torch.bfloat16):
+        res = {}
+        for pair in (True, False):
+            monkeypatch.setattr(ops._CupyImpl, "pair_loops", pair)
+            leaves = [t.detach().to("cuda", dtype).requires_grad_() for t in flat]
+            n_h = 2 if mode == "lstm" else 1
+            h = tuple(leaves[1:1 + n_h]) if mode == "lstm" else leaves[1]
+            with gpu_nn.backend("cupy"):
+                out = ops.SEQ_FUNCS[mode](leaves[0], h, leaves[1 + n_h:], True, 2, 0.0, True, True, False,
+                                          lengths=kw.get("lengths"))
+                gs = [torch.from_numpy(np.random.default_rng(7).standard_normal(o.shape)).to("cuda", dtype)
+                      for o in out]
+                grads = torch.autograd.grad(out, leaves, gs)
+            res[pair] = [t.detach().double().cpu() for t in (*out, *grads)]
+        for i, (a, b) in enumerate(zip(res[True], res[False])):
+            # the same per-task arithmetic on both sides: rounding in the dtype bounds any difference
+            assert_close(a, b, dtype, k=T * B * 4 * H, what=f"{mode} {dtype} tensor {i}")
 
 
 @GPU_ONLY

@@ -78,8 +78,12 @@ The cupy backend runs the time loop on the device (``_CupyImpl.persist_forward``
 ``loop_backward``, kernels/cuda/rnn.cu ``rnn_seq_fwd`` / ``rnn_seq_bwd``): one cooperative launch
 per layer, direction and pass, forward and backward, chosen by ``cupy_loop_choice``
 (``GPU_NN_CUPY_RNN=step``: per step, as before; projections always per step) with a grid of
-``cupy_loop_grid`` blocks, falling back per step when nothing can be resident. The input
-projection and the weight gradients remain one torch matmul each over all steps.
+``cupy_loop_grid`` blocks, falling back per step when nothing can be resident. A bidirectional
+layer runs both directions in one launch per pass (``persist_forward_pair`` /
+``persist_backward_pair``, ``rnn_seq2_fwd`` / ``rnn_seq2_bwd``: step s of both directions between
+the same two barriers, twice the blocks at the same depth), each direction in its own launch
+where that grid cannot be resident. The input projection and the weight gradients remain one
+torch matmul each over all steps.
 """
 
 from __future__ import annotations
@@ -490,9 +494,9 @@ def _gpu_forward(K, mode, input, hx, cx, weights, num_layers, bidirectional, has
         dest = v[("x", l + 1)] if l < L - 1 else out
         mk = masks[l] if (masks is not None and l < L - 1) else None
         in_w = xin.shape[-1]
-        # both directions' time loops in one launch (triton: per step, or one persistent launch)
-        # where their weights share dtype and strides: (launcher, its arguments after the two
-        # directions'), called once both are collected
+        # both directions' time loops in one launch (triton: per step, or one persistent launch;
+        # cupy: one device-loop launch) where their weights allow it (triton: the same dtype and
+        # strides): (launcher, its arguments after the two directions'), called once both are collected
         pair_loop = None
         if D == 2 and hasattr(K, "pair_ok") and K.pair_ok(ws[l * D][1], ws[l * D + 1][1]):
             pdc = _dot_code(ws[l * D][1].dtype, tf32=tf32)
@@ -572,11 +576,12 @@ def _gpu_backward(K, mode, gout, ghn, gcn, input, weights, reserve, num_layers, 
                                                               backward=True)
     steps_backward = getattr(K, "steps_backward", None)  # one call per layer and direction (triton; pairs below)
     ws = _split(weights, L, D, has_biases)
-    # both directions of a layer in one launch per step (triton's per-step path): the two
-    # directions' gate gradients coexist, one buffer each; otherwise one buffer serves both in turn
-    pairs = [D == 2 and not P and steps_backward is not None and K.pair_ok(ws[l * D][1], ws[l * D + 1][1])
-             for l in range(L)]
-    # the pairs' persistent backward (triton, where the persistent backward is chosen): its programs
+    # both directions of a layer in one launch per step (triton's per-step path) or in one whole
+    # loop launch (triton's persistent backward, cupy's device loop): the two directions' gate
+    # gradients coexist, one buffer each; otherwise one buffer serves both in turn
+    can_pair = steps_backward is not None or bool(bloop and _persist_pair_programs(K, dev, B, H))
+    pairs = [D == 2 and not P and can_pair and K.pair_ok(ws[l * D][1], ws[l * D + 1][1]) for l in range(L)]
+    # the pairs' persistent backward (triton, where the persistent backward is chosen; cupy): its programs
     bpair = _persist_pair_programs(K, dev, B, H) if bloop and any(pairs) and hasattr(K, "persist_backward_pair") else 0
     nbuf = 2 if any(pairs) else 1
     dGis = empty((nbuf, T, B, GH), dtype=f32, device=dev)
@@ -603,15 +608,18 @@ def _gpu_backward(K, mode, gout, ghn, gcn, input, weights, reserve, num_layers, 
         dxin = empty((T, B, in_w), dtype=f32, device=dev)
         mk = masks[l - 1] if (masks is not None and l > 0) else None
         dws_pair = None
-        if pairs[l]:
+        paired = pairs[l]
+        if paired:
             dirs = [(ws[k][1], carries[k], None if dcx is None else dcx[k], dout[:, :, d * H:(d + 1) * H],
                      v.get(("gates", l, d)), v[("h", l, d)], v.get(("c", l, d)), dGis[d], dGhs[d], dhx[k])
                     for d, k in ((0, l * D), (1, l * D + 1))]
             pdc = _dot_code(ws[l * D][1].dtype, tf32=tf32)
-            if bpair:  # both directions' time loops in one persistent launch
-                K.persist_backward_pair(mode, *dirs, lens, pdc, bpair)
+            if bpair:  # both directions' time loops in one persistent launch (cupy: False, not run, where
+                # its two-direction grid cannot be resident: each direction below then)
+                paired = K.persist_backward_pair(mode, *dirs, lens, pdc, bpair) is not False
             else:
                 K.steps_backward_pair(mode, *dirs, lens, pdc)
+        if paired and hasattr(K, "pair_matmul_ok"):
             # dW_ih and dW_hh of both directions, each pair in one launch where the two can share it
             dws_pair = [(empty(ws[l * D + d][0].shape, dtype=ws[l * D + d][0].dtype, device=dev),
                          empty(ws[l * D + d][1].shape, dtype=ws[l * D + d][1].dtype, device=dev)) for d in range(D)]
@@ -634,9 +642,9 @@ def _gpu_backward(K, mode, gout, ghn, gcn, input, weights, reserve, num_layers, 
             carry = carries[k]
             dc = None if dcx is None else dcx[k]
             dcode = _dot_code(w_hh.dtype, tf32=tf32)
-            dGi, dGh = (dGis[d], dGhs[d]) if pairs[l] else (dGis[0], dGhs[0])
+            dGi, dGh = (dGis[d], dGhs[d]) if paired else (dGis[0], dGhs[0])
             prev = None
-            if pairs[l]:
+            if paired:
                 pass  # the step loops of both directions ran above
             elif P:
                 rdot = _dot_code(w_hr.dtype, tf32=tf32)
@@ -719,12 +727,14 @@ def cupy_loop_choice(B: int, H: int, P: int, env: Optional[str]) -> bool:
     return env != "step" and P == 0 and B >= 1 and H >= 1
 
 
-def cupy_loop_grid(B: int, H: int, sm_count: int, blocks_per_sm: int, cap: Optional[int] = None) -> int:
-    """Blocks of a device-loop launch: one per task (``SEQ_UNITS`` units x ``SEQ_ROWS`` rows) up to
+def cupy_loop_grid(B: int, H: int, sm_count: int, blocks_per_sm: int, cap: Optional[int] = None,
+                   directions: int = 1) -> int:
+    """Blocks of a device-loop launch: one per task (``SEQ_UNITS`` units x ``SEQ_ROWS`` rows, of
+    each of the ``directions`` the launch runs: 2 for ``rnn_seq2_fwd`` / ``rnn_seq2_bwd``) up to
     what the device holds at once (``sm_count`` x ``blocks_per_sm`` from the occupancy API; more
     tasks than that loop inside the blocks) and ``cap``; 0 when nothing can be resident (the
     caller then runs per step)."""
-    tasks = -(-H // SEQ_UNITS) * -(-B // SEQ_ROWS)
+    tasks = directions * -(-H // SEQ_UNITS) * -(-B // SEQ_ROWS)
     grid = min(tasks, sm_count * blocks_per_sm)
     if cap is not None:
         grid = min(grid, cap)
@@ -791,15 +801,16 @@ class _CupyImpl:
     max_loop_blocks: Optional[int] = None
 
     @staticmethod
-    def _loop_kernel(mode, dot, device, kernel, B, H):
-        """(kcuda, cooperative module, grid) of a loop kernel; grid 0: it cannot be resident."""
+    def _loop_kernel(mode, dot, device, kernel, B, H, directions=1):
+        """(kcuda, cooperative module, grid) of a loop kernel (``directions`` 2: a two-direction
+        one); grid 0: it cannot be resident."""
         kcuda = cuda_kernels()
         dev = device.index if device.index is not None else torch.cuda.current_device()
         # dot 3 (TF32 allowed for float32) runs as exact float32 here: the loop's dots are CUDA-core FMAs
         rnd = dot if dot in (1, 2) else 0
         mod = kcuda.load("rnn", {"GN_MODE": ref.MODES.index(mode), "GN_ROUND": rnd}, dev, cooperative=True)
         per_sm, sms = _CupyImpl._residency(mod, kernel, dev)
-        return kcuda, mod, cupy_loop_grid(B, H, sms, per_sm, _CupyImpl.max_loop_blocks)
+        return kcuda, mod, cupy_loop_grid(B, H, sms, per_sm, _CupyImpl.max_loop_blocks, directions)
 
     @staticmethod
     @functools.lru_cache(maxsize=None)
@@ -819,31 +830,84 @@ class _CupyImpl:
         contiguous float32 slots, ``out`` / ``mask [T, B, H]``, ``lengths`` int64 ``[B]``.
         ``programs`` is :func:`cupy_loop_choice`'s yes. Runs per step when the grid cannot be
         resident."""
+        B, H = hs.shape[1], hs.shape[2]
+        kcuda, mod, grid = _CupyImpl._loop_kernel(mode, dot, hs.device, "rnn_seq_fwd", B, H)
+        if grid == 0:
+            _CupyImpl._steps_forward(mode, xg, hs, cs, w_hh, b_hh, out, mask, lengths, reverse, dot)
+            return
+        args, finish = _CupyImpl._loop_fwd_args(xg, hs, cs, w_hh, b_hh, out, mask, lengths, reverse)
+        count = torch.zeros(1, dtype=torch.int32, device=hs.device)
+        kcuda.launch(mod, "rnn_seq_fwd", (grid,), (SEQ_THREADS,), (*args, count), device=hs.device.index or 0)
+        finish()
+
+    @staticmethod
+    def pair_ok(fwd_w_hh, rev_w_hh) -> bool:
+        """Both directions of a layer can share a loop launch whatever their weights' strides (the
+        launchers pass each direction its own float32 copy)."""
+        return True
+
+    # tests turn this off to run the two directions' loops one launch each (the same arithmetic)
+    pair_loops: bool = True
+
+    @staticmethod
+    def persist_pair_programs(B: int, H: int, sm_count: int) -> int:
+        """1 where the two-direction loops apply (their grid is sized at launch), else 0."""
+        return int(_CupyImpl.pair_loops and B >= 1 and H >= 1)
+
+    @staticmethod
+    def persist_forward_pair(mode, fwd, rev, lengths, dot, programs):
+        """Both directions' forward time loops in one launch of ``rnn_seq2_fwd``: ``fwd`` / ``rev``
+        are ``(xg, hs, cs, w_hh, b_hh, out, mask)`` of each direction as ``persist_forward`` takes
+        them. Where the two-direction grid cannot be resident, each direction as
+        ``persist_forward``."""
+        hs = fwd[1]
+        B, H = hs.shape[1], hs.shape[2]
+        kcuda, mod, grid = _CupyImpl._loop_kernel(mode, dot, hs.device, "rnn_seq2_fwd", B, H, 2)
+        if grid == 0:
+            for d, loop in enumerate((fwd, rev)):
+                _CupyImpl.persist_forward(mode, *loop, lengths, d == 1, dot, programs)
+            return
+        args_f, finish_f = _CupyImpl._loop_fwd_args(*fwd, lengths, False)
+        args_r, finish_r = _CupyImpl._loop_fwd_args(*rev, lengths, True)
+        count = torch.zeros(1, dtype=torch.int32, device=hs.device)
+        kcuda.launch(mod, "rnn_seq2_fwd", (grid,), (SEQ_THREADS,), (*args_f, *args_r, count),
+                     device=hs.device.index or 0)
+        finish_f()
+        finish_r()
+
+    @staticmethod
+    def _loop_fwd_args(xg, hs, cs, w_hh, b_hh, out, mask, lengths, reverse):
+        """The arguments of one direction of ``rnn_seq_fwd`` / ``rnn_seq2_fwd`` (rnn_math.cuh
+        ``GN_SEQ_FWD_ARGS``, without the counter) and what to do after the launch (the output
+        copied into ``out`` where the kernel wrote a float32 stand-in)."""
         import numpy as np
 
         T, B, H = hs.shape[0] - 1, hs.shape[1], hs.shape[2]
-        kcuda, mod, grid = _CupyImpl._loop_kernel(mode, dot, hs.device, "rnn_seq_fwd", B, H)
-        if grid == 0:
-            for t, p, n in ref._steps(T, reverse):
-                _CupyImpl.step_forward(mode, xg[t], hs[p], hs[n], None if cs is None else cs[p],
-                                       None if cs is None else cs[n], w_hh, b_hh, out[t],
-                                       None if mask is None else mask[t], lengths, t, dot)
-            return
         assert hs.is_contiguous() and (cs is None or cs.is_contiguous()) and xg.stride(2) == 1
         wt = w_hh.t().float().contiguous()  # [H, G * H]: lanes (consecutive units) read consecutive words
         o32 = out if out.dtype == torch.float32 and out.stride(2) == 1 else torch.empty(
             out.shape, dtype=torch.float32, device=out.device)
         m32 = None if mask is None else _unit_last(mask)
         bhh = None if b_hh is None else b_hh.float()
-        count = torch.zeros(1, dtype=torch.int32, device=hs.device)
-        kcuda.launch(mod, "rnn_seq_fwd", (grid,), (SEQ_THREADS,), (
-            xg, np.int64(xg.stride(0)), np.int64(xg.stride(1)), hs, hs if cs is None else cs, wt,
-            wt if bhh is None else bhh, np.int32(bhh is not None), o32, np.int64(o32.stride(0)),
-            np.int64(o32.stride(1)), o32 if m32 is None else m32, np.int64(0 if m32 is None else m32.stride(0)),
-            np.int64(0 if m32 is None else m32.stride(1)), np.int32(m32 is not None), lengths, np.int32(reverse),
-            np.int32(T), np.int32(B), np.int32(H), count), device=hs.device.index or 0)
-        if o32 is not out:
-            out.copy_(o32)
+        args = (xg, np.int64(xg.stride(0)), np.int64(xg.stride(1)), hs, hs if cs is None else cs, wt,
+                wt if bhh is None else bhh, np.int32(bhh is not None), o32, np.int64(o32.stride(0)),
+                np.int64(o32.stride(1)), o32 if m32 is None else m32, np.int64(0 if m32 is None else m32.stride(0)),
+                np.int64(0 if m32 is None else m32.stride(1)), np.int32(m32 is not None), lengths, np.int32(reverse),
+                np.int32(T), np.int32(B), np.int32(H))
+
+        def finish():
+            if o32 is not out:
+                out.copy_(o32)
+
+        return args, finish
+
+    @staticmethod
+    def _steps_forward(mode, xg, hs, cs, w_hh, b_hh, out, mask, lengths, reverse, dot):
+        """One direction's forward as a matmul and a cell launch per step (no loop grid fits)."""
+        for t, p, n in ref._steps(hs.shape[0] - 1, reverse):
+            _CupyImpl.step_forward(mode, xg[t], hs[p], hs[n], None if cs is None else cs[p],
+                                   None if cs is None else cs[n], w_hh, b_hh, out[t],
+                                   None if mask is None else mask[t], lengths, t, dot)
 
     @staticmethod
     def loop_backward(mode, w_hh, carry, dc, dout, g, hs, cs, dgi, dgh, lengths, reverse, dot, programs=None):
@@ -853,23 +917,57 @@ class _CupyImpl:
         without the last step's ``dG W_hh`` (the caller adds it, as after the per-step loop) and
         in ``dc`` dc_0. Returns False, having done nothing, when the grid cannot be resident.
         ``programs`` (the Triton launcher's program count) is not used: the grid is sized here."""
-        import numpy as np
-
-        T, B, H = hs.shape[0] - 1, hs.shape[1], hs.shape[2]
+        B, H = hs.shape[1], hs.shape[2]
         kcuda, mod, grid = _CupyImpl._loop_kernel(mode, dot, hs.device, "rnn_seq_bwd", B, H)
         if grid == 0:
             return False
+        args = _CupyImpl._loop_bwd_args(w_hh, carry, dc, dout, g, hs, cs, dgi, dgh, lengths, reverse)
+        count = torch.zeros(1, dtype=torch.int32, device=hs.device)
+        kcuda.launch(mod, "rnn_seq_bwd", (grid,), (SEQ_THREADS,), (*args, count), device=hs.device.index or 0)
+        return True
+
+    @staticmethod
+    def persist_backward_pair(mode, fwd, rev, lengths, dot, programs):
+        """Both directions' backward time loops in one launch of ``rnn_seq2_bwd``, then each
+        direction's final dh0 step: ``fwd`` / ``rev`` are ``(w_hh, carry, dc, dout, G, Hs, Cs, dGi,
+        dGh, dh0)`` as kernels/triton/rnn.py ``persist_backward_pair`` takes them (each direction
+        its own gate-gradient buffers; ``dGh`` None: ``dGi``). Returns False, having done nothing,
+        where the two-direction grid cannot be resident (the caller then runs each direction)."""
+        T = fwd[3].shape[0]
+        B, H = fwd[1].shape
+        dirs = [(w_hh, carry, dc, dout, G, Hs, Cs, dGi, dGi if dGh is None else dGh, dh0)
+                for w_hh, carry, dc, dout, G, Hs, Cs, dGi, dGh, dh0 in (fwd, rev)]
+        if T and B and H:
+            kcuda, mod, grid = _CupyImpl._loop_kernel(mode, dot, fwd[1].device, "rnn_seq2_bwd", B, H, 2)
+            if grid == 0:
+                return False
+            args = [a for d, (w_hh, carry, dc, dout, G, Hs, Cs, dGi, dGh, _) in enumerate(dirs)
+                    for a in _CupyImpl._loop_bwd_args(w_hh, carry, dc, dout, G, Hs, Cs, dGi, dGh, lengths, d == 1)]
+            count = torch.zeros(1, dtype=torch.int32, device=fwd[1].device)
+            kcuda.launch(mod, "rnn_seq2_bwd", (grid,), (SEQ_THREADS,), (*args, count),
+                         device=fwd[1].device.index or 0)
+        for d, (w_hh, carry, _, _, _, _, _, _, dGh, dh0) in enumerate(dirs):
+            # the last step processed: 0 forward, T - 1 reverse (its dG W_hh is dh0's last term)
+            prev = dGh[T - 1 if d == 1 else 0] if T else None
+            _CupyImpl.step_backward(mode, prev, w_hh, carry, None, None, None, None, None, None, None, None, None, dh0,
+                                    None, 0, dot, final=True)
+        return True
+
+    @staticmethod
+    def _loop_bwd_args(w_hh, carry, dc, dout, g, hs, cs, dgi, dgh, lengths, reverse):
+        """The arguments of one direction of ``rnn_seq_bwd`` / ``rnn_seq2_bwd`` (rnn_math.cuh
+        ``GN_SEQ_BWD_ARGS``, without the counter)."""
+        import numpy as np
+
+        T, B, H = hs.shape[0] - 1, hs.shape[1], hs.shape[2]
         assert hs.is_contiguous() and carry.is_contiguous() and dgi.stride(2) == 1 and dgh.stride() == dgi.stride()
         w = w_hh.float().contiguous()  # [G * H, H]
         d32 = _unit_last(dout)
-        count = torch.zeros(1, dtype=torch.int32, device=hs.device)
-        kcuda.launch(mod, "rnn_seq_bwd", (grid,), (SEQ_THREADS,), (
-            w, carry, carry if dc is None else dc, d32, np.int64(d32.stride(0)), np.int64(d32.stride(1)),
-            carry if g is None else g, np.int64(0 if g is None else g.stride(0)),
-            np.int64(0 if g is None else g.stride(1)), hs, hs if cs is None else cs, dgi, dgh,
-            np.int64(dgi.stride(0)), np.int64(dgi.stride(1)), lengths, np.int32(reverse), np.int32(T), np.int32(B),
-            np.int32(H), count), device=hs.device.index or 0)
-        return True
+        return (w, carry, carry if dc is None else dc, d32, np.int64(d32.stride(0)), np.int64(d32.stride(1)),
+                carry if g is None else g, np.int64(0 if g is None else g.stride(0)),
+                np.int64(0 if g is None else g.stride(1)), hs, hs if cs is None else cs, dgi, dgh,
+                np.int64(dgi.stride(0)), np.int64(dgi.stride(1)), lengths, np.int32(reverse), np.int32(T), np.int32(B),
+                np.int32(H))
 
     @staticmethod
     def step_forward(mode, xg, hp, hn, cp, cn, w_hh, b_hh, out, mask, lengths, t, dot, proj=False):

@@ -1,5 +1,6 @@
 // Fused recurrent cell kernels for the cupy backend (Elman tanh / relu, LSTM, GRU): per-step
-// kernels (rnn_cell_*, rnn_proj_*) and, below, the device time loop (rnn_seq_fwd / rnn_seq_bwd).
+// kernels (rnn_cell_*, rnn_proj_*) and, below, the device time loop (rnn_seq_fwd / rnn_seq_bwd; and
+// rnn_seq2_fwd / rnn_seq2_bwd, both directions of a bidirectional layer in one launch).
 //
 // Per step: one thread per (batch row b, hidden unit j) of one time step; the recurrent matmul
 // h_{t-1} W_hh^T (forward) and dG_{t+1} W_hh (backward) run before, as a matmul (torch's).
@@ -86,42 +87,86 @@ __device__ __forceinline__ void gn_grid_barrier(unsigned int* count, unsigned in
     __syncthreads();
 }
 
+// The shared memory of a loop block: the slice dots' partial sums and each warp's staged operand.
+struct GnSeqFwdShared {
+    float part[GN_SEQ_KS][GN_SEQ_NR][4][GN_SEQ_JB];
+    float vs[GN_SEQ_KS][GN_SEQ_NR][GN_SEQ_CH];
+};
+struct GnSeqBwdShared {
+    float part[GN_SEQ_KS][GN_SEQ_NR][GN_SEQ_JB];
+    float vs[GN_SEQ_KS][GN_SEQ_NR][GN_SEQ_CH];
+};
+
+// Task `task` of step s of one forward loop: the warps' slice dots over [k0, k1) of H for all
+// gates of the task's units, summed in slice order, then one warp per row applies the cell. Every
+// thread of the block calls it with the same task (it synchronises the block).
+__device__ __forceinline__ void gn_seq_fwd_task(const GnSeqFwd& a, int s, int task, int k0, int k1,
+                                                GnSeqFwdShared& sh, int lane, int warp) {
+    const int G = gn_gates(GN_MODE), H = a.H, B = a.B;
+    const int nj = (H + GN_SEQ_JB - 1) / GN_SEQ_JB;
+    const gn_index BH = (gn_index)B * H;
+    int t = a.reverse ? a.T - 1 - s : s;
+    gn_index p = a.reverse ? t + 1 : t;
+    int j = (task % nj) * GN_SEQ_JB + lane, n0 = (task / nj) * GN_SEQ_NR;
+    int nr = B - n0 < GN_SEQ_NR ? B - n0 : GN_SEQ_NR;
+    float acc[GN_SEQ_NR][4] = {};
+    // every lane stages (j may be past H in the last unit tile; its columns are not read);
+    // a task whose rows have all ended skips the dot (the same test in every thread)
+    if (gn_rows_live(a.len, n0, nr, t))
+        gn_seq_dot_staged<GN_ROUND>(a.hs + p * BH + (gn_index)n0 * H, H, nr, a.wt, (gn_index)G * H, j < H ? j : 0, H,
+                                    G, k0, k1, sh.vs[warp], acc, lane, 32);
+#pragma unroll
+    for (int r = 0; r < GN_SEQ_NR; ++r)
+#pragma unroll
+        for (int g = 0; g < 4; ++g) sh.part[warp][r][g][lane] = acc[r][g];
+    __syncthreads();
+    if (warp < nr && j < H) {
+        float hh[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        for (int q = 0; q < GN_SEQ_KS; ++q)
+            for (int g = 0; g < 4; ++g) hh[g] += sh.part[q][warp][g][lane];
+        gn_seq_fwd_cell(a, GN_MODE, t, n0 + warp, j, hh);
+    }
+    __syncthreads();
+}
+
+// Task `task` of step s of one backward loop (the forward's steps in reverse): the slice dots over
+// [k0, k1) of G * H of the step processed before (none at s = 0), then the cell.
+__device__ __forceinline__ void gn_seq_bwd_task(const GnSeqBwd& a, int s, int task, int k0, int k1,
+                                                GnSeqBwdShared& sh, int lane, int warp) {
+    const int H = a.H, B = a.B;
+    const int nj = (H + GN_SEQ_JB - 1) / GN_SEQ_JB;
+    int t = a.reverse ? s : a.T - 1 - s;
+    gn_index tn = a.reverse ? t - 1 : t + 1;
+    int j = (task % nj) * GN_SEQ_JB + lane, n0 = (task / nj) * GN_SEQ_NR;
+    int nr = B - n0 < GN_SEQ_NR ? B - n0 : GN_SEQ_NR;
+    float acc[GN_SEQ_NR][4] = {};
+    if (s > 0 && gn_rows_live(a.len, n0, nr, tn))  // rows whose step tn ran (the others' dG are 0)
+        gn_seq_dot_staged<GN_ROUND>(a.dgh + tn * a.sdg_t + n0 * a.sdg_n, a.sdg_n, nr, a.w, H, j < H ? j : 0, 0, 1, k0,
+                                    k1, sh.vs[warp], acc, lane, 32);
+#pragma unroll
+    for (int r = 0; r < GN_SEQ_NR; ++r) sh.part[warp][r][lane] = acc[r][0];
+    __syncthreads();
+    if (warp < nr && j < H) {
+        float dd = 0.0f;
+        for (int q = 0; q < GN_SEQ_KS; ++q) dd += sh.part[q][warp][lane];
+        gn_seq_bwd_cell(a, GN_MODE, t, n0 + warp, j, dd);
+    }
+    __syncthreads();
+}
+
+__device__ __forceinline__ int gn_seq_tasks(int B, int H) {
+    return ((H + GN_SEQ_JB - 1) / GN_SEQ_JB) * ((B + GN_SEQ_NR - 1) / GN_SEQ_NR);
+}
+
 extern "C" __global__ void __launch_bounds__(GN_SEQ_KS * 32, 2)
     rnn_seq_fwd(GN_SEQ_FWD_PARAMS) {
     GnSeqFwd a = GN_SEQ_FWD_STRUCT;
-    __shared__ float part[GN_SEQ_KS][GN_SEQ_NR][4][GN_SEQ_JB];
-    __shared__ float vs[GN_SEQ_KS][GN_SEQ_NR][GN_SEQ_CH];
-    const int G = gn_gates(GN_MODE);
-    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-    const int nj = (H + GN_SEQ_JB - 1) / GN_SEQ_JB, ntasks = nj * ((B + GN_SEQ_NR - 1) / GN_SEQ_NR);
-    const gn_index BH = (gn_index)B * H;
+    __shared__ GnSeqFwdShared sh;
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, ntasks = gn_seq_tasks(B, H);
     int k0, k1;
     gn_seq_slice(H, warp, &k0, &k1);
     for (int s = 0; s < T; ++s) {
-        int t = reverse ? T - 1 - s : s;
-        gn_index p = reverse ? t + 1 : t;
-        for (int task = blockIdx.x; task < ntasks; task += gridDim.x) {
-            int j = (task % nj) * GN_SEQ_JB + lane, n0 = (task / nj) * GN_SEQ_NR;
-            int nr = B - n0 < GN_SEQ_NR ? B - n0 : GN_SEQ_NR;
-            float acc[GN_SEQ_NR][4] = {};
-            // every lane stages (j may be past H in the last unit tile; its columns are not read);
-            // a task whose rows have all ended skips the dot (the same test in every thread)
-            if (gn_rows_live(a.len, n0, nr, t))
-                gn_seq_dot_staged<GN_ROUND>(hs + p * BH + (gn_index)n0 * H, H, nr, wt, (gn_index)G * H, j < H ? j : 0, H,
-                                            G, k0, k1, vs[warp], acc, lane, 32);
-#pragma unroll
-            for (int r = 0; r < GN_SEQ_NR; ++r)
-#pragma unroll
-                for (int g = 0; g < 4; ++g) part[warp][r][g][lane] = acc[r][g];
-            __syncthreads();
-            if (warp < nr && j < H) {
-                float hh[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-                for (int q = 0; q < GN_SEQ_KS; ++q)
-                    for (int g = 0; g < 4; ++g) hh[g] += part[q][warp][g][lane];
-                gn_seq_fwd_cell(a, GN_MODE, t, n0 + warp, j, hh);
-            }
-            __syncthreads();
-        }
+        for (int task = blockIdx.x; task < ntasks; task += gridDim.x) gn_seq_fwd_task(a, s, task, k0, k1, sh, lane, warp);
         if (s + 1 < T) gn_grid_barrier(count, (unsigned int)(s + 1) * gridDim.x);
     }
 }
@@ -129,33 +174,53 @@ extern "C" __global__ void __launch_bounds__(GN_SEQ_KS * 32, 2)
 extern "C" __global__ void __launch_bounds__(GN_SEQ_KS * 32, 2)
     rnn_seq_bwd(GN_SEQ_BWD_PARAMS) {
     GnSeqBwd a = GN_SEQ_BWD_STRUCT;
-    __shared__ float part[GN_SEQ_KS][GN_SEQ_NR][GN_SEQ_JB];
-    __shared__ float vs[GN_SEQ_KS][GN_SEQ_NR][GN_SEQ_CH];
-    const int GH = gn_gates(GN_MODE) * H;
-    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-    const int nj = (H + GN_SEQ_JB - 1) / GN_SEQ_JB, ntasks = nj * ((B + GN_SEQ_NR - 1) / GN_SEQ_NR);
+    __shared__ GnSeqBwdShared sh;
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, ntasks = gn_seq_tasks(B, H);
     int k0, k1;
-    gn_seq_slice(GH, warp, &k0, &k1);
+    gn_seq_slice(gn_gates(GN_MODE) * H, warp, &k0, &k1);
     for (int s = 0; s < T; ++s) {
-        int t = reverse ? s : T - 1 - s;  // the forward's steps in reverse
-        gn_index tn = reverse ? t - 1 : t + 1;
-        for (int task = blockIdx.x; task < ntasks; task += gridDim.x) {
-            int j = (task % nj) * GN_SEQ_JB + lane, n0 = (task / nj) * GN_SEQ_NR;
-            int nr = B - n0 < GN_SEQ_NR ? B - n0 : GN_SEQ_NR;
-            float acc[GN_SEQ_NR][4] = {};
-            if (s > 0 && gn_rows_live(a.len, n0, nr, tn))  // rows whose step tn ran (the others' dG are 0)
-                gn_seq_dot_staged<GN_ROUND>(dgh + tn * sdg_t + n0 * sdg_n, sdg_n, nr, w, H, j < H ? j : 0, 0, 1, k0, k1,
-                                            vs[warp], acc, lane, 32);
-#pragma unroll
-            for (int r = 0; r < GN_SEQ_NR; ++r) part[warp][r][lane] = acc[r][0];
-            __syncthreads();
-            if (warp < nr && j < H) {
-                float dd = 0.0f;
-                for (int q = 0; q < GN_SEQ_KS; ++q) dd += part[q][warp][lane];
-                gn_seq_bwd_cell(a, GN_MODE, t, n0 + warp, j, dd);
-            }
-            __syncthreads();
-        }
+        for (int task = blockIdx.x; task < ntasks; task += gridDim.x) gn_seq_bwd_task(a, s, task, k0, k1, sh, lane, warp);
         if (s + 1 < T) gn_grid_barrier(count, (unsigned int)(s + 1) * gridDim.x);
+    }
+}
+
+// Both directions of a bidirectional layer in one launch: step s of the forward direction (t = s)
+// and of the reverse one (t = T - 1 - s) between the same two barriers, the tasks of the forward
+// direction first, then the reverse one's (f_ / r_: each direction's own arguments, the same T,
+// B and H). Each task runs the one-direction kernel's arithmetic (the same task functions); the
+// grid holds up to twice the blocks at the same depth, and a layer takes T barriers instead of 2T.
+extern "C" __global__ void __launch_bounds__(GN_SEQ_KS * 32, 2)
+    rnn_seq2_fwd(GN_SEQ2_FWD_PARAMS) {
+    GnSeqFwd af = GN_SEQ_FWD_STRUCT_OF(f_), ar = GN_SEQ_FWD_STRUCT_OF(r_);
+    __shared__ GnSeqFwdShared sh;
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, ntasks = gn_seq_tasks(f_B, f_H);
+    int k0, k1;
+    gn_seq_slice(f_H, warp, &k0, &k1);
+    for (int s = 0; s < f_T; ++s) {
+        for (int task = blockIdx.x; task < 2 * ntasks; task += gridDim.x) {
+            if (task < ntasks)  // the same branch in every thread of the block
+                gn_seq_fwd_task(af, s, task, k0, k1, sh, lane, warp);
+            else
+                gn_seq_fwd_task(ar, s, task - ntasks, k0, k1, sh, lane, warp);
+        }
+        if (s + 1 < f_T) gn_grid_barrier(count, (unsigned int)(s + 1) * gridDim.x);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(GN_SEQ_KS * 32, 2)
+    rnn_seq2_bwd(GN_SEQ2_BWD_PARAMS) {
+    GnSeqBwd af = GN_SEQ_BWD_STRUCT_OF(f_), ar = GN_SEQ_BWD_STRUCT_OF(r_);
+    __shared__ GnSeqBwdShared sh;
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, ntasks = gn_seq_tasks(f_B, f_H);
+    int k0, k1;
+    gn_seq_slice(gn_gates(GN_MODE) * f_H, warp, &k0, &k1);
+    for (int s = 0; s < f_T; ++s) {
+        for (int task = blockIdx.x; task < 2 * ntasks; task += gridDim.x) {
+            if (task < ntasks)
+                gn_seq_bwd_task(af, s, task, k0, k1, sh, lane, warp);
+            else
+                gn_seq_bwd_task(ar, s, task - ntasks, k0, k1, sh, lane, warp);
+        }
+        if (s + 1 < f_T) gn_grid_barrier(count, (unsigned int)(s + 1) * gridDim.x);
     }
 }

@@ -353,20 +353,31 @@ struct GnSeqBwd {
 
 // The kernels' parameter lists and how they become the structs, written once: rnn_seq_fwd /
 // rnn_seq_bwd and the host test's stand-ins for them take exactly these (so a launcher that passes
-// arguments in another order fails on the host too). count: the grid barrier's counter.
-#define GN_SEQ_FWD_PARAMS                                                                                         \
-    float *xg, long long sxg_t, long long sxg_n, float *hs, float *cs, const float *wt, const float *bhh,         \
-        int has_bhh, float *out, long long sout_t, long long sout_n, const float *mask, long long smask_t,        \
-        long long smask_n, int has_mask, const long long *len, int reverse, int T, int B, int H, unsigned int *count
-#define GN_SEQ_FWD_STRUCT                                                                                         \
-    {xg, sxg_t, sxg_n, hs, cs, wt, has_bhh ? bhh : 0, out, sout_t, sout_n, has_mask ? mask : 0, smask_t, smask_n, \
-     len, T, B, H, reverse}
-#define GN_SEQ_BWD_PARAMS                                                                                         \
-    const float *w, float *carry, float *dc, const float *dout, long long sdo_t, long long sdo_n, const float *g, \
-        long long sg_t, long long sg_n, const float *hs, const float *cs, float *dgi, float *dgh, long long sdg_t, \
-        long long sdg_n, const long long *len, int reverse, int T, int B, int H, unsigned int *count
-#define GN_SEQ_BWD_STRUCT \
-    {w, carry, dc, dout, sdo_t, sdo_n, g, sg_t, sg_n, hs, cs, dgi, dgh, sdg_t, sdg_n, len, T, B, H, reverse}
+// arguments in another order fails on the host too). GN_SEQ_*_ARGS(p) is one direction's list with
+// every name prefixed by p (empty for the one-direction kernels; the two-direction kernels
+// rnn_seq2_fwd / rnn_seq2_bwd take the list twice, f_ then r_); count: the grid barrier's counter.
+#define GN_SEQ_FWD_ARGS(p)                                                                                        \
+    float *p##xg, long long p##sxg_t, long long p##sxg_n, float *p##hs, float *p##cs, const float *p##wt,         \
+        const float *p##bhh, int p##has_bhh, float *p##out, long long p##sout_t, long long p##sout_n,             \
+        const float *p##mask, long long p##smask_t, long long p##smask_n, int p##has_mask, const long long *p##len, \
+        int p##reverse, int p##T, int p##B, int p##H
+#define GN_SEQ_FWD_STRUCT_OF(p)                                                                                   \
+    {p##xg, p##sxg_t, p##sxg_n, p##hs, p##cs, p##wt, p##has_bhh ? p##bhh : 0, p##out, p##sout_t, p##sout_n,       \
+     p##has_mask ? p##mask : 0, p##smask_t, p##smask_n, p##len, p##T, p##B, p##H, p##reverse}
+#define GN_SEQ_BWD_ARGS(p)                                                                                        \
+    const float *p##w, float *p##carry, float *p##dc, const float *p##dout, long long p##sdo_t, long long p##sdo_n, \
+        const float *p##g, long long p##sg_t, long long p##sg_n, const float *p##hs, const float *p##cs,          \
+        float *p##dgi, float *p##dgh, long long p##sdg_t, long long p##sdg_n, const long long *p##len,            \
+        int p##reverse, int p##T, int p##B, int p##H
+#define GN_SEQ_BWD_STRUCT_OF(p)                                                                                   \
+    {p##w, p##carry, p##dc, p##dout, p##sdo_t, p##sdo_n, p##g, p##sg_t, p##sg_n, p##hs, p##cs, p##dgi, p##dgh,    \
+     p##sdg_t, p##sdg_n, p##len, p##T, p##B, p##H, p##reverse}
+#define GN_SEQ_FWD_PARAMS GN_SEQ_FWD_ARGS(), unsigned int *count
+#define GN_SEQ_FWD_STRUCT GN_SEQ_FWD_STRUCT_OF()
+#define GN_SEQ_BWD_PARAMS GN_SEQ_BWD_ARGS(), unsigned int *count
+#define GN_SEQ_BWD_STRUCT GN_SEQ_BWD_STRUCT_OF()
+#define GN_SEQ2_FWD_PARAMS GN_SEQ_FWD_ARGS(f_), GN_SEQ_FWD_ARGS(r_), unsigned int *count
+#define GN_SEQ2_BWD_PARAMS GN_SEQ_BWD_ARGS(f_), GN_SEQ_BWD_ARGS(r_), unsigned int *count
 
 // Forward cell of unit j of row n at step t, given the summed recurrent dot hh[G].
 GN_HD void gn_seq_fwd_cell(const GnSeqFwd& a, int mode, int t, int n, int j, const float* hh) {
