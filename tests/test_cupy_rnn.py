@@ -316,6 +316,68 @@ def test_cupy_driver_with_host_loop_matches_reference(mode, dtype, pair, rng, mo
         assert_close(a, torch.from_numpy(b), dtype, k=T * B * 4 * H, what=f"{mode} {name}")
 
 
+def _record_gemm_precision(monkeypatch):
+    """Every torch GEMM the cupy backend makes (torch.mm, torch.addmm, Tensor.addmm_) appends the
+    float32 GEMM precision torch runs it at (``torch.backends.cuda.matmul.allow_tf32``) and the
+    operand dtype to the returned list."""
+    seen = []
+    for owner, name in ((torch, "mm"), (torch, "addmm"), (torch.Tensor, "addmm_")):
+        orig = getattr(owner, name)
+
+        def rec(*a, _o=orig, **k):
+            seen.append((torch.backends.cuda.matmul.allow_tf32, a[1].dtype))
+            return _o(*a, **k)
+
+        monkeypatch.setattr(owner, name, rec, raising=False)  # (Tensor inherits addmm_ from its C base)
+    return seen
+
+
+@pytest.mark.parametrize("mode", ["lstm", "gru"])
+@pytest.mark.parametrize("cudnn,mm", [(True, False), (False, True), (True, True), (False, False)])
+def test_cupy_gemms_follow_cudnn_tf32_flag(mode, cudnn, mm, rng, monkeypatch):
+    """The cupy backend's torch GEMMs (input projection, weight and input gradients, the final dh0
+    product; per-step products where it runs per step) run in TF32 exactly when
+    ``torch.backends.cudnn.allow_tf32`` says so, as torch's cuDNN RNN and our Triton kernels do,
+    whatever the matmul flag says, which is left as it was. Driver on CPU tensors, the loop
+    launches run by the host stand-ins, both directions and the per-step path."""
+    host = _HostLaunch(_lib())
+    monkeypatch.setattr(ops._CupyImpl, "_loop_kernel",
+                        staticmethod(lambda mode, dot, device, kernel, B, H, directions=1: (host, (mode, dot), 1)))
+    monkeypatch.setattr(ops._CupyImpl, "_module", staticmethod(lambda mode, device: (host, (mode, 0))))
+    # (conftest's _exact_float32 puts both flags back after the test)
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = cudnn, mm
+    T, B, I, H, L = 3, 4, 3, 5, 2
+    for env in ("loop", "step"):
+        monkeypatch.setenv(ops.CUPY_RNN_ENV, env)
+        args, _ = ops._make_seq(mode, T=T, B=B, I=I, H=H, L=L, bi=True, lengths=(3, 1, 2, 3))(rng)
+        x, params = args[0].detach().float(), [p.detach().float() for p in args[2]]
+        hs = [h.detach().float() for h in (args[1] if mode == "lstm" else (args[1],))] + [None]
+        lengths = torch.tensor([3, 1, 2, 3])
+        with monkeypatch.context() as m:
+            seen = _record_gemm_precision(m)
+            out, hn, cn, reserve = ops._gpu_forward(ops._CupyImpl, mode, x, hs[0], hs[1], params, L, True, True,
+                                                    lengths, None)
+            gcn = torch.randn(cn.shape) if mode == "lstm" else None
+            ops._gpu_backward(ops._CupyImpl, mode, torch.randn(out.shape), torch.randn(hn.shape), gcn, x, params,
+                              reserve, L, True, True, lengths, None)
+        assert torch.backends.cuda.matmul.allow_tf32 == mm  # put back after every GEMM
+        # input projection, dW_ih, dW_hh, dx per layer and direction at least (and dh0, per-step products)
+        assert len(seen) >= 4 * L * 2 and {dt for _, dt in seen} == {torch.float32}, (env, seen)
+        assert {tf for tf, _ in seen} == {cudnn}, (env, seen)
+
+
+@pytest.mark.parametrize("dot,want", [(0, False), (3, True), (1, None), (2, None)])
+@pytest.mark.parametrize("before", [False, True])
+def test_cublas_tf32_sets_and_restores_the_matmul_flag(dot, want, before):
+    torch.backends.cuda.matmul.allow_tf32 = before  # (conftest's _exact_float32 puts it back)
+    with ops._cublas_tf32(dot):
+        assert torch.backends.cuda.matmul.allow_tf32 == (before if want is None else want)
+    assert torch.backends.cuda.matmul.allow_tf32 == before
+    with pytest.raises(RuntimeError), ops._cublas_tf32(dot):
+        raise RuntimeError
+    assert torch.backends.cuda.matmul.allow_tf32 == before
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_cupy_cell_path_with_host_kernels_matches_reference(mode, dtype, rng, monkeypatch):
@@ -543,6 +605,22 @@ def test_device_loop_matches_per_step_path(backend, device, mode, rng, monkeypat
         res[env] = [t.detach().double().cpu() for t in (*out, *grads)]
     for a, b in zip(res["loop"], res["step"]):
         assert_close(a, b, torch.float32, k=T * B * 4 * H)
+
+
+@GPU_ONLY
+@pytest.mark.parametrize("backend,device", CUPY)
+@pytest.mark.parametrize("mode", ["rnn_tanh", "lstm", "gru"])
+def test_cupy_float32_with_tf32_against_reference(backend, device, mode, rng):
+    """torch's default precision (cudnn.allow_tf32 on): the cupy backend's float32 GEMMs run in
+    TF32 (the loop's recurrent dots stay exact float32), held to the TF32 bound against the float64
+    reference on short sequences, as the Triton backend's TF32 tests are (rnn_relu left out: at
+    TF32's 10-bit mantissa a pre-activation within rounding of 0 may take the other branch, as at
+    float16; ops.own_state_pairs)."""
+    from test_rnn import _seq_against_reference
+
+    torch.backends.cudnn.allow_tf32 = True  # (conftest's _exact_float32 puts it back)
+    for cfg in [(4, 5, 3, 6, 2, True, (4, 1, 3, 2, 4), True), LOOP_GRID[1]]:
+        _seq_against_reference(backend, device, mode, torch.float32, rng, *cfg, tf32=True)
 
 
 @GPU_ONLY

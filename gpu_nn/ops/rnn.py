@@ -83,7 +83,9 @@ layer runs both directions in one launch per pass (``persist_forward_pair`` /
 ``persist_backward_pair``, ``rnn_seq2_fwd`` / ``rnn_seq2_bwd``: step s of both directions between
 the same two barriers, twice the blocks at the same depth), each direction in its own launch
 where that grid cannot be resident. The input projection and the weight gradients remain one
-torch matmul each over all steps.
+torch matmul each over all steps; in float32 they run in TF32 exactly where
+``torch.backends.cudnn.allow_tf32`` says (``_cublas_tf32``), as cuDNN's do, whatever torch's matmul
+flag says (the loop's recurrent dots are exact float32 CUDA-core sums either way).
 """
 
 from __future__ import annotations
@@ -747,18 +749,50 @@ def _unit_last(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+class _cublas_tf32:
+    """torch's float32 GEMMs (cuBLAS) while the block runs: TF32 for dot code 3, exact for 0, as
+    ``torch.backends.cuda.matmul.allow_tf32`` set for the block and put back after it (untouched
+    for the half codes 1 / 2, whose GEMMs run in their dtype). The cupy backend's recurrent layers
+    so follow ``torch.backends.cudnn.allow_tf32`` (``tf32_allowed``, which chose the code) in their
+    torch GEMMs as the Triton backend does in its own kernels and torch's cuDNN RNN does, whatever
+    the matmul flag says. The flag is process-wide: another thread's float32 GEMM launched while
+    the block runs (one GEMM launch) sees it too."""
+
+    __slots__ = ("want", "old")
+
+    def __init__(self, dot: int):
+        self.want = {0: False, 3: True}.get(dot)
+
+    def __enter__(self):
+        if self.want is not None:
+            self.old = torch.backends.cuda.matmul.allow_tf32
+            if self.old != self.want:
+                torch.backends.cuda.matmul.allow_tf32 = self.want
+        return self
+
+    def __exit__(self, *exc):
+        if self.want is not None and self.old != self.want:
+            torch.backends.cuda.matmul.allow_tf32 = self.old
+        return False
+
+
 class _CupyImpl:
     """The cupy backend: torch's matmuls around our fused CUDA C cell kernels (kernels/cuda/rnn.cu)."""
 
     @staticmethod
     def matmul(a, b, c, *, bias1=None, bias2=None, scale=None, acc=False, dot=0):
         """c = (a @ b + bias1 + bias2) * scale (+ c with ``acc``), the product in the dtype of
-        ``dot``, the rest in float32, as the Triton backend's ``_rnn_matmul_kernel``. Where c
-        is float32 and so is the product, without a scale, the GEMM writes c itself (bias1
-        folded in through addmm, or c accumulated through addmm_): no float32 temporary and
-        no copy of it into c (one full pass over c per GEMM fewer; the input projection of
-        T=100 N=64 H=512 is 52 MB)."""
-        wdt = {1: torch.float16, 2: torch.bfloat16}.get(dot, torch.float32)  # 0 / 3: float32 (TF32 is torch's call)
+        ``dot``, the rest in float32, as the Triton backend's ``_rnn_matmul_kernel`` (dot 3: the
+        float32 GEMM in TF32, 0: exact; ``_cublas_tf32``). Where c is float32 and so is the
+        product, without a scale, the GEMM writes c itself (bias1 folded in through addmm, or c
+        accumulated through addmm_): no float32 temporary and no copy of it into c (one full
+        pass over c per GEMM fewer; the input projection of T=100 N=64 H=512 is 52 MB)."""
+        with _cublas_tf32(dot):
+            _CupyImpl._matmul(a, b, c, bias1, bias2, scale, acc, dot)
+
+    @staticmethod
+    def _matmul(a, b, c, bias1, bias2, scale, acc, dot):
+        wdt = {1: torch.float16, 2: torch.bfloat16}.get(dot, torch.float32)  # 0 / 3: float32 (exact / TF32)
         if (c.dtype == wdt == torch.float32 and scale is None and a.dtype == b.dtype == torch.float32
                 and not (acc and (bias1 is not None or bias2 is not None))
                 and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (a, b, c, bias1, bias2)))):
@@ -980,7 +1014,8 @@ class _CupyImpl:
         if lengths is None:
             lengths, t = hp, -1  # rnn_cell_fwd reads no lengths at t < 0
         kcuda, mod = _CupyImpl._module(mode, hp.device)
-        hh = torch.mm(hp.to(w_hh.dtype), w_hh.t()).float()
+        with _cublas_tf32(dot):
+            hh = torch.mm(hp.to(w_hh.dtype), w_hh.t()).float()
         if proj:
             out, mask = hn, None  # not written: rnn_proj_fwd writes the output
         o32 = out if out.dtype == torch.float32 else torch.empty(out.shape, dtype=torch.float32, device=out.device)
@@ -1003,7 +1038,8 @@ class _CupyImpl:
         if B * P == 0:
             return
         kcuda, mod = _CupyImpl._module("lstm", hn.device)
-        hn.copy_(torch.mm(m.to(w_hr.dtype), w_hr.t()))
+        with _cublas_tf32(dot):
+            hn.copy_(torch.mm(m.to(w_hr.dtype), w_hr.t()))
         o32 = out if out.dtype == torch.float32 else torch.empty(out.shape, dtype=torch.float32, device=out.device)
         m32 = None if mask is None else mask.float()
         kcuda.launch(mod, "rnn_proj_fwd", ((B * P + 255) // 256,), (256,), (
@@ -1020,7 +1056,8 @@ class _CupyImpl:
 
         B, P = carry.shape
         if dg_next is not None:
-            carry += torch.mm(dg_next.to(w_hh.dtype), w_hh).float()
+            with _cublas_tf32(dot):
+                carry += torch.mm(dg_next.to(w_hh.dtype), w_hh).float()
         if final:
             dh.copy_(carry)
             return
@@ -1041,7 +1078,8 @@ class _CupyImpl:
 
         B, H = carry.shape
         if dg_next is not None:
-            carry += torch.mm(dg_next.to(w_hh.dtype), w_hh).float()
+            with _cublas_tf32(dot):
+                carry += torch.mm(dg_next.to(w_hh.dtype), w_hh).float()
         if final:
             dh0.copy_(carry)
             return
