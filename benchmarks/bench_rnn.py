@@ -16,7 +16,10 @@ the small-batch set ``triton-persistent`` the one-launch persistent forward and,
 fwd+bwd cases, the one-launch persistent backward (``GPU_NN_RNN_PERSISTENT=1``). In the
 bidirectional cases ``cupy`` runs both directions of a layer in one device-loop launch (its
 default) and ``cupy-one-direction`` one launch per direction, one after the other (what it did
-before), so the run shows what the pairing gains.
+before), so the run shows what the pairing gains. ``cupy-mma`` (the main shape, the small-batch
+and bidirectional fwd+bwd cases) runs the cupy device loop's dots on the tensor cores
+(``GPU_NN_CUPY_RNN=mma``; float32 with torch's default TF32 setting, bfloat16) against its
+default CUDA-core loop (``cupy``).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from gpu_nn.benchmarks import harness
 
 TORCH = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "rnn": torch.nn.RNN}
 PERSISTENT_ENV = "GPU_NN_RNN_PERSISTENT"
+CUPY_RNN_ENV = "GPU_NN_CUPY_RNN"
 # provider -> (backend, GPU_NN_RNN_PERSISTENT): the small-batch set measures the per-step
 # launches ("triton", forced off) and the persistent kernel ("triton-persistent", forced on)
 PROVIDERS = {"triton": ("triton", "0"), "triton-persistent": ("triton", "1")}
@@ -49,6 +53,11 @@ def _layer_providers():
     """The fwd+bwd cases' providers: per step, persistent, cupy (a cell loop has no backward
     through a bidirectional stack, nor a persistent form)."""
     return tuple(p for p in _small_providers() if p != "cell_loop")
+
+
+def _mma(providers):
+    """``providers`` and, after cupy, cupy with its loop's dots on the tensor cores."""
+    return tuple(q for p in providers for q in ((p, "cupy-mma") if p == "cupy" else (p,)))
 
 
 def _bi(providers):
@@ -110,14 +119,15 @@ def _case(mode, T, N, I, H, dtype, device, backward, providers, L=1, bidirection
         g = torch.randn(T, N, D * H, device=device, dtype=dtype)
         return x, g
 
-    def run_module(module, backend=None, persistent=None, one_direction=False):
+    def run_module(module, backend=None, persistent=None, one_direction=False, cupy_env=None):
         def setup():
             nxt = harness.rotating(inputs)
 
             def fn():
                 x, g = nxt()
                 ctx = gpu_nn.backend(backend) if backend else _null()
-                with ctx, _env(PERSISTENT_ENV, persistent), _one_direction_loops() if one_direction else _null():
+                with ctx, _env(PERSISTENT_ENV, persistent), _env(CUPY_RNN_ENV, cupy_env), \
+                        _one_direction_loops() if one_direction else _null():
                     if backward:
                         out, _ = module(x)
                         (out.data if packed else out).backward(g)
@@ -162,6 +172,9 @@ def _case(mode, T, N, I, H, dtype, device, backward, providers, L=1, bidirection
             ours.load_state_dict(base.state_dict())
             if p == "cupy-one-direction":
                 provs[p] = run_module(ours, "cupy", one_direction=True)
+                continue
+            if p == "cupy-mma":
+                provs[p] = run_module(ours, "cupy", cupy_env="mma")
                 continue
             backend, persistent = PROVIDERS.get(p, (p, None))
             provs[p] = run_module(ours, backend, persistent)
@@ -210,17 +223,17 @@ def cases(device: str = "cpu", quick: bool = False) -> list[harness.Case]:
     for dtype in (torch.float32, torch.bfloat16):
         for mode in ("lstm", "gru", "rnn"):
             for backward in (False, True):
-                out.append(_case(mode, 100, 64, 512, 512, dtype, device, backward, provs))
+                out.append(_case(mode, 100, 64, 512, 512, dtype, device, backward, _mma(provs)))
             if mode == "rnn":
                 continue
             for N in (4, 16):
                 for H in ((512,) if quick else (256, 512, 1024)):
                     out.append(_case(mode, 50, N, H, H, dtype, device, False, _small_providers()))
         for N in (4, 16):  # fwd+bwd at small batch: per step, persistent forward and backward, cupy
-            out.append(_case("lstm", 50, N, 512, 512, dtype, device, True, _layer_providers()))
+            out.append(_case("lstm", 50, N, 512, 512, dtype, device, True, _mma(_layer_providers())))
         # issue 16's stack; triton-persistent: both directions' loops, forward and backward, one
         # persistent launch per layer each (B = 32: two batch tiles)
-        out.append(_case("lstm", 100, 32, 256, 256, dtype, device, True, _bi(_layer_providers()), L=2,
+        out.append(_case("lstm", 100, 32, 256, 256, dtype, device, True, _mma(_bi(_layer_providers())), L=2,
                          bidirectional=True))
         # small-batch bidirectional forward: both directions in one launch per step (triton) or
         # in one persistent launch (triton-persistent)

@@ -339,6 +339,7 @@ def test_rnn_bidirectional_cases_time_cupy_both_ways():
 
     assert bench_rnn._bi(("triton", "cupy", "cell_loop")) == ("triton", "cupy", "cupy-one-direction", "cell_loop")
     assert bench_rnn._bi(("triton",)) == ("triton",)
+    assert bench_rnn._mma(bench_rnn._bi(("cupy",))) == ("cupy", "cupy-mma", "cupy-one-direction")
     assert ops._CupyImpl.pair_loops is True
     with bench_rnn._one_direction_loops():
         assert ops._CupyImpl.pair_loops is False

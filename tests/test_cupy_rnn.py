@@ -14,12 +14,35 @@ import torch
 
 from gpu_nn.ops import rnn as ops
 from gpu_nn.reference import rnn as ref
-from helpers import CUDA, assert_close, backend_params, build_host_library, fptr
+from helpers import CUDA, assert_close, backend_params, build_host_library, fptr, max_rel_err
 
 MODES = ("rnn_tanh", "rnn_relu", "lstm", "gru")
 
 HOST_SRC = r"""
 #include "rnn_math.cuh"
+// code: the stand-ins' second argument, the launcher's dot code as _HostLaunch passes it: 1 / 2 the
+// FMA path rounding to float16 / bfloat16, 0 / 3 exact; 11 / 12 / 13 the tensor-core dots (GN_MMA)
+// of KIND 1 / 2 / 3, as the host's scalar form of them
+static void fwd_unit(const GnSeqFwd& a, int mode, int code, int t, int n, int j) {
+    switch (code) {
+        case 1: gn_seq_fwd_unit<1>(a, mode, t, n, j); break;
+        case 2: gn_seq_fwd_unit<2>(a, mode, t, n, j); break;
+        case 11: gn_seq_fwd_unit_mma<1>(a, mode, t, n, j); break;
+        case 12: gn_seq_fwd_unit_mma<2>(a, mode, t, n, j); break;
+        case 13: gn_seq_fwd_unit_mma<3>(a, mode, t, n, j); break;
+        default: gn_seq_fwd_unit<0>(a, mode, t, n, j);
+    }
+}
+static void bwd_unit(const GnSeqBwd& a, int mode, int code, int t, int n, int j, int first) {
+    switch (code) {
+        case 1: gn_seq_bwd_unit<1>(a, mode, t, n, j, first); break;
+        case 2: gn_seq_bwd_unit<2>(a, mode, t, n, j, first); break;
+        case 11: gn_seq_bwd_unit_mma<1>(a, mode, t, n, j, first); break;
+        case 12: gn_seq_bwd_unit_mma<2>(a, mode, t, n, j, first); break;
+        case 13: gn_seq_bwd_unit_mma<3>(a, mode, t, n, j, first); break;
+        default: gn_seq_bwd_unit<0>(a, mode, t, n, j, first);
+    }
+}
 extern "C" {
 // stand-ins for the kernels rnn_seq_fwd / rnn_seq_bwd with their very parameter lists: the per-unit
 // work over every (t, n, j) in step order (the order the grid barrier enforces)
@@ -29,11 +52,7 @@ void host_rnn_seq_fwd(int mode, int round, GN_SEQ_FWD_PARAMS) {
     for (int s = 0; s < T; ++s) {
         int t = reverse ? T - 1 - s : s;
         for (int n = 0; n < B; ++n)
-            for (int j = 0; j < H; ++j) {
-                if (round == 0) gn_seq_fwd_unit<0>(a, mode, t, n, j);
-                if (round == 1) gn_seq_fwd_unit<1>(a, mode, t, n, j);
-                if (round == 2) gn_seq_fwd_unit<2>(a, mode, t, n, j);
-            }
+            for (int j = 0; j < H; ++j) fwd_unit(a, mode, round, t, n, j);
     }
 }
 void host_rnn_seq_bwd(int mode, int round, GN_SEQ_BWD_PARAMS) {
@@ -42,11 +61,7 @@ void host_rnn_seq_bwd(int mode, int round, GN_SEQ_BWD_PARAMS) {
     for (int s = 0; s < T; ++s) {
         int t = reverse ? s : T - 1 - s;
         for (int n = 0; n < B; ++n)
-            for (int j = 0; j < H; ++j) {
-                if (round == 0) gn_seq_bwd_unit<0>(a, mode, t, n, j, s == 0);
-                if (round == 1) gn_seq_bwd_unit<1>(a, mode, t, n, j, s == 0);
-                if (round == 2) gn_seq_bwd_unit<2>(a, mode, t, n, j, s == 0);
-            }
+            for (int j = 0; j < H; ++j) bwd_unit(a, mode, round, t, n, j, s == 0);
     }
 }
 // stand-ins for the two-direction kernels rnn_seq2_fwd / rnn_seq2_bwd, their very parameter lists:
@@ -58,11 +73,7 @@ void host_rnn_seq2_fwd(int mode, int round, GN_SEQ2_FWD_PARAMS) {
         for (const GnSeqFwd& a : dirs) {
             int t = a.reverse ? a.T - 1 - s : s;
             for (int n = 0; n < a.B; ++n)
-                for (int j = 0; j < a.H; ++j) {
-                    if (round == 0) gn_seq_fwd_unit<0>(a, mode, t, n, j);
-                    if (round == 1) gn_seq_fwd_unit<1>(a, mode, t, n, j);
-                    if (round == 2) gn_seq_fwd_unit<2>(a, mode, t, n, j);
-                }
+                for (int j = 0; j < a.H; ++j) fwd_unit(a, mode, round, t, n, j);
         }
 }
 void host_rnn_seq2_bwd(int mode, int round, GN_SEQ2_BWD_PARAMS) {
@@ -72,11 +83,7 @@ void host_rnn_seq2_bwd(int mode, int round, GN_SEQ2_BWD_PARAMS) {
         for (const GnSeqBwd& a : dirs) {
             int t = a.reverse ? s : a.T - 1 - s;
             for (int n = 0; n < a.B; ++n)
-                for (int j = 0; j < a.H; ++j) {
-                    if (round == 0) gn_seq_bwd_unit<0>(a, mode, t, n, j, s == 0);
-                    if (round == 1) gn_seq_bwd_unit<1>(a, mode, t, n, j, s == 0);
-                    if (round == 2) gn_seq_bwd_unit<2>(a, mode, t, n, j, s == 0);
-                }
+                for (int j = 0; j < a.H; ++j) bwd_unit(a, mode, round, t, n, j, s == 0);
         }
 }
 // stand-ins for the per-step kernels rnn_cell_fwd / rnn_cell_bwd, their very parameter lists: one
@@ -88,6 +95,60 @@ void host_rnn_cell_fwd(int mode, int round, GN_CELL_FWD_PARAMS) {
 void host_rnn_cell_bwd(int mode, int round, GN_CELL_BWD_PARAMS) {
     (void)round;
     for (gn_index idx = 0; idx < (gn_index)B * H; ++idx) gn_cell_bwd_at(mode, idx, GN_CELL_BWD_ARGS);
+}
+// One warp's tensor-core dot of one 16 x 8 tile, every lane's fragments from the GN_HD helpers
+// the kernel uses, the mma itself emulated from the PTX ISA's fragment layout (written out here
+// again, apart from the helpers), each lane's accumulators put where gn_mma_c_at says:
+// d[m * 8 + n] = sum over k in [k0, k1) of A[m][k] B[k][n].
+void host_mma_tile(int kind, const void* w, long long ldw, int mrows, const float* v, long long ldv, int nr, int k0,
+                   int k1, float* d) {
+    float acc[32][4] = {};
+    int KC = kind == 3 ? 8 : 16;
+    for (int kc = k0; kc < k1; kc += KC) {
+        float A[16][16] = {}, B[16][8] = {};
+        for (int lane = 0; lane < 32; ++lane) {
+            unsigned a[4], b[2];
+            int g = lane >> 2, t = lane & 3;
+            if (kind == 1) { gn_mma_frag_a<1>(w, ldw, mrows, kc, k1, lane, a); gn_mma_frag_b<1>(v, ldv, nr, kc, k1, lane, b); }
+            if (kind == 2) { gn_mma_frag_a<2>(w, ldw, mrows, kc, k1, lane, a); gn_mma_frag_b<2>(v, ldv, nr, kc, k1, lane, b); }
+            if (kind == 3) { gn_mma_frag_a<3>(w, ldw, mrows, kc, k1, lane, a); gn_mma_frag_b<3>(v, ldv, nr, kc, k1, lane, b); }
+            auto dec = [&](unsigned bits) {
+                return kind == 1 ? gn_mma_dec<1>(bits) : (kind == 2 ? gn_mma_dec<2>(bits) : gn_mma_dec<3>(bits));
+            };
+            if (kind == 3) {  // m16n8k8 .tf32: a0 (g, t) a1 (g + 8, t) a2 (g, t + 4) a3 (g + 8, t + 4); b0 (t, g) b1 (t + 4, g)
+                A[g][t] = dec(a[0]); A[g + 8][t] = dec(a[1]); A[g][t + 4] = dec(a[2]); A[g + 8][t + 4] = dec(a[3]);
+                B[t][g] = dec(b[0]); B[t + 4][g] = dec(b[1]);
+            } else {  // m16n8k16 .f16 / .bf16: two elements per register, the lower index in the low half
+                for (int h = 0; h < 2; ++h) {
+                    A[g][2 * t + h] = dec((a[0] >> (16 * h)) & 0xffffu);
+                    A[g + 8][2 * t + h] = dec((a[1] >> (16 * h)) & 0xffffu);
+                    A[g][2 * t + 8 + h] = dec((a[2] >> (16 * h)) & 0xffffu);
+                    A[g + 8][2 * t + 8 + h] = dec((a[3] >> (16 * h)) & 0xffffu);
+                    B[2 * t + h][g] = dec((b[0] >> (16 * h)) & 0xffffu);
+                    B[2 * t + 8 + h][g] = dec((b[1] >> (16 * h)) & 0xffffu);
+                }
+            }
+        }
+        for (int lane = 0; lane < 32; ++lane) {  // c0 (g, 2t) c1 (g, 2t + 1) c2 (g + 8, 2t) c3 (g + 8, 2t + 1)
+            int g = lane >> 2, t = lane & 3;
+            for (int q = 0; q < 4; ++q) {
+                int m = g + 8 * (q >> 1), n = 2 * t + (q & 1);
+                for (int k = 0; k < KC; ++k) acc[lane][q] += A[m][k] * B[k][n];
+            }
+        }
+    }
+    for (int lane = 0; lane < 32; ++lane)
+        for (int q = 0; q < 4; ++q) {
+            int m, n;
+            gn_mma_c_at(lane, q, &m, &n);
+            d[m * 8 + n] = acc[lane][q];
+        }
+}
+void host_mma_bits(int kind, int n, const float* x, unsigned* y) {
+    for (int i = 0; i < n; ++i) y[i] = kind == 1 ? gn_f16_bits(x[i]) : (kind == 2 ? gn_bf16_bits(x[i]) : gn_tf32_bits(x[i]));
+}
+void host_f16_value(int n, const unsigned* h, float* y) {
+    for (int i = 0; i < n; ++i) y[i] = gn_f16_value(h[i]);
 }
 void host_round(int which, int n, const float* x, float* y) {
     for (int i = 0; i < n; ++i)
@@ -241,6 +302,92 @@ def test_half_rounding_matches_torch(rng):
         assert np.isnan(y[0])
 
 
+def _edge_values(rng):
+    edge = [0.0, -0.0, 1.0, 65504.0, 65519.99, 65520.0, -65520.0, 1e6, 6.1e-5, 6.0e-5, 2.0 ** -24, 2.0 ** -25,
+            3 * 2.0 ** -26, 1e-8, 1 + 2.0 ** -11, 1 + 3 * 2.0 ** -11, 1 + 2.0 ** -8, 1 + 3 * 2.0 ** -8, np.inf,
+            -np.inf, 3.4e38, 1 + 2.0 ** -10 + 2.0 ** -11, 1 + 2.0 ** -11 + 2.0 ** -12, 2.0 ** -14, 2.0 ** -14 * 0.75]
+    x = _f32(np.concatenate([np.array(edge), rng.standard_normal(4000) * 10.0 ** rng.integers(-9, 6, 4000)]))
+    return np.concatenate([x, -x])
+
+
+def _tf32_rna(x):
+    """float32 -> TF32 (10 mantissa bits), nearest with ties away from zero, as cvt.rna.tf32.f32,
+    written apart from the kernels' gn_tf32_bits."""
+    u = x.view(np.uint32).astype(np.uint64)
+    finite = (u & 0x7F800000) != 0x7F800000
+    r = np.where(finite, ((u + 0x1000) & ~np.uint64(0x1FFF)) & 0xFFFFFFFF, u)
+    return r.astype(np.uint32)
+
+
+def test_mma_operand_encodings_match_torch(rng):
+    """The tensor-core dots' operand encodings (rnn_math.cuh gn_f16_bits / gn_bf16_bits /
+    gn_tf32_bits) give torch's float16 / bfloat16 bits (nearest even, subnormals, overflow,
+    infinities) and TF32 rounded nearest, ties away; NaN stays NaN; gn_f16_value decodes every
+    one of the 65536 float16 bit patterns as torch does."""
+    lib = _lib()
+    x = _edge_values(rng)
+    y = np.empty(x.size, np.uint32)
+    for kind, dt in ((1, torch.float16), (2, torch.bfloat16)):
+        lib.host_mma_bits(kind, x.size, fptr(x), fptr(y))
+        want = torch.from_numpy(x).to(dt).view(torch.int16).numpy().astype(np.uint16).astype(np.uint32)
+        np.testing.assert_array_equal(y, want, err_msg=str(dt))
+    lib.host_mma_bits(3, x.size, fptr(x), fptr(y))
+    np.testing.assert_array_equal(y, _tf32_rna(x))
+    assert ((y & 0x1FFF) == 0)[np.isfinite(x)].all()
+    nan = _f32([np.nan, -np.nan])
+    for kind, exp_mask, width in ((1, 0x7C00, 0x3FF), (2, 0x7F80, 0x7F), (3, 0x7F800000, 0x7FFFFF)):
+        out = np.empty(2, np.uint32)
+        lib.host_mma_bits(kind, 2, fptr(nan), fptr(out))
+        assert ((out & exp_mask) == exp_mask).all() and ((out & width) != 0).all(), (kind, out)
+    bits = np.arange(65536, dtype=np.uint32)
+    vals = np.empty(65536, np.float32)
+    lib.host_f16_value(65536, fptr(bits), fptr(vals))
+    want = torch.from_numpy(bits.astype(np.uint16).view(np.int16)).view(torch.float16).float().numpy()
+    np.testing.assert_array_equal(vals, want)  # (NaN compares equal to NaN here)
+
+
+def _mma_operands(kind, rows, ld, rng):
+    """A weight operand as the kernel reads it (KIND 1 / 2: float16 / bfloat16 bits, 3: float32)
+    and its values as float64."""
+    w = torch.from_numpy(rng.standard_normal((rows, ld)))
+    if kind == 3:
+        w32 = _f32(w.numpy())
+        return w32, _tf32_rna(w32).view(np.float32).astype(np.float64)
+    dt = torch.float16 if kind == 1 else torch.bfloat16
+    wh = w.to(dt)
+    return np.ascontiguousarray(wh.view(torch.int16).numpy()), wh.double().numpy()
+
+
+@pytest.mark.parametrize("kind", [1, 2, 3])
+@pytest.mark.parametrize("mrows,nr,k0,k1", [(16, 8, 0, 16), (11, 5, 3, 40), (3, 1, 5, 6), (16, 8, 7, 71), (0, 8, 0, 9)])
+def test_mma_fragments_compute_the_tile(kind, mrows, nr, k0, k1, rng):
+    """The tensor-core dot of one warp (rnn.cu gn_seq_dot_mma) is made of the GN_HD fragment
+    helpers: every lane's A and B fragments (weights rows past mrows and state rows past nr zero,
+    k outside [k0, k1) zero), the mma emulated from the PTX ISA's register layout, each lane's
+    D put where gn_mma_c_at says. The tile equals the float64 product of the encoded operands
+    (the products are exact in float32, the sums float32)."""
+    lib = _lib()
+    ldw, ldv = k1 + 3, k1 + 2
+    w, wv = _mma_operands(kind, 16, ldw, rng)
+    v = _f32(rng.standard_normal((8, ldv)))
+    d = np.full(128, np.nan, np.float32)
+    lib.host_mma_tile(kind, w.ctypes.data_as(ctypes.c_void_p), ctypes.c_longlong(ldw), mrows, fptr(v),
+                      ctypes.c_longlong(ldv), nr, k0, k1, fptr(d))
+    if kind == 3:
+        vv = _tf32_rna(v.copy()).view(np.float32).astype(np.float64)
+    else:
+        vv = torch.from_numpy(v).to(torch.float16 if kind == 1 else torch.bfloat16).double().numpy()
+    want = np.zeros((16, 8))
+    want[:mrows, :nr] = wv[:mrows, k0:k1] @ vv[:nr, k0:k1].T
+    np.testing.assert_allclose(d.reshape(16, 8), want, rtol=0, atol=1e-5 * max(1.0, np.abs(want).max()))
+
+
+def _host_loop_kernel(host):
+    """Stands in for _CupyImpl._loop_kernel: the host stand-ins as the module, the launcher's dot
+    code (+ 10 for the tensor-core dots) as its code, a grid of one block."""
+    return lambda mode, dot, device, kernel, B, H, directions=1, mma=False: (host, (mode, 10 + dot if mma else dot), 1)
+
+
 class _HostLaunch:
     """Stands in for kcuda.launch of the loop kernels: the same arguments, converted as CuPy
     converts them (tensors to pointers, NumPy scalars to their C types), go to the host stand-ins."""
@@ -278,7 +425,7 @@ def test_cupy_driver_with_host_loop_matches_reference(mode, dtype, pair, rng, mo
     monkeypatch.delenv(ops.CUPY_RNN_ENV, raising=False)
     monkeypatch.setattr(ops._CupyImpl, "pair_loops", pair)
     monkeypatch.setattr(ops._CupyImpl, "_loop_kernel",
-                        staticmethod(lambda mode, dot, device, kernel, B, H, directions=1: (host, (mode, dot), 1)))
+                        staticmethod(_host_loop_kernel(host)))
     T, B, I, H, L = 4, 5, 3, 11, 2
     lengths = torch.tensor([4, 1, 3, 4, 2])
     args, _ = ops._make_seq(mode, T=T, B=B, I=I, H=H, L=L, bi=True, lengths=(4, 1, 3, 4, 2))(rng)
@@ -316,6 +463,57 @@ def test_cupy_driver_with_host_loop_matches_reference(mode, dtype, pair, rng, mo
         assert_close(a, torch.from_numpy(b), dtype, k=T * B * 4 * H, what=f"{mode} {name}")
 
 
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_cupy_driver_with_host_mma_loop_matches_reference(mode, dtype, rng, monkeypatch):
+    """GPU_NN_CUPY_RNN=mma: the driver's loop launches with the tensor-core dots' arguments (W_hh
+    forward and W_hh^T backward in the operand type: float16 / bfloat16 for half layers, float32
+    for float32 with TF32 allowed), every launch run by the host stand-ins' scalar form of the mma
+    dot (the operands encoded as the fragments encode them), both directions in one launch, two
+    layers, lengths, states, dropout masks, against the float64 reference (float32: the TF32
+    bound)."""
+    from test_rnn import tol_tf32
+
+    host = _HostLaunch(_lib())
+    monkeypatch.setenv(ops.CUPY_RNN_ENV, "mma")
+    monkeypatch.setattr(ops._CupyImpl, "_loop_kernel", staticmethod(_host_loop_kernel(host)))
+    torch.backends.cudnn.allow_tf32 = True  # float32: dot code 3, the TF32 mma (conftest puts the flag back)
+    T, B, I, H, L = 4, 5, 3, 11, 2
+    lengths = torch.tensor([4, 1, 3, 4, 2])
+    args, _ = ops._make_seq(mode, T=T, B=B, I=I, H=H, L=L, bi=True, lengths=(4, 1, 3, 4, 2))(rng)
+    x, hx, params = args[0], args[1], args[2]
+    hs = list(hx) if mode == "lstm" else [hx, None]
+    masks = torch.from_numpy((rng.uniform(size=(L - 1, T, B, 2 * H)) > 0.3) / 0.7)
+    c = lambda a: None if a is None else (torch.from_numpy(a) if isinstance(a, np.ndarray) else a).detach().to(dtype)
+    # the reference sees the inputs as the backend does (rounded to dtype)
+    r = lambda a: None if a is None else c(a).double().numpy()
+    ws = ops._split([r(p) for p in params], L, 2, True)
+    out_r, hn_r, cn_r, res = ref.rnn_forward(mode, r(x), r(hs[0]), r(hs[1]), ws, L, True, lengths.numpy(),
+                                             r(masks))
+    gout, ghn = rng.standard_normal(out_r.shape), rng.standard_normal(hn_r.shape)
+    gcn = rng.standard_normal(cn_r.shape) if mode == "lstm" else None
+    want_b = ref.rnn_backward(mode, r(gout), r(ghn), r(gcn), r(x), ws, res, L, True, lengths.numpy(), r(masks))
+    weights = [c(p) for p in params]
+    out, hn, cn, reserve = ops._gpu_forward(ops._CupyImpl, mode, c(x), c(hs[0]), c(hs[1]), weights, L, True, True,
+                                            lengths, c(masks))
+    dx, dhx, dcx, dws = ops._gpu_backward(ops._CupyImpl, mode, c(gout), c(ghn), c(gcn), c(x), weights, reserve, L,
+                                          True, True, lengths, c(masks))
+    assert host.launches == ["rnn_seq2_fwd"] * 2 + ["rnn_seq2_bwd"] * 2
+    want_dx, want_dhx, want_dcx, want_dws = want_b
+    flat = [g for kk in range(2 * L) for g in want_dws[kk] if g is not None]
+    got = [("out", out, out_r, I + 2 * H), ("h_n", hn, hn_r, I + 2 * H), ("dx", dx, want_dx, T * B * 4 * H),
+           ("dhx", dhx, want_dhx, T * B * 4 * H)]
+    got += [(f"dw{i}", a, b, T * B * 4 * H) for i, (a, b) in enumerate(zip(dws, flat))]
+    if mode == "lstm":
+        got += [("c_n", cn, cn_r, I + 2 * H), ("dcx", dcx, want_dcx, T * B * 4 * H)]
+    for name, a, b, k in got:
+        if dtype == torch.float32:
+            err = max_rel_err(a, torch.from_numpy(b))
+            assert err <= tol_tf32(k), f"{mode} {name}: {err:.3e} > TF32 bound {tol_tf32(k):.3e}"
+        else:
+            assert_close(a, torch.from_numpy(b), dtype, k=k, what=f"{mode} {name}")
+
+
 def _record_gemm_precision(monkeypatch):
     """Every torch GEMM the cupy backend makes (torch.mm, torch.addmm, Tensor.addmm_) appends the
     float32 GEMM precision torch runs it at (``torch.backends.cuda.matmul.allow_tf32``) and the
@@ -342,7 +540,7 @@ def test_cupy_gemms_follow_cudnn_tf32_flag(mode, cudnn, mm, rng, monkeypatch):
     launches run by the host stand-ins, both directions and the per-step path."""
     host = _HostLaunch(_lib())
     monkeypatch.setattr(ops._CupyImpl, "_loop_kernel",
-                        staticmethod(lambda mode, dot, device, kernel, B, H, directions=1: (host, (mode, dot), 1)))
+                        staticmethod(_host_loop_kernel(host)))
     monkeypatch.setattr(ops._CupyImpl, "_module", staticmethod(lambda mode, device: (host, (mode, 0))))
     # (conftest's _exact_float32 puts both flags back after the test)
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = cudnn, mm
@@ -437,7 +635,7 @@ def test_relu_half_gradients_from_own_states_on_host(dtype, rng, monkeypatch):
     host = _HostLaunch(_lib())
     monkeypatch.delenv(ops.CUPY_RNN_ENV, raising=False)
     monkeypatch.setattr(ops._CupyImpl, "_loop_kernel",
-                        staticmethod(lambda mode, dot, device, kernel, B, H, directions=1: (host, (mode, dot), 1)))
+                        staticmethod(_host_loop_kernel(host)))
     T, B, I, H, L, bi, lens, _ = LOOP_GRID[0]
     mode = "rnn_relu"
     args, kw = ops._make_seq(mode, T=T, B=B, I=I, H=H, L=L, bi=bi, lengths=lens)(rng)
@@ -485,15 +683,15 @@ def test_cupy_loop_grid(B, H, sm, per_sm, cap, want):
 
 
 def test_rnn_cu_compiles_in_every_loader_configuration():
-    """NVRTC for sm_90, every (GN_MODE, GN_ROUND) the loader builds, the loop kernels without
+    """NVRTC for sm_90, every (GN_MODE, GN_ROUND, GN_MMA) the loader builds, the loop kernels without
     register spills (ptxas's report)."""
     from cupy_backends.cuda.libs import nvrtc
 
     from gpu_nn.kernels import cuda as kcuda
 
-    for mode, rnd in itertools.product(range(4), range(3)):
+    for mode, rnd, mma in itertools.product(range(4), range(3), range(2)):
         opts = ["-arch=sm_90", "-std=c++17", f"-I{kcuda.include_dir()}", f"-DGN_MODE={mode}", f"-DGN_ROUND={rnd}",
-                "-ftz=true", "--ptxas-options=-v"]
+                f"-DGN_MMA={mma}", "-ftz=true", "--ptxas-options=-v"]
         prog = nvrtc.createProgram(kcuda.source("rnn"), "rnn.cu", [], [])
         try:
             try:
@@ -512,7 +710,7 @@ def test_rnn_cu_compiles_in_every_loader_configuration():
                 entries[cur] = line
         assert {"rnn_seq_fwd", "rnn_seq_bwd", "rnn_seq2_fwd", "rnn_seq2_bwd", "rnn_cell_fwd", "rnn_cell_bwd"} <= set(entries), log
         for name, line in entries.items():
-            assert " 0 bytes spill stores, 0 bytes spill loads" in line, f"GN_MODE={mode} GN_ROUND={rnd} {name}: {line}"
+            assert " 0 bytes spill stores, 0 bytes spill loads" in line, f"GN_MODE={mode} GN_ROUND={rnd} GN_MMA={mma} {name}: {line}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -605,6 +803,37 @@ def test_device_loop_matches_per_step_path(backend, device, mode, rng, monkeypat
         res[env] = [t.detach().double().cpu() for t in (*out, *grads)]
     for a, b in zip(res["loop"], res["step"]):
         assert_close(a, b, torch.float32, k=T * B * 4 * H)
+
+
+@GPU_ONLY
+@pytest.mark.parametrize("backend,device", CUPY)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("blocks", [None, 3])
+def test_device_loop_mma_matches_reference(backend, device, mode, blocks, rng, monkeypatch):
+    """GPU_NN_CUPY_RNN=mma (the loop's dots as mma.sync tiles) against the float64 reference:
+    float16 and bfloat16 (rnn_relu from its own states, as the FMA loop's test), float32 with TF32
+    allowed at the TF32 bound (rnn_relu left out there: TF32's 10-bit mantissa meets relu's kink
+    as float16 does); ``blocks`` 3 makes blocks loop over tasks."""
+    from test_rnn import _seq_against_reference
+
+    monkeypatch.setenv(ops.CUPY_RNN_ENV, "mma")
+    monkeypatch.setattr(ops._CupyImpl, "max_loop_blocks", blocks)
+    kernels = []
+    orig = ops._CupyImpl._loop_kernel
+    monkeypatch.setattr(ops._CupyImpl, "_loop_kernel",
+                        staticmethod(lambda *a, **k: (kernels.append(k.get("mma", a[7] if len(a) > 7 else False)),
+                                                      orig(*a, **k))[1]))
+    for cfg in LOOP_GRID:
+        for dtype in (torch.float16, torch.bfloat16):
+            if mode == "rnn_relu":
+                _relu_half_against_reference(backend, device, dtype, rng, *cfg)
+            else:
+                _seq_against_reference(backend, device, mode, dtype, rng, *cfg, batch_first=cfg[0] == 5)
+    if mode != "rnn_relu":  # TF32 on short sequences, as the Triton backend's TF32 tests
+        torch.backends.cudnn.allow_tf32 = True  # (conftest's _exact_float32 puts it back)
+        for cfg in [(4, 5, 3, 6, 2, True, (4, 1, 3, 2, 4), True), LOOP_GRID[1]]:
+            _seq_against_reference(backend, device, mode, torch.float32, rng, *cfg, tf32=True)
+    assert kernels and all(kernels)  # every loop launch took the tensor-core kernels
 
 
 @GPU_ONLY

@@ -716,17 +716,31 @@ def cupy_loop_choice(B: int, H: int, P: int, env: Optional[str]) -> bool:
     """Whether the cupy backend runs the time loop of a layer and direction on the device
     (``rnn_seq_fwd`` / ``rnn_seq_bwd``: one cooperative launch per layer, direction and pass)
     rather than a torch matmul and a cell launch per step. ``env`` is ``GPU_NN_CUPY_RNN`` (None if
-    unset): ``"step"`` forces the per-step path; unset, ``""`` or ``"loop"`` take the device loop
-    wherever it applies: every mode, lengths, initial states and dropout masks, but not an LSTM
-    with a projection (``P > 0``: the loop has no projection step) nor an empty batch.
+    unset): ``"step"`` forces the per-step path; unset, ``""``, ``"loop"`` or ``"mma"`` take the
+    device loop wherever it applies: every mode, lengths, initial states and dropout masks, but not
+    an LSTM with a projection (``P > 0``: the loop has no projection step) nor an empty batch
+    (``"mma"``: its dots on the tensor cores where the precision allows, :func:`cupy_mma`).
 
-    The loop is the default although no GPU has run it yet (its per-unit work is host-tested
-    against the reference, the source compiles with NVRTC for sm_90): the next GPU run's
-    ``gpu-nn check`` and tests must validate it, and ``GPU_NN_CUPY_RNN=step`` keeps the old path.
+    The loop is the default since its GPU tests passed on the H200 (run of ac586cd);
+    ``GPU_NN_CUPY_RNN=step`` keeps the old path.
     """
-    if env not in (None, "", "loop", "step"):
-        raise ValueError(f"{CUPY_RNN_ENV} must be loop, step or unset, got {env!r}")
+    if env not in CUPY_RNN_VALUES:
+        raise ValueError(f"{CUPY_RNN_ENV} must be loop, mma, step or unset, got {env!r}")
     return env != "step" and P == 0 and B >= 1 and H >= 1
+
+
+CUPY_RNN_VALUES = (None, "", "loop", "mma", "step")
+
+
+def cupy_mma(dot: int, env: Optional[str]) -> bool:
+    """Whether the device loop's dots run on the tensor cores (kernels/cuda/rnn.cu ``GN_MMA``:
+    mma.sync tiles of 16 units x 8 batch rows, float32 accumulation) rather than as CUDA-core
+    FMAs: only on request (``GPU_NN_CUPY_RNN=mma``: no GPU has run it yet, its operand fragments
+    are host-tested through an emulation of the instruction's register layout), and only where
+    the layer's precision allows it (``dot`` 1 / 2: float16 / bfloat16 operands, exactly the
+    products the FMA path forms; 3: float32 with TF32 allowed, operands rounded to TF32 as
+    cuDNN's are). Exact float32 (``dot`` 0) keeps the FMAs."""
+    return env == "mma" and dot in (1, 2, 3)
 
 
 def cupy_loop_grid(B: int, H: int, sm_count: int, blocks_per_sm: int, cap: Optional[int] = None,
@@ -747,6 +761,10 @@ def _unit_last(t):
     """``t`` as float32 with a unit last stride (the loop kernels index hidden units densely)."""
     t = t.float()
     return t if t.stride(-1) == 1 else t.contiguous()
+
+
+# the weight operand of the loop's tensor-core dots per dot code (TF32: float32, rounded in the kernel)
+_MMA_WEIGHT = {1: torch.float16, 2: torch.bfloat16, 3: torch.float32}
 
 
 class _cublas_tf32:
@@ -835,14 +853,16 @@ class _CupyImpl:
     max_loop_blocks: Optional[int] = None
 
     @staticmethod
-    def _loop_kernel(mode, dot, device, kernel, B, H, directions=1):
+    def _loop_kernel(mode, dot, device, kernel, B, H, directions=1, mma=False):
         """(kcuda, cooperative module, grid) of a loop kernel (``directions`` 2: a two-direction
-        one); grid 0: it cannot be resident."""
+        one; ``mma``: its dots on the tensor cores, :func:`cupy_mma`); grid 0: it cannot be
+        resident."""
         kcuda = cuda_kernels()
         dev = device.index if device.index is not None else torch.cuda.current_device()
-        # dot 3 (TF32 allowed for float32) runs as exact float32 here: the loop's dots are CUDA-core FMAs
+        # dot 3 (TF32 allowed for float32) runs as exact float32 CUDA-core FMAs, or as TF32 mma
         rnd = dot if dot in (1, 2) else 0
-        mod = kcuda.load("rnn", {"GN_MODE": ref.MODES.index(mode), "GN_ROUND": rnd}, dev, cooperative=True)
+        mod = kcuda.load("rnn", {"GN_MODE": ref.MODES.index(mode), "GN_ROUND": rnd, "GN_MMA": int(mma)}, dev,
+                         cooperative=True)
         per_sm, sms = _CupyImpl._residency(mod, kernel, dev)
         return kcuda, mod, cupy_loop_grid(B, H, sms, per_sm, _CupyImpl.max_loop_blocks, directions)
 
@@ -865,11 +885,12 @@ class _CupyImpl:
         ``programs`` is :func:`cupy_loop_choice`'s yes. Runs per step when the grid cannot be
         resident."""
         B, H = hs.shape[1], hs.shape[2]
-        kcuda, mod, grid = _CupyImpl._loop_kernel(mode, dot, hs.device, "rnn_seq_fwd", B, H)
+        mma = cupy_mma(dot, os.environ.get(CUPY_RNN_ENV))
+        kcuda, mod, grid = _CupyImpl._loop_kernel(mode, dot, hs.device, "rnn_seq_fwd", B, H, mma=mma)
         if grid == 0:
             _CupyImpl._steps_forward(mode, xg, hs, cs, w_hh, b_hh, out, mask, lengths, reverse, dot)
             return
-        args, finish = _CupyImpl._loop_fwd_args(xg, hs, cs, w_hh, b_hh, out, mask, lengths, reverse)
+        args, finish = _CupyImpl._loop_fwd_args(xg, hs, cs, w_hh, b_hh, out, mask, lengths, reverse, dot, mma)
         count = torch.zeros(1, dtype=torch.int32, device=hs.device)
         kcuda.launch(mod, "rnn_seq_fwd", (grid,), (SEQ_THREADS,), (*args, count), device=hs.device.index or 0)
         finish()
@@ -896,13 +917,14 @@ class _CupyImpl:
         ``persist_forward``."""
         hs = fwd[1]
         B, H = hs.shape[1], hs.shape[2]
-        kcuda, mod, grid = _CupyImpl._loop_kernel(mode, dot, hs.device, "rnn_seq2_fwd", B, H, 2)
+        mma = cupy_mma(dot, os.environ.get(CUPY_RNN_ENV))
+        kcuda, mod, grid = _CupyImpl._loop_kernel(mode, dot, hs.device, "rnn_seq2_fwd", B, H, 2, mma)
         if grid == 0:
             for d, loop in enumerate((fwd, rev)):
                 _CupyImpl.persist_forward(mode, *loop, lengths, d == 1, dot, programs)
             return
-        args_f, finish_f = _CupyImpl._loop_fwd_args(*fwd, lengths, False)
-        args_r, finish_r = _CupyImpl._loop_fwd_args(*rev, lengths, True)
+        args_f, finish_f = _CupyImpl._loop_fwd_args(*fwd, lengths, False, dot, mma)
+        args_r, finish_r = _CupyImpl._loop_fwd_args(*rev, lengths, True, dot, mma)
         count = torch.zeros(1, dtype=torch.int32, device=hs.device)
         kcuda.launch(mod, "rnn_seq2_fwd", (grid,), (SEQ_THREADS,), (*args_f, *args_r, count),
                      device=hs.device.index or 0)
@@ -910,7 +932,7 @@ class _CupyImpl:
         finish_r()
 
     @staticmethod
-    def _loop_fwd_args(xg, hs, cs, w_hh, b_hh, out, mask, lengths, reverse):
+    def _loop_fwd_args(xg, hs, cs, w_hh, b_hh, out, mask, lengths, reverse, dot, mma):
         """The arguments of one direction of ``rnn_seq_fwd`` / ``rnn_seq2_fwd`` (rnn_math.cuh
         ``GN_SEQ_FWD_ARGS``, without the counter) and what to do after the launch (the output
         copied into ``out`` where the kernel wrote a float32 stand-in)."""
@@ -918,7 +940,10 @@ class _CupyImpl:
 
         T, B, H = hs.shape[0] - 1, hs.shape[1], hs.shape[2]
         assert hs.is_contiguous() and (cs is None or cs.is_contiguous()) and xg.stride(2) == 1
-        wt = w_hh.t().float().contiguous()  # [H, G * H]: lanes (consecutive units) read consecutive words
+        if mma:  # W_hh [G * H, H] in the mma's operand type: its A, rows are units
+            wt = w_hh.to(_MMA_WEIGHT[dot]).contiguous()
+        else:
+            wt = w_hh.t().float().contiguous()  # [H, G * H]: lanes (consecutive units) read consecutive words
         o32 = out if out.dtype == torch.float32 and out.stride(2) == 1 else torch.empty(
             out.shape, dtype=torch.float32, device=out.device)
         m32 = None if mask is None else _unit_last(mask)
@@ -952,10 +977,11 @@ class _CupyImpl:
         in ``dc`` dc_0. Returns False, having done nothing, when the grid cannot be resident.
         ``programs`` (the Triton launcher's program count) is not used: the grid is sized here."""
         B, H = hs.shape[1], hs.shape[2]
-        kcuda, mod, grid = _CupyImpl._loop_kernel(mode, dot, hs.device, "rnn_seq_bwd", B, H)
+        mma = cupy_mma(dot, os.environ.get(CUPY_RNN_ENV))
+        kcuda, mod, grid = _CupyImpl._loop_kernel(mode, dot, hs.device, "rnn_seq_bwd", B, H, mma=mma)
         if grid == 0:
             return False
-        args = _CupyImpl._loop_bwd_args(w_hh, carry, dc, dout, g, hs, cs, dgi, dgh, lengths, reverse)
+        args = _CupyImpl._loop_bwd_args(w_hh, carry, dc, dout, g, hs, cs, dgi, dgh, lengths, reverse, dot, mma)
         count = torch.zeros(1, dtype=torch.int32, device=hs.device)
         kcuda.launch(mod, "rnn_seq_bwd", (grid,), (SEQ_THREADS,), (*args, count), device=hs.device.index or 0)
         return True
@@ -972,11 +998,13 @@ class _CupyImpl:
         dirs = [(w_hh, carry, dc, dout, G, Hs, Cs, dGi, dGi if dGh is None else dGh, dh0)
                 for w_hh, carry, dc, dout, G, Hs, Cs, dGi, dGh, dh0 in (fwd, rev)]
         if T and B and H:
-            kcuda, mod, grid = _CupyImpl._loop_kernel(mode, dot, fwd[1].device, "rnn_seq2_bwd", B, H, 2)
+            mma = cupy_mma(dot, os.environ.get(CUPY_RNN_ENV))
+            kcuda, mod, grid = _CupyImpl._loop_kernel(mode, dot, fwd[1].device, "rnn_seq2_bwd", B, H, 2, mma)
             if grid == 0:
                 return False
             args = [a for d, (w_hh, carry, dc, dout, G, Hs, Cs, dGi, dGh, _) in enumerate(dirs)
-                    for a in _CupyImpl._loop_bwd_args(w_hh, carry, dc, dout, G, Hs, Cs, dGi, dGh, lengths, d == 1)]
+                    for a in _CupyImpl._loop_bwd_args(w_hh, carry, dc, dout, G, Hs, Cs, dGi, dGh, lengths, d == 1, dot,
+                                                      mma)]
             count = torch.zeros(1, dtype=torch.int32, device=fwd[1].device)
             kcuda.launch(mod, "rnn_seq2_bwd", (grid,), (SEQ_THREADS,), (*args, count),
                          device=fwd[1].device.index or 0)
@@ -988,14 +1016,17 @@ class _CupyImpl:
         return True
 
     @staticmethod
-    def _loop_bwd_args(w_hh, carry, dc, dout, g, hs, cs, dgi, dgh, lengths, reverse):
+    def _loop_bwd_args(w_hh, carry, dc, dout, g, hs, cs, dgi, dgh, lengths, reverse, dot, mma):
         """The arguments of one direction of ``rnn_seq_bwd`` / ``rnn_seq2_bwd`` (rnn_math.cuh
         ``GN_SEQ_BWD_ARGS``, without the counter)."""
         import numpy as np
 
         T, B, H = hs.shape[0] - 1, hs.shape[1], hs.shape[2]
         assert hs.is_contiguous() and carry.is_contiguous() and dgi.stride(2) == 1 and dgh.stride() == dgi.stride()
-        w = w_hh.float().contiguous()  # [G * H, H]
+        if mma:  # W_hh^T [H, G * H] in the mma's operand type: its A, rows are units
+            w = w_hh.t().to(_MMA_WEIGHT[dot]).contiguous()
+        else:
+            w = w_hh.float().contiguous()  # [G * H, H]
         d32 = _unit_last(dout)
         return (w, carry, carry if dc is None else dc, d32, np.int64(d32.stride(0)), np.int64(d32.stride(1)),
                 carry if g is None else g, np.int64(0 if g is None else g.stride(0)),

@@ -72,6 +72,64 @@ extern "C" __global__ void rnn_cell_bwd(GN_CELL_BWD_PARAMS) {
 #define GN_ROUND 0
 #endif
 
+// GN_MMA 1: the loop's dots on the tensor cores (mma.sync; rnn_math.cuh, "Tensor-core dots"), their
+// operands float16 / bfloat16 (GN_ROUND 1 / 2, half weights) or TF32 (GN_ROUND 0: float32 weights
+// where TF32 is allowed); the weight argument is then W_hh [G * H, H] for the forward and W_hh^T
+// [H, G * H] for the backward (the mma's A: rows are units), in that operand type. 0: CUDA-core FMAs.
+#ifndef GN_MMA
+#define GN_MMA 0
+#endif
+#define GN_MMA_KIND (GN_ROUND == 1 ? 1 : (GN_ROUND == 2 ? 2 : 3))
+
+template <int KIND>
+__device__ __forceinline__ void gn_mma(const unsigned* a, const unsigned* b, float* c) {
+    if constexpr (KIND == 1)
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                     "{%0,%1,%2,%3};\n"
+                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    else if constexpr (KIND == 2)
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                     "{%0,%1,%2,%3};\n"
+                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    else
+        asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                     "{%0,%1,%2,%3};\n"
+                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// One warp's slice [k0, k1) of a task's dot on the tensor cores: acc[2 * g + h] += the 16 x 8 tile
+// D[m][n] = sum_k w[(g * gs + row0 + 16 h + m) * ldw + k] * v[n * ldv + k] for gates g < ng, unit
+// halves h (rows past `rows`, the units left from row0, and batch rows n >= nr are zero).
+template <int KIND>
+__device__ __forceinline__ void gn_seq_dot_mma(const float* v, gn_index ldv, int nr, const void* w, gn_index ldw,
+                                               int row0, int rows, gn_index gs, int ng, int k0, int k1,
+                                               float (*acc)[4], int lane) {
+    const int es = KIND == 3 ? 4 : 2;  // bytes per weight element
+    // two passes of (up to) two gates each over the slice, the B fragments read again in the
+    // second: half the A fragments in flight (the LSTM's eight at once spilled at 128 registers)
+#pragma unroll
+    for (int pass = 0; pass < 2; ++pass) {
+        if (2 * pass >= ng) break;
+        for (int kc = k0; kc < k1; kc += gn_mma_k<KIND>()) {
+            unsigned b[2];
+            gn_mma_frag_b<KIND>(v, ldv, nr, kc, k1, lane, b);
+#pragma unroll
+            for (int q = 4 * pass; q < 4 * pass + 4; ++q) {
+                int g = q >> 1, h = q & 1;
+                if (g < ng) {
+                    unsigned a[4];
+                    const char* base = (const char*)w + ((gn_index)g * gs + row0 + 16 * h) * ldw * es;
+                    gn_mma_frag_a<KIND>(base, ldw, rows - 16 * h, kc, k1, lane, a);
+                    gn_mma<KIND>(a, b, acc[q]);
+                }
+            }
+        }
+    }
+}
+
 static_assert(GN_SEQ_NR == GN_SEQ_KS, "after the slice dots, warp r finalizes row r of the task");
 
 // count is zeroed before the launch and only grows: after step s's barrier it is (s + 1) * gridDim.x.
@@ -107,8 +165,22 @@ __device__ __forceinline__ void gn_seq_fwd_task(const GnSeqFwd& a, int s, int ta
     const gn_index BH = (gn_index)B * H;
     int t = a.reverse ? a.T - 1 - s : s;
     gn_index p = a.reverse ? t + 1 : t;
-    int j = (task % nj) * GN_SEQ_JB + lane, n0 = (task / nj) * GN_SEQ_NR;
+    int jb = (task % nj) * GN_SEQ_JB, j = jb + lane, n0 = (task / nj) * GN_SEQ_NR;
     int nr = B - n0 < GN_SEQ_NR ? B - n0 : GN_SEQ_NR;
+#if GN_MMA
+    float acc[8][4] = {};
+    if (gn_rows_live(a.len, n0, nr, t))
+        gn_seq_dot_mma<GN_MMA_KIND>(a.hs + p * BH + (gn_index)n0 * H, H, nr, a.wt, H, jb, H - jb, H, G, k0, k1, acc,
+                                    lane);
+#pragma unroll
+    for (int q = 0; q < 8; ++q)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            int m, n;
+            gn_mma_c_at(lane, e, &m, &n);
+            sh.part[warp][n][q >> 1][16 * (q & 1) + m] = acc[q][e];
+        }
+#else
     float acc[GN_SEQ_NR][4] = {};
     // every lane stages (j may be past H in the last unit tile; its columns are not read);
     // a task whose rows have all ended skips the dot (the same test in every thread)
@@ -119,6 +191,7 @@ __device__ __forceinline__ void gn_seq_fwd_task(const GnSeqFwd& a, int s, int ta
     for (int r = 0; r < GN_SEQ_NR; ++r)
 #pragma unroll
         for (int g = 0; g < 4; ++g) sh.part[warp][r][g][lane] = acc[r][g];
+#endif
     __syncthreads();
     if (warp < nr && j < H) {
         float hh[4] = {0.0f, 0.0f, 0.0f, 0.0f};
@@ -137,14 +210,29 @@ __device__ __forceinline__ void gn_seq_bwd_task(const GnSeqBwd& a, int s, int ta
     const int nj = (H + GN_SEQ_JB - 1) / GN_SEQ_JB;
     int t = a.reverse ? s : a.T - 1 - s;
     gn_index tn = a.reverse ? t - 1 : t + 1;
-    int j = (task % nj) * GN_SEQ_JB + lane, n0 = (task / nj) * GN_SEQ_NR;
+    int jb = (task % nj) * GN_SEQ_JB, j = jb + lane, n0 = (task / nj) * GN_SEQ_NR;
     int nr = B - n0 < GN_SEQ_NR ? B - n0 : GN_SEQ_NR;
+#if GN_MMA
+    float acc[8][4] = {};
+    if (s > 0 && gn_rows_live(a.len, n0, nr, tn))
+        gn_seq_dot_mma<GN_MMA_KIND>(a.dgh + tn * a.sdg_t + n0 * a.sdg_n, a.sdg_n, nr, a.w, gn_gates(GN_MODE) * H, jb,
+                                    H - jb, 0, 1, k0, k1, acc, lane);
+#pragma unroll
+    for (int q = 0; q < 2; ++q)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            int m, n;
+            gn_mma_c_at(lane, e, &m, &n);
+            sh.part[warp][n][16 * q + m] = acc[q][e];
+        }
+#else
     float acc[GN_SEQ_NR][4] = {};
     if (s > 0 && gn_rows_live(a.len, n0, nr, tn))  // rows whose step tn ran (the others' dG are 0)
         gn_seq_dot_staged<GN_ROUND>(a.dgh + tn * a.sdg_t + n0 * a.sdg_n, a.sdg_n, nr, a.w, H, j < H ? j : 0, 0, 1, k0,
                                     k1, sh.vs[warp], acc, lane, 32);
 #pragma unroll
     for (int r = 0; r < GN_SEQ_NR; ++r) sh.part[warp][r][lane] = acc[r][0];
+#endif
     __syncthreads();
     if (warp < nr && j < H) {
         float dd = 0.0f;

@@ -313,6 +313,140 @@ GN_HD void gn_seq_dot_staged(const float* v, gn_index ldv, int nr, const float* 
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Tensor-core dots of the device loop (GN_MMA 1; rnn.cu gn_seq_dot_mma): each warp's slice of a
+// task's dot as mma.sync tiles of 16 units x 8 batch rows, KIND 1: float16 / 2: bfloat16 operands
+// (m16n8k16, two per 32-bit register), 3: TF32 (m16n8k8, float32 operands rounded to TF32), float32
+// accumulators. A is the weight (rows = the task's units, k contiguous), B the reduced operand
+// (rows of the state / gate gradients, k contiguous), D[unit][row]. The operand encodings and the
+// register fragments (PTX ISA, "Matrix fragments for mma.m16n8k16 / m16n8k8": lane = 4 * group +
+// thread; A rows group / group + 8, B and D columns group / 2 * thread + {0, 1}) are GN_HD so
+// that the host test runs them for the 32 lanes of a warp and emulates the mma between them.
+
+// float32 -> float16 bits, round to nearest even (overflow to infinity, subnormals, NaN kept NaN).
+GN_HD unsigned gn_f16_bits(float x) {
+    unsigned u = gn_f2u(x), sign = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
+    if (a >= 0x7f800000u) return sign | (a > 0x7f800000u ? 0x7e00u : 0x7c00u);
+    if (a >= 0x477ff000u) return sign | 0x7c00u;  // at or past 65520: infinity
+    if (a < 0x38800000u)                           // below 2^-14: steps of 2^-24 (exact scaling)
+        return sign | (unsigned)rintf(gn_u2f(a) * 16777216.0f);
+    unsigned m = a & 0x7fffffu, h = (((a >> 23) - 112u) << 10) | (m >> 13), rem = m & 0x1fffu;
+    if (rem > 0x1000u || (rem == 0x1000u && (h & 1u))) h += 1u;  // a carry into the exponent is right
+    return sign | h;
+}
+
+// float32 -> bfloat16 bits, round to nearest even (NaN kept NaN).
+GN_HD unsigned gn_bf16_bits(float x) {
+    unsigned u = gn_f2u(x);
+    if (x != x) return ((u >> 16) & 0x8000u) | 0x7fc0u;
+    return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+}
+
+// float32 -> TF32 (float32 bits, 10 mantissa bits), round to nearest, ties away (cvt.rna.tf32.f32).
+GN_HD unsigned gn_tf32_bits(float x) {
+    unsigned u = gn_f2u(x);
+    if ((u & 0x7f800000u) == 0x7f800000u) return u;  // infinity, NaN
+    return (u + 0x1000u) & ~0x1fffu;
+}
+
+GN_HD float gn_f16_value(unsigned h) {
+    unsigned sign = (h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
+    if (e == 0) {
+        float v = (float)m * 5.9604644775390625e-08f;  // 2^-24
+        return sign ? -v : v;
+    }
+    if (e == 31) return gn_u2f(sign | 0x7f800000u | (m << 13));
+    return gn_u2f(sign | ((e + 112u) << 23) | (m << 13));
+}
+
+// An operand as KIND encodes it (16-bit kinds in the low half) and its value.
+template <int KIND>
+GN_HD unsigned gn_mma_enc(float x) {
+    return KIND == 1 ? gn_f16_bits(x) : (KIND == 2 ? gn_bf16_bits(x) : gn_tf32_bits(x));
+}
+
+template <int KIND>
+GN_HD float gn_mma_dec(unsigned b) {
+    return KIND == 1 ? gn_f16_value(b) : (KIND == 2 ? gn_u2f(b << 16) : gn_u2f(b));
+}
+
+// Element i of a weight operand in memory: 16-bit (float16 / bfloat16 bits) for KIND 1 / 2, float32
+// (rounded to TF32 here) for KIND 3.
+template <int KIND>
+GN_HD unsigned gn_mma_ld_w(const void* w, gn_index i) {
+    if (KIND == 3) return gn_tf32_bits(((const float*)w)[i]);
+    return ((const unsigned short*)w)[i];
+}
+
+// A[row][k] of a weight operand (row-major, leading dimension ld), zero outside rows [0, mrows)
+// or k >= k1.
+template <int KIND>
+GN_HD unsigned gn_mma_a_el(const void* w, gn_index ld, int mrows, int row, int k, int k1) {
+    return row < mrows && k < k1 ? gn_mma_ld_w<KIND>(w, (gn_index)row * ld + k) : 0u;
+}
+
+// B[k][n] = v[n * ldv + k] encoded, zero outside rows n < nr or k >= k1 (v read through L2).
+template <int KIND>
+GN_HD unsigned gn_mma_b_el(const float* v, gn_index ldv, int nr, int n, int k, int k1) {
+    return n < nr && k < k1 ? gn_mma_enc<KIND>(gn_ld_l2(v + (gn_index)n * ldv + k)) : 0u;
+}
+
+// The k extent of one mma.
+template <int KIND>
+GN_HD int gn_mma_k() {
+    return KIND == 3 ? 8 : 16;
+}
+
+// This lane's A fragment of the 16 x K tile whose row 0 is w's row 0, k from kc.
+template <int KIND>
+GN_HD void gn_mma_frag_a(const void* w, gn_index ld, int mrows, int kc, int k1, int lane, unsigned* a) {
+    int g = lane >> 2, t = lane & 3;
+    if (KIND == 3) {
+        a[0] = gn_mma_a_el<KIND>(w, ld, mrows, g, kc + t, k1);
+        a[1] = gn_mma_a_el<KIND>(w, ld, mrows, g + 8, kc + t, k1);
+        a[2] = gn_mma_a_el<KIND>(w, ld, mrows, g, kc + t + 4, k1);
+        a[3] = gn_mma_a_el<KIND>(w, ld, mrows, g + 8, kc + t + 4, k1);
+        return;
+    }
+    for (int q = 0; q < 4; ++q) {
+        int row = g + 8 * (q & 1), k = kc + 2 * t + 8 * (q >> 1);
+        a[q] = gn_mma_a_el<KIND>(w, ld, mrows, row, k, k1) | (gn_mma_a_el<KIND>(w, ld, mrows, row, k + 1, k1) << 16);
+    }
+}
+
+// This lane's B fragment (K x 8: the rows n of v), k from kc.
+template <int KIND>
+GN_HD void gn_mma_frag_b(const float* v, gn_index ldv, int nr, int kc, int k1, int lane, unsigned* b) {
+    int g = lane >> 2, t = lane & 3;
+    if (KIND == 3) {
+        b[0] = gn_mma_b_el<KIND>(v, ldv, nr, g, kc + t, k1);
+        b[1] = gn_mma_b_el<KIND>(v, ldv, nr, g, kc + t + 4, k1);
+        return;
+    }
+    for (int q = 0; q < 2; ++q) {
+        int k = kc + 2 * t + 8 * q;
+        b[q] = gn_mma_b_el<KIND>(v, ldv, nr, g, k, k1) | (gn_mma_b_el<KIND>(v, ldv, nr, g, k + 1, k1) << 16);
+    }
+}
+
+// Where this lane's accumulator q (0..3) sits in D: unit row *m, batch column *n.
+GN_HD void gn_mma_c_at(int lane, int q, int* m, int* n) {
+    *m = (lane >> 2) + 8 * (q >> 1);
+    *n = 2 * (lane & 3) + (q & 1);
+}
+
+// The scalar form of the tensor-core dot for the host's unit functions: acc[g] += sum over k in
+// [k0, k1) of dec(enc(v[k])) * dec(w[(g * gs + j) * ld + k]) for g < ng, the products as the mma
+// forms them (exact in float32), summed in k order.
+template <int KIND>
+GN_HD void gn_mma_dot_scalar(const float* v, const void* w, gn_index ld, gn_index j, gn_index gs, int ng, int k0,
+                             int k1, float* acc) {
+    for (int k = k0; k < k1; ++k) {
+        float x = gn_mma_dec<KIND>(gn_mma_enc<KIND>(v[k]));
+        for (int g = 0; g < ng; ++g) acc[g] += x * gn_mma_dec<KIND>(gn_mma_ld_w<KIND>(w, (g * gs + j) * ld + k));
+    }
+}
+
 // Arguments of one forward time loop: xg [T, B, *] the input projections (strided; LSTM / GRU:
 // become the stored gates), hs / cs [T + 1, B, H] contiguous states, wt = W_hh^T [H, G * H],
 // bhh [G * H] or null (GRU), out / mask [T, B, H] strided (mask may be null), len [B].
@@ -446,6 +580,22 @@ GN_HD void gn_seq_fwd_unit(const GnSeqFwd& a, int mode, int t, int n, int j) {
     gn_seq_fwd_cell(a, mode, t, n, j, hh);
 }
 
+// The same with the tensor-core dot (GN_MMA, rnn.cu): a.wt holds W_hh [G * H, H] in KIND's operand
+// type (the mma's A: the task's units are its rows), not W_hh^T.
+template <int KIND>
+GN_HD void gn_seq_fwd_unit_mma(const GnSeqFwd& a, int mode, int t, int n, int j) {
+    gn_index p = a.reverse ? t + 1 : t;
+    float hh[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int s = 0; s < GN_SEQ_KS && gn_rows_live(a.len, n, 1, t); ++s) {
+        int k0, k1;
+        gn_seq_slice(a.H, s, &k0, &k1);
+        float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        gn_mma_dot_scalar<KIND>(a.hs + (p * a.B + n) * a.H, a.wt, a.H, j, a.H, gn_gates(mode), k0, k1, acc);
+        for (int g = 0; g < 4; ++g) hh[g] += acc[g];
+    }
+    gn_seq_fwd_cell(a, mode, t, n, j, hh);
+}
+
 // first: the first step processed (t = T - 1 forward, 0 reverse), which has no step after it.
 template <int ROUND>
 GN_HD void gn_seq_bwd_unit(const GnSeqBwd& a, int mode, int t, int n, int j, int first) {
@@ -461,6 +611,24 @@ GN_HD void gn_seq_bwd_unit(const GnSeqBwd& a, int mode, int t, int n, int j, int
             gn_seq_dot_staged<ROUND>(a.dgh + tn * a.sdg_t + n * a.sdg_n, a.sdg_n, 1, a.w, a.H, j, 0, 1, k0, k1, vs, acc,
                                      0, 1);
             dd += acc[0][0];
+        }
+    }
+    gn_seq_bwd_cell(a, mode, t, n, j, dd);
+}
+
+// The same with the tensor-core dot (GN_MMA): a.w holds W_hh^T [H, G * H] in KIND's operand type.
+template <int KIND>
+GN_HD void gn_seq_bwd_unit_mma(const GnSeqBwd& a, int mode, int t, int n, int j, int first) {
+    int GH = gn_gates(mode) * a.H;
+    float dd = 0.0f;
+    gn_index tn = a.reverse ? t - 1 : t + 1;
+    if (!first && gn_rows_live(a.len, n, 1, tn)) {
+        for (int s = 0; s < GN_SEQ_KS; ++s) {
+            int k0, k1;
+            gn_seq_slice(GH, s, &k0, &k1);
+            float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            gn_mma_dot_scalar<KIND>(a.dgh + tn * a.sdg_t + n * a.sdg_n, a.w, GH, j, 0, 1, k0, k1, acc);
+            dd += acc[0];
         }
     }
     gn_seq_bwd_cell(a, mode, t, n, j, dd);
