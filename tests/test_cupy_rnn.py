@@ -27,9 +27,9 @@ static void fwd_unit(const GnSeqFwd& a, int mode, int code, int t, int n, int j)
     switch (code) {
         case 1: gn_seq_fwd_unit<1>(a, mode, t, n, j); break;
         case 2: gn_seq_fwd_unit<2>(a, mode, t, n, j); break;
-        case 11: gn_seq_fwd_unit_mma<1>(a, mode, t, n, j); break;
-        case 12: gn_seq_fwd_unit_mma<2>(a, mode, t, n, j); break;
-        case 13: gn_seq_fwd_unit_mma<3>(a, mode, t, n, j); break;
+        case 11: gn_seq_fwd_unit<0, 1>(a, mode, t, n, j); break;
+        case 12: gn_seq_fwd_unit<0, 2>(a, mode, t, n, j); break;
+        case 13: gn_seq_fwd_unit<0, 3>(a, mode, t, n, j); break;
         default: gn_seq_fwd_unit<0>(a, mode, t, n, j);
     }
 }
@@ -37,9 +37,9 @@ static void bwd_unit(const GnSeqBwd& a, int mode, int code, int t, int n, int j,
     switch (code) {
         case 1: gn_seq_bwd_unit<1>(a, mode, t, n, j, first); break;
         case 2: gn_seq_bwd_unit<2>(a, mode, t, n, j, first); break;
-        case 11: gn_seq_bwd_unit_mma<1>(a, mode, t, n, j, first); break;
-        case 12: gn_seq_bwd_unit_mma<2>(a, mode, t, n, j, first); break;
-        case 13: gn_seq_bwd_unit_mma<3>(a, mode, t, n, j, first); break;
+        case 11: gn_seq_bwd_unit<0, 1>(a, mode, t, n, j, first); break;
+        case 12: gn_seq_bwd_unit<0, 2>(a, mode, t, n, j, first); break;
+        case 13: gn_seq_bwd_unit<0, 3>(a, mode, t, n, j, first); break;
         default: gn_seq_bwd_unit<0>(a, mode, t, n, j, first);
     }
 }
@@ -382,6 +382,17 @@ def test_mma_fragments_compute_the_tile(kind, mrows, nr, k0, k1, rng):
     np.testing.assert_allclose(d.reshape(16, 8), want, rtol=0, atol=1e-5 * max(1.0, np.abs(want).max()))
 
 
+def _driver_inputs(mode, rng):
+    """The host driver tests' case: two bidirectional layers, unequal lengths, initial states (a
+    pair for the LSTM, else [h0, None]), dropout masks between the layers."""
+    T, B, I, H, L = 4, 5, 3, 11, 2
+    lengths = torch.tensor([4, 1, 3, 4, 2])
+    args, _ = ops._make_seq(mode, T=T, B=B, I=I, H=H, L=L, bi=True, lengths=tuple(lengths.tolist()))(rng)
+    hs = list(args[1]) if mode == "lstm" else [args[1], None]
+    masks = torch.from_numpy((rng.uniform(size=(L - 1, T, B, 2 * H)) > 0.3) / 0.7)
+    return (T, B, I, H, L), lengths, args[0], hs, args[2], masks
+
+
 def _host_loop_kernel(host):
     """Stands in for _CupyImpl._loop_kernel: the host stand-ins as the module, the launcher's dot
     code (+ 10 for the tensor-core dots) as its code, a grid of one block."""
@@ -426,12 +437,7 @@ def test_cupy_driver_with_host_loop_matches_reference(mode, dtype, pair, rng, mo
     monkeypatch.setattr(ops._CupyImpl, "pair_loops", pair)
     monkeypatch.setattr(ops._CupyImpl, "_loop_kernel",
                         staticmethod(_host_loop_kernel(host)))
-    T, B, I, H, L = 4, 5, 3, 11, 2
-    lengths = torch.tensor([4, 1, 3, 4, 2])
-    args, _ = ops._make_seq(mode, T=T, B=B, I=I, H=H, L=L, bi=True, lengths=(4, 1, 3, 4, 2))(rng)
-    x, hx, params = args[0], args[1], args[2]
-    hs = list(hx) if mode == "lstm" else [hx, None]
-    masks = torch.from_numpy((rng.uniform(size=(L - 1, T, B, 2 * H)) > 0.3) / 0.7)
+    (T, B, I, H, L), lengths, x, hs, params, masks = _driver_inputs(mode, rng)
     ws = ops._split([p.detach().numpy() for p in params], L, 2, True)
     out_r, hn_r, cn_r, res = ref.rnn_forward(mode, x.detach().numpy(), hs[0].detach().numpy(),
                                              None if hs[1] is None else hs[1].detach().numpy(), ws, L, True,
@@ -478,12 +484,7 @@ def test_cupy_driver_with_host_mma_loop_matches_reference(mode, dtype, rng, monk
     monkeypatch.setenv(ops.CUPY_RNN_ENV, "mma")
     monkeypatch.setattr(ops._CupyImpl, "_loop_kernel", staticmethod(_host_loop_kernel(host)))
     torch.backends.cudnn.allow_tf32 = True  # float32: dot code 3, the TF32 mma (conftest puts the flag back)
-    T, B, I, H, L = 4, 5, 3, 11, 2
-    lengths = torch.tensor([4, 1, 3, 4, 2])
-    args, _ = ops._make_seq(mode, T=T, B=B, I=I, H=H, L=L, bi=True, lengths=(4, 1, 3, 4, 2))(rng)
-    x, hx, params = args[0], args[1], args[2]
-    hs = list(hx) if mode == "lstm" else [hx, None]
-    masks = torch.from_numpy((rng.uniform(size=(L - 1, T, B, 2 * H)) > 0.3) / 0.7)
+    (T, B, I, H, L), lengths, x, hs, params, masks = _driver_inputs(mode, rng)
     c = lambda a: None if a is None else (torch.from_numpy(a) if isinstance(a, np.ndarray) else a).detach().to(dtype)
     # the reference sees the inputs as the backend does (rounded to dtype)
     r = lambda a: None if a is None else c(a).double().numpy()

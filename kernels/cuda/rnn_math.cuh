@@ -561,8 +561,10 @@ GN_HD bool gn_rows_live(const long long* len, int n0, int nr, gn_index t) {
 
 // The whole work of one thread-unit of a step, as the kernel composes it (slice dots summed in
 // slice order, then the cell; the dot skipped where the kernel's task skips it, here per row):
-// the host runs it over every (t, n, j) in step order.
-template <int ROUND>
+// the host runs it over every (t, n, j) in step order. MMA 0: the CUDA-core dot (ROUND: the state
+// rounded as for half weights); MMA 1 / 2 / 3: the tensor-core dot's scalar form (GN_MMA) of that
+// KIND, a.wt then holding W_hh [G * H, H] in the KIND's operand type, not W_hh^T.
+template <int ROUND, int MMA = 0>
 GN_HD void gn_seq_fwd_unit(const GnSeqFwd& a, int mode, int t, int n, int j) {
     int G = gn_gates(mode);
     gn_index p = a.reverse ? t + 1 : t;
@@ -572,32 +574,21 @@ GN_HD void gn_seq_fwd_unit(const GnSeqFwd& a, int mode, int t, int n, int j) {
         int k0, k1;
         gn_seq_slice(a.H, s, &k0, &k1);
         float acc[GN_SEQ_NR][4] = {};
-        float vs[GN_SEQ_NR][GN_SEQ_CH];
-        gn_seq_dot_staged<ROUND>(a.hs + (p * a.B + n) * a.H, a.H, 1, a.wt, (gn_index)G * a.H, j, a.H, G, k0, k1, vs,
-                                 acc, 0, 1);
+        const float* v = a.hs + (p * a.B + n) * a.H;
+        if constexpr (MMA) {
+            gn_mma_dot_scalar<MMA>(v, a.wt, a.H, j, a.H, G, k0, k1, acc[0]);
+        } else {
+            float vs[GN_SEQ_NR][GN_SEQ_CH];
+            gn_seq_dot_staged<ROUND>(v, a.H, 1, a.wt, (gn_index)G * a.H, j, a.H, G, k0, k1, vs, acc, 0, 1);
+        }
         for (int g = 0; g < 4; ++g) hh[g] += acc[0][g];
     }
     gn_seq_fwd_cell(a, mode, t, n, j, hh);
 }
 
-// The same with the tensor-core dot (GN_MMA, rnn.cu): a.wt holds W_hh [G * H, H] in KIND's operand
-// type (the mma's A: the task's units are its rows), not W_hh^T.
-template <int KIND>
-GN_HD void gn_seq_fwd_unit_mma(const GnSeqFwd& a, int mode, int t, int n, int j) {
-    gn_index p = a.reverse ? t + 1 : t;
-    float hh[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    for (int s = 0; s < GN_SEQ_KS && gn_rows_live(a.len, n, 1, t); ++s) {
-        int k0, k1;
-        gn_seq_slice(a.H, s, &k0, &k1);
-        float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        gn_mma_dot_scalar<KIND>(a.hs + (p * a.B + n) * a.H, a.wt, a.H, j, a.H, gn_gates(mode), k0, k1, acc);
-        for (int g = 0; g < 4; ++g) hh[g] += acc[g];
-    }
-    gn_seq_fwd_cell(a, mode, t, n, j, hh);
-}
-
 // first: the first step processed (t = T - 1 forward, 0 reverse), which has no step after it.
-template <int ROUND>
+// MMA as for gn_seq_fwd_unit, a.w then holding W_hh^T [H, G * H] in the KIND's operand type.
+template <int ROUND, int MMA = 0>
 GN_HD void gn_seq_bwd_unit(const GnSeqBwd& a, int mode, int t, int n, int j, int first) {
     int GH = gn_gates(mode) * a.H;
     float dd = 0.0f;
@@ -607,28 +598,14 @@ GN_HD void gn_seq_bwd_unit(const GnSeqBwd& a, int mode, int t, int n, int j, int
             int k0, k1;
             gn_seq_slice(GH, s, &k0, &k1);
             float acc[GN_SEQ_NR][4] = {};
-            float vs[GN_SEQ_NR][GN_SEQ_CH];
-            gn_seq_dot_staged<ROUND>(a.dgh + tn * a.sdg_t + n * a.sdg_n, a.sdg_n, 1, a.w, a.H, j, 0, 1, k0, k1, vs, acc,
-                                     0, 1);
+            const float* v = a.dgh + tn * a.sdg_t + n * a.sdg_n;
+            if constexpr (MMA) {
+                gn_mma_dot_scalar<MMA>(v, a.w, GH, j, 0, 1, k0, k1, acc[0]);
+            } else {
+                float vs[GN_SEQ_NR][GN_SEQ_CH];
+                gn_seq_dot_staged<ROUND>(v, a.sdg_n, 1, a.w, a.H, j, 0, 1, k0, k1, vs, acc, 0, 1);
+            }
             dd += acc[0][0];
-        }
-    }
-    gn_seq_bwd_cell(a, mode, t, n, j, dd);
-}
-
-// The same with the tensor-core dot (GN_MMA): a.w holds W_hh^T [H, G * H] in KIND's operand type.
-template <int KIND>
-GN_HD void gn_seq_bwd_unit_mma(const GnSeqBwd& a, int mode, int t, int n, int j, int first) {
-    int GH = gn_gates(mode) * a.H;
-    float dd = 0.0f;
-    gn_index tn = a.reverse ? t - 1 : t + 1;
-    if (!first && gn_rows_live(a.len, n, 1, tn)) {
-        for (int s = 0; s < GN_SEQ_KS; ++s) {
-            int k0, k1;
-            gn_seq_slice(GH, s, &k0, &k1);
-            float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-            gn_mma_dot_scalar<KIND>(a.dgh + tn * a.sdg_t + n * a.sdg_n, a.w, GH, j, 0, 1, k0, k1, acc);
-            dd += acc[0];
         }
     }
     gn_seq_bwd_cell(a, mode, t, n, j, dd);
