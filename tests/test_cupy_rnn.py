@@ -948,16 +948,53 @@ def test_cupy_launch_passes_tensors_as_addresses_without_dlpack(monkeypatch):
     assert out[1] is n and out[3] is s and type(out[2]) is np.uint64
 
 
+def _emulate_out_dtype_gemms(monkeypatch):
+    """torch.mm / torch.addmm with ``out_dtype`` (CUDA-only kernels) emulated on CPU tensors: the
+    half operands widened exactly, the product summed in float32, written into ``out``; and
+    _gemm_half_to_float32 saying yes. Returns the list of calls made."""
+    calls = []
+    mm, addmm = torch.mm, torch.addmm
+
+    def fake_mm(x, y, *args, out_dtype=None, out=None, **kw):
+        if out_dtype is None:
+            return mm(x, y, *args, out=out, **kw) if out is not None else mm(x, y, *args, **kw)
+        assert out_dtype == torch.float32 and x.dtype == y.dtype != torch.float32 and out.dtype == torch.float32
+        calls.append("mm")
+        return mm(x.float(), y.float(), out=out)
+
+    def fake_addmm(bias, x, y, *args, out_dtype=None, out=None, **kw):
+        if out_dtype is None:
+            return addmm(bias, x, y, *args, out=out, **kw) if out is not None else addmm(bias, x, y, *args, **kw)
+        assert out_dtype == bias.dtype == torch.float32 and x.dtype == y.dtype != torch.float32
+        calls.append("addmm")
+        return addmm(bias, x.float(), y.float(), out=out)
+
+    monkeypatch.setattr(torch, "mm", fake_mm)
+    monkeypatch.setattr(torch, "addmm", fake_addmm)
+    monkeypatch.setattr(ops, "_gemm_half_to_float32", lambda device_type: True)
+    return calls
+
+
+def test_half_to_float32_gemms_are_cuda_only_here():
+    """This CPU machine's torch has no out_dtype GEMM kernel for CPU tensors (the general path
+    runs there); on a CUDA build the check reads torch's dispatcher for CUDA."""
+    assert ops._gemm_half_to_float32("cpu") is False
+
+
 @pytest.mark.parametrize("grad", [False, True])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_cupy_matmul_writes_what_the_general_formula_gives(dtype, grad, rng, monkeypatch):
+@pytest.mark.parametrize("dtype,out_dtype", [(torch.float32, False), (torch.float16, False), (torch.float16, True),
+                                             (torch.bfloat16, True)])
+def test_cupy_matmul_writes_what_the_general_formula_gives(dtype, out_dtype, grad, rng, monkeypatch):
     """_CupyImpl.matmul, whose float32 cases without a scale write c through mm / addmm /
     addmm_ (no temporary copied into c: counted), against (a @ b + bias1 + bias2) * scale (+ c)
     in float64: every combination of the options, c a strided view (the input projection writes
     the first G H columns of a wider gate buffer) whose other columns stay untouched; ``grad``:
-    inputs that autograd records (the double-backward route), which take the general path."""
+    inputs that autograd records (the double-backward route), which take the general path.
+    ``out_dtype``: torch's half GEMMs that write float32 (CUDA; emulated here) take the half cases
+    without scale or accumulation, also without a copy into c."""
     from gpu_nn.ops import rnn as ops
 
+    gemms = _emulate_out_dtype_gemms(monkeypatch) if out_dtype else []
     copies = []
     real_copy = torch.Tensor.copy_
     monkeypatch.setattr(torch.Tensor, "copy_", lambda self, src, *a, **k: (copies.append(1), real_copy(self, src, *a, **k))[1])
@@ -967,7 +1004,7 @@ def test_cupy_matmul_writes_what_the_general_formula_gives(dtype, grad, rng, mon
     b = torch.from_numpy(rng.standard_normal((K, N))).to(dtype)
     vec = [torch.from_numpy(rng.standard_normal(N)).to(dtype) for _ in range(2)]
     scale = torch.from_numpy(rng.standard_normal((M, N))).to(dtype)
-    dot = 0 if dtype == torch.float32 else 1
+    dot = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[dtype]
     for acc in (False, True):
         for use in range(8):
             b1, b2, sc = (vec[0] if use & 1 else None), (vec[1] if use & 2 else None), (scale if use & 4 else None)
@@ -983,14 +1020,18 @@ def test_cupy_matmul_writes_what_the_general_formula_gives(dtype, grad, rng, mon
             if acc:
                 want = want + before[:, :N].double()
             copies.clear()
+            gemms.clear()
             with torch.no_grad() if not grad else contextlib.nullcontext():
                 ops._CupyImpl.matmul(a, b, c, bias1=b1, bias2=b2, scale=sc, acc=acc, dot=dot)
             fast = dtype == torch.float32 and sc is None and not grad and not (acc and (b1 is not None or b2 is not None))
-            assert len(copies) == (0 if fast else 1)
+            half_fast = out_dtype and sc is None and not grad and not acc
+            assert len(copies) == (0 if fast or half_fast else 1)
+            assert gemms == ([("mm" if b1 is None else "addmm")] if half_fast else [])
             c = c.detach()
-            # float32: float32 sums of K products; float16: the product itself rounded to
-            # float16 (unit roundoff 2^-11 of values ~ sqrt(K)), then float32 adds
-            rtol, atol = (1e-5, 1e-5 * K) if dtype == torch.float32 else (2e-3, 2e-3 * K)
+            # float32: float32 sums of K products; half: the product itself rounded to the half
+            # dtype (unit roundoff 2^-11 / 2^-8 of values ~ sqrt(K)), then float32 adds
+            rtol, atol = {torch.float32: (1e-5, 1e-5 * K), torch.float16: (2e-3, 2e-3 * K),
+                          torch.bfloat16: (1.6e-2, 1.6e-2 * K)}[dtype]
             torch.testing.assert_close(c.double(), want, rtol=rtol, atol=atol,
                                        msg=f"acc={acc} bias1={b1 is not None} bias2={b2 is not None} scale={sc is not None}")
             assert torch.equal(buf[:, N:], before[:, N:])

@@ -763,6 +763,16 @@ def _unit_last(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+@functools.lru_cache(maxsize=None)
+def _gemm_half_to_float32(device_type: str) -> bool:
+    """Whether this torch has float16 / bfloat16 GEMMs that write float32 (``torch.mm`` /
+    ``torch.addmm`` with ``out_dtype=torch.float32``: aten::mm.dtype_out, addmm.dtype_out, CUDA
+    only) on ``device_type``."""
+    key = device_type.upper()
+    return all(torch._C._dispatch_has_kernel_for_dispatch_key(op, key)
+               for op in ("aten::mm.dtype_out", "aten::addmm.dtype_out"))
+
+
 # the weight operand of the loop's tensor-core dots per dot code (TF32: float32, rounded in the kernel)
 _MMA_WEIGHT = {1: torch.float16, 2: torch.bfloat16, 3: torch.float32}
 
@@ -811,6 +821,20 @@ class _CupyImpl:
     @staticmethod
     def _matmul(a, b, c, bias1, bias2, scale, acc, dot):
         wdt = {1: torch.float16, 2: torch.bfloat16}.get(dot, torch.float32)  # 0 / 3: float32 (exact / TF32)
+        if (wdt != torch.float32 and c.dtype == torch.float32 and scale is None and not acc
+                and _gemm_half_to_float32(c.device.type)
+                and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (a, b, c, bias1, bias2)))):
+            # a half GEMM written straight into the float32 c, its float32 accumulators not
+            # rounded to the half dtype first (as the Triton backend's matmul), bias1 folded in:
+            # no half result, no float32 temporary and no copy of it into c
+            a16, b16 = a.to(wdt), b.to(wdt)
+            if bias1 is None:
+                torch.mm(a16, b16, out_dtype=torch.float32, out=c)
+            else:
+                torch.addmm(bias1.float(), a16, b16, out_dtype=torch.float32, out=c)
+            if bias2 is not None:
+                c += bias2.float()
+            return
         if (c.dtype == wdt == torch.float32 and scale is None and a.dtype == b.dtype == torch.float32
                 and not (acc and (bias1 is not None or bias2 is not None))
                 and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (a, b, c, bias1, bias2)))):
