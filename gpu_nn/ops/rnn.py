@@ -821,33 +821,28 @@ class _CupyImpl:
     @staticmethod
     def _matmul(a, b, c, bias1, bias2, scale, acc, dot):
         wdt = {1: torch.float16, 2: torch.bfloat16}.get(dot, torch.float32)  # 0 / 3: float32 (exact / TF32)
-        if (wdt != torch.float32 and c.dtype == torch.float32 and scale is None and not acc
-                and _gemm_half_to_float32(c.device.type)
-                and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (a, b, c, bias1, bias2)))):
-            # a half GEMM written straight into the float32 c, its float32 accumulators not
-            # rounded to the half dtype first (as the Triton backend's matmul), bias1 folded in:
-            # no half result, no float32 temporary and no copy of it into c
-            a16, b16 = a.to(wdt), b.to(wdt)
-            if bias1 is None:
-                torch.mm(a16, b16, out_dtype=torch.float32, out=c)
-            else:
-                torch.addmm(bias1.float(), a16, b16, out_dtype=torch.float32, out=c)
-            if bias2 is not None:
-                c += bias2.float()
-            return
-        if (c.dtype == wdt == torch.float32 and scale is None and a.dtype == b.dtype == torch.float32
-                and not (acc and (bias1 is not None or bias2 is not None))
-                and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (a, b, c, bias1, bias2)))):
-            # (out= refuses inputs that autograd records; the double-backward route is one)
+        recorded = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (a, b, c, bias1, bias2))
+        # (out= refuses inputs that autograd records; the double-backward route is one)
+        half_out = (wdt != torch.float32 and c.dtype == torch.float32 and scale is None and not acc and not recorded
+                    and _gemm_half_to_float32(c.device.type))
+        fp32_out = (c.dtype == wdt == torch.float32 and scale is None and a.dtype == b.dtype == torch.float32
+                    and not (acc and (bias1 is not None or bias2 is not None)) and not recorded)
+        if half_out or fp32_out:
+            # the GEMM writes c itself: float32 operands, or half ones through torch's half GEMM
+            # that writes float32 (its float32 accumulators not rounded to the half dtype first,
+            # as the Triton backend's matmul); the two biases summed first (a G * H vector) and
+            # folded in: no float32 temporary, no copy of it into c, no pass over c per bias
             if acc:
                 c.addmm_(a, b)
                 return
-            if bias1 is None:
-                torch.mm(a, b, out=c)
+            kw = {"out_dtype": torch.float32} if half_out else {}
+            if half_out:
+                a, b = a.to(wdt), b.to(wdt)
+            if bias1 is None and bias2 is None:
+                torch.mm(a, b, out=c, **kw)
             else:
-                torch.addmm(bias1.float(), a, b, out=c)
-            if bias2 is not None:
-                c += bias2.float()
+                bias = bias1.float() if bias2 is None else (bias2.float() if bias1 is None else bias1.float() + bias2.float())
+                torch.addmm(bias, a, b, out=c, **kw)
             return
         r = torch.mm(a.to(wdt), b.to(wdt)).float()
         if bias1 is not None:
