@@ -422,51 +422,56 @@ class _HostLaunch:
         getattr(self.lib, f"host_{kernel}")(ctypes.c_int(ref.MODES.index(mode)), ctypes.c_int(dot), *conv)
 
 
+def _driver_against_reference(mode, dtype, rng):
+    """The cupy driver (_gpu_forward / _gpu_backward with _CupyImpl) on _driver_inputs in
+    ``dtype``, and the float64 reference on the same inputs as the backend sees them (rounded to
+    ``dtype``: rounding the inputs alone moves rnn_relu pre-activations within a half ulp of zero
+    across the kink, which the kernel's arithmetic is not to answer for; test_rnn's
+    _seq_against_reference does the same). Returns [(name, ours, reference, k)] for the outputs,
+    states and every gradient."""
+    (T, B, I, H, L), lengths, x, hs, params, masks = _driver_inputs(mode, rng)
+    c = lambda a: None if a is None else (torch.from_numpy(a) if isinstance(a, np.ndarray) else a).detach().to(dtype)
+    r = lambda a: None if a is None else c(a).double().numpy()
+    ws = ops._split([r(p) for p in params], L, 2, True)
+    out_r, hn_r, cn_r, res = ref.rnn_forward(mode, r(x), r(hs[0]), r(hs[1]), ws, L, True, lengths.numpy(), r(masks))
+    gout, ghn = rng.standard_normal(out_r.shape), rng.standard_normal(hn_r.shape)
+    gcn = rng.standard_normal(cn_r.shape) if mode == "lstm" else None
+    want_dx, want_dhx, want_dcx, want_dws = ref.rnn_backward(mode, r(gout), r(ghn), r(gcn), r(x), ws, res, L, True,
+                                                             lengths.numpy(), r(masks))
+    weights = [c(p) for p in params]
+    out, hn, cn, reserve = ops._gpu_forward(ops._CupyImpl, mode, c(x), c(hs[0]), c(hs[1]), weights, L, True, True,
+                                            lengths, c(masks))
+    dx, dhx, dcx, dws = ops._gpu_backward(ops._CupyImpl, mode, c(gout), c(ghn), c(gcn), c(x), weights, reserve, L,
+                                          True, True, lengths, c(masks))
+    kf, kb = I + 2 * H, T * B * 4 * H
+    flat = [g for kk in range(2 * L) for g in want_dws[kk] if g is not None]
+    got = [("out", out, out_r, kf), ("h_n", hn, hn_r, kf), ("dx", dx, want_dx, kb), ("dhx", dhx, want_dhx, kb)]
+    got += [(f"dw{i}", a, b, kb) for i, (a, b) in enumerate(zip(dws, flat))]
+    if mode == "lstm":
+        got += [("c_n", cn, cn_r, kf), ("dcx", dcx, want_dcx, kb)]
+    return [(name, a, torch.from_numpy(b), k) for name, a, b, k in got]
+
+
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("pair", [True, False], ids=["pair", "one-direction"])
 def test_cupy_driver_with_host_loop_matches_reference(mode, dtype, pair, rng, monkeypatch):
     """The cupy backend's driver (_gpu_forward / _gpu_backward with _CupyImpl: the input
     projection and weight gradients as torch matmuls, the loop launches with the arguments it
     builds) on CPU tensors, every loop launch run by the host stand-ins: two bidirectional layers,
-    lengths, initial states, dropout masks, against the float64 reference (float16: the state
-    rounded before the dot as the GPU kernel does). ``pair``: both directions of a layer in one
-    launch (rnn_seq2_fwd / rnn_seq2_bwd, the default), else one launch per direction."""
+    lengths, initial states, dropout masks, against the float64 reference (half layers: the state
+    rounded before the dot as the GPU kernel does, their weights passed to the loop as they are,
+    16-bit). ``pair``: both directions of a layer in one launch (rnn_seq2_fwd / rnn_seq2_bwd, the
+    default), else one launch per direction."""
     host = _HostLaunch(_lib())
     monkeypatch.delenv(ops.CUPY_RNN_ENV, raising=False)
     monkeypatch.setattr(ops._CupyImpl, "pair_loops", pair)
-    monkeypatch.setattr(ops._CupyImpl, "_loop_kernel",
-                        staticmethod(_host_loop_kernel(host)))
-    (T, B, I, H, L), lengths, x, hs, params, masks = _driver_inputs(mode, rng)
-    ws = ops._split([p.detach().numpy() for p in params], L, 2, True)
-    out_r, hn_r, cn_r, res = ref.rnn_forward(mode, x.detach().numpy(), hs[0].detach().numpy(),
-                                             None if hs[1] is None else hs[1].detach().numpy(), ws, L, True,
-                                             lengths.numpy(), masks.numpy())
-    gout, ghn = rng.standard_normal(out_r.shape), rng.standard_normal(hn_r.shape)
-    gcn = rng.standard_normal(cn_r.shape) if mode == "lstm" else None
-    want_b = ref.rnn_backward(mode, gout, ghn, gcn, x.detach().numpy(), ws, res, L, True, lengths.numpy(),
-                              masks.numpy())
-    c = lambda a: None if a is None else (torch.from_numpy(a) if isinstance(a, np.ndarray) else a).detach().to(dtype)
-    weights = [c(p) for p in params]
-    out, hn, cn, reserve = ops._gpu_forward(ops._CupyImpl, mode, c(x), c(hs[0]), c(hs[1]), weights, L, True, True,
-                                            lengths, c(masks))
-    fwd_launches = ["rnn_seq2_fwd"] * 2 if pair else ["rnn_seq_fwd"] * 4
-    assert host.launches == fwd_launches
-    k = I + 2 * H
-    assert_close(out, torch.from_numpy(out_r), dtype, k=k, what="out")
-    assert_close(hn, torch.from_numpy(hn_r), dtype, k=k, what="h_n")
-    if mode == "lstm":
-        assert_close(cn, torch.from_numpy(cn_r), dtype, k=k, what="c_n")
-    dx, dhx, dcx, dws = ops._gpu_backward(ops._CupyImpl, mode, c(gout), c(ghn), c(gcn), c(x), weights, reserve, L,
-                                          True, True, lengths, c(masks))
-    assert host.launches[len(fwd_launches):] == (["rnn_seq2_bwd"] * 2 if pair else ["rnn_seq_bwd"] * 4)
-    want_dx, want_dhx, want_dcx, want_dws = want_b
-    flat = [g for kk in range(2 * L) for g in want_dws[kk] if g is not None]
-    got = [("dx", dx, want_dx), ("dhx", dhx, want_dhx)] + [(f"dw{i}", a, b) for i, (a, b) in enumerate(zip(dws, flat))]
-    if mode == "lstm":
-        got.append(("dcx", dcx, want_dcx))
-    for name, a, b in got:
-        assert_close(a, torch.from_numpy(b), dtype, k=T * B * 4 * H, what=f"{mode} {name}")
+    monkeypatch.setattr(ops._CupyImpl, "_loop_kernel", staticmethod(_host_loop_kernel(host)))
+    got = _driver_against_reference(mode, dtype, rng)
+    assert host.launches == (["rnn_seq2_fwd"] * 2 + ["rnn_seq2_bwd"] * 2 if pair
+                             else ["rnn_seq_fwd"] * 4 + ["rnn_seq_bwd"] * 4)
+    for name, a, b, k in got:
+        assert_close(a, b, dtype, k=k, what=f"{mode} {name}")
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -484,35 +489,14 @@ def test_cupy_driver_with_host_mma_loop_matches_reference(mode, dtype, rng, monk
     monkeypatch.setenv(ops.CUPY_RNN_ENV, "mma")
     monkeypatch.setattr(ops._CupyImpl, "_loop_kernel", staticmethod(_host_loop_kernel(host)))
     torch.backends.cudnn.allow_tf32 = True  # float32: dot code 3, the TF32 mma (conftest puts the flag back)
-    (T, B, I, H, L), lengths, x, hs, params, masks = _driver_inputs(mode, rng)
-    c = lambda a: None if a is None else (torch.from_numpy(a) if isinstance(a, np.ndarray) else a).detach().to(dtype)
-    # the reference sees the inputs as the backend does (rounded to dtype)
-    r = lambda a: None if a is None else c(a).double().numpy()
-    ws = ops._split([r(p) for p in params], L, 2, True)
-    out_r, hn_r, cn_r, res = ref.rnn_forward(mode, r(x), r(hs[0]), r(hs[1]), ws, L, True, lengths.numpy(),
-                                             r(masks))
-    gout, ghn = rng.standard_normal(out_r.shape), rng.standard_normal(hn_r.shape)
-    gcn = rng.standard_normal(cn_r.shape) if mode == "lstm" else None
-    want_b = ref.rnn_backward(mode, r(gout), r(ghn), r(gcn), r(x), ws, res, L, True, lengths.numpy(), r(masks))
-    weights = [c(p) for p in params]
-    out, hn, cn, reserve = ops._gpu_forward(ops._CupyImpl, mode, c(x), c(hs[0]), c(hs[1]), weights, L, True, True,
-                                            lengths, c(masks))
-    dx, dhx, dcx, dws = ops._gpu_backward(ops._CupyImpl, mode, c(gout), c(ghn), c(gcn), c(x), weights, reserve, L,
-                                          True, True, lengths, c(masks))
+    got = _driver_against_reference(mode, dtype, rng)
     assert host.launches == ["rnn_seq2_fwd"] * 2 + ["rnn_seq2_bwd"] * 2
-    want_dx, want_dhx, want_dcx, want_dws = want_b
-    flat = [g for kk in range(2 * L) for g in want_dws[kk] if g is not None]
-    got = [("out", out, out_r, I + 2 * H), ("h_n", hn, hn_r, I + 2 * H), ("dx", dx, want_dx, T * B * 4 * H),
-           ("dhx", dhx, want_dhx, T * B * 4 * H)]
-    got += [(f"dw{i}", a, b, T * B * 4 * H) for i, (a, b) in enumerate(zip(dws, flat))]
-    if mode == "lstm":
-        got += [("c_n", cn, cn_r, I + 2 * H), ("dcx", dcx, want_dcx, T * B * 4 * H)]
     for name, a, b, k in got:
         if dtype == torch.float32:
-            err = max_rel_err(a, torch.from_numpy(b))
+            err = max_rel_err(a, b)
             assert err <= tol_tf32(k), f"{mode} {name}: {err:.3e} > TF32 bound {tol_tf32(k):.3e}"
         else:
-            assert_close(a, torch.from_numpy(b), dtype, k=k, what=f"{mode} {name}")
+            assert_close(a, b, dtype, k=k, what=f"{mode} {name}")
 
 
 def _record_gemm_precision(monkeypatch):

@@ -773,8 +773,11 @@ def _gemm_half_to_float32(device_type: str) -> bool:
                for op in ("aten::mm.dtype_out", "aten::addmm.dtype_out"))
 
 
-# the weight operand of the loop's tensor-core dots per dot code (TF32: float32, rounded in the kernel)
-_MMA_WEIGHT = {1: torch.float16, 2: torch.bfloat16, 3: torch.float32}
+def _loop_weight_dtype(dot: int) -> torch.dtype:
+    """The dtype of W_hh as the device loop reads it, per dot code: float16 / bfloat16 for half
+    layers (1 / 2: their weights as they are, widened in the kernel; the FMA path's and the mma's
+    operand alike), float32 otherwise (0, and 3: TF32 rounded in the kernel where it applies)."""
+    return {1: torch.float16, 2: torch.bfloat16}.get(dot, torch.float32)
 
 
 class _cublas_tf32:
@@ -960,9 +963,9 @@ class _CupyImpl:
         T, B, H = hs.shape[0] - 1, hs.shape[1], hs.shape[2]
         assert hs.is_contiguous() and (cs is None or cs.is_contiguous()) and xg.stride(2) == 1
         if mma:  # W_hh [G * H, H] in the mma's operand type: its A, rows are units
-            wt = w_hh.to(_MMA_WEIGHT[dot]).contiguous()
-        else:
-            wt = w_hh.t().float().contiguous()  # [H, G * H]: lanes (consecutive units) read consecutive words
+            wt = w_hh.to(_loop_weight_dtype(dot)).contiguous()
+        else:  # [H, G * H]: lanes (consecutive units) read consecutive elements
+            wt = w_hh.t().to(_loop_weight_dtype(dot)).contiguous()
         o32 = out if out.dtype == torch.float32 and out.stride(2) == 1 else torch.empty(
             out.shape, dtype=torch.float32, device=out.device)
         m32 = None if mask is None else _unit_last(mask)
@@ -1043,9 +1046,9 @@ class _CupyImpl:
         T, B, H = hs.shape[0] - 1, hs.shape[1], hs.shape[2]
         assert hs.is_contiguous() and carry.is_contiguous() and dgi.stride(2) == 1 and dgh.stride() == dgi.stride()
         if mma:  # W_hh^T [H, G * H] in the mma's operand type: its A, rows are units
-            w = w_hh.t().to(_MMA_WEIGHT[dot]).contiguous()
+            w = w_hh.t().to(_loop_weight_dtype(dot)).contiguous()
         else:
-            w = w_hh.float().contiguous()  # [G * H, H]
+            w = w_hh.to(_loop_weight_dtype(dot)).contiguous()  # [G * H, H]
         d32 = _unit_last(dout)
         return (w, carry, carry if dc is None else dc, d32, np.int64(d32.stride(0)), np.int64(d32.stride(1)),
                 carry if g is None else g, np.int64(0 if g is None else g.stride(0)),

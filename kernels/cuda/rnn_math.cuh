@@ -198,8 +198,9 @@ GN_HD void gn_cell_bwd_at(int mode, gn_index idx, GN_CELL_BWD_PARAMS) {
 // (forward: over the H inputs of h_prev, for all gates of the unit, so the cell stays fused;
 // backward: over the G * H gate gradients of the step after), the slices are summed in order and
 // one warp per row applies the cell. The weight is read so that lanes (consecutive units) load
-// consecutive addresses: forward W_hh^T [H, G * H], backward W_hh [G * H, H], float32 (half
-// weights converted exactly; ROUND rounds the other operand as torch's half matmul does).
+// consecutive addresses: forward W_hh^T [H, G * H], backward W_hh [G * H, H], float32, or for
+// half layers (ROUND 1 / 2) the float16 / bfloat16 weights themselves, widened exactly as they are
+// read (gn_w_el); ROUND rounds the other operand as torch's half matmul does.
 #define GN_SEQ_JB 32
 #define GN_SEQ_NR 8
 #define GN_SEQ_KS 8
@@ -247,6 +248,34 @@ GN_HD float gn_round(float x) {
     return gn_u2f(u & ~0x1fffu);
 }
 
+// float16 bits -> float32 (exact: subnormals, infinities, NaN).
+GN_HD float gn_f16_value(unsigned h) {
+    unsigned sign = (h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
+    if (e == 0) {
+        float v = (float)m * 5.9604644775390625e-08f;  // 2^-24
+        return sign ? -v : v;
+    }
+    if (e == 31) return gn_u2f(sign | 0x7f800000u | (m << 13));
+    return gn_u2f(sign | ((e + 112u) << 23) | (m << 13));
+}
+
+// Element i of the loop's CUDA-core weight operand, as float32: the float32 weight (ROUND 0), or
+// for half layers (ROUND 1 / 2) their float16 / bfloat16 weight itself, read as 16 bits and
+// widened exactly (half the bytes of a float32 copy streamed from L2 every step).
+template <int ROUND>
+GN_HD float gn_w_el(const void* M, gn_index i) {
+    if (ROUND == 0) return ((const float*)M)[i];
+    unsigned h = ((const unsigned short*)M)[i];
+    if (ROUND == 2) return gn_u2f(h << 16);
+#if GN_DEVICE
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"((unsigned short)h));
+    return f;
+#else
+    return gn_f16_value(h);
+#endif
+}
+
 // The k range of slice s when K is cut into GN_SEQ_KS slices.
 GN_HD void gn_seq_slice(int K, int s, int* k0, int* k1) {
     int per = (K + GN_SEQ_KS - 1) / GN_SEQ_KS;
@@ -254,19 +283,19 @@ GN_HD void gn_seq_slice(int K, int s, int* k0, int* k1) {
     *k1 = *k0 + per < K ? *k0 + per : K;
 }
 
-// acc[r][g] += sum over k in [k0, k1) of round(v[r * ldv + k]) * M[k * ldm + col + g * gs], for the
-// first nr rows and the first ng columns (ng <= 4). Called on chunks of v staged by
-// gn_seq_dot_staged (the sums keep the order of k).
+// acc[r][g] += sum over k in [k0, k1) of round(v[r * ldv + k]) * M[m0 + k * ldm + col + g * gs] (M's
+// elements as gn_w_el<ROUND> reads them), for the first nr rows and the first ng columns (ng <= 4).
+// Called on chunks of v staged by gn_seq_dot_staged (the sums keep the order of k).
 template <int ROUND>
-GN_HD void gn_seq_dot(const float* v, gn_index ldv, int nr, const float* M, gn_index ldm, gn_index col, gn_index gs,
-                      int ng, int k0, int k1, float (*acc)[4]) {
+GN_HD void gn_seq_dot(const float* v, gn_index ldv, int nr, const void* M, gn_index m0, gn_index ldm, gn_index col,
+                      gn_index gs, int ng, int k0, int k1, float (*acc)[4]) {
 #if GN_DEVICE
 #pragma unroll 4
 #endif
     for (int k = k0; k < k1; ++k) {
-        const float* mk = M + (gn_index)k * ldm + col;
+        gn_index mk = m0 + (gn_index)k * ldm + col;
         float m[4];
-        for (int g = 0; g < 4; ++g) m[g] = g < ng ? mk[g * gs] : 0.0f;
+        for (int g = 0; g < 4; ++g) m[g] = g < ng ? gn_w_el<ROUND>(M, mk + g * gs) : 0.0f;
         for (int r = 0; r < GN_SEQ_NR; ++r) {
             if (r < nr) {
                 float a = gn_round<ROUND>(v[r * ldv + k]);
@@ -298,7 +327,7 @@ GN_HD void gn_sync_warp() {
 }
 
 template <int ROUND>
-GN_HD void gn_seq_dot_staged(const float* v, gn_index ldv, int nr, const float* M, gn_index ldm, gn_index col,
+GN_HD void gn_seq_dot_staged(const float* v, gn_index ldv, int nr, const void* M, gn_index ldm, gn_index col,
                              gn_index gs, int ng, int k0, int k1, float (*vs)[GN_SEQ_CH], float (*acc)[4], int lane,
                              int lanes) {
     for (int c0 = k0; c0 < k1; c0 += GN_SEQ_CH) {
@@ -308,7 +337,7 @@ GN_HD void gn_seq_dot_staged(const float* v, gn_index ldv, int nr, const float* 
             if (k < len) vs[r][k] = gn_ld_l2(v + r * ldv + c0 + k);
         }
         gn_sync_warp();
-        gn_seq_dot<ROUND>(&vs[0][0], GN_SEQ_CH, nr, M + (gn_index)c0 * ldm, ldm, col, gs, ng, 0, len, acc);
+        gn_seq_dot<ROUND>(&vs[0][0], GN_SEQ_CH, nr, M, (gn_index)c0 * ldm, ldm, col, gs, ng, 0, len, acc);
         gn_sync_warp();  // the chunk is read before the next one overwrites it
     }
 }
@@ -347,16 +376,6 @@ GN_HD unsigned gn_tf32_bits(float x) {
     unsigned u = gn_f2u(x);
     if ((u & 0x7f800000u) == 0x7f800000u) return u;  // infinity, NaN
     return (u + 0x1000u) & ~0x1fffu;
-}
-
-GN_HD float gn_f16_value(unsigned h) {
-    unsigned sign = (h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
-    if (e == 0) {
-        float v = (float)m * 5.9604644775390625e-08f;  // 2^-24
-        return sign ? -v : v;
-    }
-    if (e == 31) return gn_u2f(sign | 0x7f800000u | (m << 13));
-    return gn_u2f(sign | ((e + 112u) << 23) | (m << 13));
 }
 
 // An operand as KIND encodes it (16-bit kinds in the low half) and its value.
