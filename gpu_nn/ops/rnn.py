@@ -815,9 +815,11 @@ class _CupyImpl:
         """c = (a @ b + bias1 + bias2) * scale (+ c with ``acc``), the product in the dtype of
         ``dot``, the rest in float32, as the Triton backend's ``_rnn_matmul_kernel`` (dot 3: the
         float32 GEMM in TF32, 0: exact; ``_cublas_tf32``). Where c is float32 and so is the
-        product, without a scale, the GEMM writes c itself (bias1 folded in through addmm, or c
-        accumulated through addmm_): no float32 temporary and no copy of it into c (one full
-        pass over c per GEMM fewer; the input projection of T=100 N=64 H=512 is 52 MB)."""
+        product, without a scale, the GEMM writes c itself (the biases folded in through addmm,
+        or c accumulated through addmm_), and so does a half product without a scale or
+        accumulation where torch's half GEMM can write float32 (``_gemm_half_to_float32``): no
+        float32 temporary and no copy of it into c (one full pass over c per GEMM fewer; the
+        input projection of T=100 N=64 H=512 is 52 MB)."""
         with _cublas_tf32(dot):
             _CupyImpl._matmul(a, b, c, bias1, bias2, scale, acc, dot)
 
@@ -920,7 +922,7 @@ class _CupyImpl:
     @staticmethod
     def pair_ok(fwd_w_hh, rev_w_hh) -> bool:
         """Both directions of a layer can share a loop launch whatever their weights' strides (the
-        launchers pass each direction its own float32 copy)."""
+        launchers pass each direction's W_hh as a contiguous tensor of its own)."""
         return True
 
     # tests turn this off to run the two directions' loops one launch each (the same arithmetic)
