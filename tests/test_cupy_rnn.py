@@ -955,7 +955,7 @@ def _emulate_out_dtype_gemms(monkeypatch):
 
     monkeypatch.setattr(torch, "mm", fake_mm)
     monkeypatch.setattr(torch, "addmm", fake_addmm)
-    monkeypatch.setattr(ops, "_gemm_half_to_float32", lambda device_type: True)
+    monkeypatch.setitem(ops._HALF_TO_FLOAT32, "cpu", True)
     return calls
 
 
@@ -963,6 +963,31 @@ def test_half_to_float32_gemms_are_cuda_only_here():
     """This CPU machine's torch has no out_dtype GEMM kernel for CPU tensors (the general path
     runs there); on a CUDA build the check reads torch's dispatcher for CUDA."""
     assert ops._gemm_half_to_float32("cpu") is False
+
+
+def test_refused_half_gemm_falls_back_once_with_a_warning(rng, monkeypatch):
+    """Where torch's out_dtype GEMM raises before running (a torch that refuses these operands or
+    this output layout), the product is computed by the general path, the same values, with one
+    warning; later calls go to the general path without trying again."""
+    attempts = []
+
+    def refuse(*args, out_dtype=None, **kw):
+        attempts.append(1)
+        raise RuntimeError("out_dtype not supported here")
+
+    monkeypatch.setitem(ops._HALF_TO_FLOAT32, "cpu", True)
+    monkeypatch.setattr(torch, "addmm", refuse)
+    a = torch.from_numpy(rng.standard_normal((5, 3))).half()
+    b = torch.from_numpy(rng.standard_normal((3, 4))).half()
+    bias = torch.from_numpy(rng.standard_normal(4)).half()
+    c = torch.empty(5, 4)
+    with pytest.warns(RuntimeWarning, match="refused"):
+        ops._CupyImpl.matmul(a, b, c, bias1=bias, dot=1)
+    want = (a.float() @ b.float()).half().float() + bias.float()  # the general path: the product rounded to half
+    torch.testing.assert_close(c, want)
+    assert ops._HALF_TO_FLOAT32["cpu"] is False and len(attempts) == 1
+    ops._CupyImpl.matmul(a, b, c, bias1=bias, dot=1)
+    assert len(attempts) == 1
 
 
 @pytest.mark.parametrize("grad", [False, True])

@@ -763,14 +763,31 @@ def _unit_last(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-@functools.lru_cache(maxsize=None)
+_HALF_TO_FLOAT32: dict = {}  # device type -> whether the half GEMMs that write float32 are used
+
+
 def _gemm_half_to_float32(device_type: str) -> bool:
     """Whether this torch has float16 / bfloat16 GEMMs that write float32 (``torch.mm`` /
     ``torch.addmm`` with ``out_dtype=torch.float32``: aten::mm.dtype_out, addmm.dtype_out, CUDA
-    only) on ``device_type``."""
-    key = device_type.upper()
-    return all(torch._C._dispatch_has_kernel_for_dispatch_key(op, key)
-               for op in ("aten::mm.dtype_out", "aten::addmm.dtype_out"))
+    only) on ``device_type``, and they have not refused a call (``_half_gemm_refused``)."""
+    ok = _HALF_TO_FLOAT32.get(device_type)
+    if ok is None:
+        key = device_type.upper()
+        ok = _HALF_TO_FLOAT32[device_type] = all(torch._C._dispatch_has_kernel_for_dispatch_key(op, key)
+                                                 for op in ("aten::mm.dtype_out", "aten::addmm.dtype_out"))
+    return ok
+
+
+def _half_gemm_refused(device_type: str, exc: Exception) -> None:
+    """A half GEMM that writes float32 raised before running (a torch whose kernel refuses these
+    operands or this output layout): the general path serves this device type from now on, and
+    a warning says why once."""
+    import warnings
+
+    _HALF_TO_FLOAT32[device_type] = False
+    warnings.warn(f"gpu_nn: torch's half GEMM with out_dtype=float32 refused a recurrent layer's product "
+                  f"({type(exc).__name__}: {exc}); the cupy backend rounds half products to their dtype "
+                  "and widens them instead", RuntimeWarning, stacklevel=3)
 
 
 def _loop_weight_dtype(dot: int) -> torch.dtype:
@@ -841,14 +858,19 @@ class _CupyImpl:
                 c.addmm_(a, b)
                 return
             kw = {"out_dtype": torch.float32} if half_out else {}
-            if half_out:
-                a, b = a.to(wdt), b.to(wdt)
-            if bias1 is None and bias2 is None:
-                torch.mm(a, b, out=c, **kw)
-            else:
-                bias = bias1.float() if bias2 is None else (bias2.float() if bias1 is None else bias1.float() + bias2.float())
-                torch.addmm(bias, a, b, out=c, **kw)
-            return
+            x, y = (a.to(wdt), b.to(wdt)) if half_out else (a, b)
+            try:
+                if bias1 is None and bias2 is None:
+                    torch.mm(x, y, out=c, **kw)
+                else:
+                    bias = (bias1.float() if bias2 is None else
+                            (bias2.float() if bias1 is None else bias1.float() + bias2.float()))
+                    torch.addmm(bias, x, y, out=c, **kw)
+                return
+            except (RuntimeError, TypeError) as exc:
+                if not half_out:
+                    raise
+                _half_gemm_refused(c.device.type, exc)  # then the general path below
         r = torch.mm(a.to(wdt), b.to(wdt)).float()
         if bias1 is not None:
             r += bias1.float()
