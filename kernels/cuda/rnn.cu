@@ -63,11 +63,10 @@ extern "C" __global__ void rnn_cell_bwd(GN_CELL_BWD_PARAMS) {
 // "The device time loop", says how a block splits a task). The grid must be co-resident: the
 // launcher sizes it by the occupancy API and launches it cooperatively (CuPy reduces a larger 1-D
 // grid to what can be resident, with a warning, so any gridDim.x must work). GN_ROUND: 0 exact
-// float32 dots, 1 / 2 the state operand rounded to float16 / bfloat16 (half weights, passed as they
-// are: 16-bit elements). Blocks loop
-// over tasks when there are more tasks than blocks; a task stays on the same block and thread
-// every step, so the states a thread finalizes are its own, and only what other blocks wrote is
-// read through L2.
+// float32 dots, 1 / 2 the state operand rounded to float16 / bfloat16 (half weights, passed as
+// they are: 16-bit elements). Blocks loop over tasks when there are more tasks than blocks; a task
+// stays on the same block and thread every step, so the states a thread finalizes are its own,
+// and only what other blocks wrote is read through L2.
 
 #ifndef GN_ROUND
 #define GN_ROUND 0
