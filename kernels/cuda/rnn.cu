@@ -246,30 +246,37 @@ __device__ __forceinline__ int gn_seq_tasks(int B, int H) {
     return ((H + GN_SEQ_JB - 1) / GN_SEQ_JB) * ((B + GN_SEQ_NR - 1) / GN_SEQ_NR);
 }
 
+// The time loop of every loop kernel: per step s, the block's tasks of its NDIR directions (a's
+// first, then b's; the same T, B and H), then the grid barrier. TASK runs one task of one step;
+// K is the length of the dot whose slices the warps take (H forward, G * H backward).
+template <int NDIR, class Args, class Shared, void (*TASK)(const Args&, int, int, int, int, Shared&, int, int)>
+__device__ __forceinline__ void gn_seq_run(const Args& a, const Args& b, int K, Shared& sh, unsigned int* count) {
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, ntasks = gn_seq_tasks(a.B, a.H);
+    int k0, k1;
+    gn_seq_slice(K, warp, &k0, &k1);
+    for (int s = 0; s < a.T; ++s) {
+        for (int task = blockIdx.x; task < NDIR * ntasks; task += gridDim.x) {
+            if (NDIR == 1 || task < ntasks)  // the same branch in every thread of the block
+                TASK(a, s, task, k0, k1, sh, lane, warp);
+            else
+                TASK(b, s, task - ntasks, k0, k1, sh, lane, warp);
+        }
+        if (s + 1 < a.T) gn_grid_barrier(count, (unsigned int)(s + 1) * gridDim.x);
+    }
+}
+
 extern "C" __global__ void __launch_bounds__(GN_SEQ_KS * 32, 2)
     rnn_seq_fwd(GN_SEQ_FWD_PARAMS) {
     GnSeqFwd a = GN_SEQ_FWD_STRUCT;
     __shared__ GnSeqFwdShared sh;
-    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, ntasks = gn_seq_tasks(B, H);
-    int k0, k1;
-    gn_seq_slice(H, warp, &k0, &k1);
-    for (int s = 0; s < T; ++s) {
-        for (int task = blockIdx.x; task < ntasks; task += gridDim.x) gn_seq_fwd_task(a, s, task, k0, k1, sh, lane, warp);
-        if (s + 1 < T) gn_grid_barrier(count, (unsigned int)(s + 1) * gridDim.x);
-    }
+    gn_seq_run<1, GnSeqFwd, GnSeqFwdShared, gn_seq_fwd_task>(a, a, H, sh, count);
 }
 
 extern "C" __global__ void __launch_bounds__(GN_SEQ_KS * 32, 2)
     rnn_seq_bwd(GN_SEQ_BWD_PARAMS) {
     GnSeqBwd a = GN_SEQ_BWD_STRUCT;
     __shared__ GnSeqBwdShared sh;
-    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, ntasks = gn_seq_tasks(B, H);
-    int k0, k1;
-    gn_seq_slice(gn_gates(GN_MODE) * H, warp, &k0, &k1);
-    for (int s = 0; s < T; ++s) {
-        for (int task = blockIdx.x; task < ntasks; task += gridDim.x) gn_seq_bwd_task(a, s, task, k0, k1, sh, lane, warp);
-        if (s + 1 < T) gn_grid_barrier(count, (unsigned int)(s + 1) * gridDim.x);
-    }
+    gn_seq_run<1, GnSeqBwd, GnSeqBwdShared, gn_seq_bwd_task>(a, a, gn_gates(GN_MODE) * H, sh, count);
 }
 
 // Both directions of a bidirectional layer in one launch: step s of the forward direction (t = s)
@@ -281,34 +288,12 @@ extern "C" __global__ void __launch_bounds__(GN_SEQ_KS * 32, 2)
     rnn_seq2_fwd(GN_SEQ2_FWD_PARAMS) {
     GnSeqFwd af = GN_SEQ_FWD_STRUCT_OF(f_), ar = GN_SEQ_FWD_STRUCT_OF(r_);
     __shared__ GnSeqFwdShared sh;
-    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, ntasks = gn_seq_tasks(f_B, f_H);
-    int k0, k1;
-    gn_seq_slice(f_H, warp, &k0, &k1);
-    for (int s = 0; s < f_T; ++s) {
-        for (int task = blockIdx.x; task < 2 * ntasks; task += gridDim.x) {
-            if (task < ntasks)  // the same branch in every thread of the block
-                gn_seq_fwd_task(af, s, task, k0, k1, sh, lane, warp);
-            else
-                gn_seq_fwd_task(ar, s, task - ntasks, k0, k1, sh, lane, warp);
-        }
-        if (s + 1 < f_T) gn_grid_barrier(count, (unsigned int)(s + 1) * gridDim.x);
-    }
+    gn_seq_run<2, GnSeqFwd, GnSeqFwdShared, gn_seq_fwd_task>(af, ar, f_H, sh, count);
 }
 
 extern "C" __global__ void __launch_bounds__(GN_SEQ_KS * 32, 2)
     rnn_seq2_bwd(GN_SEQ2_BWD_PARAMS) {
     GnSeqBwd af = GN_SEQ_BWD_STRUCT_OF(f_), ar = GN_SEQ_BWD_STRUCT_OF(r_);
     __shared__ GnSeqBwdShared sh;
-    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, ntasks = gn_seq_tasks(f_B, f_H);
-    int k0, k1;
-    gn_seq_slice(gn_gates(GN_MODE) * f_H, warp, &k0, &k1);
-    for (int s = 0; s < f_T; ++s) {
-        for (int task = blockIdx.x; task < 2 * ntasks; task += gridDim.x) {
-            if (task < ntasks)
-                gn_seq_bwd_task(af, s, task, k0, k1, sh, lane, warp);
-            else
-                gn_seq_bwd_task(ar, s, task - ntasks, k0, k1, sh, lane, warp);
-        }
-        if (s + 1 < f_T) gn_grid_barrier(count, (unsigned int)(s + 1) * gridDim.x);
-    }
+    gn_seq_run<2, GnSeqBwd, GnSeqBwdShared, gn_seq_bwd_task>(af, ar, gn_gates(GN_MODE) * f_H, sh, count);
 }
