@@ -15,6 +15,7 @@ op and a bare custom op around a clone (``floor``) on the same inputs::
     .venv/bin/python -m gpu_nn.benchmarks.host_cost                 # every op
     .venv/bin/python -m gpu_nn.benchmarks.host_cost relu lstm_cell  # some
     .venv/bin/python -m gpu_nn.benchmarks.host_cost --profile conv1d  # cProfile of fwd+bwd
+    .venv/bin/python -m gpu_nn.benchmarks.host_cost --optim           # optimizer steps
 
 Must run in a fresh process: the environment is set before the kernels are imported.
 """
@@ -107,6 +108,42 @@ def measure(names=None, clock=time.thread_time) -> dict:
     return out
 
 
+# the optimizer bench's GPU set has 11 tensors per step (bench_optim); here a conv net's 11
+OPTIM_SHAPES = [(64, 3, 3, 3), (64,), (128, 64, 3, 3), (128,), (256, 128, 3, 3), (256,), (512, 256, 3, 3), (512,),
+                (10, 512), (10,), (1000,)]
+OPTIMIZERS = {"SGD": dict(lr=0.01), "SGD momentum": dict(lr=0.01, momentum=0.9), "Adagrad": dict(lr=0.01),
+              "Adadelta": dict(), "RMSprop": dict(lr=0.01), "Adam": dict(lr=1e-3),
+              "AdamW": dict(lr=1e-3, weight_decay=0.01)}
+
+
+def measure_optim(clock=time.thread_time) -> dict:
+    """name -> microseconds per ``step()`` of our optimizer on the Triton path (launches no-op),
+    11 float32 tensors, gradients kept between steps, after warm-up steps."""
+    import gpu_nn
+    import gpu_nn.optim as goptim
+
+    torch.set_num_threads(1)
+    out = {}
+    for label, kw in OPTIMIZERS.items():
+        torch.manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(s)) for s in OPTIM_SHAPES]
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        opt = getattr(goptim, label.split()[0])(ps, **kw)
+
+        def sample():
+            t0 = clock()
+            for _ in range(CALLS):
+                opt.step()
+            return (clock() - t0) / CALLS
+
+        with gpu_nn.backend("triton"):
+            for _ in range(3):
+                opt.step()
+            out[label] = round(statistics.median(sample() for _ in range(SAMPLES)) * 1e6, 1)
+    return out
+
+
 def table(res: dict) -> str:
     lines = [f"{'op':<15}{'pass':<9}{'triton us':>10}{'torch us':>10}{'floor us':>10}{'tri/torch':>10}"]
     for name, row in res.items():
@@ -151,14 +188,20 @@ def main(argv=None) -> int:
     p.add_argument("--profile", metavar="OP")
     p.add_argument("--fwd", action="store_true", help="with --profile: forward only")
     p.add_argument("--json", metavar="PATH")
+    p.add_argument("--optim", action="store_true", help="optimizer steps instead of ops")
     a = p.parse_args(argv)
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     patch_launches()
     if a.profile:
         profile(a.profile, backward=not a.fwd)
         return 0
-    res = measure(a.ops or None, time.thread_time if a.clock == "thread" else time.perf_counter)
-    print(table(res))
+    clock = time.thread_time if a.clock == "thread" else time.perf_counter
+    if a.optim:
+        res = measure_optim(clock)
+        print("\n".join(f"{k:<14}{v:>8.1f} us per step" for k, v in res.items()))
+    else:
+        res = measure(a.ops or None, clock)
+        print(table(res))
     if a.json:
         with open(a.json, "w") as f:
             json.dump(res, f, indent=1)

@@ -602,3 +602,142 @@ def test_cuda_optim_compiles_for_every_param_dtype(kind):
     from gpu_nn.kernels import cuda as kcuda
 
     assert kcuda.compile_cubin("optim", {"PARAM_KIND": kind, "OPTIM_CHUNK": 16384}, arch="sm_90")[:4] == b"\x7fELF"
+
+
+# -- kept step plans ---------------------------------------------------------------------
+# A step over the same tensors as the last one reuses its plan (optimizers._Plan): no
+# per-parameter checks, state look-ups or table builds. Every event below changes one fact a
+# plan was built from, at step 4 of 8, on our optimizer and on torch's alike; the
+# trajectories must stay equal, which they would not if a stale plan ran (a stale state
+# tensor does not advance, a stale table reads the old layout or address).
+
+PLAN_OPTS = [("Adam", dict(lr=0.01, amsgrad=True, weight_decay=0.1)), ("SGD", dict(lr=0.05, momentum=0.9, nesterov=True)),
+             ("RMSprop", dict(lr=0.01, momentum=0.5, centered=True)), ("Adagrad", dict(lr=0.1)),
+             ("Adadelta", dict(lr=0.5))]
+PLAN_EVENTS = ["none", "grads-new-addresses", "grad-none", "grad-layout-same-address", "state-replaced",
+               "state-data-moved", "param-data-moved", "lr-changed", "load-state-dict", "backend-switch",
+               "group-added", "momentum-on"]
+
+
+class _GradPool:
+    """Gradients as views of one buffer: new tensor objects at the same addresses each step
+    (as a caching allocator hands back after ``zero_grad(set_to_none=True)``)."""
+
+    def __init__(self, shapes, dtype):
+        self.buf = torch.empty(sum(math.prod(s) + 16 for s in shapes), dtype=dtype)
+        self.offsets = []
+        o = 0
+        for s in shapes:
+            self.offsets.append(o)
+            o += -(-math.prod(s) // 16) * 16  # every view 64-byte aligned: the kernels take it as it is
+
+    def view(self, i, shape, transposed=False):
+        n = math.prod(shape)
+        flat = self.buf[self.offsets[i]:self.offsets[i] + n]
+        if transposed:  # the same address, column-major strides
+            return flat.view(shape[::-1]).t()
+        return flat.view(shape)
+
+
+def _plan_run(backend, name, kw, event, dtype=torch.float32):
+    torch.manual_seed(5)
+    shapes = [(7, 5), (5,), (3, 7)]
+    if name == "SGD" and event == "momentum-on":
+        kw = dict(lr=0.05)
+    ours = [torch.nn.Parameter(torch.randn(s, dtype=dtype)) for s in shapes]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    o1, o2 = getattr(go, name)(ours, **kw), getattr(torch.optim, name)(theirs, **kw)
+    pool = _GradPool(shapes, dtype)
+    extra = None
+    worst = 0.0
+    for step in range(8):
+        grads = [torch.randn(s, dtype=dtype) for s in shapes]
+        for i, (a, b, g) in enumerate(zip(ours, theirs, grads)):
+            # new gradient tensors at the same addresses every step (a kept plan serves them),
+            # except where the event is another address or layout
+            if event == "grads-new-addresses" and step == 4:
+                a.grad = g.clone()
+            else:
+                view = pool.view(i, g.shape, transposed=(event == "grad-layout-same-address" and step >= 4 and g.dim() == 2))
+                view.copy_(g)
+                a.grad = view
+            b.grad = g.clone()
+        if step == 4:
+            if event == "grad-none":
+                ours[1].grad = theirs[1].grad = None
+            elif event == "state-replaced":
+                for o, p in ((o1, ours[0]), (o2, theirs[0])):
+                    k = next(k for k, v in o.state[p].items() if torch.is_tensor(v) and v.dim())
+                    o.state[p][k] = o.state[p][k].clone()
+            elif event == "state-data-moved":
+                for o, p in ((o1, ours[0]), (o2, theirs[0])):
+                    for v in o.state[p].values():
+                        if torch.is_tensor(v) and v.dim():
+                            v.data = v.data.clone()
+            elif event == "param-data-moved":
+                ours[2].data = ours[2].data.clone()
+                theirs[2].data = theirs[2].data.clone()
+            elif event == "lr-changed":
+                for o in (o1, o2):
+                    o.param_groups[0]["lr"] *= 0.5
+            elif event == "load-state-dict":
+                o1.load_state_dict(copy.deepcopy(o1.state_dict()))
+                o2.load_state_dict(copy.deepcopy(o2.state_dict()))
+            elif event == "group-added":
+                extra = (torch.nn.Parameter(torch.randn(4, dtype=dtype)),)
+                extra = extra + (torch.nn.Parameter(extra[0].detach().clone()),)
+                o1.add_param_group({"params": [extra[0]]})
+                o2.add_param_group({"params": [extra[1]]})
+            elif event == "momentum-on" and name == "SGD":
+                for o in (o1, o2):
+                    o.param_groups[0]["momentum"] = 0.9
+        if extra is not None:
+            g = torch.randn(4, dtype=dtype)
+            extra[0].grad, extra[1].grad = g.clone(), g.clone()
+        with gpu_nn.backend("reference" if event == "backend-switch" and step == 5 else backend):
+            o1.step()
+        o2.step()
+        pairs = list(zip(ours, theirs)) + ([extra] if extra is not None else [])
+        worst = max(worst, max(_rel(a, b) for a, b in pairs))
+        for a, b in pairs:
+            for k, v in o2.state[b].items():
+                if torch.is_tensor(v) and v.dim():
+                    worst = max(worst, _rel(o1.state[a][k], v))
+    return worst
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
+@pytest.mark.parametrize("event", PLAN_EVENTS)
+@pytest.mark.parametrize("name,kw", PLAN_OPTS, ids=[n for n, _ in PLAN_OPTS])
+def test_kept_plan_follows_every_change_like_torch(backend, device, name, kw, event):
+    worst = _plan_run(backend, name, kw, event)
+    assert worst <= _f32_tol(8), f"{name} {event} {backend}: {worst:.3e}"
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
+@pytest.mark.parametrize("name,kw", PLAN_OPTS, ids=[n for n, _ in PLAN_OPTS])
+def test_kept_plan_is_reused(backend, device, name, kw, monkeypatch):
+    """Gradients kept (zero_grad(set_to_none=False)) or new at the same addresses: only the
+    first step (and SGD's first momentum step) takes the full path."""
+    from gpu_nn.optim import _dispatch
+
+    full = []
+    real = _dispatch.parts
+    monkeypatch.setattr(_dispatch, "parts", lambda *a: full.append(1) or real(*a))
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(s)) for s in ((7, 5), (5,))]
+    o = getattr(go, name)(ps, **kw)
+    pool = _GradPool([p.shape for p in ps], torch.float32)
+    with gpu_nn.backend(backend):
+        for step in range(6):
+            for i, p in enumerate(ps):
+                if step < 3:  # the same gradient tensors, zeroed and refilled
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    p.grad.copy_(torch.randn(p.shape))
+                else:  # new tensors at the same addresses
+                    p.grad = pool.view(i, p.shape)
+                    p.grad.copy_(torch.randn(p.shape))
+            o.step()
+    # step 3 is the first over the pool's addresses
+    assert len(full) == (3 if name == "SGD" else 2)

@@ -44,14 +44,46 @@ def _table(P, G, C, steps, device):
     return out
 
 
-def run(kind: str, params, st: dict, hp: dict, grads=None) -> None:
+class Launch:
+    """One part's launch, prepared (see ``_triton.Launch``): the table of raw addresses and
+    the compiled module; ``cacheable`` when nothing needed a staging copy."""
+
+    __slots__ = ("kind", "table", "n", "mod", "device", "copies")
+
+    def __init__(self, kind, table, n, mod, device, copies):
+        self.kind, self.table, self.n, self.mod, self.device, self.copies = kind, table, n, mod, device, copies
+
+    @property
+    def cacheable(self) -> bool:
+        return not self.copies
+
+    def __call__(self, hp: dict, grads=None) -> None:
+        from ..kernels import cuda as kcuda
+
+        if self.n:
+            f64, i32 = np.float64, np.int32
+            if self.kind == "adam":
+                decoupled = bool(hp["decoupled_weight_decay"])
+                args = (self.table, f64(hp["lr"]), f64(hp["beta1"]), f64(hp["beta2"]), f64(hp["eps"]),
+                        f64(hp["weight_decay"]), i32(hp["amsgrad"]), i32(hp["maximize"]), i32(decoupled))
+                kcuda.launch(self.mod, "adam_step", (self.n,), (THREADS,), args, device=self.device)
+            else:
+                args = (self.table, f64(hp["lr"]), f64(hp["alpha"]), f64(hp["eps"]), f64(hp["weight_decay"]),
+                        f64(hp["momentum"]), i32(hp["centered"]), i32(hp["maximize"]))
+                kcuda.launch(self.mod, "rmsprop_step", (self.n,), (THREADS,), args, device=self.device)
+        for orig, tmp in self.copies:
+            orig.copy_(tmp)
+
+
+def prepare(kind: str, params, st: dict, grads) -> Launch:
+    """The launch of one part: staging copies where the layout is not dense, the table (cached
+    by addresses), the module compiled for the parameters' dtype."""
     from ..kernels import cuda as kcuda
     from ._triton import _same_layout as same_layout
     from ._triton import stage
 
     if kind not in ("adam", "rmsprop"):
         raise KernelInputError(f"optim.{kind} has no cupy kernel")
-    grads = [p.grad for p in params] if grads is None else grads
     if kind == "adam":
         cols, steps = [st["exp_avg"], st["exp_avg_sq"], st["max_exp_avg_sq"]], st["step"]
     else:
@@ -59,17 +91,11 @@ def run(kind: str, params, st: dict, hp: dict, grads=None) -> None:
     P, G, C, copies = stage(params, grads, cols, same_layout)
     device = params[0].device
     table, n = _table(P, G, C, steps, device)
-    if n:
-        mod = kcuda.load("optim", {"PARAM_KIND": _KIND[params[0].dtype], "OPTIM_CHUNK": CHUNK}, device.index or 0)
-        f64, i32 = np.float64, np.int32
-        if kind == "adam":
-            decoupled = bool(hp["decoupled_weight_decay"])
-            args = (table, f64(hp["lr"]), f64(hp["beta1"]), f64(hp["beta2"]), f64(hp["eps"]), f64(hp["weight_decay"]),
-                    i32(hp["amsgrad"]), i32(hp["maximize"]), i32(decoupled))
-            kcuda.launch(mod, "adam_step", (n,), (THREADS,), args, device=device.index or 0)
-        else:
-            args = (table, f64(hp["lr"]), f64(hp["alpha"]), f64(hp["eps"]), f64(hp["weight_decay"]),
-                    f64(hp["momentum"]), i32(hp["centered"]), i32(hp["maximize"]))
-            kcuda.launch(mod, "rmsprop_step", (n,), (THREADS,), args, device=device.index or 0)
-    for orig, tmp in copies:
-        orig.copy_(tmp)
+    index = device.index or 0
+    mod = kcuda.load("optim", {"PARAM_KIND": _KIND[params[0].dtype], "OPTIM_CHUNK": CHUNK}, index) if n else None
+    return Launch(kind, table, n, mod, index, copies)
+
+
+def run(kind: str, params, st: dict, hp: dict, grads=None) -> None:
+    grads = [p.grad for p in params] if grads is None else grads
+    prepare(kind, params, st, grads)(hp, grads)

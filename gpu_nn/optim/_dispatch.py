@@ -35,40 +35,77 @@ def _split(params):
     return parts
 
 
-def run(kind: str, params, state_lists: dict, hp: dict, grads=None) -> None:
-    grads = [p.grad for p in params] if grads is None else grads
+class Part:
+    """The parameters of one (device, dtype) of a step, with their state lists; ``prepared``
+    keeps, per backend, a launch that needed no staging copy (see ``Plan`` in optimizers.py:
+    a later step over the same tensors at the same addresses launches it again)."""
+
+    __slots__ = ("device", "dtype", "idx", "params", "states", "steps", "prepared")
+
+    def __init__(self, device, dtype, idx, params, states):
+        self.device, self.dtype, self.idx, self.params, self.states = device, dtype, idx, params, states
+        self.steps = states.get("step") or []
+        self.prepared: dict = {}
+
+
+def parts(params, state_lists: dict) -> list:
+    out = []
     for (device, dtype), idx in _split(params).items():
-        sub_p = [params[i] for i in idx]
-        sub_g = [grads[i] for i in idx]
-        sub_s = {k: [v[i] for i in idx] for k, v in state_lists.items()}
-        backend = _backend.resolve(f"optim.{kind}", device, BACKENDS[kind])
-        if backend == "reference":
-            _run_reference(kind, sub_p, sub_s, hp, sub_g)
-            continue
-        _backend.check_interpreter_dtype(f"optim.{kind}", backend, *sub_p)
-        if dtype not in GPU_DTYPES:
+        out.append(Part(device, dtype, idx, [params[i] for i in idx],
+                        {k: [v[i] for i in idx] for k, v in state_lists.items()}))
+    return out
+
+
+def _prepare(kind: str, backend: str, part: Part, grads):
+    """The checks a kernel backend needs (once per part and backend when the launch is kept),
+    then that backend's prepared launch."""
+    _backend.check_interpreter_dtype(f"optim.{kind}", backend, *part.params)
+    if part.dtype not in GPU_DTYPES:
+        raise KernelInputError(
+            f"optim.{kind}: the {backend} backend takes float32, float16 and bfloat16 parameters, "
+            f"got {part.dtype} (float64 runs on the reference backend)"
+        )
+    for p, g in zip(part.params, grads):
+        if g.dtype != p.dtype or g.shape != p.shape or g.device != p.device:
             raise KernelInputError(
-                f"optim.{kind}: the {backend} backend takes float32, float16 and bfloat16 parameters, "
-                f"got {dtype} (float64 runs on the reference backend)"
+                f"optim.{kind}: a gradient must match its parameter's dtype, shape and device "
+                f"(param {p.dtype} {tuple(p.shape)} on {p.device}, grad {g.dtype} "
+                f"{tuple(g.shape)} on {g.device})"
             )
-        for p, g in zip(sub_p, sub_g):
-            if g.dtype != p.dtype or g.shape != p.shape or g.device != p.device:
-                raise KernelInputError(
-                    f"optim.{kind}: a gradient must match its parameter's dtype, shape and device "
-                    f"(param {p.dtype} {tuple(p.shape)} on {p.device}, grad {g.dtype} "
-                    f"{tuple(g.shape)} on {g.device})"
-                )
-        if "step" in sub_s:
+    if backend == "triton":
+        from . import _triton as glue
+    else:
+        from . import _cupy as glue
+    launch = glue.prepare(kind, part.params, part.states, grads)
+    if launch.cacheable:
+        part.prepared[backend] = launch
+    return launch
+
+
+def run_parts(kind: str, parts_: list, hp: dict, grads) -> None:
+    """One step of every part: the backend resolved per step (a ``gpu_nn.backend`` region may
+    change it), the launch prepared unless a kept one serves."""
+    for part in parts_:
+        sub_g = [grads[i] for i in part.idx]
+        backend = _backend.resolve(f"optim.{kind}", part.device, BACKENDS[kind])
+        if backend == "reference":
+            _run_reference(kind, part.params, part.states, hp, sub_g)
+            continue
+        launch = part.prepared.get(backend)
+        if launch is None:
+            launch = _prepare(kind, backend, part, sub_g)
+        if part.steps:
             # torch's fused path does the same: one multi-tensor add, no host round trip
-            torch._foreach_add_(sub_s["step"], 1.0)
-        if backend == "triton":
-            from . import _triton
+            torch._foreach_add_(part.steps, 1.0)
+        launch(hp, sub_g)
 
-            _triton.run(kind, sub_p, sub_s, hp, sub_g)
-        else:
-            from . import _cupy
 
-            _cupy.run(kind, sub_p, sub_s, hp, sub_g)
+def run(kind: str, params, state_lists: dict, hp: dict, grads=None) -> list:
+    """One step of ``params``; returns its parts (with the launches it prepared)."""
+    grads = [p.grad for p in params] if grads is None else grads
+    ps = parts(params, state_lists)
+    run_parts(kind, ps, hp, grads)
+    return ps
 
 
 # -- reference ----------------------------------------------------------------------------

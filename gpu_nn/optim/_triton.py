@@ -129,62 +129,91 @@ def _chunk(kt, interpret):
     return blk * iters
 
 
-def run(kind: str, params, st: dict, hp: dict, grads=None) -> None:
-    """One multi-tensor launch for ``params`` (one device and dtype; steps already incremented)."""
+def _columns(kind: str, st: dict, n: int):
+    """(state columns, step tensors, per-parameter flags) of ``kind`` as the kernels take them."""
+    if kind == "sgd":
+        return ([st["momentum_buffer"]] if any(b is not None for b in st["momentum_buffer"]) else []), [], st["first"]
+    if kind == "adagrad":
+        return [st["sum"]], st["step"], [0] * n
+    if kind == "adadelta":
+        return [st["square_avg"], st["acc_delta"]], [], [0] * n
+    if kind == "rmsprop":
+        return [st["square_avg"], st["grad_avg"], st["momentum_buffer"]], [], [0] * n
+    return [st["exp_avg"], st["exp_avg_sq"], st["max_exp_avg_sq"]], st["step"], [0] * n
+
+
+class Launch:
+    """One part's multi-tensor launch, prepared: its table and base tensors. ``cacheable``
+    when no tensor needed a staging copy: then the table depends only on the addresses of
+    the parameters, gradients and state, and a later step with the same addresses reuses it
+    (the gradient base is the step's own first gradient, at the same address)."""
+
+    __slots__ = ("kind", "table", "n", "p_base", "staged_g", "s_base", "step_base", "copies")
+
+    def __init__(self, kind, table, n, p_base, staged_g, s_base, step_base, copies):
+        self.kind, self.table, self.n, self.p_base = kind, table, n, p_base
+        self.staged_g, self.s_base, self.step_base, self.copies = staged_g, s_base, step_base, copies
+
+    @property
+    def cacheable(self) -> bool:
+        return not self.copies
+
+    def __call__(self, hp: dict, grads) -> None:
+        from ..kernels import triton as ktriton
+        from ..kernels.triton import optim as kt
+
+        kind = self.kind
+        sign = -1.0 if hp.get("maximize") else 1.0
+        if kind == "sgd":
+            sc = dict(lr=hp["lr"], weight_decay=hp["weight_decay"], momentum=hp["momentum"], dampening=hp["dampening"],
+                      sign=sign)
+            fl = dict(momentum=hp["momentum"] != 0, nesterov=bool(hp["nesterov"]), wd=hp["weight_decay"] != 0)
+        elif kind == "adagrad":
+            sc = dict(lr=hp["lr"], lr_decay=hp["lr_decay"], weight_decay=hp["weight_decay"], eps=hp["eps"], sign=sign)
+            fl = dict(wd=hp["weight_decay"] != 0)
+        elif kind == "adadelta":
+            sc = dict(lr=hp["lr"], rho=hp["rho"], eps=hp["eps"], weight_decay=hp["weight_decay"], sign=sign)
+            fl = dict(wd=hp["weight_decay"] != 0)
+        elif kind == "rmsprop":
+            sc = dict(lr=hp["lr"], alpha=hp["alpha"], eps=hp["eps"], weight_decay=hp["weight_decay"],
+                      momentum=hp["momentum"], sign=sign)
+            fl = dict(wd=hp["weight_decay"] != 0, centered=bool(hp["centered"]), momentum=hp["momentum"] > 0)
+        else:
+            sc = dict(lr=hp["lr"], beta1=hp["beta1"], beta2=hp["beta2"], eps=hp["eps"],
+                      weight_decay=hp["weight_decay"], sign=sign)
+            wd_mode = 0 if hp["weight_decay"] == 0 else (2 if hp["decoupled_weight_decay"] else 1)
+            fl = dict(wd_mode=wd_mode, amsgrad=bool(hp["amsgrad"]))
+        g_base = (self.staged_g if self.staged_g is not None else grads)[0]
+        kt.launch(kind, self.table, self.n, self.p_base, g_base, self.s_base, self.step_base, sc, fl,
+                  ktriton.INTERPRET)
+        for orig, tmp in self.copies:
+            orig.copy_(tmp)
+
+
+def prepare(kind: str, params, st: dict, grads) -> Launch:
+    """The launch of one part (one device and dtype): staging copies where a tensor's layout
+    is not the kernels', the chunk table (cached by addresses) and the base tensors."""
     from ..kernels import triton as ktriton
     from ..kernels.triton import optim as kt
 
-    grads = [p.grad for p in params] if grads is None else grads
-    if kind == "sgd":
-        cols = [st["momentum_buffer"]] if hp["momentum"] != 0 else []
-        steps, flags = [], st["first"]
-    elif kind == "adagrad":
-        cols, steps = [st["sum"]], st["step"]
-    elif kind == "adadelta":
-        cols, steps = [st["square_avg"], st["acc_delta"]], []
-    elif kind == "rmsprop":
-        cols, steps = [st["square_avg"], st["grad_avg"], st["momentum_buffer"]], []
-    else:
-        cols, steps = [st["exp_avg"], st["exp_avg_sq"], st["max_exp_avg_sq"]], st["step"]
-    if kind != "sgd":
-        flags = [0] * len(params)
-
+    cols, steps, flags = _columns(kind, st, len(params))
     # the kernels walk storage order: parameter, gradient and state must share one dense,
     # aligned layout; anything else runs on fresh copies that are written back
     P, G, C, copies = stage(params, grads, cols, _kernel_ready)
     for s in steps:
         if s.dtype != torch.float32:
             raise KernelInputError("optimizer kernels: state['step'] must be a float32 tensor on the device")
-
-    interpret = ktriton.INTERPRET
-    table, n = _table(P, G, C, steps, flags, params[0].device, _chunk(kt, interpret))
+    table, n = _table(P, G, C, steps, flags, params[0].device, _chunk(kt, ktriton.INTERPRET))
     dummy = next((s for c in C for s in c if s is not None), None)
     if dummy is None:
         dummy = torch.empty(1, dtype=torch.float32, device=params[0].device)
-    sign = -1.0 if hp.get("maximize") else 1.0
-    if kind == "sgd":
-        sc = dict(lr=hp["lr"], weight_decay=hp["weight_decay"], momentum=hp["momentum"], dampening=hp["dampening"],
-                  sign=sign)
-        fl = dict(momentum=hp["momentum"] != 0, nesterov=bool(hp["nesterov"]), wd=hp["weight_decay"] != 0)
-    elif kind == "adagrad":
-        sc = dict(lr=hp["lr"], lr_decay=hp["lr_decay"], weight_decay=hp["weight_decay"], eps=hp["eps"], sign=sign)
-        fl = dict(wd=hp["weight_decay"] != 0)
-    elif kind == "adadelta":
-        sc = dict(lr=hp["lr"], rho=hp["rho"], eps=hp["eps"], weight_decay=hp["weight_decay"], sign=sign)
-        fl = dict(wd=hp["weight_decay"] != 0)
-    elif kind == "rmsprop":
-        sc = dict(lr=hp["lr"], alpha=hp["alpha"], eps=hp["eps"], weight_decay=hp["weight_decay"],
-                  momentum=hp["momentum"], sign=sign)
-        fl = dict(wd=hp["weight_decay"] != 0, centered=bool(hp["centered"]), momentum=hp["momentum"] > 0)
-    else:
-        sc = dict(lr=hp["lr"], beta1=hp["beta1"], beta2=hp["beta2"], eps=hp["eps"], weight_decay=hp["weight_decay"],
-                  sign=sign)
-        wd_mode = 0 if hp["weight_decay"] == 0 else (2 if hp["decoupled_weight_decay"] else 1)
-        fl = dict(wd_mode=wd_mode, amsgrad=bool(hp["amsgrad"]))
-    step_base = steps[0] if steps else dummy
-    kt.launch(kind, table, n, P[0], G[0], dummy, step_base, sc, fl, interpret)
-    for orig, tmp in copies:
-        orig.copy_(tmp)
+    return Launch(kind, table, n, P[0], G if copies else None, dummy, steps[0] if steps else dummy, copies)
+
+
+def run(kind: str, params, st: dict, hp: dict, grads=None) -> None:
+    """One multi-tensor launch for ``params`` (one device and dtype; steps already incremented)."""
+    grads = [p.grad for p in params] if grads is None else grads
+    prepare(kind, params, st, grads)(hp, grads)
 
 
 NORM_INF, NORM_TWO, NORM_P = 0, 2, 1

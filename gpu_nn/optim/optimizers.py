@@ -10,6 +10,10 @@ What differs from torch:
   part goes to the backend that ``gpu_nn._backend.resolve`` picks (CPU: the NumPy reference
   on views of the tensors, in place; CUDA: one multi-tensor Triton launch per part, or the
   CuPy kernels for Adam/AdamW/RMSprop).
+* A step over the same tensors as the step before (the same parameters, gradients at the same
+  addresses with the same layout, the same state tensors; see ``_Plan``) skips the
+  per-parameter checks, state look-ups and launch-table builds and launches at once: the host
+  cost of a training loop's step is a fixed, small part of the kernel's time.
 * float16/bfloat16 parameters keep float32 optimizer state (torch keeps it in the parameter's
   dtype); a state loaded in another dtype is widened on the next step.
 * On CUDA, ``state["step"]`` lives on the parameter's device (as torch's fused/capturable
@@ -109,15 +113,101 @@ def _state_dtype(p: Tensor) -> torch.dtype:
     return torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
 
 
+def _grad_key(params):
+    """What a kept plan depends on in the gradients and parameters, read cheaply: per
+    parameter None (no gradient) or the addresses, dtypes and the gradient's shape and
+    strides. None where a gradient has no strides or storage (sparse): the full step says why."""
+    key, grads = [], []
+    try:
+        for p in params:
+            g = p.grad
+            if g is None:
+                key.append(None)
+            else:
+                key.append((p.data_ptr(), p.dtype, g.data_ptr(), g.dtype, g.shape, g.stride()))
+                grads.append(g)
+    except (RuntimeError, NotImplementedError):
+        return None, None
+    return key, grads
+
+
+class _Plan:
+    """One group's step as the last full step left it, kept so the next step can skip the
+    per-parameter work: the parameters that had gradients, where they and their gradients
+    were (:func:`_grad_key`), the state tensors the step used, and the parts with their
+    prepared launches (chunk tables and bases, see ``_dispatch.Part``).
+
+    A step reuses it only when everything it was built from holds: the same group object
+    and parameter list, the same :func:`_grad_key` (gradients may be new tensors, as after
+    ``zero_grad(set_to_none=True)``, at the same addresses with the same layout), the same
+    state tensors in ``optimizer.state`` (a ``load_state_dict`` or a replaced buffer fails
+    this) at the same addresses, and the same state-shaping settings (``_struct``: amsgrad,
+    momentum, centered). Anything else takes the full step (checks, lazy state, dispatch),
+    which records a new plan. Hyperparameters are read from the group on every step, and the
+    backend is resolved on every step. A plan holds no gradient: their memory stays the
+    caller's to free."""
+
+    __slots__ = ("group", "params", "struct", "key", "state", "parts")
+
+    def __init__(self, group, struct, key, state, parts):
+        self.group, self.params, self.struct = group, list(group["params"]), struct
+        self.key, self.state, self.parts = key, state, parts
+
+    @classmethod
+    def record(cls, opt, group, params, grads, state_lists, parts):
+        """A plan of the step just taken, or None where the next step could differ by more than
+        the facts a plan checks (a gradient broadcast or cast by ``_checked_grads``; SGD's first
+        momentum step, whose buffers start from the gradient)."""
+        if any(g is not p.grad for p, g in zip(params, grads)) or any(state_lists.get("first", ())):
+            return None
+        key, _ = _grad_key(group["params"])
+        if key is None:
+            return None
+        state = []
+        for p in params:
+            d = opt.state.get(p)  # None: no state (SGD without momentum), and none may appear
+            items = () if d is None else d.items()
+            state.append((p, d, tuple((k, v, v.data_ptr() if torch.is_tensor(v) else None) for k, v in items)))
+        return cls(group, opt._struct(group), key, state, parts)
+
+    def step(self, opt, group) -> bool:
+        """Run the step if the plan still holds (True), else leave everything untouched (False)."""
+        if group is not self.group or opt._struct(group) != self.struct:
+            return False
+        params = group["params"]
+        if len(params) != len(self.params) or any(a is not b for a, b in zip(params, self.params)):
+            return False
+        key, grads = _grad_key(params)
+        if key != self.key:
+            return False
+        states = opt.state
+        for p, d, items in self.state:
+            if states.get(p) is not d or (d is not None and len(d) != len(items)):
+                return False
+            for k, v, ptr in items:
+                w = d.get(k)
+                if w is not v or (ptr is not None and w.data_ptr() != ptr):
+                    return False
+        _dispatch.run_parts(opt._KIND, self.parts, opt._hp(group), grads)
+        return True
+
+
 class _Base(Optimizer):
-    """Shared step loop: closure, no_grad, sparse check, lazy state, dispatch by device/dtype."""
+    """Shared step loop: closure, no_grad, sparse check, lazy state, dispatch by device/dtype;
+    a step over the same tensors as the last one reuses its plan (:class:`_Plan`)."""
 
     _NAME = ""
+    _KIND = ""
     _SPARSE_MSG = ""
     _SETDEFAULTS: dict = {}
 
+    def __init__(self, params, defaults):
+        self._plans: dict = {}
+        super().__init__(params, defaults)
+
     def __setstate__(self, state):
         super().__setstate__(state)
+        self._plans = {}
         for group in self.param_groups:
             for k, v in self._SETDEFAULTS.items():
                 group.setdefault(k, v)
@@ -217,13 +307,39 @@ class _Base(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        plans = self._plans
         for group in self.param_groups:
+            plan = plans.get(id(group))
+            if plan is not None and plan.step(self, group):
+                continue
             params = self._params_with_grad(group)
             if params:
-                self._step_group(group, params, self._checked_grads(group, params))
+                grads = self._checked_grads(group, params)
+                state_lists = self._state_lists(group, params)
+                parts = _dispatch.run(self._KIND, params, state_lists, self._hp(group), grads)
+                plan = _Plan.record(self, group, params, grads, state_lists, parts)
+            else:
+                plan = None
+            if plan is None:
+                plans.pop(id(group), None)
+            else:
+                if len(plans) >= len(self.param_groups):  # groups gone (load_state_dict makes new ones)
+                    live = {id(g) for g in self.param_groups}
+                    for k in [k for k in plans if k not in live]:
+                        del plans[k]
+                plans[id(group)] = plan
         return loss
 
-    def _step_group(self, group, params, grads):  # pragma: no cover - abstract
+    def _struct(self, group) -> tuple:
+        """The group settings that decide which state tensors a step uses."""
+        return ()
+
+    def _state_lists(self, group, params) -> dict:  # pragma: no cover - abstract
+        """Per state key, a list parallel to ``params`` (created lazily, as torch does)."""
+        raise NotImplementedError
+
+    def _hp(self, group) -> dict:  # pragma: no cover - abstract
+        """The group's hyperparameters as Python numbers, read at every step."""
         raise NotImplementedError
 
 
@@ -252,7 +368,12 @@ class SGD(_Base):
             raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
         super().__init__(params, defaults)
 
-    def _step_group(self, group, params, grads):
+    _KIND = "sgd"
+
+    def _struct(self, group):
+        return (group["momentum"] != 0,)
+
+    def _state_lists(self, group, params):
         momentum = group["momentum"]
         bufs, first = [], []
         for p in params:
@@ -264,10 +385,12 @@ class SGD(_Base):
             else:
                 bufs.append(None)
                 first.append(False)
-        hp = dict(lr=float(group["lr"]), momentum=momentum, dampening=group["dampening"],
-                  weight_decay=float(group["weight_decay"]), nesterov=group["nesterov"],
-                  maximize=group.get("maximize", False))
-        _dispatch.run("sgd", params, dict(momentum_buffer=bufs, first=first), hp, grads)
+        return dict(momentum_buffer=bufs, first=first)
+
+    def _hp(self, group):
+        return dict(lr=float(group["lr"]), momentum=group["momentum"], dampening=group["dampening"],
+                    weight_decay=float(group["weight_decay"]), nesterov=group["nesterov"],
+                    maximize=group.get("maximize", False))
 
     def _integral_error(self, group, dtype):
         return _integral(group, dtype, KernelInputError(_ALPHA_MSG))  # param.add_(grad, alpha=-lr)
@@ -306,7 +429,9 @@ class Adagrad(_Base):
                 state["step"] = self._new_step(p)
                 self._buf(state, "sum", p, group["initial_accumulator_value"])
 
-    def _step_group(self, group, params, grads):
+    _KIND = "adagrad"
+
+    def _state_lists(self, group, params):
         steps, sums = [], []
         for p in params:
             state = self.state[p]
@@ -314,9 +439,11 @@ class Adagrad(_Base):
                 state["step"] = self._new_step(p)
             steps.append(self._fix_step(state, p))
             sums.append(self._buf(state, "sum", p, group["initial_accumulator_value"]))
-        hp = dict(lr=float(group["lr"]), lr_decay=group["lr_decay"], weight_decay=group["weight_decay"],
-                  eps=group["eps"], maximize=group.get("maximize", False))
-        _dispatch.run("adagrad", params, dict(step=steps, sum=sums), hp, grads)
+        return dict(step=steps, sum=sums)
+
+    def _hp(self, group):
+        return dict(lr=float(group["lr"]), lr_decay=group["lr_decay"], weight_decay=group["weight_decay"],
+                    eps=group["eps"], maximize=group.get("maximize", False))
 
     def _integral_error(self, group, dtype):
         # state_sum.addcmul_(grad, grad) has no bool kernel; param.addcdiv_(grad, std) casts
@@ -347,7 +474,9 @@ class Adadelta(_Base):
                         capturable=capturable, foreach=foreach, differentiable=differentiable)
         super().__init__(params, defaults)
 
-    def _step_group(self, group, params, grads):
+    _KIND = "adadelta"
+
+    def _state_lists(self, group, params):
         steps, sq, acc = [], [], []
         for p in params:
             state = self.state[p]
@@ -356,9 +485,11 @@ class Adadelta(_Base):
             steps.append(self._fix_step(state, p))
             sq.append(self._buf(state, "square_avg", p))
             acc.append(self._buf(state, "acc_delta", p))
-        hp = dict(lr=float(group["lr"]), rho=group["rho"], eps=group["eps"], weight_decay=group["weight_decay"],
-                  maximize=group.get("maximize", False))
-        _dispatch.run("adadelta", params, dict(step=steps, square_avg=sq, acc_delta=acc), hp, grads)
+        return dict(step=steps, square_avg=sq, acc_delta=acc)
+
+    def _hp(self, group):
+        return dict(lr=float(group["lr"]), rho=group["rho"], eps=group["eps"], weight_decay=group["weight_decay"],
+                    maximize=group.get("maximize", False))
 
     def _integral_error(self, group, dtype):
         return _integral(group, dtype, _cast_error(dtype))  # square_avg.mul_(rho)
@@ -390,7 +521,12 @@ class RMSprop(_Base):
                         capturable=capturable, foreach=foreach, maximize=maximize, differentiable=differentiable)
         super().__init__(params, defaults)
 
-    def _step_group(self, group, params, grads):
+    _KIND = "rmsprop"
+
+    def _struct(self, group):
+        return (group["momentum"] > 0, bool(group["centered"]))
+
+    def _state_lists(self, group, params):
         steps, sq, ga, mb = [], [], [], []
         for p in params:
             state = self.state[p]
@@ -400,9 +536,11 @@ class RMSprop(_Base):
             sq.append(self._buf(state, "square_avg", p))
             mb.append(self._buf(state, "momentum_buffer", p) if group["momentum"] > 0 else None)
             ga.append(self._buf(state, "grad_avg", p) if group["centered"] else None)
-        hp = dict(lr=float(group["lr"]), alpha=group["alpha"], eps=group["eps"], weight_decay=group["weight_decay"],
-                  momentum=group["momentum"], centered=group["centered"], maximize=group.get("maximize", False))
-        _dispatch.run("rmsprop", params, dict(step=steps, square_avg=sq, grad_avg=ga, momentum_buffer=mb), hp, grads)
+        return dict(step=steps, square_avg=sq, grad_avg=ga, momentum_buffer=mb)
+
+    def _hp(self, group):
+        return dict(lr=float(group["lr"]), alpha=group["alpha"], eps=group["eps"], weight_decay=group["weight_decay"],
+                    momentum=group["momentum"], centered=group["centered"], maximize=group.get("maximize", False))
 
     def _lerps(self, group):
         return bool(group["centered"])  # grad_avg.lerp_(grad, 1 - alpha)
@@ -444,7 +582,12 @@ class Adam(_Base):
                         decoupled_weight_decay=decoupled_weight_decay)
         super().__init__(params, defaults)
 
-    def _step_group(self, group, params, grads):
+    _KIND = "adam"
+
+    def _struct(self, group):
+        return (bool(group["amsgrad"]),)
+
+    def _state_lists(self, group, params):
         steps, m, v, vmax = [], [], [], []
         amsgrad = group["amsgrad"]
         for p in params:
@@ -455,11 +598,13 @@ class Adam(_Base):
             m.append(self._buf(state, "exp_avg", p))
             v.append(self._buf(state, "exp_avg_sq", p))
             vmax.append(self._buf(state, "max_exp_avg_sq", p) if amsgrad else None)
+        return dict(step=steps, exp_avg=m, exp_avg_sq=v, max_exp_avg_sq=vmax)
+
+    def _hp(self, group):
         beta1, beta2 = (float(b) for b in group["betas"])
-        hp = dict(lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
-                  weight_decay=group["weight_decay"], amsgrad=amsgrad, maximize=group.get("maximize", False),
-                  decoupled_weight_decay=group.get("decoupled_weight_decay", False))
-        _dispatch.run("adam", params, dict(step=steps, exp_avg=m, exp_avg_sq=v, max_exp_avg_sq=vmax), hp, grads)
+        return dict(lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
+                    weight_decay=group["weight_decay"], amsgrad=group["amsgrad"], maximize=group.get("maximize", False),
+                    decoupled_weight_decay=group.get("decoupled_weight_decay", False))
 
     def _lerps(self, group):
         return True  # exp_avg.lerp_(grad, 1 - beta1)
