@@ -741,3 +741,24 @@ def test_kept_plan_is_reused(backend, device, name, kw, monkeypatch):
             o.step()
     # step 3 is the first over the pool's addresses
     assert len(full) == (3 if name == "SGD" else 2)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device: the caching allocator's addresses are what this measures")
+@pytest.mark.parametrize("name", ["Adam", "RMSprop", "SGD"])
+def test_kept_plan_serves_a_cuda_training_loop(name, monkeypatch):
+    """zero_grad(set_to_none=True), forward, backward, step: new gradient tensors every step.
+    On a GPU the caching allocator hands the same blocks back in a steady loop, so after the
+    first steps the kept plan serves every step (the full path at most three times in 10)."""
+    from gpu_nn.optim import _dispatch
+
+    full = []
+    real = _dispatch.parts
+    monkeypatch.setattr(_dispatch, "parts", lambda *a: full.append(1) or real(*a))
+    m = _model(torch.float32, "cuda")
+    x, y = _batch(torch.float32, "cuda")
+    o = getattr(go, name)(m.parameters(), lr=0.01, **(dict(momentum=0.9) if name == "SGD" else {}))
+    for _ in range(10):
+        o.zero_grad()
+        ((m(x) - y) ** 2).mean().backward()
+        o.step()
+    assert len(full) <= 3, f"the full step ran {len(full)} times in 10"

@@ -40,7 +40,14 @@ def _same_layout(ts) -> bool:
 
 def _kernel_ready(ts) -> bool:
     """One dense layout shared by all, every start 16-byte aligned (vector loads): true of
-    everything torch's allocator hands out; views at odd offsets go through copies."""
+    everything torch's allocator hands out; views at odd offsets go through copies. The
+    tensors have one shape (a parameter, its gradient and state), so all contiguous is one
+    storage order: that usual case is settled without comparing strides."""
+    for t in ts:
+        if t is not None and (not t.is_contiguous() or t.data_ptr() % 16):
+            break
+    else:
+        return True
     return _same_layout(ts) and all(t.data_ptr() % 16 == 0 for t in ts if t is not None)
 
 
@@ -254,7 +261,9 @@ def clip_grad_norm(grads, max_norm: float, norm_type: float, error_if_nonfinite:
         plans.append((gs, table, n, n_total))
         n_total += n
     partials = torch.empty(max(n_total, 1), dtype=torch.float32, device=device)
-    total = torch.zeros((), dtype=torch.float32, device=device)
+    # written by a kernel on every path: the first scale launch's program 0, or _clip_total_kernel
+    # (error_if_nonfinite, or no element at all)
+    total = torch.empty((), dtype=torch.float32, device=device)
     for gs, table, n, part0 in plans:
         if n:
             kt.clip_partial(table, n, gs[0], partials, part0, code, norm_type, interpret)
