@@ -574,3 +574,83 @@ def test_launchers_compute_grids_without_triton_constexpr_functions():
                 if pattern.search(line.split("#", 1)[0]) and "``" not in line:
                     hits.append(f"{path.relative_to(root)}:{no}: {line.strip()}")
     assert not hits, "\n".join(hits)
+
+
+def _toy_tensorlist_function(lean: bool):
+    """A Function of (x, ws: list[Tensor], k: int) -> (x * k + sum(ws), [w * x.sum() for w in ws]),
+    wrapped for tensor lists the lean way or torch's way; backward records needs_input_grad."""
+    from torch._library.autograd import supports_tensorlist
+
+    seen = []
+
+    def forward(ctx, x, ws, k):
+        ctx.save_for_backward(x, *ws)
+        ctx.k = k
+        return x * k + sum(ws), [w * x.sum() for w in ws]
+
+    def backward(ctx, gy, gws):
+        x, *ws = ctx.saved_tensors
+        seen.append(ctx.needs_input_grad)
+        gws = [torch.zeros_like(w) if g is None else g for g, w in zip(gws, ws)] if gws is not None else [None] * len(ws)
+        gx = gy * ctx.k + sum((g * w).sum() for g, w in zip(gws, ws) if g is not None)
+        gw = [gy + (g * x.sum() if g is not None else 0) for g in gws]
+        return gx, (gw if any(ctx.needs_input_grad[1]) else [None] * len(ws)), None
+
+    def make():
+        return type("Toy", (torch.autograd.Function,), {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+
+    fn = _dispatch._lean_tensorlist(make(), supports_tensorlist(make())) if lean else supports_tensorlist(make())
+    return fn, seen
+
+
+@pytest.mark.parametrize("shape", ["list", "tuple", "empty", "one-frozen", "list-frozen", "unused-list-output"])
+def test_lean_tensorlist_matches_torchs_wrapper(shape):
+    """The eager route's tensor-list wrapper (_dispatch._lean_tensorlist) against torch's
+    supports_tensorlist: the same outputs, gradients, needs_input_grad seen by backward (a tuple
+    of tensors on the lean side against the same tensors in a list on torch's)."""
+    results = []
+    for lean in (False, True):
+        fn, seen = _toy_tensorlist_function(lean)
+        g = torch.Generator().manual_seed(3)
+        x = torch.randn(3, generator=g, dtype=torch.float64, requires_grad=True)
+        ws = [torch.randn(3, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+        if shape == "empty":
+            ws = []
+        if shape == "one-frozen":
+            ws[1].requires_grad_(False)
+        if shape == "list-frozen":
+            for w in ws:
+                w.requires_grad_(False)
+        # a tuple of tensors: spread like a list by the lean wrapper; torch's wants a backward
+        # that returns a tuple there, so its side takes the list
+        y, zs = fn.apply(x, tuple(ws) if shape == "tuple" and lean else ws, 2)
+        assert isinstance(zs, list) and len(zs) == len(ws)
+        loss = y.sum() if shape == "unused-list-output" else y.sum() + sum(z.sum() for z in zs)
+        leaves = [x] + [w for w in ws if w.requires_grad]
+        grads = torch.autograd.grad(loss, leaves)
+        results.append(([y.detach(), *[z.detach() for z in zs]], grads, seen))
+    (o0, g0, s0), (o1, g1, s1) = results
+    assert all(torch.equal(a, b) for a, b in zip(o0, o1)) and len(o0) == len(o1)
+    assert all(torch.equal(a, b) for a, b in zip(g0, g1)) and len(g0) == len(g1)
+    assert [tuple(map(lambda v: list(v) if isinstance(v, (list, tuple)) else v, s)) for s in s0] == \
+        [tuple(map(lambda v: list(v) if isinstance(v, (list, tuple)) else v, s)) for s in s1]
+
+
+def test_lean_tensorlist_mixed_list_takes_torchs_wrapper():
+    """A list mixing tensors with other values is not spread by the lean wrapper: torch's own
+    wrapper takes the call (and treats it as a leaf, as its pytree rule says)."""
+    calls = []
+
+    class Fallback:
+        @staticmethod
+        def apply(*args):
+            calls.append(args)
+            return "fallback"
+
+    fn, _ = _toy_tensorlist_function(True)
+    lean = _dispatch._lean_tensorlist(type("T", (torch.autograd.Function,), {
+        "forward": staticmethod(lambda ctx, *a: a[0]), "backward": staticmethod(lambda ctx, g: g)}), Fallback)
+    x = torch.randn(2, requires_grad=True)
+    assert lean.apply(x, [x, 1]) == "fallback" and len(calls) == 1
+    assert _dispatch._flatten((x, [1, 2], (3, 4), [], (x, x)))[1] == (None, None, None, (list, 0), (tuple, 2))
+    assert _dispatch._flatten(([x, None],))[0] is None and _dispatch._flatten(((x, 1),))[0] is None

@@ -174,6 +174,121 @@ try:  # what torch's own custom ops use for list[Tensor] arguments (torch >= 2.4
 except ImportError:  # pragma: no cover - older torch: such ops keep the custom-op route
     _supports_tensorlist = None
 
+
+def _tensor_seq(a):
+    """For an argument or result: its length when it is a list or tuple of tensors only (an
+    empty list too: torch's pytree spreads it), None when it holds no tensor (a leaf, passed
+    as it is), False when it mixes tensors with other things (only the pytree route takes it)."""
+    t = type(a)
+    if t is not list and t is not tuple:
+        return None
+    n = 0
+    for e in a:
+        if isinstance(e, torch.Tensor):
+            n += 1
+        elif t is list or isinstance(e, (list, tuple)):
+            return False if n or any(isinstance(x, torch.Tensor) for x in a) else None
+    if n == len(a) and (n or t is list):
+        return n
+    return False if n else None
+
+
+def _flatten(items):
+    """(flat tuple, spec) of ``items``: each a leaf (spec None) or a list / tuple of tensors
+    spread (spec ``(type, n)``); None where something mixes tensors with other things."""
+    flat, spec = [], []
+    for a in items:
+        n = _tensor_seq(a)
+        if n is False:
+            return None, None
+        if n is None:
+            flat.append(a)
+            spec.append(None)
+        else:
+            flat.extend(a)
+            spec.append((type(a), n))
+    return flat, tuple(spec)
+
+
+def _unflatten(flat, spec):
+    out, i = [], 0
+    for s in spec:
+        if s is None:
+            out.append(flat[i])
+            i += 1
+        else:
+            kind, n = s
+            out.append(kind(flat[i:i + n]))
+            i += n
+    return out
+
+
+class _ListMeta:
+    __slots__ = ("input_spec", "output_spec", "is_tuple")
+
+    def __init__(self, input_spec):
+        self.input_spec, self.output_spec, self.is_tuple = input_spec, None, None
+
+
+def _lean_tensorlist(cls, fallback):
+    """``torch._library.autograd.supports_tensorlist`` for our ops' argument shapes, without
+    its pytree walks (about a third of a recurrent layer's host cost per call): list[Tensor]
+    arguments and results are spread into the Function's own inputs and outputs one level
+    deep, as the pytree route does for these shapes; a call whose arguments mix tensors with
+    other things in one list or tuple takes ``fallback`` (torch's own wrapper of the same
+    Function). tests/test_hotpath.py compares both with the custom op."""
+    orig_forward, orig_backward, orig_apply = cls.forward, cls.backward, cls.apply
+
+    def forward(ctx, *args):
+        meta = args[-1]
+        result = orig_forward(ctx, *_unflatten(args[:-1], meta.input_spec))
+        meta.is_tuple = type(result) is tuple
+        flat, spec = _flatten(result if meta.is_tuple else (result,))
+        if flat is None:
+            raise RuntimeError("gpu_nn: a custom op returned a list mixing tensors with other values")
+        meta.output_spec = spec
+        ctx._gn_meta = meta
+        return tuple(flat)
+
+    def backward(ctx, *grads):
+        meta = ctx._gn_meta
+        grads = _unflatten(grads, meta.output_spec)
+        prev = ctx.needs_input_grad
+        try:
+            ctx.needs_input_grad = tuple(_unflatten(prev[:-1], meta.input_spec))
+            grad_inputs = orig_backward(ctx, *grads)
+        finally:
+            ctx.needs_input_grad = prev
+        if type(grad_inputs) is not tuple:
+            grad_inputs = (grad_inputs,)
+        flat = []
+        for g, s in zip(grad_inputs, meta.input_spec):
+            if s is None:
+                flat.append(g)
+            elif g is None:
+                flat.extend([None] * s[1])
+            elif type(g) in (list, tuple) and len(g) == s[1]:
+                flat.extend(g)
+            else:
+                raise RuntimeError(f"Expected the return from backward to be of the same structure as the inputs: "
+                                   f"a list of {s[1]} gradients, got {type(g).__name__}")
+        if len(grad_inputs) != len(meta.input_spec):
+            raise RuntimeError("Expected the return from backward to be of the same structure as the inputs")
+        return (*flat, None)
+
+    def apply(*args):
+        flat, spec = _flatten(args)
+        if flat is None:
+            return fallback.apply(*args)
+        meta = _ListMeta(spec)
+        result = _unflatten(orig_apply(*flat, meta), meta.output_spec)
+        return tuple(result) if meta.is_tuple else result[0]
+
+    cls.forward = staticmethod(forward)
+    cls.backward = staticmethod(backward)
+    cls.apply = staticmethod(apply)
+    return cls
+
 _C = torch._C
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
@@ -261,12 +376,15 @@ class Routed:
             setup(ctx, args, out)
             return out
 
-        fn = type(f"Eager_{self._op._name}", (torch.autograd.Function,), {
-            "forward": staticmethod(forward),
-            "backward": staticmethod(bwd),
-        })
+        def make():
+            return type(f"Eager_{self._op._name}", (torch.autograd.Function,), {
+                "forward": staticmethod(forward),
+                "backward": staticmethod(bwd),
+            })
+
+        fn = make()
         if self._tensorlist:
-            fn = _supports_tensorlist(fn) if _supports_tensorlist is not None else None
+            fn = _lean_tensorlist(fn, _supports_tensorlist(make())) if _supports_tensorlist is not None else None
         self._function = fn
 
     def __call__(self, *args, **kwargs):
