@@ -45,13 +45,14 @@ that runs the whole time loop in one launch with a grid barrier between steps. T
 kernel is chosen by ``persistent_choice``: it is legal for batch 1..16 and hidden 1..1024 (one
 batch tile; W_hh, at most 16 MiB, stays in L2 across steps) with min(ceil(H / 16), SM count)
 programs, one per SM at most, so that all are resident and the barrier cannot deadlock; the
-heuristic takes it where it is legal on a CUDA device and the H200 measured it faster: float16 /
-bfloat16 inputs (LSTM T=50 I=H=512 bf16: 1.45x / 1.44x cuDNN at N=4 / 16 against 2.28x / 2.30x
-per step; GRU N=16 bf16: 0.92x against 1.66x), not float32 (6.33x / 5.18x against 6.01x /
-4.93x: its IEEE float32 recurrent product was the bottleneck there, not the launches). Those
-figures predate TF32 and the 16 x 16 step tiles (both paths changed since); the small-batch set of
-``benchmarks/bench_rnn.py`` measures both providers in float32 and bfloat16 on the next GPU run,
-and the heuristic stays as measured until then. ``GPU_NN_RNN_PERSISTENT=0`` never takes it, ``=1`` whenever
+heuristic takes it where it is legal on a CUDA device for batch <= 16, where the H200 measured it
+faster in every dtype: the small-batch set of ``benchmarks/bench_rnn.py`` at 82f8513 (T=50
+I=H=512, forward; ratio to cuDNN, persistent against per step) LSTM float32 N=4 / 16 1.71x /
+1.94x against 2.40x / 2.33x, GRU float32 1.01x / 0.90x against 2.41x / 2.70x, LSTM bfloat16 1.05x /
+1.35x against 1.50x / 1.88x, GRU bfloat16 1.18x / 1.19x against 1.80x / 1.84x. (An earlier
+run, before TF32 and the 16 x 16 step tiles, had float32 the other way, 6.33x / 5.18x against
+6.01x / 4.93x, and the default was half precision only until 82f8513's figures were read.)
+``GPU_NN_RNN_PERSISTENT=0`` never takes it, ``=1`` whenever
 legal (also under the Triton interpreter, with one program, since the interpreter runs
 programs one after another); never for an LSTM with a projection (the persistent kernel has
 none). Forced on (``=1``), the persistent kernels also take batches up to 64 (four batch tiles
@@ -416,7 +417,7 @@ PERSIST_DEFAULT_MAX_B = 16  # the heuristic's batch bound: one tile, as the H200
 
 
 def persistent_choice(device_type: str, B: int, H: int, sm_count: int, env: Optional[str],
-                      by_default: bool = PERSISTENT_BY_DEFAULT, proj_size: int = 0, half: bool = True) -> bool:
+                      by_default: bool = PERSISTENT_BY_DEFAULT, proj_size: int = 0) -> bool:
     """Whether the forward runs the persistent kernel (``kernels.triton.rnn.persist_forward``, one
     launch per layer and direction; ``persist_forward_pair``, one per bidirectional layer)
     instead of one launch per step. ``env`` is the value of
@@ -426,19 +427,23 @@ def persistent_choice(device_type: str, B: int, H: int, sm_count: int, env: Opti
     hidden) tiles of 16 x 16 are dealt to min(tiles, sm_count) programs, one per SM at most, so
     all of them are resident and the grid barrier cannot deadlock. ``"0"``: never; ``"1"``:
     whenever legal (also under the interpreter, where ``sm_count`` is 1); unset or empty: the
-    heuristic, within the domain the H200 measured (B <= 16: one batch tile), a CUDA device and
-    ``half`` (float16 / bfloat16 inputs: where the H200 measured the persistent kernel faster;
-    float32 measured slower), applied only when ``by_default``. Never for an LSTM with a
+    heuristic, within the domain the H200 measured (B <= 16: one batch tile) on a CUDA device,
+    every dtype, applied only when ``by_default``. The run at 82f8513 (bench_rnn, T=50 I=H=512,
+    forward, seconds of the persistent launch against the per-step launches in the same run):
+    float32 LSTM batch 4 / 16 1.37 / 1.65 ms against 1.92 / 1.99, GRU 1.33 / 1.16 against
+    3.19 / 3.50; bfloat16 LSTM 1.31 / 1.32 against 1.87 / 1.83, GRU 1.08 / 1.07 against 1.65 /
+    1.66 (an earlier run, issue 16's table, had float32 persistent slower, 6.33x / 5.18x cuDNN
+    against 6.01x / 4.93x, before the kernels' later changes). Never for an LSTM with a
     projection (``proj_size > 0``): the persistent kernel has no projection step.
     """
     if env not in (None, "", "0", "1"):
         raise ValueError(f"{PERSISTENT_ENV} must be 0, 1 or unset, got {env!r}")
     if env == "0" or proj_size > 0 or sm_count < 1 or not (1 <= B <= PERSIST_MAX_B and 1 <= H <= 1024):
         return False
-    return env == "1" or (by_default and device_type == "cuda" and half and B <= PERSIST_DEFAULT_MAX_B)
+    return env == "1" or (by_default and device_type == "cuda" and B <= PERSIST_DEFAULT_MAX_B)
 
 
-def _persist_programs(K, dev, B, H, P=0, half=False, backward=False):
+def _persist_programs(K, dev, B, H, P=0, backward=False):
     """Programs of the persistent launch, 0 for per-step launches (``backward``: of the backward
     time loop, whose default is PERSISTENT_BWD_BY_DEFAULT)."""
     if K is _CupyImpl:  # its own device loop, sized when launched (it falls back per step there)
@@ -448,7 +453,7 @@ def _persist_programs(K, dev, B, H, P=0, half=False, backward=False):
     # the interpreter runs programs one after another: only a single program can pass a barrier
     sm = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 1
     by_default = PERSISTENT_BWD_BY_DEFAULT if backward else PERSISTENT_BY_DEFAULT
-    if not persistent_choice(dev.type, B, H, sm, os.environ.get(PERSISTENT_ENV), by_default, P, half):
+    if not persistent_choice(dev.type, B, H, sm, os.environ.get(PERSISTENT_ENV), by_default, P):
         return 0
     return K.persist_programs(B, H, sm)
 
@@ -478,7 +483,7 @@ def _gpu_forward(K, mode, input, hx, cx, weights, num_layers, bidirectional, has
     cn = empty((L * D, B, H), dtype=dt, device=dev) if mode == "lstm" else input.new_empty(0)
     lens = _lengths_on(lengths, T, B, dev)
     ws = _split(weights, L, D, has_biases)
-    persist = _persist_programs(K, dev, B, H, P, half=dt in (torch.float16, torch.bfloat16))
+    persist = _persist_programs(K, dev, B, H, P)
     # both directions in one persistent launch (triton): its own program count, all resident
     persist_pair = _persist_pair_programs(K, dev, B, H) if persist and D == 2 else 0
     tf32 = tf32_allowed(dt)
@@ -574,8 +579,7 @@ def _gpu_backward(K, mode, gout, ghn, gcn, input, weights, reserve, num_layers, 
     dcx = empty((L * D, B, H), dtype=f32, device=dev) if mode == "lstm" else None
     # the whole backward time loop of a layer and direction in one launch (cupy's device loop,
     # triton's persistent backward), its program count (cupy: 1, sized at launch)
-    bloop = hasattr(K, "loop_backward") and _persist_programs(K, dev, B, H, P, dt in (torch.float16, torch.bfloat16),
-                                                              backward=True)
+    bloop = hasattr(K, "loop_backward") and _persist_programs(K, dev, B, H, P, backward=True)
     steps_backward = getattr(K, "steps_backward", None)  # one call per layer and direction (triton; pairs below)
     ws = _split(weights, L, D, has_biases)
     # both directions of a layer in one launch per step (triton's per-step path) or in one whole
