@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from .._errors import KernelInputError
@@ -73,14 +74,19 @@ def stage(params, grads, cols, ready):
     return P, G, C, copies
 
 
-def _offset(t, base) -> int:
-    if t is None:
-        return 0
-    # a dense tensor's lowest address: storage order is what the kernels walk
-    d = t.data_ptr() - base.data_ptr()
-    if d % t.element_size():
-        raise KernelInputError("optimizer kernels: a tensor is not aligned to its element size")
-    return d // t.element_size()
+def _offsets(ptrs, es, base=None):
+    """Element offsets of the addresses ``ptrs`` (0: no tensor, offset 0) from ``base`` (default:
+    the first tensor's address; a dense tensor's lowest address, as storage order is what the
+    kernels walk), for elements of ``es`` bytes."""
+    if base is None:
+        base = next((p for p in ptrs if p), 0)
+    out = []
+    for p in ptrs:
+        d = p - base if p else 0
+        if d % es:
+            raise KernelInputError("optimizer kernels: a tensor is not aligned to its element size")
+        out.append(d // es)
+    return out
 
 
 # pinned host tables copied during a CUDA-graph capture: the graph's copy node reads them again
@@ -101,30 +107,35 @@ def to_device_table(host, device):
 
 def _table(params, grads, states, steps, flags, device, chunk):
     """(table on ``device``, n_chunks) for tensors of one part; cached by addresses."""
-    key = (chunk, str(device),
-           tuple((p.data_ptr(), p.numel(), g.data_ptr()) for p, g in zip(params, grads)),
-           tuple(tuple(0 if s is None else s.data_ptr() for s in col) for col in states),
-           tuple(0 if s is None else s.data_ptr() for s in steps), tuple(flags))
+    pp = [p.data_ptr() for p in params]
+    gp = [g.data_ptr() for g in grads]
+    numels = [p.numel() for p in params]
+    sp = [[0 if s is None else s.data_ptr() for s in col] for col in states]
+    tp = [0 if s is None else s.data_ptr() for s in steps]
+    key = (chunk, str(device), tuple(pp), tuple(numels), tuple(gp), tuple(map(tuple, sp)), tuple(tp), tuple(flags))
     hit = _TABLES.get(key)
     if hit is not None:
         return hit
-    pb, gb = params[0], grads[0]
-    sb = next((s for col in states for s in col if s is not None), None)
-    tb = next((s for s in steps if s is not None), None)
+    # one element size per role: a part's parameters and gradients share a dtype, state and
+    # steps are float32 (the tables index each role from its first tensor's address)
+    es_s = next((s.element_size() for col in states for s in col if s is not None), 4)
+    cols = [_offsets(pp, params[0].element_size()), _offsets(gp, grads[0].element_size())]
+    # every state column from one base, the first state tensor of any column (the kernels' s_base)
+    base_s = next((p for col in sp for p in col if p), 0)
+    cols += [_offsets(sp[k], es_s, base_s) if k < len(sp) else [0] * len(pp) for k in range(3)]
+    cols.append(_offsets(tp, 4) if steps else [0] * len(pp))
     rows = []
-    for i, (p, g) in enumerate(zip(params, grads)):
-        n = p.numel()
+    for i, n in enumerate(numels):
         if n == 0:
             continue
-        cols = [_offset(p, pb), _offset(g, gb)]
-        cols += [_offset(states[k][i], sb) if k < len(states) else 0 for k in range(3)]
-        cols.append(_offset(steps[i], tb) if steps else 0)
+        head = [cols[0][i], cols[1][i], cols[2][i], cols[3][i], cols[4][i], cols[5][i]]
+        f = int(flags[i])
         for start in range(0, n, chunk):
-            rows.append(cols + [start, n, int(flags[i])])
+            rows.append(head + [start, n, f])
     if not rows:
         out = (None, 0)
     else:
-        out = (to_device_table(torch.tensor(rows, dtype=torch.int64), device), len(rows))
+        out = (to_device_table(torch.from_numpy(np.array(rows, dtype=np.int64)), device), len(rows))
     if len(_TABLES) >= _MAX_TABLES:
         _TABLES.clear()
     _TABLES[key] = out
