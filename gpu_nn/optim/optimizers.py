@@ -347,6 +347,7 @@ class SGD(_Base):
     """torch.optim.SGD: momentum, dampening, nesterov, weight_decay, maximize."""
 
     _NAME = "SGD"
+    _KIND = "sgd"
     _SETDEFAULTS = {"nesterov": False, "maximize": False, "foreach": None, "differentiable": False, "fused": False}
 
     def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False, *,
@@ -367,8 +368,6 @@ class SGD(_Base):
         if fused and foreach:
             raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
         super().__init__(params, defaults)
-
-    _KIND = "sgd"
 
     def _struct(self, group):
         return (group["momentum"] != 0,)
@@ -400,6 +399,7 @@ class Adagrad(_Base):
     """torch.optim.Adagrad: lr_decay, weight_decay, initial_accumulator_value, eps, maximize."""
 
     _NAME = "Adagrad"
+    _KIND = "adagrad"
     _SETDEFAULTS = {"foreach": None, "maximize": False, "differentiable": False, "fused": None}
 
     def __init__(self, params, lr=1e-2, lr_decay=0, weight_decay=0, initial_accumulator_value=0, eps=1e-10,
@@ -429,8 +429,6 @@ class Adagrad(_Base):
                 state["step"] = self._new_step(p)
                 self._buf(state, "sum", p, group["initial_accumulator_value"])
 
-    _KIND = "adagrad"
-
     def _state_lists(self, group, params):
         steps, sums = [], []
         for p in params:
@@ -455,6 +453,7 @@ class Adadelta(_Base):
     """torch.optim.Adadelta: lr, rho, eps, weight_decay, maximize."""
 
     _NAME = "Adadelta"
+    _KIND = "adadelta"
     _SPARSE_MSG = "Adadelta does not support sparse gradients"
     _SETDEFAULTS = {"foreach": None, "maximize": False, "differentiable": False, "capturable": False}
 
@@ -473,8 +472,6 @@ class Adadelta(_Base):
         defaults = dict(lr=lr, rho=rho, eps=eps, weight_decay=weight_decay, maximize=maximize,
                         capturable=capturable, foreach=foreach, differentiable=differentiable)
         super().__init__(params, defaults)
-
-    _KIND = "adadelta"
 
     def _state_lists(self, group, params):
         steps, sq, acc = [], [], []
@@ -499,6 +496,7 @@ class RMSprop(_Base):
     """torch.optim.RMSprop: alpha, eps, weight_decay, momentum, centered, maximize."""
 
     _NAME = "RMSprop"
+    _KIND = "rmsprop"
     _SPARSE_MSG = "RMSprop does not support sparse gradients"
     _SETDEFAULTS = {"momentum": 0, "centered": False, "foreach": None, "maximize": False, "differentiable": False,
                     "capturable": False}
@@ -520,8 +518,6 @@ class RMSprop(_Base):
         defaults = dict(lr=lr, momentum=momentum, alpha=alpha, eps=eps, centered=centered, weight_decay=weight_decay,
                         capturable=capturable, foreach=foreach, maximize=maximize, differentiable=differentiable)
         super().__init__(params, defaults)
-
-    _KIND = "rmsprop"
 
     def _struct(self, group):
         return (group["momentum"] > 0, bool(group["centered"]))
@@ -553,6 +549,7 @@ class Adam(_Base):
     """torch.optim.Adam: betas, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay."""
 
     _NAME = "Adam"
+    _KIND = "adam"
     _SPARSE_MSG = "Adam does not support sparse gradients, please consider SparseAdam instead"
     _SETDEFAULTS = {"amsgrad": False, "maximize": False, "foreach": None, "capturable": False,
                     "differentiable": False, "fused": None, "decoupled_weight_decay": False}
@@ -581,8 +578,6 @@ class Adam(_Base):
                         foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused,
                         decoupled_weight_decay=decoupled_weight_decay)
         super().__init__(params, defaults)
-
-    _KIND = "adam"
 
     def _struct(self, group):
         return (bool(group["amsgrad"]),)
