@@ -762,3 +762,48 @@ def test_kept_plan_serves_a_cuda_training_loop(name, monkeypatch):
         ((m(x) - y) ** 2).mean().backward()
         o.step()
     assert len(full) <= 3, f"the full step ran {len(full)} times in 10"
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("triton",)))
+def test_steps_captured_into_a_graph_keep_their_tables_and_no_plan(backend, device, monkeypatch):
+    """While a CUDA graph is captured (simulated here: the capture test says yes), a step's
+    chunk table is written only when the graph replays: it is not cached by address, not kept
+    in a plan or a part, and it is kept alive for the graph; clipping's tables too. After the
+    capture, plans work as before. Values against torch throughout."""
+    from gpu_nn.optim import _dispatch, _triton
+    from gpu_nn.optim import optimizers as optmod
+
+    full = []
+    real = _dispatch.parts
+    monkeypatch.setattr(_dispatch, "parts", lambda *a: full.append(1) or real(*a))
+    capturing = [True]
+    fake = lambda device: capturing[0]  # noqa: E731
+    monkeypatch.setattr(_triton, "capturing", fake)
+    monkeypatch.setattr(optmod, "_capturing", fake)
+    torch.manual_seed(2)
+    shapes = [(7, 5), (5,)]
+    ours = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    o1, o2 = go.Adam(ours, lr=0.01), torch.optim.Adam(theirs, lr=0.01)
+    pool = _GradPool(shapes, torch.float32)
+    kept = len(_triton._GRAPH_TABLES)
+    for step in range(6):
+        capturing[0] = step < 3
+        tables = dict(_triton._TABLES)
+        for i, (a, b) in enumerate(zip(ours, theirs)):
+            g = torch.randn(a.shape)
+            a.grad = pool.view(i, a.shape)
+            a.grad.copy_(g)
+            b.grad = g.clone()
+        with gpu_nn.backend(backend):
+            clip_grad_norm_(ours, 1.0)
+            o1.step()
+        torch.nn.utils.clip_grad_norm_(theirs, 1.0)
+        o2.step()
+        assert max(_rel(a, b) for a, b in zip(ours, theirs)) <= _f32_tol(6)
+        if step < 3:
+            assert _triton._TABLES == tables  # nothing cached while capturing
+            assert id(o1.param_groups[0]) not in o1._plans
+            assert len(_triton._GRAPH_TABLES) == kept + 2 * (step + 1)  # the step's and clipping's
+    assert len(_triton._GRAPH_TABLES) == kept + 6  # after the capture nothing more is kept
+    assert len(full) == 4  # three captured steps, then one full step records the plan it reuses

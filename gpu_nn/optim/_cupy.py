@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .._errors import KernelInputError
-from ._triton import to_device_table
+from ._triton import capturing, graph_keep, to_device_table
 
 CHUNK = 16384
 THREADS = 256
@@ -38,6 +38,8 @@ def _table(P, G, C, steps, device):
         for start in range(0, n, CHUNK):
             rows.append(cols + [start, n])
     out = (None, 0) if not rows else (to_device_table(torch.tensor(rows, dtype=torch.int64), device), len(rows))
+    if capturing(device):
+        return out
     if len(_TABLES) > 32:
         _TABLES.clear()
     _TABLES[key] = out
@@ -61,6 +63,7 @@ class Launch:
         from ..kernels import cuda as kcuda
 
         if self.n:
+            graph_keep(self.table)
             f64, i32 = np.float64, np.int32
             if self.kind == "adam":
                 decoupled = bool(hp["decoupled_weight_decay"])

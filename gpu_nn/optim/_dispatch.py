@@ -77,7 +77,7 @@ def _prepare(kind: str, backend: str, part: Part, grads):
     else:
         from . import _cupy as glue
     launch = glue.prepare(kind, part.params, part.states, grads)
-    if launch.cacheable:
+    if launch.cacheable and not glue.capturing(part.device):
         part.prepared[backend] = launch
     return launch
 

@@ -92,6 +92,22 @@ def _offsets(ptrs, es, base=None):
 # pinned host tables copied during a CUDA-graph capture: the graph's copy node reads them again
 # at every replay, so they must outlive it (one per table built while capturing, never freed)
 _CAPTURED_HOST_TABLES: list = []
+# device tables a captured CUDA graph launches with: every replay reads them, so they outlive the
+# caches that hand them out (a plan replaced, the address cache cleared), never freed
+_GRAPH_TABLES: list = []
+
+
+def capturing(device) -> bool:
+    """Whether work for ``device`` is being captured into a CUDA graph now. A table made then is
+    written only when the graph replays, so it is used by that capture alone: not cached by
+    address, not kept in a plan or a part's prepared launches."""
+    return torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def graph_keep(table) -> None:
+    """Keep ``table`` alive for good when a graph is being captured (see ``_GRAPH_TABLES``)."""
+    if table is not None and capturing(table.device):
+        _GRAPH_TABLES.append(table)
 
 
 def to_device_table(host, device):
@@ -136,6 +152,8 @@ def _table(params, grads, states, steps, flags, device, chunk):
         out = (None, 0)
     else:
         out = (to_device_table(torch.from_numpy(np.array(rows, dtype=np.int64)), device), len(rows))
+    if capturing(device):
+        return out
     if len(_TABLES) >= _MAX_TABLES:
         _TABLES.clear()
     _TABLES[key] = out
@@ -202,6 +220,7 @@ class Launch:
             wd_mode = 0 if hp["weight_decay"] == 0 else (2 if hp["decoupled_weight_decay"] else 1)
             fl = dict(wd_mode=wd_mode, amsgrad=bool(hp["amsgrad"]))
         g_base = (self.staged_g if self.staged_g is not None else grads)[0]
+        graph_keep(self.table)
         kt.launch(kind, self.table, self.n, self.p_base, g_base, self.s_base, self.step_base, sc, fl,
                   ktriton.INTERPRET)
         for orig, tmp in self.copies:
@@ -276,6 +295,7 @@ def clip_grad_norm(grads, max_norm: float, norm_type: float, error_if_nonfinite:
     # (error_if_nonfinite, or no element at all)
     total = torch.empty((), dtype=torch.float32, device=device)
     for gs, table, n, part0 in plans:
+        graph_keep(table)
         if n:
             kt.clip_partial(table, n, gs[0], partials, part0, code, norm_type, interpret)
     if error_if_nonfinite:

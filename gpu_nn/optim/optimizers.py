@@ -38,6 +38,7 @@ from torch.optim import Optimizer
 
 from .._errors import KernelInputError
 from . import _dispatch
+from ._triton import capturing as _capturing
 
 __all__ = ["SGD", "Adagrad", "Adadelta", "RMSprop", "Adam", "AdamW"]
 
@@ -157,8 +158,11 @@ class _Plan:
     def record(cls, opt, group, params, grads, state_lists, parts):
         """A plan of the step just taken, or None where the next step could differ by more than
         the facts a plan checks (a gradient broadcast or cast by ``_checked_grads``; SGD's first
-        momentum step, whose buffers start from the gradient)."""
+        momentum step, whose buffers start from the gradient), and for a step captured into a
+        CUDA graph (its tables are written when the graph replays, not before)."""
         if any(g is not p.grad for p, g in zip(params, grads)) or any(state_lists.get("first", ())):
+            return None
+        if any(_capturing(part.device) for part in parts):  # its tables are written by the graph alone
             return None
         key, _ = _grad_key(group["params"])
         if key is None:
