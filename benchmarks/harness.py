@@ -59,7 +59,8 @@ def _sync(device: str) -> None:
 
 
 def time_callable(fn: Callable[[], object], device: str, warmup: int = 2, reps: int = 7,
-                  min_time: float = 0.0, max_time: float | None = None, min_reps: int = 3) -> list[float]:
+                  min_time: float = 0.0, max_time: float | None = None, min_reps: int = 3,
+                  host: list | None = None) -> list[float]:
     """Seconds per call for ``reps`` timed calls after ``warmup`` untimed ones.
 
     On a GPU each call is bracketed by CUDA events recorded on the current stream (so the
@@ -67,6 +68,11 @@ def time_callable(fn: Callable[[], object], device: str, warmup: int = 2, reps: 
     until ``reps`` calls and ``min_time`` seconds are done, but stops early (after at least
     ``min_reps`` calls) once ``max_time`` seconds have been spent, so that one slow shape
     cannot blow a ``--quick`` budget.
+
+    ``host`` (a list) receives, per timed call, the host seconds the call took to return, not
+    waiting for the device: on a GPU the time to enqueue its work. A call whose host time is
+    close to its event time is host-bound (the GPU waited for the launches); well below it,
+    a stream of such calls keeps the GPU busy.
     """
     if reps < 1:
         raise ValueError("reps must be >= 1")
@@ -80,14 +86,19 @@ def time_callable(fn: Callable[[], object], device: str, warmup: int = 2, reps: 
         if cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
+            h0 = time.perf_counter()
             fn()
+            h1 = time.perf_counter()
             end.record()
             end.synchronize()
             times.append(start.elapsed_time(end) / 1e3)
         else:
-            t0 = time.perf_counter()
+            h0 = time.perf_counter()
             fn()
-            times.append(time.perf_counter() - t0)
+            h1 = time.perf_counter()
+            times.append(h1 - h0)
+        if host is not None:
+            host.append(h1 - h0)
         spent = time.perf_counter() - t_start
         if max_time is not None and spent >= max_time and len(times) >= min(min_reps, reps):
             break
@@ -114,7 +125,7 @@ def run_case(case: Case, providers=None, warmup: int = 2, reps: int = 7, max_tim
     """
     row = {
         "family": case.family, "name": case.name, "shape": case.shape, "device": case.device,
-        "baseline": case.baseline, "seconds": {}, "stats": {}, "errors": {}, "first_call": {},
+        "baseline": case.baseline, "seconds": {}, "stats": {}, "host_seconds": {}, "errors": {}, "first_call": {},
         "flops": case.flops, "bytes": case.bytes,
     }
     t_case = time.perf_counter()
@@ -129,10 +140,14 @@ def run_case(case: Case, providers=None, warmup: int = 2, reps: int = 7, max_tim
             fn()
             _sync(case.device)
             row["first_call"][name] = time.perf_counter() - t0
-            times = time_callable(fn, case.device, warmup, max(reps, case.min_reps), max_time=max_time)
+            host: list = []
+            times = time_callable(fn, case.device, warmup, max(reps, case.min_reps), max_time=max_time, host=host)
             stats = summarize([t / case.calls for t in times])
             row["seconds"][name] = stats["median"]
             row["stats"][name] = stats
+            # the host's share: per call, the median seconds until the call returned (on a GPU
+            # without waiting for the device; compare with "seconds" to see a host-bound case)
+            row["host_seconds"][name] = statistics.median(host) / case.calls
         except Exception as exc:  # a provider that cannot run here is reported, not fatal
             row["errors"][name] = f"{type(exc).__name__}: {exc}"[:500]
         finally:
@@ -149,6 +164,26 @@ def run_case(case: Case, providers=None, warmup: int = 2, reps: int = 7, max_tim
     if case.bytes:
         row["gbps"] = {n: case.bytes / s / 1e9 for n, s in row["seconds"].items()}
     return row
+
+
+HOST_BOUND = 0.9  # host seconds at least this share of the event seconds: the launches set the pace
+
+
+def host_bound(rows: list) -> list:
+    """Our providers' cases on a GPU whose calls are host-bound: the host took at least
+    HOST_BOUND of the event-timed seconds to return (the device waited for the launches), as
+    (family, name, shape, provider, host seconds, seconds). The overhead family (tiny inputs,
+    host-bound by design) and the baselines are left out. Issue 14 wants none at the bench
+    shapes."""
+    out = []
+    for r in rows:
+        if r.get("family") == "overhead" or not str(r.get("device", "")).startswith("cuda"):
+            continue
+        for n, sec in r.get("seconds", {}).items():
+            h = r.get("host_seconds", {}).get(n)
+            if n != r.get("baseline") and h is not None and sec > 0 and h >= HOST_BOUND * sec:
+                out.append((r["family"], r["name"], r["shape"], n, h, sec))
+    return out
 
 
 def _cpu_name() -> str:

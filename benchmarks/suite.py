@@ -223,6 +223,14 @@ def run(args) -> int:
 
         extra["overhead_summary"] = bench_overhead.summary([r for r in rows if r["family"] == "overhead"])
         bench_overhead.print_summary(extra["overhead_summary"], console)
+    if device == "cuda":
+        hb = harness.host_bound(rows)
+        ours = sum(1 for r in rows if r["family"] != "overhead" for n in r["seconds"] if n != r["baseline"])
+        extra["host_bound"] = [list(t) for t in hb]
+        console.print(f"host-bound (the call took >= {harness.HOST_BOUND:.0%} of its event time to return): "
+                      f"{len(hb)} of {ours} of ours outside the overhead family"
+                      + "".join(f"\n  {f}: {nm} {sh} [{p}] host {h * 1e3:.3f} ms of {sec * 1e3:.3f} ms"
+                                for f, nm, sh, p, h, sec in hb[:12]))
     png_path = os.path.join(args.out, "bench.png")
     harness.write_json(with_cold(rows), json_path, families=status, quick=bool(args.quick), run_device=device,
                        timing=timing, wall_seconds=round(time.perf_counter() - t0, 1), clock=clock,

@@ -64,6 +64,28 @@ def test_median_is_robust_to_an_outlier_and_ratio_is_against_the_baseline(clock)
     assert row["ratio"]["reference"] == pytest.approx(0.5)
     assert row["tflops"]["torch"] == pytest.approx(4e6 / row["seconds"]["torch"] / 1e12)
     assert row["gbps"]["reference"] == pytest.approx(8e6 / row["seconds"]["reference"] / 1e9)
+    # the host's share per call: on a CPU the whole call (on a GPU the enqueue, apart from the events)
+    assert row["host_seconds"]["reference"] == pytest.approx(0.002)
+    assert row["host_seconds"]["torch"] == pytest.approx(0.004)
+
+
+def test_host_bound_lists_our_gpu_cases_whose_host_time_nears_the_event_time():
+    def row(fam, dev, secs, host):
+        return {"family": fam, "name": "op", "shape": "s", "device": dev, "baseline": "torch",
+                "seconds": secs, "host_seconds": host}
+
+    rows = [row("activation", "cuda", {"torch": 1.0, "triton": 1.0, "cupy": 1.0}, {"torch": 0.95, "triton": 0.95, "cupy": 0.5}),
+            row("overhead", "cuda", {"torch": 1.0, "triton": 1.0}, {"torch": 1.0, "triton": 1.0}),
+            row("activation", "cpu", {"torch": 1.0, "reference": 1.0}, {"torch": 1.0, "reference": 1.0}),
+            row("pool", "cuda", {"torch": 1.0, "triton": 2.0}, {"torch": 0.1, "triton": 1.8})]
+    got = harness.host_bound(rows)
+    assert [(f, p) for f, _, _, p, _, _ in got] == [("activation", "triton"), ("pool", "triton")]
+
+
+def test_time_callable_reports_host_seconds_per_call():
+    host = []
+    times = harness.time_callable(lambda: time.sleep(0.003), "cpu", warmup=1, reps=4, host=host)
+    assert len(host) == len(times) == 4 and all(h >= 0.003 for h in host)
 
 
 def test_rotating_cycles_through_distinct_copies():
