@@ -743,6 +743,41 @@ def test_kept_plan_is_reused(backend, device, name, kw, monkeypatch):
     assert len(full) == (3 if name == "SGD" else 2)
 
 
+@pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
+def test_kept_plans_follow_gradients_that_cycle_through_address_sets(backend, device, monkeypatch):
+    """Gradients alternating between two address sets (an allocator handing blocks back every
+    other step): each set's plan is kept, so only the first step of each takes the full path;
+    replacing a state tensor drops the plans that held the old one. Values against torch."""
+    from gpu_nn.optim import _dispatch
+
+    full = []
+    real = _dispatch.parts
+    monkeypatch.setattr(_dispatch, "parts", lambda *a: full.append(1) or real(*a))
+    torch.manual_seed(4)
+    shapes = [(7, 5), (5,)]
+    ours = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    o1, o2 = go.Adam(ours, lr=0.01), torch.optim.Adam(theirs, lr=0.01)
+    pools = [_GradPool(shapes, torch.float32), _GradPool(shapes, torch.float32)]
+    for step in range(9):
+        if step == 6:  # a state tensor replaced (same values): the old plans must not keep the old one
+            for o, p in ((o1, ours[0]), (o2, theirs[0])):
+                o.state[p]["exp_avg"] = o.state[p]["exp_avg"].clone()
+        for i, (a, b) in enumerate(zip(ours, theirs)):
+            g = torch.randn(a.shape)
+            a.grad = pools[step % 2].view(i, a.shape)
+            a.grad.copy_(g)
+            b.grad = g.clone()
+        with gpu_nn.backend(backend):
+            o1.step()
+        o2.step()
+        assert max(_rel(a, b) for a, b in zip(ours, theirs)) <= _f32_tol(9)
+        if step == 6:
+            assert len(o1._plans[id(o1.param_groups[0])]) == 1
+    # steps 0 and 1 (one per address set), 6 and 7 (the state replaced, then the other set)
+    assert len(full) == 4
+
+
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device: the caching allocator's addresses are what this measures")
 @pytest.mark.parametrize("name", ["Adam", "RMSprop", "SGD"])
 def test_kept_plan_serves_a_cuda_training_loop(name, monkeypatch):

@@ -138,7 +138,8 @@ class _Plan:
     were (:func:`_grad_key`), the state tensors the step used, and the parts with their
     prepared launches (chunk tables and bases, see ``_dispatch.Part``).
 
-    A step reuses it only when everything it was built from holds: the same group object
+    A group keeps up to PLANS_PER_GROUP of them (gradient addresses that cycle). A step reuses
+    one only when everything it was built from holds: the same group object
     and parameter list, the same :func:`_grad_key` (gradients may be new tensors, as after
     ``zero_grad(set_to_none=True)``, at the same addresses with the same layout), the same
     state tensors in ``optimizer.state`` (a ``load_state_dict`` or a replaced buffer fails
@@ -174,15 +175,12 @@ class _Plan:
             state.append((p, d, tuple((k, v, v.data_ptr() if torch.is_tensor(v) else None) for k, v in items)))
         return cls(group, opt._struct(group), key, state, parts)
 
-    def step(self, opt, group) -> bool:
-        """Run the step if the plan still holds (True), else leave everything untouched (False)."""
-        if group is not self.group or opt._struct(group) != self.struct:
+    def holds(self, opt, group, key) -> bool:
+        """Whether the plan serves a step of ``group`` whose gradients have ``key``."""
+        if key != self.key or group is not self.group or opt._struct(group) != self.struct:
             return False
         params = group["params"]
         if len(params) != len(self.params) or any(a is not b for a, b in zip(params, self.params)):
-            return False
-        key, grads = _grad_key(params)
-        if key != self.key:
             return False
         states = opt.state
         for p, d, items in self.state:
@@ -192,8 +190,21 @@ class _Plan:
                 w = d.get(k)
                 if w is not v or (ptr is not None and w.data_ptr() != ptr):
                     return False
-        _dispatch.run_parts(opt._KIND, self.parts, opt._hp(group), grads)
         return True
+
+    def same_state(self, other) -> bool:
+        """Whether ``other`` steps the same parameters and state tensors (plans of one group that
+        differ only in where the gradients were)."""
+        if len(self.params) != len(other.params) or len(self.state) != len(other.state):
+            return False
+        return all(a is b for a, b in zip(self.params, other.params)) and all(
+            a[0] is b[0] and a[1] is b[1] and len(a[2]) == len(b[2]) and all(x[1] is y[1] for x, y in zip(a[2], b[2]))
+            for a, b in zip(self.state, other.state))
+
+
+# plans kept per group, most recent first: gradients whose addresses cycle through a few sets
+# (an allocator that hands blocks back every other step) keep finding theirs
+PLANS_PER_GROUP = 4
 
 
 class _Base(Optimizer):
@@ -313,8 +324,8 @@ class _Base(Optimizer):
                 loss = closure()
         plans = self._plans
         for group in self.param_groups:
-            plan = plans.get(id(group))
-            if plan is not None and plan.step(self, group):
+            kept = plans.get(id(group))
+            if kept and self._step_kept(group, kept):
                 continue
             params = self._params_with_grad(group)
             if params:
@@ -331,8 +342,24 @@ class _Base(Optimizer):
                     live = {id(g) for g in self.param_groups}
                     for k in [k for k in plans if k not in live]:
                         del plans[k]
-                plans[id(group)] = plan
+                # the others only where they step the same state (else they would keep old
+                # state tensors alive)
+                same = [q for q in kept or () if q.same_state(plan)]
+                plans[id(group)] = [plan, *same[:PLANS_PER_GROUP - 1]]
         return loss
+
+    def _step_kept(self, group, kept) -> bool:
+        """Run the step through the kept plan that holds (moved to the front), if one does."""
+        key, grads = _grad_key(group["params"])
+        if key is None:
+            return False
+        for i, plan in enumerate(kept):
+            if plan.holds(self, group, key):
+                if i:
+                    kept.insert(0, kept.pop(i))
+                _dispatch.run_parts(self._KIND, plan.parts, self._hp(group), grads)
+                return True
+        return False
 
     def _struct(self, group) -> tuple:
         """The group settings that decide which state tensors a step uses."""
