@@ -706,6 +706,16 @@ def _plan_run(backend, name, kw, event, dtype=torch.float32):
     return worst
 
 
+def _count_full_steps(monkeypatch):
+    """A list that grows by one at every full step (``_dispatch.parts``: a step no kept plan served)."""
+    from gpu_nn.optim import _dispatch
+
+    full = []
+    real = _dispatch.parts
+    monkeypatch.setattr(_dispatch, "parts", lambda *a: full.append(1) or real(*a))
+    return full
+
+
 @pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
 @pytest.mark.parametrize("event", PLAN_EVENTS)
 @pytest.mark.parametrize("name,kw", PLAN_OPTS, ids=[n for n, _ in PLAN_OPTS])
@@ -719,11 +729,7 @@ def test_kept_plan_follows_every_change_like_torch(backend, device, name, kw, ev
 def test_kept_plan_is_reused(backend, device, name, kw, monkeypatch):
     """Gradients kept (zero_grad(set_to_none=False)) or new at the same addresses: only the
     first step (and SGD's first momentum step) takes the full path."""
-    from gpu_nn.optim import _dispatch
-
-    full = []
-    real = _dispatch.parts
-    monkeypatch.setattr(_dispatch, "parts", lambda *a: full.append(1) or real(*a))
+    full = _count_full_steps(monkeypatch)
     torch.manual_seed(0)
     ps = [torch.nn.Parameter(torch.randn(s)) for s in ((7, 5), (5,))]
     o = getattr(go, name)(ps, **kw)
@@ -748,11 +754,7 @@ def test_kept_plans_follow_gradients_that_cycle_through_address_sets(backend, de
     """Gradients alternating between two address sets (an allocator handing blocks back every
     other step): each set's plan is kept, so only the first step of each takes the full path;
     replacing a state tensor drops the plans that held the old one. Values against torch."""
-    from gpu_nn.optim import _dispatch
-
-    full = []
-    real = _dispatch.parts
-    monkeypatch.setattr(_dispatch, "parts", lambda *a: full.append(1) or real(*a))
+    full = _count_full_steps(monkeypatch)
     torch.manual_seed(4)
     shapes = [(7, 5), (5,)]
     ours = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
@@ -784,11 +786,7 @@ def test_kept_plan_serves_a_cuda_training_loop(name, monkeypatch):
     """zero_grad(set_to_none=True), forward, backward, step: new gradient tensors every step.
     On a GPU the caching allocator hands the same blocks back in a steady loop, so after the
     first steps the kept plan serves every step (the full path at most three times in 10)."""
-    from gpu_nn.optim import _dispatch
-
-    full = []
-    real = _dispatch.parts
-    monkeypatch.setattr(_dispatch, "parts", lambda *a: full.append(1) or real(*a))
+    full = _count_full_steps(monkeypatch)
     m = _model(torch.float32, "cuda")
     x, y = _batch(torch.float32, "cuda")
     o = getattr(go, name)(m.parameters(), lr=0.01, **(dict(momentum=0.9) if name == "SGD" else {}))
@@ -805,12 +803,10 @@ def test_steps_captured_into_a_graph_keep_their_tables_and_no_plan(backend, devi
     chunk table is written only when the graph replays: it is not cached by address, not kept
     in a plan or a part, and it is kept alive for the graph; clipping's tables too. After the
     capture, plans work as before. Values against torch throughout."""
-    from gpu_nn.optim import _dispatch, _triton
+    from gpu_nn.optim import _triton
     from gpu_nn.optim import optimizers as optmod
 
-    full = []
-    real = _dispatch.parts
-    monkeypatch.setattr(_dispatch, "parts", lambda *a: full.append(1) or real(*a))
+    full = _count_full_steps(monkeypatch)
     capturing = [True]
     fake = lambda device: capturing[0]  # noqa: E731
     monkeypatch.setattr(_triton, "capturing", fake)

@@ -179,16 +179,10 @@ def _tensor_seq(a):
     """For an argument or result: its length when it is a list or tuple of tensors only (an
     empty list too: torch's pytree spreads it), None when it holds no tensor (a leaf, passed
     as it is), False when it mixes tensors with other things (only the pytree route takes it)."""
-    t = type(a)
-    if t is not list and t is not tuple:
+    if type(a) is not list and type(a) is not tuple:
         return None
-    n = 0
-    for e in a:
-        if isinstance(e, torch.Tensor):
-            n += 1
-        elif t is list or isinstance(e, (list, tuple)):
-            return False if n or any(isinstance(x, torch.Tensor) for x in a) else None
-    if n == len(a) and (n or t is list):
+    n = sum(isinstance(e, torch.Tensor) for e in a)
+    if n == len(a) and (n or type(a) is list):
         return n
     return False if n else None
 
@@ -232,7 +226,8 @@ class _ListMeta:
 
 def _lean_tensorlist(cls, fallback):
     """``torch._library.autograd.supports_tensorlist`` for our ops' argument shapes, without
-    its pytree walks (about a third of a recurrent layer's host cost per call): list[Tensor]
+    its pytree walks (a fwd+bwd with a 16-tensor list: 250-307 -> 168-176 us of host time on a
+    2-core CPU): list[Tensor]
     arguments and results are spread into the Function's own inputs and outputs one level
     deep, as the pytree route does for these shapes; a call whose arguments mix tensors with
     other things in one list or tuple takes ``fallback`` (torch's own wrapper of the same
@@ -261,6 +256,8 @@ def _lean_tensorlist(cls, fallback):
             ctx.needs_input_grad = prev
         if type(grad_inputs) is not tuple:
             grad_inputs = (grad_inputs,)
+        if len(grad_inputs) != len(meta.input_spec):
+            raise RuntimeError("Expected the return from backward to be of the same structure as the inputs")
         flat = []
         for g, s in zip(grad_inputs, meta.input_spec):
             if s is None:
@@ -272,8 +269,6 @@ def _lean_tensorlist(cls, fallback):
             else:
                 raise RuntimeError(f"Expected the return from backward to be of the same structure as the inputs: "
                                    f"a list of {s[1]} gradients, got {type(g).__name__}")
-        if len(grad_inputs) != len(meta.input_spec):
-            raise RuntimeError("Expected the return from backward to be of the same structure as the inputs")
         return (*flat, None)
 
     def apply(*args):
@@ -288,6 +283,7 @@ def _lean_tensorlist(cls, fallback):
     cls.backward = staticmethod(backward)
     cls.apply = staticmethod(apply)
     return cls
+
 
 _C = torch._C
 _PLAIN = (torch.Tensor, torch.nn.Parameter)

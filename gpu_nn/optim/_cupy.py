@@ -97,8 +97,3 @@ def prepare(kind: str, params, st: dict, grads) -> Launch:
     index = device.index or 0
     mod = kcuda.load("optim", {"PARAM_KIND": _KIND[params[0].dtype], "OPTIM_CHUNK": CHUNK}, index) if n else None
     return Launch(kind, table, n, mod, index, copies)
-
-
-def run(kind: str, params, st: dict, hp: dict, grads=None) -> None:
-    grads = [p.grad for p in params] if grads is None else grads
-    prepare(kind, params, st, grads)(hp, grads)

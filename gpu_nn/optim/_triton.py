@@ -247,12 +247,6 @@ def prepare(kind: str, params, st: dict, grads) -> Launch:
     return Launch(kind, table, n, P[0], G if copies else None, dummy, steps[0] if steps else dummy, copies)
 
 
-def run(kind: str, params, st: dict, hp: dict, grads=None) -> None:
-    """One multi-tensor launch for ``params`` (one device and dtype; steps already incremented)."""
-    grads = [p.grad for p in params] if grads is None else grads
-    prepare(kind, params, st, grads)(hp, grads)
-
-
 NORM_INF, NORM_TWO, NORM_P = 0, 2, 1
 
 

@@ -132,6 +132,11 @@ def _grad_key(params):
     return key, grads
 
 
+def _identical(a, b) -> bool:
+    """The same objects, in the same order."""
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
+
+
 class _Plan:
     """One group's step as the last full step left it, kept so the next step can skip the
     per-parameter work: the parameters that had gradients, where they and their gradients
@@ -156,17 +161,15 @@ class _Plan:
         self.key, self.state, self.parts = key, state, parts
 
     @classmethod
-    def record(cls, opt, group, params, grads, state_lists, parts):
+    def record(cls, opt, group, params, grads, state_lists, parts, key):
         """A plan of the step just taken, or None where the next step could differ by more than
         the facts a plan checks (a gradient broadcast or cast by ``_checked_grads``; SGD's first
         momentum step, whose buffers start from the gradient), and for a step captured into a
-        CUDA graph (its tables are written when the graph replays, not before)."""
-        if any(g is not p.grad for p, g in zip(params, grads)) or any(state_lists.get("first", ())):
+        CUDA graph (its tables are written when the graph replays, not before). ``key``: the
+        group's :func:`_grad_key`, read before the step (a step moves no tensor)."""
+        if key is None or any(g is not p.grad for p, g in zip(params, grads)) or any(state_lists.get("first", ())):
             return None
         if any(_capturing(part.device) for part in parts):  # its tables are written by the graph alone
-            return None
-        key, _ = _grad_key(group["params"])
-        if key is None:
             return None
         state = []
         for p in params:
@@ -179,8 +182,7 @@ class _Plan:
         """Whether the plan serves a step of ``group`` whose gradients have ``key``."""
         if key != self.key or group is not self.group or opt._struct(group) != self.struct:
             return False
-        params = group["params"]
-        if len(params) != len(self.params) or any(a is not b for a, b in zip(params, self.params)):
+        if not _identical(group["params"], self.params):
             return False
         states = opt.state
         for p, d, items in self.state:
@@ -195,9 +197,9 @@ class _Plan:
     def same_state(self, other) -> bool:
         """Whether ``other`` steps the same parameters and state tensors (plans of one group that
         differ only in where the gradients were)."""
-        if len(self.params) != len(other.params) or len(self.state) != len(other.state):
+        if not _identical(self.params, other.params) or len(self.state) != len(other.state):
             return False
-        return all(a is b for a, b in zip(self.params, other.params)) and all(
+        return all(
             a[0] is b[0] and a[1] is b[1] and len(a[2]) == len(b[2]) and all(x[1] is y[1] for x, y in zip(a[2], b[2]))
             for a, b in zip(self.state, other.state))
 
@@ -324,15 +326,16 @@ class _Base(Optimizer):
                 loss = closure()
         plans = self._plans
         for group in self.param_groups:
+            key, current = _grad_key(group["params"])
             kept = plans.get(id(group))
-            if kept and self._step_kept(group, kept):
+            if kept and key is not None and self._step_kept(group, kept, key, current):
                 continue
             params = self._params_with_grad(group)
             if params:
                 grads = self._checked_grads(group, params)
                 state_lists = self._state_lists(group, params)
                 parts = _dispatch.run(self._KIND, params, state_lists, self._hp(group), grads)
-                plan = _Plan.record(self, group, params, grads, state_lists, parts)
+                plan = _Plan.record(self, group, params, grads, state_lists, parts, key)
             else:
                 plan = None
             if plan is None:
@@ -348,11 +351,9 @@ class _Base(Optimizer):
                 plans[id(group)] = [plan, *same[:PLANS_PER_GROUP - 1]]
         return loss
 
-    def _step_kept(self, group, kept) -> bool:
-        """Run the step through the kept plan that holds (moved to the front), if one does."""
-        key, grads = _grad_key(group["params"])
-        if key is None:
-            return False
+    def _step_kept(self, group, kept, key, grads) -> bool:
+        """Run the step through the kept plan that holds for ``key`` (moved to the front), if one
+        does; ``grads``: the group's gradients, as :func:`_grad_key` read them."""
         for i, plan in enumerate(kept):
             if plan.holds(self, group, key):
                 if i:
