@@ -42,20 +42,19 @@ layers in their dtype with float32 accumulation.
 GPU forward of a sequence: the input projection of all steps as one matmul, then per layer and
 direction either one fused launch per time step, or (triton backend) the persistent kernel
 that runs the whole time loop in one launch with a grid barrier between steps. The persistent
-kernel is chosen by ``persistent_choice``: it is legal for batch 1..16 and hidden 1..1024 (one
-batch tile; W_hh, at most 16 MiB, stays in L2 across steps) with min(ceil(H / 16), SM count)
-programs, one per SM at most, so that all are resident and the barrier cannot deadlock; the
-heuristic takes it where it is legal on a CUDA device for batch <= 16, where the H200 measured it
+kernel is chosen by ``persistent_choice``: it is legal for batch 1..64 and hidden 1..1024 (W_hh,
+at most 16 MiB, stays in L2 across steps), its (batch, hidden) tiles of 16 x 16 dealt to at most
+one program per SM, so that all are resident and the barrier cannot deadlock; the
+heuristic takes it on a CUDA device for batch <= 16 (one batch tile), where the H200 measured it
 faster in every dtype: the small-batch set of ``benchmarks/bench_rnn.py`` at 82f8513 (T=50
 I=H=512, forward; ratio to cuDNN, persistent against per step) LSTM float32 N=4 / 16 1.71x /
 1.94x against 2.40x / 2.33x, GRU float32 1.01x / 0.90x against 2.41x / 2.70x, LSTM bfloat16 1.05x /
 1.35x against 1.50x / 1.88x, GRU bfloat16 1.18x / 1.19x against 1.80x / 1.84x. (An earlier
 run, before TF32 and the 16 x 16 step tiles, had float32 the other way, 6.33x / 5.18x against
 6.01x / 4.93x, and the default was half precision only until 82f8513's figures were read.)
-``GPU_NN_RNN_PERSISTENT=0`` never takes it, ``=1`` whenever
-legal (also under the Triton interpreter, with one program, since the interpreter runs
-programs one after another); never for an LSTM with a projection (the persistent kernel has
-none). Forced on (``=1``), the persistent kernels also take batches up to 64 (four batch tiles
+``GPU_NN_RNN_PERSISTENT=0`` never takes it, ``=1`` whenever legal (also under the Triton
+interpreter, with one program, since the interpreter runs programs one after another); never for
+an LSTM with a projection (the persistent kernel has none). Forced on (``=1``), the persistent kernels also take batches up to 64 (four batch tiles
 of 16 dealt to the programs with the hidden tiles: the demo's recurrent models, batch 32, hidden
 32, make 8 tiles a bidirectional layer), outside the heuristic's measured domain.
 
@@ -428,13 +427,10 @@ def persistent_choice(device_type: str, B: int, H: int, sm_count: int, env: Opti
     all of them are resident and the grid barrier cannot deadlock. ``"0"``: never; ``"1"``:
     whenever legal (also under the interpreter, where ``sm_count`` is 1); unset or empty: the
     heuristic, within the domain the H200 measured (B <= 16: one batch tile) on a CUDA device,
-    every dtype, applied only when ``by_default``. The run at 82f8513 (bench_rnn, T=50 I=H=512,
-    forward, seconds of the persistent launch against the per-step launches in the same run):
-    float32 LSTM batch 4 / 16 1.37 / 1.65 ms against 1.92 / 1.99, GRU 1.33 / 1.16 against
-    3.19 / 3.50; bfloat16 LSTM 1.31 / 1.32 against 1.87 / 1.83, GRU 1.08 / 1.07 against 1.65 /
-    1.66 (an earlier run, issue 16's table, had float32 persistent slower, 6.33x / 5.18x cuDNN
-    against 6.01x / 4.93x, before the kernels' later changes). Never for an LSTM with a
-    projection (``proj_size > 0``): the persistent kernel has no projection step.
+    every dtype (faster than the per-step launches in all eight small-batch forward cases of
+    the run at 82f8513: the module docstring has the figures), applied only when ``by_default``.
+    Never for an LSTM with a projection (``proj_size > 0``): the persistent kernel has no
+    projection step.
     """
     if env not in (None, "", "0", "1"):
         raise ValueError(f"{PERSISTENT_ENV} must be 0, 1 or unset, got {env!r}")
