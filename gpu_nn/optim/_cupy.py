@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .._errors import KernelInputError
-from ._triton import capturing, graph_keep, to_device_table
+from ._triton import Prepared, capturing, graph_keep, to_device_table
 
 CHUNK = 16384
 THREADS = 256
@@ -46,18 +46,14 @@ def _table(P, G, C, steps, device):
     return out
 
 
-class Launch:
-    """One part's launch, prepared (see ``_triton.Launch``): the table of raw addresses and
-    the compiled module; ``cacheable`` when nothing needed a staging copy."""
+class Launch(Prepared):
+    """One part's launch, prepared (see ``_triton.Prepared``): the table of raw addresses and
+    the compiled module."""
 
     __slots__ = ("kind", "table", "n", "mod", "device", "copies")
 
     def __init__(self, kind, table, n, mod, device, copies):
         self.kind, self.table, self.n, self.mod, self.device, self.copies = kind, table, n, mod, device, copies
-
-    @property
-    def cacheable(self) -> bool:
-        return not self.copies
 
     def __call__(self, hp: dict, grads=None) -> None:
         from ..kernels import cuda as kcuda
@@ -74,8 +70,7 @@ class Launch:
                 args = (self.table, f64(hp["lr"]), f64(hp["alpha"]), f64(hp["eps"]), f64(hp["weight_decay"]),
                         f64(hp["momentum"]), i32(hp["centered"]), i32(hp["maximize"]))
                 kcuda.launch(self.mod, "rmsprop_step", (self.n,), (THREADS,), args, device=self.device)
-        for orig, tmp in self.copies:
-            orig.copy_(tmp)
+        self.write_back()
 
 
 def prepare(kind: str, params, st: dict, grads) -> Launch:

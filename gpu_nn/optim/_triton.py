@@ -178,21 +178,32 @@ def _columns(kind: str, st: dict, n: int):
     return [st["exp_avg"], st["exp_avg_sq"], st["max_exp_avg_sq"]], st["step"], [0] * n
 
 
-class Launch:
-    """One part's multi-tensor launch, prepared: its table and base tensors. ``cacheable``
-    when no tensor needed a staging copy: then the table depends only on the addresses of
-    the parameters, gradients and state, and a later step with the same addresses reuses it
-    (the gradient base is the step's own first gradient, at the same address)."""
+class Prepared:
+    """What the Triton and CuPy prepared launches share: ``copies``, the (original, staged
+    copy) pairs written back after the launch. ``cacheable`` when there are none: then the
+    table depends only on the addresses of the parameters, gradients and state, and a later
+    step with the same addresses reuses it."""
+
+    __slots__ = ()
+
+    @property
+    def cacheable(self) -> bool:
+        return not self.copies
+
+    def write_back(self) -> None:
+        for orig, tmp in self.copies:
+            orig.copy_(tmp)
+
+
+class Launch(Prepared):
+    """One part's multi-tensor launch, prepared: its table and base tensors (the gradient base
+    is the step's own first gradient, at the address the table was built for)."""
 
     __slots__ = ("kind", "table", "n", "p_base", "staged_g", "s_base", "step_base", "copies")
 
     def __init__(self, kind, table, n, p_base, staged_g, s_base, step_base, copies):
         self.kind, self.table, self.n, self.p_base = kind, table, n, p_base
         self.staged_g, self.s_base, self.step_base, self.copies = staged_g, s_base, step_base, copies
-
-    @property
-    def cacheable(self) -> bool:
-        return not self.copies
 
     def __call__(self, hp: dict, grads) -> None:
         from ..kernels import triton as ktriton
@@ -223,8 +234,7 @@ class Launch:
         graph_keep(self.table)
         kt.launch(kind, self.table, self.n, self.p_base, g_base, self.s_base, self.step_base, sc, fl,
                   ktriton.INTERPRET)
-        for orig, tmp in self.copies:
-            orig.copy_(tmp)
+        self.write_back()
 
 
 def prepare(kind: str, params, st: dict, grads) -> Launch:
