@@ -454,13 +454,13 @@ CONV_BUDGET_S = 60.0  # the conv section's share of the sweep's budget (at most 
 
 def conv_config(cfg: tuple) -> dict:
     """A forward candidate (``kernels/triton/conv.py``: a config tuple, FLAT appended for the
-    one-loop K, SPLIT after it for split K, VIA_CL for the via-channels_last variant) as a row's
-    config."""
+    one-loop K, SPLIT after it for split K, PACKED for the (channel, tap) K loop, VIA_CL for the
+    via-channels_last variant) as a row's config."""
     from gpu_nn.kernels.triton import conv as kt
 
     keys = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
     return {"variant": "via_channels_last" if kt.VIA_CL in cfg[5:] else "direct", "flat_k": kt.FLAT in cfg[5:],
-            "split_k": kt.SPLIT in cfg[5:], **dict(zip(keys, cfg[:5]))}
+            "split_k": kt.SPLIT in cfg[5:], "packed_k": kt.PACKED in cfg[5:], **dict(zip(keys, cfg[:5]))}
 
 
 def _conv_tuple(cfg: dict) -> tuple:
@@ -471,6 +471,8 @@ def _conv_tuple(cfg: dict) -> tuple:
         t = (*t, kt.FLAT)
     if cfg.get("split_k"):
         t = (*t, kt.SPLIT)
+    if cfg.get("packed_k"):
+        t = (*t, kt.PACKED)
     if cfg["variant"] == "via_channels_last":
         return (*t, kt.VIA_CL)
     return t
@@ -512,7 +514,8 @@ def conv_candidates(p: dict, dtype, channels_last: bool) -> list[dict]:
     if kt.is_depthwise(p["c"], p["c"] // groups, groups):
         return []
     x, w, b, y = (_as4d(t) for t in _conv_problem(p, dtype, channels_last, "cpu", fill=False))
-    default = kt.pick_config(p["o"] // groups, y.shape[0] * y.shape[2] * y.shape[3], dtype.itemsize == 2, False)
+    default = kt.fwd_default(p["o"] // groups, y.shape[0] * y.shape[2] * y.shape[3], p["c"] // groups,
+                             math.prod(p["k"]), dtype.itemsize == 2, False)
     cands = kt.problem_candidates(x, w, b, y, groups, oc._precision(dtype))
     return [conv_config(c) for c in dict.fromkeys([default, *cands])] + [{"provider": "torch"}]
 

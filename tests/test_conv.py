@@ -732,8 +732,12 @@ def test_tuning_launches_the_timed_winner_and_caches_it(part, tune_cache, monkey
         cands = kt.dgrad_problem_candidates(torch.empty(yr.shape), w, x, 1, "ieee")
         assert cands[:len(kt.dgrad_candidates(False))] == kt.dgrad_candidates(False)
     else:
-        cands = kt.wgrad_candidates(False)
-    assert 2 <= len(cands) <= 5 and len(set(cands)) == len(cands) and (kt.SPLIT in cands[-1]) is (part != "wgrad")
+        cands = kt.wgrad_candidates(False, 5, 9)
+    # 5 channels: the packed (channel, tap) forms of the forward's and the weight gradient's
+    # tiles are offered (last); the split forms of the forward's and the input gradient's
+    assert 2 <= len(cands) <= 8 and len(set(cands)) == len(cands)
+    assert any(kt.SPLIT in c for c in cands) is (part != "wgrad")
+    assert (kt.PACKED in cands[-1]) is (part != "dgrad") and (kt.SPLIT in cands[-1]) is (part == "dgrad")
     winner = cands[-1]  # not the heuristic's choice: the clock decides
     recs = {p: _Recorder(getattr(kt, f"_conv_{p}_kernel")) for p in ("fwd", "dgrad", "wgrad")}
     for p, rec in recs.items():
@@ -741,7 +745,8 @@ def test_tuning_launches_the_timed_winner_and_caches_it(part, tune_cache, monkey
     rec = recs[part]
     cfg_of = lambda k: ((k["BLOCK_M"], k["BLOCK_N"], k["BLOCK_K"], k["num_warps"], k["num_stages"])  # noqa: E731
                         + ((kt.FLAT,) if k.get("FLAT_K") else ())
-                        + ((kt.SPLIT,) if k.get("SPLIT_K") or k.get("SPLIT_T") else ()))
+                        + ((kt.SPLIT,) if k.get("SPLIT_K") or k.get("SPLIT_T") else ())
+                        + ((kt.PACKED,) if k.get("PACKED_K") or k.get("PACKED_N") else ()))
     timed = []
 
     def timer(fn):
@@ -957,6 +962,114 @@ def test_dgrad_split_candidates_match_reference(half, monkeypatch, rng):
                 assert max_rel_err(got, want) <= _tf32_bound(6 * o), f"dgrad split {cand} {layout} (tf32)"
             else:
                 assert_close(got, want, dtype, 6 * o, f"dgrad split {cand} {layout}")
+
+
+# Few channels per group: the packed (channel, tap) forms and the nested ones, both directions of
+# every option the packed index math touches (stride, padding, dilation, groups, 'same', conv1d,
+# both layouts). (nd, input shape, weight shape, kwargs, layout)
+PACKED_CASES = [
+    (2, (1, 3, 9, 8), (5, 3, 7, 7), dict(stride=2, padding=3, activation="relu"), "contig"),
+    (2, (2, 3, 7, 6), (5, 3, 5, 3), dict(stride=2, padding=(2, 1)), "channels_last"),
+    (2, (1, 6, 9, 8), (4, 3, 2, 5), dict(stride=(2, 1), padding=(1, 2), dilation=(1, 2), groups=2), "noncontig"),
+    (2, (2, 2, 7, 6), (3, 2, 3, 3), dict(padding="same", dilation=2, activation="sigmoid"), "channels_last"),
+    (1, (3, 5, 29), (7, 5, 5), dict(padding=2, stride=3, activation="tanh"), "contig"),
+]
+
+
+@pytest.mark.usefixtures("no_tf32")
+@pytest.mark.parametrize("half", [False, True], ids=["fp32", "half"])
+@pytest.mark.parametrize("nd,xs,ws,kw,layout", PACKED_CASES, ids=[f"case{i}" for i in range(len(PACKED_CASES))])
+def test_packed_and_nested_forms_match_reference(half, nd, xs, ws, kw, layout, monkeypatch, rng):
+    """Each forward and weight-gradient tile a measuring chooser may pick for a problem with few
+    channels per group, forced, in its packed form (the K loop, or the weight gradient's
+    columns, over (channel, tap) pairs) and in its nested form (a channel block per tap), against
+    the float64 reference; the heuristic (no chooser) takes the packed forms here."""
+    from gpu_nn.kernels.triton import conv as kt
+    from gpu_nn.ops import conv as oc
+
+    _need_triton()
+    dtype = torch.float16 if half else torch.float32
+    dev = "cuda" if CUDA else "cpu"
+    fn = F.conv2d if nd == 2 else F.conv1d
+    cg, taps = ws[1], int(np.prod(ws[2:]))
+    x64, w64, b64 = randn(rng, *xs), randn(rng, *ws) / (cg * taps) ** 0.5, randn(rng, ws[0])
+    with gpu_nn.backend("reference"):
+        leaves = [t.clone().requires_grad_() for t in (x64, w64)]
+        yr = fn(leaves[0], leaves[1], b64, **kw)
+        g64 = randn(rng, *yr.shape)
+        wr = torch.autograd.grad(yr, leaves[1], g64)[0]
+    x = _layout(x64.to(dev, dtype), layout)
+    w = _layout(w64.to(dev, dtype), layout).requires_grad_()
+    b, g = b64.to(dev, dtype), g64.to(dev, dtype)
+    red_w = yr.numel() // ws[0]  # each weight gradient element sums over batch and output pixels
+    offered = {}
+
+    def forcing(part, cand):
+        def choose(op, key, candidates, run, default, **_):
+            offered[op] = candidates
+            return cand if op == part else default
+        return choose
+
+    key = "half" if half else "fp32"
+    table = {**kt.GPU_CONFIGS[key], **kt.TUNE_CONFIGS[key]}
+    fwd_tiles = [table[n] for n in kt.FWD_PACKED[key]]
+    for part, tiles in (("conv_fwd", fwd_tiles), ("conv_wgrad", kt.wgrad_candidates(half))):
+        for tile in tiles:
+            for cand in (tile, (*tile, kt.PACKED)):
+                monkeypatch.setattr(oc, "_chooser", lambda device, cand=cand, part=part: forcing(part, cand))
+                with gpu_nn.backend("triton"):
+                    y = fn(x, w, b, **kw)
+                    gw = torch.autograd.grad(y, w, g)[0]
+                assert cand in offered[part], (part, cand)
+                if part == "conv_fwd":
+                    assert_close(y, yr, dtype, cg * taps, f"forward {cand}")
+                else:
+                    assert_close(gw, wr, dtype, red_w, f"weight gradient {cand}")
+    # no chooser: the heuristic's tiles, packed (at most half of each channel block used)
+    monkeypatch.setattr(oc, "_chooser", lambda device: None)
+    recs = {p: _Recorder(getattr(kt, f"_conv_{p}_kernel")) for p in ("fwd", "wgrad")}
+    for p, rec in recs.items():
+        monkeypatch.setattr(kt, f"_conv_{p}_kernel", rec)
+    with gpu_nn.backend("triton"):
+        y = fn(x, w, b, **kw)
+        gw = torch.autograd.grad(y, w, g)[0]
+    assert [k["PACKED_K"] for k in recs["fwd"].launches] == [True]
+    assert [k["PACKED_N"] for k in recs["wgrad"].launches] == [True]
+    assert_close(y, yr, dtype, cg * taps, "forward (heuristic)")
+    assert_close(gw, wr, dtype, red_w, "weight gradient (heuristic)")
+
+
+def test_packed_forms_only_for_few_channels():
+    """The packed forms are offered where a tile's channel block (the forward's BLOCK_K, the
+    weight gradient's BLOCK_N) is not filled and there is more than one tap, and chosen by the
+    heuristic where at least half of it would be idle: the RGB stem (3 channels, 7x7) goes from
+    49 trips of its K loop to 5 (half, BLOCK_K 32) and its weight gradient from 49 column
+    programs to 3 (BLOCK_N 64)."""
+    from gpu_nn.kernels.triton import conv as kt
+
+    assert kt.packs(3, 49, 32) and kt.packs(16, 9, 32) and kt.packs(8, 9, 16)
+    assert not kt.packs(17, 9, 32) and not kt.packs(3, 1, 32) and not kt.packs(64, 9, 32)
+    assert kt.packed_offered(31, 9, 32) and not kt.packed_offered(32, 9, 32) and not kt.packed_offered(3, 1, 32)
+    for dtype in (torch.float32, torch.float16):
+        key = "half" if dtype == torch.float16 else "fp32"
+        table = {**kt.GPU_CONFIGS[key], **kt.TUNE_CONFIGS[key]}
+
+        def new(*shape):
+            return torch.empty(shape, dtype=dtype)
+
+        stem = new(2, 3, 16, 16), new(64, 3, 7, 7), None, new(2, 64, 8, 8)
+        packed = [c for c in kt.problem_candidates(*stem, 1, "ieee") if kt.PACKED in c]
+        assert packed == [(*table[n], kt.PACKED) for n in kt.FWD_PACKED[key]]
+        wide = new(2, 64, 8, 8), new(64, 64, 3, 3), None, new(2, 64, 8, 8)
+        assert not any(kt.PACKED in c for c in kt.problem_candidates(*wide, 1, "ieee"))
+        one_tap = new(2, 3, 8, 8), new(64, 3, 1, 1), None, new(2, 64, 8, 8)
+        assert not any(kt.PACKED in c for c in kt.problem_candidates(*one_tap, 1, "ieee"))
+        plain = kt.wgrad_candidates(key == "half")
+        assert kt.wgrad_candidates(key == "half", 3, 49) == plain + [(*c, kt.PACKED) for c in plain]
+        assert kt.wgrad_candidates(key == "half", 64, 9) == plain
+    bk, bn = kt.GPU_CONFIGS["half"]["large"][2], kt.GPU_CONFIGS["half"]["medium"][1]
+    assert (49 * kt.cdiv(3, bk), kt.cdiv(3 * 49, bk)) == (49, 5)
+    assert (49 * kt.cdiv(3, bn), kt.cdiv(3 * 49, bn)) == (49, 3)
 
 
 def test_split_k_only_where_tiles_are_few():
@@ -1424,9 +1537,13 @@ def test_triton_heuristic_tiles():
     for half, dts in ((False, ("fp32 ieee", "fp32 tf32")), (True, ("fp16 ieee", "bf16 ieee"))):
         key = "half" if half else "fp32"
         table = {**kt.GPU_CONFIGS[key], **kt.TUNE_CONFIGS[key]}
-        for cand in kt.wgrad_candidates(half):
-            name = next(k for k, v in table.items() if v == cand)
-            assert all(f"wgrad {name} {dt}" in labels for dt in dts), name
+        for cand in kt.wgrad_candidates(half, 3, 9):  # with their packed forms (few channels)
+            name = next(k for k, v in table.items() if v == cand[:5])
+            packed = " packed" if kt.PACKED in cand[5:] else ""
+            assert all(f"wgrad {name} {dt}{packed}" in labels for dt in dts), name
+        # ... and the forward's packed forms (heuristic or measured)
+        for name in kt.FWD_PACKED[key]:
+            assert all(f"fwd {name} {dt} packed" in labels for dt in dts), name
     for kind, names, unit, div16 in (
             ("fwd", {**kt.NHWC_CONFIGS["fp32"], **kt.NHWC_CONFIGS["half"]}, kt.NHWC_UNIT, kt.NHWC_DIV16),
             ("dgrad", {**kt.DGRAD_NHWC_CONFIGS["fp32"], **kt.DGRAD_NHWC_CONFIGS["half"]}, kt.DGRAD_NHWC_UNIT,

@@ -516,13 +516,19 @@ def test_conv_section_times_every_candidate_and_torch(tmp_path):
                      ("conv1d k3 fwd nchw", "float16"), ("conv1d k3 fwd nchw", "float32")]
     by = dict(zip(names, groups))
     half_nchw, half_cl = by[names[0]].configs, by[names[1]].configs
-    default = kt.pick_config(16, 30, True, False)
+    # 16 channels fill half of the half-precision channel block (32): the heuristic packs
+    default = kt.fwd_default(16, 30, 16, 9, True, False)
+    assert default == (*kt.pick_config(16, 30, True, False), kt.PACKED)
     assert half_nchw[0] == half_cl[0] == sweep.conv_config(default) and half_nchw[-1] == {"provider": "torch"}
-    # the tiny problems make one output tile: split K is offered too (problem_candidates)
+    # the tiny problems make one output tile: split K is offered too (problem_candidates), and
+    # the packed form of every generic tile
+    packed_all = {(*t, kt.PACKED) for t in kt.GPU_CONFIGS["half"].values()}
     for configs, fwd in ((half_nchw, kt.fwd_candidates(True, False, True)), (half_cl, kt.fwd_candidates(True, True))):
         got = {sweep._conv_tuple(c) for c in configs[:-1]}
         split = {c for c in got if kt.SPLIT in c}
-        assert split and got - split == {default, *fwd} and all(c[5:] == (kt.FLAT, kt.SPLIT) for c in split)
+        packed = {c for c in got if kt.PACKED in c}
+        assert split and all(c[5:] == (kt.FLAT, kt.SPLIT) for c in split)
+        assert packed == packed_all and default in packed and got - split - packed == set(fwd)
     assert len(half_cl) == len({*map(str, half_cl)})  # the default is not repeated
     assert {c["variant"] for c in half_nchw[:-1]} == {"direct", "via_channels_last"}
     assert {c["variant"] for c in by[names[2]].configs[:-1]} == {"direct"}  # ieee float32 here: no NHWC tiles

@@ -156,6 +156,17 @@ DGRAD_SPLIT = {
     ("fp32", True): ("nhwc128x64k32",),
     ("half", True): ("nhwc128x64k64",),
 }
+# "Packed K": forward candidates whose K loop runs over the group's (channel, tap) pairs one by
+# one (``_conv_fwd_kernel``'s PACKED_K) instead of a channel block per tap, for problems with
+# fewer channels per group than the tile's BLOCK_K and more than one tap (an RGB stem: 3 x 49
+# pairs in 5 trips of 32 instead of 49 trips of a 32-wide block holding 3 channels). The
+# heuristic takes it where at least half of each channel block would be idle (packs()); a
+# measuring chooser times it beside the nested loop wherever any of the block is. As
+# ``(*tile, PACKED)``, by tile name per operand width (the generic tiles; a channels_last
+# problem of 16 channels gets them beside the NHWC tiles, whose 32- or 64-wide channel blocks it
+# would fill by half or a quarter):
+PACKED = "packed_k"
+FWD_PACKED = {"fp32": ("large", "small", "large3"), "half": ("large", "medium", "small")}
 SPLIT_WAVE = 132
 SPLIT_TARGET_PROGRAMS = 264
 SPLIT_MAX = 16
@@ -269,8 +280,16 @@ def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
                      SH, SW, PH, PW, DH, DW,
                      HAS_BIAS, ACT, PREC: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     FLAT_K: tl.constexpr = False, SPLIT_K: tl.constexpr = False):
-    """``FLAT_K``: the K loop as one loop over (tap, channel block) pairs instead of taps outside
+                     FLAT_K: tl.constexpr = False, SPLIT_K: tl.constexpr = False, PACKED_K: tl.constexpr = False):
+    """``PACKED_K``: the K loop over the group's ``CG * TAPS`` (channel, tap) pairs one by one,
+    ``kk = c * TAPS + t`` (the weight's own order), ``BLOCK_K`` pairs a trip, instead of a
+    channel block per tap: for few channels (an RGB stem: 3 channels x 49 taps is 5 trips of
+    32 pairs instead of 49 trips whose 32-wide channel block holds 3). Each A element then has
+    its own tap, so the row and column parts of its address and of its padding test are added
+    per element (the address is separable: ``row(m) + col(kk)``). Same products, summed in
+    another order.
+
+    ``FLAT_K``: the K loop as one loop over (tap, channel block) pairs instead of taps outside
     and channel blocks inside. Triton pipelines (``num_stages``) only the innermost loop, whose
     trip count in the nested form is ``cdiv(CG, BLOCK_K)``: one or two at 64 or 128 channels, so
     the loads of one tap are never in flight while the previous tap's dot runs. Flat, the loop
@@ -302,7 +321,31 @@ def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
     oc = grp * OG + offs_o
     w_col = w_ptr + oc.to(tl.int64) * stride_wo
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if FLAT_K:
+    if PACKED_K:
+        KTOT = CG * TAPS
+        nkb = tl.cdiv(KTOT, BLOCK_K)
+        per = tl.cdiv(nkb, nsplit)
+        ohs = oh * SH - PH  # the window's top-left input pixel (may lie in the padding)
+        ows = ow * SW - PW
+        a_row = x_row + ohs.to(tl.int64) * stride_xh + ows.to(tl.int64) * stride_xw
+        for kb in range(split * per, tl.minimum(split * per + per, nkb)):
+            kk = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+            k_ok = kk < KTOT
+            c = kk // TAPS
+            t = kk - c * TAPS
+            i = t // KW
+            j = t - i * KW
+            di = i * DH
+            dj = j * DW
+            ih = ohs[:, None] + di[None, :]
+            iw = ows[:, None] + dj[None, :]
+            a_ok = (m_ok[:, None] & k_ok[None, :]) & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            a_col = c.to(tl.int64) * stride_xc + di.to(tl.int64) * stride_xh + dj.to(tl.int64) * stride_xw
+            a = tl.load(a_row[:, None] + a_col[None, :], mask=a_ok, other=0.0)
+            b_row = c.to(tl.int64) * stride_wc + i * stride_wh + j * stride_ww
+            b = tl.load(w_col[None, :] + b_row[:, None], mask=k_ok[:, None] & o_ok[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=PREC, out_dtype=tl.float32)
+    elif FLAT_K:
         KC = tl.cdiv(CG, BLOCK_K)
         per = tl.cdiv(TAPS * KC, nsplit)
         for kk in range(split * per, tl.minimum(split * per + per, TAPS * KC)):
@@ -421,19 +464,73 @@ def _conv_dgrad_kernel(g_ptr, w_ptr, dx_ptr,
 
 
 @triton.jit
+def _wgrad_packed(g_ptr, x_ptr, ws_ptr, pid_o, pid_q, grp, split, N, H, W, Ho, Wo, KW, TAPS, CG, OG, G, CHUNK,
+                  stride_gn, stride_gc, stride_gh, stride_gw, stride_xn, stride_xc, stride_xh, stride_xw,
+                  SH, SW, PH, PW, DH, DW, PREC: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``_conv_wgrad_kernel``'s PACKED_N form: columns ``q = c * TAPS + t`` (the B element of
+    pixel ``m`` and column ``q`` is x at ``row(m) + col(q)``, inside the input or zero)."""
+    QTOT = CG * TAPS
+    offs_o = pid_o * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_q = pid_q * BLOCK_N + tl.arange(0, BLOCK_N)
+    o_ok = offs_o < OG
+    q_ok = offs_q < QTOT
+    c = offs_q // TAPS
+    t = offs_q - c * TAPS
+    i = t // KW
+    di = i * DH
+    dj = (t - i * KW) * DW
+    oc = (grp * OG + offs_o).to(tl.int64)
+    x_col = (grp * CG + c).to(tl.int64) * stride_xc + di.to(tl.int64) * stride_xh + dj.to(tl.int64) * stride_xw
+    M = N * Ho * Wo
+    m_lo = split * CHUNK
+    m_hi = tl.minimum(m_lo + CHUNK, M)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for m0 in range(m_lo, m_hi, BLOCK_K):
+        mm = m0 + tl.arange(0, BLOCK_K)
+        mm_ok = mm < m_hi
+        n, oh, ow = _split_pos(mm, Ho, Wo)
+        ohs = oh * SH - PH
+        ows = ow * SW - PW
+        ih = ohs[:, None] + di[None, :]
+        iw = ows[:, None] + dj[None, :]
+        x_ok = (mm_ok[:, None] & q_ok[None, :]) & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        n64 = n.to(tl.int64)
+        g_off = n64 * stride_gn + oh.to(tl.int64) * stride_gh + ow.to(tl.int64) * stride_gw
+        x_row = n64 * stride_xn + ohs.to(tl.int64) * stride_xh + ows.to(tl.int64) * stride_xw
+        a = tl.load(g_ptr + oc[:, None] * stride_gc + g_off[None, :], mask=o_ok[:, None] & mm_ok[None, :], other=0.0)
+        b = tl.load(x_ptr + x_row[:, None] + x_col[None, :], mask=x_ok, other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PREC, out_dtype=tl.float32)
+    ws_off = ((split * G * OG).to(tl.int64) + oc)[:, None] * QTOT + offs_q[None, :]
+    tl.store(ws_ptr + ws_off, acc, mask=o_ok[:, None] & q_ok[None, :])
+
+
+@triton.jit
 def _conv_wgrad_kernel(g_ptr, x_ptr, ws_ptr,
                        N, H, W, Ho, Wo, KW, TAPS, CG, OG, G, CHUNK,
                        stride_gn, stride_gc, stride_gh, stride_gw,
                        stride_xn, stride_xc, stride_xh, stride_xw,
                        SH, SW, PH, PW, DH, DW,
                        PREC: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Partial sums ws[split, o, c, tap] (float32, contiguous [SPLIT, O, CG, TAPS])."""
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       PACKED_N: tl.constexpr = False):
+    """Partial sums ws[split, o, c, tap] (float32, contiguous [SPLIT, O, CG, TAPS]).
+
+    A program's columns are ``BLOCK_N`` channels of one tap (grid axis 1: taps x channel
+    blocks), or with ``PACKED_N`` ``BLOCK_N`` of the group's ``CG * TAPS`` (channel, tap) pairs
+    ``q = c * TAPS + t``, the order of ws's last two axes (grid axis 1: ``cdiv(CG * TAPS,
+    BLOCK_N)``): for few channels (3 channels x 49 taps: 3 programs of 64 pairs instead of 49
+    programs whose 64-wide channel block holds 3, each re-reading the same tile of g)."""
     pid_o = tl.program_id(0)
     pid_ct = tl.program_id(1)
     pid_gs = tl.program_id(2)
     grp = pid_gs % G
     split = pid_gs // G
+    if PACKED_N:
+        _wgrad_packed(g_ptr, x_ptr, ws_ptr, pid_o, pid_ct, grp, split, N, H, W, Ho, Wo, KW, TAPS, CG, OG, G, CHUNK,
+                      stride_gn, stride_gc, stride_gh, stride_gw, stride_xn, stride_xc, stride_xh, stride_xw,
+                      SH, SW, PH, PW, DH, DW, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+        return
     n_cblk = tl.cdiv(CG, BLOCK_N)
     t = pid_ct // n_cblk
     cblk = pid_ct % n_cblk
@@ -617,6 +714,35 @@ def fwd_candidates(half: bool, nhwc: bool = False, via_cl: bool = False) -> list
     return out
 
 
+def packs(cg: int, taps: int, block: int) -> bool:
+    """The heuristic's choice of the packed (channel, tap) loop: more than one tap and at most
+    half of a ``block``-wide channel block used (``block``: the forward's BLOCK_K, the weight
+    gradient's BLOCK_N). Nested, such a problem makes ``taps * cdiv(cg, block)`` trips of its
+    K loop (or programs of its weight gradient) where packed makes ``cdiv(cg * taps, block)``."""
+    return taps > 1 and 2 * cg <= block
+
+
+def packed_offered(cg: int, taps: int, block: int) -> bool:
+    """Whether a measuring chooser is offered the packed form of a tile: more than one tap and
+    any of the tile's channel block idle."""
+    return taps > 1 and cg < block
+
+
+def fwd_default(og: int, m: int, cg: int, taps: int, half: bool, interpret: bool) -> tuple:
+    """The forward's configuration where nothing is measured: :func:`pick_config`'s tile, in its
+    packed form where :func:`packs`."""
+    cfg = pick_config(og, m, half, interpret)
+    return (*cfg, PACKED) if packs(cg, taps, cfg[2]) else cfg
+
+
+def wgrad_default(og: int, cg: int, taps: int, half: bool, interpret: bool) -> tuple:
+    """The weight gradient's configuration where nothing is measured: :func:`pick_config`'s
+    tile for its M = ``og`` rows (no GEMM length: it splits its reduction instead), packed where
+    :func:`packs` (BLOCK_N)."""
+    cfg = pick_config(og, 0, half, interpret)
+    return (*cfg, PACKED) if packs(cg, taps, cfg[1]) else cfg
+
+
 def split_count(tiles: int, k_iters: int) -> int:
     """Splits of the split-K forward: enough for about SPLIT_TARGET_PROGRAMS programs with
     ``tiles`` output tiles, at least 2, at most SPLIT_MAX and at most ``k_iters`` (each split
@@ -647,6 +773,7 @@ def problem_candidates(x, w, b, y, groups: int, prec: str) -> list[tuple]:
         bm, bn, bk = table[name][:3]
         if split_eligible(groups, m, og, bm, bn, taps * cdiv(cg, bk)):
             out.append((*table[name], FLAT, SPLIT))
+    out += [(*table[name], PACKED) for name in FWD_PACKED[key] if packed_offered(cg, taps, table[name][2])]
     return out
 
 
@@ -752,11 +879,14 @@ def _nhwc_copy(t):
 WGRAD_CANDIDATES = {"fp32": ("small", "large", "large3"), "half": ("medium", "small", "large")}
 
 
-def wgrad_candidates(half: bool) -> list[tuple]:
-    """The weight-gradient configurations a measuring chooser times (``WGRAD_CANDIDATES``)."""
+def wgrad_candidates(half: bool, cg: int = 0, taps: int = 1) -> list[tuple]:
+    """The weight-gradient configurations a measuring chooser times (``WGRAD_CANDIDATES``), and
+    for a problem of ``cg`` channels per group and ``taps`` taps the packed (channel, tap)
+    columns of each tile as ``(*tile, PACKED)`` where :func:`packed_offered` (BLOCK_N)."""
     key = "half" if half else "fp32"
     table = {**GPU_CONFIGS[key], **TUNE_CONFIGS[key]}
-    return [table[name] for name in WGRAD_CANDIDATES[key]]
+    out = [table[name] for name in WGRAD_CANDIDATES[key]]
+    return out + [(*cfg, PACKED) for cfg in out if packed_offered(cg, taps, cfg[1])]
 
 
 def wgrad_split(tiles: int, m: int, block_k: int, interpret: bool) -> int:
@@ -885,11 +1015,13 @@ def conv_forward(x, w, bias, y, stride, padding, dilation, groups, activation, p
     def direct(cfg, x, w, y, warm=False):
         bm, bn, bk, warps, stages = cfg[:5]
         split = SPLIT in cfg[5:]
+        packed = PACKED in cfg[5:]
         m = n * ho * wo
         if split:
             # split K (one group): the partial products, no bias or activation, into a float32
             # workspace [S, N*Ho*Wo, O] (an NHWC output to the kernel), then summed into y with them
-            nsplit = split_count(cdiv(m, bm) * cdiv(og, bn), kh * kw * cdiv(cg, bk))
+            k_iters = cdiv(cg * kh * kw, bk) if packed else kh * kw * cdiv(cg, bk)
+            nsplit = split_count(cdiv(m, bm) * cdiv(og, bn), k_iters)
             out = torch.empty((nsplit, m, og), dtype=torch.float32, device=y.device)
             out_strides, b, epilogue = (ho * wo * og, 1, wo * og, og), out, (0, 0)
         else:
@@ -902,7 +1034,7 @@ def conv_forward(x, w, bias, y, stride, padding, dilation, groups, activation, p
             *x.stride(), *w.stride(), *out_strides,
             stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
             *epilogue, PREC=_dot_precision(prec), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-            FLAT_K=FLAT in cfg[5:], SPLIT_K=split, num_warps=warps, num_stages=stages,
+            FLAT_K=FLAT in cfg[5:], SPLIT_K=split, PACKED_K=packed, num_warps=warps, num_stages=stages,
         )
         if split:
             _splitk_finish(out, bias, y, activation, warm)
@@ -910,7 +1042,7 @@ def conv_forward(x, w, bias, y, stride, padding, dilation, groups, activation, p
     def launch(cfg):
         _launch_variant(direct, cfg, x, w, y)
 
-    cfg = pick_config(og, n * ho * wo, half, interpret)
+    cfg = fwd_default(og, n * ho * wo, cg, kh * kw, half, interpret)
     if choose is not None:
         # every launch rewrites y in full, so the candidates are timed on the real buffers
         key = (tuple(x.shape), tuple(x.stride()), tuple(w.shape), tuple(w.stride()), tuple(y.stride()),
@@ -1011,30 +1143,33 @@ def conv_backward_weight(g, x, dw, stride, padding, dilation, groups, prec, inte
     half = x.element_size() == 2
 
     def run(cfg, warm=False):
-        bm, bn, bk, warps, stages = cfg
-        tiles = cdiv(og, bm) * cdiv(cg, bn) * kh * kw * groups
+        bm, bn, bk, warps, stages = cfg[:5]
+        packed = PACKED in cfg[5:]
+        cols = cdiv(cg * kh * kw, bn) if packed else cdiv(cg, bn) * kh * kw
+        tiles = cdiv(og, bm) * cols * groups
         split = wgrad_split(tiles, m, bk, interpret)
         chunk = cdiv(cdiv(m, split), bk) * bk
         split = cdiv(m, chunk)
         ws = _partials(split, (o, cg, kh * kw), dw)
-        grid = (cdiv(og, bm), cdiv(cg, bn) * kh * kw, groups * split)
+        grid = (cdiv(og, bm), cols, groups * split)
         kernel = _launcher(_conv_wgrad_kernel, grid, warm)
         kernel(
             g, x, ws,
             n, h, wd, ho, wo, kw, kh * kw, cg, og, groups, chunk,
             *g.stride(), *x.stride(),
             stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
-            PREC=_dot_precision(prec), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+            PREC=_dot_precision(prec), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PACKED_N=packed, num_warps=warps,
+            num_stages=stages,
         )
         if not warm:
             _reduce_partials(ws, dw)
 
-    cfg = pick_config(og, 0, half, interpret)
+    cfg = wgrad_default(og, cg, kh * kw, half, interpret)
     if choose is not None:
         # every run rewrites dw in full (its partials summed into it, or written directly)
         key = (tuple(g.shape), tuple(g.stride()), tuple(x.shape), tuple(x.stride()), tuple(dw.shape),
                tuple(dw.stride()), str(x.dtype), tuple(stride), tuple(padding), tuple(dilation), groups, prec)
-        cfg = tuple(choose("conv_wgrad", key, wgrad_candidates(half), run, cfg,
+        cfg = tuple(choose("conv_wgrad", key, wgrad_candidates(half, cg, kh * kw), run, cfg,
                            prepare=lambda cs: _compile_all(cs, interpret, lambda c, _nhwc: run(c, warm=True))))
     run(cfg)
 
@@ -1089,20 +1224,22 @@ _INTS_DW_WGRAD = ("N", "H", "W", "O", "Ho", "Wo", "KW", "TAPS", "MULT", "CHUNK",
 
 
 def _fwd_spec(dt: str, prec: str, cname: str, cfg: tuple, nhwc: bool = False, flat: bool = False,
-              split: bool = False) -> AotSpec:
+              split: bool = False, packed: bool = False) -> AotSpec:
     """The forward kernel's spec for one configuration; ``nhwc``: in the channels_last
     specialisation NHWC_CONFIGS launch with (unit strides as constexprs, 16-divisible ints);
     ``flat``: the one-loop K (``FLAT_K``); ``split``: its split-K form (``SPLIT_K``, flat too),
-    which writes the float32 workspace (passed as y and as the unread bias)."""
+    which writes the float32 workspace (passed as y and as the unread bias); ``packed``: the
+    (channel, tap) K loop (``PACKED_K``)."""
     bm, bn, bk, warps, stages = cfg
-    blocks = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "FLAT_K": flat or split, "SPLIT_K": split}
+    blocks = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "FLAT_K": flat or split, "SPLIT_K": split,
+              "PACKED_K": packed}
     unit = {k: 1 for k in NHWC_UNIT} if nhwc else {}
     out = "fp32" if split else dt
     sig = {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": f"*{out}", "y_ptr": f"*{out}"}
     sig.update({k: "i32" for k in _INTS_FWD})
     sig.update({"HAS_BIAS": "i32", "ACT": "i32"})
     sig.update({k: "constexpr" for k in ("PREC", *blocks, *unit)})
-    variant = " split" if split else " flat" if flat else ""
+    variant = " split" if split else " flat" if flat else " packed" if packed else ""
     return AotSpec(_conv_fwd_kernel, sig, {"PREC": prec, **blocks, **unit}, num_warps=warps, num_stages=stages,
                    label=f"fwd {cname} {dt} {prec}{variant}",
                    **({"divisible_by_16": NHWC_DIV16} if nhwc else {}))
@@ -1137,17 +1274,21 @@ def aot_specs():
         for cname, cfg in GPU_CONFIGS[key].items():
             specs.append(_fwd_spec(dt, prec, cname, cfg))
             specs.append(_dgrad_spec(dt, prec, cname, DGRAD_CONFIGS[key][cname]))
-        # the weight gradient: every candidate (pick_config(og, 0)'s "small" / "medium" among them)
+        # the weight gradient: every candidate (pick_config(og, 0)'s "small" / "medium" among
+        # them), with channel-block columns and with packed (channel, tap) columns
         for cname in WGRAD_CANDIDATES[key]:
             bm, bn, bk, warps, stages = tiles[cname]
-            blocks = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
-            sig = {"g_ptr": f"*{dt}", "x_ptr": f"*{dt}", "ws_ptr": "*fp32"}
-            sig.update({k: "i32" for k in _INTS_WGRAD})
-            sig.update({k: "constexpr" for k in ("PREC", *blocks)})
-            specs.append(AotSpec(_conv_wgrad_kernel, sig, {"PREC": prec, **blocks}, num_warps=warps,
-                                 num_stages=stages, label=f"wgrad {cname} {dt} {prec}"))
+            for packed in (False, True):
+                blocks = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "PACKED_N": packed}
+                sig = {"g_ptr": f"*{dt}", "x_ptr": f"*{dt}", "ws_ptr": "*fp32"}
+                sig.update({k: "i32" for k in _INTS_WGRAD})
+                sig.update({k: "constexpr" for k in ("PREC", *blocks)})
+                specs.append(AotSpec(_conv_wgrad_kernel, sig, {"PREC": prec, **blocks}, num_warps=warps,
+                                     num_stages=stages, label=f"wgrad {cname} {dt} {prec}{' packed' if packed else ''}"))
         for cname, cfg in TUNE_CONFIGS[key].items():
             specs.append(_fwd_spec(dt, prec, cname, cfg))
+        for cname in FWD_PACKED[key]:
+            specs.append(_fwd_spec(dt, prec, cname, tiles[cname], packed=True))
         for cname in FWD_FLAT[(key, False)]:
             specs.append(_fwd_spec(dt, prec, cname, tiles[cname], flat=True))
         for cname in FWD_SPLIT[(key, False)]:
