@@ -458,14 +458,21 @@ def conv_config(cfg: tuple) -> dict:
     via-channels_last variant) as a row's config."""
     from gpu_nn.kernels.triton import conv as kt
 
+    variant = "via_channels_last" if kt.VIA_CL in cfg[5:] else "direct"
+    if kt.TMA in cfg:  # the TMA forward: a BH x BW block of output pixels, its own tuple
+        keys = ("BH", "BW", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
+        return {"variant": variant, "tma": True, **dict(zip(keys, cfg[:6]))}
     keys = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
-    return {"variant": "via_channels_last" if kt.VIA_CL in cfg[5:] else "direct", "flat_k": kt.FLAT in cfg[5:],
+    return {"variant": variant, "flat_k": kt.FLAT in cfg[5:],
             "split_k": kt.SPLIT in cfg[5:], "packed_k": kt.PACKED in cfg[5:], **dict(zip(keys, cfg[:5]))}
 
 
 def _conv_tuple(cfg: dict) -> tuple:
     from gpu_nn.kernels.triton import conv as kt
 
+    if cfg.get("tma"):
+        t = (*(cfg[k] for k in ("BH", "BW", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")), kt.TMA)
+        return (*t, kt.VIA_CL) if cfg["variant"] == "via_channels_last" else t
     t = tuple(cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages"))
     if cfg.get("flat_k"):
         t = (*t, kt.FLAT)
@@ -502,7 +509,7 @@ def _as4d(t):
     return t if t.dim() != 3 else t.unsqueeze(2)
 
 
-def conv_candidates(p: dict, dtype, channels_last: bool) -> list[dict]:
+def conv_candidates(p: dict, dtype, channels_last: bool, device: str = "cpu") -> list[dict]:
     """The heuristic's forward configuration first, then every candidate the measuring chooser
     would time for this problem (``problem_candidates``: the NHWC tiles and the via-channels_last
     variant where they apply; the float32 precision as the launcher decides it here), then torch
@@ -517,6 +524,11 @@ def conv_candidates(p: dict, dtype, channels_last: bool) -> list[dict]:
     default = kt.fwd_default(p["o"] // groups, y.shape[0] * y.shape[2] * y.shape[3], p["c"] // groups,
                              math.prod(p["k"]), dtype.itemsize == 2, False)
     cands = kt.problem_candidates(x, w, b, y, groups, oc._precision(dtype))
+    # the TMA forward where the device has it (the layout questions above ran on CPU stand-ins
+    # with the device tensors' strides)
+    st = p.get("stride", 1)
+    if kt.tma_device(torch.empty(0, device=device)):
+        cands += kt.tma_candidates(x, w, (st, st) if len(p["spatial"]) == 2 else (1, st), groups, oc._precision(dtype))
     return [conv_config(c) for c in dict.fromkeys([default, *cands])] + [{"provider": "torch"}]
 
 
@@ -582,7 +594,7 @@ def conv_groups(dtypes, layouts=("nchw", "channels_last"), shapes=None, device: 
                 cl = layout == "channels_last"
                 if cl and len(p["spatial"]) != 2:
                     continue
-                cfgs = conv_candidates(p, dtype, cl) if configs is None else configs
+                cfgs = conv_candidates(p, dtype, cl, device) if configs is None else configs
                 if not cfgs:
                     continue
                 x, w, _, y = _conv_problem(p, dtype, cl, "cpu", fill=False)

@@ -1072,6 +1072,118 @@ def test_packed_forms_only_for_few_channels():
     assert (49 * kt.cdiv(3, bn), kt.cdiv(3 * 49, bn)) == (49, 3)
 
 
+# (input shape, weight shape, padding [t, b, l, r], dilation, bias, activation, weight layout,
+# output layout; the input channels_last, as the kernel takes it) for the TMA forward: blocks cut by the image's edge on both sides, padding
+# that reaches past a whole box, a 1x1 and a dilated kernel, NCHW and channels_last weights and
+# outputs
+TMA_CASES = [
+    ((2, 16, 9, 10), (24, 16, 3, 3), (1, 1, 1, 1), (1, 1), True, "relu", "channels_last", "contig"),
+    ((1, 32, 5, 7), (16, 32, 3, 2), (2, 2, 0, 1), (2, 1), False, None, "channels_last", "channels_last"),
+    ((2, 16, 4, 6), (8, 16, 1, 1), (0, 0, 0, 0), (1, 1), True, "tanh", "channels_last", "channels_last"),
+    ((1, 16, 6, 5), (20, 16, 3, 3), (3, 3, 3, 3), (1, 1), True, "sigmoid", "channels_last", "contig"),
+]
+
+
+def _tma_here() -> str:
+    _need_triton()
+    if CUDA and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA and wgmma need compute capability 9.0")
+    return "cuda" if CUDA else "cpu"
+
+
+@pytest.mark.usefixtures("no_tf32")
+@pytest.mark.parametrize("half", [False, True], ids=["tf32", "half"])
+@pytest.mark.parametrize("case", TMA_CASES, ids=[f"case{i}" for i in range(len(TMA_CASES))])
+def test_tma_forward_matches_reference(half, case, rng):
+    """The TMA forward launched directly (on a CPU machine in the interpreter with its small
+    tile, on a GPU with every TMA_CONFIGS tile whose channel block fits) against the float64
+    reference: the image's edge inside the pixel blocks, padding larger than the kernel's reach,
+    dilation, a non-square kernel, bias and activation, NCHW and channels_last weights (the
+    (tap, channel) view or a copy) and outputs."""
+    from gpu_nn.kernels.triton import conv as kt
+
+    dev = _tma_here()
+    xs, ws, pad, dil, has_bias, act, wl, yl = case
+    dtype = torch.float16 if half else torch.float32
+    x64, w64 = randn(rng, *xs), randn(rng, *ws) / (ws[1] * ws[2] * ws[3]) ** 0.5
+    b64 = randn(rng, ws[0]) if has_bias else None
+    with gpu_nn.backend("reference"):
+        yr = F.conv2d(TF.pad(x64, (pad[2], pad[3], pad[0], pad[1])), w64, b64, dilation=dil, activation=act)
+    x = _layout(x64.to(dev, dtype), "channels_last")
+    w = _layout(w64.to(dev, dtype), wl)
+    b = b64.to(dev, dtype) if has_bias else None
+    key = "half" if half else "fp32"
+    cfgs = [kt.TMA_INTERP_CONFIG] if dev == "cpu" else [(*c, kt.TMA) for c in kt.TMA_CONFIGS[key].values()]
+    for cfg in cfgs:
+        if xs[1] % cfg[3]:
+            continue
+        y = _layout(torch.full(yr.shape, float("nan"), dtype=dtype, device=dev), yl)
+        kt._tma_forward(cfg, x, w, b, y, pad, dil, act, "ieee" if half else "tf32")
+        red = ws[1] * ws[2] * ws[3]
+        if half:
+            assert_close(y, yr, dtype, red, f"TMA forward {cfg}")
+        else:
+            assert max_rel_err(y, yr) <= _tf32_bound(red), f"TMA forward {cfg} (tf32)"
+
+
+def test_tma_candidates_only_where_they_apply(monkeypatch):
+    """The TMA forward is offered for stride-1 one-group problems in half precision or TF32,
+    each tile whose channel block divides the channel count, on x itself where it is NHWC (else
+    one tile on channels_last copies); never on a device without TMA (here: the CPU)."""
+    from gpu_nn.kernels.triton import conv as kt
+
+    def t(*shape, dtype=torch.float16, cl=True):
+        e = torch.empty(shape, dtype=dtype)
+        return e.contiguous(memory_format=torch.channels_last) if cl else e
+
+    x, w = t(2, 64, 8, 8), t(32, 64, 3, 3)
+    half = [(*c, kt.TMA) for c in kt.TMA_CONFIGS["half"].values()]
+    assert kt.tma_candidates(x, w, (1, 1), 1, "ieee") == half
+    assert kt.tma_candidates(t(2, 64, 8, 8, cl=False), w, (1, 1), 1, "ieee") == [
+        (*kt.TMA_CONFIGS["half"]["tma8x16"], kt.TMA, kt.VIA_CL)]
+    assert kt.tma_candidates(x, w, (2, 2), 1, "ieee") == []
+    assert kt.tma_candidates(x, t(32, 32, 3, 3), (1, 1), 2, "ieee") == []
+    assert kt.tma_candidates(t(2, 48, 8, 8), t(32, 48, 3, 3), (1, 1), 1, "ieee") == []  # 48 % 64
+    x32, w32 = t(2, 32, 8, 8, dtype=torch.float32), t(32, 32, 3, 3, dtype=torch.float32)
+    assert kt.tma_candidates(x32, w32, (1, 1), 1, "ieee") == []
+    assert kt.tma_candidates(x32, w32, (1, 1), 1, "tf32") == [(*c, kt.TMA) for c in kt.TMA_CONFIGS["fp32"].values()]
+    y = t(2, 32, 8, 8)
+    assert not kt.tma_device(x) and not any(kt.TMA in c for c in kt.problem_candidates(x, w, None, y, 1, "ieee", (1, 1)))
+    monkeypatch.setattr(kt, "tma_device", lambda t: True)
+    assert kt.problem_candidates(x, w, None, y, 1, "ieee", (1, 1))[-len(half):] == half
+    assert not any(kt.TMA in c for c in kt.problem_candidates(x, w, None, y, 1, "ieee"))  # no stride given
+    labels = {sp.label for sp in kt.aot_specs()}
+    for key, dts in (("fp32", ("fp32 tf32",)), ("half", ("fp16 ieee", "bf16 ieee"))):
+        assert all(f"fwd {name} {dt} tma" in labels for name in kt.TMA_CONFIGS[key] for dt in dts)
+
+
+@pytest.mark.usefixtures("no_tf32")
+def test_tma_candidates_through_the_chooser_match_reference(monkeypatch, rng):
+    """Every TMA candidate a measuring chooser may pick, forced through F.conv2d (the device
+    check patched on a CPU machine, where the interpreter runs the GPU tiles): the direct form on
+    a channels_last half problem, the via-channels_last form on an NCHW one."""
+    from gpu_nn.kernels.triton import conv as kt
+    from gpu_nn.ops import conv as oc
+
+    dev = _tma_here()
+    monkeypatch.setattr(kt, "tma_device", lambda t: True)
+    x64, w64, b64 = randn(rng, 1, 64, 5, 9), randn(rng, 16, 64, 3, 3) / 24, randn(rng, 16)
+    with gpu_nn.backend("reference"):
+        yr = F.conv2d(x64, w64, b64, padding=1, activation="relu")
+    for layout in ("channels_last", "contig"):
+        x, w = (_layout(t.to(dev, torch.float16), layout) for t in (x64, w64))
+        b = b64.to(dev, torch.float16)
+        cands = [c for c in kt.problem_candidates(x, w, b, torch.empty(yr.shape, dtype=torch.float16), 1, "ieee", (1, 1))
+                 if kt.TMA in c]
+        assert cands and all((kt.VIA_CL in c) is (layout == "contig") for c in cands)
+        for cand in cands:
+            monkeypatch.setattr(oc, "_chooser", lambda device, cand=cand: (
+                lambda op, key, cs, run, default, **_: cand if cand in cs else pytest.fail(f"{cand} not offered")))
+            with gpu_nn.backend("triton"):
+                y = F.conv2d(x, w, b, padding=1, activation="relu")
+            assert_close(y, yr, torch.float16, 9 * 64, f"forward {cand} {layout}")
+
+
 def test_split_k_only_where_tiles_are_few():
     """Split K is offered to one-group problems with fewer output tiles than SPLIT_WAVE and a K
     loop of four trips or more; the split count aims at two waves, at least 2, at most

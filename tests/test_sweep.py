@@ -497,6 +497,22 @@ CONV_TINY = [("conv2d 3x3", "N=1 C=16 5x6 O=16", dict(n=1, c=16, spatial=(5, 6),
              ("conv1d depthwise", "N=1 C=4 L=9", dict(n=1, c=4, spatial=(9,), o=4, k=(3,), groups=4))]
 
 
+def test_conv_rows_name_every_variant():
+    """A row's config and the candidate tuple it came from convert both ways, for every kind of
+    forward candidate (tiles, flat / split / packed K, via channels_last, the TMA forward)."""
+    from gpu_nn.kernels.triton import conv as kt
+
+    tile = kt.GPU_CONFIGS["half"]["large"]
+    tma = kt.TMA_CONFIGS["half"]["tma8x16"]
+    cands = [tile, (*tile, kt.FLAT), (*tile, kt.FLAT, kt.SPLIT), (*tile, kt.PACKED), (*tile, kt.VIA_CL),
+             (*tile, kt.FLAT, kt.VIA_CL), (*tma, kt.TMA), (*tma, kt.TMA, kt.VIA_CL)]
+    rows = [sweep.conv_config(c) for c in cands]
+    assert [sweep._conv_tuple(r) for r in rows] == cands
+    assert len({json.dumps(r, sort_keys=True) for r in rows}) == len(cands)
+    assert rows[6] == {"variant": "direct", "tma": True, "BH": 8, "BW": 16, "BLOCK_N": 128, "BLOCK_K": 64,
+                       "num_warps": 8, "num_stages": 3}
+
+
 def test_conv_section_times_every_candidate_and_torch(tmp_path):
     """The conv groups on tiny CPU problems (Triton interpreter, float16 and float32): each group
     holds the heuristic's configuration first, every candidate the measuring chooser would time

@@ -34,10 +34,14 @@ have no GEMM to feed (K = taps only), so they run through dedicated FMA kernels
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
+from . import INTERPRET as INTERPRETED
 from ._aot import AotSpec
 from ._compat import parallel_compile
 from ._launch import cdiv
@@ -167,6 +171,28 @@ DGRAD_SPLIT = {
 # would fill by half or a quarter):
 PACKED = "packed_k"
 FWD_PACKED = {"fp32": ("large", "small", "large3"), "half": ("large", "medium", "small")}
+# The TMA forward (``_conv_tma_fwd_kernel``): measured candidates only, where the device has TMA
+# and wgmma (compute capability 9+), for stride-1 one-group problems in half precision or TF32
+# whose channel count is a multiple of the tile's BLOCK_K: each (tap, channel block) of a block
+# of output pixels is one TMA box of the NHWC input, zero-filled in the padding by the copy
+# engine, so the K loop has no address arithmetic, masks or gathers (the pointer kernels' int64
+# pointer tiles are what limits their tiles). As ``(BH, BW, BLOCK_N, BLOCK_K, num_warps,
+# num_stages, TMA)``: a BH x BW block of output pixels of one image (BLOCK_M = BH * BW) by
+# BLOCK_N output channels; the blocks waste the pixels past the image's edge (7x7 in 8x8: 77 %
+# used; 28 wide in 4x32: 87.5 %), so several shapes are offered. sm_90 AOT in the specs below:
+# no spills, HGMMA (A from registers: the box is reshaped to [BLOCK_M, BLOCK_K] after its
+# shared-memory load), UTMALDG for both operands.
+TMA = "tma"
+TMA_CONFIGS = {
+    "half": {"tma8x16": (8, 16, 128, 64, 8, 3), "tma4x32": (4, 32, 128, 64, 8, 3), "tma8x8": (8, 8, 128, 64, 4, 4),
+             "tma8x16n64": (8, 16, 64, 64, 4, 4)},
+    "fp32": {"tma8x16": (8, 16, 128, 32, 8, 3), "tma4x32": (4, 32, 128, 32, 8, 3), "tma8x8": (8, 8, 128, 32, 4, 3)},
+}
+# the TMA tile NCHW problems (channel counts in multiples of its BLOCK_K) are offered on
+# channels_last copies (the via-channels_last variant: ``(*tile, TMA, VIA_CL)``)
+TMA_VIA_CL = {"half": ("tma8x16",), "fp32": ("tma8x16",)}
+# the TMA forward's tile in the interpreter tests (BLOCK_M = 16)
+TMA_INTERP_CONFIG = (2, 8, 16, 16, 4, 1, TMA)
 SPLIT_WAVE = 132
 SPLIT_TARGET_PROGRAMS = 264
 SPLIT_MAX = 16
@@ -398,6 +424,53 @@ def _conv_splitk_reduce_kernel(ws_ptr, b_ptr, y_ptr, M, O, Ho, Wo, S,
     y_off = (n.to(tl.int64) * stride_yn + oh.to(tl.int64) * stride_yh + ow.to(tl.int64) * stride_yw)[:, None] \
         + offs_o.to(tl.int64)[None, :] * stride_yc
     tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _conv_tma_fwd_kernel(x_desc, w_desc, b_ptr, y_ptr, Ho, Wo, O, CG, KW, TAPS, PH, PW, DH, DW,
+                         stride_yn, stride_yc, stride_yh, stride_yw, HAS_BIAS, ACT, PREC: tl.constexpr,
+                         BH: tl.constexpr, BW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The stride-1 forward through TMA: ``y`` = act(conv(x, w) + b) for one group, each program
+    a ``BH x BW`` block of output pixels of one image (grid axis 0: images x pixel blocks) by
+    ``BLOCK_N`` output channels (axis 1).
+
+    ``x_desc`` describes x as NHWC [N, H, W, C] (unit channel stride), box [1, BH, BW, BLOCK_K];
+    ``w_desc`` the weight as [O, TAPS * C] in (tap, channel) order (a channels_last weight),
+    box [BLOCK_N, BLOCK_K]. At stride 1 the input pixels tap (i, j) reads for a block of output
+    pixels are themselves a box, at (oh0 - PH + i*DH, ow0 - PW + j*DW): one TMA copy per (tap,
+    channel block), no address arithmetic or masks in the K loop, and the padding comes free
+    (the copy engine fills coordinates outside the tensor, negative ones too, with zeros). ``C``
+    must be a multiple of BLOCK_K, so that no channel block reaches into the next tap's weights.
+    Pixels of the block past Ho or Wo are computed from whatever the box holds and not stored."""
+    BLOCK_M: tl.constexpr = BH * BW
+    blocks_w = tl.cdiv(Wo, BW)
+    blocks = tl.cdiv(Ho, BH) * blocks_w
+    pid = tl.program_id(0)
+    n = pid // blocks
+    r = pid - n * blocks
+    oh0 = (r // blocks_w) * BH
+    ow0 = (r - (r // blocks_w) * blocks_w) * BW
+    o0 = tl.program_id(1) * BLOCK_N
+    KC = CG // BLOCK_K
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kk in range(0, TAPS * KC):
+        t = kk // KC
+        c0 = (kk - t * KC) * BLOCK_K
+        i = t // KW
+        a = x_desc.load([n, oh0 - PH + i * DH, ow0 - PW + (t - i * KW) * DW, c0])
+        b = w_desc.load([o0, t * CG + c0])
+        acc = tl.dot(tl.reshape(a, (BLOCK_M, BLOCK_K)), b.T, acc, input_precision=PREC, out_dtype=tl.float32)
+    offs_m = tl.arange(0, BLOCK_M)
+    oh = oh0 + offs_m // BW
+    ow = ow0 + offs_m % BW
+    offs_o = o0 + tl.arange(0, BLOCK_N)
+    o_ok = offs_o < O
+    if HAS_BIAS != 0:
+        acc = acc + tl.load(b_ptr + offs_o, mask=o_ok, other=0.0).to(tl.float32)[None, :]
+    acc = _epilogue_act(acc, ACT)
+    y_off = (n.to(tl.int64) * stride_yn + oh.to(tl.int64) * stride_yh + ow.to(tl.int64) * stride_yw)[:, None] \
+        + offs_o.to(tl.int64)[None, :] * stride_yc
+    tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=((oh < Ho) & (ow < Wo))[:, None] & o_ok[None, :])
 
 
 @triton.jit
@@ -756,10 +829,51 @@ def split_eligible(groups: int, m: int, og: int, bm: int, bn: int, k_iters: int)
     return groups == 1 and cdiv(m, bm) * cdiv(og, bn) < SPLIT_WAVE and k_iters >= 4
 
 
-def problem_candidates(x, w, b, y, groups: int, prec: str) -> list[tuple]:
+def _tma_strided(t) -> bool:
+    """Whether ``t`` [N, C, H, W] can be described for TMA as NHWC: unit channel stride, the other
+    strides multiples of 16 bytes, a 16-byte aligned base."""
+    es = t.element_size()
+    return t.stride(1) == 1 and all(s * es % 16 == 0 for s in (t.stride(0), t.stride(2), t.stride(3))) \
+        and t.data_ptr() % 16 == 0
+
+
+def tma_problem(x, w, stride, groups: int, prec: str) -> bool:
+    """Whether the TMA forward applies to this problem at all (device aside): stride 1, one
+    group, half precision or TF32 operands."""
+    return groups == 1 and tuple(stride) == (1, 1) and (x.element_size() == 2 or prec == "tf32")
+
+
+@functools.lru_cache(maxsize=None)
+def _has_tma(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def tma_device(t) -> bool:
+    """Whether ``t``'s device runs the TMA forward: a CUDA device of compute capability 9+, the
+    kernels compiled (not the interpreter)."""
+    if INTERPRETED or t.device.type != "cuda":
+        return False
+    return _has_tma(t.device.index if t.device.index is not None else torch.cuda.current_device())
+
+
+def tma_candidates(x, w, stride, groups: int, prec: str) -> list[tuple]:
+    """The TMA forward's candidates for this problem (device aside): each TMA_CONFIGS tile whose
+    BLOCK_K divides the channel count, on x itself where it can be described for TMA as NHWC,
+    else the TMA_VIA_CL tiles on channels_last copies; none where :func:`tma_problem` refuses."""
+    if not tma_problem(x, w, stride, groups, prec):
+        return []
+    key = "half" if x.element_size() == 2 else "fp32"
+    cg = w.shape[1]
+    if _tma_strided(x):
+        return [(*cfg, TMA) for cfg in TMA_CONFIGS[key].values() if cg % cfg[3] == 0]
+    return [(*TMA_CONFIGS[key][name], TMA, VIA_CL) for name in TMA_VIA_CL[key] if cg % TMA_CONFIGS[key][name][3] == 0]
+
+
+def problem_candidates(x, w, b, y, groups: int, prec: str, stride=None) -> list[tuple]:
     """The forward candidates :func:`conv_forward` hands a measuring chooser for these tensors
     (layouts, alignment, channel counts) and float32 precision; benchmarks/sweep.py times the
-    same list."""
+    same list. With ``stride`` (the convolution's), on a device with TMA (:func:`tma_device`),
+    also :func:`tma_candidates`."""
     half = x.element_size() == 2
     cg, og = w.shape[1], w.shape[0] // groups
     tiles = half or prec == "tf32"  # the NHWC tiles are not candidates for ieee float32
@@ -774,6 +888,8 @@ def problem_candidates(x, w, b, y, groups: int, prec: str) -> list[tuple]:
         if split_eligible(groups, m, og, bm, bn, taps * cdiv(cg, bk)):
             out.append((*table[name], FLAT, SPLIT))
     out += [(*table[name], PACKED) for name in FWD_PACKED[key] if packed_offered(cg, taps, table[name][2])]
+    if stride is not None and tma_device(x):
+        out += tma_candidates(x, w, stride, groups, prec)
     return out
 
 
@@ -979,6 +1095,40 @@ def _launch_variant(direct, cfg, a, w, out):
         out.copy_(oc)
 
 
+def _tma_weight(w):
+    """The weight as the TMA forward reads it: [O, TAPS * C] in (tap, channel) order, a view of a
+    channels_last weight, else a copy; rows 16-byte aligned."""
+    o, cg, kh, kw = w.shape
+    wv = w.permute(0, 2, 3, 1).reshape(o, kh * kw * cg)
+    es = wv.element_size()
+    if wv.stride(1) != 1 or wv.stride(0) * es % 16 or wv.data_ptr() % 16:
+        wv = wv.contiguous()
+    return wv
+
+
+def _tma_forward(cfg, x, w, b, y, padding, dilation, activation, prec, warm=False) -> None:
+    """One launch of :func:`_conv_tma_fwd_kernel` (``warm``: compile only) through the JIT
+    (``kernel[grid]``: the cached launch plans of ``_launch`` take pointer arguments only); x
+    must be :func:`_tma_strided`, the convolution stride 1, one group."""
+    bh, bw, bn, bk, warps, stages = cfg[:6]
+    n, _, _, _ = x.shape
+    o, cg, kh, kw = w.shape
+    _, _, ho, wo = y.shape
+    assert cg % bk == 0 and _tma_strided(x), "the TMA forward needs whole channel blocks and an NHWC-describable x"
+    xs = x.permute(0, 2, 3, 1)
+    wv = _tma_weight(w)
+    x_desc = TensorDescriptor(xs, list(xs.shape), list(xs.stride()), [1, bh, bw, bk])
+    w_desc = TensorDescriptor(wv, list(wv.shape), list(wv.stride()), [bn, bk])
+    grid = (n * cdiv(ho, bh) * cdiv(wo, bw), cdiv(o, bn))
+    args = (x_desc, w_desc, b if b is not None else y, y, ho, wo, o, cg, kw, kh * kw, padding[0], padding[2],
+            dilation[0], dilation[1], *y.stride(), int(b is not None), ACT_CODES[activation])
+    meta = dict(PREC=_dot_precision(prec), BH=bh, BW=bw, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+    if warm:
+        _conv_tma_fwd_kernel.warmup(*args, grid=grid, **meta)
+    else:
+        _conv_tma_fwd_kernel[grid](*args, **meta)
+
+
 def conv_forward(x, w, bias, y, stride, padding, dilation, groups, activation, prec, interpret, choose=None):
     """``y`` [N, O, Ho, Wo] = act(conv(x [N, C, H, W], w [O, C/groups, kh, kw]) + bias [O]).
 
@@ -1013,6 +1163,9 @@ def conv_forward(x, w, bias, y, stride, padding, dilation, groups, activation, p
     half = x.element_size() == 2
 
     def direct(cfg, x, w, y, warm=False):
+        if TMA in cfg:
+            _tma_forward(cfg, x, w, bias, y, padding, dilation, activation, prec, warm)
+            return
         bm, bn, bk, warps, stages = cfg[:5]
         split = SPLIT in cfg[5:]
         packed = PACKED in cfg[5:]
@@ -1048,7 +1201,7 @@ def conv_forward(x, w, bias, y, stride, padding, dilation, groups, activation, p
         key = (tuple(x.shape), tuple(x.stride()), tuple(w.shape), tuple(w.stride()), tuple(y.stride()),
                str(x.dtype), tuple(stride), tuple(padding), tuple(dilation), groups, prec,
                bias is not None, activation)
-        cands = problem_candidates(x, w, bias, y, groups, prec)
+        cands = problem_candidates(x, w, bias, y, groups, prec, stride)
         cfg = tuple(choose("conv_fwd", key, cands, launch, cfg,
                            prepare=lambda cs: _compile_all(cs, interpret, lambda c, nhwc: direct(c, *nhwc(x, w, y), warm=True))))
     launch(cfg)
@@ -1260,6 +1413,26 @@ def _dgrad_spec(dt: str, prec: str, cname: str, cfg: tuple, nhwc: bool = False, 
                    **({"divisible_by_16": DGRAD_NHWC_DIV16} if nhwc else {}))
 
 
+_INTS_TMA_FWD = ("Ho", "Wo", "O", "CG", "KW", "TAPS", "PH", "PW", "DH", "DW",
+                 "stride_yn", "stride_yc", "stride_yh", "stride_yw", "HAS_BIAS", "ACT")
+
+
+def _tma_specs() -> list[AotSpec]:
+    """The TMA forward's specs: every TMA_CONFIGS tile in TF32 (float32) and in float16 /
+    bfloat16."""
+    specs = []
+    for dt, prec in (("fp32", "tf32"), ("fp16", "ieee"), ("bf16", "ieee")):
+        for cname, (bh, bw, bn, bk, warps, stages) in TMA_CONFIGS["fp32" if dt == "fp32" else "half"].items():
+            sig = {"x_desc": f"tensordesc<{dt}[1, {bh}, {bw}, {bk}]>", "w_desc": f"tensordesc<{dt}[{bn}, {bk}]>",
+                   "b_ptr": f"*{dt}", "y_ptr": f"*{dt}"}
+            sig.update({k: "i32" for k in _INTS_TMA_FWD})
+            blocks = {"BH": bh, "BW": bw, "BLOCK_N": bn, "BLOCK_K": bk}
+            sig.update({k: "constexpr" for k in ("PREC", *blocks)})
+            specs.append(AotSpec(_conv_tma_fwd_kernel, sig, {"PREC": prec, **blocks}, num_warps=warps,
+                                 num_stages=stages, label=f"fwd {cname} {dt} {prec} tma"))
+    return specs
+
+
 def aot_specs():
     """Every configuration the launchers can launch on a GPU: each GPU config x dtype x
     (float32) precision (wgrad: all but "large"), plus the forward's measured-choice candidates
@@ -1319,6 +1492,7 @@ def aot_specs():
         for cname in DGRAD_VIA_CL[key]:
             if cname not in DGRAD_NHWC_CONFIGS[key]:
                 specs.append(_dgrad_spec(dt, prec, f"{cname}/nhwc", DGRAD_CONFIGS[key][cname], nhwc=True))
+    specs += _tma_specs()
     rbm, rbn, rwarps = REDUCE_BLOCKS
     for dt in ("fp32", "fp16", "bf16"):
         sig = {"ws_ptr": "*fp32", "b_ptr": f"*{dt}", "y_ptr": f"*{dt}"}
