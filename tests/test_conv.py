@@ -1126,6 +1126,64 @@ def test_tma_forward_matches_reference(half, case, rng):
             assert max_rel_err(y, yr) <= _tf32_bound(red), f"TMA forward {cfg} (tf32)"
 
 
+# (input shape, weight shape, padding [t, b, l, r], dilation, input-gradient layout, a
+# non-finite weight) for the TMA input gradient (g channels_last, as the kernel takes it)
+TMA_DGRAD_CASES = [
+    ((2, 24, 9, 10), (16, 24, 3, 3), (1, 1, 1, 1), (1, 1), "contig", False),
+    ((1, 8, 5, 7), (32, 8, 3, 2), (2, 2, 0, 1), (2, 1), "channels_last", False),
+    ((2, 8, 4, 6), (16, 8, 1, 1), (0, 0, 0, 0), (1, 1), "channels_last", False),
+    ((1, 16, 6, 5), (16, 16, 3, 3), (3, 3, 3, 3), (1, 1), "contig", False),
+    ((1, 8, 7, 6), (16, 8, 3, 3), (1, 1, 1, 1), (1, 1), "contig", True),
+]
+
+
+@pytest.mark.usefixtures("no_tf32")
+@pytest.mark.parametrize("half", [False, True], ids=["tf32", "half"])
+@pytest.mark.parametrize("case", TMA_DGRAD_CASES, ids=[f"case{i}" for i in range(len(TMA_DGRAD_CASES))])
+def test_tma_dgrad_matches_reference(half, case, rng):
+    """The TMA input gradient launched directly (interpreter tile on a CPU machine, every
+    DGRAD_TMA_CONFIGS tile whose channel block fits on a GPU) against the float64 reference:
+    pixel blocks cut by the image's edge, padding past the kernel's reach (output pixels no tap
+    reaches), dilation, a non-square and a 1x1 kernel, NCHW and channels_last gradients; with an
+    infinite weight, non-finite values exactly at the pixels its tap reaches (the zero rows the
+    copy engine fills in for the other pixels never meet it)."""
+    from gpu_nn.kernels.triton import conv as kt
+
+    dev = _tma_here()
+    xs, ws, pad, dil, dl, nonfinite = case
+    dtype = torch.float16 if half else torch.float32
+    x64, w64 = randn(rng, *xs), randn(rng, *ws) / (ws[0] * ws[2] * ws[3]) ** 0.5
+    if nonfinite:
+        w64[3, 2, 0, 2] = float("inf")
+    with gpu_nn.backend("reference"):
+        xl = x64.clone().requires_grad_()
+        yr = F.conv2d(TF.pad(xl, (pad[2], pad[3], pad[0], pad[1])), w64, dilation=dil)
+        g64 = randn(rng, *yr.shape)
+        want = torch.autograd.grad(yr, xl, g64)[0]
+    g = _layout(g64.to(dev, dtype), "channels_last")
+    w = w64.to(dev, dtype)
+    key = "half" if half else "fp32"
+    cfgs = [kt.DGRAD_TMA_INTERP_CONFIG] if dev == "cpu" else [(*c, kt.TMA) for c in kt.DGRAD_TMA_CONFIGS[key].values()]
+    red = ws[0] * ws[2] * ws[3]
+    for cfg in cfgs:
+        if ws[0] % cfg[3]:
+            continue
+        dx = _layout(torch.full(xs, float("nan"), dtype=dtype, device=dev), dl)
+        kt._tma_dgrad(cfg, g, w, dx, pad, dil, "ieee" if half else "tf32")
+        got = dx.double().cpu()
+        fin = torch.isfinite(want)
+        assert torch.equal(torch.isfinite(got), fin), f"TMA dgrad {cfg}: non-finite pixels differ"
+        if nonfinite:
+            assert not fin.all() and fin.any()
+            got, want_c = torch.where(fin, got, 0.0), torch.where(fin, want, 0.0)
+        else:
+            want_c = want
+        if half:
+            assert_close(got, want_c, dtype, red, f"TMA dgrad {cfg}")
+        else:
+            assert max_rel_err(got, want_c) <= _tf32_bound(red), f"TMA dgrad {cfg} (tf32)"
+
+
 def test_tma_candidates_only_where_they_apply(monkeypatch):
     """The TMA forward is offered for stride-1 one-group problems in half precision or TF32,
     each tile whose channel block divides the channel count, on x itself where it is NHWC (else
@@ -1152,22 +1210,36 @@ def test_tma_candidates_only_where_they_apply(monkeypatch):
     monkeypatch.setattr(kt, "tma_device", lambda t: True)
     assert kt.problem_candidates(x, w, None, y, 1, "ieee", (1, 1))[-len(half):] == half
     assert not any(kt.TMA in c for c in kt.problem_candidates(x, w, None, y, 1, "ieee"))  # no stride given
+    # the input gradient's: by the output channel count, and rows of C channels in 16-byte units
+    dhalf = [(*c, kt.TMA) for c in kt.DGRAD_TMA_CONFIGS["half"].values()]
+    g = t(2, 64, 8, 8)
+    w64 = t(64, 32, 3, 3)
+    assert kt.tma_dgrad_candidates(g, w64, (1, 1), 1, "ieee") == dhalf
+    assert kt.tma_dgrad_candidates(t(2, 64, 8, 8, cl=False), w64, (1, 1), 1, "ieee") == [
+        (*kt.DGRAD_TMA_CONFIGS["half"]["tma8x16n64"], kt.TMA, kt.VIA_CL)]
+    assert kt.tma_dgrad_candidates(g, w64, (1, 2), 1, "ieee") == []
+    assert kt.tma_dgrad_candidates(t(2, 48, 8, 8), t(48, 32, 3, 3), (1, 1), 1, "ieee") == []  # 48 % 64
+    assert kt.tma_dgrad_candidates(g, t(64, 12, 3, 3), (1, 1), 1, "ieee") == []  # 12 x 2 bytes
+    assert not any(kt.TMA in c for c in kt.dgrad_problem_candidates(g, w64, t(2, 32, 8, 8), 1, "ieee"))
+    assert kt.dgrad_problem_candidates(g, w64, t(2, 32, 8, 8), 1, "ieee", (1, 1))[-len(dhalf):] == dhalf
     labels = {sp.label for sp in kt.aot_specs()}
     for key, dts in (("fp32", ("fp32 tf32",)), ("half", ("fp16 ieee", "bf16 ieee"))):
         assert all(f"fwd {name} {dt} tma" in labels for name in kt.TMA_CONFIGS[key] for dt in dts)
+        assert all(f"dgrad {name} {dt} tma" in labels for name in kt.DGRAD_TMA_CONFIGS[key] for dt in dts)
 
 
 @pytest.mark.usefixtures("no_tf32")
 def test_tma_candidates_through_the_chooser_match_reference(monkeypatch, rng):
-    """Every TMA candidate a measuring chooser may pick, forced through F.conv2d (the device
-    check patched on a CPU machine, where the interpreter runs the GPU tiles): the direct form on
-    a channels_last half problem, the via-channels_last form on an NCHW one."""
+    """Every TMA candidate a measuring chooser may pick, forward and input gradient, forced
+    through F.conv2d (the device check patched on a CPU machine, where the interpreter runs the
+    GPU tiles): the direct form on a channels_last half problem, the via-channels_last form on
+    an NCHW one."""
     from gpu_nn.kernels.triton import conv as kt
     from gpu_nn.ops import conv as oc
 
     dev = _tma_here()
     monkeypatch.setattr(kt, "tma_device", lambda t: True)
-    x64, w64, b64 = randn(rng, 1, 64, 5, 9), randn(rng, 16, 64, 3, 3) / 24, randn(rng, 16)
+    x64, w64, b64 = randn(rng, 1, 64, 5, 9), randn(rng, 64, 64, 3, 3) / 24, randn(rng, 64)
     with gpu_nn.backend("reference"):
         yr = F.conv2d(x64, w64, b64, padding=1, activation="relu")
     for layout in ("channels_last", "contig"):
@@ -1182,6 +1254,24 @@ def test_tma_candidates_through_the_chooser_match_reference(monkeypatch, rng):
             with gpu_nn.backend("triton"):
                 y = F.conv2d(x, w, b, padding=1, activation="relu")
             assert_close(y, yr, torch.float16, 9 * 64, f"forward {cand} {layout}")
+    # the input gradient's, g in either layout (F.conv2d's output follows x's layout)
+    g64 = randn(rng, *yr.shape)
+    with gpu_nn.backend("reference"):
+        x64r = x64.clone().requires_grad_()
+        want = torch.autograd.grad(F.conv2d(x64r, w64, b64, padding=1), x64r, g64)[0]
+    for layout in ("channels_last", "contig"):
+        x, w = (_layout(t.to(dev, torch.float16), layout) for t in (x64, w64))
+        x.requires_grad_()
+        g = _layout(g64.to(dev, torch.float16), layout)
+        cands = [c for c in kt.dgrad_problem_candidates(g, w, x, 1, "ieee", (1, 1)) if kt.TMA in c]
+        assert cands and all((kt.VIA_CL in c) is (layout == "contig") for c in cands)
+        for cand in cands:
+            monkeypatch.setattr(oc, "_chooser", lambda device, cand=cand: (
+                lambda op, key, cs, run, default, **_: default if op != "conv_dgrad" else (
+                    cand if cand in cs else pytest.fail(f"{cand} not offered"))))
+            with gpu_nn.backend("triton"):
+                got = torch.autograd.grad(F.conv2d(x, w, b64.to(dev, torch.float16), padding=1), x, g)[0]
+            assert_close(got, want, torch.float16, 9 * 64, f"dgrad {cand} {layout}")
 
 
 def test_split_k_only_where_tiles_are_few():

@@ -193,6 +193,17 @@ TMA_CONFIGS = {
 TMA_VIA_CL = {"half": ("tma8x16",), "fp32": ("tma8x16",)}
 # the TMA forward's tile in the interpreter tests (BLOCK_M = 16)
 TMA_INTERP_CONFIG = (2, 8, 16, 16, 4, 1, TMA)
+# The TMA input gradient (``_conv_tma_dgrad_kernel``), on the same terms (stride 1, one group,
+# half or TF32) for output channel counts in multiples of BLOCK_K: a BH x BW block of input
+# pixels by BLOCK_N input channels. It keeps two accumulators (the running sum and the tap's),
+# so its 128-channel tiles take 191 (half) / 201 (TF32) registers against the forward's 138 /
+# 144 (sm_90 AOT, no spills, HGMMA, UTMALDG); 64-channel tiles take 112-126.
+DGRAD_TMA_CONFIGS = {
+    "half": {"tma8x16": (8, 16, 128, 64, 8, 3), "tma8x16n64": (8, 16, 64, 64, 8, 3), "tma8x8": (8, 8, 64, 64, 4, 4)},
+    "fp32": {"tma8x16": (8, 16, 128, 32, 8, 3), "tma8x16n64": (8, 16, 64, 32, 8, 3)},
+}
+DGRAD_TMA_VIA_CL = {"half": ("tma8x16n64",), "fp32": ("tma8x16n64",)}
+DGRAD_TMA_INTERP_CONFIG = (2, 8, 16, 16, 4, 1, TMA)
 SPLIT_WAVE = 132
 SPLIT_TARGET_PROGRAMS = 264
 SPLIT_MAX = 16
@@ -471,6 +482,56 @@ def _conv_tma_fwd_kernel(x_desc, w_desc, b_ptr, y_ptr, Ho, Wo, O, CG, KW, TAPS, 
     y_off = (n.to(tl.int64) * stride_yn + oh.to(tl.int64) * stride_yh + ow.to(tl.int64) * stride_yw)[:, None] \
         + offs_o.to(tl.int64)[None, :] * stride_yc
     tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=((oh < Ho) & (ow < Wo))[:, None] & o_ok[None, :])
+
+
+@triton.jit
+def _conv_tma_dgrad_kernel(g_desc, w_desc, dx_ptr, H, W, Ho, Wo, C, O, KW, TAPS, PH, PW, DH, DW,
+                           stride_dn, stride_dc, stride_dh, stride_dw, PREC: tl.constexpr,
+                           BH: tl.constexpr, BW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The stride-1 input gradient through TMA, one group: each program a ``BH x BW`` block of
+    input pixels of one image (grid axis 0) by ``BLOCK_N`` input channels (axis 1).
+
+    ``g_desc`` describes g as NHWC [N, Ho, Wo, O], box [1, BH, BW, BLOCK_K]; ``w_desc`` the
+    weight as [TAPS * O, C] in (tap, output channel) rows, box [BLOCK_K, BLOCK_N]. At stride 1
+    the output pixels tap (i, j) takes from a block of input pixels are a box at (h0 + PH - i*DH,
+    w0 + PW - j*DW), zero outside g (the copy engine's fill). As in ``_conv_dgrad_kernel`` each
+    tap's products go to their own accumulator, added only to the pixels the tap reaches (a zero
+    row of g times a non-finite weight must not reach a pixel torch's scatter never forms it
+    for). One flat loop over (tap, channel block) pairs so that the loads pipeline across taps;
+    ``O`` must be a multiple of BLOCK_K (no box reaches into the next tap's rows)."""
+    BLOCK_M: tl.constexpr = BH * BW
+    blocks_w = tl.cdiv(W, BW)
+    blocks = tl.cdiv(H, BH) * blocks_w
+    pid = tl.program_id(0)
+    n = pid // blocks
+    r = pid - n * blocks
+    h0 = (r // blocks_w) * BH
+    w0 = (r - (r // blocks_w) * blocks_w) * BW
+    c0 = tl.program_id(1) * BLOCK_N
+    offs_m = tl.arange(0, BLOCK_M)
+    h = h0 + offs_m // BW
+    w = w0 + offs_m % BW
+    KO = O // BLOCK_K
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    tap = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kk in range(0, TAPS * KO):
+        t = kk // KO
+        ob = kk - t * KO
+        i = t // KW
+        j = t - i * KW
+        a = g_desc.load([n, h0 + PH - i * DH, w0 + PW - j * DW, ob * BLOCK_K])
+        b = w_desc.load([t * O + ob * BLOCK_K, c0])
+        tap = tl.dot(tl.reshape(a, (BLOCK_M, BLOCK_K)), b, tap, input_precision=PREC, out_dtype=tl.float32)
+        if ob == KO - 1:
+            oh = h + PH - i * DH
+            ow = w + PW - j * DW
+            reach = (oh >= 0) & (oh < Ho) & (ow >= 0) & (ow < Wo)
+            acc += tl.where(reach[:, None], tap, 0.0)
+            tap = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    offs_c = c0 + tl.arange(0, BLOCK_N)
+    d_off = (n.to(tl.int64) * stride_dn + h.to(tl.int64) * stride_dh + w.to(tl.int64) * stride_dw)[:, None] \
+        + offs_c.to(tl.int64)[None, :] * stride_dc
+    tl.store(dx_ptr + d_off, acc.to(dx_ptr.dtype.element_ty), mask=((h < H) & (w < W))[:, None] & (offs_c < C)[None, :])
 
 
 @triton.jit
@@ -869,6 +930,21 @@ def tma_candidates(x, w, stride, groups: int, prec: str) -> list[tuple]:
     return [(*TMA_CONFIGS[key][name], TMA, VIA_CL) for name in TMA_VIA_CL[key] if cg % TMA_CONFIGS[key][name][3] == 0]
 
 
+def tma_dgrad_candidates(g, w, stride, groups: int, prec: str) -> list[tuple]:
+    """The TMA input gradient's candidates for this problem (device aside), as
+    :func:`tma_candidates`: each DGRAD_TMA_CONFIGS tile whose BLOCK_K divides the output channel
+    count, on g itself where it can be described for TMA as NHWC, else the DGRAD_TMA_VIA_CL
+    tiles on channels_last copies; the weight's rows of C channels must be whole 16-byte units."""
+    if not tma_problem(g, w, stride, groups, prec) or w.shape[1] * g.element_size() % 16:
+        return []
+    key = "half" if g.element_size() == 2 else "fp32"
+    o = w.shape[0]
+    table = DGRAD_TMA_CONFIGS[key]
+    if _tma_strided(g):
+        return [(*cfg, TMA) for cfg in table.values() if o % cfg[3] == 0]
+    return [(*table[name], TMA, VIA_CL) for name in DGRAD_TMA_VIA_CL[key] if o % table[name][3] == 0]
+
+
 def problem_candidates(x, w, b, y, groups: int, prec: str, stride=None) -> list[tuple]:
     """The forward candidates :func:`conv_forward` hands a measuring chooser for these tensors
     (layouts, alignment, channel counts) and float32 precision; benchmarks/sweep.py times the
@@ -909,11 +985,11 @@ def dgrad_candidates(half: bool, nhwc: bool = False, via_cl: bool = False) -> li
     return out
 
 
-def dgrad_problem_candidates(g, w, dx, groups: int, prec: str) -> list[tuple]:
+def dgrad_problem_candidates(g, w, dx, groups: int, prec: str, stride=None) -> list[tuple]:
     """The input-gradient candidates :func:`conv_backward_data` hands a measuring chooser for
     these tensors: :func:`dgrad_candidates` for their layouts, and the tap-split ``DGRAD_SPLIT``
     tiles as ``(*tile, SPLIT)`` for one-group problems with two taps or more and fewer output
-    tiles than a wave."""
+    tiles than a wave; with ``stride`` on a device with TMA, :func:`tma_dgrad_candidates`."""
     half = g.element_size() == 2
     o, cg, kh, kw = w.shape
     og = o // groups
@@ -928,6 +1004,8 @@ def dgrad_problem_candidates(g, w, dx, groups: int, prec: str) -> list[tuple]:
         bm, bn = table[name][:2]
         if kh * kw >= 2 and split_eligible(groups, m, cg, bm, bn, 4):  # split over whole taps
             out.append((*table[name], SPLIT))
+    if stride is not None and tma_device(g):
+        out += tma_dgrad_candidates(g, w, stride, groups, prec)
     return out
 
 
@@ -1129,6 +1207,32 @@ def _tma_forward(cfg, x, w, b, y, padding, dilation, activation, prec, warm=Fals
         _conv_tma_fwd_kernel[grid](*args, **meta)
 
 
+def _tma_dgrad(cfg, g, w, dx, padding, dilation, prec, warm=False) -> None:
+    """One launch of :func:`_conv_tma_dgrad_kernel` (``warm``: compile only) through the JIT; g
+    must be :func:`_tma_strided`, the convolution stride 1, one group. The weight is read as
+    [TAPS * O, C] (tap, output channel) rows: a copy of the usual weight (a pass over the
+    weight alone)."""
+    bh, bw, bn, bk, warps, stages = cfg[:6]
+    n, c, h, wd = dx.shape
+    o, _, kh, kw = w.shape
+    _, _, ho, wo = g.shape
+    assert o % bk == 0 and _tma_strided(g), "the TMA input gradient needs whole channel blocks and an NHWC-describable g"
+    gs = g.permute(0, 2, 3, 1)
+    wt = w.permute(2, 3, 0, 1).reshape(kh * kw * o, c)
+    if wt.stride(1) != 1 or wt.stride(0) * wt.element_size() % 16 or wt.data_ptr() % 16:
+        wt = wt.contiguous()
+    g_desc = TensorDescriptor(gs, list(gs.shape), list(gs.stride()), [1, bh, bw, bk])
+    w_desc = TensorDescriptor(wt, list(wt.shape), list(wt.stride()), [bk, bn])
+    grid = (n * cdiv(h, bh) * cdiv(wd, bw), cdiv(c, bn))
+    args = (g_desc, w_desc, dx, h, wd, ho, wo, c, o, kw, kh * kw, padding[0], padding[2], dilation[0], dilation[1],
+            *dx.stride())
+    meta = dict(PREC=_dot_precision(prec), BH=bh, BW=bw, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+    if warm:
+        _conv_tma_dgrad_kernel.warmup(*args, grid=grid, **meta)
+    else:
+        _conv_tma_dgrad_kernel[grid](*args, **meta)
+
+
 def conv_forward(x, w, bias, y, stride, padding, dilation, groups, activation, prec, interpret, choose=None):
     """``y`` [N, O, Ho, Wo] = act(conv(x [N, C, H, W], w [O, C/groups, kh, kw]) + bias [O]).
 
@@ -1232,6 +1336,9 @@ def conv_backward_data(g, w, dx, stride, padding, dilation, groups, prec, interp
     half = g.element_size() == 2
 
     def direct(cfg, g, w, dx, warm=False):
+        if TMA in cfg:
+            _tma_dgrad(cfg, g, w, dx, padding, dilation, prec, warm)
+            return
         bm, bn, bk, warps, stages = cfg[:5]
         split = SPLIT in cfg[5:]
         m = n * h * wd
@@ -1260,7 +1367,7 @@ def conv_backward_data(g, w, dx, stride, padding, dilation, groups, prec, interp
     if choose is not None:
         key = (tuple(g.shape), tuple(g.stride()), tuple(w.shape), tuple(w.stride()), tuple(dx.shape), tuple(dx.stride()),
                str(g.dtype), tuple(stride), tuple(padding), tuple(dilation), groups, prec)
-        cfg = tuple(choose("conv_dgrad", key, dgrad_problem_candidates(g, w, dx, groups, prec), launch, cfg,
+        cfg = tuple(choose("conv_dgrad", key, dgrad_problem_candidates(g, w, dx, groups, prec, stride), launch, cfg,
                            prepare=lambda cs: _compile_all(cs, interpret, lambda c, nhwc: direct(c, *nhwc(g, w, dx), warm=True))))
     launch(cfg)
 
@@ -1417,9 +1524,13 @@ _INTS_TMA_FWD = ("Ho", "Wo", "O", "CG", "KW", "TAPS", "PH", "PW", "DH", "DW",
                  "stride_yn", "stride_yc", "stride_yh", "stride_yw", "HAS_BIAS", "ACT")
 
 
+_INTS_TMA_DGRAD = ("H", "W", "Ho", "Wo", "C", "O", "KW", "TAPS", "PH", "PW", "DH", "DW",
+                   "stride_dn", "stride_dc", "stride_dh", "stride_dw")
+
+
 def _tma_specs() -> list[AotSpec]:
-    """The TMA forward's specs: every TMA_CONFIGS tile in TF32 (float32) and in float16 /
-    bfloat16."""
+    """The TMA kernels' specs: every TMA_CONFIGS (forward) and DGRAD_TMA_CONFIGS (input
+    gradient) tile in TF32 (float32) and in float16 / bfloat16."""
     specs = []
     for dt, prec in (("fp32", "tf32"), ("fp16", "ieee"), ("bf16", "ieee")):
         for cname, (bh, bw, bn, bk, warps, stages) in TMA_CONFIGS["fp32" if dt == "fp32" else "half"].items():
@@ -1430,6 +1541,14 @@ def _tma_specs() -> list[AotSpec]:
             sig.update({k: "constexpr" for k in ("PREC", *blocks)})
             specs.append(AotSpec(_conv_tma_fwd_kernel, sig, {"PREC": prec, **blocks}, num_warps=warps,
                                  num_stages=stages, label=f"fwd {cname} {dt} {prec} tma"))
+        for cname, (bh, bw, bn, bk, warps, stages) in DGRAD_TMA_CONFIGS["fp32" if dt == "fp32" else "half"].items():
+            sig = {"g_desc": f"tensordesc<{dt}[1, {bh}, {bw}, {bk}]>", "w_desc": f"tensordesc<{dt}[{bk}, {bn}]>",
+                   "dx_ptr": f"*{dt}"}
+            sig.update({k: "i32" for k in _INTS_TMA_DGRAD})
+            blocks = {"BH": bh, "BW": bw, "BLOCK_N": bn, "BLOCK_K": bk}
+            sig.update({k: "constexpr" for k in ("PREC", *blocks)})
+            specs.append(AotSpec(_conv_tma_dgrad_kernel, sig, {"PREC": prec, **blocks}, num_warps=warps,
+                                 num_stages=stages, label=f"dgrad {cname} {dt} {prec} tma"))
     return specs
 
 
