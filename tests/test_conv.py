@@ -1184,6 +1184,60 @@ def test_tma_dgrad_matches_reference(half, case, rng):
             assert max_rel_err(got, want_c) <= _tf32_bound(red), f"TMA dgrad {cfg} (tf32)"
 
 
+# (input shape, weight shape, padding [t, b, l, r], dilation, x layout, g layout, an infinite
+# input pixel that no output pixel reaches through some taps) for the TMA weight gradient
+TMA_WGRAD_CASES = [
+    ((2, 24, 9, 10), (16, 24, 3, 3), (1, 1, 1, 1), (1, 1), "channels_last", "channels_last", False),
+    ((1, 8, 5, 7), (32, 8, 3, 2), (2, 2, 0, 1), (2, 1), "channels_last", "contig", False),
+    ((3, 16, 4, 6), (8, 16, 1, 1), (0, 0, 0, 0), (1, 1), "contig", "contig", False),
+    ((1, 16, 11, 9), (24, 16, 3, 3), (0, 0, 0, 0), (1, 1), "channels_last", "channels_last", True),
+]
+
+
+@pytest.mark.usefixtures("no_tf32")
+@pytest.mark.parametrize("half", [False, True], ids=["tf32", "half"])
+@pytest.mark.parametrize("case", TMA_WGRAD_CASES, ids=[f"case{i}" for i in range(len(TMA_WGRAD_CASES))])
+def test_tma_wgrad_matches_reference(half, case, rng):
+    """The TMA weight gradient launched directly (interpreter tile on a CPU machine, every
+    WGRAD_TMA_CONFIGS tile on a GPU) against the float64 reference: pixel blocks cut by the
+    output's edge, padding, dilation, a non-square and a 1x1 kernel, x and g in either layout
+    (NHWC copies where they are not), several pixel blocks per split and several splits; with an
+    infinite input pixel in the last row, non-finite weight-gradient entries exactly for the
+    taps whose output pixels reach it (the blocks' rows past the output's edge are zeroed
+    before they meet g's zero fill)."""
+    from gpu_nn.kernels.triton import conv as kt
+
+    dev = _tma_here()
+    xs, ws, pad, dil, xl, gl, nonfinite = case
+    dtype = torch.float16 if half else torch.float32
+    x64 = randn(rng, *xs)
+    if nonfinite:
+        x64[0, 3, xs[2] - 1, 4] = float("inf")  # valid conv: only the bottom taps reach the last row
+    w64 = randn(rng, *ws) / (ws[1] * ws[2] * ws[3]) ** 0.5
+    with gpu_nn.backend("reference"):
+        wl = w64.clone().requires_grad_()
+        yr = F.conv2d(TF.pad(x64, (pad[2], pad[3], pad[0], pad[1])), wl, dilation=dil)
+        g64 = randn(rng, *yr.shape)
+        want = torch.autograd.grad(yr, wl, g64)[0]
+    x = _layout(x64.to(dev, dtype), xl)
+    g = _layout(g64.to(dev, dtype), gl)
+    key = "half" if half else "fp32"
+    cfgs = [kt.WGRAD_TMA_INTERP_CONFIG] if dev == "cpu" else [(*c, kt.TMA) for c in kt.WGRAD_TMA_CONFIGS[key].values()]
+    red = yr.numel() // ws[0]
+    fin = torch.isfinite(want)
+    assert fin.any() and fin.all() is not nonfinite
+    for cfg in cfgs:
+        dw = torch.full(ws, float("nan"), dtype=dtype, device=dev)
+        kt._tma_wgrad(cfg, g, x, dw, pad, dil, "ieee" if half else "tf32", dev == "cpu")
+        got = dw.double().cpu()
+        assert torch.equal(torch.isfinite(got), fin), f"TMA wgrad {cfg}: non-finite entries differ"
+        got, want_c = torch.where(fin, got, 0.0), torch.where(fin, want, 0.0)
+        if half:
+            assert_close(got, want_c, dtype, red, f"TMA wgrad {cfg}")
+        else:
+            assert max_rel_err(got, want_c) <= _tf32_bound(red), f"TMA wgrad {cfg} (tf32)"
+
+
 def test_tma_candidates_only_where_they_apply(monkeypatch):
     """The TMA forward is offered for stride-1 one-group problems in half precision or TF32,
     each tile whose channel block divides the channel count, on x itself where it is NHWC (else
@@ -1222,16 +1276,24 @@ def test_tma_candidates_only_where_they_apply(monkeypatch):
     assert kt.tma_dgrad_candidates(g, t(64, 12, 3, 3), (1, 1), 1, "ieee") == []  # 12 x 2 bytes
     assert not any(kt.TMA in c for c in kt.dgrad_problem_candidates(g, w64, t(2, 32, 8, 8), 1, "ieee"))
     assert kt.dgrad_problem_candidates(g, w64, t(2, 32, 8, 8), 1, "ieee", (1, 1))[-len(dhalf):] == dhalf
+    # the weight gradient's: both channel counts in 16-byte NHWC rows; VIA_CL where x or g is NCHW
+    whalf = [(*c, kt.TMA) for c in kt.WGRAD_TMA_CONFIGS["half"].values()]
+    assert kt.tma_wgrad_candidates(t(2, 24, 8, 8), t(2, 40, 8, 8), (1, 1), 1, "ieee") == whalf
+    assert kt.tma_wgrad_candidates(t(2, 24, 8, 8, cl=False), t(2, 40, 8, 8), (1, 1), 1, "ieee") == [
+        (*c, kt.VIA_CL) for c in whalf]
+    assert kt.tma_wgrad_candidates(t(2, 24, 8, 8), t(2, 36, 8, 8), (1, 1), 1, "ieee") == []
+    assert kt.tma_wgrad_candidates(t(2, 24, 8, 8), t(2, 40, 8, 8), (2, 2), 1, "ieee") == []
     labels = {sp.label for sp in kt.aot_specs()}
     for key, dts in (("fp32", ("fp32 tf32",)), ("half", ("fp16 ieee", "bf16 ieee"))):
         assert all(f"fwd {name} {dt} tma" in labels for name in kt.TMA_CONFIGS[key] for dt in dts)
+        assert all(f"wgrad {name} {dt} tma" in labels for name in kt.WGRAD_TMA_CONFIGS[key] for dt in dts)
         assert all(f"dgrad {name} {dt} tma" in labels for name in kt.DGRAD_TMA_CONFIGS[key] for dt in dts)
 
 
 @pytest.mark.usefixtures("no_tf32")
 def test_tma_candidates_through_the_chooser_match_reference(monkeypatch, rng):
-    """Every TMA candidate a measuring chooser may pick, forward and input gradient, forced
-    through F.conv2d (the device check patched on a CPU machine, where the interpreter runs the
+    """Every TMA candidate a measuring chooser may pick, forward, input and weight gradient,
+    forced through F.conv2d (the device check patched on a CPU machine, where the interpreter runs the
     GPU tiles): the direct form on a channels_last half problem, the via-channels_last form on
     an NCHW one."""
     from gpu_nn.kernels.triton import conv as kt
@@ -1272,6 +1334,23 @@ def test_tma_candidates_through_the_chooser_match_reference(monkeypatch, rng):
             with gpu_nn.backend("triton"):
                 got = torch.autograd.grad(F.conv2d(x, w, b64.to(dev, torch.float16), padding=1), x, g)[0]
             assert_close(got, want, torch.float16, 9 * 64, f"dgrad {cand} {layout}")
+    # ... and the weight gradient's
+    with gpu_nn.backend("reference"):
+        w64r = w64.clone().requires_grad_()
+        want = torch.autograd.grad(F.conv2d(x64, w64r, b64, padding=1), w64r, g64)[0]
+    for layout in ("channels_last", "contig"):
+        x, w = (_layout(t.to(dev, torch.float16), layout) for t in (x64, w64))
+        w.requires_grad_()
+        g = _layout(g64.to(dev, torch.float16), layout)
+        cands = [c for c in kt.tma_wgrad_candidates(g, x, (1, 1), 1, "ieee")]
+        assert cands and all((kt.VIA_CL in c) is (layout == "contig") for c in cands)
+        for cand in cands:
+            monkeypatch.setattr(oc, "_chooser", lambda device, cand=cand: (
+                lambda op, key, cs, run, default, **_: default if op != "conv_wgrad" else (
+                    cand if cand in cs else pytest.fail(f"{cand} not offered"))))
+            with gpu_nn.backend("triton"):
+                got = torch.autograd.grad(F.conv2d(x, w, b64.to(dev, torch.float16), padding=1), w, g)[0]
+            assert_close(got, want, torch.float16, 5 * 9, f"wgrad {cand} {layout}")
 
 
 def test_split_k_only_where_tiles_are_few():

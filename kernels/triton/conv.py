@@ -204,6 +204,20 @@ DGRAD_TMA_CONFIGS = {
 }
 DGRAD_TMA_VIA_CL = {"half": ("tma8x16n64",), "fp32": ("tma8x16n64",)}
 DGRAD_TMA_INTERP_CONFIG = (2, 8, 16, 16, 4, 1, TMA)
+# The TMA weight gradient (``_conv_tma_wgrad_kernel``), same terms, any channel counts whose
+# NHWC rows are whole 16-byte units: (BH, BW, BLOCK_C, BLOCK_O, num_warps, num_stages, TMA), a
+# tap's BLOCK_C x BLOCK_O tile of the weight gradient summed over blocks of BH x BW output
+# pixels. Its operands are reshaped and x's transposed in the kernel, which costs shared memory:
+# sm_90 AOT, registers / shared memory, no spills, HGMMA and UTMALDG: half 128x128 over 8x8
+# pixels 162 / 88 KB, 64x64 over 8x16 124 / 84 KB and over 8x8 (4 stages) 88 / 60 KB; TF32
+# 128x128 over 8x8 (2 stages) 153 / 128 KB, 64x64 over 8x8 120 / 96 KB. Left out: half 128x128
+# over 8x16 (168 KB), TF32 64x64 over 8x16 (192 KB) and 128x64 over 8x16 (288 KB: more than an
+# SM has).
+WGRAD_TMA_CONFIGS = {
+    "half": {"tma8x8": (8, 8, 128, 128, 8, 3), "tma8x16c64": (8, 16, 64, 64, 4, 3), "tma8x8c64": (8, 8, 64, 64, 4, 4)},
+    "fp32": {"tma8x8": (8, 8, 128, 128, 8, 2), "tma8x8c64": (8, 8, 64, 64, 4, 3)},
+}
+WGRAD_TMA_INTERP_CONFIG = (2, 8, 16, 16, 4, 1, TMA)
 SPLIT_WAVE = 132
 SPLIT_TARGET_PROGRAMS = 264
 SPLIT_MAX = 16
@@ -532,6 +546,52 @@ def _conv_tma_dgrad_kernel(g_desc, w_desc, dx_ptr, H, W, Ho, Wo, C, O, KW, TAPS,
     d_off = (n.to(tl.int64) * stride_dn + h.to(tl.int64) * stride_dh + w.to(tl.int64) * stride_dw)[:, None] \
         + offs_c.to(tl.int64)[None, :] * stride_dc
     tl.store(dx_ptr + d_off, acc.to(dx_ptr.dtype.element_ty), mask=((h < H) & (w < W))[:, None] & (offs_c < C)[None, :])
+
+
+@triton.jit
+def _conv_tma_wgrad_kernel(x_desc, g_desc, ws_ptr, N, Ho, Wo, C, O, KW, TAPS, PH, PW, DH, DW, CHUNK,
+                           PREC: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, BLOCK_C: tl.constexpr,
+                           BLOCK_O: tl.constexpr):
+    """The stride-1 weight gradient through TMA, one group: partial sums ws[split, o, c, tap]
+    (float32, contiguous [SPLIT, O, C, TAPS]) of g[n, p, q, o] * x[n, p - PH + i*DH, q - PW +
+    j*DW, c] over the output pixels. Each program one tap and a ``BLOCK_C x BLOCK_O`` tile of
+    (input, output) channels (grid axis 0: channel blocks; axis 1: taps x output-channel
+    blocks), its K loop over ``CHUNK`` blocks of ``BH x BW`` output pixels (axis 2: the split).
+
+    ``x_desc`` / ``g_desc`` describe x and g as NHWC, boxes [1, BH, BW, BLOCK_C] and [1, BH, BW,
+    BLOCK_O]: a block of output pixels and the input pixels a tap pairs with them are both boxes
+    at stride 1. The product is taken as ws^T = x^T g: x's tile is the A operand (registers),
+    where the rows of pixels past the image's edge are zeroed (g is zero there, but an
+    infinite x must not meet it: the pointer kernel never pairs them), g's the B operand."""
+    BLOCK_M: tl.constexpr = BH * BW
+    c0 = tl.program_id(0) * BLOCK_C
+    pid_to = tl.program_id(1)
+    n_ob = tl.cdiv(O, BLOCK_O)
+    t = pid_to // n_ob
+    o0 = (pid_to - t * n_ob) * BLOCK_O
+    i = t // KW
+    dh = i * DH - PH
+    dw = (t - i * KW) * DW - PW
+    blocks_w = tl.cdiv(Wo, BW)
+    blocks = tl.cdiv(Ho, BH) * blocks_w
+    b_lo = tl.program_id(2) * CHUNK
+    b_hi = tl.minimum(b_lo + CHUNK, N * blocks)
+    offs_m = tl.arange(0, BLOCK_M)
+    acc = tl.zeros((BLOCK_C, BLOCK_O), dtype=tl.float32)
+    for blk in range(b_lo, b_hi):
+        n = blk // blocks
+        r = blk - n * blocks
+        oh0 = (r // blocks_w) * BH
+        ow0 = (r - (r // blocks_w) * blocks_w) * BW
+        a = tl.reshape(x_desc.load([n, oh0 + dh, ow0 + dw, c0]), (BLOCK_M, BLOCK_C))
+        inside = ((oh0 + offs_m // BW) < Ho) & ((ow0 + offs_m % BW) < Wo)
+        a = tl.where(inside[:, None], a, 0.0).to(a.dtype)
+        b = tl.reshape(g_desc.load([n, oh0, ow0, o0]), (BLOCK_M, BLOCK_O))
+        acc = tl.dot(a.T, b, acc, input_precision=PREC, out_dtype=tl.float32)
+    offs_c = c0 + tl.arange(0, BLOCK_C)
+    offs_o = o0 + tl.arange(0, BLOCK_O)
+    ws_off = ((tl.program_id(2) * O + offs_o).to(tl.int64)[None, :] * C + offs_c[:, None]) * TAPS + t
+    tl.store(ws_ptr + ws_off, acc, mask=(offs_c < C)[:, None] & (offs_o < O)[None, :])
 
 
 @triton.jit
@@ -945,6 +1005,18 @@ def tma_dgrad_candidates(g, w, stride, groups: int, prec: str) -> list[tuple]:
     return [(*table[name], TMA, VIA_CL) for name in DGRAD_TMA_VIA_CL[key] if o % table[name][3] == 0]
 
 
+def tma_wgrad_candidates(g, x, stride, groups: int, prec: str) -> list[tuple]:
+    """The TMA weight gradient's candidates for this problem (device aside): every
+    WGRAD_TMA_CONFIGS tile where both channel counts make NHWC rows of whole 16-byte units, as
+    ``(*tile, TMA)`` where x and g can be described for TMA as they are, else ``(*tile, TMA,
+    VIA_CL)`` (NHWC copies of those that cannot)."""
+    es = x.element_size()
+    if not tma_problem(x, x, stride, groups, prec) or x.shape[1] * es % 16 or g.shape[1] * es % 16:
+        return []
+    tail = (TMA,) if _tma_strided(x) and _tma_strided(g) else (TMA, VIA_CL)
+    return [(*cfg, *tail) for cfg in WGRAD_TMA_CONFIGS["half" if es == 2 else "fp32"].values()]
+
+
 def problem_candidates(x, w, b, y, groups: int, prec: str, stride=None) -> list[tuple]:
     """The forward candidates :func:`conv_forward` hands a measuring chooser for these tensors
     (layouts, alignment, channel counts) and float32 precision; benchmarks/sweep.py times the
@@ -1233,6 +1305,34 @@ def _tma_dgrad(cfg, g, w, dx, padding, dilation, prec, warm=False) -> None:
         _conv_tma_dgrad_kernel[grid](*args, **meta)
 
 
+def _tma_wgrad(cfg, g, x, dw, padding, dilation, prec, interpret: bool, warm=False) -> None:
+    """The TMA weight gradient (``warm``: compile only): NHWC copies of x and g where they cannot
+    be described as they are, :func:`_conv_tma_wgrad_kernel` into float32 partial sums over
+    splits of the output-pixel blocks (:func:`wgrad_split`), summed into dw."""
+    bh, bw, bc, bo, warps, stages = cfg[:6]
+    x, g = _nhwc_copy(x), _nhwc_copy(g)
+    n, c, _, _ = x.shape
+    o, _, kh, kw = dw.shape
+    _, _, ho, wo = g.shape
+    nb = n * cdiv(ho, bh) * cdiv(wo, bw)
+    tiles = cdiv(c, bc) * kh * kw * cdiv(o, bo)
+    split = wgrad_split(tiles, nb * bh * bw, bh * bw, interpret)
+    chunk = cdiv(nb, split)
+    split = cdiv(nb, chunk)
+    ws = _partials(split, (o, c, kh * kw), dw)
+    xs, gs = x.permute(0, 2, 3, 1), g.permute(0, 2, 3, 1)
+    x_desc = TensorDescriptor(xs, list(xs.shape), list(xs.stride()), [1, bh, bw, bc])
+    g_desc = TensorDescriptor(gs, list(gs.shape), list(gs.stride()), [1, bh, bw, bo])
+    grid = (cdiv(c, bc), kh * kw * cdiv(o, bo), split)
+    args = (x_desc, g_desc, ws, n, ho, wo, c, o, kw, kh * kw, padding[0], padding[2], dilation[0], dilation[1], chunk)
+    meta = dict(PREC=_dot_precision(prec), BH=bh, BW=bw, BLOCK_C=bc, BLOCK_O=bo, num_warps=warps, num_stages=stages)
+    if warm:
+        _conv_tma_wgrad_kernel.warmup(*args, grid=grid, **meta)
+        return
+    _conv_tma_wgrad_kernel[grid](*args, **meta)
+    _reduce_partials(ws, dw)
+
+
 def conv_forward(x, w, bias, y, stride, padding, dilation, groups, activation, prec, interpret, choose=None):
     """``y`` [N, O, Ho, Wo] = act(conv(x [N, C, H, W], w [O, C/groups, kh, kw]) + bias [O]).
 
@@ -1403,6 +1503,9 @@ def conv_backward_weight(g, x, dw, stride, padding, dilation, groups, prec, inte
     half = x.element_size() == 2
 
     def run(cfg, warm=False):
+        if TMA in cfg:
+            _tma_wgrad(cfg, g, x, dw, padding, dilation, prec, interpret, warm)
+            return
         bm, bn, bk, warps, stages = cfg[:5]
         packed = PACKED in cfg[5:]
         cols = cdiv(cg * kh * kw, bn) if packed else cdiv(cg, bn) * kh * kw
@@ -1429,7 +1532,10 @@ def conv_backward_weight(g, x, dw, stride, padding, dilation, groups, prec, inte
         # every run rewrites dw in full (its partials summed into it, or written directly)
         key = (tuple(g.shape), tuple(g.stride()), tuple(x.shape), tuple(x.stride()), tuple(dw.shape),
                tuple(dw.stride()), str(x.dtype), tuple(stride), tuple(padding), tuple(dilation), groups, prec)
-        cfg = tuple(choose("conv_wgrad", key, wgrad_candidates(half, cg, kh * kw), run, cfg,
+        cands = wgrad_candidates(half, cg, kh * kw)
+        if tma_device(x):
+            cands += tma_wgrad_candidates(g, x, stride, groups, prec)
+        cfg = tuple(choose("conv_wgrad", key, cands, run, cfg,
                            prepare=lambda cs: _compile_all(cs, interpret, lambda c, _nhwc: run(c, warm=True))))
     run(cfg)
 
@@ -1528,9 +1634,12 @@ _INTS_TMA_DGRAD = ("H", "W", "Ho", "Wo", "C", "O", "KW", "TAPS", "PH", "PW", "DH
                    "stride_dn", "stride_dc", "stride_dh", "stride_dw")
 
 
+_INTS_TMA_WGRAD = ("N", "Ho", "Wo", "C", "O", "KW", "TAPS", "PH", "PW", "DH", "DW", "CHUNK")
+
+
 def _tma_specs() -> list[AotSpec]:
-    """The TMA kernels' specs: every TMA_CONFIGS (forward) and DGRAD_TMA_CONFIGS (input
-    gradient) tile in TF32 (float32) and in float16 / bfloat16."""
+    """The TMA kernels' specs: every TMA_CONFIGS (forward), WGRAD_TMA_CONFIGS (weight gradient)
+    and DGRAD_TMA_CONFIGS (input gradient) tile in TF32 (float32) and in float16 / bfloat16."""
     specs = []
     for dt, prec in (("fp32", "tf32"), ("fp16", "ieee"), ("bf16", "ieee")):
         for cname, (bh, bw, bn, bk, warps, stages) in TMA_CONFIGS["fp32" if dt == "fp32" else "half"].items():
@@ -1541,6 +1650,14 @@ def _tma_specs() -> list[AotSpec]:
             sig.update({k: "constexpr" for k in ("PREC", *blocks)})
             specs.append(AotSpec(_conv_tma_fwd_kernel, sig, {"PREC": prec, **blocks}, num_warps=warps,
                                  num_stages=stages, label=f"fwd {cname} {dt} {prec} tma"))
+        for cname, (bh, bw, bc, bo, warps, stages) in WGRAD_TMA_CONFIGS["fp32" if dt == "fp32" else "half"].items():
+            sig = {"x_desc": f"tensordesc<{dt}[1, {bh}, {bw}, {bc}]>", "g_desc": f"tensordesc<{dt}[1, {bh}, {bw}, {bo}]>",
+                   "ws_ptr": "*fp32"}
+            sig.update({k: "i32" for k in _INTS_TMA_WGRAD})
+            blocks = {"BH": bh, "BW": bw, "BLOCK_C": bc, "BLOCK_O": bo}
+            sig.update({k: "constexpr" for k in ("PREC", *blocks)})
+            specs.append(AotSpec(_conv_tma_wgrad_kernel, sig, {"PREC": prec, **blocks}, num_warps=warps,
+                                 num_stages=stages, label=f"wgrad {cname} {dt} {prec} tma"))
         for cname, (bh, bw, bn, bk, warps, stages) in DGRAD_TMA_CONFIGS["fp32" if dt == "fp32" else "half"].items():
             sig = {"g_desc": f"tensordesc<{dt}[1, {bh}, {bw}, {bk}]>", "w_desc": f"tensordesc<{dt}[{bk}, {bn}]>",
                    "dx_ptr": f"*{dt}"}
