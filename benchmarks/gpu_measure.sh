@@ -5,9 +5,10 @@
 # package installed, Triton's cache holding the default kernels). Steps, each under `timeout`,
 # the whole within GPU_MEASURE_BUDGET_S (default 300 s), most wanted first:
 #   install        only when gpu_nn does not import (gpu_run.sh has installed it)
-#   sweep          python -m gpu_nn.benchmarks.sweep --only sweep: first every conv forward
-#                  candidate (direct, NHWC tiles, via channels_last) and torch at bench_conv's
-#                  shapes, within at most 60 s of its budget (sweep_conv.json, and sweep.json's
+#   sweep          python -m gpu_nn.benchmarks.sweep --only sweep: first every conv forward,
+#                  input- and weight-gradient candidate (tiles, NHWC tiles, via channels_last, packed
+#                  and split K, the TMA kernels) and torch at bench_conv's shapes, bfloat16 first,
+#                  within at most 75 s of its budget (sweep_conv.json, and sweep.json's
 #                  "conv"), then every launch configuration of a
 #                  candidate grid of the activation, pooling and Adam kernels, checked against
 #                  torch and timed (sweep.json, rewritten after every row)

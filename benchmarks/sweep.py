@@ -449,7 +449,7 @@ def adam_groups(dtypes, sizes=None, device: str = "cuda", copies: int = 2, confi
     return out
 
 
-CONV_BUDGET_S = 60.0  # the conv section's share of the sweep's budget (at most half of it)
+CONV_BUDGET_S = 75.0  # the conv section's share of the sweep's budget (at most half of it)
 
 
 def conv_config(cfg: tuple) -> dict:
@@ -574,8 +574,122 @@ def _conv_setup(p: dict, dtype, channels_last: bool, device: str, copies: int, c
         return compare_tol(launch(cfg, chk), ref, **tol)
 
     if not interpret:  # the conv launchers index their kernel object directly
-        _precompile_direct(kt, "_conv_fwd_kernel", run, [c for c in configs if "provider" not in c])
+        _precompile_direct(kt, ("_conv_fwd_kernel", "_conv_tma_fwd_kernel"), run,
+                           [c for c in configs if "provider" not in c])
     return run, check
+
+
+CONV_BWD_SHAPES = ("conv2d 3x3", "conv2d 7x7/2 stem")  # bench_conv's conv2d cases the backward section takes
+
+
+def conv_bwd_candidates(part: str, p: dict, dtype, channels_last: bool, device: str = "cpu") -> list[dict]:
+    """The input gradient's (``part`` "dgrad") or weight gradient's ("wgrad") configurations for
+    problem ``p``: the heuristic's first, then every candidate the measuring chooser would time
+    (the TMA kernels where ``device`` has them), then torch."""
+    from gpu_nn.kernels.triton import conv as kt
+    from gpu_nn.ops import conv as oc
+
+    groups = p.get("groups", 1)
+    if kt.is_depthwise(p["c"], p["c"] // groups, groups):
+        return []
+    x, w, _, y = (_as4d(t) for t in _conv_problem(p, dtype, channels_last, "cpu", fill=False))
+    st = p.get("stride", 1)
+    stride = (st, st) if len(p["spatial"]) == 2 else (1, st)
+    prec = oc._precision(dtype)
+    half = dtype.itemsize == 2
+    cg, og, taps = p["c"] // groups, p["o"] // groups, math.prod(p["k"])
+    tma = kt.tma_device(torch.empty(0, device=device))
+    if part == "dgrad":
+        default = kt.pick_config(cg, x.shape[0] * x.shape[2] * x.shape[3], half, False, kt.DGRAD_CONFIGS)
+        cands = kt.dgrad_problem_candidates(y, w, x, groups, prec, stride if tma else None)
+    else:
+        default = kt.wgrad_default(og, cg, taps, half, False)
+        cands = kt.wgrad_candidates(half, cg, taps) + (kt.tma_wgrad_candidates(y, x, stride, groups, prec) if tma else [])
+    return [conv_config(c) for c in dict.fromkeys([default, *cands])] + [{"provider": "torch"}]
+
+
+def _conv_bwd_setup(part: str, p: dict, dtype, channels_last: bool, device: str, copies: int, configs):
+    """The input or weight gradient through ``kernels/triton/conv`` with a chooser that answers
+    the row's configuration; torch's (``torch.nn.grad.conv2d_input`` / ``conv2d_weight``: cuDNN's
+    kernels) for the torch row. Checked against torch's float64 gradient of the same tensors."""
+    from gpu_nn.kernels.triton import conv as kt
+    from gpu_nn.ops import conv as oc
+
+    interpret = _interpret()
+    st, pad = p.get("stride", 1), p.get("padding", 0)
+    prec = oc._precision(dtype)
+    tol = {"rtol": 2e-2, "atol": 2e-2} if dtype != torch.float32 or prec == "tf32" else {"rtol": 1e-4, "atol": 1e-4}
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+
+    def problem(seed):
+        x, w, _, y = _conv_problem(p, dtype, channels_last, device, seed=seed)
+        gen = torch.Generator(device="cpu").manual_seed(seed + 1)
+        g = torch.randn(y.shape, generator=gen).to(device=device, dtype=dtype, memory_format=fmt)
+        out = torch.empty_like(x) if part == "dgrad" else torch.empty_like(w)
+        return x, w, g, out
+
+    def launch(cfg, t):
+        x, w, g, out = t
+        if cfg.get("provider") == "torch":
+            if part == "dgrad":
+                return torch.nn.grad.conv2d_input(x.shape, w, g, st, pad)
+            return torch.nn.grad.conv2d_weight(x, w.shape, g, st, pad)
+        choice = _conv_tuple(cfg)
+        force = lambda op, key, cands, run, default, **_: choice  # noqa: E731
+        if part == "dgrad":
+            kt.conv_backward_data(g, w, out, [st, st], [pad] * 4, [1, 1], 1, prec, interpret, choose=force)
+        else:
+            kt.conv_backward_weight(g, x, out, [st, st], [pad] * 4, [1, 1], 1, prec, interpret, choose=force)
+        return out
+
+    seeds = itertools.count(step=2)
+    nxt = harness.rotating(lambda: problem(next(seeds)), copies)
+
+    def run(cfg):
+        launch(cfg, nxt())
+
+    chk = problem(99)
+    x64, w64, g64 = (t.double() for t in chk[:3])
+    ref = (torch.nn.grad.conv2d_input(x64.shape, w64, g64, st, pad) if part == "dgrad"
+           else torch.nn.grad.conv2d_weight(x64, w64.shape, g64, st, pad))
+
+    def check(cfg):
+        chk[3].fill_(float("nan"))
+        return compare_tol(launch(cfg, chk), ref, **tol)
+
+    if not interpret:
+        names = {"dgrad": ("_conv_dgrad_kernel", "_conv_tma_dgrad_kernel"),
+                 "wgrad": ("_conv_wgrad_kernel", "_conv_tma_wgrad_kernel")}[part]
+        _precompile_direct(kt, names, run, [c for c in configs if "provider" not in c])
+    return run, check
+
+
+def conv_bwd_groups(dtypes, layouts=("channels_last", "nchw"), shapes=None, device: str = "cuda",
+                    copies: int = 2) -> list[Group]:
+    """The input and weight gradients of bench_conv's conv2d 3x3 stages and stem (CONV_BWD_SHAPES),
+    per dtype and layout: every configuration of :func:`conv_bwd_candidates` and torch; per shape
+    the input gradient, then the weight gradient (the stem's input gradient is left out: a
+    network's first layer has none)."""
+    from gpu_nn.benchmarks import bench_conv
+
+    shapes = [s for s in bench_conv.GPU_SHAPES if s[0] in CONV_BWD_SHAPES] if shapes is None else shapes
+    out = []
+    for dtype in dtypes:
+        es = torch.empty((), dtype=dtype).element_size()
+        for layout in layouts:
+            cl = layout == "channels_last"
+            for name, shape, p in shapes:
+                x, w, _, y = _conv_problem(p, dtype, cl, "cpu", fill=False)
+                flops = 2.0 * y.numel() * w[0].numel()
+                for part in ("dgrad", "wgrad"):
+                    if part == "dgrad" and p["c"] < 16:
+                        continue
+                    cfgs = conv_bwd_candidates(part, p, dtype, cl, device)
+                    out.append(Group(f"_conv_{part}_kernel", f"{name} {part} {layout}", _dtype_str(dtype), shape,
+                                     (x.numel() + w.numel() + y.numel()) * es, cfgs,
+                                     functools.partial(_conv_bwd_setup, part, p, dtype, cl, device, copies),
+                                     flops=flops))
+    return out
 
 
 def conv_groups(dtypes, layouts=("nchw", "channels_last"), shapes=None, device: str = "cuda", copies: int = 2,
@@ -603,6 +717,16 @@ def conv_groups(dtypes, layouts=("nchw", "channels_last"), shapes=None, device: 
                                  functools.partial(_conv_setup, p, dtype, cl, device, copies)))
     order = {n: i for i, n in enumerate(("conv2d 3x3", "conv2d 1x1", "conv2d 7x7/2 stem"))}
     return sorted(out, key=lambda g: order.get(g.op.split(" fwd")[0], len(order)))
+
+
+def conv_sweep_groups(device: str = "cuda") -> list[Group]:
+    """The conv section, most wanted first (its budget may end it anywhere): bfloat16 forwards
+    (issue 15's first goal), bfloat16 gradients of channels_last problems (the layout convnets
+    train in), float32 forwards, then the other gradients."""
+    f32, bf16 = torch.float32, torch.bfloat16
+    return (conv_groups([bf16], device=device) + conv_bwd_groups([bf16], ("channels_last",), device=device)
+            + conv_groups([f32], device=device) + conv_bwd_groups([bf16], ("nchw",), device=device)
+            + conv_bwd_groups([f32], device=device))
 
 
 def default_groups(device: str = "cuda") -> list[Group]:
@@ -894,14 +1018,16 @@ class _Warm:
         return lambda *args, **kw: self.kernel.warmup(*args, grid=grid, **kw)
 
 
-def _precompile_direct(module, name: str, launch, configs) -> None:
-    """:func:`_precompile` for a launcher that calls ``module.<name>[grid](...)`` itself."""
+def _precompile_direct(module, names, launch, configs) -> None:
+    """:func:`_precompile` for a launcher that calls ``module.<name>[grid](...)`` itself, for each
+    of ``names`` (one name or several: a launcher with more than one kernel)."""
     from gpu_nn.kernels.triton._compat import parallel_compile
 
+    names = (names,) if isinstance(names, str) else tuple(names)
     with parallel_compile(min(16, len(configs))) as available:
         if not available:
             return
-        with _patched(module, **{name: _Warm(getattr(module, name))}):
+        with _patched(module, **{name: _Warm(getattr(module, name)) for name in names}):
             for cfg in configs:
                 try:
                     launch(cfg)
@@ -1630,11 +1756,11 @@ def main(argv=None) -> int:
         return 0
     os.makedirs(args.out, exist_ok=True)
     if args.only in (None, "sweep"):
-        # conv first, within its share: every forward candidate (and torch) at bench_conv's shapes;
-        # its rows go to sweep_conv.json as they come and into sweep.json under "conv"
-        conv = run_sweep(conv_groups([torch.float32, torch.bfloat16], device="cuda"),
-                         os.path.join(args.out, "sweep_conv.json"), min(args.conv_budget_s, args.budget_s / 2),
-                         cleanup=torch.cuda.empty_cache)
+        # conv first, within its share: every forward, input- and weight-gradient candidate (and
+        # torch) at bench_conv's shapes (conv_sweep_groups' order); its rows go to sweep_conv.json
+        # as they come and into sweep.json under "conv"
+        conv = run_sweep(conv_sweep_groups("cuda"), os.path.join(args.out, "sweep_conv.json"),
+                         min(args.conv_budget_s, args.budget_s / 2), cleanup=torch.cuda.empty_cache)
         print(f"sweep conv: {len(conv['rows'])} rows, {conv['status']}")
         print(format_best(conv["best"]), flush=True)
         path = os.path.join(args.out, "sweep.json")

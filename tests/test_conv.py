@@ -1248,41 +1248,44 @@ def test_tma_candidates_only_where_they_apply(monkeypatch):
         e = torch.empty(shape, dtype=dtype)
         return e.contiguous(memory_format=torch.channels_last) if cl else e
 
-    x, w = t(2, 64, 8, 8), t(32, 64, 3, 3)
+    x, w = t(2, 64, 28, 28), t(32, 64, 3, 3)
     half = [(*c, kt.TMA) for c in kt.TMA_CONFIGS["half"].values()]
     assert kt.tma_candidates(x, w, (1, 1), 1, "ieee") == half
-    assert kt.tma_candidates(t(2, 64, 8, 8, cl=False), w, (1, 1), 1, "ieee") == [
+    assert kt.tma_candidates(t(2, 64, 28, 28, cl=False), w, (1, 1), 1, "ieee") == [
         (*kt.TMA_CONFIGS["half"]["tma8x16"], kt.TMA, kt.VIA_CL)]
     assert kt.tma_candidates(x, w, (2, 2), 1, "ieee") == []
     assert kt.tma_candidates(x, t(32, 32, 3, 3), (1, 1), 2, "ieee") == []
-    assert kt.tma_candidates(t(2, 48, 8, 8), t(32, 48, 3, 3), (1, 1), 1, "ieee") == []  # 48 % 64
-    x32, w32 = t(2, 32, 8, 8, dtype=torch.float32), t(32, 32, 3, 3, dtype=torch.float32)
+    assert kt.tma_candidates(t(2, 48, 28, 28), t(32, 48, 3, 3), (1, 1), 1, "ieee") == []  # 48 % 64
+    # blocks that would mostly hang past a 7x7 image are not offered: 8x8 uses 77 % of its rows
+    assert kt.tma_candidates(t(2, 64, 7, 7), w, (1, 1), 1, "ieee") == [(*kt.TMA_CONFIGS["half"]["tma8x8"], kt.TMA)]
+    assert kt._block_use(7, 7, 8, 16) < kt.TMA_MIN_USE <= kt._block_use(7, 7, 8, 8)
+    x32, w32 = t(2, 32, 28, 28, dtype=torch.float32), t(32, 32, 3, 3, dtype=torch.float32)
     assert kt.tma_candidates(x32, w32, (1, 1), 1, "ieee") == []
     assert kt.tma_candidates(x32, w32, (1, 1), 1, "tf32") == [(*c, kt.TMA) for c in kt.TMA_CONFIGS["fp32"].values()]
-    y = t(2, 32, 8, 8)
+    y = t(2, 32, 28, 28)
     assert not kt.tma_device(x) and not any(kt.TMA in c for c in kt.problem_candidates(x, w, None, y, 1, "ieee", (1, 1)))
     monkeypatch.setattr(kt, "tma_device", lambda t: True)
     assert kt.problem_candidates(x, w, None, y, 1, "ieee", (1, 1))[-len(half):] == half
     assert not any(kt.TMA in c for c in kt.problem_candidates(x, w, None, y, 1, "ieee"))  # no stride given
     # the input gradient's: by the output channel count, and rows of C channels in 16-byte units
     dhalf = [(*c, kt.TMA) for c in kt.DGRAD_TMA_CONFIGS["half"].values()]
-    g = t(2, 64, 8, 8)
+    g = t(2, 64, 28, 28)
     w64 = t(64, 32, 3, 3)
     assert kt.tma_dgrad_candidates(g, w64, (1, 1), 1, "ieee") == dhalf
-    assert kt.tma_dgrad_candidates(t(2, 64, 8, 8, cl=False), w64, (1, 1), 1, "ieee") == [
+    assert kt.tma_dgrad_candidates(t(2, 64, 28, 28, cl=False), w64, (1, 1), 1, "ieee") == [
         (*kt.DGRAD_TMA_CONFIGS["half"]["tma8x16n64"], kt.TMA, kt.VIA_CL)]
     assert kt.tma_dgrad_candidates(g, w64, (1, 2), 1, "ieee") == []
-    assert kt.tma_dgrad_candidates(t(2, 48, 8, 8), t(48, 32, 3, 3), (1, 1), 1, "ieee") == []  # 48 % 64
+    assert kt.tma_dgrad_candidates(t(2, 48, 28, 28), t(48, 32, 3, 3), (1, 1), 1, "ieee") == []  # 48 % 64
     assert kt.tma_dgrad_candidates(g, t(64, 12, 3, 3), (1, 1), 1, "ieee") == []  # 12 x 2 bytes
-    assert not any(kt.TMA in c for c in kt.dgrad_problem_candidates(g, w64, t(2, 32, 8, 8), 1, "ieee"))
-    assert kt.dgrad_problem_candidates(g, w64, t(2, 32, 8, 8), 1, "ieee", (1, 1))[-len(dhalf):] == dhalf
+    assert not any(kt.TMA in c for c in kt.dgrad_problem_candidates(g, w64, t(2, 32, 28, 28), 1, "ieee"))
+    assert kt.dgrad_problem_candidates(g, w64, t(2, 32, 28, 28), 1, "ieee", (1, 1))[-len(dhalf):] == dhalf
     # the weight gradient's: both channel counts in 16-byte NHWC rows; VIA_CL where x or g is NCHW
     whalf = [(*c, kt.TMA) for c in kt.WGRAD_TMA_CONFIGS["half"].values()]
-    assert kt.tma_wgrad_candidates(t(2, 24, 8, 8), t(2, 40, 8, 8), (1, 1), 1, "ieee") == whalf
-    assert kt.tma_wgrad_candidates(t(2, 24, 8, 8, cl=False), t(2, 40, 8, 8), (1, 1), 1, "ieee") == [
-        (*c, kt.VIA_CL) for c in whalf]
-    assert kt.tma_wgrad_candidates(t(2, 24, 8, 8), t(2, 36, 8, 8), (1, 1), 1, "ieee") == []
-    assert kt.tma_wgrad_candidates(t(2, 24, 8, 8), t(2, 40, 8, 8), (2, 2), 1, "ieee") == []
+    x24, g40 = t(2, 24, 28, 28), t(2, 40, 28, 28)
+    assert kt.tma_wgrad_candidates(x24, g40, (1, 1), 1, "ieee") == whalf
+    assert kt.tma_wgrad_candidates(t(2, 24, 28, 28, cl=False), g40, (1, 1), 1, "ieee") == [(*c, kt.VIA_CL) for c in whalf]
+    assert kt.tma_wgrad_candidates(x24, t(2, 36, 28, 28), (1, 1), 1, "ieee") == []
+    assert kt.tma_wgrad_candidates(x24, g40, (2, 2), 1, "ieee") == []
     labels = {sp.label for sp in kt.aot_specs()}
     for key, dts in (("fp32", ("fp32 tf32",)), ("half", ("fp16 ieee", "bf16 ieee"))):
         assert all(f"fwd {name} {dt} tma" in labels for name in kt.TMA_CONFIGS[key] for dt in dts)

@@ -564,6 +564,40 @@ def test_conv_section_times_every_candidate_and_torch(tmp_path):
     assert "torch 3.0 us" in sweep.format_best(doc["best"])
 
 
+CONV_BWD_TINY = [("conv2d 3x3", "N=1 C=16 5x6 O=16", dict(n=1, c=16, spatial=(5, 6), o=16, k=(3, 3), padding=1)),
+                 ("conv2d 7x7/2 stem", "N=1 C=3 9x8 O=16", dict(n=1, c=3, spatial=(9, 8), o=16, k=(7, 7), stride=2,
+                                                                padding=3))]
+
+
+def test_conv_backward_section_times_every_candidate_and_torch(tmp_path):
+    """The conv backward groups on tiny CPU problems (Triton interpreter, float16): per shape and
+    layout the input gradient (not for the 3-channel stem) and the weight gradient, each with
+    the heuristic's configuration first, every candidate the chooser would time (the packed
+    weight-gradient columns for the stem) and torch last; every configuration's gradient
+    matches torch's in float64."""
+    from gpu_nn.kernels import triton as ktriton
+    from gpu_nn.kernels.triton import conv as kt
+
+    if not ktriton.INTERPRET:
+        pytest.skip("launches Triton kernels on CPU tensors: Triton interpreter only (the GPU runs the real section)")
+    groups = sweep.conv_bwd_groups([torch.float16], shapes=CONV_BWD_TINY, device="cpu")
+    assert [g.op for g in groups] == ["conv2d 3x3 dgrad channels_last", "conv2d 3x3 wgrad channels_last",
+                                      "conv2d 7x7/2 stem wgrad channels_last", "conv2d 3x3 dgrad nchw",
+                                      "conv2d 3x3 wgrad nchw", "conv2d 7x7/2 stem wgrad nchw"]
+    stem = {sweep._conv_tuple(c) for c in groups[2].configs[:-1]}
+    assert groups[2].configs[0] == sweep.conv_config(kt.wgrad_default(16, 3, 49, True, False))
+    assert stem == {*kt.wgrad_candidates(True, 3, 49)} and all(g.configs[-1] == {"provider": "torch"} for g in groups)
+
+    def bench(fn):
+        fn()
+        return 3e-6
+
+    doc = sweep.run_sweep(groups[:3], str(tmp_path / "conv_bwd.json"), 1e9, bench=bench, log=lambda s: None)
+    rows = doc["rows"]
+    assert doc["status"] == "complete" and len(rows) == sum(len(g.configs) for g in groups[:3])
+    assert all("error" not in r and r["correct"] for r in rows), [r for r in rows if "error" in r or not r["correct"]]
+
+
 def test_linear_section_times_every_matmul_candidate_and_torch(tmp_path):
     """The linear groups on a tiny CPU problem (Triton interpreter, float32 with TF32): one group
     per GEMM of linear, each holding what the tuning times where the TMA kernel applies (the
