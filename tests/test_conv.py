@@ -1076,11 +1076,11 @@ def test_packed_forms_only_for_few_channels():
 # output layout; the input channels_last, as the kernel takes it) for the TMA forward: blocks cut by the image's edge on both sides, padding
 # that reaches past a whole box, a 1x1 and a dilated kernel, NCHW and channels_last weights and
 # outputs
-TMA_CASES = [
-    ((2, 16, 9, 10), (24, 16, 3, 3), (1, 1, 1, 1), (1, 1), True, "relu", "channels_last", "contig"),
-    ((1, 32, 5, 7), (16, 32, 3, 2), (2, 2, 0, 1), (2, 1), False, None, "channels_last", "channels_last"),
-    ((2, 16, 4, 6), (8, 16, 1, 1), (0, 0, 0, 0), (1, 1), True, "tanh", "channels_last", "channels_last"),
-    ((1, 16, 6, 5), (20, 16, 3, 3), (3, 3, 3, 3), (1, 1), True, "sigmoid", "channels_last", "contig"),
+TMA_CASES = [  # 64 channels: a whole number of channel blocks for every GPU tile too
+    ((2, 64, 9, 10), (24, 64, 3, 3), (1, 1, 1, 1), (1, 1), True, "relu", "channels_last", "contig"),
+    ((1, 64, 5, 7), (16, 64, 3, 2), (2, 2, 0, 1), (2, 1), False, None, "channels_last", "channels_last"),
+    ((2, 64, 4, 6), (8, 64, 1, 1), (0, 0, 0, 0), (1, 1), True, "tanh", "channels_last", "channels_last"),
+    ((1, 64, 6, 5), (20, 64, 3, 3), (3, 3, 3, 3), (1, 1), True, "sigmoid", "channels_last", "contig"),
 ]
 
 
@@ -1114,9 +1114,8 @@ def test_tma_forward_matches_reference(half, case, rng):
     b = b64.to(dev, dtype) if has_bias else None
     key = "half" if half else "fp32"
     cfgs = [kt.TMA_INTERP_CONFIG] if dev == "cpu" else [(*c, kt.TMA) for c in kt.TMA_CONFIGS[key].values()]
+    assert all(xs[1] % cfg[3] == 0 for cfg in cfgs)
     for cfg in cfgs:
-        if xs[1] % cfg[3]:
-            continue
         y = _layout(torch.full(yr.shape, float("nan"), dtype=dtype, device=dev), yl)
         kt._tma_forward(cfg, x, w, b, y, pad, dil, act, "ieee" if half else "tf32")
         red = ws[1] * ws[2] * ws[3]
@@ -1128,12 +1127,12 @@ def test_tma_forward_matches_reference(half, case, rng):
 
 # (input shape, weight shape, padding [t, b, l, r], dilation, input-gradient layout, a
 # non-finite weight) for the TMA input gradient (g channels_last, as the kernel takes it)
-TMA_DGRAD_CASES = [
-    ((2, 24, 9, 10), (16, 24, 3, 3), (1, 1, 1, 1), (1, 1), "contig", False),
-    ((1, 8, 5, 7), (32, 8, 3, 2), (2, 2, 0, 1), (2, 1), "channels_last", False),
-    ((2, 8, 4, 6), (16, 8, 1, 1), (0, 0, 0, 0), (1, 1), "channels_last", False),
-    ((1, 16, 6, 5), (16, 16, 3, 3), (3, 3, 3, 3), (1, 1), "contig", False),
-    ((1, 8, 7, 6), (16, 8, 3, 3), (1, 1, 1, 1), (1, 1), "contig", True),
+TMA_DGRAD_CASES = [  # 64 output channels: a whole number of channel blocks for every GPU tile too
+    ((2, 24, 9, 10), (64, 24, 3, 3), (1, 1, 1, 1), (1, 1), "contig", False),
+    ((1, 8, 5, 7), (64, 8, 3, 2), (2, 2, 0, 1), (2, 1), "channels_last", False),
+    ((2, 8, 4, 6), (64, 8, 1, 1), (0, 0, 0, 0), (1, 1), "channels_last", False),
+    ((1, 16, 6, 5), (64, 16, 3, 3), (3, 3, 3, 3), (1, 1), "contig", False),
+    ((1, 8, 7, 6), (64, 8, 3, 3), (1, 1, 1, 1), (1, 1), "contig", True),
 ]
 
 
@@ -1165,9 +1164,8 @@ def test_tma_dgrad_matches_reference(half, case, rng):
     key = "half" if half else "fp32"
     cfgs = [kt.DGRAD_TMA_INTERP_CONFIG] if dev == "cpu" else [(*c, kt.TMA) for c in kt.DGRAD_TMA_CONFIGS[key].values()]
     red = ws[0] * ws[2] * ws[3]
+    assert all(ws[0] % cfg[3] == 0 for cfg in cfgs)
     for cfg in cfgs:
-        if ws[0] % cfg[3]:
-            continue
         dx = _layout(torch.full(xs, float("nan"), dtype=dtype, device=dev), dl)
         kt._tma_dgrad(cfg, g, w, dx, pad, dil, "ieee" if half else "tf32")
         got = dx.double().cpu()
@@ -1354,6 +1352,52 @@ def test_tma_candidates_through_the_chooser_match_reference(monkeypatch, rng):
             with gpu_nn.backend("triton"):
                 got = torch.autograd.grad(F.conv2d(x, w, b64.to(dev, torch.float16), padding=1), w, g)[0]
             assert_close(got, want, torch.float16, 5 * 9, f"wgrad {cand} {layout}")
+
+
+DW_CASES = [  # depthwise problems: (nd, input shape, weight shape, kwargs, layout)
+    (2, (2, 3, 7, 6), (6, 1, 3, 3), dict(padding="same", dilation=2, groups=3, activation="relu"), "contig"),
+    (2, (1, 4, 9, 8), (4, 1, 3, 2), dict(stride=(2, 3), padding=(1, 2), groups=4), "channels_last"),
+    (1, (3, 5, 29), (5, 1, 5), dict(padding=2, stride=2, groups=5, activation="tanh"), "contig"),
+]
+
+
+@pytest.mark.usefixtures("no_tf32")
+@pytest.mark.parametrize("pix_fast", [False, True], ids=["channels-fastest", "pixels-fastest"])
+@pytest.mark.parametrize("nd,xs,ws,kw,layout", DW_CASES, ids=[f"case{i}" for i in range(len(DW_CASES))])
+def test_depthwise_tile_orientations_match_reference(pix_fast, nd, xs, ws, kw, layout, monkeypatch, rng):
+    """The depthwise kernels (forward, input and weight gradient) in both tile orientations,
+    forced, whatever the layout (PIX_FAST: lanes on consecutive pixels, for NCHW / NCL; else on
+    consecutive channels), against the float64 reference; and the launchers take the
+    pixels-fastest tile exactly for tensors whose pixels are adjacent and channels are not."""
+    from gpu_nn.kernels.triton import conv as kt
+
+    _need_triton()
+    dev = "cuda" if CUDA else "cpu"
+    fn = F.conv2d if nd == 2 else F.conv1d
+    x64, w64, b64 = randn(rng, *xs), randn(rng, *ws), randn(rng, ws[0])
+    with gpu_nn.backend("reference"):
+        leaves = [t.clone().requires_grad_() for t in (x64, w64, b64)]
+        yr = fn(*leaves, **kw)
+        g64 = randn(rng, *yr.shape)
+        want = torch.autograd.grad(yr, leaves, g64)
+    recs = {p: _Recorder(getattr(kt, f"_conv_dw_{p}_kernel")) for p in ("fwd", "dgrad", "wgrad")}
+    for p, rec in recs.items():
+        monkeypatch.setattr(kt, f"_conv_dw_{p}_kernel", rec)
+    monkeypatch.setattr(kt, "pixels_adjacent", lambda t: pix_fast)
+    x = _layout(x64.to(dev), layout).requires_grad_()
+    w, b = w64.to(dev).requires_grad_(), b64.to(dev).requires_grad_()
+    with gpu_nn.backend("triton"):
+        y = fn(x, w, b, **kw)
+        got = torch.autograd.grad(y, (x, w, b), g64.to(dev, torch.float32))
+    assert [k["PIX_FAST"] for rec in recs.values() for k in rec.launches] == [pix_fast] * 3
+    taps = int(np.prod(ws[2:]))
+    assert_close(y, yr, torch.float32, taps, "forward")
+    for name, a, e, k in zip(("input", "weight", "bias"), got, want, (taps, yr.numel() // ws[0], yr.numel() // ws[0])):
+        assert_close(a, e, torch.float32, k, f"{name} gradient")
+    t4 = torch.empty(2, 3, 4, 5)
+    monkeypatch.undo()  # the rule itself
+    assert kt.pixels_adjacent(t4) and not kt.pixels_adjacent(t4.contiguous(memory_format=torch.channels_last))
+    assert not kt.pixels_adjacent(t4[..., ::2]) and kt.pixels_adjacent(torch.empty(2, 1, 4, 5))
 
 
 def test_split_k_only_where_tiles_are_few():

@@ -757,15 +757,46 @@ def _conv_wgrad_kernel(g_ptr, x_ptr, ws_ptr,
 
 
 @triton.jit
+def _pix(v, PIX_FAST: tl.constexpr):
+    """A vector over the tile's pixels as a tile axis: columns (the fastest axis of Triton's
+    default layout: consecutive lanes on consecutive pixels) with ``PIX_FAST``, else rows."""
+    if PIX_FAST:
+        return v[None, :]
+    else:
+        return v[:, None]
+
+
+@triton.jit
+def _chan(v, PIX_FAST: tl.constexpr):
+    """A vector over the tile's channels as the other tile axis (see :func:`_pix`)."""
+    if PIX_FAST:
+        return v[:, None]
+    else:
+        return v[None, :]
+
+
+@triton.jit
+def _dw_zeros(BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, PIX_FAST: tl.constexpr):
+    if PIX_FAST:
+        return tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
+    else:
+        return tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+
+
+@triton.jit
 def _conv_dw_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
                         N, H, W, O, Ho, Wo, KW, TAPS, MULT,
                         stride_xn, stride_xc, stride_xh, stride_xw,
                         stride_wo, stride_wh, stride_ww,
                         stride_yn, stride_yc, stride_yh, stride_yw,
                         SH, SW, PH, PW, DH, DW, HAS_BIAS, ACT,
-                        BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Depthwise forward (groups = C, weight [O = C*MULT, 1, kh, kw]): a [BLOCK_P pixels,
-    BLOCK_C channels] output tile accumulated tap by tap with FMAs (no GEMM to feed: K = taps)."""
+                        BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, PIX_FAST: tl.constexpr = False):
+    """Depthwise forward (groups = C, weight [O = C*MULT, 1, kh, kw]): a tile of BLOCK_P pixels
+    by BLOCK_C channels accumulated tap by tap with FMAs (no GEMM to feed: K = taps).
+
+    ``PIX_FAST``: the tile laid out [channels, pixels], so that a warp's lanes take consecutive
+    pixels (NCHW / NCL tensors, whose pixels are adjacent in memory: coalesced loads and stores);
+    else [pixels, channels], lanes on consecutive channels (channels_last). Same arithmetic."""
     pid_p = tl.program_id(0)
     pid_c = tl.program_id(1)
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -774,24 +805,24 @@ def _conv_dw_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
     o_ok = offs_o < O
     n, oh, ow = _split_pos(offs_p, Ho, Wo)
     ci = (offs_o // MULT).to(tl.int64)
-    x_col = ci * stride_xc
+    x_col = _chan(ci * stride_xc, PIX_FAST)
     x_row = n.to(tl.int64) * stride_xn
-    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    acc = _dw_zeros(BLOCK_P, BLOCK_C, PIX_FAST)
     for t in range(0, TAPS):
         i = t // KW
         j = t % KW
         ih, iw, inside = _tap_source(oh, ow, i, j, H, W, SH, SW, PH, PW, DH, DW)
         ok = p_ok & inside
-        a = tl.load(x_ptr + (x_row + ih.to(tl.int64) * stride_xh + iw.to(tl.int64) * stride_xw)[:, None] + x_col[None, :],
-                    mask=ok[:, None] & o_ok[None, :], other=0.0).to(tl.float32)
+        a = tl.load(x_ptr + _pix(x_row + ih.to(tl.int64) * stride_xh + iw.to(tl.int64) * stride_xw, PIX_FAST) + x_col,
+                    mask=_pix(ok, PIX_FAST) & _chan(o_ok, PIX_FAST), other=0.0).to(tl.float32)
         wv = tl.load(w_ptr + offs_o.to(tl.int64) * stride_wo + i * stride_wh + j * stride_ww, mask=o_ok, other=0.0).to(tl.float32)
-        acc += a * wv[None, :]
+        acc += a * _chan(wv, PIX_FAST)
     if HAS_BIAS != 0:
-        acc += tl.load(b_ptr + offs_o, mask=o_ok, other=0.0).to(tl.float32)[None, :]
+        acc += _chan(tl.load(b_ptr + offs_o, mask=o_ok, other=0.0).to(tl.float32), PIX_FAST)
     acc = _epilogue_act(acc, ACT)
-    y_off = (n.to(tl.int64) * stride_yn + oh.to(tl.int64) * stride_yh + ow.to(tl.int64) * stride_yw)[:, None] \
-        + offs_o.to(tl.int64)[None, :] * stride_yc
-    tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=p_ok[:, None] & o_ok[None, :])
+    y_off = _pix(n.to(tl.int64) * stride_yn + oh.to(tl.int64) * stride_yh + ow.to(tl.int64) * stride_yw, PIX_FAST) \
+        + _chan(offs_o.to(tl.int64) * stride_yc, PIX_FAST)
+    tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=_pix(p_ok, PIX_FAST) & _chan(o_ok, PIX_FAST))
 
 
 @triton.jit
@@ -801,9 +832,10 @@ def _conv_dw_dgrad_kernel(g_ptr, w_ptr, dx_ptr,
                           stride_wo, stride_wh, stride_ww,
                           stride_dn, stride_dc, stride_dh, stride_dw,
                           SH, SW, PH, PW, DH, DW,
-                          BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+                          BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, PIX_FAST: tl.constexpr = False):
     """Depthwise input gradient: dx[n, c, h, w] = sum_{r < MULT, i, j} g[n, c*MULT + r, (h + pt - i*dh)/sh,
-    (w + pl - j*dw)/sw] * w[c*MULT + r, 0, i, j] over exact, in-range divisions."""
+    (w + pl - j*dw)/sw] * w[c*MULT + r, 0, i, j] over exact, in-range divisions; ``PIX_FAST`` as
+    in :func:`_conv_dw_fwd_kernel`."""
     pid_p = tl.program_id(0)
     pid_c = tl.program_id(1)
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -812,22 +844,22 @@ def _conv_dw_dgrad_kernel(g_ptr, w_ptr, dx_ptr,
     c_ok = offs_c < C
     n, h, w = _split_pos(offs_p, H, W)
     g_row = n.to(tl.int64) * stride_gn
-    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    acc = _dw_zeros(BLOCK_P, BLOCK_C, PIX_FAST)
     for t in range(0, TAPS):
         i = t // KW
         j = t % KW
         oh, ow, hit = _tap_target(h, w, i, j, Ho, Wo, SH, SW, PH, PW, DH, DW)
-        ok = p_ok & hit
-        off = g_row + oh.to(tl.int64) * stride_gh + ow.to(tl.int64) * stride_gw
+        ok = _pix(p_ok & hit, PIX_FAST)
+        off = _pix(g_row + oh.to(tl.int64) * stride_gh + ow.to(tl.int64) * stride_gw, PIX_FAST)
         for rr in range(0, MULT):
             oc = (offs_c * MULT + rr).to(tl.int64)
-            a = tl.load(g_ptr + off[:, None] + (oc * stride_gc)[None, :], mask=ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+            a = tl.load(g_ptr + off + _chan(oc * stride_gc, PIX_FAST), mask=ok & _chan(c_ok, PIX_FAST), other=0.0).to(tl.float32)
             wv = tl.load(w_ptr + oc * stride_wo + i * stride_wh + j * stride_ww, mask=c_ok, other=0.0).to(tl.float32)
             # only where the tap reaches the pixel: 0 * (inf or NaN weight) must not spread
-            acc += tl.where(ok[:, None], a * wv[None, :], 0.0)
-    d_off = (n.to(tl.int64) * stride_dn + h.to(tl.int64) * stride_dh + w.to(tl.int64) * stride_dw)[:, None] \
-        + offs_c.to(tl.int64)[None, :] * stride_dc
-    tl.store(dx_ptr + d_off, acc.to(dx_ptr.dtype.element_ty), mask=p_ok[:, None] & c_ok[None, :])
+            acc += tl.where(ok, a * _chan(wv, PIX_FAST), 0.0)
+    d_off = _pix(n.to(tl.int64) * stride_dn + h.to(tl.int64) * stride_dh + w.to(tl.int64) * stride_dw, PIX_FAST) \
+        + _chan(offs_c.to(tl.int64) * stride_dc, PIX_FAST)
+    tl.store(dx_ptr + d_off, acc.to(dx_ptr.dtype.element_ty), mask=_pix(p_ok, PIX_FAST) & _chan(c_ok, PIX_FAST))
 
 
 @triton.jit
@@ -836,9 +868,10 @@ def _conv_dw_wgrad_kernel(g_ptr, x_ptr, ws_ptr,
                           stride_gn, stride_gc, stride_gh, stride_gw,
                           stride_xn, stride_xc, stride_xh, stride_xw,
                           SH, SW, PH, PW, DH, DW,
-                          BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+                          BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, PIX_FAST: tl.constexpr = False):
     """Depthwise weight gradient, partial sums ws[split, o, tap] (float32, contiguous
-    [SPLIT, O, TAPS]) of g[n, o, p, q] * x[n, o // MULT, p*sh - pt + i*dh, q*sw - pl + j*dw]."""
+    [SPLIT, O, TAPS]) of g[n, o, p, q] * x[n, o // MULT, p*sh - pt + i*dh, q*sw - pl + j*dw];
+    ``PIX_FAST`` as in :func:`_conv_dw_fwd_kernel`."""
     pid_c = tl.program_id(0)
     t = tl.program_id(1)
     split = tl.program_id(2)
@@ -846,12 +879,12 @@ def _conv_dw_wgrad_kernel(g_ptr, x_ptr, ws_ptr,
     j = t % KW
     offs_o = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     o_ok = offs_o < O
-    g_col = offs_o.to(tl.int64) * stride_gc
-    x_col = (offs_o // MULT).to(tl.int64) * stride_xc
+    g_col = _chan(offs_o.to(tl.int64) * stride_gc, PIX_FAST)
+    x_col = _chan((offs_o // MULT).to(tl.int64) * stride_xc, PIX_FAST)
     M = N * Ho * Wo
     m_lo = split * CHUNK
     m_hi = tl.minimum(m_lo + CHUNK, M)
-    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    acc = _dw_zeros(BLOCK_P, BLOCK_C, PIX_FAST)
     for m0 in range(m_lo, m_hi, BLOCK_P):
         mm = m0 + tl.arange(0, BLOCK_P)
         mm_ok = mm < m_hi
@@ -859,12 +892,16 @@ def _conv_dw_wgrad_kernel(g_ptr, x_ptr, ws_ptr,
         ih, iw, inside = _tap_source(oh, ow, i, j, H, W, SH, SW, PH, PW, DH, DW)
         x_ok = mm_ok & inside
         n64 = n.to(tl.int64)
-        a = tl.load(g_ptr + (n64 * stride_gn + oh.to(tl.int64) * stride_gh + ow.to(tl.int64) * stride_gw)[:, None] + g_col[None, :],
-                    mask=mm_ok[:, None] & o_ok[None, :], other=0.0).to(tl.float32)
-        b = tl.load(x_ptr + (n64 * stride_xn + ih.to(tl.int64) * stride_xh + iw.to(tl.int64) * stride_xw)[:, None] + x_col[None, :],
-                    mask=x_ok[:, None] & o_ok[None, :], other=0.0).to(tl.float32)
+        a = tl.load(g_ptr + _pix(n64 * stride_gn + oh.to(tl.int64) * stride_gh + ow.to(tl.int64) * stride_gw, PIX_FAST) + g_col,
+                    mask=_pix(mm_ok, PIX_FAST) & _chan(o_ok, PIX_FAST), other=0.0).to(tl.float32)
+        b = tl.load(x_ptr + _pix(n64 * stride_xn + ih.to(tl.int64) * stride_xh + iw.to(tl.int64) * stride_xw, PIX_FAST) + x_col,
+                    mask=_pix(x_ok, PIX_FAST) & _chan(o_ok, PIX_FAST), other=0.0).to(tl.float32)
         acc += a * b
-    tl.store(ws_ptr + (split * O + offs_o).to(tl.int64) * TAPS + t, tl.sum(acc, axis=0), mask=o_ok)
+    if PIX_FAST:
+        tot = tl.sum(acc, axis=1)
+    else:
+        tot = tl.sum(acc, axis=0)
+    tl.store(ws_ptr + (split * O + offs_o).to(tl.int64) * TAPS + t, tot, mask=o_ok)
 
 
 # ----------------------------------------------------------------------------- heuristics
@@ -977,7 +1014,7 @@ def _well_used(cfgs: list, h: int, w: int) -> list:
     return [c for c, u in zip(cfgs, use) if u >= floor]
 
 
-def tma_problem(x, w, stride, groups: int, prec: str) -> bool:
+def tma_problem(x, stride, groups: int, prec: str) -> bool:
     """Whether the TMA forward applies to this problem at all (device aside): stride 1, one
     group, half precision or TF32 operands."""
     return groups == 1 and tuple(stride) == (1, 1) and (x.element_size() == 2 or prec == "tf32")
@@ -1001,7 +1038,7 @@ def tma_candidates(x, w, stride, groups: int, prec: str) -> list[tuple]:
     BLOCK_K divides the channel count and whose blocks are well used (:func:`_well_used`), on x
     itself where it can be described for TMA as NHWC, else the TMA_VIA_CL tiles on channels_last
     copies; none where :func:`tma_problem` refuses."""
-    if not tma_problem(x, w, stride, groups, prec):
+    if not tma_problem(x, stride, groups, prec):
         return []
     key = "half" if x.element_size() == 2 else "fp32"
     cg = w.shape[1]
@@ -1016,7 +1053,7 @@ def tma_dgrad_candidates(g, w, stride, groups: int, prec: str) -> list[tuple]:
     :func:`tma_candidates`: each DGRAD_TMA_CONFIGS tile whose BLOCK_K divides the output channel
     count, on g itself where it can be described for TMA as NHWC, else the DGRAD_TMA_VIA_CL
     tiles on channels_last copies; the weight's rows of C channels must be whole 16-byte units."""
-    if not tma_problem(g, w, stride, groups, prec) or w.shape[1] * g.element_size() % 16:
+    if not tma_problem(g, stride, groups, prec) or w.shape[1] * g.element_size() % 16:
         return []
     key = "half" if g.element_size() == 2 else "fp32"
     o = w.shape[0]
@@ -1032,7 +1069,7 @@ def tma_wgrad_candidates(g, x, stride, groups: int, prec: str) -> list[tuple]:
     ``(*tile, TMA)`` where x and g can be described for TMA as they are, else ``(*tile, TMA,
     VIA_CL)`` (NHWC copies of those that cannot)."""
     es = x.element_size()
-    if not tma_problem(x, x, stride, groups, prec) or x.shape[1] * es % 16 or g.shape[1] * es % 16:
+    if not tma_problem(x, stride, groups, prec) or x.shape[1] * es % 16 or g.shape[1] * es % 16:
         return []
     tail = (TMA,) if _tma_strided(x) and _tma_strided(g) else (TMA, VIA_CL)
     return [(*cfg, *tail) for cfg in _well_used(list(WGRAD_TMA_CONFIGS["half" if es == 2 else "fp32"].values()),
@@ -1197,6 +1234,14 @@ def is_depthwise(c: int, cg: int, groups: int) -> bool:
 
 def dw_config(interpret: bool) -> tuple[int, int, int]:
     return DW_INTERP_CONFIG if interpret else DW_CONFIG
+
+
+def pixels_adjacent(t) -> bool:
+    """Whether ``t`` [N, C, H, W] has its pixels along W adjacent and its channels not (NCHW /
+    NCL): the depthwise kernels then lay their tiles out pixels-fastest (``PIX_FAST``), so that
+    a warp's loads and stores cover consecutive addresses; channels_last tensors keep the
+    channels-fastest tile."""
+    return t.stride(3) == 1 and t.stride(1) != 1
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -1383,7 +1428,7 @@ def conv_forward(x, w, bias, y, stride, padding, dilation, groups, activation, p
             *x.stride(), w.stride(0), w.stride(2), w.stride(3), *y.stride(),
             stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
             int(bias is not None), ACT_CODES[activation],
-            BLOCK_P=bp, BLOCK_C=bc, num_warps=warps,
+            BLOCK_P=bp, BLOCK_C=bc, PIX_FAST=pixels_adjacent(x), num_warps=warps,
         )
         return
     half = x.element_size() == 2
@@ -1452,7 +1497,7 @@ def conv_backward_data(g, w, dx, stride, padding, dilation, groups, prec, interp
             n, h, wd, c, ho, wo, kw, kh * kw, og,
             *g.stride(), w.stride(0), w.stride(2), w.stride(3), *dx.stride(),
             stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
-            BLOCK_P=bp, BLOCK_C=bc, num_warps=warps,
+            BLOCK_P=bp, BLOCK_C=bc, PIX_FAST=pixels_adjacent(g), num_warps=warps,
         )
         return
     half = g.element_size() == 2
@@ -1518,7 +1563,7 @@ def conv_backward_weight(g, x, dw, stride, padding, dilation, groups, prec, inte
             n, h, wd, o, ho, wo, kw, kh * kw, og, chunk,
             *g.stride(), *x.stride(),
             stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
-            BLOCK_P=bp, BLOCK_C=bc, num_warps=warps,
+            BLOCK_P=bp, BLOCK_C=bc, PIX_FAST=pixels_adjacent(x), num_warps=warps,
         )
         _reduce_partials(ws, dw)
         return
@@ -1767,8 +1812,10 @@ def aot_specs():
             (_conv_dw_dgrad_kernel, ("g_ptr", "w_ptr", "dx_ptr"), _INTS_DW_DGRAD, "dgrad"),
             (_conv_dw_wgrad_kernel, ("g_ptr", "x_ptr", "ws_ptr"), _INTS_DW_WGRAD, "wgrad"),
         ):
-            sig = {p: ("*fp32" if p == "ws_ptr" else f"*{dt}") for p in ptrs}
-            sig.update({k: "i32" for k in ints})
-            sig.update({k: "constexpr" for k in blocks})
-            specs.append(AotSpec(kernel, sig, dict(blocks), num_warps=warps, label=f"depthwise {kind} {dt}"))
+            for pix in (False, True):
+                sig = {p: ("*fp32" if p == "ws_ptr" else f"*{dt}") for p in ptrs}
+                sig.update({k: "i32" for k in ints})
+                sig.update({k: "constexpr" for k in (*blocks, "PIX_FAST")})
+                specs.append(AotSpec(kernel, sig, {**blocks, "PIX_FAST": pix}, num_warps=warps,
+                                     label=f"depthwise {kind} {dt}{' pixels' if pix else ''}"))
     return specs
