@@ -313,11 +313,17 @@ def _fwd_tap(x_row, w_col, oh, ow, m_ok, i, j, H, W, SH, SW, PH, PW, DH, DW, str
 
 @triton.jit
 def _fwd_block(acc, a_row, b_col, pix_ok, o_ok, c0, CG, stride_xc, stride_wc, PREC: tl.constexpr,
-               BLOCK_K: tl.constexpr):
-    """acc + the products of one tap's channel block ``c0 .. c0 + BLOCK_K``."""
+               BLOCK_K: tl.constexpr, A_PIX: tl.constexpr = False):
+    """acc + the products of one tap's channel block ``c0 .. c0 + BLOCK_K``; ``A_PIX``: the A
+    tile loaded as [channels, pixels] and transposed (see ``_conv_fwd_kernel``)."""
     cc = c0 + tl.arange(0, BLOCK_K)
     c_ok = cc < CG
-    a = tl.load(a_row[:, None] + cc[None, :].to(tl.int64) * stride_xc, mask=pix_ok[:, None] & c_ok[None, :], other=0.0)
+    if A_PIX:
+        a = tl.trans(tl.load(a_row[None, :] + cc[:, None].to(tl.int64) * stride_xc,
+                             mask=pix_ok[None, :] & c_ok[:, None], other=0.0))
+    else:
+        a = tl.load(a_row[:, None] + cc[None, :].to(tl.int64) * stride_xc, mask=pix_ok[:, None] & c_ok[None, :],
+                    other=0.0)
     b = tl.load(b_col[None, :] + cc[:, None].to(tl.int64) * stride_wc, mask=c_ok[:, None] & o_ok[None, :], other=0.0)
     return tl.dot(a, b, acc, input_precision=PREC, out_dtype=tl.float32)
 
@@ -331,8 +337,17 @@ def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
                      SH, SW, PH, PW, DH, DW,
                      HAS_BIAS, ACT, PREC: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     FLAT_K: tl.constexpr = False, SPLIT_K: tl.constexpr = False, PACKED_K: tl.constexpr = False):
-    """``PACKED_K``: the K loop over the group's ``CG * TAPS`` (channel, tap) pairs one by one,
+                     FLAT_K: tl.constexpr = False, SPLIT_K: tl.constexpr = False, PACKED_K: tl.constexpr = False,
+                     A_PIX: tl.constexpr = False, Y_PIX: tl.constexpr = False):
+    """``A_PIX``: the A tile (input pixels x channels) loaded as [channels, pixels] and
+    transposed for the dot, so that Triton's default layout puts a warp's lanes on consecutive
+    pixels: in NCHW (pixels adjacent along W, channels H*W apart) its loads then cover
+    consecutive addresses, where the [pixels, channels] load puts the lanes on channels (one
+    sector per lane). The pixel axis's contiguity is invisible to Triton's analysis (the pixel
+    index comes through a division), so the load's own layout never follows the memory order.
+    ``Y_PIX`` (not with SPLIT_K): the result stored the same way, [channels, pixels].
+
+    ``PACKED_K``: the K loop over the group's ``CG * TAPS`` (channel, tap) pairs one by one,
     ``kk = c * TAPS + t`` (the weight's own order), ``BLOCK_K`` pairs a trip, instead of a
     channel block per tap: for few channels (an RGB stem: 3 channels x 49 taps is 5 trips of
     32 pairs instead of 49 trips whose 32-wide channel block holds 3). Each A element then has
@@ -388,11 +403,17 @@ def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
             j = t - i * KW
             di = i * DH
             dj = j * DW
-            ih = ohs[:, None] + di[None, :]
-            iw = ows[:, None] + dj[None, :]
-            a_ok = (m_ok[:, None] & k_ok[None, :]) & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
             a_col = c.to(tl.int64) * stride_xc + di.to(tl.int64) * stride_xh + dj.to(tl.int64) * stride_xw
-            a = tl.load(a_row[:, None] + a_col[None, :], mask=a_ok, other=0.0)
+            if A_PIX:
+                ih = ohs[None, :] + di[:, None]
+                iw = ows[None, :] + dj[:, None]
+                a_ok = (m_ok[None, :] & k_ok[:, None]) & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                a = tl.trans(tl.load(a_row[None, :] + a_col[:, None], mask=a_ok, other=0.0))
+            else:
+                ih = ohs[:, None] + di[None, :]
+                iw = ows[:, None] + dj[None, :]
+                a_ok = (m_ok[:, None] & k_ok[None, :]) & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                a = tl.load(a_row[:, None] + a_col[None, :], mask=a_ok, other=0.0)
             b_row = c.to(tl.int64) * stride_wc + i * stride_wh + j * stride_ww
             b = tl.load(w_col[None, :] + b_row[:, None], mask=k_ok[:, None] & o_ok[None, :], other=0.0)
             acc = tl.dot(a, b, acc, input_precision=PREC, out_dtype=tl.float32)
@@ -405,24 +426,28 @@ def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
             i = t // KW
             a_row, b_col, pix_ok = _fwd_tap(x_row, w_col, oh, ow, m_ok, i, t - i * KW, H, W, SH, SW, PH, PW, DH,
                                             DW, stride_xh, stride_xw, stride_wh, stride_ww)
-            acc = _fwd_block(acc, a_row, b_col, pix_ok, o_ok, c0, CG, stride_xc, stride_wc, PREC, BLOCK_K)
+            acc = _fwd_block(acc, a_row, b_col, pix_ok, o_ok, c0, CG, stride_xc, stride_wc, PREC, BLOCK_K, A_PIX)
     else:
         for t in range(0, TAPS):
             a_row, b_col, pix_ok = _fwd_tap(x_row, w_col, oh, ow, m_ok, t // KW, t % KW, H, W, SH, SW, PH, PW, DH,
                                             DW, stride_xh, stride_xw, stride_wh, stride_ww)
             for c0 in range(0, CG, BLOCK_K):
-                acc = _fwd_block(acc, a_row, b_col, pix_ok, o_ok, c0, CG, stride_xc, stride_wc, PREC, BLOCK_K)
+                acc = _fwd_block(acc, a_row, b_col, pix_ok, o_ok, c0, CG, stride_xc, stride_wc, PREC, BLOCK_K, A_PIX)
     # bias and activation are runtime flags (a uniform branch in the epilogue), not constexprs:
     # eight compiled variants per configuration would buy nothing measurable
     if HAS_BIAS != 0:
         bias = tl.load(b_ptr + oc, mask=o_ok, other=0.0).to(tl.float32)
         acc = acc + bias[None, :]
     acc = _epilogue_act(acc, ACT)
-    y_off = (n.to(tl.int64) * stride_yn + oh.to(tl.int64) * stride_yh + ow.to(tl.int64) * stride_yw)[:, None] \
-        + oc.to(tl.int64)[None, :] * stride_yc
-    if SPLIT_K:
-        y_off += split.to(tl.int64) * N * Ho * Wo * OG
-    tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & o_ok[None, :])
+    y_pix = n.to(tl.int64) * stride_yn + oh.to(tl.int64) * stride_yh + ow.to(tl.int64) * stride_yw
+    if Y_PIX:  # stored [channels, pixels]: a warp's lanes on consecutive pixels (an NCHW y)
+        tl.store(y_ptr + y_pix[None, :] + oc.to(tl.int64)[:, None] * stride_yc,
+                 tl.trans(acc).to(y_ptr.dtype.element_ty), mask=m_ok[None, :] & o_ok[:, None])
+    else:
+        y_off = y_pix[:, None] + oc.to(tl.int64)[None, :] * stride_yc
+        if SPLIT_K:
+            y_off += split.to(tl.int64) * N * Ho * Wo * OG
+        tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & o_ok[None, :])
 
 
 @triton.jit(do_not_specialize=["M"])  # M may be 1: never a constexpr (M.to below)
@@ -603,8 +628,11 @@ def _conv_dgrad_kernel(g_ptr, w_ptr, dx_ptr,
                        SH, SW, PH, PW, DH, DW,
                        PREC: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       SPLIT_T: tl.constexpr = False):
-    """``SPLIT_T`` (one group): grid axis 2 splits the taps into ``num_programs(2)`` contiguous
+                       SPLIT_T: tl.constexpr = False, A_PIX: tl.constexpr = False, Y_PIX: tl.constexpr = False):
+    """``A_PIX`` / ``Y_PIX``: g's tile loaded, and dx stored, [channels, pixels] (lanes on
+    consecutive pixels: NCHW tensors), as in ``_conv_fwd_kernel``.
+
+    ``SPLIT_T`` (one group): grid axis 2 splits the taps into ``num_programs(2)`` contiguous
     ranges (whole taps, so each tap's own accumulator stays as below); split ``s`` stores its
     float32 partial sum at ``dx + s * N * H * W * CG`` (``dx`` the float32 workspace [S, N, H, W,
     CG] that ``_conv_splitk_reduce_kernel`` sums into the gradient): for deep layers whose
@@ -646,22 +674,30 @@ def _conv_dgrad_kernel(g_ptr, w_ptr, dx_ptr,
             oo = o0 + tl.arange(0, BLOCK_K)
             oo_ok = oo < OG
             oc = (grp * OG + oo).to(tl.int64)
-            a = tl.load(a_row[:, None] + oc[None, :] * stride_gc, mask=ok[:, None] & oo_ok[None, :], other=0.0)
+            if A_PIX:
+                a = tl.trans(tl.load(a_row[None, :] + oc[:, None] * stride_gc, mask=ok[None, :] & oo_ok[:, None],
+                                     other=0.0))
+            else:
+                a = tl.load(a_row[:, None] + oc[None, :] * stride_gc, mask=ok[:, None] & oo_ok[None, :], other=0.0)
             b = tl.load(b_col[None, :] + oc[:, None] * stride_wo, mask=oo_ok[:, None] & c_ok[None, :], other=0.0)
             tap = tl.dot(a, b, tap, input_precision=PREC, out_dtype=tl.float32)
         acc += tl.where(ok[:, None], tap, 0.0)
-    d_off = (n.to(tl.int64) * stride_dn + h.to(tl.int64) * stride_dh + w.to(tl.int64) * stride_dw)[:, None] \
-        + cc.to(tl.int64)[None, :] * stride_dc
-    if SPLIT_T:
-        d_off += split.to(tl.int64) * N * H * W * CG
-    tl.store(dx_ptr + d_off, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :])
+    d_pix = n.to(tl.int64) * stride_dn + h.to(tl.int64) * stride_dh + w.to(tl.int64) * stride_dw
+    if Y_PIX:
+        tl.store(dx_ptr + d_pix[None, :] + cc.to(tl.int64)[:, None] * stride_dc, tl.trans(acc).to(dx_ptr.dtype.element_ty),
+                 mask=m_ok[None, :] & c_ok[:, None])
+    else:
+        d_off = d_pix[:, None] + cc.to(tl.int64)[None, :] * stride_dc
+        if SPLIT_T:
+            d_off += split.to(tl.int64) * N * H * W * CG
+        tl.store(dx_ptr + d_off, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :])
 
 
 @triton.jit
 def _wgrad_packed(g_ptr, x_ptr, ws_ptr, pid_o, pid_q, grp, split, N, H, W, Ho, Wo, KW, TAPS, CG, OG, G, CHUNK,
                   stride_gn, stride_gc, stride_gh, stride_gw, stride_xn, stride_xc, stride_xh, stride_xw,
                   SH, SW, PH, PW, DH, DW, PREC: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, B_PIX: tl.constexpr):
     """``_conv_wgrad_kernel``'s PACKED_N form: columns ``q = c * TAPS + t`` (the B element of
     pixel ``m`` and column ``q`` is x at ``row(m) + col(q)``, inside the input or zero)."""
     QTOT = CG * TAPS
@@ -686,14 +722,20 @@ def _wgrad_packed(g_ptr, x_ptr, ws_ptr, pid_o, pid_q, grp, split, N, H, W, Ho, W
         n, oh, ow = _split_pos(mm, Ho, Wo)
         ohs = oh * SH - PH
         ows = ow * SW - PW
-        ih = ohs[:, None] + di[None, :]
-        iw = ows[:, None] + dj[None, :]
-        x_ok = (mm_ok[:, None] & q_ok[None, :]) & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         n64 = n.to(tl.int64)
         g_off = n64 * stride_gn + oh.to(tl.int64) * stride_gh + ow.to(tl.int64) * stride_gw
         x_row = n64 * stride_xn + ohs.to(tl.int64) * stride_xh + ows.to(tl.int64) * stride_xw
         a = tl.load(g_ptr + oc[:, None] * stride_gc + g_off[None, :], mask=o_ok[:, None] & mm_ok[None, :], other=0.0)
-        b = tl.load(x_ptr + x_row[:, None] + x_col[None, :], mask=x_ok, other=0.0)
+        if B_PIX:  # [columns, pixels]
+            ih = ohs[None, :] + di[:, None]
+            iw = ows[None, :] + dj[:, None]
+            x_ok = (mm_ok[None, :] & q_ok[:, None]) & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            b = tl.trans(tl.load(x_ptr + x_row[None, :] + x_col[:, None], mask=x_ok, other=0.0))
+        else:
+            ih = ohs[:, None] + di[None, :]
+            iw = ows[:, None] + dj[None, :]
+            x_ok = (mm_ok[:, None] & q_ok[None, :]) & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            b = tl.load(x_ptr + x_row[:, None] + x_col[None, :], mask=x_ok, other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PREC, out_dtype=tl.float32)
     ws_off = ((split * G * OG).to(tl.int64) + oc)[:, None] * QTOT + offs_q[None, :]
     tl.store(ws_ptr + ws_off, acc, mask=o_ok[:, None] & q_ok[None, :])
@@ -707,14 +749,18 @@ def _conv_wgrad_kernel(g_ptr, x_ptr, ws_ptr,
                        SH, SW, PH, PW, DH, DW,
                        PREC: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       PACKED_N: tl.constexpr = False):
+                       PACKED_N: tl.constexpr = False, B_PIX: tl.constexpr = False):
     """Partial sums ws[split, o, c, tap] (float32, contiguous [SPLIT, O, CG, TAPS]).
 
     A program's columns are ``BLOCK_N`` channels of one tap (grid axis 1: taps x channel
     blocks), or with ``PACKED_N`` ``BLOCK_N`` of the group's ``CG * TAPS`` (channel, tap) pairs
     ``q = c * TAPS + t``, the order of ws's last two axes (grid axis 1: ``cdiv(CG * TAPS,
     BLOCK_N)``): for few channels (3 channels x 49 taps: 3 programs of 64 pairs instead of 49
-    programs whose 64-wide channel block holds 3, each re-reading the same tile of g)."""
+    programs whose 64-wide channel block holds 3, each re-reading the same tile of g).
+
+    ``B_PIX``: x's tile loaded [channels, pixels] and transposed (lanes on consecutive pixels:
+    an NCHW x, as ``_conv_fwd_kernel``'s A_PIX); g's tile [output channels, pixels] has its
+    lanes on pixels already."""
     pid_o = tl.program_id(0)
     pid_ct = tl.program_id(1)
     pid_gs = tl.program_id(2)
@@ -723,7 +769,7 @@ def _conv_wgrad_kernel(g_ptr, x_ptr, ws_ptr,
     if PACKED_N:
         _wgrad_packed(g_ptr, x_ptr, ws_ptr, pid_o, pid_ct, grp, split, N, H, W, Ho, Wo, KW, TAPS, CG, OG, G, CHUNK,
                       stride_gn, stride_gc, stride_gh, stride_gw, stride_xn, stride_xc, stride_xh, stride_xw,
-                      SH, SW, PH, PW, DH, DW, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+                      SH, SW, PH, PW, DH, DW, PREC, BLOCK_M, BLOCK_N, BLOCK_K, B_PIX)
         return
     n_cblk = tl.cdiv(CG, BLOCK_N)
     t = pid_ct // n_cblk
@@ -750,7 +796,11 @@ def _conv_wgrad_kernel(g_ptr, x_ptr, ws_ptr,
         g_off = n64 * stride_gn + oh.to(tl.int64) * stride_gh + ow.to(tl.int64) * stride_gw
         x_off = n64 * stride_xn + ih.to(tl.int64) * stride_xh + iw.to(tl.int64) * stride_xw
         a = tl.load(g_ptr + oc[:, None] * stride_gc + g_off[None, :], mask=o_ok[:, None] & mm_ok[None, :], other=0.0)
-        b = tl.load(x_ptr + x_off[:, None] + cc[None, :] * stride_xc, mask=x_ok[:, None] & c_ok[None, :], other=0.0)
+        if B_PIX:
+            b = tl.trans(tl.load(x_ptr + x_off[None, :] + cc[:, None] * stride_xc, mask=x_ok[None, :] & c_ok[:, None],
+                                 other=0.0))
+        else:
+            b = tl.load(x_ptr + x_off[:, None] + cc[None, :] * stride_xc, mask=x_ok[:, None] & c_ok[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PREC, out_dtype=tl.float32)
     ws_off = ((split * G * OG).to(tl.int64) + oc)[:, None] * (CG * TAPS) + offs_c[None, :] * TAPS + t
     tl.store(ws_ptr + ws_off, acc, mask=o_ok[:, None] & c_ok[None, :])
@@ -1236,11 +1286,23 @@ def dw_config(interpret: bool) -> tuple[int, int, int]:
     return DW_INTERP_CONFIG if interpret else DW_CONFIG
 
 
+def _pix_flags(x, y, split: bool) -> dict:
+    """The forward's A_PIX / Y_PIX for input ``x`` and output ``y``: both where both are
+    :func:`pixels_adjacent` (NCHW in, NCHW out), neither where either is not (channels_last, or
+    mixed layouts); the split-K workspace (NHWC) is never stored pixels-fastest, its A tile is
+    where x is. What aot_specs() compiles: (False, False), (True, True), and (True, False) for
+    the split forms."""
+    if split:
+        return {"A_PIX": pixels_adjacent(x), "Y_PIX": False}
+    both = pixels_adjacent(x) and pixels_adjacent(y)
+    return {"A_PIX": both, "Y_PIX": both}
+
+
 def pixels_adjacent(t) -> bool:
     """Whether ``t`` [N, C, H, W] has its pixels along W adjacent and its channels not (NCHW /
-    NCL): the depthwise kernels then lay their tiles out pixels-fastest (``PIX_FAST``), so that
-    a warp's loads and stores cover consecutive addresses; channels_last tensors keep the
-    channels-fastest tile."""
+    NCL): the depthwise kernels then lay their tiles out pixels-fastest (``PIX_FAST``) and the
+    implicit-GEMM forward loads its A tile so (``A_PIX``), so that a warp's loads and stores
+    cover consecutive addresses; channels_last tensors keep the channels-fastest tiles."""
     return t.stride(3) == 1 and t.stride(1) != 1
 
 
@@ -1458,7 +1520,8 @@ def conv_forward(x, w, bias, y, stride, padding, dilation, groups, activation, p
             *x.stride(), *w.stride(), *out_strides,
             stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
             *epilogue, PREC=_dot_precision(prec), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-            FLAT_K=FLAT in cfg[5:], SPLIT_K=split, PACKED_K=packed, num_warps=warps, num_stages=stages,
+            FLAT_K=FLAT in cfg[5:], SPLIT_K=split, PACKED_K=packed, **_pix_flags(x, out, split), num_warps=warps,
+            num_stages=stages,
         )
         if split:
             _splitk_finish(out, bias, y, activation, warm)
@@ -1521,8 +1584,8 @@ def conv_backward_data(g, w, dx, stride, padding, dilation, groups, prec, interp
             n, h, wd, ho, wo, kw, kh * kw, cg, og,
             *g.stride(), *w.stride(), *strides,
             stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
-            PREC=_dot_precision(prec), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_T=split, num_warps=warps,
-            num_stages=stages,
+            PREC=_dot_precision(prec), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_T=split, **_pix_flags(g, out, split),
+            num_warps=warps, num_stages=stages,
         )
         if split:
             _splitk_finish(out, None, dx, None, warm)
@@ -1588,8 +1651,8 @@ def conv_backward_weight(g, x, dw, stride, padding, dilation, groups, prec, inte
             n, h, wd, ho, wo, kw, kh * kw, cg, og, groups, chunk,
             *g.stride(), *x.stride(),
             stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
-            PREC=_dot_precision(prec), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PACKED_N=packed, num_warps=warps,
-            num_stages=stages,
+            PREC=_dot_precision(prec), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PACKED_N=packed, B_PIX=pixels_adjacent(x),
+            num_warps=warps, num_stages=stages,
         )
         if not warm:
             _reduce_partials(ws, dw)
@@ -1657,39 +1720,43 @@ _INTS_DW_WGRAD = ("N", "H", "W", "O", "Ho", "Wo", "KW", "TAPS", "MULT", "CHUNK",
 
 
 def _fwd_spec(dt: str, prec: str, cname: str, cfg: tuple, nhwc: bool = False, flat: bool = False,
-              split: bool = False, packed: bool = False) -> AotSpec:
+              split: bool = False, packed: bool = False, apix: bool = False) -> AotSpec:
     """The forward kernel's spec for one configuration; ``nhwc``: in the channels_last
     specialisation NHWC_CONFIGS launch with (unit strides as constexprs, 16-divisible ints);
     ``flat``: the one-loop K (``FLAT_K``); ``split``: its split-K form (``SPLIT_K``, flat too),
     which writes the float32 workspace (passed as y and as the unread bias); ``packed``: the
-    (channel, tap) K loop (``PACKED_K``)."""
+    (channel, tap) K loop (``PACKED_K``); ``apix``: the A tile loaded and (but for the split
+    form) the result stored pixels-fastest (``A_PIX`` / ``Y_PIX``: what NCHW problems launch
+    with, :func:`_pix_flags`)."""
     bm, bn, bk, warps, stages = cfg
     blocks = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "FLAT_K": flat or split, "SPLIT_K": split,
-              "PACKED_K": packed}
+              "PACKED_K": packed, "A_PIX": apix, "Y_PIX": apix and not split}
     unit = {k: 1 for k in NHWC_UNIT} if nhwc else {}
     out = "fp32" if split else dt
     sig = {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": f"*{out}", "y_ptr": f"*{out}"}
     sig.update({k: "i32" for k in _INTS_FWD})
     sig.update({"HAS_BIAS": "i32", "ACT": "i32"})
     sig.update({k: "constexpr" for k in ("PREC", *blocks, *unit)})
-    variant = " split" if split else " flat" if flat else " packed" if packed else ""
+    variant = (" split" if split else " flat" if flat else " packed" if packed else "") + (" apix" if apix else "")
     return AotSpec(_conv_fwd_kernel, sig, {"PREC": prec, **blocks, **unit}, num_warps=warps, num_stages=stages,
                    label=f"fwd {cname} {dt} {prec}{variant}",
                    **({"divisible_by_16": NHWC_DIV16} if nhwc else {}))
 
 
-def _dgrad_spec(dt: str, prec: str, cname: str, cfg: tuple, nhwc: bool = False, split: bool = False) -> AotSpec:
+def _dgrad_spec(dt: str, prec: str, cname: str, cfg: tuple, nhwc: bool = False, split: bool = False,
+                apix: bool = False) -> AotSpec:
     """The input gradient kernel's spec for one configuration; ``nhwc``: in the channels_last
     specialisation NHWC_DGRAD_CONFIGS launch with (DGRAD_NHWC_UNIT, DGRAD_NHWC_DIV16); ``split``:
-    the tap-split form (``SPLIT_T``), which writes the float32 workspace."""
+    the tap-split form (``SPLIT_T``), which writes the float32 workspace; ``apix``: g loaded and
+    (but for the split form) dx stored pixels-fastest (NCHW problems, :func:`_pix_flags`)."""
     bm, bn, bk, warps, stages = cfg
-    blocks = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_T": split}
+    blocks = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_T": split, "A_PIX": apix, "Y_PIX": apix and not split}
     unit = {k: 1 for k in DGRAD_NHWC_UNIT} if nhwc else {}
     sig = {"g_ptr": f"*{dt}", "w_ptr": f"*{dt}", "dx_ptr": f"*{'fp32' if split else dt}"}
     sig.update({k: "i32" for k in _INTS_DGRAD})
     sig.update({k: "constexpr" for k in ("PREC", *blocks, *unit)})
     return AotSpec(_conv_dgrad_kernel, sig, {"PREC": prec, **blocks, **unit}, num_warps=warps, num_stages=stages,
-                   label=f"dgrad {cname} {dt} {prec}{' split' if split else ''}",
+                   label=f"dgrad {cname} {dt} {prec}{' split' if split else ''}{' apix' if apix else ''}",
                    **({"divisible_by_16": DGRAD_NHWC_DIV16} if nhwc else {}))
 
 
@@ -1748,29 +1815,34 @@ def aot_specs():
         key = "fp32" if dt == "fp32" else "half"
         tiles = {**GPU_CONFIGS[key], **TUNE_CONFIGS[key], **NHWC_CONFIGS[key]}
         for cname, cfg in GPU_CONFIGS[key].items():
-            specs.append(_fwd_spec(dt, prec, cname, cfg))
-            specs.append(_dgrad_spec(dt, prec, cname, DGRAD_CONFIGS[key][cname]))
+            specs += [_fwd_spec(dt, prec, cname, cfg, apix=apix) for apix in (False, True)]
+            specs += [_dgrad_spec(dt, prec, cname, DGRAD_CONFIGS[key][cname], apix=apix) for apix in (False, True)]
         # the weight gradient: every candidate (pick_config(og, 0)'s "small" / "medium" among
         # them), with channel-block columns and with packed (channel, tap) columns
         for cname in WGRAD_CANDIDATES[key]:
             bm, bn, bk, warps, stages = tiles[cname]
             for packed in (False, True):
-                blocks = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "PACKED_N": packed}
-                sig = {"g_ptr": f"*{dt}", "x_ptr": f"*{dt}", "ws_ptr": "*fp32"}
-                sig.update({k: "i32" for k in _INTS_WGRAD})
-                sig.update({k: "constexpr" for k in ("PREC", *blocks)})
-                specs.append(AotSpec(_conv_wgrad_kernel, sig, {"PREC": prec, **blocks}, num_warps=warps,
-                                     num_stages=stages, label=f"wgrad {cname} {dt} {prec}{' packed' if packed else ''}"))
-        for cname, cfg in TUNE_CONFIGS[key].items():
-            specs.append(_fwd_spec(dt, prec, cname, cfg))
-        for cname in FWD_PACKED[key]:
-            specs.append(_fwd_spec(dt, prec, cname, tiles[cname], packed=True))
-        for cname in FWD_FLAT[(key, False)]:
-            specs.append(_fwd_spec(dt, prec, cname, tiles[cname], flat=True))
-        for cname in FWD_SPLIT[(key, False)]:
-            specs.append(_fwd_spec(dt, prec, cname, tiles[cname], split=True))
+                for bpix in (False, True):
+                    blocks = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "PACKED_N": packed, "B_PIX": bpix}
+                    sig = {"g_ptr": f"*{dt}", "x_ptr": f"*{dt}", "ws_ptr": "*fp32"}
+                    sig.update({k: "i32" for k in _INTS_WGRAD})
+                    sig.update({k: "constexpr" for k in ("PREC", *blocks)})
+                    specs.append(AotSpec(_conv_wgrad_kernel, sig, {"PREC": prec, **blocks}, num_warps=warps,
+                                         num_stages=stages, label=f"wgrad {cname} {dt} {prec}{' packed' if packed else ''}"
+                                         f"{' apix' if bpix else ''}"))
+        # the generic tiles' variants, each also pixels-fastest (A_PIX: NCHW inputs)
+        for apix in (False, True):
+            for cname, cfg in TUNE_CONFIGS[key].items():
+                specs.append(_fwd_spec(dt, prec, cname, cfg, apix=apix))
+            for cname in FWD_PACKED[key]:
+                specs.append(_fwd_spec(dt, prec, cname, tiles[cname], packed=True, apix=apix))
+            for cname in FWD_FLAT[(key, False)]:
+                specs.append(_fwd_spec(dt, prec, cname, tiles[cname], flat=True, apix=apix))
+            for cname in FWD_SPLIT[(key, False)]:
+                specs.append(_fwd_spec(dt, prec, cname, tiles[cname], split=True, apix=apix))
         for cname in DGRAD_SPLIT[(key, False)]:
-            specs.append(_dgrad_spec(dt, prec, cname, DGRAD_CONFIGS[key][cname], split=True))
+            specs += [_dgrad_spec(dt, prec, cname, DGRAD_CONFIGS[key][cname], split=True, apix=apix)
+                      for apix in (False, True)]
         if prec == "ieee" and dt == "fp32":
             continue  # the NHWC specialisation: TF32 or half only (see NHWC_CONFIGS)
         for cname, cfg in NHWC_CONFIGS[key].items():
