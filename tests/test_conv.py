@@ -1317,41 +1317,27 @@ def test_tma_candidates_through_the_chooser_match_reference(monkeypatch, rng):
             with gpu_nn.backend("triton"):
                 y = F.conv2d(x, w, b, padding=1, activation="relu")
             assert_close(y, yr, torch.float16, 9 * 64, f"forward {cand} {layout}")
-    # the input gradient's, g in either layout (F.conv2d's output follows x's layout)
+    # ... and the input and weight gradients', g in either layout (F.conv2d's output follows x's)
     g64 = randn(rng, *yr.shape)
-    with gpu_nn.backend("reference"):
-        x64r = x64.clone().requires_grad_()
-        want = torch.autograd.grad(F.conv2d(x64r, w64, b64, padding=1), x64r, g64)[0]
-    for layout in ("channels_last", "contig"):
-        x, w = (_layout(t.to(dev, torch.float16), layout) for t in (x64, w64))
-        x.requires_grad_()
-        g = _layout(g64.to(dev, torch.float16), layout)
-        cands = [c for c in kt.dgrad_problem_candidates(g, w, x, 1, "ieee", (1, 1)) if kt.TMA in c]
-        assert cands and all((kt.VIA_CL in c) is (layout == "contig") for c in cands)
-        for cand in cands:
-            monkeypatch.setattr(oc, "_chooser", lambda device, cand=cand: (
-                lambda op, key, cs, run, default, **_: default if op != "conv_dgrad" else (
-                    cand if cand in cs else pytest.fail(f"{cand} not offered"))))
-            with gpu_nn.backend("triton"):
-                got = torch.autograd.grad(F.conv2d(x, w, b64.to(dev, torch.float16), padding=1), x, g)[0]
-            assert_close(got, want, torch.float16, 9 * 64, f"dgrad {cand} {layout}")
-    # ... and the weight gradient's
-    with gpu_nn.backend("reference"):
-        w64r = w64.clone().requires_grad_()
-        want = torch.autograd.grad(F.conv2d(x64, w64r, b64, padding=1), w64r, g64)[0]
-    for layout in ("channels_last", "contig"):
-        x, w = (_layout(t.to(dev, torch.float16), layout) for t in (x64, w64))
-        w.requires_grad_()
-        g = _layout(g64.to(dev, torch.float16), layout)
-        cands = [c for c in kt.tma_wgrad_candidates(g, x, (1, 1), 1, "ieee")]
-        assert cands and all((kt.VIA_CL in c) is (layout == "contig") for c in cands)
-        for cand in cands:
-            monkeypatch.setattr(oc, "_chooser", lambda device, cand=cand: (
-                lambda op, key, cs, run, default, **_: default if op != "conv_wgrad" else (
-                    cand if cand in cs else pytest.fail(f"{cand} not offered"))))
-            with gpu_nn.backend("triton"):
-                got = torch.autograd.grad(F.conv2d(x, w, b64.to(dev, torch.float16), padding=1), w, g)[0]
-            assert_close(got, want, torch.float16, 5 * 9, f"wgrad {cand} {layout}")
+    for part, red in (("dgrad", 9 * 64), ("wgrad", 5 * 9)):
+        with gpu_nn.backend("reference"):
+            leaf = (x64 if part == "dgrad" else w64).clone().requires_grad_()
+            y64 = F.conv2d(leaf, w64, b64, padding=1) if part == "dgrad" else F.conv2d(x64, leaf, b64, padding=1)
+            want = torch.autograd.grad(y64, leaf, g64)[0]
+        for layout in ("channels_last", "contig"):
+            x, w = (_layout(t.to(dev, torch.float16), layout) for t in (x64, w64))
+            wrt = (x if part == "dgrad" else w).requires_grad_()
+            g = _layout(g64.to(dev, torch.float16), layout)
+            cands = ([c for c in kt.dgrad_problem_candidates(g, w, x, 1, "ieee", (1, 1)) if kt.TMA in c]
+                     if part == "dgrad" else kt.tma_wgrad_candidates(g, x, (1, 1), 1, "ieee"))
+            assert cands and all((kt.VIA_CL in c) is (layout == "contig") for c in cands)
+            for cand in cands:
+                monkeypatch.setattr(oc, "_chooser", lambda device, cand=cand, op_=f"conv_{part}": (
+                    lambda op, key, cs, run, default, **_: default if op != op_ else (
+                        cand if cand in cs else pytest.fail(f"{cand} not offered"))))
+                with gpu_nn.backend("triton"):
+                    got = torch.autograd.grad(F.conv2d(x, w, b64.to(dev, torch.float16), padding=1), wrt, g)[0]
+                assert_close(got, want, torch.float16, red, f"{part} {cand} {layout}")
 
 
 DW_CASES = [  # depthwise problems: (nd, input shape, weight shape, kwargs, layout)

@@ -477,6 +477,17 @@ def _conv_splitk_reduce_kernel(ws_ptr, b_ptr, y_ptr, M, O, Ho, Wo, S,
 
 
 @triton.jit
+def _pixel_block(blk, HH, WW, BH: tl.constexpr, BW: tl.constexpr):
+    """Block ``blk`` of the ``BH x BW`` pixel blocks tiling N images of ``HH x WW``, image-major:
+    (image, first row, first column)."""
+    blocks_w = tl.cdiv(WW, BW)
+    blocks = tl.cdiv(HH, BH) * blocks_w
+    n = blk // blocks
+    r = blk - n * blocks
+    return n, (r // blocks_w) * BH, (r - (r // blocks_w) * blocks_w) * BW
+
+
+@triton.jit
 def _conv_tma_fwd_kernel(x_desc, w_desc, b_ptr, y_ptr, Ho, Wo, O, CG, KW, TAPS, PH, PW, DH, DW,
                          stride_yn, stride_yc, stride_yh, stride_yw, HAS_BIAS, ACT, PREC: tl.constexpr,
                          BH: tl.constexpr, BW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -493,13 +504,7 @@ def _conv_tma_fwd_kernel(x_desc, w_desc, b_ptr, y_ptr, Ho, Wo, O, CG, KW, TAPS, 
     must be a multiple of BLOCK_K, so that no channel block reaches into the next tap's weights.
     Pixels of the block past Ho or Wo are computed from whatever the box holds and not stored."""
     BLOCK_M: tl.constexpr = BH * BW
-    blocks_w = tl.cdiv(Wo, BW)
-    blocks = tl.cdiv(Ho, BH) * blocks_w
-    pid = tl.program_id(0)
-    n = pid // blocks
-    r = pid - n * blocks
-    oh0 = (r // blocks_w) * BH
-    ow0 = (r - (r // blocks_w) * blocks_w) * BW
+    n, oh0, ow0 = _pixel_block(tl.program_id(0), Ho, Wo, BH, BW)
     o0 = tl.program_id(1) * BLOCK_N
     KC = CG // BLOCK_K
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -539,13 +544,7 @@ def _conv_tma_dgrad_kernel(g_desc, w_desc, dx_ptr, H, W, Ho, Wo, C, O, KW, TAPS,
     for). One flat loop over (tap, channel block) pairs so that the loads pipeline across taps;
     ``O`` must be a multiple of BLOCK_K (no box reaches into the next tap's rows)."""
     BLOCK_M: tl.constexpr = BH * BW
-    blocks_w = tl.cdiv(W, BW)
-    blocks = tl.cdiv(H, BH) * blocks_w
-    pid = tl.program_id(0)
-    n = pid // blocks
-    r = pid - n * blocks
-    h0 = (r // blocks_w) * BH
-    w0 = (r - (r // blocks_w) * blocks_w) * BW
+    n, h0, w0 = _pixel_block(tl.program_id(0), H, W, BH, BW)
     c0 = tl.program_id(1) * BLOCK_N
     offs_m = tl.arange(0, BLOCK_M)
     h = h0 + offs_m // BW
@@ -597,17 +596,12 @@ def _conv_tma_wgrad_kernel(x_desc, g_desc, ws_ptr, N, Ho, Wo, C, O, KW, TAPS, PH
     i = t // KW
     dh = i * DH - PH
     dw = (t - i * KW) * DW - PW
-    blocks_w = tl.cdiv(Wo, BW)
-    blocks = tl.cdiv(Ho, BH) * blocks_w
     b_lo = tl.program_id(2) * CHUNK
-    b_hi = tl.minimum(b_lo + CHUNK, N * blocks)
+    b_hi = tl.minimum(b_lo + CHUNK, N * tl.cdiv(Ho, BH) * tl.cdiv(Wo, BW))
     offs_m = tl.arange(0, BLOCK_M)
     acc = tl.zeros((BLOCK_C, BLOCK_O), dtype=tl.float32)
     for blk in range(b_lo, b_hi):
-        n = blk // blocks
-        r = blk - n * blocks
-        oh0 = (r // blocks_w) * BH
-        ow0 = (r - (r // blocks_w) * blocks_w) * BW
+        n, oh0, ow0 = _pixel_block(blk, Ho, Wo, BH, BW)
         a = tl.reshape(x_desc.load([n, oh0 + dh, ow0 + dw, c0]), (BLOCK_M, BLOCK_C))
         inside = ((oh0 + offs_m // BW) < Ho) & ((ow0 + offs_m % BW) < Wo)
         a = tl.where(inside[:, None], a, 0.0).to(a.dtype)
