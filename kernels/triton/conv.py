@@ -27,6 +27,20 @@ accumulation is float32; float32 ``tl.dot`` runs with the ``PREC`` input precisi
 chooses ("ieee", or "tf32" when torch allows TF32). Offsets that scale with the batch or a
 spatial index are int64, so tensors above 2^31 elements address correctly.
 
+Few channels per group (an RGB stem) leave most of a channel block idle; the ``PACKED`` forms
+run the forward's K loop and the weight gradient's columns over (channel, tap) pairs instead.
+
+NCHW tensors have their pixels adjacent and their channels H*W apart, but the pixel index comes
+through a division, so Triton's coalescing pass cannot see that contiguity and its default layout
+puts a warp's lanes on the channel axis; launches on such tensors therefore load (and store)
+their pixel x channel tiles transposed, lanes on pixels (``A_PIX`` / ``Y_PIX`` / ``B_PIX``,
+``PIX_FAST`` in the depthwise kernels; :func:`pixels_adjacent`).
+
+On devices with TMA, stride-1 one-group problems in half precision or TF32 are also offered
+``_conv_tma_*`` kernels (forward, input and weight gradient): a block of BH x BW pixels of one
+image reads each (tap, channel block) as one TMA box of the NHWC tensor, the padding filled with
+zeros by the copy engine; measured candidates only (``TMA``).
+
 Depthwise convolutions (one input channel per group: groups = C, weight [C*mult, 1, kh, kw])
 have no GEMM to feed (K = taps only), so they run through dedicated FMA kernels
 (``_conv_dw_*``) over [pixels x channels] tiles instead of a 16-wide dot tile with one live lane.
