@@ -467,9 +467,11 @@ def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
 @triton.jit(do_not_specialize=["M"])  # M may be 1: never a constexpr (M.to below)
 def _conv_splitk_reduce_kernel(ws_ptr, b_ptr, y_ptr, M, O, Ho, Wo, S,
                                stride_yn, stride_yc, stride_yh, stride_yw, HAS_BIAS, ACT,
-                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, Y_PIX: tl.constexpr = False):
     """The split-K forward's finish: ``y[n, o, p, q] = act(sum_s ws[s, m, o] + b[o])`` with
-    ``m = (n * Ho + p) * Wo + q``, ``ws`` float32 [S, M, O] contiguous, ``y`` any strides."""
+    ``m = (n * Ho + p) * Wo + q``, ``ws`` float32 [S, M, O] contiguous, ``y`` any strides;
+    ``Y_PIX``: y stored [channels, pixels] (lanes on consecutive pixels: an NCHW y, as
+    ``_conv_fwd_kernel``'s), the workspace still read along its contiguous channels."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_o = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = offs_m < M
@@ -485,9 +487,13 @@ def _conv_splitk_reduce_kernel(ws_ptr, b_ptr, y_ptr, M, O, Ho, Wo, S,
         acc = acc + tl.load(b_ptr + offs_o, mask=o_ok, other=0.0).to(tl.float32)[None, :]
     acc = _epilogue_act(acc, ACT)
     n, oh, ow = _split_pos(offs_m, Ho, Wo)
-    y_off = (n.to(tl.int64) * stride_yn + oh.to(tl.int64) * stride_yh + ow.to(tl.int64) * stride_yw)[:, None] \
-        + offs_o.to(tl.int64)[None, :] * stride_yc
-    tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    y_pix = n.to(tl.int64) * stride_yn + oh.to(tl.int64) * stride_yh + ow.to(tl.int64) * stride_yw
+    if Y_PIX:
+        tl.store(y_ptr + y_pix[None, :] + offs_o.to(tl.int64)[:, None] * stride_yc, tl.trans(acc).to(y_ptr.dtype.element_ty),
+                 mask=m_ok[None, :] & o_ok[:, None])
+    else:
+        y_off = y_pix[:, None] + offs_o.to(tl.int64)[None, :] * stride_yc
+        tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -1338,7 +1344,7 @@ def _splitk_finish(ws, bias, out, act: str | None, warm: bool) -> None:
     rbm, rbn, rwarps = REDUCE_BLOCKS
     _launcher(_conv_splitk_reduce_kernel, (cdiv(m, rbm), cdiv(c, rbn)), warm)(
         ws, bias if bias is not None else out, out, m, c, out.shape[2], out.shape[3], nsplit, *out.stride(),
-        int(bias is not None), ACT_CODES[act], BLOCK_M=rbm, BLOCK_N=rbn, num_warps=rwarps)
+        int(bias is not None), ACT_CODES[act], BLOCK_M=rbm, BLOCK_N=rbn, Y_PIX=pixels_adjacent(out), num_warps=rwarps)
 
 
 def _nhwc_like(*ts):
@@ -1881,9 +1887,10 @@ def aot_specs():
         sig = {"ws_ptr": "*fp32", "b_ptr": f"*{dt}", "y_ptr": f"*{dt}"}
         sig.update({k: "i32" for k in ("M", "O", "Ho", "Wo", "S", "stride_yn", "stride_yc", "stride_yh", "stride_yw",
                                        "HAS_BIAS", "ACT")})
-        sig.update({"BLOCK_M": "constexpr", "BLOCK_N": "constexpr"})
-        specs.append(AotSpec(_conv_splitk_reduce_kernel, sig, {"BLOCK_M": rbm, "BLOCK_N": rbn}, num_warps=rwarps,
-                             label=f"splitk reduce {dt}"))
+        sig.update({"BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "Y_PIX": "constexpr"})
+        for pix in (False, True):
+            specs.append(AotSpec(_conv_splitk_reduce_kernel, sig, {"BLOCK_M": rbm, "BLOCK_N": rbn, "Y_PIX": pix},
+                                 num_warps=rwarps, label=f"splitk reduce {dt}{' apix' if pix else ''}"))
     bp, bc, warps = DW_CONFIG
     blocks = {"BLOCK_P": bp, "BLOCK_C": bc}
     for dt in ("fp32", "fp16", "bf16"):
