@@ -48,3 +48,12 @@ def rng(request):
     import numpy as np
 
     return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+
+
+def pytest_collection_modifyitems(config, items):
+    """The sm_90 compile checks first (tests/test_compile.py: one test per kernel family, the
+    conv family alone several minutes of one core): started last, one of them would run on one
+    worker after the other has finished everything else, and the suite's wall time would be that
+    test's. Otherwise collection order."""
+    items.sort(key=lambda item: 0 if item.path.name == "test_compile.py"
+               and item.name.startswith("test_triton_kernels_compile") else 1)
