@@ -520,16 +520,25 @@ def conv_candidates(p: dict, dtype, channels_last: bool, device: str = "cpu") ->
     groups = p.get("groups", 1)
     if kt.is_depthwise(p["c"], p["c"] // groups, groups):
         return []
-    x, w, b, y = (_as4d(t) for t in _conv_problem(p, dtype, channels_last, "cpu", fill=False))
+    x, w, b, y, stride, tma = _conv_standins(p, dtype, channels_last, device)
+    prec = oc._precision(dtype)
     default = kt.fwd_default(p["o"] // groups, y.shape[0] * y.shape[2] * y.shape[3], p["c"] // groups,
                              math.prod(p["k"]), dtype.itemsize == 2, False)
-    cands = kt.problem_candidates(x, w, b, y, groups, oc._precision(dtype))
-    # the TMA forward where the device has it (the layout questions above ran on CPU stand-ins
-    # with the device tensors' strides)
-    st = p.get("stride", 1)
-    if kt.tma_device(torch.empty(0, device=device)):
-        cands += kt.tma_candidates(x, w, (st, st) if len(p["spatial"]) == 2 else (1, st), groups, oc._precision(dtype))
+    cands = kt.problem_candidates(x, w, b, y, groups, prec) + (kt.tma_candidates(x, w, stride, groups, prec) if tma else [])
     return [conv_config(c) for c in dict.fromkeys([default, *cands])] + [{"provider": "torch"}]
+
+
+def _conv_standins(p: dict, dtype, channels_last: bool, device: str) -> tuple:
+    """(x, w, b, y, stride, tma) for the candidate lists of problem ``p``: unwritten CPU
+    stand-ins with the device tensors' layouts (conv1d as [N, C, 1, L]), the convolution's stride
+    as the launchers take it, and whether ``device`` runs the TMA kernels. The launchers' own
+    lists ask the tensors' device for the TMA candidates, which a CPU stand-in never has: the
+    callers add them from ``tma``."""
+    from gpu_nn.kernels.triton import conv as kt
+
+    x, w, b, y = (_as4d(t) for t in _conv_problem(p, dtype, channels_last, "cpu", fill=False))
+    st = p.get("stride", 1)
+    return x, w, b, y, (st, st) if len(p["spatial"]) == 2 else (1, st), kt.tma_device(torch.empty(0, device=device))
 
 
 def _conv_setup(p: dict, dtype, channels_last: bool, device: str, copies: int, configs):
@@ -592,16 +601,14 @@ def conv_bwd_candidates(part: str, p: dict, dtype, channels_last: bool, device: 
     groups = p.get("groups", 1)
     if kt.is_depthwise(p["c"], p["c"] // groups, groups):
         return []
-    x, w, _, y = (_as4d(t) for t in _conv_problem(p, dtype, channels_last, "cpu", fill=False))
-    st = p.get("stride", 1)
-    stride = (st, st) if len(p["spatial"]) == 2 else (1, st)
+    x, w, _, y, stride, tma = _conv_standins(p, dtype, channels_last, device)
     prec = oc._precision(dtype)
     half = dtype.itemsize == 2
     cg, og, taps = p["c"] // groups, p["o"] // groups, math.prod(p["k"])
-    tma = kt.tma_device(torch.empty(0, device=device))
     if part == "dgrad":
         default = kt.pick_config(cg, x.shape[0] * x.shape[2] * x.shape[3], half, False, kt.DGRAD_CONFIGS)
-        cands = kt.dgrad_problem_candidates(y, w, x, groups, prec, stride if tma else None)
+        cands = kt.dgrad_problem_candidates(y, w, x, groups, prec) + (
+            kt.tma_dgrad_candidates(y, w, stride, groups, prec) if tma else [])
     else:
         default = kt.wgrad_default(og, cg, taps, half, False)
         cands = kt.wgrad_candidates(half, cg, taps) + (kt.tma_wgrad_candidates(y, x, stride, groups, prec) if tma else [])

@@ -598,6 +598,25 @@ def test_conv_backward_section_times_every_candidate_and_torch(tmp_path):
     assert all("error" not in r and r["correct"] for r in rows), [r for r in rows if "error" in r or not r["correct"]]
 
 
+def test_conv_sections_offer_the_tma_kernels_where_the_device_has_them(monkeypatch):
+    """On a device with TMA the sweep times the TMA forward, input and weight gradient at a
+    stride-1 3x3 stage, though it builds its candidate lists from CPU stand-ins (here the "meta"
+    device stands for a TMA GPU, the CPU for one without), and never at the strided stem."""
+    from gpu_nn.benchmarks import bench_conv
+    from gpu_nn.kernels.triton import conv as kt
+
+    monkeypatch.setattr(kt, "tma_device", lambda t: t.device.type == "meta")
+    stage = next(p for name, _, p in bench_conv.GPU_SHAPES if name == "conv2d 3x3")
+    stem = next(p for name, _, p in bench_conv.GPU_SHAPES if name == "conv2d 7x7/2 stem")
+    lists = {"fwd": lambda p, dev: sweep.conv_candidates(p, torch.bfloat16, True, dev),
+             "dgrad": lambda p, dev: sweep.conv_bwd_candidates("dgrad", p, torch.bfloat16, True, dev),
+             "wgrad": lambda p, dev: sweep.conv_bwd_candidates("wgrad", p, torch.bfloat16, True, dev)}
+    for part, rows in lists.items():
+        assert any(r.get("tma") for r in rows(stage, "meta")), part
+        assert not any(r.get("tma") for r in rows(stage, "cpu")), part
+        assert not any(r.get("tma") for r in rows(stem, "meta")), part
+
+
 def test_linear_section_times_every_matmul_candidate_and_torch(tmp_path):
     """The linear groups on a tiny CPU problem (Triton interpreter, float32 with TF32): one group
     per GEMM of linear, each holding what the tuning times where the TMA kernel applies (the
