@@ -48,8 +48,6 @@ have no GEMM to feed (K = taps only), so they run through dedicated FMA kernels
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -61,6 +59,7 @@ from ._compat import parallel_compile
 from ._launch import cdiv
 from ._launch import launch as launch_kernel
 from .activation import ACT_CODES, _epilogue_act
+from .dense import _device_index, _has_tma, _tma_operand
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): the sm_90 configurations the heuristics
 # may pick, per operand width; every tl.dot tile is >= 16 on each side. float32 operands take
@@ -326,18 +325,65 @@ def _fwd_tap(x_row, w_col, oh, ow, m_ok, i, j, H, W, SH, SW, PH, PW, DH, DW, str
 
 
 @triton.jit
+def _pix(v, PIX_FAST: tl.constexpr):
+    """A vector over the tile's pixels as a tile axis: columns (the fastest axis of Triton's
+    default layout: consecutive lanes on consecutive pixels) with ``PIX_FAST``, else rows."""
+    if PIX_FAST:
+        return v[None, :]
+    else:
+        return v[:, None]
+
+
+@triton.jit
+def _chan(v, PIX_FAST: tl.constexpr):
+    """A vector over the tile's channels as the other tile axis (see :func:`_pix`)."""
+    if PIX_FAST:
+        return v[:, None]
+    else:
+        return v[None, :]
+
+
+@triton.jit
+def _orient(t, PIX_FAST: tl.constexpr):
+    """A [pixels, channels] tile as :func:`_pix` / :func:`_chan` lay tiles out ([channels,
+    pixels] with ``PIX_FAST``), or such a tile back as [pixels, channels]: its transpose with
+    ``PIX_FAST``, else itself."""
+    if PIX_FAST:
+        return tl.trans(t)
+    else:
+        return t
+
+
+@triton.jit
+def _load_oriented(pix_ptr, chan, chan_stride, pix_ok, chan_ok, PIX_FAST: tl.constexpr):
+    """The [pixels, channels] tile at ``pix_ptr`` (a pointer per pixel) + ``chan`` (channel
+    indices) x ``chan_stride``, zero where masked, loaded in :func:`_pix`'s layout (lanes on
+    pixels with ``PIX_FAST``: NCHW tensors) and returned as [pixels, channels] for the dot. The
+    indices are widened and scaled after their broadcast, as the kernels always did (scaled
+    first, the forward's small tiles took 20-25 % more registers, sm_90 AOT)."""
+    return _orient(tl.load(_pix(pix_ptr, PIX_FAST) + _chan(chan, PIX_FAST).to(tl.int64) * chan_stride,
+                           mask=_pix(pix_ok, PIX_FAST) & _chan(chan_ok, PIX_FAST), other=0.0), PIX_FAST)
+
+
+@triton.jit
+def _store_oriented(ptr, pix_off, chan_off, tile, pix_ok, chan_ok, PIX_FAST: tl.constexpr):
+    """Store the [pixels, channels] ``tile`` at ``ptr`` + ``pix_off`` (an offset per pixel) +
+    ``chan_off`` (one per channel) in :func:`_pix`'s layout, converted to ``ptr``'s element type.
+    The offsets are summed before the pointer is added, as the forward's store always did: with
+    a pointer per pixel formed first, its float32 tiles took up to 255 registers and spilled
+    (sm_90 AOT)."""
+    tl.store(ptr + (_pix(pix_off, PIX_FAST) + _chan(chan_off, PIX_FAST)),
+             _orient(tile, PIX_FAST).to(ptr.dtype.element_ty), mask=_pix(pix_ok, PIX_FAST) & _chan(chan_ok, PIX_FAST))
+
+
+@triton.jit
 def _fwd_block(acc, a_row, b_col, pix_ok, o_ok, c0, CG, stride_xc, stride_wc, PREC: tl.constexpr,
                BLOCK_K: tl.constexpr, A_PIX: tl.constexpr = False):
     """acc + the products of one tap's channel block ``c0 .. c0 + BLOCK_K``; ``A_PIX``: the A
     tile loaded as [channels, pixels] and transposed (see ``_conv_fwd_kernel``)."""
     cc = c0 + tl.arange(0, BLOCK_K)
     c_ok = cc < CG
-    if A_PIX:
-        a = tl.trans(tl.load(a_row[None, :] + cc[:, None].to(tl.int64) * stride_xc,
-                             mask=pix_ok[None, :] & c_ok[:, None], other=0.0))
-    else:
-        a = tl.load(a_row[:, None] + cc[None, :].to(tl.int64) * stride_xc, mask=pix_ok[:, None] & c_ok[None, :],
-                    other=0.0)
+    a = _load_oriented(a_row, cc, stride_xc, pix_ok, c_ok, A_PIX)
     b = tl.load(b_col[None, :] + cc[:, None].to(tl.int64) * stride_wc, mask=c_ok[:, None] & o_ok[None, :], other=0.0)
     return tl.dot(a, b, acc, input_precision=PREC, out_dtype=tl.float32)
 
@@ -418,16 +464,10 @@ def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
             di = i * DH
             dj = j * DW
             a_col = c.to(tl.int64) * stride_xc + di.to(tl.int64) * stride_xh + dj.to(tl.int64) * stride_xw
-            if A_PIX:
-                ih = ohs[None, :] + di[:, None]
-                iw = ows[None, :] + dj[:, None]
-                a_ok = (m_ok[None, :] & k_ok[:, None]) & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-                a = tl.trans(tl.load(a_row[None, :] + a_col[:, None], mask=a_ok, other=0.0))
-            else:
-                ih = ohs[:, None] + di[None, :]
-                iw = ows[:, None] + dj[None, :]
-                a_ok = (m_ok[:, None] & k_ok[None, :]) & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-                a = tl.load(a_row[:, None] + a_col[None, :], mask=a_ok, other=0.0)
+            ih = _pix(ohs, A_PIX) + _chan(di, A_PIX)
+            iw = _pix(ows, A_PIX) + _chan(dj, A_PIX)
+            a_ok = (_pix(m_ok, A_PIX) & _chan(k_ok, A_PIX)) & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            a = _orient(tl.load(_pix(a_row, A_PIX) + _chan(a_col, A_PIX), mask=a_ok, other=0.0), A_PIX)
             b_row = c.to(tl.int64) * stride_wc + i * stride_wh + j * stride_ww
             b = tl.load(w_col[None, :] + b_row[:, None], mask=k_ok[:, None] & o_ok[None, :], other=0.0)
             acc = tl.dot(a, b, acc, input_precision=PREC, out_dtype=tl.float32)
@@ -454,14 +494,9 @@ def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
         acc = acc + bias[None, :]
     acc = _epilogue_act(acc, ACT)
     y_pix = n.to(tl.int64) * stride_yn + oh.to(tl.int64) * stride_yh + ow.to(tl.int64) * stride_yw
-    if Y_PIX:  # stored [channels, pixels]: a warp's lanes on consecutive pixels (an NCHW y)
-        tl.store(y_ptr + y_pix[None, :] + oc.to(tl.int64)[:, None] * stride_yc,
-                 tl.trans(acc).to(y_ptr.dtype.element_ty), mask=m_ok[None, :] & o_ok[:, None])
-    else:
-        y_off = y_pix[:, None] + oc.to(tl.int64)[None, :] * stride_yc
-        if SPLIT_K:
-            y_off += split.to(tl.int64) * N * Ho * Wo * OG
-        tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & o_ok[None, :])
+    if SPLIT_K:
+        y_pix += split.to(tl.int64) * N * Ho * Wo * OG  # this split's slice of the workspace
+    _store_oriented(y_ptr, y_pix, oc.to(tl.int64) * stride_yc, acc, m_ok, o_ok, Y_PIX)
 
 
 @triton.jit(do_not_specialize=["M"])  # M may be 1: never a constexpr (M.to below)
@@ -488,12 +523,7 @@ def _conv_splitk_reduce_kernel(ws_ptr, b_ptr, y_ptr, M, O, Ho, Wo, S,
     acc = _epilogue_act(acc, ACT)
     n, oh, ow = _split_pos(offs_m, Ho, Wo)
     y_pix = n.to(tl.int64) * stride_yn + oh.to(tl.int64) * stride_yh + ow.to(tl.int64) * stride_yw
-    if Y_PIX:
-        tl.store(y_ptr + y_pix[None, :] + offs_o.to(tl.int64)[:, None] * stride_yc, tl.trans(acc).to(y_ptr.dtype.element_ty),
-                 mask=m_ok[None, :] & o_ok[:, None])
-    else:
-        y_off = y_pix[:, None] + offs_o.to(tl.int64)[None, :] * stride_yc
-        tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    _store_oriented(y_ptr, y_pix, offs_o.to(tl.int64) * stride_yc, acc, m_ok, o_ok, Y_PIX)
 
 
 @triton.jit
@@ -688,23 +718,14 @@ def _conv_dgrad_kernel(g_ptr, w_ptr, dx_ptr,
             oo = o0 + tl.arange(0, BLOCK_K)
             oo_ok = oo < OG
             oc = (grp * OG + oo).to(tl.int64)
-            if A_PIX:
-                a = tl.trans(tl.load(a_row[None, :] + oc[:, None] * stride_gc, mask=ok[None, :] & oo_ok[:, None],
-                                     other=0.0))
-            else:
-                a = tl.load(a_row[:, None] + oc[None, :] * stride_gc, mask=ok[:, None] & oo_ok[None, :], other=0.0)
+            a = _load_oriented(a_row, oc, stride_gc, ok, oo_ok, A_PIX)
             b = tl.load(b_col[None, :] + oc[:, None] * stride_wo, mask=oo_ok[:, None] & c_ok[None, :], other=0.0)
             tap = tl.dot(a, b, tap, input_precision=PREC, out_dtype=tl.float32)
         acc += tl.where(ok[:, None], tap, 0.0)
     d_pix = n.to(tl.int64) * stride_dn + h.to(tl.int64) * stride_dh + w.to(tl.int64) * stride_dw
-    if Y_PIX:
-        tl.store(dx_ptr + d_pix[None, :] + cc.to(tl.int64)[:, None] * stride_dc, tl.trans(acc).to(dx_ptr.dtype.element_ty),
-                 mask=m_ok[None, :] & c_ok[:, None])
-    else:
-        d_off = d_pix[:, None] + cc.to(tl.int64)[None, :] * stride_dc
-        if SPLIT_T:
-            d_off += split.to(tl.int64) * N * H * W * CG
-        tl.store(dx_ptr + d_off, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :])
+    if SPLIT_T:
+        d_pix += split.to(tl.int64) * N * H * W * CG  # this split's slice of the workspace
+    _store_oriented(dx_ptr, d_pix, cc.to(tl.int64) * stride_dc, acc, m_ok, c_ok, Y_PIX)
 
 
 @triton.jit
@@ -740,16 +761,10 @@ def _wgrad_packed(g_ptr, x_ptr, ws_ptr, pid_o, pid_q, grp, split, N, H, W, Ho, W
         g_off = n64 * stride_gn + oh.to(tl.int64) * stride_gh + ow.to(tl.int64) * stride_gw
         x_row = n64 * stride_xn + ohs.to(tl.int64) * stride_xh + ows.to(tl.int64) * stride_xw
         a = tl.load(g_ptr + oc[:, None] * stride_gc + g_off[None, :], mask=o_ok[:, None] & mm_ok[None, :], other=0.0)
-        if B_PIX:  # [columns, pixels]
-            ih = ohs[None, :] + di[:, None]
-            iw = ows[None, :] + dj[:, None]
-            x_ok = (mm_ok[None, :] & q_ok[:, None]) & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            b = tl.trans(tl.load(x_ptr + x_row[None, :] + x_col[:, None], mask=x_ok, other=0.0))
-        else:
-            ih = ohs[:, None] + di[None, :]
-            iw = ows[:, None] + dj[None, :]
-            x_ok = (mm_ok[:, None] & q_ok[None, :]) & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            b = tl.load(x_ptr + x_row[:, None] + x_col[None, :], mask=x_ok, other=0.0)
+        ih = _pix(ohs, B_PIX) + _chan(di, B_PIX)
+        iw = _pix(ows, B_PIX) + _chan(dj, B_PIX)
+        x_ok = (_pix(mm_ok, B_PIX) & _chan(q_ok, B_PIX)) & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        b = _orient(tl.load(x_ptr + _pix(x_row, B_PIX) + _chan(x_col, B_PIX), mask=x_ok, other=0.0), B_PIX)
         acc = tl.dot(a, b, acc, input_precision=PREC, out_dtype=tl.float32)
     ws_off = ((split * G * OG).to(tl.int64) + oc)[:, None] * QTOT + offs_q[None, :]
     tl.store(ws_ptr + ws_off, acc, mask=o_ok[:, None] & q_ok[None, :])
@@ -810,33 +825,10 @@ def _conv_wgrad_kernel(g_ptr, x_ptr, ws_ptr,
         g_off = n64 * stride_gn + oh.to(tl.int64) * stride_gh + ow.to(tl.int64) * stride_gw
         x_off = n64 * stride_xn + ih.to(tl.int64) * stride_xh + iw.to(tl.int64) * stride_xw
         a = tl.load(g_ptr + oc[:, None] * stride_gc + g_off[None, :], mask=o_ok[:, None] & mm_ok[None, :], other=0.0)
-        if B_PIX:
-            b = tl.trans(tl.load(x_ptr + x_off[None, :] + cc[:, None] * stride_xc, mask=x_ok[None, :] & c_ok[:, None],
-                                 other=0.0))
-        else:
-            b = tl.load(x_ptr + x_off[:, None] + cc[None, :] * stride_xc, mask=x_ok[:, None] & c_ok[None, :], other=0.0)
+        b = _load_oriented(x_ptr + x_off, cc, stride_xc, x_ok, c_ok, B_PIX)
         acc = tl.dot(a, b, acc, input_precision=PREC, out_dtype=tl.float32)
     ws_off = ((split * G * OG).to(tl.int64) + oc)[:, None] * (CG * TAPS) + offs_c[None, :] * TAPS + t
     tl.store(ws_ptr + ws_off, acc, mask=o_ok[:, None] & c_ok[None, :])
-
-
-@triton.jit
-def _pix(v, PIX_FAST: tl.constexpr):
-    """A vector over the tile's pixels as a tile axis: columns (the fastest axis of Triton's
-    default layout: consecutive lanes on consecutive pixels) with ``PIX_FAST``, else rows."""
-    if PIX_FAST:
-        return v[None, :]
-    else:
-        return v[:, None]
-
-
-@triton.jit
-def _chan(v, PIX_FAST: tl.constexpr):
-    """A vector over the tile's channels as the other tile axis (see :func:`_pix`)."""
-    if PIX_FAST:
-        return v[:, None]
-    else:
-        return v[None, :]
 
 
 @triton.jit
@@ -1084,17 +1076,25 @@ def tma_problem(x, stride, groups: int, prec: str) -> bool:
     return groups == 1 and tuple(stride) == (1, 1) and (x.element_size() == 2 or prec == "tf32")
 
 
-@functools.lru_cache(maxsize=None)
-def _has_tma(index: int) -> bool:
-    return torch.cuda.get_device_capability(index)[0] >= 9
-
-
 def tma_device(t) -> bool:
-    """Whether ``t``'s device runs the TMA forward: a CUDA device of compute capability 9+, the
-    kernels compiled (not the interpreter)."""
+    """Whether ``t``'s device runs the TMA kernels: a CUDA device of compute capability 9+ (the
+    dense matmul's test), the kernels compiled (not the interpreter)."""
     if INTERPRETED or t.device.type != "cuda":
         return False
-    return _has_tma(t.device.index if t.device.index is not None else torch.cuda.current_device())
+    return _has_tma(_device_index(t))
+
+
+def _tma_offer(t, configs: dict, via_cl: dict, channels: int) -> list[tuple]:
+    """The TMA tiles of ``configs`` (TMA_CONFIGS or DGRAD_TMA_CONFIGS) for a kernel that reads
+    ``t`` through TMA with a K loop over ``channels`` in blocks of BLOCK_K: on ``t`` itself where
+    it can be described as NHWC, each tile whose BLOCK_K divides ``channels`` and whose pixel
+    blocks are well used on ``t``'s image (:func:`_well_used`); else the ``via_cl`` tiles, on
+    channels_last copies."""
+    key = "half" if t.element_size() == 2 else "fp32"
+    table = configs[key]
+    if _tma_strided(t):
+        return [(*cfg, TMA) for cfg in _well_used(list(table.values()), *t.shape[2:]) if channels % cfg[3] == 0]
+    return [(*table[name], TMA, VIA_CL) for name in via_cl[key] if channels % table[name][3] == 0]
 
 
 def tma_candidates(x, w, stride, groups: int, prec: str) -> list[tuple]:
@@ -1104,12 +1104,8 @@ def tma_candidates(x, w, stride, groups: int, prec: str) -> list[tuple]:
     copies; none where :func:`tma_problem` refuses."""
     if not tma_problem(x, stride, groups, prec):
         return []
-    key = "half" if x.element_size() == 2 else "fp32"
-    cg = w.shape[1]
-    h, wd = x.shape[2:]  # the output's size at 'same' padding (a stride-1 layer's usual case)
-    if _tma_strided(x):
-        return [(*cfg, TMA) for cfg in _well_used(list(TMA_CONFIGS[key].values()), h, wd) if cg % cfg[3] == 0]
-    return [(*TMA_CONFIGS[key][name], TMA, VIA_CL) for name in TMA_VIA_CL[key] if cg % TMA_CONFIGS[key][name][3] == 0]
+    # x's size stands for the output's: a stride-1 layer's usual 'same' padding
+    return _tma_offer(x, TMA_CONFIGS, TMA_VIA_CL, w.shape[1])
 
 
 def tma_dgrad_candidates(g, w, stride, groups: int, prec: str) -> list[tuple]:
@@ -1119,12 +1115,7 @@ def tma_dgrad_candidates(g, w, stride, groups: int, prec: str) -> list[tuple]:
     tiles on channels_last copies; the weight's rows of C channels must be whole 16-byte units."""
     if not tma_problem(g, stride, groups, prec) or w.shape[1] * g.element_size() % 16:
         return []
-    key = "half" if g.element_size() == 2 else "fp32"
-    o = w.shape[0]
-    table = DGRAD_TMA_CONFIGS[key]
-    if _tma_strided(g):
-        return [(*cfg, TMA) for cfg in _well_used(list(table.values()), *g.shape[2:]) if o % cfg[3] == 0]
-    return [(*table[name], TMA, VIA_CL) for name in DGRAD_TMA_VIA_CL[key] if o % table[name][3] == 0]
+    return _tma_offer(g, DGRAD_TMA_CONFIGS, DGRAD_TMA_VIA_CL, w.shape[0])
 
 
 def tma_wgrad_candidates(g, x, stride, groups: int, prec: str) -> list[tuple]:
@@ -1388,15 +1379,17 @@ def _launch_variant(direct, cfg, a, w, out):
         out.copy_(oc)
 
 
-def _tma_weight(w):
-    """The weight as the TMA forward reads it: [O, TAPS * C] in (tap, channel) order, a view of a
-    channels_last weight, else a copy; rows 16-byte aligned."""
-    o, cg, kh, kw = w.shape
-    wv = w.permute(0, 2, 3, 1).reshape(o, kh * kw * cg)
-    es = wv.element_size()
-    if wv.stride(1) != 1 or wv.stride(0) * es % 16 or wv.data_ptr() % 16:
-        wv = wv.contiguous()
-    return wv
+def _tma_rows(m):
+    """The 2-D ``m`` itself where TMA can describe it row-major (the dense matmul's test), else a
+    contiguous copy."""
+    return m if _tma_operand(m, False) else m.contiguous()
+
+
+def _jit_launch(kernel, grid, args, meta, warm: bool) -> None:
+    """``kernel[grid](*args, **meta)`` through the JIT (the TMA launchers: the cached launch plans
+    of ``_launch`` take pointer arguments only), or with ``warm`` its compile only
+    (:func:`_compiling`)."""
+    (_compiling(kernel, grid) if warm else kernel[grid])(*args, **meta)
 
 
 def _tma_forward(cfg, x, w, b, y, padding, dilation, activation, prec, warm=False) -> None:
@@ -1409,17 +1402,14 @@ def _tma_forward(cfg, x, w, b, y, padding, dilation, activation, prec, warm=Fals
     _, _, ho, wo = y.shape
     assert cg % bk == 0 and _tma_strided(x), "the TMA forward needs whole channel blocks and an NHWC-describable x"
     xs = x.permute(0, 2, 3, 1)
-    wv = _tma_weight(w)
+    wv = _tma_rows(w.permute(0, 2, 3, 1).reshape(o, kh * kw * cg))  # [O, TAPS * C]: a view of a channels_last weight
     x_desc = TensorDescriptor(xs, list(xs.shape), list(xs.stride()), [1, bh, bw, bk])
     w_desc = TensorDescriptor(wv, list(wv.shape), list(wv.stride()), [bn, bk])
     grid = (n * cdiv(ho, bh) * cdiv(wo, bw), cdiv(o, bn))
     args = (x_desc, w_desc, b if b is not None else y, y, ho, wo, o, cg, kw, kh * kw, padding[0], padding[2],
             dilation[0], dilation[1], *y.stride(), int(b is not None), ACT_CODES[activation])
     meta = dict(PREC=_dot_precision(prec), BH=bh, BW=bw, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
-    if warm:
-        _conv_tma_fwd_kernel.warmup(*args, grid=grid, **meta)
-    else:
-        _conv_tma_fwd_kernel[grid](*args, **meta)
+    _jit_launch(_conv_tma_fwd_kernel, grid, args, meta, warm)
 
 
 def _tma_dgrad(cfg, g, w, dx, padding, dilation, prec, warm=False) -> None:
@@ -1433,19 +1423,14 @@ def _tma_dgrad(cfg, g, w, dx, padding, dilation, prec, warm=False) -> None:
     _, _, ho, wo = g.shape
     assert o % bk == 0 and _tma_strided(g), "the TMA input gradient needs whole channel blocks and an NHWC-describable g"
     gs = g.permute(0, 2, 3, 1)
-    wt = w.permute(2, 3, 0, 1).reshape(kh * kw * o, c)
-    if wt.stride(1) != 1 or wt.stride(0) * wt.element_size() % 16 or wt.data_ptr() % 16:
-        wt = wt.contiguous()
+    wt = _tma_rows(w.permute(2, 3, 0, 1).reshape(kh * kw * o, c))
     g_desc = TensorDescriptor(gs, list(gs.shape), list(gs.stride()), [1, bh, bw, bk])
     w_desc = TensorDescriptor(wt, list(wt.shape), list(wt.stride()), [bk, bn])
     grid = (n * cdiv(h, bh) * cdiv(wd, bw), cdiv(c, bn))
     args = (g_desc, w_desc, dx, h, wd, ho, wo, c, o, kw, kh * kw, padding[0], padding[2], dilation[0], dilation[1],
             *dx.stride())
     meta = dict(PREC=_dot_precision(prec), BH=bh, BW=bw, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
-    if warm:
-        _conv_tma_dgrad_kernel.warmup(*args, grid=grid, **meta)
-    else:
-        _conv_tma_dgrad_kernel[grid](*args, **meta)
+    _jit_launch(_conv_tma_dgrad_kernel, grid, args, meta, warm)
 
 
 def _tma_wgrad(cfg, g, x, dw, padding, dilation, prec, interpret: bool, warm=False) -> None:
@@ -1469,11 +1454,9 @@ def _tma_wgrad(cfg, g, x, dw, padding, dilation, prec, interpret: bool, warm=Fal
     grid = (cdiv(c, bc), kh * kw * cdiv(o, bo), split)
     args = (x_desc, g_desc, ws, n, ho, wo, c, o, kw, kh * kw, padding[0], padding[2], dilation[0], dilation[1], chunk)
     meta = dict(PREC=_dot_precision(prec), BH=bh, BW=bw, BLOCK_C=bc, BLOCK_O=bo, num_warps=warps, num_stages=stages)
-    if warm:
-        _conv_tma_wgrad_kernel.warmup(*args, grid=grid, **meta)
-        return
-    _conv_tma_wgrad_kernel[grid](*args, **meta)
-    _reduce_partials(ws, dw)
+    _jit_launch(_conv_tma_wgrad_kernel, grid, args, meta, warm)
+    if not warm:
+        _reduce_partials(ws, dw)
 
 
 def conv_forward(x, w, bias, y, stride, padding, dilation, groups, activation, prec, interpret, choose=None):
