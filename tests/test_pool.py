@@ -857,3 +857,80 @@ def test_max_pool_backward_takes_an_undefined_gradient(backend, device, fn, rng)
     want = torch.zeros_like(x).reshape(*x.shape[:2], -1)
     want.scatter_add_(2, idx.reshape(*x.shape[:2], -1), torch.full(idx.shape, 2.0, device=device).reshape(*x.shape[:2], -1))
     assert torch.equal(dx, want.reshape(x.shape))
+
+
+# --- the tiled Triton forms (one program per 2-D tile of one plane) -------------------------
+
+
+def _forcing(monkeypatch, form):
+    """Every Triton pooling launch takes configuration ``form`` (flat or tiled), as a measuring
+    chooser that picked it would; returns (ops asked, kernels launched)."""
+    from gpu_nn.kernels.triton import pool as kp
+    from gpu_nn.ops import pool as P
+
+    asked, launched = [], []
+
+    def choose(op, key, cands, run, default, **_):
+        assert cands[0] == default and default[0] == kp.FLAT, "the heuristic (flat) is the first candidate"
+        asked.append(op)
+        return next(c for c in cands if c[0] == form)
+
+    launch = kp.launch_kernel
+
+    def spy(kernel, grid, *args, **kwargs):
+        launched.append(kernel.__name__)
+        return launch(kernel, grid, *args, **kwargs)
+
+    monkeypatch.setattr(P, "_chooser", lambda device: choose)
+    monkeypatch.setattr(kp, "launch_kernel", spy)
+    return asked, launched
+
+
+def _tiled_ran(asked, launched, fn):
+    kind = "avg" if fn.__name__.startswith("avg") else "max"
+    assert asked == [f"{kind}_pool_fwd", f"{kind}_pool_bwd"] * (len(asked) // 2) and asked, asked
+    assert set(launched) == {f"_{kind}_pool_fwd_tile_kernel", f"_{kind}_pool_bwd_tile_kernel"}, launched
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("triton",)))
+@pytest.mark.parametrize("case,layout", _CASE_LAYOUTS, ids=lambda v: v if isinstance(v, str) else f"{v[0].__name__}{v[1]}{v[2]}")
+def test_tiled_form_matches_reference(backend, device, case, layout, rng, monkeypatch):
+    """The tiled forward and backward kernels (every kernel-case geometry: strides, padding,
+    dilation, ceil mode, divisors, min pooling, 1d, channels_last) against the reference."""
+    asked, launched = _forcing(monkeypatch, "tile")
+    test_backend_matches_reference(backend, device, case, layout, rng)
+    _tiled_ran(asked, launched, case[0])
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("triton",)))
+@pytest.mark.parametrize("case", MAXMIN_CASES, ids=lambda c: f"{c[0].__name__}{c[1]}{c[2]}")
+@pytest.mark.parametrize("nans", [0, 7], ids=["ties", "ties+nans"])
+def test_tiled_form_ties_and_nans_like_torch(backend, device, case, nans, rng, monkeypatch):
+    """Ties keep the first position, the last NaN of a window wins, gradients exactly torch's,
+    in the tiled kernels too."""
+    asked, launched = _forcing(monkeypatch, "tile")
+    test_backend_ties_and_nans_like_torch(backend, device, case, nans, rng)
+    _tiled_ran(asked, launched, case[0])
+
+
+def test_tiled_form_configuration():
+    """Tile shapes per plane size, the windows the backward visits per dimension, and the
+    candidate lists (flat first; no tiled form where a tensor spans 2^31 elements)."""
+    from gpu_nn.kernels.triton import pool as kp
+
+    assert kp.tile_config(56, 56, False) == ("tile", 8, 64, 4)
+    assert kp.tile_config(112, 112, False) == ("tile", 4, 128, 4)
+    assert kp.tile_config(7, 7, False) == ("tile", 8, 8, 1)
+    assert kp.tile_config(1, 101, False) == ("tile", 1, 128, 1)
+    assert kp.tile_config(1, 1, False) == ("tile", 1, 1, 1)
+    assert kp.forms(56, 56, True, False) == (kp.flat_config(False),)
+    assert kp.forms(56, 56, False, False) == (kp.flat_config(False), kp.tile_config(56, 56, False))
+    # windows of size k, stride s, dilation d over one position: 3x3/2 -> 2, 3x3/1 -> 3, 2/2 -> 1
+    assert [kp.windows_covering(*a) for a in ((3, 2, 1), (3, 1, 1), (2, 2, 1), (3, 3, 3), (7, 3, 1), (1, 1, 1))] == [2, 3, 1, 3, 3, 1]
+    # brute force: the largest number of windows covering one position equals windows_covering
+    for k in range(1, 6):
+        for s in range(1, 5):
+            for d in range(1, 4):
+                span = (k - 1) * d + 1
+                most = max(sum(1 for o in range(0, 40) if o * s <= pos < o * s + span) for pos in range(20, 40))
+                assert most == kp.windows_covering(k, s, d), (k, s, d)

@@ -3,12 +3,13 @@ common input checks with torch's wording."""
 
 from __future__ import annotations
 
+import functools
 import os
 
 import numpy as np
 import torch
 
-from .. import _backend
+from .. import _backend, _tuning
 from .._errors import KernelInputError
 
 _NUMPY_NATIVE = (torch.float32, torch.float64)
@@ -74,6 +75,16 @@ def triton_kernels(family: str):
         importlib.import_module("gpu_nn.kernels.triton._tune").install(importlib.import_module("gpu_nn._tuning").choose)
         mods = _KERNELS[family] = (pkg, importlib.import_module(f"gpu_nn.kernels.triton.{family}"))
         return mods
+
+
+def chooser(device: torch.device):
+    """The measuring configuration chooser handed to the kernel launchers (conv, pooling), or None
+    where the heuristic serves (CPU and the interpreter, GPU_NN_TUNE=0). During a CUDA graph
+    capture the chooser serves a choice already measured and otherwise the heuristic, as for
+    linear."""
+    if device.type != "cuda" or not _tuning.applies(device):  # the type first: no call on a CPU
+        return None
+    return functools.partial(_tuning.choose, device=device)
 
 
 def cuda_kernels():

@@ -27,19 +27,19 @@ the reference computes contiguous and lays the result out afterwards.
 
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from .. import _backend, _tuning
+from .. import _backend
 from .._errors import KernelInputError, KernelInputTypeError
 from ..check import CheckCase
 from ..reference import conv as ref
 from ._dispatch import (
     autocast_inputs, check_float, check_same, empty, from_numpy, is_int, memo, plain_arg, routed, to_numpy, triton_kernels,
 )
+from ._dispatch import chooser as _chooser  # module-level name: tests replace it
 
 __all__ = ["conv1d", "conv2d"]
 
@@ -474,15 +474,6 @@ def _channels_last_like(t: Tensor) -> bool:
 def _dense_channels_last(t: Tensor) -> bool:
     """Whether ``t`` ([N, C, *S]) is a dense NHWC / NLC tensor and not also a contiguous one."""
     return not t.is_contiguous() and t.permute(0, *range(2, t.dim()), 1).is_contiguous()
-
-
-def _chooser(device: torch.device):
-    """The measuring configuration chooser handed to the kernel launchers, or None where the
-    heuristic serves (CPU and the interpreter, GPU_NN_TUNE=0). During a CUDA graph capture the
-    chooser serves a choice already measured and otherwise the heuristic, as for linear."""
-    if device.type != "cuda" or not _tuning.applies(device):  # the type first: no call on a CPU
-        return None
-    return functools.partial(_tuning.choose, device=device)
 
 
 def _alloc(shape, fmt: torch.memory_format, new) -> Tensor:

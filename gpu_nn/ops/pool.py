@@ -29,6 +29,7 @@ from .._errors import KernelInputError, KernelInputIndexError, KernelInputTypeEr
 from ..check import CheckCase
 from ..reference import pool as ref
 from ._dispatch import check_float, cuda_kernels, empty, from_numpy, is_int, memo, plain_arg, routed, to_numpy, triton_kernels
+from ._dispatch import chooser as _chooser  # module-level name: tests replace it
 
 __all__ = ["max_pool1d", "max_pool2d", "avg_pool1d", "avg_pool2d", "min_pool1d", "min_pool2d"]
 
@@ -361,7 +362,7 @@ def max_pool_forward(x: Tensor, kernel_size, stride, padding, dilation, ceil_mod
     if backend == "triton":
         ktriton, kt = triton_kernels("pool")
 
-        kt.max_pool2d_forward(x, out, idx, k, s, p, d, minimum, ktriton.INTERPRET)
+        kt.max_pool2d_forward(x, out, idx, k, s, p, d, minimum, ktriton.INTERPRET, choose=_chooser(x.device))
     else:
         _cupy_max_forward(x, out, idx, k, s, p, d, minimum)
     return out, idx
@@ -403,7 +404,7 @@ def max_pool_backward(grad_output: Tensor, indices: Tensor, input_size, kernel_s
     if backend == "triton":
         ktriton, kt = triton_kernels("pool")
 
-        kt.max_pool2d_backward(g, ix, gi, k, s, p, d, ktriton.INTERPRET)
+        kt.max_pool2d_backward(g, ix, gi, k, s, p, d, ktriton.INTERPRET, choose=_chooser(g.device))
     else:
         _cupy_max_backward(g, ix, gi, k, s, p, d)
     return gi
@@ -440,7 +441,8 @@ def avg_pool_forward(x: Tensor, kernel_size, stride, padding, ceil_mode: bool, c
     if backend == "triton":
         ktriton, kt = triton_kernels("pool")
 
-        kt.avg_pool2d_forward(x, out, k, s, p, ceil_mode, count_include_pad, divisor_override or 0, ktriton.INTERPRET)
+        kt.avg_pool2d_forward(x, out, k, s, p, ceil_mode, count_include_pad, divisor_override or 0, ktriton.INTERPRET,
+                              choose=_chooser(x.device))
     else:
         _cupy_avg_forward(x, out, k, s, p, count_include_pad, divisor_override or 0)
     return out
@@ -479,7 +481,8 @@ def avg_pool_backward(grad_output: Tensor, input_size, kernel_size, stride, padd
     if backend == "triton":
         ktriton, kt = triton_kernels("pool")
 
-        kt.avg_pool2d_backward(g, gi, k, s, p, count_include_pad, divisor_override or 0, ktriton.INTERPRET)
+        kt.avg_pool2d_backward(g, gi, k, s, p, count_include_pad, divisor_override or 0, ktriton.INTERPRET,
+                               choose=_chooser(g.device))
     else:
         _cupy_avg_backward(g, gi, k, s, p, count_include_pad, divisor_override or 0)
     return gi

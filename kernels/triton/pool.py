@@ -2,9 +2,19 @@
 
 Shapes: input ``x`` is ``[N, C, H, W]`` with any strides (NCHW, channels_last, non-contiguous
 views are read in place); outputs, saved indices and gradients are contiguous
-``[N, C, OH, OW]`` / ``[N, C, H, W]``. One program handles ``BLOCK`` consecutive elements of
-the flattened output (forward) or input (backward). Kernel size, stride, padding and dilation
-are run-time integers, so one compiled kernel serves every pooling geometry.
+``[N, C, OH, OW]`` / ``[N, C, H, W]``. Two forms of each kernel:
+
+* flat: one program handles ``BLOCK`` consecutive elements of the flattened output (forward) or
+  input (backward); kernel size, stride, padding and dilation are run-time integers, so one
+  compiled kernel serves every pooling geometry. The heuristic, and the only form where a tensor
+  spans 2^31 elements.
+* tiled: one program handles a 2-D tile of one (n, c) plane, window size compile-time (taps
+  unrolled), int32 in-plane offsets, no per-element division; the backward visits only the
+  windows that can cover an element. In sm_90 SASS (3x3/2, float32, four elements per thread)
+  the tiled forward runs about 750 instructions per thread against about 1570 for the flat one
+  (322 before its loop, 117 per tap, 64 per window row), the tiled backward about 660 with 32
+  loads against about 1950 with 72. Offered to the measuring chooser (``choose``) beside the
+  flat form until an H200 run has timed both.
 
 Semantics are torch's (see ``reference/pool.py``): max visits taps row-major and takes a tap
 when ``v > best or isnan(v)`` (NaN propagates, ties keep the first position, index
@@ -20,11 +30,13 @@ only where the saved index names this element. No atomics, so results are determ
 Not supported: 3d pooling, return of indices from avg, bfloat16 under the interpreter.
 """
 
+import functools
+
 import triton
 import triton.language as tl
 
 from ._aot import AotSpec
-from ._launch import cdiv
+from ._launch import cdiv, next_power_of_2
 from ._launch import launch as launch_kernel
 
 MODES = {"max": 0, "min": 1}
@@ -172,13 +184,147 @@ def _avg_pool_bwd_kernel(g_ptr, dx_ptr, total, H, W, OH, OW,
     tl.store(dx_ptr + offs, acc.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
+# --- tiled forms: one program per 2-D tile of one plane ----------------------------------------
+#
+# The kernels above index the flattened tensor: every element pays three run-time integer divisions
+# (by OW, OH and C) to find its plane and position, int64 address arithmetic at every tap, and a
+# tap loop of run-time length that cannot be unrolled. The forms below give each program a
+# [BH, BW] tile of one (n, c) plane: the plane and tile come from the program id (a few scalar
+# divisions per program), rows and columns are a [BH, 1] and a [1, BW] vector (no per-element
+# division), the window's taps are unrolled (KH, KW are compile-time), and in-plane offsets are
+# int32 (offered only where no tensor spans 2^31 elements: the flat kernels' WIDE case). Same
+# semantics, same visiting order of taps (so the same ties, NaNs and indices). The backward
+# visits, per input element, only the windows whose span covers it (NWH x NWW of them, from one
+# division per row and per column) instead of every tap with two divisions each.
+
+
+@triton.jit
+def _tile_coords(C, tiles_h, tiles_w, BH: tl.constexpr, BW: tl.constexpr):
+    """(n, c, plane, row offsets [BH, 1], column offsets [1, BW]) of this program's tile."""
+    pid = tl.program_id(0)
+    per_plane = tiles_h * tiles_w
+    plane = pid // per_plane
+    t = pid % per_plane
+    r = (t // tiles_w) * BH + tl.arange(0, BH)[:, None]
+    q = (t % tiles_w) * BW + tl.arange(0, BW)[None, :]
+    return plane // C, plane % C, plane, r, q
+
+
+@triton.jit
+def _max_pool_fwd_tile_kernel(x_ptr, y_ptr, i_ptr, C, H, W, OH, OW, tiles_h, tiles_w,
+                              stride_xn, stride_xc, stride_xh, stride_xw, SH, SW, PH, PW, DH, DW,
+                              KH: tl.constexpr, KW: tl.constexpr, MINIMUM: tl.constexpr,
+                              BH: tl.constexpr, BW: tl.constexpr):
+    n, c, plane, oh, ow = _tile_coords(C, tiles_h, tiles_w, BH, BW)
+    base = x_ptr + n.to(tl.int64) * stride_xn + c.to(tl.int64) * stride_xc
+    omask = (oh < OH) & (ow < OW)
+    h0 = oh * SH - PH
+    w0 = ow * SW - PW
+    best = tl.full([BH, BW], float("-inf"), tl.float32)
+    bidx = tl.full([BH, BW], -1, tl.int32)
+    for i in tl.static_range(KH):
+        ih = h0 + i * DH
+        hok = omask & (ih >= 0) & (ih < H)
+        row = ih * stride_xh
+        for j in tl.static_range(KW):
+            iw = w0 + j * DW
+            ok = hok & (iw >= 0) & (iw < W)
+            v = tl.load(base + row + iw * stride_xw, mask=ok, other=0.0).to(tl.float32)
+            if MINIMUM:
+                v = -v
+            v = tl.where(ok, v, float("-inf"))
+            take = ok & ((v > best) | (v != v) | (bidx < 0))
+            bidx = tl.where(take, ih * W + iw, bidx)
+            best = tl.maximum(best, v, propagate_nan=tl.PropagateNan.ALL)
+    if MINIMUM:
+        best = -best
+    o = plane.to(tl.int64) * OH * OW + oh * OW + ow
+    tl.store(y_ptr + o, best.to(y_ptr.dtype.element_ty), mask=omask)
+    tl.store(i_ptr + o, bidx.to(tl.int64), mask=omask)
+
+
+@triton.jit
+def _avg_pool_fwd_tile_kernel(x_ptr, y_ptr, C, H, W, OH, OW, tiles_h, tiles_w,
+                              stride_xn, stride_xc, stride_xh, stride_xw, SH, SW, PH, PW, COUNT_PAD, DIVISOR,
+                              KH: tl.constexpr, KW: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr):
+    n, c, plane, oh, ow = _tile_coords(C, tiles_h, tiles_w, BH, BW)
+    base = x_ptr + n.to(tl.int64) * stride_xn + c.to(tl.int64) * stride_xc
+    omask = (oh < OH) & (ow < OW)
+    h0 = oh * SH - PH
+    w0 = ow * SW - PW
+    acc = tl.zeros([BH, BW], tl.float32)
+    for i in tl.static_range(KH):
+        ih = h0 + i
+        hok = omask & (ih >= 0) & (ih < H)
+        row = ih * stride_xh
+        for j in tl.static_range(KW):
+            iw = w0 + j
+            ok = hok & (iw >= 0) & (iw < W)
+            acc += tl.load(base + row + iw * stride_xw, mask=ok, other=0.0).to(tl.float32)
+    div, empty = _avg_divisor(h0, w0, H, W, KH, KW, PH, PW, COUNT_PAD, DIVISOR)
+    y = tl.where(empty, 0.0, acc / div)
+    o = plane.to(tl.int64) * OH * OW + oh * OW + ow
+    tl.store(y_ptr + o, y.to(y_ptr.dtype.element_ty), mask=omask)
+
+
+@triton.jit
+def _max_pool_bwd_tile_kernel(g_ptr, i_ptr, dx_ptr, H, W, OH, OW, tiles_h, tiles_w, SH, SW, PH, PW, DH, DW,
+                              KH: tl.constexpr, KW: tl.constexpr, NWH: tl.constexpr, NWW: tl.constexpr,
+                              BH: tl.constexpr, BW: tl.constexpr):
+    """dx of a [BH, BW] tile of one input plane: the gradient of every window whose span covers
+    an element and whose saved index names it. The windows covering row ih are oh = (ih + PH) //
+    SH - a for a < NWH = (KH - 1) * DH // SH + 1 (those that start at or before ih and reach it;
+    with dilation some of them skip ih, and their index then names another element)."""
+    _, _, plane, ih, iw = _tile_coords(1, tiles_h, tiles_w, BH, BW)
+    imask = (ih < H) & (iw < W)
+    target = ih * W + iw
+    top = (ih + PH) // SH  # ih + PH >= 0: floor division
+    left = (iw + PW) // SW
+    obase = plane.to(tl.int64) * OH * OW
+    acc = tl.zeros([BH, BW], tl.float32)
+    for a in tl.static_range(NWH):
+        oh = top - a
+        hok = imask & (oh >= 0) & (oh < OH) & (oh * SH - PH + (KH - 1) * DH >= ih)
+        for b in tl.static_range(NWW):
+            ow = left - b
+            ok = hok & (ow >= 0) & (ow < OW) & (ow * SW - PW + (KW - 1) * DW >= iw)
+            o = obase + oh * OW + ow
+            sel = tl.load(i_ptr + o, mask=ok, other=-1)
+            acc += tl.load(g_ptr + o, mask=ok & (sel == target), other=0.0).to(tl.float32)
+    tl.store(dx_ptr + plane.to(tl.int64) * H * W + target, acc.to(dx_ptr.dtype.element_ty), mask=imask)
+
+
+@triton.jit
+def _avg_pool_bwd_tile_kernel(g_ptr, dx_ptr, H, W, OH, OW, tiles_h, tiles_w, SH, SW, PH, PW, COUNT_PAD, DIVISOR,
+                              KH: tl.constexpr, KW: tl.constexpr, NWH: tl.constexpr, NWW: tl.constexpr,
+                              BH: tl.constexpr, BW: tl.constexpr):
+    """dx of a [BH, BW] tile of one input plane: sum of g / divisor over the windows covering an
+    element (NWH = (KH - 1) // SH + 1 per row, as the max backward without dilation)."""
+    _, _, plane, ih, iw = _tile_coords(1, tiles_h, tiles_w, BH, BW)
+    imask = (ih < H) & (iw < W)
+    top = (ih + PH) // SH
+    left = (iw + PW) // SW
+    obase = plane.to(tl.int64) * OH * OW
+    acc = tl.zeros([BH, BW], tl.float32)
+    for a in tl.static_range(NWH):
+        oh = top - a
+        hok = imask & (oh >= 0) & (oh < OH) & (oh * SH - PH + (KH - 1) >= ih)
+        for b in tl.static_range(NWW):
+            ow = left - b
+            ok = hok & (ow >= 0) & (ow < OW) & (ow * SW - PW + (KW - 1) >= iw)
+            g = tl.load(g_ptr + obase + oh * OW + ow, mask=ok, other=0.0).to(tl.float32)
+            div, empty = _avg_divisor(oh * SH - PH, ow * SW - PW, H, W, KH, KW, PH, PW, COUNT_PAD, DIVISOR)
+            acc += tl.where(ok & (~empty), g / div, 0.0)
+    tl.store(dx_ptr + plane.to(tl.int64) * H * W + ih * W + iw, acc.to(dx_ptr.dtype.element_ty), mask=imask)
+
+
 # --- launchers ------------------------------------------------------------------------------
 
 
 def launch_config(interpret: bool) -> tuple[int, int]:
-    """(BLOCK, num_warps): 512 elements / 4 warps on a GPU (4 elements per thread, enough
-    loads in flight for a memory-bound kernel); one large block per program under the
-    interpreter, where every program costs Python time."""
+    """(BLOCK, num_warps) of the flat kernels: 512 elements / 4 warps on a GPU (4 elements per
+    thread, enough loads in flight for a memory-bound kernel); one large block per program under
+    the interpreter, where every program costs Python time."""
     return (INTERP_BLOCK, 4) if interpret else (GPU_BLOCK, GPU_WARPS)
 
 
@@ -196,47 +342,168 @@ def _wide(*tensors) -> bool:
     return False
 
 
-def max_pool2d_forward(x, y, idx, k, s, p, d, minimum: bool, interpret: bool) -> None:
-    """y, idx ``[N, C, OH, OW]`` (contiguous) = max (min) pooling of x ``[N, C, H, W]``."""
+FLAT, TILE = "flat", "tile"
+TILE_ELEMS = 512  # elements per tiled program on a GPU, as the flat kernels' BLOCK
+TILE_MAX_W = 128  # widest tile row: 4 rows or more of a wide plane per program
+
+
+def tile_config(rows: int, cols: int, interpret: bool) -> tuple:
+    """``(TILE, BH, BW, num_warps)``: the tiled form's configuration for planes of ``rows`` x
+    ``cols`` (the output's for a forward, the input's for a backward). BW the columns rounded up
+    to a power of two (at most TILE_MAX_W), BH what fills TILE_ELEMS (at most the rows, rounded
+    up), four elements per thread: a 56 x 56 plane takes 8 x 64 tiles, 7 x 7 one 8 x 8 tile on
+    one warp, a 1d pooling's single row tiles of 1 x 128."""
+    elems = INTERP_BLOCK if interpret else TILE_ELEMS
+    bw = min(next_power_of_2(max(cols, 1)), TILE_MAX_W)
+    bh = min(next_power_of_2(max(rows, 1)), max(1, elems // bw))
+    return (TILE, bh, bw, max(1, min(4, bh * bw // 128)))
+
+
+def flat_config(interpret: bool) -> tuple:
+    return (FLAT, *launch_config(interpret))
+
+
+@functools.lru_cache(maxsize=256)
+def forms(rows: int, cols: int, wide: bool, interpret: bool) -> tuple:
+    """The configurations a launch may use, the heuristic (the flat kernel) first: the tiled form
+    joins where no tensor spans 2^31 elements (its in-plane offsets are int32). The tiled form is
+    a measured candidate only until an H200 run has timed it against the flat one
+    (``GPU_NN_TUNE_RECORD`` at the bench shapes)."""
+    flat = flat_config(interpret)
+    return (flat,) if wide else (flat, tile_config(rows, cols, interpret))
+
+
+def _tiles(planes: int, rows: int, cols: int, bh: int, bw: int) -> tuple:
+    """(grid, tiles_h, tiles_w) of the tiled form over ``planes`` planes of rows x cols."""
+    th, tw = cdiv(rows, bh), cdiv(cols, bw)
+    return (planes * th * tw,), th, tw
+
+
+def _pick(op: str, key, run, choose, cfg, rows: int, cols: int, wide: bool, interpret: bool):
+    """``cfg`` (forced), else without a chooser the heuristic (the flat kernel), else the
+    chooser's measured pick among :func:`forms` for the problem ``key()`` names (built only
+    here: a call without a chooser pays for no key)."""
+    if cfg is not None:
+        return tuple(cfg)
+    if choose is None:
+        return flat_config(interpret)
+    cands = forms(rows, cols, wide, interpret)
+    return tuple(choose(op, key(), cands, run, cands[0])) if len(cands) > 1 else cands[0]
+
+
+def max_pool2d_forward(x, y, idx, k, s, p, d, minimum: bool, interpret: bool, choose=None, cfg=None) -> None:
+    """y, idx ``[N, C, OH, OW]`` (contiguous) = max (min) pooling of x ``[N, C, H, W]``.
+
+    ``choose``: None (the heuristic) or a measuring chooser (``gpu_nn._tuning.choose`` bound to
+    the device) between the flat and the tiled kernel (:func:`forms`); ``cfg`` forces one (tests)."""
     N, C, H, W = x.shape
     OH, OW = y.shape[-2:]
     total = y.numel()
-    blk, warps = launch_config(interpret)
-    launch_kernel(_max_pool_fwd_kernel, (cdiv(total, blk),),
-        x, y, idx, total, C, H, W, OH, OW, *x.stride(), *k, *s, *p, *d,
-        MINIMUM=int(minimum), WIDE=_wide(x, y), BLOCK=blk, num_warps=warps)
+    if total == 0:
+        return
+    wide = _wide(x, y)
+
+    def run(c):
+        if c[0] == TILE:
+            _, bh, bw, warps = c
+            grid, th, tw = _tiles(N * C, OH, OW, bh, bw)
+            launch_kernel(_max_pool_fwd_tile_kernel, grid, x, y, idx, C, H, W, OH, OW, th, tw, *x.stride(), *s, *p,
+                          *d, KH=k[0], KW=k[1], MINIMUM=int(minimum), BH=bh, BW=bw, num_warps=warps)
+            return
+        _, blk, warps = c
+        launch_kernel(_max_pool_fwd_kernel, (cdiv(total, blk),),
+            x, y, idx, total, C, H, W, OH, OW, *x.stride(), *k, *s, *p, *d,
+            MINIMUM=int(minimum), WIDE=wide, BLOCK=blk, num_warps=warps)
+
+    run(_pick("max_pool_fwd", lambda: (tuple(x.shape), tuple(x.stride()), str(x.dtype), tuple(k), tuple(s), tuple(p),
+                                       tuple(d), bool(minimum)), run, choose, cfg, OH, OW, wide, interpret))
 
 
-def avg_pool2d_forward(x, y, k, s, p, ceil_mode, count_include_pad, divisor, interpret: bool) -> None:
-    """y ``[N, C, OH, OW]`` (contiguous) = average pooling of x ``[N, C, H, W]``."""
+def avg_pool2d_forward(x, y, k, s, p, ceil_mode, count_include_pad, divisor, interpret: bool, choose=None,
+                       cfg=None) -> None:
+    """y ``[N, C, OH, OW]`` (contiguous) = average pooling of x ``[N, C, H, W]``; ``choose`` /
+    ``cfg`` as :func:`max_pool2d_forward`."""
     N, C, H, W = x.shape
     OH, OW = y.shape[-2:]
     total = y.numel()
-    blk, warps = launch_config(interpret)
-    launch_kernel(_avg_pool_fwd_kernel, (cdiv(total, blk),),
-        x, y, total, C, H, W, OH, OW, *x.stride(), *k, *s, *p, int(count_include_pad), int(divisor),
-        WIDE=_wide(x, y), BLOCK=blk, num_warps=warps)
+    if total == 0:
+        return
+    wide = _wide(x, y)
+
+    def run(c):
+        if c[0] == TILE:
+            _, bh, bw, warps = c
+            grid, th, tw = _tiles(N * C, OH, OW, bh, bw)
+            launch_kernel(_avg_pool_fwd_tile_kernel, grid, x, y, C, H, W, OH, OW, th, tw, *x.stride(), *s, *p,
+                          int(count_include_pad), int(divisor), KH=k[0], KW=k[1], BH=bh, BW=bw, num_warps=warps)
+            return
+        _, blk, warps = c
+        launch_kernel(_avg_pool_fwd_kernel, (cdiv(total, blk),),
+            x, y, total, C, H, W, OH, OW, *x.stride(), *k, *s, *p, int(count_include_pad), int(divisor),
+            WIDE=wide, BLOCK=blk, num_warps=warps)
+
+    run(_pick("avg_pool_fwd", lambda: (tuple(x.shape), tuple(x.stride()), str(x.dtype), tuple(k), tuple(s), tuple(p),
+                                       bool(count_include_pad), int(divisor)), run, choose, cfg, OH, OW, wide, interpret))
 
 
-def max_pool2d_backward(g, idx, dx, k, s, p, d, interpret: bool) -> None:
-    """dx ``[N, C, H, W]`` from g and saved idx ``[N, C, OH, OW]`` (all contiguous)."""
+def windows_covering(k: int, s: int, d: int) -> int:
+    """How many windows of size k, stride s, dilation d can cover one input position (the tiled
+    backward's unrolled loop length per dimension)."""
+    return (k - 1) * d // s + 1
+
+
+def max_pool2d_backward(g, idx, dx, k, s, p, d, interpret: bool, choose=None, cfg=None) -> None:
+    """dx ``[N, C, H, W]`` from g and saved idx ``[N, C, OH, OW]`` (all contiguous); ``choose`` /
+    ``cfg`` as :func:`max_pool2d_forward`."""
     N, C, H, W = dx.shape
     OH, OW = g.shape[-2:]
     total = dx.numel()
-    blk, warps = launch_config(interpret)
-    launch_kernel(_max_pool_bwd_kernel, (cdiv(total, blk),),
-        g, idx, dx, total, H, W, OH, OW, *k, *s, *p, *d, WIDE=_wide(dx, g), BLOCK=blk, num_warps=warps)
+    if total == 0:
+        return
+    wide = _wide(dx, g)
+
+    def run(c):
+        if c[0] == TILE:
+            _, bh, bw, warps = c
+            grid, th, tw = _tiles(N * C, H, W, bh, bw)
+            launch_kernel(_max_pool_bwd_tile_kernel, grid, g, idx, dx, H, W, OH, OW, th, tw, *s, *p, *d,
+                          KH=k[0], KW=k[1], NWH=windows_covering(k[0], s[0], d[0]),
+                          NWW=windows_covering(k[1], s[1], d[1]), BH=bh, BW=bw, num_warps=warps)
+            return
+        _, blk, warps = c
+        launch_kernel(_max_pool_bwd_kernel, (cdiv(total, blk),),
+            g, idx, dx, total, H, W, OH, OW, *k, *s, *p, *d, WIDE=wide, BLOCK=blk, num_warps=warps)
+
+    run(_pick("max_pool_bwd", lambda: (tuple(dx.shape), tuple(g.shape), str(dx.dtype), tuple(k), tuple(s), tuple(p),
+                                       tuple(d)), run, choose, cfg, H, W, wide, interpret))
 
 
-def avg_pool2d_backward(g, dx, k, s, p, count_include_pad, divisor, interpret: bool) -> None:
-    """dx ``[N, C, H, W]`` from g ``[N, C, OH, OW]`` (contiguous)."""
+def avg_pool2d_backward(g, dx, k, s, p, count_include_pad, divisor, interpret: bool, choose=None, cfg=None) -> None:
+    """dx ``[N, C, H, W]`` from g ``[N, C, OH, OW]`` (contiguous); ``choose`` / ``cfg`` as
+    :func:`max_pool2d_forward`."""
     N, C, H, W = dx.shape
     OH, OW = g.shape[-2:]
     total = dx.numel()
-    blk, warps = launch_config(interpret)
-    launch_kernel(_avg_pool_bwd_kernel, (cdiv(total, blk),),
-        g, dx, total, H, W, OH, OW, *k, *s, *p, int(count_include_pad), int(divisor),
-        WIDE=_wide(dx, g), BLOCK=blk, num_warps=warps)
+    if total == 0:
+        return
+    wide = _wide(dx, g)
+
+    def run(c):
+        if c[0] == TILE:
+            _, bh, bw, warps = c
+            grid, th, tw = _tiles(N * C, H, W, bh, bw)
+            launch_kernel(_avg_pool_bwd_tile_kernel, grid, g, dx, H, W, OH, OW, th, tw, *s, *p,
+                          int(count_include_pad), int(divisor), KH=k[0], KW=k[1],
+                          NWH=windows_covering(k[0], s[0], 1), NWW=windows_covering(k[1], s[1], 1),
+                          BH=bh, BW=bw, num_warps=warps)
+            return
+        _, blk, warps = c
+        launch_kernel(_avg_pool_bwd_kernel, (cdiv(total, blk),),
+            g, dx, total, H, W, OH, OW, *k, *s, *p, int(count_include_pad), int(divisor),
+            WIDE=wide, BLOCK=blk, num_warps=warps)
+
+    run(_pick("avg_pool_bwd", lambda: (tuple(dx.shape), tuple(g.shape), str(dx.dtype), tuple(k), tuple(s), tuple(p),
+                                       bool(count_include_pad), int(divisor)), run, choose, cfg, H, W, wide, interpret))
 
 
 def aot_specs():
@@ -263,4 +530,49 @@ def aot_specs():
             sig = {"g_ptr": f"*{dt}", "dx_ptr": f"*{dt}", "total": it, "H": "i32", "W": "i32", "OH": "i32", "OW": "i32",
                    **geo, "COUNT_PAD": "i32", "DIVISOR": "i32", "WIDE": "constexpr", "BLOCK": "constexpr"}
             specs.append(AotSpec(_avg_pool_bwd_kernel, sig, common, num_warps=GPU_WARPS, label=f"avg {tag}"))
+    return specs + tiled_specs()
+
+
+# (window, stride, output plane, input plane) of the tiled forms' ahead-of-time configurations:
+# ResNet's stem pool (3x3/2 p1, 112x112 -> 56x56: the bench shape, every dtype), a 2x2/2 pool of
+# a small feature map in float32 (the seed CNN's 28x28 -> 14x14; 7x7 planes: one 8x8 tile, one warp)
+TILED_AOT = (((3, 3), (2, 2), (56, 56), (112, 112), ("fp32", "fp16", "bf16")),
+             ((2, 2), (2, 2), (7, 7), (14, 14), ("fp32",)))
+
+
+def tiled_specs():
+    """The tiled kernels as :func:`tile_config` configures them at TILED_AOT's problems (their
+    window sizes and tile shapes are compile-time: every other problem compiles its own on first
+    use, from the same source). Run-time ints unspecialised (i32), as for any plane size."""
+    specs = []
+    i32 = "i32"
+    for k, st, out_hw, in_hw, dts in TILED_AOT:
+        _, obh, obw, owarps = tile_config(*out_hw, False)
+        _, ibh, ibw, iwarps = tile_config(*in_hw, False)
+        nw = {"NWH": windows_covering(k[0], st[0], 1), "NWW": windows_covering(k[1], st[1], 1)}
+        geo = f"{k[0]}x{k[1]}/{st[0]}"
+        for dt in dts:
+            plane = {n: i32 for n in ("C", "H", "W", "OH", "OW", "tiles_h", "tiles_w")}
+            strides = {n: i32 for n in ("stride_xn", "stride_xc", "stride_xh", "stride_xw")}
+            sp = {n: i32 for n in ("SH", "SW", "PH", "PW")}
+            fwd_tile = {"KH": k[0], "KW": k[1], "BH": obh, "BW": obw}
+            for mode, code in MODES.items() if dt == "fp32" else (("max", 0),):
+                sig = {"x_ptr": f"*{dt}", "y_ptr": f"*{dt}", "i_ptr": "*i64", **plane, **strides, **sp, "DH": i32,
+                       "DW": i32, "KH": "constexpr", "KW": "constexpr", "MINIMUM": "constexpr", "BH": "constexpr",
+                       "BW": "constexpr"}
+                specs.append(AotSpec(_max_pool_fwd_tile_kernel, sig, {**fwd_tile, "MINIMUM": code}, num_warps=owarps,
+                                     label=f"tiled {mode} {geo} {dt} {obh}x{obw}"))
+            sig = {"x_ptr": f"*{dt}", "y_ptr": f"*{dt}", **plane, **strides, **sp, "COUNT_PAD": i32, "DIVISOR": i32,
+                   "KH": "constexpr", "KW": "constexpr", "BH": "constexpr", "BW": "constexpr"}
+            specs.append(AotSpec(_avg_pool_fwd_tile_kernel, sig, fwd_tile, num_warps=owarps,
+                                 label=f"tiled avg {geo} {dt} {obh}x{obw}"))
+            bplane = {n: i32 for n in ("H", "W", "OH", "OW", "tiles_h", "tiles_w")}
+            bwd_tile = {"KH": k[0], "KW": k[1], **nw, "BH": ibh, "BW": ibw}
+            cx = {n: "constexpr" for n in bwd_tile}
+            sig = {"g_ptr": f"*{dt}", "i_ptr": "*i64", "dx_ptr": f"*{dt}", **bplane, **sp, "DH": i32, "DW": i32, **cx}
+            specs.append(AotSpec(_max_pool_bwd_tile_kernel, sig, bwd_tile, num_warps=iwarps,
+                                 label=f"tiled max/min {geo} {dt} {ibh}x{ibw}"))
+            sig = {"g_ptr": f"*{dt}", "dx_ptr": f"*{dt}", **bplane, **sp, "COUNT_PAD": i32, "DIVISOR": i32, **cx}
+            specs.append(AotSpec(_avg_pool_bwd_tile_kernel, sig, bwd_tile, num_warps=iwarps,
+                                 label=f"tiled avg {geo} {dt} {ibh}x{ibw}"))
     return specs
