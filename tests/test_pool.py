@@ -443,37 +443,72 @@ def test_interpreter_refuses_bfloat16():
 
 _HOST_SRC = r"""
 #include "pool_math.cuh"
-extern "C" {
-void max_fwd(const float* x, float* y, long long* idx, long long P, long long H, long long W, long long OH, long long OW,
-             int KH, int KW, int SH, int SW, int PH, int PW, int DH, int DW, int minimum) {
+// The kernels' window math with the index type I the kernels use: long long (POOL_NARROW=0) and
+// int (POOL_NARROW=1); exported as <name> and <name>32. The planes' loops here are plain C++.
+template <typename I>
+static void max_fwd_t(const float* x, float* y, long long* idx, long long P, long long H, long long W, long long OH, long long OW,
+                      int KH, int KW, int SH, int SW, int PH, int PW, int DH, int DW, int minimum) {
     for (long long pl = 0; pl < P; ++pl)
         for (long long oh = 0; oh < OH; ++oh)
             for (long long ow = 0; ow < OW; ++ow) {
                 long long o = (pl * OH + oh) * OW + ow;
-                gn_max_window(x + pl * H * W, W, 1, H, W, oh * SH - PH, ow * SW - PW, KH, KW, DH, DW, minimum, y + o, idx + o);
+                gn_max_window<float, I>(x + pl * H * W, (I)W, (I)1, (I)H, (I)W, (I)(oh * SH - PH), (I)(ow * SW - PW),
+                                        KH, KW, DH, DW, minimum, y + o, idx + o);
             }
 }
-void avg_fwd(const float* x, float* y, long long P, long long H, long long W, long long OH, long long OW,
-             int KH, int KW, int SH, int SW, int PH, int PW, int cp, int dv) {
+template <typename I>
+static void avg_fwd_t(const float* x, float* y, long long P, long long H, long long W, long long OH, long long OW,
+                      int KH, int KW, int SH, int SW, int PH, int PW, int cp, int dv) {
     for (long long pl = 0; pl < P; ++pl)
         for (long long oh = 0; oh < OH; ++oh)
             for (long long ow = 0; ow < OW; ++ow)
-                y[(pl * OH + oh) * OW + ow] = gn_avg_window(x + pl * H * W, W, 1, H, W, oh * SH - PH, ow * SW - PW, KH, KW, PH, PW, cp, dv);
+                y[(pl * OH + oh) * OW + ow] = gn_avg_window<float, I>(x + pl * H * W, (I)W, (I)1, (I)H, (I)W, (I)(oh * SH - PH),
+                                                                      (I)(ow * SW - PW), KH, KW, PH, PW, cp, dv);
 }
+template <typename I>
+static void max_bwd_t(const float* g, const long long* idx, float* dx, long long P, long long H, long long W, long long OH, long long OW,
+                      int KH, int KW, int SH, int SW, int PH, int PW, int DH, int DW) {
+    for (long long pl = 0; pl < P; ++pl)
+        for (long long ih = 0; ih < H; ++ih)
+            for (long long iw = 0; iw < W; ++iw)
+                dx[(pl * H + ih) * W + iw] = gn_max_gather<float, I>(g + pl * OH * OW, idx + pl * OH * OW, (I)ih, (I)iw, (I)W,
+                                                                     (I)OH, (I)OW, KH, KW, SH, SW, PH, PW, DH, DW);
+}
+template <typename I>
+static void avg_bwd_t(const float* g, float* dx, long long P, long long H, long long W, long long OH, long long OW,
+                      int KH, int KW, int SH, int SW, int PH, int PW, int cp, int dv) {
+    for (long long pl = 0; pl < P; ++pl)
+        for (long long ih = 0; ih < H; ++ih)
+            for (long long iw = 0; iw < W; ++iw)
+                dx[(pl * H + ih) * W + iw] = gn_avg_gather<float, I>(g + pl * OH * OW, (I)ih, (I)iw, (I)H, (I)W, (I)OH, (I)OW,
+                                                                     KH, KW, SH, SW, PH, PW, cp, dv);
+}
+#define GN_EXPORT(name, I, ...) { name##_t<I>(__VA_ARGS__); }
+extern "C" {
+void max_fwd(const float* x, float* y, long long* idx, long long P, long long H, long long W, long long OH, long long OW,
+             int KH, int KW, int SH, int SW, int PH, int PW, int DH, int DW, int m)
+    GN_EXPORT(max_fwd, long long, x, y, idx, P, H, W, OH, OW, KH, KW, SH, SW, PH, PW, DH, DW, m)
+void max_fwd32(const float* x, float* y, long long* idx, long long P, long long H, long long W, long long OH, long long OW,
+               int KH, int KW, int SH, int SW, int PH, int PW, int DH, int DW, int m)
+    GN_EXPORT(max_fwd, int, x, y, idx, P, H, W, OH, OW, KH, KW, SH, SW, PH, PW, DH, DW, m)
+void avg_fwd(const float* x, float* y, long long P, long long H, long long W, long long OH, long long OW,
+             int KH, int KW, int SH, int SW, int PH, int PW, int cp, int dv)
+    GN_EXPORT(avg_fwd, long long, x, y, P, H, W, OH, OW, KH, KW, SH, SW, PH, PW, cp, dv)
+void avg_fwd32(const float* x, float* y, long long P, long long H, long long W, long long OH, long long OW,
+               int KH, int KW, int SH, int SW, int PH, int PW, int cp, int dv)
+    GN_EXPORT(avg_fwd, int, x, y, P, H, W, OH, OW, KH, KW, SH, SW, PH, PW, cp, dv)
 void max_bwd(const float* g, const long long* idx, float* dx, long long P, long long H, long long W, long long OH, long long OW,
-             int KH, int KW, int SH, int SW, int PH, int PW, int DH, int DW) {
-    for (long long pl = 0; pl < P; ++pl)
-        for (long long ih = 0; ih < H; ++ih)
-            for (long long iw = 0; iw < W; ++iw)
-                dx[(pl * H + ih) * W + iw] = gn_max_gather(g + pl * OH * OW, idx + pl * OH * OW, ih, iw, W, OH, OW, KH, KW, SH, SW, PH, PW, DH, DW);
-}
+             int KH, int KW, int SH, int SW, int PH, int PW, int DH, int DW)
+    GN_EXPORT(max_bwd, long long, g, idx, dx, P, H, W, OH, OW, KH, KW, SH, SW, PH, PW, DH, DW)
+void max_bwd32(const float* g, const long long* idx, float* dx, long long P, long long H, long long W, long long OH, long long OW,
+               int KH, int KW, int SH, int SW, int PH, int PW, int DH, int DW)
+    GN_EXPORT(max_bwd, int, g, idx, dx, P, H, W, OH, OW, KH, KW, SH, SW, PH, PW, DH, DW)
 void avg_bwd(const float* g, float* dx, long long P, long long H, long long W, long long OH, long long OW,
-             int KH, int KW, int SH, int SW, int PH, int PW, int cp, int dv) {
-    for (long long pl = 0; pl < P; ++pl)
-        for (long long ih = 0; ih < H; ++ih)
-            for (long long iw = 0; iw < W; ++iw)
-                dx[(pl * H + ih) * W + iw] = gn_avg_gather(g + pl * OH * OW, ih, iw, H, W, OH, OW, KH, KW, SH, SW, PH, PW, cp, dv);
-}
+             int KH, int KW, int SH, int SW, int PH, int PW, int cp, int dv)
+    GN_EXPORT(avg_bwd, long long, g, dx, P, H, W, OH, OW, KH, KW, SH, SW, PH, PW, cp, dv)
+void avg_bwd32(const float* g, float* dx, long long P, long long H, long long W, long long OH, long long OW,
+               int KH, int KW, int SH, int SW, int PH, int PW, int cp, int dv)
+    GN_EXPORT(avg_bwd, int, g, dx, P, H, W, OH, OW, KH, KW, SH, SW, PH, PW, cp, dv)
 long long out_size(long long L, int k, int s, int p, int d, int c) { return gn_pool_out_size(L, k, s, p, d, c); }
 }
 """
@@ -500,8 +535,12 @@ def _ci(*v):
     return [ctypes.c_int(int(a)) for a in v]
 
 
+_INDEX = pytest.mark.parametrize("sfx", ["", "32"], ids=["int64", "int32"])  # POOL_NARROW 0 / 1's index type
+
+
+@_INDEX
 @pytest.mark.parametrize("geo", MAX2D, ids=str)
-def test_cuda_max_math_on_host(host_lib, geo, rng):
+def test_cuda_max_math_on_host(host_lib, geo, sfx, rng):
     k, s, p, d, ceil = geo
     k, s, p, d = (R._pair(v, 2) for v in (k, k if s is None else s, p, d))
     H, W = 11, 13
@@ -514,18 +553,19 @@ def test_cuda_max_math_on_host(host_lib, geo, rng):
         assert host_lib.out_size(*_ll(H), *_ci(k[0], s[0], p[0], d[0], int(ceil))) == OH
         y = np.empty_like(yr)
         idx = np.empty(yr.shape, np.int64)
-        host_lib.max_fwd(fptr(x), fptr(y), fptr(idx), *_ll(6, H, W, OH, OW), *_ci(*k, *s, *p, *d, minimum))
+        getattr(host_lib, "max_fwd" + sfx)(fptr(x), fptr(y), fptr(idx), *_ll(6, H, W, OH, OW), *_ci(*k, *s, *p, *d, minimum))
         np.testing.assert_array_equal(y, yr)
         np.testing.assert_array_equal(idx, ir)
         g = rng.standard_normal(yr.shape).astype(np.float32)
         dx = np.empty_like(x)
-        host_lib.max_bwd(fptr(g), fptr(idx), fptr(dx), *_ll(6, H, W, OH, OW), *_ci(*k, *s, *p, *d))
+        getattr(host_lib, "max_bwd" + sfx)(fptr(g), fptr(idx), fptr(dx), *_ll(6, H, W, OH, OW), *_ci(*k, *s, *p, *d))
         np.testing.assert_allclose(dx, R.max_pool2d_backward(g, ir, x.shape), rtol=1e-6, atol=1e-6)
 
 
+@_INDEX
 @pytest.mark.parametrize("geo", MAX2D, ids=str)
 @pytest.mark.parametrize("nans", [0, 9], ids=["ties", "ties+nans"])
-def test_cuda_max_math_ties_and_nans_on_host(host_lib, geo, nans, rng):
+def test_cuda_max_math_ties_and_nans_on_host(host_lib, geo, nans, sfx, rng):
     """Issue 20: gn_max_window / gn_max_gather on inputs built to tie (and with NaNs, two of them
     adjacent), against torch's values, indices and gradient, max and min pooling."""
     k, s, p, d, ceil = geo
@@ -539,18 +579,19 @@ def test_cuda_max_math_ties_and_nans_on_host(host_lib, geo, nans, rng):
         OH, OW = yt.shape[-2:]
         y = np.empty(tuple(yt.shape), np.float32)
         idx = np.empty(tuple(yt.shape), np.int64)
-        host_lib.max_fwd(fptr(x), fptr(y), fptr(idx), *_ll(6, H, W, OH, OW), *_ci(*k, *s, *p, *d, minimum))
+        getattr(host_lib, "max_fwd" + sfx)(fptr(x), fptr(y), fptr(idx), *_ll(6, H, W, OH, OW), *_ci(*k, *s, *p, *d, minimum))
         np.testing.assert_array_equal(y, sign * yt.detach().numpy())
         np.testing.assert_array_equal(idx, it.numpy())
         g = np.arange(1, y.size + 1, dtype=np.float32).reshape(y.shape)
         (gt,) = torch.autograd.grad(yt, xt, torch.from_numpy(g))
         dx = np.empty_like(x)
-        host_lib.max_bwd(fptr(g), fptr(idx), fptr(dx), *_ll(6, H, W, OH, OW), *_ci(*k, *s, *p, *d))
+        getattr(host_lib, "max_bwd" + sfx)(fptr(g), fptr(idx), fptr(dx), *_ll(6, H, W, OH, OW), *_ci(*k, *s, *p, *d))
         np.testing.assert_array_equal(dx, gt.numpy())
 
 
+@_INDEX
 @pytest.mark.parametrize("geo", AVG2D, ids=str)
-def test_cuda_avg_math_on_host(host_lib, geo, rng):
+def test_cuda_avg_math_on_host(host_lib, geo, sfx, rng):
     k, s, p, ceil, cip, dov = geo
     k, s, p = (R._pair(v, 2) for v in (k, k if s is None else s, p))
     H, W = 11, 13
@@ -558,16 +599,17 @@ def test_cuda_avg_math_on_host(host_lib, geo, rng):
     yr = R.avg_pool2d(x, k, s, p, ceil, cip, dov)
     OH, OW = yr.shape[-2:]
     y = np.empty_like(yr)
-    host_lib.avg_fwd(fptr(x), fptr(y), *_ll(6, H, W, OH, OW), *_ci(*k, *s, *p, int(cip), dov or 0))
+    getattr(host_lib, "avg_fwd" + sfx)(fptr(x), fptr(y), *_ll(6, H, W, OH, OW), *_ci(*k, *s, *p, int(cip), dov or 0))
     np.testing.assert_allclose(y, yr, rtol=1e-6, atol=1e-6)
     g = rng.standard_normal(yr.shape).astype(np.float32)
     dx = np.empty_like(x)
-    host_lib.avg_bwd(fptr(g), fptr(dx), *_ll(6, H, W, OH, OW), *_ci(*k, *s, *p, int(cip), dov or 0))
+    getattr(host_lib, "avg_bwd" + sfx)(fptr(g), fptr(dx), *_ll(6, H, W, OH, OW), *_ci(*k, *s, *p, int(cip), dov or 0))
     np.testing.assert_allclose(dx, R.avg_pool2d_backward(g, x.shape, k, s, p, ceil, cip, dov), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("defines", [
     {"POOL_T": "gn_f16", "POOL_THREADS": 128}, {"POOL_T": "gn_bf16", "POOL_THREADS": 512}, {"POOL_T": "double"},
+    {"POOL_T": "float", "POOL_NARROW": 1}, {"POOL_T": "gn_bf16", "POOL_NARROW": 1},
 ], ids=str)
 def test_pool_cu_compiles_with_defines(defines):
     from gpu_nn.kernels import cuda as kcuda
@@ -934,3 +976,33 @@ def test_tiled_form_configuration():
                 span = (k - 1) * d + 1
                 most = max(sum(1 for o in range(0, 40) if o * s <= pos < o * s + span) for pos in range(20, 40))
                 assert most == kp.windows_covering(k, s, d), (k, s, d)
+
+
+# --- CUDA C: 32-bit index arithmetic where every tensor allows it ---------------------------
+
+
+def test_cuda_index_width_follows_the_tensor_spans(monkeypatch):
+    """gpu_nn.ops.pool._narrow: the CuPy kernels take 32-bit index arithmetic (POOL_NARROW=1)
+    only where every tensor of the launch spans fewer than _NARROW_SPAN elements, strided views
+    counted by their span, not their element count."""
+    from gpu_nn.ops import pool as P
+
+    assert P._NARROW_SPAN == 2**30
+    monkeypatch.setattr(P, "_NARROW_SPAN", 100)
+    assert P._narrow(torch.empty(99), torch.empty(3, 33))
+    assert not P._narrow(torch.empty(99), torch.empty(100))
+    big = torch.empty(4, 60)
+    assert P._narrow(big[:, :10]) is False  # 40 elements spanning 190
+    assert P._narrow(big[:1, :10])  # one row: 10 elements, contiguous
+    assert P._narrow(torch.empty(0, 500))
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("cupy",)))
+@pytest.mark.parametrize("case", [c for c in KERNEL_CASES if len(c[2]) == 4], ids=lambda c: f"{c[0].__name__}{c[1]}{c[2]}")
+def test_cupy_int64_kernels_match_reference(backend, device, case, rng, monkeypatch):
+    """The CuPy kernels' int64 form (POOL_NARROW=0: tensors of 2^30 elements or more), forced on
+    small inputs, against the reference; the 32-bit form runs in every other CuPy test."""
+    from gpu_nn.ops import pool as P
+
+    monkeypatch.setattr(P, "_NARROW_SPAN", 0)
+    test_backend_matches_reference(backend, device, case, "contig", rng)

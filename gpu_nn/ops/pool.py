@@ -494,19 +494,37 @@ _CUDA_THREADS = 256
 _CUDA_TYPES = {torch.float32: "float", torch.float16: "gn_f16", torch.bfloat16: "gn_bf16", torch.float64: "double"}
 
 
-def _cuda_module(dtype: torch.dtype, device: torch.device):
+# The kernels' index arithmetic is 32-bit where every tensor of a launch spans fewer elements
+# than this (pool.cu's POOL_NARROW: an index plus the grid-stride loop's largest stride, under
+# 2^29, stays below 2^31); int64 otherwise. Tests lower it to run the int64 kernels on small inputs.
+_NARROW_SPAN = 2**30
+
+
+def _narrow(*tensors) -> bool:
+    """Whether every tensor's memory span (its element count when contiguous) is below _NARROW_SPAN."""
+    for t in tensors:
+        n = t.numel()
+        if not t.is_contiguous() and n:
+            n = max(n, 1 + sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride())))
+        if n >= _NARROW_SPAN:
+            return False
+    return True
+
+
+def _cuda_module(dtype: torch.dtype, device: torch.device, narrow: bool):
     kcuda = cuda_kernels()
 
     if dtype not in _CUDA_TYPES:
         raise KernelInputError(f"pool (cupy): unsupported dtype {dtype}")
-    return kcuda.load("pool", {"POOL_T": _CUDA_TYPES[dtype], "POOL_THREADS": _CUDA_THREADS}, device.index or 0)
+    return kcuda.load("pool", {"POOL_T": _CUDA_TYPES[dtype], "POOL_THREADS": _CUDA_THREADS, "POOL_NARROW": int(narrow)},
+                      device.index or 0)
 
 
-def _cuda_launch(kernel: str, n: int, args, device: torch.device):
+def _cuda_launch(kernel: str, n: int, args, device: torch.device, narrow: bool):
     kcuda = cuda_kernels()
 
     blocks = min((n + _CUDA_THREADS - 1) // _CUDA_THREADS, 65535 * 32)
-    mod = _cuda_module(args[0].dtype, device)
+    mod = _cuda_module(args[0].dtype, device, narrow)
     kcuda.launch(mod, kernel, (blocks,), (_CUDA_THREADS,), args, device=device.index or 0)
 
 
@@ -519,14 +537,14 @@ def _cupy_max_forward(x, out, idx, k, s, p, d, minimum):
     _, _, oh, ow = out.shape
     args = (x, out, idx, *_i64(N * C * oh * ow, C, H, W, oh, ow, *x.stride()), *(np.int32(v) for v in (*k, *s, *p, *d)),
             np.int32(1 if minimum else 0))
-    _cuda_launch("pool_max_fwd", out.numel(), args, x.device)
+    _cuda_launch("pool_max_fwd", out.numel(), args, x.device, _narrow(x, out))
 
 
 def _cupy_max_backward(g, ix, gi, k, s, p, d):
     N, C, H, W = gi.shape
     _, _, oh, ow = g.shape
     args = (g, ix, gi, *_i64(gi.numel(), H, W, oh, ow), *(np.int32(v) for v in (*k, *s, *p, *d)))
-    _cuda_launch("pool_max_bwd", gi.numel(), args, g.device)
+    _cuda_launch("pool_max_bwd", gi.numel(), args, g.device, _narrow(g, gi))
 
 
 def _cupy_avg_forward(x, out, k, s, p, count_include_pad, divisor):
@@ -534,7 +552,7 @@ def _cupy_avg_forward(x, out, k, s, p, count_include_pad, divisor):
     _, _, oh, ow = out.shape
     args = (x, out, *_i64(out.numel(), C, H, W, oh, ow, *x.stride()), *(np.int32(v) for v in (*k, *s, *p)),
             np.int32(int(count_include_pad)), np.int32(divisor))
-    _cuda_launch("pool_avg_fwd", out.numel(), args, x.device)
+    _cuda_launch("pool_avg_fwd", out.numel(), args, x.device, _narrow(x, out))
 
 
 def _cupy_avg_backward(g, gi, k, s, p, count_include_pad, divisor):
@@ -542,7 +560,7 @@ def _cupy_avg_backward(g, gi, k, s, p, count_include_pad, divisor):
     _, _, oh, ow = g.shape
     args = (g, gi, *_i64(gi.numel(), H, W, oh, ow), *(np.int32(v) for v in (*k, *s, *p)),
             np.int32(int(count_include_pad)), np.int32(divisor))
-    _cuda_launch("pool_avg_bwd", gi.numel(), args, g.device)
+    _cuda_launch("pool_avg_bwd", gi.numel(), args, g.device, _narrow(g, gi))
 
 
 # --- custom ops -----------------------------------------------------------------------------

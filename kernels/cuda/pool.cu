@@ -2,14 +2,17 @@
 //
 // Shapes: x is [N, C, H, W] with any strides (sxn, sxc, sxh, sxw in elements); y, idx, g
 // are contiguous [N, C, OH, OW]; dx is contiguous [N, C, H, W]. One thread per output
-// (forward) or input (backward) element, grid-stride loops, int64 offsets throughout. The
-// backward kernels gather over the windows covering each input element: no atomics, so the
-// results are deterministic. The window math lives in pool_math.cuh (also compiled on the host
+// (forward) or input (backward) element, grid-stride loops. Index arithmetic in pool_idx:
+// 32-bit int with POOL_NARROW (the launcher's choice where every tensor spans fewer than 2^30
+// elements, so that an index plus the grid's stride stays below 2^31), else int64; the sizes and
+// strides arrive as int64 either way. The backward kernels gather over the windows covering
+// each input element: no atomics, so the results are deterministic. The window math lives in pool_math.cuh (also compiled on the host
 // by the tests). 1d pooling is 2d pooling of height 1.
 //
 // Compile-time parameters (defaults let the file compile standalone):
 //   POOL_T       element type: float, double, gn_f16 (IEEE half), gn_bf16 (bfloat16)
 //   POOL_THREADS threads per block (launch bound)
+//   POOL_NARROW  1: 32-bit index arithmetic (see above); 0 (default): int64
 #include "common.cuh"
 
 #ifndef POOL_T
@@ -17,6 +20,14 @@
 #endif
 #ifndef POOL_THREADS
 #define POOL_THREADS 256
+#endif
+#ifndef POOL_NARROW
+#define POOL_NARROW 0
+#endif
+#if POOL_NARROW
+typedef int pool_idx;
+#else
+typedef gn_index pool_idx;
 #endif
 
 // Half types as raw bits: NVRTC has no cuda_fp16.h on its search path; conversions by PTX.
@@ -46,57 +57,69 @@ __device__ __forceinline__ void gn_store(gn_bf16* p, float v) {
 #include "pool_math.cuh"
 
 #define GN_GRID_LOOP(i, total) \
-    for (gn_index i = (gn_index)blockIdx.x * blockDim.x + threadIdx.x; i < (total); i += (gn_index)gridDim.x * blockDim.x)
+    for (pool_idx i = (pool_idx)blockIdx.x * blockDim.x + threadIdx.x; i < (total); i += (pool_idx)gridDim.x * blockDim.x)
 
 extern "C" __global__ void __launch_bounds__(POOL_THREADS)
-pool_max_fwd(const POOL_T* __restrict__ x, POOL_T* __restrict__ y, gn_index* __restrict__ idx, gn_index total,
-             gn_index C, gn_index H, gn_index W, gn_index OH, gn_index OW,
-             gn_index sxn, gn_index sxc, gn_index sxh, gn_index sxw,
+pool_max_fwd(const POOL_T* __restrict__ x, POOL_T* __restrict__ y, gn_index* __restrict__ idx, gn_index total_,
+             gn_index C_, gn_index H_, gn_index W_, gn_index OH_, gn_index OW_,
+             gn_index sxn_, gn_index sxc_, gn_index sxh_, gn_index sxw_,
              int KH, int KW, int SH, int SW, int PH, int PW, int DH, int DW, int minimum) {
+    const pool_idx total = (pool_idx)total_, C = (pool_idx)C_, H = (pool_idx)H_, W = (pool_idx)W_;
+    const pool_idx OH = (pool_idx)OH_, OW = (pool_idx)OW_;
+    const pool_idx sxn = (pool_idx)sxn_, sxc = (pool_idx)sxc_, sxh = (pool_idx)sxh_, sxw = (pool_idx)sxw_;
     GN_GRID_LOOP(o, total) {
-        gn_index ow = o % OW, t = o / OW;
-        gn_index oh = t % OH, nc = t / OH;
+        pool_idx ow = o % OW, t = o / OW;
+        pool_idx oh = t % OH, nc = t / OH;
         const POOL_T* plane = x + (nc / C) * sxn + (nc % C) * sxc;
         float best;
         gn_index bidx;
-        gn_max_window(plane, sxh, sxw, H, W, oh * SH - PH, ow * SW - PW, KH, KW, DH, DW, minimum, &best, &bidx);
+        gn_max_window<POOL_T, pool_idx>(plane, sxh, sxw, H, W, oh * SH - PH, ow * SW - PW, KH, KW, DH, DW, minimum,
+                                        &best, &bidx);
         gn_store(y + o, best);
         idx[o] = bidx;
     }
 }
 
 extern "C" __global__ void __launch_bounds__(POOL_THREADS)
-pool_avg_fwd(const POOL_T* __restrict__ x, POOL_T* __restrict__ y, gn_index total,
-             gn_index C, gn_index H, gn_index W, gn_index OH, gn_index OW,
-             gn_index sxn, gn_index sxc, gn_index sxh, gn_index sxw,
+pool_avg_fwd(const POOL_T* __restrict__ x, POOL_T* __restrict__ y, gn_index total_,
+             gn_index C_, gn_index H_, gn_index W_, gn_index OH_, gn_index OW_,
+             gn_index sxn_, gn_index sxc_, gn_index sxh_, gn_index sxw_,
              int KH, int KW, int SH, int SW, int PH, int PW, int count_pad, int divisor) {
+    const pool_idx total = (pool_idx)total_, C = (pool_idx)C_, H = (pool_idx)H_, W = (pool_idx)W_;
+    const pool_idx OH = (pool_idx)OH_, OW = (pool_idx)OW_;
+    const pool_idx sxn = (pool_idx)sxn_, sxc = (pool_idx)sxc_, sxh = (pool_idx)sxh_, sxw = (pool_idx)sxw_;
     GN_GRID_LOOP(o, total) {
-        gn_index ow = o % OW, t = o / OW;
-        gn_index oh = t % OH, nc = t / OH;
+        pool_idx ow = o % OW, t = o / OW;
+        pool_idx oh = t % OH, nc = t / OH;
         const POOL_T* plane = x + (nc / C) * sxn + (nc % C) * sxc;
-        gn_store(y + o, gn_avg_window(plane, sxh, sxw, H, W, oh * SH - PH, ow * SW - PW, KH, KW, PH, PW, count_pad, divisor));
+        gn_store(y + o, gn_avg_window<POOL_T, pool_idx>(plane, sxh, sxw, H, W, oh * SH - PH, ow * SW - PW, KH, KW, PH,
+                                                        PW, count_pad, divisor));
     }
 }
 
 extern "C" __global__ void __launch_bounds__(POOL_THREADS)
-pool_max_bwd(const POOL_T* __restrict__ g, const gn_index* __restrict__ idx, POOL_T* __restrict__ dx, gn_index total,
-             gn_index H, gn_index W, gn_index OH, gn_index OW,
+pool_max_bwd(const POOL_T* __restrict__ g, const gn_index* __restrict__ idx, POOL_T* __restrict__ dx, gn_index total_,
+             gn_index H_, gn_index W_, gn_index OH_, gn_index OW_,
              int KH, int KW, int SH, int SW, int PH, int PW, int DH, int DW) {
+    const pool_idx total = (pool_idx)total_, H = (pool_idx)H_, W = (pool_idx)W_, OH = (pool_idx)OH_, OW = (pool_idx)OW_;
     GN_GRID_LOOP(e, total) {
-        gn_index iw = e % W, t = e / W;
-        gn_index ih = t % H, nc = t / H;
-        gn_index ob = nc * OH * OW;
-        gn_store(dx + e, gn_max_gather(g + ob, idx + ob, ih, iw, W, OH, OW, KH, KW, SH, SW, PH, PW, DH, DW));
+        pool_idx iw = e % W, t = e / W;
+        pool_idx ih = t % H, nc = t / H;
+        pool_idx ob = nc * OH * OW;
+        gn_store(dx + e, gn_max_gather<POOL_T, pool_idx>(g + ob, idx + ob, ih, iw, W, OH, OW, KH, KW, SH, SW, PH, PW,
+                                                         DH, DW));
     }
 }
 
 extern "C" __global__ void __launch_bounds__(POOL_THREADS)
-pool_avg_bwd(const POOL_T* __restrict__ g, POOL_T* __restrict__ dx, gn_index total,
-             gn_index H, gn_index W, gn_index OH, gn_index OW,
+pool_avg_bwd(const POOL_T* __restrict__ g, POOL_T* __restrict__ dx, gn_index total_,
+             gn_index H_, gn_index W_, gn_index OH_, gn_index OW_,
              int KH, int KW, int SH, int SW, int PH, int PW, int count_pad, int divisor) {
+    const pool_idx total = (pool_idx)total_, H = (pool_idx)H_, W = (pool_idx)W_, OH = (pool_idx)OH_, OW = (pool_idx)OW_;
     GN_GRID_LOOP(e, total) {
-        gn_index iw = e % W, t = e / W;
-        gn_index ih = t % H, nc = t / H;
-        gn_store(dx + e, gn_avg_gather(g + nc * OH * OW, ih, iw, H, W, OH, OW, KH, KW, SH, SW, PH, PW, count_pad, divisor));
+        pool_idx iw = e % W, t = e / W;
+        pool_idx ih = t % H, nc = t / H;
+        gn_store(dx + e, gn_avg_gather<POOL_T, pool_idx>(g + nc * OH * OW, ih, iw, H, W, OH, OW, KH, KW, SH, SW, PH, PW,
+                                                         count_pad, divisor));
     }
 }

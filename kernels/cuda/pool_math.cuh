@@ -7,6 +7,11 @@
 // divides by divisor_override, else by the window clipped to the padded input
 // (count_include_pad) or to the input. Values are read through gn_to_float (overloaded per
 // element type) and accumulated in float.
+//
+// The index type I is a template parameter: the kernels use 32-bit int where every tensor they
+// touch spans fewer than 2^30 elements (pool.cu's POOL_NARROW; a GPU divides 32-bit integers in
+// a fraction of the instructions a 64-bit division takes) and long long otherwise; the host
+// tests instantiate both.
 #pragma once
 
 #include "common.cuh"
@@ -29,16 +34,16 @@ GN_HD gn_index gn_pool_out_size(gn_index len, int k, int s, int p, int d, int ce
 }
 
 // Max (minimum != 0: min) over the window whose first tap is (h0, w0) of the plane at x.
-template <typename T>
-GN_HD void gn_max_window(const T* x, gn_index sxh, gn_index sxw, gn_index H, gn_index W, gn_index h0, gn_index w0,
+template <typename T, typename I>
+GN_HD void gn_max_window(const T* x, I sxh, I sxw, I H, I W, I h0, I w0,
                          int KH, int KW, int DH, int DW, int minimum, float* out, gn_index* out_idx) {
     float best = -gn_inf();
-    gn_index bidx = -1;
+    I bidx = -1;
     for (int i = 0; i < KH; ++i) {
-        gn_index ih = h0 + (gn_index)i * DH;
+        I ih = h0 + (I)i * DH;
         if (ih < 0 || ih >= H) continue;
         for (int j = 0; j < KW; ++j) {
-            gn_index iw = w0 + (gn_index)j * DW;
+            I iw = w0 + (I)j * DW;
             if (iw < 0 || iw >= W) continue;
             float v = gn_to_float(x[ih * sxh + iw * sxw]);
             if (minimum) v = -v;
@@ -52,80 +57,76 @@ GN_HD void gn_max_window(const T* x, gn_index sxh, gn_index sxw, gn_index H, gn_
         }
     }
     *out = minimum ? -best : best;
-    *out_idx = bidx;
+    *out_idx = (gn_index)bidx;
 }
 
 // torch's avg divisor of the window starting at (h0, w0); *empty when it holds no input.
-GN_HD float gn_avg_divisor(gn_index h0, gn_index w0, gn_index H, gn_index W, int KH, int KW, int PH, int PW,
+template <typename I>
+GN_HD float gn_avg_divisor(I h0, I w0, I H, I W, int KH, int KW, int PH, int PW,
                            int count_pad, int divisor, bool* empty) {
-    gn_index hend = h0 + KH < H + PH ? h0 + KH : H + PH;
-    gn_index wend = w0 + KW < W + PW ? w0 + KW : W + PW;
-    gn_index pool = (hend - h0) * (wend - w0);
-    gn_index ch = (hend < H ? hend : H) - (h0 > 0 ? h0 : 0);
-    gn_index cw = (wend < W ? wend : W) - (w0 > 0 ? w0 : 0);
+    I hend = h0 + KH < H + PH ? h0 + KH : H + PH;
+    I wend = w0 + KW < W + PW ? w0 + KW : W + PW;
+    I pool = (hend - h0) * (wend - w0);
+    I ch = (hend < H ? hend : H) - (h0 > 0 ? h0 : 0);
+    I cw = (wend < W ? wend : W) - (w0 > 0 ? w0 : 0);
     *empty = ch <= 0 || cw <= 0;
     if (divisor != 0) return (float)divisor;
     return (float)(count_pad ? pool : ch * cw);
 }
 
-template <typename T>
-GN_HD float gn_avg_window(const T* x, gn_index sxh, gn_index sxw, gn_index H, gn_index W, gn_index h0, gn_index w0,
+template <typename T, typename I>
+GN_HD float gn_avg_window(const T* x, I sxh, I sxw, I H, I W, I h0, I w0,
                           int KH, int KW, int PH, int PW, int count_pad, int divisor) {
     float acc = 0.0f;
     for (int i = 0; i < KH; ++i) {
-        gn_index ih = h0 + i;
+        I ih = h0 + i;
         if (ih < 0 || ih >= H) continue;
         for (int j = 0; j < KW; ++j) {
-            gn_index iw = w0 + j;
+            I iw = w0 + j;
             if (iw < 0 || iw >= W) continue;
             acc += gn_to_float(x[ih * sxh + iw * sxw]);
         }
     }
     bool empty;
-    float div = gn_avg_divisor(h0, w0, H, W, KH, KW, PH, PW, count_pad, divisor, &empty);
+    float div = gn_avg_divisor<I>(h0, w0, H, W, KH, KW, PH, PW, count_pad, divisor, &empty);
     return empty ? 0.0f : acc / div;
 }
 
 // Gradient of input element (ih, iw): the sum of g over the windows covering it whose saved
-// index names it. g and idx point at the [OH, OW] plane of this element's (n, c).
-template <typename T>
-GN_HD float gn_max_gather(const T* g, const gn_index* idx, gn_index ih, gn_index iw, gn_index W, gn_index OH, gn_index OW,
+// index names it. g and idx point at the [OH, OW] plane of this element's (n, c). The windows
+// that can cover row ih start at or before it and reach it: oh from (ih + PH) / SH down while
+// oh * SH - PH + (KH - 1) * DH >= ih (one division per dimension, none per window). With
+// dilation some of them skip ih; their saved index then names another element. Visited in the
+// order of decreasing oh, then ow, as the taps of a window are (so the same float sums).
+template <typename T, typename I>
+GN_HD float gn_max_gather(const T* g, const gn_index* idx, I ih, I iw, I W, I OH, I OW,
                           int KH, int KW, int SH, int SW, int PH, int PW, int DH, int DW) {
     float acc = 0.0f;
-    gn_index target = ih * W + iw;
-    for (int i = 0; i < KH; ++i) {
-        gn_index hnum = ih + PH - (gn_index)i * DH;
-        if (hnum < 0 || hnum % SH != 0) continue;
-        gn_index oh = hnum / SH;
+    I target = ih * W + iw;
+    I reach_h = (I)(KH - 1) * DH, reach_w = (I)(KW - 1) * DW;
+    I left = (iw + PW) / SW;  // iw + PW >= 0: the quotient is the floor
+    for (I oh = (ih + PH) / SH; oh >= 0 && oh * SH - PH + reach_h >= ih; --oh) {
         if (oh >= OH) continue;
-        for (int j = 0; j < KW; ++j) {
-            gn_index wnum = iw + PW - (gn_index)j * DW;
-            if (wnum < 0 || wnum % SW != 0) continue;
-            gn_index ow = wnum / SW;
+        for (I ow = left; ow >= 0 && ow * SW - PW + reach_w >= iw; --ow) {
             if (ow >= OW) continue;
-            gn_index o = oh * OW + ow;
+            I o = oh * OW + ow;
             if (idx[o] == target) acc += gn_to_float(g[o]);
         }
     }
     return acc;
 }
 
-template <typename T>
-GN_HD float gn_avg_gather(const T* g, gn_index ih, gn_index iw, gn_index H, gn_index W, gn_index OH, gn_index OW,
+template <typename T, typename I>
+GN_HD float gn_avg_gather(const T* g, I ih, I iw, I H, I W, I OH, I OW,
                           int KH, int KW, int SH, int SW, int PH, int PW, int count_pad, int divisor) {
     float acc = 0.0f;
-    for (int i = 0; i < KH; ++i) {
-        gn_index hnum = ih + PH - i;
-        if (hnum < 0 || hnum % SH != 0) continue;
-        gn_index oh = hnum / SH;
+    I left = (iw + PW) / SW;
+    for (I oh = (ih + PH) / SH; oh >= 0 && oh * SH - PH + (KH - 1) >= ih; --oh) {
         if (oh >= OH) continue;
-        for (int j = 0; j < KW; ++j) {
-            gn_index wnum = iw + PW - j;
-            if (wnum < 0 || wnum % SW != 0) continue;
-            gn_index ow = wnum / SW;
+        for (I ow = left; ow >= 0 && ow * SW - PW + (KW - 1) >= iw; --ow) {
             if (ow >= OW) continue;
             bool empty;
-            float div = gn_avg_divisor(oh * SH - PH, ow * SW - PW, H, W, KH, KW, PH, PW, count_pad, divisor, &empty);
+            float div = gn_avg_divisor<I>(oh * SH - PH, ow * SW - PW, H, W, KH, KW, PH, PW, count_pad, divisor, &empty);
             if (!empty) acc += gn_to_float(g[oh * OW + ow]) / div;
         }
     }
