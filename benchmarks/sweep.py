@@ -140,6 +140,21 @@ def pool_grid() -> list[dict]:
     return grid(dict(zip(("BLOCK", "num_warps"), kp.launch_config(False))), BLOCK=POOL_BLOCKS, num_warps=POOL_WARPS)
 
 
+# the tiled pooling kernels' tiles (BH, BW, num_warps): around tile_config's picks at POOL_SHAPE
+# (8 x 64 for the 56 x 56 output, 4 x 128 for the 112 x 112 input, 4 warps), narrower and wider
+# rows, fewer and more elements per thread
+POOL_TILES = ((8, 64, 4), (4, 128, 4), (4, 64, 2), (16, 64, 8), (8, 32, 2), (2, 128, 2), (16, 32, 4), (8, 128, 8))
+
+
+def pool_tile_grid(default=None) -> list[dict]:
+    """The tiled kernels' configurations, ``default`` (tile_config's pick at the group's plane) first."""
+    cfgs = [dict(zip(("BH", "BW", "num_warps"), t)) for t in POOL_TILES]
+    if default is not None:
+        d = dict(zip(("BH", "BW", "num_warps"), default))
+        cfgs = [d] + [c for c in cfgs if c != d]
+    return cfgs
+
+
 def optim_grid() -> list[dict]:
     from gpu_nn.kernels.triton import optim as ko
 
@@ -306,7 +321,9 @@ def _pool_out(shape):
     return (N, C, (H + 2 - 3) // 2 + 1, (W + 2 - 3) // 2 + 1)
 
 
-def _pool_setup(kind: str, backward: bool, shape, dtype, device: str, copies: int, configs):
+def _pool_setup(kind: str, backward: bool, shape, dtype, device: str, copies: int, configs, tiled: bool = False):
+    """``tiled``: the configurations are the tiled kernels' (BH, BW, num_warps), launched as the
+    ``cfg`` the launchers take; else the flat kernels' (BLOCK, num_warps) through launch_config."""
     import torch.nn.functional as TF
 
     from gpu_nn.kernels.triton import pool as kp
@@ -326,15 +343,16 @@ def _pool_setup(kind: str, backward: bool, shape, dtype, device: str, copies: in
         return x, torch.empty(_pool_out(shape), dtype=dtype, device=device)
 
     def launch(cfg, t):
-        with _configured(kp, "launch_config", cfg):
+        forced = (kp.TILE, cfg["BH"], cfg["BW"], cfg["num_warps"]) if tiled else None
+        with contextlib.nullcontext() if tiled else _configured(kp, "launch_config", cfg):
             if kind == "max" and backward:
-                kp.max_pool2d_backward(t[1], t[2], t[3], K3, S2, P1, D1, interpret)
+                kp.max_pool2d_backward(t[1], t[2], t[3], K3, S2, P1, D1, interpret, cfg=forced)
             elif kind == "max":
-                kp.max_pool2d_forward(t[0], t[1], t[2], K3, S2, P1, D1, False, interpret)
+                kp.max_pool2d_forward(t[0], t[1], t[2], K3, S2, P1, D1, False, interpret, cfg=forced)
             elif backward:
-                kp.avg_pool2d_backward(t[1], t[2], K3, S2, P1, True, 0, interpret)
+                kp.avg_pool2d_backward(t[1], t[2], K3, S2, P1, True, 0, interpret, cfg=forced)
             else:
-                kp.avg_pool2d_forward(t[0], t[1], K3, S2, P1, False, True, 0, interpret)
+                kp.avg_pool2d_forward(t[0], t[1], K3, S2, P1, False, True, 0, interpret, cfg=forced)
 
     nxt = harness.rotating(make, copies)
 
@@ -364,19 +382,33 @@ def _pool_setup(kind: str, backward: bool, shape, dtype, device: str, copies: in
     return run, check
 
 
-def pool_groups(dtypes, shape=POOL_SHAPE, device: str = "cuda", copies: int = 2, configs=None) -> list[Group]:
+def pool_groups(dtypes, shape=POOL_SHAPE, device: str = "cuda", copies: int = 2, configs=None,
+                tile_configs=None) -> list[Group]:
+    """The flat kernels' groups (``configs``, default pool_grid()), each followed by the tiled
+    kernel's group of the same op (``tile_configs``, default pool_tile_grid() with tile_config's
+    pick for the plane first; an empty list leaves them out)."""
+    from gpu_nn.kernels.triton import pool as kp
+
     configs = pool_grid() if configs is None else configs
     n_in, n_out = _numel(shape), _numel(_pool_out(shape))
     out = []
     for kind in ("max", "avg"):
         for backward in (False, True):
+            plane = shape[-2:] if backward else _pool_out(shape)[-2:]
+            tiles = pool_tile_grid(kp.tile_config(*plane, False)[1:]) if tile_configs is None else tile_configs
             for dtype in dtypes:
                 es = torch.empty((), dtype=dtype).element_size()
                 ix = 8 if kind == "max" else 0  # the int64 indices written forward, read backward
                 kernel = f"_{kind}_pool_{'bwd' if backward else 'fwd'}_kernel"
-                out.append(Group(kernel, f"{kind}_pool2d 3x3/2 p1 {'bwd' if backward else 'fwd'}", _dtype_str(dtype),
-                                 "x".join(map(str, shape)), n_in * es + n_out * (es + ix), configs,
+                op = f"{kind}_pool2d 3x3/2 p1 {'bwd' if backward else 'fwd'}"
+                nbytes = n_in * es + n_out * (es + ix)
+                out.append(Group(kernel, op, _dtype_str(dtype), "x".join(map(str, shape)), nbytes, configs,
                                  functools.partial(_pool_setup, kind, backward, shape, dtype, device, copies)))
+                if tiles:
+                    out.append(Group(kernel.replace("_kernel", "_tile_kernel"), op + " tiled", _dtype_str(dtype),
+                                     "x".join(map(str, shape)), nbytes, tiles,
+                                     functools.partial(_pool_setup, kind, backward, shape, dtype, device, copies,
+                                                       tiled=True)))
     return out
 
 

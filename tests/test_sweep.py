@@ -60,9 +60,9 @@ def test_compare_flags_wrong_and_unwritten_outputs():
     assert sweep._all_ok((True, 1e-7), (False, "nan")) == (False, "nan")
 
 
-def _groups(f32, configs_act, configs_pool, configs_adam):
+def _groups(f32, configs_act, configs_pool, configs_adam, tiles=()):
     return (sweep.activation_groups(["relu", "tanh"], [(3, 5, 7)], [f32], "cpu", configs=configs_act)
-            + sweep.pool_groups([f32], shape=(2, 3, 9, 11), device="cpu", configs=configs_pool)
+            + sweep.pool_groups([f32], shape=(2, 3, 9, 11), device="cpu", configs=configs_pool, tile_configs=list(tiles))
             + sweep.adam_groups([f32], sizes=[1000, 37, 2100], device="cpu", configs=configs_adam))
 
 
@@ -77,14 +77,15 @@ def test_every_configuration_reaches_the_launch_and_matches_torch(tmp_path, monk
 
         def spy(kernel, grid, *args, _real=real, **kw):
             launched.append((getattr(getattr(kernel, "fn", kernel), "__name__", str(kernel)), grid,
-                             {k: kw[k] for k in ("BLOCK", "ITERS", "num_warps") if k in kw}))
+                             {k: kw[k] for k in ("BLOCK", "ITERS", "BH", "BW", "num_warps") if k in kw}))
             return _real(kernel, grid, *args, **kw)
         monkeypatch.setattr(mod, "launch_kernel", spy)
 
     act = [{"BLOCK": 1024, "num_warps": 4}, {"BLOCK": 32, "num_warps": 1}]
     pool = [{"BLOCK": 128, "num_warps": 4}, {"BLOCK": 64, "num_warps": 2}]
+    tiles = [{"BH": 2, "BW": 8, "num_warps": 1}, {"BH": 4, "BW": 4, "num_warps": 1}]
     adam = [{"BLOCK": 512, "ITERS": 1, "num_warps": 4}, {"BLOCK": 256, "ITERS": 4, "num_warps": 2}]
-    groups = _groups(torch.float32, act, pool, adam)
+    groups = _groups(torch.float32, act, pool, adam, tiles)
 
     def bench(fn):
         fn()
@@ -93,7 +94,7 @@ def test_every_configuration_reaches_the_launch_and_matches_torch(tmp_path, monk
     doc = sweep.run_sweep(groups, str(tmp_path / "sweep.json"), 1e9, bench=bench, log=lambda s: None)
     assert doc["status"] == "complete"
     rows = doc["rows"]
-    assert len(rows) == 2 * (4 + 4 + 1) and all("error" not in r for r in rows), rows
+    assert len(rows) == 2 * (4 + 4 + 4 + 1) and all("error" not in r for r in rows), rows
     assert all(r["correct"] for r in rows), [r for r in rows if not r["correct"]]
     for r in rows:
         assert r["us"] == pytest.approx(2.0) and r["gbps"] == pytest.approx(r["bytes"] / 2e-6 / 1e9)
@@ -105,6 +106,11 @@ def test_every_configuration_reaches_the_launch_and_matches_torch(tmp_path, monk
     assert (((("BLOCK", 32), ("num_warps", 1)), (4,))) in seen["_act_bwd_kernel"]  # 105 elements
     assert ((("BLOCK", 64), ("num_warps", 2)), (3,)) in seen["_max_pool_fwd_kernel"]  # 2*3*5*6 outputs
     assert ((("BLOCK", 64), ("num_warps", 2)), (10,)) in seen["_avg_pool_bwd_kernel"]  # 594 inputs
+    # the tiled groups: 6 planes of 5x6 outputs (9x11 inputs) in 2x8 / 4x4 tiles
+    assert {(("BH", 2), ("BW", 8), ("num_warps", 1)), (("BH", 4), ("BW", 4), ("num_warps", 1))} == {
+        k for k, _ in seen["_max_pool_fwd_tile_kernel"]}
+    assert ((("BH", 2), ("BW", 8), ("num_warps", 1)), (6 * 3 * 1,)) in seen["_max_pool_fwd_tile_kernel"]
+    assert ((("BH", 4), ("BW", 4), ("num_warps", 1)), (6 * 3 * 3,)) in seen["_avg_pool_bwd_tile_kernel"]
     # chunks of BLOCK * ITERS: 1000, 37, 2100 elements -> 2 + 1 + 5 (512) or 1 + 1 + 3 (1024)
     assert {g for _, g in seen["_adam_kernel"]} == {(8,), (5,)}
     assert {k for k, _ in seen["_adam_kernel"]} == {(("BLOCK", 512), ("ITERS", 1), ("num_warps", 4)),
