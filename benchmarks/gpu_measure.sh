@@ -27,8 +27,8 @@
 #                  shapes (counts.json)
 #   demo           gpu-nn demo --epochs 3 (eager; demo.json)
 #   demo-compile   the same with --compile (demo-compile.json), when 60 s are left
-#   demo-persistent-lstm / -gru   the recurrent demos with GPU_NN_RNN_PERSISTENT=1 (every time loop
-#                  one persistent launch, forward and backward), when 30 s are left each
+#   demo-persistent-lstm / -gru   the recurrent demos on triton with GPU_NN_RNN_PERSISTENT=1 (every
+#                  time loop one persistent launch, forward and backward), when 30 s are left each
 # OUTDIR/summary.txt has one line per step (exit status, seconds); everything OUTDIR holds is also
 # packed into OUTDIR.tgz beside it. Exits non-zero when a sweep or the profile failed or could
 # not finish (the later steps repeat earlier measurements; their status is in the summary).
@@ -83,12 +83,13 @@ if (( $(left) >= 60 )); then
 else
     echo "demo-compile: skipped ($(left)s left of ${BUDGET}s, it needs 60)" | tee -a "$SUMMARY"
 fi
-# the recurrent demos with every time loop in one persistent launch (forward and backward; not the
-# default until measured): the same epochs, to set against demo.json's
+# the recurrent demos with every time loop in Triton's persistent launch (forward and backward; not
+# the default until measured): the same epochs, to set against demo.json's (where auto sends these
+# float32 models to the CuPy device loop), on the triton backend
 for m in lstm gru; do
     if (( $(left) >= 30 )); then
         step "demo-persistent-$m" 25 env GPU_NN_RNN_PERSISTENT=1 "${GN[@]}" demo --model "$m" --epochs 3 \
-            --json "$OUTDIR/demo-persistent-$m.json" --no-progress
+            --backend triton --json "$OUTDIR/demo-persistent-$m.json" --no-progress
     else
         echo "demo-persistent-$m: skipped ($(left)s left of ${BUDGET}s, it needs 30)" | tee -a "$SUMMARY"
     fi

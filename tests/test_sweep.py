@@ -302,7 +302,8 @@ def test_gpu_measure_script_steps_summary_and_archive(tmp_path):
     assert demo[0] == f"-m gpu_nn.cli demo --epochs 3 --json {out}/demo.json --no-progress"
     assert demo[1] == f"-m gpu_nn.cli demo --epochs 3 --compile --json {out}/demo-compile.json --no-progress"
     for m, call in zip(("lstm", "gru"), demo[2:]):
-        assert call == f"-m gpu_nn.cli demo --model {m} --epochs 3 --json {out}/demo-persistent-{m}.json --no-progress"
+        assert call == (f"-m gpu_nn.cli demo --model {m} --epochs 3 --backend triton --json {out}/demo-persistent-{m}.json"
+                        " --no-progress")
     with tarfile.open(str(out) + ".tgz") as tar:
         names = tar.getnames()
     for f in ("summary.txt", "machine.txt", "sweep.log", "rnn.log", "profile.log", "kernel_counts.log", "demo.log"):
