@@ -209,3 +209,55 @@ def test_fused_relu_epilogue_gradient_at_nan_inf_and_zero_is_torchs(layer, backe
             red = {"input": O * 3 ** (x.dim() - 2), "weight": x.numel() // 3, "bias": y.numel() // O}[name]
             assert_close(ours.cpu(), theirs, dtype, k=red, what=f"{layer} {backend} {dtype} grad {name}")
         assert torch.isnan(yt[:, 0]).all() and grads[2][0] != 0  # the NaN channel's gradient passed
+
+
+def _layouts(rng):
+    """Inputs of one [2, 3, 6, 5] tensor's values in several memory layouts: channels_last, a
+    transpose, a strided slice, a slice of a transpose (dense in neither), an expansion."""
+    base = randn(rng, 2, 3, 6, 10)
+    return {
+        "channels_last": base[..., :5].contiguous(memory_format=torch.channels_last),
+        "transposed": base[..., :5].transpose(2, 3).contiguous().transpose(2, 3),
+        "sliced": base[..., ::2],
+        "sliced_transposed": base.transpose(1, 3)[::2].transpose(1, 3),
+        "expanded": randn(rng, 2, 1, 6, 5).expand(2, 3, 6, 5),
+    }
+
+
+@pytest.mark.parametrize("backend,device", backend_params(BACKENDS))
+@pytest.mark.parametrize("name", OPS)
+def test_output_layout_is_torchs(backend, device, name, rng):
+    """As torch's activations: the output laid out as torch.empty_like(input) (a channels_last
+    input stays channels_last; the kernel runs over a dense input's memory as it is, any dim
+    order); the gradient laid out as the output (threshold_backward's rule; torch's sigmoid /
+    tanh backward follow grad_output's instead where the two differ, and agree where they match,
+    as in a channels_last network); values and gradients as the reference's."""
+    ours, theirs = OPS[name]
+    for lay, x64 in _layouts(rng).items():
+        dtype = gpu_dtypes_for(backend, device)[-1]
+        x = x64.to(device=device, dtype=dtype).requires_grad_()
+        with gpu_nn.backend(backend):
+            y = ours(x)
+        want = theirs(x)
+        assert y.shape == want.shape and y.stride() == want.stride(), (lay, y.stride(), want.stride())
+        for g_lay in ("same", "contiguous"):
+            g = torch.empty_like(y).copy_(randn(rng, *y.shape)) if g_lay == "same" else randn(rng, *y.shape).to(device, dtype)
+            with gpu_nn.backend(backend):
+                (dx,) = torch.autograd.grad(y, x, g, retain_graph=True)
+            (dxt,) = torch.autograd.grad(want, x, g, retain_graph=True)
+            assert dx.stride() == torch.empty_like(y).stride(), (lay, g_lay, dx.stride())
+            if g_lay == "same" or name == "relu":
+                assert dx.stride() == dxt.stride(), (lay, g_lay, dx.stride(), dxt.stride())
+            assert_close(y, want, dtype, what=f"{name} {lay}")
+            assert_close(dx, dxt, dtype, what=f"{name} {lay} grad ({g_lay} grad_output)")
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_opcheck_channels_last(name, rng):
+    """The fake kernels give the real ones' layout (torch.empty_like of the input, of the
+    output for the backward): opcheck on channels_last tensors."""
+    x = randn(rng, 2, 3, 4, 5).contiguous(memory_format=torch.channels_last).requires_grad_()
+    torch.library.opcheck(torch.ops.gpu_nn.activation.default, (x, name))
+    y = OPS[name][1](x).detach()
+    g = randn(rng, 2, 3, 4, 5).contiguous(memory_format=torch.channels_last)
+    torch.library.opcheck(torch.ops.gpu_nn.activation_backward.default, (g, y, name))

@@ -148,6 +148,30 @@ def empty(shape, *, dtype: torch.dtype, device) -> torch.Tensor:
 
 
 
+def empty_like(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """:func:`empty` laid out as ``torch.empty_like(t)`` (torch's preserve_format: ``t``'s own
+    strides where ``t`` is dense, e.g. channels_last; else dense in ``t``'s stride order), the
+    layout torch's elementwise ops give their result."""
+    out = torch.empty_like(t, dtype=dtype)
+    if _POISON and out.is_floating_point():
+        out.fill_(float("nan"))
+    return out
+
+
+def same_dense_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` (same shape) are dense with the same strides (dims of size 1
+    aside), so that element i of one's memory block is element i of the other's: an elementwise
+    kernel may then run over both as flat arrays, whatever the dim order (channels_last too)."""
+    if a.is_contiguous() and b.is_contiguous():
+        return True
+    expected = 1
+    for size, sa, sb in sorted((z for z in zip(a.shape, a.stride(), b.stride()) if z[0] != 1), key=lambda z: z[1]):
+        if sa != expected or sb != expected:
+            return False
+        expected *= size
+    return True
+
+
 # whether any autocast region is active, on any device: one C call, cheaper than finding the
 # first tensor's device and asking about it (torch >= 2.4); not used while dynamo traces, which
 # knows torch.is_autocast_enabled but need not know this binding

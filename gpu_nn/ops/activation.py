@@ -14,7 +14,7 @@ from .. import _backend
 from .._errors import KernelInputError
 from ..check import CheckCase
 from ..reference import activation as ref
-from ._dispatch import check_float, empty, from_numpy, routed, to_numpy, triton_kernels
+from ._dispatch import check_float, empty, empty_like, from_numpy, routed, same_dense_layout, to_numpy, triton_kernels
 
 __all__ = ["relu", "sigmoid", "tanh"]
 
@@ -28,35 +28,64 @@ def _check(activation: str, t: Tensor) -> None:
     check_float(activation, "input", t)
 
 
+def _laid_out_as(res: Tensor, like: Tensor, dtype: torch.dtype) -> Tensor:
+    """The reference's result ``res`` in the layout ``torch.empty_like(like)`` has (NumPy keeps
+    a dense input's order but may differ elsewhere, and the fake kernels promise that layout):
+    ``res`` itself where it already has it (always for a contiguous ``like``)."""
+    if like.is_contiguous() and res.is_contiguous():
+        return res
+    out = empty_like(like, dtype=dtype)
+    if out.stride() == res.stride():
+        return res
+    return out.copy_(res)
+
+
 def activation_forward(x: Tensor, activation: str) -> Tensor:
-    """y = act(x), any shape; returns a contiguous tensor of x's shape and dtype."""
+    """y = act(x), any shape; returns a tensor of x's shape and dtype laid out as
+    ``torch.empty_like(x)`` (as torch's activations: a channels_last input gives a channels_last
+    output). The kernel runs over x's memory block as a flat array where x is dense (any dim
+    order); other inputs are first copied into that layout."""
     _check(activation, x)
     backend = _backend.resolve(activation, x.device, BACKENDS)
     if backend == "reference":
-        return from_numpy(ref.FORWARD[activation](to_numpy(x)), x.dtype, x.device)
+        return _laid_out_as(from_numpy(ref.FORWARD[activation](to_numpy(x)), x.dtype, x.device), x, x.dtype)
     _backend.check_interpreter_dtype(activation, backend, x)
     ktriton, kt = triton_kernels("activation")
 
-    xc = x.contiguous()
-    y = empty(xc.shape, dtype=x.dtype, device=x.device)
+    if x.is_contiguous():
+        xc, y = x, empty(x.shape, dtype=x.dtype, device=x.device)
+    else:
+        y = empty_like(x)
+        xc = x if same_dense_layout(x, y) else torch.empty_like(y).copy_(x)
     kt.act_forward(xc, y, activation, ktriton.INTERPRET)
     return y
 
 
 def activation_backward(grad_output: Tensor, output: Tensor, activation: str) -> Tensor:
-    """dx = grad_output * act'(x), written through the forward output."""
+    """dx = grad_output * act'(x), written through the forward output; laid out as
+    ``torch.empty_like(output)`` (torch's threshold / sigmoid / tanh backward follow the output's
+    layout), grad_output copied into that layout first where it differs."""
     _check(activation, grad_output)
     if grad_output.shape != output.shape:
         raise KernelInputError(f"{activation} backward: grad_output shape {tuple(grad_output.shape)} != output shape {tuple(output.shape)}")
     backend = _backend.resolve(activation + "_backward", grad_output.device, BACKENDS)
     if backend == "reference":
-        return from_numpy(ref.BACKWARD[activation](to_numpy(grad_output), to_numpy(output)), grad_output.dtype, grad_output.device)
+        res = from_numpy(ref.BACKWARD[activation](to_numpy(grad_output), to_numpy(output)), grad_output.dtype,
+                         grad_output.device)
+        return _laid_out_as(res, output, grad_output.dtype)
     _backend.check_interpreter_dtype(activation, backend, grad_output)
     ktriton, kt = triton_kernels("activation")
 
-    g = grad_output.contiguous()
-    y = (output if output.dtype == g.dtype else output.to(g.dtype)).contiguous()
-    dx = empty(g.shape, dtype=g.dtype, device=g.device)
+    g = grad_output
+    y = output if output.dtype == g.dtype else output.to(g.dtype)
+    if g.is_contiguous() and y.is_contiguous():
+        dx = empty(g.shape, dtype=g.dtype, device=g.device)
+    else:
+        dx = empty_like(output, dtype=g.dtype)
+        if not same_dense_layout(y, dx):
+            y = torch.empty_like(dx).copy_(y)
+        if not same_dense_layout(g, dx):
+            g = torch.empty_like(dx).copy_(g)
     kt.act_backward(g, y, dx, activation, ktriton.INTERPRET)
     return dx
 
@@ -69,7 +98,7 @@ def _activation_op(input: Tensor, activation: str) -> Tensor:
 
 @_activation_op.register_fake
 def _(input, activation):
-    return input.new_empty(input.shape)
+    return torch.empty_like(input)
 
 
 @routed
@@ -80,7 +109,7 @@ def _activation_backward_op(grad_output: Tensor, output: Tensor, activation: str
 
 @_activation_backward_op.register_fake
 def _(grad_output, output, activation):
-    return grad_output.new_empty(grad_output.shape)
+    return torch.empty_like(output, dtype=grad_output.dtype)
 
 
 def _setup_context(ctx, inputs, output):
