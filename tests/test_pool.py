@@ -935,13 +935,20 @@ def _tiled_ran(asked, launched, fn):
 
 
 @pytest.mark.parametrize("backend,device", backend_params(("triton",)))
-@pytest.mark.parametrize("case,layout", _CASE_LAYOUTS, ids=lambda v: v if isinstance(v, str) else f"{v[0].__name__}{v[1]}{v[2]}")
-def test_tiled_form_matches_reference(backend, device, case, layout, rng, monkeypatch):
+@pytest.mark.parametrize("case", KERNEL_CASES, ids=lambda c: f"{c[0].__name__}{c[1]}{c[2]}")
+def test_tiled_form_matches_reference(backend, device, case, rng, monkeypatch):
     """The tiled forward and backward kernels (every kernel-case geometry: strides, padding,
-    dilation, ceil mode, divisors, min pooling, 1d, channels_last) against the reference."""
+    dilation, ceil mode, divisors, min pooling, 1d) against the reference. Not offered for
+    channels_last tensors (the flat kernels read those channels-fastest): there the chooser is
+    never asked and the flat kernels run."""
     asked, launched = _forcing(monkeypatch, "tile")
-    test_backend_matches_reference(backend, device, case, layout, rng)
+    test_backend_matches_reference(backend, device, case, "contig", rng)
     _tiled_ran(asked, launched, case[0])
+    if len(case[2]) == 4:
+        asked.clear()
+        launched.clear()
+        test_backend_matches_reference(backend, device, case, "channels_last", rng)
+        assert not asked and launched and not any("tile" in k for k in launched), (asked, launched)
 
 
 @pytest.mark.parametrize("backend,device", backend_params(("triton",)))
@@ -1006,3 +1013,59 @@ def test_cupy_int64_kernels_match_reference(backend, device, case, rng, monkeypa
 
     monkeypatch.setattr(P, "_NARROW_SPAN", 0)
     test_backend_matches_reference(backend, device, case, "contig", rng)
+
+
+# --- channels_last: torch's layouts ----------------------------------------------------------
+
+_CL_CASES = [c for c in KERNEL_CASES if len(c[2]) == 4] + [
+    (F.max_pool2d, ((1, 2),), (2, 3, 1, 6)), (F.avg_pool2d, (3, 1, 1), (1, 4, 3, 1)),
+    (F.max_pool2d, (2,), (2, 1, 4, 6)), (F.avg_pool2d, (1,), (2, 5, 1, 1)),
+]
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("case", _CL_CASES, ids=lambda c: f"{c[0].__name__}{c[1]}{c[2]}")
+def test_channels_last_layouts_are_torchs(backend, device, case, rng):
+    """A channels_last input gives channels_last values, indices and input gradient, as torch's
+    pooling does (and a contiguous one contiguous ones); values, indices and gradients equal
+    torch's. Extra cases: a height or width of 1, and shapes whose channels_last and contiguous
+    layouts coincide (C = 1; H = W = 1), which torch treats as contiguous."""
+    fn, args, shape = case
+    theirs = {"max_pool2d": TF.max_pool2d, "avg_pool2d": TF.avg_pool2d}.get(fn.__name__)
+    sign = 1.0
+    if fn.__name__ == "min_pool2d":
+        theirs, sign = TF.max_pool2d, -1.0
+    is_max = theirs is TF.max_pool2d
+    kw = {"return_indices": True} if is_max else {}
+    dtype = gpu_dtypes_for(backend, device)[0]
+    for layout in ("channels_last", "contig"):
+        x = _layouts(randn(rng, *shape).to(dtype), layout).to(device).requires_grad_()
+        with gpu_nn.backend(backend):
+            out = fn(x, *args, **kw)
+        xt = (sign * x.detach().cpu().double()).requires_grad_()
+        want = theirs(xt, *args, **kw)
+        y, yt = (out[0], want[0]) if is_max else (out, want)
+        assert y.stride() == yt.stride(), (layout, y.stride(), yt.stride())
+        assert_close(y, sign * yt, dtype, what=f"{fn.__name__} {layout} values")
+        if is_max:
+            assert out[1].stride() == want[1].stride() and torch.equal(out[1].cpu(), want[1]), layout
+        g = randn(rng, *y.shape).to(device=device, dtype=dtype)
+        with gpu_nn.backend(backend):
+            (dx,) = torch.autograd.grad(y, x, g)
+        (dxt,) = torch.autograd.grad(yt, xt, g.cpu().double())  # min: d(-M(-x))/dx = M's Jacobian at -x
+        assert dx.stride() == dxt.stride(), (layout, dx.stride(), dxt.stride())
+        assert_close(dx, dxt, dtype, k=9, what=f"{fn.__name__} {layout} gradient")
+
+
+def test_opcheck_channels_last(rng):
+    """The fake kernels promise the real ones' layouts: opcheck on channels_last inputs, and on
+    the backward ops with channels_last=True."""
+    x = randn(rng, 2, 3, 9, 7).contiguous(memory_format=torch.channels_last).requires_grad_()
+    ops = torch.ops.gpu_nn
+    torch.library.opcheck(ops.max_pool.default, (x, [3, 3], [2, 2], [1, 1], [1, 1], False, False))
+    torch.library.opcheck(ops.avg_pool.default, (x, [3, 3], [2, 2], [1, 1], True, False, None))
+    y, idx = TF.max_pool2d(x.detach(), 3, 2, 1, return_indices=True)
+    g = randn(rng, *y.shape).contiguous(memory_format=torch.channels_last)
+    torch.library.opcheck(ops.max_pool_backward.default, (g, idx, [2, 3, 9, 7], [3, 3], [2, 2], [1, 1], [1, 1], True))
+    ga = randn(rng, 2, 3, 5, 4)
+    torch.library.opcheck(ops.avg_pool_backward.default, (ga, [2, 3, 9, 7], [3, 3], [2, 2], [1, 1], True, False, None, True))

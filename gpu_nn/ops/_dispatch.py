@@ -134,14 +134,14 @@ def check_same(op: str, input: torch.Tensor, other: torch.Tensor | None, other_n
         )
 
 
-def empty(shape, *, dtype: torch.dtype, device) -> torch.Tensor:
-    """Allocate a kernel output.
+def empty(shape, *, dtype: torch.dtype, device, memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+    """Allocate a kernel output (``memory_format``: torch's, contiguous by default).
 
     With ``GPU_NN_POISON=1`` (the test suite sets it) the buffer is filled with NaN, so an
     element that a kernel forgets to write shows up as NaN instead of as stale memory that
     happens to be right.
     """
-    out = torch.empty(shape, dtype=dtype, device=device)
+    out = torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
     if _POISON and out.is_floating_point():
         out.fill_(float("nan"))
     return out

@@ -7,13 +7,18 @@ unbatched input gets N = 1) and call one of four custom ops:
 
 * ``gpu_nn::max_pool(input, kernel_size, stride, padding, dilation, ceil_mode, minimum)``
   -> ``(values, indices)``; ``minimum=True`` is min pooling.
-* ``gpu_nn::max_pool_backward(grad_output, indices, input_size, kernel_size, stride, padding, dilation)``
+* ``gpu_nn::max_pool_backward(grad_output, indices, input_size, kernel_size, stride, padding, dilation,
+  channels_last=False)``
 * ``gpu_nn::avg_pool(input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)``
-* ``gpu_nn::avg_pool_backward(grad_output, input_size, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)``
+* ``gpu_nn::avg_pool_backward(grad_output, input_size, kernel_size, stride, padding, ceil_mode, count_include_pad,
+  divisor_override, channels_last=False)``
 
-Backends: reference, triton, cupy (CUDA C in ``kernels/cuda/pool.cu``). Outputs are
-contiguous ``[N, C, OH, OW]`` whatever the input's layout (channels_last inputs are read in
-place by every backend).
+Backends: reference, triton, cupy (CUDA C in ``kernels/cuda/pool.cu``). Layouts are torch's: a
+channels_last input (4-D, channels_last and not also contiguous) gives channels_last values,
+indices and input gradient (the backward ops' ``channels_last`` says the input was); every other
+input contiguous ones. Every backend reads inputs of any layout in place; the Triton kernels
+write channels_last results directly (channels fastest across a warp), the CUDA C ones through
+a contiguous buffer and a copy.
 """
 
 from __future__ import annotations
@@ -334,11 +339,26 @@ def _max_fwd_geometry(op: str, x: Tensor, kernel_size, stride, padding, dilation
     return k, s, p, d, (N, C, oh, ow)
 
 
+_CL = torch.channels_last
+_CONTIG = torch.contiguous_format
+
+
+def _channels_last(t: Tensor) -> bool:
+    """A 4-D tensor laid out channels_last and not also contiguous: torch's pooling then returns
+    channels_last results (values, indices and the input's gradient), as ours do."""
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=_CL)
+
+
+def _as_format(t: Tensor, cl: bool) -> Tensor:
+    return t.contiguous(memory_format=_CL) if cl else t
+
+
 def max_pool_forward(x: Tensor, kernel_size, stride, padding, dilation, ceil_mode: bool, minimum: bool):
     """Max (or, with ``minimum``, min) pooling of ``x`` ``[N, C, H, W]`` (any strides).
 
-    Returns ``(values [N, C, OH, OW], int64 indices ih * W + iw)``; see ``reference.pool`` for
-    the exact semantics (torch's, NaN wins, ties keep the first position).
+    Returns ``(values [N, C, OH, OW], int64 indices ih * W + iw)``, both channels_last for a
+    channels_last ``x`` (as torch's), else contiguous; see ``reference.pool`` for the exact
+    semantics (torch's, NaN wins, ties keep the first position).
     """
     op = "min_pool" if minimum else "max_pool"
     k, s, p, d, (N, C, oh, ow) = _memo(("max_fwd", x.shape, x.dtype, tuple(kernel_size), tuple(stride), tuple(padding),
@@ -352,17 +372,23 @@ def max_pool_forward(x: Tensor, kernel_size, stride, padding, dilation, ceil_mod
         vals, idx = ref._max2d(xn, k, s, p, d, ceil_mode)
         if minimum:
             np.negative(vals, out=vals)
-        dev = x.device
-        return from_numpy(vals, x.dtype, dev), from_numpy(idx, torch.int64, dev)
+        dev, cl = x.device, _channels_last(x)
+        return _as_format(from_numpy(vals, x.dtype, dev), cl), _as_format(from_numpy(idx, torch.int64, dev), cl)
     _backend.check_interpreter_dtype(op, backend, x)
-    out = empty((N, C, oh, ow), dtype=x.dtype, device=x.device)
-    idx = torch.empty((N, C, oh, ow), dtype=torch.int64, device=x.device)
+    fmt = _CL if _channels_last(x) else _CONTIG
+    out = empty((N, C, oh, ow), dtype=x.dtype, device=x.device, memory_format=fmt)
+    idx = torch.empty((N, C, oh, ow), dtype=torch.int64, device=x.device, memory_format=fmt)
     if out.numel() == 0:
         return out, idx
     if backend == "triton":
         ktriton, kt = triton_kernels("pool")
 
         kt.max_pool2d_forward(x, out, idx, k, s, p, d, minimum, ktriton.INTERPRET, choose=_chooser(x.device))
+    elif fmt is _CL:  # the CUDA C kernels write NCHW: into channels_last through a copy
+        o, i = torch.empty(out.shape, dtype=out.dtype, device=out.device), torch.empty_like(idx, memory_format=_CONTIG)
+        _cupy_max_forward(x, o, i, k, s, p, d, minimum)
+        out.copy_(o)
+        idx.copy_(i)
     else:
         _cupy_max_forward(x, out, idx, k, s, p, d, minimum)
     return out, idx
@@ -383,30 +409,36 @@ def _max_bwd_args(grad_output: Tensor, indices: Tensor, input_size, kernel_size,
     return k, s, p, d, size
 
 
-def max_pool_backward(grad_output: Tensor, indices: Tensor, input_size, kernel_size, stride, padding, dilation) -> Tensor:
+def max_pool_backward(grad_output: Tensor, indices: Tensor, input_size, kernel_size, stride, padding, dilation,
+                      channels_last: bool = False) -> Tensor:
     """d input ``[N, C, H, W]`` = sum of ``grad_output`` over the windows whose saved index
-    points at that input position (the same for max and min pooling)."""
+    points at that input position (the same for max and min pooling); channels_last where the
+    input was (``channels_last``, as torch's), else contiguous."""
     k, s, p, d, size = _memo(("max_bwd", grad_output.shape, indices.shape, grad_output.dtype, indices.dtype,
                               tuple(input_size), tuple(kernel_size), tuple(stride), tuple(padding), tuple(dilation)),
                              _max_bwd_args, grad_output, indices, input_size, kernel_size, stride, padding, dilation)
     backend = _backend.resolve("max_pool_backward", grad_output.device, BACKENDS)
     if backend == "reference":
         gi = ref._max_backward2d(to_numpy(grad_output), to_numpy(indices), size)
-        return from_numpy(gi, grad_output.dtype, grad_output.device)
+        return _as_format(from_numpy(gi, grad_output.dtype, grad_output.device), channels_last)
     _backend.check_interpreter_dtype("max_pool_backward", backend, grad_output)
-    gi = empty(size, dtype=grad_output.dtype, device=grad_output.device)
+    fmt = _CL if channels_last else _CONTIG
+    gi = empty(size, dtype=grad_output.dtype, device=grad_output.device, memory_format=fmt)
     if gi.numel() == 0:
         return gi
-    g = grad_output.contiguous()
-    ix = indices.contiguous()
-    if g.numel() == 0:
+    if grad_output.numel() == 0:
         return gi.zero_()
     if backend == "triton":
         ktriton, kt = triton_kernels("pool")
 
+        g, ix = grad_output.contiguous(memory_format=fmt), indices.contiguous(memory_format=fmt)
         kt.max_pool2d_backward(g, ix, gi, k, s, p, d, ktriton.INTERPRET, choose=_chooser(g.device))
+    elif fmt is _CL:  # the CUDA C kernels write NCHW: into channels_last through a copy
+        tmp = torch.empty(size, dtype=gi.dtype, device=gi.device)
+        _cupy_max_backward(grad_output.contiguous(), indices.contiguous(), tmp, k, s, p, d)
+        gi.copy_(tmp)
     else:
-        _cupy_max_backward(g, ix, gi, k, s, p, d)
+        _cupy_max_backward(grad_output.contiguous(), indices.contiguous(), gi, k, s, p, d)
     return gi
 
 
@@ -426,16 +458,18 @@ def _avg_fwd_geometry(x: Tensor, kernel_size, stride, padding, ceil_mode: bool, 
 
 def avg_pool_forward(x: Tensor, kernel_size, stride, padding, ceil_mode: bool, count_include_pad: bool,
                      divisor_override: Optional[int]) -> Tensor:
-    """Average pooling of ``x`` ``[N, C, H, W]`` (any strides) -> ``[N, C, OH, OW]``."""
+    """Average pooling of ``x`` ``[N, C, H, W]`` (any strides) -> ``[N, C, OH, OW]``, channels_last
+    for a channels_last ``x`` (as torch's), else contiguous."""
     k, s, p, (N, C, oh, ow) = _memo(("avg_fwd", x.shape, x.dtype, tuple(kernel_size), tuple(stride), tuple(padding),
                                      ceil_mode, divisor_override), _avg_fwd_geometry, x, kernel_size, stride, padding,
                                     ceil_mode, divisor_override)
     backend = _backend.resolve("avg_pool", x.device, BACKENDS)
     if backend == "reference":
         y = ref._avg2d(to_numpy(x), k, s, p, ceil_mode, count_include_pad, divisor_override)
-        return from_numpy(y, x.dtype, x.device)
+        return _as_format(from_numpy(y, x.dtype, x.device), _channels_last(x))
     _backend.check_interpreter_dtype("avg_pool", backend, x)
-    out = empty((N, C, oh, ow), dtype=x.dtype, device=x.device)
+    fmt = _CL if _channels_last(x) else _CONTIG
+    out = empty((N, C, oh, ow), dtype=x.dtype, device=x.device, memory_format=fmt)
     if out.numel() == 0:
         return out
     if backend == "triton":
@@ -443,6 +477,10 @@ def avg_pool_forward(x: Tensor, kernel_size, stride, padding, ceil_mode: bool, c
 
         kt.avg_pool2d_forward(x, out, k, s, p, ceil_mode, count_include_pad, divisor_override or 0, ktriton.INTERPRET,
                               choose=_chooser(x.device))
+    elif fmt is _CL:  # the CUDA C kernels write NCHW: into channels_last through a copy
+        tmp = torch.empty(out.shape, dtype=out.dtype, device=out.device)
+        _cupy_avg_forward(x, tmp, k, s, p, count_include_pad, divisor_override or 0)
+        out.copy_(tmp)
     else:
         _cupy_avg_forward(x, out, k, s, p, count_include_pad, divisor_override or 0)
     return out
@@ -463,28 +501,34 @@ def _avg_bwd_args(grad_output: Tensor, input_size, kernel_size, stride, padding,
 
 
 def avg_pool_backward(grad_output: Tensor, input_size, kernel_size, stride, padding, ceil_mode: bool,
-                      count_include_pad: bool, divisor_override: Optional[int]) -> Tensor:
+                      count_include_pad: bool, divisor_override: Optional[int], channels_last: bool = False) -> Tensor:
     """d input ``[N, C, H, W]``: each output's gradient / its divisor, summed over the windows
-    that cover the input position (gathered per input element: no atomics)."""
+    that cover the input position (gathered per input element: no atomics); channels_last where
+    the input was (``channels_last``, as torch's), else contiguous."""
     k, s, p, size = _memo(("avg_bwd", grad_output.shape, grad_output.dtype, tuple(input_size), tuple(kernel_size),
                            tuple(stride), tuple(padding), ceil_mode),
                           _avg_bwd_args, grad_output, input_size, kernel_size, stride, padding, ceil_mode)
     backend = _backend.resolve("avg_pool_backward", grad_output.device, BACKENDS)
     if backend == "reference":
         gi = ref._avg_backward2d(to_numpy(grad_output), size, k, s, p, ceil_mode, count_include_pad, divisor_override)
-        return from_numpy(gi, grad_output.dtype, grad_output.device)
+        return _as_format(from_numpy(gi, grad_output.dtype, grad_output.device), channels_last)
     _backend.check_interpreter_dtype("avg_pool_backward", backend, grad_output)
-    gi = empty(size, dtype=grad_output.dtype, device=grad_output.device)
+    fmt = _CL if channels_last else _CONTIG
+    gi = empty(size, dtype=grad_output.dtype, device=grad_output.device, memory_format=fmt)
     if gi.numel() == 0:
         return gi
-    g = grad_output.contiguous()
     if backend == "triton":
         ktriton, kt = triton_kernels("pool")
 
+        g = grad_output.contiguous(memory_format=fmt)
         kt.avg_pool2d_backward(g, gi, k, s, p, count_include_pad, divisor_override or 0, ktriton.INTERPRET,
                                choose=_chooser(g.device))
+    elif fmt is _CL:  # the CUDA C kernels write NCHW: into channels_last through a copy
+        tmp = torch.empty(size, dtype=gi.dtype, device=gi.device)
+        _cupy_avg_backward(grad_output.contiguous(), tmp, k, s, p, count_include_pad, divisor_override or 0)
+        gi.copy_(tmp)
     else:
-        _cupy_avg_backward(g, gi, k, s, p, count_include_pad, divisor_override or 0)
+        _cupy_avg_backward(grad_output.contiguous(), gi, k, s, p, count_include_pad, divisor_override or 0)
     return gi
 
 
@@ -577,24 +621,26 @@ def _max_pool_op(input: Tensor, kernel_size: list[int], stride: list[int], paddi
 def _(input, kernel_size, stride, padding, dilation, ceil_mode, minimum):
     N, C, H, W = input.shape
     oh, ow = _out_hw(H, W, kernel_size, stride, padding, dilation, ceil_mode)
-    return input.new_empty((N, C, oh, ow)), input.new_empty((N, C, oh, ow), dtype=torch.int64)
+    fmt = _CL if _channels_last(input) else _CONTIG
+    return (input.new_empty((N, C, oh, ow)).contiguous(memory_format=fmt),
+            input.new_empty((N, C, oh, ow), dtype=torch.int64).contiguous(memory_format=fmt))
 
 
 @routed
 @torch.library.custom_op("gpu_nn::max_pool_backward", mutates_args=())
 def _max_pool_backward_op(grad_output: Tensor, indices: Tensor, input_size: list[int], kernel_size: list[int],
-                          stride: list[int], padding: list[int], dilation: list[int]) -> Tensor:
-    return max_pool_backward(grad_output, indices, input_size, kernel_size, stride, padding, dilation)
+                          stride: list[int], padding: list[int], dilation: list[int], channels_last: bool = False) -> Tensor:
+    return max_pool_backward(grad_output, indices, input_size, kernel_size, stride, padding, dilation, channels_last)
 
 
 @_max_pool_backward_op.register_fake
-def _(grad_output, indices, input_size, kernel_size, stride, padding, dilation):
-    return grad_output.new_empty(tuple(input_size))
+def _(grad_output, indices, input_size, kernel_size, stride, padding, dilation, channels_last=False):
+    return grad_output.new_empty(tuple(input_size)).contiguous(memory_format=_CL if channels_last else _CONTIG)
 
 
 def _max_setup(ctx, inputs, output):
     x, k, s, p, d, _, _ = inputs
-    ctx.params = (list(x.shape), k, s, p, d)
+    ctx.params = (list(x.shape), k, s, p, d, _channels_last(x))
     ctx.save_for_backward(output[1])
     ctx.mark_non_differentiable(output[1])
     # no zero-filled gradient for the int64 indices, which nothing reads (one fill kernel a
@@ -606,8 +652,7 @@ def _max_backward(ctx, grad, _grad_indices):
     if grad is None:  # not materialised (see _max_setup): an undefined gradient gives an undefined one
         return None, None, None, None, None, None, None
     (idx,) = ctx.saved_tensors
-    size, k, s, p, d = ctx.params
-    return _max_pool_backward_op(grad, idx, size, k, s, p, d), None, None, None, None, None, None
+    return _max_pool_backward_op(grad, idx, *ctx.params), None, None, None, None, None, None
 
 
 _max_pool_op.register_autograd(_max_backward, setup_context=_max_setup)
@@ -623,7 +668,7 @@ def _max_backward_backward(ctx, ggi):
     (idx,) = ctx.saved_tensors
     N, C = idx.shape[:2]
     d_g = ggi.reshape(N, C, -1).gather(2, idx.reshape(N, C, -1)).reshape(idx.shape)
-    return d_g, None, None, None, None, None, None
+    return d_g, None, None, None, None, None, None, None
 
 
 # double backward (create_graph=True): the backward op is differentiable too
@@ -641,25 +686,27 @@ def _avg_pool_op(input: Tensor, kernel_size: list[int], stride: list[int], paddi
 def _(input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override):
     N, C, H, W = input.shape
     oh, ow = _out_hw(H, W, kernel_size, stride, padding, (1, 1), ceil_mode)
-    return input.new_empty((N, C, oh, ow))
+    return input.new_empty((N, C, oh, ow)).contiguous(memory_format=_CL if _channels_last(input) else _CONTIG)
 
 
 @routed
 @torch.library.custom_op("gpu_nn::avg_pool_backward", mutates_args=())
 def _avg_pool_backward_op(grad_output: Tensor, input_size: list[int], kernel_size: list[int], stride: list[int],
                           padding: list[int], ceil_mode: bool, count_include_pad: bool,
-                          divisor_override: Optional[int]) -> Tensor:
-    return avg_pool_backward(grad_output, input_size, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)
+                          divisor_override: Optional[int], channels_last: bool = False) -> Tensor:
+    return avg_pool_backward(grad_output, input_size, kernel_size, stride, padding, ceil_mode, count_include_pad,
+                             divisor_override, channels_last)
 
 
 @_avg_pool_backward_op.register_fake
-def _(grad_output, input_size, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override):
-    return grad_output.new_empty(tuple(input_size))
+def _(grad_output, input_size, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override,
+      channels_last=False):
+    return grad_output.new_empty(tuple(input_size)).contiguous(memory_format=_CL if channels_last else _CONTIG)
 
 
 def _avg_setup(ctx, inputs, output):
     x, k, s, p, cm, cip, dov = inputs
-    ctx.params = (list(x.shape), k, s, p, cm, cip, dov)
+    ctx.params = (list(x.shape), k, s, p, cm, cip, dov, _channels_last(x))
 
 
 def _avg_backward(ctx, grad):
@@ -670,14 +717,14 @@ _avg_pool_op.register_autograd(_avg_backward, setup_context=_avg_setup)
 
 
 def _avg_bwd_setup(ctx, inputs, output):
-    _, size, k, s, p, cm, cip, dov = inputs
+    _, size, k, s, p, cm, cip, dov, _ = inputs
     ctx.params = (k, s, p, cm, cip, dov)
 
 
 def _avg_backward_backward(ctx, ggi):
     """Double backward: avg_pool_backward is the transpose of the (linear) average pooling,
     so its adjoint is our average pooling of ``ggi`` with the same arguments."""
-    return _avg_pool_op(ggi, *ctx.params), None, None, None, None, None, None, None
+    return _avg_pool_op(ggi, *ctx.params), None, None, None, None, None, None, None, None
 
 
 # double backward (create_graph=True): the backward op is differentiable too

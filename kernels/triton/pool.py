@@ -32,6 +32,7 @@ Not supported: 3d pooling, return of indices from avg, bfloat16 under the interp
 
 import functools
 
+import torch
 import triton
 import triton.language as tl
 
@@ -64,12 +65,18 @@ def _block_offsets(total, WIDE: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _window_origin(offs, x_ptr, C, OH, OW, stride_xn, stride_xc, SH, SW, PH, PW):
+def _window_origin(offs, x_ptr, C, OH, OW, stride_xn, stride_xc, SH, SW, PH, PW, CL: tl.constexpr):
     """Flat output offsets -> (the input plane's base pointer, top-left input row and column of
-    each output's window, padding included)."""
-    nc, oh, ow = _decompose(offs, OH, OW)
-    n = nc // C
-    c = nc % C
+    each output's window, padding included). ``CL``: the output is channels_last (offsets in
+    [N, OH, OW, C] order, channels fastest: a warp's lanes read consecutive channels of a
+    channels_last input), else NCHW."""
+    if CL:
+        c = offs % C
+        n, oh, ow = _decompose(offs // C, OH, OW)
+    else:
+        nc, oh, ow = _decompose(offs, OH, OW)
+        n = nc // C
+        c = nc % C
     base = x_ptr + n.to(tl.int64) * stride_xn + c.to(tl.int64) * stride_xc
     return base, oh * SH - PH, ow * SW - PW
 
@@ -78,9 +85,9 @@ def _window_origin(offs, x_ptr, C, OH, OW, stride_xn, stride_xc, SH, SW, PH, PW)
 def _max_pool_fwd_kernel(x_ptr, y_ptr, i_ptr, total, C, H, W, OH, OW,
                          stride_xn, stride_xc, stride_xh, stride_xw,
                          KH, KW, SH, SW, PH, PW, DH, DW,
-                         MINIMUM: tl.constexpr, WIDE: tl.constexpr, BLOCK: tl.constexpr):
+                         MINIMUM: tl.constexpr, WIDE: tl.constexpr, BLOCK: tl.constexpr, CL: tl.constexpr = False):
     offs, mask = _block_offsets(total, WIDE, BLOCK)
-    base, h0, w0 = _window_origin(offs, x_ptr, C, OH, OW, stride_xn, stride_xc, SH, SW, PH, PW)
+    base, h0, w0 = _window_origin(offs, x_ptr, C, OH, OW, stride_xn, stride_xc, SH, SW, PH, PW, CL)
     best = tl.full([BLOCK], float("-inf"), tl.float32)
     bidx = tl.full([BLOCK], -1, tl.int64)
     for i in range(0, KH):
@@ -121,9 +128,9 @@ def _avg_divisor(h0, w0, H, W, KH, KW, PH, PW, COUNT_PAD, DIVISOR):
 def _avg_pool_fwd_kernel(x_ptr, y_ptr, total, C, H, W, OH, OW,
                          stride_xn, stride_xc, stride_xh, stride_xw,
                          KH, KW, SH, SW, PH, PW, COUNT_PAD, DIVISOR,
-                         WIDE: tl.constexpr, BLOCK: tl.constexpr):
+                         WIDE: tl.constexpr, BLOCK: tl.constexpr, CL: tl.constexpr = False):
     offs, mask = _block_offsets(total, WIDE, BLOCK)
-    base, h0, w0 = _window_origin(offs, x_ptr, C, OH, OW, stride_xn, stride_xc, SH, SW, PH, PW)
+    base, h0, w0 = _window_origin(offs, x_ptr, C, OH, OW, stride_xn, stride_xc, SH, SW, PH, PW, CL)
     acc = tl.zeros([BLOCK], tl.float32)
     for i in range(0, KH):
         ih = h0 + i
@@ -140,12 +147,19 @@ def _avg_pool_fwd_kernel(x_ptr, y_ptr, total, C, H, W, OH, OW,
 
 @triton.jit
 def _max_pool_bwd_kernel(g_ptr, i_ptr, dx_ptr, total, H, W, OH, OW,
-                         KH, KW, SH, SW, PH, PW, DH, DW,
-                         WIDE: tl.constexpr, BLOCK: tl.constexpr):
+                         KH, KW, SH, SW, PH, PW, DH, DW, C,
+                         WIDE: tl.constexpr, BLOCK: tl.constexpr, CL: tl.constexpr = False):
+    """``CL``: dx, grad_output and the indices are channels_last (dx offsets in [N, H, W, C]
+    order; ``C`` is read only then), else NCHW."""
     offs, mask = _block_offsets(total, WIDE, BLOCK)
-    nc, ih, iw = _decompose(offs, H, W)
+    if CL:
+        c = offs % C
+        n, ih, iw = _decompose(offs // C, H, W)
+        obase = n.to(tl.int64) * OH * OW * C + c
+    else:
+        nc, ih, iw = _decompose(offs, H, W)
+        obase = nc.to(tl.int64) * OH * OW
     target = ih.to(tl.int64) * W + iw
-    obase = nc.to(tl.int64) * OH * OW
     acc = tl.zeros([BLOCK], tl.float32)
     for i in range(0, KH):
         hnum = ih + PH - i * DH
@@ -155,7 +169,10 @@ def _max_pool_bwd_kernel(g_ptr, i_ptr, dx_ptr, total, H, W, OH, OW,
             wnum = iw + PW - j * DW
             ow = wnum // SW
             ok = hok & (wnum >= 0) & (ow * SW == wnum) & (ow < OW)
-            o = obase + oh * OW + ow
+            if CL:
+                o = obase + (oh * OW + ow).to(tl.int64) * C
+            else:
+                o = obase + oh * OW + ow
             sel = tl.load(i_ptr + o, mask=ok, other=-1)
             g = tl.load(g_ptr + o, mask=ok & (sel == target), other=0.0)
             acc += g.to(tl.float32)
@@ -164,11 +181,17 @@ def _max_pool_bwd_kernel(g_ptr, i_ptr, dx_ptr, total, H, W, OH, OW,
 
 @triton.jit
 def _avg_pool_bwd_kernel(g_ptr, dx_ptr, total, H, W, OH, OW,
-                         KH, KW, SH, SW, PH, PW, COUNT_PAD, DIVISOR,
-                         WIDE: tl.constexpr, BLOCK: tl.constexpr):
+                         KH, KW, SH, SW, PH, PW, COUNT_PAD, DIVISOR, C,
+                         WIDE: tl.constexpr, BLOCK: tl.constexpr, CL: tl.constexpr = False):
+    """``CL`` as in :func:`_max_pool_bwd_kernel`."""
     offs, mask = _block_offsets(total, WIDE, BLOCK)
-    nc, ih, iw = _decompose(offs, H, W)
-    obase = nc.to(tl.int64) * OH * OW
+    if CL:
+        c = offs % C
+        n, ih, iw = _decompose(offs // C, H, W)
+        obase = n.to(tl.int64) * OH * OW * C + c
+    else:
+        nc, ih, iw = _decompose(offs, H, W)
+        obase = nc.to(tl.int64) * OH * OW
     acc = tl.zeros([BLOCK], tl.float32)
     for i in range(0, KH):
         hnum = ih + PH - i
@@ -178,7 +201,11 @@ def _avg_pool_bwd_kernel(g_ptr, dx_ptr, total, H, W, OH, OW,
             wnum = iw + PW - j
             ow = wnum // SW
             ok = hok & (wnum >= 0) & (ow * SW == wnum) & (ow < OW)
-            g = tl.load(g_ptr + obase + oh * OW + ow, mask=ok, other=0.0).to(tl.float32)
+            if CL:
+                o = obase + (oh * OW + ow).to(tl.int64) * C
+            else:
+                o = obase + oh * OW + ow
+            g = tl.load(g_ptr + o, mask=ok, other=0.0).to(tl.float32)
             div, empty = _avg_divisor(oh * SH - PH, ow * SW - PW, H, W, KH, KW, PH, PW, COUNT_PAD, DIVISOR)
             acc += tl.where(ok & (~empty), g / div, 0.0)
     tl.store(dx_ptr + offs, acc.to(dx_ptr.dtype.element_ty), mask=mask)
@@ -364,13 +391,19 @@ def flat_config(interpret: bool) -> tuple:
 
 
 @functools.lru_cache(maxsize=256)
-def forms(rows: int, cols: int, wide: bool, interpret: bool) -> tuple:
+def forms(rows: int, cols: int, flat_only: bool, interpret: bool) -> tuple:
     """The configurations a launch may use, the heuristic (the flat kernel) first: the tiled form
-    joins where no tensor spans 2^31 elements (its in-plane offsets are int32). The tiled form is
-    a measured candidate only until an H200 run has timed it against the flat one
-    (``GPU_NN_TUNE_RECORD`` at the bench shapes)."""
+    joins unless ``flat_only`` (a tensor spanning 2^31 elements: the tiled form's in-plane offsets
+    are int32; or channels_last tensors, which the flat kernels read channels-fastest and the
+    tiled ones would read C elements apart). The tiled form is a measured candidate only until an
+    H200 run has timed it against the flat one (``GPU_NN_TUNE_RECORD`` at the bench shapes)."""
     flat = flat_config(interpret)
-    return (flat,) if wide else (flat, tile_config(rows, cols, interpret))
+    return (flat,) if flat_only else (flat, tile_config(rows, cols, interpret))
+
+
+def channels_last(t) -> bool:
+    """A 4-D tensor laid out channels_last and not also contiguous (the kernels' ``CL`` layout)."""
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
 
 
 def _tiles(planes: int, rows: int, cols: int, bh: int, bw: int) -> tuple:
@@ -379,7 +412,7 @@ def _tiles(planes: int, rows: int, cols: int, bh: int, bw: int) -> tuple:
     return (planes * th * tw,), th, tw
 
 
-def _pick(op: str, key, run, choose, cfg, rows: int, cols: int, wide: bool, interpret: bool):
+def _pick(op: str, key, run, choose, cfg, rows: int, cols: int, flat_only: bool, interpret: bool):
     """``cfg`` (forced), else without a chooser the heuristic (the flat kernel), else the
     chooser's measured pick among :func:`forms` for the problem ``key()`` names (built only
     here: a call without a chooser pays for no key)."""
@@ -387,12 +420,13 @@ def _pick(op: str, key, run, choose, cfg, rows: int, cols: int, wide: bool, inte
         return tuple(cfg)
     if choose is None:
         return flat_config(interpret)
-    cands = forms(rows, cols, wide, interpret)
+    cands = forms(rows, cols, flat_only, interpret)
     return tuple(choose(op, key(), cands, run, cands[0])) if len(cands) > 1 else cands[0]
 
 
 def max_pool2d_forward(x, y, idx, k, s, p, d, minimum: bool, interpret: bool, choose=None, cfg=None) -> None:
-    """y, idx ``[N, C, OH, OW]`` (contiguous) = max (min) pooling of x ``[N, C, H, W]``.
+    """y, idx ``[N, C, OH, OW]`` (both contiguous, or both channels_last) = max (min) pooling of
+    x ``[N, C, H, W]`` (any strides).
 
     ``choose``: None (the heuristic) or a measuring chooser (``gpu_nn._tuning.choose`` bound to
     the device) between the flat and the tiled kernel (:func:`forms`); ``cfg`` forces one (tests)."""
@@ -402,6 +436,7 @@ def max_pool2d_forward(x, y, idx, k, s, p, d, minimum: bool, interpret: bool, ch
     if total == 0:
         return
     wide = _wide(x, y)
+    cl = channels_last(y)
 
     def run(c):
         if c[0] == TILE:
@@ -413,22 +448,23 @@ def max_pool2d_forward(x, y, idx, k, s, p, d, minimum: bool, interpret: bool, ch
         _, blk, warps = c
         launch_kernel(_max_pool_fwd_kernel, (cdiv(total, blk),),
             x, y, idx, total, C, H, W, OH, OW, *x.stride(), *k, *s, *p, *d,
-            MINIMUM=int(minimum), WIDE=wide, BLOCK=blk, num_warps=warps)
+            MINIMUM=int(minimum), WIDE=wide, BLOCK=blk, CL=cl, num_warps=warps)
 
     run(_pick("max_pool_fwd", lambda: (tuple(x.shape), tuple(x.stride()), str(x.dtype), tuple(k), tuple(s), tuple(p),
-                                       tuple(d), bool(minimum)), run, choose, cfg, OH, OW, wide, interpret))
+                                       tuple(d), bool(minimum)), run, choose, cfg, OH, OW, wide or cl, interpret))
 
 
 def avg_pool2d_forward(x, y, k, s, p, ceil_mode, count_include_pad, divisor, interpret: bool, choose=None,
                        cfg=None) -> None:
-    """y ``[N, C, OH, OW]`` (contiguous) = average pooling of x ``[N, C, H, W]``; ``choose`` /
-    ``cfg`` as :func:`max_pool2d_forward`."""
+    """y ``[N, C, OH, OW]`` (contiguous or channels_last) = average pooling of x ``[N, C, H, W]``
+    (any strides); ``choose`` / ``cfg`` as :func:`max_pool2d_forward`."""
     N, C, H, W = x.shape
     OH, OW = y.shape[-2:]
     total = y.numel()
     if total == 0:
         return
     wide = _wide(x, y)
+    cl = channels_last(y)
 
     def run(c):
         if c[0] == TILE:
@@ -440,10 +476,11 @@ def avg_pool2d_forward(x, y, k, s, p, ceil_mode, count_include_pad, divisor, int
         _, blk, warps = c
         launch_kernel(_avg_pool_fwd_kernel, (cdiv(total, blk),),
             x, y, total, C, H, W, OH, OW, *x.stride(), *k, *s, *p, int(count_include_pad), int(divisor),
-            WIDE=wide, BLOCK=blk, num_warps=warps)
+            WIDE=wide, BLOCK=blk, CL=cl, num_warps=warps)
 
     run(_pick("avg_pool_fwd", lambda: (tuple(x.shape), tuple(x.stride()), str(x.dtype), tuple(k), tuple(s), tuple(p),
-                                       bool(count_include_pad), int(divisor)), run, choose, cfg, OH, OW, wide, interpret))
+                                       bool(count_include_pad), int(divisor)), run, choose, cfg, OH, OW, wide or cl,
+              interpret))
 
 
 def windows_covering(k: int, s: int, d: int) -> int:
@@ -453,14 +490,15 @@ def windows_covering(k: int, s: int, d: int) -> int:
 
 
 def max_pool2d_backward(g, idx, dx, k, s, p, d, interpret: bool, choose=None, cfg=None) -> None:
-    """dx ``[N, C, H, W]`` from g and saved idx ``[N, C, OH, OW]`` (all contiguous); ``choose`` /
-    ``cfg`` as :func:`max_pool2d_forward`."""
+    """dx ``[N, C, H, W]`` from g and saved idx ``[N, C, OH, OW]`` (all contiguous, or all three
+    channels_last); ``choose`` / ``cfg`` as :func:`max_pool2d_forward`."""
     N, C, H, W = dx.shape
     OH, OW = g.shape[-2:]
     total = dx.numel()
     if total == 0:
         return
     wide = _wide(dx, g)
+    cl = channels_last(dx)
 
     def run(c):
         if c[0] == TILE:
@@ -472,21 +510,22 @@ def max_pool2d_backward(g, idx, dx, k, s, p, d, interpret: bool, choose=None, cf
             return
         _, blk, warps = c
         launch_kernel(_max_pool_bwd_kernel, (cdiv(total, blk),),
-            g, idx, dx, total, H, W, OH, OW, *k, *s, *p, *d, WIDE=wide, BLOCK=blk, num_warps=warps)
+            g, idx, dx, total, H, W, OH, OW, *k, *s, *p, *d, C, WIDE=wide, BLOCK=blk, CL=cl, num_warps=warps)
 
     run(_pick("max_pool_bwd", lambda: (tuple(dx.shape), tuple(g.shape), str(dx.dtype), tuple(k), tuple(s), tuple(p),
-                                       tuple(d)), run, choose, cfg, H, W, wide, interpret))
+                                       tuple(d)), run, choose, cfg, H, W, wide or cl, interpret))
 
 
 def avg_pool2d_backward(g, dx, k, s, p, count_include_pad, divisor, interpret: bool, choose=None, cfg=None) -> None:
-    """dx ``[N, C, H, W]`` from g ``[N, C, OH, OW]`` (contiguous); ``choose`` / ``cfg`` as
-    :func:`max_pool2d_forward`."""
+    """dx ``[N, C, H, W]`` from g ``[N, C, OH, OW]`` (both contiguous, or both channels_last);
+    ``choose`` / ``cfg`` as :func:`max_pool2d_forward`."""
     N, C, H, W = dx.shape
     OH, OW = g.shape[-2:]
     total = dx.numel()
     if total == 0:
         return
     wide = _wide(dx, g)
+    cl = channels_last(dx)
 
     def run(c):
         if c[0] == TILE:
@@ -499,36 +538,42 @@ def avg_pool2d_backward(g, dx, k, s, p, count_include_pad, divisor, interpret: b
             return
         _, blk, warps = c
         launch_kernel(_avg_pool_bwd_kernel, (cdiv(total, blk),),
-            g, dx, total, H, W, OH, OW, *k, *s, *p, int(count_include_pad), int(divisor),
-            WIDE=wide, BLOCK=blk, num_warps=warps)
+            g, dx, total, H, W, OH, OW, *k, *s, *p, int(count_include_pad), int(divisor), C,
+            WIDE=wide, BLOCK=blk, CL=cl, num_warps=warps)
 
     run(_pick("avg_pool_bwd", lambda: (tuple(dx.shape), tuple(g.shape), str(dx.dtype), tuple(k), tuple(s), tuple(p),
-                                       bool(count_include_pad), int(divisor)), run, choose, cfg, H, W, wide, interpret))
+                                       bool(count_include_pad), int(divisor)), run, choose, cfg, H, W, wide or cl,
+              interpret))
 
 
 def aot_specs():
-    """Every (kernel, dtype, mode, index width) the launchers can launch on a GPU."""
+    """Every (kernel, dtype, mode, index width, layout) the launchers can launch on a GPU: the flat
+    kernels NCHW at both index widths, channels_last at 32-bit ones (every bench and test size;
+    the int64 channels_last form compiles from the same source on first use), then the tiled ones."""
     specs = []
     for dt in ("fp32", "fp16", "bf16"):
-        for wide in (False, True):
+        for wide, cl in ((False, False), (True, False), (False, True)):
             it = "i64" if wide else "i32"
             geo = {n: "i32" for n in ("KH", "KW", "SH", "SW", "PH", "PW")}
-            common = {"BLOCK": GPU_BLOCK, "WIDE": wide}
-            tag = f"{dt} {'int64' if wide else 'int32'}"
+            common = {"BLOCK": GPU_BLOCK, "WIDE": wide, "CL": cl}
+            tag = f"{dt} {'int64' if wide else 'int32'}" + (" channels_last" if cl else "")
             for mode, code in MODES.items():
                 sig = {"x_ptr": f"*{dt}", "y_ptr": f"*{dt}", "i_ptr": "*i64", "total": it, "C": "i32", "H": "i32", "W": "i32",
                        "OH": "i32", "OW": "i32", "stride_xn": it, "stride_xc": it, "stride_xh": it, "stride_xw": it,
-                       **geo, "DH": "i32", "DW": "i32", "MINIMUM": "constexpr", "WIDE": "constexpr", "BLOCK": "constexpr"}
+                       **geo, "DH": "i32", "DW": "i32", "MINIMUM": "constexpr", "WIDE": "constexpr", "BLOCK": "constexpr",
+                       "CL": "constexpr"}
                 specs.append(AotSpec(_max_pool_fwd_kernel, sig, {"MINIMUM": code, **common}, num_warps=GPU_WARPS, label=f"{mode} {tag}"))
             sig = {"x_ptr": f"*{dt}", "y_ptr": f"*{dt}", "total": it, "C": "i32", "H": "i32", "W": "i32",
                    "OH": "i32", "OW": "i32", "stride_xn": it, "stride_xc": it, "stride_xh": it, "stride_xw": it,
-                   **geo, "COUNT_PAD": "i32", "DIVISOR": "i32", "WIDE": "constexpr", "BLOCK": "constexpr"}
+                   **geo, "COUNT_PAD": "i32", "DIVISOR": "i32", "WIDE": "constexpr", "BLOCK": "constexpr", "CL": "constexpr"}
             specs.append(AotSpec(_avg_pool_fwd_kernel, sig, common, num_warps=GPU_WARPS, label=f"avg {tag}"))
             sig = {"g_ptr": f"*{dt}", "i_ptr": "*i64", "dx_ptr": f"*{dt}", "total": it, "H": "i32", "W": "i32",
-                   "OH": "i32", "OW": "i32", **geo, "DH": "i32", "DW": "i32", "WIDE": "constexpr", "BLOCK": "constexpr"}
+                   "OH": "i32", "OW": "i32", **geo, "DH": "i32", "DW": "i32", "C": "i32", "WIDE": "constexpr",
+                   "BLOCK": "constexpr", "CL": "constexpr"}
             specs.append(AotSpec(_max_pool_bwd_kernel, sig, common, num_warps=GPU_WARPS, label=f"max/min {tag}"))
             sig = {"g_ptr": f"*{dt}", "dx_ptr": f"*{dt}", "total": it, "H": "i32", "W": "i32", "OH": "i32", "OW": "i32",
-                   **geo, "COUNT_PAD": "i32", "DIVISOR": "i32", "WIDE": "constexpr", "BLOCK": "constexpr"}
+                   **geo, "COUNT_PAD": "i32", "DIVISOR": "i32", "C": "i32", "WIDE": "constexpr", "BLOCK": "constexpr",
+                   "CL": "constexpr"}
             specs.append(AotSpec(_avg_pool_bwd_kernel, sig, common, num_warps=GPU_WARPS, label=f"avg {tag}"))
     return specs + tiled_specs()
 
