@@ -1327,3 +1327,28 @@ def test_cpu_autocast_region_reaches_linear(rng):
     assert y.dtype == yt.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), yt.float(), rtol=2e-2, atol=2e-2)
     assert F.linear(x, w, b).dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend,device", backend_params(BACKENDS))
+@pytest.mark.parametrize("name", SOFTMAX)
+def test_softmax_layout_is_torchs(backend, device, name, rng):
+    """softmax / log_softmax return contiguous results and gradients whatever the input's layout
+    (torch's rule, and what the fake kernels promise): the reference had returned a channels_last
+    input's own layout (NumPy keeps the order it reads)."""
+    ours, theirs = SOFTMAX[name]
+    x64 = randn(rng, 2, 3, 4, 5)
+    dtype = gpu_dtypes_for(backend, device)[-1]
+    for x0 in (x64.contiguous(memory_format=torch.channels_last), x64.transpose(1, 3)):
+        for dim in (1, -1):
+            x = x0.to(device=device, dtype=dtype).requires_grad_()
+            with gpu_nn.backend(backend):
+                y = ours(x, dim)
+            yt = theirs(x, dim)
+            assert y.stride() == yt.stride(), (dim, y.stride(), yt.stride())
+            g = torch.empty_like(x).copy_(randn(rng, *x.shape))
+            with gpu_nn.backend(backend):
+                (dx,) = torch.autograd.grad(y, x, g)
+            (dxt,) = torch.autograd.grad(yt, x, g)
+            assert dx.stride() == dxt.stride(), (dim, dx.stride(), dxt.stride())
+            assert_close(y, yt, dtype, k=x.shape[dim], what=f"{name} dim {dim}")
+            assert_close(dx, dxt, dtype, k=x.shape[dim], what=f"{name} dim {dim} grad")

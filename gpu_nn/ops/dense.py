@@ -356,7 +356,8 @@ def _softmax_forward(x: Tensor, dim: int, log: bool) -> Tensor:
     backend = _backend.resolve(name, x.device, BACKENDS)
     if backend == "reference":
         fn = ref.log_softmax if log else ref.softmax
-        return from_numpy(fn(to_numpy(x), dim), x.dtype, x.device)
+        # contiguous as torch's softmax and our fake kernel (NumPy keeps a channels_last input's order)
+        return from_numpy(fn(to_numpy(x), dim), x.dtype, x.device).contiguous()
     _backend.check_interpreter_dtype(name, backend, x)
     if x.numel() == 0:  # an empty softmax dim has no [-1, 0] row layout
         return torch.empty_like(x, memory_format=torch.contiguous_format)
@@ -383,7 +384,7 @@ def _softmax_backward(grad: Tensor, out: Tensor, dim: int, log: bool) -> Tensor:
     backend = _backend.resolve(name, grad.device, BACKENDS)
     if backend == "reference":
         fn = ref.log_softmax_backward if log else ref.softmax_backward
-        return from_numpy(fn(to_numpy(grad), to_numpy(out), dim), grad.dtype, grad.device)
+        return from_numpy(fn(to_numpy(grad), to_numpy(out), dim), grad.dtype, grad.device).contiguous()
     _backend.check_interpreter_dtype(name, backend, grad, out)
     if grad.numel() == 0:
         return torch.empty_like(grad, memory_format=torch.contiguous_format)
