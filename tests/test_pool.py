@@ -1069,3 +1069,75 @@ def test_opcheck_channels_last(rng):
     torch.library.opcheck(ops.max_pool_backward.default, (g, idx, [2, 3, 9, 7], [3, 3], [2, 2], [1, 1], [1, 1], True))
     ga = randn(rng, 2, 3, 5, 4)
     torch.library.opcheck(ops.avg_pool_backward.default, (ga, [2, 3, 9, 7], [3, 3], [2, 2], [1, 1], True, False, None, True))
+
+
+# --- values-only max pooling (no gradient wanted, no return_indices) -------------------------
+
+
+def _with_forms():
+    """backend_params() with the kernel form: flat for every backend, tiled too for Triton."""
+    return [pytest.param(*bp.values, form, marks=bp.marks, id=f"{bp.id}-{form}")
+            for bp in backend_params() for form in (("flat", "tile") if bp.values[0] == "triton" else ("flat",))]
+
+
+@pytest.mark.parametrize("backend,device,form", _with_forms())
+def test_values_only_max_pooling(backend, device, form, rng, monkeypatch):
+    """Where nothing will read the indices (no return_indices; no grad mode or an input that
+    needs no gradient) the op is asked for the values only: an empty index tensor comes back
+    and the Triton kernels launch with STORE_IDX False (the CUDA C kernel gets a null index
+    pointer); the values equal torch's in both layouts, flat and tiled. With a gradient wanted,
+    or return_indices, the indices are made."""
+    from gpu_nn.kernels.triton import pool as kp
+    from gpu_nn.ops import pool as P
+
+    asked, launched = _forcing(monkeypatch, form) if backend == "triton" else ([], [])
+    stores = []
+    if backend == "triton":
+        spy = kp.launch_kernel
+
+        def record(kernel, grid, *args, **kw):
+            stores.append(kw.get("STORE_IDX"))
+            return spy(kernel, grid, *args, **kw)
+        monkeypatch.setattr(kp, "launch_kernel", record)
+    seen = []
+    real = P.max_pool_forward
+    monkeypatch.setattr(P, "max_pool_forward", lambda *a: seen.append(a[-1]) or real(*a))
+    dtype = gpu_dtypes_for(backend, device)[0]
+    for layout in ("contig", "channels_last"):
+        x = _layouts(randn(rng, 2, 3, 11, 9).to(dtype), layout).to(device)
+        with gpu_nn.backend(backend):
+            y = F.max_pool2d(x, 3, 2, 1)
+            z = F.min_pool2d(x, 3, 2, 1)
+            with torch.no_grad():
+                w = F.max_pool1d(x.detach().requires_grad_()[0], 3, 2, 1)
+        assert seen == [False, False, False] and stores in ([], [False, False, False]), (seen, stores)
+        assert y.stride() == TF.max_pool2d(x, 3, 2, 1).stride()
+        torch.testing.assert_close(y, TF.max_pool2d(x, 3, 2, 1), rtol=0, atol=0)
+        torch.testing.assert_close(z, -TF.max_pool2d(-x, 3, 2, 1), rtol=0, atol=0)
+        torch.testing.assert_close(w, TF.max_pool1d(x[0], 3, 2, 1), rtol=0, atol=0)
+        seen.clear()
+        stores.clear()
+        with gpu_nn.backend(backend):
+            _, idx = F.max_pool2d(x, 3, 2, 1, return_indices=True)
+            F.max_pool2d(x.detach().requires_grad_(), 3, 2, 1)
+        assert seen == [True, True] and stores in ([], [True, True]) and torch.equal(idx.cpu(), TF.max_pool2d(x, 3, 2, 1, return_indices=True)[1].cpu())
+        seen.clear()
+        stores.clear()
+    if backend == "triton" and form == "tile":
+        assert "_max_pool_fwd_tile_kernel" in launched
+
+
+def test_values_only_op_refuses_a_backward(rng):
+    """Called directly with need_indices=False on an input that needs a gradient, the op's
+    backward says why it cannot run (the public functions never do that)."""
+    x = randn(rng, 1, 2, 5, 5, requires_grad=True)
+    vals, idx = torch.ops.gpu_nn.max_pool(x, [2, 2], [2, 2], [0, 0], [1, 1], False, False, False)
+    assert idx.shape == (0,) and idx.dtype == torch.int64
+    with pytest.raises(gpu_nn.KernelInputError, match="need_indices=False"):
+        vals.sum().backward()
+
+
+def test_opcheck_values_only(rng):
+    x = randn(rng, 2, 3, 9, 7)
+    for x_ in (x, x.contiguous(memory_format=torch.channels_last)):
+        torch.library.opcheck(torch.ops.gpu_nn.max_pool.default, (x_, [3, 3], [2, 2], [1, 1], [1, 1], False, False, False))

@@ -339,6 +339,7 @@ def _max_fwd_geometry(op: str, x: Tensor, kernel_size, stride, padding, dilation
     return k, s, p, d, (N, C, oh, ow)
 
 
+_C = torch._C
 _CL = torch.channels_last
 _CONTIG = torch.contiguous_format
 
@@ -353,12 +354,16 @@ def _as_format(t: Tensor, cl: bool) -> Tensor:
     return t.contiguous(memory_format=_CL) if cl else t
 
 
-def max_pool_forward(x: Tensor, kernel_size, stride, padding, dilation, ceil_mode: bool, minimum: bool):
+def max_pool_forward(x: Tensor, kernel_size, stride, padding, dilation, ceil_mode: bool, minimum: bool,
+                     need_indices: bool = True):
     """Max (or, with ``minimum``, min) pooling of ``x`` ``[N, C, H, W]`` (any strides).
 
     Returns ``(values [N, C, OH, OW], int64 indices ih * W + iw)``, both channels_last for a
     channels_last ``x`` (as torch's), else contiguous; see ``reference.pool`` for the exact
-    semantics (torch's, NaN wins, ties keep the first position).
+    semantics (torch's, NaN wins, ties keep the first position). ``need_indices`` False (nothing
+    will read them: no gradient wanted, no ``return_indices``): the indices come back as an empty
+    int64 tensor and the kernels write the values alone (torch's CUDA pooling writes both always;
+    the indices are 8 bytes per output against 2-4 for the values).
     """
     op = "min_pool" if minimum else "max_pool"
     k, s, p, d, (N, C, oh, ow) = _memo(("max_fwd", x.shape, x.dtype, tuple(kernel_size), tuple(stride), tuple(padding),
@@ -373,25 +378,35 @@ def max_pool_forward(x: Tensor, kernel_size, stride, padding, dilation, ceil_mod
         if minimum:
             np.negative(vals, out=vals)
         dev, cl = x.device, _channels_last(x)
-        return _as_format(from_numpy(vals, x.dtype, dev), cl), _as_format(from_numpy(idx, torch.int64, dev), cl)
+        vals = _as_format(from_numpy(vals, x.dtype, dev), cl)
+        return vals, (_as_format(from_numpy(idx, torch.int64, dev), cl) if need_indices else _no_indices(dev))
     _backend.check_interpreter_dtype(op, backend, x)
     fmt = _CL if _channels_last(x) else _CONTIG
     out = empty((N, C, oh, ow), dtype=x.dtype, device=x.device, memory_format=fmt)
-    idx = torch.empty((N, C, oh, ow), dtype=torch.int64, device=x.device, memory_format=fmt)
+    idx = (torch.empty((N, C, oh, ow), dtype=torch.int64, device=x.device, memory_format=fmt) if need_indices
+           else _no_indices(x.device))
     if out.numel() == 0:
         return out, idx
+    kidx = idx if need_indices else None
     if backend == "triton":
         ktriton, kt = triton_kernels("pool")
 
-        kt.max_pool2d_forward(x, out, idx, k, s, p, d, minimum, ktriton.INTERPRET, choose=_chooser(x.device))
+        kt.max_pool2d_forward(x, out, kidx, k, s, p, d, minimum, ktriton.INTERPRET, choose=_chooser(x.device))
     elif fmt is _CL:  # the CUDA C kernels write NCHW: into channels_last through a copy
-        o, i = torch.empty(out.shape, dtype=out.dtype, device=out.device), torch.empty_like(idx, memory_format=_CONTIG)
+        o = torch.empty(out.shape, dtype=out.dtype, device=out.device)
+        i = torch.empty(out.shape, dtype=torch.int64, device=out.device) if need_indices else None
         _cupy_max_forward(x, o, i, k, s, p, d, minimum)
         out.copy_(o)
-        idx.copy_(i)
+        if need_indices:
+            idx.copy_(i)
     else:
-        _cupy_max_forward(x, out, idx, k, s, p, d, minimum)
+        _cupy_max_forward(x, out, kidx, k, s, p, d, minimum)
     return out, idx
+
+
+def _no_indices(device) -> Tensor:
+    """The indices of a values-only max pooling: an empty int64 tensor."""
+    return torch.empty((0,), dtype=torch.int64, device=device)
 
 
 def _max_bwd_args(grad_output: Tensor, indices: Tensor, input_size, kernel_size, stride, padding, dilation):
@@ -577,10 +592,11 @@ def _i64(*vals):
 
 
 def _cupy_max_forward(x, out, idx, k, s, p, d, minimum):
+    """``idx`` None: the values only (a null pointer: the kernel skips the index stores)."""
     N, C, H, W = x.shape
     _, _, oh, ow = out.shape
-    args = (x, out, idx, *_i64(N * C * oh * ow, C, H, W, oh, ow, *x.stride()), *(np.int32(v) for v in (*k, *s, *p, *d)),
-            np.int32(1 if minimum else 0))
+    args = (x, out, np.uint64(0) if idx is None else idx, *_i64(N * C * oh * ow, C, H, W, oh, ow, *x.stride()),
+            *(np.int32(v) for v in (*k, *s, *p, *d)), np.int32(1 if minimum else 0))
     _cuda_launch("pool_max_fwd", out.numel(), args, x.device, _narrow(x, out))
 
 
@@ -613,17 +629,18 @@ def _cupy_avg_backward(g, gi, k, s, p, count_include_pad, divisor):
 @routed
 @torch.library.custom_op("gpu_nn::max_pool", mutates_args=())
 def _max_pool_op(input: Tensor, kernel_size: list[int], stride: list[int], padding: list[int], dilation: list[int],
-                 ceil_mode: bool, minimum: bool) -> tuple[Tensor, Tensor]:
-    return max_pool_forward(input, kernel_size, stride, padding, dilation, ceil_mode, minimum)
+                 ceil_mode: bool, minimum: bool, need_indices: bool = True) -> tuple[Tensor, Tensor]:
+    return max_pool_forward(input, kernel_size, stride, padding, dilation, ceil_mode, minimum, need_indices)
 
 
 @_max_pool_op.register_fake
-def _(input, kernel_size, stride, padding, dilation, ceil_mode, minimum):
+def _(input, kernel_size, stride, padding, dilation, ceil_mode, minimum, need_indices=True):
     N, C, H, W = input.shape
     oh, ow = _out_hw(H, W, kernel_size, stride, padding, dilation, ceil_mode)
     fmt = _CL if _channels_last(input) else _CONTIG
-    return (input.new_empty((N, C, oh, ow)).contiguous(memory_format=fmt),
-            input.new_empty((N, C, oh, ow), dtype=torch.int64).contiguous(memory_format=fmt))
+    idx = (input.new_empty((N, C, oh, ow), dtype=torch.int64).contiguous(memory_format=fmt) if need_indices
+           else input.new_empty((0,), dtype=torch.int64))
+    return input.new_empty((N, C, oh, ow)).contiguous(memory_format=fmt), idx
 
 
 @routed
@@ -639,7 +656,7 @@ def _(grad_output, indices, input_size, kernel_size, stride, padding, dilation, 
 
 
 def _max_setup(ctx, inputs, output):
-    x, k, s, p, d, _, _ = inputs
+    x, k, s, p, d, _, _, _ = inputs
     ctx.params = (list(x.shape), k, s, p, d, _channels_last(x))
     ctx.save_for_backward(output[1])
     ctx.mark_non_differentiable(output[1])
@@ -650,9 +667,12 @@ def _max_setup(ctx, inputs, output):
 
 def _max_backward(ctx, grad, _grad_indices):
     if grad is None:  # not materialised (see _max_setup): an undefined gradient gives an undefined one
-        return None, None, None, None, None, None, None
+        return None, None, None, None, None, None, None, None
     (idx,) = ctx.saved_tensors
-    return _max_pool_backward_op(grad, idx, *ctx.params), None, None, None, None, None, None
+    if idx.dim() != 4:
+        raise KernelInputError("max_pool backward: the forward ran with need_indices=False (no indices were kept); "
+                               "call it with need_indices=True where a gradient is wanted")
+    return _max_pool_backward_op(grad, idx, *ctx.params), None, None, None, None, None, None, None
 
 
 _max_pool_op.register_autograd(_max_backward, setup_context=_max_setup)
@@ -750,10 +770,11 @@ def _max2d_public(op, input, kernel_size, stride, padding, dilation, ceil_mode, 
     else:
         k, s, p, d, cm = _max2d_args(*args)
     batched = input.dim() == 4
-    out, idx = _max_pool_op(input if batched else input.unsqueeze(0), list(k), list(s), list(p), list(d), cm, minimum)
-    if not batched:
-        out, idx = out.squeeze(0), idx.squeeze(0)
-    return (out, idx) if return_indices else out
+    out, idx = _max_pool_op(input if batched else input.unsqueeze(0), list(k), list(s), list(p), list(d), cm, minimum,
+                            _need_indices(input, return_indices))
+    if not return_indices:
+        return out if batched else out.squeeze(0)
+    return (out, idx) if batched else (out.squeeze(0), idx.squeeze(0))
 
 
 def _max1d_args(op, input, kernel_size, stride, padding, dilation, ceil_mode, return_indices):
@@ -792,9 +813,18 @@ def _max1d_public(op, input, kernel_size, stride, padding, dilation, ceil_mode, 
         k, s, p, d, cm = _max1d_args(*args)
     shape = input.shape
     x4 = _as_4d(input)
-    out, idx = _max_pool_op(x4, list(k), list(s), list(p), list(d), cm, minimum)
+    out, idx = _max_pool_op(x4, list(k), list(s), list(p), list(d), cm, minimum, _need_indices(input, return_indices))
     oshape = (*shape[:-1], out.shape[-1])
     return (out.view(oshape), idx.view(oshape)) if return_indices else out.view(oshape)
+
+
+def _need_indices(input: Tensor, return_indices: bool) -> bool:
+    """Whether anything will read a max pooling's indices: the caller (return_indices), or a
+    backward (grad mode on and the input requiring a gradient, or a functorch transform, whose
+    wrapped tensors autograd differentiates whatever requires_grad says). Under torch.compile the
+    indices are always made (the compiled graph's backward decides later)."""
+    return (return_indices or torch.compiler.is_compiling() or _C._are_functorch_transforms_active()
+            or (_C.is_grad_enabled() and input.requires_grad))
 
 
 def max_pool2d(input: Tensor, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):

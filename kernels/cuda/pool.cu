@@ -76,7 +76,7 @@ pool_max_fwd(const POOL_T* __restrict__ x, POOL_T* __restrict__ y, gn_index* __r
         gn_max_window<POOL_T, pool_idx>(plane, sxh, sxw, H, W, oh * SH - PH, ow * SW - PW, KH, KW, DH, DW, minimum,
                                         &best, &bidx);
         gn_store(y + o, best);
-        idx[o] = bidx;
+        if (idx != nullptr) idx[o] = bidx;  // null: the values only (nothing will read the indices)
     }
 }
 

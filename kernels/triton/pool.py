@@ -85,7 +85,10 @@ def _window_origin(offs, x_ptr, C, OH, OW, stride_xn, stride_xc, SH, SW, PH, PW,
 def _max_pool_fwd_kernel(x_ptr, y_ptr, i_ptr, total, C, H, W, OH, OW,
                          stride_xn, stride_xc, stride_xh, stride_xw,
                          KH, KW, SH, SW, PH, PW, DH, DW,
-                         MINIMUM: tl.constexpr, WIDE: tl.constexpr, BLOCK: tl.constexpr, CL: tl.constexpr = False):
+                         MINIMUM: tl.constexpr, WIDE: tl.constexpr, BLOCK: tl.constexpr, CL: tl.constexpr = False,
+                         STORE_IDX: tl.constexpr = True):
+    """``STORE_IDX`` False: the values only (nothing will read the indices: an inference call);
+    the index bookkeeping is then dead code, and i_ptr is never touched."""
     offs, mask = _block_offsets(total, WIDE, BLOCK)
     base, h0, w0 = _window_origin(offs, x_ptr, C, OH, OW, stride_xn, stride_xc, SH, SW, PH, PW, CL)
     best = tl.full([BLOCK], float("-inf"), tl.float32)
@@ -109,7 +112,8 @@ def _max_pool_fwd_kernel(x_ptr, y_ptr, i_ptr, total, C, H, W, OH, OW,
     if MINIMUM:
         best = -best
     tl.store(y_ptr + offs, best.to(y_ptr.dtype.element_ty), mask=mask)
-    tl.store(i_ptr + offs, bidx, mask=mask)
+    if STORE_IDX:
+        tl.store(i_ptr + offs, bidx, mask=mask)
 
 
 @triton.jit
@@ -241,7 +245,7 @@ def _tile_coords(C, tiles_h, tiles_w, BH: tl.constexpr, BW: tl.constexpr):
 def _max_pool_fwd_tile_kernel(x_ptr, y_ptr, i_ptr, C, H, W, OH, OW, tiles_h, tiles_w,
                               stride_xn, stride_xc, stride_xh, stride_xw, SH, SW, PH, PW, DH, DW,
                               KH: tl.constexpr, KW: tl.constexpr, MINIMUM: tl.constexpr,
-                              BH: tl.constexpr, BW: tl.constexpr):
+                              BH: tl.constexpr, BW: tl.constexpr, STORE_IDX: tl.constexpr = True):
     n, c, plane, oh, ow = _tile_coords(C, tiles_h, tiles_w, BH, BW)
     base = x_ptr + n.to(tl.int64) * stride_xn + c.to(tl.int64) * stride_xc
     omask = (oh < OH) & (ow < OW)
@@ -267,7 +271,8 @@ def _max_pool_fwd_tile_kernel(x_ptr, y_ptr, i_ptr, C, H, W, OH, OW, tiles_h, til
         best = -best
     o = plane.to(tl.int64) * OH * OW + oh * OW + ow
     tl.store(y_ptr + o, best.to(y_ptr.dtype.element_ty), mask=omask)
-    tl.store(i_ptr + o, bidx.to(tl.int64), mask=omask)
+    if STORE_IDX:
+        tl.store(i_ptr + o, bidx.to(tl.int64), mask=omask)
 
 
 @triton.jit
@@ -426,7 +431,7 @@ def _pick(op: str, key, run, choose, cfg, rows: int, cols: int, flat_only: bool,
 
 def max_pool2d_forward(x, y, idx, k, s, p, d, minimum: bool, interpret: bool, choose=None, cfg=None) -> None:
     """y, idx ``[N, C, OH, OW]`` (both contiguous, or both channels_last) = max (min) pooling of
-    x ``[N, C, H, W]`` (any strides).
+    x ``[N, C, H, W]`` (any strides); ``idx`` None: the values only.
 
     ``choose``: None (the heuristic) or a measuring chooser (``gpu_nn._tuning.choose`` bound to
     the device) between the flat and the tiled kernel (:func:`forms`); ``cfg`` forces one (tests)."""
@@ -442,16 +447,18 @@ def max_pool2d_forward(x, y, idx, k, s, p, d, minimum: bool, interpret: bool, ch
         if c[0] == TILE:
             _, bh, bw, warps = c
             grid, th, tw = _tiles(N * C, OH, OW, bh, bw)
-            launch_kernel(_max_pool_fwd_tile_kernel, grid, x, y, idx, C, H, W, OH, OW, th, tw, *x.stride(), *s, *p,
-                          *d, KH=k[0], KW=k[1], MINIMUM=int(minimum), BH=bh, BW=bw, num_warps=warps)
+            launch_kernel(_max_pool_fwd_tile_kernel, grid, x, y, y if idx is None else idx, C, H, W, OH, OW, th, tw,
+                          *x.stride(), *s, *p, *d, KH=k[0], KW=k[1], MINIMUM=int(minimum), BH=bh, BW=bw,
+                          STORE_IDX=idx is not None, num_warps=warps)
             return
         _, blk, warps = c
         launch_kernel(_max_pool_fwd_kernel, (cdiv(total, blk),),
-            x, y, idx, total, C, H, W, OH, OW, *x.stride(), *k, *s, *p, *d,
-            MINIMUM=int(minimum), WIDE=wide, BLOCK=blk, CL=cl, num_warps=warps)
+            x, y, y if idx is None else idx, total, C, H, W, OH, OW, *x.stride(), *k, *s, *p, *d,
+            MINIMUM=int(minimum), WIDE=wide, BLOCK=blk, CL=cl, STORE_IDX=idx is not None, num_warps=warps)
 
     run(_pick("max_pool_fwd", lambda: (tuple(x.shape), tuple(x.stride()), str(x.dtype), tuple(k), tuple(s), tuple(p),
-                                       tuple(d), bool(minimum)), run, choose, cfg, OH, OW, wide or cl, interpret))
+                                       tuple(d), bool(minimum), idx is not None), run, choose, cfg, OH, OW, wide or cl,
+              interpret))
 
 
 def avg_pool2d_forward(x, y, k, s, p, ceil_mode, count_include_pad, divisor, interpret: bool, choose=None,
@@ -557,12 +564,15 @@ def aot_specs():
             geo = {n: "i32" for n in ("KH", "KW", "SH", "SW", "PH", "PW")}
             common = {"BLOCK": GPU_BLOCK, "WIDE": wide, "CL": cl}
             tag = f"{dt} {'int64' if wide else 'int32'}" + (" channels_last" if cl else "")
+            # the values-only forms (STORE_IDX False: i_ptr, never touched, is y's pointer) at 32-bit indices
             for mode, code in MODES.items():
-                sig = {"x_ptr": f"*{dt}", "y_ptr": f"*{dt}", "i_ptr": "*i64", "total": it, "C": "i32", "H": "i32", "W": "i32",
-                       "OH": "i32", "OW": "i32", "stride_xn": it, "stride_xc": it, "stride_xh": it, "stride_xw": it,
-                       **geo, "DH": "i32", "DW": "i32", "MINIMUM": "constexpr", "WIDE": "constexpr", "BLOCK": "constexpr",
-                       "CL": "constexpr"}
-                specs.append(AotSpec(_max_pool_fwd_kernel, sig, {"MINIMUM": code, **common}, num_warps=GPU_WARPS, label=f"{mode} {tag}"))
+                for store in (True, False) if not wide else (True,):
+                    sig = {"x_ptr": f"*{dt}", "y_ptr": f"*{dt}", "i_ptr": "*i64" if store else f"*{dt}", "total": it,
+                           "C": "i32", "H": "i32", "W": "i32", "OH": "i32", "OW": "i32", "stride_xn": it, "stride_xc": it,
+                           "stride_xh": it, "stride_xw": it, **geo, "DH": "i32", "DW": "i32", "MINIMUM": "constexpr",
+                           "WIDE": "constexpr", "BLOCK": "constexpr", "CL": "constexpr", "STORE_IDX": "constexpr"}
+                    specs.append(AotSpec(_max_pool_fwd_kernel, sig, {"MINIMUM": code, **common, "STORE_IDX": store},
+                                         num_warps=GPU_WARPS, label=f"{mode} {tag}" + ("" if store else " values only")))
             sig = {"x_ptr": f"*{dt}", "y_ptr": f"*{dt}", "total": it, "C": "i32", "H": "i32", "W": "i32",
                    "OH": "i32", "OW": "i32", "stride_xn": it, "stride_xc": it, "stride_xh": it, "stride_xw": it,
                    **geo, "COUNT_PAD": "i32", "DIVISOR": "i32", "WIDE": "constexpr", "BLOCK": "constexpr", "CL": "constexpr"}
@@ -602,11 +612,13 @@ def tiled_specs():
             sp = {n: i32 for n in ("SH", "SW", "PH", "PW")}
             fwd_tile = {"KH": k[0], "KW": k[1], "BH": obh, "BW": obw}
             for mode, code in MODES.items() if dt == "fp32" else (("max", 0),):
-                sig = {"x_ptr": f"*{dt}", "y_ptr": f"*{dt}", "i_ptr": "*i64", **plane, **strides, **sp, "DH": i32,
-                       "DW": i32, "KH": "constexpr", "KW": "constexpr", "MINIMUM": "constexpr", "BH": "constexpr",
-                       "BW": "constexpr"}
-                specs.append(AotSpec(_max_pool_fwd_tile_kernel, sig, {**fwd_tile, "MINIMUM": code}, num_warps=owarps,
-                                     label=f"tiled {mode} {geo} {dt} {obh}x{obw}"))
+                for store in (True, False):
+                    sig = {"x_ptr": f"*{dt}", "y_ptr": f"*{dt}", "i_ptr": "*i64" if store else f"*{dt}", **plane, **strides,
+                           **sp, "DH": i32, "DW": i32, "KH": "constexpr", "KW": "constexpr", "MINIMUM": "constexpr",
+                           "BH": "constexpr", "BW": "constexpr", "STORE_IDX": "constexpr"}
+                    specs.append(AotSpec(_max_pool_fwd_tile_kernel, sig, {**fwd_tile, "MINIMUM": code, "STORE_IDX": store},
+                                         num_warps=owarps,
+                                         label=f"tiled {mode} {geo} {dt} {obh}x{obw}" + ("" if store else " values only")))
             sig = {"x_ptr": f"*{dt}", "y_ptr": f"*{dt}", **plane, **strides, **sp, "COUNT_PAD": i32, "DIVISOR": i32,
                    "KH": "constexpr", "KW": "constexpr", "BH": "constexpr", "BW": "constexpr"}
             specs.append(AotSpec(_avg_pool_fwd_tile_kernel, sig, fwd_tile, num_warps=owarps,
