@@ -4,8 +4,9 @@ CPU (2-core machine): max_pool2d 3x3/2 forward+backward at N=16 C=32 32x32, the 
 fallback (through ``gpu_nn.functional`` with the reference backend) against torch CPU.
 
 GPU (issue 5): max_pool2d 3x3/2 (padding 1, ResNet's stem pool) on 32x64x112x112, torch
-(cuDNN/ATen) against our Triton and CUDA C kernels, forward (values + int64 indices, as a
-training forward writes them) and forward+backward; GB/s against the bytes each call must move,
+(cuDNN/ATen) against our Triton and CUDA C kernels, forward for inference (no indices wanted:
+ours writes the values alone, torch's CUDA kernel its indices as well), forward (values + int64
+indices, as a training forward writes them) and forward+backward; GB/s against the bytes each call must move,
 plus a torch copy of the same tensor as the measured copy bandwidth ("% of copy" = pool GB/s /
 copy GB/s).
 """
@@ -38,17 +39,21 @@ def _fwd_bwd(pool, backend, make, padding=1):
     return setup
 
 
-def _fwd(pool, backend, make):
+def _fwd(pool, backend, make, indices=True):
+    """``indices`` False: an inference call (no return_indices, an input needing no gradient):
+    ours writes the values alone, torch's CUDA kernel its indices too."""
+    kw = {"return_indices": True} if indices else {}
+
     def setup():
         nxt = harness.rotating(make)
 
         def run():
             x, _ = nxt()
             if backend is None:
-                pool(x, 3, 2, 1, return_indices=True)
+                pool(x, 3, 2, 1, **kw)
             else:
                 with gpu_nn.backend(backend):
-                    pool(x, 3, 2, 1, return_indices=True)
+                    pool(x, 3, 2, 1, **kw)
         return run
     return setup
 
@@ -101,6 +106,11 @@ def cases(device: str, quick: bool) -> list[harness.Case]:
             {"torch": _fwd(TF.max_pool2d, None, make), "triton": _fwd(F.max_pool2d, "triton", make),
              "cupy": _fwd(F.max_pool2d, "cupy", make)},
             device=device, bytes=n_in * es + n_out * (es + 8)))
+        out.append(harness.Case(
+            "pool", "max_pool2d 3x3/2 p1 fwd (inference)", tag,
+            {"torch": _fwd(TF.max_pool2d, None, make, False), "triton": _fwd(F.max_pool2d, "triton", make, False),
+             "cupy": _fwd(F.max_pool2d, "cupy", make, False)},
+            device=device, bytes=n_in * es + n_out * es))  # what ours moves; torch's also writes indices
         # backward reads g and the indices, writes d input
         out.append(harness.Case(
             "pool", "max_pool2d 3x3/2 p1 fwd+bwd", tag,
