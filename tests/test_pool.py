@@ -483,32 +483,23 @@ static void avg_bwd_t(const float* g, float* dx, long long P, long long H, long 
                 dx[(pl * H + ih) * W + iw] = gn_avg_gather<float, I>(g + pl * OH * OW, (I)ih, (I)iw, (I)H, (I)W, (I)OH, (I)OW,
                                                                      KH, KW, SH, SW, PH, PW, cp, dv);
 }
-#define GN_EXPORT(name, I, ...) { name##_t<I>(__VA_ARGS__); }
+// each entry point twice from one parameter list: <name> with long long indices, <name>32 with int
+#define GN_PAIR(name, PARAMS, ARGS) \
+    void name PARAMS { name##_t<long long> ARGS; } \
+    void name##32 PARAMS { name##_t<int> ARGS; }
 extern "C" {
-void max_fwd(const float* x, float* y, long long* idx, long long P, long long H, long long W, long long OH, long long OW,
-             int KH, int KW, int SH, int SW, int PH, int PW, int DH, int DW, int m)
-    GN_EXPORT(max_fwd, long long, x, y, idx, P, H, W, OH, OW, KH, KW, SH, SW, PH, PW, DH, DW, m)
-void max_fwd32(const float* x, float* y, long long* idx, long long P, long long H, long long W, long long OH, long long OW,
-               int KH, int KW, int SH, int SW, int PH, int PW, int DH, int DW, int m)
-    GN_EXPORT(max_fwd, int, x, y, idx, P, H, W, OH, OW, KH, KW, SH, SW, PH, PW, DH, DW, m)
-void avg_fwd(const float* x, float* y, long long P, long long H, long long W, long long OH, long long OW,
-             int KH, int KW, int SH, int SW, int PH, int PW, int cp, int dv)
-    GN_EXPORT(avg_fwd, long long, x, y, P, H, W, OH, OW, KH, KW, SH, SW, PH, PW, cp, dv)
-void avg_fwd32(const float* x, float* y, long long P, long long H, long long W, long long OH, long long OW,
-               int KH, int KW, int SH, int SW, int PH, int PW, int cp, int dv)
-    GN_EXPORT(avg_fwd, int, x, y, P, H, W, OH, OW, KH, KW, SH, SW, PH, PW, cp, dv)
-void max_bwd(const float* g, const long long* idx, float* dx, long long P, long long H, long long W, long long OH, long long OW,
-             int KH, int KW, int SH, int SW, int PH, int PW, int DH, int DW)
-    GN_EXPORT(max_bwd, long long, g, idx, dx, P, H, W, OH, OW, KH, KW, SH, SW, PH, PW, DH, DW)
-void max_bwd32(const float* g, const long long* idx, float* dx, long long P, long long H, long long W, long long OH, long long OW,
-               int KH, int KW, int SH, int SW, int PH, int PW, int DH, int DW)
-    GN_EXPORT(max_bwd, int, g, idx, dx, P, H, W, OH, OW, KH, KW, SH, SW, PH, PW, DH, DW)
-void avg_bwd(const float* g, float* dx, long long P, long long H, long long W, long long OH, long long OW,
-             int KH, int KW, int SH, int SW, int PH, int PW, int cp, int dv)
-    GN_EXPORT(avg_bwd, long long, g, dx, P, H, W, OH, OW, KH, KW, SH, SW, PH, PW, cp, dv)
-void avg_bwd32(const float* g, float* dx, long long P, long long H, long long W, long long OH, long long OW,
-               int KH, int KW, int SH, int SW, int PH, int PW, int cp, int dv)
-    GN_EXPORT(avg_bwd, int, g, dx, P, H, W, OH, OW, KH, KW, SH, SW, PH, PW, cp, dv)
+GN_PAIR(max_fwd, (const float* x, float* y, long long* idx, long long P, long long H, long long W, long long OH,
+                  long long OW, int KH, int KW, int SH, int SW, int PH, int PW, int DH, int DW, int m),
+        (x, y, idx, P, H, W, OH, OW, KH, KW, SH, SW, PH, PW, DH, DW, m))
+GN_PAIR(avg_fwd, (const float* x, float* y, long long P, long long H, long long W, long long OH, long long OW,
+                  int KH, int KW, int SH, int SW, int PH, int PW, int cp, int dv),
+        (x, y, P, H, W, OH, OW, KH, KW, SH, SW, PH, PW, cp, dv))
+GN_PAIR(max_bwd, (const float* g, const long long* idx, float* dx, long long P, long long H, long long W, long long OH,
+                  long long OW, int KH, int KW, int SH, int SW, int PH, int PW, int DH, int DW),
+        (g, idx, dx, P, H, W, OH, OW, KH, KW, SH, SW, PH, PW, DH, DW))
+GN_PAIR(avg_bwd, (const float* g, float* dx, long long P, long long H, long long W, long long OH, long long OW,
+                  int KH, int KW, int SH, int SW, int PH, int PW, int cp, int dv),
+        (g, dx, P, H, W, OH, OW, KH, KW, SH, SW, PH, PW, cp, dv))
 long long out_size(long long L, int k, int s, int p, int d, int c) { return gn_pool_out_size(L, k, s, p, d, c); }
 }
 """

@@ -429,19 +429,24 @@ def _pick(op: str, key, run, choose, cfg, rows: int, cols: int, flat_only: bool,
     return tuple(choose(op, key(), cands, run, cands[0])) if len(cands) > 1 else cands[0]
 
 
+def _facts(inp, out, written) -> tuple:
+    """``(N, C, H, W, OH, OW, wide, cl)`` of a launch over input-shaped ``inp`` and output-shaped
+    ``out`` that writes ``written`` (whose layout, channels_last or not, is the launch's)."""
+    N, C, H, W = inp.shape
+    OH, OW = out.shape[-2:]
+    return N, C, H, W, OH, OW, _wide(inp, out), channels_last(written)
+
+
 def max_pool2d_forward(x, y, idx, k, s, p, d, minimum: bool, interpret: bool, choose=None, cfg=None) -> None:
     """y, idx ``[N, C, OH, OW]`` (both contiguous, or both channels_last) = max (min) pooling of
     x ``[N, C, H, W]`` (any strides); ``idx`` None: the values only.
 
     ``choose``: None (the heuristic) or a measuring chooser (``gpu_nn._tuning.choose`` bound to
     the device) between the flat and the tiled kernel (:func:`forms`); ``cfg`` forces one (tests)."""
-    N, C, H, W = x.shape
-    OH, OW = y.shape[-2:]
     total = y.numel()
     if total == 0:
         return
-    wide = _wide(x, y)
-    cl = channels_last(y)
+    N, C, H, W, OH, OW, wide, cl = _facts(x, y, y)
 
     def run(c):
         if c[0] == TILE:
@@ -465,13 +470,10 @@ def avg_pool2d_forward(x, y, k, s, p, ceil_mode, count_include_pad, divisor, int
                        cfg=None) -> None:
     """y ``[N, C, OH, OW]`` (contiguous or channels_last) = average pooling of x ``[N, C, H, W]``
     (any strides); ``choose`` / ``cfg`` as :func:`max_pool2d_forward`."""
-    N, C, H, W = x.shape
-    OH, OW = y.shape[-2:]
     total = y.numel()
     if total == 0:
         return
-    wide = _wide(x, y)
-    cl = channels_last(y)
+    N, C, H, W, OH, OW, wide, cl = _facts(x, y, y)
 
     def run(c):
         if c[0] == TILE:
@@ -499,13 +501,10 @@ def windows_covering(k: int, s: int, d: int) -> int:
 def max_pool2d_backward(g, idx, dx, k, s, p, d, interpret: bool, choose=None, cfg=None) -> None:
     """dx ``[N, C, H, W]`` from g and saved idx ``[N, C, OH, OW]`` (all contiguous, or all three
     channels_last); ``choose`` / ``cfg`` as :func:`max_pool2d_forward`."""
-    N, C, H, W = dx.shape
-    OH, OW = g.shape[-2:]
     total = dx.numel()
     if total == 0:
         return
-    wide = _wide(dx, g)
-    cl = channels_last(dx)
+    N, C, H, W, OH, OW, wide, cl = _facts(dx, g, dx)
 
     def run(c):
         if c[0] == TILE:
@@ -526,13 +525,10 @@ def max_pool2d_backward(g, idx, dx, k, s, p, d, interpret: bool, choose=None, cf
 def avg_pool2d_backward(g, dx, k, s, p, count_include_pad, divisor, interpret: bool, choose=None, cfg=None) -> None:
     """dx ``[N, C, H, W]`` from g ``[N, C, OH, OW]`` (both contiguous, or both channels_last);
     ``choose`` / ``cfg`` as :func:`max_pool2d_forward`."""
-    N, C, H, W = dx.shape
-    OH, OW = g.shape[-2:]
     total = dx.numel()
     if total == 0:
         return
-    wide = _wide(dx, g)
-    cl = channels_last(dx)
+    N, C, H, W, OH, OW, wide, cl = _facts(dx, g, dx)
 
     def run(c):
         if c[0] == TILE:
