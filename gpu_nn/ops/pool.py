@@ -821,10 +821,12 @@ def _max1d_public(op, input, kernel_size, stride, padding, dilation, ceil_mode, 
 def _need_indices(input: Tensor, return_indices: bool) -> bool:
     """Whether anything will read a max pooling's indices: the caller (return_indices), or a
     backward (grad mode on and the input requiring a gradient, or a functorch transform, whose
-    wrapped tensors autograd differentiates whatever requires_grad says). Under torch.compile the
-    indices are always made (the compiled graph's backward decides later)."""
-    return (return_indices or torch.compiler.is_compiling() or _C._are_functorch_transforms_active()
-            or (_C.is_grad_enabled() and input.requires_grad))
+    wrapped tensors autograd differentiates whatever requires_grad says). Under torch.compile and
+    torch.jit.trace the indices are always made: the graph they record serves later calls in any
+    grad mode (a trace bakes the flag in as a constant, and its check run, without grad, would
+    otherwise record another graph)."""
+    return (return_indices or torch.compiler.is_compiling() or _C._get_tracing_state() is not None
+            or _C._are_functorch_transforms_active() or (_C.is_grad_enabled() and input.requires_grad))
 
 
 def max_pool2d(input: Tensor, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
