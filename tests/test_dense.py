@@ -1352,3 +1352,50 @@ def test_softmax_layout_is_torchs(backend, device, name, rng):
             assert dx.stride() == dxt.stride(), (dim, dx.stride(), dxt.stride())
             assert_close(y, yt, dtype, k=x.shape[dim], what=f"{name} dim {dim}")
             assert_close(dx, dxt, dtype, k=x.shape[dim], what=f"{name} dim {dim} grad")
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("triton",)))
+@pytest.mark.parametrize("name", SOFTMAX)
+def test_softmax_middle_dim_in_place(backend, device, name, rng, monkeypatch):
+    """A softmax over a dim other than the last of a contiguous tensor runs in place on the
+    middle-dim kernels (no transpose to rows and back): against float64 torch on the same rounded
+    inputs, at most twice torch's own error, with logits whose exp overflows, and torch's NaN
+    placement where a column holds NaN, +inf or only -inf (the interpreter's small tiles loop
+    over C and over several inner blocks)."""
+    from gpu_nn.kernels.triton import dense as kd
+
+    ours, theirs = SOFTMAX[name]
+    launched = []
+    real = kd.launch_kernel
+    monkeypatch.setattr(kd, "launch_kernel", lambda k, *a, **kw: launched.append(k.__name__) or real(k, *a, **kw))
+    for shape, dim in (((2, 9, 3, 5), 1), ((11, 3, 7), 0), ((2, 3, 6, 4), -2)):
+        for dtype in gpu_dtypes_for(backend, device):
+            z = randn(rng, *shape)
+            x = (3e4 + 10 * z).to(dtype)  # exp overflows without the max subtraction
+            xs = x.clone()
+            cols = xs.movedim(dim, -1).reshape(-1, shape[dim])  # a view: each row is one softmax
+            cols[0, 1] = float("nan")
+            cols[1, 0] = float("inf")
+            cols[2] = float("-inf")
+            for inp in (x, xs):
+                xg = inp.to(device).requires_grad_()
+                launched.clear()
+                with gpu_nn.backend(backend):
+                    y = ours(xg, dim)
+                    g = randn(rng, *y.shape).to(device=device, dtype=dtype)
+                    (gx,) = torch.autograd.grad(y, xg, g)
+                assert launched == ["_softmax_fwd_mid_kernel", "_softmax_bwd_mid_kernel"], launched
+                xt = inp.clone().requires_grad_()
+                yt = theirs(xt, dim)
+                (gt,) = torch.autograd.grad(yt, xt, g.cpu())
+                assert torch.equal(torch.isnan(y.cpu()), torch.isnan(yt)), f"{name} {dtype}: NaN placement"
+                assert torch.equal(torch.isnan(gx.cpu()), torch.isnan(gt)), f"{name} {dtype}: gradient NaN placement"
+                fin = ~torch.isnan(yt)
+                x64 = inp.double().requires_grad_()
+                y64 = theirs(x64, dim)
+                (g64,) = torch.autograd.grad(y64, x64, g.cpu().double())
+                if inp is x:  # all finite: the error bound of the large-logits test
+                    assert_like_torch(y, yt, y64, dtype, k=shape[dim], what=f"{name} {dtype}")
+                    assert_like_torch(gx, gt, g64, dtype, k=shape[dim], what=f"{name} backward {dtype}")
+                else:
+                    assert_close(y.cpu()[fin], y64.detach()[fin], dtype, k=shape[dim], what=f"{name} {dtype} finite columns")

@@ -350,6 +350,19 @@ def _linear_general_bias(input: Tensor, w: Tensor, bias: Tensor, activation) -> 
 # =========================================================================== softmax / log_softmax
 
 
+def _mid_shape(t: Tensor, dim: int):
+    """``(outer, C, inner)`` of a contiguous ``t`` seen as [outer, C, inner] around ``dim`` (C its
+    size), for the middle-dim softmax kernels; None where ``t`` is not contiguous or has no dims."""
+    if t.dim() == 0 or not t.is_contiguous():
+        return None
+    shape = t.shape
+    inner = 1
+    for n in shape[dim + 1:] if dim >= 0 else shape[t.dim() + dim + 1:]:
+        inner *= n
+    C = shape[dim]
+    return t.numel() // max(C * inner, 1), C, inner
+
+
 def _softmax_forward(x: Tensor, dim: int, log: bool) -> Tensor:
     """softmax / log_softmax of x over ``dim`` (any shape); result in x's dtype."""
     name = "log_softmax" if log else "softmax"
@@ -366,6 +379,11 @@ def _softmax_forward(x: Tensor, dim: int, log: bool) -> Tensor:
     if dim == x.dim() - 1 and x.is_contiguous():  # rows already in place: no view, no copy
         y = empty(shape, dtype=x.dtype, device=x.device)
         kd.softmax_fwd_rows(x, y, x.numel() // shape[-1], shape[-1], log, ktriton.INTERPRET)
+        return y
+    mid = _mid_shape(x, dim)
+    if mid is not None and kd.mid_ok(*mid):  # another dim of a contiguous tensor: in place, strided
+        y = empty(shape, dtype=x.dtype, device=x.device)
+        kd.softmax_fwd_mid(x, y, *mid, log, ktriton.INTERPRET)
         return y
     if x.dim() == 0:
         x = x.reshape(1)
@@ -395,6 +413,11 @@ def _softmax_backward(grad: Tensor, out: Tensor, dim: int, log: bool) -> Tensor:
     if dim == grad.dim() - 1 and grad.is_contiguous() and out.is_contiguous():  # rows in place
         dx = empty(shape, dtype=grad.dtype, device=grad.device)
         kd.softmax_bwd_rows(grad, out, dx, grad.numel() // shape[-1], shape[-1], log, ktriton.INTERPRET)
+        return dx
+    mid = _mid_shape(grad, dim) if out.is_contiguous() else None
+    if mid is not None and kd.mid_ok(*mid):
+        dx = empty(shape, dtype=grad.dtype, device=grad.device)
+        kd.softmax_bwd_mid(grad, out, dx, *mid, log, ktriton.INTERPRET)
         return dx
     if grad.dim() == 0:
         grad, out = grad.reshape(1), out.reshape(1)

@@ -584,6 +584,118 @@ def _softmax_bwd_kernel(g_ptr, y_ptr, dx_ptr, n_cols, LOG: tl.constexpr, SINGLE:
             tl.store(dx_ptr + base + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _softmax_fwd_mid_kernel(x_ptr, y_ptr, C, INNER, LOG: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_I: tl.constexpr):
+    """softmax / log_softmax over the middle dim of a contiguous [outer, C, INNER] tensor (a
+    softmax over dim d of a contiguous tensor: C its size, INNER the product of the dims after
+    it), in place, without the transpose to rows and back: program (i, o) takes BLOCK_I
+    consecutive inner positions of outer index o, lanes along the contiguous inner dim, and runs
+    :func:`_row_stats`'s online pass over C in [BLOCK_C, BLOCK_I] tiles (the same per-lane
+    arithmetic, so the same NaN / inf placement), then writes."""
+    o = tl.program_id(1).to(tl.int64)
+    offs_i = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
+    mi = offs_i < INNER
+    base = o * C * INNER
+    m_vec = tl.full((BLOCK_C, BLOCK_I), float("-inf"), tl.float32)
+    s_vec = tl.zeros((BLOCK_C, BLOCK_I), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cs = c0 + tl.arange(0, BLOCK_C)
+        msk = (cs < C)[:, None] & mi[None, :]
+        off = base + cs[:, None].to(tl.int64) * INNER + offs_i[None, :]
+        x = tl.load(x_ptr + off, mask=msk, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m_vec, x, propagate_nan=tl.PropagateNan.ALL)
+        s_vec = tl.where(m_new == float("-inf"), 0.0, s_vec * tl.exp(m_vec - m_new) + tl.exp(x - m_new))
+        m_vec = m_new
+    m = tl.max(m_vec, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    s = tl.sum(s_vec * tl.exp(m_vec - m_safe[None, :]), 0)
+    log_s = tl.where(m == float("-inf"), float("nan"), tl.log(s))
+    for c0 in range(0, C, BLOCK_C):
+        cs = c0 + tl.arange(0, BLOCK_C)
+        msk = (cs < C)[:, None] & mi[None, :]
+        off = base + cs[:, None].to(tl.int64) * INNER + offs_i[None, :]
+        x = tl.load(x_ptr + off, mask=msk, other=0.0).to(tl.float32)
+        if LOG:
+            y = (x - m[None, :]) - log_s[None, :]
+        else:
+            y = tl.exp((x - m[None, :]) - log_s[None, :])
+        tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=msk)
+
+
+@triton.jit
+def _softmax_bwd_mid_kernel(g_ptr, y_ptr, dx_ptr, C, INNER, LOG: tl.constexpr, BLOCK_C: tl.constexpr,
+                            BLOCK_I: tl.constexpr):
+    """:func:`_softmax_bwd_kernel` over the middle dim of contiguous [outer, C, INNER] tensors
+    (as :func:`_softmax_fwd_mid_kernel`): the sum over C, then dx."""
+    o = tl.program_id(1).to(tl.int64)
+    offs_i = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
+    mi = offs_i < INNER
+    base = o * C * INNER
+    acc = tl.zeros((BLOCK_C, BLOCK_I), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cs = c0 + tl.arange(0, BLOCK_C)
+        msk = (cs < C)[:, None] & mi[None, :]
+        off = base + cs[:, None].to(tl.int64) * INNER + offs_i[None, :]
+        g = tl.load(g_ptr + off, mask=msk, other=0.0).to(tl.float32)
+        if LOG:
+            acc += g
+        else:
+            acc += g * tl.load(y_ptr + off, mask=msk, other=0.0).to(tl.float32)
+    total = tl.sum(acc, 0)
+    for c0 in range(0, C, BLOCK_C):
+        cs = c0 + tl.arange(0, BLOCK_C)
+        msk = (cs < C)[:, None] & mi[None, :]
+        off = base + cs[:, None].to(tl.int64) * INNER + offs_i[None, :]
+        g = tl.load(g_ptr + off, mask=msk, other=0.0).to(tl.float32)
+        y = tl.load(y_ptr + off, mask=msk, other=0.0).to(tl.float32)
+        if LOG:
+            dx = g - tl.exp(y) * total[None, :]
+        else:
+            dx = y * (g - total[None, :])
+        tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=msk)
+
+
+# (C, inner) of the middle-dim kernels' ahead-of-time configurations: a channel softmax of a
+# segmentation map (21 classes over 56x56), a long middle dim over pairs, and the check cases'
+MID_AOT = ((21, 56 * 56), (1000, 2), (33, 7))  # the last: gpu-nn check's "softmax dim=1" case
+MID_TILE = 2048  # elements of a [BLOCK_C, BLOCK_I] tile (two float32 tiles live at a time)
+MID_MAX_I = 128  # inner positions per program
+MID_MAX_OUTER = 65535  # grid axis 1
+
+
+def mid_config(C: int, inner: int, interpret: bool) -> tuple[int, int, int]:
+    """(BLOCK_C, BLOCK_I, num_warps) of the middle-dim kernels: BLOCK_I the inner size rounded up
+    to a power of two (at most MID_MAX_I), BLOCK_C what fills MID_TILE (at most C, rounded up);
+    small tiles under the interpreter, so that tests loop over C."""
+    if interpret:
+        return min(next_power_of_2(C), 4), min(next_power_of_2(inner), 8), 4
+    bi = min(next_power_of_2(inner), MID_MAX_I)
+    bc = min(next_power_of_2(C), max(1, MID_TILE // bi))
+    # a full tile on 8 warps: 8 elements per thread of each live float32 tile (on 4 warps the
+    # float16 softmax backward's 16 x 128 tile spilled 8 bytes in sm_90 SASS)
+    return bc, bi, 8 if bc * bi >= MID_TILE else 4
+
+
+def mid_ok(outer: int, C: int, inner: int) -> bool:
+    """Whether the middle-dim kernels take a softmax of this [outer, C, inner] shape: more than
+    one inner position (else it is a row softmax) and a grid the GPU allows."""
+    return inner > 1 and 0 < outer <= MID_MAX_OUTER and C > 0
+
+
+def softmax_fwd_mid(x, y, outer: int, C: int, inner: int, log: bool, interpret: bool) -> None:
+    """y = softmax of contiguous x viewed as [outer, C, inner] over C (see :func:`mid_ok`)."""
+    bc, bi, warps = mid_config(C, inner, interpret)
+    launch_kernel(_softmax_fwd_mid_kernel, (cdiv(inner, bi), outer), x, y, C, inner, LOG=log, BLOCK_C=bc, BLOCK_I=bi,
+                  num_warps=warps)
+
+
+def softmax_bwd_mid(g, y, dx, outer: int, C: int, inner: int, log: bool, interpret: bool) -> None:
+    """dx from g and y, contiguous, viewed as [outer, C, inner], over C."""
+    bc, bi, warps = mid_config(C, inner, interpret)
+    launch_kernel(_softmax_bwd_mid_kernel, (cdiv(inner, bi), outer), g, y, dx, C, inner, LOG=log, BLOCK_C=bc,
+                  BLOCK_I=bi, num_warps=warps)
+
+
 # single-block sizes with their warps, then the looped block for longer rows
 _SOFTMAX_SINGLE = ((128, 4), (512, 4), (2048, 8), (8192, 16))
 _SOFTMAX_LOOP = (4096, 8)
@@ -967,6 +1079,17 @@ def aot_specs():
                                                            "n_cols": "i32", "LOG": "constexpr", "SINGLE": "constexpr",
                                                            "BLOCK": "constexpr"},
                                      ce, num_warps=warps, label=lab))
+        for C, inner in MID_AOT:
+            bc, bi, warps = mid_config(C, inner, False)
+            for log in (False, True):
+                ce = {"LOG": log, "BLOCK_C": bc, "BLOCK_I": bi}
+                lab = f"{dt} {'log_' if log else ''}softmax middle dim {bc}x{bi}"
+                cx = {"LOG": "constexpr", "BLOCK_C": "constexpr", "BLOCK_I": "constexpr"}
+                specs.append(AotSpec(_softmax_fwd_mid_kernel, {"x_ptr": f"*{dt}", "y_ptr": f"*{dt}", "C": "i32",
+                                                               "INNER": "i32", **cx}, ce, num_warps=warps, label=lab))
+                specs.append(AotSpec(_softmax_bwd_mid_kernel, {"g_ptr": f"*{dt}", "y_ptr": f"*{dt}", "dx_ptr": f"*{dt}",
+                                                               "C": "i32", "INNER": "i32", **cx}, ce, num_warps=warps,
+                                     label=lab))
         for blk, warps in _CE_BLOCKS:
             for prob in (False, True):
                 tdt = dt if prob else "i64"
