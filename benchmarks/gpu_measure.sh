@@ -84,8 +84,8 @@ else
     echo "demo-compile: skipped ($(left)s left of ${BUDGET}s, it needs 60)" | tee -a "$SUMMARY"
 fi
 # the recurrent demos with every time loop in Triton's persistent launch (forward and backward; not
-# the default until measured): the same epochs, to set against demo.json's (where auto sends these
-# float32 models to the CuPy device loop), on the triton backend
+# the default until measured): the same epochs, to set against demo.json's, on the triton backend
+# named explicitly (the persistent kernels are Triton's, whatever auto picks)
 for m in lstm gru; do
     if (( $(left) >= 30 )); then
         step "demo-persistent-$m" 25 env GPU_NN_RNN_PERSISTENT=1 "${GN[@]}" demo --model "$m" --epochs 3 \

@@ -1950,48 +1950,6 @@ def test_full_lengths_made_once():
     assert torch.equal(ops._lengths_on(given, 4, 3, torch.device("cpu")), given)
 
 
-def test_auto_sequence_order_cupy_first_for_float32_on_cuda_unless_capturing(monkeypatch):
-    """``auto`` for a whole sequence (ops._seq_prefer): float32 CUDA inputs try the CuPy device
-    loop first, except while the current stream captures a CUDA graph (Triton first, as for
-    every other dtype, for CPU tensors and for the cells)."""
-    import types
-
-    capturing = [False]
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
-
-    def x(dtype, cuda):
-        return types.SimpleNamespace(dtype=dtype, is_cuda=cuda)
-
-    assert ops._seq_prefer(x(torch.float32, True)) == ("cupy", "triton")
-    for dt in (torch.float16, torch.bfloat16, torch.float64):
-        assert ops._seq_prefer(x(dt, True)) == gpu_nn._backend.GPU_BACKENDS
-    assert ops._seq_prefer(x(torch.float32, False)) == gpu_nn._backend.GPU_BACKENDS
-    capturing[0] = True
-    assert ops._seq_prefer(x(torch.float32, True)) == gpu_nn._backend.GPU_BACKENDS
-
-
-def test_auto_asks_the_sequence_order_in_forward_and_backward(monkeypatch):
-    """The sequence forward and its backward both hand ``resolve`` the order _seq_prefer gives
-    for their input (the cells keep the default order)."""
-    marker = ("cupy", "triton")
-    asked, seen = [], []
-    monkeypatch.setattr(ops, "_seq_prefer", lambda x: asked.append(x.shape) or marker)
-    resolve = gpu_nn._backend.resolve
-
-    def spy(op, device, have, prefer=gpu_nn._backend.GPU_BACKENDS):
-        seen.append((op, prefer))
-        return resolve(op, device, have, prefer)
-
-    monkeypatch.setattr(gpu_nn._backend, "resolve", spy)
-    m = gnn.LSTM(3, 4)
-    x = torch.randn(5, 2, 3, requires_grad=True)
-    with gpu_nn.backend("auto"):
-        y, _ = m(x)
-        torch.autograd.grad(y.sum(), [x])
-    assert [(op, p) for op, p in seen if op in ("lstm", "lstm_backward")] == [("lstm", marker), ("lstm_backward", marker)]
-    assert asked == [x.shape, x.shape]
-
-
 def _mixed_pairs():
     """(forward backend, backward backend, device) pairs that can run here: the reference with
     Triton (the interpreter on a CPU machine), and on a GPU also Triton with CuPy."""
@@ -2010,10 +1968,10 @@ def _mixed_pairs():
 @pytest.mark.parametrize("mode", ["lstm", "gru", "rnn_relu"])
 @pytest.mark.parametrize("fwd_backend,bwd_backend,device", _mixed_pairs())
 def test_backward_on_another_backend_reads_the_forwards_reserve(fwd_backend, bwd_backend, device, mode, rng):
-    """auto may run a sequence's forward and its backward on different backends (a CUDA graph
-    capture that takes only one of them: see ops._seq_prefer); every backend writes and reads
-    one reserve layout, so the gradients of such a pair match the float64 reference. A 2-layer
-    bidirectional stack with lengths, in float32 (TF32 off)."""
+    """Every backend writes and reads one reserve layout (reference.rnn.reserve_layout), so a
+    forward on one backend and its backward on another (a backend block around only one of
+    them, or auto choosing differently for the two) give the float64 reference's gradients. A
+    2-layer bidirectional stack with lengths, in float32 (TF32 off)."""
     T, B, I, H, L = 4, 3, 5, 7, 2
     D, G = 2, ops.GATES[mode]
     shapes = [s for l in range(L) for _ in range(D) for s in ((G * H, I if l == 0 else D * H), (G * H, H), (G * H,), (G * H,))]

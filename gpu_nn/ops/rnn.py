@@ -119,26 +119,6 @@ __all__ = [
 ]
 
 BACKENDS = ("reference", "triton", "cupy")
-# ``auto``'s order of the GPU backends for a whole float32 sequence: the CuPy backend's on-device
-# time loop first. On the H200 (2026-11-30, commit 82f8513, bench --quick, ratios to cuDNN) it was
-# the faster of the two in every float32 sequence case but two forwards (LSTM/GRU/RNN, T=50/100,
-# batch 4-64, H=256/512, fwd and fwd+bwd, 2-layer bidirectional): 0.85x-1.20x at batch 64 against
-# Triton's 2.1x-3.6x, fwd+bwd 1.04x-1.14x at batch 4 / 16 against 2.2x-2.4x; the two exceptions
-# were GRU forwards at batch 4 / 16, where Triton's persistent loop led (1.01x / 0.90x against
-# 1.18x / 0.92x). float16 / bfloat16 keep Triton first (mixed there), and so do the cells.
-# While the current stream is capturing a CUDA graph, Triton stays first: its recurrent path has
-# replayed correctly from a graph on the H200, the CuPy loop's capture has not been shown yet
-# (tests/test_cuda_graphs.py runs it explicitly). A forward and its backward may so run on
-# different backends (a capture that takes only one of them): the reserve is the same layout on
-# every backend (tests/test_rnn.py mixes them), so that is safe.
-_CUPY_FIRST = ("cupy", "triton")
-
-
-def _seq_prefer(x: Tensor) -> tuple[str, ...]:
-    """``auto``'s order of the GPU backends for a whole sequence of ``x`` (see _CUPY_FIRST)."""
-    if x.dtype is torch.float32 and x.is_cuda and not torch.cuda.is_current_stream_capturing():
-        return _CUPY_FIRST
-    return _backend.GPU_BACKENDS
 MODES = ref.MODES
 GATES = ref.GATES
 
@@ -293,7 +273,7 @@ def rnn_seq_forward(input, hx, cx, weights, mode, num_layers, bidirectional, has
     """
     op = mode
     _check_seq(op, input, hx, cx, weights, mode, num_layers, bidirectional, has_biases, lengths, dropout_masks)
-    backend = _backend.resolve(op, input.device, BACKENDS, _seq_prefer(input))
+    backend = _backend.resolve(op, input.device, BACKENDS)
     dev, dt = input.device, input.dtype
     if backend == "reference":
         D = 2 if bidirectional else 1
@@ -323,7 +303,7 @@ def rnn_seq_backward(grad_output, grad_hn, grad_cn, input, weights, reserve, mod
     size = ref.reserve_size(mode, T, B, H, num_layers, D, P)
     if reserve.numel() != size:
         raise KernelInputError(f"{op}: reserve has {reserve.numel()} elements, expected {size}")
-    backend = _backend.resolve(op, input.device, BACKENDS, _seq_prefer(input))
+    backend = _backend.resolve(op, input.device, BACKENDS)
     dev, dt = input.device, input.dtype
     if backend == "reference":
         ws = _split([to_numpy(w) for w in weights], num_layers, D, has_biases)
