@@ -141,21 +141,27 @@ def empty(shape, *, dtype: torch.dtype, device, memory_format: torch.memory_form
     element that a kernel forgets to write shows up as NaN instead of as stale memory that
     happens to be right.
     """
-    out = torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
-    if _POISON and out.is_floating_point():
-        out.fill_(float("nan"))
-    return out
-
+    return _poisoned(torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format))
 
 
 def empty_like(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """:func:`empty` laid out as ``torch.empty_like(t)`` (torch's preserve_format: ``t``'s own
     strides where ``t`` is dense, e.g. channels_last; else dense in ``t``'s stride order), the
     layout torch's elementwise ops give their result."""
-    out = torch.empty_like(t, dtype=dtype)
+    return _poisoned(torch.empty_like(t, dtype=dtype))
+
+
+def _poisoned(out: torch.Tensor) -> torch.Tensor:
+    """``out``, NaN-filled under ``GPU_NN_POISON=1`` where it is floating point (see :func:`empty`)."""
     if _POISON and out.is_floating_point():
         out.fill_(float("nan"))
     return out
+
+
+def dense_channels_last(t: torch.Tensor) -> bool:
+    """Whether ``t`` ([N, C, *S]) is a dense NHWC / NLC tensor and not also a contiguous one: the
+    layout torch keeps for convolution and pooling results (and their input gradients)."""
+    return not t.is_contiguous() and t.permute(0, *range(2, t.dim()), 1).is_contiguous()
 
 
 def same_dense_layout(a: torch.Tensor, b: torch.Tensor) -> bool:

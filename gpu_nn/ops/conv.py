@@ -40,6 +40,7 @@ from ._dispatch import (
     autocast_inputs, check_float, check_same, empty, from_numpy, is_int, memo, plain_arg, routed, to_numpy, triton_kernels,
 )
 from ._dispatch import chooser as _chooser  # module-level name: tests replace it
+from ._dispatch import dense_channels_last as _dense_channels_last
 
 __all__ = ["conv1d", "conv2d"]
 
@@ -469,11 +470,6 @@ def _channels_last_like(t: Tensor) -> bool:
             return False
         lo = strides[d] * sizes[d] if sizes[d] > 1 else strides[d]
     return True
-
-
-def _dense_channels_last(t: Tensor) -> bool:
-    """Whether ``t`` ([N, C, *S]) is a dense NHWC / NLC tensor and not also a contiguous one."""
-    return not t.is_contiguous() and t.permute(0, *range(2, t.dim()), 1).is_contiguous()
 
 
 def _alloc(shape, fmt: torch.memory_format, new) -> Tensor:

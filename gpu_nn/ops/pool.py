@@ -35,6 +35,9 @@ from ..check import CheckCase
 from ..reference import pool as ref
 from ._dispatch import check_float, cuda_kernels, empty, from_numpy, is_int, memo, plain_arg, routed, to_numpy, triton_kernels
 from ._dispatch import chooser as _chooser  # module-level name: tests replace it
+# a channels_last input (dense NHWC, not also contiguous): torch's pooling then returns
+# channels_last values, indices and input gradient, as ours do
+from ._dispatch import dense_channels_last as _channels_last
 
 __all__ = ["max_pool1d", "max_pool2d", "avg_pool1d", "avg_pool2d", "min_pool1d", "min_pool2d"]
 
@@ -342,12 +345,6 @@ def _max_fwd_geometry(op: str, x: Tensor, kernel_size, stride, padding, dilation
 _C = torch._C
 _CL = torch.channels_last
 _CONTIG = torch.contiguous_format
-
-
-def _channels_last(t: Tensor) -> bool:
-    """A 4-D tensor laid out channels_last and not also contiguous: torch's pooling then returns
-    channels_last results (values, indices and the input's gradient), as ours do."""
-    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=_CL)
 
 
 def _as_format(t: Tensor, cl: bool) -> Tensor:
