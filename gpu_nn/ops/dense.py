@@ -355,12 +355,9 @@ def _mid_shape(t: Tensor, dim: int):
     size), for the middle-dim softmax kernels; None where ``t`` is not contiguous or has no dims."""
     if t.dim() == 0 or not t.is_contiguous():
         return None
-    shape = t.shape
-    inner = 1
-    for n in shape[dim + 1:] if dim >= 0 else shape[t.dim() + dim + 1:]:
-        inner *= n
-    C = shape[dim]
-    return t.numel() // max(C * inner, 1), C, inner
+    d = dim % t.dim()
+    inner = math.prod(t.shape[d + 1:])
+    return math.prod(t.shape[:d]), t.shape[d], inner
 
 
 def _softmax_forward(x: Tensor, dim: int, log: bool) -> Tensor:

@@ -585,6 +585,14 @@ def _softmax_bwd_kernel(g_ptr, y_ptr, dx_ptr, n_cols, LOG: tl.constexpr, SINGLE:
 
 
 @triton.jit
+def _mid_tile(base, c0, C, INNER, offs_i, mi, BLOCK_C: tl.constexpr):
+    """(offsets, mask) of the [BLOCK_C, BLOCK_I] tile at channels c0.. of the middle-dim kernels:
+    element (c, i) of outer index o at o * C * INNER (``base``) + c * INNER + i."""
+    cs = c0 + tl.arange(0, BLOCK_C)
+    return base + cs[:, None].to(tl.int64) * INNER + offs_i[None, :], (cs < C)[:, None] & mi[None, :]
+
+
+@triton.jit
 def _softmax_fwd_mid_kernel(x_ptr, y_ptr, C, INNER, LOG: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_I: tl.constexpr):
     """softmax / log_softmax over the middle dim of a contiguous [outer, C, INNER] tensor (a
     softmax over dim d of a contiguous tensor: C its size, INNER the product of the dims after
@@ -599,9 +607,7 @@ def _softmax_fwd_mid_kernel(x_ptr, y_ptr, C, INNER, LOG: tl.constexpr, BLOCK_C: 
     m_vec = tl.full((BLOCK_C, BLOCK_I), float("-inf"), tl.float32)
     s_vec = tl.zeros((BLOCK_C, BLOCK_I), dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
-        cs = c0 + tl.arange(0, BLOCK_C)
-        msk = (cs < C)[:, None] & mi[None, :]
-        off = base + cs[:, None].to(tl.int64) * INNER + offs_i[None, :]
+        off, msk = _mid_tile(base, c0, C, INNER, offs_i, mi, BLOCK_C)
         x = tl.load(x_ptr + off, mask=msk, other=float("-inf")).to(tl.float32)
         m_new = tl.maximum(m_vec, x, propagate_nan=tl.PropagateNan.ALL)
         s_vec = tl.where(m_new == float("-inf"), 0.0, s_vec * tl.exp(m_vec - m_new) + tl.exp(x - m_new))
@@ -611,9 +617,7 @@ def _softmax_fwd_mid_kernel(x_ptr, y_ptr, C, INNER, LOG: tl.constexpr, BLOCK_C: 
     s = tl.sum(s_vec * tl.exp(m_vec - m_safe[None, :]), 0)
     log_s = tl.where(m == float("-inf"), float("nan"), tl.log(s))
     for c0 in range(0, C, BLOCK_C):
-        cs = c0 + tl.arange(0, BLOCK_C)
-        msk = (cs < C)[:, None] & mi[None, :]
-        off = base + cs[:, None].to(tl.int64) * INNER + offs_i[None, :]
+        off, msk = _mid_tile(base, c0, C, INNER, offs_i, mi, BLOCK_C)
         x = tl.load(x_ptr + off, mask=msk, other=0.0).to(tl.float32)
         if LOG:
             y = (x - m[None, :]) - log_s[None, :]
@@ -633,9 +637,7 @@ def _softmax_bwd_mid_kernel(g_ptr, y_ptr, dx_ptr, C, INNER, LOG: tl.constexpr, B
     base = o * C * INNER
     acc = tl.zeros((BLOCK_C, BLOCK_I), dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
-        cs = c0 + tl.arange(0, BLOCK_C)
-        msk = (cs < C)[:, None] & mi[None, :]
-        off = base + cs[:, None].to(tl.int64) * INNER + offs_i[None, :]
+        off, msk = _mid_tile(base, c0, C, INNER, offs_i, mi, BLOCK_C)
         g = tl.load(g_ptr + off, mask=msk, other=0.0).to(tl.float32)
         if LOG:
             acc += g
@@ -643,9 +645,7 @@ def _softmax_bwd_mid_kernel(g_ptr, y_ptr, dx_ptr, C, INNER, LOG: tl.constexpr, B
             acc += g * tl.load(y_ptr + off, mask=msk, other=0.0).to(tl.float32)
     total = tl.sum(acc, 0)
     for c0 in range(0, C, BLOCK_C):
-        cs = c0 + tl.arange(0, BLOCK_C)
-        msk = (cs < C)[:, None] & mi[None, :]
-        off = base + cs[:, None].to(tl.int64) * INNER + offs_i[None, :]
+        off, msk = _mid_tile(base, c0, C, INNER, offs_i, mi, BLOCK_C)
         g = tl.load(g_ptr + off, mask=msk, other=0.0).to(tl.float32)
         y = tl.load(y_ptr + off, mask=msk, other=0.0).to(tl.float32)
         if LOG:
