@@ -6,8 +6,9 @@ the reference backend) against torch CPU, float32.
 
 GPU: linear forward and forward+backward at 8192x4096 -> 4096 in float32 and bfloat16 (TFLOP/s
 against 2 M N K per product: 1 product forward, 3 forward+backward), softmax forward and
-cross_entropy forward+backward on 32768 x 32000 logits in bfloat16 (GB/s against the bytes each
-call must move at least), torch against our Triton kernels.
+cross_entropy forward+backward on 32768 x 32000 logits in bfloat16 and on a float32 segmentation
+map 16x21x256x256 (classes along dim 1) (GB/s against the bytes each call must move at least),
+torch against our Triton kernels.
 """
 
 from __future__ import annotations
@@ -87,6 +88,13 @@ def _ce_inputs(M, C, device, dtype):
     return make
 
 
+def _ce_inputs_nd(N, C, spatial, device, dtype):
+    def make():
+        return (torch.randn(N, C, *spatial, device=device, dtype=dtype),
+                torch.randint(0, C, (N, *spatial), device=device))
+    return make
+
+
 def cases(device: str, quick: bool) -> list[harness.Case]:
     if device == "cpu":
         M, K, N = 256, 1024, 1024
@@ -124,6 +132,14 @@ def cases(device: str, quick: bool) -> list[harness.Case]:
         "torch": _ce_setup(ce, TF.cross_entropy, None),
         "triton": _ce_setup(ce, F.cross_entropy, "triton"),
     }, device=device, bytes=3 * R * C * el))
+    # a segmentation loss: [N, C, H, W] logits, classes along dim 1 (read where they lie, no
+    # transpose to rows and back), float32 as such heads usually run
+    N, C, H, W = 16, 21, 256, 256
+    seg = _ce_inputs_nd(N, C, (H, W), device, torch.float32)
+    out.append(harness.Case("dense", "cross_entropy fwd+bwd", f"{N}x{C}x{H}x{W} dim 1 fp32", {
+        "torch": _ce_setup(seg, TF.cross_entropy, None),
+        "triton": _ce_setup(seg, F.cross_entropy, "triton"),
+    }, device=device, bytes=3 * N * C * H * W * 4 + 2 * N * H * W * 8))
     return out
 
 

@@ -333,6 +333,16 @@ def extra_dense(rng, monkeypatch, rec):
                 for wt in (None, w):
                     _fwd_bwd(F.cross_entropy(x, prob, weight=wt))
                     _fwd_bwd(F.cross_entropy(x, prob.clone().requires_grad_(True), weight=wt))
+            # the middle-dim kernels ([N, C, d...] logits as they lie): every option
+            x = _t(rng, 2, 5, 40, dtype=dt)
+            w = torch.rand(5, dtype=torch.float64).to(dt) + 0.5
+            idx = torch.from_numpy(rng.integers(0, 5, (2, 40)))
+            prob = torch.softmax(torch.randn(2, 5, 40, dtype=torch.float64), 1).to(dt)
+            for wt in (None, w):
+                for red in ("mean", "none"):
+                    _fwd_bwd(F.cross_entropy(x, idx, weight=wt, reduction=red))
+                _fwd_bwd(F.cross_entropy(x, prob, weight=wt))
+                _fwd_bwd(F.cross_entropy(x, prob.clone().requires_grad_(True), weight=wt, reduction="none"))
     # float32 matmuls with TF32 allowed, every activation, with and without bias
     from gpu_nn.ops import dense as ops
 

@@ -1399,3 +1399,79 @@ def test_softmax_middle_dim_in_place(backend, device, name, rng, monkeypatch):
                     assert_like_torch(gx, gt, g64, dtype, k=shape[dim], what=f"{name} backward {dtype}")
                 else:
                     assert_close(y.cpu()[fin], y64.detach()[fin], dtype, k=shape[dim], what=f"{name} {dtype} finite columns")
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("triton",)))
+@pytest.mark.parametrize("shape,prob,weight,reduction,smoothing", [
+    ((2, 5, 8, 9), False, False, "mean", 0.0),
+    ((2, 5, 8, 9), False, True, "none", 0.2),
+    ((3, 7, 33), False, True, "mean", 0.1),
+    ((1, 6, 40), False, False, "sum", 0.3),
+    ((2, 5, 8, 9), True, True, "mean", 0.2),
+    ((3, 7, 33), True, False, "none", 0.0),
+])
+def test_cross_entropy_middle_dim_in_place(backend, device, shape, prob, weight, reduction, smoothing, rng,
+                                           monkeypatch):
+    """Cross entropy over contiguous [N, C, d...] logits runs on the middle-dim kernels (no
+    transpose to rows and back: the gradient is written in the logits' layout): every option
+    against the float64 reference, gradients of the logits and of probability targets included
+    (the interpreter's small tiles loop over C and over several inner blocks)."""
+    from gpu_nn.kernels.triton import dense as kd
+
+    launched = []
+    real = kd.launch_kernel
+    monkeypatch.setattr(kd, "launch_kernel", lambda k, *a, **kw: launched.append(k.__name__) or real(k, *a, **kw))
+    for dtype in gpu_dtypes_for(backend, device):
+        x, t, w = _ce_inputs(rng, shape, prob, weight, None if prob else 4)
+        kw = dict(reduction=reduction, label_smoothing=smoothing)
+        if not prob:
+            kw["ignore_index"] = 4
+        launched.clear()
+        e = _check_backend(lambda x, t, w: F.cross_entropy(x, t, w, **kw), [x, t, w], [0, 1] if prob else [0], dtype,
+                           device, backend, k=x.numel(), what=f"cross_entropy middle dim {shape} prob={prob}")
+        mids = [k for k in launched if k.startswith("_ce_") and k not in ("_ce_reduce_kernel", "_ce_target_check_kernel")]
+        assert mids == ["_ce_fwd_mid_kernel", "_ce_bwd_mid_kernel"], launched
+        KERNEL_ERR[(backend, "cross_entropy", str(dtype))] = max(KERNEL_ERR.get((backend, "cross_entropy", str(dtype)), 0), e)
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("triton",)))
+@pytest.mark.parametrize("prob", [False, True])
+def test_cross_entropy_middle_dim_nonfinite_like_torch(backend, device, prob, rng):
+    """The middle-dim kernels place NaN as torch does: a position whose logits hold a NaN or a
+    +inf, or are all -inf, has a NaN loss and gradient, and a NaN reaches a 'mean' (here 'none'
+    then 'mean' of the same inputs); the other positions stay finite and match float64 torch."""
+    shape = (2, 5, 36)
+    x, t, _ = _ce_inputs(rng, shape, prob, False, None)
+    x = x.float()
+    t = t.float() if prob else t
+    x[0, 1, 3] = float("nan")
+    x[1, 0, 7] = float("inf")
+    x[0, :, 11] = float("-inf")
+    for reduction in ("none", "mean"):
+        xg = x.clone().to(device).requires_grad_()
+        with gpu_nn.backend(backend):
+            y = F.cross_entropy(xg, t.to(device), reduction=reduction)
+            (gx,) = torch.autograd.grad(y.sum(), xg)
+        xt = x.clone().requires_grad_()
+        yt = TF.cross_entropy(xt, t, reduction=reduction)
+        (gt,) = torch.autograd.grad(yt.sum(), xt)
+        assert torch.equal(torch.isnan(y.cpu()), torch.isnan(yt)), reduction
+        assert torch.equal(torch.isnan(gx.cpu()), torch.isnan(gt)), reduction
+        fin = ~torch.isnan(gt)
+        x64 = x.double().requires_grad_()
+        (g64,) = torch.autograd.grad(TF.cross_entropy(x64, t.double() if prob else t, reduction=reduction).sum(), x64)
+        assert_close(gx.cpu()[fin], g64[fin], torch.float32, k=shape[1], what=f"finite positions {reduction}")
+
+
+def test_cross_entropy_middle_dim_choice():
+    """Where the middle-dim kernels take [outer, C, inner] logits: inner positions enough to fill a
+    program's lanes, few classes, or many classes over enough programs; else the rows."""
+    from gpu_nn.kernels.triton import dense as kd
+
+    assert kd.ce_mid_ok(8, 21, 512 * 512)  # a segmentation map
+    assert kd.ce_mid_ok(1, 3, kd.CE_MID_MIN_INNER)
+    assert not kd.ce_mid_ok(1, 3, kd.CE_MID_MIN_INNER - 1)  # a few positions: rows
+    assert kd.ce_mid_ok(2, kd.CE_MID_MAX_C, 40)
+    assert not kd.ce_mid_ok(32, 32000, 128)  # a vocabulary over 32 programs: rows, one program each
+    assert kd.ce_mid_ok(1024, 32000, 128)  # ... over 1024 programs
+    assert not kd.ce_mid_ok(kd.MID_MAX_OUTER + 1, 3, 64)  # grid axis 1

@@ -586,6 +586,24 @@ def _ce_2d(input: Tensor, target: Tensor, prob: bool):
     return x2.contiguous(), t2.contiguous()
 
 
+def _ce_mid(input: Tensor, kd):
+    """``(outer, C, inner)`` where the Triton route runs a cross entropy over [N, C, d...] logits
+    on the middle-dim kernels (the input contiguous, :func:`kernels.triton.dense.ce_mid_ok`),
+    reading the logits and writing their gradient as they lie; None for the rows after a
+    transpose (2-d and 1-d inputs, other layouts: a channels_last input's rows already lie
+    contiguous)."""
+    if input.dim() < 3 or not input.is_contiguous():
+        return None
+    mid = _mid_shape(input, 1)
+    return mid if kd.ce_mid_ok(*mid) else None
+
+
+def _ce_mid_operands(input: Tensor, target: Tensor, prob: bool):
+    """The middle-dim kernels' operands: the logits as they are, and the targets in the same
+    order (indices [N, d...] flattened to the rows' order, probabilities in the logits' layout)."""
+    return input, (target.contiguous() if prob else target.reshape(-1).contiguous())
+
+
 def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
     """The saved row statistics keep float64 for float64 inputs (gradient checks), else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -655,15 +673,23 @@ def cross_entropy_forward(input: Tensor, target: Tensor, weight: Tensor | None, 
     ktriton, kd = _triton_modules()
     if not prob:
         _check_target_range(target, ignore_index, C, (ktriton, kd))
-    x2, t2 = _ce_2d(input, target, prob)
+    mid = _ce_mid(input, kd)
+    x2, t2 = _ce_2d(input, target, prob) if mid is None else _ce_mid_operands(input, target, prob)
     stats = empty((_stats_size(M, reduction),), dtype=_lse_dtype(input.dtype), device=input.device)
     w = None if weight is None else weight.contiguous()
+
+    def rows(loss):  # the per-row kernel: on the rows as they lie, or on the rows of [N, d...]
+        if mid is None:
+            kd.ce_fwd(x2, t2, w, loss, stats, prob, ignore_index, label_smoothing, ktriton.INTERPRET)
+        else:
+            kd.ce_fwd_mid(x2, t2, w, loss, stats, *mid, prob, ignore_index, label_smoothing, ktriton.INTERPRET)
+
     if reduction == "none":  # the kernel writes the losses in the input's dtype, in the loss's shape
         loss = empty((M,), dtype=input.dtype, device=input.device)
-        kd.ce_fwd(x2, t2, w, loss, stats, prob, ignore_index, label_smoothing, ktriton.INTERPRET)
+        rows(loss)
         return loss.reshape(ref.ce_loss_shape(tuple(input.shape), tuple(target.shape), prob)), stats
     loss_rows = empty((M,), dtype=torch.float32, device=input.device)
-    kd.ce_fwd(x2, t2, w, loss_rows, stats, prob, ignore_index, label_smoothing, ktriton.INTERPRET)
+    rows(loss_rows)
     loss = empty((), dtype=input.dtype, device=input.device)
     kd.ce_reduce(loss_rows, t2, w, loss, stats, reduction == "mean", prob, ignore_index, C, label_smoothing,
                  ktriton.INTERPRET)
@@ -693,12 +719,20 @@ def cross_entropy_backward(grad: Tensor, input: Tensor, target: Tensor, weight: 
         return dx, dt
     _backend.check_interpreter_dtype("cross_entropy_backward", backend, grad, input, weight)
     ktriton, kd = _triton_modules()
-    x2, t2 = _ce_2d(input, target, prob)
     # [M] with one stride: a view whenever the layout allows (an expanded grad included), 0-d as is
     g = grad.reshape(M) if reduction == "none" else grad
+    w = None if weight is None else weight.contiguous()
+    mid = _ce_mid(input, kd)
+    if mid is not None:  # [N, C, d...] as it lies: dx (and dt) written in the input's layout, no transposes
+        x2, t2 = _ce_mid_operands(input, target, prob)
+        dx = empty(input.shape, dtype=input.dtype, device=input.device)
+        dt = empty(input.shape, dtype=target.dtype, device=target.device) if want_dt else input.new_empty(0)
+        kd.ce_bwd_mid(x2, t2, w, lse.contiguous(), g, reduction == "mean", dx, dt if want_dt else None, *mid, prob,
+                      ignore_index, label_smoothing, ktriton.INTERPRET)
+        return dx, dt
+    x2, t2 = _ce_2d(input, target, prob)
     dx2 = empty((M, C), dtype=input.dtype, device=input.device)
     dt2 = empty((M, C), dtype=target.dtype, device=target.device) if want_dt else None
-    w = None if weight is None else weight.contiguous()
     kd.ce_bwd(x2, t2, w, lse.contiguous(), g, reduction == "mean", dx2, dt2, prob, ignore_index, label_smoothing,
               ktriton.INTERPRET)
     dx = _ce_unflatten(dx2, input)

@@ -944,6 +944,122 @@ def _ce_bwd_kernel(x_ptr, t_ptr, w_ptr, stats_ptr, g_ptr, stride_g, mean, dx_ptr
         tl.store(dx_ptr + base + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _ce_fwd_mid_kernel(x_ptr, t_ptr, w_ptr, loss_ptr, stats_ptr, C, INNER, M, ignore_index, eps,
+                       PROB: tl.constexpr, HAS_W: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_I: tl.constexpr):
+    """:func:`_ce_fwd_kernel` on logits [outer, C, INNER] as they lie (a contiguous [N, C, d...]
+    input: the classes along dim 1, INNER the product of the d's), without the transpose to
+    rows: program (i, o) takes the BLOCK_I consecutive positions of outer index o from
+    i * BLOCK_I (rows o * INNER + i, the order of the [N, d...] target and of a 'none' loss),
+    lanes along the contiguous inner dim, and runs the row kernel's per-lane pass over C in
+    [BLOCK_C, BLOCK_I] tiles (the same arithmetic per class, the same NaN / inf placement),
+    ending with a sum over the tile's C axis. ``M`` = outer * INNER rows; writes loss[M] and
+    the [3, M] row statistics as the row kernel does."""
+    o = tl.program_id(1).to(tl.int64)
+    offs_i = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
+    mi = offs_i < INNER
+    base = o * C * INNER
+    rows = o * INNER + offs_i
+    m_vec = tl.full((BLOCK_C, BLOCK_I), float("-inf"), tl.float32)
+    s_vec = tl.zeros((BLOCK_C, BLOCK_I), dtype=tl.float32)
+    lin = tl.zeros((BLOCK_C, BLOCK_I), dtype=tl.float32)
+    wsum = tl.zeros((BLOCK_C, BLOCK_I), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        off, msk = _mid_tile(base, c0, C, INNER, offs_i, mi, BLOCK_C)
+        x = tl.load(x_ptr + off, mask=msk, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m_vec, x, propagate_nan=tl.PropagateNan.ALL)
+        s_vec = tl.where(m_new == float("-inf"), 0.0, s_vec * tl.exp(m_vec - m_new) + tl.exp(x - m_new))
+        if HAS_W:
+            cs = c0 + tl.arange(0, BLOCK_C)
+            wc = tl.load(w_ptr + cs, mask=cs < C, other=0.0).to(tl.float32)
+            w = wc[:, None] * tl.where(msk, 1.0, 0.0)
+        else:
+            w = tl.where(msk, 1.0, 0.0)
+        if PROB:
+            t = tl.load(t_ptr + off, mask=msk, other=0.0).to(tl.float32)
+            w = w * (t * (1.0 - eps) + eps / C)
+        lin += tl.where((m_vec == m_new) | (wsum == 0.0), 0.0, wsum * (m_vec - m_new))
+        lin += tl.where(msk, w * tl.where(m_new == float("-inf"), x, x - m_new), 0.0)
+        wsum += w
+        m_vec = m_new
+    m = tl.max(m_vec, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    log_s = tl.log(tl.sum(s_vec * tl.exp(m_vec - m_safe[None, :]), 0))
+    log_s = tl.where(m == float("-inf"), float("nan"), log_s)
+    lin_m = tl.sum(lin + tl.where((m_vec == m[None, :]) | (wsum == 0.0), 0.0, wsum * (m_vec - m[None, :])), 0)
+    w_row = tl.sum(wsum, 0)
+    smooth = w_row * log_s - lin_m
+    if PROB:
+        loss = smooth
+    else:
+        t = tl.load(t_ptr + rows, mask=mi, other=ignore_index)
+        valid = t != ignore_index
+        in_range = (t >= 0) & (t < C)  # see _ce_fwd_kernel: NaN, never out of bounds
+        tc = tl.where(valid & in_range, t, 0)
+        x_t = tl.load(x_ptr + base + tc * INNER + offs_i, mask=mi, other=0.0).to(tl.float32)
+        if HAS_W:
+            w_t = tl.load(w_ptr + tc, mask=mi, other=0.0).to(tl.float32)
+        else:
+            w_t = 1.0
+        loss = (1.0 - eps) * w_t * (log_s - (x_t - m))
+        loss += tl.where(eps > 0.0, (eps / C) * smooth, 0.0)
+        loss = tl.where(valid, tl.where(in_range, loss, float("nan")), 0.0)
+    tl.store(loss_ptr + rows, loss.to(loss_ptr.dtype.element_ty), mask=mi)
+    tl.store(stats_ptr + rows, m, mask=mi)
+    tl.store(stats_ptr + M + rows, log_s, mask=mi)
+    tl.store(stats_ptr + 2 * M + rows, w_row, mask=mi)
+
+
+@triton.jit(do_not_specialize=["stride_g", "mean"])
+def _ce_bwd_mid_kernel(x_ptr, t_ptr, w_ptr, stats_ptr, g_ptr, stride_g, mean, dx_ptr, dt_ptr, C, INNER, M,
+                       ignore_index, eps, PROB: tl.constexpr, HAS_W: tl.constexpr, HAS_DT: tl.constexpr,
+                       BLOCK_C: tl.constexpr, BLOCK_I: tl.constexpr):
+    """:func:`_ce_bwd_kernel` on logits [outer, C, INNER] as they lie, tiled as
+    :func:`_ce_fwd_mid_kernel`: dx (and dt) written in the input's own layout, no transpose back."""
+    o = tl.program_id(1).to(tl.int64)
+    offs_i = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
+    mi = offs_i < INNER
+    base = o * C * INNER
+    rows = o * INNER + offs_i
+    s = tl.load(g_ptr + rows * stride_g, mask=mi, other=0.0).to(tl.float32)
+    if mean != 0:
+        s = s / tl.load(stats_ptr + 3 * M).to(tl.float32)
+    m = tl.load(stats_ptr + rows, mask=mi, other=0.0)
+    log_s = tl.load(stats_ptr + M + rows, mask=mi, other=0.0)
+    w_tot = tl.load(stats_ptr + 2 * M + rows, mask=mi, other=0.0).to(tl.float32)
+    if not PROB:
+        t_row = tl.load(t_ptr + rows, mask=mi, other=ignore_index)
+        valid = t_row != ignore_index
+        in_range = (t_row >= 0) & (t_row < C)
+        tc = tl.where(valid & in_range, t_row, 0)
+        if HAS_W:
+            w_t = tl.load(w_ptr + tc, mask=mi, other=0.0).to(tl.float32)
+        else:
+            w_t = tl.full((BLOCK_I,), 1.0, tl.float32)
+        s = tl.where(valid, tl.where(in_range, s, float("nan")), 0.0)
+    for c0 in range(0, C, BLOCK_C):
+        off, msk = _mid_tile(base, c0, C, INNER, offs_i, mi, BLOCK_C)
+        cs = c0 + tl.arange(0, BLOCK_C)
+        x = tl.load(x_ptr + off, mask=msk, other=0.0).to(tl.float32)
+        logp = (x - m[None, :]) - log_s[None, :]
+        p = tl.exp(logp)
+        if HAS_W:
+            w = tl.load(w_ptr + cs, mask=cs < C, other=0.0).to(tl.float32)[:, None]
+        else:
+            w = 1.0
+        if PROB:
+            t = tl.load(t_ptr + off, mask=msk, other=0.0).to(tl.float32)
+            tp = t * (1.0 - eps) + eps / C
+            dx = s[None, :] * (p * w_tot[None, :] - w * tp)
+            if HAS_DT:
+                dt = -(1.0 - eps) * s[None, :] * w * logp
+                tl.store(dt_ptr + off, dt.to(dt_ptr.dtype.element_ty), mask=msk)
+        else:
+            onehot = tl.where(cs[:, None] == tc[None, :], 1.0, 0.0)
+            dx = s[None, :] * ((1.0 - eps) * w_t[None, :] * (p - onehot) + (eps / C) * (w_tot[None, :] * p - w))
+        tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=msk)
+
+
 _CE_BLOCKS = ((256, 4), (1024, 4), (2048, 8))
 _CE_INTERP_BLOCK = 64
 
@@ -968,6 +1084,48 @@ def ce_fwd(x, t, w, loss, stats, prob: bool, ignore_index: int, eps: float, inte
     blk, warps = ce_config(C, interpret)
     launch_kernel(_ce_fwd_kernel, (M,), x, t, w if w is not None else x, loss, stats, C, ignore_index, float(eps),
                   PROB=prob, HAS_W=w is not None, BLOCK=blk, num_warps=warps)
+
+
+# the middle-dim cross-entropy kernels' one configuration (BLOCK_C, BLOCK_I, num_warps): 128
+# contiguous inner positions per program, 16 classes per tile, 8 elements per thread of each of
+# the four float32 tiles the forward keeps; the interpreter's small tiles loop over C and over
+# several inner blocks in the tests
+CE_MID = (16, 128, 8)
+CE_MID_INTERP = (4, 8, 4)
+CE_MID_MIN_INNER = 32  # fewer inner positions per class leave most of a program's lanes idle
+CE_MID_MAX_C = 1024  # classes a program walks for its 128 positions (64 tiles) whatever the grid
+CE_MID_MIN_PROGRAMS = 1024  # past CE_MID_MAX_C: programs enough that the long walks still fill the GPU
+
+
+def ce_mid_ok(outer: int, C: int, inner: int) -> bool:
+    """Whether the middle-dim kernels take a cross entropy over logits [outer, C, inner] (a
+    contiguous [N, C, d...] input): inner positions enough to fill a program's lanes, a grid the
+    GPU allows, and either few classes or, for many, enough programs that each walking all C is
+    still parallel enough (else the rows after a transpose are, one program per row)."""
+    if inner < CE_MID_MIN_INNER or not 0 < outer <= MID_MAX_OUTER or C < 1:
+        return False
+    return C <= CE_MID_MAX_C or outer * cdiv(inner, CE_MID[1]) >= CE_MID_MIN_PROGRAMS
+
+
+def ce_fwd_mid(x, t, w, loss, stats, outer: int, C: int, inner: int, prob: bool, ignore_index: int, eps: float,
+               interpret: bool) -> None:
+    """:func:`ce_fwd` for contiguous logits x viewed as [outer, C, inner] (:func:`ce_mid_ok`): t
+    the [outer * inner] int64 indices or the probabilities in x's layout; loss and stats as
+    :func:`ce_fwd`'s, rows in (outer, inner) order."""
+    bc, bi, warps = CE_MID_INTERP if interpret else CE_MID
+    launch_kernel(_ce_fwd_mid_kernel, (cdiv(inner, bi), outer), x, t, w if w is not None else x, loss, stats, C,
+                  inner, outer * inner, ignore_index, float(eps), PROB=prob, HAS_W=w is not None, BLOCK_C=bc,
+                  BLOCK_I=bi, num_warps=warps)
+
+
+def ce_bwd_mid(x, t, w, stats, g, mean: bool, dx, dt, outer: int, C: int, inner: int, prob: bool, ignore_index: int,
+               eps: float, interpret: bool) -> None:
+    """:func:`ce_bwd` for the logits of :func:`ce_fwd_mid`: dx (and dt) in x's layout."""
+    bc, bi, warps = CE_MID_INTERP if interpret else CE_MID
+    stride_g = g.stride(0) if g.dim() else 0
+    launch_kernel(_ce_bwd_mid_kernel, (cdiv(inner, bi), outer), x, t, w if w is not None else x, stats, g, stride_g,
+                  int(mean), dx, dt if dt is not None else dx, C, inner, outer * inner, ignore_index, float(eps),
+                  PROB=prob, HAS_W=w is not None, HAS_DT=dt is not None, BLOCK_C=bc, BLOCK_I=bi, num_warps=warps)
 
 
 _CE_REDUCE = (2048, 8)  # (BLOCK, num_warps) of the one program that sums the rows
@@ -1112,6 +1270,28 @@ def aot_specs():
                              "HAS_W": "constexpr", "HAS_DT": "constexpr", "BLOCK": "constexpr"},
                             {"PROB": prob, "HAS_W": has_w, "HAS_DT": has_dt, "BLOCK": blk}, num_warps=warps,
                             label=lab + f" dt={has_dt}"))
+        # the middle-dim kernels: one tile configuration, every option
+        bc, bi, warps = CE_MID
+        cxm = {"PROB": "constexpr", "HAS_W": "constexpr", "BLOCK_C": "constexpr", "BLOCK_I": "constexpr"}
+        for prob in (False, True):
+            tdt = dt if prob else "i64"
+            for has_w in (False, True):
+                lab = f"{dt} middle dim {'prob' if prob else 'index'} weight={has_w} {bc}x{bi}"
+                for ldt in sorted({"fp32", dt}):
+                    specs.append(AotSpec(_ce_fwd_mid_kernel,
+                                         {"x_ptr": f"*{dt}", "t_ptr": f"*{tdt}", "w_ptr": f"*{dt}", "loss_ptr": f"*{ldt}",
+                                          "stats_ptr": "*fp32", "C": "i32", "INNER": "i32", "M": "i32",
+                                          "ignore_index": "i32", "eps": "fp32", **cxm},
+                                         {"PROB": prob, "HAS_W": has_w, "BLOCK_C": bc, "BLOCK_I": bi}, num_warps=warps,
+                                         label=lab + f" loss={ldt}"))
+                for has_dt in ((False, True) if prob else (False,)):
+                    specs.append(AotSpec(_ce_bwd_mid_kernel,
+                                         {"x_ptr": f"*{dt}", "t_ptr": f"*{tdt}", "w_ptr": f"*{dt}", "stats_ptr": "*fp32",
+                                          "g_ptr": f"*{dt}", "stride_g": "i32", "mean": "i32", "dx_ptr": f"*{dt}",
+                                          "dt_ptr": f"*{dt}", "C": "i32", "INNER": "i32", "M": "i32",
+                                          "ignore_index": "i32", "eps": "fp32", "HAS_DT": "constexpr", **cxm},
+                                         {"PROB": prob, "HAS_W": has_w, "HAS_DT": has_dt, "BLOCK_C": bc, "BLOCK_I": bi},
+                                         num_warps=warps, label=lab + f" dt={has_dt}"))
         # the finishing reduction: 'sum'; 'mean' over probabilities; over indices, without and with weights
         blk, warps = _CE_REDUCE
         for mean, prob, has_w in ((False, False, False), (True, True, False), (True, False, False), (True, False, True)):
