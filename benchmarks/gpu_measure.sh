@@ -26,6 +26,8 @@
 #   kernel_counts  python -m gpu_nn.benchmarks.kernel_counts: GPU events per op fwd+bwd at tiny
 #                  shapes (counts.json)
 #   demo           gpu-nn demo --epochs 3 (eager; demo.json)
+#   demo-profile   ... sweep --only demo: 10 training steps of each demo model, ours and the torch
+#                  twin, under torch.profiler and cProfile (demo_profile.json / .txt), when 45 s are left
 #   demo-compile   the same with --compile (demo-compile.json), when 60 s are left
 #   demo-persistent-lstm / -gru   the recurrent demos on triton with GPU_NN_RNN_PERSISTENT=1 (every
 #                  time loop one persistent launch, forward and backward), when 30 s are left each
@@ -78,6 +80,14 @@ step kernel_counts 40 "$PY" -m gpu_nn.benchmarks.kernel_counts --out "$OUTDIR/co
 
 GN=("$PY" -m gpu_nn.cli)
 step demo 50 "${GN[@]}" demo --epochs 3 --json "$OUTDIR/demo.json" --no-progress
+# where a demo step's time goes (its kernels compiled and tuned by the demo just run): GPU busy
+# against wall, and the host's Python functions, ours against the torch twin
+if (( $(left) >= 45 )); then
+    step demo-profile 40 "${SW[@]}" --only demo --profile-budget-s 30
+    grep -E "^demo profile: " "$OUTDIR/demo-profile.log" 2>/dev/null | tail -n 1 | sed 's/^/  /' | tee -a "$SUMMARY"
+else
+    echo "demo-profile: skipped ($(left)s left of ${BUDGET}s, it needs 45)" | tee -a "$SUMMARY"
+fi
 if (( $(left) >= 60 )); then
     step demo-compile 90 "${GN[@]}" demo --epochs 3 --compile --json "$OUTDIR/demo-compile.json" --no-progress
 else

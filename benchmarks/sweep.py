@@ -72,7 +72,12 @@ with CPU and CUDA activity: every GPU event (name, start, duration), the region'
 region, host-bound gaps), and the CPU ops with the most self time. ``DIR/profile.json`` and a
 compact table (kernel, count, total us per provider), ``DIR/profile.txt``, printed last.
 
-    python -m gpu_nn.benchmarks.sweep --out DIR [--budget-s S] [--only sweep|rnn|profile]
+(d) ``demo`` (only when asked for): ``DEMO_STEPS`` training steps of each ``gpu-nn demo`` model,
+ours (auto backend) against its torch twin, profiled as (b) and once more under cProfile: the
+GPU busy time against the wall time says whether a step is host-bound, the Python functions
+with the most own time say where the host spends it (``DIR/demo_profile.json`` / ``.txt``).
+
+    python -m gpu_nn.benchmarks.sweep --out DIR [--budget-s S] [--only sweep|rnn|profile|demo]
 
 Without a GPU it says so and exits 0. The inputs, providers and counts come from the
 ``bench_<family>`` modules and ``kernel_counts``; the grids, the runner and the summariser are
@@ -1756,6 +1761,93 @@ def run_profile(cases, out_dir: str, budget_s: float, profile=profile_one, clock
     return records
 
 
+# --------------------------------------------------------------------------- demo profile
+
+DEMO_STEPS = 10  # training steps per profiled region (the demo's batch, 32)
+
+
+def demo_step_setup(model: str, impl: str, device: str = "cuda", steps: int = DEMO_STEPS, seed: int = 0):
+    """setup() -> run(): ``steps`` training steps of ``gpu-nn demo``'s ``model`` (its network,
+    optimizer, learning rate and clipping, one batch of 32 of its shape), built from gpu_nn under
+    the auto backend (``impl`` "ours": what the demo runs) or from torch (its twin)."""
+    import gpu_nn
+    from gpu_nn import demo
+
+    def setup():
+        side = demo.gpu_nn_impl() if impl == "ours" else demo.torch_impl()
+        hp = demo.HYPER[model]
+        gen = torch.Generator().manual_seed(seed)
+        shape = (32, 1, 8, 8) if model == "cnn" else (32, 8, 8)
+        x = torch.rand(shape, generator=gen).mul(16).to(device)
+        y = torch.randint(0, 10, (32,), generator=gen).to(device)
+        torch.manual_seed(seed)
+        with gpu_nn.backend("auto"):
+            net = demo.build(model, side.nn).to(device)
+        opt = getattr(side.optim, hp["optimizer"])(net.parameters(), lr=hp["lr"])
+        loss_fn = side.nn.CrossEntropyLoss()
+        ctx = (lambda: gpu_nn.backend("auto")) if impl == "ours" else contextlib.nullcontext
+
+        def run():
+            with ctx():
+                for _ in range(steps):
+                    opt.zero_grad()
+                    loss = loss_fn(net(x), y)
+                    loss.backward()
+                    if hp["clip"] is not None:
+                        side.clip_grad_norm_(net.parameters(), hp["clip"])
+                    opt.step()
+            return loss.detach()  # the last step's loss (no host sync here)
+        return run
+    return setup
+
+
+def demo_profile_cases(device: str = "cuda") -> list[tuple[str, str, dict]]:
+    """``[(region, shape, {provider: setup})]``: DEMO_STEPS training steps of each demo model,
+    ours (auto) against its torch twin (issue 14's demo goal: where a step's time goes)."""
+    from gpu_nn import demo
+
+    return [(f"demo {m} {DEMO_STEPS} steps", "batch 32", {p: demo_step_setup(m, p, device) for p in ("torch", "ours")})
+            for m in demo.MODELS]
+
+
+def profile_with_python(setup, sync=torch.cuda.synchronize, top: int = 25) -> dict:
+    """:func:`profile_one`, then one more warm region under cProfile: the host's Python functions
+    with the most own time (``py_top``: function, calls, own and cumulative us), to say which
+    code a host-bound region spends its time in."""
+    import cProfile
+    import pstats
+
+    rec = profile_one(setup, sync)
+    run = setup()
+    run()
+    sync()
+    prof = cProfile.Profile()
+    prof.enable()
+    run()
+    sync()
+    prof.disable()
+    rows = []
+    for (fname, line, func), (cc, nc, tt, ct, _) in pstats.Stats(prof).stats.items():
+        where = "/".join(fname.replace(os.sep, "/").split("/")[-2:])  # package dir and file
+        rows.append({"function": f"{where}:{line}({func})", "calls": nc, "own_us": tt * 1e6,
+                     "cum_us": ct * 1e6})
+    rows.sort(key=lambda r: -r["own_us"])
+    rec["py_top"] = rows[:top]
+    return rec
+
+
+def format_python_top(records, n: int = 12) -> str:
+    """Per profiled region, its ``n`` Python functions with the most own time."""
+    lines = []
+    for r in records:
+        if "py_top" not in r:
+            continue
+        lines.append(f"{r['op']} [{r['provider']}] Python, most own time first (calls, own us, cumulative us):")
+        lines.extend(f"    {p['function'][:80]:<80} {p['calls']:>6} {p['own_us']:>9.0f} {p['cum_us']:>9.0f}"
+                     for p in r["py_top"][:n])
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------ command line
 
 RNN_PROFILE_S = 20.0  # of the rnn part's budget: the profile's three cases, before the sweep
@@ -1788,7 +1880,9 @@ def main(argv=None) -> int:
                     help="seconds of the sweep's budget for its conv section, first (at most half; default %(default)s)")
     ap.add_argument("--profile-budget-s", type=float, default=90.0,
                     help="seconds after which the profile starts no new case (default %(default)s)")
-    ap.add_argument("--only", choices=("sweep", "rnn", "profile"), help="one part only (default all three)")
+    ap.add_argument("--only", choices=("sweep", "rnn", "profile", "demo"),
+                    help="one part only (default sweep, rnn and profile; demo: the demo's training steps profiled, "
+                         "demo_profile.json / .txt)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("sweep: no GPU here, nothing to measure")
@@ -1816,6 +1910,15 @@ def main(argv=None) -> int:
         print(format_profile(records))
         done = sum("summary" in r for r in records)
         print(f"profile: {done} of {len(records)} (op, provider) regions profiled, "
+              f"{sum('error' in r for r in records)} errors")
+    if args.only == "demo":
+        records = run_profile(demo_profile_cases("cuda"), args.out, args.profile_budget_s, profile=profile_with_python,
+                              cleanup=torch.cuda.empty_cache, name="demo_profile")
+        with open(os.path.join(args.out, "demo_profile.txt"), "a") as f:
+            f.write(format_python_top(records) + "\n")
+        print(format_profile(records, name_width=60))
+        print(format_python_top(records))
+        print(f"demo profile: {sum('summary' in r for r in records)} of {len(records)} regions profiled, "
               f"{sum('error' in r for r in records)} errors")
     return 0
 

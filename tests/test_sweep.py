@@ -268,6 +268,7 @@ def _measure(tmp_path, budget, import_ok=True):
         ' echo "sweep: 191 rows, complete";; esac\n'
         'case "$*" in *"--only rnn"*) echo "rnn: 240 rows, complete; profile: 9 of 9 regions";; esac\n'
         'case "$*" in *"--only profile"*) echo "profile: 20 of 22 (op, provider) regions profiled, 1 errors"; exit 3;; esac\n'
+        'case "$*" in *"--only demo"*) echo "demo profile: 6 of 6 regions profiled, 0 errors";; esac\n'
         "exit 0\n", env)
 
 
@@ -286,9 +287,12 @@ def test_gpu_measure_script_steps_summary_and_archive(tmp_path):
     assert r.returncode == 1, r.stdout + r.stderr  # the profile failed
     summary = (out / "summary.txt").read_text()
     steps = [line.split(":")[0] for line in summary.splitlines() if not line.startswith(" ")]
-    assert steps == ["sweep", "rnn", "profile", "kernel_counts", "demo", "demo-compile", "demo-persistent-lstm",
-                     "demo-persistent-gru", "total"]
+    assert steps == ["sweep", "rnn", "profile", "kernel_counts", "demo", "demo-profile", "demo-compile",
+                     "demo-persistent-lstm", "demo-persistent-gru", "total"]
     assert "  sweep: 191 rows, complete" in summary and "  profile: 20 of 22" in summary
+    assert "  demo profile: 6 of 6 regions profiled" in summary
+    (demo_call,) = [c for c in calls if "--only demo" in c]
+    assert demo_call.endswith("--only demo --profile-budget-s 30")
     assert "  rnn: 240 rows, complete" in summary
     assert "profile: rc=3" in summary and "total:" in summary and "sweep rc=0, rnn rc=0, profile rc=3" in summary
     assert calls[0] == "-c import gpu_nn"  # installed already: no pip
@@ -298,7 +302,7 @@ def test_gpu_measure_script_steps_summary_and_archive(tmp_path):
     (profile_call,) = [c for c in calls if "--only profile" in c]
     assert profile_call.endswith("--profile-budget-s 40")
     assert f"-m gpu_nn.benchmarks.kernel_counts --out {out}/counts.json" in calls
-    demo = [c for c in calls if " demo " in c]
+    demo = [c for c in calls if c.startswith("-m gpu_nn.cli demo ")]
     assert demo[0] == f"-m gpu_nn.cli demo --epochs 3 --json {out}/demo.json --no-progress"
     assert demo[1] == f"-m gpu_nn.cli demo --epochs 3 --compile --json {out}/demo-compile.json --no-progress"
     for m, call in zip(("lstm", "gru"), demo[2:]):
@@ -319,7 +323,7 @@ def test_gpu_measure_script_installs_when_needed_and_skips_what_the_budget_canno
     summary = (out / "summary.txt").read_text()
     assert "install: skipped (no time left of 3s)" in summary
     assert "sweep: skipped" in summary and "rnn: skipped" in summary and "profile: skipped" in summary
-    assert "demo-compile: skipped" in summary
+    assert "demo-compile: skipped" in summary and "demo-profile: skipped" in summary
     assert not any("gpu_nn.benchmarks.sweep" in c for c in calls)
     assert r.returncode == 1  # nothing was measured
     assert (pathlib.Path(str(out) + ".tgz")).exists()
@@ -652,3 +656,23 @@ def test_linear_section_times_every_matmul_candidate_and_torch(tmp_path):
     assert doc["status"] == "complete" and len(rows) == sum(len(g.configs) for g in groups)
     assert all("error" not in r and r["correct"] for r in rows), [r for r in rows if "error" in r or not r["correct"]]
     assert all(b["torch_us"] == pytest.approx(3.0) and b["configs"] == len(cfgs) - 1 for b in doc["best"])
+
+
+@pytest.mark.parametrize("model", ["cnn", "gru"])
+def test_demo_profile_regions_train_the_demo_models_and_name_the_host_code(model):
+    """The demo profile's regions are the demo's training steps (its network, optimizer and
+    clipping) for both twins, from the same weights and batch: on the CPU (reference backend)
+    their losses after three steps agree, and the profile with Python names our host code."""
+    from gpu_nn import demo
+
+    (_, _, providers), = [c for c in sweep.demo_profile_cases("cpu") if c[0].startswith(f"demo {model} ")]
+    assert set(providers) == {"torch", "ours"} and len(sweep.demo_profile_cases("cpu")) == len(demo.MODELS)
+    losses = {impl: sweep.demo_step_setup(model, impl, "cpu", steps=3)()() for impl in ("ours", "torch")}
+    first = sweep.demo_step_setup(model, "torch", "cpu", steps=1)()()
+    assert losses["torch"] < first  # three steps trained
+    torch.testing.assert_close(losses["ours"], losses["torch"], rtol=1e-4, atol=1e-5)
+    rec = sweep.profile_with_python(sweep.demo_step_setup(model, "ours", "cpu", steps=2), sync=lambda: None, top=10**6)
+    assert rec["summary"]["events"] == 0 and rec["wall_us"] > 0  # no GPU events on a CPU
+    functions = " ".join(p["function"] for p in rec["py_top"])
+    assert "ops/_dispatch.py" in functions, functions  # our route, named with its package dir
+    assert "Python, most own time first" in sweep.format_python_top([{"op": "d", "provider": "ours", **rec}])
