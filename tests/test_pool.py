@@ -472,7 +472,7 @@ static void max_bwd_t(const float* g, const long long* idx, float* dx, long long
         for (long long ih = 0; ih < H; ++ih)
             for (long long iw = 0; iw < W; ++iw)
                 dx[(pl * H + ih) * W + iw] = gn_max_gather<float, I>(g + pl * OH * OW, idx + pl * OH * OW, (I)ih, (I)iw, (I)W,
-                                                                     (I)OH, (I)OW, KH, KW, SH, SW, PH, PW, DH, DW);
+                                                                     (I)OH, (I)OW, (I)1, KH, KW, SH, SW, PH, PW, DH, DW);
 }
 template <typename I>
 static void avg_bwd_t(const float* g, float* dx, long long P, long long H, long long W, long long OH, long long OW,
@@ -481,7 +481,54 @@ static void avg_bwd_t(const float* g, float* dx, long long P, long long H, long 
         for (long long ih = 0; ih < H; ++ih)
             for (long long iw = 0; iw < W; ++iw)
                 dx[(pl * H + ih) * W + iw] = gn_avg_gather<float, I>(g + pl * OH * OW, (I)ih, (I)iw, (I)H, (I)W, (I)OH, (I)OW,
-                                                                     KH, KW, SH, SW, PH, PW, cp, dv);
+                                                                     (I)1, KH, KW, SH, SW, PH, PW, cp, dv);
+}
+// the kernels' element loops (pool.cu): dense outputs in contiguous order, or with cl in
+// channels_last order (POOL_CL: x, y, idx, g and dx in (n, h, w, c) order), the elements visited
+// in memory order and placed with the kernels' own gn_unravel / gn_plane
+template <typename I>
+static void max_fwd_k_t(const float* x, float* y, long long* idx, long long N, long long C, long long H, long long W,
+                        long long OH, long long OW, int KH, int KW, int SH, int SW, int PH, int PW, int DH, int DW,
+                        int minimum, int cl) {
+    I sxn = (I)(C * H * W), sxc = cl ? (I)1 : (I)(H * W), sxh = cl ? (I)(W * C) : (I)W, sxw = cl ? (I)C : (I)1;
+    for (I o = 0; o < (I)(N * OH * OW * C); ++o) {
+        I n, c, oh, ow;
+        gn_unravel<I>(o, (I)C, (I)OH, (I)OW, cl != 0, &n, &c, &oh, &ow);
+        gn_max_window<float, I>(x + n * sxn + c * sxc, sxh, sxw, (I)H, (I)W, (I)(oh * SH - PH), (I)(ow * SW - PW),
+                                KH, KW, DH, DW, minimum, y + o, idx + o);
+    }
+}
+template <typename I>
+static void avg_fwd_k_t(const float* x, float* y, long long N, long long C, long long H, long long W, long long OH,
+                        long long OW, int KH, int KW, int SH, int SW, int PH, int PW, int cp, int dv, int cl) {
+    I sxn = (I)(C * H * W), sxc = cl ? (I)1 : (I)(H * W), sxh = cl ? (I)(W * C) : (I)W, sxw = cl ? (I)C : (I)1;
+    for (I o = 0; o < (I)(N * OH * OW * C); ++o) {
+        I n, c, oh, ow;
+        gn_unravel<I>(o, (I)C, (I)OH, (I)OW, cl != 0, &n, &c, &oh, &ow);
+        y[o] = gn_avg_window<float, I>(x + n * sxn + c * sxc, sxh, sxw, (I)H, (I)W, (I)(oh * SH - PH), (I)(ow * SW - PW),
+                                       KH, KW, PH, PW, cp, dv);
+    }
+}
+template <typename I>
+static void max_bwd_k_t(const float* g, const long long* idx, float* dx, long long N, long long C, long long H, long long W,
+                        long long OH, long long OW, int KH, int KW, int SH, int SW, int PH, int PW, int DH, int DW, int cl) {
+    for (I e = 0; e < (I)(N * H * W * C); ++e) {
+        I n, c, ih, iw;
+        gn_unravel<I>(e, (I)C, (I)H, (I)W, cl != 0, &n, &c, &ih, &iw);
+        I ob = gn_plane<I>(n, c, (I)C, (I)OH, (I)OW, cl != 0);
+        dx[e] = gn_max_gather<float, I>(g + ob, idx + ob, ih, iw, (I)W, (I)OH, (I)OW, cl ? (I)C : (I)1, KH, KW, SH, SW,
+                                        PH, PW, DH, DW);
+    }
+}
+template <typename I>
+static void avg_bwd_k_t(const float* g, float* dx, long long N, long long C, long long H, long long W, long long OH,
+                        long long OW, int KH, int KW, int SH, int SW, int PH, int PW, int cp, int dv, int cl) {
+    for (I e = 0; e < (I)(N * H * W * C); ++e) {
+        I n, c, ih, iw;
+        gn_unravel<I>(e, (I)C, (I)H, (I)W, cl != 0, &n, &c, &ih, &iw);
+        dx[e] = gn_avg_gather<float, I>(g + gn_plane<I>(n, c, (I)C, (I)OH, (I)OW, cl != 0), ih, iw, (I)H, (I)W, (I)OH,
+                                        (I)OW, cl ? (I)C : (I)1, KH, KW, SH, SW, PH, PW, cp, dv);
+    }
 }
 // each entry point twice from one parameter list: <name> with long long indices, <name>32 with int
 #define GN_PAIR(name, PARAMS, ARGS) \
@@ -500,6 +547,19 @@ GN_PAIR(max_bwd, (const float* g, const long long* idx, float* dx, long long P, 
 GN_PAIR(avg_bwd, (const float* g, float* dx, long long P, long long H, long long W, long long OH, long long OW,
                   int KH, int KW, int SH, int SW, int PH, int PW, int cp, int dv),
         (g, dx, P, H, W, OH, OW, KH, KW, SH, SW, PH, PW, cp, dv))
+GN_PAIR(max_fwd_k, (const float* x, float* y, long long* idx, long long N, long long C, long long H, long long W,
+                    long long OH, long long OW, int KH, int KW, int SH, int SW, int PH, int PW, int DH, int DW, int m,
+                    int cl),
+        (x, y, idx, N, C, H, W, OH, OW, KH, KW, SH, SW, PH, PW, DH, DW, m, cl))
+GN_PAIR(avg_fwd_k, (const float* x, float* y, long long N, long long C, long long H, long long W, long long OH,
+                    long long OW, int KH, int KW, int SH, int SW, int PH, int PW, int cp, int dv, int cl),
+        (x, y, N, C, H, W, OH, OW, KH, KW, SH, SW, PH, PW, cp, dv, cl))
+GN_PAIR(max_bwd_k, (const float* g, const long long* idx, float* dx, long long N, long long C, long long H, long long W,
+                    long long OH, long long OW, int KH, int KW, int SH, int SW, int PH, int PW, int DH, int DW, int cl),
+        (g, idx, dx, N, C, H, W, OH, OW, KH, KW, SH, SW, PH, PW, DH, DW, cl))
+GN_PAIR(avg_bwd_k, (const float* g, float* dx, long long N, long long C, long long H, long long W, long long OH,
+                    long long OW, int KH, int KW, int SH, int SW, int PH, int PW, int cp, int dv, int cl),
+        (g, dx, N, C, H, W, OH, OW, KH, KW, SH, SW, PH, PW, cp, dv, cl))
 long long out_size(long long L, int k, int s, int p, int d, int c) { return gn_pool_out_size(L, k, s, p, d, c); }
 }
 """
@@ -580,6 +640,56 @@ def test_cuda_max_math_ties_and_nans_on_host(host_lib, geo, nans, sfx, rng):
         np.testing.assert_array_equal(dx, gt.numpy())
 
 
+def _nhwc(a):
+    """An [N, C, R, Q] array's channels_last memory: [N, R, Q, C], C-contiguous."""
+    return np.ascontiguousarray(a.transpose(0, 2, 3, 1))
+
+
+@_INDEX
+@pytest.mark.parametrize("cl", [0, 1], ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize("geo", [MAX2D[i] for i in (2, 4, 10, 12)] + [AVG2D[i] for i in (3, 8, 10)], ids=str)
+def test_cuda_kernel_loops_on_host(host_lib, geo, cl, sfx, rng):
+    """pool.cu's element loops (gn_unravel, gn_plane, the plane stride of the gathers) in both
+    layouts: outputs, indices and gradients dense in contiguous order, or with POOL_CL in
+    channels_last order (channels fastest, a plane's positions C apart), against the reference
+    laid out the same way (max / min with NaNs, and avg)."""
+    H, W, N, C = 9, 10, 2, 5
+    lay = _nhwc if cl else np.ascontiguousarray
+    x = rng.standard_normal((N, C, H, W)).astype(np.float32)
+    x.reshape(-1)[[7, 40]] = np.nan
+    if len(geo) == 5:  # max / min
+        k, s, p, d, ceil = geo
+        k, s, p, d = (R._pair(v, 2) for v in (k, k if s is None else s, p, d))
+        for minimum in (0, 1):
+            yr, ir = (R.min_pool2d if minimum else R.max_pool2d)(x, k, s, p, d, ceil, True)
+            OH, OW = yr.shape[-2:]
+            y, idx = np.empty_like(lay(yr)), np.empty(lay(ir).shape, np.int64)
+            getattr(host_lib, "max_fwd_k" + sfx)(fptr(lay(x)), fptr(y), fptr(idx), *_ll(N, C, H, W, OH, OW),
+                                                 *_ci(*k, *s, *p, *d, minimum, cl))
+            np.testing.assert_array_equal(y, lay(yr))
+            np.testing.assert_array_equal(idx, lay(ir))
+            g = rng.standard_normal(yr.shape).astype(np.float32)
+            dx = np.empty_like(lay(x))
+            getattr(host_lib, "max_bwd_k" + sfx)(fptr(lay(g)), fptr(idx), fptr(dx), *_ll(N, C, H, W, OH, OW),
+                                                 *_ci(*k, *s, *p, *d, cl))
+            np.testing.assert_allclose(dx, lay(R.max_pool2d_backward(g, ir, x.shape)), rtol=1e-6, atol=1e-6)
+        return
+    k, s, p, ceil, cip, dov = geo
+    k, s, p = (R._pair(v, 2) for v in (k, k if s is None else s, p))
+    x = np.nan_to_num(x)
+    yr = R.avg_pool2d(x, k, s, p, ceil, cip, dov)
+    OH, OW = yr.shape[-2:]
+    y = np.empty_like(lay(yr))
+    getattr(host_lib, "avg_fwd_k" + sfx)(fptr(lay(x)), fptr(y), *_ll(N, C, H, W, OH, OW),
+                                         *_ci(*k, *s, *p, int(cip), dov or 0, cl))
+    np.testing.assert_allclose(y, lay(yr), rtol=1e-6, atol=1e-6)
+    g = rng.standard_normal(yr.shape).astype(np.float32)
+    dx = np.empty_like(lay(x))
+    getattr(host_lib, "avg_bwd_k" + sfx)(fptr(lay(g)), fptr(dx), *_ll(N, C, H, W, OH, OW),
+                                         *_ci(*k, *s, *p, int(cip), dov or 0, cl))
+    np.testing.assert_allclose(dx, lay(R.avg_pool2d_backward(g, x.shape, k, s, p, ceil, cip, dov)), rtol=1e-5, atol=1e-6)
+
+
 @_INDEX
 @pytest.mark.parametrize("geo", AVG2D, ids=str)
 def test_cuda_avg_math_on_host(host_lib, geo, sfx, rng):
@@ -601,6 +711,7 @@ def test_cuda_avg_math_on_host(host_lib, geo, sfx, rng):
 @pytest.mark.parametrize("defines", [
     {"POOL_T": "gn_f16", "POOL_THREADS": 128}, {"POOL_T": "gn_bf16", "POOL_THREADS": 512}, {"POOL_T": "double"},
     {"POOL_T": "float", "POOL_NARROW": 1}, {"POOL_T": "gn_bf16", "POOL_NARROW": 1},
+    {"POOL_T": "float", "POOL_NARROW": 1, "POOL_CL": 1}, {"POOL_T": "gn_f16", "POOL_CL": 1},
 ], ids=str)
 def test_pool_cu_compiles_with_defines(defines):
     from gpu_nn.kernels import cuda as kcuda

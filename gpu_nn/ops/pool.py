@@ -16,9 +16,9 @@ unbatched input gets N = 1) and call one of four custom ops:
 Backends: reference, triton, cupy (CUDA C in ``kernels/cuda/pool.cu``). Layouts are torch's: a
 channels_last input (4-D, channels_last and not also contiguous) gives channels_last values,
 indices and input gradient (the backward ops' ``channels_last`` says the input was); every other
-input contiguous ones. Every backend reads inputs of any layout in place; the Triton kernels
-write channels_last results directly (channels fastest across a warp), the CUDA C ones through
-a contiguous buffer and a copy.
+input contiguous ones. Every backend reads inputs of any layout in place; the Triton and the
+CUDA C kernels write channels_last results directly (channels fastest across a warp; pool.cu's
+POOL_CL), no buffer and copy.
 """
 
 from __future__ import annotations
@@ -389,15 +389,8 @@ def max_pool_forward(x: Tensor, kernel_size, stride, padding, dilation, ceil_mod
         ktriton, kt = triton_kernels("pool")
 
         kt.max_pool2d_forward(x, out, kidx, k, s, p, d, minimum, ktriton.INTERPRET, choose=_chooser(x.device))
-    elif fmt is _CL:  # the CUDA C kernels write NCHW: into channels_last through a copy
-        o = torch.empty(out.shape, dtype=out.dtype, device=out.device)
-        i = torch.empty(out.shape, dtype=torch.int64, device=out.device) if need_indices else None
-        _cupy_max_forward(x, o, i, k, s, p, d, minimum)
-        out.copy_(o)
-        if need_indices:
-            idx.copy_(i)
-    else:
-        _cupy_max_forward(x, out, kidx, k, s, p, d, minimum)
+    else:  # the CUDA C kernels write either layout as it lies (POOL_CL)
+        _cupy_max_forward(x, out, kidx, k, s, p, d, minimum, fmt is _CL)
     return out, idx
 
 
@@ -445,12 +438,9 @@ def max_pool_backward(grad_output: Tensor, indices: Tensor, input_size, kernel_s
 
         g, ix = grad_output.contiguous(memory_format=fmt), indices.contiguous(memory_format=fmt)
         kt.max_pool2d_backward(g, ix, gi, k, s, p, d, ktriton.INTERPRET, choose=_chooser(g.device))
-    elif fmt is _CL:  # the CUDA C kernels write NCHW: into channels_last through a copy
-        tmp = torch.empty(size, dtype=gi.dtype, device=gi.device)
-        _cupy_max_backward(grad_output.contiguous(), indices.contiguous(), tmp, k, s, p, d)
-        gi.copy_(tmp)
     else:
-        _cupy_max_backward(grad_output.contiguous(), indices.contiguous(), gi, k, s, p, d)
+        g, ix = grad_output.contiguous(memory_format=fmt), indices.contiguous(memory_format=fmt)
+        _cupy_max_backward(g, ix, gi, k, s, p, d, fmt is _CL)
     return gi
 
 
@@ -489,12 +479,8 @@ def avg_pool_forward(x: Tensor, kernel_size, stride, padding, ceil_mode: bool, c
 
         kt.avg_pool2d_forward(x, out, k, s, p, ceil_mode, count_include_pad, divisor_override or 0, ktriton.INTERPRET,
                               choose=_chooser(x.device))
-    elif fmt is _CL:  # the CUDA C kernels write NCHW: into channels_last through a copy
-        tmp = torch.empty(out.shape, dtype=out.dtype, device=out.device)
-        _cupy_avg_forward(x, tmp, k, s, p, count_include_pad, divisor_override or 0)
-        out.copy_(tmp)
     else:
-        _cupy_avg_forward(x, out, k, s, p, count_include_pad, divisor_override or 0)
+        _cupy_avg_forward(x, out, k, s, p, count_include_pad, divisor_override or 0, fmt is _CL)
     return out
 
 
@@ -535,12 +521,9 @@ def avg_pool_backward(grad_output: Tensor, input_size, kernel_size, stride, padd
         g = grad_output.contiguous(memory_format=fmt)
         kt.avg_pool2d_backward(g, gi, k, s, p, count_include_pad, divisor_override or 0, ktriton.INTERPRET,
                                choose=_chooser(g.device))
-    elif fmt is _CL:  # the CUDA C kernels write NCHW: into channels_last through a copy
-        tmp = torch.empty(size, dtype=gi.dtype, device=gi.device)
-        _cupy_avg_backward(grad_output.contiguous(), tmp, k, s, p, count_include_pad, divisor_override or 0)
-        gi.copy_(tmp)
     else:
-        _cupy_avg_backward(grad_output.contiguous(), gi, k, s, p, count_include_pad, divisor_override or 0)
+        _cupy_avg_backward(grad_output.contiguous(memory_format=fmt), gi, k, s, p, count_include_pad,
+                           divisor_override or 0, fmt is _CL)
     return gi
 
 
@@ -567,20 +550,21 @@ def _narrow(*tensors) -> bool:
     return True
 
 
-def _cuda_module(dtype: torch.dtype, device: torch.device, narrow: bool):
+def _cuda_module(dtype: torch.dtype, device: torch.device, narrow: bool, cl: bool = False):
     kcuda = cuda_kernels()
 
     if dtype not in _CUDA_TYPES:
         raise KernelInputError(f"pool (cupy): unsupported dtype {dtype}")
-    return kcuda.load("pool", {"POOL_T": _CUDA_TYPES[dtype], "POOL_THREADS": _CUDA_THREADS, "POOL_NARROW": int(narrow)},
-                      device.index or 0)
+    return kcuda.load("pool", {"POOL_T": _CUDA_TYPES[dtype], "POOL_THREADS": _CUDA_THREADS, "POOL_NARROW": int(narrow),
+                               "POOL_CL": int(cl)}, device.index or 0)
 
 
-def _cuda_launch(kernel: str, n: int, args, device: torch.device, narrow: bool):
+def _cuda_launch(kernel: str, n: int, args, device: torch.device, narrow: bool, cl: bool):
+    """``cl``: the outputs (and a backward's gradient and indices) in channels_last order."""
     kcuda = cuda_kernels()
 
     blocks = min((n + _CUDA_THREADS - 1) // _CUDA_THREADS, 65535 * 32)
-    mod = _cuda_module(args[0].dtype, device, narrow)
+    mod = _cuda_module(args[0].dtype, device, narrow, cl)
     kcuda.launch(mod, kernel, (blocks,), (_CUDA_THREADS,), args, device=device.index or 0)
 
 
@@ -588,36 +572,40 @@ def _i64(*vals):
     return tuple(np.int64(v) for v in vals)
 
 
-def _cupy_max_forward(x, out, idx, k, s, p, d, minimum):
+# The launches below take their outputs (and a backward's gradient and indices) dense: contiguous,
+# or with ``cl`` in channels_last order (pool.cu's POOL_CL); the forward's input with any strides.
+
+
+def _cupy_max_forward(x, out, idx, k, s, p, d, minimum, cl=False):
     """``idx`` None: the values only (a null pointer: the kernel skips the index stores)."""
     N, C, H, W = x.shape
     _, _, oh, ow = out.shape
     args = (x, out, np.uint64(0) if idx is None else idx, *_i64(N * C * oh * ow, C, H, W, oh, ow, *x.stride()),
             *(np.int32(v) for v in (*k, *s, *p, *d)), np.int32(1 if minimum else 0))
-    _cuda_launch("pool_max_fwd", out.numel(), args, x.device, _narrow(x, out))
+    _cuda_launch("pool_max_fwd", out.numel(), args, x.device, _narrow(x, out), cl)
 
 
-def _cupy_max_backward(g, ix, gi, k, s, p, d):
+def _cupy_max_backward(g, ix, gi, k, s, p, d, cl=False):
     N, C, H, W = gi.shape
     _, _, oh, ow = g.shape
-    args = (g, ix, gi, *_i64(gi.numel(), H, W, oh, ow), *(np.int32(v) for v in (*k, *s, *p, *d)))
-    _cuda_launch("pool_max_bwd", gi.numel(), args, g.device, _narrow(g, gi))
+    args = (g, ix, gi, *_i64(gi.numel(), C, H, W, oh, ow), *(np.int32(v) for v in (*k, *s, *p, *d)))
+    _cuda_launch("pool_max_bwd", gi.numel(), args, g.device, _narrow(g, gi), cl)
 
 
-def _cupy_avg_forward(x, out, k, s, p, count_include_pad, divisor):
+def _cupy_avg_forward(x, out, k, s, p, count_include_pad, divisor, cl=False):
     N, C, H, W = x.shape
     _, _, oh, ow = out.shape
     args = (x, out, *_i64(out.numel(), C, H, W, oh, ow, *x.stride()), *(np.int32(v) for v in (*k, *s, *p)),
             np.int32(int(count_include_pad)), np.int32(divisor))
-    _cuda_launch("pool_avg_fwd", out.numel(), args, x.device, _narrow(x, out))
+    _cuda_launch("pool_avg_fwd", out.numel(), args, x.device, _narrow(x, out), cl)
 
 
-def _cupy_avg_backward(g, gi, k, s, p, count_include_pad, divisor):
+def _cupy_avg_backward(g, gi, k, s, p, count_include_pad, divisor, cl=False):
     N, C, H, W = gi.shape
     _, _, oh, ow = g.shape
-    args = (g, gi, *_i64(gi.numel(), H, W, oh, ow), *(np.int32(v) for v in (*k, *s, *p)),
+    args = (g, gi, *_i64(gi.numel(), C, H, W, oh, ow), *(np.int32(v) for v in (*k, *s, *p)),
             np.int32(int(count_include_pad)), np.int32(divisor))
-    _cuda_launch("pool_avg_bwd", gi.numel(), args, g.device, _narrow(g, gi))
+    _cuda_launch("pool_avg_bwd", gi.numel(), args, g.device, _narrow(g, gi), cl)
 
 
 # --- custom ops -----------------------------------------------------------------------------

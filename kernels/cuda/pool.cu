@@ -1,8 +1,10 @@
 // Max / min / avg pooling, forward and backward, in CUDA C (launched through CuPy).
 //
 // Shapes: x is [N, C, H, W] with any strides (sxn, sxc, sxh, sxw in elements); y, idx, g
-// are contiguous [N, C, OH, OW]; dx is contiguous [N, C, H, W]. One thread per output
-// (forward) or input (backward) element, grid-stride loops. Index arithmetic in pool_idx:
+// are dense [N, C, OH, OW] and dx dense [N, C, H, W], contiguous, or with POOL_CL in
+// channels_last order (N, H, W, C: torch's layout for a channels_last input, written as it lies
+// instead of through a copy). One thread per output (forward) or input (backward) element in
+// the order of its memory (channels fastest with POOL_CL), grid-stride loops. Index arithmetic in pool_idx:
 // 32-bit int with POOL_NARROW (the launcher's choice where every tensor spans fewer than 2^30
 // elements, so that an index plus the grid's stride stays below 2^31), else int64; the sizes and
 // strides arrive as int64 either way. The backward kernels gather over the windows covering
@@ -13,6 +15,7 @@
 //   POOL_T       element type: float, double, gn_f16 (IEEE half), gn_bf16 (bfloat16)
 //   POOL_THREADS threads per block (launch bound)
 //   POOL_NARROW  1: 32-bit index arithmetic (see above); 0 (default): int64
+//   POOL_CL      1: y, idx, g and dx in channels_last order; 0 (default): contiguous NCHW
 #include "common.cuh"
 
 #ifndef POOL_T
@@ -23,6 +26,9 @@
 #endif
 #ifndef POOL_NARROW
 #define POOL_NARROW 0
+#endif
+#ifndef POOL_CL
+#define POOL_CL 0
 #endif
 #if POOL_NARROW
 typedef int pool_idx;
@@ -59,6 +65,8 @@ __device__ __forceinline__ void gn_store(gn_bf16* p, float v) {
 #define GN_GRID_LOOP(i, total) \
     for (pool_idx i = (pool_idx)blockIdx.x * blockDim.x + threadIdx.x; i < (total); i += (pool_idx)gridDim.x * blockDim.x)
 
+#define GN_PLANE_STRIDE(C) (POOL_CL ? (C) : (pool_idx)1)
+
 extern "C" __global__ void __launch_bounds__(POOL_THREADS)
 pool_max_fwd(const POOL_T* __restrict__ x, POOL_T* __restrict__ y, gn_index* __restrict__ idx, gn_index total_,
              gn_index C_, gn_index H_, gn_index W_, gn_index OH_, gn_index OW_,
@@ -68,9 +76,9 @@ pool_max_fwd(const POOL_T* __restrict__ x, POOL_T* __restrict__ y, gn_index* __r
     const pool_idx OH = (pool_idx)OH_, OW = (pool_idx)OW_;
     const pool_idx sxn = (pool_idx)sxn_, sxc = (pool_idx)sxc_, sxh = (pool_idx)sxh_, sxw = (pool_idx)sxw_;
     GN_GRID_LOOP(o, total) {
-        pool_idx ow = o % OW, t = o / OW;
-        pool_idx oh = t % OH, nc = t / OH;
-        const POOL_T* plane = x + (nc / C) * sxn + (nc % C) * sxc;
+        pool_idx n, c, oh, ow;
+        gn_unravel<pool_idx>(o, C, OH, OW, POOL_CL, &n, &c, &oh, &ow);
+        const POOL_T* plane = x + n * sxn + c * sxc;
         float best;
         gn_index bidx;
         gn_max_window<POOL_T, pool_idx>(plane, sxh, sxw, H, W, oh * SH - PH, ow * SW - PW, KH, KW, DH, DW, minimum,
@@ -89,9 +97,9 @@ pool_avg_fwd(const POOL_T* __restrict__ x, POOL_T* __restrict__ y, gn_index tota
     const pool_idx OH = (pool_idx)OH_, OW = (pool_idx)OW_;
     const pool_idx sxn = (pool_idx)sxn_, sxc = (pool_idx)sxc_, sxh = (pool_idx)sxh_, sxw = (pool_idx)sxw_;
     GN_GRID_LOOP(o, total) {
-        pool_idx ow = o % OW, t = o / OW;
-        pool_idx oh = t % OH, nc = t / OH;
-        const POOL_T* plane = x + (nc / C) * sxn + (nc % C) * sxc;
+        pool_idx n, c, oh, ow;
+        gn_unravel<pool_idx>(o, C, OH, OW, POOL_CL, &n, &c, &oh, &ow);
+        const POOL_T* plane = x + n * sxn + c * sxc;
         gn_store(y + o, gn_avg_window<POOL_T, pool_idx>(plane, sxh, sxw, H, W, oh * SH - PH, ow * SW - PW, KH, KW, PH,
                                                         PW, count_pad, divisor));
     }
@@ -99,27 +107,29 @@ pool_avg_fwd(const POOL_T* __restrict__ x, POOL_T* __restrict__ y, gn_index tota
 
 extern "C" __global__ void __launch_bounds__(POOL_THREADS)
 pool_max_bwd(const POOL_T* __restrict__ g, const gn_index* __restrict__ idx, POOL_T* __restrict__ dx, gn_index total_,
-             gn_index H_, gn_index W_, gn_index OH_, gn_index OW_,
+             gn_index C_, gn_index H_, gn_index W_, gn_index OH_, gn_index OW_,
              int KH, int KW, int SH, int SW, int PH, int PW, int DH, int DW) {
-    const pool_idx total = (pool_idx)total_, H = (pool_idx)H_, W = (pool_idx)W_, OH = (pool_idx)OH_, OW = (pool_idx)OW_;
+    const pool_idx total = (pool_idx)total_, C = (pool_idx)C_, H = (pool_idx)H_, W = (pool_idx)W_;
+    const pool_idx OH = (pool_idx)OH_, OW = (pool_idx)OW_;
     GN_GRID_LOOP(e, total) {
-        pool_idx iw = e % W, t = e / W;
-        pool_idx ih = t % H, nc = t / H;
-        pool_idx ob = nc * OH * OW;
-        gn_store(dx + e, gn_max_gather<POOL_T, pool_idx>(g + ob, idx + ob, ih, iw, W, OH, OW, KH, KW, SH, SW, PH, PW,
-                                                         DH, DW));
+        pool_idx n, c, ih, iw;
+        gn_unravel<pool_idx>(e, C, H, W, POOL_CL, &n, &c, &ih, &iw);
+        pool_idx ob = gn_plane<pool_idx>(n, c, C, OH, OW, POOL_CL);
+        gn_store(dx + e, gn_max_gather<POOL_T, pool_idx>(g + ob, idx + ob, ih, iw, W, OH, OW, GN_PLANE_STRIDE(C), KH, KW,
+                                                         SH, SW, PH, PW, DH, DW));
     }
 }
 
 extern "C" __global__ void __launch_bounds__(POOL_THREADS)
 pool_avg_bwd(const POOL_T* __restrict__ g, POOL_T* __restrict__ dx, gn_index total_,
-             gn_index H_, gn_index W_, gn_index OH_, gn_index OW_,
+             gn_index C_, gn_index H_, gn_index W_, gn_index OH_, gn_index OW_,
              int KH, int KW, int SH, int SW, int PH, int PW, int count_pad, int divisor) {
-    const pool_idx total = (pool_idx)total_, H = (pool_idx)H_, W = (pool_idx)W_, OH = (pool_idx)OH_, OW = (pool_idx)OW_;
+    const pool_idx total = (pool_idx)total_, C = (pool_idx)C_, H = (pool_idx)H_, W = (pool_idx)W_;
+    const pool_idx OH = (pool_idx)OH_, OW = (pool_idx)OW_;
     GN_GRID_LOOP(e, total) {
-        pool_idx iw = e % W, t = e / W;
-        pool_idx ih = t % H, nc = t / H;
-        gn_store(dx + e, gn_avg_gather<POOL_T, pool_idx>(g + nc * OH * OW, ih, iw, H, W, OH, OW, KH, KW, SH, SW, PH, PW,
-                                                         count_pad, divisor));
+        pool_idx n, c, ih, iw;
+        gn_unravel<pool_idx>(e, C, H, W, POOL_CL, &n, &c, &ih, &iw);
+        gn_store(dx + e, gn_avg_gather<POOL_T, pool_idx>(g + gn_plane<pool_idx>(n, c, C, OH, OW, POOL_CL), ih, iw, H, W, OH, OW,
+                                                         GN_PLANE_STRIDE(C), KH, KW, SH, SW, PH, PW, count_pad, divisor));
     }
 }

@@ -33,6 +33,34 @@ GN_HD gn_index gn_pool_out_size(gn_index len, int k, int s, int p, int d, int ce
     return out;
 }
 
+// (n, c, r, q) of dense element e of an [N, C, R, Q] tensor: in contiguous order, or with cl in
+// channels_last order (channels fastest), the order in which the kernels visit the elements.
+template <typename I>
+GN_HD void gn_unravel(I e, I C, I R, I Q, bool cl, I* n, I* c, I* r, I* q) {
+    if (cl) {
+        *c = e % C;
+        I t = e / C;
+        *q = t % Q;
+        t /= Q;
+        *r = t % R;
+        *n = t / R;
+    } else {
+        *q = e % Q;
+        I t = e / Q;
+        *r = t % R;
+        t /= R;
+        *c = t % C;
+        *n = t / C;
+    }
+}
+
+// The first element of (n, c)'s [OH, OW] plane in a dense output (values, indices, gradient):
+// its positions are 1 apart in contiguous order, C apart (gn_max_gather's SO) with cl.
+template <typename I>
+GN_HD I gn_plane(I n, I c, I C, I OH, I OW, bool cl) {
+    return cl ? n * OH * OW * C + c : (n * C + c) * OH * OW;
+}
+
 // Max (minimum != 0: min) over the window whose first tap is (h0, w0) of the plane at x.
 template <typename T, typename I>
 GN_HD void gn_max_window(const T* x, I sxh, I sxw, I H, I W, I h0, I w0,
@@ -93,13 +121,15 @@ GN_HD float gn_avg_window(const T* x, I sxh, I sxw, I H, I W, I h0, I w0,
 }
 
 // Gradient of input element (ih, iw): the sum of g over the windows covering it whose saved
-// index names it. g and idx point at the [OH, OW] plane of this element's (n, c). The windows
+// index names it. g and idx point at the [OH, OW] plane of this element's (n, c), its output
+// positions SO elements apart (1 for NCHW, C for channels_last, where the channels of one
+// position lie together). The windows
 // that can cover row ih start at or before it and reach it: oh from (ih + PH) / SH down while
 // oh * SH - PH + (KH - 1) * DH >= ih (one division per dimension, none per window). With
 // dilation some of them skip ih; their saved index then names another element. Visited in the
 // order of decreasing oh, then ow, as the taps of a window are (so the same float sums).
 template <typename T, typename I>
-GN_HD float gn_max_gather(const T* g, const gn_index* idx, I ih, I iw, I W, I OH, I OW,
+GN_HD float gn_max_gather(const T* g, const gn_index* idx, I ih, I iw, I W, I OH, I OW, I SO,
                           int KH, int KW, int SH, int SW, int PH, int PW, int DH, int DW) {
     float acc = 0.0f;
     I target = ih * W + iw;
@@ -109,7 +139,7 @@ GN_HD float gn_max_gather(const T* g, const gn_index* idx, I ih, I iw, I W, I OH
         if (oh >= OH) continue;
         for (I ow = left; ow >= 0 && ow * SW - PW + reach_w >= iw; --ow) {
             if (ow >= OW) continue;
-            I o = oh * OW + ow;
+            I o = (oh * OW + ow) * SO;
             if (idx[o] == target) acc += gn_to_float(g[o]);
         }
     }
@@ -117,7 +147,7 @@ GN_HD float gn_max_gather(const T* g, const gn_index* idx, I ih, I iw, I W, I OH
 }
 
 template <typename T, typename I>
-GN_HD float gn_avg_gather(const T* g, I ih, I iw, I H, I W, I OH, I OW,
+GN_HD float gn_avg_gather(const T* g, I ih, I iw, I H, I W, I OH, I OW, I SO,
                           int KH, int KW, int SH, int SW, int PH, int PW, int count_pad, int divisor) {
     float acc = 0.0f;
     I left = (iw + PW) / SW;
@@ -127,7 +157,7 @@ GN_HD float gn_avg_gather(const T* g, I ih, I iw, I H, I W, I OH, I OW,
             if (ow >= OW) continue;
             bool empty;
             float div = gn_avg_divisor<I>(oh * SH - PH, ow * SW - PW, H, W, KH, KW, PH, PW, count_pad, divisor, &empty);
-            if (!empty) acc += gn_to_float(g[oh * OW + ow]) / div;
+            if (!empty) acc += gn_to_float(g[(oh * OW + ow) * SO]) / div;
         }
     }
     return acc;
