@@ -747,6 +747,21 @@ def softmax_bwd_rows(g, y, dx, rows: int, n: int, log: bool, interpret: bool) ->
 
 
 @triton.jit
+def _ce_online(x, w, mask, m_vec, s_vec, lin, wsum):
+    """One tile of the cross-entropy forward's per-lane pass (:func:`_ce_fwd_kernel`): logits x
+    (-inf where masked), weights w (0 where masked) -> the running max, the rescaled sum of exp,
+    the weighted sum of x - (running max) and the weight sum, elementwise (any tile shape)."""
+    # NaN must reach the sum: tl.maximum drops it by default (fmaxf)
+    m_new = tl.maximum(m_vec, x, propagate_nan=tl.PropagateNan.ALL)
+    s_vec = tl.where(m_new == float("-inf"), 0.0, s_vec * tl.exp(m_vec - m_new) + tl.exp(x - m_new))
+    # an unchanged max (or no weight yet) moves nothing: avoids inf - inf and 0 * inf
+    lin += tl.where((m_vec == m_new) | (wsum == 0.0), 0.0, wsum * (m_vec - m_new))
+    # a lane that has seen only -inf adds w * -inf (torch's w_c * logp_c there), not -inf - -inf
+    lin += tl.where(mask, w * tl.where(m_new == float("-inf"), x, x - m_new), 0.0)
+    return m_new, s_vec, lin, wsum + w
+
+
+@triton.jit
 def _ce_fwd_kernel(x_ptr, t_ptr, w_ptr, loss_ptr, stats_ptr, C, ignore_index, eps,
                    PROB: tl.constexpr, HAS_W: tl.constexpr, BLOCK: tl.constexpr):
     """Per-row cross entropy of contiguous logits [M, C], in ONE pass over the logits.
@@ -779,9 +794,6 @@ def _ce_fwd_kernel(x_ptr, t_ptr, w_ptr, loss_ptr, stats_ptr, C, ignore_index, ep
         cols = start + tl.arange(0, BLOCK).to(tl.int64)
         mask = cols < C
         x = tl.load(x_ptr + base + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        # NaN must reach the sum: tl.maximum drops it by default (fmaxf)
-        m_new = tl.maximum(m_vec, x, propagate_nan=tl.PropagateNan.ALL)
-        s_vec = tl.where(m_new == float("-inf"), 0.0, s_vec * tl.exp(m_vec - m_new) + tl.exp(x - m_new))
         if HAS_W:
             w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         else:
@@ -789,12 +801,7 @@ def _ce_fwd_kernel(x_ptr, t_ptr, w_ptr, loss_ptr, stats_ptr, C, ignore_index, ep
         if PROB:
             t = tl.load(t_ptr + base + cols, mask=mask, other=0.0).to(tl.float32)
             w = w * (t * (1.0 - eps) + eps / C)
-        # an unchanged max (or no weight yet) moves nothing: avoids inf - inf and 0 * inf
-        lin += tl.where((m_vec == m_new) | (wsum == 0.0), 0.0, wsum * (m_vec - m_new))
-        # a lane that has seen only -inf adds w * -inf (torch's w_c * logp_c there), not -inf - -inf
-        lin += tl.where(mask, w * tl.where(m_new == float("-inf"), x, x - m_new), 0.0)
-        wsum += w
-        m_vec = m_new
+        m_vec, s_vec, lin, wsum = _ce_online(x, w, mask, m_vec, s_vec, lin, wsum)
     m = tl.max(m_vec, 0)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     log_s = tl.log(tl.sum(s_vec * tl.exp(m_vec - m_safe), 0))
@@ -967,8 +974,6 @@ def _ce_fwd_mid_kernel(x_ptr, t_ptr, w_ptr, loss_ptr, stats_ptr, C, INNER, M, ig
     for c0 in range(0, C, BLOCK_C):
         off, msk = _mid_tile(base, c0, C, INNER, offs_i, mi, BLOCK_C)
         x = tl.load(x_ptr + off, mask=msk, other=float("-inf")).to(tl.float32)
-        m_new = tl.maximum(m_vec, x, propagate_nan=tl.PropagateNan.ALL)
-        s_vec = tl.where(m_new == float("-inf"), 0.0, s_vec * tl.exp(m_vec - m_new) + tl.exp(x - m_new))
         if HAS_W:
             cs = c0 + tl.arange(0, BLOCK_C)
             wc = tl.load(w_ptr + cs, mask=cs < C, other=0.0).to(tl.float32)
@@ -978,10 +983,7 @@ def _ce_fwd_mid_kernel(x_ptr, t_ptr, w_ptr, loss_ptr, stats_ptr, C, INNER, M, ig
         if PROB:
             t = tl.load(t_ptr + off, mask=msk, other=0.0).to(tl.float32)
             w = w * (t * (1.0 - eps) + eps / C)
-        lin += tl.where((m_vec == m_new) | (wsum == 0.0), 0.0, wsum * (m_vec - m_new))
-        lin += tl.where(msk, w * tl.where(m_new == float("-inf"), x, x - m_new), 0.0)
-        wsum += w
-        m_vec = m_new
+        m_vec, s_vec, lin, wsum = _ce_online(x, w, msk, m_vec, s_vec, lin, wsum)
     m = tl.max(m_vec, 0)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     log_s = tl.log(tl.sum(s_vec * tl.exp(m_vec - m_safe[None, :]), 0))
