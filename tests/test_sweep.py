@@ -280,25 +280,26 @@ def _budget(calls, part):
 
 def test_gpu_measure_script_steps_summary_and_archive(tmp_path):
     """benchmarks/gpu_measure.sh with a stand-in python: the steps run in order, the two sweeps
-    share what the profile and the rest leave (in proportion to their wants: 150 + 25 and 120 +
-    25 s), each step's result line reaches summary.txt, a failed profile fails the script, and
-    everything lands in one archive beside OUTDIR."""
+    share what the profile and the demo's two steps leave (in proportion to their wants: 150 + 25
+    and 120 + 25 s), each step's result line reaches summary.txt, a failed profile fails the
+    script, and everything lands in one archive beside OUTDIR."""
     r, out, calls = _measure(tmp_path, 300)
     assert r.returncode == 1, r.stdout + r.stderr  # the profile failed
     summary = (out / "summary.txt").read_text()
     steps = [line.split(":")[0] for line in summary.splitlines() if not line.startswith(" ")]
-    assert steps == ["sweep", "rnn", "profile", "kernel_counts", "demo", "demo-profile", "demo-compile",
+    assert steps == ["sweep", "rnn", "profile", "demo", "demo-profile", "kernel_counts", "demo-compile",
                      "demo-persistent-lstm", "demo-persistent-gru", "total"]
     assert "  sweep: 191 rows, complete" in summary and "  profile: 20 of 22" in summary
     assert "  demo profile: 6 of 6 regions profiled" in summary
     (demo_call,) = [c for c in calls if "--only demo" in c]
-    assert demo_call.endswith("--only demo --profile-budget-s 30")
+    assert demo_call.endswith("--only demo --profile-budget-s 20")
     assert "  rnn: 240 rows, complete" in summary
     assert "profile: rc=3" in summary and "total:" in summary and "sweep rc=0, rnn rc=0, profile rc=3" in summary
     assert calls[0] == "-c import gpu_nn"  # installed already: no pip
-    # 300 - 60 (profile) - 30 (rest) = 210 s of limits: 114 and 96, less 25 s each for the process
+    # 300 - 60 (profile) - 75 (the demo and its profile) = 165 s of limits: 90 and 75, less 25 s
+    # each for the process
     sw, rnn = _budget(calls, "sweep"), _budget(calls, "rnn")
-    assert 85 <= sw <= 89 and 67 <= rnn <= 71 and sw + rnn + 2 * 25 + 60 + 30 <= 300
+    assert 62 <= sw <= 65 and 48 <= rnn <= 51 and sw + rnn + 2 * 25 + 60 + 75 <= 300
     (profile_call,) = [c for c in calls if "--only profile" in c]
     assert profile_call.endswith("--profile-budget-s 40")
     assert f"-m gpu_nn.benchmarks.kernel_counts --out {out}/counts.json" in calls
