@@ -19,7 +19,8 @@
 #                  The two sweeps share what the profile and REST seconds leave, in proportion to
 #                  what each wants: GPU_MEASURE_SWEEP_S (default 150) and GPU_MEASURE_RNN_S
 #                  (default 120) seconds of measuring, each plus MARGIN for its process; each gets
-#                  all it wants when the budget holds both
+#                  all it wants when the budget holds both. GPU_MEASURE_REST_S (default 75) is what
+#                  they leave for the demo and its profile
 #   profile        ... --only profile: torch.profiler breakdown of one warm fwd+bwd per op, ours
 #                  against torch: every GPU event, wall time, GPU busy / idle (profile.json,
 #                  profile.txt)
@@ -51,7 +52,7 @@ fi
 SW=("$PY" -m gpu_nn.benchmarks.sweep --out "$OUTDIR")
 PROFILE_S=60   # the profile step's limit; it starts no new case after PROFILE_S - 20
 MARGIN=25      # a sweep's limit over its own budget: imports, CUDA start, the row in flight
-REST=75        # kept for the demo (50 s) and its profile (25 s): the demo goal's only figures
+REST=${GPU_MEASURE_REST_S:-75}  # kept for the demo (50 s) and its profile (25 s): the demo goal's only figures
 # the two sweeps share what the profile and REST leave, in proportion to their wants
 AVAIL=$(( $(left) - PROFILE_S - REST ))
 WANT_SW=$(( SWEEP_S + MARGIN )); WANT_RNN=$(( RNN_S + MARGIN ))

@@ -261,6 +261,7 @@ def test_without_a_gpu_the_command_says_so_and_succeeds(tmp_path, monkeypatch, c
 def _measure(tmp_path, budget, import_ok=True):
     env = {**os.environ, "GPU_MEASURE_BUDGET_S": str(budget)}
     env.pop("GPU_MEASURE_SWEEP_S", None)
+    env.pop("GPU_MEASURE_REST_S", None)
     return run_bench_script(
         tmp_path, "gpu_measure.sh",
         ("" if import_ok else 'case "$*" in "-c import gpu_nn") exit 1;; esac\n')
