@@ -128,10 +128,11 @@ def _gathered(x, plan, fill):
     return xf.take(gather, axis=1)  # C-contiguous (fancy indexing may lay the result out transposed)
 
 
-def _max2d_small(x, plan):
+def _max2d_small(x, plan, indices=True):
     """The gather path of :func:`_max2d`, or None where it would differ: a NaN (torch keeps the
     last NaN of a window, argmax the first) or an infinite maximum (a window of -inf only
-    keeps its first in-input position; the loop path handles both)."""
+    keeps its first in-input position; the loop path handles both). ``indices`` False: the
+    values alone (the indices None)."""
     oh, ow, pos, _, _ = plan
     g = _gathered(x, plan, -np.inf)
     shape = x.shape[:-2] + (oh, ow)
@@ -139,6 +140,8 @@ def _max2d_small(x, plan):
     # their memory, which the torch layer wraps without a copy
     vals = np.empty(shape, x.dtype)
     g.max(-1, out=vals.reshape(g.shape[:2]))
+    if not indices:  # no NaN / infinity question: the maximum is the maximum
+        return vals, None
     if not np.isfinite(vals).all():
         return None
     am = g.argmax(-1)  # first maximum in row-major tap order: torch's tie rule
@@ -148,14 +151,15 @@ def _max2d_small(x, plan):
     return vals, idx
 
 
-def _max2d(x, k, s, p, d, ceil_mode):
-    """Core of max pooling on ``[..., H, W]``: returns (values, int64 flat indices)."""
+def _max2d(x, k, s, p, d, ceil_mode, indices=True):
+    """Core of max pooling on ``[..., H, W]``: returns (values, int64 flat indices); with
+    ``indices`` False the indices may be None (the small path then skips them)."""
     x = np.asarray(x)
     H, W = x.shape[-2:]
     oh, ow = out_size(H, k[0], s[0], p[0], d[0], ceil_mode), out_size(W, k[1], s[1], p[1], d[1], ceil_mode)
     lead = x.shape[:-2]
     if 0 < x.size and oh > 0 and ow > 0 and x.size // (H * W) * oh * ow * k[0] * k[1] <= SMALL:
-        got = _max2d_small(x, _window_plan(H, W, tuple(k), tuple(s), tuple(p), tuple(d), bool(ceil_mode)))
+        got = _max2d_small(x, _window_plan(H, W, tuple(k), tuple(s), tuple(p), tuple(d), bool(ceil_mode)), indices)
         if got is not None:
             return got
     out = np.full(lead + (oh, ow), -np.inf, dtype=x.dtype)

@@ -1206,7 +1206,10 @@ def test_values_only_max_pooling(backend, device, form, rng, monkeypatch):
     monkeypatch.setattr(P, "max_pool_forward", lambda *a: seen.append(a[-1]) or real(*a))
     dtype = gpu_dtypes_for(backend, device)[0]
     for layout in ("contig", "channels_last"):
-        x = _layouts(randn(rng, 2, 3, 11, 9).to(dtype), layout).to(device)
+        x0 = randn(rng, 2, 3, 11, 9)
+        x0[0, 0, 4, 4], x0[1, 2, 6, 5], x0[0, 1, :4, :4] = float("nan"), float("inf"), float("-inf")
+        x0[1, 1, :4, :4] = float("inf")  # min pooling's all -inf windows
+        x = _layouts(x0.to(dtype), layout).to(device)
         with gpu_nn.backend(backend):
             y = F.max_pool2d(x, 3, 2, 1)
             z = F.min_pool2d(x, 3, 2, 1)
@@ -1214,9 +1217,11 @@ def test_values_only_max_pooling(backend, device, form, rng, monkeypatch):
                 w = F.max_pool1d(x.detach().requires_grad_()[0], 3, 2, 1)
         assert seen == [False, False, False] and stores in ([], [False, False, False]), (seen, stores)
         assert y.stride() == TF.max_pool2d(x, 3, 2, 1).stride()
-        torch.testing.assert_close(y, TF.max_pool2d(x, 3, 2, 1), rtol=0, atol=0)
-        torch.testing.assert_close(z, -TF.max_pool2d(-x, 3, 2, 1), rtol=0, atol=0)
-        torch.testing.assert_close(w, TF.max_pool1d(x[0], 3, 2, 1), rtol=0, atol=0)
+        # NaN propagates, a window of -inf (+inf for min) gives -inf (+inf), as torch's
+        torch.testing.assert_close(y, TF.max_pool2d(x, 3, 2, 1), rtol=0, atol=0, equal_nan=True)
+        torch.testing.assert_close(z, -TF.max_pool2d(-x, 3, 2, 1), rtol=0, atol=0, equal_nan=True)
+        torch.testing.assert_close(w, TF.max_pool1d(x[0], 3, 2, 1), rtol=0, atol=0, equal_nan=True)
+        assert torch.isnan(y).any() and torch.isinf(y).any() and torch.isinf(z).any()
         seen.clear()
         stores.clear()
         with gpu_nn.backend(backend):

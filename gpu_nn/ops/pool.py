@@ -371,7 +371,7 @@ def max_pool_forward(x: Tensor, kernel_size, stride, padding, dilation, ceil_mod
         xn = to_numpy(x)
         if minimum:
             xn = -xn
-        vals, idx = ref._max2d(xn, k, s, p, d, ceil_mode)
+        vals, idx = ref._max2d(xn, k, s, p, d, ceil_mode, need_indices)
         if minimum:
             np.negative(vals, out=vals)
         dev, cl = x.device, _channels_last(x)
