@@ -1008,9 +1008,12 @@ def _make_softmax(shape, dim):
     return make
 
 
-def _make_ce(prob=False, weight=False, smoothing=0.0, reduction="mean", kdim=False):
+def _make_ce(prob=False, weight=False, smoothing=0.0, reduction="mean", kdim=False, shape=None):
+    """A check case's inputs: logits of ``shape`` (default [7, 29, 3] with ``kdim``, else
+    [13, 29]), class indices (every fourth one the ignored class 2) or probabilities."""
+    shape = shape or ((7, 29, 3) if kdim else (13, 29))
+
     def make(rng):
-        shape = (7, 29, 3) if kdim else (13, 29)
         x = _t(rng, *shape, scale=2.0)
         if prob:
             t = torch.from_numpy(rng.random(shape))
@@ -1044,4 +1047,8 @@ CHECK_CASES = [
               backends=BACKENDS),
     CheckCase(op="cross_entropy prob", make=_make_ce(prob=True, weight=True, smoothing=0.2), fn=cross_entropy,
               backends=BACKENDS),
+    # [N, C, H, W] logits as a segmentation loss has them: 45 positions per class, the Triton
+    # route's middle-dim kernels (no transpose), in every dtype a GPU runs
+    CheckCase(op="cross_entropy dim 1 map", make=_make_ce(weight=True, smoothing=0.1, shape=(3, 7, 5, 9)),
+              fn=cross_entropy, backends=BACKENDS),
 ]
