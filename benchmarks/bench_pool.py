@@ -6,7 +6,8 @@ fallback (through ``gpu_nn.functional`` with the reference backend) against torc
 GPU (issue 5): max_pool2d 3x3/2 (padding 1, ResNet's stem pool) on 32x64x112x112, torch
 (cuDNN/ATen) against our Triton and CUDA C kernels, forward for inference (no indices wanted:
 ours writes the values alone, torch's CUDA kernel its indices as well), forward (values + int64
-indices, as a training forward writes them) and forward+backward; GB/s against the bytes each call must move,
+indices, as a training forward writes them) and forward+backward, the latter also in channels_last (float32);
+GB/s against the bytes each call must move,
 plus a torch copy of the same tensor as the measured copy bandwidth ("% of copy" = pool GB/s /
 copy GB/s).
 """
@@ -69,13 +70,14 @@ def _copy(make):
     return setup
 
 
-def _inputs(shape, device, dtype, padding=1):
+def _inputs(shape, device, dtype, padding=1, channels_last=False):
     N, C, H, W = shape
     oh, ow = (H + 2 * padding - 3) // 2 + 1, (W + 2 * padding - 3) // 2 + 1
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
 
     def make():
-        return (torch.randn(shape, device=device, dtype=dtype),
-                torch.randn((N, C, oh, ow), device=device, dtype=dtype))
+        return (torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=fmt),
+                torch.randn((N, C, oh, ow), device=device, dtype=dtype).contiguous(memory_format=fmt))
     return make, N * C * oh * ow
 
 
@@ -117,6 +119,15 @@ def cases(device: str, quick: bool) -> list[harness.Case]:
             {"torch": _fwd_bwd(TF.max_pool2d, None, make), "triton": _fwd_bwd(F.max_pool2d, "triton", make),
              "cupy": _fwd_bwd(F.max_pool2d, "cupy", make)},
             device=device, bytes=n_in * es + n_out * (es + 8) + n_out * (es + 8) + n_in * es))
+        if dtype == torch.float32:
+            # channels_last in and out, as a channels_last network pools (torch keeps the layout;
+            # ours writes it directly, the CUDA C kernels since pool.cu's POOL_CL)
+            make_cl, _ = _inputs(shape, device, dtype, channels_last=True)
+            out.append(harness.Case(
+                "pool", "max_pool2d 3x3/2 p1 fwd+bwd channels_last", tag,
+                {"torch": _fwd_bwd(TF.max_pool2d, None, make_cl), "triton": _fwd_bwd(F.max_pool2d, "triton", make_cl),
+                 "cupy": _fwd_bwd(F.max_pool2d, "cupy", make_cl)},
+                device=device, bytes=n_in * es + n_out * (es + 8) + n_out * (es + 8) + n_in * es))
     return out
 
 
