@@ -73,9 +73,11 @@ region, host-bound gaps), and the CPU ops with the most self time. ``DIR/profile
 compact table (kernel, count, total us per provider), ``DIR/profile.txt``, printed last.
 
 (d) ``demo`` (only when asked for): ``DEMO_STEPS`` training steps of each ``gpu-nn demo`` model,
-ours (auto backend) against its torch twin, profiled as (b) and once more under cProfile: the
-GPU busy time against the wall time says whether a step is host-bound, the Python functions
-with the most own time say where the host spends it (``DIR/demo_profile.json`` / ``.txt``).
+ours (auto backend) against its torch twin, then the recurrent models' steps with every time
+loop one persistent Triton launch (``GPU_NN_RNN_PERSISTENT=1``), profiled as (b) and once more
+under cProfile: the GPU busy time against the wall time says whether a step is host-bound, the
+Python functions with the most own time say where the host spends it
+(``DIR/demo_profile.json`` / ``.txt``).
 
     python -m gpu_nn.benchmarks.sweep --out DIR [--budget-s S] [--only sweep|rnn|profile|demo]
 
@@ -1766,10 +1768,27 @@ def run_profile(cases, out_dir: str, budget_s: float, profile=profile_one, clock
 DEMO_STEPS = 10  # training steps per profiled region (the demo's batch, 32)
 
 
-def demo_step_setup(model: str, impl: str, device: str = "cuda", steps: int = DEMO_STEPS, seed: int = 0):
+@contextlib.contextmanager
+def environment(values: dict):
+    """``os.environ`` updated with ``values`` inside the block, restored after (unset where it was)."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def demo_step_setup(model: str, impl: str, device: str = "cuda", steps: int = DEMO_STEPS, seed: int = 0,
+                    backend: str = "auto", env: dict | None = None):
     """setup() -> run(): ``steps`` training steps of ``gpu-nn demo``'s ``model`` (its network,
     optimizer, learning rate and clipping, one batch of 32 of its shape), built from gpu_nn under
-    the auto backend (``impl`` "ours": what the demo runs) or from torch (its twin)."""
+    ``backend`` (``impl`` "ours"; auto: what the demo runs) or from torch (its twin); ``env``:
+    environment variables set around every call of ours (``GPU_NN_RNN_PERSISTENT``, say)."""
     import gpu_nn
     from gpu_nn import demo
 
@@ -1785,10 +1804,10 @@ def demo_step_setup(model: str, impl: str, device: str = "cuda", steps: int = DE
             net = demo.build(model, side.nn).to(device)
         opt = getattr(side.optim, hp["optimizer"])(net.parameters(), lr=hp["lr"])
         loss_fn = side.nn.CrossEntropyLoss()
-        ctx = (lambda: gpu_nn.backend("auto")) if impl == "ours" else contextlib.nullcontext
+        ctx = (lambda: gpu_nn.backend(backend)) if impl == "ours" else contextlib.nullcontext
 
         def run():
-            with ctx():
+            with ctx(), environment(env or {}):
                 for _ in range(steps):
                     opt.zero_grad()
                     loss = loss_fn(net(x), y)
@@ -1803,11 +1822,22 @@ def demo_step_setup(model: str, impl: str, device: str = "cuda", steps: int = DE
 
 def demo_profile_cases(device: str = "cuda") -> list[tuple[str, str, dict]]:
     """``[(region, shape, {provider: setup})]``: DEMO_STEPS training steps of each demo model,
-    ours (auto) against its torch twin (issue 14's demo goal: where a step's time goes)."""
+    ours (auto) against its torch twin (issue 14's demo goal: where a step's time goes); for the
+    recurrent models also ours on Triton with every time loop one persistent launch
+    (``GPU_NN_RNN_PERSISTENT=1``, not the default at the demo's batch of 32), to see whether the
+    persistent kernels would make those steps shorter."""
     from gpu_nn import demo
+    from gpu_nn.ops import rnn as ops_rnn
 
-    return [(f"demo {m} {DEMO_STEPS} steps", "batch 32", {p: demo_step_setup(m, p, device) for p in ("torch", "ours")})
-            for m in demo.MODELS]
+    out = [(f"demo {m} {DEMO_STEPS} steps", "batch 32", {p: demo_step_setup(m, p, device) for p in ("torch", "ours")})
+           for m in demo.MODELS]
+    # last: their first calls compile the persistent kernels, which the budget may not hold
+    for m in demo.MODELS:
+        if m != "cnn":
+            out.append((f"demo {m} {DEMO_STEPS} steps", "batch 32", {
+                "ours (persistent)": demo_step_setup(m, "ours", device, backend="triton",
+                                                     env={ops_rnn.PERSISTENT_ENV: "1"})}))
+    return out
 
 
 def profile_with_python(setup, sync=torch.cuda.synchronize, top: int = 25) -> dict:

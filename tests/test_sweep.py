@@ -667,8 +667,12 @@ def test_demo_profile_regions_train_the_demo_models_and_name_the_host_code(model
     their losses after three steps agree, and the profile with Python names our host code."""
     from gpu_nn import demo
 
-    (_, _, providers), = [c for c in sweep.demo_profile_cases("cpu") if c[0].startswith(f"demo {model} ")]
-    assert set(providers) == {"torch", "ours"} and len(sweep.demo_profile_cases("cpu")) == len(demo.MODELS)
+    cases = sweep.demo_profile_cases("cpu")
+    (_, _, providers), *persistent = [c for c in cases if c[0].startswith(f"demo {model} ")]
+    assert set(providers) == {"torch", "ours"}
+    # the recurrent models also with every time loop one persistent launch (Triton), after the rest
+    assert [set(p) for _, _, p in persistent] == ([] if model == "cnn" else [{"ours (persistent)"}])
+    assert len(cases) == 2 * len(demo.MODELS) - 1 and all("persistent" in "".join(c[2]) for c in cases[3:])
     losses = {impl: sweep.demo_step_setup(model, impl, "cpu", steps=3)()() for impl in ("ours", "torch")}
     first = sweep.demo_step_setup(model, "torch", "cpu", steps=1)()()
     assert losses["torch"] < first  # three steps trained
@@ -678,3 +682,27 @@ def test_demo_profile_regions_train_the_demo_models_and_name_the_host_code(model
     functions = " ".join(p["function"] for p in rec["py_top"])
     assert "ops/_dispatch.py" in functions, functions  # our route, named with its package dir
     assert "Python, most own time first" in sweep.format_python_top([{"op": "d", "provider": "ours", **rec}])
+
+
+def test_environment_block_sets_and_restores(monkeypatch):
+    """sweep.environment: the variables set inside the block, the old values (or their absence)
+    back after it, also when the block raises; the demo profile's persistent provider runs ours
+    with GPU_NN_RNN_PERSISTENT=1 that way."""
+    monkeypatch.setenv("GN_TEST_A", "old")
+    monkeypatch.delenv("GN_TEST_B", raising=False)
+    with pytest.raises(RuntimeError):
+        with sweep.environment({"GN_TEST_A": "1", "GN_TEST_B": "2"}):
+            assert os.environ["GN_TEST_A"] == "1" and os.environ["GN_TEST_B"] == "2"
+            raise RuntimeError("inside")
+    assert os.environ["GN_TEST_A"] == "old" and "GN_TEST_B" not in os.environ
+    seen = []
+    setup = sweep.demo_step_setup("gru", "ours", "cpu", steps=1, backend="reference",
+                                  env={"GPU_NN_RNN_PERSISTENT": "1"})
+    from gpu_nn.ops import rnn as ops_rnn
+
+    monkeypatch.delenv(ops_rnn.PERSISTENT_ENV, raising=False)
+    real = ops_rnn.rnn_seq_forward
+    monkeypatch.setattr(ops_rnn, "rnn_seq_forward",
+                        lambda *a, **k: seen.append(os.environ.get(ops_rnn.PERSISTENT_ENV)) or real(*a, **k))
+    setup()()
+    assert seen and set(seen) == {"1"} and ops_rnn.PERSISTENT_ENV not in os.environ
