@@ -126,7 +126,7 @@ def _case(mode, T, N, I, H, dtype, device, backward, providers, L=1, bidirection
             def fn():
                 x, g = nxt()
                 ctx = gpu_nn.backend(backend) if backend else _null()
-                with ctx, _env(PERSISTENT_ENV, persistent), _env(CUPY_RNN_ENV, cupy_env), \
+                with ctx, harness.env_var(PERSISTENT_ENV, persistent), harness.env_var(CUPY_RNN_ENV, cupy_env), \
                         _one_direction_loops() if one_direction else _null():
                     if backward:
                         out, _ = module(x)
@@ -182,27 +182,6 @@ def _case(mode, T, N, I, H, dtype, device, backward, providers, L=1, bidirection
     useful = float(lens.sum()) / (T * N) if packed else 1.0
     return harness.Case(family="rnn", name=name, shape=shape, providers=provs, device=device,
                         flops=_flops(mode, T, N, I, H, backward, L, D) * useful)
-
-
-class _env:
-    """Sets an environment variable for the duration of a call (None: leave it as it is)."""
-
-    def __init__(self, name, value):
-        self.name, self.value = name, value
-
-    def __enter__(self):
-        if self.value is not None:
-            self.old = os.environ.get(self.name)
-            os.environ[self.name] = self.value
-        return self
-
-    def __exit__(self, *exc):
-        if self.value is not None:
-            if self.old is None:
-                os.environ.pop(self.name, None)
-            else:
-                os.environ[self.name] = self.old
-        return False
 
 
 class _null:

@@ -41,6 +41,29 @@ QUICK = (2, 7, 2.0)
 FULL = (3, 15, 10.0)
 
 
+class env_var:
+    """Sets an environment variable for the duration of a block (``value`` None: leaves it as it
+    is), restoring its old value, or its absence, after it: a provider's switch read at call time
+    (``GPU_NN_RNN_PERSISTENT``, say)."""
+
+    def __init__(self, name, value):
+        self.name, self.value = name, value
+
+    def __enter__(self):
+        if self.value is not None:
+            self.old = os.environ.get(self.name)
+            os.environ[self.name] = self.value
+        return self
+
+    def __exit__(self, *exc):
+        if self.value is not None:
+            if self.old is None:
+                os.environ.pop(self.name, None)
+            else:
+                os.environ[self.name] = self.old
+        return False
+
+
 def rotating(make_inputs: Callable[[], tuple], copies: int = 3) -> Callable[[], tuple]:
     """A function that returns a different one of ``copies`` input sets on each call."""
     sets = [make_inputs() for _ in range(copies)]

@@ -1768,27 +1768,13 @@ def run_profile(cases, out_dir: str, budget_s: float, profile=profile_one, clock
 DEMO_STEPS = 10  # training steps per profiled region (the demo's batch, 32)
 
 
-@contextlib.contextmanager
-def environment(values: dict):
-    """``os.environ`` updated with ``values`` inside the block, restored after (unset where it was)."""
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def demo_step_setup(model: str, impl: str, device: str = "cuda", steps: int = DEMO_STEPS, seed: int = 0,
-                    backend: str = "auto", env: dict | None = None):
+                    backend: str = "auto", env: tuple | None = None):
     """setup() -> run(): ``steps`` training steps of ``gpu-nn demo``'s ``model`` (its network,
-    optimizer, learning rate and clipping, one batch of 32 of its shape), built from gpu_nn under
-    ``backend`` (``impl`` "ours"; auto: what the demo runs) or from torch (its twin); ``env``:
-    environment variables set around every call of ours (``GPU_NN_RNN_PERSISTENT``, say)."""
+    optimizer, learning rate and clipping, one batch of 32 of its shape; the demo's own step,
+    ``demo._Side.step``), built from gpu_nn under ``backend`` (``impl`` "ours"; auto: what the
+    demo runs) or from torch (its twin); ``env``: an environment variable ``(name, value)`` set
+    around every call (``GPU_NN_RNN_PERSISTENT``, say)."""
     import gpu_nn
     from gpu_nn import demo
 
@@ -1803,18 +1789,13 @@ def demo_step_setup(model: str, impl: str, device: str = "cuda", steps: int = DE
         with gpu_nn.backend("auto"):
             net = demo.build(model, side.nn).to(device)
         opt = getattr(side.optim, hp["optimizer"])(net.parameters(), lr=hp["lr"])
-        loss_fn = side.nn.CrossEntropyLoss()
         ctx = (lambda: gpu_nn.backend(backend)) if impl == "ours" else contextlib.nullcontext
+        twin = demo._Side(net, opt, side.nn.CrossEntropyLoss(), side.clip_grad_norm_, ctx)
 
         def run():
-            with ctx(), environment(env or {}):
+            with harness.env_var(*(env or (None, None))):
                 for _ in range(steps):
-                    opt.zero_grad()
-                    loss = loss_fn(net(x), y)
-                    loss.backward()
-                    if hp["clip"] is not None:
-                        side.clip_grad_norm_(net.parameters(), hp["clip"])
-                    opt.step()
+                    loss = twin.step(x, y, hp["clip"])
             return loss.detach()  # the last step's loss (no host sync here)
         return run
     return setup
@@ -1836,7 +1817,7 @@ def demo_profile_cases(device: str = "cuda") -> list[tuple[str, str, dict]]:
         if m != "cnn":
             out.append((f"demo {m} {DEMO_STEPS} steps", "batch 32", {
                 "ours (persistent)": demo_step_setup(m, "ours", device, backend="triton",
-                                                     env={ops_rnn.PERSISTENT_ENV: "1"})}))
+                                                     env=(ops_rnn.PERSISTENT_ENV, "1"))}))
     return out
 
 
@@ -1847,10 +1828,8 @@ def profile_with_python(setup, sync=torch.cuda.synchronize, top: int = 25) -> di
     import cProfile
     import pstats
 
-    rec = profile_one(setup, sync)
     run = setup()
-    run()
-    sync()
+    rec = profile_one(lambda: run, sync)  # warmed there
     prof = cProfile.Profile()
     prof.enable()
     run()

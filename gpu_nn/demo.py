@@ -185,9 +185,9 @@ class _Side:
         self.curve: list[float] = []
         self.epoch_seconds: list[float] = []
 
-    def timed_step(self, xb, yb, clip_norm, device) -> None:
-        _sync(device)
-        t0 = time.perf_counter()
+    def step(self, xb, yb, clip_norm):
+        """One training step in the twin's block: zero_grad, loss, backward, clipping (``clip_norm``
+        None: none), optimizer step. Returns the loss, not synchronised."""
         with self.context():
             self.opt.zero_grad()
             loss = self.loss_fn(self.net(xb), yb)
@@ -195,6 +195,12 @@ class _Side:
             if clip_norm is not None:
                 self.clip(self.net.parameters(), clip_norm)
             self.opt.step()
+        return loss
+
+    def timed_step(self, xb, yb, clip_norm, device) -> None:
+        _sync(device)
+        t0 = time.perf_counter()
+        loss = self.step(xb, yb, clip_norm)
         _sync(device)
         self.epoch_seconds[-1] += time.perf_counter() - t0
         self.curve.append(float(loss.detach()))

@@ -684,20 +684,23 @@ def test_demo_profile_regions_train_the_demo_models_and_name_the_host_code(model
     assert "Python, most own time first" in sweep.format_python_top([{"op": "d", "provider": "ours", **rec}])
 
 
-def test_environment_block_sets_and_restores(monkeypatch):
-    """sweep.environment: the variables set inside the block, the old values (or their absence)
-    back after it, also when the block raises; the demo profile's persistent provider runs ours
-    with GPU_NN_RNN_PERSISTENT=1 that way."""
+def test_env_var_block_sets_and_restores(monkeypatch):
+    """harness.env_var: the variable set inside the block, its old value (or its absence) back
+    after it, also when the block raises, and None leaving it alone; the demo profile's
+    persistent provider runs ours with GPU_NN_RNN_PERSISTENT=1 that way."""
+    from gpu_nn.benchmarks import harness
+
     monkeypatch.setenv("GN_TEST_A", "old")
     monkeypatch.delenv("GN_TEST_B", raising=False)
+    monkeypatch.delenv("GN_TEST_C", raising=False)
     with pytest.raises(RuntimeError):
-        with sweep.environment({"GN_TEST_A": "1", "GN_TEST_B": "2"}):
+        with harness.env_var("GN_TEST_A", "1"), harness.env_var("GN_TEST_B", "2"), harness.env_var("GN_TEST_C", None):
             assert os.environ["GN_TEST_A"] == "1" and os.environ["GN_TEST_B"] == "2"
             raise RuntimeError("inside")
-    assert os.environ["GN_TEST_A"] == "old" and "GN_TEST_B" not in os.environ
+    assert os.environ["GN_TEST_A"] == "old" and "GN_TEST_B" not in os.environ and "GN_TEST_C" not in os.environ
     seen = []
     setup = sweep.demo_step_setup("gru", "ours", "cpu", steps=1, backend="reference",
-                                  env={"GPU_NN_RNN_PERSISTENT": "1"})
+                                  env=("GPU_NN_RNN_PERSISTENT", "1"))
     from gpu_nn.ops import rnn as ops_rnn
 
     monkeypatch.delenv(ops_rnn.PERSISTENT_ENV, raising=False)
