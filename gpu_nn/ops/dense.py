@@ -592,10 +592,8 @@ def _ce_mid(input: Tensor, kd):
     reading the logits and writing their gradient as they lie; None for the rows after a
     transpose (2-d and 1-d inputs, other layouts: a channels_last input's rows already lie
     contiguous)."""
-    if input.dim() < 3 or not input.is_contiguous():
-        return None
-    mid = _mid_shape(input, 1)
-    return mid if kd.ce_mid_ok(*mid) else None
+    mid = _mid_shape(input, 1) if input.dim() >= 3 else None  # None too where not contiguous
+    return mid if mid is not None and kd.ce_mid_ok(*mid) else None
 
 
 def _ce_mid_operands(input: Tensor, target: Tensor, prob: bool):

@@ -433,13 +433,13 @@ def max_pool_backward(grad_output: Tensor, indices: Tensor, input_size, kernel_s
         return gi
     if grad_output.numel() == 0:
         return gi.zero_()
+    # both backends read the gradient and the indices dense in the input gradient's layout
+    g, ix = grad_output.contiguous(memory_format=fmt), indices.contiguous(memory_format=fmt)
     if backend == "triton":
         ktriton, kt = triton_kernels("pool")
 
-        g, ix = grad_output.contiguous(memory_format=fmt), indices.contiguous(memory_format=fmt)
         kt.max_pool2d_backward(g, ix, gi, k, s, p, d, ktriton.INTERPRET, choose=_chooser(g.device))
     else:
-        g, ix = grad_output.contiguous(memory_format=fmt), indices.contiguous(memory_format=fmt)
         _cupy_max_backward(g, ix, gi, k, s, p, d, fmt is _CL)
     return gi
 
@@ -515,15 +515,14 @@ def avg_pool_backward(grad_output: Tensor, input_size, kernel_size, stride, padd
     gi = empty(size, dtype=grad_output.dtype, device=grad_output.device, memory_format=fmt)
     if gi.numel() == 0:
         return gi
+    g = grad_output.contiguous(memory_format=fmt)  # dense in the input gradient's layout, both backends
     if backend == "triton":
         ktriton, kt = triton_kernels("pool")
 
-        g = grad_output.contiguous(memory_format=fmt)
         kt.avg_pool2d_backward(g, gi, k, s, p, count_include_pad, divisor_override or 0, ktriton.INTERPRET,
                                choose=_chooser(g.device))
     else:
-        _cupy_avg_backward(grad_output.contiguous(memory_format=fmt), gi, k, s, p, count_include_pad,
-                           divisor_override or 0, fmt is _CL)
+        _cupy_avg_backward(g, gi, k, s, p, count_include_pad, divisor_override or 0, fmt is _CL)
     return gi
 
 
