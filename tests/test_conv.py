@@ -494,6 +494,10 @@ TRITON_CASES = [
     (1, (3, 5, 29), (7, 5, 5), dict(padding=2, activation="tanh"), "noncontig"),
     (1, (2, 6, 31), (12, 1, 3), dict(stride=2, dilation=3, groups=6), "channels_last"),
     (2, (1, 4, 9, 8), (4, 1, 3, 2), dict(stride=(2, 3), padding=(1, 2), groups=4, activation="relu"), "noncontig"),
+    # the input gradient by stride residue class: stride 3 with a tap span that reaches every
+    # class of h (dilation 2) and of w, classes short of a row or column (11 = 3*3 + 2, 10)
+    (2, (2, 6, 11, 10), (6, 3, 3, 4), dict(stride=(3, 2), padding=(2, 1), dilation=(2, 1), groups=2), "channels_last"),
+    (2, (1, 5, 10, 9), (4, 5, 5, 3), dict(stride=3, padding=(2, 1), bias=False), "contig"),
 ]
 
 
@@ -934,7 +938,7 @@ def test_dgrad_split_candidates_match_reference(half, monkeypatch, rng):
         tf32 = nhwc and not half
         monkeypatch.setattr(oc, "_precision", lambda dt, tf32=tf32: "tf32" if tf32 and dt == torch.float32 else "ieee")
         x64, w64 = randn(rng, 2, c, 9, 7), randn(rng, o, c, 3, 2) / (6 * c) ** 0.5
-        kw = dict(stride=(2, 1), padding=(1, 0), dilation=(1, 2))
+        kw = dict(stride=(3, 2), padding=(1, 0), dilation=(1, 2))  # taps split within residue classes
         with gpu_nn.backend("reference"):
             xr = x64.clone().requires_grad_()
             yr = F.conv2d(xr, w64, None, **kw)
@@ -1073,14 +1077,19 @@ def test_packed_forms_only_for_few_channels():
 
 
 # (input shape, weight shape, padding [t, b, l, r], dilation, bias, activation, weight layout,
-# output layout; the input channels_last, as the kernel takes it) for the TMA forward: blocks cut by the image's edge on both sides, padding
-# that reaches past a whole box, a 1x1 and a dilated kernel, NCHW and channels_last weights and
-# outputs
+# output layout, stride; the input channels_last, as the kernel takes it) for the TMA forward:
+# blocks cut by the image's edge on both sides, padding that reaches past a whole box, a 1x1 and
+# a dilated kernel, NCHW and channels_last weights and outputs; strided (H and W multiples of
+# the stride): ResNet's 3x3/2, a 1x1 of unequal strides, a dilated non-square kernel whose
+# offsets fall in every residue class
 TMA_CASES = [  # 64 channels: a whole number of channel blocks for every GPU tile too
-    ((2, 64, 9, 10), (24, 64, 3, 3), (1, 1, 1, 1), (1, 1), True, "relu", "channels_last", "contig"),
-    ((1, 64, 5, 7), (16, 64, 3, 2), (2, 2, 0, 1), (2, 1), False, None, "channels_last", "channels_last"),
-    ((2, 64, 4, 6), (8, 64, 1, 1), (0, 0, 0, 0), (1, 1), True, "tanh", "channels_last", "channels_last"),
-    ((1, 64, 6, 5), (20, 64, 3, 3), (3, 3, 3, 3), (1, 1), True, "sigmoid", "channels_last", "contig"),
+    ((2, 64, 9, 10), (24, 64, 3, 3), (1, 1, 1, 1), (1, 1), True, "relu", "channels_last", "contig", (1, 1)),
+    ((1, 64, 5, 7), (16, 64, 3, 2), (2, 2, 0, 1), (2, 1), False, None, "channels_last", "channels_last", (1, 1)),
+    ((2, 64, 4, 6), (8, 64, 1, 1), (0, 0, 0, 0), (1, 1), True, "tanh", "channels_last", "channels_last", (1, 1)),
+    ((1, 64, 6, 5), (20, 64, 3, 3), (3, 3, 3, 3), (1, 1), True, "sigmoid", "channels_last", "contig", (1, 1)),
+    ((2, 64, 8, 10), (16, 64, 3, 3), (1, 1, 1, 1), (1, 1), True, "relu", "channels_last", "contig", (2, 2)),
+    ((1, 64, 9, 6), (8, 64, 1, 1), (0, 0, 0, 0), (1, 1), False, None, "contig", "channels_last", (3, 2)),
+    ((1, 64, 6, 8), (12, 64, 3, 2), (2, 1, 0, 1), (2, 1), True, "tanh", "channels_last", "channels_last", (2, 2)),
 ]
 
 
@@ -1099,25 +1108,26 @@ def test_tma_forward_matches_reference(half, case, rng):
     tile, on a GPU with every TMA_CONFIGS tile whose channel block fits) against the float64
     reference: the image's edge inside the pixel blocks, padding larger than the kernel's reach,
     dilation, a non-square kernel, bias and activation, NCHW and channels_last weights (the
-    (tap, channel) view or a copy) and outputs."""
+    (tap, channel) view or a copy) and outputs, stride 1 and the strided form."""
     from gpu_nn.kernels.triton import conv as kt
 
     dev = _tma_here()
-    xs, ws, pad, dil, has_bias, act, wl, yl = case
+    xs, ws, pad, dil, has_bias, act, wl, yl, st = case
     dtype = torch.float16 if half else torch.float32
     x64, w64 = randn(rng, *xs), randn(rng, *ws) / (ws[1] * ws[2] * ws[3]) ** 0.5
     b64 = randn(rng, ws[0]) if has_bias else None
     with gpu_nn.backend("reference"):
-        yr = F.conv2d(TF.pad(x64, (pad[2], pad[3], pad[0], pad[1])), w64, b64, dilation=dil, activation=act)
+        yr = F.conv2d(TF.pad(x64, (pad[2], pad[3], pad[0], pad[1])), w64, b64, stride=st, dilation=dil, activation=act)
     x = _layout(x64.to(dev, dtype), "channels_last")
     w = _layout(w64.to(dev, dtype), wl)
     b = b64.to(dev, dtype) if has_bias else None
     key = "half" if half else "fp32"
-    cfgs = [kt.TMA_INTERP_CONFIG] if dev == "cpu" else [(*c, kt.TMA) for c in kt.TMA_CONFIGS[key].values()]
-    assert all(xs[1] % cfg[3] == 0 for cfg in cfgs)
+    table = kt.TMA_CONFIGS[key] if st == (1, 1) else {n: kt.TMA_CONFIGS[key][n] for n in (kt.TMA_STRIDED["fwd"],)}
+    cfgs = [kt.TMA_INTERP_CONFIG] if dev == "cpu" else [(*c, kt.TMA) for c in table.values()]
+    assert all(xs[1] % cfg[3] == 0 for cfg in cfgs) and kt._tma_describable(x, st)
     for cfg in cfgs:
         y = _layout(torch.full(yr.shape, float("nan"), dtype=dtype, device=dev), yl)
-        kt._tma_forward(cfg, x, w, b, y, pad, dil, act, "ieee" if half else "tf32")
+        kt._tma_forward(cfg, x, w, b, y, st, pad, dil, act, "ieee" if half else "tf32")
         red = ws[1] * ws[2] * ws[3]
         if half:
             assert_close(y, yr, dtype, red, f"TMA forward {cfg}")
@@ -1126,13 +1136,18 @@ def test_tma_forward_matches_reference(half, case, rng):
 
 
 # (input shape, weight shape, padding [t, b, l, r], dilation, input-gradient layout, a
-# non-finite weight) for the TMA input gradient (g channels_last, as the kernel takes it)
+# non-finite weight, stride) for the TMA input gradient (g channels_last, as the kernel takes
+# it); strided (dilation 1): residue classes short of a row (odd sizes), a 1x1 kernel whose
+# other classes no tap reaches (zero gradient), stride 3 with a non-finite weight
 TMA_DGRAD_CASES = [  # 64 output channels: a whole number of channel blocks for every GPU tile too
-    ((2, 24, 9, 10), (64, 24, 3, 3), (1, 1, 1, 1), (1, 1), "contig", False),
-    ((1, 8, 5, 7), (64, 8, 3, 2), (2, 2, 0, 1), (2, 1), "channels_last", False),
-    ((2, 8, 4, 6), (64, 8, 1, 1), (0, 0, 0, 0), (1, 1), "channels_last", False),
-    ((1, 16, 6, 5), (64, 16, 3, 3), (3, 3, 3, 3), (1, 1), "contig", False),
-    ((1, 8, 7, 6), (64, 8, 3, 3), (1, 1, 1, 1), (1, 1), "contig", True),
+    ((2, 24, 9, 10), (64, 24, 3, 3), (1, 1, 1, 1), (1, 1), "contig", False, (1, 1)),
+    ((1, 8, 5, 7), (64, 8, 3, 2), (2, 2, 0, 1), (2, 1), "channels_last", False, (1, 1)),
+    ((2, 8, 4, 6), (64, 8, 1, 1), (0, 0, 0, 0), (1, 1), "channels_last", False, (1, 1)),
+    ((1, 16, 6, 5), (64, 16, 3, 3), (3, 3, 3, 3), (1, 1), "contig", False, (1, 1)),
+    ((1, 8, 7, 6), (64, 8, 3, 3), (1, 1, 1, 1), (1, 1), "contig", True, (1, 1)),
+    ((2, 24, 9, 10), (64, 24, 3, 3), (1, 1, 1, 1), (1, 1), "channels_last", False, (2, 2)),
+    ((1, 8, 7, 8), (64, 8, 1, 1), (0, 0, 0, 0), (1, 1), "contig", False, (2, 3)),
+    ((1, 8, 11, 9), (64, 8, 5, 3), (2, 2, 1, 1), (1, 1), "contig", True, (3, 2)),
 ]
 
 
@@ -1145,29 +1160,32 @@ def test_tma_dgrad_matches_reference(half, case, rng):
     pixel blocks cut by the image's edge, padding past the kernel's reach (output pixels no tap
     reaches), dilation, a non-square and a 1x1 kernel, NCHW and channels_last gradients; with an
     infinite weight, non-finite values exactly at the pixels its tap reaches (the zero rows the
-    copy engine fills in for the other pixels never meet it)."""
+    copy engine fills in for the other pixels never meet it); strided, the pixels by residue
+    class, each class's taps alone."""
     from gpu_nn.kernels.triton import conv as kt
 
     dev = _tma_here()
-    xs, ws, pad, dil, dl, nonfinite = case
+    xs, ws, pad, dil, dl, nonfinite, st = case
     dtype = torch.float16 if half else torch.float32
     x64, w64 = randn(rng, *xs), randn(rng, *ws) / (ws[0] * ws[2] * ws[3]) ** 0.5
     if nonfinite:
         w64[3, 2, 0, 2] = float("inf")
     with gpu_nn.backend("reference"):
         xl = x64.clone().requires_grad_()
-        yr = F.conv2d(TF.pad(xl, (pad[2], pad[3], pad[0], pad[1])), w64, dilation=dil)
+        yr = F.conv2d(TF.pad(xl, (pad[2], pad[3], pad[0], pad[1])), w64, stride=st, dilation=dil)
         g64 = randn(rng, *yr.shape)
         want = torch.autograd.grad(yr, xl, g64)[0]
     g = _layout(g64.to(dev, dtype), "channels_last")
     w = w64.to(dev, dtype)
     key = "half" if half else "fp32"
-    cfgs = [kt.DGRAD_TMA_INTERP_CONFIG] if dev == "cpu" else [(*c, kt.TMA) for c in kt.DGRAD_TMA_CONFIGS[key].values()]
+    table = kt.DGRAD_TMA_CONFIGS[key]
+    table = table if st == (1, 1) else {n: table[n] for n in (kt.TMA_STRIDED["dgrad"],)}
+    cfgs = [kt.DGRAD_TMA_INTERP_CONFIG] if dev == "cpu" else [(*c, kt.TMA) for c in table.values()]
     red = ws[0] * ws[2] * ws[3]
     assert all(ws[0] % cfg[3] == 0 for cfg in cfgs)
     for cfg in cfgs:
         dx = _layout(torch.full(xs, float("nan"), dtype=dtype, device=dev), dl)
-        kt._tma_dgrad(cfg, g, w, dx, pad, dil, "ieee" if half else "tf32")
+        kt._tma_dgrad(cfg, g, w, dx, st, pad, dil, "ieee" if half else "tf32")
         got = dx.double().cpu()
         fin = torch.isfinite(want)
         assert torch.equal(torch.isfinite(got), fin), f"TMA dgrad {cfg}: non-finite pixels differ"
@@ -1183,12 +1201,17 @@ def test_tma_dgrad_matches_reference(half, case, rng):
 
 
 # (input shape, weight shape, padding [t, b, l, r], dilation, x layout, g layout, an infinite
-# input pixel that no output pixel reaches through some taps) for the TMA weight gradient
+# input pixel that no output pixel reaches through some taps, stride) for the TMA weight
+# gradient; strided (H and W multiples of the stride): 24 channels (the last channel block
+# reaches into the next residue's), dilation with stride 3, the infinite pixel reached by one tap
 TMA_WGRAD_CASES = [
-    ((2, 24, 9, 10), (16, 24, 3, 3), (1, 1, 1, 1), (1, 1), "channels_last", "channels_last", False),
-    ((1, 8, 5, 7), (32, 8, 3, 2), (2, 2, 0, 1), (2, 1), "channels_last", "contig", False),
-    ((3, 16, 4, 6), (8, 16, 1, 1), (0, 0, 0, 0), (1, 1), "contig", "contig", False),
-    ((1, 16, 11, 9), (24, 16, 3, 3), (0, 0, 0, 0), (1, 1), "channels_last", "channels_last", True),
+    ((2, 24, 9, 10), (16, 24, 3, 3), (1, 1, 1, 1), (1, 1), "channels_last", "channels_last", False, (1, 1)),
+    ((1, 8, 5, 7), (32, 8, 3, 2), (2, 2, 0, 1), (2, 1), "channels_last", "contig", False, (1, 1)),
+    ((3, 16, 4, 6), (8, 16, 1, 1), (0, 0, 0, 0), (1, 1), "contig", "contig", False, (1, 1)),
+    ((1, 16, 11, 9), (24, 16, 3, 3), (0, 0, 0, 0), (1, 1), "channels_last", "channels_last", True, (1, 1)),
+    ((2, 24, 8, 10), (16, 24, 3, 3), (1, 1, 1, 1), (1, 1), "channels_last", "channels_last", False, (2, 2)),
+    ((1, 8, 9, 8), (32, 8, 3, 2), (2, 1, 0, 1), (2, 1), "contig", "contig", False, (3, 2)),
+    ((1, 16, 12, 9), (24, 16, 4, 3), (0, 0, 0, 0), (1, 1), "channels_last", "channels_last", True, (2, 3)),
 ]
 
 
@@ -1206,7 +1229,7 @@ def test_tma_wgrad_matches_reference(half, case, rng):
     from gpu_nn.kernels.triton import conv as kt
 
     dev = _tma_here()
-    xs, ws, pad, dil, xl, gl, nonfinite = case
+    xs, ws, pad, dil, xl, gl, nonfinite, st = case
     dtype = torch.float16 if half else torch.float32
     x64 = randn(rng, *xs)
     if nonfinite:
@@ -1214,19 +1237,21 @@ def test_tma_wgrad_matches_reference(half, case, rng):
     w64 = randn(rng, *ws) / (ws[1] * ws[2] * ws[3]) ** 0.5
     with gpu_nn.backend("reference"):
         wl = w64.clone().requires_grad_()
-        yr = F.conv2d(TF.pad(x64, (pad[2], pad[3], pad[0], pad[1])), wl, dilation=dil)
+        yr = F.conv2d(TF.pad(x64, (pad[2], pad[3], pad[0], pad[1])), wl, stride=st, dilation=dil)
         g64 = randn(rng, *yr.shape)
         want = torch.autograd.grad(yr, wl, g64)[0]
     x = _layout(x64.to(dev, dtype), xl)
     g = _layout(g64.to(dev, dtype), gl)
     key = "half" if half else "fp32"
-    cfgs = [kt.WGRAD_TMA_INTERP_CONFIG] if dev == "cpu" else [(*c, kt.TMA) for c in kt.WGRAD_TMA_CONFIGS[key].values()]
+    table = kt.WGRAD_TMA_CONFIGS[key]
+    table = table if st == (1, 1) else {n: table[n] for n in (kt.TMA_STRIDED["wgrad"],)}
+    cfgs = [kt.WGRAD_TMA_INTERP_CONFIG] if dev == "cpu" else [(*c, kt.TMA) for c in table.values()]
     red = yr.numel() // ws[0]
     fin = torch.isfinite(want)
     assert fin.any() and fin.all() is not nonfinite
     for cfg in cfgs:
         dw = torch.full(ws, float("nan"), dtype=dtype, device=dev)
-        kt._tma_wgrad(cfg, g, x, dw, pad, dil, "ieee" if half else "tf32", dev == "cpu")
+        kt._tma_wgrad(cfg, g, x, dw, st, pad, dil, "ieee" if half else "tf32", dev == "cpu")
         got = dw.double().cpu()
         assert torch.equal(torch.isfinite(got), fin), f"TMA wgrad {cfg}: non-finite entries differ"
         got, want_c = torch.where(fin, got, 0.0), torch.where(fin, want, 0.0)
@@ -1237,9 +1262,11 @@ def test_tma_wgrad_matches_reference(half, case, rng):
 
 
 def test_tma_candidates_only_where_they_apply(monkeypatch):
-    """The TMA forward is offered for stride-1 one-group problems in half precision or TF32,
-    each tile whose channel block divides the channel count, on x itself where it is NHWC (else
-    one tile on channels_last copies); never on a device without TMA (here: the CPU)."""
+    """The TMA forward is offered for one-group problems in half precision or TF32, each tile
+    whose channel block divides the channel count, on x itself where it is NHWC (else one tile
+    on channels_last copies); strided, the TMA_STRIDED tile alone, where H and W are multiples
+    of the stride (the input gradient: dilation 1); never on a device without TMA (here: the
+    CPU)."""
     from gpu_nn.kernels.triton import conv as kt
 
     def t(*shape, dtype=torch.float16, cl=True):
@@ -1251,7 +1278,14 @@ def test_tma_candidates_only_where_they_apply(monkeypatch):
     assert kt.tma_candidates(x, w, (1, 1), 1, "ieee") == half
     assert kt.tma_candidates(t(2, 64, 28, 28, cl=False), w, (1, 1), 1, "ieee") == [
         (*kt.TMA_CONFIGS["half"]["tma8x16"], kt.TMA, kt.VIA_CL)]
-    assert kt.tma_candidates(x, w, (2, 2), 1, "ieee") == []
+    strided = [(*kt.TMA_CONFIGS["half"][kt.TMA_STRIDED["fwd"]], kt.TMA)]
+    assert kt.tma_candidates(x, w, (2, 2), 1, "ieee") == strided
+    assert kt.tma_candidates(t(2, 64, 28, 28, cl=False), w, (2, 2), 1, "ieee") == [(*strided[0], kt.VIA_CL)]
+    sliced = t(2, 128, 28, 28)[:, :64]  # NHWC-strided, but its pixels are not whole: no strided view
+    assert kt._tma_strided(sliced) and not kt._tma_describable(sliced, (2, 2)) and kt._tma_describable(sliced, (1, 1))
+    assert kt.tma_candidates(sliced, w, (2, 2), 1, "ieee") == [(*strided[0], kt.VIA_CL)]
+    assert kt.tma_candidates(sliced, w, (2, 1), 1, "ieee") == strided  # a unit column stride needs no whole pixels
+    assert kt.tma_candidates(t(2, 64, 27, 28), w, (2, 2), 1, "ieee") == []  # 27 rows: no strided view
     assert kt.tma_candidates(x, t(32, 32, 3, 3), (1, 1), 2, "ieee") == []
     assert kt.tma_candidates(t(2, 48, 28, 28), t(32, 48, 3, 3), (1, 1), 1, "ieee") == []  # 48 % 64
     # blocks that would mostly hang past a 7x7 image are not offered: 8x8 uses 77 % of its rows
@@ -1272,7 +1306,8 @@ def test_tma_candidates_only_where_they_apply(monkeypatch):
     assert kt.tma_dgrad_candidates(g, w64, (1, 1), 1, "ieee") == dhalf
     assert kt.tma_dgrad_candidates(t(2, 64, 28, 28, cl=False), w64, (1, 1), 1, "ieee") == [
         (*kt.DGRAD_TMA_CONFIGS["half"]["tma8x16n64"], kt.TMA, kt.VIA_CL)]
-    assert kt.tma_dgrad_candidates(g, w64, (1, 2), 1, "ieee") == []
+    assert kt.tma_dgrad_candidates(g, w64, (1, 2), 1, "ieee") == [(*kt.DGRAD_TMA_CONFIGS["half"][kt.TMA_STRIDED["dgrad"]], kt.TMA)]
+    assert kt.tma_dgrad_candidates(g, w64, (1, 2), 1, "ieee", (2, 1)) == []  # strided and dilated
     assert kt.tma_dgrad_candidates(t(2, 48, 28, 28), t(48, 32, 3, 3), (1, 1), 1, "ieee") == []  # 48 % 64
     assert kt.tma_dgrad_candidates(g, t(64, 12, 3, 3), (1, 1), 1, "ieee") == []  # 12 x 2 bytes
     assert not any(kt.TMA in c for c in kt.dgrad_problem_candidates(g, w64, t(2, 32, 28, 28), 1, "ieee"))
@@ -1283,12 +1318,14 @@ def test_tma_candidates_only_where_they_apply(monkeypatch):
     assert kt.tma_wgrad_candidates(x24, g40, (1, 1), 1, "ieee") == whalf
     assert kt.tma_wgrad_candidates(t(2, 24, 28, 28, cl=False), g40, (1, 1), 1, "ieee") == [(*c, kt.VIA_CL) for c in whalf]
     assert kt.tma_wgrad_candidates(x24, t(2, 36, 28, 28), (1, 1), 1, "ieee") == []
-    assert kt.tma_wgrad_candidates(x24, g40, (2, 2), 1, "ieee") == []
+    assert kt.tma_wgrad_candidates(x24, g40, (2, 2), 1, "ieee") == [(*kt.WGRAD_TMA_CONFIGS["half"][kt.TMA_STRIDED["wgrad"]], kt.TMA)]
+    assert kt.tma_wgrad_candidates(x24, t(2, 40, 28, 27), (2, 2), 1, "ieee") == []  # (g, x): x of 27 columns
     labels = {sp.label for sp in kt.aot_specs()}
     for key, dts in (("fp32", ("fp32 tf32",)), ("half", ("fp16 ieee", "bf16 ieee"))):
         assert all(f"fwd {name} {dt} tma" in labels for name in kt.TMA_CONFIGS[key] for dt in dts)
         assert all(f"wgrad {name} {dt} tma" in labels for name in kt.WGRAD_TMA_CONFIGS[key] for dt in dts)
         assert all(f"dgrad {name} {dt} tma" in labels for name in kt.DGRAD_TMA_CONFIGS[key] for dt in dts)
+        assert all(f"{part} {name} {dt} tma strided" in labels for part, name in kt.TMA_STRIDED.items() for dt in dts)
 
 
 @pytest.mark.usefixtures("no_tf32")
@@ -1344,6 +1381,8 @@ DW_CASES = [  # depthwise problems: (nd, input shape, weight shape, kwargs, layo
     (2, (2, 3, 7, 6), (6, 1, 3, 3), dict(padding="same", dilation=2, groups=3, activation="relu"), "contig"),
     (2, (1, 4, 9, 8), (4, 1, 3, 2), dict(stride=(2, 3), padding=(1, 2), groups=4), "channels_last"),
     (1, (3, 5, 29), (5, 1, 5), dict(padding=2, stride=2, groups=5, activation="tanh"), "contig"),
+    # stride 3 over a dilated tap span (every residue class of h), two outputs per channel
+    (2, (2, 6, 11, 10), (12, 1, 3, 3), dict(stride=(3, 2), padding=(2, 1), dilation=(2, 1), groups=6), "noncontig"),
 ]
 
 

@@ -300,18 +300,33 @@ def _tap_source(oh, ow, i, j, H, W, SH, SW, PH, PW, DH, DW):
 
 
 @triton.jit
-def _tap_target(h, w, i, j, Ho, Wo, SH, SW, PH, PW, DH, DW):
-    """Output pixel whose tap (i, j) reads input pixel (h, w), and whether one exists (the
-    stride divides exactly and the pixel is in range)."""
-    th = h + PH - i * DH
-    tw = w + PW - j * DW
-    # clamp before // and %: Triton's integer division truncates toward zero
-    thc = tl.maximum(th, 0)
-    twc = tl.maximum(tw, 0)
-    oh = thc // SH
-    ow = twc // SW
-    ok = (th >= 0) & (tw >= 0) & (thc % SH == 0) & (twc % SW == 0) & (oh < Ho) & (ow < Wo)
-    return oh, ow, ok
+def _residue_block(pid, N, H, W, SH, SW, BLOCK_M: tl.constexpr):
+    """Program ``pid``'s input pixels when they are taken by stride residue class (see
+    :func:`dgrad_grid_m`): ``(n, hq, wq, in range, rh, rw)`` for the pixels ``(hq * SH + rh, wq
+    * SW + rw)``, ``rh`` and ``rw`` scalars. Class ``(rh, rw)`` has ``cdiv(N * HQ * WQ,
+    BLOCK_M)`` blocks (HQ = cdiv(H, SH), WQ = cdiv(W, SW); a class short of a row or column
+    masks it); classes follow one another along the grid axis. Stride 1: one class, the pixels
+    in their usual order."""
+    HQ = tl.cdiv(H, SH)
+    WQ = tl.cdiv(W, SW)
+    MQ = N * HQ * WQ
+    nblk = tl.cdiv(MQ, BLOCK_M)
+    cls = tl.where(SH * SW == 1, 0, pid // nblk)  # folds away in a stride-1 launch (SH, SW == 1: constants)
+    rh = cls // SW
+    rw = cls - rh * SW
+    offs = (pid - cls * nblk) * BLOCK_M + tl.arange(0, BLOCK_M)
+    n, hq, wq = _split_pos(offs, HQ, WQ)
+    return n, hq, wq, (offs < MQ) & (hq * SH + rh < H) & (wq * SW + rw < W), rh, rw
+
+
+@triton.jit
+def _class_tap(hq, wq, rh, rw, i, j, Ho, Wo, SH, SW, PH, PW, DH, DW):
+    """For pixels ``(hq * SH + rh, wq * SW + rw)`` of one residue class and a tap (i, j) whose
+    offsets the stride divides (``(rh + PH - i*DH) % SH == 0``, likewise w): the output pixel
+    the tap takes each from, and whether it exists. The divisions are scalar and exact."""
+    oh = hq + (rh + PH - i * DH) // SH
+    ow = wq + (rw + PW - j * DW) // SW
+    return oh, ow, (oh >= 0) & (oh < Ho) & (ow >= 0) & (ow < Wo)
 
 
 @triton.jit
@@ -538,9 +553,18 @@ def _pixel_block(blk, HH, WW, BH: tl.constexpr, BW: tl.constexpr):
 
 
 @triton.jit
-def _conv_tma_fwd_kernel(x_desc, w_desc, b_ptr, y_ptr, Ho, Wo, O, CG, KW, TAPS, PH, PW, DH, DW,
+def _floor_divmod(d, S, P):
+    """``(d // S, d % S)`` with floor semantics for ``d >= -P`` (Triton's integer division
+    truncates toward zero; ``d + S*P`` is not negative)."""
+    q = (d + S * P) // S - P
+    return q, d - q * S
+
+
+@triton.jit
+def _conv_tma_fwd_kernel(x_desc, w_desc, b_ptr, y_ptr, Ho, Wo, O, CG, KW, TAPS, PH, PW, DH, DW, SH, SW,
                          stride_yn, stride_yc, stride_yh, stride_yw, HAS_BIAS, ACT, PREC: tl.constexpr,
-                         BH: tl.constexpr, BW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                         BH: tl.constexpr, BW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         STRIDED: tl.constexpr = False):
     """The stride-1 forward through TMA: ``y`` = act(conv(x, w) + b) for one group, each program
     a ``BH x BW`` block of output pixels of one image (grid axis 0: images x pixel blocks) by
     ``BLOCK_N`` output channels (axis 1).
@@ -552,7 +576,13 @@ def _conv_tma_fwd_kernel(x_desc, w_desc, b_ptr, y_ptr, Ho, Wo, O, CG, KW, TAPS, 
     channel block), no address arithmetic or masks in the K loop, and the padding comes free
     (the copy engine fills coordinates outside the tensor, negative ones too, with zeros). ``C``
     must be a multiple of BLOCK_K, so that no channel block reaches into the next tap's weights.
-    Pixels of the block past Ho or Wo are computed from whatever the box holds and not stored."""
+    Pixels of the block past Ho or Wo are computed from whatever the box holds and not stored.
+
+    ``STRIDED`` (stride ``SH x SW``): ``x_desc`` describes x as [N, H/SH, SH, W/SW, SW*C]
+    (:func:`_strided_view`), box [1, BH, 1, BW, BLOCK_K]; input row ``oh*SH + dh`` is row
+    ``oh + qh`` of residue ``rh`` (``dh = qh*SH + rh``, 0 <= rh < SH), so the pixels tap (i, j)
+    reads for a block of output pixels are again one box, at (oh0 + qh, rh, ow0 + qw, rw*C +
+    c0), and the copy engine's zero fill outside [0, H/SH) is exactly the padding."""
     BLOCK_M: tl.constexpr = BH * BW
     n, oh0, ow0 = _pixel_block(tl.program_id(0), Ho, Wo, BH, BW)
     o0 = tl.program_id(1) * BLOCK_N
@@ -562,7 +592,12 @@ def _conv_tma_fwd_kernel(x_desc, w_desc, b_ptr, y_ptr, Ho, Wo, O, CG, KW, TAPS, 
         t = kk // KC
         c0 = (kk - t * KC) * BLOCK_K
         i = t // KW
-        a = x_desc.load([n, oh0 - PH + i * DH, ow0 - PW + (t - i * KW) * DW, c0])
+        if STRIDED:
+            qh, rh = _floor_divmod(i * DH - PH, SH, PH)
+            qw, rw = _floor_divmod((t - i * KW) * DW - PW, SW, PW)
+            a = x_desc.load([n, oh0 + qh, rh, ow0 + qw, rw * CG + c0])
+        else:
+            a = x_desc.load([n, oh0 - PH + i * DH, ow0 - PW + (t - i * KW) * DW, c0])
         b = w_desc.load([o0, t * CG + c0])
         acc = tl.dot(tl.reshape(a, (BLOCK_M, BLOCK_K)), b.T, acc, input_precision=PREC, out_dtype=tl.float32)
     offs_m = tl.arange(0, BLOCK_M)
@@ -579,11 +614,12 @@ def _conv_tma_fwd_kernel(x_desc, w_desc, b_ptr, y_ptr, Ho, Wo, O, CG, KW, TAPS, 
 
 
 @triton.jit
-def _conv_tma_dgrad_kernel(g_desc, w_desc, dx_ptr, H, W, Ho, Wo, C, O, KW, TAPS, PH, PW, DH, DW,
+def _conv_tma_dgrad_kernel(g_desc, w_desc, dx_ptr, H, W, Ho, Wo, C, O, KW, TAPS, PH, PW, DH, DW, SH, SW,
                            stride_dn, stride_dc, stride_dh, stride_dw, PREC: tl.constexpr,
-                           BH: tl.constexpr, BW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The stride-1 input gradient through TMA, one group: each program a ``BH x BW`` block of
-    input pixels of one image (grid axis 0) by ``BLOCK_N`` input channels (axis 1).
+                           BH: tl.constexpr, BW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                           STRIDED: tl.constexpr = False):
+    """The input gradient through TMA, one group: each program a ``BH x BW`` block of input
+    pixels of one image (grid axis 0) by ``BLOCK_N`` input channels (axis 1).
 
     ``g_desc`` describes g as NHWC [N, Ho, Wo, O], box [1, BH, BW, BLOCK_K]; ``w_desc`` the
     weight as [TAPS * O, C] in (tap, output channel) rows, box [BLOCK_K, BLOCK_N]. At stride 1
@@ -592,27 +628,59 @@ def _conv_tma_dgrad_kernel(g_desc, w_desc, dx_ptr, H, W, Ho, Wo, C, O, KW, TAPS,
     tap's products go to their own accumulator, added only to the pixels the tap reaches (a zero
     row of g times a non-finite weight must not reach a pixel torch's scatter never forms it
     for). One flat loop over (tap, channel block) pairs so that the loads pipeline across taps;
-    ``O`` must be a multiple of BLOCK_K (no box reaches into the next tap's rows)."""
+    ``O`` must be a multiple of BLOCK_K (no box reaches into the next tap's rows).
+
+    ``STRIDED`` (stride ``SH x SW``, dilation 1): the block's pixels are ``(hq*SH + rh, wq*SW +
+    rw)`` for a block of ``(hq, wq)`` and one residue class ``(rh, rw)`` (grid axis 0: classes
+    x images x blocks of the ``cdiv(H, SH) x cdiv(W, SW)`` class grid). Only the taps whose
+    offset the stride divides reach such pixels -- ``i = i0, i0 + SH, ...`` with ``i0 = (rh +
+    PH) % SH`` -- and for those the output pixels are again one box, at (hq0 + (rh + PH -
+    i) / SH, ...): the loop runs over them alone (none: the block's gradient is zero)."""
     BLOCK_M: tl.constexpr = BH * BW
-    n, h0, w0 = _pixel_block(tl.program_id(0), H, W, BH, BW)
     c0 = tl.program_id(1) * BLOCK_N
     offs_m = tl.arange(0, BLOCK_M)
-    h = h0 + offs_m // BW
-    w = w0 + offs_m % BW
     KO = O // BLOCK_K
+    if STRIDED:
+        HQ = tl.cdiv(H, SH)
+        WQ = tl.cdiv(W, SW)
+        nb = tl.num_programs(0) // (SH * SW)
+        cls = tl.program_id(0) // nb
+        rh = cls // SW
+        rw = cls - rh * SW
+        n, hq0, wq0 = _pixel_block(tl.program_id(0) - cls * nb, HQ, WQ, BH, BW)
+        h = (hq0 + offs_m // BW) * SH + rh
+        w = (wq0 + offs_m % BW) * SW + rw
+        i0 = (rh + PH) % SH
+        j0 = (rw + PW) % SW
+        nj = tl.cdiv(KW - j0, SW)
+        n_taps = tl.cdiv(TAPS // KW - i0, SH) * nj
+    else:
+        n, h0, w0 = _pixel_block(tl.program_id(0), H, W, BH, BW)
+        h = h0 + offs_m // BW
+        w = w0 + offs_m % BW
+        n_taps = TAPS
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     tap = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kk in range(0, TAPS * KO):
-        t = kk // KO
-        ob = kk - t * KO
-        i = t // KW
-        j = t - i * KW
-        a = g_desc.load([n, h0 + PH - i * DH, w0 + PW - j * DW, ob * BLOCK_K])
-        b = w_desc.load([t * O + ob * BLOCK_K, c0])
+    for kk in range(0, n_taps * KO):
+        tt = kk // KO
+        ob = kk - tt * KO
+        if STRIDED:
+            ti = tt // nj
+            i = i0 + ti * SH
+            j = j0 + (tt - ti * nj) * SW
+            gh = hq0 + (rh + PH - i) // SH  # exact: the stride divides it
+            gw = wq0 + (rw + PW - j) // SW
+        else:
+            i = tt // KW
+            j = tt - i * KW
+            gh = h0 + PH - i * DH
+            gw = w0 + PW - j * DW
+        a = g_desc.load([n, gh, gw, ob * BLOCK_K])
+        b = w_desc.load([(i * KW + j) * O + ob * BLOCK_K, c0])
         tap = tl.dot(tl.reshape(a, (BLOCK_M, BLOCK_K)), b, tap, input_precision=PREC, out_dtype=tl.float32)
         if ob == KO - 1:
-            oh = h + PH - i * DH
-            ow = w + PW - j * DW
+            oh = gh + offs_m // BW
+            ow = gw + offs_m % BW
             reach = (oh >= 0) & (oh < Ho) & (ow >= 0) & (ow < Wo)
             acc += tl.where(reach[:, None], tap, 0.0)
             tap = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -623,9 +691,9 @@ def _conv_tma_dgrad_kernel(g_desc, w_desc, dx_ptr, H, W, Ho, Wo, C, O, KW, TAPS,
 
 
 @triton.jit
-def _conv_tma_wgrad_kernel(x_desc, g_desc, ws_ptr, N, Ho, Wo, C, O, KW, TAPS, PH, PW, DH, DW, CHUNK,
+def _conv_tma_wgrad_kernel(x_desc, g_desc, ws_ptr, N, Ho, Wo, C, O, KW, TAPS, PH, PW, DH, DW, SH, SW, CHUNK,
                            PREC: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, BLOCK_C: tl.constexpr,
-                           BLOCK_O: tl.constexpr):
+                           BLOCK_O: tl.constexpr, STRIDED: tl.constexpr = False):
     """The stride-1 weight gradient through TMA, one group: partial sums ws[split, o, c, tap]
     (float32, contiguous [SPLIT, O, C, TAPS]) of g[n, p, q, o] * x[n, p - PH + i*DH, q - PW +
     j*DW, c] over the output pixels. Each program one tap and a ``BLOCK_C x BLOCK_O`` tile of
@@ -636,7 +704,12 @@ def _conv_tma_wgrad_kernel(x_desc, g_desc, ws_ptr, N, Ho, Wo, C, O, KW, TAPS, PH
     BLOCK_O]: a block of output pixels and the input pixels a tap pairs with them are both boxes
     at stride 1. The product is taken as ws^T = x^T g: x's tile is the A operand (registers),
     where the rows of pixels past the image's edge are zeroed (g is zero there, but an
-    infinite x must not meet it: the pointer kernel never pairs them), g's the B operand."""
+    infinite x must not meet it: the pointer kernel never pairs them), g's the B operand.
+
+    ``STRIDED``: ``x_desc`` as in :func:`_conv_tma_fwd_kernel`'s strided form; the tap's
+    input pixels for a block of output pixels are the box at (oh0 + qh, rh, ow0 + qw, rw*C +
+    c0). A channel block reaching past C reads the next residue's channels (or zeros past the
+    last): those columns only make rows of ws past C, which are not stored."""
     BLOCK_M: tl.constexpr = BH * BW
     c0 = tl.program_id(0) * BLOCK_C
     pid_to = tl.program_id(1)
@@ -649,10 +722,15 @@ def _conv_tma_wgrad_kernel(x_desc, g_desc, ws_ptr, N, Ho, Wo, C, O, KW, TAPS, PH
     b_lo = tl.program_id(2) * CHUNK
     b_hi = tl.minimum(b_lo + CHUNK, N * tl.cdiv(Ho, BH) * tl.cdiv(Wo, BW))
     offs_m = tl.arange(0, BLOCK_M)
+    qh, rh = _floor_divmod(dh, SH, PH)
+    qw, rw = _floor_divmod(dw, SW, PW)
     acc = tl.zeros((BLOCK_C, BLOCK_O), dtype=tl.float32)
     for blk in range(b_lo, b_hi):
         n, oh0, ow0 = _pixel_block(blk, Ho, Wo, BH, BW)
-        a = tl.reshape(x_desc.load([n, oh0 + dh, ow0 + dw, c0]), (BLOCK_M, BLOCK_C))
+        if STRIDED:
+            a = tl.reshape(x_desc.load([n, oh0 + qh, rh, ow0 + qw, rw * C + c0]), (BLOCK_M, BLOCK_C))
+        else:
+            a = tl.reshape(x_desc.load([n, oh0 + dh, ow0 + dw, c0]), (BLOCK_M, BLOCK_C))
         inside = ((oh0 + offs_m // BW) < Ho) & ((ow0 + offs_m % BW) < Wo)
         a = tl.where(inside[:, None], a, 0.0).to(a.dtype)
         b = tl.reshape(g_desc.load([n, oh0, ow0, o0]), (BLOCK_M, BLOCK_O))
@@ -680,7 +758,14 @@ def _conv_dgrad_kernel(g_ptr, w_ptr, dx_ptr,
     ranges (whole taps, so each tap's own accumulator stays as below); split ``s`` stores its
     float32 partial sum at ``dx + s * N * H * W * CG`` (``dx`` the float32 workspace [S, N, H, W,
     CG] that ``_conv_splitk_reduce_kernel`` sums into the gradient): for deep layers whose
-    output tiles do not fill the GPU."""
+    output tiles do not fill the GPU.
+
+    Strided convolutions (``SH * SW > 1``): grid axis 0 takes the input pixels by residue class
+    (``h % SH``, ``w % SW``), :func:`dgrad_grid_m` blocks per class, so that a program's pixels
+    share their class and the taps that reach none of them (the stride does not divide ``h +
+    PH - i*DH``) are skipped whole: at stride 2 a 3x3 kernel's program runs 1, 2 or 4 of its 9
+    taps (2.25 on average) where a block mixing the classes ran all 9, three quarters of its
+    products on zero rows. At stride 1 the one class is every pixel, in the usual order."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     if SPLIT_T:
@@ -694,11 +779,9 @@ def _conv_dgrad_kernel(g_ptr, w_ptr, dx_ptr,
         split = 0
         t_lo = 0
         t_hi = TAPS
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n, hq, wq, m_ok, rh, rw = _residue_block(pid_m, N, H, W, SH, SW, BLOCK_M)
     offs_c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = offs_m < N * H * W
     c_ok = offs_c < CG
-    n, h, w = _split_pos(offs_m, H, W)
     g_row = g_ptr + n.to(tl.int64) * stride_gn
     cc = grp * CG + offs_c
     w_col = w_ptr + offs_c.to(tl.int64) * stride_wc  # weight dim 1 counts channels within the group
@@ -706,7 +789,10 @@ def _conv_dgrad_kernel(g_ptr, w_ptr, dx_ptr,
     for t in range(t_lo, t_hi):
         i = t // KW
         j = t % KW
-        oh, ow, hit = _tap_target(h, w, i, j, Ho, Wo, SH, SW, PH, PW, DH, DW)
+        # the stride divides h + PH - i*DH for every pixel of the class or for none: a tap that
+        # reaches none runs no trips of the channel loop
+        o_hi = tl.where(((rh + PH - i * DH) % SH == 0) & ((rw + PW - j * DW) % SW == 0), OG, 0)
+        oh, ow, hit = _class_tap(hq, wq, rh, rw, i, j, Ho, Wo, SH, SW, PH, PW, DH, DW)
         ok = m_ok & hit
         a_row = g_row + oh.to(tl.int64) * stride_gh + ow.to(tl.int64) * stride_gw
         b_col = w_col + i * stride_wh + j * stride_ww
@@ -714,7 +800,7 @@ def _conv_dgrad_kernel(g_ptr, w_ptr, dx_ptr,
         # reaches: a pixel it misses has a zero row of A, and 0 * (inf or NaN weight) would
         # spread a non-finite weight to every input pixel (torch's scatter never forms it)
         tap = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for o0 in range(0, OG, BLOCK_K):
+        for o0 in range(0, o_hi, BLOCK_K):
             oo = o0 + tl.arange(0, BLOCK_K)
             oo_ok = oo < OG
             oc = (grp * OG + oo).to(tl.int64)
@@ -722,6 +808,8 @@ def _conv_dgrad_kernel(g_ptr, w_ptr, dx_ptr,
             b = tl.load(b_col[None, :] + oc[:, None] * stride_wo, mask=oo_ok[:, None] & c_ok[None, :], other=0.0)
             tap = tl.dot(a, b, tap, input_precision=PREC, out_dtype=tl.float32)
         acc += tl.where(ok[:, None], tap, 0.0)
+    h = hq * SH + rh
+    w = wq * SW + rw
     d_pix = n.to(tl.int64) * stride_dn + h.to(tl.int64) * stride_dh + w.to(tl.int64) * stride_dw
     if SPLIT_T:
         d_pix += split.to(tl.int64) * N * H * W * CG  # this split's slice of the workspace
@@ -891,28 +979,31 @@ def _conv_dw_dgrad_kernel(g_ptr, w_ptr, dx_ptr,
                           BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, PIX_FAST: tl.constexpr = False):
     """Depthwise input gradient: dx[n, c, h, w] = sum_{r < MULT, i, j} g[n, c*MULT + r, (h + pt - i*dh)/sh,
     (w + pl - j*dw)/sw] * w[c*MULT + r, 0, i, j] over exact, in-range divisions; ``PIX_FAST`` as
-    in :func:`_conv_dw_fwd_kernel`."""
+    in :func:`_conv_dw_fwd_kernel`. Strided: the pixels by stride residue class, the taps that
+    reach none of a program's pixels skipped, as in :func:`_conv_dgrad_kernel`."""
     pid_p = tl.program_id(0)
     pid_c = tl.program_id(1)
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    n, hq, wq, p_ok, rh, rw = _residue_block(pid_p, N, H, W, SH, SW, BLOCK_P)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    p_ok = offs_p < N * H * W
     c_ok = offs_c < C
-    n, h, w = _split_pos(offs_p, H, W)
     g_row = n.to(tl.int64) * stride_gn
     acc = _dw_zeros(BLOCK_P, BLOCK_C, PIX_FAST)
     for t in range(0, TAPS):
         i = t // KW
         j = t % KW
-        oh, ow, hit = _tap_target(h, w, i, j, Ho, Wo, SH, SW, PH, PW, DH, DW)
+        # a tap that reaches none of the class's pixels runs no trips (as in _conv_dgrad_kernel)
+        r_hi = tl.where(((rh + PH - i * DH) % SH == 0) & ((rw + PW - j * DW) % SW == 0), MULT, 0)
+        oh, ow, hit = _class_tap(hq, wq, rh, rw, i, j, Ho, Wo, SH, SW, PH, PW, DH, DW)
         ok = _pix(p_ok & hit, PIX_FAST)
         off = _pix(g_row + oh.to(tl.int64) * stride_gh + ow.to(tl.int64) * stride_gw, PIX_FAST)
-        for rr in range(0, MULT):
+        for rr in range(0, r_hi):
             oc = (offs_c * MULT + rr).to(tl.int64)
             a = tl.load(g_ptr + off + _chan(oc * stride_gc, PIX_FAST), mask=ok & _chan(c_ok, PIX_FAST), other=0.0).to(tl.float32)
             wv = tl.load(w_ptr + oc * stride_wo + i * stride_wh + j * stride_ww, mask=c_ok, other=0.0).to(tl.float32)
             # only where the tap reaches the pixel: 0 * (inf or NaN weight) must not spread
             acc += tl.where(ok, a * _chan(wv, PIX_FAST), 0.0)
+    h = hq * SH + rh
+    w = wq * SW + rw
     d_off = _pix(n.to(tl.int64) * stride_dn + h.to(tl.int64) * stride_dh + w.to(tl.int64) * stride_dw, PIX_FAST) \
         + _chan(offs_c.to(tl.int64) * stride_dc, PIX_FAST)
     tl.store(dx_ptr + d_off, acc.to(dx_ptr.dtype.element_ty), mask=_pix(p_ok, PIX_FAST) & _chan(c_ok, PIX_FAST))
@@ -1043,12 +1134,41 @@ def split_eligible(groups: int, m: int, og: int, bm: int, bn: int, k_iters: int)
     return groups == 1 and cdiv(m, bm) * cdiv(og, bn) < SPLIT_WAVE and k_iters >= 4
 
 
+def dgrad_grid_m(n: int, h: int, w: int, stride, bm: int) -> int:
+    """Grid axis 0 of ``_conv_dgrad_kernel`` and ``_conv_dw_dgrad_kernel``: ``bm``-pixel blocks of each stride residue class
+    of the input pixels (:func:`_residue_block`), ``cdiv(n * h * w, bm)`` at stride 1."""
+    sh, sw = stride
+    return sh * sw * cdiv(n * cdiv(h, sh) * cdiv(w, sw), bm)
+
+
 def _tma_strided(t) -> bool:
     """Whether ``t`` [N, C, H, W] can be described for TMA as NHWC: unit channel stride, the other
     strides multiples of 16 bytes, a 16-byte aligned base."""
     es = t.element_size()
     return t.stride(1) == 1 and all(s * es % 16 == 0 for s in (t.stride(0), t.stride(2), t.stride(3))) \
         and t.data_ptr() % 16 == 0
+
+
+def _strided_view(x, stride) -> tuple[list, list]:
+    """(shape, strides) of x [N, C, H, W] seen as [N, H/SH, SH, W/SW, SW*C] -- (image, row
+    quotient, row residue, column quotient, column residue and channel) -- for the strided TMA
+    kernels: input pixel (q*SH + r) is (q, r), and a column residue's C channels follow the
+    previous residue's in memory (x's pixels are whole: W stride C)."""
+    n, c, h, w = x.shape
+    sh, sw = stride
+    return [n, h // sh, sh, w // sw, sw * c], [x.stride(0), sh * x.stride(2), x.stride(2), sw * x.stride(3), 1]
+
+
+def _tma_describable(x, stride) -> bool:
+    """Whether the TMA forward / weight gradient can read x [N, C, H, W] as it is for this
+    stride: :func:`_tma_strided`, and where the stride is not 1, :func:`_strided_view` exact (H
+    and W multiples of the stride; whole pixels where the column stride is not 1)."""
+    sh, sw = stride
+    if not _tma_strided(x):
+        return False
+    if (sh, sw) == (1, 1):
+        return True
+    return x.shape[2] % sh == 0 and x.shape[3] % sw == 0 and (sw == 1 or x.stride(3) == x.shape[1])
 
 
 # A TMA tile is offered only where its pixel blocks use this share of their rows on the image
@@ -1071,9 +1191,17 @@ def _well_used(cfgs: list, h: int, w: int) -> list:
 
 
 def tma_problem(x, stride, groups: int, prec: str) -> bool:
-    """Whether the TMA forward applies to this problem at all (device aside): stride 1, one
-    group, half precision or TF32 operands."""
-    return groups == 1 and tuple(stride) == (1, 1) and (x.element_size() == 2 or prec == "tf32")
+    """Whether the TMA kernels apply to this problem at all (device aside): one group, half
+    precision or TF32 operands; stride 1, or the stride's own conditions (each kernel's
+    candidates add theirs: :func:`tma_candidates`, :func:`tma_dgrad_candidates`,
+    :func:`tma_wgrad_candidates`)."""
+    return groups == 1 and (x.element_size() == 2 or prec == "tf32")
+
+
+# Strided problems are offered one TMA tile per kernel (the STRIDED forms of these alone are
+# compiled ahead of time): the forward and weight gradient read x through _strided_view (H and
+# W multiples of the stride), the input gradient takes its pixels by residue class (dilation 1).
+TMA_STRIDED = {"fwd": "tma8x16", "dgrad": "tma8x16n64", "wgrad": "tma8x8c64"}
 
 
 def tma_device(t) -> bool:
@@ -1084,51 +1212,70 @@ def tma_device(t) -> bool:
     return _has_tma(_device_index(t))
 
 
-def _tma_offer(t, configs: dict, via_cl: dict, channels: int) -> list[tuple]:
-    """The TMA tiles of ``configs`` (TMA_CONFIGS or DGRAD_TMA_CONFIGS) for a kernel that reads
-    ``t`` through TMA with a K loop over ``channels`` in blocks of BLOCK_K: on ``t`` itself where
-    it can be described as NHWC, each tile whose BLOCK_K divides ``channels`` and whose pixel
-    blocks are well used on ``t``'s image (:func:`_well_used`); else the ``via_cl`` tiles, on
-    channels_last copies."""
+def _tma_offer(t, configs: dict, via_cl: dict, channels: int, hw, direct: bool, only=None) -> list[tuple]:
+    """The TMA tiles of ``configs`` (TMA_CONFIGS or DGRAD_TMA_CONFIGS; ``only``: that tile
+    alone) for a kernel that reads ``t`` through TMA with a K loop over ``channels`` in blocks of
+    BLOCK_K: on ``t`` itself where ``direct`` (it can be described as it is), each tile whose
+    BLOCK_K divides ``channels`` and whose pixel blocks are well used on an ``hw`` grid of
+    pixels (:func:`_well_used`); else the ``via_cl`` tiles, on channels_last copies."""
     key = "half" if t.element_size() == 2 else "fp32"
-    table = configs[key]
-    if _tma_strided(t):
-        return [(*cfg, TMA) for cfg in _well_used(list(table.values()), *t.shape[2:]) if channels % cfg[3] == 0]
-    return [(*table[name], TMA, VIA_CL) for name in via_cl[key] if channels % table[name][3] == 0]
+    table = {k: v for k, v in configs[key].items() if only is None or k == only}
+    if direct:
+        return [(*cfg, TMA) for cfg in _well_used(list(table.values()), *hw) if channels % cfg[3] == 0]
+    return [(*table[name], TMA, VIA_CL) for name in via_cl[key] if name in table and channels % table[name][3] == 0]
+
+
+def _tma_strided_x(x, stride) -> bool:
+    """A strided problem's x fits :func:`_strided_view` once dense NHWC (H and W multiples of the
+    stride); stride 1 always."""
+    sh, sw = stride
+    return x.shape[2] % sh == 0 and x.shape[3] % sw == 0
 
 
 def tma_candidates(x, w, stride, groups: int, prec: str) -> list[tuple]:
     """The TMA forward's candidates for this problem (device aside): each TMA_CONFIGS tile whose
     BLOCK_K divides the channel count and whose blocks are well used (:func:`_well_used`), on x
-    itself where it can be described for TMA as NHWC, else the TMA_VIA_CL tiles on channels_last
-    copies; none where :func:`tma_problem` refuses."""
-    if not tma_problem(x, stride, groups, prec):
+    itself where it can be described for TMA (:func:`_tma_describable`), else the TMA_VIA_CL
+    tiles on channels_last copies; strided, the TMA_STRIDED tile alone, where H and W are
+    multiples of the stride; none where :func:`tma_problem` refuses."""
+    sh, sw = stride
+    strided = (sh, sw) != (1, 1)
+    if not tma_problem(x, stride, groups, prec) or not _tma_strided_x(x, stride):
         return []
-    # x's size stands for the output's: a stride-1 layer's usual 'same' padding
-    return _tma_offer(x, TMA_CONFIGS, TMA_VIA_CL, w.shape[1])
+    # x's size over the stride stands for the output's (the usual padding)
+    return _tma_offer(x, TMA_CONFIGS, TMA_VIA_CL, w.shape[1], (x.shape[2] // sh, x.shape[3] // sw),
+                      _tma_describable(x, stride), TMA_STRIDED["fwd"] if strided else None)
 
 
-def tma_dgrad_candidates(g, w, stride, groups: int, prec: str) -> list[tuple]:
+def tma_dgrad_candidates(g, w, stride, groups: int, prec: str, dilation=(1, 1)) -> list[tuple]:
     """The TMA input gradient's candidates for this problem (device aside), as
     :func:`tma_candidates`: each DGRAD_TMA_CONFIGS tile whose BLOCK_K divides the output channel
     count, on g itself where it can be described for TMA as NHWC, else the DGRAD_TMA_VIA_CL
-    tiles on channels_last copies; the weight's rows of C channels must be whole 16-byte units."""
-    if not tma_problem(g, stride, groups, prec) or w.shape[1] * g.element_size() % 16:
+    tiles on channels_last copies; the weight's rows of C channels must be whole 16-byte units.
+    Strided: the TMA_STRIDED tile alone, dilation 1."""
+    strided = tuple(stride) != (1, 1)
+    if not tma_problem(g, stride, groups, prec) or w.shape[1] * g.element_size() % 16 \
+            or (strided and tuple(dilation) != (1, 1)):
         return []
-    return _tma_offer(g, DGRAD_TMA_CONFIGS, DGRAD_TMA_VIA_CL, w.shape[0])
+    return _tma_offer(g, DGRAD_TMA_CONFIGS, DGRAD_TMA_VIA_CL, w.shape[0], g.shape[2:], _tma_strided(g),
+                      TMA_STRIDED["dgrad"] if strided else None)
 
 
 def tma_wgrad_candidates(g, x, stride, groups: int, prec: str) -> list[tuple]:
     """The TMA weight gradient's candidates for this problem (device aside): every
-    WGRAD_TMA_CONFIGS tile where both channel counts make NHWC rows of whole 16-byte units, as
-    ``(*tile, TMA)`` where x and g can be described for TMA as they are, else ``(*tile, TMA,
-    VIA_CL)`` (NHWC copies of those that cannot)."""
+    WGRAD_TMA_CONFIGS tile (strided: the TMA_STRIDED one, where H and W are multiples of the
+    stride) where both channel counts make NHWC rows of whole 16-byte units, as ``(*tile, TMA)``
+    where x and g can be described for TMA as they are, else ``(*tile, TMA, VIA_CL)`` (NHWC
+    copies of those that cannot)."""
     es = x.element_size()
-    if not tma_problem(x, stride, groups, prec) or x.shape[1] * es % 16 or g.shape[1] * es % 16:
+    if not tma_problem(x, stride, groups, prec) or x.shape[1] * es % 16 or g.shape[1] * es % 16 \
+            or not _tma_strided_x(x, stride):
         return []
-    tail = (TMA,) if _tma_strided(x) and _tma_strided(g) else (TMA, VIA_CL)
-    return [(*cfg, *tail) for cfg in _well_used(list(WGRAD_TMA_CONFIGS["half" if es == 2 else "fp32"].values()),
-                                                *g.shape[2:])]
+    tail = (TMA,) if _tma_describable(x, stride) and _tma_strided(g) else (TMA, VIA_CL)
+    table = WGRAD_TMA_CONFIGS["half" if es == 2 else "fp32"]
+    if tuple(stride) != (1, 1):
+        table = {TMA_STRIDED["wgrad"]: table[TMA_STRIDED["wgrad"]]}
+    return [(*cfg, *tail) for cfg in _well_used(list(table.values()), *g.shape[2:])]
 
 
 def problem_candidates(x, w, b, y, groups: int, prec: str, stride=None) -> list[tuple]:
@@ -1171,7 +1318,7 @@ def dgrad_candidates(half: bool, nhwc: bool = False, via_cl: bool = False) -> li
     return out
 
 
-def dgrad_problem_candidates(g, w, dx, groups: int, prec: str, stride=None) -> list[tuple]:
+def dgrad_problem_candidates(g, w, dx, groups: int, prec: str, stride=None, dilation=(1, 1)) -> list[tuple]:
     """The input-gradient candidates :func:`conv_backward_data` hands a measuring chooser for
     these tensors: :func:`dgrad_candidates` for their layouts, and the tap-split ``DGRAD_SPLIT``
     tiles as ``(*tile, SPLIT)`` for one-group problems with two taps or more and fewer output
@@ -1191,7 +1338,7 @@ def dgrad_problem_candidates(g, w, dx, groups: int, prec: str, stride=None) -> l
         if kh * kw >= 2 and split_eligible(groups, m, cg, bm, bn, 4):  # split over whole taps
             out.append((*table[name], SPLIT))
     if stride is not None and tma_device(g):
-        out += tma_dgrad_candidates(g, w, stride, groups, prec)
+        out += tma_dgrad_candidates(g, w, stride, groups, prec, dilation)
     return out
 
 
@@ -1392,53 +1539,72 @@ def _jit_launch(kernel, grid, args, meta, warm: bool) -> None:
     (_compiling(kernel, grid) if warm else kernel[grid])(*args, **meta)
 
 
-def _tma_forward(cfg, x, w, b, y, padding, dilation, activation, prec, warm=False) -> None:
+def _x_descriptor(x, stride, bh: int, bw: int, bk: int):
+    """TMA descriptor of x [N, C, H, W] (:func:`_tma_describable` for ``stride``) as NHWC, box
+    [1, bh, bw, bk]; strided (``stride`` not 1): of :func:`_strided_view`, box [1, bh, 1, bw,
+    bk]. Returns ``(descriptor, strided)``."""
+    xs = x.permute(0, 2, 3, 1)
+    if tuple(stride) == (1, 1):
+        return TensorDescriptor(xs, list(xs.shape), list(xs.stride()), [1, bh, bw, bk]), False
+    return TensorDescriptor(xs, *_strided_view(x, stride), [1, bh, 1, bw, bk]), True
+
+
+def _tma_forward(cfg, x, w, b, y, stride, padding, dilation, activation, prec, warm=False) -> None:
     """One launch of :func:`_conv_tma_fwd_kernel` (``warm``: compile only) through the JIT
     (``kernel[grid]``: the cached launch plans of ``_launch`` take pointer arguments only); x
-    must be :func:`_tma_strided`, the convolution stride 1, one group."""
+    must be :func:`_tma_describable` for the stride, one group."""
     bh, bw, bn, bk, warps, stages = cfg[:6]
     n, _, _, _ = x.shape
     o, cg, kh, kw = w.shape
     _, _, ho, wo = y.shape
     assert cg % bk == 0 and _tma_strided(x), "the TMA forward needs whole channel blocks and an NHWC-describable x"
-    xs = x.permute(0, 2, 3, 1)
+    if not _tma_describable(x, stride):  # a strided view needs whole pixels (a channel-sliced x)
+        x = _nhwc_empty(x).copy_(x)
     wv = _tma_rows(w.permute(0, 2, 3, 1).reshape(o, kh * kw * cg))  # [O, TAPS * C]: a view of a channels_last weight
-    x_desc = TensorDescriptor(xs, list(xs.shape), list(xs.stride()), [1, bh, bw, bk])
+    x_desc, strided = _x_descriptor(x, stride, bh, bw, bk)
     w_desc = TensorDescriptor(wv, list(wv.shape), list(wv.stride()), [bn, bk])
     grid = (n * cdiv(ho, bh) * cdiv(wo, bw), cdiv(o, bn))
     args = (x_desc, w_desc, b if b is not None else y, y, ho, wo, o, cg, kw, kh * kw, padding[0], padding[2],
-            dilation[0], dilation[1], *y.stride(), int(b is not None), ACT_CODES[activation])
-    meta = dict(PREC=_dot_precision(prec), BH=bh, BW=bw, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+            dilation[0], dilation[1], stride[0], stride[1], *y.stride(), int(b is not None), ACT_CODES[activation])
+    meta = dict(PREC=_dot_precision(prec), BH=bh, BW=bw, BLOCK_N=bn, BLOCK_K=bk, STRIDED=strided, num_warps=warps,
+                num_stages=stages)
     _jit_launch(_conv_tma_fwd_kernel, grid, args, meta, warm)
 
 
-def _tma_dgrad(cfg, g, w, dx, padding, dilation, prec, warm=False) -> None:
+def _tma_dgrad(cfg, g, w, dx, stride, padding, dilation, prec, warm=False) -> None:
     """One launch of :func:`_conv_tma_dgrad_kernel` (``warm``: compile only) through the JIT; g
-    must be :func:`_tma_strided`, the convolution stride 1, one group. The weight is read as
-    [TAPS * O, C] (tap, output channel) rows: a copy of the usual weight (a pass over the
-    weight alone)."""
+    must be :func:`_tma_strided`, one group, dilation 1 where the stride is not. The weight is
+    read as [TAPS * O, C] (tap, output channel) rows: a copy of the usual weight (a pass over
+    the weight alone)."""
     bh, bw, bn, bk, warps, stages = cfg[:6]
     n, c, h, wd = dx.shape
     o, _, kh, kw = w.shape
     _, _, ho, wo = g.shape
+    sh, sw = stride
+    strided = (sh, sw) != (1, 1)
     assert o % bk == 0 and _tma_strided(g), "the TMA input gradient needs whole channel blocks and an NHWC-describable g"
+    assert not strided or tuple(dilation) == (1, 1), "the strided TMA input gradient needs dilation 1"
     gs = g.permute(0, 2, 3, 1)
     wt = _tma_rows(w.permute(2, 3, 0, 1).reshape(kh * kw * o, c))
     g_desc = TensorDescriptor(gs, list(gs.shape), list(gs.stride()), [1, bh, bw, bk])
     w_desc = TensorDescriptor(wt, list(wt.shape), list(wt.stride()), [bk, bn])
-    grid = (n * cdiv(h, bh) * cdiv(wd, bw), cdiv(c, bn))
+    # strided: blocks of each residue class's cdiv(h, sh) x cdiv(wd, sw) pixels
+    grid = (sh * sw * n * cdiv(cdiv(h, sh), bh) * cdiv(cdiv(wd, sw), bw), cdiv(c, bn))
     args = (g_desc, w_desc, dx, h, wd, ho, wo, c, o, kw, kh * kw, padding[0], padding[2], dilation[0], dilation[1],
-            *dx.stride())
-    meta = dict(PREC=_dot_precision(prec), BH=bh, BW=bw, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+            sh, sw, *dx.stride())
+    meta = dict(PREC=_dot_precision(prec), BH=bh, BW=bw, BLOCK_N=bn, BLOCK_K=bk, STRIDED=strided, num_warps=warps,
+                num_stages=stages)
     _jit_launch(_conv_tma_dgrad_kernel, grid, args, meta, warm)
 
 
-def _tma_wgrad(cfg, g, x, dw, padding, dilation, prec, interpret: bool, warm=False) -> None:
+def _tma_wgrad(cfg, g, x, dw, stride, padding, dilation, prec, interpret: bool, warm=False) -> None:
     """The TMA weight gradient (``warm``: compile only): NHWC copies of x and g where they cannot
     be described as they are, :func:`_conv_tma_wgrad_kernel` into float32 partial sums over
     splits of the output-pixel blocks (:func:`wgrad_split`), summed into dw."""
     bh, bw, bc, bo, warps, stages = cfg[:6]
     x, g = _nhwc_copy(x), _nhwc_copy(g)
+    if not _tma_describable(x, stride):  # a strided view needs whole pixels (a channel-sliced x)
+        x = _nhwc_empty(x).copy_(x)
     n, c, _, _ = x.shape
     o, _, kh, kw = dw.shape
     _, _, ho, wo = g.shape
@@ -1448,12 +1614,14 @@ def _tma_wgrad(cfg, g, x, dw, padding, dilation, prec, interpret: bool, warm=Fal
     chunk = cdiv(nb, split)
     split = cdiv(nb, chunk)
     ws = _partials(split, (o, c, kh * kw), dw)
-    xs, gs = x.permute(0, 2, 3, 1), g.permute(0, 2, 3, 1)
-    x_desc = TensorDescriptor(xs, list(xs.shape), list(xs.stride()), [1, bh, bw, bc])
+    gs = g.permute(0, 2, 3, 1)
+    x_desc, strided = _x_descriptor(x, stride, bh, bw, bc)
     g_desc = TensorDescriptor(gs, list(gs.shape), list(gs.stride()), [1, bh, bw, bo])
     grid = (cdiv(c, bc), kh * kw * cdiv(o, bo), split)
-    args = (x_desc, g_desc, ws, n, ho, wo, c, o, kw, kh * kw, padding[0], padding[2], dilation[0], dilation[1], chunk)
-    meta = dict(PREC=_dot_precision(prec), BH=bh, BW=bw, BLOCK_C=bc, BLOCK_O=bo, num_warps=warps, num_stages=stages)
+    args = (x_desc, g_desc, ws, n, ho, wo, c, o, kw, kh * kw, padding[0], padding[2], dilation[0], dilation[1],
+            stride[0], stride[1], chunk)
+    meta = dict(PREC=_dot_precision(prec), BH=bh, BW=bw, BLOCK_C=bc, BLOCK_O=bo, STRIDED=strided, num_warps=warps,
+                num_stages=stages)
     _jit_launch(_conv_tma_wgrad_kernel, grid, args, meta, warm)
     if not warm:
         _reduce_partials(ws, dw)
@@ -1494,7 +1662,7 @@ def conv_forward(x, w, bias, y, stride, padding, dilation, groups, activation, p
 
     def direct(cfg, x, w, y, warm=False):
         if TMA in cfg:
-            _tma_forward(cfg, x, w, bias, y, padding, dilation, activation, prec, warm)
+            _tma_forward(cfg, x, w, bias, y, stride, padding, dilation, activation, prec, warm)
             return
         bm, bn, bk, warps, stages = cfg[:5]
         split = SPLIT in cfg[5:]
@@ -1550,7 +1718,7 @@ def conv_backward_data(g, w, dx, stride, padding, dilation, groups, prec, interp
     og = o // groups
     if is_depthwise(c, cg, groups):
         bp, bc, warps = dw_config(interpret)
-        grid = (cdiv(n * h * wd, bp), cdiv(c, bc))
+        grid = (dgrad_grid_m(n, h, wd, stride, bp), cdiv(c, bc))
         launch_kernel(
             _conv_dw_dgrad_kernel, grid,
             g, w, dx,
@@ -1564,7 +1732,7 @@ def conv_backward_data(g, w, dx, stride, padding, dilation, groups, prec, interp
 
     def direct(cfg, g, w, dx, warm=False):
         if TMA in cfg:
-            _tma_dgrad(cfg, g, w, dx, padding, dilation, prec, warm)
+            _tma_dgrad(cfg, g, w, dx, stride, padding, dilation, prec, warm)
             return
         bm, bn, bk, warps, stages = cfg[:5]
         split = SPLIT in cfg[5:]
@@ -1574,7 +1742,7 @@ def conv_backward_data(g, w, dx, stride, padding, dilation, groups, prec, interp
         # gradient to the kernel), then summed into dx
         out = torch.empty((nsplit, m, cg), dtype=torch.float32, device=dx.device) if split else dx
         strides = (h * wd * cg, 1, wd * cg, cg) if split else dx.stride()
-        grid = (cdiv(m, bm), cdiv(cg, bn), nsplit)
+        grid = (dgrad_grid_m(n, h, wd, stride, bm), cdiv(cg, bn), nsplit)
         kernel = _launcher(_conv_dgrad_kernel, grid, warm)
         kernel(
             g, w, out,
@@ -1594,7 +1762,7 @@ def conv_backward_data(g, w, dx, stride, padding, dilation, groups, prec, interp
     if choose is not None:
         key = (tuple(g.shape), tuple(g.stride()), tuple(w.shape), tuple(w.stride()), tuple(dx.shape), tuple(dx.stride()),
                str(g.dtype), tuple(stride), tuple(padding), tuple(dilation), groups, prec)
-        cfg = tuple(choose("conv_dgrad", key, dgrad_problem_candidates(g, w, dx, groups, prec, stride), launch, cfg,
+        cfg = tuple(choose("conv_dgrad", key, dgrad_problem_candidates(g, w, dx, groups, prec, stride, dilation), launch, cfg,
                            prepare=lambda cs: _compile_all(cs, interpret, lambda c, nhwc: direct(c, *nhwc(g, w, dx), warm=True))))
     launch(cfg)
 
@@ -1631,7 +1799,7 @@ def conv_backward_weight(g, x, dw, stride, padding, dilation, groups, prec, inte
 
     def run(cfg, warm=False):
         if TMA in cfg:
-            _tma_wgrad(cfg, g, x, dw, padding, dilation, prec, interpret, warm)
+            _tma_wgrad(cfg, g, x, dw, stride, padding, dilation, prec, interpret, warm)
             return
         bm, bn, bk, warps, stages = cfg[:5]
         packed = PACKED in cfg[5:]
@@ -1757,46 +1925,59 @@ def _dgrad_spec(dt: str, prec: str, cname: str, cfg: tuple, nhwc: bool = False, 
                    **({"divisible_by_16": DGRAD_NHWC_DIV16} if nhwc else {}))
 
 
-_INTS_TMA_FWD = ("Ho", "Wo", "O", "CG", "KW", "TAPS", "PH", "PW", "DH", "DW",
+_INTS_TMA_FWD = ("Ho", "Wo", "O", "CG", "KW", "TAPS", "PH", "PW", "DH", "DW", "SH", "SW",
                  "stride_yn", "stride_yc", "stride_yh", "stride_yw", "HAS_BIAS", "ACT")
 
 
-_INTS_TMA_DGRAD = ("H", "W", "Ho", "Wo", "C", "O", "KW", "TAPS", "PH", "PW", "DH", "DW",
+_INTS_TMA_DGRAD = ("H", "W", "Ho", "Wo", "C", "O", "KW", "TAPS", "PH", "PW", "DH", "DW", "SH", "SW",
                    "stride_dn", "stride_dc", "stride_dh", "stride_dw")
 
 
-_INTS_TMA_WGRAD = ("N", "Ho", "Wo", "C", "O", "KW", "TAPS", "PH", "PW", "DH", "DW", "CHUNK")
+_INTS_TMA_WGRAD = ("N", "Ho", "Wo", "C", "O", "KW", "TAPS", "PH", "PW", "DH", "DW", "SH", "SW", "CHUNK")
 
 
 def _tma_specs() -> list[AotSpec]:
     """The TMA kernels' specs: every TMA_CONFIGS (forward), WGRAD_TMA_CONFIGS (weight gradient)
-    and DGRAD_TMA_CONFIGS (input gradient) tile in TF32 (float32) and in float16 / bfloat16."""
+    and DGRAD_TMA_CONFIGS (input gradient) tile in TF32 (float32) and in float16 / bfloat16, and
+    each kernel's TMA_STRIDED tile in its ``STRIDED`` form (the forward's and weight gradient's
+    x a 5-D descriptor, :func:`_strided_view`)."""
     specs = []
     for dt, prec in (("fp32", "tf32"), ("fp16", "ieee"), ("bf16", "ieee")):
-        for cname, (bh, bw, bn, bk, warps, stages) in TMA_CONFIGS["fp32" if dt == "fp32" else "half"].items():
-            sig = {"x_desc": f"tensordesc<{dt}[1, {bh}, {bw}, {bk}]>", "w_desc": f"tensordesc<{dt}[{bn}, {bk}]>",
-                   "b_ptr": f"*{dt}", "y_ptr": f"*{dt}"}
-            sig.update({k: "i32" for k in _INTS_TMA_FWD})
-            blocks = {"BH": bh, "BW": bw, "BLOCK_N": bn, "BLOCK_K": bk}
-            sig.update({k: "constexpr" for k in ("PREC", *blocks)})
-            specs.append(AotSpec(_conv_tma_fwd_kernel, sig, {"PREC": prec, **blocks}, num_warps=warps,
-                                 num_stages=stages, label=f"fwd {cname} {dt} {prec} tma"))
-        for cname, (bh, bw, bc, bo, warps, stages) in WGRAD_TMA_CONFIGS["fp32" if dt == "fp32" else "half"].items():
-            sig = {"x_desc": f"tensordesc<{dt}[1, {bh}, {bw}, {bc}]>", "g_desc": f"tensordesc<{dt}[1, {bh}, {bw}, {bo}]>",
-                   "ws_ptr": "*fp32"}
-            sig.update({k: "i32" for k in _INTS_TMA_WGRAD})
-            blocks = {"BH": bh, "BW": bw, "BLOCK_C": bc, "BLOCK_O": bo}
-            sig.update({k: "constexpr" for k in ("PREC", *blocks)})
-            specs.append(AotSpec(_conv_tma_wgrad_kernel, sig, {"PREC": prec, **blocks}, num_warps=warps,
-                                 num_stages=stages, label=f"wgrad {cname} {dt} {prec} tma"))
-        for cname, (bh, bw, bn, bk, warps, stages) in DGRAD_TMA_CONFIGS["fp32" if dt == "fp32" else "half"].items():
-            sig = {"g_desc": f"tensordesc<{dt}[1, {bh}, {bw}, {bk}]>", "w_desc": f"tensordesc<{dt}[{bk}, {bn}]>",
-                   "dx_ptr": f"*{dt}"}
-            sig.update({k: "i32" for k in _INTS_TMA_DGRAD})
-            blocks = {"BH": bh, "BW": bw, "BLOCK_N": bn, "BLOCK_K": bk}
-            sig.update({k: "constexpr" for k in ("PREC", *blocks)})
-            specs.append(AotSpec(_conv_tma_dgrad_kernel, sig, {"PREC": prec, **blocks}, num_warps=warps,
-                                 num_stages=stages, label=f"dgrad {cname} {dt} {prec} tma"))
+        key = "fp32" if dt == "fp32" else "half"
+        for strided in (False, True):
+            tail = " strided" if strided else ""
+            for cname, (bh, bw, bn, bk, warps, stages) in TMA_CONFIGS[key].items():
+                if strided and cname != TMA_STRIDED["fwd"]:
+                    continue
+                box = f"1, {bh}, 1, {bw}, {bk}" if strided else f"1, {bh}, {bw}, {bk}"
+                sig = {"x_desc": f"tensordesc<{dt}[{box}]>", "w_desc": f"tensordesc<{dt}[{bn}, {bk}]>",
+                       "b_ptr": f"*{dt}", "y_ptr": f"*{dt}"}
+                sig.update({k: "i32" for k in _INTS_TMA_FWD})
+                blocks = {"BH": bh, "BW": bw, "BLOCK_N": bn, "BLOCK_K": bk, "STRIDED": strided}
+                sig.update({k: "constexpr" for k in ("PREC", *blocks)})
+                specs.append(AotSpec(_conv_tma_fwd_kernel, sig, {"PREC": prec, **blocks}, num_warps=warps,
+                                     num_stages=stages, label=f"fwd {cname} {dt} {prec} tma{tail}"))
+            for cname, (bh, bw, bc, bo, warps, stages) in WGRAD_TMA_CONFIGS[key].items():
+                if strided and cname != TMA_STRIDED["wgrad"]:
+                    continue
+                box = f"1, {bh}, 1, {bw}, {bc}" if strided else f"1, {bh}, {bw}, {bc}"
+                sig = {"x_desc": f"tensordesc<{dt}[{box}]>", "g_desc": f"tensordesc<{dt}[1, {bh}, {bw}, {bo}]>",
+                       "ws_ptr": "*fp32"}
+                sig.update({k: "i32" for k in _INTS_TMA_WGRAD})
+                blocks = {"BH": bh, "BW": bw, "BLOCK_C": bc, "BLOCK_O": bo, "STRIDED": strided}
+                sig.update({k: "constexpr" for k in ("PREC", *blocks)})
+                specs.append(AotSpec(_conv_tma_wgrad_kernel, sig, {"PREC": prec, **blocks}, num_warps=warps,
+                                     num_stages=stages, label=f"wgrad {cname} {dt} {prec} tma{tail}"))
+            for cname, (bh, bw, bn, bk, warps, stages) in DGRAD_TMA_CONFIGS[key].items():
+                if strided and cname != TMA_STRIDED["dgrad"]:
+                    continue
+                sig = {"g_desc": f"tensordesc<{dt}[1, {bh}, {bw}, {bk}]>", "w_desc": f"tensordesc<{dt}[{bk}, {bn}]>",
+                       "dx_ptr": f"*{dt}"}
+                sig.update({k: "i32" for k in _INTS_TMA_DGRAD})
+                blocks = {"BH": bh, "BW": bw, "BLOCK_N": bn, "BLOCK_K": bk, "STRIDED": strided}
+                sig.update({k: "constexpr" for k in ("PREC", *blocks)})
+                specs.append(AotSpec(_conv_tma_dgrad_kernel, sig, {"PREC": prec, **blocks}, num_warps=warps,
+                                     num_stages=stages, label=f"dgrad {cname} {dt} {prec} tma{tail}"))
     return specs
 
 
