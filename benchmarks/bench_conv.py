@@ -101,6 +101,9 @@ GPU_SHAPES = [
     ("conv2d 3x3", "N=32 C=256 14x14 O=256", dict(n=32, c=256, spatial=(14, 14), o=256, k=(3, 3), padding=1)),
     ("conv2d 3x3", "N=32 C=512 7x7 O=512", dict(n=32, c=512, spatial=(7, 7), o=512, k=(3, 3), padding=1)),
     ("conv2d 7x7/2 stem", "N=32 C=3 224x224 O=64", dict(n=32, c=3, spatial=(224, 224), o=64, k=(7, 7), stride=2, padding=3)),
+    # a ResNet stage's downsampling 3x3 (stride 2): the strided TMA kernels and the input
+    # gradient by residue class
+    ("conv2d 3x3/2", "N=32 C=128 56x56 O=128", dict(n=32, c=128, spatial=(56, 56), o=128, k=(3, 3), stride=2, padding=1)),
     ("conv2d 1x1", "N=32 C=64 56x56 O=256", dict(n=32, c=64, spatial=(56, 56), o=256, k=(1, 1))),
     ("conv1d text k3", "N=64 C=300 L=128 O=100", dict(n=64, c=300, spatial=(128,), o=100, k=(3,))),
     ("conv1d text k4", "N=64 C=300 L=128 O=100", dict(n=64, c=300, spatial=(128,), o=100, k=(4,))),

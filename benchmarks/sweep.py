@@ -627,7 +627,7 @@ def _conv_setup(p: dict, dtype, channels_last: bool, device: str, copies: int, c
     return run, check
 
 
-CONV_BWD_SHAPES = ("conv2d 3x3", "conv2d 7x7/2 stem")  # bench_conv's conv2d cases the backward section takes
+CONV_BWD_SHAPES = ("conv2d 3x3", "conv2d 3x3/2", "conv2d 7x7/2 stem")  # bench_conv's conv2d cases the backward section takes
 
 
 def conv_bwd_candidates(part: str, p: dict, dtype, channels_last: bool, device: str = "cpu") -> list[dict]:
@@ -712,7 +712,7 @@ def _conv_bwd_setup(part: str, p: dict, dtype, channels_last: bool, device: str,
 
 def conv_bwd_groups(dtypes, layouts=("channels_last", "nchw"), shapes=None, device: str = "cuda",
                     copies: int = 2) -> list[Group]:
-    """The input and weight gradients of bench_conv's conv2d 3x3 stages and stem (CONV_BWD_SHAPES),
+    """The input and weight gradients of bench_conv's conv2d 3x3 stages, its 3x3/2 and the stem (CONV_BWD_SHAPES),
     per dtype and layout: every configuration of :func:`conv_bwd_candidates` and torch; per shape
     the input gradient, then the weight gradient (the stem's input gradient is left out: a
     network's first layer has none)."""
