@@ -496,7 +496,7 @@ TRITON_CASES = [
     (2, (1, 4, 9, 8), (4, 1, 3, 2), dict(stride=(2, 3), padding=(1, 2), groups=4, activation="relu"), "noncontig"),
     # the input gradient by stride residue class: stride 3 with a tap span that reaches every
     # class of h (dilation 2) and of w, classes short of a row or column (11 = 3*3 + 2, 10)
-    (2, (2, 6, 11, 10), (6, 3, 3, 4), dict(stride=(3, 2), padding=(2, 1), dilation=(2, 1), groups=2), "channels_last"),
+    (2, (1, 6, 11, 10), (6, 3, 3, 4), dict(stride=(3, 2), padding=(2, 1), dilation=(2, 1), groups=2), "channels_last"),
     (2, (1, 5, 10, 9), (4, 5, 5, 3), dict(stride=3, padding=(2, 1), bias=False), "contig"),
 ]
 
@@ -1145,7 +1145,7 @@ TMA_DGRAD_CASES = [  # 64 output channels: a whole number of channel blocks for 
     ((2, 8, 4, 6), (64, 8, 1, 1), (0, 0, 0, 0), (1, 1), "channels_last", False, (1, 1)),
     ((1, 16, 6, 5), (64, 16, 3, 3), (3, 3, 3, 3), (1, 1), "contig", False, (1, 1)),
     ((1, 8, 7, 6), (64, 8, 3, 3), (1, 1, 1, 1), (1, 1), "contig", True, (1, 1)),
-    ((2, 24, 9, 10), (64, 24, 3, 3), (1, 1, 1, 1), (1, 1), "channels_last", False, (2, 2)),
+    ((1, 8, 9, 10), (64, 8, 3, 3), (1, 1, 1, 1), (1, 1), "channels_last", False, (2, 2)),
     ((1, 8, 7, 8), (64, 8, 1, 1), (0, 0, 0, 0), (1, 1), "contig", False, (2, 3)),
     ((1, 8, 11, 9), (64, 8, 5, 3), (2, 2, 1, 1), (1, 1), "contig", True, (3, 2)),
 ]
