@@ -36,10 +36,16 @@ puts a warp's lanes on the channel axis; launches on such tensors therefore load
 their pixel x channel tiles transposed, lanes on pixels (``A_PIX`` / ``Y_PIX`` / ``B_PIX``,
 ``PIX_FAST`` in the depthwise kernels; :func:`pixels_adjacent`).
 
-On devices with TMA, stride-1 one-group problems in half precision or TF32 are also offered
+On devices with TMA, one-group problems in half precision or TF32 are also offered
 ``_conv_tma_*`` kernels (forward, input and weight gradient): a block of BH x BW pixels of one
 image reads each (tap, channel block) as one TMA box of the NHWC tensor, the padding filled with
-zeros by the copy engine; measured candidates only (``TMA``).
+zeros by the copy engine; measured candidates only (``TMA``). Strided layers too (``STRIDED``
+forms, ``TMA_STRIDED``): the input as [N, H/SH, SH, W/SW, SW*C], the input gradient's pixels
+by residue class.
+
+A strided convolution's pointer input gradients (``_conv_dgrad_kernel``,
+``_conv_dw_dgrad_kernel``) take the input pixels by stride residue class too
+(:func:`dgrad_grid_m`), so that a program runs only the taps that reach its pixels.
 
 Depthwise convolutions (one input channel per group: groups = C, weight [C*mult, 1, kh, kw])
 have no GEMM to feed (K = taps only), so they run through dedicated FMA kernels
@@ -185,7 +191,7 @@ DGRAD_SPLIT = {
 PACKED = "packed_k"
 FWD_PACKED = {"fp32": ("large", "small", "large3"), "half": ("large", "medium", "small")}
 # The TMA forward (``_conv_tma_fwd_kernel``): measured candidates only, where the device has TMA
-# and wgmma (compute capability 9+), for stride-1 one-group problems in half precision or TF32
+# and wgmma (compute capability 9+), for one-group problems in half precision or TF32
 # whose channel count is a multiple of the tile's BLOCK_K: each (tap, channel block) of a block
 # of output pixels is one TMA box of the NHWC input, zero-filled in the padding by the copy
 # engine, so the K loop has no address arithmetic, masks or gathers (the pointer kernels' int64
@@ -206,8 +212,8 @@ TMA_CONFIGS = {
 TMA_VIA_CL = {"half": ("tma8x16",), "fp32": ("tma8x16",)}
 # the TMA forward's tile in the interpreter tests (BLOCK_M = 16)
 TMA_INTERP_CONFIG = (2, 8, 16, 16, 4, 1, TMA)
-# The TMA input gradient (``_conv_tma_dgrad_kernel``), on the same terms (stride 1, one group,
-# half or TF32) for output channel counts in multiples of BLOCK_K: a BH x BW block of input
+# The TMA input gradient (``_conv_tma_dgrad_kernel``), on the same terms (one group, half or
+# TF32; strided: dilation 1) for output channel counts in multiples of BLOCK_K: a BH x BW block of input
 # pixels by BLOCK_N input channels. It keeps two accumulators (the running sum and the tap's),
 # so its 128-channel tiles take 191 (half) / 201 (TF32) registers against the forward's 138 /
 # 144 (sm_90 AOT, no spills, HGMMA, UTMALDG); 64-channel tiles take 112-126.
@@ -565,7 +571,7 @@ def _conv_tma_fwd_kernel(x_desc, w_desc, b_ptr, y_ptr, Ho, Wo, O, CG, KW, TAPS, 
                          stride_yn, stride_yc, stride_yh, stride_yw, HAS_BIAS, ACT, PREC: tl.constexpr,
                          BH: tl.constexpr, BW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          STRIDED: tl.constexpr = False):
-    """The stride-1 forward through TMA: ``y`` = act(conv(x, w) + b) for one group, each program
+    """The forward through TMA: ``y`` = act(conv(x, w) + b) for one group, each program
     a ``BH x BW`` block of output pixels of one image (grid axis 0: images x pixel blocks) by
     ``BLOCK_N`` output channels (axis 1).
 
@@ -694,7 +700,7 @@ def _conv_tma_dgrad_kernel(g_desc, w_desc, dx_ptr, H, W, Ho, Wo, C, O, KW, TAPS,
 def _conv_tma_wgrad_kernel(x_desc, g_desc, ws_ptr, N, Ho, Wo, C, O, KW, TAPS, PH, PW, DH, DW, SH, SW, CHUNK,
                            PREC: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, BLOCK_C: tl.constexpr,
                            BLOCK_O: tl.constexpr, STRIDED: tl.constexpr = False):
-    """The stride-1 weight gradient through TMA, one group: partial sums ws[split, o, c, tap]
+    """The weight gradient through TMA, one group: partial sums ws[split, o, c, tap]
     (float32, contiguous [SPLIT, O, C, TAPS]) of g[n, p, q, o] * x[n, p - PH + i*DH, q - PW +
     j*DW, c] over the output pixels. Each program one tap and a ``BLOCK_C x BLOCK_O`` tile of
     (input, output) channels (grid axis 0: channel blocks; axis 1: taps x output-channel
@@ -1135,8 +1141,9 @@ def split_eligible(groups: int, m: int, og: int, bm: int, bn: int, k_iters: int)
 
 
 def dgrad_grid_m(n: int, h: int, w: int, stride, bm: int) -> int:
-    """Grid axis 0 of ``_conv_dgrad_kernel`` and ``_conv_dw_dgrad_kernel``: ``bm``-pixel blocks of each stride residue class
-    of the input pixels (:func:`_residue_block`), ``cdiv(n * h * w, bm)`` at stride 1."""
+    """Grid axis 0 of ``_conv_dgrad_kernel`` and ``_conv_dw_dgrad_kernel``: ``bm``-pixel blocks
+    of each stride residue class of the input pixels (:func:`_residue_block`), ``cdiv(n * h * w,
+    bm)`` at stride 1."""
     sh, sw = stride
     return sh * sw * cdiv(n * cdiv(h, sh) * cdiv(w, sw), bm)
 
