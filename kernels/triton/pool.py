@@ -154,27 +154,36 @@ def _max_pool_bwd_kernel(g_ptr, i_ptr, dx_ptr, total, H, W, OH, OW,
                          KH, KW, SH, SW, PH, PW, DH, DW, C,
                          WIDE: tl.constexpr, BLOCK: tl.constexpr, CL: tl.constexpr = False):
     """``CL``: dx, grad_output and the indices are channels_last (dx offsets in [N, H, W, C]
-    order; ``C`` is read only then), else NCHW."""
+    order; ``C`` is read only then), else NCHW.
+
+    Each element visits only the windows whose span covers it, as the tiled form does
+    (:func:`_max_pool_bwd_tile_kernel`): rows ``oh = (ih + PH) // SH - a`` for ``a <
+    (KH - 1) * DH // SH + 1``, likewise columns (2 x 2 windows at 3x3/2, one division per row
+    and per column), where the loop over every tap took 9 with a division by the stride each;
+    the windows come in the same order (oh, then ow, descending), so the sums are the same."""
     offs, mask = _block_offsets(total, WIDE, BLOCK)
     if CL:
         c = offs % C
         n, ih, iw = _decompose(offs // C, H, W)
-        obase = n.to(tl.int64) * OH * OW * C + c
+        obase = n * OH * OW * C + c  # int64 where WIDE (offs are), else every offset fits int32
+        target = ih.to(tl.int64) * W + iw
     else:
         nc, ih, iw = _decompose(offs, H, W)
-        obase = nc.to(tl.int64) * OH * OW
-    target = ih.to(tl.int64) * W + iw
+        obase = nc * OH * OW
+        target = ih * W + iw  # int32 unless WIDE (channels_last keeps int64: each as compiles without a spill)
+    top = (ih + PH) // SH  # ih + PH >= 0: floor division
+    left = (iw + PW) // SW
+    reach_h = (KH - 1) * DH - PH
+    reach_w = (KW - 1) * DW - PW
     acc = tl.zeros([BLOCK], tl.float32)
-    for i in range(0, KH):
-        hnum = ih + PH - i * DH
-        oh = hnum // SH
-        hok = mask & (hnum >= 0) & (oh * SH == hnum) & (oh < OH)
-        for j in range(0, KW):
-            wnum = iw + PW - j * DW
-            ow = wnum // SW
-            ok = hok & (wnum >= 0) & (ow * SW == wnum) & (ow < OW)
+    for a in range(0, (KH - 1) * DH // SH + 1):
+        oh = top - a
+        hok = mask & (oh >= 0) & (oh < OH) & (oh * SH + reach_h >= ih)
+        for b in range(0, (KW - 1) * DW // SW + 1):
+            ow = left - b
+            ok = hok & (ow >= 0) & (ow < OW) & (ow * SW + reach_w >= iw)
             if CL:
-                o = obase + (oh * OW + ow).to(tl.int64) * C
+                o = obase + (oh * OW + ow) * C
             else:
                 o = obase + oh * OW + ow
             sel = tl.load(i_ptr + o, mask=ok, other=-1)
@@ -187,26 +196,25 @@ def _max_pool_bwd_kernel(g_ptr, i_ptr, dx_ptr, total, H, W, OH, OW,
 def _avg_pool_bwd_kernel(g_ptr, dx_ptr, total, H, W, OH, OW,
                          KH, KW, SH, SW, PH, PW, COUNT_PAD, DIVISOR, C,
                          WIDE: tl.constexpr, BLOCK: tl.constexpr, CL: tl.constexpr = False):
-    """``CL`` as in :func:`_max_pool_bwd_kernel`."""
+    """``CL`` as in :func:`_max_pool_bwd_kernel`; the windows covering each element only, as
+    there (no dilation: ``(KH - 1) // SH + 1`` rows of them)."""
     offs, mask = _block_offsets(total, WIDE, BLOCK)
     if CL:
         c = offs % C
         n, ih, iw = _decompose(offs // C, H, W)
-        obase = n.to(tl.int64) * OH * OW * C + c
+        obase = n * OH * OW * C + c  # int64 where WIDE (offs are), else every offset fits int32
     else:
         nc, ih, iw = _decompose(offs, H, W)
-        obase = nc.to(tl.int64) * OH * OW
+        obase = nc * OH * OW
     acc = tl.zeros([BLOCK], tl.float32)
-    for i in range(0, KH):
-        hnum = ih + PH - i
-        oh = hnum // SH
-        hok = mask & (hnum >= 0) & (oh * SH == hnum) & (oh < OH)
-        for j in range(0, KW):
-            wnum = iw + PW - j
-            ow = wnum // SW
-            ok = hok & (wnum >= 0) & (ow * SW == wnum) & (ow < OW)
+    for a in range(0, (KH - 1) // SH + 1):
+        oh = (ih + PH) // SH - a  # ih + PH >= 0: floor division (recomputed: fewer live registers)
+        hok = mask & (oh >= 0) & (oh < OH) & (oh * SH + (KH - 1 - PH) >= ih)
+        for b in range(0, (KW - 1) // SW + 1):
+            ow = (iw + PW) // SW - b
+            ok = hok & (ow >= 0) & (ow < OW) & (ow * SW + (KW - 1 - PW) >= iw)
             if CL:
-                o = obase + (oh * OW + ow).to(tl.int64) * C
+                o = obase + (oh * OW + ow) * C
             else:
                 o = obase + oh * OW + ow
             g = tl.load(g_ptr + o, mask=ok, other=0.0).to(tl.float32)
