@@ -1943,48 +1943,49 @@ _INTS_TMA_DGRAD = ("H", "W", "Ho", "Wo", "C", "O", "KW", "TAPS", "PH", "PW", "DH
 _INTS_TMA_WGRAD = ("N", "Ho", "Wo", "C", "O", "KW", "TAPS", "PH", "PW", "DH", "DW", "SH", "SW", "CHUNK")
 
 
+def _tma_spec(kernel, part: str, cname: str, cfg: tuple, dt: str, prec: str, strided: bool, ptrs: dict, ints,
+              names) -> AotSpec:
+    """One TMA kernel's spec: ``ptrs`` (descriptors and pointers by name, in parameter order),
+    the run-time ints, and the tile ``cfg`` = (*blocks named ``names``, num_warps, num_stages)."""
+    *values, warps, stages = cfg[:len(names) + 2]
+    blocks = {**dict(zip(names, values)), "STRIDED": strided}
+    sig = {**ptrs, **{k: "i32" for k in ints}, **{k: "constexpr" for k in ("PREC", *blocks)}}
+    return AotSpec(kernel, sig, {"PREC": prec, **blocks}, num_warps=warps, num_stages=stages,
+                   label=f"{part} {cname} {dt} {prec} tma{' strided' if strided else ''}")
+
+
 def _tma_specs() -> list[AotSpec]:
     """The TMA kernels' specs: every TMA_CONFIGS (forward), WGRAD_TMA_CONFIGS (weight gradient)
     and DGRAD_TMA_CONFIGS (input gradient) tile in TF32 (float32) and in float16 / bfloat16, and
     each kernel's TMA_STRIDED tile in its ``STRIDED`` form (the forward's and weight gradient's
     x a 5-D descriptor, :func:`_strided_view`)."""
+    def x_box(bh, bw, bk, strided):
+        return f"1, {bh}, 1, {bw}, {bk}" if strided else f"1, {bh}, {bw}, {bk}"
+
     specs = []
     for dt, prec in (("fp32", "tf32"), ("fp16", "ieee"), ("bf16", "ieee")):
         key = "fp32" if dt == "fp32" else "half"
         for strided in (False, True):
-            tail = " strided" if strided else ""
-            for cname, (bh, bw, bn, bk, warps, stages) in TMA_CONFIGS[key].items():
-                if strided and cname != TMA_STRIDED["fwd"]:
-                    continue
-                box = f"1, {bh}, 1, {bw}, {bk}" if strided else f"1, {bh}, {bw}, {bk}"
-                sig = {"x_desc": f"tensordesc<{dt}[{box}]>", "w_desc": f"tensordesc<{dt}[{bn}, {bk}]>",
-                       "b_ptr": f"*{dt}", "y_ptr": f"*{dt}"}
-                sig.update({k: "i32" for k in _INTS_TMA_FWD})
-                blocks = {"BH": bh, "BW": bw, "BLOCK_N": bn, "BLOCK_K": bk, "STRIDED": strided}
-                sig.update({k: "constexpr" for k in ("PREC", *blocks)})
-                specs.append(AotSpec(_conv_tma_fwd_kernel, sig, {"PREC": prec, **blocks}, num_warps=warps,
-                                     num_stages=stages, label=f"fwd {cname} {dt} {prec} tma{tail}"))
-            for cname, (bh, bw, bc, bo, warps, stages) in WGRAD_TMA_CONFIGS[key].items():
-                if strided and cname != TMA_STRIDED["wgrad"]:
-                    continue
-                box = f"1, {bh}, 1, {bw}, {bc}" if strided else f"1, {bh}, {bw}, {bc}"
-                sig = {"x_desc": f"tensordesc<{dt}[{box}]>", "g_desc": f"tensordesc<{dt}[1, {bh}, {bw}, {bo}]>",
-                       "ws_ptr": "*fp32"}
-                sig.update({k: "i32" for k in _INTS_TMA_WGRAD})
-                blocks = {"BH": bh, "BW": bw, "BLOCK_C": bc, "BLOCK_O": bo, "STRIDED": strided}
-                sig.update({k: "constexpr" for k in ("PREC", *blocks)})
-                specs.append(AotSpec(_conv_tma_wgrad_kernel, sig, {"PREC": prec, **blocks}, num_warps=warps,
-                                     num_stages=stages, label=f"wgrad {cname} {dt} {prec} tma{tail}"))
-            for cname, (bh, bw, bn, bk, warps, stages) in DGRAD_TMA_CONFIGS[key].items():
-                if strided and cname != TMA_STRIDED["dgrad"]:
-                    continue
-                sig = {"g_desc": f"tensordesc<{dt}[1, {bh}, {bw}, {bk}]>", "w_desc": f"tensordesc<{dt}[{bk}, {bn}]>",
-                       "dx_ptr": f"*{dt}"}
-                sig.update({k: "i32" for k in _INTS_TMA_DGRAD})
-                blocks = {"BH": bh, "BW": bw, "BLOCK_N": bn, "BLOCK_K": bk, "STRIDED": strided}
-                sig.update({k: "constexpr" for k in ("PREC", *blocks)})
-                specs.append(AotSpec(_conv_tma_dgrad_kernel, sig, {"PREC": prec, **blocks}, num_warps=warps,
-                                     num_stages=stages, label=f"dgrad {cname} {dt} {prec} tma{tail}"))
+            def tiles(part, table):
+                return [(n, c) for n, c in table[key].items() if not strided or n == TMA_STRIDED[part]]
+            for cname, cfg in tiles("fwd", TMA_CONFIGS):
+                bh, bw, bn, bk = cfg[:4]
+                ptrs = {"x_desc": f"tensordesc<{dt}[{x_box(bh, bw, bk, strided)}]>",
+                        "w_desc": f"tensordesc<{dt}[{bn}, {bk}]>", "b_ptr": f"*{dt}", "y_ptr": f"*{dt}"}
+                specs.append(_tma_spec(_conv_tma_fwd_kernel, "fwd", cname, cfg, dt, prec, strided, ptrs, _INTS_TMA_FWD,
+                                       ("BH", "BW", "BLOCK_N", "BLOCK_K")))
+            for cname, cfg in tiles("wgrad", WGRAD_TMA_CONFIGS):
+                bh, bw, bc, bo = cfg[:4]
+                ptrs = {"x_desc": f"tensordesc<{dt}[{x_box(bh, bw, bc, strided)}]>",
+                        "g_desc": f"tensordesc<{dt}[1, {bh}, {bw}, {bo}]>", "ws_ptr": "*fp32"}
+                specs.append(_tma_spec(_conv_tma_wgrad_kernel, "wgrad", cname, cfg, dt, prec, strided, ptrs,
+                                       _INTS_TMA_WGRAD, ("BH", "BW", "BLOCK_C", "BLOCK_O")))
+            for cname, cfg in tiles("dgrad", DGRAD_TMA_CONFIGS):
+                bh, bw, bn, bk = cfg[:4]
+                ptrs = {"g_desc": f"tensordesc<{dt}[1, {bh}, {bw}, {bk}]>", "w_desc": f"tensordesc<{dt}[{bk}, {bn}]>",
+                        "dx_ptr": f"*{dt}"}
+                specs.append(_tma_spec(_conv_tma_dgrad_kernel, "dgrad", cname, cfg, dt, prec, strided, ptrs,
+                                       _INTS_TMA_DGRAD, ("BH", "BW", "BLOCK_N", "BLOCK_K")))
     return specs
 
 
