@@ -206,12 +206,14 @@ def _avg_pool_bwd_kernel(g_ptr, dx_ptr, total, H, W, OH, OW,
     else:
         nc, ih, iw = _decompose(offs, H, W)
         obase = nc * OH * OW
+    top = (ih + PH) // SH  # ih + PH >= 0: floor division
+    left = (iw + PW) // SW
     acc = tl.zeros([BLOCK], tl.float32)
     for a in range(0, (KH - 1) // SH + 1):
-        oh = (ih + PH) // SH - a  # ih + PH >= 0: floor division (recomputed: fewer live registers)
+        oh = top - a
         hok = mask & (oh >= 0) & (oh < OH) & (oh * SH + (KH - 1 - PH) >= ih)
         for b in range(0, (KW - 1) // SW + 1):
-            ow = (iw + PW) // SW - b
+            ow = left - b
             ok = hok & (ow >= 0) & (ow < OW) & (ow * SW + (KW - 1 - PW) >= iw)
             if CL:
                 o = obase + (oh * OW + ow) * C
