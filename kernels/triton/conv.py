@@ -1166,16 +1166,21 @@ def _strided_view(x, stride) -> tuple[list, list]:
     return [n, h // sh, sh, w // sw, sw * c], [x.stride(0), sh * x.stride(2), x.stride(2), sw * x.stride(3), 1]
 
 
+def _tma_strided_x(x, stride) -> bool:
+    """A strided problem's x fits :func:`_strided_view` once dense NHWC (H and W multiples of the
+    stride); stride 1 always."""
+    sh, sw = stride
+    return x.shape[2] % sh == 0 and x.shape[3] % sw == 0
+
+
 def _tma_describable(x, stride) -> bool:
     """Whether the TMA forward / weight gradient can read x [N, C, H, W] as it is for this
     stride: :func:`_tma_strided`, and where the stride is not 1, :func:`_strided_view` exact (H
-    and W multiples of the stride; whole pixels where the column stride is not 1)."""
-    sh, sw = stride
+    and W multiples of the stride, :func:`_tma_strided_x`; whole pixels where the column stride
+    is not 1)."""
     if not _tma_strided(x):
         return False
-    if (sh, sw) == (1, 1):
-        return True
-    return x.shape[2] % sh == 0 and x.shape[3] % sw == 0 and (sw == 1 or x.stride(3) == x.shape[1])
+    return tuple(stride) == (1, 1) or (_tma_strided_x(x, stride) and (stride[1] == 1 or x.stride(3) == x.shape[1]))
 
 
 # A TMA tile is offered only where its pixel blocks use this share of their rows on the image
@@ -1230,13 +1235,6 @@ def _tma_offer(t, configs: dict, via_cl: dict, channels: int, hw, direct: bool, 
     if direct:
         return [(*cfg, TMA) for cfg in _well_used(list(table.values()), *hw) if channels % cfg[3] == 0]
     return [(*table[name], TMA, VIA_CL) for name in via_cl[key] if name in table and channels % table[name][3] == 0]
-
-
-def _tma_strided_x(x, stride) -> bool:
-    """A strided problem's x fits :func:`_strided_view` once dense NHWC (H and W multiples of the
-    stride); stride 1 always."""
-    sh, sw = stride
-    return x.shape[2] % sh == 0 and x.shape[3] % sw == 0
 
 
 def tma_candidates(x, w, stride, groups: int, prec: str) -> list[tuple]:
