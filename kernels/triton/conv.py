@@ -306,6 +306,16 @@ def _tap_source(oh, ow, i, j, H, W, SH, SW, PH, PW, DH, DW):
 
 
 @triton.jit
+def _residue_class(pid, nblk, SH, SW):
+    """Program ``pid`` of a grid axis that runs ``nblk`` blocks of each stride residue class in
+    turn: ``(block within its class, rh, rw)``. Folds to ``(pid, 0, 0)`` in a stride-1 launch
+    (SH, SW == 1 are constants there)."""
+    cls = tl.where(SH * SW == 1, 0, pid // nblk)
+    rh = cls // SW
+    return pid - cls * nblk, rh, cls - rh * SW
+
+
+@triton.jit
 def _residue_block(pid, N, H, W, SH, SW, BLOCK_M: tl.constexpr):
     """Program ``pid``'s input pixels when they are taken by stride residue class (see
     :func:`dgrad_grid_m`): ``(n, hq, wq, in range, rh, rw)`` for the pixels ``(hq * SH + rh, wq
@@ -316,11 +326,8 @@ def _residue_block(pid, N, H, W, SH, SW, BLOCK_M: tl.constexpr):
     HQ = tl.cdiv(H, SH)
     WQ = tl.cdiv(W, SW)
     MQ = N * HQ * WQ
-    nblk = tl.cdiv(MQ, BLOCK_M)
-    cls = tl.where(SH * SW == 1, 0, pid // nblk)  # folds away in a stride-1 launch (SH, SW == 1: constants)
-    rh = cls // SW
-    rw = cls - rh * SW
-    offs = (pid - cls * nblk) * BLOCK_M + tl.arange(0, BLOCK_M)
+    blk, rh, rw = _residue_class(pid, tl.cdiv(MQ, BLOCK_M), SH, SW)
+    offs = blk * BLOCK_M + tl.arange(0, BLOCK_M)
     n, hq, wq = _split_pos(offs, HQ, WQ)
     return n, hq, wq, (offs < MQ) & (hq * SH + rh < H) & (wq * SW + rw < W), rh, rw
 
@@ -649,11 +656,8 @@ def _conv_tma_dgrad_kernel(g_desc, w_desc, dx_ptr, H, W, Ho, Wo, C, O, KW, TAPS,
     if STRIDED:
         HQ = tl.cdiv(H, SH)
         WQ = tl.cdiv(W, SW)
-        nb = tl.num_programs(0) // (SH * SW)
-        cls = tl.program_id(0) // nb
-        rh = cls // SW
-        rw = cls - rh * SW
-        n, hq0, wq0 = _pixel_block(tl.program_id(0) - cls * nb, HQ, WQ, BH, BW)
+        blk, rh, rw = _residue_class(tl.program_id(0), tl.num_programs(0) // (SH * SW), SH, SW)
+        n, hq0, wq0 = _pixel_block(blk, HQ, WQ, BH, BW)
         h = (hq0 + offs_m // BW) * SH + rh
         w = (wq0 + offs_m % BW) * SW + rw
         i0 = (rh + PH) % SH
