@@ -465,3 +465,35 @@ def test_gpu_fast_path_under_cuda_graph_capture():
     torch.cuda.synchronize()
     assert torch.equal(y, torch.relu(x))
 
+
+
+@needs_gpu
+@pytest.mark.parametrize("mode", ["RNN", "LSTM", "GRU"])
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_gpu_rnn_bound_time_loops_equal_jit(mode, bidirectional, monkeypatch):
+    """The recurrent time loops on the fast path bind the launcher once per loop and pass the
+    later steps' pointers as raw addresses (``_launch.bind``, rnn ``_time_loop``): outputs and
+    every gradient bit for bit as on the JIT path, two layers, both directions, unequal lengths.
+    Batch 32 (above the persistent kernel's default bound, so the forward runs per step too) and
+    rows a multiple of 16 bytes apart, so the loops do bind (counted)."""
+    monkeypatch.setenv("GPU_NN_RNN_PERSISTENT", "0")
+    torch.manual_seed(0)
+    m = getattr(gpu_nn.nn, mode)(24, 16, num_layers=2, bidirectional=bidirectional).cuda()
+    x = torch.randn(7, 32, 24, device="cuda")
+    lengths = torch.randint(1, 8, (32,))
+    lengths[0] = 7
+    g = torch.randn(7, 32, (2 if bidirectional else 1) * 16, device="cuda")
+    binds = []
+    real = L.bind
+    monkeypatch.setattr(L, "bind", lambda *a, **k: binds.append(1) or real(*a, **k))
+
+    def run():
+        xx = x.clone().requires_grad_()
+        with gpu_nn.backend("triton"):
+            packed = torch.nn.utils.rnn.pack_padded_sequence(xx, lengths, enforce_sorted=False)
+            y, _ = torch.nn.utils.rnn.pad_packed_sequence(m(packed)[0], total_length=7)
+            grads = torch.autograd.grad((y * g).sum(), (xx, *m.parameters()))
+        return (y.detach().clone(), *(t.clone() for t in grads))
+
+    _bitwise(*_both_paths(run))
+    assert binds

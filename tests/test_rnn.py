@@ -1597,6 +1597,71 @@ def test_step_loops_launch_as_the_per_step_launchers(mode, reverse, monkeypatch)
     assert (last.data_ptr(), last.shape) == (prev.data_ptr(), prev.shape)
 
 
+@pytest.mark.parametrize("B,H,binds", [(4, 8, True), (5, 7, False)])
+def test_step_loops_bound_launches_pass_the_same_addresses(B, H, binds, monkeypatch):
+    """On a GPU a time loop binds Triton's launcher at its first launch with the later steps'
+    keywords (``_launch.bind``) and passes the later steps' pointers as raw addresses
+    (``_time_loop``). Here bind is a recording stand-in: every launch of the four loops (both
+    directions, with and without a dropout mask, the GRU's b_hh) gets, pointer for pointer, the
+    address of the tensor the unbound loop passes, and the same other arguments, grid and
+    keywords; bind is used once per loop where the rows lie a multiple of 16 bytes apart (B=4,
+    H=8 float32) and never where they do not (B=5, H=7: 140-byte rows, whose alignment changes
+    from step to step)."""
+    from gpu_nn.kernels.triton import _launch
+    from gpu_nn.kernels.triton import rnn as kt
+
+    calls, binds_made = [], []
+
+    def rec(kernel, grid, args, kwargs):
+        calls.append((kernel, grid, tuple(a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args), kwargs))
+
+    def fake_bind(kernel, grid, *args, **kwargs):
+        binds_made.append(kernel)
+        rec(kernel, grid, args, kwargs)
+        return lambda *a: rec(kernel, grid, a, kwargs)
+
+    monkeypatch.setattr(kt, "launch_kernel", lambda kernel, grid, *a, **k: rec(kernel, grid, a, k))
+    monkeypatch.setattr(_launch, "bind", fake_bind)
+    T = 4
+    for mode in ("rnn_tanh", "lstm", "gru"):
+        G, S = ref.GATES[mode] * H, ref.STORED[mode] * H or H
+        lstm, gru = mode == "lstm", mode == "gru"
+
+        def direction():
+            return dict(XG=torch.empty(T, B, S), Hs=torch.empty(T + 1, B, H), Cs=torch.empty(T + 1, B, H) if lstm else None,
+                        w_hh=torch.empty(G, H), b_hh=torch.empty(G) if gru else None, carry=torch.empty(B, H),
+                        dc=torch.empty(B, H) if lstm else None, dGi=torch.empty(T, B, G),
+                        dGh=torch.empty(T, B, G) if gru else None, dh0=torch.empty(B, H))
+
+        one, two = direction(), direction()
+        out, dout = torch.empty(T, B, 2 * H), torch.empty(T, B, 2 * H)
+        lens = torch.full((B,), T, dtype=torch.int64)
+        for mk in (None, torch.empty(T, B, 2 * H)):
+            def fwd(d, o):
+                return (o["XG"], o["Hs"], o["Cs"], o["w_hh"], o["b_hh"], out[:, :, d * H:(d + 1) * H],
+                        None if mk is None else mk[:, :, d * H:(d + 1) * H])
+
+            def bwd(d, o):
+                return (o["w_hh"], o["carry"], o["dc"], dout[:, :, d * H:(d + 1) * H], None if mode == "rnn_tanh" else o["XG"],
+                        o["Hs"], o["Cs"], o["dGi"], o["dGh"] if gru else o["dGi"], o["dh0"])
+
+            loops = [lambda: kt.steps_forward(mode, *fwd(1, two), lens, True, 3),
+                     lambda: kt.steps_backward(mode, *bwd(0, one)[:-1], lens, False, 0),
+                     lambda: kt.steps_forward_pair(mode, fwd(0, one), fwd(1, two), lens, 3),
+                     lambda: kt.steps_backward_pair(mode, bwd(0, one), bwd(1, two), lens, 0)]
+            for loop in loops:
+                monkeypatch.setattr(_launch, "bindable", lambda: False)
+                loop()
+                want = calls[:]
+                calls.clear()
+                monkeypatch.setattr(_launch, "bindable", lambda: True)
+                loop()
+                assert calls == want, mode
+                assert len(binds_made) == int(binds), (mode, binds_made)
+                calls.clear()
+                binds_made.clear()
+
+
 def _same(a, b):
     """Exactly equal under the interpreter (one numpy computation for both); on a GPU the pair and
     one-direction kernels are separate compilations of the same tile code: equal to float32

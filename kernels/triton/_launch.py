@@ -53,6 +53,10 @@ depthwise too), softmax / log_softmax, cross-entropy, the optimizer and clipping
 dense matmul and column sums, the per-step RNN kernels (step and projection, forward and
 backward). Launchers that call ``kernel[grid]`` directly keep working as before.
 
+Time loops (the RNN step kernels, one launch per step) go further with :func:`bind`: the key is
+computed for one step, and the launcher is then called with the other steps' arguments directly,
+their pointers as raw addresses (see :func:`bind` for what the caller guarantees).
+
 What a plan deliberately does not re-check per call (the JIT does): that the globals a kernel
 reads are unchanged (ours read module constants), and Triton knobs read at compile time
 (``TRITON_DEBUG``, instrumentation, pipeline-inspection hooks): a plan keeps the kernel chosen
@@ -252,22 +256,19 @@ def _make_plan(kernel, compiled, args: tuple, kwargs: dict):
     return (run, function, compiled.packed_metadata, bound_tail(kernel, args, kwargs), compiled)
 
 
-def launch(kernel, grid, *args, **kwargs):
-    """``kernel[grid](*args, **kwargs)``, through a cached launch plan where possible.
-
-    Pass the kernel's runtime parameters positionally and its constexprs and launch options
-    (``num_warps``...) as keywords; ``grid`` is a tuple of 1 to 3 ints."""
-    if not _ENABLED:
-        return kernel[grid](*args, **kwargs)
+def _lookup(kernel, grid, args: tuple, kwargs: dict):
+    """``(info, device, key, plan)`` of a call the fast path may take (``plan``: the cached one,
+    None where the JIT serves that key, False where none is made yet), or None where the call
+    must go through ``kernel[grid]``. The fast path must be enabled."""
     info = _KERNELS.get(id(kernel), False)
     if info is False:
         info = _KERNELS[id(kernel)] = kernel_info(kernel)
     if not call_shape_ok(info, grid, args, kwargs) or kernel.pre_run_hooks:
-        return kernel[grid](*args, **kwargs)
+        return None
     if _get_device is None:
         _bind_driver()
     if not hooks_idle(_runtime_knobs, _HookChain):
-        return kernel[grid](*args, **kwargs)
+        return None
     device = _get_device()
     backend = info.backends.get(device)
     if backend is None:
@@ -276,7 +277,21 @@ def launch(kernel, grid, *args, **kwargs):
         key = plan_key(info, device, backend, args, kwargs, _specialize)
         plan = info.plans.get(key, False)
     except TypeError:  # an unhashable keyword value: no plan for this call
+        return None
+    return info, device, key, plan
+
+
+def launch(kernel, grid, *args, **kwargs):
+    """``kernel[grid](*args, **kwargs)``, through a cached launch plan where possible.
+
+    Pass the kernel's runtime parameters positionally and its constexprs and launch options
+    (``num_warps``...) as keywords; ``grid`` is a tuple of 1 to 3 ints."""
+    if not _ENABLED:
         return kernel[grid](*args, **kwargs)
+    found = _lookup(kernel, grid, args, kwargs)
+    if found is None:
+        return kernel[grid](*args, **kwargs)
+    info, device, key, plan = found
     if plan is False:
         compiled = kernel[grid](*args, **kwargs)
         if len(info.plans) >= MAX_PLANS:
@@ -290,3 +305,40 @@ def launch(kernel, grid, *args, **kwargs):
     run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, _get_stream(device), function, metadata,
         None, None, None, *args, *tail)
     return compiled
+
+
+def bindable() -> bool:
+    """Whether :func:`bind` can return a launcher here (the fast path is enabled)."""
+    return _ENABLED
+
+
+def bind(kernel, grid, *args, **kwargs):
+    """Launch ``kernel[grid](*args, **kwargs)`` as :func:`launch` does, and return ``go``: a
+    function that launches the compiled kernel this call used again, on the same grid, stream and
+    keywords, with the runtime arguments it is given (positionally, as here). None where there is
+    no such kernel to call directly (the fast path off or not taken for this call); the launch
+    has been made either way.
+
+    ``go`` computes no plan key: its caller guarantees that the arguments specialise as these
+    did -- the same types, every pointer with the same 16-byte alignment, every int the same in
+    what the kernel's binder specialises (an int equal to 1, 16-divisibility; nothing but its
+    type where the kernel says ``do_not_specialize``) -- and that the current device and stream
+    stay these. Pointer arguments may be raw device addresses (Python ints), which the launchers
+    of the verified versions take as they are (``PyLong_Check`` first in ``getPointer`` /
+    ``extractPointer``: no ``data_ptr()`` call and no ``cuPointerGetAttribute`` per pointer).
+    For time loops: one launch per step of the same kernel on rows of the same buffers."""
+    launch(kernel, grid, *args, **kwargs)
+    if not _ENABLED:
+        return None
+    found = _lookup(kernel, grid, args, kwargs)
+    if found is None or not found[3]:
+        return None
+    _, device, _, (run, function, metadata, tail, _) = found
+    stream = _get_stream(device)
+    n = len(grid)
+    g0, g1, g2 = grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1
+
+    def go(*a):
+        run(g0, g1, g2, stream, function, metadata, None, None, None, *a, *tail)
+
+    return go

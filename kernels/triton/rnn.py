@@ -65,6 +65,7 @@ import triton.language as tl
 from . import INTERPRET as _INTERPRET
 from ._aot import AotSpec
 from .activation import _grouped_tile
+from . import _launch
 from ._launch import cdiv
 from ._launch import launch as launch_kernel
 
@@ -282,7 +283,7 @@ def _valid_rows(len_ptr, rb, mb, t):
     return valid
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["t"])
 def _rnn_step_fwd_kernel(xg_ptr, stride_xg, hp_ptr, hn_ptr, cp_ptr, cn_ptr, w_ptr, stride_w0, stride_w1, bhh_ptr,
                          out_ptr, stride_out, mask_ptr, stride_mask, has_mask, len_ptr, t, B, H, P,
                          MODE: tl.constexpr, HAS_BHH: tl.constexpr, PROJ: tl.constexpr,
@@ -588,7 +589,7 @@ def _persist_tile(jb, j, s, reverse, xg_ptr, stride_xgt, stride_xgb, hs_ptr, cs_
              out.to(out_ptr.dtype.element_ty), mask=m2)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["t"])
 def _rnn_step_bwd_kernel(dgn_ptr, stride_dgn, w_ptr, stride_w0, stride_w1, carry_ptr, has_carry, dc_ptr, dcin_ptr,
                          has_dcin, dout_ptr, stride_dout, g_ptr, stride_g, hp_ptr, hn_ptr, cp_ptr, cn_ptr, dgi_ptr, dgh_ptr, stride_dg, dh0_ptr,
                          len_ptr, t, B, H,
@@ -1268,13 +1269,90 @@ def _steps(T: int, reverse: bool):
     return [(t, t + 1, t) for t in range(T - 1, -1, -1)] if reverse else [(t, t, t + 1) for t in range(T)]
 
 
+class _Same:
+    """One value for every step of a time loop (``_time_loop``'s ``rows``): a pointer a loop passes
+    unchanged, where the other steps pass a row of a buffer."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
+
+    def __getitem__(self, i):
+        return self.value
+
+
+class _Addresses:
+    """Row ``i`` of a buffer ``[R, ...]`` as its raw device address, what a bound launcher takes
+    for a pointer argument (``_launch.bind``)."""
+
+    __slots__ = ("base", "step")
+
+    def __init__(self, x):
+        self.base, self.step = x.data_ptr(), x.stride(0) * x.element_size()
+
+    def __getitem__(self, i):
+        return self.base + i * self.step
+
+
+def uniform_rows(rows) -> bool:
+    """Whether every buffer of ``rows`` (``_Same`` entries aside) has its rows a multiple of 16
+    bytes apart: then each row has row 0's 16-byte alignment, the one fact about a pointer that a
+    compiled kernel is specialised on, and one compiled kernel serves every step."""
+    return all(isinstance(x, _Same) or x.stride(0) * x.element_size() % 16 == 0 for x in rows)
+
+
+def _time_loop(kernel, grid, steps, rows, fixed, body, kw, kw_first=None):
+    """The launches of one time loop of ``kernel``, one per entry of ``steps``, in order.
+
+    ``body(launch, rows, fixed, todo)`` makes one ``launch(*runtime_args)`` per entry of ``todo``
+    (a run of consecutive entries of ``steps``), reading its per-step pointers as ``rows[k][i]``
+    and its loop-wide pointers as ``fixed[k]``. Here ``rows`` holds buffers ``[R, ...]`` (row i
+    of one is what a step passes) or ``_Same`` values, ``fixed`` tensors. Launch 0 takes the
+    keywords ``kw_first`` where given, every other launch ``kw``.
+
+    Where the launcher can be bound (``_launch.bind``: a compiled kernel on a GPU, Triton's
+    launcher verified) and ``uniform_rows(rows)``, the first launch with ``kw`` binds it (its
+    arguments tensor views) and every later one calls it with raw addresses, ``rows`` read through
+    ``_Addresses`` and ``fixed`` as ``data_ptr()``s: per step no plan key (about 11 us of host
+    time on the CI machine for the forward step kernel's 20 arguments), no tensor view and, in
+    the launcher, no ``data_ptr()`` call or ``cuPointerGetAttribute`` per pointer. The step
+    kernels take ``t`` as ``do_not_specialize`` so that its value changes no compiled kernel.
+    Elsewhere (the interpreter, a CPU, rows at other strides) every launch goes through
+    ``launch_kernel`` with views from one ``unbind`` per buffer."""
+    launch = launch_kernel  # the module's (host_cost patches it)
+    head = steps[:1] if kw_first is not None else []
+    rest = steps[len(head):]
+    if _launch.bindable() and rest and uniform_rows(rows):
+        if head:  # a tensor indexes its rows itself; the few views of the bound launches
+            body(lambda *a: launch(kernel, grid, *a, **kw_first), rows, fixed, head)
+        bound = []
+        body(lambda *a: bound.append(_launch.bind(kernel, grid, *a, **kw)), rows, fixed, rest[:1])
+        head, rest = [], rest[1:]
+        if bound[0] is not None:
+            addresses = [_Same(x.value.data_ptr()) if isinstance(x, _Same) else _Addresses(x) for x in rows]
+            body(bound[0], addresses, [f.data_ptr() for f in fixed], rest)
+            return
+    views = [x if isinstance(x, _Same) else x.unbind(0) for x in rows]
+    if head:
+        body(lambda *a: launch(kernel, grid, *a, **kw_first), views, fixed, head)
+    body(lambda *a: launch(kernel, grid, *a, **kw), views, fixed, rest)
+
+
+def _backward_order(T: int, reverse: bool) -> list:
+    """``(t, p, n, q)`` per backward step in processing order: ``reversed(_steps(T, reverse))``,
+    each with ``q`` the ``t`` of the step processed before it (-1 for the first)."""
+    order = list(reversed(_steps(T, reverse)))
+    return [(t, p, n, order[i - 1][0] if i else -1) for i, (t, p, n) in enumerate(order)]
+
+
 def steps_forward(mode, XG, Hs, Cs, w_hh, b_hh, out, mask, lengths, reverse, dot):
     """The per-step time loop of one layer and direction: for each step ``(t, p, n)`` of
     ``_steps(T, reverse)`` exactly the launch ``step_forward(mode, XG[t], Hs[p], Hs[n], Cs[p],
     Cs[n], w_hh, b_hh, out[t], mask[t], lengths, t, dot)`` makes, at a fraction of its host cost
     (the demo's models are host-bound): the configuration, grid, strides and keywords are
-    computed once, each buffer's per-step views come from one ``unbind`` (not one indexing per
-    step), and a step is one ``launch_kernel`` call.
+    computed once and the launches made by ``_time_loop`` (on a GPU, straight to the launcher
+    after the first).
 
     ``XG [T, B, *]`` the input projections (unit last stride), ``Hs / Cs [T + 1, B, H]`` float32
     state slots (``Cs`` None but for the LSTM), ``out`` and ``mask [T, B, H]`` with unit last stride
@@ -1289,19 +1367,20 @@ def steps_forward(mode, XG, Hs, Cs, w_hh, b_hh, out, mask, lengths, reverse, dot
               BLOCK_K=bk, num_warps=warps, num_stages=stages)
     sxg, sout = XG.stride(1), out.stride(1)
     s0, s1 = w_hh.stride(0), w_hh.stride(1)
-    bhh = b_hh if b_hh is not None else w_hh
-    xgs, hs, outs = XG.unbind(0), Hs.unbind(0), out.unbind(0)
-    cs = Cs.unbind(0) if Cs is not None else hs  # as step_forward: cp / cn default to hp / hn
-    if mask is None:
-        masks, smask, has_mask = (w_hh,) * T, 0, 0
-    else:
-        masks, smask, has_mask = mask.unbind(0), mask.stride(1), 1
+    smask, has_mask = (0, 0) if mask is None else (mask.stride(1), 1)
     P = H
-    launch = launch_kernel  # the module's (host_cost patches it)
-    kernel = _rnn_step_fwd_kernel
-    for t, p, n in _steps(T, reverse):
-        launch(kernel, grid, xgs[t], sxg, hs[p], hs[n], cs[p], cs[n], w_hh, s0, s1, bhh, outs[t], sout, masks[t],
-               smask, has_mask, lengths, t, B, H, P, **kw)
+    # as step_forward: cp / cn default to hp / hn, a missing mask to w_hh (not read)
+    rows = [XG, Hs, Hs if Cs is None else Cs, out, _Same(w_hh) if mask is None else mask]
+    fixed = [w_hh, b_hh if b_hh is not None else w_hh, lengths]
+
+    def body(launch, rows, fixed, todo):
+        xgs, hs, cs, outs, masks = rows
+        w, bhh, lens = fixed
+        for t, p, n in todo:
+            launch(xgs[t], sxg, hs[p], hs[n], cs[p], cs[n], w, s0, s1, bhh, outs[t], sout, masks[t], smask, has_mask,
+                   lens, t, B, H, P)
+
+    _time_loop(_rnn_step_fwd_kernel, grid, _steps(T, reverse), rows, fixed, body, kw)
 
 
 def steps_backward(mode, w_hh, carry, dc, dout, G, Hs, Cs, dGi, dGh, lengths, reverse, dot):
@@ -1324,28 +1403,25 @@ def steps_backward(mode, w_hh, carry, dc, dout, G, Hs, Cs, dGi, dGh, lengths, re
     kw_first = dict(MODE=MODE_CODES[mode], HAS_NEXT=False, FINAL=False, DOT_DT=dot, BLOCK_B=bb, BLOCK_H=bh,
                     BLOCK_K=bk, num_warps=warps, num_stages=stages)
     kw_next = {**kw_first, "HAS_NEXT": True}
-    any_ = carry
     s0, s1 = w_hh.stride(0), w_hh.stride(1)
-    dcp = dc if dc is not None else any_
     has_dc = int(dc is not None)
-    douts, sdout = dout.unbind(0), dout.stride(1)
-    if G is None:
-        gs, sg = (any_,) * T, 0
-    else:
-        gs, sg = G.unbind(0), G.stride(1)
-    hs = Hs.unbind(0)
-    cs = Cs.unbind(0) if Cs is not None else (any_,) * (T + 1)
-    dgis = dGi.unbind(0)
-    dghs = dgis if dGh is dGi else dGh.unbind(0)
+    sdout, sg = dout.stride(1), (G.stride(1) if G is not None else 0)
     sdg, sdgn = dGi.stride(1), dGh.stride(1)
-    launch = launch_kernel  # the module's (host_cost patches it)
-    kernel = _rnn_step_bwd_kernel
-    prev, kw, sprev = any_, kw_first, 0
-    for t, p, n in reversed(_steps(T, reverse)):
-        launch(kernel, grid, prev, sprev, w_hh, s0, s1, carry, 1, dcp, dcp, has_dc, douts[t], sdout, gs[t], sg,
-               hs[p], hs[n], cs[p], cs[n], dgis[t], dghs[t], sdg, any_, lengths, t, B, H, **kw)
-        prev, kw, sprev = dghs[t], kw_next, sdgn
-    return prev
+    # a missing buffer's pointer is the carry's (not read)
+    rows = [dout, _Same(carry) if G is None else G, Hs, _Same(carry) if Cs is None else Cs, dGi, dGh]
+    fixed = [w_hh, carry, dc if dc is not None else carry, lengths]
+
+    def body(launch, rows, fixed, todo):
+        douts, gs, hs, cs, dgis, dghs = rows
+        w, car, dcp, lens = fixed
+        for t, p, n, q in todo:
+            prev, sprev = (dghs[q], sdgn) if q >= 0 else (car, 0)
+            launch(prev, sprev, w, s0, s1, car, 1, dcp, dcp, has_dc, douts[t], sdout, gs[t], sg, hs[p], hs[n], cs[p],
+                   cs[n], dgis[t], dghs[t], sdg, car, lens, t, B, H)
+
+    order = _backward_order(T, reverse)
+    _time_loop(_rnn_step_bwd_kernel, grid, order, rows, fixed, body, kw_next, kw_first)
+    return dGh[order[-1][0]]
 
 
 def pair_ok(fwd_w_hh, rev_w_hh) -> bool:
@@ -1375,22 +1451,22 @@ def steps_forward_pair(mode, fwd, rev, lengths, dot):
               num_warps=warps, num_stages=stages)
     sxg, sout = XG.stride(1), out.stride(1)
     s0, s1 = w_hh.stride(0), w_hh.stride(1)
-    bhh, bhh1 = (b_hh, b_hh1) if b_hh is not None else (w_hh, w_hh1)
-    xgs, hs, outs = XG.unbind(0), Hs.unbind(0), out.unbind(0)
-    xgs1, hs1, outs1 = XG1.unbind(0), Hs1.unbind(0), out1.unbind(0)
-    cs = Cs.unbind(0) if Cs is not None else hs
-    cs1 = Cs1.unbind(0) if Cs1 is not None else hs1
     if mask is None:
-        masks, masks1, smask, has_mask = (w_hh,) * T, (w_hh1,) * T, 0, 0
+        masks, masks1, smask, has_mask = _Same(w_hh), _Same(w_hh1), 0, 0
     else:
         assert mask.stride() == mask1.stride()
-        masks, masks1, smask, has_mask = mask.unbind(0), mask1.unbind(0), mask.stride(1), 1
-    launch = launch_kernel  # the module's (host_cost patches it)
-    kernel = _rnn_step2_fwd_kernel
-    for (t, p, n), (u, q, m) in zip(_steps(T, False), _steps(T, True)):
-        launch(kernel, grid, xgs[t], xgs1[u], sxg, hs[p], hs1[q], hs[n], hs1[m], cs[p], cs1[q], cs[n], cs1[m],
-               w_hh, w_hh1, s0, s1, bhh, bhh1, outs[t], outs1[u], sout, masks[t], masks1[u], smask, has_mask, lengths,
-               t, u, B, H, **kw)
+        masks, masks1, smask, has_mask = mask, mask1, mask.stride(1), 1
+    rows = [XG, XG1, Hs, Hs1, Hs if Cs is None else Cs, Hs1 if Cs1 is None else Cs1, out, out1, masks, masks1]
+    fixed = [w_hh, w_hh1, *((b_hh, b_hh1) if b_hh is not None else (w_hh, w_hh1)), lengths]
+
+    def body(launch, rows, fixed, todo):
+        xgs, xgs1, hs, hs1, cs, cs1, outs, outs1, mk, mk1 = rows
+        w, w1, bhh, bhh1, lens = fixed
+        for (t, p, n), (u, q, m) in todo:
+            launch(xgs[t], xgs1[u], sxg, hs[p], hs1[q], hs[n], hs1[m], cs[p], cs1[q], cs[n], cs1[m], w, w1, s0, s1, bhh,
+                   bhh1, outs[t], outs1[u], sout, mk[t], mk1[u], smask, has_mask, lens, t, u, B, H)
+
+    _time_loop(_rnn_step2_fwd_kernel, grid, list(zip(_steps(T, False), _steps(T, True))), rows, fixed, body, kw)
 
 
 def steps_backward_pair(mode, fwd, rev, lengths, dot):
@@ -1414,28 +1490,29 @@ def steps_backward_pair(mode, fwd, rev, lengths, dot):
     kw_next = {**kw_first, "HAS_NEXT": True}
     s0, s1 = w_hh.stride(0), w_hh.stride(1)
     has_dc = int(dc is not None)
-    dcp, dcp1 = (dc, dc1) if dc is not None else (carry, carry1)
-    douts, douts1, sdout = dout.unbind(0), dout1.unbind(0), dout.stride(1)
-    if G is None:
-        gs, gs1, sg = (carry,) * T, (carry1,) * T, 0
-    else:
-        gs, gs1, sg = G.unbind(0), G1.unbind(0), G.stride(1)
-    hs, hs1 = Hs.unbind(0), Hs1.unbind(0)
-    cs = Cs.unbind(0) if Cs is not None else (carry,) * (T + 1)
-    cs1 = Cs1.unbind(0) if Cs1 is not None else (carry1,) * (T + 1)
-    dgis, dgis1 = dGi.unbind(0), dGi1.unbind(0)
-    dghs = dgis if dGh is dGi else dGh.unbind(0)
-    dghs1 = dgis1 if dGh1 is dGi1 else dGh1.unbind(0)
+    sdout, sg = dout.stride(1), (G.stride(1) if G is not None else 0)
     sdg, sdgn = dGi.stride(1), dGh.stride(1)
-    launch = launch_kernel  # the module's (host_cost patches it)
-    kernel = _rnn_step2_bwd_kernel
-    prev, prev1, kw, sprev = carry, carry1, kw_first, 0
-    for (t, p, n), (u, q, m) in zip(reversed(_steps(T, False)), reversed(_steps(T, True))):
-        launch(kernel, grid, prev, prev1, sprev, w_hh, w_hh1, s0, s1, carry, carry1, dcp, dcp1, has_dc, douts[t],
-               douts1[u], sdout, gs[t], gs1[u], sg, hs[p], hs1[q], hs[n], hs1[m], cs[p], cs1[q], cs[n], cs1[m],
-               dgis[t], dgis1[u], dghs[t], dghs1[u], sdg, carry, carry1, lengths, t, u, B, H, **kw)
-        prev, prev1, kw, sprev = dghs[t], dghs1[u], kw_next, sdgn
-    _final_pair_step(launch, grid, prev, prev1, sprev, w_hh, w_hh1, carry, carry1, dh0, dh01, lengths, kw)
+    rows = [dout, dout1, *((_Same(carry), _Same(carry1)) if G is None else (G, G1)), Hs, Hs1,
+            *((_Same(carry), _Same(carry1)) if Cs is None else (Cs, Cs1)), dGi, dGi1, dGh, dGh1]
+    fixed = [w_hh, w_hh1, carry, carry1, *((dc, dc1) if dc is not None else (carry, carry1)), lengths]
+
+    def body(launch, rows, fixed, todo):
+        douts, douts1, gs, gs1, hs, hs1, cs, cs1, dgis, dgis1, dghs, dghs1 = rows
+        w, w1, car, car1, dcp, dcp1, lens = fixed
+        for (t, p, n, r), (u, q, m, v) in todo:
+            prev, prev1, sprev = (dghs[r], dghs1[v], sdgn) if r >= 0 else (car, car1, 0)
+            launch(prev, prev1, sprev, w, w1, s0, s1, car, car1, dcp, dcp1, has_dc, douts[t], douts1[u], sdout, gs[t],
+                   gs1[u], sg, hs[p], hs1[q], hs[n], hs1[m], cs[p], cs1[q], cs[n], cs1[m], dgis[t], dgis1[u], dghs[t],
+                   dghs1[u], sdg, car, car1, lens, t, u, B, H)
+
+    order = list(zip(_backward_order(T, False), _backward_order(T, True)))
+    if order:
+        _time_loop(_rnn_step2_bwd_kernel, grid, order, rows, fixed, body, kw_next, kw_first)
+        (t, *_), (u, *_) = order[-1]
+        prev, prev1, sprev, kw = dGh[t], dGh1[u], sdgn, kw_next
+    else:
+        prev, prev1, sprev, kw = carry, carry1, 0, kw_first
+    _final_pair_step(launch_kernel, grid, prev, prev1, sprev, w_hh, w_hh1, carry, carry1, dh0, dh01, lengths, kw)
 
 
 def _final_pair_step(launch, grid, prev, prev1, sprev, w_hh, w_hh1, carry, carry1, dh0, dh01, lengths, kw):
