@@ -47,3 +47,80 @@ def test_fix_installed_exactly_where_needed():
 
     patched = interpreter._patch_lang_tensor.__module__ == _compat.__name__
     assert patched == (ktriton.INTERPRET and _compat.needs_interpreter_index_fix())
+
+
+def _round_to_f32(q):
+    """The float32 nearest the rational ``q`` (ties to even; beyond the largest finite float32
+    by half an ulp or more, an infinity): exact, unlike float(q) then float32 (two roundings)."""
+    from fractions import Fraction
+
+    import numpy as np
+
+    top = Fraction(float(np.finfo(np.float32).max)) + Fraction(2) ** 103  # max + half an ulp (2^104 / 2)
+    if abs(q) >= top:
+        return np.float32(np.inf if q > 0 else -np.inf)
+    f = np.float32(float(q))
+    cands = [f, np.nextafter(f, np.float32(np.inf)), np.nextafter(f, np.float32(-np.inf))]
+    cands = [c for c in cands if np.isfinite(c)]
+    best = min(abs(Fraction(float(c)) - q) for c in cands)
+    near = [c for c in cands if abs(Fraction(float(c)) - q) == best]
+    return min(near, key=lambda c: int(np.array(c).view(np.int32)) & 1)  # a tie: the even one
+
+
+def test_exact_fma_rounds_once():
+    """_compat.exact_fma (the fma installed into interpreters that round twice, Triton < 3.9):
+    float32 x * y + z rounded once, against exact rational arithmetic on random operands, on
+    products whose rounding alone loses the answer (1 + 2^-12 squared less 1 + 2^-11), on ties
+    of the float64 sum, and on a product beyond float32's range (3e38^2 - inf sums); and against
+    Triton 3.9's own C++ fma where it is installed."""
+    from fractions import Fraction
+
+    import numpy as np
+
+    rng = np.random.default_rng(5)
+    n = 4000
+    x = (rng.standard_normal(n) * np.exp2(rng.integers(-30, 30, n))).astype(np.float32)
+    y = (rng.standard_normal(n) * np.exp2(rng.integers(-30, 30, n))).astype(np.float32)
+    z = (-(x.astype(np.float64) * y) * (1 + rng.standard_normal(n) * 2.0 ** -rng.integers(10, 40, n))).astype(np.float32)
+    z[::3] = rng.standard_normal(n)[::3].astype(np.float32)
+    # ties after the float64 sum: p + z exactly halfway between two float32, plus a tiny tail
+    x = np.append(x, np.float32(1 + 2.0 ** -12))
+    y = np.append(y, np.float32(1 + 2.0 ** -12))
+    z = np.append(z, np.float32(-(1 + 2.0 ** -11)))
+    # (1 + 2^-12)^2 = 1 + 2^-11 + 2^-24 lies halfway between two float32; +-2^-80 decides the
+    # rounding, and is lost in a float64 sum rounded to nearest (then ties to even goes down)
+    for tail in (2.0 ** -80, -(2.0 ** -80)):
+        x = np.append(x, np.float32(1 + 2.0 ** -12))
+        y = np.append(y, np.float32(1 + 2.0 ** -12))
+        z = np.append(z, np.float32(tail))
+    got = _compat.exact_fma(x, y, z)
+    assert got.dtype == np.float32
+    for xi, yi, zi, gi in zip(x, y, z, got):
+        want = _round_to_f32(Fraction(float(xi)) * Fraction(float(yi)) + Fraction(float(zi)))
+        assert gi.view(np.int32) == want.view(np.int32), (xi, yi, zi, gi, want)
+    assert _compat.exact_fma(np.float32([1 + 2.0 ** -12]), np.float32([1 + 2.0 ** -12]),
+                             np.float32([-(1 + 2.0 ** -11)]))[0] == 2.0 ** -24
+    big = np.float32([3e38])
+    with np.errstate(over="ignore", invalid="ignore"):
+        ga = _compat.exact_fma(big, big, np.float32([np.inf]))
+        assert np.isposinf(ga[0]) and np.isnan(_compat.exact_fma(big, big, np.float32([np.nan]))[0])
+        assert _compat.exact_fma(-big, big, np.float32([np.inf]))[0] == np.inf
+    try:
+        from triton._C.libtriton import interpreter as native
+    except ImportError:
+        native = None
+    if native is not None and hasattr(native, "fma_fp32"):
+        assert np.array_equal(got.view(np.int32), native.fma_fp32(x, y, z).view(np.int32))
+
+
+def test_fma_fix_installed_exactly_where_needed():
+    """The interpreters of Triton 3.6 to 3.8 round their fma twice and get exact_fma; 3.9's is
+    exact and stays. Either way the fma in place rounds once."""
+    from triton.runtime import interpreter
+
+    patched = interpreter.InterpreterBuilder.create_fma.__module__ == _compat.__name__
+    version = _compat.triton_version()
+    if (3, 6) <= version <= (3, 9):
+        assert patched == bool(ktriton.INTERPRET and version < (3, 9))
+    if ktriton.INTERPRET:
+        assert not _compat.needs_interpreter_fma_fix()
