@@ -1282,17 +1282,11 @@ class _Same:
         return self.value
 
 
-class _Addresses:
-    """Row ``i`` of a buffer ``[R, ...]`` as its raw device address, what a bound launcher takes
-    for a pointer argument (``_launch.bind``)."""
-
-    __slots__ = ("base", "step")
-
-    def __init__(self, x):
-        self.base, self.step = x.data_ptr(), x.stride(0) * x.element_size()
-
-    def __getitem__(self, i):
-        return self.base + i * self.step
+def _addresses(x) -> list:
+    """The raw device address of each row of a buffer ``[R, ...]``, what a bound launcher takes
+    for a pointer argument (``_launch.bind``): a list, so that a step reads one by an index."""
+    base, step = x.data_ptr(), x.stride(0) * x.element_size()
+    return list(range(base, base + x.shape[0] * step, step)) if step else [base] * x.shape[0]
 
 
 def uniform_rows(rows) -> bool:
@@ -1314,7 +1308,7 @@ def _time_loop(kernel, grid, steps, rows, fixed, body, kw, kw_first=None):
     Where the launcher can be bound (``_launch.bind``: a compiled kernel on a GPU, Triton's
     launcher verified) and ``uniform_rows(rows)``, the first launch with ``kw`` binds it (its
     arguments tensor views) and every later one calls it with raw addresses, ``rows`` read through
-    ``_Addresses`` and ``fixed`` as ``data_ptr()``s: per step no plan key (about 11 us of host
+    ``_addresses`` and ``fixed`` as ``data_ptr()``s: per step no plan key (about 11 us of host
     time on the CI machine for the forward step kernel's 20 arguments), no tensor view and, in
     the launcher, no ``data_ptr()`` call or ``cuPointerGetAttribute`` per pointer. The step
     kernels take ``t`` as ``do_not_specialize`` so that its value changes no compiled kernel.
@@ -1330,7 +1324,7 @@ def _time_loop(kernel, grid, steps, rows, fixed, body, kw, kw_first=None):
         body(lambda *a: bound.append(_launch.bind(kernel, grid, *a, **kw)), rows, fixed, rest[:1])
         head, rest = [], rest[1:]
         if bound[0] is not None:
-            addresses = [_Same(x.value.data_ptr()) if isinstance(x, _Same) else _Addresses(x) for x in rows]
+            addresses = [_Same(x.value.data_ptr()) if isinstance(x, _Same) else _addresses(x) for x in rows]
             body(bound[0], addresses, [f.data_ptr() for f in fixed], rest)
             return
     views = [x if isinstance(x, _Same) else x.unbind(0) for x in rows]
