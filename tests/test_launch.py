@@ -164,6 +164,38 @@ def test_plans_reach_the_kernel_the_jit_would_pick(fake_env, rng):
     assert len(fake.compiled) <= st["plans"]
 
 
+def test_bind_launches_then_calls_that_kernel_with_the_arguments_given(fake_env, rng):
+    """_launch.bind (the recurrent time loops): the call is launched as launch() would, and the
+    returned function calls the compiled kernel the JIT picked for that call, on its grid and
+    stream, with the runtime arguments it is given -- raw addresses for pointers included -- and
+    the bound keywords and defaults after them, without the JIT; None where the fast path is not
+    taken (switched off, a launch hook), after launching the call through the JIT."""
+    kernel = JITFunction(_k_dns, do_not_specialize=["lr_b"])
+    fake = _FakeJit(kernel)
+    base = torch.arange(64, dtype=torch.float32)
+    for _ in range(40):
+        a = _draw_tensor(rng, [base])
+        args = (a, int(rng.choice(INTS)), int(rng.choice(INTS)))
+        grid = tuple(int(g) for g in rng.integers(1, 9, size=rng.integers(1, 4)))
+        key, call = fake.expect(grid, args, {"BLOCK": 16})
+        n_jit = fake.n_jit
+        go = L.bind(kernel, grid, *args, BLOCK=16)
+        ck = fake.compiled[key]
+        assert _same(ck.calls[-1][6:], call[6:]) and fake.n_jit <= n_jit + 1  # the call itself
+        n_calls = len(ck.calls)
+        go(a.data_ptr() + 64, 3, args[2])
+        assert fake.n_jit <= n_jit + 1 and len(ck.calls) == n_calls + 1
+        launched = ck.calls[-1]
+        assert _same(launched[:4], call[:4]) and launched[4] is ck.function and launched[5] is ck.packed_metadata
+        assert launched[9:] == (a.data_ptr() + 64, 3, args[2], 7, 16)  # runtime args, then tail's default, BLOCK
+    L._runtime_knobs.launch_enter_hook.add(lambda md: None)
+    n_jit = fake.n_jit
+    assert L.bind(kernel, (2,), base, 1, 2, BLOCK=16) is None and fake.n_jit == n_jit + 1
+    L._runtime_knobs.launch_enter_hook.calls.clear()
+    L._ENABLED = False
+    assert L.bind(kernel, (2,), base, 1, 2, BLOCK=16) is None and fake.n_jit == n_jit + 2
+
+
 def test_do_not_specialize_and_defaults(fake_env, rng):
     kernel = JITFunction(_k_dns, do_not_specialize=["lr_b"])
     fake = _FakeJit(kernel)
