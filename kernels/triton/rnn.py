@@ -1309,7 +1309,7 @@ def _time_loop(kernel, grid, steps, rows, fixed, body, kw, kw_first=None):
     launcher verified) and ``uniform_rows(rows)``, the first launch with ``kw`` binds it (its
     arguments tensor views) and every later one calls it with raw addresses, ``rows`` read through
     ``_addresses`` and ``fixed`` as ``data_ptr()``s: per step no plan key (about 11 us of host
-    time on the CI machine for the forward step kernel's 20 arguments), no tensor view and, in
+    time on a 2-core CPU machine for the forward step kernel's 20 arguments), no tensor view and, in
     the launcher, no ``data_ptr()`` call or ``cuPointerGetAttribute`` per pointer. The step
     kernels take ``t`` as ``do_not_specialize`` so that its value changes no compiled kernel.
     Elsewhere (the interpreter, a CPU, rows at other strides) every launch goes through
