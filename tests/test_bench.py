@@ -370,3 +370,24 @@ def test_rnn_bidirectional_cases_time_cupy_both_ways():
     with pytest.raises(RuntimeError), bench_rnn._one_direction_loops():
         raise RuntimeError
     assert ops._CupyImpl.pair_loops is True
+
+
+def test_loop_cost_runs_every_time_loop_both_ways(tmp_path):
+    """``python -m gpu_nn.benchmarks.loop_cost`` (host time per step of the recurrent loops, per
+    step key against bound) runs its four loops both ways and writes them; in a process without
+    TRITON_INTERPRET, as it needs. Figures are not judged here (speed lives in benchmarks/)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "loops.json"
+    proc = subprocess.run([sys.executable, "-m", "gpu_nn.benchmarks.loop_cost", "--T", "3", "--B", "4", "--H", "8",
+                           "--json", str(out)], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())["us_per_step"]
+    assert set(res) == {"forward", "backward", "pair forward", "pair backward"}
+    assert all(row["per_step_key"] > 0 and row["bound"] > 0 for row in res.values())
+    bad = subprocess.run([sys.executable, "-m", "gpu_nn.benchmarks.loop_cost"], env={**env, "TRITON_INTERPRET": "1"},
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "TRITON_INTERPRET" in bad.stderr
