@@ -326,14 +326,30 @@ def bind(kernel, grid, *args, **kwargs):
     stay these. Pointer arguments may be raw device addresses (Python ints), which the launchers
     of the verified versions take as they are (``PyLong_Check`` first in ``getPointer`` /
     ``extractPointer``: no ``data_ptr()`` call and no ``cuPointerGetAttribute`` per pointer).
-    For time loops: one launch per step of the same kernel on rows of the same buffers."""
-    launch(kernel, grid, *args, **kwargs)
-    if not _ENABLED:
+    For time loops: one launch per step of the same kernel on rows of the same buffers.
+
+    The plan key is computed once: where a plan exists, this call is itself ``go``'s first launch;
+    only the first call of a key, which the JIT compiles and launches, looks its new plan up."""
+    found = _lookup(kernel, grid, args, kwargs) if _ENABLED else None
+    if found is None:
+        kernel[grid](*args, **kwargs)
         return None
-    found = _lookup(kernel, grid, args, kwargs)
-    if found is None or not found[3]:
+    info, device, key, plan = found
+    if plan is False:
+        launch(kernel, grid, *args, **kwargs)  # compiles, launches and makes the plan
+        plan = info.plans.get(key)
+        return _bound(plan, grid, device) if plan else None
+    if plan is None:
+        kernel[grid](*args, **kwargs)
         return None
-    _, device, _, (run, function, metadata, tail, _) = found
+    go = _bound(plan, grid, device)
+    go(*args)
+    return go
+
+
+def _bound(plan, grid, device):
+    """The launcher of ``plan`` bound to ``grid`` and the device's current stream (see :func:`bind`)."""
+    run, function, metadata, tail, _ = plan
     stream = _get_stream(device)
     n = len(grid)
     g0, g1, g2 = grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1
