@@ -16,6 +16,8 @@ op and a bare custom op around a clone (``floor``) on the same inputs::
     .venv/bin/python -m gpu_nn.benchmarks.host_cost relu lstm_cell  # some
     .venv/bin/python -m gpu_nn.benchmarks.host_cost --profile conv1d  # cProfile of fwd+bwd
     .venv/bin/python -m gpu_nn.benchmarks.host_cost --optim           # optimizer steps
+    .venv/bin/python -m gpu_nn.benchmarks.host_cost --demo            # the demo's training steps
+    .venv/bin/python -m gpu_nn.benchmarks.host_cost --demo --profile lstm  # cProfile of one
 
 Must run in a fresh process: the environment is set before the kernels are imported.
 """
@@ -41,7 +43,16 @@ CALLS = 50
 SAMPLES = 15
 
 
+LAUNCHES = [0]  # launches made since the patch (every patched entry point counts one)
+
+
 def _noop(*args, **kwargs):
+    LAUNCHES[0] += 1
+    return None
+
+
+def _noop_run(self, *args, grid, warmup, **kwargs):
+    LAUNCHES[0] += 1
     return None
 
 
@@ -52,7 +63,7 @@ def patch_launches() -> None:
     import gpu_nn.kernels.triton as pkg
     from gpu_nn.kernels.triton import _launch
 
-    InterpretedFunction.run = lambda self, *a, grid, warmup, **k: None
+    InterpretedFunction.run = _noop_run
     _launch.launch = _noop
     for family in pkg.FAMILIES:
         mod = __import__(f"gpu_nn.kernels.triton.{family}", fromlist=["_"])
@@ -144,6 +155,111 @@ def measure_optim(clock=time.thread_time) -> dict:
     return out
 
 
+# the demo's training step, phase by phase (gpu_nn.demo's _Side.step, split where it syncs nothing)
+DEMO_PHASES = ("zero_grad", "forward", "loss", "backward", "clip", "step")
+DEMO_STEPS = 20  # steps per sample
+
+
+def _demo_side(model: str, grads_stable: bool):
+    """(phases, run(n)): the demo's model, optimizer, loss and clipping (its HYPER, batch 32 of the
+    digits), every phase a callable of its own. ``grads_stable``: gradients zeroed in place, not
+    set to None, so every backward writes the same blocks -- what a GPU's caching allocator
+    normally gives the optimizer (CPU gradients otherwise come back at new addresses, and the
+    optimizer's per-address tables miss)."""
+    import gpu_nn
+    from gpu_nn import demo
+
+    hp = demo.HYPER[model]
+    torch.manual_seed(0)
+    with gpu_nn.backend("triton"):
+        net = demo.build(model, gpu_nn.nn)
+    opt = getattr(gpu_nn.optim, hp["optimizer"])(net.parameters(), lr=hp["lr"])
+    loss_fn = gpu_nn.nn.CrossEntropyLoss()
+    clip = gpu_nn.nn.utils.clip_grad_norm_
+    (x, y), _ = demo.split(*demo.load_digits())
+    xb, yb = demo._inputs(model, x[:hp["batch_size"]], "cpu"), torch.from_numpy(y[:hp["batch_size"]])
+    state = {}
+
+    def zero_grad():
+        opt.zero_grad(set_to_none=not grads_stable)
+
+    def forward():
+        state["out"] = net(xb)
+
+    def loss():
+        state["loss"] = loss_fn(state["out"], yb)
+
+    def backward():
+        state.pop("loss").backward()
+        state.pop("out")
+
+    def clip_():
+        if hp["clip"] is not None:
+            clip(net.parameters(), hp["clip"])
+
+    def step():
+        opt.step()
+
+    return dict(zip(DEMO_PHASES, (zero_grad, forward, loss, backward, clip_, step)))
+
+
+def measure_demo(models=("cnn", "lstm", "gru"), clock=time.thread_time, grads_stable: bool = True,
+                 samples: int = SAMPLES, steps: int = DEMO_STEPS) -> dict:
+    """model -> {"us": {phase: microseconds per training step, "total": their sum}, "launches":
+    {phase: kernel launches per step, "total"}}: the host cost of the demo's training step on the
+    Triton path, launches no-op (median of ``samples`` samples of ``steps`` steps per phase), and
+    how many launches each phase makes (ours: torch's own ops on CPU tensors are not counted)."""
+    import gpu_nn
+
+    torch.set_num_threads(1)
+    out = {}
+    for model in models:
+        phases = _demo_side(model, grads_stable)
+        times = {k: [] for k in phases}
+        with gpu_nn.backend("triton"):
+            for _ in range(3):  # warm-up: plans, tables, first-use imports
+                for fn in phases.values():
+                    fn()
+            launches = {}
+            for k, fn in phases.items():  # one step, phase by phase, counted
+                n0 = LAUNCHES[0]
+                fn()
+                launches[k] = LAUNCHES[0] - n0
+            for _ in range(samples):
+                acc = dict.fromkeys(phases, 0.0)
+                for _ in range(steps):
+                    for k, fn in phases.items():
+                        t0 = clock()
+                        fn()
+                        acc[k] += clock() - t0
+                for k in phases:
+                    times[k].append(acc[k] / steps)
+        row = {k: round(statistics.median(v) * 1e6, 1) for k, v in times.items()}
+        row["total"] = round(sum(row.values()), 1)
+        launches["total"] = sum(launches.values())
+        out[model] = {"us": row, "launches": launches}
+    return out
+
+
+def profile_demo(model: str, top: int = 40) -> None:
+    import gpu_nn
+
+    phases = _demo_side(model, True)
+
+    def body(n):
+        with gpu_nn.backend("triton"):
+            for _ in range(n):
+                for fn in phases.values():
+                    fn()
+
+    body(3)
+    prof = cProfile.Profile()
+    prof.enable()
+    body(200)
+    prof.disable()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(top)
+
+
 def table(res: dict) -> str:
     lines = [f"{'op':<15}{'pass':<9}{'triton us':>10}{'torch us':>10}{'floor us':>10}{'tri/torch':>10}"]
     for name, row in res.items():
@@ -189,14 +305,30 @@ def main(argv=None) -> int:
     p.add_argument("--fwd", action="store_true", help="with --profile: forward only")
     p.add_argument("--json", metavar="PATH")
     p.add_argument("--optim", action="store_true", help="optimizer steps instead of ops")
+    p.add_argument("--demo", action="store_true",
+                   help="the demo's training steps (ops: the models, default all), phase by phase")
+    p.add_argument("--new-grads", action="store_true",
+                   help="with --demo: gradients set to None each step, as the demo does (new CPU addresses)")
+    p.add_argument("--samples", type=int, default=SAMPLES, help="with --demo: samples per phase (median)")
+    p.add_argument("--steps", type=int, default=DEMO_STEPS, help="with --demo: training steps per sample")
     a = p.parse_args(argv)
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     patch_launches()
     if a.profile:
-        profile(a.profile, backward=not a.fwd)
+        if a.demo:
+            profile_demo(a.profile)
+        else:
+            profile(a.profile, backward=not a.fwd)
         return 0
     clock = time.thread_time if a.clock == "thread" else time.perf_counter
-    if a.optim:
+    if a.demo:
+        res = measure_demo(tuple(a.ops) or ("cnn", "lstm", "gru"), clock, grads_stable=not a.new_grads,
+                           samples=a.samples, steps=a.steps)
+        print(f"{'model':<7}" + "".join(f"{k:>11}" for k in (*DEMO_PHASES, "total")) + "   per training step")
+        for m, row in res.items():
+            print(f"{m:<7}" + "".join(f"{row['us'][k]:>11.1f}" for k in (*DEMO_PHASES, "total")) + "   us")
+            print(f"{'':<7}" + "".join(f"{row['launches'][k]:>11d}" for k in (*DEMO_PHASES, "total")) + "   launches")
+    elif a.optim:
         res = measure_optim(clock)
         print("\n".join(f"{k:<14}{v:>8.1f} us per step" for k, v in res.items()))
     else:

@@ -391,3 +391,31 @@ def test_loop_cost_runs_every_time_loop_both_ways(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "gpu_nn.benchmarks.loop_cost"], env={**env, "TRITON_INTERPRET": "1"},
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "TRITON_INTERPRET" in bad.stderr
+
+
+def test_host_cost_demo_times_and_counts_every_phase_of_a_training_step(tmp_path):
+    """``python -m gpu_nn.benchmarks.host_cost --demo`` times the demo's training step phase by
+    phase on the Triton path with launches no-op, and counts the launches of each phase. Figures
+    are not judged (speed lives in benchmarks/); the counts are what the step launches: the
+    optimizer's whole step in one launch, clipping in two (norm, scale), nothing to zero."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "demo.json"
+    proc = subprocess.run([sys.executable, "-m", "gpu_nn.benchmarks.host_cost", "--demo", "cnn", "gru",
+                           "--samples", "1", "--steps", "1", "--json", str(out)],
+                          env=dict(os.environ), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    phases = ("zero_grad", "forward", "loss", "backward", "clip", "step")
+    assert set(res) == {"cnn", "gru"}
+    for model, row in res.items():
+        assert set(row["us"]) == set(row["launches"]) == {*phases, "total"}
+        assert all(row["us"][k] > 0 for k in ("forward", "loss", "backward", "step"))
+        n = row["launches"]
+        assert n["total"] == sum(n[k] for k in phases)
+        assert n["zero_grad"] == 0 and n["step"] == 1
+        assert n["forward"] > 0 and n["loss"] > 0 and n["backward"] > n["forward"]
+    assert res["cnn"]["launches"]["clip"] == 0  # the demo clips the recurrent models only
+    assert res["gru"]["launches"]["clip"] == 2
