@@ -147,6 +147,31 @@ def test_ties_keep_first_position_like_torch():
     assert torch.equal(y, yt) and torch.equal(i, it)
 
 
+@pytest.mark.parametrize("backend,device", backend_params(("reference", "triton", "cupy")))
+@pytest.mark.parametrize("with_indices", [False, True])
+def test_signed_zero_ties_keep_the_first_zero_like_torch(backend, device, with_indices, rng):
+    """-0.0 and +0.0 compare equal, so torch's "v > best" keeps a window's first zero, sign and
+    all: the values must match torch bit for bit, not just numerically (the reference once took
+    NumPy's max over the taps, which kept the last). Values alone (no gradient, no indices: the
+    forward's values-only path) and with indices; 2x2 windows of mixed zeros, every order, and a
+    3x3 / 2 pooling with padding over random signed zeros."""
+    zeros = torch.tensor([0.0, -0.0])
+    quads = torch.cartesian_prod(*[zeros] * 4)  # [16, 4]: every order of signs
+    x = quads.reshape(1, 16, 2, 2).repeat(2, 1, 1, 1)
+    x2 = torch.from_numpy(np.where(rng.random((2, 3, 9, 8)) < 0.5, -0.0, 0.0).astype(np.float32))
+    for inp, args in ((x, (2,)), (x2, (3, 2, 1))):
+        yt, it = TF.max_pool2d(inp, *args, return_indices=True)
+        with gpu_nn.backend(backend):
+            if with_indices:
+                y, i = F.max_pool2d(inp.to(device), *args, return_indices=True)
+                assert torch.equal(i.cpu(), it)
+            else:
+                with torch.no_grad():
+                    y = F.max_pool2d(inp.to(device), *args)
+        assert torch.equal(torch.signbit(y.cpu()), torch.signbit(yt))
+        assert torch.signbit(yt).any() and not torch.signbit(yt).all()
+
+
 @pytest.mark.parametrize("kernel,stride,padding", [((12, 13), 5, (6, 3)), (3, 1, 1), ((1, 11), (1, 4), (0, 5))])
 def test_ties_and_nans_in_large_and_small_windows_like_torch(kernel, stride, padding, rng):
     # few distinct values, so most windows tie; NaNs sprinkled in: first max wins, last NaN wins.

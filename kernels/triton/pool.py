@@ -92,6 +92,7 @@ def _max_pool_fwd_kernel(x_ptr, y_ptr, i_ptr, total, C, H, W, OH, OW,
     offs, mask = _block_offsets(total, WIDE, BLOCK)
     base, h0, w0 = _window_origin(offs, x_ptr, C, OH, OW, stride_xn, stride_xc, SH, SW, PH, PW, CL)
     best = tl.full([BLOCK], float("-inf"), tl.float32)
+    nan = best  # values only: NaN once any tap is NaN
     bidx = tl.full([BLOCK], -1, tl.int64)
     for i in range(0, KH):
         ih = h0 + i * DH
@@ -105,10 +106,19 @@ def _max_pool_fwd_kernel(x_ptr, y_ptr, i_ptr, total, C, H, W, OH, OW,
                 v = -v
             # padding and masked lanes never win (set after the negation of min pooling)
             v = tl.where(ok, v, float("-inf"))
-            # torch's update rule; bidx < 0 makes the first in-input tap the default position
-            take = ok & ((v > best) | (v != v) | (bidx < 0))
-            bidx = tl.where(take, ih.to(tl.int64) * W + iw, bidx)
-            best = tl.maximum(best, v, propagate_nan=tl.PropagateNan.ALL)
+            # torch's update rule, "v > best or v is NaN", for the value as for its position: a
+            # later NaN replaces an earlier one, and a tie keeps the first tap, -0.0 against +0.0
+            # included (a maximum would take +0.0); bidx < 0 makes the first in-input tap the
+            # default position
+            if STORE_IDX:
+                upd = (v > best) | (v != v)  # (padding and masked lanes hold -inf: never an update)
+                bidx = tl.where(upd | (ok & (bidx < 0)), ih.to(tl.int64) * W + iw, bidx)
+                best = tl.where(upd, v, best)
+            else:  # the same value; the NaN kept apart, where a maximum costs one instruction
+                best = tl.where(v > best, v, best)
+                nan = tl.maximum(nan, v, propagate_nan=tl.PropagateNan.ALL)
+    if not STORE_IDX:
+        best = tl.where(nan != nan, nan, best)
     if MINIMUM:
         best = -best
     tl.store(y_ptr + offs, best.to(y_ptr.dtype.element_ty), mask=mask)
@@ -262,6 +272,7 @@ def _max_pool_fwd_tile_kernel(x_ptr, y_ptr, i_ptr, C, H, W, OH, OW, tiles_h, til
     h0 = oh * SH - PH
     w0 = ow * SW - PW
     best = tl.full([BH, BW], float("-inf"), tl.float32)
+    nan = best  # values only: NaN once any tap is NaN (its own maximum, one FMNMX a tap)
     bidx = tl.full([BH, BW], -1, tl.int32)
     for i in tl.static_range(KH):
         ih = h0 + i * DH
@@ -274,9 +285,15 @@ def _max_pool_fwd_tile_kernel(x_ptr, y_ptr, i_ptr, C, H, W, OH, OW, tiles_h, til
             if MINIMUM:
                 v = -v
             v = tl.where(ok, v, float("-inf"))
-            take = ok & ((v > best) | (v != v) | (bidx < 0))
-            bidx = tl.where(take, ih * W + iw, bidx)
-            best = tl.maximum(best, v, propagate_nan=tl.PropagateNan.ALL)
+            if STORE_IDX:
+                upd = (v > best) | (v != v)  # torch's rule for both (see _max_pool_fwd_kernel)
+                bidx = tl.where(upd | (ok & (bidx < 0)), ih * W + iw, bidx)
+                best = tl.where(upd, v, best)
+            else:
+                best = tl.where(v > best, v, best)
+                nan = tl.maximum(nan, v, propagate_nan=tl.PropagateNan.ALL)
+    if not STORE_IDX:
+        best = tl.where(nan != nan, nan, best)
     if MINIMUM:
         best = -best
     o = plane.to(tl.int64) * OH * OW + oh * OW + ow
