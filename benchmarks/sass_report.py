@@ -7,8 +7,11 @@ Triton's wheel. No GPU is needed. The table shows per configuration: registers p
 spills (the stack frame plus local memory, bytes per thread, with the SASS's spill stores / loads:
 ptxas keeps spilled registers in the stack frame), shared memory (Triton's dynamic allocation
 plus static), and the tensor-core instructions in the SASS (HGMMA: Hopper warpgroup MMA; HMMA:
-the older warp-level MMA). The float16/bfloat16 convolution and linear (matmul) kernels are
-flagged when their SASS has neither.
+the older warp-level MMA), and the global loads and stores by access width (bits x count: 128 is
+a 16-byte vector access, what memory-bound kernels want). The float16/bfloat16 convolution and
+linear (matmul) kernels are flagged when their SASS has neither tensor-core instruction.
+``--launched`` compiles the configurations as common launches specialise them (aligned tensors,
+sizes multiples of 16), where the general forms know no alignment and access 32 bits at a time.
 
 Compilation runs in subprocesses (one per family, several at once) whose environment has no
 ``TRITON_INTERPRET``: kernels imported under the interpreter cannot be compiled, and a test
@@ -48,8 +51,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--timeout", type=float, default=900, help="seconds per family (default %(default)s)")
     parser.add_argument("--launched", action="store_true",
                         help="compile the families' launched_specs() instead: configurations in the specialisation "
-                             "common launches compile to (unit strides as constants, sizes multiples of 16); "
-                             "today the dense matmul in linear's three layouts")
+                             "common launches compile to (aligned tensors, sizes multiples of 16, unit strides as "
+                             "constants): the elementwise activations, the softmax rows and the dense matmul in "
+                             "linear's three layouts")
 
 
 def _needs_mma(row: dict) -> bool:
@@ -146,6 +150,15 @@ def _mma_cell(r: dict) -> str:
     return text
 
 
+def _access_cell(r: dict) -> str:
+    """Global loads / stores by access width (bits x count), widest first: e.g. "128x2 / 128x2"."""
+    def fmt(d):
+        return " ".join(f"{b}x{n}" for b, n in sorted((d or {}).items(), key=lambda kv: -int(kv[0]))) or "-"
+    if "global_loads" not in r:
+        return "-"
+    return f"{fmt(r['global_loads'])} / {fmt(r.get('global_stores'))}"
+
+
 def _spill_bytes(r: dict) -> int:
     """Spilled bytes per thread of a row (rows written before ``spill_bytes`` existed: stack + local)."""
     return r.get("spill_bytes", r.get("stack_bytes", 0) + r.get("local_bytes", 0))
@@ -162,22 +175,24 @@ def print_table(rows: list[dict], console=None) -> None:
     table = Table(title="Triton kernels compiled for sm_90 (no GPU needed)",
                   caption="spills = stack frame + local memory, bytes per thread (STL / LDL instructions); "
                           "shared = Triton's allocation + static")
-    for col in ("family", "kernel", "config", "warps/stages", "registers", "spills", "shared B", "tensor cores"):
+    for col in ("family", "kernel", "config", "warps/stages", "registers", "spills", "shared B", "tensor cores",
+                "global ld / st bits"):
         table.add_column(col, justify="right" if col in ("registers", "spills", "shared B") else "left")
     for r in rows:
         if r.get("missing"):
-            table.add_row(r["family"], "[red]missing[/red]", r["error"], "-", "-", "-", "-", "-")
+            table.add_row(r["family"], "[red]missing[/red]", r["error"], "-", "-", "-", "-", "-", "-")
             continue
         if not r["ok"]:
             table.add_row(r["family"], r.get("kernel", "-"), r.get("label", ""), "-", "-", "-", "-",
-                          f"[red]compile error[/red] {r['error'][:100]}")
+                          f"[red]compile error[/red] {r['error'][:100]}", "-")
             continue
         spills = _spill_bytes(r)
         spill = f"[red]{spills}[/red]" if spills > 0 else "0"
         if r.get("spill_stores") or r.get("spill_loads"):
             spill += f" ({r.get('spill_stores', 0)} STL / {r.get('spill_loads', 0)} LDL)"
         table.add_row(r["family"], r["kernel"], r["label"], f"{r['num_warps']}/{r['num_stages']}",
-                      str(r["registers"]), spill, str(r["shared_bytes"] + r.get("static_shared_bytes", 0)), _mma_cell(r))
+                      str(r["registers"]), spill, str(r["shared_bytes"] + r.get("static_shared_bytes", 0)), _mma_cell(r),
+                      _access_cell(r))
     console.print(table)
     ok = [r for r in rows if r.get("ok")]
     need = [r for r in ok if r.get("needs_mma")]

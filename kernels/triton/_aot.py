@@ -47,6 +47,15 @@ class AotSpec:
         fn = getattr(self.kernel, "fn", self.kernel)
         return getattr(fn, "__name__", str(fn))
 
+    def aligned(self) -> "AotSpec":
+        """This configuration as a launch with 16-byte aligned tensors and sizes that are multiples
+        of 16 compiles it: every pointer and int argument divisible by 16 (Triton's JIT
+        specialises each that is; torch's allocations are 256-byte aligned). What such a launch
+        runs, where :func:`compile_spec` of the spec itself shows the form that serves every
+        launch (for elementwise kernels: 32-bit accesses where the launched form has 128-bit)."""
+        div = tuple(a for a, t in self.signature.items() if t.startswith("*") or t in ("i32", "i64"))
+        return dataclasses.replace(self, label=f"{self.label} launched", divisible_by_16=div)
+
 
 def _tool(name: str) -> str:
     import triton.backends.nvidia as nv
@@ -88,7 +97,23 @@ def _resources(cubin: bytes, sass: bool = True) -> dict:
             "spill_loads": len(re.findall(r"\bLDL\b", text)),
             "tma_loads": len(re.findall(r"\bUTMALDG\b", text)),
             "sass_lines": text.count("\n"),
+            "global_loads": access_widths(text, "LDG"),
+            "global_stores": access_widths(text, "STG"),
         })
+    return out
+
+
+_WIDTH = {"128": 128, "64": 64, "U16": 16, "S16": 16, "U8": 8, "S8": 8}
+
+
+def access_widths(sass: str, op: str) -> dict:
+    """Global memory instructions ``op`` (``LDG`` / ``STG``) in a disassembly by access width in
+    bits, as ``{"32": n, "128": m, ...}`` (string keys: the rows go to JSON). The width is the
+    size suffix of the opcode (``LDG.E.128``, ``.64``, ``.U16``, ...), 32 bits without one."""
+    out: dict = {}
+    for mods in re.findall(rf"\b{op}(?![A-Z0-9_])((?:\.[A-Z0-9_]+)*)", sass):  # not LDGSTS, LDGDEPBAR
+        bits = next((_WIDTH[m] for m in mods.split(".") if m in _WIDTH), 32)
+        out[str(bits)] = out.get(str(bits), 0) + 1
     return out
 
 

@@ -130,3 +130,10 @@ def aot_specs():
             specs.append(AotSpec(_act_bwd_kernel, {"g_ptr": f"*{dt}", "y_ptr": f"*{dt}", "dx_ptr": f"*{dt}", "n": "i32", "ACT": "constexpr", "BLOCK": "constexpr"},
                                  {"ACT": code, "BLOCK": BLOCK}, num_warps=4, label=f"{name} {dt}"))
     return specs
+
+
+def launched_specs():
+    """:func:`aot_specs` as launches of aligned tensors whose element count is a multiple of 16
+    compile them (:meth:`AotSpec.aligned`): the form ``gpu-nn sass --launched`` shows with
+    128-bit loads and stores."""
+    return [spec.aligned() for spec in aot_specs()]

@@ -1329,9 +1329,13 @@ def launched_specs():
     divisibility: it serves every launch, but the SASS it gives is not the one that runs on these
     calls: more registers, spills the launched forms do not have, half-precision tiles without the
     software pipeline). ``gpu-nn sass --launched`` compiles these; the TMA kernel's specs are
-    already in their launched form."""
+    already in their launched form. Also the softmax row kernels as aligned rows whose length is
+    a multiple of 16 launch them (:meth:`AotSpec.aligned`)."""
     specs = []
     for spec in aot_specs():
+        if spec.kernel in (_softmax_fwd_kernel, _softmax_bwd_kernel):
+            # the row kernels as rows of a multiple of 16 elements launch them: 128-bit accesses
+            specs.append(spec.aligned())
         if spec.kernel is not _matmul_kernel:
             continue
         for lay, units in LINEAR_UNIT_STRIDES.items():
