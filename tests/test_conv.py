@@ -1377,6 +1377,51 @@ def test_tma_candidates_through_the_chooser_match_reference(monkeypatch, rng):
                 assert_close(got, want, torch.float16, red, f"{part} {cand} {layout}")
 
 
+@pytest.mark.usefixtures("no_tf32")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["half", "fp32"])
+def test_tma_forward_writes_an_nchw_output_through_a_descriptor(dtype, monkeypatch, rng):
+    """The via-channels_last TMA forward of an NCHW problem stores the tile into the NCHW output
+    itself through a TMA descriptor (Y_DESC): no NHWC temporary of the output and no copy back.
+    72 output channels against 128-channel tiles and 6 rows against 8-row blocks: the store's
+    clipping at O and Ho is exercised. With 9 columns (18 or 36-byte rows, which TMA cannot
+    describe) the launch falls back to the temporary and the copy. Both match the reference."""
+    from gpu_nn.kernels.triton import conv as kt
+    from gpu_nn.ops import conv as oc
+
+    dev = _tma_here()
+    monkeypatch.setattr(kt, "tma_device", lambda t: True)
+    # float32 in TF32, the precision the TMA kernels run float32 in (the interpreter's is exact)
+    monkeypatch.setattr(oc, "_precision", lambda dt: "tf32" if dt == torch.float32 else "ieee")
+    launches, temps = [], []
+    real_launch, real_empty = kt._jit_launch, kt._nhwc_empty
+    monkeypatch.setattr(kt, "_jit_launch", lambda k, grid, args, meta, warm: (
+        launches.append(meta) if k is kt._conv_tma_fwd_kernel else None, real_launch(k, grid, args, meta, warm))[1])
+    monkeypatch.setattr(kt, "_nhwc_empty", lambda t: (temps.append(tuple(t.shape)), real_empty(t))[1])
+    for width, described in ((8, True), (9, False)):
+        x64, w64, b64 = randn(rng, 2, 64, 6, width), randn(rng, 72, 64, 3, 3) / 24, randn(rng, 72)
+        with gpu_nn.backend("reference"):
+            yr = F.conv2d(x64, w64, b64, padding=1, activation="relu")
+        x, w, b = (t.to(dev, dtype) for t in (x64, w64, b64))
+        cands = [c for c in kt.problem_candidates(x, w, b, torch.empty(yr.shape, dtype=dtype), 1,
+                                                  "ieee" if dtype == torch.float16 else "tf32", (1, 1))
+                 if kt.TMA in c and kt.VIA_CL in c]
+        assert cands
+        for cand in cands:
+            launches.clear()
+            temps.clear()
+            monkeypatch.setattr(oc, "_chooser", lambda device, cand=cand: (
+                lambda op, key, cs, run, default, **_: cand if cand in cs else pytest.fail(f"{cand} not offered")))
+            with gpu_nn.backend("triton"):
+                y = F.conv2d(x, w, b, padding=1, activation="relu")
+            assert y.is_contiguous()
+            if dtype == torch.float16:
+                assert_close(y, yr, dtype, 9 * 64, f"forward {cand} width {width}")
+            else:
+                assert max_rel_err(y, yr) <= _tf32_bound(9 * 64), f"forward {cand} width {width} (tf32)"
+            assert [m["Y_DESC"] for m in launches] == [described]
+            assert (tuple(yr.shape) in temps) is not described  # the output's NHWC temporary
+
+
 DW_CASES = [  # depthwise problems: (nd, input shape, weight shape, kwargs, layout)
     (2, (2, 3, 7, 6), (6, 1, 3, 3), dict(padding="same", dilation=2, groups=3, activation="relu"), "contig"),
     (2, (1, 4, 9, 8), (4, 1, 3, 2), dict(stride=(2, 3), padding=(1, 2), groups=4), "channels_last"),

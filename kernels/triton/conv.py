@@ -21,8 +21,9 @@ channel stride) the A and B tiles are read along contiguous channels: with chann
 are multiples of 16 Triton compiles 128-bit cp.async copies (``NHWC_CONFIGS``). NCHW tensors
 are read in place as well (no transpose pass), along the pixel axis, with per-element gathers; where a measuring chooser runs (a GPU), NCHW problems in half
 precision or TF32 with channel counts in multiples of 16 also get "via channels_last"
-candidates (``VIA_CL``: NHWC copies in, the NHWC specialisation, an NHWC temporary copied out),
-taken only where they time faster. Inputs are float32 / float16 / bfloat16,
+candidates (``VIA_CL``: NHWC copies in, the NHWC specialisation, an NHWC temporary copied out;
+the TMA forward instead stores the NCHW output itself through a descriptor where TMA can
+describe it, ``Y_DESC``), taken only where they time faster. Inputs are float32 / float16 / bfloat16,
 accumulation is float32; float32 ``tl.dot`` runs with the ``PREC`` input precision the launcher
 chooses ("ieee", or "tf32" when torch allows TF32). Offsets that scale with the batch or a
 spatial index are int64, so tensors above 2^31 elements address correctly.
@@ -53,6 +54,8 @@ have no GEMM to feed (K = taps only), so they run through dedicated FMA kernels
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import triton
@@ -577,7 +580,7 @@ def _floor_divmod(d, S, P):
 def _conv_tma_fwd_kernel(x_desc, w_desc, b_ptr, y_ptr, Ho, Wo, O, CG, KW, TAPS, PH, PW, DH, DW, SH, SW,
                          stride_yn, stride_yc, stride_yh, stride_yw, HAS_BIAS, ACT, PREC: tl.constexpr,
                          BH: tl.constexpr, BW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         STRIDED: tl.constexpr = False):
+                         STRIDED: tl.constexpr = False, Y_DESC: tl.constexpr = False):
     """The forward through TMA: ``y`` = act(conv(x, w) + b) for one group, each program
     a ``BH x BW`` block of output pixels of one image (grid axis 0: images x pixel blocks) by
     ``BLOCK_N`` output channels (axis 1).
@@ -595,7 +598,16 @@ def _conv_tma_fwd_kernel(x_desc, w_desc, b_ptr, y_ptr, Ho, Wo, O, CG, KW, TAPS, 
     (:func:`_strided_view`), box [1, BH, 1, BW, BLOCK_K]; input row ``oh*SH + dh`` is row
     ``oh + qh`` of residue ``rh`` (``dh = qh*SH + rh``, 0 <= rh < SH), so the pixels tap (i, j)
     reads for a block of output pixels are again one box, at (oh0 + qh, rh, ow0 + qw, rw*C +
-    c0), and the copy engine's zero fill outside [0, H/SH) is exactly the padding."""
+    c0), and the copy engine's zero fill outside [0, H/SH) is exactly the padding.
+
+    ``Y_DESC``: ``y_ptr`` is a TMA descriptor of an NCHW ``y`` [N, O, Ho, Wo], box [1, BLOCK_N,
+    BH, BW] (:func:`_y_descriptor`), and the tile goes out as one TMA store (the copy engine
+    drops what lies past O, Ho or Wo). Through pointers an NCHW tile is stored an element at a
+    time (pixels are contiguous there, but a thread's accumulator holds channels, and a
+    ``ow < Wo`` mask is not known to be constant in vector-wide groups): 64 two-byte stores per
+    thread in half precision at half the sectors' bytes (sm_90 SASS), against 128-bit stores
+    for an NHWC ``y``. The via-channels_last forward wrote an NHWC temporary and copied it into
+    an NCHW ``y`` instead: a further pass over the output."""
     BLOCK_M: tl.constexpr = BH * BW
     n, oh0, ow0 = _pixel_block(tl.program_id(0), Ho, Wo, BH, BW)
     o0 = tl.program_id(1) * BLOCK_N
@@ -621,9 +633,13 @@ def _conv_tma_fwd_kernel(x_desc, w_desc, b_ptr, y_ptr, Ho, Wo, O, CG, KW, TAPS, 
     if HAS_BIAS != 0:
         acc = acc + tl.load(b_ptr + offs_o, mask=o_ok, other=0.0).to(tl.float32)[None, :]
     acc = _epilogue_act(acc, ACT)
-    y_off = (n.to(tl.int64) * stride_yn + oh.to(tl.int64) * stride_yh + ow.to(tl.int64) * stride_yw)[:, None] \
-        + offs_o.to(tl.int64)[None, :] * stride_yc
-    tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=((oh < Ho) & (ow < Wo))[:, None] & o_ok[None, :])
+    if Y_DESC:
+        # the [pixels, channels] tile as the [1, channels, BH, BW] box of NCHW y
+        y_ptr.store([n, o0, oh0, ow0], tl.reshape(tl.trans(acc), (1, BLOCK_N, BH, BW)).to(y_ptr.dtype))
+    else:
+        y_off = (n.to(tl.int64) * stride_yn + oh.to(tl.int64) * stride_yh + ow.to(tl.int64) * stride_yw)[:, None] \
+            + offs_o.to(tl.int64)[None, :] * stride_yc
+        tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=((oh < Ho) & (ow < Wo))[:, None] & o_ok[None, :])
 
 
 @triton.jit
@@ -1520,14 +1536,18 @@ def _direct_cfg(cfg: tuple) -> tuple:
     return tuple(c for c in cfg if c != VIA_CL)
 
 
-def _launch_variant(direct, cfg, a, w, out):
+def _launch_variant(direct, cfg, a, w, out, writes_as_it_lies=None):
     """``direct(cfg, a, w, out)`` for a plain 5-tuple configuration; for the via-channels_last
     variant (``cfg[5] == VIA_CL``): NHWC copies of the operands that are not NHWC already, the
     kernel in its NHWC specialisation, ``out`` copied back from an NHWC temporary (a fresh one
     each call: a tuning run(cfg) must be idempotent, and torch's caching allocator makes it
-    cheap)."""
+    cheap) unless ``writes_as_it_lies(direct cfg, out)`` says the kernel writes ``out`` itself
+    (the TMA forward's descriptor store of an NCHW output)."""
     if VIA_CL not in cfg[5:]:
         direct(cfg, a, w, out)
+        return
+    if writes_as_it_lies is not None and writes_as_it_lies(_direct_cfg(cfg), out):
+        direct(_direct_cfg(cfg), _nhwc_copy(a), _nhwc_copy(w), out)
         return
     oc = out if _nhwc_strided(out) else _nhwc_empty(out)
     direct(_direct_cfg(cfg), _nhwc_copy(a), _nhwc_copy(w), oc)
@@ -1558,10 +1578,30 @@ def _x_descriptor(x, stride, bh: int, bw: int, bk: int):
     return TensorDescriptor(xs, *_strided_view(x, stride), [1, bh, 1, bw, bk]), True
 
 
+def _y_descriptor(y, bh: int, bw: int, bn: int):
+    """TMA descriptor of an NCHW-ordered ``y`` [N, O, Ho, Wo] (unit pixel stride), box [1, bn, bh,
+    bw], for the TMA forward's tile store (``Y_DESC``); None where TMA cannot describe it: an
+    NHWC ``y`` (whose pointer stores are 128 bits wide already), strides or base not multiples
+    of 16 bytes (Wo * element size, e.g. 7x7 in half precision), or a box row narrower than 16
+    bytes."""
+    es = y.element_size()
+    if y.stride(3) != 1 or y.stride(1) == 1 or bw * es % 16 or y.data_ptr() % 16 \
+            or any(st * es % 16 for st in y.stride()[:3]):
+        return None
+    return TensorDescriptor(y, list(y.shape), list(y.stride()), [1, bn, bh, bw])
+
+
+def _tma_y_direct(cfg, y) -> bool:
+    """Whether the TMA forward ``cfg`` stores ``y`` as it lies through a descriptor (the
+    via-channels_last variant then writes an NCHW ``y`` itself, no NHWC temporary and copy)."""
+    return TMA in cfg and _y_descriptor(y, cfg[0], cfg[1], cfg[2]) is not None
+
+
 def _tma_forward(cfg, x, w, b, y, stride, padding, dilation, activation, prec, warm=False) -> None:
     """One launch of :func:`_conv_tma_fwd_kernel` (``warm``: compile only) through the JIT
     (``kernel[grid]``: the cached launch plans of ``_launch`` take pointer arguments only); x
-    must be :func:`_tma_describable` for the stride, one group."""
+    must be :func:`_tma_describable` for the stride, one group. An NCHW ``y`` that
+    :func:`_y_descriptor` describes is written by a TMA store."""
     bh, bw, bn, bk, warps, stages = cfg[:6]
     n, _, _, _ = x.shape
     o, cg, kh, kw = w.shape
@@ -1573,10 +1613,12 @@ def _tma_forward(cfg, x, w, b, y, stride, padding, dilation, activation, prec, w
     x_desc, strided = _x_descriptor(x, stride, bh, bw, bk)
     w_desc = TensorDescriptor(wv, list(wv.shape), list(wv.stride()), [bn, bk])
     grid = (n * cdiv(ho, bh) * cdiv(wo, bw), cdiv(o, bn))
-    args = (x_desc, w_desc, b if b is not None else y, y, ho, wo, o, cg, kw, kh * kw, padding[0], padding[2],
-            dilation[0], dilation[1], stride[0], stride[1], *y.stride(), int(b is not None), ACT_CODES[activation])
-    meta = dict(PREC=_dot_precision(prec), BH=bh, BW=bw, BLOCK_N=bn, BLOCK_K=bk, STRIDED=strided, num_warps=warps,
-                num_stages=stages)
+    y_desc = _y_descriptor(y, bh, bw, bn)
+    args = (x_desc, w_desc, b if b is not None else y, y if y_desc is None else y_desc, ho, wo, o, cg, kw, kh * kw,
+            padding[0], padding[2], dilation[0], dilation[1], stride[0], stride[1], *y.stride(), int(b is not None),
+            ACT_CODES[activation])
+    meta = dict(PREC=_dot_precision(prec), BH=bh, BW=bw, BLOCK_N=bn, BLOCK_K=bk, STRIDED=strided,
+                Y_DESC=y_desc is not None, num_warps=warps, num_stages=stages)
     _jit_launch(_conv_tma_fwd_kernel, grid, args, meta, warm)
 
 
@@ -1701,7 +1743,7 @@ def conv_forward(x, w, bias, y, stride, padding, dilation, groups, activation, p
             _splitk_finish(out, bias, y, activation, warm)
 
     def launch(cfg):
-        _launch_variant(direct, cfg, x, w, y)
+        _launch_variant(direct, cfg, x, w, y, _tma_y_direct)
 
     cfg = fwd_default(og, n * ho * wo, cg, kh * kw, half, interpret)
     if choose is not None:
@@ -1710,8 +1752,11 @@ def conv_forward(x, w, bias, y, stride, padding, dilation, groups, activation, p
                str(x.dtype), tuple(stride), tuple(padding), tuple(dilation), groups, prec,
                bias is not None, activation)
         cands = problem_candidates(x, w, bias, y, groups, prec, stride)
-        cfg = tuple(choose("conv_fwd", key, cands, launch, cfg,
-                           prepare=lambda cs: _compile_all(cs, interpret, lambda c, nhwc: direct(c, *nhwc(x, w, y), warm=True))))
+        def warm(c, nhwc):
+            # a candidate that writes y as it lies (the TMA store of an NCHW y) compiles for y itself
+            direct(c, *nhwc(x, w), y if _tma_y_direct(c, y) else nhwc(y)[0], warm=True)
+
+        cfg = tuple(choose("conv_fwd", key, cands, launch, cfg, prepare=lambda cs: _compile_all(cs, interpret, warm)))
     launch(cfg)
 
 
@@ -1974,8 +2019,15 @@ def _tma_specs() -> list[AotSpec]:
                 bh, bw, bn, bk = cfg[:4]
                 ptrs = {"x_desc": f"tensordesc<{dt}[{x_box(bh, bw, bk, strided)}]>",
                         "w_desc": f"tensordesc<{dt}[{bn}, {bk}]>", "b_ptr": f"*{dt}", "y_ptr": f"*{dt}"}
-                specs.append(_tma_spec(_conv_tma_fwd_kernel, "fwd", cname, cfg, dt, prec, strided, ptrs, _INTS_TMA_FWD,
-                                       ("BH", "BW", "BLOCK_N", "BLOCK_K")))
+                # y through pointers, and for the via-channels_last tiles also y NCHW through a
+                # descriptor (Y_DESC: the TMA store)
+                for y_desc in (False, True) if cname in TMA_VIA_CL[key] or strided else (False,):
+                    yp = {**ptrs, "y_ptr": f"tensordesc<{dt}[1, {bn}, {bh}, {bw}]>"} if y_desc else ptrs
+                    spec = _tma_spec(_conv_tma_fwd_kernel, "fwd", cname, cfg, dt, prec, strided, yp, _INTS_TMA_FWD,
+                                     ("BH", "BW", "BLOCK_N", "BLOCK_K"))
+                    specs.append(dataclasses.replace(spec, signature={**spec.signature, "Y_DESC": "constexpr"},
+                                                     constexprs={**spec.constexprs, "Y_DESC": y_desc},
+                                                     label=spec.label + (" nchw-y" if y_desc else "")))
             for cname, cfg in tiles("wgrad", WGRAD_TMA_CONFIGS):
                 bh, bw, bc, bo = cfg[:4]
                 ptrs = {"x_desc": f"tensordesc<{dt}[{x_box(bh, bw, bc, strided)}]>",
