@@ -1422,6 +1422,54 @@ def test_tma_forward_writes_an_nchw_output_through_a_descriptor(dtype, monkeypat
             assert (tuple(yr.shape) in temps) is not described  # the output's NHWC temporary
 
 
+@pytest.mark.usefixtures("no_tf32")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["half", "fp32"])
+def test_tma_input_gradient_writes_an_nchw_dx_through_a_descriptor(dtype, monkeypatch, rng):
+    """As the forward's test, for the stride-1 TMA input gradient (DX_DESC): the
+    via-channels_last candidate of an NCHW problem stores dx itself, 72 input channels against
+    64- and 128-channel tiles and 6 rows against 8-row blocks; 9 columns fall back to the NHWC
+    temporary and the copy. Both against the reference's input gradient."""
+    from gpu_nn.kernels.triton import conv as kt
+    from gpu_nn.ops import conv as oc
+
+    dev = _tma_here()
+    monkeypatch.setattr(kt, "tma_device", lambda t: True)
+    monkeypatch.setattr(oc, "_precision", lambda dt: "tf32" if dt == torch.float32 else "ieee")
+    launches, temps = [], []
+    real_launch, real_empty = kt._jit_launch, kt._nhwc_empty
+    monkeypatch.setattr(kt, "_jit_launch", lambda k, grid, args, meta, warm: (
+        launches.append(meta) if k is kt._conv_tma_dgrad_kernel else None, real_launch(k, grid, args, meta, warm))[1])
+    monkeypatch.setattr(kt, "_nhwc_empty", lambda t: (temps.append(tuple(t.shape)), real_empty(t))[1])
+    for width, described in ((8, True), (9, False)):
+        x64, w64 = randn(rng, 2, 72, 6, width), randn(rng, 64, 72, 3, 3) / 24
+        g64 = randn(rng, 2, 64, 6, width)
+        with gpu_nn.backend("reference"):
+            leaf = x64.clone().requires_grad_()
+            want = torch.autograd.grad(F.conv2d(leaf, w64, padding=1), leaf, g64)[0]
+        x, w, g = (t.to(dev, dtype) for t in (x64, w64, g64))
+        cands = [c for c in kt.dgrad_problem_candidates(g, w, x, 1, "ieee" if dtype == torch.float16 else "tf32",
+                                                        (1, 1), (1, 1))
+                 if kt.TMA in c and kt.VIA_CL in c]
+        assert cands
+        for cand in cands:
+            monkeypatch.setattr(oc, "_chooser", lambda device, cand=cand: (
+                lambda op, key, cs, run, default, **_: default if op != "conv_dgrad" else (
+                    cand if cand in cs else pytest.fail(f"{cand} not offered"))))
+            xg = x.clone().requires_grad_()
+            with gpu_nn.backend("triton"):
+                y = F.conv2d(xg, w, padding=1)
+                launches.clear()
+                temps.clear()
+                got = torch.autograd.grad(y, xg, g)[0]
+            assert got.is_contiguous()
+            if dtype == torch.float16:
+                assert_close(got, want, dtype, 9 * 64, f"dgrad {cand} width {width}")
+            else:
+                assert max_rel_err(got, want) <= _tf32_bound(9 * 64), f"dgrad {cand} width {width} (tf32)"
+            assert [m["DX_DESC"] for m in launches] == [described]
+            assert (tuple(x.shape) in temps) is not described  # dx's NHWC temporary
+
+
 DW_CASES = [  # depthwise problems: (nd, input shape, weight shape, kwargs, layout)
     (2, (2, 3, 7, 6), (6, 1, 3, 3), dict(padding="same", dilation=2, groups=3, activation="relu"), "contig"),
     (2, (1, 4, 9, 8), (4, 1, 3, 2), dict(stride=(2, 3), padding=(1, 2), groups=4), "channels_last"),

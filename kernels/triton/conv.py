@@ -646,7 +646,7 @@ def _conv_tma_fwd_kernel(x_desc, w_desc, b_ptr, y_ptr, Ho, Wo, O, CG, KW, TAPS, 
 def _conv_tma_dgrad_kernel(g_desc, w_desc, dx_ptr, H, W, Ho, Wo, C, O, KW, TAPS, PH, PW, DH, DW, SH, SW,
                            stride_dn, stride_dc, stride_dh, stride_dw, PREC: tl.constexpr,
                            BH: tl.constexpr, BW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                           STRIDED: tl.constexpr = False):
+                           STRIDED: tl.constexpr = False, DX_DESC: tl.constexpr = False):
     """The input gradient through TMA, one group: each program a ``BH x BW`` block of input
     pixels of one image (grid axis 0) by ``BLOCK_N`` input channels (axis 1).
 
@@ -664,7 +664,10 @@ def _conv_tma_dgrad_kernel(g_desc, w_desc, dx_ptr, H, W, Ho, Wo, C, O, KW, TAPS,
     x images x blocks of the ``cdiv(H, SH) x cdiv(W, SW)`` class grid). Only the taps whose
     offset the stride divides reach such pixels -- ``i = i0, i0 + SH, ...`` with ``i0 = (rh +
     PH) % SH`` -- and for those the output pixels are again one box, at (hq0 + (rh + PH -
-    i) / SH, ...): the loop runs over them alone (none: the block's gradient is zero)."""
+    i) / SH, ...): the loop runs over them alone (none: the block's gradient is zero).
+
+    ``DX_DESC`` (stride 1 only): ``dx_ptr`` is a TMA descriptor of an NCHW ``dx``, box [1,
+    BLOCK_N, BH, BW], and the block goes out as one TMA store (as the forward's ``Y_DESC``)."""
     BLOCK_M: tl.constexpr = BH * BW
     c0 = tl.program_id(1) * BLOCK_N
     offs_m = tl.arange(0, BLOCK_M)
@@ -710,10 +713,15 @@ def _conv_tma_dgrad_kernel(g_desc, w_desc, dx_ptr, H, W, Ho, Wo, C, O, KW, TAPS,
             reach = (oh >= 0) & (oh < Ho) & (ow >= 0) & (ow < Wo)
             acc += tl.where(reach[:, None], tap, 0.0)
             tap = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    offs_c = c0 + tl.arange(0, BLOCK_N)
-    d_off = (n.to(tl.int64) * stride_dn + h.to(tl.int64) * stride_dh + w.to(tl.int64) * stride_dw)[:, None] \
-        + offs_c.to(tl.int64)[None, :] * stride_dc
-    tl.store(dx_ptr + d_off, acc.to(dx_ptr.dtype.element_ty), mask=((h < H) & (w < W))[:, None] & (offs_c < C)[None, :])
+    if DX_DESC:
+        tl.static_assert(not STRIDED, "a strided block's pixels are no box of dx")
+        dx_ptr.store([n, c0, h0, w0], tl.reshape(tl.trans(acc), (1, BLOCK_N, BH, BW)).to(dx_ptr.dtype))
+    else:
+        offs_c = c0 + tl.arange(0, BLOCK_N)
+        d_off = (n.to(tl.int64) * stride_dn + h.to(tl.int64) * stride_dh + w.to(tl.int64) * stride_dw)[:, None] \
+            + offs_c.to(tl.int64)[None, :] * stride_dc
+        tl.store(dx_ptr + d_off, acc.to(dx_ptr.dtype.element_ty),
+                 mask=((h < H) & (w < W))[:, None] & (offs_c < C)[None, :])
 
 
 @triton.jit
@@ -1641,10 +1649,11 @@ def _tma_dgrad(cfg, g, w, dx, stride, padding, dilation, prec, warm=False) -> No
     w_desc = TensorDescriptor(wt, list(wt.shape), list(wt.stride()), [bk, bn])
     # strided: blocks of each residue class's cdiv(h, sh) x cdiv(wd, sw) pixels
     grid = (sh * sw * n * cdiv(cdiv(h, sh), bh) * cdiv(cdiv(wd, sw), bw), cdiv(c, bn))
-    args = (g_desc, w_desc, dx, h, wd, ho, wo, c, o, kw, kh * kw, padding[0], padding[2], dilation[0], dilation[1],
-            sh, sw, *dx.stride())
-    meta = dict(PREC=_dot_precision(prec), BH=bh, BW=bw, BLOCK_N=bn, BLOCK_K=bk, STRIDED=strided, num_warps=warps,
-                num_stages=stages)
+    dx_desc = None if strided else _y_descriptor(dx, bh, bw, bn)  # an NCHW dx: the TMA store
+    args = (g_desc, w_desc, dx if dx_desc is None else dx_desc, h, wd, ho, wo, c, o, kw, kh * kw, padding[0],
+            padding[2], dilation[0], dilation[1], sh, sw, *dx.stride())
+    meta = dict(PREC=_dot_precision(prec), BH=bh, BW=bw, BLOCK_N=bn, BLOCK_K=bk, STRIDED=strided,
+                DX_DESC=dx_desc is not None, num_warps=warps, num_stages=stages)
     _jit_launch(_conv_tma_dgrad_kernel, grid, args, meta, warm)
 
 
@@ -1809,15 +1818,23 @@ def conv_backward_data(g, w, dx, stride, padding, dilation, groups, prec, interp
         if split:
             _splitk_finish(out, None, dx, None, warm)
 
+    def writes_as_it_lies(cfg, dx):
+        # the stride-1 TMA input gradient stores an NCHW dx itself through a descriptor
+        return tuple(stride) == (1, 1) and _tma_y_direct(cfg, dx)
+
     def launch(cfg):
-        _launch_variant(direct, cfg, g, w, dx)
+        _launch_variant(direct, cfg, g, w, dx, writes_as_it_lies)
 
     cfg = pick_config(cg, n * h * wd, half, interpret, DGRAD_CONFIGS)
     if choose is not None:
         key = (tuple(g.shape), tuple(g.stride()), tuple(w.shape), tuple(w.stride()), tuple(dx.shape), tuple(dx.stride()),
                str(g.dtype), tuple(stride), tuple(padding), tuple(dilation), groups, prec)
+
+        def warm(c, nhwc):
+            direct(c, *nhwc(g, w), dx if writes_as_it_lies(c, dx) else nhwc(dx)[0], warm=True)
+
         cfg = tuple(choose("conv_dgrad", key, dgrad_problem_candidates(g, w, dx, groups, prec, stride, dilation), launch, cfg,
-                           prepare=lambda cs: _compile_all(cs, interpret, lambda c, nhwc: direct(c, *nhwc(g, w, dx), warm=True))))
+                           prepare=lambda cs: _compile_all(cs, interpret, warm)))
     launch(cfg)
 
 
@@ -2038,8 +2055,16 @@ def _tma_specs() -> list[AotSpec]:
                 bh, bw, bn, bk = cfg[:4]
                 ptrs = {"g_desc": f"tensordesc<{dt}[1, {bh}, {bw}, {bk}]>", "w_desc": f"tensordesc<{dt}[{bk}, {bn}]>",
                         "dx_ptr": f"*{dt}"}
-                specs.append(_tma_spec(_conv_tma_dgrad_kernel, "dgrad", cname, cfg, dt, prec, strided, ptrs,
-                                       _INTS_TMA_DGRAD, ("BH", "BW", "BLOCK_N", "BLOCK_K")))
+                # dx through pointers, and at stride 1 also NCHW dx through a descriptor (DX_DESC:
+                # the TMA store; the via-channels_last tile's, and any tile's where g is
+                # channels_last and x, so dx, NCHW)
+                for dx_desc in (False, True) if not strided else (False,):
+                    dp = {**ptrs, "dx_ptr": f"tensordesc<{dt}[1, {bn}, {bh}, {bw}]>"} if dx_desc else ptrs
+                    spec = _tma_spec(_conv_tma_dgrad_kernel, "dgrad", cname, cfg, dt, prec, strided, dp,
+                                     _INTS_TMA_DGRAD, ("BH", "BW", "BLOCK_N", "BLOCK_K"))
+                    specs.append(dataclasses.replace(spec, signature={**spec.signature, "DX_DESC": "constexpr"},
+                                                     constexprs={**spec.constexprs, "DX_DESC": dx_desc},
+                                                     label=spec.label + (" nchw-dx" if dx_desc else "")))
     return specs
 
 
