@@ -252,12 +252,7 @@ def profile_demo(model: str, top: int = 40) -> None:
                 for fn in phases.values():
                     fn()
 
-    body(3)
-    prof = cProfile.Profile()
-    prof.enable()
-    body(200)
-    prof.disable()
-    pstats.Stats(prof).sort_stats("tottime").print_stats(top)
+    _print_profile(body, 3, 200, top)
 
 
 def table(res: dict) -> str:
@@ -289,10 +284,16 @@ def profile(name: str, backward: bool = True, top: int = 30) -> None:
                     with torch.no_grad():
                         ours(*args)
 
-    body(2)
+    _print_profile(body, 2, 500, top)
+
+
+def _print_profile(body, warm: int, n: int, top: int) -> None:
+    """``body(warm)`` unprofiled (caches, plans, imports), then ``body(n)`` under cProfile: the
+    ``top`` functions by own time."""
+    body(warm)
     prof = cProfile.Profile()
     prof.enable()
-    body(500)
+    body(n)
     prof.disable()
     pstats.Stats(prof).sort_stats("tottime").print_stats(top)
 

@@ -1377,6 +1377,31 @@ def test_tma_candidates_through_the_chooser_match_reference(monkeypatch, rng):
                 assert_close(got, want, torch.float16, red, f"{part} {cand} {layout}")
 
 
+def _tma_store_spies(monkeypatch, kernel):
+    """The TMA kernels on a CPU machine (the interpreter runs the GPU tiles), float32 in TF32 (the
+    precision the TMA kernels run float32 in; the interpreter's is exact), and two records:
+    the launch options of ``kernel`` and the shapes of the NHWC temporaries the launchers make."""
+    from gpu_nn.kernels.triton import conv as kt
+    from gpu_nn.ops import conv as oc
+
+    monkeypatch.setattr(kt, "tma_device", lambda t: True)
+    monkeypatch.setattr(oc, "_precision", lambda dt: "tf32" if dt == torch.float32 else "ieee")
+    launches, temps = [], []
+    real_launch, real_empty = kt._jit_launch, kt._nhwc_empty
+    monkeypatch.setattr(kt, "_jit_launch", lambda k, grid, args, meta, warm: (
+        launches.append(meta) if k is kernel else None, real_launch(k, grid, args, meta, warm))[1])
+    monkeypatch.setattr(kt, "_nhwc_empty", lambda t: (temps.append(tuple(t.shape)), real_empty(t))[1])
+    return launches, temps
+
+
+def _tma_close(got, want, dtype, what) -> None:
+    """A TMA kernel's half result at half tolerance, its float32 one at TF32's (9 taps x 64 channels)."""
+    if dtype == torch.float16:
+        assert_close(got, want, dtype, 9 * 64, what)
+    else:
+        assert max_rel_err(got, want) <= _tf32_bound(9 * 64), f"{what} (tf32)"
+
+
 @pytest.mark.usefixtures("no_tf32")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["half", "fp32"])
 def test_tma_forward_writes_an_nchw_output_through_a_descriptor(dtype, monkeypatch, rng):
@@ -1389,14 +1414,7 @@ def test_tma_forward_writes_an_nchw_output_through_a_descriptor(dtype, monkeypat
     from gpu_nn.ops import conv as oc
 
     dev = _tma_here()
-    monkeypatch.setattr(kt, "tma_device", lambda t: True)
-    # float32 in TF32, the precision the TMA kernels run float32 in (the interpreter's is exact)
-    monkeypatch.setattr(oc, "_precision", lambda dt: "tf32" if dt == torch.float32 else "ieee")
-    launches, temps = [], []
-    real_launch, real_empty = kt._jit_launch, kt._nhwc_empty
-    monkeypatch.setattr(kt, "_jit_launch", lambda k, grid, args, meta, warm: (
-        launches.append(meta) if k is kt._conv_tma_fwd_kernel else None, real_launch(k, grid, args, meta, warm))[1])
-    monkeypatch.setattr(kt, "_nhwc_empty", lambda t: (temps.append(tuple(t.shape)), real_empty(t))[1])
+    launches, temps = _tma_store_spies(monkeypatch, kt._conv_tma_fwd_kernel)
     for width, described in ((8, True), (9, False)):
         x64, w64, b64 = randn(rng, 2, 64, 6, width), randn(rng, 72, 64, 3, 3) / 24, randn(rng, 72)
         with gpu_nn.backend("reference"):
@@ -1414,10 +1432,7 @@ def test_tma_forward_writes_an_nchw_output_through_a_descriptor(dtype, monkeypat
             with gpu_nn.backend("triton"):
                 y = F.conv2d(x, w, b, padding=1, activation="relu")
             assert y.is_contiguous()
-            if dtype == torch.float16:
-                assert_close(y, yr, dtype, 9 * 64, f"forward {cand} width {width}")
-            else:
-                assert max_rel_err(y, yr) <= _tf32_bound(9 * 64), f"forward {cand} width {width} (tf32)"
+            _tma_close(y, yr, dtype, f"forward {cand} width {width}")
             assert [m["Y_DESC"] for m in launches] == [described]
             assert (tuple(yr.shape) in temps) is not described  # the output's NHWC temporary
 
@@ -1433,13 +1448,7 @@ def test_tma_input_gradient_writes_an_nchw_dx_through_a_descriptor(dtype, monkey
     from gpu_nn.ops import conv as oc
 
     dev = _tma_here()
-    monkeypatch.setattr(kt, "tma_device", lambda t: True)
-    monkeypatch.setattr(oc, "_precision", lambda dt: "tf32" if dt == torch.float32 else "ieee")
-    launches, temps = [], []
-    real_launch, real_empty = kt._jit_launch, kt._nhwc_empty
-    monkeypatch.setattr(kt, "_jit_launch", lambda k, grid, args, meta, warm: (
-        launches.append(meta) if k is kt._conv_tma_dgrad_kernel else None, real_launch(k, grid, args, meta, warm))[1])
-    monkeypatch.setattr(kt, "_nhwc_empty", lambda t: (temps.append(tuple(t.shape)), real_empty(t))[1])
+    launches, temps = _tma_store_spies(monkeypatch, kt._conv_tma_dgrad_kernel)
     for width, described in ((8, True), (9, False)):
         x64, w64 = randn(rng, 2, 72, 6, width), randn(rng, 64, 72, 3, 3) / 24
         g64 = randn(rng, 2, 64, 6, width)
@@ -1462,10 +1471,7 @@ def test_tma_input_gradient_writes_an_nchw_dx_through_a_descriptor(dtype, monkey
                 temps.clear()
                 got = torch.autograd.grad(y, xg, g)[0]
             assert got.is_contiguous()
-            if dtype == torch.float16:
-                assert_close(got, want, dtype, 9 * 64, f"dgrad {cand} width {width}")
-            else:
-                assert max_rel_err(got, want) <= _tf32_bound(9 * 64), f"dgrad {cand} width {width} (tf32)"
+            _tma_close(got, want, dtype, f"dgrad {cand} width {width}")
             assert [m["DX_DESC"] for m in launches] == [described]
             assert (tuple(x.shape) in temps) is not described  # dx's NHWC temporary
 
