@@ -209,19 +209,21 @@ def test_access_widths_reads_the_size_suffix_of_global_loads_and_stores():
 
 def test_launched_elementwise_kernels_move_128_bits_per_access(tmp_path):
     """Issue 14's memory-bound kernels as launches of aligned tensors whose sizes are multiples of
-    16 compile them (``launched_specs``: the activations forward and backward in every dtype, the
-    softmax rows in float32 and one float16 block): every global load and store is as wide as a
-    thread's share of the block allows, up to 128 bits (a 128-element block over 128 threads has
-    one element a thread, so 32 bits). The general forms (``aot_specs``: no alignment known)
-    load 32 or 16 bits at a time, which this test also shows, so a launched spec that lost its
-    alignment would fail here."""
+    16 compile them (``launched_specs``; sigmoid forward and backward in float32 and bfloat16 --
+    relu and tanh load and store alike, ``gpu-nn sass --launched`` shows every one --, the
+    softmax rows' float32 blocks and one float16 block): every global load and store is as wide
+    as a thread's share of the block allows, up to 128 bits (a 128-element block over 128
+    threads has one element a thread, so 32 bits). The general forms (``aot_specs``: no
+    alignment known) load 32 or 16 bits at a time, which this test also shows, so a launched
+    spec that lost its alignment would fail here."""
     code = (
         "import json\n"
         "from gpu_nn.kernels.triton import activation as ka, dense as kd\n"
         "from gpu_nn.kernels.triton._aot import compile_spec\n"
         "soft = (kd._softmax_fwd_kernel, kd._softmax_bwd_kernel)\n"
         "pick = lambda s: s.label.startswith(('fp32 softmax', 'fp16 softmax BLOCK=2048'))\n"
-        "launched = ka.launched_specs() + [s for s in kd.launched_specs() if s.kernel in soft and pick(s)]\n"
+        "acts = [s for s in ka.launched_specs() if s.label.startswith(('sigmoid fp32', 'sigmoid bf16'))]\n"
+        "launched = acts + [s for s in kd.launched_specs() if s.kernel in soft and pick(s)]\n"
         "general = ka.aot_specs()[:2] + [s for s in kd.aot_specs() if s.kernel in soft][:2]\n"
         "rows = [dict(compile_spec(s), which=w, block=s.constexprs['BLOCK'],\n"
         "             bits=16 if '16' in next(iter(s.signature.values())) else 32)\n"
@@ -232,13 +234,13 @@ def test_launched_elementwise_kernels_move_128_bits_per_access(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(proc.stdout.strip().splitlines()[-1])
     launched = [r for r in rows if r["which"] == "launched"]
-    assert len(launched) == 18 + 12  # activations: 3 x fwd / bwd x 3 dtypes; softmax: 5 fp32 blocks + 1 fp16, fwd / bwd
+    assert len(launched) == 4 + 12  # sigmoid fwd / bwd x 2 dtypes; softmax: 5 fp32 blocks + 1 fp16, fwd / bwd
     for r in launched:
         per_thread = r["block"] // (32 * r["num_warps"])
         width = str(min(128, per_thread * r["bits"]))
         assert set(r["global_loads"]) == {width} and set(r["global_stores"]) == {width}, (r["kernel"], r["label"], r)
         assert r["spill_bytes"] == 0
-    assert sum(set(r["global_loads"]) == {"128"} for r in launched) >= 18 + 8
+    assert sum(set(r["global_loads"]) == {"128"} for r in launched) >= 4 + 8
     for r in rows:
         if r["which"] == "general":
             assert "128" not in r["global_loads"], (r["kernel"], r["label"])
