@@ -12,11 +12,12 @@ from gpu_nn.kernels import cuda as kcuda
 from gpu_nn.kernels import triton as ktriton
 
 
-def _aot_rows(family, tmp_path):
+def _aot_rows(family, tmp_path, shard="0/1"):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = tmp_path / f"{family}.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "gpu_nn.kernels.triton._aot", "--family", family, "--json", str(out), "--no-sass"],
+        [sys.executable, "-m", "gpu_nn.kernels.triton._aot", "--family", family, "--json", str(out), "--no-sass",
+         "--shard", shard],
         env=env, capture_output=True, text=True, timeout=900,
     )
     assert out.exists(), f"AOT run for {family} produced nothing:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
@@ -91,9 +92,16 @@ KNOWN_SPILLS = {
 }
 
 
-@pytest.mark.parametrize("family", ktriton.FAMILIES)
-def test_triton_kernels_compile_for_sm90(family, tmp_path):
-    rows, proc = _aot_rows(family, tmp_path)
+# the families whose compilation takes minutes, each split over this many tests (every N-th
+# spec), so that xdist's workers share them instead of one worker finishing a suite alone
+SHARDS = {"conv": 2, "rnn": 2, "dense": 2}
+AOT_CASES = [(fam, f"{k}/{SHARDS.get(fam, 1)}") for fam in ktriton.FAMILIES for k in range(SHARDS.get(fam, 1))]
+
+
+@pytest.mark.parametrize("family,shard", AOT_CASES, ids=[f"{f}-{s.replace('/', 'of')}" for f, s in AOT_CASES])
+def test_triton_kernels_compile_for_sm90(family, shard, tmp_path):
+    rows, proc = _aot_rows(family, tmp_path, shard)
+    assert rows, f"no spec compiled for {family} shard {shard}"
     failed = [r for r in rows if not r["ok"]]
     assert not failed, "\n".join(f"{r['kernel']} [{r['label']}]: {r['error']}" for r in failed)
     # spilled registers live in the stack frame (LOCAL stays 0 for Triton kernels: see _aot._resources)
@@ -244,3 +252,18 @@ def test_launched_elementwise_kernels_move_128_bits_per_access(tmp_path):
     for r in rows:
         if r["which"] == "general":
             assert "128" not in r["global_loads"], (r["kernel"], r["label"])
+
+
+def test_aot_shards_cover_every_spec_once(tmp_path):
+    """``--shard k/n`` takes every n-th spec from the k-th: the shards of a family together are
+    its whole list, each spec once (checked on the pool family, whose specs compile in seconds;
+    --shard 0/1 is the whole list)."""
+    from gpu_nn.kernels.triton import _aot
+
+    labels = [(s.name, s.label) for s in _aot.family_specs("pool")]
+    got = []
+    for shard in ("0/2", "1/2"):
+        rows, proc = _aot_rows("pool", tmp_path, shard)
+        assert proc.returncode == 0 and rows
+        got += [(r["kernel"], r["label"]) for r in rows]
+    assert sorted(got) == sorted(labels) and len(got) == len(labels)

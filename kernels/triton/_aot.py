@@ -155,13 +155,16 @@ def family_specs(family: str, launched: bool = False) -> list[AotSpec]:
     return list(fn()) if fn is not None else []
 
 
-def run(families, json_path=None, sass: bool = True) -> int:
+def run(families, json_path=None, sass: bool = True, shard: tuple = (0, 1)) -> int:
+    """Compile every spec of ``families`` (default all); ``shard`` ``(k, n)``: only the specs at
+    positions k, k + n, k + 2n, ... of each family (n processes then share a family's list)."""
     from . import FAMILIES
 
+    k, n = shard
     failures = 0
     rows = []
     for fam in families or FAMILIES:
-        for spec in family_specs(fam):
+        for spec in family_specs(fam)[k::n]:
             try:
                 row = compile_spec(spec, sass)
                 row["ok"] = True
@@ -182,8 +185,13 @@ def main(argv=None) -> int:
     p.add_argument("--family", action="append", help="family to compile (repeatable); default all")
     p.add_argument("--json", help="write the rows as a JSON list to this path")
     p.add_argument("--no-sass", action="store_true", help="skip the disassembly counts (registers and spills only)")
+    p.add_argument("--shard", default="0/1", metavar="K/N",
+                   help="only every N-th spec of each family, from the K-th (0-based; default all)")
     args = p.parse_args(argv)
-    return run(args.family, args.json, sass=not args.no_sass)
+    k, n = (int(v) for v in args.shard.split("/"))
+    if not 0 <= k < n:
+        p.error(f"--shard K/N needs 0 <= K < N, got {args.shard}")
+    return run(args.family, args.json, sass=not args.no_sass, shard=(k, n))
 
 
 if __name__ == "__main__":
