@@ -51,11 +51,6 @@ def _noop(*args, **kwargs):
     return None
 
 
-def _noop_run(self, *args, grid, warmup, **kwargs):
-    LAUNCHES[0] += 1
-    return None
-
-
 def patch_launches() -> None:
     """Every Triton launch becomes a no-op (see the module docstring)."""
     from triton.runtime.interpreter import InterpretedFunction
@@ -63,7 +58,7 @@ def patch_launches() -> None:
     import gpu_nn.kernels.triton as pkg
     from gpu_nn.kernels.triton import _launch
 
-    InterpretedFunction.run = _noop_run
+    InterpretedFunction.run = _noop  # (self, *args, grid=, warmup=, ...): one launch
     _launch.launch = _noop
     for family in pkg.FAMILIES:
         mod = __import__(f"gpu_nn.kernels.triton.{family}", fromlist=["_"])
@@ -161,8 +156,8 @@ DEMO_STEPS = 20  # steps per sample
 
 
 def _demo_side(model: str, grads_stable: bool):
-    """(phases, run(n)): the demo's model, optimizer, loss and clipping (its HYPER, batch 32 of the
-    digits), every phase a callable of its own. ``grads_stable``: gradients zeroed in place, not
+    """{phase: callable} in DEMO_PHASES order: the demo's model, optimizer, loss and clipping (its
+    HYPER, its batch size of the digits), every phase of one training step a callable of its own. ``grads_stable``: gradients zeroed in place, not
     set to None, so every backward writes the same blocks -- what a GPU's caching allocator
     normally gives the optimizer (CPU gradients otherwise come back at new addresses, and the
     optimizer's per-address tables miss)."""
@@ -171,8 +166,7 @@ def _demo_side(model: str, grads_stable: bool):
 
     hp = demo.HYPER[model]
     torch.manual_seed(0)
-    with gpu_nn.backend("triton"):
-        net = demo.build(model, gpu_nn.nn)
+    net = demo.build(model, gpu_nn.nn)
     opt = getattr(gpu_nn.optim, hp["optimizer"])(net.parameters(), lr=hp["lr"])
     loss_fn = gpu_nn.nn.CrossEntropyLoss()
     clip = gpu_nn.nn.utils.clip_grad_norm_

@@ -55,8 +55,6 @@ have no GEMM to feed (K = taps only), so they run through dedicated FMA kernels
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 import triton
 import triton.language as tl
@@ -1586,15 +1584,20 @@ def _x_descriptor(x, stride, bh: int, bw: int, bk: int):
     return TensorDescriptor(xs, *_strided_view(x, stride), [1, bh, 1, bw, bk]), True
 
 
-def _y_descriptor(y, bh: int, bw: int, bn: int):
-    """TMA descriptor of an NCHW-ordered ``y`` [N, O, Ho, Wo] (unit pixel stride), box [1, bn, bh,
-    bw], for the TMA forward's tile store (``Y_DESC``); None where TMA cannot describe it: an
-    NHWC ``y`` (whose pointer stores are 128 bits wide already), strides or base not multiples
-    of 16 bytes (Wo * element size, e.g. 7x7 in half precision), or a box row narrower than 16
-    bytes."""
+def _y_describable(y, bw: int) -> bool:
+    """Whether TMA can describe an NCHW-ordered ``y`` [N, O, Ho, Wo] for a tile store with box rows
+    of ``bw`` pixels: unit pixel stride (not NHWC, whose pointer stores are 128 bits wide
+    already), strides and base multiples of 16 bytes (Wo * element size: not 7x7 in half
+    precision), box rows of at least 16 bytes."""
     es = y.element_size()
-    if y.stride(3) != 1 or y.stride(1) == 1 or bw * es % 16 or y.data_ptr() % 16 \
-            or any(st * es % 16 for st in y.stride()[:3]):
+    return (y.stride(3) == 1 and y.stride(1) != 1 and bw * es % 16 == 0 and y.data_ptr() % 16 == 0
+            and all(st * es % 16 == 0 for st in y.stride()[:3]))
+
+
+def _y_descriptor(y, bh: int, bw: int, bn: int):
+    """TMA descriptor of ``y`` (:func:`_y_describable`), box [1, bn, bh, bw], for the TMA kernels'
+    tile store (``Y_DESC`` / ``DX_DESC``); None where TMA cannot describe it."""
+    if not _y_describable(y, bw):
         return None
     return TensorDescriptor(y, list(y.shape), list(y.stride()), [1, bn, bh, bw])
 
@@ -1602,7 +1605,7 @@ def _y_descriptor(y, bh: int, bw: int, bn: int):
 def _tma_y_direct(cfg, y) -> bool:
     """Whether the TMA forward ``cfg`` stores ``y`` as it lies through a descriptor (the
     via-channels_last variant then writes an NCHW ``y`` itself, no NHWC temporary and copy)."""
-    return TMA in cfg and _y_descriptor(y, cfg[0], cfg[1], cfg[2]) is not None
+    return TMA in cfg and _y_describable(y, cfg[1])
 
 
 def _tma_forward(cfg, x, w, b, y, stride, padding, dilation, activation, prec, warm=False) -> None:
@@ -2008,14 +2011,23 @@ _INTS_TMA_WGRAD = ("N", "Ho", "Wo", "C", "O", "KW", "TAPS", "PH", "PW", "DH", "D
 
 
 def _tma_spec(kernel, part: str, cname: str, cfg: tuple, dt: str, prec: str, strided: bool, ptrs: dict, ints,
-              names) -> AotSpec:
+              names, store: tuple = ()) -> AotSpec:
     """One TMA kernel's spec: ``ptrs`` (descriptors and pointers by name, in parameter order),
-    the run-time ints, and the tile ``cfg`` = (*blocks named ``names``, num_warps, num_stages)."""
+    the run-time ints, and the tile ``cfg`` = (*blocks named ``names``, num_warps, num_stages).
+    ``store`` ``(flag, output, suffix, on)``: a kernel with a descriptor-store flag (``Y_DESC``,
+    ``DX_DESC``); ``on``: the ``output`` argument is a descriptor of the NCHW result, box [1,
+    BLOCK_N, BH, BW], and the label ends in ``suffix``."""
     *values, warps, stages = cfg[:len(names) + 2]
     blocks = {**dict(zip(names, values)), "STRIDED": strided}
+    label = f"{part} {cname} {dt} {prec} tma{' strided' if strided else ''}"
+    if store:
+        flag, output, suffix, on = store
+        blocks[flag] = on
+        if on:
+            ptrs = {**ptrs, output: f"tensordesc<{dt}[1, {blocks['BLOCK_N']}, {blocks['BH']}, {blocks['BW']}]>"}
+            label += f" {suffix}"
     sig = {**ptrs, **{k: "i32" for k in ints}, **{k: "constexpr" for k in ("PREC", *blocks)}}
-    return AotSpec(kernel, sig, {"PREC": prec, **blocks}, num_warps=warps, num_stages=stages,
-                   label=f"{part} {cname} {dt} {prec} tma{' strided' if strided else ''}")
+    return AotSpec(kernel, sig, {"PREC": prec, **blocks}, num_warps=warps, num_stages=stages, label=label)
 
 
 def _tma_specs() -> list[AotSpec]:
@@ -2039,12 +2051,9 @@ def _tma_specs() -> list[AotSpec]:
                 # y through pointers, and for the via-channels_last tiles also y NCHW through a
                 # descriptor (Y_DESC: the TMA store)
                 for y_desc in (False, True) if cname in TMA_VIA_CL[key] or strided else (False,):
-                    yp = {**ptrs, "y_ptr": f"tensordesc<{dt}[1, {bn}, {bh}, {bw}]>"} if y_desc else ptrs
-                    spec = _tma_spec(_conv_tma_fwd_kernel, "fwd", cname, cfg, dt, prec, strided, yp, _INTS_TMA_FWD,
-                                     ("BH", "BW", "BLOCK_N", "BLOCK_K"))
-                    specs.append(dataclasses.replace(spec, signature={**spec.signature, "Y_DESC": "constexpr"},
-                                                     constexprs={**spec.constexprs, "Y_DESC": y_desc},
-                                                     label=spec.label + (" nchw-y" if y_desc else "")))
+                    specs.append(_tma_spec(_conv_tma_fwd_kernel, "fwd", cname, cfg, dt, prec, strided, ptrs,
+                                           _INTS_TMA_FWD, ("BH", "BW", "BLOCK_N", "BLOCK_K"),
+                                           ("Y_DESC", "y_ptr", "nchw-y", y_desc)))
             for cname, cfg in tiles("wgrad", WGRAD_TMA_CONFIGS):
                 bh, bw, bc, bo = cfg[:4]
                 ptrs = {"x_desc": f"tensordesc<{dt}[{x_box(bh, bw, bc, strided)}]>",
@@ -2059,12 +2068,9 @@ def _tma_specs() -> list[AotSpec]:
                 # the TMA store; the via-channels_last tile's, and any tile's where g is
                 # channels_last and x, so dx, NCHW)
                 for dx_desc in (False, True) if not strided else (False,):
-                    dp = {**ptrs, "dx_ptr": f"tensordesc<{dt}[1, {bn}, {bh}, {bw}]>"} if dx_desc else ptrs
-                    spec = _tma_spec(_conv_tma_dgrad_kernel, "dgrad", cname, cfg, dt, prec, strided, dp,
-                                     _INTS_TMA_DGRAD, ("BH", "BW", "BLOCK_N", "BLOCK_K"))
-                    specs.append(dataclasses.replace(spec, signature={**spec.signature, "DX_DESC": "constexpr"},
-                                                     constexprs={**spec.constexprs, "DX_DESC": dx_desc},
-                                                     label=spec.label + (" nchw-dx" if dx_desc else "")))
+                    specs.append(_tma_spec(_conv_tma_dgrad_kernel, "dgrad", cname, cfg, dt, prec, strided, ptrs,
+                                           _INTS_TMA_DGRAD, ("BH", "BW", "BLOCK_N", "BLOCK_K"),
+                                           ("DX_DESC", "dx_ptr", "nchw-dx", dx_desc)))
     return specs
 
 

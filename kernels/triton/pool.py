@@ -82,6 +82,35 @@ def _window_origin(offs, x_ptr, C, OH, OW, stride_xn, stride_xc, SH, SW, PH, PW,
 
 
 @triton.jit
+def _max_tap(v, ok, ih, W, iw, best, nan, bidx, STORE_IDX: tl.constexpr):
+    """One tap ``v`` (-inf in the padding and masked lanes: never an update) of a max window at
+    plane position (``ih``, ``iw``) of a ``W`` wide plane: ``(best, nan, bidx)`` after it. torch's rule "v > best or v is
+    NaN" for the value as for its position: a later NaN replaces an earlier one and a tie keeps
+    the first tap, -0.0 against +0.0 included (a maximum would take +0.0); ``bidx < 0`` makes the
+    first in-input tap the default position. Values only (not ``STORE_IDX``): the same value, the
+    NaN kept apart in ``nan`` (a maximum: one instruction a tap; :func:`_max_result`)."""
+    if STORE_IDX:
+        upd = (v > best) | (v != v)
+        bidx = tl.where(upd | (ok & (bidx < 0)), ih * W + iw, bidx)
+        best = tl.where(upd, v, best)
+    else:
+        best = tl.where(v > best, v, best)
+        nan = tl.maximum(nan, v, propagate_nan=tl.PropagateNan.ALL)
+    return best, nan, bidx
+
+
+@triton.jit
+def _max_result(best, nan, MINIMUM: tl.constexpr, STORE_IDX: tl.constexpr):
+    """A window's value after its taps (:func:`_max_tap`): NaN where a tap was (values only), and
+    negated back for min pooling."""
+    if not STORE_IDX:
+        best = tl.where(nan != nan, nan, best)
+    if MINIMUM:
+        best = -best
+    return best
+
+
+@triton.jit
 def _max_pool_fwd_kernel(x_ptr, y_ptr, i_ptr, total, C, H, W, OH, OW,
                          stride_xn, stride_xc, stride_xh, stride_xw,
                          KH, KW, SH, SW, PH, PW, DH, DW,
@@ -92,7 +121,7 @@ def _max_pool_fwd_kernel(x_ptr, y_ptr, i_ptr, total, C, H, W, OH, OW,
     offs, mask = _block_offsets(total, WIDE, BLOCK)
     base, h0, w0 = _window_origin(offs, x_ptr, C, OH, OW, stride_xn, stride_xc, SH, SW, PH, PW, CL)
     best = tl.full([BLOCK], float("-inf"), tl.float32)
-    nan = best  # values only: NaN once any tap is NaN
+    nan = best  # values only: NaN once any tap is NaN (_max_tap)
     bidx = tl.full([BLOCK], -1, tl.int64)
     for i in range(0, KH):
         ih = h0 + i * DH
@@ -106,21 +135,8 @@ def _max_pool_fwd_kernel(x_ptr, y_ptr, i_ptr, total, C, H, W, OH, OW,
                 v = -v
             # padding and masked lanes never win (set after the negation of min pooling)
             v = tl.where(ok, v, float("-inf"))
-            # torch's update rule, "v > best or v is NaN", for the value as for its position: a
-            # later NaN replaces an earlier one, and a tie keeps the first tap, -0.0 against +0.0
-            # included (a maximum would take +0.0); bidx < 0 makes the first in-input tap the
-            # default position
-            if STORE_IDX:
-                upd = (v > best) | (v != v)  # (padding and masked lanes hold -inf: never an update)
-                bidx = tl.where(upd | (ok & (bidx < 0)), ih.to(tl.int64) * W + iw, bidx)
-                best = tl.where(upd, v, best)
-            else:  # the same value; the NaN kept apart, where a maximum costs one instruction
-                best = tl.where(v > best, v, best)
-                nan = tl.maximum(nan, v, propagate_nan=tl.PropagateNan.ALL)
-    if not STORE_IDX:
-        best = tl.where(nan != nan, nan, best)
-    if MINIMUM:
-        best = -best
+            best, nan, bidx = _max_tap(v, ok, ih.to(tl.int64), W, iw, best, nan, bidx, STORE_IDX)
+    best = _max_result(best, nan, MINIMUM, STORE_IDX)
     tl.store(y_ptr + offs, best.to(y_ptr.dtype.element_ty), mask=mask)
     if STORE_IDX:
         tl.store(i_ptr + offs, bidx, mask=mask)
@@ -272,7 +288,7 @@ def _max_pool_fwd_tile_kernel(x_ptr, y_ptr, i_ptr, C, H, W, OH, OW, tiles_h, til
     h0 = oh * SH - PH
     w0 = ow * SW - PW
     best = tl.full([BH, BW], float("-inf"), tl.float32)
-    nan = best  # values only: NaN once any tap is NaN (its own maximum, one FMNMX a tap)
+    nan = best  # values only: NaN once any tap is NaN (_max_tap)
     bidx = tl.full([BH, BW], -1, tl.int32)
     for i in tl.static_range(KH):
         ih = h0 + i * DH
@@ -285,17 +301,8 @@ def _max_pool_fwd_tile_kernel(x_ptr, y_ptr, i_ptr, C, H, W, OH, OW, tiles_h, til
             if MINIMUM:
                 v = -v
             v = tl.where(ok, v, float("-inf"))
-            if STORE_IDX:
-                upd = (v > best) | (v != v)  # torch's rule for both (see _max_pool_fwd_kernel)
-                bidx = tl.where(upd | (ok & (bidx < 0)), ih * W + iw, bidx)
-                best = tl.where(upd, v, best)
-            else:
-                best = tl.where(v > best, v, best)
-                nan = tl.maximum(nan, v, propagate_nan=tl.PropagateNan.ALL)
-    if not STORE_IDX:
-        best = tl.where(nan != nan, nan, best)
-    if MINIMUM:
-        best = -best
+            best, nan, bidx = _max_tap(v, ok, ih, W, iw, best, nan, bidx, STORE_IDX)
+    best = _max_result(best, nan, MINIMUM, STORE_IDX)
     o = plane.to(tl.int64) * OH * OW + oh * OW + ow
     tl.store(y_ptr + o, best.to(y_ptr.dtype.element_ty), mask=omask)
     if STORE_IDX:
