@@ -477,7 +477,7 @@ static void max_fwd_t(const float* x, float* y, long long* idx, long long P, lon
         for (long long oh = 0; oh < OH; ++oh)
             for (long long ow = 0; ow < OW; ++ow) {
                 long long o = (pl * OH + oh) * OW + ow;
-                gn_max_window<float, I>(x + pl * H * W, (I)W, (I)1, (I)H, (I)W, (I)(oh * SH - PH), (I)(ow * SW - PW),
+                gn_max_window<float, I>(x, (I)(pl * H * W), (I)W, (I)1, (I)H, (I)W, (I)(oh * SH - PH), (I)(ow * SW - PW),
                                         KH, KW, DH, DW, minimum, y + o, idx + o);
             }
 }
@@ -487,7 +487,7 @@ static void avg_fwd_t(const float* x, float* y, long long P, long long H, long l
     for (long long pl = 0; pl < P; ++pl)
         for (long long oh = 0; oh < OH; ++oh)
             for (long long ow = 0; ow < OW; ++ow)
-                y[(pl * OH + oh) * OW + ow] = gn_avg_window<float, I>(x + pl * H * W, (I)W, (I)1, (I)H, (I)W, (I)(oh * SH - PH),
+                y[(pl * OH + oh) * OW + ow] = gn_avg_window<float, I>(x, (I)(pl * H * W), (I)W, (I)1, (I)H, (I)W, (I)(oh * SH - PH),
                                                                       (I)(ow * SW - PW), KH, KW, PH, PW, cp, dv);
 }
 template <typename I>
@@ -510,7 +510,12 @@ static void avg_bwd_t(const float* g, float* dx, long long P, long long H, long 
 }
 // the kernels' element loops (pool.cu): dense outputs in contiguous order, or with cl in
 // channels_last order (POOL_CL: x, y, idx, g and dx in (n, h, w, c) order), the elements visited
-// in memory order and placed with the kernels' own gn_unravel / gn_plane
+// in memory order and placed with the kernels' own gn_unravel / gn_plane; the sizes divide as the
+// kernels' do: plainly with int64 indices, as gn_fastdiv with 32-bit ones (POOL_NARROW)
+static long long gn_divisor(long long d, long long) { return d; }
+static gn_fastdiv gn_divisor(long long d, int) { return gn_fastdiv_make((unsigned int)d); }
+#define GN_UNRAVEL(e, C, R, Q, cl, n, c, r, q) \
+    gn_unravel<I>(e, gn_divisor(C, (I)0), gn_divisor(R, (I)0), gn_divisor(Q, (I)0), cl, n, c, r, q)
 template <typename I>
 static void max_fwd_k_t(const float* x, float* y, long long* idx, long long N, long long C, long long H, long long W,
                         long long OH, long long OW, int KH, int KW, int SH, int SW, int PH, int PW, int DH, int DW,
@@ -518,8 +523,8 @@ static void max_fwd_k_t(const float* x, float* y, long long* idx, long long N, l
     I sxn = (I)(C * H * W), sxc = cl ? (I)1 : (I)(H * W), sxh = cl ? (I)(W * C) : (I)W, sxw = cl ? (I)C : (I)1;
     for (I o = 0; o < (I)(N * OH * OW * C); ++o) {
         I n, c, oh, ow;
-        gn_unravel<I>(o, (I)C, (I)OH, (I)OW, cl != 0, &n, &c, &oh, &ow);
-        gn_max_window<float, I>(x + n * sxn + c * sxc, sxh, sxw, (I)H, (I)W, (I)(oh * SH - PH), (I)(ow * SW - PW),
+        GN_UNRAVEL(o, C, OH, OW, cl != 0, &n, &c, &oh, &ow);
+        gn_max_window<float, I>(x, n * sxn + c * sxc, sxh, sxw, (I)H, (I)W, (I)(oh * SH - PH), (I)(ow * SW - PW),
                                 KH, KW, DH, DW, minimum, y + o, idx + o);
     }
 }
@@ -529,8 +534,8 @@ static void avg_fwd_k_t(const float* x, float* y, long long N, long long C, long
     I sxn = (I)(C * H * W), sxc = cl ? (I)1 : (I)(H * W), sxh = cl ? (I)(W * C) : (I)W, sxw = cl ? (I)C : (I)1;
     for (I o = 0; o < (I)(N * OH * OW * C); ++o) {
         I n, c, oh, ow;
-        gn_unravel<I>(o, (I)C, (I)OH, (I)OW, cl != 0, &n, &c, &oh, &ow);
-        y[o] = gn_avg_window<float, I>(x + n * sxn + c * sxc, sxh, sxw, (I)H, (I)W, (I)(oh * SH - PH), (I)(ow * SW - PW),
+        GN_UNRAVEL(o, C, OH, OW, cl != 0, &n, &c, &oh, &ow);
+        y[o] = gn_avg_window<float, I>(x, n * sxn + c * sxc, sxh, sxw, (I)H, (I)W, (I)(oh * SH - PH), (I)(ow * SW - PW),
                                        KH, KW, PH, PW, cp, dv);
     }
 }
@@ -539,7 +544,7 @@ static void max_bwd_k_t(const float* g, const long long* idx, float* dx, long lo
                         long long OH, long long OW, int KH, int KW, int SH, int SW, int PH, int PW, int DH, int DW, int cl) {
     for (I e = 0; e < (I)(N * H * W * C); ++e) {
         I n, c, ih, iw;
-        gn_unravel<I>(e, (I)C, (I)H, (I)W, cl != 0, &n, &c, &ih, &iw);
+        GN_UNRAVEL(e, C, H, W, cl != 0, &n, &c, &ih, &iw);
         I ob = gn_plane<I>(n, c, (I)C, (I)OH, (I)OW, cl != 0);
         dx[e] = gn_max_gather<float, I>(g + ob, idx + ob, ih, iw, (I)W, (I)OH, (I)OW, cl ? (I)C : (I)1, KH, KW, SH, SW,
                                         PH, PW, DH, DW);
@@ -550,7 +555,7 @@ static void avg_bwd_k_t(const float* g, float* dx, long long N, long long C, lon
                         long long OW, int KH, int KW, int SH, int SW, int PH, int PW, int cp, int dv, int cl) {
     for (I e = 0; e < (I)(N * H * W * C); ++e) {
         I n, c, ih, iw;
-        gn_unravel<I>(e, (I)C, (I)H, (I)W, cl != 0, &n, &c, &ih, &iw);
+        GN_UNRAVEL(e, C, H, W, cl != 0, &n, &c, &ih, &iw);
         dx[e] = gn_avg_gather<float, I>(g + gn_plane<I>(n, c, (I)C, (I)OH, (I)OW, cl != 0), ih, iw, (I)H, (I)W, (I)OH,
                                         (I)OW, cl ? (I)C : (I)1, KH, KW, SH, SW, PH, PW, cp, dv);
     }
@@ -586,6 +591,13 @@ GN_PAIR(avg_bwd_k, (const float* g, float* dx, long long N, long long C, long lo
                     long long OW, int KH, int KW, int SH, int SW, int PH, int PW, int cp, int dv, int cl),
         (g, dx, N, C, H, W, OH, OW, KH, KW, SH, SW, PH, PW, cp, dv, cl))
 long long out_size(long long L, int k, int s, int p, int d, int c) { return gn_pool_out_size(L, k, s, p, d, c); }
+// gn_fastdiv: its m and s, and n / d by them
+void fastdiv_magic(unsigned int d, unsigned int* m, unsigned int* s) {
+    gn_fastdiv f = gn_fastdiv_make(d);
+    *m = f.m;
+    *s = f.s;
+}
+int fastdiv(int n, unsigned int d) { return gn_div(n, gn_fastdiv_make(d)); }
 }
 """
 
@@ -665,9 +677,63 @@ def test_cuda_max_math_ties_and_nans_on_host(host_lib, geo, nans, sfx, rng):
         np.testing.assert_array_equal(dx, gt.numpy())
 
 
+@_INDEX
+@pytest.mark.parametrize("geo", MAX2D + [((2, 1), 1, (1, 0), (5, 1), False)], ids=str)
+def test_cuda_max_math_default_positions_on_host(host_lib, geo, sfx, rng):
+    """gn_max_window's default position (torch's: the window's first in-input tap, taken with the
+    value -inf; -1 for a window made only of padding, the reference's choice where torch's index
+    points outside the input), which only shows where no tap is greater: inputs of -inf (+inf
+    for min pooling) with a few finite values, against the reference's values and indices. The
+    last geometry (taps 5 rows apart, one row of padding, 4 rows) has a window of padding only."""
+    k, s, p, d, ceil = geo
+    k, s, p, d = (R._pair(v, 2) for v in (k, k if s is None else s, p, d))
+    padding_only = d == (5, 1)
+    H, W = (4 if padding_only else 11), 13
+    x = np.full((2, 3, H, W), -np.inf, np.float32)
+    x.reshape(-1)[rng.choice(x.size, 5, replace=False)] = rng.standard_normal(5)
+    for minimum in (0, 1):
+        xs = -x if minimum else x
+        yr, ir = (R.min_pool2d if minimum else R.max_pool2d)(xs, k, s, p, d, ceil, True)
+        OH, OW = yr.shape[-2:]
+        y = np.empty_like(yr)
+        idx = np.empty(yr.shape, np.int64)
+        getattr(host_lib, "max_fwd" + sfx)(fptr(xs), fptr(y), fptr(idx), *_ll(6, H, W, OH, OW),
+                                           *_ci(*k, *s, *p, *d, minimum))
+        np.testing.assert_array_equal(y, yr)
+        np.testing.assert_array_equal(idx, ir)
+        assert (ir == -1).any() == padding_only
+
+
 def _nhwc(a):
     """An [N, C, R, Q] array's channels_last memory: [N, R, Q, C], C-contiguous."""
     return np.ascontiguousarray(a.transpose(0, 2, 3, 1))
+
+
+def test_fastdiv_divides_every_32_bit_index_like_the_launcher_computes_it(host_lib, rng):
+    """pool_math.cuh's gn_fastdiv (the 32-bit kernels' division of an index by a size: a
+    multiply-high, an add and a shift) against Python's floor division, and its magic numbers
+    against the launcher's (gpu_nn.ops.pool._magic, what the kernels receive), at the edges of
+    its range (n up to 2^31 - 1, divisors 1 to 2^31 - 1, powers of two and their neighbours,
+    multiples of d and one below) and at random."""
+    import ctypes
+
+    from gpu_nn.ops import pool as P
+
+    top = 2**31 - 1
+    ds = {1, 2, 3, 5, 6, 7, 9, 10, 12, 14, 28, 56, 112, 224, 1000, 12345, top}
+    ds |= {v for k in range(1, 31) for v in (2**k - 1, 2**k, 2**k + 1)}
+    ds |= set(int(v) for v in rng.integers(1, top, 200))
+    m, sh = ctypes.c_uint(), ctypes.c_uint()
+    host_lib.fastdiv.argtypes = [ctypes.c_int, ctypes.c_uint]
+    for d in sorted(ds):
+        host_lib.fastdiv_magic(ctypes.c_uint(d), ctypes.byref(m), ctypes.byref(sh))
+        assert (m.value, sh.value) == P._magic(d), d
+        q = top // d
+        ns = {0, 1, d - 1, d, d + 1, top, top - 1, q * d, q * d - 1, (q // 2) * d, (q // 2) * d - 1}
+        ns |= set(int(v) for v in rng.integers(0, top, 20))
+        for n in ns:
+            if 0 <= n <= top:
+                assert host_lib.fastdiv(n, d) == n // d, (n, d)
 
 
 @_INDEX
@@ -737,6 +803,10 @@ def test_cuda_avg_math_on_host(host_lib, geo, sfx, rng):
     {"POOL_T": "gn_f16", "POOL_THREADS": 128}, {"POOL_T": "gn_bf16", "POOL_THREADS": 512}, {"POOL_T": "double"},
     {"POOL_T": "float", "POOL_NARROW": 1}, {"POOL_T": "gn_bf16", "POOL_NARROW": 1},
     {"POOL_T": "float", "POOL_NARROW": 1, "POOL_CL": 1}, {"POOL_T": "gn_f16", "POOL_CL": 1},
+    {"POOL_T": "float", "POOL_NARROW": 1, "POOL_XW1": 1, "POOL_FIXED": 1, "POOL_KH": 3, "POOL_KW": 3, "POOL_SH": 2,
+     "POOL_SW": 2, "POOL_DH": 1, "POOL_DW": 1, "POOL_MIN": 0},
+    {"POOL_T": "gn_bf16", "POOL_CL": 1, "POOL_FIXED": 1, "POOL_KH": 1, "POOL_KW": 5, "POOL_SH": 3, "POOL_SW": 1,
+     "POOL_DH": 1, "POOL_DW": 2, "POOL_MIN": 1},
 ], ids=str)
 def test_pool_cu_compiles_with_defines(defines):
     from gpu_nn.kernels import cuda as kcuda
@@ -1140,6 +1210,78 @@ def test_cupy_int64_kernels_match_reference(backend, device, case, rng, monkeypa
 
     monkeypatch.setattr(P, "_NARROW_SPAN", 0)
     test_backend_matches_reference(backend, device, case, "contig", rng)
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("cupy",)))
+@pytest.mark.parametrize("case,layout", _CASE_LAYOUTS, ids=lambda v: v if isinstance(v, str) else f"{v[0].__name__}{v[1]}{v[2]}")
+def test_cupy_runtime_window_kernels_match_reference(backend, device, case, layout, rng, monkeypatch):
+    """The CuPy kernels whose window is a run-time argument (pool.cu without POOL_FIXED: windows
+    of more than _FIXED_TAPS taps), forced on every window, against the reference; every other
+    CuPy test runs windows this small on modules compiled for their window."""
+    from gpu_nn.ops import pool as P
+
+    monkeypatch.setattr(P, "_FIXED_TAPS", 0)
+    test_backend_matches_reference(backend, device, case, layout, rng)
+
+
+def test_cupy_pool_modules_are_compiled_for_small_windows_only(monkeypatch):
+    """Which module a CuPy pooling launch loads: one compiled for its window (POOL_FIXED with the
+    window's KH, KW, SH, SW, DH, DW and min flag; avg pooling with unit dilation and no min flag)
+    up to _FIXED_TAPS taps, the run-time window kernels beyond; the 32-bit kernels get the
+    multiply-high divisors of the sizes they unravel by (C, OH, OW forward; C, H, W backward),
+    the int64 ones zeros. Launches stubbed: runs on the CPU."""
+    from gpu_nn.ops import pool as P
+
+    seen = []
+    monkeypatch.setattr(P, "_cuda_module", lambda dtype, device, narrow, cl=False, window=None, unit_w=False:
+                        (narrow, cl, window, unit_w))
+    monkeypatch.setattr(P, "cuda_kernels", lambda: type("K", (), {"launch": staticmethod(
+        lambda mod, kernel, grid, block, args, device=0: seen.append((kernel, mod, args)))}))
+    x = torch.randn(2, 5, 12, 11)
+    out = torch.empty(2, 5, 6, 5)
+    P._cupy_max_forward(x, out, None, (3, 2), (2, 2), (1, 0), (1, 2), True)
+    P._cupy_avg_forward(x.contiguous(memory_format=torch.channels_last), out, (3, 3), (2, 2), (1, 1), True, 0, cl=True)
+    P._cupy_max_backward(out, torch.zeros(2, 5, 6, 5, dtype=torch.int64), x, (9, 8), (1, 1), (4, 4), (1, 1))
+    P._cupy_avg_backward(out, x, (3, 3), (2, 2), (1, 1), False, 0, cl=True)
+    P._cupy_max_forward(x[..., ::2], out[..., :3], None, (2, 2), (2, 2), (0, 0), (1, 1), False)
+    P._cupy_max_forward(x[..., :1], out[..., :1], None, (2, 1), (2, 1), (0, 0), (1, 1), False)
+    assert [(k, m) for k, m, _ in seen] == [
+        ("pool_max_fwd", (True, False, (3, 2, 2, 2, 1, 2, 1), True)),
+        ("pool_avg_fwd", (True, True, (3, 3, 2, 2, 1, 1, 0), False)),  # columns C apart
+        ("pool_max_bwd", (True, False, None, True)),  # 72 taps
+        ("pool_avg_bwd", (True, True, (3, 3, 2, 2, 1, 1, 0), False)),
+        ("pool_max_fwd", (True, False, (2, 2, 2, 2, 1, 1, 0), False)),  # every other column
+        ("pool_max_fwd", (True, False, (2, 1, 2, 1, 1, 1, 0), True)),  # one column
+    ]
+    sizes = [(5, 6, 5), (5, 6, 5), (5, 12, 11), (5, 12, 11), (5, 6, 3), (5, 6, 1)]
+    for (_, _, args), dims in zip(seen, sizes):
+        assert all(type(a) is np.uint32 for a in args[-6:])
+        assert [int(a) for a in args[-6:]] == [v for d in dims for v in P._magic(d)]
+    seen.clear()
+    monkeypatch.setattr(P, "_NARROW_SPAN", 0)
+    P._cupy_max_forward(x, out, None, (3, 2), (2, 2), (1, 0), (1, 2), False)
+    (_, mod, args), = seen
+    assert mod == (False, False, (3, 2, 2, 2, 1, 2, 0), True) and [int(a) for a in args[-6:]] == [0] * 6
+
+
+def test_cupy_pool_grid_stops_at_eight_blocks_per_sm(monkeypatch):
+    """The CuPy pooling launches: one 256-thread block per 256 elements up to 8 blocks per SM
+    (a GPU full of resident threads), beyond that the kernels' grid-stride loops (each thread's
+    set-up paid once for several elements). Launches stubbed, the SM count faked: runs on the CPU."""
+    from gpu_nn.ops import pool as P
+
+    grids = []
+    monkeypatch.setattr(P, "_cuda_module", lambda *a, **k: None)
+    monkeypatch.setattr(P, "cuda_kernels", lambda: type("K", (), {"launch": staticmethod(
+        lambda mod, kernel, grid, block, args, device=0: grids.append((grid, block)))}))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: type("P", (), {"multi_processor_count": 132}))
+    monkeypatch.setattr(P, "_MAX_BLOCKS", {})
+    dev = torch.device("cuda", 0)
+    args = (torch.empty(1),)
+    for n in (1, 256, 257, 132 * 8 * 256, 132 * 8 * 256 + 1, 10**8):
+        P._cuda_launch("pool_max_fwd", n, args, dev, True, False)
+    assert grids == [((b,), (256,)) for b in (1, 1, 2, 1056, 1056, 1056)]
+    assert P._max_blocks(torch.device("cpu")) == 65535 * 32
 
 
 # --- channels_last: torch's layouts ----------------------------------------------------------

@@ -549,21 +549,95 @@ def _narrow(*tensors) -> bool:
     return True
 
 
-def _cuda_module(dtype: torch.dtype, device: torch.device, narrow: bool, cl: bool = False):
+# Windows of up to this many taps get a module of their own (pool.cu's POOL_FIXED: the window
+# compiled in, its tap loops unrolled into predicated loads); larger ones take the kernels whose
+# window is a run-time argument. One module per (dtype, index width, layout, window): NVRTC takes
+# about 0.3 s per module (2-core CPU), CuPy keeps each on disk for the next process.
+_FIXED_TAPS = 64
+
+
+def _cuda_module(dtype: torch.dtype, device: torch.device, narrow: bool, cl: bool = False, window=None,
+                 unit_w: bool = False):
+    """``window``: None, or (KH, KW, SH, SW, DH, DW, MIN) compiled in (POOL_FIXED); ``unit_w``: the
+    forward's input has unit column stride, compiled in (POOL_XW1)."""
     kcuda = cuda_kernels()
 
     if dtype not in _CUDA_TYPES:
         raise KernelInputError(f"pool (cupy): unsupported dtype {dtype}")
-    return kcuda.load("pool", {"POOL_T": _CUDA_TYPES[dtype], "POOL_THREADS": _CUDA_THREADS, "POOL_NARROW": int(narrow),
-                               "POOL_CL": int(cl)}, device.index or 0)
+    defines = {"POOL_T": _CUDA_TYPES[dtype], "POOL_THREADS": _CUDA_THREADS, "POOL_NARROW": int(narrow), "POOL_CL": int(cl)}
+    if unit_w:
+        defines["POOL_XW1"] = 1
+    if window is not None:
+        defines["POOL_FIXED"] = 1
+        defines.update(zip(("POOL_KH", "POOL_KW", "POOL_SH", "POOL_SW", "POOL_DH", "POOL_DW", "POOL_MIN"), window))
+    return kcuda.load("pool", defines, device.index or 0)
 
 
-def _cuda_launch(kernel: str, n: int, args, device: torch.device, narrow: bool, cl: bool):
-    """``cl``: the outputs (and a backward's gradient and indices) in channels_last order."""
+def _magic(d: int) -> tuple:
+    """pool.cu's multiply-high divisor of ``d`` (pool_math.cuh's gn_fastdiv, 1 <= d < 2^31): the
+    least s with 2^s >= d, and m = floor(2^32 (2^s - d) / d) + 1."""
+    s = max(0, (d - 1).bit_length())
+    return ((1 << 32) * ((1 << s) - d)) // d + 1, s
+
+
+_MAGIC: dict = {}
+
+
+def _divisors(narrow: bool, C: int, R: int, Q: int) -> tuple:
+    """The kernels' last six arguments: m and s for C, R and Q (the sizes an element index is
+    unravelled by) where the indices are 32-bit, zeros where they are not (unused there)."""
+    if not narrow:
+        return (np.uint32(0),) * 6
+    key = (C, R, Q)
+    got = _MAGIC.get(key)
+    if got is None:
+        got = tuple(np.uint32(v) for d in key for v in _magic(max(int(d), 1)))
+        if len(_MAGIC) >= 256:
+            _MAGIC.clear()
+        _MAGIC[key] = got
+    return got
+
+
+def _window(k, s, d=(1, 1), minimum=False):
+    """The window a module is compiled for (see _FIXED_TAPS), or None: the run-time kernels."""
+    return (*k, *s, *d, int(minimum)) if k[0] * k[1] <= _FIXED_TAPS else None
+
+
+def _unit_w(x) -> bool:
+    """Whether the forward's input x can be read with a column stride of 1 (pool.cu's POOL_XW1):
+    its columns are contiguous, or it has one column (whose offset is 0 whatever the stride)."""
+    return x.stride(3) == 1 or x.shape[3] == 1
+
+
+# At most this many blocks per SM (2048 threads of 256: all resident at once where registers
+# allow): a larger problem loops in the kernels' grid-stride loops, so that each thread's set-up
+# (its share of the kernel's prologue: reading the arguments, the divisors; about 50 of the 190
+# sm_90 instructions a 3x3 max pooling output costs with one output per thread) is paid once
+# for many outputs.
+_BLOCKS_PER_SM = 8
+_MAX_BLOCKS: dict = {}
+
+
+def _max_blocks(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 65535 * 32
+    i = device.index or 0
+    got = _MAX_BLOCKS.get(i)
+    if got is None:
+        got = _MAX_BLOCKS[i] = torch.cuda.get_device_properties(i).multi_processor_count * _BLOCKS_PER_SM
+    return got
+
+
+def _cuda_launch(kernel: str, n: int, args, device: torch.device, narrow: bool, cl: bool, window=None,
+                 unit_w=None):
+    """``cl``: the outputs (and a backward's gradient and indices) in channels_last order;
+    ``window``: see :func:`_window`; ``unit_w``: see :func:`_unit_w` (None for a backward, which
+    reads no x: it then loads the module a forward of its layout most likely loaded, contiguous
+    NCHW inputs having unit column stride and channels_last ones not)."""
     kcuda = cuda_kernels()
 
-    blocks = min((n + _CUDA_THREADS - 1) // _CUDA_THREADS, 65535 * 32)
-    mod = _cuda_module(args[0].dtype, device, narrow, cl)
+    blocks = min((n + _CUDA_THREADS - 1) // _CUDA_THREADS, _max_blocks(device))
+    mod = _cuda_module(args[0].dtype, device, narrow, cl, window, (not cl) if unit_w is None else unit_w)
     kcuda.launch(mod, kernel, (blocks,), (_CUDA_THREADS,), args, device=device.index or 0)
 
 
@@ -579,32 +653,37 @@ def _cupy_max_forward(x, out, idx, k, s, p, d, minimum, cl=False):
     """``idx`` None: the values only (a null pointer: the kernel skips the index stores)."""
     N, C, H, W = x.shape
     _, _, oh, ow = out.shape
+    narrow = _narrow(x, out)
     args = (x, out, np.uint64(0) if idx is None else idx, *_i64(N * C * oh * ow, C, H, W, oh, ow, *x.stride()),
-            *(np.int32(v) for v in (*k, *s, *p, *d)), np.int32(1 if minimum else 0))
-    _cuda_launch("pool_max_fwd", out.numel(), args, x.device, _narrow(x, out), cl)
+            *(np.int32(v) for v in (*k, *s, *p, *d)), np.int32(1 if minimum else 0), *_divisors(narrow, C, oh, ow))
+    _cuda_launch("pool_max_fwd", out.numel(), args, x.device, narrow, cl, _window(k, s, d, minimum), _unit_w(x))
 
 
 def _cupy_max_backward(g, ix, gi, k, s, p, d, cl=False):
     N, C, H, W = gi.shape
     _, _, oh, ow = g.shape
-    args = (g, ix, gi, *_i64(gi.numel(), C, H, W, oh, ow), *(np.int32(v) for v in (*k, *s, *p, *d)))
-    _cuda_launch("pool_max_bwd", gi.numel(), args, g.device, _narrow(g, gi), cl)
+    narrow = _narrow(g, gi)
+    args = (g, ix, gi, *_i64(gi.numel(), C, H, W, oh, ow), *(np.int32(v) for v in (*k, *s, *p, *d)),
+            *_divisors(narrow, C, H, W))
+    _cuda_launch("pool_max_bwd", gi.numel(), args, g.device, narrow, cl, _window(k, s, d))
 
 
 def _cupy_avg_forward(x, out, k, s, p, count_include_pad, divisor, cl=False):
     N, C, H, W = x.shape
     _, _, oh, ow = out.shape
+    narrow = _narrow(x, out)
     args = (x, out, *_i64(out.numel(), C, H, W, oh, ow, *x.stride()), *(np.int32(v) for v in (*k, *s, *p)),
-            np.int32(int(count_include_pad)), np.int32(divisor))
-    _cuda_launch("pool_avg_fwd", out.numel(), args, x.device, _narrow(x, out), cl)
+            np.int32(int(count_include_pad)), np.int32(divisor), *_divisors(narrow, C, oh, ow))
+    _cuda_launch("pool_avg_fwd", out.numel(), args, x.device, narrow, cl, _window(k, s), _unit_w(x))
 
 
 def _cupy_avg_backward(g, gi, k, s, p, count_include_pad, divisor, cl=False):
     N, C, H, W = gi.shape
     _, _, oh, ow = g.shape
+    narrow = _narrow(g, gi)
     args = (g, gi, *_i64(gi.numel(), C, H, W, oh, ow), *(np.int32(v) for v in (*k, *s, *p)),
-            np.int32(int(count_include_pad)), np.int32(divisor))
-    _cuda_launch("pool_avg_bwd", gi.numel(), args, g.device, _narrow(g, gi), cl)
+            np.int32(int(count_include_pad)), np.int32(divisor), *_divisors(narrow, C, H, W))
+    _cuda_launch("pool_avg_bwd", gi.numel(), args, g.device, narrow, cl, _window(k, s))
 
 
 # --- custom ops -----------------------------------------------------------------------------

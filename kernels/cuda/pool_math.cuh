@@ -33,24 +33,60 @@ GN_HD gn_index gn_pool_out_size(gn_index len, int k, int s, int p, int d, int ce
     return out;
 }
 
+// Division of a 32-bit index n in [0, 2^31) by a divisor d in [1, 2^31) that every thread of a
+// launch shares (a tensor size), as a multiply-high, an add and a shift instead of the dozen or
+// more instructions of an integer division: Granlund and Montgomery's method in the form torch's
+// IntDivider uses. s is the least shift with 2^s >= d and m = floor(2^32 (2^s - d) / d) + 1 (< 2^32);
+// then n / d = (umulhi(n, m) + n) >> s, the sum below 2^32 as umulhi(n, m) < n. The launcher
+// computes m and s on the host (gpu_nn/ops/pool.py, _magic); gn_fastdiv_make is the same
+// arithmetic for the host tests.
+struct gn_fastdiv {
+    unsigned int d, m, s;
+};
+
+GN_HD gn_fastdiv gn_fastdiv_make(unsigned int d) {
+    unsigned int s = 0;
+    while (s < 31 && (1u << s) < d) ++s;
+    unsigned long long m = ((1ull << 32) * ((1ull << s) - d)) / d + 1;
+    gn_fastdiv f = {d, (unsigned int)m, s};
+    return f;
+}
+
+GN_HD unsigned int gn_umulhi(unsigned int a, unsigned int b) {
+#if GN_DEVICE
+    return __umulhi(a, b);
+#else
+    return (unsigned int)(((unsigned long long)a * b) >> 32);
+#endif
+}
+
+// n / d and d's value, for a plain divisor (any index type) and a gn_fastdiv (32-bit indices)
+template <typename I>
+GN_HD I gn_div(I n, I d) { return n / d; }
+GN_HD int gn_div(int n, gn_fastdiv d) { return (int)((gn_umulhi((unsigned int)n, d.m) + (unsigned int)n) >> d.s); }
+template <typename I>
+GN_HD I gn_size(I d) { return d; }
+GN_HD int gn_size(gn_fastdiv d) { return (int)d.d; }
+
 // (n, c, r, q) of dense element e of an [N, C, R, Q] tensor: in contiguous order, or with cl in
 // channels_last order (channels fastest), the order in which the kernels visit the elements.
-template <typename I>
-GN_HD void gn_unravel(I e, I C, I R, I Q, bool cl, I* n, I* c, I* r, I* q) {
+// The sizes C, R, Q as plain indices or as gn_fastdiv (D), the remainders by multiply-subtract.
+template <typename I, typename D>
+GN_HD void gn_unravel(I e, D C, D R, D Q, bool cl, I* n, I* c, I* r, I* q) {
     if (cl) {
-        *c = e % C;
-        I t = e / C;
-        *q = t % Q;
-        t /= Q;
-        *r = t % R;
-        *n = t / R;
+        I t = gn_div(e, C);
+        *c = e - t * gn_size(C);
+        I u = gn_div(t, Q);
+        *q = t - u * gn_size(Q);
+        *n = gn_div(u, R);
+        *r = u - *n * gn_size(R);
     } else {
-        *q = e % Q;
-        I t = e / Q;
-        *r = t % R;
-        t /= R;
-        *c = t % C;
-        *n = t / C;
+        I t = gn_div(e, Q);
+        *q = e - t * gn_size(Q);
+        I u = gn_div(t, R);
+        *r = t - u * gn_size(R);
+        *n = gn_div(u, C);
+        *c = u - *n * gn_size(C);
     }
 }
 
@@ -61,25 +97,42 @@ GN_HD I gn_plane(I n, I c, I C, I OH, I OW, bool cl) {
     return cl ? n * OH * OW * C + c : (n * C + c) * OH * OW;
 }
 
-// Max (minimum != 0: min) over the window whose first tap is (h0, w0) of the plane at x.
+// Whether 0 <= i < n: one unsigned comparison (a negative i wraps to a large unsigned value).
+GN_HD bool gn_inside(int i, int n) { return (unsigned int)i < (unsigned int)n; }
+GN_HD bool gn_inside(long long i, long long n) { return (unsigned long long)i < (unsigned long long)n; }
+
+// Max (minimum != 0: min) over the window whose first tap is (h0, w0) of the plane that starts
+// plane elements into x. torch's rule: the default position is the window's first in-input tap
+// (row-major; -1 for a window made only of padding) with the value -inf, then each tap whose
+// value is greater or NaN takes over. The default is found from the rows and columns alone, so
+// a tap's update is two comparisons and two selects; a tap outside the input reads as -inf,
+// which never takes over. Every tap's offset is one index sum from x (not a pointer per plane
+// or row, which the compiler re-associates into 64-bit sums). With compile-time KH, KW, DH, DW
+// (pool.cu's POOL_FIXED) the loops unroll into predicated loads, no branch per tap.
 template <typename T, typename I>
-GN_HD void gn_max_window(const T* x, I sxh, I sxw, I H, I W, I h0, I w0,
+GN_HD void gn_max_window(const T* x, I plane, I sxh, I sxw, I H, I W, I h0, I w0,
                          int KH, int KW, int DH, int DW, int minimum, float* out, gn_index* out_idx) {
-    float best = -gn_inf();
-    I bidx = -1;
+    I fh = -1, fw = -1;  // the first in-input row and column
+    for (int i = KH - 1; i >= 0; --i)
+        if (gn_inside(h0 + (I)i * DH, H)) fh = h0 + (I)i * DH;
+    for (int j = KW - 1; j >= 0; --j)
+        if (gn_inside(w0 + (I)j * DW, W)) fw = w0 + (I)j * DW;
+    const float neg_inf = -gn_inf();
+    float best = neg_inf;
+    I bidx = (fh >= 0 && fw >= 0) ? fh * W + fw : (I)-1;
     for (int i = 0; i < KH; ++i) {
         I ih = h0 + (I)i * DH;
-        if (ih < 0 || ih >= H) continue;
+        if (!gn_inside(ih, H)) continue;
+        I row = plane + ih * sxh + w0 * sxw;  // the row's first tap (an offset, read only if inside)
         for (int j = 0; j < KW; ++j) {
             I iw = w0 + (I)j * DW;
-            if (iw < 0 || iw >= W) continue;
-            float v = gn_to_float(x[ih * sxh + iw * sxw]);
-            if (minimum) v = -v;
-            // bidx < 0: the first in-input tap is the default position, as torch
+            float v = neg_inf;
+            if (gn_inside(iw, W)) {
+                v = gn_to_float(x[row + (I)j * DW * sxw]);
+                if (minimum) v = -v;
+            }
             if (v > best || gn_isnan(v)) {
                 best = v;
-                bidx = ih * W + iw;
-            } else if (bidx < 0) {
                 bidx = ih * W + iw;
             }
         }
@@ -102,17 +155,19 @@ GN_HD float gn_avg_divisor(I h0, I w0, I H, I W, int KH, int KW, int PH, int PW,
     return (float)(count_pad ? pool : ch * cw);
 }
 
+// The average over the window whose first tap is (h0, w0) of the plane that starts plane
+// elements into x (addressed as gn_max_window's taps).
 template <typename T, typename I>
-GN_HD float gn_avg_window(const T* x, I sxh, I sxw, I H, I W, I h0, I w0,
+GN_HD float gn_avg_window(const T* x, I plane, I sxh, I sxw, I H, I W, I h0, I w0,
                           int KH, int KW, int PH, int PW, int count_pad, int divisor) {
     float acc = 0.0f;
     for (int i = 0; i < KH; ++i) {
         I ih = h0 + i;
-        if (ih < 0 || ih >= H) continue;
+        if (!gn_inside(ih, H)) continue;
+        I row = plane + ih * sxh;
         for (int j = 0; j < KW; ++j) {
             I iw = w0 + j;
-            if (iw < 0 || iw >= W) continue;
-            acc += gn_to_float(x[ih * sxh + iw * sxw]);
+            if (gn_inside(iw, W)) acc += gn_to_float(x[row + iw * sxw]);
         }
     }
     bool empty;
