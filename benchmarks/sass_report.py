@@ -12,6 +12,11 @@ a 16-byte vector access, what memory-bound kernels want). The float16/bfloat16 c
 linear (matmul) kernels are flagged when their SASS has neither tensor-core instruction.
 ``--launched`` compiles the configurations as common launches specialise them (aligned tensors,
 sizes multiples of 16), where the general forms know no alignment and access 32 bits at a time.
+``--cuda`` reports the CUDA C kernels instead (NVRTC, the same ``cuobjdump``): the builds the
+CuPy launchers load at the benchmark shapes, per kernel registers, spills, calls (slow-path
+subroutines), instructions, and the straight path (the instructions one thread issues for one
+element whose guards all hold, every loop run once: the per-element cost of a straight-line
+kernel such as a pooling window compiled in, a lower bound for kernels with run-time loops).
 
 Compilation runs in subprocesses (one per family, several at once) whose environment has no
 ``TRITON_INTERPRET``: kernels imported under the interpreter cannot be compiled, and a test
@@ -49,6 +54,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--jobs", type=int, default=max(1, min(8, (os.cpu_count() or 2))),
                         help="families compiled at once (default %(default)s)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per family (default %(default)s)")
+    parser.add_argument("--cuda", action="store_true",
+                        help="the CUDA C kernels instead: the builds the CuPy launchers load at the benchmark shapes "
+                             "(pooling windows compiled in, optimizer steps, recurrent loops)")
     parser.add_argument("--launched", action="store_true",
                         help="compile the families' launched_specs() instead: configurations in the specialisation "
                              "common launches compile to (aligned tensors, sizes multiples of 16, unit strides as "
@@ -208,7 +216,87 @@ def print_table(rows: list[dict], console=None) -> None:
         console.print(f"[red]families without kernels: {', '.join(missing)}[/red]")
 
 
+def cuda_builds() -> list[tuple]:
+    """(source, label, defines) of the CUDA C builds the CuPy launchers load at the benchmark
+    shapes: pooling max_pool2d 3x3/2 (its window compiled in; float32 NCHW with 32-bit and with
+    int64 indices, bfloat16 channels_last) and a 9x9 window (run-time window kernels), the
+    optimizer steps per parameter dtype, the LSTM device loop (float32 on the CUDA cores, bfloat16
+    on the tensor cores)."""
+    import torch
+
+    from gpu_nn.ops import pool
+    from gpu_nn.optim import _cupy as optim
+
+    w3 = pool._window((3, 3), (2, 2))
+    out = [
+        ("pool", "fp32 3x3/2 NCHW", pool.cuda_defines(torch.float32, True, False, w3, True)),
+        ("pool", "fp32 3x3/2 NCHW int64", pool.cuda_defines(torch.float32, False, False, w3, True)),
+        ("pool", "bf16 3x3/2 channels_last", pool.cuda_defines(torch.bfloat16, True, True, w3, False)),
+        ("pool", "fp32 9x9 NCHW (run-time window)", pool.cuda_defines(torch.float32, True, False,
+                                                                      pool._window((9, 9), (1, 1)), True)),
+    ]
+    out += [("optim", str(dt).replace("torch.", ""), {"PARAM_KIND": kind, "OPTIM_CHUNK": optim.CHUNK})
+            for dt, kind in optim._KIND.items()]
+    out += [("rnn", "lstm fp32", {"GN_MODE": 2, "GN_ROUND": 0, "GN_MMA": 0}),
+            ("rnn", "lstm bf16 mma", {"GN_MODE": 2, "GN_ROUND": 2, "GN_MMA": 1})]
+    return out
+
+
+def collect_cuda() -> list[dict]:
+    """One row per kernel of every :func:`cuda_builds` build (an error row for a build that fails)."""
+    from gpu_nn.kernels import cuda as kcuda
+
+    rows = []
+    for name, label, defines in cuda_builds():
+        try:
+            report = kcuda.sass_report(kcuda.compile_cubin(name, defines))
+        except Exception as exc:  # noqa: BLE001 - a row says what failed
+            rows.append({"source": name, "label": label, "kernel": "-", "ok": False, "error": f"{type(exc).__name__}: {exc}"})
+            continue
+        rows += [{"source": name, "label": label, "kernel": k, "ok": True, "defines": defines, **v}
+                 for k, v in sorted(report.items())]
+    return rows
+
+
+def print_cuda_table(rows: list[dict], console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    if console is None:
+        console = Console()
+        if not console.is_terminal:
+            console = Console(width=200)
+    table = Table(title="CUDA C kernels compiled by NVRTC for sm_90 (no GPU needed)",
+                  caption="stack = spilled registers and registers saved around calls, bytes per thread; "
+                          "straight = instructions for one element with every guard holding, each loop run once")
+    for col in ("source", "build", "kernel", "registers", "stack B", "calls", "instructions", "straight",
+                "global ld / st bits"):
+        table.add_column(col, justify="right" if col in ("registers", "stack B", "calls", "instructions", "straight")
+                         else "left")
+    for r in rows:
+        if not r["ok"]:
+            table.add_row(r["source"], r["label"], "-", "-", "-", "-", f"[red]error[/red] {r['error'][:100]}", "-", "-")
+            continue
+        stack = str(r["stack_bytes"])
+        if r["spill_stores"] or r["spill_loads"]:
+            stack += f" ({r['spill_stores']} STL / {r['spill_loads']} LDL)"
+        access = _access_cell(r)
+        if r.get("generic_loads") or r.get("generic_stores"):
+            access += "; generic " + _access_cell({"global_loads": r["generic_loads"], "global_stores": r["generic_stores"]})
+        table.add_row(r["source"], r["label"], r["kernel"], str(r["registers"]), stack, str(r["calls"]),
+                      str(r["instructions"]), str(r["straight"]), access)
+    console.print(table)
+    console.print(f"{sum(1 for r in rows if r['ok'])} kernels, {sum(1 for r in rows if not r['ok'])} builds failed")
+
+
 def run(args) -> int:
+    if args.cuda:
+        rows = collect_cuda()
+        print_cuda_table(rows)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=1)
+        return 1 if any(not r["ok"] for r in rows) else 0
     fams = args.family or list(_families())
     unknown = [f for f in fams if f not in _families()]
     if unknown:

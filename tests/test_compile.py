@@ -160,6 +160,83 @@ def test_cuda_sources_compile_with_nvrtc_for_sm90(name):
     assert cubin[:4] == b"\x7fELF"
 
 
+def test_cuda_sass_report_reads_a_whole_cubin():
+    """compile_cubin returns the cubin whole (CuPy's getCUBIN drops its last byte, which cuobjdump
+    refuses), and sass_report reads every kernel of it: registers, stack, instructions, the
+    straight path and the access widths."""
+    from cupy_backends.cuda.libs import nvrtc
+
+    prog = nvrtc.createProgram(kcuda.source("pool"), "pool.cu", [], [])
+    try:
+        nvrtc.compileProgram(prog, ["-arch=sm_90", "-std=c++17", f"-I{kcuda.include_dir()}"])
+        whole, cupys = kcuda._cubin(nvrtc, prog), nvrtc.getCUBIN(prog)
+    finally:
+        nvrtc.destroyProgram(prog)
+    assert whole[:len(cupys)] == cupys and len(whole) >= len(cupys)
+    report = kcuda.sass_report(kcuda.compile_cubin("pool"))
+    assert sorted(report) == ["pool_avg_bwd", "pool_avg_fwd", "pool_max_bwd", "pool_max_fwd"]
+    for r in report.values():
+        assert r["registers"] > 0 and r["instructions"] > r["straight"] > 0 and r["global_loads"], r
+
+
+def test_straight_path_follows_the_guards_and_stops_at_a_loop():
+    listing = [(0x00, "S2R R0, SR_TID.X"), (0x10, "@P0 EXIT"), (0x20, "@!P1 BRA 0x50"), (0x30, "IADD3 R1, R0, 1, RZ"),
+               (0x40, "BRA 0x70"), (0x50, "IADD3 R1, R0, 2, RZ"), (0x60, "NOP"), (0x70, "STG.E [R2.64], R1"),
+               (0x80, "@!P2 BRA 0x30"), (0x90, "EXIT")]
+    # S2R, @P0 EXIT and @!P1 BRA (not taken), IADD3, BRA (taken, forward), STG, @!P2 BRA (not
+    # taken: the loop runs once), EXIT; an unconditional backward branch ends the path
+    assert kcuda.straight_path(listing) == 8
+    assert kcuda.straight_path(listing[:8] + [(0x80, "BRA 0x30"), (0x90, "EXIT")]) == 7
+    assert kcuda.straight_path(listing[:2] + [(0x20, "EXIT")]) == 3
+
+
+def test_pool_window_compiled_in_unrolls_its_taps():
+    """A pooling module compiled for its window (gpu_nn.ops.pool's launches of windows up to 64
+    taps) has no loop left in the forward kernels but the grid-stride loop over outputs (which
+    the compiler versions in two on a launch-wide condition: indices stored or not for max, a
+    divisor override for avg), where the run-time window kernels loop over rows and taps; and the
+    32-bit max kernels call no subroutine (no integer division) and spill nothing."""
+    import torch
+
+    from gpu_nn.ops import pool
+
+    def back_edges(defines, kernel):
+        import re
+        import subprocess
+        import tempfile
+
+        from gpu_nn.kernels.triton._aot import _tool
+
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(kcuda.compile_cubin("pool", defines))
+            f.flush()
+            text = subprocess.run([_tool("cuobjdump"), "-sass", "-fun", kernel, f.name], capture_output=True,
+                                  text=True, check=True).stdout
+        ins = [(int(a, 16), t) for a, t in re.findall(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", text)]
+        return sum(1 for a, t in ins if re.match(r"(@!?P\d\s+)?BRA\s+(0x[0-9a-f]+)", t)
+                   and int(re.match(r"(@!?P\d\s+)?BRA\s+(0x[0-9a-f]+)", t).group(2), 16) < a)
+
+    fixed = pool.cuda_defines(torch.float32, True, False, pool._window((3, 3), (2, 2)), True)
+    runtime = pool.cuda_defines(torch.float32, True, False, None, True)
+    for kernel in ("pool_max_fwd", "pool_avg_fwd"):
+        assert back_edges(fixed, kernel) == 2 < back_edges(runtime, kernel), kernel
+    report = kcuda.sass_report(kcuda.compile_cubin("pool", fixed))
+    assert all(report[k]["calls"] == 0 and report[k]["stack_bytes"] == 0 for k in ("pool_max_fwd", "pool_max_bwd"))
+
+
+def test_sass_cuda_table(monkeypatch, capsys):
+    """``gpu-nn sass --cuda`` on one build (the whole list takes about 10 s): a row per kernel."""
+    from gpu_nn.benchmarks import sass_report
+    from gpu_nn.cli import main
+
+    builds = sass_report.cuda_builds()
+    assert {b[0] for b in builds} == {"pool", "optim", "rnn"}
+    monkeypatch.setattr(sass_report, "cuda_builds", lambda: builds[:1])
+    assert main(["sass", "--cuda"]) == 0
+    out = capsys.readouterr().out
+    assert "pool_max_fwd" in out and "4 kernels, 0 builds failed" in out
+
+
 def test_nvrtc_reports_errors():
     from cupy_backends.cuda.libs import nvrtc
 

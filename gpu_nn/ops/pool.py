@@ -556,12 +556,10 @@ def _narrow(*tensors) -> bool:
 _FIXED_TAPS = 64
 
 
-def _cuda_module(dtype: torch.dtype, device: torch.device, narrow: bool, cl: bool = False, window=None,
-                 unit_w: bool = False):
-    """``window``: None, or (KH, KW, SH, SW, DH, DW, MIN) compiled in (POOL_FIXED); ``unit_w``: the
-    forward's input has unit column stride, compiled in (POOL_XW1)."""
-    kcuda = cuda_kernels()
-
+def cuda_defines(dtype: torch.dtype, narrow: bool, cl: bool = False, window=None, unit_w: bool = False) -> dict:
+    """pool.cu's compile-time parameters for a launch: ``window`` None, or (KH, KW, SH, SW, DH, DW,
+    MIN) compiled in (POOL_FIXED); ``unit_w``: the forward's input has unit column stride,
+    compiled in (POOL_XW1). Also what ``gpu-nn sass --cuda`` compiles."""
     if dtype not in _CUDA_TYPES:
         raise KernelInputError(f"pool (cupy): unsupported dtype {dtype}")
     defines = {"POOL_T": _CUDA_TYPES[dtype], "POOL_THREADS": _CUDA_THREADS, "POOL_NARROW": int(narrow), "POOL_CL": int(cl)}
@@ -570,7 +568,13 @@ def _cuda_module(dtype: torch.dtype, device: torch.device, narrow: bool, cl: boo
     if window is not None:
         defines["POOL_FIXED"] = 1
         defines.update(zip(("POOL_KH", "POOL_KW", "POOL_SH", "POOL_SW", "POOL_DH", "POOL_DW", "POOL_MIN"), window))
-    return kcuda.load("pool", defines, device.index or 0)
+    return defines
+
+
+def _cuda_module(dtype: torch.dtype, device: torch.device, narrow: bool, cl: bool = False, window=None,
+                 unit_w: bool = False):
+    """The module for a launch (see :func:`cuda_defines`)."""
+    return cuda_kernels().load("pool", cuda_defines(dtype, narrow, cl, window, unit_w), device.index or 0)
 
 
 def _magic(d: int) -> tuple:

@@ -3,6 +3,9 @@
 * :func:`source` / :func:`include_dir` -- the ``.cu`` files and their common header.
 * :func:`compile_cubin` -- compile a ``.cu`` for an architecture with NVRTC directly, without a
   GPU or driver (CI compiles every source for sm_90 this way).
+* :func:`sass_report` -- per kernel of a compiled ``.cu``: registers, spills, instructions, global
+  access widths, read off the cubin with the ``cuobjdump`` that Triton's wheel ships (``gpu-nn
+  sass --cuda``).
 * :func:`load` -- one cached ``cupy.RawModule`` per (source, defines, device, cooperative).
 * :func:`launch` -- launch a kernel on torch's current stream with tensors shared by DLPack.
 
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -36,6 +40,43 @@ def _define_options(defines) -> list[str]:
     return [f"-D{k}={v}" for k, v in sorted(dict(defines or {}).items())]
 
 
+def _nvrtc_library():
+    """A ctypes handle on the NVRTC library CuPy's bindings loaded (found in this process's
+    mappings), or None. :func:`compile_cubin` reads the cubin through it: CuPy's ``getCUBIN``
+    drops the cubin's last byte (it strips a string terminator, which a cubin does not end with),
+    leaving an ELF file that ``cuobjdump`` refuses."""
+    import ctypes
+
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if "libnvrtc.so" in line}
+    except OSError:
+        return None
+    for path in sorted(paths):
+        try:
+            return ctypes.CDLL(path)
+        except OSError:
+            continue
+    return None
+
+
+def _cubin(nvrtc, prog) -> bytes:
+    """The compiled program's cubin, whole (see :func:`_nvrtc_library`); CuPy's reading where
+    that library is not found (one byte short: enough for the ELF magic, not for cuobjdump)."""
+    import ctypes
+
+    lib = _nvrtc_library()
+    if lib is None:
+        return nvrtc.getCUBIN(prog)
+    size = ctypes.c_size_t()
+    if lib.nvrtcGetCUBINSize(ctypes.c_void_p(prog), ctypes.byref(size)) != 0:
+        return nvrtc.getCUBIN(prog)
+    buf = ctypes.create_string_buffer(size.value)
+    if lib.nvrtcGetCUBIN(ctypes.c_void_p(prog), buf) != 0:
+        return nvrtc.getCUBIN(prog)
+    return buf.raw
+
+
 def compile_cubin(name: str, defines=None, arch: str = "sm_90", extra_options=()) -> bytes:
     """Compile ``<name>.cu`` to a cubin for ``arch`` with NVRTC; needs no GPU or driver.
 
@@ -50,9 +91,93 @@ def compile_cubin(name: str, defines=None, arch: str = "sm_90", extra_options=()
             nvrtc.compileProgram(prog, opts)
         except nvrtc.NVRTCError as exc:
             raise RuntimeError(f"NVRTC failed on {name}.cu ({' '.join(opts)}):\n{nvrtc.getProgramLog(prog)}") from exc
-        return nvrtc.getCUBIN(prog)
+        return _cubin(nvrtc, prog)
     finally:
         nvrtc.destroyProgram(prog)
+
+
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+_BRANCH = re.compile(r"^(@!?U?P[T0-9]+\s+)?BRA(?:\.\w+)*\s+(?:`\()?(0x[0-9a-f]+)")
+
+
+def straight_path(instructions) -> int:
+    """Instructions one thread issues along the path where no predicated branch is taken (an
+    element whose every guard holds: every tap of a pooling window inside the input, one element
+    per thread), from the entry to ``EXIT``; unconditional branches are followed, and an
+    unconditional backward one ends the path. A loop closed by a predicated branch runs once
+    along it: the grid-stride loop's one element, a run-time loop's first iteration. So it is a
+    per-element cost (prologue included) for straight-line kernels such as a pooling window
+    compiled in (POOL_FIXED), and a lower bound for kernels with run-time loops.
+    ``instructions``: (address, text) pairs in order."""
+    where = {a: i for i, (a, _) in enumerate(instructions)}
+    i, n, seen = 0, 0, set()
+    while i < len(instructions) and i not in seen:
+        seen.add(i)
+        addr, text = instructions[i]
+        if text.startswith("NOP"):
+            i += 1
+            continue
+        n += 1
+        if text == "EXIT":
+            break
+        m = _BRANCH.match(text)
+        if m and not m.group(1):  # unconditional
+            target = int(m.group(2), 16)
+            if target <= addr or target not in where:
+                break
+            i = where[target]
+            continue
+        i += 1
+    return n
+
+
+def sass_report(cubin: bytes) -> dict:
+    """Per kernel of ``cubin``: ``registers``, ``stack_bytes`` (the stack frame: spilled registers,
+    and the registers a call to a slow-path subroutine such as a 64-bit division saves), the
+    SASS's ``spill_stores`` / ``spill_loads`` (STL / LDL), ``calls``, ``instructions`` (the
+    listing, NOPs and the final self-branch left out), ``straight`` (:func:`straight_path`) and
+    the global and generic-address loads and stores by access width. Reads the cubin with the ``cuobjdump`` of
+    Triton's wheel; no GPU needed."""
+    import subprocess
+    import tempfile
+
+    from ..triton._aot import _tool, access_widths
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+        path = f.name
+    try:
+        usage = subprocess.run([_tool("cuobjdump"), "-res-usage", path], capture_output=True, text=True, check=True).stdout
+        text = subprocess.run([_tool("cuobjdump"), "-sass", path], capture_output=True, text=True, check=True).stdout
+    finally:
+        os.unlink(path)
+    res = {m.group(1): (int(m.group(2)), int(m.group(3)))
+           for m in re.finditer(r"Function (\w+):\s*\n\s*REG:(\d+)\s+STACK:(\d+)", usage)}
+    out = {}
+    for chunk in re.split(r"\n\s*Function : ", text)[1:]:
+        name, body = chunk.split("\n", 1)
+        name = name.strip()
+        ins = [(int(a, 16), t.strip()) for a, t in _SASS_LINE.findall(body)]
+        while ins and _BRANCH.match(ins[-1][1]) and int(_BRANCH.match(ins[-1][1]).group(2), 16) == ins[-1][0]:
+            ins.pop()  # the trailing self-branch
+        listing = "\n".join(t for _, t in ins)
+        regs, stack = res.get(name, (-1, -1))
+        out[name] = {
+            "registers": regs,
+            "stack_bytes": stack,
+            "spill_stores": len(re.findall(r"\bSTL\b", listing)),
+            "spill_loads": len(re.findall(r"\bLDL\b", listing)),
+            "calls": len(re.findall(r"\bCALL\b", listing)),
+            "instructions": sum(1 for _, t in ins if not t.startswith("NOP")),
+            "straight": straight_path(ins),
+            "global_loads": access_widths(listing, "LDG"),
+            "global_stores": access_widths(listing, "STG"),
+            # generic-address loads and stores (LD / ST): pointers read from memory, such as the
+            # optimizer's per-tensor tables, are not known to be global
+            "generic_loads": access_widths(listing, "LD"),
+            "generic_stores": access_widths(listing, "ST"),
+        }
+    return out
 
 
 @functools.lru_cache(maxsize=None)
