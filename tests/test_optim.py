@@ -443,7 +443,38 @@ extern "C" void rmsprop_scalars_host(double lr, double alpha, double eps, double
     const float v[7] = {s.lr, s.alpha, s.w, s.eps, s.wd, s.momentum, (float)s.use_momentum};
     for (int i = 0; i < 7; ++i) out[i] = v[i];
 }
+// optim.cu's chunk loop run for every thread of a block: per element of [start, end), how many
+// times it was updated (count) and the size of the group it was updated in (group)
+extern "C" void chunk_cover(int aligned, long long start, long long end, long long nthreads, int* count, int* group) {
+    for (long long t = 0; t < nthreads; ++t)
+        gn_chunk_loop(aligned != 0, start, end, t, nthreads, [&](long long i, int n) {
+            for (int j = 0; j < n; ++j) {
+                count[i + j - start] += 1;
+                group[i + j - start] = n;
+            }
+        });
+}
 """
+
+
+@pytest.mark.parametrize("aligned", [1, 0], ids=["aligned", "unaligned"])
+def test_cuda_chunk_loop_updates_every_element_once_on_host(aligned):
+    """optim.cu's chunk loop (gn_chunk_loop) over every thread of a block: each element of the
+    chunk updated exactly once, in groups of four where the chunk's tensors are aligned except
+    the chunk's last (len % 4) elements, one at a time otherwise; chunk lengths around group and
+    block multiples, blocks of 1, 3 and 256 threads (the launch's), chunks at 0 and at 16384."""
+    lib = build_host_library(_HOST, "optim_math")
+    for start in (0, 16384):
+        for length in (0, 1, 3, 4, 5, 1023, 1024, 1027, 4099, 16384):
+            for threads in (1, 3, 256):
+                count = np.zeros(max(length, 1), np.int32)
+                group = np.zeros(max(length, 1), np.int32)
+                lib.chunk_cover(aligned, ctypes.c_longlong(start), ctypes.c_longlong(start + length),
+                                ctypes.c_longlong(threads), count.ctypes.data_as(ctypes.c_void_p),
+                                group.ctypes.data_as(ctypes.c_void_p))
+                assert (count[:length] == 1).all(), (start, length, threads)
+                full = length - length % 4 if aligned else 0
+                assert (group[:full] == 4).all() and (group[full:length] == 1).all(), (start, length, threads)
 
 
 @pytest.mark.parametrize("opts", [dict(), dict(amsgrad=True, weight_decay=0.1), dict(maximize=True, decoupled=True, weight_decay=0.2)])

@@ -10,6 +10,13 @@
 // Parameters/gradients: PARAM_KIND 0 = float, 1 = float16, 2 = bfloat16 (the half kinds stored
 // as unsigned short and converted with PTX cvt, so no CUDA header beyond NVRTC's builtins is
 // needed); state is float32.
+//
+// Each thread takes GN_ILP consecutive elements at a time (optim_math.cuh's gn_chunk_loop), every
+// load of the group issued before any arithmetic (as one 16-byte access per float32 tensor,
+// 8-byte per half one, where the chunk's tensors are 16-byte aligned; element by element
+// otherwise and for a chunk's last, partial group): four times the bytes in flight of an
+// element-at-a-time loop, which is what a memory-bound step at the GPU's bandwidth needs. The
+// arithmetic is per element either way (gn_adam_update / gn_rmsprop_update): the same bits.
 #include "optim_math.cuh"
 
 #ifndef PARAM_KIND
@@ -46,6 +53,73 @@ __device__ __forceinline__ unsigned short gn_from_f(float f) {
 }
 #endif
 
+// N consecutive elements from a (16-byte aligned for float N = 4, 8-byte for half), as floats
+template <int N>
+__device__ __forceinline__ void gn_load(const float* a, float (&o)[N]) {
+    if (N == 4) {
+        float4 t = *reinterpret_cast<const float4*>(a);
+        o[0] = t.x, o[1] = t.y, o[2] = t.z, o[3 % N] = t.w;
+    } else {
+        for (int j = 0; j < N; ++j) o[j] = a[j];
+    }
+}
+template <int N>
+__device__ __forceinline__ void gn_store(float* a, const float (&o)[N]) {
+    if (N == 4) {
+        *reinterpret_cast<float4*>(a) = make_float4(o[0], o[1 % N], o[2 % N], o[3 % N]);
+    } else {
+        for (int j = 0; j < N; ++j) a[j] = o[j];
+    }
+}
+#if PARAM_KIND != 0
+template <int N>
+__device__ __forceinline__ void gn_load(const unsigned short* a, float (&o)[N]) {
+    if (N == 4) {
+        uint2 t = *reinterpret_cast<const uint2*>(a);
+        o[0] = gn_to_f((unsigned short)(t.x & 0xffffu)), o[1 % N] = gn_to_f((unsigned short)(t.x >> 16));
+        o[2 % N] = gn_to_f((unsigned short)(t.y & 0xffffu)), o[3 % N] = gn_to_f((unsigned short)(t.y >> 16));
+    } else {
+        for (int j = 0; j < N; ++j) o[j] = gn_to_f(a[j]);
+    }
+}
+template <int N>
+__device__ __forceinline__ void gn_store(unsigned short* a, const float (&o)[N]) {
+    if (N == 4) {
+        uint2 t;
+        t.x = (unsigned)gn_from_f(o[0]) | ((unsigned)gn_from_f(o[1 % N]) << 16);
+        t.y = (unsigned)gn_from_f(o[2 % N]) | ((unsigned)gn_from_f(o[3 % N]) << 16);
+        *reinterpret_cast<uint2*>(a) = t;
+    } else {
+        for (int j = 0; j < N; ++j) a[j] = gn_from_f(o[j]);
+    }
+}
+#endif
+
+// Whether every tensor of a chunk row (the unused ones are 0) allows the 16-byte group accesses
+__device__ __forceinline__ bool gn_row_aligned(const long long* row, long long start) {
+    return ((row[0] | row[1] | row[2] | row[3] | row[4]) & 15) == 0 && (start % GN_ILP) == 0;
+}
+
+template <int N>
+__device__ __forceinline__ void adam_group(PARAM_T* p, const PARAM_T* g, float* m, float* v, float* vmax, int amsgrad,
+                                           int maximize, int decoupled, const GnAdamScalars& s) {
+    float pi[N], gi[N], mi[N], vi[N], vm[N];
+    gn_load<N>(p, pi);
+    gn_load<N>(g, gi);
+    gn_load<N>(m, mi);
+    gn_load<N>(v, vi);
+    if (amsgrad) gn_load<N>(vmax, vm);
+    for (int j = 0; j < N; ++j) {
+        if (!amsgrad) vm[j] = 0.0f;
+        gn_adam_update(pi[j], gi[j], mi[j], vi[j], vm[j], amsgrad, maximize, decoupled, s.w1, s.beta2, s.w2, s.wd,
+                       s.eps, s.neg_step_size, s.bc2_sqrt, s.decay);
+    }
+    gn_store<N>(p, pi);
+    gn_store<N>(m, mi);
+    gn_store<N>(v, vi);
+    if (amsgrad) gn_store<N>(vmax, vm);
+}
+
 // hyper: lr, beta1, beta2, eps, weight_decay (float64, by value)
 extern "C" __global__ void adam_step(const long long* __restrict__ table, double lr, double beta1, double beta2,
                                      double eps, double wd, int amsgrad, int maximize, int decoupled) {
@@ -59,17 +133,32 @@ extern "C" __global__ void adam_step(const long long* __restrict__ table, double
     long long start = row[6], n = row[7];
     const GnAdamScalars s = gn_adam_scalars(lr, beta1, beta2, eps, wd, step);
     long long end = start + OPTIM_CHUNK < n ? start + OPTIM_CHUNK : n;
-    for (long long i = start + threadIdx.x; i < end; i += blockDim.x) {
-        float pi = gn_to_f(p[i]);
-        float mi = m[i], vi = v[i];
-        float vm = amsgrad ? vmax[i] : 0.0f;
-        gn_adam_update(pi, gn_to_f(g[i]), mi, vi, vm, amsgrad, maximize, decoupled, s.w1, s.beta2, s.w2, s.wd,
-                       s.eps, s.neg_step_size, s.bc2_sqrt, s.decay);
-        p[i] = gn_from_f(pi);
-        m[i] = mi;
-        v[i] = vi;
-        if (amsgrad) vmax[i] = vm;
+    gn_chunk_loop(gn_row_aligned(row, start), start, end, threadIdx.x, blockDim.x, [&](long long i, int n) {
+        if (n == GN_ILP) adam_group<GN_ILP>(p + i, g + i, m + i, v + i, vmax + i, amsgrad, maximize, decoupled, s);
+        else adam_group<1>(p + i, g + i, m + i, v + i, vmax + i, amsgrad, maximize, decoupled, s);
+    });
+}
+
+template <int N>
+__device__ __forceinline__ void rmsprop_group(PARAM_T* p, const PARAM_T* g, float* v, float* ga, float* buf,
+                                              int centered, int use_momentum, int maximize,
+                                              const GnRmspropScalars& s) {
+    float pi[N], gi[N], vi[N], gai[N], bi[N];
+    gn_load<N>(p, pi);
+    gn_load<N>(g, gi);
+    gn_load<N>(v, vi);
+    if (centered) gn_load<N>(ga, gai);
+    if (use_momentum) gn_load<N>(buf, bi);
+    for (int j = 0; j < N; ++j) {
+        if (!centered) gai[j] = 0.0f;
+        if (!use_momentum) bi[j] = 0.0f;
+        gn_rmsprop_update(pi[j], gi[j], vi[j], gai[j], bi[j], centered, use_momentum, maximize, s.lr, s.alpha, s.w,
+                          s.eps, s.wd, s.momentum);
     }
+    gn_store<N>(p, pi);
+    gn_store<N>(v, vi);
+    if (centered) gn_store<N>(ga, gai);
+    if (use_momentum) gn_store<N>(buf, bi);
 }
 
 extern "C" __global__ void rmsprop_step(const long long* __restrict__ table, double lr, double alpha, double eps,
@@ -84,16 +173,8 @@ extern "C" __global__ void rmsprop_step(const long long* __restrict__ table, dou
     const GnRmspropScalars s = gn_rmsprop_scalars(lr, alpha, eps, wd, momentum);
     const int use_momentum = s.use_momentum;
     long long end = start + OPTIM_CHUNK < n ? start + OPTIM_CHUNK : n;
-    for (long long i = start + threadIdx.x; i < end; i += blockDim.x) {
-        float pi = gn_to_f(p[i]);
-        float vi = v[i];
-        float gai = centered ? ga[i] : 0.0f;
-        float bi = use_momentum ? buf[i] : 0.0f;
-        gn_rmsprop_update(pi, gn_to_f(g[i]), vi, gai, bi, centered, use_momentum, maximize, s.lr, s.alpha, s.w,
-                          s.eps, s.wd, s.momentum);
-        p[i] = gn_from_f(pi);
-        v[i] = vi;
-        if (centered) ga[i] = gai;
-        if (use_momentum) buf[i] = bi;
-    }
+    gn_chunk_loop(gn_row_aligned(row, start), start, end, threadIdx.x, blockDim.x, [&](long long i, int n) {
+        if (n == GN_ILP) rmsprop_group<GN_ILP>(p + i, g + i, v + i, ga + i, buf + i, centered, use_momentum, maximize, s);
+        else rmsprop_group<1>(p + i, g + i, v + i, ga + i, buf + i, centered, use_momentum, maximize, s);
+    });
 }
