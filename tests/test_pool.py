@@ -1264,24 +1264,28 @@ def test_cupy_pool_modules_are_compiled_for_small_windows_only(monkeypatch):
     assert mod == (False, False, (3, 2, 2, 2, 1, 2, 0), True) and [int(a) for a in args[-6:]] == [0] * 6
 
 
-def test_cupy_pool_grid_stops_at_eight_blocks_per_sm(monkeypatch):
-    """The CuPy pooling launches: one 256-thread block per 256 elements up to 8 blocks per SM
-    (a GPU full of resident threads), beyond that the kernels' grid-stride loops (each thread's
-    set-up paid once for several elements). Launches stubbed, the SM count faked: runs on the CPU."""
+def test_cupy_pool_grid_stops_at_what_the_gpu_holds(monkeypatch):
+    """The CuPy pooling launches: one 256-thread block per 256 elements up to the blocks the GPU
+    holds at once (the occupancy API's answer for the kernel, asked once per module and kernel),
+    beyond that the kernels' grid-stride loops (each thread's set-up paid once for several
+    elements, no second wave). Launches and the occupancy stubbed: runs on the CPU."""
     from gpu_nn.ops import pool as P
 
-    grids = []
-    monkeypatch.setattr(P, "_cuda_module", lambda *a, **k: None)
+    grids, asked = [], []
+    monkeypatch.setattr(P, "_cuda_module", lambda dtype, device, narrow, cl=False, window=None, unit_w=False: narrow)
     monkeypatch.setattr(P, "cuda_kernels", lambda: type("K", (), {"launch": staticmethod(
         lambda mod, kernel, grid, block, args, device=0: grids.append((grid, block)))}))
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: type("P", (), {"multi_processor_count": 132}))
-    monkeypatch.setattr(P, "_MAX_BLOCKS", {})
+    monkeypatch.setattr(P, "_resident_blocks", lambda mod, kernel, index: asked.append((mod, kernel)) or 1056 + mod)
+    monkeypatch.setattr(P, "_GRID_CAPS", {})
     dev = torch.device("cuda", 0)
     args = (torch.empty(1),)
-    for n in (1, 256, 257, 132 * 8 * 256, 132 * 8 * 256 + 1, 10**8):
-        P._cuda_launch("pool_max_fwd", n, args, dev, True, False)
-    assert grids == [((b,), (256,)) for b in (1, 1, 2, 1056, 1056, 1056)]
-    assert P._max_blocks(torch.device("cpu")) == 65535 * 32
+    for n in (1, 256, 257, 1056 * 256, 1056 * 256 + 1, 10**8):
+        P._cuda_launch("pool_max_fwd", n, args, dev, False, False)
+    P._cuda_launch("pool_max_bwd", 10**8, args, dev, False, False)
+    P._cuda_launch("pool_max_bwd", 10**8, args, dev, True, False)
+    assert grids == [((b,), (256,)) for b in (1, 1, 2, 1056, 1056, 1056, 1056, 1057)]
+    assert asked == [(False, "pool_max_fwd"), (False, "pool_max_bwd"), (True, "pool_max_bwd")]
+    assert P._grid_cap(None, "pool_max_fwd", torch.device("cpu")) == 65535 * 32
 
 
 # --- channels_last: torch's layouts ----------------------------------------------------------

@@ -613,22 +613,32 @@ def _unit_w(x) -> bool:
     return x.stride(3) == 1 or x.shape[3] == 1
 
 
-# At most this many blocks per SM (2048 threads of 256: all resident at once where registers
-# allow): a larger problem loops in the kernels' grid-stride loops, so that each thread's set-up
-# (its share of the kernel's prologue: reading the arguments, the divisors; about 50 of the 190
-# sm_90 instructions a 3x3 max pooling output costs with one output per thread) is paid once
-# for many outputs.
-_BLOCKS_PER_SM = 8
-_MAX_BLOCKS: dict = {}
+# A launch's grid stops at what the GPU holds at once (the occupancy API's blocks per SM for the
+# kernel, times the SMs): a larger problem loops in the kernels' grid-stride loops, so that each
+# thread's set-up (its share of the kernel's prologue: reading the arguments, the divisors; about
+# 50 of the 190 sm_90 instructions a 3x3 max pooling output costs with one output per thread) is
+# paid once for many outputs, and no block waits for a second wave with its full share.
+_GRID_CAPS: dict = {}  # (module id, kernel) -> blocks; modules live as long as the process
 
 
-def _max_blocks(device: torch.device) -> int:
+def _resident_blocks(mod, kernel: str, index: int) -> int:
+    """Blocks of ``kernel`` (of 256 threads) all SMs of device ``index`` hold at once."""
+    import cupy
+    from cupy_backends.cuda.api import driver
+
+    fn = cuda_kernels().function(mod, kernel)
+    with cupy.cuda.Device(index):
+        per_sm = driver.occupancyMaxActiveBlocksPerMultiprocessor(fn.kernel.ptr, _CUDA_THREADS, 0)
+    return max(1, per_sm) * torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _grid_cap(mod, kernel: str, device: torch.device) -> int:
     if device.type != "cuda":
         return 65535 * 32
-    i = device.index or 0
-    got = _MAX_BLOCKS.get(i)
+    key = (id(mod), kernel)
+    got = _GRID_CAPS.get(key)
     if got is None:
-        got = _MAX_BLOCKS[i] = torch.cuda.get_device_properties(i).multi_processor_count * _BLOCKS_PER_SM
+        got = _GRID_CAPS[key] = _resident_blocks(mod, kernel, device.index or 0)
     return got
 
 
@@ -640,8 +650,8 @@ def _cuda_launch(kernel: str, n: int, args, device: torch.device, narrow: bool, 
     NCHW inputs having unit column stride and channels_last ones not)."""
     kcuda = cuda_kernels()
 
-    blocks = min((n + _CUDA_THREADS - 1) // _CUDA_THREADS, _max_blocks(device))
     mod = _cuda_module(args[0].dtype, device, narrow, cl, window, (not cl) if unit_w is None else unit_w)
+    blocks = min((n + _CUDA_THREADS - 1) // _CUDA_THREADS, _grid_cap(mod, kernel, device))
     kcuda.launch(mod, kernel, (blocks,), (_CUDA_THREADS,), args, device=device.index or 0)
 
 
