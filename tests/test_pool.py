@@ -1159,6 +1159,38 @@ def test_tiled_form_ties_and_nans_like_torch(backend, device, case, nans, rng, m
     _tiled_ran(asked, launched, case[0])
 
 
+_DEFAULT_GEOS = [((3, 3), (2, 2), (1, 1), (1, 1), (11, 13)), ((2, 3), (1, 2), (1, 1), (2, 1), (9, 11)),
+                 ((3, 3), (3, 3), (0, 0), (3, 3), (11, 13)),
+                 ((2, 1), (1, 1), (1, 0), (5, 1), (4, 6))]  # the last: a window of padding only
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("triton", "cupy")))
+@pytest.mark.parametrize("form", ["flat", "tile"])
+@pytest.mark.parametrize("minimum", [False, True], ids=["max", "min"])
+def test_default_positions_like_the_reference(backend, device, form, minimum, rng, monkeypatch):
+    """The default position of a max / min window, torch's first in-input tap (taken with the
+    value -inf), which shows only where no tap is greater: inputs of -inf (+inf for min) with a
+    few finite values, values and indices against the reference, including a window of padding
+    only (index -1: the reference's choice where torch's points outside the input); Triton's
+    flat and tiled kernels, CUDA C's (the form parameter is Triton's)."""
+    if backend != "triton" and form == "tile":
+        pytest.skip("the tiled form is Triton's")
+    if backend == "triton":
+        _forcing(monkeypatch, form)
+    fn = F.min_pool2d if minimum else F.max_pool2d
+    for k, s, p, d, (H, W) in _DEFAULT_GEOS:
+        x = torch.full((2, 3, H, W), float("inf") if minimum else float("-inf"))
+        x.view(-1)[torch.from_numpy(rng.choice(x.numel(), 4, replace=False))] = torch.from_numpy(
+            rng.standard_normal(4)).float()
+        with gpu_nn.backend("reference"):
+            yr, ir = fn(x, k, s, p, d, return_indices=True)
+        with gpu_nn.backend(backend):
+            y, i = fn(x.to(device), k, s, p, d, return_indices=True)
+        torch.testing.assert_close(y.cpu(), yr, rtol=0, atol=0)
+        assert torch.equal(i.cpu(), ir), (k, s, p, d)
+        assert (ir == -1).any() == (d == (5, 1))
+
+
 def test_tiled_form_configuration():
     """Tile shapes per plane size, the windows the backward visits per dimension, and the
     candidate lists (flat first; no tiled form where a tensor spans 2^31 elements)."""

@@ -82,16 +82,20 @@ def _window_origin(offs, x_ptr, C, OH, OW, stride_xn, stride_xc, SH, SW, PH, PW,
 
 
 @triton.jit
-def _max_tap(v, ok, ih, W, iw, best, nan, bidx, STORE_IDX: tl.constexpr):
+def _max_tap(v, ok, pos, best, nan, bidx, STORE_IDX: tl.constexpr, DEFAULT_SET: tl.constexpr = False):
     """One tap ``v`` (-inf in the padding and masked lanes: never an update) of a max window at
-    plane position (``ih``, ``iw``) of a ``W`` wide plane: ``(best, nan, bidx)`` after it. torch's rule "v > best or v is
+    plane position ``pos`` (``ih * W + iw``): ``(best, nan, bidx)`` after it. torch's rule "v > best or v is
     NaN" for the value as for its position: a later NaN replaces an earlier one and a tie keeps
-    the first tap, -0.0 against +0.0 included (a maximum would take +0.0); ``bidx < 0`` makes the
-    first in-input tap the default position. Values only (not ``STORE_IDX``): the same value, the
-    NaN kept apart in ``nan`` (a maximum: one instruction a tap; :func:`_max_result`)."""
+    the first tap, -0.0 against +0.0 included (a maximum would take +0.0). The default position
+    is the first in-input tap: set before the taps where ``DEFAULT_SET``, else taken here where
+    ``bidx < 0``. Values only (not ``STORE_IDX``): the same value, the NaN kept apart in ``nan``
+    (a maximum: one instruction a tap; :func:`_max_result`)."""
     if STORE_IDX:
         upd = (v > best) | (v != v)
-        bidx = tl.where(upd | (ok & (bidx < 0)), ih * W + iw, bidx)
+        if DEFAULT_SET:
+            bidx = tl.where(upd, pos, bidx)
+        else:
+            bidx = tl.where(upd | (ok & (bidx < 0)), pos, bidx)
         best = tl.where(upd, v, best)
     else:
         best = tl.where(v > best, v, best)
@@ -123,19 +127,19 @@ def _max_pool_fwd_kernel(x_ptr, y_ptr, i_ptr, total, C, H, W, OH, OW,
     best = tl.full([BLOCK], float("-inf"), tl.float32)
     nan = best  # values only: NaN once any tap is NaN (_max_tap)
     bidx = tl.full([BLOCK], -1, tl.int64)
+    # padding and masked lanes read -inf (+inf for min pooling, -inf once negated): never an update
+    outside: tl.constexpr = float("inf") if MINIMUM else float("-inf")
     for i in range(0, KH):
         ih = h0 + i * DH
         hok = mask & (ih >= 0) & (ih < H)
         for j in range(0, KW):
             iw = w0 + j * DW
             ok = hok & (iw >= 0) & (iw < W)
-            v = tl.load(base + ih.to(tl.int64) * stride_xh + iw.to(tl.int64) * stride_xw, mask=ok, other=0.0)
+            v = tl.load(base + ih.to(tl.int64) * stride_xh + iw.to(tl.int64) * stride_xw, mask=ok, other=outside)
             v = v.to(tl.float32)
             if MINIMUM:
                 v = -v
-            # padding and masked lanes never win (set after the negation of min pooling)
-            v = tl.where(ok, v, float("-inf"))
-            best, nan, bidx = _max_tap(v, ok, ih.to(tl.int64), W, iw, best, nan, bidx, STORE_IDX)
+            best, nan, bidx = _max_tap(v, ok, ih.to(tl.int64) * W + iw, best, nan, bidx, STORE_IDX)
     best = _max_result(best, nan, MINIMUM, STORE_IDX)
     tl.store(y_ptr + offs, best.to(y_ptr.dtype.element_ty), mask=mask)
     if STORE_IDX:
@@ -290,18 +294,30 @@ def _max_pool_fwd_tile_kernel(x_ptr, y_ptr, i_ptr, C, H, W, OH, OW, tiles_h, til
     best = tl.full([BH, BW], float("-inf"), tl.float32)
     nan = best  # values only: NaN once any tap is NaN (_max_tap)
     bidx = tl.full([BH, BW], -1, tl.int32)
+    if STORE_IDX:
+        # the default position, the first in-input tap (-1 for a window of padding only), from
+        # the window's rows ([BH, 1]) and columns ([1, BW]) alone: a tap then only compares
+        fh = tl.full([BH, 1], -1, tl.int32)
+        for i in tl.static_range(KH - 1, -1, -1):
+            fh = tl.where((h0 + i * DH >= 0) & (h0 + i * DH < H), h0 + i * DH, fh)
+        fw = tl.full([1, BW], -1, tl.int32)
+        for j in tl.static_range(KW - 1, -1, -1):
+            fw = tl.where((w0 + j * DW >= 0) & (w0 + j * DW < W), w0 + j * DW, fw)
+        bidx = tl.where((fh >= 0) & (fw >= 0), fh * W + fw, bidx)
+    # a masked tap reads -inf (+inf for min pooling, -inf once negated): never an update
+    outside: tl.constexpr = float("inf") if MINIMUM else float("-inf")
     for i in tl.static_range(KH):
         ih = h0 + i * DH
         hok = omask & (ih >= 0) & (ih < H)
         row = ih * stride_xh
+        rowpos = ih * W
         for j in tl.static_range(KW):
             iw = w0 + j * DW
             ok = hok & (iw >= 0) & (iw < W)
-            v = tl.load(base + row + iw * stride_xw, mask=ok, other=0.0).to(tl.float32)
+            v = tl.load(base + row + iw * stride_xw, mask=ok, other=outside).to(tl.float32)
             if MINIMUM:
                 v = -v
-            v = tl.where(ok, v, float("-inf"))
-            best, nan, bidx = _max_tap(v, ok, ih, W, iw, best, nan, bidx, STORE_IDX)
+            best, nan, bidx = _max_tap(v, ok, rowpos + iw, best, nan, bidx, STORE_IDX, True)
     best = _max_result(best, nan, MINIMUM, STORE_IDX)
     o = plane.to(tl.int64) * OH * OW + oh * OW + ow
     tl.store(y_ptr + o, best.to(y_ptr.dtype.element_ty), mask=omask)
