@@ -172,7 +172,9 @@ def _spill_bytes(r: dict) -> int:
     return r.get("spill_bytes", r.get("stack_bytes", 0) + r.get("local_bytes", 0))
 
 
-def print_table(rows: list[dict], console=None) -> None:
+def _console_table(console, title: str, caption: str, columns, right):
+    """(console, a rich table with ``columns``, those in ``right`` right-aligned); the console is
+    200 columns wide when it writes to a file or pipe."""
     from rich.console import Console
     from rich.table import Table
 
@@ -180,12 +182,19 @@ def print_table(rows: list[dict], console=None) -> None:
         console = Console()
         if not console.is_terminal:
             console = Console(width=200)
-    table = Table(title="Triton kernels compiled for sm_90 (no GPU needed)",
-                  caption="spills = stack frame + local memory, bytes per thread (STL / LDL instructions); "
-                          "shared = Triton's allocation + static")
-    for col in ("family", "kernel", "config", "warps/stages", "registers", "spills", "shared B", "tensor cores",
-                "global ld / st bits"):
-        table.add_column(col, justify="right" if col in ("registers", "spills", "shared B") else "left")
+    table = Table(title=title, caption=caption)
+    for col in columns:
+        table.add_column(col, justify="right" if col in right else "left")
+    return console, table
+
+
+def print_table(rows: list[dict], console=None) -> None:
+    console, table = _console_table(
+        console, "Triton kernels compiled for sm_90 (no GPU needed)",
+        "spills = stack frame + local memory, bytes per thread (STL / LDL instructions); "
+        "shared = Triton's allocation + static",
+        ("family", "kernel", "config", "warps/stages", "registers", "spills", "shared B", "tensor cores",
+         "global ld / st bits"), ("registers", "spills", "shared B"))
     for r in rows:
         if r.get("missing"):
             table.add_row(r["family"], "[red]missing[/red]", r["error"], "-", "-", "-", "-", "-", "-")
@@ -259,20 +268,12 @@ def collect_cuda() -> list[dict]:
 
 
 def print_cuda_table(rows: list[dict], console=None) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    if console is None:
-        console = Console()
-        if not console.is_terminal:
-            console = Console(width=200)
-    table = Table(title="CUDA C kernels compiled by NVRTC for sm_90 (no GPU needed)",
-                  caption="stack = spilled registers and registers saved around calls, bytes per thread; "
-                          "straight = instructions for one element with every guard holding, each loop run once")
-    for col in ("source", "build", "kernel", "registers", "stack B", "calls", "instructions", "straight",
-                "global ld / st bits"):
-        table.add_column(col, justify="right" if col in ("registers", "stack B", "calls", "instructions", "straight")
-                         else "left")
+    numbers = ("registers", "stack B", "calls", "instructions", "straight")
+    console, table = _console_table(
+        console, "CUDA C kernels compiled by NVRTC for sm_90 (no GPU needed)",
+        "stack = spilled registers and registers saved around calls, bytes per thread; "
+        "straight = instructions for one element with every guard holding, each loop run once",
+        ("source", "build", "kernel", *numbers, "global ld / st bits"), numbers)
     for r in rows:
         if not r["ok"]:
             table.add_row(r["source"], r["label"], "-", "-", "-", "-", f"[red]error[/red] {r['error'][:100]}", "-", "-")
