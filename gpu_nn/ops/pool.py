@@ -571,10 +571,18 @@ def cuda_defines(dtype: torch.dtype, narrow: bool, cl: bool = False, window=None
     return defines
 
 
+_MODULES: dict = {}  # (dtype, narrow, cl, window, unit_w, device index) -> module
+
+
 def _cuda_module(dtype: torch.dtype, device: torch.device, narrow: bool, cl: bool = False, window=None,
                  unit_w: bool = False):
-    """The module for a launch (see :func:`cuda_defines`)."""
-    return cuda_kernels().load("pool", cuda_defines(dtype, narrow, cl, window, unit_w), device.index or 0)
+    """The module for a launch (see :func:`cuda_defines`), looked up by the launch's facts (no
+    defines dict built and sorted per call once it is loaded)."""
+    key = (dtype, narrow, cl, window, unit_w, device.index or 0)
+    mod = _MODULES.get(key)
+    if mod is None:
+        mod = _MODULES[key] = cuda_kernels().load("pool", cuda_defines(dtype, narrow, cl, window, unit_w), key[-1])
+    return mod
 
 
 def _magic(d: int) -> tuple:
