@@ -712,12 +712,12 @@ def _nhwc(a):
 def test_fastdiv_divides_every_32_bit_index_like_the_launcher_computes_it(host_lib, rng):
     """pool_math.cuh's gn_fastdiv (the 32-bit kernels' division of an index by a size: a
     multiply-high, an add and a shift) against Python's floor division, and its magic numbers
-    against the launcher's (gpu_nn.ops.pool._magic, what the kernels receive), at the edges of
+    against the launcher's (gpu_nn.kernels.fastdiv.magic, what the kernels receive), at the edges of
     its range (n up to 2^31 - 1, divisors 1 to 2^31 - 1, powers of two and their neighbours,
     multiples of d and one below) and at random."""
     import ctypes
 
-    from gpu_nn.ops import pool as P
+    from gpu_nn.kernels import fastdiv
 
     top = 2**31 - 1
     ds = {1, 2, 3, 5, 6, 7, 9, 10, 12, 14, 28, 56, 112, 224, 1000, 12345, top}
@@ -727,7 +727,7 @@ def test_fastdiv_divides_every_32_bit_index_like_the_launcher_computes_it(host_l
     host_lib.fastdiv.argtypes = [ctypes.c_int, ctypes.c_uint]
     for d in sorted(ds):
         host_lib.fastdiv_magic(ctypes.c_uint(d), ctypes.byref(m), ctypes.byref(sh))
-        assert (m.value, sh.value) == P._magic(d), d
+        assert (m.value, sh.value) == fastdiv.magic(d), d
         q = top // d
         ns = {0, 1, d - 1, d, d + 1, top, top - 1, q * d, q * d - 1, (q // 2) * d, (q // 2) * d - 1}
         ns |= set(int(v) for v in rng.integers(0, top, 20))
@@ -1244,6 +1244,18 @@ def test_cupy_int64_kernels_match_reference(backend, device, case, rng, monkeypa
     test_backend_matches_reference(backend, device, case, "contig", rng)
 
 
+@pytest.mark.parametrize("backend,device", backend_params(("triton",)))
+@pytest.mark.parametrize("case,layout", _CASE_LAYOUTS, ids=lambda v: v if isinstance(v, str) else f"{v[0].__name__}{v[1]}{v[2]}")
+def test_triton_int64_kernels_match_reference(backend, device, case, layout, rng, monkeypatch):
+    """The Triton flat kernels' int64 form (WIDE: tensors spanning 2^31 elements or more, where
+    the offsets are divided as they are, not by the multiply-high divisors of the 32-bit form),
+    forced on small inputs, against the reference in both layouts."""
+    from gpu_nn.kernels.triton import pool as kp
+
+    monkeypatch.setattr(kp, "_wide", lambda *tensors: True)
+    test_backend_matches_reference(backend, device, case, layout, rng)
+
+
 @pytest.mark.parametrize("backend,device", backend_params(("cupy",)))
 @pytest.mark.parametrize("case,layout", _CASE_LAYOUTS, ids=lambda v: v if isinstance(v, str) else f"{v[0].__name__}{v[1]}{v[2]}")
 def test_cupy_runtime_window_kernels_match_reference(backend, device, case, layout, rng, monkeypatch):
@@ -1262,6 +1274,7 @@ def test_cupy_pool_modules_are_compiled_for_small_windows_only(monkeypatch):
     up to _FIXED_TAPS taps, the run-time window kernels beyond; the 32-bit kernels get the
     multiply-high divisors of the sizes they unravel by (C, OH, OW forward; C, H, W backward),
     the int64 ones zeros. Launches stubbed: runs on the CPU."""
+    from gpu_nn.kernels import fastdiv
     from gpu_nn.ops import pool as P
 
     seen = []
@@ -1288,7 +1301,7 @@ def test_cupy_pool_modules_are_compiled_for_small_windows_only(monkeypatch):
     sizes = [(5, 6, 5), (5, 6, 5), (5, 12, 11), (5, 12, 11), (5, 6, 3), (5, 6, 1)]
     for (_, _, args), dims in zip(seen, sizes):
         assert all(type(a) is np.uint32 for a in args[-6:])
-        assert [int(a) for a in args[-6:]] == [v for d in dims for v in P._magic(d)]
+        assert [int(a) for a in args[-6:]] == [v for d in dims for v in fastdiv.magic(d)]
     seen.clear()
     monkeypatch.setattr(P, "_NARROW_SPAN", 0)
     P._cupy_max_forward(x, out, None, (3, 2), (2, 2), (1, 0), (1, 2), False)

@@ -32,6 +32,7 @@ from torch import Tensor
 from .. import _backend
 from .._errors import KernelInputError, KernelInputIndexError, KernelInputTypeError
 from ..check import CheckCase
+from ..kernels import fastdiv
 from ..reference import pool as ref
 from ._dispatch import check_float, cuda_kernels, empty, from_numpy, is_int, memo, plain_arg, routed, to_numpy, triton_kernels
 from ._dispatch import chooser as _chooser  # module-level name: tests replace it
@@ -585,13 +586,6 @@ def _cuda_module(dtype: torch.dtype, device: torch.device, narrow: bool, cl: boo
     return mod
 
 
-def _magic(d: int) -> tuple:
-    """pool.cu's multiply-high divisor of ``d`` (pool_math.cuh's gn_fastdiv, 1 <= d < 2^31): the
-    least s with 2^s >= d, and m = floor(2^32 (2^s - d) / d) + 1."""
-    s = max(0, (d - 1).bit_length())
-    return ((1 << 32) * ((1 << s) - d)) // d + 1, s
-
-
 _MAGIC: dict = {}
 
 
@@ -603,7 +597,7 @@ def _divisors(narrow: bool, C: int, R: int, Q: int) -> tuple:
     key = (C, R, Q)
     got = _MAGIC.get(key)
     if got is None:
-        got = tuple(np.uint32(v) for d in key for v in _magic(max(int(d), 1)))
+        got = tuple(np.uint32(v) for d in key for v in fastdiv.magic(max(int(d), 1)))
         if len(_MAGIC) >= 256:
             _MAGIC.clear()
         _MAGIC[key] = got

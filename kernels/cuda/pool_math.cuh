@@ -38,7 +38,7 @@ GN_HD gn_index gn_pool_out_size(gn_index len, int k, int s, int p, int d, int ce
 // more instructions of an integer division: Granlund and Montgomery's method in the form torch's
 // IntDivider uses. s is the least shift with 2^s >= d and m = floor(2^32 (2^s - d) / d) + 1 (< 2^32);
 // then n / d = (umulhi(n, m) + n) >> s, the sum below 2^32 as umulhi(n, m) < n. The launcher
-// computes m and s on the host (gpu_nn/ops/pool.py, _magic); gn_fastdiv_make is the same
+// computes m and s on the host (kernels/fastdiv.py, magic); gn_fastdiv_make is the same
 // arithmetic for the host tests.
 struct gn_fastdiv {
     unsigned int d, m, s;

@@ -36,6 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import fastdiv
 from ._aot import AotSpec
 from ._launch import cdiv, next_power_of_2
 from ._launch import launch as launch_kernel
@@ -46,11 +47,30 @@ INTERP_BLOCK = 4096
 
 
 @triton.jit
-def _decompose(offs, D1, D2):
-    """offs -> (offs // (D1 * D2), (offs // D2) % D1, offs % D2)."""
-    d2 = offs % D2
-    t = offs // D2
-    return t // D1, t % D1, d2
+def _div(n, d, m, s, FAST: tl.constexpr):
+    """``n // d`` for offsets ``n >= 0``. ``FAST`` (32-bit offsets): by the multiply-high divisor
+    ``(m, s)`` the launcher computed for ``d`` (``kernels/fastdiv.py``; ``m`` as the int32 of its
+    bits), four instructions where a 32-bit division takes about twenty; else a division."""
+    if FAST:
+        u = n.to(tl.uint32, bitcast=True)
+        q = (tl.umulhi(u, m.to(tl.uint32, bitcast=True)) + u) >> s.to(tl.uint32)
+        return q.to(tl.int32, bitcast=True)
+    else:
+        return n // d
+
+
+@triton.jit
+def _decompose(offs, D1, D2, m1, s1, m2, s2, FAST: tl.constexpr):
+    """offs -> (offs // (D1 * D2), (offs // D2) % D1, offs % D2): with ``FAST`` the divisions by
+    :func:`_div` and the remainders by multiply-subtract, else ``//`` and ``%``."""
+    if FAST:
+        t = _div(offs, D2, m2, s2, FAST)
+        q = _div(t, D1, m1, s1, FAST)
+        return q, t - q * D1, offs - t * D2
+    else:
+        d2 = offs % D2
+        t = offs // D2
+        return t // D1, t % D1, d2
 
 
 @triton.jit
@@ -65,18 +85,29 @@ def _block_offsets(total, WIDE: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _window_origin(offs, x_ptr, C, OH, OW, stride_xn, stride_xc, SH, SW, PH, PW, CL: tl.constexpr):
+def _unravel(offs, C, R, Q, mC, sC, mR, sR, mQ, sQ, FAST: tl.constexpr, CL: tl.constexpr):
+    """Flat offsets of an [N, C, R, Q] tensor -> (n, c, r, q): NCHW order, or with ``CL``
+    channels_last order (channels fastest). The divisions by :func:`_div` (``FAST``: the
+    launcher's multiply-high divisors of C, R and Q)."""
+    if CL:
+        t = _div(offs, C, mC, sC, FAST)
+        c = offs - t * C
+        n, r, q = _decompose(t, R, Q, mR, sR, mQ, sQ, FAST)
+    else:
+        nc, r, q = _decompose(offs, R, Q, mR, sR, mQ, sQ, FAST)
+        n = _div(nc, C, mC, sC, FAST)
+        c = nc - n * C
+    return n, c, r, q
+
+
+@triton.jit
+def _window_origin(offs, x_ptr, C, OH, OW, stride_xn, stride_xc, SH, SW, PH, PW, mC, sC, mR, sR, mQ, sQ,
+                   FAST: tl.constexpr, CL: tl.constexpr):
     """Flat output offsets -> (the input plane's base pointer, top-left input row and column of
     each output's window, padding included). ``CL``: the output is channels_last (offsets in
     [N, OH, OW, C] order, channels fastest: a warp's lanes read consecutive channels of a
     channels_last input), else NCHW."""
-    if CL:
-        c = offs % C
-        n, oh, ow = _decompose(offs // C, OH, OW)
-    else:
-        nc, oh, ow = _decompose(offs, OH, OW)
-        n = nc // C
-        c = nc % C
+    n, c, oh, ow = _unravel(offs, C, OH, OW, mC, sC, mR, sR, mQ, sQ, FAST, CL)
     base = x_ptr + n.to(tl.int64) * stride_xn + c.to(tl.int64) * stride_xc
     return base, oh * SH - PH, ow * SW - PW
 
@@ -114,16 +145,24 @@ def _max_result(best, nan, MINIMUM: tl.constexpr, STORE_IDX: tl.constexpr):
     return best
 
 
-@triton.jit
+# the multiply-high divisors of the flat kernels' sizes (m and s of C, R, Q; the backwards' of
+# SH and SW too): run-time ints whose value decides nothing a compiled kernel is specialised on
+_DIVISORS = ["mC", "sC", "mR", "sR", "mQ", "sQ"]
+_STRIDE_DIVISORS = ["mSH", "sSH", "mSW", "sSW"]
+
+
+@triton.jit(do_not_specialize=_DIVISORS)
 def _max_pool_fwd_kernel(x_ptr, y_ptr, i_ptr, total, C, H, W, OH, OW,
                          stride_xn, stride_xc, stride_xh, stride_xw,
-                         KH, KW, SH, SW, PH, PW, DH, DW,
+                         KH, KW, SH, SW, PH, PW, DH, DW, mC, sC, mR, sR, mQ, sQ,
                          MINIMUM: tl.constexpr, WIDE: tl.constexpr, BLOCK: tl.constexpr, CL: tl.constexpr = False,
                          STORE_IDX: tl.constexpr = True):
     """``STORE_IDX`` False: the values only (nothing will read the indices: an inference call);
-    the index bookkeeping is then dead code, and i_ptr is never touched."""
+    the index bookkeeping is then dead code, and i_ptr is never touched. ``mC`` .. ``sQ``: the
+    multiply-high divisors of C, OH and OW (:func:`_div`; unused where ``WIDE``)."""
     offs, mask = _block_offsets(total, WIDE, BLOCK)
-    base, h0, w0 = _window_origin(offs, x_ptr, C, OH, OW, stride_xn, stride_xc, SH, SW, PH, PW, CL)
+    base, h0, w0 = _window_origin(offs, x_ptr, C, OH, OW, stride_xn, stride_xc, SH, SW, PH, PW,
+                                  mC, sC, mR, sR, mQ, sQ, not WIDE, CL)
     best = tl.full([BLOCK], float("-inf"), tl.float32)
     nan = best  # values only: NaN once any tap is NaN (_max_tap)
     bidx = tl.full([BLOCK], -1, tl.int64)
@@ -158,13 +197,14 @@ def _avg_divisor(h0, w0, H, W, KH, KW, PH, PW, COUNT_PAD, DIVISOR):
     return div.to(tl.float32), (ch <= 0) | (cw <= 0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_DIVISORS)
 def _avg_pool_fwd_kernel(x_ptr, y_ptr, total, C, H, W, OH, OW,
                          stride_xn, stride_xc, stride_xh, stride_xw,
-                         KH, KW, SH, SW, PH, PW, COUNT_PAD, DIVISOR,
+                         KH, KW, SH, SW, PH, PW, COUNT_PAD, DIVISOR, mC, sC, mR, sR, mQ, sQ,
                          WIDE: tl.constexpr, BLOCK: tl.constexpr, CL: tl.constexpr = False):
     offs, mask = _block_offsets(total, WIDE, BLOCK)
-    base, h0, w0 = _window_origin(offs, x_ptr, C, OH, OW, stride_xn, stride_xc, SH, SW, PH, PW, CL)
+    base, h0, w0 = _window_origin(offs, x_ptr, C, OH, OW, stride_xn, stride_xc, SH, SW, PH, PW,
+                                  mC, sC, mR, sR, mQ, sQ, not WIDE, CL)
     acc = tl.zeros([BLOCK], tl.float32)
     for i in range(0, KH):
         ih = h0 + i
@@ -179,9 +219,9 @@ def _avg_pool_fwd_kernel(x_ptr, y_ptr, total, C, H, W, OH, OW,
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_DIVISORS + _STRIDE_DIVISORS)
 def _max_pool_bwd_kernel(g_ptr, i_ptr, dx_ptr, total, H, W, OH, OW,
-                         KH, KW, SH, SW, PH, PW, DH, DW, C,
+                         KH, KW, SH, SW, PH, PW, DH, DW, C, mC, sC, mR, sR, mQ, sQ, mSH, sSH, mSW, sSW,
                          WIDE: tl.constexpr, BLOCK: tl.constexpr, CL: tl.constexpr = False):
     """``CL``: dx, grad_output and the indices are channels_last (dx offsets in [N, H, W, C]
     order; ``C`` is read only then), else NCHW.
@@ -190,19 +230,20 @@ def _max_pool_bwd_kernel(g_ptr, i_ptr, dx_ptr, total, H, W, OH, OW,
     (:func:`_max_pool_bwd_tile_kernel`): rows ``oh = (ih + PH) // SH - a`` for ``a <
     (KH - 1) * DH // SH + 1``, likewise columns (2 x 2 windows at 3x3/2, one division per row
     and per column), where the loop over every tap took 9 with a division by the stride each;
-    the windows come in the same order (oh, then ow, descending), so the sums are the same."""
+    the windows come in the same order (oh, then ow, descending), so the sums are the same.
+    ``mC`` .. ``sQ``, ``mSH`` .. ``sSW``: the multiply-high divisors of C, H, W and of the strides
+    (:func:`_div`; unused where ``WIDE``)."""
     offs, mask = _block_offsets(total, WIDE, BLOCK)
     if CL:
-        c = offs % C
-        n, ih, iw = _decompose(offs // C, H, W)
+        n, c, ih, iw = _unravel(offs, C, H, W, mC, sC, mR, sR, mQ, sQ, not WIDE, CL)
         obase = n * OH * OW * C + c  # int64 where WIDE (offs are), else every offset fits int32
         target = ih.to(tl.int64) * W + iw
     else:
-        nc, ih, iw = _decompose(offs, H, W)
+        nc, ih, iw = _decompose(offs, H, W, mR, sR, mQ, sQ, not WIDE)
         obase = nc * OH * OW
         target = ih * W + iw  # int32 unless WIDE (channels_last keeps int64: each as compiles without a spill)
-    top = (ih + PH) // SH  # ih + PH >= 0: floor division
-    left = (iw + PW) // SW
+    top = _div(ih + PH, SH, mSH, sSH, not WIDE)  # ih + PH >= 0: floor division
+    left = _div(iw + PW, SW, mSW, sSW, not WIDE)
     reach_h = (KH - 1) * DH - PH
     reach_w = (KW - 1) * DW - PW
     acc = tl.zeros([BLOCK], tl.float32)
@@ -222,22 +263,21 @@ def _max_pool_bwd_kernel(g_ptr, i_ptr, dx_ptr, total, H, W, OH, OW,
     tl.store(dx_ptr + offs, acc.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_DIVISORS + _STRIDE_DIVISORS)
 def _avg_pool_bwd_kernel(g_ptr, dx_ptr, total, H, W, OH, OW,
-                         KH, KW, SH, SW, PH, PW, COUNT_PAD, DIVISOR, C,
+                         KH, KW, SH, SW, PH, PW, COUNT_PAD, DIVISOR, C, mC, sC, mR, sR, mQ, sQ, mSH, sSH, mSW, sSW,
                          WIDE: tl.constexpr, BLOCK: tl.constexpr, CL: tl.constexpr = False):
-    """``CL`` as in :func:`_max_pool_bwd_kernel`; the windows covering each element only, as
-    there (no dilation: ``(KH - 1) // SH + 1`` rows of them)."""
+    """``CL`` and the divisors as in :func:`_max_pool_bwd_kernel`; the windows covering each
+    element only, as there (no dilation: ``(KH - 1) // SH + 1`` rows of them)."""
     offs, mask = _block_offsets(total, WIDE, BLOCK)
     if CL:
-        c = offs % C
-        n, ih, iw = _decompose(offs // C, H, W)
+        n, c, ih, iw = _unravel(offs, C, H, W, mC, sC, mR, sR, mQ, sQ, not WIDE, CL)
         obase = n * OH * OW * C + c  # int64 where WIDE (offs are), else every offset fits int32
     else:
-        nc, ih, iw = _decompose(offs, H, W)
+        nc, ih, iw = _decompose(offs, H, W, mR, sR, mQ, sQ, not WIDE)
         obase = nc * OH * OW
-    top = (ih + PH) // SH  # ih + PH >= 0: floor division
-    left = (iw + PW) // SW
+    top = _div(ih + PH, SH, mSH, sSH, not WIDE)  # ih + PH >= 0: floor division
+    left = _div(iw + PW, SW, mSW, sSW, not WIDE)
     acc = tl.zeros([BLOCK], tl.float32)
     for a in range(0, (KH - 1) // SH + 1):
         oh = top - a
@@ -479,6 +519,23 @@ def _pick(op: str, key, run, choose, cfg, rows: int, cols: int, flat_only: bool,
     return tuple(choose(op, key(), cands, run, cands[0])) if len(cands) > 1 else cands[0]
 
 
+_DIVS: dict = {}
+
+
+def _divs(wide: bool, *sizes) -> tuple:
+    """The flat kernels' multiply-high divisor arguments (m, s per size: C, R, Q, and a backward's
+    strides) for 32-bit offsets; zeros where ``wide`` (the kernels divide there)."""
+    if wide:
+        return (0,) * (2 * len(sizes))
+    got = _DIVS.get(sizes)
+    if got is None:
+        got = tuple(v for d in sizes for v in fastdiv.magic_i32(max(int(d), 1)))
+        if len(_DIVS) >= 256:
+            _DIVS.clear()
+        _DIVS[sizes] = got
+    return got
+
+
 def _facts(inp, out, written) -> tuple:
     """``(N, C, H, W, OH, OW, wide, cl)`` of a launch over input-shaped ``inp`` and output-shaped
     ``out`` that writes ``written`` (whose layout, channels_last or not, is the launch's)."""
@@ -508,7 +565,7 @@ def max_pool2d_forward(x, y, idx, k, s, p, d, minimum: bool, interpret: bool, ch
             return
         _, blk, warps = c
         launch_kernel(_max_pool_fwd_kernel, (cdiv(total, blk),),
-            x, y, y if idx is None else idx, total, C, H, W, OH, OW, *x.stride(), *k, *s, *p, *d,
+            x, y, y if idx is None else idx, total, C, H, W, OH, OW, *x.stride(), *k, *s, *p, *d, *_divs(wide, C, OH, OW),
             MINIMUM=int(minimum), WIDE=wide, BLOCK=blk, CL=cl, STORE_IDX=idx is not None, num_warps=warps)
 
     run(_pick("max_pool_fwd", lambda: (tuple(x.shape), tuple(x.stride()), str(x.dtype), tuple(k), tuple(s), tuple(p),
@@ -535,7 +592,7 @@ def avg_pool2d_forward(x, y, k, s, p, ceil_mode, count_include_pad, divisor, int
         _, blk, warps = c
         launch_kernel(_avg_pool_fwd_kernel, (cdiv(total, blk),),
             x, y, total, C, H, W, OH, OW, *x.stride(), *k, *s, *p, int(count_include_pad), int(divisor),
-            WIDE=wide, BLOCK=blk, CL=cl, num_warps=warps)
+            *_divs(wide, C, OH, OW), WIDE=wide, BLOCK=blk, CL=cl, num_warps=warps)
 
     run(_pick("avg_pool_fwd", lambda: (tuple(x.shape), tuple(x.stride()), str(x.dtype), tuple(k), tuple(s), tuple(p),
                                        bool(count_include_pad), int(divisor)), run, choose, cfg, OH, OW, wide or cl,
@@ -566,7 +623,8 @@ def max_pool2d_backward(g, idx, dx, k, s, p, d, interpret: bool, choose=None, cf
             return
         _, blk, warps = c
         launch_kernel(_max_pool_bwd_kernel, (cdiv(total, blk),),
-            g, idx, dx, total, H, W, OH, OW, *k, *s, *p, *d, C, WIDE=wide, BLOCK=blk, CL=cl, num_warps=warps)
+            g, idx, dx, total, H, W, OH, OW, *k, *s, *p, *d, C, *_divs(wide, C, H, W, *s),
+            WIDE=wide, BLOCK=blk, CL=cl, num_warps=warps)
 
     run(_pick("max_pool_bwd", lambda: (tuple(dx.shape), tuple(g.shape), str(dx.dtype), tuple(k), tuple(s), tuple(p),
                                        tuple(d)), run, choose, cfg, H, W, wide or cl, interpret))
@@ -591,7 +649,7 @@ def avg_pool2d_backward(g, dx, k, s, p, count_include_pad, divisor, interpret: b
             return
         _, blk, warps = c
         launch_kernel(_avg_pool_bwd_kernel, (cdiv(total, blk),),
-            g, dx, total, H, W, OH, OW, *k, *s, *p, int(count_include_pad), int(divisor), C,
+            g, dx, total, H, W, OH, OW, *k, *s, *p, int(count_include_pad), int(divisor), C, *_divs(wide, C, H, W, *s),
             WIDE=wide, BLOCK=blk, CL=cl, num_warps=warps)
 
     run(_pick("avg_pool_bwd", lambda: (tuple(dx.shape), tuple(g.shape), str(dx.dtype), tuple(k), tuple(s), tuple(p),
@@ -608,6 +666,8 @@ def aot_specs():
         for wide, cl in ((False, False), (True, False), (False, True)):
             it = "i64" if wide else "i32"
             geo = {n: "i32" for n in ("KH", "KW", "SH", "SW", "PH", "PW")}
+            divs = {n: "i32" for n in _DIVISORS}
+            stride_divs = {n: "i32" for n in _STRIDE_DIVISORS}
             common = {"BLOCK": GPU_BLOCK, "WIDE": wide, "CL": cl}
             tag = f"{dt} {'int64' if wide else 'int32'}" + (" channels_last" if cl else "")
             # the values-only forms (STORE_IDX False: i_ptr, never touched, is y's pointer) at 32-bit indices
@@ -615,21 +675,23 @@ def aot_specs():
                 for store in (True, False) if not wide else (True,):
                     sig = {"x_ptr": f"*{dt}", "y_ptr": f"*{dt}", "i_ptr": "*i64" if store else f"*{dt}", "total": it,
                            "C": "i32", "H": "i32", "W": "i32", "OH": "i32", "OW": "i32", "stride_xn": it, "stride_xc": it,
-                           "stride_xh": it, "stride_xw": it, **geo, "DH": "i32", "DW": "i32", "MINIMUM": "constexpr",
-                           "WIDE": "constexpr", "BLOCK": "constexpr", "CL": "constexpr", "STORE_IDX": "constexpr"}
+                           "stride_xh": it, "stride_xw": it, **geo, "DH": "i32", "DW": "i32", **divs,
+                           "MINIMUM": "constexpr", "WIDE": "constexpr", "BLOCK": "constexpr", "CL": "constexpr",
+                           "STORE_IDX": "constexpr"}
                     specs.append(AotSpec(_max_pool_fwd_kernel, sig, {"MINIMUM": code, **common, "STORE_IDX": store},
                                          num_warps=GPU_WARPS, label=f"{mode} {tag}" + ("" if store else " values only")))
             sig = {"x_ptr": f"*{dt}", "y_ptr": f"*{dt}", "total": it, "C": "i32", "H": "i32", "W": "i32",
                    "OH": "i32", "OW": "i32", "stride_xn": it, "stride_xc": it, "stride_xh": it, "stride_xw": it,
-                   **geo, "COUNT_PAD": "i32", "DIVISOR": "i32", "WIDE": "constexpr", "BLOCK": "constexpr", "CL": "constexpr"}
+                   **geo, "COUNT_PAD": "i32", "DIVISOR": "i32", **divs, "WIDE": "constexpr", "BLOCK": "constexpr",
+                   "CL": "constexpr"}
             specs.append(AotSpec(_avg_pool_fwd_kernel, sig, common, num_warps=GPU_WARPS, label=f"avg {tag}"))
             sig = {"g_ptr": f"*{dt}", "i_ptr": "*i64", "dx_ptr": f"*{dt}", "total": it, "H": "i32", "W": "i32",
-                   "OH": "i32", "OW": "i32", **geo, "DH": "i32", "DW": "i32", "C": "i32", "WIDE": "constexpr",
-                   "BLOCK": "constexpr", "CL": "constexpr"}
+                   "OH": "i32", "OW": "i32", **geo, "DH": "i32", "DW": "i32", "C": "i32", **divs, **stride_divs,
+                   "WIDE": "constexpr", "BLOCK": "constexpr", "CL": "constexpr"}
             specs.append(AotSpec(_max_pool_bwd_kernel, sig, common, num_warps=GPU_WARPS, label=f"max/min {tag}"))
             sig = {"g_ptr": f"*{dt}", "dx_ptr": f"*{dt}", "total": it, "H": "i32", "W": "i32", "OH": "i32", "OW": "i32",
-                   **geo, "COUNT_PAD": "i32", "DIVISOR": "i32", "C": "i32", "WIDE": "constexpr", "BLOCK": "constexpr",
-                   "CL": "constexpr"}
+                   **geo, "COUNT_PAD": "i32", "DIVISOR": "i32", "C": "i32", **divs, **stride_divs,
+                   "WIDE": "constexpr", "BLOCK": "constexpr", "CL": "constexpr"}
             specs.append(AotSpec(_avg_pool_bwd_kernel, sig, common, num_warps=GPU_WARPS, label=f"avg {tag}"))
     return specs + tiled_specs()
 
