@@ -60,6 +60,14 @@ def _div(n, d, m, s, FAST: tl.constexpr):
 
 
 @triton.jit
+def _inside(i, n):
+    """``0 <= i < n`` for int32 ``i`` and a size ``n >= 0`` as one unsigned comparison (a negative
+    ``i`` wraps above any size). The tiled kernels' bounds (one predicate where two were; in the
+    flat kernels, with their run-time tap loops, it cost registers instead)."""
+    return i.to(tl.uint32, bitcast=True) < n.to(tl.uint32)
+
+
+@triton.jit
 def _decompose(offs, D1, D2, m1, s1, m2, s2, FAST: tl.constexpr):
     """offs -> (offs // (D1 * D2), (offs // D2) % D1, offs % D2): with ``FAST`` the divisions by
     :func:`_div` and the remainders by multiply-subtract, else ``//`` and ``%``."""
@@ -339,21 +347,21 @@ def _max_pool_fwd_tile_kernel(x_ptr, y_ptr, i_ptr, C, H, W, OH, OW, tiles_h, til
         # the window's rows ([BH, 1]) and columns ([1, BW]) alone: a tap then only compares
         fh = tl.full([BH, 1], -1, tl.int32)
         for i in tl.static_range(KH - 1, -1, -1):
-            fh = tl.where((h0 + i * DH >= 0) & (h0 + i * DH < H), h0 + i * DH, fh)
+            fh = tl.where(_inside(h0 + i * DH, H), h0 + i * DH, fh)
         fw = tl.full([1, BW], -1, tl.int32)
         for j in tl.static_range(KW - 1, -1, -1):
-            fw = tl.where((w0 + j * DW >= 0) & (w0 + j * DW < W), w0 + j * DW, fw)
+            fw = tl.where(_inside(w0 + j * DW, W), w0 + j * DW, fw)
         bidx = tl.where((fh >= 0) & (fw >= 0), fh * W + fw, bidx)
     # a masked tap reads -inf (+inf for min pooling, -inf once negated): never an update
     outside: tl.constexpr = float("inf") if MINIMUM else float("-inf")
     for i in tl.static_range(KH):
         ih = h0 + i * DH
-        hok = omask & (ih >= 0) & (ih < H)
+        hok = omask & _inside(ih, H)
         row = ih * stride_xh
         rowpos = ih * W
         for j in tl.static_range(KW):
             iw = w0 + j * DW
-            ok = hok & (iw >= 0) & (iw < W)
+            ok = hok & _inside(iw, W)
             v = tl.load(base + row + iw * stride_xw, mask=ok, other=outside).to(tl.float32)
             if MINIMUM:
                 v = -v
@@ -377,11 +385,11 @@ def _avg_pool_fwd_tile_kernel(x_ptr, y_ptr, C, H, W, OH, OW, tiles_h, tiles_w,
     acc = tl.zeros([BH, BW], tl.float32)
     for i in tl.static_range(KH):
         ih = h0 + i
-        hok = omask & (ih >= 0) & (ih < H)
+        hok = omask & _inside(ih, H)
         row = ih * stride_xh
         for j in tl.static_range(KW):
             iw = w0 + j
-            ok = hok & (iw >= 0) & (iw < W)
+            ok = hok & _inside(iw, W)
             acc += tl.load(base + row + iw * stride_xw, mask=ok, other=0.0).to(tl.float32)
     div, empty = _avg_divisor(h0, w0, H, W, KH, KW, PH, PW, COUNT_PAD, DIVISOR)
     y = tl.where(empty, 0.0, acc / div)
@@ -406,10 +414,10 @@ def _max_pool_bwd_tile_kernel(g_ptr, i_ptr, dx_ptr, H, W, OH, OW, tiles_h, tiles
     acc = tl.zeros([BH, BW], tl.float32)
     for a in tl.static_range(NWH):
         oh = top - a
-        hok = imask & (oh >= 0) & (oh < OH) & (oh * SH - PH + (KH - 1) * DH >= ih)
+        hok = imask & _inside(oh, OH) & (oh * SH - PH + (KH - 1) * DH >= ih)
         for b in tl.static_range(NWW):
             ow = left - b
-            ok = hok & (ow >= 0) & (ow < OW) & (ow * SW - PW + (KW - 1) * DW >= iw)
+            ok = hok & _inside(ow, OW) & (ow * SW - PW + (KW - 1) * DW >= iw)
             o = obase + oh * OW + ow
             sel = tl.load(i_ptr + o, mask=ok, other=-1)
             acc += tl.load(g_ptr + o, mask=ok & (sel == target), other=0.0).to(tl.float32)
@@ -430,10 +438,10 @@ def _avg_pool_bwd_tile_kernel(g_ptr, dx_ptr, H, W, OH, OW, tiles_h, tiles_w, SH,
     acc = tl.zeros([BH, BW], tl.float32)
     for a in tl.static_range(NWH):
         oh = top - a
-        hok = imask & (oh >= 0) & (oh < OH) & (oh * SH - PH + (KH - 1) >= ih)
+        hok = imask & _inside(oh, OH) & (oh * SH - PH + (KH - 1) >= ih)
         for b in tl.static_range(NWW):
             ow = left - b
-            ok = hok & (ow >= 0) & (ow < OW) & (ow * SW - PW + (KW - 1) >= iw)
+            ok = hok & _inside(ow, OW) & (ow * SW - PW + (KW - 1) >= iw)
             g = tl.load(g_ptr + obase + oh * OW + ow, mask=ok, other=0.0).to(tl.float32)
             div, empty = _avg_divisor(oh * SH - PH, ow * SW - PW, H, W, KH, KW, PH, PW, COUNT_PAD, DIVISOR)
             acc += tl.where(ok & (~empty), g / div, 0.0)
