@@ -7,8 +7,10 @@ Triton's wheel. No GPU is needed. The table shows per configuration: registers p
 spills (the stack frame plus local memory, bytes per thread, with the SASS's spill stores / loads:
 ptxas keeps spilled registers in the stack frame), shared memory (Triton's dynamic allocation
 plus static), and the tensor-core instructions in the SASS (HGMMA: Hopper warpgroup MMA; HMMA:
-the older warp-level MMA), and the global loads and stores by access width (bits x count: 128 is
-a 16-byte vector access, what memory-bound kernels want). The float16/bfloat16 convolution and
+the older warp-level MMA), the global loads and stores by access width (bits x count: 128 is
+a 16-byte vector access, what memory-bound kernels want), and the straight path (instructions
+one thread issues with every guard holding, each loop once: for the memory-bound kernels, which
+issue-bound kernels such as pooling are, what an element costs). The float16/bfloat16 convolution and
 linear (matmul) kernels are flagged when their SASS has neither tensor-core instruction.
 ``--launched`` compiles the configurations as common launches specialise them (aligned tensors,
 sizes multiples of 16), where the general forms know no alignment and access 32 bits at a time.
@@ -194,14 +196,14 @@ def print_table(rows: list[dict], console=None) -> None:
         "spills = stack frame + local memory, bytes per thread (STL / LDL instructions); "
         "shared = Triton's allocation + static",
         ("family", "kernel", "config", "warps/stages", "registers", "spills", "shared B", "tensor cores",
-         "global ld / st bits"), ("registers", "spills", "shared B"))
+         "global ld / st bits", "straight"), ("registers", "spills", "shared B", "straight"))
     for r in rows:
         if r.get("missing"):
-            table.add_row(r["family"], "[red]missing[/red]", r["error"], "-", "-", "-", "-", "-", "-")
+            table.add_row(r["family"], "[red]missing[/red]", r["error"], "-", "-", "-", "-", "-", "-", "-")
             continue
         if not r["ok"]:
             table.add_row(r["family"], r.get("kernel", "-"), r.get("label", ""), "-", "-", "-", "-",
-                          f"[red]compile error[/red] {r['error'][:100]}", "-")
+                          f"[red]compile error[/red] {r['error'][:100]}", "-", "-")
             continue
         spills = _spill_bytes(r)
         spill = f"[red]{spills}[/red]" if spills > 0 else "0"
@@ -209,7 +211,7 @@ def print_table(rows: list[dict], console=None) -> None:
             spill += f" ({r.get('spill_stores', 0)} STL / {r.get('spill_loads', 0)} LDL)"
         table.add_row(r["family"], r["kernel"], r["label"], f"{r['num_warps']}/{r['num_stages']}",
                       str(r["registers"]), spill, str(r["shared_bytes"] + r.get("static_shared_bytes", 0)), _mma_cell(r),
-                      _access_cell(r))
+                      _access_cell(r), str(r.get("straight", "-")))
     console.print(table)
     ok = [r for r in rows if r.get("ok")]
     need = [r for r in ok if r.get("needs_mma")]

@@ -180,14 +180,16 @@ def test_cuda_sass_report_reads_a_whole_cubin():
 
 
 def test_straight_path_follows_the_guards_and_stops_at_a_loop():
+    from gpu_nn.kernels.sass import straight_path
+
     listing = [(0x00, "S2R R0, SR_TID.X"), (0x10, "@P0 EXIT"), (0x20, "@!P1 BRA 0x50"), (0x30, "IADD3 R1, R0, 1, RZ"),
                (0x40, "BRA 0x70"), (0x50, "IADD3 R1, R0, 2, RZ"), (0x60, "NOP"), (0x70, "STG.E [R2.64], R1"),
                (0x80, "@!P2 BRA 0x30"), (0x90, "EXIT")]
     # S2R, @P0 EXIT and @!P1 BRA (not taken), IADD3, BRA (taken, forward), STG, @!P2 BRA (not
     # taken: the loop runs once), EXIT; an unconditional backward branch ends the path
-    assert kcuda.straight_path(listing) == 8
-    assert kcuda.straight_path(listing[:8] + [(0x80, "BRA 0x30"), (0x90, "EXIT")]) == 7
-    assert kcuda.straight_path(listing[:2] + [(0x20, "EXIT")]) == 3
+    assert straight_path(listing) == 8
+    assert straight_path(listing[:8] + [(0x80, "BRA 0x30"), (0x90, "EXIT")]) == 7
+    assert straight_path(listing[:2] + [(0x20, "EXIT")]) == 3
 
 
 def test_pool_window_compiled_in_unrolls_its_taps():

@@ -96,51 +96,17 @@ def compile_cubin(name: str, defines=None, arch: str = "sm_90", extra_options=()
         nvrtc.destroyProgram(prog)
 
 
-_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
-_BRANCH = re.compile(r"^(@!?U?P[T0-9]+\s+)?BRA(?:\.\w+)*\s+(?:`\()?(0x[0-9a-f]+)")
-
-
-def straight_path(instructions) -> int:
-    """Instructions one thread issues along the path where no predicated branch is taken (an
-    element whose every guard holds: every tap of a pooling window inside the input, one element
-    per thread), from the entry to ``EXIT``; unconditional branches are followed, and an
-    unconditional backward one ends the path. A loop closed by a predicated branch runs once
-    along it: the grid-stride loop's one element, a run-time loop's first iteration. So it is a
-    per-element cost (prologue included) for straight-line kernels such as a pooling window
-    compiled in (POOL_FIXED), and a lower bound for kernels with run-time loops.
-    ``instructions``: (address, text) pairs in order."""
-    where = {a: i for i, (a, _) in enumerate(instructions)}
-    i, n, seen = 0, 0, set()
-    while i < len(instructions) and i not in seen:
-        seen.add(i)
-        addr, text = instructions[i]
-        if text.startswith("NOP"):
-            i += 1
-            continue
-        n += 1
-        if text == "EXIT":
-            break
-        m = _BRANCH.match(text)
-        if m and not m.group(1):  # unconditional
-            target = int(m.group(2), 16)
-            if target <= addr or target not in where:
-                break
-            i = where[target]
-            continue
-        i += 1
-    return n
-
-
 def sass_report(cubin: bytes) -> dict:
     """Per kernel of ``cubin``: ``registers``, ``stack_bytes`` (the stack frame: spilled registers,
     and the registers a call to a slow-path subroutine such as a 64-bit division saves), the
     SASS's ``spill_stores`` / ``spill_loads`` (STL / LDL), ``calls``, ``instructions`` (the
-    listing, NOPs and the final self-branch left out), ``straight`` (:func:`straight_path`) and
+    listing, NOPs and the final self-branch left out), ``straight`` (``gpu_nn.kernels.sass.straight_path``) and
     the global and generic-address loads and stores by access width. Reads the cubin with the ``cuobjdump`` of
     Triton's wheel; no GPU needed."""
     import subprocess
     import tempfile
 
+    from ..sass import functions, straight_path
     from ..triton._aot import _tool, access_widths
 
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
@@ -154,12 +120,7 @@ def sass_report(cubin: bytes) -> dict:
     res = {m.group(1): (int(m.group(2)), int(m.group(3)))
            for m in re.finditer(r"Function (\w+):\s*\n\s*REG:(\d+)\s+STACK:(\d+)", usage)}
     out = {}
-    for chunk in re.split(r"\n\s*Function : ", text)[1:]:
-        name, body = chunk.split("\n", 1)
-        name = name.strip()
-        ins = [(int(a, 16), t.strip()) for a, t in _SASS_LINE.findall(body)]
-        while ins and _BRANCH.match(ins[-1][1]) and int(_BRANCH.match(ins[-1][1]).group(2), 16) == ins[-1][0]:
-            ins.pop()  # the trailing self-branch
+    for name, ins in functions(text).items():
         listing = "\n".join(t for _, t in ins)
         regs, stack = res.get(name, (-1, -1))
         out[name] = {

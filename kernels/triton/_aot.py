@@ -22,6 +22,8 @@ import tempfile
 import time
 from typing import Any
 
+from ..sass import functions, straight_path
+
 
 @dataclasses.dataclass(frozen=True)
 class AotSpec:
@@ -65,7 +67,8 @@ def _tool(name: str) -> str:
 
 def _resources(cubin: bytes, sass: bool = True) -> dict:
     """Registers, stack and local memory (``cuobjdump -res-usage``) and, with ``sass``, counts of
-    instructions in the disassembly (tensor-core MMAs, spill stores / loads, TMA loads).
+    instructions in the disassembly (tensor-core MMAs, spill stores / loads, TMA loads, global
+    accesses by width, the straight path: ``gpu_nn.kernels.sass.straight_path``).
 
     ``spill_bytes`` is the per-thread stack frame plus local memory: ptxas places spilled
     registers in the stack frame (``STL`` / ``LDL`` instructions), not in ``LOCAL``, which stays
@@ -99,6 +102,8 @@ def _resources(cubin: bytes, sass: bool = True) -> dict:
             "sass_lines": text.count("\n"),
             "global_loads": access_widths(text, "LDG"),
             "global_stores": access_widths(text, "STG"),
+            # instructions per thread with every guard holding, each loop once (kernels/sass.py)
+            "straight": sum(straight_path(ins) for ins in functions(text).values()),
         })
     return out
 
