@@ -109,15 +109,29 @@ def _unravel(offs, C, R, Q, mC, sC, mR, sR, mQ, sQ, FAST: tl.constexpr, CL: tl.c
 
 
 @triton.jit
-def _window_origin(offs, x_ptr, C, OH, OW, stride_xn, stride_xc, SH, SW, PH, PW, mC, sC, mR, sR, mQ, sQ,
+def _window_origin(offs, C, OH, OW, stride_xn, stride_xc, SH, SW, PH, PW, mC, sC, mR, sR, mQ, sQ,
                    FAST: tl.constexpr, CL: tl.constexpr):
-    """Flat output offsets -> (the input plane's base pointer, top-left input row and column of
-    each output's window, padding included). ``CL``: the output is channels_last (offsets in
-    [N, OH, OW, C] order, channels fastest: a warp's lanes read consecutive channels of a
-    channels_last input), else NCHW."""
+    """Flat output offsets -> (the input plane's element offset in x, top-left input row and
+    column of each output's window, padding included). ``CL``: the output is channels_last
+    (offsets in [N, OH, OW, C] order, channels fastest: a warp's lanes read consecutive channels
+    of a channels_last input), else NCHW. ``FAST`` (32-bit offsets: x spans fewer than 2^31
+    elements): the plane offset in int32, else int64."""
     n, c, oh, ow = _unravel(offs, C, OH, OW, mC, sC, mR, sR, mQ, sQ, FAST, CL)
-    base = x_ptr + n.to(tl.int64) * stride_xn + c.to(tl.int64) * stride_xc
-    return base, oh * SH - PH, ow * SW - PW
+    if FAST:
+        plane = n * stride_xn + c * stride_xc
+    else:
+        plane = n.to(tl.int64) * stride_xn + c.to(tl.int64) * stride_xc
+    return plane, oh * SH - PH, ow * SW - PW
+
+
+@triton.jit
+def _tap(plane, ih, iw, stride_xh, stride_xw, FAST: tl.constexpr):
+    """The element offset in x of tap (ih, iw) of a plane at ``plane``: one int32 sum with
+    ``FAST`` (a wide multiply-add of the address from it), int64 arithmetic otherwise."""
+    if FAST:
+        return plane + ih * stride_xh + iw * stride_xw
+    else:
+        return plane + ih.to(tl.int64) * stride_xh + iw.to(tl.int64) * stride_xw
 
 
 @triton.jit
@@ -169,11 +183,15 @@ def _max_pool_fwd_kernel(x_ptr, y_ptr, i_ptr, total, C, H, W, OH, OW,
     the index bookkeeping is then dead code, and i_ptr is never touched. ``mC`` .. ``sQ``: the
     multiply-high divisors of C, OH and OW (:func:`_div`; unused where ``WIDE``)."""
     offs, mask = _block_offsets(total, WIDE, BLOCK)
-    base, h0, w0 = _window_origin(offs, x_ptr, C, OH, OW, stride_xn, stride_xc, SH, SW, PH, PW,
-                                  mC, sC, mR, sR, mQ, sQ, not WIDE, CL)
+    plane, h0, w0 = _window_origin(offs, C, OH, OW, stride_xn, stride_xc, SH, SW, PH, PW,
+                                   mC, sC, mR, sR, mQ, sQ, not WIDE, CL)
     best = tl.full([BLOCK], float("-inf"), tl.float32)
     nan = best  # values only: NaN once any tap is NaN (_max_tap)
-    bidx = tl.full([BLOCK], -1, tl.int64)
+    # a plane position fits int32 (an index is one: ih * W + iw); int64 where WIDE, as before
+    if WIDE:
+        bidx = tl.full([BLOCK], -1, tl.int64)
+    else:
+        bidx = tl.full([BLOCK], -1, tl.int32)
     # padding and masked lanes read -inf (+inf for min pooling, -inf once negated): never an update
     outside: tl.constexpr = float("inf") if MINIMUM else float("-inf")
     for i in range(0, KH):
@@ -182,15 +200,19 @@ def _max_pool_fwd_kernel(x_ptr, y_ptr, i_ptr, total, C, H, W, OH, OW,
         for j in range(0, KW):
             iw = w0 + j * DW
             ok = hok & (iw >= 0) & (iw < W)
-            v = tl.load(base + ih.to(tl.int64) * stride_xh + iw.to(tl.int64) * stride_xw, mask=ok, other=outside)
+            v = tl.load(x_ptr + _tap(plane, ih, iw, stride_xh, stride_xw, not WIDE), mask=ok, other=outside)
             v = v.to(tl.float32)
             if MINIMUM:
                 v = -v
-            best, nan, bidx = _max_tap(v, ok, ih.to(tl.int64) * W + iw, best, nan, bidx, STORE_IDX)
+            if WIDE:
+                pos = ih.to(tl.int64) * W + iw
+            else:
+                pos = ih * W + iw
+            best, nan, bidx = _max_tap(v, ok, pos, best, nan, bidx, STORE_IDX)
     best = _max_result(best, nan, MINIMUM, STORE_IDX)
     tl.store(y_ptr + offs, best.to(y_ptr.dtype.element_ty), mask=mask)
     if STORE_IDX:
-        tl.store(i_ptr + offs, bidx, mask=mask)
+        tl.store(i_ptr + offs, bidx.to(tl.int64), mask=mask)
 
 
 @triton.jit
@@ -211,8 +233,8 @@ def _avg_pool_fwd_kernel(x_ptr, y_ptr, total, C, H, W, OH, OW,
                          KH, KW, SH, SW, PH, PW, COUNT_PAD, DIVISOR, mC, sC, mR, sR, mQ, sQ,
                          WIDE: tl.constexpr, BLOCK: tl.constexpr, CL: tl.constexpr = False):
     offs, mask = _block_offsets(total, WIDE, BLOCK)
-    base, h0, w0 = _window_origin(offs, x_ptr, C, OH, OW, stride_xn, stride_xc, SH, SW, PH, PW,
-                                  mC, sC, mR, sR, mQ, sQ, not WIDE, CL)
+    plane, h0, w0 = _window_origin(offs, C, OH, OW, stride_xn, stride_xc, SH, SW, PH, PW,
+                                   mC, sC, mR, sR, mQ, sQ, not WIDE, CL)
     acc = tl.zeros([BLOCK], tl.float32)
     for i in range(0, KH):
         ih = h0 + i
@@ -220,7 +242,7 @@ def _avg_pool_fwd_kernel(x_ptr, y_ptr, total, C, H, W, OH, OW,
         for j in range(0, KW):
             iw = w0 + j
             ok = hok & (iw >= 0) & (iw < W)
-            v = tl.load(base + ih.to(tl.int64) * stride_xh + iw.to(tl.int64) * stride_xw, mask=ok, other=0.0)
+            v = tl.load(x_ptr + _tap(plane, ih, iw, stride_xh, stride_xw, not WIDE), mask=ok, other=0.0)
             acc += v.to(tl.float32)
     div, empty = _avg_divisor(h0, w0, H, W, KH, KW, PH, PW, COUNT_PAD, DIVISOR)
     y = tl.where(empty, 0.0, acc / div)
