@@ -262,7 +262,8 @@ def collect_cuda() -> list[dict]:
         try:
             report = kcuda.sass_report(kcuda.compile_cubin(name, defines))
         except Exception as exc:  # noqa: BLE001 - a row says what failed
-            rows.append({"source": name, "label": label, "kernel": "-", "ok": False, "error": f"{type(exc).__name__}: {exc}"})
+            rows.append({"source": name, "label": label, "kernel": "-", "ok": False,
+                         "error": f"{type(exc).__name__}: {exc}"})
             continue
         rows += [{"source": name, "label": label, "kernel": k, "ok": True, "defines": defines, **v}
                  for k, v in sorted(report.items())]
@@ -285,7 +286,8 @@ def print_cuda_table(rows: list[dict], console=None) -> None:
             stack += f" ({r['spill_stores']} STL / {r['spill_loads']} LDL)"
         access = _access_cell(r)
         if r.get("generic_loads") or r.get("generic_stores"):
-            access += "; generic " + _access_cell({"global_loads": r["generic_loads"], "global_stores": r["generic_stores"]})
+            generic = {"global_loads": r["generic_loads"], "global_stores": r["generic_stores"]}
+            access += "; generic " + _access_cell(generic)
         table.add_row(r["source"], r["label"], r["kernel"], str(r["registers"]), stack, str(r["calls"]),
                       str(r["instructions"]), str(r["straight"]), access)
     console.print(table)

@@ -563,7 +563,8 @@ def cuda_defines(dtype: torch.dtype, narrow: bool, cl: bool = False, window=None
     compiled in (POOL_XW1). Also what ``gpu-nn sass --cuda`` compiles."""
     if dtype not in _CUDA_TYPES:
         raise KernelInputError(f"pool (cupy): unsupported dtype {dtype}")
-    defines = {"POOL_T": _CUDA_TYPES[dtype], "POOL_THREADS": _CUDA_THREADS, "POOL_NARROW": int(narrow), "POOL_CL": int(cl)}
+    defines = {"POOL_T": _CUDA_TYPES[dtype], "POOL_THREADS": _CUDA_THREADS, "POOL_NARROW": int(narrow),
+               "POOL_CL": int(cl)}
     if unit_w:
         defines["POOL_XW1"] = 1
     if window is not None:

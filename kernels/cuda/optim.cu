@@ -174,7 +174,9 @@ extern "C" __global__ void rmsprop_step(const long long* __restrict__ table, dou
     const int use_momentum = s.use_momentum;
     long long end = start + OPTIM_CHUNK < n ? start + OPTIM_CHUNK : n;
     gn_chunk_loop(gn_row_aligned(row, start), start, end, threadIdx.x, blockDim.x, [&](long long i, int n) {
-        if (n == GN_ILP) rmsprop_group<GN_ILP>(p + i, g + i, v + i, ga + i, buf + i, centered, use_momentum, maximize, s);
-        else rmsprop_group<1>(p + i, g + i, v + i, ga + i, buf + i, centered, use_momentum, maximize, s);
+        if (n == GN_ILP)
+            rmsprop_group<GN_ILP>(p + i, g + i, v + i, ga + i, buf + i, centered, use_momentum, maximize, s);
+        else
+            rmsprop_group<1>(p + i, g + i, v + i, ga + i, buf + i, centered, use_momentum, maximize, s);
     });
 }

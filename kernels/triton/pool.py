@@ -327,9 +327,9 @@ def _avg_pool_bwd_kernel(g_ptr, dx_ptr, total, H, W, OH, OW,
 
 # --- tiled forms: one program per 2-D tile of one plane ----------------------------------------
 #
-# The kernels above index the flattened tensor: every element pays three run-time integer divisions
-# (by OW, OH and C) to find its plane and position, int64 address arithmetic at every tap, and a
-# tap loop of run-time length that cannot be unrolled. The forms below give each program a
+# The kernels above index the flattened tensor: every element pays three run-time divisions (by
+# OW, OH and C; multiply-high ones for 32-bit offsets) to find its plane and position, and a tap
+# loop of run-time length that cannot be unrolled. The forms below give each program a
 # [BH, BW] tile of one (n, c) plane: the plane and tile come from the program id (a few scalar
 # divisions per program), rows and columns are a [BH, 1] and a [1, BW] vector (no per-element
 # division), the window's taps are unrolled (KH, KW are compile-time), and in-plane offsets are
@@ -595,8 +595,8 @@ def max_pool2d_forward(x, y, idx, k, s, p, d, minimum: bool, interpret: bool, ch
             return
         _, blk, warps = c
         launch_kernel(_max_pool_fwd_kernel, (cdiv(total, blk),),
-            x, y, y if idx is None else idx, total, C, H, W, OH, OW, *x.stride(), *k, *s, *p, *d, *_divs(wide, C, OH, OW),
-            MINIMUM=int(minimum), WIDE=wide, BLOCK=blk, CL=cl, STORE_IDX=idx is not None, num_warps=warps)
+            x, y, y if idx is None else idx, total, C, H, W, OH, OW, *x.stride(), *k, *s, *p, *d,
+            *_divs(wide, C, OH, OW), MINIMUM=int(minimum), WIDE=wide, BLOCK=blk, CL=cl, STORE_IDX=idx is not None, num_warps=warps)
 
     run(_pick("max_pool_fwd", lambda: (tuple(x.shape), tuple(x.stride()), str(x.dtype), tuple(k), tuple(s), tuple(p),
                                        tuple(d), bool(minimum), idx is not None), run, choose, cfg, OH, OW, wide or cl,
