@@ -1112,7 +1112,7 @@ def _forcing(monkeypatch, form):
     def choose(op, key, cands, run, default, **_):
         assert cands[0] == default and default[0] == kp.FLAT, "the heuristic (flat) is the first candidate"
         asked.append(op)
-        return next(c for c in cands if c[0] == form)
+        return next((c for c in cands if c[0] == form), cands[0])  # not offered here: the heuristic
 
     launch = kp.launch_kernel
 
@@ -1136,8 +1136,8 @@ def _tiled_ran(asked, launched, fn):
 def test_tiled_form_matches_reference(backend, device, case, rng, monkeypatch):
     """The tiled forward and backward kernels (every kernel-case geometry: strides, padding,
     dilation, ceil mode, divisors, min pooling, 1d) against the reference. Not offered for
-    channels_last tensors (the flat kernels read those channels-fastest): there the chooser is
-    never asked and the flat kernels run."""
+    channels_last tensors (the flat kernels read those channels-fastest; a forward there is
+    offered the channels_last tile instead): there the flat kernels run."""
     asked, launched = _forcing(monkeypatch, "tile")
     test_backend_matches_reference(backend, device, case, "contig", rng)
     _tiled_ran(asked, launched, case[0])
@@ -1145,7 +1145,23 @@ def test_tiled_form_matches_reference(backend, device, case, rng, monkeypatch):
         asked.clear()
         launched.clear()
         test_backend_matches_reference(backend, device, case, "channels_last", rng)
-        assert not asked and launched and not any("tile" in k for k in launched), (asked, launched)
+        assert launched and not any("tile" in k or "_cl_" in k for k in launched), (asked, launched)
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("triton",)))
+@pytest.mark.parametrize("case", [c for c in KERNEL_CASES if len(c[2]) == 4], ids=lambda c: f"{c[0].__name__}{c[1]}{c[2]}")
+def test_channels_last_tiled_forward_matches_reference(backend, device, case, rng, monkeypatch):
+    """The channels_last forward tiles (one output row x positions x channels per program) in
+    every 4-D kernel-case geometry against the reference, values, indices and gradients (the
+    backward stays the flat kernel's); offered only for channels_last inputs."""
+    asked, launched = _forcing(monkeypatch, "cltile")
+    test_backend_matches_reference(backend, device, case, "channels_last", rng)
+    kind = "avg" if case[0].__name__.startswith("avg") else "max"
+    assert f"_{kind}_pool_fwd_cl_kernel" in launched and f"_{kind}_pool_bwd_kernel" in launched, launched
+    assert f"{kind}_pool_fwd" in asked
+    launched.clear()
+    test_backend_matches_reference(backend, device, case, "contig", rng)
+    assert not any("_cl_" in k for k in launched), launched
 
 
 @pytest.mark.parametrize("backend,device", backend_params(("triton",)))
@@ -1165,7 +1181,7 @@ _DEFAULT_GEOS = [((3, 3), (2, 2), (1, 1), (1, 1), (11, 13)), ((2, 3), (1, 2), (1
 
 
 @pytest.mark.parametrize("backend,device", backend_params(("triton", "cupy")))
-@pytest.mark.parametrize("form", ["flat", "tile"])
+@pytest.mark.parametrize("form", ["flat", "tile", "cltile"])
 @pytest.mark.parametrize("minimum", [False, True], ids=["max", "min"])
 def test_default_positions_like_the_reference(backend, device, form, minimum, rng, monkeypatch):
     """The default position of a max / min window, torch's first in-input tap (taken with the
@@ -1173,8 +1189,8 @@ def test_default_positions_like_the_reference(backend, device, form, minimum, rn
     few finite values, values and indices against the reference, including a window of padding
     only (index -1: the reference's choice where torch's points outside the input); Triton's
     flat and tiled kernels, CUDA C's (the form parameter is Triton's)."""
-    if backend != "triton" and form == "tile":
-        pytest.skip("the tiled form is Triton's")
+    if backend != "triton" and form != "flat":
+        pytest.skip("the tiled forms are Triton's")
     if backend == "triton":
         _forcing(monkeypatch, form)
     fn = F.min_pool2d if minimum else F.max_pool2d
@@ -1182,6 +1198,8 @@ def test_default_positions_like_the_reference(backend, device, form, minimum, rn
         x = torch.full((2, 3, H, W), float("inf") if minimum else float("-inf"))
         x.view(-1)[torch.from_numpy(rng.choice(x.numel(), 4, replace=False))] = torch.from_numpy(
             rng.standard_normal(4)).float()
+        if form == "cltile":  # the channels_last tile runs on channels_last inputs only
+            x = x.contiguous(memory_format=torch.channels_last)
         with gpu_nn.backend("reference"):
             yr, ir = fn(x, k, s, p, d, return_indices=True)
         with gpu_nn.backend(backend):

@@ -470,6 +470,97 @@ def _avg_pool_bwd_tile_kernel(g_ptr, dx_ptr, H, W, OH, OW, tiles_h, tiles_w, SH,
     tl.store(dx_ptr + plane.to(tl.int64) * H * W + ih * W + iw, acc.to(dx_ptr.dtype.element_ty), mask=imask)
 
 
+# --- channels_last tiles: one program per (image, output row, positions x channels) tile -------
+#
+# A channels_last forward's flat kernel finds each element's (n, oh, ow, c) by three divisions and
+# walks the window tap by tap for it alone. These forms give a program one output row of one
+# image and a [BP, BC] tile of (positions, channels): the row and tile come from the program id
+# (scalar divisions), a tap's row is one scalar (its bound check uniform), its columns a [BP, 1]
+# vector and its channels a [1, BC] one, consecutive in memory (16-byte loads where C allows).
+# The window's taps are unrolled (KH, KW compile-time), offsets int32 (offered only where no
+# tensor spans 2^31 elements). Same semantics and visiting order as the other forms.
+
+
+@triton.jit
+def _cl_tile_coords(OH, tiles_w, tiles_c, BP: tl.constexpr, BC: tl.constexpr):
+    """(n, oh, output columns [BP, 1], channels [1, BC]) of this program's channels_last tile."""
+    pid = tl.program_id(0)
+    per_row = tiles_w * tiles_c
+    row = pid // per_row
+    t = pid % per_row
+    ow = (t // tiles_c) * BP + tl.arange(0, BP)[:, None]
+    c = (t % tiles_c) * BC + tl.arange(0, BC)[None, :]
+    return row // OH, row % OH, ow, c
+
+
+@triton.jit
+def _max_pool_fwd_cl_kernel(x_ptr, y_ptr, i_ptr, C, H, W, OH, OW, tiles_w, tiles_c,
+                            stride_xn, stride_xh, stride_xw, SH, SW, PH, PW, DH, DW,
+                            KH: tl.constexpr, KW: tl.constexpr, MINIMUM: tl.constexpr,
+                            BP: tl.constexpr, BC: tl.constexpr, STORE_IDX: tl.constexpr = True):
+    """y (and the indices) channels_last [N, OH, OW, C] from a channels_last x (unit channel
+    stride): see the section comment; the taps' rule is :func:`_max_tap`'s."""
+    n, oh, ow, c = _cl_tile_coords(OH, tiles_w, tiles_c, BP, BC)
+    omask = (ow < OW) & (c < C)
+    # the row as a [BP, 1] vector of one value (a scalar's comparisons would mix a scalar
+    # boolean into the masks, which the interpreter widens to int32; compiled, it stays one value)
+    h0 = tl.full([BP, 1], 0, tl.int32) + oh * SH - PH
+    w0 = ow * SW - PW
+    best = tl.full([BP, BC], float("-inf"), tl.float32)
+    nan = best  # values only: NaN once any tap is NaN (_max_tap)
+    bidx = tl.full([BP, BC], -1, tl.int32)
+    if STORE_IDX:
+        # the default position, the first in-input tap (-1 for a window of padding only)
+        fh = tl.full([BP, 1], -1, tl.int32)
+        for i in tl.static_range(KH - 1, -1, -1):
+            fh = tl.where(_inside(h0 + i * DH, H), h0 + i * DH, fh)
+        fw = tl.full([BP, 1], -1, tl.int32)
+        for j in tl.static_range(KW - 1, -1, -1):
+            fw = tl.where(_inside(w0 + j * DW, W), w0 + j * DW, fw)
+        bidx = tl.where((fh >= 0) & (fw >= 0), fh * W + fw, bidx)
+    outside: tl.constexpr = float("inf") if MINIMUM else float("-inf")
+    for i in tl.static_range(KH):
+        ih = h0 + i * DH
+        hok = omask & _inside(ih, H)
+        row = n * stride_xn + ih * stride_xh
+        for j in tl.static_range(KW):
+            iw = w0 + j * DW
+            ok = hok & _inside(iw, W)
+            v = tl.load(x_ptr + (row + iw * stride_xw + c), mask=ok, other=outside).to(tl.float32)
+            if MINIMUM:
+                v = -v
+            best, nan, bidx = _max_tap(v, ok, ih * W + iw, best, nan, bidx, STORE_IDX, True)
+    best = _max_result(best, nan, MINIMUM, STORE_IDX)
+    o = ((n * OH + oh) * OW + ow) * C + c
+    tl.store(y_ptr + o, best.to(y_ptr.dtype.element_ty), mask=omask)
+    if STORE_IDX:
+        tl.store(i_ptr + o, bidx.to(tl.int64), mask=omask)
+
+
+@triton.jit
+def _avg_pool_fwd_cl_kernel(x_ptr, y_ptr, C, H, W, OH, OW, tiles_w, tiles_c,
+                            stride_xn, stride_xh, stride_xw, SH, SW, PH, PW, COUNT_PAD, DIVISOR,
+                            KH: tl.constexpr, KW: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr):
+    """Average pooling's channels_last tile (see :func:`_max_pool_fwd_cl_kernel`)."""
+    n, oh, ow, c = _cl_tile_coords(OH, tiles_w, tiles_c, BP, BC)
+    omask = (ow < OW) & (c < C)
+    h0 = tl.full([BP, 1], 0, tl.int32) + oh * SH - PH  # as in _max_pool_fwd_cl_kernel
+    w0 = ow * SW - PW
+    acc = tl.zeros([BP, BC], tl.float32)
+    for i in tl.static_range(KH):
+        ih = h0 + i
+        hok = omask & _inside(ih, H)
+        row = n * stride_xn + ih * stride_xh
+        for j in tl.static_range(KW):
+            iw = w0 + j
+            ok = hok & _inside(iw, W)
+            acc += tl.load(x_ptr + (row + iw * stride_xw + c), mask=ok, other=0.0).to(tl.float32)
+    div, empty = _avg_divisor(h0, w0, H, W, KH, KW, PH, PW, COUNT_PAD, DIVISOR)
+    y = tl.where(empty, 0.0, acc / div)
+    o = ((n * OH + oh) * OW + ow) * C + c
+    tl.store(y_ptr + o, y.to(y_ptr.dtype.element_ty), mask=omask)
+
+
 # --- launchers ------------------------------------------------------------------------------
 
 
@@ -494,7 +585,7 @@ def _wide(*tensors) -> bool:
     return False
 
 
-FLAT, TILE = "flat", "tile"
+FLAT, TILE, CLTILE = "flat", "tile", "cltile"
 TILE_ELEMS = 512  # elements per tiled program on a GPU, as the flat kernels' BLOCK
 TILE_MAX_W = 128  # widest tile row: 4 rows or more of a wide plane per program
 
@@ -511,19 +602,39 @@ def tile_config(rows: int, cols: int, interpret: bool) -> tuple:
     return (TILE, bh, bw, max(1, min(4, bh * bw // 128)))
 
 
+CL_TILE_MAX_C = 64  # widest channel block of a channels_last tile
+
+
+def cl_tile_config(cols: int, channels: int, interpret: bool) -> tuple:
+    """``(CLTILE, BP, BC, num_warps)``: the channels_last forward tile for output rows of ``cols``
+    positions of ``channels`` channels: BC the channels rounded up to a power of two (at most
+    CL_TILE_MAX_C), BP the positions that fill TILE_ELEMS (at most the row, rounded up), four
+    elements per thread: 64 channels of a 56-wide row take 8 x 64 tiles."""
+    elems = INTERP_BLOCK if interpret else TILE_ELEMS
+    bc = min(next_power_of_2(max(channels, 1)), CL_TILE_MAX_C)
+    bp = min(next_power_of_2(max(cols, 1)), max(1, elems // bc))
+    return (CLTILE, bp, bc, max(1, min(4, bp * bc // 128)))
+
+
 def flat_config(interpret: bool) -> tuple:
     return (FLAT, *launch_config(interpret))
 
 
 @functools.lru_cache(maxsize=256)
-def forms(rows: int, cols: int, flat_only: bool, interpret: bool) -> tuple:
+def forms(rows: int, cols: int, flat_only: bool, interpret: bool, channels: int = 0) -> tuple:
     """The configurations a launch may use, the heuristic (the flat kernel) first: the tiled form
-    joins unless ``flat_only`` (a tensor spanning 2^31 elements: the tiled form's in-plane offsets
-    are int32; or channels_last tensors, which the flat kernels read channels-fastest and the
-    tiled ones would read C elements apart). The tiled form is a measured candidate only until an
-    H200 run has timed it against the flat one (``GPU_NN_TUNE_RECORD`` at the bench shapes)."""
+    joins unless ``flat_only`` (a tensor spanning 2^31 elements: the tiled forms' offsets are
+    int32; or channels_last tensors, which the flat kernels read channels-fastest and the plane
+    tiles would read C elements apart); ``channels`` (a channels_last forward's C, unit channel
+    stride) offers the channels_last tile instead. The tiled forms are measured candidates only
+    until an H200 run has timed them against the flat one (``GPU_NN_TUNE_RECORD`` at the bench
+    shapes)."""
     flat = flat_config(interpret)
-    return (flat,) if flat_only else (flat, tile_config(rows, cols, interpret))
+    if flat_only:
+        return (flat,)
+    if channels:
+        return (flat, cl_tile_config(cols, channels, interpret))
+    return (flat, tile_config(rows, cols, interpret))
 
 
 def channels_last(t) -> bool:
@@ -537,7 +648,7 @@ def _tiles(planes: int, rows: int, cols: int, bh: int, bw: int) -> tuple:
     return (planes * th * tw,), th, tw
 
 
-def _pick(op: str, key, run, choose, cfg, rows: int, cols: int, flat_only: bool, interpret: bool):
+def _pick(op: str, key, run, choose, cfg, rows: int, cols: int, flat_only: bool, interpret: bool, channels: int = 0):
     """``cfg`` (forced), else without a chooser the heuristic (the flat kernel), else the
     chooser's measured pick among :func:`forms` for the problem ``key()`` names (built only
     here: a call without a chooser pays for no key)."""
@@ -545,7 +656,7 @@ def _pick(op: str, key, run, choose, cfg, rows: int, cols: int, flat_only: bool,
         return tuple(cfg)
     if choose is None:
         return flat_config(interpret)
-    cands = forms(rows, cols, flat_only, interpret)
+    cands = forms(rows, cols, flat_only, interpret, channels)
     return tuple(choose(op, key(), cands, run, cands[0])) if len(cands) > 1 else cands[0]
 
 
@@ -593,14 +704,21 @@ def max_pool2d_forward(x, y, idx, k, s, p, d, minimum: bool, interpret: bool, ch
                           *x.stride(), *s, *p, *d, KH=k[0], KW=k[1], MINIMUM=int(minimum), BH=bh, BW=bw,
                           STORE_IDX=idx is not None, num_warps=warps)
             return
+        if c[0] == CLTILE:
+            _, bp, bc, warps = c
+            tw, tc = cdiv(OW, bp), cdiv(C, bc)
+            launch_kernel(_max_pool_fwd_cl_kernel, (N * OH * tw * tc,), x, y, y if idx is None else idx, C, H, W,
+                          OH, OW, tw, tc, x.stride(0), x.stride(2), x.stride(3), *s, *p, *d, KH=k[0], KW=k[1],
+                          MINIMUM=int(minimum), BP=bp, BC=bc, STORE_IDX=idx is not None, num_warps=warps)
+            return
         _, blk, warps = c
         launch_kernel(_max_pool_fwd_kernel, (cdiv(total, blk),),
             x, y, y if idx is None else idx, total, C, H, W, OH, OW, *x.stride(), *k, *s, *p, *d,
             *_divs(wide, C, OH, OW), MINIMUM=int(minimum), WIDE=wide, BLOCK=blk, CL=cl, STORE_IDX=idx is not None, num_warps=warps)
 
     run(_pick("max_pool_fwd", lambda: (tuple(x.shape), tuple(x.stride()), str(x.dtype), tuple(k), tuple(s), tuple(p),
-                                       tuple(d), bool(minimum), idx is not None), run, choose, cfg, OH, OW, wide or cl,
-              interpret))
+                                       tuple(d), bool(minimum), idx is not None), run, choose, cfg, OH, OW,
+              wide or (cl and x.stride(1) != 1), interpret, C if cl else 0))
 
 
 def avg_pool2d_forward(x, y, k, s, p, ceil_mode, count_include_pad, divisor, interpret: bool, choose=None,
@@ -619,14 +737,21 @@ def avg_pool2d_forward(x, y, k, s, p, ceil_mode, count_include_pad, divisor, int
             launch_kernel(_avg_pool_fwd_tile_kernel, grid, x, y, C, H, W, OH, OW, th, tw, *x.stride(), *s, *p,
                           int(count_include_pad), int(divisor), KH=k[0], KW=k[1], BH=bh, BW=bw, num_warps=warps)
             return
+        if c[0] == CLTILE:
+            _, bp, bc, warps = c
+            tw, tc = cdiv(OW, bp), cdiv(C, bc)
+            launch_kernel(_avg_pool_fwd_cl_kernel, (N * OH * tw * tc,), x, y, C, H, W, OH, OW, tw, tc, x.stride(0),
+                          x.stride(2), x.stride(3), *s, *p, int(count_include_pad), int(divisor), KH=k[0], KW=k[1],
+                          BP=bp, BC=bc, num_warps=warps)
+            return
         _, blk, warps = c
         launch_kernel(_avg_pool_fwd_kernel, (cdiv(total, blk),),
             x, y, total, C, H, W, OH, OW, *x.stride(), *k, *s, *p, int(count_include_pad), int(divisor),
             *_divs(wide, C, OH, OW), WIDE=wide, BLOCK=blk, CL=cl, num_warps=warps)
 
     run(_pick("avg_pool_fwd", lambda: (tuple(x.shape), tuple(x.stride()), str(x.dtype), tuple(k), tuple(s), tuple(p),
-                                       bool(count_include_pad), int(divisor)), run, choose, cfg, OH, OW, wide or cl,
-              interpret))
+                                       bool(count_include_pad), int(divisor)), run, choose, cfg, OH, OW,
+              wide or (cl and x.stride(1) != 1), interpret, C if cl else 0))
 
 
 def windows_covering(k: int, s: int, d: int) -> int:
@@ -723,7 +848,7 @@ def aot_specs():
                    **geo, "COUNT_PAD": "i32", "DIVISOR": "i32", "C": "i32", **divs, **stride_divs,
                    "WIDE": "constexpr", "BLOCK": "constexpr", "CL": "constexpr"}
             specs.append(AotSpec(_avg_pool_bwd_kernel, sig, common, num_warps=GPU_WARPS, label=f"avg {tag}"))
-    return specs + tiled_specs()
+    return specs + tiled_specs() + cl_tiled_specs()
 
 
 # (window, stride, output plane, input plane) of the tiled forms' ahead-of-time configurations:
@@ -770,4 +895,43 @@ def tiled_specs():
             sig = {"g_ptr": f"*{dt}", "dx_ptr": f"*{dt}", **bplane, **sp, "COUNT_PAD": i32, "DIVISOR": i32, **cx}
             specs.append(AotSpec(_avg_pool_bwd_tile_kernel, sig, bwd_tile, num_warps=iwarps,
                                  label=f"tiled avg {geo} {dt} {ibh}x{ibw}"))
+    return specs
+
+
+# (window, stride, output row width, channels) of the channels_last tiles' ahead-of-time
+# configurations: ResNet's stem pool on 64 channels (the bench's channels_last case, every dtype)
+CL_TILED_AOT = (((3, 3), (2, 2), 56, 64, ("fp32", "fp16", "bf16")),)
+
+
+def launched_specs():
+    """The channels_last tiles as launches whose channel count and strides are multiples of 16
+    compile them (:meth:`AotSpec.aligned`, what the JIT specialises): ``gpu-nn sass --launched
+    --family pool`` shows their 16-byte loads and stores (the general forms, alignment unknown,
+    access 32 bits at a time)."""
+    return [spec.aligned() for spec in cl_tiled_specs()]
+
+
+def cl_tiled_specs():
+    """The channels_last forward tiles as :func:`cl_tile_config` configures them at
+    CL_TILED_AOT's problems (window and tile compile-time; other problems compile their own)."""
+    specs = []
+    i32 = "i32"
+    for k, st, cols, channels, dts in CL_TILED_AOT:
+        _, bp, bc, warps = cl_tile_config(cols, channels, False)
+        geo = f"{k[0]}x{k[1]}/{st[0]}"
+        ints = {n: i32 for n in ("C", "H", "W", "OH", "OW", "tiles_w", "tiles_c", "stride_xn", "stride_xh",
+                                 "stride_xw", "SH", "SW", "PH", "PW")}
+        tile = {"KH": k[0], "KW": k[1], "BP": bp, "BC": bc}
+        cx = {n: "constexpr" for n in tile}
+        for dt in dts:
+            for mode, code in MODES.items() if dt == "fp32" else (("max", 0),):
+                for store in (True, False):
+                    sig = {"x_ptr": f"*{dt}", "y_ptr": f"*{dt}", "i_ptr": "*i64" if store else f"*{dt}", **ints,
+                           "DH": i32, "DW": i32, **cx, "MINIMUM": "constexpr", "STORE_IDX": "constexpr"}
+                    specs.append(AotSpec(_max_pool_fwd_cl_kernel, sig, {**tile, "MINIMUM": code, "STORE_IDX": store},
+                                         num_warps=warps, label=f"channels_last tiled {mode} {geo} {dt} {bp}x{bc}"
+                                         + ("" if store else " values only")))
+            sig = {"x_ptr": f"*{dt}", "y_ptr": f"*{dt}", **ints, "COUNT_PAD": i32, "DIVISOR": i32, **cx}
+            specs.append(AotSpec(_avg_pool_fwd_cl_kernel, sig, tile, num_warps=warps,
+                                 label=f"channels_last tiled avg {geo} {dt} {bp}x{bc}"))
     return specs
