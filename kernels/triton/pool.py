@@ -340,8 +340,87 @@ def _avg_pool_bwd_kernel(g_ptr, dx_ptr, total, H, W, OH, OW,
 
 
 @triton.jit
+def _first_inside(start, step, size, K: tl.constexpr):
+    """The first of the K taps ``start + k * step`` inside ``[0, size)``, or -1 (same shape as start)."""
+    first = start * 0 - 1
+    for k in tl.static_range(K - 1, -1, -1):
+        first = tl.where(_inside(start + k * step, size), start + k * step, first)
+    return first
+
+
+@triton.jit
+def _default_position(h0, w0, H, W, DH, DW, KH: tl.constexpr, KW: tl.constexpr, bidx):
+    """torch's default position of the windows at (h0, w0) (any shapes that broadcast to bidx's):
+    the first in-input tap (-1 for a window of padding only), from the window's rows and columns
+    alone, so that a tap then only compares (:func:`_max_tap` with DEFAULT_SET)."""
+    fh = _first_inside(h0, DH, H, KH)
+    fw = _first_inside(w0, DW, W, KW)
+    return tl.where((fh >= 0) & (fw >= 0), fh * W + fw, bidx)
+
+
+@triton.jit
+def _tap_ptr(ptr0, row, col, ROW_FIRST: tl.constexpr):
+    """A tap's address from the plane pointer, the row's and the column's offsets: ``ROW_FIRST``
+    adds the row to the pointer first (the plane tiles: a pointer per tile row, then one add per
+    element), else sums the offsets first (the channels_last tiles, whose row and column are the
+    same [BP, 1] positions: one int32 sum per position, one add per element)."""
+    if ROW_FIRST:
+        return ptr0 + row + col
+    else:
+        return ptr0 + (row + col)
+
+
+@triton.jit
+def _max_window(ptr0, h0, w0, H, W, stride_xh, stride_xw, DH, DW, omask,
+                KH: tl.constexpr, KW: tl.constexpr, MINIMUM: tl.constexpr, STORE_IDX: tl.constexpr,
+                ROW_FIRST: tl.constexpr):
+    """The tiled max / min forwards' windows, their taps unrolled: ``(value, index)`` of each
+    output of ``omask``'s shape. ``ptr0`` points at each output's plane (tap (ih, iw) at ``ptr0 +
+    ih * stride_xh + iw * stride_xw``, :func:`_tap_ptr`), ``(h0, w0)`` its window's first tap.
+    The default position comes first (:func:`_default_position`); a masked tap reads -inf (+inf
+    for min pooling, -inf once negated): never an update."""
+    best = tl.full(omask.shape, float("-inf"), tl.float32)
+    nan = best  # values only: NaN once any tap is NaN (_max_tap)
+    bidx = tl.full(omask.shape, -1, tl.int32)
+    if STORE_IDX:
+        bidx = _default_position(h0, w0, H, W, DH, DW, KH, KW, bidx)
+    outside: tl.constexpr = float("inf") if MINIMUM else float("-inf")
+    for i in tl.static_range(KH):
+        ih = h0 + i * DH
+        hok = omask & _inside(ih, H)
+        row = ih * stride_xh
+        rowpos = ih * W
+        for j in tl.static_range(KW):
+            iw = w0 + j * DW
+            ok = hok & _inside(iw, W)
+            v = tl.load(_tap_ptr(ptr0, row, iw * stride_xw, ROW_FIRST), mask=ok, other=outside).to(tl.float32)
+            if MINIMUM:
+                v = -v
+            best, nan, bidx = _max_tap(v, ok, rowpos + iw, best, nan, bidx, STORE_IDX, True)
+    return _max_result(best, nan, MINIMUM, STORE_IDX), bidx
+
+
+@triton.jit
+def _avg_taps(ptr0, h0, w0, H, W, stride_xh, stride_xw, omask, acc, KH: tl.constexpr, KW: tl.constexpr,
+              ROW_FIRST: tl.constexpr):
+    """``acc`` plus the sum of the in-input taps of the tiled avg forwards' windows (addressed as
+    :func:`_max_window`'s)."""
+    for i in tl.static_range(KH):
+        ih = h0 + i
+        hok = omask & _inside(ih, H)
+        row = ih * stride_xh
+        for j in tl.static_range(KW):
+            iw = w0 + j
+            ok = hok & _inside(iw, W)
+            acc += tl.load(_tap_ptr(ptr0, row, iw * stride_xw, ROW_FIRST), mask=ok, other=0.0).to(tl.float32)
+    return acc
+
+
+@triton.jit
 def _tile_coords(C, tiles_h, tiles_w, BH: tl.constexpr, BW: tl.constexpr):
-    """(n, c, plane, row offsets [BH, 1], column offsets [1, BW]) of this program's tile."""
+    """(n, c, plane, row offsets [BH, 1], column offsets [1, BW]) of this program's tile. The
+    channels_last tiles call it with (OH, tiles of positions, tiles of channels): (n, oh, the
+    image row's index, positions [BP, 1], channels [1, BC])."""
     pid = tl.program_id(0)
     per_plane = tiles_h * tiles_w
     plane = pid // per_plane
@@ -361,34 +440,8 @@ def _max_pool_fwd_tile_kernel(x_ptr, y_ptr, i_ptr, C, H, W, OH, OW, tiles_h, til
     omask = (oh < OH) & (ow < OW)
     h0 = oh * SH - PH
     w0 = ow * SW - PW
-    best = tl.full([BH, BW], float("-inf"), tl.float32)
-    nan = best  # values only: NaN once any tap is NaN (_max_tap)
-    bidx = tl.full([BH, BW], -1, tl.int32)
-    if STORE_IDX:
-        # the default position, the first in-input tap (-1 for a window of padding only), from
-        # the window's rows ([BH, 1]) and columns ([1, BW]) alone: a tap then only compares
-        fh = tl.full([BH, 1], -1, tl.int32)
-        for i in tl.static_range(KH - 1, -1, -1):
-            fh = tl.where(_inside(h0 + i * DH, H), h0 + i * DH, fh)
-        fw = tl.full([1, BW], -1, tl.int32)
-        for j in tl.static_range(KW - 1, -1, -1):
-            fw = tl.where(_inside(w0 + j * DW, W), w0 + j * DW, fw)
-        bidx = tl.where((fh >= 0) & (fw >= 0), fh * W + fw, bidx)
-    # a masked tap reads -inf (+inf for min pooling, -inf once negated): never an update
-    outside: tl.constexpr = float("inf") if MINIMUM else float("-inf")
-    for i in tl.static_range(KH):
-        ih = h0 + i * DH
-        hok = omask & _inside(ih, H)
-        row = ih * stride_xh
-        rowpos = ih * W
-        for j in tl.static_range(KW):
-            iw = w0 + j * DW
-            ok = hok & _inside(iw, W)
-            v = tl.load(base + row + iw * stride_xw, mask=ok, other=outside).to(tl.float32)
-            if MINIMUM:
-                v = -v
-            best, nan, bidx = _max_tap(v, ok, rowpos + iw, best, nan, bidx, STORE_IDX, True)
-    best = _max_result(best, nan, MINIMUM, STORE_IDX)
+    best, bidx = _max_window(base, h0, w0, H, W, stride_xh, stride_xw, DH, DW, omask, KH, KW, MINIMUM, STORE_IDX,
+                             True)
     o = plane.to(tl.int64) * OH * OW + oh * OW + ow
     tl.store(y_ptr + o, best.to(y_ptr.dtype.element_ty), mask=omask)
     if STORE_IDX:
@@ -404,15 +457,7 @@ def _avg_pool_fwd_tile_kernel(x_ptr, y_ptr, C, H, W, OH, OW, tiles_h, tiles_w,
     omask = (oh < OH) & (ow < OW)
     h0 = oh * SH - PH
     w0 = ow * SW - PW
-    acc = tl.zeros([BH, BW], tl.float32)
-    for i in tl.static_range(KH):
-        ih = h0 + i
-        hok = omask & _inside(ih, H)
-        row = ih * stride_xh
-        for j in tl.static_range(KW):
-            iw = w0 + j
-            ok = hok & _inside(iw, W)
-            acc += tl.load(base + row + iw * stride_xw, mask=ok, other=0.0).to(tl.float32)
+    acc = _avg_taps(base, h0, w0, H, W, stride_xh, stride_xw, omask, tl.zeros([BH, BW], tl.float32), KH, KW, True)
     div, empty = _avg_divisor(h0, w0, H, W, KH, KW, PH, PW, COUNT_PAD, DIVISOR)
     y = tl.where(empty, 0.0, acc / div)
     o = plane.to(tl.int64) * OH * OW + oh * OW + ow
@@ -482,55 +527,20 @@ def _avg_pool_bwd_tile_kernel(g_ptr, dx_ptr, H, W, OH, OW, tiles_h, tiles_w, SH,
 
 
 @triton.jit
-def _cl_tile_coords(OH, tiles_w, tiles_c, BP: tl.constexpr, BC: tl.constexpr):
-    """(n, oh, output columns [BP, 1], channels [1, BC]) of this program's channels_last tile."""
-    pid = tl.program_id(0)
-    per_row = tiles_w * tiles_c
-    row = pid // per_row
-    t = pid % per_row
-    ow = (t // tiles_c) * BP + tl.arange(0, BP)[:, None]
-    c = (t % tiles_c) * BC + tl.arange(0, BC)[None, :]
-    return row // OH, row % OH, ow, c
-
-
-@triton.jit
 def _max_pool_fwd_cl_kernel(x_ptr, y_ptr, i_ptr, C, H, W, OH, OW, tiles_w, tiles_c,
                             stride_xn, stride_xh, stride_xw, SH, SW, PH, PW, DH, DW,
                             KH: tl.constexpr, KW: tl.constexpr, MINIMUM: tl.constexpr,
                             BP: tl.constexpr, BC: tl.constexpr, STORE_IDX: tl.constexpr = True):
     """y (and the indices) channels_last [N, OH, OW, C] from a channels_last x (unit channel
     stride): see the section comment; the taps' rule is :func:`_max_tap`'s."""
-    n, oh, ow, c = _cl_tile_coords(OH, tiles_w, tiles_c, BP, BC)
+    n, oh, _, ow, c = _tile_coords(OH, tiles_w, tiles_c, BP, BC)
     omask = (ow < OW) & (c < C)
     # the row as a [BP, 1] vector of one value (a scalar's comparisons would mix a scalar
     # boolean into the masks, which the interpreter widens to int32; compiled, it stays one value)
     h0 = tl.full([BP, 1], 0, tl.int32) + oh * SH - PH
     w0 = ow * SW - PW
-    best = tl.full([BP, BC], float("-inf"), tl.float32)
-    nan = best  # values only: NaN once any tap is NaN (_max_tap)
-    bidx = tl.full([BP, BC], -1, tl.int32)
-    if STORE_IDX:
-        # the default position, the first in-input tap (-1 for a window of padding only)
-        fh = tl.full([BP, 1], -1, tl.int32)
-        for i in tl.static_range(KH - 1, -1, -1):
-            fh = tl.where(_inside(h0 + i * DH, H), h0 + i * DH, fh)
-        fw = tl.full([BP, 1], -1, tl.int32)
-        for j in tl.static_range(KW - 1, -1, -1):
-            fw = tl.where(_inside(w0 + j * DW, W), w0 + j * DW, fw)
-        bidx = tl.where((fh >= 0) & (fw >= 0), fh * W + fw, bidx)
-    outside: tl.constexpr = float("inf") if MINIMUM else float("-inf")
-    for i in tl.static_range(KH):
-        ih = h0 + i * DH
-        hok = omask & _inside(ih, H)
-        row = n * stride_xn + ih * stride_xh
-        for j in tl.static_range(KW):
-            iw = w0 + j * DW
-            ok = hok & _inside(iw, W)
-            v = tl.load(x_ptr + (row + iw * stride_xw + c), mask=ok, other=outside).to(tl.float32)
-            if MINIMUM:
-                v = -v
-            best, nan, bidx = _max_tap(v, ok, ih * W + iw, best, nan, bidx, STORE_IDX, True)
-    best = _max_result(best, nan, MINIMUM, STORE_IDX)
+    best, bidx = _max_window(x_ptr + (n * stride_xn + c), h0, w0, H, W, stride_xh, stride_xw, DH, DW, omask,
+                             KH, KW, MINIMUM, STORE_IDX, False)
     o = ((n * OH + oh) * OW + ow) * C + c
     tl.store(y_ptr + o, best.to(y_ptr.dtype.element_ty), mask=omask)
     if STORE_IDX:
@@ -542,19 +552,12 @@ def _avg_pool_fwd_cl_kernel(x_ptr, y_ptr, C, H, W, OH, OW, tiles_w, tiles_c,
                             stride_xn, stride_xh, stride_xw, SH, SW, PH, PW, COUNT_PAD, DIVISOR,
                             KH: tl.constexpr, KW: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr):
     """Average pooling's channels_last tile (see :func:`_max_pool_fwd_cl_kernel`)."""
-    n, oh, ow, c = _cl_tile_coords(OH, tiles_w, tiles_c, BP, BC)
+    n, oh, _, ow, c = _tile_coords(OH, tiles_w, tiles_c, BP, BC)
     omask = (ow < OW) & (c < C)
     h0 = tl.full([BP, 1], 0, tl.int32) + oh * SH - PH  # as in _max_pool_fwd_cl_kernel
     w0 = ow * SW - PW
-    acc = tl.zeros([BP, BC], tl.float32)
-    for i in tl.static_range(KH):
-        ih = h0 + i
-        hok = omask & _inside(ih, H)
-        row = n * stride_xn + ih * stride_xh
-        for j in tl.static_range(KW):
-            iw = w0 + j
-            ok = hok & _inside(iw, W)
-            acc += tl.load(x_ptr + (row + iw * stride_xw + c), mask=ok, other=0.0).to(tl.float32)
+    acc = _avg_taps(x_ptr + (n * stride_xn + c), h0, w0, H, W, stride_xh, stride_xw, omask,
+                    tl.zeros([BP, BC], tl.float32), KH, KW, False)
     div, empty = _avg_divisor(h0, w0, H, W, KH, KW, PH, PW, COUNT_PAD, DIVISOR)
     y = tl.where(empty, 0.0, acc / div)
     o = ((n * OH + oh) * OW + ow) * C + c
