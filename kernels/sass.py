@@ -1,4 +1,5 @@
-"""Reading a ``cuobjdump -sass`` listing: its functions' instructions, and the straight path.
+"""Reading a cubin without a GPU: ``cuobjdump``'s resource usage and disassembly, a listing's
+functions' instructions, and the straight path.
 
 Shared by the CUDA C report (``kernels/cuda``'s ``sass_report``, ``gpu-nn sass --cuda``) and the
 Triton one (``kernels/triton/_aot``, ``gpu-nn sass``).
@@ -6,7 +7,32 @@ Triton one (``kernels/triton/_aot``, ``gpu-nn sass``).
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import tempfile
+
+
+def tool(name: str) -> str:
+    """The path of one of the CUDA tools Triton's wheel ships (``cuobjdump``, ``ptxas``)."""
+    import triton.backends.nvidia as nv
+
+    return os.path.join(os.path.dirname(nv.__file__), "bin", name)
+
+
+def cuobjdump(cubin: bytes, sass: bool = True) -> tuple:
+    """``(resource usage, disassembly)`` of ``cubin``: ``cuobjdump -res-usage`` and, with ``sass``,
+    ``cuobjdump -sass`` (the slow part; None without)."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+        path = f.name
+    try:
+        def run(flag):
+            return subprocess.run([tool("cuobjdump"), flag, path], capture_output=True, text=True, check=True).stdout
+
+        return run("-res-usage"), (run("-sass") if sass else None)
+    finally:
+        os.unlink(path)
 
 _SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 _BRANCH = re.compile(r"^(@!?U?P[T0-9]+\s+)?BRA(?:\.\w+)*\s+(?:`\()?(0x[0-9a-f]+)")

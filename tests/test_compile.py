@@ -203,20 +203,10 @@ def test_pool_window_compiled_in_unrolls_its_taps():
     from gpu_nn.ops import pool
 
     def back_edges(defines, kernel):
-        import re
-        import subprocess
-        import tempfile
+        from gpu_nn.kernels.sass import _BRANCH, cuobjdump, functions
 
-        from gpu_nn.kernels.triton._aot import _tool
-
-        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-            f.write(kcuda.compile_cubin("pool", defines))
-            f.flush()
-            text = subprocess.run([_tool("cuobjdump"), "-sass", "-fun", kernel, f.name], capture_output=True,
-                                  text=True, check=True).stdout
-        ins = [(int(a, 16), t) for a, t in re.findall(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", text)]
-        return sum(1 for a, t in ins if re.match(r"(@!?P\d\s+)?BRA\s+(0x[0-9a-f]+)", t)
-                   and int(re.match(r"(@!?P\d\s+)?BRA\s+(0x[0-9a-f]+)", t).group(2), 16) < a)
+        ins = functions(cuobjdump(kcuda.compile_cubin("pool", defines))[1])[kernel]
+        return sum(1 for a, t in ins if _BRANCH.match(t) and int(_BRANCH.match(t).group(2), 16) < a)
 
     fixed = pool.cuda_defines(torch.float32, True, False, pool._window((3, 3), (2, 2)), True)
     runtime = pool.cuda_defines(torch.float32, True, False, None, True)

@@ -1180,8 +1180,14 @@ _DEFAULT_GEOS = [((3, 3), (2, 2), (1, 1), (1, 1), (11, 13)), ((2, 3), (1, 2), (1
                  ((2, 1), (1, 1), (1, 0), (5, 1), (4, 6))]  # the last: a window of padding only
 
 
-@pytest.mark.parametrize("backend,device", backend_params(("triton", "cupy")))
-@pytest.mark.parametrize("form", ["flat", "tile", "cltile"])
+# (backend, device, form): the Triton forms (flat, plane tile, channels_last tile) forced, and
+# CUDA C's one kernel (its availability marks kept from backend_params)
+_DEFAULT_FORMS = [pytest.param(*p.values, form, marks=p.marks, id=f"{p.id}-{form}")
+                  for p in backend_params(("triton", "cupy"))
+                  for form in (("flat", "tile", "cltile") if p.values[0] == "triton" else ("flat",))]
+
+
+@pytest.mark.parametrize("backend,device,form", _DEFAULT_FORMS)
 @pytest.mark.parametrize("minimum", [False, True], ids=["max", "min"])
 def test_default_positions_like_the_reference(backend, device, form, minimum, rng, monkeypatch):
     """The default position of a max / min window, torch's first in-input tap (taken with the
@@ -1189,8 +1195,6 @@ def test_default_positions_like_the_reference(backend, device, form, minimum, rn
     few finite values, values and indices against the reference, including a window of padding
     only (index -1: the reference's choice where torch's points outside the input); Triton's
     flat and tiled kernels, CUDA C's (the form parameter is Triton's)."""
-    if backend != "triton" and form != "flat":
-        pytest.skip("the tiled forms are Triton's")
     if backend == "triton":
         _forcing(monkeypatch, form)
     fn = F.min_pool2d if minimum else F.max_pool2d

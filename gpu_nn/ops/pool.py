@@ -576,33 +576,22 @@ def cuda_defines(dtype: torch.dtype, narrow: bool, cl: bool = False, window=None
 _MODULES: dict = {}  # (dtype, narrow, cl, window, unit_w, device index) -> module
 
 
+def _load_module(dtype, narrow, cl, window, unit_w, index):
+    return cuda_kernels().load("pool", cuda_defines(dtype, narrow, cl, window, unit_w), index)
+
+
 def _cuda_module(dtype: torch.dtype, device: torch.device, narrow: bool, cl: bool = False, window=None,
                  unit_w: bool = False):
     """The module for a launch (see :func:`cuda_defines`), looked up by the launch's facts (no
     defines dict built and sorted per call once it is loaded)."""
     key = (dtype, narrow, cl, window, unit_w, device.index or 0)
-    mod = _MODULES.get(key)
-    if mod is None:
-        mod = _MODULES[key] = cuda_kernels().load("pool", cuda_defines(dtype, narrow, cl, window, unit_w), key[-1])
-    return mod
-
-
-_MAGIC: dict = {}
+    return memo(_MODULES, 1024, key, _load_module, *key)
 
 
 def _divisors(narrow: bool, C: int, R: int, Q: int) -> tuple:
     """The kernels' last six arguments: m and s for C, R and Q (the sizes an element index is
     unravelled by) where the indices are 32-bit, zeros where they are not (unused there)."""
-    if not narrow:
-        return (np.uint32(0),) * 6
-    key = (C, R, Q)
-    got = _MAGIC.get(key)
-    if got is None:
-        got = tuple(np.uint32(v) for d in key for v in fastdiv.magic(max(int(d), 1)))
-        if len(_MAGIC) >= 256:
-            _MAGIC.clear()
-        _MAGIC[key] = got
-    return got
+    return fastdiv.launch_args((C, R, Q), False) if narrow else (np.uint32(0),) * 6
 
 
 def _window(k, s, d=(1, 1), minimum=False):
@@ -638,11 +627,7 @@ def _resident_blocks(mod, kernel: str, index: int) -> int:
 def _grid_cap(mod, kernel: str, device: torch.device) -> int:
     if device.type != "cuda":
         return 65535 * 32
-    key = (id(mod), kernel)
-    got = _GRID_CAPS.get(key)
-    if got is None:
-        got = _GRID_CAPS[key] = _resident_blocks(mod, kernel, device.index or 0)
-    return got
+    return memo(_GRID_CAPS, 1024, (id(mod), kernel), _resident_blocks, mod, kernel, device.index or 0)
 
 
 def _cuda_launch(kernel: str, n: int, args, device: torch.device, narrow: bool, cl: bool, window=None,

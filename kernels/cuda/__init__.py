@@ -103,20 +103,10 @@ def sass_report(cubin: bytes) -> dict:
     listing, NOPs and the final self-branch left out), ``straight`` (``gpu_nn.kernels.sass.straight_path``) and
     the global and generic-address loads and stores by access width. Reads the cubin with the ``cuobjdump`` of
     Triton's wheel; no GPU needed."""
-    import subprocess
-    import tempfile
+    from ..sass import cuobjdump, functions, straight_path
+    from ..triton._aot import access_widths
 
-    from ..sass import functions, straight_path
-    from ..triton._aot import _tool, access_widths
-
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-        f.write(cubin)
-        path = f.name
-    try:
-        usage = subprocess.run([_tool("cuobjdump"), "-res-usage", path], capture_output=True, text=True, check=True).stdout
-        text = subprocess.run([_tool("cuobjdump"), "-sass", path], capture_output=True, text=True, check=True).stdout
-    finally:
-        os.unlink(path)
+    usage, text = cuobjdump(cubin)
     res = {m.group(1): (int(m.group(2)), int(m.group(3)))
            for m in re.finditer(r"Function (\w+):\s*\n\s*REG:(\d+)\s+STACK:(\d+)", usage)}
     out = {}

@@ -16,13 +16,11 @@ import importlib
 import json
 import os
 import re
-import subprocess
 import sys
-import tempfile
 import time
 from typing import Any
 
-from ..sass import functions, straight_path
+from ..sass import cuobjdump, functions, straight_path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,12 +57,6 @@ class AotSpec:
         return dataclasses.replace(self, label=f"{self.label} launched", divisible_by_16=div)
 
 
-def _tool(name: str) -> str:
-    import triton.backends.nvidia as nv
-
-    return os.path.join(os.path.dirname(nv.__file__), "bin", name)
-
-
 def _resources(cubin: bytes, sass: bool = True) -> dict:
     """Registers, stack and local memory (``cuobjdump -res-usage``) and, with ``sass``, counts of
     instructions in the disassembly (tensor-core MMAs, spill stores / loads, TMA loads, global
@@ -75,14 +67,7 @@ def _resources(cubin: bytes, sass: bool = True) -> dict:
     0 for Triton's kernels (no local arrays, every call inlined); a non-zero stack in a Triton
     kernel is spilled registers. The disassembly is the slow part (about a second for a large
     GEMM kernel), so the ahead-of-time test skips it."""
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-        f.write(cubin)
-        path = f.name
-    try:
-        usage = subprocess.run([_tool("cuobjdump"), "-res-usage", path], capture_output=True, text=True, check=True).stdout
-        text = subprocess.run([_tool("cuobjdump"), "-sass", path], capture_output=True, text=True, check=True).stdout if sass else None
-    finally:
-        os.unlink(path)
+    usage, text = cuobjdump(cubin, sass)
     m = re.search(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)", usage)
     regs, stack, shared, local = (int(g) for g in m.groups()) if m else (-1, -1, -1, -1)
     out = {

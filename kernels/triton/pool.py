@@ -663,21 +663,10 @@ def _pick(op: str, key, run, choose, cfg, rows: int, cols: int, flat_only: bool,
     return tuple(choose(op, key(), cands, run, cands[0])) if len(cands) > 1 else cands[0]
 
 
-_DIVS: dict = {}
-
-
 def _divs(wide: bool, *sizes) -> tuple:
     """The flat kernels' multiply-high divisor arguments (m, s per size: C, R, Q, and a backward's
     strides) for 32-bit offsets; zeros where ``wide`` (the kernels divide there)."""
-    if wide:
-        return (0,) * (2 * len(sizes))
-    got = _DIVS.get(sizes)
-    if got is None:
-        got = tuple(v for d in sizes for v in fastdiv.magic_i32(max(int(d), 1)))
-        if len(_DIVS) >= 256:
-            _DIVS.clear()
-        _DIVS[sizes] = got
-    return got
+    return (0,) * (2 * len(sizes)) if wide else fastdiv.launch_args(sizes, True)
 
 
 def _facts(inp, out, written) -> tuple:
@@ -717,7 +706,8 @@ def max_pool2d_forward(x, y, idx, k, s, p, d, minimum: bool, interpret: bool, ch
         _, blk, warps = c
         launch_kernel(_max_pool_fwd_kernel, (cdiv(total, blk),),
             x, y, y if idx is None else idx, total, C, H, W, OH, OW, *x.stride(), *k, *s, *p, *d,
-            *_divs(wide, C, OH, OW), MINIMUM=int(minimum), WIDE=wide, BLOCK=blk, CL=cl, STORE_IDX=idx is not None, num_warps=warps)
+            *_divs(wide, C, OH, OW), MINIMUM=int(minimum), WIDE=wide, BLOCK=blk, CL=cl, STORE_IDX=idx is not None,
+            num_warps=warps)
 
     run(_pick("max_pool_fwd", lambda: (tuple(x.shape), tuple(x.stride()), str(x.dtype), tuple(k), tuple(s), tuple(p),
                                        tuple(d), bool(minimum), idx is not None), run, choose, cfg, OH, OW,
