@@ -352,8 +352,13 @@ KERNEL_CASES = [  # (fn, args, shape)
 _CASE_LAYOUTS = [(c, lay) for c in KERNEL_CASES for lay in (("contig", "channels_last") if len(c[2]) == 4 else ("contig",))]
 
 
+def _case_layout_id(v) -> str:
+    """pytest id of a _CASE_LAYOUTS value: the layout's name, or the case's function, args and shape."""
+    return v if isinstance(v, str) else f"{v[0].__name__}{v[1]}{v[2]}"
+
+
 @pytest.mark.parametrize("backend,device", backend_params(("triton", "cupy")))
-@pytest.mark.parametrize("case,layout", _CASE_LAYOUTS, ids=lambda v: v if isinstance(v, str) else f"{v[0].__name__}{v[1]}{v[2]}")
+@pytest.mark.parametrize("case,layout", _CASE_LAYOUTS, ids=_case_layout_id)
 def test_backend_matches_reference(backend, device, case, layout, rng):
     fn, args, shape = case
     is_max = fn.__name__.startswith(("max", "min"))
@@ -1267,7 +1272,7 @@ def test_cupy_int64_kernels_match_reference(backend, device, case, rng, monkeypa
 
 
 @pytest.mark.parametrize("backend,device", backend_params(("triton",)))
-@pytest.mark.parametrize("case,layout", _CASE_LAYOUTS, ids=lambda v: v if isinstance(v, str) else f"{v[0].__name__}{v[1]}{v[2]}")
+@pytest.mark.parametrize("case,layout", _CASE_LAYOUTS, ids=_case_layout_id)
 def test_triton_int64_kernels_match_reference(backend, device, case, layout, rng, monkeypatch):
     """The Triton flat kernels' int64 form (WIDE: tensors spanning 2^31 elements or more, where
     the offsets are divided as they are, not by the multiply-high divisors of the 32-bit form),
@@ -1279,7 +1284,7 @@ def test_triton_int64_kernels_match_reference(backend, device, case, layout, rng
 
 
 @pytest.mark.parametrize("backend,device", backend_params(("cupy",)))
-@pytest.mark.parametrize("case,layout", _CASE_LAYOUTS, ids=lambda v: v if isinstance(v, str) else f"{v[0].__name__}{v[1]}{v[2]}")
+@pytest.mark.parametrize("case,layout", _CASE_LAYOUTS, ids=_case_layout_id)
 def test_cupy_runtime_window_kernels_match_reference(backend, device, case, layout, rng, monkeypatch):
     """The CuPy kernels whose window is a run-time argument (pool.cu without POOL_FIXED: windows
     of more than _FIXED_TAPS taps), forced on every window, against the reference; every other
@@ -1288,6 +1293,20 @@ def test_cupy_runtime_window_kernels_match_reference(backend, device, case, layo
 
     monkeypatch.setattr(P, "_FIXED_TAPS", 0)
     test_backend_matches_reference(backend, device, case, layout, rng)
+
+
+def _stub_cupy_launches(monkeypatch, module) -> list:
+    """The CuPy pooling launcher with its module loading and kernel launches stubbed (a CPU test):
+    ``module(narrow, cl, window, unit_w)`` stands for the module a launch loads; returns the list
+    each launch appends ``(kernel, module, grid, block, args)`` to."""
+    from gpu_nn.ops import pool as P
+
+    launches = []
+    monkeypatch.setattr(P, "_cuda_module", lambda dtype, device, narrow, cl=False, window=None, unit_w=False:
+                        module(narrow, cl, window, unit_w))
+    monkeypatch.setattr(P, "cuda_kernels", lambda: type("K", (), {"launch": staticmethod(
+        lambda mod, kernel, grid, block, args, device=0: launches.append((kernel, mod, grid, block, args)))}))
+    return launches
 
 
 def test_cupy_pool_modules_are_compiled_for_small_windows_only(monkeypatch):
@@ -1299,11 +1318,7 @@ def test_cupy_pool_modules_are_compiled_for_small_windows_only(monkeypatch):
     from gpu_nn.kernels import fastdiv
     from gpu_nn.ops import pool as P
 
-    seen = []
-    monkeypatch.setattr(P, "_cuda_module", lambda dtype, device, narrow, cl=False, window=None, unit_w=False:
-                        (narrow, cl, window, unit_w))
-    monkeypatch.setattr(P, "cuda_kernels", lambda: type("K", (), {"launch": staticmethod(
-        lambda mod, kernel, grid, block, args, device=0: seen.append((kernel, mod, args)))}))
+    seen = _stub_cupy_launches(monkeypatch, lambda narrow, cl, window, unit_w: (narrow, cl, window, unit_w))
     x = torch.randn(2, 5, 12, 11)
     out = torch.empty(2, 5, 6, 5)
     P._cupy_max_forward(x, out, None, (3, 2), (2, 2), (1, 0), (1, 2), True)
@@ -1312,7 +1327,7 @@ def test_cupy_pool_modules_are_compiled_for_small_windows_only(monkeypatch):
     P._cupy_avg_backward(out, x, (3, 3), (2, 2), (1, 1), False, 0, cl=True)
     P._cupy_max_forward(x[..., ::2], out[..., :3], None, (2, 2), (2, 2), (0, 0), (1, 1), False)
     P._cupy_max_forward(x[..., :1], out[..., :1], None, (2, 1), (2, 1), (0, 0), (1, 1), False)
-    assert [(k, m) for k, m, _ in seen] == [
+    assert [(k, m) for k, m, _, _, _ in seen] == [
         ("pool_max_fwd", (True, False, (3, 2, 2, 2, 1, 2, 1), True)),
         ("pool_avg_fwd", (True, True, (3, 3, 2, 2, 1, 1, 0), False)),  # columns C apart
         ("pool_max_bwd", (True, False, None, True)),  # 72 taps
@@ -1321,13 +1336,13 @@ def test_cupy_pool_modules_are_compiled_for_small_windows_only(monkeypatch):
         ("pool_max_fwd", (True, False, (2, 1, 2, 1, 1, 1, 0), True)),  # one column
     ]
     sizes = [(5, 6, 5), (5, 6, 5), (5, 12, 11), (5, 12, 11), (5, 6, 3), (5, 6, 1)]
-    for (_, _, args), dims in zip(seen, sizes):
+    for (_, _, _, _, args), dims in zip(seen, sizes):
         assert all(type(a) is np.uint32 for a in args[-6:])
         assert [int(a) for a in args[-6:]] == [v for d in dims for v in fastdiv.magic(d)]
     seen.clear()
     monkeypatch.setattr(P, "_NARROW_SPAN", 0)
     P._cupy_max_forward(x, out, None, (3, 2), (2, 2), (1, 0), (1, 2), False)
-    (_, mod, args), = seen
+    (_, mod, _, _, args), = seen
     assert mod == (False, False, (3, 2, 2, 2, 1, 2, 0), True) and [int(a) for a in args[-6:]] == [0] * 6
 
 
@@ -1338,10 +1353,8 @@ def test_cupy_pool_grid_stops_at_what_the_gpu_holds(monkeypatch):
     elements, no second wave). Launches and the occupancy stubbed: runs on the CPU."""
     from gpu_nn.ops import pool as P
 
-    grids, asked = [], []
-    monkeypatch.setattr(P, "_cuda_module", lambda dtype, device, narrow, cl=False, window=None, unit_w=False: narrow)
-    monkeypatch.setattr(P, "cuda_kernels", lambda: type("K", (), {"launch": staticmethod(
-        lambda mod, kernel, grid, block, args, device=0: grids.append((grid, block)))}))
+    asked = []
+    launches = _stub_cupy_launches(monkeypatch, lambda narrow, cl, window, unit_w: narrow)
     monkeypatch.setattr(P, "_resident_blocks", lambda mod, kernel, index: asked.append((mod, kernel)) or 1056 + mod)
     monkeypatch.setattr(P, "_GRID_CAPS", {})
     dev = torch.device("cuda", 0)
@@ -1350,6 +1363,7 @@ def test_cupy_pool_grid_stops_at_what_the_gpu_holds(monkeypatch):
         P._cuda_launch("pool_max_fwd", n, args, dev, False, False)
     P._cuda_launch("pool_max_bwd", 10**8, args, dev, False, False)
     P._cuda_launch("pool_max_bwd", 10**8, args, dev, True, False)
+    grids = [(g, b) for _, _, g, b, _ in launches]
     assert grids == [((b,), (256,)) for b in (1, 1, 2, 1056, 1056, 1056, 1056, 1057)]
     assert asked == [(False, "pool_max_fwd"), (False, "pool_max_bwd"), (True, "pool_max_bwd")]
     assert P._grid_cap(None, "pool_max_fwd", torch.device("cpu")) == 65535 * 32
