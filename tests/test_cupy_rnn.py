@@ -96,6 +96,15 @@ void host_rnn_cell_bwd(int mode, int round, GN_CELL_BWD_PARAMS) {
     (void)round;
     for (gn_index idx = 0; idx < (gn_index)B * H; ++idx) gn_cell_bwd_at(mode, idx, GN_CELL_BWD_ARGS);
 }
+// stand-ins for the projection kernels rnn_proj_fwd / rnn_proj_bwd, their very parameter lists
+void host_rnn_proj_fwd(int mode, int round, GN_PROJ_FWD_PARAMS) {
+    (void)mode, (void)round;
+    for (gn_index idx = 0; idx < (gn_index)B * P; ++idx) gn_proj_fwd_at(idx, GN_PROJ_FWD_ARGS);
+}
+void host_rnn_proj_bwd(int mode, int round, GN_PROJ_BWD_PARAMS) {
+    (void)mode, (void)round;
+    for (gn_index idx = 0; idx < (gn_index)B * P; ++idx) gn_proj_bwd_at(idx, GN_PROJ_BWD_ARGS);
+}
 // One warp's tensor-core dot of one 16 x 8 tile, every lane's fragments from the GN_HD helpers
 // the kernel uses, the mma itself emulated from the PTX ISA's fragment layout (written out here
 // again, apart from the helpers), each lane's accumulators put where gn_mma_c_at says:
@@ -559,6 +568,58 @@ def test_cublas_tf32_sets_and_restores_the_matmul_flag(dot, want, before):
     with pytest.raises(RuntimeError), ops._cublas_tf32(dot):
         raise RuntimeError
     assert torch.backends.cuda.matmul.allow_tf32 == before
+
+
+@pytest.mark.parametrize("path,P", [("step", 0), ("loop", 0), ("step", 3)], ids=["step", "loop", "projection"])
+@pytest.mark.parametrize("bi", [False, True], ids=["uni", "bi"])
+def test_cupy_paths_with_strided_masks_match_reference(path, P, bi, rng, monkeypatch):
+    """Every cupy path (GPU_NN_CUPY_RNN=step: the per-step kernels; the device loop; an LSTM with
+    a projection: the projection kernels) with the dropout masks an expanded [.., B, 1] tensor
+    (unit stride 0: the kernels index units densely) and with the output gradient a strided view,
+    outputs and every gradient against the float64 reference on the same mask values, every
+    launch run by the host stand-ins."""
+    host = _HostLaunch(_lib())
+    monkeypatch.setattr(ops._CupyImpl, "_module", staticmethod(lambda mode, device: (host, (mode, 0))))
+    monkeypatch.setattr(ops._CupyImpl, "_loop_kernel", staticmethod(_host_loop_kernel(host)))
+    monkeypatch.setenv(ops.CUPY_RNN_ENV, path)
+    mode = "lstm" if P else "gru"
+    T, B, I, H, L, D = 4, 3, 5, 6, 2, 2 if bi else 1
+    W, G = P or H, ref.GATES[mode] * H
+    x, hx, cx = rng.standard_normal((T, B, I)), rng.standard_normal((L * D, B, W)), rng.standard_normal((L * D, B, H))
+    ws = []
+    for layer in range(L):
+        for _ in range(D):
+            ws += [rng.standard_normal((G, I if layer == 0 else D * W)) * 0.3, rng.standard_normal((G, W)) * 0.3,
+                   rng.standard_normal(G) * 0.3, rng.standard_normal(G) * 0.3] + (
+                   [rng.standard_normal((P, H)) * 0.3] if P else [])
+    lens = np.array([4, 2, 3])
+    keep = (rng.uniform(size=(L - 1, T, B, 1)) > 0.3) / 0.7  # one value per row: expanded over the units
+    masks = np.broadcast_to(keep, (L - 1, T, B, D * W))
+    wsr = ops._split(ws, L, D, True)
+    out_r, hn_r, cn_r, res = ref.rnn_forward(mode, x, hx, cx if mode == "lstm" else None, wsr, L, bi, lens, masks)
+    gout, ghn = rng.standard_normal(out_r.shape), rng.standard_normal(hn_r.shape)
+    gcn = rng.standard_normal(cn_r.shape) if mode == "lstm" else None
+    want = ref.rnn_backward(mode, gout, ghn, gcn, x, wsr, res, L, bi, lens, masks)
+    f = lambda a: torch.from_numpy(np.ascontiguousarray(a)).float()  # noqa: E731
+    m = f(keep).expand(L - 1, T, B, D * W)
+    assert m.stride(-1) == 0
+    gout_t = torch.zeros(T, B, 2 * D * W)[..., ::2].copy_(f(gout))  # a strided view: units 2 apart
+    wt, lt = [f(w) for w in ws], torch.from_numpy(lens)
+    c0 = f(cx) if mode == "lstm" else None
+    out, hn, cn, reserve = ops._gpu_forward(ops._CupyImpl, mode, f(x), f(hx), c0, wt, L, bi, True, lt, m)
+    grads = ops._gpu_backward(ops._CupyImpl, mode, gout_t, f(ghn), None if gcn is None else f(gcn), f(x), wt,
+                              reserve, L, bi, True, lt, m)
+    used = set(host.launches)
+    assert used >= ({"rnn_proj_fwd", "rnn_proj_bwd"} if P else {"rnn_cell_fwd", "rnn_cell_bwd"} if path == "step"
+                    else {"rnn_seq2_fwd" if bi else "rnn_seq_fwd"}), used
+    k = I + D * W
+    assert_close(out, torch.from_numpy(out_r), torch.float32, k=k, what="output")
+    assert_close(hn, torch.from_numpy(hn_r), torch.float32, k=k, what="h_n")
+    for i, (a, b) in enumerate(zip(grads[:2], want[:2])):
+        assert_close(a, torch.from_numpy(b), torch.float32, k=T * G, what=f"input / state gradient {i}")
+    flat = [g for per in want[3] for g in per if g is not None]
+    for i, (a, b) in enumerate(zip(grads[3], flat)):
+        assert_close(a, torch.from_numpy(b), torch.float32, k=T * B, what=f"weight gradient {i}")
 
 
 @pytest.mark.parametrize("mode", MODES)

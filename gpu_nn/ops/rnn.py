@@ -993,7 +993,7 @@ class _CupyImpl:
         o32 = out if out.dtype == torch.float32 and out.stride(2) == 1 else torch.empty(
             out.shape, dtype=torch.float32, device=out.device)
         m32 = None if mask is None else _unit_last(mask)
-        bhh = None if b_hh is None else b_hh.float()
+        bhh = None if b_hh is None else _unit_last(b_hh)
         args = (xg, np.int64(xg.stride(0)), np.int64(xg.stride(1)), hs, hs if cs is None else cs, wt,
                 wt if bhh is None else bhh, np.int32(bhh is not None), o32, np.int64(o32.stride(0)),
                 np.int64(o32.stride(1)), o32 if m32 is None else m32, np.int64(0 if m32 is None else m32.stride(0)),
@@ -1095,12 +1095,15 @@ class _CupyImpl:
             hh = torch.mm(hp.to(w_hh.dtype), w_hh.t()).float()
         if proj:
             out, mask = hn, None  # not written: rnn_proj_fwd writes the output
-        o32 = out if out.dtype == torch.float32 else torch.empty(out.shape, dtype=torch.float32, device=out.device)
-        m32 = None if mask is None else mask.float()
+        # the kernel indexes rows by stride and units densely: a mask (or an output) whose units are
+        # not contiguous (an expanded [B, 1] mask: stride 0) goes through a dense float32 copy
+        o32 = out if out.dtype == torch.float32 and out.stride(-1) == 1 else torch.empty(
+            out.shape, dtype=torch.float32, device=out.device)
+        m32 = None if mask is None else _unit_last(mask)
         any_ = hp
         kcuda.launch(mod, "rnn_cell_fwd", ((B * H + 255) // 256,), (256,), (
             xg, np.int64(xg.stride(0)), hh, hp, hn, any_ if cp is None else cp, any_ if cn is None else cn,
-            any_ if b_hh is None else b_hh.float(), np.int32(b_hh is not None), o32, np.int64(o32.stride(0)),
+            any_ if b_hh is None else _unit_last(b_hh), np.int32(b_hh is not None), o32, np.int64(o32.stride(0)),
             any_ if m32 is None else m32, np.int64(0 if m32 is None else m32.stride(0)), np.int32(m32 is not None),
             lengths, np.int32(t), np.int32(B), np.int32(H), np.int32(proj)), device=hp.device.index or 0)
         if o32 is not out:
@@ -1117,8 +1120,9 @@ class _CupyImpl:
         kcuda, mod = _CupyImpl._module("lstm", hn.device)
         with _cublas_tf32(dot):
             hn.copy_(torch.mm(m.to(w_hr.dtype), w_hr.t()))
-        o32 = out if out.dtype == torch.float32 else torch.empty(out.shape, dtype=torch.float32, device=out.device)
-        m32 = None if mask is None else mask.float()
+        o32 = out if out.dtype == torch.float32 and out.stride(-1) == 1 else torch.empty(
+            out.shape, dtype=torch.float32, device=out.device)
+        m32 = None if mask is None else _unit_last(mask)  # as step_forward's
         kcuda.launch(mod, "rnn_proj_fwd", ((B * P + 255) // 256,), (256,), (
             hn, hp, hn, o32, np.int64(o32.stride(0)), hn if m32 is None else m32,
             np.int64(0 if m32 is None else m32.stride(0)), np.int32(m32 is not None), lengths, np.int32(t), np.int32(B),
@@ -1141,7 +1145,7 @@ class _CupyImpl:
         if B * P == 0:
             return
         kcuda, mod = _CupyImpl._module("lstm", carry.device)
-        d32 = dout.float()
+        d32 = _unit_last(dout)
         kcuda.launch(mod, "rnn_proj_bwd", ((B * P + 255) // 256,), (256,), (
             carry, d32, np.int64(d32.stride(0)), dh, lengths, np.int32(t), np.int32(B), np.int32(P)),
             device=carry.device.index or 0)

@@ -33,23 +33,16 @@ extern "C" __global__ void rnn_cell_fwd(GN_CELL_FWD_PARAMS) {
     gn_cell_fwd_at(GN_MODE, idx, GN_CELL_FWD_ARGS);
 }
 
-extern "C" __global__ void rnn_proj_fwd(const float* hw, const float* hp, float* hn, float* out, long long sout,
-                                        const float* mask, long long smask, int has_mask, const long long* len, int t,
-                                        int B, int P) {
+extern "C" __global__ void rnn_proj_fwd(GN_PROJ_FWD_PARAMS) {
     gn_index idx = (gn_index)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (gn_index)B * P) return;
-    gn_index b = idx / P, j = idx % P;
-    float o;
-    gn_proj_fwd(t < len[b], hw[idx], hp[idx], has_mask ? mask[b * smask + j] : 1.0f, &hn[idx], &o);
-    out[b * sout + j] = o;
+    gn_proj_fwd_at(idx, GN_PROJ_FWD_ARGS);
 }
 
-extern "C" __global__ void rnn_proj_bwd(float* carry, const float* dout, long long sdout, float* dh,
-                                        const long long* len, int t, int B, int P) {
+extern "C" __global__ void rnn_proj_bwd(GN_PROJ_BWD_PARAMS) {
     gn_index idx = (gn_index)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (gn_index)B * P) return;
-    gn_index b = idx / P, j = idx % P;
-    gn_proj_bwd(t < len[b], carry[idx], dout[b * sdout + j], &dh[idx], &carry[idx]);
+    gn_proj_bwd_at(idx, GN_PROJ_BWD_ARGS);
 }
 
 extern "C" __global__ void rnn_cell_bwd(GN_CELL_BWD_PARAMS) {

@@ -155,6 +155,28 @@ GN_HD float gn_cell_bwd(int mode, int valid, float dh, const float* g, gn_index 
 #define GN_CELL_BWD_ARGS \
     carry, has_carry, dc, dcin, has_dcin, dout, sdout, g, sg, hp, hn, cp, cn, dgi, dgh, sdg, len, t, B, H
 
+// The projection kernels' work at one element idx = b * P + j (rnn.cu rnn_proj_fwd / rnn_proj_bwd),
+// their very parameter lists: rows of mask, out and dout are strided, units contiguous.
+#define GN_PROJ_FWD_PARAMS                                                                                      \
+    const float *hw, const float *hp, float *hn, float *out, long long sout, const float *mask, long long smask, \
+        int has_mask, const long long *len, int t, int B, int P
+#define GN_PROJ_FWD_ARGS hw, hp, hn, out, sout, mask, smask, has_mask, len, t, B, P
+#define GN_PROJ_BWD_PARAMS \
+    float *carry, const float *dout, long long sdout, float *dh, const long long *len, int t, int B, int P
+#define GN_PROJ_BWD_ARGS carry, dout, sdout, dh, len, t, B, P
+
+GN_HD void gn_proj_fwd_at(gn_index idx, GN_PROJ_FWD_PARAMS) {
+    gn_index b = idx / P, j = idx % P;
+    float o;
+    gn_proj_fwd(t < len[b], hw[idx], hp[idx], has_mask ? mask[b * smask + j] : 1.0f, &hn[idx], &o);
+    out[b * sout + j] = o;
+}
+
+GN_HD void gn_proj_bwd_at(gn_index idx, GN_PROJ_BWD_PARAMS) {
+    gn_index b = idx / P, j = idx % P;
+    gn_proj_bwd(t < len[b], carry[idx], dout[b * sdout + j], &dh[idx], &carry[idx]);
+}
+
 GN_HD int gn_gates(int mode) { return mode <= 1 ? 1 : (mode == 2 ? 4 : 3); }
 
 GN_HD void gn_cell_fwd_at(int mode, gn_index idx, GN_CELL_FWD_PARAMS) {
