@@ -737,6 +737,14 @@ def _plan_run(backend, name, kw, event, dtype=torch.float32):
     return worst
 
 
+@pytest.fixture
+def on_device(device):
+    """Tensors the test makes without a device go to the parametrised ``device`` (CUDA on a GPU
+    machine, where the triton backend refuses CPU tensors; the CPU under the interpreter)."""
+    with torch.device(device):
+        yield
+
+
 def _count_full_steps(monkeypatch):
     """A list that grows by one at every full step (``_dispatch.parts``: a step no kept plan served)."""
     from gpu_nn.optim import _dispatch
@@ -750,14 +758,14 @@ def _count_full_steps(monkeypatch):
 @pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
 @pytest.mark.parametrize("event", PLAN_EVENTS)
 @pytest.mark.parametrize("name,kw", PLAN_OPTS, ids=[n for n, _ in PLAN_OPTS])
-def test_kept_plan_follows_every_change_like_torch(backend, device, name, kw, event):
+def test_kept_plan_follows_every_change_like_torch(backend, device, name, kw, event, on_device):
     worst = _plan_run(backend, name, kw, event)
     assert worst <= _f32_tol(8), f"{name} {event} {backend}: {worst:.3e}"
 
 
 @pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
 @pytest.mark.parametrize("name,kw", PLAN_OPTS, ids=[n for n, _ in PLAN_OPTS])
-def test_kept_plan_is_reused(backend, device, name, kw, monkeypatch):
+def test_kept_plan_is_reused(backend, device, name, kw, monkeypatch, on_device):
     """Gradients kept (zero_grad(set_to_none=False)) or new at the same addresses: only the
     first step (and SGD's first momentum step) takes the full path."""
     full = _count_full_steps(monkeypatch)
@@ -781,7 +789,7 @@ def test_kept_plan_is_reused(backend, device, name, kw, monkeypatch):
 
 
 @pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
-def test_kept_plans_follow_gradients_that_cycle_through_address_sets(backend, device, monkeypatch):
+def test_kept_plans_follow_gradients_that_cycle_through_address_sets(backend, device, monkeypatch, on_device):
     """Gradients alternating between two address sets (an allocator handing blocks back every
     other step): each set's plan is kept, so only the first step of each takes the full path;
     replacing a state tensor drops the plans that held the old one. Values against torch."""
@@ -829,7 +837,7 @@ def test_kept_plan_serves_a_cuda_training_loop(name, monkeypatch):
 
 
 @pytest.mark.parametrize("backend,device", backend_params(("triton",)))
-def test_steps_captured_into_a_graph_keep_their_tables_and_no_plan(backend, device, monkeypatch):
+def test_steps_captured_into_a_graph_keep_their_tables_and_no_plan(backend, device, monkeypatch, on_device):
     """While a CUDA graph is captured (simulated here: the capture test says yes), a step's
     chunk table is written only when the graph replays: it is not cached by address, not kept
     in a plan or a part, and it is kept alive for the graph; clipping's tables too. After the
