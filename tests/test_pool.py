@@ -1155,18 +1155,50 @@ def test_tiled_form_matches_reference(backend, device, case, rng, monkeypatch):
 
 @pytest.mark.parametrize("backend,device", backend_params(("triton",)))
 @pytest.mark.parametrize("case", [c for c in KERNEL_CASES if len(c[2]) == 4], ids=lambda c: f"{c[0].__name__}{c[1]}{c[2]}")
-def test_channels_last_tiled_forward_matches_reference(backend, device, case, rng, monkeypatch):
-    """The channels_last forward tiles (one output row x positions x channels per program) in
-    every 4-D kernel-case geometry against the reference, values, indices and gradients (the
-    backward stays the flat kernel's); offered only for channels_last inputs."""
+def test_channels_last_tiles_match_reference(backend, device, case, rng, monkeypatch):
+    """The channels_last tiles (one output row, forward, or input row, backward, x positions x
+    channels per program) in every 4-D kernel-case geometry against the reference, values,
+    indices and gradients; offered only for channels_last tensors."""
     asked, launched = _forcing(monkeypatch, "cltile")
     test_backend_matches_reference(backend, device, case, "channels_last", rng)
     kind = "avg" if case[0].__name__.startswith("avg") else "max"
-    assert f"_{kind}_pool_fwd_cl_kernel" in launched and f"_{kind}_pool_bwd_kernel" in launched, launched
-    assert f"{kind}_pool_fwd" in asked
+    assert set(launched) == {f"_{kind}_pool_fwd_cl_kernel", f"_{kind}_pool_bwd_cl_kernel"}, launched
+    assert f"{kind}_pool_fwd" in asked and f"{kind}_pool_bwd" in asked
     launched.clear()
     test_backend_matches_reference(backend, device, case, "contig", rng)
     assert not any("_cl_" in k for k in launched), launched
+
+
+_SPLIT_CASES = [(F.max_pool2d, (3, 2, 1), (1, 3, 7, 5)),
+                   (F.min_pool2d, ((2, 3), (1, 2), (1, 1), (2, 1), True), (1, 3, 6, 7)),
+                   (F.avg_pool2d, (3, 2, 1, True, False), (1, 3, 6, 5)),
+                   (F.avg_pool2d, ((3, 2), 1, (1, 0), False, True, 5), (1, 3, 5, 4))]
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("triton",)))
+@pytest.mark.parametrize("form", ["tile", "cltile"])
+@pytest.mark.parametrize("case", _SPLIT_CASES, ids=lambda c: f"{c[0].__name__}{c[1]}{c[2]}")
+def test_tiled_forms_split_planes_rows_and_channels(backend, device, form, case, rng, monkeypatch):
+    """The tiled forms where a plane (NCHW tiles) or a row's positions and the channels
+    (channels_last tiles) take several tiles each: 2 x 2 tiles, 2 positions x 2 channels (3
+    channels: a partial channel tile), as large planes and C > 64 split them on a GPU. The
+    interpreter's one large tile per plane or row hides the tile decomposition (the program id
+    split by multiply-high divisors of the tiles per plane and per tile row)."""
+    from gpu_nn.kernels.triton import pool as kp
+
+    monkeypatch.setattr(kp, "INTERP_BLOCK", 4)
+    monkeypatch.setattr(kp, "TILE_MAX_W", 2)
+    monkeypatch.setattr(kp, "CL_TILE_MAX_C", 2)
+    kp.forms.cache_clear()
+    try:
+        assert kp.tile_config(7, 5, True)[1:3] == (2, 2) and kp.cl_tile_config(5, 3, True)[1:3] == (2, 2)
+        asked, launched = _forcing(monkeypatch, form)
+        test_backend_matches_reference(backend, device, case, "contig" if form == "tile" else "channels_last", rng)
+        kind = "avg" if case[0].__name__.startswith("avg") else "max"
+        sfx = "tile" if form == "tile" else "cl"
+        assert set(launched) == {f"_{kind}_pool_fwd_{sfx}_kernel", f"_{kind}_pool_bwd_{sfx}_kernel"}, launched
+    finally:
+        kp.forms.cache_clear()
 
 
 @pytest.mark.parametrize("backend,device", backend_params(("triton",)))
@@ -1230,6 +1262,10 @@ def test_tiled_form_configuration():
     assert kp.tile_config(1, 1, False) == ("tile", 1, 1, 1)
     assert kp.forms(56, 56, True, False) == (kp.flat_config(False),)
     assert kp.forms(56, 56, False, False) == (kp.flat_config(False), kp.tile_config(56, 56, False))
+    # channels_last launches (forward over output rows, backward over input rows): the channels_last tile
+    assert kp.cl_tile_config(112, 64, False) == ("cltile", 8, 64, 4)
+    assert kp.cl_tile_config(7, 3, False) == ("cltile", 8, 4, 1)
+    assert kp.forms(112, 112, False, False, 64) == (kp.flat_config(False), kp.cl_tile_config(112, 64, False))
     # windows of size k, stride s, dilation d over one position: 3x3/2 -> 2, 3x3/1 -> 3, 2/2 -> 1
     assert [kp.windows_covering(*a) for a in ((3, 2, 1), (3, 1, 1), (2, 2, 1), (3, 3, 3), (7, 3, 1), (1, 1, 1))] == [2, 3, 1, 3, 3, 1]
     # brute force: the largest number of windows covering one position equals windows_covering

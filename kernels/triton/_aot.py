@@ -53,7 +53,11 @@ class AotSpec:
         specialises each that is; torch's allocations are 256-byte aligned). What such a launch
         runs, where :func:`compile_spec` of the spec itself shows the form that serves every
         launch (for elementwise kernels: 32-bit accesses where the launched form has 128-bit)."""
-        div = tuple(a for a, t in self.signature.items() if t.startswith("*") or t in ("i32", "i64"))
+        # never the kernel's do_not_specialize arguments (the JIT leaves them unspecialised)
+        fixed = {getattr(p, "name", p) for p in getattr(self.kernel, "params", ())
+                 if getattr(p, "do_not_specialize", False)}
+        div = tuple(a for a, t in self.signature.items()
+                    if (t.startswith("*") or t in ("i32", "i64")) and a not in fixed)
         return dataclasses.replace(self, label=f"{self.label} launched", divisible_by_16=div)
 
 

@@ -1,20 +1,26 @@
 """Triton kernels for max / min / avg pooling (2d; 1d runs as 2d of height 1), forward and backward.
 
 Shapes: input ``x`` is ``[N, C, H, W]`` with any strides (NCHW, channels_last, non-contiguous
-views are read in place); outputs, saved indices and gradients are contiguous
-``[N, C, OH, OW]`` / ``[N, C, H, W]``. Two forms of each kernel:
+views are read in place); outputs, saved indices and gradients are ``[N, C, OH, OW]`` /
+``[N, C, H, W]``, contiguous, or channels_last for a channels_last input (as torch's). Three
+forms of each kernel:
 
 * flat: one program handles ``BLOCK`` consecutive elements of the flattened output (forward) or
-  input (backward); kernel size, stride, padding and dilation are run-time integers, so one
-  compiled kernel serves every pooling geometry. The heuristic, and the only form where a tensor
-  spans 2^31 elements.
-* tiled: one program handles a 2-D tile of one (n, c) plane, window size compile-time (taps
-  unrolled), int32 in-plane offsets, no per-element division; the backward visits only the
-  windows that can cover an element. In sm_90 SASS (3x3/2, float32, four elements per thread)
-  the tiled forward runs about 750 instructions per thread against about 1570 for the flat one
-  (322 before its loop, 117 per tap, 64 per window row), the tiled backward about 660 with 32
-  loads against about 1950 with 72. Offered to the measuring chooser (``choose``) beside the
-  flat form until an H200 run has timed both.
+  input (backward), in NCHW or channels_last order; kernel size, stride, padding and dilation are
+  run-time integers, so one compiled kernel serves every pooling geometry. The heuristic, and
+  the only form where a tensor spans 2^31 elements.
+* tiled (NCHW): one program handles a 2-D tile of one (n, c) plane, window size compile-time
+  (taps unrolled), int32 in-plane offsets, no per-element division; the backward visits only the
+  windows that can cover an element.
+* channels_last tiled: one program handles one row of one image x a tile of (positions,
+  channels), the channels consecutive in memory (16-byte accesses), the window unrolled.
+
+The tiled forms' program-id divisions (and the backward's divisions by the stride) are
+multiply-high ones (``_div``, the launcher's divisors). sm_90 SASS, 3x3/2 float32, four elements
+a thread, straight path per element (``gpu-nn sass``; ``--launched`` for the aligned forms):
+tiled forward with indices 127, backward 114; channels_last as launched at 64 channels, forward
+93, backward 62. The tiled forms are offered to the measuring chooser (``choose``) beside the
+flat form until an H200 run has timed them.
 
 Semantics are torch's (see ``reference/pool.py``): max visits taps row-major and takes a tap
 when ``v > best or isnan(v)`` (NaN propagates, ties keep the first position, index
@@ -416,26 +422,44 @@ def _avg_taps(ptr0, h0, w0, H, W, stride_xh, stride_xw, omask, acc, KH: tl.const
     return acc
 
 
+# the tiled kernels' multiply-high divisors (:func:`_div`; the launcher's, from
+# :func:`_tile_divs`): of the tiles per plane, the tiles per tile row, the planes per image (C;
+# the channels_last tiles' rows per image) and, backward, of the strides
+_TILE_DIVISORS = ["mP", "sP", "mT", "sT"]
+_TILE_PLANE_DIVISORS = ["mC", "sC"]
+
+
 @triton.jit
-def _tile_coords(C, tiles_h, tiles_w, BH: tl.constexpr, BW: tl.constexpr):
-    """(n, c, plane, row offsets [BH, 1], column offsets [1, BW]) of this program's tile. The
-    channels_last tiles call it with (OH, tiles of positions, tiles of channels): (n, oh, the
-    image row's index, positions [BP, 1], channels [1, BC])."""
+def _plane_tile(tiles_h, tiles_w, mP, sP, mT, sT, BH: tl.constexpr, BW: tl.constexpr):
+    """(plane, row offsets [BH, 1], column offsets [1, BW]) of this program's tile, the program
+    ids running over the tiles_h x tiles_w tiles of each plane in turn. Divided by multiply-high
+    (a tiled launch spans fewer than 2^31 elements, so its program ids are below 2^31 too):
+    four instructions a division where a 32-bit one takes about twenty, for every thread."""
     pid = tl.program_id(0)
     per_plane = tiles_h * tiles_w
-    plane = pid // per_plane
-    t = pid % per_plane
-    r = (t // tiles_w) * BH + tl.arange(0, BH)[:, None]
-    q = (t % tiles_w) * BW + tl.arange(0, BW)[None, :]
-    return plane // C, plane % C, plane, r, q
+    plane = _div(pid, per_plane, mP, sP, True)
+    t = pid - plane * per_plane
+    tr = _div(t, tiles_w, mT, sT, True)
+    return plane, tr * BH + tl.arange(0, BH)[:, None], (t - tr * tiles_w) * BW + tl.arange(0, BW)[None, :]
 
 
 @triton.jit
-def _max_pool_fwd_tile_kernel(x_ptr, y_ptr, i_ptr, C, H, W, OH, OW, tiles_h, tiles_w,
+def _tile_coords(C, tiles_h, tiles_w, mP, sP, mT, sT, mC, sC, BH: tl.constexpr, BW: tl.constexpr):
+    """(n, c, plane, row offsets [BH, 1], column offsets [1, BW]) of this program's tile
+    (:func:`_plane_tile`, the plane split by C). The channels_last tiles call it with (OH or H,
+    tiles of positions, tiles of channels): (n, the row, the image row's index, positions
+    [BP, 1], channels [1, BC])."""
+    plane, r, q = _plane_tile(tiles_h, tiles_w, mP, sP, mT, sT, BH, BW)
+    n = _div(plane, C, mC, sC, True)
+    return n, plane - n * C, plane, r, q
+
+
+@triton.jit(do_not_specialize=_TILE_DIVISORS + _TILE_PLANE_DIVISORS)
+def _max_pool_fwd_tile_kernel(x_ptr, y_ptr, i_ptr, C, H, W, OH, OW, tiles_h, tiles_w, mP, sP, mT, sT, mC, sC,
                               stride_xn, stride_xc, stride_xh, stride_xw, SH, SW, PH, PW, DH, DW,
                               KH: tl.constexpr, KW: tl.constexpr, MINIMUM: tl.constexpr,
                               BH: tl.constexpr, BW: tl.constexpr, STORE_IDX: tl.constexpr = True):
-    n, c, plane, oh, ow = _tile_coords(C, tiles_h, tiles_w, BH, BW)
+    n, c, plane, oh, ow = _tile_coords(C, tiles_h, tiles_w, mP, sP, mT, sT, mC, sC, BH, BW)
     base = x_ptr + n.to(tl.int64) * stride_xn + c.to(tl.int64) * stride_xc
     omask = (oh < OH) & (ow < OW)
     h0 = oh * SH - PH
@@ -448,11 +472,11 @@ def _max_pool_fwd_tile_kernel(x_ptr, y_ptr, i_ptr, C, H, W, OH, OW, tiles_h, til
         tl.store(i_ptr + o, bidx.to(tl.int64), mask=omask)
 
 
-@triton.jit
-def _avg_pool_fwd_tile_kernel(x_ptr, y_ptr, C, H, W, OH, OW, tiles_h, tiles_w,
+@triton.jit(do_not_specialize=_TILE_DIVISORS + _TILE_PLANE_DIVISORS)
+def _avg_pool_fwd_tile_kernel(x_ptr, y_ptr, C, H, W, OH, OW, tiles_h, tiles_w, mP, sP, mT, sT, mC, sC,
                               stride_xn, stride_xc, stride_xh, stride_xw, SH, SW, PH, PW, COUNT_PAD, DIVISOR,
                               KH: tl.constexpr, KW: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr):
-    n, c, plane, oh, ow = _tile_coords(C, tiles_h, tiles_w, BH, BW)
+    n, c, plane, oh, ow = _tile_coords(C, tiles_h, tiles_w, mP, sP, mT, sT, mC, sC, BH, BW)
     base = x_ptr + n.to(tl.int64) * stride_xn + c.to(tl.int64) * stride_xc
     omask = (oh < OH) & (ow < OW)
     h0 = oh * SH - PH
@@ -464,19 +488,20 @@ def _avg_pool_fwd_tile_kernel(x_ptr, y_ptr, C, H, W, OH, OW, tiles_h, tiles_w,
     tl.store(y_ptr + o, y.to(y_ptr.dtype.element_ty), mask=omask)
 
 
-@triton.jit
-def _max_pool_bwd_tile_kernel(g_ptr, i_ptr, dx_ptr, H, W, OH, OW, tiles_h, tiles_w, SH, SW, PH, PW, DH, DW,
+@triton.jit(do_not_specialize=_TILE_DIVISORS + _STRIDE_DIVISORS)
+def _max_pool_bwd_tile_kernel(g_ptr, i_ptr, dx_ptr, H, W, OH, OW, tiles_h, tiles_w, mP, sP, mT, sT,
+                              SH, SW, PH, PW, DH, DW, mSH, sSH, mSW, sSW,
                               KH: tl.constexpr, KW: tl.constexpr, NWH: tl.constexpr, NWW: tl.constexpr,
                               BH: tl.constexpr, BW: tl.constexpr):
     """dx of a [BH, BW] tile of one input plane: the gradient of every window whose span covers
     an element and whose saved index names it. The windows covering row ih are oh = (ih + PH) //
     SH - a for a < NWH = (KH - 1) * DH // SH + 1 (those that start at or before ih and reach it;
     with dilation some of them skip ih, and their index then names another element)."""
-    _, _, plane, ih, iw = _tile_coords(1, tiles_h, tiles_w, BH, BW)
+    plane, ih, iw = _plane_tile(tiles_h, tiles_w, mP, sP, mT, sT, BH, BW)
     imask = (ih < H) & (iw < W)
     target = ih * W + iw
-    top = (ih + PH) // SH  # ih + PH >= 0: floor division
-    left = (iw + PW) // SW
+    top = _div(ih + PH, SH, mSH, sSH, True)  # ih + PH >= 0: floor division
+    left = _div(iw + PW, SW, mSW, sSW, True)
     obase = plane.to(tl.int64) * OH * OW
     acc = tl.zeros([BH, BW], tl.float32)
     for a in tl.static_range(NWH):
@@ -491,16 +516,17 @@ def _max_pool_bwd_tile_kernel(g_ptr, i_ptr, dx_ptr, H, W, OH, OW, tiles_h, tiles
     tl.store(dx_ptr + plane.to(tl.int64) * H * W + target, acc.to(dx_ptr.dtype.element_ty), mask=imask)
 
 
-@triton.jit
-def _avg_pool_bwd_tile_kernel(g_ptr, dx_ptr, H, W, OH, OW, tiles_h, tiles_w, SH, SW, PH, PW, COUNT_PAD, DIVISOR,
+@triton.jit(do_not_specialize=_TILE_DIVISORS + _STRIDE_DIVISORS)
+def _avg_pool_bwd_tile_kernel(g_ptr, dx_ptr, H, W, OH, OW, tiles_h, tiles_w, mP, sP, mT, sT,
+                              SH, SW, PH, PW, COUNT_PAD, DIVISOR, mSH, sSH, mSW, sSW,
                               KH: tl.constexpr, KW: tl.constexpr, NWH: tl.constexpr, NWW: tl.constexpr,
                               BH: tl.constexpr, BW: tl.constexpr):
     """dx of a [BH, BW] tile of one input plane: sum of g / divisor over the windows covering an
     element (NWH = (KH - 1) // SH + 1 per row, as the max backward without dilation)."""
-    _, _, plane, ih, iw = _tile_coords(1, tiles_h, tiles_w, BH, BW)
+    plane, ih, iw = _plane_tile(tiles_h, tiles_w, mP, sP, mT, sT, BH, BW)
     imask = (ih < H) & (iw < W)
-    top = (ih + PH) // SH
-    left = (iw + PW) // SW
+    top = _div(ih + PH, SH, mSH, sSH, True)
+    left = _div(iw + PW, SW, mSW, sSW, True)
     obase = plane.to(tl.int64) * OH * OW
     acc = tl.zeros([BH, BW], tl.float32)
     for a in tl.static_range(NWH):
@@ -515,25 +541,26 @@ def _avg_pool_bwd_tile_kernel(g_ptr, dx_ptr, H, W, OH, OW, tiles_h, tiles_w, SH,
     tl.store(dx_ptr + plane.to(tl.int64) * H * W + ih * W + iw, acc.to(dx_ptr.dtype.element_ty), mask=imask)
 
 
-# --- channels_last tiles: one program per (image, output row, positions x channels) tile -------
+# --- channels_last tiles: one program per (image, row, positions x channels) tile ------------
 #
-# A channels_last forward's flat kernel finds each element's (n, oh, ow, c) by three divisions and
-# walks the window tap by tap for it alone. These forms give a program one output row of one
-# image and a [BP, BC] tile of (positions, channels): the row and tile come from the program id
-# (scalar divisions), a tap's row is one scalar (its bound check uniform), its columns a [BP, 1]
-# vector and its channels a [1, BC] one, consecutive in memory (16-byte loads where C allows).
-# The window's taps are unrolled (KH, KW compile-time), offsets int32 (offered only where no
-# tensor spans 2^31 elements). Same semantics and visiting order as the other forms.
+# A channels_last flat kernel finds each element's (n, h, w, c) by three divisions and walks the
+# window (forward) or the covering windows (backward) for it alone. These forms give a program one
+# output row (forward) or input row (backward) of one image and a [BP, BC] tile of (positions,
+# channels): the row and tile come from the program id (scalar divisions), a tap's or window's row
+# is one value (its bound check uniform), its columns a [BP, 1] vector and its channels a [1, BC]
+# one, consecutive in memory (16-byte loads and stores where C allows). The taps and windows are
+# unrolled (KH, KW compile-time), offsets int32 (offered only where no tensor spans 2^31
+# elements). Same semantics and visiting order as the other forms.
 
 
-@triton.jit
-def _max_pool_fwd_cl_kernel(x_ptr, y_ptr, i_ptr, C, H, W, OH, OW, tiles_w, tiles_c,
+@triton.jit(do_not_specialize=_TILE_DIVISORS + _TILE_PLANE_DIVISORS)
+def _max_pool_fwd_cl_kernel(x_ptr, y_ptr, i_ptr, C, H, W, OH, OW, tiles_w, tiles_c, mP, sP, mT, sT, mC, sC,
                             stride_xn, stride_xh, stride_xw, SH, SW, PH, PW, DH, DW,
                             KH: tl.constexpr, KW: tl.constexpr, MINIMUM: tl.constexpr,
                             BP: tl.constexpr, BC: tl.constexpr, STORE_IDX: tl.constexpr = True):
     """y (and the indices) channels_last [N, OH, OW, C] from a channels_last x (unit channel
     stride): see the section comment; the taps' rule is :func:`_max_tap`'s."""
-    n, oh, _, ow, c = _tile_coords(OH, tiles_w, tiles_c, BP, BC)
+    n, oh, _, ow, c = _tile_coords(OH, tiles_w, tiles_c, mP, sP, mT, sT, mC, sC, BP, BC)
     omask = (ow < OW) & (c < C)
     # the row as a [BP, 1] vector of one value (a scalar's comparisons would mix a scalar
     # boolean into the masks, which the interpreter widens to int32; compiled, it stays one value)
@@ -547,12 +574,12 @@ def _max_pool_fwd_cl_kernel(x_ptr, y_ptr, i_ptr, C, H, W, OH, OW, tiles_w, tiles
         tl.store(i_ptr + o, bidx.to(tl.int64), mask=omask)
 
 
-@triton.jit
-def _avg_pool_fwd_cl_kernel(x_ptr, y_ptr, C, H, W, OH, OW, tiles_w, tiles_c,
+@triton.jit(do_not_specialize=_TILE_DIVISORS + _TILE_PLANE_DIVISORS)
+def _avg_pool_fwd_cl_kernel(x_ptr, y_ptr, C, H, W, OH, OW, tiles_w, tiles_c, mP, sP, mT, sT, mC, sC,
                             stride_xn, stride_xh, stride_xw, SH, SW, PH, PW, COUNT_PAD, DIVISOR,
                             KH: tl.constexpr, KW: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr):
     """Average pooling's channels_last tile (see :func:`_max_pool_fwd_cl_kernel`)."""
-    n, oh, _, ow, c = _tile_coords(OH, tiles_w, tiles_c, BP, BC)
+    n, oh, _, ow, c = _tile_coords(OH, tiles_w, tiles_c, mP, sP, mT, sT, mC, sC, BP, BC)
     omask = (ow < OW) & (c < C)
     h0 = tl.full([BP, 1], 0, tl.int32) + oh * SH - PH  # as in _max_pool_fwd_cl_kernel
     w0 = ow * SW - PW
@@ -562,6 +589,72 @@ def _avg_pool_fwd_cl_kernel(x_ptr, y_ptr, C, H, W, OH, OW, tiles_w, tiles_c,
     y = tl.where(empty, 0.0, acc / div)
     o = ((n * OH + oh) * OW + ow) * C + c
     tl.store(y_ptr + o, y.to(y_ptr.dtype.element_ty), mask=omask)
+
+
+@triton.jit
+def _cl_bwd_coords(H, W, PH, PW, SH, SW, tiles_w, tiles_c, mP, sP, mT, sT, mC, sC, mSH, sSH, mSW, sSW,
+                   BP: tl.constexpr, BC: tl.constexpr):
+    """(n, ih, positions iw [BP, 1], channels c [1, BC], the row as a [BP, 1] vector, the first
+    covering window's row and column ``(ih + PH) // SH``, ``(iw + PW) // SW``) of a channels_last
+    backward tile: one input row of one image x positions x channels."""
+    n, ih, _, iw, c = _tile_coords(H, tiles_w, tiles_c, mP, sP, mT, sT, mC, sC, BP, BC)
+    ihv = tl.full([BP, 1], 0, tl.int32) + ih  # a vector, as the forward tiles' h0
+    # ih + PH >= 0: floor division
+    return n, ih, iw, c, ihv, _div(ihv + PH, SH, mSH, sSH, True), _div(iw + PW, SW, mSW, sSW, True)
+
+
+@triton.jit(do_not_specialize=_TILE_DIVISORS + _TILE_PLANE_DIVISORS + _STRIDE_DIVISORS)
+def _max_pool_bwd_cl_kernel(g_ptr, i_ptr, dx_ptr, C, H, W, OH, OW, tiles_w, tiles_c, mP, sP, mT, sT, mC, sC,
+                            SH, SW, PH, PW, DH, DW, mSH, sSH, mSW, sSW,
+                            KH: tl.constexpr, KW: tl.constexpr, NWH: tl.constexpr, NWW: tl.constexpr,
+                            BP: tl.constexpr, BC: tl.constexpr):
+    """dx channels_last [N, H, W, C] from channels_last g and indices [N, OH, OW, C]: one input
+    row of one image x [BP, BC] (positions, channels) per program, the covering windows as
+    :func:`_max_pool_bwd_tile_kernel` visits them (same order: the same sums); a window's
+    gradients and indices for a position are BC consecutive elements (16-byte loads where C
+    allows), the window's row one value per program."""
+    n, ih, iw, c, ihv, top, left = _cl_bwd_coords(H, W, PH, PW, SH, SW, tiles_w, tiles_c, mP, sP, mT, sT, mC, sC,
+                                                  mSH, sSH, mSW, sSW, BP, BC)
+    imask = (iw < W) & (c < C)
+    target = ihv * W + iw
+    acc = tl.zeros([BP, BC], tl.float32)
+    for a in tl.static_range(NWH):
+        oh = top - a
+        hok = _inside(oh, OH) & (oh * SH - PH + (KH - 1) * DH >= ihv)
+        orow = (n * OH + oh) * OW
+        for b in tl.static_range(NWW):
+            ow = left - b
+            ok = imask & hok & _inside(ow, OW) & (ow * SW - PW + (KW - 1) * DW >= iw)
+            o = (orow + ow) * C + c
+            sel = tl.load(i_ptr + o, mask=ok, other=-1)
+            # g loaded under the window's mask alone (whole channel groups: 16-byte loads), the
+            # index test a select after it: the same sum as a load masked by it
+            acc += tl.where(sel == target, tl.load(g_ptr + o, mask=ok, other=0.0).to(tl.float32), 0.0)
+    tl.store(dx_ptr + ((n * H + ih) * W + iw) * C + c, acc.to(dx_ptr.dtype.element_ty), mask=imask)
+
+
+@triton.jit(do_not_specialize=_TILE_DIVISORS + _TILE_PLANE_DIVISORS + _STRIDE_DIVISORS)
+def _avg_pool_bwd_cl_kernel(g_ptr, dx_ptr, C, H, W, OH, OW, tiles_w, tiles_c, mP, sP, mT, sT, mC, sC,
+                            SH, SW, PH, PW, COUNT_PAD, DIVISOR, mSH, sSH, mSW, sSW,
+                            KH: tl.constexpr, KW: tl.constexpr, NWH: tl.constexpr, NWW: tl.constexpr,
+                            BP: tl.constexpr, BC: tl.constexpr):
+    """Average pooling's channels_last backward tile (see :func:`_max_pool_bwd_cl_kernel`; the
+    windows and divisors as :func:`_avg_pool_bwd_tile_kernel`'s)."""
+    n, ih, iw, c, ihv, top, left = _cl_bwd_coords(H, W, PH, PW, SH, SW, tiles_w, tiles_c, mP, sP, mT, sT, mC, sC,
+                                                  mSH, sSH, mSW, sSW, BP, BC)
+    imask = (iw < W) & (c < C)
+    acc = tl.zeros([BP, BC], tl.float32)
+    for a in tl.static_range(NWH):
+        oh = top - a
+        hok = _inside(oh, OH) & (oh * SH - PH + (KH - 1) >= ihv)
+        orow = (n * OH + oh) * OW
+        for b in tl.static_range(NWW):
+            ow = left - b
+            ok = imask & hok & _inside(ow, OW) & (ow * SW - PW + (KW - 1) >= iw)
+            g = tl.load(g_ptr + (orow + ow) * C + c, mask=ok, other=0.0).to(tl.float32)
+            div, empty = _avg_divisor(oh * SH - PH, ow * SW - PW, H, W, KH, KW, PH, PW, COUNT_PAD, DIVISOR)
+            acc += tl.where(ok & (~empty), g / div, 0.0)
+    tl.store(dx_ptr + ((n * H + ih) * W + iw) * C + c, acc.to(dx_ptr.dtype.element_ty), mask=imask)
 
 
 # --- launchers ------------------------------------------------------------------------------
@@ -609,8 +702,8 @@ CL_TILE_MAX_C = 64  # widest channel block of a channels_last tile
 
 
 def cl_tile_config(cols: int, channels: int, interpret: bool) -> tuple:
-    """``(CLTILE, BP, BC, num_warps)``: the channels_last forward tile for output rows of ``cols``
-    positions of ``channels`` channels: BC the channels rounded up to a power of two (at most
+    """``(CLTILE, BP, BC, num_warps)``: the channels_last tile for rows of ``cols`` positions (the
+    output's for a forward, the input's for a backward) of ``channels`` channels: BC the channels rounded up to a power of two (at most
     CL_TILE_MAX_C), BP the positions that fill TILE_ELEMS (at most the row, rounded up), four
     elements per thread: 64 channels of a 56-wide row take 8 x 64 tiles."""
     elems = INTERP_BLOCK if interpret else TILE_ELEMS
@@ -628,7 +721,7 @@ def forms(rows: int, cols: int, flat_only: bool, interpret: bool, channels: int 
     """The configurations a launch may use, the heuristic (the flat kernel) first: the tiled form
     joins unless ``flat_only`` (a tensor spanning 2^31 elements: the tiled forms' offsets are
     int32; or channels_last tensors, which the flat kernels read channels-fastest and the plane
-    tiles would read C elements apart); ``channels`` (a channels_last forward's C, unit channel
+    tiles would read C elements apart); ``channels`` (a channels_last launch's C, unit channel
     stride) offers the channels_last tile instead. The tiled forms are measured candidates only
     until an H200 run has timed them against the flat one (``GPU_NN_TUNE_RECORD`` at the bench
     shapes)."""
@@ -649,6 +742,12 @@ def _tiles(planes: int, rows: int, cols: int, bh: int, bw: int) -> tuple:
     """(grid, tiles_h, tiles_w) of the tiled form over ``planes`` planes of rows x cols."""
     th, tw = cdiv(rows, bh), cdiv(cols, bw)
     return (planes * th * tw,), th, tw
+
+
+def _tile_divs(tiles_h: int, tiles_w: int, *sizes) -> tuple:
+    """The tiled kernels' multiply-high divisor arguments (:func:`_plane_tile`): of the tiles per
+    plane and per tile row, then of ``sizes`` (the planes per image, the strides), m and s each."""
+    return fastdiv.launch_args((tiles_h * tiles_w, tiles_w, *sizes), True)
 
 
 def _pick(op: str, key, run, choose, cfg, rows: int, cols: int, flat_only: bool, interpret: bool, channels: int = 0):
@@ -693,15 +792,16 @@ def max_pool2d_forward(x, y, idx, k, s, p, d, minimum: bool, interpret: bool, ch
             _, bh, bw, warps = c
             grid, th, tw = _tiles(N * C, OH, OW, bh, bw)
             launch_kernel(_max_pool_fwd_tile_kernel, grid, x, y, y if idx is None else idx, C, H, W, OH, OW, th, tw,
-                          *x.stride(), *s, *p, *d, KH=k[0], KW=k[1], MINIMUM=int(minimum), BH=bh, BW=bw,
-                          STORE_IDX=idx is not None, num_warps=warps)
+                          *_tile_divs(th, tw, C), *x.stride(), *s, *p, *d, KH=k[0], KW=k[1], MINIMUM=int(minimum),
+                          BH=bh, BW=bw, STORE_IDX=idx is not None, num_warps=warps)
             return
         if c[0] == CLTILE:
             _, bp, bc, warps = c
             tw, tc = cdiv(OW, bp), cdiv(C, bc)
             launch_kernel(_max_pool_fwd_cl_kernel, (N * OH * tw * tc,), x, y, y if idx is None else idx, C, H, W,
-                          OH, OW, tw, tc, x.stride(0), x.stride(2), x.stride(3), *s, *p, *d, KH=k[0], KW=k[1],
-                          MINIMUM=int(minimum), BP=bp, BC=bc, STORE_IDX=idx is not None, num_warps=warps)
+                          OH, OW, tw, tc, *_tile_divs(tw, tc, OH), x.stride(0), x.stride(2), x.stride(3), *s, *p, *d,
+                          KH=k[0], KW=k[1], MINIMUM=int(minimum), BP=bp, BC=bc, STORE_IDX=idx is not None,
+                          num_warps=warps)
             return
         _, blk, warps = c
         launch_kernel(_max_pool_fwd_kernel, (cdiv(total, blk),),
@@ -727,15 +827,16 @@ def avg_pool2d_forward(x, y, k, s, p, ceil_mode, count_include_pad, divisor, int
         if c[0] == TILE:
             _, bh, bw, warps = c
             grid, th, tw = _tiles(N * C, OH, OW, bh, bw)
-            launch_kernel(_avg_pool_fwd_tile_kernel, grid, x, y, C, H, W, OH, OW, th, tw, *x.stride(), *s, *p,
-                          int(count_include_pad), int(divisor), KH=k[0], KW=k[1], BH=bh, BW=bw, num_warps=warps)
+            launch_kernel(_avg_pool_fwd_tile_kernel, grid, x, y, C, H, W, OH, OW, th, tw, *_tile_divs(th, tw, C),
+                          *x.stride(), *s, *p, int(count_include_pad), int(divisor), KH=k[0], KW=k[1], BH=bh, BW=bw,
+                          num_warps=warps)
             return
         if c[0] == CLTILE:
             _, bp, bc, warps = c
             tw, tc = cdiv(OW, bp), cdiv(C, bc)
-            launch_kernel(_avg_pool_fwd_cl_kernel, (N * OH * tw * tc,), x, y, C, H, W, OH, OW, tw, tc, x.stride(0),
-                          x.stride(2), x.stride(3), *s, *p, int(count_include_pad), int(divisor), KH=k[0], KW=k[1],
-                          BP=bp, BC=bc, num_warps=warps)
+            launch_kernel(_avg_pool_fwd_cl_kernel, (N * OH * tw * tc,), x, y, C, H, W, OH, OW, tw, tc,
+                          *_tile_divs(tw, tc, OH), x.stride(0), x.stride(2), x.stride(3), *s, *p,
+                          int(count_include_pad), int(divisor), KH=k[0], KW=k[1], BP=bp, BC=bc, num_warps=warps)
             return
         _, blk, warps = c
         launch_kernel(_avg_pool_fwd_kernel, (cdiv(total, blk),),
@@ -765,9 +866,18 @@ def max_pool2d_backward(g, idx, dx, k, s, p, d, interpret: bool, choose=None, cf
         if c[0] == TILE:
             _, bh, bw, warps = c
             grid, th, tw = _tiles(N * C, H, W, bh, bw)
-            launch_kernel(_max_pool_bwd_tile_kernel, grid, g, idx, dx, H, W, OH, OW, th, tw, *s, *p, *d,
-                          KH=k[0], KW=k[1], NWH=windows_covering(k[0], s[0], d[0]),
-                          NWW=windows_covering(k[1], s[1], d[1]), BH=bh, BW=bw, num_warps=warps)
+            launch_kernel(_max_pool_bwd_tile_kernel, grid, g, idx, dx, H, W, OH, OW, th, tw, *_tile_divs(th, tw), *s,
+                          *p, *d, *fastdiv.launch_args(tuple(s), True), KH=k[0], KW=k[1],
+                          NWH=windows_covering(k[0], s[0], d[0]), NWW=windows_covering(k[1], s[1], d[1]), BH=bh, BW=bw,
+                          num_warps=warps)
+            return
+        if c[0] == CLTILE:
+            _, bp, bc, warps = c
+            tw, tc = cdiv(W, bp), cdiv(C, bc)
+            launch_kernel(_max_pool_bwd_cl_kernel, (N * H * tw * tc,), g, idx, dx, C, H, W, OH, OW, tw, tc,
+                          *_tile_divs(tw, tc, H), *s, *p, *d, *fastdiv.launch_args(tuple(s), True), KH=k[0], KW=k[1],
+                          NWH=windows_covering(k[0], s[0], d[0]), NWW=windows_covering(k[1], s[1], d[1]), BP=bp, BC=bc,
+                          num_warps=warps)
             return
         _, blk, warps = c
         launch_kernel(_max_pool_bwd_kernel, (cdiv(total, blk),),
@@ -775,7 +885,7 @@ def max_pool2d_backward(g, idx, dx, k, s, p, d, interpret: bool, choose=None, cf
             WIDE=wide, BLOCK=blk, CL=cl, num_warps=warps)
 
     run(_pick("max_pool_bwd", lambda: (tuple(dx.shape), tuple(g.shape), str(dx.dtype), tuple(k), tuple(s), tuple(p),
-                                       tuple(d)), run, choose, cfg, H, W, wide or cl, interpret))
+                                       tuple(d), cl), run, choose, cfg, H, W, wide, interpret, C if cl else 0))
 
 
 def avg_pool2d_backward(g, dx, k, s, p, count_include_pad, divisor, interpret: bool, choose=None, cfg=None) -> None:
@@ -790,10 +900,19 @@ def avg_pool2d_backward(g, dx, k, s, p, count_include_pad, divisor, interpret: b
         if c[0] == TILE:
             _, bh, bw, warps = c
             grid, th, tw = _tiles(N * C, H, W, bh, bw)
-            launch_kernel(_avg_pool_bwd_tile_kernel, grid, g, dx, H, W, OH, OW, th, tw, *s, *p,
-                          int(count_include_pad), int(divisor), KH=k[0], KW=k[1],
+            launch_kernel(_avg_pool_bwd_tile_kernel, grid, g, dx, H, W, OH, OW, th, tw, *_tile_divs(th, tw), *s, *p,
+                          int(count_include_pad), int(divisor), *fastdiv.launch_args(tuple(s), True), KH=k[0], KW=k[1],
                           NWH=windows_covering(k[0], s[0], 1), NWW=windows_covering(k[1], s[1], 1),
                           BH=bh, BW=bw, num_warps=warps)
+            return
+        if c[0] == CLTILE:
+            _, bp, bc, warps = c
+            tw, tc = cdiv(W, bp), cdiv(C, bc)
+            launch_kernel(_avg_pool_bwd_cl_kernel, (N * H * tw * tc,), g, dx, C, H, W, OH, OW, tw, tc,
+                          *_tile_divs(tw, tc, H), *s, *p, int(count_include_pad), int(divisor),
+                          *fastdiv.launch_args(tuple(s), True), KH=k[0], KW=k[1],
+                          NWH=windows_covering(k[0], s[0], 1), NWW=windows_covering(k[1], s[1], 1),
+                          BP=bp, BC=bc, num_warps=warps)
             return
         _, blk, warps = c
         launch_kernel(_avg_pool_bwd_kernel, (cdiv(total, blk),),
@@ -801,8 +920,8 @@ def avg_pool2d_backward(g, dx, k, s, p, count_include_pad, divisor, interpret: b
             WIDE=wide, BLOCK=blk, CL=cl, num_warps=warps)
 
     run(_pick("avg_pool_bwd", lambda: (tuple(dx.shape), tuple(g.shape), str(dx.dtype), tuple(k), tuple(s), tuple(p),
-                                       bool(count_include_pad), int(divisor)), run, choose, cfg, H, W, wide or cl,
-              interpret))
+                                       bool(count_include_pad), int(divisor), cl), run, choose, cfg, H, W, wide,
+              interpret, C if cl else 0))
 
 
 def aot_specs():
@@ -863,7 +982,8 @@ def tiled_specs():
         nw = {"NWH": windows_covering(k[0], st[0], 1), "NWW": windows_covering(k[1], st[1], 1)}
         geo = f"{k[0]}x{k[1]}/{st[0]}"
         for dt in dts:
-            plane = {n: i32 for n in ("C", "H", "W", "OH", "OW", "tiles_h", "tiles_w")}
+            plane = {n: i32 for n in ("C", "H", "W", "OH", "OW", "tiles_h", "tiles_w", *_TILE_DIVISORS,
+                                      *_TILE_PLANE_DIVISORS)}
             strides = {n: i32 for n in ("stride_xn", "stride_xc", "stride_xh", "stride_xw")}
             sp = {n: i32 for n in ("SH", "SW", "PH", "PW")}
             fwd_tile = {"KH": k[0], "KW": k[1], "BH": obh, "BW": obw}
@@ -879,21 +999,25 @@ def tiled_specs():
                    "KH": "constexpr", "KW": "constexpr", "BH": "constexpr", "BW": "constexpr"}
             specs.append(AotSpec(_avg_pool_fwd_tile_kernel, sig, fwd_tile, num_warps=owarps,
                                  label=f"tiled avg {geo} {dt} {obh}x{obw}"))
-            bplane = {n: i32 for n in ("H", "W", "OH", "OW", "tiles_h", "tiles_w")}
+            bplane = {n: i32 for n in ("H", "W", "OH", "OW", "tiles_h", "tiles_w", *_TILE_DIVISORS)}
+            sdivs = {n: i32 for n in _STRIDE_DIVISORS}
             bwd_tile = {"KH": k[0], "KW": k[1], **nw, "BH": ibh, "BW": ibw}
             cx = {n: "constexpr" for n in bwd_tile}
-            sig = {"g_ptr": f"*{dt}", "i_ptr": "*i64", "dx_ptr": f"*{dt}", **bplane, **sp, "DH": i32, "DW": i32, **cx}
+            sig = {"g_ptr": f"*{dt}", "i_ptr": "*i64", "dx_ptr": f"*{dt}", **bplane, **sp, "DH": i32, "DW": i32,
+                   **sdivs, **cx}
             specs.append(AotSpec(_max_pool_bwd_tile_kernel, sig, bwd_tile, num_warps=iwarps,
                                  label=f"tiled max/min {geo} {dt} {ibh}x{ibw}"))
-            sig = {"g_ptr": f"*{dt}", "dx_ptr": f"*{dt}", **bplane, **sp, "COUNT_PAD": i32, "DIVISOR": i32, **cx}
+            sig = {"g_ptr": f"*{dt}", "dx_ptr": f"*{dt}", **bplane, **sp, "COUNT_PAD": i32, "DIVISOR": i32, **sdivs,
+                   **cx}
             specs.append(AotSpec(_avg_pool_bwd_tile_kernel, sig, bwd_tile, num_warps=iwarps,
                                  label=f"tiled avg {geo} {dt} {ibh}x{ibw}"))
     return specs
 
 
-# (window, stride, output row width, channels) of the channels_last tiles' ahead-of-time
-# configurations: ResNet's stem pool on 64 channels (the bench's channels_last case, every dtype)
-CL_TILED_AOT = (((3, 3), (2, 2), 56, 64, ("fp32", "fp16", "bf16")),)
+# (window, stride, output row width, input row width, channels) of the channels_last tiles'
+# ahead-of-time configurations: ResNet's stem pool on 64 channels (the bench's channels_last
+# case, every dtype)
+CL_TILED_AOT = (((3, 3), (2, 2), 56, 112, 64, ("fp32", "fp16", "bf16")),)
 
 
 def launched_specs():
@@ -905,15 +1029,22 @@ def launched_specs():
 
 
 def cl_tiled_specs():
-    """The channels_last forward tiles as :func:`cl_tile_config` configures them at
-    CL_TILED_AOT's problems (window and tile compile-time; other problems compile their own)."""
+    """The channels_last tiles, forward and backward, as :func:`cl_tile_config` configures them
+    at CL_TILED_AOT's problems (window and tile compile-time; other problems compile their own)."""
     specs = []
     i32 = "i32"
-    for k, st, cols, channels, dts in CL_TILED_AOT:
+    for k, st, cols, in_cols, channels, dts in CL_TILED_AOT:
         _, bp, bc, warps = cl_tile_config(cols, channels, False)
+        _, ibp, ibc, iwarps = cl_tile_config(in_cols, channels, False)
+        bwd_tile = {"KH": k[0], "KW": k[1], "NWH": windows_covering(k[0], st[0], 1),
+                    "NWW": windows_covering(k[1], st[1], 1), "BP": ibp, "BC": ibc}
+        bints = {n: i32 for n in ("C", "H", "W", "OH", "OW", "tiles_w", "tiles_c", *_TILE_DIVISORS,
+                                  *_TILE_PLANE_DIVISORS, "SH", "SW", "PH", "PW")}
+        sdivs = {n: i32 for n in _STRIDE_DIVISORS}
+        bcx = {n: "constexpr" for n in bwd_tile}
         geo = f"{k[0]}x{k[1]}/{st[0]}"
-        ints = {n: i32 for n in ("C", "H", "W", "OH", "OW", "tiles_w", "tiles_c", "stride_xn", "stride_xh",
-                                 "stride_xw", "SH", "SW", "PH", "PW")}
+        ints = {n: i32 for n in ("C", "H", "W", "OH", "OW", "tiles_w", "tiles_c", *_TILE_DIVISORS, *_TILE_PLANE_DIVISORS,
+                                 "stride_xn", "stride_xh", "stride_xw", "SH", "SW", "PH", "PW")}
         tile = {"KH": k[0], "KW": k[1], "BP": bp, "BC": bc}
         cx = {n: "constexpr" for n in tile}
         for dt in dts:
@@ -927,4 +1058,11 @@ def cl_tiled_specs():
             sig = {"x_ptr": f"*{dt}", "y_ptr": f"*{dt}", **ints, "COUNT_PAD": i32, "DIVISOR": i32, **cx}
             specs.append(AotSpec(_avg_pool_fwd_cl_kernel, sig, tile, num_warps=warps,
                                  label=f"channels_last tiled avg {geo} {dt} {bp}x{bc}"))
+            sig = {"g_ptr": f"*{dt}", "i_ptr": "*i64", "dx_ptr": f"*{dt}", **bints, "DH": i32, "DW": i32, **sdivs,
+                   **bcx}
+            specs.append(AotSpec(_max_pool_bwd_cl_kernel, sig, bwd_tile, num_warps=iwarps,
+                                 label=f"channels_last tiled max/min {geo} {dt} {ibp}x{ibc}"))
+            sig = {"g_ptr": f"*{dt}", "dx_ptr": f"*{dt}", **bints, "COUNT_PAD": i32, "DIVISOR": i32, **sdivs, **bcx}
+            specs.append(AotSpec(_avg_pool_bwd_cl_kernel, sig, bwd_tile, num_warps=iwarps,
+                                 label=f"channels_last tiled avg {geo} {dt} {ibp}x{ibc}"))
     return specs
