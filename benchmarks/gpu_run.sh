@@ -18,7 +18,10 @@
 #             tuning cache empty (nothing measured in an earlier run is skipped) and keeps the
 #             choices made
 #   pytest    the suite with xdist (all but the CPU-only sm_90 AOT compile file, which CI runs), -rfE so
-#             that a run cut short still names what failed; it gets the time the steps before left
+#             that a run cut short still names what failed (its limit sends SIGINT, on which pytest
+#             prints the summary); it gets the time the steps before left, so the tests only a GPU
+#             runs go first and the CUDA-graph captures last (GPU_NN_TEST_ORDER=gpu-first,
+#             tests/conftest.py)
 #   record    gpu-nn results record: OUTDIR/results/<run>/ is what goes into benchmarks/results/
 # The SASS report needs no GPU: it runs on CPU machines (`gpu-nn sass`), not here.
 # OUTDIR/summary.txt has one line per step (exit status, seconds); everything OUTDIR holds is also
@@ -49,7 +52,7 @@ step info 30 "${GN[@]}" info
 # check: one worker per core (up to 16); first use of each kernel compiles, in parallel.
 step check 90 "${GN[@]}" check --json "$OUTDIR/check.json" --no-progress
 CHECK_RC=$?
-tail -n 3 "$OUTDIR/check.log" | sed 's/^/  check: /' | tee -a "$SUMMARY"
+tail -n 3 "$OUTDIR/check.log" | grep -v '^== ' | sed -e 's/^/  check: /' -e '$a\' | tee -a "$SUMMARY"
 
 # the first call of each tuned shape compiles and times every candidate (first_call in bench.json)
 rm -f "$OUTDIR/tuning.jsonl" "$OUTDIR/tuning-cache.json"
@@ -72,10 +75,13 @@ PYTEST_ARGS=(-q -rfE tests -p no:cacheprovider --durations=15 --ignore=tests/tes
 "$PY" -c "import xdist" 2>/dev/null && PYTEST_ARGS+=(-n "$WORKERS")
 # whatever time is left, less what record needs
 PT_LIMIT=$(( $(left) - 25 )); (( PT_LIMIT > 240 )) && PT_LIMIT=240
-step pytest "$PT_LIMIT" "$PY" -m pytest "${PYTEST_ARGS[@]}"
+STEP_SIGNAL=INT step pytest "$PT_LIMIT" env GPU_NN_TEST_ORDER=gpu-first "$PY" -m pytest "${PYTEST_ARGS[@]}"
 TEST_RC=$?
 grep -E "^(FAILED|ERROR) " "$OUTDIR/pytest.log" | head -20 | sed 's/^/  pytest: /' | tee -a "$SUMMARY"
-tail -n 1 "$OUTDIR/pytest.log" | sed 's/^/  pytest: /' | tee -a "$SUMMARY"
+# pytest's closing counts (after an interrupt a traceback follows them), else the log's last line
+PT_LAST=$(grep -E "[0-9]+ (passed|failed|errors?)\b.* in [0-9.]+s" "$OUTDIR/pytest.log" | tail -n 1)
+[ -n "$PT_LAST" ] || PT_LAST=$(tail -n 1 "$OUTDIR/pytest.log")
+echo "  pytest: $PT_LAST" | tee -a "$SUMMARY"
 
 step record 20 "${GN[@]}" results record "$OUTDIR" --into "$OUTDIR/results" --no-render
 

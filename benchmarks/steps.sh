@@ -13,6 +13,10 @@ begin() {
     PY=${PYTHON:-python3}
     START=$SECONDS
     SUMMARY="$OUTDIR/summary.txt"
+    # tests/conftest.py sets TRITON_DEFAULT_FP_FUSION=1 (Triton's default value), and a set value is
+    # part of Triton's cache key: set for every step, the kernels check, bench and the tests
+    # compile share one on-disk cache instead of compiling twice
+    export TRITON_DEFAULT_FP_FUSION=1
     : > "$SUMMARY"
     machine_info > "$OUTDIR/machine.txt"
 }
@@ -21,7 +25,8 @@ begin() {
 left() { echo $(( BUDGET - (SECONDS - START) )); }
 
 # step NAME LIMIT_S CMD...: run CMD under timeout (capped by the time left), log to NAME.log,
-# and write one summary line.
+# and write one summary line. The limit's signal is STEP_SIGNAL (default TERM; pytest takes INT,
+# on which it still prints its failure summary), SIGKILL 10 s later.
 step() {
     local name=$1 limit=$2; shift 2
     local rem; rem=$(left)
@@ -32,7 +37,7 @@ step() {
     fi
     local t0=$SECONDS
     echo "== $name (limit ${limit}s): $*" > "$OUTDIR/$name.log"
-    timeout -k 10 "$limit" "$@" >> "$OUTDIR/$name.log" 2>&1
+    timeout -s "${STEP_SIGNAL:-TERM}" -k 10 "$limit" "$@" >> "$OUTDIR/$name.log" 2>&1
     local rc=$?
     echo "$name: rc=$rc $(( SECONDS - t0 ))s$( [ "$rc" = 124 ] && echo ' (timed out)')" | tee -a "$SUMMARY"
     return "$rc"

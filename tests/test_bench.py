@@ -189,26 +189,31 @@ def test_gpu_run_script_steps_summary_and_archive(tmp_path):
         tmp_path, "gpu_run.sh",
         'case "$*" in *" bench "*) echo \'{"op": "matmul", "ms": 0.5}\' >> "$GPU_NN_TUNE_RECORD";; esac\n'
         'case "$*" in *"-m pytest"*) echo "FAILED tests/test_x.py::test_y - AssertionError: boom";'
-        ' echo "1 failed, 41 passed in 3.21s"; exit 1;; esac\n'
+        ' echo "1 failed, 41 passed in 3.21s"; echo "KeyboardInterrupt"; exit 1;; esac\n'
         'case "$*" in *" check "*) echo "relu: 4/4 pass"; echo "time: 1.0 s wall"; echo "4 passed, 0 failed";; esac\n'
         "exit 0\n",
         {k: v for k, v in os.environ.items() if not k.startswith("GPU_NN_TUNE")},
-        log_line='echo "$* [TUNE=${GPU_NN_TUNE:-} RECORD=${GPU_NN_TUNE_RECORD:-} CACHE=${GPU_NN_TUNE_CACHE:-}]"')
+        log_line='echo "$* [TUNE=${GPU_NN_TUNE:-} RECORD=${GPU_NN_TUNE_RECORD:-} CACHE=${GPU_NN_TUNE_CACHE:-}]'
+                 ' [ORDER=${GPU_NN_TEST_ORDER:-} FUSION=${TRITON_DEFAULT_FP_FUSION:-}]"')
     assert r.returncode == 1, r.stdout + r.stderr  # the tests failed
     summary = (out / "summary.txt").read_text()
     steps = [line.split(":")[0] for line in summary.splitlines() if not line.startswith(" ")]
     assert steps == ["install", "info", "check", "bench", "pytest", "record", "total"]
-    assert "pytest: FAILED tests/test_x.py::test_y" in summary and "1 failed, 41 passed" in summary
+    assert "pytest: FAILED tests/test_x.py::test_y" in summary and "pytest: 1 failed, 41 passed" in summary
+    assert "KeyboardInterrupt" not in summary  # an interrupted pytest's counts, not the traceback after them
     assert "check: 4 passed, 0 failed" in summary
     assert "bench: 1 tuning timings recorded" in summary
     # the bench step tunes, with an empty cache, and records every candidate's time into the run
     # folder; check and the tests run the heuristics
     (bench_call,) = [c for c in calls if " bench " in c]
-    assert bench_call.endswith(f"[TUNE=1 RECORD={out}/tuning.jsonl CACHE={out}/tuning-cache.json]")
+    assert f"[TUNE=1 RECORD={out}/tuning.jsonl CACHE={out}/tuning-cache.json]" in bench_call
     assert all("[TUNE=0 RECORD= CACHE=]" in c for c in calls if " check " in c or "-m pytest" in c)
     assert not any(" sass" in c for c in calls)
     (pytest_call,) = [c for c in calls if "-m pytest" in c]
     assert "-rfE" in pytest_call and "-x" not in pytest_call.split()
+    # the GPU-only tests first (a cut run has run them), one Triton cache key for every step
+    assert pytest_call.endswith("[ORDER=gpu-first FUSION=1]")
+    assert all(c.endswith("FUSION=1]") for c in calls)
     assert "--ignore=tests/test_compile.py" in pytest_call.split()  # CPU-only AOT compile: CI runs it
     with tarfile.open(str(out) + ".tgz") as tar:
         names = tar.getnames()
@@ -419,3 +424,35 @@ def test_host_cost_demo_times_and_counts_every_phase_of_a_training_step(tmp_path
         assert n["forward"] > 0 and n["loss"] > 0 and n["backward"] > n["forward"]
     assert res["cnn"]["launches"]["clip"] == 0  # the demo clips the recurrent models only
     assert res["gru"]["launches"]["clip"] == 2
+
+
+def test_gpu_first_order_runs_the_tests_only_a_gpu_runs_first():
+    """GPU_NN_TEST_ORDER=gpu-first (gpu_run.sh's pytest step, which its time limit may cut): the
+    cases only a GPU runs (the cupy backend's, those skipped without CUDA) come first, the
+    CUDA-graph captures last (a failed capture breaks its worker), the rest in collection order
+    between; without the variable, collection order."""
+    import os
+    import subprocess
+    import sys
+
+    def collect(order):
+        env = {k: v for k, v in os.environ.items() if k != "GPU_NN_TEST_ORDER"}
+        if order:
+            env["GPU_NN_TEST_ORDER"] = order
+        r = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                            "tests/test_cuda_graphs.py", "tests/test_optim.py"],
+                           capture_output=True, text=True, env=env, cwd=os.path.dirname(os.path.dirname(__file__)))
+        return [ln for ln in r.stdout.splitlines() if "::" in ln]
+
+    plain, ordered = collect(None), collect("gpu-first")
+    assert sorted(plain) == sorted(ordered) and plain[0].startswith("tests/test_cuda_graphs.py")
+    graphs = [i for i, n in enumerate(ordered) if n.startswith("tests/test_cuda_graphs.py")]
+    assert graphs == list(range(len(ordered) - len(graphs), len(ordered)))
+    first = [n for n in ordered if not n.startswith("tests/test_cuda_graphs.py")]
+    # in these files: the cupy cases and two tests skipped without CUDA
+    gpu = [n for n in first if "cupy-cuda" in n or n.split("::")[1].split("[")[0] in (
+        "test_gpu_step_does_not_sync", "test_kept_plan_serves_a_cuda_training_loop")]
+    assert len(gpu) > 20 and first[:len(gpu)] == gpu, first[:10]
+    # the rest keeps collection order
+    rest = first[len(gpu):]
+    assert rest == [n for n in plain if n in set(rest)]
