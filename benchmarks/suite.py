@@ -230,7 +230,7 @@ def run(args) -> int:
         console.print(f"host-bound (the call took >= {harness.HOST_BOUND:.0%} of its event time to return): "
                       f"{len(hb)} of {ours} of ours outside the overhead family"
                       + "".join(f"\n  {f}: {nm} {sh} [{p}] host {h * 1e3:.3f} ms of {sec * 1e3:.3f} ms"
-                                for f, nm, sh, p, h, sec in hb[:12]))
+                                for f, nm, sh, p, h, sec in hb[:12]), markup=False)  # "[triton]" is not markup
     png_path = os.path.join(args.out, "bench.png")
     harness.write_json(with_cold(rows), json_path, families=status, quick=bool(args.quick), run_device=device,
                        timing=timing, wall_seconds=round(time.perf_counter() - t0, 1), clock=clock,
@@ -243,7 +243,7 @@ def run(args) -> int:
         v, r, n = max(first, key=lambda t: t[0])
         console.print(f"first use of each shape (setup + one call, kernel compilation included): "
                       f"{sum(t[0] for t in first):.1f} s in all for ours, apart from the steady-state medians; "
-                      f"slowest {v:.2f} s ({r['family']}: {r['name']} {r['shape']} [{n}])")
+                      f"slowest {v:.2f} s ({r['family']}: {r['name']} {r['shape']} [{n}])", markup=False)
     n_err = sum(len(r["errors"]) for r in rows)
     console.print(f"{len(rows)} cases, {n_err} provider errors, {time.perf_counter() - t0:.0f} s; "
                   f"wrote {json_path} and {png_path}")
