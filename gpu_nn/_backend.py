@@ -6,7 +6,9 @@ Backends:
 * ``triton``    -- our ``@triton.jit`` kernels; CUDA tensors, or CPU tensors when
   ``TRITON_INTERPRET=1`` was set before the kernels were imported.
 * ``cupy``      -- our CUDA C kernels compiled at run time by CuPy (NVRTC); CUDA tensors only.
-* ``auto``      -- a GPU backend for CUDA tensors, ``reference`` for CPU tensors.
+* ``auto``      -- a GPU backend for CUDA tensors, ``reference`` for CPU tensors and for float64
+  CUDA tensors (the GPU kernels compute in float32: float64 runs exact on the reference, as
+  torch's float64 does, gradient checks included).
 
 The choice comes from the innermost ``gpu_nn.backend(name)`` block active in the calling
 thread, else from the ``GPU_NN_BACKEND`` environment variable (every thread's default), else
@@ -229,16 +231,20 @@ def available_backends() -> list[str]:
     return [n for n in ("triton", "cupy", "reference") if status(n)[0]]
 
 
-def resolve(op: str, device: torch.device, have: tuple[str, ...], prefer: tuple[str, ...] = GPU_BACKENDS) -> str:
-    """Pick the backend that runs ``op`` on tensors of ``device``.
+def resolve(op: str, device: torch.device, have: tuple[str, ...], prefer: tuple[str, ...] = GPU_BACKENDS,
+            dtype: torch.dtype | None = None) -> str:
+    """Pick the backend that runs ``op`` on tensors of ``device`` (and floating ``dtype``).
 
     ``have`` lists the backends that implement ``op``; ``prefer`` orders the GPU ones for
-    ``auto``. Raises BackendUnavailableError when the requested backend cannot run.
+    ``auto``. ``auto`` sends float64 to the reference wherever it runs (our GPU kernels
+    compute in float32, which is not what a float64 tensor asks for); an explicitly requested
+    GPU backend runs float64 in float32. Raises BackendUnavailableError when the requested
+    backend cannot run.
     """
     req = requested()
     dev = device if isinstance(device, torch.device) else torch.device(device)
     if req == "auto":
-        if dev.type != "cuda":
+        if dev.type != "cuda" or (dtype is torch.float64 and "reference" in have):
             return "reference"
         reasons = []
         for name in prefer:

@@ -1,5 +1,6 @@
 """The backend switch: env var, context manager, explicit requests that cannot run."""
 
+import copy
 import os
 import subprocess
 import sys
@@ -45,6 +46,78 @@ def test_env_var_selects_backend(monkeypatch):
 
 def test_auto_uses_reference_for_cpu_tensors():
     assert _backend.resolve("relu", torch.device("cpu"), ("reference", "triton")) == "reference"
+
+
+def test_auto_sends_float64_to_the_reference(monkeypatch):
+    """Under auto, float64 CUDA tensors take the reference (the GPU kernels compute in float32);
+    other dtypes a GPU backend; a GPU backend requested by name keeps float64."""
+    monkeypatch.setattr(_backend, "status", lambda name: (True, "stand-in"))
+    cuda = torch.device("cuda")
+    have = ("reference", "triton", "cupy")
+    with gpu_nn.backend("auto"):
+        assert _backend.resolve("relu", cuda, have, dtype=torch.float64) == "reference"
+        for dt in (torch.float32, torch.float16, torch.bfloat16, None):
+            assert _backend.resolve("relu", cuda, have, dtype=dt) == "triton"
+        assert _backend.resolve("relu", torch.device("cpu"), have, dtype=torch.float32) == "reference"
+    with gpu_nn.backend("triton"):
+        assert _backend.resolve("relu", cuda, have, dtype=torch.float64) == "triton"
+
+
+def test_every_op_resolves_with_its_dtype(monkeypatch):
+    """Every op's forward and backward, the optimizer step and clipping tell resolve their float
+    dtype (float64 here), so auto can send float64 to the reference wherever it runs."""
+    seen = []
+    real = _backend.resolve
+
+    def spy(op, device, have, prefer=_backend.GPU_BACKENDS, dtype=None):
+        seen.append((op, dtype))
+        return real(op, device, have, prefer, dtype=dtype)
+
+    monkeypatch.setattr(_backend, "resolve", spy)
+    d = dict(dtype=torch.float64)
+    x4 = torch.randn(2, 3, 6, 6, **d, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, **d, requires_grad=True)
+    lw = torch.randn(5, 16, **d, requires_grad=True)
+    with gpu_nn.backend("reference"):
+        h = F.max_pool2d(F.relu(F.conv2d(x4, w, padding=1)), 2)
+        h = F.avg_pool2d(F.sigmoid(h), 2).flatten(1)
+        z = F.linear(h.repeat(1, 4), lw)
+        loss = F.cross_entropy(z, torch.tensor([1, 3])) + F.log_softmax(z, 1).sum() + F.tanh(z).sum()
+        lstm = gpu_nn.nn.LSTM(5, 3).double()
+        out, _ = lstm(z[None])
+        cell = gpu_nn.nn.GRUCell(5, 3).double()
+        (loss + out.sum() + cell(z).sum()).backward()
+        params = [x4, w, lw, *lstm.parameters(), *cell.parameters()]
+        gpu_nn.nn.utils.clip_grad_norm_(params, 1.0)
+        gpu_nn.optim.Adam(params, lr=0.1).step()
+    ops = {op for op, _ in seen}
+    assert {"conv2d", "relu", "max_pool", "avg_pool", "sigmoid", "linear", "cross_entropy", "log_softmax",
+            "tanh", "clip_grad_norm_", "optim.adam"} <= ops, ops
+    assert any("backward" in op for op in ops) and any(op.startswith(("rnn", "lstm", "gru")) for op in ops), ops
+    assert all(dt == torch.float64 for _, dt in seen), [s for s in seen if s[1] != torch.float64]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="float64 CUDA tensors: needs a CUDA device")
+def test_float64_cuda_model_trains_exactly_under_auto():
+    """A float64 model on CUDA under auto: forward, gradients and an Adam step equal torch's in
+    float64 (the reference runs them; the GPU kernels' float32 would be ~1e-7 off, and the GPU
+    optimizers refuse float64)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+                              torch.nn.Flatten(), torch.nn.Linear(4 * 4 * 4, 3)).double().cuda()
+    ours = gpu_nn.convert(copy.deepcopy(net))
+    x = torch.randn(5, 2, 8, 8, dtype=torch.float64, device="cuda")
+    y = torch.randint(0, 3, (5,), device="cuda")
+    with gpu_nn.backend("auto"):
+        lo = gpu_nn.nn.CrossEntropyLoss()(ours(x), y)
+        lo.backward()
+        gpu_nn.optim.Adam(ours.parameters(), lr=0.01).step()
+    lt = torch.nn.CrossEntropyLoss()(net(x), y)
+    lt.backward()
+    torch.optim.Adam(net.parameters(), lr=0.01).step()
+    torch.testing.assert_close(lo, lt, rtol=1e-10, atol=1e-10)  # float32 arithmetic: ~1e-7
+    for a, b in zip(ours.parameters(), net.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
 def test_available_backends_always_has_reference():

@@ -41,7 +41,10 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_i
         if g.is_sparse:
             raise RuntimeError("gpu_nn.nn.utils.clip_grad_norm_ does not support sparse gradients")
     devices = {g.device for g in grads}
-    backends = {d: _backend.resolve("clip_grad_norm_", d, ("reference", "triton")) for d in devices}
+    # float64 gradients (all of a device's) take the reference under auto, as every op's do
+    backends = {d: _backend.resolve("clip_grad_norm_", d, ("reference", "triton"),
+                                    dtype=torch.float64 if all(g.dtype == torch.float64 for g in grads if g.device == d)
+                                    else None) for d in devices}
     if len(devices) == 1 and backends[grads[0].device] == "triton" and norm_type > 0 and not math.isnan(norm_type):
         from ..optim import _triton
 

@@ -46,7 +46,7 @@ def activation_forward(x: Tensor, activation: str) -> Tensor:
     output). The kernel runs over x's memory block as a flat array where x is dense (any dim
     order); other inputs are first copied into that layout."""
     _check(activation, x)
-    backend = _backend.resolve(activation, x.device, BACKENDS)
+    backend = _backend.resolve(activation, x.device, BACKENDS, dtype=x.dtype)
     if backend == "reference":
         return _laid_out_as(from_numpy(ref.FORWARD[activation](to_numpy(x)), x.dtype, x.device), x, x.dtype)
     _backend.check_interpreter_dtype(activation, backend, x)
@@ -68,7 +68,7 @@ def activation_backward(grad_output: Tensor, output: Tensor, activation: str) ->
     _check(activation, grad_output)
     if grad_output.shape != output.shape:
         raise KernelInputError(f"{activation} backward: grad_output shape {tuple(grad_output.shape)} != output shape {tuple(output.shape)}")
-    backend = _backend.resolve(activation + "_backward", grad_output.device, BACKENDS)
+    backend = _backend.resolve(activation + "_backward", grad_output.device, BACKENDS, dtype=grad_output.dtype)
     if backend == "reference":
         res = from_numpy(ref.BACKWARD[activation](to_numpy(grad_output), to_numpy(output)), grad_output.dtype,
                          grad_output.device)

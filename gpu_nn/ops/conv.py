@@ -348,7 +348,7 @@ def conv_forward(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride, 
                  activation),
         _fwd_plan, input, weight, bias, stride, padding, dilation, groups, activation)
     name = _NAMES[nd][0]
-    backend = _backend.resolve(name, input.device, BACKENDS)
+    backend = _backend.resolve(name, input.device, BACKENDS, dtype=input.dtype)
     if backend == "reference":
         f = ref.conv2d if nd == 2 else ref.conv1d
         out = f(to_numpy(input), to_numpy(weight), to_numpy(bias), *rargs, groups, activation)
@@ -394,7 +394,7 @@ def conv_backward(grad_output: Tensor, input: Tensor, weight: Tensor, output: Op
                  tuple(dilation), groups, activation, tuple(output_mask)),
         _bwd_plan, grad_output, input, weight, output, stride, padding, dilation, groups, activation, output_mask)
     name = _NAMES[nd][0]
-    backend = _backend.resolve(_NAMES[nd][1], input.device, BACKENDS)
+    backend = _backend.resolve(_NAMES[nd][1], input.device, BACKENDS, dtype=input.dtype)
     dt, dev = input.dtype, input.device
     if backend == "reference":
         f = ref.conv2d_backward if nd == 2 else ref.conv1d_backward

@@ -109,7 +109,7 @@ def _tf32_allowed() -> bool:
 def linear_forward(x: Tensor, w: Tensor, b: Tensor | None, activation: str | None) -> Tensor:
     """y = act(x @ w^T + b); x [..., K], w [O, K], b [O] or None; y [..., O] in x's dtype."""
     O, K = w.shape
-    backend = _backend.resolve("linear", x.device, BACKENDS)
+    backend = _backend.resolve("linear", x.device, BACKENDS, dtype=x.dtype)
     if backend == "reference":
         y = ref.linear(to_numpy(x), to_numpy(w), to_numpy(b), activation)
         return from_numpy(y, x.dtype, x.device)
@@ -131,7 +131,7 @@ def linear_backward(grad: Tensor, x: Tensor, w: Tensor, out: Tensor | None, acti
     O, K = w.shape
     if activation is not None and out is None:
         raise KernelInputError("linear backward: a fused activation needs the forward output")
-    backend = _backend.resolve("linear_backward", grad.device, BACKENDS)
+    backend = _backend.resolve("linear_backward", grad.device, BACKENDS, dtype=grad.dtype)
     if backend == "reference":
         dx, dw, db = ref.linear_backward(to_numpy(grad), to_numpy(x), to_numpy(w), to_numpy(out), activation, has_bias)
         dev = grad.device
@@ -363,7 +363,7 @@ def _mid_shape(t: Tensor, dim: int):
 def _softmax_forward(x: Tensor, dim: int, log: bool) -> Tensor:
     """softmax / log_softmax of x over ``dim`` (any shape); result in x's dtype."""
     name = "log_softmax" if log else "softmax"
-    backend = _backend.resolve(name, x.device, BACKENDS)
+    backend = _backend.resolve(name, x.device, BACKENDS, dtype=x.dtype)
     if backend == "reference":
         fn = ref.log_softmax if log else ref.softmax
         # contiguous as torch's softmax and our fake kernel (NumPy keeps a channels_last input's order)
@@ -396,7 +396,7 @@ def _softmax_backward(grad: Tensor, out: Tensor, dim: int, log: bool) -> Tensor:
     name = ("log_softmax" if log else "softmax") + "_backward"
     if grad.shape != out.shape:
         raise KernelInputError(f"{name}: grad_output shape {tuple(grad.shape)} != output shape {tuple(out.shape)}")
-    backend = _backend.resolve(name, grad.device, BACKENDS)
+    backend = _backend.resolve(name, grad.device, BACKENDS, dtype=grad.dtype)
     if backend == "reference":
         fn = ref.log_softmax_backward if log else ref.softmax_backward
         return from_numpy(fn(to_numpy(grad), to_numpy(out), dim), grad.dtype, grad.device).contiguous()
@@ -657,7 +657,7 @@ def cross_entropy_forward(input: Tensor, target: Tensor, weight: Tensor | None, 
     that its backward reads (the rest 0)."""
     M, C = _ce_rows(input)
     prob = target.is_floating_point()
-    backend = _backend.resolve("cross_entropy", input.device, BACKENDS)
+    backend = _backend.resolve("cross_entropy", input.device, BACKENDS, dtype=input.dtype)
     if backend == "reference":
         xn, tn, wn = to_numpy(input), to_numpy(target), to_numpy(weight)
         # checked on the array the reference reads (a CUDA target's host copy too)
@@ -704,7 +704,7 @@ def cross_entropy_backward(grad: Tensor, input: Tensor, target: Tensor, weight: 
     M, C = _ce_rows(input)
     prob = target.is_floating_point()
     want_dt = prob and target_grad
-    backend = _backend.resolve("cross_entropy_backward", input.device, BACKENDS)
+    backend = _backend.resolve("cross_entropy_backward", input.device, BACKENDS, dtype=input.dtype)
     args = (ignore_index, reduction, label_smoothing)
     if backend == "reference":
         gn, xn, tn, wn, ln = to_numpy(grad), to_numpy(input), to_numpy(target), to_numpy(weight), to_numpy(lse)

@@ -367,7 +367,7 @@ def max_pool_forward(x: Tensor, kernel_size, stride, padding, dilation, ceil_mod
     k, s, p, d, (N, C, oh, ow) = _memo(("max_fwd", x.shape, x.dtype, tuple(kernel_size), tuple(stride), tuple(padding),
                                         tuple(dilation), ceil_mode, minimum),
                                        _max_fwd_geometry, op, x, kernel_size, stride, padding, dilation, ceil_mode)
-    backend = _backend.resolve(op, x.device, BACKENDS)
+    backend = _backend.resolve(op, x.device, BACKENDS, dtype=x.dtype)
     if backend == "reference":
         xn = to_numpy(x)
         if minimum:
@@ -423,7 +423,7 @@ def max_pool_backward(grad_output: Tensor, indices: Tensor, input_size, kernel_s
     k, s, p, d, size = _memo(("max_bwd", grad_output.shape, indices.shape, grad_output.dtype, indices.dtype,
                               tuple(input_size), tuple(kernel_size), tuple(stride), tuple(padding), tuple(dilation)),
                              _max_bwd_args, grad_output, indices, input_size, kernel_size, stride, padding, dilation)
-    backend = _backend.resolve("max_pool_backward", grad_output.device, BACKENDS)
+    backend = _backend.resolve("max_pool_backward", grad_output.device, BACKENDS, dtype=grad_output.dtype)
     if backend == "reference":
         gi = ref._max_backward2d(to_numpy(grad_output), to_numpy(indices), size)
         return _as_format(from_numpy(gi, grad_output.dtype, grad_output.device), channels_last)
@@ -466,7 +466,7 @@ def avg_pool_forward(x: Tensor, kernel_size, stride, padding, ceil_mode: bool, c
     k, s, p, (N, C, oh, ow) = _memo(("avg_fwd", x.shape, x.dtype, tuple(kernel_size), tuple(stride), tuple(padding),
                                      ceil_mode, divisor_override), _avg_fwd_geometry, x, kernel_size, stride, padding,
                                     ceil_mode, divisor_override)
-    backend = _backend.resolve("avg_pool", x.device, BACKENDS)
+    backend = _backend.resolve("avg_pool", x.device, BACKENDS, dtype=x.dtype)
     if backend == "reference":
         y = ref._avg2d(to_numpy(x), k, s, p, ceil_mode, count_include_pad, divisor_override)
         return _as_format(from_numpy(y, x.dtype, x.device), _channels_last(x))
@@ -507,7 +507,7 @@ def avg_pool_backward(grad_output: Tensor, input_size, kernel_size, stride, padd
     k, s, p, size = _memo(("avg_bwd", grad_output.shape, grad_output.dtype, tuple(input_size), tuple(kernel_size),
                            tuple(stride), tuple(padding), ceil_mode),
                           _avg_bwd_args, grad_output, input_size, kernel_size, stride, padding, ceil_mode)
-    backend = _backend.resolve("avg_pool_backward", grad_output.device, BACKENDS)
+    backend = _backend.resolve("avg_pool_backward", grad_output.device, BACKENDS, dtype=grad_output.dtype)
     if backend == "reference":
         gi = ref._avg_backward2d(to_numpy(grad_output), size, k, s, p, ceil_mode, count_include_pad, divisor_override)
         return _as_format(from_numpy(gi, grad_output.dtype, grad_output.device), channels_last)

@@ -273,7 +273,7 @@ def rnn_seq_forward(input, hx, cx, weights, mode, num_layers, bidirectional, has
     """
     op = mode
     _check_seq(op, input, hx, cx, weights, mode, num_layers, bidirectional, has_biases, lengths, dropout_masks)
-    backend = _backend.resolve(op, input.device, BACKENDS)
+    backend = _backend.resolve(op, input.device, BACKENDS, dtype=input.dtype)
     dev, dt = input.device, input.dtype
     if backend == "reference":
         D = 2 if bidirectional else 1
@@ -303,7 +303,7 @@ def rnn_seq_backward(grad_output, grad_hn, grad_cn, input, weights, reserve, mod
     size = ref.reserve_size(mode, T, B, H, num_layers, D, P)
     if reserve.numel() != size:
         raise KernelInputError(f"{op}: reserve has {reserve.numel()} elements, expected {size}")
-    backend = _backend.resolve(op, input.device, BACKENDS)
+    backend = _backend.resolve(op, input.device, BACKENDS, dtype=input.dtype)
     dev, dt = input.device, input.dtype
     if backend == "reference":
         ws = _split([to_numpy(w) for w in weights], num_layers, D, has_biases)
@@ -1402,7 +1402,7 @@ def rnn_cell_forward(input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode):
     """``input [B, I]``, ``hx / cx [B, H]`` -> ``(h' [B, H], c' [B, H] or empty [0], reserve)``,
     ``reserve`` float32, laid out by :func:`cell_reserve_layout`."""
     op = mode + "_cell"
-    backend = _backend.resolve(op, input.device, BACKENDS)
+    backend = _backend.resolve(op, input.device, BACKENDS, dtype=input.dtype)
     if backend == "reference":
         return _reference_cell_forward(input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode)
     _backend.check_interpreter_dtype(op, backend, input)
@@ -1469,7 +1469,7 @@ def rnn_cell_backward(grad_h, grad_c, input, hx, cx, w_ih, w_hh, b_ih, b_hh, h, 
     ``[0]`` tensors where they do not apply. ``h, c, reserve`` are the forward's outputs;
     ``grad_c`` None: no gradient reached c'."""
     op = mode + "_cell_backward"
-    backend = _backend.resolve(op, input.device, BACKENDS)
+    backend = _backend.resolve(op, input.device, BACKENDS, dtype=input.dtype)
     if backend == "reference":
         return _reference_cell_backward(grad_h, grad_c, input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode)
     _backend.check_interpreter_dtype(op, backend, input)

@@ -87,7 +87,7 @@ def run_parts(kind: str, parts_: list, hp: dict, grads) -> None:
     change it), the launch prepared unless a kept one serves."""
     for part in parts_:
         sub_g = [grads[i] for i in part.idx]
-        backend = _backend.resolve(f"optim.{kind}", part.device, BACKENDS[kind])
+        backend = _backend.resolve(f"optim.{kind}", part.device, BACKENDS[kind], dtype=part.dtype)
         if backend == "reference":
             _run_reference(kind, part.params, part.states, hp, sub_g)
             continue
