@@ -1377,6 +1377,60 @@ def test_tma_candidates_through_the_chooser_match_reference(monkeypatch, rng):
                 assert_close(got, want, torch.float16, red, f"{part} {cand} {layout}")
 
 
+@pytest.mark.usefixtures("no_tf32")
+def test_tma_choice_kept_for_aligned_tensors_never_serves_misaligned_views(monkeypatch, rng):
+    """A measuring chooser's kept TMA choice (memory cache: no candidate check) and a view of the
+    same shape and strides whose base is not 16-byte aligned (a channel slice one element in): the
+    tuning keys name x's / g's alignment, so the view gets its own choice (the via-channels_last
+    copy); a contiguous but misaligned weight view is copied fresh for its descriptor. Forward,
+    input and weight gradient against the reference; before, the second call failed TMA's
+    alignment assertion."""
+    import itertools
+
+    from gpu_nn import _tuning
+    from gpu_nn.kernels.triton import conv as kt
+    from gpu_nn.ops import conv as oc
+
+    dev = _tma_here()
+    monkeypatch.setattr(kt, "tma_device", lambda t: True)
+    monkeypatch.setattr(_tuning, "_memory", {})
+    tick = itertools.count()
+
+    def chooser(device):
+        # every call measures (force); the fake clock makes the first TMA candidate the fastest
+        def choose(op, key, cands, run, default, **kw):
+            tma = [c for c in cands if kt.TMA in c]
+            return _tuning.choose(op, key, tma[:1] + [c for c in cands if c not in tma[:1]], run, default,
+                                  device=torch.device("cpu"), force=True, timer=lambda f: (f(), float(next(tick)))[1])
+        return choose
+
+    monkeypatch.setattr(oc, "_chooser", chooser)
+    parent64 = randn(rng, 1, 72, 6, 8)
+    w64 = randn(rng, 16, 64, 3, 3) / 24
+    buf64 = randn(rng, 1 + 16 * 64) / 8
+    parent = parent64.to(dev, torch.float16).contiguous(memory_format=torch.channels_last)
+    w = w64.to(dev, torch.float16).contiguous(memory_format=torch.channels_last)
+    buf = buf64.to(dev, torch.float16)
+    cases = [(parent[:, 0:64], w, parent64[:, 0:64], w64, 1), (parent[:, 1:65], w, parent64[:, 1:65], w64, 1),
+             (parent[:, 0:64], buf[:1024].view(16, 64, 1, 1), parent64[:, 0:64], buf64[:1024].view(16, 64, 1, 1), 0),
+             (parent[:, 0:64], buf[1:].view(16, 64, 1, 1), parent64[:, 0:64], buf64[1:].view(16, 64, 1, 1), 0)]
+    assert cases[1][0].data_ptr() % 16 and cases[3][1].data_ptr() % 16
+    for x, wt, x64, wt64, pad in cases:
+        g64 = randn(rng, 1, 16, 6, 8)
+        with gpu_nn.backend("reference"):
+            xr, wr = x64.clone().requires_grad_(), wt64.clone().requires_grad_()
+            yr = F.conv2d(xr, wr, padding=pad)
+            want = torch.autograd.grad(yr, [xr, wr], g64)
+        xx, ww = x.detach().requires_grad_(), wt.detach().requires_grad_()  # the views themselves
+        with gpu_nn.backend("triton"):
+            y = F.conv2d(xx, ww, padding=pad)
+            got = torch.autograd.grad(y, [xx, ww], g64.to(dev, torch.float16))
+        red = 9 * 64 if pad else 64
+        assert_close(y, yr, torch.float16, red, f"forward, x at {x.data_ptr() % 16}, w at {wt.data_ptr() % 16}")
+        assert_close(got[0], want[0], torch.float16, red, "input gradient")
+        assert_close(got[1], want[1], torch.float16, 6 * 8, "weight gradient")
+
+
 def _tma_store_spies(monkeypatch, kernel):
     """The TMA kernels on a CPU machine (the interpreter runs the GPU tiles), float32 in TF32 (the
     precision the TMA kernels run float32 in; the interpreter's is exact), and two records:

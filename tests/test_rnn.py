@@ -1180,6 +1180,27 @@ def test_persist_programs_capped_at_sm_count():
     assert kt.persist_programs(4, 1025, 132) == 0
 
 
+def test_persistent_launches_take_one_program_under_the_interpreter(monkeypatch):
+    """The interpreter runs programs one after another, so a grid barrier passes only with a
+    single program: CUDA tensors under TRITON_INTERPRET=1 (the interpreter copies them to the
+    host) size the persistent launches as one SM, never from the device's count (16 programs
+    at B = 4, H = 256 there spun at the first barrier for ever)."""
+    from gpu_nn import _backend
+    from gpu_nn.kernels.triton import rnn as kt
+
+    def no_device(dev):
+        raise AssertionError("the device's SM count was read")
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", no_device)
+    monkeypatch.setattr(_backend, "interpret_mode", lambda: True)
+    cuda = torch.device("cuda")
+    monkeypatch.delenv(ops.PERSISTENT_ENV, raising=False)
+    assert ops._persist_programs(kt, cuda, 4, 256) == 1  # persistent by default at B <= 16
+    assert ops._persist_pair_programs(kt, cuda, 4, 256) == 1
+    monkeypatch.setenv(ops.PERSISTENT_ENV, "1")
+    assert ops._persist_programs(kt, cuda, 4, 256, backward=True) == 1
+
+
 PERSIST_GRID = [
     # T, B, I, H, L, bi, lengths, bias, masks
     (5, 3, 4, 7, 1, False, None, True, False),

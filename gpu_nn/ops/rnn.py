@@ -446,8 +446,7 @@ def _persist_programs(K, dev, B, H, P=0, backward=False):
         return int(cupy_loop_choice(B, H, P, os.environ.get(CUPY_RNN_ENV)))
     if not hasattr(K, "persist_forward"):
         return 0
-    # the interpreter runs programs one after another: only a single program can pass a barrier
-    sm = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 1
+    sm = _barrier_sms(dev)
     by_default = PERSISTENT_BWD_BY_DEFAULT if backward else PERSISTENT_BY_DEFAULT
     if not persistent_choice(dev.type, B, H, sm, os.environ.get(PERSISTENT_ENV), by_default, P):
         return 0
@@ -459,8 +458,16 @@ def _persist_pair_programs(K, dev, B, H):
     backend has none (cupy)."""
     if not hasattr(K, "persist_pair_programs"):
         return 0
-    sm = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 1
-    return K.persist_pair_programs(B, H, sm)
+    return K.persist_pair_programs(B, H, _barrier_sms(dev))
+
+
+def _barrier_sms(dev) -> int:
+    """The SMs a persistent (grid-barrier) launch may fill: the device's, or 1 under Triton's
+    interpreter, which runs programs one after another (only a single program can pass a barrier;
+    CUDA tensors included: the interpreter copies them to the host)."""
+    if dev.type != "cuda" or _backend.interpret_mode():
+        return 1
+    return torch.cuda.get_device_properties(dev).multi_processor_count
 
 
 def _gpu_forward(K, mode, input, hx, cx, weights, num_layers, bidirectional, has_biases, lengths, masks):

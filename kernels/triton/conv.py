@@ -1176,9 +1176,10 @@ def dgrad_grid_m(n: int, h: int, w: int, stride, bm: int) -> int:
 
 def _tma_strided(t) -> bool:
     """Whether ``t`` [N, C, H, W] can be described for TMA as NHWC: unit channel stride, the other
-    strides multiples of 16 bytes, a 16-byte aligned base."""
+    strides positive multiples of 16 bytes (an expanded tensor's 0 is left to a copy), a 16-byte
+    aligned base."""
     es = t.element_size()
-    return t.stride(1) == 1 and all(s * es % 16 == 0 for s in (t.stride(0), t.stride(2), t.stride(3))) \
+    return t.stride(1) == 1 and all(s > 0 and s * es % 16 == 0 for s in (t.stride(0), t.stride(2), t.stride(3))) \
         and t.data_ptr() % 16 == 0
 
 
@@ -1563,8 +1564,9 @@ def _launch_variant(direct, cfg, a, w, out, writes_as_it_lies=None):
 
 def _tma_rows(m):
     """The 2-D ``m`` itself where TMA can describe it row-major (the dense matmul's test), else a
-    contiguous copy."""
-    return m if _tma_operand(m, False) else m.contiguous()
+    fresh contiguous copy (a fresh allocation: ``contiguous()`` of a contiguous view whose base is
+    not 16-byte aligned would return the view itself)."""
+    return m if _tma_operand(m, False) else torch.empty_like(m, memory_format=torch.contiguous_format).copy_(m)
 
 
 def _jit_launch(kernel, grid, args, meta, warm: bool) -> None:
@@ -1760,9 +1762,11 @@ def conv_forward(x, w, bias, y, stride, padding, dilation, groups, activation, p
     cfg = fwd_default(og, n * ho * wo, cg, kh * kw, half, interpret)
     if choose is not None:
         # every launch rewrites y in full, so the candidates are timed on the real buffers
+        # x's 16-byte alignment too: a TMA candidate that reads x as it is exists only for an aligned
+        # x, and a choice kept for one must not serve a view of the same strides that is not
         key = (tuple(x.shape), tuple(x.stride()), tuple(w.shape), tuple(w.stride()), tuple(y.stride()),
                str(x.dtype), tuple(stride), tuple(padding), tuple(dilation), groups, prec,
-               bias is not None, activation)
+               bias is not None, activation, x.data_ptr() % 16 == 0)
         cands = problem_candidates(x, w, bias, y, groups, prec, stride)
         def warm(c, nhwc):
             # a candidate that writes y as it lies (the TMA store of an NCHW y) compiles for y itself
@@ -1831,7 +1835,8 @@ def conv_backward_data(g, w, dx, stride, padding, dilation, groups, prec, interp
     cfg = pick_config(cg, n * h * wd, half, interpret, DGRAD_CONFIGS)
     if choose is not None:
         key = (tuple(g.shape), tuple(g.stride()), tuple(w.shape), tuple(w.stride()), tuple(dx.shape), tuple(dx.stride()),
-               str(g.dtype), tuple(stride), tuple(padding), tuple(dilation), groups, prec)
+               str(g.dtype), tuple(stride), tuple(padding), tuple(dilation), groups, prec,
+               g.data_ptr() % 16 == 0)  # as the forward's key
 
         def warm(c, nhwc):
             direct(c, *nhwc(g, w), dx if writes_as_it_lies(c, dx) else nhwc(dx)[0], warm=True)
@@ -1900,7 +1905,8 @@ def conv_backward_weight(g, x, dw, stride, padding, dilation, groups, prec, inte
     if choose is not None:
         # every run rewrites dw in full (its partials summed into it, or written directly)
         key = (tuple(g.shape), tuple(g.stride()), tuple(x.shape), tuple(x.stride()), tuple(dw.shape),
-               tuple(dw.stride()), str(x.dtype), tuple(stride), tuple(padding), tuple(dilation), groups, prec)
+               tuple(dw.stride()), str(x.dtype), tuple(stride), tuple(padding), tuple(dilation), groups, prec,
+               g.data_ptr() % 16 == 0, x.data_ptr() % 16 == 0)  # as the forward's key
         cands = wgrad_candidates(half, cg, kh * kw)
         if tma_device(x):
             cands += tma_wgrad_candidates(g, x, stride, groups, prec)
