@@ -62,8 +62,10 @@ def _mma(providers):
 
 def _bi(providers):
     """A bidirectional case's providers: ``providers`` and, after cupy, cupy with one launch
-    per direction."""
-    return tuple(q for p in providers for q in ((p, "cupy-one-direction") if p == "cupy" else (p,)))
+    per direction; no cell loop (torch's cells run one direction: its twin of a bidirectional
+    layer does not exist, and building it failed the whole family's case list)."""
+    return tuple(q for p in providers if p != "cell_loop"
+                 for q in ((p, "cupy-one-direction") if p == "cupy" else (p,)))
 
 
 class _one_direction_loops:

@@ -287,6 +287,7 @@ def write_json(rows: list[dict], path: str, **extra) -> None:
 def print_table(rows: list[dict], title: str = "gpu-nn bench", console=None) -> None:
     """One line per (case, non-baseline provider): shape, ours, baseline, ratio, TFLOP/s, GB/s."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title=title, caption="ratio = ours / baseline median time (below 1 is faster than the baseline)")
@@ -317,7 +318,9 @@ def print_table(rows: list[dict], title: str = "gpu-nn bench", console=None) -> 
                 f"{r['first_call'][name]:.2f}" if name in r.get("first_call", {}) else "-",
             )
         for name, err in r["errors"].items():
-            table.add_row(r["family"], r["name"], r["shape"], name, "[red]error[/red]", "-", "-", "-", err[:80], "-")
+            # the message as text: a bracket in it ("[1, 2]") is no rich markup
+            table.add_row(r["family"], r["name"], r["shape"], name, "[red]error[/red]", "-", "-", "-",
+                          escape(err[:80]), "-")
     if console is None:
         console = Console()
         if not console.is_terminal:  # logs and pipes: wide enough that cells do not wrap

@@ -101,10 +101,12 @@ def count(fn, args):
 
 def gpu_events(events) -> list[dict]:
     """The GPU-side entries (kernels, memsets, memcpys) of a profiler's ``events()``, in start
-    order: ``{name, start_us, dur_us}``, times in microseconds as the profiler gives them."""
+    order: ``{name, start_us, dur_us}``, times in microseconds as the profiler gives them. A
+    ``record_function`` range shown on the GPU timeline (a user annotation, such as torch's
+    ``Optimizer.step#...``: CUDA-typed too) is no work of the GPU's and is left out."""
     out = []
     for e in events:
-        if e.device_type == torch.autograd.DeviceType.CUDA:
+        if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False):
             start, end = e.time_range.start, e.time_range.end
             out.append({"name": e.name, "start_us": float(start), "dur_us": float(end - start)})
     out.sort(key=lambda r: r["start_us"])

@@ -364,7 +364,7 @@ def test_rnn_bidirectional_cases_time_cupy_both_ways():
     from gpu_nn.benchmarks import bench_rnn
     from gpu_nn.ops import rnn as ops
 
-    assert bench_rnn._bi(("triton", "cupy", "cell_loop")) == ("triton", "cupy", "cupy-one-direction", "cell_loop")
+    assert bench_rnn._bi(("triton", "cupy", "cell_loop")) == ("triton", "cupy", "cupy-one-direction")
     assert bench_rnn._bi(("triton",)) == ("triton",)
     assert bench_rnn._mma(bench_rnn._bi(("cupy",))) == ("cupy", "cupy-mma", "cupy-one-direction")
     assert ops._CupyImpl.pair_loops is True
@@ -456,3 +456,34 @@ def test_gpu_first_order_runs_the_tests_only_a_gpu_runs_first():
     # the rest keeps collection order
     rest = first[len(gpu):]
     assert rest == [n for n in plain if n in set(rest)]
+
+
+def test_rnn_gpu_case_list_builds(monkeypatch):
+    """bench_rnn's CUDA case list (--quick and full) builds: every case's modules, inputs and
+    providers are made when the list is (a provider that cannot be built fails the whole family
+    there, as a cell loop of a bidirectional layer did), here on the CPU in float32."""
+    import torch
+
+    from gpu_nn.benchmarks import bench_rnn
+
+    real = bench_rnn._case
+    built = []
+
+    def on_cpu(mode, T, N, I, H, dtype, device, backward, providers, **kw):
+        built.append((mode, T, N, H, providers, kw.get("bidirectional", False)))
+        return real(mode, min(T, 4), min(N, 3), min(I, 8), min(H, 8), torch.float32, "cpu", backward, providers, **kw)
+
+    monkeypatch.setattr(bench_rnn, "_case", on_cpu)
+    for quick in (True, False):
+        built.clear()
+        assert len(bench_rnn.cases("cuda", quick=quick)) == len(built) > 20
+        assert not any("cell_loop" in p for *_, p, bi in built if bi)
+
+
+def test_bench_table_prints_error_messages_as_text(capsys):
+    """A provider's error message with brackets (a shape "[1, 2]", a stray "[/x]") is printed as
+    it is: rich took it for markup, dropping the text or raising after every case was timed."""
+    rows = [{"family": "f", "name": "n", "shape": "s", "baseline": "torch", "seconds": {"torch": 1e-3},
+             "errors": {"triton": "bad size [1, 2] [/x]"}, "flops": None, "bytes": None, "ratio": {}}]
+    harness.print_table(rows)
+    assert "bad size [1, 2] [/x]" in capsys.readouterr().out

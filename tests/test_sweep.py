@@ -195,8 +195,10 @@ def _ev(name, start, end, device=True):
 
 
 def test_profile_summary_counts_kernels_busy_time_and_gaps():
+    annotation = _ev("Optimizer.step#Adam.step", 50, 450)
+    annotation.is_user_annotation = True  # a record_function range on the GPU timeline: not GPU work
     raw = [_ev("aten::relu", 0, 500, device=False), _ev("copy_kernel", 300, 340), _ev("relu_kernel", 100, 200),
-           _ev("relu_kernel", 150, 260), _ev("Memset (Device)", 400, 401)]
+           _ev("relu_kernel", 150, 260), _ev("Memset (Device)", 400, 401), annotation]
     events = kernel_counts.gpu_events(raw)
     assert [e["name"] for e in events] == ["relu_kernel", "relu_kernel", "copy_kernel", "Memset (Device)"]
     assert events[0] == {"name": "relu_kernel", "start_us": 100.0, "dur_us": 100.0}
