@@ -40,7 +40,7 @@ CUPY_RNN_ENV = "GPU_NN_CUPY_RNN"
 # launches ("triton", forced off) and the persistent kernel ("triton-persistent", forced on)
 PROVIDERS = {"triton": ("triton", "0"), "triton-persistent": ("triton", "1")}
 SMALL_PROVIDERS = ("triton", "triton-persistent", "cupy", "cell_loop")
-SKIP_PERSISTENT_ENV = "GPU_NN_BENCH_SKIP_PERSISTENT"  # set by gpu_run.sh when the barrier test failed
+SKIP_PERSISTENT_ENV = "GPU_NN_BENCH_SKIP_PERSISTENT"  # set by hand ("1") to leave the persistent kernels out
 
 
 def _small_providers():
