@@ -765,9 +765,17 @@ def cupy_loop_grid(B: int, H: int, sm_count: int, blocks_per_sm: int, cap: Optio
 
 
 def _unit_last(t):
-    """``t`` as float32 with a unit last stride (the loop kernels index hidden units densely)."""
+    """``t`` as float32 with a unit last stride (the CUDA C kernels index hidden units densely)."""
     t = t.float()
     return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _float32_out(out):
+    """Where a CUDA C kernel writes ``out``: ``out`` itself if it is float32 with a unit last
+    stride (units dense), else a float32 temporary the caller copies into ``out`` afterwards."""
+    if out.dtype == torch.float32 and out.stride(-1) == 1:
+        return out
+    return torch.empty(out.shape, dtype=torch.float32, device=out.device)
 
 
 _HALF_TO_FLOAT32: dict = {}  # device type -> whether the half GEMMs that write float32 are used
@@ -997,8 +1005,7 @@ class _CupyImpl:
             wt = w_hh.to(_loop_weight_dtype(dot)).contiguous()
         else:  # [H, G * H]: lanes (consecutive units) read consecutive elements
             wt = w_hh.t().to(_loop_weight_dtype(dot)).contiguous()
-        o32 = out if out.dtype == torch.float32 and out.stride(2) == 1 else torch.empty(
-            out.shape, dtype=torch.float32, device=out.device)
+        o32 = _float32_out(out)
         m32 = None if mask is None else _unit_last(mask)
         bhh = None if b_hh is None else _unit_last(b_hh)
         args = (xg, np.int64(xg.stride(0)), np.int64(xg.stride(1)), hs, hs if cs is None else cs, wt,
@@ -1104,8 +1111,7 @@ class _CupyImpl:
             out, mask = hn, None  # not written: rnn_proj_fwd writes the output
         # the kernel indexes rows by stride and units densely: a mask (or an output) whose units are
         # not contiguous (an expanded [B, 1] mask: stride 0) goes through a dense float32 copy
-        o32 = out if out.dtype == torch.float32 and out.stride(-1) == 1 else torch.empty(
-            out.shape, dtype=torch.float32, device=out.device)
+        o32 = _float32_out(out)
         m32 = None if mask is None else _unit_last(mask)
         any_ = hp
         kcuda.launch(mod, "rnn_cell_fwd", ((B * H + 255) // 256,), (256,), (
@@ -1127,8 +1133,7 @@ class _CupyImpl:
         kcuda, mod = _CupyImpl._module("lstm", hn.device)
         with _cublas_tf32(dot):
             hn.copy_(torch.mm(m.to(w_hr.dtype), w_hr.t()))
-        o32 = out if out.dtype == torch.float32 and out.stride(-1) == 1 else torch.empty(
-            out.shape, dtype=torch.float32, device=out.device)
+        o32 = _float32_out(out)
         m32 = None if mask is None else _unit_last(mask)  # as step_forward's
         kcuda.launch(mod, "rnn_proj_fwd", ((B * P + 255) // 256,), (256,), (
             hn, hp, hn, o32, np.int64(o32.stride(0)), hn if m32 is None else m32,
