@@ -703,9 +703,10 @@ CL_TILE_MAX_C = 64  # widest channel block of a channels_last tile
 
 def cl_tile_config(cols: int, channels: int, interpret: bool) -> tuple:
     """``(CLTILE, BP, BC, num_warps)``: the channels_last tile for rows of ``cols`` positions (the
-    output's for a forward, the input's for a backward) of ``channels`` channels: BC the channels rounded up to a power of two (at most
-    CL_TILE_MAX_C), BP the positions that fill TILE_ELEMS (at most the row, rounded up), four
-    elements per thread: 64 channels of a 56-wide row take 8 x 64 tiles."""
+    output's for a forward, the input's for a backward) of ``channels`` channels: BC the channels
+    rounded up to a power of two (at most CL_TILE_MAX_C), BP the positions that fill TILE_ELEMS
+    (at most the row, rounded up), four elements per thread: 64 channels of a 56-wide row take
+    8 x 64 tiles."""
     elems = INTERP_BLOCK if interpret else TILE_ELEMS
     bc = min(next_power_of_2(max(channels, 1)), CL_TILE_MAX_C)
     bp = min(next_power_of_2(max(cols, 1)), max(1, elems // bc))
@@ -1038,13 +1039,14 @@ def cl_tiled_specs():
         _, ibp, ibc, iwarps = cl_tile_config(in_cols, channels, False)
         bwd_tile = {"KH": k[0], "KW": k[1], "NWH": windows_covering(k[0], st[0], 1),
                     "NWW": windows_covering(k[1], st[1], 1), "BP": ibp, "BC": ibc}
-        bints = {n: i32 for n in ("C", "H", "W", "OH", "OW", "tiles_w", "tiles_c", *_TILE_DIVISORS,
-                                  *_TILE_PLANE_DIVISORS, "SH", "SW", "PH", "PW")}
+        # the run-time ints of both directions' kernels, the forward's x strides between them
+        sizes = ("C", "H", "W", "OH", "OW", "tiles_w", "tiles_c", *_TILE_DIVISORS, *_TILE_PLANE_DIVISORS)
+        sp = ("SH", "SW", "PH", "PW")
+        ints = {n: i32 for n in (*sizes, "stride_xn", "stride_xh", "stride_xw", *sp)}
+        bints = {n: i32 for n in (*sizes, *sp)}
         sdivs = {n: i32 for n in _STRIDE_DIVISORS}
         bcx = {n: "constexpr" for n in bwd_tile}
         geo = f"{k[0]}x{k[1]}/{st[0]}"
-        ints = {n: i32 for n in ("C", "H", "W", "OH", "OW", "tiles_w", "tiles_c", *_TILE_DIVISORS, *_TILE_PLANE_DIVISORS,
-                                 "stride_xn", "stride_xh", "stride_xw", "SH", "SW", "PH", "PW")}
         tile = {"KH": k[0], "KW": k[1], "BP": bp, "BC": bc}
         cx = {n: "constexpr" for n in tile}
         for dt in dts:
