@@ -3,6 +3,7 @@ every CUDA C source compiles with NVRTC for sm_90, with no GPU present."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -177,6 +178,108 @@ def test_cuda_sass_report_reads_a_whole_cubin():
     assert sorted(report) == ["pool_avg_bwd", "pool_avg_fwd", "pool_max_bwd", "pool_max_fwd"]
     for r in report.values():
         assert r["registers"] > 0 and r["instructions"] > r["straight"] > 0 and r["global_loads"], r
+
+
+def _ftz_instructions(ptx: bytes) -> list[str]:
+    """The flush-to-zero PTX instructions of ``ptx`` other than the approximate ``ex2`` and
+    ``rcp`` that libdevice's own ``expf`` / ``tanhf`` issue under any option."""
+    ops = re.findall(r"\b([a-z0-9]+(?:\.[a-z0-9]+)*\.ftz(?:\.[a-z0-9]+)*)", ptx.decode())
+    return [o for o in ops if not o.startswith(("ex2.approx.", "rcp.approx."))]
+
+
+@pytest.mark.parametrize("name", kcuda.sources())
+def test_cuda_modules_keep_subnormals(name):
+    """The CUDA C modules are built without flush-to-zero: torch's CUDA kernels (nvcc's default)
+    and the reference keep subnormal float32 values, which CuPy's own compile (``-ftz=true``
+    appended to every RawModule's options) flushes. The same build with ``-ftz=true`` shows the
+    check sees it."""
+    assert _ftz_instructions(kcuda.compile_binary(name, arch="compute_90")) == []
+    assert len(_ftz_instructions(kcuda.compile_binary(name, arch="compute_90", extra_options=("-ftz=true",)))) > 20
+
+
+def test_target_arch_is_the_devices_own_or_ptx_below_it():
+    have = (75, 80, 86, 89, 90, 100, 120)
+    assert kcuda.target_arch("90", have) == "sm_90"
+    assert kcuda.target_arch("87", have) == "compute_86"  # no sm_87 cubin here: PTX the driver compiles forward
+    assert kcuda.target_arch("130", have) == "compute_120"
+    with pytest.raises(RuntimeError, match="sm_70"):
+        kcuda.target_arch("70", have)
+    with pytest.raises(ValueError, match="sm_XX"):
+        kcuda.compile_cubin("pool", arch="compute_90")
+
+
+def test_cuda_binaries_are_kept_on_disk_under_every_header(tmp_path, monkeypatch):
+    """A compiled module is written once per (every .cu and .cuh, source, defines, arch, NVRTC)
+    and read back after; a change to a header alone gives a new file (CuPy keyed a module by
+    the .cu it was handed, so an edited header was served stale from its cache)."""
+    import shutil
+
+    built = []
+
+    def fake_compile(name, defines=None, arch="sm_90", extra_options=()):
+        built.append((name, dict(defines or {}), arch))
+        return b"BIN%d" % len(built)
+
+    monkeypatch.setenv(kcuda.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setattr(kcuda, "compile_binary", fake_compile)
+    kcuda.sources_digest.cache_clear()
+    a = kcuda.binary_path("pool", (("POOL_KH", 3),), "sm_90", (12, 9))
+    assert kcuda.binary_path("pool", (("POOL_KH", 3),), "sm_90", (12, 9)) == a and len(built) == 1
+    assert open(a, "rb").read() == b"BIN1" and a.endswith(".cubin") and a.startswith(str(tmp_path / "cache"))
+    others = {kcuda.binary_path("pool", (("POOL_KH", 2),), "sm_90", (12, 9)),
+              kcuda.binary_path("pool", (("POOL_KH", 3),), "sm_100", (12, 9)),
+              kcuda.binary_path("pool", (("POOL_KH", 3),), "sm_90", (13, 0)),
+              kcuda.binary_path("optim", (("POOL_KH", 3),), "sm_90", (12, 9))}
+    ptx = kcuda.binary_path("pool", (("POOL_KH", 3),), "compute_90", (12, 9))
+    assert len(others | {a, ptx}) == 6 and len(built) == 6 and ptx.endswith(".ptx")
+    copy = tmp_path / "src"
+    shutil.copytree(kcuda.HERE, copy, ignore=shutil.ignore_patterns("*.py", "__pycache__"))
+    (copy / "pool_math.cuh").write_text((copy / "pool_math.cuh").read_text() + "\n// edited\n")
+    monkeypatch.setattr(kcuda, "HERE", str(copy))
+    kcuda.sources_digest.cache_clear()
+    try:
+        edited = kcuda.binary_path("pool", (("POOL_KH", 3),), "sm_90", (12, 9))
+    finally:
+        kcuda.sources_digest.cache_clear()
+    assert edited != a and len(built) == 7
+
+
+def test_load_builds_the_module_itself_and_cupy_only_loads_it(tmp_path, monkeypatch):
+    """``load`` hands CuPy a cubin built here (our options, no ``-ftz``) by path, never source
+    text (which CuPy would compile with ``-ftz=true``), for the device's architecture, with the
+    cooperative flag for the grid-barrier kernels."""
+    import cupy
+
+    made = []
+
+    class FakeModule:
+        def __init__(self, **kwargs):
+            made.append(kwargs)
+
+        def compile(self):
+            pass
+
+    class FakeDevice:
+        compute_capability = "90"
+
+        def __init__(self, index):
+            self.index = index
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setenv(kcuda.CACHE_ENV, str(tmp_path))
+    monkeypatch.setattr(cupy, "RawModule", FakeModule)
+    monkeypatch.setattr(cupy.cuda, "Device", FakeDevice)
+    defines = (("OPTIM_CHUNK", 16384), ("PARAM_KIND", 0))
+    kcuda._load.__wrapped__("optim", defines, 0, True)
+    assert len(made) == 1 and set(made[0]) == {"path", "enable_cooperative_groups"}
+    assert made[0]["enable_cooperative_groups"] is True
+    with open(made[0]["path"], "rb") as f:
+        assert f.read() == kcuda.compile_cubin("optim", dict(defines), arch="sm_90")
 
 
 def test_straight_path_follows_the_guards_and_stops_at_a_loop():

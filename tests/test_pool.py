@@ -172,6 +172,37 @@ def test_signed_zero_ties_keep_the_first_zero_like_torch(backend, device, with_i
         assert torch.signbit(yt).any() and not torch.signbit(yt).all()
 
 
+@pytest.mark.parametrize("backend,device", backend_params(("reference", "triton", "cupy")))
+def test_subnormal_float32_pools_like_torch(backend, device, rng):
+    """float32 subnormals (below 1.18e-38) are values like any other to torch's kernels: max pooling
+    tells them apart (values and indices exact) and average pooling sums them, forward and
+    backward. A kernel built with flush-to-zero (CuPy's own NVRTC options) compares every one
+    equal to zero and sums them to zero. Compared scaled by 2^140, exactly, so an error is
+    relative to the subnormal values, not to 1."""
+    x = torch.from_numpy((rng.choice([-1.0, 1.0], (2, 3, 9, 8)) * rng.uniform(1e-44, 1e-38, (2, 3, 9, 8))).astype(np.float32))
+    g_max = torch.from_numpy(rng.uniform(1e-44, 1e-38, (2, 3, 5, 4)).astype(np.float32))
+    assert (x.abs() < torch.finfo(torch.float32).tiny).all() and (x != 0).all()
+    scaled = lambda t: t.detach().cpu().double() * 2.0**140  # noqa: E731
+
+    def run(mod, xin, g):
+        xin = xin.clone().requires_grad_(True)
+        y, i = mod.max_pool2d(xin, 3, 2, 1, return_indices=True)
+        (gx,) = torch.autograd.grad(y, xin, g)
+        xa = xin.detach().clone().requires_grad_(True)
+        a = mod.avg_pool2d(xa, 3, 2, 1)
+        (ga,) = torch.autograd.grad(a, xa, g)
+        return y, i, gx, a, ga
+
+    want = run(TF, x, g_max)
+    with gpu_nn.backend(backend):
+        got = run(F, x.to(device), g_max.to(device))
+    for name, o, w in zip(("max", "indices", "max backward"), got[:3], want[:3]):
+        assert torch.equal(o.cpu(), w), name
+    assert_close(scaled(got[3]), scaled(want[3]), torch.float32, k=9, what="avg forward")
+    assert_close(scaled(got[4]), scaled(want[4]), torch.float32, k=9, what="avg backward")
+    assert scaled(want[3]).abs().max() > 1 and scaled(want[4]).abs().max() > 1
+
+
 @pytest.mark.parametrize("kernel,stride,padding", [((12, 13), 5, (6, 3)), (3, 1, 1), ((1, 11), (1, 4), (0, 5))])
 def test_ties_and_nans_in_large_and_small_windows_like_torch(kernel, stride, padding, rng):
     # few distinct values, so most windows tie; NaNs sprinkled in: first max wins, last NaN wins.

@@ -6,7 +6,9 @@
 * :func:`sass_report` -- per kernel of a compiled ``.cu``: registers, spills, instructions, global
   access widths, read off the cubin with the ``cuobjdump`` that Triton's wheel ships (``gpu-nn
   sass --cuda``).
-* :func:`load` -- one cached ``cupy.RawModule`` per (source, defines, device, cooperative).
+* :func:`load` -- one ``cupy.RawModule`` per (source, defines, device, cooperative), compiled by
+  :func:`compile_binary` (our NVRTC options, not CuPy's) and kept on disk under a key that covers
+  every ``.cu`` and ``.cuh`` (:func:`binary_path`).
 * :func:`launch` -- launch a kernel on torch's current stream with tensors shared by DLPack.
 
 Compile-time parameters are injected as ``-D`` defines; every ``.cu`` gives each one a default
@@ -16,8 +18,10 @@ under ``#ifndef`` so it compiles standalone.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import re
+import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -77,23 +81,110 @@ def _cubin(nvrtc, prog) -> bytes:
     return buf.raw
 
 
-def compile_cubin(name: str, defines=None, arch: str = "sm_90", extra_options=()) -> bytes:
-    """Compile ``<name>.cu`` to a cubin for ``arch`` with NVRTC; needs no GPU or driver.
+# NVRTC's options for every module, loaded or reported on: no ``-ftz`` (NVRTC's default, and
+# nvcc's, which builds torch's kernels: subnormal float32 operands and results are kept, as the
+# reference and torch keep them). CuPy appends ``-ftz=true`` to whatever a ``RawModule(code=...)``
+# is given, and NVRTC takes the last: so :func:`load` compiles here and CuPy only loads.
+OPTIONS = ("-std=c++17", f"-I{HERE}")
+
+
+def compile_binary(name: str, defines=None, arch: str = "sm_90", extra_options=()) -> bytes:
+    """``<name>.cu`` compiled by NVRTC with :data:`OPTIONS` and ``defines``: a cubin for an
+    ``sm_XX`` ``arch``, PTX for a ``compute_XX`` one. Needs no GPU or driver.
 
     Raises RuntimeError with NVRTC's log on a compile error.
     """
     from cupy_backends.cuda.libs import nvrtc
 
-    opts = [f"-arch={arch}", "-std=c++17", f"-I{HERE}", *_define_options(defines), *extra_options]
+    opts = [f"-arch={arch}", *OPTIONS, *_define_options(defines), *extra_options]
     prog = nvrtc.createProgram(source(name), f"{name}.cu", [], [])
     try:
         try:
             nvrtc.compileProgram(prog, opts)
         except nvrtc.NVRTCError as exc:
             raise RuntimeError(f"NVRTC failed on {name}.cu ({' '.join(opts)}):\n{nvrtc.getProgramLog(prog)}") from exc
-        return _cubin(nvrtc, prog)
+        return nvrtc.getPTX(prog).rstrip(b"\0") if arch.startswith("compute_") else _cubin(nvrtc, prog)
     finally:
         nvrtc.destroyProgram(prog)
+
+
+def compile_cubin(name: str, defines=None, arch: str = "sm_90", extra_options=()) -> bytes:
+    """``<name>.cu`` compiled to a cubin for ``arch`` (:func:`compile_binary`); needs no GPU."""
+    if not arch.startswith("sm_"):
+        raise ValueError(f"compile_cubin: a cubin needs an sm_XX architecture, got {arch!r}")
+    return compile_binary(name, defines, arch, extra_options)
+
+
+def target_arch(capability: str, supported) -> str:
+    """The ``-arch`` to build for a device of compute ``capability`` (CuPy's form, ``"90"``) with
+    an NVRTC that supports the architectures ``supported`` (``nvrtc.getSupportedArchs()``): that
+    device's own ``sm_XX`` where NVRTC has it (a cubin, no JIT at load), else PTX for the newest
+    architecture NVRTC has below it, which the driver compiles forward (a cubin for another
+    architecture would not load)."""
+    cap = int(capability)
+    supported = sorted(int(a) for a in supported)
+    if cap in supported:
+        return f"sm_{cap}"
+    below = [a for a in supported if a < cap]
+    if not below:
+        raise RuntimeError(f"this NVRTC supports no architecture at or below the device's sm_{cap} "
+                           f"(it has {', '.join(map(str, supported))})")
+    return f"compute_{below[-1]}"
+
+
+@functools.lru_cache(maxsize=None)
+def sources_digest() -> str:
+    """A digest of every ``.cu`` and ``.cuh`` here, names and text: a cached binary is keyed by
+    all of them, since a kernel is mostly its headers (CuPy's own cache keys a module by the text
+    it is given, which for ``#include`` leaves the headers out)."""
+    h = hashlib.sha256()
+    for f in sorted(os.listdir(HERE)):
+        if f.endswith((".cu", ".cuh")):
+            with open(os.path.join(HERE, f), "rb") as fh:
+                h.update(f.encode() + b"\0" + fh.read() + b"\0")
+    return h.hexdigest()
+
+
+CACHE_ENV = "GPU_NN_CUDA_CACHE"
+
+
+def cache_dir() -> str:
+    """Where compiled modules are kept: ``$GPU_NN_CUDA_CACHE``, else ``~/.cache/gpu_nn/cuda``."""
+    return os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "gpu_nn", "cuda")
+
+
+def binary_path(name: str, defines: tuple, arch: str, nvrtc_version) -> str:
+    """The file of ``<name>.cu`` built with ``defines`` for ``arch`` by NVRTC ``nvrtc_version``,
+    compiled and written there first if it is not (atomically: a concurrent process writes its
+    own temporary and the rename keeps one)."""
+    key = repr((sources_digest(), name, defines, arch, tuple(nvrtc_version), OPTIONS[0]))
+    digest = hashlib.sha256(key.encode()).hexdigest()[:32]
+    directory = cache_dir()
+    path = os.path.join(directory, f"{name}-{digest}.{'ptx' if arch.startswith('compute_') else 'cubin'}")
+    if os.path.exists(path):
+        return path
+    binary = compile_binary(name, dict(defines), arch)
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}-")
+    except OSError:  # an unwritable cache: this process's own temporary directory
+        directory = _private_dir()
+        path = os.path.join(directory, os.path.basename(path))
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}-")
+    with os.fdopen(fd, "wb") as f:
+        f.write(binary)
+    os.replace(tmp, path)
+    return path
+
+
+@functools.lru_cache(maxsize=None)
+def _private_dir() -> str:
+    import atexit
+    import shutil
+
+    path = tempfile.mkdtemp(prefix="gpu_nn_cuda_")
+    atexit.register(shutil.rmtree, path, True)
+    return path
 
 
 def sass_report(cubin: bytes) -> dict:
@@ -134,16 +225,19 @@ def sass_report(cubin: bytes) -> dict:
 @functools.lru_cache(maxsize=None)
 def _load(name: str, defines: tuple, device: int, cooperative: bool = False):
     import cupy
+    from cupy_backends.cuda.libs import nvrtc
 
+    arch = target_arch(cupy.cuda.Device(device).compute_capability, nvrtc.getSupportedArchs())
+    path = binary_path(name, defines, arch, nvrtc.getVersion())
     with cupy.cuda.Device(device):
-        opts = ("-std=c++17", f"-I{HERE}", *_define_options(dict(defines)))
-        module = cupy.RawModule(code=source(name), options=opts, enable_cooperative_groups=cooperative)
+        module = cupy.RawModule(path=path, enable_cooperative_groups=cooperative)
         module.compile()
         return module
 
 
 def load(name: str, defines=None, device: int = 0, cooperative: bool = False):
-    """The ``cupy.RawModule`` of ``<name>.cu`` compiled with ``defines`` for ``device`` (cached).
+    """The ``cupy.RawModule`` of ``<name>.cu`` compiled with ``defines`` for ``device`` (cached in
+    the process, and on disk by :func:`binary_path`).
 
     ``cooperative``: its kernels launch through ``cuLaunchCooperativeKernel``, so the whole grid is
     resident at once (kernels with a grid barrier need that guarantee). CuPy first reduces a 1-D
