@@ -9,7 +9,8 @@
 * :func:`load` -- one ``cupy.RawModule`` per (source, defines, device, cooperative), compiled by
   :func:`compile_binary` (our NVRTC options, not CuPy's) and kept on disk under a key that covers
   every ``.cu`` and ``.cuh`` (:func:`binary_path`).
-* :func:`launch` -- launch a kernel on torch's current stream with tensors shared by DLPack.
+* :func:`launch` -- launch a kernel on torch's current stream, tensors passed as their addresses
+  (:func:`kernel_args`).
 
 Compile-time parameters are injected as ``-D`` defines; every ``.cu`` gives each one a default
 under ``#ifndef`` so it compiles standalone.
@@ -157,7 +158,8 @@ def binary_path(name: str, defines: tuple, arch: str, nvrtc_version) -> str:
     """The file of ``<name>.cu`` built with ``defines`` for ``arch`` by NVRTC ``nvrtc_version``,
     compiled and written there first if it is not (atomically: a concurrent process writes its
     own temporary and the rename keeps one)."""
-    key = repr((sources_digest(), name, defines, arch, tuple(nvrtc_version), OPTIONS[0]))
+    # the options but the include directory, whose place is not its text (the digest is)
+    key = repr((sources_digest(), name, defines, arch, tuple(nvrtc_version), [o for o in OPTIONS if o[:2] != "-I"]))
     digest = hashlib.sha256(key.encode()).hexdigest()[:32]
     directory = cache_dir()
     path = os.path.join(directory, f"{name}-{digest}.{'ptx' if arch.startswith('compute_') else 'cubin'}")
@@ -171,9 +173,13 @@ def binary_path(name: str, defines: tuple, arch: str, nvrtc_version) -> str:
         directory = _private_dir()
         path = os.path.join(directory, os.path.basename(path))
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}-")
-    with os.fdopen(fd, "wb") as f:
-        f.write(binary)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(binary)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
     return path
 
 
