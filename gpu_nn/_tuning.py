@@ -101,24 +101,56 @@ def _load_disk() -> dict:
     return _disk
 
 
-def _save_disk(dev_key: str, key: str, config) -> None:
-    """Merge one entry into the cache file (another process may have written since we read):
-    write a temporary file beside it and rename it over the old one."""
-    path = cache_path()
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+class _file_lock:
+    """An exclusive ``flock`` on ``path`` (created if need be) while the block runs; nothing where
+    ``fcntl`` is missing (not POSIX)."""
+
+    def __init__(self, path: str):
+        self.path, self.fd = path, None
+
+    def __enter__(self):
         try:
-            with open(path) as f:
-                data = json.load(f)
+            import fcntl
+        except ImportError:
+            return self
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            os.close(self.fd)  # closing releases the lock
+        return False
+
+
+def _save_disk(dev_key: str, key: str, config) -> None:
+    """Merge one entry into the cache file: under a lock on ``<file>.lock`` (processes sharing
+    the file, such as test workers, would otherwise each rename their own read over entries the
+    others added since), read what is there, add the entry, write a temporary file beside it and
+    rename it over the old one. A file of another shape (not a dict of dicts) is replaced."""
+    path = os.path.abspath(cache_path())
+    directory = os.path.dirname(path)
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with _file_lock(path + ".lock"):
+            try:
+                with open(path) as f:
+                    data = json.load(f)
+            except (OSError, ValueError):
+                data = None
             if not isinstance(data, dict):
                 data = {}
-        except (OSError, ValueError):
-            data = {}
-        data.setdefault(dev_key, {})[key] = list(config)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tuning-", suffix=".json")
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=0)
-        os.replace(tmp, path)
+            if not isinstance(data.get(dev_key), dict):
+                data[dev_key] = {}
+            data[dev_key][key] = list(config)
+            fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tuning-", suffix=".json")
+            try:
+                with os.fdopen(fd, "w") as f:
+                    json.dump(data, f, indent=0)
+                os.replace(tmp, path)
+            except BaseException:
+                os.unlink(tmp)
+                raise
     except OSError:  # a read-only home: the choice still lives in memory
         pass
 
@@ -157,12 +189,25 @@ def read_record(path: str) -> list[dict]:
     return rows
 
 
+# GPU cycles of ``torch.cuda._sleep`` queued before each timed launch (about 0.25 ms at the
+# H200's ~2 GHz): longer than the host takes to enqueue a candidate (a JIT launch, descriptors,
+# a channels_last copy), so the start event is reached only once the candidate's kernels are
+# queued behind it and the events time the GPU's work, not the host's.
+SLEEP_CYCLES = 500_000
+
+
 def cuda_timer(run: Callable[[], None], reps: int = REPS) -> float:
-    """Median milliseconds of ``run()`` over ``reps`` launches after one warm-up, CUDA events."""
+    """Median milliseconds of ``run()`` over ``reps`` launches after one warm-up, CUDA events.
+
+    Each timed launch is queued behind a GPU sleep (:data:`SLEEP_CYCLES`): with the stream idle
+    (``end.synchronize()`` of the previous rep) the start event would be stamped at once and the
+    time would include the host's launch cost, which differs between candidates (a 1x2x5 conv's
+    candidates all timed ~40 us at 82f8513: a host floor, not their kernels)."""
     run()
     times = []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(SLEEP_CYCLES)
         start.record()
         run()
         end.record()
@@ -189,18 +234,21 @@ def choose(op: str, key: tuple, candidates: Sequence[tuple], run: Callable[[tupl
         return default
     dev_key = device_key(device) if not force else "test"
     mkey = (dev_key, op, key)
-    hit = _memory.get(mkey)  # the hot path: one dictionary lookup
-    if hit is not None:
-        return hit
+    hit = _memory.get(mkey)  # the hot path: one dictionary lookup, and the hit among this call's
+    if hit is not None and hit in candidates:  # candidates (a key that missed a fact which
+        return hit  # changes them must not serve a form this call does not offer: measure again)
     if not force and torch.cuda.is_current_stream_capturing():
         return default  # measuring would synchronise the host inside the capture
     recording = bool(os.environ.get(RECORD_ENV))
     ekey = _encode((op, *key))
     with _lock:
         hit = _memory.get(mkey)
+        if hit is not None and hit not in candidates:
+            hit = None
         if hit is None and not recording:
-            stored = _load_disk().get(dev_key, {}).get(ekey)
-            if stored is not None and tuple(stored) in {tuple(c) for c in candidates}:
+            section = _load_disk().get(dev_key)
+            stored = section.get(ekey) if isinstance(section, dict) else None
+            if isinstance(stored, list) and tuple(stored) in {tuple(c) for c in candidates}:
                 hit = _memory[mkey] = tuple(stored)
     if hit is not None:
         return hit
@@ -231,7 +279,10 @@ def choose(op: str, key: tuple, candidates: Sequence[tuple], run: Callable[[tupl
         return default
     with _lock:
         _memory[mkey] = best
-        _load_disk().setdefault(dev_key, {})[ekey] = list(best)
+        disk = _load_disk()
+        if not isinstance(disk.get(dev_key), dict):
+            disk[dev_key] = {}
+        disk[dev_key][ekey] = list(best)
     _save_disk(dev_key, ekey, best)
     return best
 

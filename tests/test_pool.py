@@ -1168,6 +1168,47 @@ def _tiled_ran(asked, launched, fn):
 
 
 @pytest.mark.parametrize("backend,device", backend_params(("triton",)))
+def test_measured_choices_follow_the_output_not_only_the_input(backend, device, tmp_path, monkeypatch):
+    """The measuring chooser (gpu_nn._tuning.choose on a fake clock where the tiles win) keeps a
+    choice per problem: one channels_last input pooled with ceil_mode off (a 1x1 output, which
+    is contiguous too: the plane tile is offered) and on (2x2 channels_last: the channels_last
+    tile). Keyed by the input alone, the second call was served the plane tile, which wrote NCHW
+    order into the NHWC output (max error ~4 against torch)."""
+    from gpu_nn import _tuning
+    from gpu_nn.kernels.triton import pool as kp
+    from gpu_nn.ops import pool as P
+
+    monkeypatch.setenv(_tuning.CACHE_ENV, str(tmp_path / "tuning.json"))
+    _tuning.clear()
+    timed = []
+
+    def timer(fn):
+        fn()
+        return 2.0 if timed[-1][0] == kp.FLAT else 1.0
+
+    def chooser(dev):
+        return lambda op, key, cands, run, default, **_: _tuning.choose(
+            op, key, cands, lambda c: (timed.append(c), run(c)), default, dev, timer=timer, force=True)
+
+    monkeypatch.setattr(P, "_chooser", chooser)
+    x = torch.randn(2, 8, 5, 5).to(device=device, memory_format=torch.channels_last)
+    try:
+        for f, tf in ((F.max_pool2d, TF.max_pool2d), (F.avg_pool2d, TF.avg_pool2d)):
+            for ceil in (False, True):
+                timed.clear()
+                with gpu_nn.backend(backend):
+                    got = f(x, 4, 4, ceil_mode=ceil)
+                assert timed and timed[-1][0] == (kp.CLTILE if ceil else kp.TILE), (f.__name__, ceil, timed)
+                assert torch.equal(got.cpu(), tf(x.cpu(), 4, 4, ceil_mode=ceil)), (f.__name__, ceil)
+            timed.clear()
+            with gpu_nn.backend(backend):  # each problem's choice kept apart: nothing measured again
+                f(x, 4, 4, ceil_mode=False), f(x, 4, 4, ceil_mode=True)
+            assert timed == [], f.__name__
+    finally:
+        _tuning.clear()
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("triton",)))
 @pytest.mark.parametrize("case", KERNEL_CASES, ids=lambda c: f"{c[0].__name__}{c[1]}{c[2]}")
 def test_tiled_form_matches_reference(backend, device, case, rng, monkeypatch):
     """The tiled forward and backward kernels (every kernel-case geometry: strides, padding,

@@ -148,7 +148,7 @@ def test_nothing_recorded_without_the_variable(cache, tmp_path, monkeypatch):
     calls = []
     costs = {(1,): 2.0, (2,): 1.0}
     _tuning.choose("op", ("k",), list(costs), calls.append, (1,), torch.device("cpu"), _fake(costs, calls), force=True)
-    assert list(tmp_path.iterdir()) == [cache]
+    assert sorted(tmp_path.iterdir()) == [cache, cache.with_name(cache.name + ".lock")]  # the cache and its lock
 
 
 def test_graph_capture_uses_a_made_choice_and_never_measures(cache, monkeypatch):
@@ -187,3 +187,92 @@ def test_prepare_runs_once_before_a_measurement_and_its_failure_is_harmless(cach
         assert _tuning.choose("op", ("k",), list(costs), calls.append, (1,), torch.device("cpu"),
                               _fake(costs, calls), force=True, prepare=prepare) == (2,)
     assert seen == [([(1,), (2,)], [])] and calls == [(1,), (2,)]
+
+
+def test_a_choice_in_memory_serves_only_calls_that_offer_it(cache):
+    """A key that misses a fact which changes the candidates (a launcher's bug, as the pooling
+    keys once missed the output size) must not serve a form this call does not offer: the
+    memory hit is checked against the candidates, as a disk entry is, and measured again."""
+    calls = []
+    costs = {("tile",): 1.0, ("flat",): 2.0, ("cltile",): 1.5}
+    first = _tuning.choose("op", ("k",), [("flat",), ("tile",)], calls.append, ("flat",), torch.device("cpu"),
+                           _fake(costs, calls), force=True)
+    calls.clear()
+    second = _tuning.choose("op", ("k",), [("flat",), ("cltile",)], calls.append, ("flat",), torch.device("cpu"),
+                            _fake(costs, calls), force=True)
+    assert first == ("tile",) and second == ("cltile",) and sorted(calls) == [("cltile",), ("flat",)]
+
+
+@pytest.mark.parametrize("text", ['{"test": []}', '{"test": "x"}', '{"test": {"[\\"op\\", \\"k\\"]": 5}}', "[1, 2]",
+                                  '{"test": {"[\\"op\\", \\"k\\"]": "ab"}}'])
+def test_a_cache_file_of_another_shape_is_a_miss_and_is_replaced(cache, text):
+    cache.write_text(text)
+    calls = []
+    costs = {(1,): 2.0, (2,): 1.0}
+    assert _tuning.choose("op", ("k",), list(costs), calls.append, (1,), torch.device("cpu"),
+                          _fake(costs, calls), force=True) == (2,)
+    assert sorted(calls) == [(1,), (2,)]
+    assert json.loads(cache.read_text())["test"][_tuning._encode(("op", "k"))] == [2]
+
+
+def test_a_bare_cache_file_name_is_written_in_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(_tuning.CACHE_ENV, "tuning.json")
+    _tuning.clear()
+    try:
+        calls = []
+        costs = {(1,): 2.0, (2,): 1.0}
+        _tuning.choose("op", ("k",), list(costs), calls.append, (1,), torch.device("cpu"), _fake(costs, calls), force=True)
+        assert json.loads((tmp_path / "tuning.json").read_text()) == {"test": {_tuning._encode(("op", "k")): [2]}}
+    finally:
+        _tuning.clear()
+
+
+def _save_many(path, worker, n):
+    import os
+
+    os.environ[_tuning.CACHE_ENV] = path
+    for i in range(n):
+        _tuning._save_disk("dev", f"w{worker}-{i}", [i])
+
+
+def test_processes_sharing_a_cache_file_keep_every_entry(tmp_path):
+    """Writers in several processes (test workers, the bench's warm-up processes) each merge
+    into one file; under the lock none renames its read over entries another added since."""
+    import multiprocessing
+
+    path = str(tmp_path / "shared.json")
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_save_many, args=(path, w, 25)) for w in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert all(p.exitcode == 0 for p in procs)
+    assert len(json.loads(open(path).read())["dev"]) == 100
+
+
+def test_cuda_timer_queues_each_timed_launch_behind_a_gpu_sleep(monkeypatch):
+    """The start event is recorded after a GPU sleep is queued, so it is reached only once the
+    host has queued the candidate: the events time the kernels, not the host's launch."""
+    log = []
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            self.t = None
+
+        def record(self):
+            log.append("record")
+            self.t = len(log)
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, end):
+            return float(end.t - self.t)
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "_sleep", lambda cycles: log.append(("sleep", cycles)))
+    ms = _tuning.cuda_timer(lambda: log.append("run"), reps=3)
+    assert log == ["run"] + [("sleep", _tuning.SLEEP_CYCLES), "record", "run", "record"] * 3
+    assert ms == 2.0 and _tuning.SLEEP_CYCLES >= 100_000

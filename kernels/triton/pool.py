@@ -760,7 +760,11 @@ def _pick(op: str, key, run, choose, cfg, rows: int, cols: int, flat_only: bool,
     if choose is None:
         return flat_config(interpret)
     cands = forms(rows, cols, flat_only, interpret, channels)
-    return tuple(choose(op, key(), cands, run, cands[0])) if len(cands) > 1 else cands[0]
+    if len(cands) == 1:
+        return cands[0]
+    # the facts the forms offered depend on (output size, layout, width) are in the key: the
+    # callers' keys name the input, and one input pools to another output under ceil_mode
+    return tuple(choose(op, (*key(), rows, cols, bool(flat_only), channels), cands, run, cands[0]))
 
 
 def _divs(wide: bool, *sizes) -> tuple:
