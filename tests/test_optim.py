@@ -719,6 +719,12 @@ def _plan_run(backend, name, kw, event, dtype=torch.float32):
                 extra = extra + (torch.nn.Parameter(extra[0].detach().clone()),)
                 o1.add_param_group({"params": [extra[0]]})
                 o2.add_param_group({"params": [extra[1]]})
+                if name == "Adagrad" and not o2.state[extra[1]]:
+                    # torch before 2.13 initialised Adagrad's state in __init__ only, so its own
+                    # step raised KeyError 'sum' on an added group (the H200's torch 2.11); the
+                    # oracle's state then as torch 2.13 creates it on the first step
+                    init = o2.defaults["initial_accumulator_value"]
+                    o2.state[extra[1]].update(step=torch.tensor(0.0), sum=torch.full_like(extra[1], init))
             elif event == "momentum-on" and name == "SGD":
                 for o in (o1, o2):
                     o.param_groups[0]["momentum"] = 0.9

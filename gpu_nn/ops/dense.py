@@ -612,7 +612,7 @@ def _stats_size(M: int, reduction: str) -> int:
     x - max, the row's total weight W), flattened, and for 'mean' one more entry, the
     denominator (see kernels/triton/dense.py ``_ce_fwd_kernel`` / ``_ce_reduce_kernel``): what
     the backward needs, so that it launches one kernel and no reduction."""
-    return 3 * M + (reduction == "mean")
+    return 3 * M + int(reduction == "mean")  # int: a bool added to a symbolic M breaks torch 2.11's shape algebra
 
 
 def _indices_in_range(t: np.ndarray, C: int) -> bool:
