@@ -528,13 +528,24 @@ def test_triton_matches_reference(backend, device, nd, xs, ws, kw, layout, rng):
     x64 = randn(rng, *xs)
     w64 = randn(rng, *ws) / k ** 0.5
     b64 = randn(rng, ws[0]) if has_bias else None
-    with gpu_nn.backend("reference"):
-        leaves = [x64.clone().requires_grad_(), w64.clone().requires_grad_()] + ([b64.clone().requires_grad_()] if has_bias else [])
-        yr = fn(leaves[0], leaves[1], leaves[2] if has_bias else None, **kw)
-        g64 = randn(rng, *yr.shape)
-        gr = torch.autograd.grad(yr, leaves, g64) if yr.numel() else [torch.zeros_like(t) for t in leaves]
-    red_bwd = max(yr.numel() // max(ws[0], 1), 1) + ws[0] * k
+
+    def reference(dtype, g64=None):
+        """The float64 reference on the inputs as ``dtype`` holds them (a fused ReLU's mask then
+        follows the rounded pre-activation, as the kernel's does; the unrounded one can differ
+        in a whole gradient term where a pre-activation lies within one rounding of zero)."""
+        r = (lambda t: t.to(dtype).double()) if dtype is not None else (lambda t: t)
+        with gpu_nn.backend("reference"):
+            leaves = [r(x64).requires_grad_(), r(w64).requires_grad_()] + ([r(b64).requires_grad_()] if has_bias else [])
+            yr = fn(leaves[0], leaves[1], leaves[2] if has_bias else None, **kw)
+            if g64 is None:
+                return yr
+            gr = torch.autograd.grad(yr, leaves, r(g64)) if yr.numel() else [torch.zeros_like(t) for t in leaves]
+        return yr, gr
+
+    g64 = randn(rng, *reference(None).shape)
+    red_bwd = max(g64.numel() // max(ws[0], 1), 1) + ws[0] * k
     for dtype in gpu_dtypes_for(backend, device):
+        yr, gr = reference(dtype, g64)
         x = _layout(x64.to(device=device, dtype=dtype), layout).requires_grad_()
         w = w64.to(device=device, dtype=dtype).requires_grad_()
         b = b64.to(device=device, dtype=dtype).requires_grad_() if has_bias else None
@@ -1729,11 +1740,12 @@ def test_via_channels_last_dgrad_candidates_match_reference(half, monkeypatch, r
         b64 = randn(rng, o) if bias else None
         conv = F.conv2d if nd == 2 else F.conv1d
         kw = dict(stride=st, padding=pad, dilation=dil, groups=groups, activation=act)
-        with gpu_nn.backend("reference"):
-            x64.requires_grad_()
-            y64 = conv(x64, w64, b64, **kw)
+        with gpu_nn.backend("reference"):  # on the inputs as dtype holds them (the activation's mask as the kernel's)
+            r = lambda t: None if t is None else t.to(dtype).double()  # noqa: E731
+            xr = r(x64).requires_grad_()
+            y64 = conv(xr, r(w64), r(b64), **kw)
             g64 = randn(rng, *y64.shape)
-            want = torch.autograd.grad(y64, x64, g64)[0]
+            want = torch.autograd.grad(y64, xr, r(g64))[0]
         dev = "cuda" if CUDA else "cpu"
         x, w = _layout(x64.detach().to(dev, dtype), lx).requires_grad_(), _layout(w64.to(dev, dtype), lw)
         b, g = None if b64 is None else b64.to(dev, dtype), g64.to(dev, dtype)
