@@ -93,6 +93,91 @@ KNOWN_SPILLS = {
 }
 
 
+# Triton 3.6 (the H200 image's): where its ptxas spills otherwise than 3.9's (KNOWN_SPILLS);
+# read off this suite run under torch 2.11 + Triton 3.6 on the CPU machine (7f4dce1). 0: none there
+KNOWN_SPILLS_TRITON_36 = {
+    ("_conv_dgrad_kernel", "dgrad medium bf16 ieee"): 0,
+    ("_conv_dgrad_kernel", "dgrad medium bf16 ieee apix"): 112,
+    ("_conv_dgrad_kernel", "dgrad medium fp16 ieee"): 0,
+    ("_conv_dgrad_kernel", "dgrad medium fp16 ieee apix"): 112,
+    ("_conv_fwd_kernel", "fwd large fp32 ieee apix"): 24,
+    ("_conv_fwd_kernel", "fwd large fp32 ieee packed"): 16,
+    ("_conv_fwd_kernel", "fwd large3 fp32 ieee apix"): 32,
+    ("_conv_fwd_kernel", "fwd large3 fp32 ieee flat apix"): 64,
+    ("_conv_fwd_kernel", "fwd large3 fp32 ieee packed"): 8,
+    ("_conv_fwd_kernel", "fwd large3 fp32 ieee packed apix"): 48,
+    ("_conv_fwd_kernel", "fwd large3 fp32 ieee split apix"): 64,
+    ("_conv_tma_wgrad_kernel", "wgrad tma8x8 bf16 ieee tma"): 8,
+    ("_conv_tma_wgrad_kernel", "wgrad tma8x8 fp16 ieee tma"): 8,
+    ("_conv_wgrad_kernel", "wgrad large fp32 ieee packed apix"): 32,
+    ("_conv_wgrad_kernel", "wgrad large3 fp32 ieee packed apix"): 32,
+    ("_matmul_kernel", "bf16 ieee 128x128x64 g8 w8 s3"): 0,
+    ("_matmul_kernel", "bf16 ieee 128x256x64 g8 w8 s3"): 624,
+    ("_matmul_kernel", "bf16 ieee 256x128x64 g8 w8 s3"): 232,
+    ("_matmul_kernel", "bf16 ieee 64x128x64 g8 w4 s4"): 120,
+    ("_matmul_kernel", "fp16 ieee 128x128x64 g8 w8 s3"): 0,
+    ("_matmul_kernel", "fp16 ieee 128x256x64 g8 w8 s3"): 624,
+    ("_matmul_kernel", "fp16 ieee 256x128x64 g8 w8 s3"): 232,
+    ("_matmul_kernel", "fp16 ieee 64x128x64 g8 w4 s4"): 120,
+    ("_matmul_kernel", "fp32 ieee 128x128x32 g8 w8 s3"): 0,
+    ("_matmul_kernel", "fp32 ieee 128x64x32 g8 w4 s3"): 0,
+    ("_matmul_kernel", "fp32 ieee 64x128x32 g8 w4 s3"): 8,
+    ("_matmul_kernel", "fp32 tf32 128x256x32 g8 w8 s3"): 32,
+    ("_rnn_matmul2_kernel", "pair matmul bf16xbf16->fp32 dot2 128x128x32 w8"): 200,
+    ("_rnn_matmul2_kernel", "pair matmul fp16xfp16->fp32 dot1 128x128x32 w8"): 200,
+    ("_rnn_matmul2_kernel", "pair matmul fp32xbf16->bf16 dot2 128x128x32 w8"): 112,
+    ("_rnn_matmul2_kernel", "pair matmul fp32xbf16->fp32 dot2 128x128x32 w8"): 208,
+    ("_rnn_matmul2_kernel", "pair matmul fp32xfp16->fp16 dot1 128x128x32 w8"): 112,
+    ("_rnn_matmul2_kernel", "pair matmul fp32xfp16->fp32 dot1 128x128x32 w8"): 208,
+    ("_rnn_matmul2_kernel", "pair matmul fp32xfp32->bf16 dot3 128x128x32 w8"): 136,
+    ("_rnn_matmul2_kernel", "pair matmul fp32xfp32->fp16 dot3 128x128x32 w8"): 136,
+    ("_rnn_matmul2_kernel", "pair matmul fp32xfp32->fp32 dot3 128x128x32 w8"): 216,
+    ("_rnn_matmul_kernel", "matmul bf16xbf16->fp32 dot2 128x128x32 w8"): 200,
+    ("_rnn_matmul_kernel", "matmul fp16xfp16->fp32 dot1 128x128x32 w8"): 200,
+    ("_rnn_matmul_kernel", "matmul fp32xbf16->bf16 dot2 128x128x32 w8"): 112,
+    ("_rnn_matmul_kernel", "matmul fp32xbf16->fp32 dot2 128x128x32 w8"): 208,
+    ("_rnn_matmul_kernel", "matmul fp32xfp16->fp16 dot1 128x128x32 w8"): 112,
+    ("_rnn_matmul_kernel", "matmul fp32xfp16->fp32 dot1 128x128x32 w8"): 208,
+    ("_rnn_matmul_kernel", "matmul fp32xfp32->bf16 dot3 128x128x32 w8"): 136,
+    ("_rnn_matmul_kernel", "matmul fp32xfp32->fp16 dot3 128x128x32 w8"): 136,
+    ("_rnn_matmul_kernel", "matmul fp32xfp32->fp32 dot3 128x128x32 w8"): 216,
+    ("_rnn_persist2_fwd_kernel", "pair persist fwd gru fp32 dot0 out fp32 bhh1 w8 s1"): 8,
+    ("_rnn_persist_bwd_kernel", "persist bwd gru fp32 dot0 dout fp32 w4 s1"): 8,
+    ("_rnn_persist_bwd_kernel", "persist bwd rnn_tanh bf16 dot2 dout bf16 w4 s1"): 0,
+    ("_rnn_persist_bwd_kernel", "persist bwd rnn_tanh bf16 dot2 dout fp32 w4 s1"): 0,
+    ("_rnn_persist_bwd_kernel", "persist bwd rnn_tanh fp16 dot1 dout fp16 w4 s1"): 0,
+    ("_rnn_persist_bwd_kernel", "persist bwd rnn_tanh fp16 dot1 dout fp32 w4 s1"): 0,
+    ("_rnn_persist_fwd_kernel", "persist fwd gru fp32 dot0 out fp32 bhh0 w4 s1"): 0,
+    ("_rnn_persist_fwd_kernel", "persist fwd lstm fp32 dot0 out fp32 bhh0 w8 s1"): 0,
+    ("_rnn_persist_fwd_kernel", "persist fwd rnn_tanh bf16 dot2 out bf16 bhh0 w4 s1"): 0,
+    ("_rnn_persist_fwd_kernel", "persist fwd rnn_tanh fp16 dot1 out fp16 bhh0 w4 s1"): 0,
+    ("_rnn_proj_bwd_kernel", "proj bwd bf16 dot2 dout fp32 B16 next1 final1"): 8,
+    ("_rnn_proj_bwd_kernel", "proj bwd fp16 dot1 dout fp32 B16 next1 final1"): 8,
+    ("_rnn_step_bwd_kernel", "step bwd gru bf16 dot2 dout fp32 len fp32 next1 final1 16x16x32 w4 s3"): 8,
+    ("_rnn_step_bwd_kernel", "step bwd gru fp16 dot1 dout fp32 len fp32 next1 final1 16x16x32 w4 s3"): 8,
+    ("_rnn_step_bwd_kernel", "step bwd lstm bf16 dot2 dout fp32 len fp32 next1 final1 16x16x32 w4 s3"): 8,
+    ("_rnn_step_bwd_kernel", "step bwd lstm fp16 dot1 dout fp32 len fp32 next1 final1 16x16x32 w4 s3"): 8,
+    ("_rnn_step_bwd_kernel", "step bwd rnn_relu bf16 dot2 dout fp32 len fp32 next1 final1 16x16x32 w4 s3"): 8,
+    ("_rnn_step_bwd_kernel", "step bwd rnn_relu fp16 dot1 dout fp32 len fp32 next1 final1 16x16x32 w4 s3"): 8,
+    ("_rnn_step_bwd_kernel", "step bwd rnn_tanh bf16 dot2 dout fp32 len fp32 next1 final1 16x16x32 w4 s3"): 8,
+    ("_rnn_step_bwd_kernel", "step bwd rnn_tanh fp16 dot1 dout fp32 len fp32 next1 final1 16x16x32 w4 s3"): 8,
+}
+
+
+def _known_spills():
+    """The exact spill table of the installed Triton: KNOWN_SPILLS for 3.9 (development and CI),
+    with KNOWN_SPILLS_TRITON_36's entries for 3.6 (the H200's image); None for another version
+    (its ptxas allocates otherwise: no table to hold it to)."""
+    import triton
+
+    version = ".".join(triton.__version__.split(".")[:2])
+    if version == "3.9":
+        return KNOWN_SPILLS
+    if version == "3.6":
+        return {**KNOWN_SPILLS, **KNOWN_SPILLS_TRITON_36}
+    return None
+
+
 # the families whose compilation takes minutes, each split over this many tests (every N-th
 # spec), so that xdist's workers share them instead of one worker finishing a suite alone
 SHARDS = {"conv": 2, "rnn": 2, "dense": 2}
@@ -105,12 +190,17 @@ def test_triton_kernels_compile_for_sm90(family, shard, tmp_path):
     assert rows, f"no spec compiled for {family} shard {shard}"
     failed = [r for r in rows if not r["ok"]]
     assert not failed, "\n".join(f"{r['kernel']} [{r['label']}]: {r['error']}" for r in failed)
-    # spilled registers live in the stack frame (LOCAL stays 0 for Triton kernels: see _aot._resources)
-    changed = [r for r in rows if r["spill_bytes"] != KNOWN_SPILLS.get((r["kernel"], r["label"]), 0)]
-    assert not changed, "register spills (bytes per thread) differ from KNOWN_SPILLS: " + ", ".join(
-        f"{r['kernel']} [{r['label']}] {r['spill_bytes']} B, known "
-        f"{KNOWN_SPILLS.get((r['kernel'], r['label']), 0)}" for r in changed)
     assert proc.returncode == 0
+    known = _known_spills()
+    if known is None:
+        import triton
+
+        pytest.skip(f"every {family} spec compiled; no spill table for Triton {triton.__version__} (3.9 and 3.6 have one)")
+    # spilled registers live in the stack frame (LOCAL stays 0 for Triton kernels: see _aot._resources)
+    changed = [r for r in rows if r["spill_bytes"] != known.get((r["kernel"], r["label"]), 0)]
+    assert not changed, "register spills (bytes per thread) differ from the known table: " + ", ".join(
+        f"{r['kernel']} [{r['label']}] {r['spill_bytes']} B, known "
+        f"{known.get((r['kernel'], r['label']), 0)}" for r in changed)
 
 
 def test_aot_catches_a_compile_error(tmp_path):
