@@ -33,11 +33,12 @@ import functools
 import json
 import os
 import statistics
-import tempfile
 import threading
 from typing import Callable, Sequence
 
 import torch
+
+from .kernels import replace_file
 
 ENV = "GPU_NN_TUNE"
 CACHE_ENV = "GPU_NN_TUNE_CACHE"
@@ -101,6 +102,14 @@ def _load_disk() -> dict:
     return _disk
 
 
+def _section(data: dict, dev_key: str) -> dict:
+    """The cache's entries for ``dev_key``, a new empty dict in their place where there are none
+    or they are not a dict (a file of another shape)."""
+    if not isinstance(data.get(dev_key), dict):
+        data[dev_key] = {}
+    return data[dev_key]
+
+
 class _file_lock:
     """An exclusive ``flock`` on ``path`` (created if need be) while the block runs; nothing where
     ``fcntl`` is missing (not POSIX)."""
@@ -140,17 +149,8 @@ def _save_disk(dev_key: str, key: str, config) -> None:
                 data = None
             if not isinstance(data, dict):
                 data = {}
-            if not isinstance(data.get(dev_key), dict):
-                data[dev_key] = {}
-            data[dev_key][key] = list(config)
-            fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tuning-", suffix=".json")
-            try:
-                with os.fdopen(fd, "w") as f:
-                    json.dump(data, f, indent=0)
-                os.replace(tmp, path)
-            except BaseException:
-                os.unlink(tmp)
-                raise
+            _section(data, dev_key)[key] = list(config)
+            replace_file(path, json.dumps(data, indent=0).encode())
     except OSError:  # a read-only home: the choice still lives in memory
         pass
 
@@ -279,10 +279,7 @@ def choose(op: str, key: tuple, candidates: Sequence[tuple], run: Callable[[tupl
         return default
     with _lock:
         _memory[mkey] = best
-        disk = _load_disk()
-        if not isinstance(disk.get(dev_key), dict):
-            disk[dev_key] = {}
-        disk[dev_key][ekey] = list(best)
+        _section(_load_disk(), dev_key)[ekey] = list(best)
     _save_disk(dev_key, ekey, best)
     return best
 

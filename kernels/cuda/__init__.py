@@ -24,6 +24,8 @@ import os
 import re
 import tempfile
 
+from .. import replace_file
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -168,18 +170,10 @@ def binary_path(name: str, defines: tuple, arch: str, nvrtc_version) -> str:
     binary = compile_binary(name, dict(defines), arch)
     try:
         os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}-")
+        replace_file(path, binary)
     except OSError:  # an unwritable cache: this process's own temporary directory
-        directory = _private_dir()
-        path = os.path.join(directory, os.path.basename(path))
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(binary)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+        path = os.path.join(_private_dir(), os.path.basename(path))
+        replace_file(path, binary)
     return path
 
 
