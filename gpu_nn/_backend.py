@@ -278,12 +278,18 @@ def resolve(op: str, device: torch.device, have: tuple[str, ...], prefer: tuple[
 
 
 def check_interpreter_dtype(op: str, backend_name: str, *tensors: torch.Tensor) -> None:
-    """The Triton interpreter computes bfloat16 silently wrong, so refuse it there."""
+    """Triton's own interpreter computes bfloat16 silently wrong (on its bit patterns as integers);
+    gpu-nn installs exact bfloat16 arithmetic in it (kernels/triton/_compat.py). Where that
+    could not be installed, refuse bfloat16 there rather than return wrong values."""
     if backend_name != "triton":
         return
     for t in tensors:
         if t is not None and t.dtype == torch.bfloat16 and t.device.type == "cpu":  # dtype first: no device object
+            from .kernels.triton import _compat  # imported already: CPU tensors reach triton only interpreted
+
+            if _compat.bf16_exact():
+                return
             raise BackendUnavailableError(
-                f"{op}: bfloat16 is not supported by the Triton interpreter (its results are "
+                f"{op}: bfloat16 is not supported by this Triton's interpreter (its results are "
                 "wrong without error); run bfloat16 on a GPU or use float16/float32 here"
             )

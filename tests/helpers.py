@@ -43,13 +43,21 @@ def backend_params(have=("reference", "triton", "cupy")):
     return params
 
 
+INTERP_DTYPES = tuple(
+    getattr(torch, name)
+    for name in os.environ.get("GPU_NN_TEST_INTERP_DTYPES", "float32,float16,bfloat16").split(",")
+)
+
+
 def gpu_dtypes_for(backend: str, device: str):
-    """Float dtypes a backend is tested in: the reference in float32/float64; the Triton
-    interpreter in float32/float16 (bfloat16 is wrong there); GPUs in float32/16/bf16."""
+    """Float dtypes a backend is tested in: the reference in float32/float64; GPUs and the
+    Triton interpreter in float32/16/bf16 (the interpreter computes bfloat16 as the GPU does
+    with gpu-nn's fix, kernels/triton/_compat.py; GPU_NN_TEST_INTERP_DTYPES, a comma list such
+    as ``bfloat16``, narrows what it runs)."""
     if backend == "reference":
         return (torch.float64, torch.float32)
     if device == "cpu":
-        return (torch.float32, torch.float16)
+        return INTERP_DTYPES
     return (torch.float32, torch.float16, torch.bfloat16)
 
 

@@ -116,11 +116,97 @@ def test_exact_fma_rounds_once():
 def test_fma_fix_installed_exactly_where_needed():
     """The interpreters of Triton 3.6 to 3.8 round their fma twice and get exact_fma; 3.9's is
     exact and stays. Either way the fma in place rounds once."""
-    from triton.runtime import interpreter
-
-    patched = interpreter.InterpreterBuilder.create_fma.__module__ == _compat.__name__
+    patched = "fma" in _compat.installed
     version = _compat.triton_version()
     if (3, 6) <= version <= (3, 9):
         assert patched == bool(ktriton.INTERPRET and version < (3, 9))
     if ktriton.INTERPRET:
         assert not _compat.needs_interpreter_fma_fix()
+
+
+# -- bfloat16 in the interpreter -------------------------------------------------------------
+
+
+def test_float_to_bf16_rounds_like_torch():
+    """_compat.float_to_bf16 (the interpreter's float32 -> bfloat16 cast once fixed) against
+    torch's nearest-even conversion on random bit patterns (subnormals, overflow and every
+    exponent), on exact ties both ways, and on NaN; float64 is rounded once (torch's CPU goes
+    through float32, so it is checked against exact ties instead)."""
+    import numpy as np
+
+    rng = np.random.default_rng(11)
+    bits = rng.integers(0, 2 ** 32, 200_000, dtype=np.uint64).astype(np.uint32)
+    f = bits.view(np.float32)
+    f = f[~np.isnan(f)]
+    ties = (np.arange(0, 2 ** 16, 7, dtype=np.uint32) << 16 | 0x8000).view(np.float32)  # halfway
+    f = np.concatenate([f, ties[np.isfinite(ties)], np.float32([3.4e38, -3.4e38, 1e-40, -0.0, np.inf])])
+    want = torch.from_numpy(f).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    got = _compat.float_to_bf16(f)
+    assert got.dtype == np.uint16 and np.array_equal(got, want)
+    assert np.array_equal(_compat.bf16_to_float32(got), torch.from_numpy(got.view(np.int16)).view(torch.bfloat16).float().numpy())
+    assert np.isnan(_compat.bf16_to_float32(_compat.float_to_bf16(np.float32([np.nan]))))[0]
+    # float64 just above / below a bfloat16 tie rounds away from / towards it (one rounding)
+    half_ulp = 2.0 ** -8
+    assert _compat.bf16_to_float32(_compat.float_to_bf16(np.float64([1 + half_ulp + 2.0 ** -40])))[0] == 1 + 2 * half_ulp
+    assert _compat.bf16_to_float32(_compat.float_to_bf16(np.float64([1 + half_ulp - 2.0 ** -40])))[0] == 1.0
+    assert _compat.bf16_to_float32(_compat.float_to_bf16(np.float64([1 + half_ulp])))[0] == 1.0  # tie: even
+
+
+@triton.jit
+def _bf16_ops_kernel(a_ptr, b_ptr, f_ptr, sum_ptr, max_ptr, rowmax_ptr, lt_ptr, exp_ptr, dot_ptr, cast_ptr, M: tl.constexpr):
+    r = tl.arange(0, M)
+    idx = r[:, None] * M + r[None, :]
+    a = tl.load(a_ptr + idx)
+    b = tl.load(b_ptr + idx)
+    tl.store(sum_ptr + idx, a + b)
+    tl.store(max_ptr + idx, tl.maximum(a, b))
+    tl.store(rowmax_ptr + r, tl.max(a, axis=1))
+    tl.store(lt_ptr + idx, (a < b).to(tl.int8))
+    tl.store(exp_ptr + idx, tl.exp(a.to(tl.float32)).to(tl.bfloat16))
+    tl.store(dot_ptr + idx, tl.dot(a, b))
+    tl.store(cast_ptr + idx, tl.load(f_ptr + idx).to(tl.bfloat16))
+
+
+def test_bfloat16_kernel_computes_like_the_gpu():
+    """A kernel adding, comparing, reducing, exponentiating, multiplying (tl.dot) and converting
+    bfloat16: in the interpreter with gpu-nn's fix, what torch computes (nearest-even results
+    of exact operations; the dot exact then float32); on a GPU, the same within the dot's float32
+    accumulation. Triton's own interpreter fails every line but the exponential (integers)."""
+    import numpy as np
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and not ktriton.INTERPRET:
+        pytest.skip("no CUDA device and TRITON_INTERPRET is not 1: Triton kernels cannot run")
+    M = 16
+    g = torch.Generator().manual_seed(3)
+    a = (torch.randn(M, M, generator=g) * 3).to(torch.bfloat16)
+    b = (torch.randn(M, M, generator=g) * 3).to(torch.bfloat16)
+    f = torch.randn(M, M, generator=g, dtype=torch.float64).float()
+    f.view(-1)[:16] = torch.from_numpy((np.arange(16, dtype=np.uint32) << 20 | 0x3F808000).view(np.float32))  # ties
+    outs = {k: torch.empty(M, M, dtype=torch.bfloat16, device=device) for k in ("sum", "max", "exp", "cast")}
+    rowmax = torch.empty(M, dtype=torch.bfloat16, device=device)
+    lt = torch.empty(M, M, dtype=torch.int8, device=device)
+    dot = torch.empty(M, M, dtype=torch.float32, device=device)
+    _bf16_ops_kernel[(1,)](a.to(device), b.to(device), f.to(device), outs["sum"], outs["max"], rowmax, lt, outs["exp"],
+                           dot, outs["cast"], M=M)
+    exact = dict(sum=a + b, max=torch.maximum(a, b), cast=f.to(torch.bfloat16), exp=torch.exp(a.float()).to(torch.bfloat16))
+    for k, want in exact.items():
+        assert torch.equal(outs[k].cpu(), want), k
+    assert torch.equal(rowmax.cpu(), a.max(1).values)
+    assert torch.equal(lt.cpu(), (a < b).to(torch.int8))
+    want_dot = (a.double() @ b.double()).float()
+    if device == "cpu":
+        assert torch.equal(dot, want_dot)
+    else:
+        torch.testing.assert_close(dot.cpu(), want_dot, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_fix_installed_under_the_interpreter():
+    """Every supported Triton computes bfloat16 on its bit patterns in the interpreter, so the
+    fix is in place wherever the interpreter runs, and the probe says it works."""
+    if not ktriton.INTERPRET:
+        pytest.skip("TRITON_INTERPRET is not 1: the compiled kernels need no fix")
+    from triton.runtime import interpreter
+
+    assert interpreter.InterpreterBuilder.create_dot.__module__ == _compat.__name__
+    assert "bf16" in _compat.installed and _compat.bf16_exact() and _compat._bf16_probe()

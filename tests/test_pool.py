@@ -487,17 +487,15 @@ def test_backend_zero_batch_and_noncontig(backend, device, rng):
         torch.testing.assert_close(F.max_pool2d(x, 3, 2, 1).cpu(), TF.max_pool2d(x.cpu(), 3, 2, 1))
 
 
-def test_interpreter_refuses_bfloat16():
-    """Refused by the interpreter; on a GPU bfloat16 max pooling is exact (it only selects)."""
-    if torch.cuda.is_available():
-        x = torch.randn(2, 3, 9, 10, dtype=torch.bfloat16, device="cuda")
-        with gpu_nn.backend("triton"):
-            torch.testing.assert_close(F.max_pool2d(x, 3, 2, 1), TF.max_pool2d(x, 3, 2, 1), rtol=0, atol=0)
-        return
-    if not gpu_nn._backend.interpret_mode():
+def test_bfloat16_max_pooling_is_exact():
+    """bfloat16 max pooling only selects, so it equals torch's exactly: compiled on a GPU and in
+    the interpreter (which, without gpu-nn's fix, orders negative bfloat16 backwards)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and not gpu_nn._backend.interpret_mode():
         pytest.skip("TRITON_INTERPRET is not set in this session: triton cannot run on this CPU machine")
-    with gpu_nn.backend("triton"), pytest.raises(gpu_nn.BackendUnavailableError, match="bfloat16"):
-        F.max_pool2d(torch.randn(1, 1, 4, 4, dtype=torch.bfloat16), 2)
+    x = torch.randn(2, 3, 9, 10, dtype=torch.bfloat16, device=device)
+    with gpu_nn.backend("triton"):
+        torch.testing.assert_close(F.max_pool2d(x, 3, 2, 1), TF.max_pool2d(x, 3, 2, 1), rtol=0, atol=0)
 
 
 # --- CUDA C: window math on the host, NVRTC with non-default defines ------------------------

@@ -1,7 +1,7 @@
 """Differences between the Triton versions gpu-nn supports (3.6 on the GPU machine, 3.9 in
 development), handled explicitly by version.
 
-Only one is known to matter, and only for the interpreter (``TRITON_INTERPRET=1``); the compiled
+Those known to matter are all in the interpreter (``TRITON_INTERPRET=1``); the compiled
 path (``triton.compile`` / ``kernel[grid](...)``) needs nothing (every ``aot_specs()``
 configuration compiles for sm_90 under both 3.6 and 3.9).
 
@@ -19,6 +19,15 @@ configuration compiles for sm_90 under both 3.6 and 3.9).
   inf when rounded alone, and the parameter turns NaN where torch's (and the GPU's) stays put.
   :func:`apply` replaces it, where :func:`needs_interpreter_fma_fix` finds the two roundings, by
   :func:`exact_fma`.
+* Every version (3.6 to 3.9): the interpreter holds bfloat16 as its ``uint16`` bit patterns and
+  computes on those as integers: ``tl.dot`` of two bfloat16 tiles multiplies the bit patterns,
+  ``tl.maximum`` / ``tl.max`` / comparisons order negative values backwards, arithmetic and
+  ``exp`` are meaningless, and a float32 -> bfloat16 cast truncates where the GPU (``cvt.rn``)
+  rounds to nearest even. :func:`apply` makes the interpreter compute bfloat16 as the GPU does
+  (:func:`_install_interpreter_bf16_fix`): values widened exactly to float32, the operation in
+  float32 (a dot exactly, in float64, then rounded to float32, as a tensor-core dot with float32
+  accumulation approximates), results rounded to nearest even; :func:`bf16_exact` says whether
+  that is in place, and the backends refuse bfloat16 under an interpreter without it.
 """
 
 from __future__ import annotations
@@ -26,6 +35,8 @@ from __future__ import annotations
 import contextlib
 
 import numpy as np
+
+installed: set[str] = set()  # the fixes apply() installed in this process: "index", "fma", "bf16"
 
 
 def _version(text: str) -> tuple[int, int]:
@@ -94,6 +105,196 @@ def _install_interpreter_fma_fix() -> None:
         return interpreter.TensorHandle(exact_fma(x.data, y.data, z.data), z.dtype.scalar)
 
     interpreter.InterpreterBuilder.create_fma = create_fma
+    installed.add("fma")
+
+
+# -- bfloat16 in the interpreter ---------------------------------------------------------------
+
+
+def bf16_to_float32(bits) -> np.ndarray:
+    """bfloat16 bit patterns (``uint16``) to their float32 values (exact)."""
+    return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+
+def _round_to_odd_float32(x: np.ndarray) -> np.ndarray:
+    """float64 to float32 rounded to odd: an inexact result whose last bit is even moves one ulp
+    towards ``x``. Rounding that to bfloat16 (8 significant bits; 24 >= 8 + 2) is the correctly
+    rounded bfloat16 of ``x``, where going through a nearest float32 could round twice."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        f = x.astype(np.float32)
+        back = f.astype(np.float64)
+    inexact = np.isfinite(f) & (back != x)
+    even = (f.view(np.uint32) & 1) == 0
+    nudge = inexact & even
+    if nudge.any():
+        f = np.where(nudge, np.nextafter(f, np.where(x > back, np.float32(np.inf), np.float32(-np.inf))), f)
+    return f
+
+
+def float_to_bf16(values) -> np.ndarray:
+    """Values of any real dtype to bfloat16 bit patterns, rounded to nearest even as the GPU's
+    ``cvt.rn.bf16`` does (overflow to infinity, NaN kept quiet, subnormals kept)."""
+    v = np.asarray(values)
+    if v.dtype == np.float64:
+        v = _round_to_odd_float32(v)
+    elif v.dtype != np.float32:
+        v = v.astype(np.float32)  # float16 and the integers a kernel converts are exact in float32
+    b = v.view(np.uint32).astype(np.uint64)
+    out = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16).astype(np.uint16)
+    nan = np.isnan(v)
+    if nan.any():
+        out = np.where(nan, ((b >> 16) | 0x40).astype(np.uint16), out)
+    return out.reshape(v.shape)
+
+
+def _is_bf16(handle) -> bool:
+    import triton.language as tl
+
+    return getattr(handle.dtype, "scalar", handle.dtype) == tl.bfloat16
+
+
+def _install_interpreter_bf16_fix() -> None:
+    from triton.runtime import interpreter
+
+    import triton.language as tl
+
+    B = interpreter.InterpreterBuilder
+    TensorHandle = interpreter.TensorHandle
+    bitwise = {np.bitwise_and, np.bitwise_or, np.bitwise_xor, np.left_shift, np.right_shift}
+
+    def values(h):
+        return bf16_to_float32(h.data) if _is_bf16(h) else h.data
+
+    cast_impl, fp_to_fp = B.cast_impl, B.create_fp_to_fp
+    binary_op, unary_op, ternary_op = B.binary_op, B.unary_op, B.ternary_op
+    create_fma, create_dot = B.create_fma, B.create_dot
+    create_rsqrt, create_erf = B.create_rsqrt, B.create_erf
+
+    def cast(self, src, dst_type):
+        dst = dst_type.scalar
+        if dst == tl.bfloat16 and not _is_bf16(src):
+            return TensorHandle(float_to_bf16(src.data), dst)
+        if _is_bf16(src) and dst != tl.bfloat16:
+            return cast_impl(self, TensorHandle(bf16_to_float32(src.data), tl.float32), dst_type)
+        return cast_impl(self, src, dst_type)
+
+    def cast_fp_to_fp(self, src, dst_type, rounding_mode):
+        if _is_bf16(src) or dst_type.scalar == tl.bfloat16:
+            if rounding_mode is not None and rounding_mode != interpreter._ir.ROUNDING_MODE.RTNE:
+                return fp_to_fp(self, src, dst_type, rounding_mode)
+            return cast(self, src, dst_type)
+        return fp_to_fp(self, src, dst_type, rounding_mode)
+
+    def from_float32(out, dtype):
+        """An operation's float32 result in bfloat16; a comparison's stays boolean (int1)."""
+        if out.dtype.kind == "f":
+            return TensorHandle(float_to_bf16(out), dtype)
+        return TensorHandle(out, tl.int1)
+
+    def binary(self, lhs, rhs, op):
+        if (_is_bf16(lhs) or _is_bf16(rhs)) and op not in bitwise:
+            return from_float32(np.asarray(op(values(lhs), values(rhs))), lhs.dtype.scalar)
+        return binary_op(self, lhs, rhs, op)
+
+    def unary(self, arg, op):
+        if _is_bf16(arg):
+            return from_float32(np.asarray(op(values(arg))), arg.dtype.scalar)
+        return unary_op(self, arg, op)
+
+    def ternary(self, lhs, rhs, other, op):
+        if _is_bf16(other) and op is not np.where:  # where only moves bit patterns
+            return from_float32(np.asarray(op(values(lhs), values(rhs), values(other))), other.dtype.scalar)
+        return ternary_op(self, lhs, rhs, other, op)
+
+    def fma(self, x, y, z):
+        if _is_bf16(z):
+            exact = np.add(np.multiply(values(x), values(y), dtype=np.float64), values(z), dtype=np.float64)
+            return TensorHandle(float_to_bf16(exact), z.dtype.scalar)
+        return create_fma(self, x, y, z)
+
+    def dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        if _is_bf16(a) or _is_bf16(b):
+            exact = np.matmul(values(a).astype(np.float64), values(b).astype(np.float64))
+            return TensorHandle(exact.astype(d.data.dtype) + d.data, d.dtype.scalar)
+        return create_dot(self, a, b, d, input_precision, max_num_imprecise_acc)
+
+    def widened(original):
+        def method(self, arg):
+            if _is_bf16(arg):
+                out = original(self, TensorHandle(bf16_to_float32(arg.data), tl.float32))
+                return TensorHandle(float_to_bf16(out.data), arg.dtype.scalar)
+            return original(self, arg)
+
+        return method
+
+    B.cast_impl = cast
+    B.create_fp_to_fp = cast_fp_to_fp
+    B.binary_op = binary
+    B.unary_op = unary
+    B.ternary_op = ternary
+    B.create_fma = fma
+    B.create_dot = dot
+    B.create_rsqrt = widened(create_rsqrt)
+    B.create_erf = widened(create_erf)
+
+    reduce_min_max, reduce_sum = interpreter.ReduceOps.min_max, interpreter.ReduceOps.sum
+
+    def as_float32(t):
+        return tl.core.tensor(TensorHandle(bf16_to_float32(t.handle.data), tl.float32), t.type.with_element_ty(tl.float32) if t.type.is_block() else tl.float32)
+
+    def back_to_bf16(t):
+        data = float_to_bf16(t.handle.data)
+        return tl.core.tensor(TensorHandle(data, tl.bfloat16), t.type.with_element_ty(tl.bfloat16) if t.type.is_block() else tl.bfloat16)
+
+    def min_max(self, input, val_reduce_op, idx_reduce_op=None):
+        x = input[0] if isinstance(input, tuple) else input
+        if x.dtype != tl.bfloat16:
+            return reduce_min_max(self, input, val_reduce_op, idx_reduce_op)
+        out = reduce_min_max(self, as_float32(x), val_reduce_op, idx_reduce_op)
+        if val_reduce_op is None:
+            return out
+        if idx_reduce_op is None:
+            return back_to_bf16(out)
+        return back_to_bf16(out[0]), out[1]
+
+    def total(self, input):
+        if input.dtype != tl.bfloat16:
+            return reduce_sum(self, input)
+        return back_to_bf16(reduce_sum(self, as_float32(input)))
+
+    interpreter.ReduceOps.min_max = min_max
+    interpreter.ReduceOps.sum = total
+    installed.add("bf16")
+
+
+def _bf16_probe() -> bool:
+    """True where the interpreter computes bfloat16 as the GPU does: a float32 -> bfloat16 cast
+    rounds to nearest even, a bfloat16 dot multiplies values, and -2 < 1."""
+    from triton.runtime import interpreter
+
+    import triton.language as tl
+
+    B = interpreter.InterpreterBuilder
+
+    def h(bits):
+        return interpreter.TensorHandle(np.array(bits, dtype=np.uint16), tl.bfloat16)
+
+    one_and_a_bit = interpreter.TensorHandle(np.array([1 + 2.0 ** -8 + 2.0 ** -20], np.float32), tl.float32)
+    rounded = B.cast_impl(None, one_and_a_bit, tl.bfloat16).data  # nearest: 1 + 2^-7 (0x3F81)
+    a = h([[0x4000]])  # 2.0
+    d = interpreter.TensorHandle(np.zeros((1, 1), np.float32), tl.float32)
+    product = B.create_dot(None, a, a, d, None, 0).data  # 4.0
+    less = B.binary_op(None, h([0xC000]), h([0x3F80]), np.less).data  # -2 < 1
+    return int(np.asarray(rounded).ravel()[0]) == 0x3F81 and float(np.asarray(product).ravel()[0]) == 4.0 and bool(np.asarray(less).ravel()[0])
+
+
+_bf16_exact = False
+
+
+def bf16_exact() -> bool:
+    """Whether the interpreter in this process computes bfloat16 as the GPU does (see the
+    module docstring); False also before :func:`apply` has run under the interpreter."""
+    return _bf16_exact
 
 
 _applied = False
@@ -111,11 +312,12 @@ def _install_interpreter_index_fix() -> None:
         scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
 
     interpreter._patch_lang_tensor = patch_lang_tensor
+    installed.add("index")
 
 
 def apply(interpret: bool) -> None:
     """Install the version-specific fixes listed in the module docstring (idempotent)."""
-    global _applied
+    global _applied, _bf16_exact
     if _applied:
         return
     _applied = True
@@ -123,6 +325,10 @@ def apply(interpret: bool) -> None:
         _install_interpreter_index_fix()
     if interpret and needs_interpreter_fma_fix():
         _install_interpreter_fma_fix()
+    if interpret:
+        if not _bf16_probe():
+            _install_interpreter_bf16_fix()
+        _bf16_exact = _bf16_probe()
 
 
 @contextlib.contextmanager
