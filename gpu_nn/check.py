@@ -165,8 +165,11 @@ def targets() -> list[tuple[str, str, tuple]]:
     if _backend.status("triton")[0]:
         if torch.cuda.is_available():
             out.append(("triton", "cuda", (torch.float32, torch.float16, torch.bfloat16)))
-        else:
-            out.append(("triton", "cpu", (torch.float32, torch.float16)))
+        else:  # the interpreter; bfloat16 where gpu-nn's exact bfloat16 is installed in it
+            from .kernels.triton import _compat
+
+            half = (torch.float16, torch.bfloat16) if _compat.bf16_exact() else (torch.float16,)
+            out.append(("triton", "cpu", (torch.float32,) + half))
     if _backend.status("cupy")[0]:
         out.append(("cupy", "cuda", (torch.float32, torch.float16, torch.bfloat16)))
     return out

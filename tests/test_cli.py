@@ -16,9 +16,16 @@ def test_info_names_every_backend(capsys):
 
 
 def test_check_relu_passes(capsys):
+    """Every backend and dtype that runs here: on the interpreter bfloat16 too."""
+    import torch
+
+    from gpu_nn import _backend, check
+
     assert main(["check", "--op", "relu", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "relu" in out and "0 failed" in out and "FAIL" not in out
+    if _backend.interpret_mode() and not torch.cuda.is_available():
+        assert ("triton", "cpu", (torch.float32, torch.float16, torch.bfloat16)) in check.targets()
 
 
 def test_sass_prints_the_table(tmp_path):
