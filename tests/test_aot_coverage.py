@@ -4,9 +4,9 @@ actually make is in its family's ``aot_specs()``.
 ``aot_specs()`` claims to list every configuration a family's launchers can produce, and
 ``test_compile.py`` compiles exactly that list for sm_90; nothing else checks the claim (the GRU
 step forward without b_hh was launched but missing from the list, so never compiled). Here each
-family's ops run on the triton backend under the interpreter -- its ``CHECK_CASES`` in float32 and
-float16 plus extra calls that reach the options the check cases miss -- while a recorder wrapped
-around every kernel's launch entry point (``kernel[grid](...)`` calls ``kernel.run(*args, grid=,
+family's ops run on the triton backend under the interpreter -- its ``CHECK_CASES`` in float32,
+float16 and bfloat16 plus extra calls that reach the options the check cases miss -- while a
+recorder wrapped around every kernel's launch entry point (``kernel[grid](...)`` calls ``kernel.run(*args, grid=,
 warmup=, **kwargs)``, the public ``KernelInterface`` protocol of both the JIT and the interpreter)
 binds the arguments to the kernel's Python signature and notes: the kernel, every constexpr
 (defaults included), the element type of every pointer (tensor) argument, and num_warps /
@@ -18,9 +18,9 @@ modules that takes an ``interpret`` argument is called with ``interpret=False`` 
 kernels run (in the interpreter) with the GPU block sizes. A launch that does not pass num_warps
 / num_stages gets Triton's CUDA defaults (4 / 3), which is what it compiles with on a GPU.
 
-Not covered here (nothing in this process can reach it): bfloat16 (the interpreter refuses it;
-its configurations are the float16 ones with another pointer type), and conv's TF32 precision is
-reached by patching ``gpu_nn.ops.conv._precision`` (it only answers "tf32" when CUDA is present).
+bfloat16 runs here as on the GPU (gpu-nn's exact bfloat16 in the interpreter, _compat). Conv's
+TF32 precision is reached by patching ``gpu_nn.ops.conv._precision`` (it only answers "tf32" when
+CUDA is present).
 """
 
 from __future__ import annotations
@@ -241,7 +241,7 @@ def _all_specs():
 # exercising the ops
 
 
-DTYPES = (torch.float32, torch.float16)
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _run_check_cases(family, rng):
