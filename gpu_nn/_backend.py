@@ -293,3 +293,24 @@ def check_interpreter_dtype(op: str, backend_name: str, *tensors: torch.Tensor) 
                 f"{op}: bfloat16 is not supported by this Triton's interpreter (its results are "
                 "wrong without error); run bfloat16 on a GPU or use float16/float32 here"
             )
+
+
+# pinned host tensors copied to a device during a CUDA-graph capture: the graph's copy node reads
+# them again at every replay, so they must outlive it (one per copy made while capturing, never
+# freed)
+_CAPTURED_HOST: list = []
+
+
+def to_device_async(host: torch.Tensor, device) -> torch.Tensor:
+    """A CPU tensor (a small table: lengths, addresses) on ``device`` without a host
+    synchronisation. On CUDA through pinned memory: torch's copy from pageable memory
+    synchronises the stream after it (the host waits for all queued GPU work) and cannot be
+    captured into a CUDA graph; from pinned memory the copy is queued like a kernel (torch's
+    host allocator keeps the pinned block until the copy has run). Copied while a graph is
+    captured, the pinned tensor is kept for good."""
+    if torch.device(device).type != "cuda":
+        return host.to(device)
+    host = host.pin_memory()
+    if torch.cuda.is_current_stream_capturing():
+        _CAPTURED_HOST.append(host)
+    return host.to(device, non_blocking=True)

@@ -359,7 +359,9 @@ _FULL_LENGTHS_MAX = 256
 
 
 def _lengths_on(lengths, T, B, device):
-    """Per-sequence lengths on the device; full length where the caller gave none (the step
+    """Per-sequence lengths on the device (copied from pinned memory: torch's copy from pageable
+    memory would synchronise the stream at every packed call, forward and backward, and fail
+    inside a CUDA-graph capture); full length where the caller gave none (the step
     kernels always mask; a sequence passing none to the per-step kernels, t = -1 as the cells
     do, would take a further compiled variant of each for the other lengths pointer type).
 
@@ -368,8 +370,8 @@ def _lengths_on(lengths, T, B, device):
     never freed, so no stream can see its memory reused. Not kept when made during CUDA-graph
     capture (its fill would only run at replay), nor beyond ``_FULL_LENGTHS_MAX`` shapes (then
     made per call, never evicted: an evicted tensor could still be read by queued kernels)."""
-    if lengths is not None:
-        return lengths.to(device=device, dtype=torch.int64)
+    if lengths is not None:  # int64 on the CPU (_check_seq): no stream synchronisation, capturable
+        return _backend.to_device_async(lengths, device)
     key = (T, B, device)
     full = _FULL_LENGTHS.get(key)
     if full is None:

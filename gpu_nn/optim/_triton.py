@@ -16,6 +16,7 @@ import math
 import numpy as np
 import torch
 
+from .. import _backend
 from .._errors import KernelInputError
 
 _TABLES: dict = {}
@@ -89,9 +90,6 @@ def _offsets(ptrs, es, base=None):
     return out
 
 
-# pinned host tables copied during a CUDA-graph capture: the graph's copy node reads them again
-# at every replay, so they must outlive it (one per table built while capturing, never freed)
-_CAPTURED_HOST_TABLES: list = []
 # device tables a captured CUDA graph launches with: every replay reads them, so they outlive the
 # caches that hand them out (a plan replaced, the address cache cleared), never freed
 _GRAPH_TABLES: list = []
@@ -110,15 +108,9 @@ def graph_keep(table) -> None:
         _GRAPH_TABLES.append(table)
 
 
-def to_device_table(host, device):
-    """A host int64 table on ``device``, copied without a host synchronisation: from pinned
-    memory on CUDA (capturable), kept alive for good when copied while a graph is captured."""
-    if torch.device(device).type != "cuda":
-        return host.to(device)
-    host = host.pin_memory()
-    if torch.cuda.is_current_stream_capturing():
-        _CAPTURED_HOST_TABLES.append(host)
-    return host.to(device, non_blocking=True)
+# a host int64 table on a device without a host synchronisation, capturable (kept alive for good
+# when copied while a graph is captured)
+to_device_table = _backend.to_device_async
 
 
 def _table(params, grads, states, steps, flags, device, chunk):
@@ -267,8 +259,6 @@ def clip_grad_norm(grads, max_norm: float, norm_type: float, error_if_nonfinite:
     from ..kernels.triton import optim as kt
 
     if any(g.dtype == torch.bfloat16 and g.device.type == "cpu" for g in grads):
-        from .. import _backend
-
         _backend.check_interpreter_dtype("clip_grad_norm_", "triton", *grads)
     if any(g.dtype not in (torch.float32, torch.float16, torch.bfloat16) for g in grads):
         raise KernelInputError("clip_grad_norm_: the triton backend takes float32/float16/bfloat16 gradients")
