@@ -160,6 +160,12 @@ def test_cupy_pooling_and_optimizer_replay_as_a_cuda_graph(opt_name):
 def test_recurrent_training_step_replays_as_a_cuda_graph(backend, cell):
     """``cupy``: the recurrent layer (its device time loop) and Adam on the cupy backend, the
     head, loss and clipping on triton (the cupy backend has no linear or loss)."""
+    _recurrent_replays_like_eager(_Rnn, backend, cell)
+
+
+def _recurrent_replays_like_eager(model_cls, backend, cell):
+    """A training step of ``model_cls(cell, inner)`` (its recurrent layer and Adam on
+    ``backend``, the rest on triton) replayed from one graph equals the same steps run eagerly."""
     if backend == "cupy":
         _cupy_or_skip()
     x = torch.randn(5, 9, 7, device="cuda")
@@ -167,12 +173,13 @@ def test_recurrent_training_step_replays_as_a_cuda_graph(backend, cell):
     inner = "cupy" if backend == "cupy" else None
     with gpu_nn.backend("triton"):
         eager, graphed, le, lg = _eager_and_graphed(
-            lambda: _Rnn(cell, inner).cuda(),
+            lambda: model_cls(cell, inner).cuda(),
             lambda p: _StepUnder(optim.Adam(p, lr=1e-3), backend), x, y, clip=True)
     for a, b in zip(le, lg):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     for pe, pg in zip(eager.parameters(), graphed.parameters()):
         torch.testing.assert_close(pe, pg, rtol=1e-5, atol=1e-6)
+    assert le[-1] != le[0]  # the replays really stepped
 
 
 class _PackedRnn(torch.nn.Module):
@@ -200,20 +207,7 @@ def test_packed_sequence_training_step_replays_as_a_cuda_graph(backend, cell):
     """Per-sequence lengths reach the kernels through a pinned, non-blocking copy: a copy from
     pageable memory synchronises the stream, which a capture forbids (and costs a host wait at
     every packed call outside one)."""
-    if backend == "cupy":
-        _cupy_or_skip()
-    x = torch.randn(5, 9, 7, device="cuda")
-    y = torch.randint(0, 10, (5,), device="cuda")
-    inner = "cupy" if backend == "cupy" else None
-    with gpu_nn.backend("triton"):
-        eager, graphed, le, lg = _eager_and_graphed(
-            lambda: _PackedRnn(cell, inner).cuda(),
-            lambda p: _StepUnder(optim.Adam(p, lr=1e-3), backend), x, y, clip=True)
-    for a, b in zip(le, lg):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    for pe, pg in zip(eager.parameters(), graphed.parameters()):
-        torch.testing.assert_close(pe, pg, rtol=1e-5, atol=1e-6)
-    assert le[-1] != le[0]
+    _recurrent_replays_like_eager(_PackedRnn, backend, cell)
 
 
 def test_reduce_overhead_compile_runs_our_layers():
