@@ -44,7 +44,7 @@ def backend_params(have=("reference", "triton", "cupy")):
 
 
 INTERP_DTYPES = tuple(
-    getattr(torch, name)
+    getattr(torch, name.strip())
     for name in os.environ.get("GPU_NN_TEST_INTERP_DTYPES", "float32,float16,bfloat16").split(",")
 )
 

@@ -210,3 +210,36 @@ def test_bf16_fix_installed_under_the_interpreter():
 
     assert interpreter.InterpreterBuilder.create_dot.__module__ == _compat.__name__
     assert "bf16" in _compat.installed and _compat.bf16_exact() and _compat._bf16_probe()
+
+
+@triton.jit
+def _bf16_accumulate_kernel(x_ptr, y_ptr, z_ptr, sum_ptr, scan_ptr, fma_ptr, N: tl.constexpr):
+    r = tl.arange(0, N)
+    x = tl.load(x_ptr + r)
+    tl.store(sum_ptr, tl.sum(x, axis=0))  # in bfloat16: no .to(tl.float32) first
+    tl.store(scan_ptr + r, tl.cumsum(x, axis=0))
+    tl.store(fma_ptr + r, tl.fma(tl.load(y_ptr + r), tl.load(y_ptr + r), tl.load(z_ptr + r)))
+
+
+def test_bfloat16_accumulation_rounds_like_the_gpu():
+    """A bfloat16 sum or scan rounds its partial sums to bfloat16 (a kernel that forgets to widen
+    before tl.sum must lose the precision here as on the GPU: 256 + seven 1s gives at most 262,
+    whatever the order, never float32's 263 rounded to 264), a scan of exactly representable
+    values is exact, and an fma rounds once ((1 + 2^-4)^2 + 2^-70 = 1.1328125, not 1.125)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and not ktriton.INTERPRET:
+        pytest.skip("no CUDA device and TRITON_INTERPRET is not 1: Triton kernels cannot run")
+    N = 8
+    x = torch.tensor([256.0] + [1.0] * 7, dtype=torch.bfloat16, device=device)
+    steps = torch.tensor([1.5, -2.25, 3.0, 0.5, -4.0, 8.0, 0.25, -1.0], dtype=torch.bfloat16, device=device)
+    y = torch.full((N,), 1 + 2.0 ** -4, dtype=torch.bfloat16, device=device)
+    z = torch.full((N,), 2.0 ** -70, dtype=torch.bfloat16, device=device)
+    total = torch.empty(1, dtype=torch.bfloat16, device=device)
+    scan = torch.empty(N, dtype=torch.bfloat16, device=device)
+    fma = torch.empty(N, dtype=torch.bfloat16, device=device)
+    _bf16_accumulate_kernel[(1,)](x, y, z, total, scan, fma, N=N)
+    assert 256 <= float(total) <= 262
+    _bf16_accumulate_kernel[(1,)](steps, y, z, total, scan, fma, N=N)
+    assert torch.equal(scan.cpu(), torch.cumsum(steps.cpu().double(), 0).to(torch.bfloat16))
+    assert float(total) == float(steps.double().sum())
+    assert torch.all(fma.cpu().double() == 1.1328125)

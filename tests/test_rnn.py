@@ -695,6 +695,14 @@ def test_functional_bad_input():
     with pytest.raises(gpu_nn.KernelInputError, match="lengths"):
         F.gru(torch.randn(3, 2, 4), torch.zeros(1, 2, 5), [torch.randn(15, 4), torch.randn(15, 5)], False,
               lengths=torch.tensor([4, 1]))
+    # the op takes lengths on the CPU, as pack_padded_sequence does (the functional form moves
+    # them there); meta here, a CUDA tensor on a GPU
+    from gpu_nn.ops import rnn as ops
+
+    other = "cuda" if torch.cuda.is_available() else "meta"
+    with pytest.raises(gpu_nn.KernelInputError, match="CPU int64"):
+        ops.rnn_seq_forward(torch.randn(3, 2, 4), torch.zeros(1, 2, 5), None, [torch.randn(15, 4), torch.randn(15, 5)],
+                            "gru", 1, False, False, lengths=torch.tensor([3, 1], device=other))
 
 
 # ----------------------------------------------------------------------------------------------

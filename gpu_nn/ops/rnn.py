@@ -231,8 +231,9 @@ def _check_seq(op, input, hx, cx, weights, mode, num_layers, bidirectional, has_
                         f"{op}: weight of layer {l} direction {d} has shape {list(w.shape)}, expected {list(s)}"
                     )
     if lengths is not None:
-        if lengths.dim() != 1 or lengths.shape[0] != B or lengths.dtype != torch.int64:
-            raise KernelInputError(f"{op}: lengths must be an int64 tensor of shape [{B}], got {lengths.dtype} {list(lengths.shape)}")
+        if lengths.dim() != 1 or lengths.shape[0] != B or lengths.dtype != torch.int64 or lengths.device.type != "cpu":
+            raise KernelInputError(f"{op}: lengths must be a CPU int64 tensor of shape [{B}] (as pack_padded_sequence's), "
+                                   f"got {lengths.dtype} {list(lengths.shape)} on {lengths.device}")
         if B and (int(lengths.min()) < 0 or int(lengths.max()) > T):
             raise KernelInputError(f"{op}: lengths must lie in [0, {T}]")
     if masks is not None:
@@ -371,7 +372,7 @@ def _lengths_on(lengths, T, B, device):
     capture (its fill would only run at replay), nor beyond ``_FULL_LENGTHS_MAX`` shapes (then
     made per call, never evicted: an evicted tensor could still be read by queued kernels)."""
     if lengths is not None:  # int64 on the CPU (_check_seq): no stream synchronisation, capturable
-        return _backend.to_device_async(lengths, device)
+        return _backend.to_device_async(lengths.contiguous(), device)
     key = (T, B, device)
     full = _FULL_LENGTHS.get(key)
     if full is None:

@@ -61,17 +61,23 @@ def exact_fma(x, y, z):
     """``x * y + z`` rounded once, on NumPy arrays (broadcast), in ``z``'s dtype.
 
     float32: the product of two float32 values is exact in float64 (24 + 24 bits); their sum
-    with ``z`` is taken in float64 rounded to odd (TwoSum gives the exact error; an inexact sum
-    whose last bit is even moves one ulp towards it), and rounding a round-to-odd float64 to
-    float32 is the correctly rounded result (53 >= 24 + 2 bits). Infinities and NaN follow the
+    with ``z`` is taken in float64 rounded to odd (:func:`_add_round_to_odd`), and rounding a
+    round-to-odd float64 to float32 is the correctly rounded result (53 >= 24 + 2 bits). Infinities and NaN follow the
     float64 sum. Other dtypes as Triton 3.9's interpreter takes them: product and sum in float64,
     then the dtype (float16 exact; float64 rounded twice, where no float128 is at hand)."""
     a, b, c = np.broadcast_arrays(np.asarray(x), np.asarray(y), np.asarray(z))
     dtype = np.asarray(z).dtype
     p = np.multiply(a, b, dtype=np.float64)
-    s = np.add(p, c, dtype=np.float64)
     if dtype != np.float32:
-        return s.astype(dtype)
+        return np.add(p, c, dtype=np.float64).astype(dtype)
+    return _add_round_to_odd(p, c).astype(np.float32)
+
+
+def _add_round_to_odd(p, c) -> np.ndarray:
+    """``p + c`` in float64 rounded to odd (TwoSum gives the exact error; an inexact sum whose
+    last bit is even moves one ulp towards it): rounded again to a format of at most 51
+    significant bits, the correctly rounded sum. Infinities and NaN as the float64 sum."""
+    s = np.add(p, c, dtype=np.float64)
     with np.errstate(invalid="ignore", over="ignore"):
         bb = s - p
         e = (p - (s - bb)) + (c - bb)
@@ -79,7 +85,7 @@ def exact_fma(x, y, z):
     nudge = np.isfinite(s) & np.isfinite(e) & (e != 0) & even
     if nudge.any():
         s = np.where(nudge, np.nextafter(s, np.where(e > 0, np.inf, -np.inf)), s)
-    return np.asarray(s).astype(np.float32)
+    return np.asarray(s)
 
 
 def needs_interpreter_fma_fix() -> bool:
@@ -179,7 +185,8 @@ def _install_interpreter_bf16_fix() -> None:
         return cast_impl(self, src, dst_type)
 
     def cast_fp_to_fp(self, src, dst_type, rounding_mode):
-        if _is_bf16(src) or dst_type.scalar == tl.bfloat16:
+        fp8 = 8 in (src.dtype.scalar.primitive_bitwidth, dst_type.scalar.primitive_bitwidth)  # Triton's own, right
+        if not fp8 and (_is_bf16(src) or dst_type.scalar == tl.bfloat16):
             if rounding_mode is not None and rounding_mode != interpreter._ir.ROUNDING_MODE.RTNE:
                 return fp_to_fp(self, src, dst_type, rounding_mode)
             return cast(self, src, dst_type)
@@ -207,9 +214,9 @@ def _install_interpreter_bf16_fix() -> None:
         return ternary_op(self, lhs, rhs, other, op)
 
     def fma(self, x, y, z):
-        if _is_bf16(z):
-            exact = np.add(np.multiply(values(x), values(y), dtype=np.float64), values(z), dtype=np.float64)
-            return TensorHandle(float_to_bf16(exact), z.dtype.scalar)
+        if _is_bf16(z):  # the product of two bfloat16 is exact in float64; the sum rounded to odd
+            p = np.multiply(values(x), values(y), dtype=np.float64)
+            return TensorHandle(float_to_bf16(_add_round_to_odd(p, values(z))), z.dtype.scalar)
         return create_fma(self, x, y, z)
 
     def dot(self, a, b, d, input_precision, max_num_imprecise_acc):
@@ -258,12 +265,25 @@ def _install_interpreter_bf16_fix() -> None:
         return back_to_bf16(out[0]), out[1]
 
     def total(self, input):
+        # a bfloat16 sum rounds every partial sum to bfloat16 on the GPU as well: combined one
+        # element at a time through the (patched) additions, not in float32 and rounded once
         if input.dtype != tl.bfloat16:
             return reduce_sum(self, input)
-        return back_to_bf16(reduce_sum(self, as_float32(input)))
+        return self.generic_reduce((input,))[0]
 
     interpreter.ReduceOps.min_max = min_max
     interpreter.ReduceOps.sum = total
+
+    scan_sum, scan_prod = interpreter.ScanOps.cumsum, interpreter.ScanOps.cumprod
+
+    def cumsum(self, input):
+        return self.generic_scan((input,)) if input.dtype == tl.bfloat16 else scan_sum(self, input)
+
+    def cumprod(self, input):
+        return self.generic_scan((input,)) if input.dtype == tl.bfloat16 else scan_prod(self, input)
+
+    interpreter.ScanOps.cumsum = cumsum
+    interpreter.ScanOps.cumprod = cumprod
     installed.add("bf16")
 
 
