@@ -53,8 +53,9 @@ def _same(a, b):
         torch.nan_to_num(a.detach(), nan=1.5), torch.nan_to_num(b.detach(), nan=1.5))
 
 
-def _run(case, args, kwargs, dtype, device, eager, grad_mask, monkeypatch):
-    """Outputs, gradients, graph node names and the outcome of a second backward."""
+def _run(case, args, kwargs, dtype, device, eager, grad_mask, monkeypatch, second_order=True):
+    """Outputs, gradients, graph node names and the outcome of a second backward (None without
+    ``second_order``: the gradients then taken without create_graph)."""
     monkeypatch.setattr(_dispatch, "EAGER", eager)
     args, kwargs = check._convert((args, kwargs), dtype, device)
     leaves = check._leaves((args, kwargs))
@@ -68,11 +69,13 @@ def _run(case, args, kwargs, dtype, device, eager, grad_mask, monkeypatch):
     gen = torch.Generator().manual_seed(0)
     diff = [(o, torch.randn(o.shape, generator=gen, dtype=o.dtype).to(o.device)) for o in outs if o.requires_grad]
     grads = torch.autograd.grad([o for o, _ in diff], leaves, [g for _, g in diff], allow_unused=True,
-                                create_graph=True)
+                                create_graph=second_order)
     # a second backward through the gradients: the same values, or the same error, on both routes
+    second = None
     try:
         s = sum(g.sum() for g in grads if g is not None and g.requires_grad)
-        second = torch.autograd.grad(s, leaves, allow_unused=True) if isinstance(s, torch.Tensor) else ()
+        if second_order:
+            second = torch.autograd.grad(s, leaves, allow_unused=True) if isinstance(s, torch.Tensor) else ()
     except Exception as exc:  # noqa: BLE001 - compared, not swallowed
         second = f"{type(exc).__name__}: {exc}"
     with torch.no_grad():
@@ -88,13 +91,17 @@ def test_eager_route_equals_custom_op(fam, case, backend, monkeypatch):
     dtype = torch.float64 if backend == "reference" else torch.float32
     args, kwargs = case.make(np.random.default_rng(7))
     n = len(check._leaves((args, kwargs)))
-    # all inputs needing grad, and only the first (needs_input_grad / output_mask paths); the
-    # interpreter is slow, so triton checks the first only
+    # all inputs needing grad, and only the first (needs_input_grad / output_mask paths). The
+    # interpreter is slow, so triton under it checks the first mask only and no second backward
+    # (two thirds of this test's time in the conv and rnn cases): the routes' second backwards
+    # are compared on the reference, every case and mask, and triton's double backward against
+    # torch in test_double_backward.py
     masks = [[True] * n] + ([[True] + [False] * (n - 1)] if backend == "reference" else [])
+    second_order = not (backend == "triton" and DEVICE[backend] == "cpu")
     for mask in masks:
         with gpu_nn.backend(backend):
-            ref = _run(case, args, kwargs, dtype, DEVICE[backend], False, mask, monkeypatch)
-            got = _run(case, args, kwargs, dtype, DEVICE[backend], True, mask, monkeypatch)
+            ref = _run(case, args, kwargs, dtype, DEVICE[backend], False, mask, monkeypatch, second_order)
+            got = _run(case, args, kwargs, dtype, DEVICE[backend], True, mask, monkeypatch, second_order)
         outs, ints, grads, names, second, nograd = got
         assert any(nm.startswith("GeneratedBackwardFor_gpu_nn") for nm in ref[3]), ref[3]
         assert not any(nm.startswith("GeneratedBackwardFor_gpu_nn") for nm in names), names
@@ -103,7 +110,7 @@ def test_eager_route_equals_custom_op(fam, case, backend, monkeypatch):
         assert len(ints) == len(ref[1]) and all(_same(a, b) for a, b in zip(ints, ref[1]))
         assert len(grads) == len(ref[2]) and all(_same(a, b) for a, b in zip(grads, ref[2]))
         assert all(_same(a, b) for a, b in zip(nograd, ref[5])) and not any(t.requires_grad for t in nograd)
-        if isinstance(second, str) or isinstance(ref[4], str):
+        if second is None or isinstance(second, str) or isinstance(ref[4], str):
             assert second == ref[4]
         else:
             assert len(second) == len(ref[4]) and all(_same(a, b) for a, b in zip(second, ref[4]))

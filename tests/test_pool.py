@@ -390,12 +390,12 @@ def _case_layout_id(v) -> str:
 
 @pytest.mark.parametrize("backend,device", backend_params(("triton", "cupy")))
 @pytest.mark.parametrize("case,layout", _CASE_LAYOUTS, ids=_case_layout_id)
-def test_backend_matches_reference(backend, device, case, layout, rng):
+def test_backend_matches_reference(backend, device, case, layout, rng, dtypes=None):
     fn, args, shape = case
     is_max = fn.__name__.startswith(("max", "min"))
     kw = {"return_indices": True} if is_max else {}
     k = int(np.prod(R._pair(args[0], 2 if fn.__name__.endswith("2d") else 1)))
-    for dtype in gpu_dtypes_for(backend, device):
+    for dtype in dtypes or gpu_dtypes_for(backend, device):
         # the reference sees the same dtype-rounded values, so ties created by rounding are shared
         x64 = randn(rng, *shape).to(dtype).double()
         g64 = None
@@ -449,7 +449,7 @@ def _distinct_integers(n, dtype):
 @pytest.mark.parametrize("backend,device", backend_params(("triton", "cupy")))
 @pytest.mark.parametrize("case", MAXMIN_CASES, ids=lambda c: f"{c[0].__name__}{c[1]}{c[2]}")
 @pytest.mark.parametrize("nans", [0, 7], ids=["ties", "ties+nans"])
-def test_backend_ties_and_nans_like_torch(backend, device, case, nans, rng):
+def test_backend_ties_and_nans_like_torch(backend, device, case, nans, rng, dtypes=None):
     """Issue 20: deliberate ties and NaNs in the kernels' windows (random inputs tie only by
     rounding luck). torch: ties keep the first position; a NaN wins, the last NaN of a window
     is its index; the gradient goes to that position. min pooling is -max_pool(-x)."""
@@ -462,7 +462,7 @@ def test_backend_ties_and_nans_like_torch(backend, device, case, nans, rng):
     yt, it = theirs(sign * x32, *args, return_indices=True)
     yt = sign * yt
     assert (nans == 0) == (not torch.isnan(yt).any())
-    for dtype in gpu_dtypes_for(backend, device):
+    for dtype in dtypes or gpu_dtypes_for(backend, device):
         x = x32.to(device=device, dtype=dtype).requires_grad_()
         with gpu_nn.backend(backend):
             y, i = fn(x, *args, return_indices=True)
@@ -1206,6 +1206,18 @@ def test_measured_choices_follow_the_output_not_only_the_input(backend, device, 
         _tuning.clear()
 
 
+def _forced_dtypes(backend, device, index):
+    """What a test that forces one kernel form runs in: on a GPU every dtype of gpu_dtypes_for;
+    under the interpreter float32 and one 16-bit type, float16 where ``index`` (the case's place
+    in its list) is even and bfloat16 where it is odd, so each forced form meets both 16-bit types
+    across its cases at two dtypes' cost (the flat kernels run all three in every case)."""
+    full = gpu_dtypes_for(backend, device)
+    if device != "cpu":
+        return full
+    half = torch.float16 if index % 2 == 0 else torch.bfloat16
+    return tuple(d for d in full if d in (torch.float32, half))
+
+
 @pytest.mark.parametrize("backend,device", backend_params(("triton",)))
 @pytest.mark.parametrize("case", KERNEL_CASES, ids=lambda c: f"{c[0].__name__}{c[1]}{c[2]}")
 def test_tiled_form_matches_reference(backend, device, case, rng, monkeypatch):
@@ -1214,12 +1226,13 @@ def test_tiled_form_matches_reference(backend, device, case, rng, monkeypatch):
     channels_last tensors (the flat kernels read those channels-fastest; a forward there is
     offered the channels_last tile instead): there the flat kernels run."""
     asked, launched = _forcing(monkeypatch, "tile")
-    test_backend_matches_reference(backend, device, case, "contig", rng)
+    dtypes = _forced_dtypes(backend, device, KERNEL_CASES.index(case))
+    test_backend_matches_reference(backend, device, case, "contig", rng, dtypes)
     _tiled_ran(asked, launched, case[0])
     if len(case[2]) == 4:
         asked.clear()
         launched.clear()
-        test_backend_matches_reference(backend, device, case, "channels_last", rng)
+        test_backend_matches_reference(backend, device, case, "channels_last", rng, dtypes)
         assert launched and not any("tile" in k or "_cl_" in k for k in launched), (asked, launched)
 
 
@@ -1230,12 +1243,13 @@ def test_channels_last_tiles_match_reference(backend, device, case, rng, monkeyp
     channels per program) in every 4-D kernel-case geometry against the reference, values,
     indices and gradients; offered only for channels_last tensors."""
     asked, launched = _forcing(monkeypatch, "cltile")
-    test_backend_matches_reference(backend, device, case, "channels_last", rng)
+    dtypes = _forced_dtypes(backend, device, KERNEL_CASES.index(case))
+    test_backend_matches_reference(backend, device, case, "channels_last", rng, dtypes)
     kind = "avg" if case[0].__name__.startswith("avg") else "max"
     assert set(launched) == {f"_{kind}_pool_fwd_cl_kernel", f"_{kind}_pool_bwd_cl_kernel"}, launched
     assert f"{kind}_pool_fwd" in asked and f"{kind}_pool_bwd" in asked
     launched.clear()
-    test_backend_matches_reference(backend, device, case, "contig", rng)
+    test_backend_matches_reference(backend, device, case, "contig", rng, dtypes)
     assert not any("_cl_" in k for k in launched), launched
 
 
@@ -1262,7 +1276,9 @@ def test_tiled_forms_split_planes_rows_and_channels(backend, device, form, case,
     try:
         assert kp.tile_config(7, 5, True)[1:3] == (2, 2) and kp.cl_tile_config(5, 3, True)[1:3] == (2, 2)
         asked, launched = _forcing(monkeypatch, form)
-        test_backend_matches_reference(backend, device, case, "contig" if form == "tile" else "channels_last", rng)
+        dtypes = _forced_dtypes(backend, device, _SPLIT_CASES.index(case) + (form == "cltile"))
+        test_backend_matches_reference(backend, device, case, "contig" if form == "tile" else "channels_last", rng,
+                                       dtypes)
         kind = "avg" if case[0].__name__.startswith("avg") else "max"
         sfx = "tile" if form == "tile" else "cl"
         assert set(launched) == {f"_{kind}_pool_fwd_{sfx}_kernel", f"_{kind}_pool_bwd_{sfx}_kernel"}, launched
@@ -1277,7 +1293,8 @@ def test_tiled_form_ties_and_nans_like_torch(backend, device, case, nans, rng, m
     """Ties keep the first position, the last NaN of a window wins, gradients exactly torch's,
     in the tiled kernels too."""
     asked, launched = _forcing(monkeypatch, "tile")
-    test_backend_ties_and_nans_like_torch(backend, device, case, nans, rng)
+    dtypes = _forced_dtypes(backend, device, MAXMIN_CASES.index(case) + bool(nans))
+    test_backend_ties_and_nans_like_torch(backend, device, case, nans, rng, dtypes)
     _tiled_ran(asked, launched, case[0])
 
 
