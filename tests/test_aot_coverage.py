@@ -6,8 +6,9 @@ actually make is in its family's ``aot_specs()``.
 step forward without b_hh was launched but missing from the list, so never compiled). Here each
 family's ops run on the triton backend under the interpreter -- its ``CHECK_CASES`` in float32,
 float16 and bfloat16 plus extra calls that reach the options the check cases miss -- while a
-recorder wrapped around every kernel's launch entry point (``kernel[grid](...)`` calls ``kernel.run(*args, grid=,
-warmup=, **kwargs)``, the public ``KernelInterface`` protocol of both the JIT and the interpreter)
+recorder wrapped around every kernel's launch entry point (``kernel[grid](...)`` calls
+``kernel.run(*args, grid=, warmup=, **kwargs)``, the public ``KernelInterface`` protocol of both
+the JIT and the interpreter)
 binds the arguments to the kernel's Python signature and notes: the kernel, every constexpr
 (defaults included), the element type of every pointer (tensor) argument, and num_warps /
 num_stages. Each launch must match one ``AotSpec`` of the family that defines the kernel.

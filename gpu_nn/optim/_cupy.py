@@ -12,8 +12,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .. import _backend
 from .._errors import KernelInputError
-from ._triton import Prepared, capturing, graph_keep, to_device_table
+from ._triton import Prepared, capturing, graph_keep
 
 CHUNK = 16384
 THREADS = 256
@@ -37,7 +38,7 @@ def _table(P, G, C, steps, device):
         cols.append(steps[i].data_ptr() if steps else 0)
         for start in range(0, n, CHUNK):
             rows.append(cols + [start, n])
-    out = (None, 0) if not rows else (to_device_table(torch.tensor(rows, dtype=torch.int64), device), len(rows))
+    out = (None, 0) if not rows else (_backend.to_device_async(torch.tensor(rows, dtype=torch.int64), device), len(rows))
     if capturing(device):
         return out
     if len(_TABLES) > 32:

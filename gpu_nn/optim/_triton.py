@@ -108,11 +108,6 @@ def graph_keep(table) -> None:
         _GRAPH_TABLES.append(table)
 
 
-# a host int64 table on a device without a host synchronisation, capturable (kept alive for good
-# when copied while a graph is captured)
-to_device_table = _backend.to_device_async
-
-
 def _table(params, grads, states, steps, flags, device, chunk):
     """(table on ``device``, n_chunks) for tensors of one part; cached by addresses."""
     pp = [p.data_ptr() for p in params]
@@ -143,7 +138,7 @@ def _table(params, grads, states, steps, flags, device, chunk):
     if not rows:
         out = (None, 0)
     else:
-        out = (to_device_table(torch.from_numpy(np.array(rows, dtype=np.int64)), device), len(rows))
+        out = (_backend.to_device_async(torch.from_numpy(np.array(rows, dtype=np.int64)), device), len(rows))
     if capturing(device):
         return out
     if len(_TABLES) >= _MAX_TABLES:

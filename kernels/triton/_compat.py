@@ -62,8 +62,8 @@ def exact_fma(x, y, z):
 
     float32: the product of two float32 values is exact in float64 (24 + 24 bits); their sum
     with ``z`` is taken in float64 rounded to odd (:func:`_add_round_to_odd`), and rounding a
-    round-to-odd float64 to float32 is the correctly rounded result (53 >= 24 + 2 bits). Infinities and NaN follow the
-    float64 sum. Other dtypes as Triton 3.9's interpreter takes them: product and sum in float64,
+    round-to-odd float64 to float32 is the correctly rounded result (53 >= 24 + 2 bits).
+    Infinities and NaN follow the float64 sum. Other dtypes as Triton 3.9's interpreter takes them: product and sum in float64,
     then the dtype (float16 exact; float64 rounded twice, where no float128 is at hand)."""
     a, b, c = np.broadcast_arrays(np.asarray(x), np.asarray(y), np.asarray(z))
     dtype = np.asarray(z).dtype
@@ -153,12 +153,6 @@ def float_to_bf16(values) -> np.ndarray:
     return out.reshape(v.shape)
 
 
-def _is_bf16(handle) -> bool:
-    import triton.language as tl
-
-    return getattr(handle.dtype, "scalar", handle.dtype) == tl.bfloat16
-
-
 def _install_interpreter_bf16_fix() -> None:
     from triton.runtime import interpreter
 
@@ -167,6 +161,10 @@ def _install_interpreter_bf16_fix() -> None:
     B = interpreter.InterpreterBuilder
     TensorHandle = interpreter.TensorHandle
     bitwise = {np.bitwise_and, np.bitwise_or, np.bitwise_xor, np.left_shift, np.right_shift}
+    bf16 = tl.bfloat16
+
+    def _is_bf16(handle) -> bool:  # on every interpreted operation: no import, no module lookup
+        return getattr(handle.dtype, "scalar", handle.dtype) == bf16
 
     def values(h):
         return bf16_to_float32(h.data) if _is_bf16(h) else h.data
@@ -178,15 +176,15 @@ def _install_interpreter_bf16_fix() -> None:
 
     def cast(self, src, dst_type):
         dst = dst_type.scalar
-        if dst == tl.bfloat16 and not _is_bf16(src):
+        if dst == bf16 and not _is_bf16(src):
             return TensorHandle(float_to_bf16(src.data), dst)
-        if _is_bf16(src) and dst != tl.bfloat16:
+        if _is_bf16(src) and dst != bf16:
             return cast_impl(self, TensorHandle(bf16_to_float32(src.data), tl.float32), dst_type)
         return cast_impl(self, src, dst_type)
 
     def cast_fp_to_fp(self, src, dst_type, rounding_mode):
         fp8 = 8 in (src.dtype.scalar.primitive_bitwidth, dst_type.scalar.primitive_bitwidth)  # Triton's own, right
-        if not fp8 and (_is_bf16(src) or dst_type.scalar == tl.bfloat16):
+        if not fp8 and (_is_bf16(src) or dst_type.scalar == bf16):
             if rounding_mode is not None and rounding_mode != interpreter._ir.ROUNDING_MODE.RTNE:
                 return fp_to_fp(self, src, dst_type, rounding_mode)
             return cast(self, src, dst_type)
@@ -246,16 +244,19 @@ def _install_interpreter_bf16_fix() -> None:
 
     reduce_min_max, reduce_sum = interpreter.ReduceOps.min_max, interpreter.ReduceOps.sum
 
+    def retyped(t, data, dtype):
+        """``t`` holding ``data`` of element type ``dtype`` (its shape kept)."""
+        return tl.core.tensor(TensorHandle(data, dtype), t.type.with_element_ty(dtype) if t.type.is_block() else dtype)
+
     def as_float32(t):
-        return tl.core.tensor(TensorHandle(bf16_to_float32(t.handle.data), tl.float32), t.type.with_element_ty(tl.float32) if t.type.is_block() else tl.float32)
+        return retyped(t, bf16_to_float32(t.handle.data), tl.float32)
 
     def back_to_bf16(t):
-        data = float_to_bf16(t.handle.data)
-        return tl.core.tensor(TensorHandle(data, tl.bfloat16), t.type.with_element_ty(tl.bfloat16) if t.type.is_block() else tl.bfloat16)
+        return retyped(t, float_to_bf16(t.handle.data), bf16)
 
     def min_max(self, input, val_reduce_op, idx_reduce_op=None):
         x = input[0] if isinstance(input, tuple) else input
-        if x.dtype != tl.bfloat16:
+        if x.dtype != bf16:
             return reduce_min_max(self, input, val_reduce_op, idx_reduce_op)
         out = reduce_min_max(self, as_float32(x), val_reduce_op, idx_reduce_op)
         if val_reduce_op is None:
@@ -267,7 +268,7 @@ def _install_interpreter_bf16_fix() -> None:
     def total(self, input):
         # a bfloat16 sum rounds every partial sum to bfloat16 on the GPU as well: combined one
         # element at a time through the (patched) additions, not in float32 and rounded once
-        if input.dtype != tl.bfloat16:
+        if input.dtype != bf16:
             return reduce_sum(self, input)
         return self.generic_reduce((input,))[0]
 
@@ -277,10 +278,10 @@ def _install_interpreter_bf16_fix() -> None:
     scan_sum, scan_prod = interpreter.ScanOps.cumsum, interpreter.ScanOps.cumprod
 
     def cumsum(self, input):
-        return self.generic_scan((input,)) if input.dtype == tl.bfloat16 else scan_sum(self, input)
+        return self.generic_scan((input,)) if input.dtype == bf16 else scan_sum(self, input)
 
     def cumprod(self, input):
-        return self.generic_scan((input,)) if input.dtype == tl.bfloat16 else scan_prod(self, input)
+        return self.generic_scan((input,)) if input.dtype == bf16 else scan_prod(self, input)
 
     interpreter.ScanOps.cumsum = cumsum
     interpreter.ScanOps.cumprod = cumprod
