@@ -9,6 +9,8 @@ C=128 L=202 k=3, in float32 and bfloat16, ``triton`` against ``torch`` (cuDNN); 
 the forward's 2*N*O*prod(out)*C/groups*prod(k) (x3 for forward+backward). Each conv2d GPU case
 also runs in channels_last (input and weight; torch in channels_last too), and the 3x3 28x28 stage
 runs as conv + bias + ReLU (ours fused into one launch, torch's conv then relu), in both layouts.
+The seed-sized CNN block of issue 15's goals (N=128, 1 -> 32 -> 64 channels, 28x28, 3x3 'same',
+bias + ReLU, forward and backward) is a GPU case of its own, in --quick too.
 """
 
 from __future__ import annotations
@@ -112,6 +114,76 @@ GPU_SHAPES = [
 ]
 
 
+# issue 15's small-model goal: the seed-sized CNN block, two 3x3 'same' convolutions with bias and
+# ReLU, 1 -> 32 -> 64 channels at 28x28, batch 128, trained (forward and backward)
+BLOCK_SHAPE = "N=128 C=1->32->64 28x28 3x3 same +bias+relu"
+BLOCK = dict(n=128, c=(1, 32, 64), spatial=(28, 28), k=(3, 3))
+
+
+def block_case(device, dtype, providers=("torch", "triton"), n=None) -> harness.Case:
+    """The seed-sized CNN block fwd+bwd: x (a model's input, no gradient) through conv(1->32) +
+    bias + ReLU and conv(32->64) + bias + ReLU, then the gradients of both weights and biases
+    for a given output gradient. Ours fuses bias + ReLU into each convolution (one launch per
+    layer forward); torch runs each convolution (bias included) then ``relu``, as a user's
+    ``nn.Sequential(Conv2d, ReLU, Conv2d, ReLU)`` does. ``n`` overrides the batch (tests)."""
+    n = BLOCK["n"] if n is None else n
+    c0, c1, c2 = BLOCK["c"]
+    hw, k = BLOCK["spatial"], BLOCK["k"]
+
+    def make():
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        x = torch.randn(n, c0, *hw, generator=gen).to(device=device, dtype=dtype)
+        params = []
+        for ci, co in ((c0, c1), (c1, c2)):
+            w = torch.randn(co, ci, *k, generator=gen) / math.sqrt(ci * math.prod(k))
+            b = torch.randn(co, generator=gen) * 0.1
+            params += [t.to(device=device, dtype=dtype).requires_grad_() for t in (w, b)]
+        return x, params
+
+    def setup_for(backend):
+        def setup():
+            nxt = harness.rotating(make)
+            g = None
+
+            def forward(x, w1, b1, w2, b2):
+                if backend is None:
+                    h = torch.relu(TF.conv2d(x, w1, b1, padding="same"))
+                    return torch.relu(TF.conv2d(h, w2, b2, padding="same"))
+                h = F.conv2d(x, w1, b1, padding="same", activation="relu")
+                return F.conv2d(h, w2, b2, padding="same", activation="relu")
+
+            def run():
+                nonlocal g
+                x, params = nxt()
+                if backend is None:
+                    y = forward(x, *params)
+                    g = torch.randn_like(y) if g is None else g
+                    torch.autograd.grad(y, params, g)
+                else:
+                    with gpu_nn.backend(backend):
+                        y = forward(x, *params)
+                        g = torch.randn_like(y) if g is None else g
+                        torch.autograd.grad(y, params, g)
+                return y
+
+            return run
+
+        return setup
+
+    provs = {"torch": setup_for(None)}
+    for p in providers:
+        if p != "torch":
+            provs[p] = setup_for(p)
+    # forward 2*N*O*HW*C*9 per layer; backward: both weight gradients, and the input gradient of
+    # the second layer only (x needs none): 3x the second layer's, 2x the first's
+    f1 = 2.0 * n * c1 * math.prod(hw) * c0 * math.prod(k)
+    f2 = 2.0 * n * c2 * math.prod(hw) * c1 * math.prod(k)
+    dt = str(dtype).replace("torch.", "")
+    return harness.Case(family="conv", name=f"conv2d cnn block fwd+bwd {dt}", shape=BLOCK_SHAPE if n == BLOCK["n"]
+                        else BLOCK_SHAPE.replace("N=128", f"N={n}"), providers=provs, device=device,
+                        flops=2 * f1 + 3 * f2)
+
+
 def cases(device: str = "cpu", quick: bool = False) -> list[harness.Case]:
     if device == "cpu":
         return [
@@ -133,6 +205,9 @@ def cases(device: str = "cpu", quick: bool = False) -> list[harness.Case]:
         name, shape, kw = shapes[1]
         for cl in (False, True):
             out.append(_case(name, shape, device, dtype, backward=False, providers=gpu, channels_last=cl, relu=True, **kw))
+        # a goal case of its own (issue 15), so --quick runs it too: the only end-to-end
+        # forward+backward of the quick set
+        out.append(block_case(device, dtype, providers=gpu))
     return out
 
 

@@ -487,3 +487,42 @@ def test_bench_table_prints_error_messages_as_text(capsys):
              "errors": {"triton": "bad size [1, 2] [/x]"}, "flops": None, "bytes": None, "ratio": {}}]
     harness.print_table(rows)
     assert "bad size [1, 2] [/x]" in capsys.readouterr().out
+
+
+def test_cnn_block_case_computes_the_same_block_as_torch():
+    """bench_conv's seed-sized CNN block (issue 15's goal case) runs ours and torch on the same
+    block: on the CPU at batch 2, the provider's output and the gradients it asks for match
+    torch's (ours fused: bias + ReLU in each convolution; through the reference here, the
+    Triton kernels being checked against it elsewhere), and the case is in the GPU list with
+    its flop count."""
+    import torch
+
+    from gpu_nn.benchmarks import bench_conv
+
+    backend = "reference"
+
+    case = bench_conv.block_case("cpu", torch.float32, providers=("torch", backend), n=2)
+    grads = {}
+    real = torch.autograd.grad
+
+    def keep(outputs, inputs, grad_outputs):
+        got = real(outputs, inputs, grad_outputs)
+        grads.setdefault(name, []).append(got)
+        return got
+
+    outs = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.autograd, "grad", keep)
+        for name in ("torch", backend):
+            torch.manual_seed(0)  # the same output gradient for both (each provider draws its own)
+            outs[name] = case.providers[name]()()
+    assert outs[backend].shape == (2, 64, 28, 28) and outs["torch"].min() == 0
+    torch.testing.assert_close(outs[backend], outs["torch"], rtol=1e-4, atol=1e-5)
+    (ours,), (theirs,) = grads[backend], grads["torch"]
+    assert len(ours) == len(theirs) == 4
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    gpu = [c for c in bench_conv.cases("cuda", quick=True) if "cnn block" in c.name]
+    assert [c.name for c in gpu] == ["conv2d cnn block fwd+bwd float32", "conv2d cnn block fwd+bwd bfloat16"]
+    assert gpu[0].shape == bench_conv.BLOCK_SHAPE and gpu[0].flops == pytest.approx(
+        2 * (2 * 128 * 32 * 784 * 9) + 3 * (2 * 128 * 64 * 784 * 32 * 9))
