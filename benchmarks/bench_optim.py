@@ -7,7 +7,9 @@ GPU set (issue 7): Adam, AdamW and RMSprop over 10.5M and 124M float32 parameter
 tensors of mixed sizes, and over bf16 parameters with float32 state; GB/s against the bytes a
 step must move (Adam fp32: p, g, m, v read + p, m, v written = 28 B/param; RMSprop fp32: 20;
 bf16 params: 2+2 B for p/g reads, 2 B p write); providers triton and cupy against torch
-``fused=True`` (baseline) and ``foreach=True``.
+``fused=True`` (baseline) and ``foreach=True``. SGD with momentum, Adagrad and Adadelta at the same
+sizes against torch ``fused=True`` where torch has it for that device and dtype (probed: one step),
+else against ``foreach=True`` (the case's shape says which).
 """
 
 from __future__ import annotations
@@ -59,8 +61,33 @@ def _setup(cls, sizes, dtype, device, backend=None, **kw):
     return setup
 
 
+def _others():
+    """(name, torch class, our class, float32 state tensors per parameter, keyword arguments)
+    of the optimizers beside Adam / AdamW / RMSprop."""
+    import gpu_nn.optim as go
+
+    return (("sgd momentum", torch.optim.SGD, go.SGD, 1, {"lr": 1e-3, "momentum": 0.9}),
+            ("adagrad", torch.optim.Adagrad, go.Adagrad, 1, {"lr": 1e-2}),
+            ("adadelta", torch.optim.Adadelta, go.Adadelta, 2, {}))
+
+
+def fused_on(cls, device: str, dtype) -> bool:
+    """Whether torch's ``cls`` takes ``fused=True`` for ``dtype`` parameters on ``device`` (a
+    constructor without the argument, or a device or dtype its fused kernels lack, says no):
+    one step on a one-element parameter."""
+    try:
+        p = torch.nn.Parameter(torch.zeros(1, device=device, dtype=dtype))
+        p.grad = torch.ones_like(p)
+        cls([p], fused=True).step()
+    except (TypeError, RuntimeError, ValueError, AssertionError):
+        return False
+    return True
+
+
 def cases(device: str, quick: bool) -> list[harness.Case]:
     import gpu_nn.optim as go
+
+    OTHERS = _others()
 
     out = []
     if device == "cpu":
@@ -90,6 +117,21 @@ def cases(device: str, quick: bool) -> list[harness.Case]:
                     providers.pop("torch_foreach")  # torch has no fused RMSprop: foreach is the baseline
                 out.append(harness.Case("optim", f"{name} step", f"{len(sizes)} tensors, {total / 1e6:.1f}M {label}",
                                         device="cuda", bytes=bytes_, providers=providers))
+            # the other optimizers of ours (issue 14's goal: <= 1.0x torch fused=True where torch
+            # has one on this device, else <= 0.8x foreach): SGD with momentum, Adagrad, Adadelta
+            for name, tcls, ocls, state, kw in OTHERS:
+                bytes_ = total * (3 * pb + 2 * 4 * state)
+                fused = fused_on(tcls, device, dtype)
+                providers = {
+                    "torch": _setup(tcls, sizes, dtype, "cuda", **kw, **({"fused": True} if fused else {"foreach": True})),
+                    "triton": _setup(ocls, sizes, dtype, "cuda", backend="triton", **kw),
+                    "cupy": _setup(ocls, sizes, dtype, "cuda", backend="cupy", **kw),
+                }
+                if fused:
+                    providers["torch_foreach"] = _setup(tcls, sizes, dtype, "cuda", foreach=True, **kw)
+                out.append(harness.Case("optim", f"{name} step", f"{len(sizes)} tensors, {total / 1e6:.1f}M {label}, "
+                                        f"vs torch {'fused' if fused else 'foreach'}", device="cuda", bytes=bytes_,
+                                        providers=providers))
         out.append(harness.Case(
             "optim", "copy (bandwidth ceiling)", f"{total / 1e6:.1f}M fp32 x 7 arrays", device="cuda", bytes=28 * total,
             providers={"torch": lambda total=total: _copy_setup(total)}))

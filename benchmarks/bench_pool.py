@@ -7,6 +7,7 @@ GPU (issue 5): max_pool2d 3x3/2 (padding 1, ResNet's stem pool) on 32x64x112x112
 (cuDNN/ATen) against our Triton and CUDA C kernels, forward for inference (no indices wanted:
 ours writes the values alone, torch's CUDA kernel its indices as well), forward (values + int64
 indices, as a training forward writes them) and forward+backward, the latter also in channels_last (float32);
+avg_pool2d 3x3/2 (padding 1, counted) forward and forward+backward on the same tensors;
 GB/s against the bytes each call must move,
 plus a torch copy of the same tensor as the measured copy bandwidth ("% of copy" = pool GB/s /
 copy GB/s).
@@ -119,6 +120,18 @@ def cases(device: str, quick: bool) -> list[harness.Case]:
             {"torch": _fwd_bwd(TF.max_pool2d, None, make), "triton": _fwd_bwd(F.max_pool2d, "triton", make),
              "cupy": _fwd_bwd(F.max_pool2d, "cupy", make)},
             device=device, bytes=n_in * es + n_out * (es + 8) + n_out * (es + 8) + n_in * es))
+        # average pooling (issue 14's goal names max and avg): the same window, padding counted
+        # (torch's default); no indices, so the backward reads g alone
+        out.append(harness.Case(
+            "pool", "avg_pool2d 3x3/2 p1 fwd", tag,
+            {"torch": _fwd(TF.avg_pool2d, None, make, False), "triton": _fwd(F.avg_pool2d, "triton", make, False),
+             "cupy": _fwd(F.avg_pool2d, "cupy", make, False)},
+            device=device, bytes=n_in * es + n_out * es))
+        out.append(harness.Case(
+            "pool", "avg_pool2d 3x3/2 p1 fwd+bwd", tag,
+            {"torch": _fwd_bwd(TF.avg_pool2d, None, make), "triton": _fwd_bwd(F.avg_pool2d, "triton", make),
+             "cupy": _fwd_bwd(F.avg_pool2d, "cupy", make)},
+            device=device, bytes=2 * (n_in * es + n_out * es)))
         if dtype == torch.float32:
             # channels_last in and out, as a channels_last network pools (torch keeps the layout;
             # ours writes it directly, the CUDA C kernels since pool.cu's POOL_CL)

@@ -5,7 +5,8 @@ CPU set (device "cpu"): T=50 B=32 I=128 H=256, float32, the NumPy reference fall
 GPU set (device "cuda", issues 6 and 16), float32 and bfloat16, torch's default precision switches
 (float32 recurrent layers in TF32 on both sides, ``torch.backends.cudnn.allow_tf32``):
 LSTM, GRU and RNN (tanh) T=100 N=64 I=H=512 forward and forward+backward; small batch N=4 and 16,
-T=50, at H=256 / 512 / 1024 (``--quick``: 512) forward, and the LSTM forward+backward at H=512;
+T=50, at H=256 / 512 / 1024 (``--quick`` and the Elman layer: 512) forward, and forward+backward at
+H=512 (all three, issue 16's small-batch goals);
 a 2-layer bidirectional LSTM N=32 T=100 I=H=256 forward+backward; a bidirectional LSTM N=4 T=50
 I=H=512 forward; the demo's models (LSTM and GRU, T=8 N=32 I=8 H=32, two bidirectional layers,
 float32) forward+backward; a packed LSTM N=64 T=100 I=H=512 forward+backward (lengths T down to T / 10,
@@ -207,13 +208,14 @@ def cases(device: str = "cpu", quick: bool = False) -> list[harness.Case]:
                 # (cupy-mma on the LSTM only: the GPU run's bench step has a time limit)
                 ps = _mma(provs) if mode == "lstm" else provs
                 out.append(_case(mode, 100, 64, 512, 512, dtype, device, backward, ps))
-            if mode == "rnn":
-                continue
             for N in (4, 16):
-                for H in ((512,) if quick else (256, 512, 1024)):
+                # the Elman layer at H=512 only: issue 16's small-batch goals name all three modes
+                for H in ((512,) if quick or mode == "rnn" else (256, 512, 1024)):
                     out.append(_case(mode, 50, N, H, H, dtype, device, False, _small_providers()))
-        for N in (4, 16):  # fwd+bwd at small batch: per step, persistent forward and backward, cupy
-            out.append(_case("lstm", 50, N, 512, 512, dtype, device, True, _mma(_layer_providers())))
+        for mode in ("lstm", "gru", "rnn"):
+            for N in (4, 16):  # fwd+bwd at small batch: per step, persistent forward and backward, cupy
+                ps = _layer_providers()
+                out.append(_case(mode, 50, N, 512, 512, dtype, device, True, _mma(ps) if mode == "lstm" else ps))
         # issue 16's stack; triton-persistent: both directions' loops, forward and backward, one
         # persistent launch per layer each (B = 32: two batch tiles)
         out.append(_case("lstm", 100, 32, 256, 256, dtype, device, True, _mma(_bi(_layer_providers())), L=2,

@@ -526,3 +526,56 @@ def test_cnn_block_case_computes_the_same_block_as_torch():
     assert [c.name for c in gpu] == ["conv2d cnn block fwd+bwd float32", "conv2d cnn block fwd+bwd bfloat16"]
     assert gpu[0].shape == bench_conv.BLOCK_SHAPE and gpu[0].flops == pytest.approx(
         2 * (2 * 128 * 32 * 784 * 9) + 3 * (2 * 128 * 64 * 784 * 32 * 9))
+
+
+def test_pool_gpu_cases_time_avg_pooling_too(monkeypatch):
+    """bench_pool's GPU list times average pooling (issue 14's goal names max and avg pooling)
+    forward and forward+backward in each dtype, for torch, triton and cupy; the providers run
+    (here on tiny CPU tensors, triton under the interpreter) and call each pool with the same
+    window."""
+    import torch
+
+    from gpu_nn.benchmarks import bench_pool
+
+    real = bench_pool._inputs
+    monkeypatch.setattr(bench_pool, "_inputs", lambda shape, device, dtype, padding=1, channels_last=False:
+                        real((1, 2, 7, 6), "cpu", torch.float32, padding, channels_last))
+    seen = []
+    torch_avg = torch.nn.functional.avg_pool2d
+    monkeypatch.setattr(torch.nn.functional, "avg_pool2d", lambda *a, **k: seen.append(a[1:]) or torch_avg(*a, **k))
+    for quick, dtypes in ((True, 1), (False, 2)):
+        avg = [c for c in bench_pool.cases("cuda", quick) if c.name.startswith("avg_pool2d")]
+        assert sorted(c.name for c in avg) == sorted(["avg_pool2d 3x3/2 p1 fwd", "avg_pool2d 3x3/2 p1 fwd+bwd"] * dtypes)
+        assert all(set(c.providers) == {"torch", "triton", "cupy"} and c.bytes > 0 for c in avg)
+    for case in avg[:2]:
+        for name in ("torch", "triton"):
+            case.providers[name]()()
+    assert seen == [(3, 2, 1)] * 2  # torch's forward, then its forward+backward
+
+
+def test_optim_gpu_cases_time_every_optimizer(monkeypatch):
+    """bench_optim's GPU list times every optimizer of ours (issue 14's goal covers every step):
+    SGD with momentum, Adagrad and Adadelta beside Adam / AdamW / RMSprop, each against torch
+    fused=True where the probe finds it for the device and dtype, else foreach (the shape says
+    which); the torch and triton providers step (here on tiny CPU parameters, triton under the
+    interpreter) with the same hyperparameters."""
+    import torch
+
+    from gpu_nn.benchmarks import bench_optim
+
+    assert bench_optim.fused_on(torch.optim.SGD, "cpu", torch.float32)
+    assert not bench_optim.fused_on(torch.optim.Adadelta, "cpu", torch.float32)  # no fused argument
+    assert not bench_optim.fused_on(torch.optim.SGD, "meta", torch.float32)  # no fused kernel there
+    real = bench_optim._params
+    monkeypatch.setattr(bench_optim, "_params", lambda sizes, dtype, device, seed=0: real([5, 3], dtype, "cpu", seed))
+    monkeypatch.setattr(bench_optim, "fused_on", lambda cls, device, dtype: cls is torch.optim.SGD)
+    cases = bench_optim.cases("cuda", quick=True)
+    names = [c.name for c in cases]
+    for name in ("adam", "adamw", "rmsprop", "sgd momentum", "adagrad", "adadelta"):
+        assert names.count(f"{name} step") == 2  # float32 and bfloat16 parameters
+    others = [c for c in cases if c.name in ("sgd momentum step", "adagrad step", "adadelta step")]
+    assert all(c.shape.endswith("vs torch fused" if c.name.startswith("sgd") else "vs torch foreach") for c in others)
+    assert all(("torch_foreach" in c.providers) == c.name.startswith("sgd") for c in others)
+    for case in others[:3]:
+        for name in ("torch", "triton"):
+            case.providers[name]()()
