@@ -4,7 +4,8 @@ CPU (2-core machine): linear forward+backward at N=256 1024->1024 and cross_entr
 forward+backward at N=512 C=1000, the reference fallback (through ``gpu_nn.functional`` with
 the reference backend) against torch CPU, float32.
 
-GPU: linear forward and forward+backward at 8192x4096 -> 4096 in float32 and bfloat16 (TFLOP/s
+GPU: linear forward and forward+backward at 8192x4096 -> 4096 in float32 (torch's default, and
+with ``torch.backends.cuda.matmul.allow_tf32`` on: "fp32 tf32") and bfloat16 (TFLOP/s
 against 2 M N K per product: 1 product forward, 3 forward+backward), softmax forward and
 cross_entropy forward+backward on 32768 x 32000 logits in bfloat16 and on a float32 segmentation
 map 16x21x256x256 (classes along dim 1) (GB/s against the bytes each call must move at least),
@@ -28,7 +29,23 @@ def _run(fn, backend):
         return fn()
 
 
-def _linear_setup(make, lin, backend, backward):
+class _matmul_tf32:
+    """``torch.backends.cuda.matmul.allow_tf32`` set to ``flag`` while a call runs (None: left as
+    it is), restored after it: both sides of a case read the same switch (ours obeys torch's)."""
+
+    def __init__(self, flag):
+        self.flag = flag
+
+    def __enter__(self):
+        self.old = torch.backends.cuda.matmul.allow_tf32
+        if self.flag is not None:
+            torch.backends.cuda.matmul.allow_tf32 = self.flag
+
+    def __exit__(self, *exc):
+        torch.backends.cuda.matmul.allow_tf32 = self.old
+
+
+def _linear_setup(make, lin, backend, backward, tf32=None):
     def setup():
         nxt = harness.rotating(make)
 
@@ -41,7 +58,8 @@ def _linear_setup(make, lin, backend, backward):
                 y = lin(x, w, b)
                 if backward:
                     y.backward(g)
-            _run(body, backend)
+            with _matmul_tf32(tf32):
+                _run(body, backend)
         return run
     return setup
 
@@ -112,12 +130,15 @@ def cases(device: str, quick: bool) -> list[harness.Case]:
         ]
     out = []
     M, K, N = 8192, 4096, 4096
-    for dtype, tag in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+    # float32 under torch's default (no TF32 for matmuls) and with TF32 allowed (issue 15: at most
+    # 1.1x torch under each setting), then bfloat16
+    for dtype, tag, tf32 in ((torch.float32, "fp32", None), (torch.float32, "fp32 tf32", True),
+                             (torch.bfloat16, "bf16", None)):
         lin = _linear_inputs(M, K, N, device, dtype)
         for backward in (False, True):
             out.append(harness.Case("dense", "linear " + ("fwd+bwd" if backward else "fwd"), f"{M}x{K}->{N} {tag}", {
-                "torch": _linear_setup(lin, TF.linear, None, backward),
-                "triton": _linear_setup(lin, F.linear, "triton", backward),
+                "torch": _linear_setup(lin, TF.linear, None, backward, tf32),
+                "triton": _linear_setup(lin, F.linear, "triton", backward, tf32),
             }, device=device, flops=(3 if backward else 1) * 2 * M * K * N))
     R, C = (8192, 32000) if quick else (32768, 32000)
     el = 2  # bf16 bytes

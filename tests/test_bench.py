@@ -579,3 +579,33 @@ def test_optim_gpu_cases_time_every_optimizer(monkeypatch):
     for case in others[:3]:
         for name in ("torch", "triton"):
             case.providers[name]()()
+
+
+def test_dense_gpu_cases_time_float32_linear_under_both_tf32_settings(monkeypatch):
+    """bench_dense times float32 linear under torch's default (no TF32 for matmuls) and with
+    torch.backends.cuda.matmul.allow_tf32 on (issue 15: each setting), both providers reading
+    the switch inside the timed call, which leaves it as it was."""
+    import torch
+
+    from gpu_nn.benchmarks import bench_dense
+
+    real = bench_dense._linear_inputs
+    monkeypatch.setattr(bench_dense, "_linear_inputs", lambda M, K, N, device, dtype: real(3, 5, 4, "cpu", dtype))
+    seen = []
+    real_linear = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear",
+                        lambda *a: seen.append(torch.backends.cuda.matmul.allow_tf32) or real_linear(*a))
+    cases = [c for c in bench_dense.cases("cuda", quick=True) if c.name.startswith("linear")]
+    assert [c.shape.split(" ", 1)[1] for c in cases] == ["fp32", "fp32", "fp32 tf32", "fp32 tf32", "bf16", "bf16"]
+    before = torch.backends.cuda.matmul.allow_tf32
+    for case in cases[:4]:
+        case.providers["torch"]()()
+    assert seen == [before, before, True, True] and torch.backends.cuda.matmul.allow_tf32 == before
+    from gpu_nn.ops import dense as ops
+
+    ours = []
+    real_allowed = ops._tf32_allowed
+    monkeypatch.setattr(ops, "_tf32_allowed", lambda: ours.append(real_allowed()) or ours[-1])
+    for case in (cases[0], cases[2]):
+        case.providers["triton"]()()  # (under the interpreter here)
+    assert ours == [before, True] and torch.backends.cuda.matmul.allow_tf32 == before
