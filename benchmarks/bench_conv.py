@@ -10,7 +10,8 @@ the forward's 2*N*O*prod(out)*C/groups*prod(k) (x3 for forward+backward). Each c
 also runs in channels_last (input and weight; torch in channels_last too), and the 3x3 28x28 stage
 runs as conv + bias + ReLU (ours fused into one launch, torch's conv then relu), in both layouts.
 The seed-sized CNN block of issue 15's goals (N=128, 1 -> 32 -> 64 channels, 28x28, 3x3 'same',
-bias + ReLU, forward and backward) is a GPU case of its own, in --quick too.
+bias + ReLU, forward and backward) is a GPU case of its own, in --quick too; --quick times the other
+cases forward only, but for the 56x56 3x3 stage forward+backward in both layouts.
 """
 
 from __future__ import annotations
@@ -205,8 +206,13 @@ def cases(device: str = "cpu", quick: bool = False) -> list[harness.Case]:
         name, shape, kw = shapes[1]
         for cl in (False, True):
             out.append(_case(name, shape, device, dtype, backward=False, providers=gpu, channels_last=cl, relu=True, **kw))
-        # a goal case of its own (issue 15), so --quick runs it too: the only end-to-end
-        # forward+backward of the quick set
+        if quick:
+            # --quick's forward+backward of a ResNet stage (issue 15's fwd+bwd goal; the full set
+            # runs every shape both ways): the 56x56 3x3 stage, both layouts
+            name, shape, kw = shapes[0]
+            for cl in (False, True):
+                out.append(_case(name, shape, device, dtype, backward=True, providers=gpu, channels_last=cl, **kw))
+        # a goal case of its own (issue 15), in --quick too
         out.append(block_case(device, dtype, providers=gpu))
     return out
 

@@ -522,8 +522,12 @@ def test_cnn_block_case_computes_the_same_block_as_torch():
     assert len(ours) == len(theirs) == 4
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
-    gpu = [c for c in bench_conv.cases("cuda", quick=True) if "cnn block" in c.name]
+    quick = bench_conv.cases("cuda", quick=True)
+    gpu = [c for c in quick if "cnn block" in c.name]
     assert [c.name for c in gpu] == ["conv2d cnn block fwd+bwd float32", "conv2d cnn block fwd+bwd bfloat16"]
+    # --quick's other forward+backward cases: the 56x56 stage, both layouts, both dtypes
+    assert sorted(c.name for c in quick if "bwd" in c.name and c not in gpu) == sorted(
+        f"conv2d 3x3{cl} fwd+bwd {dt}" for cl in ("", " channels_last") for dt in ("float32", "bfloat16"))
     assert gpu[0].shape == bench_conv.BLOCK_SHAPE and gpu[0].flops == pytest.approx(
         2 * (2 * 128 * 32 * 784 * 9) + 3 * (2 * 128 * 64 * 784 * 32 * 9))
 
