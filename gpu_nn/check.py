@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import _backend
+from . import _backend, _precision
 
 FAMILY_MODULES = (
     "gpu_nn.ops.activation",
@@ -249,16 +249,13 @@ def run_job(index: int, job: tuple, seed: int = 0) -> dict:
     # float32 rows check the exact float32 path against TOL[float32]: TF32 (torch's default for
     # convolutions and recurrent layers, through cudnn.allow_tf32) has a 10-bit mantissa, and
     # its error bound is the tests' business (test_conv / test_rnn ``tf32`` tests)
-    flags = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        err = case.run(backend, device, dtype, rng) if case.run else generic_error(case, backend, device, dtype, rng)
-        ok = bool(err <= tol)
-        msg = ""
-    except Exception as exc:  # a crash is a failure, reported in the table
-        err, ok, msg = float("nan"), False, f"{type(exc).__name__}: {exc}"
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
+    with _precision.exact_float32():
+        try:
+            err = case.run(backend, device, dtype, rng) if case.run else generic_error(case, backend, device, dtype, rng)
+            ok = bool(err <= tol)
+            msg = ""
+        except Exception as exc:  # a crash is a failure, reported in the table
+            err, ok, msg = float("nan"), False, f"{type(exc).__name__}: {exc}"
     return {
         "family": fam, "op": case.op, "backend": backend, "device": device,
         "dtype": str(dtype).replace("torch.", ""), "max_rel_err": err, "tol": tol,

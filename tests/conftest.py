@@ -17,18 +17,17 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 import pytest  # noqa: E402
 
 import gpu_nn  # noqa: E402,F401  (imports kernels after the variables above are set)
+from gpu_nn import _precision  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
 def _exact_float32():
-    """Every test starts with TF32 off for both of torch's switches (torch's defaults are matmul
-    off, cuDNN on), so float32 checks on a GPU hold our float32 tolerances; the tests of the TF32
-    path switch it on themselves and derive their bound from TF32's precision. The flags are put
-    back afterwards."""
-    flags = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
+    """Every test starts with TF32 off for matmul, convolutions and recurrent layers (torch's
+    defaults are matmul off, cuDNN on), so float32 checks on a GPU hold our float32 tolerances;
+    the tests of the TF32 path switch it on themselves and derive their bound from TF32's
+    precision. Put back afterwards (gpu_nn._precision.exact_float32: either of torch's APIs)."""
+    with _precision.exact_float32():
+        yield
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend
+from .._precision import tf32 as _tf32
 from .._errors import KernelInputError, KernelInputTypeError
 from ..check import CheckCase
 from ..reference import conv as ref
@@ -499,13 +500,14 @@ def _as4d(t: Tensor) -> Tensor:
 
 def _precision(dtype: torch.dtype) -> str:
     """tl.dot input precision for float32: 'tf32' when torch allows TF32 for its own
-    convolutions (``torch.backends.cudnn.allow_tf32``, on by default; the matmul flag and
-    ``torch.set_float32_matmul_precision`` are linear's, not conv's), else 'ieee'. Decided here,
-    per call, and passed to the kernels as a constexpr. Meaningless under the interpreter, so
-    'ieee' there."""
+    convolutions (``torch.backends.cudnn.allow_tf32``, on by default, or the per-operation
+    ``torch.backends.cudnn.conv.fp32_precision``; :func:`gpu_nn._precision.tf32`; the matmul flag
+    and ``torch.set_float32_matmul_precision`` are linear's, not conv's), else 'ieee'. Decided
+    here, per call, and passed to the kernels as a constexpr. Meaningless under the interpreter,
+    so 'ieee' there."""
     if dtype != torch.float32:
         return "ieee"
-    return "tf32" if torch.backends.cudnn.allow_tf32 and torch.cuda.is_available() else "ieee"
+    return "tf32" if _tf32("conv") and torch.cuda.is_available() else "ieee"
 
 
 # ----------------------------------------------------------------------------- custom ops

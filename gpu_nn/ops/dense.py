@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .. import _backend
+from .. import _backend, _precision
 from .._errors import KernelInputError, KernelInputIndexError, KernelInputTypeError
 from ..check import CheckCase
 from ..reference import dense as ref
@@ -96,14 +96,11 @@ def flatten(input: Tensor, start_dim: int = 0, end_dim: int = -1) -> Tensor:
 # =========================================================================== linear
 
 
-# what torch.backends.cuda.matmul.allow_tf32 reads, without that attribute's __getattr__ chain
-_get_allow_tf32 = getattr(torch._C, "_get_cublas_allow_tf32", None)
-
-
 def _tf32_allowed() -> bool:
-    if _get_allow_tf32 is not None:
-        return bool(_get_allow_tf32())
-    return bool(torch.backends.cuda.matmul.allow_tf32)  # pragma: no cover - torch without the binding
+    """Whether float32 linear may use TF32: as torch's cuBLAS decides it (``torch.backends.cuda.
+    matmul.allow_tf32``, ``torch.set_float32_matmul_precision``, or the per-operation
+    ``torch.backends.cuda.matmul.fp32_precision``; :func:`gpu_nn._precision.tf32`)."""
+    return _precision.tf32("matmul")
 
 
 def linear_forward(x: Tensor, w: Tensor, b: Tensor | None, activation: str | None) -> Tensor:

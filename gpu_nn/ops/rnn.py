@@ -99,7 +99,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .. import _backend
+from .. import _backend, _precision
 from .._errors import KernelInputError
 from ..check import CheckCase, _rel, generic_error
 from ..reference import rnn as ref
@@ -334,13 +334,14 @@ def _impl(backend):
 
 def tf32_allowed(dtype: torch.dtype) -> bool:
     """Whether a layer of io dtype ``dtype`` may round float32 dot operands to TF32. float32: as
-    torch's cuDNN RNN decides it, ``torch.backends.cudnn.allow_tf32`` (on by default), read per
-    call. Half layers: always; their only float32 x float32 products are the weight gradients
-    from the float32 reserve, which TF32 keeps at 10 mantissa bits (float16's, more than
-    bfloat16's) where cuDNN would compute them in the half dtype. float64: never."""
+    torch's cuDNN RNN decides it, ``torch.backends.cudnn.allow_tf32`` (on by default) or the
+    per-operation ``torch.backends.cudnn.rnn.fp32_precision`` (:func:`gpu_nn._precision.tf32`),
+    read per call. Half layers: always; their only float32 x float32 products are the weight
+    gradients from the float32 reserve, which TF32 keeps at 10 mantissa bits (float16's, more
+    than bfloat16's) where cuDNN would compute them in the half dtype. float64: never."""
     if dtype in (torch.float16, torch.bfloat16):
         return True
-    return dtype == torch.float32 and bool(torch.backends.cudnn.allow_tf32)
+    return dtype == torch.float32 and _precision.tf32("rnn")
 
 
 def _dot_code(*dtypes, tf32: bool):
@@ -815,31 +816,15 @@ def _loop_weight_dtype(dot: int) -> torch.dtype:
     return {1: torch.float16, 2: torch.bfloat16}.get(dot, torch.float32)
 
 
-class _cublas_tf32:
-    """torch's float32 GEMMs (cuBLAS) while the block runs: TF32 for dot code 3, exact for 0, as
-    ``torch.backends.cuda.matmul.allow_tf32`` set for the block and put back after it (untouched
-    for the half codes 1 / 2, whose GEMMs run in their dtype). The cupy backend's recurrent layers
-    so follow ``torch.backends.cudnn.allow_tf32`` (``tf32_allowed``, which chose the code) in their
-    torch GEMMs as the Triton backend does in its own kernels and torch's cuDNN RNN does, whatever
-    the matmul flag says. The flag is process-wide: another thread's float32 GEMM launched while
-    the block runs (one GEMM launch) sees it too."""
-
-    __slots__ = ("want", "old")
-
-    def __init__(self, dot: int):
-        self.want = {0: False, 3: True}.get(dot)
-
-    def __enter__(self):
-        if self.want is not None:
-            self.old = torch.backends.cuda.matmul.allow_tf32
-            if self.old != self.want:
-                torch.backends.cuda.matmul.allow_tf32 = self.want
-        return self
-
-    def __exit__(self, *exc):
-        if self.want is not None and self.old != self.want:
-            torch.backends.cuda.matmul.allow_tf32 = self.old
-        return False
+def _cublas_tf32(dot: int) -> _precision.matmul_tf32:
+    """torch's float32 GEMMs (cuBLAS) while the block runs: TF32 for dot code 3, exact for 0, set
+    for the block and put back after it (:class:`gpu_nn._precision.matmul_tf32`; untouched for
+    the half codes 1 / 2, whose GEMMs run in their dtype). The cupy backend's recurrent layers so
+    follow torch's cuDNN RNN setting (``tf32_allowed``, which chose the code) in their torch GEMMs
+    as the Triton backend does in its own kernels and torch's cuDNN RNN does, whatever the matmul
+    setting says. The setting is process-wide: another thread's float32 GEMM launched while the
+    block runs (one GEMM launch) sees it too."""
+    return _precision.matmul_tf32({0: False, 3: True}.get(dot))
 
 
 class _CupyImpl:

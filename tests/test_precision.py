@@ -1,0 +1,145 @@
+"""float32 precision as torch decides it (gpu_nn._precision): torch's per-operation API
+(``fp32_precision``, torch >= 2.9) and its legacy flags, read without the legacy getters' "mix of
+the legacy and new APIs" error. Each check runs in a fresh process: these settings are
+process-wide and some (the generic one) have no getter that gives back what was set."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not hasattr(torch._C, "_get_fp32_precision_getter"),
+                                reason="torch before 2.9 has no per-operation fp32_precision API")
+
+
+def _run(body: str) -> None:
+    """Run PRELUDE then ``body`` (an indented block: dedented here) in a fresh interpreter, which
+    prints DONE last: a body that never ran to its end fails the test."""
+    code = PRELUDE + textwrap.dedent(body) + "\nprint('DONE')\n"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("DONE"), proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+PRELUDE = """
+import torch
+from gpu_nn import _precision as P
+
+def raises(fn):
+    try:
+        fn()
+    except RuntimeError as e:
+        return "mix of the legacy and new APIs" in str(e)
+    return False
+"""
+
+
+def test_tf32_follows_both_apis_where_torchs_legacy_getters_raise():
+    _run("""
+    # the legacy API: what torch.backends.*.allow_tf32 read
+    for flag in (True, False):
+        torch.backends.cuda.matmul.allow_tf32 = flag
+        assert P.tf32("matmul") is flag is torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cudnn.allow_tf32 = flag
+        assert P.tf32("conv") is P.tf32("rnn") is flag is torch.backends.cudnn.allow_tf32
+    for prec, want in (("high", True), ("medium", True), ("highest", False)):
+        torch.set_float32_matmul_precision(prec)
+        assert P.tf32("matmul") is want and not P.tf32("conv")
+    # the new API, one operation at a time (torch's notes): the legacy getters raise, we answer
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    assert raises(lambda: torch.backends.cuda.matmul.allow_tf32)
+    assert P.tf32("matmul") and not P.tf32("conv")
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.conv.fp32_precision = "ieee"
+    assert raises(lambda: torch.backends.cudnn.allow_tf32)
+    assert not P.tf32("conv") and P.tf32("rnn")
+    # 'none' inherits: cuda's 'all', then the generic setting
+    torch.backends.cudnn.conv.fp32_precision = "none"
+    torch.backends.fp32_precision = "tf32"
+    assert P.tf32("conv")
+    torch.backends.fp32_precision = "ieee"
+    assert not P.tf32("conv") and P.tf32("rnn") and P.tf32("matmul")
+    """)
+
+
+def test_float32_ops_choose_their_precision_under_the_new_api():
+    """Linear, convolution and recurrent layers on the Triton path (here the interpreter) after
+    a user set the new API for one operation each: their choices follow it (before, each raised
+    torch's mix error from the legacy getter it read)."""
+    _run("""
+    import gpu_nn, gpu_nn.functional as F
+    from gpu_nn.ops import conv as oc, dense as od, rnn as orn
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    torch.backends.cudnn.conv.fp32_precision = "ieee"
+    torch.backends.cudnn.rnn.fp32_precision = "tf32"
+    assert raises(lambda: torch.backends.cuda.matmul.allow_tf32) and raises(lambda: torch.backends.cudnn.allow_tf32)
+    assert od._tf32_allowed() and orn.tf32_allowed(torch.float32)
+    available = torch.cuda.is_available
+    torch.cuda.is_available = lambda: True  # the interpreter answers 'ieee' otherwise
+    assert oc._precision(torch.float32) == "ieee"
+    torch.backends.cudnn.conv.fp32_precision = "tf32"
+    assert oc._precision(torch.float32) == "tf32"
+    torch.backends.cudnn.conv.fp32_precision = "ieee"
+    torch.cuda.is_available = available
+    x = torch.randn(2, 3, 5, 5, requires_grad=True)
+    with gpu_nn.backend("triton"):
+        F.linear(torch.randn(3, 4), torch.randn(2, 4)).sum()
+        F.conv2d(x, torch.randn(2, 3, 3, 3)).sum().backward()
+        gpu_nn.nn.GRU(3, 4)(torch.randn(2, 1, 3))
+    """)
+
+
+def test_matmul_tf32_sets_and_restores_cublas_under_either_api():
+    _run("""
+    for prec in ("highest", "high", "medium"):
+        torch.set_float32_matmul_precision(prec)
+        for want in (True, False, None):
+            before = P.tf32("matmul")
+            with P.matmul_tf32(want):
+                assert P.tf32("matmul") is (before if want is None else want)
+                assert not raises(lambda: torch.backends.cuda.matmul.allow_tf32)
+            assert P.tf32("matmul") is before
+            # "medium" comes back as "medium" (through the legacy flag it would read "high", and
+            # with the CPU's bfloat16 matmul setting "medium" made, torch's getter would raise)
+            assert torch.get_float32_matmul_precision() == prec
+        try:
+            with P.matmul_tf32(not P.tf32("matmul")):
+                raise KeyError
+        except KeyError:
+            pass
+        assert torch.get_float32_matmul_precision() == prec
+    # set through the new API only: the choice comes back, and nothing raises meanwhile
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    with P.matmul_tf32(False):
+        assert not P.tf32("matmul")
+    assert P.tf32("matmul")
+    """)
+
+
+def test_exact_float32_turns_tf32_off_everywhere_and_puts_it_back():
+    _run("""
+    def state():
+        return {op: P.tf32(op) for op in P.OPS}
+
+    # torch's defaults (cuDNN TF32 on, matmul off), then every legacy combination
+    for cudnn, mm in ((True, False), (False, True), (True, True), (False, False)):
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = cudnn, mm
+        with P.exact_float32():
+            assert state() == {"matmul": False, "conv": False, "rnn": False}
+            assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+        assert state() == {"matmul": mm, "conv": cudnn, "rnn": cudnn}
+        assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (cudnn, mm)
+    torch.set_float32_matmul_precision("medium")
+    with P.exact_float32():
+        assert not P.tf32("matmul")
+    assert torch.get_float32_matmul_precision() == "medium"
+    # the new API set for single operations (the legacy getters raise): each choice comes back
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    torch.backends.cudnn.conv.fp32_precision = "ieee"
+    torch.backends.cudnn.rnn.fp32_precision = "tf32"
+    before = state()
+    with P.exact_float32():
+        assert state() == {"matmul": False, "conv": False, "rnn": False}
+    assert state() == before == {"matmul": True, "conv": False, "rnn": True}
+    """)
