@@ -19,6 +19,7 @@ import torch.nn.functional as TF
 
 import gpu_nn
 import gpu_nn.functional as F
+from gpu_nn._precision import matmul_tf32
 from gpu_nn.benchmarks import harness
 
 
@@ -27,22 +28,6 @@ def _run(fn, backend):
         return fn()
     with gpu_nn.backend(backend):
         return fn()
-
-
-class _matmul_tf32:
-    """``torch.backends.cuda.matmul.allow_tf32`` set to ``flag`` while a call runs (None: left as
-    it is), restored after it: both sides of a case read the same switch (ours obeys torch's)."""
-
-    def __init__(self, flag):
-        self.flag = flag
-
-    def __enter__(self):
-        self.old = torch.backends.cuda.matmul.allow_tf32
-        if self.flag is not None:
-            torch.backends.cuda.matmul.allow_tf32 = self.flag
-
-    def __exit__(self, *exc):
-        torch.backends.cuda.matmul.allow_tf32 = self.old
 
 
 def _linear_setup(make, lin, backend, backward, tf32=None):
@@ -58,7 +43,9 @@ def _linear_setup(make, lin, backend, backward, tf32=None):
                 y = lin(x, w, b)
                 if backward:
                     y.backward(g)
-            with _matmul_tf32(tf32):
+            # cuBLAS's TF32 choice for the call (None: as it is), put back after it: both sides
+            # of a case read the same switch (ours obeys torch's)
+            with matmul_tf32(tf32):
                 _run(body, backend)
         return run
     return setup
