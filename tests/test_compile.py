@@ -373,6 +373,39 @@ def test_load_builds_the_module_itself_and_cupy_only_loads_it(tmp_path, monkeypa
         assert f.read() == kcuda.compile_cubin("optim", dict(defines), arch="sm_90")
 
 
+def test_launch_streams_are_made_once_without_cupys_deprecated_class(monkeypatch):
+    """The CuPy stream object of torch's current stream is made once per (handle, device) and
+    reused by later launches: through CuPy 14's ``Stream.from_external`` (its ``ExternalStream``
+    warns DeprecationWarning at every construction, which launch made once per launch), through
+    ``ExternalStream`` where CuPy has no ``from_external`` (13); the table is bounded."""
+    import types
+
+    made = []
+
+    class Stream:
+        @classmethod
+        def from_external(cls, obj):
+            made.append(("from_external", obj.__cuda_stream__()))
+            return object()
+
+    class ExternalStream:
+        def __init__(self, ptr, device):
+            made.append(("ExternalStream", ptr, device))
+
+    fake = types.SimpleNamespace(cuda=types.SimpleNamespace(Stream=Stream, ExternalStream=ExternalStream))
+    monkeypatch.setattr(kcuda, "_STREAMS", {})
+    a = kcuda.cupy_stream(fake, 0x1234, 0)
+    assert kcuda.cupy_stream(fake, 0x1234, 0) is a and kcuda.cupy_stream(fake, 0x99, 1) is not a
+    assert made == [("from_external", (0, 0x1234)), ("from_external", (0, 0x99))]
+    del Stream.from_external  # CuPy 13
+    made.clear()
+    b = kcuda.cupy_stream(fake, 0x77, 2)
+    assert kcuda.cupy_stream(fake, 0x77, 2) is b and made == [("ExternalStream", 0x77, 2)]
+    monkeypatch.setattr(kcuda, "_MAX_STREAMS", 3)
+    kcuda.cupy_stream(fake, 0x78, 2)
+    assert len(kcuda._STREAMS) == 1  # cleared when full, then this one kept
+
+
 def test_straight_path_follows_the_guards_and_stops_at_a_loop():
     from gpu_nn.kernels.sass import straight_path
 

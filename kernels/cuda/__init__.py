@@ -280,6 +280,40 @@ def function(module, kernel: str):
     return fn
 
 
+class _StreamRef:
+    """A CUDA stream handle offered through the CUDA stream protocol (``__cuda_stream__``: version
+    0, the handle), which CuPy 14's ``Stream.from_external`` takes."""
+
+    __slots__ = ("ptr",)
+
+    def __init__(self, ptr: int):
+        self.ptr = ptr
+
+    def __cuda_stream__(self):
+        return (0, self.ptr)
+
+
+_STREAMS: dict = {}  # (stream handle, device) -> CuPy's stream object for it
+_MAX_STREAMS = 64
+
+
+def cupy_stream(cupy, ptr: int, device: int):
+    """CuPy's stream object for torch's stream ``ptr`` on ``device``, made once per (handle, device)
+    and kept: through ``Stream.from_external`` where CuPy has it (14 and later: its
+    ``ExternalStream`` warns DeprecationWarning on every construction there), else
+    ``ExternalStream`` (CuPy 13). The objects hold nothing but the handle (torch owns the stream);
+    the table is cleared past ``_MAX_STREAMS`` entries (a program making streams without end)."""
+    key = (ptr, device)
+    got = _STREAMS.get(key)
+    if got is None:
+        from_external = getattr(cupy.cuda.Stream, "from_external", None)
+        got = from_external(_StreamRef(ptr)) if from_external is not None else cupy.cuda.ExternalStream(ptr, device)
+        if len(_STREAMS) >= _MAX_STREAMS:
+            _STREAMS.clear()
+        _STREAMS[key] = got
+    return got
+
+
 def launch(module, kernel: str, grid, block, args, shared_mem: int = 0, device: int = 0) -> None:
     """Launch ``kernel`` of ``module`` on torch's current CUDA stream (capturable: no
     synchronisation, no allocation, see :func:`kernel_args`).
@@ -292,5 +326,5 @@ def launch(module, kernel: str, grid, block, args, shared_mem: int = 0, device: 
 
     conv = kernel_args(args)
     stream = torch.cuda.current_stream(device)
-    with cupy.cuda.Device(device), cupy.cuda.ExternalStream(stream.cuda_stream, device):
+    with cupy.cuda.Device(device), cupy_stream(cupy, stream.cuda_stream, device):
         function(module, kernel)(tuple(grid), tuple(block), conv, shared_mem=shared_mem)
