@@ -13,6 +13,7 @@ import torch
 
 import gpu_nn
 import gpu_nn.optim as go
+from gpu_nn import KernelInputError
 from gpu_nn.nn.utils import clip_grad_norm_
 from gpu_nn.reference import optim as ref
 from helpers import CUDA, backend_params, build_host_library, fptr
@@ -883,3 +884,36 @@ def test_steps_captured_into_a_graph_keep_their_tables_and_no_plan(backend, devi
             assert len(_triton._GRAPH_TABLES) == kept + 2 * (step + 1)  # the step's and clipping's
     assert len(_triton._GRAPH_TABLES) == kept + 6  # after the capture nothing more is kept
     assert len(full) == 4  # three captured steps, then one full step records the plan it reuses
+
+
+@pytest.mark.parametrize("cls", [go.SGD, go.Adagrad, go.Adadelta, go.RMSprop, go.Adam, go.AdamW])
+def test_tensor_lr_steps_like_a_float_and_refuses_a_graph_capture(cls, monkeypatch):
+    """A 1-element tensor lr (torch's way to vary it under CUDA graphs) steps as its value does,
+    following changes to the tensor between steps; during a CUDA graph capture (simulated: the
+    capture test says yes) the step raises KernelInputError before any kernel runs, since our
+    kernels take the value (it would be fixed into the graph, and a CUDA tensor cannot be read
+    on the host while capturing); a float lr is captured as before."""
+    from gpu_nn.optim import optimizers as optmod
+
+    torch.manual_seed(3)
+    kw = {"momentum": 0.9} if cls is go.SGD else {}
+    ours = [torch.nn.Parameter(torch.randn(5, 3))]
+    theirs = [torch.nn.Parameter(ours[0].detach().clone())]
+    lr = torch.tensor(0.01)
+    o1, o2 = cls(ours, lr=lr, **kw), getattr(torch.optim, cls.__name__)(theirs, lr=0.01, **kw)
+    for step in range(3):
+        g = torch.randn(5, 3)
+        ours[0].grad, theirs[0].grad = g.clone(), g.clone()
+        o1.step()
+        o2.step()
+        assert _rel(ours[0], theirs[0]) <= _f32_tol(6)
+        lr.fill_(0.01 * (step + 2))  # a scheduler stepping the tensor
+        o2.param_groups[0]["lr"] = 0.01 * (step + 2)
+    monkeypatch.setattr(optmod, "_capturing", lambda device: True)
+    before = ours[0].detach().clone()
+    with pytest.raises(KernelInputError, match="tensor lr cannot be captured"):
+        o1.step()
+    assert torch.equal(ours[0].detach(), before)
+    o1.param_groups[0]["lr"] = 0.05
+    o1.step()  # a float lr steps under the (simulated) capture
+    assert not torch.equal(ours[0].detach(), before)

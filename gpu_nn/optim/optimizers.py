@@ -17,7 +17,10 @@ What differs from torch:
 * float16/bfloat16 parameters keep float32 optimizer state (torch keeps it in the parameter's
   dtype); a state loaded in another dtype is widened on the next step.
 * On CUDA, ``state["step"]`` lives on the parameter's device (as torch's fused/capturable
-  path keeps it), so a step never synchronises with the host.
+  path keeps it), so a step never synchronises with the host -- but for a learning rate given
+  as a CUDA tensor, which the step reads on the host (our kernels take it as a value): a CUDA
+  graph capture with a tensor lr raises ``KernelInputError`` (torch's capturable optimizers
+  read it on the device; pass a float lr to capture ours).
 * ``foreach``, ``fused`` and ``capturable`` are accepted and stored (our step is always one
   fused multi-tensor kernel per part); ``differentiable=True`` raises ValueError. Sparse
   gradients raise RuntimeError; complex parameters are not supported.
@@ -48,6 +51,27 @@ def _lr_value(lr):
         if lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
     return lr
+
+
+def _lr(group) -> float:
+    """The group's learning rate as our kernels take it: a float, read on the host. A tensor lr
+    (torch's way to vary it under CUDA graphs: capturable / fused optimizers read it on the
+    device) is read on the host too, which syncs with a CUDA tensor's stream; inside a CUDA graph
+    capture that read is not permitted (a CUDA tensor), and whatever it read would be fixed into
+    the graph while a scheduler changing the tensor expects replays to follow it (any tensor).
+    So a capture with a tensor lr is refused, before any kernel is recorded; a float lr is
+    captured as torch captures one (replays use that value)."""
+    lr = group["lr"]
+    if isinstance(lr, Tensor):
+        params = group["params"]
+        if params and _capturing(params[0].device):
+            raise KernelInputError(
+                "gpu_nn.optim: a tensor lr cannot be captured into a CUDA graph (our kernels take the "
+                "learning rate as a value, so replays could not follow changes to the tensor); pass a "
+                "float lr to capture the step, or use torch.optim with capturable=True"
+            )
+        return float(lr)
+    return float(lr)
 
 
 def _no_differentiable(name: str, differentiable: bool) -> None:
@@ -419,7 +443,7 @@ class SGD(_Base):
         return dict(momentum_buffer=bufs, first=first)
 
     def _hp(self, group):
-        return dict(lr=float(group["lr"]), momentum=group["momentum"], dampening=group["dampening"],
+        return dict(lr=_lr(group), momentum=group["momentum"], dampening=group["dampening"],
                     weight_decay=float(group["weight_decay"]), nesterov=group["nesterov"],
                     maximize=group.get("maximize", False))
 
@@ -472,7 +496,7 @@ class Adagrad(_Base):
         return dict(step=steps, sum=sums)
 
     def _hp(self, group):
-        return dict(lr=float(group["lr"]), lr_decay=group["lr_decay"], weight_decay=group["weight_decay"],
+        return dict(lr=_lr(group), lr_decay=group["lr_decay"], weight_decay=group["weight_decay"],
                     eps=group["eps"], maximize=group.get("maximize", False))
 
     def _integral_error(self, group, dtype):
@@ -517,7 +541,7 @@ class Adadelta(_Base):
         return dict(step=steps, square_avg=sq, acc_delta=acc)
 
     def _hp(self, group):
-        return dict(lr=float(group["lr"]), rho=group["rho"], eps=group["eps"], weight_decay=group["weight_decay"],
+        return dict(lr=_lr(group), rho=group["rho"], eps=group["eps"], weight_decay=group["weight_decay"],
                     maximize=group.get("maximize", False))
 
     def _integral_error(self, group, dtype):
@@ -567,7 +591,7 @@ class RMSprop(_Base):
         return dict(step=steps, square_avg=sq, grad_avg=ga, momentum_buffer=mb)
 
     def _hp(self, group):
-        return dict(lr=float(group["lr"]), alpha=group["alpha"], eps=group["eps"], weight_decay=group["weight_decay"],
+        return dict(lr=_lr(group), alpha=group["alpha"], eps=group["eps"], weight_decay=group["weight_decay"],
                     momentum=group["momentum"], centered=group["centered"], maximize=group.get("maximize", False))
 
     def _lerps(self, group):
@@ -629,7 +653,7 @@ class Adam(_Base):
 
     def _hp(self, group):
         beta1, beta2 = (float(b) for b in group["betas"])
-        return dict(lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
+        return dict(lr=_lr(group), beta1=beta1, beta2=beta2, eps=group["eps"],
                     weight_decay=group["weight_decay"], amsgrad=group["amsgrad"], maximize=group.get("maximize", False),
                     decoupled_weight_decay=group.get("decoupled_weight_decay", False))
 
