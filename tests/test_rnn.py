@@ -1362,6 +1362,63 @@ def test_persistent_backward_multi_program_matches_per_step_on_gpu(mode, B, H, b
         assert_close(a.cpu(), b, torch.float32, k=T * B * 4 * H, what=f"{mode} grad {i} vs reference")
 
 
+@pytest.mark.parametrize("cooperative", [False, True], ids=["default", "cooperative"])
+def test_persistent_launches_are_cooperative_only_when_asked(cooperative, rng, monkeypatch):
+    """GPU_NN_RNN_COOPERATIVE=1 (kernels/triton/rnn.py COOPERATIVE) launches the four persistent
+    kernels -- forward and backward, one direction and the pair -- with Triton's
+    launch_cooperative_grid; by default no launch carries the option (every launch of the layer
+    recorded: per-step kernels never do). Values still match the reference (the interpreter
+    ignores the option)."""
+    from gpu_nn.kernels.triton import rnn as kt
+
+    launched = {}
+    real = kt.launch_kernel
+
+    def spy(kernel, grid, *args, **kwargs):
+        launched.setdefault(kernel.fn.__name__ if hasattr(kernel, "fn") else str(kernel), set()).add(
+            kwargs.get("launch_cooperative_grid", False))
+        return real(kernel, grid, *args, **kwargs)
+
+    monkeypatch.setattr(kt, "launch_kernel", spy)
+    monkeypatch.setattr(kt, "COOPERATIVE", cooperative)
+    monkeypatch.setenv(_PERSIST_ENV, "1")
+    for bi in (False, True):
+        x, hx, params, mk, lens = _persist_case("gru", rng, 3, 2, 3, 5, 1, bi, (3, 2), True, False)
+        outs, _, grads = _persist_run("gru", "triton", torch.float32, x, hx, params, mk, lens, 1, bi, True)
+        r_outs, _, r_grads = _persist_run("gru", "reference", torch.float64, x, hx, params, mk, lens, 1, bi, True)
+        for a, b in zip([*outs, *grads], [*r_outs, *r_grads]):
+            assert_close(a.detach().cpu(), b, torch.float32, k=3 * 2 * 15, what="gru")
+    persistent = {k for k in launched if "_persist" in k}
+    assert persistent == {"_rnn_persist_fwd_kernel", "_rnn_persist2_fwd_kernel", "_rnn_persist_bwd_kernel",
+                          "_rnn_persist2_bwd_kernel"}, launched
+    for name, flags in launched.items():
+        assert flags == {cooperative and name in persistent}, (name, flags)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs a GPU: a cooperative launch is a CUDA launch attribute (the interpreter ignores it)")
+@pytest.mark.parametrize("mode", MODES)
+def test_persistent_cooperative_launch_matches_per_step_on_gpu(mode, rng, monkeypatch):
+    """The persistent kernels launched cooperatively (GPU_NN_RNN_COOPERATIVE's switch) on many
+    programs: forward and every gradient of a bidirectional two-layer stack against the
+    per-step launches, run twice; what a later session needs to make it the default."""
+    from gpu_nn.kernels.triton import rnn as kt
+
+    T, B, I, H, L, bi = 12, 5, 32, 300, 2, True
+    lengths = tuple(int(v) for v in rng.integers(1, T + 1, size=B))
+    x, hx, params, mk, lens = _persist_case(mode, rng, T, B, I, H, L, bi, lengths, True, True)
+    assert kt.persist_programs(B, H, torch.cuda.get_device_properties(0).multi_processor_count) > 1
+    monkeypatch.setenv(_PERSIST_ENV, "0")
+    step = _persist_run(mode, "triton", torch.float32, x, hx, params, mk, lens, L, bi, True)
+    monkeypatch.setenv(_PERSIST_ENV, "1")
+    monkeypatch.setattr(kt, "COOPERATIVE", True)
+    for _ in range(2):
+        pers = _persist_run(mode, "triton", torch.float32, x, hx, params, mk, lens, L, bi, True)
+        for a, b in zip([*pers[0], *pers[2]], [*step[0], *step[2]]):
+            assert_close(a.detach().cpu(), b.detach().cpu().double(), torch.float32, k=T * B * 4 * H,
+                         what=f"{mode} cooperative vs per-step")
+
+
 def test_relu_recurrence_at_nan_inf_and_zero_is_torchs(rng):
     """rnn_relu keeps a NaN pre-activation (torch's relu) and its backward is torch's
     threshold_backward: 0 where h <= 0, else dh, so a NaN h passes the gradient. Reference and

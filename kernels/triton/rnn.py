@@ -57,6 +57,7 @@ Not supported: projections in the persistent kernel (the ops never choose it for
 """
 
 import inspect
+import os
 
 import torch
 import triton
@@ -1074,6 +1075,22 @@ def persist_launch(mode: str, dot: int, has_bhh: bool) -> tuple[int, int]:
 
 
 PERSIST_MAX_B = 64  # four batch tiles; the ops' heuristic takes it by default up to one (B <= 16)
+
+# The persistent kernels' grid barrier needs every program resident at once. The grid is capped at
+# the SM count and one program of any configuration fits an SM (108 sm_90 specs: at most 32K
+# registers, 4 KB of shared memory), so on its own a launch always is; but Triton launches are
+# not cooperative, so concurrent barrier launches on several streams taking SMs from each other
+# would spin instead of failing. COOPERATIVE (GPU_NN_RNN_COOPERATIVE=1) launches them with
+# Triton's launch_cooperative_grid (CU_LAUNCH_ATTRIBUTE_COOPERATIVE: a grid that cannot be
+# resident is a launch error); off by default until a GPU run has passed its tests that way
+# (tests/test_rnn.py, test_persistent_cooperative_launch_matches_per_step_on_gpu).
+COOPERATIVE_ENV = "GPU_NN_RNN_COOPERATIVE"
+COOPERATIVE = os.environ.get(COOPERATIVE_ENV, "0") == "1"
+
+
+def _launch_options() -> dict:
+    """The persistent launches' extra launch options (none by default: see COOPERATIVE)."""
+    return {"launch_cooperative_grid": True} if COOPERATIVE else {}
 PERSIST_MAX_H = 1024
 
 
@@ -1124,7 +1141,7 @@ def persist_forward_pair(mode, fwd, rev, lengths, dot, num_programs):
         mask if mask is not None else w_hh, mask1 if mask1 is not None else w_hh1,
         mask.stride(0) if mask is not None else 0, mask.stride(1) if mask is not None else 0, int(mask is not None),
         lengths, count, T, B, H, MODE=MODE_CODES[mode], HAS_BHH=b_hh is not None,
-        DOT_DT=dot, BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+        DOT_DT=dot, BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=bk, num_warps=warps, num_stages=stages, **_launch_options(),
     )
 
 
@@ -1151,7 +1168,7 @@ def persist_forward(mode, xg, hs, cs, w_hh, b_hh, out, mask, lengths, reverse, d
         mask if mask is not None else w_hh, mask.stride(0) if mask is not None else 0,
         mask.stride(1) if mask is not None else 0, int(mask is not None), lengths, count, int(reverse), T, B, H,
         MODE=MODE_CODES[mode], HAS_BHH=b_hh is not None,
-        DOT_DT=dot, BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+        DOT_DT=dot, BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=bk, num_warps=warps, num_stages=stages, **_launch_options(),
     )
 
 
@@ -1185,6 +1202,7 @@ def loop_backward(mode, w_hh, carry, dc, dout, g, hs, cs, dgi, dgh, lengths, rev
         g.stride(1) if g is not None else 0, hs, cs if cs is not None else hs, hs.stride(0), dgi, dgh,
         dgi.stride(0), dgi.stride(1), lengths, count, int(reverse), T, B, H,
         MODE=MODE_CODES[mode], DOT_DT=dot, BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+        **_launch_options(),
     )
     return True
 
@@ -1218,7 +1236,7 @@ def persist_backward_pair(mode, fwd, rev, lengths, dot, programs):
             Cs1 if Cs1 is not None else Hs1, Hs.stride(0), dGi, dGi1, dGh, dGh1, dGi.stride(0), dGi.stride(1),
             lengths, count, T, B, H,
             MODE=MODE_CODES[mode], DOT_DT=dot, BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=bk, num_warps=warps,
-            num_stages=stages,
+            num_stages=stages, **_launch_options(),
         )
     # the final step: the last steps processed are 0 forward and T - 1 reverse (none when T = 0)
     bb, bh, bk, warps, stages = step_blocks(B, H, mode, dot, backward=True)
