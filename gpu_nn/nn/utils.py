@@ -46,9 +46,11 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_i
                                     dtype=torch.float64 if all(g.dtype == torch.float64 for g in grads if g.device == d)
                                     else None) for d in devices}
     if len(devices) == 1 and backends[grads[0].device] == "triton" and norm_type > 0 and not math.isnan(norm_type):
+        from ..ops._dispatch import device_guard
         from ..optim import _triton
 
-        return _triton.clip_grad_norm(grads, max_norm, norm_type, error_if_nonfinite)
+        with device_guard(grads[0].device):
+            return _triton.clip_grad_norm(grads, max_norm, norm_type, error_if_nonfinite)
     return _clip_reference(grads, max_norm, norm_type, error_if_nonfinite)
 
 

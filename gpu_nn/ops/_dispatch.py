@@ -3,7 +3,9 @@ common input checks with torch's wording."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import inspect
 import os
 
 import numpy as np
@@ -432,6 +434,46 @@ class Routed:
                 return self._overload(*args)
             return self._function.apply(*args)
         return self._impl(*args)
+
+
+_get_device = getattr(torch._C, "_cuda_getDevice", None)  # the current CUDA device, no lazy-init check
+
+
+def on_device(fn):
+    """Decorator, innermost under ``@torch.library.custom_op``: ``fn`` runs with the current CUDA
+    device set to its first tensor argument's (every op's first argument is a tensor), as
+    torch's own CUDA ops run under a device guard. Triton's launches (and our tuning's events)
+    go to the *current* device and its stream, so a tensor on ``cuda:1`` with ``cuda:0``
+    current would otherwise be handed to a kernel on the wrong device. Costs one attribute test
+    for a CPU tensor, and a device comparison for a CUDA one; the block is entered only where
+    the devices differ. The signature is ``fn``'s with its annotations evaluated (the custom op
+    infers its schema from it, in ``fn``'s module, not this one)."""
+    sig = inspect.signature(fn, eval_str=True)
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        t = args[0] if args else next(iter(kwargs.values()), None)
+        if isinstance(t, torch.Tensor) and t.is_cuda:
+            index = t.get_device()
+            if index != _get_device():
+                with torch.cuda.device(index):
+                    return fn(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    run.__signature__ = sig
+    return run
+
+
+_NO_GUARD = contextlib.nullcontext()
+
+
+def device_guard(device):
+    """A block with ``device`` (a CUDA ``torch.device`` with an index) as the current CUDA device
+    where another is current (:func:`on_device`'s guard, for the optimizers and clipping, which
+    are not custom ops), else a no-op block."""
+    if device.type == "cuda" and device.index is not None and device.index != _get_device():
+        return torch.cuda.device(device.index)
+    return _NO_GUARD
 
 
 def routed(op) -> Routed:

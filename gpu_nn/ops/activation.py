@@ -14,7 +14,8 @@ from .. import _backend
 from .._errors import KernelInputError
 from ..check import CheckCase
 from ..reference import activation as ref
-from ._dispatch import check_float, empty, empty_like, from_numpy, routed, same_dense_layout, to_numpy, triton_kernels
+from ._dispatch import (check_float, empty, empty_like, from_numpy, on_device, routed, same_dense_layout, to_numpy,
+                        triton_kernels)
 
 __all__ = ["relu", "sigmoid", "tanh"]
 
@@ -92,6 +93,7 @@ def activation_backward(grad_output: Tensor, output: Tensor, activation: str) ->
 
 @routed
 @torch.library.custom_op("gpu_nn::activation", mutates_args=())
+@on_device
 def _activation_op(input: Tensor, activation: str) -> Tensor:
     return activation_forward(input, activation)
 
@@ -103,6 +105,7 @@ def _(input, activation):
 
 @routed
 @torch.library.custom_op("gpu_nn::activation_backward", mutates_args=())
+@on_device
 def _activation_backward_op(grad_output: Tensor, output: Tensor, activation: str) -> Tensor:
     return activation_backward(grad_output, output, activation)
 

@@ -38,7 +38,8 @@ from .._errors import KernelInputError, KernelInputTypeError
 from ..check import CheckCase
 from ..reference import conv as ref
 from ._dispatch import (
-    autocast_inputs, check_float, check_same, empty, from_numpy, is_int, memo, plain_arg, routed, to_numpy, triton_kernels,
+    autocast_inputs, check_float, check_same, empty, from_numpy, is_int, memo, on_device, plain_arg, routed, to_numpy,
+    triton_kernels,
 )
 from ._dispatch import chooser as _chooser  # module-level name: tests replace it
 from ._dispatch import dense_channels_last as _dense_channels_last
@@ -514,6 +515,7 @@ def _precision(dtype: torch.dtype) -> str:
 
 @routed
 @torch.library.custom_op("gpu_nn::conv_forward", mutates_args=())
+@on_device
 def _conv_forward_op(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride: list[int], padding: list[int],
                      dilation: list[int], groups: int, activation: Optional[str]) -> Tensor:
     return conv_forward(input, weight, bias, stride, padding, dilation, groups, activation)
@@ -527,6 +529,7 @@ def _(input, weight, bias, stride, padding, dilation, groups, activation):
 
 @routed
 @torch.library.custom_op("gpu_nn::conv_backward", mutates_args=())
+@on_device
 def _conv_backward_op(grad_output: Tensor, input: Tensor, weight: Tensor, output: Optional[Tensor], stride: list[int],
                       padding: list[int], dilation: list[int], groups: int, activation: Optional[str],
                       output_mask: list[bool]) -> tuple[Tensor, Tensor, Tensor]:

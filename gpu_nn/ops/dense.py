@@ -35,7 +35,8 @@ from .. import _backend, _precision
 from .._errors import KernelInputError, KernelInputIndexError, KernelInputTypeError
 from ..check import CheckCase
 from ..reference import dense as ref
-from ._dispatch import autocast_inputs, check_float, empty, from_numpy, is_int, routed, to_numpy, triton_kernels
+from ._dispatch import (autocast_inputs, check_float, empty, from_numpy, is_int, on_device, routed, to_numpy,
+                        triton_kernels)
 
 __all__ = ["cross_entropy", "flatten", "linear", "log_softmax", "softmax"]
 
@@ -158,6 +159,7 @@ def linear_backward(grad: Tensor, x: Tensor, w: Tensor, out: Tensor | None, acti
 
 @routed
 @torch.library.custom_op("gpu_nn::linear", mutates_args=())
+@on_device
 def _linear_op(input: Tensor, weight: Tensor, bias: Tensor | None, activation: str | None) -> Tensor:
     return linear_forward(input, weight, bias, activation)
 
@@ -169,6 +171,7 @@ def _(input, weight, bias, activation):
 
 @routed
 @torch.library.custom_op("gpu_nn::linear_backward", mutates_args=())
+@on_device
 def _linear_backward_op(grad: Tensor, input: Tensor, weight: Tensor, output: Tensor | None, activation: str | None,
                         has_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
     return linear_backward(grad, input, weight, output, activation, has_bias)
@@ -428,6 +431,7 @@ def _register_softmax(log: bool):
 
     @routed
     @torch.library.custom_op(f"gpu_nn::{name}", mutates_args=())
+    @on_device
     def fwd(input: Tensor, dim: int) -> Tensor:
         return _softmax_forward(input, dim, log)
 
@@ -437,6 +441,7 @@ def _register_softmax(log: bool):
 
     @routed
     @torch.library.custom_op(f"gpu_nn::{name}_backward", mutates_args=())
+    @on_device
     def bwd(grad: Tensor, output: Tensor, dim: int) -> Tensor:
         return _softmax_backward(grad, output, dim, log)
 
@@ -746,6 +751,7 @@ def _ce_unflatten(t2: Tensor, input: Tensor) -> Tensor:
 
 @routed
 @torch.library.custom_op("gpu_nn::cross_entropy", mutates_args=())
+@on_device
 def _cross_entropy_op(input: Tensor, target: Tensor, weight: Tensor | None, reduction: str, ignore_index: int,
                       label_smoothing: float) -> tuple[Tensor, Tensor]:
     return cross_entropy_forward(input, target, weight, reduction, ignore_index, label_smoothing)
@@ -764,6 +770,7 @@ def _(input, target, weight, reduction, ignore_index, label_smoothing):
 
 @routed
 @torch.library.custom_op("gpu_nn::cross_entropy_backward", mutates_args=())
+@on_device
 def _cross_entropy_backward_op(grad: Tensor, input: Tensor, target: Tensor, weight: Tensor | None, lse: Tensor,
                                reduction: str, ignore_index: int, label_smoothing: float,
                                target_grad: bool) -> tuple[Tensor, Tensor]:

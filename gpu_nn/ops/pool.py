@@ -34,7 +34,8 @@ from .._errors import KernelInputError, KernelInputIndexError, KernelInputTypeEr
 from ..check import CheckCase
 from ..kernels import fastdiv
 from ..reference import pool as ref
-from ._dispatch import check_float, cuda_kernels, empty, from_numpy, is_int, memo, plain_arg, routed, to_numpy, triton_kernels
+from ._dispatch import (check_float, cuda_kernels, empty, from_numpy, is_int, memo, on_device, plain_arg, routed,
+                        to_numpy, triton_kernels)
 from ._dispatch import chooser as _chooser  # module-level name: tests replace it
 # a channels_last input (dense NHWC, not also contiguous): torch's pooling then returns
 # channels_last values, indices and input gradient, as ours do
@@ -693,6 +694,7 @@ def _cupy_avg_backward(g, gi, k, s, p, count_include_pad, divisor, cl=False):
 
 @routed
 @torch.library.custom_op("gpu_nn::max_pool", mutates_args=())
+@on_device
 def _max_pool_op(input: Tensor, kernel_size: list[int], stride: list[int], padding: list[int], dilation: list[int],
                  ceil_mode: bool, minimum: bool, need_indices: bool = True) -> tuple[Tensor, Tensor]:
     return max_pool_forward(input, kernel_size, stride, padding, dilation, ceil_mode, minimum, need_indices)
@@ -710,6 +712,7 @@ def _(input, kernel_size, stride, padding, dilation, ceil_mode, minimum, need_in
 
 @routed
 @torch.library.custom_op("gpu_nn::max_pool_backward", mutates_args=())
+@on_device
 def _max_pool_backward_op(grad_output: Tensor, indices: Tensor, input_size: list[int], kernel_size: list[int],
                           stride: list[int], padding: list[int], dilation: list[int], channels_last: bool = False) -> Tensor:
     return max_pool_backward(grad_output, indices, input_size, kernel_size, stride, padding, dilation, channels_last)
@@ -762,6 +765,7 @@ _max_pool_backward_op.register_autograd(_max_backward_backward, setup_context=_m
 
 @routed
 @torch.library.custom_op("gpu_nn::avg_pool", mutates_args=())
+@on_device
 def _avg_pool_op(input: Tensor, kernel_size: list[int], stride: list[int], padding: list[int], ceil_mode: bool,
                  count_include_pad: bool, divisor_override: Optional[int]) -> Tensor:
     return avg_pool_forward(input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)
@@ -776,6 +780,7 @@ def _(input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor
 
 @routed
 @torch.library.custom_op("gpu_nn::avg_pool_backward", mutates_args=())
+@on_device
 def _avg_pool_backward_op(grad_output: Tensor, input_size: list[int], kernel_size: list[int], stride: list[int],
                           padding: list[int], ceil_mode: bool, count_include_pad: bool,
                           divisor_override: Optional[int], channels_last: bool = False) -> Tensor:

@@ -104,7 +104,8 @@ from .._errors import KernelInputError
 from ..check import CheckCase, _rel, generic_error
 from ..reference import rnn as ref
 from ._dispatch import (
-    FLOAT_DTYPES, autocast_inputs, compute_dtype, cuda_kernels, empty, from_numpy, routed, to_numpy, triton_kernels,
+    FLOAT_DTYPES, autocast_inputs, compute_dtype, cuda_kernels, empty, from_numpy, on_device, routed, to_numpy,
+    triton_kernels,
 )
 
 __all__ = [
@@ -1188,6 +1189,7 @@ class _CupyImpl:
 
 @routed
 @torch.library.custom_op("gpu_nn::rnn_seq", mutates_args=())
+@on_device
 def _rnn_seq_op(input: Tensor, hx: Tensor, cx: Optional[Tensor], weights: list[Tensor], mode: str, num_layers: int,
                 bidirectional: bool, has_biases: bool, lengths: Optional[Tensor],
                 dropout_masks: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -1205,6 +1207,7 @@ def _(input, hx, cx, weights, mode, num_layers, bidirectional, has_biases, lengt
 
 @routed
 @torch.library.custom_op("gpu_nn::rnn_seq_backward", mutates_args=())
+@on_device
 def _rnn_seq_backward_op(grad_output: Tensor, grad_hn: Tensor, grad_cn: Optional[Tensor], input: Tensor,
                          weights: list[Tensor], reserve: Tensor, mode: str, num_layers: int, bidirectional: bool,
                          has_biases: bool, lengths: Optional[Tensor],
@@ -1611,6 +1614,7 @@ def _check_cell(op, input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode):
 
 @routed
 @torch.library.custom_op("gpu_nn::rnn_cell", mutates_args=())
+@on_device
 def _rnn_cell_op(input: Tensor, hx: Tensor, cx: Optional[Tensor], w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
                  b_hh: Optional[Tensor], mode: str) -> tuple[Tensor, Tensor, Tensor]:
     return rnn_cell_forward(input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode)
@@ -1625,6 +1629,7 @@ def _(input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode):
 
 @routed
 @torch.library.custom_op("gpu_nn::rnn_cell_backward", mutates_args=())
+@on_device
 def _rnn_cell_backward_op(grad_h: Tensor, grad_c: Optional[Tensor], input: Tensor, hx: Tensor, cx: Optional[Tensor],
                           w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor], h: Tensor,
                           c: Tensor, reserve: Tensor,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from .. import _backend
+from ..ops._dispatch import device_guard
 from .._errors import KernelInputError
 from ..reference import optim as ref
 
@@ -91,13 +92,15 @@ def run_parts(kind: str, parts_: list, hp: dict, grads) -> None:
         if backend == "reference":
             _run_reference(kind, part.params, part.states, hp, sub_g)
             continue
-        launch = part.prepared.get(backend)
-        if launch is None:
-            launch = _prepare(kind, backend, part, sub_g)
-        if part.steps:
-            # torch's fused path does the same: one multi-tensor add, no host round trip
-            torch._foreach_add_(part.steps, 1.0)
-        launch(hp, sub_g)
+        # the part's device current (Triton launches go to the current one; on_device's guard)
+        with device_guard(part.device):
+            launch = part.prepared.get(backend)
+            if launch is None:
+                launch = _prepare(kind, backend, part, sub_g)
+            if part.steps:
+                # torch's fused path does the same: one multi-tensor add, no host round trip
+                torch._foreach_add_(part.steps, 1.0)
+            launch(hp, sub_g)
 
 
 def run(kind: str, params, state_lists: dict, hp: dict, grads=None) -> list:
