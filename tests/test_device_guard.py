@@ -79,8 +79,36 @@ def test_on_device_keeps_the_schema_and_every_custom_op_has_it():
     names = {r._op._name for r in routed}
     assert len(names) == 20 and {"activation", "rnn_seq", "cross_entropy_backward", "log_softmax"} <= names
     for r in routed:
-        assert getattr(r._impl, "__wrapped__", None) is not None and r._impl.__name__ == r._impl.__wrapped__.__name__
-        assert r._op._init_fn is r._impl  # the dispatcher's path and the eager route alike
+        # the dispatcher's path runs the wrapper; the eager route the function, checking inline
+        assert r._op._init_fn.__wrapped__ is r._impl and r._op._init_fn.__name__ == r._impl.__name__
+
+
+def test_the_eager_route_runs_on_the_first_tensors_device(devices, monkeypatch):
+    """Routed's eager route (which calls the op's function without the wrapper) checks the
+    device itself: a plain call and one that records a backward both run in device 1's block."""
+    entered, current = devices
+    seen = []
+
+    @_dispatch.routed
+    @torch.library.custom_op("gpu_nn_test::device_probe", mutates_args=())
+    @_dispatch.on_device
+    def probe(x: torch.Tensor) -> torch.Tensor:
+        seen.append(current[0])
+        return x.clone()
+
+    @probe.register_fake
+    def _(x):
+        return torch.empty_like(x)
+
+    probe.register_autograd(lambda ctx, g: g)
+    monkeypatch.setattr(_dispatch, "_eager_ok", lambda args: True)  # the stand-in is a tensor subclass
+    x = torch.zeros(3).as_subclass(_OnDevice1)
+    probe(x)
+    probe(x.requires_grad_())
+    assert seen == [1, 1] and entered == [1, 1] and current == [0]
+    current[0] = 1
+    probe(x)
+    assert seen == [1, 1, 1] and entered == [1, 1]
 
 
 def test_device_guard_switches_only_to_another_cuda_device(devices):
