@@ -46,48 +46,6 @@ def _matmul_legacy():
         return None
 
 
-def _set_matmul(flag: bool) -> None:
-    """cuBLAS's choice through the legacy setter: it writes the legacy flag and the new
-    per-operation value alike, so neither API's reader sees a mix afterwards."""
-    torch._C._set_cublas_allow_tf32(flag)
-
-
-def _restore_matmul(flag: bool, legacy) -> None:
-    """Back to a matmul choice saved as (:func:`tf32`, :func:`_matmul_legacy`): ``"medium"``
-    through its own setter (the legacy ``allow_tf32`` setter would leave ``"high"``, which with
-    the CPU's bfloat16 matmul setting that "medium" made reads as a mix of APIs and raises)."""
-    if legacy == "medium":
-        torch._C._set_float32_matmul_precision("medium")
-    else:
-        _set_matmul(flag)
-
-
-class matmul_tf32:
-    """cuBLAS's float32 GEMMs in TF32 (``want`` True) or exact (False) while the block runs; None:
-    untouched. Nothing is written where the setting already says ``want``; otherwise the legacy
-    setter writes it and the block's end writes the old choice back. The setting is
-    process-wide: another thread's float32 GEMM launched meanwhile sees it too."""
-
-    __slots__ = ("want", "old", "legacy")
-
-    def __init__(self, want):
-        self.want = want
-        self.old = self.legacy = None
-
-    def __enter__(self):
-        if self.want is not None:
-            self.old = tf32("matmul")
-            if self.old != self.want:
-                self.legacy = _matmul_legacy()
-                _set_matmul(self.want)
-        return self
-
-    def __exit__(self, *exc):
-        if self.want is not None and self.old != self.want:
-            _restore_matmul(self.old, self.legacy)
-        return False
-
-
 def _cudnn_legacy():
     """torch.backends.cudnn.allow_tf32's value, or None where reading it raises."""
     try:
@@ -96,29 +54,81 @@ def _cudnn_legacy():
         return None
 
 
-class exact_float32:
-    """TF32 off for every float32 product of torch's CUDA kernels and ours (matmul, conv, rnn)
-    while the block runs, then back to what it was: the legacy flags where they could be read,
-    and, with torch's per-operation API, each operation's value as it resolved (an inherited
-    ``"none"`` comes back as the value it resolved to: the same choice)."""
+# the per-operation settings a block may write: the legacy setters write cuda's matmul / conv /
+# rnn values, and set_float32_matmul_precision (how "medium" comes back) the CPU's matmul too
+_NODES = (("cuda", "matmul"), ("cuda", "conv"), ("cuda", "rnn"), ("mkldnn", "matmul"))
+
+
+def _stored(backend: str, op: str) -> str:
+    """What (backend, op) holds, as far as torch lets it be read: torch's getter gives the value
+    resolved through inheritance, so one equal to what its parent resolves to is taken for an
+    inherited ``"none"`` (written back, it resolves the same, and keeps following its parent)."""
+    value = _get(backend, op)
+    return "none" if value == _get(backend, "all") else value
+
+
+class _Snapshot:
+    """Everything a block here may change, to be written back at its end: the legacy flags where
+    they can be read (a mix of APIs makes torch's getters raise), then every per-operation
+    value as stored (:func:`_stored`) -- in that order, since the legacy setters write
+    per-operation values too."""
+
+    __slots__ = ("matmul", "cudnn", "nodes")
+
+    def __init__(self):
+        self.matmul, self.cudnn = _matmul_legacy(), _cudnn_legacy()
+        self.nodes = [(b, o, _stored(b, o)) for b, o in _NODES] if _get is not None else []
+
+    def restore(self) -> None:
+        if self.cudnn is not None:
+            torch._C._set_cudnn_allow_tf32(self.cudnn)
+        if self.matmul is not None:
+            torch._C._set_float32_matmul_precision(self.matmul)
+        for backend, op, value in self.nodes:
+            _set(backend, op, value)
+
+
+class matmul_tf32:
+    """cuBLAS's float32 GEMMs in TF32 (``want`` True) or exact (False) while the block runs; None:
+    untouched. Nothing is written where the setting already says ``want``; otherwise the legacy
+    setter writes it (it sets the legacy flag and cuBLAS's per-operation value alike, so neither
+    API's reader sees a mix, torch's own cuBLAS calls included) and the block's end writes back
+    what it found (:class:`_Snapshot`). The setting is process-wide: another thread's float32
+    GEMM launched meanwhile sees it too."""
+
+    __slots__ = ("want", "saved")
+
+    def __init__(self, want):
+        self.want = want
+        self.saved = None
 
     def __enter__(self):
-        self.cudnn, self.matmul = _cudnn_legacy(), _matmul_legacy()
-        self.old = {op: tf32(op) for op in OPS}
-        self.new = {op: _get("cuda", op) for op in OPS} if _get is not None else None
+        if self.want is not None and tf32("matmul") != self.want:
+            self.saved = _Snapshot()
+            torch._C._set_cublas_allow_tf32(self.want)
+        return self
+
+    def __exit__(self, *exc):
+        if self.saved is not None:
+            self.saved.restore()
+            self.saved = None
+        return False
+
+
+class exact_float32:
+    """TF32 off for every float32 product of torch's CUDA kernels and ours (matmul, conv, rnn)
+    while the block runs, through the legacy setters and each operation's own value, then back
+    to what it found (:class:`_Snapshot`)."""
+
+    def __enter__(self):
+        self.saved = _Snapshot()
         torch._C._set_cudnn_allow_tf32(False)
-        _set_matmul(False)
+        torch._C._set_cublas_allow_tf32(False)
         if _set is not None:
             for op in OPS:
                 _set("cuda", op, "ieee")
         return self
 
     def __exit__(self, *exc):
-        if self.cudnn is not None:
-            torch._C._set_cudnn_allow_tf32(self.cudnn)
-        if self.matmul is not None:
-            _restore_matmul(self.old["matmul"], self.matmul)
-        if self.new is not None:
-            for op, value in self.new.items():
-                _set("cuda", op, value)
+        self.saved.restore()
         return False

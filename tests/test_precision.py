@@ -143,3 +143,36 @@ def test_exact_float32_turns_tf32_off_everywhere_and_puts_it_back():
         assert state() == {"matmul": False, "conv": False, "rnn": False}
     assert state() == before == {"matmul": True, "conv": False, "rnn": True}
     """)
+
+
+def test_blocks_put_back_mixed_settings_and_inheritance():
+    """What the blocks found comes back exactly, in states that mix the APIs: "medium" with
+    cuBLAS's TF32 turned off per operation stays exact (set_float32_matmul_precision("medium")
+    alone would write TF32), the CPU's matmul setting is left as it was, and an inherited
+    ("none") cuBLAS setting keeps following a generic setting made afterwards."""
+    _run("""
+    g = torch._C._get_fp32_precision_getter
+    torch.set_float32_matmul_precision("medium")
+    torch.backends.cuda.matmul.fp32_precision = "ieee"
+    for block in (lambda: P.matmul_tf32(True), P.exact_float32):
+        with block():
+            pass
+        assert g("cuda", "matmul") == "ieee" and not P.tf32("matmul"), block
+        assert g("mkldnn", "matmul") == "bf16" and torch.get_float32_matmul_precision() == "medium"
+    torch.backends.mkldnn.matmul.fp32_precision = "ieee"
+    with P.exact_float32():
+        pass
+    assert g("mkldnn", "matmul") == "ieee"
+    """)
+    _run("""
+    g = torch._C._get_fp32_precision_getter
+    assert g("cuda", "matmul") == "none"  # torch's default: inherited (from nothing yet)
+    torch.backends.fp32_precision = "ieee"  # inherited from the generic setting now
+    assert g("cuda", "matmul") == "ieee"
+    with P.matmul_tf32(True):  # what every float32 cupy recurrent call does under the defaults
+        assert P.tf32("matmul")
+    with P.exact_float32():
+        pass
+    torch.backends.fp32_precision = "tf32"
+    assert P.tf32("matmul")  # still inherited: the later generic setting reaches it
+    """)
