@@ -54,11 +54,6 @@ def _cudnn_legacy():
         return None
 
 
-# the per-operation settings a block may write: the legacy setters write cuda's matmul / conv /
-# rnn values, and set_float32_matmul_precision (how "medium" comes back) the CPU's matmul too
-_NODES = (("cuda", "matmul"), ("cuda", "conv"), ("cuda", "rnn"), ("mkldnn", "matmul"))
-
-
 def _stored(backend: str, op: str) -> str:
     """What (backend, op) holds, as far as torch lets it be read: torch's getter gives the value
     resolved through inheritance, so one equal to what its parent resolves to is taken for an
@@ -68,21 +63,31 @@ def _stored(backend: str, op: str) -> str:
 
 
 class _Snapshot:
-    """Everything a block here may change, to be written back at its end: the legacy flags where
-    they can be read (a mix of APIs makes torch's getters raise), then every per-operation
-    value as stored (:func:`_stored`) -- in that order, since the legacy setters write
-    per-operation values too."""
+    """What a block here may change, to be written back at its end: the legacy flags where they
+    can be read (a mix of APIs makes torch's getters raise), then the per-operation values as
+    stored (:func:`_stored`) -- in that order, since the legacy setters write per-operation
+    values too. ``cudnn`` False: the matmul settings alone (what :class:`matmul_tf32` changes:
+    the legacy matmul flag and cuBLAS's value; the CPU's matmul value only where "medium" has to
+    come back through set_float32_matmul_precision, which writes it)."""
 
     __slots__ = ("matmul", "cudnn", "nodes")
 
-    def __init__(self):
-        self.matmul, self.cudnn = _matmul_legacy(), _cudnn_legacy()
-        self.nodes = [(b, o, _stored(b, o)) for b, o in _NODES] if _get is not None else []
+    def __init__(self, cudnn: bool):
+        self.matmul = _matmul_legacy()
+        self.cudnn = _cudnn_legacy() if cudnn else None
+        nodes = [("cuda", "matmul")] if _get is not None else []
+        if nodes and (cudnn or self.matmul == "medium"):
+            nodes.append(("mkldnn", "matmul"))
+        if nodes and cudnn:
+            nodes += [("cuda", "conv"), ("cuda", "rnn")]
+        self.nodes = [(b, o, _stored(b, o)) for b, o in nodes]
 
     def restore(self) -> None:
         if self.cudnn is not None:
             torch._C._set_cudnn_allow_tf32(self.cudnn)
-        if self.matmul is not None:
+        if self.matmul in ("high", "highest"):
+            torch._C._set_cublas_allow_tf32(self.matmul == "high")  # (leaves the CPU's value alone)
+        elif self.matmul is not None:
             torch._C._set_float32_matmul_precision(self.matmul)
         for backend, op, value in self.nodes:
             _set(backend, op, value)
@@ -104,7 +109,7 @@ class matmul_tf32:
 
     def __enter__(self):
         if self.want is not None and tf32("matmul") != self.want:
-            self.saved = _Snapshot()
+            self.saved = _Snapshot(cudnn=False)
             torch._C._set_cublas_allow_tf32(self.want)
         return self
 
@@ -121,7 +126,7 @@ class exact_float32:
     to what it found (:class:`_Snapshot`)."""
 
     def __enter__(self):
-        self.saved = _Snapshot()
+        self.saved = _Snapshot(cudnn=True)
         torch._C._set_cudnn_allow_tf32(False)
         torch._C._set_cublas_allow_tf32(False)
         if _set is not None:
