@@ -914,6 +914,13 @@ def test_tensor_lr_steps_like_a_float_and_refuses_a_graph_capture(cls, monkeypat
     with pytest.raises(KernelInputError, match="tensor lr cannot be captured"):
         o1.step()
     assert torch.equal(ours[0].detach(), before)
+    fresh = [torch.nn.Parameter(torch.randn(5, 3))]
+    fresh[0].grad = torch.randn(5, 3)
+    o3 = cls(fresh, lr=lr, **kw)
+    made = {p: sorted(st) for p, st in o3.state.items()}  # (Adagrad makes its sum at construction, as torch's)
+    with pytest.raises(KernelInputError, match="tensor lr cannot be captured"):
+        o3.step()  # a first step: refused before any state is made (a graph would never fill it)
+    assert {p: sorted(st) for p, st in o3.state.items()} == made
     o1.param_groups[0]["lr"] = 0.05
     o1.step()  # a float lr steps under the (simulated) capture
     assert not torch.equal(ours[0].detach(), before)

@@ -54,24 +54,27 @@ def _lr_value(lr):
 
 
 def _lr(group) -> float:
-    """The group's learning rate as our kernels take it: a float, read on the host. A tensor lr
-    (torch's way to vary it under CUDA graphs: capturable / fused optimizers read it on the
-    device) is read on the host too, which syncs with a CUDA tensor's stream; inside a CUDA graph
-    capture that read is not permitted (a CUDA tensor), and whatever it read would be fixed into
-    the graph while a scheduler changing the tensor expects replays to follow it (any tensor).
-    So a capture with a tensor lr is refused, before any kernel is recorded; a float lr is
-    captured as torch captures one (replays use that value)."""
-    lr = group["lr"]
-    if isinstance(lr, Tensor):
+    """The group's learning rate as our kernels take it: a float, read on the host (a tensor lr,
+    a CUDA one syncing with its stream; :func:`_refuse_captured_tensor_lr` keeps it out of a
+    CUDA graph capture)."""
+    return float(group["lr"])
+
+
+def _refuse_captured_tensor_lr(groups) -> None:
+    """A tensor lr (torch's way to vary it under CUDA graphs: capturable / fused optimizers read
+    it on the device) inside a CUDA graph capture: refused, before the step does anything (no
+    state made, no kernel recorded). Our kernels take the value: reading a CUDA tensor on the host
+    is not permitted while capturing, and whatever were read would be fixed into the graph while
+    a scheduler changing the tensor expects replays to follow it. A float lr is captured as torch
+    captures one (replays use that value)."""
+    for group in groups:
         params = group["params"]
-        if params and _capturing(params[0].device):
+        if isinstance(group["lr"], Tensor) and params and _capturing(params[0].device):
             raise KernelInputError(
                 "gpu_nn.optim: a tensor lr cannot be captured into a CUDA graph (our kernels take the "
                 "learning rate as a value, so replays could not follow changes to the tensor); pass a "
                 "float lr to capture the step, or use torch.optim with capturable=True"
             )
-        return float(lr)
-    return float(lr)
 
 
 def _no_differentiable(name: str, differentiable: bool) -> None:
@@ -348,6 +351,7 @@ class _Base(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        _refuse_captured_tensor_lr(self.param_groups)
         plans = self._plans
         for group in self.param_groups:
             key, current = _grad_key(group["params"])
