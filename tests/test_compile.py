@@ -406,6 +406,48 @@ def test_launch_streams_are_made_once_without_cupys_deprecated_class(monkeypatch
     assert len(kcuda._STREAMS) == 1  # cleared when full, then this one kept
 
 
+def test_launch_runs_inside_the_device_then_a_kept_stream(monkeypatch):
+    """kcuda.launch enters the tensor's device, then the stream object made once for torch's
+    current stream there (CuPy 14's Stream.from_external takes the current device as the
+    stream's), and launches inside both; a second launch on the same stream makes none."""
+    import sys
+    import types
+
+    import numpy as np
+    import torch
+
+    events = []
+
+    class Ctx:
+        def __init__(self, what):
+            self.what = what
+
+        def __enter__(self):
+            events.append(("enter", self.what))
+
+        def __exit__(self, *exc):
+            events.append(("exit", self.what))
+
+    class Stream:
+        @classmethod
+        def from_external(cls, obj):
+            events.append(("made", obj.__cuda_stream__()))
+            return Ctx(("stream", obj.__cuda_stream__()[1]))
+
+    fake = types.SimpleNamespace(cuda=types.SimpleNamespace(Stream=Stream, Device=lambda i: Ctx(("device", i))))
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    monkeypatch.setattr(kcuda, "_STREAMS", {})
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: types.SimpleNamespace(cuda_stream=0xABC))
+    monkeypatch.setattr(kcuda, "function", lambda mod, k: lambda grid, block, args, shared_mem=0: events.append(
+        ("launch", k, grid, block)))
+    for _ in range(2):
+        kcuda.launch("mod", "kern", (3,), (256,), (np.int32(1),), device=1)
+    assert events == [("enter", ("device", 1)), ("made", (0, 0xABC)), ("enter", ("stream", 0xABC)),
+                      ("launch", "kern", (3,), (256,)), ("exit", ("stream", 0xABC)), ("exit", ("device", 1))] + [
+        ("enter", ("device", 1)), ("enter", ("stream", 0xABC)), ("launch", "kern", (3,), (256,)),
+        ("exit", ("stream", 0xABC)), ("exit", ("device", 1))]
+
+
 def test_straight_path_follows_the_guards_and_stops_at_a_loop():
     from gpu_nn.kernels.sass import straight_path
 
