@@ -1412,11 +1412,23 @@ def test_persistent_cooperative_launch_matches_per_step_on_gpu(mode, rng, monkey
     step = _persist_run(mode, "triton", torch.float32, x, hx, params, mk, lens, L, bi, True)
     monkeypatch.setenv(_PERSIST_ENV, "1")
     monkeypatch.setattr(kt, "COOPERATIVE", True)
+    compiled = []
+    real = kt.launch_kernel
+
+    def spy(kernel, grid, *args, **kwargs):
+        got = real(kernel, grid, *args, **kwargs)
+        if "_persist" in kernel.fn.__name__:
+            compiled.append(got)
+        return got
+
+    monkeypatch.setattr(kt, "launch_kernel", spy)
     for _ in range(2):
         pers = _persist_run(mode, "triton", torch.float32, x, hx, params, mk, lens, L, bi, True)
         for a, b in zip([*pers[0], *pers[2]], [*step[0], *step[2]]):
             assert_close(a.detach().cpu(), b.detach().cpu().double(), torch.float32, k=T * B * 4 * H,
                          what=f"{mode} cooperative vs per-step")
+    # the option reached the compiled kernels the driver launched (their launcher reads it there)
+    assert compiled and all(c.metadata.launch_cooperative_grid for c in compiled)
 
 
 def test_relu_recurrence_at_nan_inf_and_zero_is_torchs(rng):
