@@ -463,10 +463,8 @@ def on_device(fn):
     def run(*args, **kwargs):
         t = args[0] if args else next(iter(kwargs.values()), None)
         if isinstance(t, torch.Tensor) and t.is_cuda:
-            index = t.get_device()
-            if index != _get_device():
-                with torch.cuda.device(index):
-                    return fn(*args, **kwargs)
+            with _index_guard(t.get_device()):
+                return fn(*args, **kwargs)
         return fn(*args, **kwargs)
 
     run.__signature__ = sig
@@ -476,12 +474,16 @@ def on_device(fn):
 _NO_GUARD = contextlib.nullcontext()
 
 
+def _index_guard(index: int):
+    """A block with CUDA device ``index`` current where another is, else a no-op block."""
+    return torch.cuda.device(index) if index != _get_device() else _NO_GUARD
+
+
 def device_guard(device):
-    """A block with ``device`` (a CUDA ``torch.device`` with an index) as the current CUDA device
-    where another is current (:func:`on_device`'s guard, for the optimizers and clipping, which
-    are not custom ops), else a no-op block."""
-    if device.type == "cuda" and device.index is not None and device.index != _get_device():
-        return torch.cuda.device(device.index)
+    """:func:`on_device`'s guard for a ``torch.device`` (the optimizers and clipping, which are not
+    custom ops): a CUDA device with an index made current, else a no-op block."""
+    if device.type == "cuda" and device.index is not None:
+        return _index_guard(device.index)
     return _NO_GUARD
 
 
