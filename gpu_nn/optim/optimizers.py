@@ -53,13 +53,6 @@ def _lr_value(lr):
     return lr
 
 
-def _lr(group) -> float:
-    """The group's learning rate as our kernels take it: a float, read on the host (a tensor lr,
-    a CUDA one syncing with its stream; :func:`_refuse_captured_tensor_lr` keeps it out of a
-    CUDA graph capture)."""
-    return float(group["lr"])
-
-
 def _refuse_captured_tensor_lr(groups) -> None:
     """A tensor lr (torch's way to vary it under CUDA graphs: capturable / fused optimizers read
     it on the device) inside a CUDA graph capture: refused, before the step does anything (no
@@ -447,7 +440,7 @@ class SGD(_Base):
         return dict(momentum_buffer=bufs, first=first)
 
     def _hp(self, group):
-        return dict(lr=_lr(group), momentum=group["momentum"], dampening=group["dampening"],
+        return dict(lr=float(group["lr"]), momentum=group["momentum"], dampening=group["dampening"],
                     weight_decay=float(group["weight_decay"]), nesterov=group["nesterov"],
                     maximize=group.get("maximize", False))
 
@@ -500,7 +493,7 @@ class Adagrad(_Base):
         return dict(step=steps, sum=sums)
 
     def _hp(self, group):
-        return dict(lr=_lr(group), lr_decay=group["lr_decay"], weight_decay=group["weight_decay"],
+        return dict(lr=float(group["lr"]), lr_decay=group["lr_decay"], weight_decay=group["weight_decay"],
                     eps=group["eps"], maximize=group.get("maximize", False))
 
     def _integral_error(self, group, dtype):
@@ -545,7 +538,7 @@ class Adadelta(_Base):
         return dict(step=steps, square_avg=sq, acc_delta=acc)
 
     def _hp(self, group):
-        return dict(lr=_lr(group), rho=group["rho"], eps=group["eps"], weight_decay=group["weight_decay"],
+        return dict(lr=float(group["lr"]), rho=group["rho"], eps=group["eps"], weight_decay=group["weight_decay"],
                     maximize=group.get("maximize", False))
 
     def _integral_error(self, group, dtype):
@@ -595,7 +588,7 @@ class RMSprop(_Base):
         return dict(step=steps, square_avg=sq, grad_avg=ga, momentum_buffer=mb)
 
     def _hp(self, group):
-        return dict(lr=_lr(group), alpha=group["alpha"], eps=group["eps"], weight_decay=group["weight_decay"],
+        return dict(lr=float(group["lr"]), alpha=group["alpha"], eps=group["eps"], weight_decay=group["weight_decay"],
                     momentum=group["momentum"], centered=group["centered"], maximize=group.get("maximize", False))
 
     def _lerps(self, group):
@@ -657,7 +650,7 @@ class Adam(_Base):
 
     def _hp(self, group):
         beta1, beta2 = (float(b) for b in group["betas"])
-        return dict(lr=_lr(group), beta1=beta1, beta2=beta2, eps=group["eps"],
+        return dict(lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
                     weight_decay=group["weight_decay"], amsgrad=group["amsgrad"], maximize=group.get("maximize", False),
                     decoupled_weight_decay=group.get("decoupled_weight_decay", False))
 
