@@ -33,8 +33,8 @@ import torch
 from torch import Tensor
 
 from .. import _backend
-from .._precision import tf32 as _tf32
 from .._errors import KernelInputError, KernelInputTypeError
+from .._precision import tf32 as _tf32
 from ..check import CheckCase
 from ..reference import conv as ref
 from ._dispatch import (

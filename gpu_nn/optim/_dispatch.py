@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 
 from .. import _backend
-from ..ops._dispatch import device_guard
 from .._errors import KernelInputError
+from ..ops._dispatch import device_guard
 from ..reference import optim as ref
 
 BACKENDS = {

@@ -1075,6 +1075,7 @@ def persist_launch(mode: str, dot: int, has_bhh: bool) -> tuple[int, int]:
 
 
 PERSIST_MAX_B = 64  # four batch tiles; the ops' heuristic takes it by default up to one (B <= 16)
+PERSIST_MAX_H = 1024
 
 # The persistent kernels' grid barrier needs every program resident at once. The grid is capped at
 # the SM count and one program of any configuration fits an SM (108 sm_90 specs: at most 32K
@@ -1091,7 +1092,6 @@ COOPERATIVE = os.environ.get(COOPERATIVE_ENV, "0") == "1"
 def _launch_options() -> dict:
     """The persistent launches' extra launch options (none by default: see COOPERATIVE)."""
     return {"launch_cooperative_grid": True} if COOPERATIVE else {}
-PERSIST_MAX_H = 1024
 
 
 def persist_tiles(B: int, H: int) -> int:
