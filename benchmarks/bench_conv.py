@@ -16,6 +16,7 @@ cases forward only, but for the 56x56 3x3 stage forward+backward in both layouts
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -156,15 +157,10 @@ def block_case(device, dtype, providers=("torch", "triton"), n=None) -> harness.
             def run():
                 nonlocal g
                 x, params = nxt()
-                if backend is None:
+                with contextlib.nullcontext() if backend is None else gpu_nn.backend(backend):
                     y = forward(x, *params)
                     g = torch.randn_like(y) if g is None else g
                     torch.autograd.grad(y, params, g)
-                else:
-                    with gpu_nn.backend(backend):
-                        y = forward(x, *params)
-                        g = torch.randn_like(y) if g is None else g
-                        torch.autograd.grad(y, params, g)
                 return y
 
             return run

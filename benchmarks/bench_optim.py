@@ -61,16 +61,6 @@ def _setup(cls, sizes, dtype, device, backend=None, **kw):
     return setup
 
 
-def _others():
-    """(name, torch class, our class, float32 state tensors per parameter, keyword arguments)
-    of the optimizers beside Adam / AdamW / RMSprop."""
-    import gpu_nn.optim as go
-
-    return (("sgd momentum", torch.optim.SGD, go.SGD, 1, {"lr": 1e-3, "momentum": 0.9}),
-            ("adagrad", torch.optim.Adagrad, go.Adagrad, 1, {"lr": 1e-2}),
-            ("adadelta", torch.optim.Adadelta, go.Adadelta, 2, {}))
-
-
 def fused_on(cls, device: str, dtype) -> bool:
     """Whether torch's ``cls`` takes ``fused=True`` for ``dtype`` parameters on ``device`` (a
     constructor without the argument, or a device or dtype its fused kernels lack, says no):
@@ -87,8 +77,11 @@ def fused_on(cls, device: str, dtype) -> bool:
 def cases(device: str, quick: bool) -> list[harness.Case]:
     import gpu_nn.optim as go
 
-    OTHERS = _others()
-
+    # the optimizers beside Adam / AdamW / RMSprop: (name, torch class, ours, float32 state
+    # tensors per parameter, keyword arguments)
+    others = (("sgd momentum", torch.optim.SGD, go.SGD, 1, {"lr": 1e-3, "momentum": 0.9}),
+              ("adagrad", torch.optim.Adagrad, go.Adagrad, 1, {"lr": 1e-2}),
+              ("adadelta", torch.optim.Adadelta, go.Adadelta, 2, {}))
     out = []
     if device == "cpu":
         n = sum(CPU_SIZES)
@@ -119,7 +112,7 @@ def cases(device: str, quick: bool) -> list[harness.Case]:
                                         device="cuda", bytes=bytes_, providers=providers))
             # the other optimizers of ours (issue 14's goal: <= 1.0x torch fused=True where torch
             # has one on this device, else <= 0.8x foreach): SGD with momentum, Adagrad, Adadelta
-            for name, tcls, ocls, state, kw in OTHERS:
+            for name, tcls, ocls, state, kw in others:
                 bytes_ = total * (3 * pb + 2 * 4 * state)
                 fused = fused_on(tcls, device, dtype)
                 providers = {

@@ -500,7 +500,6 @@ def test_cnn_block_case_computes_the_same_block_as_torch():
     from gpu_nn.benchmarks import bench_conv
 
     backend = "reference"
-
     case = bench_conv.block_case("cpu", torch.float32, providers=("torch", backend), n=2)
     grads = {}
     real = torch.autograd.grad
@@ -592,6 +591,7 @@ def test_dense_gpu_cases_time_float32_linear_under_both_tf32_settings(monkeypatc
     import torch
 
     from gpu_nn.benchmarks import bench_dense
+    from gpu_nn.ops import dense as ops
 
     real = bench_dense._linear_inputs
     monkeypatch.setattr(bench_dense, "_linear_inputs", lambda M, K, N, device, dtype: real(3, 5, 4, "cpu", dtype))
@@ -605,8 +605,6 @@ def test_dense_gpu_cases_time_float32_linear_under_both_tf32_settings(monkeypatc
     for case in cases[:4]:
         case.providers["torch"]()()
     assert seen == [before, before, True, True] and torch.backends.cuda.matmul.allow_tf32 == before
-    from gpu_nn.ops import dense as ops
-
     ours = []
     real_allowed = ops._tf32_allowed
     monkeypatch.setattr(ops, "_tf32_allowed", lambda: ours.append(real_allowed()) or ours[-1])
