@@ -18,6 +18,7 @@ op and a bare custom op around a clone (``floor``) on the same inputs::
     .venv/bin/python -m gpu_nn.benchmarks.host_cost --optim           # optimizer steps
     .venv/bin/python -m gpu_nn.benchmarks.host_cost --demo            # the demo's training steps
     .venv/bin/python -m gpu_nn.benchmarks.host_cost --demo --profile lstm  # cProfile of one
+    .venv/bin/python -m gpu_nn.benchmarks.host_cost --demo --fuse cnn      # demo --fuse's model
 
 Must run in a fresh process: the environment is set before the kernels are imported.
 """
@@ -155,18 +156,21 @@ DEMO_PHASES = ("zero_grad", "forward", "loss", "backward", "clip", "step")
 DEMO_STEPS = 20  # steps per sample
 
 
-def _demo_side(model: str, grads_stable: bool):
+def _demo_side(model: str, grads_stable: bool, fuse: bool = False):
     """{phase: callable} in DEMO_PHASES order: the demo's model, optimizer, loss and clipping (its
     HYPER, its batch size of the digits), every phase of one training step a callable of its own. ``grads_stable``: gradients zeroed in place, not
     set to None, so every backward writes the same blocks -- what a GPU's caching allocator
     normally gives the optimizer (CPU gradients otherwise come back at new addresses, and the
-    optimizer's per-address tables miss)."""
+    optimizer's per-address tables miss). ``fuse``: the model through ``gpu_nn.fuse`` (the demo's
+    ``--fuse``)."""
     import gpu_nn
     from gpu_nn import demo
 
     hp = demo.HYPER[model]
     torch.manual_seed(0)
     net = demo.build(model, gpu_nn.nn)
+    if fuse:
+        net = gpu_nn.fuse(net)
     opt = getattr(gpu_nn.optim, hp["optimizer"])(net.parameters(), lr=hp["lr"])
     loss_fn = gpu_nn.nn.CrossEntropyLoss()
     clip = gpu_nn.nn.utils.clip_grad_norm_
@@ -198,7 +202,7 @@ def _demo_side(model: str, grads_stable: bool):
 
 
 def measure_demo(models=("cnn", "lstm", "gru"), clock=time.thread_time, grads_stable: bool = True,
-                 samples: int = SAMPLES, steps: int = DEMO_STEPS) -> dict:
+                 samples: int = SAMPLES, steps: int = DEMO_STEPS, fuse: bool = False) -> dict:
     """model -> {"us": {phase: microseconds per training step, "total": their sum}, "launches":
     {phase: kernel launches per step, "total"}}: the host cost of the demo's training step on the
     Triton path, launches no-op (median of ``samples`` samples of ``steps`` steps per phase), and
@@ -208,7 +212,7 @@ def measure_demo(models=("cnn", "lstm", "gru"), clock=time.thread_time, grads_st
     torch.set_num_threads(1)
     out = {}
     for model in models:
-        phases = _demo_side(model, grads_stable)
+        phases = _demo_side(model, grads_stable, fuse)
         times = {k: [] for k in phases}
         with gpu_nn.backend("triton"):
             for _ in range(3):  # warm-up: plans, tables, first-use imports
@@ -235,10 +239,10 @@ def measure_demo(models=("cnn", "lstm", "gru"), clock=time.thread_time, grads_st
     return out
 
 
-def profile_demo(model: str, top: int = 40) -> None:
+def profile_demo(model: str, top: int = 40, fuse: bool = False) -> None:
     import gpu_nn
 
-    phases = _demo_side(model, True)
+    phases = _demo_side(model, True, fuse)
 
     def body(n):
         with gpu_nn.backend("triton"):
@@ -304,6 +308,7 @@ def main(argv=None) -> int:
                    help="the demo's training steps (ops: the models, default all), phase by phase")
     p.add_argument("--new-grads", action="store_true",
                    help="with --demo: gradients set to None each step, as the demo does (new CPU addresses)")
+    p.add_argument("--fuse", action="store_true", help="with --demo: the model through gpu_nn.fuse (demo --fuse)")
     p.add_argument("--samples", type=int, default=SAMPLES, help="with --demo: samples per phase (median)")
     p.add_argument("--steps", type=int, default=DEMO_STEPS, help="with --demo: training steps per sample")
     a = p.parse_args(argv)
@@ -311,14 +316,14 @@ def main(argv=None) -> int:
     patch_launches()
     if a.profile:
         if a.demo:
-            profile_demo(a.profile)
+            profile_demo(a.profile, fuse=a.fuse)
         else:
             profile(a.profile, backward=not a.fwd)
         return 0
     clock = time.thread_time if a.clock == "thread" else time.perf_counter
     if a.demo:
         res = measure_demo(tuple(a.ops) or ("cnn", "lstm", "gru"), clock, grads_stable=not a.new_grads,
-                           samples=a.samples, steps=a.steps)
+                           samples=a.samples, steps=a.steps, fuse=a.fuse)
         print(f"{'model':<7}" + "".join(f"{k:>11}" for k in (*DEMO_PHASES, "total")) + "   per training step")
         for m, row in res.items():
             print(f"{m:<7}" + "".join(f"{row['us'][k]:>11.1f}" for k in (*DEMO_PHASES, "total")) + "   us")

@@ -1,7 +1,8 @@
 """gpu-nn: classic deep-learning layers as our own GPU kernels.
 
 Import ``gpu_nn.functional as F``, ``gpu_nn.nn as nn`` and ``gpu_nn.optim as optim`` in
-place of torch's, or call :func:`gpu_nn.convert` on an existing model.
+place of torch's, or call :func:`gpu_nn.convert` on an existing model; :func:`gpu_nn.fuse`
+fuses its convolution / linear -> activation pairs.
 """
 
 from ._backend import available_backends, backend, status as backend_status
@@ -11,6 +12,7 @@ __version__ = "0.1.0"
 
 from . import functional, nn, optim  # noqa: E402  (registers the custom ops)
 from .convert import convert  # noqa: E402
+from .fuse import fuse  # noqa: E402
 from .nn._jit import ScriptingNotSupportedError  # noqa: E402
 
 __all__ = [
@@ -24,6 +26,7 @@ __all__ = [
     "backend_status",
     "convert",
     "functional",
+    "fuse",
     "nn",
     "optim",
 ]

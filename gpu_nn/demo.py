@@ -216,14 +216,16 @@ def train_pair(model: str, epochs: int | None = None, device: str = "cpu", backe
                subset: int | None = None, seed: int = 0, ours: Impl | None = None,
                batch_size: int | None = None, lr: float | None = None, progress: bool = True,
                keep_models: bool = False, compile: bool | None = None, compile_backend: str = "inductor",
-               compile_mode: str | None = None) -> dict:
+               compile_mode: str | None = None, fuse: bool = False) -> dict:
     """Train ``model`` built from ``ours`` (default gpu_nn) and its torch twin side by side.
 
     Both start from the same weights and take the same batches; each step runs ours (under
     ``gpu_nn.backend(backend)``) then the twin. Returns the figures of the JSON report, with
     per-step losses ``loss_curve`` / ``torch_loss_curve``; with ``keep_models`` also the two
     trained modules under ``models``. ``compile`` (truthy) wraps both models in
-    ``torch.compile(backend=compile_backend, mode=compile_mode)``.
+    ``torch.compile(backend=compile_backend, mode=compile_mode)``. ``fuse``: ours is
+    ``gpu_nn.fuse`` of its model (each convolution / linear -> ReLU pair one layer; the twin stays
+    as built, the same weights through the unchanged state_dict keys).
     """
     import gpu_nn
 
@@ -240,6 +242,8 @@ def train_pair(model: str, epochs: int | None = None, device: str = "cpu", backe
     with gpu_nn.backend(backend):  # an unusable backend fails here, before any work
         torch.manual_seed(seed)
         net = build(model, ours.nn).to(device)
+        if fuse:
+            net = gpu_nn.fuse(net)
     twin = build(model, twin_impl.nn).to(device)
     twin.load_state_dict(net.state_dict())
     opt = getattr(ours.optim, hp["optimizer"])(net.parameters(), lr=lr)
@@ -298,6 +302,7 @@ def train_pair(model: str, epochs: int | None = None, device: str = "cpu", backe
         "torch_warmup_seconds": round(twin_warmup, 3),
         "steady_state": epochs > 1,
         "compile": None if compile is None else {"backend": compile_backend, "mode": compile_mode},
+        "fused": bool(fuse),
         "epochs": epochs,
         "backend": backend_label(backend, device, ours),
         "device": str(device),
@@ -393,6 +398,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--compile-mode", default=None,
                         help="torch.compile mode for --compile (default: reduce-overhead, i.e. CUDA graphs, on cuda "
                              "with inductor; torch's default otherwise)")
+    parser.add_argument("--fuse", action="store_true",
+                        help="our model through gpu_nn.fuse: each convolution / linear -> ReLU pair one layer with "
+                             "the activation in its epilogue (the CNN's three; the recurrent models have none)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--ours-from", choices=("gpu_nn", "torch"), default="gpu_nn",
                         help="build 'ours' from gpu_nn (default) or, as a self-check of the demo itself, from torch")
@@ -410,6 +418,8 @@ def run(args) -> int:
         raise SystemExit("gpu-nn demo: --subset must be >= 1")
     if args.threads is not None and args.threads >= 1:
         torch.set_num_threads(args.threads)
+    if args.fuse and args.ours_from != "gpu_nn":
+        raise SystemExit("gpu-nn demo: --fuse makes gpu_nn layers; it cannot go with --ours-from torch")
     ours = gpu_nn_impl() if args.ours_from == "gpu_nn" else torch_impl()
     models = MODELS if args.model == "all" else (args.model,)
     results = {}
@@ -420,7 +430,7 @@ def run(args) -> int:
     for m in models:
         results[m] = train_pair(m, args.epochs, device, args.backend, args.subset, args.seed, ours,
                                 progress=not args.no_progress, compile=args.compile,
-                                compile_backend=args.compile_backend, compile_mode=mode)
+                                compile_backend=args.compile_backend, compile_mode=mode, fuse=args.fuse)
     console = Console()
     if not console.is_terminal:  # logs and pipes: wide enough that cells do not wrap
         console = Console(width=160)

@@ -125,3 +125,22 @@ def test_compile_flags_reach_both_twins(monkeypatch, tmp_path):
     assert main(["demo", "--model", "cnn", "--no-progress"]) == 0
     assert seen[0]["compile"] is True and seen[0]["compile_backend"] == "aot_eager" and seen[0]["compile_mode"] is None
     assert seen[1]["compile"] is False
+    assert main(["demo", "--model", "cnn", "--fuse", "--no-progress"]) == 0
+    assert seen[1]["fuse"] is False and seen[2]["fuse"] is True
+
+
+def test_fuse_trains_ours_fused_against_the_unfused_twin(monkeypatch):
+    """--fuse: our CNN through gpu_nn.fuse (its three layer -> ReLU pairs fused), the twin as
+    built; the twin still gets our weights (same state_dict keys) and the two match step by step."""
+    r = demo.train_pair("cnn", epochs=1, subset=SUBSET, backend="reference", progress=False, keep_models=True,
+                        fuse=True)
+    net, twin = r["models"]
+    assert r["fused"] is True and isinstance(net, torch.fx.GraphModule)
+    assert [net.get_submodule(n).activation for n in ("conv1", "conv2", "fc1")] == ["relu"] * 3
+    assert not any(isinstance(m, torch.nn.ReLU) for m in net.modules())
+    np.testing.assert_allclose(r["loss_curve"], r["torch_loss_curve"], rtol=1e-4, atol=1e-6)
+    seen = []
+    monkeypatch.setattr(demo, "train_pair", lambda model, *a, **kw: seen.append(kw) or pytest.skip("not reached"))
+    with pytest.raises(SystemExit, match="--fuse makes gpu_nn layers"):
+        main(["demo", "--model", "cnn", "--fuse", "--ours-from", "torch", "--no-progress"])
+    assert not seen

@@ -290,7 +290,7 @@ def test_gpu_measure_script_steps_summary_and_archive(tmp_path):
     assert r.returncode == 1, r.stdout + r.stderr  # the profile failed
     summary = (out / "summary.txt").read_text()
     steps = [line.split(":")[0] for line in summary.splitlines() if not line.startswith(" ")]
-    assert steps == ["sweep", "rnn", "profile", "demo", "demo-profile", "kernel_counts", "demo-compile",
+    assert steps == ["sweep", "rnn", "profile", "demo", "demo-profile", "demo-fuse", "kernel_counts", "demo-compile",
                      "demo-persistent-lstm", "demo-persistent-gru", "total"]
     assert "  sweep: 191 rows, complete" in summary and "  profile: 20 of 22" in summary
     assert "  demo profile: 6 of 6 regions profiled" in summary
@@ -308,8 +308,9 @@ def test_gpu_measure_script_steps_summary_and_archive(tmp_path):
     assert f"-m gpu_nn.benchmarks.kernel_counts --out {out}/counts.json" in calls
     demo = [c for c in calls if c.startswith("-m gpu_nn.cli demo ")]
     assert demo[0] == f"-m gpu_nn.cli demo --epochs 3 --json {out}/demo.json --no-progress"
-    assert demo[1] == f"-m gpu_nn.cli demo --epochs 3 --compile --json {out}/demo-compile.json --no-progress"
-    for m, call in zip(("lstm", "gru"), demo[2:]):
+    assert demo[1] == f"-m gpu_nn.cli demo --model cnn --epochs 3 --fuse --json {out}/demo-fuse.json --no-progress"
+    assert demo[2] == f"-m gpu_nn.cli demo --epochs 3 --compile --json {out}/demo-compile.json --no-progress"
+    for m, call in zip(("lstm", "gru"), demo[3:]):
         assert call == (f"-m gpu_nn.cli demo --model {m} --epochs 3 --backend triton --json {out}/demo-persistent-{m}.json"
                         " --no-progress")
     with tarfile.open(str(out) + ".tgz") as tar:
@@ -328,6 +329,7 @@ def test_gpu_measure_script_installs_when_needed_and_skips_what_the_budget_canno
     assert "install: skipped (no time left of 3s)" in summary
     assert "sweep: skipped" in summary and "rnn: skipped" in summary and "profile: skipped" in summary
     assert "demo-compile: skipped" in summary and "demo-profile: skipped" in summary
+    assert "demo-fuse: skipped" in summary
     assert not any("gpu_nn.benchmarks.sweep" in c for c in calls)
     assert r.returncode == 1  # nothing was measured
     assert (pathlib.Path(str(out) + ".tgz")).exists()

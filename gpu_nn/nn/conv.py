@@ -4,6 +4,9 @@ Subclasses of torch's modules, so the constructor, parameters (``weight`` [O, C/
 ``bias`` [O]), initialisation, ``extra_repr`` and ``state_dict`` are torch's own; only the
 forward differs. ``padding_mode`` other than ``'zeros'`` is not supported (it raises
 ``KernelInputError`` at construction and in forward, should the attribute be changed later).
+As ``Linear``, both take a keyword-only ``activation=None`` ('relu', 'sigmoid', 'tanh') fused
+after the bias (not a parameter or buffer: state_dicts stay interchangeable with torch's);
+:func:`gpu_nn.fuse` sets it on a model's convolution -> activation pairs.
 """
 
 from __future__ import annotations
@@ -13,9 +16,22 @@ from torch import Tensor
 
 from .._errors import KernelInputError
 from ..ops import conv as _conv
+from ..ops.dense import ACTIVATIONS
 from ._jit import NotScriptable
 
 __all__ = ["Conv1d", "Conv2d"]
+
+
+def _activation(cls: str, kwargs: dict):
+    act = kwargs.pop("activation", None)
+    if act not in ACTIVATIONS:
+        raise KernelInputError(f"{cls}: unknown activation {act!r}; expected one of {ACTIVATIONS}")
+    return act
+
+
+def _extra(module, s: str) -> str:
+    act = getattr(module, "activation", None)
+    return s + (f", activation={act!r}" if act is not None else "")
 
 
 def _check_mode(module) -> None:
@@ -27,24 +43,38 @@ def _check_mode(module) -> None:
 
 
 class Conv1d(NotScriptable, torch.nn.Conv1d):
-    """As ``torch.nn.Conv1d`` (input [N, C, L] or [C, L]); padding_mode 'zeros' only."""
+    """As ``torch.nn.Conv1d`` (input [N, C, L] or [C, L]); padding_mode 'zeros' only; plus
+    ``activation`` (ours only, keyword-only, default None) fused after the bias."""
 
     def __init__(self, *args, **kwargs):
+        act = _activation("Conv1d", kwargs)
         super().__init__(*args, **kwargs)
         _check_mode(self)
+        self.activation = act
 
     def forward(self, input: Tensor) -> Tensor:
         _check_mode(self)
-        return _conv.conv1d(input, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return _conv.conv1d(input, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups,
+                             activation=getattr(self, "activation", None))
+
+    def extra_repr(self) -> str:
+        return _extra(self, super().extra_repr())
 
 
 class Conv2d(NotScriptable, torch.nn.Conv2d):
-    """As ``torch.nn.Conv2d`` (input [N, C, H, W] or [C, H, W]); padding_mode 'zeros' only."""
+    """As ``torch.nn.Conv2d`` (input [N, C, H, W] or [C, H, W]); padding_mode 'zeros' only; plus
+    ``activation`` (ours only, keyword-only, default None) fused after the bias."""
 
     def __init__(self, *args, **kwargs):
+        act = _activation("Conv2d", kwargs)
         super().__init__(*args, **kwargs)
         _check_mode(self)
+        self.activation = act
 
     def forward(self, input: Tensor) -> Tensor:
         _check_mode(self)
-        return _conv.conv2d(input, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return _conv.conv2d(input, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups,
+                             activation=getattr(self, "activation", None))
+
+    def extra_repr(self) -> str:
+        return _extra(self, super().extra_repr())

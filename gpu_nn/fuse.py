@@ -1,0 +1,167 @@
+"""``gpu_nn.fuse``: a model's convolution / linear -> activation pairs as one fused layer each.
+
+Our Conv1d, Conv2d and Linear compute an activation in their epilogue (``activation='relu'``,
+'sigmoid' or 'tanh'): one kernel and one autograd node where the unfused pair has two of each,
+and one pass less over the activation's tensor forward and backward. ``fuse`` finds those pairs
+in a model by tracing it with ``torch.fx`` and returns a ``torch.fx.GraphModule`` that computes
+the same function with each pair fused. Nothing of ``model`` changes: the fused layers are
+shallow copies of its layers that share their parameter tensors (so an optimizer built on
+``model.parameters()`` trains both, and ``state_dict`` keys stay those of ``model``), and every
+other layer is ``model``'s own object.
+
+A pair is fused when the layer's output goes to the activation alone and nothing observes it
+in between: no hooks (forward or backward, the modules' own or global) on either module, the layer not already fused and called only
+there, a convolution with ``padding_mode='zeros'``. The layer may be torch's (it becomes ours in the copy) or ours; the
+activation a module (``nn.ReLU``, ``nn.Sigmoid``, ``nn.Tanh``, torch's or ours), a function
+(``torch.relu`` / ``sigmoid`` / ``tanh``, ``torch.nn.functional``'s, ``gpu_nn.functional``'s) or
+a tensor method (``x.relu()``, in place ones included). Everything else stays as it was.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.fx
+
+from . import functional as _F
+from . import nn as _gnn
+
+__all__ = ["fuse"]
+
+_ACT_MODULES = {torch.nn.ReLU: "relu", torch.nn.Sigmoid: "sigmoid", torch.nn.Tanh: "tanh",
+                _gnn.ReLU: "relu", _gnn.Sigmoid: "sigmoid", _gnn.Tanh: "tanh"}
+_ACT_FUNCTIONS = {torch.relu: "relu", torch.relu_: "relu", torch.nn.functional.relu: "relu",
+                  torch.sigmoid: "sigmoid", torch.nn.functional.sigmoid: "sigmoid",
+                  torch.tanh: "tanh", torch.nn.functional.tanh: "tanh",
+                  _F.relu: "relu", _F.sigmoid: "sigmoid", _F.tanh: "tanh"}
+_ACT_METHODS = {"relu": "relu", "relu_": "relu", "sigmoid": "sigmoid", "sigmoid_": "sigmoid",
+                "tanh": "tanh", "tanh_": "tanh"}
+# torch layer -> ours (exact classes: a subclass may compute something else)
+_LAYERS = {torch.nn.Conv1d: _gnn.Conv1d, torch.nn.Conv2d: _gnn.Conv2d, torch.nn.Linear: _gnn.Linear,
+           _gnn.Conv1d: _gnn.Conv1d, _gnn.Conv2d: _gnn.Conv2d, _gnn.Linear: _gnn.Linear}
+
+
+class _Tracer(torch.fx.Tracer):
+    """torch's tracer, with our modules kept as leaves (torch's own are by default) and every
+    ``gpu_nn.functional`` function recorded as one call (their argument checks cannot take a
+    Proxy)."""
+
+    def __init__(self):
+        super().__init__(autowrap_modules=(math, _F))
+
+    def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
+        return type(m).__module__.startswith(_gnn.__name__ + ".") or super().is_leaf_module(m, qualname)
+
+
+def _hooked(m: torch.nn.Module) -> bool:
+    """Whether a hook may observe ``m``'s input, output or gradients (its own, or global ones)."""
+    g = torch.nn.modules.module
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+                or g._global_forward_hooks or g._global_forward_pre_hooks
+                or g._global_backward_hooks or g._global_backward_pre_hooks)
+
+
+def _activation_of(node: torch.fx.Node, modules: dict):
+    """The activation ``node`` applies to its first argument ('relu', 'sigmoid', 'tanh'), or None
+    when it is not one of them or takes anything beyond its input (and ``inplace``)."""
+    extra_args = node.args[1:]
+    kw = dict(node.kwargs)
+    if node.op == "call_module":
+        m = modules[node.target]
+        act = _ACT_MODULES.get(type(m))
+        return act if act is not None and not extra_args and not kw and not _hooked(m) else None
+    if node.op == "call_function":
+        act = _ACT_FUNCTIONS.get(node.target)
+        inplace = kw.pop("inplace", extra_args[0] if extra_args else False)
+        ok = not kw and len(extra_args) <= 1 and isinstance(inplace, bool)
+        if node.target not in (torch.nn.functional.relu, _F.relu):
+            ok = ok and not extra_args and "inplace" not in node.kwargs
+        return act if ok else None
+    if node.op == "call_method":
+        act = _ACT_METHODS.get(node.target)
+        return act if act is not None and not extra_args and not kw else None
+    return None
+
+
+def _fusable_layer(node: torch.fx.Node, modules: dict):
+    """The layer module ``node`` calls, when an activation can be fused after it; else None."""
+    if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
+        return None
+    m = modules[node.target]
+    if type(m) not in _LAYERS or _hooked(m) or getattr(m, "activation", None) is not None:
+        return None
+    if isinstance(m, torch.nn.modules.conv._ConvNd) and m.padding_mode != "zeros":
+        return None
+    return m
+
+
+def _fused_copy(layer: torch.nn.Module, act: str) -> torch.nn.Module:
+    """A shallow copy of ``layer`` as our class with ``activation=act``: the same parameter
+    tensors (and parameter dict), its own attributes and hook dicts."""
+    new = copy.copy(layer)
+    new.__dict__ = dict(layer.__dict__)
+    for name in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+                 "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs",
+                 "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+                 "_load_state_dict_post_hooks"):
+        if name in new.__dict__:
+            new.__dict__[name] = type(layer.__dict__[name])()
+    new.__class__ = _LAYERS[type(layer)]
+    new.activation = act
+    return new
+
+
+def _set_submodule(root: torch.nn.Module, target: str, module: torch.nn.Module) -> None:
+    parent, _, name = target.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, module)
+
+
+def fuse(model: torch.nn.Module) -> torch.fx.GraphModule:
+    """``model`` traced by ``torch.fx``, each convolution / linear -> activation pair replaced by
+    one of our layers with the activation fused in its epilogue (see the module docstring).
+
+    Returns a new ``torch.fx.GraphModule``; ``model`` is left as it was, and the result shares
+    its parameters. Raises ``TypeError`` for a non-module and ``torch.fx``'s own error, with a
+    note, for a model ``torch.fx.symbolic_trace`` cannot trace (data-dependent control flow).
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"fuse() expects a torch.nn.Module, got {type(model).__name__}")
+    tracer = _Tracer()
+    try:
+        graph = tracer.trace(model)
+    except Exception as exc:
+        exc.add_note("gpu_nn.fuse traces the model with torch.fx: fuse the layers by hand (Conv1d / Conv2d / "
+                     "Linear(..., activation='relu')) where the model cannot be traced")
+        raise
+    name = model.__class__.__name__
+    gm = torch.fx.GraphModule(tracer.root, graph, name)
+    modules = dict(gm.named_modules())
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    fused = 0
+    for node in list(graph.nodes):
+        act = _activation_of(node, modules)
+        if act is None or not node.args or not isinstance(node.args[0], torch.fx.Node):
+            continue
+        src = node.args[0]
+        layer = _fusable_layer(src, modules)
+        # a layer called elsewhere too stays: a fused copy beside it would give the state_dict
+        # a second name for its parameters
+        if layer is None or len(src.users) != 1 or calls[src.target] != 1:
+            continue
+        new = _fused_copy(layer, act)
+        _set_submodule(gm, src.target, new)  # the layer's own name: state_dict keys unchanged
+        modules[src.target] = new
+        node.replace_all_uses_with(src)
+        graph.erase_node(node)
+        fused += 1
+    if fused:
+        gm.delete_all_unused_submodules()
+        graph.lint()
+        gm.recompile()
+    return gm
+
