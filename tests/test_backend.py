@@ -205,3 +205,55 @@ def test_from_numpy_copies_views_and_shares_owned_arrays():
     assert base[0] == 0.0  # copied: the tensor does not alias the array
     owned = np.zeros(5, np.float32)  # made by the reference for this call: handed over as is
     assert from_numpy(owned, torch.float32, torch.device("cpu")).data_ptr() == owned.ctypes.data
+
+
+# every op on float64 tensors: (function of a generator and a device -> (output, leaves))
+def _f64_cases():
+    def t(g, dev, *s):
+        return torch.randn(*s, generator=g, dtype=torch.float64).to(dev).requires_grad_(True)
+
+    return {
+        "conv2d+relu": lambda g, d: (lambda x, w, b: (F.conv2d(x, w, b, padding=1, activation="relu"), [x, w, b]))(
+            t(g, d, 2, 3, 5, 6), t(g, d, 4, 3, 3, 3), t(g, d, 4)),
+        "conv1d": lambda g, d: (lambda x, w: (F.conv1d(x, w, stride=2), [x, w]))(t(g, d, 2, 3, 9), t(g, d, 5, 3, 3)),
+        "linear+tanh": lambda g, d: (lambda x, w, b: (F.linear(x, w, b, activation="tanh"), [x, w, b]))(
+            t(g, d, 3, 7), t(g, d, 5, 7), t(g, d, 5)),
+        "linear": lambda g, d: (lambda x, w: (F.linear(x, w), [x, w]))(t(g, d, 2, 3, 7), t(g, d, 5, 7)),
+        "relu": lambda g, d: (lambda x: (F.relu(x), [x]))(t(g, d, 3, 7)),
+        "max_pool2d": lambda g, d: (lambda x: (F.max_pool2d(x, 2), [x]))(t(g, d, 2, 3, 6, 6)),
+        "avg_pool2d": lambda g, d: (lambda x: (F.avg_pool2d(x, 3, 2, 1), [x]))(t(g, d, 2, 3, 6, 6)),
+        "cross_entropy": lambda g, d: (lambda z: (F.cross_entropy(z, torch.tensor([1, 2, 0], device=d)), [z]))(
+            t(g, d, 3, 5)),
+        "log_softmax": lambda g, d: (lambda z: (F.log_softmax(z, 1), [z]))(t(g, d, 3, 5)),
+        "lstm": lambda g, d: (lambda x, h, c, *p: (F.lstm(x, (h, c), p)[0], [x, h, c, *p]))(
+            t(g, d, 3, 2, 4), t(g, d, 1, 2, 4), t(g, d, 1, 2, 4), t(g, d, 16, 4), t(g, d, 16, 4), t(g, d, 16),
+            t(g, d, 16)),
+        "gru_cell": lambda g, d: (lambda x, h, *p: (F.gru_cell(x, h, *p), [x, h, *p]))(
+            t(g, d, 2, 4), t(g, d, 2, 4), t(g, d, 12, 4), t(g, d, 12, 4), t(g, d, 12), t(g, d, 12)),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_f64_cases()))
+def test_named_gpu_backend_runs_float64_in_float32(name):
+    """README: a GPU backend requested by name runs float64 in float32. Every op's forward and
+    gradients come back float64 and agree with the float64 reference to float32's precision
+    (the matmul and convolution kernels take no float64: those ops compute on float32 copies)."""
+    from helpers import backend_params, tol
+
+    (param,) = backend_params(("triton",))
+    backend, device = param.values
+    if param.marks:
+        pytest.skip(param.marks[0].kwargs["reason"])
+    results = {}
+    for be, dev in (("reference", "cpu"), (backend, device)):
+        g = torch.Generator().manual_seed(7)
+        with gpu_nn.backend(be):
+            out, leaves = _f64_cases()[name](g, dev)
+            grads = torch.autograd.grad(out, leaves, torch.ones_like(out))
+        results[be] = (out, grads)
+    (ro, rg), (out, grads) = results["reference"], results[backend]
+    assert out.dtype == torch.float64 and all(gr.dtype == torch.float64 for gr in grads)
+    bound = tol(torch.float32, 64)
+    torch.testing.assert_close(out.cpu(), ro, rtol=bound, atol=bound)
+    for i, (a, b) in enumerate(zip(grads, rg)):
+        torch.testing.assert_close(a.cpu(), b, rtol=bound, atol=bound, msg=lambda m, i=i: f"grad {i}: {m}")

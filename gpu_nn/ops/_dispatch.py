@@ -153,6 +153,20 @@ def empty_like(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tenso
     return _poisoned(torch.empty_like(t, dtype=dtype))
 
 
+def float64_in_float32(fn, *args):
+    """``fn(*args)`` with every float64 tensor of ``args`` given as float32 and every tensor it
+    returns (one, or a tuple) made float64 again: a GPU backend requested by name runs float64
+    in float32 (README; ``auto`` sends float64 to the reference), for the ops whose kernels take
+    float32 / float16 / bfloat16 only (the matmul and convolution kernels). Memory formats kept."""
+    def f32(a):
+        return a.float() if isinstance(a, torch.Tensor) and a.dtype is torch.float64 else a
+
+    out = fn(*(f32(a) for a in args))
+    if isinstance(out, tuple):
+        return tuple(o.double() for o in out)
+    return out.double()
+
+
 def _poisoned(out: torch.Tensor) -> torch.Tensor:
     """``out``, NaN-filled under ``GPU_NN_POISON=1`` where it is floating point (see :func:`empty`)."""
     if _POISON and out.is_floating_point():

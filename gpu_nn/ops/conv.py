@@ -38,8 +38,8 @@ from .._precision import tf32 as _tf32
 from ..check import CheckCase
 from ..reference import conv as ref
 from ._dispatch import (
-    autocast_inputs, check_float, check_same, empty, from_numpy, is_int, memo, on_device, plain_arg, routed, to_numpy,
-    triton_kernels,
+    autocast_inputs, check_float, check_same, empty, float64_in_float32, from_numpy, is_int, memo, on_device, plain_arg,
+    routed, to_numpy, triton_kernels,
 )
 from ._dispatch import chooser as _chooser  # module-level name: tests replace it
 from ._dispatch import dense_channels_last as _dense_channels_last
@@ -355,6 +355,8 @@ def conv_forward(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride, 
         f = ref.conv2d if nd == 2 else ref.conv1d
         out = f(to_numpy(input), to_numpy(weight), to_numpy(bias), *rargs, groups, activation)
         return _in_format(from_numpy(out, input.dtype, input.device), fmt)
+    if input.dtype is torch.float64:  # a GPU backend named for float64: in float32 (README)
+        return float64_in_float32(conv_forward, input, weight, bias, stride, padding, dilation, groups, activation)
     _backend.check_interpreter_dtype(name, backend, input, weight, bias)
     ktriton, kt = triton_kernels("conv")
     dt, dev = input.dtype, input.device
@@ -406,6 +408,9 @@ def conv_backward(grad_output: Tensor, input: Tensor, weight: Tensor, output: Op
         gi = _in_format(from_numpy(gi, dt, dev), fmt) if mask[0] else input.new_empty(0)
         gw = _in_format(from_numpy(gw, dt, dev), fmt) if mask[1] else input.new_empty(0)
         return gi, gw, (from_numpy(gb, dt, dev) if mask[2] else input.new_empty(0))
+    if dt is torch.float64:  # a GPU backend named for float64: in float32 (README)
+        return float64_in_float32(conv_backward, grad_output, input, weight, output, stride, padding, dilation, groups,
+                                  activation, output_mask)
     _backend.check_interpreter_dtype(name, backend, input, weight, grad_output)
     ktriton, kt = triton_kernels("conv")
 

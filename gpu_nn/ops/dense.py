@@ -35,8 +35,8 @@ from .. import _backend, _precision
 from .._errors import KernelInputError, KernelInputIndexError, KernelInputTypeError
 from ..check import CheckCase
 from ..reference import dense as ref
-from ._dispatch import (autocast_inputs, check_float, empty, from_numpy, is_int, on_device, routed, to_numpy,
-                        triton_kernels)
+from ._dispatch import (autocast_inputs, check_float, empty, float64_in_float32, from_numpy, is_int, on_device, routed,
+                        to_numpy, triton_kernels)
 
 __all__ = ["cross_entropy", "flatten", "linear", "log_softmax", "softmax"]
 
@@ -111,6 +111,8 @@ def linear_forward(x: Tensor, w: Tensor, b: Tensor | None, activation: str | Non
     if backend == "reference":
         y = ref.linear(to_numpy(x), to_numpy(w), to_numpy(b), activation)
         return from_numpy(y, x.dtype, x.device)
+    if x.dtype is torch.float64:  # a GPU backend named for float64: in float32 (README)
+        return float64_in_float32(linear_forward, x, w, b, activation)
     _backend.check_interpreter_dtype("linear", backend, x, w, b)
     ktriton, kd = _triton_modules()
     flat = x.dim() == 2  # the usual case: no view in, none out
@@ -135,6 +137,8 @@ def linear_backward(grad: Tensor, x: Tensor, w: Tensor, out: Tensor | None, acti
         dev = grad.device
         db_t = from_numpy(db, w.dtype, dev) if has_bias else torch.zeros(0, dtype=w.dtype, device=dev)
         return from_numpy(dx, x.dtype, dev), from_numpy(dw, w.dtype, dev), db_t
+    if grad.dtype is torch.float64:  # a GPU backend named for float64: in float32 (README)
+        return float64_in_float32(linear_backward, grad, x, w, out, activation, has_bias)
     _backend.check_interpreter_dtype("linear_backward", backend, grad, x, w)
     ktriton, kd = _triton_modules()
     flat = x.dim() == 2 and grad.dim() == 2  # the usual case: no views
