@@ -2,19 +2,22 @@
 
 Our Conv1d, Conv2d and Linear compute an activation in their epilogue (``activation='relu'``,
 'sigmoid' or 'tanh'): one kernel and one autograd node where the unfused pair has two of each,
-and one pass less over the activation's tensor forward and backward. ``fuse`` finds those pairs
-in a model by tracing it with ``torch.fx`` and returns a ``torch.fx.GraphModule`` that computes
-the same function with each pair fused. Nothing of ``model`` changes: the fused layers are
-shallow copies of its layers that share their parameter tensors (so an optimizer built on
+and forward one pass less over the activation's tensor. ``fuse`` finds those pairs in a model
+by tracing it with ``torch.fx`` and returns a ``torch.fx.GraphModule`` that computes the same
+function with each pair fused. Nothing of ``model`` changes: the fused layers are shallow
+copies of its layers that share their parameter tensors (so an optimizer built on
 ``model.parameters()`` trains both, and ``state_dict`` keys stay those of ``model``), and every
 other layer is ``model``'s own object.
 
 A pair is fused when the layer's output goes to the activation alone and nothing observes it
-in between: no hooks (forward or backward, the modules' own or global) on either module, the layer not already fused and called only
-there, a convolution with ``padding_mode='zeros'``. The layer may be torch's (it becomes ours in the copy) or ours; the
-activation a module (``nn.ReLU``, ``nn.Sigmoid``, ``nn.Tanh``, torch's or ours), a function
-(``torch.relu`` / ``sigmoid`` / ``tanh``, ``torch.nn.functional``'s, ``gpu_nn.functional``'s) or
-a tensor method (``x.relu()``, in place ones included). Everything else stays as it was.
+in between: no hooks (forward or backward, the modules' own or global) on either module, the
+layer not already fused and called only there, a convolution with ``padding_mode='zeros'``.
+The layer may be a module, torch's (it becomes ours in the copy) or ours, or a call of
+``conv1d`` / ``conv2d`` / ``linear`` from ``torch.nn.functional`` or ``gpu_nn.functional`` (it
+becomes a call of ours with ``activation=``); the activation a module (``nn.ReLU``,
+``nn.Sigmoid``, ``nn.Tanh``, torch's or ours), a function (``torch.relu`` / ``sigmoid`` /
+``tanh``, ``torch.nn.functional``'s, ``gpu_nn.functional``'s) or a tensor method (``x.relu()``,
+in place ones included). Everything else stays as it was.
 """
 
 from __future__ import annotations
@@ -38,6 +41,10 @@ _ACT_FUNCTIONS = {torch.relu: "relu", torch.relu_: "relu", torch.nn.functional.r
                   _F.relu: "relu", _F.sigmoid: "sigmoid", _F.tanh: "tanh"}
 _ACT_METHODS = {"relu": "relu", "relu_": "relu", "sigmoid": "sigmoid", "sigmoid_": "sigmoid",
                 "tanh": "tanh", "tanh_": "tanh"}
+# torch's functional layers and ours -> ours (same positional arguments; ours take activation=)
+_FUNCTIONAL_LAYERS = {torch.nn.functional.conv1d: _F.conv1d, torch.nn.functional.conv2d: _F.conv2d,
+                      torch.nn.functional.linear: _F.linear, _F.conv1d: _F.conv1d, _F.conv2d: _F.conv2d,
+                      _F.linear: _F.linear}
 # torch layer -> ours (exact classes: a subclass may compute something else)
 _LAYERS = {torch.nn.Conv1d: _gnn.Conv1d, torch.nn.Conv2d: _gnn.Conv2d, torch.nn.Linear: _gnn.Linear,
            _gnn.Conv1d: _gnn.Conv1d, _gnn.Conv2d: _gnn.Conv2d, _gnn.Linear: _gnn.Linear}
@@ -97,6 +104,17 @@ def _fusable_layer(node: torch.fx.Node, modules: dict):
     return m
 
 
+def _fusable_function(node: torch.fx.Node):
+    """Our functional layer for ``node``, a call of torch's or our conv1d / conv2d / linear
+    without an activation; else None."""
+    if node.op != "call_function":
+        return None
+    ours = _FUNCTIONAL_LAYERS.get(node.target)
+    if ours is None or node.kwargs.get("activation") is not None:
+        return None
+    return ours
+
+
 def _fused_copy(layer: torch.nn.Module, act: str) -> torch.nn.Module:
     """A shallow copy of ``layer`` as our class with ``activation=act``: the same parameter
     tensors (and parameter dict), its own attributes and hook dicts."""
@@ -148,14 +166,21 @@ def fuse(model: torch.nn.Module) -> torch.fx.GraphModule:
         if act is None or not node.args or not isinstance(node.args[0], torch.fx.Node):
             continue
         src = node.args[0]
-        layer = _fusable_layer(src, modules)
-        # a layer called elsewhere too stays: a fused copy beside it would give the state_dict
-        # a second name for its parameters
-        if layer is None or len(src.users) != 1 or calls[src.target] != 1:
+        if len(src.users) != 1:
             continue
-        new = _fused_copy(layer, act)
-        _set_submodule(gm, src.target, new)  # the layer's own name: state_dict keys unchanged
-        modules[src.target] = new
+        function = _fusable_function(src)
+        if function is not None:  # a functional layer: ours, with the activation
+            src.target = function
+            src.kwargs = {**src.kwargs, "activation": act}
+        else:
+            layer = _fusable_layer(src, modules)
+            # a layer called elsewhere too stays: a fused copy beside it would give the
+            # state_dict a second name for its parameters
+            if layer is None or calls[src.target] != 1:
+                continue
+            new = _fused_copy(layer, act)
+            _set_submodule(gm, src.target, new)  # the layer's own name: state_dict keys unchanged
+            modules[src.target] = new
         node.replace_all_uses_with(src)
         graph.erase_node(node)
         fused += 1

@@ -225,3 +225,42 @@ def test_conv_modules_take_activation():
     with pytest.raises(gpu_nn.KernelInputError, match="Conv1d: unknown activation 'gelu'"):
         gpu_nn.nn.Conv1d(2, 3, 3, activation="gelu")
     assert list(conv.state_dict()) == ["weight", "bias"]
+
+
+class Functional(torch.nn.Module):
+    """Functional layers: torch's conv1d / conv2d / linear and ours, one already fused, one
+    output used twice."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        p = lambda *s: torch.nn.Parameter(torch.randn(*s, generator=g, dtype=torch.float64))  # noqa: E731
+        self.w1, self.b1, self.w2, self.w3, self.b3 = p(3, 2, 3), p(3), p(4, 3, 2, 2), p(5, 12), p(5)
+        self.w4 = p(5, 5)
+
+    def forward(self, x):
+        y = torch.nn.functional.conv1d(x, self.w1, self.b1, padding=1).sigmoid()           # torch's: fused
+        z = torch.nn.functional.conv2d(y.reshape(2, 3, 2, 2), self.w2, None, 1, 1)
+        z = torch.relu(z) + z                                                             # used twice: stays
+        u = GF.linear(z.flatten(1)[:, :12], self.w3, self.b3, activation="relu")          # fused already
+        return torch.tanh(GF.linear(torch.tanh(u), self.w4))                              # ours: fused
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
+def test_functional_layers_are_fused_into_ours(backend, device, rng):
+    dtype = torch.float64 if backend == "reference" else torch.float32
+    model = Functional().to(device, dtype)
+    fused = gpu_nn.fuse(model)
+    calls = [(n.target, n.kwargs.get("activation")) for n in fused.graph.nodes if n.op == "call_function"
+             and n.target in (GF.conv1d, GF.conv2d, GF.linear, torch.conv1d, torch.conv2d)]
+    assert calls == [(GF.conv1d, "sigmoid"), (torch.conv2d, None), (GF.linear, "relu"), (GF.linear, "tanh")], calls
+    methods = [n.target for n in fused.graph.nodes if n.op == "call_method"]
+    assert "sigmoid" not in methods
+    x = torch.from_numpy(rng.standard_normal((2, 2, 4))).to(device, dtype)
+    with gpu_nn.backend(backend):
+        got, exp = fused(x), model(x)
+        gg = torch.autograd.grad(got.square().sum(), list(model.parameters()))
+        ge = torch.autograd.grad(exp.square().sum(), list(model.parameters()))
+    assert_close(got, exp, dtype, k=64, what="output")
+    for (k, _), a, b in zip(model.named_parameters(), gg, ge):
+        assert_close(a, b, dtype, k=256, what=f"grad {k}")
