@@ -50,33 +50,40 @@ _LAYERS = {torch.nn.Conv1d: _gnn.Conv1d, torch.nn.Conv2d: _gnn.Conv2d, torch.nn.
            _gnn.Conv1d: _gnn.Conv1d, _gnn.Conv2d: _gnn.Conv2d, _gnn.Linear: _gnn.Linear}
 
 
+_OURS = tuple(getattr(_gnn, n) for n in _gnn.__all__ if isinstance(getattr(_gnn, n), type))
+
+
 class _Tracer(torch.fx.Tracer):
-    """torch's tracer, with our modules kept as leaves (torch's own are by default) and every
-    ``gpu_nn.functional`` function recorded as one call (their argument checks cannot take a
-    Proxy)."""
+    """torch's tracer, with our modules (and subclasses of them) kept as leaves, as torch's own
+    are, and so is any module with hooks (traced through, it would lose them; called as a
+    module, the graph runs them); every ``gpu_nn.functional`` function is recorded as one call
+    (their argument checks cannot take a Proxy)."""
 
     def __init__(self):
         super().__init__(autowrap_modules=(math, _F))
 
     def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
-        return type(m).__module__.startswith(_gnn.__name__ + ".") or super().is_leaf_module(m, qualname)
+        return isinstance(m, _OURS) or _own_hooks(m) or super().is_leaf_module(m, qualname)
+
+
+def _own_hooks(m: torch.nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
 
 
 def _hooked(m: torch.nn.Module) -> bool:
     """Whether a hook may observe ``m``'s input, output or gradients (its own, or global ones)."""
     g = torch.nn.modules.module
-    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-                or g._global_forward_hooks or g._global_forward_pre_hooks
+    return bool(_own_hooks(m) or g._global_forward_hooks or g._global_forward_pre_hooks
                 or g._global_backward_hooks or g._global_backward_pre_hooks)
 
 
-def _activation_of(node: torch.fx.Node, modules: dict):
+def _activation_of(node: torch.fx.Node, module):
     """The activation ``node`` applies to its first argument ('relu', 'sigmoid', 'tanh'), or None
     when it is not one of them or takes anything beyond its input (and ``inplace``)."""
     extra_args = node.args[1:]
     kw = dict(node.kwargs)
     if node.op == "call_module":
-        m = modules[node.target]
+        m = module(node.target)
         act = _ACT_MODULES.get(type(m))
         return act if act is not None and not extra_args and not kw and not _hooked(m) else None
     if node.op == "call_function":
@@ -92,12 +99,16 @@ def _activation_of(node: torch.fx.Node, modules: dict):
     return None
 
 
-def _fusable_layer(node: torch.fx.Node, modules: dict):
+def _fusable_layer(node: torch.fx.Node, module):
     """The layer module ``node`` calls, when an activation can be fused after it; else None."""
     if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
         return None
-    m = modules[node.target]
+    m = module(node.target)
     if type(m) not in _LAYERS or _hooked(m) or getattr(m, "activation", None) is not None:
+        return None
+    # a forward of the instance's own (or Module.compile's) would run the layer without its
+    # activation in the copy
+    if "forward" in m.__dict__ or "__call__" in m.__dict__ or m.__dict__.get("_compiled_call_impl") is not None:
         return None
     if isinstance(m, torch.nn.modules.conv._ConvNd) and m.padding_mode != "zeros":
         return None
@@ -116,36 +127,79 @@ def _fusable_function(node: torch.fx.Node):
 
 
 def _fused_copy(layer: torch.nn.Module, act: str) -> torch.nn.Module:
-    """A shallow copy of ``layer`` as our class with ``activation=act``: the same parameter
-    tensors (and parameter dict), its own attributes and hook dicts."""
+    """A shallow copy of ``layer`` as our class with ``activation=act``: the same parameter and
+    buffer tensors in containers of its own (pruning or a parametrization of one leaves the
+    other alone), the same state_dict hooks, no forward / backward hooks (``layer`` has none)."""
     new = copy.copy(layer)
-    new.__dict__ = dict(layer.__dict__)
-    for name in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
-                 "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs",
+    d = new.__dict__ = dict(layer.__dict__)
+    for name in ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set",
                  "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
                  "_load_state_dict_post_hooks"):
-        if name in new.__dict__:
-            new.__dict__[name] = type(layer.__dict__[name])()
+        if name in d:
+            d[name] = copy.copy(d[name])
+    for name in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+                 "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs"):
+        if name in d:
+            d[name] = type(d[name])()
     new.__class__ = _LAYERS[type(layer)]
     new.activation = act
     return new
 
 
-def _set_submodule(root: torch.nn.Module, target: str, module: torch.nn.Module) -> None:
-    parent, _, name = target.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, name, module)
+def _parent(root: torch.nn.Module, target: str) -> tuple[torch.nn.Module, str]:
+    path, _, name = target.rpartition(".")
+    return (root.get_submodule(path) if path else root), name
+
+
+def _restore_state(gm: torch.fx.GraphModule, model: torch.nn.Module, originals: set) -> None:
+    """Give ``gm`` every parameter and buffer ``model`` has, under the same names: torch.fx's
+    GraphModule keeps only what its graph uses (an unused head, a second name of a tied layer,
+    a root parameter nothing reads would be missing from its state_dict) and registers the
+    buffers it keeps as persistent. Modules holding state that ``gm`` lacks are put back as the
+    model's own objects (the graph does not call them); tensors straight on modules ``gm`` made
+    anew are registered there, a non-persistent buffer kept non-persistent."""
+    for path, mod in model.named_modules(remove_duplicate=False):
+        try:
+            own = gm.get_submodule(path) if path else gm
+        except AttributeError:
+            if next(mod.parameters(), None) is not None or next(mod.buffers(), None) is not None:
+                parent, name = _parent(gm, path)  # parents come first: present by now
+                if id(parent) not in originals:
+                    setattr(parent, name, mod)
+            continue
+        if id(own) in originals:  # the model's own object: all there
+            continue
+        for name, t in mod._parameters.items():
+            if t is not None and name not in own._parameters and not hasattr(own, name):
+                own.register_parameter(name, t)
+        for name, t in mod._buffers.items():
+            keep = name not in mod._non_persistent_buffers_set
+            if t is not None and name not in own._buffers and not hasattr(own, name):
+                own.register_buffer(name, t, persistent=keep)
+            elif name in own._buffers and not keep:
+                own._non_persistent_buffers_set.add(name)
 
 
 def fuse(model: torch.nn.Module) -> torch.fx.GraphModule:
     """``model`` traced by ``torch.fx``, each convolution / linear -> activation pair replaced by
     one of our layers with the activation fused in its epilogue (see the module docstring).
 
-    Returns a new ``torch.fx.GraphModule``; ``model`` is left as it was, and the result shares
-    its parameters. Raises ``TypeError`` for a non-module and ``torch.fx``'s own error, with a
-    note, for a model ``torch.fx.symbolic_trace`` cannot trace (data-dependent control flow).
+    Returns a new ``torch.fx.GraphModule`` with ``model``'s parameters and buffers under their
+    names (the same tensors); ``model`` is left as it was. Modules with hooks are called as they
+    are (their layers not fused). Raises ``TypeError`` for a non-module or a model that is one of
+    our layers itself (nothing to fuse: set its ``activation=``), ``ValueError`` for a model
+    with forward / backward hooks of its own (the GraphModule returned could not run them), and
+    torch.fx's own error, with a note, for a model it cannot trace (data-dependent control
+    flow).
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"fuse() expects a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, _OURS):
+        raise TypeError(f"fuse() expects a model of layers; {type(model).__name__} is a gpu_nn layer itself "
+                        "(nothing to fuse: Conv1d / Conv2d / Linear take activation=)")
+    if _own_hooks(model):
+        raise ValueError(f"fuse(): the model ({type(model).__name__}) has forward or backward hooks of its own, "
+                         "which the GraphModule fuse returns could not run; register them on the result instead")
     tracer = _Tracer()
     try:
         graph = tracer.trace(model)
@@ -153,16 +207,15 @@ def fuse(model: torch.nn.Module) -> torch.fx.GraphModule:
         exc.add_note("gpu_nn.fuse traces the model with torch.fx: fuse the layers by hand (Conv1d / Conv2d / "
                      "Linear(..., activation='relu')) where the model cannot be traced")
         raise
-    name = model.__class__.__name__
-    gm = torch.fx.GraphModule(tracer.root, graph, name)
-    modules = dict(gm.named_modules())
+    gm = torch.fx.GraphModule(tracer.root, graph, model.__class__.__name__)
+    originals = {id(m) for m in model.modules()}
     calls: dict[str, int] = {}
     for node in graph.nodes:
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1
     fused = 0
     for node in list(graph.nodes):
-        act = _activation_of(node, modules)
+        act = _activation_of(node, gm.get_submodule)
         if act is None or not node.args or not isinstance(node.args[0], torch.fx.Node):
             continue
         src = node.args[0]
@@ -173,14 +226,16 @@ def fuse(model: torch.nn.Module) -> torch.fx.GraphModule:
             src.target = function
             src.kwargs = {**src.kwargs, "activation": act}
         else:
-            layer = _fusable_layer(src, modules)
-            # a layer called elsewhere too stays: a fused copy beside it would give the
-            # state_dict a second name for its parameters
+            layer = _fusable_layer(src, gm.get_submodule)
+            # a layer called elsewhere too stays (a fused copy beside it would give the state_dict
+            # a second name for its parameters), and so does one whose parent is the model's own
+            # object (a leaf module's child: the copy would land in the model)
             if layer is None or calls[src.target] != 1:
                 continue
-            new = _fused_copy(layer, act)
-            _set_submodule(gm, src.target, new)  # the layer's own name: state_dict keys unchanged
-            modules[src.target] = new
+            parent, name = _parent(gm, src.target)
+            if id(parent) in originals:
+                continue
+            setattr(parent, name, _fused_copy(layer, act))  # the layer's own name: state_dict keys kept
         node.replace_all_uses_with(src)
         graph.erase_node(node)
         fused += 1
@@ -188,5 +243,5 @@ def fuse(model: torch.nn.Module) -> torch.fx.GraphModule:
         gm.delete_all_unused_submodules()
         graph.lint()
         gm.recompile()
+    _restore_state(gm, model, originals)
     return gm
-

@@ -6,6 +6,7 @@ import collections
 import numpy as np
 import pytest
 import torch
+import torch.nn.utils.prune
 
 import gpu_nn
 import gpu_nn.functional as GF
@@ -264,3 +265,125 @@ def test_functional_layers_are_fused_into_ours(backend, device, rng):
     assert_close(got, exp, dtype, k=64, what="output")
     for (k, _), a, b in zip(model.named_parameters(), gg, ge):
         assert_close(a, b, dtype, k=256, what=f"grad {k}")
+
+
+# ------------------------------------------------------------------ review findings (each a defect once)
+
+
+def _same_function(fused, model, *xs):
+    """Equal to float32's precision: a fused sigmoid / tanh takes the layer's result before it is
+    rounded to float32 (ReLU commutes with the rounding: bitwise equal there)."""
+    with gpu_nn.backend("reference"):
+        assert_close(fused(*xs), model(*xs), torch.float32, k=16)
+
+
+def test_a_leaf_modules_child_is_not_fused_into_the_model():
+    """A Linear inside a leaf (a module called whole, here torch's TransformerEncoderLayer) and
+    also called on its own: its parent is the model's own object, so the fused copy would land in
+    the model and change both; the pair stays."""
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = torch.nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0)
+
+        def forward(self, x):
+            return torch.sigmoid(self.enc.linear1(self.enc(x)))
+
+    model = M().eval()
+    x = torch.randn(3, 5, 8)
+    with gpu_nn.backend("reference"):
+        before = model(x)
+    fused = gpu_nn.fuse(model)
+    assert type(model.enc.linear1) is torch.nn.Linear and not hasattr(model.enc.linear1, "activation")
+    _same_function(fused, model, x)
+    with gpu_nn.backend("reference"):
+        torch.testing.assert_close(model(x), before, rtol=0, atol=0)
+
+
+def test_hooked_containers_stay_whole_and_a_hooked_model_is_refused():
+    block = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.ReLU())
+    block.register_forward_hook(lambda mod, inp, out: out - 1.0)  # traced through, it would be lost
+    model = torch.nn.Sequential(block, torch.nn.Linear(3, 2), torch.nn.Tanh())
+    fused = gpu_nn.fuse(model)
+    assert type(fused.get_submodule("0.0")) is torch.nn.Linear and fused.get_submodule("1").activation == "tanh"
+    _same_function(fused, model, torch.randn(4, 3))
+    model.register_forward_pre_hook(lambda mod, inp: (inp[0] + 1,))
+    with pytest.raises(ValueError, match="hooks of its own"):
+        gpu_nn.fuse(model)
+    with pytest.raises(TypeError, match="Conv2d is a gpu_nn layer itself"):
+        gpu_nn.fuse(gpu_nn.nn.Conv2d(2, 3, 3))
+
+
+def test_layers_with_a_forward_of_their_own_stay():
+    """An instance forward (or Module.compile's) belongs to the layer object: a fused copy would
+    run it without the activation."""
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return torch.relu(self.b(torch.relu(self.a(x))))
+
+    model = M()
+    inner = model.a.forward
+    model.a.forward = lambda x: inner(x) * 2.0
+    model.b.compile(backend="eager")
+    fused = gpu_nn.fuse(model)
+    assert type(fused.a) is torch.nn.Linear and type(fused.b) is torch.nn.Linear
+    _same_function(fused, model, torch.randn(3, 4))
+
+
+def test_the_fused_copy_has_containers_of_its_own_and_keeps_state_dict_hooks():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
+    model[0]._register_state_dict_hook(lambda mod, sd, prefix, local: sd.update(
+        {k: v.half() for k, v in sd.items() if k.startswith(prefix)}))
+    fused = gpu_nn.fuse(model)
+    assert fused.get_submodule("0").activation == "relu"
+    assert {v.dtype for v in fused.state_dict().values()} == {torch.float16}  # the layer's hook kept
+    torch.nn.utils.prune.l1_unstructured(fused.get_submodule("0"), "weight", amount=0.5)
+    fused.get_submodule("0").register_buffer("calib", torch.ones(1))
+    assert sorted(model.state_dict()) == ["0.bias", "0.weight"]
+    model(torch.randn(2, 4))  # still runs: its weight is still a parameter of its own
+
+
+def test_state_dict_keys_are_the_models_with_unused_tied_and_non_persistent_state():
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = torch.nn.Linear(3, 3)
+            self.alias = self.c                       # a second name of a tied layer
+            self.aux_head = torch.nn.Linear(3, 5)     # not used by forward
+            self.register_buffer("scale", torch.full((3,), 2.0), persistent=False)
+            self.unused = torch.nn.Parameter(torch.zeros(2))
+
+        def forward(self, x):
+            return torch.relu(self.c(x)) * self.scale
+
+    model = M()
+    fused = gpu_nn.fuse(model)
+    assert fused.c.activation == "relu"
+    assert sorted(fused.state_dict()) == sorted(model.state_dict())
+    assert "scale" not in fused.state_dict()
+    model.load_state_dict(fused.state_dict())
+    fused.load_state_dict(model.state_dict())
+    assert fused.aux_head.weight is model.aux_head.weight and fused.unused is model.unused
+    _same_function(fused, model, torch.randn(2, 3))
+
+
+def test_a_layer_named_twice_inside_a_leaf_is_looked_up_by_either_name():
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(8, 16)
+            self.enc = torch.nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0)
+            self.enc.linear1 = self.lin
+            self.out = torch.nn.Linear(16, 8)
+
+        def forward(self, x):
+            return self.out(torch.relu(self.lin(self.enc(x))))
+
+    model = M().eval()
+    fused = gpu_nn.fuse(model)
+    _same_function(fused, model, torch.randn(3, 5, 8))
+    assert type(model.lin) is torch.nn.Linear

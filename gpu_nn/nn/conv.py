@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .._errors import KernelInputError
 from ..ops import conv as _conv
-from ..ops.dense import ACTIVATIONS
+from ..ops.conv import ACTIVATIONS
 from ._jit import NotScriptable
 
 __all__ = ["Conv1d", "Conv2d"]
