@@ -485,6 +485,42 @@ def test_linear_backend_matches_reference(backend, device, act, xshape, out, bia
         KERNEL_ERR[(backend, "linear", str(dtype))] = max(KERNEL_ERR.get((backend, "linear", str(dtype)), 0), e)
 
 
+@pytest.mark.parametrize("backend,device", backend_params(("triton",)))
+@pytest.mark.parametrize("act", ["relu", "sigmoid", "tanh"])
+def test_activation_and_bias_gradient_in_one_launch(backend, device, act, monkeypatch, rng):
+    """A fused linear's backward at small M takes the activation's gradient and the bias gradient
+    in one launch (_act_colsum_kernel): bitwise the activation kernel then the column sum, for
+    every dtype, at M below and above the one-launch bound (which then keeps the two), an N that
+    is not a multiple of the block, M = 0; and the linear op takes it (against the reference)."""
+    from gpu_nn.kernels import triton as ktriton
+    from gpu_nn.kernels.triton import dense as kd
+    from triton.runtime.interpreter import InterpretedFunction
+
+    for dtype in gpu_dtypes_for(backend, device):
+        for M, N in ((5, 70), (130, 3), (0, 9)):
+            g = randn(rng, M, N).to(device, dtype)
+            y = torch.sigmoid(randn(rng, M, N)).to(device, dtype) - (0.5 if act != "sigmoid" else 0.0)
+            db2 = torch.full((N,), float("nan"), dtype=dtype, device=device)
+            dg2 = kd.act_grad(g, y, act, ktriton.INTERPRET)
+            kd.colsum(dg2, db2, ktriton.INTERPRET)
+            for bound in (256, 64):  # 64: M = 130 over it, the two launches
+                monkeypatch.setattr(kd, "ACT_COLSUM_MAX_M", bound)
+                db = torch.full((N,), float("nan"), dtype=dtype, device=device)
+                names = []
+                if device == "cpu":
+                    orig = InterpretedFunction.run
+                    monkeypatch.setattr(InterpretedFunction, "run",
+                                        lambda self, *a, **k: names.append(self.fn.__name__) or orig(self, *a, **k))
+                dg = kd.act_colsum(g, y, act, db, ktriton.INTERPRET)
+                monkeypatch.undo()
+                assert torch.equal(dg, dg2) and torch.equal(db, db2), (dtype, M, N, bound)
+                if device == "cpu":
+                    assert names == (["_act_colsum_kernel"] if M <= bound else ["_act_bwd_kernel", "_colsum_kernel"])
+    x, w, b = randn(rng, 7, 11), randn(rng, 13, 11) * 0.3, randn(rng, 13)
+    _check_backend(lambda x, w, b: F.linear(x, w, b, activation=act), [x, w, b], [0, 1, 2], torch.float32, device,
+                   backend, k=11, what=f"linear {act} one launch")
+
+
 @pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
 @pytest.mark.parametrize("name", SOFTMAX)
 @pytest.mark.parametrize("shape,dim", [((6, 37), -1), ((3, 301), 1), ((4, 9, 5), 1), ((2, 0, 3), -1), ((), 0)])

@@ -331,7 +331,9 @@ LAUNCHES = {
     "max_pool2d": ({"_max_pool_fwd_kernel": 1, "_max_pool_bwd_kernel": 1}, {}),
     "avg_pool2d": ({"_avg_pool_fwd_kernel": 1, "_avg_pool_bwd_kernel": 1}, {}),
     "linear": ({"_matmul_kernel": 3, "_colsum_kernel": 1}, {}),
-    "linear+relu": ({"_matmul_kernel": 3, "_act_bwd_kernel": 1, "_colsum_kernel": 1}, {}),
+    # the ReLU's gradient and the bias gradient in one launch (a small M: ACT_COLSUM_MAX_M;
+    # _act_bwd_kernel and _colsum_kernel before)
+    "linear+relu": ({"_matmul_kernel": 3, "_act_colsum_kernel": 1}, {}),
     "softmax": ({"_softmax_fwd_kernel": 1, "_softmax_bwd_kernel": 1}, {}),
     "log_softmax": ({"_softmax_fwd_kernel": 1, "_softmax_bwd_kernel": 1}, {}),
 }

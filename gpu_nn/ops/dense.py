@@ -144,19 +144,22 @@ def linear_backward(grad: Tensor, x: Tensor, w: Tensor, out: Tensor | None, acti
     flat = x.dim() == 2 and grad.dim() == 2  # the usual case: no views
     M = x.shape[0] if flat else math.prod(x.shape[:-1])
     g2 = grad if flat else grad.reshape(M, O)
+    db = empty((O,), dtype=w.dtype, device=w.device) if has_bias else None
     if activation is not None:
-        g2 = kd.act_grad(g2.contiguous(), (out if out.dim() == 2 else out.reshape(M, O)).contiguous(), activation,
-                         ktriton.INTERPRET)
+        y2 = (out if out.dim() == 2 else out.reshape(M, O)).contiguous()
+        if has_bias:  # the activation's gradient and the bias gradient together (small M: one launch)
+            g2 = kd.act_colsum(g2.contiguous(), y2, activation, db, ktriton.INTERPRET)
+        else:
+            g2 = kd.act_grad(g2.contiguous(), y2, activation, ktriton.INTERPRET)
+    elif has_bias:
+        kd.colsum(g2, db, interpret=ktriton.INTERPRET)
     x2 = x if flat else x.reshape(M, K)
     tf32 = _tf32_allowed()
     dx = empty((x2.shape[0], K), dtype=x.dtype, device=x.device)
     dw = empty((O, K), dtype=w.dtype, device=w.device)
     kd.matmul(g2, w, dx, allow_tf32=tf32, interpret=ktriton.INTERPRET)
     kd.matmul(g2.t(), x2, dw, allow_tf32=tf32, interpret=ktriton.INTERPRET)
-    if has_bias:
-        db = empty((O,), dtype=w.dtype, device=w.device)
-        kd.colsum(g2, db, interpret=ktriton.INTERPRET)
-    else:
+    if not has_bias:
         db = torch.zeros(0, dtype=w.dtype, device=w.device)
     return (dx if flat else dx.reshape(x.shape)), dw, db
 

@@ -21,7 +21,7 @@ from ._aot import AotSpec
 from ._compat import parallel_compile
 from ._launch import cdiv, next_power_of_2
 from ._launch import launch as launch_kernel
-from .activation import ACT_CODES, _epilogue_act, _grouped_tile
+from .activation import ACT_CODES, _act_grad, _epilogue_act, _grouped_tile
 from .activation import act_backward as _act_backward
 
 DTYPES = ("fp32", "fp16", "bf16")
@@ -472,7 +472,35 @@ def _colsum_kernel(g_ptr, out_ptr, M, N, stride_gm, stride_gn, BLOCK_M: tl.const
     tl.store(out_ptr + offs_n, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty), mask=mask_n)
 
 
+@triton.jit
+def _act_colsum_kernel(g_ptr, y_ptr, dg_ptr, out_ptr, M, N, ACT: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr):
+    """dg = g through the activation (written through its output y) and out[n] = sum_m dg[m, n]
+    in one pass over contiguous [M, N] tensors: the fused activation's gradient and the bias
+    gradient of a linear layer. The sum is _colsum_kernel's, over the same rounded dg values in
+    the same order, so the result is bitwise the two kernels' one after the other."""
+    pid = tl.program_id(0)
+    offs_n = (pid * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    mask_n = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
+        offs = offs_m[:, None] * N + offs_n[None, :]
+        mask = (offs_m[:, None] < M) & mask_n[None, :]
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        dg = _act_grad(g, y, ACT).to(dg_ptr.dtype.element_ty)
+        tl.store(dg_ptr + offs, dg, mask=mask)
+        acc += dg.to(tl.float32)
+    tl.store(out_ptr + offs_n, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty), mask=mask_n)
+
+
 _COLSUM = (64, 64, 4)  # BLOCK_M, BLOCK_N, num_warps
+# the activation's gradient and the bias gradient in one launch up to this many rows: its
+# cdiv(N, 64) programs each walk all M rows, which at small M (a small batch's linear layer) is
+# one short pass instead of two launches; past it the elementwise part keeps its full grid
+# (chosen, not measured: the GPU runs will say where the two cross)
+ACT_COLSUM_MAX_M = 256
 
 
 def colsum(g, out, interpret=False) -> None:
@@ -482,6 +510,21 @@ def colsum(g, out, interpret=False) -> None:
     bm, bn, warps = _COLSUM
     launch_kernel(_colsum_kernel, (cdiv(N, bn),), g, out, M, N, g.stride(0), g.stride(1), BLOCK_M=bm, BLOCK_N=bn,
                   num_warps=warps)
+
+
+def act_colsum(g, y, activation, db, interpret=False):
+    """(dY', with db = its column sums written): dY' = dY through the activation for contiguous
+    [M, N] ``g`` and ``y``; one launch (see ACT_COLSUM_MAX_M) or act_grad then colsum."""
+    M, N = g.shape
+    if M > ACT_COLSUM_MAX_M or N == 0:
+        dg = act_grad(g, y, activation, interpret)
+        colsum(dg, db, interpret)
+        return dg
+    dg = torch.empty_like(g)
+    bm, bn, warps = _COLSUM
+    launch_kernel(_act_colsum_kernel, (cdiv(N, bn),), g, y, dg, db, M, N, ACT=ACT_CODES[activation], BLOCK_M=bm,
+                  BLOCK_N=bn, num_warps=warps)
+    return dg
 
 
 # =========================================================================== softmax
@@ -1233,6 +1276,12 @@ def aot_specs():
                                               "stride_gm": "i32", "stride_gn": "i32",
                                               "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"},
                              {"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, label=dt))
+        for act in ("relu", "sigmoid", "tanh"):
+            specs.append(AotSpec(_act_colsum_kernel, {"g_ptr": f"*{dt}", "y_ptr": f"*{dt}", "dg_ptr": f"*{dt}",
+                                                      "out_ptr": f"*{dt}", "M": "i32", "N": "i32", "ACT": "constexpr",
+                                                      "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"},
+                                 {"ACT": ACT_CODES[act], "BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps,
+                                 label=f"{dt} {act}"))
         smx = [(b, True, w) for b, w in _SOFTMAX_SINGLE] + [(_SOFTMAX_LOOP[0], False, _SOFTMAX_LOOP[1])]
         for log in (False, True):
             for blk, single, warps in smx:
