@@ -561,6 +561,54 @@ def test_triton_matches_reference(backend, device, nd, xs, ws, kw, layout, rng):
 
 
 @pytest.mark.usefixtures("no_tf32")
+@pytest.mark.parametrize("backend,device", backend_params(("triton",)))
+@pytest.mark.parametrize("act", ["relu", "sigmoid", "tanh"])
+def test_activation_and_bias_gradient_in_one_launch(backend, device, act, monkeypatch, rng):
+    """A small convolution with a fused activation and a bias takes the activation's gradient
+    and the bias gradient in one launch (dense._act_colsum_kernel over g as [N, H*W, C] or, for
+    channels_last, [1, N*H*W, C]): the same input and weight gradients as the activation kernel
+    then torch's sum (bitwise: the same dY'), the bias gradient equal to float32's precision,
+    both against the reference; conv1d, NCHW and channels_last."""
+    from gpu_nn.kernels.triton import dense as kd
+    from triton.runtime.interpreter import InterpretedFunction
+
+    cases = [(2, (2, 3, 5, 6), (7, 3, 3, 3), "contig"), (2, (3, 4, 4, 5), (6, 4, 3, 1), "channels_last"),
+             (1, (2, 3, 9), (5, 3, 3), "contig")]
+    for nd, xs, ws, layout in cases:
+        fn = F.conv2d if nd == 2 else F.conv1d
+        x64, w64, b64 = randn(rng, *xs), randn(rng, *ws) * 0.3, randn(rng, ws[0])
+        g64 = randn(rng, *fn(x64, w64, b64, padding=1).shape)
+        for dtype in gpu_dtypes_for(backend, device):
+            # the float64 reference on the inputs as dtype holds them (see test_triton_matches_reference)
+            with gpu_nn.backend("reference"):
+                leaves = [t.to(dtype).double().requires_grad_() for t in (x64, w64, b64)]
+                ref = torch.autograd.grad(fn(*leaves, padding=1, activation=act), leaves, g64.to(dtype).double())
+            got = {}
+            for bound in (kd.ACT_COLSUM_MAX, 0):
+                monkeypatch.setattr(kd, "ACT_COLSUM_MAX", bound)
+                names = []
+                if device == "cpu":
+                    orig = InterpretedFunction.run
+                    monkeypatch.setattr(InterpretedFunction, "run",
+                                        lambda self, *a, **k: names.append(self.fn.__name__) or orig(self, *a, **k))
+                ins = [_layout(x64.to(device, dtype), layout).requires_grad_(), w64.to(device, dtype).requires_grad_(),
+                       b64.to(device, dtype).requires_grad_()]
+                g = _layout(g64.to(device, dtype), layout)  # the channels_last case's g too: its branch
+                with gpu_nn.backend(backend):
+                    y = fn(*ins, padding=1, activation=act)
+                    got[bound] = torch.autograd.grad(y, ins, g)
+                monkeypatch.undo()
+                if device == "cpu":
+                    assert ("_act_colsum_kernel" in names) == (bound > 0) and ("_act_bwd_kernel" in names) == (bound == 0)
+            (dx, dw, db), (dx2, dw2, db2) = got[kd.ACT_COLSUM_MAX], got[0]
+            assert torch.equal(dx, dx2) and torch.equal(dw, dw2), (nd, layout, dtype)
+            k = g64.numel() // ws[0]
+            assert_close(db, db2, dtype, k, f"grad_bias against torch's sum {dtype}")
+            for name, a, e in zip(("grad_input", "grad_weight", "grad_bias"), (dx, dw, db), ref):
+                assert_close(a, e.to(dtype).double(), dtype, k + ws[1] * 9, f"{name} {nd}d {layout} {dtype}")
+
+
+@pytest.mark.usefixtures("no_tf32")
 @pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
 @pytest.mark.parametrize("nd", [1, 2])
 @pytest.mark.parametrize("wants", [w for w in itertools.product((0, 1), repeat=3) if any(w)], ids=str)

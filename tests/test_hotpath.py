@@ -325,13 +325,15 @@ LAUNCHES = {
     # two reductions: the wgrad kernel's split-K partial sums (summed straight into dw, no
     # copy) and the bias gradient (one sum over N, H, W)
     "conv2d": ({"_conv_fwd_kernel": 1, "_conv_dgrad_kernel": 1, "_conv_wgrad_kernel": 1}, {"aten::sum": 2}),
-    "conv2d+relu": ({"_conv_fwd_kernel": 1, "_act_bwd_kernel": 1, "_conv_dgrad_kernel": 1, "_conv_wgrad_kernel": 1},
-                    {"aten::sum": 2}),
+    # the ReLU's gradient and the bias gradient in one launch (small: ACT_COLSUM_MAX), where
+    # _act_bwd_kernel and a second aten::sum were
+    "conv2d+relu": ({"_conv_fwd_kernel": 1, "_act_colsum_kernel": 1, "_conv_dgrad_kernel": 1, "_conv_wgrad_kernel": 1},
+                    {"aten::sum": 1}),
     # no zero gradient for the unused int64 indices (the autograd setup does not materialise it)
     "max_pool2d": ({"_max_pool_fwd_kernel": 1, "_max_pool_bwd_kernel": 1}, {}),
     "avg_pool2d": ({"_avg_pool_fwd_kernel": 1, "_avg_pool_bwd_kernel": 1}, {}),
     "linear": ({"_matmul_kernel": 3, "_colsum_kernel": 1}, {}),
-    # the ReLU's gradient and the bias gradient in one launch (a small M: ACT_COLSUM_MAX_M;
+    # the ReLU's gradient and the bias gradient in one launch (a small M: ACT_COLSUM_MAX;
     # _act_bwd_kernel and _colsum_kernel before)
     "linear+relu": ({"_matmul_kernel": 3, "_act_colsum_kernel": 1}, {}),
     "softmax": ({"_softmax_fwd_kernel": 1, "_softmax_bwd_kernel": 1}, {}),
@@ -387,7 +389,7 @@ GPU_OTHER = {
     # where the interpreter splits K in two from 4 * 16 = 64 on and sums the partials with
     # aten::sum (test_conv2d_wgrad_split_differs_between_interpreter_and_gpu)
     "conv2d": {"reduce": 1},
-    "conv2d+relu": {"reduce": 1},
+    "conv2d+relu": {},  # its bias gradient summed with the ReLU's
     # no fill: autograd's zero gradient for the unused int64 indices output (FillFunctor<long>,
     # one fill at 82f8513) is no longer made (set_materialize_grads(False) in the autograd setup)
     "max_pool2d": {},

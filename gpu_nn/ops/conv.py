@@ -416,14 +416,28 @@ def conv_backward(grad_output: Tensor, input: Tensor, weight: Tensor, output: Op
 
     g = grad_output
     new = lambda s: empty(s, dtype=dt, device=dev)  # noqa: E731
+    gb = None
     if activation is not None:
-        _, ka = triton_kernels("activation")
         gc = g if gfmt == torch.channels_last else g.contiguous()
         yc = output.to(g.dtype)
         if yc.stride() != gc.stride():
             yc = _alloc(yc.shape, gfmt, lambda s: torch.empty(s, dtype=dt, device=dev)).copy_(yc)
         g = _alloc(gc.shape, gfmt, new)
-        ka.act_backward(gc, yc, g, activation, ktriton.INTERPRET)
+        C = g.shape[1]
+        rows = g.numel() // C if C else 0
+        _, kd = triton_kernels("dense")
+        if mask[2] and g.shape[0] and kd.act_colsum_fits(rows, C):
+            # small: the activation's gradient and the bias gradient in one launch, over g as
+            # [N, H*W, C] (NCHW) or [1, N*H*W, C] (channels_last)
+            gb = empty((C,), dtype=dt, device=dev)
+            if gfmt == torch.channels_last:
+                kd.act_colsum_into(gc, yc, g, gb, activation, 1, rows, C, 0, C, 1)
+            else:
+                hw = rows // g.shape[0]
+                kd.act_colsum_into(gc, yc, g, gb, activation, g.shape[0], hw, C, C * hw, 1, hw)
+        else:
+            _, ka = triton_kernels("activation")
+            ka.act_backward(gc, yc, g, activation, ktriton.INTERPRET)
     g4 = _as4d(g)
     prec = _precision(dt)
     # a gradient not asked for is an empty placeholder of its own: a custom op may not return
@@ -442,6 +456,8 @@ def conv_backward(grad_output: Tensor, input: Tensor, weight: Tensor, output: Op
         gw = input.new_empty(0)
     if not mask[2]:
         gb = input.new_empty(0)
+    elif gb is not None:  # summed with the activation's gradient
+        pass
     elif g.shape[0]:
         # one reduction in g's dtype, as torch's own bias gradient: half precision accumulates
         # in float32 inside it (a float32 sum and a cast were two launches)

@@ -473,34 +473,39 @@ def _colsum_kernel(g_ptr, out_ptr, M, N, stride_gm, stride_gn, BLOCK_M: tl.const
 
 
 @triton.jit
-def _act_colsum_kernel(g_ptr, y_ptr, dg_ptr, out_ptr, M, N, ACT: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr):
-    """dg = g through the activation (written through its output y) and out[n] = sum_m dg[m, n]
-    in one pass over contiguous [M, N] tensors: the fused activation's gradient and the bias
-    gradient of a linear layer. The sum is _colsum_kernel's, over the same rounded dg values in
-    the same order, so the result is bitwise the two kernels' one after the other."""
+def _act_colsum_kernel(g_ptr, y_ptr, dg_ptr, out_ptr, B, M, N, stride_b, stride_m, stride_n, ACT: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dg = g through the activation (written through its output y) and out[n] = the sum of dg
+    over b and m, in one pass over [B, M, N] tensors that share one layout (``stride_*``): the
+    fused activation's gradient and the bias gradient of a linear layer ([1, rows, features]) or
+    a convolution ([N, H*W, C] of an NCHW tensor, [1, N*H*W, C] of a channels_last one). For a
+    linear layer the sum is _colsum_kernel's, over the same rounded dg values in the same order:
+    bitwise the two kernels' result."""
     pid = tl.program_id(0)
     offs_n = (pid * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     mask_n = offs_n < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for m0 in range(0, M, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
-        offs = offs_m[:, None] * N + offs_n[None, :]
-        mask = (offs_m[:, None] < M) & mask_n[None, :]
-        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        dg = _act_grad(g, y, ACT).to(dg_ptr.dtype.element_ty)
-        tl.store(dg_ptr + offs, dg, mask=mask)
-        acc += dg.to(tl.float32)
+    for b in range(0, B):
+        base = (tl.full((), 0, tl.int64) + b) * stride_b  # int64 (b a tensor compiled, an int interpreted)
+        for m0 in range(0, M, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
+            offs = base + offs_m[:, None] * stride_m + offs_n[None, :] * stride_n
+            mask = (offs_m[:, None] < M) & mask_n[None, :]
+            g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            dg = _act_grad(g, y, ACT).to(dg_ptr.dtype.element_ty)
+            tl.store(dg_ptr + offs, dg, mask=mask)
+            acc += dg.to(tl.float32)
     tl.store(out_ptr + offs_n, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty), mask=mask_n)
 
 
 _COLSUM = (64, 64, 4)  # BLOCK_M, BLOCK_N, num_warps
-# the activation's gradient and the bias gradient in one launch up to this many rows: its
-# cdiv(N, 64) programs each walk all M rows, which at small M (a small batch's linear layer) is
-# one short pass instead of two launches; past it the elementwise part keeps its full grid
-# (chosen, not measured: the GPU runs will say where the two cross)
-ACT_COLSUM_MAX_M = 256
+# the activation's gradient and the bias gradient in one launch while each of its cdiv(N, 64)
+# programs walks at most this many elements (B * M rows of up to 64 columns: a linear layer of
+# up to 512 rows, the demo CNN's convolutions): at small sizes one short pass instead of two
+# launches; past it the elementwise part keeps its full grid and the sum its own kernel (chosen,
+# not measured: the GPU runs are to say where the two cross)
+ACT_COLSUM_MAX = 1 << 15
 
 
 def colsum(g, out, interpret=False) -> None:
@@ -512,18 +517,29 @@ def colsum(g, out, interpret=False) -> None:
                   num_warps=warps)
 
 
+def act_colsum_fits(rows: int, cols: int) -> bool:
+    """Whether :func:`act_colsum_into` takes ``rows`` x ``cols`` in one launch (ACT_COLSUM_MAX)."""
+    return 0 < cols and rows * min(cols, _COLSUM[1]) <= ACT_COLSUM_MAX
+
+
+def act_colsum_into(g, y, dg, db, activation, B, M, N, stride_b, stride_m, stride_n) -> None:
+    """dg = g through the activation, db = its sums per column n, one launch: ``g``, ``y`` and
+    ``dg`` [B, M, N] views through the same strides (see _act_colsum_kernel)."""
+    bm, bn, warps = _COLSUM
+    launch_kernel(_act_colsum_kernel, (cdiv(N, bn),), g, y, dg, db, B, M, N, stride_b, stride_m, stride_n,
+                  ACT=ACT_CODES[activation], BLOCK_M=bm, BLOCK_N=bn, num_warps=warps)
+
+
 def act_colsum(g, y, activation, db, interpret=False):
     """(dY', with db = its column sums written): dY' = dY through the activation for contiguous
-    [M, N] ``g`` and ``y``; one launch (see ACT_COLSUM_MAX_M) or act_grad then colsum."""
+    [M, N] ``g`` and ``y``; one launch where :func:`act_colsum_fits`, else act_grad then colsum."""
     M, N = g.shape
-    if M > ACT_COLSUM_MAX_M or N == 0:
+    if not act_colsum_fits(M, N):
         dg = act_grad(g, y, activation, interpret)
         colsum(dg, db, interpret)
         return dg
     dg = torch.empty_like(g)
-    bm, bn, warps = _COLSUM
-    launch_kernel(_act_colsum_kernel, (cdiv(N, bn),), g, y, dg, db, M, N, ACT=ACT_CODES[activation], BLOCK_M=bm,
-                  BLOCK_N=bn, num_warps=warps)
+    act_colsum_into(g, y, dg, db, activation, 1, M, N, 0, N, 1)
     return dg
 
 
@@ -1278,8 +1294,9 @@ def aot_specs():
                              {"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, label=dt))
         for act in ("relu", "sigmoid", "tanh"):
             specs.append(AotSpec(_act_colsum_kernel, {"g_ptr": f"*{dt}", "y_ptr": f"*{dt}", "dg_ptr": f"*{dt}",
-                                                      "out_ptr": f"*{dt}", "M": "i32", "N": "i32", "ACT": "constexpr",
-                                                      "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"},
+                                                      "out_ptr": f"*{dt}", "B": "i32", "M": "i32", "N": "i32",
+                                                      "stride_b": "i32", "stride_m": "i32", "stride_n": "i32",
+                                                      "ACT": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"},
                                  {"ACT": ACT_CODES[act], "BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps,
                                  label=f"{dt} {act}"))
         smx = [(b, True, w) for b, w in _SOFTMAX_SINGLE] + [(_SOFTMAX_LOOP[0], False, _SOFTMAX_LOOP[1])]
