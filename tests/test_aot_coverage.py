@@ -462,8 +462,11 @@ def extra_optim(rng, monkeypatch, rec):
     shapes = [(5, 3), (7,), (1,)]
     with _backend.backend("triton"):
         for dt in DTYPES:
-            for name, kw in configs:
+            # every configuration with the lr by value and as a float32 tensor the kernels read (LR_PTR)
+            for (name, kw), tensor_lr in [(c, t) for c in configs for t in (False, True)]:
                 ps = [torch.nn.Parameter(torch.randn(s, dtype=dt)) for s in shapes]
+                if tensor_lr:
+                    kw = {**kw, "lr": torch.tensor(kw.get("lr", 1.0))}
                 opt = getattr(optim, name)(ps, **kw)
                 for _ in range(2):
                     for p in ps:

@@ -631,9 +631,14 @@ def test_kernel_odd_layouts(backend, device, name, rng):
 
 @pytest.mark.parametrize("kind", [0, 1, 2], ids=["fp32", "fp16", "bf16"])
 def test_cuda_optim_compiles_for_every_param_dtype(kind):
+    """Every entry point, the learning rate by value and read on the device (``*_lr_ptr``: a
+    tensor lr), in the cubin of every parameter dtype."""
     from gpu_nn.kernels import cuda as kcuda
 
-    assert kcuda.compile_cubin("optim", {"PARAM_KIND": kind, "OPTIM_CHUNK": 16384}, arch="sm_90")[:4] == b"\x7fELF"
+    cubin = kcuda.compile_cubin("optim", {"PARAM_KIND": kind, "OPTIM_CHUNK": 16384}, arch="sm_90")
+    assert cubin[:4] == b"\x7fELF"
+    for entry in ("adam_step", "adam_step_lr_ptr", "rmsprop_step", "rmsprop_step_lr_ptr"):
+        assert entry.encode() + b"\x00" in cubin, f"{entry} missing from the cubin"
 
 
 # -- kept step plans ---------------------------------------------------------------------
@@ -889,10 +894,11 @@ def test_steps_captured_into_a_graph_keep_their_tables_and_no_plan(backend, devi
 @pytest.mark.parametrize("cls", [go.SGD, go.Adagrad, go.Adadelta, go.RMSprop, go.Adam, go.AdamW])
 def test_tensor_lr_steps_like_a_float_and_refuses_a_graph_capture(cls, monkeypatch):
     """A 1-element tensor lr (torch's way to vary it under CUDA graphs) steps as its value does,
-    following changes to the tensor between steps; during a CUDA graph capture (simulated: the
-    capture test says yes) the step raises KernelInputError before any kernel runs, since our
-    kernels take the value (it would be fixed into the graph, and a CUDA tensor cannot be read
-    on the host while capturing); a float lr is captured as before."""
+    following changes to the tensor between steps; on the reference backend (CPU tensors under
+    auto) the step reads it on the host, so during a CUDA graph capture (simulated: the capture
+    test says yes) the step raises KernelInputError before any kernel runs (what it read would be
+    fixed into the graph, and a CUDA tensor cannot be read on the host while capturing); a float
+    lr is captured as before. The kernels' own reading on the device: the tests below."""
     from gpu_nn.optim import optimizers as optmod
 
     torch.manual_seed(3)
@@ -924,3 +930,293 @@ def test_tensor_lr_steps_like_a_float_and_refuses_a_graph_capture(cls, monkeypat
     o1.param_groups[0]["lr"] = 0.05
     o1.step()  # a float lr steps under the (simulated) capture
     assert not torch.equal(ours[0].detach(), before)
+
+
+# -- tensor learning rate read on the device -----------------------------------------------
+# A 1-element float32 tensor lr on the parameters' device is read by the kernels when they run
+# (triton, cupy; the triton backend under the interpreter on the CPU): no host read, capturable,
+# and an in-place change of the tensor reaches the next step. Everything else is read on the host.
+
+LR_FACTORS = [1.0, 0.5, 0.5, 1.7, 0.3, 2.5]  # the lr of each step, times the config's: changed in place
+
+
+def _f32(x: float) -> float:
+    """``x`` rounded to float32, as a Python float: the value a float32 tensor lr of ``x`` holds."""
+    return float(np.float32(x))
+
+
+def _spy_host_reads(monkeypatch, watched) -> list:
+    """A list that grows whenever a tensor of ``watched`` (a list, may grow) is read on the host
+    through ``float()`` or ``.item()`` (what reading a tensor lr's value on the host takes)."""
+    reads = []
+    real_float, real_item = torch.Tensor.__float__, torch.Tensor.item
+
+    def spy_float(self):
+        if any(self is t for t in watched):
+            reads.append("float")
+        return real_float(self)
+
+    def spy_item(self):
+        if any(self is t for t in watched):
+            reads.append("item")
+        return real_item(self)
+
+    monkeypatch.setattr(torch.Tensor, "__float__", spy_float)
+    monkeypatch.setattr(torch.Tensor, "item", spy_item)
+    return reads
+
+
+def _state_of(opt, params):
+    return [{k: v.detach().clone() if torch.is_tensor(v) else v for k, v in opt.state[p].items()} for p in params]
+
+
+def _assert_same_run(a, b, sa, sb, what):
+    for x, y in zip(a, b):
+        assert torch.equal(x.detach(), y.detach()), f"{what}: parameters differ by {float((x - y).abs().max()):.3e}"
+    for x, y in zip(sa, sb):
+        assert set(x) == set(y), what
+        for k in x:
+            if torch.is_tensor(x[k]):
+                assert torch.equal(x[k].cpu(), y[k].cpu()), f"{what}: state {k!r} differs"
+            else:
+                assert x[k] == y[k], f"{what}: state {k!r} differs"
+
+
+def _tensor_lr_pair(backend, device, name, kw, dtype, monkeypatch, steps=len(LR_FACTORS), lr_device=None):
+    """Two runs of optimizer ``name`` from the same start and gradients on ``backend``: one with a
+    float32 tensor lr on ``lr_device`` (default ``device``, the parameters') that is changed in
+    place (``fill_``) between steps, one with float lrs of the same values. Returns both
+    (params, state) and the host reads of the tensor."""
+    cls = getattr(go, name)
+    base = kw.get("lr", cls.__init__.__defaults__[0])
+    lrs = [_f32(base * f) for f in LR_FACTORS]
+    torch.manual_seed(11)
+    shapes = [(37, 29), (29,), (5, 3), (1,)]
+    a = [torch.nn.Parameter(torch.randn(s).to(device=device, dtype=dtype)) for s in shapes]
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    lr = torch.tensor(lrs[0], dtype=torch.float32, device=device if lr_device is None else lr_device)
+    o1 = cls(a, **{**kw, "lr": lr})
+    o2 = cls(b, **{**kw, "lr": lrs[0]})
+    reads = _spy_host_reads(monkeypatch, [lr])
+    with gpu_nn.backend(backend):
+        for step in range(steps):
+            if step:
+                lr.fill_(lrs[step])  # a scheduler changing the tensor in place
+                o2.param_groups[0]["lr"] = lrs[step]
+            for x, y in zip(a, b):
+                g = torch.randn(x.shape).to(device=device, dtype=dtype)
+                x.grad, y.grad = g.clone(), g.clone()
+            o1.step()
+            o2.step()
+    assert o1.param_groups[0]["lr"] is lr
+    return (a, _state_of(o1, a)), (b, _state_of(o2, b)), reads
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("reference", "triton", "cupy")))
+@pytest.mark.parametrize("name,kw", CONFIGS, ids=IDS)
+def test_tensor_lr_steps_exactly_as_its_float_value(backend, device, name, kw, monkeypatch):
+    """A float32 tensor lr on the parameters' device, changed in place between steps, gives the
+    very parameters and state of the float lr of the same values (a float32 lr widens exactly;
+    the kernels keep the float path's float64 arithmetic), every optimizer and option. The kernel
+    backends read it on the device (never on the host); the reference reads its value."""
+    if backend == "cupy" and name not in ("Adam", "AdamW", "RMSprop"):
+        pytest.skip("the cupy backend implements Adam/AdamW/RMSprop only")
+    (a, sa), (b, sb), reads = _tensor_lr_pair(backend, device, name, kw, torch.float32, monkeypatch)
+    _assert_same_run(a, b, sa, sb, f"{name} {kw} {backend}")
+    if backend == "reference":
+        assert len(reads) == len(LR_FACTORS)  # its value, once per step
+    else:
+        assert reads == [], f"{backend} read the tensor lr on the host: {reads}"
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("triton", "cupy")))
+@pytest.mark.parametrize("name,kw", [CONFIGS[1], CONFIGS[4], CONFIGS[6], CONFIGS[8], CONFIGS[11], CONFIGS[14]],
+                         ids=["SGD", "Adagrad", "Adadelta", "RMSprop", "Adam", "AdamW"])
+def test_tensor_lr_half_params(backend, device, name, kw, monkeypatch):
+    """float16 / bfloat16 parameters (float32 state) with a float32 tensor lr: as the float lr."""
+    if backend == "cupy" and name not in ("Adam", "AdamW", "RMSprop"):
+        pytest.skip("the cupy backend implements Adam/AdamW/RMSprop only")
+    for dtype in KERNEL_DTYPES[1:]:
+        (a, sa), (b, sb), reads = _tensor_lr_pair(backend, device, name, kw, dtype, monkeypatch, steps=3)
+        _assert_same_run(a, b, sa, sb, f"{name} {dtype} {backend}")
+        assert reads == []
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
+@pytest.mark.parametrize("name,kw", PLAN_OPTS, ids=[n for n, _ in PLAN_OPTS])
+def test_kept_plan_follows_lr_between_floats_and_tensors(backend, device, name, kw, monkeypatch, on_device):
+    """A kept plan serves every step while the group's lr goes from a float to a tensor, is
+    changed in place, is replaced by another tensor, goes back to a float and to the first tensor
+    again: each step uses the lr of that moment (exactly as a float-lr run of the same values),
+    and the full step runs only where the plan is first made (SGD: and its first momentum step).
+    The kernel backends never read the tensors on the host."""
+    lr0 = kw["lr"]
+    ta, tb = torch.tensor(0.0), torch.tensor(_f32(0.7 * lr0))
+    # per step: (the group's new lr, or None to keep it; (tensor, value) to fill in place, or None)
+    events = [(lr0, (ta, _f32(2 * lr0))), (None, None), (ta, None), (None, (ta, _f32(0.4 * lr0))), (tb, None),
+              (lr0, None), (ta, (ta, _f32(1.3 * lr0))), (None, (ta, _f32(0.9 * lr0)))]
+    held = {id(tb): _f32(0.7 * lr0)}  # each tensor's value as the schedule goes
+    values, cur = [], None  # the lr each step sees
+    for new, fill in events:
+        if fill is not None:
+            held[id(fill[0])] = fill[1]
+        cur = cur if new is None else new
+        values.append(held[id(cur)] if torch.is_tensor(cur) else cur)
+    shapes = [(7, 5), (5,), (3, 7)]
+    torch.manual_seed(6)
+    start = [torch.randn(s) for s in shapes]
+    grads = [[torch.randn(s) for s in shapes] for _ in events]
+
+    def run(schedule):
+        ps = [torch.nn.Parameter(x.clone()) for x in start]
+        o = getattr(go, name)(ps, **kw)
+        pool = _GradPool(shapes, torch.float32)  # new gradient tensors at the same addresses
+        out = []
+        with gpu_nn.backend(backend):
+            for (new, fill), gs in zip(schedule, grads):
+                if fill is not None:
+                    fill[0].fill_(fill[1])
+                if new is not None:
+                    o.param_groups[0]["lr"] = new
+                for i, (p, g) in enumerate(zip(ps, gs)):
+                    p.grad = pool.view(i, p.shape)
+                    p.grad.copy_(g)
+                o.step()
+                out.append(([p.detach().clone() for p in ps], _state_of(o, ps)))
+        return out
+
+    floats = run([(v, None) for v in values])
+    full = _count_full_steps(monkeypatch)
+    reads = _spy_host_reads(monkeypatch, [ta, tb])
+    tensors = run(events)
+    for i, ((pa, sa), (pb, sb)) in enumerate(zip(tensors, floats)):
+        _assert_same_run(pa, pb, sa, sb, f"{name} {backend} step {i} (lr {values[i]})")
+    assert len(full) == (2 if name == "SGD" else 1)
+    if backend == "reference":
+        assert reads  # the reference takes the value
+    else:
+        assert reads == [], f"{backend} read a tensor lr on the host: {reads}"
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("triton",)))
+def test_capture_takes_a_tensor_lr_read_on_the_device_and_refuses_a_host_read(backend, device, monkeypatch,
+                                                                              on_device):
+    """During a CUDA graph capture (simulated: the capture test says yes) a float32 tensor lr on
+    the parameters' device steps (the kernels read it; no host read), as its float value does;
+    a float64 tensor lr, or the reference backend, would be read on the host: refused with
+    KernelInputError before any state is made or kernel runs."""
+    from gpu_nn.optim import optimizers as optmod
+
+    monkeypatch.setattr(optmod, "_capturing", lambda device: True)
+    torch.manual_seed(8)
+    a = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(4))]
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    lr = torch.tensor(_f32(0.03))
+    o1, o2 = go.Adam(a, lr=lr, amsgrad=True), go.Adam(b, lr=_f32(0.03), amsgrad=True)
+    reads = _spy_host_reads(monkeypatch, [lr])
+    with gpu_nn.backend(backend):
+        for step in range(2):
+            for x, y in zip(a, b):
+                g = torch.randn(x.shape)
+                x.grad, y.grad = g.clone(), g.clone()
+            o1.step()
+            o2.step()
+    _assert_same_run(a, b, _state_of(o1, a), _state_of(o2, b), "captured tensor lr")
+    assert reads == []
+    for lr_bad, be, why in ((torch.tensor(0.03, dtype=torch.float64), backend, "torch.float64"),
+                            (torch.tensor(0.03), "reference", "backend reference")):
+        fresh = [torch.nn.Parameter(torch.randn(5, 3))]
+        fresh[0].grad = torch.randn(5, 3)
+        before = fresh[0].detach().clone()
+        o3 = go.Adam(fresh, lr=lr_bad)
+        with gpu_nn.backend(be):
+            with pytest.raises(KernelInputError, match="tensor lr cannot be captured") as err:
+                o3.step()
+        assert why in str(err.value)
+        assert not o3.state[fresh[0]] and torch.equal(fresh[0].detach(), before)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device: captures a step into a real CUDA graph")
+@pytest.mark.parametrize("backend", ["triton", "cupy"])
+@pytest.mark.parametrize("name,kw", [CONFIGS[1], CONFIGS[4], CONFIGS[6], CONFIGS[8], CONFIGS[11], CONFIGS[14]],
+                         ids=["SGD", "Adagrad", "Adadelta", "RMSprop", "Adam", "AdamW"])
+def test_cuda_graph_replays_follow_a_tensor_lr(backend, name, kw):
+    """One step captured into a torch.cuda.CUDAGraph with a CUDA float32 tensor lr, replayed
+    with new gradients after ``lr.fill_`` each time (a scheduler): every replay gives the
+    parameters and state of eager steps with float lrs of the same values."""
+    ok, why = gpu_nn._backend.status(backend)
+    if not ok:
+        pytest.skip(f"{backend} backend unavailable: {why}")
+    if backend == "cupy" and name not in ("Adam", "AdamW", "RMSprop"):
+        pytest.skip("the cupy backend implements Adam/AdamW/RMSprop only")
+    cls = getattr(go, name)
+    base = kw.get("lr", cls.__init__.__defaults__[0])
+    lrs = [_f32(base * f) for f in LR_FACTORS]
+    torch.manual_seed(12)
+    shapes = [(37, 29), (29,), (5, 3)]
+    a = [torch.nn.Parameter(torch.randn(s, device="cuda")) for s in shapes]
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    for p in a:
+        p.grad = torch.zeros_like(p)  # the graph's gradients: refilled before each replay
+    lr = torch.tensor(lrs[0], device="cuda")
+    o1, o2 = cls(a, **{**kw, "lr": lr}), cls(b, **{**kw, "lr": lrs[0]})
+
+    def grads():
+        gs = [torch.randn(s, device="cuda") for s in shapes]
+        for p, q, g in zip(a, b, gs):
+            p.grad.copy_(g)
+            q.grad = g.clone()
+
+    with gpu_nn.backend(backend):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up (state, compilation) outside the capture, as torch's docs do
+            for _ in range(2):
+                grads()
+                o1.step()
+                o2.step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            o1.step()
+        for v in lrs[1:]:
+            lr.fill_(v)
+            o2.param_groups[0]["lr"] = v
+            grads()
+            graph.replay()
+            o2.step()
+    torch.cuda.synchronize()
+    _assert_same_run(a, b, _state_of(o1, a), _state_of(o2, b), f"{name} {backend} replays")
+
+
+@pytest.mark.parametrize("kind", ["adam", "rmsprop"])
+def test_cupy_launch_passes_a_tensor_lr_by_address(kind, monkeypatch):
+    """The cupy glue (no GPU needed: the launch is recorded): a float lr goes by value as a
+    float64 to ``adam_step`` / ``rmsprop_step``; a tensor lr goes as the tensor (its address) to
+    the ``*_lr_ptr`` entry point, every other argument the same."""
+    from gpu_nn.kernels import cuda as kcuda
+    from gpu_nn.optim import _cupy
+
+    calls = []
+    monkeypatch.setattr(kcuda, "launch", lambda mod, name, grid, block, args, device=0: calls.append((name, args)))
+    hp = dict(lr=0.25, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, amsgrad=True, maximize=False,
+              decoupled_weight_decay=True, alpha=0.99, momentum=0.5, centered=True)
+    table = torch.zeros(3, 8, dtype=torch.int64)
+    launch = _cupy.Launch(kind, table, 3, object(), 0, [])
+    lr = torch.tensor(0.25)
+    launch(hp)
+    launch(dict(hp, lr=lr))
+    (n1, a1), (n2, a2) = calls
+    assert (n1, n2) == (f"{kind}_step", f"{kind}_step_lr_ptr")
+    assert type(a1[1]) is np.float64 and a1[1] == 0.25 and a2[1] is lr
+    assert a1[0] is a2[0] is table and all(type(x) is type(y) and x == y for x, y in zip(a1[2:], a2[2:]))
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device: a CPU tensor lr for CUDA parameters")
+@pytest.mark.parametrize("name,kw", [CONFIGS[1], CONFIGS[11]], ids=["SGD", "Adam"])
+def test_cpu_tensor_lr_for_cuda_params_is_read_on_the_host(name, kw, monkeypatch):
+    """A tensor lr on another device than the parameters (here the CPU) is read on the host at
+    every step, as before (the kernels could not read it), and steps as its float value."""
+    (a, sa), (b, sb), reads = _tensor_lr_pair("auto", "cuda", name, kw, torch.float32, monkeypatch, lr_device="cpu")
+    _assert_same_run(a, b, sa, sb, f"{name} CPU lr")
+    assert len(reads) == len(LR_FACTORS)

@@ -2,9 +2,10 @@
 
 CUDA C can cast integers to pointers, so the chunk table holds raw device addresses (one row
 of 8 int64 per chunk of ``CHUNK`` elements: param, grad, three state tensors, step, start,
-numel). Tables are cached by address; scalars pass by value as float64; the kernels read the
-step from the device. Tensors must be dense (contiguous or one dense layout shared by the
-parameter, its gradient and its state); others go through contiguous copies.
+numel). Tables are cached by address; scalars pass by value as float64 (a tensor lr as its
+address, to the ``*_lr_ptr`` entry points); the kernels read the step from the device. Tensors
+must be dense (contiguous or one dense layout shared by the parameter, its gradient and its
+state); others go through contiguous copies.
 """
 
 from __future__ import annotations
@@ -62,15 +63,22 @@ class Launch(Prepared):
         if self.n:
             graph_keep(self.table)
             f64, i32 = np.float64, np.int32
+            lr = hp["lr"]
+            # a tensor lr (1-element float32 on this device: _dispatch.run_parts) goes as its
+            # address to the entry point that reads it on the device
+            by_value = isinstance(lr, (float, int))
+            lr_arg = f64(lr) if by_value else lr
             if self.kind == "adam":
                 decoupled = bool(hp["decoupled_weight_decay"])
-                args = (self.table, f64(hp["lr"]), f64(hp["beta1"]), f64(hp["beta2"]), f64(hp["eps"]),
+                args = (self.table, lr_arg, f64(hp["beta1"]), f64(hp["beta2"]), f64(hp["eps"]),
                         f64(hp["weight_decay"]), i32(hp["amsgrad"]), i32(hp["maximize"]), i32(decoupled))
-                kcuda.launch(self.mod, "adam_step", (self.n,), (THREADS,), args, device=self.device)
+                kcuda.launch(self.mod, "adam_step" if by_value else "adam_step_lr_ptr", (self.n,), (THREADS,), args,
+                             device=self.device)
             else:
-                args = (self.table, f64(hp["lr"]), f64(hp["alpha"]), f64(hp["eps"]), f64(hp["weight_decay"]),
+                args = (self.table, lr_arg, f64(hp["alpha"]), f64(hp["eps"]), f64(hp["weight_decay"]),
                         f64(hp["momentum"]), i32(hp["centered"]), i32(hp["maximize"]))
-                kcuda.launch(self.mod, "rmsprop_step", (self.n,), (THREADS,), args, device=self.device)
+                kcuda.launch(self.mod, "rmsprop_step" if by_value else "rmsprop_step_lr_ptr", (self.n,), (THREADS,),
+                             args, device=self.device)
         self.write_back()
 
 

@@ -3,10 +3,12 @@
 ``run(kind, params, state_lists, hp)``: ``kind`` is one of ``sgd``, ``adagrad``, ``adadelta``,
 ``rmsprop``, ``adam``; ``state_lists`` maps torch's state key to a list parallel to ``params``
 (``step`` holds the step tensors, not yet incremented); ``hp`` the group's hyperparameters as
-Python numbers; ``grads`` (parallel to ``params``, default ``p.grad``) the gradients with the
-parameters' shapes and dtypes (the optimizers check and broadcast them as torch does). The reference works on NumPy views of CPU float32/float64 tensors in place;
-anything else (half dtypes, CUDA tensors under the reference backend) goes through a host copy
-that is written back.
+Python numbers, but ``hp["lr"]`` may be a 1-element tensor (see :func:`reads_lr_on_device`: the
+kernels read it on the device where they can, everything else gets its value); ``grads``
+(parallel to ``params``, default ``p.grad``) the gradients with the parameters' shapes and dtypes
+(the optimizers check and broadcast them as torch does). The reference works on NumPy views of
+CPU float32/float64 tensors in place; anything else (half dtypes, CUDA tensors under the
+reference backend) goes through a host copy that is written back.
 """
 
 from __future__ import annotations
@@ -83,14 +85,39 @@ def _prepare(kind: str, backend: str, part: Part, grads):
     return launch
 
 
+def device_lr(lr: torch.Tensor, device) -> bool:
+    """Whether a kernel on ``device`` can read the tensor lr ``lr`` itself: a 1-element float32
+    tensor on that device (the form the kernels' pointer variants take and were compiled for)."""
+    return lr.dtype == torch.float32 and lr.numel() == 1 and lr.device == device and not lr.is_neg()
+
+
+def reads_lr_on_device(kind: str, lr: torch.Tensor, device, dtype) -> bool:
+    """Whether the step of the part on ``device`` with parameters of ``dtype`` reads the tensor
+    lr ``lr`` on the device (no host read, capturable): a GPU backend -- or the triton backend
+    under the interpreter, on the CPU -- and :func:`device_lr`."""
+    backend = _backend.resolve(f"optim.{kind}", device, BACKENDS[kind], dtype=dtype)
+    return backend != "reference" and device_lr(lr, device)
+
+
 def run_parts(kind: str, parts_: list, hp: dict, grads) -> None:
     """One step of every part: the backend resolved per step (a ``gpu_nn.backend`` region may
-    change it), the launch prepared unless a kept one serves."""
+    change it), the launch prepared unless a kept one serves. A tensor lr goes to the kernels as
+    it is where they read it on the device (:func:`device_lr`; the launch takes it at every
+    step, so nothing kept depends on it); elsewhere (the reference, another device or dtype)
+    its value is read on the host, once per step."""
+    lr = hp["lr"]
+    tensor_lr = type(lr) is not float and isinstance(lr, torch.Tensor)  # the float test first: the hot path
+    host_hp = None
     for part in parts_:
         sub_g = [grads[i] for i in part.idx]
         backend = _backend.resolve(f"optim.{kind}", part.device, BACKENDS[kind], dtype=part.dtype)
+        part_hp = hp
+        if tensor_lr and (backend == "reference" or not device_lr(lr, part.device)):
+            if host_hp is None:
+                host_hp = dict(hp, lr=float(lr))  # a CUDA tensor: a host synchronisation
+            part_hp = host_hp
         if backend == "reference":
-            _run_reference(kind, part.params, part.states, hp, sub_g)
+            _run_reference(kind, part.params, part.states, part_hp, sub_g)
             continue
         # the part's device current (Triton launches go to the current one; on_device's guard)
         with device_guard(part.device):
@@ -100,7 +127,7 @@ def run_parts(kind: str, parts_: list, hp: dict, grads) -> None:
             if part.steps:
                 # torch's fused path does the same: one multi-tensor add, no host round trip
                 torch._foreach_add_(part.steps, 1.0)
-            launch(hp, sub_g)
+            launch(part_hp, sub_g)
 
 
 def run(kind: str, params, state_lists: dict, hp: dict, grads=None) -> list:

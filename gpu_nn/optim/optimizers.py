@@ -17,10 +17,15 @@ What differs from torch:
 * float16/bfloat16 parameters keep float32 optimizer state (torch keeps it in the parameter's
   dtype); a state loaded in another dtype is widened on the next step.
 * On CUDA, ``state["step"]`` lives on the parameter's device (as torch's fused/capturable
-  path keeps it), so a step never synchronises with the host -- but for a learning rate given
-  as a CUDA tensor, which the step reads on the host (our kernels take it as a value): a CUDA
-  graph capture with a tensor lr raises ``KernelInputError`` (torch's capturable optimizers
-  read it on the device; pass a float lr to capture ours).
+  path keeps it), so a step never synchronises with the host. A learning rate given as a
+  1-element float32 tensor on the parameters' device is read by the kernels on the device when
+  they run (triton and cupy backends; the triton backend under the interpreter on the CPU too),
+  as torch's capturable / fused optimizers read it: no host read, capturable into a CUDA graph,
+  and a scheduler that changes the tensor in place (``lr.fill_``) changes the next step and
+  every replay. Any other tensor lr (another dtype or device, or the reference backend) is read
+  on the host at every step (a CUDA tensor synchronises); inside a CUDA graph capture such a
+  tensor raises ``KernelInputError``. A float lr is captured as torch captures one (replays
+  use that value).
 * ``foreach``, ``fused`` and ``capturable`` are accepted and stored (our step is always one
   fused multi-tensor kernel per part); ``differentiable=True`` raises ValueError. Sparse
   gradients raise RuntimeError; complex parameters are not supported.
@@ -39,6 +44,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from .. import _backend
 from .._errors import KernelInputError
 from . import _dispatch
 from ._triton import capturing as _capturing
@@ -53,20 +59,44 @@ def _lr_value(lr):
     return lr
 
 
-def _refuse_captured_tensor_lr(groups) -> None:
-    """A tensor lr (torch's way to vary it under CUDA graphs: capturable / fused optimizers read
-    it on the device) inside a CUDA graph capture: refused, before the step does anything (no
-    state made, no kernel recorded). Our kernels take the value: reading a CUDA tensor on the host
-    is not permitted while capturing, and whatever were read would be fixed into the graph while
-    a scheduler changing the tensor expects replays to follow it. A float lr is captured as torch
-    captures one (replays use that value)."""
+def _lr_arg(lr):
+    """The group's lr for a step (its ``_hp`` calls this for anything but a Python float): a
+    float, or the tensor itself (``_dispatch.run_parts`` passes it to kernels that read it on the
+    device, and gives everything else its value)."""
+    return lr if isinstance(lr, Tensor) else float(lr)
+
+
+def _refuse_captured_tensor_lr(kind: str, groups) -> None:
+    """A tensor lr that the step would read on the host (``_dispatch.reads_lr_on_device`` says no
+    for a part of the group) inside a CUDA graph capture: refused, before the step does anything
+    (no state made, no kernel recorded). Reading a CUDA tensor on the host is not permitted while
+    capturing, and whatever were read would be fixed into the graph while a scheduler changing
+    the tensor expects replays to follow it. A 1-element float32 tensor on the parameters' device
+    with a GPU backend is read by the kernels on the device and captured as torch's capturable
+    optimizers capture it; a float lr is captured as torch captures one (replays use that value).
+    Outside a capture this costs one ``isinstance`` per group (and a capture test per group with
+    a tensor lr)."""
     for group in groups:
+        lr = group["lr"]
+        if not isinstance(lr, Tensor):
+            continue
         params = group["params"]
-        if isinstance(group["lr"], Tensor) and params and _capturing(params[0].device):
+        if not params or not _capturing(params[0].device):
+            continue
+        for device, dtype in {(p.device, p.dtype): None for p in params}:
+            # a host read is refused where the part is captured or the tensor lives on a capturing device
+            if not (_capturing(device) or _capturing(lr.device)):
+                continue
+            if _dispatch.reads_lr_on_device(kind, lr, device, dtype):
+                continue
             raise KernelInputError(
-                "gpu_nn.optim: a tensor lr cannot be captured into a CUDA graph (our kernels take the "
-                "learning rate as a value, so replays could not follow changes to the tensor); pass a "
-                "float lr to capture the step, or use torch.optim with capturable=True"
+                f"gpu_nn.optim: this tensor lr cannot be captured into a CUDA graph: the step would read it on "
+                f"the host (not permitted while capturing, and replays could not follow the tensor). The "
+                f"kernels read a tensor lr on the device when it has 1 element of float32 on the parameters' "
+                f"device and the backend is triton or cupy; got {lr.numel()} element(s) of {lr.dtype} on "
+                f"{lr.device} for {dtype} parameters on {device} (backend "
+                f"{_backend.resolve(f'optim.{kind}', device, _dispatch.BACKENDS[kind], dtype=dtype)}). "
+                f"Pass such a tensor (lr.to(param.device, torch.float32)) or a float lr"
             )
 
 
@@ -171,8 +201,10 @@ class _Plan:
     this) at the same addresses, and the same state-shaping settings (``_struct``: amsgrad,
     momentum, centered). Anything else takes the full step (checks, lazy state, dispatch),
     which records a new plan. Hyperparameters are read from the group on every step, and the
-    backend is resolved on every step. A plan holds no gradient: their memory stays the
-    caller's to free."""
+    backend is resolved on every step; a tensor lr is handed to the launch at every step (the
+    kernels read it through its address, which no plan, table or prepared launch keeps), so an
+    lr changed from a float to a tensor, to another tensor or in place takes effect at the next
+    step. A plan holds no gradient: their memory stays the caller's to free."""
 
     __slots__ = ("group", "params", "struct", "key", "state", "parts")
 
@@ -344,7 +376,7 @@ class _Base(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        _refuse_captured_tensor_lr(self.param_groups)
+        _refuse_captured_tensor_lr(self._KIND, self.param_groups)
         plans = self._plans
         for group in self.param_groups:
             key, current = _grad_key(group["params"])
@@ -440,7 +472,9 @@ class SGD(_Base):
         return dict(momentum_buffer=bufs, first=first)
 
     def _hp(self, group):
-        return dict(lr=float(group["lr"]), momentum=group["momentum"], dampening=group["dampening"],
+        lr = group["lr"]
+        lr = lr if type(lr) is float else _lr_arg(lr)
+        return dict(lr=lr, momentum=group["momentum"], dampening=group["dampening"],
                     weight_decay=float(group["weight_decay"]), nesterov=group["nesterov"],
                     maximize=group.get("maximize", False))
 
@@ -493,7 +527,9 @@ class Adagrad(_Base):
         return dict(step=steps, sum=sums)
 
     def _hp(self, group):
-        return dict(lr=float(group["lr"]), lr_decay=group["lr_decay"], weight_decay=group["weight_decay"],
+        lr = group["lr"]
+        lr = lr if type(lr) is float else _lr_arg(lr)
+        return dict(lr=lr, lr_decay=group["lr_decay"], weight_decay=group["weight_decay"],
                     eps=group["eps"], maximize=group.get("maximize", False))
 
     def _integral_error(self, group, dtype):
@@ -538,7 +574,9 @@ class Adadelta(_Base):
         return dict(step=steps, square_avg=sq, acc_delta=acc)
 
     def _hp(self, group):
-        return dict(lr=float(group["lr"]), rho=group["rho"], eps=group["eps"], weight_decay=group["weight_decay"],
+        lr = group["lr"]
+        lr = lr if type(lr) is float else _lr_arg(lr)
+        return dict(lr=lr, rho=group["rho"], eps=group["eps"], weight_decay=group["weight_decay"],
                     maximize=group.get("maximize", False))
 
     def _integral_error(self, group, dtype):
@@ -588,7 +626,9 @@ class RMSprop(_Base):
         return dict(step=steps, square_avg=sq, grad_avg=ga, momentum_buffer=mb)
 
     def _hp(self, group):
-        return dict(lr=float(group["lr"]), alpha=group["alpha"], eps=group["eps"], weight_decay=group["weight_decay"],
+        lr = group["lr"]
+        lr = lr if type(lr) is float else _lr_arg(lr)
+        return dict(lr=lr, alpha=group["alpha"], eps=group["eps"], weight_decay=group["weight_decay"],
                     momentum=group["momentum"], centered=group["centered"], maximize=group.get("maximize", False))
 
     def _lerps(self, group):
@@ -650,7 +690,9 @@ class Adam(_Base):
 
     def _hp(self, group):
         beta1, beta2 = (float(b) for b in group["betas"])
-        return dict(lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
+        lr = group["lr"]
+        lr = lr if type(lr) is float else _lr_arg(lr)
+        return dict(lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"],
                     weight_decay=group["weight_decay"], amsgrad=group["amsgrad"], maximize=group.get("maximize", False),
                     decoupled_weight_decay=group.get("decoupled_weight_decay", False))
 

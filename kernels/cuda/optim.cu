@@ -6,7 +6,9 @@
 // block walks OPTIM_CHUNK elements of one tensor with a grid-stride-free loop.
 // Per-step scalars that depend on the step count (bias corrections) are computed per block in
 // double from the device-resident step tensor (no host synchronisation), by the GN_HD
-// functions of optim_math.cuh that tests/test_optim.py also runs on the host.
+// functions of optim_math.cuh that tests/test_optim.py also runs on the host. The learning rate
+// comes by value (adam_step, rmsprop_step) or as a pointer to a float32 tensor read on the
+// device (the *_lr_ptr entry points: a tensor lr, capturable into CUDA graphs).
 // Parameters/gradients: PARAM_KIND 0 = float, 1 = float16, 2 = bfloat16 (the half kinds stored
 // as unsigned short and converted with PTX cvt, so no CUDA header beyond NVRTC's builtins is
 // needed); state is float32.
@@ -120,9 +122,9 @@ __device__ __forceinline__ void adam_group(PARAM_T* p, const PARAM_T* g, float* 
     if (amsgrad) gn_store<N>(vmax, vm);
 }
 
-// hyper: lr, beta1, beta2, eps, weight_decay (float64, by value)
-extern "C" __global__ void adam_step(const long long* __restrict__ table, double lr, double beta1, double beta2,
-                                     double eps, double wd, int amsgrad, int maximize, int decoupled) {
+// One block's chunk of an Adam/AdamW step. hyper: lr, beta1, beta2, eps, weight_decay (float64)
+__device__ __forceinline__ void adam_chunk(const long long* __restrict__ table, double lr, double beta1, double beta2,
+                                           double eps, double wd, int amsgrad, int maximize, int decoupled) {
     const long long* row = table + (long long)blockIdx.x * OPTIM_NCOL;
     PARAM_T* p = reinterpret_cast<PARAM_T*>(row[0]);
     const PARAM_T* g = reinterpret_cast<const PARAM_T*>(row[1]);
@@ -137,6 +139,21 @@ extern "C" __global__ void adam_step(const long long* __restrict__ table, double
         if (n == GN_ILP) adam_group<GN_ILP>(p + i, g + i, m + i, v + i, vmax + i, amsgrad, maximize, decoupled, s);
         else adam_group<1>(p + i, g + i, m + i, v + i, vmax + i, amsgrad, maximize, decoupled, s);
     });
+}
+
+// The learning rate by value (a Python float) ...
+extern "C" __global__ void adam_step(const long long* __restrict__ table, double lr, double beta1, double beta2,
+                                     double eps, double wd, int amsgrad, int maximize, int decoupled) {
+    adam_chunk(table, lr, beta1, beta2, eps, wd, amsgrad, maximize, decoupled);
+}
+
+// ... or read from a 1-element float32 tensor on the device when the kernel runs (a tensor lr that a
+// scheduler changes in place, CUDA graph replays included), widened exactly: the same step as the
+// float lr of its value.
+extern "C" __global__ void adam_step_lr_ptr(const long long* __restrict__ table, const float* __restrict__ lr,
+                                            double beta1, double beta2, double eps, double wd, int amsgrad,
+                                            int maximize, int decoupled) {
+    adam_chunk(table, (double)*lr, beta1, beta2, eps, wd, amsgrad, maximize, decoupled);
 }
 
 template <int N>
@@ -161,8 +178,9 @@ __device__ __forceinline__ void rmsprop_group(PARAM_T* p, const PARAM_T* g, floa
     if (use_momentum) gn_store<N>(buf, bi);
 }
 
-extern "C" __global__ void rmsprop_step(const long long* __restrict__ table, double lr, double alpha, double eps,
-                                        double wd, double momentum, int centered, int maximize) {
+// One block's chunk of an RMSprop step
+__device__ __forceinline__ void rmsprop_chunk(const long long* __restrict__ table, double lr, double alpha,
+                                              double eps, double wd, double momentum, int centered, int maximize) {
     const long long* row = table + (long long)blockIdx.x * OPTIM_NCOL;
     PARAM_T* p = reinterpret_cast<PARAM_T*>(row[0]);
     const PARAM_T* g = reinterpret_cast<const PARAM_T*>(row[1]);
@@ -179,4 +197,16 @@ extern "C" __global__ void rmsprop_step(const long long* __restrict__ table, dou
         else
             rmsprop_group<1>(p + i, g + i, v + i, ga + i, buf + i, centered, use_momentum, maximize, s);
     });
+}
+
+extern "C" __global__ void rmsprop_step(const long long* __restrict__ table, double lr, double alpha, double eps,
+                                        double wd, double momentum, int centered, int maximize) {
+    rmsprop_chunk(table, lr, alpha, eps, wd, momentum, centered, maximize);
+}
+
+// lr read on the device (see adam_step_lr_ptr)
+extern "C" __global__ void rmsprop_step_lr_ptr(const long long* __restrict__ table, const float* __restrict__ lr,
+                                               double alpha, double eps, double wd, double momentum, int centered,
+                                               int maximize) {
+    rmsprop_chunk(table, (double)*lr, alpha, eps, wd, momentum, centered, maximize);
 }

@@ -20,10 +20,13 @@ is not), the tail block masked.
 Scalars: hyperparameters arrive as int64 bit patterns of Python doubles (Triton passes Python
 floats as fp32, and ``1 - 0.999`` in fp32 is off by 1e-5 relative); per-tensor bias
 corrections are computed in-kernel in float64 from the step tensor (``beta**step`` by binary
-powering on the integer step), so a step never reads anything back to the host. The
-per-element math runs in float32 in torch's operation order; results are stored in the
-parameter's dtype (float32/float16/bfloat16). float64 parameters are not supported (they run
-on the reference).
+powering on the integer step), so a step never reads anything back to the host. The learning
+rate may instead arrive as a pointer to a 1-element float32 tensor (constexpr ``LR_PTR``): each
+program loads it once and widens it to float64, so a tensor a scheduler changes in place is read
+when the kernel runs (CUDA graph replays included) and steps exactly as its value passed as a
+float does. The per-element math runs in float32 in torch's operation order; results are stored
+in the parameter's dtype (float32/float16/bfloat16). float64 parameters are not supported (they
+run on the reference).
 """
 
 import struct
@@ -51,6 +54,19 @@ def _f64(bits):
     """A hyperparameter passed as the int64 bit pattern of a Python double (Triton would pass a
     float argument as fp32, and 1 - 0.999 in fp32 is off by about 1e-5 relative)."""
     return bits.to(tl.int64).to(tl.float64, bitcast=True)
+
+
+@triton.jit
+def _lr64(lr_arg, LR_PTR: tl.constexpr):
+    """The learning rate as float64: ``lr_arg`` is the int64 bit pattern of a Python double, or
+    with ``LR_PTR`` a pointer to a 1-element float32 tensor read here, on the device, when the
+    kernel runs (a scheduler's in-place change reaches the next step and a CUDA graph's
+    replays; widened exactly, so a float32 lr of value v steps as the float lr float(v))."""
+    if LR_PTR:
+        lr = tl.load(lr_arg).to(tl.float64)
+    else:
+        lr = _f64(lr_arg)
+    return lr
 
 
 @triton.jit
@@ -95,10 +111,10 @@ def _sgd_block(p_ptr, g_ptr, b_ptr, offs, mask, first, sign, lr, wd, momentum, d
     tl.store(p_ptr + offs, (p + (-lr) * g).to(p_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit(do_not_specialize=["lr_b", "wd_b", "mom_b", "damp_b", "sign_b"])
-def _sgd_kernel(table_ptr, p_base, g_base, s_base, lr_b, wd_b, mom_b, damp_b, sign_b,
+@triton.jit(do_not_specialize=["lr_arg", "wd_b", "mom_b", "damp_b", "sign_b"])
+def _sgd_kernel(table_ptr, p_base, g_base, s_base, lr_arg, wd_b, mom_b, damp_b, sign_b,
                 MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, WD: tl.constexpr, VP: tl.constexpr, VS: tl.constexpr,
-                BLOCK: tl.constexpr, ITERS: tl.constexpr):
+                BLOCK: tl.constexpr, ITERS: tl.constexpr, LR_PTR: tl.constexpr = False):
     """p -= lr * (b or g + momentum b); b = g (first step) | momentum b + (1 - dampening) g."""
     row = table_ptr + tl.program_id(0).to(tl.int64) * 9  # this program's chunk
     p_ptr = p_base + tl.multiple_of(tl.load(row + 0), VP)
@@ -107,7 +123,7 @@ def _sgd_kernel(table_ptr, p_base, g_base, s_base, lr_b, wd_b, mom_b, damp_b, si
     start = tl.multiple_of(tl.load(row + 6), BLOCK)
     n = tl.load(row + 7)
     first = tl.load(row + 8)
-    lr = _f64(lr_b).to(tl.float32)
+    lr = _lr64(lr_arg, LR_PTR).to(tl.float32)
     wd = _f64(wd_b).to(tl.float32)
     momentum = _f64(mom_b).to(tl.float32)
     damp1 = (1.0 - _f64(damp_b)).to(tl.float32)
@@ -135,9 +151,10 @@ def _adagrad_block(p_ptr, g_ptr, s_ptr, offs, mask, sign, wd, neg_clr, eps, WD: 
     tl.store(p_ptr + offs, (p + (neg_clr * g) / (tl.sqrt_rn(s) + eps)).to(p_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit(do_not_specialize=["lr_b", "lr_decay_b", "wd_b", "eps_b", "sign_b"])
-def _adagrad_kernel(table_ptr, p_base, g_base, s_base, step_base, lr_b, lr_decay_b, wd_b, eps_b, sign_b,
-                    WD: tl.constexpr, VP: tl.constexpr, VS: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+@triton.jit(do_not_specialize=["lr_arg", "lr_decay_b", "wd_b", "eps_b", "sign_b"])
+def _adagrad_kernel(table_ptr, p_base, g_base, s_base, step_base, lr_arg, lr_decay_b, wd_b, eps_b, sign_b,
+                    WD: tl.constexpr, VP: tl.constexpr, VS: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr,
+                    LR_PTR: tl.constexpr = False):
     """sum += g^2; p -= lr / (1 + (step - 1) lr_decay) * g / (sqrt(sum) + eps)."""
     row = table_ptr + tl.program_id(0).to(tl.int64) * 9  # this program's chunk
     p_ptr = p_base + tl.multiple_of(tl.load(row + 0), VP)
@@ -146,7 +163,7 @@ def _adagrad_kernel(table_ptr, p_base, g_base, s_base, step_base, lr_b, lr_decay
     step = tl.load(step_base + tl.load(row + 5)).to(tl.float64)
     start = tl.multiple_of(tl.load(row + 6), BLOCK)
     n = tl.load(row + 7)
-    neg_clr = (-(_f64(lr_b) / (1.0 + (step - 1.0) * _f64(lr_decay_b)))).to(tl.float32)
+    neg_clr = (-(_lr64(lr_arg, LR_PTR) / (1.0 + (step - 1.0) * _f64(lr_decay_b)))).to(tl.float32)
     wd = _f64(wd_b).to(tl.float32)
     eps = _f64(eps_b).to(tl.float32)
     sign = _f64(sign_b).to(tl.float32)
@@ -176,9 +193,10 @@ def _adadelta_block(p_ptr, g_ptr, v_ptr, u_ptr, offs, mask, sign, wd, neg_lr, rh
     tl.store(p_ptr + offs, (p + neg_lr * delta).to(p_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit(do_not_specialize=["lr_b", "rho_b", "eps_b", "wd_b", "sign_b"])
-def _adadelta_kernel(table_ptr, p_base, g_base, s_base, lr_b, rho_b, eps_b, wd_b, sign_b,
-                     WD: tl.constexpr, VP: tl.constexpr, VS: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+@triton.jit(do_not_specialize=["lr_arg", "rho_b", "eps_b", "wd_b", "sign_b"])
+def _adadelta_kernel(table_ptr, p_base, g_base, s_base, lr_arg, rho_b, eps_b, wd_b, sign_b,
+                     WD: tl.constexpr, VP: tl.constexpr, VS: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr,
+                     LR_PTR: tl.constexpr = False):
     """v = rho v + (1-rho) g^2; delta = sqrt(u+eps)/sqrt(v+eps) g; u = rho u + (1-rho) delta^2; p -= lr delta."""
     row = table_ptr + tl.program_id(0).to(tl.int64) * 9  # this program's chunk
     p_ptr = p_base + tl.multiple_of(tl.load(row + 0), VP)
@@ -188,7 +206,7 @@ def _adadelta_kernel(table_ptr, p_base, g_base, s_base, lr_b, rho_b, eps_b, wd_b
     start = tl.multiple_of(tl.load(row + 6), BLOCK)
     n = tl.load(row + 7)
     rho64 = _f64(rho_b)
-    neg_lr = (-_f64(lr_b)).to(tl.float32)
+    neg_lr = (-_lr64(lr_arg, LR_PTR)).to(tl.float32)
     rho = rho64.to(tl.float32)
     w = (1.0 - rho64).to(tl.float32)
     eps = _f64(eps_b).to(tl.float32)
@@ -233,10 +251,10 @@ def _rmsprop_block(p_ptr, g_ptr, v_ptr, ga_ptr, b_ptr, offs, mask, sign, wd, neg
     tl.store(p_ptr + offs, (p).to(p_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit(do_not_specialize=["lr_b", "alpha_b", "eps_b", "wd_b", "mom_b", "sign_b"])
-def _rmsprop_kernel(table_ptr, p_base, g_base, s_base, lr_b, alpha_b, eps_b, wd_b, mom_b, sign_b,
+@triton.jit(do_not_specialize=["lr_arg", "alpha_b", "eps_b", "wd_b", "mom_b", "sign_b"])
+def _rmsprop_kernel(table_ptr, p_base, g_base, s_base, lr_arg, alpha_b, eps_b, wd_b, mom_b, sign_b,
                     WD: tl.constexpr, CENTERED: tl.constexpr, MOMENTUM: tl.constexpr, VP: tl.constexpr, VS: tl.constexpr,
-                    BLOCK: tl.constexpr, ITERS: tl.constexpr):
+                    BLOCK: tl.constexpr, ITERS: tl.constexpr, LR_PTR: tl.constexpr = False):
     """v = alpha v + (1-alpha) g^2; avg = sqrt(v [- gbar^2]) + eps; p -= lr (b | g / avg)."""
     row = table_ptr + tl.program_id(0).to(tl.int64) * 9  # this program's chunk
     p_ptr = p_base + tl.multiple_of(tl.load(row + 0), VP)
@@ -247,7 +265,7 @@ def _rmsprop_kernel(table_ptr, p_base, g_base, s_base, lr_b, alpha_b, eps_b, wd_
     start = tl.multiple_of(tl.load(row + 6), BLOCK)
     n = tl.load(row + 7)
     a64 = _f64(alpha_b)
-    neg_lr = (-_f64(lr_b)).to(tl.float32)
+    neg_lr = (-_lr64(lr_arg, LR_PTR)).to(tl.float32)
     alpha = a64.to(tl.float32)
     w = (1.0 - a64).to(tl.float32)
     eps = _f64(eps_b).to(tl.float32)
@@ -288,10 +306,10 @@ def _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vm_ptr, offs, mask, sign, wd, decay,
     tl.store(p_ptr + offs, (p + (neg_step * m) / denom).to(p_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit(do_not_specialize=["lr_b", "beta1_b", "beta2_b", "eps_b", "wd_b", "sign_b"])
-def _adam_kernel(table_ptr, p_base, g_base, s_base, step_base, lr_b, beta1_b, beta2_b, eps_b, wd_b, sign_b,
+@triton.jit(do_not_specialize=["lr_arg", "beta1_b", "beta2_b", "eps_b", "wd_b", "sign_b"])
+def _adam_kernel(table_ptr, p_base, g_base, s_base, step_base, lr_arg, beta1_b, beta2_b, eps_b, wd_b, sign_b,
                  WD_MODE: tl.constexpr, AMSGRAD: tl.constexpr, VP: tl.constexpr, VS: tl.constexpr, BLOCK: tl.constexpr,
-                 ITERS: tl.constexpr):
+                 ITERS: tl.constexpr, LR_PTR: tl.constexpr = False):
     """Adam (WD_MODE 1: L2 into the gradient) / AdamW (WD_MODE 2: decoupled decay), torch's order:
     m = lerp(m, g, 1-b1); v = b2 v + (1-b2) g^2; p += -(lr / bc1) m / (sqrt(v) / sqrt(bc2) + eps)."""
     row = table_ptr + tl.program_id(0).to(tl.int64) * 9  # this program's chunk
@@ -303,7 +321,7 @@ def _adam_kernel(table_ptr, p_base, g_base, s_base, step_base, lr_b, beta1_b, be
     step = tl.load(step_base + tl.load(row + 5)).to(tl.float64)
     start = tl.multiple_of(tl.load(row + 6), BLOCK)
     n = tl.load(row + 7)
-    lr64 = _f64(lr_b)
+    lr64 = _lr64(lr_arg, LR_PTR)
     b1 = _f64(beta1_b)
     b2 = _f64(beta2_b)
     wd64 = _f64(wd_b)
@@ -425,13 +443,21 @@ def config(interpret: bool) -> tuple[int, int, int]:
 
 def launch(kind: str, table, n_chunks: int, p_base, g_base, s_base, step_base, scalars: dict, flags: dict,
            interpret: bool) -> None:
-    """One multi-tensor step launch over ``n_chunks`` table rows (see the module docstring)."""
+    """One multi-tensor step launch over ``n_chunks`` table rows (see the module docstring).
+    ``scalars`` are Python numbers, but ``scalars["lr"]`` may be a 1-element float32 tensor on
+    the parameters' device: the kernel then reads it when it runs (``LR_PTR``)."""
     if n_chunks == 0:
         return
     blk, iters, warps = config(interpret)
-    b = {k: f64_bits(v) for k, v in scalars.items()}
+    lr = scalars["lr"]
     grid = (n_chunks,)
     common = dict(VP=16 // p_base.element_size(), VS=4, BLOCK=blk, ITERS=iters, num_warps=warps)
+    if type(lr) is float or isinstance(lr, int):
+        b = {k: f64_bits(v) for k, v in scalars.items()}
+    else:  # LR_PTR (False by default: the by-value launch keeps its keywords and plan key)
+        b = {k: f64_bits(v) for k, v in scalars.items() if k != "lr"}
+        b["lr"] = lr
+        common["LR_PTR"] = True
     if kind == "sgd":
         launch_kernel(_sgd_kernel, grid, table, p_base, g_base, s_base, b["lr"], b["weight_decay"], b["momentum"], b["dampening"],
                       b["sign"], MOMENTUM=flags["momentum"], NESTEROV=flags["nesterov"], WD=flags["wd"], **common)
@@ -476,55 +502,61 @@ def aot_specs():
     specs = []
     blk, iters, warps = GPU_BLOCK, GPU_ITERS, GPU_WARPS
     base = {"BLOCK": blk, "ITERS": iters}
+    # the learning rate by value (int64 bits of a double) or, LR_PTR, read from a float32 tensor
+    lr_forms = ((False, "i64", ""), (True, "*fp32", " lr_ptr"))
     for dt in ("fp32", "fp16", "bf16"):
         pg = {"table_ptr": "*i64", "p_base": f"*{dt}", "g_base": f"*{dt}", "s_base": "*fp32"}
         isz = {"fp32": 4, "fp16": 2, "bf16": 2}[dt]
-        for _ in (0,):
-            al = {"VP": 16 // isz, "VS": 4}
-            tag = dt
+        al = {"VP": 16 // isz, "VS": 4}
+        tag = dt
+        for lr_ptr, lr_type, lr_tag in lr_forms:
+            lr_sig = {"lr_arg": lr_type}
+            lr_cx = {**base, **al, "LR_PTR": lr_ptr}
             for mom in (False, True):
                 for nest in ((False, True) if mom else (False,)):
                     for wd in (False, True):
-                        sig = {**pg, **{k: "i64" for k in ("lr_b", "wd_b", "mom_b", "damp_b", "sign_b")},
-                               **{k: "constexpr" for k in ("MOMENTUM", "NESTEROV", "WD", "VP", "VS", "BLOCK", "ITERS")}}
-                        specs.append(AotSpec(_sgd_kernel, sig, {**base, "MOMENTUM": mom, "NESTEROV": nest, "WD": wd,
-                                                                **al}, num_warps=warps,
-                                             label=f"sgd {tag} mom={mom} nesterov={nest} wd={wd}"))
+                        sig = {**pg, **lr_sig, **{k: "i64" for k in ("wd_b", "mom_b", "damp_b", "sign_b")},
+                               **{k: "constexpr" for k in ("MOMENTUM", "NESTEROV", "WD", "VP", "VS", "BLOCK", "ITERS",
+                                                           "LR_PTR")}}
+                        specs.append(AotSpec(_sgd_kernel, sig, {**lr_cx, "MOMENTUM": mom, "NESTEROV": nest, "WD": wd},
+                                             num_warps=warps,
+                                             label=f"sgd {tag} mom={mom} nesterov={nest} wd={wd}{lr_tag}"))
             for wd in (False, True):
-                sig = {**pg, "step_base": "*fp32", **{k: "i64" for k in ("lr_b", "lr_decay_b", "wd_b", "eps_b", "sign_b")},
-                       **{k: "constexpr" for k in ("WD", "VP", "VS", "BLOCK", "ITERS")}}
-                specs.append(AotSpec(_adagrad_kernel, sig, {**base, "WD": wd, **al}, num_warps=warps,
-                                     label=f"adagrad {tag} wd={wd}"))
-                sig = {**pg, **{k: "i64" for k in ("lr_b", "rho_b", "eps_b", "wd_b", "sign_b")},
-                       **{k: "constexpr" for k in ("WD", "VP", "VS", "BLOCK", "ITERS")}}
-                specs.append(AotSpec(_adadelta_kernel, sig, {**base, "WD": wd, **al}, num_warps=warps,
-                                     label=f"adadelta {tag} wd={wd}"))
+                sig = {**pg, "step_base": "*fp32", **lr_sig,
+                       **{k: "i64" for k in ("lr_decay_b", "wd_b", "eps_b", "sign_b")},
+                       **{k: "constexpr" for k in ("WD", "VP", "VS", "BLOCK", "ITERS", "LR_PTR")}}
+                specs.append(AotSpec(_adagrad_kernel, sig, {**lr_cx, "WD": wd}, num_warps=warps,
+                                     label=f"adagrad {tag} wd={wd}{lr_tag}"))
+                sig = {**pg, **lr_sig, **{k: "i64" for k in ("rho_b", "eps_b", "wd_b", "sign_b")},
+                       **{k: "constexpr" for k in ("WD", "VP", "VS", "BLOCK", "ITERS", "LR_PTR")}}
+                specs.append(AotSpec(_adadelta_kernel, sig, {**lr_cx, "WD": wd}, num_warps=warps,
+                                     label=f"adadelta {tag} wd={wd}{lr_tag}"))
                 for cen in (False, True):
                     for mom in (False, True):
-                        sig = {**pg, **{k: "i64" for k in ("lr_b", "alpha_b", "eps_b", "wd_b", "mom_b", "sign_b")},
-                               **{k: "constexpr" for k in ("WD", "CENTERED", "MOMENTUM", "VP", "VS", "BLOCK", "ITERS")}}
-                        specs.append(AotSpec(_rmsprop_kernel, sig, {**base, "WD": wd, "CENTERED": cen, "MOMENTUM": mom,
-                                                                    **al}, num_warps=warps,
-                                             label=f"rmsprop {tag} wd={wd} centered={cen} momentum={mom}"))
+                        sig = {**pg, **lr_sig, **{k: "i64" for k in ("alpha_b", "eps_b", "wd_b", "mom_b", "sign_b")},
+                               **{k: "constexpr" for k in ("WD", "CENTERED", "MOMENTUM", "VP", "VS", "BLOCK", "ITERS",
+                                                           "LR_PTR")}}
+                        cx = {**lr_cx, "WD": wd, "CENTERED": cen, "MOMENTUM": mom}
+                        specs.append(AotSpec(_rmsprop_kernel, sig, cx, num_warps=warps,
+                                             label=f"rmsprop {tag} wd={wd} centered={cen} momentum={mom}{lr_tag}"))
             for wd_mode in (0, 1, 2):
                 for ams in (False, True):
-                    sig = {**pg, "step_base": "*fp32",
-                           **{k: "i64" for k in ("lr_b", "beta1_b", "beta2_b", "eps_b", "wd_b", "sign_b")},
-                           **{k: "constexpr" for k in ("WD_MODE", "AMSGRAD", "VP", "VS", "BLOCK", "ITERS")}}
-                    specs.append(AotSpec(_adam_kernel, sig, {**base, "WD_MODE": wd_mode, "AMSGRAD": ams,
-                                                             **al}, num_warps=warps,
-                                         label=f"adam {tag} wd_mode={wd_mode} amsgrad={ams}"))
-            for norm in NORM_CODES.values():
-                sig = {"table_ptr": "*i64", "g_base": f"*{dt}", "part_ptr": "*fp32", "part0": "i32", "p_b": "i64",
-                       **{k: "constexpr" for k in ("NORM", "VP", "BLOCK", "ITERS")}}
-                specs.append(AotSpec(_clip_partial_kernel, sig, {**base, "NORM": norm, "VP": al["VP"]},
-                                     num_warps=warps, label=f"clip partial {tag} norm={norm}"))
-                sig = {"table_ptr": "*i64", "g_base": f"*{dt}", "part_ptr": "*fp32", "n_parts": "i32",
-                       "total_ptr": "*fp32", "max_norm_b": "i64", "p_b": "i64",
-                       **{k: "constexpr" for k in ("NORM", "VP", "BLOCK", "ITERS", "RBLOCK")}}
-                specs.append(AotSpec(_clip_scale_kernel, sig, {**base, "NORM": norm, "VP": al["VP"],
-                                                               "RBLOCK": CLIP_RBLOCK}, num_warps=warps,
-                                     label=f"clip scale {tag} norm={norm}"))
+                    sig = {**pg, "step_base": "*fp32", **lr_sig,
+                           **{k: "i64" for k in ("beta1_b", "beta2_b", "eps_b", "wd_b", "sign_b")},
+                           **{k: "constexpr" for k in ("WD_MODE", "AMSGRAD", "VP", "VS", "BLOCK", "ITERS", "LR_PTR")}}
+                    specs.append(AotSpec(_adam_kernel, sig, {**lr_cx, "WD_MODE": wd_mode, "AMSGRAD": ams},
+                                         num_warps=warps, label=f"adam {tag} wd_mode={wd_mode} amsgrad={ams}{lr_tag}"))
+        for norm in NORM_CODES.values():
+            sig = {"table_ptr": "*i64", "g_base": f"*{dt}", "part_ptr": "*fp32", "part0": "i32", "p_b": "i64",
+                   **{k: "constexpr" for k in ("NORM", "VP", "BLOCK", "ITERS")}}
+            specs.append(AotSpec(_clip_partial_kernel, sig, {**base, "NORM": norm, "VP": al["VP"]},
+                                 num_warps=warps, label=f"clip partial {tag} norm={norm}"))
+            sig = {"table_ptr": "*i64", "g_base": f"*{dt}", "part_ptr": "*fp32", "n_parts": "i32",
+                   "total_ptr": "*fp32", "max_norm_b": "i64", "p_b": "i64",
+                   **{k: "constexpr" for k in ("NORM", "VP", "BLOCK", "ITERS", "RBLOCK")}}
+            specs.append(AotSpec(_clip_scale_kernel, sig, {**base, "NORM": norm, "VP": al["VP"],
+                                                           "RBLOCK": CLIP_RBLOCK}, num_warps=warps,
+                                 label=f"clip scale {tag} norm={norm}"))
     for norm in NORM_CODES.values():
         sig = {"part_ptr": "*fp32", "n_parts": "i32", "total_ptr": "*fp32", "p_b": "i64", "NORM": "constexpr",
                "RBLOCK": "constexpr"}
