@@ -503,8 +503,8 @@ def test_activation_and_bias_gradient_in_one_launch(backend, device, act, monkey
             db2 = torch.full((N,), float("nan"), dtype=dtype, device=device)
             dg2 = kd.act_grad(g, y, act, ktriton.INTERPRET)
             kd.colsum(dg2, db2, ktriton.INTERPRET)
-            for bound in (1 << 15, 330):  # 330: 130 x 3 over it, the two launches; 5 x 64 (of 70) not
-                monkeypatch.setattr(kd, "ACT_COLSUM_MAX", bound)
+            for bound in (256, 100):  # 100: M = 130 over it, the two launches
+                monkeypatch.setattr(kd, "ACT_COLSUM_MAX_ROWS", bound)
                 db = torch.full((N,), float("nan"), dtype=dtype, device=device)
                 names = []
                 if device == "cpu":
@@ -515,7 +515,7 @@ def test_activation_and_bias_gradient_in_one_launch(backend, device, act, monkey
                 monkeypatch.undo()
                 assert torch.equal(dg, dg2) and torch.equal(db, db2), (dtype, M, N, bound)
                 if device == "cpu":
-                    one = M * min(N, 64) <= bound
+                    one = M <= bound
                     assert names == (["_act_colsum_kernel"] if one else ["_act_bwd_kernel", "_colsum_kernel"])
     x, w, b = randn(rng, 7, 11), randn(rng, 13, 11) * 0.3, randn(rng, 13)
     _check_backend(lambda x, w, b: F.linear(x, w, b, activation=act), [x, w, b], [0, 1, 2], torch.float32, device,

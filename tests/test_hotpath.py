@@ -325,7 +325,7 @@ LAUNCHES = {
     # two reductions: the wgrad kernel's split-K partial sums (summed straight into dw, no
     # copy) and the bias gradient (one sum over N, H, W)
     "conv2d": ({"_conv_fwd_kernel": 1, "_conv_dgrad_kernel": 1, "_conv_wgrad_kernel": 1}, {"aten::sum": 2}),
-    # the ReLU's gradient and the bias gradient in one launch (small: ACT_COLSUM_MAX), where
+    # the ReLU's gradient and the bias gradient in one launch (small: ACT_COLSUM_MAX_ROWS), where
     # _act_bwd_kernel and a second aten::sum were
     "conv2d+relu": ({"_conv_fwd_kernel": 1, "_act_colsum_kernel": 1, "_conv_dgrad_kernel": 1, "_conv_wgrad_kernel": 1},
                     {"aten::sum": 1}),
@@ -333,7 +333,7 @@ LAUNCHES = {
     "max_pool2d": ({"_max_pool_fwd_kernel": 1, "_max_pool_bwd_kernel": 1}, {}),
     "avg_pool2d": ({"_avg_pool_fwd_kernel": 1, "_avg_pool_bwd_kernel": 1}, {}),
     "linear": ({"_matmul_kernel": 3, "_colsum_kernel": 1}, {}),
-    # the ReLU's gradient and the bias gradient in one launch (a small M: ACT_COLSUM_MAX;
+    # the ReLU's gradient and the bias gradient in one launch (a small M: ACT_COLSUM_MAX_ROWS;
     # _act_bwd_kernel and _colsum_kernel before)
     "linear+relu": ({"_matmul_kernel": 3, "_act_colsum_kernel": 1}, {}),
     "softmax": ({"_softmax_fwd_kernel": 1, "_softmax_bwd_kernel": 1}, {}),

@@ -473,39 +473,39 @@ def _colsum_kernel(g_ptr, out_ptr, M, N, stride_gm, stride_gn, BLOCK_M: tl.const
 
 
 @triton.jit
-def _act_colsum_kernel(g_ptr, y_ptr, dg_ptr, out_ptr, B, M, N, stride_b, stride_m, stride_n, ACT: tl.constexpr,
+def _act_colsum_kernel(g_ptr, y_ptr, dg_ptr, out_ptr, R, M, N, stride_b, stride_m, stride_n, ACT: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dg = g through the activation (written through its output y) and out[n] = the sum of dg
     over b and m, in one pass over [B, M, N] tensors that share one layout (``stride_*``): the
     fused activation's gradient and the bias gradient of a linear layer ([1, rows, features]) or
-    a convolution ([N, H*W, C] of an NCHW tensor, [1, N*H*W, C] of a channels_last one). For a
-    linear layer the sum is _colsum_kernel's, over the same rounded dg values in the same order:
-    bitwise the two kernels' result."""
+    a convolution ([N, H*W, C] of an NCHW tensor, [1, N*H*W, C] of a channels_last one). The
+    R = B * M rows are walked as one flat range, BLOCK_M at a time (b and m per row), so a small
+    H*W costs no partly filled tiles. For a linear layer the sum is _colsum_kernel's, over the
+    same rounded dg values in the same order: bitwise the two kernels' result."""
     pid = tl.program_id(0)
-    offs_n = (pid * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)  # int32 offsets: act_colsum_fits keeps tensors below 2^31
     mask_n = offs_n < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for b in range(0, B):
-        base = (tl.full((), 0, tl.int64) + b) * stride_b  # int64 (b a tensor compiled, an int interpreted)
-        for m0 in range(0, M, BLOCK_M):
-            offs_m = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
-            offs = base + offs_m[:, None] * stride_m + offs_n[None, :] * stride_n
-            mask = (offs_m[:, None] < M) & mask_n[None, :]
-            g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            dg = _act_grad(g, y, ACT).to(dg_ptr.dtype.element_ty)
-            tl.store(dg_ptr + offs, dg, mask=mask)
-            acc += dg.to(tl.float32)
+    for r0 in range(0, R, BLOCK_M):
+        r = r0 + tl.arange(0, BLOCK_M)
+        b = r // M
+        offs = (b * stride_b + (r - b * M) * stride_m)[:, None] + offs_n[None, :] * stride_n
+        mask = (r[:, None] < R) & mask_n[None, :]
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        dg = _act_grad(g, y, ACT).to(dg_ptr.dtype.element_ty)
+        tl.store(dg_ptr + offs, dg, mask=mask)
+        acc += dg.to(tl.float32)
     tl.store(out_ptr + offs_n, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty), mask=mask_n)
 
 
 _COLSUM = (64, 64, 4)  # BLOCK_M, BLOCK_N, num_warps
-# the activation's gradient and the bias gradient in one launch while each of its cdiv(N, 64)
-# programs walks at most this many elements (B * M rows of up to 64 columns: a linear layer of
-# up to 512 rows, the demo CNN's convolutions): at small sizes one short pass instead of two
-# launches; past it the elementwise part keeps its full grid and the sum its own kernel (chosen,
-# not measured: the GPU runs are to say where the two cross)
-ACT_COLSUM_MAX = 1 << 15
+# the activation's gradient and the bias gradient in one launch up to this many rows (B * M):
+# each of its cdiv(N, 64) programs walks all rows in tiles of 64, one after another, so this
+# keeps that walk to 4 tiles (a small batch's linear layer, a tiny convolution); more rows keep
+# the full-grid activation kernel and the sum apart (chosen, not measured: the GPU runs are to
+# say where the two cross)
+ACT_COLSUM_MAX_ROWS = 256
 
 
 def colsum(g, out, interpret=False) -> None:
@@ -518,15 +518,16 @@ def colsum(g, out, interpret=False) -> None:
 
 
 def act_colsum_fits(rows: int, cols: int) -> bool:
-    """Whether :func:`act_colsum_into` takes ``rows`` x ``cols`` in one launch (ACT_COLSUM_MAX)."""
-    return 0 < cols and rows * min(cols, _COLSUM[1]) <= ACT_COLSUM_MAX
+    """Whether :func:`act_colsum_into` takes ``rows`` x ``cols`` in one launch: at most
+    ACT_COLSUM_MAX_ROWS rows, and fewer than 2^31 elements (the kernel's offsets are int32)."""
+    return 0 < cols and rows <= ACT_COLSUM_MAX_ROWS and rows * cols < 1 << 31
 
 
 def act_colsum_into(g, y, dg, db, activation, B, M, N, stride_b, stride_m, stride_n) -> None:
     """dg = g through the activation, db = its sums per column n, one launch: ``g``, ``y`` and
     ``dg`` [B, M, N] views through the same strides (see _act_colsum_kernel)."""
     bm, bn, warps = _COLSUM
-    launch_kernel(_act_colsum_kernel, (cdiv(N, bn),), g, y, dg, db, B, M, N, stride_b, stride_m, stride_n,
+    launch_kernel(_act_colsum_kernel, (cdiv(N, bn),), g, y, dg, db, B * M, M, N, stride_b, stride_m, stride_n,
                   ACT=ACT_CODES[activation], BLOCK_M=bm, BLOCK_N=bn, num_warps=warps)
 
 
@@ -1294,7 +1295,7 @@ def aot_specs():
                              {"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, label=dt))
         for act in ("relu", "sigmoid", "tanh"):
             specs.append(AotSpec(_act_colsum_kernel, {"g_ptr": f"*{dt}", "y_ptr": f"*{dt}", "dg_ptr": f"*{dt}",
-                                                      "out_ptr": f"*{dt}", "B": "i32", "M": "i32", "N": "i32",
+                                                      "out_ptr": f"*{dt}", "R": "i32", "M": "i32", "N": "i32",
                                                       "stride_b": "i32", "stride_m": "i32", "stride_n": "i32",
                                                       "ACT": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"},
                                  {"ACT": ACT_CODES[act], "BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps,
