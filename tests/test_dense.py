@@ -1362,6 +1362,18 @@ def test_cpu_autocast_region_reaches_linear(rng):
     assert F.linear(x, w, b).dtype == torch.float32
 
 
+def test_autocast_leaves_float64_alone(rng):
+    """torch's autocast never casts float64 (any policy): float64 layers keep float64 inside a
+    region, ours as torch's (the reference, exact)."""
+    x, w, b = (torch.from_numpy(rng.standard_normal(s)) for s in ((3, 5), (4, 5), (4,)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for ours, theirs in ((F.linear(x, w, b), torch.nn.functional.linear(x, w, b)),
+                             (F.log_softmax(x, 1), torch.nn.functional.log_softmax(x, 1)),
+                             (F.conv1d(x[None], w[:, :3, None]), torch.nn.functional.conv1d(x[None], w[:, :3, None]))):
+            assert ours.dtype == theirs.dtype == torch.float64
+            torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("backend,device", backend_params(BACKENDS))
 @pytest.mark.parametrize("name", SOFTMAX)
 def test_softmax_layout_is_torchs(backend, device, name, rng):

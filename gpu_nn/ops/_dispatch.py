@@ -216,8 +216,10 @@ def autocast_inputs(policy: str, *tensors):
     if dev not in ("cuda", "cpu") or not torch.is_autocast_enabled(dev):
         return tensors
     dtype = torch.get_autocast_dtype(dev) if policy == "lower" else torch.float32
+    # float64 is never cast (torch's autocast leaves double tensors alone, for every policy)
     return tuple(
-        t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != dtype else t
+        t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != dtype
+        and t.dtype != torch.float64 else t
         for t in tensors
     )
 
