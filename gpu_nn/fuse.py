@@ -63,11 +63,24 @@ class _Tracer(torch.fx.Tracer):
         super().__init__(autowrap_modules=(math, _F))
 
     def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
-        return isinstance(m, _OURS) or _own_hooks(m) or super().is_leaf_module(m, qualname)
+        return isinstance(m, _OURS) or _own_hooks(m) or _state_rules(m) or super().is_leaf_module(m, qualname)
 
 
 def _own_hooks(m: torch.nn.Module) -> bool:
     return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+
+
+_STATE_METHODS = ("state_dict", "_save_to_state_dict", "_load_from_state_dict", "load_state_dict")
+
+
+def _state_rules(m: torch.nn.Module) -> bool:
+    """Whether ``m`` saves or loads its state its own way (state_dict / load hooks, or a class
+    that overrides how): traced through, it would be rebuilt as a plain module without them."""
+    if m._state_dict_hooks or m._state_dict_pre_hooks or m._load_state_dict_pre_hooks or m._load_state_dict_post_hooks:
+        return True
+    cls = type(m)
+    return any(getattr(cls, n) is not getattr(torch.nn.Module, n) for n in _STATE_METHODS
+               if not cls.__module__.startswith("torch.nn."))
 
 
 def _hooked(m: torch.nn.Module) -> bool:
@@ -197,9 +210,10 @@ def fuse(model: torch.nn.Module) -> torch.fx.GraphModule:
     if isinstance(model, _OURS):
         raise TypeError(f"fuse() expects a model of layers; {type(model).__name__} is a gpu_nn layer itself "
                         "(nothing to fuse: Conv1d / Conv2d / Linear take activation=)")
-    if _own_hooks(model):
-        raise ValueError(f"fuse(): the model ({type(model).__name__}) has forward or backward hooks of its own, "
-                         "which the GraphModule fuse returns could not run; register them on the result instead")
+    if _own_hooks(model) or _state_rules(model):
+        raise ValueError(f"fuse(): the model ({type(model).__name__}) has forward / backward / state_dict hooks or "
+                         "state_dict methods of its own, which the GraphModule fuse returns would not have; fuse its "
+                         "submodules, or register the hooks on the result")
     tracer = _Tracer()
     try:
         graph = tracer.trace(model)

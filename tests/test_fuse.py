@@ -308,7 +308,7 @@ def test_hooked_containers_stay_whole_and_a_hooked_model_is_refused():
     assert type(fused.get_submodule("0.0")) is torch.nn.Linear and fused.get_submodule("1").activation == "tanh"
     _same_function(fused, model, torch.randn(4, 3))
     model.register_forward_pre_hook(lambda mod, inp: (inp[0] + 1,))
-    with pytest.raises(ValueError, match="hooks of its own"):
+    with pytest.raises(ValueError, match="has forward / backward / state_dict hooks"):
         gpu_nn.fuse(model)
     with pytest.raises(TypeError, match="Conv2d is a gpu_nn layer itself"):
         gpu_nn.fuse(gpu_nn.nn.Conv2d(2, 3, 3))
@@ -387,3 +387,27 @@ def test_a_layer_named_twice_inside_a_leaf_is_looked_up_by_either_name():
     fused = gpu_nn.fuse(model)
     _same_function(fused, model, torch.randn(3, 5, 8))
     assert type(model.lin) is torch.nn.Linear
+
+
+def test_containers_with_state_dict_rules_stay_whole():
+    """A container that saves its state its own way (a state_dict hook, or a class overriding
+    _save_to_state_dict) is called whole, so its state_dict is the model's; a model that does so
+    itself is refused (the GraphModule would not)."""
+    class Half(torch.nn.Sequential):
+        def _save_to_state_dict(self, destination, prefix, keep_vars):
+            super()._save_to_state_dict(destination, prefix, keep_vars)
+            destination[prefix + "version"] = torch.tensor(2)
+
+    hooked = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.ReLU())
+    hooked._register_state_dict_hook(lambda mod, sd, prefix, local: sd.update(
+        {k: v.half() for k, v in sd.items() if k.startswith(prefix)}))
+    model = torch.nn.Sequential(hooked, Half(torch.nn.Linear(3, 3), torch.nn.Tanh()), torch.nn.Linear(3, 2),
+                                torch.nn.Sigmoid())
+    fused = gpu_nn.fuse(model)
+    assert fused.get_submodule("2").activation == "sigmoid"  # outside them: fused
+    assert type(fused.get_submodule("0.0")) is torch.nn.Linear and type(fused.get_submodule("1.0")) is torch.nn.Linear
+    sd, msd = fused.state_dict(), model.state_dict()
+    assert sorted(sd) == sorted(msd) and all(sd[k].dtype == msd[k].dtype for k in sd)
+    _same_function(fused, model, torch.randn(4, 3))
+    with pytest.raises(ValueError, match="state_dict"):
+        gpu_nn.fuse(Half(torch.nn.Linear(3, 3), torch.nn.ReLU()))
