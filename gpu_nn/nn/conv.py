@@ -16,22 +16,10 @@ from torch import Tensor
 
 from .._errors import KernelInputError
 from ..ops import conv as _conv
-from ..ops.conv import ACTIVATIONS
 from ._jit import NotScriptable
+from .dense import activation_repr, checked_activation
 
 __all__ = ["Conv1d", "Conv2d"]
-
-
-def _activation(cls: str, kwargs: dict):
-    act = kwargs.pop("activation", None)
-    if act not in ACTIVATIONS:
-        raise KernelInputError(f"{cls}: unknown activation {act!r}; expected one of {ACTIVATIONS}")
-    return act
-
-
-def _extra(module, s: str) -> str:
-    act = getattr(module, "activation", None)
-    return s + (f", activation={act!r}" if act is not None else "")
 
 
 def _check_mode(module) -> None:
@@ -47,7 +35,7 @@ class Conv1d(NotScriptable, torch.nn.Conv1d):
     ``activation`` (ours only, keyword-only, default None) fused after the bias."""
 
     def __init__(self, *args, **kwargs):
-        act = _activation("Conv1d", kwargs)
+        act = checked_activation("Conv1d", kwargs.pop("activation", None))
         super().__init__(*args, **kwargs)
         _check_mode(self)
         self.activation = act
@@ -58,7 +46,7 @@ class Conv1d(NotScriptable, torch.nn.Conv1d):
                              activation=getattr(self, "activation", None))
 
     def extra_repr(self) -> str:
-        return _extra(self, super().extra_repr())
+        return activation_repr(self, super().extra_repr())
 
 
 class Conv2d(NotScriptable, torch.nn.Conv2d):
@@ -66,7 +54,7 @@ class Conv2d(NotScriptable, torch.nn.Conv2d):
     ``activation`` (ours only, keyword-only, default None) fused after the bias."""
 
     def __init__(self, *args, **kwargs):
-        act = _activation("Conv2d", kwargs)
+        act = checked_activation("Conv2d", kwargs.pop("activation", None))
         super().__init__(*args, **kwargs)
         _check_mode(self)
         self.activation = act
@@ -77,4 +65,4 @@ class Conv2d(NotScriptable, torch.nn.Conv2d):
                              activation=getattr(self, "activation", None))
 
     def extra_repr(self) -> str:
-        return _extra(self, super().extra_repr())
+        return activation_repr(self, super().extra_repr())

@@ -27,14 +27,27 @@ class Flatten(NotScriptable, torch.nn.Flatten):
         return F.flatten(input, self.start_dim, self.end_dim)
 
 
+def checked_activation(layer: str, activation):
+    """``activation`` when it is one our layers fuse (None, 'relu', 'sigmoid', 'tanh'), else
+    KernelInputError naming the layer."""
+    if activation not in ACTIVATIONS:
+        raise KernelInputError(f"{layer}: unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+    return activation
+
+
+def activation_repr(module, s: str) -> str:
+    """``s`` (torch's extra_repr) with ``activation=`` added where the layer has one."""
+    act = getattr(module, "activation", None)
+    return s + (f", activation={act!r}" if act is not None else "")
+
+
 class Linear(NotScriptable, torch.nn.Linear):
     """torch.nn.Linear: y = x W^T + b, W [out_features, in_features], b [out_features];
     plus ``activation`` (ours only, keyword-only, default None) fused into the epilogue."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
                  activation: str | None = None) -> None:
-        if activation not in ACTIVATIONS:
-            raise KernelInputError(f"Linear: unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+        checked_activation("Linear", activation)
         super().__init__(in_features, out_features, bias, device, dtype)
         self.activation = activation
 
@@ -42,9 +55,7 @@ class Linear(NotScriptable, torch.nn.Linear):
         return F.linear(input, self.weight, self.bias, activation=getattr(self, "activation", None))
 
     def extra_repr(self) -> str:
-        s = super().extra_repr()
-        act = getattr(self, "activation", None)
-        return s + (f", activation={act!r}" if act is not None else "")
+        return activation_repr(self, super().extra_repr())
 
 
 class Softmax(NotScriptable, torch.nn.Softmax):
