@@ -60,10 +60,10 @@ def _lr_value(lr):
 
 
 def _lr_arg(lr):
-    """The group's lr for a step (its ``_hp`` calls this for anything but a Python float): a
-    float, or the tensor itself (``_dispatch.run_parts`` passes it to kernels that read it on the
-    device, and gives everything else its value)."""
-    return lr if isinstance(lr, Tensor) else float(lr)
+    """The group's lr for a step (every ``_hp`` takes it from here): a float, or the tensor itself
+    (``_dispatch.run_parts`` passes it to kernels that read it on the device, and gives everything
+    else its value)."""
+    return lr if type(lr) is float or isinstance(lr, Tensor) else float(lr)
 
 
 def _refuse_captured_tensor_lr(kind: str, groups) -> None:
@@ -472,9 +472,7 @@ class SGD(_Base):
         return dict(momentum_buffer=bufs, first=first)
 
     def _hp(self, group):
-        lr = group["lr"]
-        lr = lr if type(lr) is float else _lr_arg(lr)
-        return dict(lr=lr, momentum=group["momentum"], dampening=group["dampening"],
+        return dict(lr=_lr_arg(group["lr"]), momentum=group["momentum"], dampening=group["dampening"],
                     weight_decay=float(group["weight_decay"]), nesterov=group["nesterov"],
                     maximize=group.get("maximize", False))
 
@@ -527,9 +525,7 @@ class Adagrad(_Base):
         return dict(step=steps, sum=sums)
 
     def _hp(self, group):
-        lr = group["lr"]
-        lr = lr if type(lr) is float else _lr_arg(lr)
-        return dict(lr=lr, lr_decay=group["lr_decay"], weight_decay=group["weight_decay"],
+        return dict(lr=_lr_arg(group["lr"]), lr_decay=group["lr_decay"], weight_decay=group["weight_decay"],
                     eps=group["eps"], maximize=group.get("maximize", False))
 
     def _integral_error(self, group, dtype):
@@ -574,9 +570,7 @@ class Adadelta(_Base):
         return dict(step=steps, square_avg=sq, acc_delta=acc)
 
     def _hp(self, group):
-        lr = group["lr"]
-        lr = lr if type(lr) is float else _lr_arg(lr)
-        return dict(lr=lr, rho=group["rho"], eps=group["eps"], weight_decay=group["weight_decay"],
+        return dict(lr=_lr_arg(group["lr"]), rho=group["rho"], eps=group["eps"], weight_decay=group["weight_decay"],
                     maximize=group.get("maximize", False))
 
     def _integral_error(self, group, dtype):
@@ -626,9 +620,7 @@ class RMSprop(_Base):
         return dict(step=steps, square_avg=sq, grad_avg=ga, momentum_buffer=mb)
 
     def _hp(self, group):
-        lr = group["lr"]
-        lr = lr if type(lr) is float else _lr_arg(lr)
-        return dict(lr=lr, alpha=group["alpha"], eps=group["eps"], weight_decay=group["weight_decay"],
+        return dict(lr=_lr_arg(group["lr"]), alpha=group["alpha"], eps=group["eps"], weight_decay=group["weight_decay"],
                     momentum=group["momentum"], centered=group["centered"], maximize=group.get("maximize", False))
 
     def _lerps(self, group):
@@ -690,9 +682,7 @@ class Adam(_Base):
 
     def _hp(self, group):
         beta1, beta2 = (float(b) for b in group["betas"])
-        lr = group["lr"]
-        lr = lr if type(lr) is float else _lr_arg(lr)
-        return dict(lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"],
+        return dict(lr=_lr_arg(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
                     weight_decay=group["weight_decay"], amsgrad=group["amsgrad"], maximize=group.get("maximize", False),
                     decoupled_weight_decay=group.get("decoupled_weight_decay", False))
 
