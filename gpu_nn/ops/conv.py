@@ -456,14 +456,10 @@ def conv_backward(grad_output: Tensor, input: Tensor, weight: Tensor, output: Op
         gw = input.new_empty(0)
     if not mask[2]:
         gb = input.new_empty(0)
-    elif gb is not None:  # summed with the activation's gradient
-        pass
-    elif g.shape[0]:
+    elif gb is None:  # (else summed with the activation's gradient already)
         # one reduction in g's dtype, as torch's own bias gradient: half precision accumulates
         # in float32 inside it (a float32 sum and a cast were two launches)
-        gb = g.sum(dim=bias_dims)
-    else:
-        gb = torch.zeros(weight.shape[0], dtype=dt, device=dev)
+        gb = g.sum(dim=bias_dims) if g.shape[0] else torch.zeros(weight.shape[0], dtype=dt, device=dev)
     return gi, gw, gb
 
 

@@ -144,7 +144,7 @@ def linear_backward(grad: Tensor, x: Tensor, w: Tensor, out: Tensor | None, acti
     flat = x.dim() == 2 and grad.dim() == 2  # the usual case: no views
     M = x.shape[0] if flat else math.prod(x.shape[:-1])
     g2 = grad if flat else grad.reshape(M, O)
-    db = empty((O,), dtype=w.dtype, device=w.device) if has_bias else None
+    db = empty((O,), dtype=w.dtype, device=w.device) if has_bias else torch.zeros(0, dtype=w.dtype, device=w.device)
     if activation is not None:
         y2 = (out if out.dim() == 2 else out.reshape(M, O)).contiguous()
         if has_bias:  # the activation's gradient and the bias gradient together (small M: one launch)
@@ -159,8 +159,6 @@ def linear_backward(grad: Tensor, x: Tensor, w: Tensor, out: Tensor | None, acti
     dw = empty((O, K), dtype=w.dtype, device=w.device)
     kd.matmul(g2, w, dx, allow_tf32=tf32, interpret=ktriton.INTERPRET)
     kd.matmul(g2.t(), x2, dw, allow_tf32=tf32, interpret=ktriton.INTERPRET)
-    if not has_bias:
-        db = torch.zeros(0, dtype=w.dtype, device=w.device)
     return (dx if flat else dx.reshape(x.shape)), dw, db
 
 
