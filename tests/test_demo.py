@@ -139,8 +139,9 @@ def test_fuse_trains_ours_fused_against_the_unfused_twin(monkeypatch):
     assert [net.get_submodule(n).activation for n in ("conv1", "conv2", "fc1")] == ["relu"] * 3
     assert not any(isinstance(m, torch.nn.ReLU) for m in net.modules())
     np.testing.assert_allclose(r["loss_curve"], r["torch_loss_curve"], rtol=1e-4, atol=1e-6)
-    seen = []
-    monkeypatch.setattr(demo, "train_pair", lambda model, *a, **kw: seen.append(kw) or pytest.skip("not reached"))
+    def reached(model, *a, **kw):  # the refusal comes before any training
+        raise AssertionError("train_pair reached despite --fuse with --ours-from torch")
+
+    monkeypatch.setattr(demo, "train_pair", reached)
     with pytest.raises(SystemExit, match="--fuse makes gpu_nn layers"):
         main(["demo", "--model", "cnn", "--fuse", "--ours-from", "torch", "--no-progress"])
-    assert not seen
