@@ -14,7 +14,9 @@ float32) forward+backward; a packed LSTM N=64 T=100 I=H=512 forward+backward (le
 triton and cupy backends and against a Python loop of ``torch.nn.LSTMCell`` / ``GRUCell`` /
 ``RNNCell``; provider ``triton`` runs the per-step launches (``GPU_NN_RNN_PERSISTENT=0``), and in
 the small-batch set ``triton-persistent`` the one-launch persistent forward and, in the
-fwd+bwd cases, the one-launch persistent backward (``GPU_NN_RNN_PERSISTENT=1``). In the
+fwd+bwd cases, the one-launch persistent backward (``GPU_NN_RNN_PERSISTENT=1``; W_hh resident
+on the SMs where it applies), and in its forward cases ``triton-persistent-l2`` the persistent
+forward re-reading W_hh from L2 every step (``GPU_NN_RNN_RESIDENT=0``). In the
 bidirectional cases ``cupy`` runs both directions of a layer in one device-loop launch (its
 default) and ``cupy-one-direction`` one launch per direction, one after the other (what it did
 before), so the run shows what the pairing gains. ``cupy-mma`` (the LSTM at the main shape, the
@@ -37,23 +39,29 @@ from gpu_nn.benchmarks import harness
 TORCH = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "rnn": torch.nn.RNN}
 PERSISTENT_ENV = "GPU_NN_RNN_PERSISTENT"
 CUPY_RNN_ENV = "GPU_NN_CUPY_RNN"
-# provider -> (backend, GPU_NN_RNN_PERSISTENT): the small-batch set measures the per-step
-# launches ("triton", forced off) and the persistent kernel ("triton-persistent", forced on)
-PROVIDERS = {"triton": ("triton", "0"), "triton-persistent": ("triton", "1")}
-SMALL_PROVIDERS = ("triton", "triton-persistent", "cupy", "cell_loop")
+RESIDENT_ENV = "GPU_NN_RNN_RESIDENT"
+# provider -> (backend, GPU_NN_RNN_PERSISTENT, GPU_NN_RNN_RESIDENT): the small-batch set measures
+# the per-step launches ("triton", forced off), the persistent kernel ("triton-persistent", forced
+# on, W_hh resident where it applies: kernels/triton/rnn.py resident_kp) and, in the forward
+# cases, the persistent kernel re-reading W_hh from L2 every step ("triton-persistent-l2")
+PROVIDERS = {"triton": ("triton", "0", None), "triton-persistent": ("triton", "1", None),
+             "triton-persistent-l2": ("triton", "1", "0")}
+SMALL_PROVIDERS = ("triton", "triton-persistent", "triton-persistent-l2", "cupy", "cell_loop")
+PERSISTENT_PROVIDERS = ("triton-persistent", "triton-persistent-l2")
 SKIP_PERSISTENT_ENV = "GPU_NN_BENCH_SKIP_PERSISTENT"  # set by hand ("1") to leave the persistent kernels out
 
 
 def _small_providers():
     if os.environ.get(SKIP_PERSISTENT_ENV) == "1":
-        return tuple(p for p in SMALL_PROVIDERS if p != "triton-persistent")
+        return tuple(p for p in SMALL_PROVIDERS if p not in PERSISTENT_PROVIDERS)
     return SMALL_PROVIDERS
 
 
 def _layer_providers():
     """The fwd+bwd cases' providers: per step, persistent, cupy (a cell loop has no backward
-    through a bidirectional stack, nor a persistent form)."""
-    return tuple(p for p in _small_providers() if p != "cell_loop")
+    through a bidirectional stack, nor a persistent form; the L2 form of the persistent forward
+    is timed in the forward cases)."""
+    return tuple(p for p in _small_providers() if p not in ("cell_loop", "triton-persistent-l2"))
 
 
 def _mma(providers):
@@ -122,7 +130,7 @@ def _case(mode, T, N, I, H, dtype, device, backward, providers, L=1, bidirection
         g = torch.randn(T, N, D * H, device=device, dtype=dtype)
         return x, g
 
-    def run_module(module, backend=None, persistent=None, one_direction=False, cupy_env=None):
+    def run_module(module, backend=None, persistent=None, one_direction=False, cupy_env=None, resident=None):
         def setup():
             nxt = harness.rotating(inputs)
 
@@ -130,7 +138,7 @@ def _case(mode, T, N, I, H, dtype, device, backward, providers, L=1, bidirection
                 x, g = nxt()
                 ctx = gpu_nn.backend(backend) if backend else _null()
                 with ctx, harness.env_var(PERSISTENT_ENV, persistent), harness.env_var(CUPY_RNN_ENV, cupy_env), \
-                        _one_direction_loops() if one_direction else _null():
+                        harness.env_var(RESIDENT_ENV, resident), _one_direction_loops() if one_direction else _null():
                     if backward:
                         out, _ = module(x)
                         (out.data if packed else out).backward(g)
@@ -179,8 +187,8 @@ def _case(mode, T, N, I, H, dtype, device, backward, providers, L=1, bidirection
             if p == "cupy-mma":
                 provs[p] = run_module(ours, "cupy", cupy_env="mma")
                 continue
-            backend, persistent = PROVIDERS.get(p, (p, None))
-            provs[p] = run_module(ours, backend, persistent)
+            backend, persistent, resident = PROVIDERS.get(p, (p, None, None))
+            provs[p] = run_module(ours, backend, persistent, resident=resident)
     # a packed batch does the work of its steps that run: sum(lengths) of T * N
     useful = float(lens.sum()) / (T * N) if packed else 1.0
     return harness.Case(family="rnn", name=name, shape=shape, providers=provs, device=device,

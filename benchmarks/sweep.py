@@ -43,8 +43,10 @@ like (a) into ``DIR/rnn_sweep.json``, most wanted first (``rnn_groups``):
   32 / 64 x BLOCK_H 16 / 32 / 64 x BLOCK_K 32 / 64 / 128 x num_warps 2 / 4 / 8 at three stages,
   pruned to grids of at least 32 programs and to what fits in shared memory (51 and 54
   configurations), then the 4 fastest at 1 / 2 / 4 stages;
-* the persistent forward (LSTM, T=50 N=16, both dtypes): BLOCK_H x BLOCK_K x num_warps (27;
-  always one stage: see ``persist_launch``), programs = min(hidden tiles, SMs) as the product;
+* the persistent forward (LSTM, T=50 N=16, both dtypes): W_hh resident at 8 and 4 warps (the
+  product's form there: ``resident_kp``), then re-read from L2 every step in BLOCK_H x BLOCK_K x
+  num_warps (27; always one stage: see ``persist_launch``), programs = min(hidden tiles, SMs) as
+  the product;
 * the input projection (6400x512 -> 2048): ``_rnn_matmul_kernel`` in 7 tiles, dense.py's linear
   kernel in its 4 tuning candidates (the fastest is its tuned choice), torch.addmm;
 * the step backward ``_rnn_step_bwd_kernel`` (LSTM, N=64) as the forward (54 + 12 per dtype);
@@ -52,7 +54,7 @@ like (a) into ``DIR/rnn_sweep.json``, most wanted first (``rnn_groups``):
   per-step LSTM forward at N=16 (24 + 12) and N=4 (24; float32 runs it at small batch), the
   persistent LSTM at N=4 and GRU at N=16 in the 6 fastest of the N=16 LSTM.
 
-About 490 configurations in all, each compiled once (the Triton cache keeps them across runs).
+About 500 configurations in all, each compiled once (the Triton cache keeps them across runs).
 The step kernels run on buffers shaped as the driver's; the buffers a launch updates in place
 (the projection, which becomes the activated gates; the persistent kernel's; the backward's carry
 and dc) have one copy per launch of a timed batch (8 step launches, 3 persistent), restored before
@@ -901,10 +903,11 @@ STEP_STAGES = (1, 2, 3, 4)
 STEP_MIN_PROGRAMS = 32  # a quarter of the H200's 132 SMs: fewer programs cannot pay for wider tiles
 STEP_TOP = 4  # the fastest tiles of the first pass whose pipeline depths are tried next
 RNN_TOP = 6  # the fastest LSTM configurations tried on the GRU / Elman RNN and at N = 4
-PERSIST_KEYS = ("BLOCK_H", "BLOCK_K", "num_warps")
+PERSIST_KEYS = ("BLOCK_H", "BLOCK_K", "num_warps", "resident")
 PERSIST_BH = (16, 32, 64)
 PERSIST_BK = (32, 64, 128)
 PERSIST_WARPS = (2, 4, 8)
+PERSIST_RESIDENT_WARPS = (4, 8)  # the resident-weight form (BLOCK_H 16: a 64-row wgmma operand; no K loop)
 RNN_COPIES = 8  # input sets per timed batch of step launches (each launch on its own copy)
 PERSIST_COPIES = 3
 RNN_REPS = 10
@@ -964,16 +967,21 @@ def rnn_step_grid(B: int, H: int, mode: str = "lstm", dot: int = 3, backward: bo
 
 def persist_grid() -> list[dict]:
     """Persistent-kernel configurations (``PERSIST_KEYS``; one pipeline stage always, see
-    ``persist_launch``): the product's first, then BLOCK_H x BLOCK_K x num_warps."""
+    ``persist_launch``): the product's first (at the sweep's shapes W_hh resident: TF32 and
+    bfloat16 at H = 512, one tile per program, ``resident_kp``), then the resident form at the
+    other warp counts, then BLOCK_H x BLOCK_K x num_warps re-reading W_hh from L2 (``resident``
+    0: GPU_NN_RNN_RESIDENT=0), the form before resident weights."""
     from gpu_nn.kernels.triton import rnn as krnn
 
-    default = {"BLOCK_H": krnn.PERSIST_BLOCKS[1], "BLOCK_K": krnn.PERSIST_BLOCKS[2],
-               "num_warps": krnn.persist_launch("lstm", 3, False)[0]}
+    bh, bk = krnn.PERSIST_BLOCKS[1:]
+    default = {"BLOCK_H": bh, "BLOCK_K": bk, "num_warps": krnn.persist_launch("lstm", 3, False, 16)[0], "resident": 1}
     out = [default]
-    for cfg in itertools.product(PERSIST_BH, PERSIST_BK, PERSIST_WARPS):
-        c = dict(zip(PERSIST_KEYS, cfg))
+    for w in PERSIST_RESIDENT_WARPS:
+        c = {**default, "num_warps": w}
         if c != default:
             out.append(c)
+    for cfg in itertools.product(PERSIST_BH, PERSIST_BK, PERSIST_WARPS):
+        out.append(dict(zip(PERSIST_KEYS, (*cfg, 0))))
     return out
 
 
@@ -1216,7 +1224,7 @@ def _persist_setup(mode: str, B: int, H: int, T: int, dtype, device: str, copies
         patch = {"PERSIST_BLOCKS": (krnn.PERSIST_BLOCKS[0], bh, bk), "persist_launch": lambda *a, _w=w: (_w, 1)}
         if kernel is not None:
             patch["_rnn_persist_fwd_kernel"] = kernel
-        with _patched(krnn, **patch):
+        with _patched(krnn, **patch), harness.env_var(krnn.RESIDENT_ENV, str(cfg.get("resident", 0))):
             krnn.persist_forward(mode, work[i], hs, cs, w_hh, b_hh, out, None, lens, False, dot,
                                  min(-(-H // bh), sm) if not interpret else 1)
 

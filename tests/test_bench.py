@@ -481,6 +481,24 @@ def test_rnn_gpu_case_list_builds(monkeypatch):
         assert not any("cell_loop" in p for *_, p, bi in built if bi)
 
 
+def test_rnn_small_batch_forwards_time_the_persistent_kernel_both_ways(monkeypatch):
+    """The small-batch forward cases time the persistent forward with W_hh resident (its
+    default where it applies) and re-reading it from L2 (``GPU_NN_RNN_RESIDENT=0``, the name
+    the kernels read), the fwd+bwd cases only the default; the skip switch drops both."""
+    from gpu_nn.benchmarks import bench_rnn
+    from gpu_nn.kernels.triton import rnn as kt
+
+    assert bench_rnn.RESIDENT_ENV == kt.RESIDENT_ENV
+    assert bench_rnn.PROVIDERS["triton-persistent-l2"] == ("triton", "1", "0")
+    assert bench_rnn.PROVIDERS["triton-persistent"] == ("triton", "1", None)
+    monkeypatch.delenv(bench_rnn.SKIP_PERSISTENT_ENV, raising=False)
+    assert {"triton-persistent", "triton-persistent-l2"} <= set(bench_rnn._small_providers())
+    assert "triton-persistent" in bench_rnn._layer_providers()
+    assert "triton-persistent-l2" not in bench_rnn._layer_providers()
+    monkeypatch.setenv(bench_rnn.SKIP_PERSISTENT_ENV, "1")
+    assert not {"triton-persistent", "triton-persistent-l2"} & set(bench_rnn._small_providers())
+
+
 def test_bench_table_prints_error_messages_as_text(capsys):
     """A provider's error message with brackets (a shape "[1, 2]", a stray "[/x]") is printed as
     it is: rich took it for markup, dropping the text or raising after every case was timed."""

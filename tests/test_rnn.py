@@ -1284,6 +1284,65 @@ def test_persistent_forward_matches_reference(mode, cfg, rng, monkeypatch):
             assert_close(a, b, dtype, k=T * B * 4 * H, what=f"{mode} grad {i}")
 
 
+def test_resident_kp_takes_one_tile_per_program_and_tensor_core_dots(monkeypatch):
+    """The persistent forward keeps W_hh on the SM (KP > 0) only with one program per tile, a
+    tensor-core dot code and H <= RESIDENT_MAX_KP; KP is the power of two >= max(H, 16);
+    GPU_NN_RNN_RESIDENT=0 turns it off, anything but 0 / 1 / unset is refused."""
+    from gpu_nn.kernels.triton import rnn as kt
+
+    monkeypatch.delenv(kt.RESIDENT_ENV, raising=False)
+    tf32, bf16, fp16, fma = (kt.DOT_CODES[k] for k in ("tf32", "bf16", "fp16", "fp32"))
+    assert kt.resident_kp("lstm", 7, tf32, 1, 1) == 16
+    assert kt.resident_kp("gru", 17, bf16, 2, 2) == 32
+    assert kt.resident_kp("rnn_tanh", 512, fp16, 32, 32) == 512 == kt.RESIDENT_MAX_KP
+    assert kt.resident_kp("lstm", 513, tf32, 33, 33) == 0  # past RESIDENT_MAX_KP
+    assert kt.resident_kp("lstm", 64, fma, 4, 4) == 0  # FMA dots hold their operands in registers
+    assert kt.resident_kp("lstm", 64, tf32, 8, 4) == 0  # programs that take turns at tiles
+    monkeypatch.setenv(kt.RESIDENT_ENV, "0")
+    assert kt.resident_kp("lstm", 7, tf32, 1, 1) == 0
+    monkeypatch.setenv(kt.RESIDENT_ENV, "1")
+    assert kt.resident_kp("lstm", 7, tf32, 1, 1) == 16
+    monkeypatch.setenv(kt.RESIDENT_ENV, "yes")
+    with pytest.raises(ValueError, match=kt.RESIDENT_ENV):
+        kt.resident_kp("lstm", 7, tf32, 1, 1)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("H,block_h", [(7, 16), (16, 16), (40, 64)])
+def test_resident_weights_forward_matches_reference(mode, H, block_h, rng, monkeypatch):
+    """The persistent forward with W_hh resident (``_resident_w`` / ``_resident_dot``: every
+    gate's rows of the tile as one [4 * BLOCK_H, KP] operand, h_{t-1} as one [KP, B] load, the
+    gates split off the product) against the float64 reference, outputs, final states, reserve
+    and the gradients through it, float32 (TF32 dots) / float16 / bfloat16, lengths and a bias.
+    One tile per program: one tile in all, so that the interpreter's single program holds it (a
+    64-unit tile for H = 40 puts KP = 64 above the tile's 16 default rows and masks 24 units and
+    columns); the launches are checked to take KP > 0. The multi-program forms run in the GPU
+    tests above (test_persistent_multi_program_matches_per_step_on_gpu)."""
+    pytest.importorskip("triton")
+    from gpu_nn.kernels.triton import rnn as kt
+
+    cfg = (5, 3, 4, H, 1, False, (5, 2, 4), True, False)
+    T, B, I, H, L, bi, lengths, bias, masks = cfg
+    x, hx, params, mk, lens = _persist_case(mode, rng, *cfg)
+    r_outs, r_res, r_grads = _persist_run(mode, "reference", torch.float64, x, hx, params, mk, lens, L, bi, bias)
+    monkeypatch.setattr(kt, "PERSIST_BLOCKS", (16, block_h, 32))
+    kps = []
+    real = kt.resident_kp
+    monkeypatch.setattr(kt, "resident_kp", lambda *a: (kps.append(real(*a)), kps[-1])[1])
+    monkeypatch.setenv(_PERSIST_ENV, "1")
+    monkeypatch.delenv(kt.RESIDENT_ENV, raising=False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        kps.clear()
+        o_outs, o_res, o_grads = _persist_run(mode, "triton", dtype, x, hx, params, mk, lens, L, bi, bias)
+        assert kps == [max(16, 1 << (H - 1).bit_length())], kps
+        for i, (a, b) in enumerate(zip(o_outs, r_outs)):
+            assert_close(a, b, dtype, k=4 * H, what=f"{mode} output {i}")
+        assert_close(o_res, r_res, dtype, k=4 * H, what=f"{mode} reserve")
+        for i, (a, b) in enumerate(zip(o_grads, r_grads)):
+            assert_close(a, b, dtype, k=T * B * 4 * H, what=f"{mode} grad {i}")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(),
                     reason="needs a GPU: the multi-program grid barrier cannot run in the interpreter "
                            "(programs run one after another there, so a barrier across two never opens)")

@@ -89,18 +89,26 @@ def _tanh(x):
 
 
 @triton.jit
+def _dot_operand(x, DOT_DT: tl.constexpr):
+    """``x`` in the operand type of dot code ``DOT_DT`` (see :func:`_dot`)."""
+    if DOT_DT == 1:
+        y = x.to(tl.float16)
+    elif DOT_DT == 2:
+        y = x.to(tl.bfloat16)
+    else:
+        y = x.to(tl.float32)
+    return y
+
+
+@triton.jit
 def _dot(a, b, acc, DOT_DT: tl.constexpr):
     """acc + a @ b, float32 accumulation. DOT_DT 0: float32 operands, exact IEEE products (FMA,
     no tensor cores); 3: float32 operands as TF32 (tensor cores, 10-bit mantissa); 1 / 2: both
     operands cast to float16 / bfloat16 (tensor cores)."""
-    if DOT_DT == 0:
-        acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    elif DOT_DT == 3:
-        acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32")
-    elif DOT_DT == 1:
-        acc += tl.dot(a.to(tl.float16), b.to(tl.float16), input_precision="ieee")
+    if DOT_DT == 3:
+        acc += tl.dot(_dot_operand(a, DOT_DT), _dot_operand(b, DOT_DT), input_precision="tf32")
     else:
-        acc += tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), input_precision="ieee")
+        acc += tl.dot(_dot_operand(a, DOT_DT), _dot_operand(b, DOT_DT), input_precision="ieee")
     return acc
 
 
@@ -228,6 +236,51 @@ def _recurrent_dot(h_ptr, rb, mb, w_ptr, stride_w0, stride_w1, rh, mh, H, P, K_E
         if MODE == 2:
             w3 = tl.load(w_ptr + (3 * H + rh)[None, :] * stride_w0 + rk[:, None] * stride_w1, mask=wm, other=0.0)
             acc3 = _dot(hprev, w3, acc3, DOT_DT)
+    return acc0, acc1, acc2, acc3
+
+
+@triton.jit
+def _resident_w(w_ptr, stride_w0, stride_w1, jh, H, MODE: tl.constexpr, DOT_DT: tl.constexpr, KP: tl.constexpr,
+                BLOCK_H: tl.constexpr):
+    """The W_hh rows of hidden tile ``jh``, every gate's, as one [4 * BLOCK_H, KP] operand in the
+    dot code's type: row g * BLOCK_H + i is W_hh row g * H + jh * BLOCK_H + i (zero past H, past
+    the mode's gates, and in columns past H: KP >= H). Loaded once by a persistent program that
+    keeps it for every step (:func:`_resident_dot`). The gates stacked on one axis make a
+    64-row operand for BLOCK_H = 16, the rows of one warpgroup MMA (wgmma on sm_90), which reads
+    it from shared memory; one [KP, BLOCK_H] operand per gate would be the B operand of a
+    16-row dot, which Triton holds in registers across the loop (spilling from KP = 512)."""
+    r = tl.arange(0, 4 * BLOCK_H)
+    g = r // BLOCK_H
+    rh = jh * BLOCK_H + r % BLOCK_H
+    rk = tl.arange(0, KP)
+    if MODE == 2:
+        live = g < 4
+    elif MODE == 3:
+        live = g < 3
+    else:
+        live = g < 1
+    wm = (live & (rh < H))[:, None] & (rk < H)[None, :]
+    w = tl.load(w_ptr + (g * H + rh)[:, None] * stride_w0 + rk[None, :] * stride_w1, mask=wm, other=0.0)
+    return _dot_operand(w, DOT_DT)
+
+
+@triton.jit
+def _resident_dot(h_ptr, rb, mb, w, H, DOT_DT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+                  KP: tl.constexpr):
+    """:func:`_recurrent_dot` over the whole state at once against the resident operand ``w`` of
+    :func:`_resident_w`: h_{t-1} (float32 rows of H, read ``.cg``: other programs wrote them) as
+    one [KP, BLOCK_B] load, one dot for all gates (gates x units on the MMA's rows, the batch
+    rows on its columns), no K loop and no W_hh load. Returns the four gates' [BLOCK_B, BLOCK_H]
+    float32 products, as :func:`_recurrent_dot` (a gate the mode lacks is zero)."""
+    rk = tl.arange(0, KP)
+    h_t = tl.load(h_ptr + rb[None, :] * H + rk[:, None], mask=(rk < H)[:, None] & mb[None, :], other=0.0,
+                  cache_modifier=".cg")
+    acc = _dot(w, h_t, tl.zeros((4 * BLOCK_H, BLOCK_B), dtype=tl.float32), DOT_DT)
+    # [gate (2 x 2), unit, row] -> [row, unit, gate]: split the gates off the last axis
+    acc = tl.permute(tl.reshape(acc, (2, 2, BLOCK_H, BLOCK_B)), (3, 2, 0, 1))
+    even, odd = tl.split(acc)  # gates (0, 2) and (1, 3)
+    acc0, acc2 = tl.split(even)
+    acc1, acc3 = tl.split(odd)
     return acc0, acc1, acc2, acc3
 
 
@@ -468,7 +521,8 @@ def _rnn_persist_fwd_kernel(xg_ptr, stride_xgt, stride_xgb, hs_ptr, cs_ptr, stri
                             out_ptr, stride_ot, stride_ob, mask_ptr, stride_mt, stride_mb, has_mask, len_ptr, count_ptr,
                             reverse, T, B, H,
                             MODE: tl.constexpr, HAS_BHH: tl.constexpr, DOT_DT: tl.constexpr,
-                            BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+                            BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+                            KP: tl.constexpr = 0):
     """The whole time loop of one layer and direction in one launch (persistent, small batch).
 
     Shapes: ``xg [T, B, *]`` (strides ``stride_xgt``, ``stride_xgb``, unit last stride) the input
@@ -489,15 +543,24 @@ def _rnn_persist_fwd_kernel(xg_ptr, stride_xgt, stride_xgb, hs_ptr, cs_ptr, stri
     for H <= 1024 it (at most 16 MiB in float32 for the LSTM) stays resident in L2 across steps,
     so the re-reads do not go to HBM. Not supported: more than 2^31 / P steps (the counter is
     int32); the launcher takes B <= PERSIST_MAX_B.
+
+    ``KP > 0`` (resident weights, :func:`resident_kp`): one tile per program (the launcher
+    launches exactly as many programs as tiles), whose W_hh rows, every gate's, are loaded once,
+    before the time loop, as one [4 * BLOCK_H, KP] operand (KP >= H) that stays in shared memory
+    for every step (:func:`_resident_w`); a step then reads only h_{t-1}, in one load, and makes
+    one dot for all gates (:func:`_resident_dot`).
     """
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     nh = tl.cdiv(H, BLOCK_H)
+    wr = w_ptr
+    if KP > 0:  # one tile per program (nprog == tiles): tile pid's W_hh rows, kept for every step
+        wr = _resident_w(w_ptr, stride_w0, stride_w1, pid % nh, H, MODE, DOT_DT, KP, BLOCK_H)
     for s in range(0, T):
         for j in range(pid, tl.cdiv(B, BLOCK_B) * nh, nprog):
             _persist_tile(j // nh, j % nh, s, reverse, xg_ptr, stride_xgt, stride_xgb, hs_ptr, cs_ptr, stride_hs, w_ptr,
                           stride_w0, stride_w1, bhh_ptr, out_ptr, stride_ot, stride_ob, mask_ptr, stride_mt, stride_mb,
-                          has_mask, len_ptr, B, T, H, MODE, HAS_BHH, DOT_DT, BLOCK_B, BLOCK_H, BLOCK_K)
+                          has_mask, len_ptr, B, T, H, MODE, HAS_BHH, DOT_DT, BLOCK_B, BLOCK_H, BLOCK_K, wr, KP)
         _grid_barrier(count_ptr, (s + 1) * nprog)
 
 
@@ -506,17 +569,23 @@ def _rnn_persist2_fwd_kernel(xg_ptr, xg1_ptr, stride_xgt, stride_xgb, hs_ptr, hs
                              w1_ptr, stride_w0, stride_w1, bhh_ptr, bhh1_ptr, out_ptr, out1_ptr, stride_ot, stride_ob,
                              mask_ptr, mask1_ptr, stride_mt, stride_mb, has_mask, len_ptr, count_ptr, T, B, H,
                              MODE: tl.constexpr, HAS_BHH: tl.constexpr, DOT_DT: tl.constexpr,
-                             BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+                             BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+                             KP: tl.constexpr = 0):
     """Both directions of a bidirectional layer in one persistent launch: the hidden tiles of the
     forward direction (the ``*_ptr`` buffers) and of the reverse one (``*1_ptr``) are
     twice ``_rnn_persist_fwd_kernel``'s tiles, dealt to the programs as it deals one
     direction's; per step every program runs its tiles of both directions (step ``s`` forward,
     ``T - 1 - s`` reverse), then the same grid barrier. Shared: strides, mask flag, lengths,
-    sizes. Half the barriers and launches of two one-direction launches, twice the programs."""
+    sizes. Half the barriers and launches of two one-direction launches, twice the programs.
+    ``KP > 0``: resident weights, one tile per program, as ``_rnn_persist_fwd_kernel``'s."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     nh = tl.cdiv(H, BLOCK_H)
     nt = tl.cdiv(B, BLOCK_B) * nh
+    wr = w_ptr
+    if KP > 0:  # one tile per program (nprog == 2 * nt): tile pid's W_hh rows, kept for every step
+        rev, _, _, jh = _pair_tile(pid, nt, nh)
+        wr = _resident_w(tl.where(rev, w1_ptr, w_ptr), stride_w0, stride_w1, jh, H, MODE, DOT_DT, KP, BLOCK_H)
     for s in range(0, T):
         for j in range(pid, 2 * nt, nprog):
             rev, r, jb, jh = _pair_tile(j, nt, nh)
@@ -525,7 +594,7 @@ def _rnn_persist2_fwd_kernel(xg_ptr, xg1_ptr, stride_xgt, stride_xgb, hs_ptr, hs
                           tl.where(rev, w1_ptr, w_ptr), stride_w0, stride_w1, tl.where(rev, bhh1_ptr, bhh_ptr),
                           tl.where(rev, out1_ptr, out_ptr), stride_ot, stride_ob, tl.where(rev, mask1_ptr, mask_ptr),
                           stride_mt, stride_mb, has_mask, len_ptr, B, T, H, MODE, HAS_BHH, DOT_DT, BLOCK_B,
-                          BLOCK_H, BLOCK_K)
+                          BLOCK_H, BLOCK_K, wr, KP)
         _grid_barrier(count_ptr, (s + 1) * nprog)
 
 
@@ -554,9 +623,10 @@ def _grid_barrier(count_ptr, target):
 def _persist_tile(jb, j, s, reverse, xg_ptr, stride_xgt, stride_xgb, hs_ptr, cs_ptr, stride_hs, w_ptr, stride_w0,
                   stride_w1, bhh_ptr, out_ptr, stride_ot, stride_ob, mask_ptr, stride_mt, stride_mb, has_mask, len_ptr,
                   B, T, H, MODE: tl.constexpr, HAS_BHH: tl.constexpr, DOT_DT: tl.constexpr,
-                  BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+                  BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, wr, KP: tl.constexpr):
     """Step ``s`` of the persistent forward for batch tile ``jb``, hidden tile ``j`` of one
-    direction."""
+    direction; ``KP > 0``: against the resident operand ``wr`` (:func:`_resident_w`), else
+    W_hh read from ``w_ptr`` (``wr`` unused)."""
     rb = (jb * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
     mb = rb < B
     lens = tl.load(len_ptr + rb, mask=mb, other=0)
@@ -569,8 +639,11 @@ def _persist_tile(jb, j, s, reverse, xg_ptr, stride_xgt, stride_xgb, hs_ptr, cs_
     rh = j * BLOCK_H + tl.arange(0, BLOCK_H)
     mh = rh < H
     m2 = mb[:, None] & mh[None, :]
-    acc0, acc1, acc2, acc3 = _recurrent_dot(hp_base, rb, mb, w_ptr, stride_w0, stride_w1, rh, mh, H, H, H, ".cg",
-                                            MODE, DOT_DT, BLOCK_B, BLOCK_H, BLOCK_K)
+    if KP > 0:
+        acc0, acc1, acc2, acc3 = _resident_dot(hp_base, rb, mb, wr, H, DOT_DT, BLOCK_B, BLOCK_H, KP)
+    else:
+        acc0, acc1, acc2, acc3 = _recurrent_dot(hp_base, rb, mb, w_ptr, stride_w0, stride_w1, rh, mh, H, H, H, ".cg",
+                                                MODE, DOT_DT, BLOCK_B, BLOCK_H, BLOCK_K)
     st = rb[:, None] * H + rh[None, :]
     xg = xg_ptr + t64 * stride_xgt + rb[:, None] * stride_xgb + rh[None, :]
     hp = tl.load(hp_base + st, mask=m2, other=0.0, cache_modifier=".cg")
@@ -1059,7 +1132,7 @@ def proj_backward(dg_next, w_hh, carry, dout, dh, lengths, t, dot, final=False):
 PERSIST_BLOCKS = (16, 16, 32)  # BLOCK_B, BLOCK_H, BLOCK_K
 
 
-def persist_launch(mode: str, dot: int, has_bhh: bool) -> tuple[int, int]:
+def persist_launch(mode: str, dot: int, has_bhh: bool, kp: int = 0) -> tuple[int, int]:
     """(num_warps, num_stages) of the persistent kernel. One stage, always: with two or more,
     Triton's pipeliner turns the h_{t-1} loads of the K loop into ``cp.async.ca`` (L1-cached;
     the ``.cg`` modifier and ``volatile`` are both dropped, seen in the sm_90 PTX), and an L1
@@ -1068,7 +1141,11 @@ def persist_launch(mode: str, dot: int, has_bhh: bool) -> tuple[int, int]:
     BLOCK_K = 32: the float32 LSTM spills at 64. Warps, from ptxas for sm_90: at one stage the
     float32 (FMA) dots keep a few spill stores at 4 warps (rnn_tanh 8 B, LSTM / GRU with b_hh
     24 B of stack), none at 8, except the GRU without b_hh, which spills at 8 and not at 4; the
-    tensor-core dots (TF32, float16, bfloat16) spill at none with 4."""
+    tensor-core dots (TF32, float16, bfloat16) spill at none with 4. Resident weights (``kp``
+    > 0): 8 warps, whose registers stage the [64, KP] operand (a float32 LSTM at KP = 512 spills
+    96 B at 4 warps, none at 8: 181 registers)."""
+    if kp:
+        return 8, 1
     if dot == 0 and not (mode == "gru" and not has_bhh):
         return 8, 1
     return 4, 1
@@ -1092,6 +1169,39 @@ COOPERATIVE = os.environ.get(COOPERATIVE_ENV, "0") == "1"
 def _launch_options() -> dict:
     """The persistent launches' extra launch options (none by default: see COOPERATIVE)."""
     return {"launch_cooperative_grid": True} if COOPERATIVE else {}
+
+
+# Resident weights (the persistent forward kernels' KP > 0). With one program per tile, each
+# program's W_hh rows are the same at every step, so it loads them once, before the time loop, as
+# one [4 * BLOCK_H, KP] operand (every gate's rows of its hidden tile, zero-padded to KP >= H
+# columns) that Triton allocates in shared memory ahead of the loop (sm_90 TTGIR: the operand's
+# local_alloc precedes the time loop) and the step's one dot reads from there as the A operand of
+# a 64-row wgmma (HGMMA in the SASS); a step then loads only h_{t-1} (one [KP, BLOCK_B] load).
+# Re-reading W_hh from L2 (KP = 0) costs each step H / BLOCK_K dependent rounds of loads (one
+# pipeline stage: see persist_launch), 16 at H = 512, each moving 4x more W_hh than h_{t-1}.
+# Taken where every tile has its own program (tiles <= SMs: B <= 16 at H = 512 makes 32 tiles a
+# direction, 64 for both), the dots run on the tensor cores (TF32, float16,
+# bfloat16: FMA dots would hold the operands in registers) and KP <= RESIDENT_MAX_KP: 128 KiB of
+# shared memory for a float32 operand (plus 32 KiB for h_{t-1}); a half LSTM at KP = 1024 spills
+# 72-80 B at 8 warps (its staging), so H > 512 keeps the L2 form. sm_90 AOT of the forms at KP 16
+# and 512: no spills, 32-181 registers at 8 warps. Not measured on a GPU yet:
+# GPU_NN_RNN_RESIDENT=0 turns it off (bench_rnn's triton-persistent-l2 provider times the L2
+# form beside it).
+RESIDENT_ENV = "GPU_NN_RNN_RESIDENT"
+RESIDENT_MAX_KP = 512
+
+
+def resident_kp(mode: str, H: int, dot: int, tiles: int, programs: int) -> int:
+    """KP of a persistent forward launch of ``programs`` programs over ``tiles`` tiles: the
+    resident operands' depth (a power of two >= max(H, 16)), or 0 (W_hh read from L2 per step)
+    where the resident form does not apply (see RESIDENT_MAX_KP) or GPU_NN_RNN_RESIDENT=0."""
+    env = os.environ.get(RESIDENT_ENV)
+    if env not in (None, "", "0", "1"):
+        raise ValueError(f"{RESIDENT_ENV} must be 0, 1 or unset, got {env!r}")
+    if env == "0" or dot == DOT_CODES["fp32"] or programs != tiles:
+        return 0
+    kp = max(16, triton.next_power_of_2(H))
+    return kp if kp <= RESIDENT_MAX_KP else 0
 
 
 def persist_tiles(B: int, H: int) -> int:
@@ -1132,7 +1242,8 @@ def persist_forward_pair(mode, fwd, rev, lengths, dot, num_programs):
     assert (cs is None or cs.stride() == hs.stride() == cs1.stride()) and xg.stride() == xg1.stride()
     assert out.stride() == out1.stride() and pair_ok(w_hh, w_hh1) and (mask is None or mask.stride() == mask1.stride())
     bb, bh, bk = PERSIST_BLOCKS
-    warps, stages = persist_launch(mode, dot, b_hh is not None)
+    kp = resident_kp(mode, H, dot, 2 * persist_tiles(B, H), num_programs)
+    warps, stages = persist_launch(mode, dot, b_hh is not None, kp)
     count = torch.zeros(1, dtype=torch.int32, device=hs.device)  # zeroed per launch, as persist_forward's
     launch_kernel(_rnn_persist2_fwd_kernel, (num_programs,),
         xg, xg1, xg.stride(0), xg.stride(1), hs, hs1, cs if cs is not None else hs, cs1 if cs1 is not None else hs1,
@@ -1141,7 +1252,8 @@ def persist_forward_pair(mode, fwd, rev, lengths, dot, num_programs):
         mask if mask is not None else w_hh, mask1 if mask1 is not None else w_hh1,
         mask.stride(0) if mask is not None else 0, mask.stride(1) if mask is not None else 0, int(mask is not None),
         lengths, count, T, B, H, MODE=MODE_CODES[mode], HAS_BHH=b_hh is not None,
-        DOT_DT=dot, BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=bk, num_warps=warps, num_stages=stages, **_launch_options(),
+        DOT_DT=dot, BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=bk, KP=kp, num_warps=warps, num_stages=stages,
+        **_launch_options(),
     )
 
 
@@ -1159,7 +1271,8 @@ def persist_forward(mode, xg, hs, cs, w_hh, b_hh, out, mask, lengths, reverse, d
     assert 1 <= num_programs <= persist_tiles(B, H) and B <= PERSIST_MAX_B
     assert hs.stride(1) == H and hs.stride(2) == 1 and (cs is None or cs.stride() == hs.stride())
     bb, bh, bk = PERSIST_BLOCKS
-    warps, stages = persist_launch(mode, dot, b_hh is not None)
+    kp = resident_kp(mode, H, dot, persist_tiles(B, H), num_programs)
+    warps, stages = persist_launch(mode, dot, b_hh is not None, kp)
     # zeroed per launch: a re-launch (or a launch after an aborted one) never sees stale counts
     count = torch.zeros(1, dtype=torch.int32, device=hs.device)
     launch_kernel(_rnn_persist_fwd_kernel, (num_programs,),
@@ -1168,7 +1281,8 @@ def persist_forward(mode, xg, hs, cs, w_hh, b_hh, out, mask, lengths, reverse, d
         mask if mask is not None else w_hh, mask.stride(0) if mask is not None else 0,
         mask.stride(1) if mask is not None else 0, int(mask is not None), lengths, count, int(reverse), T, B, H,
         MODE=MODE_CODES[mode], HAS_BHH=b_hh is not None,
-        DOT_DT=dot, BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=bk, num_warps=warps, num_stages=stages, **_launch_options(),
+        DOT_DT=dot, BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=bk, KP=kp, num_warps=warps, num_stages=stages,
+        **_launch_options(),
     )
 
 
@@ -1556,10 +1670,10 @@ def _matmul_spec(a, b, c, dot, tile):
                    label=f"matmul {a}x{b}->{c} dot{dot} {bm}x{bn}x{bk} w{warps}")
 
 
-def _persist_spec(code, dt, out_dt, has_bhh, dot):
+def _persist_spec(code, dt, out_dt, has_bhh, dot, kp=0):
     bb, bh, bk = PERSIST_BLOCKS
     mode = [m for m, c in MODE_CODES.items() if c == code][0]
-    warps, stages = persist_launch(mode, dot, has_bhh)
+    warps, stages = persist_launch(mode, dot, has_bhh, kp)
     sig = {"xg_ptr": "*fp32", "stride_xgt": "i32", "stride_xgb": "i32", "hs_ptr": "*fp32", "cs_ptr": "*fp32",
            "stride_hs": "i32", "w_ptr": f"*{dt}", "stride_w0": "i32", "stride_w1": "i32", "bhh_ptr": f"*{dt}",
            "out_ptr": f"*{out_dt}", "stride_ot": "i32", "stride_ob": "i32",
@@ -1567,12 +1681,13 @@ def _persist_spec(code, dt, out_dt, has_bhh, dot):
            "stride_mb": "i32", "has_mask": "i32", "len_ptr": "*i64", "count_ptr": "*i32", "reverse": "i32",
            "T": "i32", "B": "i32",
            "H": "i32"}
-    for k in ("MODE", "HAS_BHH", "DOT_DT", "BLOCK_B", "BLOCK_H", "BLOCK_K"):
+    for k in ("MODE", "HAS_BHH", "DOT_DT", "BLOCK_B", "BLOCK_H", "BLOCK_K", "KP"):
         sig[k] = "constexpr"
     cons = {"MODE": code, "HAS_BHH": has_bhh, "DOT_DT": dot, "BLOCK_B": bb, "BLOCK_H": bh,
-            "BLOCK_K": bk}
+            "BLOCK_K": bk, "KP": kp}
+    res = f" kp{kp}" if kp else ""
     return AotSpec(_rnn_persist_fwd_kernel, sig, cons, num_warps=warps, num_stages=stages,
-                   label=f"persist fwd {mode} {dt} dot{dot} out {out_dt} bhh{int(has_bhh)} w{warps} s{stages}")
+                   label=f"persist fwd {mode} {dt} dot{dot} out {out_dt} bhh{int(has_bhh)}{res} w{warps} s{stages}")
 
 
 def _persist_bwd_spec(mode, dt, dout_dt, dot):
@@ -1616,7 +1731,10 @@ def aot_specs():
     output-gradient in the io dtype (last layer) or float32 (inner layers), the GRU with and
     without b_hh, first / middle / final backward step; the cells' one forward and one backward
     step, without lengths), the projection kernels, and the persistent forward (one block configuration) for every mode, output in the io dtype or
-    float32, the GRU with and without b_hh. The dropout mask, like the matmul's biases / scale /
+    float32, the GRU with and without b_hh, and its resident-weight forms (tensor-core dots) at
+    KP 16 (the interpreter's one-tile launches) and RESIDENT_MAX_KP, both directions' too at
+    the latter (every KP between compiles as they do: the sm_90 table in
+    benchmarks/results/aot/rnn_resident_kp_*.json). The dropout mask, like the matmul's biases / scale /
     accumulation, is a runtime flag (one compiled kernel with and without). Pointer arguments a
     launch does not use carry the type of the dummy the launcher passes in their place (each
     pointer type is its own compiled kernel): an absent bias / scale of the matmul is B, an
@@ -1651,6 +1769,10 @@ def _step_specs(dt, dot):
             for has_bhh in ((False, True) if mode == "gru" else (False,)):
                 specs.append(_persist_spec(code, dt, out_dt, has_bhh, dot))
                 specs.append(_pair_spec(_rnn_persist2_fwd_kernel, specs[-1]))
+                if dot != DOT_CODES["fp32"]:  # resident weights: the least and the most KP (see RESIDENT_MAX_KP)
+                    specs.append(_persist_spec(code, dt, out_dt, has_bhh, dot, 16))
+                    specs.append(_persist_spec(code, dt, out_dt, has_bhh, dot, RESIDENT_MAX_KP))
+                    specs.append(_pair_spec(_rnn_persist2_fwd_kernel, specs[-1]))
                 for cfg in step_configs(mode, dot, False):
                     specs.append(step_fwd_spec(mode, dt, out_dt, has_bhh, False, dot, cfg))
                     specs.append(_pair_spec(_rnn_step2_fwd_kernel, specs[-1]))
