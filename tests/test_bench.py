@@ -471,14 +471,17 @@ def test_rnn_gpu_case_list_builds(monkeypatch):
     built = []
 
     def on_cpu(mode, T, N, I, H, dtype, device, backward, providers, **kw):
-        built.append((mode, T, N, H, providers, kw.get("bidirectional", False)))
+        built.append((mode, T, N, H, providers, kw.get("bidirectional", False) or kw.get("packed", False)))
         return real(mode, min(T, 4), min(N, 3), min(I, 8), min(H, 8), torch.float32, "cpu", backward, providers, **kw)
 
     monkeypatch.setattr(bench_rnn, "_case", on_cpu)
     for quick in (True, False):
         built.clear()
         assert len(bench_rnn.cases("cuda", quick=quick)) == len(built) > 20
-        assert not any("cell_loop" in p for *_, p, bi in built if bi)
+        assert not any("cell_loop" in p for *_, p, bi_or_packed in built if bi_or_packed)
+        # the main N=64 cases (not packed) time the persistent kernel too (128 tiles: one program each)
+        main = [p for mode, T, N, H, p, other in built if (T, N, H, other) == (100, 64, 512, False)]
+        assert len(main) == 12 and all("triton-persistent" in p for p in main)
 
 
 def test_rnn_small_batch_forwards_time_the_persistent_kernel_both_ways(monkeypatch):
@@ -497,6 +500,7 @@ def test_rnn_small_batch_forwards_time_the_persistent_kernel_both_ways(monkeypat
     assert "triton-persistent-l2" not in bench_rnn._layer_providers()
     monkeypatch.setenv(bench_rnn.SKIP_PERSISTENT_ENV, "1")
     assert not {"triton-persistent", "triton-persistent-l2"} & set(bench_rnn._small_providers())
+    assert bench_rnn._unskipped(("triton", "triton-persistent", "cupy")) == ("triton", "cupy")
 
 
 def test_bench_table_prints_error_messages_as_text(capsys):
