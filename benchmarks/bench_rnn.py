@@ -45,7 +45,7 @@ RESIDENT_ENV = "GPU_NN_RNN_RESIDENT"
 # the per-step launches ("triton", forced off), the persistent kernel ("triton-persistent", forced
 # on, W_hh resident where it applies: kernels/triton/rnn.py resident_kp) and, in the forward
 # cases, the persistent kernel re-reading W_hh from L2 every step ("triton-persistent-l2")
-PROVIDERS = {"triton": ("triton", "0", None), "triton-persistent": ("triton", "1", None),
+PROVIDERS = {"triton": ("triton", "0", None), "triton-persistent": ("triton", "1", "1"),
              "triton-persistent-l2": ("triton", "1", "0")}
 SMALL_PROVIDERS = ("triton", "triton-persistent", "triton-persistent-l2", "cupy", "cell_loop")
 PERSISTENT_PROVIDERS = ("triton-persistent", "triton-persistent-l2")
@@ -217,7 +217,8 @@ def cases(device: str = "cpu", quick: bool = False) -> list[harness.Case]:
         return out
     # N=64 at H=512 makes 128 (batch, hidden) tiles, one program each on the H200's 132 SMs: the
     # persistent kernel, forced on ("triton-persistent", W_hh resident), is legal there though not
-    # the default (batch <= 16): the main cases time it so that a run can move that bound
+    # the default (batch <= 16): the main cases time it so that a run can move that bound (in the
+    # fwd+bwd cases the switch also takes the persistent backward, four batch tiles of 16)
     provs = _unskipped(("triton", "triton-persistent", "cupy", "cell_loop"))
     for dtype in (torch.float32, torch.bfloat16):
         for mode in ("lstm", "gru", "rnn"):

@@ -475,6 +475,7 @@ def test_rnn_gpu_case_list_builds(monkeypatch):
         return real(mode, min(T, 4), min(N, 3), min(I, 8), min(H, 8), torch.float32, "cpu", backward, providers, **kw)
 
     monkeypatch.setattr(bench_rnn, "_case", on_cpu)
+    monkeypatch.delenv(bench_rnn.SKIP_PERSISTENT_ENV, raising=False)
     for quick in (True, False):
         built.clear()
         assert len(bench_rnn.cases("cuda", quick=quick)) == len(built) > 20
@@ -493,7 +494,7 @@ def test_rnn_small_batch_forwards_time_the_persistent_kernel_both_ways(monkeypat
 
     assert bench_rnn.RESIDENT_ENV == kt.RESIDENT_ENV
     assert bench_rnn.PROVIDERS["triton-persistent-l2"] == ("triton", "1", "0")
-    assert bench_rnn.PROVIDERS["triton-persistent"] == ("triton", "1", None)
+    assert bench_rnn.PROVIDERS["triton-persistent"] == ("triton", "1", "1")
     monkeypatch.delenv(bench_rnn.SKIP_PERSISTENT_ENV, raising=False)
     assert {"triton-persistent", "triton-persistent-l2"} <= set(bench_rnn._small_providers())
     assert "triton-persistent" in bench_rnn._layer_providers()

@@ -1343,6 +1343,97 @@ def test_resident_weights_forward_matches_reference(mode, H, block_h, rng, monke
             assert_close(a, b, dtype, k=T * B * 4 * H, what=f"{mode} grad {i}")
 
 
+def _tile_local_weights(rng, mode, H, block_h, dtype):
+    """W_hh [G * H, H] whose row g * H + j reads only the state units of j's hidden tile: each
+    tile's recurrence then needs no other tile's h_{t-1}, so a persistent launch's programs can
+    run one after another (the interpreter's way) with the grid barrier out of the way."""
+    G = ops.GATES[mode]
+    w = torch.from_numpy(rng.standard_normal((G * H, H))) * 0.4
+    tile = torch.arange(H) // block_h
+    return (w * (tile.repeat(G)[:, None] == tile[None, :])).to(dtype)
+
+
+@pytest.mark.parametrize("mode", ("rnn_tanh", "lstm", "gru"))
+@pytest.mark.parametrize("dot", ("tf32", "bf16"))
+@pytest.mark.parametrize("pair", (False, True), ids=("one", "pair"))
+def test_resident_weights_follow_each_programs_tile(mode, dot, pair, rng, monkeypatch):
+    """Several programs, one tile each (B=20, H=33: two batch tiles x three hidden tiles a
+    direction), each loading its own tile's W_hh rows (``_resident_w`` at ``pid % nh``; in the
+    two-direction kernel the direction and hidden tile ``_pair_tile`` gives ``pid``), against one
+    program re-reading W_hh from L2 (KP = 0), the reverse direction and lengths included. The
+    interpreter runs programs one after another, so W_hh is tile-local (_tile_local_weights) and
+    the barrier's counter starts past every target (the launch wrapper fills the one-element
+    int32 counter): what is left to differ is which rows each program holds. On a GPU the same
+    runs with the programs concurrent (each reads other tiles' units only through zero weights),
+    the two dot orders held to a bound far below what a wrong tile's rows make (units)."""
+    from gpu_nn.kernels.triton import rnn as kt
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    T, B, H = 4, 20, 33
+    code, dtype = {"tf32": (kt.DOT_CODES["tf32"], torch.float32), "bf16": (kt.DOT_CODES["bf16"], torch.bfloat16)}[dot]
+    real, kps = kt.launch_kernel, []
+
+    def launch(kernel, grid, *args, **kw):
+        for a in args:
+            if isinstance(a, torch.Tensor) and a.dtype == torch.int32 and a.numel() == 1:
+                a.fill_(1 << 30)  # the barrier's counter: every wait already over
+        kps.append(kw["KP"])
+        return real(kernel, grid, *args, **kw)
+
+    monkeypatch.setattr(kt, "launch_kernel", launch)
+    monkeypatch.delenv(kt.RESIDENT_ENV, raising=False)
+    lens = torch.from_numpy(rng.integers(1, T + 1, size=B)).to(dev)
+    G, S = ops.GATES[mode] * H, ref.STORED[mode] * H or H
+    dirs = [[t if t is None else t.to(dev) for t in (
+             torch.from_numpy(rng.standard_normal((T, B, S))).float(),
+             torch.from_numpy(rng.standard_normal((T + 1, B, H))).float(),
+             torch.from_numpy(rng.standard_normal((T + 1, B, H))).float() if mode == "lstm" else None,
+             _tile_local_weights(rng, mode, H, kt.PERSIST_BLOCKS[1], dtype),
+             torch.from_numpy(rng.standard_normal(G)).to(dtype) if mode == "gru" else None)]
+            for _ in range(2 if pair else 1)]
+    tiles = (2 if pair else 1) * kt.persist_tiles(B, H)
+    assert tiles == (12 if pair else 6)
+
+    def run(programs):
+        bufs = [[None if t is None else t.clone() for t in d] + [torch.zeros(T, B, H, dtype=dtype, device=dev), None]
+                for d in dirs]
+        if pair:
+            kt.persist_forward_pair(mode, bufs[0], bufs[1], lens, code, programs)
+        else:
+            kt.persist_forward(mode, *bufs[0], lens, True, code, programs)
+        return [t for d in bufs for t in d if t is not None]
+
+    resident, l2 = run(tiles), run(1)
+    assert kps == [max(16, 1 << (H - 1).bit_length()), 0]
+    tol = 1e-6 if dev == "cpu" else 2e-2  # the interpreter's dots are exact; the GPU's sum in other orders
+    for a, b in zip(resident, l2):
+        torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs a GPU: the multi-program grid barrier cannot run in the interpreter "
+                           "(programs run one after another there, so a barrier across two never opens)")
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+@pytest.mark.parametrize("B,H,bi", [(4, 512, True), (16, 256, False), (64, 512, False), (32, 32, True)])
+def test_resident_weights_on_gpu_match_reference(mode, dtype, B, H, bi, rng, monkeypatch):
+    """The resident-weight persistent forward as the GPU runs it, many programs across the grid
+    barrier: float32 with TF32 (torch's default, which the resident form needs) and bfloat16, at
+    KP 512 (bidirectional: 64 programs; B=64: 128, one per tile), 256 and 32 (the demo's layers),
+    two layers, against the float64 reference (outputs and gradients through the persistent
+    backward), the launches checked to take KP > 0."""
+    from gpu_nn.kernels.triton import rnn as kt
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    monkeypatch.setenv(_PERSIST_ENV, "1")
+    monkeypatch.delenv(kt.RESIDENT_ENV, raising=False)
+    kps = []
+    real = kt.resident_kp
+    monkeypatch.setattr(kt, "resident_kp", lambda *a: (kps.append(real(*a)), kps[-1])[1])
+    _seq_against_reference("triton", "cuda", mode, dtype, rng, 6, B, 16, H, 2, bi, None, False, tf32=True)
+    assert kps and all(k == max(16, 1 << (H - 1).bit_length()) for k in kps), kps
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(),
                     reason="needs a GPU: the multi-program grid barrier cannot run in the interpreter "
                            "(programs run one after another there, so a barrier across two never opens)")

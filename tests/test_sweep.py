@@ -338,8 +338,10 @@ def test_gpu_measure_script_installs_when_needed_and_skips_what_the_budget_canno
 # ------------------------------------------------------------------------------ recurrent part
 
 
-def test_rnn_grids_keep_the_default_first_and_only_what_can_launch():
+def test_rnn_grids_keep_the_default_first_and_only_what_can_launch(monkeypatch):
     from gpu_nn.kernels.triton import dense as kd, rnn as krnn
+
+    monkeypatch.delenv(krnn.RESIDENT_ENV, raising=False)
 
     keys = sweep.STEP_KEYS
     for B, H, mode, dot, bwd, n in ((64, 512, "lstm", 3, False, 51), (64, 512, "lstm", 2, False, 54),
@@ -432,12 +434,14 @@ def test_rnn_groups_run_every_configuration_under_the_interpreter(tmp_path, monk
     from gpu_nn.kernels.triton import rnn as krnn
 
     f32 = torch.float32
-    launched = []
+    launched, kps = [], []
     real = krnn.launch_kernel
 
     def spy(kernel, grid, *args, **kw):
         launched.append((kernel.fn.__name__ if hasattr(kernel, "fn") else str(kernel), grid,
                          tuple(kw.get(k) for k in ("BLOCK_B", "BLOCK_H", "BLOCK_K", "num_warps", "num_stages"))))
+        if "KP" in kw:
+            kps.append(kw["KP"])
         out = real(kernel, grid, *args, **kw)
         if kw.get("num_warps") == 1:  # the sabotaged configuration below: its step writes a wrong h
             args[3].add_(1.0)
@@ -447,7 +451,9 @@ def test_rnn_groups_run_every_configuration_under_the_interpreter(tmp_path, monk
     d = dict(zip(sweep.STEP_KEYS, (16, 16, 32, 4, 3)))
     o = dict(zip(sweep.STEP_KEYS, (16, 32, 64, 2, 1)))
     bad = dict(zip(sweep.STEP_KEYS, (16, 16, 32, 1, 3)))
-    per = [{"BLOCK_H": 16, "BLOCK_K": 32, "num_warps": 8}, {"BLOCK_H": 32, "BLOCK_K": 64, "num_warps": 4}]
+    per = [{"BLOCK_H": 16, "BLOCK_K": 32, "num_warps": 8, "resident": 1},
+           {"BLOCK_H": 32, "BLOCK_K": 64, "num_warps": 4, "resident": 0}]
+    monkeypatch.delenv(krnn.RESIDENT_ENV, raising=False)
     proj = [{"impl": "rnn", "BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1},
             {"impl": "dense", "BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 4, "num_warps": 4, "num_stages": 1},
             {"impl": "torch"}]
@@ -484,6 +490,9 @@ def test_rnn_groups_run_every_configuration_under_the_interpreter(tmp_path, monk
     assert ((1, 1), (16, 16, 32, 4, 3)) in by_kernel["_rnn_step_bwd_kernel"]
     assert ((1, 1), (16, 32, 64, 2, 1)) in by_kernel["_rnn_step_bwd_kernel"]
     assert ((1,), (None, None, 32, 4, 1)) in by_kernel["_rnn_matmul_kernel"]
+    # the persistent rows: W_hh resident (KP 16, H = 5 in one tile) and re-read (KP 0), each
+    # checked against the product's tile re-reading it (the reference launch, KP 0, first)
+    assert set(kps) == {0, 16} and kps[0] == 0
     best = {(b["op"]): b for b in doc["best"]}
     assert best["lstm step fwd"]["wrong"] == 1 and best["lstm persistent fwd"]["configs"] == 2
     assert best["lstm input projection"]["configs"] == 3
