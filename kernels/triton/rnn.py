@@ -1143,7 +1143,7 @@ def persist_launch(mode: str, dot: int, has_bhh: bool, kp: int = 0) -> tuple[int
     24 B of stack), none at 8, except the GRU without b_hh, which spills at 8 and not at 4; the
     tensor-core dots (TF32, float16, bfloat16) spill at none with 4. Resident weights (``kp``
     > 0): 8 warps, whose registers stage the [64, KP] operand (a float32 LSTM at KP = 512 spills
-    96 B at 4 warps, none at 8: 181 registers)."""
+    64 B at 4 warps, none at 8: 158 registers)."""
     if kp:
         return 8, 1
     if dot == 0 and not (mode == "gru" and not has_bhh):
@@ -1155,8 +1155,10 @@ PERSIST_MAX_B = 64  # four batch tiles; the ops' heuristic takes it by default u
 PERSIST_MAX_H = 1024
 
 # The persistent kernels' grid barrier needs every program resident at once. The grid is capped at
-# the SM count and one program of any configuration fits an SM (108 sm_90 specs: at most 32K
-# registers, 4 KB of shared memory), so on its own a launch always is; but Triton launches are
+# the SM count and one program of any configuration fits an SM (the L2 forms: at most 32K
+# registers, 4 KB of shared memory; the resident forms: 8 warps of at most 225 registers, 57.6K,
+# and 160 KiB of shared memory: benchmarks/results/aot/rnn_resident_kp_*.json), so on its own a
+# launch always is; but Triton launches are
 # not cooperative, so concurrent barrier launches on several streams taking SMs from each other
 # would spin instead of failing. COOPERATIVE (GPU_NN_RNN_COOPERATIVE=1) launches them with
 # Triton's launch_cooperative_grid (CU_LAUNCH_ATTRIBUTE_COOPERATIVE: a grid that cannot be
@@ -1183,8 +1185,10 @@ def _launch_options() -> dict:
 # direction, 64 for both), the dots run on the tensor cores (TF32, float16,
 # bfloat16: FMA dots would hold the operands in registers) and KP <= RESIDENT_MAX_KP: 128 KiB of
 # shared memory for a float32 operand (plus 32 KiB for h_{t-1}); a half LSTM at KP = 1024 spills
-# 72-80 B at 8 warps (its staging), so H > 512 keeps the L2 form. sm_90 AOT of the forms at KP 16
-# and 512: no spills, 32-181 registers at 8 warps. Not measured on a GPU yet:
+# 72-80 B at 8 warps (its staging), so H > 512 keeps the L2 form. sm_90 of every form at KP 16 to
+# 512 (300 specs, each also in its aligned launch form: benchmarks/results/aot/rnn_resident_kp_*.json):
+# no spills, at most 190 registers at 8 warps under Triton 3.9, 225 under 3.6, HGMMA in each.
+# Not measured on a GPU yet:
 # GPU_NN_RNN_RESIDENT=0 turns it off (bench_rnn's triton-persistent-l2 provider times the L2
 # form beside it).
 RESIDENT_ENV = "GPU_NN_RNN_RESIDENT"
