@@ -5,7 +5,8 @@ CPU set (device "cpu"): T=50 B=32 I=128 H=256, float32, the NumPy reference fall
 GPU set (device "cuda", issues 6 and 16), float32 and bfloat16, torch's default precision switches
 (float32 recurrent layers in TF32 on both sides, ``torch.backends.cudnn.allow_tf32``):
 LSTM, GRU and RNN (tanh) T=100 N=64 I=H=512 forward and forward+backward (``triton-persistent``
-too: 128 tiles, one program each, though the default takes the persistent kernel at N <= 16 only); small batch N=4 and 16,
+too: 128 tiles, one program each, though the default takes the persistent kernel at N <= 16
+only); small batch N=4 and 16,
 T=50, at H=256 / 512 / 1024 (``--quick`` and the Elman layer: 512) forward, and forward+backward at
 H=512 (all three, issue 16's small-batch goals);
 a 2-layer bidirectional LSTM N=32 T=100 I=H=256 forward+backward; a bidirectional LSTM N=4 T=50

@@ -45,8 +45,8 @@ like (a) into ``DIR/rnn_sweep.json``, most wanted first (``rnn_groups``):
   configurations), then the 4 fastest at 1 / 2 / 4 stages;
 * the persistent forward (LSTM, T=50 N=16, both dtypes): W_hh resident at 8 and 4 warps (the
   product's form there: ``resident_kp``), then re-read from L2 every step in BLOCK_H x BLOCK_K x
-  num_warps (27; always one stage: see ``persist_launch``), programs = min(hidden tiles, SMs) as
-  the product;
+  num_warps (27; always one stage: see ``persist_launch``), programs = min((batch, hidden) tiles,
+  SMs) as the product;
 * the input projection (6400x512 -> 2048): ``_rnn_matmul_kernel`` in 7 tiles, dense.py's linear
   kernel in its 4 tuning candidates (the fastest is its tuned choice), torch.addmm;
 * the step backward ``_rnn_step_bwd_kernel`` (LSTM, N=64) as the forward (54 + 12 per dtype);
