@@ -67,7 +67,7 @@ from . import INTERPRET as _INTERPRET
 from ._aot import AotSpec
 from .activation import _grouped_tile
 from . import _launch
-from ._launch import cdiv
+from ._launch import cdiv, next_power_of_2
 from ._launch import launch as launch_kernel
 
 MODE_CODES = {"rnn_tanh": 0, "rnn_relu": 1, "lstm": 2, "gru": 3}
@@ -1204,7 +1204,7 @@ def resident_kp(mode: str, H: int, dot: int, tiles: int, programs: int) -> int:
         raise ValueError(f"{RESIDENT_ENV} must be 0, 1 or unset, got {env!r}")
     if env == "0" or dot == DOT_CODES["fp32"] or programs != tiles:
         return 0
-    kp = max(16, triton.next_power_of_2(H))
+    kp = max(16, next_power_of_2(H))
     return kp if kp <= RESIDENT_MAX_KP else 0
 
 
