@@ -52,9 +52,10 @@ I=H=512, forward; ratio to cuDNN, persistent against per step) LSTM float32 N=4 
 1.35x against 1.50x / 1.88x, GRU bfloat16 1.18x / 1.19x against 1.80x / 1.84x. (An earlier
 run, before TF32 and the 16 x 16 step tiles, had float32 the other way, 6.33x / 5.18x against
 6.01x / 4.93x, and the default was half precision only until 82f8513's figures were read.)
-Where each tile has its own program and the dots run on the tensor cores, the program keeps its
-tile's W_hh rows in shared memory for the whole loop instead of re-reading them from L2 at every
-step (``kernels.triton.rnn.resident_kp``; ``GPU_NN_RNN_RESIDENT=0`` turns that off).
+Those figures are of the kernel re-reading W_hh from L2 at every step. Since be52977, where each
+tile has its own program and the dots run on the tensor cores, the program keeps its tile's W_hh
+rows in shared memory for the whole loop instead (``kernels.triton.rnn.resident_kp``;
+``GPU_NN_RNN_RESIDENT=0`` turns that off), not yet timed on a GPU.
 ``GPU_NN_RNN_PERSISTENT=0`` never takes it, ``=1`` whenever legal (also under the Triton
 interpreter, with one program, since the interpreter runs programs one after another); never for
 an LSTM with a projection (the persistent kernel has none). Forced on (``=1``), the persistent kernels also take batches up to 64 (four batch tiles
