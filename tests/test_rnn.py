@@ -1292,19 +1292,19 @@ def test_resident_kp_takes_one_tile_per_program_and_tensor_core_dots(monkeypatch
 
     monkeypatch.delenv(kt.RESIDENT_ENV, raising=False)
     tf32, bf16, fp16, fma = (kt.DOT_CODES[k] for k in ("tf32", "bf16", "fp16", "fp32"))
-    assert kt.resident_kp("lstm", 7, tf32, 1, 1) == 16
-    assert kt.resident_kp("gru", 17, bf16, 2, 2) == 32
-    assert kt.resident_kp("rnn_tanh", 512, fp16, 32, 32) == 512 == kt.RESIDENT_MAX_KP
-    assert kt.resident_kp("lstm", 513, tf32, 33, 33) == 0  # past RESIDENT_MAX_KP
-    assert kt.resident_kp("lstm", 64, fma, 4, 4) == 0  # FMA dots hold their operands in registers
-    assert kt.resident_kp("lstm", 64, tf32, 8, 4) == 0  # programs that take turns at tiles
+    assert kt.resident_kp(7, tf32, 1, 1) == 16
+    assert kt.resident_kp(17, bf16, 2, 2) == 32
+    assert kt.resident_kp(512, fp16, 32, 32) == 512 == kt.RESIDENT_MAX_KP
+    assert kt.resident_kp(513, tf32, 33, 33) == 0  # past RESIDENT_MAX_KP
+    assert kt.resident_kp(64, fma, 4, 4) == 0  # FMA dots hold their operands in registers
+    assert kt.resident_kp(64, tf32, 8, 4) == 0  # programs that take turns at tiles
     monkeypatch.setenv(kt.RESIDENT_ENV, "0")
-    assert kt.resident_kp("lstm", 7, tf32, 1, 1) == 0
+    assert kt.resident_kp(7, tf32, 1, 1) == 0
     monkeypatch.setenv(kt.RESIDENT_ENV, "1")
-    assert kt.resident_kp("lstm", 7, tf32, 1, 1) == 16
+    assert kt.resident_kp(7, tf32, 1, 1) == 16
     monkeypatch.setenv(kt.RESIDENT_ENV, "yes")
     with pytest.raises(ValueError, match=kt.RESIDENT_ENV):
-        kt.resident_kp("lstm", 7, tf32, 1, 1)
+        kt.resident_kp(7, tf32, 1, 1)
 
 
 @pytest.mark.parametrize("mode", MODES)

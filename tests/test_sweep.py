@@ -362,7 +362,7 @@ def test_rnn_grids_keep_the_default_first_and_only_what_can_launch(monkeypatch):
     per = sweep.persist_grid()
     assert (16, per[0]["BLOCK_H"], per[0]["BLOCK_K"]) == krnn.PERSIST_BLOCKS and len(per) == 29
     # the product's form at the sweep's shapes (T=50 N=16 H=512, TF32 / bfloat16): W_hh resident
-    assert krnn.resident_kp("lstm", 512, 3, 32, 32) and krnn.resident_kp("lstm", 512, 2, 32, 32)
+    assert krnn.resident_kp(512, 3, 32, 32) and krnn.resident_kp(512, 2, 32, 32)
     assert per[0]["num_warps"] == krnn.persist_launch("lstm", 3, False, 512)[0] and per[0]["resident"] == 1
     assert [c["resident"] for c in per] == [1, 1] + [0] * 27
     assert len({tuple(c.values()) for c in per}) == 29

@@ -1182,20 +1182,19 @@ def _launch_options() -> dict:
 # Re-reading W_hh from L2 (KP = 0) costs each step H / BLOCK_K dependent rounds of loads (one
 # pipeline stage: see persist_launch), 16 at H = 512, each moving 4x more W_hh than h_{t-1}.
 # Taken where every tile has its own program (tiles <= SMs: B <= 16 at H = 512 makes 32 tiles a
-# direction, 64 for both), the dots run on the tensor cores (TF32, float16,
-# bfloat16: FMA dots would hold the operands in registers) and KP <= RESIDENT_MAX_KP: 128 KiB of
+# direction, 64 for both), the dots run on the tensor cores (TF32, float16, bfloat16: FMA dots
+# would hold the operands in registers) and KP <= RESIDENT_MAX_KP: 128 KiB of
 # shared memory for a float32 operand (plus 32 KiB for h_{t-1}); a half LSTM at KP = 1024 spills
 # 72-80 B at 8 warps (its staging), so H > 512 keeps the L2 form. sm_90 of every form at KP 16 to
 # 512 (300 specs, each also in its aligned launch form: benchmarks/results/aot/rnn_resident_kp_*.json):
 # no spills, at most 190 registers at 8 warps under Triton 3.9, 225 under 3.6, HGMMA in each.
-# Not measured on a GPU yet:
-# GPU_NN_RNN_RESIDENT=0 turns it off (bench_rnn's triton-persistent-l2 provider times the L2
-# form beside it).
+# Not measured on a GPU yet: GPU_NN_RNN_RESIDENT=0 turns it off (bench_rnn's triton-persistent-l2
+# provider times the L2 form beside it).
 RESIDENT_ENV = "GPU_NN_RNN_RESIDENT"
 RESIDENT_MAX_KP = 512
 
 
-def resident_kp(mode: str, H: int, dot: int, tiles: int, programs: int) -> int:
+def resident_kp(H: int, dot: int, tiles: int, programs: int) -> int:
     """KP of a persistent forward launch of ``programs`` programs over ``tiles`` tiles: the
     resident operands' depth (a power of two >= max(H, 16)), or 0 (W_hh read from L2 per step)
     where the resident form does not apply (see RESIDENT_MAX_KP) or GPU_NN_RNN_RESIDENT=0."""
@@ -1246,7 +1245,7 @@ def persist_forward_pair(mode, fwd, rev, lengths, dot, num_programs):
     assert (cs is None or cs.stride() == hs.stride() == cs1.stride()) and xg.stride() == xg1.stride()
     assert out.stride() == out1.stride() and pair_ok(w_hh, w_hh1) and (mask is None or mask.stride() == mask1.stride())
     bb, bh, bk = PERSIST_BLOCKS
-    kp = resident_kp(mode, H, dot, 2 * persist_tiles(B, H), num_programs)
+    kp = resident_kp(H, dot, 2 * persist_tiles(B, H), num_programs)
     warps, stages = persist_launch(mode, dot, b_hh is not None, kp)
     count = torch.zeros(1, dtype=torch.int32, device=hs.device)  # zeroed per launch, as persist_forward's
     launch_kernel(_rnn_persist2_fwd_kernel, (num_programs,),
@@ -1275,7 +1274,7 @@ def persist_forward(mode, xg, hs, cs, w_hh, b_hh, out, mask, lengths, reverse, d
     assert 1 <= num_programs <= persist_tiles(B, H) and B <= PERSIST_MAX_B
     assert hs.stride(1) == H and hs.stride(2) == 1 and (cs is None or cs.stride() == hs.stride())
     bb, bh, bk = PERSIST_BLOCKS
-    kp = resident_kp(mode, H, dot, persist_tiles(B, H), num_programs)
+    kp = resident_kp(H, dot, persist_tiles(B, H), num_programs)
     warps, stages = persist_launch(mode, dot, b_hh is not None, kp)
     # zeroed per launch: a re-launch (or a launch after an aborted one) never sees stale counts
     count = torch.zeros(1, dtype=torch.int32, device=hs.device)
