@@ -17,8 +17,9 @@ triton and cupy backends and against a Python loop of ``torch.nn.LSTMCell`` / ``
 ``RNNCell``; provider ``triton`` runs the per-step launches (``GPU_NN_RNN_PERSISTENT=0``), and in
 the small-batch set ``triton-persistent`` the one-launch persistent forward and, in the
 fwd+bwd cases, the one-launch persistent backward (``GPU_NN_RNN_PERSISTENT=1``; W_hh resident
-on the SMs where it applies), and in its forward cases ``triton-persistent-l2`` the persistent
-forward re-reading W_hh from L2 every step (``GPU_NN_RNN_RESIDENT=0``). In the
+on the SMs where it applies, forward and backward), and in its forward cases and its one-layer
+fwd+bwd cases ``triton-persistent-l2`` the persistent kernels re-reading W_hh from L2 every step
+(``GPU_NN_RNN_RESIDENT=0``). In the
 bidirectional cases ``cupy`` runs both directions of a layer in one device-loop launch (its
 default) and ``cupy-one-direction`` one launch per direction, one after the other (what it did
 before), so the run shows what the pairing gains. ``cupy-mma`` (the LSTM at the main shape, the
@@ -64,11 +65,13 @@ def _small_providers():
     return _unskipped(SMALL_PROVIDERS)
 
 
-def _layer_providers():
+def _layer_providers(l2: bool = False):
     """The fwd+bwd cases' providers: per step, persistent, cupy (a cell loop has no backward
-    through a bidirectional stack, nor a persistent form; the L2 form of the persistent forward
-    is timed in the forward cases)."""
-    return tuple(p for p in _small_providers() if p not in ("cell_loop", "triton-persistent-l2"))
+    through a bidirectional stack, nor a persistent form); with ``l2`` the persistent kernels
+    re-reading W_hh from L2 too (forward and backward: the one-layer small-batch cases, where the
+    resident backward is set against it; elsewhere the L2 form is timed in the forward cases)."""
+    drop = ("cell_loop",) if l2 else ("cell_loop", "triton-persistent-l2")
+    return tuple(p for p in _small_providers() if p not in drop)
 
 
 def _mma(providers):
@@ -233,7 +236,7 @@ def cases(device: str = "cpu", quick: bool = False) -> list[harness.Case]:
                     out.append(_case(mode, 50, N, H, H, dtype, device, False, _small_providers()))
         for mode in ("lstm", "gru", "rnn"):
             for N in (4, 16):  # fwd+bwd at small batch: per step, persistent forward and backward, cupy
-                ps = _layer_providers()
+                ps = _layer_providers(l2=True)
                 out.append(_case(mode, 50, N, 512, 512, dtype, device, True, _mma(ps) if mode == "lstm" else ps))
         # issue 16's stack; triton-persistent: both directions' loops, forward and backward, one
         # persistent launch per layer each (B = 32: two batch tiles)

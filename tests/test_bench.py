@@ -488,7 +488,8 @@ def test_rnn_gpu_case_list_builds(monkeypatch):
 def test_rnn_small_batch_forwards_time_the_persistent_kernel_both_ways(monkeypatch):
     """The small-batch forward cases time the persistent forward with W_hh resident (its
     default where it applies) and re-reading it from L2 (``GPU_NN_RNN_RESIDENT=0``, the name
-    the kernels read), the fwd+bwd cases only the default; the skip switch drops both."""
+    the kernels read), and so do the one-layer small-batch fwd+bwd cases (the backward resident
+    or not with them), the other fwd+bwd cases only the default; the skip switch drops both."""
     from gpu_nn.benchmarks import bench_rnn
     from gpu_nn.kernels.triton import rnn as kt
 
@@ -499,6 +500,14 @@ def test_rnn_small_batch_forwards_time_the_persistent_kernel_both_ways(monkeypat
     assert {"triton-persistent", "triton-persistent-l2"} <= set(bench_rnn._small_providers())
     assert "triton-persistent" in bench_rnn._layer_providers()
     assert "triton-persistent-l2" not in bench_rnn._layer_providers()
+    assert {"triton-persistent", "triton-persistent-l2"} <= set(bench_rnn._layer_providers(l2=True))
+    assert "cell_loop" not in bench_rnn._layer_providers(l2=True)
+    built = []
+    monkeypatch.setattr(bench_rnn, "_case", lambda mode, T, N, I, H, dtype, device, backward, providers, **kw:
+                        built.append((T, N, backward, kw.get("L", 1), kw.get("bidirectional", False), providers)))
+    bench_rnn.cases("cuda", quick=True)
+    small_fb = [p for T, N, backward, L, bi, p in built if backward and N <= 16 and L == 1 and not bi]
+    assert len(small_fb) == 12 and all("triton-persistent-l2" in p for p in small_fb), built
     monkeypatch.setenv(bench_rnn.SKIP_PERSISTENT_ENV, "1")
     assert not {"triton-persistent", "triton-persistent-l2"} & set(bench_rnn._small_providers())
     assert bench_rnn._unskipped(("triton", "triton-persistent", "cupy")) == ("triton", "cupy")

@@ -1313,11 +1313,16 @@ def test_resident_weights_forward_matches_reference(mode, H, block_h, rng, monke
     """The persistent forward with W_hh resident (``_resident_w`` / ``_resident_dot``: every
     gate's rows of the tile as one [4 * BLOCK_H, KP] operand, h_{t-1} as one [KP, B] load, the
     gates split off the product) against the float64 reference, outputs, final states, reserve
-    and the gradients through it, float32 (TF32 dots) / float16 / bfloat16, lengths and a bias.
-    One tile per program: one tile in all, so that the interpreter's single program holds it (a
-    64-unit tile for H = 40 puts KP = 64 above the tile's 16 default rows and masks 24 units and
-    columns); the launches are checked to take KP > 0. The multi-program forms run in the GPU
-    tests above (test_persistent_multi_program_matches_per_step_on_gpu)."""
+    and the gradients through it, float32 (TF32 dots) / float16 / bfloat16, lengths and a bias;
+    the gradients through the persistent backward with the same rows resident
+    (``_resident_bwd_tile``: each step's W_hh-side gate gradients joined into one [4 * BLOCK_H,
+    B] operand, its shares of dh_{t-1} through the share buffer). One tile per program: one tile
+    in all, so that the interpreter's single program holds it (a 64-unit tile for H = 40 puts
+    KP = 64 above the tile's 16 default rows and masks 24 units and columns); the launches,
+    forward then backward, are checked to take KP > 0. The multi-program forms run in the
+    tests below (test_resident_weights_follow_each_programs_tile,
+    test_resident_backward_shares_cross_the_tiles, and on a GPU
+    test_resident_weights_on_gpu_match_reference)."""
     pytest.importorskip("triton")
     from gpu_nn.kernels.triton import rnn as kt
 
@@ -1335,7 +1340,7 @@ def test_resident_weights_forward_matches_reference(mode, H, block_h, rng, monke
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         kps.clear()
         o_outs, o_res, o_grads = _persist_run(mode, "triton", dtype, x, hx, params, mk, lens, L, bi, bias)
-        assert kps == [max(16, 1 << (H - 1).bit_length())], kps
+        assert kps == [max(16, 1 << (H - 1).bit_length())] * 2, kps  # the forward's, the backward's
         for i, (a, b) in enumerate(zip(o_outs, r_outs)):
             assert_close(a, b, dtype, k=4 * H, what=f"{mode} output {i}")
         assert_close(o_res, r_res, dtype, k=4 * H, what=f"{mode} reserve")
@@ -1408,6 +1413,98 @@ def test_resident_weights_follow_each_programs_tile(mode, dot, pair, rng, monkey
     tol = 1e-6 if dev == "cpu" else 2e-2  # the interpreter's dots are exact; the GPU's sum in other orders
     for a, b in zip(resident, l2):
         torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol)
+
+
+def _tile_ordered_weights(rng, mode, H, block_h, dtype):
+    """W_hh [G * H, H] whose row g * H + j reads only state units of j's hidden tile and of later
+    ones: in the backward, dh_{t-1} of a hidden tile then takes shares (dG_t W_hh) from its own
+    tile and earlier ones only, so a launch whose programs run one after another in tile order
+    (the interpreter's way) sees every share it needs already written, and zero (never written)
+    where the weights make it zero."""
+    G = ops.GATES[mode]
+    w = torch.from_numpy(rng.standard_normal((G * H, H))) * 0.4
+    tile = torch.arange(H) // block_h
+    return (w * (tile.repeat(G)[:, None] <= tile[None, :])).to(dtype)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dot", ("tf32", "bf16"))
+@pytest.mark.parametrize("pair", (False, True), ids=("one", "pair"))
+def test_resident_backward_shares_cross_the_tiles(mode, dot, pair, rng, monkeypatch):
+    """The resident persistent backward across programs (B=20, H=33: two batch tiles x three
+    hidden tiles a direction, one program each): every program's share of dh_{t-1}, dG_t times its
+    own W_hh rows, reaches the other hidden tiles of its batch tile through the share buffer's
+    step slots, against one program of the L2 form (which reads dG and W_hh itself), lengths and
+    the reverse direction included. The interpreter runs programs one after another, so W_hh
+    feeds a tile from itself and earlier tiles only (_tile_ordered_weights) and T = 3 writes
+    each step slot once (steps 0 and 1; the last step writes none): every share a program reads
+    was written before it runs, by the step that wrote it, and the barrier's counter starts past
+    every target. A share read from the wrong slot, tile or batch tile, or left out of the sum,
+    changes the carry and the gate gradients by whole units. On a GPU the same runs with the
+    programs concurrent."""
+    from gpu_nn.kernels.triton import rnn as kt
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    T, B, H = 3, 20, 33
+    code, dtype = {"tf32": (kt.DOT_CODES["tf32"], torch.float32), "bf16": (kt.DOT_CODES["bf16"], torch.bfloat16)}[dot]
+    real, kps = kt.launch_kernel, []
+
+    def launch(kernel, grid, *args, **kw):
+        for a in args:
+            if isinstance(a, torch.Tensor) and a.dtype == torch.int32 and a.numel() == 1:
+                a.fill_(1 << 30)  # the barrier's counter: every wait already over
+        if "KP" in kw:
+            kps.append(kw["KP"])
+        return real(kernel, grid, *args, **kw)
+
+    monkeypatch.setattr(kt, "launch_kernel", launch)
+    # the pair's final dh0 step is the step kernel's, the same after either form: left out
+    monkeypatch.setattr(kt, "_final_pair_step", lambda *a, **k: None)
+    real_bufs, shares = kt._barrier_and_shares, []
+    monkeypatch.setattr(kt, "_barrier_and_shares", lambda *a: (lambda cw: (shares.append(cw[1]), cw)[1])(real_bufs(*a)))
+    monkeypatch.delenv(kt.RESIDENT_ENV, raising=False)
+    lens = torch.from_numpy(rng.integers(1, T + 1, size=B)).to(dev)
+    lens[0] = T
+    G, S = ops.GATES[mode] * H, ref.STORED[mode] * H
+
+    def direction():
+        u = lambda *shape: torch.from_numpy(rng.uniform(0.05, 0.95, size=shape)).float().to(dev)  # noqa: E731
+        return dict(w_hh=_tile_ordered_weights(rng, mode, H, kt.PERSIST_BLOCKS[1], dtype).to(dev),
+                    carry=torch.from_numpy(rng.standard_normal((B, H))).float().to(dev),
+                    dc=torch.from_numpy(rng.standard_normal((B, H))).float().to(dev) if mode == "lstm" else None,
+                    dout=torch.from_numpy(rng.standard_normal((T, B, H))).to(dtype).to(dev),
+                    g=u(T, B, S) if S else None, hs=u(T + 1, B, H), cs=u(T + 1, B, H) if mode == "lstm" else None)
+
+    dirs = [direction() for _ in range(2 if pair else 1)]
+    tiles = (2 if pair else 1) * kt.persist_tiles(B, H)
+    assert tiles == (12 if pair else 6)
+
+    def run(programs):
+        outs = []
+        for d in dirs:
+            bufs = {k: None if v is None else v.clone() for k, v in d.items()}
+            bufs["dgi"] = torch.full((T, B, G), 7.0, device=dev)  # every entry written
+            bufs["dgh"] = torch.full((T, B, G), 7.0, device=dev) if mode == "gru" else bufs["dgi"]
+            outs.append(bufs)
+        if pair:
+            f, r = ([b["w_hh"], b["carry"], b["dc"], b["dout"], b["g"], b["hs"], b["cs"], b["dgi"],
+                     b["dgh"] if mode == "gru" else None, None] for b in outs)
+            kt.persist_backward_pair(mode, f, r, lens, code, programs)
+        else:
+            b = outs[0]
+            kt.loop_backward(mode, b["w_hh"], b["carry"], b["dc"], b["dout"], b["g"], b["hs"], b["cs"], b["dgi"],
+                             b["dgh"], lens, False, code, programs)
+        return [b[k] for b in outs for k in ("carry", "dc", "dgi", "dgh") if b[k] is not None]
+
+    resident, l2 = run(tiles), run(1)
+    assert kps == [max(16, 1 << (H - 1).bit_length()), 0], kps
+    # each direction's shares in its own part of the buffer (under the interpreter a shared one
+    # would go unseen in the results: the reverse direction's programs run after the forward's)
+    halves = shares[0].view(len(dirs), -1)
+    assert halves.shape[1] == kt.resident_ws_size(B, H) and all(h.abs().max() > 0 for h in halves)
+    tol = 1e-5 if dev == "cpu" else 2e-2  # the same products summed in other orders
+    for a, b in zip(resident, l2):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(),

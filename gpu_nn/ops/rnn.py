@@ -55,7 +55,8 @@ run, before TF32 and the 16 x 16 step tiles, had float32 the other way, 6.33x / 
 Those figures are of the kernel re-reading W_hh from L2 at every step. Since be52977, where each
 tile has its own program and the dots run on the tensor cores, the program keeps its tile's W_hh
 rows in shared memory for the whole loop instead (``kernels.triton.rnn.resident_kp``;
-``GPU_NN_RNN_RESIDENT=0`` turns that off), not yet timed on a GPU.
+``GPU_NN_RNN_RESIDENT=0`` turns that off), not yet timed on a GPU; so does the persistent backward
+(taken only when forced on, below) since the change that gave it the same rows.
 ``GPU_NN_RNN_PERSISTENT=0`` never takes it, ``=1`` whenever legal (also under the Triton
 interpreter, with one program, since the interpreter runs programs one after another); never for
 an LSTM with a projection (the persistent kernel has none). Forced on (``=1``), the persistent kernels also take batches up to 64 (four batch tiles

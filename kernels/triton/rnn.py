@@ -33,7 +33,10 @@ except in the persistent kernel:
   (the hidden tiles of both dealt to the programs, one barrier per step for both).
 * ``_rnn_persist_bwd_kernel`` -- the backward time loop of one layer and direction in one launch:
   per step the step backward's tile for each of the program's tiles, then the barrier; the
-  previous step's gate gradients, written by every program, read through L2 (``.cg``).
+  previous step's gate gradients, written by every program, read through L2 (``.cg``); with
+  resident weights (one tile per program, as the forward's) each program instead multiplies its
+  own gate gradients by its own W_hh rows and the programs exchange those shares of dh_{t-1}
+  (``_resident_bwd_tile``).
   ``_rnn_persist2_bwd_kernel``: both directions of a bidirectional layer in one such launch.
   The persistent kernels deal (batch, hidden) tiles of 16 x 16 to the programs, B <= 64.
 
@@ -742,65 +745,90 @@ def _step_bwd_tile(pid_b, pid_h, dgn_ptr, stride_dgn, w_ptr, stride_w0, stride_w
     if FINAL:
         tl.store(dh0_ptr + st, dh, mask=m2)
     else:
-        dout = tl.load(dout_ptr + rb[:, None] * stride_dout + rh[None, :], mask=m2, other=0.0).to(tl.float32)
-        valid = _valid_rows(len_ptr, rb, mb, t)[:, None] & m2
-        dout = tl.where(valid, dout, 0.0)
-        dh += dout
-        g = g_ptr + rb[:, None] * stride_g + rh[None, :]
-        dgi = dgi_ptr + rb[:, None] * stride_dg + rh[None, :]
-        dgh = dgh_ptr + rb[:, None] * stride_dg + rh[None, :]
-        carry = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-        if MODE <= 1:
-            h = tl.load(hn_ptr + st, mask=m2, other=0.0)
-            if MODE == 0:
-                d = dh * (1.0 - h * h)
-            else:
-                d = tl.where(h <= 0, 0.0, dh)  # torch's threshold_backward: a NaN h passes dh
-            tl.store(dgi, tl.where(valid, d, 0.0), mask=m2)
-        elif MODE == 2:
-            gi = tl.load(g, mask=m2, other=0.0)
-            gf = tl.load(g + H, mask=m2, other=0.0)
-            gg = tl.load(g + 2 * H, mask=m2, other=0.0)
-            go = tl.load(g + 3 * H, mask=m2, other=0.0)
-            c = tl.load(cn_ptr + st, mask=m2, other=0.0)
-            cp = tl.load(cp_ptr + st, mask=m2, other=0.0)
-            dc_in = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-            if has_dcin != 0:
-                dc_in = tl.load(dcin_ptr + st, mask=m2, other=0.0)
-            tc = _tanh(c)
-            dc = dc_in + dh * go * (1.0 - tc * tc)
-            tl.store(dgi, tl.where(valid, dc * gg * gi * (1.0 - gi), 0.0), mask=m2)
-            tl.store(dgi + H, tl.where(valid, dc * cp * gf * (1.0 - gf), 0.0), mask=m2)
-            tl.store(dgi + 2 * H, tl.where(valid, dc * gi * (1.0 - gg * gg), 0.0), mask=m2)
-            tl.store(dgi + 3 * H, tl.where(valid, dh * tc * go * (1.0 - go), 0.0), mask=m2)
-            tl.store(dc_ptr + st, tl.where(valid, dc * gf, dc_in), mask=m2)
+        _bwd_cell(dh, rb, mb, rh, m2, st, carry_ptr, dc_ptr, dcin_ptr, has_dcin, dout_ptr, stride_dout, g_ptr, stride_g,
+                  hp_ptr, hn_ptr, cp_ptr, cn_ptr, dgi_ptr, dgh_ptr, stride_dg, len_ptr, t, H, MODE, BLOCK_B, BLOCK_H)
+
+
+@triton.jit
+def _bwd_cell(dh, rb, mb, rh, m2, st, carry_ptr, dc_ptr, dcin_ptr, has_dcin, dout_ptr, stride_dout, g_ptr, stride_g,
+              hp_ptr, hn_ptr, cp_ptr, cn_ptr, dgi_ptr, dgh_ptr, stride_dg, len_ptr, t, H, MODE: tl.constexpr,
+              BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
+    """A backward step's cell math on a [BLOCK_B, BLOCK_H] tile from ``dh`` (the carried state
+    gradient, without this step's output gradient): adds ``dout`` where valid, writes the gate
+    gradients (``dgi`` the W_ih side, ``dgh`` the W_hh side), the new carry and (LSTM) ``dc``, as
+    :func:`_step_bwd_tile` describes. Returns the W_hh-side gate gradients as written (zero
+    where invalid; gates the mode lacks are zero): the resident backward multiplies them by its
+    tile's W_hh rows (:func:`_resident_bwd_tile`)."""
+    dout = tl.load(dout_ptr + rb[:, None] * stride_dout + rh[None, :], mask=m2, other=0.0).to(tl.float32)
+    valid = _valid_rows(len_ptr, rb, mb, t)[:, None] & m2
+    dout = tl.where(valid, dout, 0.0)
+    dh += dout
+    g = g_ptr + rb[:, None] * stride_g + rh[None, :]
+    dgi = dgi_ptr + rb[:, None] * stride_dg + rh[None, :]
+    dgh = dgh_ptr + rb[:, None] * stride_dg + rh[None, :]
+    carry = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    e1 = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    e2 = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    e3 = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    if MODE <= 1:
+        h = tl.load(hn_ptr + st, mask=m2, other=0.0)
+        if MODE == 0:
+            d = dh * (1.0 - h * h)
         else:
-            r = tl.load(g, mask=m2, other=0.0)
-            z = tl.load(g + H, mask=m2, other=0.0)
-            n = tl.load(g + 2 * H, mask=m2, other=0.0)
-            hn_ = tl.load(g + 3 * H, mask=m2, other=0.0)
-            hp = tl.load(hp_ptr + st, mask=m2, other=0.0)
-            dz = dh * (hp - n) * z * (1.0 - z)
-            dn = dh * (1.0 - z) * (1.0 - n * n)
-            dr = dn * hn_ * r * (1.0 - r)
-            dr = tl.where(valid, dr, 0.0)
-            dz = tl.where(valid, dz, 0.0)
-            tl.store(dgi, dr, mask=m2)
-            tl.store(dgi + H, dz, mask=m2)
-            tl.store(dgi + 2 * H, tl.where(valid, dn, 0.0), mask=m2)
-            tl.store(dgh, dr, mask=m2)
-            tl.store(dgh + H, dz, mask=m2)
-            tl.store(dgh + 2 * H, tl.where(valid, dn * r, 0.0), mask=m2)
-            carry = dh * z
-        tl.store(carry_ptr + st, tl.where(valid, carry, dh), mask=m2)
+            d = tl.where(h <= 0, 0.0, dh)  # torch's threshold_backward: a NaN h passes dh
+        e0 = tl.where(valid, d, 0.0)
+        tl.store(dgi, e0, mask=m2)
+    elif MODE == 2:
+        gi = tl.load(g, mask=m2, other=0.0)
+        gf = tl.load(g + H, mask=m2, other=0.0)
+        gg = tl.load(g + 2 * H, mask=m2, other=0.0)
+        go = tl.load(g + 3 * H, mask=m2, other=0.0)
+        c = tl.load(cn_ptr + st, mask=m2, other=0.0)
+        cp = tl.load(cp_ptr + st, mask=m2, other=0.0)
+        dc_in = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+        if has_dcin != 0:
+            dc_in = tl.load(dcin_ptr + st, mask=m2, other=0.0)
+        tc = _tanh(c)
+        dc = dc_in + dh * go * (1.0 - tc * tc)
+        e0 = tl.where(valid, dc * gg * gi * (1.0 - gi), 0.0)
+        e1 = tl.where(valid, dc * cp * gf * (1.0 - gf), 0.0)
+        e2 = tl.where(valid, dc * gi * (1.0 - gg * gg), 0.0)
+        e3 = tl.where(valid, dh * tc * go * (1.0 - go), 0.0)
+        tl.store(dgi, e0, mask=m2)
+        tl.store(dgi + H, e1, mask=m2)
+        tl.store(dgi + 2 * H, e2, mask=m2)
+        tl.store(dgi + 3 * H, e3, mask=m2)
+        tl.store(dc_ptr + st, tl.where(valid, dc * gf, dc_in), mask=m2)
+    else:
+        r = tl.load(g, mask=m2, other=0.0)
+        z = tl.load(g + H, mask=m2, other=0.0)
+        n = tl.load(g + 2 * H, mask=m2, other=0.0)
+        hn_ = tl.load(g + 3 * H, mask=m2, other=0.0)
+        hp = tl.load(hp_ptr + st, mask=m2, other=0.0)
+        dz = dh * (hp - n) * z * (1.0 - z)
+        dn = dh * (1.0 - z) * (1.0 - n * n)
+        dr = dn * hn_ * r * (1.0 - r)
+        e0 = tl.where(valid, dr, 0.0)
+        e1 = tl.where(valid, dz, 0.0)
+        e2 = tl.where(valid, dn * r, 0.0)
+        tl.store(dgi, e0, mask=m2)
+        tl.store(dgi + H, e1, mask=m2)
+        tl.store(dgi + 2 * H, tl.where(valid, dn, 0.0), mask=m2)
+        tl.store(dgh, e0, mask=m2)
+        tl.store(dgh + H, e1, mask=m2)
+        tl.store(dgh + 2 * H, e2, mask=m2)
+        carry = dh * z
+    tl.store(carry_ptr + st, tl.where(valid, carry, dh), mask=m2)
+    return e0, e1, e2, e3
 
 
 @triton.jit
 def _rnn_persist_bwd_kernel(w_ptr, stride_w0, stride_w1, carry_ptr, dc_ptr, has_dc, dout_ptr, stride_dot, stride_dob,
                             g_ptr, stride_gt, stride_gb, hs_ptr, cs_ptr, stride_hs, dgi_ptr, dgh_ptr, stride_dgt,
-                            stride_dgb, len_ptr, count_ptr, reverse, T, B, H,
+                            stride_dgb, len_ptr, count_ptr, ws_ptr, reverse, T, B, H,
                             MODE: tl.constexpr, DOT_DT: tl.constexpr,
-                            BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+                            BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+                            KP: tl.constexpr = 0):
     """The whole backward time loop of one layer and direction in one launch (persistent, small
     batch), as ``_rnn_persist_fwd_kernel`` is to the forward: the forward's steps in reverse
     order (``T - 1`` down to 0 forward, 0 up to ``T - 1`` when ``reverse``), per step every
@@ -818,10 +846,24 @@ def _rnn_persist_bwd_kernel(w_ptr, stride_w0, stride_w1, carry_ptr, dc_ptr, has_
     ``stride_dgb``; the same tensor but for the GRU), ``len [B]``, ``count`` one int32, zero at
     launch. The (batch, hidden) tiles are dealt to the programs as the forward's; every program
     resident (the launcher caps the grid at the SM count), one pipeline stage (see
-    ``persist_launch``)."""
+    ``persist_launch``).
+
+    ``KP > 0`` (resident weights, :func:`resident_kp`): one tile per program, whose W_hh rows
+    (every gate's, as the resident forward holds them) are loaded once, before the time loop;
+    a step sums the partial state gradients the programs left in ``ws`` (float32, see
+    :func:`_resident_bwd_tile`) instead of reading ``dG_next`` and W_hh from L2. ``ws`` is not
+    read otherwise (any pointer will do)."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     nh = tl.cdiv(H, BLOCK_H)
+    if KP > 0:  # one tile per program (nprog == tiles): tile pid's W_hh rows, kept for every step
+        wt = tl.trans(_resident_w(w_ptr, stride_w0, stride_w1, pid % nh, H, MODE, DOT_DT, KP, BLOCK_H))
+        for s in range(0, T):
+            _resident_bwd_tile(pid // nh, pid % nh, s, reverse, wt, ws_ptr, carry_ptr, dc_ptr, has_dc, dout_ptr,
+                               stride_dot, stride_dob, g_ptr, stride_gt, stride_gb, hs_ptr, cs_ptr, stride_hs, dgi_ptr,
+                               dgh_ptr, stride_dgt, stride_dgb, len_ptr, T, B, H, MODE, DOT_DT, BLOCK_B, BLOCK_H, KP)
+            _grid_barrier(count_ptr, (s + 1) * nprog)
+        return
     for s in range(0, T):
         for j in range(pid, tl.cdiv(B, BLOCK_B) * nh, nprog):
             _persist_bwd_tile(j // nh, j % nh, s, reverse, w_ptr, stride_w0, stride_w1, carry_ptr, dc_ptr, has_dc,
@@ -835,18 +877,35 @@ def _rnn_persist_bwd_kernel(w_ptr, stride_w0, stride_w1, carry_ptr, dc_ptr, has_
 def _rnn_persist2_bwd_kernel(w_ptr, w1_ptr, stride_w0, stride_w1, carry_ptr, carry1_ptr, dc_ptr, dc1_ptr, has_dc,
                              dout_ptr, dout1_ptr, stride_dot, stride_dob, g_ptr, g1_ptr, stride_gt, stride_gb, hs_ptr,
                              hs1_ptr, cs_ptr, cs1_ptr, stride_hs, dgi_ptr, dgi1_ptr, dgh_ptr, dgh1_ptr, stride_dgt,
-                             stride_dgb, len_ptr, count_ptr, T, B, H,
+                             stride_dgb, len_ptr, count_ptr, ws_ptr, T, B, H,
                              MODE: tl.constexpr, DOT_DT: tl.constexpr,
-                             BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+                             BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+                             KP: tl.constexpr = 0):
     """Both directions' backward time loops of a bidirectional layer in one persistent launch,
     as ``_rnn_persist2_fwd_kernel`` is to the forward: the tiles of the forward direction (the
     ``*_ptr`` buffers) and of the reverse one (``*1_ptr``) dealt to the programs, per step every
     program runs its tiles of both (step ``T - 1 - s`` forward, ``s`` reverse), then one grid
-    barrier. Each direction as ``_rnn_persist_bwd_kernel`` leaves it."""
+    barrier. Each direction as ``_rnn_persist_bwd_kernel`` leaves it. ``KP > 0``: resident
+    weights, one tile per program, as ``_rnn_persist_bwd_kernel``'s; ``ws`` holds the two
+    directions' partial sums one after the other (:func:`resident_ws_size` each)."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     nh = tl.cdiv(H, BLOCK_H)
     nt = tl.cdiv(B, BLOCK_B) * nh
+    if KP > 0:  # one tile per program (nprog == 2 * nt)
+        rev, r, jb, jh = _pair_tile(pid, nt, nh)
+        wt = tl.trans(_resident_w(tl.where(rev, w1_ptr, w_ptr), stride_w0, stride_w1, jh, H, MODE, DOT_DT, KP,
+                                  BLOCK_H))
+        wsd = ws_ptr + r.to(tl.int64) * (2 * tl.cdiv(B, BLOCK_B) * nh * H * BLOCK_B)
+        for s in range(0, T):
+            _resident_bwd_tile(jb, jh, s, r, wt, wsd, tl.where(rev, carry1_ptr, carry_ptr),
+                               tl.where(rev, dc1_ptr, dc_ptr), has_dc, tl.where(rev, dout1_ptr, dout_ptr), stride_dot,
+                               stride_dob, tl.where(rev, g1_ptr, g_ptr), stride_gt, stride_gb,
+                               tl.where(rev, hs1_ptr, hs_ptr), tl.where(rev, cs1_ptr, cs_ptr), stride_hs,
+                               tl.where(rev, dgi1_ptr, dgi_ptr), tl.where(rev, dgh1_ptr, dgh_ptr), stride_dgt,
+                               stride_dgb, len_ptr, T, B, H, MODE, DOT_DT, BLOCK_B, BLOCK_H, KP)
+            _grid_barrier(count_ptr, (s + 1) * nprog)
+        return
     for s in range(0, T):
         for j in range(pid, 2 * nt, nprog):
             rev, r, jb, jh = _pair_tile(j, nt, nh)
@@ -878,6 +937,62 @@ def _persist_bwd_tile(jb, jh, s, reverse, w_ptr, stride_w0, stride_w1, carry_ptr
                    hs_ptr + hp, hs_ptr + hn, cs_ptr + hp, cs_ptr + hn, dgi_ptr + t64 * stride_dgt,
                    dgh_ptr + t64 * stride_dgt, stride_dgb, carry_ptr, len_ptr, t, B, H, MODE, True, False, DOT_DT,
                    BLOCK_B, BLOCK_H, BLOCK_K, s > 0, ".cg")
+
+
+@triton.jit
+def _resident_bwd_tile(jb, jh, s, reverse, wt, ws_ptr, carry_ptr, dc_ptr, has_dc, dout_ptr, stride_dot, stride_dob,
+                       g_ptr, stride_gt, stride_gb, hs_ptr, cs_ptr, stride_hs, dgi_ptr, dgh_ptr, stride_dgt,
+                       stride_dgb, len_ptr, T, B, H, MODE: tl.constexpr, DOT_DT: tl.constexpr,
+                       BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, KP: tl.constexpr):
+    """Step ``s`` of the resident persistent backward for batch tile ``jb``, hidden tile ``jh``
+    (the program's one tile), ``wt`` its W_hh rows transposed ([KP, 4 * BLOCK_H]: column
+    g * BLOCK_H + i is W_hh row g * H + jh * BLOCK_H + i, zero past H and the mode's gates).
+
+    dG W_hh is summed the other way round from the L2 form: each program multiplies the W_hh-side
+    gate gradients it has just computed (its own units', still in registers) by its own rows,
+    giving its share of dh_{t-1} for every unit, ``wt @ dG_tile^T`` ([KP, BLOCK_B]: one dot with
+    the state units on the MMA's rows, a wgmma whose A operand stays in shared memory), and
+    stores it to ``ws``; after the barrier each program adds up the shares of its units from
+    every hidden tile of its batch tile (in hidden-tile order: the same sum whatever the
+    timing). A step so moves [H, BLOCK_B] floats out and in per program where the L2 form reads
+    the tile's [G * H, BLOCK_H] W_hh rows and [BLOCK_B, G * H] gate gradients.
+
+    ``ws`` float32 [2, cdiv(B, BLOCK_B), cdiv(H, BLOCK_H), H, BLOCK_B]: step ``s`` writes slot
+    ``s % 2`` and the next step reads it, so a program that runs ahead never overwrites shares
+    another is still reading (it passed the barrier after which they were all read). The last
+    step processed writes none: the caller's final step adds its dG W_hh, as for the L2 form."""
+    t = T - 1 - s + reverse * (2 * s + 1 - T)
+    t64 = t.to(tl.int64)
+    hp = (t64 + reverse) * stride_hs  # forward: slot t -> t + 1; reverse: slot t + 1 -> t
+    hn = (t64 + 1 - reverse) * stride_hs
+    rb = (jb * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
+    rh = jh * BLOCK_H + tl.arange(0, BLOCK_H)
+    mb = rb < B
+    mh = rh < H
+    m2 = mb[:, None] & mh[None, :]
+    st = rb[:, None] * H + rh[None, :]
+    nh = tl.cdiv(H, BLOCK_H)
+    nb = tl.cdiv(B, BLOCK_B)
+    rc = tl.arange(0, BLOCK_B)
+    dh = tl.load(carry_ptr + st, mask=m2, other=0.0)
+    if s > 0:  # the shares the previous step left, every hidden tile's, for this tile's units
+        q = tl.arange(0, KP // BLOCK_H)
+        base = ws_ptr + (((s - 1) % 2) * nb + jb).to(tl.int64) * nh * H * BLOCK_B
+        offs = (q[:, None, None] * H + rh[None, :, None]) * BLOCK_B + rc[None, None, :]
+        part = tl.load(base + offs, mask=(q < nh)[:, None, None] & mh[None, :, None], other=0.0, cache_modifier=".cg")
+        dh += tl.trans(tl.sum(part, axis=0))
+    e0, e1, e2, e3 = _bwd_cell(dh, rb, mb, rh, m2, st, carry_ptr, dc_ptr, dc_ptr, has_dc, dout_ptr + t64 * stride_dot,
+                               stride_dob, g_ptr + t64 * stride_gt, stride_gb, hs_ptr + hp, hs_ptr + hn, cs_ptr + hp,
+                               cs_ptr + hn, dgi_ptr + t64 * stride_dgt, dgh_ptr + t64 * stride_dgt, stride_dgb, len_ptr,
+                               t, H, MODE, BLOCK_B, BLOCK_H)
+    if s < T - 1:
+        # [row, unit, gate lo, gate hi] -> [gate, unit, row]: gate g = 2 * hi + lo on the rows, as in wt
+        d = tl.join(tl.join(e0, e1), tl.join(e2, e3))
+        d = tl.reshape(tl.permute(d, (3, 2, 1, 0)), (4 * BLOCK_H, BLOCK_B))
+        share = _dot(wt, d, tl.zeros((KP, BLOCK_B), dtype=tl.float32), DOT_DT)
+        rk = tl.arange(0, KP)
+        out = ws_ptr + (((s % 2) * nb + jb) * nh + jh).to(tl.int64) * H * BLOCK_B
+        tl.store(out + rk[:, None] * BLOCK_B + rc[None, :], share, mask=(rk < H)[:, None])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1190,6 +1305,16 @@ def _launch_options() -> dict:
 # no spills, at most 190 registers at 8 warps under Triton 3.9, 225 under 3.6, HGMMA in each.
 # Not measured on a GPU yet: GPU_NN_RNN_RESIDENT=0 turns it off (bench_rnn's triton-persistent-l2
 # provider times the L2 form beside it).
+# The persistent backward takes the same rows on the same terms (resident_kp): its product
+# dh_{t-1} = dG_t W_hh needs, for a tile's 16 units, W_hh's columns of those units over all G * H
+# rows (128 KiB at H = 512 in float32, and a 16-row dot whichever way round), so it is turned
+# round instead: each program multiplies the gate gradients it has just computed (its own units',
+# in registers) by its own rows, W_hh^T of its 4 x 16 rows (the forward's operand, transposed: the
+# A operand of a KP-row wgmma) times dG_tile^T, and stores that [H, BLOCK_B] share of dh_{t-1};
+# after the barrier each program sums its units' shares from every hidden tile of its batch tile
+# (_resident_bwd_tile). sm_90 of its forms at KP 16 to 512: no spills, HGMMA; registers up to
+# 208 at 8 warps under Triton 3.9, 255 under 3.6 in float32 (the [64, 512] operand's staging load),
+# shared memory up to 160 KiB (benchmarks/results/aot/rnn_resident_bwd_kp_*.json).
 RESIDENT_ENV = "GPU_NN_RNN_RESIDENT"
 RESIDENT_MAX_KP = 512
 
@@ -1289,10 +1414,31 @@ def persist_forward(mode, xg, hs, cs, w_hh, b_hh, out, mask, lengths, reverse, d
     )
 
 
-def persist_bwd_launch(mode: str, dot: int) -> tuple[int, int]:
+def persist_bwd_launch(mode: str, dot: int, kp: int = 0) -> tuple[int, int]:
     """(num_warps, num_stages) of the persistent backward: one stage, as the forward's (the
-    pipeliner would make the ``.cg`` loads of ``dG_next`` L1-cached ``cp.async.ca``), 4 warps."""
-    return 4, 1
+    pipeliner would make the ``.cg`` loads of ``dG_next`` L1-cached ``cp.async.ca``), 4 warps;
+    resident weights (``kp`` > 0) 8, as the resident forward."""
+    return (8 if kp else 4), 1
+
+
+def resident_ws_size(B: int, H: int) -> int:
+    """float32 elements of one direction's share buffer in the resident persistent backward
+    (:func:`_resident_bwd_tile`): two step slots of [batch tiles, hidden tiles, H, BLOCK_B]."""
+    bb, bh, _ = PERSIST_BLOCKS
+    return 2 * cdiv(B, bb) * cdiv(H, bh) * H * bb
+
+
+def _barrier_and_shares(kp: int, B: int, H: int, directions: int, device):
+    """The persistent backward's barrier counter (one int32, zero) and, with resident weights,
+    its share buffer (``directions`` x :func:`resident_ws_size` float32, zero: under the
+    interpreter a program may read shares of a program that has not run yet, which the tests
+    make zero), one zero fill for both; without, the counter stands in for the buffer."""
+    if not kp:
+        count = torch.zeros(1, dtype=torch.int32, device=device)
+        return count, count
+    n = directions * resident_ws_size(B, H)
+    buf = torch.zeros(n + 1, dtype=torch.float32, device=device)
+    return buf[n:].view(torch.int32), buf[:n]
 
 
 def loop_backward(mode, w_hh, carry, dc, dout, g, hs, cs, dgi, dgh, lengths, reverse, dot, programs):
@@ -1311,15 +1457,16 @@ def loop_backward(mode, w_hh, carry, dc, dout, g, hs, cs, dgi, dgh, lengths, rev
     assert hs.stride(1) == H and hs.stride(2) == 1 and (cs is None or cs.stride() == hs.stride())
     assert carry.is_contiguous() and dout.stride(2) == 1 and dgi.stride(2) == 1 and dgh.stride() == dgi.stride()
     bb, bh, bk = PERSIST_BLOCKS
-    warps, stages = persist_bwd_launch(mode, dot)
-    count = torch.zeros(1, dtype=torch.int32, device=hs.device)  # per launch, as the forward's
+    kp = resident_kp(H, dot, persist_tiles(B, H), programs)
+    warps, stages = persist_bwd_launch(mode, dot, kp)
+    count, ws = _barrier_and_shares(kp, B, H, 1, hs.device)  # per launch, as the forward's counter
     launch_kernel(_rnn_persist_bwd_kernel, (programs,),
         w_hh, w_hh.stride(0), w_hh.stride(1), carry, dc if dc is not None else carry, int(dc is not None),
         dout, dout.stride(0), dout.stride(1), g if g is not None else carry, g.stride(0) if g is not None else 0,
         g.stride(1) if g is not None else 0, hs, cs if cs is not None else hs, hs.stride(0), dgi, dgh,
-        dgi.stride(0), dgi.stride(1), lengths, count, int(reverse), T, B, H,
-        MODE=MODE_CODES[mode], DOT_DT=dot, BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=bk, num_warps=warps, num_stages=stages,
-        **_launch_options(),
+        dgi.stride(0), dgi.stride(1), lengths, count, ws, int(reverse), T, B, H,
+        MODE=MODE_CODES[mode], DOT_DT=dot, BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=bk, KP=kp, num_warps=warps,
+        num_stages=stages, **_launch_options(),
     )
     return True
 
@@ -1343,16 +1490,17 @@ def persist_backward_pair(mode, fwd, rev, lengths, dot, programs):
     dGh1 = dGi1 if dGh1 is None else dGh1
     if T:
         bb, bh, bk = PERSIST_BLOCKS
-        warps, stages = persist_bwd_launch(mode, dot)
-        count = torch.zeros(1, dtype=torch.int32, device=carry.device)
+        kp = resident_kp(H, dot, 2 * persist_tiles(B, H), programs)
+        warps, stages = persist_bwd_launch(mode, dot, kp)
+        count, ws = _barrier_and_shares(kp, B, H, 2, carry.device)
         launch_kernel(_rnn_persist2_bwd_kernel, (programs,),
             w_hh, w_hh1, w_hh.stride(0), w_hh.stride(1), carry, carry1, dc if dc is not None else carry,
             dc1 if dc1 is not None else carry1, int(dc is not None), dout, dout1, dout.stride(0), dout.stride(1),
             G if G is not None else carry, G1 if G1 is not None else carry1, G.stride(0) if G is not None else 0,
             G.stride(1) if G is not None else 0, Hs, Hs1, Cs if Cs is not None else Hs,
             Cs1 if Cs1 is not None else Hs1, Hs.stride(0), dGi, dGi1, dGh, dGh1, dGi.stride(0), dGi.stride(1),
-            lengths, count, T, B, H,
-            MODE=MODE_CODES[mode], DOT_DT=dot, BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=bk, num_warps=warps,
+            lengths, count, ws, T, B, H,
+            MODE=MODE_CODES[mode], DOT_DT=dot, BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=bk, KP=kp, num_warps=warps,
             num_stages=stages, **_launch_options(),
         )
     # the final step: the last steps processed are 0 forward and T - 1 reverse (none when T = 0)
@@ -1693,19 +1841,22 @@ def _persist_spec(code, dt, out_dt, has_bhh, dot, kp=0):
                    label=f"persist fwd {mode} {dt} dot{dot} out {out_dt} bhh{int(has_bhh)}{res} w{warps} s{stages}")
 
 
-def _persist_bwd_spec(mode, dt, dout_dt, dot):
+def _persist_bwd_spec(mode, dt, dout_dt, dot, kp=0):
     bb, bh, bk = PERSIST_BLOCKS
-    warps, stages = persist_bwd_launch(mode, dot)
+    warps, stages = persist_bwd_launch(mode, dot, kp)
+    # the share buffer is float32 with resident weights; without, the counter stands in for it
     sig = {"w_ptr": f"*{dt}", "stride_w0": "i32", "stride_w1": "i32", "carry_ptr": "*fp32", "dc_ptr": "*fp32",
            "has_dc": "i32", "dout_ptr": f"*{dout_dt}", "stride_dot": "i32", "stride_dob": "i32", "g_ptr": "*fp32",
            "stride_gt": "i32", "stride_gb": "i32", "hs_ptr": "*fp32", "cs_ptr": "*fp32", "stride_hs": "i32",
            "dgi_ptr": "*fp32", "dgh_ptr": "*fp32", "stride_dgt": "i32", "stride_dgb": "i32", "len_ptr": "*i64",
-           "count_ptr": "*i32", "reverse": "i32", "T": "i32", "B": "i32", "H": "i32"}
-    for k in ("MODE", "DOT_DT", "BLOCK_B", "BLOCK_H", "BLOCK_K"):
+           "count_ptr": "*i32", "ws_ptr": "*fp32" if kp else "*i32", "reverse": "i32", "T": "i32", "B": "i32",
+           "H": "i32"}
+    for k in ("MODE", "DOT_DT", "BLOCK_B", "BLOCK_H", "BLOCK_K", "KP"):
         sig[k] = "constexpr"
-    cons = {"MODE": MODE_CODES[mode], "DOT_DT": dot, "BLOCK_B": bb, "BLOCK_H": bh, "BLOCK_K": bk}
+    cons = {"MODE": MODE_CODES[mode], "DOT_DT": dot, "BLOCK_B": bb, "BLOCK_H": bh, "BLOCK_K": bk, "KP": kp}
+    res = f" kp{kp}" if kp else ""
     return AotSpec(_rnn_persist_bwd_kernel, sig, cons, num_warps=warps, num_stages=stages,
-                   label=f"persist bwd {mode} {dt} dot{dot} dout {dout_dt} w{warps} s{stages}")
+                   label=f"persist bwd {mode} {dt} dot{dot} dout {dout_dt}{res} w{warps} s{stages}")
 
 
 def step_dots(dt: str) -> tuple[int, ...]:
@@ -1782,6 +1933,10 @@ def _step_specs(dt, dot):
         for dout_dt in sorted({dt, "fp32"}):
             specs.append(_persist_bwd_spec(mode, dt, dout_dt, dot))
             specs.append(_pair_spec(_rnn_persist2_bwd_kernel, specs[-1]))
+            if dot != DOT_CODES["fp32"]:  # resident weights, as the forward's
+                specs.append(_persist_bwd_spec(mode, dt, dout_dt, dot, 16))
+                specs.append(_persist_bwd_spec(mode, dt, dout_dt, dot, RESIDENT_MAX_KP))
+                specs.append(_pair_spec(_rnn_persist2_bwd_kernel, specs[-1]))
             for has_next, final in ((False, False), (True, False), (True, True)):
                 if final and dout_dt != "fp32":
                     continue
