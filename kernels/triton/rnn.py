@@ -1312,9 +1312,10 @@ def _launch_options() -> dict:
 # in registers) by its own rows, W_hh^T of its 4 x 16 rows (the forward's operand, transposed: the
 # A operand of a KP-row wgmma) times dG_tile^T, and stores that [H, BLOCK_B] share of dh_{t-1};
 # after the barrier each program sums its units' shares from every hidden tile of its batch tile
-# (_resident_bwd_tile). sm_90 of its forms at KP 16 to 512: no spills, HGMMA; registers up to
-# 208 at 8 warps under Triton 3.9, 255 under 3.6 in float32 (the [64, 512] operand's staging load),
-# shared memory up to 160 KiB (benchmarks/results/aot/rnn_resident_bwd_kp_*.json).
+# (_resident_bwd_tile). sm_90 of its 480 forms at KP 16 to 512: no spills; HGMMA from KP 64 (a
+# KP-row dot: below 64 rows it is an mma.sync, HMMA, its small operand in registers); registers
+# up to 208 at 8 warps under Triton 3.9, 255 under 3.6 in float32 at KP 512, shared memory up to
+# 160 KiB (benchmarks/results/aot/rnn_resident_bwd_kp_*.json).
 RESIDENT_ENV = "GPU_NN_RNN_RESIDENT"
 RESIDENT_MAX_KP = 512
 
@@ -1436,6 +1437,7 @@ def _barrier_and_shares(kp: int, B: int, H: int, directions: int, device):
     if not kp:
         count = torch.zeros(1, dtype=torch.int32, device=device)
         return count, count
+    assert kp % PERSIST_BLOCKS[1] == 0, "the share sum reads KP / BLOCK_H hidden tiles"
     n = directions * resident_ws_size(B, H)
     buf = torch.zeros(n + 1, dtype=torch.float32, device=device)
     return buf[n:].view(torch.int32), buf[:n]
