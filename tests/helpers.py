@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -190,3 +191,133 @@ def run_bench_script(tmp_path, script: str, python_body: str, env: dict, log_lin
     r = subprocess.run(["bash", str(root / "benchmarks" / script), str(out)], cwd=root, env={**env, "PYTHON": str(fake)},
                        capture_output=True, text=True, timeout=60)
     return r, out, log.read_text().splitlines() if log.exists() else []
+
+
+class _IndexScope:
+    """A language-patch scope that records what ``scope`` would, except that a tensor's
+    ``__index__`` is always the one that reads a one-element array of any rank (see
+    concurrent_programs)."""
+
+    def __init__(self, scope):
+        self.scope = scope
+
+    def set_attr(self, obj, name, value):
+        if name == "__index__":
+            value = _index
+        self.scope.set_attr(obj, name, value)
+
+
+def _index(self):
+    return int(self.handle.data.squeeze())
+
+
+@contextlib.contextmanager
+def concurrent_programs(timeout_s: float = 300.0):
+    """Under the Triton interpreter, every program of a launch in this block runs in a thread of
+    its own, all at once, instead of one after another: a grid-wide barrier (the persistent RNN
+    kernels' ``_grid_barrier``, an atomic counter and a spin) then opens as it does on a GPU, and
+    programs that exchange data through memory between steps interleave. ``tl.program_id``
+    reads the calling thread's index (the interpreter keeps one builder for all programs); its
+    atomics are made in C++ under the GIL, so each is whole with respect to the other threads,
+    and each yields the GIL a little after it (a spinning program leaves the others time to
+    run). A program that raises stops the launch: the others raise at their next atomic (a
+    spin would never end), and the first error is re-raised here; so does a launch that runs
+    past ``timeout_s``. Outside the interpreter (a GPU) the block changes nothing.
+
+    It replaces ``GridExecutor.__call__`` by the same steps as Triton's (copy arguments to the
+    host, pre-run hooks, the language patch, the grid, the copy back; Triton 3.6 to 3.9 have
+    them alike) with the grid loop threaded; where this Triton lacks one of those internals the
+    test is skipped, saying so."""
+    import inspect
+    import threading
+    import time
+
+    if os.environ.get("TRITON_INTERPRET", "0") != "1":
+        yield
+        return
+    import triton.runtime.interpreter as interp
+
+    need = ("GridExecutor", "InterpreterBuilder", "interpreter_builder", "_patch_lang", "_implicit_cvt")
+    executor = getattr(interp, "GridExecutor", None)
+    if not all(hasattr(interp, n) for n in need) or not all(
+            hasattr(executor, n) for n in ("_init_args_hst", "_restore_args_dev", "__call__")):
+        pytest.skip("this Triton's interpreter lacks the internals concurrent_programs threads its programs through")
+    builder_cls = interp.InterpreterBuilder
+    local = threading.local()
+    abort = threading.Event()
+    real_call, real_rmw, real_cas = executor.__call__, builder_cls.create_atomic_rmw, builder_cls.create_atomic_cas
+
+    def atomic(real):
+        def run(self, *args, **kwargs):
+            if abort.is_set():
+                raise RuntimeError("another program of this launch failed (concurrent_programs)")
+            out = real(self, *args, **kwargs)
+            time.sleep(0.0002)  # let the other programs run while this one spins
+            return out
+        return run
+
+    def call(self, *args_dev, **kwargs):
+        spec = inspect.getfullargspec(self.fn)
+        kwargs = {k: v for k, v in kwargs.items() if k in spec.args or k in spec.kwonlyargs}
+        args_hst, kwargs_hst = self._init_args_hst(args_dev, kwargs)
+        for hook in self.pre_run_hooks:
+            hook(*args_hst, **kwargs_hst)
+        patch = interp._patch_lang(self.fn)
+        try:
+            args = inspect.getcallargs(self.fn, *args_hst, **kwargs_hst)
+            args = {k: v if k in self.constexprs else interp._implicit_cvt(v) for k, v in args.items()}
+            grid = self.grid(args) if callable(self.grid) else self.grid
+            grid = tuple(grid) + (1,) * (3 - len(grid))
+            interp.interpreter_builder.set_grid_dim(*grid)
+            errors = []
+
+            def program(x, y, z):
+                try:
+                    interp.interpreter_builder.set_grid_idx(x, y, z)
+                    self.fn(**args)
+                except BaseException as e:  # noqa: BLE001 -- re-raised below
+                    errors.append(e)
+                    abort.set()
+
+            threads = [threading.Thread(target=program, args=(x, y, z), daemon=True)
+                       for x in range(grid[0]) for y in range(grid[1]) for z in range(grid[2])]
+            for t in threads:
+                t.start()
+            end = time.monotonic() + timeout_s
+            for t in threads:
+                t.join(max(0.0, end - time.monotonic()))
+            if any(t.is_alive() for t in threads):
+                abort.set()
+                for t in threads:
+                    t.join(10.0)
+                raise TimeoutError(f"a launch of {grid[0] * grid[1] * grid[2]} programs ran past {timeout_s} s")
+            if errors:
+                raise errors[0]
+        finally:
+            patch.restore()
+        self._restore_args_dev(args_dev, args_hst, kwargs, kwargs_hst)
+
+    missing = object()
+    real_idx = builder_cls.__dict__.get("grid_idx", missing)
+    builder_cls.grid_idx = property(lambda self: getattr(local, "idx", None),
+                                    lambda self, v: setattr(local, "idx", v))
+    # Device-function calls patch the language again on every call (InterpretedFunction), each
+    # attribute anew; on Triton 3.6 the tensor's ``__index__`` goes through the interpreter's own
+    # (which NumPy >= 2.4 refuses on its one-element arrays) before gpu-nn's compat layer mends
+    # it (kernels/triton/_compat.py): another program's thread could call it in between. Here
+    # every such patch sets the mended one straight away.
+    real_tensor_patch = interp._patch_lang_tensor
+    interp._patch_lang_tensor = lambda tensor, scope: real_tensor_patch(tensor, _IndexScope(scope))
+    builder_cls.create_atomic_rmw = atomic(real_rmw)
+    builder_cls.create_atomic_cas = atomic(real_cas)
+    executor.__call__ = call
+    try:
+        yield
+    finally:
+        interp._patch_lang_tensor = real_tensor_patch
+        executor.__call__ = real_call
+        builder_cls.create_atomic_rmw, builder_cls.create_atomic_cas = real_rmw, real_cas
+        if real_idx is missing:
+            del builder_cls.grid_idx
+        else:
+            builder_cls.grid_idx = real_idx

@@ -13,7 +13,7 @@ import gpu_nn.functional as F
 from gpu_nn import nn as gnn
 from gpu_nn.ops import rnn as ops
 from gpu_nn.reference import rnn as ref
-from helpers import EPS, assert_close, backend_params, gpu_dtypes_for, max_rel_err, randn
+from helpers import EPS, assert_close, backend_params, concurrent_programs, gpu_dtypes_for, max_rel_err, randn
 
 MODES = ("rnn_tanh", "rnn_relu", "lstm", "gru")
 MODULES = {
@@ -1348,14 +1348,52 @@ def test_resident_weights_forward_matches_reference(mode, H, block_h, rng, monke
             assert_close(a, b, dtype, k=T * B * 4 * H, what=f"{mode} grad {i}")
 
 
-def _tile_local_weights(rng, mode, H, block_h, dtype):
-    """W_hh [G * H, H] whose row g * H + j reads only the state units of j's hidden tile: each
-    tile's recurrence then needs no other tile's h_{t-1}, so a persistent launch's programs can
-    run one after another (the interpreter's way) with the grid barrier out of the way."""
-    G = ops.GATES[mode]
-    w = torch.from_numpy(rng.standard_normal((G * H, H))) * 0.4
-    tile = torch.arange(H) // block_h
-    return (w * (tile.repeat(G)[:, None] == tile[None, :])).to(dtype)
+def test_concurrent_programs_open_the_grid_barrier(monkeypatch):
+    """tests/helpers.concurrent_programs (under the interpreter): the persistent kernels' grid
+    barrier opens with every program running at once, each then reading what all the others
+    stored before it; a program that raises stops the launch (the others, spinning at the
+    barrier, give up at their next atomic) and its error comes out, at once."""
+    if torch.cuda.is_available():
+        pytest.skip("tests the interpreter's concurrent programs (on a GPU programs are concurrent anyway)")
+    import threading
+    import time
+
+    import triton
+    import triton.language as tl
+    import triton.runtime.interpreter as interp
+
+    from gpu_nn.kernels.triton.rnn import _grid_barrier
+
+    # a jit function resolves names in its module's globals (and the interpreter wants tl there)
+    monkeypatch.setitem(globals(), "tl", tl)
+    monkeypatch.setitem(globals(), "_grid_barrier", _grid_barrier)
+
+    @triton.jit
+    def kernel(x_ptr, y_ptr, count_ptr):
+        pid = tl.program_id(0)
+        tl.store(x_ptr + pid, pid + 1)
+        _grid_barrier(count_ptr, tl.num_programs(0))
+        tl.store(y_ptr + pid, tl.sum(tl.load(x_ptr + tl.arange(0, 4)), axis=0))
+
+    def launch():
+        y = torch.zeros(4, dtype=torch.int32)
+        kernel[(4,)](torch.zeros(4, dtype=torch.int32), y, torch.zeros(1, dtype=torch.int32))
+        return y
+
+    with concurrent_programs():
+        assert launch().tolist() == [10] * 4
+    real = interp.InterpreterBuilder.create_store
+
+    def store(self, *args, **kwargs):
+        if self.grid_idx[0] == 1:
+            raise RuntimeError("program 1 fails")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(interp.InterpreterBuilder, "create_store", store)
+    threads, t0 = threading.active_count(), time.monotonic()
+    with pytest.raises(RuntimeError, match="program 1 fails"), concurrent_programs(timeout_s=60):
+        launch()
+    assert time.monotonic() - t0 < 30 and threading.active_count() == threads
 
 
 @pytest.mark.parametrize("mode", ("rnn_tanh", "lstm", "gru"))
@@ -1364,13 +1402,12 @@ def _tile_local_weights(rng, mode, H, block_h, dtype):
 def test_resident_weights_follow_each_programs_tile(mode, dot, pair, rng, monkeypatch):
     """Several programs, one tile each (B=20, H=33: two batch tiles x three hidden tiles a
     direction), each loading its own tile's W_hh rows (``_resident_w`` at ``pid % nh``; in the
-    two-direction kernel the direction and hidden tile ``_pair_tile`` gives ``pid``), against one
-    program re-reading W_hh from L2 (KP = 0), the reverse direction and lengths included. The
-    interpreter runs programs one after another, so W_hh is tile-local (_tile_local_weights) and
-    the barrier's counter starts past every target (the launch wrapper fills the one-element
-    int32 counter): what is left to differ is which rows each program holds. On a GPU the same
-    runs with the programs concurrent (each reads other tiles' units only through zero weights),
-    the two dot orders held to a bound far below what a wrong tile's rows make (units)."""
+    two-direction kernel the direction and hidden tile ``_pair_tile`` gives ``pid``) and reading
+    the others' h_{t-1} after the grid barrier, all concurrent (concurrent_programs under the
+    interpreter, the real grid on a GPU), against one program re-reading W_hh from L2 (KP = 0),
+    dense W_hh, the reverse direction and lengths included; so does the L2 form in 5 programs
+    that take turns at the tiles. The dot orders held to a bound far below what a wrong tile's
+    rows or a missed barrier make (units)."""
     from gpu_nn.kernels.triton import rnn as kt
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -1379,9 +1416,6 @@ def test_resident_weights_follow_each_programs_tile(mode, dot, pair, rng, monkey
     real, kps = kt.launch_kernel, []
 
     def launch(kernel, grid, *args, **kw):
-        for a in args:
-            if isinstance(a, torch.Tensor) and a.dtype == torch.int32 and a.numel() == 1:
-                a.fill_(1 << 30)  # the barrier's counter: every wait already over
         kps.append(kw["KP"])
         return real(kernel, grid, *args, **kw)
 
@@ -1393,7 +1427,7 @@ def test_resident_weights_follow_each_programs_tile(mode, dot, pair, rng, monkey
              torch.from_numpy(rng.standard_normal((T, B, S))).float(),
              torch.from_numpy(rng.standard_normal((T + 1, B, H))).float(),
              torch.from_numpy(rng.standard_normal((T + 1, B, H))).float() if mode == "lstm" else None,
-             _tile_local_weights(rng, mode, H, kt.PERSIST_BLOCKS[1], dtype),
+             (torch.from_numpy(rng.standard_normal((G, H))) * H ** -0.5).to(dtype),
              torch.from_numpy(rng.standard_normal(G)).to(dtype) if mode == "gru" else None)]
             for _ in range(2 if pair else 1)]
     tiles = (2 if pair else 1) * kt.persist_tiles(B, H)
@@ -1402,57 +1436,45 @@ def test_resident_weights_follow_each_programs_tile(mode, dot, pair, rng, monkey
     def run(programs):
         bufs = [[None if t is None else t.clone() for t in d] + [torch.zeros(T, B, H, dtype=dtype, device=dev), None]
                 for d in dirs]
-        if pair:
-            kt.persist_forward_pair(mode, bufs[0], bufs[1], lens, code, programs)
-        else:
-            kt.persist_forward(mode, *bufs[0], lens, True, code, programs)
+        with concurrent_programs():
+            if pair:
+                kt.persist_forward_pair(mode, bufs[0], bufs[1], lens, code, programs)
+            else:
+                kt.persist_forward(mode, *bufs[0], lens, True, code, programs)
         return [t for d in bufs for t in d if t is not None]
 
-    resident, l2 = run(tiles), run(1)
-    assert kps == [max(16, 1 << (H - 1).bit_length()), 0]
+    # resident (one program a tile), the L2 form in 5 programs taking turns at the tiles, in one
+    resident, dealt, l2 = run(tiles), run(5), run(1)
+    assert kps == [max(16, 1 << (H - 1).bit_length()), 0, 0]
     tol = 1e-6 if dev == "cpu" else 2e-2  # the interpreter's dots are exact; the GPU's sum in other orders
+    for a, b in zip(dealt, l2):
+        torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol)
     for a, b in zip(resident, l2):
         torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol)
 
 
-def _tile_ordered_weights(rng, mode, H, block_h, dtype):
-    """W_hh [G * H, H] whose row g * H + j reads only state units of j's hidden tile and of later
-    ones: in the backward, dh_{t-1} of a hidden tile then takes shares (dG_t W_hh) from its own
-    tile and earlier ones only, so a launch whose programs run one after another in tile order
-    (the interpreter's way) sees every share it needs already written, and zero (never written)
-    where the weights make it zero."""
-    G = ops.GATES[mode]
-    w = torch.from_numpy(rng.standard_normal((G * H, H))) * 0.4
-    tile = torch.arange(H) // block_h
-    return (w * (tile.repeat(G)[:, None] <= tile[None, :])).to(dtype)
-
-
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dot", ("tf32", "bf16"))
-@pytest.mark.parametrize("pair", (False, True), ids=("one", "pair"))
-def test_resident_backward_shares_cross_the_tiles(mode, dot, pair, rng, monkeypatch):
+@pytest.mark.parametrize("way", ("forward", "reverse", "pair"))
+def test_resident_backward_shares_cross_the_tiles(mode, dot, way, rng, monkeypatch):
     """The resident persistent backward across programs (B=20, H=33: two batch tiles x three
-    hidden tiles a direction, one program each): every program's share of dh_{t-1}, dG_t times its
-    own W_hh rows, reaches the other hidden tiles of its batch tile through the share buffer's
-    step slots, against one program of the L2 form (which reads dG and W_hh itself), lengths and
-    the reverse direction included. The interpreter runs programs one after another, so W_hh
-    feeds a tile from itself and earlier tiles only (_tile_ordered_weights) and T = 3 writes
-    each step slot once (steps 0 and 1; the last step writes none): every share a program reads
-    was written before it runs, by the step that wrote it, and the barrier's counter starts past
-    every target. A share read from the wrong slot, tile or batch tile, or left out of the sum,
-    changes the carry and the gate gradients by whole units. On a GPU the same runs with the
-    programs concurrent."""
+    hidden tiles a direction, one program each, all concurrent: concurrent_programs under the
+    interpreter, the real grid on a GPU): every program's share of dh_{t-1}, dG_t times its own
+    W_hh rows, reaches every hidden tile of its batch tile through the share buffer's two step
+    slots (T = 5: each slot reused), against one program of the L2 form (which reads dG and
+    W_hh itself), dense W_hh, lengths, one direction forward and reverse and the pair kernel; so
+    does the L2 form in 5 programs that take turns at the tiles. A share read from the wrong
+    slot, tile or batch tile, left out of the sum, written for part of the units, or read before
+    the barrier changes the carry and the gate gradients by whole units."""
     from gpu_nn.kernels.triton import rnn as kt
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    T, B, H = 3, 20, 33
+    T, B, H = 5, 20, 33
+    pair, reverse = way == "pair", way == "reverse"
     code, dtype = {"tf32": (kt.DOT_CODES["tf32"], torch.float32), "bf16": (kt.DOT_CODES["bf16"], torch.bfloat16)}[dot]
     real, kps = kt.launch_kernel, []
 
     def launch(kernel, grid, *args, **kw):
-        for a in args:
-            if isinstance(a, torch.Tensor) and a.dtype == torch.int32 and a.numel() == 1:
-                a.fill_(1 << 30)  # the barrier's counter: every wait already over
         if "KP" in kw:
             kps.append(kw["KP"])
         return real(kernel, grid, *args, **kw)
@@ -1469,7 +1491,7 @@ def test_resident_backward_shares_cross_the_tiles(mode, dot, pair, rng, monkeypa
 
     def direction():
         u = lambda *shape: torch.from_numpy(rng.uniform(0.05, 0.95, size=shape)).float().to(dev)  # noqa: E731
-        return dict(w_hh=_tile_ordered_weights(rng, mode, H, kt.PERSIST_BLOCKS[1], dtype).to(dev),
+        return dict(w_hh=(torch.from_numpy(rng.standard_normal((G, H))) * H ** -0.5).to(dtype).to(dev),
                     carry=torch.from_numpy(rng.standard_normal((B, H))).float().to(dev),
                     dc=torch.from_numpy(rng.standard_normal((B, H))).float().to(dev) if mode == "lstm" else None,
                     dout=torch.from_numpy(rng.standard_normal((T, B, H))).to(dtype).to(dev),
@@ -1486,20 +1508,23 @@ def test_resident_backward_shares_cross_the_tiles(mode, dot, pair, rng, monkeypa
             bufs["dgi"] = torch.full((T, B, G), 7.0, device=dev)  # every entry written
             bufs["dgh"] = torch.full((T, B, G), 7.0, device=dev) if mode == "gru" else bufs["dgi"]
             outs.append(bufs)
-        if pair:
-            f, r = ([b["w_hh"], b["carry"], b["dc"], b["dout"], b["g"], b["hs"], b["cs"], b["dgi"],
-                     b["dgh"] if mode == "gru" else None, None] for b in outs)
-            kt.persist_backward_pair(mode, f, r, lens, code, programs)
-        else:
-            b = outs[0]
-            kt.loop_backward(mode, b["w_hh"], b["carry"], b["dc"], b["dout"], b["g"], b["hs"], b["cs"], b["dgi"],
-                             b["dgh"], lens, False, code, programs)
+        with concurrent_programs():
+            if pair:
+                f, r = ([b["w_hh"], b["carry"], b["dc"], b["dout"], b["g"], b["hs"], b["cs"], b["dgi"],
+                         b["dgh"] if mode == "gru" else None, None] for b in outs)
+                kt.persist_backward_pair(mode, f, r, lens, code, programs)
+            else:
+                b = outs[0]
+                kt.loop_backward(mode, b["w_hh"], b["carry"], b["dc"], b["dout"], b["g"], b["hs"], b["cs"], b["dgi"],
+                                 b["dgh"], lens, reverse, code, programs)
         return [b[k] for b in outs for k in ("carry", "dc", "dgi", "dgh") if b[k] is not None]
 
-    resident, l2 = run(tiles), run(1)
-    assert kps == [max(16, 1 << (H - 1).bit_length()), 0], kps
-    # each direction's shares in its own part of the buffer (under the interpreter a shared one
-    # would go unseen in the results: the reverse direction's programs run after the forward's)
+    # resident (one program a tile), the L2 form in 5 programs taking turns at the tiles, in one
+    resident, dealt, l2 = run(tiles), run(5), run(1)
+    assert kps == [max(16, 1 << (H - 1).bit_length()), 0, 0], kps
+    for a, b in zip(dealt, l2):
+        torch.testing.assert_close(a, b, rtol=1e-5 if dev == "cpu" else 2e-2, atol=1e-5 if dev == "cpu" else 2e-2)
+    # each direction's shares in its own part of the buffer
     halves = shares[0].view(len(dirs), -1)
     assert halves.shape[1] == kt.resident_ws_size(B, H) and all(h.abs().max() > 0 for h in halves)
     tol = 1e-5 if dev == "cpu" else 2e-2  # the same products summed in other orders
@@ -1508,8 +1533,9 @@ def test_resident_backward_shares_cross_the_tiles(mode, dot, pair, rng, monkeypa
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(),
-                    reason="needs a GPU: the multi-program grid barrier cannot run in the interpreter "
-                           "(programs run one after another there, so a barrier across two never opens)")
+                    reason="needs a GPU: up to hundreds of programs at these sizes, too slow for the interpreter "
+                           "(the multi-program mechanics run on the CPU at small sizes, concurrent_programs: "
+                           "test_resident_weights_follow_each_programs_tile, test_resident_backward_shares_cross_the_tiles)")
 @pytest.mark.parametrize("mode", ("rnn_tanh", "lstm", "gru"))  # rnn_relu: rnn_tanh's kernel but for the activation
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
 @pytest.mark.parametrize("B,H,bi", [(4, 512, True), (16, 256, False), (64, 512, False), (32, 32, True)])
@@ -1532,8 +1558,9 @@ def test_resident_weights_on_gpu_match_reference(mode, dtype, B, H, bi, rng, mon
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(),
-                    reason="needs a GPU: the multi-program grid barrier cannot run in the interpreter "
-                           "(programs run one after another there, so a barrier across two never opens)")
+                    reason="needs a GPU: up to hundreds of programs at these sizes, too slow for the interpreter "
+                           "(the multi-program mechanics run on the CPU at small sizes, concurrent_programs: "
+                           "test_resident_weights_follow_each_programs_tile, test_resident_backward_shares_cross_the_tiles)")
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("B,H", [(4, 256), (16, 1000), (3, 1024), (40, 200)])
 def test_persistent_multi_program_matches_per_step_on_gpu(mode, B, H, rng, monkeypatch):
@@ -1571,8 +1598,9 @@ def test_persistent_multi_program_matches_per_step_on_gpu(mode, B, H, rng, monke
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(),
-                    reason="needs a GPU: the multi-program grid barrier cannot run in the interpreter "
-                           "(programs run one after another there, so a barrier across two never opens)")
+                    reason="needs a GPU: up to hundreds of programs at these sizes, too slow for the interpreter "
+                           "(the multi-program mechanics run on the CPU at small sizes, concurrent_programs: "
+                           "test_resident_weights_follow_each_programs_tile, test_resident_backward_shares_cross_the_tiles)")
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("B,H", [(4, 256), (16, 1000), (40, 200)])
 @pytest.mark.parametrize("bi", [False, True], ids=["uni", "bi"])

@@ -47,7 +47,8 @@ order, longest first, so the short sequences end in the last batch tiles) skips 
 product, forward and backward, so a packed batch's per-step work follows the sequences still
 running, not the longest one. The persistent forward keeps the full product in every batch
 tile: its stored gates equal the reference's entry for entry, finished rows included (its tests
-compare the whole reserve); the persistent backward skips as the step backward does.
+compare the whole reserve); the persistent backward skips as the step backward does, except
+in its resident form, which makes every step's share product (the results are the same).
 
 Layouts: everything row-major with explicit row strides; states and gates in float32 (the
 reserve); weights and the user's input / output in float32, float16 or bfloat16. Gate order
@@ -951,9 +952,10 @@ def _resident_bwd_tile(jb, jh, s, reverse, wt, ws_ptr, carry_ptr, dc_ptr, has_dc
     dG W_hh is summed the other way round from the L2 form: each program multiplies the W_hh-side
     gate gradients it has just computed (its own units', still in registers) by its own rows,
     giving its share of dh_{t-1} for every unit, ``wt @ dG_tile^T`` ([KP, BLOCK_B]: one dot with
-    the state units on the MMA's rows, a wgmma whose A operand stays in shared memory), and
+    the state units on the MMA's rows; from KP = 64 a wgmma whose A operand stays in shared
+    memory, below that an mma.sync with the small operand in registers), and
     stores it to ``ws``; after the barrier each program adds up the shares of its units from
-    every hidden tile of its batch tile (in hidden-tile order: the same sum whatever the
+    every hidden tile of its batch tile (one reduction over a fixed layout: the same sum whatever the
     timing). A step so moves [H, BLOCK_B] floats out and in per program where the L2 form reads
     the tile's [G * H, BLOCK_H] W_hh rows and [BLOCK_B, G * H] gate gradients.
 
@@ -1271,8 +1273,9 @@ PERSIST_MAX_H = 1024
 
 # The persistent kernels' grid barrier needs every program resident at once. The grid is capped at
 # the SM count and one program of any configuration fits an SM (the L2 forms: at most 32K
-# registers, 4 KB of shared memory; the resident forms: 8 warps of at most 225 registers, 57.6K,
-# and 160 KiB of shared memory: benchmarks/results/aot/rnn_resident_kp_*.json), so on its own a
+# registers, 4 KB of shared memory; the resident forms: 8 warps of at most 255 registers, 65.3K,
+# and 160 KiB of shared memory: benchmarks/results/aot/rnn_resident_kp_*.json and
+# rnn_resident_bwd_kp_*.json), so on its own a
 # launch always is; but Triton launches are
 # not cooperative, so concurrent barrier launches on several streams taking SMs from each other
 # would spin instead of failing. COOPERATIVE (GPU_NN_RNN_COOPERATIVE=1) launches them with
@@ -1321,7 +1324,7 @@ RESIDENT_MAX_KP = 512
 
 
 def resident_kp(H: int, dot: int, tiles: int, programs: int) -> int:
-    """KP of a persistent forward launch of ``programs`` programs over ``tiles`` tiles: the
+    """KP of a persistent launch (forward or backward) of ``programs`` programs over ``tiles`` tiles: the
     resident operands' depth (a power of two >= max(H, 16)), or 0 (W_hh read from L2 per step)
     where the resident form does not apply (see RESIDENT_MAX_KP) or GPU_NN_RNN_RESIDENT=0."""
     env = os.environ.get(RESIDENT_ENV)
