@@ -1348,6 +1348,44 @@ def test_resident_weights_forward_matches_reference(mode, H, block_h, rng, monke
             assert_close(a, b, dtype, k=T * B * 4 * H, what=f"{mode} grad {i}")
 
 
+@pytest.mark.parametrize("mode", ("rnn_tanh", "lstm", "gru"))  # rnn_relu: rnn_tanh's kernel but for the activation
+@pytest.mark.parametrize("tf32", (True, False), ids=("resident", "l2"))
+def test_persistent_layers_across_concurrent_programs(mode, tf32, rng, monkeypatch):
+    """The layer driver's persistent path with as many programs as a GPU gives it (one per
+    tile: the interpreter's programs concurrent, concurrent_programs, with the device's SM count
+    faked to 132): a two-layer bidirectional stack, B=20 H=33 (6 tiles a direction, 12 for the
+    pair kernels), lengths, dropout masks, forward and backward persistent (GPU_NN_RNN_PERSISTENT=1),
+    against the float64 reference: outputs, final states, reserve and every gradient. TF32 on,
+    W_hh resident in both passes (KP 64); off, the exact dots re-reading it from L2."""
+    from gpu_nn.kernels.triton import rnn as kt
+
+    if torch.cuda.is_available():
+        pytest.skip("the GPU runs the persistent kernels with its own program counts (tests above)")
+    cfg = (4, 20, 5, 33, 2, True, tuple(int(v) for v in rng.integers(1, 5, size=20)), True, True)
+    T, B, I, H, L, bi, lengths, bias, masks = cfg
+    x, hx, params, mk, lens = _persist_case(mode, rng, *cfg)
+    r_outs, r_res, r_grads = _persist_run(mode, "reference", torch.float64, x, hx, params, mk, lens, L, bi, bias)
+    monkeypatch.setattr(ops, "_barrier_sms", lambda dev: 132)
+    monkeypatch.setenv(_PERSIST_ENV, "1")
+    monkeypatch.delenv(kt.RESIDENT_ENV, raising=False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", tf32)
+    programs, kps = [], []
+    for name in ("persist_forward_pair", "persist_backward_pair"):
+        real = getattr(kt, name)
+        monkeypatch.setattr(kt, name, (lambda r: lambda *a: (programs.append(a[-1]), r(*a))[1])(real))
+    real_kp = kt.resident_kp
+    monkeypatch.setattr(kt, "resident_kp", lambda *a: (kps.append(real_kp(*a)), kps[-1])[1])
+    with concurrent_programs():
+        o_outs, o_res, o_grads = _persist_run(mode, "triton", torch.float32, x, hx, params, mk, lens, L, bi, bias)
+    assert programs == [12] * (2 * L), programs  # every layer's both directions, forward and backward
+    assert kps == ([64] if tf32 else [0]) * (2 * L), kps
+    for i, (a, b) in enumerate(zip(o_outs, r_outs)):
+        assert_close(a, b, torch.float32, k=4 * H, what=f"{mode} output {i}")
+    assert_close(o_res, r_res, torch.float32, k=4 * H, what=f"{mode} reserve")
+    for i, (a, b) in enumerate(zip(o_grads, r_grads)):
+        assert_close(a, b, torch.float32, k=T * B * 4 * H, what=f"{mode} grad {i}")
+
+
 def test_concurrent_programs_open_the_grid_barrier(monkeypatch):
     """tests/helpers.concurrent_programs (under the interpreter): the persistent kernels' grid
     barrier opens with every program running at once, each then reading what all the others
