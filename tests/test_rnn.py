@@ -1491,7 +1491,7 @@ def test_resident_weights_follow_each_programs_tile(mode, dot, pair, rng, monkey
         torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", ("rnn_tanh", "lstm", "gru"))  # rnn_relu: rnn_tanh's kernel but for the activation
 @pytest.mark.parametrize("dot", ("tf32", "bf16"))
 @pytest.mark.parametrize("way", ("forward", "reverse", "pair"))
 def test_resident_backward_shares_cross_the_tiles(mode, dot, way, rng, monkeypatch):
@@ -1499,7 +1499,7 @@ def test_resident_backward_shares_cross_the_tiles(mode, dot, way, rng, monkeypat
     hidden tiles a direction, one program each, all concurrent: concurrent_programs under the
     interpreter, the real grid on a GPU): every program's share of dh_{t-1}, dG_t times its own
     W_hh rows, reaches every hidden tile of its batch tile through the share buffer's two step
-    slots (T = 5: each slot reused), against one program of the L2 form (which reads dG and
+    slots (T = 4: slot 0 written at steps 0 and 2), against one program of the L2 form (which reads dG and
     W_hh itself), dense W_hh, lengths, one direction forward and reverse and the pair kernel; so
     does the L2 form in 5 programs that take turns at the tiles. A share read from the wrong
     slot, tile or batch tile, left out of the sum, written for part of the units, or read before
@@ -1507,7 +1507,7 @@ def test_resident_backward_shares_cross_the_tiles(mode, dot, way, rng, monkeypat
     from gpu_nn.kernels.triton import rnn as kt
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    T, B, H = 5, 20, 33
+    T, B, H = 4, 20, 33
     pair, reverse = way == "pair", way == "reverse"
     code, dtype = {"tf32": (kt.DOT_CODES["tf32"], torch.float32), "bf16": (kt.DOT_CODES["bf16"], torch.bfloat16)}[dot]
     real, kps = kt.launch_kernel, []
