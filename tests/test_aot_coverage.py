@@ -31,6 +31,7 @@ import dataclasses
 import functools
 import importlib
 import inspect
+import sys
 
 import numpy as np
 import pytest
@@ -110,10 +111,15 @@ class Launch:
 
 
 def _caller() -> str:
-    """The launcher frame (first frame outside this file and triton) for the failure message."""
-    for fr in inspect.stack()[2:]:
-        if "test_aot_coverage" not in fr.filename and "/triton/" not in fr.filename:
-            return f"{fr.filename.rsplit('/', 1)[-1]}:{fr.lineno} {fr.function}"
+    """The launcher frame (first frame outside this file and triton) for the failure message: a
+    walk up the frames, reading no source (``inspect.stack()`` reads every frame's source file
+    and took 97 % of this file's time)."""
+    fr = sys._getframe(2)
+    while fr is not None:
+        name = fr.f_code.co_filename
+        if "test_aot_coverage" not in name and "/triton/" not in name:
+            return f"{name.rsplit('/', 1)[-1]}:{fr.f_lineno} {fr.f_code.co_name}"
+        fr = fr.f_back
     return "?"
 
 
