@@ -1503,7 +1503,10 @@ def test_resident_backward_shares_cross_the_tiles(mode, dot, way, rng, monkeypat
     W_hh itself), dense W_hh, lengths, one direction forward and reverse and the pair kernel; so
     does the L2 form in 5 programs that take turns at the tiles. A share read from the wrong
     slot, tile or batch tile, left out of the sum, written for part of the units, or read before
-    the barrier changes the carry and the gate gradients by whole units."""
+    the barrier changes the carry and the gate gradients by whole units. The second batch tile's
+    rows end after step 1: its steps past that write no shares and read none (the buffer starts
+    NaN, so a share read that was never written poisons the result; the slot a skipped forward
+    step would have written stays NaN)."""
     from gpu_nn.kernels.triton import rnn as kt
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -1521,10 +1524,20 @@ def test_resident_backward_shares_cross_the_tiles(mode, dot, way, rng, monkeypat
     # the pair's final dh0 step is the step kernel's, the same after either form: left out
     monkeypatch.setattr(kt, "_final_pair_step", lambda *a, **k: None)
     real_bufs, shares = kt._barrier_and_shares, []
-    monkeypatch.setattr(kt, "_barrier_and_shares", lambda *a: (lambda cw: (shares.append(cw[1]), cw)[1])(real_bufs(*a)))
+
+    def bufs_(*a):  # the shares NaN until written: a share read before it is written poisons the sums
+        count, ws = real_bufs(*a)
+        if a[0]:  # resident (KP > 0); else ws is the counter itself
+            shares.append(ws.fill_(float("nan")))
+        return count, ws
+
+    monkeypatch.setattr(kt, "_barrier_and_shares", bufs_)
     monkeypatch.delenv(kt.RESIDENT_ENV, raising=False)
     lens = torch.from_numpy(rng.integers(1, T + 1, size=B)).to(dev)
     lens[0] = T
+    # the second batch tile (rows 16..19) ends after step 1: no shares at steps 2 and 3
+    lens[16:] = torch.from_numpy(rng.integers(1, 3, size=B - 16)).to(dev)
+    lens[16] = 2
     G, S = ops.GATES[mode] * H, ref.STORED[mode] * H
 
     def direction():
@@ -1562,9 +1575,15 @@ def test_resident_backward_shares_cross_the_tiles(mode, dot, way, rng, monkeypat
     assert kps == [max(16, 1 << (H - 1).bit_length()), 0, 0], kps
     for a, b in zip(dealt, l2):
         torch.testing.assert_close(a, b, rtol=1e-5 if dev == "cpu" else 2e-2, atol=1e-5 if dev == "cpu" else 2e-2)
-    # each direction's shares in its own part of the buffer
-    halves = shares[0].view(len(dirs), -1)
-    assert halves.shape[1] == kt.resident_ws_size(B, H) and all(h.abs().max() > 0 for h in halves)
+    # each direction's shares in its own part of the buffer, [step slot, batch tile, hidden tile, H, 16]
+    halves = shares[0].view(len(dirs), 2, 2, 3, H, 16)
+    assert halves[0].numel() == kt.resident_ws_size(B, H)
+    for r, h in enumerate(halves):
+        assert h[:, 0].isfinite().all() and h[:, 0].abs().max() > 0  # batch tile 0: every step's shares
+        # batch tile 1, the forward direction: steps 3, 2 (s = 0, 1) skipped, step 1 (s = 2) writes
+        # slot 0, step 0 (the last processed) none; reverse: steps 0, 1 write, step 2 skipped, 3 the last
+        skipped = not (reverse or r == 1)
+        assert h[0, 1].isfinite().all() and h[1, 1].isnan().all() == skipped and h[1, 1].isfinite().all() != skipped
     tol = 1e-5 if dev == "cpu" else 2e-2  # the same products summed in other orders
     for a, b in zip(resident, l2):
         torch.testing.assert_close(a, b, rtol=tol, atol=tol)

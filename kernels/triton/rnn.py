@@ -47,8 +47,8 @@ order, longest first, so the short sequences end in the last batch tiles) skips 
 product, forward and backward, so a packed batch's per-step work follows the sequences still
 running, not the longest one. The persistent forward keeps the full product in every batch
 tile: its stored gates equal the reference's entry for entry, finished rows included (its tests
-compare the whole reserve); the persistent backward skips as the step backward does, except
-in its resident form, which makes every step's share product (the results are the same).
+compare the whole reserve); the persistent backward skips as the step backward does (its
+resident form: the share product and its exchange, see ``_resident_bwd_tile``).
 
 Layouts: everything row-major with explicit row strides; states and gates in float32 (the
 reserve); weights and the user's input / output in float32, float16 or bfloat16. Gate order
@@ -920,6 +920,18 @@ def _rnn_persist2_bwd_kernel(w_ptr, w1_ptr, stride_w0, stride_w1, carry_ptr, car
 
 
 @triton.jit
+def _bwd_step_slots(s, reverse, T, stride_hs):
+    """Where step ``s`` of a persistent backward is (one direction): its time ``t`` (and as int64),
+    the time ``tn64`` of the step processed before it (forward: t = T - 1 - s, before it t + 1;
+    reverse: t = s, before it t - 1) and the offsets of its state slots in ``hs / cs``, ``hp``
+    before the step and ``hn`` after it (forward: slot t -> t + 1; reverse: slot t + 1 -> t)."""
+    t = T - 1 - s + reverse * (2 * s + 1 - T)
+    t64 = t.to(tl.int64)
+    tn64 = t64 + 1 - 2 * reverse
+    return t, t64, tn64, (t64 + reverse) * stride_hs, (t64 + 1 - reverse) * stride_hs
+
+
+@triton.jit
 def _persist_bwd_tile(jb, jh, s, reverse, w_ptr, stride_w0, stride_w1, carry_ptr, dc_ptr, has_dc, dout_ptr, stride_dot,
                       stride_dob, g_ptr, stride_gt, stride_gb, hs_ptr, cs_ptr, stride_hs, dgi_ptr, dgh_ptr, stride_dgt,
                       stride_dgb, len_ptr, T, B, H, MODE: tl.constexpr, DOT_DT: tl.constexpr, BLOCK_B: tl.constexpr,
@@ -927,12 +939,7 @@ def _persist_bwd_tile(jb, jh, s, reverse, w_ptr, stride_w0, stride_w1, carry_ptr
     """Step ``s`` of the persistent backward for batch tile ``jb``, hidden tile ``jh`` of one
     direction: the step backward's tile of a sequence step (the first step processed, s = 0, has
     no ``dG_next W_hh``; the previous step's ``dgh``, written by other programs, read ``.cg``)."""
-    # forward: t = T - 1 - s, the step before it t + 1; reverse: t = s, the step before t - 1
-    t = T - 1 - s + reverse * (2 * s + 1 - T)
-    t64 = t.to(tl.int64)
-    tn64 = t64 + 1 - 2 * reverse
-    hp = (t64 + reverse) * stride_hs  # forward: slot t -> t + 1; reverse: slot t + 1 -> t
-    hn = (t64 + 1 - reverse) * stride_hs
+    t, t64, tn64, hp, hn = _bwd_step_slots(s, reverse, T, stride_hs)
     _step_bwd_tile(jb, jh, dgh_ptr + tn64 * stride_dgt, stride_dgb, w_ptr, stride_w0, stride_w1, carry_ptr, 1, dc_ptr,
                    dc_ptr, has_dc, dout_ptr + t64 * stride_dot, stride_dob, g_ptr + t64 * stride_gt, stride_gb,
                    hs_ptr + hp, hs_ptr + hn, cs_ptr + hp, cs_ptr + hn, dgi_ptr + t64 * stride_dgt,
@@ -962,11 +969,11 @@ def _resident_bwd_tile(jb, jh, s, reverse, wt, ws_ptr, carry_ptr, dc_ptr, has_dc
     ``ws`` float32 [2, cdiv(B, BLOCK_B), cdiv(H, BLOCK_H), H, BLOCK_B]: step ``s`` writes slot
     ``s % 2`` and the next step reads it, so a program that runs ahead never overwrites shares
     another is still reading (it passed the barrier after which they were all read). The last
-    step processed writes none: the caller's final step adds its dG W_hh, as for the L2 form."""
-    t = T - 1 - s + reverse * (2 * s + 1 - T)
-    t64 = t.to(tl.int64)
-    hp = (t64 + reverse) * stride_hs  # forward: slot t -> t + 1; reverse: slot t + 1 -> t
-    hn = (t64 + 1 - reverse) * stride_hs
+    step processed writes none: the caller's final step adds its dG W_hh, as for the L2 form. A
+    step whose batch tile has no row running (``len <= t`` in every row: a packed batch's
+    padding) writes no shares, and the next step reads none (its gate gradients are zero, so
+    the shares would be: the same sums)."""
+    t, t64, tn64, hp, hn = _bwd_step_slots(s, reverse, T, stride_hs)
     rb = (jb * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
     rh = jh * BLOCK_H + tl.arange(0, BLOCK_H)
     mb = rb < B
@@ -977,7 +984,11 @@ def _resident_bwd_tile(jb, jh, s, reverse, wt, ws_ptr, carry_ptr, dc_ptr, has_dc
     nb = tl.cdiv(B, BLOCK_B)
     rc = tl.arange(0, BLOCK_B)
     dh = tl.load(carry_ptr + st, mask=m2, other=0.0)
-    if s > 0:  # the shares the previous step left, every hidden tile's, for this tile's units
+    # a step where every row of the batch tile has ended (len <= t: a packed batch's padding) has
+    # zero gate gradients, so zero shares: its writers store none and its readers (the same batch
+    # tile's programs, one step later) read none, both deciding from the same lengths
+    last = tl.max(tl.load(len_ptr + rb, mask=mb, other=0), axis=0)
+    if (s > 0) & (last > tn64):  # the shares the previous step left, every hidden tile's, for this tile's units
         q = tl.arange(0, KP // BLOCK_H)
         base = ws_ptr + (((s - 1) % 2) * nb + jb).to(tl.int64) * nh * H * BLOCK_B
         offs = (q[:, None, None] * H + rh[None, :, None]) * BLOCK_B + rc[None, None, :]
@@ -987,7 +998,7 @@ def _resident_bwd_tile(jb, jh, s, reverse, wt, ws_ptr, carry_ptr, dc_ptr, has_dc
                                stride_dob, g_ptr + t64 * stride_gt, stride_gb, hs_ptr + hp, hs_ptr + hn, cs_ptr + hp,
                                cs_ptr + hn, dgi_ptr + t64 * stride_dgt, dgh_ptr + t64 * stride_dgt, stride_dgb, len_ptr,
                                t, H, MODE, BLOCK_B, BLOCK_H)
-    if s < T - 1:
+    if (s < T - 1) & (last > t64):
         # [row, unit, gate lo, gate hi] -> [gate, unit, row]: gate g = 2 * hi + lo on the rows, as in wt
         d = tl.join(tl.join(e0, e1), tl.join(e2, e3))
         d = tl.reshape(tl.permute(d, (3, 2, 1, 0)), (4 * BLOCK_H, BLOCK_B))
