@@ -1434,6 +1434,27 @@ def test_concurrent_programs_open_the_grid_barrier(monkeypatch):
     assert time.monotonic() - t0 < 30 and threading.active_count() == threads
 
 
+def _resident_tiles_setup(dot, monkeypatch):
+    """What the two tests below share: the device (the GPU where there is one), the dot code and
+    weight dtype of ``dot`` ("tf32": float32 weights, "bf16"), the resident form allowed, and the
+    KP of every persistent launch recorded (``kps``, in launch order; the final dh0 step passes
+    none). Returns (kernel module, device, dot code, dtype, kps)."""
+    from gpu_nn.kernels.triton import rnn as kt
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    code, dtype = {"tf32": (kt.DOT_CODES["tf32"], torch.float32), "bf16": (kt.DOT_CODES["bf16"], torch.bfloat16)}[dot]
+    real, kps = kt.launch_kernel, []
+
+    def launch(kernel, grid, *args, **kw):
+        if "KP" in kw:
+            kps.append(kw["KP"])
+        return real(kernel, grid, *args, **kw)
+
+    monkeypatch.setattr(kt, "launch_kernel", launch)
+    monkeypatch.delenv(kt.RESIDENT_ENV, raising=False)
+    return kt, dev, code, dtype, kps
+
+
 @pytest.mark.parametrize("mode", ("rnn_tanh", "lstm", "gru"))
 @pytest.mark.parametrize("dot", ("tf32", "bf16"))
 @pytest.mark.parametrize("pair", (False, True), ids=("one", "pair"))
@@ -1446,19 +1467,8 @@ def test_resident_weights_follow_each_programs_tile(mode, dot, pair, rng, monkey
     dense W_hh, the reverse direction and lengths included; so does the L2 form in 5 programs
     that take turns at the tiles. The dot orders held to a bound far below what a wrong tile's
     rows or a missed barrier make (units)."""
-    from gpu_nn.kernels.triton import rnn as kt
-
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    kt, dev, code, dtype, kps = _resident_tiles_setup(dot, monkeypatch)
     T, B, H = 4, 20, 33
-    code, dtype = {"tf32": (kt.DOT_CODES["tf32"], torch.float32), "bf16": (kt.DOT_CODES["bf16"], torch.bfloat16)}[dot]
-    real, kps = kt.launch_kernel, []
-
-    def launch(kernel, grid, *args, **kw):
-        kps.append(kw["KP"])
-        return real(kernel, grid, *args, **kw)
-
-    monkeypatch.setattr(kt, "launch_kernel", launch)
-    monkeypatch.delenv(kt.RESIDENT_ENV, raising=False)
     lens = torch.from_numpy(rng.integers(1, T + 1, size=B)).to(dev)
     G, S = ops.GATES[mode] * H, ref.STORED[mode] * H or H
     dirs = [[t if t is None else t.to(dev) for t in (
@@ -1507,20 +1517,9 @@ def test_resident_backward_shares_cross_the_tiles(mode, dot, way, rng, monkeypat
     rows end after step 1: its steps past that write no shares and read none (the buffer starts
     NaN, so a share read that was never written poisons the result; the slot a skipped forward
     step would have written stays NaN)."""
-    from gpu_nn.kernels.triton import rnn as kt
-
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    kt, dev, code, dtype, kps = _resident_tiles_setup(dot, monkeypatch)
     T, B, H = 4, 20, 33
     pair, reverse = way == "pair", way == "reverse"
-    code, dtype = {"tf32": (kt.DOT_CODES["tf32"], torch.float32), "bf16": (kt.DOT_CODES["bf16"], torch.bfloat16)}[dot]
-    real, kps = kt.launch_kernel, []
-
-    def launch(kernel, grid, *args, **kw):
-        if "KP" in kw:
-            kps.append(kw["KP"])
-        return real(kernel, grid, *args, **kw)
-
-    monkeypatch.setattr(kt, "launch_kernel", launch)
     # the pair's final dh0 step is the step kernel's, the same after either form: left out
     monkeypatch.setattr(kt, "_final_pair_step", lambda *a, **k: None)
     real_bufs, shares = kt._barrier_and_shares, []
@@ -1532,7 +1531,6 @@ def test_resident_backward_shares_cross_the_tiles(mode, dot, way, rng, monkeypat
         return count, ws
 
     monkeypatch.setattr(kt, "_barrier_and_shares", bufs_)
-    monkeypatch.delenv(kt.RESIDENT_ENV, raising=False)
     lens = torch.from_numpy(rng.integers(1, T + 1, size=B)).to(dev)
     lens[0] = T
     # the second batch tile (rows 16..19) ends after step 1: no shares at steps 2 and 3
