@@ -12,7 +12,8 @@ H=512 (all three, issue 16's small-batch goals);
 a 2-layer bidirectional LSTM N=32 T=100 I=H=256 forward+backward; a bidirectional LSTM N=4 T=50
 I=H=512 forward; the demo's models (LSTM and GRU, T=8 N=32 I=8 H=32, two bidirectional layers,
 float32) forward+backward; a packed LSTM N=64 T=100 I=H=512 forward+backward (lengths T down to T / 10,
-``packed_lengths``), PackedSequence in and out on both sides. torch (cuDNN) against our
+``packed_lengths``; per step, both persistent forms forced on, cupy), PackedSequence in and out on
+both sides. torch (cuDNN) against our
 triton and cupy backends and against a Python loop of ``torch.nn.LSTMCell`` / ``GRUCell`` /
 ``RNNCell``; provider ``triton`` runs the per-step launches (``GPU_NN_RNN_PERSISTENT=0``), and in
 the small-batch set ``triton-persistent`` the one-launch persistent forward and, in the
@@ -252,9 +253,12 @@ def cases(device: str = "cpu", quick: bool = False) -> list[harness.Case]:
                 out.append(_case(mode, 8, 32, 8, 32, dtype, device, True, _bi(_layer_providers()), L=2,
                                  bidirectional=True))
         # a packed batch of unequal lengths (T down to T / 10, shuffled): the step kernels skip
-        # the batch tiles whose sequences have ended (torch: cuDNN's packed path); --quick: float32
+        # the batch tiles whose sequences have ended (torch: cuDNN's packed path); --quick: float32.
+        # The persistent kernels forced on (128 tiles: one a program, W_hh resident) and from L2:
+        # their backward skips the ended tiles too, the resident one its share exchange
         if not quick or dtype == torch.float32:
-            out.append(_case("lstm", 100, 64, 512, 512, dtype, device, True, ("triton", "cupy"), packed=True))
+            ps = _unskipped(("triton", "triton-persistent", "triton-persistent-l2", "cupy"))
+            out.append(_case("lstm", 100, 64, 512, 512, dtype, device, True, ps, packed=True))
     return out
 
 

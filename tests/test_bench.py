@@ -503,11 +503,15 @@ def test_rnn_small_batch_forwards_time_the_persistent_kernel_both_ways(monkeypat
     assert {"triton-persistent", "triton-persistent-l2"} <= set(bench_rnn._layer_providers(l2=True))
     assert "cell_loop" not in bench_rnn._layer_providers(l2=True)
     built = []
+    packed = []
     monkeypatch.setattr(bench_rnn, "_case", lambda mode, T, N, I, H, dtype, device, backward, providers, **kw:
-                        built.append((T, N, backward, kw.get("L", 1), kw.get("bidirectional", False), providers)))
+                        (packed if kw.get("packed") else built).append(
+                            (T, N, backward, kw.get("L", 1), kw.get("bidirectional", False), providers)))
     bench_rnn.cases("cuda", quick=True)
     small_fb = [p for T, N, backward, L, bi, p in built if backward and N <= 16 and L == 1 and not bi]
     assert len(small_fb) == 12 and all("triton-persistent-l2" in p for p in small_fb), built
+    # the packed batch (fwd+bwd) times both persistent forms too: their backwards skip ended tiles
+    assert len(packed) == 1 and {"triton-persistent", "triton-persistent-l2"} <= set(packed[0][-1]), packed
     monkeypatch.setenv(bench_rnn.SKIP_PERSISTENT_ENV, "1")
     assert not {"triton-persistent", "triton-persistent-l2"} & set(bench_rnn._small_providers())
     assert bench_rnn._unskipped(("triton", "triton-persistent", "cupy")) == ("triton", "cupy")
