@@ -49,8 +49,9 @@ def _run_uninterpreted(tmp_path, name: str, code: str, timeout: float = 300):
 # a kernel whose step is a grid barrier) moved when they came to deal (batch, hidden) tiles
 # rather than hidden tiles alone: the half and TF32 LSTM / GRU forwards, the default path, lost
 # theirs; the exact-float32 LSTM / GRU forwards and the Elman tanh half forwards and backwards
-# gained one. The list is exact: a new spill fails, and so does an entry that stops spilling
-# (remove it then).
+# gained one; the forwards' went again when the tile indices became one jit helper
+# (kernels/triton/rnn.py _tile_index), the Elman half backwards' stayed. The list is exact: a new
+# spill fails, and so does an entry that stops spilling (remove it then).
 KNOWN_SPILLS = {
     ("_conv_dgrad_kernel", "dgrad medium fp16 ieee"): 16,
     ("_conv_dgrad_kernel", "dgrad medium bf16 ieee"): 16,
@@ -71,10 +72,6 @@ KNOWN_SPILLS = {
     ("_rnn_matmul_kernel", "matmul fp32xbf16->fp32 dot2 128x128x32 w8"): 296,
     ("_rnn_matmul_kernel", "matmul fp32xbf16->bf16 dot2 128x128x32 w8"): 256,
     ("_rnn_matmul_kernel", "matmul fp32xfp32->bf16 dot3 128x128x32 w8"): 200,
-    ("_rnn_persist_fwd_kernel", "persist fwd lstm fp32 dot0 out fp32 bhh0 w8 s1"): 24,
-    ("_rnn_persist_fwd_kernel", "persist fwd gru fp32 dot0 out fp32 bhh0 w4 s1"): 16,
-    ("_rnn_persist_fwd_kernel", "persist fwd rnn_tanh fp16 dot1 out fp16 bhh0 w4 s1"): 8,
-    ("_rnn_persist_fwd_kernel", "persist fwd rnn_tanh bf16 dot2 out bf16 bhh0 w4 s1"): 8,
     ("_rnn_persist_bwd_kernel", "persist bwd rnn_tanh fp16 dot1 dout fp16 w4 s1"): 8,
     ("_rnn_persist_bwd_kernel", "persist bwd rnn_tanh fp16 dot1 dout fp32 w4 s1"): 8,
     ("_rnn_persist_bwd_kernel", "persist bwd rnn_tanh bf16 dot2 dout bf16 w4 s1"): 8,
@@ -97,7 +94,8 @@ KNOWN_SPILLS = {
 # Triton 3.6 (the H200 image's): where its ptxas spills otherwise than 3.9's (KNOWN_SPILLS);
 # read off this suite run under torch 2.11 + Triton 3.6 on the CPU machine (7f4dce1). 0: none there
 # (the L2-form GRU float32 persistent backward's 8 B went with the resident backward's change of
-# its tile code: ptxas under 3.6 now fits it without spilling)
+# its tile code: ptxas under 3.6 now fits it without spilling; the two-direction GRU float32
+# forward's 8 B went, as 3.9's persistent forward spills did, with the _tile_index helper)
 KNOWN_SPILLS_TRITON_36 = {
     ("_conv_dgrad_kernel", "dgrad medium bf16 ieee"): 0,
     ("_conv_dgrad_kernel", "dgrad medium bf16 ieee apix"): 112,
@@ -144,15 +142,10 @@ KNOWN_SPILLS_TRITON_36 = {
     ("_rnn_matmul_kernel", "matmul fp32xfp32->bf16 dot3 128x128x32 w8"): 136,
     ("_rnn_matmul_kernel", "matmul fp32xfp32->fp16 dot3 128x128x32 w8"): 136,
     ("_rnn_matmul_kernel", "matmul fp32xfp32->fp32 dot3 128x128x32 w8"): 216,
-    ("_rnn_persist2_fwd_kernel", "pair persist fwd gru fp32 dot0 out fp32 bhh1 w8 s1"): 8,
     ("_rnn_persist_bwd_kernel", "persist bwd rnn_tanh bf16 dot2 dout bf16 w4 s1"): 0,
     ("_rnn_persist_bwd_kernel", "persist bwd rnn_tanh bf16 dot2 dout fp32 w4 s1"): 0,
     ("_rnn_persist_bwd_kernel", "persist bwd rnn_tanh fp16 dot1 dout fp16 w4 s1"): 0,
     ("_rnn_persist_bwd_kernel", "persist bwd rnn_tanh fp16 dot1 dout fp32 w4 s1"): 0,
-    ("_rnn_persist_fwd_kernel", "persist fwd gru fp32 dot0 out fp32 bhh0 w4 s1"): 0,
-    ("_rnn_persist_fwd_kernel", "persist fwd lstm fp32 dot0 out fp32 bhh0 w8 s1"): 0,
-    ("_rnn_persist_fwd_kernel", "persist fwd rnn_tanh bf16 dot2 out bf16 bhh0 w4 s1"): 0,
-    ("_rnn_persist_fwd_kernel", "persist fwd rnn_tanh fp16 dot1 out fp16 bhh0 w4 s1"): 0,
     ("_rnn_proj_bwd_kernel", "proj bwd bf16 dot2 dout fp32 B16 next1 final1"): 8,
     ("_rnn_proj_bwd_kernel", "proj bwd fp16 dot1 dout fp32 B16 next1 final1"): 8,
     ("_rnn_step_bwd_kernel", "step bwd gru bf16 dot2 dout fp32 len fp32 next1 final1 16x16x32 w4 s3"): 8,

@@ -331,6 +331,18 @@ def _cell_update(xg, hp, cp, acc0, acc1, acc2, acc3, bhh_ptr, rh, mh, m2, H, MOD
 
 
 @triton.jit
+def _tile_index(jb, jh, B, H, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
+    """The indices of the [BLOCK_B, BLOCK_H] tile (batch tile ``jb``, hidden tile ``jh``) of a
+    row-major [B, H] state: rows ``rb`` (int64) and units ``rh``, their masks ``mb`` / ``mh``,
+    the 2-D mask ``m2`` and the element offsets ``st`` (row stride H)."""
+    rb = (jb * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
+    rh = jh * BLOCK_H + tl.arange(0, BLOCK_H)
+    mb = rb < B
+    mh = rh < H
+    return rb, rh, mb, mh, mb[:, None] & mh[None, :], rb[:, None] * H + rh[None, :]
+
+
+@triton.jit
 def _valid_rows(len_ptr, rb, mb, t):
     """Which batch rows ``rb`` run step ``t``: ``t < len[b]``; every row when ``t < 0`` (a cell:
     no lengths, ``len`` not read, any pointer will do). A uniform branch, not a load mask: the
@@ -394,11 +406,7 @@ def _step_fwd_tile(pid_b, pid_h, xg_ptr, stride_xg, hp_ptr, hn_ptr, cp_ptr, cn_p
                    MODE: tl.constexpr, HAS_BHH: tl.constexpr, PROJ: tl.constexpr,
                    DOT_DT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
     """The body of ``_rnn_step_fwd_kernel`` for the tile (``pid_b``, ``pid_h``)."""
-    rb = (pid_b * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
-    rh = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-    mb = rb < B
-    mh = rh < H
-    m2 = mb[:, None] & mh[None, :]
+    rb, rh, mb, mh, m2, st = _tile_index(pid_b, pid_h, B, H, BLOCK_B, BLOCK_H)
     # steps beyond a sequence's length keep its state and output zero (PackedSequence semantics);
     # a tile whose sequences have all ended (a packed batch's padding: in the sorted order a
     # packed batch runs in, the last tiles as the short sequences end) skips the recurrent product
@@ -406,7 +414,6 @@ def _step_fwd_tile(pid_b, pid_h, xg_ptr, stride_xg, hp_ptr, hn_ptr, cp_ptr, cn_p
     k_end = P * tl.max(valid.to(tl.int32), axis=0)
     acc0, acc1, acc2, acc3 = _recurrent_dot(hp_ptr, rb, mb, w_ptr, stride_w0, stride_w1, rh, mh, H, P, k_end, "",
                                             MODE, DOT_DT, BLOCK_B, BLOCK_H, BLOCK_K)
-    st = rb[:, None] * H + rh[None, :]
     xg = xg_ptr + rb[:, None] * stride_xg + rh[None, :]
     if PROJ:
         # h is P wide here and only the GRU's update reads it: the cell state stands in
@@ -631,8 +638,7 @@ def _persist_tile(jb, j, s, reverse, xg_ptr, stride_xgt, stride_xgb, hs_ptr, cs_
     """Step ``s`` of the persistent forward for batch tile ``jb``, hidden tile ``j`` of one
     direction; ``KP > 0``: against the resident operand ``wr`` (:func:`_resident_w`), else
     W_hh read from ``w_ptr`` (``wr`` unused)."""
-    rb = (jb * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
-    mb = rb < B
+    rb, rh, mb, mh, m2, st = _tile_index(jb, j, B, H, BLOCK_B, BLOCK_H)
     lens = tl.load(len_ptr + rb, mask=mb, other=0)
     # forward: step t = s moves slot t -> t + 1; reverse: t = T - 1 - s moves slot t + 1 -> t
     t = s + reverse * (T - 1 - 2 * s)
@@ -640,15 +646,11 @@ def _persist_tile(jb, j, s, reverse, xg_ptr, stride_xgt, stride_xgb, hs_ptr, cs_
     hp_base = hs_ptr + (t64 + reverse) * stride_hs
     hn_base = hs_ptr + (t64 + 1 - reverse) * stride_hs
     valid = (t < lens)[:, None]
-    rh = j * BLOCK_H + tl.arange(0, BLOCK_H)
-    mh = rh < H
-    m2 = mb[:, None] & mh[None, :]
     if KP > 0:
         acc0, acc1, acc2, acc3 = _resident_dot(hp_base, rb, mb, wr, H, DOT_DT, BLOCK_B, BLOCK_H, KP)
     else:
         acc0, acc1, acc2, acc3 = _recurrent_dot(hp_base, rb, mb, w_ptr, stride_w0, stride_w1, rh, mh, H, H, H, ".cg",
                                                 MODE, DOT_DT, BLOCK_B, BLOCK_H, BLOCK_K)
-    st = rb[:, None] * H + rh[None, :]
     xg = xg_ptr + t64 * stride_xgt + rb[:, None] * stride_xgb + rh[None, :]
     hp = tl.load(hp_base + st, mask=m2, other=0.0, cache_modifier=".cg")
     cp = hp  # placeholder for the non-LSTM modes
@@ -727,12 +729,7 @@ def _step_bwd_tile(pid_b, pid_h, dgn_ptr, stride_dgn, w_ptr, stride_w0, stride_w
     """The body of ``_rnn_step_bwd_kernel`` for the tile (``pid_b``, ``pid_h``). The persistent
     backward passes ``has_next`` 0 at its first step (HAS_NEXT is a compile-time flag there) and
     ``CACHE`` ".cg" for ``dgn``, which other programs wrote."""
-    rb = (pid_b * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
-    rh = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-    mb = rb < B
-    mh = rh < H
-    m2 = mb[:, None] & mh[None, :]
-    st = rb[:, None] * H + rh[None, :]
+    rb, rh, mb, mh, m2, st = _tile_index(pid_b, pid_h, B, H, BLOCK_B, BLOCK_H)
     GH = H if MODE <= 1 else (4 * H if MODE == 2 else 3 * H)
     k_end = GH
     if HAS_NEXT and not FINAL:
@@ -974,12 +971,7 @@ def _resident_bwd_tile(jb, jh, s, reverse, wt, ws_ptr, carry_ptr, dc_ptr, has_dc
     padding) writes no shares, and the next step reads none (its gate gradients are zero, so
     the shares would be: the same sums)."""
     t, t64, tn64, hp, hn = _bwd_step_slots(s, reverse, T, stride_hs)
-    rb = (jb * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
-    rh = jh * BLOCK_H + tl.arange(0, BLOCK_H)
-    mb = rb < B
-    mh = rh < H
-    m2 = mb[:, None] & mh[None, :]
-    st = rb[:, None] * H + rh[None, :]
+    rb, rh, mb, mh, m2, st = _tile_index(jb, jh, B, H, BLOCK_B, BLOCK_H)
     nh = tl.cdiv(H, BLOCK_H)
     nb = tl.cdiv(B, BLOCK_B)
     rc = tl.arange(0, BLOCK_B)
