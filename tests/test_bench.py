@@ -648,3 +648,58 @@ def test_dense_gpu_cases_time_float32_linear_under_both_tf32_settings(monkeypatc
     for case in (cases[0], cases[2]):
         case.providers["triton"]()()  # (under the interpreter here)
     assert ours == [before, True] and torch.backends.cuda.matmul.allow_tf32 == before
+
+
+def test_rnn_defaults_read_the_switches_off_a_run():
+    """benchmarks/rnn_defaults: from bench.json rows, the persistent forward's batch bound is the
+    largest batch at which it beat the per-step launches in every forward case (and stops at the
+    first batch where it lost), the persistent backward's default compares the backward alone
+    (fwd+bwd less the forward of the same shape, for each provider), and the resident form stays
+    on only where it is not slower than the L2 form. Every rnn row of the recorded H200 run parses,
+    and that run supports the code's bound of 16."""
+    import os
+
+    from gpu_nn.benchmarks import rnn_defaults as rd
+
+    def row(name, shape, **med):
+        return {"family": "rnn", "name": name, "shape": shape,
+                "stats": {k.replace("_", "-"): {"median": v} for k, v in med.items()}}
+
+    def sh(N, dtype="float32", extra=""):
+        return f"T=50 N={N} I=512 H=512{extra} {dtype}"
+
+    cur = {"persist_default_max_b": 16, "persist_max_b": 64, "persistent_bwd_by_default": False}
+    rows = [row("lstm fwd", sh(4), triton=2.0, triton_persistent=1.0, triton_persistent_l2=1.2),
+            row("lstm fwd", sh(16), triton=2.0, triton_persistent=1.5, triton_persistent_l2=1.4),
+            row("lstm fwd", sh(64), triton=2.0, triton_persistent=1.9),
+            row("lstm fwd+bwd", sh(4), triton=5.0, triton_persistent=3.5),  # bwd 3.0 vs 2.5: wins
+            row("lstm fwd+bwd", sh(16), triton=5.0, triton_persistent=4.0),  # bwd 3.0 vs 2.5: wins
+            row("lstm fwd+bwd", sh(16, extra=" L=2 bi"), triton=5.0, triton_persistent=9.0),  # not one layer
+            {"family": "conv", "name": "conv2d fwd", "shape": sh(4), "stats": {}}]
+    d = rd.decide(rows, cur)
+    assert d["persist_default_max_b"]["recommended"] == 64
+    assert d["persistent_bwd_by_default"]["recommended"] is True
+    assert len(d["persistent_bwd_by_default"]["cases"]) == 2  # N = 4 and 16 (the stack is not one layer)
+    assert abs(d["persistent_bwd_by_default"]["cases"]["lstm fwd+bwd " + sh(4)] - 2.5 / 3.0) < 1e-12
+    res = d["resident"]
+    assert res["recommended"] is False and list(res["slower"]) == ["lstm fwd " + sh(16)]
+    # the persistent forward losing at N=16 stops the bound at 4; a backward that loses turns it off
+    rows[1]["stats"]["triton-persistent"]["median"] = 2.1
+    rows[3]["stats"]["triton-persistent"]["median"] = 4.5  # bwd 3.0 vs 3.5
+    d = rd.decide(rows, cur)
+    assert d["persist_default_max_b"]["recommended"] == 4
+    assert d["persistent_bwd_by_default"]["recommended"] is False
+    assert list(d["persistent_bwd_by_default"]["cases"]) == ["lstm fwd+bwd " + sh(4)]
+    # nothing timed: the code's values stand
+    d = rd.decide([], cur)
+    assert (d["persist_default_max_b"]["recommended"], d["persistent_bwd_by_default"]["recommended"],
+            d["resident"]["recommended"]) == (16, False, True)
+    assert "change" in rd.report(rd.decide(rows, cur)).split("\n")[0]
+
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results", "2026-11-30_nvidia-h200_82f8513",
+                        "bench.json")
+    with open(path) as f:
+        results = json.load(f)["results"]
+    rnn = [r for r in results if r["family"] == "rnn"]
+    assert rnn and all(rd.parse_case(r) is not None for r in rnn)
+    assert rd.decide(results, cur)["persist_default_max_b"]["recommended"] == 16
