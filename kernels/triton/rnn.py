@@ -1437,16 +1437,18 @@ def resident_ws_size(B: int, H: int) -> int:
 
 def _barrier_and_shares(kp: int, B: int, H: int, directions: int, device):
     """The persistent backward's barrier counter (one int32, zero) and, with resident weights,
-    its share buffer (``directions`` x :func:`resident_ws_size` float32, zero: under the
-    interpreter a program may read shares of a program that has not run yet, which the tests
-    make zero), one zero fill for both; without, the counter stands in for the buffer."""
+    its share buffer (``directions`` x :func:`resident_ws_size` float32) in one allocation after
+    it; without, the counter stands in for the buffer. Only the counter is zeroed: every share a
+    step reads was written by the step before (``_resident_bwd_tile``: writers and readers skip
+    the same ended steps; tests/test_rnn.py starts the buffer NaN to hold it to that), so the
+    zero fill is 4 bytes, not the buffer's 2 MiB at B = 16, H = 512."""
     if not kp:
         count = torch.zeros(1, dtype=torch.int32, device=device)
         return count, count
     assert kp % PERSIST_BLOCKS[1] == 0, "the share sum reads KP / BLOCK_H hidden tiles"
     n = directions * resident_ws_size(B, H)
-    buf = torch.zeros(n + 1, dtype=torch.float32, device=device)
-    return buf[n:].view(torch.int32), buf[:n]
+    buf = torch.empty(n + 1, dtype=torch.float32, device=device)
+    return buf[n:].view(torch.int32).zero_(), buf[:n]
 
 
 def loop_backward(mode, w_hh, carry, dc, dout, g, hs, cs, dgi, dgh, lengths, reverse, dot, programs):
