@@ -47,7 +47,8 @@ RESIDENT_ENV = "GPU_NN_RNN_RESIDENT"
 # provider -> (backend, GPU_NN_RNN_PERSISTENT, GPU_NN_RNN_RESIDENT): the small-batch set measures
 # the per-step launches ("triton", forced off), the persistent kernel ("triton-persistent", forced
 # on, W_hh resident where it applies: kernels/triton/rnn.py resident_kp) and, in the forward
-# cases, the persistent kernel re-reading W_hh from L2 every step ("triton-persistent-l2")
+# cases, the one-layer small-batch fwd+bwd cases and the packed case, the persistent kernels
+# re-reading W_hh from L2 every step ("triton-persistent-l2")
 PROVIDERS = {"triton": ("triton", "0", None), "triton-persistent": ("triton", "1", "1"),
              "triton-persistent-l2": ("triton", "1", "0")}
 SMALL_PROVIDERS = ("triton", "triton-persistent", "triton-persistent-l2", "cupy", "cell_loop")

@@ -16,10 +16,15 @@ supports and the per-case ratios behind it:
   whose batch is within the bound above; True when it wins in every one of them.
 - the resident form (``GPU_NN_RNN_RESIDENT`` unset: W_hh kept on the SMs where ``resident_kp``
   allows): ``triton-persistent`` (resident where it applies) against ``triton-persistent-l2``
-  (re-reading W_hh from L2) in every case timing both; kept on when it is not slower in any.
+  (re-reading W_hh from L2) in every case timing both where the resident form applies (KP =
+  next power of two of H at most RESIDENT_MAX_KP, one program per tile: directions x batch tiles
+  x hidden tiles at most the GPU's SM count, ``--sms``, 132 for the H200; elsewhere both
+  providers run the same L2 kernel and their ratio is noise); kept on unless it is slower in one
+  of them by more than the larger interquartile range of the two timings.
 
-"Beats" is a ratio of medians below 1; the ratios are printed so that a reader can see how
-close the call was. A session copies a changed value into the code, with the run's commit.
+"Beats" is a ratio of medians below 1 (a change from the code's value needs a win in every case);
+the ratios are printed so that a reader can see how close the call was. A session copies a
+changed value into the code, with the run's commit.
 """
 
 from __future__ import annotations
@@ -55,6 +60,23 @@ def _median(row, provider):
     return float(s) if s is not None else None
 
 
+def _iqr(row, provider):
+    stats = row.get("stats", {}).get(provider) or {}
+    return float(stats.get("iqr") or 0.0)
+
+
+def resident_applies(c: dict, sm_count: int) -> bool:
+    """Whether bench case ``c`` (:func:`parse_case`) runs the persistent kernels with W_hh
+    resident when forced on (kernels/triton/rnn.py ``resident_kp``: KP <= RESIDENT_MAX_KP and one
+    program per (batch, hidden) tile, which needs the tiles of a launch, both directions' in a
+    bidirectional layer, within the SM count; float32 runs TF32 in the bench, as torch's default)."""
+    from gpu_nn.kernels.triton import rnn as kt
+
+    bb, bh, _ = kt.PERSIST_BLOCKS
+    tiles = (2 if c["bi"] else 1) * kt.cdiv(c["N"], bb) * kt.cdiv(c["H"], bh)
+    return kt.next_power_of_2(max(c["H"], 16)) <= kt.RESIDENT_MAX_KP and tiles <= sm_count and c["N"] <= kt.PERSIST_MAX_B
+
+
 def _label(row):
     return f"{row['name']} {row['shape']}"
 
@@ -63,9 +85,10 @@ def _key(c):
     return tuple(c[k] for k in ("mode", "T", "N", "I", "H", "L", "bi", "packed", "dtype"))
 
 
-def decide(results: list[dict], current: dict) -> dict:
+def decide(results: list[dict], current: dict, sm_count: int = 132) -> dict:
     """The three decisions from bench.json's ``results`` rows; ``current`` holds the code's
-    ``persist_default_max_b``, ``persist_max_b`` and ``persistent_bwd_by_default``."""
+    ``persist_default_max_b``, ``persist_max_b`` and ``persistent_bwd_by_default``; ``sm_count``
+    the run's GPU's (the H200's 132 by default)."""
     rows = [(r, c) for r in results if (c := parse_case(r)) is not None]
     fwd = {_key(c): r for r, c in rows if not c["backward"]}
 
@@ -91,43 +114,59 @@ def decide(results: list[dict], current: dict) -> dict:
 
     # 2. the persistent backward, alone (fwd+bwd less the forward of the same shape)
     limit = max_b["recommended"]
-    bwd_cases, unmatched = {}, []
+    bwd_cases = {}
+    left_out = {"without_a_forward_case": [], "forward_lacks_a_provider": [], "backward_not_positive": []}
     for r, c in rows:
         if not c["backward"] or c["L"] != 1 or c["bi"] or c["packed"] or c["N"] > limit:
             continue
-        f = fwd.get(_key(c))
-        vals = [_median(r, PERSIST), _median(r, STEP)] + ([_median(f, PERSIST), _median(f, STEP)] if f else [])
-        if len(vals) < 4 or None in vals:
-            if vals[0] is not None and vals[1] is not None:
-                unmatched.append(_label(r))
+        pf, sf = _median(r, PERSIST), _median(r, STEP)
+        if pf is None or sf is None:
             continue
-        pb, sb = vals[0] - vals[2], vals[1] - vals[3]
-        if pb > 0 and sb > 0:
-            bwd_cases[_label(r)] = pb / sb
+        f = fwd.get(_key(c))
+        if f is None:
+            left_out["without_a_forward_case"].append(_label(r))
+            continue
+        pq, sq = _median(f, PERSIST), _median(f, STEP)
+        if pq is None or sq is None:
+            left_out["forward_lacks_a_provider"].append(_label(r))
+            continue
+        pb, sb = pf - pq, sf - sq
+        if pb <= 0 or sb <= 0:  # a backward no longer than nothing: noise, not a measurement
+            left_out["backward_not_positive"].append(_label(r))
+            continue
+        bwd_cases[_label(r)] = pb / sb
     bwd = {"current": current["persistent_bwd_by_default"],
            "recommended": (all(v < 1.0 for v in bwd_cases.values()) if bwd_cases
                            else current["persistent_bwd_by_default"]),
            "basis": ("one-layer fwd+bwd cases within the batch bound: (fwd+bwd - fwd) of triton-persistent / "
                      "of triton, medians"),
            "cases": bwd_cases}
-    if unmatched:
-        bwd["without_a_forward_case"] = unmatched
+    bwd.update({k: v for k, v in left_out.items() if v})
     if not bwd_cases:
-        bwd["note"] = "no fwd+bwd case with its forward timed both providers: the code's value stands"
+        bwd["note"] = "no usable fwd+bwd case (see the lists of those left out): the code's value stands"
 
     # 3. the resident form against the L2 form
-    res_cases = {}
+    res_cases, slower, not_resident = {}, {}, []
     for r, c in rows:
         a, b = _median(r, PERSIST), _median(r, L2)
-        if a is not None and b is not None:
-            res_cases[_label(r)] = a / b
-    resident = {"current": True, "recommended": all(v <= 1.0 for v in res_cases.values()) if res_cases else True,
-                "basis": "cases timing both: triton-persistent (resident) / triton-persistent-l2, medians",
+        if a is None or b is None:
+            continue
+        if not resident_applies(c, sm_count):
+            not_resident.append(_label(r))
+            continue
+        res_cases[_label(r)] = a / b
+        if a - b > max(_iqr(r, PERSIST), _iqr(r, L2)):
+            slower[_label(r)] = a / b
+    resident = {"current": True, "recommended": not slower,
+                "basis": ("cases timing both where the resident form applies: triton-persistent (resident) / "
+                          "triton-persistent-l2, medians; slower: by more than the larger IQR"),
                 "cases": res_cases}
-    if res_cases and not resident["recommended"]:
-        resident["slower"] = {k: v for k, v in res_cases.items() if v > 1.0}
+    if slower:
+        resident["slower"] = slower
+    if not_resident:
+        resident["not_resident"] = not_resident
     if not res_cases:
-        resident["note"] = "no case timed both forms: the resident default stands"
+        resident["note"] = "no case timed both forms where the resident form applies: the resident default stands"
     return {"persist_default_max_b": max_b, "persistent_bwd_by_default": bwd, "resident": resident}
 
 
@@ -149,7 +188,8 @@ def report(decisions: dict) -> str:
                 if name == "persist_default_max_b" else cases)
         for k, v in flat.items():
             lines.append(f"    {v:6.3f}  {k}")
-        for extra in ("note", "without_a_forward_case"):
+        for extra in ("note", "slower", "not_resident", "without_a_forward_case", "forward_lacks_a_provider",
+                      "backward_not_positive"):
             if extra in d:
                 lines.append(f"  {extra}: {d[extra]}")
     return "\n".join(lines)
@@ -159,10 +199,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m gpu_nn.benchmarks.rnn_defaults", description=__doc__.splitlines()[0])
     p.add_argument("bench_json", help="a GPU run's bench.json (gpu-nn bench --out)")
     p.add_argument("--json", help="also write the decisions here")
+    p.add_argument("--sms", type=int, default=132, help="the run's GPU's SM count (default 132: the H200)")
     args = p.parse_args(argv)
     with open(args.bench_json) as f:
         doc = json.load(f)
-    decisions = decide(doc.get("results", []), current_values())
+    decisions = decide(doc.get("results", []), current_values(), args.sms)
     print(report(decisions))
     if args.json:
         with open(args.json, "w") as f:

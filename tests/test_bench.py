@@ -661,12 +661,12 @@ def test_rnn_defaults_read_the_switches_off_a_run():
 
     from gpu_nn.benchmarks import rnn_defaults as rd
 
-    def row(name, shape, **med):
+    def row(name, shape, iqr=0.0, **med):
         return {"family": "rnn", "name": name, "shape": shape,
-                "stats": {k.replace("_", "-"): {"median": v} for k, v in med.items()}}
+                "stats": {k.replace("_", "-"): {"median": v, "iqr": iqr} for k, v in med.items()}}
 
-    def sh(N, dtype="float32", extra=""):
-        return f"T=50 N={N} I=512 H=512{extra} {dtype}"
+    def sh(N, dtype="float32", extra="", H=512):
+        return f"T=50 N={N} I={H} H={H}{extra} {dtype}"
 
     cur = {"persist_default_max_b": 16, "persist_max_b": 64, "persistent_bwd_by_default": False}
     rows = [row("lstm fwd", sh(4), triton=2.0, triton_persistent=1.0, triton_persistent_l2=1.2),
@@ -675,14 +675,23 @@ def test_rnn_defaults_read_the_switches_off_a_run():
             row("lstm fwd+bwd", sh(4), triton=5.0, triton_persistent=3.5),  # bwd 3.0 vs 2.5: wins
             row("lstm fwd+bwd", sh(16), triton=5.0, triton_persistent=4.0),  # bwd 3.0 vs 2.5: wins
             row("lstm fwd+bwd", sh(16, extra=" L=2 bi"), triton=5.0, triton_persistent=9.0),  # not one layer
+            row("gru fwd", sh(4), triton=2.0, triton_persistent=1.0),
+            row("gru fwd+bwd", sh(4), triton=2.1, triton_persistent=0.9),  # a backward of -0.1: noise
+            # H = 1024: KP 1024 > RESIDENT_MAX_KP, both providers run the L2 kernel (their ratio is noise)
+            row("lstm fwd", sh(16, H=1024), triton=9.0, triton_persistent=3.1, triton_persistent_l2=3.0),
+            # resident 2 % slower, within the timings' spread: not counted as slower
+            row("lstm fwd", sh(4, "bfloat16"), iqr=0.05, triton=2.0, triton_persistent=1.02, triton_persistent_l2=1.0),
             {"family": "conv", "name": "conv2d fwd", "shape": sh(4), "stats": {}}]
     d = rd.decide(rows, cur)
     assert d["persist_default_max_b"]["recommended"] == 64
     assert d["persistent_bwd_by_default"]["recommended"] is True
     assert len(d["persistent_bwd_by_default"]["cases"]) == 2  # N = 4 and 16 (the stack is not one layer)
     assert abs(d["persistent_bwd_by_default"]["cases"]["lstm fwd+bwd " + sh(4)] - 2.5 / 3.0) < 1e-12
+    assert d["persistent_bwd_by_default"]["backward_not_positive"] == ["gru fwd+bwd " + sh(4)]
     res = d["resident"]
     assert res["recommended"] is False and list(res["slower"]) == ["lstm fwd " + sh(16)]
+    assert res["not_resident"] == ["lstm fwd " + sh(16, H=1024)] and len(res["cases"]) == 3
+    assert "lstm fwd " + sh(16) in rd.decide(rows, cur, sm_count=16)["resident"]["not_resident"]  # 32 tiles
     # the persistent forward losing at N=16 stops the bound at 4; a backward that loses turns it off
     rows[1]["stats"]["triton-persistent"]["median"] = 2.1
     rows[3]["stats"]["triton-persistent"]["median"] = 4.5  # bwd 3.0 vs 3.5

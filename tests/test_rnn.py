@@ -1514,9 +1514,10 @@ def test_resident_backward_shares_cross_the_tiles(mode, dot, way, rng, monkeypat
     does the L2 form in 5 programs that take turns at the tiles. A share read from the wrong
     slot, tile or batch tile, left out of the sum, written for part of the units, or read before
     the barrier changes the carry and the gate gradients by whole units. The second batch tile's
-    rows end after step 1: its steps past that write no shares and read none (the buffer starts
-    NaN, so a share read that was never written poisons the result; the slot a skipped forward
-    step would have written stays NaN)."""
+    rows end after step 1: its steps past that write no shares, and the step after each of those
+    reads none (forward: steps 3 and 2 write none and steps 2 and 1 read none; reverse: step 2
+    writes none and step 3 reads none). The buffer starts NaN, so a share read that was never
+    written poisons the result, and the slot a skipped forward step would have written stays NaN."""
     kt, dev, code, dtype, kps = _resident_tiles_setup(dot, monkeypatch)
     T, B, H = 4, 20, 33
     pair, reverse = way == "pair", way == "reverse"

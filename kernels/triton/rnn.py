@@ -1440,14 +1440,17 @@ def _barrier_and_shares(kp: int, B: int, H: int, directions: int, device):
     its share buffer (``directions`` x :func:`resident_ws_size` float32) in one allocation after
     it; without, the counter stands in for the buffer. Only the counter is zeroed: every share a
     step reads was written by the step before (``_resident_bwd_tile``: writers and readers skip
-    the same ended steps; tests/test_rnn.py starts the buffer NaN to hold it to that), so the
-    zero fill is 4 bytes, not the buffer's 2 MiB at B = 16, H = 512."""
+    the same ended steps; tests/test_rnn.py starts the buffer NaN to hold it to that, and so does
+    every launch under ``GPU_NN_POISON=1``, as the test suite runs), so the zero fill is 4 bytes,
+    not the buffer's 2 MiB at B = 16, H = 512."""
     if not kp:
         count = torch.zeros(1, dtype=torch.int32, device=device)
         return count, count
     assert kp % PERSIST_BLOCKS[1] == 0, "the share sum reads KP / BLOCK_H hidden tiles"
     n = directions * resident_ws_size(B, H)
     buf = torch.empty(n + 1, dtype=torch.float32, device=device)
+    if os.environ.get("GPU_NN_POISON", "0") == "1":  # a share read before it is written shows as NaN
+        buf[:n].fill_(float("nan"))
     return buf[n:].view(torch.int32).zero_(), buf[:n]
 
 
