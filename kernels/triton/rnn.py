@@ -1320,8 +1320,9 @@ def _launch_options() -> dict:
 # after the barrier each program sums its units' shares from every hidden tile of its batch tile
 # (_resident_bwd_tile). sm_90 of its 480 forms at KP 16 to 512: no spills; HGMMA from KP 64 (a
 # KP-row dot: below 64 rows it is an mma.sync, HMMA, its small operand in registers); registers
-# up to 208 at 8 warps under Triton 3.9, 255 under 3.6 in float32 at KP 512, shared memory up to
-# 160 KiB (benchmarks/results/aot/rnn_resident_bwd_kp_*.json).
+# up to 212 at 8 warps under Triton 3.9, 255 under 3.6 in float32 at KP 512, shared memory up to
+# 160 KiB (benchmarks/results/aot/rnn_resident_bwd_kp_*.json, made at 5e1699f: the packed-batch
+# skip added a branch, 208 -> 212 under 3.9).
 RESIDENT_ENV = "GPU_NN_RNN_RESIDENT"
 RESIDENT_MAX_KP = 512
 
