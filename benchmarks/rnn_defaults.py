@@ -53,9 +53,7 @@ def parse_case(row: dict) -> dict | None:
 
 
 def _median(row, provider):
-    stats = row.get("stats", {}).get(provider)
-    if stats and stats.get("median") is not None:
-        return float(stats["median"])
+    """The provider's median seconds (a harness row's ``seconds`` are medians), None if untimed."""
     s = row.get("seconds", {}).get(provider)
     return float(s) if s is not None else None
 
@@ -65,16 +63,24 @@ def _iqr(row, provider):
     return float(stats.get("iqr") or 0.0)
 
 
+_BENCH_DOTS = {"float32": "tf32", "bfloat16": "bf16", "float16": "fp16"}  # float32: TF32, torch's default
+
+
 def resident_applies(c: dict, sm_count: int) -> bool:
     """Whether bench case ``c`` (:func:`parse_case`) runs the persistent kernels with W_hh
-    resident when forced on (kernels/triton/rnn.py ``resident_kp``: KP <= RESIDENT_MAX_KP and one
-    program per (batch, hidden) tile, which needs the tiles of a launch, both directions' in a
-    bidirectional layer, within the SM count; float32 runs TF32 in the bench, as torch's default)."""
+    resident under the ``triton-persistent`` provider: the launchers' own program count
+    (``persist_programs``, or ``persist_pair_programs`` for a bidirectional layer) and
+    ``resident_kp`` with that provider's GPU_NN_RNN_RESIDENT (bench_rnn.PROVIDERS)."""
+    from gpu_nn.benchmarks import bench_rnn, harness
     from gpu_nn.kernels.triton import rnn as kt
 
-    bb, bh, _ = kt.PERSIST_BLOCKS
-    tiles = (2 if c["bi"] else 1) * kt.cdiv(c["N"], bb) * kt.cdiv(c["H"], bh)
-    return kt.next_power_of_2(max(c["H"], 16)) <= kt.RESIDENT_MAX_KP and tiles <= sm_count and c["N"] <= kt.PERSIST_MAX_B
+    N, H = c["N"], c["H"]
+    tiles = (2 if c["bi"] else 1) * kt.persist_tiles(N, H)
+    programs = (kt.persist_pair_programs if c["bi"] else kt.persist_programs)(N, H, sm_count)
+    if not programs:
+        return False
+    with harness.env_var(bench_rnn.RESIDENT_ENV, bench_rnn.PROVIDERS[PERSIST][2]):
+        return kt.resident_kp(H, kt.DOT_CODES[_BENCH_DOTS[c["dtype"]]], tiles, programs) > 0
 
 
 def _label(row):
