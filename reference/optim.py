@@ -83,6 +83,13 @@ def lerp_(start: np.ndarray, end: np.ndarray, weight: float, tmp: np.ndarray) ->
         np.subtract(end, tmp, out=start)
 
 
+def _vectors(*arrays) -> list:
+    """The arrays, 0-d ones as 1-element views of the same memory: NumPy returns a scalar, not a
+    0-d array, from a ufunc on 0-d operands, and a later ``out=`` cannot take it (a 0-d parameter,
+    a learnable temperature say, is as common as any other)."""
+    return [a.reshape(1) if a.ndim == 0 else a for a in arrays]
+
+
 def _effective_grad(p, g, weight_decay: float, maximize: bool, out) -> np.ndarray:
     """``(-g if maximize else g) + weight_decay * p`` (torch: ``grad.add(param, alpha=wd)``);
     returns ``g`` itself when there is nothing to do, else ``out``."""
@@ -151,6 +158,7 @@ def adadelta_step(params, grads, square_avgs, acc_deltas, *, lr=1.0, rho=0.9, ep
     for p, g, v, u in zip(params, grads, square_avgs, acc_deltas):
         if p.size == 0:
             continue
+        p, g, v, u = _vectors(p, g, v, u)
         d = np.empty_like(p)
         g = _effective_grad(p, g, weight_decay, maximize, d)
         v *= rho
@@ -183,6 +191,7 @@ def rmsprop_step(params, grads, square_avgs, grad_avgs, momentum_buffers, *, lr=
     for i, (p, g, v) in enumerate(zip(params, grads, square_avgs)):
         if p.size == 0:
             continue
+        p, g, v = _vectors(p, g, v)
         d = np.empty_like(p)
         g = _effective_grad(p, g, weight_decay, maximize, d)
         v *= alpha
@@ -191,7 +200,7 @@ def rmsprop_step(params, grads, square_avgs, grad_avgs, momentum_buffers, *, lr=
             t *= g
         v += t
         if centered:
-            ga = grad_avgs[i]
+            (ga,) = _vectors(grad_avgs[i])
             lerp_(ga, g, 1 - alpha, t)
             with np.errstate(over="ignore", invalid="ignore"):  # torch does not warn either
                 avg = np.multiply(ga, -1)
@@ -203,12 +212,14 @@ def rmsprop_step(params, grads, square_avgs, grad_avgs, momentum_buffers, *, lr=
             # inf - inf = NaN; that is the only case where the two differ in a special value
             # (a finite v with an overflowing ga^2 is negative either way, and sqrt gives NaN).
             np.copyto(avg, v, where=np.isposinf(v) & np.isfinite(ga))
-            np.sqrt(avg, out=avg)
+            with np.errstate(invalid="ignore"):  # a negative avg gives NaN, silently as in torch
+                np.sqrt(avg, out=avg)
         else:
-            avg = np.sqrt(v)
+            with np.errstate(invalid="ignore"):  # v < 0 (torch takes alpha > 1) gives NaN silently
+                avg = np.sqrt(v)
         avg += eps
         if momentum > 0:
-            buf = momentum_buffers[i]
+            (buf,) = _vectors(momentum_buffers[i])
             buf *= momentum
             np.divide(g, avg, out=t)
             buf += t
@@ -282,7 +293,8 @@ def _norm(a: np.ndarray, norm_type: float):
     if math.isinf(norm_type):
         return x.max() if norm_type > 0 else x.min()
     if norm_type == 2:
-        return np.sqrt(np.dot(x, x))
+        with np.errstate(over="ignore"):  # an overflowing sum of squares is inf, silently as in torch
+            return np.sqrt(np.dot(x, x))
     if norm_type == 1:
         return x.sum(dtype=a.dtype)
     if norm_type == 0:
@@ -292,13 +304,13 @@ def _norm(a: np.ndarray, norm_type: float):
 
 def total_norm(grads, norm_type: float = 2.0, error_if_nonfinite: bool = False):
     """The ``norm_type``-norm of all ``grads`` viewed as one vector (torch: the norm of the
-    per-tensor norms), as a NumPy scalar of the first gradient's dtype (float32 0.0 when
-    ``grads`` is empty). Raises RuntimeError with torch's message when it is non-finite and
-    ``error_if_nonfinite``."""
+    per-tensor norms, each in its gradient's dtype, stacked in their promoted dtype), as a NumPy
+    scalar of the gradients' promoted dtype (float32 0.0 when ``grads`` is empty). Raises
+    RuntimeError with torch's message when it is non-finite and ``error_if_nonfinite``."""
     norm_type = float(norm_type)
     if len(grads) == 0:
         return np.float32(0.0)
-    dt = grads[0].dtype
+    dt = np.result_type(*(g.dtype for g in grads))
     norms = np.array([_norm(g, norm_type) for g in grads], dtype=dt)
     total = dt.type(_norm(norms, norm_type))
     if error_if_nonfinite and not np.isfinite(total):

@@ -6,6 +6,7 @@ sparse gradients, the CUDA C per-element math on the host."""
 import copy
 import ctypes
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -38,11 +39,23 @@ CONFIGS = [
 IDS = [f"{n}-{i}" for i, (n, _) in enumerate(CONFIGS)]
 
 
+class _Scaled(torch.nn.Module):
+    """``net(x) * scale``: a 0-d parameter (a learnable temperature, say) beside the layers'."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor(1.25))
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x) * self.scale
+
+
 def _model(dtype, device="cpu", seed=0):
     torch.manual_seed(seed)
-    # odd sizes; a bias-free layer and a frozen tensor exercise "params without grads"
-    m = torch.nn.Sequential(torch.nn.Linear(37, 29), torch.nn.Tanh(), torch.nn.Linear(29, 5, bias=False),
-                            torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    # odd sizes; a bias-free layer and a frozen tensor exercise "params without grads"; one parameter is 0-d
+    m = _Scaled(torch.nn.Sequential(torch.nn.Linear(37, 29), torch.nn.Tanh(), torch.nn.Linear(29, 5, bias=False),
+                                    torch.nn.Tanh(), torch.nn.Linear(5, 3)))
     return m.to(device=device, dtype=dtype)
 
 
@@ -300,6 +313,49 @@ def test_clip_grad_norm_matches_torch(backend, device, norm_type, max_norm, rng)
                 assert a.grad is None
             else:
                 assert _rel(a.grad.cpu(), b.grad) <= bound
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
+def test_clip_grad_norm_of_mixed_dtypes_is_in_their_promoted_dtype(backend, device):
+    """torch stacks the per-tensor norms, which promotes: a float16 gradient beside a float32 one
+    gives a float32 total (1e5 here, which float16 cannot hold), and float32 beside float64 sums
+    the squares in float64 (1e40 would overflow float32 and zero every gradient)."""
+    cases = [((torch.float16, 0.1), (torch.float32, 5e4))]
+    if backend == "reference":  # the kernels take no float64 (auto sends such lists to the reference)
+        cases.append(((torch.float32, 1.0), (torch.float64, 1e20)))
+    for spec in cases:
+        ours, theirs = [], []
+        for dtype, value in spec:
+            for lst in (ours, theirs):
+                p = torch.nn.Parameter(torch.zeros(4, dtype=dtype, device=device))
+                p.grad = torch.full((4,), value, dtype=dtype, device=device)
+                lst.append(p)
+        with gpu_nn.backend(backend):
+            tn = clip_grad_norm_(ours, 1.0)
+        tt = torch.nn.utils.clip_grad_norm_(theirs, 1.0)
+        assert tn.dtype == tt.dtype and math.isfinite(float(tn)), (spec, tn, tt)
+        assert abs(float(tn) - float(tt)) <= 1e-6 * float(tt), (spec, tn, tt)
+        for a, b in zip(ours, theirs):
+            assert a.grad.dtype == b.grad.dtype
+            torch.testing.assert_close(a.grad.cpu(), b.grad, rtol=2e-3 if a.grad.dtype == torch.float16 else 1e-6,
+                                       atol=0)
+
+
+def test_reference_overflow_and_nan_are_silent_as_in_torch():
+    """Where torch gives inf or NaN without a word, the reference does not warn either: a sum of
+    squares past float32's range in clipping, RMSprop's square average below 0 (torch takes
+    alpha > 1)."""
+    p = torch.nn.Parameter(torch.zeros(3))
+    p.grad = torch.full((3,), 1e20)
+    q = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+    o = go.RMSprop([q], alpha=1.5)
+    with warnings.catch_warnings(), gpu_nn.backend("reference"):
+        warnings.simplefilter("error")
+        assert math.isinf(float(clip_grad_norm_([p], 1.0)))
+        for g in ([1.0, 2.0, 3.0], [3.0, 0.1, 1.0]):
+            q.grad = torch.tensor(g, dtype=torch.float64)
+            o.step()
+    assert torch.isnan(q).all()
 
 
 @pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))

@@ -41,9 +41,10 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_i
         if g.is_sparse:
             raise RuntimeError("gpu_nn.nn.utils.clip_grad_norm_ does not support sparse gradients")
     devices = {g.device for g in grads}
-    # float64 gradients (all of a device's) take the reference under auto, as every op's do
+    # float64 gradients (any of a device's: the kernels take no float64) take the reference under
+    # auto, as every op's float64 does
     backends = {d: _backend.resolve("clip_grad_norm_", d, ("reference", "triton"),
-                                    dtype=torch.float64 if all(g.dtype == torch.float64 for g in grads if g.device == d)
+                                    dtype=torch.float64 if any(g.dtype == torch.float64 for g in grads if g.device == d)
                                     else None) for d in devices}
     if len(devices) == 1 and backends[grads[0].device] == "triton" and norm_type > 0 and not math.isnan(norm_type):
         from ..ops._dispatch import device_guard
@@ -62,4 +63,15 @@ def _clip_reference(grads, max_norm, norm_type, error_if_nonfinite):
     arrays = [h.inout(g) for g in grads]
     total = ref.clip_grad_norm(arrays, max_norm, norm_type, error_if_nonfinite)
     h.write_back()
-    return torch.tensor(total, dtype=grads[0].dtype, device=grads[0].device)
+    return torch.tensor(total, dtype=promoted_dtype(grads), device=grads[0].device)
+
+
+def promoted_dtype(grads) -> torch.dtype:
+    """The dtype of clipping's total norm: the gradients' promoted dtype, as torch's (it stacks
+    the per-tensor norms, which promotes), so a float16 gradient beside a float32 one gives a
+    float32 total rather than one that overflows float16."""
+    dt = grads[0].dtype
+    for g in grads[1:]:
+        if g.dtype != dt:
+            dt = torch.promote_types(dt, g.dtype)
+    return dt

@@ -252,6 +252,7 @@ def clip_grad_norm(grads, max_norm: float, norm_type: float, error_if_nonfinite:
     dtype, then a scale kernel per dtype whose programs each finish the reduction themselves."""
     from ..kernels import triton as ktriton
     from ..kernels.triton import optim as kt
+    from ..nn.utils import promoted_dtype
 
     if any(g.dtype == torch.bfloat16 and g.device.type == "cpu" for g in grads):
         _backend.check_interpreter_dtype("clip_grad_norm_", "triton", *grads)
@@ -302,4 +303,5 @@ def clip_grad_norm(grads, max_norm: float, norm_type: float, error_if_nonfinite:
         kt.clip_total(partials, 0, total, code, norm_type)
     for g, c in copies:
         g.copy_(c)
-    return total if grads[0].dtype == torch.float32 else total.to(grads[0].dtype)
+    out = promoted_dtype(grads)
+    return total if out == torch.float32 else total.to(out)
