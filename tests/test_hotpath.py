@@ -116,6 +116,27 @@ def test_eager_route_equals_custom_op(fam, case, backend, monkeypatch):
             assert len(second) == len(ref[4]) and all(_same(a, b) for a, b in zip(second, ref[4]))
 
 
+@pytest.mark.parametrize("fam,case", CASES, ids=[f"{f}-{c.op}-{i}" for i, (f, c) in enumerate(CASES)])
+def test_meta_tensors_give_the_shapes_of_a_real_call(fam, case):
+    """A model on device="meta" (shape inference, deferred initialisation): every op, forward and
+    backward, gives on meta tensors the outputs and gradients a real call gives, in shape, dtype
+    and strides (the eager route hands meta tensors to the custom op, whose fake kernel serves)."""
+    args, kwargs = case.make(np.random.default_rng(7))
+    results = []
+    for device in ("cpu", "meta"):
+        a, kw = check._convert((args, kwargs), torch.float64, device)
+        if "lengths" in kw:  # a packed batch's lengths stay on the CPU, as torch's packing wants them
+            kw["lengths"] = kwargs["lengths"]
+        leaves = check._leaves((a, kw))
+        with gpu_nn.backend("reference"):
+            outs = check._float_outputs(case.fn(*a, **kw))
+            diff = [o for o in outs if o.requires_grad]
+            grads = torch.autograd.grad(diff, leaves, [torch.ones_like(o) for o in diff], allow_unused=True)
+        results.append([(t.shape, t.dtype, t.stride()) if t is not None else None for t in (*outs, *grads)])
+        assert all(t is None or t.device.type == device for t in (*outs, *grads))
+    assert results[0] == results[1]
+
+
 def _bad_calls():
     from gpu_nn.ops import activation, conv, dense, pool
 

@@ -448,9 +448,12 @@ class Routed:
         if torch.compiler.is_compiling() or kwargs or len(args) != self._nargs or not EAGER or not _eager_ok(args):
             return self._overload(*args, **kwargs)
         t = args[0]
-        if isinstance(t, torch.Tensor) and t.is_cuda and t.get_device() != _get_device():  # on_device's guard
-            with torch.cuda.device(t.get_device()):
-                return self._eager(args)
+        if isinstance(t, torch.Tensor) and not t.is_cpu:
+            if t.is_meta:  # shapes only (a model built on device="meta"): the op's fake kernel
+                return self._overload(*args)
+            if t.is_cuda and t.get_device() != _get_device():  # on_device's guard
+                with torch.cuda.device(t.get_device()):
+                    return self._eager(args)
         return self._eager(args)
 
     def _eager(self, args):
