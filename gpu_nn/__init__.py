@@ -6,7 +6,8 @@ fuses its convolution / linear -> activation pairs.
 """
 
 from ._backend import available_backends, backend, status as backend_status
-from ._errors import BackendUnavailableError, KernelInputError, KernelInputIndexError, KernelInputTypeError
+from ._errors import (BackendUnavailableError, KernelInputError, KernelInputIndexError, KernelInputNotImplementedError,
+                      KernelInputTypeError)
 
 __version__ = "0.1.0"
 
@@ -19,6 +20,7 @@ __all__ = [
     "BackendUnavailableError",
     "KernelInputError",
     "KernelInputIndexError",
+    "KernelInputNotImplementedError",
     "KernelInputTypeError",
     "ScriptingNotSupportedError",
     "available_backends",

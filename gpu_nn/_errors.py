@@ -22,3 +22,8 @@ class KernelInputTypeError(KernelInputError, TypeError):
 
 class KernelInputIndexError(KernelInputError, IndexError):
     """Bad input where torch raises ``IndexError`` ("Dimension out of range")."""
+
+
+class KernelInputNotImplementedError(KernelInputError, NotImplementedError):
+    """Bad input where torch raises ``NotImplementedError`` (a kernel torch has no dtype for:
+    softmax of an integer tensor)."""

@@ -419,6 +419,32 @@ def test_bad_input():
         F.cross_entropy(x, torch.tensor([0, 1, 9]))
 
 
+def test_bad_input_raises_torchs_exception_type():
+    """Where torch raises IndexError, TypeError or NotImplementedError, ours is one too (and a
+    KernelInputError), with torch's message: code that catches torch's type keeps working."""
+    import types
+
+    torch_ns = types.SimpleNamespace(softmax=TF.softmax, log_softmax=TF.log_softmax, flatten=torch.flatten,
+                                     cross_entropy=TF.cross_entropy)
+    x = torch.randn(3, 5)
+    calls = [
+        lambda f: f.softmax(x, 2), lambda f: f.log_softmax(x, -3),
+        lambda f: f.softmax(x.long(), 1), lambda f: f.log_softmax(x.long(), 1),
+        lambda f: f.flatten(x, 2), lambda f: f.flatten(x, 0, -3), lambda f: f.flatten(x, "a"),
+        lambda f: f.flatten(x, 0, "b"), lambda f: f.flatten(x, True), lambda f: f.flatten(x, 1.0),
+        lambda f: f.cross_entropy(x, torch.tensor([0, 1, 7])), lambda f: f.cross_entropy(x, torch.tensor([0, 1, -3])),
+        lambda f: f.cross_entropy(x.reshape(3, 5, 1), torch.tensor([[0], [1], [9]])),
+    ]
+    for i, call in enumerate(calls):
+        with pytest.raises(Exception) as theirs:
+            call(torch_ns)
+        with pytest.raises(gpu_nn.KernelInputError) as ours:
+            call(F)
+        assert type(theirs.value) in (IndexError, TypeError, NotImplementedError), (i, theirs.value)
+        assert isinstance(ours.value, type(theirs.value)), (i, type(ours.value), type(theirs.value), theirs.value)
+        assert str(theirs.value).splitlines()[0] in str(ours.value), (i, ours.value, theirs.value)
+
+
 # =========================================================================== Triton kernels vs reference
 
 

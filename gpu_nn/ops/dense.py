@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend, _precision
-from .._errors import KernelInputError, KernelInputIndexError, KernelInputTypeError
+from .._errors import KernelInputError, KernelInputIndexError, KernelInputNotImplementedError, KernelInputTypeError
 from ..check import CheckCase
 from ..reference import dense as ref
 from ._dispatch import (autocast_inputs, check_float, empty, float64_in_float32, from_numpy, is_int, on_device, routed,
@@ -67,7 +67,7 @@ def _wrap_dim(dim: int, ndim: int) -> int:
     """torch's maybe_wrap_dim: a 0-d tensor takes dims -1 and 0."""
     n = max(ndim, 1)
     if not -n <= dim <= n - 1:
-        raise KernelInputError(f"Dimension out of range (expected to be in range of [{-n}, {n - 1}], but got {dim})")
+        raise KernelInputIndexError(f"Dimension out of range (expected to be in range of [{-n}, {n - 1}], but got {dim})")
     return dim % n
 
 
@@ -85,7 +85,10 @@ def flatten(input: Tensor, start_dim: int = 0, end_dim: int = -1) -> Tensor:
     ``reshape``; see the module docstring for why this is not a custom op).
     """
     _check_tensor("flatten", "input", input)
-    s, e = _wrap_dim(start_dim, input.dim()), _wrap_dim(end_dim, input.dim())
+    for name, pos, v in (("start_dim", 2, start_dim), ("end_dim", 3, end_dim)):
+        if not is_int(v):
+            raise KernelInputTypeError(f"flatten(): argument '{name}' (position {pos}) must be int, not {type(v).__name__}")
+    s, e = _wrap_dim(int(start_dim), input.dim()), _wrap_dim(int(end_dim), input.dim())
     if s > e:
         raise KernelInputError("flatten() has invalid args: start_dim cannot come after end_dim")
     if input.dim() == 0:
@@ -552,7 +555,7 @@ def _softmax_public(name, op, input, dim, _stacklevel, dtype):
         input = input.to(dtype)
     if not input.is_floating_point():
         kernel = "log_softmax_lastdim_kernel_impl" if name == "log_softmax" else "softmax_lastdim_kernel_impl"
-        raise KernelInputError(f'"{kernel}" not implemented for \'{_scalar_name(input.dtype)}\'')
+        raise KernelInputNotImplementedError(f'"{kernel}" not implemented for \'{_scalar_name(input.dtype)}\'')
     check_float(name, "input", input)
     return op(input, _wrap_dim(int(dim), input.dim()))
 
@@ -648,11 +651,11 @@ def _check_target_range(target: Tensor, ignore_index: int, C: int, kernels=None)
         t1 = target.reshape(-1).contiguous()
         bad = kd.first_bad_target(kd.ce_check_targets(t1, C, ignore_index, ktriton.INTERPRET).tolist(), t1.shape[0])
         if bad is not None:
-            raise KernelInputError(f"Target {bad} is out of bounds.")
+            raise KernelInputIndexError(f"Target {bad} is out of bounds.")
         return
     bad = (target != ignore_index) & ((target < 0) | (target >= C))
     if bool(bad.any()):
-        raise KernelInputError(f"Target {int(target[bad].reshape(-1)[0])} is out of bounds.")
+        raise KernelInputIndexError(f"Target {int(target[bad].reshape(-1)[0])} is out of bounds.")
 
 
 def cross_entropy_forward(input: Tensor, target: Tensor, weight: Tensor | None, reduction: str, ignore_index: int,
