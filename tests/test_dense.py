@@ -419,6 +419,33 @@ def test_bad_input():
         F.cross_entropy(x, torch.tensor([0, 1, 9]))
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+def test_cross_entropy_weight_requiring_grad_as_torch(reduction, smoothing):
+    """A weight that requires grad: with probability targets torch differentiates it, and so do
+    we (float64, against torch); with class indices torch refuses at the forward, and so do we,
+    with its message (no silent None gradient)."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 5, 3, dtype=torch.float64, generator=g)
+    p = torch.softmax(torch.randn(4, 5, 3, dtype=torch.float64, generator=g), 1)
+    w = torch.rand(5, dtype=torch.float64, generator=g) + 0.1
+    got, want = [], []
+    for f, out in ((F.cross_entropy, got), (TF.cross_entropy, want)):
+        xs, ps, ws = (t.clone().requires_grad_() for t in (x, p, w))
+        loss = f(xs, ps, ws, reduction=reduction, label_smoothing=smoothing)
+        out.append(loss.detach())
+        out.extend(torch.autograd.grad(loss.sum(), [xs, ps, ws]))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    ws = w.clone().requires_grad_()
+    idx = torch.tensor([[0, 1, 2], [3, 4, 0], [1, 1, 1], [2, 0, 4]])
+    for f in (F.cross_entropy, TF.cross_entropy):
+        with pytest.raises(RuntimeError, match="not differentiable with respect to argument 'weight'"):
+            f(x, idx, ws, reduction=reduction, label_smoothing=smoothing)
+    with torch.no_grad():  # no gradient wanted: the weight's flag does not matter
+        torch.testing.assert_close(F.cross_entropy(x, idx, ws), TF.cross_entropy(x, idx, ws), rtol=1e-12, atol=0)
+
+
 def test_bad_input_raises_torchs_exception_type():
     """Where torch raises IndexError, TypeError or NotImplementedError, ours is one too (and a
     KernelInputError), with torch's message: code that catches torch's type keeps working."""

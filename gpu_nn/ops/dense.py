@@ -990,6 +990,13 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, s
             dt = torch.promote_types(dt, weight.dtype)
         input, target = input.to(dt), target.to(dt)
         weight = None if weight is None else weight.to(dt)
+    if weight is not None and weight.requires_grad and torch.is_grad_enabled():
+        if not prob:  # torch's nll_loss has no weight gradient, and says so at the forward
+            raise KernelInputError("The function 'nll_loss_forward' is not differentiable with respect to argument "
+                                   "'weight'. This input cannot have requires_grad True.")
+        # a weight to learn (probability targets): torch differentiates its composite loss, so
+        # do we, through our log_softmax and torch's elementwise math
+        return _ce_compose(input, target, weight, reduction, int(ignore_index), float(label_smoothing))
     if not prob and target.dtype != torch.int64:
         target = target.long()
     loss, _ = _cross_entropy_op(input, target, weight, reduction, int(ignore_index), float(label_smoothing))
