@@ -446,6 +446,39 @@ def test_cross_entropy_weight_requiring_grad_as_torch(reduction, smoothing):
         torch.testing.assert_close(F.cross_entropy(x, idx, ws), TF.cross_entropy(x, idx, ws), rtol=1e-12, atol=0)
 
 
+# class indices with a [4, 0, 3] input are left out: torch itself fails there ('size mismatch' in
+# its nll_loss2d), so there is nothing to compare
+@pytest.mark.parametrize("shape,prob", [((4, 0), True), ((4, 0, 3), True), ((0,), True), ((4, 0), False), ((0,), False)])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_cross_entropy_without_classes_as_torch(shape, prob, reduction):
+    """An empty class dim (C = 0): torch's values, signs of zero included (probability targets
+    -0, class indices +0 where every target is ignored, 'mean' NaN) and an empty gradient,
+    where the NumPy reference could not reshape [M, 0] rows; a class index is out of range."""
+    x = torch.randn(*shape, dtype=torch.float64)
+    target = torch.randn(*shape, dtype=torch.float64) if prob else torch.full(shape[:1] if len(shape) > 1 else (), -100)
+    out, grads = [], []
+    for f in (F.cross_entropy, TF.cross_entropy):
+        xs = x.clone().requires_grad_()
+        y = f(xs, target, reduction=reduction)
+        out.append(y.detach())
+        grads.append(torch.autograd.grad(y.sum(), xs)[0])
+    a, b = out
+    assert a.shape == b.shape and a.dtype == b.dtype
+    assert torch.equal(torch.isnan(a), torch.isnan(b)) and torch.equal(torch.signbit(a), torch.signbit(b))
+    torch.testing.assert_close(a, b, equal_nan=True, rtol=0, atol=0)
+    assert grads[0].shape == grads[1].shape == x.shape
+    if not prob and len(shape) > 1:
+        with pytest.raises(IndexError, match="Target 0 is out of bounds"):
+            F.cross_entropy(x, torch.tensor([0, -100, -100, -100]), reduction=reduction)
+
+
+def test_elementwise_mean_is_torchs_deprecated_mean():
+    x, t = torch.randn(3, 5, dtype=torch.float64), torch.tensor([1, 2, 3])
+    with pytest.warns(UserWarning, match="elementwise_mean' is deprecated"):
+        got = F.cross_entropy(x, t, reduction="elementwise_mean")
+    torch.testing.assert_close(got, TF.cross_entropy(x, t), rtol=1e-15, atol=0)
+
+
 def test_bad_input_raises_torchs_exception_type():
     """Where torch raises IndexError, TypeError or NotImplementedError, ours is one too (and a
     KernelInputError), with torch's message: code that catches torch's type keeps working."""

@@ -136,6 +136,34 @@ def test_linear(act, bias, rng):
     _check(lambda x, w, *b: F.linear(x, w, *b, activation=act), (x, w) + ((b,) if bias else ()))
 
 
+@pytest.mark.parametrize("case", ["linear O=0", "linear K=0", "max_pool2d N=0", "min_pool2d N=0", "avg_pool2d N=0"])
+def test_empty_sizes_differentiate_twice_as_torch(case):
+    """A second derivative where a size is 0 (no output feature, no input feature, an empty
+    batch): the same shapes and values as torch's, where a reshape with an inferred -1 size
+    cannot be used (0 elements into [-1, 0])."""
+    g = torch.Generator().manual_seed(3)
+    if case.startswith("linear"):
+        o, k = (0, 5) if case.endswith("O=0") else (4, 0)
+        inputs = [torch.randn(3, k, dtype=D64, generator=g), torch.randn(o, k, dtype=D64, generator=g)]
+        ours, theirs = F.linear, TF.linear
+    else:
+        name = case.split()[0]
+        inputs = [torch.randn(0, 2, 5, 5, dtype=D64, generator=g)]
+        ours = lambda x: getattr(F, name)(x, 2)  # noqa: E731
+        theirs = (lambda x: -TF.max_pool2d(-x, 2)) if name == "min_pool2d" else (lambda x: getattr(TF, name)(x, 2))
+    results = []
+    for f in (ours, theirs):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        y = f(*leaves)
+        first = torch.autograd.grad((y * y).sum() + y.sum(), leaves, create_graph=True)
+        penalty = sum((d * d).sum() for d in first) + sum((t * t).sum() for t in leaves)
+        results.append(torch.autograd.grad(penalty, leaves, allow_unused=True))
+    for a, b, leaf in zip(*results, inputs):  # an unused input's None: a zero gradient
+        a, b = (torch.zeros_like(leaf) if t is None else t for t in (a, b))
+        assert a.shape == b.shape == leaf.shape
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+
+
 def test_linear_vector_weight(rng):
     _check(lambda x, w: F.linear(x, w), (_t(rng, 3, 5), _t(rng, 5)))
 

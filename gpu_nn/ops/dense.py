@@ -229,8 +229,9 @@ def _linear_backward_backward(ctx, ggx, ggw, ggb):
     act = ctx.activation
     need_g, need_x, need_w, need_out = ctx.needs_input_grad[:4]
     O, K = w.shape
-    g2, x2, ggx2 = g.reshape(-1, O), x.reshape(-1, K), ggx.reshape(-1, K)
-    gz2 = g2 if act is None else _activation_backward_op(g2, out.reshape(-1, O), act)
+    M = math.prod(x.shape[:-1])  # rows named, not -1: a reshape cannot infer them where O or K is 0
+    g2, x2, ggx2 = g.reshape(M, O), x.reshape(M, K), ggx.reshape(M, K)
+    gz2 = g2 if act is None else _activation_backward_op(g2, out.reshape(M, O), act)
     d_x = _linear_op(gz2, ggw.t(), None, None).reshape(x.shape) if need_x else None
     d_w = _linear_op(gz2.t(), ggx2.t(), None, None) if need_w else None
     d_g = d_out = None
@@ -239,7 +240,7 @@ def _linear_backward_backward(ctx, ggx, ggw, ggb):
         if act is None:
             d_g = d_gz
         else:
-            d_g, d_out = activation_double_backward(act, d_gz, g2, out.reshape(-1, O), need_out)
+            d_g, d_out = activation_double_backward(act, d_gz, g2, out.reshape(M, O), need_out)
             d_out = None if d_out is None else d_out.reshape(out.shape)
         d_g = d_g.reshape(g.shape)
     return d_g, d_x, d_w, d_out, None, None
@@ -812,6 +813,19 @@ def _ce_backward(ctx, grad, _grad_lse):
 _cross_entropy_op.register_autograd(_ce_backward, setup_context=_ce_setup)
 
 
+def _ce_no_class(input: Tensor, target: Tensor, prob: bool, reduction: str, ignore_index: int, cdim: int) -> Tensor:
+    """cross_entropy over an empty class dim (C = 0), torch's values: probability targets -0 per
+    row ('none'), -0 ('sum'), NaN ('mean', 0 / 0); class indices, every one ignored (any other
+    is out of range), +0, +0 and NaN. Differentiable in the input (an empty gradient)."""
+    if not prob:
+        _check_target_range(target, ignore_index, 0)
+    # sums of nothing: +0, in the autograd graph; torch negates them for probability targets
+    total = input.sum(cdim) if reduction == "none" else input.sum()
+    if prob:
+        total = -total
+    return total / 0.0 if reduction == "mean" else total
+
+
 def _ce_compose(input: Tensor, target: Tensor, weight: Tensor | None, reduction: str, ignore_index: int,
                 label_smoothing: float) -> Tensor:
     """torch's cross_entropy as a differentiable composition of our log_softmax and torch
@@ -969,6 +983,9 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, s
     """
     if size_average is not None or reduce is not None:
         reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
+    elif reduction == "elementwise_mean":  # torch's deprecated alias, with its warning
+        warnings.warn("reduction='elementwise_mean' is deprecated. Please use reduction='mean' instead.", stacklevel=2)
+        reduction = "mean"
     # torch's parser: ignore_index an int, label_smoothing a number (an int is fine), never coerced
     if not is_int(ignore_index):
         raise KernelInputTypeError(
@@ -990,6 +1007,9 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, s
             dt = torch.promote_types(dt, weight.dtype)
         input, target = input.to(dt), target.to(dt)
         weight = None if weight is None else weight.to(dt)
+    cdim = 0 if input.dim() == 1 else 1
+    if input.shape[cdim] == 0:
+        return _ce_no_class(input, target, prob, reduction, int(ignore_index), cdim)
     if weight is not None and weight.requires_grad and torch.is_grad_enabled():
         if not prob:  # torch's nll_loss has no weight gradient, and says so at the forward
             raise KernelInputError("The function 'nll_loss_forward' is not differentiable with respect to argument "

@@ -754,8 +754,8 @@ def _max_backward_backward(ctx, ggi):
     """Double backward: max_pool_backward scatters grad_output to the saved (non-differentiable)
     indices, so its adjoint gathers ``ggi`` at the same indices (max and min pooling alike)."""
     (idx,) = ctx.saved_tensors
-    N, C = idx.shape[:2]
-    d_g = ggi.reshape(N, C, -1).gather(2, idx.reshape(N, C, -1)).reshape(idx.shape)
+    N, C, OH, OW = idx.shape  # planes named, not -1: a reshape cannot infer them in an empty batch
+    d_g = ggi.reshape(N, C, ggi.shape[2] * ggi.shape[3]).gather(2, idx.reshape(N, C, OH * OW)).reshape(idx.shape)
     return d_g, None, None, None, None, None, None, None
 
 
