@@ -221,6 +221,65 @@ def test_distributed_data_parallel_gloo(tmp_path):
         torch.testing.assert_close(ranks[0][k], v, rtol=1e-10, atol=1e-12, msg=f"DDP != single process at {k}")
 
 
+def _cpu_autocast_cases():
+    """(name, ours, theirs, inputs): each public op / module of ours beside torch's twin."""
+    import torch.nn.functional as TF
+
+    import gpu_nn.functional as GF
+
+    g = torch.Generator().manual_seed(2)
+    x4, w4 = torch.randn(2, 3, 8, 8, generator=g), torch.randn(4, 3, 3, 3, generator=g)
+    x3, w3 = torch.randn(2, 3, 8, generator=g), torch.randn(4, 3, 3, generator=g)
+    t = torch.tensor([0, 1])
+    cases = [
+        ("conv2d", GF.conv2d, TF.conv2d, (x4, w4)), ("conv1d", GF.conv1d, TF.conv1d, (x3, w3)),
+        ("linear", GF.linear, TF.linear, (torch.randn(2, 5, generator=g), torch.randn(3, 5, generator=g))),
+        ("softmax", lambda x: GF.softmax(x, 1), lambda x: TF.softmax(x, 1), (torch.randn(2, 5, generator=g),)),
+        ("log_softmax", lambda x: GF.log_softmax(x, 1), lambda x: TF.log_softmax(x, 1), (torch.randn(2, 5, generator=g),)),
+        ("cross_entropy", lambda x: GF.cross_entropy(x, t), lambda x: TF.cross_entropy(x, t), (torch.randn(2, 5, generator=g),)),
+        ("max_pool2d", lambda x: GF.max_pool2d(x, 2), lambda x: TF.max_pool2d(x, 2), (x4,)),
+        ("avg_pool2d", lambda x: GF.avg_pool2d(x, 2), lambda x: TF.avg_pool2d(x, 2), (x4,)),
+        ("relu", GF.relu, TF.relu, (x4,)),
+    ]
+    for name in ("RNN", "LSTM", "GRU"):
+        for kw in ({}, {"num_layers": 2, "bidirectional": True}):
+            torch.manual_seed(0)
+            theirs = getattr(tnn, name)(3, 4, **kw)
+            ours = gpu_nn.convert(copy.deepcopy(theirs))
+            cases.append((f"{name} {kw}", lambda x, m=ours: m(x)[0], lambda x, m=theirs: m(x)[0],
+                          (torch.randn(5, 2, 3, generator=g),)))
+    for name in ("RNNCell", "LSTMCell", "GRUCell"):
+        torch.manual_seed(0)
+        theirs = getattr(tnn, name)(3, 4)
+        ours = gpu_nn.convert(copy.deepcopy(theirs))
+        first = (lambda o: o[0]) if name == "LSTMCell" else (lambda o: o)
+        cases.append((name, lambda x, m=ours, f=first: f(m(x)), lambda x, m=theirs, f=first: f(m(x)),
+                      (torch.randn(2, 3, generator=g),)))
+    return cases
+
+
+@pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("input_dtype", [torch.float32, torch.bfloat16])
+def test_cpu_autocast_gives_torchs_dtypes(autocast_dtype, input_dtype):
+    """In a CPU autocast region every op and layer returns the dtype torch's twin returns: torch's
+    CPU lists differ from its CUDA ones (softmax runs in the input's dtype; GRU, LSTMCell and
+    GRUCell are not cast themselves, their inner matmuls are, so a float32 input gives float32).
+    Where torch's own layer fails (its LSTM has no float16 CPU kernel) there is nothing to match."""
+    compared = 0
+    for name, ours, theirs, inputs in _cpu_autocast_cases():
+        inputs = [i.to(input_dtype) for i in inputs]
+        with torch.autocast("cpu", dtype=autocast_dtype):
+            try:
+                want = theirs(*inputs)
+            except RuntimeError:
+                assert name.startswith("LSTM ") and autocast_dtype == torch.float16, name
+                continue
+            got = ours(*inputs)
+        assert got.dtype == want.dtype and got.shape == want.shape, (name, got.dtype, want.dtype)
+        compared += 1
+    assert compared == (18 if autocast_dtype == torch.bfloat16 else 16)  # 9 ops, 6 sequence layers, 3 cells
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="autocast through our kernels needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_autocast_on_gpu(dtype):

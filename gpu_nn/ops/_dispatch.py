@@ -200,12 +200,17 @@ def same_dense_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
 _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None)
 
 
-def autocast_inputs(policy: str, *tensors):
+def autocast_inputs(policy: str, *tensors, cpu: str | None = None):
     """Apply torch's autocast rule to an op's inputs, as torch's own ops get it.
 
     ``policy="lower"`` (conv, linear, recurrent layers): floating inputs run in the autocast
     dtype; ``policy="fp32"`` (softmax, log_softmax, cross_entropy): they run in float32.
-    Outside an autocast region the inputs come back unchanged.
+    ``cpu``, where torch's CPU autocast treats the op otherwise than its CUDA autocast (its
+    lists differ), is the policy in a CPU region: ``"none"`` (softmax, log_softmax: not in
+    them, so they run in the input's dtype) or ``"promote"`` (GRU, LSTMCell, GRUCell: not
+    autocast themselves, but their inner matmuls are, so torch's result comes out in the
+    autocast dtype promoted with the input's: float32 for a float32 input). Outside an
+    autocast region the inputs come back unchanged.
     """
     if _any_autocast is not None and not torch.compiler.is_compiling() and not _any_autocast():
         return tensors  # the usual case: no region at all (traced, torch's own query is kept)
@@ -215,7 +220,16 @@ def autocast_inputs(policy: str, *tensors):
     dev = first.device.type
     if dev not in ("cuda", "cpu") or not torch.is_autocast_enabled(dev):
         return tensors
-    dtype = torch.get_autocast_dtype(dev) if policy == "lower" else torch.float32
+    if dev == "cpu" and cpu is not None:
+        policy = cpu
+    if policy == "none":
+        return tensors
+    if policy == "fp32":
+        dtype = torch.float32
+    else:
+        dtype = torch.get_autocast_dtype(dev)
+        if policy == "promote" and first.is_floating_point():
+            dtype = torch.promote_types(dtype, first.dtype)
     # float64 is never cast (torch's autocast leaves double tensors alone, for every policy)
     return tuple(
         t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != dtype

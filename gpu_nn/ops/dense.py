@@ -549,7 +549,7 @@ def _softmax_public(name, op, input, dim, _stacklevel, dtype):
                                 f"{name}(): argument 'dtype' must be torch.dtype, not {type(dtype).__name__}")
         dtype = _PY_DTYPES[dtype]
     if dtype is None:
-        (input,) = autocast_inputs("fp32", input)
+        (input,) = autocast_inputs("fp32", input, cpu="none")
     if dim is None:
         dim = _get_softmax_dim(name, input.dim(), _stacklevel + 1)
     if dtype is not None:

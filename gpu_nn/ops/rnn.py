@@ -1744,7 +1744,9 @@ def _cell(op, mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh):
         input = input[None]
         hx = None if hx is None else hx[None]
         cx = None if cx is None else cx[None]
-    input, hx, cx, w_ih, w_hh, b_ih, b_hh = autocast_inputs("lower", input, hx, cx, w_ih, w_hh, b_ih, b_hh)
+    # torch's CPU autocast lists the Elman cells but not lstm_cell / gru_cell (see autocast_inputs)
+    input, hx, cx, w_ih, w_hh, b_ih, b_hh = autocast_inputs("lower", input, hx, cx, w_ih, w_hh, b_ih, b_hh,
+                                                            cpu=None if mode.startswith("rnn") else "promote")
     H = w_hh.shape[-1]
     if hx is None:
         hx = input.new_zeros((input.shape[0], H))
@@ -1795,7 +1797,8 @@ def _seq(mode, input, hx, cx, params, has_biases, num_layers, dropout, train, bi
     if input.dim() != 3:
         raise KernelInputError(f"{mode}: input must have 3 dimensions, got {input.dim()}")
     _check_devices(input, [hx, cx], params)
-    input, hx, cx, *params = autocast_inputs("lower", input, hx, cx, *params)
+    # torch's CPU autocast casts the Elman and LSTM sequences (mkldnn), not GRU's (see autocast_inputs)
+    input, hx, cx, *params = autocast_inputs("lower", input, hx, cx, *params, cpu="promote" if mode == "gru" else None)
     x = input.transpose(0, 1) if batch_first else input
     T, B, _ = x.shape
     D = 2 if bidirectional else 1
