@@ -137,6 +137,33 @@ def test_meta_tensors_give_the_shapes_of_a_real_call(fam, case):
     assert results[0] == results[1]
 
 
+@pytest.mark.parametrize("fam,case", CASES, ids=[f"{f}-{c.op}-{i}" for i, (f, c) in enumerate(CASES)])
+def test_forward_mode_ad_raises_instead_of_zero_tangents(fam, case):
+    """Our ops have reverse-mode derivatives only (as torch's custom ops with register_autograd,
+    which give zero or missing tangents silently): a dual tensor (torch.autograd.forward_ad) or a
+    torch.func.jvp input raises NotImplementedError, on both routes; a tensor without a tangent
+    inside a dual level still runs."""
+    import torch.autograd.forward_ad as fwad
+
+    args, kwargs = case.make(np.random.default_rng(7))
+    args, kwargs = check._convert((args, kwargs), torch.float64, "cpu")
+    pos = next(i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.is_floating_point())
+    x = args[pos].detach()
+
+    def call(t):
+        return check._float_outputs(case.fn(*args[:pos], t, *args[pos + 1:], **kwargs))[0]
+
+    for eager in (True, False):
+        with pytest.MonkeyPatch.context() as mp, gpu_nn.backend("reference"):
+            mp.setattr(_dispatch, "EAGER", eager)
+            with fwad.dual_level():
+                with pytest.raises(NotImplementedError, match="forward-mode AD"):
+                    call(fwad.make_dual(x, torch.ones_like(x)))
+                assert call(x) is not None
+            with pytest.raises(NotImplementedError, match="forward-mode AD"):
+                torch.func.jvp(call, (x,), (torch.ones_like(x),))
+
+
 def _bad_calls():
     from gpu_nn.ops import activation, conv, dense, pool
 

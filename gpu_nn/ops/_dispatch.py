@@ -10,6 +10,7 @@ import os
 
 import numpy as np
 import torch
+import torch.autograd.forward_ad as _fwad
 
 from .. import _backend, _tuning
 from .._errors import KernelInputError
@@ -459,7 +460,12 @@ class Routed:
         self._function = fn
 
     def __call__(self, *args, **kwargs):
+        if _fwad._current_level >= 0:  # a forward-AD dual level is open (one module global read otherwise)
+            _refuse_tangents(self._overload._schema.name, args, kwargs, _has_tangent)
         if torch.compiler.is_compiling() or kwargs or len(args) != self._nargs or not EAGER or not _eager_ok(args):
+            if _C._are_functorch_transforms_active() and not torch.compiler.is_compiling() and any(
+                    i.key() == _JVP for i in _functorch.get_interpreter_stack()):
+                _refuse_tangents(self._overload._schema.name, args, kwargs, _functorch.is_functorch_wrapped_tensor)
             return self._overload(*args, **kwargs)
         t = args[0]
         if isinstance(t, torch.Tensor) and not t.is_cpu:
@@ -479,6 +485,26 @@ class Routed:
 
 
 _get_device = getattr(torch._C, "_cuda_getDevice", None)  # the current CUDA device, no lazy-init check
+_functorch = torch._C._functorch
+_JVP = _functorch.TransformType.Jvp
+
+
+def _has_tangent(t: torch.Tensor) -> bool:
+    return _fwad.unpack_dual(t).tangent is not None
+
+
+def _refuse_tangents(name: str, args, kwargs, carries) -> None:
+    """Forward-mode AD has no formula in our ops (torch's custom ops with register_autograd have
+    none either, and give zero or missing tangents without a word): raise where an argument
+    carries a tangent (``carries``: a dual tensor of torch.autograd.forward_ad, or a tensor a
+    torch.func jvp transform wrapped) rather than return a wrong derivative."""
+    for a in (*args, *kwargs.values()):
+        for t in (a if type(a) in (list, tuple) else (a,)):
+            if isinstance(t, torch.Tensor) and carries(t):
+                raise NotImplementedError(
+                    f"{name}: forward-mode AD (torch.autograd.forward_ad dual tensors, torch.func.jvp / jacfwd / "
+                    "hessian) is not supported by gpu-nn's ops, which have reverse-mode derivatives only "
+                    "(torch.autograd.grad / backward)")
 
 
 def on_device(fn):
