@@ -404,6 +404,10 @@ def test_bad_input():
     _raises("expected target dtype to be Long or Byte, but got Int",
             lambda: F.cross_entropy(x, torch.tensor([0, 1, 2], dtype=torch.int32)))
     _raises("multi-target not supported", lambda: F.cross_entropy(x, torch.randn(3, 4)))
+    _raises("multi-target not supported", lambda: F.cross_entropy(x, torch.zeros(3, 2, dtype=torch.long)))
+    _raises(r"Expected input batch_size \(3\) to match target batch_size \(0\)\.", lambda: F.cross_entropy(x, torch.tensor(1)))
+    _raises(r"Expected input batch_size \(3\) to match target batch_size \(2\)\.",
+            lambda: F.cross_entropy(x, torch.zeros(2, 2, dtype=torch.long)))
     _raises("label_smoothing must be between 0.0 and 1.0. Got: 1.5",
             lambda: F.cross_entropy(x, torch.tensor([0, 1, 2]), label_smoothing=1.5))
     _raises(r"Expected target size \[3, 4\], got \[3, 5\]", lambda: F.cross_entropy(torch.randn(3, 5, 4), torch.zeros(3, 5, dtype=torch.long)))

@@ -238,8 +238,8 @@ def _check_all(nd: int, input: Tensor, weight: Tensor, bias: Optional[Tensor], s
         raise KernelInputError("negative padding is not supported")
     if any(d < 0 for d in dilation):
         raise KernelInputError("dilation should be greater than zero")
-    if any(d == 0 for d in dilation):
-        raise KernelInputError("non-positive dilation is not supported")
+    if any(d == 0 for d in dilation):  # torch names the 2-d form it runs (conv1d: [1, d])
+        raise KernelInputError(f"dilation should be greater than zero, but got {[1] * (2 - nd) + list(dilation)}")
     o = weight.shape[0]
     if o < groups or o % groups:
         what = "at least" if o < groups else "divisible by"

@@ -935,12 +935,11 @@ def _check_cross_entropy(input, target, weight, ignore_index, reduction, label_s
             raise KernelInputError("0D target tensor expected for an unbatched [C] input (gpu_nn does not accept the "
                                    "[1]-shaped target that torch's forward alone tolerates)")
     elif input.dim() == 2:
+        batch = target.shape[0] if target.dim() else 0  # torch compares the batch sizes first (a 0-d target's: 0)
+        if batch != input.shape[0]:
+            raise KernelInputError(f"Expected input batch_size ({input.shape[0]}) to match target batch_size ({batch}).")
         if target.dim() != 1:
             raise KernelInputError("0D or 1D target tensor expected, multi-target not supported")
-        if target.shape[0] != input.shape[0]:
-            raise KernelInputError(
-                f"Expected input batch_size ({input.shape[0]}) to match target batch_size ({target.shape[0]})."
-            )
     else:
         if target.dim() != input.dim() - 1:
             if target.dim() == 1:
