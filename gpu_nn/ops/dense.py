@@ -78,6 +78,23 @@ def _triton_modules():
 # =========================================================================== flatten
 
 
+def _torchs_flatten_error(ndim: int, start_dim, end_dim, fallback: str) -> KernelInputError:
+    """torch's own error for flatten's non-int dims, asked of torch on an empty tensor of the
+    input's rank (its parser words it differently across versions: 2.13 'argument 'start_dim'
+    (position 2) must be int', 2.11 'received an invalid combination of arguments'; a string
+    may be taken as a dim name), with its type; ``fallback``: where torch takes them after all."""
+    args = (start_dim,) if type(end_dim) is int and end_dim == -1 else (start_dim, end_dim)  # as the caller's, mostly
+    try:
+        torch.flatten(torch.empty((0,) * ndim), *args)
+    except TypeError as exc:
+        return KernelInputTypeError(str(exc))
+    except IndexError as exc:
+        return KernelInputIndexError(str(exc))
+    except RuntimeError as exc:
+        return KernelInputError(str(exc))
+    return KernelInputTypeError(fallback)
+
+
 def flatten(input: Tensor, start_dim: int = 0, end_dim: int = -1) -> Tensor:
     """torch.flatten: merge dims ``start_dim..end_dim`` into one; a 0-d input gives [1].
 
@@ -87,7 +104,8 @@ def flatten(input: Tensor, start_dim: int = 0, end_dim: int = -1) -> Tensor:
     _check_tensor("flatten", "input", input)
     for name, pos, v in (("start_dim", 2, start_dim), ("end_dim", 3, end_dim)):
         if not is_int(v):
-            raise KernelInputTypeError(f"flatten(): argument '{name}' (position {pos}) must be int, not {type(v).__name__}")
+            raise _torchs_flatten_error(input.dim(), start_dim, end_dim,
+                                        f"flatten(): argument '{name}' (position {pos}) must be int, not {type(v).__name__}")
     s, e = _wrap_dim(int(start_dim), input.dim()), _wrap_dim(int(end_dim), input.dim())
     if s > e:
         raise KernelInputError("flatten() has invalid args: start_dim cannot come after end_dim")
