@@ -173,8 +173,24 @@ def family_geomeans(rows: list[dict]) -> dict:
     return {k: math.exp(sum(v) / len(v)) for k, v in acc.items()}
 
 
-def markdown(runs: list[dict]) -> str:
-    """The README section: latest run's table (or a plain statement that none is recorded)."""
+def other_records(results_dir: str = RESULTS_DIR) -> list[str]:
+    """Folders of ``results_dir`` holding a GPU record without a full run (a tests-only run's
+    SUMMARY.md), as "`path`: its title", oldest first: the README names them beside the table."""
+    out = []
+    if not os.path.isdir(results_dir):
+        return out
+    for name in sorted(os.listdir(results_dir)):
+        folder = os.path.join(results_dir, name)
+        summary = os.path.join(folder, "SUMMARY.md")
+        if os.path.isfile(summary) and not os.path.isfile(os.path.join(folder, "run.json")):
+            title = next((ln.lstrip("# ").strip() for ln in _read(summary).splitlines() if ln.strip()), name)
+            out.append(f"`benchmarks/results/{name}/SUMMARY.md`: {title}")
+    return out
+
+
+def markdown(runs: list[dict], others: list[str] = ()) -> str:
+    """The README section: latest run's table (or a plain statement that none is recorded), and
+    the recorded runs that are not full runs (``others``)."""
     if not runs:
         return ("No GPU run has been recorded yet: `benchmarks/gpu_run.sh` on a GPU machine, then "
                 "`gpu-nn results record OUTDIR`, puts its figures here.")
@@ -189,6 +205,12 @@ def markdown(runs: list[dict]) -> str:
         lines.append(f"`gpu-nn check`: {chk['rows'] - chk['failed']} of {chk['rows']} rows pass.  ")
     if tests.get("summary"):
         lines.append(f"Test suite: {tests['summary']}.  ")
+    for o in others:
+        lines.append(f"Also recorded: {o}.  ")
+    if last.get("bench_partial"):
+        planned = last.get("bench_cases_planned")
+        lines.append(f"The bench step was cut by its time limit: {last.get('bench_cases', len(last['bench']))}"
+                     + (f" of {planned}" if planned else "") + " planned cases are in the table below.  ")
     lines += ["", "Time ours / torch (median, same process; below 1 is faster than torch):", "",
               "| family | case | shape | provider | ratio |", "| --- | --- | --- | --- | ---: |"]
     for r in last["bench"]:
@@ -239,7 +261,7 @@ def render(results_dir: str = RESULTS_DIR, readme: str | None = None) -> None:
         pre, rest = text.split(START, 1)
         _, post = rest.split(END, 1)
         with open(readme, "w") as f:
-            f.write(pre + START + "\n" + markdown(runs) + "\n" + END + post)
+            f.write(pre + START + "\n" + markdown(runs, other_records(results_dir)) + "\n" + END + post)
 
 
 def run(args) -> int:

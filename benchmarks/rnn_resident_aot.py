@@ -30,7 +30,12 @@ def main(argv=None) -> int:
 
     args = list(argv if argv is not None else sys.argv[1:])
     backward = "--backward" in args
-    out, commit = [a for a in args if a != "--backward"][:2]
+    positional = [a for a in args if a != "--backward"]
+    if len(positional) != 2 or any(a.startswith("-") for a in positional):
+        print("usage: python -m gpu_nn.benchmarks.rnn_resident_aot OUT.json COMMIT [--backward]\n\n"
+              + (__doc__ or "").strip(), file=sys.stderr)
+        return 0 if positional in (["-h"], ["--help"]) else 2
+    out, commit = positional
     kps = [16 << i for i in range(kt.RESIDENT_MAX_KP.bit_length() - 4)]
     rows = []
     t0 = time.time()

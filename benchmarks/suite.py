@@ -186,6 +186,15 @@ def run(args) -> int:
                       f"kernel compilation included)")
     warmup, reps, max_time = harness.QUICK if args.quick else harness.FULL
     providers = set(args.backend) if args.backend else None
+    if providers and cases:
+        offered = {n for c in cases for n in c.providers}
+        absent = sorted(providers - offered)
+        where = ("on a CPU our side is the reference backend; triton and cupy are timed on a CUDA device"
+                 if device == "cpu" else "no case of these families offers it here")
+        if not providers & offered:  # nothing of ours would be timed: say so rather than print a table of '-'
+            raise SystemExit(f"gpu-nn bench: --backend {', '.join(sorted(providers))}: {where}")
+        if absent:
+            console.print(f"--backend {', '.join(absent)} not timed: {where}", markup=False)
     saved = harness.time
     if clock == "thread":
         harness.time = _ThreadClock()

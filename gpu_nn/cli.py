@@ -32,6 +32,7 @@ def cmd_info(args) -> int:
     import torch
 
     from . import _backend
+    from ._errors import BackendUnavailableError
 
     print(f"gpu-nn   {_version('gpu_nn')}")
     print(f"python   {platform.python_version()} ({sys.executable})")
@@ -43,7 +44,11 @@ def cmd_info(args) -> int:
             print(f"device   cuda:{i} {p.name} (sm_{p.major}{p.minor}, {p.total_memory / 2**30:.1f} GiB)")
     else:
         print("device   cpu only (torch.cuda.is_available() is False)")
-    print(f"backend  requested: {_backend.requested()}")
+    try:
+        requested = _backend.requested()
+    except BackendUnavailableError as exc:  # a bad GPU_NN_BACKEND: said here, which is where one looks
+        requested = f"invalid ({exc})"
+    print(f"backend  requested: {requested}")
     for name in ("reference", "triton", "cupy"):
         ok, why = _backend.status(name)
         print(f"  {name:<10} {'works' if ok else 'unavailable'}: {why}")
@@ -65,6 +70,12 @@ def cmd_check(args) -> int:
 
     from . import check
 
+    known = {case.op for _, case in check.collect_cases()}
+    unknown = sorted(set(args.op or ()) - known)
+    if unknown:
+        print(f"gpu-nn check: error: unknown op {', '.join(unknown)}; expected one of {', '.join(sorted(known))}",
+              file=sys.stderr)
+        return 2
     workers = args.workers if args.workers is not None else check.default_workers()
     t0 = time.perf_counter()
     print(f"gpu-nn check: {len(check.plan(args.op))} checks on {', '.join(b for b, _, _ in check.targets())}, "
@@ -102,9 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("check", help="every op on every working backend against the reference")
     sp.add_argument("--op", action="append", help="only this op (repeatable)")
     sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--json", help="write the rows to this JSON file")
+    sp.add_argument("--json", type=output_path, help="write the rows to this JSON file")
     sp.add_argument("--no-progress", action="store_true")
-    sp.add_argument("--workers", type=int, default=None,
+    sp.add_argument("--workers", type=count(1), default=None,
                     help="processes to spread the checks over (default: one per CPU core up to 16 on a GPU "
                          "machine, where kernel compilation dominates; 1 without a GPU)")
     sp.set_defaults(func=cmd_check)
@@ -116,9 +127,42 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def output_path(path: str) -> str:
+    """argparse type of an output file: its folder must exist, so that a long run does not fail at
+    its very end when it writes (checked when the arguments are parsed)."""
+    import os
+
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise argparse.ArgumentTypeError(f"no folder {folder} to write {path} into")
+    if os.path.isdir(path):
+        raise argparse.ArgumentTypeError(f"{path} is a folder, not a file")
+    return path
+
+
+def count(minimum: int):
+    """argparse type: an int of at least ``minimum``."""
+    def parse(text: str) -> int:
+        v = int(text)
+        if v < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {v}")
+        return v
+
+    parse.__name__ = "int"  # argparse names the type in its 'invalid int value' message
+    return parse
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    from ._errors import BackendUnavailableError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (BackendUnavailableError, OSError) as exc:
+        # what a user can mend (a backend this machine cannot run, a path): the message, no traceback
+        print(f"gpu-nn {args.command}: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ import torch
 
 MODELS = ("cnn", "lstm", "gru")
 N_TRAIN = 1437  # of 1797: 80 % for training, the rest (360) for the test
+N_TEST = 1797 - N_TRAIN
 SPLIT_SEED = 20240917  # the split is part of the data set, not of the run: never changes
 
 # Per model: epochs, batch size, optimizer, learning rate, clip norm (None: no clipping).
@@ -355,7 +356,9 @@ def print_table(results: dict, console=None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="gpu-nn demo: digits, fixed split (1437 train / 360 test)")
+    sizes = {(r.get("train_size", N_TRAIN), r.get("test_size", N_TEST)) for r in results.values()}
+    train, test = sizes.pop() if len(sizes) == 1 else (N_TRAIN, N_TEST)
+    table = Table(title=f"gpu-nn demo: digits, fixed split ({train} train / {test} test)")
     for col in ("model", "backend", "device", "epochs", "test acc ours", "test acc torch", "s/epoch ours", "s/epoch torch",
                 "warm-up s ours", "warm-up s torch"):
         table.add_column(col, justify="right" if col not in ("model", "backend", "device") else "left")
@@ -378,16 +381,18 @@ def print_table(results: dict, console=None) -> None:
 
 
 def add_arguments(parser) -> None:
+    from .cli import count, output_path
+
     parser.add_argument("--model", choices=(*MODELS, "all"), default="all", help="default %(default)s")
     parser.add_argument("--epochs", type=int, help="epochs per model (default: %s)"
                         % ", ".join(f"{m} {h['epochs']}" for m, h in HYPER.items()))
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
-    parser.add_argument("--backend", choices=("auto", "reference", "triton", "cupy"), default="auto",
-                        help="gpu-nn backend for our models (default %(default)s)")
-    parser.add_argument("--json", help="write the figures to this JSON file")
-    parser.add_argument("--plot", help="write a PNG of the loss curves to this path")
+    parser.add_argument("--backend", choices=("auto", "reference", "triton", "cupy"), default=None,
+                        help="gpu-nn backend for our models (default: GPU_NN_BACKEND, else auto)")
+    parser.add_argument("--json", type=output_path, help="write the figures to this JSON file")
+    parser.add_argument("--plot", type=output_path, help="write a PNG of the loss curves to this path")
     parser.add_argument("--subset", type=int, help="train on only the first N training images")
-    parser.add_argument("--seed", type=int, default=0, help="initial weights and batch order (default %(default)s)")
+    parser.add_argument("--seed", type=count(0), default=0, help="initial weights and batch order (default %(default)s)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default %(default)s: the models are tiny, and fanning each small "
                              "op out over threads costs more than it saves, badly so on a busy machine)")
@@ -409,6 +414,8 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from rich.console import Console
 
+    from . import _backend
+
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("gpu-nn demo: --device cuda but torch sees no CUDA device")
@@ -428,7 +435,7 @@ def run(args) -> int:
     if args.compile and mode is None and device == "cuda" and args.compile_backend == "inductor":
         mode = "reduce-overhead"
     for m in models:
-        results[m] = train_pair(m, args.epochs, device, args.backend, args.subset, args.seed, ours,
+        results[m] = train_pair(m, args.epochs, device, args.backend or _backend.requested(), args.subset, args.seed, ours,
                                 progress=not args.no_progress, compile=args.compile,
                                 compile_backend=args.compile_backend, compile_mode=mode, fuse=args.fuse)
     console = Console()

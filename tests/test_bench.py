@@ -263,6 +263,18 @@ def test_results_record_and_render(tmp_path):
     assert "old" not in text and "NVIDIA H200" in text and "| activation | relu fwd | N=32 | triton | 1.50x |" in text
     assert text.startswith("intro\n") and text.endswith("rest\n") and "1 of 2 rows pass" in text
     assert (into / "history.png").stat().st_size > 1000
+    assert "cut by its time limit" not in text and "Also recorded" not in text
+    # a bench cut by its time limit says so; a tests-only record beside the runs is named
+    doc = json.loads((pathlib.Path(dest) / "run.json").read_text())
+    doc.update(bench_partial=True, bench_cases_planned=9)
+    (pathlib.Path(dest) / "run.json").write_text(json.dumps(doc))
+    (into / "2026-12-02_h200_tests").mkdir()
+    (into / "2026-12-02_h200_tests" / "SUMMARY.md").write_text("# Test suite on the H200, tests only\n\nbody\n")
+    results.render(str(into), str(readme))
+    text = readme.read_text()
+    assert "The bench step was cut by its time limit: 2 of 9 planned cases are in the table below." in text
+    assert ("Also recorded: `benchmarks/results/2026-12-02_h200_tests/SUMMARY.md`: Test suite on the H200, "
+            "tests only.") in text
 
 
 def test_overhead_family_times_ours_torch_and_both_floors():

@@ -118,3 +118,50 @@ def test_compile_timer_wraps_what_the_jit_binds(monkeypatch):
 
     assert bound("src") == "kernel"
     assert timer.seconds >= 0.05
+
+
+def test_user_mistakes_get_a_message_not_a_traceback(tmp_path, monkeypatch, capsys):
+    """Mistakes a user can mend are said in one line with a non-zero exit, before any work: an
+    unknown op, a worker count below 1, an output file in a missing folder, a negative seed, a
+    backend this machine cannot run, a bench of a backend no case offers here, a bad
+    GPU_NN_BACKEND (which `info` reports rather than dies of)."""
+    import pytest
+
+    assert main(["check", "--op", "relu", "--op", "nosuch"]) == 2
+    assert "unknown op nosuch; expected one of" in capsys.readouterr().err
+    missing = str(tmp_path / "no" / "out.json")
+    for argv in (["check", "--workers", "0"], ["check", "--json", missing], ["demo", "--json", missing],
+                 ["demo", "--plot", str(tmp_path)], ["demo", "--seed", "-3"]):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2, argv
+    err = capsys.readouterr().err
+    assert "no folder" in err and "is a folder" in err and "must be at least 1" in err and "must be at least 0" in err
+    if not __import__("torch").cuda.is_available():
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+        from gpu_nn import _backend
+
+        if not _backend.status("cupy")[0]:
+            assert main(["demo", "--backend", "cupy", "--model", "cnn", "--epochs", "1"]) == 1
+            assert "gpu-nn demo: error: " in capsys.readouterr().err
+        with pytest.raises(SystemExit, match="on a CPU our side is the reference backend"):
+            main(["bench", "--family", "activation", "--quick", "--backend", "cupy", "--out", str(tmp_path / "b")])
+    monkeypatch.setenv("GPU_NN_BACKEND", "bogus")
+    assert main(["info"]) == 0
+    assert "requested: invalid (GPU_NN_BACKEND: unknown backend 'bogus'" in capsys.readouterr().out
+
+
+def test_demo_backend_defaults_to_gpu_nn_backend(monkeypatch):
+    """`gpu-nn demo` without --backend trains ours on GPU_NN_BACKEND's backend (every thread's
+    default, as the README says), else auto."""
+    from gpu_nn import demo
+
+    seen = []
+    monkeypatch.setattr(demo, "train_pair", lambda m, e, d, backend, *a, **k: seen.append(backend) or {})
+    monkeypatch.setattr(demo, "print_table", lambda *a, **k: None)
+    monkeypatch.setenv("GPU_NN_BACKEND", "reference")
+    assert main(["demo", "--model", "cnn"]) == 0
+    monkeypatch.delenv("GPU_NN_BACKEND")
+    assert main(["demo", "--model", "cnn"]) == 0
+    assert main(["demo", "--model", "cnn", "--backend", "reference"]) == 0
+    assert seen == ["reference", "auto", "reference"]
