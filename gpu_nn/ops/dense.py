@@ -84,8 +84,15 @@ def _torchs_flatten_error(ndim: int, start_dim, end_dim, fallback: str) -> Kerne
     (position 2) must be int', 2.11 'received an invalid combination of arguments'; a string
     may be taken as a dim name), with its type; ``fallback``: where torch takes them after all."""
     args = (start_dim,) if type(end_dim) is int and end_dim == -1 else (start_dim, end_dim)  # as the caller's, mostly
+    return _torchs_own_error(lambda: torch.flatten(torch.empty((0,) * ndim), *args), fallback)
+
+
+def _torchs_own_error(call, fallback: str) -> KernelInputError:
+    """The error ``call()`` (torch's own call on an empty tensor) raises, as ours of the same
+    type: TypeError, IndexError or another RuntimeError; a TypeError of ``fallback`` where torch
+    takes the arguments after all."""
     try:
-        torch.flatten(torch.empty((0,) * ndim), *args)
+        call()
     except TypeError as exc:
         return KernelInputTypeError(str(exc))
     except IndexError as exc:
@@ -545,15 +552,8 @@ def _torchs_error(name: str, ndim: int, dim, dtype, fallback: str) -> KernelInpu
     input's rank (a named-dim lookup's message names the dims), and its message is raised with
     its type. ``fallback``: a TypeError's message, where torch takes the arguments after all."""
     args = (0 if dim is None else dim,)  # F resolves dim=None to an int before that call
-    try:
-        getattr(torch.empty((0,) * ndim), name)(*args, **({} if dtype is None else {"dtype": dtype}))
-    except TypeError as exc:
-        return KernelInputTypeError(str(exc))
-    except IndexError as exc:
-        return KernelInputIndexError(str(exc))
-    except RuntimeError as exc:
-        return KernelInputError(str(exc))
-    return KernelInputTypeError(fallback)
+    kwargs = {} if dtype is None else {"dtype": dtype}
+    return _torchs_own_error(lambda: getattr(torch.empty((0,) * ndim), name)(*args, **kwargs), fallback)
 
 
 def _softmax_public(name, op, input, dim, _stacklevel, dtype):
