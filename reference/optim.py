@@ -304,9 +304,13 @@ def _norm(a: np.ndarray, norm_type: float):
 
 def total_norm(grads, norm_type: float = 2.0, error_if_nonfinite: bool = False):
     """The ``norm_type``-norm of all ``grads`` viewed as one vector (torch: the norm of the
-    per-tensor norms, each in its gradient's dtype, stacked in their promoted dtype), as a NumPy
-    scalar of the gradients' promoted dtype (float32 0.0 when ``grads`` is empty). Raises
-    RuntimeError with torch's message when it is non-finite and ``error_if_nonfinite``."""
+    per-tensor norms, stacked in their promoted dtype), as a NumPy scalar of the arrays' promoted
+    dtype (float32 0.0 when ``grads`` is empty). Raises RuntimeError with torch's message when it
+    is non-finite and ``error_if_nonfinite``. Each per-tensor norm is taken in its array's dtype:
+    the dispatch hands float16 / bfloat16 gradients over widened to float32, so their norms are
+    float32 where torch rounds them to the half dtype (a half gradient whose own norm passes the
+    half range gives torch an inf total, ours the finite one; the Triton path also accumulates in
+    float32)."""
     norm_type = float(norm_type)
     if len(grads) == 0:
         return np.float32(0.0)

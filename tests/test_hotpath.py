@@ -162,6 +162,14 @@ def test_forward_mode_ad_raises_instead_of_zero_tangents(fam, case):
                 assert call(x) is not None
             with pytest.raises(NotImplementedError, match="forward-mode AD"):
                 torch.func.jvp(call, (x,), (torch.ones_like(x),))
+    # vmap inside a forward-AD region: a batched tensor has no dual to look at (unpack_dual has
+    # no batching rule); under jvp the transform check refuses it, in a bare dual level it runs
+    if fam == "activation":
+        xs = torch.stack([x, x])
+        with pytest.raises(NotImplementedError, match="forward-mode AD"):
+            torch.func.jvp(lambda t: torch.func.vmap(call)(t), (xs,), (torch.ones_like(xs),))
+        with fwad.dual_level(), gpu_nn.backend("reference"):
+            torch.testing.assert_close(torch.func.vmap(call)(xs), torch.stack([call(x), call(x)]))
 
 
 def _bad_calls():

@@ -460,7 +460,10 @@ class Routed:
         self._function = fn
 
     def __call__(self, *args, **kwargs):
-        if _fwad._current_level >= 0:  # a forward-AD dual level is open (one module global read otherwise)
+        # a forward-AD dual level is open (one module global read otherwise); under a torch.func
+        # transform (jvp opens a dual level too) the interpreter check below decides instead:
+        # unpack_dual has no batching rule, so it cannot look at a vmap-wrapped tensor
+        if _fwad._current_level >= 0 and not _C._are_functorch_transforms_active():
             _refuse_tangents(self._overload._schema.name, args, kwargs, _has_tangent)
         if torch.compiler.is_compiling() or kwargs or len(args) != self._nargs or not EAGER or not _eager_ok(args):
             if _C._are_functorch_transforms_active() and not torch.compiler.is_compiling() and any(
@@ -497,7 +500,9 @@ def _refuse_tangents(name: str, args, kwargs, carries) -> None:
     """Forward-mode AD has no formula in our ops (torch's custom ops with register_autograd have
     none either, and give zero or missing tangents without a word): raise where an argument
     carries a tangent (``carries``: a dual tensor of torch.autograd.forward_ad, or a tensor a
-    torch.func jvp transform wrapped) rather than return a wrong derivative."""
+    torch.func transform wrapped while a jvp transform is active) rather than return a wrong
+    derivative. Under jvp the test is conservative: a tensor only an inner vmap / grad wrapped
+    (no tangent of its own) is refused too, an error where the answer might have been right."""
     for a in (*args, *kwargs.values()):
         for t in (a if type(a) in (list, tuple) else (a,)):
             if isinstance(t, torch.Tensor) and carries(t):
