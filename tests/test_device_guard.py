@@ -21,6 +21,10 @@ class _OnDevice1(torch.Tensor):
     def is_cuda(self):
         return True
 
+    @property
+    def is_cpu(self):
+        return False
+
     def get_device(self):
         return 1
 
