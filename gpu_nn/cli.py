@@ -155,8 +155,7 @@ def count(minimum: int):
 def main(argv=None) -> int:
     from ._errors import BackendUnavailableError
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except (BackendUnavailableError, OSError) as exc:

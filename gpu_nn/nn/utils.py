@@ -51,7 +51,9 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_i
         from ..optim import _triton
 
         with device_guard(grads[0].device):
-            return _triton.clip_grad_norm(grads, max_norm, norm_type, error_if_nonfinite)
+            total = _triton.clip_grad_norm(grads, max_norm, norm_type, error_if_nonfinite)  # float32
+        out = _promoted_dtype(grads)
+        return total if out == torch.float32 else total.to(out)
     return _clip_reference(grads, max_norm, norm_type, error_if_nonfinite)
 
 
@@ -63,13 +65,13 @@ def _clip_reference(grads, max_norm, norm_type, error_if_nonfinite):
     arrays = [h.inout(g) for g in grads]
     total = ref.clip_grad_norm(arrays, max_norm, norm_type, error_if_nonfinite)
     h.write_back()
-    return torch.tensor(total, dtype=promoted_dtype(grads), device=grads[0].device)
+    return torch.tensor(total, dtype=_promoted_dtype(grads), device=grads[0].device)
 
 
-def promoted_dtype(grads) -> torch.dtype:
-    """The dtype of clipping's total norm: the gradients' promoted dtype, as torch's (it stacks
-    the per-tensor norms, which promotes), so a float16 gradient beside a float32 one gives a
-    float32 total rather than one that overflows float16."""
+def _promoted_dtype(grads) -> torch.dtype:
+    """The dtype of clipping's total norm, on either backend: the gradients' promoted dtype, as
+    torch's (it stacks the per-tensor norms, which promotes), so a float16 gradient beside a
+    float32 one gives a float32 total rather than one that overflows float16."""
     dt = grads[0].dtype
     for g in grads[1:]:
         if g.dtype != dt:

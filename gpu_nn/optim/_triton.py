@@ -249,10 +249,10 @@ NORM_INF, NORM_TWO, NORM_P = 0, 2, 1
 
 def clip_grad_norm(grads, max_norm: float, norm_type: float, error_if_nonfinite: bool) -> torch.Tensor:
     """Fused clipping of CUDA (or interpreter) gradients on one device: a partial-norm kernel per
-    dtype, then a scale kernel per dtype whose programs each finish the reduction themselves."""
+    dtype, then a scale kernel per dtype whose programs each finish the reduction themselves.
+    Returns the float32 total (the caller gives it the gradients' promoted dtype)."""
     from ..kernels import triton as ktriton
     from ..kernels.triton import optim as kt
-    from ..nn.utils import promoted_dtype
 
     if any(g.dtype == torch.bfloat16 and g.device.type == "cpu" for g in grads):
         _backend.check_interpreter_dtype("clip_grad_norm_", "triton", *grads)
@@ -303,5 +303,4 @@ def clip_grad_norm(grads, max_norm: float, norm_type: float, error_if_nonfinite:
         kt.clip_total(partials, 0, total, code, norm_type)
     for g, c in copies:
         g.copy_(c)
-    out = promoted_dtype(grads)
-    return total if out == torch.float32 else total.to(out)
+    return total
