@@ -115,11 +115,46 @@ def test_opcheck(name, rng):
 
 def test_bad_input():
     with pytest.raises(gpu_nn.KernelInputError, match="floating-point"):
-        F.relu(torch.arange(5))
+        F.relu(torch.zeros(5, dtype=torch.complex64))
     with pytest.raises(gpu_nn.KernelInputError):
         F.sigmoid([1.0, 2.0])
     with pytest.raises(ValueError):  # KernelInputError is a ValueError too
-        F.tanh(torch.arange(3))
+        F.tanh(torch.zeros(3, dtype=torch.complex64))
+    with pytest.raises(RuntimeError, match="^Boolean inputs not supported for relu$"):  # torch's error
+        F.relu(torch.ones(3, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("backend,device", backend_params(BACKENDS))
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int32, torch.int64, torch.bool])
+def test_integer_inputs_as_torch(backend, device, dtype, rng):
+    """torch's relu keeps an integer dtype (exactly, int64 beyond float precision too) and
+    refuses bool; sigmoid and tanh compute in the default float dtype (float64 when that is
+    the default)."""
+    x = torch.from_numpy(rng.integers(-100, 100, (3, 7))).to(dtype)
+    if dtype is torch.int64:
+        x[0, :3] = torch.tensor([2**53 + 1, -(2**60), 2**62 + 7])
+    x = x.to(device).t()  # not contiguous: torch's output keeps that layout
+    with gpu_nn.backend(backend):
+        if dtype is not torch.bool:
+            y = F.relu(x)
+            assert y.dtype == dtype and y.stride() == torch.relu(x).stride()
+            assert torch.equal(y, torch.relu(x))
+            xi = x.clone()
+            assert F.relu(xi, inplace=True) is xi and torch.equal(xi, torch.relu(x))
+            assert torch.equal(gpu_nn.nn.ReLU()(x), torch.relu(x))
+        for default in (torch.float32, torch.float64):
+            prev = torch.get_default_dtype()
+            torch.set_default_dtype(default)
+            try:
+                for name in ("sigmoid", "tanh"):
+                    ours, theirs = OPS[name]
+                    y, yt = ours(x), theirs(x)
+                    assert y.dtype == yt.dtype == default
+                    # an explicitly chosen GPU backend computes float64 in float32 (DESIGN section 4)
+                    assert_close(y, yt.double(), default if backend == "reference" else torch.float32,
+                                 what=f"{name} of {dtype}")
+            finally:
+                torch.set_default_dtype(prev)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])

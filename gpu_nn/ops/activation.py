@@ -29,6 +29,12 @@ def _check(activation: str, t: Tensor) -> None:
     check_float(activation, "input", t)
 
 
+def _integral(t: Tensor) -> bool:
+    """An integer tensor (bool included): torch's relu keeps its dtype, sigmoid / tanh compute in
+    the default float dtype."""
+    return not (t.is_floating_point() or t.is_complex())
+
+
 def _laid_out_as(res: Tensor, like: Tensor, dtype: torch.dtype) -> Tensor:
     """The reference's result ``res`` in the layout ``torch.empty_like(like)`` has (NumPy keeps
     a dense input's order but may differ elsewhere, and the fake kernels promise that layout):
@@ -46,6 +52,10 @@ def activation_forward(x: Tensor, activation: str) -> Tensor:
     ``torch.empty_like(x)`` (as torch's activations: a channels_last input gives a channels_last
     output). The kernel runs over x's memory block as a flat array where x is dense (any dim
     order); other inputs are first copied into that layout."""
+    if activation == "relu" and _integral(x) and x.dtype is not torch.bool:
+        # integer relu: exact max(x, 0) in x's dtype, which our float32 kernels are not; the
+        # reference computes it (on any device, as it does float64 under auto), no gradient
+        return _laid_out_as(from_numpy(ref.relu(to_numpy(x)), x.dtype, x.device), x, x.dtype)
     _check(activation, x)
     backend = _backend.resolve(activation, x.device, BACKENDS, dtype=x.dtype)
     if backend == "reference":
@@ -164,6 +174,13 @@ _activation_backward_op.register_autograd(_backward_backward, setup_context=_set
 def _apply(input: Tensor, activation: str, inplace: bool = False) -> Tensor:
     if not isinstance(input, Tensor):
         raise KernelInputError(f"{activation}(): argument 'input' must be Tensor, not {type(input).__name__}")
+    if _integral(input):
+        # as torch: relu keeps an integer dtype (and refuses bool), sigmoid and tanh of an integer
+        # tensor are computed in the default float dtype
+        if activation == "relu" and input.dtype is torch.bool:
+            raise KernelInputError("Boolean inputs not supported for relu")
+        if activation != "relu":
+            input = input.to(torch.get_default_dtype())
     out = _activation_op(input, activation)
     if inplace:
         return input.copy_(out)
