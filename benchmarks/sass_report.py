@@ -51,7 +51,8 @@ def add_arguments(parser) -> None:
     # builds its parser, would fix TRITON_INTERPRET for the whole process before `gpu-nn check`
     # can set it, and check would then drop the Triton (interpreter) backend on a CPU machine.
     parser.add_argument("--family", action="append",
-                        help="family to compile (repeatable); default all of gpu_nn.kernels.triton.FAMILIES")
+                        help="family to compile (repeatable); default all of gpu_nn.kernels.triton.FAMILIES "
+                             "(with --cuda: pool, optim or rnn, the CUDA C sources)")
     parser.add_argument("--json", help="write the rows as a JSON list to this path")
     parser.add_argument("--jobs", type=int, default=max(1, min(8, (os.cpu_count() or 2))),
                         help="families compiled at once (default %(default)s)")
@@ -253,12 +254,15 @@ def cuda_builds() -> list[tuple]:
     return out
 
 
-def collect_cuda() -> list[dict]:
-    """One row per kernel of every :func:`cuda_builds` build (an error row for a build that fails)."""
+def collect_cuda(sources=None) -> list[dict]:
+    """One row per kernel of every :func:`cuda_builds` build (an error row for a build that
+    fails); ``sources``: only the builds of these CUDA C sources (``pool``, ``optim``, ``rnn``)."""
     from gpu_nn.kernels import cuda as kcuda
 
     rows = []
     for name, label, defines in cuda_builds():
+        if sources and name not in sources:
+            continue
         try:
             report = kcuda.sass_report(kcuda.compile_cubin(name, defines))
         except Exception as exc:  # noqa: BLE001 - a row says what failed
@@ -296,7 +300,12 @@ def print_cuda_table(rows: list[dict], console=None) -> None:
 
 def run(args) -> int:
     if args.cuda:
-        rows = collect_cuda()
+        # --family names CUDA C sources here (their builds are cuda_builds()'s)
+        sources = sorted({b[0] for b in cuda_builds()})
+        unknown = [f for f in args.family or () if f not in sources]
+        if unknown:
+            raise SystemExit(f"gpu-nn sass --cuda: unknown family {', '.join(unknown)}; expected {', '.join(sources)}")
+        rows = collect_cuda(args.family)
         print_cuda_table(rows)
         if args.json:
             with open(args.json, "w") as f:

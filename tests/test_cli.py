@@ -53,6 +53,25 @@ def test_sass_lists_a_missing_family(monkeypatch, capsys):
     assert "missing" in out and "conv" in out
 
 
+def test_sass_cuda_compiles_only_the_families_named(monkeypatch, capsys):
+    """--family with --cuda picks CUDA C sources (it was ignored: every build compiled); an
+    unknown one is refused before any compilation, with the sources' names."""
+    import pytest
+
+    from gpu_nn.benchmarks import sass_report
+    from gpu_nn.kernels import cuda as kcuda
+
+    compiled = []
+    monkeypatch.setattr(kcuda, "compile_cubin", lambda name, defines: compiled.append(name) or name)
+    monkeypatch.setattr(kcuda, "sass_report", lambda cubin: {})
+    assert main(["sass", "--cuda", "--family", "optim"]) == 0
+    assert compiled and set(compiled) == {"optim"}
+    compiled.clear()
+    with pytest.raises(SystemExit, match="unknown family conv; expected optim, pool, rnn"):
+        main(["sass", "--cuda", "--family", "conv"])
+    assert compiled == [] and {b[0] for b in sass_report.cuda_builds()} == {"optim", "pool", "rnn"}
+
+
 def test_check_runs_triton_when_started_without_interpret(tmp_path):
     """`gpu-nn check` started without TRITON_INTERPRET still checks the Triton backend (in the
     interpreter on a CPU-only machine): building the parser must not import the kernels first."""
