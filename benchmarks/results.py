@@ -108,6 +108,9 @@ def summarize_run(run_dir: str) -> dict:
         "commit": meta.get("commit", "unknown"),
         "gpu": gpu.strip(),
         "versions": {k: env[k] for k in ("python", "torch", "cuda", "triton", "cupy", "numpy", "gpu_nn") if k in env},
+        # the image's whole `pip list` (steps.sh's machine_info): setuptools decides which
+        # pyproject.toml forms install there without a download
+        "packages": dict(re.findall(r"^  ([A-Za-z0-9_.-]+)==(\S+)$", machine, flags=re.M)),
         "steps": steps,
         "check": None,
         "tests": {"summary": pytest_summary(test_log), "failures": failures(test_log)},

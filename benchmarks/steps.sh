@@ -43,11 +43,14 @@ step() {
     return "$rc"
 }
 
-# date, host, commit, cores and nvidia-smi, for OUTDIR/machine.txt
+# date, host, commit, cores, nvidia-smi and the Python packages (the image's setuptools decides
+# which pyproject.toml forms install there), for OUTDIR/machine.txt
 machine_info() {
     echo "date: $(date -u +%FT%TZ)"
     echo "host: $(hostname)"
     git -C "$ROOT" rev-parse HEAD 2>/dev/null | sed 's/^/commit: /'
     echo "cpus: $(nproc 2>/dev/null || echo unknown)"
     nvidia-smi 2>&1 || echo "nvidia-smi unavailable"
+    echo "python packages ($("$PY" --version 2>&1)):"
+    timeout 30 "$PY" -m pip list --format=freeze 2>&1 | sed 's/^/  /'
 }

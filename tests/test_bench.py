@@ -230,7 +230,8 @@ def test_results_record_and_render(tmp_path):
 
     run_dir = tmp_path / "gpu-run"
     (run_dir / "bench").mkdir(parents=True)
-    (run_dir / "machine.txt").write_text("date: 2026-12-01T10:00:00Z\nhost: h\ncommit: abcdef1234567\n")
+    (run_dir / "machine.txt").write_text("date: 2026-12-01T10:00:00Z\nhost: h\ncommit: abcdef1234567\n"
+                                         "python packages (Python 3.12.3):\n  setuptools==69.5.1\n  torch==2.11.0+cu130\n")
     (run_dir / "summary.txt").write_text("install: rc=0 3s\ncheck: rc=0 41s\n")
     (run_dir / "pytest.log").write_text("....F\nFAILED tests/test_a.py::test_b - x\n1 failed, 4 passed in 9.1s\n")
     (run_dir / "check.json").write_text(json.dumps([
@@ -253,6 +254,7 @@ def test_results_record_and_render(tmp_path):
     assert (pathlib.Path(dest) / "tuning.jsonl").read_text() == (run_dir / "tuning.jsonl").read_text()
     assert run["tuning"] == {"rows": 3, "problems": 2, "failed": 1, "per_op": {"conv_fwd": 1, "matmul": 1}}
     assert run["gpu"] == "NVIDIA H200" and run["commit"] == "abcdef1234567"
+    assert run["packages"] == {"setuptools": "69.5.1", "torch": "2.11.0+cu130"}
     assert run["check"]["rows"] == 2 and run["check"]["failed"] == 1
     assert run["tests"]["summary"].startswith("1 failed, 4 passed") and run["tests"]["failures"] == ["FAILED tests/test_a.py::test_b - x"]
     assert results.family_geomeans(rows) == {("activation", "triton"): pytest.approx(0.8660254)}

@@ -298,7 +298,8 @@ def test_gpu_measure_script_steps_summary_and_archive(tmp_path):
     assert demo_call.endswith("--only demo --profile-budget-s 20")
     assert "  rnn: 240 rows, complete" in summary
     assert "profile: rc=3" in summary and "total:" in summary and "sweep rc=0, rnn rc=0, profile rc=3" in summary
-    assert calls[0] == "-c import gpu_nn"  # installed already: no pip
+    # machine.txt's package list first, then: installed already, so no pip install
+    assert calls[:3] == ["--version", "-m pip list --format=freeze", "-c import gpu_nn"]
     # 300 - 60 (profile) - 75 (the demo and its profile) = 165 s of limits: 90 and 75, less 25 s
     # each for the process
     sw, rnn = _budget(calls, "sweep"), _budget(calls, "rnn")
