@@ -177,7 +177,7 @@ def _bad_calls():
 
     x = torch.randn(2, 3, 5, 5, requires_grad=True)
     return [
-        lambda: activation._activation_op(torch.ones(3, dtype=torch.int64), "relu"),
+        lambda: activation._activation_op(torch.ones(3, dtype=torch.complex64), "relu"),
         lambda: activation._activation_op(x, "gelu"),
         lambda: conv._conv_forward_op(x, torch.randn(4, 2, 3, 3), None, [1, 1], [0, 0, 0, 0], [1, 1], 1, None),
         lambda: conv._conv_forward_op(x, torch.randn(4, 3, 7, 7), None, [1, 1], [0, 0, 0, 0], [1, 1], 1, None),

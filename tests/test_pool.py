@@ -1622,3 +1622,46 @@ def test_opcheck_values_only(rng):
     x = randn(rng, 2, 3, 9, 7)
     for x_ in (x, x.contiguous(memory_format=torch.channels_last)):
         torch.library.opcheck(torch.ops.gpu_nn.max_pool.default, (x_, [3, 3], [2, 2], [1, 1], [1, 1], False, False, False))
+
+
+def _same_strides(a, b) -> bool:
+    """Strides equal wherever the size is not 1 (a size-1 dimension's stride means nothing)."""
+    return a.shape == b.shape and all(sa == sb for n, sa, sb in zip(a.shape, a.stride(), b.stride()) if n != 1)
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("shape", [(2, 9, 3), (1, 9, 3), (9, 3), (5, 7, 4), (2, 5, 7, 4)], ids=str)
+def test_pooling_of_a_channels_fastest_input_has_torchs_layouts(backend, device, shape, rng):
+    """Inputs whose channels are the fastest dimension (an (N, L, C) / (H, W, C) tensor
+    permuted): layouts of values, indices and input gradient as torch's. torch's max_pool1d on a
+    CPU tensor needing no gradient returns contiguous values (its own 1d kernel), the (N, L, C)
+    order otherwise (with indices, a gradient wanted, on CUDA), as avg_pool1d always does; an
+    unbatched input ([C, L], [C, H, W]) gives contiguous results whatever its layout. Ours the
+    same (min pooling as max pooling), so that a .view() working on torch's result works on
+    ours. Values and gradients equal torch's too."""
+    two_d = len(shape) in (3, 4) and shape[-1] == 4
+    if two_d:
+        fns = ((F.max_pool2d, TF.max_pool2d, 1, {}), (F.min_pool2d, TF.max_pool2d, -1, {}),
+               (F.max_pool2d, TF.max_pool2d, 1, {"return_indices": True}), (F.avg_pool2d, TF.avg_pool2d, 1, {}))
+    else:
+        fns = ((F.max_pool1d, TF.max_pool1d, 1, {}), (F.min_pool1d, TF.max_pool1d, -1, {}),
+               (F.max_pool1d, TF.max_pool1d, 1, {"return_indices": True}), (F.avg_pool1d, TF.avg_pool1d, 1, {}))
+    dtype = gpu_dtypes_for(backend, device)[0]
+    for grad in (False, True):
+        x = randn(rng, *shape).to(device=device, dtype=dtype)
+        x = x.movedim(-1, -3 if two_d else -2).requires_grad_(grad)
+        for fn, theirs, sign, kw in fns:
+            with gpu_nn.backend(backend):
+                got = fn(x, 3, 2, **kw)
+            want = theirs(sign * x, 3, 2, **kw)
+            for a, b in zip(got if kw else (got,), want if kw else (want,)):
+                assert _same_strides(a, b), (fn.__name__, kw, grad, a.stride(), b.stride())
+                torch.testing.assert_close(a, b if a.dtype == torch.int64 else sign * b)
+            if grad:
+                y, yt = (got[0], want[0]) if kw else (got, want)
+                g = randn(rng, *y.shape).to(device=device, dtype=dtype)
+                with gpu_nn.backend(backend):
+                    (dx,) = torch.autograd.grad(y, x, g)
+                (dxt,) = torch.autograd.grad(yt, x, sign * g)
+                assert _same_strides(dx, dxt), (fn.__name__, kw, "gradient", dx.stride(), dxt.stride())
+                torch.testing.assert_close(dx, dxt)

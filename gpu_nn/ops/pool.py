@@ -840,7 +840,7 @@ def _max2d_public(op, input, kernel_size, stride, padding, dilation, ceil_mode, 
     else:
         k, s, p, d, cm = _max2d_args(*args)
     batched = input.dim() == 4
-    out, idx = _max_pool_op(input if batched else input.unsqueeze(0), list(k), list(s), list(p), list(d), cm, minimum,
+    out, idx = _max_pool_op(input if batched else _unbatched(input), list(k), list(s), list(p), list(d), cm, minimum,
                             _need_indices(input, return_indices))
     if not return_indices:
         return out if batched else out.squeeze(0)
@@ -864,13 +864,23 @@ def _max1d_args(op, input, kernel_size, stride, padding, dilation, ceil_mode, re
     return (1, k[0]), (1, s[0]), (0, p[0]), (1, d[0]), bool(ceil_mode)
 
 
+def _unbatched(input):
+    """An unbatched input (``[C, H, W]``, or ``[C, 1, L]`` for 1d pooling) as a batch of one:
+    contiguous where that batch would look channels_last, since torch's unbatched pooling
+    returns contiguous values, indices and input gradient whatever the input's layout
+    (channels_last is a 4-d layout; the copy's backward passes the contiguous gradient on)."""
+    x4 = input.unsqueeze(0)
+    return input.contiguous().unsqueeze(0) if _channels_last(x4) else x4
+
+
 def _as_4d(input):
-    """A 1d pooling input ``[N, C, L]`` or ``[C, L]`` as ``[N, C, 1, L]`` (N = 1 unbatched): one
-    view where the input is contiguous (the result is viewed back to the input's shape)."""
+    """A 1d pooling input ``[N, C, L]`` or ``[C, L]`` as ``[N, C, 1, L]`` (N = 1 unbatched, see
+    :func:`_unbatched`): one view where the input is contiguous (the result is viewed back to
+    the input's shape)."""
     shape = input.shape
     if input.is_contiguous():
         return input.view(shape[0] if input.dim() == 3 else 1, shape[-2], 1, shape[-1])
-    return input.unsqueeze(-2) if input.dim() == 3 else input.unsqueeze(-2).unsqueeze(0)
+    return input.unsqueeze(-2) if input.dim() == 3 else _unbatched(input.unsqueeze(-2))
 
 
 def _max1d_public(op, input, kernel_size, stride, padding, dilation, ceil_mode, return_indices, minimum):
@@ -885,7 +895,15 @@ def _max1d_public(op, input, kernel_size, stride, padding, dilation, ceil_mode, 
     x4 = _as_4d(input)
     out, idx = _max_pool_op(x4, list(k), list(s), list(p), list(d), cm, minimum, _need_indices(input, return_indices))
     oshape = (*shape[:-1], out.shape[-1])
-    return (out.view(oshape), idx.view(oshape)) if return_indices else out.view(oshape)
+    if return_indices:
+        return out.view(oshape), idx.view(oshape)
+    out = out.view(oshape)
+    if input.is_cpu and not (_C.is_grad_enabled() and input.requires_grad) and not out.is_contiguous():
+        # torch's max_pool1d on a CPU tensor that needs no gradient runs its own 1d kernel, whose
+        # values are contiguous whatever the input's layout (with_indices, which it runs
+        # elsewhere and we run always, keeps a (N, L, C)-ordered input's order)
+        out = out.contiguous()
+    return out
 
 
 def _need_indices(input: Tensor, return_indices: bool) -> bool:
@@ -954,7 +972,7 @@ def avg_pool2d(input: Tensor, kernel_size, stride=None, padding=0, ceil_mode=Fal
     else:
         k, s, p, cm, cip, dov = _avg2d_args(*args)
     batched = input.dim() == 4
-    out = _avg_pool_op(input if batched else input.unsqueeze(0), list(k), list(s), list(p), cm, cip, dov)
+    out = _avg_pool_op(input if batched else _unbatched(input), list(k), list(s), list(p), cm, cip, dov)
     return out if batched else out.squeeze(0)
 
 
