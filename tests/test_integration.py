@@ -295,3 +295,62 @@ def test_autocast_on_gpu(dtype):
     )
     torch.testing.assert_close(y.float(), expect, rtol=5e-2, atol=5e-2)
 
+
+
+def _inplace_cases():
+    import torch.nn.functional as TF
+
+    import gpu_nn.functional as F
+
+    w, b = torch.randn(5, 4), torch.randn(5)
+    t = torch.tensor([0, 1, 2, 0])
+    return {
+        "linear 3-d": (lambda x: F.linear(x, w), lambda x: TF.linear(x, w), (2, 3, 4)),
+        "linear 3-d bias": (lambda x: F.linear(x, w, b), lambda x: TF.linear(x, w, b), (2, 3, 4)),
+        "linear 2-d": (lambda x: F.linear(x, w, b), lambda x: TF.linear(x, w, b), (3, 4)),
+        "cross_entropy none": (lambda x: F.cross_entropy(x, t, reduction="none"),
+                               lambda x: TF.cross_entropy(x, t, reduction="none"), (4, 3)),
+        "cross_entropy none 3-d": (lambda x: F.cross_entropy(x, t[:2].view(1, 2).expand(4, 2), reduction="none"),
+                                   lambda x: TF.cross_entropy(x, t[:2].view(1, 2).expand(4, 2), reduction="none"), (4, 3, 2)),
+        "cross_entropy none probabilities": (
+            lambda x: F.cross_entropy(x, torch.full((4, 3), 1 / 3), reduction="none"),
+            lambda x: TF.cross_entropy(x, torch.full((4, 3), 1 / 3), reduction="none"), (4, 3)),
+        "conv2d": (lambda x: F.conv2d(x, torch.ones(2, 3, 2, 2)), lambda x: TF.conv2d(x, torch.ones(2, 3, 2, 2)), (2, 3, 5, 5)),
+        "conv1d unbatched": (lambda x: F.conv1d(x, torch.ones(2, 3, 2)), lambda x: TF.conv1d(x, torch.ones(2, 3, 2)), (3, 6)),
+        "avg_pool2d": (lambda x: F.avg_pool2d(x, 2), lambda x: TF.avg_pool2d(x, 2), (2, 3, 4, 4)),
+        "max_pool1d": (lambda x: F.max_pool1d(x, 2), lambda x: TF.max_pool1d(x, 2), (2, 3, 6)),
+        "max_pool2d unbatched": (lambda x: F.max_pool2d(x, 2), lambda x: TF.max_pool2d(x, 2), (3, 4, 4)),
+        "softmax": (lambda x: F.softmax(x, -1), lambda x: TF.softmax(x, -1), (2, 3, 4)),
+        "relu": (lambda x: F.relu(x), lambda x: TF.relu(x), (2, 3, 4)),
+    }
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("case", list(_inplace_cases()))
+def test_changing_an_output_in_place_before_backward_is_as_in_torch(backend, case):
+    """`y = op(x); y.mul_(2); y.sum().backward()`: allowed exactly where torch allows it (an op
+    whose backward does not read its output), with torch's gradient; refused with torch's error
+    where torch's backward needs the output. An op returning a view made inside its autograd
+    Function (linear of a 3-d input, cross_entropy(reduction='none') on the Triton backend) was
+    refused with 'Output 0 of Eager_... is a view and is being modified inplace'."""
+    if backend == "triton" and "triton" not in gpu_nn.available_backends():
+        pytest.skip("triton backend unavailable here")
+    ours, theirs, shape = _inplace_cases()[case]
+    x0 = torch.randn(*shape)
+    results = []
+    for fn, name in ((theirs, None), (ours, backend)):
+        x = x0.clone().requires_grad_()
+        with gpu_nn.backend(name or "reference"):
+            try:
+                y = fn(x)
+                y.mul_(2)
+                y.sum().backward()
+                results.append(x.grad)
+            except RuntimeError as e:
+                results.append(str(e).split(":")[0].split(";")[0])
+    theirs_r, ours_r = results
+    if isinstance(theirs_r, str):
+        assert isinstance(ours_r, str) and "modified by an inplace operation" in ours_r and theirs_r == ours_r, results
+    else:
+        assert not isinstance(ours_r, str), ours_r
+        torch.testing.assert_close(ours_r, theirs_r, rtol=1e-4, atol=1e-5)

@@ -144,13 +144,18 @@ def linear_forward(x: Tensor, w: Tensor, b: Tensor | None, activation: str | Non
     _backend.check_interpreter_dtype("linear", backend, x, w, b)
     ktriton, kd = _triton_modules()
     flat = x.dim() == 2  # the usual case: no view in, none out
-    x2 = x if flat else x.reshape(math.prod(x.shape[:-1]), K)  # not -1: undefined for a zero-size dim (K = 0)
-    y = empty((x2.shape[0], O), dtype=x.dtype, device=x.device)
+    M = x.shape[0] if flat else math.prod(x.shape[:-1])  # not -1: undefined for a zero-size dim (K = 0)
+    x2 = x if flat else x.reshape(M, K)
+    # the result is allocated in its own shape and the kernel writes a 2-d view of it: the op
+    # returns the base tensor, never a view (autograd forbids in-place changes to a view made
+    # inside a custom Function, e.g. F.linear(h, w).relu_() on a 3-d h)
+    y = empty((*x.shape[:-1], O), dtype=x.dtype, device=x.device)
     # the epilogue reads the bias with unit stride: an expanded or strided view (a double
     # backward passes expanded ones) is made dense first (a no-op for a contiguous bias)
     b = None if b is None else b.contiguous()
-    kd.matmul(x2, w.t(), y, bias=b, activation=activation, allow_tf32=_tf32_allowed(), interpret=ktriton.INTERPRET)
-    return y if flat else y.reshape(*x.shape[:-1], O)
+    kd.matmul(x2, w.t(), y if flat else y.view(M, O), bias=b, activation=activation, allow_tf32=_tf32_allowed(),
+              interpret=ktriton.INTERPRET)
+    return y
 
 
 def linear_backward(grad: Tensor, x: Tensor, w: Tensor, out: Tensor | None, activation: str | None, has_bias: bool):
@@ -183,11 +188,11 @@ def linear_backward(grad: Tensor, x: Tensor, w: Tensor, out: Tensor | None, acti
         kd.colsum(g2, db, interpret=ktriton.INTERPRET)
     x2 = x if flat else x.reshape(M, K)
     tf32 = _tf32_allowed()
-    dx = empty((x2.shape[0], K), dtype=x.dtype, device=x.device)
+    dx = empty(x.shape, dtype=x.dtype, device=x.device)  # its own shape, not a view (as the forward's)
     dw = empty((O, K), dtype=w.dtype, device=w.device)
-    kd.matmul(g2, w, dx, allow_tf32=tf32, interpret=ktriton.INTERPRET)
+    kd.matmul(g2, w, dx if flat else dx.view(M, K), allow_tf32=tf32, interpret=ktriton.INTERPRET)
     kd.matmul(g2.t(), x2, dw, allow_tf32=tf32, interpret=ktriton.INTERPRET)
-    return (dx if flat else dx.reshape(x.shape)), dw, db
+    return dx, dw, db
 
 
 @routed
@@ -712,9 +717,12 @@ def cross_entropy_forward(input: Tensor, target: Tensor, weight: Tensor | None, 
             kd.ce_fwd_mid(x2, t2, w, loss, stats, *mid, prob, ignore_index, label_smoothing, ktriton.INTERPRET)
 
     if reduction == "none":  # the kernel writes the losses in the input's dtype, in the loss's shape
-        loss = empty((M,), dtype=input.dtype, device=input.device)
-        rows(loss)
-        return loss.reshape(ref.ce_loss_shape(tuple(input.shape), tuple(target.shape), prob)), stats
+        # allocated in that shape and written through a flat view: the op returns the base tensor,
+        # never a view (a view made inside a custom Function cannot be changed in place)
+        loss = empty(ref.ce_loss_shape(tuple(input.shape), tuple(target.shape), prob), dtype=input.dtype,
+                     device=input.device)
+        rows(loss.view(M))
+        return loss, stats
     loss_rows = empty((M,), dtype=torch.float32, device=input.device)
     rows(loss_rows)
     loss = empty((), dtype=input.dtype, device=input.device)
