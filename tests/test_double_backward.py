@@ -16,6 +16,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as TF
@@ -442,3 +444,19 @@ def test_trace_export_compile_still_work(rng):
         torch._dynamo.reset()
         compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
         torch.testing.assert_close(compiled(x), want)
+
+
+@pytest.mark.parametrize("nd", [1, 2])
+def test_trace_of_same_padding_conv(nd, rng):
+    """torch.jit.trace of a padding='same' convolution: its padding comes from the weight's
+    sizes, which the tracer hands over as 0-d tensors (an internal assert in torch's tracer
+    where the op's int-list argument held them); the trace then runs other spatial sizes."""
+    torch.manual_seed(0)
+    conv = (gpu_nn.nn.Conv1d if nd == 1 else gpu_nn.nn.Conv2d)(3, 4, (3, 4) if nd == 2 else 4, padding="same", dilation=2).double()
+    x = randn(rng, 2, 3, *(9, 8)[:nd])
+    with gpu_nn.backend("reference"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(conv, (x,))
+        y = randn(rng, 1, 3, *(6, 11)[:nd])
+        torch.testing.assert_close(traced(y), conv(y))
+        assert traced(y).shape[2:] == y.shape[2:]

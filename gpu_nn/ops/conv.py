@@ -113,7 +113,8 @@ def _normalise(nd, weight, stride, padding, dilation):
         else:
             pads = []
             for k, d in zip(weight.shape[2:], dilation):
-                total = d * (k - 1)
+                # int(): under torch.jit.trace a size is a 0-d tensor, and the op's padding an int list
+                total = d * (int(k) - 1)
                 pads += [total // 2, total - total // 2]  # torch puts the odd element on the high side
             if any(p < 0 for p in pads):  # negative dilation: torch fails here, before any dtype check
                 raise KernelInputError("negative padding is not supported")
