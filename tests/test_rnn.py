@@ -625,6 +625,26 @@ def test_lstm_cell_state_not_a_pair_fails_as_torch(x_shape, hx):
             F.lstm_cell(x, hx, ours.weight_ih, ours.weight_hh)
 
 
+@pytest.mark.parametrize("x_shape,hx", [
+    ((5, 3, 4), torch.zeros(1, 3, 5)),  # GRU's state given to an LSTM: torch's hx[1] is out of range
+    ((5, 3, 4), torch.zeros(0, 3, 5)),  # hx[0] out of range
+    ((5, 3, 4), torch.tensor(1.0)),  # a 0-d tensor cannot be indexed
+    ((5, 3, 4), torch.zeros(2, 3, 5)),  # hx[0], hx[1] are 2-D: torch's rank message for (2-D, 2-D)
+    ((5, 4), torch.zeros(1, 5)),  # unbatched
+], ids=["1-layer", "0-layer", "0-d", "2-layer", "unbatched"])
+def test_lstm_state_a_single_tensor_fails_as_torch(x_shape, hx):
+    """nn.LSTM given one tensor as its state: torch indexes it as (h, c) = (hx[0], hx[1]), so the
+    error is its IndexError (or its rank message); ours the same type (a KernelInputError too)
+    and words (was a KernelInputError counting the tensor's rows as states)."""
+    theirs = torch.nn.LSTM(4, 5)
+    ours = gnn.LSTM(4, 5)
+    x = torch.randn(*x_shape)
+    want = _torch_exc(lambda: theirs(x, hx))
+    with pytest.raises(type(want)) as info:
+        ours(x, hx)
+    assert isinstance(info.value, gpu_nn.KernelInputError) and str(info.value) == str(want)
+
+
 # ----------------------------------------------------------------------------------------------
 # bad input
 

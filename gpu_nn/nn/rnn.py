@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from .._errors import KernelInputError
+from .._errors import KernelInputError, KernelInputIndexError
 from ..ops import rnn as ops
 from ._jit import NotScriptable
 
@@ -38,7 +38,14 @@ def _as_input_error(fn, *args):
 def _check_hx_dims(hx, is_lstm: bool, want: int) -> None:
     """torch's check that the initial states match the input's rank (2-D unbatched, 3-D batched),
     in its words."""
-    hs = hx if is_lstm else (hx,)
+    hs = (hx,)
+    if is_lstm:
+        # torch reads hx[0] and hx[1]: a single tensor (an LSTM given GRU's state) is indexed
+        # along its first dimension, which fails with torch's IndexError when it has fewer than 2
+        try:
+            hs = (hx[0], hx[1])
+        except IndexError as exc:
+            raise KernelInputIndexError(str(exc)) from None
     if any(h.dim() != want for h in hs):
         kind = "unbatched 2-D" if want == 2 else "batched 3-D"
         dims = ", ".join(f"{h.dim()}-D" for h in hs)
