@@ -189,6 +189,7 @@ BAD = [
     ("RMSprop", dict(alpha=-0.1)), ("RMSprop", dict(momentum=-0.1)), ("RMSprop", dict(eps=-1e-3)),
     ("Adam", dict(lr=-1.0)), ("Adam", dict(betas=(1.0, 0.999))), ("Adam", dict(betas=(0.9, -0.1))),
     ("Adam", dict(eps=-1.0)), ("Adam", dict(weight_decay=-1.0)), ("AdamW", dict(betas=(0.9, 1.0))),
+    ("Adam", dict(betas=(0, 0.9))), ("AdamW", dict(betas=(0.9, torch.tensor(0.99)))),  # floats or Tensors, both
 ]
 
 
