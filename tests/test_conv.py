@@ -457,6 +457,22 @@ def test_bad_input_raises(what, fn, match):
         fn()
 
 
+@pytest.mark.parametrize("o,groups", [(0, 1), (1, 2), (3, 2), (6, 4)], ids=str)
+@pytest.mark.parametrize("nd", [1, 2])
+def test_weight_count_against_groups_in_torchs_words(o, groups, nd):
+    """A weight with fewer output channels than groups (0 with groups=1 included) or a count
+    groups do not divide: torch's message exactly (it brackets the size once for 'at least',
+    twice for 'divisible by')."""
+    x = torch.randn(2, 4, *(5,) * nd)
+    w = torch.randn(o, 4 // groups, *(3,) * nd)
+    theirs, ours = (TF.conv1d, F.conv1d) if nd == 1 else (TF.conv2d, F.conv2d)
+    with pytest.raises(RuntimeError) as want:
+        theirs(x, w, groups=groups)
+    with pytest.raises(gpu_nn.KernelInputError) as got:
+        ours(x, w, groups=groups)
+    assert str(got.value) == str(want.value)
+
+
 MIXED_PADDINGS = [
     ("conv2d", (0, -1)), ("conv2d", (-1, 0)), ("conv2d", (-2, 3)), ("conv2d", (1, -1)),
     ("conv1d", (-1,)), ("conv1d", -1), ("conv1d", (0, -1)),

@@ -380,6 +380,28 @@ def _raises(match, fn):
         fn()
 
 
+@pytest.mark.parametrize("shape", [(2, 4), (2, 3, 4), (4,)], ids=str)
+def test_linear_dtype_mismatch_words_are_torchs(shape):
+    """Every input / weight / bias dtype combination torch refuses, refused in its words, which
+    depend on the bias (addmm checks the bias against the weight first, then input against
+    weight; mm without a bias words it 'expected m1 and m2 ...', integer names included)."""
+    dts = (torch.float32, torch.float64, torch.float16, torch.int64)
+    seen = 0
+    for dx, dw, db in itertools.product(dts, dts, dts + (None,)):
+        x, w = torch.ones(*shape, dtype=dx), torch.ones(3, 4, dtype=dw)
+        b = None if db is None else torch.ones(3, dtype=db)
+        try:
+            TF.linear(x, w, b)
+            continue  # torch computes it (ours may refuse integers and CPU half: not this test's subject)
+        except RuntimeError as e:
+            want = str(e)
+        with pytest.raises(gpu_nn.KernelInputError) as info:
+            F.linear(x, w, b)
+        assert str(info.value) == want, (dx, dw, db)
+        seen += 1
+    assert seen > 40
+
+
 def test_bad_input():
     x = torch.randn(3, 5)
     _raises(r"mat1 and mat2 shapes cannot be multiplied \(3x5 and 6x4\)", lambda: F.linear(x, torch.randn(4, 6)))

@@ -243,10 +243,11 @@ def _check_all(nd: int, input: Tensor, weight: Tensor, bias: Optional[Tensor], s
         raise KernelInputError(f"dilation should be greater than zero, but got {[1] * (2 - nd) + list(dilation)}")
     o = weight.shape[0]
     if o < groups or o % groups:
-        what = "at least" if o < groups else "divisible by"
+        # torch's two messages bracket the size differently: "at least" once, "divisible by" twice
+        what, size = ("at least", list(weight.shape)) if o < groups else ("divisible by", [list(weight.shape)])
         raise KernelInputError(
             f"Given groups={groups}, expected weight to be {what} {groups} at dimension 0, but got weight of size "
-            f"[{list(weight.shape)}] instead"
+            f"{size} instead"
         )
     c = input.shape[1]
     if c != weight.shape[1] * groups:

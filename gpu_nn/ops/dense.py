@@ -45,7 +45,9 @@ ACTIVATIONS = (None, "relu", "sigmoid", "tanh")
 REDUCTIONS = ("none", "mean", "sum")
 
 # torch's ScalarType names, used in its messages ("expected m1 and m2 ... c10::Half != float")
-_CPP_NAME = {torch.float16: "c10::Half", torch.bfloat16: "c10::BFloat16", torch.float32: "float", torch.float64: "double"}
+_CPP_NAME = {torch.float16: "c10::Half", torch.bfloat16: "c10::BFloat16", torch.float32: "float", torch.float64: "double",
+             torch.int64: "long int", torch.int32: "int", torch.int16: "short int", torch.int8: "signed char",
+             torch.uint8: "unsigned char", torch.bool: "bool"}
 _SCALAR_NAME = {
     torch.float16: "Half", torch.bfloat16: "BFloat16", torch.float32: "Float", torch.float64: "Double",
     torch.int64: "Long", torch.int32: "Int", torch.int16: "Short", torch.int8: "Char", torch.uint8: "Byte",
@@ -300,17 +302,29 @@ def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None, *, activat
         )
     if weight.dim() > 2:
         raise KernelInputError(f"t() expects a tensor with <= 2 dimensions, but self is {weight.dim()}D")
-    check_float("linear", "input", input)
     if weight.device != input.device or (bias is not None and bias.device != input.device):
         other = weight.device if weight.device != input.device else bias.device
         raise KernelInputError(
             f"Expected all tensors to be on the same device, but found at least two devices, {input.device} and {other}!"
         )
     if weight.dtype != input.dtype:
+        # torch's words: with a bias its addmm's (the bias against the weight first), without
+        # one its mm's (an integer input too)
+        if bias is not None and bias.dtype != weight.dtype:
+            raise KernelInputError(f"self and mat2 must have the same dtype, but got {_scalar_name(bias.dtype)} and "
+                                   f"{_scalar_name(weight.dtype)}")
+        if bias is not None:
+            raise KernelInputError(f"mat1 and mat2 must have the same dtype, but got {_scalar_name(input.dtype)} and "
+                                   f"{_scalar_name(weight.dtype)}")
         raise KernelInputError(
             f"expected m1 and m2 to have the same dtype, but got: {_CPP_NAME.get(input.dtype, input.dtype)} != "
             f"{_CPP_NAME.get(weight.dtype, weight.dtype)}"
         )
+    if bias is not None and bias.dtype != weight.dtype and not input.is_floating_point():
+        # an integer input and weight: torch's addmm finds the bias's dtype wrong before anything
+        raise KernelInputError(f"self and mat2 must have the same dtype, but got {_scalar_name(bias.dtype)} and "
+                               f"{_scalar_name(weight.dtype)}")
+    check_float("linear", "input", input)
     vec_w = weight.dim() == 1
     w = weight.unsqueeze(0) if vec_w else weight
     O, K = w.shape
