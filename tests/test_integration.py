@@ -354,3 +354,58 @@ def test_changing_an_output_in_place_before_backward_is_as_in_torch(backend, cas
     else:
         assert not isinstance(ours_r, str), ours_r
         torch.testing.assert_close(ours_r, theirs_r, rtol=1e-4, atol=1e-5)
+
+
+def _dtype_cases():
+    import torch.nn.functional as TF
+
+    import gpu_nn.functional as F
+
+    return {
+        "conv2d": lambda L, x: L.conv2d(x, torch.ones(2, 3, 2, 2).to(x.dtype)),
+        "conv1d float weight": lambda L, x: L.conv1d(x[..., 0], torch.ones(2, 3, 2)),
+        "max_pool2d": lambda L, x: L.max_pool2d(x, 2),
+        "max_pool2d indices": lambda L, x: L.max_pool2d(x, 2, return_indices=True),
+        "max_pool1d": lambda L, x: L.max_pool1d(x[..., 0], 2),
+        "avg_pool2d": lambda L, x: L.avg_pool2d(x, 2),
+        "avg_pool1d": lambda L, x: L.avg_pool1d(x[..., 0], 2),
+        "relu": lambda L, x: L.relu(x),
+        "sigmoid": lambda L, x: L.sigmoid(x),
+        "tanh": lambda L, x: L.tanh(x),
+        "linear": lambda L, x: L.linear(x[0, 0], torch.ones(3, 4).to(x.dtype)),
+        "linear bias": lambda L, x: L.linear(x[0, 0], torch.ones(3, 4).to(x.dtype), torch.ones(3).to(x.dtype)),
+        "linear float bias": lambda L, x: L.linear(x[0, 0], torch.ones(3, 4).to(x.dtype), torch.ones(3)),
+        "softmax dim 1": lambda L, x: L.softmax(x, 1),
+        "softmax last dim": lambda L, x: L.softmax(x, -1),
+        "log_softmax": lambda L, x: L.log_softmax(x, 1),
+        "cross_entropy": lambda L, x: L.cross_entropy(x[0, :, 0], torch.tensor([0, 1, 2])),
+        "cross_entropy probabilities": lambda L, x: L.cross_entropy(x[0, :, 0], x[0, :, 0]),
+    }, (TF, F)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool, torch.complex64], ids=str)
+def test_a_dtype_our_kernels_do_not_take_gets_torchs_verdict(dtype):
+    """Integer, bool and complex tensors: where torch refuses them too, ours is torch's error with
+    its type (NotImplementedError "... not implemented for 'Bool'" is a NotImplementedError here
+    too, the README's promise) and words, which name torch's kernels for that call; where torch
+    computes, ours is torch's value (relu of integers, sigmoid / tanh of integers in the default
+    float dtype) or our documented refusal, a KernelInputError saying floating-point tensors."""
+    cases, (TF, F) = _dtype_cases()
+    x = torch.arange(96).view(2, 3, 4, 4).to(dtype)
+    for name, call in cases.items():
+        try:
+            want = call(TF, x)
+        except Exception as e:  # noqa: BLE001 -- its type is what we compare
+            with pytest.raises(type(e)) as got:
+                call(F, x)
+            assert isinstance(got.value, gpu_nn.KernelInputError), name
+            assert str(got.value) == str(e), name
+            continue
+        try:
+            ours = call(F, x)
+        except gpu_nn.KernelInputError as e:
+            assert "floating-point tensor" in str(e), (name, str(e))
+            continue
+        want, ours = (want[0], ours[0]) if isinstance(want, tuple) else (want, ours)
+        assert ours.dtype == want.dtype, name
+        torch.testing.assert_close(ours, want)

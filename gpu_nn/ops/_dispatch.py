@@ -13,7 +13,7 @@ import torch
 import torch.autograd.forward_ad as _fwad
 
 from .. import _backend, _tuning
-from .._errors import KernelInputError
+from .._errors import KernelInputError, KernelInputIndexError, KernelInputNotImplementedError, KernelInputTypeError
 
 _NUMPY_NATIVE = (torch.float32, torch.float64)
 _VIEWABLE = (torch.float32, torch.float64, torch.int64)  # read by the reference as they are
@@ -120,6 +120,29 @@ def is_int(v) -> bool:
 def check_float(op: str, name: str, t: torch.Tensor) -> None:
     if not t.is_floating_point() or t.dtype not in FLOAT_DTYPES:
         raise KernelInputError(f"{op}: expected {name} to be a floating-point tensor, but got {t.dtype}")
+
+
+def check_float_like_torch(op: str, name: str, t: torch.Tensor, theirs) -> None:
+    """:func:`check_float` for a public function, where torch's verdict decides the error: for a
+    dtype our kernels do not take (integers, bool, complex), ``theirs()`` -- torch's own function
+    on the caller's arguments -- is asked, and where torch refuses the dtype too its error is
+    raised with its type and words ("\"max_pool2d\" not implemented for 'Bool'", a
+    NotImplementedError; they name its kernels, which differ by device and dim); where torch
+    computes it, ours (a KernelInputError). Only bad input pays for the question."""
+    if t.dtype in FLOAT_DTYPES:
+        return
+    try:
+        with torch.no_grad():
+            theirs()
+    except NotImplementedError as exc:
+        raise KernelInputNotImplementedError(str(exc)) from None
+    except TypeError as exc:
+        raise KernelInputTypeError(str(exc)) from None
+    except IndexError as exc:
+        raise KernelInputIndexError(str(exc)) from None
+    except (RuntimeError, ValueError) as exc:
+        raise KernelInputError(str(exc)) from None
+    raise KernelInputError(f"{op}: expected {name} to be a floating-point tensor, but got {t.dtype}")
 
 
 def check_same(op: str, input: torch.Tensor, other: torch.Tensor | None, other_name: str) -> None:

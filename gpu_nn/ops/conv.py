@@ -30,6 +30,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as _TF
 from torch import Tensor
 
 from .. import _backend
@@ -38,7 +39,7 @@ from .._precision import tf32 as _tf32
 from ..check import CheckCase
 from ..reference import conv as ref
 from ._dispatch import (
-    autocast_inputs, check_float, check_same, empty, float64_in_float32, from_numpy, is_int, memo, on_device, plain_arg,
+    FLOAT_DTYPES, autocast_inputs, check_float, check_float_like_torch, check_same, empty, float64_in_float32, from_numpy, is_int, memo, on_device, plain_arg,
     routed, to_numpy, triton_kernels,
 )
 from ._dispatch import chooser as _chooser  # module-level name: tests replace it
@@ -716,6 +717,9 @@ def _conv_args(nd, input, weight, bias, stride, padding, dilation, groups, activ
     if weight.dim() != nd + 2:
         _wrong_weight_rank(nd, input, weight, stride, padding, dilation)
     input, weight, bias = autocast_inputs("lower", input, weight, bias)
+    if input.dtype not in FLOAT_DTYPES:  # torch's verdict on the dtype (its error, or ours where it computes)
+        theirs = _TF.conv1d if nd == 1 else _TF.conv2d
+        check_float_like_torch(name, "input", input, lambda: theirs(input, weight, bias, stride, padding, dilation, groups))
     stride, pads, dilation = _normalise(nd, weight, stride, padding, dilation)
     unbatched = input.dim() == nd + 1
     x = input.unsqueeze(0) if unbatched else input

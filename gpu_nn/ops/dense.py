@@ -29,14 +29,15 @@ import warnings
 
 import numpy as np
 import torch
+import torch.nn.functional as _TF
 from torch import Tensor
 
 from .. import _backend, _precision
-from .._errors import KernelInputError, KernelInputIndexError, KernelInputNotImplementedError, KernelInputTypeError
+from .._errors import KernelInputError, KernelInputIndexError, KernelInputTypeError
 from ..check import CheckCase
 from ..reference import dense as ref
-from ._dispatch import (autocast_inputs, check_float, empty, float64_in_float32, from_numpy, is_int, on_device, routed,
-                        to_numpy, triton_kernels)
+from ._dispatch import (autocast_inputs, check_float_like_torch, empty, float64_in_float32, from_numpy, is_int,
+                        on_device, routed, to_numpy, triton_kernels)
 
 __all__ = ["cross_entropy", "flatten", "linear", "log_softmax", "softmax"]
 
@@ -320,11 +321,9 @@ def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None, *, activat
             f"expected m1 and m2 to have the same dtype, but got: {_CPP_NAME.get(input.dtype, input.dtype)} != "
             f"{_CPP_NAME.get(weight.dtype, weight.dtype)}"
         )
-    if bias is not None and bias.dtype != weight.dtype and not input.is_floating_point():
-        # an integer input and weight: torch's addmm finds the bias's dtype wrong before anything
-        raise KernelInputError(f"self and mat2 must have the same dtype, but got {_scalar_name(bias.dtype)} and "
-                               f"{_scalar_name(weight.dtype)}")
-    check_float("linear", "input", input)
+    # an integer, bool or complex input and weight: torch's verdict (its addmm may find the bias's
+    # dtype wrong first, or the dtype not implemented), else ours
+    check_float_like_torch("linear", "input", input, lambda: _TF.linear(input, weight, bias))
     vec_w = weight.dim() == 1
     w = weight.unsqueeze(0) if vec_w else weight
     O, K = w.shape
@@ -591,11 +590,10 @@ def _softmax_public(name, op, input, dim, _stacklevel, dtype):
         dim = _get_softmax_dim(name, input.dim(), _stacklevel + 1)
     if dtype is not None:
         input = input.to(dtype)
-    if not input.is_floating_point():
-        kernel = "log_softmax_lastdim_kernel_impl" if name == "log_softmax" else "softmax_lastdim_kernel_impl"
-        raise KernelInputNotImplementedError(f'"{kernel}" not implemented for \'{_scalar_name(input.dtype)}\'')
-    check_float(name, "input", input)
-    return op(input, _wrap_dim(int(dim), input.dim()))
+    wrapped = _wrap_dim(int(dim), input.dim())
+    # torch's verdict on a dtype we do not take (its kernel's name depends on the dim and device)
+    check_float_like_torch(name, "input", input, lambda: getattr(input, name)(wrapped))
+    return op(input, wrapped)
 
 
 def softmax(input: Tensor, dim: int | None = None, _stacklevel: int = 3, dtype: torch.dtype | None = None) -> Tensor:
@@ -934,9 +932,10 @@ def _check_cross_entropy(input, target, weight, ignore_index, reduction, label_s
         raise KernelInputError(f"{reduction} is not a valid value for reduction")
     if label_smoothing > 1.0:  # torch checks only this bound; values <= 0 (and NaN) mean no smoothing
         raise KernelInputError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
-    if not input.is_floating_point():
-        raise KernelInputError(f'"log_softmax_lastdim_kernel_impl" not implemented for \'{_scalar_name(input.dtype)}\'')
-    check_float("cross_entropy", "input", input)
+    # an integer, bool or complex input: torch's verdict (a NotImplementedError of its
+    # log_softmax kernel, or first its probability-target check), else ours
+    check_float_like_torch("cross_entropy", "input", input, lambda: _TF.cross_entropy(
+        input, target, weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing))
     if target.device != input.device:
         raise KernelInputError(
             f"Expected all tensors to be on the same device, but found at least two devices, {input.device} and {target.device}!"

@@ -27,6 +27,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as _TF
 from torch import Tensor
 
 from .. import _backend
@@ -34,7 +35,7 @@ from .._errors import KernelInputError, KernelInputIndexError, KernelInputTypeEr
 from ..check import CheckCase
 from ..kernels import fastdiv
 from ..reference import pool as ref
-from ._dispatch import (check_float, cuda_kernels, empty, from_numpy, is_int, memo, on_device, plain_arg, routed,
+from ._dispatch import (check_float, check_float_like_torch, cuda_kernels, empty, from_numpy, is_int, memo, on_device, plain_arg, routed,
                         to_numpy, triton_kernels)
 from ._dispatch import chooser as _chooser  # module-level name: tests replace it
 # a channels_last input (dense NHWC, not also contiguous): torch's pooling then returns
@@ -204,10 +205,15 @@ def _check_dim_range(op: str, input: Tensor):
         )
 
 
-def _check_input(op: str, input) -> None:
+def _check_input(op: str, input, theirs=None, *args) -> None:
+    """A tensor in a dtype our kernels take; for another dtype torch's error where torch refuses
+    it too (``theirs(input, *args)``: torch's pooling, max pooling's for min pooling), else ours."""
     if not isinstance(input, Tensor):
         raise KernelInputTypeError(f"{op}(): argument 'input' (position 1) must be Tensor, not {type(input).__name__}")
-    check_float(op, "input", input)
+    if theirs is None:
+        check_float(op, "input", input)
+    else:
+        check_float_like_torch(op, "input", input, lambda: theirs(input, *args))
 
 
 def _ctrunc_div(a: int, b: int) -> int:
@@ -832,7 +838,7 @@ def _max2d_args(op, input, kernel_size, stride, padding, dilation, ceil_mode, re
 
 
 def _max2d_public(op, input, kernel_size, stride, padding, dilation, ceil_mode, return_indices, minimum):
-    _check_input(op, input)
+    _check_input(op, input, _TF.max_pool2d, kernel_size, stride, padding, dilation, ceil_mode, return_indices)
     args = (op, input, kernel_size, stride, padding, dilation, ceil_mode, return_indices)
     if _plain_call(kernel_size, stride, padding, dilation, ceil_mode, return_indices):
         k, s, p, d, cm = _public_memo(("public", op, input.shape, kernel_size, stride, padding, dilation, ceil_mode, return_indices),
@@ -884,7 +890,7 @@ def _as_4d(input):
 
 
 def _max1d_public(op, input, kernel_size, stride, padding, dilation, ceil_mode, return_indices, minimum):
-    _check_input(op, input)
+    _check_input(op, input, _TF.max_pool1d, kernel_size, stride, padding, dilation, ceil_mode, return_indices)
     args = (op, input, kernel_size, stride, padding, dilation, ceil_mode, return_indices)
     if _plain_call(kernel_size, stride, padding, dilation, ceil_mode, return_indices):
         k, s, p, d, cm = _public_memo(("public", op, input.shape, kernel_size, stride, padding, dilation, ceil_mode,
@@ -964,7 +970,7 @@ def _avg2d_args(op, input, kernel_size, stride, padding, ceil_mode, count_includ
 def avg_pool2d(input: Tensor, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True, divisor_override=None):
     """2d average pooling of ``[N, C, H, W]`` or ``[C, H, W]``; as ``torch.nn.functional.avg_pool2d``."""
     op = "avg_pool2d"
-    _check_input(op, input)
+    _check_input(op, input, _TF.avg_pool2d, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)
     args = (op, input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)
     if _plain_call(kernel_size, stride, padding, 1, ceil_mode, count_include_pad) and (
             divisor_override is None or type(divisor_override) is int):
@@ -995,7 +1001,7 @@ def avg_pool1d(input: Tensor, kernel_size, stride=None, padding=0, ceil_mode=Fal
     """1d average pooling of ``[N, C, L]`` or ``[C, L]``; as ``torch.nn.functional.avg_pool1d``
     (no divisor_override, as torch)."""
     op = "avg_pool1d"
-    _check_input(op, input)
+    _check_input(op, input, _TF.avg_pool1d, kernel_size, stride, padding, ceil_mode, count_include_pad)
     args = (op, input, kernel_size, stride, padding, ceil_mode, count_include_pad)
     if _plain_call(kernel_size, stride, padding, 1, ceil_mode, count_include_pad):
         k, s, p, cm, cip = _public_memo(("public",) + args[:1] + (input.shape,) + args[2:], _avg1d_args, *args)
