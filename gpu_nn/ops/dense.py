@@ -36,7 +36,7 @@ from .. import _backend, _precision
 from .._errors import KernelInputError, KernelInputIndexError, KernelInputTypeError
 from ..check import CheckCase
 from ..reference import dense as ref
-from ._dispatch import (autocast_inputs, check_float_like_torch, empty, float64_in_float32, from_numpy, is_int,
+from ._dispatch import (FLOAT_DTYPES, autocast_inputs, check_float_like_torch, empty, float64_in_float32, from_numpy, is_int,
                         on_device, routed, to_numpy, triton_kernels)
 
 __all__ = ["cross_entropy", "flatten", "linear", "log_softmax", "softmax"]
@@ -323,7 +323,8 @@ def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None, *, activat
         )
     # an integer, bool or complex input and weight: torch's verdict (its addmm may find the bias's
     # dtype wrong first, or the dtype not implemented), else ours
-    check_float_like_torch("linear", "input", input, lambda: _TF.linear(input, weight, bias))
+    if input.dtype not in FLOAT_DTYPES:  # (tested first: no closure on the usual call)
+        check_float_like_torch("linear", "input", input, lambda: _TF.linear(input, weight, bias))
     vec_w = weight.dim() == 1
     w = weight.unsqueeze(0) if vec_w else weight
     O, K = w.shape
@@ -592,7 +593,8 @@ def _softmax_public(name, op, input, dim, _stacklevel, dtype):
         input = input.to(dtype)
     wrapped = _wrap_dim(int(dim), input.dim())
     # torch's verdict on a dtype we do not take (its kernel's name depends on the dim and device)
-    check_float_like_torch(name, "input", input, lambda: getattr(input, name)(wrapped))
+    if input.dtype not in FLOAT_DTYPES:
+        check_float_like_torch(name, "input", input, lambda: getattr(input, name)(wrapped))
     return op(input, wrapped)
 
 
@@ -934,8 +936,9 @@ def _check_cross_entropy(input, target, weight, ignore_index, reduction, label_s
         raise KernelInputError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
     # an integer, bool or complex input: torch's verdict (a NotImplementedError of its
     # log_softmax kernel, or first its probability-target check), else ours
-    check_float_like_torch("cross_entropy", "input", input, lambda: _TF.cross_entropy(
-        input, target, weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing))
+    if input.dtype not in FLOAT_DTYPES:
+        check_float_like_torch("cross_entropy", "input", input, lambda: _TF.cross_entropy(
+            input, target, weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing))
     if target.device != input.device:
         raise KernelInputError(
             f"Expected all tensors to be on the same device, but found at least two devices, {input.device} and {target.device}!"
