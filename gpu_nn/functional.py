@@ -17,3 +17,5 @@ from .ops.rnn import *  # noqa: F401,F403
 from .ops.rnn import __all__ as _rnn_all
 
 __all__ = sorted({*_act_all, *_conv_all, *_dense_all, *_pool_all, *_rnn_all})
+
+from .ops import _flops  # noqa: E402,F401  (FlopCounterMode counts our conv / linear / recurrent ops)

@@ -409,3 +409,44 @@ def test_a_dtype_our_kernels_do_not_take_gets_torchs_verdict(dtype):
         want, ours = (want[0], ours[0]) if isinstance(want, tuple) else (want, ours)
         assert ours.dtype == want.dtype, name
         torch.testing.assert_close(ours, want)
+
+
+def _flops(model, x, backward):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        y = model(x)
+        y = y[0] if isinstance(y, tuple) else y
+        if backward:
+            y.sum().backward()
+    return counter.get_total_flops()
+
+
+def test_flop_counter_counts_our_layers_as_torchs():
+    """torch.utils.flop_counter.FlopCounterMode counts our conv / linear ops as it counts torch's
+    (its own formulas: forward, and backward with and without an input gradient), and our
+    recurrent ops' products (a converted model counted 0)."""
+    torch.manual_seed(0)
+
+    def cnn():
+        return tnn.Sequential(tnn.Conv2d(3, 4, 3, padding=1), tnn.ReLU(), tnn.Conv2d(4, 6, 3, stride=2, groups=2),
+                              tnn.Flatten(), tnn.Linear(6 * 3 * 3, 5))
+
+    theirs = cnn()
+    ours = gpu_nn.convert(cnn())
+    assert isinstance(ours[0], gnn.Conv2d) and isinstance(ours[4], gnn.Linear)
+    for grad in (False, True):
+        x = torch.randn(2, 3, 7, 7, requires_grad=grad)
+        for backward in (False, True):
+            want = _flops(theirs, x, backward)
+            assert want > 0 and _flops(ours, x, backward) == want, (grad, backward)
+    x = torch.randn(6, 3, 4, requires_grad=True)
+    for name in ("GRU", "RNN"):  # (torch's CPU LSTM runs one fused op that it counts as 0)
+        t, o = getattr(tnn, name)(4, 5, num_layers=2, bidirectional=True), getattr(gnn, name)(4, 5, num_layers=2, bidirectional=True)
+        assert _flops(o, x, False) == _flops(t, x, False) > 0
+        assert _flops(o, x, True) >= _flops(t, x, True) > 0  # ours computes every gradient of the step
+    for name in ("LSTMCell", "GRUCell", "RNNCell"):
+        t, o = getattr(tnn, name)(4, 5), getattr(gnn, name)(4, 5)
+        assert _flops(o, x[0], False) == _flops(t, x[0], False) > 0
+    lstm = gnn.LSTM(4, 5, proj_size=3)
+    assert _flops(lstm, x, False) == 2 * 6 * 3 * (20 * 4 + 20 * 3 + 3 * 5)  # input, recurrent, projection
