@@ -45,6 +45,12 @@ _SUPPORTED = {
 }
 
 
+# torch's own subclasses of a layer we convert whose owner never calls them, so that converting
+# them would change nothing and a warning about them would be noise: MultiheadAttention's
+# out_proj (every Transformer has one) is read by F.multi_head_attention_forward as weights
+_NEVER_CALLED = {"torch.nn.modules.linear.NonDynamicallyQuantizableLinear"}
+
+
 def _our_class(torch_cls):
     """Our drop-in class for an exact torch.nn class, or None."""
     from . import nn as gnn
@@ -95,7 +101,7 @@ def convert(model: torch.nn.Module, *, inplace: bool = True) -> torch.nn.Module:
         ours = _our_class(cls)
         if ours is None:
             base = next((b for b in cls.__mro__[1:] if _our_class(b) is not None), None)
-            if base is not None:
+            if base is not None and f"{cls.__module__}.{cls.__qualname__}" not in _NEVER_CALLED:
                 skipped.append(f"{prefix or '<model>'} ({cls.__name__}): a subclass of torch.nn.{base.__name__} with code of its own")
             return mod
         reason = _SUPPORTED[cls.__name__](mod)

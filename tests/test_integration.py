@@ -96,6 +96,29 @@ def test_convert_not_inplace_leaves_model_alone():
     assert type(new.head) is gnn.Linear
 
 
+def test_convert_a_transformer_quietly():
+    """A model with attention: its MultiheadAttention's out_proj (torch's own Linear subclass,
+    which attention reads as weights and never calls) is left alone without a warning; its
+    feed-forward Linear layers are ours; the function is unchanged. A user's Linear subclass with
+    a forward of its own is still named."""
+    torch.manual_seed(0)
+    model = tnn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=True).double().eval()
+    reference = copy.deepcopy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gpu_nn.convert(model)
+    assert type(model.linear1) is gnn.Linear and type(model.self_attn.out_proj) is type(reference.self_attn.out_proj)
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    torch.testing.assert_close(model(x), reference(x))
+
+    class Mine(tnn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    with pytest.warns(UserWarning, match=r"0 \(Mine\): a subclass of torch.nn.Linear with code of its own"):
+        gpu_nn.convert(tnn.Sequential(Mine(2, 2)))
+
+
 def test_convert_recurrent_model_same_function_and_gradients():
     torch.manual_seed(1)
     model = Recurrent().double()
