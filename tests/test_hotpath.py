@@ -22,6 +22,7 @@ import gpu_nn
 import gpu_nn.functional as F
 from gpu_nn import _backend, check
 from gpu_nn.ops import _dispatch
+from helpers import backend_params
 
 # every op of gpu-nn check with a custom op (flatten is a view, no op of ours)
 CASES = [(fam, c) for fam, c in check.collect_cases() if c.fn is not None and c.op != "flatten"]
@@ -170,6 +171,72 @@ def test_forward_mode_ad_raises_instead_of_zero_tangents(fam, case):
             torch.func.jvp(lambda t: torch.func.vmap(call)(t), (xs,), (torch.ones_like(xs),))
         with fwad.dual_level(), gpu_nn.backend("reference"):
             torch.testing.assert_close(torch.func.vmap(call)(xs), torch.stack([call(x), call(x)]))
+
+
+@pytest.mark.parametrize("fam,case", CASES, ids=[f"{f}-{c.op}-{i}" for i, (f, c) in enumerate(CASES)])
+def test_torch_func_reverse_mode_transforms(fam, case):
+    """torch.func.vjp (what grad and jacrev build on), vmap over its pullback (jacrev's way,
+    per-cotangent) and vmap of the op itself give what autograd gives for every op (torch's
+    custom ops refuse them all: their generated autograd.Function has no separate
+    setup_context); the recurrent sequence ops, whose weights travel in a list that an
+    autograd.Function does not track, raise NotImplementedError instead of leaving the weights'
+    gradients out."""
+    rng = np.random.default_rng(11)
+    args, kwargs = case.make(rng)
+    args, kwargs = check._convert((args, kwargs), torch.float64, "cpu")
+    pos = next(i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.is_floating_point())
+    x = args[pos].detach()
+
+    def call(t):
+        return check._float_outputs(case.fn(*args[:pos], t, *args[pos + 1:], **kwargs))[0]
+
+    with gpu_nn.backend("reference"):
+        xr = x.clone().requires_grad_()
+        y = call(xr)
+        g = torch.from_numpy(rng.standard_normal(tuple(y.shape)))
+        (want,) = torch.autograd.grad(y, xr, g, allow_unused=True)
+        want = torch.zeros_like(x) if want is None else want
+        try:
+            out, pull = torch.func.vjp(call, x)
+        except NotImplementedError as e:
+            assert "recurrent sequence layers" in str(e) and fam == "rnn", str(e)
+            return
+        torch.testing.assert_close(out, y.detach())
+        torch.testing.assert_close(pull(g)[0], want)
+        (both,) = torch.func.vmap(pull)(torch.stack([g, -2 * g]))
+        torch.testing.assert_close(both, torch.stack([want, -2 * want]))
+        if x.dim() >= 1 and x.shape[0] > 0:
+            torch.testing.assert_close(torch.func.vmap(call)(torch.stack([x, 2 * x])), torch.stack([call(x), call(2 * x)]))
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
+def test_per_sample_gradients_and_grad_of_grad(backend, device):
+    """The torch.func patterns of per-sample gradients (vmap of grad with functional_call over a
+    model of our layers) and of a second derivative (grad of grad) give torch's results."""
+    torch.manual_seed(0)
+    dt = torch.float64 if backend == "reference" else torch.float32
+
+    def model(lib):
+        return torch.nn.Sequential(lib.Conv2d(2, 3, 3), lib.ReLU(), lib.MaxPool2d(2), lib.Flatten(), lib.Linear(12, 4))
+
+    ours, theirs = model(gpu_nn.nn).to(device, dt), model(torch.nn).to(device, dt)
+    theirs.load_state_dict(ours.state_dict())
+    x, t = torch.randn(5, 2, 6, 6, device=device, dtype=dt), torch.tensor([0, 3, 1, 2, 0], device=device)
+
+    def per_sample(net, lossf):
+        def loss(p, xi, ti):
+            return lossf(torch.func.functional_call(net, p, (xi[None],)), ti[None])
+        return torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(dict(net.named_parameters()), x, t)
+
+    with gpu_nn.backend(backend):
+        got = per_sample(ours, gpu_nn.functional.cross_entropy)
+        xs = x[0, 0].clone()
+        hess_diag = torch.func.grad(lambda a: torch.func.grad(lambda b: gpu_nn.functional.tanh(b).sum())(a).sum())(xs)
+    want = per_sample(theirs, torch.nn.functional.cross_entropy)
+    tol = dict(rtol=1e-9, atol=1e-9) if dt == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], **tol)
+    torch.testing.assert_close(hess_diag, torch.func.grad(lambda a: torch.func.grad(lambda b: b.tanh().sum())(a).sum())(xs), **tol)
 
 
 def _bad_calls():

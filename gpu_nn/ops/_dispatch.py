@@ -453,16 +453,20 @@ class Routed:
         self._nargs = len(schema.arguments)
         self._tensorlist = any(isinstance(a.type, torch.ListType) and "Tensor" in str(a.type) for a in schema.arguments)
         self._function = None
+        self._func_function = None
+        self._pair = None
         self.__doc__ = getattr(op, "__doc__", None)
 
     def __getattr__(self, name):
-        if name.startswith("__") or name in ("_op", "_overload", "_impl", "_function"):
+        if name.startswith("__") or name in ("_op", "_overload", "_impl", "_function", "_func_function", "_pair"):
             raise AttributeError(name)  # copy/pickle probe instances before __init__: no recursion
         return getattr(self._op, name)
 
     def register_autograd(self, backward, /, *, setup_context=None):
         setup, bwd = _backend.autograd_pair(setup_context or (lambda ctx, inputs, output: None), backward)
         self._op.register_autograd(bwd, setup_context=setup)
+        self._pair = (setup, bwd)
+        self._func_function = None
         impl = self._impl
 
         def forward(ctx, *args):
@@ -489,9 +493,21 @@ class Routed:
         if _fwad._current_level >= 0 and not _C._are_functorch_transforms_active():
             _refuse_tangents(self._overload._schema.name, args, kwargs, _has_tangent)
         if torch.compiler.is_compiling() or kwargs or len(args) != self._nargs or not EAGER or not _eager_ok(args):
-            if _C._are_functorch_transforms_active() and not torch.compiler.is_compiling() and any(
-                    i.key() == _JVP for i in _functorch.get_interpreter_stack()):
-                _refuse_tangents(self._overload._schema.name, args, kwargs, _functorch.is_functorch_wrapped_tensor)
+            if _C._are_functorch_transforms_active() and not torch.compiler.is_compiling():
+                keys = [i.key() for i in _functorch.get_interpreter_stack()]
+                if _JVP in keys:
+                    _refuse_tangents(self._overload._schema.name, args, kwargs, _functorch.is_functorch_wrapped_tensor)
+                elif (_GRAD in keys or _VMAP in keys) and _FUNCTIONALIZE not in keys:
+                    if self._tensorlist:
+                        if _GRAD in keys:
+                            # autograd.Function tracks no tensor inside a list argument (the
+                            # weights): its gradients would be silently missing
+                            raise NotImplementedError(
+                                f"{self._overload._schema.name}: torch.func's grad / vjp / jacrev over gpu-nn's "
+                                "recurrent sequence layers (nn.RNN / LSTM / GRU and their functions) are not "
+                                "supported; use torch.autograd.grad, or the cells (nn.LSTMCell, ...) in a loop")
+                    elif not kwargs and len(args) == self._nargs and self._pair is not None:
+                        return self._functorch_function().apply(*args)
             return self._overload(*args, **kwargs)
         t = args[0]
         if isinstance(t, torch.Tensor) and not t.is_cpu:
@@ -501,6 +517,36 @@ class Routed:
                 with torch.cuda.device(t.get_device()):
                     return self._eager(args)
         return self._eager(args)
+
+    def _functorch_function(self):
+        """The op as an ``autograd.Function`` that torch.func's reverse-mode transforms (grad,
+        vjp, jacrev, and vmap over them: per-sample gradients) accept, which the custom op's own
+        generated Function is not (its setup_context runs inside forward): the same
+        ``setup_context`` / ``backward`` pair, a separate ``setup_context``, and a ``vmap`` rule
+        that runs the op once per batch element (our kernels take no batch dimension of vmap's)."""
+        fn = self._func_function
+        if fn is not None:
+            return fn
+        setup, bwd = self._pair
+        impl = self._impl
+
+        def vmap(info, in_dims, *args):
+            outs = [cls.apply(*(a.select(d, i) if isinstance(a, torch.Tensor) and d is not None else a
+                                for a, d in zip(args, in_dims)))
+                    for i in range(info.batch_size)]
+            if isinstance(outs[0], tuple):
+                stacked = tuple(torch.stack([o[j] for o in outs]) for j in range(len(outs[0])))
+                return stacked, (0,) * len(stacked)
+            return torch.stack(outs), 0
+
+        cls = type(f"Func_{self._op._name}", (torch.autograd.Function,), {
+            "forward": staticmethod(lambda *args: impl(*args)),
+            "setup_context": staticmethod(setup),
+            "backward": staticmethod(bwd),
+            "vmap": staticmethod(vmap),
+        })
+        self._func_function = cls
+        return cls
 
     def _eager(self, args):
         if _C.is_grad_enabled() and _C._any_requires_grad(*args):
@@ -513,6 +559,9 @@ class Routed:
 _get_device = getattr(torch._C, "_cuda_getDevice", None)  # the current CUDA device, no lazy-init check
 _functorch = torch._C._functorch
 _JVP = _functorch.TransformType.Jvp
+_GRAD = _functorch.TransformType.Grad
+_VMAP = _functorch.TransformType.Vmap
+_FUNCTIONALIZE = _functorch.TransformType.Functionalize
 
 
 def _has_tangent(t: torch.Tensor) -> bool:
