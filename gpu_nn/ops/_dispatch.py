@@ -528,7 +528,7 @@ class Routed:
         if fn is not None:
             return fn
         setup, bwd = self._pair
-        impl = self._impl
+        impl = self._op._init_fn  # with on_device's guard (the eager route checks the device inline instead)
 
         def vmap(info, in_dims, *args):
             outs = [cls.apply(*(a.select(d, i) if isinstance(a, torch.Tensor) and d is not None else a
