@@ -6,6 +6,8 @@ needs (sigmoid, tanh), as torch's own backward formulas do.
 
 import numpy as np
 
+from ._errstate import quiet
+
 
 def relu(x: np.ndarray) -> np.ndarray:
     # np.maximum propagates NaN, which is torch's rule too: relu(NaN) = NaN
@@ -54,6 +56,7 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
     return np.divide(a, b, out=a)
 
 
+@quiet  # inf * 0 where torch gives NaN without a warning
 def sigmoid_backward(grad_out: np.ndarray, out: np.ndarray) -> np.ndarray:
     return grad_out * out * (1 - out)
 
@@ -62,6 +65,7 @@ def tanh(x: np.ndarray) -> np.ndarray:
     return np.tanh(x)
 
 
+@quiet  # inf * 0 where torch gives NaN without a warning
 def tanh_backward(grad_out: np.ndarray, out: np.ndarray) -> np.ndarray:
     return grad_out * (1 - out * out)
 

@@ -4,7 +4,8 @@ log_softmax and cross_entropy, forward and explicit backward (NumPy only).
 Every function mirrors its ``torch.nn.functional`` namesake on NumPy arrays and computes in
 the dtype of its input (the dispatch widens float16/bfloat16 to float32 before calling).
 Nothing here loops in Python over batch elements or rows: reductions are NumPy reductions
-over an axis and matrix products go to BLAS.
+over an axis and matrix products go to BLAS. inf / NaN inputs give torch's inf / NaN, without
+NumPy's RuntimeWarnings (torch does not warn): one ``np.errstate`` per public call.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import math
 import numpy as np
 
 from . import activation as _act
+from ._errstate import quiet
 
 REDUCTIONS = ("none", "mean", "sum")
 # cross_entropy with class indices and no label smoothing takes a path of fewer NumPy calls
@@ -44,6 +46,7 @@ def flatten_backward(grad_out: np.ndarray, input_shape) -> np.ndarray:
 # --------------------------------------------------------------------------- linear
 
 
+@quiet
 def linear(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None, activation=None) -> np.ndarray:
     """y = act(x @ w.T + b).
 
@@ -65,6 +68,7 @@ def linear(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None, activation
     return y.reshape(*lead, w.shape[0])
 
 
+@quiet
 def linear_backward(grad_out: np.ndarray, x: np.ndarray, w: np.ndarray, out: np.ndarray | None = None,
                     activation=None, has_bias: bool = True):
     """(dx, dw, db) of :func:`linear`. ``out`` (the forward output) is needed only when an
@@ -127,6 +131,7 @@ def softmax(x: np.ndarray, dim: int) -> np.ndarray:
     return e
 
 
+@quiet
 def softmax_backward(grad_out: np.ndarray, out: np.ndarray, dim: int) -> np.ndarray:
     """dx = y * (g - sum(g * y)) over ``dim``, written through the forward output y."""
     if out.ndim == 0:
@@ -427,6 +432,7 @@ def _ce_index_backward(grad_out, x2, t2, weight, ignore_index, reduction, lse):
     return g2
 
 
+@quiet
 def cross_entropy_target_backward(grad_out: np.ndarray, x: np.ndarray, target: np.ndarray, weight: np.ndarray | None = None,
                                   ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
                                   lse: np.ndarray | None = None) -> np.ndarray:

@@ -15,6 +15,8 @@ Conventions shared by every step function:
   increments ``state["step"]`` first), as Python numbers.
 * Hyperparameters are Python floats / bools named as in ``torch.optim``.
 * Not supported: sparse gradients, complex parameters, tensor-valued hyperparameters.
+* inf / NaN / overflowing values propagate as in torch, without NumPy's RuntimeWarnings (torch
+  does not warn): each public function runs under one ``np.errstate`` (:func:`._errstate.quiet`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
+
+from ._errstate import quiet
 
 __all__ = [
     "sgd_step",
@@ -103,6 +107,7 @@ def _effective_grad(p, g, weight_decay: float, maximize: bool, out) -> np.ndarra
     return g
 
 
+@quiet
 def sgd_step(params, grads, momentum_buffers, *, lr, momentum=0.0, dampening=0.0, weight_decay=0.0,
              nesterov=False, maximize=False) -> None:
     """SGD: ``g += wd p``; ``b = g`` on the first step else ``b = momentum b + (1 - dampening) g``;
@@ -133,6 +138,7 @@ def sgd_step(params, grads, momentum_buffers, *, lr, momentum=0.0, dampening=0.0
         p += np.multiply(g, -lr)
 
 
+@quiet
 def adagrad_step(params, grads, state_sums, steps, *, lr, lr_decay=0.0, weight_decay=0.0, eps=1e-10,
                  maximize=False) -> None:
     """Adagrad: ``clr = lr / (1 + (step - 1) lr_decay)``; ``sum += g^2``;
@@ -151,6 +157,7 @@ def adagrad_step(params, grads, state_sums, steps, *, lr, lr_decay=0.0, weight_d
         p += t
 
 
+@quiet
 def adadelta_step(params, grads, square_avgs, acc_deltas, *, lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0,
                   maximize=False) -> None:
     """Adadelta: ``v = rho v + (1 - rho) g^2``; ``delta = sqrt(u + eps) / sqrt(v + eps) g``;
@@ -179,6 +186,7 @@ def adadelta_step(params, grads, square_avgs, acc_deltas, *, lr=1.0, rho=0.9, ep
         p += t
 
 
+@quiet
 def rmsprop_step(params, grads, square_avgs, grad_avgs, momentum_buffers, *, lr=1e-2, alpha=0.99, eps=1e-8,
                  weight_decay=0.0, momentum=0.0, centered=False, maximize=False) -> None:
     """RMSprop: ``v = alpha v + (1 - alpha) g^2``; centered: ``gbar = lerp(gbar, g, 1 - alpha)``,
@@ -196,27 +204,23 @@ def rmsprop_step(params, grads, square_avgs, grad_avgs, momentum_buffers, *, lr=
         g = _effective_grad(p, g, weight_decay, maximize, d)
         v *= alpha
         t = np.multiply(g, 1 - alpha)
-        with np.errstate(over="ignore"):  # g^2 may overflow to inf, as in torch
-            t *= g
+        t *= g  # g^2 may overflow to inf, as in torch
         v += t
         if centered:
             (ga,) = _vectors(grad_avgs[i])
             lerp_(ga, g, 1 - alpha, t)
-            with np.errstate(over="ignore", invalid="ignore"):  # torch does not warn either
-                avg = np.multiply(ga, -1)
-                avg *= ga
-                avg += v
+            avg = np.multiply(ga, -1)
+            avg *= ga
+            avg += v
             # torch's addcmul(v, ga, ga, value=-1) is one fused multiply-add (CPU and CUDA), so
             # ga^2 is never rounded alone: v = +inf (g^2 overflowed) minus a finite ga^2 is +inf.
             # NumPy rounds ga^2 first, which overflows too once |ga| > sqrt(max) and makes
             # inf - inf = NaN; that is the only case where the two differ in a special value
             # (a finite v with an overflowing ga^2 is negative either way, and sqrt gives NaN).
             np.copyto(avg, v, where=np.isposinf(v) & np.isfinite(ga))
-            with np.errstate(invalid="ignore"):  # a negative avg gives NaN, silently as in torch
-                np.sqrt(avg, out=avg)
+            np.sqrt(avg, out=avg)  # a negative avg gives NaN, silently as in torch
         else:
-            with np.errstate(invalid="ignore"):  # v < 0 (torch takes alpha > 1) gives NaN silently
-                avg = np.sqrt(v)
+            avg = np.sqrt(v)  # v < 0 (torch takes alpha > 1) gives NaN silently
         avg += eps
         if momentum > 0:
             (buf,) = _vectors(momentum_buffers[i])
@@ -231,6 +235,7 @@ def rmsprop_step(params, grads, square_avgs, grad_avgs, momentum_buffers, *, lr=
             p += t
 
 
+@quiet
 def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, lr=1e-3, betas=(0.9, 0.999),
               eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False, decoupled_weight_decay=False) -> None:
     """Adam (AdamW with ``decoupled_weight_decay=True``):
@@ -293,8 +298,7 @@ def _norm(a: np.ndarray, norm_type: float):
     if math.isinf(norm_type):
         return x.max() if norm_type > 0 else x.min()
     if norm_type == 2:
-        with np.errstate(over="ignore"):  # an overflowing sum of squares is inf, silently as in torch
-            return np.sqrt(np.dot(x, x))
+        return np.sqrt(np.dot(x, x))  # an overflowing sum of squares is inf, silently as in torch
     if norm_type == 1:
         return x.sum(dtype=a.dtype)
     if norm_type == 0:
@@ -302,6 +306,7 @@ def _norm(a: np.ndarray, norm_type: float):
     return a.dtype.type(np.sum(x ** norm_type) ** (1.0 / norm_type))
 
 
+@quiet
 def total_norm(grads, norm_type: float = 2.0, error_if_nonfinite: bool = False):
     """The ``norm_type``-norm of all ``grads`` viewed as one vector (torch: the norm of the
     per-tensor norms, stacked in their promoted dtype), as a NumPy scalar of the arrays' promoted
@@ -311,6 +316,11 @@ def total_norm(grads, norm_type: float = 2.0, error_if_nonfinite: bool = False):
     float32 where torch rounds them to the half dtype (a half gradient whose own norm passes the
     half range gives torch an inf total, ours the finite one; the Triton path also accumulates in
     float32)."""
+    return _total_norm(grads, norm_type, error_if_nonfinite)
+
+
+def _total_norm(grads, norm_type: float = 2.0, error_if_nonfinite: bool = False):
+    """:func:`total_norm` without its errstate, for callers that run under one already."""
     norm_type = float(norm_type)
     if len(grads) == 0:
         return np.float32(0.0)
@@ -326,17 +336,17 @@ def total_norm(grads, norm_type: float = 2.0, error_if_nonfinite: bool = False):
     return total
 
 
+@quiet
 def clip_grad_norm(grads, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False):
     """Scale every gradient in place by ``min(1, max_norm / (total + 1e-6))`` (always multiplied,
     as torch does) and return the total norm (see :func:`total_norm`)."""
-    total = total_norm(grads, norm_type, error_if_nonfinite)
+    total = _total_norm(grads, norm_type, error_if_nonfinite)
     if len(grads) == 0:
         return total
     dt = total.dtype.type
     # torch: max_norm / (total + 1e-6) on a 0-d tensor is reciprocal(total + 1e-6) * max_norm
     coef = (dt(1.0) / (total + dt(1e-6))) * dt(float(max_norm))
     coef = coef if np.isnan(coef) else min(coef, dt(1.0))
-    with np.errstate(invalid="ignore", over="ignore"):  # a non-finite norm scales to NaN, as in torch
-        for g in grads:
-            g *= coef
+    for g in grads:  # a non-finite norm scales to NaN, as in torch
+        g *= coef
     return total

@@ -20,6 +20,9 @@ Semantics are torch's (``aten/src/ATen/native/cpu/MaxPoolKernel.cpp`` / ``AvgPoo
   the window size clipped to the padded input (``count_include_pad``) or to the input. Avg
   has no dilation (as torch).
 
+inf / NaN values propagate as in torch, without NumPy's RuntimeWarnings (torch does not warn): the
+average and the backward cores (the ops' entry points) run under one ``np.errstate`` each.
+
 Not supported: return of int dtypes, 3d pooling, fractional/adaptive/lp pooling.
 """
 
@@ -28,6 +31,8 @@ from __future__ import annotations
 import functools
 
 import numpy as np
+
+from ._errstate import quiet
 
 # Small inputs take a gather path (one fancy index and one reduction, or one product with a
 # 0/1 window matrix) whose index tables are cached per geometry: on a few hundred elements the
@@ -211,6 +216,7 @@ def _max2d(x, k, s, p, d, ceil_mode, indices=True):
     return out, idx
 
 
+@quiet
 def _max_backward2d(grad_output, indices, input_shape):
     """Scatter-add of ``grad_output`` to the input positions ``indices``: ``np.add.at`` in
     output order, accumulating in the result dtype as torch's CPU kernel does (faster than
@@ -284,6 +290,7 @@ def _avg_small(H, W, oh, ow, k, s, p, ceil_mode, count_include_pad, divisor_over
                      divisor_override, np.dtype(dtype))
 
 
+@quiet
 def _avg2d(x, k, s, p, ceil_mode, count_include_pad, divisor_override):
     x = np.asarray(x)
     H, W = x.shape[-2:]
@@ -315,6 +322,7 @@ def _avg2d(x, k, s, p, ceil_mode, count_include_pad, divisor_override):
     return out
 
 
+@quiet
 def _avg_backward2d(grad_output, input_shape, k, s, p, ceil_mode, count_include_pad, divisor_override):
     g = np.asarray(grad_output)
     H, W = input_shape[-2:]

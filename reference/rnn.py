@@ -28,6 +28,8 @@ The forward pass returns a flat ``reserve`` array (the intermediates the backwar
 out by :func:`reserve_layout`); the backward takes it back, as cuDNN's reserve space works.
 The input projection of a layer is one matmul over all time steps; the time loop is the only
 Python loop, and it runs in preallocated buffers with in-place updates.
+inf / NaN values propagate as in torch, without NumPy's RuntimeWarnings (torch does not warn):
+the public functions each run under one ``np.errstate``.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
+
+from ._errstate import quiet
 
 MODES = ("rnn_tanh", "rnn_relu", "lstm", "gru")
 # rows of w_ih / w_hh per hidden unit, and per-step values stored in the reserve per hidden unit
@@ -299,8 +303,10 @@ def _dir_backward(mode, dout, dhn, dcn, w_hh, G, Hs, Cs, reverse, valid, dGi, dG
                 np.subtract(1, tH, out=tH)
                 np.multiply(dh, tH, out=dg)
             else:
-                # torch's threshold_backward: 0 where h <= 0, else dh (a NaN h passes dh)
-                np.multiply(dh, ~(hcur <= 0), out=dg)
+                # torch's threshold_backward: +0 where h <= 0, else dh (a NaN h passes dh); a
+                # select, not dh * mask, which would make an infinite dh NaN (inf * 0) where h <= 0
+                np.copyto(dg, dh)
+                np.copyto(dg, 0, where=hcur <= 0)
             np.matmul(dg, w_hh, out=nh)
             dh, nh = nh, dh
         if inv is not None:
@@ -317,6 +323,7 @@ def _dir_backward(mode, dout, dhn, dcn, w_hh, G, Hs, Cs, reverse, valid, dGi, dG
 # whole sequences
 
 
+@quiet
 def rnn_forward(mode, x, hx, cx, weights, num_layers, bidirectional, lengths=None, dropout_masks=None):
     """Multi-layer (bi)directional recurrence over ``x [T, B, I]``.
 
@@ -367,6 +374,7 @@ def rnn_forward(mode, x, hx, cx, weights, num_layers, bidirectional, lengths=Non
     return out, hn, cn, reserve
 
 
+@quiet
 def rnn_backward(mode, grad_output, grad_hn, grad_cn, x, weights, reserve, num_layers, bidirectional,
                  lengths=None, dropout_masks=None):
     """Gradients of :func:`rnn_forward`. ``grad_hn`` / ``grad_cn`` may be ``None`` (zero).
@@ -514,6 +522,7 @@ def _lstm_affine(H, dt):
     return got
 
 
+@quiet
 def cell_forward(mode, x, h, c, w_ih, w_hh, b_ih=None, b_hh=None):
     """One step of one layer: ``x [B, I]``, ``h [B, H]``, ``c [B, H]`` (LSTM, else None), weights
     as :func:`rnn_forward`'s, every array of one dtype. Returns ``(h' [B, H], c' [B, H] or None,
@@ -570,11 +579,12 @@ def cell_forward(mode, x, h, c, w_ih, w_hh, b_ih=None, b_hh=None):
     return hn, None, None
 
 
+@quiet
 def cell_backward(mode, grad_h, grad_c, x, h, c, w_ih, w_hh, b_ih=None, b_hh=None):
     """Gradients of :func:`cell_forward` (recomputed here): ``(dx, dh, dc or None, dw_ih, dw_hh,
     db_ih, db_hh)``, the bias gradients None without biases; ``grad_c`` None (or the LSTM's
     absent c' gradient) counts as zero. Equal to ``rnn_backward`` at ``T = 1``."""
-    hn, cn, G = cell_forward(mode, x, h, c, w_ih, w_hh, b_ih, b_hh)
+    hn, cn, G = cell_forward.__wrapped__(mode, x, h, c, w_ih, w_hh, b_ih, b_hh)  # quiet already
     H = w_hh.shape[1]
     one = _consts(hn.dtype)[1]
     if mode == "lstm":
@@ -632,8 +642,9 @@ def cell_backward(mode, grad_h, grad_c, x, h, c, w_ih, w_hh, b_ih=None, b_hh=Non
             np.subtract(one, t, out=t)
             dG = np.multiply(grad_h, t)
         else:
-            # torch's threshold_backward: 0 where h' <= 0, else the gradient (a NaN h' passes it)
-            dG = np.multiply(grad_h, ~(hn <= 0))
+            # torch's threshold_backward: +0 where h' <= 0, else the gradient (a NaN h' passes
+            # it); a select, not grad * mask, which would make an infinite gradient NaN (inf * 0)
+            dG = np.where(hn <= 0, _consts(hn.dtype)[2], grad_h)
         dGh = dG
         dh = dG @ w_hh
         dc_prev = None
