@@ -18,15 +18,35 @@ becomes a call of ours with ``activation=``); the activation a module (``nn.ReLU
 ``nn.Sigmoid``, ``nn.Tanh``, torch's or ours), a function (``torch.relu`` / ``sigmoid`` /
 ``tanh``, ``torch.nn.functional``'s, ``gpu_nn.functional``'s) or a tensor method (``x.relu()``,
 in place ones included). Everything else stays as it was.
+
+Buffers are traced as state the graph reads when it runs: one used in arithmetic is read at each
+call (not its value when fused), an in-place update of one (``self.steps.add_(1)``) runs at each
+call (not once, on the model, while fusing); a forward that branches on a buffer's value cannot be
+traced. As in torch.fx's own ``symbolic_trace``, a tensor that is neither a parameter nor a buffer
+(a plain attribute, or one the forward makes, ``torch.tensor(2.0)``) is a constant of the graph:
+the result keeps those as non-persistent buffers, out of its ``state_dict``.
+
+``self.training`` is read at trace time, so ``fuse`` traces the model in both modes: in its own
+(each module's flag as it is) and with every module in the other (the flags are put back after).
+Where the two graphs differ (``F.dropout(x, p, self.training)``, an ``if self.training:``
+branch), the result holds both, ``graph`` the eval-mode one and ``train_graph`` the training one,
+and runs the one its own ``training`` flag picks (``.train()`` / ``.eval()`` on it); a layer is
+fused in one only where the other fuses it too or does not call it. A model that traces only in
+its own mode gives a result that raises in the other. Modules called whole (dropout, batch norm)
+follow their own flags there, as in the model; a model whose forward reads the flag of a module
+in the other mode than the model's own is refused (one graph per mode could not follow both).
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import math
 
 import torch
 import torch.fx
+import torch.fx.graph_module
+import torch.package
 
 from . import functional as _F
 from . import nn as _gnn
@@ -53,14 +73,24 @@ _LAYERS = {torch.nn.Conv1d: _gnn.Conv1d, torch.nn.Conv2d: _gnn.Conv2d, torch.nn.
 _OURS = tuple(getattr(_gnn, n) for n in _gnn.__all__ if isinstance(getattr(_gnn, n), type))
 
 
+def _untraced_mode(message: str, *inputs):
+    """The forward of a mode ``fuse`` could not trace the model in (``inputs``, the forward's,
+    make a trace of the graph's code record the call rather than make it)."""
+    raise RuntimeError(message)
+
+
 class _Tracer(torch.fx.Tracer):
-    """torch's tracer, with our modules (and subclasses of them) kept as leaves, as torch's own
-    are, and so is any module with hooks (traced through, it would lose them; called as a
+    """torch's tracer, buffers proxied, with our modules (and subclasses of them) kept as
+    leaves, as torch's own are, and so is any module with hooks (traced through, it would lose them; called as a
     module, the graph runs them); every ``gpu_nn.functional`` function is recorded as one call
     (their argument checks cannot take a Proxy)."""
 
+    # buffers as graph inputs (get_attr), not their values at trace time: read, and updated in
+    # place, when the graph runs
+    proxy_buffer_attributes = True
+
     def __init__(self):
-        super().__init__(autowrap_modules=(math, _F))
+        super().__init__(autowrap_modules=(math, _F), autowrap_functions=(_untraced_mode,))
 
     def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
         return isinstance(m, _OURS) or _own_hooks(m) or _state_rules(m) or super().is_leaf_module(m, qualname)
@@ -168,9 +198,10 @@ def _restore_state(gm: torch.fx.GraphModule, model: torch.nn.Module, originals: 
     """Give ``gm`` every parameter and buffer ``model`` has, under the same names: torch.fx's
     GraphModule keeps only what its graph uses (an unused head, a second name of a tied layer,
     a root parameter nothing reads would be missing from its state_dict) and registers the
-    buffers it keeps as persistent. Modules holding state that ``gm`` lacks are put back as the
-    model's own objects (the graph does not call them); tensors straight on modules ``gm`` made
-    anew are registered there, a non-persistent buffer kept non-persistent."""
+    tensors it keeps as persistent buffers. Modules holding state that ``gm`` lacks are put back
+    as the model's own objects (the graph does not call them); tensors straight on modules ``gm``
+    made anew are registered there; a buffer of ``gm`` that is no persistent buffer of the model
+    (a non-persistent one, a plain tensor attribute, a constant of the graph) is non-persistent."""
     for path, mod in model.named_modules(remove_duplicate=False):
         try:
             own = gm.get_submodule(path) if path else gm
@@ -189,8 +220,274 @@ def _restore_state(gm: torch.fx.GraphModule, model: torch.nn.Module, originals: 
             keep = name not in mod._non_persistent_buffers_set
             if t is not None and name not in own._buffers and not hasattr(own, name):
                 own.register_buffer(name, t, persistent=keep)
-            elif name in own._buffers and not keep:
+    for path, own in gm.named_modules():
+        if id(own) in originals:
+            continue
+        try:
+            mod = model.get_submodule(path) if path else model
+        except AttributeError:
+            mod = None
+        for name in own._buffers:
+            if mod is None or name not in mod._buffers or name in mod._non_persistent_buffers_set:
                 own._non_persistent_buffers_set.add(name)
+
+
+# ------------------------------------------------------------------ both training modes
+
+
+def _forward_for_mode(self, *args, **kwargs):
+    """The forward of a ``_TrainEvalGraphModule``: the graph traced for its ``training`` flag."""
+    if self.training:
+        return self._train_forward(*args, **kwargs)
+    return self._eval_forward(*args, **kwargs)
+
+
+def _targets_graph(*graphs: torch.fx.Graph) -> torch.fx.Graph:
+    """A graph of the ``get_attr`` / ``call_module`` targets of ``graphs`` (what a GraphModule
+    copies from its root, and keeps in ``delete_all_unused_submodules``), nothing computed."""
+    union = torch.fx.Graph(tracer_cls=graphs[0]._tracer_cls)
+    seen = set()
+    for graph in graphs:
+        for node in graph.nodes:
+            if node.op in ("get_attr", "call_module") and (node.op, node.target) not in seen:
+                seen.add((node.op, node.target))
+                union.create_node(node.op, node.target)
+    union.output(None)
+    return union
+
+
+class _TrainEvalGraphModule(torch.fx.GraphModule):
+    """A GraphModule holding two graphs of the same model, one per ``training`` mode, over one
+    set of modules, parameters and buffers: ``graph`` (``code``) the one traced in eval mode,
+    ``train_graph`` (``train_code``) the one traced in training mode; ``forward`` runs the one
+    for ``self.training``. ``recompile()`` regenerates both; copy, deepcopy, pickle (torch.save)
+    keep both, and all of the module's state, and torch.compile specializes on the flag."""
+
+    def __init__(self, root: torch.nn.Module, graph: torch.fx.Graph, train_graph: torch.fx.Graph,
+                 class_name: str = "GraphModule"):
+        self.__dict__["_train_graph"] = train_graph  # recompile, from GraphModule.__init__, reads it
+        super().__init__(root, _targets_graph(graph, train_graph), class_name)  # copies what both use
+        self.graph = graph
+        train_graph.owning_module = self
+        self._tracer_cls = getattr(graph, "_tracer_cls", None)
+
+    @property
+    def train_graph(self) -> torch.fx.Graph:
+        """The graph ``forward`` runs in training mode (``graph`` is the eval-mode one)."""
+        return self._train_graph
+
+    @train_graph.setter
+    def train_graph(self, g: torch.fx.Graph) -> None:
+        self.__dict__["_train_graph"] = g
+        g.owning_module = self
+        self.recompile()
+
+    @property
+    def train_code(self) -> str:
+        return self._train_code
+
+    def recompile(self):
+        python_code = super().recompile()  # forward: the eval graph's
+        cls = type(self)
+        cls._eval_forward = cls.forward
+        train = self._train_graph.python_code(root_module="self")
+        self._train_code = train.src
+        cls._train_forward = torch.fx.graph_module._forward_from_src(
+            train.src, train.globals, getattr(self._train_graph, "_co_fields", {}))
+        cls.forward = _forward_for_mode
+        return python_code
+
+    def delete_all_unused_submodules(self) -> None:
+        graph = self.__dict__["_graph"]
+        self.__dict__["_graph"] = _targets_graph(graph, self._train_graph)  # used by either
+        try:
+            super().delete_all_unused_submodules()
+        finally:
+            self.__dict__["_graph"] = graph
+
+    def _adopt(self, state: dict, graph: torch.fx.Graph, train_graph: torch.fx.Graph, name: str):
+        """``self`` (new, from ``__new__``) with ``state`` as its ``__dict__`` and the two graphs."""
+        self.__dict__.update(state)
+        self.__dict__["_graph"], self.__dict__["_train_graph"] = graph, train_graph
+        graph.owning_module = train_graph.owning_module = self
+        type(self).__name__ = name
+        self.recompile()
+        return self
+
+    def __copy__(self):
+        state = dict(self.__dict__)
+        for k in ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"):
+            state[k] = copy.copy(state[k])
+        return type(self).__new__(type(self))._adopt(state, self._graph, self._train_graph, type(self).__name__)
+
+    def __deepcopy__(self, memo):
+        res = type(self).__new__(type(self))
+        memo[id(self)] = res
+        state = copy.deepcopy(self.__dict__, memo)
+        return res._adopt(state, state["_graph"], state["_train_graph"], type(self).__name__)
+
+    def __reduce__(self):
+        # as GraphModule's: the graphs as code, traced again when loaded
+        state = dict(self.__dict__)
+        srcs = []
+        for key in ("_graph", "_train_graph"):
+            code = state.pop(key).python_code(root_module="self")
+            srcs.append(torch.fx.graph_module._format_import_block(code.globals, torch.package.sys_importer)
+                        + code.src)
+        return (_rebuild_train_eval, (state, *srcs, type(self).__name__))
+
+    def __str__(self) -> str:
+        return "\n".join([torch.nn.Module.__str__(self), "# eval mode:", self._code, "# training mode:",
+                          self._train_code])
+
+
+class _CodeTracer(_Tracer):
+    """Traces a forward generated from a graph: every module a leaf, as it was in the graph."""
+
+    def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
+        return True
+
+
+def _rebuild_train_eval(state: dict, eval_src: str, train_src: str, name: str) -> _TrainEvalGraphModule:
+    """A pickled ``_TrainEvalGraphModule``: its state, both graphs traced again from their code."""
+    res = _TrainEvalGraphModule.__new__(_TrainEvalGraphModule)
+    res.__dict__.update(state)
+    graphs = []
+    for src in (eval_src, train_src):
+        type(res).forward = torch.fx.graph_module._forward_from_src(src, {})
+        graph = _CodeTracer().trace(res)
+        graph._tracer_cls = _Tracer
+        graphs.append(graph)
+    return res._adopt({}, graphs[0], graphs[1], name)
+
+
+def _raising_graph(graph: torch.fx.Graph, message: str) -> torch.fx.Graph:
+    """A graph with ``graph``'s inputs that raises RuntimeError(message)."""
+    g = torch.fx.Graph(tracer_cls=graph._tracer_cls)
+    inputs = [g.node_copy(node) for node in graph.nodes if node.op == "placeholder"]
+    g.output(g.call_function(_untraced_mode, (message, *inputs)))
+    return g
+
+
+_PLAIN = (bool, int, str, bytes, type(None), type(...), torch.dtype, torch.device, torch.layout, torch.memory_format)
+
+
+def _same_graph(a: torch.fx.Graph, b: torch.fx.Graph, root: torch.nn.Module) -> bool:
+    """Whether ``a`` and ``b`` compute the same (conservatively: False when unsure). Constants
+    the tracer made anew for each (``_tensor_constantN``) count as the same when equal."""
+    na, nb = list(a.nodes), list(b.nodes)
+    if len(na) != len(nb):
+        return False
+    ia, ib = {n: i for i, n in enumerate(na)}, {n: i for i, n in enumerate(nb)}
+
+    def same(x, y) -> bool:
+        if isinstance(x, torch.fx.Node) or isinstance(y, torch.fx.Node):
+            return isinstance(x, torch.fx.Node) and isinstance(y, torch.fx.Node) and ia[x] == ib[y]
+        if type(x) is not type(y):
+            return False
+        if isinstance(x, (tuple, list)):
+            return len(x) == len(y) and all(map(same, x, y))
+        if isinstance(x, dict):
+            return list(x) == list(y) and all(same(x[k], y[k]) for k in x)
+        if isinstance(x, slice):
+            return same((x.start, x.stop, x.step), (y.start, y.stop, y.step))
+        if isinstance(x, (float, complex)):
+            return repr(x) == repr(y)  # -0.0 is not 0.0; nan: differs, conservatively
+        if isinstance(x, _PLAIN):
+            return x == y
+        return x is y
+
+    def attr(target):
+        return functools.reduce(getattr, target.split("."), root)
+
+    for x, y in zip(na, nb):
+        if x.op != y.op or not same(x.args, y.args) or not same(x.kwargs, y.kwargs):
+            return False
+        if x.op == "get_attr" and x.target != y.target:
+            tx, ty = attr(x.target), attr(y.target)
+            if not (x.target.startswith("_tensor_constant") and y.target.startswith("_tensor_constant")
+                    and isinstance(tx, torch.Tensor) and isinstance(ty, torch.Tensor) and type(tx) is type(ty)
+                    and tx.dtype == ty.dtype and tx.device == ty.device and tx.shape == ty.shape
+                    and tx.stride() == ty.stride() and torch.equal(tx, ty)):
+                return False
+        elif isinstance(x.target, str) or isinstance(y.target, str):
+            if x.target != y.target:
+                return False
+        elif x.target is not y.target:
+            return False
+    return True
+
+
+def _trace(model: torch.nn.Module) -> torch.fx.Graph:
+    return _Tracer().trace(model)
+
+
+# ------------------------------------------------------------------ fusing
+
+
+def _plan(graph: torch.fx.Graph, gm: torch.fx.GraphModule, originals: set) -> list:
+    """The pairs of ``graph`` to fuse: (activation node, layer node, our functional layer or None
+    for a module, activation)."""
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    plan = []
+    for node in graph.nodes:
+        act = _activation_of(node, gm.get_submodule)
+        if act is None or not node.args or not isinstance(node.args[0], torch.fx.Node):
+            continue
+        src = node.args[0]
+        if len(src.users) != 1:
+            continue
+        function = _fusable_function(src)
+        if function is None:
+            layer = _fusable_layer(src, gm.get_submodule)
+            # a layer called elsewhere too stays (a fused copy beside it would give the state_dict
+            # a second name for its parameters), and so does one whose parent is the model's own
+            # object (a leaf module's child: the copy would land in the model)
+            if layer is None or calls[src.target] != 1 or id(_parent(gm, src.target)[0]) in originals:
+                continue
+        plan.append((node, src, function, act))
+    return plan
+
+
+def _fuse_graphs(gm: torch.fx.GraphModule, graphs: list, originals: set) -> int:
+    """Fuses the pairs of ``graphs`` (those of ``gm``); a layer module only where every graph that
+    calls it fuses it with the same activation (the graphs share ``gm``'s modules)."""
+    plans = [_plan(g, gm, originals) for g in graphs]
+    acts: dict[str, set] = {}
+    for graph, plan in zip(graphs, plans):
+        fused = {src.target: act for _, src, function, act in plan if function is None}
+        for node in graph.nodes:
+            if node.op == "call_module":
+                acts.setdefault(node.target, set()).add(fused.get(node.target))
+    count = 0
+    for graph, plan in zip(graphs, plans):
+        for node, src, function, act in plan:
+            if function is not None:  # a functional layer: ours, with the activation
+                src.target = function
+                src.kwargs = {**src.kwargs, "activation": act}
+            elif acts[src.target] != {act}:
+                continue
+            elif getattr(gm.get_submodule(src.target), "activation", None) is None:  # not by another graph yet
+                parent, name = _parent(gm, src.target)
+                # under the layer's own name: state_dict keys kept
+                setattr(parent, name, _fused_copy(gm.get_submodule(src.target), act))
+            node.replace_all_uses_with(src)
+            graph.erase_node(node)
+            count += 1
+    return count
+
+
+def _restore_modules(saved: list) -> None:
+    """Each module's attributes (its ``training`` flag, what tracing set on it) as in ``saved``."""
+    for m, state in saved:
+        for k in [k for k in m.__dict__ if k not in state]:
+            del m.__dict__[k]
+        for k, v in state.items():
+            if k not in m.__dict__ or m.__dict__[k] is not v:
+                m.__dict__[k] = v
 
 
 def fuse(model: torch.nn.Module) -> torch.fx.GraphModule:
@@ -198,12 +495,15 @@ def fuse(model: torch.nn.Module) -> torch.fx.GraphModule:
     one of our layers with the activation fused in its epilogue (see the module docstring).
 
     Returns a new ``torch.fx.GraphModule`` with ``model``'s parameters and buffers under their
-    names (the same tensors); ``model`` is left as it was. Modules with hooks are called as they
-    are (their layers not fused). Raises ``TypeError`` for a non-module or a model that is one of
-    our layers itself (nothing to fuse: set its ``activation=``), ``ValueError`` for a model
-    with forward / backward hooks of its own (the GraphModule returned could not run them), and
-    torch.fx's own error, with a note, for a model it cannot trace (data-dependent control
-    flow).
+    names (the same tensors); ``model`` is left as it was. Buffers are read (and updated in
+    place) when the result runs; it computes what ``model`` computes in either ``training`` mode
+    (a model whose forward depends on ``self.training`` gives a GraphModule holding a graph per
+    mode, ``graph`` and ``train_graph``, run by its own ``training`` flag). Modules with hooks are
+    called as they are (their layers not fused). Raises ``TypeError`` for a non-module or a model
+    that is one of our layers itself (nothing to fuse: set its ``activation=``), ``ValueError``
+    for a model with forward / backward hooks of its own (the GraphModule returned could not run
+    them), and torch.fx's own error, with a note, for a model it cannot trace (data-dependent
+    control flow, a branch on a buffer's value).
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"fuse() expects a torch.nn.Module, got {type(model).__name__}")
@@ -214,48 +514,58 @@ def fuse(model: torch.nn.Module) -> torch.fx.GraphModule:
         raise ValueError(f"fuse(): the model ({type(model).__name__}) has forward / backward / state_dict hooks or "
                          "state_dict methods of its own, which the GraphModule fuse returns would not have; fuse its "
                          "submodules, or register the hooks on the result")
-    tracer = _Tracer()
+    training = model.training
+    saved = [(m, dict(m.__dict__)) for m in model.modules()]
     try:
-        graph = tracer.trace(model)
-    except Exception as exc:
-        exc.add_note("gpu_nn.fuse traces the model with torch.fx: fuse the layers by hand (Conv1d / Conv2d / "
-                     "Linear(..., activation='relu')) where the model cannot be traced")
-        raise
-    gm = torch.fx.GraphModule(tracer.root, graph, model.__class__.__name__)
-    originals = {id(m) for m in model.modules()}
-    calls: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
-    fused = 0
-    for node in list(graph.nodes):
-        act = _activation_of(node, gm.get_submodule)
-        if act is None or not node.args or not isinstance(node.args[0], torch.fx.Node):
-            continue
-        src = node.args[0]
-        if len(src.users) != 1:
-            continue
-        function = _fusable_function(src)
-        if function is not None:  # a functional layer: ours, with the activation
-            src.target = function
-            src.kwargs = {**src.kwargs, "activation": act}
+        try:
+            graph = _trace(model)  # the present mode, each module's flag as it is
+        except Exception as exc:
+            exc.add_note("gpu_nn.fuse traces the model with torch.fx: fuse the layers by hand (Conv1d / Conv2d / "
+                         "Linear(..., activation='relu')) where the model cannot be traced")
+            raise
+
+        def uniform(mode: bool) -> torch.fx.Graph:  # every module in ``mode``, as model.train(mode) sets them
+            for m, _ in saved:
+                m.training = mode
+            return _trace(model)
+
+        name = {True: "training", False: "eval"}
+        if any(state["training"] != training for _, state in saved):
+            # modules in both modes: the result runs one graph per mode of its own, so this one must
+            # be the graph of every module in the model's mode
+            try:
+                same = _same_graph(graph, uniform(training), model)
+            except Exception:
+                same = False
+            if not same:
+                raise ValueError(f"fuse(): the model is in {name[training]} mode with some of its modules in "
+                                 f"{name[not training]} mode, and its forward reads the training flag of one of "
+                                 "them: the fused model, which follows its own training flag, could not compute "
+                                 f"that; fuse it with its modules in one mode (model.train() / model.eval()); modules "
+                                 "called whole, such as dropout and batch norm, may be in either")
+        try:
+            other = uniform(not training)
+        except Exception as exc:  # a model that traces only in its present mode: the other raises
+            other = _raising_graph(graph, f"gpu_nn.fuse could not trace the model in {name[not training]} mode "
+                                          f"({type(exc).__name__}: {exc}); this fused model runs in "
+                                          f"{name[training]} mode only")
+        for m, state in saved:
+            m.training = state["training"]
+        if _same_graph(graph, other, model):
+            gm = torch.fx.GraphModule(model, graph, model.__class__.__name__)
+            graphs = [graph]
         else:
-            layer = _fusable_layer(src, gm.get_submodule)
-            # a layer called elsewhere too stays (a fused copy beside it would give the state_dict
-            # a second name for its parameters), and so does one whose parent is the model's own
-            # object (a leaf module's child: the copy would land in the model)
-            if layer is None or calls[src.target] != 1:
-                continue
-            parent, name = _parent(gm, src.target)
-            if id(parent) in originals:
-                continue
-            setattr(parent, name, _fused_copy(layer, act))  # the layer's own name: state_dict keys kept
-        node.replace_all_uses_with(src)
-        graph.erase_node(node)
-        fused += 1
-    if fused:
-        gm.delete_all_unused_submodules()
-        graph.lint()
-        gm.recompile()
-    _restore_state(gm, model, originals)
+            eval_graph, train_graph = (other, graph) if training else (graph, other)
+            gm = _TrainEvalGraphModule(model, eval_graph, train_graph, model.__class__.__name__)
+            graphs = [eval_graph, train_graph]
+        gm.training = training
+        originals = {id(m) for m in model.modules()}
+        if _fuse_graphs(gm, graphs, originals):
+            gm.delete_all_unused_submodules()
+            for g in graphs:
+                g.lint()
+            gm.recompile()
+        _restore_state(gm, model, originals)
+    finally:
+        _restore_modules(saved)  # the flags as they were, the tracer's constants off the model
     return gm

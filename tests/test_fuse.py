@@ -2,6 +2,8 @@
 model's function and gradients unchanged, the model itself untouched, parameters shared."""
 
 import collections
+import copy
+import pickle
 
 import numpy as np
 import pytest
@@ -411,3 +413,176 @@ def test_containers_with_state_dict_rules_stay_whole():
     _same_function(fused, model, torch.randn(4, 3))
     with pytest.raises(ValueError, match="state_dict"):
         gpu_nn.fuse(Half(torch.nn.Linear(3, 3), torch.nn.ReLU()))
+
+
+# ------------------------------------------------------------------ state read when run; both training modes
+
+
+def _run(module, *xs, seed=0):
+    torch.manual_seed(seed)  # the same dropout masks for the model and the fused graph
+    with gpu_nn.backend("reference"):
+        return module(*xs)
+
+
+def _same_in_both_modes(fused, model, *xs):
+    """The fused graph computes the model's function in eval mode and in training mode (dropout
+    drawing the same masks), whichever mode it was in before."""
+    for mode in (False, True, False):
+        fused.train(mode)
+        model.train(mode)
+        assert_close(_run(fused, *xs), _run(model, *xs), torch.float32, k=16, what=f"training={mode}")
+
+
+def _state_dicts_load_each_other(fused, model):
+    assert sorted(fused.state_dict()) == sorted(model.state_dict())
+    model.load_state_dict(fused.state_dict(), strict=True)
+    fused.load_state_dict(model.state_dict(), strict=True)
+
+
+class Scaled(torch.nn.Module):
+    """Buffers and a parameter used in arithmetic, a plain tensor attribute, a counter."""
+
+    def __init__(self):
+        super().__init__()
+        self.l = torch.nn.Linear(4, 4)
+        self.register_buffer("log_scale", torch.zeros(4))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        self.register_buffer("mean", torch.zeros(4))
+        self.gain = torch.nn.Parameter(torch.ones(4))
+        self.mask = torch.tensor([1.0, 0.0, 1.0, 1.0])  # neither: a constant of the graph, as in torch.fx
+
+    def forward(self, x):
+        self.steps.add_(1)
+        self.mean.mul_(0.5).add_(x.mean(0).detach(), alpha=0.5)
+        return self.l(x).relu() * self.log_scale.exp() * self.gain * self.mask + torch.tensor(0.5)
+
+
+def test_buffers_are_read_when_the_graph_runs_not_when_fused():
+    model = Scaled()
+    before = set(vars(model))
+    fused = gpu_nn.fuse(model)
+    assert fused.l.activation == "relu"
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        model.log_scale.fill_(1.0)   # a buffer the model computes with, changed after fusing
+        model.gain.mul_(3.0)         # a parameter used directly
+    _same_function(fused, model, x)
+    model.load_state_dict({**model.state_dict(), "log_scale": torch.full((4,), -1.0)})
+    _same_function(fused, model, x)
+    assert fused.log_scale is model.log_scale and fused.gain is model.gain
+    _state_dicts_load_each_other(fused, model)  # no _tensor_constantN among the keys
+    assert set(vars(model)) == before  # nor left on the model
+
+
+def test_in_place_buffer_updates_run_at_each_call_not_while_fusing():
+    model = Scaled()
+    x = torch.randn(3, 4)
+    fused = gpu_nn.fuse(model)
+    assert model.steps.item() == 0 and not model.mean.any()  # fusing ran nothing on the model
+    with gpu_nn.backend("reference"):
+        fused(x)
+        fused(x)
+        assert model.steps.item() == 2 and fused.steps is model.steps
+        torch.testing.assert_close(model.mean, x.mean(0) * 0.75)
+        model(x)
+        assert model.steps.item() == 3
+        copied = pickle.loads(pickle.dumps(fused))  # traced again from its code: still an update
+        copied(x)
+        assert copied.steps.item() == 4 and model.steps.item() == 3
+    _state_dicts_load_each_other(fused, model)
+
+
+class Modal(torch.nn.Module):
+    """A forward that reads self.training: F.dropout(..., self.training), an `if self.training:`
+    branch (using the layer's output twice there: not fused in either graph; calling a layer
+    only there: fused), and modules acting on their own flags (nn.Dropout, BatchNorm1d)."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1 = torch.nn.Linear(4, 8)
+        self.l2 = torch.nn.Linear(8, 8)
+        self.aux = torch.nn.Linear(8, 8)
+        self.bn = torch.nn.BatchNorm1d(8)
+        self.drop = torch.nn.Dropout(0.25)
+        self.out = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        y = torch.nn.functional.dropout(torch.relu(self.l1(x)), 0.5, self.training)
+        z = self.l2(y)
+        if self.training:
+            y = torch.sigmoid(z) + 0.1 * z + torch.tanh(self.aux(y))
+        else:
+            y = torch.sigmoid(z)
+        return torch.tanh(self.out(self.drop(self.bn(y))))
+
+
+def test_the_fused_model_follows_its_training_flag():
+    model = Modal()
+    model.drop.eval()  # a leaf in the other mode: called whole, it follows its own flag
+    flags = {k: m.training for k, m in model.named_modules()}
+    fused = gpu_nn.fuse(model)
+    assert {k: m.training for k, m in model.named_modules()} == flags
+    assert isinstance(fused, torch.fx.GraphModule) and fused.training
+    assert (fused.l1.activation, fused.out.activation, fused.aux.activation) == ("relu", "tanh", "tanh")
+    assert type(fused.l2) is torch.nn.Linear  # fused in eval mode only: left as it is in both
+    x = torch.randn(5, 4)
+    assert_close(_run(fused, x), _run(model, x), torch.float32, k=16, what="as fused")
+    _same_in_both_modes(fused, model, x)
+    _state_dicts_load_each_other(fused, model)
+    for k, p in fused.named_parameters():
+        assert p is model.get_parameter(k)
+    fused.eval()
+    assert not fused.training and not model.bn.training  # the modules are the model's: inherent in sharing
+
+
+def test_a_graph_per_mode_survives_copies_and_compile(tmp_path):
+    model = Modal()
+    fused = gpu_nn.fuse(model)
+    x = torch.randn(5, 4)
+    torch.save(fused, tmp_path / "fused.pt")
+    for make in (copy.deepcopy, copy.copy, lambda m: pickle.loads(pickle.dumps(m)),
+                 lambda m: torch.load(tmp_path / "fused.pt", weights_only=False)):
+        copied = make(fused)
+        copied.load_state_dict(model.state_dict(), strict=True)  # batch norm's statistics as they are now
+        _same_in_both_modes(copied, model, x)
+        assert isinstance(copied, torch.fx.GraphModule) and type(copied).__name__ == "Modal"
+    compiled = torch.compile(fused, backend="eager")
+    for mode in (True, False, True):
+        fused.train(mode)
+        model.train(mode)
+        assert_close(_run(compiled, x), _run(model, x), torch.float32, k=16, what=f"compiled, training={mode}")
+
+
+def test_modes_fuse_cannot_follow():
+    class OneMode(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            y = torch.relu(self.l(x))
+            if self.training and y.sum() > 0:  # traceable in eval mode only
+                y = y * 2
+            return y
+
+    model = OneMode().eval()
+    fused = gpu_nn.fuse(model)
+    x = torch.randn(3, 4)
+    _same_function(fused, model, x)
+    fused.train()
+    with pytest.raises(RuntimeError, match="could not trace the model in training mode"):
+        fused(x)
+
+    class Inner(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return torch.relu(self.l(x)) * (2.0 if self.training else 1.0)
+
+    model = torch.nn.Sequential(Inner(), torch.nn.Linear(4, 4))
+    model[0].eval()  # traced through, in the other mode than the model: no graph per mode follows it
+    with pytest.raises(ValueError, match="reads the training flag"):
+        gpu_nn.fuse(model)
+    assert model.training and not model[0].training
