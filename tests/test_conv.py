@@ -2361,3 +2361,16 @@ def test_planned_launchers_check_once_per_facts(backend, device, monkeypatch, rn
         for bad, match in ((g.double(), "grad_output type"), (g[:, :, :-1], "grad_output of size")):
             with pytest.raises(gpu_nn.KernelInputError, match=match):
                 op_bwd(bad, x, w.detach(), None, *args, [True, True, True])
+
+
+@pytest.mark.parametrize("name", ["Conv1d", "Conv2d"])
+def test_module_signature_is_torchs_plus_activation(name):
+    """inspect.signature (IDEs, documentation tools, argument checks of wrappers) shows torch's
+    constructor and our keyword-only activation, not (*args, **kwargs)."""
+    import inspect
+
+    ours = inspect.signature(getattr(gpu_nn.nn, name)).parameters
+    theirs = inspect.signature(getattr(torch.nn, name)).parameters
+    assert list(ours) == [*theirs, "activation"]
+    assert all(ours[k] == theirs[k] for k in theirs)
+    assert ours["activation"].kind is inspect.Parameter.KEYWORD_ONLY and ours["activation"].default is None

@@ -11,6 +11,8 @@ after the bias (not a parameter or buffer: state_dicts stay interchangeable with
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import Tensor
 
@@ -66,3 +68,16 @@ class Conv2d(NotScriptable, torch.nn.Conv2d):
 
     def extra_repr(self) -> str:
         return activation_repr(self, super().extra_repr())
+
+
+def _with_activation(cls, theirs) -> None:
+    """``inspect.signature(cls)``: torch's constructor's, plus our keyword-only ``activation``
+    (the constructor itself passes everything on, so that torch's checks and words stay its own)."""
+    base = inspect.signature(theirs.__init__)
+    params = [*base.parameters.values(),
+              inspect.Parameter("activation", inspect.Parameter.KEYWORD_ONLY, default=None, annotation="str | None")]
+    cls.__init__.__signature__ = base.replace(parameters=params)
+
+
+_with_activation(Conv1d, torch.nn.Conv1d)
+_with_activation(Conv2d, torch.nn.Conv2d)
