@@ -11,6 +11,15 @@ from ._errors import (BackendUnavailableError, KernelInputError, KernelInputInde
 
 __version__ = "0.1.0"
 
+import warnings as _warnings  # noqa: E402
+
+import torch as _torch  # noqa: E402
+
+# torch.jit.trace warns about every Python bool it sees made from a traced size; our argument
+# checks compare sizes (to raise torch's errors), which changes nothing in the trace: those
+# warnings, and only those (attributed to gpu_nn's own modules), are not shown
+_warnings.filterwarnings("ignore", category=_torch.jit.TracerWarning, module=r"gpu_nn(\.|$)")
+
 from . import functional, nn, optim  # noqa: E402  (registers the custom ops)
 from .convert import convert  # noqa: E402
 from .fuse import fuse  # noqa: E402

@@ -460,3 +460,24 @@ def test_trace_of_same_padding_conv(nd, rng):
         y = randn(rng, 1, 3, *(6, 11)[:nd])
         torch.testing.assert_close(traced(y), conv(y))
         assert traced(y).shape[2:] == y.shape[2:]
+
+
+def test_trace_shows_no_warnings_of_ours():
+    """torch.jit.trace of a converted CNN: none of the 'Converting a tensor to a Python boolean'
+    TracerWarnings our argument checks provoked (20 for this model; torch's twin gives none),
+    while the user's own warnings filters keep working (a fresh process: pytest sets its own)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import warnings, torch, gpu_nn\n"
+        "m = gpu_nn.convert(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.MaxPool2d(2),\n"
+        "    torch.nn.Flatten(), torch.nn.Linear(36, 5), torch.nn.LogSoftmax(1)))\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    torch.jit.trace(m, torch.randn(2, 3, 8, 8))\n"
+        "print(sum('gpu_nn' in x.filename for x in w), sum(issubclass(x.category, torch.jit.TracerWarning) for x in w))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**__import__("os").environ, "GPU_NN_BACKEND": "reference"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["0", "0"], out.stdout
