@@ -327,7 +327,7 @@ def _inplace_cases():
 
     w, b = torch.randn(5, 4), torch.randn(5)
     t = torch.tensor([0, 1, 2, 0])
-    return {
+    cases = {
         "linear 3-d": (lambda x: F.linear(x, w), lambda x: TF.linear(x, w), (2, 3, 4)),
         "linear 3-d bias": (lambda x: F.linear(x, w, b), lambda x: TF.linear(x, w, b), (2, 3, 4)),
         "linear 2-d": (lambda x: F.linear(x, w, b), lambda x: TF.linear(x, w, b), (3, 4)),
@@ -346,6 +346,16 @@ def _inplace_cases():
         "softmax": (lambda x: F.softmax(x, -1), lambda x: TF.softmax(x, -1), (2, 3, 4)),
         "relu": (lambda x: F.relu(x), lambda x: TF.relu(x), (2, 3, 4)),
     }
+    for name in ("GRUCell", "LSTMCell", "RNNCell"):  # torch's GRU / LSTM cells save no output, its Elman cell its h'
+        theirs = getattr(tnn, name)(4, 5)
+        ours = getattr(gnn, name)(4, 5)
+        ours.load_state_dict(theirs.state_dict())
+        first = (lambda m: lambda x: (lambda r: r[0] if isinstance(r, tuple) else r)(m(x)))
+        cases[name] = (first(ours), first(theirs), (3, 4))
+    lstm_t, lstm_o = tnn.LSTMCell(4, 5), gnn.LSTMCell(4, 5)
+    lstm_o.load_state_dict(lstm_t.state_dict())
+    cases["LSTMCell c' float64"] = (lambda x: lstm_o.double()(x.double())[1], lambda x: lstm_t.double()(x.double())[1], (3, 4))
+    return cases
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])

@@ -1658,13 +1658,22 @@ def _cell_setup(ctx, inputs, output):
     # no zero tensors for the gradients that do not come (the reserve's never does; c' often
     # does not): the backward takes None
     ctx.set_materialize_grads(False)
-    # the outputs too: a float32 layer's h' / c' are the states its backward reads
-    ctx.save_for_backward(input, hx, cx, w_ih, w_hh, b_ih, b_hh, *output)
+    # the outputs the backward reads, and only those (as torch's cells, a GRU's h' or an LSTM's
+    # h' may then be changed in place before backward): the Elman cells' h' (their activation's
+    # derivative, as torch's), a float32 LSTM's c' (the GPU kernels' tanh(c'); half dtypes keep a
+    # copy in the reserve, the reference recomputes the step)
+    h, c, reserve = output
+    keep_c = mode == "lstm" and input.dtype == torch.float32
+    ctx.save_for_backward(input, hx, cx, w_ih, w_hh, b_ih, b_hh, h if mode.startswith("rnn") else None,
+                          c if keep_c else None, reserve)
 
 
 def _cell_backward(ctx, g_h, g_c, _g_res):
     input, hx, cx, w_ih, w_hh, b_ih, b_hh, h, c, reserve = ctx.saved_tensors
     mode = ctx.mode
+    if h is None or c is None:  # not saved (not read): empty placeholders for the op's arguments
+        h = reserve.new_empty(0) if h is None else h
+        c = reserve.new_empty(0) if c is None else c
     if g_h is None and g_c is None:
         return (None,) * 8
     if g_h is None:  # only c' reached the loss
