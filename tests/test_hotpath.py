@@ -239,6 +239,92 @@ def test_per_sample_gradients_and_grad_of_grad(backend, device):
     torch.testing.assert_close(hess_diag, torch.func.grad(lambda a: torch.func.grad(lambda b: b.tanh().sum())(a).sum())(xs), **tol)
 
 
+def test_torch_func_under_modes_and_tracers():
+    """Under a torch.func transform the op still reaches dispatch modes and tracers (its
+    autograd.Function runs the custom op, not its Python function): make_fx of vmap records the
+    op, not the example's results as constants; fake tensors under vmap keep to shapes; a flop
+    counter under grad counts the op. An empty vmap batch gives empty results."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from gpu_nn.ops.rnn import lstm_cell
+
+    w = torch.randn(4, 3, dtype=torch.float64)
+
+    def f(x):
+        return gpu_nn.functional.linear(x, w)
+
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    with gpu_nn.backend("reference"):
+        g = make_fx(torch.func.vmap(f))(x)
+        assert any(n.target is torch.ops.gpu_nn.linear.default for n in g.graph.nodes)
+        x2 = torch.randn(5, 2, 3, dtype=torch.float64)
+        torch.testing.assert_close(g(x2), x2 @ w.T)
+        with FakeTensorMode() as mode:
+            xf, wf = mode.from_tensor(x), mode.from_tensor(w)
+            y = torch.func.vmap(lambda a: gpu_nn.functional.linear(a, wf))(xf)
+        assert y.shape == (5, 2, 4) and type(y).__name__ == "FakeTensor"
+        with FlopCounterMode(display=False) as fc:
+            torch.func.grad(lambda a: f(a).sum())(x[0])
+        assert fc.get_total_flops() == 3 * 2 * 2 * 3 * 4  # the forward and our backward (dx and dw)
+        empty = torch.func.vmap(f)(torch.randn(0, 2, 3, dtype=torch.float64))
+        assert empty.shape == (0, 2, 4) and empty.dtype == torch.float64
+        h, c = torch.func.vmap(lambda a: lstm_cell(
+            a, (torch.zeros(2, 4, dtype=torch.float64),) * 2, *(p.double() for p in _CELL_W)))(
+            torch.randn(0, 2, 3, dtype=torch.float64))
+        assert h.shape == c.shape == (0, 2, 4)
+
+
+_CELL_W = (torch.randn(16, 3), torch.randn(16, 4), torch.randn(16), torch.randn(16))
+
+
+@pytest.mark.parametrize("mode", ["RNN", "LSTM", "GRU"])
+def test_vmap_over_recurrent_layers(mode):
+    """vmap (without grad) over our nn.RNN / LSTM / GRU: the sequence op's batching rule runs it
+    per element (torch's own layers have no batching rule); an empty batch gives empty results."""
+    torch.manual_seed(2)
+    ours = getattr(gpu_nn.nn, mode)(3, 4, num_layers=2, bidirectional=True).double()
+    theirs = getattr(torch.nn, mode)(3, 4, num_layers=2, bidirectional=True).double()
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(3, 5, 2, 3, dtype=torch.float64)
+    with gpu_nn.backend("reference"):
+        y = torch.func.vmap(lambda a: ours(a)[0])(x)
+        empty = torch.func.vmap(lambda a: ours(a)[0])(x[:0])
+    torch.testing.assert_close(y, torch.stack([theirs(a)[0] for a in x]).detach())
+    assert empty.shape == (0, 5, 2, 8)
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
+@pytest.mark.parametrize("op", ["cross_entropy", "GRUCell", "LSTMCell", "RNNCell"])
+def test_grad_of_grad_of_recomputed_double_backwards(backend, device, op):
+    """torch.func.grad of grad through the ops whose double backward is recomputed
+    (cross_entropy, the recurrent cells): a transformed function may not make leaves or call
+    autograd.grad, which that recomputation did."""
+    torch.manual_seed(1)
+    dt = torch.float64 if backend == "reference" else torch.float32
+    tol = dict(rtol=1e-9, atol=1e-9) if dt == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+    if op == "cross_entropy":
+        t = torch.tensor([2, 0, 1], device=device)
+        ours = lambda a: F.cross_entropy(a, t, label_smoothing=0.1)  # noqa: E731
+        theirs = lambda a: torch.nn.functional.cross_entropy(a, t, label_smoothing=0.1)  # noqa: E731
+        x = torch.randn(3, 5, device=device, dtype=dt)
+    else:
+        m_t = getattr(torch.nn, op)(3, 4).to(device, dt)
+        m_o = getattr(gpu_nn.nn, op)(3, 4).to(device, dt)
+        m_o.load_state_dict(m_t.state_dict())
+        first = (lambda r: r[0] if isinstance(r, tuple) else r)
+        ours, theirs = (lambda a: first(m_o(a)).tanh().sum()), (lambda a: first(m_t(a)).tanh().sum())
+        x = torch.randn(2, 3, device=device, dtype=dt)
+
+    def gg(fn):
+        return torch.func.grad(lambda a: torch.func.grad(fn)(a).pow(2).sum())(x)
+
+    with gpu_nn.backend(backend):
+        got = gg(ours)
+    torch.testing.assert_close(got, gg(theirs), **tol)
+
+
 def _bad_calls():
     from gpu_nn.ops import activation, conv, dense, pool
 

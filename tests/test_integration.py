@@ -355,6 +355,9 @@ def _inplace_cases():
     lstm_t, lstm_o = tnn.LSTMCell(4, 5), gnn.LSTMCell(4, 5)
     lstm_o.load_state_dict(lstm_t.state_dict())
     cases["LSTMCell c' float64"] = (lambda x: lstm_o.double()(x.double())[1], lambda x: lstm_t.double()(x.double())[1], (3, 4))
+    lstm32_t, lstm32_o = tnn.LSTMCell(4, 5), gnn.LSTMCell(4, 5)
+    lstm32_o.load_state_dict(lstm32_t.state_dict())
+    cases["LSTMCell c' float32"] = (lambda x: lstm32_o(x)[1], lambda x: lstm32_t(x)[1], (3, 4))
     return cases
 
 
@@ -382,6 +385,11 @@ def test_changing_an_output_in_place_before_backward_is_as_in_torch(backend, cas
             except RuntimeError as e:
                 results.append(str(e).split(":")[0].split(";")[0])
     theirs_r, ours_r = results
+    if case == "LSTMCell c' float32" and backend == "triton":
+        # the GPU kernels' backward reads tanh(c') from c', as torch's fused CUDA cell does (its
+        # CPU cell, compared here, does not): refused as torch refuses it on a GPU
+        assert isinstance(ours_r, str) and "modified by an inplace operation" in ours_r, ours_r
+        return
     if isinstance(theirs_r, str):
         assert isinstance(ours_r, str) and "modified by an inplace operation" in ours_r and theirs_r == ours_r, results
     else:

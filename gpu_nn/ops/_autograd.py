@@ -42,6 +42,8 @@ def recompute_double_backward(compose: Callable[..., Sequence[Optional[Tensor]]]
     ``(d_cotangents, d_primals)``, None where there is no dependence. The result carries a
     graph (third derivatives) exactly when grad mode is on, i.e. under ``create_graph=True``.
     """
+    if torch._C._are_functorch_transforms_active():
+        return _recompute_functional(compose, primals, wrt, cotangents, upstream)
     create = torch.is_grad_enabled()
     with torch.enable_grad():
         P = [leaf(p, create) for p in primals]
@@ -58,3 +60,40 @@ def recompute_double_backward(compose: Callable[..., Sequence[Optional[Tensor]]]
                                       create_graph=create)
     found = dict(zip(map(id, targets), seconds))
     return [found.get(id(g)) if g is not None else None for g in G], [found.get(id(p)) if p is not None else None for p in P]
+
+
+def _recompute_functional(compose, primals, wrt, cotangents, upstream) -> tuple[list, list]:
+    """:func:`recompute_double_backward` under a torch.func transform (grad of grad, vmap of a
+    Hessian-vector product): the same two derivatives as nested ``torch.func.vjp`` calls, since a
+    transformed function may not make leaves (``requires_grad_``) or call ``autograd.grad``.
+    Gradients with no dependence come back as zeros, where the autograd path gives None."""
+    def floating(t):
+        return t is not None and t.is_floating_point()
+
+    gi = [i for i, g in enumerate(cotangents) if floating(g)]
+    pi = [i for i, p in enumerate(primals) if floating(p)]
+
+    def first(gs, ps):
+        P = list(primals)
+        for i, p in zip(pi, ps):
+            P[i] = p
+
+        def f(*w):
+            Q = list(P)
+            for i, t in zip(wrt, w):
+                Q[i] = t
+            outs = compose(*Q)
+            return tuple(outs[i] for i in gi)
+
+        _, pull = torch.func.vjp(f, *[P[i] for i in wrt])
+        return pull(tuple(gs))
+
+    _, pull = torch.func.vjp(first, tuple(cotangents[i] for i in gi), tuple(primals[i] for i in pi))
+    ups = tuple(torch.zeros_like(primals[w]) if u is None else u for u, w in zip(upstream, wrt))
+    dg, dp = pull(ups)
+    d_cot, d_prim = [None] * len(cotangents), [None] * len(primals)
+    for i, d in zip(gi, dg):
+        d_cot[i] = d
+    for i, d in zip(pi, dp):
+        d_prim[i] = d
+    return d_cot, d_prim

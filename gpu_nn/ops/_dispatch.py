@@ -484,6 +484,10 @@ class Routed:
         fn = make()
         if self._tensorlist:
             fn = _lean_tensorlist(fn, _supports_tensorlist(make())) if _supports_tensorlist is not None else None
+            # vmap without grad (torch.func's route below takes no tensor list): the custom op's
+            # own batching rule, the same loop over the batch
+            overload = self._overload
+            self._op.register_vmap(lambda info, in_dims, *args: _looped(overload, info.batch_size, in_dims, args))
         self._function = fn
 
     def __call__(self, *args, **kwargs):
@@ -528,19 +532,17 @@ class Routed:
         if fn is not None:
             return fn
         setup, bwd = self._pair
-        impl = self._op._init_fn  # with on_device's guard (the eager route checks the device inline instead)
+        # the custom op itself, not its Python function: a dispatch mode or tracer under the
+        # transform (make_fx, FakeTensorMode, FlopCounterMode) sees the op and its arguments
+        # (the function would read fake or traced tensors as constants); on_device's guard is
+        # the custom op's kernel's
+        overload = self._overload
 
         def vmap(info, in_dims, *args):
-            outs = [cls.apply(*(a.select(d, i) if isinstance(a, torch.Tensor) and d is not None else a
-                                for a, d in zip(args, in_dims)))
-                    for i in range(info.batch_size)]
-            if isinstance(outs[0], tuple):
-                stacked = tuple(torch.stack([o[j] for o in outs]) for j in range(len(outs[0])))
-                return stacked, (0,) * len(stacked)
-            return torch.stack(outs), 0
+            return _looped(cls.apply, info.batch_size, in_dims, args, overload)
 
         cls = type(f"Func_{self._op._name}", (torch.autograd.Function,), {
-            "forward": staticmethod(lambda *args: impl(*args)),
+            "forward": staticmethod(lambda *args: overload(*args)),
             "setup_context": staticmethod(setup),
             "backward": staticmethod(bwd),
             "vmap": staticmethod(vmap),
@@ -554,6 +556,50 @@ class Routed:
                 return self._overload(*args)
             return self._function.apply(*args)
         return self._impl(*args)
+
+
+def _looped(fn, batch_size, in_dims, args, overload=None):
+    """A vmap rule: ``fn`` (the op) once per element of the batch, the results stacked along a
+    new first dimension. ``in_dims`` follows ``args``: an int or None per argument, a list of
+    them for a tensor-list argument. An empty batch runs no element: the results' per-element
+    shapes and dtypes come from the op's fake kernel on meta tensors (``overload``: the op)."""
+    def pick(a, d, i):
+        if d is None:
+            return a
+        if isinstance(a, torch.Tensor):
+            return a.select(d, i)
+        return [pick(e, de, i) for e, de in zip(a, d)]
+
+    def meta(a, d):
+        if isinstance(a, (list, tuple)):
+            return [meta(e, de) for e, de in zip(a, d if isinstance(d, (list, tuple)) else [d] * len(a))]
+        if not isinstance(a, torch.Tensor):
+            return a
+        shape = list(a.shape)
+        if d is not None:
+            del shape[d]
+        return torch.empty(shape, dtype=a.dtype, device="meta")
+
+    if batch_size == 0:
+        device = next(t.device for t in _tensors(args))
+        outs = (overload or fn)(*(meta(a, d) for a, d in zip(args, in_dims)))
+        tup = isinstance(outs, (tuple, list))
+        stacked = [torch.empty((0, *o.shape), dtype=o.dtype, device=device) for o in (outs if tup else (outs,))]
+    else:
+        per = [fn(*(pick(a, d, i) for a, d in zip(args, in_dims))) for i in range(batch_size)]
+        tup = isinstance(per[0], (tuple, list))
+        stacked = [torch.stack([o[j] for o in per]) for j in range(len(per[0]))] if tup else [torch.stack(per)]
+    if tup:
+        return tuple(stacked), (0,) * len(stacked)
+    return stacked[0], 0
+
+
+def _tensors(args):
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            yield a
+        elif isinstance(a, (list, tuple)):
+            yield from _tensors(a)
 
 
 _get_device = getattr(torch._C, "_cuda_getDevice", None)  # the current CUDA device, no lazy-init check
@@ -621,6 +667,22 @@ def device_guard(device):
     if device.type == "cuda" and device.index is not None:
         return _index_guard(device.index)
     return _NO_GUARD
+
+
+# whether an argument (or a torch-function mode) asks for __torch_function__: torch's C test
+has_torch_function = torch.overrides.has_torch_function_variadic
+
+
+def torch_function(public, *args, **kwargs):
+    """The call ``public(*args, **kwargs)`` of one of our public functions, given to an argument's
+    ``__torch_function__`` as torch's own functional ops give theirs (``handle_torch_function``):
+    torch.fx's Proxy, while ``torch.fx.symbolic_trace`` traces a model of our layers (our modules
+    are not leaves of its tracer), records one call of the function instead of running its
+    argument checks on a Proxy. Each public function starts with ``if has_torch_function(<its
+    arguments>): return torch_function(<itself>, <its arguments>)``: one C test for plain tensors
+    (a list argument, an LSTM state or weight list, is tested as a list: its first tensor argument
+    decides)."""
+    return torch.overrides.handle_torch_function(public, (*args, *kwargs.values()), *args, **kwargs)
 
 
 def routed(op) -> Routed:

@@ -16,6 +16,8 @@ from ..check import CheckCase
 from ..reference import activation as ref
 from ._dispatch import (check_float, check_float_like_torch, empty, empty_like, from_numpy, on_device, routed, same_dense_layout, to_numpy,
                         triton_kernels)
+from ._dispatch import has_torch_function as _has_tf
+from ._dispatch import torch_function as _tf
 
 __all__ = ["relu", "sigmoid", "tanh"]
 
@@ -191,16 +193,22 @@ def _apply(input: Tensor, activation: str, inplace: bool = False) -> Tensor:
 
 def relu(input: Tensor, inplace: bool = False) -> Tensor:
     """max(input, 0), NaN kept; as ``torch.nn.functional.relu``."""
+    if _has_tf(input, inplace):
+        return _tf(relu, input, inplace)
     return _apply(input, "relu", inplace)
 
 
 def sigmoid(input: Tensor) -> Tensor:
     """1 / (1 + exp(-input)); as ``torch.nn.functional.sigmoid``."""
+    if _has_tf(input):
+        return _tf(sigmoid, input)
     return _apply(input, "sigmoid")
 
 
 def tanh(input: Tensor) -> Tensor:
     """tanh(input); as ``torch.nn.functional.tanh``."""
+    if _has_tf(input):
+        return _tf(tanh, input)
     return _apply(input, "tanh")
 
 

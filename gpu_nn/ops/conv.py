@@ -44,6 +44,8 @@ from ._dispatch import (
 )
 from ._dispatch import chooser as _chooser  # module-level name: tests replace it
 from ._dispatch import dense_channels_last as _dense_channels_last
+from ._dispatch import has_torch_function as _has_tf
+from ._dispatch import torch_function as _tf
 
 __all__ = ["conv1d", "conv2d"]
 
@@ -732,6 +734,8 @@ def conv1d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=
     """As ``torch.nn.functional.conv1d``: ``input`` [N, C, L] or [C, L], ``weight`` [O, C/groups, k],
     ``bias`` [O] -> [N, O, Lo]; ``padding`` int, 1-tuple, 'same' (stride 1 only) or 'valid'.
     ``activation`` (None, 'relu', 'sigmoid', 'tanh') is fused after the bias."""
+    if _has_tf(input, weight, bias, stride, padding, dilation, groups, activation):
+        return _tf(conv1d, input, weight, bias, stride, padding, dilation, groups, activation=activation)
     return _conv(1, input, weight, bias, stride, padding, dilation, groups, activation)
 
 
@@ -741,6 +745,8 @@ def conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=
     [O, C/groups, kh, kw], ``bias`` [O] -> [N, O, Ho, Wo]; ``padding`` int, pair, 'same' (stride 1
     only; the odd element of an even kernel's padding goes right/bottom, as torch) or 'valid'.
     ``activation`` (None, 'relu', 'sigmoid', 'tanh') is fused after the bias."""
+    if _has_tf(input, weight, bias, stride, padding, dilation, groups, activation):
+        return _tf(conv2d, input, weight, bias, stride, padding, dilation, groups, activation=activation)
     return _conv(2, input, weight, bias, stride, padding, dilation, groups, activation)
 
 

@@ -38,6 +38,8 @@ from ..check import CheckCase
 from ..reference import dense as ref
 from ._dispatch import (FLOAT_DTYPES, autocast_inputs, check_float_like_torch, empty, float64_in_float32, from_numpy, is_int,
                         on_device, routed, to_numpy, triton_kernels)
+from ._dispatch import has_torch_function as _has_tf
+from ._dispatch import torch_function as _tf
 
 __all__ = ["cross_entropy", "flatten", "linear", "log_softmax", "softmax"]
 
@@ -111,6 +113,8 @@ def flatten(input: Tensor, start_dim: int = 0, end_dim: int = -1) -> Tensor:
     A view of ``input`` when its strides allow, else a copy (exactly torch's rule, through
     ``reshape``; see the module docstring for why this is not a custom op).
     """
+    if _has_tf(input, start_dim, end_dim):
+        return _tf(flatten, input, start_dim, end_dim)
     _check_tensor("flatten", "input", input)
     for name, pos, v in (("start_dim", 2, start_dim), ("end_dim", 3, end_dim)):
         if not is_int(v):
@@ -290,6 +294,8 @@ def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None, *, activat
     dim, as torch), bias [O] (or anything broadcastable to it: [] or [1]) or None.
     ``activation`` (ours only; default None) fuses relu / sigmoid / tanh into the epilogue.
     """
+    if _has_tf(input, weight, bias, activation):
+        return _tf(linear, input, weight, bias, activation=activation)
     _check_tensor("linear", "input", input, 1)
     _check_tensor("linear", "weight", weight, 2)
     if bias is not None:
@@ -604,11 +610,15 @@ def softmax(input: Tensor, dim: int | None = None, _stacklevel: int = 3, dtype: 
     Any shape; ``dim=None`` picks torch's implicit dim with its deprecation warning; ``dtype``
     casts the input first. float16/bfloat16 are computed in float32.
     """
+    if _has_tf(input, dim, _stacklevel, dtype):
+        return _tf(softmax, input, dim, _stacklevel, dtype)
     return _softmax_public("softmax", _softmax_op, input, dim, _stacklevel, dtype)
 
 
 def log_softmax(input: Tensor, dim: int | None = None, _stacklevel: int = 3, dtype: torch.dtype | None = None) -> Tensor:
     """torch.nn.functional.log_softmax: x - logsumexp(x) over ``dim`` (as :func:`softmax`)."""
+    if _has_tf(input, dim, _stacklevel, dtype):
+        return _tf(log_softmax, input, dim, _stacklevel, dtype)
     return _softmax_public("log_softmax", _log_softmax_op, input, dim, _stacklevel, dtype)
 
 
@@ -1022,6 +1032,8 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, s
     legacy ``size_average`` / ``reduce`` arguments map to ``reduction`` with torch's warning.
     Not supported: torch's tolerance of a [1]-shaped target for a [C] input.
     """
+    if _has_tf(input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing):
+        return _tf(cross_entropy, input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing)
     if size_average is not None or reduce is not None:
         reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
     elif reduction == "elementwise_mean":  # torch's deprecated alias, with its warning

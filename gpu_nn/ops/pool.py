@@ -41,6 +41,8 @@ from ._dispatch import chooser as _chooser  # module-level name: tests replace i
 # a channels_last input (dense NHWC, not also contiguous): torch's pooling then returns
 # channels_last values, indices and input gradient, as ours do
 from ._dispatch import dense_channels_last as _channels_last
+from ._dispatch import has_torch_function as _has_tf
+from ._dispatch import torch_function as _tf
 
 __all__ = ["max_pool1d", "max_pool2d", "avg_pool1d", "avg_pool2d", "min_pool1d", "min_pool2d"]
 
@@ -928,22 +930,30 @@ def max_pool2d(input: Tensor, kernel_size, stride=None, padding=0, dilation=1, c
 
     ``return_indices`` adds int64 flat indices into each ``H x W`` plane. NaN propagates.
     """
+    if _has_tf(input, kernel_size, stride, padding, dilation, ceil_mode, return_indices):
+        return _tf(max_pool2d, input, kernel_size, stride, padding, dilation, ceil_mode, return_indices)
     return _max2d_public("max_pool2d", input, kernel_size, stride, padding, dilation, ceil_mode, return_indices, False)
 
 
 def min_pool2d(input: Tensor, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
     """2d min pooling: ``-max_pool2d(-input)`` (indices included); max_pool2d's arguments."""
+    if _has_tf(input, kernel_size, stride, padding, dilation, ceil_mode, return_indices):
+        return _tf(min_pool2d, input, kernel_size, stride, padding, dilation, ceil_mode, return_indices)
     return _max2d_public("min_pool2d", input, kernel_size, stride, padding, dilation, ceil_mode, return_indices, True)
 
 
 def max_pool1d(input: Tensor, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
     """1d max pooling of ``[N, C, L]`` or ``[C, L]``; as ``torch.nn.functional.max_pool1d``
     (with ``return_indices`` torch checks as max_pool1d_with_indices does, and so do we)."""
+    if _has_tf(input, kernel_size, stride, padding, dilation, ceil_mode, return_indices):
+        return _tf(max_pool1d, input, kernel_size, stride, padding, dilation, ceil_mode, return_indices)
     return _max1d_public("max_pool1d", input, kernel_size, stride, padding, dilation, ceil_mode, return_indices, False)
 
 
 def min_pool1d(input: Tensor, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
     """1d min pooling: ``-max_pool1d(-input)`` (indices included); max_pool1d's arguments."""
+    if _has_tf(input, kernel_size, stride, padding, dilation, ceil_mode, return_indices):
+        return _tf(min_pool1d, input, kernel_size, stride, padding, dilation, ceil_mode, return_indices)
     return _max1d_public("min_pool1d", input, kernel_size, stride, padding, dilation, ceil_mode, return_indices, True)
 
 
@@ -969,6 +979,8 @@ def _avg2d_args(op, input, kernel_size, stride, padding, ceil_mode, count_includ
 
 def avg_pool2d(input: Tensor, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True, divisor_override=None):
     """2d average pooling of ``[N, C, H, W]`` or ``[C, H, W]``; as ``torch.nn.functional.avg_pool2d``."""
+    if _has_tf(input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override):
+        return _tf(avg_pool2d, input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)
     op = "avg_pool2d"
     _check_input(op, input, _TF.avg_pool2d, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)
     args = (op, input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)
@@ -1000,6 +1012,8 @@ def _avg1d_args(op, input, kernel_size, stride, padding, ceil_mode, count_includ
 def avg_pool1d(input: Tensor, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True):
     """1d average pooling of ``[N, C, L]`` or ``[C, L]``; as ``torch.nn.functional.avg_pool1d``
     (no divisor_override, as torch)."""
+    if _has_tf(input, kernel_size, stride, padding, ceil_mode, count_include_pad):
+        return _tf(avg_pool1d, input, kernel_size, stride, padding, ceil_mode, count_include_pad)
     op = "avg_pool1d"
     _check_input(op, input, _TF.avg_pool1d, kernel_size, stride, padding, ceil_mode, count_include_pad)
     args = (op, input, kernel_size, stride, padding, ceil_mode, count_include_pad)

@@ -112,6 +112,8 @@ from ._dispatch import (
     FLOAT_DTYPES, autocast_inputs, compute_dtype, cuda_kernels, empty, from_numpy, on_device, routed, to_numpy,
     triton_kernels,
 )
+from ._dispatch import has_torch_function as _has_tf
+from ._dispatch import torch_function as _tf
 
 __all__ = [
     "gru",
@@ -1660,10 +1662,13 @@ def _cell_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)
     # the outputs the backward reads, and only those (as torch's cells, a GRU's h' or an LSTM's
     # h' may then be changed in place before backward): the Elman cells' h' (their activation's
-    # derivative, as torch's), a float32 LSTM's c' (the GPU kernels' tanh(c'); half dtypes keep a
-    # copy in the reserve, the reference recomputes the step)
+    # derivative, as torch's), a float32 LSTM's c' on the GPU backends (their kernels' tanh(c'), as
+    # torch's fused CUDA cell saves it; half dtypes keep a copy in the reserve). The reference
+    # recomputes the step and reads neither: on a CPU, c' may be changed in place, as torch's CPU
+    # cell allows
     h, c, reserve = output
-    keep_c = mode == "lstm" and input.dtype == torch.float32
+    keep_c = (mode == "lstm" and input.dtype == torch.float32
+              and _backend.resolve("lstm_cell_backward", input.device, BACKENDS, dtype=input.dtype) != "reference")
     ctx.save_for_backward(input, hx, cx, w_ih, w_hh, b_ih, b_hh, h if mode.startswith("rnn") else None,
                           c if keep_c else None, reserve)
 
@@ -1770,22 +1775,30 @@ def _cell(op, mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh):
 
 def rnn_tanh_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
     """h' = tanh(input W_ih^T + b_ih + hx W_hh^T + b_hh); ``input [B, I]`` or ``[I]``."""
+    if _has_tf(input, hx, w_ih, w_hh, b_ih, b_hh):
+        return _tf(rnn_tanh_cell, input, hx, w_ih, w_hh, b_ih, b_hh)
     return _cell("rnn_tanh_cell", "rnn_tanh", input, hx, None, w_ih, w_hh, b_ih, b_hh)[0]
 
 
 def rnn_relu_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
     """h' = relu(input W_ih^T + b_ih + hx W_hh^T + b_hh); ``input [B, I]`` or ``[I]``."""
+    if _has_tf(input, hx, w_ih, w_hh, b_ih, b_hh):
+        return _tf(rnn_relu_cell, input, hx, w_ih, w_hh, b_ih, b_hh)
     return _cell("rnn_relu_cell", "rnn_relu", input, hx, None, w_ih, w_hh, b_ih, b_hh)[0]
 
 
 def lstm_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
     """One LSTM step (gate order i, f, g, o); ``hx = (h, c)`` or None -> ``(h', c')``."""
+    if _has_tf(input, hx, w_ih, w_hh, b_ih, b_hh):
+        return _tf(lstm_cell, input, hx, w_ih, w_hh, b_ih, b_hh)
     h, c = (None, None) if hx is None else _lstm_state("lstm_cell", hx)
     return _cell("lstm_cell", "lstm", input, h, c, w_ih, w_hh, b_ih, b_hh)
 
 
 def gru_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
     """One GRU step, n = tanh(W_in x + b_in + r * (W_hn h + b_hn)), h' = (1 - z) n + z h."""
+    if _has_tf(input, hx, w_ih, w_hh, b_ih, b_hh):
+        return _tf(gru_cell, input, hx, w_ih, w_hh, b_ih, b_hh)
     return _cell("gru_cell", "gru", input, hx, None, w_ih, w_hh, b_ih, b_hh)[0]
 
 
@@ -1828,6 +1841,10 @@ def _seq(mode, input, hx, cx, params, has_biases, num_layers, dropout, train, bi
 def rnn_tanh(input, hx, params, has_biases=True, num_layers=1, dropout=0.0, train=False, bidirectional=False,
              batch_first=False, lengths=None, dropout_masks=None):
     """Multi-layer Elman RNN with tanh over a whole sequence -> ``(output, h_n)``; as ``torch.rnn_tanh``."""
+    if _has_tf(input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first, lengths,
+               dropout_masks):
+        return _tf(rnn_tanh, input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first,
+                   lengths, dropout_masks)
     out, hn, _ = _seq("rnn_tanh", input, hx, None, params, has_biases, num_layers, dropout, train, bidirectional,
                       batch_first, lengths, dropout_masks)
     return out, hn
@@ -1836,6 +1853,10 @@ def rnn_tanh(input, hx, params, has_biases=True, num_layers=1, dropout=0.0, trai
 def rnn_relu(input, hx, params, has_biases=True, num_layers=1, dropout=0.0, train=False, bidirectional=False,
              batch_first=False, lengths=None, dropout_masks=None):
     """Multi-layer Elman RNN with relu over a whole sequence -> ``(output, h_n)``; as ``torch.rnn_relu``."""
+    if _has_tf(input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first, lengths,
+               dropout_masks):
+        return _tf(rnn_relu, input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first,
+                   lengths, dropout_masks)
     out, hn, _ = _seq("rnn_relu", input, hx, None, params, has_biases, num_layers, dropout, train, bidirectional,
                       batch_first, lengths, dropout_masks)
     return out, hn
@@ -1844,6 +1865,10 @@ def rnn_relu(input, hx, params, has_biases=True, num_layers=1, dropout=0.0, trai
 def gru(input, hx, params, has_biases=True, num_layers=1, dropout=0.0, train=False, bidirectional=False,
         batch_first=False, lengths=None, dropout_masks=None):
     """Multi-layer GRU over a whole sequence -> ``(output, h_n)``; as ``torch.gru``."""
+    if _has_tf(input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first, lengths,
+               dropout_masks):
+        return _tf(gru, input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first, lengths,
+                   dropout_masks)
     out, hn, _ = _seq("gru", input, hx, None, params, has_biases, num_layers, dropout, train, bidirectional,
                       batch_first, lengths, dropout_masks)
     return out, hn
@@ -1853,6 +1878,10 @@ def lstm(input, hx, params, has_biases=True, num_layers=1, dropout=0.0, train=Fa
          batch_first=False, lengths=None, dropout_masks=None):
     """Multi-layer LSTM over a whole sequence, ``hx = (h0, c0)`` -> ``(output, h_n, c_n)``; as ``torch.lstm``.
     A projected LSTM (``h0`` narrower than ``c0``) takes ``w_hr`` after each layer's biases in ``params``."""
+    if _has_tf(input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first, lengths,
+               dropout_masks):
+        return _tf(lstm, input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first, lengths,
+                   dropout_masks)
     h0, c0 = _lstm_state("lstm", hx)
     return _seq("lstm", input, h0, c0, params, has_biases, num_layers, dropout, train, bidirectional, batch_first,
                 lengths, dropout_masks)
