@@ -21,20 +21,25 @@ in place ones included). Everything else stays as it was.
 
 Buffers are traced as state the graph reads when it runs: one used in arithmetic is read at each
 call (not its value when fused), an in-place update of one (``self.steps.add_(1)``) runs at each
-call (not once, on the model, while fusing); a forward that branches on a buffer's value cannot be
-traced. As in torch.fx's own ``symbolic_trace``, a tensor that is neither a parameter nor a buffer
-(a plain attribute, or one the forward makes, ``torch.tensor(2.0)``) is a constant of the graph:
-the result keeps those as non-persistent buffers, out of its ``state_dict``.
+call (not once, on the model, while fusing); its sizes, dtype and device are read as they are
+when fused (``range(self.buf.shape[0])``, ``if self.buf.dim() == 2:``), as torch.fx's own
+tracing reads them, and a forward that branches on a buffer's values cannot be traced. As in
+torch.fx's ``symbolic_trace``, a tensor that is neither a parameter nor a buffer (a plain
+attribute, or one the forward makes, ``torch.tensor(2.0)``) is a constant of the graph: the
+result keeps those as non-persistent buffers, out of its ``state_dict``.
 
 ``self.training`` is read at trace time, so ``fuse`` traces the model in both modes: in its own
 (each module's flag as it is) and with every module in the other (the flags are put back after).
 Where the two graphs differ (``F.dropout(x, p, self.training)``, an ``if self.training:``
-branch), the result holds both, ``graph`` the eval-mode one and ``train_graph`` the training one,
-and runs the one its own ``training`` flag picks (``.train()`` / ``.eval()`` on it); a layer is
-fused in one only where the other fuses it too or does not call it. A model that traces only in
-its own mode gives a result that raises in the other. Modules called whole (dropout, batch norm)
-follow their own flags there, as in the model; a model whose forward reads the flag of a module
-in the other mode than the model's own is refused (one graph per mode could not follow both).
+branch), the result holds both and is an ordinary GraphModule of the one its own ``training``
+flag picks: ``graph``, ``code`` and ``forward`` are that mode's (so ``torch.fx.Interpreter``,
+``torch.export``, ``to_folder``, passes and tracing it again see what it runs), and ``.train()`` /
+``.eval()`` (or setting the flag) swap in the other (``train_graph`` / ``eval_graph`` name them);
+copies, pickles and torch.package keep both. A layer is fused in one graph only where the other
+fuses it too or does not call it. A model that traces only in its own mode gives a result that
+raises in the other. Modules called whole (dropout, batch norm) follow their own flags there, as
+in the model; a model whose forward reads the flag of a module in the other mode than the
+model's own is refused (one graph per mode could not follow both).
 """
 
 from __future__ import annotations
@@ -86,14 +91,73 @@ class _Tracer(torch.fx.Tracer):
     (their argument checks cannot take a Proxy)."""
 
     # buffers as graph inputs (get_attr), not their values at trace time: read, and updated in
-    # place, when the graph runs
+    # place, when the graph runs (their sizes, dtype and device as they are: see getattr)
     proxy_buffer_attributes = True
 
     def __init__(self):
         super().__init__(autowrap_modules=(math, _F), autowrap_functions=(_untraced_mode,))
 
+    def getattr(self, attr, attr_val, parameter_proxy_cache):
+        if isinstance(attr_val, torch.Tensor) and not isinstance(attr_val, torch.nn.Parameter):
+            for name, buf in self.root.named_buffers():
+                if buf is attr_val:
+                    if name not in parameter_proxy_cache:
+                        parameter_proxy_cache[name] = self.create_proxy(
+                            "get_attr", name, (), {}, proxy_factory_fn=lambda node: _BufferProxy(node, self, buf))
+                    return parameter_proxy_cache[name]
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
     def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
         return isinstance(m, _OURS) or _own_hooks(m) or _state_rules(m) or super().is_leaf_module(m, qualname)
+
+
+class _BufferProxy(torch.fx.Proxy):
+    """A buffer in the graph: its values are read when the graph runs, its metadata (shape,
+    size, dim, numel, dtype, device, len, iteration over its first dimension) is the buffer's
+    as traced, as torch.fx's own tracing of a buffer (its value, not a proxy) gives it: a forward
+    may loop over ``range(self.buf.shape[0])`` or branch on ``self.buf.dim()``."""
+
+    def __init__(self, node: torch.fx.Node, tracer, buf: torch.Tensor):
+        super().__init__(node, tracer)
+        self.buf = buf
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.buf.shape
+
+    @property
+    def ndim(self) -> int:
+        return self.buf.ndim
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.buf.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.buf.device
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.buf.is_cuda
+
+    def size(self, dim=None):
+        return self.buf.size() if dim is None else self.buf.size(dim)
+
+    def dim(self) -> int:
+        return self.buf.dim()
+
+    def numel(self) -> int:
+        return self.buf.numel()
+
+    def nelement(self) -> int:
+        return self.buf.nelement()
+
+    def __len__(self) -> int:
+        return len(self.buf)
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self.buf)))
 
 
 def _own_hooks(m: torch.nn.Module) -> bool:
@@ -235,13 +299,6 @@ def _restore_state(gm: torch.fx.GraphModule, model: torch.nn.Module, originals: 
 # ------------------------------------------------------------------ both training modes
 
 
-def _forward_for_mode(self, *args, **kwargs):
-    """The forward of a ``_TrainEvalGraphModule``: the graph traced for its ``training`` flag."""
-    if self.training:
-        return self._train_forward(*args, **kwargs)
-    return self._eval_forward(*args, **kwargs)
-
-
 def _targets_graph(*graphs: torch.fx.Graph) -> torch.fx.Graph:
     """A graph of the ``get_attr`` / ``call_module`` targets of ``graphs`` (what a GraphModule
     copies from its root, and keeps in ``delete_all_unused_submodules``), nothing computed."""
@@ -258,58 +315,59 @@ def _targets_graph(*graphs: torch.fx.Graph) -> torch.fx.Graph:
 
 class _TrainEvalGraphModule(torch.fx.GraphModule):
     """A GraphModule holding two graphs of the same model, one per ``training`` mode, over one
-    set of modules, parameters and buffers: ``graph`` (``code``) the one traced in eval mode,
-    ``train_graph`` (``train_code``) the one traced in training mode; ``forward`` runs the one
-    for ``self.training``. ``recompile()`` regenerates both; copy, deepcopy, pickle (torch.save)
-    keep both, and all of the module's state, and torch.compile specializes on the flag."""
+    set of modules, parameters and buffers. It is an ordinary GraphModule of the graph of its
+    present mode: ``graph``, ``code``, ``forward`` (and so ``torch.fx.Interpreter``, passes,
+    ``to_folder``, ``torch.export``, tracing it again) are that mode's; setting its ``training``
+    flag (``.train()`` / ``.eval()``, or the attribute) swaps in the other graph, which waits in
+    ``_other_graph`` (``eval_graph`` / ``train_graph`` name them by mode). Copy, deepcopy, pickle
+    (torch.save) and torch.package keep both, and all of the module's state."""
 
     def __init__(self, root: torch.nn.Module, graph: torch.fx.Graph, train_graph: torch.fx.Graph,
-                 class_name: str = "GraphModule"):
-        self.__dict__["_train_graph"] = train_graph  # recompile, from GraphModule.__init__, reads it
+                 class_name: str = "GraphModule", training: bool = True):
+        self.__dict__["_other_graph"] = None  # no swap while GraphModule.__init__ runs
         super().__init__(root, _targets_graph(graph, train_graph), class_name)  # copies what both use
-        self.graph = graph
-        train_graph.owning_module = self
+        self.__dict__["_mode"] = bool(training)
+        self.graph = train_graph if training else graph
+        other = graph if training else train_graph
+        other.owning_module = self
+        self.__dict__["_other_graph"] = other
         self._tracer_cls = getattr(graph, "_tracer_cls", None)
 
     @property
-    def train_graph(self) -> torch.fx.Graph:
-        """The graph ``forward`` runs in training mode (``graph`` is the eval-mode one)."""
-        return self._train_graph
+    def training(self) -> bool:
+        return self.__dict__.get("_mode", True)
 
-    @train_graph.setter
-    def train_graph(self, g: torch.fx.Graph) -> None:
-        self.__dict__["_train_graph"] = g
-        g.owning_module = self
-        self.recompile()
+    @training.setter
+    def training(self, mode: bool) -> None:
+        d = self.__dict__
+        old, d["_mode"] = d.get("_mode", True), bool(mode)
+        other = d.get("_other_graph")
+        if other is not None and bool(mode) != old:
+            d["_other_graph"] = d["_graph"]
+            self.graph = other  # GraphModule's setter: owning module, recompile
 
     @property
-    def train_code(self) -> str:
-        return self._train_code
+    def train_graph(self) -> torch.fx.Graph:
+        return self._graph if self.training else self._other_graph
 
-    def recompile(self):
-        python_code = super().recompile()  # forward: the eval graph's
-        cls = type(self)
-        cls._eval_forward = cls.forward
-        train = self._train_graph.python_code(root_module="self")
-        self._train_code = train.src
-        cls._train_forward = torch.fx.graph_module._forward_from_src(
-            train.src, train.globals, getattr(self._train_graph, "_co_fields", {}))
-        cls.forward = _forward_for_mode
-        return python_code
+    @property
+    def eval_graph(self) -> torch.fx.Graph:
+        return self._other_graph if self.training else self._graph
 
     def delete_all_unused_submodules(self) -> None:
         graph = self.__dict__["_graph"]
-        self.__dict__["_graph"] = _targets_graph(graph, self._train_graph)  # used by either
+        self.__dict__["_graph"] = _targets_graph(graph, self._other_graph)  # used by either
         try:
             super().delete_all_unused_submodules()
         finally:
             self.__dict__["_graph"] = graph
 
-    def _adopt(self, state: dict, graph: torch.fx.Graph, train_graph: torch.fx.Graph, name: str):
-        """``self`` (new, from ``__new__``) with ``state`` as its ``__dict__`` and the two graphs."""
+    def _adopt(self, state: dict, graph: torch.fx.Graph, other: torch.fx.Graph, name: str):
+        """``self`` (new, from ``__new__``) with ``state`` as its ``__dict__`` and the two graphs
+        (``graph`` the one of the mode in ``state``)."""
         self.__dict__.update(state)
-        self.__dict__["_graph"], self.__dict__["_train_graph"] = graph, train_graph
-        graph.owning_module = train_graph.owning_module = self
+        self.__dict__["_graph"], self.__dict__["_other_graph"] = graph, other
+        graph.owning_module = other.owning_module = self
         type(self).__name__ = name
         self.recompile()
         return self
@@ -318,27 +376,41 @@ class _TrainEvalGraphModule(torch.fx.GraphModule):
         state = dict(self.__dict__)
         for k in ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"):
             state[k] = copy.copy(state[k])
-        return type(self).__new__(type(self))._adopt(state, self._graph, self._train_graph, type(self).__name__)
+        return type(self).__new__(type(self))._adopt(state, self._graph, self._other_graph, type(self).__name__)
 
     def __deepcopy__(self, memo):
         res = type(self).__new__(type(self))
         memo[id(self)] = res
         state = copy.deepcopy(self.__dict__, memo)
-        return res._adopt(state, state["_graph"], state["_train_graph"], type(self).__name__)
+        return res._adopt(state, state["_graph"], state["_other_graph"], type(self).__name__)
+
+    def _sources(self, importer) -> tuple[dict, list[str]]:
+        """The state without the graphs, and the two graphs' code (this mode's first)."""
+        state = dict(self.__dict__)
+        srcs = []
+        for key in ("_graph", "_other_graph"):
+            code = state.pop(key).python_code(root_module="self")
+            srcs.append(torch.fx.graph_module._format_import_block(code.globals, importer) + code.src)
+        return state, srcs
 
     def __reduce__(self):
         # as GraphModule's: the graphs as code, traced again when loaded
-        state = dict(self.__dict__)
-        srcs = []
-        for key in ("_graph", "_train_graph"):
-            code = state.pop(key).python_code(root_module="self")
-            srcs.append(torch.fx.graph_module._format_import_block(code.globals, torch.package.sys_importer)
-                        + code.src)
+        state, srcs = self._sources(torch.package.sys_importer)
         return (_rebuild_train_eval, (state, *srcs, type(self).__name__))
 
+    def __reduce_package__(self, exporter):
+        # as GraphModule's: the code saved as modules of the package
+        state, srcs = self._sources(exporter.importer)
+        names = []
+        for src in srcs:
+            names.append(f"fx-generated._{exporter.get_unique_id()}")
+            exporter.save_source_string(names[-1], src)
+        return (_rebuild_train_eval_package, (state, *names, type(self).__name__))
+
     def __str__(self) -> str:
-        return "\n".join([torch.nn.Module.__str__(self), "# eval mode:", self._code, "# training mode:",
-                          self._train_code])
+        other = self._other_graph.python_code(root_module="self").src
+        now, then = ("training", "eval") if self.training else ("eval", "training")
+        return "\n".join([torch.nn.Module.__str__(self), f"# {now} mode (now):", self._code, f"# {then} mode:", other])
 
 
 class _CodeTracer(_Tracer):
@@ -348,17 +420,29 @@ class _CodeTracer(_Tracer):
         return True
 
 
-def _rebuild_train_eval(state: dict, eval_src: str, train_src: str, name: str) -> _TrainEvalGraphModule:
-    """A pickled ``_TrainEvalGraphModule``: its state, both graphs traced again from their code."""
+def _rebuild(state: dict, forwards: list, name: str) -> _TrainEvalGraphModule:
+    """A ``_TrainEvalGraphModule`` from its state and its two graphs' forwards (its mode's first)."""
     res = _TrainEvalGraphModule.__new__(_TrainEvalGraphModule)
     res.__dict__.update(state)
+    res.__dict__["_other_graph"] = None  # no swap while tracing
     graphs = []
-    for src in (eval_src, train_src):
-        type(res).forward = torch.fx.graph_module._forward_from_src(src, {})
+    for forward in forwards:
+        type(res).forward = forward
         graph = _CodeTracer().trace(res)
         graph._tracer_cls = _Tracer
         graphs.append(graph)
     return res._adopt({}, graphs[0], graphs[1], name)
+
+
+def _rebuild_train_eval(state: dict, src: str, other_src: str, name: str) -> _TrainEvalGraphModule:
+    """A pickled ``_TrainEvalGraphModule``: its state, both graphs traced again from their code."""
+    return _rebuild(state, [torch.fx.graph_module._forward_from_src(s, {}) for s in (src, other_src)], name)
+
+
+def _rebuild_train_eval_package(importer, state: dict, module: str, other_module: str,
+                                name: str) -> _TrainEvalGraphModule:
+    """A ``_TrainEvalGraphModule`` loaded from a torch.package: the forwards from its modules."""
+    return _rebuild(state, [importer.import_module(m).forward for m in (module, other_module)], name)
 
 
 def _raising_graph(graph: torch.fx.Graph, message: str) -> torch.fx.Graph:
@@ -498,7 +582,7 @@ def fuse(model: torch.nn.Module) -> torch.fx.GraphModule:
     names (the same tensors); ``model`` is left as it was. Buffers are read (and updated in
     place) when the result runs; it computes what ``model`` computes in either ``training`` mode
     (a model whose forward depends on ``self.training`` gives a GraphModule holding a graph per
-    mode, ``graph`` and ``train_graph``, run by its own ``training`` flag). Modules with hooks are
+    mode, ``graph`` the one of its own ``training`` flag). Modules with hooks are
     called as they are (their layers not fused). Raises ``TypeError`` for a non-module or a model
     that is one of our layers itself (nothing to fuse: set its ``activation=``), ``ValueError``
     for a model with forward / backward hooks of its own (the GraphModule returned could not run
@@ -515,6 +599,7 @@ def fuse(model: torch.nn.Module) -> torch.fx.GraphModule:
                          "state_dict methods of its own, which the GraphModule fuse returns would not have; fuse its "
                          "submodules, or register the hooks on the result")
     training = model.training
+    flags = [(m, m.training) for m in model.modules()]
     saved = [(m, dict(m.__dict__)) for m in model.modules()]
     try:
         try:
@@ -525,12 +610,12 @@ def fuse(model: torch.nn.Module) -> torch.fx.GraphModule:
             raise
 
         def uniform(mode: bool) -> torch.fx.Graph:  # every module in ``mode``, as model.train(mode) sets them
-            for m, _ in saved:
+            for m, _ in flags:
                 m.training = mode
             return _trace(model)
 
         name = {True: "training", False: "eval"}
-        if any(state["training"] != training for _, state in saved):
+        if any(flag != training for _, flag in flags):
             # modules in both modes: the result runs one graph per mode of its own, so this one must
             # be the graph of every module in the model's mode
             try:
@@ -549,14 +634,14 @@ def fuse(model: torch.nn.Module) -> torch.fx.GraphModule:
             other = _raising_graph(graph, f"gpu_nn.fuse could not trace the model in {name[not training]} mode "
                                           f"({type(exc).__name__}: {exc}); this fused model runs in "
                                           f"{name[training]} mode only")
-        for m, state in saved:
-            m.training = state["training"]
+        for m, flag in flags:
+            m.training = flag
         if _same_graph(graph, other, model):
             gm = torch.fx.GraphModule(model, graph, model.__class__.__name__)
             graphs = [graph]
         else:
             eval_graph, train_graph = (other, graph) if training else (graph, other)
-            gm = _TrainEvalGraphModule(model, eval_graph, train_graph, model.__class__.__name__)
+            gm = _TrainEvalGraphModule(model, eval_graph, train_graph, model.__class__.__name__, training)
             graphs = [eval_graph, train_graph]
         gm.training = training
         originals = {id(m) for m in model.modules()}
@@ -567,5 +652,7 @@ def fuse(model: torch.nn.Module) -> torch.fx.GraphModule:
             gm.recompile()
         _restore_state(gm, model, originals)
     finally:
+        for m, flag in flags:  # a fused model's own graph follows its flag (before its state is put back)
+            m.training = flag
         _restore_modules(saved)  # the flags as they were, the tracer's constants off the model
     return gm

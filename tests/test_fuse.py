@@ -586,3 +586,90 @@ def test_modes_fuse_cannot_follow():
     with pytest.raises(ValueError, match="reads the training flag"):
         gpu_nn.fuse(model)
     assert model.training and not model[0].training
+
+
+def test_the_graph_of_a_two_mode_result_is_its_present_modes(tmp_path):
+    """A result holding a graph per mode is an ordinary GraphModule of its present mode's graph:
+    what reads ``graph`` or ``code`` (torch.fx.Interpreter, torch.export, to_folder, tracing it
+    again, fusing it again) computes what it computes, in either mode; torch.package keeps both
+    graphs. (``graph`` was the eval-mode one whatever the flag: an Interpreter or an export of a
+    model in training mode ran it without dropout.)"""
+    model = Modal()
+    fused = gpu_nn.fuse(model)
+    x = torch.randn(5, 4)
+    for mode in (True, False):
+        fused.train(mode)
+        model.train(mode)
+        assert ("training = True" in fused.code) == mode
+        want = _run(model, x)
+        assert_close(_run(torch.fx.Interpreter(fused).run, x), want, torch.float32, k=16, what=f"interpreter {mode}")
+        assert_close(_run(torch.fx.symbolic_trace(fused), x), want, torch.float32, k=16, what=f"retraced {mode}")
+        with gpu_nn.backend("reference"):
+            exported = torch.export.export(fused, (x,)).module()
+        assert_close(_run(exported, x), want, torch.float32, k=16, what=f"export {mode}")
+        fused.to_folder(tmp_path / f"m{int(mode)}", "Fused")
+        assert ("training = True" in (tmp_path / f"m{int(mode)}" / "module.py").read_text()) == mode
+    again = gpu_nn.fuse(fused)  # both modes traced again from the fused one
+    _same_in_both_modes(again, model, x)
+    fused.training = True  # the attribute set directly (as model.train() sets each module's) swaps too
+    assert "training = True" in fused.code and fused.train_graph is fused.graph and fused.eval_graph is not fused.graph
+    import io
+
+    buf = io.BytesIO()
+    with torch.package.PackageExporter(buf) as exporter:
+        exporter.intern("fx-generated.**")
+        exporter.extern("**")
+        exporter.save_pickle("fused", "fused.pkl", fused)
+    buf.seek(0)
+    loaded = torch.package.PackageImporter(buf).load_pickle("fused", "fused.pkl")
+    loaded.load_state_dict(model.state_dict(), strict=True)
+    _same_in_both_modes(loaded, model, x)
+
+
+class BufferShapes(torch.nn.Module):
+    """A forward that reads its buffers' sizes, dtype, length and rows: concrete when traced, as
+    torch.fx's own tracing gives them (a buffer proxy gave 'Proxy' for each)."""
+
+    def __init__(self):
+        super().__init__()
+        self.l = torch.nn.Linear(4, 4)
+        self.register_buffer("rows", torch.randn(3, 4))
+
+    def forward(self, x):
+        for i in range(self.rows.shape[0]):
+            x = x + self.rows[i]
+        if self.rows.dim() == 2 and self.rows.size(1) == 4 and self.rows.dtype == torch.float32:
+            x = torch.relu(self.l(x))
+        for row in self.rows:
+            x = x * row.sigmoid()
+        return x * len(self.rows) + self.rows.numel() + self.rows.ndim
+
+
+def test_a_forward_may_read_its_buffers_sizes():
+    model = BufferShapes()
+    fused = gpu_nn.fuse(model)
+    assert fused.l.activation == "relu"
+    x = torch.randn(2, 4)
+    _same_function(fused, model, x)
+    with torch.no_grad():
+        model.rows.mul_(2)  # values are still read when the graph runs
+    _same_function(fused, model, x)
+
+
+def test_torch_fx_traces_a_model_of_our_layers():
+    """torch.fx.symbolic_trace of a converted model (our layers are not leaves of torch's tracer,
+    which traces through them): each of our functions is one call in the graph (its argument
+    checks took the Proxy for a bad input), and the traced module computes the model's function."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+                                torch.nn.Flatten(), torch.nn.Linear(27, 5), torch.nn.Tanh(), torch.nn.Softmax(-1))
+    ours = gpu_nn.convert(model, inplace=False)
+    traced = torch.fx.symbolic_trace(ours)
+    targets = [n.target for n in traced.graph.nodes if n.op == "call_function"]
+    assert targets == [GF.conv2d, GF.relu, GF.max_pool2d, GF.flatten, GF.linear, GF.tanh, GF.softmax], targets
+    x = torch.randn(2, 2, 8, 8)
+    with gpu_nn.backend("reference"):
+        assert_close(traced(x), model(x), torch.float32, k=16, what="traced")
+    fused = gpu_nn.fuse(traced)  # a traced model of our functions fuses too
+    assert [n.kwargs.get("activation") for n in fused.graph.nodes if n.target in (GF.conv2d, GF.linear)] == ["relu", "tanh"]
+    with gpu_nn.backend("reference"):
+        assert_close(fused(x), model(x), torch.float32, k=16, what="fused")
