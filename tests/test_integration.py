@@ -424,9 +424,10 @@ def _dtype_cases():
     }, (TF, F)
 
 
-@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool, torch.complex64], ids=str)
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool, torch.complex64,
+                                   torch.float8_e4m3fn, torch.float8_e5m2], ids=str)
 def test_a_dtype_our_kernels_do_not_take_gets_torchs_verdict(dtype):
-    """Integer, bool and complex tensors: where torch refuses them too, ours is torch's error with
+    """Integer, bool, complex and float8 tensors: where torch refuses them too, ours is torch's error with
     its type (NotImplementedError "... not implemented for 'Bool'" is a NotImplementedError here
     too, the README's promise) and words, which name torch's kernels for that call; where torch
     computes, ours is torch's value (relu of integers, sigmoid / tanh of integers in the default

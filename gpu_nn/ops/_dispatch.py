@@ -119,12 +119,17 @@ def is_int(v) -> bool:
 
 def check_float(op: str, name: str, t: torch.Tensor) -> None:
     if not t.is_floating_point() or t.dtype not in FLOAT_DTYPES:
-        raise KernelInputError(f"{op}: expected {name} to be a floating-point tensor, but got {t.dtype}")
+        raise KernelInputError(not_float_message(op, name, t.dtype))
+
+
+def not_float_message(op: str, name: str, dtype: torch.dtype) -> str:
+    """Our refusal of a dtype the kernels do not take (a float8 one is floating-point too)."""
+    return f"{op}: expected {name} to be a floating-point tensor (float16, bfloat16, float32 or float64), but got {dtype}"
 
 
 def check_float_like_torch(op: str, name: str, t: torch.Tensor, theirs) -> None:
     """:func:`check_float` for a public function, where torch's verdict decides the error: for a
-    dtype our kernels do not take (integers, bool, complex), ``theirs()`` -- torch's own function
+    dtype our kernels do not take (integers, bool, complex, float8), ``theirs()`` -- torch's own function
     on the caller's arguments -- is asked, and where torch refuses the dtype too its error is
     raised with its type and words ("\"max_pool2d\" not implemented for 'Bool'", a
     NotImplementedError; they name its kernels, which differ by device and dim); where torch
@@ -142,7 +147,7 @@ def check_float_like_torch(op: str, name: str, t: torch.Tensor, theirs) -> None:
         raise KernelInputIndexError(str(exc)) from None
     except (RuntimeError, ValueError) as exc:
         raise KernelInputError(str(exc)) from None
-    raise KernelInputError(f"{op}: expected {name} to be a floating-point tensor, but got {t.dtype}")
+    raise KernelInputError(not_float_message(op, name, t.dtype))
 
 
 def check_same(op: str, input: torch.Tensor, other: torch.Tensor | None, other_name: str) -> None:

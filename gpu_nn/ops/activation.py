@@ -14,8 +14,8 @@ from .. import _backend
 from .._errors import KernelInputError
 from ..check import CheckCase
 from ..reference import activation as ref
-from ._dispatch import (check_float, check_float_like_torch, empty, empty_like, from_numpy, on_device, routed, same_dense_layout, to_numpy,
-                        triton_kernels)
+from ._dispatch import (FLOAT_DTYPES, check_float, check_float_like_torch, empty, empty_like, from_numpy, on_device, routed,
+                        same_dense_layout, to_numpy, triton_kernels)
 from ._dispatch import has_torch_function as _has_tf
 from ._dispatch import torch_function as _tf
 
@@ -176,7 +176,9 @@ _activation_backward_op.register_autograd(_backward_backward, setup_context=_set
 def _apply(input: Tensor, activation: str, inplace: bool = False) -> Tensor:
     if not isinstance(input, Tensor):
         raise KernelInputError(f"{activation}(): argument 'input' must be Tensor, not {type(input).__name__}")
-    if input.is_complex():  # torch's verdict: relu refuses complex tensors (NotImplementedError), sigmoid / tanh compute
+    if input.is_complex() or (input.is_floating_point() and input.dtype not in FLOAT_DTYPES):
+        # torch's verdict: relu refuses complex tensors (NotImplementedError), sigmoid / tanh
+        # compute them; a float8 tensor none of the three takes on a CPU
         check_float_like_torch(activation, "input", input, lambda: getattr(torch, activation)(input))
     if _integral(input):
         # as torch: relu keeps an integer dtype (and refuses bool), sigmoid and tanh of an integer

@@ -109,8 +109,8 @@ from .._errors import KernelInputError
 from ..check import CheckCase, _rel, generic_error
 from ..reference import rnn as ref
 from ._dispatch import (
-    FLOAT_DTYPES, autocast_inputs, compute_dtype, cuda_kernels, empty, from_numpy, on_device, routed, to_numpy,
-    triton_kernels,
+    FLOAT_DTYPES, autocast_inputs, compute_dtype, cuda_kernels, empty, from_numpy, not_float_message, on_device, routed,
+    to_numpy, triton_kernels,
 )
 from ._dispatch import has_torch_function as _has_tf
 from ._dispatch import torch_function as _tf
@@ -198,7 +198,7 @@ def _check_seq(op, input, hx, cx, weights, mode, num_layers, bidirectional, has_
             f"{op}: input must have 3 dimensions, got {input.dim() if isinstance(input, Tensor) else type(input).__name__}"
         )
     if input.dtype not in FLOAT_DTYPES:
-        raise KernelInputError(f"{op}: expected input to be a floating-point tensor, but got {input.dtype}")
+        raise KernelInputError(not_float_message(op, "input", input.dtype))
     if num_layers < 1:
         raise KernelInputError(f"{op}: num_layers must be at least 1, got {num_layers}")
     D = 2 if bidirectional else 1
