@@ -344,7 +344,22 @@ class _TrainEvalGraphModule(torch.fx.GraphModule):
         other = d.get("_other_graph")
         if other is not None and bool(mode) != old:
             d["_other_graph"] = d["_graph"]
-            self.graph = other  # GraphModule's setter: owning module, recompile
+            compiled = type(self).__dict__.get("_per_mode", {}).get(bool(mode))
+            if compiled is not None and compiled[0] is other:
+                # the forward generated for that graph before, the same function: torch.compile's
+                # cache of it still applies (a new one per switch compiled the model again each time)
+                d["_graph"] = other
+                type(self).forward, d["_code"], d["_lineno_map"], d["_prologue_start"] = compiled[1:]
+            else:
+                self.graph = other  # GraphModule's setter: owning module, recompile
+
+    def recompile(self):
+        python_code = super().recompile()
+        cls = type(self)  # GraphModule's class of this instance alone
+        if "_per_mode" not in cls.__dict__:
+            cls._per_mode = {}
+        cls._per_mode[self.training] = (self._graph, cls.forward, self._code, self._lineno_map, self._prologue_start)
+        return python_code
 
     @property
     def train_graph(self) -> torch.fx.Graph:

@@ -547,10 +547,15 @@ def test_a_graph_per_mode_survives_copies_and_compile(tmp_path):
         _same_in_both_modes(copied, model, x)
         assert isinstance(copied, torch.fx.GraphModule) and type(copied).__name__ == "Modal"
     compiled = torch.compile(fused, backend="eager")
-    for mode in (True, False, True):
+    forward = type(fused).forward
+    torch._dynamo.utils.counters.clear()
+    for mode in (True, False, True, False, True):
         fused.train(mode)
         model.train(mode)
         assert_close(_run(compiled, x), _run(model, x), torch.float32, k=16, what=f"compiled, training={mode}")
+    # one forward per mode, kept: switching back does not make a new one for torch.compile to compile again
+    assert type(fused).forward is forward
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
 
 
 def test_modes_fuse_cannot_follow():

@@ -270,6 +270,9 @@ def test_torch_func_under_modes_and_tracers():
         assert fc.get_total_flops() == 3 * 2 * 2 * 3 * 4  # the forward and our backward (dx and dw)
         empty = torch.func.vmap(f)(torch.randn(0, 2, 3, dtype=torch.float64))
         assert empty.shape == (0, 2, 4) and empty.dtype == torch.float64
+        x0 = torch.zeros(0, 2, 3, dtype=torch.float64, requires_grad=True)  # autograd reaches empty results too
+        torch.func.vmap(f)(x0).sum().backward()
+        assert x0.grad is not None and x0.grad.shape == x0.shape
         h, c = torch.func.vmap(lambda a: lstm_cell(
             a, (torch.zeros(2, 4, dtype=torch.float64),) * 2, *(p.double() for p in _CELL_W)))(
             torch.randn(0, 2, 3, dtype=torch.float64))

@@ -590,6 +590,12 @@ def _looped(fn, batch_size, in_dims, args, overload=None):
         outs = (overload or fn)(*(meta(a, d) for a, d in zip(args, in_dims)))
         tup = isinstance(outs, (tuple, list))
         stacked = [torch.empty((0, *o.shape), dtype=o.dtype, device=device) for o in (outs if tup else (outs,))]
+        # the (empty) results depend on the inputs, as a computed result would: autograd reaches
+        # them (a zero gradient of the inputs' shapes) where a gradient is wanted
+        link = [t.sum() * 0 for t in _tensors(args) if t.is_floating_point() and t.requires_grad]
+        if link and torch.is_grad_enabled():
+            total = sum(link)
+            stacked = [o + total.to(o.dtype) if o.is_floating_point() else o for o in stacked]
     else:
         per = [fn(*(pick(a, d, i) for a, d in zip(args, in_dims))) for i in range(batch_size)]
         tup = isinstance(per[0], (tuple, list))
