@@ -70,11 +70,12 @@ def linear(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None, activation
 
 @quiet
 def linear_backward(grad_out: np.ndarray, x: np.ndarray, w: np.ndarray, out: np.ndarray | None = None,
-                    activation=None, has_bias: bool = True):
+                    activation=None, has_bias: bool = True, need_input: bool = True, need_weight: bool = True):
     """(dx, dw, db) of :func:`linear`. ``out`` (the forward output) is needed only when an
     activation is fused: the derivatives of relu / sigmoid / tanh are written through it.
 
-    dY' = act'(dY), dx = dY' @ w, dw = dY'^T @ x, db = column sums of dY' (None without bias).
+    dY' = act'(dY), dx = dY' @ w, dw = dY'^T @ x, db = column sums of dY' (None without bias);
+    dx (dw) is None, not computed, where ``need_input`` (``need_weight``) is False.
     """
     K, O = x.shape[-1], w.shape[0]
     flat = x.ndim == 2 and grad_out.ndim == 2  # the usual case: no reshape
@@ -83,8 +84,8 @@ def linear_backward(grad_out: np.ndarray, x: np.ndarray, w: np.ndarray, out: np.
     if activation is not None:
         g = _act.activate_backward(g, out if flat else out.reshape(M, O), activation)
     x2 = x if flat else x.reshape(M, K)
-    dx = g @ w if flat else (g @ w).reshape(x.shape)
-    dw = g.T @ x2
+    dx = None if not need_input else (g @ w if flat else (g @ w).reshape(x.shape))
+    dw = g.T @ x2 if need_weight else None
     db = np.add.reduce(g, axis=0) if has_bias else None  # g.sum(axis=0) without its Python wrapper
     return dx, dw, db
 

@@ -341,6 +341,9 @@ def test_opcheck_every_op(rng):
         torch.library.opcheck(ops.linear_backward.default, (g, x.detach(), w.detach(), y if act else None, act, True))
     torch.library.opcheck(ops.linear.default, (x, w, None, None))
     torch.library.opcheck(ops.linear_backward.default, (randn(rng, 3, 4, 6), x.detach(), w.detach(), None, None, False))
+    for need in ((False, True), (True, False)):  # a gradient not wanted: not computed, an empty placeholder
+        torch.library.opcheck(ops.linear_backward.default, (randn(rng, 3, 4, 6), x.detach(), w.detach(), None, None,
+                                                            True, *need))
     for name in ("softmax", "log_softmax"):
         torch.library.opcheck(getattr(ops, name).default, (x, 1))
         y = getattr(torch, name)(x, 1).detach()

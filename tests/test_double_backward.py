@@ -481,3 +481,31 @@ def test_trace_shows_no_warnings_of_ours():
                          env={**__import__("os").environ, "GPU_NN_BACKEND": "reference"})
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["0", "0"], out.stdout
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
+@pytest.mark.parametrize("act", [None, "tanh"])
+def test_weight_gradient_penalty_of_a_first_layer(backend, device, act):
+    """A gradient penalty on a first layer's weight (its input needs no gradient, so the backward
+    computes no input gradient and passes an empty placeholder): the double backward takes the
+    placeholder as a zero gradient; torch's result, with and without an input gradient."""
+    torch.manual_seed(3)
+    dt = torch.float64 if backend == "reference" else torch.float32
+    tol = dict(rtol=1e-9, atol=1e-9) if dt == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+    for need_x in (False, True):
+        w = torch.randn(4, 3, dtype=dt, device=device, requires_grad=True)
+        b = torch.randn(4, dtype=dt, device=device, requires_grad=True)
+        x = torch.randn(5, 3, dtype=dt, device=device, requires_grad=need_x)
+
+        def run(f):
+            w.grad = x.grad = None
+            (gw,) = torch.autograd.grad(f(x).pow(2).sum(), w, create_graph=True)
+            gw.pow(2).sum().backward()
+            return w.grad.clone(), (x.grad.clone() if need_x else None)
+
+        with gpu_nn.backend(backend):
+            ours = run(lambda t: gpu_nn.functional.linear(t, w, b, activation=act))
+        theirs = run(lambda t: (torch.tanh if act else (lambda z: z))(torch.nn.functional.linear(t, w, b)))
+        torch.testing.assert_close(ours[0], theirs[0], **tol)
+        if need_x:
+            torch.testing.assert_close(ours[1], theirs[1], **tol)

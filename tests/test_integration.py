@@ -482,6 +482,15 @@ def test_flop_counter_counts_our_layers_as_torchs():
         for backward in (False, True):
             want = _flops(theirs, x, backward)
             assert want > 0 and _flops(ours, x, backward) == want, (grad, backward)
+    # a first (or frozen) Linear: the gradient nobody wants is not computed, or counted, as torch's
+    mlp = tnn.Sequential(tnn.Linear(7, 6), tnn.Tanh(), tnn.Linear(6, 3))
+    ours = gpu_nn.convert(tnn.Sequential(tnn.Linear(7, 6), tnn.Tanh(), tnn.Linear(6, 3)))
+    for frozen in (False, True):
+        for m in (mlp, ours):
+            m[2].weight.requires_grad_(not frozen)
+        for grad in (False, True):
+            x = torch.randn(5, 7, requires_grad=grad)
+            assert _flops(ours, x, True) == _flops(mlp, x, True) > 0, (frozen, grad)
     x = torch.randn(6, 3, 4, requires_grad=True)
     for name in ("GRU", "RNN"):  # (torch's CPU LSTM runs one fused op that it counts as 0)
         t, o = getattr(tnn, name)(4, 5, num_layers=2, bidirectional=True), getattr(gnn, name)(4, 5, num_layers=2, bidirectional=True)

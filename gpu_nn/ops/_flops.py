@@ -5,7 +5,8 @@ model built from our layers calls ``gpu_nn::`` ops instead, which it would count
 formula counts what torch counts for the same layer: 2 flops per multiply-add of the
 convolution or matrix products (torch's own ``conv_flop_count`` and ``conv_backward_flop`` for
 convolutions), nothing for bias, activation, softmax or pooling; a backward counts the input and
-weight gradients it computes (twice the forward's products for linear and the recurrent ops).
+weight gradients it computes (twice the forward's products for the recurrent ops, and for linear
+where both its input's and its weight's gradients are wanted).
 """
 
 from __future__ import annotations
@@ -43,8 +44,9 @@ def _linear_forward(x_shape, w_shape, _bias, _activation, **kwargs):
 
 
 @_fc.register_flop_formula(_ops.linear_backward)
-def _linear_backward(_grad_shape, x_shape, w_shape, _output, _activation, _has_bias, **kwargs):
-    return 2 * _linear(x_shape, w_shape)  # dx = g w and dw = g^T x, both always computed
+def _linear_backward(_grad_shape, x_shape, w_shape, _output, _activation, _has_bias, need_input=True, need_weight=True,
+                     **kwargs):
+    return (bool(need_input) + bool(need_weight)) * _linear(x_shape, w_shape)  # dx = g w and dw = g^T x, each if wanted
 
 
 def _recurrent(rows: int, weights) -> int:

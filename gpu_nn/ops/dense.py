@@ -165,20 +165,26 @@ def linear_forward(x: Tensor, w: Tensor, b: Tensor | None, activation: str | Non
     return y
 
 
-def linear_backward(grad: Tensor, x: Tensor, w: Tensor, out: Tensor | None, activation: str | None, has_bias: bool):
+def linear_backward(grad: Tensor, x: Tensor, w: Tensor, out: Tensor | None, activation: str | None, has_bias: bool,
+                    need_input: bool = True, need_weight: bool = True):
     """(dx [..., K], dw [O, K], db [O] or [0] without bias). dY' = dY through the activation
-    (written through the forward output), dx = dY' @ w, dw = dY'^T @ x, db = sum_rows dY'."""
+    (written through the forward output), dx = dY' @ w, dw = dY'^T @ x, db = sum_rows dY'. A
+    gradient not needed (``need_input`` / ``need_weight`` False: a first layer's input, a frozen
+    weight) is not computed: an empty [0] placeholder, as torch's mm backward skips it."""
     O, K = w.shape
     if activation is not None and out is None:
         raise KernelInputError("linear backward: a fused activation needs the forward output")
     backend = _backend.resolve("linear_backward", grad.device, BACKENDS, dtype=grad.dtype)
     if backend == "reference":
-        dx, dw, db = ref.linear_backward(to_numpy(grad), to_numpy(x), to_numpy(w), to_numpy(out), activation, has_bias)
+        dx, dw, db = ref.linear_backward(to_numpy(grad), to_numpy(x), to_numpy(w), to_numpy(out), activation, has_bias,
+                                         need_input, need_weight)
         dev = grad.device
         db_t = from_numpy(db, w.dtype, dev) if has_bias else torch.zeros(0, dtype=w.dtype, device=dev)
-        return from_numpy(dx, x.dtype, dev), from_numpy(dw, w.dtype, dev), db_t
+        dx_t = from_numpy(dx, x.dtype, dev) if need_input else torch.zeros(0, dtype=x.dtype, device=dev)
+        dw_t = from_numpy(dw, w.dtype, dev) if need_weight else torch.zeros(0, dtype=w.dtype, device=dev)
+        return dx_t, dw_t, db_t
     if grad.dtype is torch.float64:  # a GPU backend named for float64: in float32 (README)
-        return float64_in_float32(linear_backward, grad, x, w, out, activation, has_bias)
+        return float64_in_float32(linear_backward, grad, x, w, out, activation, has_bias, need_input, need_weight)
     _backend.check_interpreter_dtype("linear_backward", backend, grad, x, w)
     ktriton, kd = _triton_modules()
     flat = x.dim() == 2 and grad.dim() == 2  # the usual case: no views
@@ -195,10 +201,16 @@ def linear_backward(grad: Tensor, x: Tensor, w: Tensor, out: Tensor | None, acti
         kd.colsum(g2, db, interpret=ktriton.INTERPRET)
     x2 = x if flat else x.reshape(M, K)
     tf32 = _tf32_allowed()
-    dx = empty(x.shape, dtype=x.dtype, device=x.device)  # its own shape, not a view (as the forward's)
-    dw = empty((O, K), dtype=w.dtype, device=w.device)
-    kd.matmul(g2, w, dx if flat else dx.view(M, K), allow_tf32=tf32, interpret=ktriton.INTERPRET)
-    kd.matmul(g2.t(), x2, dw, allow_tf32=tf32, interpret=ktriton.INTERPRET)
+    if need_input:
+        dx = empty(x.shape, dtype=x.dtype, device=x.device)  # its own shape, not a view (as the forward's)
+        kd.matmul(g2, w, dx if flat else dx.view(M, K), allow_tf32=tf32, interpret=ktriton.INTERPRET)
+    else:
+        dx = torch.zeros(0, dtype=x.dtype, device=x.device)
+    if need_weight:
+        dw = empty((O, K), dtype=w.dtype, device=w.device)
+        kd.matmul(g2.t(), x2, dw, allow_tf32=tf32, interpret=ktriton.INTERPRET)
+    else:
+        dw = torch.zeros(0, dtype=w.dtype, device=w.device)
     return dx, dw, db
 
 
@@ -218,13 +230,13 @@ def _(input, weight, bias, activation):
 @torch.library.custom_op("gpu_nn::linear_backward", mutates_args=())
 @on_device
 def _linear_backward_op(grad: Tensor, input: Tensor, weight: Tensor, output: Tensor | None, activation: str | None,
-                        has_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
-    return linear_backward(grad, input, weight, output, activation, has_bias)
+                        has_bias: bool, need_input: bool = True, need_weight: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    return linear_backward(grad, input, weight, output, activation, has_bias, need_input, need_weight)
 
 
 @_linear_backward_op.register_fake
-def _(grad, input, weight, output, activation, has_bias):
-    return (input.new_empty(input.shape), weight.new_empty(weight.shape),
+def _(grad, input, weight, output, activation, has_bias, need_input=True, need_weight=True):
+    return (input.new_empty(input.shape if need_input else (0,)), weight.new_empty(weight.shape if need_weight else (0,)),
             weight.new_empty((weight.shape[0],) if has_bias else (0,)))
 
 
@@ -237,17 +249,19 @@ def _linear_setup(ctx, inputs, output):
 
 def _linear_backward(ctx, grad):
     x, w, out = ctx.saved_tensors
-    dx, dw, db = _linear_backward_op(grad, x, w, out, ctx.activation, ctx.has_bias)
-    return dx, dw, (db if ctx.has_bias else None), None
+    need_x, need_w = ctx.needs_input_grad[:2]
+    dx, dw, db = _linear_backward_op(grad, x, w, out, ctx.activation, ctx.has_bias, need_x, need_w)
+    return (dx if need_x else None), (dw if need_w else None), (db if ctx.has_bias else None), None
 
 
 _linear_op.register_autograd(_linear_backward, setup_context=_linear_setup)
 
 
 def _linear_bwd_setup(ctx, inputs, output):
-    grad, x, w, out, activation, has_bias = inputs
+    grad, x, w, out, activation, has_bias, *needs = inputs
     ctx.activation = activation
     ctx.has_bias = has_bias
+    ctx.computed = (True, True) if not needs else tuple(needs)  # dx, dw (else empty placeholders)
     ctx.save_for_backward(grad, x, w, out)
 
 
@@ -267,6 +281,9 @@ def _linear_backward_backward(ctx, ggx, ggw, ggb):
     need_g, need_x, need_w, need_out = ctx.needs_input_grad[:4]
     O, K = w.shape
     M = math.prod(x.shape[:-1])  # rows named, not -1: a reshape cannot infer them where O or K is 0
+    # a result not computed (an empty placeholder) passes nothing back: as a zero gradient
+    ggx = ggx.reshape(x.shape) if ctx.computed[0] else torch.zeros_like(x)
+    ggw = ggw if ctx.computed[1] else torch.zeros_like(w)
     g2, x2, ggx2 = g.reshape(M, O), x.reshape(M, K), ggx.reshape(M, K)
     gz2 = g2 if act is None else _activation_backward_op(g2, out.reshape(M, O), act)
     d_x = _linear_op(gz2, ggw.t(), None, None).reshape(x.shape) if need_x else None
@@ -280,7 +297,7 @@ def _linear_backward_backward(ctx, ggx, ggw, ggb):
             d_g, d_out = activation_double_backward(act, d_gz, g2, out.reshape(M, O), need_out)
             d_out = None if d_out is None else d_out.reshape(out.shape)
         d_g = d_g.reshape(g.shape)
-    return d_g, d_x, d_w, d_out, None, None
+    return d_g, d_x, d_w, d_out, None, None, None, None
 
 
 # double backward (create_graph=True): the backward op is differentiable too
