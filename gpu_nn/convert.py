@@ -61,6 +61,22 @@ def _our_class(torch_cls):
     return getattr(gnn, name)
 
 
+def _parametrized_layer(module: torch.nn.Module) -> bool:
+    """A layer we convert, parametrized by torch.nn.utils.parametrize (its class is generated
+    over the layer's: ``ParametrizedLinear``, whose base is torch.nn.Linear)."""
+    cls = type(module)
+    return (torch.nn.utils.parametrize.is_parametrized(module) and cls.__name__.startswith("Parametrized")
+            and len(cls.__bases__) == 1 and _our_class(cls.__bases__[0]) is not None)
+
+
+def _parametrized_class(generated: type, ours: type) -> type:
+    """parametrize's generated class rebuilt over ``ours``: the same attributes (a property per
+    parametrized tensor, its serialization rules), so that ``remove_parametrizations``, which
+    restores ``__bases__[0]``, leaves our layer."""
+    body = {k: v for k, v in generated.__dict__.items() if k not in ("__dict__", "__weakref__")}
+    return type(f"Parametrized{ours.__name__}", (ours,), body)
+
+
 def _swap(module: torch.nn.Module, ours: type) -> torch.nn.Module:
     """Turn ``module`` into an instance of ``ours`` (a subclass of its torch class) in place:
     the same object, parameter and buffer tensors (no copies), hooks, training flag and
@@ -99,9 +115,17 @@ def convert(model: torch.nn.Module, *, inplace: bool = True) -> torch.nn.Module:
         if cls.__module__.startswith(gnn.__name__):
             return mod
         ours = _our_class(cls)
+        if ours is None and _parametrized_layer(mod):
+            # torch.nn.utils.parametrize's generated subclass (weight_norm, spectral_norm, ...):
+            # the same generated class over ours (its properties give the parametrized tensors)
+            cls = cls.__bases__[0]
+            ours = _parametrized_class(type(mod), _our_class(cls))
         if ours is None:
             base = next((b for b in cls.__mro__[1:] if _our_class(b) is not None), None)
-            if base is not None and f"{cls.__module__}.{cls.__qualname__}" not in _NEVER_CALLED:
+            if isinstance(mod, torch.nn.modules.lazy.LazyModuleMixin) and mod.has_uninitialized_params():
+                skipped.append(f"{prefix or '<model>'} ({cls.__name__}): a lazy module not initialized yet (convert "
+                               f"after its first forward, which makes it a torch.nn.{base.__name__ if base else 'layer'})")
+            elif base is not None and f"{cls.__module__}.{cls.__qualname__}" not in _NEVER_CALLED:
                 skipped.append(f"{prefix or '<model>'} ({cls.__name__}): a subclass of torch.nn.{base.__name__} with code of its own")
             return mod
         reason = _SUPPORTED[cls.__name__](mod)

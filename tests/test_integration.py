@@ -501,3 +501,54 @@ def test_flop_counter_counts_our_layers_as_torchs():
         assert _flops(o, x[0], False) == _flops(t, x[0], False) > 0
     lstm = gnn.LSTM(4, 5, proj_size=3)
     assert _flops(lstm, x, False) == 2 * 6 * 3 * (20 * 4 + 20 * 3 + 3 * 5)  # input, recurrent, projection
+
+
+@pytest.mark.parametrize("layer", ["Linear", "Conv2d", "LSTM"])
+@pytest.mark.parametrize("how", ["weight_norm", "spectral_norm", "custom"])
+def test_convert_takes_parametrized_layers(layer, how):
+    """A layer parametrized by torch.nn.utils.parametrize (weight_norm, spectral_norm, a user's
+    parametrization) converts, to parametrize's generated class over ours, with torch's values and
+    gradients; remove_parametrizations leaves our layer. It stayed torch's, with a warning calling
+    the generated class 'a subclass with code of its own'."""
+    class Double(tnn.Module):
+        def forward(self, X):
+            return 2 * X
+
+    make = {"Linear": lambda: tnn.Linear(4, 3), "Conv2d": lambda: tnn.Conv2d(2, 3, 3), "LSTM": lambda: tnn.LSTM(4, 3)}[layer]
+    x = {"Linear": torch.randn(5, 4), "Conv2d": torch.randn(1, 2, 6, 6), "LSTM": torch.randn(3, 2, 4)}[layer]
+    name = "weight_hh_l0" if layer == "LSTM" else "weight"
+    theirs = make()
+    ours = make()
+    ours.load_state_dict(theirs.state_dict())
+    for m in (theirs, ours):
+        torch.manual_seed(1)  # spectral_norm's random start vector
+        if how == "custom":
+            torch.nn.utils.parametrize.register_parametrization(m, name, Double())
+        else:
+            getattr(torch.nn.utils.parametrizations, how)(m, name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing left as torch's
+        assert gpu_nn.convert(ours) is ours
+    assert isinstance(ours, getattr(gnn, layer)) and torch.nn.utils.parametrize.is_parametrized(ours, name)
+    theirs.eval()
+    ours.eval()
+    first = (lambda r: r[0] if isinstance(r, tuple) else r)
+    with gpu_nn.backend("reference"):
+        y = first(ours(x))
+        y.sum().backward()
+    want = first(theirs(x))
+    want.sum().backward()
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+    grads = dict(theirs.named_parameters())
+    for k, p in ours.named_parameters():
+        torch.testing.assert_close(p.grad, grads[k].grad, rtol=1e-4, atol=1e-5)
+    torch.nn.utils.parametrize.remove_parametrizations(ours, name)
+    assert type(ours) is getattr(gnn, layer)
+
+
+def test_convert_names_an_uninitialized_lazy_layer():
+    model = tnn.Sequential(tnn.LazyLinear(3))
+    with pytest.warns(UserWarning, match="a lazy module not initialized yet"):
+        gpu_nn.convert(model)
+    model(torch.randn(2, 4))  # its first forward makes it a torch.nn.Linear, which converts
+    assert type(gpu_nn.convert(model)[0]) is gnn.Linear
