@@ -509,3 +509,23 @@ def test_weight_gradient_penalty_of_a_first_layer(backend, device, act):
         torch.testing.assert_close(ours[0], theirs[0], **tol)
         if need_x:
             torch.testing.assert_close(ours[1], theirs[1], **tol)
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
+@pytest.mark.parametrize("op", ["max_pool2d", "avg_pool2d", "max_pool1d", "avg_pool1d", "min_pool2d"])
+def test_pooling_gradient_penalty_with_a_constant_upstream_gradient(backend, device, op):
+    """grad(pool(x).sum(), x, create_graph=True) differentiated again: torch's pooling backward is
+    differentiable in its input (a zero derivative), so the input gradient has a graph and the
+    second backward gives x a zero gradient; ours had no graph ('element 0 of tensors does not
+    require grad')."""
+    dims = (1, 2, 4, 4) if op.endswith("2d") else (1, 2, 6)
+    theirs = {"min_pool2d": lambda t: -TF.max_pool2d(-t, 2)}.get(op, lambda t: getattr(TF, op)(t, 2))
+    results = []
+    for fn, name in ((lambda t: getattr(F, op)(t, 2), backend), (theirs, "reference")):
+        x = torch.randn(*dims, device=device, requires_grad=True)
+        with gpu_nn.backend(name):
+            (gx,) = torch.autograd.grad(fn(x).sum(), x, create_graph=True)
+            assert gx.requires_grad, name
+            gx.pow(2).sum().backward()
+        results.append(x.grad)
+    torch.testing.assert_close(results[0], results[1])

@@ -734,7 +734,7 @@ def _(grad_output, indices, input_size, kernel_size, stride, padding, dilation, 
 def _max_setup(ctx, inputs, output):
     x, k, s, p, d, _, _, _ = inputs
     ctx.params = (list(x.shape), k, s, p, d, _channels_last(x))
-    ctx.save_for_backward(output[1])
+    ctx.save_for_backward(output[1], x)  # x: as torch's max pooling saves it (see _depends_on)
     ctx.mark_non_differentiable(output[1])
     # no zero-filled gradient for the int64 indices, which nothing reads (one fill kernel a
     # backward otherwise); the backward then sees None for an output nothing flowed into
@@ -744,11 +744,11 @@ def _max_setup(ctx, inputs, output):
 def _max_backward(ctx, grad, _grad_indices):
     if grad is None:  # not materialised (see _max_setup): an undefined gradient gives an undefined one
         return None, None, None, None, None, None, None, None
-    (idx,) = ctx.saved_tensors
+    idx, x = ctx.saved_tensors
     if idx.dim() != 4:
         raise KernelInputError("max_pool backward: the forward ran with need_indices=False (no indices were kept); "
                                "call it with need_indices=True where a gradient is wanted")
-    return _max_pool_backward_op(grad, idx, *ctx.params), None, None, None, None, None, None, None
+    return _depends_on(_max_pool_backward_op(grad, idx, *ctx.params), grad, x), None, None, None, None, None, None, None
 
 
 _max_pool_op.register_autograd(_max_backward, setup_context=_max_setup)
@@ -805,10 +805,24 @@ def _(grad_output, input_size, kernel_size, stride, padding, ceil_mode, count_in
 def _avg_setup(ctx, inputs, output):
     x, k, s, p, cm, cip, dov = inputs
     ctx.params = (list(x.shape), k, s, p, cm, cip, dov, _channels_last(x))
+    ctx.save_for_backward(x)  # as torch's average pooling saves it (see _depends_on)
 
 
 def _avg_backward(ctx, grad):
-    return _avg_pool_backward_op(grad, *ctx.params), None, None, None, None, None, None
+    (x,) = ctx.saved_tensors
+    return _depends_on(_avg_pool_backward_op(grad, *ctx.params), grad, x), None, None, None, None, None, None
+
+
+def _depends_on(gx: Tensor, grad: Tensor, x: Tensor) -> Tensor:
+    """The input gradient ``gx``, made to depend on the input ``x`` (with a zero derivative) where
+    a graph is built (create_graph=True) and ``grad`` carries none: torch's pooling backward is
+    differentiable in its input (a zero derivative), so a gradient penalty through a pooling whose
+    upstream gradient is a constant (``grad(pool(x).sum(), x, create_graph=True)``) can be
+    differentiated again, where ours gave a tensor without a graph. An empty slice's sum: an exact
+    zero whatever x holds (inf * 0 would be NaN)."""
+    if _C.is_grad_enabled() and x.requires_grad and not gx.requires_grad:
+        return gx + x.reshape(-1)[:0].sum().to(gx.dtype)
+    return gx
 
 
 _avg_pool_op.register_autograd(_avg_backward, setup_context=_avg_setup)
