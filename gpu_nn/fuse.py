@@ -90,14 +90,12 @@ class _Tracer(torch.fx.Tracer):
     module, the graph runs them); every ``gpu_nn.functional`` function is recorded as one call
     (their argument checks cannot take a Proxy)."""
 
-    # buffers as graph inputs (get_attr), not their values at trace time: read, and updated in
-    # place, when the graph runs (their sizes, dtype and device as they are: see getattr)
-    proxy_buffer_attributes = True
-
     def __init__(self):
         super().__init__(autowrap_modules=(math, _F), autowrap_functions=(_untraced_mode,))
 
     def getattr(self, attr, attr_val, parameter_proxy_cache):
+        # buffers as graph inputs (get_attr), not their values at trace time: read, and updated in
+        # place, when the graph runs; their sizes, dtype and device as they are (_BufferProxy)
         if isinstance(attr_val, torch.Tensor) and not isinstance(attr_val, torch.nn.Parameter):
             for name, buf in self.root.named_buffers():
                 if buf is attr_val:

@@ -592,10 +592,9 @@ def _looped(fn, batch_size, in_dims, args, overload=None):
         stacked = [torch.empty((0, *o.shape), dtype=o.dtype, device=device) for o in (outs if tup else (outs,))]
         # the (empty) results depend on the inputs, as a computed result would: autograd reaches
         # them (a zero gradient of the inputs' shapes) where a gradient is wanted
-        link = [t.sum() * 0 for t in _tensors(args) if t.is_floating_point() and t.requires_grad]
-        if link and torch.is_grad_enabled():
-            total = sum(link)
-            stacked = [o + total.to(o.dtype) if o.is_floating_point() else o for o in stacked]
+        zero = exact_zero_of(_tensors(args))
+        if zero is not None:
+            stacked = [o + zero.to(o.dtype) if o.is_floating_point() else o for o in stacked]
     else:
         per = [fn(*(pick(a, d, i) for a, d in zip(args, in_dims))) for i in range(batch_size)]
         tup = isinstance(per[0], (tuple, list))
@@ -603,6 +602,17 @@ def _looped(fn, batch_size, in_dims, args, overload=None):
     if tup:
         return tuple(stacked), (0,) * len(stacked)
     return stacked[0], 0
+
+
+def exact_zero_of(tensors):
+    """A 0-d zero that depends on each tensor of ``tensors`` that wants a gradient, for a result to
+    carry a graph to them with a zero derivative (as torch's own ops do where a result does not
+    depend on an input's values), or None where grad mode is off or no tensor wants one. Each
+    tensor's empty slice summed: an exact zero whatever the tensor holds (inf * 0 would be NaN)."""
+    if not _C.is_grad_enabled():
+        return None
+    parts = [t.reshape(-1)[:0].sum() for t in tensors if t.requires_grad]
+    return sum(parts[1:], parts[0]) if parts else None
 
 
 def _tensors(args):

@@ -41,6 +41,7 @@ from ._dispatch import chooser as _chooser  # module-level name: tests replace i
 # a channels_last input (dense NHWC, not also contiguous): torch's pooling then returns
 # channels_last values, indices and input gradient, as ours do
 from ._dispatch import dense_channels_last as _channels_last
+from ._dispatch import exact_zero_of
 from ._dispatch import has_torch_function as _has_tf
 from ._dispatch import torch_function as _tf
 
@@ -818,10 +819,11 @@ def _depends_on(gx: Tensor, grad: Tensor, x: Tensor) -> Tensor:
     a graph is built (create_graph=True) and ``grad`` carries none: torch's pooling backward is
     differentiable in its input (a zero derivative), so a gradient penalty through a pooling whose
     upstream gradient is a constant (``grad(pool(x).sum(), x, create_graph=True)``) can be
-    differentiated again, where ours gave a tensor without a graph. An empty slice's sum: an exact
-    zero whatever x holds (inf * 0 would be NaN)."""
-    if _C.is_grad_enabled() and x.requires_grad and not gx.requires_grad:
-        return gx + x.reshape(-1)[:0].sum().to(gx.dtype)
+    differentiated again, where ours gave a tensor without a graph."""
+    if not gx.requires_grad:
+        zero = exact_zero_of((x,))
+        if zero is not None:
+            return gx + zero.to(gx.dtype)
     return gx
 
 
