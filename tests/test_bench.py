@@ -5,9 +5,14 @@ import statistics
 import time
 
 import pytest
+import torch
 
 from gpu_nn.benchmarks import harness, suite
 from gpu_nn.cli import main
+
+# Where the GPU benchmark lists' providers run in the tests that call them: tiny tensors on the GPU
+# where there is one, else on the CPU (Triton under the interpreter, which conftest sets only there)
+TINY_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 class FakeClock:
@@ -585,15 +590,14 @@ def test_cnn_block_case_computes_the_same_block_as_torch():
 def test_pool_gpu_cases_time_avg_pooling_too(monkeypatch):
     """bench_pool's GPU list times average pooling (issue 14's goal names max and avg pooling)
     forward and forward+backward in each dtype, for torch, triton and cupy; the providers run
-    (here on tiny CPU tensors, triton under the interpreter) and call each pool with the same
-    window."""
+    (here on tiny tensors of TINY_DEVICE) and call each pool with the same window."""
     import torch
 
     from gpu_nn.benchmarks import bench_pool
 
     real = bench_pool._inputs
     monkeypatch.setattr(bench_pool, "_inputs", lambda shape, device, dtype, padding=1, channels_last=False:
-                        real((1, 2, 7, 6), "cpu", torch.float32, padding, channels_last))
+                        real((1, 2, 7, 6), TINY_DEVICE, torch.float32, padding, channels_last))
     seen = []
     torch_avg = torch.nn.functional.avg_pool2d
     monkeypatch.setattr(torch.nn.functional, "avg_pool2d", lambda *a, **k: seen.append(a[1:]) or torch_avg(*a, **k))
@@ -611,8 +615,8 @@ def test_optim_gpu_cases_time_every_optimizer(monkeypatch):
     """bench_optim's GPU list times every optimizer of ours (issue 14's goal covers every step):
     SGD with momentum, Adagrad and Adadelta beside Adam / AdamW / RMSprop, each against torch
     fused=True where the probe finds it for the device and dtype, else foreach (the shape says
-    which); the torch and triton providers step (here on tiny CPU parameters, triton under the
-    interpreter) with the same hyperparameters."""
+    which); the torch and triton providers step (here on tiny parameters of TINY_DEVICE) with the
+    same hyperparameters."""
     import torch
 
     from gpu_nn.benchmarks import bench_optim
@@ -621,7 +625,7 @@ def test_optim_gpu_cases_time_every_optimizer(monkeypatch):
     assert not bench_optim.fused_on(torch.optim.Adadelta, "cpu", torch.float32)  # no fused argument
     assert not bench_optim.fused_on(torch.optim.SGD, "meta", torch.float32)  # no fused kernel there
     real = bench_optim._params
-    monkeypatch.setattr(bench_optim, "_params", lambda sizes, dtype, device, seed=0: real([5, 3], dtype, "cpu", seed))
+    monkeypatch.setattr(bench_optim, "_params", lambda sizes, dtype, device, seed=0: real([5, 3], dtype, TINY_DEVICE, seed))
     monkeypatch.setattr(bench_optim, "fused_on", lambda cls, device, dtype: cls is torch.optim.SGD)
     cases = bench_optim.cases("cuda", quick=True)
     names = [c.name for c in cases]
@@ -645,7 +649,7 @@ def test_dense_gpu_cases_time_float32_linear_under_both_tf32_settings(monkeypatc
     from gpu_nn.ops import dense as ops
 
     real = bench_dense._linear_inputs
-    monkeypatch.setattr(bench_dense, "_linear_inputs", lambda M, K, N, device, dtype: real(3, 5, 4, "cpu", dtype))
+    monkeypatch.setattr(bench_dense, "_linear_inputs", lambda M, K, N, device, dtype: real(3, 5, 4, TINY_DEVICE, dtype))
     seen = []
     real_linear = torch.nn.functional.linear
     monkeypatch.setattr(torch.nn.functional, "linear",
@@ -660,7 +664,7 @@ def test_dense_gpu_cases_time_float32_linear_under_both_tf32_settings(monkeypatc
     real_allowed = ops._tf32_allowed
     monkeypatch.setattr(ops, "_tf32_allowed", lambda: ours.append(real_allowed()) or ours[-1])
     for case in (cases[0], cases[2]):
-        case.providers["triton"]()()  # (under the interpreter here)
+        case.providers["triton"]()()  # (tiny tensors of TINY_DEVICE)
     assert ours == [before, True] and torch.backends.cuda.matmul.allow_tf32 == before
 
 
