@@ -8,15 +8,19 @@
 #   info      gpu-nn info (versions, device, which backends work)
 #   check     gpu-nn check --no-progress --json (one line per op as it finishes; its workers
 #             compile kernels in parallel, and its last lines say how much time was compilation)
-#   bench     gpu-nn bench --quick --warm-jobs N (JSON + PNG): N processes first make every case's
-#             first call in parallel (kernel compilation on N cores; the cold first calls are kept in
-#             bench.json as first_call_cold), then one process times every case; with GPU_NN_TUNE_RECORD=OUTDIR/tuning.jsonl: every
-#             candidate configuration of every tuned launcher (linear's matmul, and any other that
-#             goes through gpu_nn._tuning.choose) is timed at every benchmark shape it meets, one
-#             JSON row each ({device_key, op, key, config, ms, chosen}), so that CPU-only sessions
-#             can fit heuristics to them; GPU_NN_TUNE_CACHE=OUTDIR/tuning-cache.json starts the
-#             tuning cache empty (nothing measured in an earlier run is skipped) and keeps the
-#             choices made
+#   bench     gpu-nn bench --quick --warm-jobs N --warm-budget-s 60 (JSON + PNG): N processes
+#             first make every case's first call in parallel (kernel compilation on N cores; the
+#             cold first calls are kept in bench.json as first_call_cold), starting none after 60 s,
+#             then one process times every case, bench.json rewritten after each. The heuristic
+#             configurations (GPU_NN_TUNE=0): with tuning on, the warm phase of the H200 run at
+#             a331102 compiled and timed every candidate of every tuned launcher and did not end
+#             within the step's 120 s, leaving no ratio table (the warm processes' choices are
+#             thrown away, so the timed phase would tune again). GPU_RUN_BENCH_TUNE=1 tunes as before:
+#             with GPU_NN_TUNE_RECORD=OUTDIR/tuning.jsonl every candidate configuration of every
+#             tuned launcher is timed at every benchmark shape it meets, one JSON row each
+#             ({device_key, op, key, config, ms, chosen}), so that CPU-only sessions can fit
+#             heuristics to them, and GPU_NN_TUNE_CACHE=OUTDIR/tuning-cache.json starts the tuning
+#             cache empty and keeps the choices made (gpu_measure.sh's sweeps time the candidates too)
 #   pytest    the suite with xdist (all but the CPU-only sm_90 AOT compile file, which CI runs), -rfE so
 #             that a run cut short still names what failed (its limit sends SIGINT, on which pytest
 #             prints the summary); it gets the time the steps before left, so the tests only a GPU
@@ -57,10 +61,16 @@ tail -n 3 "$OUTDIR/check.log" | grep -v '^== ' | sed -e 's/^/  check: /' -e '$a\
 # the first call of each tuned shape compiles and times every candidate (first_call in bench.json)
 rm -f "$OUTDIR/tuning.jsonl" "$OUTDIR/tuning-cache.json"
 WARM_JOBS=$(( NCPU > 12 ? 12 : NCPU ))
-step bench 120 env GPU_NN_TUNE=1 GPU_NN_TUNE_RECORD="$OUTDIR/tuning.jsonl" GPU_NN_TUNE_CACHE="$OUTDIR/tuning-cache.json" \
-    "${GN[@]}" bench --quick --warm-jobs "$WARM_JOBS" --out "$OUTDIR/bench" --no-progress
-echo "  bench: $(cat "$OUTDIR/tuning.jsonl" 2>/dev/null | wc -l | tr -d ' ') tuning timings recorded in tuning.jsonl" \
-    | tee -a "$SUMMARY"
+BENCH=("${GN[@]}" bench --quick --warm-jobs "$WARM_JOBS" --warm-budget-s 60 --out "$OUTDIR/bench" --no-progress)
+if [ "${GPU_RUN_BENCH_TUNE:-0}" = 1 ]; then
+    step bench 120 env GPU_NN_TUNE=1 GPU_NN_TUNE_RECORD="$OUTDIR/tuning.jsonl" GPU_NN_TUNE_CACHE="$OUTDIR/tuning-cache.json" \
+        "${BENCH[@]}"
+    echo "  bench: $(cat "$OUTDIR/tuning.jsonl" 2>/dev/null | wc -l | tr -d ' ') tuning timings recorded in tuning.jsonl" \
+        | tee -a "$SUMMARY"
+else
+    step bench 120 "${BENCH[@]}"
+fi
+grep -E "^warm phase: " "$OUTDIR/bench.log" 2>/dev/null | sed 's/^/  bench: /' | tee -a "$SUMMARY"
 # issue 14's goal: our calls at the bench shapes whose host time nears their event time
 grep -E "^host-bound " "$OUTDIR/bench.log" 2>/dev/null | sed 's/^/  bench: /' | tee -a "$SUMMARY"
 

@@ -36,6 +36,11 @@ def add_arguments(parser) -> None:
                              "so that kernel compilation (Triton's and CuPy's on-disk caches, shared by every "
                              "process) runs on N cores instead of one; each case's cold first call is kept as "
                              "first_call_cold, its warm one as first_call (default 0: no warm phase)")
+    parser.add_argument("--warm-budget-s", type=float, default=None, metavar="S",
+                        help="with --warm-jobs: the warm phase starts no case after S seconds and is given "
+                             "up S + 30 seconds in (its processes ended), so that a time-limited run still "
+                             "reaches its timed phase; the cases it did not reach compile there (default: "
+                             "no limit)")
 
 
 def collect(families, device: str, quick: bool):
@@ -97,11 +102,12 @@ def plot(rows, path: str, title: str, note: str = "") -> None:
     plt.close(fig)
 
 
-def _warm_worker(fams, device, quick, indices, cache_path):
+def _warm_worker(fams, device, quick, indices, cache_path, deadline=None):
     """One warm-phase process: the first call of every provider of cases ``indices`` (in the
     order ``collect`` gives), timed; {index: {provider: seconds}}. Tuned launchers measure their
     candidates here too (so that every candidate compiles), but into a throw-away cache and with
-    no record: timings taken beside other busy processes are not choices."""
+    no record: timings taken beside other busy processes are not choices. No case is started
+    after ``deadline`` (time.time()), if given."""
     os.environ.pop("GPU_NN_TUNE_RECORD", None)
     os.environ["GPU_NN_TUNE_CACHE"] = cache_path
     import torch
@@ -109,6 +115,8 @@ def _warm_worker(fams, device, quick, indices, cache_path):
     cases, _ = collect(fams, device, quick)
     out = {}
     for i in indices:
+        if deadline is not None and time.time() > deadline:
+            break
         got = out.setdefault(i, {})
         for name, setup in cases[i].providers.items():
             fn = None
@@ -128,26 +136,36 @@ def _warm_worker(fams, device, quick, indices, cache_path):
     return out
 
 
-def warm(fams, device: str, quick: bool, n_cases: int, jobs: int) -> tuple[dict, float]:
+def warm(fams, device: str, quick: bool, n_cases: int, jobs: int, budget_s: float | None = None) -> tuple[dict, float]:
     """The parallel warm phase: ({case index: {provider: cold first-call seconds}}, wall seconds).
-    Cases are dealt round-robin so that each process gets a mix of families."""
+    Cases are dealt round-robin so that each process gets a mix of families. With ``budget_s``
+    the workers start no case after that many seconds, and a worker still busy 30 s later (a case
+    compiling many kernels) is ended: its cases stay cold, and the timed run compiles them."""
     import concurrent.futures as cf
     import multiprocessing as mp
     import tempfile
 
     t0 = time.perf_counter()
     jobs = max(1, min(jobs, n_cases))
-    cold = {}
+    deadline = None if budget_s is None else time.time() + budget_s
+    cold, late = {}, ()
     with tempfile.TemporaryDirectory(prefix="gpu_nn_warm_") as tmp:
         # spawn: a forked child would inherit this process's CUDA context, which CUDA forbids
-        with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as ex:
+        ex = cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"))
+        try:
             futs = [ex.submit(_warm_worker, tuple(fams), device, quick, list(range(j, n_cases, jobs)),
-                              os.path.join(tmp, f"tuning-{j}.json")) for j in range(jobs)]
-            for f in futs:
+                              os.path.join(tmp, f"tuning-{j}.json"), deadline) for j in range(jobs)]
+            done, late = cf.wait(futs, timeout=None if budget_s is None else budget_s + 30)
+            for f in done:
                 try:
                     cold.update(f.result())
                 except Exception:  # a worker that died leaves its cases cold: the timed run compiles them
                     pass
+        finally:
+            if budget_s is not None and late:
+                for proc in list((getattr(ex, "_processes", None) or {}).values()):
+                    proc.terminate()
+            ex.shutdown(wait=True, cancel_futures=True)
     return cold, time.perf_counter() - t0
 
 
@@ -180,7 +198,7 @@ def run(args) -> int:
     cold, warm_s = {}, None
     jobs = getattr(args, "warm_jobs", 0) or 0
     if jobs > 0 and device == "cuda" and cases:
-        cold, warm_s = warm(fams, device, args.quick, len(cases), jobs)
+        cold, warm_s = warm(fams, device, args.quick, len(cases), jobs, getattr(args, "warm_budget_s", None))
         console.print(f"warm phase: first call of {len(cold)} of {len(cases)} cases in {jobs} processes, "
                       f"{warm_s:.1f} s wall ({sum(sum(v.values()) for v in cold.values()):.1f} s of first calls, "
                       f"kernel compilation included)")

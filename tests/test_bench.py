@@ -207,12 +207,11 @@ def test_gpu_run_script_steps_summary_and_archive(tmp_path):
     assert "pytest: FAILED tests/test_x.py::test_y" in summary and "pytest: 1 failed, 41 passed" in summary
     assert "KeyboardInterrupt" not in summary  # an interrupted pytest's counts, not the traceback after them
     assert "check: 4 passed, 0 failed" in summary
-    assert "bench: 1 tuning timings recorded" in summary
-    # the bench step tunes, with an empty cache, and records every candidate's time into the run
-    # folder; check and the tests run the heuristics
+    # every step runs the heuristic configurations, the bench's warm phase within a budget (with
+    # tuning on, the H200's warm phase outlasted the step and left no ratio table)
     (bench_call,) = [c for c in calls if " bench " in c]
-    assert f"[TUNE=1 RECORD={out}/tuning.jsonl CACHE={out}/tuning-cache.json]" in bench_call
-    assert all("[TUNE=0 RECORD= CACHE=]" in c for c in calls if " check " in c or "-m pytest" in c)
+    assert "--warm-budget-s 60" in bench_call and "tuning timings" not in summary
+    assert all("[TUNE=0 RECORD= CACHE=]" in c for c in calls if " check " in c or "-m pytest" in c or " bench " in c)
     assert not any(" sass" in c for c in calls)
     (pytest_call,) = [c for c in calls if "-m pytest" in c]
     assert "-rfE" in pytest_call and "-x" not in pytest_call.split()
@@ -223,7 +222,21 @@ def test_gpu_run_script_steps_summary_and_archive(tmp_path):
     with tarfile.open(str(out) + ".tgz") as tar:
         names = tar.getnames()
     assert "out/summary.txt" in names and "out/pytest.log" in names and "out/machine.txt" in names
-    assert "out/tuning.jsonl" in names
+    # GPU_RUN_BENCH_TUNE=1: the bench step tunes, with an empty cache, and records every
+    # candidate's time into the run folder; check and the tests still run the heuristics
+    (tmp_path / "tuned").mkdir()
+    r, out, calls = run_bench_script(
+        tmp_path / "tuned", "gpu_run.sh",
+        'case "$*" in *" bench "*) echo \'{"op": "matmul", "ms": 0.5}\' >> "$GPU_NN_TUNE_RECORD";; esac\n'
+        "exit 0\n",
+        {**{k: v for k, v in os.environ.items() if not k.startswith("GPU_NN_TUNE")}, "GPU_RUN_BENCH_TUNE": "1"},
+        log_line='echo "$* [TUNE=${GPU_NN_TUNE:-} RECORD=${GPU_NN_TUNE_RECORD:-} CACHE=${GPU_NN_TUNE_CACHE:-}]"')
+    (bench_call,) = [c for c in calls if " bench " in c]
+    assert f"[TUNE=1 RECORD={out}/tuning.jsonl CACHE={out}/tuning-cache.json]" in bench_call
+    assert all("[TUNE=0 RECORD= CACHE=]" in c for c in calls if " check " in c or "-m pytest" in c)
+    assert "bench: 1 tuning timings recorded" in (out / "summary.txt").read_text()
+    with tarfile.open(str(out) + ".tgz") as tar:
+        assert "out/tuning.jsonl" in tar.getnames()
 
 
 def test_results_record_and_render(tmp_path):
@@ -355,6 +368,21 @@ def test_warm_phase_makes_every_first_call_in_parallel_processes():
         assert set(cold[i]) == set(c.providers), (i, c.name)
         assert all(v > 0 for v in cold[i].values())
     assert wall > 0
+
+
+def test_warm_phase_budget_starts_no_case_after_it():
+    """``--warm-budget-s``: the warm phase's processes start no case once the budget is spent
+    (here 0 s: none), so that a time-limited GPU run reaches its timed phase; the option reaches
+    warm() from the command line."""
+    cases, _ = suite.collect(("activation",), "cpu", True)
+    cold, wall = suite.warm(("activation",), "cpu", True, len(cases), 2, budget_s=0)
+    assert cold == {} and wall < 60
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    suite.add_arguments(parser)
+    assert parser.parse_args(["--warm-jobs", "4", "--warm-budget-s", "75"]).warm_budget_s == 75
+    assert parser.parse_args([]).warm_budget_s is None
 
 
 def test_overhead_drops_only_the_backends_that_lack_the_op():
