@@ -1376,7 +1376,14 @@ def test_tma_candidates_only_where_they_apply(monkeypatch):
     y = t(2, 32, 28, 28)
     assert not kt.tma_device(x) and not any(kt.TMA in c for c in kt.problem_candidates(x, w, None, y, 1, "ieee", (1, 1)))
     monkeypatch.setattr(kt, "tma_device", lambda t: True)
-    assert kt.problem_candidates(x, w, None, y, 1, "ieee", (1, 1))[-len(half):] == half
+    # tma8x16, wrong on the H200 storing a channels_last y through pointers, is not offered there
+    # (kt.TMA_FWD_SUSPECT); an NCHW y, which it stores through a descriptor, gets every tile
+    suspect = (*kt.TMA_CONFIGS["half"]["tma8x16"], kt.TMA)
+    assert kt.problem_candidates(x, w, None, y, 1, "ieee", (1, 1))[-(len(half) - 1):] == [c for c in half if c != suspect]
+    assert suspect not in kt.problem_candidates(x, w, None, y, 1, "ieee", (1, 1))
+    x16, y16 = t(2, 64, 16, 16), t(2, 32, 16, 16, cl=False)  # rows of 32 bytes: a descriptor's
+    tiles16 = kt.tma_candidates(x16, w, (1, 1), 1, "ieee")
+    assert suspect in tiles16 and kt.problem_candidates(x16, w, None, y16, 1, "ieee", (1, 1))[-len(tiles16):] == tiles16
     assert not any(kt.TMA in c for c in kt.problem_candidates(x, w, None, y, 1, "ieee"))  # no stride given
     # the input gradient's: by the output channel count, and rows of C channels in 16-byte units
     dhalf = [(*c, kt.TMA) for c in kt.DGRAD_TMA_CONFIGS["half"].values()]
@@ -1418,14 +1425,16 @@ def test_tma_candidates_through_the_chooser_match_reference(monkeypatch, rng):
 
     dev = _tma_here()
     monkeypatch.setattr(kt, "tma_device", lambda t: True)
-    x64, w64, b64 = randn(rng, 1, 64, 5, 9), randn(rng, 64, 64, 3, 3) / 24, randn(rng, 64)
+    # 8 columns: an NCHW y of 16-byte rows, which the via-channels_last tile stores through a
+    # descriptor (kt.TMA_FWD_SUSPECT: not offered where it would store through pointers)
+    x64, w64, b64 = randn(rng, 1, 64, 5, 8), randn(rng, 64, 64, 3, 3) / 24, randn(rng, 64)
     with gpu_nn.backend("reference"):
         yr = F.conv2d(x64, w64, b64, padding=1, activation="relu")
     for layout in ("channels_last", "contig"):
         x, w = (_layout(t.to(dev, torch.float16), layout) for t in (x64, w64))
         b = b64.to(dev, torch.float16)
-        cands = [c for c in kt.problem_candidates(x, w, b, torch.empty(yr.shape, dtype=torch.float16), 1, "ieee", (1, 1))
-                 if kt.TMA in c]
+        y_like = _layout(torch.empty(yr.shape, dtype=torch.float16), layout)  # F.conv2d's y follows x's layout
+        cands = [c for c in kt.problem_candidates(x, w, b, y_like, 1, "ieee", (1, 1)) if kt.TMA in c]
         assert cands and all((kt.VIA_CL in c) is (layout == "contig") for c in cands)
         for cand in cands:
             monkeypatch.setattr(oc, "_chooser", lambda device, cand=cand: (
@@ -1553,9 +1562,16 @@ def test_tma_forward_writes_an_nchw_output_through_a_descriptor(dtype, monkeypat
         with gpu_nn.backend("reference"):
             yr = F.conv2d(x64, w64, b64, padding=1, activation="relu")
         x, w, b = (t.to(dev, dtype) for t in (x64, w64, b64))
-        cands = [c for c in kt.problem_candidates(x, w, b, torch.empty(yr.shape, dtype=dtype), 1,
-                                                  "ieee" if dtype == torch.float16 else "tf32", (1, 1))
-                 if kt.TMA in c and kt.VIA_CL in c]
+
+        def offered():
+            return [c for c in kt.problem_candidates(x, w, b, torch.empty(yr.shape, dtype=dtype), 1,
+                                                     "ieee" if dtype == torch.float16 else "tf32", (1, 1))
+                    if kt.TMA in c and kt.VIA_CL in c]
+
+        if not described:  # the tile would store through pointers: not offered (kt.TMA_FWD_SUSPECT, the H200's
+            assert offered() == []  # wrong result), but that path still gives the reference's values here
+            monkeypatch.setattr(kt, "TMA_FWD_SUSPECT", ())
+        cands = offered()
         assert cands
         for cand in cands:
             launches.clear()

@@ -1330,8 +1330,26 @@ def problem_candidates(x, w, b, y, groups: int, prec: str, stride=None) -> list[
             out.append((*table[name], FLAT, SPLIT))
     out += [(*table[name], PACKED) for name in FWD_PACKED[key] if packed_offered(cg, taps, table[name][2])]
     if stride is not None and tma_device(x):
-        out += tma_candidates(x, w, stride, groups, prec)
+        out += [c for c in tma_candidates(x, w, stride, groups, prec) if not tma_fwd_suspect(c, x, y)]
     return out
+
+
+# TMA forward tiles that gave wrong results on an H200 where they store y through pointers (y
+# channels_last): benchmarks/results/2026-12-04_nvidia-h200_a331102, the conv sweep, bfloat16 N=32
+# C=O=64 56x56 channels_last, tma8x16 max error 0.72 where every other candidate, and the same
+# tile storing an NCHW y through a descriptor, were right; the interpreter finds it right. Not
+# offered to the measuring chooser there until a GPU run shows it right (benchmarks/sweep.py
+# still times it, through tma_candidates).
+TMA_FWD_SUSPECT = ("tma8x16",)
+
+
+def tma_fwd_suspect(cfg: tuple, x, y) -> bool:
+    """Whether TMA forward candidate ``cfg`` is one of TMA_FWD_SUSPECT's tiles and would store
+    ``y`` through pointers (not through a descriptor: :func:`_tma_y_direct`)."""
+    if TMA not in cfg or _tma_y_direct(cfg, y):
+        return False
+    table = TMA_CONFIGS["half" if x.element_size() == 2 else "fp32"]
+    return any(tuple(cfg[:6]) == tuple(table[name]) for name in TMA_FWD_SUSPECT if name in table)
 
 
 def dgrad_candidates(half: bool, nhwc: bool = False, via_cl: bool = False) -> list[tuple]:
