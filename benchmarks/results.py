@@ -107,7 +107,8 @@ def summarize_run(run_dir: str) -> dict:
         "date": meta.get("date") or env.get("date") or datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "commit": meta.get("commit", "unknown"),
         "gpu": gpu.strip(),
-        "versions": {k: env[k] for k in ("python", "torch", "cuda", "triton", "cupy", "numpy", "gpu_nn") if k in env},
+        "versions": {k: env[k] for k in ("python", "torch", "cuda", "triton", "cupy", "numpy", "gpu_nn") if k in env}
+                    or machine_versions(machine),
         # the image's whole `pip list` (steps.sh's machine_info): setuptools decides which
         # pyproject.toml forms install there without a download
         "packages": dict(re.findall(r"^  ([A-Za-z0-9_.-]+)==(\S+)$", machine, flags=re.M)),
@@ -125,6 +126,21 @@ def summarize_run(run_dir: str) -> dict:
         run["check"] = {"rows": len(check), "failed": len(bad),
                         "failures": [f"{r['op']} {r['backend']} {r['dtype']}: {r.get('error') or r.get('max_rel_err')}" for r in bad][:50]}
     return run
+
+
+def machine_versions(machine: str) -> dict:
+    """The versions a run's bench.json would name, read from its machine.txt (the package list
+    and nvidia-smi), for a run whose bench step left no bench.json."""
+    pkgs = dict(re.findall(r"^  ([A-Za-z0-9_.-]+)==(\S+)$", machine, flags=re.M))
+    out = {k: pkgs[k] for k in ("torch", "triton", "numpy") if k in pkgs}
+    cupy = next((v for k, v in pkgs.items() if k.startswith("cupy-cuda")), None)
+    if cupy:
+        out["cupy"] = cupy
+    for key, pattern in (("python", r"python packages \(Python (\S+)\)"), ("cuda", r"CUDA Version: (\S+)")):
+        m = re.search(pattern, machine)
+        if m:
+            out[key] = m.group(1)
+    return out
 
 
 def run_name(run: dict) -> str:
@@ -161,6 +177,7 @@ def load_runs(results_dir: str = RESULTS_DIR) -> list[dict]:
         bench = _load_json(os.path.join(results_dir, name, "bench.json")) or {}
         run["name"] = name
         run["bench"] = bench.get("results", [])
+        run["summary_md"] = os.path.isfile(os.path.join(results_dir, name, "SUMMARY.md"))
         runs.append(run)
     runs.sort(key=lambda r: (r["date"], r["name"]))
     return runs
@@ -208,15 +225,29 @@ def markdown(runs: list[dict], others: list[str] = ()) -> str:
         lines.append(f"`gpu-nn check`: {chk['rows'] - chk['failed']} of {chk['rows']} rows pass.  ")
     if tests.get("summary"):
         lines.append(f"Test suite: {tests['summary']}.  ")
+    elif last.get("steps") and any(ln.startswith("pytest:") for ln in last["steps"]):
+        shown = [f for f in last.get("tests", {}).get("failures", [])]
+        lines.append("Test suite: cut by its time limit before its summary" + (f" ({len(shown)} failures named)" if shown else "")
+                     + (f"; see `benchmarks/results/{last['name']}/SUMMARY.md`" if last.get("summary_md") else "") + ".  ")
     for o in others:
         lines.append(f"Also recorded: {o}.  ")
-    if last.get("bench_partial"):
-        planned = last.get("bench_cases_planned")
-        lines.append(f"The bench step was cut by its time limit: {last.get('bench_cases', len(last['bench']))}"
+    # the ratio table of the latest run that has one (a run whose bench step left no bench.json
+    # keeps the table of the run before it, named)
+    table = next((r for r in reversed(runs) if r.get("bench")), None)
+    if table is None:
+        lines += ["", "No recorded run has a bench table yet."]
+        lines += ["", "![ratios across recorded runs](benchmarks/results/history.png)"]
+        return "\n".join(lines)
+    if table is not last:
+        lines.append(f"The latest run's bench step left no table: the table below is the run of "
+                     f"{table['date'][:10]}, commit `{table['commit'][:7]}`.  ")
+    if table.get("bench_partial"):
+        planned = table.get("bench_cases_planned")
+        lines.append(f"The bench step was cut by its time limit: {table.get('bench_cases', len(table['bench']))}"
                      + (f" of {planned}" if planned else "") + " planned cases are in the table below.  ")
     lines += ["", "Time ours / torch (median, same process; below 1 is faster than torch):", "",
               "| family | case | shape | provider | ratio |", "| --- | --- | --- | --- | ---: |"]
-    for r in last["bench"]:
+    for r in table["bench"]:
         for prov, ratio in sorted((r.get("ratio") or {}).items()):
             lines.append(f"| {r['family']} | {r['name']} | {r['shape']} | {prov} | {ratio:.2f}x |")
         for prov, err in sorted((r.get("errors") or {}).items()):

@@ -295,6 +295,30 @@ def test_results_record_and_render(tmp_path):
     assert "The bench step was cut by its time limit: 2 of 9 planned cases are in the table below." in text
     assert ("Also recorded: `benchmarks/results/2026-12-02_h200_tests/SUMMARY.md`: Test suite on the H200, "
             "tests only.") in text
+    # a later run whose bench step left no bench.json and whose tests were cut (no summary): its
+    # versions from machine.txt, its check line, and the table of the run before it, named
+    later = tmp_path / "gpu-run-2"
+    later.mkdir()
+    (later / "machine.txt").write_text(
+        "date: 2026-12-04T11:25:41Z\nhost: h\ncommit: 1234567abcdef\n"
+        "| NVIDIA-SMI 580.159.04    Driver Version: 580.159.04     CUDA Version: 13.0     |\n"
+        "|   0  NVIDIA H200                    On  |   00000000:00:06.0 Off |\n"
+        "python packages (Python 3.12.3):\n  cupy-cuda13x==14.2.0\n  torch==2.11.0\n  triton==3.6.0\n")
+    (later / "summary.txt").write_text("check: rc=0 65s\nbench: rc=124 121s (timed out)\npytest: rc=137 108s\n")
+    (later / "pytest.log").write_text("..F..\n")
+    (later / "check.json").write_text(json.dumps([
+        {"op": "relu", "backend": "triton", "dtype": "float32", "ok": True, "max_rel_err": 1e-7, "error": ""}]))
+    dest2 = results.record(str(later), str(into))
+    (pathlib.Path(dest2) / "SUMMARY.md").write_text("# H200 run\n")
+    run2 = json.loads((pathlib.Path(dest2) / "run.json").read_text())
+    assert run2["versions"] == {"torch": "2.11.0", "triton": "3.6.0", "cupy": "14.2.0", "python": "3.12.3", "cuda": "13.0"}
+    results.render(str(into), str(readme))
+    text = readme.read_text()
+    assert "commit `1234567`; torch 2.11.0, cuda 13.0, triton 3.6.0, cupy 14.2.0, python 3.12.3. 2 runs" in text
+    assert "1 of 1 rows pass" in text and "1 of 2 rows pass" not in text
+    assert f"Test suite: cut by its time limit before its summary; see `benchmarks/results/{pathlib.Path(dest2).name}/SUMMARY.md`" in text
+    assert "the table below is the run of 2026-12-01, commit `abcdef1`" in text
+    assert "| activation | relu fwd | N=32 | triton | 1.50x |" in text
 
 
 def test_overhead_family_times_ours_torch_and_both_floors():
