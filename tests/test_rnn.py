@@ -1662,15 +1662,78 @@ def test_persistent_multi_program_matches_per_step_on_gpu(mode, B, H, rng, monke
                 mk.to(dev, torch.float32))
         return [out, hn, cn, res]
 
+    names = ("out", "h_n", "c_n", "reserve")
+    r_outs, r_res, _ = _persist_run(mode, "reference", torch.float64, x, hx, params, mk, lens, L, bi, True)
+
+    def run(env, run=run):  # the reserve's gates of ended steps are not compared (_reserve_read)
+        got = run(env)
+        return [*got[:3], _reserve_read(got[3], mode, T, B, H, L, bi, lengths)]
+
+    r_res = _reserve_read(r_res, mode, T, B, H, L, bi, lengths)
     step = run("0")
+    # the per-step launches (the default above one batch tile) against the reference first, so
+    # that a failure says which side is wrong (the H200 at a331102: persistent vs per-step failed
+    # at B=40, H=200, unknown which)
+    n = len(r_outs)  # out, h_n (and the LSTM's c_n)
+    for name, a, b in zip([*names[:n], names[3]], [*step[:n], step[3]], [*r_outs, r_res]):
+        assert_close(a.cpu(), b, torch.float32, k=4 * H, what=f"{mode} per-step {name} vs reference")
     for _ in range(2):
         pers = run("1")
-        for a, b in zip(pers, step):
-            assert_close(a.cpu(), b.cpu().double(), torch.float32, k=4 * H, what=f"{mode} persistent vs per-step")
-    r_outs, r_res, _ = _persist_run(mode, "reference", torch.float64, x, hx, params, mk, lens, L, bi, True)
+        for name, a, b in zip(names, pers, step):
+            assert_close(a.cpu(), b.cpu().double(), torch.float32, k=4 * H, what=f"{mode} persistent {name} vs per-step"
+                         + (f" (batch rows with an error: {_bad_rows(a, b)})" if a.dim() >= 2 else ""))
     for a, b in zip(pers[:len(r_outs)], r_outs):
         assert_close(a.cpu(), b, torch.float32, k=4 * H, what=f"{mode} persistent vs reference")
     assert_close(pers[3].cpu(), r_res, torch.float32, k=4 * H, what=f"{mode} reserve vs reference")
+
+
+def _reserve_read(res, mode, T, B, H, L, bi, lengths):
+    """A float64 CPU copy of reserve ``res`` with the gates of every ended step (t >= len[b]) set
+    to zero: no backward reads them, and the per-step launches leave them as they come (a batch
+    tile whose sequences have all ended skips the recurrent product). On the H200 at a331102 this
+    test failed at B=40 with relative errors 0.37 (LSTM) and 0.86 (GRU) between the persistent and
+    per-step forwards, tensor unnamed; under the interpreter the per-step reserve differs from the
+    reference in exactly those entries (LSTM 0.37) while the persistent one matches it."""
+    r = res.detach().double().cpu().clone()
+    views = ops._reserve_views(r, mode, T, B, H, L, 2 if bi else 1, 0)
+    ended = torch.arange(T)[:, None] >= torch.tensor(lengths)[None, :]  # [T, B]
+    for key, v in views.items():
+        if key[0] == "gates":
+            v[ended] = 0.0
+    return r
+
+
+def test_reserve_read_leaves_only_what_a_backward_reads(rng, monkeypatch):
+    """_reserve_read's premise: with unequal lengths over several batch tiles (one of them all
+    ended at later steps), the per-step and persistent forwards' reserves differ only in the
+    gates of ended steps (here under the interpreter, or on a GPU), and agree once those are
+    set aside; outputs and final states agree outright."""
+    pytest.importorskip("triton")
+    mode, T, I, L, bi, B, H = "lstm", 8, 4, 1, True, 20, 16
+    lengths = (8,) * 4 + tuple(int(v) for v in rng.integers(1, 4, size=B - 4))  # tile 2 (rows 16..19) ends early
+    x, hx, params, mk, lens = _persist_case(mode, rng, T, B, I, H, L, bi, lengths, True, True)
+
+    def run(env):
+        monkeypatch.setenv(_PERSIST_ENV, env)
+        return _persist_run(mode, "triton", torch.float32, x, hx, params, mk, lens, L, bi, True)
+
+    (s_outs, s_res, _), (p_outs, p_res, _) = run("0"), run("1")
+    for a, b in zip(p_outs, s_outs):
+        assert_close(a.detach().cpu(), b.detach().cpu().double(), torch.float32, k=4 * H, what="outputs")
+    assert (s_res.double() - p_res.double()).abs().max() > 1e-3  # the ended steps' gates differ
+    a, b = (_reserve_read(r, mode, T, B, H, L, bi, lengths) for r in (p_res, s_res))
+    assert_close(a, b, torch.float32, k=4 * H, what="reserve read by the backward")
+
+
+def _bad_rows(a, b) -> list:
+    """Indices of axis 1 (the batch of [T, B, *] / [L*D, B, *]) where ``a`` and ``b`` differ by more
+    than 1e-3 relative to b's largest magnitude: which batch tiles a wrong persistent result
+    touches."""
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    if a.shape != b.shape or a.numel() == 0:
+        return []
+    err = (a - b).abs().transpose(0, 1).reshape(a.shape[1], -1).amax(1)
+    return [i for i, e in enumerate(err.tolist()) if e > 1e-3 * max(float(b.abs().max()), 1e-30)]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(),
