@@ -1318,6 +1318,10 @@ def test_resident_kp_takes_one_tile_per_program_and_tensor_core_dots(monkeypatch
     assert kt.resident_kp(513, tf32, 33, 33) == 0  # past RESIDENT_MAX_KP
     assert kt.resident_kp(64, fma, 4, 4) == 0  # FMA dots hold their operands in registers
     assert kt.resident_kp(64, tf32, 8, 4) == 0  # programs that take turns at tiles
+    # the backward's resident form stops at KP 256 (RESIDENT_BWD_MAX_KP: wrong on the H200 at 512)
+    assert kt.resident_kp(256, tf32, 16, 16, True) == 256 == kt.RESIDENT_BWD_MAX_KP
+    assert kt.resident_kp(257, tf32, 17, 17, True) == 0 and kt.resident_kp(512, bf16, 32, 32, True) == 0
+    assert kt.resident_kp(257, tf32, 17, 17) == 512  # the forward's keeps going
     monkeypatch.setenv(kt.RESIDENT_ENV, "0")
     assert kt.resident_kp(7, tf32, 1, 1) == 0
     monkeypatch.setenv(kt.RESIDENT_ENV, "1")
@@ -1620,7 +1624,8 @@ def test_resident_weights_on_gpu_match_reference(mode, dtype, B, H, bi, rng, mon
     barrier: float32 with TF32 (torch's default, which the resident form needs) and bfloat16, at
     KP 512 (bidirectional: 64 programs; B=64: 128, one per tile), 256 and 32 (the demo's layers),
     two layers, against the float64 reference (outputs and gradients through the persistent
-    backward), the launches checked to take KP > 0."""
+    backward), the forward launches checked to take the full KP, the backward's up to
+    RESIDENT_BWD_MAX_KP (above it, W_hh from L2)."""
     from gpu_nn.kernels.triton import rnn as kt
 
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
@@ -1628,9 +1633,12 @@ def test_resident_weights_on_gpu_match_reference(mode, dtype, B, H, bi, rng, mon
     monkeypatch.delenv(kt.RESIDENT_ENV, raising=False)
     kps = []
     real = kt.resident_kp
-    monkeypatch.setattr(kt, "resident_kp", lambda *a: (kps.append(real(*a)), kps[-1])[1])
+    # (backward?, KP) of every persistent launch
+    monkeypatch.setattr(kt, "resident_kp", lambda *a: (kps.append((len(a) > 4 and a[4], real(*a))), kps[-1][1])[1])
     _seq_against_reference("triton", "cuda", mode, dtype, rng, 6, B, 16, H, 2, bi, None, False, tf32=True)
-    assert kps and all(k == max(16, 1 << (H - 1).bit_length()) for k in kps), kps
+    full = max(16, 1 << (H - 1).bit_length())
+    bwd = full if full <= kt.RESIDENT_BWD_MAX_KP else 0  # H = 512: the backward reads W_hh from L2
+    assert any(b for b, _ in kps) and all(k == (bwd if b else full) for b, k in kps), kps
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(),

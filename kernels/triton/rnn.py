@@ -1325,19 +1325,28 @@ def _launch_options() -> dict:
 # skip added a branch, 208 -> 212 under 3.9).
 RESIDENT_ENV = "GPU_NN_RNN_RESIDENT"
 RESIDENT_MAX_KP = 512
+# The backward's resident form up to KP 256: on the H200 at a331102 the persistent backward
+# (GPU_NN_RNN_PERSISTENT=1; off by default) gave a wrong input gradient at KP 512 (B=4 H=512
+# bidirectional float32 under TF32: relative error 0.78 Elman, 0.45 LSTM) while its forward was
+# right, and Triton's interpreter, 64 programs run concurrently at that size, finds it exact; the
+# cause is not found without a GPU (its sm_90 build sits at the limits: 160 KiB of shared memory,
+# 250-252 registers under Triton 3.6). Above 256 the backward reads W_hh from L2, which the H200
+# passed (H = 1000, 1024).
+RESIDENT_BWD_MAX_KP = 256
 
 
-def resident_kp(H: int, dot: int, tiles: int, programs: int) -> int:
-    """KP of a persistent launch (forward or backward) of ``programs`` programs over ``tiles`` tiles: the
-    resident operands' depth (a power of two >= max(H, 16)), or 0 (W_hh read from L2 per step)
-    where the resident form does not apply (see RESIDENT_MAX_KP) or GPU_NN_RNN_RESIDENT=0."""
+def resident_kp(H: int, dot: int, tiles: int, programs: int, backward: bool = False) -> int:
+    """KP of a persistent launch (forward, or the ``backward``) of ``programs`` programs over
+    ``tiles`` tiles: the resident operands' depth (a power of two >= max(H, 16)), or 0 (W_hh read
+    from L2 per step) where the resident form does not apply (see RESIDENT_MAX_KP, and
+    RESIDENT_BWD_MAX_KP for the backward) or GPU_NN_RNN_RESIDENT=0."""
     env = os.environ.get(RESIDENT_ENV)
     if env not in (None, "", "0", "1"):
         raise ValueError(f"{RESIDENT_ENV} must be 0, 1 or unset, got {env!r}")
     if env == "0" or dot == DOT_CODES["fp32"] or programs != tiles:
         return 0
     kp = max(16, next_power_of_2(H))
-    return kp if kp <= RESIDENT_MAX_KP else 0
+    return kp if kp <= (RESIDENT_BWD_MAX_KP if backward else RESIDENT_MAX_KP) else 0
 
 
 def persist_tiles(B: int, H: int) -> int:
@@ -1471,7 +1480,7 @@ def loop_backward(mode, w_hh, carry, dc, dout, g, hs, cs, dgi, dgh, lengths, rev
     assert hs.stride(1) == H and hs.stride(2) == 1 and (cs is None or cs.stride() == hs.stride())
     assert carry.is_contiguous() and dout.stride(2) == 1 and dgi.stride(2) == 1 and dgh.stride() == dgi.stride()
     bb, bh, bk = PERSIST_BLOCKS
-    kp = resident_kp(H, dot, persist_tiles(B, H), programs)
+    kp = resident_kp(H, dot, persist_tiles(B, H), programs, True)
     warps, stages = persist_bwd_launch(mode, dot, kp)
     count, ws = _barrier_and_shares(kp, B, H, 1, hs.device)  # per launch, as the forward's counter
     launch_kernel(_rnn_persist_bwd_kernel, (programs,),
@@ -1504,7 +1513,7 @@ def persist_backward_pair(mode, fwd, rev, lengths, dot, programs):
     dGh1 = dGi1 if dGh1 is None else dGh1
     if T:
         bb, bh, bk = PERSIST_BLOCKS
-        kp = resident_kp(H, dot, 2 * persist_tiles(B, H), programs)
+        kp = resident_kp(H, dot, 2 * persist_tiles(B, H), programs, True)
         warps, stages = persist_bwd_launch(mode, dot, kp)
         count, ws = _barrier_and_shares(kp, B, H, 2, carry.device)
         launch_kernel(_rnn_persist2_bwd_kernel, (programs,),
