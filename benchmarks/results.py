@@ -102,16 +102,17 @@ def summarize_run(run_dir: str) -> dict:
     check = _load_json(os.path.join(run_dir, "check.json"))
     steps = [ln for ln in _read(os.path.join(run_dir, "summary.txt")).splitlines() if ln.strip()]
     test_log = _read(os.path.join(run_dir, "pytest.log"))
+    packages = dict(re.findall(r"^  ([A-Za-z0-9_.-]+)==(\S+)$", machine, flags=re.M))
     gpu = env.get("device") or (re.search(r"NVIDIA [A-Z]\w+[^|]*?(?=\s{2,}|\|)", machine) or [None])[0] or "unknown GPU"
     run = {
         "date": meta.get("date") or env.get("date") or datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "commit": meta.get("commit", "unknown"),
         "gpu": gpu.strip(),
         "versions": {k: env[k] for k in ("python", "torch", "cuda", "triton", "cupy", "numpy", "gpu_nn") if k in env}
-                    or machine_versions(machine),
+                    or machine_versions(machine, packages),
         # the image's whole `pip list` (steps.sh's machine_info): setuptools decides which
         # pyproject.toml forms install there without a download
-        "packages": dict(re.findall(r"^  ([A-Za-z0-9_.-]+)==(\S+)$", machine, flags=re.M)),
+        "packages": packages,
         "steps": steps,
         "check": None,
         "tests": {"summary": pytest_summary(test_log), "failures": failures(test_log)},
@@ -128,10 +129,9 @@ def summarize_run(run_dir: str) -> dict:
     return run
 
 
-def machine_versions(machine: str) -> dict:
-    """The versions a run's bench.json would name, read from its machine.txt (the package list
-    and nvidia-smi), for a run whose bench step left no bench.json."""
-    pkgs = dict(re.findall(r"^  ([A-Za-z0-9_.-]+)==(\S+)$", machine, flags=re.M))
+def machine_versions(machine: str, pkgs: dict) -> dict:
+    """The versions a run's bench.json would name, from its machine.txt (``pkgs``: its package
+    list; python and CUDA from the text), for a run whose bench step left no bench.json."""
     out = {k: pkgs[k] for k in ("torch", "triton", "numpy") if k in pkgs}
     cupy = next((v for k, v in pkgs.items() if k.startswith("cupy-cuda")), None)
     if cupy:
@@ -208,6 +208,9 @@ def other_records(results_dir: str = RESULTS_DIR) -> list[str]:
     return out
 
 
+HISTORY_IMAGE = "![ratios across recorded runs](benchmarks/results/history.png)"
+
+
 def markdown(runs: list[dict], others: list[str] = ()) -> str:
     """The README section: latest run's table (or a plain statement that none is recorded), and
     the recorded runs that are not full runs (``others``)."""
@@ -226,7 +229,7 @@ def markdown(runs: list[dict], others: list[str] = ()) -> str:
     if tests.get("summary"):
         lines.append(f"Test suite: {tests['summary']}.  ")
     elif last.get("steps") and any(ln.startswith("pytest:") for ln in last["steps"]):
-        shown = [f for f in last.get("tests", {}).get("failures", [])]
+        shown = tests.get("failures", [])
         lines.append("Test suite: cut by its time limit before its summary" + (f" ({len(shown)} failures named)" if shown else "")
                      + (f"; see `benchmarks/results/{last['name']}/SUMMARY.md`" if last.get("summary_md") else "") + ".  ")
     for o in others:
@@ -235,9 +238,7 @@ def markdown(runs: list[dict], others: list[str] = ()) -> str:
     # keeps the table of the run before it, named)
     table = next((r for r in reversed(runs) if r.get("bench")), None)
     if table is None:
-        lines += ["", "No recorded run has a bench table yet."]
-        lines += ["", "![ratios across recorded runs](benchmarks/results/history.png)"]
-        return "\n".join(lines)
+        return "\n".join([*lines, "", "No recorded run has a bench table yet.", "", HISTORY_IMAGE])
     if table is not last:
         lines.append(f"The latest run's bench step left no table: the table below is the run of "
                      f"{table['date'][:10]}, commit `{table['commit'][:7]}`.  ")
@@ -252,7 +253,7 @@ def markdown(runs: list[dict], others: list[str] = ()) -> str:
             lines.append(f"| {r['family']} | {r['name']} | {r['shape']} | {prov} | {ratio:.2f}x |")
         for prov, err in sorted((r.get("errors") or {}).items()):
             lines.append(f"| {r['family']} | {r['name']} | {r['shape']} | {prov} | error: {err[:60]} |")
-    lines += ["", "![ratios across recorded runs](benchmarks/results/history.png)"]
+    lines += ["", HISTORY_IMAGE]
     return "\n".join(lines)
 
 
