@@ -23,7 +23,8 @@
 #             cache empty and keeps the choices made (gpu_measure.sh's sweeps time the candidates too)
 #   pytest    the suite with xdist (all but the CPU-only sm_90 AOT compile file, which CI runs), -rfE so
 #             that a run cut short still names what failed (its limit sends SIGINT, on which pytest
-#             prints the summary); it gets the time the steps before left, so the tests only a GPU
+#             prints the summary; each failure is also appended to pytest-failures.txt as it is
+#             reported, GPU_NN_FAIL_LOG in tests/conftest.py, for a run killed before its summary); it gets the time the steps before left, so the tests only a GPU
 #             runs go first and the CUDA-graph captures last (GPU_NN_TEST_ORDER=gpu-first,
 #             tests/conftest.py)
 #   record    gpu-nn results record: OUTDIR/results/<run>/ is what goes into benchmarks/results/
@@ -85,9 +86,14 @@ PYTEST_ARGS=(-q -rfE tests -p no:cacheprovider --durations=15 --ignore=tests/tes
 "$PY" -c "import xdist" 2>/dev/null && PYTEST_ARGS+=(-n "$WORKERS")
 # whatever time is left, less what record needs
 PT_LIMIT=$(( $(left) - 25 )); (( PT_LIMIT > 240 )) && PT_LIMIT=240
-STEP_SIGNAL=INT step pytest "$PT_LIMIT" env GPU_NN_TEST_ORDER=gpu-first "$PY" -m pytest "${PYTEST_ARGS[@]}"
+rm -f "$OUTDIR/pytest-failures.txt"
+STEP_SIGNAL=INT step pytest "$PT_LIMIT" env GPU_NN_TEST_ORDER=gpu-first GPU_NN_FAIL_LOG="$OUTDIR/pytest-failures.txt" \
+    "$PY" -m pytest "${PYTEST_ARGS[@]}"
 TEST_RC=$?
 grep -E "^(FAILED|ERROR) " "$OUTDIR/pytest.log" | head -20 | sed 's/^/  pytest: /' | tee -a "$SUMMARY"
+# each failure as it was reported (tests/conftest.py's GPU_NN_FAIL_LOG): named even when the limit
+# killed pytest before its summary
+[ -s "$OUTDIR/pytest-failures.txt" ] && echo "  pytest: $(grep -c '^=== FAILED' "$OUTDIR/pytest-failures.txt") failures named in pytest-failures.txt" | tee -a "$SUMMARY"
 # pytest's closing counts (after an interrupt a traceback follows them), else the log's last line
 PT_LAST=$(grep -E "[0-9]+ (passed|failed|errors?)\b.* in [0-9.]+s" "$OUTDIR/pytest.log" | tail -n 1)
 [ -n "$PT_LAST" ] || PT_LAST=$(tail -n 1 "$OUTDIR/pytest.log")

@@ -78,6 +78,21 @@ def _order(item) -> int:
     return 1 if _gpu_only(item) else 2
 
 
+FAIL_LOG_ENV = "GPU_NN_FAIL_LOG"
+
+
+def pytest_runtest_logreport(report):
+    """With GPU_NN_FAIL_LOG=PATH, every failure is appended to PATH as it is reported (its phase,
+    node id and the end of its traceback): a GPU run that its time limit kills before pytest's
+    closing summary (benchmarks/gpu_run.sh; a SIGINT to an xdist run whose workers sit in kernels
+    may not reach the summary) still names what failed. Runs in the xdist controller too."""
+    path = os.environ.get(FAIL_LOG_ENV)
+    if not path or not report.failed or os.environ.get("PYTEST_XDIST_WORKER"):  # the controller writes
+        return
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(f"=== FAILED ({report.when}) {report.nodeid}\n{report.longreprtext[-4000:]}\n\n")
+
+
 def pytest_collection_modifyitems(config, items):
     """Items sorted by :func:`_order` (stable: collection order within each group)."""
     items.sort(key=_order)

@@ -36,6 +36,7 @@ only where the saved index names this element. No atomics, so results are determ
 Not supported: 3d pooling, return of indices from avg, bfloat16 under the interpreter.
 """
 
+import dataclasses
 import functools
 
 import torch
@@ -69,8 +70,11 @@ def _div(n, d, m, s, FAST: tl.constexpr):
 def _inside(i, n):
     """``0 <= i < n`` for int32 ``i`` and a size ``n >= 0`` as one unsigned comparison (a negative
     ``i`` wraps above any size). The tiled kernels' bounds (one predicate where two were; in the
-    flat kernels, with their run-time tap loops, it cost registers instead)."""
-    return i.to(tl.uint32, bitcast=True) < n.to(tl.uint32)
+    flat kernels, with their run-time tap loops, it cost registers instead). ``n`` through
+    ``tl.cast``, not ``.to``: a size argument equal to 1 (H of a 1-d pooling) is specialised by
+    the JIT into a plain int, which has no ``.to`` (the sm_90 compile failed there; the
+    interpreter, which specialises nothing, never saw it)."""
+    return i.to(tl.uint32, bitcast=True) < tl.cast(n, tl.uint32)
 
 
 @triton.jit
@@ -972,7 +976,22 @@ def aot_specs():
 # ResNet's stem pool (3x3/2 p1, 112x112 -> 56x56: the bench shape, every dtype), a 2x2/2 pool of
 # a small feature map in float32 (the seed CNN's 28x28 -> 14x14; 7x7 planes: one 8x8 tile, one warp)
 TILED_AOT = (((3, 3), (2, 2), (56, 56), (112, 112), ("fp32", "fp16", "bf16")),
-             ((2, 2), (2, 2), (7, 7), (14, 14), ("fp32",)))
+             ((2, 2), (2, 2), (7, 7), (14, 14), ("fp32",)),
+             ((1, 4), (1, 3), (1, 10), (1, 29), ("fp32",)))  # a 1-d pooling: see ONES_1D
+
+# what the JIT makes constants of in a 1-d pooling's tiled launch ([N, C, L] as [N, C, 1, L], a
+# contiguous input): every run-time int equal to 1 not marked do_not_specialize. The i32 specs
+# never compiled that form; on the H200 at 09f2311 it failed to compile (a helper called ``.to``
+# on the plain int the JIT passes for H), every 1-d tiled pooling test failing there
+ONES_1D = ("H", "OH", "tiles_h", "SH", "DH", "stride_xw")
+
+
+def _ones_specialised(spec: AotSpec) -> AotSpec:
+    sig, cx = dict(spec.signature), dict(spec.constexprs)
+    for n in ONES_1D:
+        if n in sig:
+            sig[n], cx[n] = "constexpr", 1
+    return dataclasses.replace(spec, signature=sig, constexprs=cx, label=spec.label + " (1-d: ones specialised)")
 
 
 def tiled_specs():
@@ -986,6 +1005,7 @@ def tiled_specs():
         _, ibh, ibw, iwarps = tile_config(*in_hw, False)
         nw = {"NWH": windows_covering(k[0], st[0], 1), "NWW": windows_covering(k[1], st[1], 1)}
         geo = f"{k[0]}x{k[1]}/{st[0]}"
+        first = len(specs)
         for dt in dts:
             plane = {n: i32 for n in ("C", "H", "W", "OH", "OW", "tiles_h", "tiles_w", *_TILE_DIVISORS,
                                       *_TILE_PLANE_DIVISORS)}
@@ -1016,6 +1036,8 @@ def tiled_specs():
                    **cx}
             specs.append(AotSpec(_avg_pool_bwd_tile_kernel, sig, bwd_tile, num_warps=iwarps,
                                  label=f"tiled avg {geo} {dt} {ibh}x{ibw}"))
+        if k[0] == 1:
+            specs[first:] = [_ones_specialised(sp) for sp in specs[first:]]
     return specs
 
 
