@@ -61,7 +61,9 @@ KINDS = (
     ("direct_copy_kernel", "copy"),    # aten copy_: .contiguous(), .to(), clone
     ("Memset", "fill"),
     ("FillFunctor", "fill"),           # zeros, full, fill_
-    ("reduce_kernel", "reduce"),       # sum, any, ...
+    # sum, any, ... (torch's by its namespace: a kernel of ours may be named *reduce_kernel too,
+    # _ce_reduce_kernel, and was counted as torch's reduction on the H200 at 09f2311)
+    ("at::native::reduce_kernel", "reduce"),
     ("at::native::", "aten"),          # another of torch's kernels (elementwise arithmetic, comparisons)
 )
 

@@ -604,8 +604,9 @@ def test_linear_backend_matches_reference(backend, device, act, xshape, out, bia
 @pytest.mark.parametrize("act", ["relu", "sigmoid", "tanh"])
 def test_activation_and_bias_gradient_in_one_launch(backend, device, act, monkeypatch, rng):
     """A fused linear's backward at small M takes the activation's gradient and the bias gradient
-    in one launch (_act_colsum_kernel): bitwise the activation kernel then the column sum, for
-    every dtype, at M below and above the one-launch bound (which then keeps the two), an N that
+    in one launch (_act_colsum_kernel): the activation kernel then the column sum, for
+    every dtype (the bias gradient bitwise under the interpreter; compiled, the two reductions may
+    add in other orders, so within rounding), at M below and above the one-launch bound (which then keeps the two), an N that
     is not a multiple of the block, M = 0; and the linear op takes it (against the reference)."""
     from gpu_nn.kernels import triton as ktriton
     from gpu_nn.kernels.triton import dense as kd
@@ -628,7 +629,12 @@ def test_activation_and_bias_gradient_in_one_launch(backend, device, act, monkey
                                         lambda self, *a, **k: names.append(self.fn.__name__) or orig(self, *a, **k))
                 dg = kd.act_colsum(g, y, act, db, ktriton.INTERPRET)
                 monkeypatch.undo()
-                assert torch.equal(dg, dg2) and torch.equal(db, db2), (dtype, M, N, bound)
+                assert torch.equal(dg, dg2), (dtype, M, N, bound)
+                if device == "cpu":  # the interpreter sums each column in the same order in both
+                    assert torch.equal(db, db2), (dtype, M, N, bound)
+                else:  # compiled, the two kernels' reductions may add in other orders (H200: float32
+                    # M = 130 differed in the last bits for sigmoid / tanh): M terms' rounding apart
+                    assert_close(db, db2, dtype, k=max(M, 1), what=f"bias gradient {dtype} M={M} N={N} bound={bound}")
                 if device == "cpu":
                     one = M <= bound
                     assert names == (["_act_colsum_kernel"] if one else ["_act_bwd_kernel", "_colsum_kernel"])
@@ -905,14 +911,15 @@ def test_tma_candidates_only_for_calls_that_can_run_them(monkeypatch, rng):
     asked = []
     monkeypatch.setattr(_tune, "_chooser", lambda op, key, cands, run, default, device, prepare=None:
                         (asked.append((key, cands)), default)[1])
-    a, b = _mm_operands(rng, "fwd", 19, 32, 32, torch.float32, "cpu")
-    kd.matmul(a, b, torch.empty(19, 32), allow_tf32=True)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # CPU tensors launch only under the interpreter
+    a, b = _mm_operands(rng, "fwd", 19, 32, 32, torch.float32, dev)
+    kd.matmul(a, b, torch.empty(19, 32, device=dev), allow_tf32=True)
     monkeypatch.setattr(kd, "tma_eligible", lambda *args: True)
-    kd.matmul(a, b, torch.empty(19, 32), allow_tf32=True)
+    kd.matmul(a, b, torch.empty(19, 32, device=dev), allow_tf32=True)
     # an output the TMA kernel cannot store into (row stride not a multiple of 16, or a column
     # stride) gets the pointer kernel's candidates only
-    kd.matmul(a, b[:, :24], torch.empty(19, 24), allow_tf32=True)
-    kd.matmul(a, b, torch.empty(32, 19).t(), allow_tf32=True)
+    kd.matmul(a, b[:, :24], torch.empty(19, 24, device=dev), allow_tf32=True)
+    kd.matmul(a, b, torch.empty(32, 19, device=dev).t(), allow_tf32=True)
     (key0, cands0), (key1, cands1), (key2, cands2), (key3, cands3) = asked
     assert key2[-1] is False and key3[-1] is False and cands2 == cands3 == cands0
     assert kd.tma_output(torch.empty(19, 32)) and not kd.tma_output(torch.empty(19, 24))

@@ -320,13 +320,14 @@ def test_autocast_on_gpu(dtype):
 
 
 
-def _inplace_cases():
+def _inplace_cases(device="cpu"):
+    """name -> (ours, torch's, input shape), every constant and module on ``device``."""
     import torch.nn.functional as TF
 
     import gpu_nn.functional as F
 
-    w, b = torch.randn(5, 4), torch.randn(5)
-    t = torch.tensor([0, 1, 2, 0])
+    w, b = torch.randn(5, 4, device=device), torch.randn(5, device=device)
+    t = torch.tensor([0, 1, 2, 0], device=device)
     cases = {
         "linear 3-d": (lambda x: F.linear(x, w), lambda x: TF.linear(x, w), (2, 3, 4)),
         "linear 3-d bias": (lambda x: F.linear(x, w, b), lambda x: TF.linear(x, w, b), (2, 3, 4)),
@@ -336,10 +337,10 @@ def _inplace_cases():
         "cross_entropy none 3-d": (lambda x: F.cross_entropy(x, t[:2].view(1, 2).expand(4, 2), reduction="none"),
                                    lambda x: TF.cross_entropy(x, t[:2].view(1, 2).expand(4, 2), reduction="none"), (4, 3, 2)),
         "cross_entropy none probabilities": (
-            lambda x: F.cross_entropy(x, torch.full((4, 3), 1 / 3), reduction="none"),
-            lambda x: TF.cross_entropy(x, torch.full((4, 3), 1 / 3), reduction="none"), (4, 3)),
-        "conv2d": (lambda x: F.conv2d(x, torch.ones(2, 3, 2, 2)), lambda x: TF.conv2d(x, torch.ones(2, 3, 2, 2)), (2, 3, 5, 5)),
-        "conv1d unbatched": (lambda x: F.conv1d(x, torch.ones(2, 3, 2)), lambda x: TF.conv1d(x, torch.ones(2, 3, 2)), (3, 6)),
+            lambda x: F.cross_entropy(x, torch.full((4, 3), 1 / 3, device=device), reduction="none"),
+            lambda x: TF.cross_entropy(x, torch.full((4, 3), 1 / 3, device=device), reduction="none"), (4, 3)),
+        "conv2d": (lambda x: F.conv2d(x, torch.ones(2, 3, 2, 2, device=device)), lambda x: TF.conv2d(x, torch.ones(2, 3, 2, 2, device=device)), (2, 3, 5, 5)),
+        "conv1d unbatched": (lambda x: F.conv1d(x, torch.ones(2, 3, 2, device=device)), lambda x: TF.conv1d(x, torch.ones(2, 3, 2, device=device)), (3, 6)),
         "avg_pool2d": (lambda x: F.avg_pool2d(x, 2), lambda x: TF.avg_pool2d(x, 2), (2, 3, 4, 4)),
         "max_pool1d": (lambda x: F.max_pool1d(x, 2), lambda x: TF.max_pool1d(x, 2), (2, 3, 6)),
         "max_pool2d unbatched": (lambda x: F.max_pool2d(x, 2), lambda x: TF.max_pool2d(x, 2), (3, 4, 4)),
@@ -347,15 +348,15 @@ def _inplace_cases():
         "relu": (lambda x: F.relu(x), lambda x: TF.relu(x), (2, 3, 4)),
     }
     for name in ("GRUCell", "LSTMCell", "RNNCell"):  # torch's GRU / LSTM cells save no output, its Elman cell its h'
-        theirs = getattr(tnn, name)(4, 5)
-        ours = getattr(gnn, name)(4, 5)
+        theirs = getattr(tnn, name)(4, 5).to(device)
+        ours = getattr(gnn, name)(4, 5).to(device)
         ours.load_state_dict(theirs.state_dict())
         first = (lambda m: lambda x: (lambda r: r[0] if isinstance(r, tuple) else r)(m(x)))
         cases[name] = (first(ours), first(theirs), (3, 4))
-    lstm_t, lstm_o = tnn.LSTMCell(4, 5), gnn.LSTMCell(4, 5)
+    lstm_t, lstm_o = tnn.LSTMCell(4, 5).to(device), gnn.LSTMCell(4, 5).to(device)
     lstm_o.load_state_dict(lstm_t.state_dict())
     cases["LSTMCell c' float64"] = (lambda x: lstm_o.double()(x.double())[1], lambda x: lstm_t.double()(x.double())[1], (3, 4))
-    lstm32_t, lstm32_o = tnn.LSTMCell(4, 5), gnn.LSTMCell(4, 5)
+    lstm32_t, lstm32_o = tnn.LSTMCell(4, 5).to(device), gnn.LSTMCell(4, 5).to(device)
     lstm32_o.load_state_dict(lstm32_t.state_dict())
     cases["LSTMCell c' float32"] = (lambda x: lstm32_o(x)[1], lambda x: lstm32_t(x)[1], (3, 4))
     return cases
@@ -371,8 +372,11 @@ def test_changing_an_output_in_place_before_backward_is_as_in_torch(backend, cas
     refused with 'Output 0 of Eager_... is a view and is being modified inplace'."""
     if backend == "triton" and "triton" not in gpu_nn.available_backends():
         pytest.skip("triton backend unavailable here")
-    ours, theirs, shape = _inplace_cases()[case]
-    x0 = torch.randn(*shape)
+    # Triton on a GPU machine runs CUDA tensors only (CPU ones under the interpreter); torch's
+    # twin on the same device
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    ours, theirs, shape = _inplace_cases(device)[case]
+    x0 = torch.randn(*shape, device=device)
     results = []
     for fn, name in ((theirs, None), (ours, backend)):
         x = x0.clone().requires_grad_()

@@ -338,7 +338,7 @@ def test_clip_grad_norm_of_mixed_dtypes_is_in_their_promoted_dtype(backend, devi
         assert abs(float(tn) - float(tt)) <= 1e-6 * float(tt), (spec, tn, tt)
         for a, b in zip(ours, theirs):
             assert a.grad.dtype == b.grad.dtype
-            torch.testing.assert_close(a.grad.cpu(), b.grad, rtol=2e-3 if a.grad.dtype == torch.float16 else 1e-6,
+            torch.testing.assert_close(a.grad.cpu(), b.grad.cpu(), rtol=2e-3 if a.grad.dtype == torch.float16 else 1e-6,
                                        atol=0)
 
 

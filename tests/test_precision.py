@@ -64,7 +64,7 @@ def test_tf32_follows_both_apis_where_torchs_legacy_getters_raise():
 
 
 def test_float32_ops_choose_their_precision_under_the_new_api():
-    """Linear, convolution and recurrent layers on the Triton path (here the interpreter) after
+    """Linear, convolution and recurrent layers on the Triton path (the interpreter, or a GPU) after
     a user set the new API for one operation each: their choices follow it (before, each raised
     torch's mix error from the legacy getter it read)."""
     _run("""
@@ -82,11 +82,12 @@ def test_float32_ops_choose_their_precision_under_the_new_api():
     assert oc._precision(torch.float32) == "tf32"
     torch.backends.cudnn.conv.fp32_precision = "ieee"
     torch.cuda.is_available = available
-    x = torch.randn(2, 3, 5, 5, requires_grad=True)
+    dev = "cuda" if available() else "cpu"  # Triton runs CPU tensors only under the interpreter
+    x = torch.randn(2, 3, 5, 5, device=dev, requires_grad=True)
     with gpu_nn.backend("triton"):
-        F.linear(torch.randn(3, 4), torch.randn(2, 4)).sum()
-        F.conv2d(x, torch.randn(2, 3, 3, 3)).sum().backward()
-        gpu_nn.nn.GRU(3, 4)(torch.randn(2, 1, 3))
+        F.linear(torch.randn(3, 4, device=dev), torch.randn(2, 4, device=dev)).sum()
+        F.conv2d(x, torch.randn(2, 3, 3, 3, device=dev)).sum().backward()
+        gpu_nn.nn.GRU(3, 4).to(dev)(torch.randn(2, 1, 3, device=dev))
     """)
 
 

@@ -1365,11 +1365,22 @@ def test_resident_weights_forward_matches_reference(mode, H, block_h, rng, monke
         kps.clear()
         o_outs, o_res, o_grads = _persist_run(mode, "triton", dtype, x, hx, params, mk, lens, L, bi, bias)
         assert kps == [max(16, 1 << (H - 1).bit_length())] * 2, kps  # the forward's, the backward's
+        # float32 runs TF32 dots (allow_tf32 on): a GPU rounds their operands to TF32's 10-bit
+        # mantissa, so its bound is TF32's (the interpreter computes the dots in float32)
+        tf32 = dtype == torch.float32 and torch.cuda.is_available()
+
+        def close(a, b, k, what):
+            if tf32:
+                err = max_rel_err(a, b)
+                assert err <= tol_tf32(k), f"{what}: max relative error {err:.3e} > TF32 bound {tol_tf32(k):.3e} (k={k})"
+            else:
+                assert_close(a, b, dtype, k=k, what=what)
+
         for i, (a, b) in enumerate(zip(o_outs, r_outs)):
-            assert_close(a, b, dtype, k=4 * H, what=f"{mode} output {i}")
-        assert_close(o_res, r_res, dtype, k=4 * H, what=f"{mode} reserve")
+            close(a, b, 4 * H, f"{mode} output {i}")
+        close(o_res, r_res, 4 * H, f"{mode} reserve")
         for i, (a, b) in enumerate(zip(o_grads, r_grads)):
-            assert_close(a, b, dtype, k=T * B * 4 * H, what=f"{mode} grad {i}")
+            close(a, b, T * B * 4 * H, f"{mode} grad {i}")
 
 
 @pytest.mark.parametrize("mode", ("rnn_tanh", "lstm", "gru"))  # rnn_relu: rnn_tanh's kernel but for the activation

@@ -60,14 +60,19 @@ def test_compare_flags_wrong_and_unwritten_outputs():
     assert sweep._all_ok((True, 1e-7), (False, "nan")) == (False, "nan")
 
 
+# the groups' tensors: CPU ones run the kernels under the interpreter (CI), a GPU machine's CUDA
+# ones compiled (Triton takes no CPU tensor there)
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _groups(f32, configs_act, configs_pool, configs_adam, tiles=()):
-    return (sweep.activation_groups(["relu", "tanh"], [(3, 5, 7)], [f32], "cpu", configs=configs_act)
-            + sweep.pool_groups([f32], shape=(2, 3, 9, 11), device="cpu", configs=configs_pool, tile_configs=list(tiles))
-            + sweep.adam_groups([f32], sizes=[1000, 37, 2100], device="cpu", configs=configs_adam))
+    return (sweep.activation_groups(["relu", "tanh"], [(3, 5, 7)], [f32], DEV, configs=configs_act)
+            + sweep.pool_groups([f32], shape=(2, 3, 9, 11), device=DEV, configs=configs_pool, tile_configs=list(tiles))
+            + sweep.adam_groups([f32], sizes=[1000, 37, 2100], device=DEV, configs=configs_adam))
 
 
 def test_every_configuration_reaches_the_launch_and_matches_torch(tmp_path, monkeypatch):
-    """The real groups on tiny CPU tensors (Triton interpreter): each configuration's BLOCK,
+    """The real groups on tiny tensors (CPU ones under the interpreter; a GPU's): each configuration's BLOCK,
     num_warps (and ITERS) reach the kernel launch, and every output matches torch's."""
     from gpu_nn.kernels.triton import activation as ka, optim as ko, pool as kp
 
@@ -427,7 +432,7 @@ def test_refining_groups_take_the_fastest_correct_unspilled_configurations(tmp_p
 
 
 def test_rnn_groups_run_every_configuration_under_the_interpreter(tmp_path, monkeypatch):
-    """The recurrent groups on tiny CPU tensors (Triton interpreter): step forward / backward
+    """The recurrent groups on tiny tensors (CPU ones under the interpreter; a GPU's): step forward / backward
     (LSTM, GRU, Elman), the persistent forward and the input projection; each configuration's
     tile, warps and stages reach the launch, every output matches the product's configuration
     (or, for the projection, a float64 product), ``reset`` runs before every timed batch, times
@@ -458,11 +463,11 @@ def test_rnn_groups_run_every_configuration_under_the_interpreter(tmp_path, monk
     proj = [{"impl": "rnn", "BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1},
             {"impl": "dense", "BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 4, "num_warps": 4, "num_stages": 1},
             {"impl": "torch"}]
-    groups = (sweep.step_groups(["lstm"], False, 3, 5, [f32], "cpu", copies=2, configs=[d, o, bad])
-              + sweep.step_groups(["gru"], False, 3, 5, [f32], "cpu", copies=2, configs=[d, o])
-              + sweep.step_groups(["lstm", "rnn_tanh", "gru"], True, 3, 5, [f32], "cpu", copies=2, configs=[d, o])
-              + sweep.persist_groups(["lstm"], 3, 5, [f32], "cpu", copies=2, T=4, configs=per)
-              + sweep.proj_groups([f32], M=7, K=5, N=20, device="cpu", configs=proj))
+    groups = (sweep.step_groups(["lstm"], False, 3, 5, [f32], DEV, copies=2, configs=[d, o, bad])
+              + sweep.step_groups(["gru"], False, 3, 5, [f32], DEV, copies=2, configs=[d, o])
+              + sweep.step_groups(["lstm", "rnn_tanh", "gru"], True, 3, 5, [f32], DEV, copies=2, configs=[d, o])
+              + sweep.persist_groups(["lstm"], 3, 5, [f32], DEV, copies=2, T=4, configs=per)
+              + sweep.proj_groups([f32], M=7, K=5, N=20, device=DEV, configs=proj))
     resets = []
 
     def bench_reset(fn, reset):
