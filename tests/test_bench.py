@@ -409,6 +409,19 @@ def test_warm_phase_budget_starts_no_case_after_it():
     assert parser.parse_args([]).warm_budget_s is None
 
 
+def test_warmed_cases_are_timed_first():
+    """A warm phase cut by its budget: the cases it reached are timed first (their order kept),
+    the cold ones after, and each cold first-call time stays with its case."""
+    cases = ["a", "b", "c", "d", "e"]
+    cold = {1: {"t": 0.1}, 3: {"t": 0.3}}
+    got, moved = suite.warmed_first(cases, cold)
+    assert got == ["b", "d", "a", "c", "e"]
+    assert moved == {0: {"t": 0.1}, 1: {"t": 0.3}}
+    assert suite.warmed_first(cases, {}) == (cases, {})
+    full = {i: {"t": i} for i in range(5)}
+    assert suite.warmed_first(cases, full) == (cases, full)
+
+
 def test_overhead_drops_only_the_backends_that_lack_the_op():
     from gpu_nn._errors import BackendUnavailableError
     from gpu_nn.benchmarks import bench_overhead
