@@ -4,6 +4,7 @@ torch in both directions mid-run, schedulers, clipping, validation messages, ski
 sparse gradients, the CUDA C per-element math on the host."""
 
 import copy
+import importlib.util
 import ctypes
 import math
 import warnings
@@ -1277,3 +1278,31 @@ def test_cpu_tensor_lr_for_cuda_params_is_read_on_the_host(name, kw, monkeypatch
     (a, sa), (b, sb), reads = _tensor_lr_pair("auto", "cuda", name, kw, torch.float32, monkeypatch, lr_device="cpu")
     _assert_same_run(a, b, sa, sb, f"{name} CPU lr")
     assert len(reads) == len(LR_FACTORS)
+
+
+def test_chunk_rows_are_the_row_at_a_time_table():
+    """optim/_triton.chunk_rows (NumPy) builds exactly the table the kernels read: per tensor with
+    elements one row per chunk, in order, its offsets, the chunk's start, its numel and flag; empty
+    tensors none; the column count the kernels' (NCOL); without flags the CuPy kernels' 8 columns."""
+    from gpu_nn.optim import _triton as glue
+
+    rng = np.random.default_rng(3)
+    for chunk in (1, 7, 512, 4096):
+        for _ in range(20):
+            t = int(rng.integers(1, 9))
+            numels = [int(v) for v in rng.integers(0, 3 * chunk + 5, t)]
+            numels[int(rng.integers(0, t))] = 0  # an empty tensor among them
+            cols = [[int(v) for v in rng.integers(-10**9, 10**9, t)] for _ in range(6)]
+            flags = [bool(v) for v in rng.integers(0, 2, t)]
+            want = [[cols[0][i], cols[1][i], cols[2][i], cols[3][i], cols[4][i], cols[5][i], start, n, int(flags[i])]
+                    for i, n in enumerate(numels) for start in range(0, n, chunk)]
+            got = glue.chunk_rows(cols, numels, flags, chunk)
+            assert got.dtype == np.int64 and got.shape == (len(want), glue.NCOL)
+            assert got.tolist() == want
+            # the CuPy kernels' table: no flag column
+            assert glue.chunk_rows(cols, numels, None, chunk).tolist() == [r[:-1] for r in want]
+    assert glue.chunk_rows([[]] * 6, [], [], 8).shape == (0, glue.NCOL)
+    if importlib.util.find_spec("triton") is not None:
+        from gpu_nn.kernels.triton import optim as kt
+
+        assert glue.NCOL == kt.NCOL

@@ -15,7 +15,7 @@ import torch
 
 from .. import _backend
 from .._errors import KernelInputError
-from ._triton import Prepared, capturing, graph_keep
+from ._triton import Prepared, capturing, chunk_rows, graph_keep
 
 CHUNK = 16384
 THREADS = 256
@@ -31,15 +31,11 @@ def _table(P, G, C, steps, device):
     hit = _TABLES.get(key)
     if hit is not None:
         return hit
-    rows = []
-    for i, (p, g) in enumerate(zip(P, G)):
-        n = p.numel()
-        cols = [p.data_ptr(), g.data_ptr()]
-        cols += [0 if k >= len(C) or C[k][i] is None else C[k][i].data_ptr() for k in range(3)]
-        cols.append(steps[i].data_ptr() if steps else 0)
-        for start in range(0, n, CHUNK):
-            rows.append(cols + [start, n])
-    out = (None, 0) if not rows else (_backend.to_device_async(torch.tensor(rows, dtype=torch.int64), device), len(rows))
+    cols = [[p.data_ptr() for p in P], [g.data_ptr() for g in G]]
+    cols += [[0 if k >= len(C) or C[k][i] is None else C[k][i].data_ptr() for i in range(len(P))] for k in range(3)]
+    cols.append([s.data_ptr() for s in steps] if steps else [0] * len(P))
+    rows = chunk_rows(cols, [p.numel() for p in P], None, CHUNK)  # raw addresses, no flag column
+    out = (None, 0) if not len(rows) else (_backend.to_device_async(torch.from_numpy(rows), device), len(rows))
     if capturing(device):
         return out
     if len(_TABLES) > 32:
