@@ -836,8 +836,9 @@ def test_kept_plan_follows_every_change_like_torch(backend, device, name, kw, ev
 @pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
 @pytest.mark.parametrize("name,kw", PLAN_OPTS, ids=[n for n, _ in PLAN_OPTS])
 def test_kept_plan_is_reused(backend, device, name, kw, monkeypatch, on_device):
-    """Gradients kept (zero_grad(set_to_none=False)) or new at the same addresses: only the
-    first step (and SGD's first momentum step) takes the full path."""
+    """Gradients kept (zero_grad(set_to_none=False)), or new tensors elsewhere (the pool's
+    addresses from step 3): only the first step (and SGD's first momentum step) takes the full
+    path; the kept launch follows the gradients where they lie (before, step 3 took it too)."""
     full = _count_full_steps(monkeypatch)
     torch.manual_seed(0)
     ps = [torch.nn.Parameter(torch.randn(s)) for s in ((7, 5), (5,))]
@@ -854,15 +855,15 @@ def test_kept_plan_is_reused(backend, device, name, kw, monkeypatch, on_device):
                     p.grad = pool.view(i, p.shape)
                     p.grad.copy_(torch.randn(p.shape))
             o.step()
-    # step 3 is the first over the pool's addresses
-    assert len(full) == (3 if name == "SGD" else 2)
+    assert len(full) == (2 if name == "SGD" else 1)
 
 
 @pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
 def test_kept_plans_follow_gradients_that_cycle_through_address_sets(backend, device, monkeypatch, on_device):
     """Gradients alternating between two address sets (an allocator handing blocks back every
-    other step): each set's plan is kept, so only the first step of each takes the full path;
-    replacing a state tensor drops the plans that held the old one. Values against torch."""
+    other step): one plan serves both, its launch following the gradients where they lie, so
+    only the first step takes the full path; replacing a state tensor drops the plans that held
+    the old one (one more full step). Values against torch."""
     full = _count_full_steps(monkeypatch)
     torch.manual_seed(4)
     shapes = [(7, 5), (5,)]
@@ -885,8 +886,46 @@ def test_kept_plans_follow_gradients_that_cycle_through_address_sets(backend, de
         assert max(_rel(a, b) for a, b in zip(ours, theirs)) <= _f32_tol(9)
         if step == 6:
             assert len(o1._plans[id(o1.param_groups[0])]) == 1
-    # steps 0 and 1 (one per address set), 6 and 7 (the state replaced, then the other set)
-    assert len(full) == 4
+    # step 0, and 6 (the state replaced)
+    assert len(full) == 2
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("triton",)))
+@pytest.mark.parametrize("name,kw", PLAN_OPTS, ids=[n for n, _ in PLAN_OPTS])
+def test_kept_launch_follows_gradients_that_move_every_step(backend, device, name, kw, monkeypatch, on_device):
+    """New gradient tensors at new addresses every step, their offsets from one another changing
+    too (what the H200's caching allocator did in a training loop: the full step ran 10 times in
+    10 before), one of them at a 4-byte misaligned address at step 5 (that part is prepared again,
+    staged through a copy): values against torch every step, the full path only where it must,
+    and the kept launch's table rebuilt for the new gradient column, not the whole prepare."""
+    from gpu_nn.optim import _triton as glue
+
+    full = _count_full_steps(monkeypatch)
+    rebuilt = []
+    real = glue.chunk_rows
+    monkeypatch.setattr(glue, "chunk_rows", lambda *a: rebuilt.append(1) or real(*a))
+    torch.manual_seed(6)
+    shapes = [(7, 5), (5,), (3, 7)]
+    ours = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    o1, o2 = getattr(go, name)(ours, **kw), getattr(torch.optim, name)(theirs, **kw)
+    for step in range(8):
+        # one buffer per step, the gradients at shuffled 64-byte-aligned slots of it
+        buf = torch.empty(64 * 16 * (step + 4))
+        slots = np.random.default_rng(step).permutation(len(shapes) + step)[:len(shapes)] * 64
+        for i, (a, b) in enumerate(zip(ours, theirs)):
+            g = torch.randn(a.shape)
+            off = int(slots[i]) + (1 if step == 5 and i == 1 else 0)  # 4 bytes off: not 16-byte aligned
+            a.grad = buf[off:off + g.numel()].view(g.shape)
+            a.grad.copy_(g)
+            b.grad = g.clone()
+        with gpu_nn.backend(backend):
+            o1.step()
+        o2.step()
+        assert max(_rel(a, b) for a, b in zip(ours, theirs)) <= _f32_tol(8), (name, step)
+    momentum_first = name == "SGD" and kw.get("momentum")
+    assert len(full) == (2 if momentum_first else 1), full
+    assert len(rebuilt) >= 7 - len(full)  # a gradient column per moved step (step 5's part prepared)
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device: the caching allocator's addresses are what this measures")

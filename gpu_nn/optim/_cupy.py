@@ -34,8 +34,10 @@ def _table(P, G, C, steps, device):
     cols = [[p.data_ptr() for p in P], [g.data_ptr() for g in G]]
     cols += [[0 if k >= len(C) or C[k][i] is None else C[k][i].data_ptr() for i in range(len(P))] for k in range(3)]
     cols.append([s.data_ptr() for s in steps] if steps else [0] * len(P))
-    rows = chunk_rows(cols, [p.numel() for p in P], None, CHUNK)  # raw addresses, no flag column
-    out = (None, 0) if not len(rows) else (_backend.to_device_async(torch.from_numpy(rows), device), len(rows))
+    numels = [p.numel() for p in P]
+    rows = chunk_rows(cols, numels, None, CHUNK)  # raw addresses, no flag column
+    out = ((None, 0) if not len(rows) else (_backend.to_device_async(torch.from_numpy(rows), device), len(rows))) + (
+        cols, numels)
     if capturing(device):
         return out
     if len(_TABLES) > 32:
@@ -46,12 +48,30 @@ def _table(P, G, C, steps, device):
 
 class Launch(Prepared):
     """One part's launch, prepared (see ``_triton.Prepared``): the table of raw addresses and
-    the compiled module."""
+    the compiled module; ``regrad`` rebuilds the table's gradient column for gradients at new
+    addresses (as ``_triton.Launch.regrad``)."""
 
-    __slots__ = ("kind", "table", "n", "mod", "device", "copies")
+    __slots__ = ("kind", "table", "n", "mod", "device", "copies", "cols", "numels")
 
-    def __init__(self, kind, table, n, mod, device, copies):
+    def __init__(self, kind, table, n, mod, device, copies, cols=None, numels=None):
         self.kind, self.table, self.n, self.mod, self.device, self.copies = kind, table, n, mod, device, copies
+        self.cols, self.numels = cols, numels
+
+    def regrad(self, grads) -> bool:
+        if self.copies or self.cols is None or not self.n:
+            return not self.copies and self.n == 0
+        gp = [g.data_ptr() for g in grads]
+        if gp == self.cols[1]:
+            return True
+        cols = [self.cols[0], gp, *self.cols[2:]]
+        table = _backend.to_device_async(torch.from_numpy(chunk_rows(cols, self.numels, None, CHUNK)),
+                                         self.table.device)
+        if capturing(self.table.device):  # written when the graph replays: kept for good
+            graph_keep(table)
+            self.table, self.cols = table, [self.cols[0], [], *self.cols[2:]]  # the next eager step rebuilds
+            return True
+        self.table, self.cols = table, cols
+        return True
 
     def __call__(self, hp: dict, grads=None) -> None:
         from ..kernels import cuda as kcuda
@@ -93,7 +113,7 @@ def prepare(kind: str, params, st: dict, grads) -> Launch:
         cols, steps = [st["square_avg"], st["grad_avg"], st["momentum_buffer"]], []
     P, G, C, copies = stage(params, grads, cols, same_layout)
     device = params[0].device
-    table, n = _table(P, G, C, steps, device)
+    table, n, tcols, numels = _table(P, G, C, steps, device)
     index = device.index or 0
     mod = kcuda.load("optim", {"PARAM_KIND": _KIND[params[0].dtype], "OPTIM_CHUNK": CHUNK}, index) if n else None
-    return Launch(kind, table, n, mod, index, copies)
+    return Launch(kind, table, n, mod, index, copies, tcols, numels)

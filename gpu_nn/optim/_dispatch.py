@@ -122,7 +122,9 @@ def run_parts(kind: str, parts_: list, hp: dict, grads) -> None:
         # the part's device current (Triton launches go to the current one; on_device's guard)
         with device_guard(part.device):
             launch = part.prepared.get(backend)
-            if launch is None:
+            # a kept launch takes the step's gradients where they lie (regrad: the table's
+            # gradient column rebuilt when they moved); prepared again where it cannot
+            if launch is None or not launch.regrad(sub_g):
                 launch = _prepare(kind, backend, part, sub_g)
             if part.steps:
                 # torch's fused path does the same: one multi-tensor add, no host round trip

@@ -136,6 +136,12 @@ def graph_keep(table) -> None:
 
 def _table(params, grads, states, steps, flags, device, chunk):
     """(table on ``device``, n_chunks) for tensors of one part; cached by addresses."""
+    return _table_cols(params, grads, states, steps, flags, device, chunk)[:2]
+
+
+def _table_cols(params, grads, states, steps, flags, device, chunk):
+    """:func:`_table`'s ``(table, n_chunks)`` and the ``(cols, numels)`` it was built from (what a
+    launch needs to rebuild it for gradients at other addresses, :meth:`Launch.regrad`)."""
     pp = [p.data_ptr() for p in params]
     gp = [g.data_ptr() for g in grads]
     numels = [p.numel() for p in params]
@@ -155,9 +161,9 @@ def _table(params, grads, states, steps, flags, device, chunk):
     cols.append(_offsets(tp, 4) if steps else [0] * len(pp))
     rows = chunk_rows(cols, numels, flags, chunk)
     if not len(rows):
-        out = (None, 0)
+        out = (None, 0, cols, numels)
     else:
-        out = (_backend.to_device_async(torch.from_numpy(rows), device), len(rows))
+        out = (_backend.to_device_async(torch.from_numpy(rows), device), len(rows), cols, numels)
     if capturing(device):
         return out
     if len(_TABLES) >= _MAX_TABLES:
@@ -201,15 +207,56 @@ class Prepared:
             orig.copy_(tmp)
 
 
+def grad_offsets(grads) -> tuple | None:
+    """Element offsets of ``grads`` from the first one's address (the table's gradient column),
+    or None where one is not a whole number of elements away (then no table describes them)."""
+    base = grads[0].data_ptr()
+    es = grads[0].element_size()
+    out = []
+    for g in grads:
+        d = g.data_ptr() - base
+        if d % es:
+            return None
+        out.append(d // es)
+    return tuple(out)
+
+
 class Launch(Prepared):
     """One part's multi-tensor launch, prepared: its table and base tensors (the gradient base
-    is the step's own first gradient, at the address the table was built for)."""
+    is the step's own first gradient). The table's gradient column holds each gradient's offset
+    from the first: a step whose gradients are new tensors elsewhere (a caching allocator's
+    blocks after ``zero_grad(set_to_none=True)``: on the H200 every step of a training loop)
+    gets the column rebuilt from the kept ``cols`` (:meth:`regrad`), not the whole prepare."""
 
-    __slots__ = ("kind", "table", "n", "p_base", "staged_g", "s_base", "step_base", "copies")
+    __slots__ = ("kind", "table", "n", "p_base", "staged_g", "s_base", "step_base", "copies", "cols", "numels",
+                 "flags", "chunk", "g_offs")
 
-    def __init__(self, kind, table, n, p_base, staged_g, s_base, step_base, copies):
+    def __init__(self, kind, table, n, p_base, staged_g, s_base, step_base, copies, cols=None, numels=None,
+                 flags=None, chunk=None, g_offs=None):
         self.kind, self.table, self.n, self.p_base = kind, table, n, p_base
         self.staged_g, self.s_base, self.step_base, self.copies = staged_g, s_base, step_base, copies
+        self.cols, self.numels, self.flags, self.chunk, self.g_offs = cols, numels, flags, chunk, g_offs
+
+    def regrad(self, grads) -> bool:
+        """Make the table describe ``grads`` (the kept plan's gradients at new addresses, same
+        shapes, layouts and dtypes: ``optimizers._grad_key``); False where it cannot (then the
+        caller prepares the part again)."""
+        if self.staged_g is not None or self.cols is None or not self.n:
+            return self.staged_g is None and self.n == 0
+        offs = grad_offsets(grads)
+        if offs == self.g_offs:
+            return True
+        if offs is None or any(g.data_ptr() % 16 for g in grads):
+            return False
+        cols = [self.cols[0], list(offs), *self.cols[2:]]
+        table = _backend.to_device_async(torch.from_numpy(chunk_rows(cols, self.numels, self.flags, self.chunk)),
+                                         self.table.device)
+        if capturing(self.table.device):  # written when the graph replays: this launch's alone, kept for good
+            graph_keep(table)
+            self.table, self.g_offs = table, None  # the next eager step rebuilds it
+            return True
+        self.table, self.g_offs = table, offs
+        return True
 
     def __call__(self, hp: dict, grads) -> None:
         from ..kernels import triton as ktriton
@@ -256,11 +303,13 @@ def prepare(kind: str, params, st: dict, grads) -> Launch:
     for s in steps:
         if s.dtype != torch.float32:
             raise KernelInputError("optimizer kernels: state['step'] must be a float32 tensor on the device")
-    table, n = _table(P, G, C, steps, flags, params[0].device, _chunk(kt, ktriton.INTERPRET))
+    chunk = _chunk(kt, ktriton.INTERPRET)
+    table, n, tcols, numels = _table_cols(P, G, C, steps, flags, params[0].device, chunk)
     dummy = next((s for c in C for s in c if s is not None), None)
     if dummy is None:
         dummy = torch.empty(1, dtype=torch.float32, device=params[0].device)
-    return Launch(kind, table, n, P[0], G if copies else None, dummy, steps[0] if steps else dummy, copies)
+    return Launch(kind, table, n, P[0], G if copies else None, dummy, steps[0] if steps else dummy, copies,
+                  tcols, numels, list(flags), chunk, None if copies else grad_offsets(G))
 
 
 NORM_INF, NORM_TWO, NORM_P = 0, 2, 1

@@ -166,8 +166,11 @@ def _state_dtype(p: Tensor) -> torch.dtype:
 
 def _grad_key(params):
     """What a kept plan depends on in the gradients and parameters, read cheaply: per
-    parameter None (no gradient) or the addresses, dtypes and the gradient's shape and
-    strides. None where a gradient has no strides or storage (sparse): the full step says why."""
+    parameter None (no gradient) or the parameter's address and dtype and the gradient's dtype,
+    shape and strides -- not the gradient's address: a kept launch takes the step's gradients
+    where they lie (``regrad``: the table's gradient column rebuilt when they moved, as a caching
+    allocator moves them between steps). None where a gradient has no strides or storage
+    (sparse): the full step says why."""
     key, grads = [], []
     try:
         for p in params:
@@ -175,7 +178,7 @@ def _grad_key(params):
             if g is None:
                 key.append(None)
             else:
-                key.append((p.data_ptr(), p.dtype, g.data_ptr(), g.dtype, g.shape, g.stride()))
+                key.append((p.data_ptr(), p.dtype, g.dtype, g.shape, g.stride()))
                 grads.append(g)
     except (RuntimeError, NotImplementedError):
         return None, None
@@ -193,10 +196,10 @@ class _Plan:
     were (:func:`_grad_key`), the state tensors the step used, and the parts with their
     prepared launches (chunk tables and bases, see ``_dispatch.Part``).
 
-    A group keeps up to PLANS_PER_GROUP of them (gradient addresses that cycle). A step reuses
+    A group keeps up to PLANS_PER_GROUP of them. A step reuses
     one only when everything it was built from holds: the same group object
     and parameter list, the same :func:`_grad_key` (gradients may be new tensors, as after
-    ``zero_grad(set_to_none=True)``, at the same addresses with the same layout), the same
+    ``zero_grad(set_to_none=True)``, anywhere, with the same layout), the same
     state tensors in ``optimizer.state`` (a ``load_state_dict`` or a replaced buffer fails
     this) at the same addresses, and the same state-shaping settings (``_struct``: amsgrad,
     momentum, centered). Anything else takes the full step (checks, lazy state, dispatch),
@@ -256,8 +259,8 @@ class _Plan:
             for a, b in zip(self.state, other.state))
 
 
-# plans kept per group, most recent first: gradients whose addresses cycle through a few sets
-# (an allocator that hands blocks back every other step) keep finding theirs
+# plans kept per group, most recent first: steps whose gradients alternate between a few
+# layouts or sets (a parameter without a gradient every other step) keep finding theirs
 PLANS_PER_GROUP = 4
 
 
