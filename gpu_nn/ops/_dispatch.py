@@ -172,6 +172,11 @@ def empty(shape, *, dtype: torch.dtype, device, memory_format: torch.memory_form
     element that a kernel forgets to write shows up as NaN instead of as stale memory that
     happens to be right.
     """
+    if shape and memory_format is torch.contiguous_format:
+        # the sizes as separate arguments: torch's parser takes that overload in about half the
+        # time of a size tuple (1.1 against 2.2 us a call on the CPU machine; an allocation is
+        # 6.3 us of host time on the H200's host), a 0-d shape needs the tuple
+        return _poisoned(torch.empty(*shape, dtype=dtype, device=device))
     return _poisoned(torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format))
 
 
