@@ -30,6 +30,8 @@
 #   demo-fuse      gpu-nn demo --model cnn --epochs 3 --fuse: the CNN through gpu_nn.fuse (its three
 #                  convolution / linear -> ReLU pairs one layer each), to set against demo.json's CNN,
 #                  when 30 s are left
+#   host_split     python -m gpu_nn.benchmarks.host_split: a call's host time piece by piece
+#                  (host_split.json), when 20 s are left
 #   kernel_counts  python -m gpu_nn.benchmarks.kernel_counts: GPU events per op fwd+bwd at tiny
 #                  shapes (counts.json), when 30 s are left
 #   demo-compile   gpu-nn demo --epochs 3 --compile (demo-compile.json), when 60 s are left
@@ -96,6 +98,14 @@ if (( $(left) >= 30 )); then
     step demo-fuse 30 "${GN[@]}" demo --model cnn --epochs 3 --fuse --json "$OUTDIR/demo-fuse.json" --no-progress
 else
     echo "demo-fuse: skipped ($(left)s left of ${BUDGET}s, it needs 30)" | tee -a "$SUMMARY"
+fi
+# a call's host time piece by piece (allocation, current stream, the launch plan, Triton's launcher,
+# our forward and backward apart, a bare autograd.Function; the optimizer with moving gradients):
+# issue 14's host cost, the figures no CPU machine gives
+if (( $(left) >= 20 )); then
+    step host_split 30 "$PY" -m gpu_nn.benchmarks.host_split --json "$OUTDIR/host_split.json"
+else
+    echo "host_split: skipped ($(left)s left of ${BUDGET}s, it needs 20)" | tee -a "$SUMMARY"
 fi
 # the tests pin the launch counts on a GPU already: these tables only where time is left
 if (( $(left) >= 30 )); then

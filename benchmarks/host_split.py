@@ -32,8 +32,11 @@ SAMPLES = 9
 N = 300
 
 
-def per_call_us(fn, n: int = N, samples: int = SAMPLES, sync=None) -> float:
-    """Median over ``samples`` of the mean host time of ``fn()`` over ``n`` calls, microseconds."""
+def per_call_us(fn, n: int | None = None, samples: int | None = None, sync=None) -> float:
+    """Median over ``samples`` (default SAMPLES) of the mean host time of ``fn()`` over ``n``
+    (default N) calls, microseconds."""
+    n = N if n is None else n
+    samples = SAMPLES if samples is None else samples
     for _ in range(min(n, 50)):
         fn()
     if sync:

@@ -796,3 +796,22 @@ def test_rnn_defaults_read_the_switches_off_a_run():
     rnn = [r for r in results if r["family"] == "rnn"]
     assert rnn and all(rd.parse_case(r) is not None for r in rnn)
     assert rd.decide(results, cur)["persist_default_max_b"]["recommended"] == 16
+
+
+def test_host_split_runs_and_writes_its_pieces(tmp_path, monkeypatch):
+    """benchmarks/host_split.py on this machine (no CUDA: the reference backend, the CUDA-only
+    pieces left out): every part's figures are numbers of microseconds, the cProfile text is there."""
+    import json
+
+    from gpu_nn.benchmarks import host_split
+
+    monkeypatch.setattr(host_split, "SAMPLES", 3)
+    monkeypatch.setattr(host_split, "N", 20)
+    out = tmp_path / "hs.json"
+    assert host_split.main(["--json", str(out), "--device", "cpu"]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["device"] == "cpu" and "run_backward" in doc["profile_relu_fwd_bwd"]
+    for part in ("relu", "optim", "cross_entropy"):
+        figures = {k: v for k, v in doc[part].items() if not isinstance(v, bool)}
+        assert figures and all(isinstance(v, float) and v > 0 for v in figures.values()), (part, doc[part])
+    assert "ours F.relu fwd+bwd" in doc["relu"] and "Adam 6 tensors ours fresh grads" in doc["optim"]
