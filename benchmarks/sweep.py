@@ -563,8 +563,9 @@ def conv_candidates(p: dict, dtype, channels_last: bool, device: str = "cpu") ->
         return []
     x, w, b, y, stride, tma = _conv_standins(p, dtype, channels_last, device)
     prec = oc._precision(dtype)
-    default = kt.fwd_default(p["o"] // groups, y.shape[0] * y.shape[2] * y.shape[3], p["c"] // groups,
-                             math.prod(p["k"]), dtype.itemsize == 2, False)
+    default = kt.fwd_heuristic(x, w, b, y, groups, kt.fwd_default(
+        p["o"] // groups, y.shape[0] * y.shape[2] * y.shape[3], p["c"] // groups, math.prod(p["k"]),
+        dtype.itemsize == 2, False), False)
     cands = kt.problem_candidates(x, w, b, y, groups, prec) + (kt.tma_candidates(x, w, stride, groups, prec) if tma else [])
     return [conv_config(c) for c in dict.fromkeys([default, *cands])] + [{"provider": "torch"}]
 

@@ -2393,3 +2393,36 @@ def test_module_signature_is_torchs_plus_activation(name):
     assert list(ours) == [*theirs, "activation"]
     assert all(ours[k] == theirs[k] for k in theirs)
     assert ours["activation"].kind is inspect.Parameter.KEYWORD_ONLY and ours["activation"].default is None
+
+
+def test_half_nchw_heuristic_runs_on_channels_last_copies():
+    """Where nothing is measured on a GPU, a float16 / bfloat16 NCHW convolution of one group and
+    at least 32 input channels (multiples of 16) takes the large tile on channels_last copies:
+    the H200's conv sweep at a331102 timed it 1.1-2.8x faster than the direct kernel's heuristic
+    tile at all four bfloat16 3x3 shapes (fwd_heuristic's docstring). It is one of the
+    candidates a measuring chooser times for that problem, compiled ahead of time; channels_last
+    inputs, float32, grouped or packed problems and the interpreter keep fwd_default's."""
+    from gpu_nn.kernels.triton import conv as kt
+
+    def case(dtype=torch.bfloat16, c=64, o=64, cl=False, groups=1):
+        x = torch.empty(2, c, 9, 9, dtype=dtype)
+        if cl:
+            x = x.to(memory_format=torch.channels_last)
+        w = torch.empty(o, c // groups, 3, 3, dtype=dtype)
+        y = torch.empty(2, o, 9, 9, dtype=dtype)
+        if cl:
+            y = y.to(memory_format=torch.channels_last)
+        cg, og = c // groups, o // groups
+        base = kt.fwd_default(og, 2 * 81, cg, 9, dtype.itemsize == 2, False)
+        return x, w, None, y, groups, base
+
+    x, w, b, y, g, base = case()
+    got = kt.fwd_heuristic(x, w, b, y, g, base, False)
+    assert got == (*kt.GPU_CONFIGS["half"]["large"], kt.VIA_CL) != base
+    assert got in kt.problem_candidates(x, w, b, y, g, "ieee")
+    assert kt.fwd_heuristic(x, w, b, y, g, base, True) == base  # the interpreter
+    for kw in (dict(dtype=torch.float32), dict(cl=True), dict(groups=2), dict(c=16), dict(o=24)):
+        x, w, b, y, g, base = case(**kw)
+        assert kt.fwd_heuristic(x, w, b, y, g, base, False) == base, kw
+    labels = {s.label for s in kt.aot_specs()}
+    assert any(lbl.startswith("fwd large bf16") for lbl in labels) and any("nhwc" in lbl for lbl in labels)

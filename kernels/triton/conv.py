@@ -1145,6 +1145,24 @@ def fwd_default(og: int, m: int, cg: int, taps: int, half: bool, interpret: bool
     return (*cfg, PACKED) if packs(cg, taps, cfg[2]) else cfg
 
 
+def fwd_heuristic(x, w, b, y, groups: int, cfg: tuple, interpret: bool) -> tuple:
+    """The forward's configuration where nothing is measured, for these tensors: ``cfg``
+    (:func:`fwd_default`), except for a float16 / bfloat16 problem with an NCHW-contiguous input
+    that could run on channels_last copies (:func:`via_cl_eligible`, one group, at least 32
+    channels in: unpacked) compiled for a GPU: there the heuristic's large tile on the copies
+    (``(*large, VIA_CL)``). The H200's conv sweep at a331102 (bfloat16, N=32, 3x3, C=O=64..512,
+    56x56..7x7: benchmarks/results/2026-12-04_nvidia-h200_a331102/sweep_conv.json) timed that
+    candidate at 202 / 89 / 219 / 163 us against the direct NCHW kernel's heuristic tile at
+    458 / 246 / 251 / 177, within 7 % of the best candidate at every shape. float32 (TF32) is
+    left to measurement: the sweep did not reach it."""
+    if interpret or x.element_size() != 2 or groups != 1 or PACKED in cfg[5:] or not x.is_contiguous():
+        return cfg
+    cg, og = w.shape[1], w.shape[0]
+    if cg < 32 or not via_cl_eligible(x, w, b, y, cg, og):
+        return cfg
+    return (*GPU_CONFIGS["half"]["large"], VIA_CL)
+
+
 def wgrad_default(og: int, cg: int, taps: int, half: bool, interpret: bool) -> tuple:
     """The weight gradient's configuration where nothing is measured: :func:`pick_config`'s
     tile for its M = ``og`` rows (no GEMM length: it splits its reduction instead), packed where
@@ -1777,7 +1795,7 @@ def conv_forward(x, w, bias, y, stride, padding, dilation, groups, activation, p
     def launch(cfg):
         _launch_variant(direct, cfg, x, w, y, _tma_y_direct)
 
-    cfg = fwd_default(og, n * ho * wo, cg, kh * kw, half, interpret)
+    cfg = fwd_heuristic(x, w, bias, y, groups, fwd_default(og, n * ho * wo, cg, kh * kw, half, interpret), interpret)
     if choose is not None:
         # every launch rewrites y in full, so the candidates are timed on the real buffers
         # x's 16-byte alignment too: a TMA candidate that reads x as it is exists only for an aligned
