@@ -234,25 +234,53 @@ def markdown(runs: list[dict], others: list[str] = ()) -> str:
                      + (f"; see `benchmarks/results/{last['name']}/SUMMARY.md`" if last.get("summary_md") else "") + ".  ")
     for o in others:
         lines.append(f"Also recorded: {o}.  ")
-    # the ratio table of the latest run that has one (a run whose bench step left no bench.json
-    # keeps the table of the run before it, named)
-    table = next((r for r in reversed(runs) if r.get("bench")), None)
-    if table is None:
+    # the ratio table: each case's latest measurement (a run whose bench step was cut, or left no
+    # bench.json, keeps the cases it did not reach from the runs before it, each row naming its run)
+    tables = [r for r in runs if r.get("bench")]
+    if not tables:
         return "\n".join([*lines, "", "No recorded run has a bench table yet.", "", HISTORY_IMAGE])
+    table = tables[-1]
     if table is not last:
         lines.append(f"The latest run's bench step left no table: the table below is the run of "
                      f"{table['date'][:10]}, commit `{table['commit'][:7]}`.  ")
+    merged, seen, used = [], set(), []
+    for run in reversed(tables):
+        n = 0
+        for row in run["bench"]:
+            k = (row.get("family"), row.get("name"), row.get("shape"))
+            if k in seen:
+                continue
+            seen.add(k)
+            merged.append((run, row))
+            n += 1
+        if n:
+            used.append((run, n))
+    multi = len(used) > 1
     if table.get("bench_partial"):
         planned = table.get("bench_cases_planned")
-        lines.append(f"The bench step was cut by its time limit: {table.get('bench_cases', len(table['bench']))}"
-                     + (f" of {planned}" if planned else "") + " planned cases are in the table below.  ")
+        n_cut = table.get("bench_cases", len(table["bench"]))
+        if multi:
+            lines.append(f"The bench step of `{table['commit'][:7]}` was cut by its time limit after {n_cut}"
+                         + (f" of {planned}" if planned else "") + " planned cases.  ")
+        else:
+            lines.append(f"The bench step was cut by its time limit: {n_cut}"
+                         + (f" of {planned}" if planned else "") + " planned cases are in the table below.  ")
+    if multi:
+        # a run that recorded tuning timings timed measured configurations; one without, the
+        # heuristic's (gpu_run.sh's bench step since 2a1b77e): their ratios are not the same thing
+        def how(r):
+            return "measured configurations" if (r.get("tuning") or {}).get("rows") else "heuristic configurations"
+        lines.append("Each case's latest measurement: " + "; ".join(
+            f"{n} from commit `{r['commit'][:7]}` ({r['date'][:10]}, {how(r)})" for r, n in used) + ".  ")
     lines += ["", "Time ours / torch (median, same process; below 1 is faster than torch):", "",
-              "| family | case | shape | provider | ratio |", "| --- | --- | --- | --- | ---: |"]
-    for r in table["bench"]:
+              "| family | case | shape | provider | ratio |" + (" run |" if multi else ""),
+              "| --- | --- | --- | --- | ---: |" + (" --- |" if multi else "")]
+    for run, r in merged:
+        tail = f" `{run['commit'][:7]}` |" if multi else ""
         for prov, ratio in sorted((r.get("ratio") or {}).items()):
-            lines.append(f"| {r['family']} | {r['name']} | {r['shape']} | {prov} | {ratio:.2f}x |")
+            lines.append(f"| {r['family']} | {r['name']} | {r['shape']} | {prov} | {ratio:.2f}x |{tail}")
         for prov, err in sorted((r.get("errors") or {}).items()):
-            lines.append(f"| {r['family']} | {r['name']} | {r['shape']} | {prov} | error: {err[:60]} |")
+            lines.append(f"| {r['family']} | {r['name']} | {r['shape']} | {prov} | error: {err[:60]} |{tail}")
     lines += ["", HISTORY_IMAGE]
     return "\n".join(lines)
 

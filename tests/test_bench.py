@@ -319,6 +319,24 @@ def test_results_record_and_render(tmp_path):
     assert f"Test suite: cut by its time limit before its summary; see `benchmarks/results/{pathlib.Path(dest2).name}/SUMMARY.md`" in text
     assert "the table below is the run of 2026-12-01, commit `abcdef1`" in text
     assert "| activation | relu fwd | N=32 | triton | 1.50x |" in text
+    # a third run whose bench was cut after one case: that case from it, the other from the first
+    # run, each row naming its run
+    third = tmp_path / "gpu-run-3"
+    (third / "bench").mkdir(parents=True)
+    (third / "machine.txt").write_text((later / "machine.txt").read_text().replace("2026-12-04T11", "2026-12-05T11")
+                                       .replace("1234567abcdef", "89abcde123456"))
+    (third / "summary.txt").write_text("bench: rc=124 120s (timed out)\n")
+    (third / "bench" / "bench.json").write_text(json.dumps({
+        "environment": {"device": "NVIDIA H200"}, "partial": True, "cases_planned": 2,
+        "results": [{"family": "activation", "name": "relu fwd", "shape": "N=32", "ratio": {"triton": 1.1}, "errors": {}}]}))
+    results.record(str(third), str(into))
+    results.render(str(into), str(readme))
+    text = readme.read_text()
+    assert "The bench step of `89abcde` was cut by its time limit after 1 of 2 planned cases." in text
+    assert ("Each case's latest measurement: 1 from commit `89abcde` (2026-12-05, heuristic configurations); "
+            "1 from commit `abcdef1` (2026-12-01, measured configurations)") in text
+    assert "| activation | relu fwd | N=32 | triton | 1.10x | `89abcde` |" in text
+    assert "| activation | tanh fwd | N=32 | triton | 0.50x | `abcdef1` |" in text and "1.50x" not in text
 
 
 def test_overhead_family_times_ours_torch_and_both_floors():
