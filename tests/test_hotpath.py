@@ -883,3 +883,26 @@ def test_lean_tensorlist_mixed_list_takes_torchs_wrapper():
     assert lean.apply(x, [x, 1]) == "fallback" and len(calls) == 1
     assert _dispatch._flatten((x, [1, 2], (3, 4), [], (x, x)))[1] == (None, None, None, (list, 0), (tuple, 2))
     assert _dispatch._flatten(([x, None],))[0] is None and _dispatch._flatten(((x, 1),))[0] is None
+
+
+def test_eager_route_unwraps_what_a_finished_transform_left_wrapped():
+    """The eager route calls autograd.Function's C apply itself (not torch's Python classmethod
+    around it) and unwraps, as that classmethod does, a tensor that a finished torch.func
+    transform left wrapped (a "dead wrapper"): our relu of such a tensor gives torch's value and
+    sends torch's gradient to the tensor the transform was applied to."""
+    leaked = {}
+
+    def f(x):
+        leaked["x"] = x
+        return (x * 2).sum()
+
+    results = []
+    for fn in (torch.relu, F.relu):
+        x0 = torch.tensor([0.5, -1.0, 2.0, -0.25, 3.0], requires_grad=True)
+        torch.func.grad(f)(x0)
+        dead = leaked.pop("x")
+        assert torch._C._functorch.is_functorch_wrapped_tensor(dead)
+        y = fn(dead)
+        (y * torch.arange(5.0)).sum().backward()
+        results.append((y.detach(), x0.grad))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
