@@ -1346,3 +1346,59 @@ def test_chunk_rows_are_the_row_at_a_time_table():
         from gpu_nn.kernels.triton import optim as kt
 
         assert glue.NCOL == kt.NCOL
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("triton",)))
+def test_an_empty_first_parameter_measures_the_table_from_the_next(backend, device, on_device):
+    """A part whose first parameter (and gradient, and state) is empty: an empty tensor may have
+    no address, the table's offsets are measured from the first tensor that has one, and the
+    kernels' bases are that tensor (they were the first tensor: the kernels read near address 0,
+    a crash). Adam, SGD with momentum and clip_grad_norm_ against torch, three steps."""
+    for name, kw in (("Adam", dict(lr=0.1)), ("SGD", dict(lr=0.1, momentum=0.9))):
+        torch.manual_seed(2)
+        shapes = [(0,), (300,), (7,)]
+        ours = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+        theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+        o1, o2 = getattr(go, name)(ours, **kw), getattr(torch.optim, name)(theirs, **kw)
+        for step in range(3):
+            for a, b in zip(ours, theirs):
+                g = torch.randn(a.shape)
+                a.grad, b.grad = g.clone(), g.clone()
+            with gpu_nn.backend(backend):
+                n1 = clip_grad_norm_(ours, 1.0)
+                o1.step()
+            n2 = torch.nn.utils.clip_grad_norm_(theirs, 1.0)
+            o2.step()
+            assert abs(float(n1) - float(n2)) <= 1e-5 * float(n2), (name, step)
+            assert max(_rel(a, b) for a, b in zip(ours[1:], theirs[1:])) <= _f32_tol(8), (name, step)
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("triton",)))
+def test_kept_launch_refuses_gradients_shifted_off_alignment_together(backend, device, monkeypatch, on_device):
+    """Every gradient moved by the same 4 bytes (their offsets from one another unchanged, the
+    first no longer 16-byte aligned, as the kernels' vector loads need): the kept launch does
+    not take them as they are; the part is prepared again (staged), values as torch's."""
+    from gpu_nn.optim import _dispatch as disp
+
+    prepared = []
+    real = disp._prepare
+    monkeypatch.setattr(disp, "_prepare", lambda *a: prepared.append(1) or real(*a))
+    torch.manual_seed(3)
+    shapes = [(8, 4), (16,)]
+    ours = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    o1, o2 = go.Adam(ours, lr=0.05), torch.optim.Adam(theirs, lr=0.05)
+    buf = torch.empty(256)
+    for step in range(4):
+        shift = 1 if step >= 2 else 0  # one float32 element: 4 bytes
+        offs = [shift, 64 + shift]
+        for i, (a, b) in enumerate(zip(ours, theirs)):
+            g = torch.randn(a.shape)
+            a.grad = buf[offs[i]:offs[i] + g.numel()].view(g.shape)
+            a.grad.copy_(g)
+            b.grad = g.clone()
+        with gpu_nn.backend(backend):
+            o1.step()
+        o2.step()
+        assert max(_rel(a, b) for a, b in zip(ours, theirs)) <= _f32_tol(4), step
+    assert len(prepared) == 3, prepared  # step 0, then steps 2 and 3 (staged launches are never kept)

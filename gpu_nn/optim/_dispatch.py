@@ -41,7 +41,8 @@ def _split(params):
 class Part:
     """The parameters of one (device, dtype) of a step, with their state lists; ``prepared``
     keeps, per backend, a launch that needed no staging copy (see ``Plan`` in optimizers.py:
-    a later step over the same tensors at the same addresses launches it again)."""
+    a later step over the same tensors launches it again, its gradient column rebuilt where the
+    gradients moved: ``regrad``)."""
 
     __slots__ = ("device", "dtype", "idx", "params", "states", "steps", "prepared")
 

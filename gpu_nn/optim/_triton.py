@@ -2,10 +2,9 @@
 
 See ``kernels/triton/optim.py`` for the layout: every tensor of a role is addressed as an
 int64 element offset from the role's base tensor, one table row per chunk of ``BLOCK * ITERS``
-elements. Tables are cached by the tensors' addresses, so a training loop whose gradients
-keep their memory (``zero_grad(set_to_none=False)``, or the caching allocator handing back the
-same blocks) builds each table once; a rebuilt table goes to the device with a non-blocking
-copy. Nothing here reads a device value on the host (except clipping with
+elements. Tables are cached by the tensors' addresses; a kept launch whose gradients moved (a
+caching allocator's new blocks every step) rebuilds only its gradient column (``Launch.regrad``);
+a rebuilt table goes to the device with a non-blocking copy. Nothing here reads a device value on the host (except clipping with
 ``error_if_nonfinite=True``, which must).
 """
 
@@ -194,7 +193,7 @@ class Prepared:
     """What the Triton and CuPy prepared launches share: ``copies``, the (original, staged
     copy) pairs written back after the launch. ``cacheable`` when there are none: then the
     table depends only on the addresses of the parameters, gradients and state, and a later
-    step with the same addresses reuses it."""
+    step over the same parameters and state reuses it (``regrad`` for gradients elsewhere)."""
 
     __slots__ = ()
 
@@ -207,17 +206,29 @@ class Prepared:
             orig.copy_(tmp)
 
 
+def base_index(ts) -> int:
+    """Index of the tensor a table role is measured from: the first with an address (an empty
+    tensor may have none; :func:`_offsets` skips those, and the kernels add every offset to this
+    tensor's address: an empty first parameter made them read near address 0)."""
+    for i, t in enumerate(ts):
+        if t is not None and t.data_ptr():
+            return i
+    return 0
+
+
 def grad_offsets(grads) -> tuple | None:
-    """Element offsets of ``grads`` from the first one's address (the table's gradient column),
-    or None where one is not a whole number of elements away (then no table describes them)."""
-    base = grads[0].data_ptr()
+    """The table's gradient column for ``grads``: element offsets from the :func:`base_index`
+    gradient's address (0 for an empty one without an address), as :func:`_offsets` makes them;
+    None where one is not 16-byte aligned (the kernels' vector loads) or not a whole number of
+    elements away (then no table describes them: the part is prepared again, staged)."""
+    ptrs = [g.data_ptr() for g in grads]
+    base = next((p for p in ptrs if p), 0)
     es = grads[0].element_size()
     out = []
-    for g in grads:
-        d = g.data_ptr() - base
-        if d % es:
+    for p in ptrs:
+        if p % 16:
             return None
-        out.append(d // es)
+        out.append((p - base) // es if p else 0)
     return tuple(out)
 
 
@@ -244,16 +255,16 @@ class Launch(Prepared):
         if self.staged_g is not None or self.cols is None or not self.n:
             return self.staged_g is None and self.n == 0
         offs = grad_offsets(grads)
+        if offs is None:
+            return False
         if offs == self.g_offs:
             return True
-        if offs is None or any(g.data_ptr() % 16 for g in grads):
-            return False
         cols = [self.cols[0], list(offs), *self.cols[2:]]
         table = _backend.to_device_async(torch.from_numpy(chunk_rows(cols, self.numels, self.flags, self.chunk)),
                                          self.table.device)
         if capturing(self.table.device):  # written when the graph replays: this launch's alone, kept for good
             graph_keep(table)
-            self.table, self.g_offs = table, None  # the next eager step rebuilds it
+            self.table, self.g_offs = table, ()  # matches no gradients: the next eager step rebuilds it
             return True
         self.table, self.g_offs = table, offs
         return True
@@ -283,7 +294,8 @@ class Launch(Prepared):
                       weight_decay=hp["weight_decay"], sign=sign)
             wd_mode = 0 if hp["weight_decay"] == 0 else (2 if hp["decoupled_weight_decay"] else 1)
             fl = dict(wd_mode=wd_mode, amsgrad=bool(hp["amsgrad"]))
-        g_base = (self.staged_g if self.staged_g is not None else grads)[0]
+        gs = self.staged_g if self.staged_g is not None else grads
+        g_base = gs[base_index(gs)]
         graph_keep(self.table)
         kt.launch(kind, self.table, self.n, self.p_base, g_base, self.s_base, self.step_base, sc, fl,
                   ktriton.INTERPRET)
@@ -305,10 +317,15 @@ def prepare(kind: str, params, st: dict, grads) -> Launch:
             raise KernelInputError("optimizer kernels: state['step'] must be a float32 tensor on the device")
     chunk = _chunk(kt, ktriton.INTERPRET)
     table, n, tcols, numels = _table_cols(P, G, C, steps, flags, params[0].device, chunk)
-    dummy = next((s for c in C for s in c if s is not None), None)
+    # the state base: the tensor the state columns are measured from (_table_cols: the first
+    # state tensor with an address), else any state tensor, else a stand-in
+    dummy = next((s for c in C for s in c if s is not None and s.data_ptr()), None)
+    if dummy is None:
+        dummy = next((s for c in C for s in c if s is not None), None)
     if dummy is None:
         dummy = torch.empty(1, dtype=torch.float32, device=params[0].device)
-    return Launch(kind, table, n, P[0], G if copies else None, dummy, steps[0] if steps else dummy, copies,
+    return Launch(kind, table, n, P[base_index(P)], G if copies else None, dummy,
+                  steps[base_index(steps)] if steps else dummy, copies,
                   tcols, numels, list(flags), chunk, None if copies else grad_offsets(G))
 
 
@@ -355,7 +372,7 @@ def clip_grad_norm(grads, max_norm: float, norm_type: float, error_if_nonfinite:
     for gs, table, n, part0 in plans:
         graph_keep(table)
         if n:
-            kt.clip_partial(table, n, gs[0], partials, part0, code, norm_type, interpret)
+            kt.clip_partial(table, n, gs[base_index(gs)], partials, part0, code, norm_type, interpret)
     if error_if_nonfinite:
         kt.clip_total(partials, n_total, total, code, norm_type)
         if not bool(torch.isfinite(total)):  # the one host read, as torch's own check needs
@@ -366,7 +383,8 @@ def clip_grad_norm(grads, max_norm: float, norm_type: float, error_if_nonfinite:
             )
     for gs, table, n, part0 in plans:
         if n:
-            kt.clip_scale(table, n, gs[0], partials, n_total, total, max_norm, code, norm_type, interpret)
+            kt.clip_scale(table, n, gs[base_index(gs)], partials, n_total, total, max_norm, code, norm_type,
+                          interpret)
     if n_total == 0:
         kt.clip_total(partials, 0, total, code, norm_type)
     for g, c in copies:

@@ -10,8 +10,8 @@ What differs from torch:
   part goes to the backend that ``gpu_nn._backend.resolve`` picks (CPU: the NumPy reference
   on views of the tensors, in place; CUDA: one multi-tensor Triton launch per part, or the
   CuPy kernels for Adam/AdamW/RMSprop).
-* A step over the same tensors as the step before (the same parameters, gradients at the same
-  addresses with the same layout, the same state tensors; see ``_Plan``) skips the
+* A step over the same tensors as the step before (the same parameters, gradients of the same
+  layout wherever they lie, the same state tensors; see ``_Plan``) skips the
   per-parameter checks, state look-ups and launch-table builds and launches at once: the host
   cost of a training loop's step is a fixed, small part of the kernel's time.
 * float16/bfloat16 parameters keep float32 optimizer state (torch keeps it in the parameter's
@@ -178,7 +178,7 @@ def _grad_key(params):
             if g is None:
                 key.append(None)
             else:
-                key.append((p.data_ptr(), p.dtype, g.dtype, g.shape, g.stride()))
+                key.append((p.data_ptr(), p.dtype, g.dtype, g.shape, g.stride(), g.get_device()))
                 grads.append(g)
     except (RuntimeError, NotImplementedError):
         return None, None
@@ -192,8 +192,8 @@ def _identical(a, b) -> bool:
 
 class _Plan:
     """One group's step as the last full step left it, kept so the next step can skip the
-    per-parameter work: the parameters that had gradients, where they and their gradients
-    were (:func:`_grad_key`), the state tensors the step used, and the parts with their
+    per-parameter work: the parameters that had gradients, where they were, their gradients'
+    layouts (:func:`_grad_key`), the state tensors the step used, and the parts with their
     prepared launches (chunk tables and bases, see ``_dispatch.Part``).
 
     A group keeps up to PLANS_PER_GROUP of them. A step reuses
@@ -251,7 +251,7 @@ class _Plan:
 
     def same_state(self, other) -> bool:
         """Whether ``other`` steps the same parameters and state tensors (plans of one group that
-        differ only in where the gradients were)."""
+        differ only in the gradients' layouts or which parameters had one)."""
         if not _identical(self.params, other.params) or len(self.state) != len(other.state):
             return False
         return all(
