@@ -95,6 +95,13 @@ class Launch:
     num_warps: int
     num_stages: int
     where: str
+    # the run-time parameters as Triton's JIT specialises them on a GPU: name -> type string, or
+    # "constexpr" for an int equal to 1 (not do_not_specialize) or None, with its value in ``special``
+    runtime: dict = dataclasses.field(default_factory=dict)
+    special: dict = dataclasses.field(default_factory=dict)
+    # False for a launch whose configuration is compiled per problem on first use, not listed
+    # ahead of time (the pooling tiles away from TILED_AOT's problems): the front-end check only
+    aot: bool = True
 
     @property
     def name(self):
@@ -123,12 +130,49 @@ def _caller() -> str:
     return "?"
 
 
+def _do_not_specialize(kernel, sig) -> set:
+    """The kernel's do_not_specialize parameters by name (the interpreter keeps the decorator's
+    arguments in ``kwargs``; indices or names)."""
+    raw = getattr(kernel, "do_not_specialize", None) or (getattr(kernel, "kwargs", None) or {}).get("do_not_specialize")
+    names = list(sig.parameters)
+    return {names[i] if isinstance(i, int) else i for i in (raw or ())}
+
+
+def _jit_types(kernel, sig, cons, arguments) -> tuple[dict, dict]:
+    """(name -> Triton type, name -> value of the ones the JIT makes constants) of a launch's
+    run-time arguments, as Triton's JIT (3.x ``native_specialize_impl``) specialises them on a
+    GPU: a tensor its pointer type, a bool i1, an int equal to 1 a constant (unless
+    do_not_specialize), other ints i32 / i64 / u64 by value, a float fp32, None a constant."""
+    dns = _do_not_specialize(kernel, sig)
+    runtime, special = {}, {}
+    for n, v in arguments.items():
+        if n in cons:
+            continue
+        if isinstance(v, torch.Tensor):
+            runtime[n] = _PTR[v.dtype]
+        elif isinstance(v, bool):
+            runtime[n] = "i1"
+        elif isinstance(v, int):
+            if v == 1 and n not in dns:
+                runtime[n], special[n] = "constexpr", 1
+            else:
+                runtime[n] = "i32" if -2**31 <= v < 2**31 else ("i64" if -2**63 <= v < 2**63 else "u64")
+        elif isinstance(v, float):
+            runtime[n] = "fp32"
+        elif v is None:
+            runtime[n], special[n] = "constexpr", None
+        else:
+            runtime[n] = f"? {type(v).__name__}"
+    return runtime, special
+
+
 class Recorder:
     """Wraps ``run`` of every kernel object in the kernel modules; ``launches`` collects them."""
 
     def __init__(self, monkeypatch):
         self.launches: list[Launch] = []
         self.dry = False  # record without running the kernel (large shapes whose results nobody reads)
+        self.aot = True  # launches recorded now are to be in aot_specs (see Launch.aot)
         seen = set()
         for mod in _kernel_modules():
             for obj in vars(mod).values():
@@ -148,13 +192,24 @@ class Recorder:
             bound.apply_defaults()
             constexprs = {n: bound.arguments[n] for n in cons}
             pointers = {n: _PTR[v.dtype] for n, v in bound.arguments.items() if isinstance(v, torch.Tensor)}
+            runtime, special = _jit_types(kernel, sig, cons, bound.arguments)
             if not warmup:
-                self.launches.append(Launch(kernel, constexprs, pointers, opts["num_warps"], opts["num_stages"], _caller()))
+                self.launches.append(Launch(kernel, constexprs, pointers, opts["num_warps"], opts["num_stages"], _caller(),
+                                            runtime, special, self.aot))
             if self.dry:
                 return None
             return run(*args, grid=grid, warmup=warmup, **kwargs)
 
         return recorder
+
+    @contextlib.contextmanager
+    def per_problem(self):
+        """Launches of configurations compiled per problem (Launch.aot False)."""
+        self.aot = False
+        try:
+            yield
+        finally:
+            self.aot = True
 
     @contextlib.contextmanager
     def dry_run(self):
@@ -220,7 +275,7 @@ def unmatched(launches, specs_by_family) -> list[str]:
     """One report line per distinct launch that no spec of its kernel's family matches."""
     report, done = [], set()
     for la in launches:
-        if la.key() in done:
+        if not la.aot or la.key() in done:
             continue
         done.add(la.key())
         fam = _family_of(la.kernel)
@@ -374,6 +429,30 @@ def extra_pool(rng, monkeypatch, rec):
             _fwd_bwd(F.max_pool1d(y, 3, 2, 1, 1, False, True))
             _fwd_bwd(F.min_pool1d(y, 3))
             _fwd_bwd(F.avg_pool1d(y, 4, 3, 2, True, False))
+    # the tiled forms a measuring chooser may pick on a GPU (the heuristic here is the flat one),
+    # compiled per problem (their tiles and windows are constants): front-end check only. The
+    # plane tiles in 1-d and 2-d (a 1-d pooling is [N, C, 1, L]: H = OH = 1, which the JIT
+    # makes constants), the channels_last tiles for a channels_last input
+    from gpu_nn.kernels.triton import pool as kp
+    from gpu_nn.ops import pool as P
+
+    heuristic = P._chooser
+    for form in (kp.TILE, kp.CLTILE):
+        def choose(op, key, cands, run, default, _form=form, **_):
+            return next((c for c in cands if c[0] == _form), default)
+        monkeypatch.setattr(P, "_chooser", lambda device, _c=choose: _c)
+        with _backend.backend("triton"), rec.per_problem():
+            for dt in DTYPES:
+                x = _t(rng, 2, 3, 9, 8, dtype=dt)
+                xc = x.detach().to(memory_format=torch.channels_last).requires_grad_()
+                for inp in (x, xc):
+                    _fwd_bwd(F.max_pool2d(inp, 3, 2, 1, return_indices=True))
+                    _fwd_bwd(F.avg_pool2d(inp, 3, 2, 1, True, False))
+                y = _t(rng, 2, 3, 11, dtype=dt)
+                _fwd_bwd(F.max_pool1d(y, 3, 2, 1, 1, False, True))
+                _fwd_bwd(F.min_pool1d(y, 3))
+                _fwd_bwd(F.avg_pool1d(y, 4, 3, 2, True, False))
+    monkeypatch.setattr(P, "_chooser", heuristic)
 
 
 def _seq_params(rng, mode, L, D, I, H, bias, dt):
@@ -492,8 +571,50 @@ EXTRAS = {"activation": extra_activation, "conv": extra_conv, "dense": extra_den
           "rnn": extra_rnn, "optim": extra_optim}
 
 
+def specialised_rows(launches) -> list[dict]:
+    """One row per distinct launch with a run-time argument the JIT makes a constant (an int
+    equal to 1, None): what ``_aot.frontend`` compiles (the AOT specs type every run-time int as
+    i32, so only these differ from what test_compile.py compiles)."""
+    rows, seen = [], set()
+    for la in launches:
+        if not la.special:
+            continue
+        fn = _fn(la.kernel)
+        sig, cons = _params(fn)
+        signature = {n: ("constexpr" if n in cons else la.runtime[n]) for n in sig.parameters}
+        constexprs = {**la.constexprs, **la.special}
+        key = (fn.__name__, repr(sorted(signature.items())), repr(sorted(constexprs.items(), key=lambda kv: kv[0])),
+               la.num_warps, la.num_stages)
+        if key in seen:
+            continue
+        seen.add(key)
+        rows.append({"module": fn.__module__, "kernel": fn.__name__, "signature": signature, "constexprs": constexprs,
+                     "num_warps": la.num_warps, "num_stages": la.num_stages, "where": la.where})
+    return rows
+
+
+def frontend_failures(rows, tmp_path) -> list:
+    """``_aot.frontend`` on ``rows`` in a process without TRITON_INTERPRET (only compiled
+    kernels have a front end); the failed rows."""
+    import json
+    import os
+    import pickle
+    import subprocess
+
+    path = tmp_path / "specialised.pkl"
+    path.write_bytes(pickle.dumps([{k: v for k, v in r.items() if k != "where"} for r in rows]))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "gpu_nn.kernels.triton._aot", "--frontend", str(path)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("[")]
+    assert lines, f"no report from the front-end run (rc {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    failed = json.loads(lines[-1])
+    assert (proc.returncode != 0) == bool(failed), (proc.returncode, proc.stderr[-2000:])
+    return failed
+
+
 @pytest.mark.parametrize("family", list(FAMILY_MODULES))
-def test_every_launch_is_in_aot_specs(family, monkeypatch):
+def test_every_launch_is_in_aot_specs(family, monkeypatch, tmp_path):
     rng = np.random.default_rng(abs(hash(family)) % 2**32)
     rec = Recorder(monkeypatch)
     _force_gpu_heuristics(monkeypatch)
@@ -507,6 +628,15 @@ def test_every_launch_is_in_aot_specs(family, monkeypatch):
     distinct = len({la.key() for la in rec.launches})
     assert not report, (f"{family}: {len(report)} of {distinct} distinct launch configurations are missing from "
                         "aot_specs() (never compiled for sm_90):\n" + "\n".join(report))
+    # and every launch goes through Triton's front end for sm_90 as the JIT specialises its
+    # arguments on a GPU: the AOT specs type run-time ints as i32, the JIT makes an int equal to 1
+    # a constant (the H200 at 09f2311: every 1-d tiled pooling failed to compile there, a helper
+    # calling .to on such a constant, which neither the interpreter nor the specs met)
+    rows = specialised_rows(rec.launches)
+    failed = frontend_failures(rows, tmp_path) if rows else []
+    assert not failed, (f"{family}: {len(failed)} of {len(rows)} specialised launches fail Triton's front end for "
+                        "sm_90:\n" + "\n".join(f"{r['kernel']} from {next(x['where'] for x in rows if x['kernel'] == r['kernel'])}: "
+                                                 f"{r['error'][-600:]}" for r in failed[:5]))
 
 
 def test_checker_reports_a_launch_missing_from_the_specs(monkeypatch):
