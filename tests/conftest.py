@@ -78,6 +78,19 @@ def _order(item) -> int:
     return 1 if _gpu_only(item) else 2
 
 
+@pytest.fixture(autouse=True)
+def _fresh_conv_candidates():
+    """Each test starts without the conv launchers' remembered candidate lists
+    (kernels/triton/conv.py ``_CANDIDATES``, keyed by a problem's facts): a test that patches
+    what the lists are made of (tma_device, TMA_FWD_SUSPECT) must not be served another test's."""
+    import sys
+
+    mod = sys.modules.get("gpu_nn.kernels.triton.conv")
+    if mod is not None:
+        mod._CANDIDATES.clear()
+    yield
+
+
 FAIL_LOG_ENV = "GPU_NN_FAIL_LOG"
 
 

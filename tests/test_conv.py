@@ -2426,3 +2426,41 @@ def test_half_nchw_heuristic_runs_on_channels_last_copies():
         assert kt.fwd_heuristic(x, w, b, y, g, base, False) == base, kw
     labels = {s.label for s in kt.aot_specs()}
     assert any(lbl.startswith("fwd large bf16") for lbl in labels) and any("nhwc" in lbl for lbl in labels)
+
+
+def test_candidate_lists_are_made_once_per_facts(monkeypatch):
+    """The launchers ask for a problem's candidate list once per facts (shapes, strides, dtype,
+    options, which tensors are 16-byte aligned, the device), not on every call: a second call
+    on other tensors with the same facts reuses it, a bias that is not 16-byte aligned (a fact
+    the channels_last-copy candidates depend on) gets its own. Forward, input and weight
+    gradients, with a chooser that picks the default."""
+    from gpu_nn.kernels.triton import conv as kt
+
+    made = {"fwd": 0, "dgrad": 0, "wgrad": 0}
+    for name, fn in (("fwd", "problem_candidates"), ("dgrad", "dgrad_problem_candidates"),
+                     ("wgrad", "wgrad_candidates")):
+        real = getattr(kt, fn)
+
+        def counted(*a, _real=real, _name=name, **k):
+            made[_name] += 1
+            return _real(*a, **k)
+        monkeypatch.setattr(kt, fn, counted)
+    asked = []
+
+    def choose(op, key, cands, run, default, **_):
+        asked.append((op, len(cands)))
+        return default
+
+    dt = torch.float16
+    for bias_offset in (0, 0, 1):
+        x, w = torch.randn(2, 32, 6, 6, dtype=dt), torch.randn(32, 32, 3, 3, dtype=dt)
+        b = torch.randn(33, dtype=dt)[bias_offset:bias_offset + 32]
+        y = torch.empty(2, 32, 4, 4, dtype=dt)
+        kt.conv_forward(x, w, b, y, (1, 1), (0, 0, 0, 0), (1, 1), 1, None, "ieee", True, choose=choose)
+        g = torch.randn(2, 32, 4, 4, dtype=dt)
+        kt.conv_backward_data(g, w, torch.empty(2, 32, 6, 6, dtype=dt), (1, 1), (0, 0, 0, 0), (1, 1), 1, "ieee", True,
+                              choose=choose)
+        kt.conv_backward_weight(g, x, torch.empty(32, 32, 3, 3, dtype=torch.float32), (1, 1), (0, 0, 0, 0), (1, 1), 1,
+                                "ieee", True, choose=choose)
+    assert made == {"fwd": 2, "dgrad": 1, "wgrad": 1}, made
+    assert len(asked) == 9 and all(n > 1 for _, n in asked), asked
