@@ -50,11 +50,26 @@ _memory: dict[tuple, object] = {}
 _disk: dict[str, dict] | None = None
 
 
+_ENV_DATA = getattr(os.environ, "_data", None)
+_ENV_KEY = os.environ.encodekey(ENV) if _ENV_DATA is not None and hasattr(os.environ, "encodekey") else None
+_OFF = (b"0", "0")
+
+
+def _tuning_off() -> bool:
+    """GPU_NN_TUNE == "0", read on every call (a change is seen) from CPython's own store of the
+    environment where it has one (a tenth of ``os.environ.get``, as ``_backend`` reads
+    GPU_NN_BACKEND), else through ``os.environ``."""
+    if _ENV_KEY is None:
+        return os.environ.get(ENV, "1") == "0"
+    return _ENV_DATA.get(_ENV_KEY) in _OFF
+
+
 def applies(device: torch.device) -> bool:
     """Whether measured configurations apply to calls on ``device`` at all: a CUDA device and
     tuning not switched off. (During a CUDA graph capture :func:`choose` still serves a choice
     already made; it only does not measure.)"""
-    return torch.device(device).type == "cuda" and os.environ.get(ENV, "1") != "0"
+    kind = device.type if type(device) is torch.device else torch.device(device).type
+    return kind == "cuda" and not _tuning_off()
 
 
 def enabled(device: torch.device) -> bool:
