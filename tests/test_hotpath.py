@@ -896,13 +896,19 @@ def test_eager_route_unwraps_what_a_finished_transform_left_wrapped():
         leaked["x"] = x
         return (x * 2).sum()
 
-    results = []
-    for fn in (torch.relu, F.relu):
-        x0 = torch.tensor([0.5, -1.0, 2.0, -0.25, 3.0], requires_grad=True)
-        torch.func.grad(f)(x0)
-        dead = leaked.pop("x")
-        assert torch._C._functorch.is_functorch_wrapped_tensor(dead)
-        y = fn(dead)
-        (y * torch.arange(5.0)).sum().backward()
-        results.append((y.detach(), x0.grad))
-    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    for backend in [b for b in ("reference", "triton") if b in gpu_nn.available_backends()]:
+        dev = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+        results = []
+        for fn in (torch.relu, F.relu):
+            x0 = torch.tensor([0.5, -1.0, 2.0, -0.25, 3.0], device=dev, requires_grad=True)
+            torch.func.grad(f)(x0)
+            dead = leaked.pop("x")
+            assert torch._C._functorch.is_functorch_wrapped_tensor(dead)
+            with gpu_nn.backend(backend):
+                y = fn(dead)
+                (y * torch.arange(5.0, device=dev)).sum().backward()
+                with torch.no_grad():  # the route without a gradient too
+                    z = fn(dead)
+            results.append((y.detach(), x0.grad, z))
+        for a, b in zip(*results):
+            assert torch.equal(a, b), (backend, a, b)

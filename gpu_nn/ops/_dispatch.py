@@ -576,7 +576,15 @@ class Routed:
             if c_apply is None:
                 return self._function.apply(*args)
             return c_apply(*[_unwrap_if_dead(a) if type(a) in _PLAIN else a for a in args])
-        return self._impl(*args)
+        try:
+            return self._impl(*args)
+        except NotImplementedError:
+            # a tensor a finished torch.func transform left wrapped has no storage of its own
+            # ("Cannot access storage of TensorWrapper"): unwrapped, as torch's ops and the custom
+            # op's dispatch see it (a review audit); checked only on this error, the hot path pays nothing
+            if not any(type(a) in _PLAIN and _functorch.is_functorch_wrapped_tensor(a) for a in args):
+                raise
+            return self._impl(*[_unwrap_if_dead(a) if type(a) in _PLAIN else a for a in args])
 
 
 def _looped(fn, batch_size, in_dims, args, overload=None):
