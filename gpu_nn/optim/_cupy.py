@@ -48,30 +48,17 @@ def _table(P, G, C, steps, device):
 
 class Launch(Prepared):
     """One part's launch, prepared (see ``_triton.Prepared``): the table of raw addresses and
-    the compiled module; ``regrad`` rebuilds the table's gradient column for gradients at new
-    addresses (as ``_triton.Launch.regrad``)."""
+    the compiled module; its gradient column holds the gradients' raw addresses
+    (``_triton.Prepared.regrad`` rebuilds it where they moved)."""
 
-    __slots__ = ("kind", "table", "n", "mod", "device", "copies", "cols", "numels")
+    __slots__ = ("kind", "table", "n", "mod", "device", "copies", "cols", "numels", "flags", "chunk")
 
     def __init__(self, kind, table, n, mod, device, copies, cols=None, numels=None):
         self.kind, self.table, self.n, self.mod, self.device, self.copies = kind, table, n, mod, device, copies
-        self.cols, self.numels = cols, numels
+        self.cols, self.numels, self.flags, self.chunk = cols, numels, None, CHUNK  # raw addresses, no flag column
 
-    def regrad(self, grads) -> bool:
-        if self.copies or self.cols is None or not self.n:
-            return not self.copies and self.n == 0
-        gp = [g.data_ptr() for g in grads]
-        if gp == self.cols[1]:
-            return True
-        cols = [self.cols[0], gp, *self.cols[2:]]
-        table = _backend.to_device_async(torch.from_numpy(chunk_rows(cols, self.numels, None, CHUNK)),
-                                         self.table.device)
-        if capturing(self.table.device):  # written when the graph replays: kept for good
-            graph_keep(table)
-            self.table, self.cols = table, [self.cols[0], [], *self.cols[2:]]  # the next eager step rebuilds
-            return True
-        self.table, self.cols = table, cols
-        return True
+    def _grad_column(self, grads) -> list:
+        return [g.data_ptr() for g in grads]
 
     def __call__(self, hp: dict, grads=None) -> None:
         from ..kernels import cuda as kcuda

@@ -193,7 +193,10 @@ class Prepared:
     """What the Triton and CuPy prepared launches share: ``copies``, the (original, staged
     copy) pairs written back after the launch. ``cacheable`` when there are none: then the
     table depends only on the addresses of the parameters, gradients and state, and a later
-    step over the same parameters and state reuses it (``regrad`` for gradients elsewhere)."""
+    step over the same parameters and state reuses it (:meth:`regrad` for gradients elsewhere).
+    A subclass keeps ``table``, ``n``, the table's ``cols`` (six lists, one value per tensor;
+    ``cols[1]`` the gradient column), ``numels``, ``flags`` (None: no flag column) and ``chunk``,
+    and says what a gradient column is (:meth:`_grad_column`)."""
 
     __slots__ = ()
 
@@ -204,6 +207,34 @@ class Prepared:
     def write_back(self) -> None:
         for orig, tmp in self.copies:
             orig.copy_(tmp)
+
+    def _grad_column(self, grads) -> list | None:  # pragma: no cover - abstract
+        """The table's gradient column for ``grads``, or None where no table describes them."""
+        raise NotImplementedError
+
+    def regrad(self, grads) -> bool:
+        """Make the table describe ``grads`` (the kept plan's gradients, maybe at new addresses,
+        same shapes, layouts and dtypes: ``optimizers._grad_key``), rebuilding only its gradient
+        column where they moved; False where it cannot (then the caller prepares the part again).
+        A launch with staged copies is never kept: False."""
+        if self.copies or self.cols is None or not self.n:
+            return not self.copies and self.n == 0
+        col = self._grad_column(grads)
+        if col is None:
+            return False
+        if col == self.cols[1]:
+            return True
+        cols = [self.cols[0], col, *self.cols[2:]]
+        table = _backend.to_device_async(torch.from_numpy(chunk_rows(cols, self.numels, self.flags, self.chunk)),
+                                         self.table.device)
+        if capturing(self.table.device):
+            # written when the graph replays: this capture's table alone, kept for good; an empty
+            # column matches no gradients, so the next eager step rebuilds the table
+            graph_keep(table)
+            self.table, self.cols = table, [self.cols[0], [], *self.cols[2:]]
+            return True
+        self.table, self.cols = table, cols
+        return True
 
 
 def base_index(ts) -> int:
@@ -216,20 +247,15 @@ def base_index(ts) -> int:
     return 0
 
 
-def grad_offsets(grads) -> tuple | None:
-    """The table's gradient column for ``grads``: element offsets from the :func:`base_index`
-    gradient's address (0 for an empty one without an address), as :func:`_offsets` makes them;
-    None where one is not 16-byte aligned (the kernels' vector loads) or not a whole number of
-    elements away (then no table describes them: the part is prepared again, staged)."""
+def grad_offsets(grads) -> list | None:
+    """The table's gradient column for ``grads``, as :func:`_offsets` makes it (element offsets
+    from the :func:`base_index` gradient's address, 0 for an empty one without an address); None
+    where one is not 16-byte aligned (the kernels' vector loads; then no table describes them: the
+    part is prepared again, staged)."""
     ptrs = [g.data_ptr() for g in grads]
-    base = next((p for p in ptrs if p), 0)
-    es = grads[0].element_size()
-    out = []
-    for p in ptrs:
-        if p % 16:
-            return None
-        out.append((p - base) // es if p else 0)
-    return tuple(out)
+    if any(p % 16 for p in ptrs):
+        return None
+    return _offsets(ptrs, grads[0].element_size())  # 16-byte aligned: whole elements apart
 
 
 class Launch(Prepared):
@@ -237,37 +263,19 @@ class Launch(Prepared):
     is the step's own first gradient). The table's gradient column holds each gradient's offset
     from the first: a step whose gradients are new tensors elsewhere (a caching allocator's
     blocks after ``zero_grad(set_to_none=True)``: on the H200 every step of a training loop)
-    gets the column rebuilt from the kept ``cols`` (:meth:`regrad`), not the whole prepare."""
+    gets the column rebuilt from the kept ``cols`` (:meth:`Prepared.regrad`), not the whole prepare."""
 
     __slots__ = ("kind", "table", "n", "p_base", "staged_g", "s_base", "step_base", "copies", "cols", "numels",
-                 "flags", "chunk", "g_offs")
+                 "flags", "chunk")
 
     def __init__(self, kind, table, n, p_base, staged_g, s_base, step_base, copies, cols=None, numels=None,
-                 flags=None, chunk=None, g_offs=None):
+                 flags=None, chunk=None):
         self.kind, self.table, self.n, self.p_base = kind, table, n, p_base
         self.staged_g, self.s_base, self.step_base, self.copies = staged_g, s_base, step_base, copies
-        self.cols, self.numels, self.flags, self.chunk, self.g_offs = cols, numels, flags, chunk, g_offs
+        self.cols, self.numels, self.flags, self.chunk = cols, numels, flags, chunk
 
-    def regrad(self, grads) -> bool:
-        """Make the table describe ``grads`` (the kept plan's gradients at new addresses, same
-        shapes, layouts and dtypes: ``optimizers._grad_key``); False where it cannot (then the
-        caller prepares the part again)."""
-        if self.staged_g is not None or self.cols is None or not self.n:
-            return self.staged_g is None and self.n == 0
-        offs = grad_offsets(grads)
-        if offs is None:
-            return False
-        if offs == self.g_offs:
-            return True
-        cols = [self.cols[0], list(offs), *self.cols[2:]]
-        table = _backend.to_device_async(torch.from_numpy(chunk_rows(cols, self.numels, self.flags, self.chunk)),
-                                         self.table.device)
-        if capturing(self.table.device):  # written when the graph replays: this launch's alone, kept for good
-            graph_keep(table)
-            self.table, self.g_offs = table, ()  # matches no gradients: the next eager step rebuilds it
-            return True
-        self.table, self.g_offs = table, offs
-        return True
+    def _grad_column(self, grads) -> list | None:
+        return grad_offsets(grads)
 
     def __call__(self, hp: dict, grads) -> None:
         from ..kernels import triton as ktriton
@@ -318,15 +326,11 @@ def prepare(kind: str, params, st: dict, grads) -> Launch:
     chunk = _chunk(kt, ktriton.INTERPRET)
     table, n, tcols, numels = _table_cols(P, G, C, steps, flags, params[0].device, chunk)
     # the state base: the tensor the state columns are measured from (_table_cols: the first
-    # state tensor with an address), else any state tensor, else a stand-in
-    dummy = next((s for c in C for s in c if s is not None and s.data_ptr()), None)
-    if dummy is None:
-        dummy = next((s for c in C for s in c if s is not None), None)
-    if dummy is None:
-        dummy = torch.empty(1, dtype=torch.float32, device=params[0].device)
+    # state tensor with an address), else a stand-in
+    states = [s for c in C for s in c if s is not None]
+    dummy = states[base_index(states)] if states else torch.empty(1, dtype=torch.float32, device=params[0].device)
     return Launch(kind, table, n, P[base_index(P)], G if copies else None, dummy,
-                  steps[base_index(steps)] if steps else dummy, copies,
-                  tcols, numels, list(flags), chunk, None if copies else grad_offsets(G))
+                  steps[base_index(steps)] if steps else dummy, copies, tcols, numels, list(flags), chunk)
 
 
 NORM_INF, NORM_TWO, NORM_P = 0, 2, 1
