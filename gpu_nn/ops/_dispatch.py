@@ -575,7 +575,7 @@ class Routed:
             c_apply = self._c_apply
             if c_apply is None:
                 return self._function.apply(*args)
-            return c_apply(*[_unwrap_if_dead(a) if type(a) in _PLAIN else a for a in args])
+            return c_apply(*_unwrapped(args))
         try:
             return self._impl(*args)
         except NotImplementedError:
@@ -584,7 +584,14 @@ class Routed:
             # op's dispatch see it (a review audit); checked only on this error, the hot path pays nothing
             if not any(type(a) in _PLAIN and _functorch.is_functorch_wrapped_tensor(a) for a in args):
                 raise
-            return self._impl(*[_unwrap_if_dead(a) if type(a) in _PLAIN else a for a in args])
+            return self._impl(*_unwrapped(args))
+
+
+def _unwrapped(args) -> list:
+    """``args`` with each tensor that a finished torch.func transform left wrapped (a "dead
+    wrapper") unwrapped, as torch's ``Function.apply`` does (tensor arguments are plain here:
+    ``_eager_ok``)."""
+    return [_unwrap_if_dead(a) if type(a) in _PLAIN else a for a in args]
 
 
 def _looped(fn, batch_size, in_dims, args, overload=None):
