@@ -747,13 +747,17 @@ def _seq_against_reference(backend, device, mode, dtype, rng, T, B, I, H, L, bi,
     hs = list(hx) if mode == "lstm" else [hx]
     fn = ops.SEQ_FUNCS[mode]
 
-    def run(be, dev, dt):
+    def run(be, dev, dt, layer=None):
+        # ``layer(x, h, params)``: another layer on the same inputs (torch's own, below)
         leaves = [t.detach().to(dtype).to(dev, dt).requires_grad_() for t in [x, *hs, *params]]
         h = tuple(leaves[1:1 + len(hs)]) if mode == "lstm" else leaves[1]
         p = leaves[1 + len(hs):]
         with gpu_nn.backend(be):
-            out = fn(leaves[0], h, p, True, L, 0.0, True, bi, batch_first, lengths=kw.get("lengths"),
-                     dropout_masks=None if mk is None else mk.to(dtype).to(dev, dt))
+            if layer is None:
+                out = fn(leaves[0], h, p, True, L, 0.0, True, bi, batch_first, lengths=kw.get("lengths"),
+                         dropout_masks=None if mk is None else mk.to(dtype).to(dev, dt))
+            else:
+                out = layer(leaves[0], h, p)
             gens = np.random.default_rng(5)
             gs = [torch.from_numpy(gens.standard_normal(o.shape)).to(dtype).to(dev, dt) for o in out]
             grads = torch.autograd.grad(out, leaves, gs)
@@ -767,14 +771,11 @@ def _seq_against_reference(backend, device, mode, dtype, rng, T, B, I, H, L, bi,
         # torch's own layer (cuDNN, TF32 as the test set it) on the same inputs: its error is the
         # scale of what TF32 does to this stack (layers and steps carry each rounding on), and the
         # bound is DESIGN section 4's, twice torch's error plus the TF32 floor
-        leaves = [t.detach().to(dtype).to(device).requires_grad_() for t in [x, *hs, *params]]
-        h = tuple(leaves[1:1 + len(hs)]) if mode == "lstm" else leaves[1]
-        out = getattr(torch._VF, mode)(leaves[0], h, leaves[1 + len(hs):], True, L, 0.0, True, bi, batch_first)
-        out = list(out) if isinstance(out, tuple) else [out]
-        out = [out[0], *out[1]] if mode == "lstm" and isinstance(out[1], tuple) else out
-        gens = np.random.default_rng(5)
-        gs = [torch.from_numpy(gens.standard_normal(o.shape)).to(dtype).to(device) for o in out]
-        t_out, t_grads = out, list(torch.autograd.grad(out, leaves, gs))
+        def torch_layer(x0, h, p):
+            out = list(getattr(torch._VF, mode)(x0, h, p, True, L, 0.0, True, bi, batch_first))
+            return [out[0], *out[1]] if mode == "lstm" and isinstance(out[1], tuple) else out
+
+        t_out, t_grads = run(backend, device, dtype, torch_layer)
 
     def close(a, b, k, what, theirs=None):
         if on_tf32:
