@@ -21,6 +21,8 @@ from typing import Callable
 
 import torch
 
+from gpu_nn import _tuning
+
 
 @dataclasses.dataclass
 class Case:
@@ -86,16 +88,18 @@ def time_callable(fn: Callable[[], object], device: str, warmup: int = 2, reps: 
                   host: list | None = None) -> list[float]:
     """Seconds per call for ``reps`` timed calls after ``warmup`` untimed ones.
 
-    On a GPU each call is bracketed by CUDA events recorded on the current stream (so the
-    figure is device time, not launch overhead); on the CPU by ``perf_counter``. Timing goes on
+    On a GPU each call is bracketed by CUDA events recorded on the current stream after the
+    previous call finished: the start event is stamped on an idle stream at once and the kernels
+    run only once the host has launched them, so the figure is the call's latency, the host's
+    launch included (:func:`run_case` times the device apart); on the CPU by ``perf_counter``. Timing goes on
     until ``reps`` calls and ``min_time`` seconds are done, but stops early (after at least
     ``min_reps`` calls) once ``max_time`` seconds have been spent, so that one slow shape
     cannot blow a ``--quick`` budget.
 
     ``host`` (a list) receives, per timed call, the host seconds the call took to return, not
     waiting for the device: on a GPU the time to enqueue its work. A call whose host time is
-    close to its event time is host-bound (the GPU waited for the launches); well below it,
-    a stream of such calls keeps the GPU busy.
+    close to its device time is host-bound (in a loop the GPU waits for the launches); well
+    below it, a stream of such calls keeps the GPU busy.
     """
     if reps < 1:
         raise ValueError("reps must be >= 1")
@@ -140,6 +144,13 @@ def summarize(times: list[float]) -> dict:
 def run_case(case: Case, providers=None, warmup: int = 2, reps: int = 7, max_time: float | None = None) -> dict:
     """Time every provider of ``case``; returns a result row (seconds are medians).
 
+    On a GPU, ``seconds`` is device time: :func:`time_callable`'s reps (one call between events
+    on an idle stream, kept as ``latency_seconds``: the host's launch included) are followed by
+    as many calls queued behind a GPU sleep (``gpu_nn._tuning.queued_times``), which the events
+    time without the host; ``queued`` says, per provider, whether the host did queue them in
+    time (False: a call that synchronises, or a host slower than the kernels, and ``seconds``
+    includes host time).
+
     ``first_call`` holds, per provider, the seconds of its ``setup()`` plus one synchronised
     call: the first use of a shape, kernel compilation included, kept apart from the medians.
 
@@ -165,12 +176,20 @@ def run_case(case: Case, providers=None, warmup: int = 2, reps: int = 7, max_tim
             row["first_call"][name] = time.perf_counter() - t0
             host: list = []
             times = time_callable(fn, case.device, warmup, max(reps, case.min_reps), max_time=max_time, host=host)
+            host_s = statistics.median(host)
+            if case.device.startswith("cuda"):
+                # those were latencies: one call on an idle stream, its events stamped while the
+                # host was still launching. The figure every ratio uses is the device's time:
+                # as many calls queued behind a GPU sleep (gpu_nn._tuning.queued_times)
+                row.setdefault("latency_seconds", {})[name] = statistics.median(times) / case.calls
+                times, queued = _tuning.queued_times(fn, len(times), host_s)
+                row.setdefault("queued", {})[name] = queued
             stats = summarize([t / case.calls for t in times])
             row["seconds"][name] = stats["median"]
             row["stats"][name] = stats
             # the host's share: per call, the median seconds until the call returned (on a GPU
             # without waiting for the device; compare with "seconds" to see a host-bound case)
-            row["host_seconds"][name] = statistics.median(host) / case.calls
+            row["host_seconds"][name] = host_s / case.calls
         except Exception as exc:  # a provider that cannot run here is reported, not fatal
             row["errors"][name] = f"{type(exc).__name__}: {exc}"[:500]
         finally:
@@ -189,12 +208,12 @@ def run_case(case: Case, providers=None, warmup: int = 2, reps: int = 7, max_tim
     return row
 
 
-HOST_BOUND = 0.9  # host seconds at least this share of the event seconds: the launches set the pace
+HOST_BOUND = 0.9  # host seconds at least this share of the device seconds: in a loop the launches set the pace
 
 
 def host_bound(rows: list) -> list:
     """Our providers' cases on a GPU whose calls are host-bound: the host took at least
-    HOST_BOUND of the event-timed seconds to return (the device waited for the launches), as
+    HOST_BOUND of the device's seconds to return (in a loop the device would wait for the launches), as
     (family, name, shape, provider, host seconds, seconds). The overhead family (tiny inputs,
     host-bound by design) and the baselines are left out. Issue 14 wants none at the bench
     shapes."""

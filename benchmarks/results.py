@@ -177,6 +177,9 @@ def load_runs(results_dir: str = RESULTS_DIR) -> list[dict]:
         bench = _load_json(os.path.join(results_dir, name, "bench.json")) or {}
         run["name"] = name
         run["bench"] = bench.get("results", [])
+        # what a GPU run's seconds are (benchmarks/suite.py GPU_TIMING): "queued" is the device's
+        # time; a run that does not say bracketed one call on an idle stream (host launch included)
+        run["gpu_timing"] = (bench.get("timing") or {}).get("gpu", "latency")
         run["summary_md"] = os.path.isfile(os.path.join(results_dir, name, "SUMMARY.md"))
         runs.append(run)
     runs.sort(key=lambda r: (r["date"], r["name"]))
@@ -208,6 +211,12 @@ def other_records(results_dir: str = RESULTS_DIR) -> list[str]:
     return out
 
 
+TIMING_WORDS = {
+    "queued": "*queued* timing is the device's time per call (calls queued behind a GPU sleep, each between its "
+              "own CUDA events), both sides alike",
+    "latency": "*latency* timing brackets one call on an idle GPU, so the host's launch counts too: our host "
+               "path was slower than torch's there, and those ratios overstate the kernels' time",
+}
 HISTORY_IMAGE = "![ratios across recorded runs](benchmarks/results/history.png)"
 
 
@@ -269,9 +278,12 @@ def markdown(runs: list[dict], others: list[str] = ()) -> str:
         # a run that recorded tuning timings timed measured configurations; one without, the
         # heuristic's (gpu_run.sh's bench step since 2a1b77e): their ratios are not the same thing
         def how(r):
-            return "measured configurations" if (r.get("tuning") or {}).get("rows") else "heuristic configurations"
+            return ("measured configurations" if (r.get("tuning") or {}).get("rows") else "heuristic configurations") \
+                + f", {r.get('gpu_timing', 'latency')} timing"
         lines.append("Each case's latest measurement: " + "; ".join(
             f"{n} from commit `{r['commit'][:7]}` ({r['date'][:10]}, {how(r)})" for r, n in used) + ".  ")
+    methods = {r.get("gpu_timing", "latency") for r, _ in used}
+    lines.append("Timing: " + "; ".join(TIMING_WORDS.get(m, m) for m in sorted(methods, reverse=True)) + ".  ")
     lines += ["", "Time ours / torch (median, same process; below 1 is faster than torch):", "",
               "| family | case | shape | provider | ratio |" + (" run |" if multi else ""),
               "| --- | --- | --- | --- | ---: |" + (" --- |" if multi else "")]

@@ -14,6 +14,9 @@ import os
 import time
 
 FAMILIES = ("conv", "pool", "dense", "activation", "rnn", "optim", "overhead")
+# bench.json's timing["gpu"]: how a GPU run's "seconds" were taken (harness.run_case). Runs
+# without it bracketed one call on an idle stream: latency, the host's launch included.
+GPU_TIMING = "queued"
 PROVIDERS = ("reference", "triton", "cupy")
 
 
@@ -230,6 +233,8 @@ def run(args) -> int:
     os.makedirs(args.out, exist_ok=True)
     json_path = os.path.join(args.out, "bench.json")
     timing = {"warmup": warmup, "reps": reps, "max_seconds_per_provider": max_time, "statistic": "median"}
+    if device == "cuda":  # what "seconds" means on a GPU (runs before 2026-12-04's second stop: latency)
+        timing["gpu"] = GPU_TIMING
 
     def with_cold(rows_so_far):  # row i is case i: run_cases appends one row per case, in order
         for i, r in enumerate(rows_so_far):
@@ -265,7 +270,7 @@ def run(args) -> int:
         hb = harness.host_bound(rows)
         ours = sum(1 for r in rows if r["family"] != "overhead" for n in r["seconds"] if n != r["baseline"])
         extra["host_bound"] = [list(t) for t in hb]
-        console.print(f"host-bound (the call took >= {harness.HOST_BOUND:.0%} of its event time to return): "
+        console.print(f"host-bound (the call took >= {harness.HOST_BOUND:.0%} of its device time to return): "
                       f"{len(hb)} of {ours} of ours outside the overhead family"
                       + "".join(f"\n  {f}: {nm} {sh} [{p}] host {h * 1e3:.3f} ms of {sec * 1e3:.3f} ms"
                                 for f, nm, sh, p, h, sec in hb[:12]), markup=False)  # "[triton]" is not markup

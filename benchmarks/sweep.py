@@ -26,8 +26,9 @@ configuration function replaced for the call (``block_size`` / ``launch_config``
 the launch is the one the product makes but for the configuration; a group's configurations are
 compiled in parallel first (Triton's AsyncCompileMode, as the dense tuning does). Each one's
 output is checked once against torch (output poisoned first), then timed by
-``triton.testing.do_bench``: CUDA events, median, L2 flushed before every call, two input sets in
-rotation, each larger than the H200's L2. One JSON row per (kernel, dtype, shape, config): us,
+``device_seconds``: CUDA events, median, L2 flushed before every call as ``triton.testing.do_bench``
+does, the calls queued behind a GPU sleep so that the events time the device and not our host
+path (row ``queued``, ``host_us``), two input sets in rotation, each larger than the H200's L2. One JSON row per (kernel, dtype, shape, config): us,
 GB/s against the bytes the kernel must move, correct (torch.testing.assert_close's defaults for
 the dtype) and the largest error. ``DIR/sweep.json`` is rewritten after every row, so a run cut
 short keeps what it measured; ``--budget-s`` stops the sweep cleanly between rows. Groups run in
@@ -1467,11 +1468,36 @@ def rnn_profile_cases(device: str = "cuda") -> list[tuple[str, str, dict]]:
 
 # ------------------------------------------------------------------------------ runner
 
-def do_bench_seconds(fn) -> float:
-    """Median seconds per call: triton.testing.do_bench (CUDA events, L2 flushed before each)."""
-    from triton.testing import do_bench
+_FLUSH: list = []  # the L2 flush buffer, made once
 
-    return do_bench(fn, warmup=5, rep=25, return_mode="median") / 1e3
+
+def device_seconds(fn, reps: int = 25) -> tuple[float, dict]:
+    """Median seconds per call of ``fn``, the device's time: ``reps`` calls queued behind a GPU
+    sleep (``gpu_nn._tuning.queued_times``), each preceded (untimed) by an L2 flush, a 256 MB
+    zero as ``triton.testing.do_bench`` does, and bracketed by its own CUDA events; with the
+    ``queued`` flag and the host's microseconds per call (flush included). do_bench itself
+    queues nothing ahead: the H200 sweep at a331102 timed every channels_last conv tile at
+    84-94 us at 28x28 and below, whatever its size, where our launch took longer on the host
+    than the flush on the device, and the TMA tiles (descriptors made on the host) at 130-160."""
+    import statistics
+
+    from gpu_nn import _tuning
+
+    if not _FLUSH:
+        _FLUSH.append(torch.empty(256 * 2**20, dtype=torch.int8, device="cuda"))
+    flush = _FLUSH[0].zero_
+    fn()
+    torch.cuda.synchronize()
+    host = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        flush()
+        fn()
+        host.append(time.perf_counter() - t0)
+        torch.cuda.synchronize()
+    host_s = statistics.median(host)
+    times, queued = _tuning.queued_times(fn, reps, host_s, before=flush)
+    return statistics.median(times), {"queued": queued, "host_us": round(host_s * 1e6, 1)}
 
 
 def _row_line(row: dict) -> str:
@@ -1505,7 +1531,7 @@ def queued_seconds(fn, reset, reps: int = RNN_REPS, sleep_cycles: int = SLEEP_CY
     return statistics.median(times)
 
 
-def run_sweep(groups, out_path: str, budget_s: float, bench=do_bench_seconds, clock=time.perf_counter,
+def run_sweep(groups, out_path: str, budget_s: float, bench=device_seconds, clock=time.perf_counter,
               cleanup=None, log=print, bench_reset=queued_seconds) -> dict:
     """Every group's every configuration: check once, then ``bench(fn) -> seconds`` (a group with
     a ``reset``: ``bench_reset(fn, reset)``), divided by the group's ``launches``: ``us`` is per
@@ -1552,7 +1578,11 @@ def run_sweep(groups, out_path: str, budget_s: float, bench=do_bench_seconds, cl
                 if len(res) > 2:
                     row.update(res[2])
                 fn = functools.partial(run, cfg)
-                s = (bench(fn) if reset is None else bench_reset(fn, reset)) / g.launches
+                s = bench(fn) if reset is None else bench_reset(fn, reset)
+                if isinstance(s, tuple):  # (seconds, what else the timing says)
+                    s, said = s
+                    row.update(said)
+                s /= g.launches
                 row["us"] = s * 1e6
                 row["gbps"] = g.bytes / s / 1e9
                 if g.flops:
@@ -1627,17 +1657,24 @@ def format_best(items) -> str:
 
 def profile_cases(device: str = "cuda") -> list[tuple[str, str, dict]]:
     """``[(op, shape, {provider: setup})]``: bench_<family>'s setups at their benchmark shapes,
-    relu first (its backward is the open question); each setup() returns one fwd+bwd (a step)."""
+    the bfloat16 3x3 convolution at 28x28 first (NCHW and channels_last: the kernels' own time,
+    which the bench's one-call events never showed apart from our host path), then relu; each
+    setup() returns one fwd+bwd (a step)."""
     import torch.nn.functional as TF
 
     import gpu_nn.functional as F
     import gpu_nn.optim as go
-    from gpu_nn.benchmarks import bench_activation as ba, bench_dense as bd, bench_optim as bo, bench_pool as bp
+    from gpu_nn.benchmarks import bench_activation as ba, bench_conv as bc, bench_dense as bd, bench_optim as bo
+    from gpu_nn.benchmarks import bench_pool as bp
 
     f32, bf16 = torch.float32, torch.bfloat16
     shape = ba.GPU_SHAPES[0]
     act = lambda fn, be, shp, dt: ba._provider(fn, be, shp, dt, device, True)  # noqa: E731
     cases = []
+    _, conv_shape, conv = bc.GPU_SHAPES[1]
+    for cl in (False, True):
+        case = bc._case("conv2d 3x3", conv_shape, device, bf16, **conv, providers=("torch", "triton"), channels_last=cl)
+        cases.append((case.name, conv_shape, dict(case.providers)))
     for name, ours, theirs in (("relu", F.relu, torch.relu), ("sigmoid", F.sigmoid, torch.sigmoid)):
         cases.append((f"{name} fwd+bwd", ba._shape_str(shape, f32),
                       {"torch": act(theirs, None, shape, f32), "triton": act(ours, "triton", shape, f32)}))

@@ -34,6 +34,7 @@ import json
 import os
 import statistics
 import threading
+import time
 from typing import Callable, Sequence
 
 import torch
@@ -204,31 +205,80 @@ def read_record(path: str) -> list[dict]:
     return rows
 
 
-# GPU cycles of ``torch.cuda._sleep`` queued before each timed launch (about 0.25 ms at the
-# H200's ~2 GHz): longer than the host takes to enqueue a candidate (a JIT launch, descriptors,
-# a channels_last copy), so the start event is reached only once the candidate's kernels are
-# queued behind it and the events time the GPU's work, not the host's.
-SLEEP_CYCLES = 500_000
+# Device time with the host queued ahead. A CUDA event pair around one call on an idle stream
+# times the host's launch as well as the kernels: the start event is stamped at once, the kernels
+# only once the host has enqueued them (a 1x2x5 conv's candidates all timed ~40 us at 82f8513, a
+# host floor; the H200 sweep at a331102 timed every channels_last conv tile at 84-94 us behind
+# do_bench's L2 flush, which the host no longer outpaced). So the timed calls are queued behind a
+# GPU sleep long enough for the host to enqueue all of them, each between its own event pair:
+# the events then time the device's work only. The host's queuing time is checked against the
+# sleep; a batch the host did not queue in time (the call synchronises, or its host time grew)
+# is measured again behind a longer sleep, and said to be not queued if that fails too.
+SLEEP_MARGIN = 1.5        # the sleep lasts this many times the host's expected queuing time
+SLEEP_SLACK_S = 250e-6    # plus this (event creation, the first launch)
+SLEEP_MAX_S = 2.0         # never longer
+_cycle_s: list[float] = []
+
+
+def sleep_cycle_seconds() -> float:
+    """GPU seconds one cycle of ``torch.cuda._sleep`` lasts, measured once per process with CUDA
+    events (about 0.5 ns at the H200's clock)."""
+    if not _cycle_s:
+        cycles = 2_000_000
+        torch.cuda._sleep(1000)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        torch.cuda._sleep(cycles)
+        end.record()
+        end.synchronize()
+        _cycle_s.append(max(start.elapsed_time(end), 1e-3) / 1e3 / cycles)
+    return _cycle_s[0]
+
+
+def queued_times(run: Callable[[], object], reps: int, host_s: float,
+                 before: Callable[[], object] | None = None, tries: int = 2) -> tuple[list[float], bool]:
+    """Device seconds of each of ``reps`` calls of ``run()`` queued back to back behind one GPU
+    sleep, each between its own CUDA event pair (``before()``, an L2 flush say, queued untimed
+    ahead of each start event), and whether the host queued them all before the sleep ended.
+    ``host_s`` is the host time one call (with its ``before``) is expected to take; a batch not
+    queued in time is measured again (``tries`` in all) behind a sleep sized from what the
+    queuing took. Not queued after that: the figures include host time (the call synchronises
+    with the device, or the host is slower than its kernels: a loop of such calls runs at the
+    host's pace)."""
+    per_cycle = sleep_cycle_seconds()
+    for attempt in range(tries):
+        want = min(SLEEP_MAX_S, reps * host_s * SLEEP_MARGIN + SLEEP_SLACK_S)
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        torch.cuda._sleep(max(1, int(want / per_cycle)))
+        t0 = time.perf_counter()
+        for start, end in zip(starts, ends):
+            if before is not None:
+                before()
+            start.record()
+            run()
+            end.record()
+        queuing = time.perf_counter() - t0
+        ends[-1].synchronize()
+        times = [s.elapsed_time(e) / 1e3 for s, e in zip(starts, ends)]
+        queued = queuing < want
+        if queued:
+            break
+        host_s = max(2 * host_s, queuing / reps)
+    return times, queued
 
 
 def cuda_timer(run: Callable[[], None], reps: int = REPS) -> float:
-    """Median milliseconds of ``run()`` over ``reps`` launches after one warm-up, CUDA events.
-
-    Each timed launch is queued behind a GPU sleep (:data:`SLEEP_CYCLES`): with the stream idle
-    (``end.synchronize()`` of the previous rep) the start event would be stamped at once and the
-    time would include the host's launch cost, which differs between candidates (a 1x2x5 conv's
-    candidates all timed ~40 us at 82f8513: a host floor, not their kernels)."""
+    """Median milliseconds of ``run()`` over ``reps`` launches (:func:`queued_times`, the host's
+    time per launch taken from one untimed launch after the warm-up, which compiles)."""
     run()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda._sleep(SLEEP_CYCLES)
-        start.record()
-        run()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    run()
+    host_s = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    times, _ = queued_times(run, reps, host_s)
+    return statistics.median(times) * 1e3
 
 
 def choose(op: str, key: tuple, candidates: Sequence[tuple], run: Callable[[tuple], None], default: tuple,

@@ -321,3 +321,75 @@ def concurrent_programs(timeout_s: float = 300.0):
             del builder_cls.grid_idx
         else:
             builder_cls.grid_idx = real_idx
+
+
+class FakeDevice:
+    """``torch.cuda``'s events, sleep and synchronize simulated on a fake host clock, for timing
+    code on a machine without a GPU: the stream runs each queued item once the host has queued
+    it and the item before it is done. ``call(host, kernel, sync=False)`` makes a callable that
+    spends ``host`` seconds of host time, then queues a kernel of ``kernel`` seconds (``sync``:
+    then waits for the stream, as a call with a device-to-host copy does). Install it with
+    ``install(monkeypatch, *time_users)``: every module in ``time_users`` reads this clock as
+    its ``time``; ``torch.cuda._sleep(cycles)`` lasts ``cycles`` ns."""
+
+    CYCLE_S = 1e-9
+
+    def __init__(self):
+        self.now = 0.0        # the host's clock
+        self.free_at = 0.0    # when the stream has finished everything queued so far
+        self.log: list = []
+
+    # the host clock, as a ``time`` module
+    def perf_counter(self):
+        return self.now
+
+    def sleep(self, seconds):
+        self.now += seconds
+
+    def _queue(self, seconds):
+        self.free_at = max(self.free_at, self.now) + seconds
+
+    def call(self, host: float, kernel: float, sync: bool = False):
+        def fn():
+            self.log.append("run")
+            self.now += host
+            self._queue(kernel)
+            if sync:
+                self.now = max(self.now, self.free_at)
+        return fn
+
+    def install(self, monkeypatch, *time_users):
+        dev = self
+
+        class Event:
+            def __init__(self, enable_timing=False):
+                self.t = None
+
+            def record(self, stream=None):
+                dev.log.append("record")
+                dev._queue(0.0)
+                self.t = dev.free_at
+
+            def synchronize(self):
+                dev.now = max(dev.now, self.t)
+
+            def elapsed_time(self, end):
+                return (end.t - self.t) * 1e3
+
+        def _sleep(cycles):
+            dev.log.append(("sleep", cycles))
+            dev._queue(cycles * dev.CYCLE_S)
+
+        def synchronize(device=None):
+            dev.now = max(dev.now, dev.free_at)
+
+        from gpu_nn import _tuning
+        monkeypatch.setattr(torch.cuda, "Event", Event)
+        monkeypatch.setattr(torch.cuda, "_sleep", _sleep)
+        monkeypatch.setattr(torch.cuda, "synchronize", synchronize)
+        monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+        monkeypatch.setattr(_tuning, "_cycle_s", [self.CYCLE_S])
+        monkeypatch.setattr(_tuning, "time", self)
+        for mod in time_users:
+            monkeypatch.setattr(mod, "time", self)
+        return self

@@ -87,6 +87,26 @@ def test_host_bound_lists_our_gpu_cases_whose_host_time_nears_the_event_time():
     assert [(f, p) for f, _, _, p, _, _ in got] == [("activation", "triton"), ("pool", "triton")]
 
 
+def test_gpu_rows_time_the_device_apart_from_the_latency(monkeypatch):
+    """On a GPU a row's seconds are the device's (the calls queued behind a GPU sleep), the
+    one-call-on-an-idle-stream figure is kept as latency_seconds: a provider whose host launch
+    (3 ms) outlasts its kernel (1 ms) is not charged for it in the ratio, and is host-bound.
+    A provider that synchronises with the device is said to be not queued."""
+    from helpers import FakeDevice
+
+    dev = FakeDevice().install(monkeypatch, harness)
+    case = harness.Case("fake", "op", "n=1", {"torch": lambda: dev.call(0.5e-3, 1e-3),
+                                             "triton": lambda: dev.call(3e-3, 1e-3),
+                                             "cupy": lambda: dev.call(0.5e-3, 2e-3, sync=True)}, device="cuda")
+    row = harness.run_case(case, warmup=1, reps=5)
+    assert row["latency_seconds"] == pytest.approx({"torch": 1.5e-3, "triton": 4e-3, "cupy": 2.5e-3})
+    assert row["seconds"]["torch"] == pytest.approx(1e-3) and row["seconds"]["triton"] == pytest.approx(1e-3)
+    assert row["ratio"]["triton"] == pytest.approx(1.0) and row["host_seconds"]["triton"] == pytest.approx(3e-3)
+    assert row["queued"] == {"torch": True, "triton": True, "cupy": False}
+    # both set a loop's pace: triton's launch outlasts its kernel, cupy's call waits for its own
+    assert [p for *_, p, _, _ in harness.host_bound([row])] == ["triton", "cupy"]
+
+
 def test_time_callable_reports_host_seconds_per_call():
     host = []
     times = harness.time_callable(lambda: time.sleep(0.003), "cpu", warmup=1, reps=4, host=host)
@@ -327,14 +347,17 @@ def test_results_record_and_render(tmp_path):
                                        .replace("1234567abcdef", "89abcde123456"))
     (third / "summary.txt").write_text("bench: rc=124 120s (timed out)\n")
     (third / "bench" / "bench.json").write_text(json.dumps({
-        "environment": {"device": "NVIDIA H200"}, "partial": True, "cases_planned": 2,
+        "environment": {"device": "NVIDIA H200"}, "partial": True, "cases_planned": 2, "timing": {"gpu": "queued"},
         "results": [{"family": "activation", "name": "relu fwd", "shape": "N=32", "ratio": {"triton": 1.1}, "errors": {}}]}))
     results.record(str(third), str(into))
     results.render(str(into), str(readme))
     text = readme.read_text()
     assert "The bench step of `89abcde` was cut by its time limit after 1 of 2 planned cases." in text
-    assert ("Each case's latest measurement: 1 from commit `89abcde` (2026-12-05, heuristic configurations); "
-            "1 from commit `abcdef1` (2026-12-01, measured configurations)") in text
+    assert ("Each case's latest measurement: 1 from commit `89abcde` (2026-12-05, heuristic configurations, queued "
+            "timing); 1 from commit `abcdef1` (2026-12-01, measured configurations, latency timing)") in text
+    # the two timings are told apart: the older runs' one-call figures include the host's launch
+    assert "Timing: *queued* timing is the device's time per call" in text
+    assert "; *latency* timing brackets one call on an idle GPU" in text
     assert "| activation | relu fwd | N=32 | triton | 1.10x | `89abcde` |" in text
     assert "| activation | tanh fwd | N=32 | triton | 0.50x | `abcdef1` |" in text and "1.50x" not in text
 

@@ -521,6 +521,26 @@ def test_rnn_groups_order_and_profile_cases():
     assert all(set(p) == {"torch", "triton", "cupy"} for _, _, p in cases)
 
 
+def test_device_seconds_time_the_kernel_not_the_flush_nor_our_host_path(monkeypatch, tmp_path):
+    """The sweep's timing: an L2 flush queued before every call (80 us on the device) and a host
+    path slower than flush and kernel together (150 us against 80 + 30): do_bench's way, the
+    events would time about 100 us, part of our host path (the H200 sweep at a331102: every
+    channels_last conv tile 84-94 us); queued behind a sleep they time the 30 us kernel. The row
+    keeps whether the calls were queued and the host's time per call."""
+    import types as _types
+
+    from helpers import FakeDevice
+
+    dev = FakeDevice().install(monkeypatch)
+    monkeypatch.setattr(sweep, "time", dev)
+    monkeypatch.setattr(sweep, "_FLUSH", [_types.SimpleNamespace(zero_=lambda: dev.call(5e-6, 80e-6)())])
+    s, said = sweep.device_seconds(dev.call(150e-6, 30e-6), reps=10)
+    assert s == pytest.approx(30e-6) and said == {"queued": True, "host_us": pytest.approx(155.0)}
+    doc = sweep.run_sweep([_fake_group("a", [1024])], str(tmp_path / "s.json"), 1e9,
+                          bench=lambda fn: (2e-6, {"queued": False}), log=lambda s: None)
+    assert doc["rows"][0]["us"] == pytest.approx(2.0) and doc["rows"][0]["queued"] is False
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA events need a GPU")
 def test_queued_seconds_resets_before_every_timed_call():
     x = torch.zeros(1 << 20, device="cuda")
@@ -733,3 +753,14 @@ def test_env_var_block_sets_and_restores(monkeypatch):
                         lambda *a, **k: seen.append(os.environ.get(ops_rnn.PERSISTENT_ENV)) or real(*a, **k))
     setup()()
     assert seen and set(seen) == {"1"} and ops_rnn.PERSISTENT_ENV not in os.environ
+
+
+def test_profile_starts_with_the_convolution_in_both_layouts():
+    """The profile step names each kernel's own time: the bfloat16 3x3 convolution at 28x28
+    first, NCHW and channels_last, ours against cuDNN (the bench's one-call events mixed our host
+    path into its figures)."""
+    cases = sweep.profile_cases("cpu")
+    assert [(op, shape, sorted(p)) for op, shape, p in cases[:2]] == [
+        ("conv2d 3x3 fwd+bwd bfloat16", "N=32 C=128 28x28 O=128", ["torch", "triton"]),
+        ("conv2d 3x3 channels_last fwd+bwd bfloat16", "N=32 C=128 28x28 O=128", ["torch", "triton"])]
+    assert [op for op, _, _ in cases[2:4]] == ["relu fwd+bwd", "sigmoid fwd+bwd"]
