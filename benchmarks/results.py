@@ -284,15 +284,21 @@ def markdown(runs: list[dict], others: list[str] = ()) -> str:
             f"{n} from commit `{r['commit'][:7]}` ({r['date'][:10]}, {how(r)})" for r, n in used) + ".  ")
     methods = {r.get("gpu_timing", "latency") for r, _ in used}
     lines.append("Timing: " + "; ".join(TIMING_WORDS.get(m, m) for m in sorted(methods, reverse=True)) + ".  ")
-    lines += ["", "Time ours / torch (median, same process; below 1 is faster than torch):", "",
-              "| family | case | shape | provider | ratio |" + (" run |" if multi else ""),
-              "| --- | --- | --- | --- | ---: |" + (" --- |" if multi else "")]
+    loop = any(r.get("loop_ratio") for _, r in merged)
+    lines += ["", "Time ours / torch (median, same process; below 1 is faster than torch)"
+              + (": *loop* is the same ratio of what a call costs in a loop, the larger of its host and device "
+                 "times per call, each side alike" if loop else "") + ":", "",
+              "| family | case | shape | provider | ratio |" + (" loop |" if loop else "") + (" run |" if multi else ""),
+              "| --- | --- | --- | --- | ---: |" + (" ---: |" if loop else "") + (" --- |" if multi else "")]
     for run, r in merged:
         tail = f" `{run['commit'][:7]}` |" if multi else ""
         for prov, ratio in sorted((r.get("ratio") or {}).items()):
-            lines.append(f"| {r['family']} | {r['name']} | {r['shape']} | {prov} | {ratio:.2f}x |{tail}")
+            lr = (r.get("loop_ratio") or {}).get(prov)
+            mid = (f" {lr:.2f}x |" if lr else " - |") if loop else ""
+            lines.append(f"| {r['family']} | {r['name']} | {r['shape']} | {prov} | {ratio:.2f}x |{mid}{tail}")
         for prov, err in sorted((r.get("errors") or {}).items()):
-            lines.append(f"| {r['family']} | {r['name']} | {r['shape']} | {prov} | error: {err[:60]} |{tail}")
+            lines.append(f"| {r['family']} | {r['name']} | {r['shape']} | {prov} | error: {err[:60]} |"
+                         + (" - |" if loop else "") + tail)
     lines += ["", HISTORY_IMAGE]
     return "\n".join(lines)
 

@@ -105,6 +105,8 @@ def test_gpu_rows_time_the_device_apart_from_the_latency(monkeypatch):
     assert row["queued"] == {"torch": True, "triton": True, "cupy": False}
     # both set a loop's pace: triton's launch outlasts its kernel, cupy's call waits for its own
     assert [p for *_, p, _, _ in harness.host_bound([row])] == ["triton", "cupy"]
+    # in a loop a call costs the larger of its host and device times: triton's 3 ms launch
+    assert row["loop_seconds"]["triton"] == pytest.approx(3e-3) and row["loop_ratio"]["triton"] == pytest.approx(3.0)
 
 
 def test_time_callable_reports_host_seconds_per_call():
@@ -348,7 +350,8 @@ def test_results_record_and_render(tmp_path):
     (third / "summary.txt").write_text("bench: rc=124 120s (timed out)\n")
     (third / "bench" / "bench.json").write_text(json.dumps({
         "environment": {"device": "NVIDIA H200"}, "partial": True, "cases_planned": 2, "timing": {"gpu": "queued"},
-        "results": [{"family": "activation", "name": "relu fwd", "shape": "N=32", "ratio": {"triton": 1.1}, "errors": {}}]}))
+        "results": [{"family": "activation", "name": "relu fwd", "shape": "N=32", "ratio": {"triton": 1.1},
+                     "loop_ratio": {"triton": 2.5}, "errors": {}}]}))
     results.record(str(third), str(into))
     results.render(str(into), str(readme))
     text = readme.read_text()
@@ -358,8 +361,8 @@ def test_results_record_and_render(tmp_path):
     # the two timings are told apart: the older runs' one-call figures include the host's launch
     assert "Timing: *queued* timing is the device's time per call" in text
     assert "; *latency* timing brackets one call on an idle GPU" in text
-    assert "| activation | relu fwd | N=32 | triton | 1.10x | `89abcde` |" in text
-    assert "| activation | tanh fwd | N=32 | triton | 0.50x | `abcdef1` |" in text and "1.50x" not in text
+    assert "| activation | relu fwd | N=32 | triton | 1.10x | 2.50x | `89abcde` |" in text
+    assert "| activation | tanh fwd | N=32 | triton | 0.50x | - | `abcdef1` |" in text and "1.50x" not in text
 
 
 def test_overhead_family_times_ours_torch_and_both_floors():
