@@ -265,6 +265,12 @@ def markdown(runs: list[dict], others: list[str] = ()) -> str:
         if n:
             used.append((run, n))
     multi = len(used) > 1
+    # a GPU bench times its cases round-robin over the families (suite._by_family): the table
+    # groups them again, in the order the families first appear
+    first = {}
+    for _, row in merged:
+        first.setdefault(row.get("family"), len(first))
+    merged.sort(key=lambda m: first[m[1].get("family")])
     if table.get("bench_partial"):
         planned = table.get("bench_cases_planned")
         n_cut = table.get("bench_cases", len(table["bench"]))

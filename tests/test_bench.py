@@ -464,6 +464,11 @@ def test_warmed_cases_are_timed_first():
     assert suite.warmed_first(cases, {}) == (cases, {})
     full = {i: {"t": i} for i in range(5)}
     assert suite.warmed_first(cases, full) == (cases, full)
+    # each group dealt round-robin over the families: a cut timed phase has some of each
+    import types
+    fam = [types.SimpleNamespace(family=f, n=i) for i, f in enumerate("ccccppa")]
+    got, moved = suite.warmed_first(fam, {0: 0, 1: 1, 2: 2, 4: 4, 6: 6})
+    assert [c.n for c in got] == [0, 4, 6, 1, 2, 3, 5] and moved == {0: 0, 1: 4, 2: 6, 3: 1, 4: 2}
 
 
 def test_overhead_drops_only_the_backends_that_lack_the_op():
