@@ -27,6 +27,7 @@
 #             reported, GPU_NN_FAIL_LOG in tests/conftest.py, for a run killed before its summary); it gets the time the steps before left, so the tests only a GPU
 #             runs go first and the CUDA-graph captures last (GPU_NN_TEST_ORDER=gpu-first,
 #             tests/conftest.py)
+#   (cache)   python -m gpu_nn.benchmarks.triton_cache: compiled variants per kernel (triton_cache.json)
 #   record    gpu-nn results record: OUTDIR/results/<run>/ is what goes into benchmarks/results/
 # The SASS report needs no GPU: it runs on CPU machines (`gpu-nn sass`), not here.
 # OUTDIR/summary.txt has one line per step (exit status, seconds); everything OUTDIR holds is also
@@ -101,6 +102,11 @@ grep -E "^(FAILED|ERROR) " "$OUTDIR/pytest.log" | head -20 | sed 's/^/  pytest: 
 PT_LAST=$(grep -E "[0-9]+ (passed|failed|errors?)\b.* in [0-9.]+s" "$OUTDIR/pytest.log" | tail -n 1)
 [ -n "$PT_LAST" ] || PT_LAST=$(tail -n 1 "$OUTDIR/pytest.log")
 echo "  pytest: $PT_LAST" | tee -a "$SUMMARY"
+
+# what the run compiled, per kernel (Triton's cache): the suite's time on a fresh machine is
+# compilation, and these counts say which kernels' variants to cut
+"$PY" -m gpu_nn.benchmarks.triton_cache --json "$OUTDIR/triton_cache.json" > "$OUTDIR/triton_cache.txt" 2>&1
+head -n 1 "$OUTDIR/triton_cache.txt" | sed 's/^/  /' | tee -a "$SUMMARY"
 
 step record 20 "${GN[@]}" results record "$OUTDIR" --into "$OUTDIR/results" --no-render
 

@@ -159,7 +159,8 @@ def record(run_dir: str, into: str = RESULTS_DIR) -> str:
         json.dump(run, f, indent=1)
     for src, name in ((os.path.join(run_dir, "bench", "bench.json"), "bench.json"),
                       (os.path.join(run_dir, "check.json"), "check.json"),
-                      (os.path.join(run_dir, "tuning.jsonl"), "tuning.jsonl")):
+                      (os.path.join(run_dir, "tuning.jsonl"), "tuning.jsonl"),
+                      (os.path.join(run_dir, "triton_cache.json"), "triton_cache.json")):
         if os.path.exists(src):
             shutil.copyfile(src, os.path.join(dest, name))
     return dest

@@ -864,3 +864,21 @@ def test_host_split_runs_and_writes_its_pieces(tmp_path, monkeypatch):
         figures = {k: v for k, v in doc[part].items() if not isinstance(v, bool)}
         assert figures and all(isinstance(v, float) and v > 0 for v in figures.values()), (part, doc[part])
     assert "ours F.relu fwd+bwd" in doc["relu"] and "Adam 6 tensors ours fresh grads" in doc["optim"]
+
+
+def test_triton_cache_counts_compiled_variants_per_kernel(tmp_path):
+    """One variant per cache folder holding a .cubin; group files and unfinished folders are not
+    variants."""
+    from gpu_nn.benchmarks import triton_cache
+
+    for i, names in enumerate((["_a.cubin", "_a.json"], ["_a.cubin"], ["_b.cubin", "_b.ptx"], ["__grp___a.json"], [])):
+        d = tmp_path / f"H{i}"
+        d.mkdir()
+        for n in names:
+            (d / n).write_text("x")
+    (tmp_path / "stray.json").write_text("{}")
+    assert triton_cache.summary(str(tmp_path)) == {"dir": str(tmp_path), "variants": 3, "kernels": {"_a": 2, "_b": 1}}
+    assert triton_cache.summary(str(tmp_path / "absent"))["variants"] == 0
+    out = tmp_path / "c.json"
+    assert triton_cache.main([str(tmp_path), "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["kernels"] == {"_a": 2, "_b": 1}
