@@ -415,6 +415,10 @@ def extra_dense(rng, monkeypatch, rec):
             for bias in (True, False):
                 b = _t(rng, 5, dtype=dt) if bias else None
                 _fwd_bwd(F.linear(_t(rng, 3, 7, dtype=dt), _t(rng, 5, 7, dtype=dt), b, activation=act))
+    # the bias gradient's column sum in row ranges (float32 partial sums, then their sum): 600 rows
+    with _backend.backend("triton"):
+        for dt in DTYPES:
+            _fwd_bwd(F.linear(_t(rng, 600, 7, dtype=dt), _t(rng, 5, 7, dtype=dt), _t(rng, 5, dtype=dt)))
 
 
 def extra_pool(rng, monkeypatch, rec):
@@ -526,6 +530,14 @@ def extra_rnn(rng, monkeypatch, rec):
                 for bias in ((False, True) if mode == "gru" else (False,)):
                     _run_seq(rng, mode, torch.float32, 2, 2, 3, 4, 2, False, bias, lengths=(2, 1), dropout=0.5,
                              backward=backward)
+    # the bias gradients' column sums over T * N >= 512 rows: in row ranges, every mode and dtype
+    from gpu_nn.kernels.triton import rnn as kr
+
+    x, x2 = (torch.from_numpy(rng.standard_normal((600, 9))).float() for _ in range(2))
+    for dt in DTYPES:
+        kr.colsum(x, torch.empty(9, dtype=dt))
+        kr.colsum(x, torch.empty(9, dtype=dt), torch.empty(9, dtype=dt))
+        kr.colsum(x, torch.empty(9, dtype=dt), torch.empty(9, dtype=dt), x2)
 
 
 def extra_optim(rng, monkeypatch, rec):

@@ -170,6 +170,41 @@ def _softmax_path_sizes():
 LARGE_LOGITS = {"x1000": lambda z: z * 1000, "plus3e4": lambda z: 3e4 + 10 * z, "minus3e4": lambda z: -3e4 + z}
 
 
+@pytest.mark.parametrize("backend,device", backend_params(("triton",)))
+def test_column_sum_splits_its_rows_when_its_columns_give_few_programs(backend, device, rng, monkeypatch):
+    """The bias gradient's column sum: in one launch for few rows, else float32 partial sums of
+    row ranges (enough programs to stream a large gradient: the H200 took 182 us for linear's
+    8192 x 4096 bfloat16 bias gradient in 64 programs, torch 32) and their sum in a second
+    launch; against a float64 sum for every dtype, on contiguous and transposed (strided)
+    gradients, split counts from 1 to several, and the split ranges' edges (rows not a multiple
+    of a range, of the row tile)."""
+    from gpu_nn.kernels import triton as ktriton
+    from gpu_nn.kernels.triton import dense as kd
+    from triton.runtime.interpreter import InterpretedFunction
+
+    assert kd.colsum_splits(255, 4096) == 1 and kd.colsum_splits(8192, 4096) == 9
+    assert kd.colsum_splits(100_000, 70) == kd.COLSUM_TARGET_PROGRAMS // 2
+    for dtype in gpu_dtypes_for(backend, device):
+        for M, N, transposed in ((300, 3, False), (777, 70, True), (1043, 129, False), (9, 5, True)):
+            g64 = randn(rng, N, M).t() if transposed else randn(rng, M, N)
+            g = g64.to(device, dtype)
+            assert g.is_contiguous() != transposed
+            out = torch.full((N,), float("nan"), dtype=dtype, device=device)
+            names = []
+            if device == "cpu":
+                orig = InterpretedFunction.run
+                monkeypatch.setattr(InterpretedFunction, "run",
+                                    lambda self, *a, **k: names.append(self.fn.__name__) or orig(self, *a, **k))
+            kd.colsum(g, out, ktriton.INTERPRET)
+            monkeypatch.undo()
+            want = g.double().sum(0)  # the rounded inputs' exact sum
+            assert_close(out, want, dtype, k=max(M, 1), what=f"colsum {dtype} {M}x{N}")
+            if device == "cpu":
+                splits = kd.colsum_splits(M, N)
+                assert names == ["_colsum_kernel"] * (1 if splits == 1 else 2), (M, N, splits)
+                assert (splits > 1) == (M >= 2 * kd.COLSUM_MIN_ROWS)
+
+
 @pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
 @pytest.mark.parametrize("name", SOFTMAX)
 @pytest.mark.parametrize("path", ["single-small", "single-full", "loop-one-over", "loop-long"])

@@ -2610,3 +2610,36 @@ def test_backward_on_another_backend_reads_the_forwards_reserve(fwd_backend, bwd
     assert len(got) == len(want)
     for i, (a, b) in enumerate(zip(got, want)):
         assert_close(a, b, torch.float32, k=T * B * G * H, what=f"{mode} {fwd_backend}->{bwd_backend} grad {i}")
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("triton",)))
+def test_bias_gradient_column_sums_split_the_time_steps_rows(backend, device, rng, monkeypatch):
+    """The recurrent layers' bias gradients sum the gate gradients of all T steps (T * N rows):
+    in one launch for few rows, else float32 partial sums of row ranges and their sum (a second
+    launch), in every mode (one sum; the same sum into two biases; two sums) and output dtype,
+    against float64 sums, at row counts that split into 1 to several ranges."""
+    from gpu_nn.kernels import triton as ktriton
+    from gpu_nn.kernels.triton import dense as kd, rnn as kr
+    from triton.runtime.interpreter import InterpretedFunction
+
+    for dtype in gpu_dtypes_for(backend, device):
+        for M, N in ((37, 70), (513, 9), (1100, 131)):
+            x64, x2_64 = randn(rng, M, N), randn(rng, M, N)
+            x, x2 = x64.float().to(device), x2_64.float().to(device)
+            for mode in (0, 1, 2):
+                y = torch.full((N,), float("nan"), dtype=dtype, device=device)
+                y2 = None if mode == 0 else torch.full((N,), float("nan"), dtype=dtype, device=device)
+                names = []
+                if device == "cpu":
+                    orig = InterpretedFunction.run
+                    monkeypatch.setattr(InterpretedFunction, "run",
+                                        lambda self, *a, **k: names.append(self.fn.__name__) or orig(self, *a, **k))
+                kr.colsum(x, y, y2, x2 if mode == 2 else None)
+                monkeypatch.undo()
+                assert_close(y, x.double().sum(0), dtype, k=M, what=f"colsum {dtype} {M}x{N} mode {mode}")
+                if mode:
+                    assert_close(y2, (x2 if mode == 2 else x).double().sum(0), dtype, k=M, what=f"y2 mode {mode}")
+                if device == "cpu" and ktriton.INTERPRET:
+                    splits = kd.colsum_splits(M, N, 64)
+                    assert names == ["_rnn_colsum_kernel"] * (1 if splits == 1 else 2)
+                    assert (splits > 1) == (M >= 2 * kd.COLSUM_MIN_ROWS)

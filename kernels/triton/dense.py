@@ -458,18 +458,24 @@ def act_grad(g, y, activation, interpret):
 
 
 @triton.jit
-def _colsum_kernel(g_ptr, out_ptr, M, N, stride_gm, stride_gn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """out[n] = sum_m g[m, n] (the bias gradient), float32 accumulation."""
+def _colsum_kernel(g_ptr, out_ptr, M, N, stride_gm, stride_gn, CHUNK, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """out[s, n] = sum of g[m, n] over the rows m of split s = program_id(1), [s * CHUNK,
+    min(M, (s + 1) * CHUNK)), float32 accumulation; ``out`` [splits, N] contiguous. One split
+    (CHUNK >= M) is the bias gradient itself; several write float32 partial sums, which a second
+    launch over them (splits rows) adds up (:func:`colsum`)."""
     pid = tl.program_id(0)
+    split = tl.program_id(1)
     offs_n = (pid * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     mask_n = offs_n < N
+    m_lo = split * CHUNK
+    m_hi = tl.minimum(m_lo + CHUNK, M)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for m0 in range(0, M, BLOCK_M):
+    for m0 in range(m_lo, m_hi, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
         g = tl.load(g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :] * stride_gn,
-                    mask=(offs_m[:, None] < M) & mask_n[None, :], other=0.0)
+                    mask=(offs_m[:, None] < m_hi) & mask_n[None, :], other=0.0)
         acc += g.to(tl.float32)
-    tl.store(out_ptr + offs_n, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty), mask=mask_n)
+    tl.store(out_ptr + split.to(tl.int64) * N + offs_n, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty), mask=mask_n)
 
 
 @triton.jit
@@ -508,13 +514,42 @@ _COLSUM = (64, 64, 4)  # BLOCK_M, BLOCK_N, num_warps
 ACT_COLSUM_MAX_ROWS = 256
 
 
+# The column sum's rows are split among programs when its columns alone give fewer than this
+# many (cdiv(N, 64)): at 09f2311's predecessor a331102 the H200 profiled linear's bias gradient
+# (8192 x 4096 bfloat16, 64 MB) at 182 us in 64 programs walking all 8192 rows each, torch's
+# reduction at 32 us (float32: 234 against 49). Four waves of an H200's 132 SMs; every split
+# walks at least COLSUM_MIN_ROWS rows (its partial sums are N float32 more to write and read).
+COLSUM_TARGET_PROGRAMS = 528
+COLSUM_MIN_ROWS = 256
+
+
+def colsum_splits(m: int, n: int, block_n: int = _COLSUM[1]) -> int:
+    """How many row ranges a column sum of [m, n] is split into: 1 (one launch, as small
+    problems always are) up to what fills COLSUM_TARGET_PROGRAMS programs with ranges of at least
+    COLSUM_MIN_ROWS rows. A function of the shape alone: the same on every device and under
+    the interpreter (which thus runs the split path on the tests' larger inputs)."""
+    return max(1, min(cdiv(COLSUM_TARGET_PROGRAMS, cdiv(n, block_n)), m // COLSUM_MIN_ROWS))
+
+
 def colsum(g, out, interpret=False) -> None:
+    """out[n] = g[:, n].sum() for a 2-d ``g`` (any strides), float32 accumulation: one launch,
+    or (:func:`colsum_splits`) float32 partial sums of row ranges, then their sum."""
     M, N = g.shape
     if N == 0:
         return
     bm, bn, warps = _COLSUM
-    launch_kernel(_colsum_kernel, (cdiv(N, bn),), g, out, M, N, g.stride(0), g.stride(1), BLOCK_M=bm, BLOCK_N=bn,
-                  num_warps=warps)
+    splits = colsum_splits(M, N)
+    if splits == 1:
+        launch_kernel(_colsum_kernel, (cdiv(N, bn), 1), g, out, M, N, g.stride(0), g.stride(1), max(M, 1),
+                      BLOCK_M=bm, BLOCK_N=bn, num_warps=warps)
+        return
+    chunk = cdiv(cdiv(M, splits), bm) * bm
+    splits = cdiv(M, chunk)
+    ws = torch.empty((splits, N), dtype=torch.float32, device=g.device)
+    launch_kernel(_colsum_kernel, (cdiv(N, bn), splits), g, ws, M, N, g.stride(0), g.stride(1), chunk,
+                  BLOCK_M=bm, BLOCK_N=bn, num_warps=warps)
+    launch_kernel(_colsum_kernel, (cdiv(N, bn), 1), ws, out, splits, N, N, 1, splits,
+                  BLOCK_M=bm, BLOCK_N=bn, num_warps=warps)
 
 
 def act_colsum_fits(rows: int, cols: int) -> bool:
@@ -1289,10 +1324,12 @@ def aot_specs():
                                      divisible_by_16=("c_ptr", "stride_cm"),  # see tma_output
                                      label=f"tma {dt} {prec} {lay} {bm}x{bn}x{bk} g{gm} w{warps} s{stages}"))
         bm, bn, warps = _COLSUM
-        specs.append(AotSpec(_colsum_kernel, {"g_ptr": f"*{dt}", "out_ptr": f"*{dt}", "M": "i32", "N": "i32",
-                                              "stride_gm": "i32", "stride_gn": "i32",
-                                              "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"},
-                             {"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, label=dt))
+        # the bias gradient in one launch; the float32 partial sums of row ranges; their sum
+        for src, out in dict.fromkeys(((dt, dt), (dt, "fp32"), ("fp32", dt))):
+            specs.append(AotSpec(_colsum_kernel, {"g_ptr": f"*{src}", "out_ptr": f"*{out}", "M": "i32", "N": "i32",
+                                                  "stride_gm": "i32", "stride_gn": "i32", "CHUNK": "i32",
+                                                  "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"},
+                                 {"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, label=f"{src} -> {out}"))
         for act in ("relu", "sigmoid", "tanh"):
             specs.append(AotSpec(_act_colsum_kernel, {"g_ptr": f"*{dt}", "y_ptr": f"*{dt}", "dg_ptr": f"*{dt}",
                                                       "out_ptr": f"*{dt}", "R": "i32", "M": "i32", "N": "i32",

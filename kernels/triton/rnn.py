@@ -70,6 +70,7 @@ import triton.language as tl
 from . import INTERPRET as _INTERPRET, POISON as _POISON
 from ._aot import AotSpec
 from .activation import _grouped_tile
+from .dense import colsum_splits
 from . import _launch
 from ._launch import cdiv, next_power_of_2
 from ._launch import launch as launch_kernel
@@ -185,28 +186,35 @@ def _matmul_tile(pid, a_ptr, b_ptr, c_ptr, bias1_ptr, bias2_ptr, scale_ptr, M, N
 
 
 @triton.jit
-def _rnn_colsum_kernel(x_ptr, x2_ptr, y_ptr, y2_ptr, M, N, stride_xm, stride_x2m, Y2: tl.constexpr,
+def _rnn_colsum_kernel(x_ptr, x2_ptr, y_ptr, y2_ptr, M, N, stride_xm, stride_x2m, CHUNK, Y2: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """y[N] = sum over rows of x[M, N] (float32 accumulation). ``Y2``: 0 nothing more; 1 the same
-    sums into y2 too (the two bias gradients of the Elman / LSTM layers, whose gate gradients are
-    one); 2 y2 = the column sums of x2 [M, N] (the GRU's two gate gradients), in the same pass."""
+    """y[s, :] = sum over the rows of x[M, N] in split s = program_id(1), [s * CHUNK,
+    min(M, (s + 1) * CHUNK)) (float32 accumulation; ``y`` [splits, N] contiguous: one split is the
+    bias gradient, several are float32 partial sums that a second launch adds up). ``Y2``: 0
+    nothing more; 1 the same sums into y2 too (the two bias gradients of the Elman / LSTM layers,
+    whose gate gradients are one); 2 y2 = the column sums of x2 [M, N] (the GRU's two gate
+    gradients), in the same pass."""
+    split = tl.program_id(1)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mn = rn < N
+    m_lo = split * CHUNK
+    m_hi = tl.minimum(m_lo + CHUNK, M)
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for m0 in range(0, M, BLOCK_M):
+    for m0 in range(m_lo, m_hi, BLOCK_M):
         rm = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
-        mask = (rm < M)[:, None] & mn[None, :]
+        mask = (rm < m_hi)[:, None] & mn[None, :]
         x = tl.load(x_ptr + rm[:, None] * stride_xm + rn[None, :], mask=mask, other=0.0)
         acc += tl.sum(x.to(tl.float32), axis=0)
         if Y2 == 2:
             x2 = tl.load(x2_ptr + rm[:, None] * stride_x2m + rn[None, :], mask=mask, other=0.0)
             acc2 += tl.sum(x2.to(tl.float32), axis=0)
-    tl.store(y_ptr + rn, acc.to(y_ptr.dtype.element_ty), mask=mn)
+    out = split.to(tl.int64) * N + rn
+    tl.store(y_ptr + out, acc.to(y_ptr.dtype.element_ty), mask=mn)
     if Y2 == 1:
-        tl.store(y2_ptr + rn, acc.to(y2_ptr.dtype.element_ty), mask=mn)
+        tl.store(y2_ptr + out, acc.to(y2_ptr.dtype.element_ty), mask=mn)
     if Y2 == 2:
-        tl.store(y2_ptr + rn, acc2.to(y2_ptr.dtype.element_ty), mask=mn)
+        tl.store(y2_ptr + out, acc2.to(y2_ptr.dtype.element_ty), mask=mn)
 
 
 @triton.jit
@@ -1165,8 +1173,17 @@ def colsum(x, y, y2=None, x2=None):
     assert y2 is None or y2.dtype == y.dtype
     assert x2 is None or (y2 is not None and x2.shape == x.shape)
     mode = 0 if y2 is None else (1 if x2 is None else 2)
-    launch_kernel(_rnn_colsum_kernel, (cdiv(N, 64),), x, x2 if x2 is not None else x, y,
-                  y2 if y2 is not None else y, M, N, x.stride(0), x2.stride(0) if x2 is not None else 0,
+    xs2 = x2.stride(0) if x2 is not None else 0
+    splits = colsum_splits(M, N, 64)  # the gate gradients of all T steps: thousands of rows
+    if splits > 1:  # float32 partial sums of row ranges (x2's in ws[1]), then their sums as below
+        chunk = cdiv(cdiv(M, splits), 32) * 32
+        splits = cdiv(M, chunk)
+        ws = torch.empty((2 if mode == 2 else 1, splits, N), dtype=torch.float32, device=x.device)
+        launch_kernel(_rnn_colsum_kernel, (cdiv(N, 64), splits), x, x2 if x2 is not None else x, ws[0], ws[-1],
+                      M, N, x.stride(0), xs2, chunk, Y2=2 if mode == 2 else 0, BLOCK_M=32, BLOCK_N=64, num_warps=4)
+        x, x2, M, xs2 = ws[0], (ws[1] if mode == 2 else None), splits, N
+    launch_kernel(_rnn_colsum_kernel, (cdiv(N, 64), 1), x, x2 if x2 is not None else x, y,
+                  y2 if y2 is not None else y, M, N, x.stride(0), xs2, max(M, 1),
                   Y2=mode, BLOCK_M=32, BLOCK_N=64, num_warps=4)
 
 
@@ -1924,13 +1941,15 @@ def aot_specs():
         for a, b, c, d in matmul_operands(dt):
             specs.append(_matmul_spec(a, b, c, d, matmul_blocks(1, 1, d)))
             specs.append(_pair_spec(_rnn_matmul2_kernel, specs[-1]))
-        for y2 in (0, 1, 2):
-            specs.append(AotSpec(_rnn_colsum_kernel, {"x_ptr": "*fp32", "x2_ptr": "*fp32", "y_ptr": f"*{dt}",
-                                                      "y2_ptr": f"*{dt}", "M": "i32", "N": "i32", "stride_xm": "i32",
-                                                      "stride_x2m": "i32", "Y2": "constexpr",
-                                                      "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"},
+        # the bias gradients (y2 0, 1, 2), and the float32 partial sums of row ranges (0, 2)
+        for y2, out in dict.fromkeys(((0, dt), (1, dt), (2, dt), (0, "fp32"), (2, "fp32"))):
+            specs.append(AotSpec(_rnn_colsum_kernel, {"x_ptr": "*fp32", "x2_ptr": "*fp32", "y_ptr": f"*{out}",
+                                                      "y2_ptr": f"*{out}", "M": "i32", "N": "i32",
+                                                      "stride_xm": "i32", "stride_x2m": "i32", "CHUNK": "i32",
+                                                      "Y2": "constexpr", "BLOCK_M": "constexpr",
+                                                      "BLOCK_N": "constexpr"},
                                  {"Y2": y2, "BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4,
-                                 label=f"colsum {dt} y2 {y2}"))
+                                 label=f"colsum {out} y2 {y2}"))
         for dot in step_dots(dt):
             specs += _step_specs(dt, dot)
             specs += _proj_specs(dt, dot)
