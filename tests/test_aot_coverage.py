@@ -369,6 +369,14 @@ def extra_conv(rng, monkeypatch, rec):
             F.conv2d(_t(rng, 1, 2, 184, 184, dtype=dt, grad=False), _t(rng, 33, 2, 1, 1, dtype=dt, grad=False))
             _fwd_bwd(F.conv2d(_t(rng, 1, 33, 184, 184, dtype=dt), _t(rng, 1, 33, 1, 1, dtype=dt, grad=False),
                               _t(rng, 1, dtype=dt)))
+    # the via-channels_last copies both ways: a plane of 28x28 (every int a multiple of 16, as the
+    # bench's problems launch them) and an odd one
+    from gpu_nn.kernels.triton import conv as kc
+
+    for dt in DTYPES:
+        for shape in ((2, 32, 28, 28), (1, 5, 3, 7)):
+            x = _t(rng, *shape, dtype=dt, grad=False)
+            kc.layout_copy(torch.empty(shape, dtype=dt), kc.layout_copy(kc._nhwc_empty(x), x))
 
 
 def extra_dense(rng, monkeypatch, rec):

@@ -586,6 +586,32 @@ def test_launched_elementwise_kernels_move_128_bits_per_access(tmp_path):
             assert "128" not in r["global_loads"], (r["kernel"], r["label"])
 
 
+def test_layout_copy_moves_128_bits_both_ways_through_shared_memory(tmp_path):
+    """The via-channels_last copies (conv.py ``_layout_copy_kernel``) as a 28x28 plane launches
+    them (every int a multiple of 16; the unit strides constants): 128-bit loads along the
+    source's contiguous axis and 128-bit stores along the destination's, the tile transposed
+    through shared memory, no spills, every dtype and both directions; the general form (no
+    alignment known) moves one element per access."""
+    code = (
+        "import json\n"
+        "from gpu_nn.kernels.triton import conv as kc\n"
+        "from gpu_nn.kernels.triton._aot import compile_spec\n"
+        "specs = [s for s in kc.aot_specs() if s.kernel is kc._layout_copy_kernel]\n"
+        "print(json.dumps([dict(compile_spec(s), label=s.label) for s in specs]))\n"
+    )
+    proc = _run_uninterpreted(tmp_path, "layout.py", code, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    launched = [r for r in rows if r["label"].endswith("launched")]
+    assert len(rows) == 15 and len(launched) == 6
+    for r in launched:
+        assert r["global_loads"] == r["global_stores"] and set(r["global_loads"]) == {"128"}, r
+        assert r["spill_bytes"] == 0 and r["shared_bytes"] > 0, r
+    for r in rows:
+        if r not in launched:
+            assert "128" not in r["global_loads"] and "128" not in r["global_stores"], r
+
+
 def test_aot_shards_cover_every_spec_once(tmp_path, monkeypatch):
     """``--shard k/n`` takes every n-th spec from the k-th: the shards of a family together are
     its whole list, each spec once (``_aot.run`` as the CLI calls it, with the compilation

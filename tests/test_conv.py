@@ -1746,6 +1746,49 @@ VIA_CL_CASES = [
 ]
 
 
+@pytest.mark.parametrize("backend,device", backend_params(("triton",)))
+def test_layout_copy_moves_nchw_and_nhwc_both_ways(backend, device, rng, monkeypatch):
+    """The via-channels_last copies (kernels/triton/conv.py layout_copy): NCHW -> NHWC and back,
+    exact, in one launch of the tiled copy wherever both tensors merge H and W (planes of odd
+    sizes, H or W of 1, several tiles each way), torch's copy where one does not (a sliced W),
+    nothing launched for an empty tensor."""
+    from gpu_nn.kernels.triton import conv as kt
+    from triton.runtime.interpreter import InterpretedFunction
+
+    for dtype in gpu_dtypes_for(backend, device):
+        for shape in ((3, 17, 5, 7), (2, 70, 9, 1), (1, 5, 1, 131), (2, 3, 66, 67), (0, 4, 3, 3)):
+            src = randn(rng, *shape).to(device, dtype)
+            for to_nhwc in (True, False):
+                a = src if to_nhwc else kt._nhwc_empty(src).copy_(src)
+                dst = kt._nhwc_empty(src) if to_nhwc else torch.empty(shape, dtype=dtype, device=device)
+                dst.fill_(float("nan"))
+                names = []
+                if device == "cpu":
+                    orig = InterpretedFunction.run
+                    monkeypatch.setattr(InterpretedFunction, "run",
+                                        lambda self, *x, **k: names.append(self.fn.__name__) or orig(self, *x, **k))
+                assert kt.layout_copy(dst, a) is dst
+                monkeypatch.undo()
+                assert torch.equal(dst, src), (dtype, shape, to_nhwc)
+                if device == "cpu":
+                    assert names == (["_layout_copy_kernel"] if src.numel() else []), (shape, to_nhwc, names)
+        # every other column of a wider tensor (H and W still merge, at stride 2): the kernel;
+        # its first columns (they do not): torch's copy
+        wide = randn(rng, 2, 3, 4, 10).to(device, dtype)
+        for src, launched in ((wide[..., ::2], True), (wide[..., :5], False)):
+            dst = kt._nhwc_empty(src)
+            names = []
+            if device == "cpu":
+                orig = InterpretedFunction.run
+                monkeypatch.setattr(InterpretedFunction, "run",
+                                    lambda self, *x, **k: names.append(self.fn.__name__) or orig(self, *x, **k))
+            kt.layout_copy(dst, src)
+            monkeypatch.undo()
+            assert torch.equal(dst, src)
+            if device == "cpu":
+                assert names == (["_layout_copy_kernel"] if launched else [])
+
+
 @pytest.mark.parametrize("half", [False, True], ids=["tf32", "half"])
 def test_via_channels_last_candidates_match_reference(half, monkeypatch, rng):
     """The via-channels_last forward candidates, forced (the tuner that would time them does not

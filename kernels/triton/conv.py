@@ -1083,6 +1083,57 @@ def _conv_dw_wgrad_kernel(g_ptr, x_ptr, ws_ptr,
     tl.store(ws_ptr + (split * O + offs_o).to(tl.int64) * TAPS + t, tot, mask=o_ok)
 
 
+@triton.jit
+def _layout_copy_kernel(src_ptr, dst_ptr, I, J, tiles_j, tiles_ij, s_b, s_i, s_j, d_b, d_i, d_j,
+                        BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
+    """dst[b, i, j] = src[b, i, j] over [B, I, J] views of any strides, a [BLOCK_I, BLOCK_J] tile
+    a program (program b * tiles_ij + ti * tiles_j + tj). The NCHW <-> NHWC copies of the
+    via-channels_last variant ([N, C, H*W]: unit stride along j on one side, along i on the
+    other): Triton's JIT makes a unit stride a constant, so the load is laid out along the
+    source's contiguous axis and the store along the destination's, the tile transposed through
+    shared memory between them: both sides in full sectors. torch's copy_ of such a permutation
+    walks the destination's order and reads the source a channel plane apart per lane."""
+    pid = tl.program_id(0)
+    b = pid // tiles_ij
+    r = pid - b * tiles_ij
+    ti = r // tiles_j
+    tj = r - ti * tiles_j
+    offs_i = (ti * BLOCK_I + tl.arange(0, BLOCK_I)).to(tl.int64)
+    offs_j = (tj * BLOCK_J + tl.arange(0, BLOCK_J)).to(tl.int64)
+    mask = (offs_i < I)[:, None] & (offs_j < J)[None, :]
+    b64 = b.to(tl.int64)
+    v = tl.load(src_ptr + b64 * s_b + offs_i[:, None] * s_i + offs_j[None, :] * s_j, mask=mask)
+    tl.store(dst_ptr + b64 * d_b + offs_i[:, None] * d_i + offs_j[None, :] * d_j, v, mask=mask)
+
+
+LAYOUT_COPY = (64, 64, 4)  # BLOCK_I, BLOCK_J, num_warps
+
+
+def _bij(t):
+    """[B, I, J] strides of a 4-d [N, C, H, W] ``t`` whose H and W merge into one axis, else None."""
+    n, c, h, w = t.shape
+    sn, sc, sh, sw = t.stride()
+    if h > 1 and w > 1 and sh != w * sw:
+        return None
+    return sn, sc, (sw if w > 1 else sh)
+
+
+def layout_copy(dst, src):
+    """``dst.copy_(src)`` for two 4-d tensors of one shape and dtype: through
+    :func:`_layout_copy_kernel` where both merge H and W (NCHW-contiguous and NHWC tensors do),
+    else torch's copy. ``dst`` is returned."""
+    sv, dv = _bij(src), _bij(dst)
+    if sv is None or dv is None or src.dtype != dst.dtype or src.shape != dst.shape or not src.numel():
+        return dst.copy_(src)
+    n, c, h, w = src.shape
+    bi, bj, warps = LAYOUT_COPY
+    tiles_j = cdiv(h * w, bj)
+    tiles_ij = cdiv(c, bi) * tiles_j
+    launch_kernel(_layout_copy_kernel, (n * tiles_ij,), src, dst, c, h * w, tiles_j, tiles_ij, *sv, *dv,
+                  BLOCK_I=bi, BLOCK_J=bj, num_warps=warps)
+    return dst
+
+
 # ----------------------------------------------------------------------------- heuristics
 
 def pick_config(gemm_n: int, gemm_m: int, half: bool, interpret: bool,
@@ -1481,7 +1532,7 @@ def _nhwc_empty(t):
 
 def _nhwc_copy(t):
     """``t`` itself when :func:`_nhwc_strided`, else a dense NHWC copy (one pass)."""
-    return t if _nhwc_strided(t) else _nhwc_empty(t).copy_(t)
+    return t if _nhwc_strided(t) else layout_copy(_nhwc_empty(t), t)
 
 
 # The weight gradient's candidates for a measuring chooser, by tile name (GPU_CONFIGS /
@@ -1614,7 +1665,7 @@ def _launch_variant(direct, cfg, a, w, out, writes_as_it_lies=None):
     oc = out if _nhwc_strided(out) else _nhwc_empty(out)
     direct(_direct_cfg(cfg), _nhwc_copy(a), _nhwc_copy(w), oc)
     if oc is not out:
-        out.copy_(oc)
+        layout_copy(out, oc)
 
 
 def _tma_rows(m):
@@ -1676,7 +1727,7 @@ def _tma_forward(cfg, x, w, b, y, stride, padding, dilation, activation, prec, w
     _, _, ho, wo = y.shape
     assert cg % bk == 0 and _tma_strided(x), "the TMA forward needs whole channel blocks and an NHWC-describable x"
     if not _tma_describable(x, stride):  # a strided view needs whole pixels (a channel-sliced x)
-        x = _nhwc_empty(x).copy_(x)
+        x = layout_copy(_nhwc_empty(x), x)
     wv = _tma_rows(w.permute(0, 2, 3, 1).reshape(o, kh * kw * cg))  # [O, TAPS * C]: a view of a channels_last weight
     x_desc, strided = _x_descriptor(x, stride, bh, bw, bk)
     w_desc = TensorDescriptor(wv, list(wv.shape), list(wv.stride()), [bn, bk])
@@ -1724,7 +1775,7 @@ def _tma_wgrad(cfg, g, x, dw, stride, padding, dilation, prec, interpret: bool, 
     bh, bw, bc, bo, warps, stages = cfg[:6]
     x, g = _nhwc_copy(x), _nhwc_copy(g)
     if not _tma_describable(x, stride):  # a strided view needs whole pixels (a channel-sliced x)
-        x = _nhwc_empty(x).copy_(x)
+        x = layout_copy(_nhwc_empty(x), x)
     n, c, _, _ = x.shape
     o, _, kh, kw = dw.shape
     _, _, ho, wo = g.shape
@@ -2149,6 +2200,20 @@ def aot_specs():
     they launch with) and the input gradient's (DGRAD_NHWC_CONFIGS and the DGRAD_VIA_CL tiles, in
     theirs); bias and activation are runtime arguments of the forward kernel. ``tests/test_aot_coverage.py`` checks that launches stay within this list."""
     specs = []
+    # the via-channels_last copies, NCHW -> NHWC (unit source stride along j, destination's along
+    # i: constants, as the JIT makes them) and back, and the form with no unit stride
+    bi, bj, lwarps = LAYOUT_COPY
+    for dt in ("fp32", "fp16", "bf16"):
+        for ones, lab in ((("s_j", "d_i"), "nchw->nhwc"), (("s_i", "d_j"), "nhwc->nchw"), ((), "strided")):
+            sig = {"src_ptr": f"*{dt}", "dst_ptr": f"*{dt}"}
+            sig.update({k: "i32" for k in ("I", "J", "tiles_j", "tiles_ij", "s_b", "s_i", "s_j", "d_b", "d_i", "d_j")})
+            sig.update({k: "constexpr" for k in (*ones, "BLOCK_I", "BLOCK_J")})
+            spec = AotSpec(_layout_copy_kernel, sig, {**{k: 1 for k in ones}, "BLOCK_I": bi, "BLOCK_J": bj},
+                           num_warps=lwarps, label=f"layout copy {dt} {lab}")
+            # and as a plane of a multiple of 16 pixels launches it (28x28, 56x56: every int a
+            # multiple of 16): 128-bit loads and stores on both sides (sm_90, Triton 3.9: 32-40
+            # registers, the tile through 8 KB (half) / 16 KB (float32) of shared memory)
+            specs += [spec, spec.aligned()] if ones else [spec]
     variants = [("fp32", "ieee"), ("fp32", "tf32"), ("fp16", "ieee"), ("bf16", "ieee")]
     for dt, prec in variants:
         key = "fp32" if dt == "fp32" else "half"
