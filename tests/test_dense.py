@@ -736,6 +736,50 @@ def test_cross_entropy_backend_matches_reference(backend, device, shape, prob, w
         KERNEL_ERR[(backend, "cross_entropy", str(dtype))] = max(KERNEL_ERR.get((backend, "cross_entropy", str(dtype)), 0), e)
 
 
+@pytest.mark.parametrize("backend,device", backend_params(("triton",)))
+@pytest.mark.parametrize("prob", [False, True], ids=["index", "prob"])
+def test_cross_entropy_rows_of_many_tiles_like_torch(backend, device, prob, rng):
+    """The row kernel's one pass over rows of several tiles (its running max one number per
+    row, the lanes' sums moved only in tiles that raise it): against torch in float64 for rows
+    whose max rises in every tile, sits in the first, or is reached late; a NaN or +inf in a
+    middle tile; only -inf; -inf over the first tiles then finite; a -inf logit under a zero
+    weight; with and without weights and label smoothing, 'none' (the row losses themselves)
+    and 'mean'."""
+    C = 200  # the interpreter's tiles are 64 wide: four tiles; a GPU's 256: one
+    x = torch.from_numpy(rng.standard_normal((9, C)) * 3)
+    x[1] = torch.linspace(-5, 30, C, dtype=torch.float64)
+    x[2] = torch.linspace(30, -5, C, dtype=torch.float64)
+    x[3, 150] = float("nan")
+    x[4, 100] = float("inf")
+    x[5] = float("-inf")
+    x[6, :140] = float("-inf")
+    x[7, 3] = float("-inf")
+    x[8, 190] = 40.0
+    w = torch.from_numpy(rng.random(C) + 0.2)
+    w[3] = 0.0  # row 7's -inf logit: 0 * inf is NaN in the smoothing term, as torch's
+    if prob:
+        t = torch.softmax(torch.from_numpy(rng.standard_normal((9, C))), 1)
+    else:
+        t = torch.from_numpy(rng.integers(0, C, 9))
+        t[6] = 150  # a finite logit: the row's loss is finite without smoothing
+    for weight in (None, w):
+        for eps in (0.0, 0.1):
+            for reduction in ("none", "mean"):
+                kw = dict(weight=weight, label_smoothing=eps, reduction=reduction)
+                want = TF.cross_entropy(x, t, **kw)
+                with gpu_nn.backend(backend):
+                    got = F.cross_entropy(x.to(device, torch.float32), t.to(device) if not prob else
+                                          t.to(device, torch.float32),
+                                          weight=None if weight is None else weight.to(device, torch.float32),
+                                          label_smoothing=eps, reduction=reduction)
+                got = got.double().cpu()
+                what = f"prob={prob} weight={weight is not None} eps={eps} {reduction}"
+                assert torch.equal(got.isnan(), want.isnan()), (what, got, want)
+                assert torch.equal(got.isinf() & (got > 0), want.isinf() & (want > 0)), (what, got, want)
+                fin = want.isfinite()
+                assert_close(got[fin], want[fin], torch.float32, k=C, what=what)
+
+
 def test_bfloat16_softmax_like_torch():
     """bfloat16 softmax matches torch's within bfloat16's precision: compiled on a GPU and in
     the interpreter with gpu-nn's exact bfloat16 (kernels/triton/_compat.py)."""
