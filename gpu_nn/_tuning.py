@@ -209,14 +209,17 @@ def read_record(path: str) -> list[dict]:
 # times the host's launch as well as the kernels: the start event is stamped at once, the kernels
 # only once the host has enqueued them (a 1x2x5 conv's candidates all timed ~40 us at 82f8513, a
 # host floor; the H200 sweep at a331102 timed every channels_last conv tile at 84-94 us behind
-# do_bench's L2 flush, which the host no longer outpaced). So the timed calls are queued behind a
-# GPU sleep long enough for the host to enqueue all of them, each between its own event pair:
-# the events then time the device's work only. The host's queuing time is checked against the
-# sleep; a batch the host did not queue in time (the call synchronises, or its host time grew)
-# is measured again behind a longer sleep, and said to be not queued if that fails too.
-SLEEP_MARGIN = 1.5        # the sleep lasts this many times the host's expected queuing time
+# do_bench's L2 flush, which the host no longer outpaced). So each timed call is queued behind a
+# GPU sleep long enough for the host to enqueue it, between its own event pair: the events then
+# time the device's work only. The host's queuing time is checked against the sleep; a call the
+# host did not queue in time (it synchronises, or its host time grew) is measured again behind a
+# longer sleep, and said to be not queued if that fails too.
+SLEEP_MARGIN = 3.0        # the sleep lasts this many times the host's expected time for the call
 SLEEP_SLACK_S = 250e-6    # plus this (event creation, the first launch)
 SLEEP_MAX_S = 2.0         # never longer
+# the call counts as queued when the host took at most this share of the sleep's calibrated
+# length: the GPU's clock may run faster than when the sleep was calibrated (a shorter sleep)
+QUEUED_SHARE = 0.5
 _cycle_s: list[float] = []
 
 
@@ -237,34 +240,37 @@ def sleep_cycle_seconds() -> float:
 
 def queued_times(run: Callable[[], object], reps: int, host_s: float,
                  before: Callable[[], object] | None = None, tries: int = 2) -> tuple[list[float], bool]:
-    """Device seconds of each of ``reps`` calls of ``run()`` queued back to back behind one GPU
-    sleep, each between its own CUDA event pair (``before()``, an L2 flush say, queued untimed
-    ahead of each start event), and whether the host queued them all before the sleep ended.
-    ``host_s`` is the host time one call (with its ``before``) is expected to take; a batch not
-    queued in time is measured again (``tries`` in all) behind a sleep sized from what the
-    queuing took. Not queued after that: the figures include host time (the call synchronises
-    with the device, or the host is slower than its kernels: a loop of such calls runs at the
-    host's pace)."""
+    """Device seconds of ``reps`` calls of ``run()``, each queued behind its own GPU sleep and
+    between its own CUDA event pair (``before()``, an L2 flush say, queued untimed after the
+    sleep and ahead of the start event), and whether the host queued every call before its sleep
+    ended. ``host_s`` is the host time one call (with its ``before``) is expected to take; a call
+    not queued in time is measured again (``tries`` in all) behind a sleep sized from what its
+    queuing took, and the larger figure serves the calls after it. One call per sleep, not a
+    batch: a call of hundreds of launches (a recurrent layer's time loop) would fill the
+    driver's launch queue behind one long sleep and block the host. Not queued after the tries:
+    the figure includes host time (the call synchronises with the device, or the host is slower
+    than its kernels: a loop of such calls runs at the host's pace)."""
     per_cycle = sleep_cycle_seconds()
-    for attempt in range(tries):
-        want = min(SLEEP_MAX_S, reps * host_s * SLEEP_MARGIN + SLEEP_SLACK_S)
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-        torch.cuda._sleep(max(1, int(want / per_cycle)))
-        t0 = time.perf_counter()
-        for start, end in zip(starts, ends):
+    times, queued = [], True
+    for _ in range(reps):
+        for _attempt in range(tries):
+            want = min(SLEEP_MAX_S, host_s * SLEEP_MARGIN + SLEEP_SLACK_S)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda._sleep(max(1, int(want / per_cycle)))
+            t0 = time.perf_counter()
             if before is not None:
                 before()
             start.record()
             run()
             end.record()
-        queuing = time.perf_counter() - t0
-        ends[-1].synchronize()
-        times = [s.elapsed_time(e) / 1e3 for s, e in zip(starts, ends)]
-        queued = queuing < want
-        if queued:
-            break
-        host_s = max(2 * host_s, queuing / reps)
+            queuing = time.perf_counter() - t0
+            end.synchronize()
+            ok = queuing < QUEUED_SHARE * want
+            if ok:
+                break
+            host_s = max(2 * host_s, queuing)
+        times.append(start.elapsed_time(end) / 1e3)
+        queued = queued and ok
     return times, queued
 
 

@@ -393,3 +393,27 @@ class FakeDevice:
         for mod in time_users:
             monkeypatch.setattr(mod, "time", self)
         return self
+
+
+@contextlib.contextmanager
+def interpreted_launches(device: str):
+    """The names of the Triton kernels launched inside the block, in order, where they run in the
+    interpreter (``device`` "cpu"); on a GPU the list stays empty (launch counts there are
+    kernel_counts' business). Restores only what it patched."""
+    names: list = []
+    if device != "cpu":
+        yield names
+        return
+    from triton.runtime.interpreter import InterpretedFunction
+
+    orig = InterpretedFunction.run
+
+    def run(self, *args, **kwargs):
+        names.append(self.fn.__name__)
+        return orig(self, *args, **kwargs)
+
+    InterpretedFunction.run = run
+    try:
+        yield names
+    finally:
+        InterpretedFunction.run = orig

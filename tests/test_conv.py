@@ -16,7 +16,7 @@ import torch.nn.functional as TF
 import gpu_nn
 import gpu_nn.functional as F
 from gpu_nn.reference import conv as ref
-from helpers import CUDA, EPS, assert_close, backend_params, gpu_dtypes_for, max_rel_err, randn
+from helpers import CUDA, EPS, assert_close, backend_params, gpu_dtypes_for, interpreted_launches, max_rel_err, randn
 
 # ----------------------------------------------------------------------------- grid
 
@@ -1747,13 +1747,12 @@ VIA_CL_CASES = [
 
 
 @pytest.mark.parametrize("backend,device", backend_params(("triton",)))
-def test_layout_copy_moves_nchw_and_nhwc_both_ways(backend, device, rng, monkeypatch):
+def test_layout_copy_moves_nchw_and_nhwc_both_ways(backend, device, rng):
     """The via-channels_last copies (kernels/triton/conv.py layout_copy): NCHW -> NHWC and back,
     exact, in one launch of the tiled copy wherever both tensors merge H and W (planes of odd
     sizes, H or W of 1, several tiles each way), torch's copy where one does not (a sliced W),
     nothing launched for an empty tensor."""
     from gpu_nn.kernels.triton import conv as kt
-    from triton.runtime.interpreter import InterpretedFunction
 
     for dtype in gpu_dtypes_for(backend, device):
         for shape in ((3, 17, 5, 7), (2, 70, 9, 1), (1, 5, 1, 131), (2, 3, 66, 67), (0, 4, 3, 3)):
@@ -1762,13 +1761,8 @@ def test_layout_copy_moves_nchw_and_nhwc_both_ways(backend, device, rng, monkeyp
                 a = src if to_nhwc else kt._nhwc_empty(src).copy_(src)
                 dst = kt._nhwc_empty(src) if to_nhwc else torch.empty(shape, dtype=dtype, device=device)
                 dst.fill_(float("nan"))
-                names = []
-                if device == "cpu":
-                    orig = InterpretedFunction.run
-                    monkeypatch.setattr(InterpretedFunction, "run",
-                                        lambda self, *x, **k: names.append(self.fn.__name__) or orig(self, *x, **k))
-                assert kt.layout_copy(dst, a) is dst
-                monkeypatch.undo()
+                with interpreted_launches(device) as names:
+                    assert kt.layout_copy(dst, a) is dst
                 assert torch.equal(dst, src), (dtype, shape, to_nhwc)
                 if device == "cpu":
                     assert names == (["_layout_copy_kernel"] if src.numel() else []), (shape, to_nhwc, names)
@@ -1777,16 +1771,15 @@ def test_layout_copy_moves_nchw_and_nhwc_both_ways(backend, device, rng, monkeyp
         wide = randn(rng, 2, 3, 4, 10).to(device, dtype)
         for src, launched in ((wide[..., ::2], True), (wide[..., :5], False)):
             dst = kt._nhwc_empty(src)
-            names = []
-            if device == "cpu":
-                orig = InterpretedFunction.run
-                monkeypatch.setattr(InterpretedFunction, "run",
-                                    lambda self, *x, **k: names.append(self.fn.__name__) or orig(self, *x, **k))
-            kt.layout_copy(dst, src)
-            monkeypatch.undo()
+            with interpreted_launches(device) as names:
+                kt.layout_copy(dst, src)
             assert torch.equal(dst, src)
             if device == "cpu":
                 assert names == (["_layout_copy_kernel"] if launched else [])
+        # an expanded destination (elements sharing memory): torch's copy, and its refusal
+        with pytest.raises(RuntimeError, match="single memory location"):
+            kt.layout_copy(torch.empty(2, 1, 1, 1, dtype=dtype, device=device).expand(2, 3, 4, 4),
+                           randn(rng, 2, 3, 4, 4).to(device, dtype))
 
 
 @pytest.mark.parametrize("half", [False, True], ids=["tf32", "half"])

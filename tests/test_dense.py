@@ -17,7 +17,8 @@ import gpu_nn.functional as F
 import gpu_nn.nn as gnn
 from gpu_nn.reference import dense as R
 from gpu_nn.ops.dense import BACKENDS
-from helpers import assert_close, assert_like_torch, backend_params, gpu_dtypes_for, max_rel_err, randn, tol
+from helpers import (assert_close, assert_like_torch, backend_params, gpu_dtypes_for, interpreted_launches, max_rel_err,
+                     randn, tol)
 
 ACTS = (None, "relu", "sigmoid", "tanh")
 TORCH_ACT = {None: lambda y: y, "relu": torch.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh}
@@ -171,7 +172,7 @@ LARGE_LOGITS = {"x1000": lambda z: z * 1000, "plus3e4": lambda z: 3e4 + 10 * z, 
 
 
 @pytest.mark.parametrize("backend,device", backend_params(("triton",)))
-def test_column_sum_splits_its_rows_when_its_columns_give_few_programs(backend, device, rng, monkeypatch):
+def test_column_sum_splits_its_rows_when_its_columns_give_few_programs(backend, device, rng):
     """The bias gradient's column sum: in one launch for few rows, else float32 partial sums of
     row ranges (enough programs to stream a large gradient: the H200 took 182 us for linear's
     8192 x 4096 bfloat16 bias gradient in 64 programs, torch 32) and their sum in a second
@@ -180,7 +181,6 @@ def test_column_sum_splits_its_rows_when_its_columns_give_few_programs(backend, 
     of a range, of the row tile)."""
     from gpu_nn.kernels import triton as ktriton
     from gpu_nn.kernels.triton import dense as kd
-    from triton.runtime.interpreter import InterpretedFunction
 
     assert kd.colsum_splits(255, 4096) == 1 and kd.colsum_splits(8192, 4096) == 9
     assert kd.colsum_splits(100_000, 70) == kd.COLSUM_TARGET_PROGRAMS // 2
@@ -190,13 +190,8 @@ def test_column_sum_splits_its_rows_when_its_columns_give_few_programs(backend, 
             g = g64.to(device, dtype)
             assert g.is_contiguous() != transposed
             out = torch.full((N,), float("nan"), dtype=dtype, device=device)
-            names = []
-            if device == "cpu":
-                orig = InterpretedFunction.run
-                monkeypatch.setattr(InterpretedFunction, "run",
-                                    lambda self, *a, **k: names.append(self.fn.__name__) or orig(self, *a, **k))
-            kd.colsum(g, out, ktriton.INTERPRET)
-            monkeypatch.undo()
+            with interpreted_launches(device) as names:
+                kd.colsum(g, out, ktriton.INTERPRET)
             want = g.double().sum(0)  # the rounded inputs' exact sum
             assert_close(out, want, dtype, k=max(M, 1), what=f"colsum {dtype} {M}x{N}")
             if device == "cpu":
@@ -645,7 +640,6 @@ def test_activation_and_bias_gradient_in_one_launch(backend, device, act, monkey
     is not a multiple of the block, M = 0; and the linear op takes it (against the reference)."""
     from gpu_nn.kernels import triton as ktriton
     from gpu_nn.kernels.triton import dense as kd
-    from triton.runtime.interpreter import InterpretedFunction
 
     for dtype in gpu_dtypes_for(backend, device):
         for M, N in ((5, 70), (130, 3), (0, 9)):
@@ -657,13 +651,8 @@ def test_activation_and_bias_gradient_in_one_launch(backend, device, act, monkey
             for bound in (256, 100):  # 100: M = 130 over it, the two launches
                 monkeypatch.setattr(kd, "ACT_COLSUM_MAX_ROWS", bound)
                 db = torch.full((N,), float("nan"), dtype=dtype, device=device)
-                names = []
-                if device == "cpu":
-                    orig = InterpretedFunction.run
-                    monkeypatch.setattr(InterpretedFunction, "run",
-                                        lambda self, *a, **k: names.append(self.fn.__name__) or orig(self, *a, **k))
-                dg = kd.act_colsum(g, y, act, db, ktriton.INTERPRET)
-                monkeypatch.undo()
+                with interpreted_launches(device) as names:
+                    dg = kd.act_colsum(g, y, act, db, ktriton.INTERPRET)
                 assert torch.equal(dg, dg2), (dtype, M, N, bound)
                 if device == "cpu":  # the interpreter sums each column in the same order in both
                     assert torch.equal(db, db2), (dtype, M, N, bound)
@@ -742,11 +731,11 @@ def test_cross_entropy_rows_of_many_tiles_like_torch(backend, device, prob, rng)
     """The row kernel's one pass over rows of several tiles (its running max one number per
     row, the lanes' sums moved only in tiles that raise it): against torch in float64 for rows
     whose max rises in every tile, sits in the first, or is reached late; a NaN or +inf in a
-    middle tile; only -inf; -inf over the first tiles then finite; a -inf logit under a zero
-    weight; with and without weights and label smoothing, 'none' (the row losses themselves)
+    middle tile; only -inf; -inf over the first tiles then finite, and with a NaN among them; a
+    -inf logit under a zero weight; with and without weights and label smoothing, 'none' (the row losses themselves)
     and 'mean'."""
     C = 200  # the interpreter's tiles are 64 wide: four tiles; a GPU's 256: one
-    x = torch.from_numpy(rng.standard_normal((9, C)) * 3)
+    x = torch.from_numpy(rng.standard_normal((10, C)) * 3)
     x[1] = torch.linspace(-5, 30, C, dtype=torch.float64)
     x[2] = torch.linspace(30, -5, C, dtype=torch.float64)
     x[3, 150] = float("nan")
@@ -755,29 +744,36 @@ def test_cross_entropy_rows_of_many_tiles_like_torch(backend, device, prob, rng)
     x[6, :140] = float("-inf")
     x[7, 3] = float("-inf")
     x[8, 190] = 40.0
+    x[9, :64] = float("-inf")  # a NaN while the row's max is still -inf (no max keeps a NaN)
+    x[9, 5] = float("nan")
     w = torch.from_numpy(rng.random(C) + 0.2)
     w[3] = 0.0  # row 7's -inf logit: 0 * inf is NaN in the smoothing term, as torch's
     if prob:
-        t = torch.softmax(torch.from_numpy(rng.standard_normal((9, C))), 1)
+        t = torch.softmax(torch.from_numpy(rng.standard_normal((10, C))), 1)
     else:
-        t = torch.from_numpy(rng.integers(0, C, 9))
+        t = torch.from_numpy(rng.integers(0, C, 10))
         t[6] = 150  # a finite logit: the row's loss is finite without smoothing
     for weight in (None, w):
         for eps in (0.0, 0.1):
             for reduction in ("none", "mean"):
                 kw = dict(weight=weight, label_smoothing=eps, reduction=reduction)
-                want = TF.cross_entropy(x, t, **kw)
+                xt = x.clone().requires_grad_()
+                want = TF.cross_entropy(xt, t, **kw)
+                (gwant,) = torch.autograd.grad(want.sum(), xt)
+                xo = x.to(device, torch.float32).requires_grad_()
                 with gpu_nn.backend(backend):
-                    got = F.cross_entropy(x.to(device, torch.float32), t.to(device) if not prob else
-                                          t.to(device, torch.float32),
+                    got = F.cross_entropy(xo, t.to(device) if not prob else t.to(device, torch.float32),
                                           weight=None if weight is None else weight.to(device, torch.float32),
                                           label_smoothing=eps, reduction=reduction)
-                got = got.double().cpu()
+                    (ggot,) = torch.autograd.grad(got.sum(), xo)
+                got, ggot, want = got.detach().double().cpu(), ggot.double().cpu(), want.detach()
                 what = f"prob={prob} weight={weight is not None} eps={eps} {reduction}"
                 assert torch.equal(got.isnan(), want.isnan()), (what, got, want)
                 assert torch.equal(got.isinf() & (got > 0), want.isinf() & (want > 0)), (what, got, want)
                 fin = want.isfinite()
                 assert_close(got[fin], want[fin], torch.float32, k=C, what=what)
+                # the backward reads the forward's row statistics: NaN exactly where torch's is
+                assert torch.equal(ggot.isnan(), gwant.isnan()), (what, ggot.isnan().sum(1), gwant.isnan().sum(1))
 
 
 def test_bfloat16_softmax_like_torch():

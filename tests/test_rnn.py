@@ -13,7 +13,8 @@ import gpu_nn.functional as F
 from gpu_nn import nn as gnn
 from gpu_nn.ops import rnn as ops
 from gpu_nn.reference import rnn as ref
-from helpers import EPS, assert_close, backend_params, concurrent_programs, gpu_dtypes_for, max_rel_err, randn
+from helpers import (EPS, assert_close, backend_params, concurrent_programs, gpu_dtypes_for, interpreted_launches,
+                     max_rel_err, randn)
 
 MODES = ("rnn_tanh", "rnn_relu", "lstm", "gru")
 MODULES = {
@@ -2613,14 +2614,13 @@ def test_backward_on_another_backend_reads_the_forwards_reserve(fwd_backend, bwd
 
 
 @pytest.mark.parametrize("backend,device", backend_params(("triton",)))
-def test_bias_gradient_column_sums_split_the_time_steps_rows(backend, device, rng, monkeypatch):
+def test_bias_gradient_column_sums_split_the_time_steps_rows(backend, device, rng):
     """The recurrent layers' bias gradients sum the gate gradients of all T steps (T * N rows):
     in one launch for few rows, else float32 partial sums of row ranges and their sum (a second
     launch), in every mode (one sum; the same sum into two biases; two sums) and output dtype,
     against float64 sums, at row counts that split into 1 to several ranges."""
     from gpu_nn.kernels import triton as ktriton
     from gpu_nn.kernels.triton import dense as kd, rnn as kr
-    from triton.runtime.interpreter import InterpretedFunction
 
     for dtype in gpu_dtypes_for(backend, device):
         for M, N in ((37, 70), (513, 9), (1100, 131)):
@@ -2629,13 +2629,8 @@ def test_bias_gradient_column_sums_split_the_time_steps_rows(backend, device, rn
             for mode in (0, 1, 2):
                 y = torch.full((N,), float("nan"), dtype=dtype, device=device)
                 y2 = None if mode == 0 else torch.full((N,), float("nan"), dtype=dtype, device=device)
-                names = []
-                if device == "cpu":
-                    orig = InterpretedFunction.run
-                    monkeypatch.setattr(InterpretedFunction, "run",
-                                        lambda self, *a, **k: names.append(self.fn.__name__) or orig(self, *a, **k))
-                kr.colsum(x, y, y2, x2 if mode == 2 else None)
-                monkeypatch.undo()
+                with interpreted_launches(device) as names:
+                    kr.colsum(x, y, y2, x2 if mode == 2 else None)
                 assert_close(y, x.double().sum(0), dtype, k=M, what=f"colsum {dtype} {M}x{N} mode {mode}")
                 if mode:
                     assert_close(y2, (x2 if mode == 2 else x).double().sum(0), dtype, k=M, what=f"y2 mode {mode}")

@@ -254,30 +254,31 @@ def test_processes_sharing_a_cache_file_keep_every_entry(tmp_path):
 
 def test_cuda_timer_times_the_device_with_the_host_queued_ahead(monkeypatch):
     """A warm-up launch, one untimed launch to read the host's time, then every timed launch
-    queued behind one GPU sleep long enough for the host to queue them all: the events time the
+    queued behind its own GPU sleep long enough for the host to queue it: the events time the
     kernels (2 ms), not the host's 3 ms launches (which one event pair on an idle stream would
     have timed as 5 ms)."""
     from helpers import FakeDevice
 
     dev = FakeDevice().install(monkeypatch)
     ms = _tuning.cuda_timer(dev.call(host=3e-3, kernel=2e-3), reps=3)
-    sleep = int((3 * 3e-3 * _tuning.SLEEP_MARGIN + _tuning.SLEEP_SLACK_S) / dev.CYCLE_S)
-    assert dev.log == ["run", "run", ("sleep", sleep)] + ["record", "run", "record"] * 3
+    sleep = int((3e-3 * _tuning.SLEEP_MARGIN + _tuning.SLEEP_SLACK_S) / dev.CYCLE_S)
+    assert dev.log == ["run", "run"] + [("sleep", sleep), "record", "run", "record"] * 3
     assert ms == pytest.approx(2.0)
 
 
 def test_queued_times_measure_again_behind_a_longer_sleep_when_the_host_fell_behind(monkeypatch):
-    """A host-time hint far too small: the host did not queue the batch before the sleep ended,
-    so the batch is timed again behind a sleep sized from the queuing it measured; a call that
-    synchronises with the device can never be queued ahead, and says so."""
+    """A host-time hint far too small: the host did not queue the first call before its sleep
+    ended, so that call is timed again behind a sleep sized from the queuing it measured, and the
+    calls after it get that sleep at once; a call that synchronises with the device can never be
+    queued ahead, and says so."""
     from helpers import FakeDevice
 
     dev = FakeDevice().install(monkeypatch)
     times, queued = _tuning.queued_times(dev.call(host=1e-3, kernel=0.5e-3), reps=4, host_s=1e-5)
-    sleeps = [e for e in dev.log if isinstance(e, tuple)]
-    assert len(sleeps) == 2 and sleeps[1][1] > 10 * sleeps[0][1]
-    assert queued and times == pytest.approx([0.5e-3] * 4)
+    sleeps = [e[1] for e in dev.log if isinstance(e, tuple)]
+    assert len(sleeps) == 5 and sleeps[1] > 10 * sleeps[0] and len(set(sleeps[1:])) == 1
+    assert dev.log.count("run") == 5 and queued and times == pytest.approx([0.5e-3] * 4)
     dev.log.clear()
-    times, queued = _tuning.queued_times(dev.call(host=1e-3, kernel=0.5e-3, sync=True), reps=4, host_s=1e-3)
-    assert not queued and len([e for e in dev.log if isinstance(e, tuple)]) == 2
+    times, queued = _tuning.queued_times(dev.call(host=1e-3, kernel=0.5e-3, sync=True), reps=2, host_s=1e-3)
+    assert not queued and len([e for e in dev.log if isinstance(e, tuple)]) == 4
     assert min(times) > 0.5e-3  # the host's time shows: a loop of such calls runs at the host's pace

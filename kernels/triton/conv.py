@@ -1120,10 +1120,12 @@ def _bij(t):
 
 def layout_copy(dst, src):
     """``dst.copy_(src)`` for two 4-d tensors of one shape and dtype: through
-    :func:`_layout_copy_kernel` where both merge H and W (NCHW-contiguous and NHWC tensors do),
-    else torch's copy. ``dst`` is returned."""
+    :func:`_layout_copy_kernel` where both merge H and W (NCHW-contiguous and NHWC tensors do)
+    and no two elements of ``dst`` share memory, else torch's copy (which refuses the latter).
+    ``dst`` is returned."""
     sv, dv = _bij(src), _bij(dst)
-    if sv is None or dv is None or src.dtype != dst.dtype or src.shape != dst.shape or not src.numel():
+    if sv is None or dv is None or src.dtype != dst.dtype or src.shape != dst.shape or not src.numel() \
+            or torch._debug_has_internal_overlap(dst):  # an expanded dst: torch's copy refuses it
         return dst.copy_(src)
     n, c, h, w = src.shape
     bi, bj, warps = LAYOUT_COPY

@@ -914,7 +914,10 @@ def _ce_fwd_kernel(x_ptr, t_ptr, w_ptr, loss_ptr, stats_ptr, C, ignore_index, ep
             s_vec = s_vec * tl.exp(m - m_new)
             lin += tl.where(wsum == 0.0, 0.0, wsum * (m - m_new))
         m = m_new
-        if m == float("-inf"):  # every logit so far -inf: no sum yet; the weights times -inf
+        if m == float("-inf"):  # every logit so far -inf (or NaN, which no max keeps): no sum
+            # yet but a NaN's, which must stay in it when a later tile raises m (0 * NaN); the
+            # weights times -inf
+            s_vec += tl.where(x != x, float("nan"), 0.0)
             lin += tl.where(mask, w * x, 0.0)
         else:
             d = x - m  # -inf at a -inf logit (and the padding): exp 0, weight x -inf as torch's
