@@ -1827,6 +1827,37 @@ def test_via_channels_last_candidates_match_reference(half, monkeypatch, rng):
                        f"via channels_last {tile} conv{nd}d {lx}/{lw}")
 
 
+def test_float32_via_channels_last_heuristic_tiles_match_reference(monkeypatch, rng):
+    """The float32 (TF32) heuristic's via-channels_last launches (fwd_heuristic: fwd_default's
+    own tile, "large" or "small", on channels_last copies; not among the measured candidates),
+    forced through the launcher on the CPU: against the reference and bitwise equal to the same
+    tile launched directly on channels_last copies."""
+    from gpu_nn.kernels.triton import conv as kt
+    from gpu_nn.ops import conv as oc
+
+    _need_triton()
+    monkeypatch.setattr(oc, "_precision", lambda dt: "tf32" if dt == torch.float32 else "ieee")
+    dev = "cuda" if CUDA else "cpu"
+    choice = []
+    monkeypatch.setattr(oc, "_chooser", lambda device: lambda op, key, cands, run, default, **_: choice[-1])
+    for name, (nd, n, c, sp, o, k, st, pad, dil, groups, bias, act, _) in zip(("large", "small"), VIA_CL_CASES[1:3]):
+        x64, w64 = randn(rng, n, c, *sp), randn(rng, o, c // groups, *k) / (c // groups * np.prod(k)) ** 0.5
+        b64 = randn(rng, o) if bias else None
+        kw = dict(stride=st, padding=pad, dilation=dil, groups=groups, activation=act)
+        with gpu_nn.backend("reference"):
+            yr = F.conv2d(x64, w64, b64, **kw)
+        x, w = x64.to(dev, torch.float32), w64.to(dev, torch.float32)
+        b = None if b64 is None else b64.to(dev, torch.float32)
+        tile = kt.GPU_CONFIGS["fp32"][name]
+        with gpu_nn.backend("triton"):
+            choice.append((*tile, kt.VIA_CL))
+            y = F.conv2d(x, w, b, **kw)
+            choice.append(tile)
+            y_direct = F.conv2d(_layout(x, "channels_last"), _layout(w.contiguous(), "channels_last"), b, **kw)
+        _check_via(y, yr, y_direct, x, w, torch.float32, c // groups * int(np.prod(k)), False,
+                   f"float32 heuristic {name} via channels_last")
+
+
 def _check_via(got, want, direct, x, w, dtype, red, half, what):
     """A via-channels_last result: within the tolerance of its precision against the reference
     (``red`` terms per output), bitwise equal to the same tile launched directly on channels_last
@@ -2460,8 +2491,17 @@ def test_half_nchw_heuristic_runs_on_channels_last_copies():
     for kw in (dict(dtype=torch.float32), dict(cl=True), dict(groups=2), dict(c=16), dict(o=24)):
         x, w, b, y, g, base = case(**kw)
         assert kt.fwd_heuristic(x, w, b, y, g, base, False) == base, kw
+    # float32 under TF32: fwd_default's own tile on the copies (what a channels_last caller of the
+    # problem runs), compiled ahead of time in that specialisation; IEEE float32 keeps its tile
+    x, w, b, y, g, base = case(dtype=torch.float32)
+    assert kt.fwd_heuristic(x, w, b, y, g, base, False, "tf32") == (*base[:5], kt.VIA_CL)
+    assert kt.fwd_heuristic(x, w, b, y, g, base, True, "tf32") == base
+    for kw in (dict(cl=True), dict(groups=2), dict(c=16)):
+        x, w, b, y, g, base = case(dtype=torch.float32, **kw)
+        assert kt.fwd_heuristic(x, w, b, y, g, base, False, "tf32") == base, kw
     labels = {s.label for s in kt.aot_specs()}
     assert any(lbl.startswith("fwd large bf16") for lbl in labels) and any("nhwc" in lbl for lbl in labels)
+    assert {f"fwd {t}/nhwc fp32 tf32" for t in kt.GPU_CONFIGS["fp32"]} <= labels
 
 
 def test_candidate_lists_are_made_once_per_facts(monkeypatch):

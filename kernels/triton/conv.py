@@ -1198,22 +1198,35 @@ def fwd_default(og: int, m: int, cg: int, taps: int, half: bool, interpret: bool
     return (*cfg, PACKED) if packs(cg, taps, cfg[2]) else cfg
 
 
-def fwd_heuristic(x, w, b, y, groups: int, cfg: tuple, interpret: bool) -> tuple:
+def fwd_heuristic(x, w, b, y, groups: int, cfg: tuple, interpret: bool, prec: str = "ieee") -> tuple:
     """The forward's configuration where nothing is measured, for these tensors: ``cfg``
-    (:func:`fwd_default`), except for a float16 / bfloat16 problem with an NCHW-contiguous input
-    that could run on channels_last copies (:func:`via_cl_eligible`, one group, at least 32
-    channels in: unpacked) compiled for a GPU: there the heuristic's large tile on the copies
-    (``(*large, VIA_CL)``). The H200's conv sweep at a331102 (bfloat16, N=32, 3x3, C=O=64..512,
-    56x56..7x7: benchmarks/results/2026-12-04_nvidia-h200_a331102/sweep_conv.json) timed that
-    candidate at 202 / 89 / 219 / 163 us against the direct NCHW kernel's heuristic tile at
-    458 / 246 / 251 / 177, within 7 % of the best candidate at every shape. float32 (TF32) is
-    left to measurement: the sweep did not reach it."""
-    if interpret or x.element_size() != 2 or groups != 1 or PACKED in cfg[5:] or not x.is_contiguous():
+    (:func:`fwd_default`), except for a float16 / bfloat16, or float32 under TF32 (``prec``),
+    problem with an NCHW-contiguous input that could run on channels_last copies
+    (:func:`via_cl_eligible`, one group, at least 32 channels in: unpacked) compiled for a GPU:
+    there a tile on the copies.
+
+    Half: the heuristic's large tile (``(*large, VIA_CL)``). The H200's conv sweep at a331102
+    (bfloat16, N=32, 3x3, C=O=64..512, 56x56..7x7: benchmarks/results/2026-12-04_nvidia-h200_a331102/
+    sweep_conv.json) timed that candidate at 202 / 89 / 219 / 163 us against the direct NCHW
+    kernel's heuristic tile at 458 / 246 / 251 / 177, within 7 % of the best candidate at every
+    shape (those figures include part of our host path, see that run's SUMMARY.md: upper bounds).
+
+    float32 under TF32: ``cfg``'s own tile on the copies, which is what a channels_last caller of
+    that problem runs. The H200 bench at 09f2311 (float32 3x3, N=32, the same four shapes, one
+    call between CUDA events, our host path about 150-180 us of each figure) took 502 / 503 / 517 /
+    446 us NCHW, where the host returned after 166 / 154 / 159 / 157 us (so the kernel took more
+    than 280 us at each), and 237 / 283 / 237 / 360 us for the same problems channels_last (an
+    upper bound of that kernel's time), about 100-350 us apart: more than the two copies cost
+    (x and y, 51 MB each way at 56x56). IEEE float32 keeps ``cfg`` (its NHWC tiles spill)."""
+    if interpret or groups != 1 or PACKED in cfg[5:] or not x.is_contiguous():
+        return cfg
+    half = x.element_size() == 2
+    if not half and not (x.dtype == torch.float32 and prec == "tf32"):
         return cfg
     cg, og = w.shape[1], w.shape[0]
     if cg < 32 or not via_cl_eligible(x, w, b, y, cg, og):
         return cfg
-    return (*GPU_CONFIGS["half"]["large"], VIA_CL)
+    return (*GPU_CONFIGS["half"]["large"], VIA_CL) if half else (*cfg[:5], VIA_CL)
 
 
 def wgrad_default(og: int, cg: int, taps: int, half: bool, interpret: bool) -> tuple:
@@ -1867,7 +1880,8 @@ def conv_forward(x, w, bias, y, stride, padding, dilation, groups, activation, p
     def launch(cfg):
         _launch_variant(direct, cfg, x, w, y, _tma_y_direct)
 
-    cfg = fwd_heuristic(x, w, bias, y, groups, fwd_default(og, n * ho * wo, cg, kh * kw, half, interpret), interpret)
+    cfg = fwd_heuristic(x, w, bias, y, groups, fwd_default(og, n * ho * wo, cg, kh * kw, half, interpret), interpret,
+                        prec)
     if choose is not None:
         # every launch rewrites y in full, so the candidates are timed on the real buffers
         # x's 16-byte alignment too: a TMA candidate that reads x as it is exists only for an aligned
@@ -2263,8 +2277,9 @@ def aot_specs():
         for cname in DGRAD_SPLIT[(key, True)]:
             specs.append(_dgrad_spec(dt, prec, cname, DGRAD_NHWC_CONFIGS[key][cname], nhwc=True, split=True))
         # the generic tiles the via-channels_last variant launches on its NHWC copies (channels_last
-        # callers with channel counts in multiples of 16 get the same specialisation)
-        for cname in FWD_VIA_CL[key]:
+        # callers with channel counts in multiples of 16 get the same specialisation), and the
+        # heuristic's own tiles there (such callers untuned; float32's via-channels_last heuristic)
+        for cname in dict.fromkeys([*FWD_VIA_CL[key], *GPU_CONFIGS[key]]):
             if cname not in NHWC_CONFIGS[key]:
                 cfg = {**GPU_CONFIGS[key], **TUNE_CONFIGS[key]}[cname]
                 specs.append(_fwd_spec(dt, prec, f"{cname}/nhwc", cfg, nhwc=True))
