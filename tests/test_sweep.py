@@ -295,8 +295,8 @@ def test_gpu_measure_script_steps_summary_and_archive(tmp_path):
     assert r.returncode == 1, r.stdout + r.stderr  # the profile failed
     summary = (out / "summary.txt").read_text()
     steps = [line.split(":")[0] for line in summary.splitlines() if not line.startswith(" ")]
-    assert steps == ["sweep", "rnn", "profile", "demo", "demo-profile", "demo-fuse", "host_split", "kernel_counts",
-                     "demo-compile", "demo-persistent-lstm", "demo-persistent-gru", "total"]
+    assert steps == ["sweep", "rnn", "profile", "demo", "demo-profile", "demo-compile", "demo-fuse", "host_split",
+                     "kernel_counts", "demo-persistent-lstm", "demo-persistent-gru", "total"]
     assert "  sweep: 191 rows, complete" in summary and "  profile: 20 of 22" in summary
     assert "  demo profile: 6 of 6 regions profiled" in summary
     (demo_call,) = [c for c in calls if "--only demo" in c]
@@ -315,8 +315,8 @@ def test_gpu_measure_script_steps_summary_and_archive(tmp_path):
     assert f"-m gpu_nn.benchmarks.host_split --json {out}/host_split.json" in calls
     demo = [c for c in calls if c.startswith("-m gpu_nn.cli demo ")]
     assert demo[0] == f"-m gpu_nn.cli demo --epochs 3 --json {out}/demo.json --no-progress"
-    assert demo[1] == f"-m gpu_nn.cli demo --model cnn --epochs 3 --fuse --json {out}/demo-fuse.json --no-progress"
-    assert demo[2] == f"-m gpu_nn.cli demo --epochs 3 --compile --json {out}/demo-compile.json --no-progress"
+    assert demo[1] == f"-m gpu_nn.cli demo --epochs 3 --compile --json {out}/demo-compile.json --no-progress"
+    assert demo[2] == f"-m gpu_nn.cli demo --model cnn --epochs 3 --fuse --json {out}/demo-fuse.json --no-progress"
     for m, call in zip(("lstm", "gru"), demo[3:]):
         assert call == (f"-m gpu_nn.cli demo --model {m} --epochs 3 --backend triton --json {out}/demo-persistent-{m}.json"
                         " --no-progress")
