@@ -146,10 +146,11 @@ def run_case(case: Case, providers=None, warmup: int = 2, reps: int = 7, max_tim
 
     On a GPU, ``seconds`` is device time: :func:`time_callable`'s reps (one call between events
     on an idle stream, kept as ``latency_seconds``: the host's launch included) are followed by
-    as many calls queued behind a GPU sleep (``gpu_nn._tuning.queued_times``), which the events
-    time without the host; ``queued`` says, per provider, whether the host did queue them in
-    time (False: a call that synchronises, or a host slower than the kernels, and ``seconds``
-    includes host time).
+    as many calls, each queued behind its own GPU sleep (``gpu_nn._tuning.queued_times``), which
+    the events time without the host; ``queued`` says, per provider, whether the host did queue
+    them in time (False: a call that synchronises with the device, and ``seconds`` includes host
+    time). ``loop_seconds`` / ``loop_ratio``: the larger of host and device time per call, what a
+    loop of calls costs, each side alike.
 
     ``first_call`` holds, per provider, the seconds of its ``setup()`` plus one synchronised
     call: the first use of a shape, kernel compilation included, kept apart from the medians.

@@ -248,8 +248,8 @@ def queued_times(run: Callable[[], object], reps: int, host_s: float,
     queuing took, and the larger figure serves the calls after it. One call per sleep, not a
     batch: a call of hundreds of launches (a recurrent layer's time loop) would fill the
     driver's launch queue behind one long sleep and block the host. Not queued after the tries:
-    the figure includes host time (the call synchronises with the device, or the host is slower
-    than its kernels: a loop of such calls runs at the host's pace)."""
+    the figure includes host time (the call synchronises with the device, or holds more launches
+    than the driver queues ahead: a loop of such calls runs at the host's pace)."""
     per_cycle = sleep_cycle_seconds()
     times, queued = [], True
     for _ in range(reps):
