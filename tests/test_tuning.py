@@ -3,6 +3,8 @@ and the cases where the heuristic must be used instead. A fake timer stands in f
 events, so these run on any machine."""
 
 import json
+import statistics
+import time
 
 import pytest
 import torch
@@ -282,3 +284,27 @@ def test_queued_times_measure_again_behind_a_longer_sleep_when_the_host_fell_beh
     times, queued = _tuning.queued_times(dev.call(host=1e-3, kernel=0.5e-3, sync=True), reps=2, host_s=1e-3)
     assert not queued and len([e for e in dev.log if isinstance(e, tuple)]) == 4
     assert min(times) > 0.5e-3  # the host's time shows: a loop of such calls runs at the host's pace
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA events and torch.cuda._sleep need a GPU")
+def test_queued_times_on_a_gpu_time_the_kernel_not_the_host():
+    """On a real GPU: a call that spends 2 ms on the host before launching a tiny kernel times as
+    that kernel (well under the 2 ms), queued; the same call ending in a device-to-host copy
+    (a synchronising call) is reported not queued and times at least its host share."""
+    x = torch.zeros(1 << 16, device="cuda")
+
+    def host_heavy():
+        time.sleep(2e-3)
+        x.add_(1)
+
+    def syncing():
+        time.sleep(2e-3)
+        x.add_(1)
+        x[:1].cpu()
+
+    host_heavy()
+    torch.cuda.synchronize()
+    times, queued = _tuning.queued_times(host_heavy, 5, 2e-3)
+    assert queued and statistics.median(times) < 1e-3, times
+    times, queued = _tuning.queued_times(syncing, 3, 2e-3)
+    assert not queued
