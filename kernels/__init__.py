@@ -20,3 +20,17 @@ def replace_file(path: str, data: bytes) -> None:
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def memo(table: dict, limit: int, key, fn, *args):
+    """``fn(*args)``, remembered in ``table`` under ``key`` (bounded: cleared when it holds
+    ``limit`` entries). Only results are kept: a call that raises is never remembered, so bad
+    arguments raise every time. (Here for the kernel modules, which never import the rest of
+    gpu_nn; ``gpu_nn.ops._dispatch`` uses it too.)"""
+    got = table.get(key)
+    if got is None:
+        got = fn(*args)
+        if len(table) >= limit:
+            table.clear()
+        table[key] = got
+    return got

@@ -13,6 +13,7 @@ import torch
 import torch.autograd.forward_ad as _fwad
 
 from .. import _backend, _tuning
+from ..kernels import memo  # noqa: F401  (the ops' memo: ops.pool, ops.conv import it from here)
 from .._errors import KernelInputError, KernelInputIndexError, KernelInputNotImplementedError, KernelInputTypeError
 
 _NUMPY_NATIVE = (torch.float32, torch.float64)
@@ -756,14 +757,3 @@ def plain_arg(v, strings: bool = False) -> bool:
     return True
 
 
-def memo(table: dict, limit: int, key, fn, *args):
-    """``fn(*args)``, remembered in ``table`` under ``key`` (bounded: cleared when it holds
-    ``limit`` entries). Only results are kept: a call that raises is never remembered, so bad
-    arguments raise every time."""
-    got = table.get(key)
-    if got is None:
-        got = fn(*args)
-        if len(table) >= limit:
-            table.clear()
-        table[key] = got
-    return got

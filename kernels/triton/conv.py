@@ -60,6 +60,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from .. import memo
 from . import INTERPRET as INTERPRETED
 from ._aot import AotSpec
 from ._compat import parallel_compile
@@ -1462,13 +1463,7 @@ CANDIDATES_MAX = 512
 
 
 def _candidates(facts: tuple, build) -> list:
-    got = _CANDIDATES.get(facts)
-    if got is None:
-        got = build()
-        if len(_CANDIDATES) >= CANDIDATES_MAX:
-            _CANDIDATES.clear()
-        _CANDIDATES[facts] = got
-    return got
+    return memo(_CANDIDATES, CANDIDATES_MAX, facts, build)
 
 
 def dgrad_problem_candidates(g, w, dx, groups: int, prec: str, stride=None, dilation=(1, 1)) -> list[tuple]:
