@@ -531,6 +531,17 @@ def colsum_splits(m: int, n: int, block_n: int = _COLSUM[1]) -> int:
     return max(1, min(cdiv(COLSUM_TARGET_PROGRAMS, cdiv(n, block_n)), m // COLSUM_MIN_ROWS))
 
 
+def colsum_ranges(m: int, n: int, block_m: int, block_n: int) -> tuple[int, int]:
+    """(splits, rows per split) of a column sum of [m, n] walked ``block_m`` rows at a time:
+    :func:`colsum_splits` ranges of whole row tiles, none of them empty; (1, m) (at least 1:
+    the kernel's CHUNK) for one launch. The dense and the recurrent column sums both launch so."""
+    splits = colsum_splits(m, n, block_n)
+    if splits == 1:
+        return 1, max(m, 1)
+    chunk = cdiv(cdiv(m, splits), block_m) * block_m
+    return cdiv(m, chunk), chunk
+
+
 def colsum(g, out, interpret=False) -> None:
     """out[n] = g[:, n].sum() for a 2-d ``g`` (any strides), float32 accumulation: one launch,
     or (:func:`colsum_splits`) float32 partial sums of row ranges, then their sum."""
@@ -538,13 +549,11 @@ def colsum(g, out, interpret=False) -> None:
     if N == 0:
         return
     bm, bn, warps = _COLSUM
-    splits = colsum_splits(M, N)
+    splits, chunk = colsum_ranges(M, N, bm, bn)
     if splits == 1:
-        launch_kernel(_colsum_kernel, (cdiv(N, bn), 1), g, out, M, N, g.stride(0), g.stride(1), max(M, 1),
+        launch_kernel(_colsum_kernel, (cdiv(N, bn), 1), g, out, M, N, g.stride(0), g.stride(1), chunk,
                       BLOCK_M=bm, BLOCK_N=bn, num_warps=warps)
         return
-    chunk = cdiv(cdiv(M, splits), bm) * bm
-    splits = cdiv(M, chunk)
     ws = torch.empty((splits, N), dtype=torch.float32, device=g.device)
     launch_kernel(_colsum_kernel, (cdiv(N, bn), splits), g, ws, M, N, g.stride(0), g.stride(1), chunk,
                   BLOCK_M=bm, BLOCK_N=bn, num_warps=warps)

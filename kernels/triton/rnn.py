@@ -70,7 +70,7 @@ import triton.language as tl
 from . import INTERPRET as _INTERPRET, POISON as _POISON
 from ._aot import AotSpec
 from .activation import _grouped_tile
-from .dense import colsum_splits
+from .dense import colsum_ranges
 from . import _launch
 from ._launch import cdiv, next_power_of_2
 from ._launch import launch as launch_kernel
@@ -1174,16 +1174,14 @@ def colsum(x, y, y2=None, x2=None):
     assert x2 is None or (y2 is not None and x2.shape == x.shape)
     mode = 0 if y2 is None else (1 if x2 is None else 2)
     xs2 = x2.stride(0) if x2 is not None else 0
-    splits = colsum_splits(M, N, 64)  # the gate gradients of all T steps: thousands of rows
+    splits, chunk = colsum_ranges(M, N, 32, 64)  # the gate gradients of all T steps: thousands of rows
     if splits > 1:  # float32 partial sums of row ranges (x2's in ws[1]), then their sums as below
-        chunk = cdiv(cdiv(M, splits), 32) * 32
-        splits = cdiv(M, chunk)
         ws = torch.empty((2 if mode == 2 else 1, splits, N), dtype=torch.float32, device=x.device)
         launch_kernel(_rnn_colsum_kernel, (cdiv(N, 64), splits), x, x2 if x2 is not None else x, ws[0], ws[-1],
                       M, N, x.stride(0), xs2, chunk, Y2=2 if mode == 2 else 0, BLOCK_M=32, BLOCK_N=64, num_warps=4)
-        x, x2, M, xs2 = ws[0], (ws[1] if mode == 2 else None), splits, N
+        x, x2, M, xs2, chunk = ws[0], (ws[1] if mode == 2 else None), splits, N, splits
     launch_kernel(_rnn_colsum_kernel, (cdiv(N, 64), 1), x, x2 if x2 is not None else x, y,
-                  y2 if y2 is not None else y, M, N, x.stride(0), xs2, max(M, 1),
+                  y2 if y2 is not None else y, M, N, x.stride(0), xs2, chunk,
                   Y2=mode, BLOCK_M=32, BLOCK_N=64, num_warps=4)
 
 
