@@ -367,16 +367,16 @@ def clip_grad_norm(grads, max_norm: float, norm_type: float, error_if_nonfinite:
                 g = c
             gs.append(g)
         table, n = _table(gs, gs, [], [], [0] * len(gs), device, chunk)
-        plans.append((gs, table, n, n_total))
+        plans.append((gs[base_index(gs)], table, n, n_total))  # the tensor the table is measured from
         n_total += n
     partials = torch.empty(max(n_total, 1), dtype=torch.float32, device=device)
     # written by a kernel on every path: the first scale launch's program 0, or _clip_total_kernel
     # (error_if_nonfinite, or no element at all)
     total = torch.empty((), dtype=torch.float32, device=device)
-    for gs, table, n, part0 in plans:
+    for base, table, n, part0 in plans:
         graph_keep(table)
         if n:
-            kt.clip_partial(table, n, gs[base_index(gs)], partials, part0, code, norm_type, interpret)
+            kt.clip_partial(table, n, base, partials, part0, code, norm_type, interpret)
     if error_if_nonfinite:
         kt.clip_total(partials, n_total, total, code, norm_type)
         if not bool(torch.isfinite(total)):  # the one host read, as torch's own check needs
@@ -385,10 +385,9 @@ def clip_grad_norm(grads, max_norm: float, norm_type: float, error_if_nonfinite:
                 "cannot be clipped. To disable this error and scale the gradients by the non-finite norm anyway, "
                 "set `error_if_nonfinite=False`"
             )
-    for gs, table, n, part0 in plans:
+    for base, table, n, part0 in plans:
         if n:
-            kt.clip_scale(table, n, gs[base_index(gs)], partials, n_total, total, max_norm, code, norm_type,
-                          interpret)
+            kt.clip_scale(table, n, base, partials, n_total, total, max_norm, code, norm_type, interpret)
     if n_total == 0:
         kt.clip_total(partials, 0, total, code, norm_type)
     for g, c in copies:
