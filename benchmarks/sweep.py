@@ -566,7 +566,7 @@ def conv_candidates(p: dict, dtype, channels_last: bool, device: str = "cpu") ->
     prec = oc._precision(dtype)
     default = kt.fwd_heuristic(x, w, b, y, groups, kt.fwd_default(
         p["o"] // groups, y.shape[0] * y.shape[2] * y.shape[3], p["c"] // groups, math.prod(p["k"]),
-        dtype.itemsize == 2, False), False)
+        dtype.itemsize == 2, False), False, prec)
     cands = kt.problem_candidates(x, w, b, y, groups, prec) + (kt.tma_candidates(x, w, stride, groups, prec) if tma else [])
     return [conv_config(c) for c in dict.fromkeys([default, *cands])] + [{"provider": "torch"}]
 
@@ -913,7 +913,6 @@ PERSIST_RESIDENT_WARPS = (4, 8)  # the resident-weight form (BLOCK_H 16: a 64-ro
 RNN_COPIES = 8  # input sets per timed batch of step launches (each launch on its own copy)
 PERSIST_COPIES = 3
 RNN_REPS = 10
-SLEEP_CYCLES = 3_000_000  # about 1.5 ms of GPU time at the H200's clock: the host queues a batch meanwhile
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of _rnn_matmul_kernel tried on the projection
 PROJ_TILES = ((128, 128, 64, 8, 3), (128, 256, 32, 8, 3), (128, 128, 32, 8, 4), (64, 128, 32, 4, 3),
               (128, 64, 32, 4, 3), (64, 64, 32, 4, 4))
@@ -1471,33 +1470,42 @@ def rnn_profile_cases(device: str = "cuda") -> list[tuple[str, str, dict]]:
 _FLUSH: list = []  # the L2 flush buffer, made once
 
 
-def device_seconds(fn, reps: int = 25) -> tuple[float, dict]:
-    """Median seconds per call of ``fn``, the device's time: ``reps`` calls queued behind a GPU
-    sleep (``gpu_nn._tuning.queued_times``), each preceded (untimed) by an L2 flush, a 256 MB
-    zero as ``triton.testing.do_bench`` does, and bracketed by its own CUDA events; with the
-    ``queued`` flag and the host's microseconds per call (flush included). do_bench itself
-    queues nothing ahead: the H200 sweep at a331102 timed every channels_last conv tile at
-    84-94 us at 28x28 and below, whatever its size, where our launch took longer on the host
-    than the flush on the device, and the TMA tiles (descriptors made on the host) at 130-160."""
+def _queued_median(fn, reps: int, before=None, samples: int = 1) -> tuple[float, bool, float]:
+    """(median device seconds of ``reps`` calls of ``fn()``, whether the host queued them all,
+    host seconds per call): ``gpu_nn._tuning.queued_times``, ``before()`` queued untimed ahead of
+    each call, the host's time per call (``before`` included) the median of ``samples``
+    synchronised calls made first."""
     import statistics
 
     from gpu_nn import _tuning
 
-    if not _FLUSH:
-        _FLUSH.append(torch.empty(256 * 2**20, dtype=torch.int8, device="cuda"))
-    flush = _FLUSH[0].zero_
-    fn()
-    torch.cuda.synchronize()
     host = []
-    for _ in range(3):
+    for _ in range(samples):
         t0 = time.perf_counter()
-        flush()
+        if before is not None:
+            before()
         fn()
         host.append(time.perf_counter() - t0)
         torch.cuda.synchronize()
     host_s = statistics.median(host)
-    times, queued = _tuning.queued_times(fn, reps, host_s, before=flush)
-    return statistics.median(times), {"queued": queued, "host_us": round(host_s * 1e6, 1)}
+    times, queued = _tuning.queued_times(fn, reps, host_s, before=before)
+    return statistics.median(times), queued, host_s
+
+
+def device_seconds(fn, reps: int = 25) -> tuple[float, dict]:
+    """Median seconds per call of ``fn``, the device's time: ``reps`` calls each queued behind a
+    GPU sleep (:func:`_queued_median`), each preceded (untimed) by an L2 flush, a 256 MB zero as
+    ``triton.testing.do_bench`` does, and bracketed by its own CUDA events; with the ``queued``
+    flag and the host's microseconds per call (flush included). do_bench itself queues nothing
+    ahead: the H200 sweep at a331102 timed every channels_last conv tile at 84-94 us at 28x28
+    and below, whatever its size, where our launch took longer on the host than the flush on the
+    device, and the TMA tiles (descriptors made on the host) at 130-160."""
+    if not _FLUSH:
+        _FLUSH.append(torch.empty(256 * 2**20, dtype=torch.int8, device="cuda"))
+    fn()
+    torch.cuda.synchronize()
+    s, queued, host_s = _queued_median(fn, reps, before=_FLUSH[0].zero_, samples=3)
+    return s, {"queued": queued, "host_us": round(host_s * 1e6, 1)}
 
 
 def _row_line(row: dict) -> str:
@@ -1507,28 +1515,13 @@ def _row_line(row: dict) -> str:
     return f"{head}: {row['us']:.1f} us {row['gbps']:.0f} GB/s {'ok' if row['correct'] else 'WRONG'}"
 
 
-def queued_seconds(fn, reset, reps: int = RNN_REPS, sleep_cycles: int = SLEEP_CYCLES) -> float:
-    """Median seconds of ``fn()`` over ``reps`` timed calls, CUDA events, ``reset()`` before each
-    (untimed). The GPU is first kept busy for ``sleep_cycles`` (``torch.cuda._sleep``) so that the
-    host queues all of ``fn``'s launches before the start event is reached: the events then time
-    the kernels back to back, not the host's launch rate (a step kernel of 10 us is shorter than
-    its Python launch). No L2 flush: in the layer's time loop W_hh stays in L2 from step to step."""
-    import statistics
-
-    reset()
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        reset()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda._sleep(sleep_cycles)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
+def queued_seconds(fn, reset, reps: int = RNN_REPS) -> float:
+    """Median seconds of ``fn()`` over ``reps`` timed calls, ``reset()`` queued untimed before
+    each: :func:`_queued_median` (each call queued behind a GPU sleep longer than the host takes
+    to queue it, so that the events time the kernels back to back, not the host's launch rate:
+    a step kernel of 10 us is shorter than its Python launch), the first call, reset too,
+    measuring the host. No L2 flush: in the layer's time loop W_hh stays in L2 from step to step."""
+    return _queued_median(fn, reps, before=reset)[0]
 
 
 def run_sweep(groups, out_path: str, budget_s: float, bench=device_seconds, clock=time.perf_counter,
