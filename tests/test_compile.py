@@ -35,6 +35,13 @@ def _run_uninterpreted(tmp_path, name: str, code: str, timeout: float = 300):
     return subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def _uninterpreted_json(tmp_path, name: str, code: str, timeout: float = 300):
+    """:func:`_run_uninterpreted`, which must succeed; the JSON its last line of output prints."""
+    proc = _run_uninterpreted(tmp_path, name, code, timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 # The configurations known to spill registers in the specialisation aot_specs() compiles (sm_90,
 # Triton 3.9), bytes of stack frame per thread. Until 2026-12-01 the check read cuobjdump's LOCAL,
 # which stays 0 (ptxas keeps spills in the stack frame), so these went unseen. Most spill only in
@@ -233,9 +240,7 @@ def test_aot_sees_register_spills(tmp_path):
         "    rows.append(_resources(c.asm['cubin']))\n"
         "print(json.dumps(rows))\n"
     )
-    proc = _run_uninterpreted(tmp_path, "spill_kernel.py", code)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    free, capped = json.loads(proc.stdout.strip().splitlines()[-1])
+    free, capped = _uninterpreted_json(tmp_path, "spill_kernel.py", code)
     assert free["spill_bytes"] == 0 and free["spill_stores"] == 0
     assert capped["registers"] <= 32 and capped["spill_bytes"] > 0 and capped["spill_stores"] > 0 and capped["spill_loads"] > 0
 
@@ -525,9 +530,7 @@ def test_linear_launched_forms_compile_without_spills(tmp_path):
         f"spec, = [s for s in kd.launched_specs() if s.label == {label + ' launched rc'!r}]\n"
         "print(json.dumps(compile_spec(spec)))\n"
     )
-    proc = _run_uninterpreted(tmp_path, "launched.py", code, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    row = json.loads(proc.stdout.strip().splitlines()[-1])
+    row = _uninterpreted_json(tmp_path, "launched.py", code, timeout=600)
     assert row["spill_bytes"] == 0 and row["spill_stores"] == 0 and row["hgmma"] > 0, row
 
 
@@ -570,9 +573,7 @@ def test_launched_elementwise_kernels_move_128_bits_per_access(tmp_path):
         "        for w, specs in (('launched', launched), ('general', general)) for s in specs]\n"
         "print(json.dumps(rows))\n"
     )
-    proc = _run_uninterpreted(tmp_path, "widths.py", code, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    rows = _uninterpreted_json(tmp_path, "widths.py", code, timeout=600)
     launched = [r for r in rows if r["which"] == "launched"]
     assert len(launched) == 4 + 12  # sigmoid fwd / bwd x 2 dtypes; softmax: 5 fp32 blocks + 1 fp16, fwd / bwd
     for r in launched:
@@ -599,9 +600,7 @@ def test_layout_copy_moves_128_bits_both_ways_through_shared_memory(tmp_path):
         "specs = [s for s in kc.aot_specs() if s.kernel is kc._layout_copy_kernel]\n"
         "print(json.dumps([dict(compile_spec(s), label=s.label) for s in specs]))\n"
     )
-    proc = _run_uninterpreted(tmp_path, "layout.py", code, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    rows = _uninterpreted_json(tmp_path, "layout.py", code, timeout=600)
     launched = [r for r in rows if r["label"].endswith("launched")]
     assert len(rows) == 15 and len(launched) == 6
     for r in launched:

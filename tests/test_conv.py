@@ -589,8 +589,8 @@ def test_activation_and_bias_gradient_in_one_launch(backend, device, act, monkey
     then torch's sum (bitwise: the same dY'), the bias gradient equal to float32's precision,
     both against the reference; conv1d, NCHW and channels_last."""
     from gpu_nn.kernels.triton import dense as kd
-    from triton.runtime.interpreter import InterpretedFunction
 
+    one_launch = kd.ACT_COLSUM_MAX_ROWS  # the module's bound (each pass below sets its own)
     cases = [(2, (2, 3, 5, 6), (7, 3, 3, 3), "contig"), (2, (3, 4, 4, 5), (6, 4, 3, 1), "channels_last"),
              (1, (2, 3, 9), (5, 3, 3), "contig")]
     for nd, xs, ws, layout in cases:
@@ -603,23 +603,17 @@ def test_activation_and_bias_gradient_in_one_launch(backend, device, act, monkey
                 leaves = [t.to(dtype).double().requires_grad_() for t in (x64, w64, b64)]
                 ref = torch.autograd.grad(fn(*leaves, padding=1, activation=act), leaves, g64.to(dtype).double())
             got = {}
-            for bound in (kd.ACT_COLSUM_MAX_ROWS, 0):
+            for bound in (one_launch, 0):
                 monkeypatch.setattr(kd, "ACT_COLSUM_MAX_ROWS", bound)
-                names = []
-                if device == "cpu":
-                    orig = InterpretedFunction.run
-                    monkeypatch.setattr(InterpretedFunction, "run",
-                                        lambda self, *a, **k: names.append(self.fn.__name__) or orig(self, *a, **k))
                 ins = [_layout(x64.to(device, dtype), layout).requires_grad_(), w64.to(device, dtype).requires_grad_(),
                        b64.to(device, dtype).requires_grad_()]
                 g = _layout(g64.to(device, dtype), layout)  # the channels_last case's g too: its branch
-                with gpu_nn.backend(backend):
+                with gpu_nn.backend(backend), interpreted_launches(device) as names:
                     y = fn(*ins, padding=1, activation=act)
                     got[bound] = torch.autograd.grad(y, ins, g)
-                monkeypatch.undo()
                 if device == "cpu":
                     assert ("_act_colsum_kernel" in names) == (bound > 0) and ("_act_bwd_kernel" in names) == (bound == 0)
-            (dx, dw, db), (dx2, dw2, db2) = got[kd.ACT_COLSUM_MAX_ROWS], got[0]
+            (dx, dw, db), (dx2, dw2, db2) = got[one_launch], got[0]
             assert torch.equal(dx, dx2) and torch.equal(dw, dw2), (nd, layout, dtype)
             # reduction lengths: dx over output channels x taps, dw and db over the output's pixels
             kx, kb = ws[0] * math.prod(ws[2:]), g64.numel() // ws[0]

@@ -14,7 +14,7 @@ import gpu_nn
 import gpu_nn.functional as GF
 from gpu_nn import _backend, demo
 
-from helpers import assert_close, backend_params
+from helpers import assert_close, backend_params, interpreted_launches
 
 
 class Mixed(torch.nn.Module):
@@ -161,28 +161,15 @@ def test_fused_layers_launch_fewer_kernels():
     pair (its three activations ride in the convolutions' and linear's epilogues)."""
     if torch.cuda.is_available() or not _backend.interpret_mode():
         pytest.skip("counts launches through the Triton interpreter")
-    from triton.runtime.interpreter import InterpretedFunction
-
     model = _model("cnn")
     x = torch.randn(2, 1, 8, 8)
-    launches = [0]
-    orig = InterpretedFunction.run
-
-    def run(self, *a, **k):
-        launches[0] += 1
-        return orig(self, *a, **k)
-
     counts = []
-    InterpretedFunction.run = run
-    try:
-        with gpu_nn.backend("triton"), torch.no_grad():
-            for m in (model, gpu_nn.fuse(model)):
-                m(x)  # plans and first use
-                n0 = launches[0]
-                m(x)
-                counts.append(launches[0] - n0)
-    finally:
-        InterpretedFunction.run = orig
+    with gpu_nn.backend("triton"), torch.no_grad(), interpreted_launches("cpu") as launches:
+        for m in (model, gpu_nn.fuse(model)):
+            m(x)  # plans and first use
+            n0 = len(launches)
+            m(x)
+            counts.append(len(launches) - n0)
     assert counts[1] == counts[0] - 3, counts
 
 
