@@ -17,6 +17,12 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 import pytest  # noqa: E402
 
 import gpu_nn  # noqa: E402,F401  (imports kernels after the variables above are set)
+
+if os.environ.get("GPU_NN_VARIANT_CENSUS") and os.environ.get("TRITON_INTERPRET") == "1":
+    # which compiled variants the run would ask a GPU for (gpu_nn/benchmarks/variant_census.py)
+    from gpu_nn.benchmarks import variant_census
+
+    variant_census.install(os.environ["GPU_NN_VARIANT_CENSUS"])
 from gpu_nn import _precision  # noqa: E402
 
 

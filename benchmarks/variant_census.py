@@ -1,0 +1,247 @@
+"""Which compiled Triton variants a test run asks for, counted without a GPU (issue 17).
+
+On a fresh H200 the test suite is bound by kernel compilation: every distinct specialisation of
+a kernel (its constexprs and launch options, and per runtime argument the facts the JIT
+specialises on: dtype, 16-byte alignment of a pointer, an int equal to 1 or divisible by 16) is
+compiled once, at seconds each. Under ``TRITON_INTERPRET=1`` nothing is compiled, but every
+launch still names its variant: with ``GPU_NN_VARIANT_CENSUS=DIR`` set, ``tests/conftest.py``
+installs :func:`install`, which records, per launch, the kernel, the variant's key (computed by
+Triton's own ``native_specialize_impl`` with the kernel's ``do_not_specialize`` flags, as the
+JIT's binder does) and the test that launched it, one JSON-lines file per pytest worker::
+
+    GPU_NN_VARIANT_CENSUS=/tmp/census python -m pytest -n 2 -q tests
+    python -m gpu_nn.benchmarks.variant_census /tmp/census [--json PATH]
+
+The report: distinct variants in all, per kernel, per test file, and the tests that alone ask
+for the most variants nobody else needs (where cutting a parametrisation saves compile time).
+
+A proxy, not the GPU's count: the interpreter's launchers pick some configurations of their own
+(smaller tiles and chunks, ``kernels/triton`` ``INTERPRET``), the tests that run only on a GPU
+are not seen, and CPU tensors stand for CUDA ones (the same alignment facts: both allocators
+hand out aligned blocks). ``benchmarks/triton_cache.py`` counts what a GPU run really compiled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+
+ENV = "GPU_NN_VARIANT_CENSUS"
+
+_seen: set = set()
+_out = None
+_params: dict = {}
+
+
+def _kernel_params(interp):
+    """(names, is_constexpr, (is_const, specialize, align) flags) of an interpreted kernel's
+    parameters, read from a JITFunction made of the same function (no compilation)."""
+    got = _params.get(id(interp))
+    if got is None:
+        from triton.runtime.jit import JITFunction
+
+        kw = {k: v for k, v in getattr(interp, "kwargs", {}).items()
+              if k in ("do_not_specialize", "do_not_specialize_on_alignment", "version")}
+        jf = JITFunction(interp.fn, **kw)
+        got = _params[id(interp)] = (
+            interp, [p.name for p in jf.params], [p.is_constexpr for p in jf.params],
+            [(bool(p.is_const), not p.do_not_specialize, not p.do_not_specialize_on_alignment) for p in jf.params])
+    return got[1:]
+
+
+def _value(v):
+    """A JSON-able, hashable stand-in for a constexpr or launch option."""
+    if isinstance(v, (bool, int, float, str)) or v is None:
+        return v
+    return repr(v)
+
+
+def variant_key(interp, args, kwargs) -> tuple:
+    """(kernel, ((name, spec) ...)) of one launch: per runtime argument the JIT's specialisation
+    (type and its ``D`` / ``1`` facts), per constexpr or launch option its value."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    names, constexpr, flags = _kernel_params(interp)
+    parts = []
+    for i, a in enumerate(args):
+        if i < len(names) and not constexpr[i]:
+            c, s, al = flags[i]
+            parts.append((names[i], list(native_specialize_impl(BaseBackend, a, c, s, al))))
+        else:
+            parts.append((names[i] if i < len(names) else f"#{i}", _value(a)))
+    for k in sorted(kwargs):
+        i = names.index(k) if k in names else None
+        if i is not None and not constexpr[i]:
+            c, s, al = flags[i]
+            parts.append((k, list(native_specialize_impl(BaseBackend, kwargs[k], c, s, al))))
+        else:
+            parts.append((k, _value(kwargs[k])))
+    fn = interp.fn
+    return f"{fn.__module__}.{fn.__qualname__}", json.dumps(parts, default=str)
+
+
+def install(directory: str) -> None:
+    """Record every interpreted launch's variant under ``directory`` (one file per process)."""
+    global _out
+    from triton.runtime.interpreter import InterpretedFunction
+
+    os.makedirs(directory, exist_ok=True)
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    _out = open(os.path.join(directory, f"census-{worker}-{os.getpid()}.jsonl"), "a", buffering=1)
+    real = InterpretedFunction.run
+
+    def run(self, *args, grid, warmup, **kwargs):
+        if not warmup:
+            try:
+                kernel, key = variant_key(self, args, kwargs)
+            except Exception as e:  # noqa: BLE001 - a census must not change what a test does
+                kernel, key = getattr(self.fn, "__qualname__", "?"), f"unkeyed: {type(e).__name__}: {e}"
+            test = os.environ.get("PYTEST_CURRENT_TEST", "?").rsplit(" (", 1)[0]
+            mark = (kernel, key, test)
+            if mark not in _seen:
+                _seen.add(mark)
+                _out.write(json.dumps({"kernel": kernel, "key": key, "test": test}) + "\n")
+        return real(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    InterpretedFunction.run = run
+
+
+def load(directory: str) -> list:
+    rows = []
+    for name in sorted(os.listdir(directory)):
+        if name.endswith(".jsonl"):
+            with open(os.path.join(directory, name)) as f:
+                rows.extend(json.loads(line) for line in f if line.strip())
+    return rows
+
+
+def summary(rows: list) -> dict:
+    """Distinct variants in all, per kernel and per test file; per test the variants it alone
+    asks for (no other test launches them)."""
+    tests_of = collections.defaultdict(set)
+    for r in rows:
+        tests_of[(r["kernel"], r["key"])].add(r["test"])
+    per_kernel = collections.Counter(k for k, _ in tests_of)
+    per_file = collections.defaultdict(set)
+    only = collections.Counter()
+    only_base = collections.Counter()
+    for v, tests in tests_of.items():
+        for t in tests:
+            per_file[t.split("::")[0]].add(v)
+        if len(tests) == 1:
+            t = next(iter(tests))
+            only[t] += 1
+            only_base[t.split("[")[0]] += 1
+    return {
+        "variants": len(tests_of),
+        "kernels": dict(per_kernel.most_common()),
+        "files": {f: len(v) for f, v in sorted(per_file.items(), key=lambda kv: -len(kv[1]))},
+        "tests_alone": dict(only.most_common(60)),
+        "test_functions_alone": dict(only_base.most_common(60)),
+    }
+
+
+def spec_of(kernel: str, key: str):
+    """The ``_aot.AotSpec`` that compiles a recorded variant as the JIT would (an int equal to 1 a
+    constant, ``D`` facts as 16-divisibility), or None where a value does not survive the record
+    (a constexpr kept as its repr)."""
+    import importlib
+
+    from gpu_nn.kernels.triton._aot import AotSpec
+
+    module, name = kernel.rsplit(".", 1)
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except ImportError:  # a kernel a test module defines
+        return None
+    signature, constexprs, div, opts = {}, {}, [], {}
+    for arg, v in json.loads(key):
+        if arg in ("num_warps", "num_stages"):
+            opts[arg] = v
+        elif isinstance(v, list):
+            if v[0] == "constexpr":
+                signature[arg], constexprs[arg] = "constexpr", v[1]
+            else:
+                signature[arg] = v[0]
+                if v[1] == "D":
+                    div.append(arg)
+        else:
+            if isinstance(v, str) and v.startswith(("<", "tl.", "triton")):
+                return None
+            signature[arg], constexprs[arg] = "constexpr", v
+    for p in getattr(fn, "params", ()):  # constexprs left at their defaults
+        if p.name not in signature and p.is_constexpr:
+            signature[p.name], constexprs[p.name] = "constexpr", p.default
+    return AotSpec(fn, signature, constexprs, opts.get("num_warps", 4), opts.get("num_stages", 3),
+                   label="census", divisible_by_16=tuple(div))
+
+
+def compile_sample(rows: list, per_kernel: int, seed: int = 0) -> dict:
+    """Compile up to ``per_kernel`` recorded variants of each kernel for sm_90 (no GPU needed, no
+    TRITON_INTERPRET); per kernel its variant count, the sample's mean compile seconds and their
+    product, the estimate of what compiling them all costs one core."""
+    import random
+
+    from gpu_nn.kernels.triton._aot import compile_spec
+
+    keys = collections.defaultdict(set)
+    for r in rows:
+        if not r["key"].startswith("unkeyed"):
+            keys[r["kernel"]].add(r["key"])
+    rnd = random.Random(seed)
+    out = {}
+    for kernel, ks in sorted(keys.items(), key=lambda kv: -len(kv[1])):
+        times, errors = [], 0
+        for key in rnd.sample(sorted(ks), min(per_kernel, len(ks))):
+            spec = spec_of(kernel, key)
+            if spec is None:
+                continue
+            try:
+                times.append(compile_spec(spec, sass=False)["compile_s"])
+            except Exception:  # noqa: BLE001 - counted, the estimate uses what compiled
+                errors += 1
+        mean = sum(times) / len(times) if times else None
+        out[kernel.rsplit(".", 1)[1]] = {"variants": len(ks), "sampled": len(times), "errors": errors,
+                                         "mean_compile_s": None if mean is None else round(mean, 3),
+                                         "estimate_s": None if mean is None else round(mean * len(ks), 1)}
+        print(f"  {len(ks):5d} x {mean if mean is not None else float('nan'):6.2f} s = "
+              f"{(mean or 0) * len(ks):7.1f} s  {kernel}", flush=True)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m gpu_nn.benchmarks.variant_census",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("dir")
+    p.add_argument("--json", default=None)
+    p.add_argument("--top", type=int, default=20)
+    p.add_argument("--exclude", default="test_aot_coverage.py",
+                   help="comma-separated test-file names whose launches never run on a GPU (default: %(default)s)")
+    p.add_argument("--compile-sample", type=int, default=0, metavar="N",
+                   help="compile N variants per kernel for sm_90 and estimate the compile time of all")
+    a = p.parse_args(argv)
+    excluded = tuple(x for x in a.exclude.split(",") if x)
+    rows = [r for r in load(a.dir) if not any(x in r["test"] for x in excluded)]
+    s = summary(rows)
+    print(f"{s['variants']} distinct variants of {len(s['kernels'])} kernels")
+    for title, table in (("per kernel", s["kernels"]), ("per test file", s["files"]),
+                         ("variants no other test asks for, per test function", s["test_functions_alone"])):
+        print(f"\n{title}:")
+        for name, n in list(table.items())[:a.top]:
+            print(f"  {n:6d}  {name}")
+    if a.compile_sample:
+        print(f"\ncompiling up to {a.compile_sample} variants per kernel for sm_90:")
+        s["compile"] = compile_sample(rows, a.compile_sample)
+        total = sum(v["estimate_s"] or 0 for v in s["compile"].values())
+        print(f"estimated compile time of every variant: {total:.0f} s of one core")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(s, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,73 @@
+"""gpu_nn.benchmarks.variant_census: the compiled variants a test run would ask a GPU for,
+recorded under the Triton interpreter (CPU machines only: a GPU compiles, and its cache says it)."""
+
+import json
+
+import pytest
+import torch
+
+import gpu_nn
+from gpu_nn.benchmarks import variant_census as vc
+from gpu_nn.kernels import triton as ktriton
+
+pytestmark = pytest.mark.skipif(not ktriton.INTERPRET, reason="records launches through the Triton interpreter (CPU only)")
+
+
+@pytest.fixture
+def census(tmp_path, monkeypatch):
+    """The census installed for this test alone (the interpreter's run put back afterwards)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    monkeypatch.setattr(InterpretedFunction, "run", InterpretedFunction.run)
+    monkeypatch.setattr(vc, "_seen", set())
+    vc.install(str(tmp_path / "census"))
+    return tmp_path / "census"
+
+
+def test_launches_are_recorded_as_the_jit_specialises_them(census):
+    """relu forward on 32, 7 and 1 elements: three variants of the forward kernel, the element
+    count specialised as Triton's binder does (a multiple of 16: ``D``; neither: plain ``i32``;
+    one: a constant), the pointers' 16-byte alignment and dtype, the constexprs and launch options
+    by value; the values the kernel computes are untouched; a launch repeated by the same test
+    is recorded once."""
+    with gpu_nn.backend("triton"):
+        for n in (32, 7, 1, 7):
+            x = torch.randn(n)
+            torch.testing.assert_close(gpu_nn.functional.relu(x), torch.relu(x), rtol=0, atol=0)
+    rows = vc.load(str(census))
+    fwd = [json.loads(r["key"]) for r in rows if r["kernel"] == "gpu_nn.kernels.triton.activation._act_fwd_kernel"]
+    assert len(fwd) == 3, fwd
+    ns = sorted(json.dumps(dict(k)["n"]) for k in fwd)
+    assert ns == sorted(['["i32", "D"]', '["i32", ""]', '["constexpr", 1]']), ns
+    for k in map(dict, fwd):
+        assert k["x_ptr"] == ["*fp32", "D"] and k["y_ptr"] == ["*fp32", "D"]
+        assert isinstance(k["BLOCK"], int) and "num_warps" in k
+    assert {r["test"] for r in rows} == {
+        "tests/test_variant_census.py::test_launches_are_recorded_as_the_jit_specialises_them"}
+
+
+def test_misaligned_view_and_summary(census):
+    """A view one element in is not 16-byte aligned (``""``), a new variant; the summary counts
+    variants per kernel and what each test alone asks for; each recorded variant becomes the
+    AOT spec that compiles it (a constant where the JIT made one, 16-divisibility where it
+    found it)."""
+    base = torch.randn(33)
+    with gpu_nn.backend("triton"):
+        gpu_nn.functional.relu(base[:32])
+        gpu_nn.functional.relu(base[1:])
+    rows = vc.load(str(census))
+    fwd = [dict(json.loads(r["key"])) for r in rows if r["kernel"].endswith("activation._act_fwd_kernel")]
+    assert sorted(k["x_ptr"][1] for k in fwd) == ["", "D"]
+    s = vc.summary(rows + [dict(rows[0], test="tests/other.py::test_x")])
+    assert s["variants"] == len({(r["kernel"], r["key"]) for r in rows})
+    assert s["kernels"]["gpu_nn.kernels.triton.activation._act_fwd_kernel"] == 2
+    me = "tests/test_variant_census.py::test_misaligned_view_and_summary"
+    assert s["tests_alone"][me] == s["variants"] - 1  # rows[0] is shared with the other test
+    for r in rows:
+        if not r["kernel"].endswith("activation._act_fwd_kernel"):
+            continue
+        spec = vc.spec_of(r["kernel"], r["key"])
+        key = dict(json.loads(r["key"]))
+        assert spec.signature["n"] == "i32" and spec.constexprs["BLOCK"] == key["BLOCK"]
+        assert ("x_ptr" in spec.divisible_by_16) == (key["x_ptr"][1] == "D")
+        assert ("n" in spec.divisible_by_16) == (key["n"][1] == "D")
