@@ -1386,11 +1386,25 @@ def test_cuda_index_width_follows_the_tensor_spans(monkeypatch):
 @pytest.mark.parametrize("case", [c for c in KERNEL_CASES if len(c[2]) == 4], ids=lambda c: f"{c[0].__name__}{c[1]}{c[2]}")
 def test_cupy_int64_kernels_match_reference(backend, device, case, rng, monkeypatch):
     """The CuPy kernels' int64 form (POOL_NARROW=0: tensors of 2^30 elements or more), forced on
-    small inputs, against the reference; the 32-bit form runs in every other CuPy test."""
+    small inputs, against the reference, one dtype per case (:func:`_wide_form_dtypes`); the
+    32-bit form runs in every other CuPy test."""
     from gpu_nn.ops import pool as P
 
     monkeypatch.setattr(P, "_NARROW_SPAN", 0)
-    test_backend_matches_reference(backend, device, case, "contig", rng)
+    test_backend_matches_reference(backend, device, case, "contig", rng, _wide_form_dtypes(backend, device, case, "contig"))
+
+
+def _wide_form_dtypes(backend, device, case, layout) -> tuple:
+    """The one dtype a case of the wide-index tests runs in: the backend's dtypes dealt out over
+    the cases in turn (case-layout i takes dtype i mod n), so every dtype meets the int64 form in
+    max, min and average pooling, 1-d and 2-d, both layouts. The wide form differs from the
+    32-bit one in its index arithmetic alone, which no dtype enters; every dtype runs every case
+    in the 32-bit form (test_backend_matches_reference). A compiled variant per case and dtype
+    was the H200 suite's second-largest compile bill (variant_census: 126 variants no other test
+    compiles, about 127 s of one core, all three dtypes)."""
+    dts = tuple(gpu_dtypes_for(backend, device))
+    i = _CASE_LAYOUTS.index((case, layout)) if (case, layout) in _CASE_LAYOUTS else KERNEL_CASES.index(case)
+    return (dts[i % len(dts)],)
 
 
 @pytest.mark.parametrize("backend,device", backend_params(("triton",)))
@@ -1398,11 +1412,12 @@ def test_cupy_int64_kernels_match_reference(backend, device, case, rng, monkeypa
 def test_triton_int64_kernels_match_reference(backend, device, case, layout, rng, monkeypatch):
     """The Triton flat kernels' int64 form (WIDE: tensors spanning 2^31 elements or more, where
     the offsets are divided as they are, not by the multiply-high divisors of the 32-bit form),
-    forced on small inputs, against the reference in both layouts."""
+    forced on small inputs, against the reference in both layouts, one dtype per case
+    (:func:`_wide_form_dtypes`)."""
     from gpu_nn.kernels.triton import pool as kp
 
     monkeypatch.setattr(kp, "_wide", lambda *tensors: True)
-    test_backend_matches_reference(backend, device, case, layout, rng)
+    test_backend_matches_reference(backend, device, case, layout, rng, _wide_form_dtypes(backend, device, case, layout))
 
 
 @pytest.mark.parametrize("backend,device", backend_params(("cupy",)))
