@@ -17,8 +17,13 @@ for the most variants nobody else needs (where cutting a parametrisation saves c
 
 A proxy, not the GPU's count: the interpreter's launchers pick some configurations of their own
 (smaller tiles and chunks, ``kernels/triton`` ``INTERPRET``), the tests that run only on a GPU
-are not seen, and CPU tensors stand for CUDA ones (the same alignment facts: both allocators
-hand out aligned blocks). ``benchmarks/triton_cache.py`` counts what a GPU run really compiled.
+are not seen, CPU tensors stand for CUDA ones (the same alignment facts: both allocators hand
+out aligned blocks), and choices made by device run their CPU branch (the recurrent forward runs
+its per-step kernels here where a GPU runs the persistent one for batches up to
+``PERSIST_DEFAULT_MAX_B``: the census counts step-forward variants a GPU does not compile and
+misses persistent ones it does). A launch whose arguments cannot be keyed (a tensor without
+storage) is kept as ``unkeyed`` and left out of the counts. ``benchmarks/triton_cache.py`` counts
+what a GPU run really compiled.
 """
 
 from __future__ import annotations
@@ -31,7 +36,6 @@ import os
 ENV = "GPU_NN_VARIANT_CENSUS"
 
 _seen: set = set()
-_out = None
 _params: dict = {}
 
 
@@ -83,14 +87,14 @@ def variant_key(interp, args, kwargs) -> tuple:
     return f"{fn.__module__}.{fn.__qualname__}", json.dumps(parts, default=str)
 
 
-def install(directory: str) -> None:
-    """Record every interpreted launch's variant under ``directory`` (one file per process)."""
-    global _out
+def install(directory: str):
+    """Record every interpreted launch's variant under ``directory`` (one file per process,
+    line-buffered); returns that file (its writer is the patched ``InterpretedFunction.run``)."""
     from triton.runtime.interpreter import InterpretedFunction
 
     os.makedirs(directory, exist_ok=True)
     worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
-    _out = open(os.path.join(directory, f"census-{worker}-{os.getpid()}.jsonl"), "a", buffering=1)
+    out = open(os.path.join(directory, f"census-{worker}-{os.getpid()}.jsonl"), "a", buffering=1)
     real = InterpretedFunction.run
 
     def run(self, *args, grid, warmup, **kwargs):
@@ -98,15 +102,17 @@ def install(directory: str) -> None:
             try:
                 kernel, key = variant_key(self, args, kwargs)
             except Exception as e:  # noqa: BLE001 - a census must not change what a test does
-                kernel, key = getattr(self.fn, "__qualname__", "?"), f"unkeyed: {type(e).__name__}: {e}"
+                fn = self.fn
+                kernel, key = f"{fn.__module__}.{fn.__qualname__}", f"unkeyed: {type(e).__name__}: {e}"
             test = os.environ.get("PYTEST_CURRENT_TEST", "?").rsplit(" (", 1)[0]
             mark = (kernel, key, test)
             if mark not in _seen:
                 _seen.add(mark)
-                _out.write(json.dumps({"kernel": kernel, "key": key, "test": test}) + "\n")
+                out.write(json.dumps({"kernel": kernel, "key": key, "test": test}) + "\n")
         return real(self, *args, grid=grid, warmup=warmup, **kwargs)
 
     InterpretedFunction.run = run
+    return out
 
 
 def load(directory: str) -> list:
@@ -120,9 +126,14 @@ def load(directory: str) -> list:
 
 def summary(rows: list) -> dict:
     """Distinct variants in all, per kernel and per test file; per test the variants it alone
-    asks for (no other test launches them)."""
+    asks for (no other test launches them); ``unkeyed``: the launches that could not be keyed
+    (per test), left out of the rest."""
     tests_of = collections.defaultdict(set)
+    unkeyed = collections.Counter()
     for r in rows:
+        if r["key"].startswith("unkeyed"):
+            unkeyed[r["test"]] += 1
+            continue
         tests_of[(r["kernel"], r["key"])].add(r["test"])
     per_kernel = collections.Counter(k for k, _ in tests_of)
     per_file = collections.defaultdict(set)
@@ -141,6 +152,7 @@ def summary(rows: list) -> dict:
         "files": {f: len(v) for f, v in sorted(per_file.items(), key=lambda kv: -len(kv[1]))},
         "tests_alone": dict(only.most_common(60)),
         "test_functions_alone": dict(only_base.most_common(60)),
+        "unkeyed": dict(unkeyed),
     }
 
 
@@ -204,7 +216,7 @@ def compile_sample(rows: list, per_kernel: int, seed: int = 0) -> dict:
             except Exception:  # noqa: BLE001 - counted, the estimate uses what compiled
                 errors += 1
         mean = sum(times) / len(times) if times else None
-        out[kernel.rsplit(".", 1)[1]] = {"variants": len(ks), "sampled": len(times), "errors": errors,
+        out[kernel] = {"variants": len(ks), "sampled": len(times), "errors": errors,
                                          "mean_compile_s": None if mean is None else round(mean, 3),
                                          "estimate_s": None if mean is None else round(mean * len(ks), 1)}
         print(f"  {len(ks):5d} x {mean if mean is not None else float('nan'):6.2f} s = "

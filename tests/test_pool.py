@@ -1396,12 +1396,13 @@ def test_cupy_int64_kernels_match_reference(backend, device, case, rng, monkeypa
 
 def _wide_form_dtypes(backend, device, case, layout) -> tuple:
     """The one dtype a case of the wide-index tests runs in: the backend's dtypes dealt out over
-    the cases in turn (case-layout i takes dtype i mod n), so every dtype meets the int64 form in
-    max, min and average pooling, 1-d and 2-d, both layouts. The wide form differs from the
-    32-bit one in its index arithmetic alone, which no dtype enters; every dtype runs every case
-    in the 32-bit form (test_backend_matches_reference). A compiled variant per case and dtype
-    was the H200 suite's second-largest compile bill (variant_census: 126 variants no other test
-    compiles, about 127 s of one core, all three dtypes)."""
+    the cases in turn (case-layout i takes dtype i mod n). With three dtypes, every dtype meets
+    the wide form in 2-d max and average pooling (Triton: in both layouts); 2-d min pooling runs
+    in two dtypes, each 1-d case in one. The wide form differs from the 32-bit one in its index
+    arithmetic alone, which no dtype enters; every dtype runs every case in the 32-bit form
+    (test_backend_matches_reference). A compiled variant per case and dtype was the H200 suite's
+    second-largest compile bill (variant_census: 126 variants no other test compiles, about 127 s
+    of one core, all three dtypes)."""
     dts = tuple(gpu_dtypes_for(backend, device))
     i = _CASE_LAYOUTS.index((case, layout)) if (case, layout) in _CASE_LAYOUTS else KERNEL_CASES.index(case)
     return (dts[i % len(dts)],)

@@ -20,8 +20,9 @@ def census(tmp_path, monkeypatch):
 
     monkeypatch.setattr(InterpretedFunction, "run", InterpretedFunction.run)
     monkeypatch.setattr(vc, "_seen", set())
-    vc.install(str(tmp_path / "census"))
-    return tmp_path / "census"
+    out = vc.install(str(tmp_path / "census"))
+    yield tmp_path / "census"
+    out.close()
 
 
 def test_launches_are_recorded_as_the_jit_specialises_them(census):
@@ -58,7 +59,9 @@ def test_misaligned_view_and_summary(census):
     rows = vc.load(str(census))
     fwd = [dict(json.loads(r["key"])) for r in rows if r["kernel"].endswith("activation._act_fwd_kernel")]
     assert sorted(k["x_ptr"][1] for k in fwd) == ["", "D"]
-    s = vc.summary(rows + [dict(rows[0], test="tests/other.py::test_x")])
+    s = vc.summary(rows + [dict(rows[0], test="tests/other.py::test_x"),
+                           dict(rows[0], key="unkeyed: RuntimeError: no storage")])
+    assert s["unkeyed"] == {rows[0]["test"]: 1}
     assert s["variants"] == len({(r["kernel"], r["key"]) for r in rows})
     assert s["kernels"]["gpu_nn.kernels.triton.activation._act_fwd_kernel"] == 2
     me = "tests/test_variant_census.py::test_misaligned_view_and_summary"
@@ -71,3 +74,24 @@ def test_misaligned_view_and_summary(census):
         assert spec.signature["n"] == "i32" and spec.constexprs["BLOCK"] == key["BLOCK"]
         assert ("x_ptr" in spec.divisible_by_16) == (key["x_ptr"][1] == "D")
         assert ("n" in spec.divisible_by_16) == (key["n"][1] == "D")
+
+
+def test_do_not_specialize_flags_are_the_kernels():
+    """A kernel's ``do_not_specialize`` int keeps its type alone (no ``D``, no constant at 1) and a
+    ``do_not_specialize_on_alignment`` pointer no alignment fact, as the JIT's binder keys them;
+    the other arguments as before."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit(do_not_specialize=["t"], do_not_specialize_on_alignment=["y_ptr"])
+    def kernel(x_ptr, y_ptr, n, t, BLOCK: tl.constexpr):
+        pass
+
+    x = torch.zeros(32)
+    for n, t in ((32, 1), (1, 32)):
+        _, key = vc.variant_key(kernel, (x, x, n, t), {"BLOCK": 16, "num_warps": 1})
+        k = dict(json.loads(key))
+        assert k["t"][0] == "i32" and not k["t"][1], k
+        assert k["y_ptr"][0] == "*fp32" and not k["y_ptr"][1] and k["x_ptr"] == ["*fp32", "D"], k
+        assert k["n"] == (["i32", "D"] if n == 32 else ["constexpr", 1]), k
+        assert k["BLOCK"] == 16 and k["num_warps"] == 1
