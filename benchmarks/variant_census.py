@@ -224,6 +224,63 @@ def compile_sample(rows: list, per_kernel: int, seed: int = 0) -> dict:
     return out
 
 
+def schedule_model(order: list, variants: dict, cost, workers: int = 16, per_test_s: float = 0.1) -> dict:
+    """What pytest-xdist's ``load`` scheduler (``xdist/scheduler/load.py``: a first run of
+    ``len // workers // 4`` consecutive tests per worker, then runs of up to ``pending // workers //
+    2`` to a worker whose queue falls below a quarter of that, held back while its last test took
+    0.1 s or more and two are queued) makes of ``order`` (test ids) when each test costs
+    ``per_test_s`` plus the compile of each variant (``variants[test]``, ``cost(variant)``
+    seconds) that no worker has finished compiling before it is needed; a variant another worker
+    is still compiling is compiled again, as Triton's on-disk cache does. A model: what a test runs
+    besides compiling is one constant. Returns the makespan, the compiles and the duplicated ones,
+    and the bound (every variant compiled once, spread evenly)."""
+    import heapq
+
+    n = workers
+    pending = collections.deque(range(len(order)))
+    queues = [collections.deque() for _ in range(n)]
+    for q in queues:
+        for _ in range(max(len(order) // n // 4, 2)):
+            if pending:
+                q.append(pending.popleft())
+    done_at, busy_until, seen = {}, {}, [set() for _ in range(n)]
+    compiles = dups = 0
+    finish = [0.0] * n
+    heap = [(0.0, i) for i in range(n)]
+    while heap:
+        now, i = heapq.heappop(heap)
+        q = queues[i]
+        if not q:
+            for _ in range(max(2, len(pending) // n // 2)):
+                if pending:
+                    q.append(pending.popleft())
+            if not q:
+                continue
+        cur = now + per_test_s
+        for v in variants.get(order[q.popleft()], ()):
+            if v in seen[i]:
+                continue
+            seen[i].add(v)
+            if done_at.get(v, float("inf")) <= cur:
+                continue
+            if v in busy_until:
+                dups += 1
+            compiles += 1
+            cur += cost(v)
+            busy_until[v] = cur
+            done_at[v] = min(done_at.get(v, float("inf")), cur)
+        if pending and len(q) < max(2, len(pending) // n // 4) and not (cur - now >= 0.1 and len(q) >= 2):
+            for _ in range(max(2, len(pending) // n // 2) - len(q)):
+                if pending:
+                    q.append(pending.popleft())
+        finish[i] = cur
+        heapq.heappush(heap, (cur, i))
+    distinct = {v for t in order for v in variants.get(t, ())}
+    bound = sum(cost(v) for v in distinct) / n + len(order) * per_test_s / n
+    return {"makespan_s": round(max(finish), 2), "compiles": compiles, "duplicated": dups,
+            "bound_s": round(bound, 2)}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m gpu_nn.benchmarks.variant_census",
                                 description=__doc__.split("\n\n")[0])
@@ -234,6 +291,13 @@ def main(argv=None) -> int:
                    help="comma-separated test-file names whose launches never run on a GPU (default: %(default)s)")
     p.add_argument("--compile-sample", type=int, default=0, metavar="N",
                    help="compile N variants per kernel for sm_90 and estimate the compile time of all")
+    p.add_argument("--schedule", default=None, metavar="ORDER",
+                   help="a file of test ids in run order (pytest --collect-only -q): model xdist's load "
+                        "scheduler over it with the compile times of --means")
+    p.add_argument("--means", default=None, metavar="JSON",
+                   help="a --json report with compile samples: its per-kernel mean compile seconds")
+    p.add_argument("--factor", type=float, default=1.8, help="compile seconds there per second here (default 1.8, the H200's)")
+    p.add_argument("--workers", type=int, default=16)
     a = p.parse_args(argv)
     excluded = tuple(x for x in a.exclude.split(",") if x)
     rows = [r for r in load(a.dir) if not any(x in r["test"] for x in excluded)]
@@ -249,6 +313,23 @@ def main(argv=None) -> int:
         s["compile"] = compile_sample(rows, a.compile_sample)
         total = sum(v["estimate_s"] or 0 for v in s["compile"].values())
         print(f"estimated compile time of every variant: {total:.0f} s of one core")
+    if a.schedule:
+        sample = s.get("compile") or {}
+        if a.means:  # a --json report, or a recorded census (benchmarks/results/census: its "after")
+            with open(a.means) as f:
+                m = json.load(f)
+            sample = m.get("compile") or m.get("after", {}).get("compile_sample", {})
+        means = {k.rsplit(".", 1)[-1]: v["mean_compile_s"] for k, v in sample.items() if v.get("mean_compile_s")}
+        fallback = sorted(means.values())[len(means) // 2] if means else 0.5
+        with open(a.schedule) as f:
+            order = [line.strip() for line in f if "::" in line]
+        variants = collections.defaultdict(list)
+        for r in rows:
+            if not r["key"].startswith("unkeyed"):
+                variants[r["test"]].append((r["kernel"], r["key"]))
+        s["schedule"] = schedule_model(order, variants, lambda v: a.factor * means.get(v[0].rsplit(".", 1)[-1], fallback),
+                                       a.workers)
+        print(f"\nxdist load scheduler model, {a.workers} workers, {len(order)} tests: {s['schedule']}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(s, f, indent=1)

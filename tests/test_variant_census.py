@@ -95,3 +95,17 @@ def test_do_not_specialize_flags_are_the_kernels():
         assert k["y_ptr"][0] == "*fp32" and not k["y_ptr"][1] and k["x_ptr"] == ["*fp32", "D"], k
         assert k["n"] == (["i32", "D"] if n == 32 else ["constexpr", 1]), k
         assert k["BLOCK"] == 16 and k["num_warps"] == 1
+
+
+def test_schedule_model_follows_xdist_load_scheduling():
+    """Two workers, four tests, tests a and b sharing one variant (2 s to compile): in the order
+    a, b, c, d xdist's first runs give a and b to one worker, which compiles it once; in the order
+    a, c, b, d each worker gets one of them and both compile it at once (Triton's cache does not
+    wait for a compile in flight): one duplicated, and the worker that compiles y after it
+    finishes later."""
+    variants = {"a": [("k", "x")], "b": [("k", "x")], "c": [("k", "y")], "d": []}
+    cost = {"x": 2.0, "y": 0.5}
+    together = vc.schedule_model(["a", "b", "c", "d"], variants, lambda v: cost[v[1]], workers=2, per_test_s=0.1)
+    assert together == {"makespan_s": 2.2, "compiles": 2, "duplicated": 0, "bound_s": 1.45}
+    apart = vc.schedule_model(["a", "c", "b", "d"], variants, lambda v: cost[v[1]], workers=2, per_test_s=0.1)
+    assert apart == {"makespan_s": 2.7, "compiles": 3, "duplicated": 1, "bound_s": 1.45}
