@@ -239,42 +239,40 @@ def schedule_model(order: list, variants: dict, cost, workers: int = 16, per_tes
     n = workers
     pending = collections.deque(range(len(order)))
     queues = [collections.deque() for _ in range(n)]
-    for q in queues:
+    for q in queues:  # xdist's first deal
         for _ in range(max(len(order) // n // 4, 2)):
             if pending:
                 q.append(pending.popleft())
     done_at, busy_until, seen = {}, {}, [set() for _ in range(n)]
     compiles = dups = 0
     finish = [0.0] * n
-    heap = [(0.0, i) for i in range(n)]
+    # (time, worker, duration of the test it just finished: None at the start)
+    heap = [(0.0, i, None) for i in range(n)]
     while heap:
-        now, i = heapq.heappop(heap)
+        now, i, last = heapq.heappop(heap)
         q = queues[i]
-        if not q:
-            for _ in range(max(2, len(pending) // n // 2)):
+        # xdist's check_schedule on the test's completion, with its duration
+        if last is not None and pending and len(q) < max(2, len(pending) // n // 4) and not (last >= 0.1 and len(q) >= 2):
+            for _ in range(max(2, len(pending) // n // 2) - len(q)):
                 if pending:
                     q.append(pending.popleft())
-            if not q:
-                continue
-        cur = now + per_test_s
+        if not q:  # nothing pending either (an empty queue is always refilled): the worker stops
+            continue
+        took = per_test_s
         for v in variants.get(order[q.popleft()], ()):
             if v in seen[i]:
                 continue
             seen[i].add(v)
-            if done_at.get(v, float("inf")) <= cur:
+            if done_at.get(v, float("inf")) <= now + took:
                 continue
             if v in busy_until:
                 dups += 1
             compiles += 1
-            cur += cost(v)
-            busy_until[v] = cur
-            done_at[v] = min(done_at.get(v, float("inf")), cur)
-        if pending and len(q) < max(2, len(pending) // n // 4) and not (cur - now >= 0.1 and len(q) >= 2):
-            for _ in range(max(2, len(pending) // n // 2) - len(q)):
-                if pending:
-                    q.append(pending.popleft())
-        finish[i] = cur
-        heapq.heappush(heap, (cur, i))
+            took += cost(v)
+            busy_until[v] = now + took
+            done_at[v] = min(done_at.get(v, float("inf")), now + took)
+        finish[i] = now + took
+        heapq.heappush(heap, (now + took, i, took))
     distinct = {v for t in order for v in variants.get(t, ())}
     bound = sum(cost(v) for v in distinct) / n + len(order) * per_test_s / n
     return {"makespan_s": round(max(finish), 2), "compiles": compiles, "duplicated": dups,
@@ -298,6 +296,7 @@ def main(argv=None) -> int:
                    help="a --json report with compile samples: its per-kernel mean compile seconds")
     p.add_argument("--factor", type=float, default=1.8, help="compile seconds there per second here (default 1.8, the H200's)")
     p.add_argument("--workers", type=int, default=16)
+    p.add_argument("--per-test-s", type=float, default=0.1, help="what a test costs besides compiling (default 0.1)")
     a = p.parse_args(argv)
     excluded = tuple(x for x in a.exclude.split(",") if x)
     rows = [r for r in load(a.dir) if not any(x in r["test"] for x in excluded)]
@@ -320,16 +319,19 @@ def main(argv=None) -> int:
                 m = json.load(f)
             sample = m.get("compile") or m.get("after", {}).get("compile_sample", {})
         means = {k.rsplit(".", 1)[-1]: v["mean_compile_s"] for k, v in sample.items() if v.get("mean_compile_s")}
-        fallback = sorted(means.values())[len(means) // 2] if means else 0.5
+        if not means:
+            p.error("--schedule needs compile times: --compile-sample N, or --means a report that has them")
+        fallback = sorted(means.values())[len(means) // 2]  # kernels the sample lacks: the median
         with open(a.schedule) as f:
             order = [line.strip() for line in f if "::" in line]
         variants = collections.defaultdict(list)
         for r in rows:
             if not r["key"].startswith("unkeyed"):
                 variants[r["test"]].append((r["kernel"], r["key"]))
-        s["schedule"] = schedule_model(order, variants, lambda v: a.factor * means.get(v[0].rsplit(".", 1)[-1], fallback),
-                                       a.workers)
-        print(f"\nxdist load scheduler model, {a.workers} workers, {len(order)} tests: {s['schedule']}")
+        s["schedule"] = dict(schedule_model(order, variants, lambda v: a.factor * means.get(v[0].rsplit(".", 1)[-1], fallback),
+                                            a.workers, a.per_test_s),
+                             order=a.schedule, tests=len(order), workers=a.workers, factor=a.factor, per_test_s=a.per_test_s)
+        print(f"\nxdist load scheduler model: {s['schedule']}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(s, f, indent=1)

@@ -127,9 +127,10 @@ def pytest_collection_modifyitems(config, items):
     parametrisations, whose kernel variants a GPU compiles one after another on that worker while
     the others finish (compile-bound on the H200). A model of that scheduler over the suite's
     variant census (``variant_census --schedule``: 16 workers, each variant compiled at its sampled
-    time x 1.8, the H200's per-variant factor, 0.1 s per test besides; benchmarks/results/census/)
-    finishes the collection order in 387 s and this one in 211 s against a 188-s bound (with the
-    other compile sample: 212 and 134 s against 126), duplicated compiles 96 and 56."""
+    time x 1.8, the H200's per-variant factor, 0.05-0.2 s per test besides, the GPU run's tests and
+    ids; benchmarks/results/census/) finishes the collection order in 304-384 s and this one in
+    236-260 s against bounds of 174-216 s (the other compile sample: 205-264 against 135-171, bounds
+    111-154): a model, which the next GPU run's suite time checks."""
     if os.environ.get(ORDER_ENV) == "gpu-first":
         items.sort(key=lambda it: (_order(it), _spread(it) if _order(it) in (1, 2) else 0))
     else:

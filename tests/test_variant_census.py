@@ -109,3 +109,15 @@ def test_schedule_model_follows_xdist_load_scheduling():
     assert together == {"makespan_s": 2.2, "compiles": 2, "duplicated": 0, "bound_s": 1.45}
     apart = vc.schedule_model(["a", "c", "b", "d"], variants, lambda v: cost[v[1]], workers=2, per_test_s=0.1)
     assert apart == {"makespan_s": 2.7, "compiles": 3, "duplicated": 1, "bound_s": 1.45}
+
+
+def test_schedule_model_refills_workers_as_xdist_does():
+    """Two workers, twelve tests: the first deal gives each two; a heavy first test (10 s) keeps
+    its worker busy while the other takes the eight pending ones as it finishes each (xdist tops a
+    worker's queue up on completion), compiling their eight variants: nine compiles, and the
+    makespan the heavy worker's two tests."""
+    order = [f"t{i}" for i in range(12)]
+    variants = {"t0": [("k", "x")], **{f"t{i}": [("k", f"v{i}")] for i in range(4, 12)}}
+    cost = lambda v: 10.0 if v[1] == "x" else 0.5  # noqa: E731
+    got = vc.schedule_model(order, variants, cost, workers=2, per_test_s=0.1)
+    assert got == {"makespan_s": 10.2, "compiles": 9, "duplicated": 0, "bound_s": 7.6}
