@@ -44,6 +44,20 @@ def backend_params(have=("reference", "triton", "cupy")):
     return params
 
 
+def backend_dtype_params(have=("reference", "triton", "cupy")):
+    """pytest params ``(backend, device, dtype)``: :func:`backend_params` times the dtypes each is
+    tested in (:func:`gpu_dtypes_for`), one test per dtype instead of a loop over them inside one:
+    on a GPU each dtype compiles its own kernel variants, and xdist can then share one heavy
+    test's dtypes among its workers (the recurrent backend tests: up to a minute of compiles each
+    on the H200, benchmarks/results/census/)."""
+    out = []
+    for p in backend_params(have):
+        backend, device = p.values
+        for dt in gpu_dtypes_for(backend, device):
+            out.append(pytest.param(backend, device, dt, id=f"{p.id}-{str(dt).replace('torch.', '')}", marks=p.marks))
+    return out
+
+
 INTERP_DTYPES = tuple(
     getattr(torch, name.strip())
     for name in os.environ.get("GPU_NN_TEST_INTERP_DTYPES", "float32,float16,bfloat16").split(",")

@@ -13,8 +13,8 @@ import gpu_nn.functional as F
 from gpu_nn import nn as gnn
 from gpu_nn.ops import rnn as ops
 from gpu_nn.reference import rnn as ref
-from helpers import (EPS, assert_close, backend_params, concurrent_programs, gpu_dtypes_for, interpreted_launches,
-                     max_rel_err, randn)
+from helpers import (EPS, assert_close, backend_dtype_params, backend_params, concurrent_programs, gpu_dtypes_for,
+                     interpreted_launches, max_rel_err, randn)
 
 MODES = ("rnn_tanh", "rnn_relu", "lstm", "gru")
 MODULES = {
@@ -811,12 +811,11 @@ BACKEND_GRID = [
 ]
 
 
-@pytest.mark.parametrize("backend,device", [p for p in backend_params() if p.values[0] != "reference"])
+@pytest.mark.parametrize("backend,device,dtype", backend_dtype_params(("triton", "cupy")))
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("cfg", BACKEND_GRID, ids=lambda c: f"T{c[0]}B{c[1]}H{c[3]}L{c[4]}{'bi' if c[5] else ''}{'len' if c[6] else ''}")
-def test_backend_sequence_matches_reference(backend, device, mode, cfg, rng):
-    for dtype in gpu_dtypes_for(backend, device):
-        _seq_against_reference(backend, device, mode, dtype, rng, *cfg, batch_first=cfg[0] == 4)
+def test_backend_sequence_matches_reference(backend, device, dtype, mode, cfg, rng):
+    _seq_against_reference(backend, device, mode, dtype, rng, *cfg, batch_first=cfg[0] == 4)
 
 
 PROJ_BACKEND_GRID = [
@@ -827,15 +826,14 @@ PROJ_BACKEND_GRID = [
 ]
 
 
-@pytest.mark.parametrize("backend,device", [p for p in backend_params() if p.values[0] != "reference"])
+@pytest.mark.parametrize("backend,device,dtype", backend_dtype_params(("triton", "cupy")))
 @pytest.mark.parametrize("cfg", PROJ_BACKEND_GRID, ids=lambda c: f"T{c[0]}B{c[1]}H{c[3]}P{c[8]}L{c[4]}"
                          f"{'bi' if c[5] else ''}{'len' if c[6] else ''}{'mask' if c[7] else ''}")
-def test_backend_proj_sequence_matches_reference(backend, device, cfg, rng):
+def test_backend_proj_sequence_matches_reference(backend, device, dtype, cfg, rng):
     """LSTM with projections: outputs, h_n, c_n and every gradient (w_hr included) against the
     float64 reference, in every GPU dtype, packed lengths, dropout masks, two layers, both ways."""
     *c, P = cfg
-    for dtype in gpu_dtypes_for(backend, device):
-        _seq_against_reference(backend, device, "lstm", dtype, rng, *c, batch_first=c[0] == 3, P=P)
+    _seq_against_reference(backend, device, "lstm", dtype, rng, *c, batch_first=c[0] == 3, P=P)
 
 
 @pytest.mark.parametrize("backend,device", [p for p in backend_params() if p.values[0] != "reference"])
