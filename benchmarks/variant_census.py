@@ -33,25 +33,27 @@ import collections
 import json
 import os
 
-ENV = "GPU_NN_VARIANT_CENSUS"
+UNKEYED = "unkeyed"  # the key of a launch whose arguments could not be keyed
 
-_seen: set = set()
 _params: dict = {}
 
 
 def _kernel_params(interp):
-    """(names, is_constexpr, (is_const, specialize, align) flags) of an interpreted kernel's
-    parameters, read from a JITFunction made of the same function (no compilation)."""
+    """``({name: (is_constexpr, binder flags)}, names in order)`` of an interpreted kernel's
+    parameters, read from a JITFunction made of the same function (no compilation); the flags
+    as ``_launch.binder_flags`` gives them."""
     got = _params.get(id(interp))
     if got is None:
         from triton.runtime.jit import JITFunction
 
+        from gpu_nn.kernels.triton._launch import binder_flags
+
         kw = {k: v for k, v in getattr(interp, "kwargs", {}).items()
               if k in ("do_not_specialize", "do_not_specialize_on_alignment", "version")}
         jf = JITFunction(interp.fn, **kw)
-        got = _params[id(interp)] = (
-            interp, [p.name for p in jf.params], [p.is_constexpr for p in jf.params],
-            [(bool(p.is_const), not p.do_not_specialize, not p.do_not_specialize_on_alignment) for p in jf.params])
+        # interp kept in the entry: its id stays its own while the entry exists
+        got = _params[id(interp)] = (interp, {p.name: (p.is_constexpr, binder_flags(p)) for p in jf.params},
+                                     [p.name for p in jf.params])
     return got[1:]
 
 
@@ -68,21 +70,11 @@ def variant_key(interp, args, kwargs) -> tuple:
     from triton._C.libtriton import native_specialize_impl
     from triton.backends.compiler import BaseBackend
 
-    names, constexpr, flags = _kernel_params(interp)
+    params, names = _kernel_params(interp)
     parts = []
-    for i, a in enumerate(args):
-        if i < len(names) and not constexpr[i]:
-            c, s, al = flags[i]
-            parts.append((names[i], list(native_specialize_impl(BaseBackend, a, c, s, al))))
-        else:
-            parts.append((names[i] if i < len(names) else f"#{i}", _value(a)))
-    for k in sorted(kwargs):
-        i = names.index(k) if k in names else None
-        if i is not None and not constexpr[i]:
-            c, s, al = flags[i]
-            parts.append((k, list(native_specialize_impl(BaseBackend, kwargs[k], c, s, al))))
-        else:
-            parts.append((k, _value(kwargs[k])))
+    for name, a in [(names[i] if i < len(names) else f"#{i}", a) for i, a in enumerate(args)] + sorted(kwargs.items()):
+        constexpr, flags = params.get(name, (True, None))  # a launch option: by value
+        parts.append((name, _value(a) if constexpr else list(native_specialize_impl(BaseBackend, a, *flags))))
     fn = interp.fn
     return f"{fn.__module__}.{fn.__qualname__}", json.dumps(parts, default=str)
 
@@ -96,6 +88,7 @@ def install(directory: str):
     worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
     out = open(os.path.join(directory, f"census-{worker}-{os.getpid()}.jsonl"), "a", buffering=1)
     real = InterpretedFunction.run
+    seen = set()  # (kernel, key, test) already written
 
     def run(self, *args, grid, warmup, **kwargs):
         if not warmup:
@@ -103,16 +96,21 @@ def install(directory: str):
                 kernel, key = variant_key(self, args, kwargs)
             except Exception as e:  # noqa: BLE001 - a census must not change what a test does
                 fn = self.fn
-                kernel, key = f"{fn.__module__}.{fn.__qualname__}", f"unkeyed: {type(e).__name__}: {e}"
+                kernel, key = f"{fn.__module__}.{fn.__qualname__}", f"{UNKEYED}: {type(e).__name__}: {e}"
             test = os.environ.get("PYTEST_CURRENT_TEST", "?").rsplit(" (", 1)[0]
             mark = (kernel, key, test)
-            if mark not in _seen:
-                _seen.add(mark)
+            if mark not in seen:
+                seen.add(mark)
                 out.write(json.dumps({"kernel": kernel, "key": key, "test": test}) + "\n")
         return real(self, *args, grid=grid, warmup=warmup, **kwargs)
 
     InterpretedFunction.run = run
     return out
+
+
+def keyed(rows: list) -> list:
+    """``rows`` without the launches that could not be keyed."""
+    return [r for r in rows if not r["key"].startswith(UNKEYED)]
 
 
 def load(directory: str) -> list:
@@ -131,7 +129,7 @@ def summary(rows: list) -> dict:
     tests_of = collections.defaultdict(set)
     unkeyed = collections.Counter()
     for r in rows:
-        if r["key"].startswith("unkeyed"):
+        if r["key"].startswith(UNKEYED):
             unkeyed[r["test"]] += 1
             continue
         tests_of[(r["kernel"], r["key"])].add(r["test"])
@@ -200,9 +198,8 @@ def compile_sample(rows: list, per_kernel: int, seed: int = 0) -> dict:
     from gpu_nn.kernels.triton._aot import compile_spec
 
     keys = collections.defaultdict(set)
-    for r in rows:
-        if not r["key"].startswith("unkeyed"):
-            keys[r["kernel"]].add(r["key"])
+    for r in keyed(rows):
+        keys[r["kernel"]].add(r["key"])
     rnd = random.Random(seed)
     out = {}
     for kernel, ks in sorted(keys.items(), key=lambda kv: -len(kv[1])):
@@ -217,8 +214,8 @@ def compile_sample(rows: list, per_kernel: int, seed: int = 0) -> dict:
                 errors += 1
         mean = sum(times) / len(times) if times else None
         out[kernel] = {"variants": len(ks), "sampled": len(times), "errors": errors,
-                                         "mean_compile_s": None if mean is None else round(mean, 3),
-                                         "estimate_s": None if mean is None else round(mean * len(ks), 1)}
+                       "mean_compile_s": None if mean is None else round(mean, 3),
+                       "estimate_s": None if mean is None else round(mean * len(ks), 1)}
         print(f"  {len(ks):5d} x {mean if mean is not None else float('nan'):6.2f} s = "
               f"{(mean or 0) * len(ks):7.1f} s  {kernel}", flush=True)
     return out
@@ -325,9 +322,8 @@ def main(argv=None) -> int:
         with open(a.schedule) as f:
             order = [line.strip() for line in f if "::" in line]
         variants = collections.defaultdict(list)
-        for r in rows:
-            if not r["key"].startswith("unkeyed"):
-                variants[r["test"]].append((r["kernel"], r["key"]))
+        for r in keyed(rows):
+            variants[r["test"]].append((r["kernel"], r["key"]))
         s["schedule"] = dict(schedule_model(order, variants, lambda v: a.factor * means.get(v[0].rsplit(".", 1)[-1], fallback),
                                             a.workers, a.per_test_s),
                              order=a.schedule, tests=len(order), workers=a.workers, factor=a.factor, per_test_s=a.per_test_s)

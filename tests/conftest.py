@@ -132,6 +132,10 @@ def pytest_collection_modifyitems(config, items):
     236-260 s against bounds of 174-216 s (the other compile sample: 205-264 against 135-171, bounds
     111-154): a model, which the next GPU run's suite time checks."""
     if os.environ.get(ORDER_ENV) == "gpu-first":
-        items.sort(key=lambda it: (_order(it), _spread(it) if _order(it) in (1, 2) else 0))
+        def key(item):
+            group = _order(item)
+            return group, _spread(item) if group in (1, 2) else 0
+
+        items.sort(key=key)
     else:
         items.sort(key=_order)

@@ -19,7 +19,6 @@ def census(tmp_path, monkeypatch):
     from triton.runtime.interpreter import InterpretedFunction
 
     monkeypatch.setattr(InterpretedFunction, "run", InterpretedFunction.run)
-    monkeypatch.setattr(vc, "_seen", set())
     out = vc.install(str(tmp_path / "census"))
     yield tmp_path / "census"
     out.close()

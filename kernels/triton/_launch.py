@@ -147,9 +147,7 @@ class _KernelInfo:
         while lead < len(params) and not params[lead].is_constexpr:
             lead += 1
         self.n_lead = lead  # positional arguments beyond this would land on a constexpr
-        # the binder's flags per leading parameter: (is_const, specialize, align)
-        self.flags = [(bool(p.is_const), not p.do_not_specialize, not p.do_not_specialize_on_alignment)
-                      for p in params[:lead]]
+        self.flags = [binder_flags(p) for p in params[:lead]]
         self.runtime_names = frozenset(p.name for p in params if not p.is_constexpr)
         self.backends = {}
         self.key_fns = {}
@@ -171,6 +169,14 @@ class _KernelInfo:
             exec(src, namespace)  # noqa: S102  (source built above from booleans and counts only)
             fn = self.key_fns[n_args] = namespace["key"]
         return fn
+
+
+def binder_flags(param) -> tuple:
+    """``(is_const, specialize, align)``: what Triton's binder passes ``native_specialize_impl``
+    for the JIT parameter ``param`` (its ``do_not_specialize`` and
+    ``do_not_specialize_on_alignment`` marks). The plan keys here and
+    ``gpu_nn.benchmarks.variant_census`` both key calls so."""
+    return bool(param.is_const), not param.do_not_specialize, not param.do_not_specialize_on_alignment
 
 
 def kernel_info(kernel):
