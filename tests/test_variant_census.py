@@ -1,6 +1,7 @@
 """gpu_nn.benchmarks.variant_census: the compiled variants a test run would ask a GPU for,
 recorded under the Triton interpreter (CPU machines only: a GPU compiles, and its cache says it)."""
 
+import collections
 import json
 
 import pytest
@@ -120,3 +121,45 @@ def test_schedule_model_refills_workers_as_xdist_does():
     cost = lambda v: 10.0 if v[1] == "x" else 0.5  # noqa: E731
     got = vc.schedule_model(order, variants, cost, workers=2, per_test_s=0.1)
     assert got == {"makespan_s": 10.2, "compiles": 9, "duplicated": 0, "bound_s": 7.6}
+
+
+def _lstm_variants(census, monkeypatch, twins: bool) -> collections.Counter:
+    """Distinct variants per recurrent kernel of an LSTM at odd sizes (B=5, H=7, float32: state
+    rows of 140 bytes, their alignment changing from step to step), one and two directions, with
+    and without a projection, forward and backward, on the triton backend; ``twins`` False puts
+    each kernel in place of its twin for rows at any alignment (the launches as before them)."""
+    from gpu_nn.kernels.triton import rnn as kt
+
+    if not twins:
+        monkeypatch.setattr(kt, "LOOSE_ROWS", {k: k for k in kt.LOOSE_ROWS})
+    torch.manual_seed(0)
+    for proj in (0, 3):
+        for bi in (False, True):
+            m = gpu_nn.nn.LSTM(4, 7, num_layers=2, bidirectional=bi, proj_size=proj)
+            x = torch.randn(6, 5, 4, requires_grad=True)
+            with gpu_nn.backend("triton"):
+                y, _ = m(x)
+                y.sum().backward()
+    rows = vc.load(str(census))
+    return collections.Counter(k.rsplit(".", 1)[-1] for k, _ in {(r["kernel"], r["key"]) for r in rows})
+
+
+STEP_KERNELS = ("_rnn_step_fwd_kernel", "_rnn_step2_fwd_kernel", "_rnn_step_bwd_kernel", "_rnn_step2_bwd_kernel",
+                "_rnn_proj_fwd_kernel", "_rnn_proj_bwd_kernel")
+
+
+@pytest.mark.parametrize("twins", [True, False])
+def test_odd_sized_time_loops_compile_one_variant_per_role(census, monkeypatch, twins):
+    """The twins for rows at any alignment (kernels/triton/rnn.py LOOSE_ROWS) keep an odd-sized
+    recurrent layer to one compiled variant per role of a kernel: the two-direction forward loop
+    one, its backward three (first step, the others, the final dh0 step), the six step and
+    projection kernels 16 in all. Without them the same layers ask for 66 (each step's pattern
+    of aligned rows its own variant): the count the test pins both ways, so that it fails if the
+    twins stop being used."""
+    got = _lstm_variants(census, monkeypatch, twins)
+    steps = {k: got[k] for k in STEP_KERNELS}
+    if twins:
+        assert steps["_rnn_step2_fwd_kernel"] == 1 and steps["_rnn_step2_bwd_kernel"] == 3, steps
+        assert sum(steps.values()) == 16, steps
+    else:
+        assert sum(steps.values()) == 66, steps

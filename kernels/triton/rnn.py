@@ -448,7 +448,7 @@ def _step_fwd_tile(pid_b, pid_h, xg_ptr, stride_xg, hp_ptr, hn_ptr, cp_ptr, cn_p
         tl.store(out_ptr + rb[:, None] * stride_out + rh[None, :], out.to(out_ptr.dtype.element_ty), mask=m2)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["t"])
 def _rnn_proj_fwd_kernel(m_ptr, w_ptr, stride_w0, stride_w1, hp_ptr, hn_ptr, out_ptr, stride_out, mask_ptr, stride_mask,
                          has_mask, len_ptr, t, B, H, P, DOT_DT: tl.constexpr,
                          BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -506,7 +506,7 @@ def _carried_dh(dgn_ptr, stride_dgn, w_ptr, stride_w0, stride_w1, carry_ptr, has
     return dh
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["t"])
 def _rnn_proj_bwd_kernel(dgn_ptr, stride_dgn, w_ptr, stride_w0, stride_w1, carry_ptr, dout_ptr, stride_dout, dh_ptr,
                          len_ptr, t, B, P, GH, HAS_NEXT: tl.constexpr, FINAL: tl.constexpr, DOT_DT: tl.constexpr,
                          BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -1012,6 +1012,68 @@ def _resident_bwd_tile(jb, jh, s, reverse, wt, ws_ptr, carry_ptr, dc_ptr, has_dc
 # launch heuristics and launchers (all tensors already allocated and offset by the caller)
 
 
+def _rows_twin(kernel, dns, rows):
+    """``kernel``'s function again, as a kernel with no 16-byte alignment fact about its
+    parameters ``rows`` (``do_not_specialize_on_alignment``; ``dns``: the kernel's own
+    ``do_not_specialize``): what a time loop launches when the rows it passes for them are not a
+    multiple of 16 bytes apart (``_time_loop``, ``uniform_rows``), and a per-step launch when one
+    of them is not aligned (``_for_rows``).
+
+    With the alignment specialised, each step's rows are aligned or not by the step's index
+    (float32 rows of B * H = 35 elements: one step in four aligned), and each pattern over the
+    kernel's row pointers is a variant of its own, compiled on a GPU at its first use: the variant
+    census (benchmarks/variant_census.py) counted 1,080 variants of the step and projection
+    kernels in the test suite, 457 with the twins (benchmarks/results/census). The twin is one
+    compiled kernel whatever the steps' alignment, so a loop binds its launcher
+    (``_launch.bind``) as one over aligned rows does. What it gives up is vector width on the
+    row accesses of such shapes, which are misaligned in most steps anyway;
+    the weights, biases and lengths keep their alignment facts. The same function, so the same
+    code and the same ``aot_specs`` entries (a spec compiles with no alignment fact at all,
+    ``AotSpec``), and one Triton cache entry where the twin's launch specialises as a launch of
+    the kernel would (its ``cache_key`` is the kernel's)."""
+    params = inspect.signature(kernel.fn).parameters
+    assert all(r in params for r in rows), rows  # Triton ignores a name that is no parameter
+    return triton.jit(do_not_specialize=dns, do_not_specialize_on_alignment=rows)(kernel.fn)
+
+
+# the pointers of a step that are rows of a buffer: per step (the loops' ``rows``) or per layer
+# and direction (the carried state gradients, rows of [L * D, B, H] buffers); not the weights,
+# biases and lengths, which keep their alignment facts in the twins
+_FWD_ROWS = ["xg_ptr", "hp_ptr", "hn_ptr", "cp_ptr", "cn_ptr", "out_ptr", "mask_ptr"]
+_BWD_ROWS = ["dgn_ptr", "carry_ptr", "dc_ptr", "dcin_ptr", "dout_ptr", "g_ptr", "hp_ptr", "hn_ptr", "cp_ptr", "cn_ptr",
+             "dgi_ptr", "dgh_ptr", "dh0_ptr"]
+
+
+def _pair_rows(kernel, rows):
+    """Both directions' row pointers of the pair kernel ``kernel``: ``x_ptr`` and ``x1_ptr`` of
+    each of ``rows`` it has (the backward pair reads the LSTM's dc_next from ``dc_ptr`` itself)."""
+    params = inspect.signature(kernel.fn).parameters
+    return [n for r in rows for n in (r, r[:-4] + "1_ptr") if n in params]
+
+
+# the kernels for rows at any alignment (module names: tests wrap every kernel found here)
+_rnn_step_fwd_rows_kernel = _rows_twin(_rnn_step_fwd_kernel, ["t"], _FWD_ROWS)
+_rnn_step2_fwd_rows_kernel = _rows_twin(_rnn_step2_fwd_kernel, ["t", "t1"], _pair_rows(_rnn_step2_fwd_kernel, _FWD_ROWS))
+_rnn_step_bwd_rows_kernel = _rows_twin(_rnn_step_bwd_kernel, ["t"], _BWD_ROWS)
+_rnn_step2_bwd_rows_kernel = _rows_twin(_rnn_step2_bwd_kernel, ["t", "t1"], _pair_rows(_rnn_step2_bwd_kernel, _BWD_ROWS))
+_rnn_proj_fwd_rows_kernel = _rows_twin(_rnn_proj_fwd_kernel, ["t"], ["m_ptr", "hp_ptr", "hn_ptr", "out_ptr", "mask_ptr"])
+_rnn_proj_bwd_rows_kernel = _rows_twin(_rnn_proj_bwd_kernel, ["t"], ["dgn_ptr", "carry_ptr", "dout_ptr", "dh_ptr"])
+LOOSE_ROWS = {_rnn_step_fwd_kernel: _rnn_step_fwd_rows_kernel, _rnn_step2_fwd_kernel: _rnn_step2_fwd_rows_kernel,
+              _rnn_step_bwd_kernel: _rnn_step_bwd_rows_kernel, _rnn_step2_bwd_kernel: _rnn_step2_bwd_rows_kernel,
+              _rnn_proj_fwd_kernel: _rnn_proj_fwd_rows_kernel, _rnn_proj_bwd_kernel: _rnn_proj_bwd_rows_kernel}
+
+
+def _for_rows(kernel, *rows):
+    """What one launch of ``kernel`` outside a time loop runs (the per-step launchers below):
+    ``kernel`` where every tensor of ``rows`` (its row pointers; None skipped) is 16-byte
+    aligned, else its twin ``LOOSE_ROWS[kernel]``. A per-step loop over rows at odd strides
+    (the LSTM projection's) then compiles two kernels, not one per pattern of aligned rows."""
+    for x in rows:
+        if x is not None and x.data_ptr() % 16:
+            return LOOSE_ROWS[kernel]
+    return kernel
+
+
 STEP_BLOCKS = (16, 16, 32, 4, 3)  # BLOCK_B, BLOCK_H, BLOCK_K, num_warps, num_stages (Triton's default 3)
 
 # Measured choices of the step kernels' configuration, (pass, mode, batch bucket, dot kind) ->
@@ -1216,7 +1278,8 @@ def step_forward(mode, xg, hp, hn, cp, cn, w_hh, b_hh, out, mask, lengths, t, do
         lengths, t = _no_lengths(hn), -1
     bb, bh, bk, warps, stages = step_blocks(B, H, mode, dot)
     grid = (cdiv(B, bb), cdiv(H, bh))
-    launch_kernel(_rnn_step_fwd_kernel, grid,
+    kernel = _for_rows(_rnn_step_fwd_kernel, xg, hp, hn, cp, cn, out, mask)
+    launch_kernel(kernel, grid,
         xg, xg.stride(0), hp, hn, cp if cp is not None else hp, cn if cn is not None else hn, w_hh,
         w_hh.stride(0), w_hh.stride(1), b_hh if b_hh is not None else w_hh, out, out.stride(0),
         mask if mask is not None else w_hh, mask.stride(0) if mask is not None else 0, int(mask is not None),
@@ -1240,7 +1303,7 @@ def proj_forward(m, w_hr, hp, hn, out, mask, lengths, t, dot):
     if B == 0:
         return
     bb, bp, bk, warps = proj_blocks(B, P)
-    launch_kernel(_rnn_proj_fwd_kernel, (cdiv(B, bb), cdiv(P, bp)),
+    launch_kernel(_for_rows(_rnn_proj_fwd_kernel, m, hp, hn, out, mask), (cdiv(B, bb), cdiv(P, bp)),
         m, w_hr, w_hr.stride(0), w_hr.stride(1), hp, hn, out, out.stride(0), mask if mask is not None else w_hr,
         mask.stride(0) if mask is not None else 0, int(mask is not None), lengths, t, B, H, P, DOT_DT=dot,
         BLOCK_B=bb, BLOCK_P=bp, BLOCK_K=bk, num_warps=warps,
@@ -1255,7 +1318,7 @@ def proj_backward(dg_next, w_hh, carry, dout, dh, lengths, t, dot, final=False):
         return
     bb, bp, bk, warps = proj_blocks(B, P)
     any_ = carry
-    launch_kernel(_rnn_proj_bwd_kernel, (cdiv(B, bb), cdiv(P, bp)),
+    launch_kernel(_for_rows(_rnn_proj_bwd_kernel, dg_next, carry, dout, dh), (cdiv(B, bb), cdiv(P, bp)),
         dg_next if dg_next is not None else any_, dg_next.stride(0) if dg_next is not None else 0, w_hh,
         w_hh.stride(0), w_hh.stride(1), carry, dout if dout is not None else any_,
         dout.stride(0) if dout is not None else 0, dh, lengths if lengths is not None else any_, t, B, P,
@@ -1569,7 +1632,8 @@ def step_backward(mode, dg_next, w_hh, carry, dc, dout, g, hp, hn, cp, cn, dgi, 
         t = -1
         if not final:  # the final step (dh0 only) reads no lengths; its compiled kernel takes the carry
             lengths = _no_lengths(carry)
-    launch_kernel(_rnn_step_bwd_kernel, grid,
+    kernel = _for_rows(_rnn_step_bwd_kernel, dg_next, carry, dc, dc_in, dout, g, hp, hn, cp, cn, dgi, dgh, dh0)
+    launch_kernel(kernel, grid,
         dg_next if dg_next is not None else any_, dg_next.stride(0) if dg_next is not None else 0, w_hh,
         w_hh.stride(0), w_hh.stride(1), carry, int(has_carry), dc if dc is not None else any_,
         dc_in if dc_in is not None else any_, int(dc_in is not None),
@@ -1626,19 +1690,22 @@ def _time_loop(kernel, grid, steps, rows, fixed, body, kw, kw_first=None):
     of one is what a step passes) or ``_Same`` values, ``fixed`` tensors. Launch 0 takes the
     keywords ``kw_first`` where given, every other launch ``kw``.
 
+    The kernel is ``kernel`` where ``uniform_rows(rows)``, else its twin ``LOOSE_ROWS[kernel]``,
+    which knows nothing of the rows' alignment: one compiled kernel serves every step either way
+    (the step kernels also take ``t`` as ``do_not_specialize``, so its value changes none).
     Where the launcher can be bound (``_launch.bind``: a compiled kernel on a GPU, Triton's
-    launcher verified) and ``uniform_rows(rows)``, the first launch with ``kw`` binds it (its
-    arguments tensor views) and every later one calls it with raw addresses, ``rows`` read through
-    ``_addresses`` and ``fixed`` as ``data_ptr()``s: per step no plan key (about 11 us of host
-    time on a 2-core CPU machine for the forward step kernel's 20 arguments), no tensor view and, in
-    the launcher, no ``data_ptr()`` call or ``cuPointerGetAttribute`` per pointer. The step
-    kernels take ``t`` as ``do_not_specialize`` so that its value changes no compiled kernel.
-    Elsewhere (the interpreter, a CPU, rows at other strides) every launch goes through
-    ``launch_kernel`` with views from one ``unbind`` per buffer."""
+    launcher verified), the first launch with ``kw`` binds it (its arguments tensor views) and
+    every later one calls it with raw addresses, ``rows`` read through ``_addresses`` and
+    ``fixed`` as ``data_ptr()``s: per step no plan key (about 11 us of host time on a 2-core CPU
+    machine for the forward step kernel's 20 arguments), no tensor view and, in the launcher, no
+    ``data_ptr()`` call or ``cuPointerGetAttribute`` per pointer. Elsewhere (the interpreter, a
+    CPU) every launch goes through ``launch_kernel`` with views from one ``unbind`` per buffer."""
     launch = launch_kernel  # the module's (host_cost patches it)
+    if not uniform_rows(rows):
+        kernel = LOOSE_ROWS[kernel]
     head = steps[:1] if kw_first is not None else []
     rest = steps[len(head):]
-    if _launch.bindable() and rest and uniform_rows(rows):
+    if _launch.bindable() and rest:
         if head:  # a tensor indexes its rows itself; the few views of the bound launches
             body(lambda *a: launch(kernel, grid, *a, **kw_first), rows, fixed, head)
         bound = []
@@ -1835,7 +1902,7 @@ def _final_pair_step(launch, grid, prev, prev1, sprev, w_hh, w_hh1, carry, carry
     dh0 = carry + dG_last W_hh of each (``prev`` / ``prev1`` the gate gradients of the last step
     processed, row stride ``sprev``; no lengths, no output gradient read)."""
     s0, s1 = w_hh.stride(0), w_hh.stride(1)
-    launch(_rnn_step2_bwd_kernel, grid, prev, prev1, sprev, w_hh, w_hh1, s0, s1, carry, carry1, carry, carry1, 0, carry,
+    launch(_for_rows(_rnn_step2_bwd_kernel, prev, prev1, carry, carry1, dh0, dh01), grid, prev, prev1, sprev, w_hh, w_hh1, s0, s1, carry, carry1, carry, carry1, 0, carry,
            carry1, 0, carry, carry1, 0, carry, carry1, carry, carry1, carry, carry1, carry, carry1, carry, carry1, carry,
            carry1, 0, dh0, dh01, lengths, 0, 0, carry.shape[0], carry.shape[1], **{**kw, "FINAL": True})
 
