@@ -587,6 +587,27 @@ def test_launched_elementwise_kernels_move_128_bits_per_access(tmp_path):
             assert "128" not in r["global_loads"], (r["kernel"], r["label"])
 
 
+def test_softmax_online_pass_takes_one_exp_per_element(tmp_path):
+    """The softmax rows too long for one block (``_softmax_fwd_kernel``, SINGLE off) run an online
+    pass for the row's max and sum of exps, then a writing pass (dense.py ``_row_stats``,
+    ``_online_exp_sum``): per element a thread holds, the online pass takes one exp, the lanes'
+    combination one, and softmax's writing pass one more (log_softmax's none): MUFU.EX2 in the
+    SASS 3 and 2 times the elements per thread (the two-exp update took 4 and 3)."""
+    code = (
+        "import json\n"
+        "from gpu_nn.kernels.triton import dense as kd\n"
+        "from gpu_nn.kernels.triton._aot import compile_spec\n"
+        "specs = [s for s in kd.launched_specs() if s.kernel is kd._softmax_fwd_kernel and 'loop' in s.label\n"
+        "         and s.label.startswith(('fp32', 'bf16'))]\n"
+        "print(json.dumps([dict(compile_spec(s), block=s.constexprs['BLOCK'], log=s.constexprs['LOG']) for s in specs]))\n"
+    )
+    rows = _uninterpreted_json(tmp_path, "ex2.py", code, timeout=600)
+    assert len(rows) == 4, rows  # softmax / log_softmax x fp32 / bf16
+    for r in rows:
+        per_thread = r["block"] // (32 * r["num_warps"])
+        assert r["ex2"] == (2 if r["log"] else 3) * per_thread, (r["label"], r["ex2"], per_thread)
+
+
 def test_layout_copy_moves_128_bits_both_ways_through_shared_memory(tmp_path):
     """The via-channels_last copies (conv.py ``_layout_copy_kernel``) as a 28x28 plane launches
     them (every int a multiple of 16; the unit strides constants): 128-bit loads along the

@@ -231,6 +231,40 @@ def test_softmax_large_logits_every_backend(backend, device, name, path, logits,
         assert_like_torch(gx, gt, g64, dtype, k=n, what=f"{name} backward {dtype}")
 
 
+@pytest.mark.parametrize("backend,device", backend_params(("triton",)))
+@pytest.mark.parametrize("name", SOFTMAX)
+def test_softmax_looped_rows_place_nan_and_inf_as_torch(backend, device, name, rng):
+    """The looped row kernel's online pass (dense.py ``_row_stats`` / ``_online_exp_sum``, one exp
+    per element) on rows longer than one block, each with NaN, +inf, only -inf, +inf and -inf
+    together, or -inf lanes around finite ones, in the first block, the last or both: values
+    and NaN / inf placement as torch's, forward and backward (rows of -inf and finite values
+    finite and close)."""
+    ours, theirs = SOFTMAX[name]
+    n = _softmax_path_sizes()["loop-long"]
+    inf, nan = float("inf"), float("nan")
+    for dtype in gpu_dtypes_for(backend, device):
+        x = randn(rng, 8, n).to(dtype)
+        x[0, 3], x[1, n - 2], x[2] = nan, inf, -inf
+        x[3, 1], x[3, n - 1] = inf, -inf
+        x[4, : n // 2] = -inf  # every lane -inf in the first blocks, then finite values
+        x[5, n - 5:] = inf
+        x[6, 0], x[6, n - 1] = inf, nan
+        xg = x.to(device).requires_grad_()
+        with gpu_nn.backend(backend):
+            y = ours(xg, 1)
+            g = randn(rng, *y.shape).to(device=device, dtype=dtype)
+            (gx,) = torch.autograd.grad(y, xg, g)
+        xt = x.clone().requires_grad_()
+        yt = theirs(xt, 1)
+        (gt,) = torch.autograd.grad(yt, xt, g.cpu())
+        for a, b, what in ((y, yt, "forward"), (gx, gt, "backward")):
+            a = a.cpu()
+            assert torch.equal(torch.isnan(a), torch.isnan(b)), f"{name} {dtype} {what}: NaN placement"
+            assert torch.equal(torch.isinf(a), torch.isinf(b)), f"{name} {dtype} {what}: inf placement"
+            fin = torch.isfinite(b)
+            assert_close(a[fin], b[fin], dtype, k=n, what=f"{name} {dtype} {what}")
+
+
 @pytest.mark.parametrize("name", SOFTMAX)
 def test_softmax_reference_finite_differences(name, rng):
     ours, _ = SOFTMAX[name]

@@ -88,6 +88,7 @@ def _resources(cubin: bytes, sass: bool = True) -> dict:
             "spill_stores": len(re.findall(r"\bSTL\b", text)),
             "spill_loads": len(re.findall(r"\bLDL\b", text)),
             "tma_loads": len(re.findall(r"\bUTMALDG\b", text)),
+            "ex2": len(re.findall(r"\bMUFU\.EX2\b", text)),  # the special-function unit's exp2
             "sass_lines": text.count("\n"),
             "global_loads": access_widths(text, "LDG"),
             "global_stores": access_widths(text, "STG"),

@@ -592,6 +592,29 @@ def act_colsum(g, y, activation, db, interpret=False):
 
 
 @triton.jit
+def _online_exp_sum(m_vec, s_vec, x):
+    """One step of the per-lane online log-sum-exp: the running max ``m_vec`` and the sum
+    ``s_vec`` of exp(x - m_vec) so far, taken to ``x`` -> (new max, new sum), elementwise (any
+    tile shape). ONE exp per element: of the two factors of ``s exp(m - m') + exp(x - m')``
+    (m' = max(m, x)) one is exp(0), so it is ``s e + 1`` where x raised the max, else ``s + e``,
+    with e = exp(-|x - m|), written as one multiply-add of two selects (``s * e + 1`` and
+    ``s + e`` as two live values spilled 8 bytes in five of the cross-entropy middle-dim forms).
+    The two-exp form took twice the special-function work, which on the H200 bounded the
+    cross-entropy forward's pass before it went to one exp (``_ce_fwd_kernel``).
+
+    NaN reaches the sum (``tl.maximum`` drops it by default: fmaxf; NaN > m is false, and
+    s + exp(NaN) is NaN); a lane that has seen only -inf keeps sum 0 (exp(-inf - -inf) would
+    be NaN). A +inf lane keeps a finite sum here where the two-exp form had NaN: the combination
+    of the lanes (``s exp(m_lane - m)``, m = +inf) makes the row NaN all the same, as torch's."""
+    m_new = tl.maximum(m_vec, x, propagate_nan=tl.PropagateNan.ALL)
+    d = x - m_vec
+    e = tl.exp(-tl.abs(d))
+    hi = d > 0
+    s_new = tl.where(m_new == float("-inf"), 0.0, s_vec * tl.where(hi, e, 1.0) + tl.where(hi, 1.0, e))
+    return m_new, s_new
+
+
+@triton.jit
 def _row_stats(x_ptr, base, n_cols, BLOCK: tl.constexpr):
     """(m, log_s) of one row, m = max(x), log_s = log(sum(exp(x - m))), online over blocks:
     per-lane running max and rescaled sums, combined once at the end (one reduction instead
@@ -606,11 +629,7 @@ def _row_stats(x_ptr, base, n_cols, BLOCK: tl.constexpr):
     for start in range(0, n_cols, BLOCK):
         cols = start + tl.arange(0, BLOCK).to(tl.int64)
         x = tl.load(x_ptr + base + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32)
-        # NaN must reach the sum: tl.maximum drops it by default (fmaxf)
-        m_new = tl.maximum(m_vec, x, propagate_nan=tl.PropagateNan.ALL)
-        # a lane that has seen only -inf keeps sum 0 (exp(-inf - -inf) would be NaN)
-        s_vec = tl.where(m_new == float("-inf"), 0.0, s_vec * tl.exp(m_vec - m_new) + tl.exp(x - m_new))
-        m_vec = m_new
+        m_vec, s_vec = _online_exp_sum(m_vec, s_vec, x)
     m = tl.max(m_vec, 0)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     s = tl.sum(s_vec * tl.exp(m_vec - m_safe), 0)
@@ -719,9 +738,7 @@ def _softmax_fwd_mid_kernel(x_ptr, y_ptr, C, INNER, LOG: tl.constexpr, BLOCK_C: 
     for c0 in range(0, C, BLOCK_C):
         off, msk = _mid_tile(base, c0, C, INNER, offs_i, mi, BLOCK_C)
         x = tl.load(x_ptr + off, mask=msk, other=float("-inf")).to(tl.float32)
-        m_new = tl.maximum(m_vec, x, propagate_nan=tl.PropagateNan.ALL)
-        s_vec = tl.where(m_new == float("-inf"), 0.0, s_vec * tl.exp(m_vec - m_new) + tl.exp(x - m_new))
-        m_vec = m_new
+        m_vec, s_vec = _online_exp_sum(m_vec, s_vec, x)
     m = tl.max(m_vec, 0)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     s = tl.sum(s_vec * tl.exp(m_vec - m_safe[None, :]), 0)
@@ -861,9 +878,7 @@ def _ce_online(x, w, mask, m_vec, s_vec, lin, wsum):
     """One tile of the cross-entropy forward's per-lane pass (:func:`_ce_fwd_kernel`): logits x
     (-inf where masked), weights w (0 where masked) -> the running max, the rescaled sum of exp,
     the weighted sum of x - (running max) and the weight sum, elementwise (any tile shape)."""
-    # NaN must reach the sum: tl.maximum drops it by default (fmaxf)
-    m_new = tl.maximum(m_vec, x, propagate_nan=tl.PropagateNan.ALL)
-    s_vec = tl.where(m_new == float("-inf"), 0.0, s_vec * tl.exp(m_vec - m_new) + tl.exp(x - m_new))
+    m_new, s_vec = _online_exp_sum(m_vec, s_vec, x)
     # an unchanged max (or no weight yet) moves nothing: avoids inf - inf and 0 * inf
     lin += tl.where((m_vec == m_new) | (wsum == 0.0), 0.0, wsum * (m_vec - m_new))
     # a lane that has seen only -inf adds w * -inf (torch's w_c * logp_c there), not -inf - -inf
