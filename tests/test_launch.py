@@ -502,22 +502,25 @@ def test_gpu_fast_path_under_cuda_graph_capture():
 @needs_gpu
 @pytest.mark.parametrize("mode", ["RNN", "LSTM", "GRU"])
 @pytest.mark.parametrize("bidirectional", [False, True])
-def test_gpu_rnn_bound_time_loops_equal_jit(mode, bidirectional, monkeypatch):
+@pytest.mark.parametrize("B,H", [(32, 16), (33, 17)])
+def test_gpu_rnn_bound_time_loops_equal_jit(mode, bidirectional, B, H, monkeypatch):
     """The recurrent time loops on the fast path bind the launcher once per loop and pass the
     later steps' pointers as raw addresses (``_launch.bind``, rnn ``_time_loop``): outputs and
     every gradient bit for bit as on the JIT path, two layers, both directions, unequal lengths.
-    Batch 32 (above the persistent kernel's default bound, so the forward runs per step too) and
-    rows a multiple of 16 bytes apart, so the loops do bind (counted)."""
+    Batch above the persistent kernel's default bound, so the forward runs per step too; rows a
+    multiple of 16 bytes apart (B=32, H=16: the step kernels bound) and not (B=33, H=17, rows of
+    561 floats: their twins for rows at any alignment bound, fed misaligned raw addresses); the
+    loops bind in both (counted)."""
     monkeypatch.setenv("GPU_NN_RNN_PERSISTENT", "0")
     torch.manual_seed(0)
-    m = getattr(gpu_nn.nn, mode)(24, 16, num_layers=2, bidirectional=bidirectional).cuda()
-    x = torch.randn(7, 32, 24, device="cuda")
-    lengths = torch.randint(1, 8, (32,))
+    m = getattr(gpu_nn.nn, mode)(24, H, num_layers=2, bidirectional=bidirectional).cuda()
+    x = torch.randn(7, B, 24, device="cuda")
+    lengths = torch.randint(1, 8, (B,))
     lengths[0] = 7
-    g = torch.randn(7, 32, (2 if bidirectional else 1) * 16, device="cuda")
+    g = torch.randn(7, B, (2 if bidirectional else 1) * H, device="cuda")
     binds = []
     real = L.bind
-    monkeypatch.setattr(L, "bind", lambda *a, **k: binds.append(1) or real(*a, **k))
+    monkeypatch.setattr(L, "bind", lambda *a, **k: binds.append(a[0]) or real(*a, **k))
 
     def run():
         xx = x.clone().requires_grad_()
@@ -528,4 +531,6 @@ def test_gpu_rnn_bound_time_loops_equal_jit(mode, bidirectional, monkeypatch):
         return (y.detach().clone(), *(t.clone() for t in grads))
 
     _bitwise(*_both_paths(run))
-    assert binds
+    from gpu_nn.kernels.triton import rnn as kt
+
+    assert binds and all((k in kt.LOOSE_ROWS.values()) == (B * H % 4 != 0) for k in binds), binds

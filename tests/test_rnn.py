@@ -797,10 +797,10 @@ def _seq_against_reference(backend, device, mode, dtype, rng, T, B, I, H, L, bi,
 BACKEND_GRID = [
     # T, B, I, H, L, bi, lengths, masks
     # B * H a multiple of 8: every per-step row 16-byte aligned in every dtype (kernels/triton/rnn.py
-    # uniform_rows), so on a GPU the time loops run one bound launcher per loop with the hidden units
-    # off multiples of 16; B above PERSIST_DEFAULT_MAX_B (16), so the forward's loop too, not the
-    # persistent kernel (the other rows: B * H not a multiple of 8, per-step launches, each step's
-    # alignment compiling its own variant)
+    # uniform_rows), so on a GPU the time loops bind the step kernels themselves, with the hidden
+    # units off multiples of 16; B above PERSIST_DEFAULT_MAX_B (16), so the forward's loop too, not
+    # the persistent kernel (the other rows: B * H not a multiple of 8, so the loops run the
+    # kernels' twins for rows at any alignment, LOOSE_ROWS)
     (5, 24, 4, 5, 1, False, None, False),
     (3, 3, 6, 19, 2, True, (3, 1, 2), True),
     (4, 2, 3, 17, 2, False, (2, 4), False),

@@ -64,7 +64,8 @@ class AotSpec:
 def _resources(cubin: bytes, sass: bool = True) -> dict:
     """Registers, stack and local memory (``cuobjdump -res-usage``) and, with ``sass``, counts of
     instructions in the disassembly (tensor-core MMAs, spill stores / loads, TMA loads, global
-    accesses by width, the straight path: ``gpu_nn.kernels.sass.straight_path``).
+    accesses by width, special-function exp2s, the straight path:
+    ``gpu_nn.kernels.sass.straight_path``).
 
     ``spill_bytes`` is the per-thread stack frame plus local memory: ptxas places spilled
     registers in the stack frame (``STL`` / ``LDL`` instructions), not in ``LOCAL``, which stays

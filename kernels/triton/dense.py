@@ -604,8 +604,9 @@ def _online_exp_sum(m_vec, s_vec, x):
 
     NaN reaches the sum (``tl.maximum`` drops it by default: fmaxf; NaN > m is false, and
     s + exp(NaN) is NaN); a lane that has seen only -inf keeps sum 0 (exp(-inf - -inf) would
-    be NaN). A +inf lane keeps a finite sum here where the two-exp form had NaN: the combination
-    of the lanes (``s exp(m_lane - m)``, m = +inf) makes the row NaN all the same, as torch's."""
+    be NaN). A lane's first +inf leaves it a finite sum where the two-exp form had NaN (a second
+    gives NaN, inf - inf): the combination of the lanes (``s exp(m_lane - m)``, m = +inf) makes
+    the row NaN all the same, as torch's."""
     m_new = tl.maximum(m_vec, x, propagate_nan=tl.PropagateNan.ALL)
     d = x - m_vec
     e = tl.exp(-tl.abs(d))
@@ -912,9 +913,10 @@ def _ce_fwd_kernel(x_ptr, t_ptr, w_ptr, loss_ptr, stats_ptr, C, ignore_index, ep
     M = tl.num_programs(0).to(tl.int64)
     base = row * C
     # the row's running max m is one number (each tile's max folded in), the lanes' sums kept
-    # relative to it: one exp per logit (the per-lane running max of _ce_online takes two, and
-    # twice the arithmetic: at 8192 x 32000 bfloat16 the H200 ran that pass at 400 us, a third
-    # of the bandwidth); the sums move to a new max only in the tiles that raise it
+    # relative to it: one exp per logit (the per-lane running max that _ce_online keeps took two
+    # then, and twice the arithmetic: at 8192 x 32000 bfloat16 the H200 ran that pass at 400 us,
+    # a third of the bandwidth; _online_exp_sum now takes one); the sums move to a new max only
+    # in the tiles that raise it
     m = tl.max(tl.full((BLOCK,), float("-inf"), tl.float32), 0)
     s_vec = tl.zeros((BLOCK,), dtype=tl.float32)
     lin = tl.zeros((BLOCK,), dtype=tl.float32)   # sum w (x - m)   (or sum w t' (x - m))

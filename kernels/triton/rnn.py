@@ -1902,7 +1902,8 @@ def _final_pair_step(launch, grid, prev, prev1, sprev, w_hh, w_hh1, carry, carry
     dh0 = carry + dG_last W_hh of each (``prev`` / ``prev1`` the gate gradients of the last step
     processed, row stride ``sprev``; no lengths, no output gradient read)."""
     s0, s1 = w_hh.stride(0), w_hh.stride(1)
-    launch(_for_rows(_rnn_step2_bwd_kernel, prev, prev1, carry, carry1, dh0, dh01), grid, prev, prev1, sprev, w_hh, w_hh1, s0, s1, carry, carry1, carry, carry1, 0, carry,
+    kernel = _for_rows(_rnn_step2_bwd_kernel, prev, prev1, carry, carry1, dh0, dh01)
+    launch(kernel, grid, prev, prev1, sprev, w_hh, w_hh1, s0, s1, carry, carry1, carry, carry1, 0, carry,
            carry1, 0, carry, carry1, 0, carry, carry1, carry, carry1, carry, carry1, carry, carry1, carry, carry1, carry,
            carry1, 0, dh0, dh01, lengths, 0, 0, carry.shape[0], carry.shape[1], **{**kw, "FINAL": True})
 
