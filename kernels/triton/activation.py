@@ -37,7 +37,8 @@ def _apply_act(x, ACT: tl.constexpr):
 @triton.jit
 def _epilogue_act(acc, ACT):
     """The activation chosen by the runtime flag ACT (0 = none): a uniform branch, so one
-    compiled kernel serves every activation (the conv and matmul epilogues)."""
+    compiled kernel serves every activation where the kernel takes ACT as do_not_specialize
+    (linear's matmul); the convolutions let Triton's JIT compile ACT = 1 (relu) apart."""
     if ACT == 1:
         acc = _apply_act(acc, 1)
     elif ACT == 2:

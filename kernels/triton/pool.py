@@ -7,7 +7,9 @@ forms of each kernel:
 
 * flat: one program handles ``BLOCK`` consecutive elements of the flattened output (forward) or
   input (backward), in NCHW or channels_last order; kernel size, stride, padding and dilation are
-  run-time integers, so one compiled kernel serves every pooling geometry. The heuristic, and
+  run-time integers, so one compiled kernel serves many pooling geometries (Triton's JIT still
+  compiles an integer equal to 1 or a multiple of 16 apart, but the divisors, which it takes as
+  do_not_specialize). The heuristic, and
   the only form where a tensor spans 2^31 elements.
 * tiled (NCHW): one program handles a 2-D tile of one (n, c) plane, window size compile-time
   (taps unrolled), int32 in-plane offsets, no per-element division; the backward visits only the

@@ -127,8 +127,10 @@ def _rnn_matmul_kernel(a_ptr, b_ptr, c_ptr, bias1_ptr, bias2_ptr, scale_ptr, M, 
     One program per [BLOCK_M, BLOCK_N] tile of C, ordered in groups of GROUP_M row tiles so that
     neighbouring programs share B tiles in L2; the K loop is software-pipelined (the launch's
     num_stages) and its dots run on tensor cores unless DOT_DT is 0. The epilogue options are
-    runtime flags, not constexprs (one compiled kernel serves every combination: they cost a
-    uniform branch per tile, once); the bias / scale pointers have the type of B (the caller
+    runtime ints, not constexprs (a uniform branch per tile, once; Triton's JIT compiles a
+    flag's value 1 apart, folded, and that stays: unspecialised flags took the 128x128 float32
+    tile's launched form from 16 to 56 B of spills, sm_90, Triton 3.6); the bias / scale
+    pointers have the type of B (the caller
     passes B where one is absent; never read then).
     """
     _matmul_tile(tl.program_id(0), a_ptr, b_ptr, c_ptr, bias1_ptr, bias2_ptr, scale_ptr, M, N, K, stride_am, stride_ak,
@@ -372,7 +374,7 @@ def _rnn_step_fwd_kernel(xg_ptr, stride_xg, hp_ptr, hn_ptr, cp_ptr, cn_ptr, w_pt
     except the GRU's b_hh); LSTM / GRU overwrite it with the activated gates (GRU: r, z, n and
     h W_hn^T + b_hn). ``hp / cp`` the previous state, ``hn / cn`` the new one (float32 [B, H]).
     ``out`` gets h' (zero where ``t >= len[b]``), times ``mask`` when ``has_mask`` (a runtime
-    flag: one compiled kernel with and without the dropout mask, a uniform branch per tile).
+    int, a uniform branch per tile; Triton's JIT compiles has_mask = 1 apart, the branch folded).
     ``t < 0`` (the cells): no lengths, every row valid, ``len`` not read (any pointer will do).
     Element-wise in place is safe: ``xg`` may be ``hn`` and ``out`` (the Elman cell in float32),
     each element is read before it is written, by the same tile.
@@ -677,7 +679,7 @@ def _persist_tile(jb, j, s, reverse, xg_ptr, stride_xgt, stride_xgb, hs_ptr, cs_
              out.to(out_ptr.dtype.element_ty), mask=m2)
 
 
-@triton.jit(do_not_specialize=["t"])
+@triton.jit(do_not_specialize=["t", "has_carry", "has_dcin"])
 def _rnn_step_bwd_kernel(dgn_ptr, stride_dgn, w_ptr, stride_w0, stride_w1, carry_ptr, has_carry, dc_ptr, dcin_ptr,
                          has_dcin, dout_ptr, stride_dout, g_ptr, stride_g, hp_ptr, hn_ptr, cp_ptr, cn_ptr, dgi_ptr, dgh_ptr, stride_dg, dh0_ptr,
                          len_ptr, t, B, H,
@@ -696,7 +698,9 @@ def _rnn_step_bwd_kernel(dgn_ptr, stride_dgn, w_ptr, stride_w0, stride_w1, carry
     The cells (one step, no state gradient carried in): ``has_carry`` 0 (dh is dout alone, the
     carry only written), ``has_dcin`` 0 where no c' gradient came (dc_next zero, not read), and
     ``t < 0``: no lengths, every row valid, ``len`` not read. Both flags are runtime arguments
-    (one compiled kernel serves sequence and cell; a uniform predicate on one load each).
+    the JIT does not specialise (one compiled kernel serves sequence and cell; a uniform predicate
+    on one load each; unspecialised, no configuration gained a spill or more than 8 registers,
+    sm_90, Triton 3.6).
     """
     _step_bwd_tile(tl.program_id(0), tl.program_id(1), dgn_ptr, stride_dgn, w_ptr, stride_w0, stride_w1, carry_ptr,
                    has_carry, dc_ptr, dcin_ptr, has_dcin, dout_ptr, stride_dout, g_ptr, stride_g, hp_ptr, hn_ptr, cp_ptr,
@@ -1012,11 +1016,11 @@ def _resident_bwd_tile(jb, jh, s, reverse, wt, ws_ptr, carry_ptr, dc_ptr, has_dc
 # launch heuristics and launchers (all tensors already allocated and offset by the caller)
 
 
-def _rows_twin(kernel, dns, rows):
-    """``kernel``'s function again, as a kernel with no 16-byte alignment fact about its
-    parameters ``rows`` (``do_not_specialize_on_alignment``; ``dns``: the kernel's own
-    ``do_not_specialize``): what a time loop launches when the rows it passes for them are not a
-    multiple of 16 bytes apart (``_time_loop``, ``uniform_rows``), and a per-step launch when one
+def _rows_twin(kernel, rows):
+    """``kernel``'s function again, with its ``do_not_specialize``, as a kernel with no 16-byte
+    alignment fact about its parameters ``rows`` (``do_not_specialize_on_alignment``): what a
+    time loop launches when the rows it passes for them are not a multiple of 16 bytes apart
+    (``_time_loop``, ``uniform_rows``), and a per-step launch when one
     of them is not aligned (``_for_rows``).
 
     With the alignment specialised, each step's rows are aligned or not by the step's index
@@ -1033,6 +1037,8 @@ def _rows_twin(kernel, dns, rows):
     the kernel would (its ``cache_key`` is the kernel's)."""
     params = inspect.signature(kernel.fn).parameters
     assert all(r in params for r in rows), rows  # Triton ignores a name that is no parameter
+    # the interpreter keeps the decorator's arguments in kwargs, the JIT as an attribute
+    dns = getattr(kernel, "kwargs", {}).get("do_not_specialize") or getattr(kernel, "do_not_specialize", None)
     return triton.jit(do_not_specialize=dns, do_not_specialize_on_alignment=rows)(kernel.fn)
 
 
@@ -1052,12 +1058,12 @@ def _pair_rows(kernel, rows):
 
 
 # the kernels for rows at any alignment (module names: tests wrap every kernel found here)
-_rnn_step_fwd_rows_kernel = _rows_twin(_rnn_step_fwd_kernel, ["t"], _FWD_ROWS)
-_rnn_step2_fwd_rows_kernel = _rows_twin(_rnn_step2_fwd_kernel, ["t", "t1"], _pair_rows(_rnn_step2_fwd_kernel, _FWD_ROWS))
-_rnn_step_bwd_rows_kernel = _rows_twin(_rnn_step_bwd_kernel, ["t"], _BWD_ROWS)
-_rnn_step2_bwd_rows_kernel = _rows_twin(_rnn_step2_bwd_kernel, ["t", "t1"], _pair_rows(_rnn_step2_bwd_kernel, _BWD_ROWS))
-_rnn_proj_fwd_rows_kernel = _rows_twin(_rnn_proj_fwd_kernel, ["t"], ["m_ptr", "hp_ptr", "hn_ptr", "out_ptr", "mask_ptr"])
-_rnn_proj_bwd_rows_kernel = _rows_twin(_rnn_proj_bwd_kernel, ["t"], ["dgn_ptr", "carry_ptr", "dout_ptr", "dh_ptr"])
+_rnn_step_fwd_rows_kernel = _rows_twin(_rnn_step_fwd_kernel, _FWD_ROWS)
+_rnn_step2_fwd_rows_kernel = _rows_twin(_rnn_step2_fwd_kernel, _pair_rows(_rnn_step2_fwd_kernel, _FWD_ROWS))
+_rnn_step_bwd_rows_kernel = _rows_twin(_rnn_step_bwd_kernel, _BWD_ROWS)
+_rnn_step2_bwd_rows_kernel = _rows_twin(_rnn_step2_bwd_kernel, _pair_rows(_rnn_step2_bwd_kernel, _BWD_ROWS))
+_rnn_proj_fwd_rows_kernel = _rows_twin(_rnn_proj_fwd_kernel, ["m_ptr", "hp_ptr", "hn_ptr", "out_ptr", "mask_ptr"])
+_rnn_proj_bwd_rows_kernel = _rows_twin(_rnn_proj_bwd_kernel, ["dgn_ptr", "carry_ptr", "dout_ptr", "dh_ptr"])
 LOOSE_ROWS = {_rnn_step_fwd_kernel: _rnn_step_fwd_rows_kernel, _rnn_step2_fwd_kernel: _rnn_step2_fwd_rows_kernel,
               _rnn_step_bwd_kernel: _rnn_step_bwd_rows_kernel, _rnn_step2_bwd_kernel: _rnn_step2_bwd_rows_kernel,
               _rnn_proj_fwd_kernel: _rnn_proj_fwd_rows_kernel, _rnn_proj_bwd_kernel: _rnn_proj_bwd_rows_kernel}
@@ -1995,7 +2001,8 @@ def aot_specs():
     KP 16 (the interpreter's one-tile launches) and RESIDENT_MAX_KP, both directions' too at
     the latter (every KP between compiles as they do: the sm_90 table in
     benchmarks/results/aot/rnn_resident_kp_*.json). The dropout mask, like the matmul's biases / scale /
-    accumulation, is a runtime flag (one compiled kernel with and without). Pointer arguments a
+    accumulation, is a runtime int (an i32 here; a launch's value 1, which the JIT compiles
+    apart, is compiled by tests/test_aot_coverage.py's front-end check). Pointer arguments a
     launch does not use carry the type of the dummy the launcher passes in their place (each
     pointer type is its own compiled kernel): an absent bias / scale of the matmul is B, an
     absent dropout mask the weights (the mask's dtype), the final backward step's output
