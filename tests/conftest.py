@@ -128,9 +128,10 @@ def pytest_collection_modifyitems(config, items):
     the others finish (compile-bound on the H200). A model of that scheduler over the suite's
     variant census (``variant_census --schedule``: 16 workers, each variant compiled at its sampled
     time x 1.8, the H200's per-variant factor, 0.05-0.2 s per test besides, the GPU run's tests and
-    ids; benchmarks/results/census/) finishes the collection order in 304-384 s and this one in
-    236-260 s against bounds of 174-216 s (the other compile sample: 205-264 against 135-171, bounds
-    111-154): a model, which the next GPU run's suite time checks."""
+    ids; benchmarks/results/census/) finished the collection order in 304-384 s and this one in
+    236-260 s against bounds of 174-216 s at 91f1d25 (the other compile sample: 205-264 against
+    135-171, bounds 111-154); later figures are in that folder. A model, which the next GPU run's
+    suite time checks."""
     if os.environ.get(ORDER_ENV) == "gpu-first":
         def key(item):
             group = _order(item)

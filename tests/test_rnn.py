@@ -2157,8 +2157,8 @@ def _as_per_step(kt, calls, loose=None):
 @pytest.mark.parametrize("B,H", [(5, 7), (4, 8)])
 def test_step_loops_launch_as_the_per_step_launchers(mode, reverse, B, H, monkeypatch):
     """The loops make the per-step launchers' launches, the kernel aside: B=5, H=7 (float32 rows
-    of 35 or 140 elements, whose alignment changes from step to step) run the kernels' twins for
-    rows at any alignment, B=4, H=8 the kernels themselves."""
+    of 35 elements, 140 bytes, whose alignment changes from step to step) run the kernels' twins
+    for rows at any alignment, B=4, H=8 the kernels themselves."""
     from gpu_nn.kernels.triton import rnn as kt
 
     calls = _launch_record(kt, monkeypatch)

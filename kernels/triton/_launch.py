@@ -329,8 +329,9 @@ def bind(kernel, grid, *args, **kwargs):
     did -- the same types, every pointer with the same 16-byte alignment (but those the kernel
     says ``do_not_specialize_on_alignment``), every int the same in what the kernel's binder
     specialises (an int equal to 1, 16-divisibility; nothing but its type where the kernel says
-    ``do_not_specialize``) -- and that the current device and stream stay these. Pointer arguments may be raw device addresses (Python ints), which the launchers
-    of the verified versions take as they are (``PyLong_Check`` first in ``getPointer`` /
+    ``do_not_specialize``) -- and that the current device and stream stay these. Pointer
+    arguments may be raw device addresses (Python ints), which the launchers of the verified
+    versions take as they are (``PyLong_Check`` first in ``getPointer`` /
     ``extractPointer``: no ``data_ptr()`` call and no ``cuPointerGetAttribute`` per pointer).
     For time loops: one launch per step of the same kernel on rows of the same buffers.
 

@@ -130,8 +130,7 @@ def _rnn_matmul_kernel(a_ptr, b_ptr, c_ptr, bias1_ptr, bias2_ptr, scale_ptr, M, 
     runtime ints, not constexprs (a uniform branch per tile, once; Triton's JIT compiles a
     flag's value 1 apart, folded, and that stays: unspecialised flags took the 128x128 float32
     tile's launched form from 16 to 56 B of spills, sm_90, Triton 3.6); the bias / scale
-    pointers have the type of B (the caller
-    passes B where one is absent; never read then).
+    pointers have the type of B (the caller passes B where one is absent; never read then).
     """
     _matmul_tile(tl.program_id(0), a_ptr, b_ptr, c_ptr, bias1_ptr, bias2_ptr, scale_ptr, M, N, K, stride_am, stride_ak,
                  stride_bk, stride_bn, stride_cm, stride_cn, stride_sm, stride_sn, has_bias1, has_bias2, has_scale,
@@ -1020,8 +1019,8 @@ def _rows_twin(kernel, rows):
     """``kernel``'s function again, with its ``do_not_specialize``, as a kernel with no 16-byte
     alignment fact about its parameters ``rows`` (``do_not_specialize_on_alignment``): what a
     time loop launches when the rows it passes for them are not a multiple of 16 bytes apart
-    (``_time_loop``, ``uniform_rows``), and a per-step launch when one
-    of them is not aligned (``_for_rows``).
+    (``_time_loop``, ``uniform_rows``), and a per-step launch when one of them is not aligned
+    (``_for_rows``).
 
     With the alignment specialised, each step's rows are aligned or not by the step's index
     (float32 rows of B * H = 35 elements: one step in four aligned), and each pattern over the
@@ -1030,8 +1029,8 @@ def _rows_twin(kernel, rows):
     kernels in the test suite, 457 with the twins (benchmarks/results/census). The twin is one
     compiled kernel whatever the steps' alignment, so a loop binds its launcher
     (``_launch.bind``) as one over aligned rows does. What it gives up is vector width on the
-    row accesses of such shapes, which are misaligned in most steps anyway;
-    the weights, biases and lengths keep their alignment facts. The same function, so the same
+    row accesses of such shapes, which are misaligned in most steps anyway; the weights, biases
+    and lengths keep their alignment facts. The same function, so the same
     code and the same ``aot_specs`` entries (a spec compiles with no alignment fact at all,
     ``AotSpec``), and one Triton cache entry where the twin's launch specialises as a launch of
     the kernel would (its ``cache_key`` is the kernel's)."""
