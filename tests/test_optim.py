@@ -376,6 +376,58 @@ def test_clip_grad_norm_nonfinite(backend, device, rng):
         assert abs(float(clip_grad_norm_(single, 1.0)) - 4.0) < 1e-6
 
 
+@pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
+@pytest.mark.parametrize("norm_type", (0.5, 1.0, 2.0, 3.0, float("inf")))
+def test_clip_grad_norm_nan_gradient_as_torch(backend, device, norm_type):
+    """A NaN gradient makes the total norm NaN for every norm type, as torch's, so every gradient
+    is scaled by NaN and error_if_nonfinite raises. The Triton path's general p once raised 0 to
+    the p-th power in place of NaN (|x|^p selected to 0 where not |x| > 0): a finite total, a NaN
+    guard that did nothing."""
+    def grads():
+        out = []
+        for vals in ([float("nan"), 1.0, -2.0], [0.5, 0.0, 3.0, 4.0, -1.0]):
+            q = torch.nn.Parameter(torch.zeros(len(vals), device=device))
+            q.grad = torch.tensor(vals, device=device)
+            out.append(q)
+        return out
+
+    theirs = grads()
+    tt = torch.nn.utils.clip_grad_norm_(theirs, 1.0, norm_type)
+    ours = grads()
+    with gpu_nn.backend(backend):
+        tn = clip_grad_norm_(ours, 1.0, norm_type)
+        with pytest.raises(RuntimeError, match="non-finite"):
+            clip_grad_norm_(grads(), 1.0, norm_type, error_if_nonfinite=True)
+    assert math.isnan(float(tt)) and math.isnan(float(tn)), (tt, tn)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a.grad.cpu(), b.grad.cpu(), equal_nan=True)
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("reference", "triton", "cupy")))
+@pytest.mark.parametrize("name", ("Adam", "AdamW"))
+def test_amsgrad_keeps_nan_in_its_running_max(backend, device, name):
+    """amsgrad's max_exp_avg_sq takes a NaN second moment as torch.maximum does (NaN kept), and
+    keeps it on the next step; the Triton kernel's max once dropped it (Triton's default max
+    returns the other operand), leaving the state unlike torch's."""
+    def model():
+        q = torch.nn.Parameter(torch.tensor([1.0, 0.8, -0.3], device=device))
+        return q
+
+    ours, theirs = model(), model()
+    o1 = getattr(go, name)([ours], lr=1e-3, amsgrad=True)
+    o2 = getattr(torch.optim, name)([theirs], lr=1e-3, amsgrad=True)
+    for g in ([0.5, 1.0, -1.0], [float("nan"), 1.0, 2.0], [0.1, -0.2, 0.3]):
+        ours.grad = torch.tensor(g, device=device)
+        theirs.grad = torch.tensor(g, device=device)
+        with gpu_nn.backend(backend):
+            o1.step()
+        o2.step()
+        for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+            torch.testing.assert_close(o1.state[ours][key].cpu(), o2.state[theirs][key].cpu(), equal_nan=True,
+                                       msg=lambda m, key=key: f"{name} {key}: {m}")
+        torch.testing.assert_close(ours.detach().cpu(), theirs.detach().cpu(), equal_nan=True)
+
+
 # -- kernel backends ----------------------------------------------------------------------
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # the interpreter too: _compat makes its bfloat16 exact

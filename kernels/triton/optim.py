@@ -298,7 +298,8 @@ def _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vm_ptr, offs, mask, sign, wd, decay,
     tl.store(m_ptr + offs, (m).to(m_ptr.dtype.element_ty), mask=mask)
     tl.store(v_ptr + offs, (v).to(v_ptr.dtype.element_ty), mask=mask)
     if AMSGRAD:
-        vm = tl.maximum(tl.load(vm_ptr + offs, mask=mask).to(tl.float32), v)
+        # NaN kept, as torch.maximum keeps it (and the CUDA C twin's select)
+        vm = tl.maximum(tl.load(vm_ptr + offs, mask=mask).to(tl.float32), v, propagate_nan=tl.PropagateNan.ALL)
         tl.store(vm_ptr + offs, (vm).to(vm_ptr.dtype.element_ty), mask=mask)
         denom = tl.sqrt_rn(vm) / bc2s + eps
     else:
@@ -356,7 +357,9 @@ def _norm_piece(x, p, NORM: tl.constexpr):
     elif NORM == 2:
         return a * a
     else:
-        return tl.where(a > 0, tl.exp(p * tl.log(tl.where(a > 0, a, 1.0))), 0.0)
+        # |x|^p where |x| > 0; else |x| itself: 0 stays 0, and NaN stays NaN (torch's norm is NaN
+        # then; a select of 0 there made a NaN gradient count as 0 in the total)
+        return tl.where(a > 0, tl.exp(p * tl.log(tl.where(a > 0, a, 1.0))), a)
 
 
 @triton.jit(do_not_specialize=["p_b"])
