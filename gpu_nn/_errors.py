@@ -27,3 +27,13 @@ class KernelInputIndexError(KernelInputError, IndexError):
 class KernelInputNotImplementedError(KernelInputError, NotImplementedError):
     """Bad input where torch raises ``NotImplementedError`` (a kernel torch has no dtype for:
     softmax of an integer tensor)."""
+
+
+def type_name(obj) -> str:
+    """The name of ``obj``'s type as torch's argument errors print it (CPython's ``tp_name``):
+    the bare name for builtins and for classes defined in Python, the dotted name for types
+    defined in C elsewhere ("must be Tensor, not numpy.ndarray", "... not torch.Size")."""
+    t = type(obj)
+    if t.__flags__ & (1 << 9) or t.__module__ == "builtins":  # Py_TPFLAGS_HEAPTYPE: a class made in Python
+        return t.__name__
+    return f"{t.__module__}.{t.__qualname__}"

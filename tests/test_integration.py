@@ -6,6 +6,7 @@ import io
 import pickle
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as tnn
@@ -556,3 +557,64 @@ def test_convert_names_an_uninitialized_lazy_layer():
         gpu_nn.convert(model)
     model(torch.randn(2, 4))  # its first forward makes it a torch.nn.Linear, which converts
     assert type(gpu_nn.convert(model)[0]) is gnn.Linear
+
+
+def _not_a_tensor_cases():
+    """(name, ours, torch's, same wording?) for a public function given a list or an array where
+    a tensor belongs."""
+    import torch.nn.functional as TF
+
+    import gpu_nn.functional as G
+
+    a4, a3, a2 = np.ones((1, 2, 5, 5)), np.ones((1, 2, 5)), np.ones((2, 3))
+    w4, w3, x2 = torch.ones(3, 2, 3, 3), torch.ones(3, 2, 3), torch.ones(2, 3)
+    h, wi, wh = torch.ones(2, 4), torch.ones(4, 3), torch.ones(4, 4)
+    t = torch.zeros(2, dtype=torch.long)
+    return [
+        ("relu", lambda: G.relu(a2), lambda: TF.relu(a2), True),
+        ("relu_", lambda: G.relu([1.0], inplace=True), lambda: TF.relu([1.0], inplace=True), True),
+        ("sigmoid", lambda: G.sigmoid(a2), lambda: torch.sigmoid(a2), True),
+        ("tanh", lambda: G.tanh([1.0]), lambda: torch.tanh([1.0]), True),
+        # torch.nn.functional's softmax calls a method of its input (an AttributeError): torch.softmax's words
+        ("softmax", lambda: G.softmax(a2, 1), lambda: torch.softmax(a2, 1), True),
+        ("log_softmax", lambda: G.log_softmax(a2, 1), lambda: torch.log_softmax(a2, 1), True),
+        ("linear weight", lambda: G.linear(x2, a2), lambda: TF.linear(x2, a2), True),
+        ("linear bias", lambda: G.linear(x2, wi, [1.0] * 4), lambda: TF.linear(x2, wi, [1.0] * 4), True),
+        ("flatten", lambda: G.flatten(a4), lambda: torch.flatten(a4), True),
+        ("cross_entropy", lambda: G.cross_entropy(a2, t), lambda: TF.cross_entropy(a2, t), True),
+        ("cross_entropy weight", lambda: G.cross_entropy(x2, t, weight=[1.0] * 3),
+         lambda: TF.cross_entropy(x2, t, weight=[1.0] * 3), True),
+        ("max_pool2d", lambda: G.max_pool2d(a4, 2), lambda: TF.max_pool2d(a4, 2), True),
+        ("avg_pool1d", lambda: G.avg_pool1d(a3, 2), lambda: TF.avg_pool1d(a3, 2), True),
+        ("rnn_tanh_cell input", lambda: G.rnn_tanh_cell(a2, h, wi, wh), lambda: torch.rnn_tanh_cell(a2, h, wi, wh), True),
+        ("rnn_relu_cell hx", lambda: G.rnn_relu_cell(x2, [1.0], wi, wh), lambda: torch.rnn_relu_cell(x2, [1.0], wi, wh),
+         True),
+        ("gru_cell w_ih", lambda: G.gru_cell(x2, h, "w", torch.ones(12, 4)),
+         lambda: torch.gru_cell(x2, h, "w", torch.ones(12, 4)), True),
+        ("lstm_cell w_hh", lambda: G.lstm_cell(x2, (h, h), torch.ones(16, 3), a2),
+         lambda: torch.lstm_cell(x2, (h, h), torch.ones(16, 3), a2), True),
+        # torch's own message lists its overloads ("invalid combination of arguments"): ours names
+        # the argument instead, still a TypeError
+        ("conv2d input", lambda: G.conv2d(a4, w4), lambda: TF.conv2d(a4, w4), False),
+        ("conv1d weight", lambda: G.conv1d(torch.ones(1, 2, 5), a3), lambda: TF.conv1d(torch.ones(1, 2, 5), a3), False),
+        ("rnn_tanh", lambda: G.rnn_tanh(np.ones((2, 1, 3)), torch.ones(1, 1, 4), [wi, wh], False, 1, 0.0, False, False,
+                                        False),
+         lambda: torch.rnn_tanh(np.ones((2, 1, 3)), torch.ones(1, 1, 4), [wi, wh], False, 1, 0.0, False, False, False),
+         False),
+    ]
+
+
+@pytest.mark.parametrize("case", _not_a_tensor_cases(), ids=lambda c: c[0])
+def test_not_a_tensor_is_a_type_error_as_in_torch(case):
+    """A list or a NumPy array where a tensor belongs: a TypeError, as torch raises (the
+    activations and the recurrent cells raised a plain KernelInputError, which ``except
+    TypeError`` misses), before anything runs, naming the type as torch does ('numpy.ndarray')."""
+    _, ours, theirs, same_words = case
+    with pytest.raises(TypeError) as want:
+        theirs()
+    with pytest.raises(gpu_nn.KernelInputTypeError) as got:
+        ours()
+    if same_words:
+        assert str(got.value) == str(want.value)
+    else:
+        assert "must be Tensor, not numpy.ndarray" in str(got.value)

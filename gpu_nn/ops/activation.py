@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend
-from .._errors import KernelInputError
+from .._errors import KernelInputError, KernelInputTypeError, type_name
 from ..check import CheckCase
 from ..reference import activation as ref
 from ._dispatch import (FLOAT_DTYPES, check_float, check_float_like_torch, empty, empty_like, from_numpy, on_device, routed,
@@ -175,7 +175,9 @@ _activation_backward_op.register_autograd(_backward_backward, setup_context=_set
 
 def _apply(input: Tensor, activation: str, inplace: bool = False) -> Tensor:
     if not isinstance(input, Tensor):
-        raise KernelInputError(f"{activation}(): argument 'input' must be Tensor, not {type(input).__name__}")
+        # TypeError, as torch's (relu_ for the in-place form, as torch.relu_ names itself)
+        raise KernelInputTypeError(f"{activation}{'_' if inplace else ''}(): argument 'input' (position 1) must be "
+                                   f"Tensor, not {type_name(input)}")
     if input.is_complex() or (input.is_floating_point() and input.dtype not in FLOAT_DTYPES):
         # torch's verdict: relu refuses complex tensors (NotImplementedError), sigmoid / tanh
         # compute them; a float8 tensor none of the three takes on a CPU

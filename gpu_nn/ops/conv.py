@@ -34,7 +34,7 @@ import torch.nn.functional as _TF
 from torch import Tensor
 
 from .. import _backend
-from .._errors import KernelInputError, KernelInputTypeError
+from .._errors import KernelInputError, KernelInputTypeError, type_name
 from .._precision import tf32 as _tf32
 from ..check import CheckCase
 from ..reference import conv as ref
@@ -66,7 +66,7 @@ _OVERLOADS = (
 def _bad_combination(nd: int, arg: str, v) -> KernelInputTypeError:
     """torch's argument-parser TypeError (worded as for a call passing ``arg`` by keyword)."""
     return KernelInputTypeError(
-        f"conv{nd}d() received an invalid combination of arguments - got (Tensor, Tensor, {arg}={type(v).__name__}), "
+        f"conv{nd}d() received an invalid combination of arguments - got (Tensor, Tensor, {arg}={type_name(v)}), "
         f"but expected one of:\n{_OVERLOADS}"
     )
 
@@ -87,7 +87,7 @@ def _expand(name: str, v, nd: int, types_only: bool = False) -> list[int]:
                 raise _bad_combination(nd, name, v)
             raise KernelInputTypeError(
                 f"conv{nd}d(): argument '{name}' failed to unpack the object at pos {i + 1} with error "
-                f'"type must be tuple of ints,but got {type(e).__name__}"'
+                f'"type must be tuple of ints,but got {type_name(e)}"'
             )
     v = [int(a) for a in v]
     if types_only:
@@ -217,11 +217,9 @@ def _check_all(nd: int, input: Tensor, weight: Tensor, bias: Optional[Tensor], s
                groups: int, activation, unbatched: bool = False) -> None:
     """Every bad-input kind, with torch's wording, before any computation. ``input`` is batched."""
     name = f"conv{nd}d"
-    for arg, t in (("input", input), ("weight", weight)):
-        if not isinstance(t, Tensor):
-            raise KernelInputError(f"{name}(): argument '{arg}' must be Tensor, not {type(t).__name__}")
-    if bias is not None and not isinstance(bias, Tensor):
-        raise KernelInputError(f"{name}(): argument 'bias' must be Tensor, not {type(bias).__name__}")
+    for pos, (arg, t) in enumerate((("input", input), ("weight", weight), ("bias", bias)), 1):
+        if not isinstance(t, Tensor) and not (arg == "bias" and t is None):
+            raise KernelInputTypeError(f"{name}(): argument '{arg}' (position {pos}) must be Tensor, not {type_name(t)}")
     if activation not in ACTIVATIONS:
         raise KernelInputError(f"{name}: unknown activation {activation!r}; expected one of {ACTIVATIONS}")
     if weight.dim() != nd + 2:
@@ -701,9 +699,9 @@ def _conv_args(nd, input, weight, bias, stride, padding, dilation, groups, activ
     name = f"conv{nd}d"
     # torch's argument parser first (TypeErrors), then conv's own checks
     if not isinstance(input, Tensor):
-        raise KernelInputTypeError(f"{name}(): argument 'input' (position 1) must be Tensor, not {type(input).__name__}")
+        raise KernelInputTypeError(f"{name}(): argument 'input' (position 1) must be Tensor, not {type_name(input)}")
     if not isinstance(weight, Tensor):
-        raise KernelInputTypeError(f"{name}(): argument 'weight' (position 2) must be Tensor, not {type(weight).__name__}")
+        raise KernelInputTypeError(f"{name}(): argument 'weight' (position 2) must be Tensor, not {type_name(weight)}")
     if bias is not None and not isinstance(bias, Tensor):
         raise _bad_combination(nd, "bias", bias)
     for arg, v in (("stride", stride), ("padding", padding), ("dilation", dilation)):

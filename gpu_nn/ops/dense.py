@@ -33,7 +33,7 @@ import torch.nn.functional as _TF
 from torch import Tensor
 
 from .. import _backend, _precision
-from .._errors import KernelInputError, KernelInputIndexError, KernelInputTypeError
+from .._errors import KernelInputError, KernelInputIndexError, KernelInputTypeError, type_name
 from ..check import CheckCase
 from ..reference import dense as ref
 from ._dispatch import (FLOAT_DTYPES, autocast_inputs, check_float_like_torch, empty, float64_in_float32, from_numpy, is_int,
@@ -65,7 +65,7 @@ def _scalar_name(dtype) -> str:
 def _check_tensor(op: str, name: str, t, position: int | None = None) -> None:
     if not isinstance(t, Tensor):
         pos = f" (position {position})" if position else ""
-        raise KernelInputTypeError(f"{op}(): argument '{name}'{pos} must be Tensor, not {type(t).__name__}")
+        raise KernelInputTypeError(f"{op}(): argument '{name}'{pos} must be Tensor, not {type_name(t)}")
 
 
 def _wrap_dim(dim: int, ndim: int) -> int:
@@ -115,11 +115,11 @@ def flatten(input: Tensor, start_dim: int = 0, end_dim: int = -1) -> Tensor:
     """
     if _has_tf(input, start_dim, end_dim):
         return _tf(flatten, input, start_dim, end_dim)
-    _check_tensor("flatten", "input", input)
+    _check_tensor("flatten", "input", input, 1)
     for name, pos, v in (("start_dim", 2, start_dim), ("end_dim", 3, end_dim)):
         if not is_int(v):
             raise _torchs_flatten_error(input.dim(), start_dim, end_dim,
-                                        f"flatten(): argument '{name}' (position {pos}) must be int, not {type(v).__name__}")
+                                        f"flatten(): argument '{name}' (position {pos}) must be int, not {type_name(v)}")
     s, e = _wrap_dim(int(start_dim), input.dim()), _wrap_dim(int(end_dim), input.dim())
     if s > e:
         raise KernelInputError("flatten() has invalid args: start_dim cannot come after end_dim")
@@ -599,14 +599,14 @@ def _torchs_error(name: str, ndim: int, dim, dtype, fallback: str) -> KernelInpu
 
 
 def _softmax_public(name, op, input, dim, _stacklevel, dtype):
-    _check_tensor(name, "input", input)
+    _check_tensor(name, "input", input, 1)  # torch.softmax's wording (F.softmax calls a method of input)
     if dim is not None and not is_int(dim):
         raise _torchs_error(name, input.dim(), dim, dtype,
-                            f"{name}(): argument 'dim' (position 1) must be int, not {type(dim).__name__}")
+                            f"{name}(): argument 'dim' (position 1) must be int, not {type_name(dim)}")
     if dtype is not None and not isinstance(dtype, torch.dtype):
         if dtype not in _PY_DTYPES:
             raise _torchs_error(name, input.dim(), dim, dtype,
-                                f"{name}(): argument 'dtype' must be torch.dtype, not {type(dtype).__name__}")
+                                f"{name}(): argument 'dtype' must be torch.dtype, not {type_name(dtype)}")
         dtype = _PY_DTYPES[dtype]
     if dtype is None:
         (input,) = autocast_inputs("fp32", input, cpu="none")
@@ -977,7 +977,7 @@ def _check_cross_entropy(input, target, weight, ignore_index, reduction, label_s
                                "cross_entropy: input must have at least one dimension (the classes)")
     C = input.shape[0] if input.dim() == 1 else input.shape[1]
     if weight is not None:
-        _check_tensor("cross_entropy", "weight", weight)
+        _check_tensor("cross_entropy_loss", "weight", weight, 3)
         if weight.device != input.device:
             raise KernelInputError(
                 f"Expected all tensors to be on the same device, but found at least two devices, {input.device} and {weight.device}!"
@@ -1059,11 +1059,11 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, s
     # torch's parser: ignore_index an int, label_smoothing a number (an int is fine), never coerced
     if not is_int(ignore_index):
         raise KernelInputTypeError(
-            f"cross_entropy_loss(): argument 'ignore_index' (position 5) must be int, not {type(ignore_index).__name__}"
+            f"cross_entropy_loss(): argument 'ignore_index' (position 5) must be int, not {type_name(ignore_index)}"
         )
     if isinstance(label_smoothing, (str, bytes)) or not isinstance(label_smoothing, (int, float, np.integer, np.floating, Tensor)):
         raise KernelInputTypeError(
-            f"cross_entropy_loss(): argument 'label_smoothing' (position 6) must be float, not {type(label_smoothing).__name__}"
+            f"cross_entropy_loss(): argument 'label_smoothing' (position 6) must be float, not {type_name(label_smoothing)}"
         )
     if isinstance(input, Tensor):
         input, weight = autocast_inputs("fp32", input, weight)

@@ -31,7 +31,7 @@ import torch.nn.functional as _TF
 from torch import Tensor
 
 from .. import _backend
-from .._errors import KernelInputError, KernelInputIndexError, KernelInputTypeError
+from .._errors import KernelInputError, KernelInputIndexError, KernelInputTypeError, type_name
 from ..check import CheckCase
 from ..kernels import fastdiv
 from ..reference import pool as ref
@@ -67,16 +67,16 @@ def _int_list(op: str, arg: str, v) -> tuple[int, ...]:
     if is_int(v):
         return (int(v),)
     if not isinstance(v, (tuple, list, torch.Size)):
-        raise KernelInputTypeError(f"{op}(): argument '{arg}'{pos} must be tuple of ints, not {type(v).__name__}")
+        raise KernelInputTypeError(f"{op}(): argument '{arg}'{pos} must be tuple of ints, not {type_name(v)}")
     for i, e in enumerate(v):
         if not is_int(e):
             if i == 0:
                 raise KernelInputTypeError(
-                    f"{op}(): argument '{arg}'{pos} must be tuple of ints, but found element of type {type(e).__name__} at pos 0"
+                    f"{op}(): argument '{arg}'{pos} must be tuple of ints, but found element of type {type_name(e)} at pos 0"
                 )
             raise KernelInputTypeError(
                 f"{op}(): argument '{arg}' failed to unpack the object at pos {i + 1} with error "
-                f'"type must be tuple of ints,but got {type(e).__name__}"'
+                f'"type must be tuple of ints,but got {type_name(e)}"'
             )
     return tuple(int(e) for e in v)
 
@@ -212,7 +212,7 @@ def _check_input(op: str, input, theirs=None, *args) -> None:
     """A tensor in a dtype our kernels take; for another dtype torch's error where torch refuses
     it too (``theirs(input, *args)``: torch's pooling, max pooling's for min pooling), else ours."""
     if not isinstance(input, Tensor):
-        raise KernelInputTypeError(f"{op}(): argument 'input' (position 1) must be Tensor, not {type(input).__name__}")
+        raise KernelInputTypeError(f"{op}(): argument 'input' (position 1) must be Tensor, not {type_name(input)}")
     if theirs is None:
         check_float(op, "input", input)
     elif input.dtype not in FLOAT_DTYPES:  # (tested first: no closure on the usual call)
@@ -977,7 +977,7 @@ def _divisor(op: str, divisor_override):
     if divisor_override is None:
         return None
     if not is_int(divisor_override):
-        raise KernelInputTypeError(f"{op}(): argument 'divisor_override' must be int, not {type(divisor_override).__name__}")
+        raise KernelInputTypeError(f"{op}(): argument 'divisor_override' must be int, not {type_name(divisor_override)}")
     if int(divisor_override) == 0:
         raise KernelInputError("divisor must be not zero")
     return int(divisor_override)

@@ -105,7 +105,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend, _precision
-from .._errors import KernelInputError
+from .._errors import KernelInputError, KernelInputTypeError, type_name
 from ..check import CheckCase, _rel, generic_error
 from ..reference import rnn as ref
 from ._dispatch import (
@@ -1581,9 +1581,9 @@ def _cell_usual(input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode) -> bool:
 def _check_cell(op, input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode):
     if _cell_usual(input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode):
         return
-    for name, t in (("input", input), ("hx", hx), ("w_ih", w_ih), ("w_hh", w_hh)):
+    for pos, (name, t) in enumerate((("input", input), ("hx", hx), ("w_ih", w_ih), ("w_hh", w_hh)), 1):
         if not isinstance(t, Tensor):
-            raise KernelInputError(f"{op}(): argument '{name}' must be Tensor, not {type(t).__name__}")
+            raise KernelInputTypeError(f"{op}(): argument '{name}' (position {pos}) must be Tensor, not {type_name(t)}")
     if input.dim() != 2:
         raise KernelInputError(f"{op}: Expected input to be 1D or 2D, got {input.dim()}D instead")
     H = w_hh.shape[-1]
@@ -1740,7 +1740,7 @@ def _lstm_state(op, hx):
     would unpack along its first dimension) is a TypeError, a sequence of another length an error."""
     if isinstance(hx, Tensor) or not isinstance(hx, (tuple, list)):
         raise HiddenStateTypeError(
-            f"{op}(): argument 'hx' (position 2) must be tuple of Tensors, not {type(hx).__name__}"
+            f"{op}(): argument 'hx' (position 2) must be tuple of Tensors, not {type_name(hx)}"
         )
     if len(hx) != 2:
         raise KernelInputError(f"{op} expects two hidden states")
@@ -1749,7 +1749,7 @@ def _lstm_state(op, hx):
 
 def _cell(op, mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh):
     if not isinstance(input, Tensor):
-        raise KernelInputError(f"{op}(): argument 'input' must be Tensor, not {type(input).__name__}")
+        raise KernelInputTypeError(f"{op}(): argument 'input' (position 1) must be Tensor, not {type_name(input)}")
     batched = input.dim() == 2
     if input.dim() not in (1, 2):
         raise KernelInputError(f"{op}: Expected input to be 1D or 2D, got {input.dim()}D instead")
@@ -1815,7 +1815,7 @@ def draw_dropout_masks(p: float, num_layers: int, T: int, B: int, width: int, li
 def _seq(mode, input, hx, cx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first, lengths,
          dropout_masks):
     if not isinstance(input, Tensor):
-        raise KernelInputError(f"{mode}(): argument 'input' must be Tensor, not {type(input).__name__}")
+        raise KernelInputTypeError(f"{mode}(): argument 'input' (position 1) must be Tensor, not {type_name(input)}")
     if input.dim() != 3:
         raise KernelInputError(f"{mode}: input must have 3 dimensions, got {input.dim()}")
     _check_devices(input, [hx, cx], params)
