@@ -9,6 +9,8 @@ import gpu_nn.functional as F
 from gpu_nn.ops.activation import BACKENDS
 from helpers import assert_close, backend_params, gpu_dtypes_for, randn
 
+EPS32 = torch.finfo(torch.float32).eps
+
 OPS = {"relu": (F.relu, torch.relu), "sigmoid": (F.sigmoid, torch.sigmoid), "tanh": (F.tanh, torch.tanh)}
 SHAPES = [(1,), (7,), (3, 5, 17), (2, 0, 3), (2, 3, 33, 9)]
 
@@ -94,6 +96,31 @@ def test_nan_propagates(backend, device):
             y = ours(x)
             assert torch.isnan(y[0]), name
             torch.testing.assert_close(y[1:].cpu(), theirs(x[1:]).cpu())
+
+
+@pytest.mark.parametrize("backend,device", backend_params(BACKENDS))
+def test_tanh_near_zero_keeps_float32_precision(backend, device):
+    """tanh of tiny, subnormal and signed-zero inputs as torch's (tanh(x) = x there, -0.0 kept),
+    and within a few float32 ulps across the range, through F.tanh, a fused linear epilogue and
+    the recurrent cells (they share the kernel's tanh). The Triton form (1 - e) / (1 + e),
+    e = exp(-2|x|), cancelled as |x| shrank: 1.0133e-6 for tanh(1e-6), 0 for 1e-8 (a user audit)."""
+    # the linear and the cell multiply x by 1 in exact float32 (conftest's _exact_float32: no TF32)
+    tiny = torch.tensor([1e-6, -1e-6, 3e-5, 1e-8, -1e-20, 1.4e-45, -1e-40, -0.0, 0.0], device=device)
+    with gpu_nn.backend(backend):
+        y = F.tanh(tiny)
+    want = torch.tanh(tiny.cpu())
+    torch.testing.assert_close(y.cpu(), want, rtol=2 * EPS32, atol=0)
+    assert torch.equal(torch.signbit(y.cpu()), torch.signbit(want))
+    r = torch.linspace(-4, 4, 4001, dtype=torch.float64)
+    with gpu_nn.backend(backend):
+        y = F.tanh(r.float().to(device))
+        fused = F.linear(r.float().to(device)[:, None], torch.ones(1, 1, device=device), activation="tanh")
+        h = F.rnn_tanh_cell(r.float().to(device)[:, None], torch.zeros(len(r), 1, device=device),
+                            torch.ones(1, 1, device=device), torch.ones(1, 1, device=device))
+    # a few ulps: exp's own rounding, then the quotient's, near |x| = 0.25
+    for got in (y, fused[:, 0], h[:, 0]):
+        err = ((got.cpu().double() - torch.tanh(r)).abs() / torch.tanh(r).abs().clamp_min(1e-30)).max()
+        assert err <= 8 * EPS32, float(err)
 
 
 def test_relu_inplace(rng):

@@ -27,11 +27,23 @@ def _apply_act(x, ACT: tl.constexpr):
         e = tl.exp(-tl.abs(x))
         x = tl.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
     elif ACT == 3:
-        # tanh(x) = sign(x) (1 - e) / (1 + e), e = exp(-2|x|): no overflow for large |x|
-        e = tl.exp(-2.0 * tl.abs(x))
-        t = (1.0 - e) / (1.0 + e)
-        x = tl.where(x >= 0, t, -t)
+        x = _tanh(x)
     return x
+
+
+@triton.jit
+def _tanh(x):
+    """tanh of a float32 tile, to a few float32 ulps at every |x|: sign(x) (1 - e) / (1 + e)
+    with e = exp(-2|x|) (no overflow for large |x|) from |x| = 0.25 up, below it the odd Taylor
+    series to x^9 (truncation under 1e-8 relative there), where 1 - e cancels: the quotient alone
+    was 1.3 % off at 1e-6 and 0 at 1e-8 (a user audit). The series keeps x's sign, so tanh(-0.0)
+    is -0.0 as torch's; NaN takes the quotient and stays NaN. The recurrent cells use it too."""
+    a = tl.abs(x)
+    e = tl.exp(-2.0 * a)
+    t = (1.0 - e) / (1.0 + e)
+    x2 = x * x
+    series = x * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0 + x2 * (62.0 / 2835.0)))))
+    return tl.where(a < 0.25, series, tl.where(x >= 0, t, -t))
 
 
 @triton.jit

@@ -69,7 +69,7 @@ import triton.language as tl
 
 from . import INTERPRET as _INTERPRET, POISON as _POISON
 from ._aot import AotSpec
-from .activation import _grouped_tile
+from .activation import _grouped_tile, _tanh
 from .dense import colsum_ranges
 from . import _launch
 from ._launch import cdiv, next_power_of_2
@@ -84,13 +84,6 @@ DOT_CODES = {"fp32": 0, "fp16": 1, "bf16": 2, "tf32": 3}
 def _sigmoid(x):
     e = tl.exp(-tl.abs(x))
     return tl.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
-
-
-@triton.jit
-def _tanh(x):
-    e = tl.exp(-2.0 * tl.abs(x))
-    t = (1.0 - e) / (1.0 + e)
-    return tl.where(x >= 0, t, -t)
 
 
 @triton.jit
