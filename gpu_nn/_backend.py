@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import sys
 import threading
 
 import torch
@@ -161,6 +162,21 @@ def interpret_mode() -> bool:
     return ktriton.INTERPRET
 
 
+def triton_library_compiled() -> bool:
+    """Whether Triton's own language library (``tl.sum``, ``tl.max``, ... themselves
+    ``@triton.jit`` functions, decorated when ``triton.language`` is imported) is in compiled
+    form: imported before ``TRITON_INTERPRET=1`` was set. Interpreted kernels cannot call it
+    ("Cannot call @triton.jit'd outside of the scope of a kernel"). ``import gpu_nn`` imports it
+    on some torch versions (torch.utils.flop_counter, for the ops' flop formulas, loads Triton on
+    torch 2.13), so the variable has to be set before torch and gpu_nn are imported."""
+    std = sys.modules.get("triton.language.standard")
+    if std is None:
+        return False
+    from triton.runtime.jit import JITFunction
+
+    return isinstance(getattr(std, "sum", None), JITFunction)
+
+
 @functools.lru_cache(maxsize=None)
 def _triton_importable() -> tuple[bool, str]:
     try:
@@ -221,8 +237,13 @@ def _status(name: str) -> tuple[bool, str]:
         if cuda:
             return True, f"compiled kernels on {cwhy}"
         if interpret_mode():
+            if triton_library_compiled():
+                return False, ("TRITON_INTERPRET=1 was set after triton.language was imported (import torch / "
+                               "gpu_nn may import it): Triton's own functions are compiled, and the interpreted "
+                               "kernels cannot call them; set it before importing torch and gpu_nn")
             return True, "CPU tensors through the Triton interpreter (TRITON_INTERPRET=1)"
-        return False, f"{cwhy}, and TRITON_INTERPRET=1 was not set before the kernels were imported"
+        return False, (f"{cwhy}, and TRITON_INTERPRET=1 was not set (set before torch and gpu_nn are imported, it "
+                       "runs the kernels on CPU tensors in Triton's interpreter; gpu-nn check sets it itself)")
     return _cupy_status()
 
 

@@ -61,11 +61,20 @@ def cmd_check(args) -> int:
 
     import torch
 
+    from . import _backend
+
     if not torch.cuda.is_available() and "gpu_nn.kernels.triton" not in sys.modules:
         # no GPU: check the Triton kernels in the interpreter (decided before they are imported)
         os.environ.setdefault("TRITON_INTERPRET", "1")
         if os.environ["TRITON_INTERPRET"] == "1":
-            print("no CUDA device: Triton kernels run in the interpreter (TRITON_INTERPRET=1)")
+            if _backend.triton_library_compiled():
+                # Triton's language library came in compiled before the variable was set (import
+                # gpu_nn loads it on torch 2.13): the interpreted kernels could not call it, so the
+                # check runs in a fresh process that has the variable from its start
+                import subprocess
+
+                return subprocess.call([sys.executable, "-m", "gpu_nn.cli", *args.argv], env=os.environ.copy())
+            print("no CUDA device: Triton kernels run in the interpreter (TRITON_INTERPRET=1)", flush=True)
     import time
 
     from . import check
@@ -156,6 +165,7 @@ def main(argv=None) -> int:
     from ._errors import BackendUnavailableError
 
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what a command re-run in a fresh process takes
     try:
         return int(args.func(args) or 0)
     except (BackendUnavailableError, OSError) as exc:

@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import torch
+
 from gpu_nn.cli import main
 
 
@@ -74,7 +76,12 @@ def test_sass_cuda_compiles_only_the_families_named(monkeypatch, capsys):
 
 def test_check_runs_triton_when_started_without_interpret(tmp_path):
     """`gpu-nn check` started without TRITON_INTERPRET still checks the Triton backend (in the
-    interpreter on a CPU-only machine): building the parser must not import the kernels first."""
+    interpreter on a CPU-only machine): building the parser must not import the kernels first,
+    and where ``import gpu_nn`` has imported triton.language already (torch 2.13's
+    flop_counter does), compiled, the check reruns itself in a fresh process with the variable
+    set. softmax: its kernels call Triton's own library (tl.max, tl.sum), which relu's do not;
+    run in the first process, 120 of 250 rows failed "Cannot call @triton.jit'd outside of the
+    scope of a kernel" (a user audit)."""
     import json
 
     import pytest
@@ -82,11 +89,31 @@ def test_check_runs_triton_when_started_without_interpret(tmp_path):
     pytest.importorskip("triton")
     js = tmp_path / "check.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "gpu_nn.cli", "check", "--op", "relu", "--no-progress", "--json", str(js)],
-                          env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "gpu_nn.cli", "check", "--op", "relu", "--op", "softmax",
+                           "--no-progress", "--json", str(js)], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     rows = json.loads(js.read_text())
-    assert {r["backend"] for r in rows} >= {"reference", "triton"}
+    assert {(r["op"], r["backend"]) for r in rows} >= {(op, b) for op in ("relu", "softmax") for b in ("reference", "triton")}
+    if not torch.cuda.is_available():
+        assert proc.stdout.count("Triton kernels run in the interpreter") == 1, proc.stdout[:500]
+
+
+def test_triton_status_says_when_the_interpreter_came_too_late():
+    """TRITON_INTERPRET=1 set after triton.language was imported: the triton backend is
+    unavailable and says why (its kernels would fail calling Triton's compiled library)."""
+    import pytest
+
+    pytest.importorskip("triton")
+    code = ("import os, triton.language; os.environ['TRITON_INTERPRET'] = '1'; import torch, gpu_nn; "
+            "from gpu_nn import _backend; print(_backend.triton_library_compiled(), _backend.status('triton'))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    if torch.cuda.is_available():  # compiled kernels: the interpreter is not needed there
+        assert "True (True, 'compiled kernels on" in out.stdout, out.stdout
+    else:
+        assert out.stdout.startswith("True (False, ") and "was set after triton.language was imported" in out.stdout, \
+            out.stdout
 
 
 def test_check_prints_each_op_as_it_finishes(capsys):
