@@ -406,7 +406,8 @@ def rnn_backward(mode, grad_output, grad_hn, grad_cn, x, weights, reserve, num_l
         in_w = xin.shape[-1]
         dxin = np.zeros((T, B, in_w), dt)
         if valid is not None:
-            dout *= valid[:, :, None]
+            # a select, not a product: a NaN / inf gradient of a padded output adds nothing
+            np.copyto(dout, 0, where=~valid[:, :, None])
         for d in range(D):
             k = l * D + d
             w_ih, w_hh, b_ih, b_hh, w_hr = _unpack(weights[k])
@@ -424,15 +425,15 @@ def rnn_backward(mode, grad_output, grad_hn, grad_cn, x, weights, reserve, num_l
                 dcx[k] = dc0
             gi = dGi.reshape(T * B, gate_w)
             gh = dGh.reshape(T * B, gate_w)
-            hprev = (Hs[1:] if d == 1 else Hs[:T]).reshape(T * B, W)
-            dw_ih = gi.T @ xin.reshape(T * B, in_w)
+            hprev = _valid_rows(Hs[1:] if d == 1 else Hs[:T], valid)
+            dw_ih = gi.T @ _valid_rows(xin, valid)
             dw_hh = gh.T @ hprev
             db_ih = gi.sum(0) if b_ih is not None else None
             db_hh = (gh.sum(0) if gh is not gi else db_ih.copy()) if b_hh is not None else None
             dxin.reshape(T * B, in_w)[...] += gi @ w_ih
             dweights[k] = (dw_ih, dw_hh, db_ih, db_hh)
             if P:
-                dweights[k] += (dHp.reshape(T * B, P).T @ v[("m", l, d)].reshape(T * B, H),)
+                dweights[k] += (dHp.reshape(T * B, P).T @ _valid_rows(v[("m", l, d)], valid),)
         if l > 0:
             dout = dxin
             if dropout_masks is not None:
@@ -440,6 +441,17 @@ def rnn_backward(mode, grad_output, grad_hn, grad_cn, x, weights, reserve, num_l
         else:
             dx = dxin
     return dx, dhx, dcx, dweights
+
+def _valid_rows(m: np.ndarray, valid) -> np.ndarray:
+    """``m`` [T, B, n] as [T * B, n] rows of a weight gradient's product, the steps past their
+    sequence's length (``valid`` False) zeroed: they add nothing, as in torch's packed sequences,
+    though the state an ended sequence carries on (or the input's padding) may be inf or NaN,
+    which a zero gate gradient would turn into NaN (0 * inf)."""
+    T, B, n = m.shape
+    if valid is not None and not valid.all():
+        m = np.where(valid[:, :, None], m, 0)
+    return m.reshape(T * B, n)
+
 
 
 # ----------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ opcheck on every op, state_dict interchange, dropout, bad input, and every backe
 reference."""
 
 import contextlib
+import copy
 
 import numpy as np
 import pytest
@@ -1945,6 +1946,50 @@ def test_persistent_cooperative_launch_matches_per_step_on_gpu(mode, rng, monkey
                          what=f"{mode} cooperative vs per-step")
     # the option reached the compiled kernels the driver launched (their launcher reads it there)
     assert compiled and all(c.metadata.launch_cooperative_grid for c in compiled)
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("reference", "triton", "cupy")))
+@pytest.mark.parametrize("bad", ("nan", "overflow"))
+def test_packed_steps_past_a_length_add_nothing_to_the_weight_gradients(backend, device, bad):
+    """A packed relu RNN whose shorter sequence ends on a NaN or +inf state (its only step's
+    input NaN, or 3e38 through positive weights): every weight gradient as torch's. The steps
+    past that sequence's length carry its final state on (for h_n) with zero gate gradients,
+    and the weight gradients' products took those rows too, 0 * inf: dW_hh came out NaN where
+    torch's is finite (a user audit). Also a NaN in the input's padding (past a length) changes
+    nothing, two layers and both directions."""
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    torch.manual_seed(3)
+    T, B, I, H = 3, 2, 2, 2
+    theirs = torch.nn.RNN(I, H, nonlinearity="relu", num_layers=2, bidirectional=True).double()
+    with torch.no_grad():
+        theirs.weight_ih_l0.abs_().add_(1.0)
+        theirs.weight_ih_l0_reverse.abs_().add_(1.0)
+    ours = gnn.RNN(I, H, nonlinearity="relu", num_layers=2, bidirectional=True).double()
+    ours.load_state_dict(theirs.state_dict())
+    lengths = torch.tensor([3, 1])
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    x[0, 1, :] = float("nan") if bad == "nan" else 3e38
+    dt = torch.float32
+
+    def grads(m, x, be=None):
+        m = copy.deepcopy(m).to(device, dt)
+        with gpu_nn.backend(be) if be else contextlib.nullcontext():
+            y, h = m(pack_padded_sequence(x.to(device, dt), lengths))
+            y.data.sum().add(h.sum()).backward()
+        return [p.grad.cpu() for p in m.parameters()]
+
+    want = grads(theirs, x)
+    got = grads(ours, x, backend)
+    for name, a, b in zip([n for n, _ in theirs.named_parameters()], got, want):
+        torch.testing.assert_close(a, b, equal_nan=True, rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+    if bad == "overflow":  # the case this guards: torch's forward dW_hh of the first layer stays finite
+        assert torch.isfinite(want[1]).all(), want[1]
+    # the input's padding past the lengths is never read: NaN there changes no gradient
+    xp = x.clone()
+    xp[1:, 1, :] = float("nan")
+    for a, b in zip(grads(ours, xp, backend), got):
+        torch.testing.assert_close(a, b, equal_nan=True, rtol=0, atol=0)
 
 
 def test_relu_recurrence_at_nan_inf_and_zero_is_torchs(rng):

@@ -368,6 +368,19 @@ _FULL_LENGTHS: dict = {}  # (T, B, device) -> read-only int64 [B] filled with T
 _FULL_LENGTHS_MAX = 256
 
 
+def _valid_rows(lengths, T, B, device):
+    """``rows(m)``: ``m`` [T * B, n] (step-major operand rows of a weight gradient's GEMM) with the
+    rows of steps past their sequence's length zeroed, where ``lengths`` leaves some (else ``m``
+    itself). Those steps add nothing to the weight gradients, as in torch's packed sequences:
+    their gate gradients are zero, but the rows they multiply may hold inf or NaN (the final
+    state an ended sequence carries on, a padding value of the input), and 0 * inf is NaN. A
+    relu RNN whose state overflowed made dW_hh NaN where torch's is finite (a user audit)."""
+    if lengths is None or not B or int(lengths.min()) >= T:
+        return lambda m: m
+    pad = _backend.to_device_async((torch.arange(T)[:, None] >= lengths.cpu()[None, :]).reshape(T * B, 1), device)
+    return lambda m: m.masked_fill(pad, 0)
+
+
 def _lengths_on(lengths, T, B, device):
     """Per-sequence lengths on the device (copied from pinned memory: torch's copy from pageable
     memory would synchronise the stream at every packed call, forward and backward, and fail
@@ -623,9 +636,11 @@ def _gpu_backward(K, mode, gout, ghn, gcn, input, weights, reserve, num_layers, 
     dws = [None] * (L * D)
     tf32 = tf32_allowed(dt)
     dout = gout
+    rows = _valid_rows(lengths, T, B, dev)
     for l in range(L - 1, -1, -1):
         xin = input if l == 0 else v[("x", l)]
         in_w = xin.shape[-1]
+        x2 = rows(xin.reshape(T * B, in_w))  # dW_ih's operand, both directions
         dxin = empty((T, B, in_w), dtype=f32, device=dev)
         mk = masks[l - 1] if (masks is not None and l > 0) else None
         dws_pair = None
@@ -644,8 +659,7 @@ def _gpu_backward(K, mode, gout, ghn, gcn, input, weights, reserve, num_layers, 
             # dW_ih and dW_hh of both directions, each pair in one launch where the two can share it
             dws_pair = [(empty(ws[l * D + d][0].shape, dtype=ws[l * D + d][0].dtype, device=dev),
                          empty(ws[l * D + d][1].shape, dtype=ws[l * D + d][1].dtype, device=dev)) for d in range(D)]
-            x2 = xin.reshape(T * B, in_w)
-            hps = [(v[("h", l, d)][1:] if d == 1 else v[("h", l, d)][:T]).reshape(T * B, W) for d in range(D)]
+            hps = [rows((v[("h", l, d)][1:] if d == 1 else v[("h", l, d)][:T]).reshape(T * B, W)) for d in range(D)]
             ih = [(dGis[d].view(T * B, GH).t(), x2, dws_pair[d][0], None, None) for d in range(D)]
             hh = [(dGhs[d].view(T * B, GH).t(), hps[d], dws_pair[d][1], None, None) for d in range(D)]
             ih_dot, hh_dot = _dot_code(x2.dtype, tf32=tf32), _dot_code(hps[0].dtype, tf32=tf32)
@@ -695,11 +709,10 @@ def _gpu_backward(K, mode, gout, ghn, gcn, input, weights, reserve, num_layers, 
                 K.step_backward(mode, prev, w_hh, carry, None, None, None, None, None, None, None, None, None, dhx[k], None,
                                 0, dcode, final=True)
             gi, gh = dGi.view(T * B, GH), dGh.view(T * B, GH)
-            hprev = (Hs[1:] if d == 1 else Hs[:T]).reshape(T * B, W)
-            x2 = xin.reshape(T * B, in_w)
             if dws_pair is not None:
                 dw_ih, dw_hh = dws_pair[d]  # made above, both directions in one launch each
             else:
+                hprev = rows((Hs[1:] if d == 1 else Hs[:T]).reshape(T * B, W))
                 dw_ih = empty(w_ih.shape, dtype=w_ih.dtype, device=dev)
                 dw_hh = empty(w_hh.shape, dtype=w_hh.dtype, device=dev)
                 K.matmul(gi.t(), x2, dw_ih, dot=_dot_code(x2.dtype, tf32=tf32))
@@ -715,7 +728,7 @@ def _gpu_backward(K, mode, gout, ghn, gcn, input, weights, reserve, num_layers, 
                      acc=d == 1, dot=_dot_code(w_ih.dtype, tf32=tf32))
             if P:
                 dw_hr = empty(w_hr.shape, dtype=w_hr.dtype, device=dev)
-                K.matmul(dHp.view(T * B, P).t(), v[("m", l, d)].reshape(T * B, H), dw_hr, dot=_dot_code(f32, tf32=tf32))
+                K.matmul(dHp.view(T * B, P).t(), rows(v[("m", l, d)].reshape(T * B, H)), dw_hr, dot=_dot_code(f32, tf32=tf32))
                 grads.append(dw_hr)
             dws[k] = grads
         dout = dxin
