@@ -339,8 +339,12 @@ def plot_history(runs: list[dict], path: str) -> None:
 
 
 def render(results_dir: str = RESULTS_DIR, readme: str | None = None) -> None:
+    if not os.path.isdir(results_dir):
+        # a mistyped --dir would otherwise render "no runs" over the README's table (a user audit)
+        raise SystemExit(f"gpu-nn results: no folder {results_dir} (recorded runs live in {RESULTS_DIR})")
     runs = load_runs(results_dir)
-    os.makedirs(results_dir, exist_ok=True)
+    if not runs:
+        raise SystemExit(f"gpu-nn results: {results_dir} holds no recorded run (gpu-nn results record OUTDIR adds one)")
     plot_history(runs, os.path.join(results_dir, "history.png"))
     if readme:
         text = _read(readme)

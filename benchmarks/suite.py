@@ -21,6 +21,8 @@ PROVIDERS = ("reference", "triton", "cupy")
 
 
 def add_arguments(parser) -> None:
+    from ..cli import count as _count
+
     parser.add_argument("--family", action="append", choices=(*FAMILIES, "all"),
                         help="family to run (repeatable); default all")
     parser.add_argument("--quick", action="store_true",
@@ -34,7 +36,7 @@ def add_arguments(parser) -> None:
                              "thread's CPU seconds, the host cost of a call without the waits a loaded, shared "
                              "machine adds (use with --family overhead; torch runs on one thread there)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--warm-jobs", type=int, default=0, metavar="N",
+    parser.add_argument("--warm-jobs", type=_count(0), default=0, metavar="N",
                         help="GPU runs: before timing, N processes make each case's first call in parallel, "
                              "so that kernel compilation (Triton's and CuPy's on-disk caches, shared by every "
                              "process) runs on N cores instead of one; each case's cold first call is kept as "

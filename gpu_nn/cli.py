@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_info)
     sp = sub.add_parser("check", help="every op on every working backend against the reference")
     sp.add_argument("--op", action="append", help="only this op (repeatable)")
-    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--seed", type=count(0), default=0, help="seed of the random inputs (default %(default)s)")
     sp.add_argument("--json", type=output_path, help="write the rows to this JSON file")
     sp.add_argument("--no-progress", action="store_true")
     sp.add_argument("--workers", type=count(1), default=None,

@@ -35,10 +35,12 @@ mode; on a GPU ``mode="reduce-overhead"``, CUDA graphs, by default).
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import importlib.resources
 import json
+import os
 import time
 from types import ModuleType
 from typing import Callable
@@ -383,17 +385,24 @@ def print_table(results: dict, console=None) -> None:
 def add_arguments(parser) -> None:
     from .cli import count, output_path
 
+    def plot_path(path: str) -> str:
+        # matplotlib picks the format from the suffix: refuse one it cannot write now, not after training
+        path = output_path(path)
+        if os.path.splitext(path)[1].lower() not in (".png", ".pdf", ".svg", ".jpg", ".jpeg"):
+            raise argparse.ArgumentTypeError(f"{path}: the plot is written as .png, .pdf, .svg or .jpg (by its suffix)")
+        return path
+
     parser.add_argument("--model", choices=(*MODELS, "all"), default="all", help="default %(default)s")
-    parser.add_argument("--epochs", type=int, help="epochs per model (default: %s)"
+    parser.add_argument("--epochs", type=count(1), help="epochs per model (default: %s)"
                         % ", ".join(f"{m} {h['epochs']}" for m, h in HYPER.items()))
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
     parser.add_argument("--backend", choices=("auto", "reference", "triton", "cupy"), default=None,
                         help="gpu-nn backend for our models (default: GPU_NN_BACKEND, else auto)")
     parser.add_argument("--json", type=output_path, help="write the figures to this JSON file")
-    parser.add_argument("--plot", type=output_path, help="write a PNG of the loss curves to this path")
-    parser.add_argument("--subset", type=int, help="train on only the first N training images")
+    parser.add_argument("--plot", type=plot_path, help="write a plot of the loss curves to this .png (.pdf, .svg, .jpg) path")
+    parser.add_argument("--subset", type=count(1), help="train on only the first N training images")
     parser.add_argument("--seed", type=count(0), default=0, help="initial weights and batch order (default %(default)s)")
-    parser.add_argument("--threads", type=int, default=1,
+    parser.add_argument("--threads", type=count(1), default=1,
                         help="torch CPU threads (default %(default)s: the models are tiny, and fanning each small "
                              "op out over threads costs more than it saves, badly so on a busy machine)")
     parser.add_argument("--compile", action="store_true",
@@ -401,6 +410,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--compile-backend", default="inductor",
                         help="torch.compile backend for --compile (default %(default)s; 'aot_eager' compiles fast)")
     parser.add_argument("--compile-mode", default=None,
+                        choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
                         help="torch.compile mode for --compile (default: reduce-overhead, i.e. CUDA graphs, on cuda "
                              "with inductor; torch's default otherwise)")
     parser.add_argument("--fuse", action="store_true",
@@ -419,12 +429,14 @@ def run(args) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("gpu-nn demo: --device cuda but torch sees no CUDA device")
-    if args.epochs is not None and args.epochs < 1:
-        raise SystemExit("gpu-nn demo: --epochs must be >= 1")
-    if args.subset is not None and args.subset < 1:
-        raise SystemExit("gpu-nn demo: --subset must be >= 1")
-    if args.threads is not None and args.threads >= 1:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
+    if args.compile:
+        from torch import _dynamo
+
+        known = _dynamo.list_backends(exclude_tags=())
+        if args.compile_backend not in known:
+            raise SystemExit(f"gpu-nn demo: --compile-backend {args.compile_backend!r} is not one of torch.compile's "
+                             f"backends: {', '.join(sorted(known))}")
     if args.fuse and args.ours_from != "gpu_nn":
         raise SystemExit("gpu-nn demo: --fuse makes gpu_nn layers; it cannot go with --ours-from torch")
     ours = gpu_nn_impl() if args.ours_from == "gpu_nn" else torch_impl()

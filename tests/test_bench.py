@@ -365,6 +365,21 @@ def test_results_record_and_render(tmp_path):
     assert "| activation | tanh fwd | N=32 | triton | 0.50x | - | `abcdef1` |" in text and "1.50x" not in text
 
 
+def test_results_render_refuses_a_folder_without_runs(tmp_path):
+    """render --dir of a mistyped or empty folder stops with an error and leaves the README as it
+    was: it used to create the folder and render "no runs" over the README's results table,
+    exit status 0 (a user audit)."""
+    from gpu_nn.benchmarks import results
+
+    readme = tmp_path / "README.md"
+    text = f"intro\n{results.START}\nthe table\n{results.END}\nafter\n"
+    readme.write_text(text)
+    for folder in (tmp_path / "no-such-folder", tmp_path):
+        with pytest.raises(SystemExit, match="no folder|holds no recorded run"):
+            results.render(str(folder), str(readme))
+    assert readme.read_text() == text and not (tmp_path / "no-such-folder").exists()
+
+
 def test_overhead_family_times_ours_torch_and_both_floors():
     """bench_overhead: per-call figures (the harness divides by the calls per sample) for an
     op, a module and an optimizer, fwd and fwd+bwd, with both floors, and a goal summary."""

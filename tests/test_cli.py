@@ -211,3 +211,24 @@ def test_demo_backend_defaults_to_gpu_nn_backend(monkeypatch):
     assert main(["demo", "--model", "cnn"]) == 0
     assert main(["demo", "--model", "cnn", "--backend", "reference"]) == 0
     assert seen == ["reference", "auto", "reference"]
+
+
+def test_bad_values_are_refused_before_anything_runs(capsys):
+    """Values that once ended in a traceback (a NumPy seed error, torch.compile's unknown mode or
+    backend, matplotlib's unknown format after the whole training) or were silently ignored
+    (--threads 0, --warm-jobs -1) are refused with a message before anything runs (a user
+    audit)."""
+    import pytest
+
+    for argv, words in ((["check", "--op", "relu", "--seed", "-3"], "--seed: must be at least 0"),
+                        (["demo", "--threads", "0"], "--threads: must be at least 1"),
+                        (["demo", "--epochs", "0"], "--epochs: must be at least 1"),
+                        (["demo", "--subset", "0"], "--subset: must be at least 1"),
+                        (["demo", "--plot", "/tmp/loss.txt"], "written as .png, .pdf, .svg or .jpg"),
+                        (["demo", "--compile", "--compile-mode", "bogus"], "invalid choice: 'bogus'"),
+                        (["bench", "--warm-jobs", "-1"], "--warm-jobs: must be at least 0")):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2 and words in capsys.readouterr().err, argv
+    with pytest.raises(SystemExit, match="is not one of torch.compile's backends"):
+        main(["demo", "--compile", "--compile-backend", "bogus", "--model", "cnn", "--epochs", "1", "--no-progress"])
