@@ -469,6 +469,35 @@ def _flops(model, x, backward):
     return counter.get_total_flops()
 
 
+def test_import_leaves_triton_and_the_flop_counter_until_they_are_wanted():
+    """``import gpu_nn`` imports neither torch's flop counter nor Triton (the counter loads Triton
+    on torch 2.13, and a Triton imported before TRITON_INTERPRET=1 cannot interpret our kernels:
+    gpu-nn check sets the variable after importing gpu_nn); importing the counter afterwards
+    registers our formulas, so FlopCounterMode counts our linear as torch's, forward and backward.
+    In a fresh process, since this session has imported both."""
+    import subprocess
+    import sys
+
+    code = """
+import sys
+import torch, gpu_nn
+assert "torch.utils.flop_counter" not in sys.modules and "triton.language" not in sys.modules, sorted(
+    m for m in sys.modules if m.startswith(("triton", "torch.utils.flop")))
+from torch.utils.flop_counter import FlopCounterMode
+x = torch.randn(3, 8, requires_grad=True)
+counts = []
+for m in (gpu_nn.nn.Linear(8, 5), torch.nn.Linear(8, 5)):
+    with FlopCounterMode(display=False) as fc:
+        m(x).sum().backward()
+    counts.append(fc.get_total_flops())
+assert counts[0] == counts[1] == 3 * 2 * 3 * 8 * 5, counts
+print("ok")
+"""
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stdout[-2000:] + out.stderr[-2000:]
+
+
 def test_flop_counter_counts_our_layers_as_torchs():
     """torch.utils.flop_counter.FlopCounterMode counts our conv / linear ops as it counts torch's
     (its own formulas: forward, and backward with and without an input gradient), and our

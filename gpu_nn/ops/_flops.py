@@ -7,30 +7,25 @@ convolution or matrix products (torch's own ``conv_flop_count`` and ``conv_backw
 convolutions), nothing for bias, activation, softmax or pooling; a backward counts the input and
 weight gradients it computes (twice the forward's products for the recurrent ops, and for linear
 where both its input's and its weight's gradients are wanted).
+
+The formulas are registered when ``torch.utils.flop_counter`` is imported (at once where it is
+already): importing it costs about a second and loads Triton (torch 2.13), which ``import gpu_nn``
+should not (a Triton imported before ``TRITON_INTERPRET=1`` is set cannot interpret our kernels,
+and ``gpu-nn check`` sets it after the import). A user of ``FlopCounterMode`` imports the module,
+and that import registers them.
 """
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.util
 import math
+import sys
+import warnings
 
 import torch
-from torch.utils import flop_counter as _fc
 
-_ops = torch.ops.gpu_nn
-
-
-@_fc.register_flop_formula(_ops.conv_forward)
-def _conv_forward(x_shape, w_shape, _bias, _stride, _padding, _dilation, _groups, _activation, *, out_shape, **kwargs):
-    return _fc.conv_flop_count(x_shape, w_shape, out_shape, transposed=False)
-
-
-@_fc.register_flop_formula(_ops.conv_backward)
-def _conv_backward(grad_out_shape, x_shape, w_shape, _output, stride, padding, dilation, groups, _activation,
-                   output_mask, *, out_shape, **kwargs):
-    # output_mask: (input, weight, bias) gradients wanted, as aten.convolution_backward's
-    # (torch's formula as registered: it takes its output as out_val, shapes passing through)
-    return _fc.conv_backward_flop(grad_out_shape, x_shape, w_shape, None, stride, padding, dilation, False,
-                                  [0] * len(stride), groups, list(output_mask), out_val=out_shape)
+_MODULE = "torch.utils.flop_counter"
 
 
 def _linear(x_shape, w_shape) -> int:
@@ -38,37 +33,89 @@ def _linear(x_shape, w_shape) -> int:
     return 2 * rows * math.prod(w_shape)  # [rows, K] x [K, O] (a 1-d weight: O = 1)
 
 
-@_fc.register_flop_formula(_ops.linear)
-def _linear_forward(x_shape, w_shape, _bias, _activation, **kwargs):
-    return _linear(x_shape, w_shape)
-
-
-@_fc.register_flop_formula(_ops.linear_backward)
-def _linear_backward(_grad_shape, x_shape, w_shape, _output, _activation, _has_bias, need_input=True, need_weight=True,
-                     **kwargs):
-    return (bool(need_input) + bool(need_weight)) * _linear(x_shape, w_shape)  # dx = g w and dw = g^T x, each if wanted
-
-
 def _recurrent(rows: int, weights) -> int:
     """Every step's products: each 2-d weight (input, recurrent, projection) meets every row."""
     return 2 * rows * sum(math.prod(w) for w in weights if w is not None and len(w) == 2)
 
 
-@_fc.register_flop_formula(_ops.rnn_cell)
-def _cell_forward(x_shape, _hx, _cx, w_ih, w_hh, *args, **kwargs):
-    return _recurrent(x_shape[0], (w_ih, w_hh))
+def register(_fc) -> None:
+    """Our ops' formulas in ``_fc`` (torch.utils.flop_counter)'s registry."""
+    _ops = torch.ops.gpu_nn
+
+    @_fc.register_flop_formula(_ops.conv_forward)
+    def _conv_forward(x_shape, w_shape, _bias, _stride, _padding, _dilation, _groups, _activation, *, out_shape,
+                      **kwargs):
+        return _fc.conv_flop_count(x_shape, w_shape, out_shape, transposed=False)
+
+    @_fc.register_flop_formula(_ops.conv_backward)
+    def _conv_backward(grad_out_shape, x_shape, w_shape, _output, stride, padding, dilation, groups, _activation,
+                       output_mask, *, out_shape, **kwargs):
+        # output_mask: (input, weight, bias) gradients wanted, as aten.convolution_backward's
+        # (torch's formula as registered: it takes its output as out_val, shapes passing through)
+        return _fc.conv_backward_flop(grad_out_shape, x_shape, w_shape, None, stride, padding, dilation, False,
+                                      [0] * len(stride), groups, list(output_mask), out_val=out_shape)
+
+    @_fc.register_flop_formula(_ops.linear)
+    def _linear_forward(x_shape, w_shape, _bias, _activation, **kwargs):
+        return _linear(x_shape, w_shape)
+
+    @_fc.register_flop_formula(_ops.linear_backward)
+    def _linear_backward(_grad_shape, x_shape, w_shape, _output, _activation, _has_bias, need_input=True,
+                         need_weight=True, **kwargs):
+        # dx = g w and dw = g^T x, each if wanted
+        return (bool(need_input) + bool(need_weight)) * _linear(x_shape, w_shape)
+
+    @_fc.register_flop_formula(_ops.rnn_cell)
+    def _cell_forward(x_shape, _hx, _cx, w_ih, w_hh, *args, **kwargs):
+        return _recurrent(x_shape[0], (w_ih, w_hh))
+
+    @_fc.register_flop_formula(_ops.rnn_cell_backward)
+    def _cell_backward(_gh, _gc, x_shape, _hx, _cx, w_ih, w_hh, *args, **kwargs):
+        return 2 * _recurrent(x_shape[0], (w_ih, w_hh))
+
+    @_fc.register_flop_formula(_ops.rnn_seq)
+    def _seq_forward(x_shape, _hx, _cx, weights, *args, **kwargs):
+        return _recurrent(x_shape[0] * x_shape[1], weights)  # input [T, B, I]
+
+    @_fc.register_flop_formula(_ops.rnn_seq_backward)
+    def _seq_backward(_go, _ghn, _gcn, x_shape, weights, *args, **kwargs):
+        return 2 * _recurrent(x_shape[0] * x_shape[1], weights)
 
 
-@_fc.register_flop_formula(_ops.rnn_cell_backward)
-def _cell_backward(_gh, _gc, x_shape, _hx, _cx, w_ih, w_hh, *args, **kwargs):
-    return 2 * _recurrent(x_shape[0], (w_ih, w_hh))
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Runs ``then(module)`` right after the module ``name`` is first imported (a one-shot finder
+    ahead of the others: it finds the module's spec as they would and wraps its loader)."""
+
+    def __init__(self, name: str, then):
+        self.name, self.then = name, then
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != self.name:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        exec_module, then = spec.loader.exec_module, self.then
+
+        def run(module):
+            exec_module(module)
+            try:
+                then(module)
+            except Exception as exc:  # the user's import must not fail for our counts
+                warnings.warn(f"gpu_nn: flop formulas not registered ({type(exc).__name__}: {exc})", stacklevel=2)
+
+        spec.loader.exec_module = run
+        return spec
 
 
-@_fc.register_flop_formula(_ops.rnn_seq)
-def _seq_forward(x_shape, _hx, _cx, weights, *args, **kwargs):
-    return _recurrent(x_shape[0] * x_shape[1], weights)  # input [T, B, I]
+def install() -> None:
+    """Register the formulas now if torch's flop counter is imported, else when it is."""
+    module = sys.modules.get(_MODULE)
+    if module is not None:
+        register(module)
+    elif not any(isinstance(f, _AfterImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _AfterImport(_MODULE, register))
 
 
-@_fc.register_flop_formula(_ops.rnn_seq_backward)
-def _seq_backward(_go, _ghn, _gcn, x_shape, weights, *args, **kwargs):
-    return 2 * _recurrent(x_shape[0] * x_shape[1], weights)
+install()
