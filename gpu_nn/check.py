@@ -361,10 +361,15 @@ def print_table(rows) -> None:
 
     table = Table(title="gpu-nn check: ours against the float64 reference")
     for col in ("op", "backend", "device", "dtype", "max rel err", "tol", "result"):
-        table.add_column(col, justify="right" if col in ("max rel err", "tol") else "left", no_wrap=True)
+        # the result (a failure's message) wraps; the others keep their width
+        table.add_column(col, justify="right" if col in ("max rel err", "tol") else "left", no_wrap=col != "result",
+                         min_width=None if col == "result" else len(col))
     for r in rows:
         table.add_row(
             r["op"], r["backend"], r["device"], r["dtype"], f"{r['max_rel_err']:.2e}", f"{r['tol']:.0e}",
             "[green]pass[/green]" if r["ok"] else f"[red]FAIL[/red] {r['error'][:80]}",
         )
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:  # piped or logged: rich's 80 columns would cut the names
+        console = Console(width=160)
+    console.print(table)

@@ -115,7 +115,10 @@ def cmd_check(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     p = argparse.ArgumentParser(prog="gpu-nn", description="gpu-nn: classic layers as our own GPU kernels")
+    p.add_argument("--version", action="version", version=f"gpu-nn {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     sp = sub.add_parser("info", help="versions, devices and which backends work here")
     sp.set_defaults(func=cmd_info)

@@ -230,5 +230,8 @@ def test_bad_values_are_refused_before_anything_runs(capsys):
         with pytest.raises(SystemExit) as exc:
             main(argv)
         assert exc.value.code == 2 and words in capsys.readouterr().err, argv
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out.startswith("gpu-nn 0.")
     with pytest.raises(SystemExit, match="is not one of torch.compile's backends"):
         main(["demo", "--compile", "--compile-backend", "bogus", "--model", "cnn", "--epochs", "1", "--no-progress"])
