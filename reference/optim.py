@@ -307,19 +307,21 @@ def _norm(a: np.ndarray, norm_type: float):
 
 
 @quiet
-def total_norm(grads, norm_type: float = 2.0, error_if_nonfinite: bool = False):
+def total_norm(grads, norm_type: float = 2.0, error_if_nonfinite: bool = False, round_total=None):
     """The ``norm_type``-norm of all ``grads`` viewed as one vector (torch: the norm of the
     per-tensor norms, stacked in their promoted dtype), as a NumPy scalar of the arrays' promoted
     dtype (float32 0.0 when ``grads`` is empty). Raises RuntimeError with torch's message when it
     is non-finite and ``error_if_nonfinite``. Each per-tensor norm is taken in its array's dtype:
     the dispatch hands float16 / bfloat16 gradients over widened to float32, so their norms are
-    float32 where torch rounds them to the half dtype (a half gradient whose own norm passes the
-    half range gives torch an inf total, ours the finite one; the Triton path also accumulates in
-    float32)."""
-    return _total_norm(grads, norm_type, error_if_nonfinite)
+    float32 where torch rounds them to the half dtype (the Triton path also accumulates in
+    float32). ``round_total(x) -> float``: the total rounded to the dtype the caller returns it in
+    (torch's is in the gradients' promoted dtype), before the check and any use: a half total past
+    the half range is then inf, as torch's (which a half gradient's own norm past it also makes
+    inf: the total is at least each norm)."""
+    return _total_norm(grads, norm_type, error_if_nonfinite, round_total)
 
 
-def _total_norm(grads, norm_type: float = 2.0, error_if_nonfinite: bool = False):
+def _total_norm(grads, norm_type: float = 2.0, error_if_nonfinite: bool = False, round_total=None):
     """:func:`total_norm` without its errstate, for callers that run under one already."""
     norm_type = float(norm_type)
     if len(grads) == 0:
@@ -327,6 +329,8 @@ def _total_norm(grads, norm_type: float = 2.0, error_if_nonfinite: bool = False)
     dt = np.result_type(*(g.dtype for g in grads))
     norms = np.array([_norm(g, norm_type) for g in grads], dtype=dt)
     total = dt.type(_norm(norms, norm_type))
+    if round_total is not None:
+        total = dt.type(round_total(float(total)))
     if error_if_nonfinite and not np.isfinite(total):
         raise RuntimeError(
             f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, so it "
@@ -337,10 +341,11 @@ def _total_norm(grads, norm_type: float = 2.0, error_if_nonfinite: bool = False)
 
 
 @quiet
-def clip_grad_norm(grads, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False):
+def clip_grad_norm(grads, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False,
+                   round_total=None):
     """Scale every gradient in place by ``min(1, max_norm / (total + 1e-6))`` (always multiplied,
-    as torch does) and return the total norm (see :func:`total_norm`)."""
-    total = _total_norm(grads, norm_type, error_if_nonfinite)
+    as torch does) and return the total norm (see :func:`total_norm`, also for ``round_total``)."""
+    total = _total_norm(grads, norm_type, error_if_nonfinite, round_total)
     if len(grads) == 0:
         return total
     dt = total.dtype.type

@@ -403,6 +403,32 @@ def test_clip_grad_norm_nan_gradient_as_torch(backend, device, norm_type):
         torch.testing.assert_close(a.grad.cpu(), b.grad.cpu(), equal_nan=True)
 
 
+@pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
+def test_clip_grad_norm_of_half_gradients_past_their_range_as_torch(backend, device):
+    """float16 gradients whose total norm passes float16's range (6e4 twice): torch's total is
+    float16 inf, so it scales every gradient by 0 and error_if_nonfinite raises; ours returned the
+    same inf total but scaled by its float32 total's coefficient (0.707 where torch has 0) and did
+    not raise (a special-values audit). Within range the gradients are as torch's, to float16's
+    rounding of the coefficient."""
+    def grads(vals):
+        q = torch.nn.Parameter(torch.zeros(len(vals), dtype=torch.float16, device=device))
+        q.grad = torch.tensor(vals, dtype=torch.float16, device=device)
+        return [q]
+
+    for vals, past in (([6e4, 6e4, 1.0], True), ([3e4, -2e4, 7.0], False)):
+        theirs, ours = grads(vals), grads(vals)
+        tt = torch.nn.utils.clip_grad_norm_(theirs, 1.0)
+        with gpu_nn.backend(backend):
+            tn = clip_grad_norm_(ours, 1.0)
+            if past:
+                with pytest.raises(RuntimeError, match="non-finite"):
+                    clip_grad_norm_(grads(vals), 1.0, error_if_nonfinite=True)
+        assert tn.dtype == tt.dtype == torch.float16 and math.isinf(float(tt)) == past == math.isinf(float(tn))
+        torch.testing.assert_close(ours[0].grad.cpu(), theirs[0].grad.cpu(), rtol=2e-3, atol=0)
+        if past:
+            assert not ours[0].grad.any()
+
+
 @pytest.mark.parametrize("backend,device", backend_params(("reference", "triton", "cupy")))
 @pytest.mark.parametrize("name", ("Adam", "AdamW"))
 def test_amsgrad_keeps_nan_in_its_running_max(backend, device, name):

@@ -51,8 +51,8 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_i
         from ..optim import _triton
 
         with device_guard(grads[0].device):
-            total = _triton.clip_grad_norm(grads, max_norm, norm_type, error_if_nonfinite)  # float32
-        out = _promoted_dtype(grads)
+            out = _promoted_dtype(grads)
+            total = _triton.clip_grad_norm(grads, max_norm, norm_type, error_if_nonfinite, out)  # float32
         return total if out == torch.float32 else total.to(out)
     return _clip_reference(grads, max_norm, norm_type, error_if_nonfinite)
 
@@ -63,7 +63,11 @@ def _clip_reference(grads, max_norm, norm_type, error_if_nonfinite):
 
     h = _Host()
     arrays = [h.inout(g) for g in grads]
-    total = ref.clip_grad_norm(arrays, max_norm, norm_type, error_if_nonfinite)
+    out = _promoted_dtype(grads)
+    # the total as returned (torch's is in the promoted dtype): what the coefficient and the
+    # non-finite check read, so a float16 total past 65504 is inf and scales by 0, as torch's
+    rnd = None if out in (torch.float32, torch.float64) else (lambda t: float(torch.tensor(t).to(out)))
+    total = ref.clip_grad_norm(arrays, max_norm, norm_type, error_if_nonfinite, rnd)
     h.write_back()
     return torch.tensor(total, dtype=_promoted_dtype(grads), device=grads[0].device)
 

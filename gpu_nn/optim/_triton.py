@@ -336,10 +336,12 @@ def prepare(kind: str, params, st: dict, grads) -> Launch:
 NORM_INF, NORM_TWO, NORM_P = 0, 2, 1
 
 
-def clip_grad_norm(grads, max_norm: float, norm_type: float, error_if_nonfinite: bool) -> torch.Tensor:
+def clip_grad_norm(grads, max_norm: float, norm_type: float, error_if_nonfinite: bool,
+                   out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Fused clipping of CUDA (or interpreter) gradients on one device: a partial-norm kernel per
     dtype, then a scale kernel per dtype whose programs each finish the reduction themselves.
-    Returns the float32 total (the caller gives it the gradients' promoted dtype)."""
+    Returns the float32 total (the caller gives it the gradients' promoted dtype ``out_dtype``,
+    as which the scale kernels and the non-finite check read it: torch's total is in it)."""
     from ..kernels import triton as ktriton
     from ..kernels.triton import optim as kt
 
@@ -379,7 +381,7 @@ def clip_grad_norm(grads, max_norm: float, norm_type: float, error_if_nonfinite:
             kt.clip_partial(table, n, base, partials, part0, code, norm_type, interpret)
     if error_if_nonfinite:
         kt.clip_total(partials, n_total, total, code, norm_type)
-        if not bool(torch.isfinite(total)):  # the one host read, as torch's own check needs
+        if not bool(torch.isfinite(total.to(out_dtype))):  # the one host read, as torch's own check needs
             raise RuntimeError(
                 f"The total norm of order {float(norm_type)} for gradients from `parameters` is non-finite, so it "
                 "cannot be clipped. To disable this error and scale the gradients by the non-finite norm anyway, "
@@ -387,7 +389,8 @@ def clip_grad_norm(grads, max_norm: float, norm_type: float, error_if_nonfinite:
             )
     for base, table, n, part0 in plans:
         if n:
-            kt.clip_scale(table, n, base, partials, n_total, total, max_norm, code, norm_type, interpret)
+            kt.clip_scale(table, n, base, partials, n_total, total, max_norm, code, norm_type, interpret,
+                          {torch.float16: 1, torch.bfloat16: 2}.get(out_dtype, 0))
     if n_total == 0:
         kt.clip_total(partials, 0, total, code, norm_type)
     for g, c in copies:

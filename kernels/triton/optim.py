@@ -406,11 +406,14 @@ def _clip_total(part_ptr, n_parts, p, NORM: tl.constexpr, RBLOCK: tl.constexpr):
     return total
 
 
-@triton.jit(do_not_specialize=["max_norm_b", "p_b"])
-def _clip_scale_kernel(table_ptr, g_base, part_ptr, n_parts, total_ptr, max_norm_b, p_b, NORM: tl.constexpr,
+@triton.jit(do_not_specialize=["max_norm_b", "p_b", "rnd"])
+def _clip_scale_kernel(table_ptr, g_base, part_ptr, n_parts, total_ptr, max_norm_b, p_b, rnd, NORM: tl.constexpr,
                        VP: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr, RBLOCK: tl.constexpr):
     """Every program reduces the partials to the total norm (no separate launch, no host read),
-    program 0 stores it, and each scales its chunk by min(1, max_norm / (total + 1e-6))."""
+    program 0 stores it, and each scales its chunk by min(1, max_norm / (total + 1e-6)), the
+    total rounded first as the caller returns it (``rnd``: 0 float32, 1 float16, 2 bfloat16, the
+    gradients' promoted dtype): torch's total is in that dtype, so a float16 total past 65504 is
+    inf and the gradients scale by 0, not by the float32 total's coefficient."""
     row = table_ptr + tl.program_id(0).to(tl.int64) * 9  # this program's chunk
     g_ptr = g_base + tl.multiple_of(tl.load(row + 1), VP)
     start = tl.multiple_of(tl.load(row + 6), BLOCK)
@@ -419,6 +422,10 @@ def _clip_scale_kernel(table_ptr, g_base, part_ptr, n_parts, total_ptr, max_norm
     total = _clip_total(part_ptr, n_parts, p, NORM, RBLOCK)
     if tl.program_id(0) == 0:
         tl.store(total_ptr, total)
+    if rnd == 1:
+        total = total.to(tl.float16).to(tl.float32)
+    elif rnd == 2:
+        total = total.to(tl.bfloat16).to(tl.float32)
     coef = (1.0 / (total + 1e-6)) * _f64(max_norm_b).to(tl.float32)
     coef = tl.where(coef > 1.0, 1.0, coef)  # NaN stays NaN, as torch.clamp keeps it
     for it in range(ITERS):
@@ -488,10 +495,11 @@ def clip_partial(table, n_chunks, g_base, partials, part0, norm_code, p, interpr
                   BLOCK=blk, ITERS=iters, num_warps=warps)
 
 
-def clip_scale(table, n_chunks, g_base, partials, n_parts, total, max_norm, norm_code, p, interpret):
+def clip_scale(table, n_chunks, g_base, partials, n_parts, total, max_norm, norm_code, p, interpret, rnd=0):
+    """``rnd``: the total's dtype as _clip_scale_kernel rounds it (0 float32, 1 float16, 2 bfloat16)."""
     blk, iters, warps = config(interpret)
     launch_kernel(_clip_scale_kernel, (n_chunks,), table, g_base, partials, n_parts, total, f64_bits(max_norm), f64_bits(p),
-                  NORM=norm_code, VP=16 // g_base.element_size(), BLOCK=blk, ITERS=iters, RBLOCK=CLIP_RBLOCK,
+                  rnd, NORM=norm_code, VP=16 // g_base.element_size(), BLOCK=blk, ITERS=iters, RBLOCK=CLIP_RBLOCK,
                   num_warps=warps)
 
 
@@ -555,7 +563,7 @@ def aot_specs():
             specs.append(AotSpec(_clip_partial_kernel, sig, {**base, "NORM": norm, "VP": al["VP"]},
                                  num_warps=warps, label=f"clip partial {tag} norm={norm}"))
             sig = {"table_ptr": "*i64", "g_base": f"*{dt}", "part_ptr": "*fp32", "n_parts": "i32",
-                   "total_ptr": "*fp32", "max_norm_b": "i64", "p_b": "i64",
+                   "total_ptr": "*fp32", "max_norm_b": "i64", "p_b": "i64", "rnd": "i32",
                    **{k: "constexpr" for k in ("NORM", "VP", "BLOCK", "ITERS", "RBLOCK")}}
             specs.append(AotSpec(_clip_scale_kernel, sig, {**base, "NORM": norm, "VP": al["VP"],
                                                            "RBLOCK": CLIP_RBLOCK}, num_warps=warps,
