@@ -596,7 +596,7 @@ def _not_a_tensor_cases():
     import gpu_nn.functional as G
 
     a4, a3, a2 = np.ones((1, 2, 5, 5)), np.ones((1, 2, 5)), np.ones((2, 3))
-    w4, w3, x2 = torch.ones(3, 2, 3, 3), torch.ones(3, 2, 3), torch.ones(2, 3)
+    w4, x2 = torch.ones(3, 2, 3, 3), torch.ones(2, 3)
     h, wi, wh = torch.ones(2, 4), torch.ones(4, 3), torch.ones(4, 4)
     t = torch.zeros(2, dtype=torch.long)
     return [
