@@ -343,7 +343,7 @@ def render(results_dir: str = RESULTS_DIR, readme: str | None = None) -> None:
         # a mistyped --dir would otherwise render "no runs" over the README's table (a user audit)
         raise SystemExit(f"gpu-nn results: no folder {results_dir} (recorded runs live in {RESULTS_DIR})")
     runs = load_runs(results_dir)
-    if not runs:
+    if not runs and not other_records(results_dir):
         raise SystemExit(f"gpu-nn results: {results_dir} holds no recorded run (gpu-nn results record OUTDIR adds one)")
     plot_history(runs, os.path.join(results_dir, "history.png"))
     if readme:

@@ -166,9 +166,9 @@ def triton_library_compiled() -> bool:
     """Whether Triton's own language library (``tl.sum``, ``tl.max``, ... themselves
     ``@triton.jit`` functions, decorated when ``triton.language`` is imported) is in compiled
     form: imported before ``TRITON_INTERPRET=1`` was set. Interpreted kernels cannot call it
-    ("Cannot call @triton.jit'd outside of the scope of a kernel"). ``import gpu_nn`` imports it
-    on some torch versions (torch.utils.flop_counter, for the ops' flop formulas, loads Triton on
-    torch 2.13), so the variable has to be set before torch and gpu_nn are imported."""
+    ("Cannot call @triton.jit'd outside of the scope of a kernel"). ``import gpu_nn`` does not
+    import it (the flop formulas wait for torch.utils.flop_counter, which loads Triton on torch
+    2.13), but a user's earlier import of Triton or of that module does."""
     std = sys.modules.get("triton.language.standard")
     if std is None:
         return False
@@ -238,9 +238,9 @@ def _status(name: str) -> tuple[bool, str]:
             return True, f"compiled kernels on {cwhy}"
         if interpret_mode():
             if triton_library_compiled():
-                return False, ("TRITON_INTERPRET=1 was set after triton.language was imported (import torch / "
-                               "gpu_nn may import it): Triton's own functions are compiled, and the interpreted "
-                               "kernels cannot call them; set it before importing torch and gpu_nn")
+                return False, ("TRITON_INTERPRET=1 was set after triton.language was imported (by an import of "
+                               "triton, or of torch.utils.flop_counter): Triton's own functions are compiled, and the "
+                               "interpreted kernels cannot call them; set it before those imports")
             return True, "CPU tensors through the Triton interpreter (TRITON_INTERPRET=1)"
         return False, (f"{cwhy}, and TRITON_INTERPRET=1 was not set (set before torch and gpu_nn are imported, it "
                        "runs the kernels on CPU tensors in Triton's interpreter; gpu-nn check sets it itself)")

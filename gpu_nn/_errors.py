@@ -34,6 +34,7 @@ def type_name(obj) -> str:
     the bare name for builtins and for classes defined in Python, the dotted name for types
     defined in C elsewhere ("must be Tensor, not numpy.ndarray", "... not torch.Size")."""
     t = type(obj)
-    if t.__flags__ & (1 << 9) or t.__module__ == "builtins":  # Py_TPFLAGS_HEAPTYPE: a class made in Python
+    heap, immutable = t.__flags__ & (1 << 9), t.__flags__ & (1 << 8)  # Py_TPFLAGS_HEAPTYPE, _IMMUTABLETYPE
+    if t.__module__ == "builtins" or (heap and not immutable):  # a class made in Python: tp_name is its name
         return t.__name__
-    return f"{t.__module__}.{t.__qualname__}"
+    return f"{t.__module__}.{t.__qualname__}"  # a C type, static or from a spec (re.Pattern)

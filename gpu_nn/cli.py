@@ -55,6 +55,9 @@ def cmd_info(args) -> int:
     return 0
 
 
+_RERUN = "GPU_NN_CHECK_RERUN"  # set in the fresh process cmd_check reruns itself in
+
+
 def cmd_check(args) -> int:
     import json
     import os
@@ -67,13 +70,15 @@ def cmd_check(args) -> int:
         # no GPU: check the Triton kernels in the interpreter (decided before they are imported)
         os.environ.setdefault("TRITON_INTERPRET", "1")
         if os.environ["TRITON_INTERPRET"] == "1":
-            if _backend.triton_library_compiled():
-                # Triton's language library came in compiled before the variable was set (import
-                # gpu_nn loads it on torch 2.13): the interpreted kernels could not call it, so the
-                # check runs in a fresh process that has the variable from its start
+            if _backend.triton_library_compiled() and os.environ.get(_RERUN) != "1":
+                # Triton's language library came in compiled before the variable was set (a caller
+                # of main() imported triton or torch.utils.flop_counter): the interpreted kernels
+                # could not call it, so the check runs in a fresh process that has the variable
+                # from its start (once: _RERUN marks that process)
                 import subprocess
 
-                return subprocess.call([sys.executable, "-m", "gpu_nn.cli", *args.argv], env=os.environ.copy())
+                env = {**os.environ, _RERUN: "1"}
+                return subprocess.call([sys.executable, "-m", "gpu_nn.cli", *args.argv], env=env)
             print("no CUDA device: Triton kernels run in the interpreter (TRITON_INTERPRET=1)", flush=True)
     import time
 

@@ -316,8 +316,9 @@ def total_norm(grads, norm_type: float = 2.0, error_if_nonfinite: bool = False, 
     float32 where torch rounds them to the half dtype (the Triton path also accumulates in
     float32). ``round_total(x) -> float``: the total rounded to the dtype the caller returns it in
     (torch's is in the gradients' promoted dtype), before the check and any use: a half total past
-    the half range is then inf, as torch's (which a half gradient's own norm past it also makes
-    inf: the total is at least each norm)."""
+    the half range is then inf, as torch's. Left different: a half gradient whose own norm passes
+    the half range beside float32 gradients (a float32 total) makes torch's total inf, ours the
+    finite float32 one (the per-tensor norms are not rounded to their dtypes here)."""
     return _total_norm(grads, norm_type, error_if_nonfinite, round_total)
 
 

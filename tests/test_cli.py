@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from gpu_nn.cli import main
@@ -74,23 +75,23 @@ def test_sass_cuda_compiles_only_the_families_named(monkeypatch, capsys):
     assert compiled == [] and {b[0] for b in sass_report.cuda_builds()} == {"optim", "pool", "rnn"}
 
 
-def test_check_runs_triton_when_started_without_interpret(tmp_path):
+@pytest.mark.parametrize("first", ("", "import triton.language; "), ids=("plain", "triton-imported-first"))
+def test_check_runs_triton_when_started_without_interpret(tmp_path, first):
     """`gpu-nn check` started without TRITON_INTERPRET still checks the Triton backend (in the
     interpreter on a CPU-only machine): building the parser must not import the kernels first,
-    and where ``import gpu_nn`` has imported triton.language already (torch 2.13's
-    flop_counter does), compiled, the check reruns itself in a fresh process with the variable
-    set. softmax: its kernels call Triton's own library (tl.max, tl.sum), which relu's do not;
-    run in the first process, 120 of 250 rows failed "Cannot call @triton.jit'd outside of the
-    scope of a kernel" (a user audit)."""
+    and ``import gpu_nn`` must not import triton.language (torch 2.13's flop_counter did: then
+    120 of 250 rows failed "Cannot call @triton.jit'd outside of the scope of a kernel", a user
+    audit). Where the caller of main() imported it already, compiled, the check reruns itself
+    once in a fresh process with the variable set. softmax: its kernels call Triton's own library
+    (tl.max, tl.sum), which relu's do not."""
     import json
-
-    import pytest
 
     pytest.importorskip("triton")
     js = tmp_path / "check.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "gpu_nn.cli", "check", "--op", "relu", "--op", "softmax",
-                           "--no-progress", "--json", str(js)], env=env, capture_output=True, text=True, timeout=300)
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "GPU_NN_CHECK_RERUN")}
+    code = (f"import sys; {first}from gpu_nn.cli import main; "
+            f"sys.exit(main(['check', '--op', 'relu', '--op', 'softmax', '--no-progress', '--json', {str(js)!r}]))")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     rows = json.loads(js.read_text())
     assert {(r["op"], r["backend"]) for r in rows} >= {(op, b) for op in ("relu", "softmax") for b in ("reference", "triton")}
@@ -101,8 +102,6 @@ def test_check_runs_triton_when_started_without_interpret(tmp_path):
 def test_triton_status_says_when_the_interpreter_came_too_late():
     """TRITON_INTERPRET=1 set after triton.language was imported: the triton backend is
     unavailable and says why (its kernels would fail calling Triton's compiled library)."""
-    import pytest
-
     pytest.importorskip("triton")
     code = ("import os, triton.language; os.environ['TRITON_INTERPRET'] = '1'; import torch, gpu_nn; "
             "from gpu_nn import _backend; print(_backend.triton_library_compiled(), _backend.status('triton'))")

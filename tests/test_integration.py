@@ -491,6 +491,10 @@ for m in (gpu_nn.nn.Linear(8, 5), torch.nn.Linear(8, 5)):
         m(x).sum().backward()
     counts.append(fc.get_total_flops())
 assert counts[0] == counts[1] == 3 * 2 * 3 * 8 * 5, counts
+import inspect, torch.utils.flop_counter as fc
+# the module's own loader is wrapped, not modified: what else it serves (get_source) still works
+assert "def register_flop_formula" in inspect.getsource(fc)
+assert "exec_module" not in vars(fc.__spec__.loader._loader)
 print("ok")
 """
     env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
@@ -647,3 +651,23 @@ def test_not_a_tensor_is_a_type_error_as_in_torch(case):
         assert str(got.value) == str(want.value)
     else:
         assert "must be Tensor, not numpy.ndarray" in str(got.value)
+
+
+def test_type_names_as_torch_prints_them():
+    """gpu_nn._errors.type_name against the name torch's argument errors print (CPython's
+    tp_name): builtins bare, classes made in Python bare, C types dotted, static or from a
+    spec (re.Pattern, a heap type)."""
+    import collections
+    import decimal
+    import re
+
+    from gpu_nn._errors import type_name
+
+    class Mine:
+        pass
+
+    for obj in ([1], np.ones(2), np.float64(1), torch.Size([1]), Mine(), "s", None, torch.float32, re.compile("a"),
+                collections.OrderedDict(), decimal.Decimal(1), iter([1])):
+        with pytest.raises(TypeError) as exc:
+            torch.relu(obj)
+        assert str(exc.value).rsplit("not ", 1)[1] == type_name(obj)

@@ -82,9 +82,36 @@ def register(_fc) -> None:
         return 2 * _recurrent(x_shape[0] * x_shape[1], weights)
 
 
+def _register_or_warn(module) -> None:
+    try:
+        register(module)
+    except Exception as exc:  # an import of the user's must not fail for our counts
+        warnings.warn(f"gpu_nn: flop formulas not registered ({type(exc).__name__}: {exc})", stacklevel=2)
+
+
+class _ThenLoader(importlib.abc.Loader):
+    """``loader`` (its own object untouched: a zip importer's serves many modules), and
+    ``then(module)`` after it has run the module; anything else asked of it (get_source, ...) is
+    the loader's."""
+
+    def __init__(self, loader, then):
+        self._loader, self._then = loader, then
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module):
+        self._loader.exec_module(module)
+        self._then(module)
+
+    def __getattr__(self, name):
+        return getattr(self._loader, name)
+
+
 class _AfterImport(importlib.abc.MetaPathFinder):
     """Runs ``then(module)`` right after the module ``name`` is first imported (a one-shot finder
-    ahead of the others: it finds the module's spec as they would and wraps its loader)."""
+    ahead of the others: it finds the module's spec as they would and wraps its loader). Where
+    anything goes wrong here, the import proceeds as if the finder were not there."""
 
     def __init__(self, name: str, then):
         self.name, self.then = name, then
@@ -93,29 +120,23 @@ class _AfterImport(importlib.abc.MetaPathFinder):
         if fullname != self.name:
             return None
         sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(fullname)
-        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+        try:
+            spec = importlib.util.find_spec(fullname)
+            if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                spec.loader = _ThenLoader(spec.loader, self.then)
             return spec
-        exec_module, then = spec.loader.exec_module, self.then
-
-        def run(module):
-            exec_module(module)
-            try:
-                then(module)
-            except Exception as exc:  # the user's import must not fail for our counts
-                warnings.warn(f"gpu_nn: flop formulas not registered ({type(exc).__name__}: {exc})", stacklevel=2)
-
-        spec.loader.exec_module = run
-        return spec
+        except Exception:
+            return None
 
 
 def install() -> None:
-    """Register the formulas now if torch's flop counter is imported, else when it is."""
-    module = sys.modules.get(_MODULE)
-    if module is not None:
-        register(module)
+    """Register the formulas now if torch's flop counter is imported (waiting for another
+    thread's import of it to finish: a module is in sys.modules before its body has run), else
+    when it is."""
+    if _MODULE in sys.modules:
+        _register_or_warn(importlib.import_module(_MODULE))
     elif not any(isinstance(f, _AfterImport) for f in sys.meta_path):
-        sys.meta_path.insert(0, _AfterImport(_MODULE, register))
+        sys.meta_path.insert(0, _AfterImport(_MODULE, _register_or_warn))
 
 
 install()

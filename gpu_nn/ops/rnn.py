@@ -641,6 +641,8 @@ def _gpu_backward(K, mode, gout, ghn, gcn, input, weights, reserve, num_layers, 
         xin = input if l == 0 else v[("x", l)]
         in_w = xin.shape[-1]
         x2 = rows(xin.reshape(T * B, in_w))  # dW_ih's operand, both directions
+        # dW_hh's operands, each direction's states before its steps (masked once, paired or not)
+        hps = [rows((v[("h", l, d)][1:] if d == 1 else v[("h", l, d)][:T]).reshape(T * B, W)) for d in range(D)]
         dxin = empty((T, B, in_w), dtype=f32, device=dev)
         mk = masks[l - 1] if (masks is not None and l > 0) else None
         dws_pair = None
@@ -659,7 +661,6 @@ def _gpu_backward(K, mode, gout, ghn, gcn, input, weights, reserve, num_layers, 
             # dW_ih and dW_hh of both directions, each pair in one launch where the two can share it
             dws_pair = [(empty(ws[l * D + d][0].shape, dtype=ws[l * D + d][0].dtype, device=dev),
                          empty(ws[l * D + d][1].shape, dtype=ws[l * D + d][1].dtype, device=dev)) for d in range(D)]
-            hps = [rows((v[("h", l, d)][1:] if d == 1 else v[("h", l, d)][:T]).reshape(T * B, W)) for d in range(D)]
             ih = [(dGis[d].view(T * B, GH).t(), x2, dws_pair[d][0], None, None) for d in range(D)]
             hh = [(dGhs[d].view(T * B, GH).t(), hps[d], dws_pair[d][1], None, None) for d in range(D)]
             ih_dot, hh_dot = _dot_code(x2.dtype, tf32=tf32), _dot_code(hps[0].dtype, tf32=tf32)
@@ -712,7 +713,7 @@ def _gpu_backward(K, mode, gout, ghn, gcn, input, weights, reserve, num_layers, 
             if dws_pair is not None:
                 dw_ih, dw_hh = dws_pair[d]  # made above, both directions in one launch each
             else:
-                hprev = rows((Hs[1:] if d == 1 else Hs[:T]).reshape(T * B, W))
+                hprev = hps[d]
                 dw_ih = empty(w_ih.shape, dtype=w_ih.dtype, device=dev)
                 dw_hh = empty(w_hh.shape, dtype=w_hh.dtype, device=dev)
                 K.matmul(gi.t(), x2, dw_ih, dot=_dot_code(x2.dtype, tf32=tf32))
