@@ -69,7 +69,7 @@ import triton.language as tl
 
 from . import INTERPRET as _INTERPRET, POISON as _POISON
 from ._aot import AotSpec
-from .activation import _grouped_tile, _tanh
+from .activation import _grouped_tile, _tanh_quot as _tanh
 from .dense import colsum_ranges
 from . import _launch
 from ._launch import cdiv, next_power_of_2
