@@ -405,6 +405,7 @@ def rnn_backward(mode, grad_output, grad_hn, grad_cn, x, weights, reserve, num_l
         xin = x if l == 0 else v[("x", l)]
         in_w = xin.shape[-1]
         dxin = np.zeros((T, B, in_w), dt)
+        x_rows = _valid_rows(xin, valid)  # dW_ih's operand, both directions
         if valid is not None:
             # a select, not a product: a NaN / inf gradient of a padded output adds nothing
             np.copyto(dout, 0, where=~valid[:, :, None])
@@ -426,7 +427,7 @@ def rnn_backward(mode, grad_output, grad_hn, grad_cn, x, weights, reserve, num_l
             gi = dGi.reshape(T * B, gate_w)
             gh = dGh.reshape(T * B, gate_w)
             hprev = _valid_rows(Hs[1:] if d == 1 else Hs[:T], valid)
-            dw_ih = gi.T @ _valid_rows(xin, valid)
+            dw_ih = gi.T @ x_rows
             dw_hh = gh.T @ hprev
             db_ih = gi.sum(0) if b_ih is not None else None
             db_hh = (gh.sum(0) if gh is not gi else db_ih.copy()) if b_hh is not None else None
@@ -442,6 +443,7 @@ def rnn_backward(mode, grad_output, grad_hn, grad_cn, x, weights, reserve, num_l
             dx = dxin
     return dx, dhx, dcx, dweights
 
+
 def _valid_rows(m: np.ndarray, valid) -> np.ndarray:
     """``m`` [T, B, n] as [T * B, n] rows of a weight gradient's product, the steps past their
     sequence's length (``valid`` False) zeroed: they add nothing, as in torch's packed sequences,
@@ -451,7 +453,6 @@ def _valid_rows(m: np.ndarray, valid) -> np.ndarray:
     if valid is not None and not valid.all():
         m = np.where(valid[:, :, None], m, 0)
     return m.reshape(T * B, n)
-
 
 
 # ----------------------------------------------------------------------------------------------

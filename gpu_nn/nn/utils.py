@@ -69,7 +69,7 @@ def _clip_reference(grads, max_norm, norm_type, error_if_nonfinite):
     rnd = None if out in (torch.float32, torch.float64) else (lambda t: float(torch.tensor(t).to(out)))
     total = ref.clip_grad_norm(arrays, max_norm, norm_type, error_if_nonfinite, rnd)
     h.write_back()
-    return torch.tensor(total, dtype=_promoted_dtype(grads), device=grads[0].device)
+    return torch.tensor(total, dtype=out, device=grads[0].device)
 
 
 def _promoted_dtype(grads) -> torch.dtype:

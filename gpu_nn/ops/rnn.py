@@ -377,7 +377,7 @@ def _valid_rows(lengths, T, B, device):
     relu RNN whose state overflowed made dW_hh NaN where torch's is finite (a user audit)."""
     if lengths is None or not B or int(lengths.min()) >= T:
         return lambda m: m
-    pad = _backend.to_device_async((torch.arange(T)[:, None] >= lengths.cpu()[None, :]).reshape(T * B, 1), device)
+    pad = _backend.to_device_async((torch.arange(T)[:, None] >= lengths[None, :]).reshape(T * B, 1), device)
     return lambda m: m.masked_fill(pad, 0)
 
 

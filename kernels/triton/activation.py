@@ -54,12 +54,9 @@ def _tanh(x):
     was 1.3 % off at 1e-6 and 0 at 1e-8 (a user audit). The series keeps x's sign, so tanh(-0.0)
     is -0.0 as torch's; NaN takes the quotient and stays NaN. The activation kernel's (F.tanh,
     nn.Tanh); the fused epilogues and the recurrent kernels keep :func:`_tanh_quot`."""
-    a = tl.abs(x)
-    e = tl.exp(-2.0 * a)
-    t = (1.0 - e) / (1.0 + e)
     x2 = x * x
     series = x * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0 + x2 * (62.0 / 2835.0)))))
-    return tl.where(a < 0.25, series, tl.where(x >= 0, t, -t))
+    return tl.where(tl.abs(x) < 0.25, series, _tanh_quot(x))
 
 
 @triton.jit
