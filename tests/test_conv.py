@@ -2521,16 +2521,20 @@ def test_candidate_lists_are_made_once_per_facts(monkeypatch):
         asked.append((op, len(cands)))
         return default
 
-    dt = torch.float16
+    # compiled kernels on a GPU machine take CUDA tensors (the interpreter, CPU ones)
+    from gpu_nn.kernels import triton as ktriton
+
+    dt, interp = torch.float16, ktriton.INTERPRET
+    kw = dict(dtype=dt, device="cuda" if CUDA else "cpu")
     for bias_offset in (0, 0, 1):
-        x, w = torch.randn(2, 32, 6, 6, dtype=dt), torch.randn(32, 32, 3, 3, dtype=dt)
-        b = torch.randn(33, dtype=dt)[bias_offset:bias_offset + 32]
-        y = torch.empty(2, 32, 4, 4, dtype=dt)
-        kt.conv_forward(x, w, b, y, (1, 1), (0, 0, 0, 0), (1, 1), 1, None, "ieee", True, choose=choose)
-        g = torch.randn(2, 32, 4, 4, dtype=dt)
-        kt.conv_backward_data(g, w, torch.empty(2, 32, 6, 6, dtype=dt), (1, 1), (0, 0, 0, 0), (1, 1), 1, "ieee", True,
+        x, w = torch.randn(2, 32, 6, 6, **kw), torch.randn(32, 32, 3, 3, **kw)
+        b = torch.randn(33, **kw)[bias_offset:bias_offset + 32]
+        y = torch.empty(2, 32, 4, 4, **kw)
+        kt.conv_forward(x, w, b, y, (1, 1), (0, 0, 0, 0), (1, 1), 1, None, "ieee", interp, choose=choose)
+        g = torch.randn(2, 32, 4, 4, **kw)
+        kt.conv_backward_data(g, w, torch.empty(2, 32, 6, 6, **kw), (1, 1), (0, 0, 0, 0), (1, 1), 1, "ieee", interp,
                               choose=choose)
-        kt.conv_backward_weight(g, x, torch.empty(32, 32, 3, 3, dtype=torch.float32), (1, 1), (0, 0, 0, 0), (1, 1), 1,
-                                "ieee", True, choose=choose)
+        kt.conv_backward_weight(g, x, torch.empty(32, 32, 3, 3, dtype=torch.float32, device=kw["device"]), (1, 1),
+                                (0, 0, 0, 0), (1, 1), 1, "ieee", interp, choose=choose)
     assert made == {"fwd": 2, "dgrad": 1, "wgrad": 1}, made
     assert len(asked) == 9 and all(n > 1 for _, n in asked), asked

@@ -768,17 +768,22 @@ def test_cross_entropy_rows_of_many_tiles_like_torch(backend, device, prob, rng)
     middle tile; only -inf; -inf over the first tiles then finite, and with a NaN among them; a
     -inf logit under a zero weight; with and without weights and label smoothing, 'none' (the row losses themselves)
     and 'mean'."""
-    C = 200  # the interpreter's tiles are 64 wide: four tiles; a GPU's 256: one
+    from gpu_nn.kernels.triton import dense as kd
+
+    # four tiles a row: the interpreter's are 64 wide (C = 200), a GPU's the widest block, 2048
+    # (C = 6400; a row that fits one block runs in one tile there); positions scale with them
+    f = (kd.ce_config(10**6, device == "cpu")[0]) // 64
+    C = 200 * f
     x = torch.from_numpy(rng.standard_normal((10, C)) * 3)
     x[1] = torch.linspace(-5, 30, C, dtype=torch.float64)
     x[2] = torch.linspace(30, -5, C, dtype=torch.float64)
-    x[3, 150] = float("nan")
-    x[4, 100] = float("inf")
+    x[3, 150 * f] = float("nan")
+    x[4, 100 * f] = float("inf")
     x[5] = float("-inf")
-    x[6, :140] = float("-inf")
+    x[6, :140 * f] = float("-inf")
     x[7, 3] = float("-inf")
-    x[8, 190] = 40.0
-    x[9, :64] = float("-inf")  # a NaN while the row's max is still -inf (no max keeps a NaN)
+    x[8, 190 * f] = 40.0
+    x[9, :64 * f] = float("-inf")  # a NaN while the row's max is still -inf (no max keeps a NaN)
     x[9, 5] = float("nan")
     w = torch.from_numpy(rng.random(C) + 0.2)
     w[3] = 0.0  # row 7's -inf logit: 0 * inf is NaN in the smoothing term, as torch's
@@ -786,7 +791,7 @@ def test_cross_entropy_rows_of_many_tiles_like_torch(backend, device, prob, rng)
         t = torch.softmax(torch.from_numpy(rng.standard_normal((10, C))), 1)
     else:
         t = torch.from_numpy(rng.integers(0, C, 10))
-        t[6] = 150  # a finite logit: the row's loss is finite without smoothing
+        t[6] = 150 * f  # a finite logit: the row's loss is finite without smoothing
     for weight in (None, w):
         for eps in (0.0, 0.1):
             for reduction in ("none", "mean"):

@@ -354,9 +354,13 @@ def _inplace_cases(device="cpu"):
         ours.load_state_dict(theirs.state_dict())
         first = (lambda m: lambda x: (lambda r: r[0] if isinstance(r, tuple) else r)(m(x)))
         cases[name] = (first(ours), first(theirs), (3, 4))
-    lstm_t, lstm_o = tnn.LSTMCell(4, 5).to(device), gnn.LSTMCell(4, 5).to(device)
+    # torch's twin on the CPU: its CUDA cell is the fused kernel in every dtype, which saves c' and
+    # refuses; a GPU backend runs float64 in float32 and returns a c' it did not save (allowed, as
+    # torch's CPU cell allows it, with that gradient)
+    lstm_t, lstm_o = tnn.LSTMCell(4, 5), gnn.LSTMCell(4, 5).to(device)
     lstm_o.load_state_dict(lstm_t.state_dict())
-    cases["LSTMCell c' float64"] = (lambda x: lstm_o.double()(x.double())[1], lambda x: lstm_t.double()(x.double())[1], (3, 4))
+    cases["LSTMCell c' float64"] = (lambda x: lstm_o.double()(x.double())[1],
+                                    lambda x: lstm_t.double()(x.double().cpu())[1], (3, 4))
     lstm32_t, lstm32_o = tnn.LSTMCell(4, 5).to(device), gnn.LSTMCell(4, 5).to(device)
     lstm32_o.load_state_dict(lstm32_t.state_dict())
     cases["LSTMCell c' float32"] = (lambda x: lstm32_o(x)[1], lambda x: lstm32_t(x)[1], (3, 4))
@@ -647,7 +651,8 @@ def test_not_a_tensor_is_a_type_error_as_in_torch(case):
         theirs()
     with pytest.raises(gpu_nn.KernelInputTypeError) as got:
         ours()
-    if same_words:
+    # torch 2.11's softmax / log_softmax list their overloads where 2.13's name the argument
+    if same_words and "invalid combination of arguments" not in str(want.value):
         assert str(got.value) == str(want.value)
     else:
         assert "must be Tensor, not numpy.ndarray" in str(got.value)

@@ -11,7 +11,9 @@ import gpu_nn
 from gpu_nn.benchmarks import variant_census as vc
 from gpu_nn.kernels import triton as ktriton
 
-pytestmark = pytest.mark.skipif(not ktriton.INTERPRET, reason="records launches through the Triton interpreter (CPU only)")
+# the census and its key records launches through the Triton interpreter (CPU only); the schedule
+# model's tests are plain Python and run everywhere
+interpreted = pytest.mark.skipif(not ktriton.INTERPRET, reason="records launches through the Triton interpreter (CPU only)")
 
 
 @pytest.fixture
@@ -25,6 +27,7 @@ def census(tmp_path, monkeypatch):
     out.close()
 
 
+@interpreted
 def test_launches_are_recorded_as_the_jit_specialises_them(census):
     """relu forward on 32, 7 and 1 elements: three variants of the forward kernel, the element
     count specialised as Triton's binder does (a multiple of 16: ``D``; neither: plain ``i32``;
@@ -47,6 +50,7 @@ def test_launches_are_recorded_as_the_jit_specialises_them(census):
         "tests/test_variant_census.py::test_launches_are_recorded_as_the_jit_specialises_them"}
 
 
+@interpreted
 def test_misaligned_view_and_summary(census):
     """A view one element in is not 16-byte aligned (``""``), a new variant; the summary counts
     variants per kernel and what each test alone asks for; each recorded variant becomes the
@@ -76,6 +80,7 @@ def test_misaligned_view_and_summary(census):
         assert ("n" in spec.divisible_by_16) == (key["n"][1] == "D")
 
 
+@interpreted
 def test_do_not_specialize_flags_are_the_kernels():
     """A kernel's ``do_not_specialize`` int keeps its type alone (no ``D``, no constant at 1) and a
     ``do_not_specialize_on_alignment`` pointer no alignment fact, as the JIT's binder keys them;
@@ -148,6 +153,7 @@ STEP_KERNELS = ("_rnn_step_fwd_kernel", "_rnn_step2_fwd_kernel", "_rnn_step_bwd_
                 "_rnn_proj_fwd_kernel", "_rnn_proj_bwd_kernel")
 
 
+@interpreted
 @pytest.mark.parametrize("twins", [True, False])
 def test_odd_sized_time_loops_compile_one_variant_per_role(census, monkeypatch, twins):
     """The twins for rows at any alignment (kernels/triton/rnn.py LOOSE_ROWS) keep an odd-sized
