@@ -249,12 +249,19 @@ def queued_times(run: Callable[[], object], reps: int, host_s: float,
     batch: a call of hundreds of launches (a recurrent layer's time loop) would fill the
     driver's launch queue behind one long sleep and block the host. Not queued after the tries:
     the figure includes host time (the call synchronises with the device, or holds more launches
-    than the driver queues ahead: a loop of such calls runs at the host's pace)."""
+    than the driver queues ahead: a loop of such calls runs at the host's pace).
+
+    A call not queued behind the longer sleep either (sized from the queuing just measured)
+    waits for the device (a device-to-host read inside it, or a full launch queue; the sleep's
+    length sets its queuing): a longer sleep would be waited out too, so the calls after it are
+    timed behind the shortest sleep, once each. (Growing the sleep instead tripled
+    it at every call up to SLEEP_MAX_S, two such sleeps a call from then on: a minute and more of
+    a bench run sleeping for the Triton cross-entropy, whose target check reads the device.)"""
     per_cycle = sleep_cycle_seconds()
-    times, queued = [], True
+    times, queued, waits = [], True, False
     for _ in range(reps):
-        for _attempt in range(tries):
-            want = min(SLEEP_MAX_S, host_s * SLEEP_MARGIN + SLEEP_SLACK_S)
+        for attempt in range(1 if waits else tries):
+            want = SLEEP_SLACK_S if waits else min(SLEEP_MAX_S, host_s * SLEEP_MARGIN + SLEEP_SLACK_S)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             torch.cuda._sleep(max(1, int(want / per_cycle)))
             t0 = time.perf_counter()
@@ -267,6 +274,9 @@ def queued_times(run: Callable[[], object], reps: int, host_s: float,
             end.synchronize()
             ok = queuing < QUEUED_SHARE * want
             if ok:
+                break
+            if attempt > 0:  # not queued behind the longer sleep either: the call waits for the device
+                waits = True
                 break
             host_s = max(2 * host_s, queuing)
         times.append(start.elapsed_time(end) / 1e3)

@@ -399,6 +399,13 @@ def test_overhead_family_times_ours_torch_and_both_floors():
     relu = summ[0]
     assert relu["vs_torch"] == pytest.approx(rows[0]["seconds"]["reference"] / rows[0]["seconds"]["torch"])
     assert relu["vs_floor-custom-op"] == pytest.approx(rows[0]["seconds"]["reference"] / rows[0]["seconds"]["floor-custom-op"])
+    # a GPU row: device seconds alike for every side (20 tiny kernels), the host's apart; the goal
+    # reads what a loop of calls costs, the larger of the two
+    gpu = {"name": "F.relu fwd", "seconds": {"torch": 4e-6, "triton": 4e-6, "floor-custom-op": 4e-6},
+           "host_seconds": {"torch": 11e-6, "triton": 60e-6, "floor-custom-op": 30e-6}}
+    gpu["loop_seconds"] = {n: max(v, gpu["host_seconds"][n]) for n, v in gpu["seconds"].items()}
+    (item,) = bench_overhead.summary([gpu])
+    assert item["vs_torch"] == pytest.approx(60 / 11) and not item["goal_met"]
 
 
 def test_harness_divides_by_calls_per_sample(clock):

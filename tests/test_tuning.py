@@ -282,8 +282,26 @@ def test_queued_times_measure_again_behind_a_longer_sleep_when_the_host_fell_beh
     assert dev.log.count("run") == 5 and queued and times == pytest.approx([0.5e-3] * 4)
     dev.log.clear()
     times, queued = _tuning.queued_times(dev.call(host=1e-3, kernel=0.5e-3, sync=True), reps=2, host_s=1e-3)
-    assert not queued and len([e for e in dev.log if isinstance(e, tuple)]) == 4
+    sleeps = [e[1] for e in dev.log if isinstance(e, tuple)]
+    # the first call behind the sleep and a longer one, both waited out; the next behind the shortest
+    assert not queued and len(sleeps) == 3 and sleeps[1] > sleeps[0] > sleeps[2]
+    assert sleeps[2] == int(_tuning.SLEEP_SLACK_S / dev.CYCLE_S)
     assert min(times) > 0.5e-3  # the host's time shows: a loop of such calls runs at the host's pace
+
+
+def test_queued_times_of_a_call_that_waits_for_the_device_stay_short(monkeypatch):
+    """A call that reads the device back (the Triton cross-entropy's target check) is waited out
+    behind any sleep: after the one retry behind a longer sleep, the calls are timed behind the
+    shortest, not behind a sleep tripled at every call up to SLEEP_MAX_S (25 such calls of 0.35 ms
+    took 88 s of sleeping in a simulation of the former rule); not queued, and each figure the
+    call's own time."""
+    from helpers import FakeDevice
+
+    dev = FakeDevice().install(monkeypatch)
+    times, queued = _tuning.queued_times(dev.call(host=0.3e-3, kernel=0.05e-3, sync=True), reps=25, host_s=0.35e-3)
+    assert not queued and len(times) == 25
+    assert dev.now < 0.1, f"{dev.now:.3f} s for 25 calls of 0.35 ms"
+    assert max(times[2:]) < 1e-3
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA events and torch.cuda._sleep need a GPU")
