@@ -191,6 +191,9 @@ BAD = [
     ("Adam", dict(lr=-1.0)), ("Adam", dict(betas=(1.0, 0.999))), ("Adam", dict(betas=(0.9, -0.1))),
     ("Adam", dict(eps=-1.0)), ("Adam", dict(weight_decay=-1.0)), ("AdamW", dict(betas=(0.9, 1.0))),
     ("Adam", dict(betas=(0, 0.9))), ("AdamW", dict(betas=(0.9, torch.tensor(0.99)))),  # floats or Tensors, both
+    # tensors that torch's foreach path (capturable off) would read on the host: refused as torch does
+    ("Adam", dict(lr=torch.tensor(0.01), foreach=True)),
+    ("AdamW", dict(betas=(torch.tensor(0.9), torch.tensor(0.99)), foreach=True)),
 ]
 
 
@@ -1065,6 +1068,67 @@ def test_steps_captured_into_a_graph_keep_their_tables_and_no_plan(backend, devi
             assert len(_triton._GRAPH_TABLES) == kept + 2 * (step + 1)  # the step's and clipping's
     assert len(_triton._GRAPH_TABLES) == kept + 6  # after the capture nothing more is kept
     assert len(full) == 4  # three captured steps, then one full step records the plan it reuses
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
+@pytest.mark.parametrize("name", ["Adam", "AdamW"])
+def test_tensor_betas_are_kept_and_read_at_every_step_as_torch(backend, device, name, monkeypatch):
+    """Tensor betas stay tensors in param_groups and the state_dict (0-d, as torch's _to_scalar
+    makes a [1] tensor) and each step reads them, so changing them in place (a beta schedule)
+    takes effect as in torch; ours held floats made at construction and ignored the change (a
+    user audit). During a CUDA graph capture (simulated) the step refuses them before doing
+    anything: it reads them on the host."""
+    from gpu_nn.optim import optimizers as optmod
+
+    torch.manual_seed(4)
+    dt = torch.float64 if backend == "reference" else torch.float32
+    p0 = torch.randn(6, 5, dtype=dt)
+    ours, theirs = torch.nn.Parameter(p0.to(device)), torch.nn.Parameter(p0.clone())
+    b_ours = (torch.tensor(0.9, dtype=dt), torch.tensor([0.999], dtype=dt))
+    b_theirs = (torch.tensor(0.9, dtype=dt), torch.tensor([0.999], dtype=dt))
+    with gpu_nn.backend(backend):
+        o1 = getattr(go, name)([ours], lr=0.01, betas=b_ours)
+        o2 = getattr(torch.optim, name)([theirs], lr=0.01, betas=b_theirs)
+        for step in range(4):
+            g = torch.randn(6, 5, dtype=dt)
+            ours.grad, theirs.grad = g.to(device), g.clone()
+            o1.step()
+            o2.step()
+            tol = 1e-12 if dt == torch.float64 else _f32_tol(6)
+            assert _rel(ours.detach().cpu(), theirs) <= tol, step
+            for b in (*b_ours, *b_theirs):
+                b.mul_(0.9)  # a schedule on both
+        got, want = o1.param_groups[0]["betas"], o2.param_groups[0]["betas"]
+        assert all(isinstance(b, torch.Tensor) and b.dim() == 0 for b in got)
+        assert [float(b) for b in got] == [float(b) for b in want]
+        assert all(isinstance(b, torch.Tensor) for b in o1.state_dict()["param_groups"][0]["betas"])
+        monkeypatch.setattr(optmod, "_capturing", lambda device: True)
+        before = ours.detach().clone()
+        with pytest.raises(KernelInputError, match="tensor betas cannot be captured"):
+            o1.step()
+        assert torch.equal(ours.detach(), before)
+
+
+def test_adagrad_sums_start_at_the_constructors_value_as_torch():
+    """torch's Adagrad fills every sum with the constructor's initial_accumulator_value (its
+    defaults'), also for a group that names its own or is added later; ours read the group's
+    (a user audit). share_memory() as torch's: the sums shared."""
+    res = []
+    for mod in (torch.optim, go):
+        a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+        o = mod.Adagrad([{"params": [a], "initial_accumulator_value": 1.0}], lr=1.0, initial_accumulator_value=0.5)
+        o.add_param_group({"params": [b], "initial_accumulator_value": 2.0})
+        if mod is torch.optim and not o.state[b]:
+            # torch before 2.13 made the state in __init__ only (its step raised KeyError 'sum' on an
+            # added group: the H200's 2.11); the oracle's state as 2.13 makes it, from its defaults
+            o.state[b].update(step=torch.tensor(0.0), sum=torch.full_like(b, o.defaults["initial_accumulator_value"]))
+        a.grad, b.grad = torch.ones(2), torch.ones(2)
+        o.step()
+        o.share_memory()
+        assert o.state[a]["sum"].is_shared() and o.state[b]["sum"].is_shared()
+        res.append((o.state[a]["sum"].clone(), o.state[b]["sum"].clone(), a.detach().clone(), b.detach().clone()))
+    for x, y in zip(*res):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("cls", [go.SGD, go.Adagrad, go.Adadelta, go.RMSprop, go.Adam, go.AdamW])

@@ -25,7 +25,9 @@ What differs from torch:
   every replay. Any other tensor lr (another dtype or device, or the reference backend) is read
   on the host at every step (a CUDA tensor synchronises); inside a CUDA graph capture such a
   tensor raises ``KernelInputError``. A float lr is captured as torch captures one (replays
-  use that value).
+  use that value). Adam's / AdamW's betas given as tensors stay tensors in ``param_groups`` (as
+  torch keeps them) and are read on the host at every step (a change in place takes effect);
+  inside a capture they raise ``KernelInputError``.
 * ``foreach``, ``fused`` and ``capturable`` are accepted and stored (our step is always one
   fused multi-tensor kernel per part); ``differentiable=True`` raises ValueError. Sparse
   gradients raise RuntimeError; complex parameters are not supported.
@@ -98,6 +100,20 @@ def _refuse_captured_tensor_lr(kind: str, groups) -> None:
                 f"{_backend.resolve(f'optim.{kind}', device, _dispatch.BACKENDS[kind], dtype=dtype)}). "
                 f"Pass such a tensor (lr.to(param.device, torch.float32)) or a float lr"
             )
+
+
+def _refuse_captured_tensor_betas(groups) -> None:
+    """Tensor betas (Adam, AdamW) are read on the host at every step; inside a CUDA graph capture
+    that read is not permitted (and replays could not follow the tensors): refused before the
+    step does anything, as a tensor lr read on the host is (:func:`_refuse_captured_tensor_lr`)."""
+    for group in groups:
+        betas = group.get("betas")
+        if betas is None or not isinstance(betas[0], Tensor) or not group["params"]:
+            continue
+        if _capturing(group["params"][0].device) or any(_capturing(b.device) for b in betas):
+            raise KernelInputError(
+                "gpu_nn.optim: tensor betas cannot be captured into a CUDA graph: the step reads them on the host "
+                "(not permitted while capturing, and replays could not follow the tensors); pass float betas")
 
 
 def _no_differentiable(name: str, differentiable: bool) -> None:
@@ -380,6 +396,7 @@ class _Base(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         _refuse_captured_tensor_lr(self._KIND, self.param_groups)
+        _refuse_captured_tensor_betas(self.param_groups)
         plans = self._plans
         for group in self.param_groups:
             key, current = _grad_key(group["params"])
@@ -510,12 +527,20 @@ class Adagrad(_Base):
                         initial_accumulator_value=initial_accumulator_value, foreach=foreach, maximize=maximize,
                         differentiable=differentiable, fused=fused)
         super().__init__(params, defaults)
-        # torch creates Adagrad's state eagerly in the constructor
+        # torch creates Adagrad's state eagerly in the constructor, every sum filled with the
+        # constructor's initial_accumulator_value (a group's own value is not read; nor is it for a
+        # group added later: self.defaults', as torch 2.13's lazy path)
         for group in self.param_groups:
             for p in group["params"]:
                 state = self.state[p]
                 state["step"] = self._new_step(p)
-                self._buf(state, "sum", p, group["initial_accumulator_value"])
+                self._buf(state, "sum", p, initial_accumulator_value)
+
+    def share_memory(self) -> None:
+        """Calls tensor.share_memory_() on the state sum tensors (as torch's Adagrad)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                self.state[p]["sum"].share_memory_()
 
     def _state_lists(self, group, params):
         steps, sums = [], []
@@ -524,7 +549,7 @@ class Adagrad(_Base):
             if "step" not in state:
                 state["step"] = self._new_step(p)
             steps.append(self._fix_step(state, p))
-            sums.append(self._buf(state, "sum", p, group["initial_accumulator_value"]))
+            sums.append(self._buf(state, "sum", p, self.defaults["initial_accumulator_value"]))
         return dict(step=steps, sum=sums)
 
     def _hp(self, group):
@@ -645,6 +670,8 @@ class Adam(_Base):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, *,
                  foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
                  decoupled_weight_decay=False):
+        if isinstance(lr, Tensor) and foreach and not capturable:  # torch's refusal, before its other checks
+            raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
         _lr_value(lr)
         if not 0.0 <= lr:
             raise ValueError(f"Invalid learning rate: {lr}")
@@ -659,7 +686,15 @@ class Adam(_Base):
         if not ((isinstance(betas[0], float) and isinstance(betas[1], float))
                 or (isinstance(betas[0], Tensor) and isinstance(betas[1], Tensor))):
             raise ValueError("betas must be either both floats or both Tensors")  # as torch: (0, 0.9) too
-        betas = tuple(float(b) for b in betas)
+        for i, b in enumerate(betas):
+            if isinstance(b, Tensor):
+                if not capturable and foreach:
+                    raise ValueError(f"betas[{i}] as a Tensor is not supported for capturable=False and foreach=True")
+                if b.numel() != 1:
+                    raise ValueError(f"Tensor betas[{i}] must be 1-element")
+        # kept as given (a tensor as a 0-d tensor, as torch's _to_scalar): each step reads them
+        # (_hp), so a tensor changed in place, by a scheduler say, takes effect as in torch
+        betas = tuple(b.squeeze() if isinstance(b, Tensor) and b.dim() != 0 else b for b in betas)
         _no_differentiable(self._NAME, differentiable)
         if fused and foreach:
             raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
