@@ -304,6 +304,82 @@ def test_cpu_autocast_gives_torchs_dtypes(autocast_dtype, input_dtype):
     assert compared == (18 if autocast_dtype == torch.bfloat16 else 16)  # 9 ops, 6 sequence layers, 3 cells
 
 
+@pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("proj", [0, 3], ids=["plain", "proj"])
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_cpu_autocast_lstm_dtypes_as_torchs_native_and_onednn_paths(autocast_dtype, proj, packed):
+    """torch's CPU LSTM under autocast: its oneDNN path (padded, no projection, a float32 or
+    bfloat16 input) runs in the autocast dtype; its native path (packed, projected, or a float16
+    input) autocasts only the matmuls, so output, h and c come out promoted (float32 for a float32
+    input), a projection's output and h in the autocast dtype. Ours returned the autocast dtype for
+    all (a user audit: a packed LSTM classifier's output bfloat16 where torch's is float32). Every
+    input dtype where torch's own layer runs (it has no float16 oneDNN kernel for the others)."""
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    compared = 0
+    for input_dtype in (torch.float32, torch.float16, torch.bfloat16):
+        torch.manual_seed(0)
+        theirs = tnn.LSTM(6, 5, batch_first=True, proj_size=proj)
+        ours = gpu_nn.convert(copy.deepcopy(theirs))
+        x = torch.randn(3, 4, 6, dtype=input_dtype)
+        inp = pack_padded_sequence(x, torch.tensor([4, 2, 3]), batch_first=True, enforce_sorted=False) if packed else x
+        with torch.autocast("cpu", dtype=autocast_dtype), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch: "LSTM with projections is not supported with oneDNN"
+            try:
+                want = theirs(inp)
+            except RuntimeError:
+                assert autocast_dtype == torch.float16 and not packed and not proj and input_dtype != torch.float16
+                continue
+            got = ours(inp)
+        for a, b in ((got[0], want[0]), *zip(got[1], want[1])):
+            a, b = (a.data, b.data) if packed and a is got[0] else (a, b)
+            assert a.dtype == b.dtype and a.shape == b.shape, (input_dtype, a.dtype, b.dtype)
+        compared += 1
+    assert compared == (3 if autocast_dtype == torch.bfloat16 or packed or proj else 1)
+
+
+@pytest.mark.parametrize("name", ["lstm_cell", "gru_cell", "rnn_tanh_cell"])
+def test_cell_dtype_mismatches_raise_torchs_words(name):
+    """A cell given tensors of mixed dtypes raises where torch raises, with torch's message (its
+    input linear checked first, then the hidden one: addmm's bias-then-input order, mm's words
+    without biases); a CPU autocast region with a float64 input (not cast) and float32 weights
+    (cast by torch's inner matmuls) refuses as torch does. Ours said it in its own words, and under
+    autocast cast the weights to float64 and computed (a user audit)."""
+    import gpu_nn.functional as GF
+
+    G = {"lstm_cell": 4, "gru_cell": 3, "rnn_tanh_cell": 1}[name]
+    compared = 0
+    for what in ("input", "hx", "w_ih", "w_hh", "b_ih", "b_hh", "input+hx"):
+        for other in (torch.float64, torch.bfloat16):
+            for bias in (True, False):
+                if not bias and what.startswith("b_"):
+                    continue
+                dt = dict.fromkeys(("input", "hx", "w_ih", "w_hh", "b_ih", "b_hh"), torch.float32)
+                dt.update(dict.fromkeys(what.split("+"), other))
+                h = torch.randn(2, 4, dtype=dt["hx"])
+                args = (torch.randn(2, 3, dtype=dt["input"]), (h, h.clone()) if name == "lstm_cell" else h,
+                        torch.randn(G * 4, 3, dtype=dt["w_ih"]), torch.randn(G * 4, 4, dtype=dt["w_hh"]))
+                if bias:
+                    args += (torch.randn(G * 4, dtype=dt["b_ih"]), torch.randn(G * 4, dtype=dt["b_hh"]))
+                with pytest.raises(RuntimeError) as want:
+                    getattr(torch, name)(*args)
+                with pytest.raises(gpu_nn.KernelInputError) as got:
+                    getattr(GF, name)(*args)
+                assert str(got.value) == str(want.value), (what, other, bias)
+                compared += 1
+    assert compared == 24
+    for cls in ("GRUCell", "LSTMCell", "RNNCell"):
+        theirs = getattr(tnn, cls)(3, 4)
+        ours = gpu_nn.convert(copy.deepcopy(theirs))
+        x = torch.randn(2, 3, dtype=torch.float64)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            with pytest.raises(RuntimeError) as want:
+                theirs(x)
+            with pytest.raises(gpu_nn.KernelInputError) as got:
+                ours(x)
+        assert str(got.value) == str(want.value)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="autocast through our kernels needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_autocast_on_gpu(dtype):

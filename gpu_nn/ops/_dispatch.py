@@ -263,7 +263,9 @@ def autocast_inputs(policy: str, *tensors, cpu: str | None = None):
         dtype = torch.float32
     else:
         dtype = torch.get_autocast_dtype(dev)
-        if policy == "promote" and first.is_floating_point():
+        if policy == "promote" and first.is_floating_point() and first.dtype != torch.float64:
+            # (a float64 input is not cast, and torch's inner matmuls cast the float32 weights to
+            # the autocast dtype: a mismatch torch refuses, and so does the op after this cast)
             dtype = torch.promote_types(dtype, first.dtype)
     # float64 is never cast (torch's autocast leaves double tensors alone, for every policy)
     return tuple(

@@ -1592,6 +1592,26 @@ def _cell_usual(input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode) -> bool:
             and b_ih.dtype == dt and b_hh.dtype == dt)
 
 
+_DTYPE_WORDS = {torch.float32: ("Float", "float"), torch.float64: ("Double", "double"),
+                torch.float16: ("Half", "c10::Half"), torch.bfloat16: ("BFloat16", "c10::BFloat16")}
+
+
+def _linear_dtype_message(x: Tensor, w: Tensor, b: Optional[Tensor]) -> Optional[str]:
+    """torch's error for ``linear(x, w, b)`` of mismatched dtypes, as a cell's two linears raise it
+    (addmm checks the bias against the weight first, then the input; mm without a bias), or None."""
+    def words(t, i):
+        return _DTYPE_WORDS.get(t.dtype, (str(t.dtype), str(t.dtype)))[i]
+
+    if b is not None:
+        if b.dtype != w.dtype:
+            return f"self and mat2 must have the same dtype, but got {words(b, 0)} and {words(w, 0)}"
+        if x.dtype != w.dtype:
+            return f"mat1 and mat2 must have the same dtype, but got {words(x, 0)} and {words(w, 0)}"
+    elif x.dtype != w.dtype:
+        return f"expected m1 and m2 to have the same dtype, but got: {words(x, 1)} != {words(w, 1)}"
+    return None
+
+
 def _check_cell(op, input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode):
     if _cell_usual(input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode):
         return
@@ -1619,12 +1639,18 @@ def _check_cell(op, input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode):
         if t.dim() != 2:
             raise KernelInputError(f"{op}: Expected hidden{i} to be 2D, got {t.dim()}D instead")
     # (devices: _check_devices, which _cell calls first, has refused any other device already)
+    # dtypes: torch's words where torch refuses (its two linears, input's first: addmm(b, x, w^T),
+    # or mm without a bias), ours where it would compute in a promoted dtype and we do not
+    for x, w, b in ((input, w_ih, b_ih), (hx, w_hh, b_hh)):
+        msg = _linear_dtype_message(x, w, b)
+        if msg is not None:
+            raise KernelInputError(msg)
     dt = input.dtype
-    w_dt_bad = w_ih.dtype != dt  # once, not once per tensor below
     for name, t in (("hx", hx), ("cx", cx), ("w_hh", w_hh), ("b_ih", b_ih), ("b_hh", b_hh)):
-        if t is not None and (w_dt_bad or t.dtype != dt):
+        if t is not None and (w_ih.dtype != dt or t.dtype != dt):
             raise KernelInputError(
-                f"{op}: input dtype ({input.dtype}), weight dtype ({w_ih.dtype}) and {name} dtype ({t.dtype}) must be the same"
+                f"{op}: input dtype ({input.dtype}), weight dtype ({w_ih.dtype}) and {name} dtype ({t.dtype}) must be "
+                "the same (torch computes this mix in the promoted dtype; gpu-nn's cells take one dtype)"
             )
     if (b_ih is None) != (b_hh is None):
         raise KernelInputError(f"{op}: give both b_ih and b_hh or neither")
@@ -1833,8 +1859,13 @@ def _seq(mode, input, hx, cx, params, has_biases, num_layers, dropout, train, bi
     if input.dim() != 3:
         raise KernelInputError(f"{mode}: input must have 3 dimensions, got {input.dim()}")
     _check_devices(input, [hx, cx], params)
-    # torch's CPU autocast casts the Elman and LSTM sequences (mkldnn), not GRU's (see autocast_inputs)
-    input, hx, cx, *params = autocast_inputs("lower", input, hx, cx, *params, cpu="promote" if mode == "gru" else None)
+    # torch's CPU autocast casts the Elman sequences and the LSTM's oneDNN (mkldnn) path, not GRU's
+    # (see autocast_inputs); an LSTM oneDNN does not take runs torch's native path, whose matmuls
+    # alone are autocast (_lstm_cpu_autocast)
+    native = mode == "lstm" and _lstm_cpu_autocast(input, hx, cx, lengths)
+    in_dtype = input.dtype
+    input, hx, cx, *params = autocast_inputs("lower", input, hx, cx, *params,
+                                             cpu="promote" if mode == "gru" or native else None)
     x = input.transpose(0, 1) if batch_first else input
     T, B, _ = x.shape
     D = 2 if bidirectional else 1
@@ -1849,7 +1880,25 @@ def _seq(mode, input, hx, cx, params, has_biases, num_layers, dropout, train, bi
                                  bool(has_biases), lengths, dropout_masks)
     if batch_first:
         out = out.transpose(0, 1)
+    if native and hn.shape[-1] != cn.shape[-1] and in_dtype != torch.float64:
+        # torch's native projected LSTM: the output and h come out of the projection's autocast
+        # matmul (the autocast dtype), c out of the cell's elementwise math (the promoted dtype)
+        low = torch.get_autocast_dtype("cpu")
+        out, hn = out.to(low), hn.to(low)
     return out, hn, cn
+
+
+def _lstm_cpu_autocast(input: Tensor, hx, cx, lengths) -> bool:
+    """Whether an LSTM sequence inside a CPU autocast region runs as torch's native LSTM does
+    there: packed (lengths), projected (h narrower than c) or an input oneDNN does not take
+    (neither float32 nor bfloat16): torch then autocasts only the inner matmuls, so its results
+    come out in the autocast dtype promoted with the input's (float32 for a float32 input) and, with
+    a projection, the output and h in the autocast dtype (the projection is a matmul) and c
+    promoted. Otherwise torch's oneDNN LSTM runs in the autocast dtype, as the Elman sequences."""
+    if input.device.type != "cpu" or not torch.is_autocast_enabled("cpu"):
+        return False
+    projected = isinstance(hx, Tensor) and isinstance(cx, Tensor) and hx.shape[-1] != cx.shape[-1]
+    return lengths is not None or projected or input.dtype not in (torch.float32, torch.bfloat16)
 
 
 def rnn_tanh(input, hx, params, has_biases=True, num_layers=1, dropout=0.0, train=False, bidirectional=False,
