@@ -126,7 +126,8 @@ def convert(model: torch.nn.Module, *, inplace: bool = True) -> torch.nn.Module:
                 skipped.append(f"{prefix or '<model>'} ({cls.__name__}): a lazy module not initialized yet (convert "
                                f"after its first forward, which makes it a torch.nn.{base.__name__ if base else 'layer'})")
             elif base is not None and f"{cls.__module__}.{cls.__qualname__}" not in _NEVER_CALLED:
-                skipped.append(f"{prefix or '<model>'} ({cls.__name__}): a subclass of torch.nn.{base.__name__} with code of its own")
+                skipped.append(f"{prefix or '<model>'} ({cls.__name__}): a subclass of torch.nn.{base.__name__}, left as "
+                               "it is (a subclass may change what the layer does)")
             return mod
         reason = _SUPPORTED[cls.__name__](mod)
         if reason:

@@ -116,7 +116,7 @@ def test_convert_a_transformer_quietly():
         def forward(self, x):
             return super().forward(x) * 2
 
-    with pytest.warns(UserWarning, match=r"0 \(Mine\): a subclass of torch.nn.Linear with code of its own"):
+    with pytest.warns(UserWarning, match=r"0 \(Mine\): a subclass of torch.nn.Linear, left as it is"):
         gpu_nn.convert(tnn.Sequential(Mine(2, 2)))
 
 
