@@ -571,7 +571,8 @@ def extra_optim(rng, monkeypatch, rec):
             for (name, kw), tensor_lr in [(c, t) for c in configs for t in (False, True)]:
                 ps = [torch.nn.Parameter(torch.randn(s, dtype=dt)) for s in shapes]
                 if tensor_lr:
-                    kw = {**kw, "lr": torch.tensor(kw.get("lr", 1.0))}
+                    # (foreach=True takes a tensor lr only with capturable=True, as torch's Adam)
+                    kw = {**kw, "lr": torch.tensor(kw.get("lr", 1.0)), **({"capturable": True} if kw.get("foreach") else {})}
                 opt = getattr(optim, name)(ps, **kw)
                 for _ in range(2):
                     for p in ps:
