@@ -14,7 +14,7 @@ import torch.autograd.forward_ad as _fwad
 
 from .. import _backend, _tuning
 from ..kernels import memo  # noqa: F401  (the ops' memo: ops.pool, ops.conv import it from here)
-from .._errors import KernelInputError, KernelInputIndexError, KernelInputNotImplementedError, KernelInputTypeError
+from .._errors import KernelInputError, KernelInputIndexError, KernelInputNotImplementedError, KernelInputTypeError, type_name
 
 _NUMPY_NATIVE = (torch.float32, torch.float64)
 _VIEWABLE = (torch.float32, torch.float64, torch.int64)  # read by the reference as they are
@@ -116,6 +116,14 @@ def is_int(v) -> bool:
         return True
     return (isinstance(v, torch.Tensor) and v.dim() == 0 and not v.is_floating_point() and not v.is_complex()
             and v.dtype != torch.bool)
+
+
+def check_tensor(op: str, name: str, t, position: int | None = None) -> None:
+    """torch's argument-parser TypeError where ``t`` is not a tensor ("relu(): argument 'input'
+    (position 1) must be Tensor, not numpy.ndarray")."""
+    if not isinstance(t, torch.Tensor):
+        pos = f" (position {position})" if position else ""
+        raise KernelInputTypeError(f"{op}(): argument '{name}'{pos} must be Tensor, not {type_name(t)}")
 
 
 def check_float(op: str, name: str, t: torch.Tensor) -> None:

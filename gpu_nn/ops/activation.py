@@ -11,10 +11,10 @@ import torch
 from torch import Tensor
 
 from .. import _backend
-from .._errors import KernelInputError, KernelInputTypeError, type_name
+from .._errors import KernelInputError
 from ..check import CheckCase
 from ..reference import activation as ref
-from ._dispatch import (FLOAT_DTYPES, check_float, check_float_like_torch, empty, empty_like, from_numpy, on_device, routed,
+from ._dispatch import (FLOAT_DTYPES, check_float, check_float_like_torch, check_tensor, empty, empty_like, from_numpy, on_device, routed,
                         same_dense_layout, to_numpy, triton_kernels)
 from ._dispatch import has_torch_function as _has_tf
 from ._dispatch import torch_function as _tf
@@ -174,10 +174,8 @@ _activation_backward_op.register_autograd(_backward_backward, setup_context=_set
 
 
 def _apply(input: Tensor, activation: str, inplace: bool = False) -> Tensor:
-    if not isinstance(input, Tensor):
-        # TypeError, as torch's (relu_ for the in-place form, as torch.relu_ names itself)
-        raise KernelInputTypeError(f"{activation}{'_' if inplace else ''}(): argument 'input' (position 1) must be "
-                                   f"Tensor, not {type_name(input)}")
+    # a TypeError, as torch's (relu_ for the in-place form, as torch.relu_ names itself)
+    check_tensor(f"{activation}{'_' if inplace else ''}", "input", input, 1)
     if input.is_complex() or (input.is_floating_point() and input.dtype not in FLOAT_DTYPES):
         # torch's verdict: relu refuses complex tensors (NotImplementedError), sigmoid / tanh
         # compute them; a float8 tensor none of the three takes on a CPU

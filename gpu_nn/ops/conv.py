@@ -39,7 +39,7 @@ from .._precision import tf32 as _tf32
 from ..check import CheckCase
 from ..reference import conv as ref
 from ._dispatch import (
-    FLOAT_DTYPES, autocast_inputs, check_float, check_float_like_torch, check_same, empty, float64_in_float32, from_numpy, is_int, memo, on_device, plain_arg,
+    FLOAT_DTYPES, autocast_inputs, check_float, check_float_like_torch, check_same, check_tensor, empty, float64_in_float32, from_numpy, is_int, memo, on_device, plain_arg,
     routed, to_numpy, triton_kernels,
 )
 from ._dispatch import chooser as _chooser  # module-level name: tests replace it
@@ -218,8 +218,8 @@ def _check_all(nd: int, input: Tensor, weight: Tensor, bias: Optional[Tensor], s
     """Every bad-input kind, with torch's wording, before any computation. ``input`` is batched."""
     name = f"conv{nd}d"
     for pos, (arg, t) in enumerate((("input", input), ("weight", weight), ("bias", bias)), 1):
-        if not isinstance(t, Tensor) and not (arg == "bias" and t is None):
-            raise KernelInputTypeError(f"{name}(): argument '{arg}' (position {pos}) must be Tensor, not {type_name(t)}")
+        if not (arg == "bias" and t is None):
+            check_tensor(name, arg, t, pos)
     if activation not in ACTIVATIONS:
         raise KernelInputError(f"{name}: unknown activation {activation!r}; expected one of {ACTIVATIONS}")
     if weight.dim() != nd + 2:
@@ -698,10 +698,8 @@ def _conv_args(nd, input, weight, bias, stride, padding, dilation, groups, activ
     weight, bias after autocast, stride, per-side padding, dilation, groups, unbatched)."""
     name = f"conv{nd}d"
     # torch's argument parser first (TypeErrors), then conv's own checks
-    if not isinstance(input, Tensor):
-        raise KernelInputTypeError(f"{name}(): argument 'input' (position 1) must be Tensor, not {type_name(input)}")
-    if not isinstance(weight, Tensor):
-        raise KernelInputTypeError(f"{name}(): argument 'weight' (position 2) must be Tensor, not {type_name(weight)}")
+    check_tensor(name, "input", input, 1)
+    check_tensor(name, "weight", weight, 2)
     if bias is not None and not isinstance(bias, Tensor):
         raise _bad_combination(nd, "bias", bias)
     for arg, v in (("stride", stride), ("padding", padding), ("dilation", dilation)):

@@ -36,7 +36,7 @@ from .. import _backend, _precision
 from .._errors import KernelInputError, KernelInputIndexError, KernelInputTypeError, type_name
 from ..check import CheckCase
 from ..reference import dense as ref
-from ._dispatch import (FLOAT_DTYPES, autocast_inputs, check_float_like_torch, empty, float64_in_float32, from_numpy, is_int,
+from ._dispatch import (FLOAT_DTYPES, autocast_inputs, check_float_like_torch, check_tensor, empty, float64_in_float32, from_numpy, is_int,
                         on_device, routed, to_numpy, triton_kernels)
 from ._dispatch import has_torch_function as _has_tf
 from ._dispatch import torch_function as _tf
@@ -62,10 +62,18 @@ def _scalar_name(dtype) -> str:
     return _SCALAR_NAME.get(dtype, str(dtype).replace("torch.", ""))
 
 
-def _check_tensor(op: str, name: str, t, position: int | None = None) -> None:
-    if not isinstance(t, Tensor):
-        pos = f" (position {position})" if position else ""
-        raise KernelInputTypeError(f"{op}(): argument '{name}'{pos} must be Tensor, not {type_name(t)}")
+def linear_dtype_message(x: Tensor, w: Tensor, b: Tensor | None) -> str | None:
+    """torch's error for ``linear(x, w, b)`` of mismatched dtypes, or None: with a bias its
+    addmm's (the bias against the weight first, then the input), without one its mm's. The
+    recurrent cells' two linears raise it too."""
+    if b is not None and b.dtype != w.dtype:
+        return f"self and mat2 must have the same dtype, but got {_scalar_name(b.dtype)} and {_scalar_name(w.dtype)}"
+    if b is not None and x.dtype != w.dtype:
+        return f"mat1 and mat2 must have the same dtype, but got {_scalar_name(x.dtype)} and {_scalar_name(w.dtype)}"
+    if b is None and x.dtype != w.dtype:
+        return (f"expected m1 and m2 to have the same dtype, but got: {_CPP_NAME.get(x.dtype, x.dtype)} != "
+                f"{_CPP_NAME.get(w.dtype, w.dtype)}")
+    return None
 
 
 def _wrap_dim(dim: int, ndim: int) -> int:
@@ -115,7 +123,7 @@ def flatten(input: Tensor, start_dim: int = 0, end_dim: int = -1) -> Tensor:
     """
     if _has_tf(input, start_dim, end_dim):
         return _tf(flatten, input, start_dim, end_dim)
-    _check_tensor("flatten", "input", input, 1)
+    check_tensor("flatten", "input", input, 1)
     for name, pos, v in (("start_dim", 2, start_dim), ("end_dim", 3, end_dim)):
         if not is_int(v):
             raise _torchs_flatten_error(input.dim(), start_dim, end_dim,
@@ -313,10 +321,10 @@ def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None, *, activat
     """
     if _has_tf(input, weight, bias, activation):
         return _tf(linear, input, weight, bias, activation=activation)
-    _check_tensor("linear", "input", input, 1)
-    _check_tensor("linear", "weight", weight, 2)
+    check_tensor("linear", "input", input, 1)
+    check_tensor("linear", "weight", weight, 2)
     if bias is not None:
-        _check_tensor("linear", "bias", bias, 3)
+        check_tensor("linear", "bias", bias, 3)
     input, weight, bias = autocast_inputs("lower", input, weight, bias)
     if activation not in ACTIVATIONS:
         raise KernelInputError(f"linear: unknown activation {activation!r}; expected one of {ACTIVATIONS}")
@@ -331,19 +339,8 @@ def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None, *, activat
         raise KernelInputError(
             f"Expected all tensors to be on the same device, but found at least two devices, {input.device} and {other}!"
         )
-    if weight.dtype != input.dtype:
-        # torch's words: with a bias its addmm's (the bias against the weight first), without
-        # one its mm's (an integer input too)
-        if bias is not None and bias.dtype != weight.dtype:
-            raise KernelInputError(f"self and mat2 must have the same dtype, but got {_scalar_name(bias.dtype)} and "
-                                   f"{_scalar_name(weight.dtype)}")
-        if bias is not None:
-            raise KernelInputError(f"mat1 and mat2 must have the same dtype, but got {_scalar_name(input.dtype)} and "
-                                   f"{_scalar_name(weight.dtype)}")
-        raise KernelInputError(
-            f"expected m1 and m2 to have the same dtype, but got: {_CPP_NAME.get(input.dtype, input.dtype)} != "
-            f"{_CPP_NAME.get(weight.dtype, weight.dtype)}"
-        )
+    if weight.dtype != input.dtype:  # torch's words (an integer input too)
+        raise KernelInputError(linear_dtype_message(input, weight, bias))
     # an integer, bool or complex input and weight: torch's verdict (its addmm may find the bias's
     # dtype wrong first, or the dtype not implemented), else ours
     if input.dtype not in FLOAT_DTYPES:  # (tested first: no closure on the usual call)
@@ -599,7 +596,7 @@ def _torchs_error(name: str, ndim: int, dim, dtype, fallback: str) -> KernelInpu
 
 
 def _softmax_public(name, op, input, dim, _stacklevel, dtype):
-    _check_tensor(name, "input", input, 1)  # torch.softmax's wording (F.softmax calls a method of input)
+    check_tensor(name, "input", input, 1)  # torch.softmax's wording (F.softmax calls a method of input)
     if dim is not None and not is_int(dim):
         raise _torchs_error(name, input.dim(), dim, dtype,
                             f"{name}(): argument 'dim' (position 1) must be int, not {type_name(dim)}")
@@ -955,8 +952,8 @@ _cross_entropy_backward_op.register_autograd(_ce_backward_backward, setup_contex
 
 
 def _check_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing):
-    _check_tensor("cross_entropy_loss", "input", input, 1)
-    _check_tensor("cross_entropy_loss", "target", target, 2)
+    check_tensor("cross_entropy_loss", "input", input, 1)
+    check_tensor("cross_entropy_loss", "target", target, 2)
     if reduction not in REDUCTIONS:
         raise KernelInputError(f"{reduction} is not a valid value for reduction")
     if label_smoothing > 1.0:  # torch checks only this bound; values <= 0 (and NaN) mean no smoothing
@@ -977,7 +974,7 @@ def _check_cross_entropy(input, target, weight, ignore_index, reduction, label_s
                                "cross_entropy: input must have at least one dimension (the classes)")
     C = input.shape[0] if input.dim() == 1 else input.shape[1]
     if weight is not None:
-        _check_tensor("cross_entropy_loss", "weight", weight, 3)
+        check_tensor("cross_entropy_loss", "weight", weight, 3)
         if weight.device != input.device:
             raise KernelInputError(
                 f"Expected all tensors to be on the same device, but found at least two devices, {input.device} and {weight.device}!"

@@ -35,7 +35,7 @@ from .._errors import KernelInputError, KernelInputIndexError, KernelInputTypeEr
 from ..check import CheckCase
 from ..kernels import fastdiv
 from ..reference import pool as ref
-from ._dispatch import (FLOAT_DTYPES, check_float, check_float_like_torch, cuda_kernels, empty, from_numpy, is_int, memo, on_device, plain_arg, routed,
+from ._dispatch import (FLOAT_DTYPES, check_float, check_float_like_torch, check_tensor, cuda_kernels, empty, from_numpy, is_int, memo, on_device, plain_arg, routed,
                         to_numpy, triton_kernels)
 from ._dispatch import chooser as _chooser  # module-level name: tests replace it
 # a channels_last input (dense NHWC, not also contiguous): torch's pooling then returns
@@ -211,8 +211,7 @@ def _check_dim_range(op: str, input: Tensor):
 def _check_input(op: str, input, theirs=None, *args) -> None:
     """A tensor in a dtype our kernels take; for another dtype torch's error where torch refuses
     it too (``theirs(input, *args)``: torch's pooling, max pooling's for min pooling), else ours."""
-    if not isinstance(input, Tensor):
-        raise KernelInputTypeError(f"{op}(): argument 'input' (position 1) must be Tensor, not {type_name(input)}")
+    check_tensor(op, "input", input, 1)
     if theirs is None:
         check_float(op, "input", input)
     elif input.dtype not in FLOAT_DTYPES:  # (tested first: no closure on the usual call)

@@ -105,15 +105,16 @@ import torch
 from torch import Tensor
 
 from .. import _backend, _precision
-from .._errors import KernelInputError, KernelInputTypeError, type_name
+from .._errors import KernelInputError, type_name
 from ..check import CheckCase, _rel, generic_error
 from ..reference import rnn as ref
 from ._dispatch import (
-    FLOAT_DTYPES, autocast_inputs, compute_dtype, cuda_kernels, empty, from_numpy, not_float_message, on_device, routed,
+    FLOAT_DTYPES, autocast_inputs, check_tensor, compute_dtype, cuda_kernels, empty, from_numpy, not_float_message, on_device, routed,
     to_numpy, triton_kernels,
 )
 from ._dispatch import has_torch_function as _has_tf
 from ._dispatch import torch_function as _tf
+from .dense import linear_dtype_message
 
 __all__ = [
     "gru",
@@ -1592,32 +1593,11 @@ def _cell_usual(input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode) -> bool:
             and b_ih.dtype == dt and b_hh.dtype == dt)
 
 
-_DTYPE_WORDS = {torch.float32: ("Float", "float"), torch.float64: ("Double", "double"),
-                torch.float16: ("Half", "c10::Half"), torch.bfloat16: ("BFloat16", "c10::BFloat16")}
-
-
-def _linear_dtype_message(x: Tensor, w: Tensor, b: Optional[Tensor]) -> Optional[str]:
-    """torch's error for ``linear(x, w, b)`` of mismatched dtypes, as a cell's two linears raise it
-    (addmm checks the bias against the weight first, then the input; mm without a bias), or None."""
-    def words(t, i):
-        return _DTYPE_WORDS.get(t.dtype, (str(t.dtype), str(t.dtype)))[i]
-
-    if b is not None:
-        if b.dtype != w.dtype:
-            return f"self and mat2 must have the same dtype, but got {words(b, 0)} and {words(w, 0)}"
-        if x.dtype != w.dtype:
-            return f"mat1 and mat2 must have the same dtype, but got {words(x, 0)} and {words(w, 0)}"
-    elif x.dtype != w.dtype:
-        return f"expected m1 and m2 to have the same dtype, but got: {words(x, 1)} != {words(w, 1)}"
-    return None
-
-
 def _check_cell(op, input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode):
     if _cell_usual(input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode):
         return
     for pos, (name, t) in enumerate((("input", input), ("hx", hx), ("w_ih", w_ih), ("w_hh", w_hh)), 1):
-        if not isinstance(t, Tensor):
-            raise KernelInputTypeError(f"{op}(): argument '{name}' (position {pos}) must be Tensor, not {type_name(t)}")
+        check_tensor(op, name, t, pos)
     if input.dim() != 2:
         raise KernelInputError(f"{op}: Expected input to be 1D or 2D, got {input.dim()}D instead")
     H = w_hh.shape[-1]
@@ -1642,7 +1622,7 @@ def _check_cell(op, input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode):
     # dtypes: torch's words where torch refuses (its two linears, input's first: addmm(b, x, w^T),
     # or mm without a bias), ours where it would compute in a promoted dtype and we do not
     for x, w, b in ((input, w_ih, b_ih), (hx, w_hh, b_hh)):
-        msg = _linear_dtype_message(x, w, b)
+        msg = linear_dtype_message(x, w, b)
         if msg is not None:
             raise KernelInputError(msg)
     dt = input.dtype
@@ -1788,8 +1768,7 @@ def _lstm_state(op, hx):
 
 
 def _cell(op, mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh):
-    if not isinstance(input, Tensor):
-        raise KernelInputTypeError(f"{op}(): argument 'input' (position 1) must be Tensor, not {type_name(input)}")
+    check_tensor(op, "input", input, 1)
     batched = input.dim() == 2
     if input.dim() not in (1, 2):
         raise KernelInputError(f"{op}: Expected input to be 1D or 2D, got {input.dim()}D instead")
@@ -1854,8 +1833,7 @@ def draw_dropout_masks(p: float, num_layers: int, T: int, B: int, width: int, li
 
 def _seq(mode, input, hx, cx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first, lengths,
          dropout_masks):
-    if not isinstance(input, Tensor):
-        raise KernelInputTypeError(f"{mode}(): argument 'input' (position 1) must be Tensor, not {type_name(input)}")
+    check_tensor(mode, "input", input, 1)
     if input.dim() != 3:
         raise KernelInputError(f"{mode}: input must have 3 dimensions, got {input.dim()}")
     _check_devices(input, [hx, cx], params)
