@@ -787,14 +787,7 @@ def _seq_against_reference(backend, device, mode, dtype, rng, T, B, I, H, L, bi,
 
     def close(a, b, k, what, theirs=()):
         if on_tf32:
-            err = max_rel_err(a, b)
-            scale = [max_rel_err(t, b) for t in theirs]
-            # a twin this far off would be wired wrong (test_tf32_twins_are_torchs_layers checks
-            # the wiring in float64): it must not widen the bound
-            assert all(e <= 16 * tol_tf32(k) for e in scale), f"{what}: a torch twin is off by {scale}"
-            bound = tol_tf32(k) + 2 * max(scale, default=0.0)
-            assert err <= bound, f"{what}: max relative error {err:.3e} > TF32 bound {bound:.3e} (k={k}" + (
-                f", torch's own errors {', '.join(f'{e:.3e}' for e in scale)})" if scale else ")")
+            _assert_tf32_close(a, b, k, what, [max_rel_err(t, b) for t in theirs])
         else:
             assert_close(a, b, dtype, k=k, what=what)
 
@@ -803,6 +796,19 @@ def _seq_against_reference(backend, device, mode, dtype, rng, T, B, I, H, L, bi,
         close(a, b, 4 * H, f"{mode} output", [out[i] for out, _ in twins])
     for i, (a, b) in enumerate(zip(o_grads, r_grads)):
         close(a, b, T * B * 4 * H, f"{mode} grad {i}", [grads[i] for _, grads in twins])
+
+
+def _assert_tf32_close(a, b, k, what, scale=()):
+    """``a`` (float32 products run in TF32) against the float64 ``b``: DESIGN section 4's bound,
+    the TF32 floor (tol_tf32) plus twice the larger of torch's own errors ``scale`` on the same
+    inputs (its twins' max_rel_err against ``b``). A twin this far off would be wired wrong
+    (test_tf32_twins_are_torchs_layers and test_persist_twin_is_torchs_layer check the wiring in
+    float64): it must not widen the bound."""
+    err = max_rel_err(a, b)
+    assert all(e <= 16 * tol_tf32(k) for e in scale), f"{what}: a torch twin is off by {scale}"
+    bound = tol_tf32(k) + 2 * max(scale, default=0.0)
+    assert err <= bound, f"{what}: max relative error {err:.3e} > TF32 bound {bound:.3e} (k={k}" + (
+        f", torch's own errors {', '.join(f'{e:.3e}' for e in scale)})" if scale else ")")
 
 
 def _torch_layer(mode, L, bi, batch_first):
@@ -1505,24 +1511,19 @@ def test_resident_weights_forward_matches_reference(mode, H, block_h, rng, monke
             with _native_tf32():
                 twins.append(_persist_twin(mode, dtype, x, hx, params, lens, L, bi, bias))
 
-        def errs(theirs, want):
-            return [max_rel_err(t.detach().cpu(), want.detach().cpu()) for t in theirs]
-
-        def close(a, b, k, what, scale=()):
+        def close(a, b, k, what, theirs, want):
+            # theirs: the twins' results for what ``b`` is, ``want`` their reference (the reserve's:
+            # the output's)
             if tf32:
-                err = max_rel_err(a, b)
-                assert all(e <= 16 * tol_tf32(k) for e in scale), f"{what}: a torch twin is off by {scale}"
-                bound = tol_tf32(k) + 2 * max(scale, default=0.0)
-                assert err <= bound, f"{what}: max relative error {err:.3e} > TF32 bound {bound:.3e} (k={k}, " \
-                    f"torch's own errors {', '.join(f'{e:.3e}' for e in scale)})"
+                _assert_tf32_close(a, b, k, what, [max_rel_err(t, want) for t in theirs])
             else:
                 assert_close(a, b, dtype, k=k, what=what)
 
         for i, (a, b) in enumerate(zip(o_outs, r_outs)):
-            close(a, b, 4 * H, f"{mode} output {i}", errs([outs[i] for outs, _ in twins], b))
-        close(o_res, r_res, 4 * H, f"{mode} reserve", errs([outs[0] for outs, _ in twins], r_outs[0]))
+            close(a, b, 4 * H, f"{mode} output {i}", [outs[i] for outs, _ in twins], b)
+        close(o_res, r_res, 4 * H, f"{mode} reserve", [outs[0] for outs, _ in twins], r_outs[0])
         for i, (a, b) in enumerate(zip(o_grads, r_grads)):
-            close(a, b, T * B * 4 * H, f"{mode} grad {i}", errs([grads[i] for _, grads in twins], b))
+            close(a, b, T * B * 4 * H, f"{mode} grad {i}", [grads[i] for _, grads in twins], b)
 
 
 @pytest.mark.parametrize("mode", ("rnn_tanh", "lstm", "gru"))  # rnn_relu: rnn_tanh's kernel but for the activation
