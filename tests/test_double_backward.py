@@ -203,6 +203,32 @@ def test_cross_entropy(case, reduction, rng):
         _check(lambda x: F.cross_entropy(x, t, weight=weight, reduction=reduction, **case), (x,))
 
 
+@pytest.mark.parametrize("case", [dict(), dict(label_smoothing=0.2), dict(weight=True)], ids=["plain", "smoothing", "weight"])
+@pytest.mark.parametrize("targets", ["all-ignored", "some-ignored"])
+@pytest.mark.parametrize("zero_weight", [False, True])
+def test_cross_entropy_mean_over_nothing_as_torch(case, targets, zero_weight, rng):
+    """'mean' whose divisor sum w[t] is 0: torch's loss is 0 / 0 = NaN, and its derivatives are
+    zero where every target is ignored (no row has a gradient) and NaN where rows with zero
+    weight remain (-0 / 0). Ours (a gradient penalty, a Hessian-vector product on a batch of
+    padding) gave NaN second derivatives for the former."""
+    weight = torch.rand(5, dtype=D64) + 0.5 if case.get("weight") else None
+    if zero_weight:
+        weight = torch.zeros(5, dtype=D64)
+    kw = dict(label_smoothing=case.get("label_smoothing", 0.0), weight=weight)
+    t = torch.full((3,), -100) if targets == "all-ignored" else torch.tensor([1, -100, 2])
+    x = _t(rng, 3, 5)
+    got = []
+    for f in (TF.cross_entropy, F.cross_entropy):
+        with gpu_nn.backend("reference"):
+            loss = f(x, t, **kw)
+            (g,) = torch.autograd.grad(loss, x, create_graph=True)
+            (h,) = torch.autograd.grad(g.pow(2).sum(), x)
+            hvp = torch.autograd.functional.hvp(lambda z: f(z, t, **kw), x.detach(), torch.ones_like(x))[1]
+        got.append((loss.detach(), g.detach(), h, hvp))
+    for name, want, have in zip(("loss", "gradient", "second derivative", "hvp"), *got):
+        torch.testing.assert_close(have, want, equal_nan=True, msg=lambda m: f"{name}: {m}")
+
+
 def test_cross_entropy_unbatched(rng):
     _check(lambda x: F.cross_entropy(x, torch.tensor(2), label_smoothing=0.1), (_t(rng, 5),))
 

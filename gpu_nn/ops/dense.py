@@ -917,11 +917,17 @@ def _ce_compose(input: Tensor, target: Tensor, weight: Tensor | None, reduction:
     smooth = -wlogp.sum(cdim) * valid if eps > 0 else None
     if reduction == "none":
         return nll if smooth is None else (1 - eps) * nll + eps / C * smooth
-    nll, smooth = nll.sum(), (None if smooth is None else smooth.sum())
     if reduction == "mean":
-        denom = wt.sum()
-        nll, smooth = nll / denom, (None if smooth is None else smooth / denom)
-    return nll if smooth is None else (1 - eps) * nll + eps / C * smooth
+        # torch divides by sum w[t] and gives each ignored row no gradient at all: the scale
+        # applied per row, zero on ignored ones, so that a batch whose every target is ignored
+        # (loss 0 / 0) has zero derivatives of every order as torch's, not 0 * inf = NaN
+        scale = torch.where(valid, 1 / wt.sum(), torch.zeros((), dtype=input.dtype, device=input.device))
+        nll, smooth = nll * scale, (None if smooth is None else smooth * scale)
+    nll, smooth = nll.sum(), (None if smooth is None else smooth.sum())
+    out = nll if smooth is None else (1 - eps) * nll + eps / C * smooth
+    if reduction == "mean":  # every target ignored: torch's 0 / 0, a constant
+        out = torch.where(valid.any(), out, torch.full((), math.nan, dtype=out.dtype, device=out.device))
+    return out
 
 
 def _ce_bwd_setup(ctx, inputs, output):
