@@ -83,9 +83,8 @@ def linear_backward(grad_out: np.ndarray, x: np.ndarray, w: np.ndarray, out: np.
     g = grad_out if flat else grad_out.reshape(M, O)
     if activation is not None:
         g = _act.activate_backward(g, out if flat else out.reshape(M, O), activation)
-    x2 = x if flat else x.reshape(M, K)
     dx = None if not need_input else (g @ w if flat else (g @ w).reshape(x.shape))
-    dw = g.T @ x2 if need_weight else None
+    dw = (g.T @ (x if flat else x.reshape(M, K))) if need_weight else None  # x read only here
     db = np.add.reduce(g, axis=0) if has_bias else None  # g.sum(axis=0) without its Python wrapper
     return dx, dw, db
 

@@ -104,6 +104,48 @@ def test_linear_reference_finite_differences(act, rng):
         assert torch.autograd.gradcheck(lambda x, w, b: F.linear(x, w, b, activation=act), (x, w, b))
 
 
+
+def _linear_after_inplace(lin, xshape, wants, change, seed, dtype, device):
+    """``lin(x, w, b)`` with only ``wants`` ('x', 'w', 'b') requiring a gradient, ``change`` ('x',
+    'w' or 'b', through a non-leaf copy) changed in place after the forward, then the gradients
+    with create_graph: the error's type, or the gradients and whether each carries a graph."""
+    rng = np.random.default_rng(seed)
+    leaves = {n: randn(rng, *s, dtype=dtype, device=device).requires_grad_(n in wants)
+              for n, s in (("x", xshape), ("w", (4, 5)), ("b", (4,)))}
+    used = {n: t * 1 if n == change else t for n, t in leaves.items()}
+    y = lin(used["x"], used["w"], used["b"])
+    with torch.no_grad():
+        used[change].mul_(2)
+    try:
+        grads = torch.autograd.grad(y.sum(), [leaves[n] for n in sorted(wants)], create_graph=True)
+    except RuntimeError as e:
+        return type(e).__name__, None
+    return [g.detach() for g in grads], [g.requires_grad for g in grads]
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
+@pytest.mark.parametrize("wants", ["x", "w", "b", "xw", "bw", "bx"])
+@pytest.mark.parametrize("change", ["x", "w", "b"])
+@pytest.mark.parametrize("xshape", [(3, 5), (2, 3, 5)])
+def test_linear_keeps_what_torch_keeps(backend, device, wants, change, xshape):
+    """As torch's mm / addmm, the input is kept for the weight's gradient only and the weight for
+    the input's: changing in place what the asked gradients do not read is no error (ours kept
+    both, and a frozen layer's input stayed alive until the backward), changing what they read
+    is torch's version-counter error; the gradients, and whether a create_graph gradient has a
+    graph (an input's through a constant weight has none), are torch's."""
+    dtype = torch.float64 if backend == "reference" else torch.float32
+    with gpu_nn.backend(backend):
+        theirs = _linear_after_inplace(TF.linear, xshape, wants, change, 5, dtype, device)
+        ours = _linear_after_inplace(F.linear, xshape, wants, change, 5, dtype, device)
+    if isinstance(theirs[0], str):
+        assert ours[0] == theirs[0]
+        return
+    assert not isinstance(ours[0], str), f"ours raised where torch did not ({ours[0]})"
+    for a, b in zip(ours[0], theirs[0]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert ours[1] == theirs[1]
+
+
 # =========================================================================== softmax / log_softmax
 
 SOFTMAX = {"softmax": (F.softmax, torch.softmax), "log_softmax": (F.log_softmax, torch.log_softmax)}

@@ -207,7 +207,6 @@ def linear_backward(grad: Tensor, x: Tensor, w: Tensor, out: Tensor | None, acti
             g2 = kd.act_grad(g2.contiguous(), y2, activation, ktriton.INTERPRET)
     elif has_bias:
         kd.colsum(g2, db, interpret=ktriton.INTERPRET)
-    x2 = x if flat else x.reshape(M, K)
     tf32 = _tf32_allowed()
     if need_input:
         dx = empty(x.shape, dtype=x.dtype, device=x.device)  # its own shape, not a view (as the forward's)
@@ -216,7 +215,7 @@ def linear_backward(grad: Tensor, x: Tensor, w: Tensor, out: Tensor | None, acti
         dx = torch.zeros(0, dtype=x.dtype, device=x.device)
     if need_weight:
         dw = empty((O, K), dtype=w.dtype, device=w.device)
-        kd.matmul(g2.t(), x2, dw, allow_tf32=tf32, interpret=ktriton.INTERPRET)
+        kd.matmul(g2.t(), x if flat else x.reshape(M, K), dw, allow_tf32=tf32, interpret=ktriton.INTERPRET)
     else:
         dw = torch.zeros(0, dtype=w.dtype, device=w.device)
     return dx, dw, db
@@ -252,11 +251,26 @@ def _linear_setup(ctx, inputs, output):
     x, w, b, activation = inputs
     ctx.activation = activation
     ctx.has_bias = b is not None
-    ctx.save_for_backward(x, w, output if activation is not None else None)
+    # as torch's mm / addmm: the input is kept only for the weight's gradient and the weight only
+    # for the input's (a frozen layer keeps no activation alive, and an in-place change of what
+    # is not kept is no error); the backward gets zeros of the same shape in their place
+    need_x, need_w = ctx.needs_input_grad[:2]
+    ctx.absent = (None if need_w else (x.shape, x.dtype), None if need_x else (w.shape, w.dtype))
+    ctx.save_for_backward(x if need_w else None, w if need_x else None, output if activation is not None else None)
+
+
+def _stand_in(t: Tensor | None, absent, device) -> Tensor:
+    """``t``, or where it was not kept zeros of its (shape, dtype): a broadcast scalar, no memory
+    of its size (read by nothing but a zero term of the double backward)."""
+    if t is not None:
+        return t
+    shape, dtype = absent
+    return torch.zeros((), dtype=dtype, device=device).expand(shape)
 
 
 def _linear_backward(ctx, grad):
     x, w, out = ctx.saved_tensors
+    x, w = _stand_in(x, ctx.absent[0], grad.device), _stand_in(w, ctx.absent[1], grad.device)
     need_x, need_w = ctx.needs_input_grad[:2]
     dx, dw, db = _linear_backward_op(grad, x, w, out, ctx.activation, ctx.has_bias, need_x, need_w)
     return (dx if need_x else None), (dw if need_w else None), (db if ctx.has_bias else None), None
@@ -292,13 +306,19 @@ def _linear_backward_backward(ctx, ggx, ggw, ggb):
     # a result not computed (an empty placeholder) passes nothing back: as a zero gradient
     ggx = ggx.reshape(x.shape) if ctx.computed[0] else torch.zeros_like(x)
     ggw = ggw if ctx.computed[1] else torch.zeros_like(w)
-    g2, x2, ggx2 = g.reshape(M, O), x.reshape(M, K), ggx.reshape(M, K)
+    g2, ggx2 = g.reshape(M, O), ggx.reshape(M, K)
     gz2 = g2 if act is None else _activation_backward_op(g2, out.reshape(M, O), act)
     d_x = _linear_op(gz2, ggw.t(), None, None).reshape(x.shape) if need_x else None
     d_w = _linear_op(gz2.t(), ggx2.t(), None, None) if need_w else None
     d_g = d_out = None
     if need_g or need_out:
-        d_gz = _linear_op(ggx2, w, ggb if ctx.has_bias else None, None) + _linear_op(x2, ggw, None, None)
+        # a result not computed adds no term: its factor (x or w) may be a stand-in (_linear_setup)
+        if ctx.computed[0]:
+            d_gz = _linear_op(ggx2, w, ggb if ctx.has_bias else None, None)
+        else:
+            d_gz = (ggb if ctx.has_bias else g2.new_zeros(())).expand(M, O)
+        if ctx.computed[1]:
+            d_gz = d_gz + _linear_op(x.reshape(M, K), ggw, None, None)
         if act is None:
             d_g = d_gz
         else:
