@@ -991,6 +991,66 @@ def test_backend_cell_strided_states_and_one_output_reaching_the_loss(backend, d
             assert_close(a, b, dtype, k=4 * H * B, what=f"{mode} cell {dtype} reach {reach} result {i}")
 
 
+def _odd_bias(rng, n, how, dev, dt):
+    """A bias of n values as a leaf and the view the op gets: a stride-2 view of a larger buffer
+    ('strided') or one value broadcast (stride 0, 'broadcast')."""
+    if how == "strided":
+        leaf = randn(rng, 2 * n).to(dev, dt).requires_grad_()
+        return leaf, leaf[::2]
+    leaf = randn(rng, 1).to(dev, dt).requires_grad_()
+    return leaf, leaf.expand(n)
+
+
+@pytest.mark.parametrize("backend,device", [p for p in backend_params() if p.values[0] != "reference"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("form", ["cell", "sequence"])
+def test_backend_strided_and_broadcast_biases_match_reference(backend, device, mode, form, rng):
+    """Biases that are not dense (a stride-2 view, an expanded scalar) on the GPU paths: the
+    kernels index a bias by unit without a stride, so such a bias was read wrong (an LSTM cell
+    0.33 off, a sequence 1.6) and an expanded one past its single element. Values and every
+    gradient (the bias leaves' included) against the float64 reference; each bias takes each
+    form once."""
+    H, B, I, T = 5, 3, 4, 3
+    G = ops.GATES[mode] * H
+    dt = torch.float32
+    for how in (("strided", "broadcast"), ("broadcast", "strided")):
+        seed = int(rng.integers(1 << 30))
+
+        def run(be, dev, dtype):
+            r = np.random.default_rng(seed)
+            x = randn(r, T, B, I).to(dev, dtype).requires_grad_()
+            layers = []
+            for _ in range(2 if form == "sequence" else 1):
+                w_ih = (randn(r, G, I if not layers else 2 * H) * H ** -0.5).to(dev, dtype).requires_grad_()
+                w_hh = (randn(r, G, H) * H ** -0.5).to(dev, dtype).requires_grad_()
+                (bl_ih, b_ih), (bl_hh, b_hh) = (_odd_bias(r, G, h, dev, dtype) for h in how)
+                layers.append(((w_ih, w_hh, bl_ih, bl_hh), (w_ih, w_hh, b_ih, b_hh)))
+            with gpu_nn.backend(be):
+                if form == "cell":
+                    leaves, used = layers[0]
+                    args = (x[0], (x[0, :, :1].expand(B, H) * 1,) * 2) if mode == "lstm" else (x[0], x[0, :, :1].expand(B, H) * 1)
+                    out = ops.CELL_FUNCS[mode](*args, *used)
+                    out = out if isinstance(out, tuple) else (out,)
+                else:
+                    leaves = [t for lay in layers for t in lay[0]] * 2  # both directions share them
+                    params = [t for lay in layers for t in lay[1]]
+                    params = [p for k in range(2) for p in params[4 * k:4 * k + 4] * 2]  # layer k, both directions
+                    h0 = torch.zeros(4, B, H, device=dev, dtype=dtype)
+                    fn = {"rnn_tanh": F.rnn_tanh, "rnn_relu": F.rnn_relu, "gru": F.gru, "lstm": F.lstm}[mode]
+                    hx = (h0, h0) if mode == "lstm" else h0
+                    out = fn(x, hx, params, True, 2, 0.0, False, True, False)
+                    out = (out[0], *(out[1] if mode == "lstm" else (out[1],)))
+                    leaves = [t for lay in layers for t in lay[0]]
+                gs = [torch.from_numpy(np.random.default_rng(3).standard_normal(o.shape)).to(dev, dtype) for o in out]
+                grads = torch.autograd.grad(out, [x, *leaves], gs)
+            return [o.detach() for o in out] + list(grads)
+
+        want = run("reference", "cpu", torch.float64)
+        got = run(backend, device, dt)
+        for i, (a, b) in enumerate(zip(got, want)):
+            assert_close(a, b, dt, k=4 * 2 * H * T, what=f"{mode} {form} biases {how} result {i}")
+
+
 @pytest.mark.parametrize("backend,device", backend_params(("triton",)))
 def test_cells_compile_fullgraph_as_eager(backend, device, rng):
     """torch.compile(fullgraph=True) through the GPU cell path (the fake kernel's reserve, the

@@ -270,6 +270,17 @@ def _split(weights, num_layers, D, has_biases):
     return out
 
 
+def _dense_biases(ws):
+    """:func:`_split`'s tuples with every bias dense: the GPU kernels index a bias by unit
+    (``bias + unit``, no stride), so a strided or broadcast one (a view of a larger buffer, an
+    ``expand``ed scalar) would be read wrong, past its end for a stride of 0."""
+    return [(w_ih, w_hh, _dense(b_ih), _dense(b_hh), w_hr) for w_ih, w_hh, b_ih, b_hh, w_hr in ws]
+
+
+def _dense(t):
+    return t if t is None or t.is_contiguous() else t.contiguous()
+
+
 # ----------------------------------------------------------------------------------------------
 # launchers
 
@@ -511,7 +522,7 @@ def _gpu_forward(K, mode, input, hx, cx, weights, num_layers, bidirectional, has
     hn = empty((L * D, B, W), dtype=dt, device=dev)
     cn = empty((L * D, B, H), dtype=dt, device=dev) if mode == "lstm" else input.new_empty(0)
     lens = _lengths_on(lengths, T, B, dev)
-    ws = _split(weights, L, D, has_biases)
+    ws = _dense_biases(_split(weights, L, D, has_biases))
     persist = _persist_programs(K, dev, B, H, P)
     # both directions in one persistent launch (triton): its own program count, all resident
     persist_pair = _persist_pair_programs(K, dev, B, H) if persist and D == 2 else 0
@@ -1462,6 +1473,7 @@ def _gpu_cell_forward(K, mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh):
     B, I = input.shape
     H = w_hh.shape[1]
     dt, dev = input.dtype, input.device
+    b_ih, b_hh = _dense(b_ih), _dense(b_hh)  # read by unit, no stride (_dense_biases)
     f32_io = dt == torch.float32
     lstm = mode == "lstm"
     _, size = cell_reserve_layout(mode, B, H, f32_io)
