@@ -752,3 +752,37 @@ def test_type_names_as_torch_prints_them():
         with pytest.raises(TypeError) as exc:
             torch.relu(obj)
         assert str(exc.value).rsplit("not ", 1)[1] == type_name(obj)
+
+
+EMPTY_CASES = {
+    "relu": (lambda F: F.relu, [(0, 3)]),
+    "sigmoid": (lambda F: F.sigmoid, [(2, 0, 4)]),
+    "softmax": (lambda F: (lambda x: F.softmax(x, 1)), [(0, 5)]),
+    "log_softmax": (lambda F: (lambda x: F.log_softmax(x, -1)), [(3, 0, 2)]),
+    "conv1d": (lambda F: F.conv1d, [(0, 3, 8), (4, 3, 3)]),
+    "conv2d": (lambda F: F.conv2d, [(0, 3, 8, 8), (4, 3, 3, 3)]),
+    "max_pool2d": (lambda F: (lambda x: F.max_pool2d(x, 2)), [(0, 2, 4, 4)]),
+    "avg_pool1d": (lambda F: (lambda x: F.avg_pool1d(x, 2)), [(0, 2, 6)]),
+    "linear": (lambda F: F.linear, [(0, 5), (4, 5)]),
+    "cross_entropy": (lambda F: (lambda x: F.cross_entropy(x, torch.zeros(0, dtype=torch.long), reduction="none")),
+                      [(0, 5)]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EMPTY_CASES))
+def test_empty_results_have_torchs_strides(name):
+    """Results and input gradients with no element have torch's (contiguous) strides: NumPy gives
+    an empty array zero strides, which the reference's results kept ((0, 0) for relu of [0, 3],
+    torch (3, 1)): a layout check, an ``as_strided`` or a view by stride saw another tensor."""
+    import gpu_nn.functional as GF
+    import torch.nn.functional as TF
+
+    make, shapes = EMPTY_CASES[name]
+    got = []
+    for F in (GF, TF):
+        leaves = [torch.ones(s, dtype=torch.float64, requires_grad=True) for s in shapes]
+        with gpu_nn.backend("reference"):
+            y = make(F)(*leaves)
+            grads = torch.autograd.grad(y, leaves, torch.ones_like(y), allow_unused=True)
+        got.append([y.stride()] + [None if g is None else g.stride() for g in grads])
+    assert got[0] == got[1]

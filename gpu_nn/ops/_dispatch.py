@@ -50,6 +50,8 @@ def from_numpy(a: np.ndarray, dtype: torch.dtype, device: torch.device) -> torch
     view (``a.base`` set: it could be an input seen through ``to_numpy``) is copied.
     """
     a = np.asarray(a)
+    if not a.size:  # NumPy gives an empty array zero strides, torch's empty results are contiguous
+        return torch.empty(a.shape, dtype=dtype, device=device)
     f = a.flags  # once: each .flags makes a flags object
     if not f.writeable or not (f.c_contiguous or f.f_contiguous) or a.base is not None:
         a = np.array(a, copy=True)
