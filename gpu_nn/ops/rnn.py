@@ -1888,7 +1888,26 @@ def _lstm_cpu_autocast(input: Tensor, hx, cx, lengths) -> bool:
     if input.device.type != "cpu" or not torch.is_autocast_enabled("cpu"):
         return False
     projected = isinstance(hx, Tensor) and isinstance(cx, Tensor) and hx.shape[-1] != cx.shape[-1]
-    return lengths is not None or projected or input.dtype not in (torch.float32, torch.bfloat16)
+    return lengths is not None or projected or not _onednn_takes(input.dtype)
+
+
+def _onednn_takes(dtype: torch.dtype) -> bool:
+    """Whether torch's CPU LSTM would run an input of ``dtype`` through oneDNN (its ``use_mkldnn``:
+    oneDNN built in and enabled, a float32 input, or a bfloat16 one where this CPU has oneDNN's
+    bfloat16 support: AVX-512 on x86, not an AVX2-only CPU, where torch runs it natively)."""
+    if dtype not in (torch.float32, torch.bfloat16):
+        return False
+    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
+        return False
+    return dtype == torch.float32 or _mkldnn_bf16()
+
+
+@functools.lru_cache(maxsize=1)
+def _mkldnn_bf16() -> bool:
+    """This CPU's oneDNN bfloat16 support, as torch's ``mkldnn_bf16_device_check`` (fixed for the
+    process)."""
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(check()) if check is not None else False
 
 
 def rnn_tanh(input, hx, params, has_biases=True, num_layers=1, dropout=0.0, train=False, bidirectional=False,
