@@ -1798,3 +1798,22 @@ def test_cross_entropy_middle_dim_choice():
     assert not kd.ce_mid_ok(32, 32000, 128)  # a vocabulary over 32 programs: rows, one program each
     assert kd.ce_mid_ok(1024, 32000, 128)  # ... over 1024 programs
     assert not kd.ce_mid_ok(kd.MID_MAX_OUTER + 1, 3, 64)  # grid axis 1
+
+
+@pytest.mark.parametrize("ishape", [(2, 4, 3), (2, 4, 3, 5), (2, 4, 3, 5, 2)])
+@pytest.mark.parametrize("tshape", [(), (2,), (3,), (2, 3), (2, 1), (2, 3, 5), (2, 3, 4), (2, 1, 3, 5), (2, 3, 5, 2),
+                                    (1, 3, 5), (2, 3, 5, 2, 1)])
+def test_cross_entropy_target_shape_errors_as_torch(ishape, tshape):
+    """A class-index target of the wrong rank or sizes for a [N, C, d1, ...] input (a segmentation
+    target kept as [N, 1, H, W], say): torch's message, which depends on the input's rank (its
+    nll_loss2d for 4-D inputs, its reshaped path otherwise); ours said 'size mismatch' for any
+    rank. Shapes that torch accepts are computed by both."""
+    x, t = torch.randn(*ishape), torch.zeros(tshape, dtype=torch.long)
+    try:
+        want = TF.cross_entropy(x, t)
+    except (RuntimeError, ValueError, IndexError) as e:
+        with pytest.raises(gpu_nn.KernelInputError) as ours:
+            F.cross_entropy(x, t)
+        assert str(ours.value) == str(e).splitlines()[0]
+        return
+    torch.testing.assert_close(F.cross_entropy(x, t), want)

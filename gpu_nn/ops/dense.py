@@ -1033,21 +1033,17 @@ def _check_cross_entropy(input, target, weight, ignore_index, reduction, label_s
         if target.dim() != 1:
             raise KernelInputError("0D or 1D target tensor expected, multi-target not supported")
     else:
-        if target.dim() != input.dim() - 1:
-            if target.dim() == 1:
-                if target.shape[0] != input.shape[0]:
-                    raise KernelInputError(
-                        f"Expected input batch_size ({input.shape[0]}) to match target batch_size ({target.shape[0]})."
-                    )
-                raise KernelInputError(f"Expected target size {[input.shape[0], *input.shape[2:]]}, got {list(target.shape)}")
+        # torch's nll_loss_nd: the batch sizes first, then a 4-D input goes to nll_loss2d (its
+        # target rank, then its sizes), any other rank to the reshaped path (the target size)
+        batch = target.shape[0] if target.dim() else 0
+        if batch != input.shape[0]:
+            raise KernelInputError(f"Expected input batch_size ({input.shape[0]}) to match target batch_size ({batch}).")
+        if input.dim() == 4 and target.dim() != 3:
             raise KernelInputError(
-                f"size mismatch (got input: {list(input.shape)} , target: {list(target.shape)}"
-            )
-        if target.shape[0] != input.shape[0]:
-            raise KernelInputError(
-                f"Expected input batch_size ({input.shape[0]}) to match target batch_size ({target.shape[0]})."
-            )
+                f"only batches of spatial targets supported (3D tensors) but got targets of dimension: {target.dim()}")
         if tuple(target.shape[1:]) != tuple(input.shape[2:]):
+            if input.dim() == 4:
+                raise KernelInputError(f"size mismatch (got input: {list(input.shape)} , target: {list(target.shape)}")
             raise KernelInputError(f"Expected target size {[input.shape[0], *input.shape[2:]]}, got {list(target.shape)}")
     if target.dtype not in (torch.int64, torch.uint8):
         raise KernelInputError(f"expected target dtype to be Long or Byte, but got {_scalar_name(target.dtype)}")
