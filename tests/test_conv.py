@@ -2538,3 +2538,25 @@ def test_candidate_lists_are_made_once_per_facts(monkeypatch):
                                 (0, 0, 0, 0), (1, 1), 1, "ieee", interp, choose=choose)
     assert made == {"fwd": 2, "dgrad": 1, "wgrad": 1}, made
     assert len(asked) == 9 and all(n > 1 for _, n in asked), asked
+
+
+@pytest.mark.parametrize("shape,kshape,padding", [
+    ((2, 3, 0, 8), (4, 3, 3, 3), 2), ((3, 0, 8), (4, 3, 3, 3), 2), ((2, 3, 0), (4, 3, 3), 2), ((3, 0), (4, 3, 3), 1),
+    ((2, 3, 0, 8), (4, 3, 1, 1), 0), ((0, 3, 0, 8), (4, 3, 3, 3), 2)], ids=str)
+def test_input_empty_in_space_alone_as_torch(shape, kshape, padding):
+    """An input empty in a spatial dim alone, which padding lets the kernel fit: torch refuses it
+    ('Only zero batch or zero channel inputs are supported', showing the batched 2-d shape it
+    runs); ours returned the bias broadcast over a padded-size output. An empty batch still
+    gives torch's empty result."""
+    g = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(*shape, generator=g), torch.randn(*kshape, generator=g), torch.randn(kshape[0], generator=g)
+    theirs, ours = (TF.conv2d, F.conv2d) if len(kshape) == 4 else (TF.conv1d, F.conv1d)
+    try:
+        want = theirs(x, w, b, padding=padding)
+    except RuntimeError as e:
+        with pytest.raises(gpu_nn.KernelInputError) as got:
+            ours(x, w, b, padding=padding)
+        assert str(got.value) == str(e).splitlines()[0]
+        return
+    got = ours(x, w, b, padding=padding)
+    assert got.shape == want.shape and got.stride() == want.stride()

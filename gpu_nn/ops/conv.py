@@ -270,6 +270,11 @@ def _check_all(nd: int, input: Tensor, weight: Tensor, bias: Optional[Tensor], s
             f"Calculated padded input size per channel: ({' x '.join(map(str, padded))}). Kernel size: "
             f"({' x '.join(map(str, kext))}). Kernel size can't be greater than actual input size"
         )
+    if input.numel() == 0 and input.shape[0] and c:
+        # torch runs no backend on an input empty in a spatial dim alone (padding let the kernel
+        # fit): its message shows the batched 2-d form it runs (conv1d: [N, C, 1, L])
+        shape = list(input.shape) if nd == 2 else [*input.shape[:2], 1, input.shape[2]]
+        raise KernelInputError(f"Only zero batch or zero channel inputs are supported, but got input shape: {shape}")
     _check_weight_dtype(name, input, weight, unbatched)
 
 
