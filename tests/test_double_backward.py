@@ -24,6 +24,7 @@ import torch.nn.functional as TF
 
 import gpu_nn
 import gpu_nn.functional as F
+import gpu_nn.nn as gnn
 from gpu_nn.nn._jit import ScriptingNotSupportedError
 
 from helpers import assert_like_torch, backend_params, randn
@@ -555,3 +556,57 @@ def test_pooling_gradient_penalty_with_a_constant_upstream_gradient(backend, dev
             gx.pow(2).sum().backward()
         results.append(x.grad)
     torch.testing.assert_close(results[0], results[1])
+
+
+def _batched_cases():
+    g = torch.Generator().manual_seed(0)
+
+    def r(*s):
+        return torch.randn(*s, dtype=D64, generator=g)
+
+    w4, w3, wl = r(4, 2, 3, 3), r(4, 2, 3), r(3, 5)
+    wi, wh, bi, bh = r(16, 3), r(16, 4), r(16), r(16)
+    t = torch.tensor([1, 0])
+
+    def cell(m):
+        f = torch.lstm_cell if m is TF else F.lstm_cell
+        return lambda x: f(x, (x[:, :1].expand(2, 4) * 1, x[:, 1:2].expand(2, 4) * 1), wi, wh, bi, bh)[0]
+
+    return {
+        "conv2d": (lambda m: (lambda x: m.conv2d(x, w4, padding=1)), r(1, 2, 4, 4)),
+        "conv1d": (lambda m: (lambda x: m.conv1d(x, w3)), r(1, 2, 6)),
+        "max_pool2d": (lambda m: (lambda x: m.max_pool2d(x, 2)), r(1, 2, 4, 4)),
+        "avg_pool1d": (lambda m: (lambda x: m.avg_pool1d(x, 2)), r(1, 2, 6)),
+        "softmax": (lambda m: (lambda x: m.softmax(x, 1)), r(2, 5)),
+        "log_softmax": (lambda m: (lambda x: m.log_softmax(x, 1)), r(2, 5)),
+        "cross_entropy": (lambda m: (lambda x: m.cross_entropy(x, t, reduction="none")), r(2, 5)),
+        "relu": (lambda m: m.relu, r(2, 5)),
+        "sigmoid": (lambda m: m.sigmoid, r(2, 5)),
+        "linear": (lambda m: (lambda x: m.linear(x, wl)), r(2, 5)),
+        "lstm_cell": (cell, r(2, 3)),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_batched_cases()))
+def test_vectorized_jacobian_and_hessian_as_torch(name):
+    """torch.autograd.functional.jacobian / hessian(vectorize=True), i.e. autograd.grad with
+    is_grads_batched (torch's older vmap): our ops run once per batch element through their
+    dispatcher entry. Ours raised 'Batching rule not implemented for aten::detach' (the NumPy
+    view of a batched tensor) for every op."""
+    make, x = _batched_cases()[name]
+    got = []
+    for m in (TF, F):
+        with gpu_nn.backend("reference"):
+            jac = torch.autograd.functional.jacobian(make(m), x, vectorize=True)
+            hess = torch.autograd.functional.hessian(lambda v: make(m)(v).pow(2).sum(), x, vectorize=True)
+        got.append((jac, hess))
+    for a, b in zip(*got):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+
+
+def test_vectorized_jacobian_through_a_sequence_layer_says_so():
+    """The recurrent sequence layers' weights travel in a list, which torch's batched fallback
+    cannot loop over: a NotImplementedError that names the way out, not the fallback's error."""
+    lstm = gnn.LSTM(3, 4).double()
+    with pytest.raises(NotImplementedError, match="vectorize=False"):
+        torch.autograd.functional.jacobian(lambda x: lstm(x)[0], torch.randn(2, 1, 3, dtype=D64), vectorize=True)

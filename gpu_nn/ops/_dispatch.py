@@ -598,6 +598,23 @@ class Routed:
             if not any(type(a) in _PLAIN and _functorch.is_functorch_wrapped_tensor(a) for a in args):
                 raise
             return self._impl(*_unwrapped(args))
+        except RuntimeError:
+            # a tensor batched by torch's legacy vmap (autograd.grad(is_grads_batched=True), which
+            # autograd.functional's jacobian / hessian(vectorize=True) use) has no storage either:
+            # the op's dispatcher entry, whose batched fallback runs it once per batch element
+            if not any(type(a) in _PLAIN and _legacy_batched(a) for a in args):
+                raise
+            if self._tensorlist:  # torch's batched fallback takes no tensor list (the weights)
+                raise NotImplementedError(
+                    f"{self._overload._schema.name}: batched gradients (autograd.grad(is_grads_batched=True), "
+                    "autograd.functional.jacobian / hessian(vectorize=True)) through gpu-nn's recurrent sequence "
+                    "layers are not supported; use vectorize=False, or torch.func.vmap") from None
+            return self._overload(*args)
+
+
+def _legacy_batched(t) -> bool:
+    """Whether ``t`` is a tensor batched by torch's legacy vmap (``torch._vmap_internals``)."""
+    return _functorch.is_legacy_batchedtensor(t)
 
 
 def _unwrapped(args) -> list:
