@@ -558,6 +558,27 @@ def test_pooling_gradient_penalty_with_a_constant_upstream_gradient(backend, dev
     torch.testing.assert_close(results[0], results[1])
 
 
+@pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
+@pytest.mark.parametrize("op", ["max_pool2d", "avg_pool2d", "max_pool1d", "avg_pool1d", "min_pool2d"])
+def test_pooling_input_gradient_through_a_graph_carrying_upstream_gradient(backend, device, op):
+    """grad(pool(x), x, v, create_graph=True) with ``v`` requiring a gradient, differentiated
+    again with respect to x and v: torch's derivative in x is zero (its pooling backward is
+    differentiable in its input), ours said x was not used in the graph."""
+    dims = (1, 2, 4, 4) if op.endswith("2d") else (1, 2, 6)
+    theirs = {"min_pool2d": lambda t: -TF.max_pool2d(-t, 2)}.get(op, lambda t: getattr(TF, op)(t, 2))
+    results = []
+    for fn, name in ((lambda t: getattr(F, op)(t, 2), backend), (theirs, "reference")):
+        torch.manual_seed(1)
+        x = torch.randn(*dims, device=device, requires_grad=True)
+        with gpu_nn.backend(name):
+            y = fn(x)
+            v = torch.randn(y.shape, device=device, requires_grad=True)
+            (gx,) = torch.autograd.grad(y, x, v, create_graph=True)
+            results.append(torch.autograd.grad(gx.pow(2).sum(), (x, v)))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
+
+
 def _batched_cases():
     g = torch.Generator().manual_seed(0)
 

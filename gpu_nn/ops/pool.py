@@ -815,15 +815,14 @@ def _avg_backward(ctx, grad):
 
 def _depends_on(gx: Tensor, grad: Tensor, x: Tensor) -> Tensor:
     """The input gradient ``gx``, made to depend on the input ``x`` (with a zero derivative) where
-    a graph is built (create_graph=True) and ``grad`` carries none: torch's pooling backward is
-    differentiable in its input (a zero derivative), so a gradient penalty through a pooling whose
-    upstream gradient is a constant (``grad(pool(x).sum(), x, create_graph=True)``) can be
-    differentiated again, where ours gave a tensor without a graph."""
-    if not gx.requires_grad:
-        zero = exact_zero_of((x,))
-        if zero is not None:
-            return gx + zero.to(gx.dtype)
-    return gx
+    a graph is built (create_graph=True): torch's pooling backward is differentiable in its input
+    (a zero derivative), so a gradient penalty through a pooling can be differentiated again with
+    respect to the input, whether the upstream gradient is a constant
+    (``grad(pool(x).sum(), x, create_graph=True)``: ours gave a tensor without a graph) or carries
+    a graph of its own (a gradient through ``grad(y, x, v)`` with ``v`` requiring one: ours said x
+    was not used in the graph where torch's derivative is zero)."""
+    zero = exact_zero_of((x,))
+    return gx if zero is None else gx + zero.to(gx.dtype)
 
 
 _avg_pool_op.register_autograd(_avg_backward, setup_context=_avg_setup)
