@@ -48,6 +48,7 @@ def test_flatten_matches_torch(shape, start, end, rng):
     assert y.shape == yt.shape
     torch.testing.assert_close(y, yt)
     assert (y.data_ptr() == x.data_ptr()) == (yt.data_ptr() == x.data_ptr())  # view exactly when torch's is
+    assert (y is x) == (yt is x)  # nothing to merge: the input itself, as torch (ours was a view)
     g = randn(rng, *y.shape)
     (gx,) = torch.autograd.grad(y, x, g)
     torch.testing.assert_close(gx, g.reshape(shape))

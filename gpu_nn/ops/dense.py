@@ -133,6 +133,8 @@ def flatten(input: Tensor, start_dim: int = 0, end_dim: int = -1) -> Tensor:
         raise KernelInputError("flatten() has invalid args: start_dim cannot come after end_dim")
     if input.dim() == 0:
         return input.reshape(1)
+    if s == e:  # nothing to merge (a 1-D input too): torch returns the input itself, not a view
+        return input
     shape = input.shape
     return input.reshape(*shape[:s], math.prod(shape[s:e + 1]), *shape[e + 1:])
 
