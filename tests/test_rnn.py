@@ -184,6 +184,29 @@ def test_cell_matches_torch_float64(mode, bias, shape, init, rng):
         assert_close(a, b, torch.float64, k=H, what="cell grad")
 
 
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("which", ["b_ih", "b_hh"])
+def test_functional_cell_with_one_bias_as_torch(mode, which, rng):
+    """torch's functional cells (torch.rnn_tanh_cell, ...) take either bias alone (its linear
+    with a None bias); ours refused ('give both b_ih and b_hh or neither'). Values and the
+    gradients of every argument, the given bias included, against torch in float64."""
+    G, I, H = ops.GATES[mode] * 5, 3, 5
+    args = [randn(rng, 2, I), randn(rng, 2, H), randn(rng, G, I), randn(rng, G, H), randn(rng, G)]
+    theirs_fn = {"rnn_tanh": torch.rnn_tanh_cell, "rnn_relu": torch.rnn_relu_cell, "gru": torch.gru_cell,
+                 "lstm": torch.lstm_cell}[mode]
+    got = []
+    for fn in (ops.CELL_FUNCS[mode], theirs_fn):
+        x, h, w_ih, w_hh, b = leaves = [t.clone().requires_grad_() for t in args]
+        biases = (b, None) if which == "b_ih" else (None, b)
+        with gpu_nn.backend("reference"):
+            out = fn(x, (h, h * 0.5), w_ih, w_hh, *biases) if mode == "lstm" else fn(x, h, w_ih, w_hh, *biases)
+            out = out if isinstance(out, tuple) else (out,)
+            grads = torch.autograd.grad([o.sum() for o in out], leaves)
+        got.append([o.detach() for o in out] + list(grads))
+    for a, b in zip(*got):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 # ----------------------------------------------------------------------------------------------
 # finite differences of the reference backward
 

@@ -1797,6 +1797,8 @@ def _cell(op, mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh):
         hx = input.new_zeros((input.shape[0], H))
     if mode == "lstm" and cx is None:
         cx = input.new_zeros((input.shape[0], H))
+    if (b_ih is None) != (b_hh is None):  # torch's cells take either bias alone (its linear's None)
+        b_ih, b_hh = (torch.zeros_like(b_hh), b_hh) if b_ih is None else (b_ih, torch.zeros_like(b_ih))
     _check_cell(op, input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode)
     h, c, _ = _rnn_cell_op(input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode)
     if not batched:
