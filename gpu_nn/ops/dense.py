@@ -261,13 +261,22 @@ def _linear_setup(ctx, inputs, output):
     ctx.save_for_backward(x if need_w else None, w if need_x else None, output if activation is not None else None)
 
 
+_ZEROS: dict = {}  # (dtype, device) -> a 0-d zero, made once: a backward allocates nothing for it
+
+
 def _stand_in(t: Tensor | None, absent, device) -> Tensor:
     """``t``, or where it was not kept zeros of its (shape, dtype): a broadcast scalar, no memory
-    of its size (read by nothing but a zero term of the double backward)."""
+    of its size and no allocation per call (the backward reads a stand-in for its shape alone;
+    nothing writes to an op's input)."""
     if t is not None:
         return t
     shape, dtype = absent
-    return torch.zeros((), dtype=dtype, device=device).expand(shape)
+    zero = _ZEROS.get((dtype, device))
+    if zero is None:
+        zero = torch.zeros((), dtype=dtype, device=device)
+        if not (zero.is_cuda and torch.cuda.is_current_stream_capturing()):  # not a CUDA graph pool's block
+            _ZEROS[(dtype, device)] = zero
+    return zero.expand(shape)
 
 
 def _linear_backward(ctx, grad):
