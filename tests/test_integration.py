@@ -796,3 +796,69 @@ def test_empty_results_have_torchs_strides(name):
             grads = torch.autograd.grad(y, leaves, torch.ones_like(y), allow_unused=True)
         got.append([y.stride()] + [None if g is None else g.stride() for g in grads])
     assert got[0] == got[1]
+
+
+def _state_dtype_cases():
+    """(name, run(x_dtype, h_dtype) -> results) for the recurrent cells, sequences and modules
+    torch's CPU autocast treats by their state's dtype."""
+    import gpu_nn.functional as GF
+
+    R = torch.randn
+    sizes = {"gru": 3, "lstm": 4, "rnn_tanh": 1}
+    cases = []
+    for mode, g in sizes.items():
+        def cell(f, xd, hd, mode=mode, g=g):
+            h = R(2, 4, dtype=hd)
+            return f(R(2, 3, dtype=xd), (h, h * 0.5) if mode == "lstm" else h, R(g * 4, 3), R(g * 4, 4), R(g * 4), R(g * 4))
+
+        def seq(f, xd, hd, mode=mode, g=g):
+            h = R(1, 2, 4, dtype=hd)
+            return f(R(5, 2, 3, dtype=xd), (h, h * 0.5) if mode == "lstm" else h,
+                     [R(g * 4, 3), R(g * 4, 4), R(g * 4), R(g * 4)], True, 1, 0.0, False, False, False)
+
+        cases.append((f"{mode}_cell", getattr(GF, mode + "_cell"), getattr(torch, mode + "_cell"), cell))
+        cases.append((mode, getattr(GF, mode), getattr(torch, mode), seq))
+    for name in ("GRU", "LSTM", "RNN", "GRUCell", "LSTMCell"):
+        torch.manual_seed(0)
+        theirs = getattr(tnn, name)(3, 4)
+        ours = gpu_nn.convert(copy.deepcopy(theirs))
+
+        def module(m, xd, hd, cell=name.endswith("Cell"), lstm="LSTM" in name):
+            h = R(*((2, 4) if cell else (1, 2, 4)), dtype=hd)
+            return m(R(*((2, 3) if cell else (5, 2, 3)), dtype=xd), (h, h * 0.5) if lstm else h)
+
+        cases.append((f"nn.{name}", ours, theirs, module))
+    return cases
+
+
+def _dtypes_of(out):
+    flat = out if isinstance(out, tuple) else (out,)
+    return [str(t.dtype) for f in flat for t in (f if isinstance(f, tuple) else (f,))]
+
+
+@pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16])
+def test_cpu_autocast_recurrent_results_take_the_states_dtype_as_torch(autocast_dtype):
+    """In a CPU autocast region torch's GRU and LSTM cells (and its GRU sequence, and its native
+    LSTM) run only their matmuls autocast, then combine the gates with the state: results in the
+    autocast dtype promoted with the state's (the GRU's h, the LSTM's c), whatever the input's.
+    Ours promoted with the input's (a bfloat16 input with a float32 state gave bfloat16: an
+    autocast decoder's state dropped to bfloat16 after one step), and the modules refused a
+    state of another dtype than the input's, which torch casts there (a dtype audit). Every
+    input / state dtype pair where torch runs: the result dtypes."""
+    dtypes = (torch.float32, torch.bfloat16, torch.float16)
+    compared = 0
+    for name, ours, theirs, run in _state_dtype_cases():
+        for xd in dtypes:
+            for hd in dtypes:
+                torch.manual_seed(1)
+                with torch.autocast("cpu", dtype=autocast_dtype), warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    try:
+                        want = _dtypes_of(run(theirs, xd, hd))
+                    except RuntimeError:  # torch's oneDNN LSTM in a dtype this CPU lacks, say
+                        continue
+                    torch.manual_seed(1)
+                    got = _dtypes_of(run(ours, xd, hd))
+                assert got == want, (name, xd, hd)
+                compared += 1
+    assert compared >= 80

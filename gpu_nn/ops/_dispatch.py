@@ -245,7 +245,7 @@ def same_dense_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
 _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None)
 
 
-def autocast_inputs(policy: str, *tensors, cpu: str | None = None):
+def autocast_inputs(policy: str, *tensors, cpu: str | None = None, state=None):
     """Apply torch's autocast rule to an op's inputs, as torch's own ops get it.
 
     ``policy="lower"`` (conv, linear, recurrent layers): floating inputs run in the autocast
@@ -254,7 +254,9 @@ def autocast_inputs(policy: str, *tensors, cpu: str | None = None):
     lists differ), is the policy in a CPU region: ``"none"`` (softmax, log_softmax: not in
     them, so they run in the input's dtype) or ``"promote"`` (GRU, LSTMCell, GRUCell: not
     autocast themselves, but their inner matmuls are, so torch's result comes out in the
-    autocast dtype promoted with the input's: float32 for a float32 input). Outside an
+    autocast dtype promoted with the dtype of the state the cell's arithmetic combines the
+    gates with: ``state``, the GRU's h or the LSTM's c where the caller has one, else the
+    input's, whose dtype the caller's zeros take; float32 for a float32 state). Outside an
     autocast region the inputs come back unchanged.
     """
     if _any_autocast is not None and not torch.compiler.is_compiling() and not _any_autocast():
@@ -273,10 +275,11 @@ def autocast_inputs(policy: str, *tensors, cpu: str | None = None):
         dtype = torch.float32
     else:
         dtype = torch.get_autocast_dtype(dev)
-        if policy == "promote" and first.is_floating_point() and first.dtype != torch.float64:
+        base = state if isinstance(state, torch.Tensor) and state.is_floating_point() else first
+        if policy == "promote" and base.is_floating_point() and first.dtype != torch.float64:
             # (a float64 input is not cast, and torch's inner matmuls cast the float32 weights to
             # the autocast dtype: a mismatch torch refuses, and so does the op after this cast)
-            dtype = torch.promote_types(dtype, first.dtype)
+            dtype = torch.promote_types(dtype, base.dtype)
     # float64 is never cast (torch's autocast leaves double tensors alone, for every policy)
     return tuple(
         t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != dtype

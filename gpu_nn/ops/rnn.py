@@ -1791,7 +1791,8 @@ def _cell(op, mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh):
         cx = None if cx is None else cx[None]
     # torch's CPU autocast lists the Elman cells but not lstm_cell / gru_cell (see autocast_inputs)
     input, hx, cx, w_ih, w_hh, b_ih, b_hh = autocast_inputs("lower", input, hx, cx, w_ih, w_hh, b_ih, b_hh,
-                                                            cpu=None if mode.startswith("rnn") else "promote")
+                                                            cpu=None if mode.startswith("rnn") else "promote",
+                                                            state=cx if mode == "lstm" else hx)
     H = w_hh.shape[-1]
     if hx is None:
         hx = input.new_zeros((input.shape[0], H))
@@ -1857,7 +1858,8 @@ def _seq(mode, input, hx, cx, params, has_biases, num_layers, dropout, train, bi
     native = mode == "lstm" and _lstm_cpu_autocast(input, hx, cx, lengths)
     in_dtype = input.dtype
     input, hx, cx, *params = autocast_inputs("lower", input, hx, cx, *params,
-                                             cpu="promote" if mode == "gru" or native else None)
+                                             cpu="promote" if mode == "gru" or native else None,
+                                             state=cx if mode == "lstm" else hx)
     x = input.transpose(0, 1) if batch_first else input
     T, B, _ = x.shape
     D = 2 if bidirectional else 1
