@@ -406,6 +406,20 @@ def test_clip_grad_norm_nan_gradient_as_torch(backend, device, norm_type):
         torch.testing.assert_close(a.grad.cpu(), b.grad.cpu(), equal_nan=True)
 
 
+def test_clip_grad_norm_refuses_complex_gradients_before_touching_any():
+    """Complex gradients: torch clips them (the norm of their moduli); ours cast them to float32
+    and wrote the real part back, the imaginary part dropped with only NumPy's warning (a dtype
+    audit). Refused now, as the optimizers refuse complex parameters, with every gradient left
+    as it was."""
+    real = torch.zeros(3, requires_grad=True)
+    real.grad = torch.full((3,), 5.0)
+    c = torch.zeros(3, dtype=torch.complex64, requires_grad=True)
+    c.grad = torch.full((3,), 3 + 4j, dtype=torch.complex64)
+    with pytest.raises(KernelInputError, match="complex gradients"):
+        clip_grad_norm_([real, c], 1.0)
+    assert torch.equal(c.grad, torch.full((3,), 3 + 4j, dtype=torch.complex64)) and torch.equal(real.grad, torch.full((3,), 5.0))
+
+
 @pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
 def test_clip_grad_norm_of_half_gradients_past_their_range_as_torch(backend, device):
     """float16 gradients whose total norm passes float16's range (6e4 twice): torch's total is

@@ -40,6 +40,11 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_i
     for g in grads:
         if g.is_sparse:
             raise RuntimeError("gpu_nn.nn.utils.clip_grad_norm_ does not support sparse gradients")
+        if g.is_complex():  # before any gradient is touched: the float kernels would drop the imaginary part
+            from .._errors import KernelInputError
+
+            raise KernelInputError(f"gpu_nn.nn.utils.clip_grad_norm_ does not support complex gradients "
+                                   f"(got {g.dtype}), as gpu-nn's optimizers take no complex parameters")
     devices = {g.device for g in grads}
     # float64 gradients (any of a device's: the kernels take no float64) take the reference under
     # auto, as every op's float64 does
