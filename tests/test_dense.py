@@ -147,6 +147,26 @@ def test_linear_keeps_what_torch_keeps(backend, device, wants, change, xshape):
     assert ours[1] == theirs[1]
 
 
+def test_linear_stand_ins_of_a_trace_stay_in_it():
+    """The zeros standing in for what linear did not keep (a first layer's weight) are kept for
+    plain eager calls only: one made while torch.compile traced the backward is that trace's
+    (a functional / fake tensor), and kept it broke every eager backward after it."""
+    from gpu_nn.ops import dense as D
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(gnn.Linear(4, 3), gnn.ReLU(), gnn.Linear(3, 2))
+    x = torch.randn(5, 4)  # wants no gradient: the first layer keeps no weight
+    D._ZEROS.clear()
+    torch._dynamo.reset()
+    torch.compile(model, backend="aot_eager")(x).sum().backward()
+    compiled = [p.grad.clone() for p in model.parameters()]
+    assert all(type(z) is torch.Tensor for z in D._ZEROS.values())
+    model.zero_grad()
+    model(x).sum().backward()
+    for a, b in zip(compiled, [p.grad for p in model.parameters()]):
+        torch.testing.assert_close(a, b)
+
+
 # =========================================================================== softmax / log_softmax
 
 SOFTMAX = {"softmax": (F.softmax, torch.softmax), "log_softmax": (F.log_softmax, torch.log_softmax)}

@@ -271,10 +271,15 @@ def _stand_in(t: Tensor | None, absent, device) -> Tensor:
     if t is not None:
         return t
     shape, dtype = absent
-    zero = _ZEROS.get((dtype, device))
+    # kept only from plain eager calls: under a trace (fake tensors, make_fx, torch.compile's
+    # backward) a zero is that trace's own, and a kept real one would enter it as a stray input
+    plain = (torch._C._len_torch_dispatch_stack() == 0 and not torch._C._is_torch_function_mode_enabled()
+             and not torch.compiler.is_compiling())
+    zero = _ZEROS.get((dtype, device)) if plain else None
     if zero is None:
         zero = torch.zeros((), dtype=dtype, device=device)
-        if not (zero.is_cuda and torch.cuda.is_current_stream_capturing()):  # not a CUDA graph pool's block
+        # nor from inside a CUDA graph capture (a block of the graph's pool)
+        if plain and type(zero) is torch.Tensor and not (zero.is_cuda and torch.cuda.is_current_stream_capturing()):
             _ZEROS[(dtype, device)] = zero
     return zero.expand(shape)
 
