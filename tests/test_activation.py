@@ -134,6 +134,51 @@ def test_relu_inplace(rng):
     torch.testing.assert_close(x, expect)
 
 
+@pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
+@pytest.mark.parametrize("grad", ["no_grad", "not_required", "required"])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_relu_inplace_as_torch(backend, device, grad, layout, rng, monkeypatch):
+    """relu(x, inplace=True): x itself comes back holding torch's values, its version bumped (a
+    graph that saved x refuses its backward, as torch's), and where no gradient is recorded and
+    the Triton kernel takes x as it lies (contiguous) one launch writes x in place, where the
+    out-of-place result copied back was two passes and a temporary (an inference
+    ReLU(inplace=True)); a gradient through it is torch's."""
+    from gpu_nn.ops import activation as A
+    from helpers import interpreted_launches
+
+    op_calls = []
+    op = A._activation_op
+    monkeypatch.setattr(A, "_activation_op", lambda *a: op_calls.append(a) or op(*a))
+    dt = torch.float32
+    base = randn(rng, 6, 5).to(device, dt)
+    for_torch, ours = base.clone(), base.clone()
+    if layout == "transposed":
+        for_torch, ours = for_torch.t(), ours.t()
+    leaf_t, leaf_o = (t.clone().requires_grad_(grad == "required") for t in (for_torch, ours))
+    results = []
+    for relu, x_leaf, be in ((torch.nn.functional.relu, leaf_t, "reference"), (F.relu, leaf_o, backend)):
+        x = x_leaf * 1 if grad == "required" else x_leaf.detach().clone() if layout == "contiguous" else x_leaf.detach().t().clone().t()
+        w = torch.ones_like(x, requires_grad=True)
+        saved = (x * w).sum()  # saves x: changing it in place must make this backward refuse
+        v = x._version
+        with gpu_nn.backend(be), interpreted_launches(device) as names, \
+                (torch.no_grad() if grad == "no_grad" else torch.enable_grad()):
+            y = relu(x, inplace=True)
+        assert y is x and x._version > v
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            saved.backward()
+        g = torch.autograd.grad(y.sum(), x_leaf)[0] if grad == "required" else None
+        results.append((y.detach().clone(), g, names))
+    (yt, gt, _), (yo, go, names) = results
+    torch.testing.assert_close(yo, yt)
+    assert yo.stride() == yt.stride()
+    if grad == "required":
+        torch.testing.assert_close(go, gt)
+    elif backend == "triton" and layout == "contiguous":
+        assert not op_calls  # in place: no out-of-place op, no copy back
+        assert names == (["_act_fwd_kernel"] if device == "cpu" else [])
+
+
 @pytest.mark.parametrize("name", OPS)
 def test_opcheck(name, rng):
     x = randn(rng, 3, 5, requires_grad=True)

@@ -16,6 +16,8 @@ from ..check import CheckCase
 from ..reference import activation as ref
 from ._dispatch import (FLOAT_DTYPES, check_float, check_float_like_torch, check_tensor, empty, empty_like, from_numpy, on_device, routed,
                         same_dense_layout, to_numpy, triton_kernels)
+from ._dispatch import _eager_ok as eager_ok
+from ._dispatch import device_guard
 from ._dispatch import has_torch_function as _has_tf
 from ._dispatch import torch_function as _tf
 
@@ -187,10 +189,36 @@ def _apply(input: Tensor, activation: str, inplace: bool = False) -> Tensor:
             raise KernelInputError("Boolean inputs not supported for relu")
         if activation != "relu":
             input = input.to(torch.get_default_dtype())
+    if inplace and not (torch.is_grad_enabled() and input.requires_grad) and _in_place(input, activation):
+        return input
     out = _activation_op(input, activation)
     if inplace:
         return input.copy_(out)
     return out
+
+
+_HALF_OR_FLOAT = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _in_place(x: Tensor, activation: str) -> bool:
+    """``activation`` applied to ``x`` in its own memory by the Triton kernel, where nothing
+    records the call (a plain eager call: no autograd node is wanted, no trace or mode runs) and
+    the kernel takes ``x`` as it is (contiguous, float32 / half): one pass where the out-of-place
+    result copied back into ``x`` was two, and no temporary (an inference ``ReLU(inplace=True)``).
+    Bumps ``x``'s version, as torch's ``relu_``: a graph that saved ``x`` then refuses its backward.
+    False where it did nothing (the caller runs the out-of-place op and copies)."""
+    if (x.dtype not in _HALF_OR_FLOAT or not x.is_contiguous() or torch.compiler.is_compiling()
+            or not eager_ok((x,))):
+        return False
+    if _backend.resolve(activation, x.device, BACKENDS, dtype=x.dtype) != "triton":
+        return False
+    _check(activation, x)
+    _backend.check_interpreter_dtype(activation, "triton", x)
+    ktriton, kt = triton_kernels("activation")
+    with device_guard(x.device):
+        kt.act_forward(x, x, activation, ktriton.INTERPRET)
+    torch.autograd.graph.increment_version(x)
+    return True
 
 
 def relu(input: Tensor, inplace: bool = False) -> Tensor:
