@@ -136,7 +136,7 @@ def test_relu_inplace(rng):
 
 @pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
 @pytest.mark.parametrize("grad", ["no_grad", "not_required", "required"])
-@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "transposed"])
 def test_relu_inplace_as_torch(backend, device, grad, layout, rng, monkeypatch):
     """relu(x, inplace=True): x itself comes back holding torch's values, its version bumped (a
     graph that saved x refuses its backward, as torch's), and where no gradient is recorded and
@@ -150,14 +150,17 @@ def test_relu_inplace_as_torch(backend, device, grad, layout, rng, monkeypatch):
     op = A._activation_op
     monkeypatch.setattr(A, "_activation_op", lambda *a: op_calls.append(a) or op(*a))
     dt = torch.float32
-    base = randn(rng, 6, 5).to(device, dt)
-    for_torch, ours = base.clone(), base.clone()
-    if layout == "transposed":
-        for_torch, ours = for_torch.t(), ours.t()
-    leaf_t, leaf_o = (t.clone().requires_grad_(grad == "required") for t in (for_torch, ours))
+    base = randn(rng, 2, 3, 4, 5).to(device, dt)
+
+    def laid_out(t):  # a copy of t in the layout under test
+        if layout == "channels_last":
+            return t.clone().contiguous(memory_format=torch.channels_last)
+        return t.clone() if layout == "contiguous" else t.transpose(1, 3).clone().transpose(1, 3)
+
+    leaf_t, leaf_o = (laid_out(base).requires_grad_(grad == "required") for _ in range(2))
     results = []
     for relu, x_leaf, be in ((torch.nn.functional.relu, leaf_t, "reference"), (F.relu, leaf_o, backend)):
-        x = x_leaf * 1 if grad == "required" else x_leaf.detach().clone() if layout == "contiguous" else x_leaf.detach().t().clone().t()
+        x = x_leaf * 1 if grad == "required" else laid_out(x_leaf.detach())
         w = torch.ones_like(x, requires_grad=True)
         saved = (x * w).sum()  # saves x: changing it in place must make this backward refuse
         v = x._version
@@ -174,7 +177,7 @@ def test_relu_inplace_as_torch(backend, device, grad, layout, rng, monkeypatch):
     assert yo.stride() == yt.stride()
     if grad == "required":
         torch.testing.assert_close(go, gt)
-    elif backend == "triton" and layout == "contiguous":
+    elif backend == "triton" and layout != "transposed":
         assert not op_calls  # in place: no out-of-place op, no copy back
         assert names == (["_act_fwd_kernel"] if device == "cpu" else [])
 

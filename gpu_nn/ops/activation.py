@@ -203,13 +203,13 @@ _HALF_OR_FLOAT = (torch.float32, torch.float16, torch.bfloat16)
 def _in_place(x: Tensor, activation: str) -> bool:
     """``activation`` applied to ``x`` in its own memory by the Triton kernel, where nothing
     records the call (a plain eager call: no autograd node is wanted, no trace or mode runs) and
-    the kernel takes ``x`` as it is (contiguous, float32 / half): one pass where the out-of-place
+    the kernel takes ``x`` as it is (contiguous or channels_last, float32 / half): one pass where the out-of-place
     result copied back into ``x`` was two, and no temporary (an inference ``ReLU(inplace=True)``).
     Bumps ``x``'s version, as torch's ``relu_``: a graph that saved ``x`` then refuses its backward.
     False where it did nothing (the caller runs the out-of-place op and copies)."""
-    if (x.dtype not in _HALF_OR_FLOAT or not x.is_contiguous() or torch.compiler.is_compiling()
-            or not eager_ok((x,))):
-        return False
+    if (x.dtype not in _HALF_OR_FLOAT or torch.compiler.is_compiling() or not eager_ok((x,))
+            or not (x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)))):
+        return False  # (a dense block in either layout is one flat array to the kernel)
     if _backend.resolve(activation, x.device, BACKENDS, dtype=x.dtype) != "triton":
         return False
     _check(activation, x)
