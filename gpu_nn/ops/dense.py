@@ -38,6 +38,7 @@ from ..check import CheckCase
 from ..reference import dense as ref
 from ._dispatch import (FLOAT_DTYPES, autocast_inputs, check_float_like_torch, check_tensor, empty, float64_in_float32, from_numpy, is_int,
                         on_device, routed, to_numpy, triton_kernels)
+from ._dispatch import _eager_ok
 from ._dispatch import has_torch_function as _has_tf
 from ._dispatch import torch_function as _tf
 
@@ -271,10 +272,10 @@ def _stand_in(t: Tensor | None, absent, device) -> Tensor:
     if t is not None:
         return t
     shape, dtype = absent
-    # kept only from plain eager calls: under a trace (fake tensors, make_fx, torch.compile's
-    # backward) a zero is that trace's own, and a kept real one would enter it as a stray input
-    plain = (torch._C._len_torch_dispatch_stack() == 0 and not torch._C._is_torch_function_mode_enabled()
-             and not torch.compiler.is_compiling())
+    # kept only from plain eager calls (the eager route's own test): under a trace (fake tensors,
+    # make_fx, torch.compile's backward) a zero is that trace's own, and a kept real one would
+    # enter it as a stray input
+    plain = _eager_ok(()) and not torch.compiler.is_compiling()
     zero = _ZEROS.get((dtype, device)) if plain else None
     if zero is None:
         zero = torch.zeros((), dtype=dtype, device=device)
@@ -1042,22 +1043,20 @@ def _check_cross_entropy(input, target, weight, ignore_index, reduction, label_s
         if target.dim() != 0:
             raise KernelInputError("0D target tensor expected for an unbatched [C] input (gpu_nn does not accept the "
                                    "[1]-shaped target that torch's forward alone tolerates)")
-    elif input.dim() == 2:
-        batch = target.shape[0] if target.dim() else 0  # torch compares the batch sizes first (a 0-d target's: 0)
-        if batch != input.shape[0]:
-            raise KernelInputError(f"Expected input batch_size ({input.shape[0]}) to match target batch_size ({batch}).")
-        if target.dim() != 1:
-            raise KernelInputError("0D or 1D target tensor expected, multi-target not supported")
     else:
-        # torch's nll_loss_nd: the batch sizes first, then a 4-D input goes to nll_loss2d (its
-        # target rank, then its sizes), any other rank to the reshaped path (the target size)
+        # torch's nll_loss_nd: the batch sizes first (a 0-d target's: 0), then a 2-D input goes to
+        # nll_loss, a 4-D one to nll_loss2d (its target rank, then its sizes), any other rank to
+        # the reshaped path (the target size)
         batch = target.shape[0] if target.dim() else 0
         if batch != input.shape[0]:
             raise KernelInputError(f"Expected input batch_size ({input.shape[0]}) to match target batch_size ({batch}).")
-        if input.dim() == 4 and target.dim() != 3:
+        if input.dim() == 2:
+            if target.dim() != 1:
+                raise KernelInputError("0D or 1D target tensor expected, multi-target not supported")
+        elif input.dim() == 4 and target.dim() != 3:
             raise KernelInputError(
                 f"only batches of spatial targets supported (3D tensors) but got targets of dimension: {target.dim()}")
-        if tuple(target.shape[1:]) != tuple(input.shape[2:]):
+        elif tuple(target.shape[1:]) != tuple(input.shape[2:]):
             if input.dim() == 4:
                 raise KernelInputError(f"size mismatch (got input: {list(input.shape)} , target: {list(target.shape)}")
             raise KernelInputError(f"Expected target size {[input.shape[0], *input.shape[2:]]}, got {list(target.shape)}")

@@ -748,7 +748,7 @@ def _max_backward(ctx, grad, _grad_indices):
     if idx.dim() != 4:
         raise KernelInputError("max_pool backward: the forward ran with need_indices=False (no indices were kept); "
                                "call it with need_indices=True where a gradient is wanted")
-    return _depends_on(_max_pool_backward_op(grad, idx, *ctx.params), grad, x), None, None, None, None, None, None, None
+    return _depends_on(_max_pool_backward_op(grad, idx, *ctx.params), x), None, None, None, None, None, None, None
 
 
 _max_pool_op.register_autograd(_max_backward, setup_context=_max_setup)
@@ -810,10 +810,10 @@ def _avg_setup(ctx, inputs, output):
 
 def _avg_backward(ctx, grad):
     (x,) = ctx.saved_tensors
-    return _depends_on(_avg_pool_backward_op(grad, *ctx.params), grad, x), None, None, None, None, None, None
+    return _depends_on(_avg_pool_backward_op(grad, *ctx.params), x), None, None, None, None, None, None
 
 
-def _depends_on(gx: Tensor, grad: Tensor, x: Tensor) -> Tensor:
+def _depends_on(gx: Tensor, x: Tensor) -> Tensor:
     """The input gradient ``gx``, made to depend on the input ``x`` (with a zero derivative) where
     a graph is built (create_graph=True): torch's pooling backward is differentiable in its input
     (a zero derivative), so a gradient penalty through a pooling can be differentiated again with

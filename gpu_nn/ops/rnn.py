@@ -1644,9 +1644,7 @@ def _check_cell(op, input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode):
                 f"{op}: input dtype ({input.dtype}), weight dtype ({w_ih.dtype}) and {name} dtype ({t.dtype}) must be "
                 "the same (torch computes this mix in the promoted dtype; gpu-nn's cells take one dtype)"
             )
-    if (b_ih is None) != (b_hh is None):
-        raise KernelInputError(f"{op}: give both b_ih and b_hh or neither")
-    for b in (b_ih, b_hh):
+    for b in (b_ih, b_hh):  # (both or neither: _cell fills in a missing one, as torch's cells take either alone)
         if b is not None and tuple(b.shape) != (G,):
             raise KernelInputError(f"{op}: bias of shape {list(b.shape)}, expected [{G}]")
 
@@ -1885,10 +1883,10 @@ def _seq(mode, input, hx, cx, params, has_biases, num_layers, dropout, train, bi
 def _lstm_cpu_autocast(input: Tensor, hx, cx, lengths) -> bool:
     """Whether an LSTM sequence inside a CPU autocast region runs as torch's native LSTM does
     there: packed (lengths), projected (h narrower than c) or an input oneDNN does not take
-    (neither float32 nor bfloat16): torch then autocasts only the inner matmuls, so its results
-    come out in the autocast dtype promoted with the input's (float32 for a float32 input) and, with
-    a projection, the output and h in the autocast dtype (the projection is a matmul) and c
-    promoted. Otherwise torch's oneDNN LSTM runs in the autocast dtype, as the Elman sequences."""
+    (neither float32 nor bfloat16, or bfloat16 where this CPU's oneDNN lacks it): torch then
+    autocasts only the inner matmuls, so its results come out in the autocast dtype promoted with
+    the state's (c's; float32 for a float32 state) and, with a projection, the output and h in the
+    autocast dtype (the projection is a matmul) and c promoted. Otherwise torch's oneDNN LSTM runs in the autocast dtype, as the Elman sequences."""
     if input.device.type != "cpu" or not torch.is_autocast_enabled("cpu"):
         return False
     projected = isinstance(hx, Tensor) and isinstance(cx, Tensor) and hx.shape[-1] != cx.shape[-1]
