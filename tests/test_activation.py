@@ -1,6 +1,8 @@
 """relu / sigmoid / tanh: reference against torch (float64, forward and backward), finite
 differences of the reference backward, every backend against the reference, opcheck, bad input."""
 
+import re
+
 import pytest
 import torch
 
@@ -167,19 +169,60 @@ def test_relu_inplace_as_torch(backend, device, grad, layout, rng, monkeypatch):
         with gpu_nn.backend(be), interpreted_launches(device) as names, \
                 (torch.no_grad() if grad == "no_grad" else torch.enable_grad()):
             y = relu(x, inplace=True)
-        assert y is x and x._version > v
+        assert y is x
+        bumps = x._version - v
         with pytest.raises(RuntimeError, match="modified by an inplace operation"):
             saved.backward()
+        graph = None
+        if grad == "required":  # the nodes y's gradient passes: torch's are ReluBackward0 -> MulBackward0
+            graph = [type(f).__name__ for f, _ in y.grad_fn.next_functions]
         g = torch.autograd.grad(y.sum(), x_leaf)[0] if grad == "required" else None
-        results.append((y.detach().clone(), g, names))
-    (yt, gt, _), (yo, go, names) = results
+        results.append((y.detach().clone(), g, names, bumps, graph))
+    (yt, gt, _, bt, grt), (yo, go, names, bo, gro) = results
     torch.testing.assert_close(yo, yt)
     assert yo.stride() == yt.stride()
+    assert bo == bt == 1  # one version bump, as relu_
     if grad == "required":
         torch.testing.assert_close(go, gt)
-    elif backend == "triton" and layout != "transposed":
+        # recorded as one in-place node over x's own history (a copy_ of an out-of-place
+        # result was a CopyBackwards node: a zero gradient for the overwritten x added to the
+        # real one, two more passes in every backward)
+        assert gro == grt == ["MulBackward0"]
+    if backend == "triton" and layout != "transposed":
         assert not op_calls  # in place: no out-of-place op, no copy back
         assert names == (["_act_fwd_kernel"] if device == "cpu" else [])
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
+def test_relu_inplace_refuses_what_torch_refuses(backend, device):
+    """relu(x, inplace=True) refuses as torch's relu_ does, with its words: a leaf or a view of
+    one that requires grad, a view made in no_grad mode changed with grad on, one view of a
+    multi-view function (unbind), an inference tensor outside inference mode (the in-place
+    kernel wrote it before); inside inference mode it is changed in place."""
+    w = torch.randn(5, 6, device=device, requires_grad=True)
+
+    def cases():
+        h = torch.ones(3, 5, device=device) @ w
+        with torch.no_grad():
+            view = h[0]
+        with torch.inference_mode():
+            t = torch.randn(3, 4, device=device)
+        return [("leaf", torch.randn(3, device=device, requires_grad=True)),
+                ("leaf view", torch.randn(3, 4, device=device, requires_grad=True)[0]),
+                ("no_grad view", view),
+                ("unbind view", (torch.ones(3, 5, device=device) @ w).unbind(0)[1]),
+                ("inference tensor", t)]
+
+    with gpu_nn.backend(backend):
+        for what, x in cases():
+            with pytest.raises(RuntimeError) as theirs:
+                torch.relu_(x)  # (each case refused before it changes x)
+            with pytest.raises(RuntimeError, match=re.escape(str(theirs.value))):
+                F.relu(x, inplace=True)
+        with torch.inference_mode():
+            t = torch.randn(3, 4, device=device)
+            expect = torch.relu(t)
+            assert F.relu(t, inplace=True) is t and torch.equal(t, expect)
 
 
 @pytest.mark.parametrize("name", OPS)

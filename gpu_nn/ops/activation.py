@@ -189,8 +189,12 @@ def _apply(input: Tensor, activation: str, inplace: bool = False) -> Tensor:
             raise KernelInputError("Boolean inputs not supported for relu")
         if activation != "relu":
             input = input.to(torch.get_default_dtype())
-    if inplace and not (torch.is_grad_enabled() and input.requires_grad) and _in_place(input, activation):
-        return input
+    if inplace and not torch.compiler.is_compiling() and eager_ok((input,)):
+        if torch.is_grad_enabled() and input.requires_grad:
+            if not input.is_leaf:  # (a leaf goes on to copy_'s refusal, in torch's words)
+                return _ActivationInPlace.apply(input, activation)
+        elif _in_place(input, activation):
+            return input
     out = _activation_op(input, activation)
     if inplace:
         return input.copy_(out)
@@ -200,16 +204,19 @@ def _apply(input: Tensor, activation: str, inplace: bool = False) -> Tensor:
 _HALF_OR_FLOAT = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _in_place(x: Tensor, activation: str) -> bool:
-    """``activation`` applied to ``x`` in its own memory by the Triton kernel, where nothing
-    records the call (a plain eager call: no autograd node is wanted, no trace or mode runs) and
-    the kernel takes ``x`` as it is (contiguous or channels_last, float32 / half): one pass where the out-of-place
-    result copied back into ``x`` was two, and no temporary (an inference ``ReLU(inplace=True)``).
-    Bumps ``x``'s version, as torch's ``relu_``: a graph that saved ``x`` then refuses its backward.
-    False where it did nothing (the caller runs the out-of-place op and copies)."""
-    if (x.dtype not in _HALF_OR_FLOAT or torch.compiler.is_compiling() or not eager_ok((x,))
+def _in_place(x: Tensor, activation: str, bump: bool = True) -> bool:
+    """``activation`` applied to ``x`` in its own memory by the Triton kernel, where the kernel
+    takes ``x`` as it is (contiguous or channels_last, float32 / half): one pass where the
+    out-of-place result copied back into ``x`` was two, and no temporary. The caller has made
+    sure nothing but plain eager autograd sees the call. Bumps ``x``'s version once (``bump``;
+    an autograd Function's ``mark_dirty`` does it itself), as torch's ``relu_``: a graph that
+    saved ``x`` then refuses its backward. False where it did nothing (the caller computes out
+    of place and copies)."""
+    if (x.dtype not in _HALF_OR_FLOAT or (x.is_inference() and not torch.is_inference_mode_enabled())
             or not (x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)))):
-        return False  # (a dense block in either layout is one flat array to the kernel)
+        # (a dense block in either layout is one flat array to the kernel; an inference tensor
+        # outside inference mode goes on to copy_'s refusal, as torch's relu_ refuses it)
+        return False
     if _backend.resolve(activation, x.device, BACKENDS, dtype=x.dtype) != "triton":
         return False
     _check(activation, x)
@@ -217,8 +224,50 @@ def _in_place(x: Tensor, activation: str) -> bool:
     ktriton, kt = triton_kernels("activation")
     with device_guard(x.device):
         kt.act_forward(x, x, activation, ktriton.INTERPRET)
-    torch.autograd.graph.increment_version(x)
+    if bump:
+        torch.autograd.graph.increment_version(x)
     return True
+
+
+def _in_place_forward(x: Tensor, activation: str) -> Tensor:
+    """x changed in place without a version bump (``mark_dirty`` gives the one torch's relu_
+    gives): the kernel over x's memory, else the result copied in through ``x.data``, a view
+    with its own version counter."""
+    if not _in_place(x, activation, bump=False):
+        with device_guard(x.device):
+            x.data.copy_(activation_forward(x, activation))
+    return x
+
+
+def _in_place_setup(ctx, inputs, output):
+    ctx.activation = inputs[1]
+    ctx.mark_dirty(inputs[0])
+    ctx.save_for_backward(output)
+
+
+class _ActivationInPlace(torch.autograd.Function):
+    """``relu(x, inplace=True)`` where autograd records it (a training ``ReLU(inplace=True)``,
+    every one of a converted torchvision ResNet): ``x`` changed in place and marked dirty, the
+    node saving the output (``x`` itself) for the backward, as torch's ``relu_`` and its
+    ``threshold_backward``. The out-of-place op and ``x.copy_(out)`` it replaces cost a copy
+    forward and, backward, ``copy_``'s zero gradient for the overwritten ``x`` and its addition
+    to the real one: three memory passes more than torch's. Plain eager calls only (``_apply``);
+    a trace or mode keeps the custom op and the copy."""
+
+    @staticmethod
+    def forward(x, activation):
+        return _in_place_forward(x, activation)
+
+    setup_context = staticmethod(_in_place_setup)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (out,) = ctx.saved_tensors
+        return _activation_backward_op(grad, out, ctx.activation), None
+
+
+_ActivationInPlace.setup_context, _ActivationInPlace.backward = map(
+    staticmethod, _backend.autograd_pair(_in_place_setup, _ActivationInPlace.backward))
 
 
 def relu(input: Tensor, inplace: bool = False) -> Tensor:
