@@ -128,6 +128,28 @@ def test_tanh_near_zero_keeps_float32_precision(backend, device):
         assert float((got.cpu().double() - torch.tanh(r)).abs().max()) <= 4 * EPS32
 
 
+@pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
+def test_relu_underscore_is_torchs(backend, device, rng):
+    """F.relu_ (torch.nn.functional's name for the in-place relu): x itself, torch's values and
+    gradient, one version bump; an integer tensor too."""
+    base = randn(rng, 3, 7, 5).to(device)
+    grads = []
+    for fn in (torch.nn.functional.relu_, F.relu_):
+        x_leaf = base.clone().requires_grad_()
+        x = x_leaf * 1
+        v = x._version
+        with gpu_nn.backend(backend):
+            y = fn(x)
+            assert y is x and x._version == v + 1
+            (y * base).sum().backward()
+        grads.append(x_leaf.grad)
+    torch.testing.assert_close(grads[1], grads[0])
+    ints = torch.arange(-3, 4, device=device)
+    with gpu_nn.backend(backend):
+        torch.testing.assert_close(F.relu_(base.clone()), torch.relu(base))
+        assert torch.equal(F.relu_(ints.clone()), torch.relu(ints))
+
+
 def test_relu_inplace(rng):
     x = randn(rng, 3, 4)
     expect = torch.relu(x)

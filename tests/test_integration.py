@@ -862,3 +862,29 @@ def test_cpu_autocast_recurrent_results_take_the_states_dtype_as_torch(autocast_
                 assert got == want, (name, xd, hd)
                 compared += 1
     assert compared >= 80
+
+
+def test_functional_names_take_torchs_parameters():
+    """Every name of gpu_nn.functional that torch.nn.functional has, where torch's has a Python
+    signature, takes the same parameters in the same order with the same defaults and kinds (a
+    changed import keeps every call working); torch's in-place and with-indices names exist."""
+    import inspect
+
+    import gpu_nn.functional as G
+    import torch.nn.functional as TF
+
+    compared = 0
+    for name in G.__all__:
+        theirs = getattr(TF, name, None)
+        try:
+            sig = inspect.signature(theirs) if theirs is not None else None
+        except ValueError:  # a builtin (torch.relu_, conv2d): no Python signature to compare
+            sig = None
+        if sig is None or list(sig.parameters) == ["args", "kwargs"]:  # boolean_dispatch (max_pool)
+            continue
+        ours = inspect.signature(getattr(G, name))
+        assert [(p.name, p.default, p.kind) for p in ours.parameters.values()] == \
+            [(p.name, p.default, p.kind) for p in sig.parameters.values()], name
+        compared += 1
+    assert compared >= 8
+    assert {"relu_", "max_pool1d_with_indices", "max_pool2d_with_indices"} <= set(G.__all__)

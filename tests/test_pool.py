@@ -1686,3 +1686,24 @@ def test_pooling_of_a_channels_fastest_input_has_torchs_layouts(backend, device,
                 (dxt,) = torch.autograd.grad(yt, x, sign * g)
                 assert _same_strides(dx, dxt), (fn.__name__, kw, "gradient", dx.stride(), dxt.stride())
                 torch.testing.assert_close(dx, dxt)
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
+@pytest.mark.parametrize("dim", [1, 2])
+def test_with_indices_names_return_both_as_torchs(backend, device, dim, rng):
+    """F.max_pool1d_with_indices / max_pool2d_with_indices (torch.nn.functional's names): output
+    and indices whatever return_indices says, torch's values, indices and gradient."""
+    shape = (2, 3, 11) if dim == 1 else (2, 3, 9, 7)
+    x = randn(rng, *shape).to(device)
+    name = f"max_pool{dim}d_with_indices"
+    got = []
+    for fn in (getattr(TF, name), getattr(F, name)):
+        xl = x.clone().requires_grad_()
+        with gpu_nn.backend(backend):
+            y, idx = fn(xl, 3, 2, 1, return_indices=False)
+            (y * y).sum().backward()
+        got.append((y.detach(), idx, xl.grad))
+    (yt, it, gt), (yo, io, go) = got
+    torch.testing.assert_close(yo, yt)
+    assert torch.equal(io, it)
+    torch.testing.assert_close(go, gt)

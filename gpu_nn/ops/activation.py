@@ -21,7 +21,7 @@ from ._dispatch import device_guard
 from ._dispatch import has_torch_function as _has_tf
 from ._dispatch import torch_function as _tf
 
-__all__ = ["relu", "sigmoid", "tanh"]
+__all__ = ["relu", "relu_", "sigmoid", "tanh"]
 
 ACTIVATIONS = ("relu", "sigmoid", "tanh")
 BACKENDS = ("reference", "triton")
@@ -275,6 +275,13 @@ def relu(input: Tensor, inplace: bool = False) -> Tensor:
     if _has_tf(input, inplace):
         return _tf(relu, input, inplace)
     return _apply(input, "relu", inplace)
+
+
+def relu_(input: Tensor) -> Tensor:
+    """max(input, 0) written into ``input``; as ``torch.nn.functional.relu_``."""
+    if _has_tf(input):
+        return _tf(relu_, input)
+    return _apply(input, "relu", True)
 
 
 def sigmoid(input: Tensor) -> Tensor:

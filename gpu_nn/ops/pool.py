@@ -45,7 +45,8 @@ from ._dispatch import exact_zero_of
 from ._dispatch import has_torch_function as _has_tf
 from ._dispatch import torch_function as _tf
 
-__all__ = ["max_pool1d", "max_pool2d", "avg_pool1d", "avg_pool2d", "min_pool1d", "min_pool2d"]
+__all__ = ["max_pool1d", "max_pool2d", "max_pool1d_with_indices", "max_pool2d_with_indices", "avg_pool1d", "avg_pool2d",
+           "min_pool1d", "min_pool2d"]
 
 BACKENDS = ("reference", "triton", "cupy")
 
@@ -962,6 +963,24 @@ def max_pool1d(input: Tensor, kernel_size, stride=None, padding=0, dilation=1, c
     if _has_tf(input, kernel_size, stride, padding, dilation, ceil_mode, return_indices):
         return _tf(max_pool1d, input, kernel_size, stride, padding, dilation, ceil_mode, return_indices)
     return _max1d_public("max_pool1d", input, kernel_size, stride, padding, dilation, ceil_mode, return_indices, False)
+
+
+def max_pool2d_with_indices(input: Tensor, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
+                            return_indices=False):
+    """max_pool2d's ``(output, indices)`` whatever ``return_indices`` says; as
+    ``torch.nn.functional.max_pool2d_with_indices``."""
+    if _has_tf(input, kernel_size, stride, padding, dilation, ceil_mode, return_indices):
+        return _tf(max_pool2d_with_indices, input, kernel_size, stride, padding, dilation, ceil_mode, return_indices)
+    return max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode, True)
+
+
+def max_pool1d_with_indices(input: Tensor, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
+                            return_indices=False):
+    """max_pool1d's ``(output, indices)`` whatever ``return_indices`` says; as
+    ``torch.nn.functional.max_pool1d_with_indices``."""
+    if _has_tf(input, kernel_size, stride, padding, dilation, ceil_mode, return_indices):
+        return _tf(max_pool1d_with_indices, input, kernel_size, stride, padding, dilation, ceil_mode, return_indices)
+    return max_pool1d(input, kernel_size, stride, padding, dilation, ceil_mode, True)
 
 
 def min_pool1d(input: Tensor, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
