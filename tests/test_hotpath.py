@@ -469,6 +469,85 @@ def test_eight_threads_bitwise_equal_one_thread():
         assert all(torch.equal(a, b) for a, b in zip(got[s], want[s])), s
 
 
+@pytest.mark.parametrize("module", ["LSTM", "GRU"])
+def test_threads_backward_over_one_shared_graph(module):
+    """Two threads each running backward many times over one graph (retain_graph=True), as torch
+    allows: every gradient equal to one thread's, no error, and the graph still sound after.
+    The sequence ops' spread list arguments once swapped the shared ctx's needs_input_grad
+    during a backward (IndexError in about half the calls, and a graph left broken for good)."""
+    import sys
+
+    torch.manual_seed(0)
+    m = getattr(gpu_nn.nn, module)(3, 4, num_layers=2)
+    x = torch.randn(5, 2, 3, requires_grad=True)
+    with gpu_nn.backend("reference"):
+        loss = m(x)[0].square().sum()
+    wrt = [x, *m.parameters()]
+    want = torch.autograd.grad(loss, wrt, retain_graph=True)
+    errors, wrong = [], []
+    start = threading.Barrier(2)
+
+    def work():
+        start.wait(10)
+        for _ in range(40):
+            try:
+                got = torch.autograd.grad(loss, wrt, retain_graph=True)
+                wrong.extend(i for i, (a, b) in enumerate(zip(got, want)) if not torch.equal(a, b))
+            except Exception as exc:  # noqa: BLE001 - reported below
+                errors.append(repr(exc))
+
+    ts = [threading.Thread(target=work) for _ in range(2)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(120)
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors and not wrong, (errors[:2], wrong[:5])
+    assert all(torch.equal(a, b) for a, b in zip(torch.autograd.grad(loss, wrt), want))
+
+
+@needs_triton
+def test_triton_launches_from_two_threads_at_once():
+    """Two threads launching Triton kernels at the same time (relu and sigmoid of several
+    programs each), every result right. Under the interpreter its one process-wide builder and
+    language patch made concurrent launches raise (13 of 60 in an audit's run) until launches
+    took turns (kernels/triton/_compat.py)."""
+    import sys
+
+    dev = DEVICE["triton"]
+    x = torch.randn(64, 1024, device=dev)
+    want = {"relu": torch.relu(x), "sigmoid": torch.sigmoid(x)}
+    bad = []
+    start = threading.Barrier(2)
+
+    def work(name):
+        start.wait(10)
+        for _ in range(15):
+            try:
+                with gpu_nn.backend("triton"):
+                    got = getattr(F, name)(x)
+                if not torch.allclose(got, want[name], atol=1e-6):
+                    bad.append(f"{name}: wrong values")
+            except Exception as exc:  # noqa: BLE001 - reported below
+                bad.append(repr(exc)[:200])
+
+    ts = [threading.Thread(target=work, args=(n,)) for n in want]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    try:
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(120)
+    finally:
+        sys.setswitchinterval(interval)
+    assert not bad, bad[:3]
+
+
 @needs_triton
 def test_backward_in_another_thread_runs_on_the_forwards_backend(monkeypatch):
     """Autograd may run a backward on a thread that sees none of the user's blocks (the thread

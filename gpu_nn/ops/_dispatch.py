@@ -340,6 +340,22 @@ def _unflatten(flat, spec):
     return out
 
 
+class _NeedsView:
+    """What a spread Function's backward gets for ``ctx``: the ctx itself for everything but
+    ``needs_input_grad``, which is the unspread one. The ctx is never changed: several threads
+    may run backward over one graph at once (``retain_graph=True``, as torch allows), and a
+    ctx whose ``needs_input_grad`` one backward swapped and put back was read half-swapped by
+    the other (IndexError, and a graph left broken when the wrong value went back last)."""
+
+    __slots__ = ("_ctx", "needs_input_grad")
+
+    def __init__(self, ctx, needs):
+        self._ctx, self.needs_input_grad = ctx, needs
+
+    def __getattr__(self, name):
+        return getattr(self._ctx, name)
+
+
 class _ListMeta:
     __slots__ = ("input_spec", "output_spec", "is_tuple")
 
@@ -371,12 +387,8 @@ def _lean_tensorlist(cls, fallback):
     def backward(ctx, *grads):
         meta = ctx._gn_meta
         grads = _unflatten(grads, meta.output_spec)
-        prev = ctx.needs_input_grad
-        try:
-            ctx.needs_input_grad = tuple(_unflatten(prev[:-1], meta.input_spec))
-            grad_inputs = orig_backward(ctx, *grads)
-        finally:
-            ctx.needs_input_grad = prev
+        needs = tuple(_unflatten(ctx.needs_input_grad[:-1], meta.input_spec))
+        grad_inputs = orig_backward(_NeedsView(ctx, needs), *grads)
         if type(grad_inputs) is not tuple:
             grad_inputs = (grad_inputs,)
         if len(grad_inputs) != len(meta.input_spec):
