@@ -167,6 +167,30 @@ def test_linear_stand_ins_of_a_trace_stay_in_it():
         torch.testing.assert_close(a, b)
 
 
+def test_linear_stand_ins_made_in_inference_mode_are_not_kept():
+    """A backward run inside torch.inference_mode() (torch allows it) makes its stand-in zero
+    there, an inference tensor: kept, it broke every later create_graph backward of a linear
+    with a frozen weight ('Inference tensors cannot be saved for backward'), in any thread."""
+    from gpu_nn.ops import dense as D
+
+    D._ZEROS.clear()
+    for lin in (torch.nn.functional.linear, F.linear):
+        x = torch.randn(4, 3, requires_grad=True)
+        loss = lin(x, torch.randn(5, 3), None).sum()  # frozen weight: x is not kept
+        with torch.inference_mode():
+            (gx,) = torch.autograd.grad(loss, x)
+        assert torch.equal(gx, torch.zeros(4, 3) + gx[0])
+    assert not any(z.is_inference() for z in D._ZEROS.values())
+    got = []
+    for lin in (torch.nn.functional.linear, F.linear):
+        torch.manual_seed(1)
+        x = torch.randn(4, 3, requires_grad=True)
+        w = torch.randn(5, 3)
+        (gx,) = torch.autograd.grad(lin(x, w, None).pow(2).sum(), x, create_graph=True)
+        got.append(torch.autograd.grad(gx.square().sum(), x)[0])
+    torch.testing.assert_close(got[1], got[0])
+
+
 # =========================================================================== softmax / log_softmax
 
 SOFTMAX = {"softmax": (F.softmax, torch.softmax), "log_softmax": (F.log_softmax, torch.log_softmax)}

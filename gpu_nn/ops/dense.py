@@ -274,8 +274,9 @@ def _stand_in(t: Tensor | None, absent, device) -> Tensor:
     shape, dtype = absent
     # kept only from plain eager calls (the eager route's own test): under a trace (fake tensors,
     # make_fx, torch.compile's backward) a zero is that trace's own, and a kept real one would
-    # enter it as a stray input
-    plain = _eager_ok(()) and not torch.compiler.is_compiling()
+    # enter it as a stray input; one made in inference mode is an inference tensor, which a
+    # later create_graph backward (in any thread) could not save
+    plain = _eager_ok(()) and not torch.compiler.is_compiling() and not torch.is_inference_mode_enabled()
     zero = _ZEROS.get((dtype, device)) if plain else None
     if zero is None:
         zero = torch.zeros((), dtype=dtype, device=device)
