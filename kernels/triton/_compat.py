@@ -28,6 +28,13 @@ configuration compiles for sm_90 under both 3.6 and 3.9).
   float32 (a dot exactly, in float64, then rounded to float32, as a tensor-core dot with float32
   accumulation approximates), results rounded to nearest even; :func:`bf16_exact` says whether
   that is in place, and the backends refuse bfloat16 under an interpreter without it.
+* Every version: the interpreter keeps one builder for the whole process (the program index
+  ``tl.program_id`` reads, the grid) and patches ``triton.language`` for the length of a launch,
+  so two threads launching at once raised (13 of 60 calls in an audit's two-thread run) or could
+  read each other's program ids. :func:`apply` makes interpreted launches take turns
+  (:func:`_install_interpreter_launch_lock`: one process-wide lock around
+  ``GridExecutor.__call__``); a launch's own programs are untouched (tests/helpers.py
+  ``concurrent_programs`` still runs them all at once).
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ import contextlib
 
 import numpy as np
 
-installed: set[str] = set()  # the fixes apply() installed in this process: "index", "fma", "bf16"
+installed: set[str] = set()  # the fixes apply() installed in this process: "index", "fma", "bf16", "launch_lock"
 
 
 def _version(text: str) -> tuple[int, int]:
@@ -336,6 +343,24 @@ def _install_interpreter_index_fix() -> None:
     installed.add("index")
 
 
+def _install_interpreter_launch_lock() -> None:
+    import threading
+
+    from triton.runtime import interpreter
+
+    executor = getattr(interpreter, "GridExecutor", None)
+    if executor is None:
+        return
+    real, lock = executor.__call__, threading.RLock()
+
+    def call(self, *args, **kwargs):
+        with lock:
+            return real(self, *args, **kwargs)
+
+    executor.__call__ = call
+    installed.add("launch_lock")
+
+
 def apply(interpret: bool) -> None:
     """Install the version-specific fixes listed in the module docstring (idempotent)."""
     global _applied, _bf16_exact
@@ -347,6 +372,7 @@ def apply(interpret: bool) -> None:
     if interpret and needs_interpreter_fma_fix():
         _install_interpreter_fma_fix()
     if interpret:
+        _install_interpreter_launch_lock()
         if not _bf16_probe():
             _install_interpreter_bf16_fix()
         _bf16_exact = _bf16_probe()
