@@ -216,6 +216,25 @@ def test_relu_inplace_as_torch(backend, device, grad, layout, rng, monkeypatch):
 
 
 @pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
+def test_relu_inplace_on_a_view_reaches_the_base(backend, device, rng):
+    """relu(v, inplace=True) of a strided view of a tensor autograd records (columns 1:4 of a
+    layer's output): the base's history goes through the view as torch's (CopySlices), the base
+    holds torch's values and its input gets torch's gradient."""
+    x0, w0 = randn(rng, 3, 5).to(device), randn(rng, 5, 6).to(device)
+    got = []
+    for relu in (torch.nn.functional.relu, F.relu):
+        w = w0.clone().requires_grad_()
+        h = x0 @ w
+        with gpu_nn.backend(backend):
+            v = relu(h[:, 1:4], inplace=True)
+        assert type(h.grad_fn).__name__ == "CopySlices" and v._base is h
+        (g,) = torch.autograd.grad((h * torch.arange(6.0, device=device)).sum(), w)
+        got.append((h.detach(), g))
+    torch.testing.assert_close(got[1][0], got[0][0])
+    torch.testing.assert_close(got[1][1], got[0][1])
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
 def test_relu_inplace_refuses_what_torch_refuses(backend, device):
     """relu(x, inplace=True) refuses as torch's relu_ does, with its words: a leaf or a view of
     one that requires grad, a view made in no_grad mode changed with grad on, one view of a
