@@ -878,7 +878,8 @@ def test_modules_match_torch(ours, theirs, kwargs, shape, rng):
 def test_check_cases_exist_for_every_op():
     from gpu_nn.ops import pool
 
-    assert {c.op for c in pool.CHECK_CASES} == set(pool.__all__)
+    assert {c.op for c in pool.CHECK_CASES} == set(pool.__all__) - set(pool.ALIASES)
+    assert set(pool.ALIASES) <= set(pool.__all__) and set(pool.ALIASES.values()) <= {c.op for c in pool.CHECK_CASES}
 
 
 # --- torch's checks, in torch's order (issues 18.3, 19.6) ------------------------------------

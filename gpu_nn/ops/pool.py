@@ -965,6 +965,11 @@ def max_pool1d(input: Tensor, kernel_size, stride=None, padding=0, dilation=1, c
     return _max1d_public("max_pool1d", input, kernel_size, stride, padding, dilation, ceil_mode, return_indices, False)
 
 
+# torch.nn.functional's names for a max pooling that returns its indices: our max_pool with
+# return_indices=True, no op of their own (``gpu-nn check`` checks the op they call)
+ALIASES = {"max_pool1d_with_indices": "max_pool1d", "max_pool2d_with_indices": "max_pool2d"}
+
+
 def max_pool2d_with_indices(input: Tensor, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
                             return_indices=False):
     """max_pool2d's ``(output, indices)`` whatever ``return_indices`` says; as
