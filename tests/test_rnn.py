@@ -2945,3 +2945,22 @@ def test_bias_gradient_column_sums_split_the_time_steps_rows(backend, device, rn
                     splits = kd.colsum_splits(M, N, 64)
                     assert names == ["_rnn_colsum_kernel"] * (1 if splits == 1 else 2)
                     assert (splits > 1) == (M >= 2 * kd.COLSUM_MIN_ROWS)
+
+
+@pytest.mark.parametrize("mode", ["RNN", "LSTM", "GRU"])
+def test_sequence_layers_on_the_meta_device_give_torchs_shapes(mode):
+    """A model's shapes worked out on device="meta" (no memory, no compute): torch's layers run
+    there; ours asked autocast about "meta" and raised "unknown device type for autocast"."""
+    extra = {"proj_size": 2} if mode == "LSTM" else {}
+    for kw in ({}, {"num_layers": 2, "bidirectional": True, "batch_first": True, **extra}):
+        theirs = getattr(torch.nn, mode)(3, 4, device="meta", **kw)
+        ours = getattr(gnn, mode)(3, 4, device="meta", **kw)
+        x = torch.randn(5, 2, 3, device="meta")
+
+        def shapes(res):
+            out, h = res
+            return out.device, out.shape, [t.shape for t in (h if isinstance(h, tuple) else (h,))]
+
+        assert shapes(ours(x)) == shapes(theirs(x))
+        h0 = theirs(x)[1]
+        assert shapes(ours(x, h0)) == shapes(theirs(x, h0))

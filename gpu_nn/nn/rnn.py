@@ -109,7 +109,10 @@ class _SeqMixin:
             W = getattr(self, "proj_size", 0) or H
             z = torch.zeros(self.num_layers * D, B, W, dtype=x.dtype, device=x.device)
             hx = (z, torch.zeros(self.num_layers * D, B, H, dtype=x.dtype, device=x.device)) if is_lstm else z
-        for h in (() if torch.is_autocast_enabled(x.device.type) else hx if is_lstm else (hx,)):
+        # (autocast knows cpu and cuda alone: asked about another device type, "meta" for a model's
+        # shapes, torch raises "unknown device type for autocast")
+        autocast = x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type)
+        for h in (() if autocast else hx if is_lstm else (hx,)):
             # (in an autocast region torch's layers take a state of another dtype: cast as theirs)
             if h.dtype != x.dtype:
                 raise KernelInputError(
