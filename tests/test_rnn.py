@@ -2964,3 +2964,34 @@ def test_sequence_layers_on_the_meta_device_give_torchs_shapes(mode):
         assert shapes(ours(x)) == shapes(theirs(x))
         h0 = theirs(x)[1]
         assert shapes(ours(x, h0)) == shapes(theirs(x, h0))
+
+
+@pytest.mark.parametrize("mode", ["RNN", "LSTM", "GRU"])
+def test_fx_symbolic_trace_records_recurrent_modules_whole_as_torchs(mode):
+    """torch.fx.symbolic_trace of a model holding our recurrent layers and cells: each is one
+    call_module node, as torch's own are (leaves of its tracer), with and without a given state;
+    the traced module computes what the model does. Ours were traced into, and their input checks
+    met a Proxy (a sequence layer: 'expected a Tensor or PackedSequence input, got Proxy'; a cell:
+    'symbolically traced variables cannot be used as inputs to control flow')."""
+
+    class Model(torch.nn.Module):
+        def __init__(self, lib):
+            super().__init__()
+            self.seq = getattr(lib, mode)(3, 4)
+            self.cell = getattr(lib, mode + "Cell")(3, 4)
+
+        def forward(self, x, h0):
+            y = self.seq(x)[0].sum() + self.seq(x, h0)[0].sum()
+            return y + (self.cell(x[0])[0] if mode == "LSTM" else self.cell(x[0])).sum() + \
+                (self.cell(x[0], (h0[0][0], h0[1][0]))[0] if mode == "LSTM" else self.cell(x[0], h0[0])).sum()
+
+    torch.manual_seed(0)
+    theirs, ours = Model(torch.nn), Model(gnn)
+    ours.load_state_dict(theirs.state_dict())
+    graphs = [torch.fx.symbolic_trace(m) for m in (theirs, ours)]
+    assert [(n.op, str(n.target)) for n in graphs[1].graph.nodes] == [(n.op, str(n.target)) for n in graphs[0].graph.nodes]
+    assert sum(n.op == "call_module" for n in graphs[1].graph.nodes) == 4
+    x = torch.randn(5, 2, 3)
+    h0 = (torch.randn(1, 2, 4), torch.randn(1, 2, 4)) if mode == "LSTM" else torch.randn(1, 2, 4)
+    torch.testing.assert_close(graphs[1](x, h0), theirs(x, h0))
+    torch.testing.assert_close(graphs[1](x, h0), ours(x, h0))

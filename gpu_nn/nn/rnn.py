@@ -134,25 +134,43 @@ class _SeqMixin:
         return out, hidden
 
 
+def _traced_whole(module, input, hx):
+    """Under ``torch.fx.symbolic_trace`` (a Proxy among the arguments): the call recorded whole,
+    one ``call_module`` node, as the tracer records torch's own recurrent modules (leaves of its
+    tracer, where ours are not), so that the forward's checks never see a Proxy; None for a
+    call with real arguments (two type tests)."""
+    states = hx if type(hx) is tuple else (hx,)
+    if type(input) is torch.Tensor and all(h is None or type(h) is torch.Tensor for h in states):
+        return None
+    proxy = next((a for a in (input, *states) if isinstance(a, torch.fx.Proxy)), None)
+    if proxy is None:
+        return None
+    tracer = proxy.tracer
+    return tracer.create_proxy("call_module", tracer.path_of_module(module), (input,) if hx is None else (input, hx), {})
+
+
 class RNN(NotScriptable, _SeqMixin, torch.nn.RNN):
     """``torch.nn.RNN`` (tanh or relu) on gpu-nn's kernels."""
 
     def forward(self, input, hx=None):
-        return self._gn_forward(input, hx)
+        traced = _traced_whole(self, input, hx)
+        return self._gn_forward(input, hx) if traced is None else traced
 
 
 class LSTM(NotScriptable, _SeqMixin, torch.nn.LSTM):
     """``torch.nn.LSTM`` on gpu-nn's kernels (gate order i, f, g, o), ``proj_size`` included."""
 
     def forward(self, input, hx=None):
-        return self._gn_forward(input, hx)
+        traced = _traced_whole(self, input, hx)
+        return self._gn_forward(input, hx) if traced is None else traced
 
 
 class GRU(NotScriptable, _SeqMixin, torch.nn.GRU):
     """``torch.nn.GRU`` on gpu-nn's kernels (torch's formula for n)."""
 
     def forward(self, input, hx=None):
-        return self._gn_forward(input, hx)
+        traced = _traced_whole(self, input, hx)
+        return self._gn_forward(input, hx) if traced is None else traced
 
 
 def _check_cell_dims(name, input, hs):
@@ -168,6 +186,9 @@ class RNNCell(NotScriptable, torch.nn.RNNCell):
     """``torch.nn.RNNCell`` on gpu-nn's kernels."""
 
     def forward(self, input, hx=None):
+        traced = _traced_whole(self, input, hx)
+        if traced is not None:
+            return traced
         _check_cell_dims("RNNCell", input, [(None, hx)])
         fn = ops.rnn_tanh_cell if self.nonlinearity == "tanh" else ops.rnn_relu_cell
         if self.nonlinearity not in ("tanh", "relu"):
@@ -179,6 +200,9 @@ class LSTMCell(NotScriptable, torch.nn.LSTMCell):
     """``torch.nn.LSTMCell`` on gpu-nn's kernels."""
 
     def forward(self, input, hx=None):
+        traced = _traced_whole(self, input, hx)
+        if traced is not None:
+            return traced
         _check_cell_dims("LSTMCell", input, list(enumerate(hx)) if hx is not None else [])
         if hx is not None and input.dim() == 1:
             # torch indexes the state of an unbatched input, whatever it is (a [2, H] tensor works)
@@ -190,5 +214,8 @@ class GRUCell(NotScriptable, torch.nn.GRUCell):
     """``torch.nn.GRUCell`` on gpu-nn's kernels."""
 
     def forward(self, input, hx=None):
+        traced = _traced_whole(self, input, hx)
+        if traced is not None:
+            return traced
         _check_cell_dims("GRUCell", input, [(None, hx)])
         return ops.gru_cell(input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
