@@ -209,6 +209,29 @@ def test_torch_func_reverse_mode_transforms(fam, case):
             torch.testing.assert_close(torch.func.vmap(call)(torch.stack([x, 2 * x])), torch.stack([call(x), call(2 * x)]))
 
 
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+def test_torch_func_grad_past_a_sequence_layer_it_does_not_differentiate(mode):
+    """torch.func.grad of a head (a Linear) over a recurrent layer's output, the layer outside
+    what is differentiated (its zero state made inside the transform, wrapped but tracking no
+    gradient): torch's gradient. It raised the recurrent layers' NotImplementedError, meant for
+    a gradient through them, which still comes where the transform does go through them."""
+    from torch.func import functional_call, grad
+
+    got = []
+    for lib in (torch.nn, gpu_nn.nn):
+        torch.manual_seed(0)
+        rnn, head = getattr(lib, mode)(3, 4), lib.Linear(4, 2)
+        x = torch.randn(5, 2, 3)
+        p = {k: v.detach() for k, v in head.named_parameters()}
+        with gpu_nn.backend("reference"):
+            got.append(grad(lambda p: functional_call(head, p, (rnn(x)[0].detach(),)).square().sum())(p))
+            if lib is gpu_nn.nn:
+                with pytest.raises(NotImplementedError, match="recurrent sequence layers"):
+                    grad(lambda x: rnn(x)[0].sum())(x)
+    for k in got[0]:
+        torch.testing.assert_close(got[1][k], got[0][k])
+
+
 @pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
 def test_per_sample_gradients_and_grad_of_grad(backend, device):
     """The torch.func patterns of per-sample gradients (vmap of grad with functional_call over a

@@ -463,6 +463,18 @@ def _eager_ok(args) -> bool:
     )
 
 
+def _any_tracked(args, kwargs) -> bool:
+    """Whether a torch.func transform tracks a gradient through any tensor argument (the
+    entries of a list argument included: a wrapped tensor that requires grad): a call with none
+    (a layer before the part that is differentiated, its zero state made inside the transform)
+    runs as the transform's other ops do, with no gradient of its own to give."""
+    for a in (*args, *kwargs.values()):
+        for t in (a if isinstance(a, (list, tuple)) else (a,)):
+            if isinstance(t, torch.Tensor) and t.requires_grad and _functorch.is_functorch_wrapped_tensor(t):
+                return True
+    return False
+
+
 class Routed:
     """A ``torch.library.custom_op`` with an eager route around its dispatcher machinery.
 
@@ -549,7 +561,7 @@ class Routed:
                     _refuse_tangents(self._overload._schema.name, args, kwargs, _functorch.is_functorch_wrapped_tensor)
                 elif (_GRAD in keys or _VMAP in keys) and _FUNCTIONALIZE not in keys:
                     if self._tensorlist:
-                        if _GRAD in keys:
+                        if _GRAD in keys and _any_tracked(args, kwargs):
                             # autograd.Function tracks no tensor inside a list argument (the
                             # weights): its gradients would be silently missing
                             raise NotImplementedError(
