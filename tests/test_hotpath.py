@@ -228,6 +228,9 @@ def test_torch_func_grad_past_a_sequence_layer_it_does_not_differentiate(mode):
             if lib is gpu_nn.nn:
                 with pytest.raises(NotImplementedError, match="recurrent sequence layers"):
                     grad(lambda x: rnn(x)[0].sum())(x)
+                # grad of grad whose outer level alone goes through the layer: refused too
+                with pytest.raises(NotImplementedError, match="recurrent sequence layers"):
+                    grad(lambda x: grad(lambda y: rnn(x)[0].sum() * y ** 2)(torch.tensor(2.0)))(x)
     for k in got[0]:
         torch.testing.assert_close(got[1][k], got[0][k])
 

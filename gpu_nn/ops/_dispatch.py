@@ -470,8 +470,11 @@ def _any_tracked(args, kwargs) -> bool:
     runs as the transform's other ops do, with no gradient of its own to give."""
     for a in (*args, *kwargs.values()):
         for t in (a if isinstance(a, (list, tuple)) else (a,)):
-            if isinstance(t, torch.Tensor) and t.requires_grad and _functorch.is_functorch_wrapped_tensor(t):
-                return True
+            # every level of wrapping (grad of grad: the outer level's tracking is under the inner's)
+            while isinstance(t, torch.Tensor) and _functorch.is_functorch_wrapped_tensor(t):
+                if t.requires_grad:
+                    return True
+                t = _functorch.get_unwrapped(t)
     return False
 
 
