@@ -448,6 +448,24 @@ def test_env_var_is_every_threads_default(monkeypatch):
     assert got == ["reference"]
 
 
+def _run_threads(targets, switch_interval: float, timeout: float = 120) -> None:
+    """Start a thread per (function, args) and join them all, with the interpreter switching
+    threads every ``switch_interval`` seconds meanwhile (so that state shared between threads
+    gets interleaved); the interval is put back after."""
+    import sys
+
+    ts = [threading.Thread(target=fn, args=args) for fn, args in targets]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(switch_interval)
+    try:
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(timeout)
+    finally:
+        sys.setswitchinterval(interval)
+
+
 def _model_step(seed):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(3, 2, 9, 9, generator=g, requires_grad=True)
@@ -465,8 +483,6 @@ def test_eight_threads_bitwise_equal_one_thread():
     """Eight threads, each in its own backend block, training-step results bitwise equal to one
     thread's; the interpreter switches threads every few microseconds so that any state shared
     between threads (a scratch buffer, a cache, the backend choice) gets interleaved."""
-    import sys
-
     want = [_model_step(s) for s in range(8)]
     got, errors = {}, []
     start = threading.Barrier(8)
@@ -480,16 +496,7 @@ def test_eight_threads_bitwise_equal_one_thread():
         except Exception as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
-    ts = [threading.Thread(target=work, args=(s,)) for s in range(8)]
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    try:
-        for t in ts:
-            t.start()
-        for t in ts:
-            t.join(60)
-    finally:
-        sys.setswitchinterval(interval)
+    _run_threads([(work, (s,)) for s in range(8)], 1e-6, 60)
     assert not errors, errors
     for s in range(8):
         assert all(torch.equal(a, b) for a, b in zip(got[s], want[s])), s
@@ -501,8 +508,6 @@ def test_threads_backward_over_one_shared_graph(module):
     allows: every gradient equal to one thread's, no error, and the graph still sound after.
     The sequence ops' spread list arguments once swapped the shared ctx's needs_input_grad
     during a backward (IndexError in about half the calls, and a graph left broken for good)."""
-    import sys
-
     torch.manual_seed(0)
     m = getattr(gpu_nn.nn, module)(3, 4, num_layers=2)
     x = torch.randn(5, 2, 3, requires_grad=True)
@@ -522,16 +527,7 @@ def test_threads_backward_over_one_shared_graph(module):
             except Exception as exc:  # noqa: BLE001 - reported below
                 errors.append(repr(exc))
 
-    ts = [threading.Thread(target=work) for _ in range(2)]
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    try:
-        for t in ts:
-            t.start()
-        for t in ts:
-            t.join(120)
-    finally:
-        sys.setswitchinterval(interval)
+    _run_threads([(work, ()), (work, ())], 1e-6)
     assert not errors and not wrong, (errors[:2], wrong[:5])
     assert all(torch.equal(a, b) for a, b in zip(torch.autograd.grad(loss, wrt), want))
 
@@ -542,8 +538,6 @@ def test_triton_launches_from_two_threads_at_once():
     programs each), every result right. Under the interpreter its one process-wide builder and
     language patch made concurrent launches raise (13 of 60 in an audit's run) until launches
     took turns (kernels/triton/_compat.py)."""
-    import sys
-
     dev = DEVICE["triton"]
     x = torch.randn(64, 1024, device=dev)
     want = {"relu": torch.relu(x), "sigmoid": torch.sigmoid(x)}
@@ -561,16 +555,7 @@ def test_triton_launches_from_two_threads_at_once():
             except Exception as exc:  # noqa: BLE001 - reported below
                 bad.append(repr(exc)[:200])
 
-    ts = [threading.Thread(target=work, args=(n,)) for n in want]
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-5)
-    try:
-        for t in ts:
-            t.start()
-        for t in ts:
-            t.join(120)
-    finally:
-        sys.setswitchinterval(interval)
+    _run_threads([(work, (n,)) for n in want], 1e-5)
     assert not bad, bad[:3]
 
 
