@@ -178,9 +178,8 @@ def test_torch_func_reverse_mode_transforms(fam, case):
     """torch.func.vjp (what grad and jacrev build on), vmap over its pullback (jacrev's way,
     per-cotangent) and vmap of the op itself give what autograd gives for every op (torch's
     custom ops refuse them all: their generated autograd.Function has no separate
-    setup_context); the recurrent sequence ops, whose weights travel in a list that an
-    autograd.Function does not track, raise NotImplementedError instead of leaving the weights'
-    gradients out."""
+    setup_context); the recurrent sequence ops too, their weight lists spread into the
+    Function's own inputs."""
     rng = np.random.default_rng(11)
     args, kwargs = case.make(rng)
     args, kwargs = check._convert((args, kwargs), torch.float64, "cpu")
@@ -196,11 +195,7 @@ def test_torch_func_reverse_mode_transforms(fam, case):
         g = torch.from_numpy(rng.standard_normal(tuple(y.shape)))
         (want,) = torch.autograd.grad(y, xr, g, allow_unused=True)
         want = torch.zeros_like(x) if want is None else want
-        try:
-            out, pull = torch.func.vjp(call, x)
-        except NotImplementedError as e:
-            assert "recurrent sequence layers" in str(e) and fam == "rnn", str(e)
-            return
+        out, pull = torch.func.vjp(call, x)
         torch.testing.assert_close(out, y.detach())
         torch.testing.assert_close(pull(g)[0], want)
         (both,) = torch.func.vmap(pull)(torch.stack([g, -2 * g]))
@@ -210,29 +205,36 @@ def test_torch_func_reverse_mode_transforms(fam, case):
 
 
 @pytest.mark.parametrize("mode", ["LSTM", "GRU"])
-def test_torch_func_grad_past_a_sequence_layer_it_does_not_differentiate(mode):
-    """torch.func.grad of a head (a Linear) over a recurrent layer's output, the layer outside
-    what is differentiated (its zero state made inside the transform, wrapped but tracking no
-    gradient): torch's gradient. It raised the recurrent layers' NotImplementedError, meant for
-    a gradient through them, which still comes where the transform does go through them."""
-    from torch.func import functional_call, grad
+def test_torch_func_through_sequence_layers(mode):
+    """torch.func over our recurrent sequence layers, whose weights travel in a list (spread
+    into the transforms' Function's own inputs): grad of a head past the layer, grad through its
+    input, per-sample gradients of its weights (vmap of grad over functional_call: what a loop
+    of autograd gives; torch's own layers fail there) and grad of grad (torch's value). These
+    raised NotImplementedError, the head's case too."""
+    from torch.func import functional_call, grad, vmap
 
-    got = []
-    for lib in (torch.nn, gpu_nn.nn):
-        torch.manual_seed(0)
-        rnn, head = getattr(lib, mode)(3, 4), lib.Linear(4, 2)
-        x = torch.randn(5, 2, 3)
-        p = {k: v.detach() for k, v in head.named_parameters()}
-        with gpu_nn.backend("reference"):
-            got.append(grad(lambda p: functional_call(head, p, (rnn(x)[0].detach(),)).square().sum())(p))
-            if lib is gpu_nn.nn:
-                with pytest.raises(NotImplementedError, match="recurrent sequence layers"):
-                    grad(lambda x: rnn(x)[0].sum())(x)
-                # grad of grad whose outer level alone goes through the layer: refused too
-                with pytest.raises(NotImplementedError, match="recurrent sequence layers"):
-                    grad(lambda x: grad(lambda y: rnn(x)[0].sum() * y ** 2)(torch.tensor(2.0)))(x)
-    for k in got[0]:
-        torch.testing.assert_close(got[1][k], got[0][k])
+    torch.manual_seed(0)
+    theirs = getattr(torch.nn, mode)(3, 4, num_layers=2).double()
+    ours = getattr(gpu_nn.nn, mode)(3, 4, num_layers=2).double()
+    ours.load_state_dict(theirs.state_dict())
+    head = torch.nn.Linear(4, 2).double()
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    hp = {k: v.detach() for k, v in head.named_parameters()}
+    with gpu_nn.backend("reference"):
+        for fn in (lambda m: grad(lambda p: functional_call(head, p, (m(x)[0],)).square().sum())(hp),
+                   lambda m: grad(lambda x: m(x)[0].square().sum())(x),
+                   lambda m: grad(lambda x: grad(lambda x: m(x)[0].square().sum())(x).sin().sum())(x)):
+            want, got = fn(theirs), fn(ours)
+            for a, b in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want)):
+                torch.testing.assert_close(a, b)
+        params = {k: v.detach() for k, v in ours.named_parameters()}
+        per = vmap(grad(lambda p, xi: functional_call(ours, p, (xi.unsqueeze(1),))[0].square().sum()),
+                   in_dims=(None, 1))(params, x)
+        for b in range(x.shape[1]):
+            ours.zero_grad()
+            ours(x[:, b:b + 1])[0].square().sum().backward()
+            for k, v in ours.named_parameters():
+                torch.testing.assert_close(per[k][b], v.grad)
 
 
 @pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))

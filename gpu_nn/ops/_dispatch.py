@@ -363,6 +363,33 @@ class _ListMeta:
         self.input_spec, self.output_spec, self.is_tuple = input_spec, None, None
 
 
+def _spread_backward(ctx, grads, orig_backward):
+    """The backward of a Function whose list arguments and results were spread (``ctx._gn_meta``
+    the spread's :class:`_ListMeta`): ``orig_backward`` (the op's own) on the unspread gradients
+    and a view of ``ctx`` with the unspread ``needs_input_grad``; its gradients spread back, with
+    None for the spec argument."""
+    meta = ctx._gn_meta
+    grads = _unflatten(grads, meta.output_spec)
+    needs = tuple(_unflatten(ctx.needs_input_grad[:-1], meta.input_spec))
+    grad_inputs = orig_backward(_NeedsView(ctx, needs), *grads)
+    if type(grad_inputs) is not tuple:
+        grad_inputs = (grad_inputs,)
+    if len(grad_inputs) != len(meta.input_spec):
+        raise RuntimeError("Expected the return from backward to be of the same structure as the inputs")
+    flat = []
+    for g, s in zip(grad_inputs, meta.input_spec):
+        if s is None:
+            flat.append(g)
+        elif g is None:
+            flat.extend([None] * s[1])
+        elif type(g) in (list, tuple) and len(g) == s[1]:
+            flat.extend(g)
+        else:
+            raise RuntimeError(f"Expected the return from backward to be of the same structure as the inputs: "
+                               f"a list of {s[1]} gradients, got {type(g).__name__}")
+    return (*flat, None)
+
+
 def _lean_tensorlist(cls, fallback):
     """``torch._library.autograd.supports_tensorlist`` for our ops' argument shapes, without
     its pytree walks (a fwd+bwd with a 16-tensor list: 250-307 -> 168-176 us of host time on a
@@ -385,26 +412,7 @@ def _lean_tensorlist(cls, fallback):
         return tuple(flat)
 
     def backward(ctx, *grads):
-        meta = ctx._gn_meta
-        grads = _unflatten(grads, meta.output_spec)
-        needs = tuple(_unflatten(ctx.needs_input_grad[:-1], meta.input_spec))
-        grad_inputs = orig_backward(_NeedsView(ctx, needs), *grads)
-        if type(grad_inputs) is not tuple:
-            grad_inputs = (grad_inputs,)
-        if len(grad_inputs) != len(meta.input_spec):
-            raise RuntimeError("Expected the return from backward to be of the same structure as the inputs")
-        flat = []
-        for g, s in zip(grad_inputs, meta.input_spec):
-            if s is None:
-                flat.append(g)
-            elif g is None:
-                flat.extend([None] * s[1])
-            elif type(g) in (list, tuple) and len(g) == s[1]:
-                flat.extend(g)
-            else:
-                raise RuntimeError(f"Expected the return from backward to be of the same structure as the inputs: "
-                                   f"a list of {s[1]} gradients, got {type(g).__name__}")
-        return (*flat, None)
+        return _spread_backward(ctx, grads, orig_backward)
 
     def apply(*args):
         flat, spec = _flatten(args)
@@ -507,13 +515,13 @@ class Routed:
         self._tensorlist = any(isinstance(a.type, torch.ListType) and "Tensor" in str(a.type) for a in schema.arguments)
         self._function = None
         self._c_apply = None
-        self._func_function = None
+        self._func_function = self._func_spread = None
         self._pair = None
         self.__doc__ = getattr(op, "__doc__", None)
 
     def __getattr__(self, name):
         if name.startswith("__") or name in ("_op", "_overload", "_impl", "_function", "_c_apply", "_func_function",
-                                             "_pair"):
+                                             "_func_spread", "_pair"):
             raise AttributeError(name)  # copy/pickle probe instances before __init__: no recursion
         return getattr(self._op, name)
 
@@ -521,7 +529,7 @@ class Routed:
         setup, bwd = _backend.autograd_pair(setup_context or (lambda ctx, inputs, output: None), backward)
         self._op.register_autograd(bwd, setup_context=setup)
         self._pair = (setup, bwd)
-        self._func_function = None
+        self._func_function = self._func_spread = None
         impl = self._impl
 
         def forward(ctx, *args):
@@ -566,11 +574,13 @@ class Routed:
                     if self._tensorlist:
                         if _GRAD in keys and _any_tracked(args, kwargs):
                             # autograd.Function tracks no tensor inside a list argument (the
-                            # weights): its gradients would be silently missing
+                            # weights): the lists spread into its own inputs
+                            if not kwargs and len(args) == self._nargs and self._pair is not None:
+                                return self._functorch_list_apply(args)
                             raise NotImplementedError(
-                                f"{self._overload._schema.name}: torch.func's grad / vjp / jacrev over gpu-nn's "
-                                "recurrent sequence layers (nn.RNN / LSTM / GRU and their functions) are not "
-                                "supported; use torch.autograd.grad, or the cells (nn.LSTMCell, ...) in a loop")
+                                f"{self._overload._schema.name}: under torch.func's grad / vjp / jacrev an op with "
+                                "list arguments is called with its arguments positionally (as gpu-nn's functions "
+                                "and modules call it)")
                     elif not kwargs and len(args) == self._nargs and self._pair is not None:
                         return self._functorch_function().apply(*args)
             return self._overload(*args, **kwargs)
@@ -583,12 +593,27 @@ class Routed:
                     return self._eager(args)
         return self._eager(args)
 
-    def _functorch_function(self):
+    def _functorch_list_apply(self, args):
+        """:meth:`_functorch_function` for an op with list arguments (the recurrent sequence
+        ops' weights): each list spread into the Function's own inputs, as the eager route's
+        :func:`_lean_tensorlist` spreads them, so that torch.func tracks every weight; the
+        results gathered back into the op's structure."""
+        flat, spec = _flatten(args)
+        if flat is None:
+            raise NotImplementedError(f"{self._overload._schema.name}: a list argument mixing tensors with other "
+                                      "values under torch.func's grad")
+        meta = _ListMeta(spec)
+        result = _unflatten(self._functorch_function(spread=True).apply(*flat, meta), meta.output_spec)
+        return tuple(result) if meta.is_tuple else result[0]
+
+    def _functorch_function(self, spread: bool = False):
         """The op as an ``autograd.Function`` that torch.func's reverse-mode transforms (grad,
         vjp, jacrev, and vmap over them: per-sample gradients) accept, which the custom op's own
         generated Function is not (its setup_context runs inside forward): the same
         ``setup_context`` / ``backward`` pair, a separate ``setup_context``, and a ``vmap`` rule
         that runs the op once per batch element (our kernels take no batch dimension of vmap's)."""
+        if spread:
+            return self._func_spread or self._spread_functorch_function(*self._pair)
         fn = self._func_function
         if fn is not None:
             return fn
@@ -609,6 +634,39 @@ class Routed:
             "vmap": staticmethod(vmap),
         })
         self._func_function = cls
+        return cls
+
+    def _spread_functorch_function(self, setup, bwd):
+        """The transforms' Function of a list op, its lists spread (see
+        :meth:`_functorch_list_apply`; the last input is the spread's :class:`_ListMeta`)."""
+        overload = self._overload
+
+        def forward(*flat):
+            meta = flat[-1]
+            result = overload(*_unflatten(flat[:-1], meta.input_spec))
+            meta.is_tuple = type(result) is tuple
+            out, meta.output_spec = _flatten(result if meta.is_tuple else (result,))
+            return tuple(out)
+
+        def setup_context(ctx, inputs, output):
+            meta = inputs[-1]
+            ctx._gn_meta = meta
+            res = _unflatten(output, meta.output_spec)
+            setup(ctx, tuple(_unflatten(inputs[:-1], meta.input_spec)), tuple(res) if meta.is_tuple else res[0])
+
+        def backward(ctx, *grads):
+            return _spread_backward(ctx, grads, bwd)
+
+        def unspread(*flat):  # the op on meta tensors for an empty vmap batch
+            return forward(*flat)
+
+        def vmap(info, in_dims, *args):
+            return _looped(cls.apply, info.batch_size, in_dims, args, unspread)
+
+        cls = type(f"Func_{self._op._name}_spread", (torch.autograd.Function,), {
+            "forward": staticmethod(forward), "setup_context": staticmethod(setup_context),
+            "backward": staticmethod(backward), "vmap": staticmethod(vmap)})
+        self._func_spread = cls
         return cls
 
     def _eager(self, args):

@@ -1365,6 +1365,13 @@ def _seq_compose(mode, num_layers, bidirectional, has_biases, lengths, masks, in
     return out, torch.stack(hns), (torch.stack(cns) if mode == "lstm" else None)
 
 
+def _unwrapped(t):
+    """``t`` without torch.func's wrappers (None stays None)."""
+    while t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t):
+        t = torch._C._functorch.get_unwrapped(t)
+    return t
+
+
 def _seq_backward_differentiable(ctx, g_out, g_hn, g_cn, input, hx, cx, weights, lengths, masks):
     mode, num_layers, bidirectional, has_biases = ctx.args
     has_cx = ctx.has_cx and mode == "lstm"
@@ -1373,15 +1380,40 @@ def _seq_backward_differentiable(ctx, g_out, g_hn, g_cn, input, hx, cx, weights,
     from ._autograd import leaf
 
     full = list(prims)
+    if torch._C._are_functorch_transforms_active():
+        # under torch.func's grad / vjp (which run every backward differentiably) autograd.grad
+        # and fresh leaves are not allowed: the same recomputation through torch.func.vjp, which
+        # nests with the transform's levels (grad of grad)
+        # the results with a gradient coming (c_n: an LSTM's alone)
+        keep = [k for k, g in enumerate((g_out, g_hn, g_cn)) if g is not None and (k < 2 or mode == "lstm")]
+
+        def compose(*ws):
+            for i, t in zip(wrt, ws):
+                full[i] = t
+            outs = _seq_compose(mode, num_layers, bidirectional, has_biases, lengths, masks, full[0], full[1],
+                                full[2] if has_cx else (cx if mode == "lstm" else None), *full[3:])
+            return tuple(outs[k] for k in keep)
+
+        _, pull = torch.func.vjp(compose, *(prims[i] for i in wrt))
+        grads = pull(tuple((g_out, g_hn, g_cn)[k] for k in keep))
+    else:
+        grads = None
+        if any(p is not None and torch._C._functorch.is_functorch_wrapped_tensor(p) for p in prims):
+            # a torch.func.vjp's pullback called after its transform ended: what the forward
+            # saved are that finished level's wrappers; the tensors inside them, differentiated
+            # afresh (no transform is left to differentiate the result again)
+            prims = [_unwrapped(p) for p in prims]
+            full = list(prims)
     with torch.enable_grad():
-        leaves = [leaf(prims[i], True) for i in wrt]
+        leaves = [] if grads is not None else [leaf(prims[i], True) for i in wrt]
         for i, t in zip(wrt, leaves):
             full[i] = t
-        out, hn, cn = _seq_compose(mode, num_layers, bidirectional, has_biases, lengths, masks, full[0], full[1],
-                                   full[2] if has_cx else (cx if mode == "lstm" else None), *full[3:])
-        pairs = [(o, g) for o, g in ((out, g_out), (hn, g_hn), (cn, g_cn)) if o is not None and g is not None]
-        grads = torch.autograd.grad([o for o, _ in pairs], leaves, [g for _, g in pairs], create_graph=True,
-                                    allow_unused=True)
+        if grads is None:
+            out, hn, cn = _seq_compose(mode, num_layers, bidirectional, has_biases, lengths, masks, full[0], full[1],
+                                       full[2] if has_cx else (cx if mode == "lstm" else None), *full[3:])
+            pairs = [(o, g) for o, g in ((out, g_out), (hn, g_hn), (cn, g_cn)) if o is not None and g is not None]
+            grads = torch.autograd.grad([o for o, _ in pairs], leaves, [g for _, g in pairs], create_graph=True,
+                                        allow_unused=True)
     res = [None] * len(prims)
     for i, g in zip(wrt, grads):
         res[i] = g if g is not None else torch.zeros_like(prims[i])
