@@ -240,34 +240,22 @@ def _in_place_forward(x: Tensor, activation: str) -> Tensor:
 
 
 def _in_place_setup(ctx, inputs, output):
-    ctx.activation = inputs[1]
     ctx.mark_dirty(inputs[0])
-    ctx.save_for_backward(output)
+    _setup_context(ctx, inputs, output)  # the out-of-place op's: the activation, the output saved
 
 
 class _ActivationInPlace(torch.autograd.Function):
     """``relu(x, inplace=True)`` where autograd records it (a training ``ReLU(inplace=True)``,
     every one of a converted torchvision ResNet): ``x`` changed in place and marked dirty, the
     node saving the output (``x`` itself) for the backward, as torch's ``relu_`` and its
-    ``threshold_backward``. The out-of-place op and ``x.copy_(out)`` it replaces cost a copy
-    forward and, backward, ``copy_``'s zero gradient for the overwritten ``x`` and its addition
-    to the real one: three memory passes more than torch's. Plain eager calls only (``_apply``);
-    a trace or mode keeps the custom op and the copy."""
+    ``threshold_backward``; the backward is the out-of-place op's. The out-of-place op and
+    ``x.copy_(out)`` it replaces cost a copy forward and, backward, ``copy_``'s zero gradient for
+    the overwritten ``x`` and its addition to the real one: three memory passes more than
+    torch's. Plain eager calls only (``_apply``); a trace or mode keeps the custom op and the
+    copy."""
 
-    @staticmethod
-    def forward(x, activation):
-        return _in_place_forward(x, activation)
-
-    setup_context = staticmethod(_in_place_setup)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (out,) = ctx.saved_tensors
-        return _activation_backward_op(grad, out, ctx.activation), None
-
-
-_ActivationInPlace.setup_context, _ActivationInPlace.backward = map(
-    staticmethod, _backend.autograd_pair(_in_place_setup, _ActivationInPlace.backward))
+    forward = staticmethod(_in_place_forward)
+    setup_context, backward = map(staticmethod, _backend.autograd_pair(_in_place_setup, _backward))
 
 
 def relu(input: Tensor, inplace: bool = False) -> Tensor:
