@@ -17,6 +17,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from .._errors import KernelInputError, KernelInputIndexError
 from ..ops import rnn as ops
+from ..ops._dispatch import autocast_on
 from ._jit import NotScriptable
 
 __all__ = ["GRU", "GRUCell", "LSTM", "LSTMCell", "RNN", "RNNCell"]
@@ -58,6 +59,9 @@ class _SeqMixin:
     """``forward`` of RNN / LSTM / GRU on our ops; mirrors ``torch.nn.LSTM.forward`` step by step."""
 
     def _gn_forward(self, input, hx):
+        traced = _traced_whole(self, input, hx)
+        if traced is not None:
+            return traced
         mode = _MODES[self.mode]
         is_lstm = mode == "lstm"
         name = type(self).__name__
@@ -109,10 +113,7 @@ class _SeqMixin:
             W = getattr(self, "proj_size", 0) or H
             z = torch.zeros(self.num_layers * D, B, W, dtype=x.dtype, device=x.device)
             hx = (z, torch.zeros(self.num_layers * D, B, H, dtype=x.dtype, device=x.device)) if is_lstm else z
-        # (autocast knows cpu and cuda alone: asked about another device type, "meta" for a model's
-        # shapes, torch raises "unknown device type for autocast")
-        autocast = x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type)
-        for h in (() if autocast else hx if is_lstm else (hx,)):
+        for h in (() if autocast_on(x.device.type) else hx if is_lstm else (hx,)):
             # (in an autocast region torch's layers take a state of another dtype: cast as theirs)
             if h.dtype != x.dtype:
                 raise KernelInputError(
@@ -153,24 +154,21 @@ class RNN(NotScriptable, _SeqMixin, torch.nn.RNN):
     """``torch.nn.RNN`` (tanh or relu) on gpu-nn's kernels."""
 
     def forward(self, input, hx=None):
-        traced = _traced_whole(self, input, hx)
-        return self._gn_forward(input, hx) if traced is None else traced
+        return self._gn_forward(input, hx)
 
 
 class LSTM(NotScriptable, _SeqMixin, torch.nn.LSTM):
     """``torch.nn.LSTM`` on gpu-nn's kernels (gate order i, f, g, o), ``proj_size`` included."""
 
     def forward(self, input, hx=None):
-        traced = _traced_whole(self, input, hx)
-        return self._gn_forward(input, hx) if traced is None else traced
+        return self._gn_forward(input, hx)
 
 
 class GRU(NotScriptable, _SeqMixin, torch.nn.GRU):
     """``torch.nn.GRU`` on gpu-nn's kernels (torch's formula for n)."""
 
     def forward(self, input, hx=None):
-        traced = _traced_whole(self, input, hx)
-        return self._gn_forward(input, hx) if traced is None else traced
+        return self._gn_forward(input, hx)
 
 
 def _check_cell_dims(name, input, hs):

@@ -245,6 +245,12 @@ def same_dense_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
 _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None)
 
 
+def autocast_on(device_type: str) -> bool:
+    """Whether an autocast region is open for ``device_type``: torch's autocast knows cpu and
+    cuda here, and raises ("unknown device type for autocast") for another (meta)."""
+    return device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type)
+
+
 def autocast_inputs(policy: str, *tensors, cpu: str | None = None, state=None):
     """Apply torch's autocast rule to an op's inputs, as torch's own ops get it.
 
@@ -265,7 +271,7 @@ def autocast_inputs(policy: str, *tensors, cpu: str | None = None, state=None):
     if first is None:
         return tensors
     dev = first.device.type
-    if dev not in ("cuda", "cpu") or not torch.is_autocast_enabled(dev):
+    if not autocast_on(dev):
         return tensors
     if dev == "cpu" and cpu is not None:
         policy = cpu
