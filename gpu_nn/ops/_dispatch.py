@@ -363,10 +363,31 @@ class _NeedsView:
 
 
 class _ListMeta:
+    """How a call's list arguments and results were spread one level deep into a Function's own
+    inputs and outputs (the spread inputs end with this object): :meth:`inputs` and
+    :meth:`spread_result` on the Function's side, :meth:`gathered` on the caller's."""
+
     __slots__ = ("input_spec", "output_spec", "is_tuple")
 
     def __init__(self, input_spec):
         self.input_spec, self.output_spec, self.is_tuple = input_spec, None, None
+
+    def inputs(self, flat) -> list:
+        """The op's arguments from the spread inputs (this object last among them)."""
+        return _unflatten(flat[:-1], self.input_spec)
+
+    def spread_result(self, result) -> tuple:
+        """The op's result spread into the Function's outputs, its structure noted here."""
+        self.is_tuple = type(result) is tuple
+        flat, self.output_spec = _flatten(result if self.is_tuple else (result,))
+        if flat is None:
+            raise RuntimeError("gpu_nn: a custom op returned a list mixing tensors with other values")
+        return tuple(flat)
+
+    def gathered(self, flat):
+        """The Function's outputs back in the op's result structure."""
+        result = _unflatten(flat, self.output_spec)
+        return tuple(result) if self.is_tuple else result[0]
 
 
 def _spread_backward(ctx, grads, orig_backward):
@@ -407,15 +428,8 @@ def _lean_tensorlist(cls, fallback):
     orig_forward, orig_backward, orig_apply = cls.forward, cls.backward, cls.apply
 
     def forward(ctx, *args):
-        meta = args[-1]
-        result = orig_forward(ctx, *_unflatten(args[:-1], meta.input_spec))
-        meta.is_tuple = type(result) is tuple
-        flat, spec = _flatten(result if meta.is_tuple else (result,))
-        if flat is None:
-            raise RuntimeError("gpu_nn: a custom op returned a list mixing tensors with other values")
-        meta.output_spec = spec
-        ctx._gn_meta = meta
-        return tuple(flat)
+        meta = ctx._gn_meta = args[-1]
+        return meta.spread_result(orig_forward(ctx, *meta.inputs(args)))
 
     def backward(ctx, *grads):
         return _spread_backward(ctx, grads, orig_backward)
@@ -425,8 +439,7 @@ def _lean_tensorlist(cls, fallback):
         if flat is None:
             return fallback.apply(*args)
         meta = _ListMeta(spec)
-        result = _unflatten(orig_apply(*flat, meta), meta.output_spec)
-        return tuple(result) if meta.is_tuple else result[0]
+        return meta.gathered(orig_apply(*flat, meta))
 
     cls.forward = staticmethod(forward)
     cls.backward = staticmethod(backward)
@@ -609,17 +622,14 @@ class Routed:
             raise NotImplementedError(f"{self._overload._schema.name}: a list argument mixing tensors with other "
                                       "values under torch.func's grad")
         meta = _ListMeta(spec)
-        result = _unflatten(self._functorch_function(spread=True).apply(*flat, meta), meta.output_spec)
-        return tuple(result) if meta.is_tuple else result[0]
+        return meta.gathered((self._func_spread or self._spread_functorch_function(*self._pair)).apply(*flat, meta))
 
-    def _functorch_function(self, spread: bool = False):
+    def _functorch_function(self):
         """The op as an ``autograd.Function`` that torch.func's reverse-mode transforms (grad,
         vjp, jacrev, and vmap over them: per-sample gradients) accept, which the custom op's own
         generated Function is not (its setup_context runs inside forward): the same
         ``setup_context`` / ``backward`` pair, a separate ``setup_context``, and a ``vmap`` rule
         that runs the op once per batch element (our kernels take no batch dimension of vmap's)."""
-        if spread:
-            return self._func_spread or self._spread_functorch_function(*self._pair)
         fn = self._func_function
         if fn is not None:
             return fn
@@ -649,25 +659,17 @@ class Routed:
 
         def forward(*flat):
             meta = flat[-1]
-            result = overload(*_unflatten(flat[:-1], meta.input_spec))
-            meta.is_tuple = type(result) is tuple
-            out, meta.output_spec = _flatten(result if meta.is_tuple else (result,))
-            return tuple(out)
+            return meta.spread_result(overload(*meta.inputs(flat)))
 
         def setup_context(ctx, inputs, output):
-            meta = inputs[-1]
-            ctx._gn_meta = meta
-            res = _unflatten(output, meta.output_spec)
-            setup(ctx, tuple(_unflatten(inputs[:-1], meta.input_spec)), tuple(res) if meta.is_tuple else res[0])
+            meta = ctx._gn_meta = inputs[-1]
+            setup(ctx, tuple(meta.inputs(inputs)), meta.gathered(output))
 
         def backward(ctx, *grads):
             return _spread_backward(ctx, grads, bwd)
 
-        def unspread(*flat):  # the op on meta tensors for an empty vmap batch
-            return forward(*flat)
-
-        def vmap(info, in_dims, *args):
-            return _looped(cls.apply, info.batch_size, in_dims, args, unspread)
+        def vmap(info, in_dims, *args):  # (forward itself runs the op on meta tensors for an empty batch)
+            return _looped(cls.apply, info.batch_size, in_dims, args, forward)
 
         cls = type(f"Func_{self._op._name}_spread", (torch.autograd.Function,), {
             "forward": staticmethod(forward), "setup_context": staticmethod(setup_context),
