@@ -1379,41 +1379,33 @@ def _seq_backward_differentiable(ctx, g_out, g_hn, g_cn, input, hx, cx, weights,
     wrt = [i for i, p in enumerate(prims) if p is not None and ctx.needs_input_grad[min(i, 3)]]
     from ._autograd import leaf
 
+    transformed = torch._C._are_functorch_transforms_active()
+    if not transformed and any(p is not None and torch._C._functorch.is_functorch_wrapped_tensor(p) for p in prims):
+        # a torch.func.vjp's pullback called after its transform ended: what the forward saved
+        # are that finished level's wrappers; the tensors inside them, differentiated afresh (no
+        # transform is left to differentiate the result again)
+        prims = [_unwrapped(p) for p in prims]
     full = list(prims)
-    if torch._C._are_functorch_transforms_active():
+    # the results with a gradient coming (c_n: an LSTM's alone)
+    keep = [k for k, g in enumerate((g_out, g_hn, g_cn)) if g is not None and (k < 2 or mode == "lstm")]
+    cotangents = tuple((g_out, g_hn, g_cn)[k] for k in keep)
+
+    def compose(*ws):  # the kept results of the forward, recomputed from ws in place of prims[wrt]
+        for i, t in zip(wrt, ws):
+            full[i] = t
+        outs = _seq_compose(mode, num_layers, bidirectional, has_biases, lengths, masks, full[0], full[1],
+                            full[2] if has_cx else (cx if mode == "lstm" else None), *full[3:])
+        return tuple(outs[k] for k in keep)
+
+    if transformed:
         # under torch.func's grad / vjp (which run every backward differentiably) autograd.grad
         # and fresh leaves are not allowed: the same recomputation through torch.func.vjp, which
         # nests with the transform's levels (grad of grad)
-        # the results with a gradient coming (c_n: an LSTM's alone)
-        keep = [k for k, g in enumerate((g_out, g_hn, g_cn)) if g is not None and (k < 2 or mode == "lstm")]
-
-        def compose(*ws):
-            for i, t in zip(wrt, ws):
-                full[i] = t
-            outs = _seq_compose(mode, num_layers, bidirectional, has_biases, lengths, masks, full[0], full[1],
-                                full[2] if has_cx else (cx if mode == "lstm" else None), *full[3:])
-            return tuple(outs[k] for k in keep)
-
-        _, pull = torch.func.vjp(compose, *(prims[i] for i in wrt))
-        grads = pull(tuple((g_out, g_hn, g_cn)[k] for k in keep))
+        grads = torch.func.vjp(compose, *(prims[i] for i in wrt))[1](cotangents)
     else:
-        grads = None
-        if any(p is not None and torch._C._functorch.is_functorch_wrapped_tensor(p) for p in prims):
-            # a torch.func.vjp's pullback called after its transform ended: what the forward
-            # saved are that finished level's wrappers; the tensors inside them, differentiated
-            # afresh (no transform is left to differentiate the result again)
-            prims = [_unwrapped(p) for p in prims]
-            full = list(prims)
-    with torch.enable_grad():
-        leaves = [] if grads is not None else [leaf(prims[i], True) for i in wrt]
-        for i, t in zip(wrt, leaves):
-            full[i] = t
-        if grads is None:
-            out, hn, cn = _seq_compose(mode, num_layers, bidirectional, has_biases, lengths, masks, full[0], full[1],
-                                       full[2] if has_cx else (cx if mode == "lstm" else None), *full[3:])
-            pairs = [(o, g) for o, g in ((out, g_out), (hn, g_hn), (cn, g_cn)) if o is not None and g is not None]
-            grads = torch.autograd.grad([o for o, _ in pairs], leaves, [g for _, g in pairs], create_graph=True,
-                                        allow_unused=True)
+        with torch.enable_grad():
+            leaves = [leaf(prims[i], True) for i in wrt]
+            grads = torch.autograd.grad(compose(*leaves), leaves, cotangents, create_graph=True, allow_unused=True)
     res = [None] * len(prims)
     for i, g in zip(wrt, grads):
         res[i] = g if g is not None else torch.zeros_like(prims[i])
