@@ -122,18 +122,25 @@ def access_widths(sass: str, op: str) -> dict:
     return out
 
 
+def _source(kernel, signature: dict, constexprs: dict, divisible_by_16=()):
+    """Triton's ``ASTSource`` of one specialisation: the arguments in ``divisible_by_16``
+    compiled as multiples of 16, as the JIT specialises them."""
+    from triton.compiler import ASTSource
+
+    arg_names = getattr(kernel, "arg_names", None) or list(signature)
+    attrs = {(arg_names.index(a),): [["tt.divisibility", 16]] for a in divisible_by_16}
+    return ASTSource(fn=kernel, signature=dict(signature), constexprs=dict(constexprs), attrs=attrs)
+
+
 def compile_spec(spec: AotSpec, sass: bool = True) -> dict:
     """Compile one spec for sm_90; returns its resource usage (raises on a compile error); without
     ``sass`` no disassembly counts (see :func:`_resources`)."""
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("AOT compilation needs TRITON_INTERPRET unset (interpreted kernels cannot compile)")
-    arg_names = getattr(spec.kernel, "arg_names", None) or list(spec.signature)
-    attrs = {(arg_names.index(a),): [["tt.divisibility", 16]] for a in spec.divisible_by_16}
-    src = ASTSource(fn=spec.kernel, signature=dict(spec.signature), constexprs=dict(spec.constexprs), attrs=attrs)
+    src = _source(spec.kernel, spec.signature, spec.constexprs, spec.divisible_by_16)
     t0 = time.perf_counter()
     compiled = triton.compile(
         src,
@@ -202,14 +209,11 @@ def frontend(kernel, signature: dict, constexprs: dict, num_warps: int = 4, num_
     Triton's compile internals are not the ones read here (3.6-3.9), a full compile instead."""
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("the front end needs TRITON_INTERPRET unset (interpreted kernels cannot compile)")
     target = GPUTarget("cuda", 90, 32)
-    arg_names = getattr(kernel, "arg_names", None) or list(signature)
-    attrs = {(arg_names.index(a),): [["tt.divisibility", 16]] for a in divisible_by_16}
-    src = ASTSource(fn=kernel, signature=dict(signature), constexprs=dict(constexprs), attrs=attrs)
+    src = _source(kernel, signature, constexprs, divisible_by_16)
     opts = {"num_warps": num_warps, "num_stages": num_stages}
     try:
         from triton._C.libtriton import ir
