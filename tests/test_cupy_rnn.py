@@ -728,7 +728,7 @@ def test_cupy_loop_grid(B, H, sm, per_sm, cap, want):
     assert ops.cupy_loop_grid(B, H, sm, per_sm, cap) == want
 
 
-@pytest.mark.parametrize("mode", range(len(ref.MODES)))  # a test per cell (GN_MODE): xdist shares the compiles
+@pytest.mark.parametrize("mode", ref.MODES)  # a test per cell (GN_MODE): xdist's workers share the compiles
 def test_rnn_cu_compiles_in_every_loader_configuration(mode):
     """NVRTC for sm_90, every (GN_MODE, GN_ROUND, GN_MMA) the loader builds, the loop kernels without
     register spills (ptxas's report)."""
@@ -737,7 +737,7 @@ def test_rnn_cu_compiles_in_every_loader_configuration(mode):
     from gpu_nn.kernels import cuda as kcuda
 
     for rnd, mma in itertools.product(range(3), range(2)):
-        opts = ["-arch=sm_90", "-std=c++17", f"-I{kcuda.include_dir()}", f"-DGN_MODE={mode}", f"-DGN_ROUND={rnd}",
+        opts = ["-arch=sm_90", "-std=c++17", f"-I{kcuda.include_dir()}", f"-DGN_MODE={ref.MODES.index(mode)}", f"-DGN_ROUND={rnd}",
                 f"-DGN_MMA={mma}", "-ftz=true", "--ptxas-options=-v"]
         prog = nvrtc.createProgram(kcuda.source("rnn"), "rnn.cu", [], [])
         try:
@@ -757,7 +757,7 @@ def test_rnn_cu_compiles_in_every_loader_configuration(mode):
                 entries[cur] = line
         assert {"rnn_seq_fwd", "rnn_seq_bwd", "rnn_seq2_fwd", "rnn_seq2_bwd", "rnn_cell_fwd", "rnn_cell_bwd"} <= set(entries), log
         for name, line in entries.items():
-            assert " 0 bytes spill stores, 0 bytes spill loads" in line, f"GN_MODE={mode} GN_ROUND={rnd} GN_MMA={mma} {name}: {line}"
+            assert " 0 bytes spill stores, 0 bytes spill loads" in line, f"{mode} GN_ROUND={rnd} GN_MMA={mma} {name}: {line}"
 
 
 # ----------------------------------------------------------------------------------------------
