@@ -716,6 +716,61 @@ def test_cupy_loop_choice_rejects_bad_env():
         ops.cupy_loop_choice(4, 13, 0, "1")
 
 
+class _AtenCounter:
+    """Counts the aten ops a block runs (TorchDispatchMode), by overload packet name."""
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counts = self.counts = {}
+
+        class Spy(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                name = func.overloadpacket.__name__
+                counts[name] = counts.get(name, 0) + 1
+                return func(*args, **(kwargs or {}))
+
+        self._mode = Spy()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._mode.__exit__(*exc)
+
+
+@pytest.mark.parametrize("ydt", [torch.float32, torch.float16])
+@pytest.mark.parametrize("form", ["one", "shared", "two"])
+def test_cupy_colsum_writes_float32_bias_gradients_without_copies(form, ydt):
+    """The CuPy backend's bias-gradient column sums (pure torch: checked on the CPU): y = x.sum(0),
+    y2 = y (shared) or x2.sum(0) (two), a half y the float32 sum rounded once; a float32 y is the
+    reduction's own output (no copy_), y2 one copy of it where it shares y's sum."""
+    g = torch.Generator().manual_seed(3)
+    x, x2 = torch.randn(37, 23, generator=g), torch.randn(37, 23, generator=g)
+    y = torch.empty(23, dtype=ydt)
+    y2 = None if form == "one" else torch.empty(23, dtype=ydt)
+    with _AtenCounter() as spy:
+        ops._CupyImpl.colsum(x, y, y2, x2 if form == "two" else None)
+    torch.testing.assert_close(y, x.sum(0).to(ydt), rtol=0, atol=0)
+    if form != "one":
+        torch.testing.assert_close(y2, (x2 if form == "two" else x).sum(0).to(ydt), rtol=0, atol=0)
+    copies = spy.counts.get("copy_", 0)
+    if ydt == torch.float32:
+        assert copies == (1 if form == "shared" else 0), spy.counts
+    else:
+        assert copies == (1 if form == "one" else 2), spy.counts
+
+
+def test_cupy_colsum_under_a_recorded_backward_keeps_the_graph():
+    """Inside a backward that autograd records (create_graph), out= would refuse the inputs: the
+    sums are copied instead, and the result still carries the graph's values."""
+    x = torch.randn(5, 7, dtype=torch.float32, requires_grad=True)
+    y, y2 = torch.empty(7), torch.empty(7)
+    ops._CupyImpl.colsum(x, y, y2)
+    assert y.requires_grad and y2.requires_grad  # (sum(out=) raises on an input that requires grad)
+    torch.testing.assert_close(y, x.detach().sum(0), rtol=0, atol=0)
+    torch.testing.assert_close(y2, y, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("B,H,sm,per_sm,cap,want", [
     (64, 512, 132, 2, None, 128),  # 16 unit tiles x 8 row tiles
     (4, 512, 132, 2, None, 16),

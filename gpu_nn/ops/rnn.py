@@ -921,6 +921,21 @@ class _CupyImpl:
 
     @staticmethod
     def colsum(x, y, y2=None, x2=None):
+        """y = x.sum(0) and y2 = x2.sum(0) (x2 given) or y2 = y, as the Triton backend's ``colsum``
+        (x, x2 float32). A float32 y is the reduction's own output (``out=``: no temporary and no
+        device-to-device copy of it; the H200 counted two copies in every CuPy cell's backward at
+        a331102), y2 its one copy; a half y takes the float32 sum rounded once, as before (a sum in
+        the half dtype would round the gate gradients first). ``out=`` refuses what autograd
+        records (the double-backward route's recomputation): that takes the copies."""
+        recorded = torch.is_grad_enabled() and (x.requires_grad or (x2 is not None and x2.requires_grad))
+        if y.dtype == x.dtype and (x2 is None or x2.dtype == x.dtype) and not recorded:
+            torch.sum(x, 0, out=y)
+            if y2 is not None:
+                if x2 is None:
+                    y2.copy_(y)
+                else:
+                    torch.sum(x2, 0, out=y2)
+            return
         s = x.sum(0)
         y.copy_(s)
         if y2 is not None:
