@@ -973,6 +973,18 @@ _TYPE_CASES = [
     ("avg_pool2d", ((2, 2.0),), {}),
     ("avg_pool2d", (2,), dict(divisor_override=2.5)),
     ("avg_pool2d", (2,), dict(divisor_override="2")),
+    # bool arguments: a bool only (ran as bool(v) before, where torch refuses)
+    ("max_pool2d", (2,), dict(ceil_mode="yes")),
+    ("max_pool2d", (2,), dict(ceil_mode=1)),
+    ("max_pool2d", (2,), dict(ceil_mode=None, return_indices=True)),
+    ("max_pool2d", (2, 2, 0, 1, torch.tensor(True)), {}),
+    ("max_pool1d", (2,), dict(ceil_mode=np.bool_(True))),
+    ("max_pool1d", (2,), dict(ceil_mode=0, return_indices=True)),
+    ("avg_pool2d", (2,), dict(ceil_mode=1.0)),
+    ("avg_pool2d", (2,), dict(count_include_pad=None)),
+    ("avg_pool1d", (2,), dict(ceil_mode="yes")),
+    ("avg_pool1d", (2,), dict(count_include_pad=0)),
+    ("max_pool2d", (2.5,), dict(ceil_mode="yes")),  # the kernel size first, as torch's parser
 ]
 
 

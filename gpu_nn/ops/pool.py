@@ -82,6 +82,18 @@ def _int_list(op: str, arg: str, v) -> tuple[int, ...]:
     return tuple(int(e) for e in v)
 
 
+def _check_flags(op: str, *flags) -> None:
+    """torch's parser for ``bool`` arguments (``(name, value, position)`` each): a bool and nothing
+    else (1, None, numpy.bool_ or a 0-d tensor is a TypeError, never coerced). torch's
+    ``max_pool*`` wrappers always pass ceil_mode by position, so its message says it; torch's
+    ``avg_pool*`` are the parser's own functions, which say a position only for an argument
+    passed by position: position None words the usual keyword call."""
+    for name, v, pos in flags:
+        if type(v) is not bool:
+            where = "" if pos is None else f" (position {pos})"
+            raise KernelInputTypeError(f"{op}(): argument '{name}'{where} must be bool, not {type_name(v)}")
+
+
 # Valid argument sets seen before, so that a layer called in a loop parses and checks its
 # arguments once: parsed plain-int arguments, and (shape, parameters) pairs that passed the
 # shape checks (which read nothing else). Only successes are stored; bounded.
@@ -849,9 +861,12 @@ _avg_pool_backward_op.register_autograd(_avg_backward_backward, setup_context=_a
 
 def _max2d_args(op, input, kernel_size, stride, padding, dilation, ceil_mode, return_indices):
     """max_pool2d's parse and checks: the custom op's (k, s, p, d, ceil_mode), pairs as tuples."""
-    k, s, p, d = _pair2d(op, *_parse(op + ("_with_indices" if return_indices else ""), kernel_size, stride, padding, dilation))
-    _check_2d(input, k, s, p, d, bool(ceil_mode), is_max=True)
-    return k, s, p, d, bool(ceil_mode)
+    name = op + ("_with_indices" if return_indices else "")
+    parsed = _parse(name, kernel_size, stride, padding, dilation)
+    _check_flags(name, ("ceil_mode", ceil_mode, 6))
+    k, s, p, d = _pair2d(op, *parsed)
+    _check_2d(input, k, s, p, d, ceil_mode, is_max=True)
+    return k, s, p, d, ceil_mode
 
 
 def _max2d_public(op, input, kernel_size, stride, padding, dilation, ceil_mode, return_indices, minimum):
@@ -873,18 +888,20 @@ def _max2d_public(op, input, kernel_size, stride, padding, dilation, ceil_mode, 
 def _max1d_args(op, input, kernel_size, stride, padding, dilation, ceil_mode, return_indices):
     """max_pool1d's parse and checks (max_pool1d_with_indices' with ``return_indices``): the
     custom op's 2d (k, s, p, d, ceil_mode) of the [N, C, 1, L] view, as tuples."""
-    k, s, p, d = _parse(op + ("_with_indices" if return_indices else ""), kernel_size, stride, padding, dilation)
+    name = op + ("_with_indices" if return_indices else "")
+    k, s, p, d = _parse(name, kernel_size, stride, padding, dilation)
+    _check_flags(name, ("ceil_mode", ceil_mode, 6))
     if return_indices:
         # torch's max_pool1d_with_indices: rank range, one int each, then max_pool2d_with_indices
         # of the [N?, C, 1, L] view (its messages)
         _check_dim_range(op, input)
         s = s or k
         _check1d(op, k, s, p, d)
-        _check_2d(input.unsqueeze(-2), (1, k[0]), (1, s[0]), (0, p[0]), (1, d[0]), bool(ceil_mode), is_max=True)
+        _check_2d(input.unsqueeze(-2), (1, k[0]), (1, s[0]), (0, p[0]), (1, d[0]), ceil_mode, is_max=True)
     else:
-        _check_max1d(op, input, k, s, p, d, bool(ceil_mode))
+        _check_max1d(op, input, k, s, p, d, ceil_mode)
         s = s or k
-    return (1, k[0]), (1, s[0]), (0, p[0]), (1, d[0]), bool(ceil_mode)
+    return (1, k[0]), (1, s[0]), (0, p[0]), (1, d[0]), ceil_mode
 
 
 def _unbatched(input):
@@ -1009,10 +1026,11 @@ def _avg2d_args(op, input, kernel_size, stride, padding, ceil_mode, count_includ
     """avg_pool2d's parse and checks: the custom op's (k, s, p, ceil_mode, count_include_pad,
     divisor_override), pairs as tuples."""
     k, s, p, _ = _parse(op, kernel_size, stride, padding)
+    _check_flags(op, ("ceil_mode", ceil_mode, None), ("count_include_pad", count_include_pad, None))
     k, s, p, d = _pair2d(op, k, s, p, (1,))
     dov = _divisor(op, divisor_override)  # torch checks it before any shape
-    _check_2d(input, k, s, p, d, bool(ceil_mode), is_max=False)
-    return k, s, p, bool(ceil_mode), bool(count_include_pad), dov
+    _check_2d(input, k, s, p, d, ceil_mode, is_max=False)
+    return k, s, p, ceil_mode, count_include_pad, dov
 
 
 def avg_pool2d(input: Tensor, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True, divisor_override=None):
@@ -1036,6 +1054,7 @@ def _avg1d_args(op, input, kernel_size, stride, padding, ceil_mode, count_includ
     """avg_pool1d's parse and checks: the custom op's 2d (k, s, p, ceil_mode, count_include_pad)
     of the [N, C, 1, L] view, as tuples."""
     k, s, p, _ = _parse(op, kernel_size, stride, padding)
+    _check_flags(op, ("ceil_mode", ceil_mode, None), ("count_include_pad", count_include_pad, None))
     s = s or k
     _check_dim_range(op, input)
     _check1d(op, k, s, p)
@@ -1043,8 +1062,8 @@ def _avg1d_args(op, input, kernel_size, stride, padding, ceil_mode, count_includ
     k2, s2, p2 = (1, k[0]), (1, s[0]), (0, p[0])
     for name, v in (("kernel_size", k2), ("stride", s2), ("padding", p2)):
         _check_avg_range(name, v)
-    _check_2d(x3, k2, s2, p2, (1, 1), bool(ceil_mode), is_max=False)
-    return k2, s2, p2, bool(ceil_mode), bool(count_include_pad)
+    _check_2d(x3, k2, s2, p2, (1, 1), ceil_mode, is_max=False)
+    return k2, s2, p2, ceil_mode, count_include_pad
 
 
 def avg_pool1d(input: Tensor, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True):
