@@ -383,6 +383,29 @@ def test_module_dropout_in_training_only(rng):
     assert torch.equal(e, m(x)[0])
 
 
+@pytest.mark.parametrize("p", [2.0, -0.5, float("nan"), 1.0, 0.25])
+@pytest.mark.parametrize("mode", ["LSTM", "GRU", "RNN"])
+def test_dropout_outside_0_1_refused_where_torch_applies_it(mode, p):
+    """A dropout probability set after construction (the constructor checks its own) is torch's
+    RuntimeError, same words, where the layers apply it (training, two layers or more), before
+    any output; elsewhere it is never read, as torch's."""
+    x = torch.randn(5, 3, 4)
+    for layers, train in ((2, True), (2, False), (1, True)):
+        got = {}
+        for lib in (torch.nn, gnn):
+            m = getattr(lib, mode)(4, 6, num_layers=layers)
+            m.dropout = p
+            m.train(train)
+            try:
+                m(x)
+                got[lib] = None
+            except RuntimeError as exc:
+                got[lib] = str(exc)
+        assert got[gnn] == got[torch.nn], (layers, train, got)
+        if layers == 2 and train and not 0 <= p <= 1:
+            assert got[gnn].startswith("dropout probability has to be between 0 and 1, but got ")
+
+
 # ----------------------------------------------------------------------------------------------
 # LSTM projections (proj_size): h' = (o * tanh(c')) W_hr^T, h proj_size wide, c hidden_size wide
 

@@ -1901,8 +1901,11 @@ def _seq(mode, input, hx, cx, params, has_biases, num_layers, dropout, train, bi
     T, B, _ = x.shape
     D = 2 if bidirectional else 1
     H = hx.shape[-1]
-    if dropout_masks is None and train and dropout > 0 and num_layers > 1:
-        dropout_masks = draw_dropout_masks(float(dropout), num_layers, T, B, D * H, x)
+    if dropout_masks is None and train and num_layers > 1 and dropout != 0:
+        p = float(dropout)
+        if not 0 <= p <= 1:  # torch's dropout between the layers (a module's dropout set after construction)
+            raise KernelInputError(f"dropout probability has to be between 0 and 1, but got {p:g}")
+        dropout_masks = draw_dropout_masks(p, num_layers, T, B, D * H, x)
     if not train:
         dropout_masks = None
     if lengths is not None:
