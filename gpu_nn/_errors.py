@@ -1,4 +1,6 @@
-"""Exceptions raised by gpu-nn."""
+"""Exceptions raised by gpu-nn, and the names torch's messages give dtypes."""
+
+import torch
 
 
 class KernelInputError(ValueError, RuntimeError):
@@ -38,3 +40,32 @@ def type_name(obj) -> str:
     if t.__module__ == "builtins" or (heap and not immutable):  # a class made in Python: tp_name is its name
         return t.__name__
     return f"{t.__module__}.{t.__qualname__}"  # a C type, static or from a spec (re.Pattern)
+
+
+# torch's names for dtypes in its messages: c10's ScalarType names ("expected scalar type Float but
+# found Double", "mat1 and mat2 must have the same dtype, but got ComplexFloat and Float", "not
+# implemented for 'Long'") and the C++ type names of caffe2's TypeMeta ("expected m1 and m2 to have
+# the same dtype, but got: c10::complex<float> != float", "Input type (double) and bias type (float)")
+SCALAR_TYPE_NAMES = {
+    torch.float32: "Float", torch.float64: "Double", torch.float16: "Half", torch.bfloat16: "BFloat16",
+    torch.int64: "Long", torch.int32: "Int", torch.int16: "Short", torch.int8: "Char", torch.uint8: "Byte",
+    torch.bool: "Bool", torch.complex64: "ComplexFloat", torch.complex128: "ComplexDouble",
+    torch.uint16: "UInt16", torch.uint32: "UInt32", torch.uint64: "UInt64",
+}
+CPP_TYPE_NAMES = {
+    torch.float32: "float", torch.float64: "double", torch.float16: "c10::Half", torch.bfloat16: "c10::BFloat16",
+    torch.int64: "long int", torch.int32: "int", torch.int16: "short int", torch.int8: "signed char",
+    torch.uint8: "unsigned char", torch.bool: "bool", torch.complex64: "c10::complex<float>",
+    torch.complex128: "c10::complex<double>",
+}
+
+
+def scalar_type_name(dtype: torch.dtype) -> str:
+    """c10's ScalarType name of ``dtype`` ("Float"); another dtype by its torch name."""
+    return SCALAR_TYPE_NAMES.get(dtype) or str(dtype).replace("torch.", "")
+
+
+def cpp_type_name(dtype: torch.dtype) -> str:
+    """The C++ type name torch's TypeMeta prints for ``dtype`` ("float", "c10::Half"); another
+    dtype by its torch name."""
+    return CPP_TYPE_NAMES.get(dtype) or str(dtype).replace("torch.", "")

@@ -556,6 +556,28 @@ def test_linear_dtype_mismatch_words_are_torchs(shape):
     assert seen > 40
 
 
+def test_messages_word_numbers_and_dtypes_as_torch():
+    """torch's exact words where an error audit found ours differ: C++'s printing of a double
+    (label_smoothing 2.0 is "Got: 2"), the probability target's weight-shape prefix, and complex
+    dtypes by torch's names (c10::complex<float>, ComplexFloat) where ours printed torch.complex64."""
+    x = torch.randn(3, 5)
+    calls = [
+        lambda f: f.cross_entropy(x, torch.tensor([0, 1, 2]), label_smoothing=2.0),
+        lambda f: f.cross_entropy(x, torch.tensor([0, 1, 2]), label_smoothing=1.0000001),
+        lambda f: f.cross_entropy(x, torch.tensor([0, 1, 2]), label_smoothing=3.14159265),
+        lambda f: f.cross_entropy(x, torch.rand(3, 5), weight=torch.rand(4)),
+        lambda f: f.cross_entropy(x, torch.tensor([0, 1, 2]), weight=torch.rand(4)),
+        lambda f: f.linear(x.cfloat(), torch.randn(2, 5)),
+        lambda f: f.linear(x, torch.randn(2, 5).cdouble()),
+    ]
+    for call in calls:
+        with pytest.raises(RuntimeError) as theirs:
+            call(TF)
+        with pytest.raises(gpu_nn.KernelInputError) as ours:
+            call(F)
+        assert str(ours.value) == str(theirs.value)
+
+
 def test_bad_input():
     x = torch.randn(3, 5)
     _raises(r"mat1 and mat2 shapes cannot be multiplied \(3x5 and 6x4\)", lambda: F.linear(x, torch.randn(4, 6)))

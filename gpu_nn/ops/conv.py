@@ -34,7 +34,7 @@ import torch.nn.functional as _TF
 from torch import Tensor
 
 from .. import _backend
-from .._errors import KernelInputError, KernelInputTypeError, type_name
+from .._errors import KernelInputError, KernelInputTypeError, cpp_type_name, scalar_type_name, type_name
 from .._precision import tf32 as _tf32
 from ..check import CheckCase
 from ..reference import conv as ref
@@ -126,24 +126,15 @@ def _normalise(nd, weight, stride, padding, dilation):
     return stride, pads, dilation
 
 
-# torch's names for dtypes in conv's messages: caffe2 TypeMeta names (bias check), ScalarType
-# names ("expected scalar type Long but found Double") and legacy tensor type names
-_TYPEMETA = {
-    torch.float32: "float", torch.float64: "double", torch.float16: "c10::Half", torch.bfloat16: "c10::BFloat16",
-    torch.int64: "long int", torch.int32: "int", torch.int16: "short int", torch.int8: "signed char",
-    torch.uint8: "unsigned char", torch.bool: "bool", torch.complex64: "c10::complex<float>",
-    torch.complex128: "c10::complex<double>",
-}
-_SCALAR = {
-    torch.float32: "Float", torch.float64: "Double", torch.float16: "Half", torch.bfloat16: "BFloat16",
-    torch.int64: "Long", torch.int32: "Int", torch.int16: "Short", torch.int8: "Char", torch.uint8: "Byte",
-    torch.bool: "Bool", torch.complex64: "ComplexFloat", torch.complex128: "ComplexDouble",
-}
+# the input dtypes whose CPU convolution torch implements, which it tells about a weight of another
+# dtype with "expected scalar type" (its other dtypes meet "not implemented" first)
+_CPU_CONV_DTYPES = frozenset({torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32,
+                              torch.int16, torch.int8, torch.uint8, torch.bool})
 
 
 def _legacy_type(t: Tensor) -> str:
     if t.dtype in (torch.bool, torch.bfloat16, torch.complex64, torch.complex128):
-        return f"{'CPU' if t.device.type == 'cpu' else 'CUDA'}{_SCALAR[t.dtype]}Type"
+        return f"{'CPU' if t.device.type == 'cpu' else 'CUDA'}{scalar_type_name(t.dtype)}Type"
     return t.type()
 
 
@@ -158,7 +149,7 @@ def _check_devices_and_bias(name: str, input: Tensor, weight: Tensor, bias: Opti
             )
     if bias is not None and bias.dtype != input.dtype:
         raise KernelInputError(
-            f"Input type ({_TYPEMETA.get(input.dtype, input.dtype)}) and bias type ({_TYPEMETA.get(bias.dtype, bias.dtype)}) "
+            f"Input type ({cpp_type_name(input.dtype)}) and bias type ({cpp_type_name(bias.dtype)}) "
             "should be the same"
         )
 
@@ -170,8 +161,9 @@ def _check_weight_dtype(name: str, input: Tensor, weight: Tensor, unbatched: boo
     if weight.dtype != input.dtype:
         cpu = input.device.type == "cpu"
         mkldnn = cpu and input.dtype == torch.float32 and not unbatched
-        if cpu and input.dtype in _SCALAR and not mkldnn and input.dtype not in (torch.complex64, torch.complex128):
-            raise KernelInputError(f"expected scalar type {_SCALAR[input.dtype]} but found {_SCALAR.get(weight.dtype, weight.dtype)}")
+        if cpu and input.dtype in _CPU_CONV_DTYPES and not mkldnn:
+            raise KernelInputError(f"expected scalar type {scalar_type_name(input.dtype)} but found "
+                                   f"{scalar_type_name(weight.dtype)}")
         raise KernelInputError(
             f"Input type ({_legacy_type(input)}) and weight type ({_legacy_type(weight)}) should be the same"
             + (" or input should be a MKLDNN tensor and weight is a dense tensor" if mkldnn else "")

@@ -33,7 +33,8 @@ import torch.nn.functional as _TF
 from torch import Tensor
 
 from .. import _backend, _precision
-from .._errors import KernelInputError, KernelInputIndexError, KernelInputTypeError, type_name
+from .._errors import (KernelInputError, KernelInputIndexError, KernelInputTypeError, cpp_type_name, scalar_type_name,
+                       type_name)
 from ..check import CheckCase
 from ..reference import dense as ref
 from ._dispatch import (FLOAT_DTYPES, autocast_inputs, check_float_like_torch, check_tensor, empty, float64_in_float32, from_numpy, is_int,
@@ -48,32 +49,17 @@ BACKENDS = ("reference", "triton")
 ACTIVATIONS = (None, "relu", "sigmoid", "tanh")
 REDUCTIONS = ("none", "mean", "sum")
 
-# torch's ScalarType names, used in its messages ("expected m1 and m2 ... c10::Half != float")
-_CPP_NAME = {torch.float16: "c10::Half", torch.bfloat16: "c10::BFloat16", torch.float32: "float", torch.float64: "double",
-             torch.int64: "long int", torch.int32: "int", torch.int16: "short int", torch.int8: "signed char",
-             torch.uint8: "unsigned char", torch.bool: "bool"}
-_SCALAR_NAME = {
-    torch.float16: "Half", torch.bfloat16: "BFloat16", torch.float32: "Float", torch.float64: "Double",
-    torch.int64: "Long", torch.int32: "Int", torch.int16: "Short", torch.int8: "Char", torch.uint8: "Byte",
-    torch.bool: "Bool",
-}
-
-
-def _scalar_name(dtype) -> str:
-    return _SCALAR_NAME.get(dtype, str(dtype).replace("torch.", ""))
-
-
 def linear_dtype_message(x: Tensor, w: Tensor, b: Tensor | None) -> str | None:
     """torch's error for ``linear(x, w, b)`` of mismatched dtypes, or None: with a bias its
     addmm's (the bias against the weight first, then the input), without one its mm's. The
     recurrent cells' two linears raise it too."""
     if b is not None and b.dtype != w.dtype:
-        return f"self and mat2 must have the same dtype, but got {_scalar_name(b.dtype)} and {_scalar_name(w.dtype)}"
+        return f"self and mat2 must have the same dtype, but got {scalar_type_name(b.dtype)} and {scalar_type_name(w.dtype)}"
     if b is not None and x.dtype != w.dtype:
-        return f"mat1 and mat2 must have the same dtype, but got {_scalar_name(x.dtype)} and {_scalar_name(w.dtype)}"
+        return f"mat1 and mat2 must have the same dtype, but got {scalar_type_name(x.dtype)} and {scalar_type_name(w.dtype)}"
     if b is None and x.dtype != w.dtype:
-        return (f"expected m1 and m2 to have the same dtype, but got: {_CPP_NAME.get(x.dtype, x.dtype)} != "
-                f"{_CPP_NAME.get(w.dtype, w.dtype)}")
+        return (f"expected m1 and m2 to have the same dtype, but got: {cpp_type_name(x.dtype)} != "
+                f"{cpp_type_name(w.dtype)}")
     return None
 
 
@@ -392,7 +378,7 @@ def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None, *, activat
     if bias is not None:
         if bias.dtype != input.dtype:
             raise KernelInputError(
-                f"self and mat2 must have the same dtype, but got {_scalar_name(bias.dtype)} and {_scalar_name(input.dtype)}"
+                f"self and mat2 must have the same dtype, but got {scalar_type_name(bias.dtype)} and {scalar_type_name(input.dtype)}"
             )
         if vec_w:
             # a 1-D weight with a bias: torch's verdict depends on its internal path (a contiguous
@@ -1001,7 +987,8 @@ def _check_cross_entropy(input, target, weight, ignore_index, reduction, label_s
     if reduction not in REDUCTIONS:
         raise KernelInputError(f"{reduction} is not a valid value for reduction")
     if label_smoothing > 1.0:  # torch checks only this bound; values <= 0 (and NaN) mean no smoothing
-        raise KernelInputError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
+        # (C++'s default double output: six significant digits, 2.0 as "2")
+        raise KernelInputError(f"label_smoothing must be between 0.0 and 1.0. Got: {float(label_smoothing):g}")
     # an integer, bool or complex input: torch's verdict (a NotImplementedError of its
     # log_softmax kernel, or first its probability-target check), else ours
     if input.dtype not in FLOAT_DTYPES:
@@ -1014,7 +1001,7 @@ def _check_cross_entropy(input, target, weight, ignore_index, reduction, label_s
     prob = input.shape == target.shape
     if input.dim() == 0:
         raise KernelInputError("Expected floating point type for target with class probabilities, got "
-                               f"{_scalar_name(target.dtype)}" if not target.is_floating_point() else
+                               f"{scalar_type_name(target.dtype)}" if not target.is_floating_point() else
                                "cross_entropy: input must have at least one dimension (the classes)")
     C = input.shape[0] if input.dim() == 1 else input.shape[1]
     if weight is not None:
@@ -1026,16 +1013,17 @@ def _check_cross_entropy(input, target, weight, ignore_index, reduction, label_s
         # probability targets go through elementwise products that type-promote (as torch);
         # class indices through nll_loss, which wants the input's dtype
         if weight.dtype != input.dtype and not (prob and weight.is_floating_point()):
-            raise KernelInputError(f"expected scalar type {_scalar_name(input.dtype)} but found {_scalar_name(weight.dtype)}")
+            raise KernelInputError(f"expected scalar type {scalar_type_name(input.dtype)} but found {scalar_type_name(weight.dtype)}")
         if weight.dim() != 1 or weight.shape[0] != C:
             raise KernelInputError(
-                f"weight tensor should be defined either for all {C} classes or no classes but got weight tensor "
+                f"{'cross_entropy: ' if prob else ''}weight tensor should be defined either for all {C} classes or "
+                "no classes but got weight tensor "
                 f"of shape: {list(weight.shape)}"
             )
     if prob:
         if not target.is_floating_point():
             raise KernelInputError(
-                f"Expected floating point type for target with class probabilities, got {_scalar_name(target.dtype)}"
+                f"Expected floating point type for target with class probabilities, got {scalar_type_name(target.dtype)}"
             )
         if ignore_index >= 0:
             raise KernelInputError("ignore_index is not supported for floating point target")
@@ -1062,7 +1050,7 @@ def _check_cross_entropy(input, target, weight, ignore_index, reduction, label_s
                 raise KernelInputError(f"size mismatch (got input: {list(input.shape)} , target: {list(target.shape)}")
             raise KernelInputError(f"Expected target size {[input.shape[0], *input.shape[2:]]}, got {list(target.shape)}")
     if target.dtype not in (torch.int64, torch.uint8):
-        raise KernelInputError(f"expected target dtype to be Long or Byte, but got {_scalar_name(target.dtype)}")
+        raise KernelInputError(f"expected target dtype to be Long or Byte, but got {scalar_type_name(target.dtype)}")
     # torch's nll_loss2d path (rank >= 3) takes Long only, checked after its early return for
     # an empty reduced target
     if target.dtype == torch.uint8 and input.dim() >= 3 and (target.numel() > 0 or reduction == "none"):
