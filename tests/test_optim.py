@@ -178,8 +178,64 @@ def test_sparse_gradients_raise():
     emb = torch.nn.Embedding(10, 3, sparse=True).double()
     emb(torch.tensor([1, 2])).sum().backward()
     for cls in (go.SGD, go.Adagrad, go.Adam, go.RMSprop, go.Adadelta):
-        with pytest.raises(RuntimeError, match="sparse"):
+        with pytest.raises(gpu_nn.KernelInputError, match="sparse"):  # (a RuntimeError, as torch's)
             cls(emb.parameters(), lr=0.1).step()
+
+
+NAMES = ("SGD", "Adam", "AdamW", "Adagrad", "Adadelta", "RMSprop")
+
+
+def _kw(name):
+    return dict(lr=0.1, momentum=0.9) if name == "SGD" else dict(lr=0.1)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_meta_parameters_step_as_torchs(name):
+    """A meta parameter (no data: deferred initialisation) beside a CPU one: the step updates the
+    CPU one as torch's does and computes nothing for the meta one (it raised after updating the
+    CPU parameter, "Tensor.item() cannot be called on meta tensors")."""
+    got = []
+    for lib in (torch.optim, go):
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(3, dtype=torch.float64))
+        m = torch.nn.Parameter(torch.empty(4, device="meta"))
+        p.grad, m.grad = torch.randn(3, dtype=torch.float64), torch.empty(4, device="meta")
+        o = getattr(lib, name)([p, m], **_kw(name))
+        o.step()
+        o.step()
+        assert set(o.state[m]) == set(o.state[p]) and all(
+            t.is_meta for k, t in o.state[m].items() if torch.is_tensor(t) and k != "step")
+        got.append(p.detach().clone())
+    torch.testing.assert_close(got[1], got[0], rtol=1e-14, atol=0)
+
+
+_LATE_BAD = [(n, "weight_decay", "x") for n in NAMES] + [
+    ("RMSprop", "eps", None), ("Adam", "eps", [1e-8]), ("Adagrad", "lr_decay", "0"), ("Adadelta", "rho", None),
+    ("RMSprop", "alpha", "0.9"), ("Adam", "betas", (0.9,))]
+
+
+@pytest.mark.parametrize("name,key,value", _LATE_BAD, ids=[f"{n}-{k}-{v!r}" for n, k, v in _LATE_BAD])
+def test_hyperparameter_spoilt_after_construction_refused_before_any_state(name, key, value):
+    """A group's hyperparameter set to a non-number after construction: torch's step raises a
+    TypeError (a wrong-length betas a ValueError) before it makes state; ours too, and touches no
+    parameter (a string weight decay reached NumPy's UFuncTypeError after Adam's state was made,
+    a string for SGD float()'s ValueError)."""
+    p = torch.nn.Parameter(torch.randn(3))
+    p.grad = torch.randn(3)
+    before = p.detach().clone()
+    o = getattr(go, name)([p], **_kw(name))
+    state0 = {k: v.clone() if torch.is_tensor(v) else v for k, v in o.state[p].items()}  # (Adagrad's, made at init)
+    o.param_groups[0][key] = value
+    t = getattr(torch.optim, name)([torch.nn.Parameter(torch.randn(3))], **_kw(name))
+    t.param_groups[0]["params"][0].grad = torch.randn(3)
+    t.param_groups[0][key] = value
+    with pytest.raises((TypeError, ValueError)) as theirs:
+        t.step()
+    with pytest.raises(gpu_nn.KernelInputError if key != "betas" else ValueError) as ours:
+        o.step()
+    assert isinstance(ours.value, type(theirs.value))
+    assert torch.equal(p.detach(), before)
+    assert set(o.state[p]) == set(state0)
 
 
 BAD = [
@@ -418,6 +474,20 @@ def test_clip_grad_norm_refuses_complex_gradients_before_touching_any():
     with pytest.raises(KernelInputError, match="complex gradients"):
         clip_grad_norm_([real, c], 1.0)
     assert torch.equal(c.grad, torch.full((3,), 3 + 4j, dtype=torch.complex64)) and torch.equal(real.grad, torch.full((3,), 5.0))
+
+
+def test_clip_grad_norm_refuses_sparse_gradients_as_torch():
+    """A sparse gradient: torch's norm has no sparse kernel (NotImplementedError); ours the same
+    class, and a KernelInputError, before any gradient is touched."""
+    emb = torch.nn.Embedding(10, 3, sparse=True)
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(NotImplementedError):
+        torch.nn.utils.clip_grad_norm_(emb.parameters(), 1.0)
+    before = emb.weight.grad.to_dense().clone()
+    with pytest.raises(KernelInputError, match="sparse") as ours:
+        clip_grad_norm_(emb.parameters(), 1.0)
+    assert isinstance(ours.value, NotImplementedError)
+    assert torch.equal(emb.weight.grad.to_dense(), before)
 
 
 @pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))

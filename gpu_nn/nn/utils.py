@@ -38,8 +38,10 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_i
     if len(grads) == 0:
         return torch.tensor(0.0)
     for g in grads:
-        if g.is_sparse:
-            raise RuntimeError("gpu_nn.nn.utils.clip_grad_norm_ does not support sparse gradients")
+        if g.is_sparse:  # (torch's norm has no sparse kernel: NotImplementedError there too)
+            from .._errors import KernelInputNotImplementedError
+
+            raise KernelInputNotImplementedError("gpu_nn.nn.utils.clip_grad_norm_ does not support sparse gradients")
         if g.is_complex():  # before any gradient is touched: the float kernels would drop the imaginary part
             from .._errors import KernelInputError
 

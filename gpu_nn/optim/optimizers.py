@@ -42,12 +42,14 @@ What differs from torch:
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
 from .. import _backend
-from .._errors import KernelInputError
+from .._errors import KernelInputError, KernelInputTypeError, cpp_type_name, scalar_type_name, type_name
 from . import _dispatch
 from ._triton import capturing as _capturing
 
@@ -66,6 +68,17 @@ def _lr_arg(lr):
     (``_dispatch.run_parts`` passes it to kernels that read it on the device, and gives everything
     else its value)."""
     return lr if type(lr) is float or isinstance(lr, Tensor) else float(lr)
+
+
+def _real(group, key):
+    """A numeric hyperparameter of ``group`` for a step, as it is: a number or a tensor; anything
+    else (a string, None, a list set on the group after construction) a TypeError before the step
+    makes any state, where it reached NumPy's or the kernels' own error (an audit's find; torch's
+    step fails with a TypeError of its arithmetic's wording, which differs per optimizer)."""
+    v = group[key]
+    if type(v) is float or type(v) is int or isinstance(v, (numbers.Real, Tensor)):
+        return v
+    raise KernelInputTypeError(f"optimizer hyperparameter '{key}' must be a number, not {type_name(v)}")
 
 
 def _refuse_captured_tensor_lr(kind: str, groups) -> None:
@@ -128,14 +141,6 @@ class _NotImplementedInput(KernelInputError, NotImplementedError):
     """Where torch raises NotImplementedError ("... not implemented for 'Long'")."""
 
 
-# c10's ScalarType names (torch's "not implemented for 'Long'") and the C++ type names of its
-# dtype checks ("expected dtype float for `end` but got dtype double")
-_SCALAR_NAME = {torch.bool: "Bool", torch.uint8: "Byte", torch.int8: "Char", torch.int16: "Short",
-                torch.int32: "Int", torch.int64: "Long", torch.uint16: "UInt16", torch.uint32: "UInt32",
-                torch.uint64: "UInt64"}
-_CPP_NAME = {torch.float32: "float", torch.float64: "double", torch.float16: "c10::Half",
-             torch.bfloat16: "c10::BFloat16", torch.int64: "long int", torch.int32: "int", torch.int16: "short int",
-             torch.int8: "signed char", torch.uint8: "unsigned char", torch.bool: "bool"}
 _ALPHA_MSG = "For integral input tensors, argument alpha must not be a floating point number."
 _NEG_BOOL_MSG = ("Negation, the `-` operator, on a bool tensor is not supported. If you are trying to invert a "
                  "mask, use the `~` or `logical_not()` operator instead.")
@@ -169,7 +174,7 @@ def _integral(group, dtype, then: Exception) -> Exception:
 
 def _cast_error(dtype) -> Exception:
     """An in-place op with a float scalar (``state.mul_(rho)``, ``param.addcdiv_``) on ``dtype``."""
-    return KernelInputError(f"result type Float can't be cast to the desired output type {_SCALAR_NAME.get(dtype, dtype)}")
+    return KernelInputError(f"result type Float can't be cast to the desired output type {scalar_type_name(dtype)}")
 
 
 def _scalar_dtype():
@@ -336,9 +341,9 @@ class _Base(Optimizer):
             if p.grad is None:
                 continue
             if p.grad.is_sparse:
-                raise RuntimeError(self._SPARSE_MSG or f"gpu_nn.optim.{self._NAME} does not support sparse gradients")
+                raise KernelInputError(self._SPARSE_MSG or f"gpu_nn.optim.{self._NAME} does not support sparse gradients")
             if torch.is_complex(p):
-                raise RuntimeError(f"gpu_nn.optim.{self._NAME} does not support complex parameters")
+                raise KernelInputError(f"gpu_nn.optim.{self._NAME} does not support complex parameters")
             out.append(p)
         return out
 
@@ -381,8 +386,8 @@ class _Base(Optimizer):
                 end = torch.promote_types(g.dtype, p.dtype) if self._grad_first(group) else g.dtype
                 if self._lerps(group) and end != p.dtype:
                     raise KernelInputError(
-                        f"expected dtype {_CPP_NAME.get(p.dtype, p.dtype)} for `end` but got dtype "
-                        f"{_CPP_NAME.get(end, end)}"
+                        f"expected dtype {cpp_type_name(p.dtype)} for `end` but got dtype "
+                        f"{cpp_type_name(end)}"
                     )
                 g = g.to(p.dtype)
             out.append(g)
@@ -406,8 +411,9 @@ class _Base(Optimizer):
             params = self._params_with_grad(group)
             if params:
                 grads = self._checked_grads(group, params)
+                hp = self._hp(group)  # (read first, as torch's steps: a bad value refused before any state exists)
                 state_lists = self._state_lists(group, params)
-                parts = _dispatch.run(self._KIND, params, state_lists, self._hp(group), grads)
+                parts = _dispatch.run(self._KIND, params, state_lists, hp, grads)
                 plan = _Plan.record(self, group, params, grads, state_lists, parts, key)
             else:
                 plan = None
@@ -492,8 +498,8 @@ class SGD(_Base):
         return dict(momentum_buffer=bufs, first=first)
 
     def _hp(self, group):
-        return dict(lr=_lr_arg(group["lr"]), momentum=group["momentum"], dampening=group["dampening"],
-                    weight_decay=float(group["weight_decay"]), nesterov=group["nesterov"],
+        return dict(lr=_lr_arg(group["lr"]), momentum=_real(group, "momentum"), dampening=_real(group, "dampening"),
+                    weight_decay=float(_real(group, "weight_decay")), nesterov=group["nesterov"],
                     maximize=group.get("maximize", False))
 
     def _integral_error(self, group, dtype):
@@ -553,8 +559,8 @@ class Adagrad(_Base):
         return dict(step=steps, sum=sums)
 
     def _hp(self, group):
-        return dict(lr=_lr_arg(group["lr"]), lr_decay=group["lr_decay"], weight_decay=group["weight_decay"],
-                    eps=group["eps"], maximize=group.get("maximize", False))
+        return dict(lr=_lr_arg(group["lr"]), lr_decay=_real(group, "lr_decay"), weight_decay=_real(group, "weight_decay"),
+                    eps=_real(group, "eps"), maximize=group.get("maximize", False))
 
     def _integral_error(self, group, dtype):
         # state_sum.addcmul_(grad, grad) has no bool kernel; param.addcdiv_(grad, std) casts
@@ -598,8 +604,8 @@ class Adadelta(_Base):
         return dict(step=steps, square_avg=sq, acc_delta=acc)
 
     def _hp(self, group):
-        return dict(lr=_lr_arg(group["lr"]), rho=group["rho"], eps=group["eps"], weight_decay=group["weight_decay"],
-                    maximize=group.get("maximize", False))
+        return dict(lr=_lr_arg(group["lr"]), rho=_real(group, "rho"), eps=_real(group, "eps"),
+                    weight_decay=_real(group, "weight_decay"), maximize=group.get("maximize", False))
 
     def _integral_error(self, group, dtype):
         return _integral(group, dtype, _cast_error(dtype))  # square_avg.mul_(rho)
@@ -648,8 +654,9 @@ class RMSprop(_Base):
         return dict(step=steps, square_avg=sq, grad_avg=ga, momentum_buffer=mb)
 
     def _hp(self, group):
-        return dict(lr=_lr_arg(group["lr"]), alpha=group["alpha"], eps=group["eps"], weight_decay=group["weight_decay"],
-                    momentum=group["momentum"], centered=group["centered"], maximize=group.get("maximize", False))
+        return dict(lr=_lr_arg(group["lr"]), alpha=_real(group, "alpha"), eps=_real(group, "eps"),
+                    weight_decay=_real(group, "weight_decay"), momentum=_real(group, "momentum"), centered=group["centered"],
+                    maximize=group.get("maximize", False))
 
     def _lerps(self, group):
         return bool(group["centered"])  # grad_avg.lerp_(grad, 1 - alpha)
@@ -721,8 +728,8 @@ class Adam(_Base):
 
     def _hp(self, group):
         beta1, beta2 = (float(b) for b in group["betas"])
-        return dict(lr=_lr_arg(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
-                    weight_decay=group["weight_decay"], amsgrad=group["amsgrad"], maximize=group.get("maximize", False),
+        return dict(lr=_lr_arg(group["lr"]), beta1=beta1, beta2=beta2, eps=_real(group, "eps"),
+                    weight_decay=_real(group, "weight_decay"), amsgrad=group["amsgrad"], maximize=group.get("maximize", False),
                     decoupled_weight_decay=group.get("decoupled_weight_decay", False))
 
     def _lerps(self, group):
@@ -733,7 +740,7 @@ class Adam(_Base):
             if group.get("maximize", False) and dtype == torch.bool:
                 return KernelInputError(_NEG_BOOL_MSG)
             return _cast_error(dtype)  # param.mul_(1 - lr * weight_decay)
-        name = _SCALAR_NAME.get(dtype, dtype)
+        name = scalar_type_name(dtype)
         return _integral(group, dtype, _NotImplementedInput(f"\"lerp_kernel_scalar\" not implemented for '{name}'"))
 
 
