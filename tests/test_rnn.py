@@ -383,6 +383,36 @@ def test_module_dropout_in_training_only(rng):
     assert torch.equal(e, m(x)[0])
 
 
+def test_sequence_ops_refuse_bad_states_in_torchs_classes_and_words():
+    """The functional sequence ops (torch.gru / lstm / rnn_tanh's signature): a state that is not a
+    tensor is a TypeError (gru(x, None, ...) reached an AttributeError), an LSTM pair with a
+    non-tensor is torch's parser words, and a state or weight of another dtype than the input is
+    told as torch's CUDA layers tell it (ours blamed the input: "input must have the type
+    torch.float64, got type torch.float32")."""
+    T, B, I, H = 5, 3, 4, 6
+    x = torch.randn(T, B, I)
+    h = torch.zeros(1, B, H)
+    gp = list(torch.nn.GRU(I, H).parameters())
+    lp = list(torch.nn.LSTM(I, H).parameters())
+    for bad in (None, [h], h.numpy()):
+        with pytest.raises(TypeError):
+            torch.gru(x, bad, gp, True, 1, 0.0, False, False, False)
+        with pytest.raises(gpu_nn.KernelInputError, match=r"gru\(\): argument 'hx' \(position 2\) must be Tensor") as e:
+            F.gru(x, bad, gp, True, 1, 0.0, False, False, False)
+        assert isinstance(e.value, TypeError)
+    with pytest.raises(TypeError) as theirs:
+        torch.lstm(x, (h, None), lp, True, 1, 0.0, False, False, False)
+    with pytest.raises(gpu_nn.KernelInputError) as ours:
+        F.lstm(x, (h, None), lp, True, 1, 0.0, False, False, False)
+    assert isinstance(ours.value, TypeError) and str(ours.value) == str(theirs.value)
+    with pytest.raises(gpu_nn.KernelInputError, match="^Input and hidden tensors are not the same dtype, found input "
+                                                      "tensor with Float and hidden tensor with Double$"):
+        F.lstm(x, (h.double(), h.double()), lp, True, 1, 0.0, False, False, False)
+    with pytest.raises(gpu_nn.KernelInputError, match="^Input and parameter tensors are not the same dtype, found input "
+                                                      "tensor with Double and parameter tensor with Float$"):
+        F.gru(x.double(), h.double(), gp, True, 1, 0.0, False, False, False)
+
+
 @pytest.mark.parametrize("p", [2.0, -0.5, float("nan"), 1.0, 0.25])
 @pytest.mark.parametrize("mode", ["LSTM", "GRU", "RNN"])
 def test_dropout_outside_0_1_refused_where_torch_applies_it(mode, p):

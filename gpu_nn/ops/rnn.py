@@ -105,7 +105,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend, _precision
-from .._errors import KernelInputError, type_name
+from .._errors import KernelInputError, scalar_type_name, type_name
 from ..check import CheckCase, _rel, generic_error
 from ..reference import rnn as ref
 from ._dispatch import (
@@ -222,11 +222,12 @@ def _check_seq(op, input, hx, cx, weights, mode, num_layers, bidirectional, has_
     if len(weights) != num_layers * D * per:
         raise KernelInputError(f"{op}: expected {num_layers * D * per} weight tensors, got {len(weights)}")
     G = GATES[mode] * H
-    for t in [hx, cx, *weights]:
-        if t is None:
-            continue
-        if t.dtype != input.dtype:
-            raise KernelInputError(f"{op}: input must have the type {t.dtype}, got type {input.dtype}")
+    for what, ts in (("hidden", (hx, cx)), ("parameter", weights)):
+        for t in ts:
+            if t is not None and t.dtype != input.dtype:  # torch's check_attributes (its CUDA layers' words)
+                raise KernelInputError(
+                    f"Input and {what} tensors are not the same dtype, found input tensor with "
+                    f"{scalar_type_name(input.dtype)} and {what} tensor with {scalar_type_name(t.dtype)}")
     for l in range(num_layers):
         in_w = I if l == 0 else D * W
         for d in range(D):
@@ -1813,6 +1814,9 @@ def _lstm_state(op, hx):
         )
     if len(hx) != 2:
         raise KernelInputError(f"{op} expects two hidden states")
+    for i, t in enumerate(hx):
+        if not isinstance(t, Tensor):  # torch's parser on a tuple of Tensors (hx is its argument 1)
+            raise HiddenStateTypeError(f"expected Tensor as element {i} in argument 1, but got {type_name(t)}")
     return hx[0], hx[1]
 
 
@@ -1886,6 +1890,8 @@ def draw_dropout_masks(p: float, num_layers: int, T: int, B: int, width: int, li
 def _seq(mode, input, hx, cx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first, lengths,
          dropout_masks):
     check_tensor(mode, "input", input, 1)
+    if mode != "lstm":  # (the LSTM's pair: _lstm_state)
+        check_tensor(mode, "hx", hx, 2)
     if input.dim() != 3:
         raise KernelInputError(f"{mode}: input must have 3 dimensions, got {input.dim()}")
     _check_devices(input, [hx, cx], params)
