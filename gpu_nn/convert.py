@@ -9,40 +9,13 @@ import torch
 
 
 
-def _conv_reason(m):
-    if m.padding_mode != "zeros":
-        return f"padding_mode={m.padding_mode!r} is not supported (only 'zeros')"
-    return None
-
-
-def _none(m):
-    return None
-
-
-# torch.nn class name (ours has the same name in gpu_nn.nn) -> the reason a given instance
-# cannot be converted, or None
-_SUPPORTED = {
-    "Conv1d": _conv_reason,
-    "Conv2d": _conv_reason,
-    "MaxPool1d": _none,
-    "MaxPool2d": _none,
-    "AvgPool1d": _none,
-    "AvgPool2d": _none,
-    "ReLU": _none,
-    "Sigmoid": _none,
-    "Tanh": _none,
-    "Flatten": _none,
-    "Linear": _none,
-    "Softmax": _none,
-    "LogSoftmax": _none,
-    "CrossEntropyLoss": _none,
-    "RNN": _none,
-    "LSTM": _none,
-    "GRU": _none,
-    "RNNCell": _none,
-    "LSTMCell": _none,
-    "GRUCell": _none,
-}
+# the torch.nn classes converted (ours has the same name in gpu_nn.nn), every option of theirs
+# taken (a convolution's padding_mode too: gpu_nn.nn.Conv1d / Conv2d pad as torch's)
+_SUPPORTED = frozenset({
+    "Conv1d", "Conv2d", "MaxPool1d", "MaxPool2d", "AvgPool1d", "AvgPool2d", "ReLU", "Sigmoid", "Tanh",
+    "Flatten", "Linear", "Softmax", "LogSoftmax", "CrossEntropyLoss", "RNN", "LSTM", "GRU", "RNNCell",
+    "LSTMCell", "GRUCell",
+})
 
 
 # torch's own subclasses of a layer we convert whose owner never calls them, so that converting
@@ -128,10 +101,6 @@ def convert(model: torch.nn.Module, *, inplace: bool = True) -> torch.nn.Module:
             elif base is not None and f"{cls.__module__}.{cls.__qualname__}" not in _NEVER_CALLED:
                 skipped.append(f"{prefix or '<model>'} ({cls.__name__}): a subclass of torch.nn.{base.__name__}, left as "
                                "it is (a subclass may change what the layer does)")
-            return mod
-        reason = _SUPPORTED[cls.__name__](mod)
-        if reason:
-            skipped.append(f"{prefix or '<model>'} ({cls.__name__}): {reason}")
             return mod
         return _swap(mod, ours)
 

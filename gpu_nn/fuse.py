@@ -11,7 +11,8 @@ other layer is ``model``'s own object.
 
 A pair is fused when the layer's output goes to the activation alone and nothing observes it
 in between: no hooks (forward or backward, the modules' own or global) on either module, the
-layer not already fused and called only there, a convolution with ``padding_mode='zeros'``.
+layer not already fused and called only there (a convolution of any ``padding_mode``: ours
+pads as torch's).
 The layer may be a module, torch's (it becomes ours in the copy) or ours, or a call of
 ``conv1d`` / ``conv2d`` / ``linear`` from ``torch.nn.functional`` or ``gpu_nn.functional`` (it
 becomes a call of ours with ``activation=``); the activation a module (``nn.ReLU``,
@@ -214,8 +215,6 @@ def _fusable_layer(node: torch.fx.Node, module):
     # a forward of the instance's own (or Module.compile's) would run the layer without its
     # activation in the copy
     if "forward" in m.__dict__ or "__call__" in m.__dict__ or m.__dict__.get("_compiled_call_impl") is not None:
-        return None
-    if isinstance(m, torch.nn.modules.conv._ConvNd) and m.padding_mode != "zeros":
         return None
     return m
 

@@ -2227,6 +2227,12 @@ def test_triton_heuristic_tiles():
     (2, (4, 8, (2, 3)), dict(padding="same", dilation=2, groups=4, bias=False), (1, 4, 7, 9)),
     (1, (6, 4, 5), dict(padding="valid", groups=2), (3, 6, 17)),
     (1, (3, 5, 4), dict(padding="same"), (3, 11)),
+    # padding modes: the input padded as torch's layers pad it (F.pad), then convolved unpadded
+    (2, (4, 6, 3), dict(padding=1, padding_mode="reflect"), (2, 4, 9, 8)),
+    (2, (4, 6, (2, 4)), dict(padding="same", padding_mode="circular", dilation=(2, 1)), (1, 4, 7, 9)),
+    (2, (4, 4, 3), dict(padding=(1, 2), padding_mode="replicate", groups=2, stride=(2, 1)), (4, 9, 8)),
+    (1, (3, 5, 4), dict(padding=2, stride=2, padding_mode="replicate"), (3, 11)),
+    (1, (6, 4, 5), dict(padding="same", padding_mode="reflect", bias=False), (3, 6, 17)),
 ])
 def test_modules_match_torch(nd, args, kwargs, shape, rng):
     ours_cls, theirs_cls = (gpu_nn.nn.Conv2d, torch.nn.Conv2d) if nd == 2 else (gpu_nn.nn.Conv1d, torch.nn.Conv1d)
@@ -2248,13 +2254,25 @@ def test_modules_match_torch(nd, args, kwargs, shape, rng):
         assert_close(a, e, torch.float64, 1000)
 
 
-def test_module_padding_mode_rejected():
-    with pytest.raises(gpu_nn.KernelInputError, match="padding_mode='reflect'"):
-        gpu_nn.nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect")
-    m = gpu_nn.nn.Conv1d(3, 4, 3)
-    m.padding_mode = "circular"
-    with pytest.raises(gpu_nn.KernelInputError, match="padding_mode='circular'"):
-        m(torch.randn(1, 3, 8))
+@pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
+def test_module_padding_modes_on_each_backend(mode, backend, device, rng):
+    """Every padding_mode torch's layers take (they raised KernelInputError, and convert left such
+    layers to torch): the input padded by F.pad, our kernels convolving it unpadded, a fused
+    activation after the bias; a layer whose mode is set after construction follows it."""
+    theirs = torch.nn.Conv2d(3, 4, 3, padding=(2, 1), padding_mode=mode).to(device)
+    ours = gpu_nn.nn.Conv2d(3, 4, 3, padding=(2, 1), padding_mode=mode, activation="relu").to(device)
+    ours.load_state_dict(theirs.state_dict())
+    x = randn(rng, 2, 3, 7, 6, dtype=torch.float32).to(device).requires_grad_()
+    with gpu_nn.backend(backend):
+        y = ours(x)
+        yt = torch.relu(theirs(x))
+        assert_close(y, yt, torch.float32, 30)
+        g = torch.randn_like(y)
+        for a, e in zip(torch.autograd.grad(y, [x, ours.weight], g), torch.autograd.grad(yt, [x, theirs.weight], g)):
+            assert_close(a, e, torch.float32, 300)
+        ours.padding_mode = theirs.padding_mode = "zeros"
+        assert_close(ours(x), torch.relu(theirs(x)), torch.float32, 30)
 
 
 # --- torch's checks, in torch's order and wording (issues 18.3, 19.6, 19.9) -------------------

@@ -28,11 +28,12 @@ class Mixed(torch.nn.Module):
         self.l2 = gpu_nn.nn.Linear(5, 6)
         self.c2 = torch.nn.Conv2d(2, 3, 3)
         self.act = torch.nn.Tanh()
+        self.c3 = torch.nn.Conv2d(3, 3, 3, padding=1, padding_mode="reflect")  # padded by F.pad, then fused
 
     def forward(self, x, z):
         a = torch.relu(self.c1(x)).flatten(1)
         a = GF.tanh(self.l2(self.l1(a).sigmoid()))
-        b = self.act(self.c2(z))
+        b = torch.relu(self.c3(self.act(self.c2(z))))
         return a, b.flatten(1)
 
 
@@ -51,7 +52,6 @@ class Unfusable(torch.nn.Module):
         self.res = torch.nn.Conv2d(2, 2, 3, padding=1)  # its output used twice
         self.hooked = torch.nn.Conv2d(2, 2, 3, padding=1)
         self.hooked.register_forward_hook(lambda m, i, o: o - 1.0)  # the hook sees (and changes) the output
-        self.reflect = torch.nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect")
         self.pre = gpu_nn.nn.Linear(50, 4, activation="relu")  # already fused
         self.mine = MyConv(2, 2, 3, padding=1)
         self.leaky = torch.nn.Conv2d(2, 2, 3, padding=1)
@@ -64,7 +64,6 @@ class Unfusable(torch.nn.Module):
         y = self.res(x)
         y = self.relu(y) + y
         y = torch.relu(self.hooked(y))
-        y = torch.relu(self.reflect(y))
         y = torch.relu(self.mine(y))
         y = torch.nn.functional.leaky_relu(self.leaky(y))  # not an activation we fuse
         y = self.hooked_act(self.before_hooked_act(y))
@@ -99,7 +98,7 @@ def _model(name):
 # per model: the fused layers and their activations; the modules the fused graph no longer calls
 FUSED = {
     "cnn": ({"conv1": "relu", "conv2": "relu", "fc1": "relu"}, {"relu1", "relu2", "relu3"}),
-    "mixed": ({"c1": "relu", "l1": "sigmoid", "l2": "tanh", "c2": "tanh"}, {"act"}),
+    "mixed": ({"c1": "relu", "l1": "sigmoid", "l2": "tanh", "c2": "tanh", "c3": "relu"}, {"act"}),
     "unfusable": ({}, set()),
     "shared": ({}, set()),
 }

@@ -2,8 +2,9 @@
 
 Subclasses of torch's modules, so the constructor, parameters (``weight`` [O, C/groups, *k],
 ``bias`` [O]), initialisation, ``extra_repr`` and ``state_dict`` are torch's own; only the
-forward differs. ``padding_mode`` other than ``'zeros'`` is not supported (it raises
-``KernelInputError`` at construction and in forward, should the attribute be changed later).
+forward differs. A ``padding_mode`` other than ``'zeros'`` (``'reflect'``, ``'replicate'``,
+``'circular'``) pads the input as torch's layers do, with ``torch.nn.functional.pad`` (a copy of
+the input, padded; torch's own kernel), and convolves that without padding.
 As ``Linear``, both take a keyword-only ``activation=None`` ('relu', 'sigmoid', 'tanh') fused
 after the bias (not a parameter or buffer: state_dicts stay interchangeable with torch's);
 :func:`gpu_nn.fuse` sets it on a model's convolution -> activation pairs.
@@ -16,7 +17,6 @@ import inspect
 import torch
 from torch import Tensor
 
-from .._errors import KernelInputError
 from ..ops import conv as _conv
 from ._jit import NotScriptable
 from .dense import activation_repr, checked_activation
@@ -24,27 +24,29 @@ from .dense import activation_repr, checked_activation
 __all__ = ["Conv1d", "Conv2d"]
 
 
-def _check_mode(module) -> None:
-    if module.padding_mode != "zeros":
-        raise KernelInputError(
-            f"{type(module).__name__}: padding_mode={module.padding_mode!r} is not supported by gpu_nn "
-            "(only 'zeros'); pad the input with torch.nn.functional.pad and use padding=0"
-        )
+def _padded(module, input: Tensor):
+    """``(input, padding)`` for the convolution: with padding_mode 'zeros' the input and the
+    layer's padding (the kernels pad with zeros themselves); with another mode the input padded
+    as torch's ``_conv_forward`` pads it (``F.pad``, the layer's padding in reverse order, each
+    twice) and no padding."""
+    if module.padding_mode == "zeros":
+        return input, module.padding
+    return (torch.nn.functional.pad(input, module._reversed_padding_repeated_twice, mode=module.padding_mode),
+            (0,) * len(module.kernel_size))
 
 
 class Conv1d(NotScriptable, torch.nn.Conv1d):
-    """As ``torch.nn.Conv1d`` (input [N, C, L] or [C, L]); padding_mode 'zeros' only; plus
+    """As ``torch.nn.Conv1d`` (input [N, C, L] or [C, L]); any padding_mode; plus
     ``activation`` (ours only, keyword-only, default None) fused after the bias."""
 
     def __init__(self, *args, **kwargs):
         act = checked_activation("Conv1d", kwargs.pop("activation", None))
         super().__init__(*args, **kwargs)
-        _check_mode(self)
         self.activation = act
 
     def forward(self, input: Tensor) -> Tensor:
-        _check_mode(self)
-        return _conv.conv1d(input, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups,
+        x, padding = _padded(self, input)
+        return _conv.conv1d(x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups,
                              activation=getattr(self, "activation", None))
 
     def extra_repr(self) -> str:
@@ -52,18 +54,17 @@ class Conv1d(NotScriptable, torch.nn.Conv1d):
 
 
 class Conv2d(NotScriptable, torch.nn.Conv2d):
-    """As ``torch.nn.Conv2d`` (input [N, C, H, W] or [C, H, W]); padding_mode 'zeros' only; plus
+    """As ``torch.nn.Conv2d`` (input [N, C, H, W] or [C, H, W]); any padding_mode; plus
     ``activation`` (ours only, keyword-only, default None) fused after the bias."""
 
     def __init__(self, *args, **kwargs):
         act = checked_activation("Conv2d", kwargs.pop("activation", None))
         super().__init__(*args, **kwargs)
-        _check_mode(self)
         self.activation = act
 
     def forward(self, input: Tensor) -> Tensor:
-        _check_mode(self)
-        return _conv.conv2d(input, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups,
+        x, padding = _padded(self, input)
+        return _conv.conv2d(x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups,
                              activation=getattr(self, "activation", None))
 
     def extra_repr(self) -> str:
