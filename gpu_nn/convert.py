@@ -65,9 +65,9 @@ def convert(model: torch.nn.Module, *, inplace: bool = True) -> torch.nn.Module:
     """Replace every supported torch.nn layer of ``model`` by gpu-nn's drop-in module.
 
     Parameters and buffers are kept (the same tensors, so optimizers built before the
-    conversion keep working), and the converted model computes the same function. Layers whose
-    options we do not support stay torch layers; they are named with the reason in one
-    warning. Layers are converted in place (their class changes, the objects stay), so the
+    conversion keep working), and the converted model computes the same function. Layers left
+    as torch's (a subclass of a supported layer, a lazy layer not initialised yet) are named
+    with the reason in one warning. Layers are converted in place (their class changes, the objects stay), so the
     same model object is returned, ``model`` itself included when it is a supported layer.
     With ``inplace=False`` a deep copy is converted and ``model`` is left alone.
     """

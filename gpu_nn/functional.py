@@ -19,3 +19,9 @@ from .ops.rnn import __all__ as _rnn_all
 __all__ = sorted({*_act_all, *_conv_all, *_dense_all, *_pool_all, *_rnn_all})
 
 from .ops import _flops  # noqa: E402,F401  (FlopCounterMode counts our conv / linear / recurrent ops)
+
+import torch.nn.functional as _torch_functional  # noqa: E402
+
+from ._namespace import fall_back_to as _fall_back_to  # noqa: E402
+
+_fall_back_to(globals(), _torch_functional)  # F.dropout, F.pad, F.gelu, ...: torch's

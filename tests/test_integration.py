@@ -96,6 +96,55 @@ def test_convert_not_inplace_leaves_model_alone():
     assert type(new.head) is gnn.Linear
 
 
+def test_changing_the_imports_keeps_a_torch_script_working():
+    """``import gpu_nn.nn as nn`` (and functional, optim) in a torch script: our layers where
+    gpu-nn has them, torch's names everywhere else (nn.Module, Sequential, BatchNorm2d, Dropout,
+    F.nll_loss, optim.lr_scheduler, nn.utils.rnn); they raised AttributeError, so a script's
+    ``class Net(nn.Module)`` failed at its first line. nn.functional is ours, private names are
+    not taken from torch, and a name neither has is the usual AttributeError."""
+    import gpu_nn.functional as F
+    import gpu_nn.nn as nn
+    import gpu_nn.optim as optim
+
+    assert nn.Module is tnn.Module and nn.Sequential is tnn.Sequential and nn.init is tnn.init
+    assert nn.functional is F and F.dropout is torch.nn.functional.dropout
+    assert nn.utils.rnn is torch.nn.utils.rnn and nn.utils.clip_grad_value_ is torch.nn.utils.clip_grad_value_
+    assert optim.lr_scheduler is torch.optim.lr_scheduler and optim.NAdam is torch.optim.NAdam
+    assert {"Sequential", "LSTM", "functional", "utils"} <= set(dir(nn)) and "dropout" in dir(F)
+    for mod, name in ((nn, "NoSuchLayer"), (nn, "_reduction"), (F, "no_such_op"), (optim, "_functional"),
+                      (nn.utils, "nothing_here")):
+        with pytest.raises(AttributeError, match=f"module '{mod.__name__}' has no attribute '{name}'"):
+            getattr(mod, name)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
+                                      nn.Dropout(0.0), nn.Flatten(), nn.Linear(4 * 4 * 4, 10))
+
+        def forward(self, x):
+            return F.log_softmax(self.body(x), dim=1)
+
+    torch.manual_seed(0)
+    net = Net().double()
+    twin = copy.deepcopy(net)
+    for m in twin.modules():  # the same model of torch's own layers
+        if type(m).__module__.startswith("gpu_nn"):
+            m.__class__ = getattr(tnn, type(m).__name__)
+    assert type(net.body[0]) is gnn.Conv2d and type(twin.body[0]) is tnn.Conv2d
+    x, y = torch.randn(5, 1, 8, 8, dtype=torch.float64), torch.randint(0, 10, (5,))
+    for model, opt_mod in ((net, optim), (twin, torch.optim)):
+        opt = opt_mod.SGD(model.parameters(), lr=0.1, momentum=0.9)  # (Adam's division magnifies float64 rounding)
+        sched = opt_mod.lr_scheduler.StepLR(opt, 1, gamma=0.5)
+        for _ in range(2):
+            opt.zero_grad()
+            torch.nn.functional.nll_loss(model(x), y).backward()
+            opt.step()
+            sched.step()
+    for a, b in zip(net.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
 def test_convert_a_transformer_quietly():
     """A model with attention: its MultiheadAttention's out_proj (torch's own Linear subclass,
     which attention reads as weights and never calls) is left alone without a warning; its

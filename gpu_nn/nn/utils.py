@@ -1,4 +1,5 @@
-"""``gpu_nn.nn.utils``: gradient clipping (mirrors ``torch.nn.utils``)."""
+"""``gpu_nn.nn.utils``: gradient clipping (mirrors ``torch.nn.utils``); its other names
+(``rnn``, ``parametrize``, ``clip_grad_value_``, ...) are torch's."""
 
 from __future__ import annotations
 
@@ -88,3 +89,8 @@ def _promoted_dtype(grads) -> torch.dtype:
         if g.dtype != dt:
             dt = torch.promote_types(dt, g.dtype)
     return dt
+
+
+from .._namespace import fall_back_to as _fall_back_to  # noqa: E402
+
+_fall_back_to(globals(), torch.nn.utils)
