@@ -13,6 +13,7 @@ import torch.nn as tnn
 
 import gpu_nn
 import gpu_nn.nn as gnn
+from helpers import backend_params
 
 
 class MixedCNN(tnn.Module):
@@ -94,6 +95,37 @@ def test_convert_not_inplace_leaves_model_alone():
     assert new is not model
     assert type(model.head) is tnn.Linear
     assert type(new.head) is gnn.Linear
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
+def test_a_default_device_elsewhere_leaves_our_internals_on_the_operands_device(backend, device):
+    """Under torch.set_default_device (here a ``torch.device`` context: meta) our ops and
+    optimizers keep their own tensors where the operands are: a CPU optimizer step made its step
+    count on the default device ('Tensor.item() cannot be called on meta tensors'; CUDA under
+    set_default_device('cuda')), a packed sequence its length masks, clip_grad_norm_ of half
+    gradients its rounding."""
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    dev = torch.device(device)
+    g = torch.Generator().manual_seed(0)
+    lstm = gnn.LSTM(3, 4, num_layers=2, bidirectional=True).to(dev)
+    x = torch.randn(5, 2, 3, generator=g).to(dev)
+    ps = [torch.nn.Parameter(torch.randn(6, generator=g).to(dev)) for _ in range(6)]
+    half = torch.nn.Parameter(torch.randn(6, generator=g).to(dev, torch.float16))
+    half.grad = torch.full((6,), 3e4, dtype=torch.float16, device=dev)
+    packed = pack_padded_sequence(x, torch.tensor([5, 3]), enforce_sorted=False)  # (torch's own packing wants no meta default)
+    with gpu_nn.backend(backend), torch.device("meta"):
+        out, _ = lstm(packed)
+        out.data.sum().backward()
+        for p, name in zip(ps, ("SGD", "Adam", "AdamW", "Adagrad", "Adadelta", "RMSprop")):
+            p.grad = torch.ones(6, device=dev)
+            o = getattr(gpu_nn.optim, name)([p], lr=0.1)
+            o.step()
+            o.step()
+            assert all(t.device.type != "meta" for t in o.state[p].values() if torch.is_tensor(t)), name
+        total = gpu_nn.nn.utils.clip_grad_norm_([half], 1.0)
+    assert out.data.device == dev and total.device == dev and torch.isinf(total)  # (a float16 total past 65504)
+    assert all(p.grad is not None for p in lstm.parameters())
 
 
 def test_changing_the_imports_keeps_a_torch_script_working():

@@ -74,7 +74,7 @@ def _clip_reference(grads, max_norm, norm_type, error_if_nonfinite):
     out = _promoted_dtype(grads)
     # the total as returned (torch's is in the promoted dtype): what the coefficient and the
     # non-finite check read, so a float16 total past 65504 is inf and scales by 0, as torch's
-    rnd = None if out in (torch.float32, torch.float64) else (lambda t: float(torch.tensor(t).to(out)))
+    rnd = None if out in (torch.float32, torch.float64) else (lambda t: float(torch.tensor(t, device="cpu").to(out)))
     total = ref.clip_grad_norm(arrays, max_norm, norm_type, error_if_nonfinite, rnd)
     h.write_back()
     return torch.tensor(total, dtype=out, device=grads[0].device)

@@ -390,7 +390,8 @@ def _valid_rows(lengths, T, B, device):
     relu RNN whose state overflowed made dW_hh NaN where torch's is finite (a user audit)."""
     if lengths is None or not B or int(lengths.min()) >= T:
         return lambda m: m
-    pad = _backend.to_device_async((torch.arange(T)[:, None] >= lengths[None, :]).reshape(T * B, 1), device)
+    pad = _backend.to_device_async((torch.arange(T, device=lengths.device)[:, None] >= lengths[None, :]).reshape(T * B, 1),
+                                   device)
     return lambda m: m.masked_fill(pad, 0)
 
 
@@ -1355,7 +1356,7 @@ def _seq_compose(mode, num_layers, bidirectional, has_biases, lengths, masks, in
     D = 2 if bidirectional else 1
     valid = None
     if lengths is not None:
-        valid = (torch.arange(T)[:, None] < lengths[None, :]).to(input.device)[:, :, None]
+        valid = (torch.arange(T, device=lengths.device)[:, None] < lengths[None, :]).to(input.device)[:, :, None]
     ws = _split(list(weights), num_layers, D, has_biases)
     xin, hns, cns = input, [], []
     for l in range(num_layers):

@@ -307,8 +307,8 @@ class _Base(Optimizer):
 
     # -- state helpers -------------------------------------------------------------------
     def _new_step(self, p: Tensor) -> Tensor:
-        if p.device.type == "cpu":
-            return torch.tensor(0.0, dtype=_scalar_dtype())
+        if p.device.type == "cpu":  # (on the CPU whatever torch.set_default_device says, as torch's Adam)
+            return torch.tensor(0.0, dtype=_scalar_dtype(), device="cpu")
         return torch.zeros((), dtype=torch.float32, device=p.device)
 
     def _fix_step(self, state, p: Tensor) -> Tensor:
@@ -316,7 +316,7 @@ class _Base(Optimizer):
         float32 (torch's non-fused state keeps it on the CPU; moved once, no sync after)."""
         step = state["step"]
         if not torch.is_tensor(step):
-            step = torch.tensor(float(step), dtype=_scalar_dtype())
+            step = torch.tensor(float(step), dtype=_scalar_dtype(), device="cpu")
         if p.device.type != "cpu" and (step.device != p.device or step.dtype != torch.float32):
             step = step.to(device=p.device, dtype=torch.float32)
         state["step"] = step
