@@ -573,6 +573,44 @@ def test_access_widths_reads_the_size_suffix_of_global_loads_and_stores():
     assert access_widths(sass, "STG") == {"64": 1}
 
 
+def test_cross_entropy_row_statistics_offsets_are_64_bit(tmp_path):
+    """Cross entropy keeps its row statistics as stats[3, M] (+ the 'mean' denominator at
+    stats[3 M]): M rows is an i32 argument below 2^31, so 2 * M and 3 * M passed 2^31 from 7.2e8
+    rows on (a [3, 4, 512, 512, 1024] segmentation's logits) and were stored through a wrapped
+    offset (an int32-overflow audit's find, read in the kernels' TTIR). Compiled for sm_90 with
+    M as i32: no i32 multiply of M is left in the reduction, the middle-dim forward and backward,
+    and the reduction's and the target check's loops over M run in i64 (an i32 induction variable
+    wraps in the last block below 2^31). The middle-dim kernels' inner index stays i32: the shapes
+    past it take the row path (mid_ok / ce_mid_ok)."""
+    code = (
+        "import json, re, triton\n"
+        "from triton.backends.compiler import GPUTarget\n"
+        "from gpu_nn.kernels.triton import dense as kd, _aot\n"
+        "names = ['_ce_reduce_kernel', '_ce_fwd_mid_kernel', '_ce_bwd_mid_kernel', '_ce_target_check_kernel']\n"
+        "rows = []\n"
+        "for s in kd.aot_specs():\n"
+        "    n = s.kernel.fn.__name__ if hasattr(s.kernel, 'fn') else s.kernel.__name__\n"
+        "    if n in names and s.signature.get('M') == 'i32' and s.constexprs.get('MEAN', True):\n"
+        "        c = triton.compile(_aot._source(s.kernel, s.signature, s.constexprs, s.divisible_by_16),\n"
+        "                           target=GPUTarget('cuda', 90, 32), options={'num_warps': s.num_warps})\n"
+        "        lines = c.asm['ttir'].splitlines()\n"
+        "        rows.append({'kernel': n,\n"
+        "                     'mul': [l.strip() for l in lines if re.search(r'arith\\.muli .*%M\\b.*: i32', l)],\n"
+        "                     'loops': [l.strip() for l in lines if 'scf.for' in l and ': i32' in l]})\n"
+        "        names.remove(n)\n"
+        "print(json.dumps(rows))\n"
+    )
+    rows = {r["kernel"]: r for r in _uninterpreted_json(tmp_path, "ce_offsets.py", code, timeout=600)}
+    assert set(rows) == {"_ce_reduce_kernel", "_ce_fwd_mid_kernel", "_ce_bwd_mid_kernel", "_ce_target_check_kernel"}
+    for name, r in rows.items():
+        assert not r["mul"], (name, r["mul"])
+    assert not rows["_ce_reduce_kernel"]["loops"] and not rows["_ce_target_check_kernel"]["loops"], rows
+    from gpu_nn.kernels.triton import dense as kd
+
+    assert kd.mid_ok(2, 7, kd.MID_MAX_INNER) and not kd.mid_ok(2, 7, 2**31)
+    assert not kd.ce_mid_ok(1, 7, 2**31) and kd.ce_mid_ok(1, 7, kd.MID_MAX_INNER)
+
+
 def test_launched_elementwise_kernels_move_128_bits_per_access(tmp_path):
     """Issue 14's memory-bound kernels as launches of aligned tensors whose sizes are multiples of
     16 compile them (``launched_specs``; sigmoid forward and backward in float32 and bfloat16 --

@@ -789,6 +789,9 @@ MID_AOT = ((21, 56 * 56), (1000, 2), (33, 7))  # the last: gpu-nn check's "softm
 MID_TILE = 2048  # elements of a [BLOCK_C, BLOCK_I] tile (two float32 tiles live at a time)
 MID_MAX_I = 128  # inner positions per program
 MID_MAX_OUTER = 65535  # grid axis 1
+# inner positions the middle-dim kernels index in int32 (program_id(0) * BLOCK_I + lane): past it
+# the offsets would wrap, so such a shape takes the row path (its transpose to rows and back)
+MID_MAX_INNER = 2**31 - 1 - MID_MAX_I
 
 
 def mid_config(C: int, inner: int, interpret: bool) -> tuple[int, int, int]:
@@ -806,8 +809,9 @@ def mid_config(C: int, inner: int, interpret: bool) -> tuple[int, int, int]:
 
 def mid_ok(outer: int, C: int, inner: int) -> bool:
     """Whether the middle-dim kernels take a softmax of this [outer, C, inner] shape: more than
-    one inner position (else it is a row softmax) and a grid the GPU allows."""
-    return inner > 1 and 0 < outer <= MID_MAX_OUTER and C > 0
+    one inner position (else it is a row softmax), fewer than int32 indexes (MID_MAX_INNER) and a
+    grid the GPU allows."""
+    return 1 < inner <= MID_MAX_INNER and 0 < outer <= MID_MAX_OUTER and C > 0
 
 
 def softmax_fwd_mid(x, y, outer: int, C: int, inner: int, log: bool, interpret: bool) -> None:
@@ -993,9 +997,10 @@ def _ce_reduce_kernel(loss_ptr, t_ptr, w_ptr, out_ptr, stats_ptr, M, C, ignore_i
     """
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     den = tl.zeros((BLOCK,), dtype=tl.float32)
-    for start in range(0, M, BLOCK):
+    M64 = M.to(tl.int64)  # (M is i32 below 2^31: 3 * M and the loop's last step would wrap)
+    for start in range(0, M64, BLOCK):
         rows = start + tl.arange(0, BLOCK).to(tl.int64)
-        mask = rows < M
+        mask = rows < M64
         acc += tl.load(loss_ptr + rows, mask=mask, other=0.0)
         if MEAN and not PROB:
             t = tl.load(t_ptr + rows, mask=mask, other=ignore_index)
@@ -1014,7 +1019,7 @@ def _ce_reduce_kernel(loss_ptr, t_ptr, w_ptr, out_ptr, stats_ptr, M, C, ignore_i
             d = tl.sum(den, 0)
             d = tl.where((eps > 0.0) & (d == 0.0), float("nan"), d)
         total = total / d
-        tl.store(stats_ptr + 3 * M, d)
+        tl.store(stats_ptr + 3 * M64, d)
     tl.store(out_ptr, total.to(out_ptr.dtype.element_ty))
 
 
@@ -1028,7 +1033,7 @@ def _ce_target_check_kernel(t_ptr, out_ptr, M, C, ignore_index, BLOCK: tl.conste
     P = tl.num_programs(0)
     M64 = M.to(tl.int64)
     first = M64
-    for start in range(pid * BLOCK, M, P * BLOCK):
+    for start in range(pid.to(tl.int64) * BLOCK, M64, P * BLOCK):  # (an i32 start wraps within a block of 2^31)
         rows = start + tl.arange(0, BLOCK).to(tl.int64)
         mask = rows < M64
         t = tl.load(t_ptr + rows, mask=mask, other=ignore_index)
@@ -1109,10 +1114,11 @@ def _ce_fwd_mid_kernel(x_ptr, t_ptr, w_ptr, loss_ptr, stats_ptr, C, INNER, M, ig
     ending with a sum over the tile's C axis. ``M`` = outer * INNER rows; writes loss[M] and
     the [3, M] row statistics as the row kernel does."""
     o = tl.program_id(1).to(tl.int64)
-    offs_i = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
+    offs_i = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)  # (INNER < 2^31: ce_mid_ok)
     mi = offs_i < INNER
     base = o * C * INNER
     rows = o * INNER + offs_i
+    M64 = tl.cast(M, tl.int64)  # the statistics' offsets 2 M, 3 M pass 2^31 long before M does
     m_vec = tl.full((BLOCK_C, BLOCK_I), float("-inf"), tl.float32)
     s_vec = tl.zeros((BLOCK_C, BLOCK_I), dtype=tl.float32)
     lin = tl.zeros((BLOCK_C, BLOCK_I), dtype=tl.float32)
@@ -1154,8 +1160,8 @@ def _ce_fwd_mid_kernel(x_ptr, t_ptr, w_ptr, loss_ptr, stats_ptr, C, INNER, M, ig
         loss = tl.where(valid, tl.where(in_range, loss, float("nan")), 0.0)
     tl.store(loss_ptr + rows, loss.to(loss_ptr.dtype.element_ty), mask=mi)
     tl.store(stats_ptr + rows, m, mask=mi)
-    tl.store(stats_ptr + M + rows, log_s, mask=mi)
-    tl.store(stats_ptr + 2 * M + rows, w_row, mask=mi)
+    tl.store(stats_ptr + M64 + rows, log_s, mask=mi)
+    tl.store(stats_ptr + 2 * M64 + rows, w_row, mask=mi)
 
 
 @triton.jit(do_not_specialize=["stride_g", "mean"])
@@ -1169,12 +1175,13 @@ def _ce_bwd_mid_kernel(x_ptr, t_ptr, w_ptr, stats_ptr, g_ptr, stride_g, mean, dx
     mi = offs_i < INNER
     base = o * C * INNER
     rows = o * INNER + offs_i
+    M64 = tl.cast(M, tl.int64)  # (as the forward)
     s = tl.load(g_ptr + rows * stride_g, mask=mi, other=0.0).to(tl.float32)
     if mean != 0:
-        s = s / tl.load(stats_ptr + 3 * M).to(tl.float32)
+        s = s / tl.load(stats_ptr + 3 * M64).to(tl.float32)
     m = tl.load(stats_ptr + rows, mask=mi, other=0.0)
-    log_s = tl.load(stats_ptr + M + rows, mask=mi, other=0.0)
-    w_tot = tl.load(stats_ptr + 2 * M + rows, mask=mi, other=0.0).to(tl.float32)
+    log_s = tl.load(stats_ptr + M64 + rows, mask=mi, other=0.0)
+    w_tot = tl.load(stats_ptr + 2 * M64 + rows, mask=mi, other=0.0).to(tl.float32)
     if not PROB:
         t_row = tl.load(t_ptr + rows, mask=mi, other=ignore_index)
         valid = t_row != ignore_index
@@ -1249,8 +1256,9 @@ def ce_mid_ok(outer: int, C: int, inner: int) -> bool:
     """Whether the middle-dim kernels take a cross entropy over logits [outer, C, inner] (a
     contiguous [N, C, d...] input): inner positions enough to fill a program's lanes, a grid the
     GPU allows, and either few classes or, for many, enough programs that each walking all C is
-    still parallel enough (else the rows after a transpose are, one program per row)."""
-    if inner < CE_MID_MIN_INNER or not 0 < outer <= MID_MAX_OUTER or C < 1:
+    still parallel enough (else the rows after a transpose are, one program per row); fewer inner
+    positions than int32 indexes (MID_MAX_INNER), as :func:`mid_ok`."""
+    if not CE_MID_MIN_INNER <= inner <= MID_MAX_INNER or not 0 < outer <= MID_MAX_OUTER or C < 1:
         return False
     return C <= CE_MID_MAX_C or outer * cdiv(inner, CE_MID[1]) >= CE_MID_MIN_PROGRAMS
 
