@@ -2255,6 +2255,39 @@ def test_modules_match_torch(nd, args, kwargs, shape, rng):
 
 
 @pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
+def test_batches_past_the_kernels_pixel_index_run_in_chunks(backend, device, rng, monkeypatch):
+    """The Triton kernels number a launch's pixels in int32: a batch past PIXELS_MAX (2^31 - 1;
+    here lowered to 300) runs on the Triton backend as chunks of samples that fit, with the
+    values and every gradient of the whole batch, and one sample past it is refused; the
+    reference (int64 indexing) runs the batch whole. An int32-overflow audit's find: the pixel
+    index wrapped negative and passed the kernels' masks."""
+    from gpu_nn.ops import conv as oc
+
+    monkeypatch.setattr(oc, "PIXELS_MAX", 300)
+    x = randn(rng, 5, 3, 10, 10, dtype=torch.float32, device=device, requires_grad=True)  # 12 x 12 padded: 144 a sample
+    w = randn(rng, 4, 3, 3, 3, dtype=torch.float32, device=device, requires_grad=True)
+    b = randn(rng, 4, dtype=torch.float32, device=device, requires_grad=True)
+    with gpu_nn.backend(backend), interpreted_launches(device) as names:
+        y = F.conv2d(x, w, b, padding=1, activation="relu")
+    yt = torch.relu(TF.conv2d(x, w, b, padding=1))
+    assert_close(y, yt, torch.float32, 30)
+    if backend == "triton" and device == "cpu":
+        assert len(names) == 3, names  # samples 0-1, 2-3, 4: two of 144 pixels fit 300
+    g = torch.randn_like(y)
+    with gpu_nn.backend(backend):
+        got = torch.autograd.grad(y, [x, w, b], g)
+    for a, e in zip(got, torch.autograd.grad(yt, [x, w, b], g)):
+        assert_close(a, e, torch.float32, 300)
+    big = randn(rng, 1, 3, 20, 20, dtype=torch.float32, device=device)  # 484 padded positions
+    with gpu_nn.backend(backend):
+        if backend == "reference":
+            assert_close(F.conv2d(big, w, padding=1), TF.conv2d(big, w, padding=1), torch.float32, 30)
+        else:
+            with pytest.raises(gpu_nn.KernelInputError, match="one sample has 484 .padded. positions"):
+                F.conv2d(big, w, padding=1)
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
 @pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
 def test_module_padding_modes_on_each_backend(mode, backend, device, rng):
     """Every padding_mode torch's layers take (they raised KernelInputError, and convert left such

@@ -120,6 +120,35 @@ def is_int(v) -> bool:
             and v.dtype != torch.bool)
 
 
+def require(ok, message, what: str) -> None:
+    """``KernelInputError(message())`` unless the size condition ``ok`` holds. Plain ints give a
+    bool; torch.compile's symbolic sizes a SymBool, decided (with a guard) where the sizes have
+    hints, and otherwise, an unbacked size (``mark_unbacked``, a data-dependent one), left to a
+    runtime assertion of the traced program worded ``what`` (a constant: a traced message may
+    not read sizes), as torch's own checks are, since no guard can be had there (an audit: such
+    a conv or cross entropy failed to compile)."""
+    if type(ok) is bool and not torch.compiler.is_compiling():  # (dynamo shows a SymBool as a bool)
+        if not ok:
+            raise KernelInputError(message())
+        return
+    from torch.fx.experimental.symbolic_shapes import guard_or_true
+
+    if not guard_or_true(ok):
+        raise KernelInputError(message())
+    torch._check(ok, lambda: what)
+
+
+def maybe_empty(t) -> bool:
+    """Whether ``t`` has no element, as a bool: False where an unbacked symbolic size leaves it
+    open (the caller then takes the path of a tensor with elements, which is right for one)."""
+    n = t.numel()
+    if type(n) is int and not torch.compiler.is_compiling():
+        return n == 0
+    from torch.fx.experimental.symbolic_shapes import guard_or_false
+
+    return guard_or_false(n == 0)
+
+
 def check_tensor(op: str, name: str, t, position: int | None = None) -> None:
     """torch's argument-parser TypeError where ``t`` is not a tensor ("relu(): argument 'input'
     (position 1) must be Tensor, not numpy.ndarray")."""

@@ -32,6 +32,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as _TF
 from torch import Tensor
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .. import _backend
 from .._errors import KernelInputError, KernelInputTypeError, cpp_type_name, scalar_type_name, type_name
@@ -40,7 +41,7 @@ from ..check import CheckCase
 from ..reference import conv as ref
 from ._dispatch import (
     FLOAT_DTYPES, autocast_inputs, check_float, check_float_like_torch, check_same, check_tensor, empty, float64_in_float32, from_numpy, is_int, memo, on_device, plain_arg,
-    routed, to_numpy, triton_kernels,
+    require, routed, to_numpy, triton_kernels,
 )
 from ._dispatch import chooser as _chooser  # module-level name: tests replace it
 from ._dispatch import dense_channels_last as _dense_channels_last
@@ -257,16 +258,22 @@ def _check_all(nd: int, input: Tensor, weight: Tensor, bias: Optional[Tensor], s
         raise KernelInputError(f"{name}: expected a non-empty kernel, but got weight of size {list(weight.shape)}")
     padded = [input.shape[2 + i] + padding[2 * i] + padding[2 * i + 1] for i in range(nd)]
     kext = [dilation[i] * (weight.shape[2 + i] - 1) + 1 for i in range(nd)]
-    if any(k > p for k, p in zip(kext, padded)):
-        raise KernelInputError(
-            f"Calculated padded input size per channel: ({' x '.join(map(str, padded))}). Kernel size: "
-            f"({' x '.join(map(str, kext))}). Kernel size can't be greater than actual input size"
-        )
-    if input.numel() == 0 and input.shape[0] and c:
-        # torch runs no backend on an input empty in a spatial dim alone (padding let the kernel
-        # fit): its message shows the batched 2-d form it runs (conv1d: [N, C, 1, L])
-        shape = list(input.shape) if nd == 2 else [*input.shape[:2], 1, input.shape[2]]
-        raise KernelInputError(f"Only zero batch or zero channel inputs are supported, but got input shape: {shape}")
+    fits = True
+    for k, p in zip(kext, padded):
+        fits = fits & (k <= p)  # (a SymBool under torch.compile: require decides it)
+    require(fits, lambda: (
+        f"Calculated padded input size per channel: ({' x '.join(map(str, padded))}). Kernel size: "
+        f"({' x '.join(map(str, kext))}). Kernel size can't be greater than actual input size"),
+        "Kernel size can't be greater than actual input size")
+    nonempty = True
+    for i in range(nd):
+        nonempty = nonempty & (input.shape[2 + i] != 0)
+    # torch runs no backend on an input empty in a spatial dim alone (padding let the kernel
+    # fit): its message shows the batched 2-d form it runs (conv1d: [N, C, 1, L])
+    shape = list(input.shape) if nd == 2 else [*input.shape[:2], 1, input.shape[2]]
+    require((input.shape[0] == 0) | (c == 0) | nonempty, lambda: (
+        f"Only zero batch or zero channel inputs are supported, but got input shape: {shape}"),
+        "Only zero batch or zero channel inputs are supported")
     _check_weight_dtype(name, input, weight, unbatched)
 
 
@@ -329,7 +336,8 @@ def _fwd_plan(input, weight, bias, stride, padding, dilation, groups, activation
     _check_all(nd, input, weight, bias, stride, padding, dilation, groups, activation)
     fmt = _memory_format(input, weight)
     oshape = (input.shape[0], weight.shape[0], *_out_size(input.shape, weight.shape, stride, padding, dilation))
-    return (nd, fmt, oshape, *_geometry(nd, stride, padding, dilation), _ref_args(stride, padding, dilation))
+    return (nd, fmt, oshape, *_geometry(nd, stride, padding, dilation), _ref_args(stride, padding, dilation),
+            input.shape[0] * _pixels_per_sample(nd, input, weight, stride, padding, dilation))
 
 
 def _ref_args(stride, padding, dilation):
@@ -344,7 +352,7 @@ def conv_forward(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride, 
     ``padding`` per side. Returns a [N, O, *So] tensor of input's dtype in the memory format
     :func:`_memory_format` gives (torch's). The checks and the geometry are planned once per
     call facts (:func:`_planned`)."""
-    nd, fmt, oshape, st4, pads4, dl4, rargs = _planned(
+    nd, fmt, oshape, st4, pads4, dl4, rargs, pixels = _planned(
         3,
         lambda: (_facts(input), _facts(weight), _facts(bias), tuple(stride), tuple(padding), tuple(dilation), groups,
                  activation),
@@ -358,6 +366,7 @@ def conv_forward(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride, 
     if input.dtype is torch.float64:  # a GPU backend named for float64: in float32 (README)
         return float64_in_float32(conv_forward, input, weight, bias, stride, padding, dilation, groups, activation)
     _backend.check_interpreter_dtype(name, backend, input, weight, bias)
+    _check_pixels(name, pixels)
     ktriton, kt = triton_kernels("conv")
     dt, dev = input.dtype, input.device
     out = _alloc(oshape, fmt, lambda s: empty(s, dtype=dt, device=dev))
@@ -385,14 +394,15 @@ def _bwd_plan(grad_output, input, weight, output, stride, padding, dilation, gro
     # layout (channels_last stays channels_last, no transpose pass)
     gfmt = torch.channels_last if _dense_channels_last(grad_output) else torch.contiguous_format
     return (nd, _memory_format(input, weight), *_geometry(nd, stride, padding, dilation), mask, gfmt,
-            (0, *range(2, grad_output.dim())), _ref_args(stride, padding, dilation))
+            (0, *range(2, grad_output.dim())), _ref_args(stride, padding, dilation),
+            input.shape[0] * _pixels_per_sample(nd, input, weight, stride, padding, dilation))
 
 
 def conv_backward(grad_output: Tensor, input: Tensor, weight: Tensor, output: Optional[Tensor], stride, padding,
                   dilation, groups: int, activation: Optional[str], output_mask) -> tuple[Tensor, Tensor, Tensor]:
     """(grad_input, grad_weight, grad_bias) of :func:`conv_forward`; a gradient whose
     ``output_mask`` entry is False comes back empty. Checks and geometry planned as the forward's."""
-    nd, fmt, st4, pads4, dl4, mask, gfmt, bias_dims, rargs = _planned(
+    nd, fmt, st4, pads4, dl4, mask, gfmt, bias_dims, rargs, pixels = _planned(
         4,
         lambda: (_facts(grad_output), _facts(input), _facts(weight), _facts(output), tuple(stride), tuple(padding),
                  tuple(dilation), groups, activation, tuple(output_mask)),
@@ -412,6 +422,7 @@ def conv_backward(grad_output: Tensor, input: Tensor, weight: Tensor, output: Op
         return float64_in_float32(conv_backward, grad_output, input, weight, output, stride, padding, dilation, groups,
                                   activation, output_mask)
     _backend.check_interpreter_dtype(name, backend, input, weight, grad_output)
+    _check_pixels(name, pixels)
     ktriton, kt = triton_kernels("conv")
 
     g = grad_output
@@ -679,15 +690,63 @@ def _conv(nd, input, weight, bias, stride, padding, dilation, groups, activation
         key = (nd, input.shape, input.dtype, input.device, weight.shape, weight.dtype, weight.device,
                None if bias is None else (bias.shape, bias.dtype, bias.device), stride, padding, dilation, groups,
                activation)
-        stride, pads, dilation, groups, unbatched = memo(
+        stride, pads, dilation, groups, unbatched, per = memo(
             _PUBLIC, _CHECKED_MAX, key,
             lambda: _conv_args(nd, input, weight, bias, stride, padding, dilation, groups, activation)[3:])
+        fits = (1 if unbatched else input.shape[0]) * per <= PIXELS_MAX
     else:
-        input, weight, bias, stride, pads, dilation, groups, unbatched = _conv_args(
+        input, weight, bias, stride, pads, dilation, groups, unbatched, per = _conv_args(
             nd, input, weight, bias, stride, padding, dilation, groups, activation)
+        # symbolic sizes (torch.compile, export): split only where the sizes say so without a guard
+        # (one on a dynamic batch would bound its range); a launch past the bound is refused
+        fits = not statically_known_true((1 if unbatched else input.shape[0]) * per > PIXELS_MAX)
     x = input.unsqueeze(0) if unbatched else input
-    out = _conv_forward_op(x, weight, bias, stride, pads, dilation, groups, activation)
+    if fits:
+        out = _conv_forward_op(x, weight, bias, stride, pads, dilation, groups, activation)
+    else:
+        out = _conv_in_chunks(nd, x, weight, bias, stride, pads, dilation, groups, activation, per)
     return out.squeeze(0) if unbatched else out
+
+
+# The Triton kernels number a launch's pixels (batch x output positions; batch x input positions
+# for the input gradient) in int32, and their offsets from that number in int64: a batch whose
+# pixels pass 2^31 - 1 runs as chunks of samples that fit, one sample whose pixels do not is refused
+# (the reference backend indexes in int64: no limit there). An audit's find: past the bound the
+# pixel index wrapped negative and passed the masks (an illegal address on a GPU).
+PIXELS_MAX = 2**31 - 1
+
+
+def _pixels_per_sample(nd, x, weight, stride, pads, dilation):
+    """A bound on one sample's pixels in any launch of the call: its padded input's positions,
+    or its output's where those are more (a negative padding's output can be)."""
+    per = 1
+    for i in range(nd):
+        size = x.shape[2 + i] + pads[2 * i] + pads[2 * i + 1]
+        out = (size - dilation[i] * (weight.shape[2 + i] - 1) - 1) // stride[i] + 1
+        per = per * torch.sym_max(size, out)
+    return per
+
+
+def _check_pixels(name: str, pixels) -> None:
+    """A Triton launch's refusal of more pixels than it indexes (PIXELS_MAX): what the public
+    functions' chunks never reach, and a compiled graph with a dynamic batch can."""
+    if pixels > PIXELS_MAX:
+        raise KernelInputError(f"{name}: a batch of {pixels} (padded) positions, past the {PIXELS_MAX} one launch of "
+                               "gpu-nn's kernels indexes; split the batch")
+
+
+def _conv_in_chunks(nd, x, weight, bias, stride, pads, dilation, groups, activation, per):
+    """The convolution of a batch whose pixels pass PIXELS_MAX: on the Triton backend, chunks of
+    the samples that fit, concatenated (autograd sums their weight and bias gradients); one
+    sample past it refused there. The reference runs the batch whole."""
+    if _backend.resolve(_NAMES[nd][0], x.device, BACKENDS, dtype=x.dtype) == "reference":
+        return _conv_forward_op(x, weight, bias, stride, pads, dilation, groups, activation)
+    if per > PIXELS_MAX:
+        raise KernelInputError(
+            f"conv{nd}d: one sample has {per} (padded) positions, past the {PIXELS_MAX} that gpu-nn's kernels "
+            "index; split the input spatially, or run it on the reference backend")
+    return torch.cat([_conv_forward_op(xc, weight, bias, stride, pads, dilation, groups, activation)
+                      for xc in x.split(PIXELS_MAX // per)], 0)
 
 
 def _conv_args(nd, input, weight, bias, stride, padding, dilation, groups, activation):
@@ -719,7 +778,8 @@ def _conv_args(nd, input, weight, bias, stride, padding, dilation, groups, activ
     unbatched = input.dim() == nd + 1
     x = input.unsqueeze(0) if unbatched else input
     _check(nd, x, weight, bias, stride, pads, dilation, groups, activation, unbatched)
-    return input, weight, bias, stride, pads, dilation, groups, unbatched
+    return (input, weight, bias, stride, pads, dilation, groups, unbatched,
+            _pixels_per_sample(nd, x, weight, stride, pads, dilation))
 
 
 def conv1d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=1, padding=0, dilation=1, groups=1,

@@ -38,7 +38,7 @@ from .._errors import (KernelInputError, KernelInputIndexError, KernelInputTypeE
 from ..check import CheckCase
 from ..reference import dense as ref
 from ._dispatch import (FLOAT_DTYPES, autocast_inputs, check_float_like_torch, check_tensor, empty, float64_in_float32, from_numpy, is_int,
-                        on_device, routed, to_numpy, triton_kernels)
+                        on_device, require, routed, to_numpy, triton_kernels)
 from ._dispatch import _eager_ok
 from ._dispatch import has_torch_function as _has_tf
 from ._dispatch import torch_function as _tf
@@ -1037,8 +1037,9 @@ def _check_cross_entropy(input, target, weight, ignore_index, reduction, label_s
         # nll_loss, a 4-D one to nll_loss2d (its target rank, then its sizes), any other rank to
         # the reshaped path (the target size)
         batch = target.shape[0] if target.dim() else 0
-        if batch != input.shape[0]:
-            raise KernelInputError(f"Expected input batch_size ({input.shape[0]}) to match target batch_size ({batch}).")
+        require(batch == input.shape[0],
+                  lambda: f"Expected input batch_size ({input.shape[0]}) to match target batch_size ({batch}).",
+                  "Expected input batch_size to match target batch_size.")
         if input.dim() == 2:
             if target.dim() != 1:
                 raise KernelInputError("0D or 1D target tensor expected, multi-target not supported")

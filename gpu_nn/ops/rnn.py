@@ -109,8 +109,8 @@ from .._errors import KernelInputError, scalar_type_name, type_name
 from ..check import CheckCase, _rel, generic_error
 from ..reference import rnn as ref
 from ._dispatch import (
-    FLOAT_DTYPES, autocast_inputs, check_tensor, compute_dtype, cuda_kernels, empty, from_numpy, not_float_message, on_device, routed,
-    to_numpy, triton_kernels,
+    FLOAT_DTYPES, autocast_inputs, check_tensor, compute_dtype, cuda_kernels, empty, from_numpy, maybe_empty, not_float_message,
+    on_device, routed, to_numpy, triton_kernels,
 )
 from ._dispatch import has_torch_function as _has_tf
 from ._dispatch import torch_function as _tf
@@ -1302,7 +1302,7 @@ def _seq_backward(ctx, g_out, g_hn, g_cn, _g_res):
         g_out = input.new_zeros((T, B, D * W))
     if g_hn is None:
         g_hn = input.new_zeros((num_layers * D, B, W))
-    if mode == "lstm" and (g_cn is None or g_cn.numel() == 0):
+    if mode == "lstm" and (g_cn is None or maybe_empty(g_cn)):
         g_cn = input.new_zeros((num_layers * D, B, H))
     dx, dhx, dcx, dws = _rnn_seq_backward_op(
         g_out.contiguous(), g_hn.contiguous(), g_cn.contiguous() if mode == "lstm" else None, input, list(weights), reserve,
@@ -1754,7 +1754,7 @@ def _cell_backward(ctx, g_h, g_c, _g_res):
         return (None,) * 8
     if g_h is None:  # only c' reached the loss
         g_h = torch.zeros_like(hx)
-    if mode != "lstm" or (g_c is not None and g_c.numel() == 0):
+    if mode != "lstm" or (g_c is not None and maybe_empty(g_c)):
         g_c = None
     dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh = _rnn_cell_backward_op(
         g_h, g_c, input, hx, cx if ctx.has_cx else None, w_ih, w_hh, b_ih if ctx.has_b else None,
