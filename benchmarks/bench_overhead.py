@@ -457,7 +457,7 @@ def cases(device: str, quick: bool, only=None) -> list[harness.Case]:
             continue
         torch.manual_seed(0)
         m_torch = _torch_module(name, args, kwargs).to(device)
-        m_ours = getattr(gnn, name)(*args, **kwargs).to(device)
+        m_ours = vars(gnn)[name](*args, **kwargs).to(device)  # (ours only: vars, not the torch fallback)
         if list(m_torch.parameters()):
             m_ours.load_state_dict(m_torch.state_dict())
         shape = " ".join("x".join(map(str, t.shape)) for t in _flat(make(False)))
@@ -467,7 +467,7 @@ def cases(device: str, quick: bool, only=None) -> list[harness.Case]:
             continue
         providers = {"torch": _optim_setup(getattr(torch.optim, name), {**kw, "foreach": False}, device, None)}
         for b in _ours(device):
-            providers[b] = _optim_setup(getattr(goptim, name), kw, device, b)
+            providers[b] = _optim_setup(vars(goptim)[name], kw, device, b)
         providers = _implemented(providers, device)
         out.append(harness.Case(family="overhead", name=f"optim.{name} step", shape="3 params, 20 elements",
                                 providers=providers, device=device, calls=CALLS, min_reps=REPS))

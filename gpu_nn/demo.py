@@ -249,7 +249,7 @@ def train_pair(model: str, epochs: int | None = None, device: str = "cpu", backe
             net = gpu_nn.fuse(net)
     twin = build(model, twin_impl.nn).to(device)
     twin.load_state_dict(net.state_dict())
-    opt = getattr(ours.optim, hp["optimizer"])(net.parameters(), lr=lr)
+    opt = vars(ours.optim)[hp["optimizer"]](net.parameters(), lr=lr)  # (ours: vars, not the torch fallback)
     twin_opt = getattr(twin_impl.optim, hp["optimizer"])(twin.parameters(), lr=lr)
     loss_fn, twin_loss_fn = ours.nn.CrossEntropyLoss(), twin_impl.nn.CrossEntropyLoss()
 

@@ -2285,6 +2285,13 @@ def test_batches_past_the_kernels_pixel_index_run_in_chunks(backend, device, rng
         else:
             with pytest.raises(gpu_nn.KernelInputError, match="one sample has 484 .padded. positions"):
                 F.conv2d(big, w, padding=1)
+            # the op itself (what a compiled graph with a dynamic batch calls, unsplit): its
+            # launches refuse the count, forward and backward
+            with pytest.raises(gpu_nn.KernelInputError, match="720 .padded. positions in one launch"):
+                oc._conv_forward_op(x.detach(), w.detach(), None, [1, 1], [1, 1, 1, 1], [1, 1], 1, None)
+            with pytest.raises(gpu_nn.KernelInputError, match="720 .padded. positions in one launch"):
+                oc._conv_backward_op(g, x.detach(), w.detach(), None, [1, 1], [1, 1, 1, 1], [1, 1], 1, None,
+                                     [True, True, False])
 
 
 @pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))

@@ -205,8 +205,10 @@ def test_meta_parameters_step_as_torchs(name):
         o.step()
         assert set(o.state[m]) == set(o.state[p]) and all(
             t.is_meta for k, t in o.state[m].items() if torch.is_tensor(t) and k != "step")
-        got.append(p.detach().clone())
-    torch.testing.assert_close(got[1], got[0], rtol=1e-14, atol=0)
+        step = o.state[m].get("step")
+        got.append((p.detach().clone(), None if step is None else (float(step), step.device.type)))
+    torch.testing.assert_close(got[1][0], got[0][0], rtol=1e-14, atol=0)
+    assert got[1][1] == got[0][1]  # the meta parameter's step count: 2.0 on the CPU, as torch's
 
 
 _LATE_BAD = [(n, "weight_decay", "x") for n in NAMES] + [

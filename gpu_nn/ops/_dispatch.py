@@ -127,15 +127,24 @@ def require(ok, message, what: str) -> None:
     runtime assertion of the traced program worded ``what`` (a constant: a traced message may
     not read sizes), as torch's own checks are, since no guard can be had there (an audit: such
     a conv or cross entropy failed to compile)."""
-    if type(ok) is bool and not torch.compiler.is_compiling():  # (dynamo shows a SymBool as a bool)
-        if not ok:
-            raise KernelInputError(message())
+    if ok is True:  # the usual answer, at once (a SymBool is never the object True)
         return
-    from torch.fx.experimental.symbolic_shapes import guard_or_true
-
-    if not guard_or_true(ok):
+    if type(ok) is bool and not torch.compiler.is_compiling():  # (dynamo shows a SymBool as a bool)
+        raise KernelInputError(message())
+    if not _guard_or(True)(ok):
         raise KernelInputError(message())
     torch._check(ok, lambda: what)
+
+
+def _guard_or(default: bool):
+    """torch's ``guard_or_true`` / ``guard_or_false`` (a size condition decided with a guard where
+    it can be, else ``default``); before torch 2.8, which lacks them, ``bool`` (a guard: an
+    unbacked size fails to compile there, as it did)."""
+    try:
+        from torch.fx.experimental.symbolic_shapes import guard_or_false, guard_or_true
+    except ImportError:  # pragma: no cover - torch < 2.8
+        return bool
+    return guard_or_true if default else guard_or_false
 
 
 def maybe_empty(t) -> bool:
@@ -144,9 +153,7 @@ def maybe_empty(t) -> bool:
     n = t.numel()
     if type(n) is int and not torch.compiler.is_compiling():
         return n == 0
-    from torch.fx.experimental.symbolic_shapes import guard_or_false
-
-    return guard_or_false(n == 0)
+    return _guard_or(False)(n == 0)
 
 
 def check_tensor(op: str, name: str, t, position: int | None = None) -> None:

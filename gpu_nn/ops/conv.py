@@ -331,7 +331,8 @@ def _geometry(nd, stride, padding, dilation):
 
 
 def _fwd_plan(input, weight, bias, stride, padding, dilation, groups, activation):
-    """:func:`conv_forward`'s checks, then (rank, memory format, output shape, 2-d geometry)."""
+    """:func:`conv_forward`'s checks, then (rank, memory format, output shape, 2-d geometry, the
+    reference's arguments, the launch's pixels for :func:`_check_pixels`)."""
     nd = weight.dim() - 2
     _check_all(nd, input, weight, bias, stride, padding, dilation, groups, activation)
     fmt = _memory_format(input, weight)
@@ -380,7 +381,8 @@ def conv_forward(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride, 
 
 def _bwd_plan(grad_output, input, weight, output, stride, padding, dilation, groups, activation, output_mask):
     """:func:`conv_backward`'s checks, then (rank, memory format, 2-d geometry, mask, the
-    layout of the activation's gradient, the bias gradient's reduced dimensions)."""
+    layout of the activation's gradient, the bias gradient's reduced dimensions, the reference's
+    arguments, the launch's pixels for :func:`_check_pixels`)."""
     nd = weight.dim() - 2
     _check_all(nd, input, weight, None, stride, padding, dilation, groups, activation)
     check_same(f"conv{nd}d backward", input, grad_output, "grad_output")
@@ -710,10 +712,13 @@ def _conv(nd, input, weight, bias, stride, padding, dilation, groups, activation
 
 # The Triton kernels number a launch's pixels (batch x output positions; batch x input positions
 # for the input gradient) in int32, and their offsets from that number in int64: a batch whose
-# pixels pass 2^31 - 1 runs as chunks of samples that fit, one sample whose pixels do not is refused
-# (the reference backend indexes in int64: no limit there). An audit's find: past the bound the
-# pixel index wrapped negative and passed the masks (an illegal address on a GPU).
-PIXELS_MAX = 2**31 - 1
+# pixels pass PIXELS_MAX runs as chunks of samples that fit, one sample whose pixels do not is
+# refused (the reference backend indexes in int64: no limit there). An audit's find: past 2^31 the
+# pixel index wrapped negative and passed the masks (an illegal address on a GPU). The bound is
+# half the int32 range: the kernels' own sums over pixel numbers (a weight-gradient split's end,
+# m_lo + CHUNK, a loop's m0 + BLOCK) stay in range for any launch within it (a review's find: at
+# 2^31 - 1 the last split's end wrapped and dropped its pixels from dW).
+PIXELS_MAX = 2**30
 
 
 def _pixels_per_sample(nd, x, weight, stride, pads, dilation):
@@ -731,8 +736,8 @@ def _check_pixels(name: str, pixels) -> None:
     """A Triton launch's refusal of more pixels than it indexes (PIXELS_MAX): what the public
     functions' chunks never reach, and a compiled graph with a dynamic batch can."""
     if pixels > PIXELS_MAX:
-        raise KernelInputError(f"{name}: a batch of {pixels} (padded) positions, past the {PIXELS_MAX} one launch of "
-                               "gpu-nn's kernels indexes; split the batch")
+        raise KernelInputError(f"{name}: {pixels} (padded) positions in one launch, past the {PIXELS_MAX} gpu-nn's "
+                               "kernels index; split the batch (or one sample spatially)")
 
 
 def _conv_in_chunks(nd, x, weight, bias, stride, pads, dilation, groups, activation, per):
@@ -751,7 +756,8 @@ def _conv_in_chunks(nd, x, weight, bias, stride, pads, dilation, groups, activat
 
 def _conv_args(nd, input, weight, bias, stride, padding, dilation, groups, activation):
     """Every check of a public call, in torch's order, and the normalised arguments: (input,
-    weight, bias after autocast, stride, per-side padding, dilation, groups, unbatched)."""
+    weight, bias after autocast, stride, per-side padding, dilation, groups, unbatched, a
+    sample's pixels (:func:`_pixels_per_sample`))."""
     name = f"conv{nd}d"
     # torch's argument parser first (TypeErrors), then conv's own checks
     check_tensor(name, "input", input, 1)

@@ -110,8 +110,8 @@ def run_parts(kind: str, parts_: list, hp: dict, grads) -> None:
     tensor_lr = type(lr) is not float and isinstance(lr, torch.Tensor)  # the float test first: the hot path
     host_hp = None
     for part in parts_:
-        if part.device.type == "meta":  # no data (deferred initialisation, fake tracing): torch's
-            for s in part.steps:  # step computes nothing there either; its step counts advance
+        if part.device.type == "meta":  # no data (deferred initialisation): torch's step computes
+            for s in part.steps:  # nothing there either; its step counts (CPU tensors) advance
                 s.add_(1)
             continue
         sub_g = [grads[i] for i in part.idx]

@@ -307,7 +307,9 @@ class _Base(Optimizer):
 
     # -- state helpers -------------------------------------------------------------------
     def _new_step(self, p: Tensor) -> Tensor:
-        if p.device.type == "cpu":  # (on the CPU whatever torch.set_default_device says, as torch's Adam)
+        # a CPU or meta parameter's on the CPU whatever torch.set_default_device says (torch's
+        # non-fused steps keep it there; a meta one counts the steps too, as torch's)
+        if p.device.type in ("cpu", "meta"):
             return torch.tensor(0.0, dtype=_scalar_dtype(), device="cpu")
         return torch.zeros((), dtype=torch.float32, device=p.device)
 
@@ -317,7 +319,7 @@ class _Base(Optimizer):
         step = state["step"]
         if not torch.is_tensor(step):
             step = torch.tensor(float(step), dtype=_scalar_dtype(), device="cpu")
-        if p.device.type != "cpu" and (step.device != p.device or step.dtype != torch.float32):
+        if p.device.type not in ("cpu", "meta") and (step.device != p.device or step.dtype != torch.float32):
             step = step.to(device=p.device, dtype=torch.float32)
         state["step"] = step
         return step

@@ -27,8 +27,9 @@ describe it, ``Y_DESC``), taken only where they time faster. Inputs are float32 
 accumulation is float32; float32 ``tl.dot`` runs with the ``PREC`` input precision the launcher
 chooses ("ieee", or "tf32" when torch allows TF32). Offsets that scale with the batch or a
 spatial index are int64, so tensors above 2^31 elements address correctly; the pixel number
-itself (batch x positions) is int32, so a launch takes fewer than 2^31 pixels
-(``gpu_nn.ops.conv.PIXELS_MAX``: the public functions run a larger batch in chunks).
+itself (batch x positions) is int32, so a launch takes at most 2^30 pixels
+(``gpu_nn.ops.conv.PIXELS_MAX``, half the range: the sums over pixel numbers stay in it; the
+public functions run a larger batch in chunks).
 
 Few channels per group (an RGB stem) leave most of a channel block idle; the ``PACKED`` forms
 run the forward's K loop and the weight gradient's columns over (channel, tap) pairs instead.
