@@ -129,11 +129,34 @@ def require(ok, message, what: str) -> None:
     a conv or cross entropy failed to compile)."""
     if ok is True:  # the usual answer, at once (a SymBool is never the object True)
         return
+    if isinstance(ok, torch.Tensor):  # under torch.jit.trace a size is a 0-d tensor: its value
+        ok = bool(ok)
     if type(ok) is bool and not torch.compiler.is_compiling():  # (dynamo shows a SymBool as a bool)
+        if ok:
+            return
         raise KernelInputError(message())
     if not _guard_or(True)(ok):
         raise KernelInputError(message())
     torch._check(ok, lambda: what)
+
+
+def all_of(conds):
+    """The conjunction of size conditions without asking any of them for a Python bool: plain
+    bools give a bool, SymBools (torch.compile) a SymBool for :func:`require`; a 0-d tensor
+    (a size under torch.jit.trace) is read as its value first (a traced ``&`` of a tensor and a
+    bool is an op TorchScript lacks)."""
+    out = True
+    for c in conds:
+        out = out & (bool(c) if isinstance(c, torch.Tensor) else c)
+    return out
+
+
+def any_of(conds):
+    """The disjunction, as :func:`all_of`."""
+    out = False
+    for c in conds:
+        out = out | (bool(c) if isinstance(c, torch.Tensor) else c)
+    return out
 
 
 def _guard_or(default: bool):

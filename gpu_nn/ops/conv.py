@@ -41,7 +41,7 @@ from ..check import CheckCase
 from ..reference import conv as ref
 from ._dispatch import (
     FLOAT_DTYPES, autocast_inputs, check_float, check_float_like_torch, check_same, check_tensor, empty, float64_in_float32, from_numpy, is_int, memo, on_device, plain_arg,
-    require, routed, to_numpy, triton_kernels,
+    all_of, any_of, require, routed, to_numpy, triton_kernels,
 )
 from ._dispatch import chooser as _chooser  # module-level name: tests replace it
 from ._dispatch import dense_channels_last as _dense_channels_last
@@ -258,20 +258,15 @@ def _check_all(nd: int, input: Tensor, weight: Tensor, bias: Optional[Tensor], s
         raise KernelInputError(f"{name}: expected a non-empty kernel, but got weight of size {list(weight.shape)}")
     padded = [input.shape[2 + i] + padding[2 * i] + padding[2 * i + 1] for i in range(nd)]
     kext = [dilation[i] * (weight.shape[2 + i] - 1) + 1 for i in range(nd)]
-    fits = True
-    for k, p in zip(kext, padded):
-        fits = fits & (k <= p)  # (a SymBool under torch.compile: require decides it)
-    require(fits, lambda: (
+    require(all_of(k <= p for k, p in zip(kext, padded)), lambda: (
         f"Calculated padded input size per channel: ({' x '.join(map(str, padded))}). Kernel size: "
         f"({' x '.join(map(str, kext))}). Kernel size can't be greater than actual input size"),
         "Kernel size can't be greater than actual input size")
-    nonempty = True
-    for i in range(nd):
-        nonempty = nonempty & (input.shape[2 + i] != 0)
+    nonempty = all_of(input.shape[2 + i] != 0 for i in range(nd))
     # torch runs no backend on an input empty in a spatial dim alone (padding let the kernel
     # fit): its message shows the batched 2-d form it runs (conv1d: [N, C, 1, L])
     shape = list(input.shape) if nd == 2 else [*input.shape[:2], 1, input.shape[2]]
-    require((input.shape[0] == 0) | (c == 0) | nonempty, lambda: (
+    require(any_of((input.shape[0] == 0, c == 0, nonempty)), lambda: (
         f"Only zero batch or zero channel inputs are supported, but got input shape: {shape}"),
         "Only zero batch or zero channel inputs are supported")
     _check_weight_dtype(name, input, weight, unbatched)
@@ -700,8 +695,10 @@ def _conv(nd, input, weight, bias, stride, padding, dilation, groups, activation
         input, weight, bias, stride, pads, dilation, groups, unbatched, per = _conv_args(
             nd, input, weight, bias, stride, padding, dilation, groups, activation)
         # symbolic sizes (torch.compile, export): split only where the sizes say so without a guard
-        # (one on a dynamic batch would bound its range); a launch past the bound is refused
-        fits = not statically_known_true((1 if unbatched else input.shape[0]) * per > PIXELS_MAX)
+        # (one on a dynamic batch would bound its range); a launch past the bound is refused.
+        # Under torch.jit.trace the sizes are 0-d tensors: their values decide, as every check's
+        big = (1 if unbatched else input.shape[0]) * per > PIXELS_MAX
+        fits = not (bool(big) if isinstance(big, Tensor) else statically_known_true(big))
     x = input.unsqueeze(0) if unbatched else input
     if fits:
         out = _conv_forward_op(x, weight, bias, stride, pads, dilation, groups, activation)
@@ -728,7 +725,9 @@ def _pixels_per_sample(nd, x, weight, stride, pads, dilation):
     for i in range(nd):
         size = x.shape[2 + i] + pads[2 * i] + pads[2 * i + 1]
         out = (size - dilation[i] * (weight.shape[2 + i] - 1) - 1) // stride[i] + 1
-        per = per * torch.sym_max(size, out)
+        # (sym_max: no guard on a symbolic size; under torch.jit.trace sizes are 0-d tensors, which
+        # it refuses: their values decide, as every check's)
+        per = per * (max(size, out) if isinstance(size, Tensor) else torch.sym_max(size, out))
     return per
 
 
