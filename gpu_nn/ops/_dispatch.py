@@ -120,13 +120,14 @@ def is_int(v) -> bool:
             and v.dtype != torch.bool)
 
 
-def require(ok, message, what: str) -> None:
+def require(ok, message) -> None:
     """``KernelInputError(message())`` unless the size condition ``ok`` holds. Plain ints give a
     bool; torch.compile's symbolic sizes a SymBool, decided (with a guard) where the sizes have
     hints, and otherwise, an unbacked size (``mark_unbacked``, a data-dependent one), left to a
-    runtime assertion of the traced program worded ``what`` (a constant: a traced message may
-    not read sizes), as torch's own checks are, since no guard can be had there (an audit: such
-    a conv or cross entropy failed to compile)."""
+    runtime assertion of the traced program (``torch._check``, without our words: Dynamo takes no
+    message that reads a variable, and torch 2.11's none from outside the compiled region), as
+    torch's own checks are, since no guard can be had there (an audit: such a conv or cross
+    entropy failed to compile)."""
     if ok is True:  # the usual answer, at once (a SymBool is never the object True)
         return
     if isinstance(ok, torch.Tensor):  # under torch.jit.trace a size is a 0-d tensor: its value
@@ -137,7 +138,7 @@ def require(ok, message, what: str) -> None:
         raise KernelInputError(message())
     if not _guard_or(True)(ok):
         raise KernelInputError(message())
-    torch._check(ok, lambda: what)
+    torch._check(ok)
 
 
 def all_of(conds):

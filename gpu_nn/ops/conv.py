@@ -260,15 +260,13 @@ def _check_all(nd: int, input: Tensor, weight: Tensor, bias: Optional[Tensor], s
     kext = [dilation[i] * (weight.shape[2 + i] - 1) + 1 for i in range(nd)]
     require(all_of(k <= p for k, p in zip(kext, padded)), lambda: (
         f"Calculated padded input size per channel: ({' x '.join(map(str, padded))}). Kernel size: "
-        f"({' x '.join(map(str, kext))}). Kernel size can't be greater than actual input size"),
-        "Kernel size can't be greater than actual input size")
+        f"({' x '.join(map(str, kext))}). Kernel size can't be greater than actual input size"))
     nonempty = all_of(input.shape[2 + i] != 0 for i in range(nd))
     # torch runs no backend on an input empty in a spatial dim alone (padding let the kernel
     # fit): its message shows the batched 2-d form it runs (conv1d: [N, C, 1, L])
     shape = list(input.shape) if nd == 2 else [*input.shape[:2], 1, input.shape[2]]
     require(any_of((input.shape[0] == 0, c == 0, nonempty)), lambda: (
-        f"Only zero batch or zero channel inputs are supported, but got input shape: {shape}"),
-        "Only zero batch or zero channel inputs are supported")
+        f"Only zero batch or zero channel inputs are supported, but got input shape: {shape}"))
     _check_weight_dtype(name, input, weight, unbatched)
 
 
@@ -333,7 +331,7 @@ def _fwd_plan(input, weight, bias, stride, padding, dilation, groups, activation
     fmt = _memory_format(input, weight)
     oshape = (input.shape[0], weight.shape[0], *_out_size(input.shape, weight.shape, stride, padding, dilation))
     return (nd, fmt, oshape, *_geometry(nd, stride, padding, dilation), _ref_args(stride, padding, dilation),
-            input.shape[0] * _pixels_per_sample(nd, input, weight, stride, padding, dilation))
+            input.shape[0] * _pixels_per_sample(nd, input, padding))
 
 
 def _ref_args(stride, padding, dilation):
@@ -392,7 +390,7 @@ def _bwd_plan(grad_output, input, weight, output, stride, padding, dilation, gro
     gfmt = torch.channels_last if _dense_channels_last(grad_output) else torch.contiguous_format
     return (nd, _memory_format(input, weight), *_geometry(nd, stride, padding, dilation), mask, gfmt,
             (0, *range(2, grad_output.dim())), _ref_args(stride, padding, dilation),
-            input.shape[0] * _pixels_per_sample(nd, input, weight, stride, padding, dilation))
+            input.shape[0] * _pixels_per_sample(nd, input, padding))
 
 
 def conv_backward(grad_output: Tensor, input: Tensor, weight: Tensor, output: Optional[Tensor], stride, padding,
@@ -718,16 +716,12 @@ def _conv(nd, input, weight, bias, stride, padding, dilation, groups, activation
 PIXELS_MAX = 2**30
 
 
-def _pixels_per_sample(nd, x, weight, stride, pads, dilation):
+def _pixels_per_sample(nd, x, pads):
     """A bound on one sample's pixels in any launch of the call: its padded input's positions,
-    or its output's where those are more (a negative padding's output can be)."""
+    which the input's and the output's never pass (padding is never negative: _check_all)."""
     per = 1
     for i in range(nd):
-        size = x.shape[2 + i] + pads[2 * i] + pads[2 * i + 1]
-        out = (size - dilation[i] * (weight.shape[2 + i] - 1) - 1) // stride[i] + 1
-        # (sym_max: no guard on a symbolic size; under torch.jit.trace sizes are 0-d tensors, which
-        # it refuses: their values decide, as every check's)
-        per = per * (max(size, out) if isinstance(size, Tensor) else torch.sym_max(size, out))
+        per = per * (x.shape[2 + i] + pads[2 * i] + pads[2 * i + 1])
     return per
 
 
@@ -784,7 +778,7 @@ def _conv_args(nd, input, weight, bias, stride, padding, dilation, groups, activ
     x = input.unsqueeze(0) if unbatched else input
     _check(nd, x, weight, bias, stride, pads, dilation, groups, activation, unbatched)
     return (input, weight, bias, stride, pads, dilation, groups, unbatched,
-            _pixels_per_sample(nd, x, weight, stride, pads, dilation))
+            _pixels_per_sample(nd, x, pads))
 
 
 def conv1d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=1, padding=0, dilation=1, groups=1,

@@ -1038,8 +1038,7 @@ def _check_cross_entropy(input, target, weight, ignore_index, reduction, label_s
         # the reshaped path (the target size)
         batch = target.shape[0] if target.dim() else 0
         require(batch == input.shape[0],
-                  lambda: f"Expected input batch_size ({input.shape[0]}) to match target batch_size ({batch}).",
-                  "Expected input batch_size to match target batch_size.")
+                  lambda: f"Expected input batch_size ({input.shape[0]}) to match target batch_size ({batch}).")
         if input.dim() == 2:
             if target.dim() != 1:
                 raise KernelInputError("0D or 1D target tensor expected, multi-target not supported")
