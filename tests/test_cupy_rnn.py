@@ -11,6 +11,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from gpu_nn.ops import rnn as ops
 from gpu_nn.reference import rnn as ref
@@ -716,26 +717,17 @@ def test_cupy_loop_choice_rejects_bad_env():
         ops.cupy_loop_choice(4, 13, 0, "1")
 
 
-class _AtenCounter:
-    """Counts the aten ops a block runs (TorchDispatchMode), by overload packet name."""
+class _AtenCounter(TorchDispatchMode):
+    """Counts the aten ops a block runs, by overload packet name."""
 
-    def __enter__(self):
-        from torch.utils._python_dispatch import TorchDispatchMode
+    def __init__(self):
+        super().__init__()
+        self.counts = {}
 
-        counts = self.counts = {}
-
-        class Spy(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                name = func.overloadpacket.__name__
-                counts[name] = counts.get(name, 0) + 1
-                return func(*args, **(kwargs or {}))
-
-        self._mode = Spy()
-        self._mode.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self._mode.__exit__(*exc)
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        self.counts[name] = self.counts.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("ydt", [torch.float32, torch.float16])

@@ -10,6 +10,7 @@ import warnings
 import torch
 
 from .. import _backend
+from .._errors import KernelInputError, KernelInputNotImplementedError
 
 __all__ = ["clip_grad_norm_"]
 
@@ -40,12 +41,8 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_i
         return torch.tensor(0.0)
     for g in grads:
         if g.is_sparse:  # (torch's norm has no sparse kernel: NotImplementedError there too)
-            from .._errors import KernelInputNotImplementedError
-
             raise KernelInputNotImplementedError("gpu_nn.nn.utils.clip_grad_norm_ does not support sparse gradients")
         if g.is_complex():  # before any gradient is touched: the float kernels would drop the imaginary part
-            from .._errors import KernelInputError
-
             raise KernelInputError(f"gpu_nn.nn.utils.clip_grad_norm_ does not support complex gradients "
                                    f"(got {g.dtype}), as gpu-nn's optimizers take no complex parameters")
     devices = {g.device for g in grads}
