@@ -195,21 +195,25 @@ def _known_spills():
 # the families whose compilation takes minutes, each split over this many tests (every N-th
 # spec), so that xdist's workers share them instead of one worker finishing a suite alone
 SHARDS = {"conv": 2, "rnn": 2, "dense": 2}
-# GPU_NN_AOT_FULL=1 compiles every spec of every family (about 750 s of one core on the 2-core
-# CPU machine, Triton 3.9, cold cache: 36 % of the whole suite's work there). By default an
-# all-pairs covering subset of each kernel's specs is compiled (_aot.covering, with every spec of
-# the spill table below, so that the table is held exactly) and the rest go through Triton's
-# front end only, where a kernel's own code fails; a spill or backend failure that needs three
-# factors together hides from the subset until a full run, which runs at every stop that touches
-# a kernel (README, Tests).
-AOT_FULL = os.environ.get("GPU_NN_AOT_FULL", "0") == "1"
+# GPU_NN_AOT_FULL=1 (or GPU_NN_AOT_COVER=all) compiles every spec of every family (about 750 s of
+# one core on the 2-core CPU machine, Triton 3.9, cold cache: 36 % of the whole suite's work
+# there). By default a subset of each kernel's specs in which every factor value is compiled at
+# least once is (_aot.covering, order 1, with every spec of the spill table below, so that the
+# table is held exactly: 266 of 1,343 specs) and the rest go through Triton's front end only,
+# where a kernel's own code fails; GPU_NN_AOT_COVER=pairs compiles an all-pairs subset (617
+# specs; the default until stop 58, when the suite neared CI's 15 minutes). A spill or backend
+# failure that needs two factors together hides from the default subset until a pairs or full
+# run, which runs at every stop that touches a kernel (README, Tests).
+AOT_COVER = "all" if os.environ.get("GPU_NN_AOT_FULL", "0") == "1" else os.environ.get("GPU_NN_AOT_COVER", "each")
+if AOT_COVER not in ("all", "pairs", "each"):
+    raise ValueError(f"GPU_NN_AOT_COVER must be all, pairs or each, got {AOT_COVER!r}")
 AOT_CASES = [(fam, f"{k}/{SHARDS.get(fam, 1)}") for fam in ktriton.FAMILIES for k in range(SHARDS.get(fam, 1))]
 
 
 @pytest.mark.parametrize("family,shard", AOT_CASES, ids=[f"{f}-{s.replace('/', 'of')}" for f, s in AOT_CASES])
 def test_triton_kernels_compile_for_sm90(family, shard, tmp_path):
     known = _known_spills()
-    rows, proc = _aot_rows(family, tmp_path, shard, cover="all" if AOT_FULL else "pairs", must=set(known or ()))
+    rows, proc = _aot_rows(family, tmp_path, shard, cover=AOT_COVER, must=set(known or ()))
     k, n = (int(v) for v in shard.split("/"))
     assert [(r["kernel"], r["label"]) for r in rows] == [(s.name, s.label) for s in _aot.family_specs(family)[k::n]]
     failed = [r for r in rows if not r["ok"]]
@@ -742,6 +746,26 @@ def test_pairs_cover_every_value_and_pair_of_the_whole_list(family):
     assert sum(plain) < 0.6 * len(specs)
 
 
+@pytest.mark.parametrize("family", ["conv", "rnn"])
+def test_each_cover_holds_every_value_in_fewer_specs_than_pairs(family):
+    """The suite's default subset (order 1): per kernel, every factor value the family's list has
+    is in a chosen spec (values alone, not pairs); ``must`` is chosen; fewer specs than the
+    all-pairs subset; an order other than 1 or 2 is refused."""
+    specs = _aot.family_specs(family)
+    plain = _aot.covering(specs, order=1)
+    unforced = next(i for i, c in enumerate(plain) if not c)
+    chosen = _aot.covering(specs, must={(specs[unforced].name, specs[unforced].label)}, order=1)
+    assert chosen[unforced]
+    for pick in (plain, chosen):
+        for name in {s.name for s in specs}:
+            every = {f for s in specs if s.name == name for f in _spec_pairs(s) if not isinstance(f[0], tuple)}
+            got = {f for s, c in zip(specs, pick) if c and s.name == name for f in _spec_pairs(s)}
+            assert every <= got, (name, sorted(every - got, key=repr)[:5])
+    assert sum(plain) < sum(_aot.covering(specs)) and sum(plain) < 0.3 * len(specs)
+    with pytest.raises(ValueError, match="order must be 1 or 2"):
+        _aot.covering(specs, order=3)
+
+
 def test_pairs_of_a_full_product_take_fewer_specs_and_miss_no_pair():
     """Three factors of two values each, all 8 combinations listed: every pair of values meets in
     fewer specs (4 suffice, an orthogonal array); a list of one spec per kernel compiles it."""
@@ -758,16 +782,17 @@ def test_pairs_of_a_full_product_take_fewer_specs_and_miss_no_pair():
     assert _aot.covering(specs[:1]) == [True]
 
 
-def test_pairs_run_compiles_the_cover_and_takes_the_rest_through_the_front_end(tmp_path, monkeypatch):
-    """``--cover pairs``: the chosen specs are compiled, the others go through the front end, each
-    row says which; a front-end failure is a failed row and exit status 1."""
+@pytest.mark.parametrize("cover,order", [("pairs", 2), ("each", 1)])
+def test_pairs_run_compiles_the_cover_and_takes_the_rest_through_the_front_end(tmp_path, monkeypatch, cover, order):
+    """``--cover pairs`` / ``each``: the chosen specs are compiled, the others go through the front
+    end, each row says which; a front-end failure is a failed row and exit status 1."""
     monkeypatch.setattr(_aot, "compile_spec", lambda spec, sass=True: {"kernel": spec.name, "label": spec.label})
     seen = []
     monkeypatch.setattr(_aot, "frontend", lambda kernel, sig, cons, w, s, div=(): seen.append(kernel))
     specs = _aot.family_specs("optim")
-    chosen = _aot.covering(specs)
+    chosen = _aot.covering(specs, order=order)
     out = tmp_path / "rows.json"
-    assert _aot.main(["--family", "optim", "--json", str(out), "--no-sass", "--cover", "pairs"]) == 0
+    assert _aot.main(["--family", "optim", "--json", str(out), "--no-sass", "--cover", cover]) == 0
     rows = json.loads(out.read_text())
     assert [r["compiled"] for r in rows] == chosen and all(r["ok"] for r in rows)
     assert len(seen) == chosen.count(False) > 0
@@ -776,6 +801,6 @@ def test_pairs_run_compiles_the_cover_and_takes_the_rest_through_the_front_end(t
         raise RuntimeError("front end says no")
 
     monkeypatch.setattr(_aot, "frontend", broken)
-    assert _aot.main(["--family", "optim", "--json", str(out), "--no-sass", "--cover", "pairs"]) == 1
+    assert _aot.main(["--family", "optim", "--json", str(out), "--no-sass", "--cover", cover]) == 1
     rows = json.loads(out.read_text())
     assert [r["ok"] for r in rows] == chosen and "front end says no" in next(r["error"] for r in rows if not r["ok"])

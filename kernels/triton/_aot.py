@@ -11,8 +11,9 @@ unset: interpreted kernels cannot be compiled.
 factor that tells two compiled forms apart (a constexpr, an argument's type, warps, stages, the
 arguments compiled as multiples of 16) and every pair of such values that some spec has meets at
 least once (all-pairs coverage: :func:`covering`), and takes the rest through Triton's front end
-only (where a kernel's own code fails to compile); the test suite's default, which keeps its
-ahead-of-time bill on a 2-core machine at about half of the whole list's.
+only (where a kernel's own code fails to compile); ``--cover each`` only asks that every value
+meets once (the test suite's default: about a fifth of the whole list's compile bill on a 2-core
+machine, pairs about half).
 """
 
 from __future__ import annotations
@@ -174,21 +175,24 @@ def _pairs(spec: AotSpec) -> frozenset:
     return frozenset(f) | frozenset(itertools.combinations(f, 2))
 
 
-def covering(specs: list, must=()) -> list[bool]:
+def covering(specs: list, must=(), order: int = 2) -> list[bool]:
     """Which of ``specs`` to compile all the way so that, kernel by kernel, every factor value
-    (:func:`_factors`) and every pair of values of two factors that some spec of the list has is
-    in a compiled spec (all-pairs coverage): greedily the spec with the most pairs not yet
-    covered, the first of equals (the same list gives the same choice). The specs whose
-    ``(kernel name, label)`` is in ``must`` are always chosen (the known spills, so that their
-    table is held exactly). A compile failure or spill that takes three factors together to
-    appear can hide from this subset; the whole list (``--cover all``) finds it."""
+    (:func:`_factors`) and, with ``order=2``, every pair of values of two factors that some spec
+    of the list has is in a compiled spec (all-pairs coverage; ``order=1``: each value once):
+    greedily the spec with the most values / pairs not yet covered, the first of equals (the same
+    list gives the same choice). The specs whose ``(kernel name, label)`` is in ``must`` are
+    always chosen (the known spills, so that their table is held exactly). A compile failure or
+    spill that takes more factors together than ``order`` to appear can hide from this subset;
+    the whole list (``--cover all``) finds it."""
+    if order not in (1, 2):
+        raise ValueError(f"order must be 1 or 2, got {order!r}")
     must = set(must)
     chosen = [False] * len(specs)
     by_kernel = collections.defaultdict(list)
     for i, spec in enumerate(specs):
         by_kernel[spec.name].append(i)
     for idx in by_kernel.values():
-        pairs = {i: _pairs(specs[i]) for i in idx}
+        pairs = {i: _pairs(specs[i]) if order == 2 else frozenset(_factors(specs[i])) for i in idx}
         todo = set().union(*pairs.values())
         for i in idx:
             if (specs[i].name, specs[i].label) in must:
@@ -258,8 +262,9 @@ def family_specs(family: str, launched: bool = False) -> list[AotSpec]:
 def run(families, json_path=None, sass: bool = True, shard: tuple = (0, 1), cover: str = "all", must=()) -> int:
     """Compile every spec of ``families`` (default all); ``shard`` ``(k, n)``: only the specs at
     positions k, k + n, k + 2n, ... of each family (n processes then share a family's list).
-    ``cover="pairs"``: only the specs :func:`covering` chooses (with ``must``) are compiled, the
-    others go through the front end alone (their rows say ``"compiled": false``)."""
+    ``cover="pairs"`` / ``"each"``: only the specs :func:`covering` chooses (with ``must``, order 2
+    / 1) are compiled, the others go through the front end alone (their rows say ``"compiled":
+    false``)."""
     from . import FAMILIES
 
     k, n = shard
@@ -267,7 +272,10 @@ def run(families, json_path=None, sass: bool = True, shard: tuple = (0, 1), cove
     rows = []
     for fam in families or FAMILIES:
         specs = family_specs(fam)
-        full = covering(specs, must) if cover == "pairs" else [True] * len(specs)
+        if cover == "all":
+            full = [True] * len(specs)
+        else:
+            full = covering(specs, must, order={"pairs": 2, "each": 1}[cover])
         for i in range(k, len(specs), n):
             spec = specs[i]
             try:
@@ -303,11 +311,11 @@ def main(argv=None) -> int:
     p.add_argument("--no-sass", action="store_true", help="skip the disassembly counts (registers and spills only)")
     p.add_argument("--shard", default="0/1", metavar="K/N",
                    help="only every N-th spec of each family, from the K-th (0-based; default all)")
-    p.add_argument("--cover", choices=("all", "pairs"), default="all",
-                   help="all: compile every spec (default); pairs: an all-pairs covering subset (covering()), "
-                        "the rest through the front end only")
+    p.add_argument("--cover", choices=("all", "pairs", "each"), default="all",
+                   help="all: compile every spec (default); pairs: an all-pairs covering subset (covering()); "
+                        "each: a subset with every factor value once; the rest through the front end only")
     p.add_argument("--must", metavar="LIST.json",
-                   help="with --cover pairs: a JSON list of [kernel, label] always compiled")
+                   help="with --cover pairs / each: a JSON list of [kernel, label] always compiled")
     args = p.parse_args(argv)
     if args.frontend:
         if args.frontend.endswith(".pkl"):  # constexpr values JSON cannot hold (Triton dtypes)
