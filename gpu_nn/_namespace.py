@@ -2,12 +2,19 @@
 ``gpu_nn.optim`` answer a public name they do not define with their torch namesake's
 (``nn.Module``, ``nn.Sequential``, ``nn.BatchNorm2d``, ``F.dropout``, ``nn.utils.rnn``,
 ``optim.lr_scheduler``), so that changing an import (``import gpu_nn.nn as nn``) keeps a torch
-script working: our layers where gpu-nn has them, torch's everywhere else. Private names
-(a leading underscore) are never taken from torch."""
+script working: our layers where gpu-nn has them, torch's everywhere else. The same holds for
+their submodules: ``from gpu_nn.optim.lr_scheduler import StepLR`` and ``from gpu_nn.nn.utils.rnn
+import pack_sequence`` import torch's modules of those names (so a script's imports can be changed
+by replacing ``torch.nn`` / ``torch.optim`` with ``gpu_nn.nn`` / ``gpu_nn.optim`` throughout).
+Private names (a leading underscore) are never taken from torch."""
 
 from __future__ import annotations
 
 import importlib
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import sys
 import types
 
 
@@ -34,3 +41,60 @@ def fall_back_to(namespace: dict, theirs: types.ModuleType, redirect: dict | Non
 
     namespace["__getattr__"] = __getattr__
     namespace["__dir__"] = __dir__
+    if "__path__" in namespace:  # a package: its submodules too
+        _FINDER.packages[name] = (theirs.__name__, redirect, True)
+        if _FINDER not in sys.meta_path:
+            sys.meta_path.insert(0, _FINDER)
+
+
+class _TheirSubmodules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """An import finder for the packages given :func:`fall_back_to`: ``import
+    gpu_nn.optim.lr_scheduler``, where gpu-nn has no such submodule of its own, is torch's module
+    of that name -- the same module object, so classes, ``isinstance`` and pickles are torch's --
+    or the redirected module of ours (``gpu_nn.nn.functional`` is ``gpu_nn.functional``); below
+    such an alias every name is torch's too (``gpu_nn.nn.modules.conv`` is ``torch.nn.modules.conv``,
+    never a second copy of it). A private name directly under one of our packages, or one torch
+    lacks too, is not found (ModuleNotFoundError naming ours). First on ``sys.meta_path`` (so that the path finder does not
+    load torch's files a second time under our names); any other import costs it one dict lookup."""
+
+    def __init__(self):
+        # our package -> (torch's, redirect, whether it is ours: then our own submodules win)
+        self.packages: dict[str, tuple[str, dict, bool]] = {}
+
+    def _target(self, fullname: str, path):
+        parent, _, child = fullname.rpartition(".")
+        if parent not in self.packages:
+            return None
+        theirs, redirect, ours = self.packages[parent]
+        if ours and child.startswith("_"):
+            return None  # (below an alias every name is torch's, private ones too)
+        if child in redirect:
+            return redirect[child]
+        if ours and importlib.machinery.PathFinder.find_spec(fullname, path) is not None:
+            return None  # gpu-nn's own submodule
+        target = f"{theirs}.{child}"
+        try:
+            return target if importlib.util.find_spec(target) is not None else None
+        except (ImportError, ValueError):
+            return None
+
+    def find_spec(self, fullname, path=None, target=None):
+        their_name = self._target(fullname, path)
+        if their_name is None:
+            return None
+        return importlib.machinery.ModuleSpec(fullname, self, loader_state=their_name)
+
+    def create_module(self, spec):
+        module = importlib.import_module(spec.loader_state)
+        spec.loader_state = (spec.loader_state, module.__spec__)  # (the import system overwrites it)
+        if hasattr(module, "__path__") and spec.name not in self.packages:
+            self.packages[spec.name] = (module.__name__, {}, False)
+        return module
+
+    def exec_module(self, module):
+        # already run as torch's (or ours); give it its own spec back, which the import system
+        # replaced with the alias's
+        module.__spec__ = module.__spec__.loader_state[1]
+
+
+_FINDER = _TheirSubmodules()

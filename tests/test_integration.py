@@ -3,6 +3,7 @@
 
 import copy
 import io
+import os
 import pickle
 import warnings
 
@@ -175,6 +176,78 @@ def test_changing_the_imports_keeps_a_torch_script_working():
             sched.step()
     for a, b in zip(net.parameters(), twin.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+_TORCH_SCRIPT = """
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn import init
+from torch.nn.modules.loss import NLLLoss
+from torch.nn.utils import clip_grad_norm_
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from torch.optim import SGD
+from torch.optim.lr_scheduler import StepLR
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.LSTM(3, 4, batch_first=True)
+        self.out = nn.Linear(4, 5)
+        init.zeros_(self.out.bias)
+
+    def forward(self, x, lengths):
+        y, _ = self.rnn(pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False))
+        y, _ = pad_packed_sequence(y, batch_first=True)
+        return F.log_softmax(self.out(y[:, -1]), dim=1)
+
+
+torch.manual_seed(0)
+net = Net().double()
+opt = SGD(net.parameters(), lr=0.1, momentum=0.9)
+sched = StepLR(opt, 1, gamma=0.5)
+x, lengths, y = torch.randn(4, 6, 3, dtype=torch.float64), torch.tensor([6, 3, 5, 2]), torch.tensor([0, 4, 2, 1])
+for _ in range(2):
+    opt.zero_grad()
+    NLLLoss()(net(x, lengths), y).backward()
+    clip_grad_norm_(net.parameters(), 0.5)
+    opt.step()
+    sched.step()
+"""
+
+
+def test_replacing_torch_nn_and_torch_optim_throughout_a_script_keeps_it_running():
+    """A script's every ``torch.nn`` / ``torch.optim`` replaced by ``gpu_nn.nn`` / ``gpu_nn.optim``,
+    from-imports of submodules included (``torch.optim.lr_scheduler``, ``torch.nn.utils.rnn``,
+    ``torch.nn.modules.loss``: ModuleNotFoundError before, where only attribute access fell back):
+    our LSTM, Linear, log_softmax, SGD and clip_grad_norm_, torch's modules for the rest (the
+    same module objects, never a second copy of torch's files under our names), the same
+    trained weights as the script as written."""
+    import sys
+
+    import gpu_nn.functional as gF
+
+    theirs, ours = {}, {}
+    exec(compile(_TORCH_SCRIPT, "torch_script", "exec"), theirs)
+    changed = _TORCH_SCRIPT.replace("torch.nn", "gpu_nn.nn").replace("torch.optim", "gpu_nn.optim")
+    exec(compile(changed, "changed_script", "exec"), ours)
+    assert type(ours["net"].rnn) is gnn.LSTM and type(ours["net"].out) is gnn.Linear
+    assert ours["F"] is gF and ours["clip_grad_norm_"] is gpu_nn.nn.utils.clip_grad_norm_
+    assert type(ours["opt"]) is gpu_nn.optim.SGD and ours["StepLR"] is torch.optim.lr_scheduler.StepLR
+    assert ours["pack_padded_sequence"] is torch.nn.utils.rnn.pack_padded_sequence and ours["NLLLoss"] is tnn.NLLLoss
+    for a, b in zip(ours["net"].parameters(), theirs["net"].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    for name in ("gpu_nn.optim.lr_scheduler", "gpu_nn.nn.utils.rnn", "gpu_nn.nn.modules", "gpu_nn.nn.modules.loss"):
+        module = sys.modules[name]
+        assert module is sys.modules["torch" + name[len("gpu_nn"):]] and module.__spec__.name == module.__name__, name
+    assert sys.modules["gpu_nn.nn.functional"] is gF
+    torch_dir = os.path.dirname(torch.__file__) + os.sep
+    assert not [n for n, m in sys.modules.items() if n.startswith("gpu_nn.") and getattr(m, "__name__", n).startswith("gpu_nn.")
+                and str(getattr(m, "__file__", "") or "").startswith(torch_dir)]  # no torch file loaded as ours
+    for name in ("gpu_nn.nn.no_such", "gpu_nn.optim._functional", "gpu_nn.nn.utils.no_such", "gpu_nn.nn.modules.no_such"):
+        with pytest.raises(ModuleNotFoundError, match=f"No module named '{name}'"):
+            __import__(name)
 
 
 def test_convert_a_transformer_quietly():

@@ -23,14 +23,7 @@ def test_every_file_beside_a_package_ships_in_the_wheel():
     files = set(tracked.stdout.split())
     missing = []
     for pkg in conf["packages"]:
-        # a package's folder: its own package-dir entry, else its parent's folder plus its last name
-        parts = pkg.split(".")
-        for i in range(len(parts), 0, -1):
-            if ".".join(parts[:i]) in dirs:
-                folder = "/".join([dirs[".".join(parts[:i])], *parts[i:]])
-                break
-        else:
-            folder = "/".join(parts)
+        folder = _folder(pkg, dirs)  # its own package-dir entry, else its parent's folder plus its last name
         beside = [f for f in files if f.rpartition("/")[0] == folder and not f.endswith(".py")]
         assert any(f.startswith(folder + "/") for f in files), f"package {pkg}: no folder {folder}"
         for f in beside:
@@ -38,3 +31,18 @@ def test_every_file_beside_a_package_ships_in_the_wheel():
             if not any(fnmatch.fnmatch(name, pat) for pat in data.get(pkg, ())):
                 missing.append(f)
     assert not missing, f"tracked files a wheel leaves out (add them to [tool.setuptools.package-data]): {sorted(missing)}"
+    # and every package folder (an __init__.py) under the shipped trees is a listed package (gpu_nn.nn.utils
+    # became one at stop 58: a wheel without it could not import gpu_nn.nn)
+    listed = {_folder(pkg, dirs) for pkg in conf["packages"]}
+    roots = {"gpu_nn", *dirs.values()}
+    unlisted = sorted(f.rpartition("/")[0] for f in files if f.endswith("/__init__.py")
+                      and f.split("/")[0] in roots and f.rpartition("/")[0] not in listed)
+    assert not unlisted, f"package folders missing from [tool.setuptools] packages: {unlisted}"
+
+
+def _folder(pkg: str, dirs: dict) -> str:
+    parts = pkg.split(".")
+    for i in range(len(parts), 0, -1):
+        if ".".join(parts[:i]) in dirs:
+            return "/".join([dirs[".".join(parts[:i])], *parts[i:]])
+    return "/".join(parts)

@@ -9,8 +9,8 @@ import warnings
 
 import torch
 
-from .. import _backend
-from .._errors import KernelInputError, KernelInputNotImplementedError
+from ... import _backend
+from ..._errors import KernelInputError, KernelInputNotImplementedError
 
 __all__ = ["clip_grad_norm_"]
 
@@ -52,8 +52,8 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_i
                                     dtype=torch.float64 if any(g.dtype == torch.float64 for g in grads if g.device == d)
                                     else None) for d in devices}
     if len(devices) == 1 and backends[grads[0].device] == "triton" and norm_type > 0 and not math.isnan(norm_type):
-        from ..ops._dispatch import device_guard
-        from ..optim import _triton
+        from ...ops._dispatch import device_guard
+        from ...optim import _triton
 
         with device_guard(grads[0].device):
             out = _promoted_dtype(grads)
@@ -63,8 +63,8 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_i
 
 
 def _clip_reference(grads, max_norm, norm_type, error_if_nonfinite):
-    from ..optim._dispatch import _Host
-    from ..reference import optim as ref
+    from ...optim._dispatch import _Host
+    from ...reference import optim as ref
 
     h = _Host()
     arrays = [h.inout(g) for g in grads]
@@ -88,6 +88,6 @@ def _promoted_dtype(grads) -> torch.dtype:
     return dt
 
 
-from .._namespace import fall_back_to as _fall_back_to  # noqa: E402
+from ..._namespace import fall_back_to as _fall_back_to  # noqa: E402
 
 _fall_back_to(globals(), torch.nn.utils)
