@@ -613,7 +613,19 @@ class Routed:
 
         def forward(ctx, *args):
             # what torch's generated Function for a custom op does: setup_context inside forward
-            out = impl(*args)
+            try:
+                out = impl(*args)
+            except (NotImplementedError, RuntimeError):
+                if not _any_legacy_batched(args):
+                    raise
+                # legacy-batched inputs that require grad: a vectorized jacobian taken with
+                # create_graph (of another, or hessian(create_graph=True, vectorize=True)). Run
+                # through the batched fallback here its results came out wrong (a nested
+                # jacobian of a GRU off by 0.09, of conv2d by 10): refused instead
+                raise NotImplementedError(
+                    f"{self._op._name}: batched gradients with create_graph=True (a vectorized jacobian "
+                    "of a vectorized jacobian, hessian(create_graph=True, vectorize=True)) through gpu-nn's "
+                    "ops are not supported; use vectorize=False for the outer one, or torch.func") from None
             setup(ctx, args, out)
             return out
 
@@ -751,26 +763,94 @@ class Routed:
             # a tensor a finished torch.func transform left wrapped has no storage of its own
             # ("Cannot access storage of TensorWrapper"): unwrapped, as torch's ops and the custom
             # op's dispatch see it (a review audit); checked only on this error, the hot path pays nothing
-            if not any(type(a) in _PLAIN and _functorch.is_functorch_wrapped_tensor(a) for a in args):
+            if any(type(a) in _PLAIN and _functorch.is_functorch_wrapped_tensor(a) for a in args):
+                return self._impl(*_unwrapped(args))
+            if not _any_legacy_batched(args):
                 raise
-            return self._impl(*_unwrapped(args))
+            return self._legacy(args)
         except RuntimeError:
-            # a tensor batched by torch's legacy vmap (autograd.grad(is_grads_batched=True), which
-            # autograd.functional's jacobian / hessian(vectorize=True) use) has no storage either:
-            # the op's dispatcher entry, whose batched fallback runs it once per batch element
-            if not any(type(a) in _PLAIN and _legacy_batched(a) for a in args):
+            if not _any_legacy_batched(args):
                 raise
-            if self._tensorlist:  # torch's batched fallback takes no tensor list (the weights)
-                raise NotImplementedError(
-                    f"{self._overload._schema.name}: batched gradients (autograd.grad(is_grads_batched=True), "
-                    "autograd.functional.jacobian / hessian(vectorize=True)) through gpu-nn's recurrent sequence "
-                    "layers are not supported; use vectorize=False, or torch.func.vmap") from None
+            return self._legacy(args)
+
+    def _legacy(self, args):
+        """The op on tensors batched by torch's legacy vmap (autograd.grad(is_grads_batched=True),
+        which autograd.functional's jacobian / hessian(vectorize=True) use), which have no storage
+        for a kernel to read (the reference's NumPy view raises RuntimeError, Triton's launch
+        NotImplementedError): the op's dispatcher entry, whose batched fallback runs it once per
+        batch element; for an op with tensor lists, which that fallback refuses (the recurrent
+        layers' weights), the same loop of ours."""
+        if not self._tensorlist:
             return self._overload(*args)
+        out = _legacy_looped(self, args)
+        if out is None:
+            raise NotImplementedError(
+                f"{self._overload._schema.name}: nested batched gradients (autograd.grad(is_grads_batched=True) "
+                "inside another) through gpu-nn's recurrent sequence layers are not supported; use "
+                "vectorize=False, or torch.func.vmap") from None
+        return out
 
 
 def _legacy_batched(t) -> bool:
     """Whether ``t`` is a tensor batched by torch's legacy vmap (``torch._vmap_internals``)."""
     return _functorch.is_legacy_batchedtensor(t)
+
+
+def _any_legacy_batched(args) -> bool:
+    """Whether a tensor of ``args``, or of a tensor list among them, is legacy-batched."""
+    return any(_any_legacy_batched(a) if isinstance(a, (list, tuple)) else type(a) in _PLAIN and _legacy_batched(a)
+               for a in args)
+
+
+class _Nested(Exception):
+    pass
+
+
+def _legacy_looped(op, args):
+    """What torch's batched fallback does for an op without tensor lists, for one with them (the
+    recurrent sequence ops, whose weights travel in a list): the tensors batched by the innermost
+    legacy vmap (``autograd.grad(is_grads_batched=True)``: torch.autograd.functional's jacobian /
+    hessian with ``vectorize=True``) taken apart along their batch dimension, the op called once per
+    element (``op`` itself: differentiable, as hessian needs), each result stacked and batched
+    again at that level. None where a tensor is batched at an outer level too (nested batching)."""
+    level = _C._vmapmode_increment_nesting()  # the innermost vmap's level is the nesting depth
+    _C._vmapmode_decrement_nesting()
+    level -= 1
+    sizes = set()
+
+    def physical(a):
+        if isinstance(a, (list, tuple)):
+            return [physical(e) for e in a]
+        if isinstance(a, torch.Tensor) and _legacy_batched(a):
+            p = torch._remove_batch_dim(a, level, 1, 0)  # (batch size 1 only expands an unbatched one)
+            if _legacy_batched(p):
+                raise _Nested
+            sizes.add(p.shape[0])
+            return (p,)  # a batched one, marked
+        return a
+
+    def element(a, i):
+        if isinstance(a, list):
+            return [element(e, i) for e in a]
+        return a[0][i] if isinstance(a, tuple) else a
+
+    try:
+        phys = [physical(a) for a in args]
+    except _Nested:
+        return None
+    if len(sizes) != 1 or 0 in sizes:
+        return None
+    results = [op(*(element(a, i) for a in phys)) for i in range(sizes.pop())]
+
+    def batched(rs):
+        first = rs[0]
+        if isinstance(first, (list, tuple)):
+            return type(first)(batched([r[k] for r in rs]) for k in range(len(first)))
+        if first is None:
+            return None
+        return torch._add_batch_dim(torch.stack(rs), 0, level)
+
+    return batched(results)
 
 
 def _unwrapped(args) -> list:
