@@ -916,3 +916,21 @@ def test_triton_cache_counts_compiled_variants_per_kernel(tmp_path):
     out = tmp_path / "c.json"
     assert triton_cache.main([str(tmp_path), "--json", str(out)]) == 0
     assert json.loads(out.read_text())["kernels"] == {"_a": 2, "_b": 1}
+
+
+def test_saved_bytes_counts_what_the_forward_adds_and_every_case_runs(tmp_path):
+    """benchmarks/saved_bytes (the README's figures of what the recurrent layers keep for the
+    backward): a Linear saves only its input and weight, which the caller holds (0 bytes); a ReLU
+    after it adds its output (5 x 3 float32 = 60 bytes); every case runs on both sides and the
+    JSON holds its rows."""
+    from gpu_nn.benchmarks import saved_bytes
+
+    lin = torch.nn.Linear(4, 3)
+    x = torch.randn(5, 4, requires_grad=True)
+    assert saved_bytes.saved_bytes(lin, x, None) == 0
+    assert saved_bytes.saved_bytes(torch.nn.Sequential(lin, torch.nn.ReLU()), x, None) == 60
+    out = tmp_path / "saved.json"
+    assert saved_bytes.main(["--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["case"] for r in rows] == [c[0] for c in saved_bytes.CASES]
+    assert all(r["ours_bytes"] > 0 and (r["torch_bytes"] or 0) > 0 for r in rows)
