@@ -195,9 +195,9 @@ def _known_spills():
 # the families whose compilation takes minutes, each split over this many tests (every N-th
 # spec), so that xdist's workers share them instead of one worker finishing a suite alone
 SHARDS = {"conv": 2, "rnn": 2, "dense": 2}
-# GPU_NN_AOT_FULL=1 (or GPU_NN_AOT_COVER=all) compiles every spec of every family (about 750 s of
-# one core on the 2-core CPU machine, Triton 3.9, cold cache: 36 % of the whole suite's work
-# there). By default a subset of each kernel's specs in which every factor value is compiled at
+# GPU_NN_AOT_FULL=1 (or GPU_NN_AOT_COVER=all) compiles every spec of every family (882 s of one
+# core on the 2-core CPU machine when last timed, 5816991, Triton 3.9, cold cache: the suite's
+# largest part). By default a subset of each kernel's specs in which every factor value is compiled at
 # least once is (_aot.covering, order 1, with every spec of the spill table below, so that the
 # table is held exactly: 266 of 1,343 specs) and the rest go through Triton's front end only,
 # where a kernel's own code fails; GPU_NN_AOT_COVER=pairs compiles an all-pairs subset (617
