@@ -26,7 +26,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--family", action="append", choices=(*FAMILIES, "all"),
                         help="family to run (repeatable); default all")
     parser.add_argument("--quick", action="store_true",
-                        help="small shape sets and few repetitions (about 30 s on a 2-core CPU)")
+                        help="small shape sets and few repetitions (about half a minute on a 2-core CPU)")
     parser.add_argument("--out", default="bench-results", help="directory for bench.json and bench.png (default %(default)s)")
     parser.add_argument("--backend", action="append", choices=PROVIDERS,
                         help="only time these providers of ours (repeatable); torch is always timed as the baseline")

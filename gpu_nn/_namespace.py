@@ -43,6 +43,7 @@ def fall_back_to(namespace: dict, theirs: types.ModuleType, redirect: dict | Non
     namespace["__dir__"] = __dir__
     if "__path__" in namespace:  # a package: its submodules too
         _FINDER.packages[name] = (theirs.__name__, redirect, True)
+        _FINDER.pin(name, theirs, skip=set(namespace) | set(redirect))
         if _FINDER not in sys.meta_path:
             sys.meta_path.insert(0, _FINDER)
 
@@ -86,15 +87,33 @@ class _TheirSubmodules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
     def create_module(self, spec):
         module = importlib.import_module(spec.loader_state)
-        spec.loader_state = (spec.loader_state, module.__spec__)  # (the import system overwrites it)
+        spec.gn_their_spec = module.__spec__  # (the import system overwrites it: exec_module restores it)
         if hasattr(module, "__path__") and spec.name not in self.packages:
             self.packages[spec.name] = (module.__name__, {}, False)
+            self.pin(spec.name, module)
         return module
 
     def exec_module(self, module):
         # already run as torch's (or ours); give it its own spec back, which the import system
         # replaced with the alias's
-        module.__spec__ = module.__spec__.loader_state[1]
+        module.__spec__ = module.__spec__.gn_their_spec
+
+    @staticmethod
+    def pin(ours: str, theirs: types.ModuleType, skip=()) -> None:
+        """Put in ``sys.modules``, under our name, each loaded submodule of ``theirs`` that its
+        package's attribute of the same name is not (``torch.nn.parallel.data_parallel`` is a
+        function there, ``torch.nn.utils.weight_norm`` too): importing it through our name then
+        finds it there, and the import system does not set the parent's attribute to the module,
+        which would replace torch's function on torch's own package (an alias is that package) or
+        shadow it in ours. ``skip``: names that are ours (and, in our packages, private ones)."""
+        prefix = theirs.__name__ + "."
+        for name, module in list(sys.modules.items()):
+            child = name[len(prefix):]
+            if not name.startswith(prefix) or "." in child or child in skip or getattr(theirs, child, None) is module:
+                continue
+            if skip and child.startswith("_"):
+                continue
+            sys.modules.setdefault(f"{ours}.{child}", module)
 
 
 _FINDER = _TheirSubmodules()

@@ -683,16 +683,53 @@ def test_vectorized_jacobian_and_hessian_through_sequence_layers(layer, backend,
     torch.testing.assert_close(got[0], got[1], **close)
     for a, rows in zip(w_grads, zip(*w_rows)):  # each batch row as its own backward gives it
         torch.testing.assert_close(a, torch.stack(rows), **close)
-    w_theirs = torch.autograd.grad(theirs(x)[0], list(theirs.parameters()), g, is_grads_batched=True)
-    if ref:
+    if ref:  # (torch's cuDNN layer takes no batched gradients: its backward has a weight list too)
+        w_theirs = torch.autograd.grad(theirs(x)[0], list(theirs.parameters()), g, is_grads_batched=True)
         torch.testing.assert_close(got_h[0], got_h[1], **close)
         torch.testing.assert_close(got[0], J(lambda v: theirs(v)[0], x, vectorize=True), rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(got_h[0], H(lambda v: theirs(v)[0].pow(2).sum(), x, vectorize=True),
                                    rtol=1e-10, atol=1e-12)
         for a, b in zip(w_grads, w_theirs):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
-    else:  # (torch's layer on a GPU may take TF32: the shapes only)
-        assert [a.shape for a in w_grads] == [b.shape for b in w_theirs]
+    else:
+        assert [a.shape for a in w_grads] == [(len(g), *p.shape) for p in ours.parameters()]
+
+
+def test_batched_gradients_through_a_sequence_layer_on_another_thread(monkeypatch):
+    """On a GPU the autograd engine runs a backward node on its device's own thread, where the
+    legacy vmap's nesting depth (thread-local, not carried over) reads 0 while the tensors stay
+    batched at level 1: the level is read off the tensors (it was the depth: a CUDA jacobian
+    through an LSTM was refused as 'nested'). Simulated here by running the op's batched route on
+    a second thread."""
+    import threading
+
+    from gpu_nn.ops import _dispatch
+
+    real = _dispatch.Routed._legacy
+
+    def on_another_thread(self, args):
+        box = {}
+
+        def run():
+            try:
+                box["out"] = real(self, args)
+            except BaseException as exc:  # (handed back to the caller's thread)
+                box["exc"] = exc
+
+        worker = threading.Thread(target=run)
+        worker.start()
+        worker.join()
+        if "exc" in box:
+            raise box["exc"]
+        return box["out"]
+
+    torch.manual_seed(0)
+    gru = gnn.GRU(3, 4, num_layers=2, bidirectional=True).double()
+    x = torch.randn(3, 2, 3, dtype=D64)
+    J = torch.autograd.functional.jacobian
+    looped = J(lambda v: gru(v)[0], x, vectorize=False)
+    monkeypatch.setattr(_dispatch.Routed, "_legacy", on_another_thread)
+    torch.testing.assert_close(J(lambda v: gru(v)[0], x, vectorize=True), looped, rtol=1e-12, atol=1e-14)
 
 
 def test_vectorized_jacobian_with_create_graph_says_so():

@@ -248,6 +248,27 @@ def test_replacing_torch_nn_and_torch_optim_throughout_a_script_keeps_it_running
     for name in ("gpu_nn.nn.no_such", "gpu_nn.optim._functional", "gpu_nn.nn.utils.no_such", "gpu_nn.nn.modules.no_such"):
         with pytest.raises(ModuleNotFoundError, match=f"No module named '{name}'"):
             __import__(name)
+    # a submodule its package shadows with a function of the same name (torch.nn.parallel's
+    # data_parallel, torch.nn.utils' weight_norm): imported through our name it is the module,
+    # and neither torch's package nor ours has its function replaced by it (the import system
+    # sets a loaded submodule on its parent: torch.nn.parallel.data_parallel became a module)
+    import importlib
+
+    for ours_name, parent, attr in (("gpu_nn.nn.parallel.data_parallel", torch.nn.parallel, "data_parallel"),
+                                    ("gpu_nn.nn.utils.weight_norm", gpu_nn.nn.utils, "weight_norm"),
+                                    ("gpu_nn.nn.utils.spectral_norm", torch.nn.utils, "spectral_norm")):
+        before = getattr(parent, attr)
+        module = importlib.import_module(ours_name)
+        assert module is sys.modules["torch" + ours_name[len("gpu_nn"):]] and getattr(parent, attr) is before, ours_name
+        assert callable(getattr(parent, attr)) and not isinstance(getattr(parent, attr), type(sys))
+    from gpu_nn._namespace import _FINDER
+
+    spec = _FINDER.find_spec("gpu_nn.optim.lr_scheduler")  # (our spec made into a module twice: a crash before)
+    theirs = torch.optim.lr_scheduler.__spec__
+    try:
+        assert importlib.util.module_from_spec(spec) is importlib.util.module_from_spec(spec) is torch.optim.lr_scheduler
+    finally:  # (module_from_spec alone, outside an import, leaves the alias's spec on it: put torch's back)
+        torch.optim.lr_scheduler.__spec__ = theirs
 
 
 def test_convert_a_transformer_quietly():

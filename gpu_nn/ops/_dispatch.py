@@ -806,6 +806,31 @@ class _Nested(Exception):
     pass
 
 
+def _first_legacy_batched(args):
+    for a in args:
+        if isinstance(a, (list, tuple)):
+            t = _first_legacy_batched(a)
+            if t is not None:
+                return t
+        elif type(a) in _PLAIN and _legacy_batched(a):
+            return a
+    return None
+
+
+def _legacy_level(args):
+    """The legacy vmap level a batched tensor of ``args`` is batched at, read off the tensor: the
+    one level whose removal leaves it unbatched (None if none does: batched at two levels). Not
+    the thread's vmap nesting depth, which the autograd engine's device threads (a CUDA
+    backward) do not carry: there it reads 0 while the tensors stay batched at level 1."""
+    t = _first_legacy_batched(args)
+    depth = _C._vmapmode_increment_nesting() - 1  # (this thread's depth: the level on the CPU's engine)
+    _C._vmapmode_decrement_nesting()
+    for level in ([depth] if depth > 0 else []) + [v for v in range(1, 65) if v != depth]:
+        if not _legacy_batched(torch._remove_batch_dim(t, level, 1, 0)):
+            return level
+    return None
+
+
 def _legacy_looped(op, args):
     """What torch's batched fallback does for an op without tensor lists, for one with them (the
     recurrent sequence ops, whose weights travel in a list): the tensors batched by the innermost
@@ -813,9 +838,9 @@ def _legacy_looped(op, args):
     hessian with ``vectorize=True``) taken apart along their batch dimension, the op called once per
     element (``op`` itself: differentiable, as hessian needs), each result stacked and batched
     again at that level. None where a tensor is batched at an outer level too (nested batching)."""
-    level = _C._vmapmode_increment_nesting()  # the innermost vmap's level is the nesting depth
-    _C._vmapmode_decrement_nesting()
-    level -= 1
+    level = _legacy_level(args)
+    if level is None:
+        return None
     sizes = set()
 
     def physical(a):
