@@ -43,7 +43,7 @@ def fall_back_to(namespace: dict, theirs: types.ModuleType, redirect: dict | Non
     namespace["__dir__"] = __dir__
     if "__path__" in namespace:  # a package: its submodules too
         _FINDER.packages[name] = (theirs.__name__, redirect, True)
-        _FINDER.pin(name, theirs, skip=set(namespace) | set(redirect))
+        _FINDER.pin(name, theirs, ours=set(namespace) | set(redirect))
         if _FINDER not in sys.meta_path:
             sys.meta_path.insert(0, _FINDER)
 
@@ -99,21 +99,22 @@ class _TheirSubmodules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         module.__spec__ = module.__spec__.gn_their_spec
 
     @staticmethod
-    def pin(ours: str, theirs: types.ModuleType, skip=()) -> None:
-        """Put in ``sys.modules``, under our name, each loaded submodule of ``theirs`` that its
-        package's attribute of the same name is not (``torch.nn.parallel.data_parallel`` is a
-        function there, ``torch.nn.utils.weight_norm`` too): importing it through our name then
-        finds it there, and the import system does not set the parent's attribute to the module,
-        which would replace torch's function on torch's own package (an alias is that package) or
-        shadow it in ours. ``skip``: names that are ours (and, in our packages, private ones)."""
+    def pin(package: str, theirs: types.ModuleType, ours=None) -> None:
+        """Put in ``sys.modules``, under ``package``'s name, each loaded submodule of ``theirs``
+        that its package's attribute of the same name is not (``torch.nn.parallel.data_parallel``
+        is a function there, ``torch.nn.utils.weight_norm`` too): importing it through our name
+        then finds it there, and the import system does not set the parent's attribute to the
+        module, which would replace torch's function on torch's own package (an alias is that
+        package) or shadow it in ours. ``ours``: for one of our packages, the names it has itself
+        (left alone, as its private names are: :meth:`_target`'s rules); None for an alias."""
         prefix = theirs.__name__ + "."
         for name, module in list(sys.modules.items()):
             child = name[len(prefix):]
-            if not name.startswith(prefix) or "." in child or child in skip or getattr(theirs, child, None) is module:
+            if not name.startswith(prefix) or "." in child or getattr(theirs, child, None) is module:
                 continue
-            if skip and child.startswith("_"):
+            if ours is not None and (child in ours or child.startswith("_")):
                 continue
-            sys.modules.setdefault(f"{ours}.{child}", module)
+            sys.modules.setdefault(f"{package}.{child}", module)
 
 
 _FINDER = _TheirSubmodules()

@@ -759,16 +759,14 @@ class Routed:
             return c_apply(*_unwrapped(args))
         try:
             return self._impl(*args)
-        except NotImplementedError:
-            # a tensor a finished torch.func transform left wrapped has no storage of its own
-            # ("Cannot access storage of TensorWrapper"): unwrapped, as torch's ops and the custom
-            # op's dispatch see it (a review audit); checked only on this error, the hot path pays nothing
-            if any(type(a) in _PLAIN and _functorch.is_functorch_wrapped_tensor(a) for a in args):
+        except (NotImplementedError, RuntimeError) as exc:
+            # checked only on these errors, the hot path pays nothing. A tensor a finished
+            # torch.func transform left wrapped has no storage of its own ("Cannot access storage of
+            # TensorWrapper", a NotImplementedError): unwrapped, as torch's ops and the custom op's
+            # dispatch see it (a review audit)
+            if isinstance(exc, NotImplementedError) and any(
+                    type(a) in _PLAIN and _functorch.is_functorch_wrapped_tensor(a) for a in args):
                 return self._impl(*_unwrapped(args))
-            if not _any_legacy_batched(args):
-                raise
-            return self._legacy(args)
-        except RuntimeError:
             if not _any_legacy_batched(args):
                 raise
             return self._legacy(args)
@@ -798,8 +796,7 @@ def _legacy_batched(t) -> bool:
 
 def _any_legacy_batched(args) -> bool:
     """Whether a tensor of ``args``, or of a tensor list among them, is legacy-batched."""
-    return any(_any_legacy_batched(a) if isinstance(a, (list, tuple)) else type(a) in _PLAIN and _legacy_batched(a)
-               for a in args)
+    return _first_legacy_batched(args) is not None
 
 
 class _Nested(Exception):
@@ -807,6 +804,7 @@ class _Nested(Exception):
 
 
 def _first_legacy_batched(args):
+    """The first legacy-batched tensor of ``args`` (tensor lists searched too), or None."""
     for a in args:
         if isinstance(a, (list, tuple)):
             t = _first_legacy_batched(a)
@@ -821,11 +819,10 @@ def _legacy_level(args):
     """The legacy vmap level a batched tensor of ``args`` is batched at, read off the tensor: the
     one level whose removal leaves it unbatched (None if none does: batched at two levels). Not
     the thread's vmap nesting depth, which the autograd engine's device threads (a CUDA
-    backward) do not carry: there it reads 0 while the tensors stay batched at level 1."""
+    backward) do not carry: there it reads 0 while the tensors stay batched at level 1. Levels
+    count from 1; removing another one than the tensor's leaves it batched (an expanded view)."""
     t = _first_legacy_batched(args)
-    depth = _C._vmapmode_increment_nesting() - 1  # (this thread's depth: the level on the CPU's engine)
-    _C._vmapmode_decrement_nesting()
-    for level in ([depth] if depth > 0 else []) + [v for v in range(1, 65) if v != depth]:
+    for level in range(1, 65):
         if not _legacy_batched(torch._remove_batch_dim(t, level, 1, 0)):
             return level
     return None
