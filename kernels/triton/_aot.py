@@ -192,16 +192,16 @@ def covering(specs: list, must=(), order: int = 2) -> list[bool]:
     for i, spec in enumerate(specs):
         by_kernel[spec.name].append(i)
     for idx in by_kernel.values():
-        pairs = {i: _pairs(specs[i]) if order == 2 else frozenset(_factors(specs[i])) for i in idx}
-        todo = set().union(*pairs.values())
+        covers = {i: _pairs(specs[i]) if order == 2 else frozenset(_factors(specs[i])) for i in idx}  # what each covers
+        todo = set().union(*covers.values())
         for i in idx:
             if (specs[i].name, specs[i].label) in must:
                 chosen[i] = True
-                todo -= pairs[i]
+                todo -= covers[i]
         while todo:
-            best = max(idx, key=lambda i: len(pairs[i] & todo))  # max keeps the first of equals
+            best = max(idx, key=lambda i: len(covers[i] & todo))  # max keeps the first of equals
             chosen[best] = True
-            todo -= pairs[best]
+            todo -= covers[best]
     return chosen
 
 
