@@ -287,6 +287,57 @@ def test_column_sum_splits_its_rows_when_its_columns_give_few_programs(backend, 
                 assert (splits > 1) == (M >= 2 * kd.COLSUM_MIN_ROWS)
 
 
+@pytest.mark.parametrize("backend,device", backend_params(("triton",)))
+def test_linear_past_the_launch_bound_runs_in_blocks(backend, device, rng, monkeypatch):
+    """A matmul whose rows, columns or inner length pass MATMUL_MAX_DIM (2^30: the kernels number
+    rows and columns in int32 and step an int32 K) runs as row / column blocks, and an inner
+    length past it as float32 partial products summed before the bias, the activation and the
+    rounding: with the bound lowered to 24, a linear layer of 37 rows, 35 inputs and 33 outputs
+    passes it in every dimension of its forward, input gradient and weight gradient (the weight
+    gradient's inner length is the rows). Against the reference, fused activations included."""
+    from gpu_nn.kernels.triton import dense as kd
+
+    monkeypatch.setattr(kd, "MATMUL_MAX_DIM", 24)
+    x64, w64, b64, g64 = randn(rng, 37, 35), randn(rng, 33, 35), randn(rng, 33), randn(rng, 37, 33)
+    for activation in (None, "tanh"):
+        dtype = torch.float32
+        got, want = [], []
+        for be, dev, out in ((backend, device, got), ("reference", "cpu", want)):
+            x, w, b = (t.to(dev, dtype).requires_grad_() for t in (x64, w64, b64))
+            with gpu_nn.backend(be), interpreted_launches(dev) as names:
+                y = F.linear(x, w, b, activation=activation)
+                out += [y, *torch.autograd.grad(y, (x, w, b), g64.to(dev, dtype))]
+            if dev == "cpu" and be == "triton":  # 2 x 2 x 2 blocks a product
+                assert names.count("_matmul_kernel") == 24, names
+        for a, e, what in zip(got, want, ("y", "dx", "dw", "db")):
+            assert_close(a, e, dtype, k=37, what=f"{activation} {what}")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: 2^31 rows under the interpreter take hours")
+def test_linear_over_two_to_the_31_rows_on_the_gpu():
+    """Rows at and past 2^31 on a GPU: an expanded (zero-stride) input of 2^31 + 5 rows and one
+    feature through a linear layer, and the bias gradient's column sum over 2^31 - 5 rows,
+    where the split column sum's last range ended past 2^31 - 1 in int32 and dropped out of the
+    sum. The forward through row blocks, the weight gradient through inner blocks."""
+    from gpu_nn.kernels import triton as ktriton
+    from gpu_nn.kernels.triton import dense as kd
+
+    for M in (2**31 - 5, 2**31 + 5):
+        g = torch.ones(1, 1, device="cuda").expand(M, 1)
+        out = torch.full((1,), float("nan"), device="cuda")
+        kd.colsum(g, out, ktriton.INTERPRET)
+        assert abs(out.item() - M) <= 1e-5 * M, (M, out.item())
+    M = 2**31 + 5
+    x = torch.full((1, 1), 0.5, device="cuda").expand(M, 1)
+    w = torch.full((1, 1), 2.0, device="cuda", requires_grad=True)
+    b = torch.full((1,), 0.25, device="cuda", requires_grad=True)
+    with gpu_nn.backend("triton"):
+        y = F.linear(x, w, b)
+        assert torch.equal(y[::2**20], torch.full_like(y[::2**20], 1.25)) and y[-1].item() == 1.25
+        dw, db = torch.autograd.grad(y, (w, b), torch.ones_like(y))
+    assert abs(dw.item() - M / 2) <= 1e-5 * M and abs(db.item() - M) <= 1e-5 * M, (dw.item(), db.item())
+
+
 @pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
 @pytest.mark.parametrize("name", SOFTMAX)
 @pytest.mark.parametrize("path", ["single-small", "single-full", "loop-one-over", "loop-long"])

@@ -431,6 +431,9 @@ def matmul(a, b, c, bias=None, activation=None, allow_tf32=False, interpret=Fals
     N = b.shape[1]
     if M == 0 or N == 0:
         return
+    if max(M, N, K) > MATMUL_MAX_DIM:
+        _matmul_blocks(a, b, c, bias, activation, allow_tf32, interpret)
+        return
     dt = _tdt(a)
     prec = dot_precision(dt, allow_tf32)
     b = b_operand(b, M, dt, prec, interpret)
@@ -445,6 +448,39 @@ def matmul(a, b, c, bias=None, activation=None, allow_tf32=False, interpret=Fals
                            lambda cand: _launch_matmul(a, b, c, bias, act, prec, cand), cfg, a.device,
                            prepare=lambda cands: _compile_candidates(a, b, c, bias, act, prec, cands))
     _launch_matmul(a, b, c, bias, act, prec, cfg)
+
+
+# The most rows, columns or inner length one matmul launch takes. The kernels number rows and
+# columns in int32 (pid * BLOCK, the TMA coordinates) and the pointer kernel's inner loop steps an
+# int32 K by BLOCK_K, which wraps from K = 2^31 - BLOCK_K on; 2^30 leaves every such sum in range.
+MATMUL_MAX_DIM = 2**30
+
+
+def _matmul_blocks(a, b, c, bias, activation, allow_tf32, interpret) -> None:
+    """:func:`matmul` past MATMUL_MAX_DIM: rows and columns in blocks of at most that many (views
+    of a, b, c and the bias, one launch each: output entries are independent), an inner length
+    past it in blocks whose float32 products are summed before the bias, the activation and the
+    rounding to c's dtype, once on the total (a linear layer's weight gradient over more than
+    2^30 rows). A rare path: the sums and the epilogue there are torch's elementwise ops."""
+    L = MATMUL_MAX_DIM
+    M, K = a.shape
+    N = b.shape[1]
+    if M > L or N > L:
+        for r0 in range(0, M, L):
+            for c0 in range(0, N, L):
+                matmul(a[r0:r0 + L], b[:, c0:c0 + L], c[r0:r0 + L, c0:c0 + L],
+                       None if bias is None else bias[c0:c0 + L], activation, allow_tf32, interpret)
+        return
+    total = torch.zeros((M, N), dtype=torch.float32, device=c.device)
+    part = torch.empty((M, N), dtype=torch.float32, device=c.device)
+    for k0 in range(0, K, L):
+        matmul(a[:, k0:k0 + L], b[k0:k0 + L], part, allow_tf32=allow_tf32, interpret=interpret)
+        total += part
+    if bias is not None:
+        total += bias.float()
+    if activation is not None:
+        total = {"relu": torch.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh}[activation](total)
+    c.copy_(total)
 
 
 def act_grad(g, y, activation, interpret):
@@ -467,7 +503,7 @@ def _colsum_kernel(g_ptr, out_ptr, M, N, stride_gm, stride_gn, CHUNK, BLOCK_M: t
     split = tl.program_id(1)
     offs_n = (pid * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     mask_n = offs_n < N
-    m_lo = split * CHUNK
+    m_lo = split.to(tl.int64) * CHUNK  # int64: the last split's end passes 2^31 - 1 for M just below it
     m_hi = tl.minimum(m_lo + CHUNK, M)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for m0 in range(m_lo, m_hi, BLOCK_M):

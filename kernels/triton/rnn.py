@@ -191,7 +191,7 @@ def _rnn_colsum_kernel(x_ptr, x2_ptr, y_ptr, y2_ptr, M, N, stride_xm, stride_x2m
     split = tl.program_id(1)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mn = rn < N
-    m_lo = split * CHUNK
+    m_lo = split.to(tl.int64) * CHUNK  # int64: the last split's end passes 2^31 - 1 for M just below it
     m_hi = tl.minimum(m_lo + CHUNK, M)
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_N,), dtype=tl.float32)
