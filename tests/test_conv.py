@@ -1852,6 +1852,57 @@ def test_float32_via_channels_last_heuristic_tiles_match_reference(monkeypatch, 
                    f"float32 heuristic {name} via channels_last")
 
 
+def test_forward_heuristic_takes_channels_last_copies_where_it_should():
+    """fwd_heuristic's choice where nothing is measured, compiled (interpret False; the decision
+    reads only shapes, dtypes, strides and alignment, so CPU tensors stand in): an NCHW half
+    problem of one group and at least 32 channels in takes the half large tile on channels_last
+    copies, float32 under TF32 its own tile on them; IEEE float32, fewer than 32 channels, two
+    groups, a channels_last input, 24 channels (not a multiple of 16) or the interpreter keep
+    the default."""
+    from gpu_nn.kernels.triton import conv as kt
+
+    def choice(dtype=torch.bfloat16, c=32, o=32, k=3, groups=1, fmt=None, prec="ieee", interpret=False):
+        x = torch.empty(2, c, 9, 9, dtype=dtype)
+        x = x if fmt is None else x.contiguous(memory_format=fmt)
+        w = torch.empty(o, c // groups, k, k, dtype=dtype)
+        y = torch.empty(2, o, 10 - k, 10 - k, dtype=dtype)
+        cfg = kt.fwd_default(o, 2 * (10 - k) ** 2, c // groups, k * k, dtype != torch.float32, interpret)
+        return kt.fwd_heuristic(x, w, None, y, groups, cfg, interpret, prec), cfg
+
+    got, _ = choice()
+    assert got == (*kt.GPU_CONFIGS["half"]["large"], kt.VIA_CL), got
+    got, cfg = choice(torch.float32, prec="tf32")
+    assert got == (*cfg[:5], kt.VIA_CL), (got, cfg)
+    assert choice(k=1)[0][-1] == kt.VIA_CL
+    # (16 channels: 1x1, and 3x3, whose default is also the packed loop)
+    for kw in (dict(dtype=torch.float32), dict(c=16, k=1), dict(c=16), dict(c=64, groups=2),
+               dict(fmt=torch.channels_last), dict(c=24, o=24), dict(interpret=True)):
+        got, cfg = choice(**kw)
+        assert got == cfg, (kw, got, cfg)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a GPU: the heuristic takes the copies only for compiled kernels")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_untuned_half_nchw_convolution_through_the_heuristic_on_the_gpu(dtype, rng, monkeypatch):
+    """On a GPU with nothing measured (GPU_NN_TUNE=0), a half NCHW convolution of 32 channels
+    runs fwd_heuristic's via-channels_last tile (the copies, the NHWC tile, the copy back):
+    against the float64 reference within the half bound, NCHW out as torch's, fwd+bwd."""
+    monkeypatch.setenv("GPU_NN_TUNE", "0")
+    x64, w64, b64 = randn(rng, 2, 32, 11, 9), randn(rng, 48, 32, 3, 3) / (32 * 9) ** 0.5, randn(rng, 48)
+    g64 = randn(rng, 2, 48, 11, 9)
+    with gpu_nn.backend("reference"):
+        x, w, b = (t.clone().requires_grad_() for t in (x64, w64, b64))
+        yr = F.conv2d(x, w, b, padding=1)
+        want = [yr, *torch.autograd.grad(yr, (x, w, b), g64)]
+    x, w, b = (t.to("cuda", dtype).requires_grad_() for t in (x64, w64, b64))
+    with gpu_nn.backend("triton"):
+        y = F.conv2d(x, w, b, padding=1)
+        got = [y, *torch.autograd.grad(y, (x, w, b), g64.to("cuda", dtype))]
+    assert y.is_contiguous()
+    for a, e, what, red in zip(got, want, ("y", "dx", "dw", "db"), (32 * 9, 48 * 9, 2 * 99, 2 * 99)):
+        assert_close(a.cpu(), e, dtype, red, f"{dtype} {what}")
+
+
 def _check_via(got, want, direct, x, w, dtype, red, half, what):
     """A via-channels_last result: within the tolerance of its precision against the reference
     (``red`` terms per output), bitwise equal to the same tile launched directly on channels_last
