@@ -383,6 +383,34 @@ def test_module_dropout_in_training_only(rng):
     assert torch.equal(e, m(x)[0])
 
 
+@pytest.mark.parametrize("backend,device", backend_params(("triton",)))
+def test_weights_past_the_kernels_int32_index_refused_on_triton(backend, device, monkeypatch):
+    """The Triton recurrent kernels index a weight's rows and columns in int32 (an LSTM's W_hh
+    wraps from hidden size 23171): a layer or cell whose largest weight passes WEIGHT_INDEX_MAX
+    elements is refused there with a KernelInputError before any kernel runs (the bound lowered
+    here: a 2-layer bidirectional LSTM of H = 3 has 12 x 6 in its second layer's W_ih, an LSTM
+    cell 12 x 5 in W_ih); at the bound it runs, and the reference takes any size."""
+    from gpu_nn._errors import KernelInputError
+
+    x = torch.randn(2, 1, 5, device=device)
+    for layers, bound in ((1, 12 * 5), (2, 12 * 6)):
+        m = gnn.LSTM(5, 3, num_layers=layers, bidirectional=True).to(device)
+        monkeypatch.setattr(ops, "WEIGHT_INDEX_MAX", bound - 1)
+        with gpu_nn.backend(backend), pytest.raises(KernelInputError, match=f"a 12 x {bound // 12} weight"), \
+                interpreted_launches(device) as names:
+            m(x)
+        assert names == []
+        with gpu_nn.backend("reference"):
+            m(x)
+        monkeypatch.setattr(ops, "WEIGHT_INDEX_MAX", bound)
+        with gpu_nn.backend(backend):
+            m(x)
+    cell = gnn.LSTMCell(5, 3).to(device)
+    monkeypatch.setattr(ops, "WEIGHT_INDEX_MAX", 12 * 5 - 1)
+    with gpu_nn.backend(backend), pytest.raises(KernelInputError, match="a 12 x 5 weight"):
+        cell(x[0])
+
+
 def test_sequence_ops_refuse_bad_states_in_torchs_classes_and_words():
     """The functional sequence ops (torch.gru / lstm / rnn_tanh's signature): a state that is not a
     tensor is a TypeError (gru(x, None, ...) reached an AttributeError), an LSTM pair with a

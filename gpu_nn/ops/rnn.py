@@ -191,6 +191,25 @@ class HiddenStateTypeError(KernelInputError, TypeError):
 # checks
 
 
+# The Triton recurrent kernels index a weight matrix's rows and columns in int32 ((g * H + row) *
+# stride, in the step kernels' inner loops): a weight of this many elements or more would wrap
+# (an LSTM from hidden size 23171, a GRU from 26755, an Elman layer from 46342) and read the wrong
+# rows silently. Widening those products costs registers in the per-step kernels, which no GPU run
+# has measured; such layers are refused on the Triton backend instead (CuPy's kernels and the
+# reference take them).
+WEIGHT_INDEX_MAX = 2**31 - 1
+
+
+def _check_weight_index(op: str, rows: int, cols: int) -> None:
+    """Refuse, for the Triton backend, weights of ``rows`` x ``cols`` (the layer's largest: gates x
+    hidden rows, its widest input) past :data:`WEIGHT_INDEX_MAX` elements. Shapes only: the
+    layers' weights are dense (their own or flatten_parameters' chunks)."""
+    if rows * cols > WEIGHT_INDEX_MAX:
+        raise KernelInputError(
+            f"{op}: a {rows} x {cols} weight ({rows * cols} elements) is past the {WEIGHT_INDEX_MAX} that gpu-nn's "
+            f"Triton recurrent kernels index in 32 bits; the cupy or reference backend takes it")
+
+
 def _check_seq(op, input, hx, cx, weights, mode, num_layers, bidirectional, has_biases, lengths, masks):
     if mode not in MODES:
         raise KernelInputError(f"{op}: unknown mode {mode!r}; expected one of {MODES}")
@@ -296,6 +315,9 @@ def rnn_seq_forward(input, hx, cx, weights, mode, num_layers, bidirectional, has
     op = mode
     _check_seq(op, input, hx, cx, weights, mode, num_layers, bidirectional, has_biases, lengths, dropout_masks)
     backend = _backend.resolve(op, input.device, BACKENDS, dtype=input.dtype)
+    if backend == "triton":
+        G, W = weights[1].shape  # w_hh: [gates x H, W]
+        _check_weight_index(op, G, max(input.shape[2], W, (2 if bidirectional else 1) * W if num_layers > 1 else 0))
     dev, dt = input.device, input.dtype
     if backend == "reference":
         D = 2 if bidirectional else 1
@@ -1482,6 +1504,8 @@ def rnn_cell_forward(input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode):
     backend = _backend.resolve(op, input.device, BACKENDS, dtype=input.dtype)
     if backend == "reference":
         return _reference_cell_forward(input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode)
+    if backend == "triton":
+        _check_weight_index(op, w_hh.shape[0], max(w_ih.shape[-1], w_hh.shape[-1]))
     _backend.check_interpreter_dtype(op, backend, input)
     return _gpu_cell_forward(_impl(backend), mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh)
 
