@@ -1568,6 +1568,42 @@ def test_persist_twin_is_torchs_layer(mode, bias, rng):
         torch.testing.assert_close(a.detach().cpu(), b.detach().cpu(), rtol=1e-10, atol=1e-10)
 
 
+def test_persistent_loops_past_the_barrier_count_run_per_step(monkeypatch, rng):
+    """The persistent kernels' grid barrier counts arrivals in an int32 ((s + 1) x programs at step
+    s): a time loop whose steps x programs pass BARRIER_COUNT_MAX runs per step instead (there the
+    target wrapped and programs read states not yet written). The bound lowered to 4 x the
+    programs (one here, the launcher's count on a GPU): a bidirectional LSTM of T = 4 runs the
+    persistent forward, of T = 5 per step, both against the reference; the program counts of
+    both launch kinds, forward and backward."""
+    pytest.importorskip("triton")
+    from gpu_nn.kernels.triton import rnn as kt
+
+    monkeypatch.setenv(_PERSIST_ENV, "1")
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    K = kt
+    for backward in (False, True):
+        n = ops._persist_programs(K, dev, 2, 3, backward=backward)
+        monkeypatch.setattr(ops, "BARRIER_COUNT_MAX", 4 * n)
+        assert n >= 1 and ops._persist_programs(K, dev, 2, 3, T=4, backward=backward) == n
+        assert ops._persist_programs(K, dev, 2, 3, T=5, backward=backward) == 0
+    n2 = ops._persist_pair_programs(K, dev, 2, 3)
+    monkeypatch.setattr(ops, "BARRIER_COUNT_MAX", 4 * n2)
+    assert n2 >= 1 and ops._persist_pair_programs(K, dev, 2, 3, 4) == n2 and ops._persist_pair_programs(K, dev, 2, 3, 5) == 0
+    calls = []
+    real_pair = kt.persist_forward_pair
+    monkeypatch.setattr(kt, "persist_forward_pair", lambda *a: (calls.append(a[-1]), real_pair(*a)))
+    m = gnn.LSTM(3, 4, bidirectional=True)
+    for T, launched in ((4, [n2]), (5, [])):
+        x = randn(rng, T, 2, 3).float()
+        calls.clear()
+        with gpu_nn.backend("triton"):
+            y = m.to(dev)(x.to(dev))[0]
+        with gpu_nn.backend("reference"):
+            want = m.cpu()(x)[0]
+        assert calls == launched, (T, calls)
+        assert_close(y.cpu(), want, torch.float32, k=16, what=f"T={T}")
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("cfg", PERSIST_GRID, ids=lambda c: "T{}B{}H{}L{}{}{}{}{}".format(
     c[0], c[1], c[3], c[4], "bi" if c[5] else "", "len" if c[6] else "", "" if c[7] else "nobias", "mask" if c[8] else ""))

@@ -500,9 +500,16 @@ def persistent_choice(device_type: str, B: int, H: int, sm_count: int, env: Opti
     return env == "1" or (by_default and device_type == "cuda" and B <= PERSIST_DEFAULT_MAX_B)
 
 
-def _persist_programs(K, dev, B, H, P=0, backward=False):
-    """Programs of the persistent launch, 0 for per-step launches (``backward``: of the backward
-    time loop, whose default is PERSISTENT_BWD_BY_DEFAULT)."""
+# The Triton persistent kernels' grid barrier counts arrivals in an int32 (its target at step s is
+# (s + 1) x programs): a time loop of T steps over n programs takes it while T * n stays below this
+# (a 16M-step sequence over 132 programs would pass it, the barrier's target would wrap and some
+# programs would read a step's states before they were written); longer loops run per step.
+BARRIER_COUNT_MAX = 2**31 - 1
+
+
+def _persist_programs(K, dev, B, H, P=0, backward=False, T=0):
+    """Programs of the persistent launch over ``T`` steps, 0 for per-step launches (``backward``:
+    of the backward time loop, whose default is PERSISTENT_BWD_BY_DEFAULT)."""
     if K is _CupyImpl:  # its own device loop, sized when launched (it falls back per step there)
         return int(cupy_loop_choice(B, H, P, os.environ.get(CUPY_RNN_ENV)))
     if not hasattr(K, "persist_forward"):
@@ -511,15 +518,17 @@ def _persist_programs(K, dev, B, H, P=0, backward=False):
     by_default = PERSISTENT_BWD_BY_DEFAULT if backward else PERSISTENT_BY_DEFAULT
     if not persistent_choice(dev.type, B, H, sm, os.environ.get(PERSISTENT_ENV), by_default, P):
         return 0
-    return K.persist_programs(B, H, sm)
+    n = K.persist_programs(B, H, sm)
+    return n if T * n <= BARRIER_COUNT_MAX else 0
 
 
-def _persist_pair_programs(K, dev, B, H):
-    """Programs of the two-direction persistent launches (forward or backward), 0 where the
-    backend has none (cupy)."""
+def _persist_pair_programs(K, dev, B, H, T=0):
+    """Programs of the two-direction persistent launches (forward or backward) over ``T`` steps,
+    0 where the backend has none (cupy) or the barrier's count would pass BARRIER_COUNT_MAX."""
     if not hasattr(K, "persist_pair_programs"):
         return 0
-    return K.persist_pair_programs(B, H, _barrier_sms(dev))
+    n = K.persist_pair_programs(B, H, _barrier_sms(dev))
+    return n if T * n <= BARRIER_COUNT_MAX else 0
 
 
 def _barrier_sms(dev) -> int:
@@ -547,9 +556,9 @@ def _gpu_forward(K, mode, input, hx, cx, weights, num_layers, bidirectional, has
     cn = empty((L * D, B, H), dtype=dt, device=dev) if mode == "lstm" else input.new_empty(0)
     lens = _lengths_on(lengths, T, B, dev)
     ws = _dense_biases(_split(weights, L, D, has_biases))
-    persist = _persist_programs(K, dev, B, H, P)
+    persist = _persist_programs(K, dev, B, H, P, T=T)
     # both directions in one persistent launch (triton): its own program count, all resident
-    persist_pair = _persist_pair_programs(K, dev, B, H) if persist and D == 2 else 0
+    persist_pair = _persist_pair_programs(K, dev, B, H, T) if persist and D == 2 else 0
     tf32 = tf32_allowed(dt)
     steps_forward = getattr(K, "steps_forward", None)  # one call per layer and direction (triton; pairs below)
     # the initial states into their reserve slots (slot 0 forward, slot T reverse) before the
@@ -643,16 +652,16 @@ def _gpu_backward(K, mode, gout, ghn, gcn, input, weights, reserve, num_layers, 
     dcx = empty((L * D, B, H), dtype=f32, device=dev) if mode == "lstm" else None
     # the whole backward time loop of a layer and direction in one launch (cupy's device loop,
     # triton's persistent backward), its program count (cupy: 1, sized at launch)
-    bloop = hasattr(K, "loop_backward") and _persist_programs(K, dev, B, H, P, backward=True)
+    bloop = hasattr(K, "loop_backward") and _persist_programs(K, dev, B, H, P, backward=True, T=T)
     steps_backward = getattr(K, "steps_backward", None)  # one call per layer and direction (triton; pairs below)
     ws = _split(weights, L, D, has_biases)
     # both directions of a layer in one launch per step (triton's per-step path) or in one whole
     # loop launch (triton's persistent backward, cupy's device loop): the two directions' gate
     # gradients coexist, one buffer each; otherwise one buffer serves both in turn
-    can_pair = steps_backward is not None or bool(bloop and _persist_pair_programs(K, dev, B, H))
+    can_pair = steps_backward is not None or bool(bloop and _persist_pair_programs(K, dev, B, H, T))
     pairs = [D == 2 and not P and can_pair and K.pair_ok(ws[l * D][1], ws[l * D + 1][1]) for l in range(L)]
     # the pairs' persistent backward (triton, where the persistent backward is chosen; cupy): its programs
-    bpair = _persist_pair_programs(K, dev, B, H) if bloop and any(pairs) and hasattr(K, "persist_backward_pair") else 0
+    bpair = _persist_pair_programs(K, dev, B, H, T) if bloop and any(pairs) and hasattr(K, "persist_backward_pair") else 0
     nbuf = 2 if any(pairs) else 1
     dGis = empty((nbuf, T, B, GH), dtype=f32, device=dev)
     dGhs = empty((nbuf, T, B, GH), dtype=f32, device=dev) if mode == "gru" else dGis
