@@ -313,6 +313,63 @@ def test_linear_past_the_launch_bound_runs_in_blocks(backend, device, rng, monke
             assert_close(a, e, dtype, k=37, what=f"{activation} {what}")
 
 
+@pytest.mark.parametrize("backend,device", backend_params(("triton",)))
+def test_softmax_and_cross_entropy_past_their_launch_limits(backend, device, rng, monkeypatch):
+    """Sizes the Triton softmax / cross-entropy kernels cannot index, with the limits lowered:
+    a row length in ROW_LENGTH_WRAP (within a loop tile of 2^31 - 1, where the kernels' int32
+    loop counter wraps and never ends) is refused with a KernelInputError before any kernel,
+    forward and backward, on every softmax path (rows, middle dim, moved dim) and for the classes
+    of cross entropy, while the reference takes it; cross entropy past CE_ROWS_MAX rows is
+    refused; a softmax past SOFTMAX_ROWS_MAX rows (one program a row on grid x) runs as launches
+    over row blocks, against the reference."""
+    from gpu_nn._errors import KernelInputError
+    from gpu_nn.kernels.triton import dense as kd
+    from gpu_nn.ops import dense as od
+
+    monkeypatch.setattr(od, "ROW_LENGTH_WRAP", (5, 7))
+    x, t = randn(rng, 3, 6, 4).float().to(device), torch.tensor([0, 5, 2], device=device)
+    for name in SOFTMAX:
+        ours = SOFTMAX[name][0]
+        for dim in (1, -1):  # the middle dim, the rows (lengths 6 and 4)
+            with gpu_nn.backend(backend), interpreted_launches(device) as names:
+                if dim == 1:
+                    with pytest.raises(KernelInputError, match="a dimension of 6 would wrap"):
+                        ours(x, dim)
+                else:
+                    ours(x, dim)
+            assert names == [] or dim == -1
+        xt = x.transpose(1, 2)  # a moved dim of 6
+        with gpu_nn.backend(backend), pytest.raises(KernelInputError, match="a dimension of 6"):
+            ours(xt, 2)
+        y = ours(x.detach().cpu().double(), 1)  # the reference takes it
+        with gpu_nn.backend(backend), pytest.raises(KernelInputError, match="a dimension of 6"):
+            op = torch.ops.gpu_nn.log_softmax_backward if name == "log_softmax" else torch.ops.gpu_nn.softmax_backward
+            op(x, x, 1)
+    with gpu_nn.backend(backend), pytest.raises(KernelInputError, match="a dimension of 6"):
+        F.cross_entropy(x[:, :, 0], t)
+    assert y.shape == x.shape
+    monkeypatch.setattr(od, "ROW_LENGTH_WRAP", (2**31 - 2**16, 2**31))
+    monkeypatch.setattr(od, "CE_ROWS_MAX", 2)
+    with gpu_nn.backend(backend), pytest.raises(KernelInputError, match="3 rows are past the 2"):
+        F.cross_entropy(x[:, :, 0], t)
+    monkeypatch.setattr(kd, "SOFTMAX_ROWS_MAX", 5)
+    xr = randn(rng, 3, 4, 7).float()
+    g = randn(rng, 3, 4, 7).float()
+    for name, (ours, _) in SOFTMAX.items():
+        a = xr.to(device).requires_grad_()
+        with gpu_nn.backend(backend), interpreted_launches(device) as names:
+            y = ours(a, -1)
+            (dx,) = torch.autograd.grad(y, a, g.to(device))
+        if device == "cpu":  # 12 rows in blocks of 5: three launches each way
+            assert len(names) == 6, names
+        with gpu_nn.backend("reference"):
+            b = xr.double().requires_grad_()
+            yr = ours(b, -1)
+            (dxr,) = torch.autograd.grad(yr, b, g.double())
+        assert_close(y, yr, torch.float32, k=7, what=f"{name} row blocks")
+        assert_close(dx, dxr, torch.float32, k=7, what=f"{name} row blocks, gradient")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: 2^31 rows under the interpreter take hours")
 def test_linear_over_two_to_the_31_rows_on_the_gpu():
     """Rows at and past 2^31 on a GPU: an expanded (zero-stride) input of 2^31 + 5 rows and one

@@ -447,6 +447,25 @@ def _linear_general_bias(input: Tensor, w: Tensor, bias: Tensor, activation) -> 
 # =========================================================================== softmax / log_softmax
 
 
+# The Triton softmax and cross-entropy kernels walk a row (the softmax dim, the classes) in tiles
+# of up to 4096 with an int32 counter when its length is an int32 argument: a length within a tile
+# of 2^31 - 1 steps the counter past it, where it wraps negative and the loop never ends (a
+# length of 2^31 or more is an int64 argument, and works). Those lengths are refused on Triton,
+# the window taken wide (2^16) so that any tile size stays inside it.
+ROW_LENGTH_WRAP = (2**31 - 2**16, 2**31)
+# The per-row cross-entropy kernels run a program per row on grid x and find the rows' count
+# there (its [3, M] statistics): at most this many rows.
+CE_ROWS_MAX = 2**31 - 1
+
+
+def _check_row_length(op: str, n: int) -> None:
+    """Refuse, on Triton, a softmax / cross-entropy row length in ROW_LENGTH_WRAP."""
+    lo, hi = ROW_LENGTH_WRAP
+    if lo <= n < hi:
+        raise KernelInputError(f"{op}: a dimension of {n} would wrap the Triton kernels' 32-bit loop over it (lengths "
+                               f"in [{lo}, {hi}) are refused there); the reference backend takes it")
+
+
 def _mid_shape(t: Tensor, dim: int):
     """``(outer, C, inner)`` of a contiguous ``t`` seen as [outer, C, inner] around ``dim`` (C its
     size), for the middle-dim softmax kernels; None where ``t`` is not contiguous or has no dims."""
@@ -466,6 +485,8 @@ def _softmax_forward(x: Tensor, dim: int, log: bool) -> Tensor:
         # contiguous as torch's softmax and our fake kernel (NumPy keeps a channels_last input's order)
         return from_numpy(fn(to_numpy(x), dim), x.dtype, x.device).contiguous()
     _backend.check_interpreter_dtype(name, backend, x)
+    if x.dim():
+        _check_row_length(name, x.shape[dim])
     if x.numel() == 0:  # an empty softmax dim has no [-1, 0] row layout
         return torch.empty_like(x, memory_format=torch.contiguous_format)
     ktriton, kd = _triton_modules()
@@ -498,6 +519,8 @@ def _softmax_backward(grad: Tensor, out: Tensor, dim: int, log: bool) -> Tensor:
         fn = ref.log_softmax_backward if log else ref.softmax_backward
         return from_numpy(fn(to_numpy(grad), to_numpy(out), dim), grad.dtype, grad.device).contiguous()
     _backend.check_interpreter_dtype(name, backend, grad, out)
+    if grad.dim():
+        _check_row_length(name, grad.shape[dim])
     if grad.numel() == 0:
         return torch.empty_like(grad, memory_format=torch.contiguous_format)
     ktriton, kd = _triton_modules()
@@ -764,6 +787,10 @@ def cross_entropy_forward(input: Tensor, target: Tensor, weight: Tensor | None, 
         stats[: 2 * M] = lse.reshape(-1)
         return from_numpy(loss, input.dtype, input.device), from_numpy(stats, _lse_dtype(input.dtype), input.device)
     _backend.check_interpreter_dtype("cross_entropy", backend, input, target if prob else None, weight)
+    _check_row_length("cross_entropy", C)
+    if M > CE_ROWS_MAX:
+        raise KernelInputError(f"cross_entropy: {M} rows are past the {CE_ROWS_MAX} that the Triton kernels launch "
+                               f"(a program each); the reference backend takes them")
     ktriton, kd = _triton_modules()
     if not prob:
         _check_target_range(target, ignore_index, C, (ktriton, kd))

@@ -499,9 +499,9 @@ def _colsum_kernel(g_ptr, out_ptr, M, N, stride_gm, stride_gn, CHUNK, BLOCK_M: t
     min(M, (s + 1) * CHUNK)), float32 accumulation; ``out`` [splits, N] contiguous. One split
     (CHUNK >= M) is the bias gradient itself; several write float32 partial sums, which a second
     launch over them (splits rows) adds up (:func:`colsum`)."""
-    pid = tl.program_id(0)
+    pid = tl.program_id(0).to(tl.int64)  # int64: a bias of 2^31 - 1 outputs (a linear's) numbers past it
     split = tl.program_id(1)
-    offs_n = (pid * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     m_lo = split.to(tl.int64) * CHUNK  # int64: the last split's end passes 2^31 - 1 for M just below it
     m_hi = tl.minimum(m_lo + CHUNK, M)
@@ -889,13 +889,29 @@ def softmax_fwd(x, y, log: bool, interpret: bool) -> None:
     softmax_fwd_rows(x, y, *x.shape, log, interpret)
 
 
+# rows of one softmax launch (a program each, on grid x: at most 2^31 - 1); more run as launches
+# over flat views of this many rows
+SOFTMAX_ROWS_MAX = 2**31 - 1
+
+
+def _row_chunks(rows: int, n: int, *ts):
+    """(rows, views) per launch: ``ts`` (contiguous, ``rows`` rows of ``n``) whole, or as flat
+    views of SOFTMAX_ROWS_MAX rows at most."""
+    if rows <= SOFTMAX_ROWS_MAX:
+        return [(rows, ts)]
+    flat = [t.view(-1) for t in ts]
+    step = SOFTMAX_ROWS_MAX
+    return [(min(step, rows - r0), [f[r0 * n:(r0 + step) * n] for f in flat]) for r0 in range(0, rows, step)]
+
+
 def softmax_fwd_rows(x, y, rows: int, n: int, log: bool, interpret: bool) -> None:
     """:func:`softmax_fwd` of contiguous x, y of any shape holding ``rows`` rows of ``n`` (the
     last dim): the caller needs no [rows, n] view."""
     if rows == 0 or n == 0:
         return
     blk, single, warps = softmax_config(n, interpret)
-    launch_kernel(_softmax_fwd_kernel, (rows,), x, y, n, LOG=log, SINGLE=single, BLOCK=blk, num_warps=warps)
+    for r, (xv, yv) in _row_chunks(rows, n, x, y):
+        launch_kernel(_softmax_fwd_kernel, (r,), xv, yv, n, LOG=log, SINGLE=single, BLOCK=blk, num_warps=warps)
 
 
 def softmax_bwd(g, y, dx, log: bool, interpret: bool) -> None:
@@ -908,7 +924,8 @@ def softmax_bwd_rows(g, y, dx, rows: int, n: int, log: bool, interpret: bool) ->
     if rows == 0 or n == 0:
         return
     blk, single, warps = softmax_config(n, interpret)
-    launch_kernel(_softmax_bwd_kernel, (rows,), g, y, dx, n, LOG=log, SINGLE=single, BLOCK=blk, num_warps=warps)
+    for r, (gv, yv, dv) in _row_chunks(rows, n, g, y, dx):
+        launch_kernel(_softmax_bwd_kernel, (r,), gv, yv, dv, n, LOG=log, SINGLE=single, BLOCK=blk, num_warps=warps)
 
 
 # =========================================================================== cross_entropy
