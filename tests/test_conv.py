@@ -2305,6 +2305,41 @@ def test_modules_match_torch(nd, args, kwargs, shape, rng):
         assert_close(a, e, torch.float64, 1000)
 
 
+@pytest.mark.parametrize("backend,device", backend_params(("triton",)))
+def test_groups_taps_and_weight_rows_past_the_launch_limits_refused(backend, device, rng, monkeypatch):
+    """Limits of the Triton launches besides pixels, lowered: groups past GRID_YZ_MAX (they ride
+    CUDA's grid z, at most 65535: 'invalid argument' on a GPU) and weight elements per output
+    channel past WEIGHT_ROW_MAX (int32 in the kernels) refused in the forward; kernel taps past
+    GRID_YZ_MAX (the weight gradient's grid y) refused where a weight gradient is wanted, while
+    the forward and the input gradient alone run. A KernelInputError before any kernel of the
+    op; the reference takes every case."""
+    from gpu_nn._errors import KernelInputError
+    from gpu_nn.ops import conv as oc
+
+    x = randn(rng, 2, 6, 9).float().to(device)
+    grouped = randn(rng, 6, 2, 3).float().to(device)  # 3 groups of 2 channels, 3 taps
+    plain = randn(rng, 6, 6, 3).float().to(device)
+    for attr, bound, match, w, groups in (("GRID_YZ_MAX", 2, "3 groups", grouped, 3),
+                                          ("WEIGHT_ROW_MAX", 5, "6 weight elements per output channel", grouped, 3)):
+        monkeypatch.setattr(oc, attr, bound)
+        with gpu_nn.backend(backend), interpreted_launches(device) as names, pytest.raises(KernelInputError, match=match):
+            F.conv1d(x, w, groups=groups)
+        assert names == []
+        with gpu_nn.backend("reference"):
+            F.conv1d(x, w, groups=groups)
+        monkeypatch.undo()
+    monkeypatch.setattr(oc, "GRID_YZ_MAX", 2)
+    xx = x.clone().requires_grad_()
+    with gpu_nn.backend(backend):
+        y = F.conv1d(xx, plain.clone().requires_grad_())
+        with interpreted_launches(device) as names, pytest.raises(KernelInputError, match="3 kernel taps"):
+            torch.autograd.grad(y, xx, torch.ones_like(y))
+        assert names == []
+        y = F.conv1d(xx, plain)  # no weight gradient wanted
+        (dx,) = torch.autograd.grad(y, xx, torch.ones_like(y))
+    assert dx.shape == x.shape
+
+
 @pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
 def test_batches_past_the_kernels_pixel_index_run_in_chunks(backend, device, rng, monkeypatch):
     """The Triton kernels number a launch's pixels in int32: a batch past PIXELS_MAX (2^31 - 1;

@@ -27,6 +27,7 @@ the reference computes contiguous and lays the result out afterwards.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -361,6 +362,7 @@ def conv_forward(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride, 
         return float64_in_float32(conv_forward, input, weight, bias, stride, padding, dilation, groups, activation)
     _backend.check_interpreter_dtype(name, backend, input, weight, bias)
     _check_pixels(name, pixels)
+    _check_grid(name, weight, groups)
     ktriton, kt = triton_kernels("conv")
     dt, dev = input.dtype, input.device
     out = _alloc(oshape, fmt, lambda s: empty(s, dtype=dt, device=dev))
@@ -418,6 +420,7 @@ def conv_backward(grad_output: Tensor, input: Tensor, weight: Tensor, output: Op
                                   activation, output_mask)
     _backend.check_interpreter_dtype(name, backend, input, weight, grad_output)
     _check_pixels(name, pixels)
+    _check_grid(name, weight, groups, wgrad=bool(output_mask[1]))
     ktriton, kt = triton_kernels("conv")
 
     g = grad_output
@@ -731,6 +734,31 @@ def _check_pixels(name: str, pixels) -> None:
     if pixels > PIXELS_MAX:
         raise KernelInputError(f"{name}: {pixels} (padded) positions in one launch, past the {PIXELS_MAX} gpu-nn's "
                                "kernels index; split the batch (or one sample spatially)")
+
+
+# Limits of the Triton launches other than pixels: the groups ride grid z (CUDA: at most 65535),
+# the weight gradient's taps grid y (65535 too), and the kernels number a weight's elements per
+# output channel (channels x taps) in int32. Past them a launch failed ("invalid argument") or
+# wrote the weight gradient's partial sums out of place.
+GRID_YZ_MAX = 65535
+WEIGHT_ROW_MAX = 2**31 - 1
+
+
+def _check_grid(name: str, weight, groups: int, wgrad: bool = False) -> None:
+    """Refuse, on Triton, a convolution past :data:`GRID_YZ_MAX` groups (or, for its weight
+    gradient, taps) or :data:`WEIGHT_ROW_MAX` weight elements per output channel."""
+    taps = math.prod(weight.shape[2:])
+    row = weight.shape[1] * taps
+    if groups > GRID_YZ_MAX:
+        what, limit = f"{groups} groups", GRID_YZ_MAX
+    elif row > WEIGHT_ROW_MAX:
+        what, limit = f"{row} weight elements per output channel", WEIGHT_ROW_MAX
+    elif wgrad and taps > GRID_YZ_MAX:
+        what, limit = f"{taps} kernel taps (weight gradient)", GRID_YZ_MAX
+    else:
+        return
+    raise KernelInputError(f"{name}: {what} are past the {limit} that gpu-nn's Triton kernels launch or index; "
+                           "the reference backend takes it")
 
 
 def _conv_in_chunks(nd, x, weight, bias, stride, pads, dilation, groups, activation, per):
