@@ -389,7 +389,8 @@ def test_weights_past_the_kernels_int32_index_refused_on_triton(backend, device,
     wraps from hidden size 23171): a layer or cell whose largest weight passes WEIGHT_INDEX_MAX
     elements is refused there with a KernelInputError before any kernel runs (the bound lowered
     here: a 2-layer bidirectional LSTM of H = 3 has 12 x 6 in its second layer's W_ih, an LSTM
-    cell 12 x 5 in W_ih); at the bound it runs, and the reference takes any size."""
+    cell 12 x 5 in W_ih); at the bound it runs, and the reference takes any size. Likewise a row
+    count (steps x batch, a cell's batch) in ROWS_WRAP, where the matmul's int32 row loop wraps."""
     from gpu_nn._errors import KernelInputError
 
     x = torch.randn(2, 1, 5, device=device)
@@ -409,6 +410,18 @@ def test_weights_past_the_kernels_int32_index_refused_on_triton(backend, device,
     monkeypatch.setattr(ops, "WEIGHT_INDEX_MAX", 12 * 5 - 1)
     with gpu_nn.backend(backend), pytest.raises(KernelInputError, match="a 12 x 5 weight"):
         cell(x[0])
+    monkeypatch.undo()
+    # rows (steps x batch, a cell's batch) in ROWS_WRAP: the matmul's int32 row loop would wrap
+    monkeypatch.setattr(ops, "ROWS_WRAP", (3, 5))
+    xs = torch.randn(2, 2, 5, device=device)
+    with gpu_nn.backend(backend), pytest.raises(KernelInputError, match="4 rows"):
+        m(xs)
+    with gpu_nn.backend(backend), pytest.raises(KernelInputError, match="3 rows"):
+        cell(torch.randn(3, 5, device=device))
+    with gpu_nn.backend(backend):
+        m(x), cell(xs[0]), m(torch.randn(5, 1, 5, device=device))  # 2, 2 and 5 rows
+    with gpu_nn.backend("reference"):
+        m(xs)
 
 
 def test_sequence_ops_refuse_bad_states_in_torchs_classes_and_words():

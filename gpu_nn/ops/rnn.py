@@ -210,6 +210,21 @@ def _check_weight_index(op: str, rows: int, cols: int) -> None:
             f"Triton recurrent kernels index in 32 bits; the cupy or reference backend takes it")
 
 
+# The Triton recurrent matmul (input projection, weight gradients) numbers its rows (T x B, a
+# cell's B) and steps its inner loop over them in int32 when their count is an int32 argument: a
+# count within a tile of 2^31 - 1 wraps (rows written out of place, an inner loop that never
+# ends); from 2^31 the argument is int64 and works. That window is refused on Triton.
+ROWS_WRAP = (2**31 - 256, 2**31)
+
+
+def _check_rows(op: str, rows: int) -> None:
+    """Refuse, for the Triton backend, a row count (T x B, or a cell's B) in :data:`ROWS_WRAP`."""
+    lo, hi = ROWS_WRAP
+    if lo <= rows < hi:
+        raise KernelInputError(f"{op}: {rows} rows (steps x batch) would wrap the Triton kernels' 32-bit row loop "
+                               f"(counts in [{lo}, {hi}) are refused there); the cupy or reference backend takes them")
+
+
 def _check_seq(op, input, hx, cx, weights, mode, num_layers, bidirectional, has_biases, lengths, masks):
     if mode not in MODES:
         raise KernelInputError(f"{op}: unknown mode {mode!r}; expected one of {MODES}")
@@ -318,6 +333,7 @@ def rnn_seq_forward(input, hx, cx, weights, mode, num_layers, bidirectional, has
     if backend == "triton":
         G, W = weights[1].shape  # w_hh: [gates x H, W]
         _check_weight_index(op, G, max(input.shape[2], W, (2 if bidirectional else 1) * W if num_layers > 1 else 0))
+        _check_rows(op, input.shape[0] * input.shape[1])
     dev, dt = input.device, input.dtype
     if backend == "reference":
         D = 2 if bidirectional else 1
@@ -1515,6 +1531,7 @@ def rnn_cell_forward(input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode):
         return _reference_cell_forward(input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode)
     if backend == "triton":
         _check_weight_index(op, w_hh.shape[0], max(w_ih.shape[-1], w_hh.shape[-1]))
+        _check_rows(op, input.shape[0] if input.dim() == 2 else 1)
     _backend.check_interpreter_dtype(op, backend, input)
     return _gpu_cell_forward(_impl(backend), mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh)
 
