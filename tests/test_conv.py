@@ -2311,17 +2311,21 @@ def test_groups_taps_and_weight_rows_past_the_launch_limits_refused(backend, dev
     CUDA's grid z, at most 65535: 'invalid argument' on a GPU) and weight elements per output
     channel past WEIGHT_ROW_MAX (int32 in the kernels) refused in the forward; kernel taps past
     GRID_YZ_MAX (the weight gradient's grid y) refused where a weight gradient is wanted, while
-    the forward and the input gradient alone run. A KernelInputError before any kernel of the
-    op; the reference takes every case."""
+    the forward and the input gradient alone run; a depthwise conv, whose groups ride no grid
+    axis, runs with more groups and is refused past GRID_YZ_MAX blocks of DW_BLOCK_C channels. A
+    KernelInputError before any kernel of the op; the reference takes every case."""
     from gpu_nn._errors import KernelInputError
+    from gpu_nn.kernels.triton import conv as kt
     from gpu_nn.ops import conv as oc
 
+    assert oc.DW_BLOCK_C == kt.DW_CONFIG[1]  # the depthwise kernels' channel block on a GPU
     x = randn(rng, 2, 6, 9).float().to(device)
     grouped = randn(rng, 6, 2, 3).float().to(device)  # 3 groups of 2 channels, 3 taps
     plain = randn(rng, 6, 6, 3).float().to(device)
     for attr, bound, match, w, groups in (("GRID_YZ_MAX", 2, "3 groups", grouped, 3),
                                           ("WEIGHT_ROW_MAX", 5, "6 weight elements per output channel", grouped, 3)):
         monkeypatch.setattr(oc, attr, bound)
+        monkeypatch.setattr(oc, "_PLANS", {})  # the plans hold the verdict under the limits they met
         with gpu_nn.backend(backend), interpreted_launches(device) as names, pytest.raises(KernelInputError, match=match):
             F.conv1d(x, w, groups=groups)
         assert names == []
@@ -2329,6 +2333,7 @@ def test_groups_taps_and_weight_rows_past_the_launch_limits_refused(backend, dev
             F.conv1d(x, w, groups=groups)
         monkeypatch.undo()
     monkeypatch.setattr(oc, "GRID_YZ_MAX", 2)
+    monkeypatch.setattr(oc, "_PLANS", {})
     xx = x.clone().requires_grad_()
     with gpu_nn.backend(backend):
         y = F.conv1d(xx, plain.clone().requires_grad_())
@@ -2337,6 +2342,13 @@ def test_groups_taps_and_weight_rows_past_the_launch_limits_refused(backend, dev
         assert names == []
         y = F.conv1d(xx, plain)  # no weight gradient wanted
         (dx,) = torch.autograd.grad(y, xx, torch.ones_like(y))
+        # depthwise: the groups ride no grid axis (6 groups run); its channel blocks ride grid y
+        depthwise = randn(rng, 6, 1, 1).float().to(device)
+        F.conv1d(x, depthwise, groups=6)
+        monkeypatch.setattr(oc, "DW_BLOCK_C", 2)
+        monkeypatch.setattr(oc, "_PLANS", {})
+        with pytest.raises(KernelInputError, match="6 depthwise channels are past the 4"):
+            F.conv1d(x, depthwise, groups=6)
     assert dx.shape == x.shape
 
 

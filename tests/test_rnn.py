@@ -385,39 +385,44 @@ def test_module_dropout_in_training_only(rng):
 
 @pytest.mark.parametrize("backend,device", backend_params(("triton",)))
 def test_weights_past_the_kernels_int32_index_refused_on_triton(backend, device, monkeypatch):
-    """The Triton recurrent kernels index a weight's rows and columns in int32 (an LSTM's W_hh
-    wraps from hidden size 23171): a layer or cell whose largest weight passes WEIGHT_INDEX_MAX
-    elements is refused there with a KernelInputError before any kernel runs (the bound lowered
-    here: a 2-layer bidirectional LSTM of H = 3 has 12 x 6 in its second layer's W_ih, an LSTM
-    cell 12 x 5 in W_ih); at the bound it runs, and the reference takes any size. Likewise a row
-    count (steps x batch, a cell's batch) in ROWS_WRAP, where the matmul's int32 row loop wraps."""
+    """The Triton recurrent step kernels index W_hh's rows and columns in int32 (an LSTM's wraps
+    from hidden size 23171): a layer or cell whose W_hh passes WEIGHT_INDEX_MAX elements is
+    refused there with a KernelInputError before any kernel runs (the bound lowered here: an
+    LSTM of H = 3 has a 12 x 3 W_hh; its W_ih, through the int64 matmul, is not bounded); at the
+    bound it runs, and the reference takes any size. Likewise a row count (steps x batch, a
+    cell's batch) or an input width in ROWS_WRAP, where the matmul's int32 loops wrap."""
     from gpu_nn._errors import KernelInputError
 
     x = torch.randn(2, 1, 5, device=device)
-    for layers, bound in ((1, 12 * 5), (2, 12 * 6)):
+    for layers in (1, 2):
         m = gnn.LSTM(5, 3, num_layers=layers, bidirectional=True).to(device)
-        monkeypatch.setattr(ops, "WEIGHT_INDEX_MAX", bound - 1)
-        with gpu_nn.backend(backend), pytest.raises(KernelInputError, match=f"a 12 x {bound // 12} weight"), \
+        monkeypatch.setattr(ops, "WEIGHT_INDEX_MAX", 12 * 3 - 1)
+        with gpu_nn.backend(backend), pytest.raises(KernelInputError, match="a 12 x 3 weight"), \
                 interpreted_launches(device) as names:
             m(x)
         assert names == []
         with gpu_nn.backend("reference"):
             m(x)
-        monkeypatch.setattr(ops, "WEIGHT_INDEX_MAX", bound)
+        monkeypatch.setattr(ops, "WEIGHT_INDEX_MAX", 12 * 3)  # W_ih's 12 x 5 and 12 x 6 pass it
         with gpu_nn.backend(backend):
             m(x)
     cell = gnn.LSTMCell(5, 3).to(device)
-    monkeypatch.setattr(ops, "WEIGHT_INDEX_MAX", 12 * 5 - 1)
-    with gpu_nn.backend(backend), pytest.raises(KernelInputError, match="a 12 x 5 weight"):
+    monkeypatch.setattr(ops, "WEIGHT_INDEX_MAX", 12 * 3 - 1)
+    with gpu_nn.backend(backend), pytest.raises(KernelInputError, match="a 12 x 3 weight"):
         cell(x[0])
     monkeypatch.undo()
-    # rows (steps x batch, a cell's batch) in ROWS_WRAP: the matmul's int32 row loop would wrap
     monkeypatch.setattr(ops, "ROWS_WRAP", (3, 5))
     xs = torch.randn(2, 2, 5, device=device)
     with gpu_nn.backend(backend), pytest.raises(KernelInputError, match="4 rows"):
         m(xs)
     with gpu_nn.backend(backend), pytest.raises(KernelInputError, match="3 rows"):
         cell(torch.randn(3, 5, device=device))
+    monkeypatch.setattr(ops, "ROWS_WRAP", (5, 6))  # the input width, 5
+    with gpu_nn.backend(backend), pytest.raises(KernelInputError, match="5 input features"):
+        m(x)
+    with gpu_nn.backend(backend), pytest.raises(KernelInputError, match="5 input features"):
+        cell(x[0])
+    monkeypatch.setattr(ops, "ROWS_WRAP", (3, 5))
     with gpu_nn.backend(backend):
         m(x), cell(xs[0]), m(torch.randn(5, 1, 5, device=device))  # 2, 2 and 5 rows
     with gpu_nn.backend("reference"):
@@ -1491,10 +1496,10 @@ def test_persistent_launches_take_one_program_under_the_interpreter(monkeypatch)
     monkeypatch.setattr(_backend, "interpret_mode", lambda: True)
     cuda = torch.device("cuda")
     monkeypatch.delenv(ops.PERSISTENT_ENV, raising=False)
-    assert ops._persist_programs(kt, cuda, 4, 256) == 1  # persistent by default at B <= 16
-    assert ops._persist_pair_programs(kt, cuda, 4, 256) == 1
+    assert ops._persist_programs(kt, cuda, 4, 256, T=1) == 1  # persistent by default at B <= 16
+    assert ops._persist_pair_programs(kt, cuda, 4, 256, 1) == 1
     monkeypatch.setenv(ops.PERSISTENT_ENV, "1")
-    assert ops._persist_programs(kt, cuda, 4, 256, backward=True) == 1
+    assert ops._persist_programs(kt, cuda, 4, 256, backward=True, T=1) == 1
 
 
 PERSIST_GRID = [
@@ -1584,10 +1589,11 @@ def test_persist_twin_is_torchs_layer(mode, bias, rng):
 def test_persistent_loops_past_the_barrier_count_run_per_step(monkeypatch, rng):
     """The persistent kernels' grid barrier counts arrivals in an int32 ((s + 1) x programs at step
     s): a time loop whose steps x programs pass BARRIER_COUNT_MAX runs per step instead (there the
-    target wrapped and programs read states not yet written). The bound lowered to 4 x the
-    programs (one here, the launcher's count on a GPU): a bidirectional LSTM of T = 4 runs the
-    persistent forward, of T = 5 per step, both against the reference; the program counts of
-    both launch kinds, forward and backward."""
+    target wrapped and programs read states not yet written). The bound lowered to 4 x the pair
+    kernel's programs (one here, the launcher's count on a GPU): a bidirectional LSTM of T = 4 runs
+    the pair kernel; one whose steps x programs pass the bound for one direction's kernel as well
+    (T = 5 here) runs per step; both against the reference; the program counts of both launch
+    kinds, forward and backward, at and past the bound."""
     pytest.importorskip("triton")
     from gpu_nn.kernels.triton import rnn as kt
 
@@ -1595,18 +1601,20 @@ def test_persistent_loops_past_the_barrier_count_run_per_step(monkeypatch, rng):
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     K = kt
     for backward in (False, True):
-        n = ops._persist_programs(K, dev, 2, 3, backward=backward)
+        n = ops._persist_programs(K, dev, 2, 3, backward=backward, T=1)
         monkeypatch.setattr(ops, "BARRIER_COUNT_MAX", 4 * n)
         assert n >= 1 and ops._persist_programs(K, dev, 2, 3, T=4, backward=backward) == n
         assert ops._persist_programs(K, dev, 2, 3, T=5, backward=backward) == 0
-    n2 = ops._persist_pair_programs(K, dev, 2, 3)
+    n2 = ops._persist_pair_programs(K, dev, 2, 3, 1)
     monkeypatch.setattr(ops, "BARRIER_COUNT_MAX", 4 * n2)
     assert n2 >= 1 and ops._persist_pair_programs(K, dev, 2, 3, 4) == n2 and ops._persist_pair_programs(K, dev, 2, 3, 5) == 0
     calls = []
-    real_pair = kt.persist_forward_pair
-    monkeypatch.setattr(kt, "persist_forward_pair", lambda *a: (calls.append(a[-1]), real_pair(*a)))
+    real, real_pair = kt.persist_forward, kt.persist_forward_pair
+    monkeypatch.setattr(kt, "persist_forward", lambda *a: (calls.append(("one", a[-1])), real(*a)))
+    monkeypatch.setattr(kt, "persist_forward_pair", lambda *a: (calls.append(("pair", a[-1])), real_pair(*a)))
     m = gnn.LSTM(3, 4, bidirectional=True)
-    for T, launched in ((4, [n2]), (5, [])):
+    past = 4 * n2 // ops._persist_programs(K, dev, 2, 4, T=1) + 1  # steps x one direction's programs past it
+    for T, launched in ((4, [("pair", n2)]), (past, [])):
         x = randn(rng, T, 2, 3).float()
         calls.clear()
         with gpu_nn.backend("triton"):

@@ -332,7 +332,8 @@ def _fwd_plan(input, weight, bias, stride, padding, dilation, groups, activation
     fmt = _memory_format(input, weight)
     oshape = (input.shape[0], weight.shape[0], *_out_size(input.shape, weight.shape, stride, padding, dilation))
     return (nd, fmt, oshape, *_geometry(nd, stride, padding, dilation), _ref_args(stride, padding, dilation),
-            input.shape[0] * _pixels_per_sample(nd, input, padding))
+            input.shape[0] * _pixels_per_sample(nd, input, padding),
+            _launch_problem(f"conv{nd}d", input.shape[1], weight.shape, groups, False))
 
 
 def _ref_args(stride, padding, dilation):
@@ -347,7 +348,7 @@ def conv_forward(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride, 
     ``padding`` per side. Returns a [N, O, *So] tensor of input's dtype in the memory format
     :func:`_memory_format` gives (torch's). The checks and the geometry are planned once per
     call facts (:func:`_planned`)."""
-    nd, fmt, oshape, st4, pads4, dl4, rargs, pixels = _planned(
+    nd, fmt, oshape, st4, pads4, dl4, rargs, pixels, problem = _planned(
         3,
         lambda: (_facts(input), _facts(weight), _facts(bias), tuple(stride), tuple(padding), tuple(dilation), groups,
                  activation),
@@ -362,7 +363,8 @@ def conv_forward(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride, 
         return float64_in_float32(conv_forward, input, weight, bias, stride, padding, dilation, groups, activation)
     _backend.check_interpreter_dtype(name, backend, input, weight, bias)
     _check_pixels(name, pixels)
-    _check_grid(name, weight, groups)
+    if problem:
+        raise KernelInputError(problem)
     ktriton, kt = triton_kernels("conv")
     dt, dev = input.dtype, input.device
     out = _alloc(oshape, fmt, lambda s: empty(s, dtype=dt, device=dev))
@@ -392,14 +394,15 @@ def _bwd_plan(grad_output, input, weight, output, stride, padding, dilation, gro
     gfmt = torch.channels_last if _dense_channels_last(grad_output) else torch.contiguous_format
     return (nd, _memory_format(input, weight), *_geometry(nd, stride, padding, dilation), mask, gfmt,
             (0, *range(2, grad_output.dim())), _ref_args(stride, padding, dilation),
-            input.shape[0] * _pixels_per_sample(nd, input, padding))
+            input.shape[0] * _pixels_per_sample(nd, input, padding),
+            _launch_problem(f"conv{nd}d", input.shape[1], weight.shape, groups, mask[1]))
 
 
 def conv_backward(grad_output: Tensor, input: Tensor, weight: Tensor, output: Optional[Tensor], stride, padding,
                   dilation, groups: int, activation: Optional[str], output_mask) -> tuple[Tensor, Tensor, Tensor]:
     """(grad_input, grad_weight, grad_bias) of :func:`conv_forward`; a gradient whose
     ``output_mask`` entry is False comes back empty. Checks and geometry planned as the forward's."""
-    nd, fmt, st4, pads4, dl4, mask, gfmt, bias_dims, rargs, pixels = _planned(
+    nd, fmt, st4, pads4, dl4, mask, gfmt, bias_dims, rargs, pixels, problem = _planned(
         4,
         lambda: (_facts(grad_output), _facts(input), _facts(weight), _facts(output), tuple(stride), tuple(padding),
                  tuple(dilation), groups, activation, tuple(output_mask)),
@@ -420,7 +423,8 @@ def conv_backward(grad_output: Tensor, input: Tensor, weight: Tensor, output: Op
                                   activation, output_mask)
     _backend.check_interpreter_dtype(name, backend, input, weight, grad_output)
     _check_pixels(name, pixels)
-    _check_grid(name, weight, groups, wgrad=bool(output_mask[1]))
+    if problem:
+        raise KernelInputError(problem)
     ktriton, kt = triton_kernels("conv")
 
     g = grad_output
@@ -736,29 +740,36 @@ def _check_pixels(name: str, pixels) -> None:
                                "kernels index; split the batch (or one sample spatially)")
 
 
-# Limits of the Triton launches other than pixels: the groups ride grid z (CUDA: at most 65535),
-# the weight gradient's taps grid y (65535 too), and the kernels number a weight's elements per
-# output channel (channels x taps) in int32. Past them a launch failed ("invalid argument") or
-# wrote the weight gradient's partial sums out of place.
+# Limits of the Triton launches other than pixels: the groups ride grid z (CUDA: at most 65535;
+# the depthwise kernels put their output channels on grid y instead, in blocks of DW_BLOCK_C), the
+# weight gradient's taps grid y (65535 too), and the kernels number a weight's elements per output
+# channel (channels x taps) in int32, stepping loops over them by up to a tile: past these a launch
+# failed ("invalid argument") or put the weight gradient's partial sums out of place.
 GRID_YZ_MAX = 65535
-WEIGHT_ROW_MAX = 2**31 - 1
+DW_BLOCK_C = 32  # kernels/triton/conv.py DW_CONFIG's BLOCK_C on a GPU
+WEIGHT_ROW_MAX = 2**30
 
 
-def _check_grid(name: str, weight, groups: int, wgrad: bool = False) -> None:
-    """Refuse, on Triton, a convolution past :data:`GRID_YZ_MAX` groups (or, for its weight
-    gradient, taps) or :data:`WEIGHT_ROW_MAX` weight elements per output channel."""
-    taps = math.prod(weight.shape[2:])
-    row = weight.shape[1] * taps
-    if groups > GRID_YZ_MAX:
-        what, limit = f"{groups} groups", GRID_YZ_MAX
-    elif row > WEIGHT_ROW_MAX:
-        what, limit = f"{row} weight elements per output channel", WEIGHT_ROW_MAX
-    elif wgrad and taps > GRID_YZ_MAX:
-        what, limit = f"{taps} kernel taps (weight gradient)", GRID_YZ_MAX
+def _launch_problem(name: str, c: int, wshape, groups: int, wgrad: bool) -> str | None:
+    """What a Triton launch of this convolution cannot take, as the refusal's message, or None
+    (part of the memoized plans: computed once per call facts). ``wgrad``: a weight gradient is
+    wanted."""
+    taps = math.prod(wshape[2:])
+    row = wshape[1] * taps
+    if wshape[1] == 1 and groups == c:  # depthwise: output channels in blocks on grid y
+        over = -(-wshape[0] // DW_BLOCK_C) > GRID_YZ_MAX
+        what, limit = f"{wshape[0]} depthwise channels", GRID_YZ_MAX * DW_BLOCK_C
     else:
-        return
-    raise KernelInputError(f"{name}: {what} are past the {limit} that gpu-nn's Triton kernels launch or index; "
-                           "the reference backend takes it")
+        over = groups > GRID_YZ_MAX
+        what, limit = f"{groups} groups", GRID_YZ_MAX
+    if not over:
+        if row > WEIGHT_ROW_MAX:
+            what, limit = f"{row} weight elements per output channel", WEIGHT_ROW_MAX
+        elif wgrad and taps > GRID_YZ_MAX:
+            what, limit = f"{taps} kernel taps (weight gradient)", GRID_YZ_MAX
+        else:
+            return None
+    return f"{name}: {what} are past the {limit} that gpu-nn's Triton kernels launch or index; the reference backend takes it"
 
 
 def _conv_in_chunks(nd, x, weight, bias, stride, pads, dilation, groups, activation, per):

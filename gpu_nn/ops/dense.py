@@ -459,7 +459,8 @@ CE_ROWS_MAX = 2**31 - 1
 
 
 def _check_row_length(op: str, n: int) -> None:
-    """Refuse, on Triton, a softmax / cross-entropy row length in ROW_LENGTH_WRAP."""
+    """Refuse, on Triton, a softmax / cross-entropy row length in ROW_LENGTH_WRAP (callers test
+    ``n >= ROW_LENGTH_WRAP[0]`` first: the common case costs one comparison)."""
     lo, hi = ROW_LENGTH_WRAP
     if lo <= n < hi:
         raise KernelInputError(f"{op}: a dimension of {n} would wrap the Triton kernels' 32-bit loop over it (lengths "
@@ -485,7 +486,7 @@ def _softmax_forward(x: Tensor, dim: int, log: bool) -> Tensor:
         # contiguous as torch's softmax and our fake kernel (NumPy keeps a channels_last input's order)
         return from_numpy(fn(to_numpy(x), dim), x.dtype, x.device).contiguous()
     _backend.check_interpreter_dtype(name, backend, x)
-    if x.dim():
+    if x.dim() and x.shape[dim] >= ROW_LENGTH_WRAP[0]:
         _check_row_length(name, x.shape[dim])
     if x.numel() == 0:  # an empty softmax dim has no [-1, 0] row layout
         return torch.empty_like(x, memory_format=torch.contiguous_format)
@@ -519,7 +520,7 @@ def _softmax_backward(grad: Tensor, out: Tensor, dim: int, log: bool) -> Tensor:
         fn = ref.log_softmax_backward if log else ref.softmax_backward
         return from_numpy(fn(to_numpy(grad), to_numpy(out), dim), grad.dtype, grad.device).contiguous()
     _backend.check_interpreter_dtype(name, backend, grad, out)
-    if grad.dim():
+    if grad.dim() and grad.shape[dim] >= ROW_LENGTH_WRAP[0]:
         _check_row_length(name, grad.shape[dim])
     if grad.numel() == 0:
         return torch.empty_like(grad, memory_format=torch.contiguous_format)
@@ -788,13 +789,13 @@ def cross_entropy_forward(input: Tensor, target: Tensor, weight: Tensor | None, 
         return from_numpy(loss, input.dtype, input.device), from_numpy(stats, _lse_dtype(input.dtype), input.device)
     _backend.check_interpreter_dtype("cross_entropy", backend, input, target if prob else None, weight)
     _check_row_length("cross_entropy", C)
-    if M > CE_ROWS_MAX:
+    ktriton, kd = _triton_modules()
+    mid = _ce_mid(input, kd)
+    if mid is None and M > CE_ROWS_MAX:  # (the middle-dim kernels index their rows in int64)
         raise KernelInputError(f"cross_entropy: {M} rows are past the {CE_ROWS_MAX} that the Triton kernels launch "
                                f"(a program each); the reference backend takes them")
-    ktriton, kd = _triton_modules()
     if not prob:
         _check_target_range(target, ignore_index, C, (ktriton, kd))
-    mid = _ce_mid(input, kd)
     x2, t2 = _ce_2d(input, target, prob) if mid is None else _ce_mid_operands(input, target, prob)
     stats = empty((_stats_size(M, reduction),), dtype=_lse_dtype(input.dtype), device=input.device)
     w = None if weight is None else weight.contiguous()

@@ -191,19 +191,19 @@ class HiddenStateTypeError(KernelInputError, TypeError):
 # checks
 
 
-# The Triton recurrent kernels index a weight matrix's rows and columns in int32 ((g * H + row) *
-# stride, in the step kernels' inner loops): a weight of this many elements or more would wrap
-# (an LSTM from hidden size 23171, a GRU from 26755, an Elman layer from 46342) and read the wrong
-# rows silently. Widening those products costs registers in the per-step kernels, which no GPU run
-# has measured; such layers are refused on the Triton backend instead (CuPy's kernels and the
-# reference take them).
+# The Triton recurrent step kernels index the recurrent weights' rows and columns in int32
+# ((g * H + row) * stride, in their inner loops; W_ih goes through the recurrent matmul, whose
+# offsets are int64): a W_hh of more than this many elements would wrap (an LSTM from hidden size
+# 23171, a GRU from 26755, an Elman layer from 46341) and read the wrong rows silently. Widening
+# those products costs registers in the per-step kernels, which no GPU run has measured; such
+# layers are refused on the Triton backend instead (CuPy's kernels and the reference take them).
 WEIGHT_INDEX_MAX = 2**31 - 1
 
 
 def _check_weight_index(op: str, rows: int, cols: int) -> None:
-    """Refuse, for the Triton backend, weights of ``rows`` x ``cols`` (the layer's largest: gates x
-    hidden rows, its widest input) past :data:`WEIGHT_INDEX_MAX` elements. Shapes only: the
-    layers' weights are dense (their own or flatten_parameters' chunks)."""
+    """Refuse, for the Triton backend, a W_hh of ``rows`` x ``cols`` (gates x hidden, its state
+    width; a projection's W_hr is smaller) past :data:`WEIGHT_INDEX_MAX` elements. Shapes only:
+    the layers' weights are dense (their own or flatten_parameters' chunks)."""
     if rows * cols > WEIGHT_INDEX_MAX:
         raise KernelInputError(
             f"{op}: a {rows} x {cols} weight ({rows * cols} elements) is past the {WEIGHT_INDEX_MAX} that gpu-nn's "
@@ -211,18 +211,20 @@ def _check_weight_index(op: str, rows: int, cols: int) -> None:
 
 
 # The Triton recurrent matmul (input projection, weight gradients) numbers its rows (T x B, a
-# cell's B) and steps its inner loop over them in int32 when their count is an int32 argument: a
-# count within a tile of 2^31 - 1 wraps (rows written out of place, an inner loop that never
-# ends); from 2^31 the argument is int64 and works. That window is refused on Triton.
+# cell's B) and steps its inner loops over them and over the input features in int32 when their
+# count is an int32 argument: a count within a tile of 2^31 - 1 wraps (rows written out of place,
+# an inner loop that never ends); from 2^31 the argument is int64 and works. That window is
+# refused on Triton.
 ROWS_WRAP = (2**31 - 256, 2**31)
 
 
-def _check_rows(op: str, rows: int) -> None:
-    """Refuse, for the Triton backend, a row count (T x B, or a cell's B) in :data:`ROWS_WRAP`."""
+def _check_rows(op: str, n: int, what: str = "rows (steps x batch)") -> None:
+    """Refuse, for the Triton backend, a row count (T x B, or a cell's B) or an input width (the
+    matmul's inner loop) in :data:`ROWS_WRAP`."""
     lo, hi = ROWS_WRAP
-    if lo <= rows < hi:
-        raise KernelInputError(f"{op}: {rows} rows (steps x batch) would wrap the Triton kernels' 32-bit row loop "
-                               f"(counts in [{lo}, {hi}) are refused there); the cupy or reference backend takes them")
+    if lo <= n < hi:
+        raise KernelInputError(f"{op}: {n} {what} would wrap the Triton kernels' 32-bit loop over them (counts in "
+                               f"[{lo}, {hi}) are refused there); the cupy or reference backend takes them")
 
 
 def _check_seq(op, input, hx, cx, weights, mode, num_layers, bidirectional, has_biases, lengths, masks):
@@ -331,9 +333,10 @@ def rnn_seq_forward(input, hx, cx, weights, mode, num_layers, bidirectional, has
     _check_seq(op, input, hx, cx, weights, mode, num_layers, bidirectional, has_biases, lengths, dropout_masks)
     backend = _backend.resolve(op, input.device, BACKENDS, dtype=input.dtype)
     if backend == "triton":
-        G, W = weights[1].shape  # w_hh: [gates x H, W]
-        _check_weight_index(op, G, max(input.shape[2], W, (2 if bidirectional else 1) * W if num_layers > 1 else 0))
+        G, W = weights[1].shape  # w_hh: [gates x H, W] (w_hr's P x H is smaller)
+        _check_weight_index(op, G, W)
         _check_rows(op, input.shape[0] * input.shape[1])
+        _check_rows(op, input.shape[2], "input features")
     dev, dt = input.device, input.dtype
     if backend == "reference":
         D = 2 if bidirectional else 1
@@ -523,7 +526,7 @@ def persistent_choice(device_type: str, B: int, H: int, sm_count: int, env: Opti
 BARRIER_COUNT_MAX = 2**31 - 1
 
 
-def _persist_programs(K, dev, B, H, P=0, backward=False, T=0):
+def _persist_programs(K, dev, B, H, P=0, backward=False, *, T):
     """Programs of the persistent launch over ``T`` steps, 0 for per-step launches (``backward``:
     of the backward time loop, whose default is PERSISTENT_BWD_BY_DEFAULT)."""
     if K is _CupyImpl:  # its own device loop, sized when launched (it falls back per step there)
@@ -538,7 +541,7 @@ def _persist_programs(K, dev, B, H, P=0, backward=False, T=0):
     return n if T * n <= BARRIER_COUNT_MAX else 0
 
 
-def _persist_pair_programs(K, dev, B, H, T=0):
+def _persist_pair_programs(K, dev, B, H, T):
     """Programs of the two-direction persistent launches (forward or backward) over ``T`` steps,
     0 where the backend has none (cupy) or the barrier's count would pass BARRIER_COUNT_MAX."""
     if not hasattr(K, "persist_pair_programs"):
@@ -1530,8 +1533,9 @@ def rnn_cell_forward(input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode):
     if backend == "reference":
         return _reference_cell_forward(input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode)
     if backend == "triton":
-        _check_weight_index(op, w_hh.shape[0], max(w_ih.shape[-1], w_hh.shape[-1]))
+        _check_weight_index(op, w_hh.shape[0], w_hh.shape[-1])
         _check_rows(op, input.shape[0] if input.dim() == 2 else 1)
+        _check_rows(op, input.shape[-1], "input features")
     _backend.check_interpreter_dtype(op, backend, input)
     return _gpu_cell_forward(_impl(backend), mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh)
 

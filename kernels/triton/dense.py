@@ -431,7 +431,7 @@ def matmul(a, b, c, bias=None, activation=None, allow_tf32=False, interpret=Fals
     N = b.shape[1]
     if M == 0 or N == 0:
         return
-    if max(M, N, K) > MATMUL_MAX_DIM:
+    if M > MATMUL_MAX_DIM or N > MATMUL_MAX_DIM or K > MATMUL_MAX_DIM:
         _matmul_blocks(a, b, c, bias, activation, allow_tf32, interpret)
         return
     dt = _tdt(a)
@@ -895,10 +895,8 @@ SOFTMAX_ROWS_MAX = 2**31 - 1
 
 
 def _row_chunks(rows: int, n: int, *ts):
-    """(rows, views) per launch: ``ts`` (contiguous, ``rows`` rows of ``n``) whole, or as flat
-    views of SOFTMAX_ROWS_MAX rows at most."""
-    if rows <= SOFTMAX_ROWS_MAX:
-        return [(rows, ts)]
+    """(rows, views) per launch past SOFTMAX_ROWS_MAX rows: ``ts`` (contiguous, ``rows`` rows of
+    ``n``) as flat views of that many rows at most."""
     flat = [t.view(-1) for t in ts]
     step = SOFTMAX_ROWS_MAX
     return [(min(step, rows - r0), [f[r0 * n:(r0 + step) * n] for f in flat]) for r0 in range(0, rows, step)]
@@ -910,6 +908,9 @@ def softmax_fwd_rows(x, y, rows: int, n: int, log: bool, interpret: bool) -> Non
     if rows == 0 or n == 0:
         return
     blk, single, warps = softmax_config(n, interpret)
+    if rows <= SOFTMAX_ROWS_MAX:
+        launch_kernel(_softmax_fwd_kernel, (rows,), x, y, n, LOG=log, SINGLE=single, BLOCK=blk, num_warps=warps)
+        return
     for r, (xv, yv) in _row_chunks(rows, n, x, y):
         launch_kernel(_softmax_fwd_kernel, (r,), xv, yv, n, LOG=log, SINGLE=single, BLOCK=blk, num_warps=warps)
 
@@ -924,6 +925,9 @@ def softmax_bwd_rows(g, y, dx, rows: int, n: int, log: bool, interpret: bool) ->
     if rows == 0 or n == 0:
         return
     blk, single, warps = softmax_config(n, interpret)
+    if rows <= SOFTMAX_ROWS_MAX:
+        launch_kernel(_softmax_bwd_kernel, (rows,), g, y, dx, n, LOG=log, SINGLE=single, BLOCK=blk, num_warps=warps)
+        return
     for r, (gv, yv, dv) in _row_chunks(rows, n, g, y, dx):
         launch_kernel(_softmax_bwd_kernel, (r,), gv, yv, dv, n, LOG=log, SINGLE=single, BLOCK=blk, num_warps=warps)
 
