@@ -120,6 +120,18 @@ def is_int(v) -> bool:
             and v.dtype != torch.bool)
 
 
+def refuse_wrapping_count(op: str, n: int, window: tuple, what: str, takers: str) -> None:
+    """Refuse (KernelInputError), for a Triton launch, a count ``n`` inside ``window`` = (lo, hi):
+    a length a kernel walks with a 32-bit counter, stepping by up to a tile, which wraps past
+    2^31 - 1 when ``n`` is within a tile of it (an int32 argument; from 2^31 the argument is int64
+    and the loop works). ``what``: the count as the message names it; ``takers``: the backends
+    that take it instead."""
+    lo, hi = window
+    if lo <= n < hi:
+        raise KernelInputError(f"{op}: {what} would wrap the Triton kernels' 32-bit loop over it (counts in "
+                               f"[{lo}, {hi}) are refused there); the {takers} backend takes it")
+
+
 def require(ok, message) -> None:
     """``KernelInputError(message())`` unless the size condition ``ok`` holds. Plain ints give a
     bool; torch.compile's symbolic sizes a SymBool, decided (with a guard) where the sizes have

@@ -38,7 +38,7 @@ from .._errors import (KernelInputError, KernelInputIndexError, KernelInputTypeE
 from ..check import CheckCase
 from ..reference import dense as ref
 from ._dispatch import (FLOAT_DTYPES, autocast_inputs, check_float_like_torch, check_tensor, empty, float64_in_float32, from_numpy, is_int,
-                        on_device, require, routed, to_numpy, triton_kernels)
+                        on_device, refuse_wrapping_count, require, routed, to_numpy, triton_kernels)
 from ._dispatch import _eager_ok
 from ._dispatch import has_torch_function as _has_tf
 from ._dispatch import torch_function as _tf
@@ -461,10 +461,7 @@ CE_ROWS_MAX = 2**31 - 1
 def _check_row_length(op: str, n: int) -> None:
     """Refuse, on Triton, a softmax / cross-entropy row length in ROW_LENGTH_WRAP (callers test
     ``n >= ROW_LENGTH_WRAP[0]`` first: the common case costs one comparison)."""
-    lo, hi = ROW_LENGTH_WRAP
-    if lo <= n < hi:
-        raise KernelInputError(f"{op}: a dimension of {n} would wrap the Triton kernels' 32-bit loop over it (lengths "
-                               f"in [{lo}, {hi}) are refused there); the reference backend takes it")
+    refuse_wrapping_count(op, n, ROW_LENGTH_WRAP, f"a dimension of {n}", "reference")
 
 
 def _mid_shape(t: Tensor, dim: int):

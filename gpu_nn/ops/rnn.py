@@ -110,7 +110,7 @@ from ..check import CheckCase, _rel, generic_error
 from ..reference import rnn as ref
 from ._dispatch import (
     FLOAT_DTYPES, autocast_inputs, check_tensor, compute_dtype, cuda_kernels, empty, from_numpy, maybe_empty, not_float_message,
-    on_device, routed, to_numpy, triton_kernels,
+    on_device, refuse_wrapping_count, routed, to_numpy, triton_kernels,
 )
 from ._dispatch import has_torch_function as _has_tf
 from ._dispatch import torch_function as _tf
@@ -221,10 +221,7 @@ ROWS_WRAP = (2**31 - 256, 2**31)
 def _check_rows(op: str, n: int, what: str = "rows (steps x batch)") -> None:
     """Refuse, for the Triton backend, a row count (T x B, or a cell's B) or an input width (the
     matmul's inner loop) in :data:`ROWS_WRAP`."""
-    lo, hi = ROWS_WRAP
-    if lo <= n < hi:
-        raise KernelInputError(f"{op}: {n} {what} would wrap the Triton kernels' 32-bit loop over them (counts in "
-                               f"[{lo}, {hi}) are refused there); the cupy or reference backend takes them")
+    refuse_wrapping_count(op, n, ROWS_WRAP, f"{n} {what}", "cupy or reference")
 
 
 def _check_seq(op, input, hx, cx, weights, mode, num_layers, bidirectional, has_biases, lengths, masks):

@@ -23,6 +23,7 @@ from ._launch import cdiv, next_power_of_2
 from ._launch import launch as launch_kernel
 from .activation import ACT_CODES, _act_grad, _epilogue_act, _grouped_tile
 from .activation import act_backward as _act_backward
+from .activation import act_forward as _act_forward
 
 DTYPES = ("fp32", "fp16", "bf16")
 _TL = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -461,7 +462,8 @@ def _matmul_blocks(a, b, c, bias, activation, allow_tf32, interpret) -> None:
     of a, b, c and the bias, one launch each: output entries are independent), an inner length
     past it in blocks whose float32 products are summed before the bias, the activation and the
     rounding to c's dtype, once on the total (a linear layer's weight gradient over more than
-    2^30 rows). A rare path: the sums and the epilogue there are torch's elementwise ops."""
+    2^30 rows). A rare path: the sums there are torch's elementwise ops, the activation the
+    activation kernel."""
     L = MATMUL_MAX_DIM
     M, K = a.shape
     N = b.shape[1]
@@ -479,7 +481,7 @@ def _matmul_blocks(a, b, c, bias, activation, allow_tf32, interpret) -> None:
     if bias is not None:
         total += bias.float()
     if activation is not None:
-        total = {"relu": torch.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh}[activation](total)
+        _act_forward(total, total, activation, interpret)  # (elementwise: in place)
     c.copy_(total)
 
 
