@@ -2352,6 +2352,69 @@ def test_groups_taps_and_weight_rows_past_the_launch_limits_refused(backend, dev
     assert dx.shape == x.shape
 
 
+@pytest.mark.parametrize("backend,device", backend_params(("triton",)))
+def test_weight_gradient_columns_past_grid_y_run_in_channel_slices(backend, device, rng, monkeypatch):
+    """The weight gradient's column tiles (channel blocks x taps) ride CUDA's grid y, at most
+    65535 ('invalid argument' past it on a GPU): a problem past it runs in launches over
+    input-channel slices of one group, each within the limit whatever the tile. The limit
+    lowered to 20 with 3x3 taps: slices of (20 // 9) x WGRAD_MIN_BLOCK_N channels, so 40 channels
+    in one group take two launches and two groups of 36 four, every launch's grid y within 20
+    (one launch of 27 column tiles without the slicing), float32 gradients against the float64
+    reference."""
+    from gpu_nn.kernels.triton import conv as kt
+    from gpu_nn.ops import conv as oc
+
+    assert kt.GRID_YZ_MAX == oc.GRID_YZ_MAX == 65535 and kt.WGRAD_MIN_BLOCK_N == 16
+    monkeypatch.setattr(kt, "GRID_YZ_MAX", 20)
+    for c, groups, slices in ((40, 1, 2), (72, 2, 4)):
+        x = randn(rng, 2, c, 5, 6, dtype=torch.float64)
+        w = randn(rng, 6, c // groups, 3, 3, dtype=torch.float64)
+        gy = randn(rng, 2, 6, 5, 6, dtype=torch.float64)
+        grads = {}
+        for be in ("reference", backend):
+            dev, dt = ("cpu", torch.float64) if be == "reference" else (device, torch.float32)
+            leaves = [t.to(dev, dt).requires_grad_() for t in (x, w)]
+            grids = []
+            if dev == "cpu" and be != "reference":
+                from triton.runtime.interpreter import InterpretedFunction
+
+                orig = InterpretedFunction.run
+
+                def run(self, *args, _orig=orig, **kw):
+                    grids.append((self.fn.__name__, tuple(kw["grid"])))
+                    return _orig(self, *args, **kw)
+
+                monkeypatch.setattr(InterpretedFunction, "run", run)
+            with gpu_nn.backend(be):
+                y = F.conv2d(leaves[0], leaves[1], padding=1, groups=groups)
+                grads[be] = torch.autograd.grad(y, leaves, gy.to(dev, dt))
+            monkeypatch.setattr(InterpretedFunction, "run", orig) if grids else None
+            if grids:
+                wgrad = [g for name, g in grids if "wgrad" in name]
+                assert len(wgrad) == slices and all(g[1] <= 20 for g in wgrad), grids
+        for a, b in zip(grads[backend], grads["reference"]):
+            assert_close(a.cpu(), b, torch.float32, k=2 * 5 * 6 * 9)
+
+
+@pytest.mark.skipif(not CUDA, reason="a GPU's grid y: 32769 taps are too many programs for the interpreter "
+                                     "(test_weight_gradient_columns_past_grid_y_run_in_channel_slices lowers the limit)")
+def test_weight_gradient_of_32769_taps_and_64_channels_runs_on_gpu(rng):
+    """conv1d with 64 channels and a kernel of 32769 taps: its weight gradient's column tiles
+    (two channel blocks of 32 x 32769 taps = 65538) pass CUDA's grid y; it runs in channel slices
+    and matches the float64 reference."""
+    x = randn(rng, 1, 64, 32770, dtype=torch.float64)
+    w = randn(rng, 3, 64, 32769, dtype=torch.float64)
+    gy = randn(rng, 1, 3, 2, dtype=torch.float64)
+    out = {}
+    for be, dev, dt in (("reference", "cpu", torch.float64), ("triton", "cuda", torch.float32)):
+        leaves = [t.to(dev, dt).requires_grad_() for t in (x, w)]
+        with gpu_nn.backend(be):
+            y = F.conv1d(*leaves)
+            out[be] = torch.autograd.grad(y, leaves, gy.to(dev, dt))
+    for a, b in zip(out["triton"], out["reference"]):
+        assert_close(a.cpu(), b, torch.float32, k=64 * 32769)
+
+
 @pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
 def test_batches_past_the_kernels_pixel_index_run_in_chunks(backend, device, rng, monkeypatch):
     """The Triton kernels number a launch's pixels in int32: a batch past PIXELS_MAX (2^31 - 1;

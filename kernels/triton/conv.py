@@ -1558,6 +1558,16 @@ def _nhwc_copy(t):
 # float32 128x64x16 at 2 / 3 stages 151-156 registers, half 128x64x32/3st 195, no spills;
 # 128x128 (fp32 x16 / half x32), 64x128x32 and 128x64x64 (half) spill (32-184 B): left out.
 WGRAD_CANDIDATES = {"fp32": ("small", "large", "large3"), "half": ("medium", "small", "large")}
+# CUDA's grid y (and z): at most 65535 programs. The weight gradient puts its column tiles
+# (channel blocks x taps, or packed (channel, tap) blocks) on grid y, the TMA form its taps x
+# output-channel blocks: a problem past it runs in launches over input-channel slices of one
+# group (conv_backward_weight), each of which every configuration's column tiles fit; TMA
+# candidates whose grid would not fit are not offered.
+GRID_YZ_MAX = 65535
+# the narrowest BLOCK_N of any weight-gradient tile, on a GPU or in the interpreter: the column
+# tiles of a slice of this many channels times GRID_YZ_MAX // taps fit grid y whatever the tile
+WGRAD_MIN_BLOCK_N = min(cfg[1] for cfgs in (*GPU_CONFIGS.values(), *TUNE_CONFIGS.values()) for cfg in cfgs.values())
+WGRAD_MIN_BLOCK_N = min(WGRAD_MIN_BLOCK_N, INTERP_CONFIG[1])
 
 
 def wgrad_candidates(half: bool, cg: int = 0, taps: int = 1) -> list[tuple]:
@@ -2000,6 +2010,15 @@ def conv_backward_weight(g, x, dw, stride, padding, dilation, groups, prec, inte
         )
         _reduce_partials(ws, dw)
         return
+    sliced = (GRID_YZ_MAX // (kh * kw)) * WGRAD_MIN_BLOCK_N  # input channels a launch takes
+    if cg > sliced:  # column tiles past grid y: one group at a time, in channel slices (views)
+        for gi in range(groups):
+            gg, ci = g[:, gi * og:(gi + 1) * og], gi * cg
+            for c0 in range(0, cg, sliced):
+                c1 = min(cg, c0 + sliced)
+                conv_backward_weight(gg, x[:, ci + c0:ci + c1], dw[gi * og:(gi + 1) * og, c0:c1], stride, padding,
+                                     dilation, 1, prec, interpret, choose)
+        return
     half = x.element_size() == 2
 
     def run(cfg, warm=False):
@@ -2035,8 +2054,9 @@ def conv_backward_weight(g, x, dw, stride, padding, dilation, groups, prec, inte
                g.data_ptr() % 16 == 0, x.data_ptr() % 16 == 0)  # as the forward's key
         def build():
             out = list(wgrad_candidates(half, cg, kh * kw))
-            if tma_device(x):
-                out += tma_wgrad_candidates(g, x, stride, groups, prec)
+            if tma_device(x):  # taps x output-channel blocks ride grid y
+                out += [t for t in tma_wgrad_candidates(g, x, stride, groups, prec)
+                        if kh * kw * cdiv(o, t[3]) <= GRID_YZ_MAX]
             return out
 
         cands = _candidates((wgrad_candidates, tma_wgrad_candidates, key, x.get_device()), build)
