@@ -2308,8 +2308,9 @@ def test_modules_match_torch(nd, args, kwargs, shape, rng):
 @pytest.mark.parametrize("backend,device", backend_params(("triton",)))
 def test_groups_taps_and_weight_rows_past_the_launch_limits_refused(backend, device, rng, monkeypatch):
     """Limits of the Triton launches besides pixels, lowered: groups past GRID_YZ_MAX (they ride
-    CUDA's grid z, at most 65535: 'invalid argument' on a GPU) and weight elements per output
-    channel past WEIGHT_ROW_MAX (int32 in the kernels) refused in the forward; kernel taps past
+    CUDA's grid z, at most 65535: 'invalid argument' on a GPU), weight elements per output
+    channel past WEIGHT_ROW_MAX (int32 in the kernels) and output or input channels per group
+    past CHANNELS_MAX (blocks of them ride grid y) refused in the forward; kernel taps past
     GRID_YZ_MAX (the weight gradient's grid y) refused where a weight gradient is wanted, while
     the forward and the input gradient alone run; a depthwise conv, whose groups ride no grid
     axis, runs with more groups and is refused past GRID_YZ_MAX blocks of DW_BLOCK_C channels. A
@@ -2322,8 +2323,21 @@ def test_groups_taps_and_weight_rows_past_the_launch_limits_refused(backend, dev
     x = randn(rng, 2, 6, 9).float().to(device)
     grouped = randn(rng, 6, 2, 3).float().to(device)  # 3 groups of 2 channels, 3 taps
     plain = randn(rng, 6, 6, 3).float().to(device)
+    wide = randn(rng, 2, 6, 3).float().to(device)  # 2 output channels, 6 input channels
+    # the forward's output-channel and the input gradient's input-channel blocks ride grid y, at
+    # least 16 channels a block in every tile (CHANNELS_MAX = GRID_YZ_MAX blocks of 16)
+    assert oc.CHANNELS_MAX == oc.GRID_YZ_MAX * 16
+    blocks = [cfg[1] for tables in (kt.GPU_CONFIGS, kt.TUNE_CONFIGS, kt.NHWC_CONFIGS, kt.DGRAD_CONFIGS,
+                                    kt.DGRAD_NHWC_CONFIGS) for table in tables.values() for cfg in table.values()]
+    blocks += [cfg[2] for tables in (kt.TMA_CONFIGS, kt.DGRAD_TMA_CONFIGS) for table in tables.values()
+               for cfg in table.values()]
+    blocks += [kt.INTERP_CONFIG[1], kt.TMA_INTERP_CONFIG[2], kt.DGRAD_TMA_INTERP_CONFIG[2], kt.REDUCE_BLOCKS[1],
+               kt.DW_CONFIG[1], kt.DW_INTERP_CONFIG[1]]
+    assert min(blocks) == 16, sorted(set(blocks))
     for attr, bound, match, w, groups in (("GRID_YZ_MAX", 2, "3 groups", grouped, 3),
-                                          ("WEIGHT_ROW_MAX", 5, "6 weight elements per output channel", grouped, 3)):
+                                          ("WEIGHT_ROW_MAX", 5, "6 weight elements per output channel", grouped, 3),
+                                          ("CHANNELS_MAX", 5, "6 output channels per group", plain, 1),
+                                          ("CHANNELS_MAX", 5, "6 input channels per group", wide, 1)):
         monkeypatch.setattr(oc, attr, bound)
         monkeypatch.setattr(oc, "_PLANS", {})  # the plans hold the verdict under the limits they met
         with gpu_nn.backend(backend), interpreted_launches(device) as names, pytest.raises(KernelInputError, match=match):

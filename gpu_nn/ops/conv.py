@@ -748,6 +748,11 @@ def _check_pixels(name: str, pixels) -> None:
 GRID_YZ_MAX = 65535
 DW_BLOCK_C = 32  # kernels/triton/conv.py DW_CONFIG's BLOCK_C on a GPU
 WEIGHT_ROW_MAX = 2**30
+# The forward's output channels and the input gradient's input channels ride grid y in blocks of
+# at least 16 (every tile of kernels/triton/conv.py, tests/test_conv.py holds them to it):
+# channels per group past GRID_YZ_MAX blocks of 16 are refused (the weight gradient slices its
+# input channels itself)
+CHANNELS_MAX = GRID_YZ_MAX * 16
 
 
 def _launch_problem(name: str, c: int, wshape, groups: int, wgrad: bool) -> str | None:
@@ -763,8 +768,12 @@ def _launch_problem(name: str, c: int, wshape, groups: int, wgrad: bool) -> str 
         over = groups > GRID_YZ_MAX
         what, limit = f"{groups} groups", GRID_YZ_MAX
     if not over:
+        og = wshape[0] // groups
         if row > WEIGHT_ROW_MAX:
             what, limit = f"{row} weight elements per output channel", WEIGHT_ROW_MAX
+        elif max(og, wshape[1]) > CHANNELS_MAX:
+            side = f"{og} output" if og > CHANNELS_MAX else f"{wshape[1]} input"
+            what, limit = f"{side} channels per group", CHANNELS_MAX
         elif wgrad and taps > GRID_YZ_MAX:
             what, limit = f"{taps} kernel taps (weight gradient)", GRID_YZ_MAX
         else:
