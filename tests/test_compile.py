@@ -221,6 +221,10 @@ def test_triton_kernels_compile_for_sm90(family, shard, tmp_path):
     assert proc.returncode == 0
     rows = [r for r in rows if r["compiled"]]  # (the others passed the front end)
     assert rows, f"no spec compiled for {family} shard {shard}"
+    # Triton's store of a wide transposed 32-bit wgmma operand (see _aot.wide_transposed_32bit)
+    wide = [r for r in rows if r["wide_transposed_32bit"]]
+    assert not wide, "float32 wgmma operands stored transposed past 256 (Triton misplaces them): " + ", ".join(
+        f"{r['kernel']} [{r['label']}] {r['wide_transposed_32bit']}" for r in wide)
     if known is None:
         import triton
 
@@ -244,6 +248,68 @@ def test_aot_catches_a_compile_error(tmp_path):
     )
     proc = _run_uninterpreted(tmp_path, "bad_kernel.py", code)
     assert proc.returncode != 0
+
+
+def test_wide_transposed_float32_operands_found_and_the_resident_backward_has_none(tmp_path):
+    """Triton 3.6 / 3.9 store a transposed float32 wgmma operand (``tl.trans`` of a loaded tile as
+    the A operand) physically transposed, and past 256 rows put rows 256 and up where the wgmma
+    does not read them: the H200's wrong float32 gradients of the resident recurrent backward at
+    KP 512 (its sm_90 PTX emulated on the CPU: benchmarks/results/aot/
+    rnn_resident_bwd_trans_a331102.md). The check must be able to fail: a [64, 512] float32 tile
+    transposed into a TF32 dot is found, 256 wide it is not, the same operand loaded transposed is
+    not; and the resident backward's float32 forms at KP 512 (one and two directions), which
+    loaded W_hh with ``tl.trans`` before the fix, have none."""
+    code = (
+        "import json, triton, triton.language as tl\n"
+        "from triton.backends.compiler import GPUTarget\n"
+        "from triton.compiler import ASTSource\n"
+        "from gpu_nn.kernels.triton._aot import compile_spec, wide_transposed_32bit\n"
+        "from gpu_nn.kernels.triton import rnn as kt\n"
+        "@triton.jit\n"
+        "def k(w_ptr, d_ptr, o_ptr, M: tl.constexpr, TRANS: tl.constexpr):\n"
+        "    rk = tl.arange(0, 64)\n"
+        "    rm = tl.arange(0, M)\n"
+        "    rn = tl.arange(0, 16)\n"
+        "    if TRANS:\n"
+        "        a = tl.trans(tl.load(w_ptr + rk[:, None] * M + rm[None, :]))\n"
+        "    else:\n"
+        "        a = tl.load(w_ptr + rk[None, :] * M + rm[:, None])\n"
+        "    d = tl.load(d_ptr + rk[:, None] * 16 + rn[None, :])\n"
+        "    tl.store(o_ptr + rm[:, None] * 16 + rn[None, :], tl.dot(a, d, input_precision='tf32'))\n"
+        "found = []\n"
+        "for m, trans in ((512, True), (256, True), (512, False)):\n"
+        "    src = ASTSource(fn=k, signature={'w_ptr': '*fp32', 'd_ptr': '*fp32', 'o_ptr': '*fp32', 'M': 'constexpr',\n"
+        "                                     'TRANS': 'constexpr'}, constexprs={'M': m, 'TRANS': trans})\n"
+        "    c = triton.compile(src, target=GPUTarget('cuda', 90, 32), options={'num_warps': 4})\n"
+        "    found.append(wide_transposed_32bit(c.asm['ttgir']))\n"
+        "single = kt._persist_bwd_spec('lstm', 'fp32', 'fp32', kt.DOT_CODES['tf32'], 512)\n"
+        "for spec in (single, kt._pair_spec(kt._rnn_persist2_bwd_kernel, single)):\n"
+        "    row = compile_spec(spec, sass=False)\n"
+        "    found.append([row['kernel'], row['spill_bytes'], row['wide_transposed_32bit']])\n"
+        "print(json.dumps(found))\n"
+    )
+    wide, narrow, loaded, single, pair = _uninterpreted_json(tmp_path, "wide_transposed.py", code)
+    assert wide == ["memdesc<64x512xf32, #shared>"] or (len(wide) == 1 and "64x512xf32" in wide[0]), wide
+    assert narrow == [] and loaded == []
+    assert single == ["_rnn_persist_bwd_kernel", 0, []] and pair == ["_rnn_persist2_bwd_kernel", 0, []], (single, pair)
+
+
+def test_resident_backward_ptx_emulated_matches_the_interpreter(tmp_path):
+    """The resident persistent backward's compiled sm_90 PTX (LSTM, both directions, float32
+    under TF32, KP 64: a wgmma), run on the CPU by benchmarks/ptxemu.py for every program and the
+    grid barrier, writes what the interpreter's L2 form of the same launch writes: a check of the
+    compiled kernel itself, which the interpreter does not run (at KP 512 it gave the H200's
+    wrong gradients: benchmarks/results/aot/rnn_resident_bwd_trans_a331102.md)."""
+    from gpu_nn.benchmarks import rnn_ptx_emulate
+
+    code = ("import sys\nfrom gpu_nn.benchmarks import rnn_ptx_emulate\n"
+            "sys.exit(rnn_ptx_emulate.main(['--mode', 'lstm', '--H', '64', '--T', '3', '--json', sys.argv[0] + '.json']))\n")
+    proc = _run_uninterpreted(tmp_path, "emulate.py", code)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    res = json.loads((tmp_path / "emulate.py.json").read_text())
+    assert res["KP"] == 64 and res["directions"] == 2 and res["ok"]
+    assert set(res["max_rel_err"]) == set(rnn_ptx_emulate.outputs("lstm", False))
+    assert res["worst"] <= rnn_ptx_emulate.TOL
 
 
 def test_aot_sees_register_spills(tmp_path):

@@ -2017,6 +2017,32 @@ def test_resident_weights_on_gpu_match_reference(mode, dtype, B, H, bi, rng, mon
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs a GPU: 64 and 128 programs at KP 512, too slow for the interpreter (the compiled "
+                           "form's operand layout is checked on the CPU: tests/test_compile.py, "
+                           "test_wide_transposed_float32_operands_found_and_the_resident_backward_has_none)")
+@pytest.mark.parametrize("mode", ("rnn_tanh", "lstm"))
+@pytest.mark.parametrize("B,bi", [(4, True), (64, False)])
+def test_resident_backward_at_kp512_on_gpu(mode, B, bi, rng, monkeypatch):
+    """The resident persistent backward at KP 512, which RESIDENT_BWD_MAX_KP keeps off by default:
+    on the H200 at a331102 its float32 (TF32) input gradient was wrong (B=4 H=512 bidirectional:
+    0.78 Elman, 0.45 LSTM), the cause Triton's store of the transposed W_hh operand past 256
+    rows (found by emulating the sm_90 PTX; W_hh is now loaded transposed). Forced here, float32
+    under TF32, one and two directions, against the float64 reference: once a GPU run passes it,
+    the bound can go back to RESIDENT_MAX_KP."""
+    from gpu_nn.kernels.triton import rnn as kt
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    monkeypatch.setenv(_PERSIST_ENV, "1")
+    monkeypatch.delenv(kt.RESIDENT_ENV, raising=False)
+    monkeypatch.setattr(kt, "RESIDENT_BWD_MAX_KP", 512)
+    kps = []
+    real = kt.resident_kp
+    monkeypatch.setattr(kt, "resident_kp", lambda *a: (kps.append((len(a) > 4 and a[4], real(*a))), kps[-1][1])[1])
+    _seq_against_reference("triton", "cuda", mode, torch.float32, rng, 6, B, 16, 512, 2, bi, None, False, tf32=True)
+    assert any(b for b, _ in kps) and all(k == 512 for _, k in kps), kps
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
                     reason="needs a GPU: up to hundreds of programs at these sizes, too slow for the interpreter "
                            "(the multi-program mechanics run on the CPU at small sizes, concurrent_programs: "
                            "test_resident_weights_follow_each_programs_tile, test_resident_backward_shares_cross_the_tiles)")

@@ -133,6 +133,37 @@ def _source(kernel, signature: dict, constexprs: dict, divisible_by_16=()):
     return ASTSource(fn=kernel, signature=dict(signature), constexprs=dict(constexprs), attrs=attrs)
 
 
+# Triton 3.6 and 3.9 give a 32-bit (tf32 / float32) wgmma operand that must be read transposed
+# (``tl.trans`` of a loaded tile as the A operand: the wgmma reads 32-bit operands K-major only)
+# a shared-memory layout marked ``transposed = true`` and store it so; when that buffer's last
+# dimension (the one not contiguous in it: the A operand's M after the transpose) passes 256, the
+# store puts the elements from 256 on where the wgmma's descriptors do not read them (the H200's
+# wrong float32 gradients of the resident recurrent backward at KP 512, a [64, 512] buffer, found
+# by emulating its sm_90 PTX: benchmarks/results/aot/rnn_resident_bwd_trans_a331102.md). At 256
+# the layouts coincide, and a buffer long only in its contiguous dimension is read right (the
+# resident forward's [512, 16] B operand at KP 512: its outputs matched on the H200). Every
+# compiled spec is held to having no such buffer.
+WIDE_TRANSPOSED_32BIT = 256
+_SHARED_ALIAS = re.compile(r"^(#shared\d*) = #ttg\.nvmma_shared<\{([^}]*)\}>", re.M)
+_MEMDESC = re.compile(r"!ttg\.memdesc<((?:\d+x)+)f32, (#shared\d*)")
+
+
+def wide_transposed_32bit(ttgir: str) -> list[str]:
+    """The float32 shared-memory buffers of ``ttgir`` laid out ``transposed = true`` (32-bit
+    nvmma_shared) whose last dimension passes WIDE_TRANSPOSED_32BIT, as their memdesc types
+    (distinct, in order of appearance): what Triton stores where its wgmma does not read (see
+    above)."""
+    aliases = {name for name, body in _SHARED_ALIAS.findall(ttgir)
+               if "transposed = true" in body and "elementBitWidth = 32" in body}
+    out = []
+    for dims, alias in _MEMDESC.findall(ttgir):
+        last = int(dims.rstrip("x").split("x")[-1])
+        desc = f"memdesc<{dims}f32, {alias}>"
+        if alias in aliases and last > WIDE_TRANSPOSED_32BIT and desc not in out:
+            out.append(desc)
+    return out
+
+
 def compile_spec(spec: AotSpec, sass: bool = True) -> dict:
     """Compile one spec for sm_90; returns its resource usage (raises on a compile error); without
     ``sass`` no disassembly counts (see :func:`_resources`)."""
@@ -155,6 +186,7 @@ def compile_spec(spec: AotSpec, sass: bool = True) -> dict:
         "num_stages": spec.num_stages,
         "shared_bytes": int(compiled.metadata.shared),
         "compile_s": round(time.perf_counter() - t0, 3),
+        "wide_transposed_32bit": wide_transposed_32bit(compiled.asm["ttgir"]),
     }
     out.update(_resources(compiled.asm["cubin"], sass))
     return out

@@ -247,14 +247,20 @@ def _recurrent_dot(h_ptr, rb, mb, w_ptr, stride_w0, stride_w1, rh, mh, H, P, K_E
 
 @triton.jit
 def _resident_w(w_ptr, stride_w0, stride_w1, jh, H, MODE: tl.constexpr, DOT_DT: tl.constexpr, KP: tl.constexpr,
-                BLOCK_H: tl.constexpr):
+                BLOCK_H: tl.constexpr, TRANS: tl.constexpr = False):
     """The W_hh rows of hidden tile ``jh``, every gate's, as one [4 * BLOCK_H, KP] operand in the
     dot code's type: row g * BLOCK_H + i is W_hh row g * H + jh * BLOCK_H + i (zero past H, past
     the mode's gates, and in columns past H: KP >= H). Loaded once by a persistent program that
     keeps it for every step (:func:`_resident_dot`). The gates stacked on one axis make a
     64-row operand for BLOCK_H = 16, the rows of one warpgroup MMA (wgmma on sm_90), which reads
     it from shared memory; one [KP, BLOCK_H] operand per gate would be the B operand of a
-    16-row dot, which Triton holds in registers across the loop (spilling from KP = 512)."""
+    16-row dot, which Triton holds in registers across the loop (spilling from KP = 512).
+
+    ``TRANS``: the same operand transposed, [KP, 4 * BLOCK_H] (the resident backward's), loaded
+    so rather than through ``tl.trans``: Triton 3.6 and 3.9 store a transposed 32-bit wgmma
+    operand to shared memory physically transposed, and past 256 rows (KP 512) the store puts
+    rows 256 and up where the wgmma descriptors do not read them (the H200's wrong float32
+    gradients at KP 512: benchmarks/results/aot/rnn_resident_bwd_trans_a331102.md)."""
     r = tl.arange(0, 4 * BLOCK_H)
     g = r // BLOCK_H
     rh = jh * BLOCK_H + r % BLOCK_H
@@ -265,8 +271,12 @@ def _resident_w(w_ptr, stride_w0, stride_w1, jh, H, MODE: tl.constexpr, DOT_DT: 
         live = g < 3
     else:
         live = g < 1
-    wm = (live & (rh < H))[:, None] & (rk < H)[None, :]
-    w = tl.load(w_ptr + (g * H + rh)[:, None] * stride_w0 + rk[None, :] * stride_w1, mask=wm, other=0.0)
+    if TRANS:
+        wm = (rk < H)[:, None] & (live & (rh < H))[None, :]
+        w = tl.load(w_ptr + (g * H + rh)[None, :] * stride_w0 + rk[:, None] * stride_w1, mask=wm, other=0.0)
+    else:
+        wm = (live & (rh < H))[:, None] & (rk < H)[None, :]
+        w = tl.load(w_ptr + (g * H + rh)[:, None] * stride_w0 + rk[None, :] * stride_w1, mask=wm, other=0.0)
     return _dot_operand(w, DOT_DT)
 
 
@@ -859,7 +869,7 @@ def _rnn_persist_bwd_kernel(w_ptr, stride_w0, stride_w1, carry_ptr, dc_ptr, has_
     nprog = tl.num_programs(0)
     nh = tl.cdiv(H, BLOCK_H)
     if KP > 0:  # one tile per program (nprog == tiles): tile pid's W_hh rows, kept for every step
-        wt = tl.trans(_resident_w(w_ptr, stride_w0, stride_w1, pid % nh, H, MODE, DOT_DT, KP, BLOCK_H))
+        wt = _resident_w(w_ptr, stride_w0, stride_w1, pid % nh, H, MODE, DOT_DT, KP, BLOCK_H, True)
         for s in range(0, T):
             _resident_bwd_tile(pid // nh, pid % nh, s, reverse, wt, ws_ptr, carry_ptr, dc_ptr, has_dc, dout_ptr,
                                stride_dot, stride_dob, g_ptr, stride_gt, stride_gb, hs_ptr, cs_ptr, stride_hs, dgi_ptr,
@@ -896,8 +906,7 @@ def _rnn_persist2_bwd_kernel(w_ptr, w1_ptr, stride_w0, stride_w1, carry_ptr, car
     nt = tl.cdiv(B, BLOCK_B) * nh
     if KP > 0:  # one tile per program (nprog == 2 * nt)
         rev, r, jb, jh = _pair_tile(pid, nt, nh)
-        wt = tl.trans(_resident_w(tl.where(rev, w1_ptr, w_ptr), stride_w0, stride_w1, jh, H, MODE, DOT_DT, KP,
-                                  BLOCK_H))
+        wt = _resident_w(tl.where(rev, w1_ptr, w_ptr), stride_w0, stride_w1, jh, H, MODE, DOT_DT, KP, BLOCK_H, True)
         wsd = ws_ptr + r.to(tl.int64) * (2 * tl.cdiv(B, BLOCK_B) * nh * H * BLOCK_B)
         for s in range(0, T):
             _resident_bwd_tile(jb, jh, s, r, wt, wsd, tl.where(rev, carry1_ptr, carry_ptr),
@@ -1402,12 +1411,15 @@ def _launch_options() -> dict:
 RESIDENT_ENV = "GPU_NN_RNN_RESIDENT"
 RESIDENT_MAX_KP = 512
 # The backward's resident form up to KP 256: on the H200 at a331102 the persistent backward
-# (GPU_NN_RNN_PERSISTENT=1; off by default) gave a wrong input gradient at KP 512 (B=4 H=512
-# bidirectional float32 under TF32: relative error 0.78 Elman, 0.45 LSTM) while its forward was
-# right, and Triton's interpreter, 64 programs run concurrently at that size, finds it exact; the
-# cause is not found without a GPU (its sm_90 build sits at the limits: 160 KiB of shared memory,
-# 250-252 registers under Triton 3.6). Above 256 the backward reads W_hh from L2 (the H200 run's
-# log names no failure of that form, but its cut test run may not have reached those tests).
+# (GPU_NN_RNN_PERSISTENT=1; off by default) gave a wrong float32 (TF32) input gradient at KP 512
+# (B=4 H=512 bidirectional: relative error 0.78 Elman, 0.45 LSTM) while its forward was right.
+# The cause, found by emulating the kernel's sm_90 PTX on the CPU (all 64 programs, the barrier
+# and the wgmma's shared-memory layout modelled): Triton 3.6 / 3.9 stored the tl.trans'd W_hh
+# operand physically transposed and put its rows 256 and up where the wgmma descriptors do not
+# read them (benchmarks/results/aot/rnn_resident_bwd_trans_a331102.md). The operand is now loaded
+# transposed (_resident_w's TRANS) and every compiled spec is held to having no such operand
+# (_aot.wide_transposed_32bit); the emulated kernel is exact at KP 512 since. The bound stays at
+# 256 (above it, W_hh from L2) until a GPU run passes test_resident_backward_at_kp512_on_gpu.
 RESIDENT_BWD_MAX_KP = 256
 
 
