@@ -5,6 +5,9 @@
 # package installed, Triton's cache holding the default kernels). Steps, each under `timeout`,
 # the whole within GPU_MEASURE_BUDGET_S (default 300 s), most wanted first:
 #   install        only when gpu_nn does not import (gpu_run.sh has installed it)
+#   tma-repeat     python -m gpu_nn.benchmarks.tma_fwd_repeat: the TMA conv forward tile the H200
+#                  found wrong once (tma8x16 storing y through pointers) and its twins, 20 launches
+#                  each, against a float64 reference: a race or a fault (tma_fwd_repeat.json)
 #   sweep          python -m gpu_nn.benchmarks.sweep --only sweep: first every conv forward,
 #                  input- and weight-gradient candidate (tiles, NHWC tiles, via channels_last, packed
 #                  and split K, the TMA kernels) and torch at bench_conv's shapes, bfloat16 first,
@@ -53,6 +56,10 @@ RNN_S=${GPU_MEASURE_RNN_S:-120}
 if ! "$PY" -c "import gpu_nn" > /dev/null 2>&1; then
     step install 60 "$PY" -m pip install --no-deps --no-build-isolation --no-index -e . || true
 fi
+
+# a correctness question first (about a minute with its compiles): is the suspect TMA tile's wrong
+# result a race of every pipelined TMA tile, or its own fault?
+step tma-repeat 75 "$PY" -m gpu_nn.benchmarks.tma_fwd_repeat --repeats 20 --out "$OUTDIR"
 
 SW=("$PY" -m gpu_nn.benchmarks.sweep --out "$OUTDIR")
 PROFILE_S=60   # the profile step's limit; it starts no new case after PROFILE_S - 20

@@ -296,8 +296,8 @@ def test_gpu_measure_script_steps_summary_and_archive(tmp_path):
     assert r.returncode == 1, r.stdout + r.stderr  # the profile failed
     summary = (out / "summary.txt").read_text()
     steps = [line.split(":")[0] for line in summary.splitlines() if not line.startswith(" ")]
-    assert steps == ["sweep", "rnn", "profile", "demo", "demo-profile", "demo-compile", "demo-fuse", "host_split",
-                     "kernel_counts", "demo-persistent-lstm", "demo-persistent-gru", "total"]
+    assert steps == ["tma-repeat", "sweep", "rnn", "profile", "demo", "demo-profile", "demo-compile", "demo-fuse",
+                     "host_split", "kernel_counts", "demo-persistent-lstm", "demo-persistent-gru", "total"]
     assert "  sweep: 191 rows, complete" in summary and "  profile: 20 of 22" in summary
     assert "  demo profile: 6 of 6 regions profiled" in summary
     (demo_call,) = [c for c in calls if "--only demo" in c]
@@ -305,7 +305,8 @@ def test_gpu_measure_script_steps_summary_and_archive(tmp_path):
     assert "  rnn: 240 rows, complete" in summary
     assert "profile: rc=3" in summary and "total:" in summary and "sweep rc=0, rnn rc=0, profile rc=3" in summary
     # machine.txt's package list first, then: installed already, so no pip install
-    assert calls[:3] == ["--version", "-m pip list --format=freeze", "-c import gpu_nn"]
+    assert calls[:4] == ["--version", "-m pip list --format=freeze", "-c import gpu_nn",
+                         f"-m gpu_nn.benchmarks.tma_fwd_repeat --repeats 20 --out {out}"]
     # 300 - 60 (profile) - 75 (the demo and its profile) = 165 s of limits: 90 and 75, less 25 s
     # each for the process
     sw, rnn = _budget(calls, "sweep"), _budget(calls, "rnn")
@@ -334,7 +335,7 @@ def test_gpu_measure_script_steps_summary_and_archive(tmp_path):
 def test_gpu_measure_script_installs_when_needed_and_skips_what_the_budget_cannot_hold(tmp_path):
     r, out, calls = _measure(tmp_path, 3, import_ok=False)
     summary = (out / "summary.txt").read_text()
-    assert "install: skipped (no time left of 3s)" in summary
+    assert "install: skipped (no time left of 3s)" in summary and "tma-repeat: skipped" in summary
     assert "sweep: skipped" in summary and "rnn: skipped" in summary and "profile: skipped" in summary
     assert "demo-compile: skipped" in summary and "demo-profile: skipped" in summary
     assert "demo-fuse: skipped" in summary

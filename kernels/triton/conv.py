@@ -1430,7 +1430,12 @@ def problem_candidates(x, w, b, y, groups: int, prec: str, stride=None) -> list[
 # C=O=64 56x56 channels_last, tma8x16 max error 0.72 where every other candidate, and the same
 # tile storing an NCHW y through a descriptor, were right; the interpreter finds it right. Not
 # offered to the measuring chooser there until a GPU run shows it right (benchmarks/sweep.py
-# still times it, through tma_candidates).
+# still times it, through tma_candidates). Read on the CPU since (its sm_90 build as the JIT
+# specialises that launch): the same program as tma4x32 but for BH / BW, its epilogue right, its
+# cubin the one that served 28x28 right; one hazard is in every pipelined TMA tile (the register
+# operand wgmma split in four, the next ldmatrix rewriting its registers behind a wait_group 3),
+# so a race is the lead: benchmarks/tma_fwd_repeat.py launches it and its twins again and again
+# on the next GPU (gpu_measure.sh's first step).
 TMA_FWD_SUSPECT = ("tma8x16",)
 
 
