@@ -312,6 +312,28 @@ def test_resident_backward_ptx_emulated_matches_the_interpreter(tmp_path):
     assert res["worst"] <= rnn_ptx_emulate.TOL
 
 
+def test_tma_chooser_gate_follows_the_register_operand_moves_in_the_ptx(tmp_path):
+    """kernels/triton/conv.py keeps the TMA tiles from the measuring chooser on a Triton whose
+    pipelined register-operand wgmma may have its A registers rewritten while in flight
+    (triton-lang/triton issue 9433): the installed Triton's sm_90 PTX of a pipelined TMA forward
+    tile has register-operand wgmmas, and they are guarded by moves to fresh registers exactly
+    where TMA_CHOOSER is on (Triton 3.9: every one; 3.6: none)."""
+    code = (
+        "import json\n"
+        "import triton\n"
+        "from triton.backends.compiler import GPUTarget\n"
+        "from gpu_nn.kernels.triton import conv as kc\n"
+        "from gpu_nn.kernels.triton._aot import _source, rs_wgmma_unguarded\n"
+        "(s,) = [s for s in kc.aot_specs() if s.label == 'fwd tma8x8 bf16 ieee tma']\n"
+        "c = triton.compile(_source(s.kernel, s.signature, s.constexprs, s.divisible_by_16),\n"
+        "                   target=GPUTarget('cuda', 90, 32), options={'num_warps': s.num_warps, 'num_stages': s.num_stages})\n"
+        "print(json.dumps([s.num_stages, *rs_wgmma_unguarded(c.asm['ptx']), kc.TMA_CHOOSER]))\n"
+    )
+    stages, rs, unguarded, chooser = _uninterpreted_json(tmp_path, "rs_moves.py", code)
+    assert stages > 1 and rs > 0
+    assert (unguarded == 0) == chooser and unguarded in (0, rs), (rs, unguarded, chooser)
+
+
 def test_aot_sees_register_spills(tmp_path):
     """The spill check must be able to fail: the same small kernel compiled with its registers
     capped at 32 (``maxnreg``) spills, and ``_resources`` reports it (stack frame, STL / LDL in the

@@ -1334,6 +1334,31 @@ def test_tma_wgrad_matches_reference(half, case, rng):
             assert max_rel_err(got, want_c) <= _tf32_bound(red), f"TMA wgrad {cfg} (tf32)"
 
 
+def test_tma_tiles_kept_from_the_chooser_on_a_triton_with_the_register_operand_race(monkeypatch):
+    """Every pipelined TMA tile takes its wgmma's A operand from registers, which Triton before
+    the upstream fix of issue 9433 may rewrite while a wgmma still reads them (3.6's PTX has no
+    guarding moves, 3.9's has: tests/test_compile.py reads them): below TMA_RS_SAFE_FROM the
+    measuring chooser gets no TMA tile of the forward, the input gradient or the weight gradient
+    (tma_candidates itself, which the sweep times, still lists them)."""
+    import triton
+
+    from gpu_nn.kernels.triton import conv as kt
+
+    version = tuple(int(v) for v in triton.__version__.split(".")[:2])
+    assert kt.TMA_CHOOSER == (version >= kt.TMA_RS_SAFE_FROM) and kt.TMA_RS_SAFE_FROM == (3, 9)
+    t = lambda *s, cl=True: torch.empty(s, dtype=torch.float16).to(  # noqa: E731
+        memory_format=torch.channels_last if cl else torch.contiguous_format)
+    x, w, y = t(2, 64, 28, 28), t(32, 64, 3, 3), t(2, 32, 28, 28, cl=False)
+    g, w64 = t(2, 64, 28, 28), t(64, 32, 3, 3)
+    monkeypatch.setattr(kt, "tma_device", lambda t: True)
+    for chooser in (True, False):
+        monkeypatch.setattr(kt, "TMA_CHOOSER", chooser)
+        fwd = kt.problem_candidates(x, w, None, y, 1, "ieee", (1, 1))
+        dgrad = kt.dgrad_problem_candidates(g, w64, t(2, 32, 28, 28), 1, "ieee", (1, 1))
+        assert any(kt.TMA in c for c in fwd) is chooser and any(kt.TMA in c for c in dgrad) is chooser
+        assert kt.tma_candidates(x, w, (1, 1), 1, "ieee")  # the sweep's list either way
+
+
 def test_tma_candidates_only_where_they_apply(monkeypatch):
     """The TMA forward is offered for one-group problems in half precision or TF32, each tile
     whose channel block divides the channel count, on x itself where it is NHWC (else one tile
@@ -1370,6 +1395,7 @@ def test_tma_candidates_only_where_they_apply(monkeypatch):
     y = t(2, 32, 28, 28)
     assert not kt.tma_device(x) and not any(kt.TMA in c for c in kt.problem_candidates(x, w, None, y, 1, "ieee", (1, 1)))
     monkeypatch.setattr(kt, "tma_device", lambda t: True)
+    monkeypatch.setattr(kt, "TMA_CHOOSER", True)  # whatever the Triton (the chooser's lists are the point)
     # tma8x16, wrong on the H200 storing a channels_last y through pointers, is not offered there
     # (kt.TMA_FWD_SUSPECT); an NCHW y, which it stores through a descriptor, gets every tile
     suspect = (*kt.TMA_CONFIGS["half"]["tma8x16"], kt.TMA)
@@ -1419,6 +1445,7 @@ def test_tma_candidates_through_the_chooser_match_reference(monkeypatch, rng):
 
     dev = _tma_here()
     monkeypatch.setattr(kt, "tma_device", lambda t: True)
+    monkeypatch.setattr(kt, "TMA_CHOOSER", True)  # whatever the Triton (the chooser's lists are the point)
     # 8 columns: an NCHW y of 16-byte rows, which the via-channels_last tile stores through a
     # descriptor (kt.TMA_FWD_SUSPECT: not offered where it would store through pointers)
     x64, w64, b64 = randn(rng, 1, 64, 5, 8), randn(rng, 64, 64, 3, 3) / 24, randn(rng, 64)
@@ -1475,6 +1502,7 @@ def test_tma_choice_kept_for_aligned_tensors_never_serves_misaligned_views(monke
 
     dev = _tma_here()
     monkeypatch.setattr(kt, "tma_device", lambda t: True)
+    monkeypatch.setattr(kt, "TMA_CHOOSER", True)  # whatever the Triton (the chooser's lists are the point)
     monkeypatch.setattr(_tuning, "_memory", {})
     tick = itertools.count()
 
@@ -1521,6 +1549,7 @@ def _tma_store_spies(monkeypatch, kernel):
     from gpu_nn.ops import conv as oc
 
     monkeypatch.setattr(kt, "tma_device", lambda t: True)
+    monkeypatch.setattr(kt, "TMA_CHOOSER", True)  # whatever the Triton (the chooser's lists are the point)
     monkeypatch.setattr(oc, "_precision", lambda dt: "tf32" if dt == torch.float32 else "ieee")
     launches, temps = [], []
     real_launch, real_empty = kt._jit_launch, kt._nhwc_empty

@@ -164,6 +164,30 @@ def wide_transposed_32bit(ttgir: str) -> list[str]:
     return out
 
 
+def rs_wgmma_unguarded(ptx: str) -> tuple[int, int]:
+    """(register-operand wgmmas, those with no register moves ahead of their ``wgmma.fence``) in
+    ``ptx``. A pipelined wgmma whose A operand comes from registers may still read them when the
+    next iteration rewrites them (triton-lang/triton issue 9433, undefined in the PTX ISA); the
+    Triton fix (PRs 9514 / 9530) copies the operand to fresh registers with ``mov.b32`` before the
+    fence of each such wgmma. Triton 3.9's PTX has those moves, 3.6's has none (the TMA
+    convolution tiles, kernels/triton/conv.py TMA_CHOOSER)."""
+    lines = ptx.splitlines()
+    rs = unguarded = 0
+    for i, line in enumerate(lines):
+        if "wgmma.mma_async" not in line or not re.search(r"\},\s*\{%r", line):
+            continue  # A from shared memory (a descriptor), not registers
+        rs += 1
+        j = i
+        while j > 0 and "wgmma.fence" not in lines[j]:
+            j -= 1
+        k, moves = j - 1, 0
+        while k > max(0, j - 64) and "wgmma" not in lines[k]:
+            moves += bool(re.match(r"\s*mov\.b32 %r\d+, %r\d+;", lines[k]))
+            k -= 1
+        unguarded += moves == 0
+    return rs, unguarded
+
+
 def compile_spec(spec: AotSpec, sass: bool = True) -> dict:
     """Compile one spec for sm_90; returns its resource usage (raises on a compile error); without
     ``sass`` no disassembly counts (see :func:`_resources`)."""

@@ -1420,7 +1420,7 @@ def problem_candidates(x, w, b, y, groups: int, prec: str, stride=None) -> list[
         if split_eligible(groups, m, og, bm, bn, taps * cdiv(cg, bk)):
             out.append((*table[name], FLAT, SPLIT))
     out += [(*table[name], PACKED) for name in FWD_PACKED[key] if packed_offered(cg, taps, table[name][2])]
-    if stride is not None and tma_device(x):
+    if stride is not None and TMA_CHOOSER and tma_device(x):
         out += [c for c in tma_candidates(x, w, stride, groups, prec) if not tma_fwd_suspect(c, x, y)]
     return out
 
@@ -1437,6 +1437,18 @@ def problem_candidates(x, w, b, y, groups: int, prec: str, stride=None) -> list[
 # so a race is the lead: benchmarks/tma_fwd_repeat.py launches it and its twins again and again
 # on the next GPU (gpu_measure.sh's first step).
 TMA_FWD_SUSPECT = ("tma8x16",)
+# Every pipelined TMA tile (forward, input and weight gradient) takes its wgmma's A operand from
+# registers (the TMA box reshaped), which Triton splits into several wgmmas in flight across
+# iterations: the next iteration may rewrite those registers while a wgmma still reads them
+# (triton-lang/triton issue 9433, undefined in the PTX ISA; fixed upstream by copying the operand
+# to fresh registers before each, PRs 9514 / 9530). Triton 3.9's sm_90 PTX of these tiles has the
+# copies, 3.6's (the H200 image's) has none (_aot.rs_wgmma_unguarded; 3.7 and 3.8 not read): on a
+# Triton before TMA_RS_SAFE_FROM the measuring chooser is not offered the TMA tiles (the sweep
+# still times them against torch, and benchmarks/tma_fwd_repeat.py asks a GPU whether the race
+# shows). No other kernel of the project has a register-operand wgmma in flight across
+# iterations (benchmarks/results/aot/rs_wgmma_triton-3.6.0.md).
+TMA_RS_SAFE_FROM = (3, 9)
+TMA_CHOOSER = tuple(int(v) for v in triton.__version__.split(".")[:2]) >= TMA_RS_SAFE_FROM
 
 
 def tma_fwd_suspect(cfg: tuple, x, y) -> bool:
@@ -1496,7 +1508,7 @@ def dgrad_problem_candidates(g, w, dx, groups: int, prec: str, stride=None, dila
         bm, bn = table[name][:2]
         if kh * kw >= 2 and split_eligible(groups, m, cg, bm, bn, 4):  # split over whole taps
             out.append((*table[name], SPLIT))
-    if stride is not None and tma_device(g):
+    if stride is not None and TMA_CHOOSER and tma_device(g):
         out += tma_dgrad_candidates(g, w, stride, groups, prec, dilation)
     return out
 
@@ -2059,7 +2071,7 @@ def conv_backward_weight(g, x, dw, stride, padding, dilation, groups, prec, inte
                g.data_ptr() % 16 == 0, x.data_ptr() % 16 == 0)  # as the forward's key
         def build():
             out = list(wgrad_candidates(half, cg, kh * kw))
-            if tma_device(x):  # taps x output-channel blocks ride grid y
+            if TMA_CHOOSER and tma_device(x):  # taps x output-channel blocks ride grid y
                 out += [t for t in tma_wgrad_candidates(g, x, stride, groups, prec)
                         if kh * kw * cdiv(o, t[3]) <= GRID_YZ_MAX]
             return out
