@@ -58,7 +58,9 @@ if ! "$PY" -c "import gpu_nn" > /dev/null 2>&1; then
 fi
 
 # a correctness question first (about a minute with its compiles): is the suspect TMA tile's wrong
-# result a race of every pipelined TMA tile, or its own fault?
+# result a race of every pipelined TMA tile, or its own fault? Its time comes out of the sweeps'
+# share (AVAIL below is what it leaves): at the default 300 s, a 60 s run halves the conv sweep's
+# measuring time, by choice: a wrong result outranks a timing
 step tma-repeat 75 "$PY" -m gpu_nn.benchmarks.tma_fwd_repeat --repeats 20 --out "$OUTDIR"
 
 SW=("$PY" -m gpu_nn.benchmarks.sweep --out "$OUTDIR")

@@ -87,8 +87,8 @@ def main(argv=None) -> int:
         res["forms"][name] = {"tile": list(cfg[:6]), "wrong_launches": wrong, "worst": worst, "first_wrong": first,
                               "seconds": round(time.time() - t0, 2)}
         print(name, json.dumps(res["forms"][name]), flush=True)
-    with open(os.path.join(a.out, "tma_fwd_repeat.json"), "w") as f:
-        json.dump(res, f, indent=1)
+        with open(os.path.join(a.out, "tma_fwd_repeat.json"), "w") as f:  # after each form: a cut run keeps them
+            json.dump(res, f, indent=1)
     return 0
 
 

@@ -1359,6 +1359,39 @@ def test_tma_tiles_kept_from_the_chooser_on_a_triton_with_the_register_operand_r
         assert kt.tma_candidates(x, w, (1, 1), 1, "ieee")  # the sweep's list either way
 
 
+def test_tma_weight_gradient_candidates_follow_the_gate_and_grid_y(rng, monkeypatch):
+    """The weight gradient's chooser (conv_backward_weight's candidate list) gets the TMA tiles
+    only with TMA_CHOOSER on, and not those whose taps x output-channel blocks pass grid y: a
+    half-precision channels_last 3x3 problem of 640 output channels (9 x 10 blocks of 64, 9 x 5
+    of 128), GRID_YZ_MAX lowered to 40 (no channel slicing: 4 x 16 channels a launch take its 64).
+    The stand-in chooser records the list and stops the call (nothing launches)."""
+    from gpu_nn.kernels.triton import conv as kt
+
+    cl = torch.channels_last
+    x = randn(rng, 2, 64, 6, 6).half().to(memory_format=cl)
+    g = randn(rng, 2, 640, 6, 6).half().to(memory_format=cl)
+    monkeypatch.setattr(kt, "tma_device", lambda t: True)
+    assert kt.tma_wgrad_candidates(g, x, (1, 1), 1, "ieee")
+    seen = []
+
+    class Chosen(Exception):
+        pass
+
+    def choose(op, key, cands, run, default, prepare=None):
+        seen.append([c for c in cands if kt.TMA in c])
+        raise Chosen
+
+    for chooser, grid_max, want in ((True, 65535, True), (False, 65535, False), (True, 40, False)):
+        monkeypatch.setattr(kt, "TMA_CHOOSER", chooser)
+        monkeypatch.setattr(kt, "GRID_YZ_MAX", grid_max)
+        kt._CANDIDATES.clear()
+        dw = torch.empty(640, 64, 3, 3, dtype=torch.float16)
+        with pytest.raises(Chosen):
+            kt.conv_backward_weight(g, x, dw, (1, 1), (1, 1, 1, 1), (1, 1), 1, "ieee", True, choose)
+        assert bool(seen[-1]) is want, (chooser, grid_max, seen[-1])
+    assert len(seen) == 3
+
+
 def test_tma_candidates_only_where_they_apply(monkeypatch):
     """The TMA forward is offered for one-group problems in half precision or TF32, each tile
     whose channel block divides the channel count, on x itself where it is NHWC (else one tile
@@ -2338,8 +2371,9 @@ def test_modules_match_torch(nd, args, kwargs, shape, rng):
 def test_groups_taps_and_weight_rows_past_the_launch_limits_refused(backend, device, rng, monkeypatch):
     """Limits of the Triton launches besides pixels, lowered: groups past GRID_YZ_MAX (they ride
     CUDA's grid z, at most 65535: 'invalid argument' on a GPU), weight elements per output
-    channel past WEIGHT_ROW_MAX (int32 in the kernels) and output or input channels per group
-    past CHANNELS_MAX (blocks of them ride grid y) refused in the forward; kernel taps past
+    channel past WEIGHT_ROW_MAX (int32 in the kernels) and output channels per group past
+    CHANNELS_MAX (blocks of them ride grid y) refused in the forward, input channels past it in
+    the input gradient; kernel taps past
     GRID_YZ_MAX (the weight gradient's grid y) refused where a weight gradient is wanted, while
     the forward and the input gradient alone run; a depthwise conv, whose groups ride no grid
     axis, runs with more groups and is refused past GRID_YZ_MAX blocks of DW_BLOCK_C channels. A
@@ -2365,8 +2399,7 @@ def test_groups_taps_and_weight_rows_past_the_launch_limits_refused(backend, dev
     assert min(blocks) == 16, sorted(set(blocks))
     for attr, bound, match, w, groups in (("GRID_YZ_MAX", 2, "3 groups", grouped, 3),
                                           ("WEIGHT_ROW_MAX", 5, "6 weight elements per output channel", grouped, 3),
-                                          ("CHANNELS_MAX", 5, "6 output channels per group", plain, 1),
-                                          ("CHANNELS_MAX", 5, "6 input channels per group", wide, 1)):
+                                          ("CHANNELS_MAX", 5, "6 output channels per group", plain, 1)):
         monkeypatch.setattr(oc, attr, bound)
         monkeypatch.setattr(oc, "_PLANS", {})  # the plans hold the verdict under the limits they met
         with gpu_nn.backend(backend), interpreted_launches(device) as names, pytest.raises(KernelInputError, match=match):
@@ -2392,7 +2425,25 @@ def test_groups_taps_and_weight_rows_past_the_launch_limits_refused(backend, dev
         monkeypatch.setattr(oc, "_PLANS", {})
         with pytest.raises(KernelInputError, match="6 depthwise channels are past the 4"):
             F.conv1d(x, depthwise, groups=6)
-    assert dx.shape == x.shape
+    # input channels ride grid y only in the input gradient: the forward and the weight gradient
+    # alone take 6 past a bound of 5, an input gradient is refused before any kernel; a depthwise
+    # conv (its own bound above) and a one-channel conv, which runs the depthwise kernels, take
+    # more output channels than CHANNELS_MAX
+    monkeypatch.undo()
+    monkeypatch.setattr(oc, "CHANNELS_MAX", 5)
+    monkeypatch.setattr(oc, "_PLANS", {})
+    ww = wide.clone().requires_grad_()
+    with gpu_nn.backend(backend):
+        y = F.conv1d(x, ww)  # x needs no gradient
+        (dw,) = torch.autograd.grad(y, ww, torch.ones_like(y))
+        y = F.conv1d(xx, ww)
+        with interpreted_launches(device) as names, pytest.raises(KernelInputError,
+                                                                   match="6 input channels per group .input gradient."):
+            torch.autograd.grad(y, xx, torch.ones_like(y))
+        assert names == []
+        F.conv1d(x, randn(rng, 6, 1, 1).float().to(device), groups=6)
+        F.conv1d(x[:, :1], randn(rng, 6, 1, 3).float().to(device))
+    assert dx.shape == x.shape and dw.shape == wide.shape
 
 
 @pytest.mark.parametrize("backend,device", backend_params(("triton",)))

@@ -395,7 +395,7 @@ def _bwd_plan(grad_output, input, weight, output, stride, padding, dilation, gro
     return (nd, _memory_format(input, weight), *_geometry(nd, stride, padding, dilation), mask, gfmt,
             (0, *range(2, grad_output.dim())), _ref_args(stride, padding, dilation),
             input.shape[0] * _pixels_per_sample(nd, input, padding),
-            _launch_problem(f"conv{nd}d", input.shape[1], weight.shape, groups, mask[1]))
+            _launch_problem(f"conv{nd}d", input.shape[1], weight.shape, groups, mask[1], mask[0]))
 
 
 def conv_backward(grad_output: Tensor, input: Tensor, weight: Tensor, output: Optional[Tensor], stride, padding,
@@ -749,19 +749,21 @@ GRID_YZ_MAX = 65535
 DW_BLOCK_C = 32  # kernels/triton/conv.py DW_CONFIG's BLOCK_C on a GPU
 WEIGHT_ROW_MAX = 2**30
 # The forward's output channels and the input gradient's input channels ride grid y in blocks of
-# at least 16 (every tile of kernels/triton/conv.py, tests/test_conv.py holds them to it):
-# channels per group past GRID_YZ_MAX blocks of 16 are refused (the weight gradient slices its
-# input channels itself)
+# at least 16 (every tile of kernels/triton/conv.py, tests/test_conv.py holds them to it): output
+# channels per group past GRID_YZ_MAX blocks of 16 are refused, input channels past it where an
+# input gradient is wanted (the forward's input channels only lengthen its K loop; the weight
+# gradient slices its input channels itself; a depthwise conv has its own bound above)
 CHANNELS_MAX = GRID_YZ_MAX * 16
 
 
-def _launch_problem(name: str, c: int, wshape, groups: int, wgrad: bool) -> str | None:
+def _launch_problem(name: str, c: int, wshape, groups: int, wgrad: bool, dgrad: bool = False) -> str | None:
     """What a Triton launch of this convolution cannot take, as the refusal's message, or None
-    (part of the memoized plans: computed once per call facts). ``wgrad``: a weight gradient is
-    wanted."""
+    (part of the memoized plans: computed once per call facts). ``wgrad`` / ``dgrad``: a weight /
+    input gradient is wanted."""
     taps = math.prod(wshape[2:])
     row = wshape[1] * taps
-    if wshape[1] == 1 and groups == c:  # depthwise: output channels in blocks on grid y
+    depthwise = wshape[1] == 1 and groups == c
+    if depthwise:  # output channels in blocks on grid y
         over = -(-wshape[0] // DW_BLOCK_C) > GRID_YZ_MAX
         what, limit = f"{wshape[0]} depthwise channels", GRID_YZ_MAX * DW_BLOCK_C
     else:
@@ -771,9 +773,10 @@ def _launch_problem(name: str, c: int, wshape, groups: int, wgrad: bool) -> str 
         og = wshape[0] // groups
         if row > WEIGHT_ROW_MAX:
             what, limit = f"{row} weight elements per output channel", WEIGHT_ROW_MAX
-        elif max(og, wshape[1]) > CHANNELS_MAX:
-            side = f"{og} output" if og > CHANNELS_MAX else f"{wshape[1]} input"
-            what, limit = f"{side} channels per group", CHANNELS_MAX
+        elif not depthwise and og > CHANNELS_MAX:
+            what, limit = f"{og} output channels per group", CHANNELS_MAX
+        elif not depthwise and dgrad and wshape[1] > CHANNELS_MAX:
+            what, limit = f"{wshape[1]} input channels per group (input gradient)", CHANNELS_MAX
         elif wgrad and taps > GRID_YZ_MAX:
             what, limit = f"{taps} kernel taps (weight gradient)", GRID_YZ_MAX
         else:

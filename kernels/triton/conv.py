@@ -2027,6 +2027,7 @@ def conv_backward_weight(g, x, dw, stride, padding, dilation, groups, prec, inte
         )
         _reduce_partials(ws, dw)
         return
+    assert kh * kw <= GRID_YZ_MAX, "more taps than grid y holds: refused by the ops layer"
     sliced = (GRID_YZ_MAX // (kh * kw)) * WGRAD_MIN_BLOCK_N  # input channels a launch takes
     if cg > sliced:  # column tiles past grid y: one group at a time, in channel slices (views)
         for gi in range(groups):
