@@ -35,15 +35,22 @@ import time
 
 import numpy as np
 
-GATES = {"rnn_tanh": 1, "lstm": 4, "gru": 3}
+MODES = ("rnn_tanh", "lstm", "gru")  # rnn_relu: rnn_tanh's kernel but for the activation
 TOL = 1e-5
+
+
+def _kt():
+    from gpu_nn.kernels.triton import rnn as kt
+
+    return kt
 
 
 def make(mode: str, T: int, B: int, H: int, seed: int = 0) -> dict:
     """The launch's buffers (float32, int64 lengths, the barrier's int32 counter), both
     directions' (``name`` and ``name1``); outputs start NaN, so an element never written shows."""
+    kt = _kt()
     rng = np.random.default_rng(seed)
-    GH = GATES[mode] * H
+    GH = kt.NGATES[kt.MODE_CODES[mode]] * H
     d = {}
     for r in ("", "1"):
         d["w" + r] = (rng.uniform(-1, 1, (GH, H)) / np.sqrt(H)).astype(np.float32)
@@ -65,12 +72,8 @@ def make(mode: str, T: int, B: int, H: int, seed: int = 0) -> dict:
         d["dgh" + r] = np.full((T, B, GH), np.nan, np.float32) if mode == "gru" else None
     d["len"] = np.full(B, T, np.int64)
     d["count"] = np.zeros(1, np.int32)
-    d["ws"] = np.full(2 * _ws_size(B, H), np.nan, np.float32)
+    d["ws"] = np.full(2 * kt.resident_ws_size(B, H), np.nan, np.float32)
     return d
-
-
-def _ws_size(B: int, H: int) -> int:
-    return 2 * -(-B // 16) * -(-H // 16) * H * 16  # kernels/triton/rnn.py resident_ws_size
 
 
 def launch_args(d: dict, mode: str, single: bool) -> list:
@@ -108,9 +111,7 @@ def outputs(mode: str, single: bool) -> tuple:
 
 def _kernels(source: str | None):
     if source is None:
-        from gpu_nn.kernels.triton import rnn as kt
-
-        return kt
+        return _kt()
     spec = importlib.util.spec_from_file_location("gpu_nn.kernels.triton._rnn_emulated", source)
     kt = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = kt  # (relative imports resolve in gpu_nn.kernels.triton)
@@ -178,7 +179,7 @@ def emulate(ptx: str, a) -> dict:
               if not (isinstance(v, int) and v == 1)]
     params += [0, 0]  # Triton's global and profile scratch pointers
     params = {i: int(p) for i, p in enumerate(params)}
-    nprog = (1 if a.single else 2) * -(-a.B // 16) * -(-a.H // 16)
+    nprog = (1 if a.single else 2) * _kt().persist_tiles(a.B, a.H)  # the resident form: one tile a program
     gens = [CTA(prog, i, nprog, params, mem).run() for i in range(nprog)]
     state = [next(g) for g in gens]
     done = [False] * nprog
@@ -211,7 +212,7 @@ def emulate(ptx: str, a) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    p.add_argument("--mode", default="rnn_tanh", choices=sorted(GATES))
+    p.add_argument("--mode", default="rnn_tanh", choices=MODES)
     p.add_argument("--single", action="store_true", help="one direction (_rnn_persist_bwd_kernel)")
     p.add_argument("--H", type=int, default=512)
     p.add_argument("--B", type=int, default=4)

@@ -1340,12 +1340,10 @@ def test_tma_tiles_kept_from_the_chooser_on_a_triton_with_the_register_operand_r
     guarding moves, 3.9's has: tests/test_compile.py reads them): below TMA_RS_SAFE_FROM the
     measuring chooser gets no TMA tile of the forward, the input gradient or the weight gradient
     (tma_candidates itself, which the sweep times, still lists them)."""
-    import triton
-
     from gpu_nn.kernels.triton import conv as kt
+    from gpu_nn.kernels.triton._compat import triton_version
 
-    version = tuple(int(v) for v in triton.__version__.split(".")[:2])
-    assert kt.TMA_CHOOSER == (version >= kt.TMA_RS_SAFE_FROM) and kt.TMA_RS_SAFE_FROM == (3, 9)
+    assert kt.TMA_CHOOSER == (triton_version() >= kt.TMA_RS_SAFE_FROM) and kt.TMA_RS_SAFE_FROM == (3, 9)
     t = lambda *s, cl=True: torch.empty(s, dtype=torch.float16).to(  # noqa: E731
         memory_format=torch.channels_last if cl else torch.contiguous_format)
     x, w, y = t(2, 64, 28, 28), t(32, 64, 3, 3), t(2, 32, 28, 28, cl=False)

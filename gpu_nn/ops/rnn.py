@@ -224,6 +224,14 @@ def _check_rows(op: str, n: int, what: str = "rows (steps x batch)") -> None:
     refuse_wrapping_count(op, n, ROWS_WRAP, f"{n} {what}", "cupy or reference")
 
 
+def _check_triton_sizes(op: str, w_hh, rows: int, features: int) -> None:
+    """The Triton backend's index-width refusals of a layer or cell: its W_hh's elements, its
+    ``rows`` (T x B, a cell's B) and its input ``features``."""
+    _check_weight_index(op, w_hh.shape[0], w_hh.shape[-1])
+    _check_rows(op, rows)
+    _check_rows(op, features, "input features")
+
+
 def _check_seq(op, input, hx, cx, weights, mode, num_layers, bidirectional, has_biases, lengths, masks):
     if mode not in MODES:
         raise KernelInputError(f"{op}: unknown mode {mode!r}; expected one of {MODES}")
@@ -329,11 +337,8 @@ def rnn_seq_forward(input, hx, cx, weights, mode, num_layers, bidirectional, has
     op = mode
     _check_seq(op, input, hx, cx, weights, mode, num_layers, bidirectional, has_biases, lengths, dropout_masks)
     backend = _backend.resolve(op, input.device, BACKENDS, dtype=input.dtype)
-    if backend == "triton":
-        G, W = weights[1].shape  # w_hh: [gates x H, W] (w_hr's P x H is smaller)
-        _check_weight_index(op, G, W)
-        _check_rows(op, input.shape[0] * input.shape[1])
-        _check_rows(op, input.shape[2], "input features")
+    if backend == "triton":  # w_hh: [gates x H, W] (w_hr's P x H is smaller)
+        _check_triton_sizes(op, weights[1], input.shape[0] * input.shape[1], input.shape[2])
     dev, dt = input.device, input.dtype
     if backend == "reference":
         D = 2 if bidirectional else 1
@@ -1530,9 +1535,7 @@ def rnn_cell_forward(input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode):
     if backend == "reference":
         return _reference_cell_forward(input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode)
     if backend == "triton":
-        _check_weight_index(op, w_hh.shape[0], w_hh.shape[-1])
-        _check_rows(op, input.shape[0] if input.dim() == 2 else 1)
-        _check_rows(op, input.shape[-1], "input features")
+        _check_triton_sizes(op, w_hh, input.shape[0] if input.dim() == 2 else 1, input.shape[-1])
     _backend.check_interpreter_dtype(op, backend, input)
     return _gpu_cell_forward(_impl(backend), mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh)
 

@@ -66,7 +66,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from .. import memo
 from . import INTERPRET as INTERPRETED
 from ._aot import AotSpec
-from ._compat import parallel_compile
+from ._compat import parallel_compile, triton_version
 from ._launch import cdiv
 from ._launch import launch as launch_kernel
 from .activation import ACT_CODES, _epilogue_act
@@ -1448,7 +1448,7 @@ TMA_FWD_SUSPECT = ("tma8x16",)
 # shows). No other kernel of the project has a register-operand wgmma in flight across
 # iterations (benchmarks/results/aot/rs_wgmma_triton-3.6.0.md).
 TMA_RS_SAFE_FROM = (3, 9)
-TMA_CHOOSER = tuple(int(v) for v in triton.__version__.split(".")[:2]) >= TMA_RS_SAFE_FROM
+TMA_CHOOSER = triton_version() >= TMA_RS_SAFE_FROM
 
 
 def tma_fwd_suspect(cfg: tuple, x, y) -> bool:
@@ -1583,8 +1583,8 @@ WGRAD_CANDIDATES = {"fp32": ("small", "large", "large3"), "half": ("medium", "sm
 GRID_YZ_MAX = 65535
 # the narrowest BLOCK_N of any weight-gradient tile, on a GPU or in the interpreter: the column
 # tiles of a slice of this many channels times GRID_YZ_MAX // taps fit grid y whatever the tile
-WGRAD_MIN_BLOCK_N = min(cfg[1] for cfgs in (*GPU_CONFIGS.values(), *TUNE_CONFIGS.values()) for cfg in cfgs.values())
-WGRAD_MIN_BLOCK_N = min(WGRAD_MIN_BLOCK_N, INTERP_CONFIG[1])
+WGRAD_MIN_BLOCK_N = min(INTERP_CONFIG[1], *(cfg[1] for cfgs in (*GPU_CONFIGS.values(), *TUNE_CONFIGS.values())
+                                             for cfg in cfgs.values()))
 
 
 def wgrad_candidates(half: bool, cg: int = 0, taps: int = 1) -> list[tuple]:
