@@ -389,6 +389,32 @@ def test_cuda_sass_report_reads_a_whole_cubin():
         assert r["registers"] > 0 and r["instructions"] > r["straight"] > 0 and r["global_loads"], r
 
 
+def test_cubin_read_only_through_an_nvrtc_of_cupys_version(tmp_path, monkeypatch):
+    """The cubin is read through an NVRTC library of CuPy's own version, never another one this
+    process maps (torch's CUDA 13 builds map a libnvrtc.so.13 beside cupy-cuda12x's 12: a program
+    handle passed to another version is undefined behaviour); with none of that version, an sm_XX
+    build is refused (CuPy's reading is one byte short) and binary_path keeps PTX for that
+    architecture instead; an empty cached file (a write cut short) is built again."""
+    from cupy_backends.cuda.libs import nvrtc
+
+    version = nvrtc.getVersion()
+    lib = kcuda._nvrtc_library(version)
+    assert lib is not None and kcuda._library_version(lib) == tuple(version)
+    assert kcuda._nvrtc_library((version[0] + 90, 0)) is None
+    monkeypatch.setattr(kcuda, "_nvrtc_library", lambda v: None)
+    with pytest.raises(kcuda.CubinUnreadable, match="CuPy's version"):
+        kcuda.compile_cubin("pool", arch="sm_90")
+    monkeypatch.setenv(kcuda.CACHE_ENV, str(tmp_path / "cache"))
+    path = kcuda.binary_path("pool", (), "sm_90", version)
+    assert path.endswith(".ptx") and open(path, "rb").read().lstrip().startswith(b"//")
+    assert ".target sm_90" in open(path).read()
+    built = []
+    monkeypatch.setattr(kcuda, "compile_binary", lambda name, defines=None, arch="sm_90", extra_options=(): built.append(arch) or b"BIN")
+    open(path, "wb").close()  # emptied
+    assert kcuda.binary_path("pool", (), "compute_90", version) == path and built == ["compute_90"]
+    assert open(path, "rb").read() == b"BIN"
+
+
 def _ftz_instructions(ptx: bytes) -> list[str]:
     """The flush-to-zero PTX instructions of ``ptx`` other than the approximate ``ex2`` and
     ``rcp`` that libdevice's own ``expf`` / ``tanhf`` issue under any option."""
@@ -404,6 +430,24 @@ def test_cuda_modules_keep_subnormals(name):
     check sees it."""
     assert _ftz_instructions(kcuda.compile_binary(name, arch="compute_90")) == []
     assert len(_ftz_instructions(kcuda.compile_binary(name, arch="compute_90", extra_options=("-ftz=true",)))) > 20
+
+
+def test_cuda_optimizer_steps_contract_only_what_the_source_fuses():
+    """The CUDA C builds contract no multiply and add into an FMA the source does not write as
+    ``fmaf`` (OPTIONS ``--fmad=false``): NVRTC's default fused Adam's second moment one way in the
+    16-byte path and another in the element-at-a-time one (about a quarter of the elements 1 ulp
+    apart, a tensor's bits hanging on its alignment). Adam's source has no fmaf: none in its PTX;
+    RMSprop's centred average has one (the same count in both of its paths); NVRTC's default,
+    appended, fuses dozens (the check sees it)."""
+    def fmas(extra=()):
+        ptx = kcuda.compile_binary("optim", {"PARAM_KIND": 0}, arch="compute_90", extra_options=extra).decode()
+        entries = re.split(r"\.visible \.entry ", ptx)[1:]
+        return {e.split("(")[0]: len(re.findall(r"\bfma\.rn\.f32\b", e)) for e in entries}
+
+    ours, default = fmas(), fmas(("--fmad=true",))
+    assert ours["adam_step"] == ours["adam_step_lr_ptr"] == 0, ours
+    assert 0 < ours["rmsprop_step"] < 16, ours
+    assert default["adam_step"] > 20 and default["rmsprop_step"] > ours["rmsprop_step"] + 20, default
 
 
 def test_target_arch_is_the_devices_own_or_ptx_below_it():

@@ -47,40 +47,60 @@ def _define_options(defines) -> list[str]:
     return [f"-D{k}={v}" for k, v in sorted(dict(defines or {}).items())]
 
 
-def _nvrtc_library():
-    """A ctypes handle on the NVRTC library CuPy's bindings loaded (found in this process's
-    mappings), or None. :func:`compile_cubin` reads the cubin through it: CuPy's ``getCUBIN``
-    drops the cubin's last byte (it strips a string terminator, which a cubin does not end with),
-    leaving an ELF file that ``cuobjdump`` refuses."""
+def _library_version(lib):
+    """``(major, minor)`` that the NVRTC library ``lib`` (a ctypes handle) reports, or None."""
     import ctypes
 
+    major, minor = ctypes.c_int(), ctypes.c_int()
+    try:
+        if lib.nvrtcVersion(ctypes.byref(major), ctypes.byref(minor)) != 0:
+            return None
+    except AttributeError:
+        return None
+    return major.value, minor.value
+
+
+def _nvrtc_library(version):
+    """A ctypes handle on an NVRTC library of this process whose version is CuPy's ``version``
+    (``nvrtc.getVersion()``): the one CuPy's bindings loaded or its twin, found in this process's
+    mappings; None where none matches. :func:`compile_cubin` reads the cubin through it: CuPy's
+    ``getCUBIN`` drops the cubin's last byte (it strips a string terminator, which a cubin does
+    not end with), leaving an ELF file that ``cuobjdump`` refuses. Another version's library is
+    never used: a program handle passed to another NVRTC is undefined behaviour (torch's CUDA
+    13 builds map their own ``libnvrtc.so.13`` beside a ``cupy-cuda12x``'s 12)."""
+    import ctypes
+
+    version = tuple(version)
     try:
         with open("/proc/self/maps") as f:
             paths = {line.split()[-1] for line in f if "libnvrtc.so" in line}
     except OSError:
-        return None
+        paths = set()
     for path in sorted(paths):
         try:
-            return ctypes.CDLL(path)
+            lib = ctypes.CDLL(path)
         except OSError:
             continue
+        if _library_version(lib) == version:
+            return lib
     return None
 
 
-def _cubin(nvrtc, prog) -> bytes:
-    """The compiled program's cubin, whole (see :func:`_nvrtc_library`); CuPy's reading where
-    that library is not found (one byte short: enough for the ELF magic, not for cuobjdump)."""
+def _cubin(nvrtc, prog):
+    """The compiled program's cubin, whole (see :func:`_nvrtc_library`), or None where no NVRTC
+    library of CuPy's version is found to read it (CuPy's reading is one byte short: enough for
+    the ELF magic, not for cuobjdump, and not a file to keep)."""
     import ctypes
 
-    lib = _nvrtc_library()
+    lib = _nvrtc_library(nvrtc.getVersion())
     if lib is None:
-        return nvrtc.getCUBIN(prog)
+        return None
     size = ctypes.c_size_t()
     if lib.nvrtcGetCUBINSize(ctypes.c_void_p(prog), ctypes.byref(size)) != 0:
-        return nvrtc.getCUBIN(prog)
+        return None
     buf = ctypes.create_string_buffer(size.value)
     if lib.nvrtcGetCUBIN(ctypes.c_void_p(prog), buf) != 0:
-        return nvrtc.getCUBIN(prog)
+        return None
     return buf.raw
 
 
@@ -88,7 +108,13 @@ def _cubin(nvrtc, prog) -> bytes:
 # nvcc's, which builds torch's kernels: subnormal float32 operands and results are kept, as the
 # reference and torch keep them). CuPy appends ``-ftz=true`` to whatever a ``RawModule(code=...)``
 # is given, and NVRTC takes the last: so :func:`load` compiles here and CuPy only loads.
-OPTIONS = ("-std=c++17", f"-I{HERE}")
+# ``--fmad=false``: no multiply and add contracted into an FMA unless the source says ``fmaf``.
+# NVRTC's default contracts each inlined copy of the same expression its own way: Adam's
+# ``v * beta2 + (w2 * g) * g`` became fma(v, beta2, g*w2*g) in the element-at-a-time path and
+# fma(g, g*w2, v*beta2) in the 16-byte one (about a quarter of the elements 1 ulp apart, so a
+# tensor's bits hung on its alignment), and neither is what the host build of the same GN_HD
+# functions computes (g++ -std=c++17 contracts nothing), which the tests run.
+OPTIONS = ("-std=c++17", "--fmad=false", f"-I{HERE}")
 
 
 def compile_binary(name: str, defines=None, arch: str = "sm_90", extra_options=()) -> bytes:
@@ -106,9 +132,21 @@ def compile_binary(name: str, defines=None, arch: str = "sm_90", extra_options=(
             nvrtc.compileProgram(prog, opts)
         except nvrtc.NVRTCError as exc:
             raise RuntimeError(f"NVRTC failed on {name}.cu ({' '.join(opts)}):\n{nvrtc.getProgramLog(prog)}") from exc
-        return nvrtc.getPTX(prog).rstrip(b"\0") if arch.startswith("compute_") else _cubin(nvrtc, prog)
+        if arch.startswith("compute_"):
+            return nvrtc.getPTX(prog).rstrip(b"\0")
+        cubin = _cubin(nvrtc, prog)
+        if cubin is None:
+            raise CubinUnreadable(f"{name}.cu compiled for {arch}, but no NVRTC library of CuPy's version "
+                                  f"{'.'.join(map(str, nvrtc.getVersion()))} is found in this process to read "
+                                  "its cubin whole (CuPy's getCUBIN drops the last byte)")
+        return cubin
     finally:
         nvrtc.destroyProgram(prog)
+
+
+class CubinUnreadable(RuntimeError):
+    """A program compiled for an ``sm_XX`` whose cubin cannot be read whole (see :func:`_cubin`);
+    :func:`binary_path` builds PTX for that architecture instead, which the driver compiles."""
 
 
 def compile_cubin(name: str, defines=None, arch: str = "sm_90", extra_options=()) -> bytes:
@@ -159,15 +197,20 @@ def cache_dir() -> str:
 def binary_path(name: str, defines: tuple, arch: str, nvrtc_version) -> str:
     """The file of ``<name>.cu`` built with ``defines`` for ``arch`` by NVRTC ``nvrtc_version``,
     compiled and written there first if it is not (atomically: a concurrent process writes its
-    own temporary and the rename keeps one)."""
+    own temporary and the rename keeps one). An ``sm_XX`` cubin that cannot be read whole here
+    (:class:`CubinUnreadable`) is built as PTX for that architecture instead (the driver compiles
+    it at load)."""
     # the options but the include directory, whose place is not its text (the digest is)
     key = repr((sources_digest(), name, defines, arch, tuple(nvrtc_version), [o for o in OPTIONS if o[:2] != "-I"]))
     digest = hashlib.sha256(key.encode()).hexdigest()[:32]
     directory = cache_dir()
     path = os.path.join(directory, f"{name}-{digest}.{'ptx' if arch.startswith('compute_') else 'cubin'}")
-    if os.path.exists(path):
+    if os.path.isfile(path) and os.path.getsize(path) > 0:  # (an empty file: a write cut short)
         return path
-    binary = compile_binary(name, dict(defines), arch)
+    try:
+        binary = compile_binary(name, dict(defines), arch)
+    except CubinUnreadable:
+        return binary_path(name, defines, "compute_" + arch[len("sm_"):], nvrtc_version)
     try:
         os.makedirs(directory, exist_ok=True)
         replace_file(path, binary)
