@@ -3159,3 +3159,38 @@ def test_fx_symbolic_trace_records_recurrent_modules_whole_as_torchs(mode):
     h0 = (torch.randn(1, 2, 4), torch.randn(1, 2, 4)) if mode == "LSTM" else torch.randn(1, 2, 4)
     torch.testing.assert_close(graphs[1](x, h0), theirs(x, h0))
     torch.testing.assert_close(graphs[1](x, h0), ours(x, h0))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: two CUDA streams, one held back by a GPU sleep")
+@pytest.mark.parametrize("backend", ["triton", "cupy"])
+def test_full_lengths_kept_per_stream(backend):
+    """The full-length tensor a layer without lengths reads is kept per (T, B, device, stream):
+    its fill is queued on the stream that made it. A first call on a stream held back by a GPU
+    sleep, then one of the same T and B on another stream ordered after nothing of it (other
+    inputs, another layer): the second must not read the first's lengths before their fill ran
+    (keyed without the stream it did, and read them as they came: rows ended early)."""
+    from gpu_nn import _backend
+
+    ok, why = _backend.status(backend)
+    if not ok:
+        pytest.skip(f"{backend} backend unavailable: {why}")
+    torch.manual_seed(0)
+    T, B = 7, 3
+    layers = [gnn.LSTM(5, 6).cuda() for _ in range(2)]
+    x = [torch.randn(T, B, 5, device="cuda") for _ in range(2)]
+    s1, s2 = torch.cuda.Stream(), torch.cuda.Stream()
+    with gpu_nn.backend(backend), torch.no_grad():
+        for layer, xi in zip(layers, x):  # compiled and planned first: the calls below only queue work
+            layer(xi)
+        torch.cuda.synchronize()
+        ops._FULL_LENGTHS.clear()
+        with torch.cuda.stream(s1):
+            torch.cuda._sleep(200_000_000)  # about 0.1 s of GPU time ahead of the first call's fill
+            layers[0](x[0])
+        with torch.cuda.stream(s2):
+            y = layers[1](x[1])[0]
+    torch.cuda.synchronize()
+    with gpu_nn.backend("reference"), torch.no_grad():
+        want = layers[1].cpu()(x[1].cpu())[0]
+    torch.testing.assert_close(y.cpu(), want, rtol=1e-4, atol=1e-5)
+    assert len({k[3] for k in ops._FULL_LENGTHS}) == 2

@@ -420,7 +420,7 @@ def _dot_code(*dtypes, tf32: bool):
     return 3 if tf32 else 0
 
 
-_FULL_LENGTHS: dict = {}  # (T, B, device) -> read-only int64 [B] filled with T
+_FULL_LENGTHS: dict = {}  # (T, B, device, stream) -> read-only int64 [B] filled with T
 _FULL_LENGTHS_MAX = 256
 
 
@@ -445,14 +445,19 @@ def _lengths_on(lengths, T, B, device):
     kernels always mask; a sequence passing none to the per-step kernels, t = -1 as the cells
     do, would take a further compiled variant of each for the other lengths pointer type).
 
-    The full lengths are made once per (T, B, device) and kept (a fill per call was one more GPU
-    launch and a few microseconds on the host): the kernels only read them, and a kept tensor is
-    never freed, so no stream can see its memory reused. Not kept when made during CUDA-graph
-    capture (its fill would only run at replay), nor beyond ``_FULL_LENGTHS_MAX`` shapes (then
-    made per call, never evicted: an evicted tensor could still be read by queued kernels)."""
+    The full lengths are made once per (T, B, device, stream) and kept (a fill per call was one
+    more GPU launch and a few microseconds on the host): the kernels only read them, and a kept
+    tensor is never freed, so no stream can see its memory reused. Per stream, since the fill is
+    queued on the stream that made it: a layer on another stream, ordered after nothing of that
+    one (independent work, another thread), could read the tensor before its fill ran. Not kept
+    when made during CUDA-graph capture (its fill would only run at replay), nor beyond
+    ``_FULL_LENGTHS_MAX`` entries (then made per call, never evicted: an evicted tensor could
+    still be read by queued kernels)."""
     if lengths is not None:  # int64 on the CPU (_check_seq): no stream synchronisation, capturable
         return _backend.to_device_async(lengths.contiguous(), device)
-    key = (T, B, device)
+    # (a tensor's device always has its index)
+    stream = torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else 0
+    key = (T, B, device, stream)
     full = _FULL_LENGTHS.get(key)
     if full is None:
         full = torch.full((B,), T, dtype=torch.int64, device=device)
