@@ -1640,6 +1640,19 @@ def test_tma_forward_writes_an_nchw_output_through_a_descriptor(dtype, monkeypat
             assert (tuple(yr.shape) in temps) is not described  # the output's NHWC temporary
 
 
+def test_tma_store_descriptor_only_for_rows_of_whole_16_byte_units():
+    """A TMA store writes up to the next 16-byte boundary past a row's last element (triton-lang
+    issue 11583): an NCHW y whose rows are a width slice of wider ones (strides and base still
+    16-byte multiples) gets no store descriptor, as the dense y of the same strides does."""
+    from gpu_nn.kernels.triton import conv as kc
+
+    dense = torch.empty(2, 3, 5, 40, dtype=torch.float16)
+    assert kc._y_describable(dense, 16) and kc._y_descriptor(dense, 4, 16, 16) is not None
+    sliced = dense[..., :36]  # 72-byte rows in 80-byte strides
+    assert not kc._y_describable(sliced, 16) and kc._y_descriptor(sliced, 4, 16, 16) is None
+    assert kc._y_describable(dense[..., :32], 16)  # 64-byte rows: whole units
+
+
 @pytest.mark.usefixtures("no_tf32")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["half", "fp32"])
 def test_tma_input_gradient_writes_an_nchw_dx_through_a_descriptor(dtype, monkeypatch, rng):

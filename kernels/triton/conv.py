@@ -1739,10 +1739,13 @@ def _y_describable(y, bw: int) -> bool:
     """Whether TMA can describe an NCHW-ordered ``y`` [N, O, Ho, Wo] for a tile store with box rows
     of ``bw`` pixels: unit pixel stride (not NHWC, whose pointer stores are 128 bits wide
     already), strides and base multiples of 16 bytes (Wo * element size: not 7x7 in half
-    precision), box rows of at least 16 bytes."""
+    precision), box rows of at least 16 bytes, and rows of whole 16-byte units: a TMA store
+    writes up to the next 16-byte boundary past a row's last element (triton-lang/triton issue
+    11583, the hardware's), which in a row of a wider one (a width-sliced ``y``) is another
+    element's."""
     es = y.element_size()
     return (y.stride(3) == 1 and y.stride(1) != 1 and bw * es % 16 == 0 and y.data_ptr() % 16 == 0
-            and all(st * es % 16 == 0 for st in y.stride()[:3]))
+            and y.shape[3] * es % 16 == 0 and all(st * es % 16 == 0 for st in y.stride()[:3]))
 
 
 def _y_descriptor(y, bh: int, bw: int, bn: int):
