@@ -16,7 +16,8 @@ num_stages. Each launch must match one ``AotSpec`` of the family that defines th
 The launchers pick their block sizes and warps with ``interpret`` (smaller blocks under the
 interpreter); the configurations that matter are the GPU ones, so every function of the kernel
 modules that takes an ``interpret`` argument is called with ``interpret=False`` here, and the
-kernels run (in the interpreter) with the GPU block sizes. A launch that does not pass num_warps
+kernels are launched with the GPU block sizes (run in the interpreter, or recorded without
+running where nothing reads their results: ``DRY_FAMILIES``). A launch that does not pass num_warps
 / num_stages gets Triton's CUDA defaults (4 / 3), which is what it compiles with on a GPU.
 
 bfloat16 runs here as on the GPU (gpu-nn's exact bfloat16 in the interpreter, _compat). Conv's
@@ -655,9 +656,9 @@ def test_every_launch_is_in_aot_specs(family, monkeypatch, tmp_path):
     _force_gpu_heuristics(monkeypatch)
     # where no host code reads a kernel's results, which kernels launch, and how, depends on shapes,
     # dtypes, layouts and options only: recorded without being interpreted, such a family records
-    # the same launches (compared run against run for conv and pool) in seconds instead of 20 s of
-    # interpreting (the recurrent family's took a minute and a half); what the kernels compute is
-    # checked by the families' own tests
+    # the same launches (compared run against run for conv, pool, dense and optim's extra steps)
+    # in seconds instead of 20 s of interpreting (the recurrent family's took a minute and a
+    # half); what the kernels compute is checked by the families' own tests
     with rec.dry_run() if family in DRY_FAMILIES else contextlib.nullcontext():
         _run_check_cases(family, rng)
         EXTRAS[family](rng, monkeypatch, rec)

@@ -405,7 +405,11 @@ def test_cubin_read_only_through_an_nvrtc_of_cupys_version(tmp_path, monkeypatch
     with pytest.raises(kcuda.CubinUnreadable, match="CuPy's version"):
         kcuda.compile_cubin("pool", arch="sm_90")
     monkeypatch.setenv(kcuda.CACHE_ENV, str(tmp_path / "cache"))
+    real_compile, asked = kcuda.compile_binary, []
+    monkeypatch.setattr(kcuda, "compile_binary", lambda name, defines=None, arch="sm_90", extra_options=(): (
+        asked.append(arch), real_compile(name, defines, arch, extra_options))[1])
     path = kcuda.binary_path("pool", (), "sm_90", version)
+    assert asked == ["compute_90"]  # no sm_90 compile that could only fail
     assert path.endswith(".ptx") and open(path, "rb").read().lstrip().startswith(b"//")
     assert ".target sm_90" in open(path).read()
     built = []
@@ -433,8 +437,8 @@ def test_cuda_modules_keep_subnormals(name):
 
 
 def test_cuda_optimizer_steps_contract_only_what_the_source_fuses():
-    """The CUDA C builds contract no multiply and add into an FMA the source does not write as
-    ``fmaf`` (OPTIONS ``--fmad=false``): NVRTC's default fused Adam's second moment one way in the
+    """The optimizer steps' builds contract no multiply and add into an FMA the source does not
+    write as ``fmaf`` (SOURCE_OPTIONS ``--fmad=false``): NVRTC's default fused Adam's second moment one way in the
     16-byte path and another in the element-at-a-time one (about a quarter of the elements 1 ulp
     apart, a tensor's bits hanging on its alignment). Adam's source has no fmaf: none in its PTX;
     RMSprop's centred average has one (the same count in both of its paths); NVRTC's default,
@@ -448,6 +452,7 @@ def test_cuda_optimizer_steps_contract_only_what_the_source_fuses():
     assert ours["adam_step"] == ours["adam_step_lr_ptr"] == 0, ours
     assert 0 < ours["rmsprop_step"] < 16, ours
     assert default["adam_step"] > 20 and default["rmsprop_step"] > ours["rmsprop_step"] + 20, default
+    assert "--fmad=false" not in kcuda.options("rnn")  # the recurrent loop's float32 dot keeps its FMAs
 
 
 def test_target_arch_is_the_devices_own_or_ptx_below_it():
@@ -475,6 +480,7 @@ def test_cuda_binaries_are_kept_on_disk_under_every_header(tmp_path, monkeypatch
 
     monkeypatch.setenv(kcuda.CACHE_ENV, str(tmp_path / "cache"))
     monkeypatch.setattr(kcuda, "compile_binary", fake_compile)
+    monkeypatch.setattr(kcuda, "_nvrtc_library", lambda version: object())  # a cubin readable for every version
     kcuda.sources_digest.cache_clear()
     a = kcuda.binary_path("pool", (("POOL_KH", 3),), "sm_90", (12, 9))
     assert kcuda.binary_path("pool", (("POOL_KH", 3),), "sm_90", (12, 9)) == a and len(built) == 1

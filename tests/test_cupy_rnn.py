@@ -784,8 +784,8 @@ def test_rnn_cu_compiles_in_every_loader_configuration(mode):
     from gpu_nn.kernels import cuda as kcuda
 
     for rnd, mma in itertools.product(range(3), range(2)):
-        opts = ["-arch=sm_90", "-std=c++17", f"-I{kcuda.include_dir()}", f"-DGN_MODE={ref.MODES.index(mode)}", f"-DGN_ROUND={rnd}",
-                f"-DGN_MMA={mma}", "-ftz=true", "--ptxas-options=-v"]
+        opts = ["-arch=sm_90", *kcuda.options("rnn"), f"-DGN_MODE={ref.MODES.index(mode)}", f"-DGN_ROUND={rnd}",
+                f"-DGN_MMA={mma}", "--ptxas-options=-v"]  # the loader's own options
         prog = nvrtc.createProgram(kcuda.source("rnn"), "rnn.cu", [], [])
         try:
             try:

@@ -108,24 +108,33 @@ def _cubin(nvrtc, prog):
 # nvcc's, which builds torch's kernels: subnormal float32 operands and results are kept, as the
 # reference and torch keep them). CuPy appends ``-ftz=true`` to whatever a ``RawModule(code=...)``
 # is given, and NVRTC takes the last: so :func:`load` compiles here and CuPy only loads.
-# ``--fmad=false``: no multiply and add contracted into an FMA unless the source says ``fmaf``.
-# NVRTC's default contracts each inlined copy of the same expression its own way: Adam's
-# ``v * beta2 + (w2 * g) * g`` became fma(v, beta2, g*w2*g) in the element-at-a-time path and
-# fma(g, g*w2, v*beta2) in the 16-byte one (about a quarter of the elements 1 ulp apart, so a
-# tensor's bits hung on its alignment), and neither is what the host build of the same GN_HD
-# functions computes (g++ -std=c++17 contracts nothing), which the tests run.
-OPTIONS = ("-std=c++17", "--fmad=false", f"-I{HERE}")
+OPTIONS = ("-std=c++17", f"-I{HERE}")
+# Options of one source's modules besides: the optimizer steps contract no multiply and add into
+# an FMA the source does not write as ``fmaf`` (``--fmad=false``). NVRTC's default contracted each
+# inlined copy of Adam's ``v * beta2 + (w2 * g) * g`` its own way, fma(v, beta2, g*w2*g) in the
+# element-at-a-time path and fma(g, g*w2, v*beta2) in the 16-byte one (about a quarter of the
+# elements 1 ulp apart, so a tensor's bits hung on its alignment), neither what the host build
+# of the same GN_HD functions computes (g++ -std=c++17 contracts nothing), which the tests run.
+# Not the recurrent loop's: its exact-float32 dot is a chain of FMAs (as cuDNN's), a fifth more
+# instructions without them, and it has one path.
+SOURCE_OPTIONS = {"optim": ("--fmad=false",)}
+
+
+def options(name: str) -> tuple:
+    """NVRTC's options for ``<name>.cu``'s modules (the architecture and defines aside):
+    :data:`OPTIONS` and its :data:`SOURCE_OPTIONS`."""
+    return OPTIONS + SOURCE_OPTIONS.get(name, ())
 
 
 def compile_binary(name: str, defines=None, arch: str = "sm_90", extra_options=()) -> bytes:
-    """``<name>.cu`` compiled by NVRTC with :data:`OPTIONS` and ``defines``: a cubin for an
+    """``<name>.cu`` compiled by NVRTC with :func:`options` and ``defines``: a cubin for an
     ``sm_XX`` ``arch``, PTX for a ``compute_XX`` one. Needs no GPU or driver.
 
     Raises RuntimeError with NVRTC's log on a compile error.
     """
     from cupy_backends.cuda.libs import nvrtc
 
-    opts = [f"-arch={arch}", *OPTIONS, *_define_options(defines), *extra_options]
+    opts = [f"-arch={arch}", *options(name), *_define_options(defines), *extra_options]
     prog = nvrtc.createProgram(source(name), f"{name}.cu", [], [])
     try:
         try:
@@ -201,12 +210,14 @@ def binary_path(name: str, defines: tuple, arch: str, nvrtc_version) -> str:
     (:class:`CubinUnreadable`) is built as PTX for that architecture instead (the driver compiles
     it at load)."""
     # the options but the include directory, whose place is not its text (the digest is)
-    key = repr((sources_digest(), name, defines, arch, tuple(nvrtc_version), [o for o in OPTIONS if o[:2] != "-I"]))
+    key = repr((sources_digest(), name, defines, arch, tuple(nvrtc_version), [o for o in options(name) if o[:2] != "-I"]))
     digest = hashlib.sha256(key.encode()).hexdigest()[:32]
     directory = cache_dir()
     path = os.path.join(directory, f"{name}-{digest}.{'ptx' if arch.startswith('compute_') else 'cubin'}")
     if os.path.isfile(path) and os.path.getsize(path) > 0:  # (an empty file: a write cut short)
         return path
+    if arch.startswith("sm_") and _nvrtc_library(nvrtc_version) is None:  # (no compile that would only fail)
+        return binary_path(name, defines, "compute_" + arch[len("sm_"):], nvrtc_version)
     try:
         binary = compile_binary(name, dict(defines), arch)
     except CubinUnreadable:

@@ -19,8 +19,9 @@
 // otherwise and for a chunk's last, partial group): four times the bytes in flight of an
 // element-at-a-time loop, which is what a memory-bound step at the GPU's bandwidth needs. The
 // arithmetic is per element either way (gn_adam_update / gn_rmsprop_update): the same bits,
-// since the build contracts nothing the source does not (kernels/cuda/__init__.py OPTIONS:
-// --fmad=false; NVRTC's default fused each path's copy of Adam's second moment differently).
+// since the build contracts nothing the source does not (kernels/cuda/__init__.py
+// SOURCE_OPTIONS: --fmad=false; NVRTC's default fused each path's copy of Adam's second moment
+// differently).
 #include "optim_math.cuh"
 
 #ifndef PARAM_KIND
