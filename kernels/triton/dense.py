@@ -111,6 +111,10 @@ def _matmul_tma_kernel(a_desc, b_desc, c_ptr, bias_ptr, M, N, K, stride_cm, has_
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        # the inner loop from 0 to a count that is never negative: Triton before 3.9 fuses a
+        # flattened loop nest testing its inner trip count == 0, not <= 0, so an inner loop of
+        # negative length (a run-time start past its end, a split-K range) ran once
+        # (triton-lang/triton issues 11656 / 11735)
         for ki in range(k_tiles):
             off_k = ki * BLOCK_K
             if A_KM:
