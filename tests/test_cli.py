@@ -142,6 +142,23 @@ def test_check_workers_give_the_same_rows():
     assert sorted(seen) == sorted((op, sum(r["op"] == op for r in serial)) for op in ops)
 
 
+def test_check_hands_the_compile_heavy_jobs_to_its_workers_first():
+    """The worker pool gets the recurrent layers' triton jobs first (they compile the most: in
+    plan order they came last and set the H200 run's tail), then conv / dense / activation on
+    triton, the cupy recurrent ones, the rest; plan order among equals; every job once."""
+    from gpu_nn import check
+
+    jobs = check.plan()
+    order = check.submission_order(jobs)
+    assert sorted(order) == list(range(len(jobs)))
+    ranks = [check.SUBMIT_RANK.get((jobs[i][0], jobs[i][2]), 3) for i in order]
+    assert ranks == sorted(ranks) and ranks[0] == 0 and ranks[-1] == 3
+    for r in set(ranks):
+        same = [i for i, k in zip(order, ranks) if k == r]
+        assert same == sorted(same)
+    assert jobs[order[0]][0] == "rnn" and jobs[order[0]][2] == "triton" and jobs[0][0] != "rnn"
+
+
 def test_compile_timer_wraps_what_the_jit_binds(monkeypatch):
     """Triton's JIT binds ``triton.compiler.compile`` (``from ..compiler import compile`` in
     ``create_binder``): the timer must sit on that name and count the time spent in it."""
