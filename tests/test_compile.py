@@ -605,6 +605,8 @@ def test_launch_runs_inside_the_device_then_a_kept_stream(monkeypatch):
     fake = types.SimpleNamespace(cuda=types.SimpleNamespace(Stream=Stream, Device=lambda i: Ctx(("device", i))))
     monkeypatch.setitem(sys.modules, "cupy", fake)
     monkeypatch.setattr(kcuda, "_STREAMS", {})
+    # a torch without the raw-handle call (its CPU builds): the Stream object's handle
+    monkeypatch.delattr(torch._C, "_cuda_getCurrentRawStream", raising=False)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device: types.SimpleNamespace(cuda_stream=0xABC))
     monkeypatch.setattr(kcuda, "function", lambda mod, k: lambda grid, block, args, shared_mem=0: events.append(
         ("launch", k, grid, block)))
@@ -614,6 +616,12 @@ def test_launch_runs_inside_the_device_then_a_kept_stream(monkeypatch):
                       ("launch", "kern", (3,), (256,)), ("exit", ("stream", 0xABC)), ("exit", ("device", 1))] + [
         ("enter", ("device", 1)), ("enter", ("stream", 0xABC)), ("launch", "kern", (3,), (256,)),
         ("exit", ("stream", 0xABC)), ("exit", ("device", 1))]
+    # torch's CUDA builds: the raw handle of the device's current stream, no Stream object made
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda device: {1: 0xABC}[device], raising=False)
+    monkeypatch.setattr(torch.cuda, "current_stream", None)
+    events.clear()
+    kcuda.launch("mod", "kern", (3,), (256,), (np.int32(1),), device=1)
+    assert ("launch", "kern", (3,), (256,)) in events and ("enter", ("stream", 0xABC)) in events
 
 
 def test_straight_path_follows_the_guards_and_stops_at_a_loop():

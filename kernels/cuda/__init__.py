@@ -376,9 +376,21 @@ def launch(module, kernel: str, grid, block, args, shared_mem: int = 0, device: 
     scalars (``np.int32``, ``np.int64``, ``np.float32``: their type is the C parameter's type).
     """
     import cupy
-    import torch
 
     conv = kernel_args(args)
-    stream = torch.cuda.current_stream(device)
-    with cupy.cuda.Device(device), cupy_stream(cupy, stream.cuda_stream, device):
+    with cupy.cuda.Device(device), cupy_stream(cupy, current_stream_handle(device), device):
         function(module, kernel)(tuple(grid), tuple(block), conv, shared_mem=shared_mem)
+
+
+def current_stream_handle(device: int) -> int:
+    """torch's current CUDA stream on ``device`` as its raw handle: through
+    ``torch._C._cuda_getCurrentRawStream`` where torch has it (its CUDA builds; what Inductor's
+    generated code calls), not ``torch.cuda.current_stream``, which builds a Stream object: 7.35
+    us a call on the H200's host at 09f2311 (benchmarks/results/2026-12-04_nvidia-h200_09f2311/
+    host_split.txt), on every CuPy launch."""
+    import torch
+
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    if raw is not None:
+        return raw(device)
+    return torch.cuda.current_stream(device).cuda_stream
