@@ -20,6 +20,9 @@ import numpy as np
 M32 = np.uint64(0xFFFFFFFF)
 NL = 256  # lanes per CTA
 SMEM_BASE = 0x400
+# the operations a float and an integer instruction compute alike on their (converted) operands
+_RING = {"add": lambda a: a[0] + a[1], "sub": lambda a: a[0] - a[1], "mul": lambda a: a[0] * a[1],
+         "neg": lambda a: -a[0]}
 
 
 def f2u(x):
@@ -249,14 +252,8 @@ class CTA:
         if base in ("add", "sub", "mul", "mad", "neg", "max", "min", "div", "fma") and typ == "f32":
             a = [u2f(self.val(x)) for x in o[1:]]
             with np.errstate(all="ignore"):
-                if base == "add":
-                    r = a[0] + a[1]
-                elif base == "sub":
-                    r = a[0] - a[1]
-                elif base == "mul":
-                    r = a[0] * a[1]
-                elif base == "neg":
-                    r = -a[0]
+                if base in _RING:
+                    r = _RING[base](a)
                 elif base == "div":
                     r = (a[0].astype(np.float64) / a[1]).astype(np.float32)
                 elif base == "fma":
@@ -289,16 +286,10 @@ class CTA:
                 A = [s32(x) for x in a] if sgn else [(x & M32).astype(np.int64) for x in a]
             else:
                 A = [s64(x) for x in a]
-            if base == "add":
-                r = A[0] + A[1]
-            elif base == "sub":
-                r = A[0] - A[1]
-            elif base == "mul":
-                r = A[0] * A[1]
+            if base in _RING:
+                r = _RING[base](A)
             elif base == "mad":
                 r = A[0] * A[1] + A[2]
-            elif base == "neg":
-                r = -A[0]
             elif base == "max":
                 r = np.maximum(A[0], A[1])
             elif base == "min":

@@ -16,27 +16,28 @@ from gpu_nn.kernels import triton as ktriton
 interpreted = pytest.mark.skipif(not ktriton.INTERPRET, reason="records launches through the Triton interpreter (CPU only)")
 
 
-@pytest.fixture
-def census(tmp_path, monkeypatch):
-    """The census installed for this test alone (the interpreter's run put back afterwards)."""
+def _installed(tmp_path, monkeypatch, run=None):
+    """The census installed for one test, over the interpreter's run or over ``run`` in its place
+    (the interpreter's run put back afterwards)."""
     from triton.runtime.interpreter import InterpretedFunction
 
-    monkeypatch.setattr(InterpretedFunction, "run", InterpretedFunction.run)
+    monkeypatch.setattr(InterpretedFunction, "run", run or InterpretedFunction.run)
     out = vc.install(str(tmp_path / "census"))
     yield tmp_path / "census"
     out.close()
+
+
+@pytest.fixture
+def census(tmp_path, monkeypatch):
+    """The census installed for this test alone."""
+    yield from _installed(tmp_path, monkeypatch)
 
 
 @pytest.fixture
 def dry_census(tmp_path, monkeypatch):
     """The census over launches that compute nothing (the interpreter's run made a no-op before
     the census wraps it): for tests that count variants and read no kernel's results."""
-    from triton.runtime.interpreter import InterpretedFunction
-
-    monkeypatch.setattr(InterpretedFunction, "run", lambda self, *args, grid, warmup, **kwargs: None)
-    out = vc.install(str(tmp_path / "census"))
-    yield tmp_path / "census"
-    out.close()
+    yield from _installed(tmp_path, monkeypatch, lambda self, *args, grid, warmup, **kwargs: None)
 
 
 @interpreted

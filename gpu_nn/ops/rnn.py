@@ -456,7 +456,7 @@ def _lengths_on(lengths, T, B, device):
     if lengths is not None:  # int64 on the CPU (_check_seq): no stream synchronisation, capturable
         return _backend.to_device_async(lengths.contiguous(), device)
     # (a tensor's device always has its index)
-    stream = torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else 0
+    stream = cuda_kernels().current_stream_handle(device.index) if device.type == "cuda" else 0
     key = (T, B, device, stream)
     full = _FULL_LENGTHS.get(key)
     if full is None:

@@ -216,11 +216,13 @@ def binary_path(name: str, defines: tuple, arch: str, nvrtc_version) -> str:
     path = os.path.join(directory, f"{name}-{digest}.{'ptx' if arch.startswith('compute_') else 'cubin'}")
     if os.path.isfile(path) and os.path.getsize(path) > 0:  # (an empty file: a write cut short)
         return path
-    if arch.startswith("sm_") and _nvrtc_library(nvrtc_version) is None:  # (no compile that would only fail)
-        return binary_path(name, defines, "compute_" + arch[len("sm_"):], nvrtc_version)
-    try:
-        binary = compile_binary(name, dict(defines), arch)
-    except CubinUnreadable:
+    ptx_instead = arch.startswith("sm_") and _nvrtc_library(nvrtc_version) is None  # (no compile that would only fail)
+    if not ptx_instead:
+        try:
+            binary = compile_binary(name, dict(defines), arch)
+        except CubinUnreadable:
+            ptx_instead = True
+    if ptx_instead:
         return binary_path(name, defines, "compute_" + arch[len("sm_"):], nvrtc_version)
     try:
         os.makedirs(directory, exist_ok=True)
