@@ -1135,3 +1135,64 @@ def _run_unbacked(compiled, theirs, inputs):
         g = torch.randn_like(got)
         torch.testing.assert_close(torch.autograd.grad(got, x, g)[0], torch.autograd.grad(want, x, g)[0],
                                    rtol=1e-12, atol=1e-12)
+
+
+class _Checkpointed(tnn.Module):
+    """A CNN block and a two-layer LSTM with dropout between its layers, each under
+    ``torch.utils.checkpoint`` when ``reentrant`` is not None (saved tensors dropped, the forward
+    run again in the backward: our ops must save the same tensors again, and the dropout masks
+    must come out of torch's RNG state as checkpoint restores it)."""
+
+    def __init__(self, ns, reentrant):
+        super().__init__()
+        self.reentrant = reentrant
+        self.cnn = ns.Sequential(ns.Conv2d(3, 4, 3, padding=1), ns.ReLU(), ns.MaxPool2d(2), ns.Flatten(),
+                                 ns.Linear(4 * 3 * 3, 5), ns.Tanh())
+        self.lstm = ns.LSTM(5, 6, num_layers=2, dropout=0.5)
+
+    def _run(self, fn, x):
+        if self.reentrant is None:
+            return fn(x)
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(fn, x, use_reentrant=self.reentrant)
+
+    def forward(self, x):
+        z = self._run(self.cnn, x)  # [T * B, 5]
+        return self._run(lambda s: self.lstm(s)[0], z.view(3, 2, 5))
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_activation_checkpointing_recomputes_our_layers_as_torchs(backend, device, reentrant):
+    """torch.utils.checkpoint around our layers (both of its modes), training mode with dropout:
+    the same output and gradients as without checkpointing on the same backend, and, on the
+    reference in float64, as torch's layers under checkpoint."""
+    dtype = torch.float64 if backend == "reference" else torch.float32
+
+    def run(ns, ckpt, seed_model=0):
+        torch.manual_seed(seed_model)
+        net = _Checkpointed(ns, ckpt).to(device=device, dtype=dtype)
+        if ns is gnn:  # torch's initial values in both
+            torch.manual_seed(seed_model)
+            net.load_state_dict(_Checkpointed(tnn, None).to(device=device, dtype=dtype).state_dict())
+        x = torch.randn(6, 3, 7, 7, device=device, dtype=dtype, generator=torch.Generator(device).manual_seed(5),
+                        requires_grad=True)
+        torch.manual_seed(1)  # the dropout masks
+        with gpu_nn.backend(backend):
+            y = net(x)
+            (y * torch.linspace(-1, 2, y.numel(), device=device, dtype=dtype).view_as(y)).sum().backward()
+        return y.detach(), [x.grad] + [p.grad for p in net.parameters()]
+
+    y0, g0 = run(gnn, None)
+    y1, g1 = run(gnn, reentrant)
+    tol = dict(rtol=0, atol=0) if backend == "reference" else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(y1, y0, **tol)
+    for a, b in zip(g1, g0, strict=True):
+        torch.testing.assert_close(a, b, **tol)
+    assert g0[0].abs().sum() > 0 and y0.eq(0).float().mean() < 0.9  # the dropout left something to compare
+    if backend == "reference":
+        yt, gt = run(tnn, reentrant)
+        torch.testing.assert_close(y1, yt, rtol=1e-12, atol=1e-12)
+        for a, b in zip(g1, gt, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
