@@ -1196,3 +1196,35 @@ def test_activation_checkpointing_recomputes_our_layers_as_torchs(backend, devic
         torch.testing.assert_close(y1, yt, rtol=1e-12, atol=1e-12)
         for a, b in zip(g1, gt, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
+def test_full_backward_hooks_see_torchs_gradients(backend, device):
+    """Module full backward hooks and pre-hooks (torch wraps a module's inputs and outputs in its
+    BackwardHook Function) on each of our layers, under detect_anomaly: called in torch's order
+    with torch's grad_input / grad_output, None where torch gives None."""
+    dtype = torch.float64 if backend == "reference" else torch.float32
+
+    def run(ns):
+        torch.manual_seed(0)
+        net = ns.Sequential(ns.Conv2d(3, 4, 3, padding=1), ns.ReLU(), ns.MaxPool2d(2), ns.Flatten(),
+                            ns.Linear(4 * 4 * 4, 5), ns.Sigmoid()).to(device=device, dtype=dtype)
+        seen = []
+        for mod in net:
+            mod.register_full_backward_pre_hook(lambda m, go: seen.append(("pre", type(m).__name__, go)))
+            mod.register_full_backward_hook(lambda m, gi, go: seen.append(("post", type(m).__name__, gi + go)))
+        x = torch.randn(2, 3, 8, 8, device=device, dtype=dtype, generator=torch.Generator(device).manual_seed(3),
+                        requires_grad=True)
+        with gpu_nn.backend(backend if ns is gnn else "auto"), torch.autograd.detect_anomaly():
+            net(x).pow(2).sum().backward()
+        return seen, x.grad
+
+    (ours, dx), (theirs, dx_t) = run(gnn), run(tnn)
+    assert [s[:2] for s in ours] == [s[:2] for s in theirs] and len(ours) == 12
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+    for (_, name, a), (_, _, b) in zip(ours, theirs):
+        assert [t is None for t in a] == [t is None for t in b], name
+        for u, v in zip(a, b):
+            if u is not None:
+                torch.testing.assert_close(u, v, **tol)
+    torch.testing.assert_close(dx, dx_t, **tol)
