@@ -616,10 +616,13 @@ def test_cupy_paths_with_strided_masks_match_reference(path, P, bi, rng, monkeyp
     k = I + D * W
     assert_close(out, torch.from_numpy(out_r), torch.float32, k=k, what="output")
     assert_close(hn, torch.from_numpy(hn_r), torch.float32, k=k, what="h_n")
-    for i, (a, b) in enumerate(zip(grads[:2], want[:2])):
+    if mode == "lstm":
+        assert_close(cn, torch.from_numpy(cn_r), torch.float32, k=k, what="c_n")
+    n_states = 3 if mode == "lstm" else 2  # dx, dh0 and (LSTM) dc0
+    for i, (a, b) in enumerate(zip(grads[:n_states], want[:n_states], strict=True)):
         assert_close(a, torch.from_numpy(b), torch.float32, k=T * G, what=f"input / state gradient {i}")
     flat = [g for per in want[3] for g in per if g is not None]
-    for i, (a, b) in enumerate(zip(grads[3], flat)):
+    for i, (a, b) in enumerate(zip(grads[3], flat, strict=True)):
         assert_close(a, torch.from_numpy(b), torch.float32, k=T * B, what=f"weight gradient {i}")
 
 
