@@ -276,11 +276,13 @@ def _dir_backward(mode, dout, dhn, dcn, w_hh, G, Hs, Cs, reverse, valid, dGi, dG
             np.subtract(Hs[p], nn, out=d_z)
             d_z *= dh
             np.subtract(1, z, out=tH)
-            d_n[...] = tH  # keep (1 - z) for dn
             tH *= z
             d_z *= tH
-            # dn = dh (1 - z) (1 - n^2)
-            d_n *= dh
+            # dn = (dh - dh z) (1 - n^2): torch's CPU cell writes h' = (h - n) z + n, and its
+            # autograd sums dn = dh - dh z, not dh (1 - z): the same but for rounding, except that
+            # an infinite dh gives NaN there (inf - inf), where (1 - z) keeps it infinite
+            np.multiply(dh, z, out=tH)
+            np.subtract(dh, tH, out=d_n)
             np.multiply(nn, nn, out=tH)
             np.subtract(1, tH, out=tH)
             d_n *= tH
@@ -634,10 +636,10 @@ def cell_backward(mode, grad_h, grad_c, x, h, c, w_ih, w_hh, b_ih=None, b_hh=Non
         d_r, d_z, d_n = dG[:, :H], dG[:, H: 2 * H], dG[:, 2 * H:]
         np.subtract(h, n, out=d_z)
         d_z *= grad_h
-        d_n[...] = s[:, H:]  # 1 - z, for dn
         s *= G[:, : 2 * H]
         d_z *= s[:, H:]
-        d_n *= grad_h
+        np.multiply(grad_h, z, out=d_n)  # dn = dh - dh z, as torch's CPU cell (see rnn_backward)
+        np.subtract(grad_h, d_n, out=d_n)
         t = np.multiply(n, n)
         np.subtract(one, t, out=t)
         d_n *= t

@@ -243,31 +243,64 @@ def _pair(cls, dtype, *args, **kw):
     return ours, theirs
 
 
+def _finite_share(tensors) -> float:
+    n = sum(t.numel() for t in tensors)
+    return sum(int(torch.isfinite(t).sum()) for t in tensors) / max(n, 1)
+
+
 @pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN")
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("cls,kw", [pytest.param(c, kw, id=f"{c}-{i}") for i, (c, kw) in enumerate(RNNS)])
 def test_recurrent_nonfinite(cls, kw, dtype):
-    """Sequence layers with inf / NaN in the input, then in the recurrent weight: outputs, input
-    gradients and every parameter gradient."""
-    for where in ("input", "weight"):
+    """Sequence layers with inf / -inf / NaN in one batch element of the input (from its second
+    step on), with +inf in its last step only (the gates saturate: parameter gradients partly
+    finite), then with +-inf in the recurrent weight and a nonzero initial state: outputs, input
+    and state gradients and every parameter gradient, under upstream gradients holding inf / NaN
+    and then finite ones. Non-finite values where torch has them; and the comparisons must hold
+    finite entries (the other batch elements, the saturated units), else they could not fail."""
+    for where in ("input", "saturating", "weight"):
         ours, theirs = _pair(cls, dtype, 5, 3, **kw)
-        if where == "weight":
+        D = 2 if kw.get("bidirectional") else 1
+        S = (kw.get("num_layers", 1) * D, 3)
+        g = torch.Generator().manual_seed(11)
+        h0 = torch.randn(*S, kw.get("proj_size") or 3, dtype=dtype, generator=g)
+        states = [h0, torch.randn(*S, 3, dtype=dtype, generator=g)] if cls == "LSTM" else [h0]
+        x = torch.randn(4, 3, 5, dtype=dtype, generator=g)
+        if where == "input":  # batch element 1 only: elements 0 and 2 stay finite
+            x[1, 1, 0], x[2, 1, 3], x[3, 1, 1] = INF, -INF, NAN
+        elif where == "saturating":
+            x[3, 1, 0] = INF  # one entry: each gate's pre-activation +-inf, not inf - inf
+        else:
+            w = theirs.weight_hh_l0.detach().clone()
+            w[0, 1], w[2, 0] = INF, -INF  # one per row: the units saturate (tanh / sigmoid of +-inf)
             with torch.no_grad():
-                w = special(theirs.weight_hh_l0.shape, dtype, 9)
                 ours.weight_hh_l0.copy_(w)
                 theirs.weight_hh_l0.copy_(w)
-            x = torch.randn(4, 2, 5, dtype=dtype)
-        else:
-            x = special((4, 2, 5), dtype)
-        _fwd_bwd(lambda x: ours(x)[0], lambda x: theirs(x)[0], [x], dtype, f"{cls} {kw} {where}")
-        go = special((4, 2, 3 if "proj_size" not in kw else 2) if not kw.get("bidirectional") else (4, 2, 6), dtype, 7)
+
+        def run(net):
+            return lambda x, *st: net(x, tuple(st) if cls == "LSTM" else st[0])[0]
+
         with strict():
-            out, _ = ours(x)
-            (out * go).sum().backward()
-        out, _ = theirs(x)
-        (out * go).sum().backward()
-        for (n, a), (_, b) in zip(ours.named_parameters(), theirs.named_parameters()):
-            same(a.grad, b.grad, f"{cls} {kw} {where} d{n}")
+            out = run(ours)(x, *states)
+        want = run(theirs)(x, *states)
+        assert _finite_share([want]) > 0.25, f"{cls} {kw} {where}: a forward with too little to compare"
+        _fwd_bwd(run(ours), run(theirs), [x, *states], dtype, f"{cls} {kw} {where}")
+        go_special = special(out.shape, dtype, 7)
+        go_finite = torch.randn(out.shape, dtype=dtype, generator=g)
+        for k, go in enumerate((go_special, go_finite)):
+            for net in (ours, theirs):
+                net.zero_grad(set_to_none=True)
+            with strict():
+                (run(ours)(x, *states) * go).sum().backward()
+            (run(theirs)(x, *states) * go).sum().backward()
+            named_o, named_t = list(ours.named_parameters()), list(theirs.named_parameters())
+            for (n, a), (_, b) in zip(named_o, named_t, strict=True):
+                same(a.grad, b.grad, f"{cls} {kw} {where} d{n} (upstream {'special' if k == 0 else 'finite'})")
+            if k == 1 and where == "saturating":
+                # the saturated gates pass zero back: only the input weights' columns that read
+                # the infinite entries are not finite
+                share = _finite_share([b.grad for _, b in named_t])
+                assert share > 0.5, f"{cls} {kw} {where}: {share:.2f} of torch's parameter gradients finite"
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
