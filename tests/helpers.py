@@ -76,6 +76,14 @@ def gpu_dtypes_for(backend: str, device: str):
     return (torch.float32, torch.float16, torch.bfloat16)
 
 
+def vs_reference_dtypes(backend: str, device: str):
+    """:func:`gpu_dtypes_for` for a test that compares ``backend`` with the float64 reference:
+    the reference's own float64 left out, where it would be compared with itself (a reference
+    fault then moves both sides alike; the ``*_reference_matches_torch`` tests check the
+    reference against torch). Its float32 leg stays: the float32 path against float64."""
+    return tuple(d for d in gpu_dtypes_for(backend, device) if not (backend == "reference" and d == torch.float64))
+
+
 def randn(rng: np.random.Generator, *shape, dtype=torch.float64, device="cpu", noncontig=False, requires_grad=False):
     """Fresh standard-normal values (never zeros). ``noncontig`` returns a strided view of a
     larger buffer with the same values."""
