@@ -15,7 +15,10 @@ float32) forward+backward; a packed LSTM N=64 T=100 I=H=512 forward+backward (le
 ``packed_lengths``; per step, both persistent forms forced on, cupy), PackedSequence in and out on
 both sides. torch (cuDNN) against our
 triton and cupy backends and against a Python loop of ``torch.nn.LSTMCell`` / ``GRUCell`` /
-``RNNCell``; provider ``triton`` runs the per-step launches (``GPU_NN_RNN_PERSISTENT=0``), and in
+``RNNCell``; forward-only cases run both modules in eval mode (inference: cuDNN's own inference
+path); provider ``triton`` runs the per-step launches (``GPU_NN_RNN_PERSISTENT=0``), in the
+small-batch fwd+bwd cases ``triton-default`` runs ours with no switch set (the persistent
+forward, the per-step backward: the default combination, which neither forced form is), and in
 the small-batch set ``triton-persistent`` the one-launch persistent forward and, in the
 fwd+bwd cases, the one-launch persistent backward (``GPU_NN_RNN_PERSISTENT=1``; W_hh resident
 on the SMs where it applies, forward and backward), and in its forward cases and its one-layer
@@ -50,7 +53,7 @@ RESIDENT_ENV = "GPU_NN_RNN_RESIDENT"
 # cases, the one-layer small-batch fwd+bwd cases and the packed case, the persistent kernels
 # re-reading W_hh from L2 every step ("triton-persistent-l2")
 PROVIDERS = {"triton": ("triton", "0", None), "triton-persistent": ("triton", "1", "1"),
-             "triton-persistent-l2": ("triton", "1", "0")}
+             "triton-persistent-l2": ("triton", "1", "0"), "triton-default": ("triton", None, None)}
 SMALL_PROVIDERS = ("triton", "triton-persistent", "triton-persistent-l2", "cupy", "cell_loop")
 PERSISTENT_PROVIDERS = ("triton-persistent", "triton-persistent-l2")
 SKIP_PERSISTENT_ENV = "GPU_NN_BENCH_SKIP_PERSISTENT"  # set by hand ("1") to leave the persistent kernels out
@@ -74,6 +77,14 @@ def _layer_providers(l2: bool = False):
     resident backward is set against it; elsewhere the L2 form is timed in the forward cases)."""
     drop = ("cell_loop",) if l2 else ("cell_loop", "triton-persistent-l2")
     return tuple(p for p in _small_providers() if p not in drop)
+
+
+def _with_default(providers):
+    """``providers`` and, after triton, ``triton-default``: ours with no switch set, what a user
+    gets. At small batch its fwd+bwd is neither forced form (the persistent forward by default,
+    the per-step backward: ops.rnn PERSISTENT_BWD_BY_DEFAULT), so the forced ones alone would leave
+    the default combination untimed (a benchmark audit); its kernels are theirs (no compile)."""
+    return tuple(q for p in providers for q in ((p, "triton-default") if p == "triton" else (p,)))
 
 
 def _mma(providers):
@@ -130,6 +141,11 @@ def _case(mode, T, N, I, H, dtype, device, backward, providers, L=1, bidirection
              f"{str(dtype).replace('torch.', '')}")
     kw = {"num_layers": L, "bidirectional": bidirectional}
     base = TORCH[mode](I, H, **kw).to(device=device, dtype=dtype)
+    if not backward:
+        # inference as users run it, in eval mode: cuDNN's forward takes its training path (and
+        # writes its reserve) from module.training, not from grad mode (ours is the same kernel
+        # either way); the training-mode forward under no_grad flattered ours (a benchmark audit)
+        base.eval()
     lens = packed_lengths(T, N) if packed else None
 
     def inputs():
@@ -193,6 +209,7 @@ def _case(mode, T, N, I, H, dtype, device, backward, providers, L=1, bidirection
         else:
             ours = OURS[mode](I, H, **kw).to(device=device, dtype=dtype)
             ours.load_state_dict(base.state_dict())
+            ours.train(base.training)
             if p == "cupy-one-direction":
                 provs[p] = run_module(ours, "cupy", one_direction=True)
                 continue
@@ -238,7 +255,7 @@ def cases(device: str = "cpu", quick: bool = False) -> list[harness.Case]:
                     out.append(_case(mode, 50, N, H, H, dtype, device, False, _small_providers()))
         for mode in ("lstm", "gru", "rnn"):
             for N in (4, 16):  # fwd+bwd at small batch: per step, persistent forward and backward, cupy
-                ps = _layer_providers(l2=True)
+                ps = _with_default(_layer_providers(l2=True))
                 out.append(_case(mode, 50, N, 512, 512, dtype, device, True, _mma(ps) if mode == "lstm" else ps))
         # issue 16's stack; triton-persistent: both directions' loops, forward and backward, one
         # persistent launch per layer each (B = 32: two batch tiles)

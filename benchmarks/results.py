@@ -297,15 +297,24 @@ def markdown(runs: list[dict], others: list[str] = ()) -> str:
                  "times per call, each side alike" if loop else "") + ":", "",
               "| family | case | shape | provider | ratio |" + (" loop |" if loop else "") + (" run |" if multi else ""),
               "| --- | --- | --- | --- | ---: |" + (" ---: |" if loop else "") + (" --- |" if multi else "")]
+    unqueued = False
     for run, r in merged:
         tail = f" `{run['commit'][:7]}` |" if multi else ""
+        queued = r.get("queued") or {}
         for prov, ratio in sorted((r.get("ratio") or {}).items()):
             lr = (r.get("loop_ratio") or {}).get(prov)
             mid = (f" {lr:.2f}x |" if lr else " - |") if loop else ""
-            lines.append(f"| {r['family']} | {r['name']} | {r['shape']} | {prov} | {ratio:.2f}x |{mid}{tail}")
+            # a side not queued behind the GPU sleep: its seconds hold host time, the other's not
+            mark = " †" if False in (queued.get(prov), queued.get(r.get("baseline", "torch"))) else ""
+            unqueued = unqueued or bool(mark)
+            lines.append(f"| {r['family']} | {r['name']} | {r['shape']} | {prov} | {ratio:.2f}x{mark} |{mid}{tail}")
         for prov, err in sorted((r.get("errors") or {}).items()):
             lines.append(f"| {r['family']} | {r['name']} | {r['shape']} | {prov} | error: {err[:60]} |"
                          + (" - |" if loop else "") + tail)
+    if unqueued:
+        lines += ["", "† one side's calls could not be queued behind the GPU sleep (a call that reads the device "
+                  "back, or more launches than the driver's queue holds): its time includes the host's, the "
+                  "other side's is the device's alone; the ratio is not like for like."]
     lines += ["", HISTORY_IMAGE]
     return "\n".join(lines)
 

@@ -70,7 +70,8 @@ def resident_applies(c: dict, sm_count: int) -> bool:
     """Whether bench case ``c`` (:func:`parse_case`) runs the persistent kernels with W_hh
     resident under the ``triton-persistent`` provider: the launchers' own program count
     (``persist_programs``, or ``persist_pair_programs`` for a bidirectional layer) and
-    ``resident_kp`` with that provider's GPU_NN_RNN_RESIDENT (bench_rnn.PROVIDERS)."""
+    ``resident_kp`` with that provider's GPU_NN_RNN_RESIDENT (bench_rnn.PROVIDERS), for the
+    forward and, in a fwd+bwd case, the backward too."""
     from gpu_nn.benchmarks import bench_rnn, harness
     from gpu_nn.kernels.triton import rnn as kt
 
@@ -79,8 +80,12 @@ def resident_applies(c: dict, sm_count: int) -> bool:
     programs = (kt.persist_pair_programs if c["bi"] else kt.persist_programs)(N, H, sm_count)
     if not programs:
         return False
+    dot = kt.DOT_CODES[_BENCH_DOTS[c["dtype"]]]
     with harness.env_var(bench_rnn.RESIDENT_ENV, bench_rnn.PROVIDERS[PERSIST][2]):
-        return kt.resident_kp(H, kt.DOT_CODES[_BENCH_DOTS[c["dtype"]]], tiles, programs) > 0
+        # a fwd+bwd case compares the two forms only where the backward is resident too (its own
+        # bound, RESIDENT_BWD_MAX_KP): else half of it times the same L2 kernels on both sides
+        return kt.resident_kp(H, dot, tiles, programs) > 0 and (
+            not c["backward"] or kt.resident_kp(H, dot, tiles, programs, backward=True) > 0)
 
 
 def _label(row):

@@ -197,6 +197,20 @@ def _by_family(idx: list, cases: list) -> list:
     return [lane[k] for k in range(max(map(len, lanes), default=0)) for lane in lanes if k < len(lane)]
 
 
+def tuned_configurations(torch) -> dict:
+    """On a GPU, both sides pick their configurations the same way: where ours measures its
+    candidates (gpu_nn._tuning applies: GPU_NN_TUNE not 0), torch's cuDNN measures its algorithms
+    too (``torch.backends.cudnn.benchmark``), else both run their heuristics (gpu_run.sh's bench
+    step, GPU_NN_TUNE=0). Ours measured against cuDNN's heuristic favoured ours (a benchmark
+    audit). Returns what the run used, for bench.json's timing."""
+    from gpu_nn import _tuning
+
+    ours = _tuning.applies(torch.device("cuda"))
+    if ours:
+        torch.backends.cudnn.benchmark = True
+    return {"ours_measured_configurations": ours, "torch_cudnn_benchmark": bool(torch.backends.cudnn.benchmark)}
+
+
 class _ThreadClock:
     """Stands in for the harness's ``time`` module: ``perf_counter`` reads this thread's CPU time."""
 
@@ -250,6 +264,7 @@ def run(args) -> int:
     timing = {"warmup": warmup, "reps": reps, "max_seconds_per_provider": max_time, "statistic": "median"}
     if device == "cuda":  # what "seconds" means on a GPU (runs before 2026-12-04's second stop: latency)
         timing["gpu"] = GPU_TIMING
+        timing.update(tuned_configurations(torch))
 
     def with_cold(rows_so_far):  # row i is case i: run_cases appends one row per case, in order
         for i, r in enumerate(rows_so_far):
@@ -283,7 +298,7 @@ def run(args) -> int:
         bench_overhead.print_summary(extra["overhead_summary"], console)
     if device == "cuda":
         hb = harness.host_bound(rows)
-        ours = sum(1 for r in rows if r["family"] != "overhead" for n in r["seconds"] if n != r["baseline"])
+        ours = sum(1 for r in rows if r["family"] != "overhead" for n in r["seconds"] if harness.is_ours(n))
         extra["host_bound"] = [list(t) for t in hb]
         console.print(f"host-bound (the call took >= {harness.HOST_BOUND:.0%} of its device time to return): "
                       f"{len(hb)} of {ours} of ours outside the overhead family"

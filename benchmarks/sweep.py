@@ -1613,7 +1613,8 @@ def best(rows) -> list[dict]:
             groups.setdefault((r["kernel"], r["op"], r["dtype"], r["shape"]), []).append(r)
     out = []
     for (kernel, op, dtype, shape), rs in groups.items():
-        theirs = next((r for r in rs if r["config"].get("provider") == "torch"), None)  # conv: torch's time
+        # torch's own row (conv: provider, the projection group: impl), not a candidate of ours
+        theirs = next((r for r in rs if "torch" in (r["config"].get("provider"), r["config"].get("impl"))), None)
         rs = [r for r in rs if r is not theirs]
         good = [r for r in rs if r.get("correct") and not r.get("spills")]
         default = next((r for r in rs if r.get("default")), None)

@@ -69,6 +69,11 @@ def test_median_is_robust_to_an_outlier_and_ratio_is_against_the_baseline(clock)
     assert row["ratio"]["reference"] == pytest.approx(0.5)
     assert row["tflops"]["torch"] == pytest.approx(4e6 / row["seconds"]["torch"] / 1e12)
     assert row["gbps"]["reference"] == pytest.approx(8e6 / row["seconds"]["reference"] / 1e9)
+    # bytes per provider where the sides move different amounts (a GB/s each from its own)
+    case.bytes = {"torch": 4e6, "reference": 8e6}
+    row = harness.run_case(case, warmup=0, reps=5)
+    assert row["gbps"]["torch"] == pytest.approx(4e6 / row["seconds"]["torch"] / 1e9)
+    assert row["gbps"]["reference"] == pytest.approx(8e6 / row["seconds"]["reference"] / 1e9)
     # the host's share per call: on a CPU the whole call (on a GPU the enqueue, apart from the events)
     assert row["host_seconds"]["reference"] == pytest.approx(0.002)
     assert row["host_seconds"]["torch"] == pytest.approx(0.004)
@@ -82,9 +87,13 @@ def test_host_bound_lists_our_gpu_cases_whose_host_time_nears_the_event_time():
     rows = [row("activation", "cuda", {"torch": 1.0, "triton": 1.0, "cupy": 1.0}, {"torch": 0.95, "triton": 0.95, "cupy": 0.5}),
             row("overhead", "cuda", {"torch": 1.0, "triton": 1.0}, {"torch": 1.0, "triton": 1.0}),
             row("activation", "cpu", {"torch": 1.0, "reference": 1.0}, {"torch": 1.0, "reference": 1.0}),
-            row("pool", "cuda", {"torch": 1.0, "triton": 2.0}, {"torch": 0.1, "triton": 1.8})]
+            row("pool", "cuda", {"torch": 1.0, "triton": 2.0}, {"torch": 0.1, "triton": 1.8}),
+            # torch's other providers are not ours: its foreach form, its cell loop; our variants are
+            row("rnn", "cuda", {"torch": 1.0, "cell_loop": 1.0, "torch_foreach": 1.0, "triton-persistent": 1.0},
+                {"torch": 0.1, "cell_loop": 1.0, "torch_foreach": 1.0, "triton-persistent": 1.0})]
     got = harness.host_bound(rows)
-    assert [(f, p) for f, _, _, p, _, _ in got] == [("activation", "triton"), ("pool", "triton")]
+    assert [(f, p) for f, _, _, p, _, _ in got] == [("activation", "triton"), ("pool", "triton"),
+                                                    ("rnn", "triton-persistent")]
 
 
 def test_gpu_rows_time_the_device_apart_from_the_latency(monkeypatch):
@@ -350,8 +359,9 @@ def test_results_record_and_render(tmp_path):
     (third / "summary.txt").write_text("bench: rc=124 120s (timed out)\n")
     (third / "bench" / "bench.json").write_text(json.dumps({
         "environment": {"device": "NVIDIA H200"}, "partial": True, "cases_planned": 2, "timing": {"gpu": "queued"},
-        "results": [{"family": "activation", "name": "relu fwd", "shape": "N=32", "ratio": {"triton": 1.1},
-                     "loop_ratio": {"triton": 2.5}, "errors": {}}]}))
+        "results": [{"family": "activation", "name": "relu fwd", "shape": "N=32", "ratio": {"triton": 1.1, "cupy": 1.3},
+                     "loop_ratio": {"triton": 2.5}, "errors": {}, "baseline": "torch",
+                     "queued": {"torch": True, "triton": True, "cupy": False}}]}))
     results.record(str(third), str(into))
     results.render(str(into), str(readme))
     text = readme.read_text()
@@ -362,6 +372,9 @@ def test_results_record_and_render(tmp_path):
     assert "Timing: *queued* timing is the device's time per call" in text
     assert "; *latency* timing brackets one call on an idle GPU" in text
     assert "| activation | relu fwd | N=32 | triton | 1.10x | 2.50x | `89abcde` |" in text
+    # a side whose calls were not queued (its seconds hold host time) is marked, and said so
+    assert "| activation | relu fwd | N=32 | cupy | 1.30x † | - | `89abcde` |" in text
+    assert "† one side's calls could not be queued" in text
     assert "| activation | tanh fwd | N=32 | triton | 0.50x | - | `abcdef1` |" in text and "1.50x" not in text
 
 
@@ -650,6 +663,13 @@ def test_rnn_gpu_case_list_builds(monkeypatch):
         # the main N=64 cases (not packed) time the persistent kernel too (128 tiles: one program each)
         main = [p for mode, T, N, H, p, other in built if (T, N, H, other) == (100, 64, 512, False)]
         assert len(main) == 12 and all("triton-persistent" in p for p in main)
+    # forward-only cases run both sides in eval mode (cuDNN's inference path), fwd+bwd in training
+    monkeypatch.setattr(bench_rnn, "_case", real)
+    for backward in (False, True):
+        case = bench_rnn._case("lstm", 3, 2, 4, 5, torch.float32, "cpu", backward, ("reference",))
+        modules = [c.cell_contents for setup in case.providers.values() for c in setup.__closure__ or ()
+                   if isinstance(c.cell_contents, torch.nn.Module)]
+        assert len(modules) == 2 and all(m.training is backward for m in modules)
 
 
 def test_rnn_small_batch_forwards_time_the_persistent_kernel_both_ways(monkeypatch):
@@ -677,6 +697,9 @@ def test_rnn_small_batch_forwards_time_the_persistent_kernel_both_ways(monkeypat
     bench_rnn.cases("cuda", quick=True)
     small_fb = [p for T, N, backward, L, bi, p in built if backward and N <= 16 and L == 1 and not bi]
     assert len(small_fb) == 12 and all("triton-persistent-l2" in p for p in small_fb), built
+    # and ours as a user gets it (no switch: the persistent forward, the per-step backward)
+    assert bench_rnn.PROVIDERS["triton-default"] == ("triton", None, None)
+    assert all("triton-default" in p for p in small_fb)
     # the packed batch (fwd+bwd) times both persistent forms too: their backwards skip ended tiles
     assert len(packed) == 1 and {"triton-persistent", "triton-persistent-l2"} <= set(packed[0][-1]), packed
     monkeypatch.setenv(bench_rnn.SKIP_PERSISTENT_ENV, "1")
@@ -782,6 +805,12 @@ def test_optim_gpu_cases_time_every_optimizer(monkeypatch):
     others = [c for c in cases if c.name in ("sgd momentum step", "adagrad step", "adadelta step")]
     assert all(c.shape.endswith("vs torch fused" if c.name.startswith("sgd") else "vs torch foreach") for c in others)
     assert all(("torch_foreach" in c.providers) == c.name.startswith("sgd") for c in others)
+    # bfloat16 parameters: ours keeps float32 state, torch bfloat16 state: each side's own bytes
+    adam = {c.shape.split("M ", 1)[1]: c.bytes for c in cases if c.name == "adam step"}
+    n = 10_500_000
+    assert adam["fp32"] == dict.fromkeys(("torch", "torch_foreach", "triton", "cupy"), 28 * n)
+    half = adam["bf16 params, fp32 state (torch: bf16 state)"]
+    assert half["triton"] == half["cupy"] == 22 * n and half["torch"] == half["torch_foreach"] == 14 * n
     for case in others[:3]:
         for name in ("torch", "triton"):
             case.providers[name]()()
@@ -835,6 +864,9 @@ def test_rnn_defaults_read_the_switches_off_a_run():
     def sh(N, dtype="float32", extra="", H=512):
         return f"T=50 N={N} I={H} H={H}{extra} {dtype}"
 
+    def _label(r):
+        return f"{r['name']} {r['shape']}"
+
     cur = {"persist_default_max_b": 16, "persist_max_b": 64, "persistent_bwd_by_default": False}
     rows = [row("lstm fwd", sh(4), triton=2.0, triton_persistent=1.0, triton_persistent_l2=1.2),
             row("lstm fwd", sh(16), triton=2.0, triton_persistent=1.5, triton_persistent_l2=1.4),
@@ -859,6 +891,14 @@ def test_rnn_defaults_read_the_switches_off_a_run():
     assert res["recommended"] is False and list(res["slower"]) == ["lstm fwd " + sh(16)]
     assert res["not_resident"] == ["lstm fwd " + sh(16, H=1024)] and len(res["cases"]) == 3
     assert "lstm fwd " + sh(16) in rd.decide(rows, cur, sm_count=16)["resident"]["not_resident"]  # 32 tiles
+    # a fwd+bwd case weighs the two forms only where the backward is resident too (its own bound)
+    from gpu_nn.kernels.triton import rnn as kt
+
+    both = [row("lstm fwd+bwd", sh(4, "bfloat16", H=H), triton=5.0, triton_persistent=3.0, triton_persistent_l2=3.5)
+            for H in (kt.RESIDENT_BWD_MAX_KP, 2 * kt.RESIDENT_BWD_MAX_KP)]
+    assert 2 * kt.RESIDENT_BWD_MAX_KP <= kt.RESIDENT_MAX_KP  # (the forward alone would be resident at both)
+    r2 = rd.decide(both, cur)["resident"]
+    assert list(r2["cases"]) == [_label(both[0])] and r2["not_resident"] == [_label(both[1])]
     # the persistent forward losing at N=16 stops the bound at 4; a backward that loses turns it off
     rows[1]["seconds"]["triton-persistent"] = 2.1
     rows[3]["seconds"]["triton-persistent"] = 4.5  # bwd 3.0 vs 3.5
@@ -934,3 +974,19 @@ def test_saved_bytes_counts_what_the_forward_adds_and_every_case_runs(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [r["case"] for r in rows] == [c[0] for c in saved_bytes.CASES]
     assert all(r["ours_bytes"] > 0 and (r["torch_bytes"] or 0) > 0 for r in rows)
+
+
+def test_gpu_bench_lets_cudnn_measure_where_ours_measures(monkeypatch):
+    """gpu-nn bench on a GPU: with our tuning on, torch's cuDNN benchmarks its algorithms too
+    (both sides measured); with GPU_NN_TUNE=0 both keep their heuristics; bench.json says which."""
+    import torch
+
+    from gpu_nn.benchmarks import suite
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    monkeypatch.setenv("GPU_NN_TUNE", "0")
+    assert suite.tuned_configurations(torch) == {"ours_measured_configurations": False, "torch_cudnn_benchmark": False}
+    assert torch.backends.cudnn.benchmark is False
+    monkeypatch.delenv("GPU_NN_TUNE")
+    assert suite.tuned_configurations(torch) == {"ours_measured_configurations": True, "torch_cudnn_benchmark": True}
+    assert torch.backends.cudnn.benchmark is True

@@ -504,7 +504,8 @@ def test_rnn_groups_run_every_configuration_under_the_interpreter(tmp_path, monk
     assert set(kps) == {0, 16} and kps[0] == 0
     best = {(b["op"]): b for b in doc["best"]}
     assert best["lstm step fwd"]["wrong"] == 1 and best["lstm persistent fwd"]["configs"] == 2
-    assert best["lstm input projection"]["configs"] == 3
+    # two candidates of ours and torch's addmm, the baseline (not one of ours: sweep.best)
+    assert best["lstm input projection"]["configs"] == 2 and "torch_us" in best["lstm input projection"]
 
 
 def test_rnn_groups_order_and_profile_cases():
@@ -766,3 +767,20 @@ def test_profile_starts_with_the_convolution_in_both_layouts():
         ("conv2d 3x3 fwd+bwd bfloat16", "N=32 C=128 28x28 O=128", ["torch", "triton"]),
         ("conv2d 3x3 channels_last fwd+bwd bfloat16", "N=32 C=128 28x28 O=128", ["torch", "triton"])]
     assert [op for op, _, _ in cases[2:4]] == ["relu fwd+bwd", "sigmoid fwd+bwd"]
+
+
+def test_best_sets_torchs_row_apart_by_provider_or_impl():
+    """sweep.best: torch's own row, labelled ``provider`` (conv) or ``impl`` (the recurrent input
+    projection's group), is the baseline and never a candidate of ours; best_vs_torch is ours
+    against it."""
+    from gpu_nn.benchmarks import sweep
+
+    def row(config, us):
+        return {"kernel": "k", "op": "proj", "dtype": "bf16", "shape": "s", "config": config, "us": us,
+                "gbps": 1.0 / us, "correct": True}
+
+    for key in ("provider", "impl"):
+        (b,) = sweep.best([row({"impl": "rnn", "BLOCK_M": 64}, 3.0), row({"impl": "dense", "BLOCK_M": 128}, 2.0),
+                           row({key: "torch"}, 1.0)])
+        assert b["configs"] == 2 and b["best_config"] == {"impl": "dense", "BLOCK_M": 128}
+        assert b["torch_us"] == 1.0 and b["best_vs_torch"] == pytest.approx(2.0)
