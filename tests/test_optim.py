@@ -608,9 +608,11 @@ def test_kernel_half_params_fp32_state(backend, device, name, kw):
                 assert sa.keys() == sb.keys()
                 for k, v in sa.items():  # float32 state, as the reference's from the same values
                     if k != "step":
+                        # within 1e-5 of the state's own scale (float32 arithmetic in another
+                        # order: an element that cancels to near zero differs relatively more)
                         assert v.dtype == torch.float32
-                        torch.testing.assert_close(v.cpu(), sb[k], rtol=1e-5, atol=1e-30,
-                                                   msg=lambda m, k=k: f"{name} {dtype} parameter {i} {k}: {m}")
+                        err = float((v.cpu() - sb[k]).abs().max()) / max(float(sb[k].abs().max()), 1e-30)
+                        assert err <= 1e-5, f"{name} {dtype} parameter {i} {k}: {err:.2e} of its scale"
                 b.data.copy_(got)  # resynchronise the rounding of the parameter
 
 
