@@ -238,21 +238,28 @@ def test_named_gpu_backend_runs_float64_in_float32(name):
     """README: a GPU backend requested by name runs float64 in float32. Every op's forward and
     gradients come back float64 and agree with the float64 reference to float32's precision
     (the matmul and convolution kernels take no float64: those ops compute on float32 copies)."""
-    from helpers import backend_params, tol
+    from helpers import backend_params, interpreted_launches, tol
 
     (param,) = backend_params(("triton",))
     backend, device = param.values
     if param.marks:
         pytest.skip(param.marks[0].kwargs["reason"])
-    results = {}
+    results, launched = {}, {}
     for be, dev in (("reference", "cpu"), (backend, device)):
         g = torch.Generator().manual_seed(7)
         with gpu_nn.backend(be):
-            out, leaves = _f64_cases()[name](g, dev)
-            grads = torch.autograd.grad(out, leaves, torch.ones_like(out))
-        results[be] = (out, grads)
+            with interpreted_launches(dev) as fwd:
+                out, leaves = _f64_cases()[name](g, dev)
+            with interpreted_launches(dev) as bwd:
+                grads = torch.autograd.grad(out, leaves, torch.ones_like(out))
+        results[be], launched[be] = (out, grads), (fwd, bwd)
     (ro, rg), (out, grads) = results["reference"], results[backend]
     assert out.dtype == torch.float64 and all(gr.dtype == torch.float64 for gr in grads)
+    if device == "cpu":  # the interpreter: Triton's kernels computed both ways (not the float64 reference)
+        fwd, bwd = launched[backend]
+        assert fwd and bwd, (fwd, bwd)
+    else:  # compiled: float32 arithmetic, not the reference's float64 bits
+        assert not torch.equal(out.cpu(), ro) or any(not torch.equal(a.cpu(), b) for a, b in zip(grads, rg))
     bound = tol(torch.float32, 64)
     torch.testing.assert_close(out.cpu(), ro, rtol=bound, atol=bound)
     for i, (a, b) in enumerate(zip(grads, rg)):

@@ -22,10 +22,15 @@ import gpu_nn
 import gpu_nn.functional as F
 from gpu_nn import _backend, check
 from gpu_nn.ops import _dispatch
+from gpu_nn.ops import pool as _pool
 from helpers import backend_params
 
 # every op of gpu-nn check with a custom op (flatten is a view, no op of ours)
 CASES = [(fam, c) for fam, c in check.collect_cases() if c.fn is not None and c.op != "flatten"]
+# an op with an integer output (max pooling's indices), whose comparison between the routes no
+# check case exercises (an audit: the integer outputs compared were none)
+CASES.append(("pool", check.CheckCase(op="max_pool2d", make=_pool._make((2, 3, 9, 7)),
+                                      fn=_pool._bind(_pool.max_pool2d, 3, 2, 1, 1, False, True))))
 BACKENDS = [b for b in ("reference", "triton") if _backend.status(b)[0]]
 # where the tests run each backend: Triton takes CUDA tensors on a GPU machine, CPU tensors
 # only under the interpreter

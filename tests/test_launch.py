@@ -328,14 +328,18 @@ def test_wired_calls_have_the_fast_shape(monkeypatch):
 # ----------------------------------------------------------------------------- GPU: fast == JIT
 
 def _both_paths(fn):
-    """fn() run through the JIT path and through the fast path (twice: plan made, plan used)."""
+    """fn() run through the JIT path and through the fast path (twice: plan made, plan used).
+    The plans are cleared before the fast leg, and it must make some: else both legs ran the JIT
+    (a count over the whole process, plans from earlier tests included, proved nothing)."""
     prev = L.set_enabled(False)
     try:
         ref = fn()
         L.set_enabled(True)
         assert L.enabled()
+        L.clear()
         fn()
         out = fn()
+        assert L.stats()["plans"] > 0, "the fast leg made no launch plan: it ran the JIT too"
     finally:
         L.set_enabled(prev)
     return ref, out
@@ -518,9 +522,16 @@ def test_gpu_rnn_bound_time_loops_equal_jit(mode, bidirectional, B, H, monkeypat
     lengths = torch.randint(1, 8, (B,))
     lengths[0] = 7
     g = torch.randn(7, B, (2 if bidirectional else 1) * H, device="cuda")
-    binds = []
+    binds, bound = [], []
     real = L.bind
-    monkeypatch.setattr(L, "bind", lambda *a, **k: binds.append(a[0]) or real(*a, **k))
+
+    def spy(*a, **k):  # what each bind returned: None means the loop fell back to per-step views
+        binds.append(a[0])
+        go = real(*a, **k)
+        bound.append(go)
+        return go
+
+    monkeypatch.setattr(L, "bind", spy)
 
     def run():
         xx = x.clone().requires_grad_()
@@ -534,3 +545,4 @@ def test_gpu_rnn_bound_time_loops_equal_jit(mode, bidirectional, B, H, monkeypat
     from gpu_nn.kernels.triton import rnn as kt
 
     assert binds and all((k in kt.LOOSE_ROWS.values()) == (B * H % 4 != 0) for k in binds), binds
+    assert all(go is not None for go in bound), [k for k, go in zip(binds, bound) if go is None]
