@@ -53,7 +53,8 @@ RESIDENT_ENV = "GPU_NN_RNN_RESIDENT"
 # cases, the one-layer small-batch fwd+bwd cases and the packed case, the persistent kernels
 # re-reading W_hh from L2 every step ("triton-persistent-l2")
 PROVIDERS = {"triton": ("triton", "0", None), "triton-persistent": ("triton", "1", "1"),
-             "triton-persistent-l2": ("triton", "1", "0"), "triton-default": ("triton", None, None)}
+             "triton-persistent-l2": ("triton", "1", "0"),
+             "triton-default": ("triton", harness.UNSET, harness.UNSET)}  # the switches removed: the code's default
 SMALL_PROVIDERS = ("triton", "triton-persistent", "triton-persistent-l2", "cupy", "cell_loop")
 PERSISTENT_PROVIDERS = ("triton-persistent", "triton-persistent-l2")
 SKIP_PERSISTENT_ENV = "GPU_NN_BENCH_SKIP_PERSISTENT"  # set by hand ("1") to leave the persistent kernels out
@@ -84,6 +85,8 @@ def _with_default(providers):
     gets. At small batch its fwd+bwd is neither forced form (the persistent forward by default,
     the per-step backward: ops.rnn PERSISTENT_BWD_BY_DEFAULT), so the forced ones alone would leave
     the default combination untimed (a benchmark audit); its kernels are theirs (no compile)."""
+    if os.environ.get(SKIP_PERSISTENT_ENV) == "1":  # (the default forward is persistent at small batch)
+        return tuple(providers)
     return tuple(q for p in providers for q in ((p, "triton-default") if p == "triton" else (p,)))
 
 

@@ -4,7 +4,8 @@ A :class:`Case` is one shape of one op with a ``setup()`` per provider (``torch`
 ``cupy``, ``reference``): ``setup()`` builds inputs (three copies, rotated: a call does not find
 the previous call's inputs in the cache, though where three sets fit the H200's 50 MB L2 -- the
 small convolutions, the recurrent layers' inputs, and every weight, which is not rotated -- both
-sides run from a warm L2 alike, as in a training loop; ``sweep`` flushes L2 before each call)
+sides run from a warm L2 alike, as in a training loop; ``sweep.device_seconds`` flushes L2
+before each call, its recurrent groups excepted)
 and returns a zero-argument callable that does the timed work. The
 harness warms each callable up, times repeated runs (CUDA events on a GPU, ``perf_counter`` on
 the CPU), and reports the median; ratios are taken against the baseline provider measured in
@@ -46,10 +47,13 @@ QUICK = (2, 7, 2.0)
 FULL = (3, 15, 10.0)
 
 
+UNSET = object()  # env_var's value that removes the variable for the block
+
+
 class env_var:
     """Sets an environment variable for the duration of a block (``value`` None: leaves it as it
-    is), restoring its old value, or its absence, after it: a provider's switch read at call time
-    (``GPU_NN_RNN_PERSISTENT``, say)."""
+    is; :data:`UNSET`: removes it, the code's default), restoring its old value, or its absence,
+    after it: a provider's switch read at call time (``GPU_NN_RNN_PERSISTENT``, say)."""
 
     def __init__(self, name, value):
         self.name, self.value = name, value
@@ -57,7 +61,10 @@ class env_var:
     def __enter__(self):
         if self.value is not None:
             self.old = os.environ.get(self.name)
-            os.environ[self.name] = self.value
+            if self.value is UNSET:
+                os.environ.pop(self.name, None)
+            else:
+                os.environ[self.name] = self.value
         return self
 
     def __exit__(self, *exc):
@@ -349,6 +356,8 @@ def print_table(rows: list[dict], title: str = "gpu-nn bench", console=None) -> 
                 if key not in r:
                     return "-"
                 mine, theirs = r[key].get(name), r[key].get(bname)
+                if mine is None:  # (bytes given per provider, none for this one)
+                    return "-"
                 return fmt.format(mine) + (f" ({fmt.format(theirs)})" if theirs is not None else "")
 
             table.add_row(

@@ -698,12 +698,19 @@ def test_rnn_small_batch_forwards_time_the_persistent_kernel_both_ways(monkeypat
     small_fb = [p for T, N, backward, L, bi, p in built if backward and N <= 16 and L == 1 and not bi]
     assert len(small_fb) == 12 and all("triton-persistent-l2" in p for p in small_fb), built
     # and ours as a user gets it (no switch: the persistent forward, the per-step backward)
-    assert bench_rnn.PROVIDERS["triton-default"] == ("triton", None, None)
+    assert bench_rnn.PROVIDERS["triton-default"] == ("triton", harness.UNSET, harness.UNSET)
     assert all("triton-default" in p for p in small_fb)
+    import os
+
+    monkeypatch.setenv("GPU_NN_RNN_PERSISTENT", "0")
+    with harness.env_var("GPU_NN_RNN_PERSISTENT", harness.UNSET):
+        assert "GPU_NN_RNN_PERSISTENT" not in os.environ  # the default, whatever the process was given
+    assert os.environ["GPU_NN_RNN_PERSISTENT"] == "0"
     # the packed batch (fwd+bwd) times both persistent forms too: their backwards skip ended tiles
     assert len(packed) == 1 and {"triton-persistent", "triton-persistent-l2"} <= set(packed[0][-1]), packed
     monkeypatch.setenv(bench_rnn.SKIP_PERSISTENT_ENV, "1")
     assert not {"triton-persistent", "triton-persistent-l2"} & set(bench_rnn._small_providers())
+    assert "triton-default" not in bench_rnn._with_default(bench_rnn._layer_providers(l2=True))
     assert bench_rnn._unskipped(("triton", "triton-persistent", "cupy")) == ("triton", "cupy")
 
 
@@ -809,7 +816,7 @@ def test_optim_gpu_cases_time_every_optimizer(monkeypatch):
     adam = {c.shape.split("M ", 1)[1]: c.bytes for c in cases if c.name == "adam step"}
     n = 10_500_000
     assert adam["fp32"] == dict.fromkeys(("torch", "torch_foreach", "triton", "cupy"), 28 * n)
-    half = adam["bf16 params, fp32 state (torch: bf16 state)"]
+    half = adam["bf16 params, fp32 state"]
     assert half["triton"] == half["cupy"] == 22 * n and half["torch"] == half["torch_foreach"] == 14 * n
     for case in others[:3]:
         for name in ("torch", "triton"):
