@@ -2247,11 +2247,15 @@ def test_memory_format_like_torch_both_directions(backend, device, nd, xl, wl, r
     k = ws[1] * (ws[2] * ws[3] if nd == 2 else ws[2])
     x64, w64, b64 = randn(rng, *xs), randn(rng, *ws) / k ** 0.5, randn(rng, ws[0])
     fn, tfn = (F.conv2d, TF.conv2d) if nd == 2 else (F.conv1d, TF.conv1d)
-    with gpu_nn.backend("reference"):
-        leaves = [x64.clone().requires_grad_(), w64.clone().requires_grad_(), b64.clone().requires_grad_()]
-        yr = fn(*leaves, **kw)
-        g64 = randn(rng, *yr.shape)
-        gr = torch.autograd.grad(yr, leaves, g64)
+    leaves = [x64.clone().requires_grad_(), w64.clone().requires_grad_(), b64.clone().requires_grad_()]
+    if backend == "reference":  # torch's float64 (the reference against itself could not fail)
+        yr = tfn(*leaves, kw["stride"], kw["padding"], 1, groups)
+        yr = torch.relu(yr) if act else yr
+    else:
+        with gpu_nn.backend("reference"):
+            yr = fn(*leaves, **kw)
+    g64 = randn(rng, *yr.shape)
+    gr = torch.autograd.grad(yr, leaves, g64)
     dtype = torch.float64 if backend == "reference" else torch.float32
     x = _lay(x64.to(device, dtype), xl).requires_grad_()
     w = _lay(w64.to(device, dtype), wl).requires_grad_()
@@ -2439,7 +2443,7 @@ def test_groups_taps_and_weight_rows_past_the_launch_limits_refused(backend, dev
         (dx,) = torch.autograd.grad(y, xx, torch.ones_like(y))
         # depthwise: the groups ride no grid axis (6 groups run); its channel blocks ride grid y
         depthwise = randn(rng, 6, 1, 1).float().to(device)
-        F.conv1d(x, depthwise, groups=6)
+        ran = [(F.conv1d(x, depthwise, groups=6), (x, depthwise), dict(groups=6))]
         monkeypatch.setattr(oc, "DW_BLOCK_C", 2)
         monkeypatch.setattr(oc, "_PLANS", {})
         with pytest.raises(KernelInputError, match="6 depthwise channels are past the 4"):
@@ -2454,16 +2458,21 @@ def test_groups_taps_and_weight_rows_past_the_launch_limits_refused(backend, dev
     ww = wide.clone().requires_grad_()
     with gpu_nn.backend(backend):
         y = F.conv1d(x, ww)  # x needs no gradient
+        ran.append((y.detach(), (x, wide), {}))
         (dw,) = torch.autograd.grad(y, ww, torch.ones_like(y))
         y = F.conv1d(xx, ww)
         with interpreted_launches(device) as names, pytest.raises(KernelInputError,
                                                                    match="6 input channels per group .input gradient."):
             torch.autograd.grad(y, xx, torch.ones_like(y))
         assert names == []
-        F.conv1d(x, randn(rng, 6, 1, 1).float().to(device), groups=6)
-        F.conv1d(x[:, :1], randn(rng, 6, 1, 3).float().to(device))
-    # what ran under the lowered limits is right: the reference's gradients of the same calls
+        dw6, one = randn(rng, 6, 1, 1).float().to(device), randn(rng, 6, 1, 3).float().to(device)
+        ran.append((F.conv1d(x, dw6, groups=6), (x, dw6), dict(groups=6)))
+        ran.append((F.conv1d(x[:, :1], one), (x[:, :1], one), {}))
+    # what ran under the lowered limits is right: the reference's results of the same calls
     with gpu_nn.backend("reference"):
+        for i, (out, (a, wt), kw) in enumerate(ran):
+            want = F.conv1d(a.cpu().double(), wt.cpu().double(), **kw)
+            assert_close(out, want, torch.float32, k=18, what=f"forward {i} under the lowered limits")
         xr, wr = x.cpu().double().requires_grad_(), wide.cpu().double().requires_grad_()
         y = F.conv1d(xr, plain.cpu().double())
         (dx_r,) = torch.autograd.grad(y, xr, torch.ones_like(y))
@@ -2591,7 +2600,8 @@ def test_module_padding_modes_on_each_backend(mode, backend, device, rng):
         yt = torch.relu(theirs(x))
         assert_close(y, yt, torch.float32, 30)
         g = torch.randn_like(y)
-        for a, e in zip(torch.autograd.grad(y, [x, ours.weight], g), torch.autograd.grad(yt, [x, theirs.weight], g)):
+        for a, e in zip(torch.autograd.grad(y, [x, ours.weight, ours.bias], g),
+                        torch.autograd.grad(yt, [x, theirs.weight, theirs.bias], g), strict=True):
             assert_close(a, e, torch.float32, 300)
         ours.padding_mode = theirs.padding_mode = "zeros"
         assert_close(ours(x), torch.relu(theirs(x)), torch.float32, 30)
@@ -2769,10 +2779,15 @@ def test_planned_launchers_check_once_per_facts(backend, device, monkeypatch, rn
         theirs = TF.conv2d(xcl, w.detach(), b.detach(), padding=1)
         assert theirs.is_contiguous(memory_format=torch.channels_last)
         assert got[0].is_contiguous(memory_format=torch.channels_last)  # as torch's (not the first plan's NCHW)
-        want = TF.conv2d(xcl.double().cpu(), w.detach().double().cpu(), b.detach().double().cpu(), padding=1).relu()
-        assert_close(got[0].double().cpu(), want, torch.float32, k=27, what="planned channels_last forward")
-        for a, c in zip(first[1:], got[1:]):
-            assert_close(c.double(), a.double(), torch.float32, k=27, what="planned channels_last gradients")
+        # both plans' values and gradients against torch's float64 (the two runs and the layouts
+        # agreeing with each other alone would pass a kernel wrong in all of them)
+        leaves = [t.detach().double().cpu().requires_grad_() for t in (x, w, b)]
+        want = TF.conv2d(*leaves, padding=1).relu()
+        want_grads = torch.autograd.grad(want, leaves, torch.ones_like(want))
+        for res, what in ((first, "planned forward"), (got, "planned channels_last forward")):
+            assert_close(res[0].double().cpu(), want.detach(), torch.float32, k=27, what=what)
+            for i, (a, e) in enumerate(zip(res[1:], want_grads, strict=True)):
+                assert_close(a.double().cpu(), e, torch.float32, k=2 * 7 * 6 * 5, what=f"{what}: gradient {i}")
         op_fwd, op_bwd = torch.ops.gpu_nn.conv_forward, torch.ops.gpu_nn.conv_backward
         args = ([1, 1], [1, 1, 1, 1], [1, 1], 1, None)
         with pytest.raises(gpu_nn.KernelInputError, match="should be the same"):

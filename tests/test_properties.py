@@ -1237,7 +1237,7 @@ def test_optimizer_extreme_values_match_torch():
         # float32 too: 1e38 squared overflows there (the second moments of RMSprop / Adam)
         p0 = _extreme(rng, (size,), density if where in ("p", "all") else 0).to(dtype)
         grads = [_extreme(rng, (size,), density if where in ("g", "all") else 0).to(dtype), _normal(rng, (size,)).to(dtype)]
-        params = []
+        params, states = [], []
         for opt_cls in (getattr(gpu_nn.optim, name), getattr(torch.optim, name)):
             p = torch.nn.Parameter(p0.clone())
             opt = opt_cls([p], **hp)
@@ -1247,8 +1247,12 @@ def test_optimizer_extreme_values_match_torch():
                     warnings.simplefilter("ignore")
                     opt.step()
             params.append(p.detach())
+            states.append({k: v for k, v in opt.state[p].items() if k != "step" and torch.is_tensor(v)})
         seen["nonfinite" if not torch.isfinite(params[1]).all() else "finite"] += 1
         _same_nonfinite(params[0], params[1], f"{name} parameter", k=4, dtype=dtype, elementwise=True)
+        assert states[0].keys() == states[1].keys(), (sorted(states[0]), sorted(states[1]))
+        for key, theirs in states[1].items():
+            _same_nonfinite(states[0][key], theirs, f"{name} {key}", k=4, dtype=dtype, elementwise=True)
 
     prop()
     assert seen["nonfinite"] >= 2 and seen["finite"] >= 1, dict(seen)
@@ -1364,7 +1368,7 @@ def _conv_masks(fn, x, w, g, **kw):
     x, w = x.clone().requires_grad_(), w.clone().requires_grad_()
     y = fn(x, w, **kw)
     gx, gw = torch.autograd.grad(y, [x, w], g)
-    return [(torch.isnan(t), torch.isinf(t)) for t in (y, gx, gw)], gx
+    return [(torch.isnan(t), torch.isinf(t)) for t in (y, gx, gw)], (y.detach(), gx, gw)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS_RT)
@@ -1396,11 +1400,15 @@ def test_regression_conv_nan_reaches_what_torchs_reaches(backend, device, case):
         x[0, 0, 0, 0] = nan
         kw = dict(padding=1)
     g = torch.ones_like(tfn(x, w, **kw))
-    theirs, gx_t = _conv_masks(tfn, x.double(), w.double(), g.double(), **kw)
+    theirs, (y_t, gx_t, gw_t) = _conv_masks(tfn, x.double(), w.double(), g.double(), **kw)
     with gpu_nn.backend(backend):
-        ours, gx = _conv_masks(fn, x.to(device), w.to(device), g.to(device), **kw)
+        ours, (y, gx, gw) = _conv_masks(fn, x.to(device), w.to(device), g.to(device), **kw)
     for (on, oi), (tn, ti), what in zip(ours, theirs, ("output", "input grad", "weight grad")):
         assert torch.equal(on.cpu(), tn) and torch.equal(oi.cpu(), ti), f"{what}: NaN/inf placement differs"
+    # and the finite values (sums of ones and of the finite taps: float32 holds them exactly)
+    for a, e, what in ((y, y_t, "output"), (gx, gx_t, "input grad"), (gw, gw_t, "weight grad")):
+        _same_nonfinite(a, e, what, k=x.numel(), dtype=torch.float32, elementwise=True)
+    assert torch.isfinite(gx_t).any() and torch.isfinite(gw_t).any()  # (a NaN weight: every output NaN)
     if case == "2d":
         assert int((~torch.isfinite(gx_t)).sum()) == 9
     if case == "1d":
