@@ -92,7 +92,8 @@ def cmd_check(args) -> int:
         return 2
     workers = args.workers if args.workers is not None else check.default_workers()
     t0 = time.perf_counter()
-    print(f"gpu-nn check: {len(check.plan(args.op))} checks on {', '.join(b for b, _, _ in check.targets())}, "
+    planned = len(check.plan(args.op))
+    print(f"gpu-nn check: {planned} checks on {', '.join(b for b, _, _ in check.targets())}, "
           f"{workers} worker process{'es' if workers != 1 else ''}", flush=True)
 
     def on_op(op, op_rows):
@@ -113,10 +114,12 @@ def cmd_check(args) -> int:
     print(f"time: {wall:.1f} s wall; {busy:.1f} s of checks in {workers} process{'es' if workers != 1 else ''}, "
           f"of which {comp:.1f} s ({100 * comp / max(busy, 1e-9):.0f}%) compiling kernels")
     print(f"{len(rows) - len(failed)} passed, {len(failed)} failed")
+    if len(rows) != planned:  # a check that returned no row passed nothing
+        print(f"gpu-nn check: {planned} checks planned, {len(rows)} rows returned", file=sys.stderr)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
-    return 1 if failed or not rows else 0
+    return 1 if failed or not rows or len(rows) != planned else 0
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,5 +1,6 @@
 """The gpu-nn command: info, check and sass."""
 
+import json
 import os
 import subprocess
 import sys
@@ -18,15 +19,22 @@ def test_info_names_every_backend(capsys):
     assert "torch" in out and "device" in out
 
 
-def test_check_relu_passes(capsys):
+def test_check_relu_passes(capsys, tmp_path):
     """Every backend and dtype that runs here: on the interpreter bfloat16 too."""
     import torch
 
     from gpu_nn import _backend, check
 
-    assert main(["check", "--op", "relu", "--no-progress"]) == 0
+    js = tmp_path / "check.json"
+    assert main(["check", "--op", "relu", "--no-progress", "--json", str(js)]) == 0
     out = capsys.readouterr().out
     assert "relu" in out and "0 failed" in out and "FAIL" not in out
+    # a row for every planned check, every backend and dtype that runs here among them
+    rows = json.loads(js.read_text())
+    assert len(rows) == len(check.plan(["relu"])) and all(r["ok"] for r in rows)
+    for backend, _, dtypes in check.targets():
+        got = {r["dtype"] for r in rows if r["backend"] == backend}
+        assert got >= {str(d).replace("torch.", "") for d in dtypes} or backend not in {"reference", "triton"}, (backend, got)
     if _backend.interpret_mode() and not torch.cuda.is_available():
         assert ("triton", "cpu", (torch.float32, torch.float16, torch.bfloat16)) in check.targets()
 

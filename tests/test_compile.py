@@ -954,3 +954,39 @@ def test_pairs_run_compiles_the_cover_and_takes_the_rest_through_the_front_end(t
     assert _aot.main(["--family", "optim", "--json", str(out), "--no-sass", "--cover", cover]) == 1
     rows = json.loads(out.read_text())
     assert [r["ok"] for r in rows] == chosen and "front end says no" in next(r["error"] for r in rows if not r["ok"])
+
+
+_FE_KERNEL = '''
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def fe_kernel(x_ptr, n, B: tl.constexpr):
+    # right while n is a run-time i32; the JIT makes an int equal to 1 a constant, and .to() of a
+    # Python int fails in the front end (the shape of 09f2311's pooling incident)
+    m = n.to(tl.int64)
+    offs = tl.arange(0, B)
+    tl.store(x_ptr + offs, tl.load(x_ptr + offs, mask=offs < m), mask=offs < m)
+'''
+
+
+def test_front_end_check_fails_a_specialisation_that_does_not_compile(tmp_path):
+    """_aot.frontend / ``--frontend`` (what the sm_90 check runs on the specs it does not compile
+    whole, and on the JIT specialisations of real launches): a kernel right for a run-time int
+    and wrong where the JIT makes it a constant (an int equal to 1) passes the first row and
+    fails the second, through the function and through the command (exit status 1). Its other
+    tests stub it out; a front end checking nothing passed them all (an audit)."""
+    (tmp_path / "fe_mod.py").write_text(_FE_KERNEL)
+    rows = [{"module": "fe_mod", "kernel": "fe_kernel", "num_warps": 4, "num_stages": 3,
+             "signature": {"x_ptr": "*fp32", "n": "i32", "B": "constexpr"}, "constexprs": {"B": 16}},
+            {"module": "fe_mod", "kernel": "fe_kernel", "num_warps": 4, "num_stages": 3,
+             "signature": {"x_ptr": "*fp32", "n": "constexpr", "B": "constexpr"}, "constexprs": {"n": 1, "B": 16}}]
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-m", "gpu_nn.kernels.triton._aot", "--frontend", str(tmp_path / "rows.json")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    failed = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert [f["signature"]["n"] for f in failed] == ["constexpr"] and "CompilationError" in failed[0]["error"]

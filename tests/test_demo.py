@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import gpu_nn
 from gpu_nn import demo
 from gpu_nn.cli import main
 
@@ -73,6 +74,17 @@ def test_ours_matches_torch_step_by_step(model):
     atol = 1e-2 * r["lr"] * len(ours)
     for k in sd:
         torch.testing.assert_close(sd[k], tsd[k], rtol=1e-4, atol=atol, msg=lambda m, k=k: f"{k}: {m}")
+    # ours is gpu_nn's (a twin of torch against torch passed all of the above), and its
+    # inference (no grad: other kernels than training's) gives the twin's logits
+    ours_layers = [m for m in net.modules() if type(m).__module__.startswith("gpu_nn.nn")]
+    assert ours_layers and not any(type(m).__module__.startswith("torch.nn.modules") and not list(m.children())
+                                   and list(m.parameters(recurse=False)) for m in net.modules()), net
+    assert r["backend"].startswith("reference"), r["backend"]
+    _, (x_test, _) = demo.split(*demo.load_digits())
+    xb = demo._inputs(model, x_test[:64], "cpu")
+    net.eval(), twin.eval()
+    with torch.no_grad(), gpu_nn.backend("reference"):
+        torch.testing.assert_close(net(xb), twin(xb), rtol=1e-3, atol=1e-3)
 
 
 def test_command_writes_json_and_plot(tmp_path, capsys):
@@ -108,6 +120,7 @@ def test_compile_compiles_both_twins_the_same_way():
     r = demo.train_pair("cnn", epochs=2, subset=64, backend="reference", progress=False,
                         compile=True, compile_backend="aot_eager", keep_models=True)
     assert r["compile"] == {"backend": "aot_eager", "mode": None} and r["steady_state"] is True
+    assert r["backend"] == "reference"  # ours is gpu_nn's (with torch on both sides it reads "self-check")
     np.testing.assert_allclose(r["loss_curve"], r["torch_loss_curve"], rtol=1e-4, atol=1e-6)
     assert r["warmup_seconds"] > 0 and r["seconds_per_epoch"] > 0
 
