@@ -327,16 +327,31 @@ def test_lstm_projection_converts_and_matches_torch():
 
 
 def test_compiled_converted_model_equals_eager():
+    """A converted model under torch.compile(fullgraph): our custom ops in the graph (a layer
+    traced as torch's forward would pass the value checks alone), values and gradients as eager,
+    and as the torch model it was converted from."""
+    from torch._dynamo.backends.registry import lookup_backend
+
     torch.manual_seed(2)
     model = MixedCNN()
+    twin = copy.deepcopy(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         gpu_nn.convert(model)
     x, s = _inputs(torch.float32)
     eager = model(x, s)
+    torch.testing.assert_close(eager, twin(x, s), rtol=1e-4, atol=1e-5)
     torch._dynamo.reset()
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return lookup_backend("aot_eager")(gm, example_inputs)
+
+    compiled = torch.compile(model, fullgraph=True, backend=record)
     torch.testing.assert_close(compiled(x, s), eager)
+    ours = {str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function" and "gpu_nn" in str(n.target)}
+    assert {"gpu_nn.conv_forward", "gpu_nn.linear"} <= {t.split(".default")[0] for t in ours}, ours
     # gradients through the compiled graph too
     xr = x.clone().requires_grad_()
     compiled(xr, s).sum().backward()
@@ -477,6 +492,10 @@ def test_cpu_autocast_gives_torchs_dtypes(autocast_dtype, input_dtype):
                 continue
             got = ours(*inputs)
         assert got.dtype == want.dtype and got.shape == want.shape, (name, got.dtype, want.dtype)
+        # and the values: both cast the same operands to the autocast dtype, so within a few of
+        # its ulps of each other (O(1) values; the dtypes alone passed outputs doubled)
+        bound = 8 * torch.finfo(autocast_dtype).eps
+        torch.testing.assert_close(got.float(), want.float(), rtol=bound, atol=bound, msg=lambda m, n=name: f"{n}: {m}")
         compared += 1
     assert compared >= 16  # of 9 ops, 6 sequence layers, 3 cells: all but the two LSTMs at least
 
