@@ -243,3 +243,50 @@ def test_bfloat16_accumulation_rounds_like_the_gpu():
     assert torch.equal(scan.cpu(), torch.cumsum(steps.cpu().double(), 0).to(torch.bfloat16))
     assert float(total) == float(steps.double().sum())
     assert torch.all(fma.cpu().double() == 1.1328125)
+
+
+_FORCED_FIXES = """
+import json, os
+os.environ["TRITON_INTERPRET"] = "1"
+import torch
+import triton
+import triton.language as tl
+from gpu_nn.kernels.triton import _compat
+
+_compat._install_interpreter_fma_fix()
+_compat._install_interpreter_index_fix()
+
+
+@triton.jit
+def k(x_ptr, y_ptr, z_ptr, o_ptr, s_ptr, n, BLOCK: tl.constexpr):
+    r = tl.arange(0, BLOCK)
+    tl.store(o_ptr + r, tl.fma(tl.load(x_ptr + r), tl.load(y_ptr + r), tl.load(z_ptr + r)))
+    acc = tl.zeros((BLOCK,), tl.float32)
+    for s in range(0, n, BLOCK):  # a range over a run-time int: the index fix's business
+        acc += tl.load(x_ptr + s + r, mask=s + r < n, other=0.0)
+    tl.store(s_ptr, tl.sum(acc, axis=0))
+
+
+x = torch.full((48,), 1 + 2.0 ** -12)
+z = torch.full((16,), -(1 + 2.0 ** -11))
+o, s = torch.empty(16), torch.empty(1)
+k[(1,)](x, x, z, o, s, 48, BLOCK=16)
+print(json.dumps({"fma_exact": bool((o == 2.0 ** -24).all()), "range_sum": float(s) == float(x.sum())}))
+"""
+
+
+def test_older_triton_fixes_work_when_installed_on_any_version(tmp_path):
+    """The interpreter fixes for Triton before 3.9 (an exactly rounded fma; __index__ of a
+    tensor in a range bound), installed by hand in a fresh interpreted process so that their code
+    runs on whatever Triton is here (on 3.9 nothing installs them, and broken versions of both
+    passed every other test, an audit): (1 + 2^-12)^2 - (1 + 2^-11) is 2^-24 only without an
+    intermediate rounding, and a loop over a run-time bound sums every block."""
+    import json
+    import subprocess
+    import sys
+
+    script = tmp_path / "forced.py"
+    script.write_text(_FORCED_FIXES)
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"fma_exact": True, "range_sum": True}
