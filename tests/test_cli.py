@@ -12,10 +12,13 @@ from gpu_nn.cli import main
 
 
 def test_info_names_every_backend(capsys):
+    from gpu_nn import _backend
+
     assert main(["info"]) == 0
     out = capsys.readouterr().out
-    for name in ("reference", "triton", "cupy"):
-        assert name in out
+    for name in ("reference", "triton", "cupy"):  # each backend's own line says whether it works here
+        ok, _ = _backend.status(name)
+        assert any(ln.split()[:2] == [name, "works:" if ok else "unavailable:"] for ln in out.splitlines()), (name, out)
     assert "torch" in out and "device" in out
 
 

@@ -199,9 +199,10 @@ SHARDS = {"conv": 2, "rnn": 2, "dense": 2}
 # core on the 2-core CPU machine when last timed, 5816991, Triton 3.9, cold cache: the suite's
 # largest part). By default a subset of each kernel's specs in which every factor value is compiled at
 # least once is (_aot.covering, order 1, with every spec of the spill table below, so that the
-# table is held exactly: 266 of 1,343 specs) and the rest go through Triton's front end only,
-# where a kernel's own code fails; GPU_NN_AOT_COVER=pairs compiles an all-pairs subset (617
-# specs; the default until stop 58, when the suite neared CI's 15 minutes). A spill or backend
+# table is held exactly: 266 of 1,343 specs at stop 58; 1,339 specs since stop 62 dropped four
+# duplicates) and the rest go through Triton's front end only, where a kernel's own code fails;
+# GPU_NN_AOT_COVER=pairs compiles an all-pairs subset (617 specs; the default until stop 58, when
+# the suite neared CI's 15 minutes). A spill or backend
 # failure that needs two factors together hides from the default subset until a pairs or full
 # run, which runs at every stop that touches a kernel (README, Tests).
 AOT_COVER = "all" if os.environ.get("GPU_NN_AOT_FULL", "0") == "1" else os.environ.get("GPU_NN_AOT_COVER", "each")
@@ -247,7 +248,8 @@ def test_aot_catches_a_compile_error(tmp_path):
         "compile_spec(AotSpec(bad, {'x_ptr': '*fp32', 'B': 'constexpr'}, {'B': 16}))\n"
     )
     proc = _run_uninterpreted(tmp_path, "bad_kernel.py", code)
-    assert proc.returncode != 0
+    # (any failure would exit non-zero: an import error, the interpreter's refusal; the compiler's)
+    assert proc.returncode != 0 and "CompilationError" in proc.stderr, proc.stderr[-2000:]
 
 
 def test_wide_transposed_float32_operands_found_and_the_resident_backward_has_none(tmp_path):
@@ -990,3 +992,16 @@ def test_front_end_check_fails_a_specialisation_that_does_not_compile(tmp_path):
     assert proc.returncode == 1, proc.stderr[-3000:]
     failed = json.loads(proc.stdout.strip().splitlines()[-1])
     assert [f["signature"]["n"] for f in failed] == ["constexpr"] and "CompilationError" in failed[0]["error"]
+
+
+def test_spec_labels_are_unique_and_the_spill_tables_name_real_specs():
+    """Every (kernel, label) names one AOT spec (the spill tables and the sm_90 rows key on it:
+    two specs under one label are one entry, and the recurrent family listed four identical
+    colsum specs twice, compiled twice), and every key of the spill tables names a spec that
+    exists (a stale entry would stand for a configuration that no longer compiles)."""
+    import collections
+
+    keys = collections.Counter((s.name, s.label) for f in ktriton.FAMILIES for s in _aot.family_specs(f))
+    assert not [k for k, n in keys.items() if n > 1]
+    for table in (KNOWN_SPILLS, KNOWN_SPILLS_TRITON_36):
+        assert set(table) <= set(keys), sorted(set(table) - set(keys))

@@ -2018,8 +2018,10 @@ def aot_specs():
         for a, b, c, d in matmul_operands(dt):
             specs.append(_matmul_spec(a, b, c, d, matmul_blocks(1, 1, d)))
             specs.append(_pair_spec(_rnn_matmul2_kernel, specs[-1]))
-        # the bias gradients (y2 0, 1, 2), and the float32 partial sums of row ranges (0, 2)
-        for y2, out in dict.fromkeys(((0, dt), (1, dt), (2, dt), (0, "fp32"), (2, "fp32"))):
+        # the bias gradients (y2 0, 1, 2); the float32 partial sums of row ranges (y2 0, 2 into
+        # fp32) of every dtype are the fp32 pass's own specs (listed once: each dtype's pass
+        # listed them again, four identical compiles)
+        for y2, out in ((0, dt), (1, dt), (2, dt)):
             specs.append(AotSpec(_rnn_colsum_kernel, {"x_ptr": "*fp32", "x2_ptr": "*fp32", "y_ptr": f"*{out}",
                                                       "y2_ptr": f"*{out}", "M": "i32", "N": "i32",
                                                       "stride_xm": "i32", "stride_x2m": "i32", "CHUNK": "i32",
