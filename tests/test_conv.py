@@ -2788,6 +2788,8 @@ def test_planned_launchers_check_once_per_facts(backend, device, monkeypatch, rn
             assert_close(res[0].double().cpu(), want.detach(), torch.float32, k=27, what=what)
             for i, (a, e) in enumerate(zip(res[1:], want_grads, strict=True)):
                 assert_close(a.double().cpu(), e, torch.float32, k=2 * 7 * 6 * 5, what=f"{what}: gradient {i}")
+        for a, c in zip(first[1:], got[1:]):  # and the two layouts' gradients, closer to each other
+            assert_close(c.double(), a.double(), torch.float32, k=27, what="planned channels_last gradients")
         op_fwd, op_bwd = torch.ops.gpu_nn.conv_forward, torch.ops.gpu_nn.conv_backward
         args = ([1, 1], [1, 1, 1, 1], [1, 1], 1, None)
         with pytest.raises(gpu_nn.KernelInputError, match="should be the same"):

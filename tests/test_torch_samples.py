@@ -14,7 +14,8 @@ The reference backend runs every sample in float64. The Triton backend (the inte
 no GPU is present) runs a fixed, evenly spaced subset of each op's float32 samples, so the module
 stays within about a minute on one core; its error bound is the project's (DESIGN section 4):
 at most twice torch's own float32 error against float64, plus a floor for a reduction as long as
-the input. A sample gpu-nn cannot run is a failure: none is out of gpu-nn's scope today, LSTM's
+the input (one term's for the elementwise ops: relu, sigmoid, tanh, max pooling, flatten), for the
+outputs and every input gradient. A sample gpu-nn cannot run is a failure: none is out of gpu-nn's scope today, LSTM's
 proj_size samples included.
 """
 
@@ -144,7 +145,7 @@ def _compare(ours_out, theirs_out, ours_leaves, theirs_leaves, bound, seed: int)
     if not diff or not theirs_leaves:
         return None
     gen = torch.Generator().manual_seed(seed)
-    cots = [torch.randn(y.shape, generator=gen, dtype=torch.float64).to(y.dtype) for _, y in diff]
+    cots = [torch.randn(y.shape, generator=gen, dtype=torch.float64).to(y.device, y.dtype) for _, y in diff]
     gt = torch.autograd.grad([y for _, y in diff], theirs_leaves, cots, allow_unused=True)
     try:
         go = torch.autograd.grad([x for x, _ in diff], ours_leaves, cots, allow_unused=True)
@@ -231,8 +232,8 @@ _ELEMENTWISE = ("relu", "sigmoid", "tanh", "flatten", "max_pool1d", "max_pool2d"
 def _compare_low(ours, theirs, ours_leaves, theirs_leaves, s, op, seed):
     """float32 (Triton): at most twice torch's float32 error against float64, plus the floor of
     a reduction as long as the whole input (an upper bound of every reduction in these ops), of
-    none for the elementwise ones (max pooling selects; its gradient scatters sums of at most a
-    window's few terms, within the 4 ulps); every gradient torch gives, given by ours too."""
+    one term's for the elementwise ones (max pooling selects; its gradient scatters sums of at
+    most a window's few terms, within tol's 12 eps); every gradient torch gives, given by ours too."""
     k = 1 if OPS[op.name] in _ELEMENTWISE else max(s.input.numel(), 1)
     t64_in, t64_args, t64_kw = (_clone(_to64(a)) for a in (s.input, s.args, s.kwargs))
     leaves64 = _leaves((t64_in, t64_args, t64_kw))
@@ -280,7 +281,8 @@ def _grads_like(out, leaves, theirs, seed):
     if not outs or not leaves:
         return []
     gen = torch.Generator().manual_seed(seed)
-    cots = [torch.randn(t.shape, generator=gen, dtype=torch.float64).to(o.dtype) for t, o in zip(shapes, outs)]
+    # on the outputs' device (CUDA on a GPU: autograd refuses a CPU gradient for a CUDA output)
+    cots = [torch.randn(t.shape, generator=gen, dtype=torch.float64).to(o.device, o.dtype) for t, o in zip(shapes, outs)]
     grads = torch.autograd.grad(outs, leaves, cots, allow_unused=True)
     return [torch.zeros_like(leaf) if g is None else g for g, leaf in zip(grads, leaves)]
 
