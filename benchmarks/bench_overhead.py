@@ -495,7 +495,7 @@ def summary(rows) -> list[dict]:
     res = []
     for r in rows:
         s = r.get("loop_seconds") or r["seconds"]
-        for b in ("reference", "triton", "cupy"):
+        for b in harness.OUR_BACKENDS:
             if b not in s or "torch" not in s:
                 continue
             limit = 3.0 if r["name"].endswith(" fwd") else 2.0

@@ -27,6 +27,8 @@ import torch
 
 from gpu_nn import _tuning
 
+from .suite import PROVIDERS
+
 
 @dataclasses.dataclass
 class Case:
@@ -230,7 +232,7 @@ def run_case(case: Case, providers=None, warmup: int = 2, reps: int = 7, max_tim
 HOST_BOUND = 0.9  # host seconds at least this share of the device seconds: in a loop the launches set the pace
 
 
-OUR_BACKENDS = ("reference", "triton", "cupy")
+OUR_BACKENDS = PROVIDERS  # (suite's, the --backend choices)
 
 
 def is_ours(provider: str) -> bool:

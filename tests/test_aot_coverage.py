@@ -272,6 +272,11 @@ def _mismatches(launch: Launch, spec) -> list[str]:
     return out
 
 
+def _kernel_specs(launch: Launch, specs_by_family) -> list:
+    """The specs of ``launch``'s kernel (in its family's list)."""
+    return [s for s in specs_by_family[_family_of(launch.kernel)] if _fn(s.kernel) is _fn(launch.kernel)]
+
+
 def unmatched(launches, specs_by_family) -> list[str]:
     """One report line per distinct launch that no spec of its kernel's family matches."""
     report, done = [], set()
@@ -280,8 +285,7 @@ def unmatched(launches, specs_by_family) -> list[str]:
             continue
         done.add(la.key())
         fam = _family_of(la.kernel)
-        same_kernel = [s for s in specs_by_family[fam] if _fn(s.kernel) is _fn(la.kernel)]
-        diffs = [(_mismatches(la, s), s) for s in same_kernel]
+        diffs = [(_mismatches(la, s), s) for s in _kernel_specs(la, specs_by_family)]
         if any(not d for d, _ in diffs):
             continue
         line = f"[{fam}] {la.describe()}"
@@ -615,8 +619,7 @@ def retyped(launches, specs_by_family) -> set:
     for la in launches:
         if not la.aot or la.key() in out:
             continue
-        same = [s for s in specs_by_family[_family_of(la.kernel)] if _fn(s.kernel) is _fn(la.kernel)]
-        spec = next((s for s in same if not _mismatches(la, s)), None)
+        spec = next((s for s in _kernel_specs(la, specs_by_family) if not _mismatches(la, s)), None)
         if spec is None:
             continue  # (unmatched() reports it)
         for n, t in la.runtime.items():
@@ -683,7 +686,8 @@ def test_every_launch_is_in_aot_specs(family, monkeypatch, tmp_path):
         _run_check_cases(family, rng)
         EXTRAS[family](rng, monkeypatch, rec)
     assert rec.launches, f"{family}: no Triton launch recorded"
-    report = unmatched(rec.launches, _all_specs())
+    specs = _all_specs()
+    report = unmatched(rec.launches, specs)
     distinct = len({la.key() for la in rec.launches})
     assert not report, (f"{family}: {len(report)} of {distinct} distinct launch configurations are missing from "
                         "aot_specs() (never compiled for sm_90):\n" + "\n".join(report))
@@ -691,7 +695,7 @@ def test_every_launch_is_in_aot_specs(family, monkeypatch, tmp_path):
     # arguments on a GPU: the AOT specs type run-time ints as i32, the JIT makes an int equal to 1
     # a constant (the H200 at 09f2311: every 1-d tiled pooling failed to compile there, a helper
     # calling .to on such a constant, which neither the interpreter nor the specs met)
-    rows = specialised_rows(rec.launches, retyped(rec.launches, _all_specs()))
+    rows = specialised_rows(rec.launches, retyped(rec.launches, specs))
     failed = frontend_failures(rows, tmp_path) if rows else []
     assert not failed, (f"{family}: {len(failed)} of {len(rows)} specialised launches fail Triton's front end for "
                         "sm_90:\n" + "\n".join(f"{r['kernel']} from {next(x['where'] for x in rows if x['kernel'] == r['kernel'])}: "

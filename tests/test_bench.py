@@ -871,9 +871,6 @@ def test_rnn_defaults_read_the_switches_off_a_run():
     def sh(N, dtype="float32", extra="", H=512):
         return f"T=50 N={N} I={H} H={H}{extra} {dtype}"
 
-    def _label(r):
-        return f"{r['name']} {r['shape']}"
-
     cur = {"persist_default_max_b": 16, "persist_max_b": 64, "persistent_bwd_by_default": False}
     rows = [row("lstm fwd", sh(4), triton=2.0, triton_persistent=1.0, triton_persistent_l2=1.2),
             row("lstm fwd", sh(16), triton=2.0, triton_persistent=1.5, triton_persistent_l2=1.4),
@@ -905,7 +902,7 @@ def test_rnn_defaults_read_the_switches_off_a_run():
             for H in (kt.RESIDENT_BWD_MAX_KP, 2 * kt.RESIDENT_BWD_MAX_KP)]
     assert 2 * kt.RESIDENT_BWD_MAX_KP <= kt.RESIDENT_MAX_KP  # (the forward alone would be resident at both)
     r2 = rd.decide(both, cur)["resident"]
-    assert list(r2["cases"]) == [_label(both[0])] and r2["not_resident"] == [_label(both[1])]
+    assert list(r2["cases"]) == [rd._label(both[0])] and r2["not_resident"] == [rd._label(both[1])]
     # the persistent forward losing at N=16 stops the bound at 4; a backward that loses turns it off
     rows[1]["seconds"]["triton-persistent"] = 2.1
     rows[3]["seconds"]["triton-persistent"] = 4.5  # bwd 3.0 vs 3.5
