@@ -58,6 +58,19 @@ def backend_dtype_params(have=("reference", "triton", "cupy")):
     return out
 
 
+def latin_cover(rows, cols, values):
+    """``(row, col, value)`` for every row and column, the value the ``(i + j) mod len(values)``-th:
+    every (row, column) pair meets once, and where rows and columns each number at least
+    ``len(values)``, every row and every column meets each value (a Latin rectangle: all pairs of
+    the three factors, a ``len(values)``-th of their product). What it gives up is the three-way
+    combinations: a fault that needs one row, one column and one value together to show. Used
+    where each cell costs seconds of the interpreter's time and the third factor is a dtype or a
+    dot precision the kernels take through the same code."""
+    if len(rows) < len(values) or len(cols) < len(values):
+        raise ValueError(f"{len(rows)} rows and {len(cols)} columns cannot meet each of {len(values)} values")
+    return [(r, c, values[(i + j) % len(values)]) for i, r in enumerate(rows) for j, c in enumerate(cols)]
+
+
 INTERP_DTYPES = tuple(
     getattr(torch, name.strip())
     for name in os.environ.get("GPU_NN_TEST_INTERP_DTYPES", "float32,float16,bfloat16").split(",")

@@ -16,8 +16,8 @@ import gpu_nn.functional as F
 from gpu_nn import nn as gnn
 from gpu_nn.ops import rnn as ops
 from gpu_nn.reference import rnn as ref
-from helpers import (EPS, assert_close, backend_dtype_params, backend_params, concurrent_programs, gpu_dtypes_for,
-                     interpreted_launches, max_rel_err, randn)
+from helpers import (EPS, INTERP_DTYPES, assert_close, backend_dtype_params, backend_params, concurrent_programs,
+                     gpu_dtypes_for, interpreted_launches, latin_cover, max_rel_err, randn)
 
 MODES = ("rnn_tanh", "rnn_relu", "lstm", "gru")
 MODULES = {
@@ -1003,9 +1003,41 @@ BACKEND_GRID = [
 ]
 
 
-@pytest.mark.parametrize("backend,device,dtype", backend_dtype_params(("triton", "cupy")))
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("cfg", BACKEND_GRID, ids=lambda c: f"T{c[0]}B{c[1]}H{c[3]}L{c[4]}{'bi' if c[5] else ''}{'len' if c[6] else ''}")
+def test_latin_cover_meets_every_pair_of_the_three_factors():
+    """The reduced grids below rely on it: every (row, col), (row, value) and (col, value) pair
+    meets, each (row, col) once; too few rows or columns for the values is refused."""
+    import itertools
+
+    for rows, cols, values in ((BACKEND_GRID, MODES, INTERP_DTYPES), ((0, 1), (0, 1, 2), ("a", "b")),
+                               ((0, 1, 2), (0, 1), ("a", "b")), ((0, 1, 2), (0, 1, 2), ("a", "b", "c"))):
+        cells = latin_cover(rows, cols, values)
+        assert len(cells) == len(rows) * len(cols)
+        assert {(id(r), id(c)) for r, c, _ in cells} == {(id(r), id(c)) for r, c in itertools.product(rows, cols)}
+        assert {(id(r), v) for r, _, v in cells} == {(id(r), v) for r in rows for v in values}
+        assert {(id(c), v) for _, c, v in cells} == {(id(c), v) for c in cols for v in values}
+    with pytest.raises(ValueError, match="cannot meet"):
+        latin_cover((0,), (0, 1, 2), ("a", "b"))
+
+
+def _backend_sequence_params():
+    """Every shape x mode x dtype on a GPU; under the interpreter (seconds a case) each shape x
+    mode in one dtype of a Latin rectangle (helpers.latin_cover: every shape and every mode meets
+    each dtype; 16 cases instead of 48)."""
+    ids = {id(c): f"T{c[0]}B{c[1]}H{c[3]}L{c[4]}{'bi' if c[5] else ''}{'len' if c[6] else ''}" for c in BACKEND_GRID}
+    interp_dtype = {(id(c), m): dt for c, m, dt in latin_cover(BACKEND_GRID, MODES, INTERP_DTYPES)}
+    out = []
+    for cfg in BACKEND_GRID:
+        for mode in MODES:
+            for p in backend_dtype_params(("triton", "cupy")):
+                backend, device, dtype = p.values
+                if backend == "triton" and device == "cpu" and dtype != interp_dtype[id(cfg), mode]:
+                    continue
+                out.append(pytest.param(backend, device, dtype, mode, cfg, marks=p.marks,
+                                        id=f"{ids[id(cfg)]}-{mode}-{p.id}"))
+    return out
+
+
+@pytest.mark.parametrize("backend,device,dtype,mode,cfg", _backend_sequence_params())
 def test_backend_sequence_matches_reference(backend, device, dtype, mode, cfg, rng):
     _seq_against_reference(backend, device, mode, dtype, rng, *cfg, batch_first=cfg[0] == 4)
 
@@ -1625,9 +1657,16 @@ def test_persistent_loops_past_the_barrier_count_run_per_step(monkeypatch, rng):
         assert_close(y.cpu(), want, torch.float32, k=16, what=f"T={T}")
 
 
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("cfg", PERSIST_GRID, ids=lambda c: "T{}B{}H{}L{}{}{}{}{}".format(
-    c[0], c[1], c[3], c[4], "bi" if c[5] else "", "len" if c[6] else "", "" if c[7] else "nobias", "mask" if c[8] else ""))
+# the Elman modes share one kernel but for the activation (a constexpr): each shape runs one of
+# them, in turn, beside the LSTM and the GRU
+ELMAN_IN_TURN = ("rnn_tanh", "rnn_relu")
+
+
+@pytest.mark.parametrize("cfg,mode", [(c, m) for i, c in enumerate(PERSIST_GRID)
+                                      for m in (ELMAN_IN_TURN[i % 2], "lstm", "gru")],
+                         ids=lambda v: v if isinstance(v, str) else "T{}B{}H{}L{}{}{}{}{}".format(
+                             v[0], v[1], v[3], v[4], "bi" if v[5] else "", "len" if v[6] else "",
+                             "" if v[7] else "nobias", "mask" if v[8] else ""))
 def test_persistent_forward_matches_reference(mode, cfg, rng, monkeypatch):
     """Outputs, final states, every reserve entry, and the gradients of the per-step backward
     that reads that reserve, against the float64 reference. In the interpreter with exactly one
@@ -1854,9 +1893,11 @@ def _resident_tiles_setup(dot, monkeypatch):
     return kt, dev, code, dtype, kps
 
 
-@pytest.mark.parametrize("mode", ("rnn_tanh", "lstm", "gru"))
-@pytest.mark.parametrize("dot", ("tf32", "bf16"))
-@pytest.mark.parametrize("pair", (False, True), ids=("one", "pair"))
+# the two dot precisions (W_hh resident in float32 or bfloat16) over the tile tests' other two
+# factors in a Latin rectangle (helpers.latin_cover): every pair of the three factors meets
+@pytest.mark.parametrize("pair,mode,dot", [
+    pytest.param(p, m, d, id=f"{'pair' if p else 'one'}-{d}-{m}")
+    for p, m, d in latin_cover((False, True), ("rnn_tanh", "lstm", "gru"), ("tf32", "bf16"))])
 def test_resident_weights_follow_each_programs_tile(mode, dot, pair, rng, monkeypatch):
     """Several programs, one tile each (B=20, H=33: two batch tiles x three hidden tiles a
     direction), each loading its own tile's W_hh rows (``_resident_w`` at ``pid % nh``; in the
@@ -1900,9 +1941,9 @@ def test_resident_weights_follow_each_programs_tile(mode, dot, pair, rng, monkey
         torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("mode", ("rnn_tanh", "lstm", "gru"))  # rnn_relu: rnn_tanh's kernel but for the activation
-@pytest.mark.parametrize("dot", ("tf32", "bf16"))
-@pytest.mark.parametrize("way", ("forward", "reverse", "pair"))
+@pytest.mark.parametrize("way,mode,dot", [  # rnn_relu: rnn_tanh's kernel but for the activation
+    pytest.param(w, m, d, id=f"{w}-{d}-{m}")
+    for w, m, d in latin_cover(("forward", "reverse", "pair"), ("rnn_tanh", "lstm", "gru"), ("tf32", "bf16"))])
 def test_resident_backward_shares_cross_the_tiles(mode, dot, way, rng, monkeypatch):
     """The resident persistent backward across programs (B=20, H=33: two batch tiles x three
     hidden tiles a direction, one program each, all concurrent: concurrent_programs under the
@@ -2771,9 +2812,13 @@ def test_pair_loops_equal_two_one_direction_loops(mode, has_bhh, masked):
             assert a[k] is None or _same(a[k], b[k]), k
 
 
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("reverse", [False, True])
-@pytest.mark.parametrize("lengths", [None, (5, 2, 0, 4), (5, 2, 0, 4) * 5], ids=["full", "len", "len2tiles"])
+_LOOP_LENGTHS = {"full": None, "len": (5, 2, 0, 4), "len2tiles": (5, 2, 0, 4) * 5}
+
+
+@pytest.mark.parametrize("mode,reverse,lengths", [
+    pytest.param(m, rev, _LOOP_LENGTHS[name], id=f"{name}-{rev}-{m}")
+    for name, rev, elman in latin_cover(list(_LOOP_LENGTHS), [False, True], ELMAN_IN_TURN)
+    for m in (elman, "lstm", "gru")])
 def test_persistent_backward_equals_per_step_loop(mode, reverse, lengths):
     """loop_backward (the whole backward time loop of one layer and direction in one launch)
     leaves carry, dc and every gate gradient exactly as steps_backward's launch per step does:
