@@ -3206,6 +3206,36 @@ def test_fx_symbolic_trace_records_recurrent_modules_whole_as_torchs(mode):
     torch.testing.assert_close(graphs[1](x, h0), ours(x, h0))
 
 
+@pytest.mark.parametrize("mode", ["RNN", "LSTM", "GRU", "RNNCell", "LSTMCell", "GRUCell"])
+def test_fx_symbolic_trace_of_a_subclass_with_its_own_forward_fails_as_torchs(mode):
+    """A subclass of our recurrent layer or cell with a forward of its own that calls ours through
+    super(): symbolic tracing fails as it does for the same subclass of torch's (TraceError: torch's
+    forward branches on the Proxy). Recorded whole, its call_module node ran the subclass's whole
+    forward again at run time: a ``[0]`` after super() taken twice gave the first step only, no
+    error. A subclass without a forward of its own is still recorded whole and traces right."""
+    seq = "Cell" not in mode
+    x = torch.randn(5, 3, 4) if seq else torch.randn(3, 4)
+
+    def subclass(base, own_forward):
+        body = {"forward": lambda self, inp: base.forward(self, inp.tanh())[0]} if own_forward else {}
+        return type("Sub" + mode, (base,), body)
+
+    for own in (True, False):
+        torch.manual_seed(0)
+        theirs = torch.nn.Sequential(subclass(getattr(torch.nn, mode), own)(4, 6))
+        ours = torch.nn.Sequential(subclass(getattr(gnn, mode), own)(4, 6))
+        ours.load_state_dict(theirs.state_dict())
+        if own:
+            for m in (theirs, ours):
+                with pytest.raises(torch.fx.proxy.TraceError, match="cannot be used as inputs to control flow"):
+                    torch.fx.symbolic_trace(m)
+            continue
+        traced = torch.fx.symbolic_trace(ours)
+        assert [n.op for n in traced.graph.nodes] == ["placeholder", "call_module", "output"]
+        first = lambda r: r[0] if isinstance(r, tuple) else r  # noqa: E731
+        torch.testing.assert_close(first(traced(x)), first(theirs(x)))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: two CUDA streams, one held back by a GPU sleep")
 @pytest.mark.parametrize("backend", ["triton", "cupy"])
 def test_full_lengths_kept_per_stream(backend):

@@ -146,6 +146,12 @@ def _traced_whole(module, input, hx):
     proxy = next((a for a in (input, *states) if isinstance(a, torch.fx.Proxy)), None)
     if proxy is None:
         return None
+    if type(module).forward not in _WHOLE_FORWARDS:
+        # a subclass with a forward of its own, calling ours through super() with arguments it
+        # made: a call_module node would run its whole forward again at run time (its own code
+        # twice, silently). Refused as torch's own recurrent modules are there (their forward
+        # branches on the proxy); a tracer that takes the subclass as a leaf never comes here
+        raise torch.fx.proxy.TraceError("symbolically traced variables cannot be used as inputs to control flow")
     tracer = proxy.tracer
     return tracer.create_proxy("call_module", tracer.path_of_module(module), (input,) if hx is None else (input, hx), {})
 
@@ -217,3 +223,8 @@ class GRUCell(NotScriptable, torch.nn.GRUCell):
             return traced
         _check_cell_dims("GRUCell", input, [(None, hx)])
         return ops.gru_cell(input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+
+
+# the forwards a call_module node may stand for under symbolic tracing (_traced_whole): ours,
+# which a subclass without a forward of its own inherits
+_WHOLE_FORWARDS = frozenset(c.forward for c in (RNN, LSTM, GRU, RNNCell, LSTMCell, GRUCell))
