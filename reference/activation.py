@@ -10,8 +10,9 @@ from ._errstate import quiet
 
 
 def relu(x: np.ndarray) -> np.ndarray:
-    # np.maximum propagates NaN, which is torch's rule too: relu(NaN) = NaN
-    return np.maximum(x, x.dtype.type(0))
+    # torch's clamp_min(x, 0): 0 where x < 0, x itself elsewhere, so NaN stays NaN and -0.0 stays
+    # -0.0 (np.maximum gives +0.0 there)
+    return np.where(np.less(x, 0), x.dtype.type(0), x)
 
 
 def relu_backward(grad_out: np.ndarray, out: np.ndarray) -> np.ndarray:

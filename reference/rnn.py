@@ -196,7 +196,7 @@ def _dir_forward(mode, xin, w_ih, w_hh, b_ih, b_hh, G, Hs, Cs, reverse, valid, w
             if mode == "rnn_tanh":
                 np.tanh(hn, out=hn)
             else:
-                np.maximum(hn, 0, out=hn)
+                np.copyto(hn, 0, where=hn < 0)  # torch's relu: NaN and -0.0 kept
         if valid is not None and not valid[t].all():
             inv = ~valid[t]
             hn[inv] = hp[inv]
@@ -590,7 +590,7 @@ def cell_forward(mode, x, h, c, w_ih, w_hh, b_ih=None, b_hh=None):
     if mode == "rnn_tanh":
         np.tanh(hn, out=hn)
     else:
-        np.maximum(hn, _consts(hn.dtype)[2], out=hn)
+        np.copyto(hn, _consts(hn.dtype)[2], where=hn < 0)  # torch's relu: NaN and -0.0 kept
     return hn, None, None
 
 

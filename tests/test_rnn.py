@@ -2377,10 +2377,11 @@ def test_relu_recurrence_at_nan_inf_and_zero_is_torchs(rng):
     for fn in (lib.host_rnn_fwd, lib.host_rnn_bwd):
         fn.restype = None
     p32 = pre[0].float().numpy().copy()
-    zeros = np.zeros_like(p32)
+    zeros = np.full_like(p32, -0.0)  # -0.0 + -0.0 stays -0.0: torch's relu keeps it
     hout = np.empty_like(p32)
     lib.host_rnn_fwd(1, ctypes.c_int(H), fptr(p32), fptr(zeros), fptr(hout))
     np.testing.assert_array_equal(hout, want_h[0].float().numpy())
+    np.testing.assert_array_equal(np.signbit(hout), torch.signbit(want_h[0]).numpy())
     d = np.empty_like(p32)
     lib.host_rnn_bwd(1, ctypes.c_int(H), fptr(np.ones_like(p32)), fptr(hout), fptr(d))
     np.testing.assert_array_equal(d, want_g[0].float().numpy())

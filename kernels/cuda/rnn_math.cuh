@@ -19,7 +19,7 @@ GN_HD float gn_sigmoid(float x) {
 
 GN_HD float gn_rnn_fwd(int relu, float x, float hh) {
     float p = x + hh;
-    return relu ? ((p > 0.0f || p != p) ? p : 0.0f) : tanhf(p);  // relu keeps NaN, as torch
+    return relu ? (p < 0.0f ? 0.0f : p) : tanhf(p);  // relu keeps NaN and -0.0, as torch's clamp_min
 }
 
 GN_HD void gn_lstm_fwd(const float* x, const float* hh, float cp, float* g, float* c, float* h) {

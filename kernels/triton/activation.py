@@ -21,8 +21,8 @@ BLOCK = 1024
 def _apply_act(x, ACT: tl.constexpr):
     """Activation of a float32 tile."""
     if ACT == 1:
-        # x > 0 keeps NaN out of the "true" branch; where() then keeps NaN via the x != x test
-        x = tl.where((x > 0) | (x != x), x, 0.0)
+        # torch's clamp_min(x, 0): 0 where x < 0, x elsewhere (NaN and -0.0 kept as they are)
+        x = tl.where(x < 0, 0.0, x)
     elif ACT == 2:
         e = tl.exp(-tl.abs(x))
         x = tl.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))

@@ -312,9 +312,9 @@ def _cell_update(xg, hp, cp, acc0, acc1, acc2, acc3, bhh_ptr, rh, mh, m2, H, MOD
     if MODE == 0:
         h_new = _tanh(tl.load(xg, mask=m2, other=0.0) + acc0)
     elif MODE == 1:
-        # relu keeping NaN (tl.maximum would drop it on the GPU)
+        # relu as torch's clamp_min: NaN and -0.0 kept (tl.maximum would drop NaN on the GPU)
         pre = tl.load(xg, mask=m2, other=0.0) + acc0
-        h_new = tl.where((pre > 0) | (pre != pre), pre, 0.0)
+        h_new = tl.where(pre < 0, 0.0, pre)
     elif MODE == 2:
         gi = _sigmoid(tl.load(xg, mask=m2, other=0.0) + acc0)
         gf = _sigmoid(tl.load(xg + H, mask=m2, other=0.0) + acc1)
