@@ -362,6 +362,54 @@ def _grads(rng, dtype, device="cpu", scale=1.0):
     return ps
 
 
+@pytest.mark.parametrize("backend,device", backend_params(("reference", "triton", "cupy")))
+@pytest.mark.parametrize("name", NAMES)
+def test_step_moves_the_version_counters_as_torchs_in_place_step(backend, device, name):
+    """A step changes the parameters in place, as torch's does with in-place ops: their version
+    counters move, so a second backward through a graph that saved them before the step fails as
+    torch's does ("modified by an inplace operation"). Ours wrote past autograd (the kernels, the
+    reference's NumPy views): the counter stayed, and that backward quietly mixed old and new
+    weights; the kept plan's step (a second step over the same tensors) too. float16 as well."""
+    for dtype in (torch.float32, torch.float16):
+        w = torch.nn.Parameter(torch.tensor([1.0, 2.0, 3.0], dtype=dtype, device=device))
+        opt = getattr(go, name)([w], lr=0.1)
+        for step in range(2):
+            loss = (w * w).sum()
+            loss.backward(retain_graph=True)
+            before = w._version
+            with gpu_nn.backend(backend):
+                opt.step()
+            assert w._version > before, (name, dtype, step)
+            with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+                loss.backward()
+            w.grad = None
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
+def test_clip_grad_norm_moves_the_gradients_version_counters(backend, device):
+    """torch's clip_grad_norm_ scales the gradients with mul_ (always, the factor clamped to 1):
+    their version counters move; ours did not (kernels, NumPy views)."""
+    p = [torch.nn.Parameter(torch.ones(3, device=device)) for _ in range(2)]
+    for t in p:
+        t.grad = torch.full((3,), 10.0, device=device)
+    before = [t.grad._version for t in p]
+    with gpu_nn.backend(backend):
+        clip_grad_norm_(p, 1.0)
+    assert all(t.grad._version > v for t, v in zip(p, before))
+
+
+def test_a_gradient_with_the_negative_bit_steps_as_torchs():
+    """A gradient that is a negative view (torch._neg_view: the sign a lazy bit) steps as torch's
+    step takes it; the reference handed it to numpy(), which refuses the bit."""
+    for name in NAMES:
+        ps = [torch.nn.Parameter(torch.tensor([1.0, -2.0, 3.0])) for _ in range(2)]
+        opts = [getattr(go, name)([ps[0]], lr=0.1), getattr(torch.optim, name)([ps[1]], lr=0.1)]
+        for p, opt in zip(ps, opts):
+            p.grad = torch._neg_view(torch.tensor([0.5, 1.0, -2.0]))
+            opt.step()
+        torch.testing.assert_close(ps[0], ps[1], msg=name)
+
+
 @pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
 @pytest.mark.parametrize("norm_type", [2.0, float("inf"), 1.0, 3.0])
 @pytest.mark.parametrize("max_norm", [0.5, 1e6])

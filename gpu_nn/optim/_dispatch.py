@@ -14,6 +14,7 @@ reference backend) goes through a host copy that is written back.
 from __future__ import annotations
 
 import torch
+from torch.autograd.graph import increment_version
 
 from .. import _backend
 from .._errors import KernelInputError
@@ -110,6 +111,11 @@ def run_parts(kind: str, parts_: list, hp: dict, grads) -> None:
     tensor_lr = type(lr) is not float and isinstance(lr, torch.Tensor)  # the float test first: the hot path
     host_hp = None
     for part in parts_:
+        # the parameters change in place, as torch's step changes them with in-place ops: their
+        # version counters move, so a backward through a graph that saved them before the step
+        # fails as torch's does ("modified by an inplace operation") instead of mixing old and
+        # new weights (the kernels and the reference's NumPy views write past autograd)
+        increment_version(part.params)
         if part.device.type == "meta":  # no data (deferred initialisation): torch's step computes
             for s in part.steps:  # nothing there either; its step counts (CPU tensors) advance
                 s.add_(1)
@@ -159,7 +165,9 @@ class _Host:
             return None
         if t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) and not t.is_conj() and not t.is_neg():
             return t.detach().numpy()
-        a = t.detach().to("cpu", torch.float32 if t.dtype != torch.float64 else torch.float64).numpy().copy()
+        # (resolve_neg: a tensor with the negative bit set, already CPU float32, comes back from
+        # to() as it is, and numpy() refuses it)
+        a = t.detach().to("cpu", torch.float32 if t.dtype != torch.float64 else torch.float64).resolve_neg().numpy().copy()
         self._back.append((t, a))
         return a
 
@@ -167,7 +175,7 @@ class _Host:
     def inp(t):
         if t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) and not t.is_conj() and not t.is_neg():
             return t.detach().numpy()
-        return t.detach().to("cpu", torch.float32 if t.dtype != torch.float64 else torch.float64).numpy()
+        return t.detach().to("cpu", torch.float32 if t.dtype != torch.float64 else torch.float64).resolve_neg().numpy()
 
     def write_back(self):
         for t, a in self._back:

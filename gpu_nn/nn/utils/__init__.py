@@ -8,6 +8,7 @@ import types
 import warnings
 
 import torch
+from torch.autograd.graph import increment_version
 
 from ... import _backend
 from ..._errors import KernelInputError, KernelInputNotImplementedError
@@ -58,8 +59,12 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_i
         with device_guard(grads[0].device):
             out = _promoted_dtype(grads)
             total = _triton.clip_grad_norm(grads, max_norm, norm_type, error_if_nonfinite, out)  # float32
+        increment_version(grads)
         return total if out == torch.float32 else total.to(out)
-    return _clip_reference(grads, max_norm, norm_type, error_if_nonfinite)
+    total = _clip_reference(grads, max_norm, norm_type, error_if_nonfinite)
+    # the gradients were scaled in place (torch's mul_): their version counters move as torch's do
+    increment_version(grads)
+    return total
 
 
 def _clip_reference(grads, max_norm, norm_type, error_if_nonfinite):
