@@ -144,6 +144,95 @@ def test_state_dict_swap_mid_run(name, kw, direction):
     assert _max_err(mc, mb) <= 1e-10
 
 
+@pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name,kw", CONFIGS, ids=IDS)
+def test_half_parameters_resume_from_a_checkpoint_bit_for_bit(backend, device, dtype, name, kw):
+    """Our float16 / bfloat16 parameters keep float32 state; a run saved and loaded into a new
+    optimizer (state_dict through a deep copy, as torch.save / load) goes on exactly as the run
+    that was not interrupted. torch's load casts the state to the parameter's dtype: our float32
+    moments were rounded (Adam's small second moments to 0) and the resumed float16 run moved
+    1.4x as far as the other."""
+    def run(resume):
+        torch.manual_seed(0)
+        ps = [torch.nn.Parameter((torch.randn(7, 5) * 0.1).to(device, dtype)), torch.nn.Parameter(torch.zeros(3, device=device, dtype=dtype))]
+        opt = getattr(go, name)(ps, **kw)
+        g = torch.Generator().manual_seed(1)
+        for i in range(6):
+            if resume and i == 3:
+                sd = copy.deepcopy(opt.state_dict())
+                assert all(v.dtype == torch.float32 for s in sd["state"].values() for k, v in s.items() if k != "step")
+                opt = getattr(go, name)(ps, **kw)
+                opt.load_state_dict(sd)
+            for p in ps:
+                p.grad = (torch.randn(p.shape, generator=g) * 2e-3).to(device, dtype)
+            with gpu_nn.backend(backend):
+                opt.step()
+        return [p.detach().clone() for p in ps], opt
+    (once, _), (resumed, opt) = run(False), run(True)
+    for a, b in zip(once, resumed):
+        assert torch.equal(a, b), f"{name} {dtype}: resumed {b} != uninterrupted {a}"
+    assert all(v.dtype == torch.float32 for s in opt.state.values() for k, v in s.items() if k != "step")
+
+
+_TENSOR_HP = [("SGD", dict(lr=0.1, momentum=0.9, weight_decay=0.1)), ("AdamW", dict(lr=0.01, weight_decay=0.1, eps=1e-3)),
+              ("Adam", dict(lr=0.01, eps=1e-3)), ("RMSprop", dict(lr=0.01, alpha=0.9, momentum=0.5, eps=1e-3)),
+              ("Adadelta", dict(rho=0.5, eps=1e-3, weight_decay=0.1)), ("Adagrad", dict(lr=0.1, lr_decay=0.1, eps=1e-3))]
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
+@pytest.mark.parametrize("name,kw", _TENSOR_HP, ids=[n for n, _ in _TENSOR_HP])
+def test_tensor_hyperparameters_step_as_torchs(backend, device, name, kw):
+    """0-d tensors for the hyperparameters other than lr (momentum, weight_decay, eps, alpha, rho,
+    lr_decay), which torch's steps take: the reference's NumPy refused them (a TypeError after
+    the step count had moved). Against torch in float64 on the reference (the kernels' float32
+    on the Triton backend): torch computes some of its step scalars in the tensors' float32
+    (Adagrad's decayed lr), hence float32's bound."""
+    dtype = torch.float64 if backend == "reference" else torch.float32
+    ps = [torch.nn.Parameter(torch.linspace(-1, 1, 7, dtype=dtype, device=device)) for _ in range(2)]
+    hp = {k: (v if k == "lr" else torch.tensor(v)) for k, v in kw.items()}
+    opts = [getattr(go, name)([ps[0]], **hp), getattr(torch.optim, name)([ps[1]], **hp)]
+    for i in range(4):
+        for p, o in zip(ps, opts):
+            p.grad = torch.cos(torch.arange(7.0, dtype=dtype, device=device) + i)
+            with gpu_nn.backend(backend):
+                o.step()
+    torch.testing.assert_close(ps[0], ps[1], rtol=1e-6 if dtype == torch.float64 else 1e-5, atol=1e-7)
+
+
+def test_state_of_another_shape_refused_with_torchs_error():
+    """A state_dict loaded onto parameters of other shapes (another model; the same parameters in
+    another order): the step raises torch's error where it was reshaped onto the parameters (the
+    same number of elements: trained on scrambled moments, no error). SGD's momentum buffer in
+    a gradient's shape that broadcasts to the parameter (torch's SGD keeps it so) loads and steps
+    as torch's."""
+    for a_shape, b_shape, msg in (((2, 6), (3, 4), r"size of tensor a \(6\) must match the size of tensor b \(4\) "
+                                   r"at non-singleton dimension 1"),
+                                  ((1, 6), (2, 6), r"output with shape \[1, 6\] doesn't match the broadcast shape \[2, 6\]")):
+        for mod in (torch.optim, go):
+            src_p = torch.nn.Parameter(torch.ones(a_shape))
+            src = mod.Adam([src_p], lr=0.1)
+            src_p.grad = torch.ones(a_shape)
+            src.step()
+            dst_p = torch.nn.Parameter(torch.ones(b_shape))
+            dst = mod.Adam([dst_p], lr=0.1)
+            dst.load_state_dict(src.state_dict())
+            dst_p.grad = torch.ones(b_shape)
+            with pytest.raises(RuntimeError, match=msg):
+                dst.step()
+    ps = [torch.nn.Parameter(torch.arange(12.0).reshape(2, 6)) for _ in range(2)]
+    opts = [torch.optim.SGD([ps[0]], lr=0.1, momentum=0.9), go.SGD([ps[1]], lr=0.1, momentum=0.9)]
+    opts[0].state[ps[0]]["momentum_buffer"] = torch.linspace(-1, 1, 6).reshape(1, 6)
+    opts[1].load_state_dict(copy.deepcopy(opts[0].state_dict()))
+    for _ in range(3):
+        for p, o in zip(ps, opts):
+            p.grad = torch.zeros(2, 6)
+            p.grad.data = torch.linspace(0, 1, 6).reshape(1, 6)  # (set through .data: autograd's check skipped)
+            o.step()
+    torch.testing.assert_close(ps[1], ps[0])
+    assert opts[1].state[ps[1]]["momentum_buffer"].shape == (2, 6)
+
+
 def test_scheduler_and_closure():
     dtype = torch.float64
     x, y = _batch(dtype)

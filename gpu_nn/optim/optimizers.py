@@ -15,7 +15,10 @@ What differs from torch:
   per-parameter checks, state look-ups and launch-table builds and launches at once: the host
   cost of a training loop's step is a fixed, small part of the kernel's time.
 * float16/bfloat16 parameters keep float32 optimizer state (torch keeps it in the parameter's
-  dtype); a state loaded in another dtype is widened on the next step.
+  dtype), through ``state_dict()`` / ``load_state_dict()`` too (torch's load would cast it to the
+  parameter's dtype), so a resumed run goes on exactly as the uninterrupted one; a state loaded in
+  another dtype (torch's optimizer's) is widened on the next step. A loaded state tensor of
+  another shape than its parameter raises torch's error at the step.
 * On CUDA, ``state["step"]`` lives on the parameter's device (as torch's fused/capturable
   path keeps it), so a step never synchronises with the host. A learning rate given as a
   1-element float32 tensor on the parameters' device is read by the kernels on the device when
@@ -71,12 +74,18 @@ def _lr_arg(lr):
 
 
 def _real(group, key):
-    """A numeric hyperparameter of ``group`` for a step, as it is: a number or a tensor; anything
-    else (a string, None, a list set on the group after construction) a TypeError before the step
-    makes any state, where it reached NumPy's or the kernels' own error (an audit's find; torch's
-    step fails with a TypeError of its arithmetic's wording, which differs per optimizer)."""
+    """A numeric hyperparameter of ``group`` for a step: a number as it is, a (1-element) tensor
+    as its value (torch's steps take a 0-d tensor momentum, eps, weight decay...; the reference's
+    NumPy could not, and the kernels take their scalars by value); anything else (a string, None,
+    a list set on the group after construction) a TypeError before the step makes any state,
+    where it reached NumPy's or the kernels' own error (an audit's find; torch's step fails with a
+    TypeError of its arithmetic's wording, which differs per optimizer)."""
     v = group[key]
-    if type(v) is float or type(v) is int or isinstance(v, (numbers.Real, Tensor)):
+    if type(v) is float or type(v) is int:
+        return v
+    if isinstance(v, Tensor):
+        return float(v)
+    if isinstance(v, numbers.Real):
         return v
     raise KernelInputTypeError(f"optimizer hyperparameter '{key}' must be a number, not {type_name(v)}")
 
@@ -179,6 +188,27 @@ def _cast_error(dtype) -> Exception:
 
 def _scalar_dtype():
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def _state_of_shape(key: str, buf: Tensor, p: Tensor) -> Tensor:
+    """A state tensor of another shape than its parameter's (a loaded state_dict from another
+    model, its parameters in another order): refused with the error torch's step raises on it
+    (its in-place update of the state with the parameter's gradient), never reshaped onto the
+    parameter (one of the same number of elements trained on scrambled moments). SGD's momentum
+    buffer, which torch's keeps in the gradient's shape where the gradient broadcasts to the
+    parameter, is broadcast to the parameter's shape (ours keeps it there; the same values)."""
+    try:
+        shape = torch.broadcast_shapes(buf.shape, p.shape)
+    except RuntimeError:
+        a, b = list(buf.shape), list(p.shape)
+        n = max(len(a), len(b))
+        a, b = [1] * (n - len(a)) + a, [1] * (n - len(b)) + b
+        d = max(i for i in range(n) if a[i] != b[i] and 1 not in (a[i], b[i]))
+        raise RuntimeError(f"The size of tensor a ({a[d]}) must match the size of tensor b ({b[d]}) "
+                           f"at non-singleton dimension {d}") from None
+    if key == "momentum_buffer" and tuple(shape) == tuple(p.shape):
+        return buf.expand(p.shape).clone()
+    raise RuntimeError(f"output with shape {list(buf.shape)} doesn't match the broadcast shape {list(shape)}")
 
 
 def _state_dtype(p: Tensor) -> torch.dtype:
@@ -305,6 +335,30 @@ class _Base(Optimizer):
             for k, v in self._SETDEFAULTS.items():
                 group.setdefault(k, v)
 
+    def load_state_dict(self, state_dict) -> None:
+        """torch's, but a float16 / bfloat16 parameter's float32 state stays float32: torch's
+        load casts every floating state tensor to its parameter's dtype, which rounded the float32
+        moments our half parameters keep (small second moments to 0), so a run resumed from its
+        own checkpoint went elsewhere than the run it was saved from (torch's own resumes bit for
+        bit). A state saved in the parameter's dtype (torch's optimizer) loads as torch loads it
+        and is widened at the next step."""
+        saved = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
+        state = state_dict.get("state") if isinstance(state_dict, dict) else None
+        keep = []
+        if saved and state and len(saved) == len(self.param_groups):
+            # the id map torch's load makes: saved ids to parameters, group by group, in order
+            ids = (i for g in saved for i in g.get("params", ()))
+            params = (p for g in self.param_groups for p in g["params"])
+            for i, p in zip(ids, params):
+                entry = state.get(i)
+                if p.dtype in (torch.float16, torch.bfloat16) and isinstance(entry, dict):
+                    keep += [(p, k, v) for k, v in entry.items()
+                             if k != "step" and torch.is_tensor(v) and v.dtype == torch.float32]
+        super().load_state_dict(state_dict)
+        for p, k, v in keep:
+            if k in self.state.get(p, ()):
+                self.state[p][k] = v.to(device=p.device)
+
     # -- state helpers -------------------------------------------------------------------
     def _new_step(self, p: Tensor) -> Tensor:
         # a CPU or meta parameter's on the CPU whatever torch.set_default_device says (torch's
@@ -333,7 +387,9 @@ class _Base(Optimizer):
             buf = torch.full_like(p, fill, dtype=dt, memory_format=torch.preserve_format)
             state[key] = buf
         elif buf.dtype != dt or buf.device != p.device or buf.shape != p.shape:
-            buf = buf.to(device=p.device, dtype=dt).reshape(p.shape)
+            if buf.shape != p.shape:
+                buf = _state_of_shape(key, buf, p)
+            buf = buf.to(device=p.device, dtype=dt)
             state[key] = buf
         return buf
 
