@@ -1999,3 +1999,71 @@ def test_cross_entropy_target_shape_errors_as_torch(ishape, tshape):
         assert str(ours.value) == str(e).splitlines()[0]
         return
     torch.testing.assert_close(F.cross_entropy(x, t), want)
+
+
+def _ce_weight_cases():
+    ce = []
+    for ishape in ((5,), (3, 5), (3, 5, 2), (3, 5, 2, 2), (3, 5, 2, 1, 2)):
+        spatial = ishape[2:]
+        good = () if len(ishape) == 1 else (ishape[0], *spatial)
+        targets = {"ok": good, "prob": ishape}
+        if len(ishape) > 1:
+            targets["batch"] = (4, *spatial)
+            targets["size"] = (ishape[0], *(s + 1 for s in spatial)) if spatial else (ishape[0], 2)
+        for tname, tshape in targets.items():
+            for wname in ("c", "c-1", "cx1", "f64", "c-1f64", "int"):
+                ce.append(pytest.param(ishape, tname, tshape, wname, id=f"{len(ishape)}d-{tname}-{wname}"))
+    return ce
+
+
+@pytest.mark.parametrize("ishape,tname,tshape,wname", _ce_weight_cases())
+def test_cross_entropy_weight_checked_in_torchs_order(ishape, tname, tshape, wname):
+    """The class weight's size and dtype checked where torch checks them: after the batch and
+    target checks, the size before the dtype, with torch's message per input rank (nll_loss's
+    for ranks 1 and 2, nll_loss2d's otherwise, which takes a weight of any shape holding C
+    elements); probability targets take an integer weight (promoted, as torch's) and check the
+    target's dtype first. Ours checked the weight first, with rank 2's message at every rank (a
+    parity audit). Where torch computes, both compute the same loss."""
+    C = 5
+    weights = {"c": torch.rand(C), "c-1": torch.rand(C - 1), "cx1": torch.rand(C, 1), "f64": torch.rand(C, dtype=torch.float64),
+               "c-1f64": torch.rand(C - 1, dtype=torch.float64), "int": torch.arange(1, C + 1)}
+    x = torch.randn(*ishape)
+    t = torch.rand(tshape).softmax(1 if len(tshape) > 1 else 0) if tname == "prob" else torch.randint(0, C, tshape)
+    w = weights[wname]
+    try:
+        want = TF.cross_entropy(x, t, weight=w)
+    except (RuntimeError, ValueError) as e:
+        with pytest.raises(gpu_nn.KernelInputError) as ours:
+            F.cross_entropy(x, t, weight=w)
+        assert str(ours.value) == str(e).splitlines()[0]
+        return
+    torch.testing.assert_close(F.cross_entropy(x, t, weight=w), want)
+
+
+def test_linear_errors_in_torchs_order():
+    """Bad shapes and dtypes together get torch's message, in torch's order: without a bias its
+    matmul finds the shapes wrong before the dtypes (a 1-D weight: the dot product's dtype first,
+    the matrix-vector product's sizes first, each in its words); with one, addmm finds the bias's
+    dtype first. Ours checked the dtypes first everywhere (a parity audit). Not compared: a 1-D
+    weight with a bias (torch's verdict depends on its internal path; ours computes, README) and
+    integer inputs that torch computes (ours refuses them)."""
+    import itertools
+
+    dts = (torch.float32, torch.float64, torch.int64)
+    inputs, weights = ((2, 5), (2, 3, 5), (5,)), ((3, 5), (3, 4), (5,), (4,))
+    n = 0
+    for xs, ws, xd, wd, b in itertools.product(inputs, weights, dts, dts, (None, "same", "wide", "float64")):
+        if len(ws) == 1 and b is not None:
+            continue
+        x, w = torch.ones(xs, dtype=xd), torch.ones(ws, dtype=wd)
+        bias = None if b is None else torch.ones(ws[0] + (b == "wide"), dtype=torch.float64 if b == "float64" else xd)
+        try:
+            TF.linear(x, w, bias)
+            continue  # (an integer linear torch computes: ours refuses it, README)
+        except RuntimeError as e:
+            want = str(e).splitlines()[0]
+        with pytest.raises(gpu_nn.KernelInputError) as ours:
+            F.linear(x, w, bias)
+        assert str(ours.value) == want, (xs, ws, xd, wd, b)
+        n += 1
+    assert n > 200

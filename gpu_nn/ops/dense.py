@@ -336,6 +336,26 @@ def _linear_backward_backward(ctx, ggx, ggw, ggb):
 _linear_backward_op.register_autograd(_linear_backward_backward, setup_context=_linear_bwd_setup)
 
 
+def _vector_weight_checks(input, weight) -> None:
+    """A 1-D weight without a bias: torch's matmul takes a dot product (1-D input) or a
+    matrix-vector product, each with its own checks in its own order and words, which differ
+    between torch versions (2.11's mv says "expected scalar type", 2.13's "addmv input
+    tensors"): where the sizes or dtypes are wrong, torch's own linear on stand-ins of the
+    arguments' shapes and dtypes (zeros broadcast: nothing allocated, nothing computed before
+    its checks) gives the error; ours where it has none (only bad input pays)."""
+    K, Kw = input.shape[-1], weight.shape[0]
+    if K == Kw and input.dtype == weight.dtype:
+        return
+    x0 = torch.zeros((), dtype=input.dtype).expand(input.shape)
+    w0 = torch.zeros((), dtype=weight.dtype).expand(weight.shape)
+    try:
+        _TF.linear(x0, w0)
+    except RuntimeError as exc:
+        raise KernelInputError(str(exc)) from None
+    raise KernelInputError(f"linear: a 1-D weight of {Kw} elements ({weight.dtype}) for an input of {K} features "
+                           f"({input.dtype})")
+
+
 def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None, *, activation: str | None = None) -> Tensor:
     """torch.nn.functional.linear: ``act(input @ weight^T + bias)``.
 
@@ -363,8 +383,18 @@ def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None, *, activat
         raise KernelInputError(
             f"Expected all tensors to be on the same device, but found at least two devices, {input.device} and {other}!"
         )
+    if weight.dim() == 1 and bias is None:
+        _vector_weight_checks(input, weight)
     if weight.dtype != input.dtype:  # torch's words (an integer input too)
+        if bias is None and weight.dim() == 2 and input.shape[-1] != weight.shape[1]:
+            # torch's matmul (no bias) finds the shapes wrong before the dtypes
+            raise KernelInputError(f"mat1 and mat2 shapes cannot be multiplied ({math.prod(input.shape[:-1])}x"
+                                   f"{input.shape[-1]} and {weight.shape[1]}x{weight.shape[0]})")
         raise KernelInputError(linear_dtype_message(input, weight, bias))
+    if bias is not None and bias.dtype != input.dtype and weight.dim() == 2:
+        # torch's addmm finds the bias's dtype wrong before the shapes
+        raise KernelInputError(
+            f"self and mat2 must have the same dtype, but got {scalar_type_name(bias.dtype)} and {scalar_type_name(input.dtype)}")
     # an integer, bool or complex input and weight: torch's verdict (its addmm may find the bias's
     # dtype wrong first, or the dtype not implemented), else ours
     if input.dtype not in FLOAT_DTYPES:  # (tested first: no closure on the usual call)
@@ -1035,16 +1065,6 @@ def _check_cross_entropy(input, target, weight, ignore_index, reduction, label_s
             raise KernelInputError(
                 f"Expected all tensors to be on the same device, but found at least two devices, {input.device} and {weight.device}!"
             )
-        # probability targets go through elementwise products that type-promote (as torch);
-        # class indices through nll_loss, which wants the input's dtype
-        if weight.dtype != input.dtype and not (prob and weight.is_floating_point()):
-            raise KernelInputError(f"expected scalar type {scalar_type_name(input.dtype)} but found {scalar_type_name(weight.dtype)}")
-        if weight.dim() != 1 or weight.shape[0] != C:
-            raise KernelInputError(
-                f"{'cross_entropy: ' if prob else ''}weight tensor should be defined either for all {C} classes or "
-                "no classes but got weight tensor "
-                f"of shape: {list(weight.shape)}"
-            )
     if prob:
         if not target.is_floating_point():
             raise KernelInputError(
@@ -1052,6 +1072,11 @@ def _check_cross_entropy(input, target, weight, ignore_index, reduction, label_s
             )
         if ignore_index >= 0:
             raise KernelInputError("ignore_index is not supported for floating point target")
+        # probability targets go through elementwise products that type-promote (as torch's: an
+        # integer weight too)
+        if weight is not None and (weight.dim() != 1 or weight.shape[0] != C):
+            raise KernelInputError(f"cross_entropy: weight tensor should be defined either for all {C} classes or "
+                                   f"no classes but got weight tensor of shape: {list(weight.shape)}")
         return True
     if input.dim() == 1:
         if target.dim() != 0:
@@ -1072,10 +1097,24 @@ def _check_cross_entropy(input, target, weight, ignore_index, reduction, label_s
                 f"only batches of spatial targets supported (3D tensors) but got targets of dimension: {target.dim()}")
         elif tuple(target.shape[1:]) != tuple(input.shape[2:]):
             if input.dim() == 4:
+                if weight is not None and weight.numel() != C:  # nll_loss2d checks the weight first
+                    raise KernelInputError("weight tensor should be defined either for all or no classes")
                 raise KernelInputError(f"size mismatch (got input: {list(input.shape)} , target: {list(target.shape)}")
             raise KernelInputError(f"Expected target size {[input.shape[0], *input.shape[2:]]}, got {list(target.shape)}")
     if target.dtype not in (torch.int64, torch.uint8):
         raise KernelInputError(f"expected target dtype to be Long or Byte, but got {scalar_type_name(target.dtype)}")
+    if weight is not None:
+        # class indices go through nll_loss (ranks 1, 2), whose weight must be [C] and of the
+        # input's dtype, or nll_loss2d (every other rank, reshaped to 4-D), whose weight may be any
+        # shape of C elements; checked where torch checks them: after the batch and target checks,
+        # the size before the dtype
+        if input.dim() <= 2 and (weight.dim() != 1 or weight.shape[0] != C):
+            raise KernelInputError(f"weight tensor should be defined either for all {C} classes or no classes but got "
+                                   f"weight tensor of shape: {list(weight.shape)}")
+        if input.dim() > 2 and weight.numel() != C:
+            raise KernelInputError("weight tensor should be defined either for all or no classes")
+        if weight.dtype != input.dtype:
+            raise KernelInputError(f"expected scalar type {scalar_type_name(input.dtype)} but found {scalar_type_name(weight.dtype)}")
     # torch's nll_loss2d path (rank >= 3) takes Long only, checked after its early return for
     # an empty reduced target
     if target.dtype == torch.uint8 and input.dim() >= 3 and (target.numel() > 0 or reduction == "none"):
@@ -1116,6 +1155,8 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, s
     if isinstance(input, Tensor):
         input, weight = autocast_inputs("fp32", input, weight)
     prob = _check_cross_entropy(input, target, weight, ignore_index, reduction, float(label_smoothing))
+    if weight is not None and weight.dim() != 1 and not prob:
+        weight = weight.reshape(-1)  # nll_loss2d's weight: any shape of C elements (checked)
     label_smoothing = float(label_smoothing) if float(label_smoothing) > 0.0 else 0.0  # as torch
     if prob:
         # torch computes -(log_softmax(input) * smoothed target * weight) in the promoted dtype
