@@ -14,7 +14,7 @@ import torch
 _SUPPORTED = frozenset({
     "Conv1d", "Conv2d", "MaxPool1d", "MaxPool2d", "AvgPool1d", "AvgPool2d", "ReLU", "Sigmoid", "Tanh",
     "Flatten", "Linear", "Softmax", "LogSoftmax", "CrossEntropyLoss", "RNN", "LSTM", "GRU", "RNNCell",
-    "LSTMCell", "GRUCell",
+    "LSTMCell", "GRUCell", "LazyLinear", "LazyConv1d", "LazyConv2d",
 })
 
 
@@ -85,7 +85,9 @@ def convert(model: torch.nn.Module, *, inplace: bool = True) -> torch.nn.Module:
                 continue
             mod._modules[name] = visit(child, f"{prefix}.{name}" if prefix else name)
         cls = type(mod)
-        if cls.__module__.startswith(gnn.__name__):
+        # ours already, parametrized or not (parametrize's generated class names its own module:
+        # such a layer of ours was reported as a torch subclass left alone)
+        if torch.nn.utils.parametrize.type_before_parametrizations(mod).__module__.startswith(gnn.__name__):
             return mod
         ours = _our_class(cls)
         if ours is None and _parametrized_layer(mod):
@@ -96,8 +98,9 @@ def convert(model: torch.nn.Module, *, inplace: bool = True) -> torch.nn.Module:
         if ours is None:
             base = next((b for b in cls.__mro__[1:] if _our_class(b) is not None), None)
             if isinstance(mod, torch.nn.modules.lazy.LazyModuleMixin) and mod.has_uninitialized_params():
+                becomes = getattr(mod, "cls_to_become", None) or base
                 skipped.append(f"{prefix or '<model>'} ({cls.__name__}): a lazy module not initialized yet (convert "
-                               f"after its first forward, which makes it a torch.nn.{base.__name__ if base else 'layer'})")
+                               f"after its first forward, which makes it a torch.nn.{becomes.__name__ if becomes else 'layer'})")
             elif base is not None and f"{cls.__module__}.{cls.__qualname__}" not in _NEVER_CALLED:
                 skipped.append(f"{prefix or '<model>'} ({cls.__name__}): a subclass of torch.nn.{base.__name__}, left as "
                                "it is (a subclass may change what the layer does)")

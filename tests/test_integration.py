@@ -850,6 +850,11 @@ def test_convert_takes_parametrized_layers(layer, how):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing left as torch's
         assert gpu_nn.convert(ours) is ours
+        # converted again, alone or in a model: ours already, no warning (it was named as a
+        # torch subclass left alone: parametrize's class names its own module)
+        kind = type(ours)
+        assert gpu_nn.convert(ours) is ours and type(ours) is kind
+        assert gpu_nn.convert(tnn.Sequential(ours))[0] is ours and type(ours) is kind
     assert isinstance(ours, getattr(gnn, layer)) and torch.nn.utils.parametrize.is_parametrized(ours, name)
     theirs.eval()
     ours.eval()
@@ -867,12 +872,44 @@ def test_convert_takes_parametrized_layers(layer, how):
     assert type(ours) is getattr(gnn, layer)
 
 
-def test_convert_names_an_uninitialized_lazy_layer():
-    model = tnn.Sequential(tnn.LazyLinear(3))
-    with pytest.warns(UserWarning, match="a lazy module not initialized yet"):
-        gpu_nn.convert(model)
-    model(torch.randn(2, 4))  # its first forward makes it a torch.nn.Linear, which converts
-    assert type(gpu_nn.convert(model)[0]) is gnn.Linear
+@pytest.mark.parametrize("name", ["LazyLinear", "LazyConv1d", "LazyConv2d"])
+def test_lazy_layers_become_ours(name):
+    """gpu_nn.nn.LazyLinear / LazyConv1d / LazyConv2d become our Linear / Conv1d / Conv2d at their
+    first call, which runs on ours too (they were torch's lazy classes through the name fallback,
+    which become torch's layers: a model written with gpu_nn.nn ran torch's kernels there, a
+    parity audit); convert() of a torch lazy layer not yet called swaps it for ours, without the
+    warning it gave, and any torch lazy subclass is still left with it. Values, the
+    state_dict both ways and the gradients as torch's."""
+    args = (5,) if name == "LazyLinear" else (5, 3)
+    x = {"LazyLinear": torch.randn(2, 4), "LazyConv1d": torch.randn(2, 3, 8), "LazyConv2d": torch.randn(2, 3, 6, 6)}[name]
+    final = getattr(gnn, name.replace("Lazy", ""))
+    theirs = getattr(tnn, name)(*args)
+    made = getattr(gnn, name)(*args)
+    converted = tnn.Sequential(getattr(tnn, name)(*args))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gpu_nn.convert(converted)
+    assert type(converted[0]) is getattr(gnn, name)
+    outs = []
+    for m in (theirs, made, converted[0]):
+        torch.manual_seed(1)  # materialised at the first call: the same draws
+        with gpu_nn.backend("reference"):
+            y = m(x)
+        outs.append(y)
+        assert y.grad_fn is not None and ("Eager" in type(y.grad_fn).__name__) == (m is not theirs)
+    assert type(made) is final and type(converted[0]) is final and type(theirs) is getattr(tnn, name.replace("Lazy", ""))
+    for y in outs[1:]:
+        torch.testing.assert_close(y, outs[0])
+    fresh = getattr(gnn, name)(*args)
+    fresh.load_state_dict(theirs.state_dict())
+    torch.testing.assert_close(fresh(x), outs[0])
+    assert type(fresh) is final
+
+    class Mine(getattr(tnn, name)):
+        pass
+
+    with pytest.warns(UserWarning, match=f"a lazy module not initialized yet .* makes it a torch.nn.{final.__name__}"):
+        gpu_nn.convert(tnn.Sequential(Mine(*args)))
 
 
 def _not_a_tensor_cases():

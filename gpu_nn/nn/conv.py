@@ -21,7 +21,7 @@ from ..ops import conv as _conv
 from ._jit import NotScriptable
 from .dense import activation_repr, checked_activation
 
-__all__ = ["Conv1d", "Conv2d"]
+__all__ = ["Conv1d", "Conv2d", "LazyConv1d", "LazyConv2d"]
 
 
 def _padded(module, input: Tensor):
@@ -82,3 +82,24 @@ def _with_activation(cls, theirs) -> None:
 
 _with_activation(Conv1d, torch.nn.Conv1d)
 _with_activation(Conv2d, torch.nn.Conv2d)
+
+
+class LazyConv1d(torch.nn.LazyConv1d):
+    """``torch.nn.LazyConv1d``, which becomes our :class:`Conv1d` at its first call (torch's
+    becomes torch.nn.Conv1d: a model written with ``gpu_nn.nn`` ran torch's kernels there), that
+    first call on ours too."""
+
+    cls_to_become = Conv1d
+
+    def forward(self, input: Tensor) -> Tensor:
+        return Conv1d.forward(self, input)
+
+
+class LazyConv2d(torch.nn.LazyConv2d):
+    """``torch.nn.LazyConv2d``, which becomes our :class:`Conv2d` at its first call, that call
+    on ours too."""
+
+    cls_to_become = Conv2d
+
+    def forward(self, input: Tensor) -> Tensor:
+        return Conv2d.forward(self, input)

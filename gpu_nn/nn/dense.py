@@ -17,7 +17,7 @@ from .._errors import KernelInputError
 from ..ops.dense import ACTIVATIONS
 from ._jit import NotScriptable
 
-__all__ = ["CrossEntropyLoss", "Flatten", "Linear", "LogSoftmax", "Softmax"]
+__all__ = ["CrossEntropyLoss", "Flatten", "LazyLinear", "Linear", "LogSoftmax", "Softmax"]
 
 
 class Flatten(NotScriptable, torch.nn.Flatten):
@@ -79,3 +79,14 @@ class CrossEntropyLoss(NotScriptable, torch.nn.CrossEntropyLoss):
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return F.cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,
                                reduction=self.reduction, label_smoothing=self.label_smoothing)
+
+
+class LazyLinear(torch.nn.LazyLinear):
+    """``torch.nn.LazyLinear``, which becomes our :class:`Linear` at its first call (torch's
+    becomes torch.nn.Linear: a model written with ``gpu_nn.nn`` ran torch's kernels there), that
+    first call on ours too."""
+
+    cls_to_become = Linear
+
+    def forward(self, input: Tensor) -> Tensor:
+        return Linear.forward(self, input)

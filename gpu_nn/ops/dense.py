@@ -391,7 +391,7 @@ def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None, *, activat
             raise KernelInputError(f"mat1 and mat2 shapes cannot be multiplied ({math.prod(input.shape[:-1])}x"
                                    f"{input.shape[-1]} and {weight.shape[1]}x{weight.shape[0]})")
         raise KernelInputError(linear_dtype_message(input, weight, bias))
-    if bias is not None and bias.dtype != input.dtype and weight.dim() == 2:
+    if bias is not None and bias.dtype != input.dtype and weight.dim() == 2 and input.dtype in FLOAT_DTYPES:
         # torch's addmm finds the bias's dtype wrong before the shapes
         raise KernelInputError(
             f"self and mat2 must have the same dtype, but got {scalar_type_name(bias.dtype)} and {scalar_type_name(input.dtype)}")
