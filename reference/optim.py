@@ -307,28 +307,30 @@ def _norm(a: np.ndarray, norm_type: float):
 
 
 @quiet
-def total_norm(grads, norm_type: float = 2.0, error_if_nonfinite: bool = False, round_total=None):
+def total_norm(grads, norm_type: float = 2.0, error_if_nonfinite: bool = False, round_total=None, round_each=None):
     """The ``norm_type``-norm of all ``grads`` viewed as one vector (torch: the norm of the
     per-tensor norms, stacked in their promoted dtype), as a NumPy scalar of the arrays' promoted
     dtype (float32 0.0 when ``grads`` is empty). Raises RuntimeError with torch's message when it
-    is non-finite and ``error_if_nonfinite``. Each per-tensor norm is taken in its array's dtype:
-    the dispatch hands float16 / bfloat16 gradients over widened to float32, so their norms are
-    float32 where torch rounds them to the half dtype (the Triton path also accumulates in
-    float32). ``round_total(x) -> float``: the total rounded to the dtype the caller returns it in
-    (torch's is in the gradients' promoted dtype), before the check and any use: a half total past
-    the half range is then inf, as torch's. Left different: a half gradient whose own norm passes
-    the half range beside float32 gradients (a float32 total) makes torch's total inf, ours the
-    finite float32 one (the per-tensor norms are not rounded to their dtypes here)."""
-    return _total_norm(grads, norm_type, error_if_nonfinite, round_total)
+    is non-finite and ``error_if_nonfinite``. Each per-tensor norm is taken in its array's dtype;
+    the dispatch hands float16 / bfloat16 gradients over widened to float32, with
+    ``round_each[i](x) -> float`` (None: none) rounding gradient i's norm to its own dtype as
+    torch's is (a float16 gradient whose own norm passes 65504 makes torch's total inf, float32
+    gradients beside it or not). ``round_total(x) -> float``: the total rounded to the dtype the
+    caller returns it in (torch's is in the gradients' promoted dtype), before the check and any
+    use: a half total past the half range is then inf, as torch's."""
+    return _total_norm(grads, norm_type, error_if_nonfinite, round_total, round_each)
 
 
-def _total_norm(grads, norm_type: float = 2.0, error_if_nonfinite: bool = False, round_total=None):
+def _total_norm(grads, norm_type: float = 2.0, error_if_nonfinite: bool = False, round_total=None, round_each=None):
     """:func:`total_norm` without its errstate, for callers that run under one already."""
     norm_type = float(norm_type)
     if len(grads) == 0:
         return np.float32(0.0)
     dt = np.result_type(*(g.dtype for g in grads))
-    norms = np.array([_norm(g, norm_type) for g in grads], dtype=dt)
+    norms = [_norm(g, norm_type) for g in grads]
+    if round_each is not None:
+        norms = [n if r is None else r(float(n)) for n, r in zip(norms, round_each)]
+    norms = np.array(norms, dtype=dt)
     total = dt.type(_norm(norms, norm_type))
     if round_total is not None:
         total = dt.type(round_total(float(total)))
@@ -343,15 +345,22 @@ def _total_norm(grads, norm_type: float = 2.0, error_if_nonfinite: bool = False,
 
 @quiet
 def clip_grad_norm(grads, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False,
-                   round_total=None):
+                   round_total=None, round_each=None):
     """Scale every gradient in place by ``min(1, max_norm / (total + 1e-6))`` (always multiplied,
-    as torch does) and return the total norm (see :func:`total_norm`, also for ``round_total``)."""
-    total = _total_norm(grads, norm_type, error_if_nonfinite, round_total)
+    as torch does) and return the total norm (see :func:`total_norm`, also for ``round_total``
+    and ``round_each``)."""
+    total = _total_norm(grads, norm_type, error_if_nonfinite, round_total, round_each)
     if len(grads) == 0:
         return total
     dt = total.dtype.type
-    # torch: max_norm / (total + 1e-6) on a 0-d tensor is reciprocal(total + 1e-6) * max_norm
-    coef = (dt(1.0) / (total + dt(1e-6))) * dt(float(max_norm))
+    # torch: max_norm / (total + 1e-6) on a 0-d tensor is reciprocal(total + 1e-6) * max_norm,
+    # in the total's dtype: a half total's sum, reciprocal and product each rounded to it (the
+    # gradients then scale by that rounded coefficient, as torch's mul_ by it)
+    if round_total is None:
+        coef = (dt(1.0) / (total + dt(1e-6))) * dt(float(max_norm))
+    else:
+        coef = dt(round_total(float(dt(1.0) / dt(round_total(float(total + dt(1e-6)))))))
+        coef = dt(round_total(float(coef * dt(float(max_norm)))))
     coef = coef if np.isnan(coef) else min(coef, dt(1.0))
     for g in grads:  # a non-finite norm scales to NaN, as in torch
         g *= coef

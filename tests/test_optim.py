@@ -662,6 +662,65 @@ def test_clip_grad_norm_of_half_gradients_past_their_range_as_torch(backend, dev
             assert not ours[0].grad.any()
 
 
+@pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_clip_grad_norm_of_half_gradients_bit_for_bit(backend, device, dtype):
+    """Half gradients scaled exactly as torch's: its coefficient max_norm / (total + 1e-6) is 0-d
+    math in the total's half dtype (the sum, the reciprocal and the product each rounded to it),
+    ours was float32's, which left a gradient in 20 an ulp off (a parity audit). Random norms on
+    both sides of max_norm, several tensors, the totals and every gradient bit for bit."""
+    g = torch.Generator().manual_seed(5)
+    for trial in range(12):
+        shapes = [(3, 4), (7,), (2, 3, 2)]
+        scale = float(torch.rand((), generator=g)) * 6
+        vals = [(torch.randn(s, generator=g) * scale).to(dtype) for s in shapes]
+        max_norm = float(torch.rand((), generator=g)) * 4 + 0.05
+        sides = []
+        for fn in (torch.nn.utils.clip_grad_norm_, clip_grad_norm_):
+            ps = [torch.nn.Parameter(torch.zeros(s, dtype=dtype, device=device)) for s in shapes]
+            for p, v in zip(ps, vals):
+                p.grad = v.clone().to(device)
+            with gpu_nn.backend(backend):
+                total = fn(ps, max_norm)
+            sides.append((total.cpu(), [p.grad.cpu() for p in ps]))
+        (tt, tg), (ot, og) = sides
+        assert torch.equal(ot, tt), (trial, ot, tt)
+        for a, b in zip(og, tg):
+            assert torch.equal(a, b), (trial, max_norm, float(tt))
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
+@pytest.mark.parametrize("norm_type", [2.0, 3.0, float("inf")])
+def test_clip_grad_norm_rounds_each_gradients_norm_to_its_dtype(backend, device, norm_type):
+    """torch's total is the norm of the per-tensor norms, each in its gradient's dtype: a float16
+    gradient whose own norm passes 65504 is inf there, so the float32 total beside float32
+    gradients is inf and every gradient scales by 0 (NaN where one was inf). Ours summed every
+    element in float32 (a finite total: the gradients scaled by it; a gap known since stop 58).
+    Within range, mixed float16 / bfloat16 / float32 lists as torch's: the totals bit for bit
+    (to float32's rounding for p = 3, whose power the kernels take as exp(p log x)), the
+    gradients to float32's rounding."""
+    def run(fn, vals):
+        ps = [torch.nn.Parameter(torch.zeros(v.shape, dtype=v.dtype, device=device)) for v in vals]
+        for p, v in zip(ps, vals):
+            p.grad = v.clone().to(device)
+        with gpu_nn.backend(backend):
+            total = fn(ps, 1.0, norm_type)
+        return total.cpu(), [p.grad.cpu() for p in ps]
+
+    g = torch.Generator().manual_seed(3)
+    past = [torch.full((4,), 5e4, dtype=torch.float16), torch.randn(5, generator=g)]  # its own norm 1e5 (p=2)
+    within = [torch.randn(6, generator=g).half() * 30, torch.randn(3, 2, generator=g).bfloat16(), torch.randn(7, generator=g)]
+    for vals, over in ((past, norm_type != float("inf")), (within, False)):
+        (tt, tg), (ot, og) = run(torch.nn.utils.clip_grad_norm_, vals), run(clip_grad_norm_, vals)
+        assert ot.dtype == tt.dtype and math.isinf(float(ot)) == math.isinf(float(tt)) == over, (float(ot), float(tt))
+        if norm_type == 3.0:
+            torch.testing.assert_close(ot, tt, rtol=2e-6, atol=0)
+        else:
+            assert torch.equal(ot, tt), (float(ot), float(tt))
+        for a, b in zip(og, tg):
+            torch.testing.assert_close(a, b, rtol=2e-6, atol=0, equal_nan=True)
+
+
 @pytest.mark.parametrize("backend,device", backend_params(("reference", "triton", "cupy")))
 @pytest.mark.parametrize("name", ("Adam", "AdamW"))
 def test_amsgrad_keeps_nan_in_its_running_max(backend, device, name):

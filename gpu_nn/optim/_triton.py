@@ -336,6 +336,30 @@ def prepare(kind: str, params, st: dict, grads) -> Launch:
 NORM_INF, NORM_TWO, NORM_P = 0, 2, 1
 
 
+_HALF_CODE = {torch.float16: 1, torch.bfloat16: 2}
+_BOUNDS: dict = {}
+
+
+def _tensor_bounds(numels, codes, chunk: int, device):
+    """(bounds, rnd) int32 tensors on ``device`` for _clip_tensor_kernel: gradient t's chunks are
+    partials[bounds[t]:bounds[t + 1]] (the tables' order: ``chunk_rows`` gives each gradient
+    cdiv(numel, chunk) rows, one part after another), its dtype's rounding rnd[t]; kept per
+    (numels, dtypes, chunk, device) as the tables are (not while a CUDA graph is captured)."""
+    key = (tuple(numels), tuple(codes), chunk, str(device))
+    hit = _BOUNDS.get(key)
+    if hit is not None:
+        return hit
+    per = -(-np.asarray(numels, dtype=np.int64) // chunk)
+    bounds = np.concatenate(([0], np.cumsum(per))).astype(np.int32)
+    out = (_backend.to_device_async(torch.from_numpy(bounds), device),
+           _backend.to_device_async(torch.from_numpy(np.asarray(codes, dtype=np.int32)), device))
+    if not capturing(device):
+        if len(_BOUNDS) >= _MAX_TABLES:
+            _BOUNDS.clear()
+        _BOUNDS[key] = out
+    return out
+
+
 def clip_grad_norm(grads, max_norm: float, norm_type: float, error_if_nonfinite: bool,
                    out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Fused clipping of CUDA (or interpreter) gradients on one device: a partial-norm kernel per
@@ -359,6 +383,7 @@ def clip_grad_norm(grads, max_norm: float, norm_type: float, error_if_nonfinite:
     plans = []
     copies = []
     n_total = 0
+    numels, codes = [], []  # per gradient in the partials' order: its elements, its dtype's rounding
     for dt, idx in parts.items():
         gs = []
         for i in idx:
@@ -371,6 +396,8 @@ def clip_grad_norm(grads, max_norm: float, norm_type: float, error_if_nonfinite:
         table, n = _table(gs, gs, [], [], [0] * len(gs), device, chunk)
         plans.append((gs[base_index(gs)], table, n, n_total))  # the tensor the table is measured from
         n_total += n
+        numels += [g.numel() for g in gs]
+        codes += [_HALF_CODE.get(dt, 0)] * len(gs)
     partials = torch.empty(max(n_total, 1), dtype=torch.float32, device=device)
     # written by a kernel on every path: the first scale launch's program 0, or _clip_total_kernel
     # (error_if_nonfinite, or no element at all)
@@ -379,8 +406,17 @@ def clip_grad_norm(grads, max_norm: float, norm_type: float, error_if_nonfinite:
         graph_keep(table)
         if n:
             kt.clip_partial(table, n, base, partials, part0, code, norm_type, interpret)
+    sums, n_sums = partials, n_total
+    if n_total and any(codes):
+        # a half gradient: each gradient's own norm rounded to its dtype first, as torch's
+        # per-tensor norms are (one launch more; float32 / float64 lists keep the chunks' sums)
+        bounds, rnd = _tensor_bounds(numels, codes, chunk, device)
+        graph_keep(bounds)
+        graph_keep(rnd)
+        sums, n_sums = torch.empty(len(numels), dtype=torch.float32, device=device), len(numels)
+        kt.clip_tensor(partials, bounds, rnd, sums, n_sums, code, norm_type)
     if error_if_nonfinite:
-        kt.clip_total(partials, n_total, total, code, norm_type)
+        kt.clip_total(sums, n_sums, total, code, norm_type)
         if not bool(torch.isfinite(total.to(out_dtype))):  # the one host read, as torch's own check needs
             raise RuntimeError(
                 f"The total norm of order {float(norm_type)} for gradients from `parameters` is non-finite, so it "
@@ -389,8 +425,8 @@ def clip_grad_norm(grads, max_norm: float, norm_type: float, error_if_nonfinite:
             )
     for base, table, n, part0 in plans:
         if n:
-            kt.clip_scale(table, n, base, partials, n_total, total, max_norm, code, norm_type, interpret,
-                          {torch.float16: 1, torch.bfloat16: 2}.get(out_dtype, 0))
+            kt.clip_scale(table, n, base, sums, n_sums, total, max_norm, code, norm_type, interpret,
+                          _HALF_CODE.get(out_dtype, 0))
     if n_total == 0:
         kt.clip_total(partials, 0, total, code, norm_type)
     for g, c in copies:

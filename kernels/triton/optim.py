@@ -413,7 +413,9 @@ def _clip_scale_kernel(table_ptr, g_base, part_ptr, n_parts, total_ptr, max_norm
     program 0 stores it, and each scales its chunk by min(1, max_norm / (total + 1e-6)), the
     total rounded first as the caller returns it (``rnd``: 0 float32, 1 float16, 2 bfloat16, the
     gradients' promoted dtype): torch's total is in that dtype, so a float16 total past 65504 is
-    inf and the gradients scale by 0, not by the float32 total's coefficient."""
+    inf and the gradients scale by 0, not by the float32 total's coefficient; so is its
+    coefficient, each of its three ops rounded to the half dtype (the scaled gradients then
+    torch's bit for bit, not an ulp off)."""
     row = table_ptr + tl.program_id(0).to(tl.int64) * 9  # this program's chunk
     g_ptr = g_base + tl.multiple_of(tl.load(row + 1), VP)
     start = tl.multiple_of(tl.load(row + 6), BLOCK)
@@ -422,11 +424,17 @@ def _clip_scale_kernel(table_ptr, g_base, part_ptr, n_parts, total_ptr, max_norm
     total = _clip_total(part_ptr, n_parts, p, NORM, RBLOCK)
     if tl.program_id(0) == 0:
         tl.store(total_ptr, total)
-    if rnd == 1:
+    max_norm = _f64(max_norm_b).to(tl.float32)
+    if rnd == 1:  # torch's coefficient in the half dtype, each op rounded to it as torch's 0-d math
         total = total.to(tl.float16).to(tl.float32)
+        coef = (1.0 / (total + 1e-6).to(tl.float16).to(tl.float32)).to(tl.float16).to(tl.float32)
+        coef = (coef * max_norm).to(tl.float16).to(tl.float32)
     elif rnd == 2:
         total = total.to(tl.bfloat16).to(tl.float32)
-    coef = (1.0 / (total + 1e-6)) * _f64(max_norm_b).to(tl.float32)
+        coef = (1.0 / (total + 1e-6).to(tl.bfloat16).to(tl.float32)).to(tl.bfloat16).to(tl.float32)
+        coef = (coef * max_norm).to(tl.bfloat16).to(tl.float32)
+    else:
+        coef = (1.0 / (total + 1e-6)) * max_norm
     coef = tl.where(coef > 1.0, 1.0, coef)  # NaN stays NaN, as torch.clamp keeps it
     for it in range(ITERS):
         offs = start + it * BLOCK + tl.arange(0, BLOCK)
@@ -434,6 +442,43 @@ def _clip_scale_kernel(table_ptr, g_base, part_ptr, n_parts, total_ptr, max_norm
             tl.store(g_ptr + offs, (tl.load(g_ptr + offs).to(tl.float32) * coef).to(g_ptr.dtype.element_ty))
         elif start + it * BLOCK < n:
             tl.store(g_ptr + offs, (tl.load(g_ptr + offs, mask=offs < n).to(tl.float32) * coef).to(g_ptr.dtype.element_ty), mask=offs < n)
+
+
+@triton.jit(do_not_specialize=["p_b"])
+def _clip_tensor_kernel(part_ptr, bounds_ptr, rnd_ptr, out_ptr, p_b, NORM: tl.constexpr, RBLOCK: tl.constexpr):
+    """out[t] = gradient t's own norm over its chunks' partials part[bounds[t]:bounds[t+1]],
+    rounded to its dtype (rnd[t]: 0 float32, 1 float16, 2 bfloat16) as torch's per-tensor norm
+    is, then put back in the partials' form (NORM 2 its square, NORM 1 its p-th power, NORM 0
+    itself) for _clip_total: torch's total is the norm of those rounded norms, so a float16
+    gradient whose own norm passes 65504 makes it inf beside float32 gradients too."""
+    t = tl.program_id(0)
+    c0 = tl.load(bounds_ptr + t)
+    c1 = tl.load(bounds_ptr + t + 1)
+    p = _f64(p_b).to(tl.float32)
+    acc = tl.zeros([RBLOCK], dtype=tl.float32)
+    for s in range(c0, c1, RBLOCK):
+        o = s + tl.arange(0, RBLOCK)
+        x = tl.load(part_ptr + o, mask=o < c1, other=0.0)
+        if NORM == 0:
+            acc = tl.maximum(acc, x, propagate_nan=tl.PropagateNan.ALL)
+        else:
+            acc = acc + x
+    if NORM == 0:
+        v = tl.max(acc, axis=0) + tl.sum(tl.where(acc != acc, acc, 0.0), axis=0)  # + NaN if any
+    elif NORM == 2:
+        v = tl.sqrt_rn(tl.sum(acc, axis=0))
+    else:
+        v = tl.exp(tl.log(tl.sum(acc, axis=0)) / p)
+    rnd = tl.load(rnd_ptr + t)
+    if rnd == 1:
+        v = v.to(tl.float16).to(tl.float32)
+    elif rnd == 2:
+        v = v.to(tl.bfloat16).to(tl.float32)
+    if NORM == 2:
+        v = v * v
+    elif NORM == 1:
+        v = _norm_piece(v, p, 1)
+    tl.store(out_ptr + t, v)
 
 
 @triton.jit
@@ -501,6 +546,12 @@ def clip_scale(table, n_chunks, g_base, partials, n_parts, total, max_norm, norm
     launch_kernel(_clip_scale_kernel, (n_chunks,), table, g_base, partials, n_parts, total, f64_bits(max_norm), f64_bits(p),
                   rnd, NORM=norm_code, VP=16 // g_base.element_size(), BLOCK=blk, ITERS=iters, RBLOCK=CLIP_RBLOCK,
                   num_warps=warps)
+
+
+def clip_tensor(partials, bounds, rnd, out, n_tensors, norm_code, p):
+    """Each gradient's own norm, rounded to its dtype (:func:`_clip_tensor_kernel`)."""
+    launch_kernel(_clip_tensor_kernel, (n_tensors,), partials, bounds, rnd, out, f64_bits(p), NORM=norm_code,
+                  RBLOCK=CLIP_RBLOCK, num_warps=4)
 
 
 def clip_total(partials, n_parts, total, norm_code, p):
@@ -573,4 +624,8 @@ def aot_specs():
                "RBLOCK": "constexpr"}
         specs.append(AotSpec(_clip_total_kernel, sig, {"NORM": norm, "RBLOCK": CLIP_RBLOCK}, num_warps=4,
                              label=f"clip total norm={norm}"))
+        sig = {"part_ptr": "*fp32", "bounds_ptr": "*i32", "rnd_ptr": "*i32", "out_ptr": "*fp32", "p_b": "i64",
+               "NORM": "constexpr", "RBLOCK": "constexpr"}
+        specs.append(AotSpec(_clip_tensor_kernel, sig, {"NORM": norm, "RBLOCK": CLIP_RBLOCK}, num_warps=4,
+                             label=f"clip tensor norm={norm}"))
     return specs

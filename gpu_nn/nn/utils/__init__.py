@@ -27,6 +27,12 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_i
     one fused scale (Triton) with no host synchronisation unless ``error_if_nonfinite=True``
     (which has to read the norm). ``foreach`` is accepted and ignored. The Triton path takes
     norm_type 2, inf and any other p > 0; sparse gradients are not supported.
+
+    As torch's: the total is the norm of the per-gradient norms, each rounded to its gradient's
+    dtype (where one is float16 or bfloat16: one launch more on the Triton path), in the
+    gradients' promoted dtype, and the coefficient is 0-d math in that dtype (a half total's
+    each op rounded to it); so a float16 gradient whose own norm passes 65504 makes the total
+    inf and scales everything by 0, and half gradients scale to torch's bits.
     """
     if isinstance(parameters, torch.Tensor):
         parameters = [parameters]
@@ -76,16 +82,29 @@ def _clip_reference(grads, max_norm, norm_type, error_if_nonfinite):
     out = _promoted_dtype(grads)
     # the total as returned (torch's is in the promoted dtype): what the coefficient and the
     # non-finite check read, so a float16 total past 65504 is inf and scales by 0, as torch's
-    rnd = None if out in (torch.float32, torch.float64) else (lambda t: float(torch.tensor(t, device="cpu").to(out)))
-    total = ref.clip_grad_norm(arrays, max_norm, norm_type, error_if_nonfinite, rnd)
+    rnd = _rounding(out)
+    # each gradient's own norm in its dtype, as torch's per-tensor norms (a float16 gradient's
+    # past 65504 is inf), where any is a half dtype (the host copies widened them to float32)
+    each = [_rounding(g.dtype) for g in grads] if any(g.dtype in _HALF for g in grads) else None
+    total = ref.clip_grad_norm(arrays, max_norm, norm_type, error_if_nonfinite, rnd, each)
     h.write_back()
     return torch.tensor(total, dtype=out, device=grads[0].device)
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _rounding(dtype):
+    """``x -> x`` rounded to ``dtype`` (a float), or None where nothing rounds (float32, float64)."""
+    if dtype not in _HALF:
+        return None
+    return lambda t: float(torch.tensor(t, dtype=torch.float32).to(dtype))
+
+
 def _promoted_dtype(grads) -> torch.dtype:
     """The dtype of clipping's total norm, on either backend: the gradients' promoted dtype, as
-    torch's (it stacks the per-tensor norms, which promotes), so a float16 gradient beside a
-    float32 one gives a float32 total rather than one that overflows float16."""
+    torch's (it stacks the per-tensor norms, which promotes): a float16 gradient beside a
+    float32 one gives a float32 total (its own norm, rounded to float16, may be inf there)."""
     dt = grads[0].dtype
     for g in grads[1:]:
         if g.dtype != dt:
