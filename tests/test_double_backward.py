@@ -423,6 +423,7 @@ def _all_modules():
         "MinPool2d": nn.MinPool2d(2), "AvgPool1d": nn.AvgPool1d(2), "AvgPool2d": nn.AvgPool2d(2),
         "RNN": nn.RNN(3, 2), "LSTM": nn.LSTM(3, 2), "GRU": nn.GRU(3, 2),
         "RNNCell": nn.RNNCell(3, 2), "LSTMCell": nn.LSTMCell(3, 2), "GRUCell": nn.GRUCell(3, 2),
+        "LazyLinear": nn.LazyLinear(2), "LazyConv1d": nn.LazyConv1d(3, 3), "LazyConv2d": nn.LazyConv2d(3, 3),
     }
 
 

@@ -84,7 +84,7 @@ _with_activation(Conv1d, torch.nn.Conv1d)
 _with_activation(Conv2d, torch.nn.Conv2d)
 
 
-class LazyConv1d(torch.nn.LazyConv1d):
+class LazyConv1d(NotScriptable, torch.nn.LazyConv1d):
     """``torch.nn.LazyConv1d``, which becomes our :class:`Conv1d` at its first call (torch's
     becomes torch.nn.Conv1d: a model written with ``gpu_nn.nn`` ran torch's kernels there), that
     first call on ours too."""
@@ -95,7 +95,7 @@ class LazyConv1d(torch.nn.LazyConv1d):
         return Conv1d.forward(self, input)
 
 
-class LazyConv2d(torch.nn.LazyConv2d):
+class LazyConv2d(NotScriptable, torch.nn.LazyConv2d):
     """``torch.nn.LazyConv2d``, which becomes our :class:`Conv2d` at its first call, that call
     on ours too."""
 

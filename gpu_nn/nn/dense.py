@@ -81,7 +81,7 @@ class CrossEntropyLoss(NotScriptable, torch.nn.CrossEntropyLoss):
                                reduction=self.reduction, label_smoothing=self.label_smoothing)
 
 
-class LazyLinear(torch.nn.LazyLinear):
+class LazyLinear(NotScriptable, torch.nn.LazyLinear):
     """``torch.nn.LazyLinear``, which becomes our :class:`Linear` at its first call (torch's
     becomes torch.nn.Linear: a model written with ``gpu_nn.nn`` ran torch's kernels there), that
     first call on ours too."""
