@@ -1295,3 +1295,23 @@ def test_full_backward_hooks_see_torchs_gradients(backend, device):
             if u is not None:
                 torch.testing.assert_close(u, v, **tol)
     torch.testing.assert_close(dx, dx_t, **tol)
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+def test_compile_fullgraph_of_recurrent_layers_under_cpu_autocast(kind):
+    """torch.compile(fullgraph=True) of our recurrent layers inside CPU autocast compiles as
+    torch's do and computes what ours compute eagerly (the LSTM's check for torch's oneDNN path
+    called torch.backends.mkldnn.is_available(), which Dynamo refuses: 'Attempted to call
+    function marked as skipped', a graph break per call without fullgraph; a training-loop
+    parity audit)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = getattr(gnn, kind)(3, 4)
+    x = torch.randn(5, 2, 3)
+    with torch._dynamo.config.patch(allow_rnn=True), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = torch.compile(layer, backend="eager", fullgraph=True)(x)
+        want = layer(x)
+    for a, b in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want)):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch._dynamo.reset()

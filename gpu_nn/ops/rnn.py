@@ -2007,9 +2007,15 @@ def _onednn_takes(dtype: torch.dtype) -> bool:
     bfloat16 support: AVX-512 on x86, not an AVX2-only CPU, where torch runs it natively)."""
     if dtype not in (torch.float32, torch.bfloat16):
         return False
-    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
+    # (oneDNN built in: a constant read at import; torch.backends.mkldnn.is_available() is a
+    # function Dynamo refuses to trace, which broke torch.compile(fullgraph) of an LSTM under
+    # CPU autocast)
+    if not (_MKLDNN_BUILT and torch.backends.mkldnn.enabled):
         return False
     return dtype == torch.float32 or _mkldnn_bf16()
+
+
+_MKLDNN_BUILT = torch.backends.mkldnn.is_available()
 
 
 @functools.lru_cache(maxsize=1)
