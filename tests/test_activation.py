@@ -238,8 +238,10 @@ def test_relu_inplace_on_a_view_reaches_the_base(backend, device, rng):
 def test_relu_inplace_refuses_what_torch_refuses(backend, device):
     """relu(x, inplace=True) refuses as torch's relu_ does, with its words: a leaf or a view of
     one that requires grad, a view made in no_grad mode changed with grad on, one view of a
-    multi-view function (unbind), an inference tensor outside inference mode (the in-place
-    kernel wrote it before); inside inference mode it is changed in place."""
+    multi-view function (unbind, split), an inference tensor outside inference mode (the
+    in-place kernel wrote it before); inside inference mode it is changed in place. A refused
+    call leaves the tensor and its version as torch's does: unchanged (the multi-view and
+    no_grad views were written, then refused by mark_dirty; an autograd parity audit)."""
     w = torch.randn(5, 6, device=device, requires_grad=True)
 
     def cases():
@@ -252,14 +254,25 @@ def test_relu_inplace_refuses_what_torch_refuses(backend, device):
                 ("leaf view", torch.randn(3, 4, device=device, requires_grad=True)[0]),
                 ("no_grad view", view),
                 ("unbind view", (torch.ones(3, 5, device=device) @ w).unbind(0)[1]),
+                ("split view", (torch.ones(3, 5, device=device) @ w - 1).split(1)[1]),
                 ("inference tensor", t)]
 
+    def version(t):
+        return None if t.is_inference() else t._version
+
     with gpu_nn.backend(backend):
-        for what, x in cases():
-            with pytest.raises(RuntimeError) as theirs:
-                torch.relu_(x)  # (each case refused before it changes x)
-            with pytest.raises(RuntimeError, match=re.escape(str(theirs.value))):
-                F.relu(x, inplace=True)
+        for call in (lambda x: F.relu(x, inplace=True), F.relu_):
+            torch.manual_seed(0)
+            theirs_cases = cases()
+            torch.manual_seed(0)
+            for (what, x), (_, y) in zip(cases(), theirs_cases):
+                with pytest.raises(RuntimeError) as theirs:
+                    torch.relu_(y)
+                with pytest.raises(RuntimeError, match=re.escape(str(theirs.value))):
+                    call(x)
+                # what the refused call left: torch's (refused before writing, but for an
+                # inference tensor, which torch's relu_ writes, then refuses)
+                assert torch.equal(x.detach(), y.detach()) and version(x) == version(y), what
         with torch.inference_mode():
             t = torch.randn(3, 4, device=device)
             expect = torch.relu(t)

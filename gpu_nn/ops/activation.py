@@ -175,6 +175,19 @@ def _backward_backward(ctx, gg):
 _activation_backward_op.register_autograd(_backward_backward, setup_context=_setup_backward_context)
 
 
+_GET_META = getattr(torch._C._autograd, "_get_creation_meta", None)
+
+
+def _refused_view(t: Tensor) -> bool:
+    """A view (requiring grad, grad mode on) that torch's in-place check refuses: of a leaf that
+    requires grad, or one whose creation autograd records as other than plain (torch's
+    CreationMeta: a multi-output op's, one made under no_grad)."""
+    base = t._base
+    if base is not None and base.is_leaf and base.requires_grad:
+        return True
+    return _GET_META is not None and _GET_META(t) != torch._C._autograd.CreationMeta.DEFAULT
+
+
 def _apply(input: Tensor, activation: str, inplace: bool = False) -> Tensor:
     # a TypeError, as torch's (relu_ for the in-place form, as torch.relu_ names itself)
     check_tensor(f"{activation}{'_' if inplace else ''}", "input", input, 1)
@@ -192,6 +205,12 @@ def _apply(input: Tensor, activation: str, inplace: bool = False) -> Tensor:
     if inplace and not torch.compiler.is_compiling() and eager_ok((input,)):
         if torch.is_grad_enabled() and input.requires_grad:
             if not input.is_leaf:  # (a leaf goes on to copy_'s refusal, in torch's words)
+                if input._is_view() and _refused_view(input):
+                    # a view torch refuses to change in place (of a leaf that requires grad, of
+                    # a multi-output op: unbind, split; made under no_grad): torch's own check
+                    # raises its error here, before anything is written (mark_dirty raised it
+                    # after the kernel had written)
+                    input.mul_(1)
                 return _ActivationInPlace.apply(input, activation)
         elif _in_place(input, activation):
             return input
