@@ -346,8 +346,8 @@ def _vector_weight_checks(input, weight) -> None:
     K, Kw = input.shape[-1], weight.shape[0]
     if K == Kw and input.dtype == weight.dtype:
         return
-    x0 = torch.zeros((), dtype=input.dtype).expand(input.shape)
-    w0 = torch.zeros((), dtype=weight.dtype).expand(weight.shape)
+    x0 = torch.zeros((), dtype=input.dtype, device="cpu").expand(input.shape)
+    w0 = torch.zeros((), dtype=weight.dtype, device="cpu").expand(weight.shape)
     try:
         _TF.linear(x0, w0)
     except RuntimeError as exc:

@@ -98,7 +98,8 @@ def _rounding(dtype):
     """``x -> x`` rounded to ``dtype`` (a float), or None where nothing rounds (float32, float64)."""
     if dtype not in _HALF:
         return None
-    return lambda t: float(torch.tensor(t, dtype=torch.float32).to(dtype))
+    # (on the CPU whatever torch.set_default_device says)
+    return lambda t: float(torch.tensor(t, dtype=torch.float32, device="cpu").to(dtype))
 
 
 def _promoted_dtype(grads) -> torch.dtype:
