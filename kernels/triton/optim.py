@@ -389,10 +389,16 @@ def _clip_partial_kernel(table_ptr, g_base, part_ptr, part0, p_b, NORM: tl.const
 
 @triton.jit
 def _clip_total(part_ptr, n_parts, p, NORM: tl.constexpr, RBLOCK: tl.constexpr):
+    return _clip_reduce(part_ptr, 0, n_parts, p, NORM, RBLOCK)
+
+
+@triton.jit
+def _clip_reduce(part_ptr, c0, c1, p, NORM: tl.constexpr, RBLOCK: tl.constexpr):
+    """The norm over the partials part[c0:c1] (each a chunk's max |g|, sum g^2 or sum |g|^p)."""
     acc = tl.zeros([RBLOCK], dtype=tl.float32)
-    for s in range(0, n_parts, RBLOCK):
+    for s in range(c0, c1, RBLOCK):
         o = s + tl.arange(0, RBLOCK)
-        x = tl.load(part_ptr + o, mask=o < n_parts, other=0.0)
+        x = tl.load(part_ptr + o, mask=o < c1, other=0.0)
         if NORM == 0:
             acc = tl.maximum(acc, x, propagate_nan=tl.PropagateNan.ALL)
         else:
@@ -452,23 +458,8 @@ def _clip_tensor_kernel(part_ptr, bounds_ptr, rnd_ptr, out_ptr, p_b, NORM: tl.co
     itself) for _clip_total: torch's total is the norm of those rounded norms, so a float16
     gradient whose own norm passes 65504 makes it inf beside float32 gradients too."""
     t = tl.program_id(0)
-    c0 = tl.load(bounds_ptr + t)
-    c1 = tl.load(bounds_ptr + t + 1)
     p = _f64(p_b).to(tl.float32)
-    acc = tl.zeros([RBLOCK], dtype=tl.float32)
-    for s in range(c0, c1, RBLOCK):
-        o = s + tl.arange(0, RBLOCK)
-        x = tl.load(part_ptr + o, mask=o < c1, other=0.0)
-        if NORM == 0:
-            acc = tl.maximum(acc, x, propagate_nan=tl.PropagateNan.ALL)
-        else:
-            acc = acc + x
-    if NORM == 0:
-        v = tl.max(acc, axis=0) + tl.sum(tl.where(acc != acc, acc, 0.0), axis=0)  # + NaN if any
-    elif NORM == 2:
-        v = tl.sqrt_rn(tl.sum(acc, axis=0))
-    else:
-        v = tl.exp(tl.log(tl.sum(acc, axis=0)) / p)
+    v = _clip_reduce(part_ptr, tl.load(bounds_ptr + t), tl.load(bounds_ptr + t + 1), p, NORM, RBLOCK)
     rnd = tl.load(rnd_ptr + t)
     if rnd == 1:
         v = v.to(tl.float16).to(tl.float32)
