@@ -878,8 +878,8 @@ def test_lazy_layers_become_ours(name):
     first call, which runs on ours too (they were torch's lazy classes through the name fallback,
     which become torch's layers: a model written with gpu_nn.nn ran torch's kernels there, a
     parity audit); convert() of a torch lazy layer not yet called swaps it for ours, without the
-    warning it gave, and any torch lazy subclass is still left with it. Values, the
-    state_dict both ways and the gradients as torch's."""
+    warning it gave, and any torch lazy subclass is still left with it. Values, gradients and
+    the state_dict (torch's loaded into ours) as torch's."""
     args = (5,) if name == "LazyLinear" else (5, 3)
     x = {"LazyLinear": torch.randn(2, 4), "LazyConv1d": torch.randn(2, 3, 8), "LazyConv2d": torch.randn(2, 3, 6, 6)}[name]
     final = getattr(gnn, name.replace("Lazy", ""))
@@ -900,6 +900,15 @@ def test_lazy_layers_become_ours(name):
     assert type(made) is final and type(converted[0]) is final and type(theirs) is getattr(tnn, name.replace("Lazy", ""))
     for y in outs[1:]:
         torch.testing.assert_close(y, outs[0])
+    grads = []
+    for m, y in zip((theirs, made, converted[0]), outs):
+        with gpu_nn.backend("reference"):
+            y.square().sum().backward()
+        grads.append([p.grad for p in m.parameters()])
+    for got in grads[1:]:
+        assert len(got) == len(grads[0]) == 2
+        for a, b in zip(got, grads[0]):
+            torch.testing.assert_close(a, b)
     fresh = getattr(gnn, name)(*args)
     fresh.load_state_dict(theirs.state_dict())
     torch.testing.assert_close(fresh(x), outs[0])
