@@ -10,9 +10,14 @@ from ._errstate import quiet
 
 
 def relu(x: np.ndarray) -> np.ndarray:
-    # torch's clamp_min(x, 0): 0 where x < 0, x itself elsewhere, so NaN stays NaN and -0.0 stays
-    # -0.0 (np.maximum gives +0.0 there)
-    return np.where(np.less(x, 0), x.dtype.type(0), x)
+    return relu_(np.array(x, copy=True))
+
+
+def relu_(x: np.ndarray) -> np.ndarray:
+    """relu in place (the recurrent reference's too): torch's clamp_min(x, 0), 0 where x < 0 and x
+    itself elsewhere, so NaN stays NaN and -0.0 stays -0.0 (np.maximum gives +0.0 there)."""
+    np.copyto(x, x.dtype.type(0), where=np.less(x, 0))
+    return x
 
 
 def relu_backward(grad_out: np.ndarray, out: np.ndarray) -> np.ndarray:

@@ -356,11 +356,8 @@ def clip_grad_norm(grads, max_norm: float, norm_type: float = 2.0, error_if_nonf
     # torch: max_norm / (total + 1e-6) on a 0-d tensor is reciprocal(total + 1e-6) * max_norm,
     # in the total's dtype: a half total's sum, reciprocal and product each rounded to it (the
     # gradients then scale by that rounded coefficient, as torch's mul_ by it)
-    if round_total is None:
-        coef = (dt(1.0) / (total + dt(1e-6))) * dt(float(max_norm))
-    else:
-        coef = dt(round_total(float(dt(1.0) / dt(round_total(float(total + dt(1e-6)))))))
-        coef = dt(round_total(float(coef * dt(float(max_norm)))))
+    rnd = (lambda v: dt(round_total(float(v)))) if round_total is not None else (lambda v: v)
+    coef = rnd(rnd(dt(1.0) / rnd(total + dt(1e-6))) * dt(float(max_norm)))
     coef = coef if np.isnan(coef) else min(coef, dt(1.0))
     for g in grads:  # a non-finite norm scales to NaN, as in torch
         g *= coef

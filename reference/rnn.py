@@ -39,6 +39,7 @@ import math
 import numpy as np
 
 from ._errstate import quiet
+from .activation import relu_
 
 MODES = ("rnn_tanh", "rnn_relu", "lstm", "gru")
 # rows of w_ih / w_hh per hidden unit, and per-step values stored in the reserve per hidden unit
@@ -196,7 +197,7 @@ def _dir_forward(mode, xin, w_ih, w_hh, b_ih, b_hh, G, Hs, Cs, reverse, valid, w
             if mode == "rnn_tanh":
                 np.tanh(hn, out=hn)
             else:
-                np.copyto(hn, 0, where=hn < 0)  # torch's relu: NaN and -0.0 kept
+                relu_(hn)
         if valid is not None and not valid[t].all():
             inv = ~valid[t]
             hn[inv] = hp[inv]
@@ -590,7 +591,7 @@ def cell_forward(mode, x, h, c, w_ih, w_hh, b_ih=None, b_hh=None):
     if mode == "rnn_tanh":
         np.tanh(hn, out=hn)
     else:
-        np.copyto(hn, _consts(hn.dtype)[2], where=hn < 0)  # torch's relu: NaN and -0.0 kept
+        relu_(hn)
     return hn, None, None
 
 

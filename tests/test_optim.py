@@ -667,6 +667,17 @@ def test_clip_grad_norm_of_half_gradients_past_their_range_as_torch(backend, dev
             assert not ours[0].grad.any()
 
 
+def _clipped(fn, vals, backend, device, *args):
+    """``fn`` (torch's clip_grad_norm_ or ours) over parameters on ``device`` whose gradients
+    are copies of ``vals`` (each in its dtype), under ``backend``: (total, gradients) on the CPU."""
+    ps = [torch.nn.Parameter(torch.zeros(v.shape, dtype=v.dtype, device=device)) for v in vals]
+    for p, v in zip(ps, vals):
+        p.grad = v.clone().to(device)
+    with gpu_nn.backend(backend):
+        total = fn(ps, *args)
+    return total.cpu(), [p.grad.cpu() for p in ps]
+
+
 @pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_clip_grad_norm_of_half_gradients_bit_for_bit(backend, device, dtype):
@@ -680,15 +691,8 @@ def test_clip_grad_norm_of_half_gradients_bit_for_bit(backend, device, dtype):
         scale = float(torch.rand((), generator=g)) * 6
         vals = [(torch.randn(s, generator=g) * scale).to(dtype) for s in shapes]
         max_norm = float(torch.rand((), generator=g)) * 4 + 0.05
-        sides = []
-        for fn in (torch.nn.utils.clip_grad_norm_, clip_grad_norm_):
-            ps = [torch.nn.Parameter(torch.zeros(s, dtype=dtype, device=device)) for s in shapes]
-            for p, v in zip(ps, vals):
-                p.grad = v.clone().to(device)
-            with gpu_nn.backend(backend):
-                total = fn(ps, max_norm)
-            sides.append((total.cpu(), [p.grad.cpu() for p in ps]))
-        (tt, tg), (ot, og) = sides
+        (tt, tg), (ot, og) = (_clipped(fn, vals, backend, device, max_norm)
+                              for fn in (torch.nn.utils.clip_grad_norm_, clip_grad_norm_))
         assert torch.equal(ot, tt), (trial, ot, tt)
         for a, b in zip(og, tg):
             assert torch.equal(a, b), (trial, max_norm, float(tt))
@@ -704,19 +708,12 @@ def test_clip_grad_norm_rounds_each_gradients_norm_to_its_dtype(backend, device,
     Within range, mixed float16 / bfloat16 / float32 lists as torch's: the totals bit for bit
     (to float32's rounding for p = 3, whose power the kernels take as exp(p log x)), the
     gradients to float32's rounding."""
-    def run(fn, vals):
-        ps = [torch.nn.Parameter(torch.zeros(v.shape, dtype=v.dtype, device=device)) for v in vals]
-        for p, v in zip(ps, vals):
-            p.grad = v.clone().to(device)
-        with gpu_nn.backend(backend):
-            total = fn(ps, 1.0, norm_type)
-        return total.cpu(), [p.grad.cpu() for p in ps]
-
     g = torch.Generator().manual_seed(3)
     past = [torch.full((4,), 5e4, dtype=torch.float16), torch.randn(5, generator=g)]  # its own norm 1e5 (p=2)
     within = [torch.randn(6, generator=g).half() * 30, torch.randn(3, 2, generator=g).bfloat16(), torch.randn(7, generator=g)]
     for vals, over in ((past, norm_type != float("inf")), (within, False)):
-        (tt, tg), (ot, og) = run(torch.nn.utils.clip_grad_norm_, vals), run(clip_grad_norm_, vals)
+        (tt, tg), (ot, og) = (_clipped(fn, vals, backend, device, 1.0, norm_type)
+                              for fn in (torch.nn.utils.clip_grad_norm_, clip_grad_norm_))
         assert ot.dtype == tt.dtype and math.isinf(float(ot)) == math.isinf(float(tt)) == over, (float(ot), float(tt))
         if norm_type == 3.0:
             torch.testing.assert_close(ot, tt, rtol=2e-6, atol=0)

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ..ops import conv as _conv
 from ._jit import NotScriptable
-from .dense import activation_repr, checked_activation
+from .dense import BecomesOurs, activation_repr, checked_activation
 
 __all__ = ["Conv1d", "Conv2d", "LazyConv1d", "LazyConv2d"]
 
@@ -84,22 +84,13 @@ _with_activation(Conv1d, torch.nn.Conv1d)
 _with_activation(Conv2d, torch.nn.Conv2d)
 
 
-class LazyConv1d(NotScriptable, torch.nn.LazyConv1d):
-    """``torch.nn.LazyConv1d``, which becomes our :class:`Conv1d` at its first call (torch's
-    becomes torch.nn.Conv1d: a model written with ``gpu_nn.nn`` ran torch's kernels there), that
-    first call on ours too."""
+class LazyConv1d(BecomesOurs, torch.nn.LazyConv1d):
+    """``torch.nn.LazyConv1d``, which becomes our :class:`Conv1d` (:class:`~gpu_nn.nn.dense.BecomesOurs`)."""
 
     cls_to_become = Conv1d
 
-    def forward(self, input: Tensor) -> Tensor:
-        return Conv1d.forward(self, input)
 
-
-class LazyConv2d(NotScriptable, torch.nn.LazyConv2d):
-    """``torch.nn.LazyConv2d``, which becomes our :class:`Conv2d` at its first call, that call
-    on ours too."""
+class LazyConv2d(BecomesOurs, torch.nn.LazyConv2d):
+    """``torch.nn.LazyConv2d``, which becomes our :class:`Conv2d` (:class:`~gpu_nn.nn.dense.BecomesOurs`)."""
 
     cls_to_become = Conv2d
-
-    def forward(self, input: Tensor) -> Tensor:
-        return Conv2d.forward(self, input)

@@ -81,12 +81,21 @@ class CrossEntropyLoss(NotScriptable, torch.nn.CrossEntropyLoss):
                                reduction=self.reduction, label_smoothing=self.label_smoothing)
 
 
-class LazyLinear(NotScriptable, torch.nn.LazyLinear):
-    """``torch.nn.LazyLinear``, which becomes our :class:`Linear` at its first call (torch's
-    becomes torch.nn.Linear: a model written with ``gpu_nn.nn`` ran torch's kernels there), that
-    first call on ours too."""
+class BecomesOurs(NotScriptable):
+    """A torch lazy layer that becomes ours (``cls_to_become``) at its first call (torch's becomes
+    torch's layer: a model written with ``gpu_nn.nn`` ran torch's kernels there), that first call
+    on ours too: torch takes the bound forward before its hook changes the class."""
 
-    cls_to_become = Linear
+    cls_to_become: type
 
     def forward(self, input: Tensor) -> Tensor:
-        return Linear.forward(self, input)
+        # the class is ours already in the call that changed it (our layer: no cls_to_become);
+        # a forward called directly before that still runs ours
+        ours = getattr(type(self), "cls_to_become", None) or type(self)
+        return ours.forward(self, input)
+
+
+class LazyLinear(BecomesOurs, torch.nn.LazyLinear):
+    """``torch.nn.LazyLinear``, which becomes our :class:`Linear` (:class:`BecomesOurs`)."""
+
+    cls_to_become = Linear

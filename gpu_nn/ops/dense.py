@@ -348,12 +348,8 @@ def _vector_weight_checks(input, weight) -> None:
         return
     x0 = torch.zeros((), dtype=input.dtype, device="cpu").expand(input.shape)
     w0 = torch.zeros((), dtype=weight.dtype, device="cpu").expand(weight.shape)
-    try:
-        _TF.linear(x0, w0)
-    except RuntimeError as exc:
-        raise KernelInputError(str(exc)) from None
-    raise KernelInputError(f"linear: a 1-D weight of {Kw} elements ({weight.dtype}) for an input of {K} features "
-                           f"({input.dtype})")
+    raise _torchs_own_error(lambda: _TF.linear(x0, w0), f"linear: a 1-D weight of {Kw} elements ({weight.dtype}) "
+                            f"for an input of {K} features ({input.dtype})")
 
 
 def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None, *, activation: str | None = None) -> Tensor:

@@ -83,7 +83,7 @@ def chunk_rows(cols, numels, flags, chunk: int) -> np.ndarray:
     interpreter's chunk, and it runs on every step whose gradients moved (H200 at 09f2311: a
     CUDA training loop's new gradients come back at other addresses every step)."""
     n = np.asarray(numels, dtype=np.int64).reshape(-1)
-    per = -(-n // chunk)  # chunks per tensor (0 for an empty one)
+    per = chunks_per(n, chunk)
     total = int(per.sum())
     rows = np.empty((total, NCOL if flags is not None else NCOL - 1), dtype=np.int64)
     if total:
@@ -95,6 +95,11 @@ def chunk_rows(cols, numels, flags, chunk: int) -> np.ndarray:
         if flags is not None:
             rows[:, 8] = np.asarray([int(f) for f in flags], dtype=np.int64)[which]
     return rows
+
+
+def chunks_per(numels, chunk: int) -> np.ndarray:
+    """Each tensor's rows in the table: cdiv(numel, chunk) (0 for an empty one)."""
+    return -(-np.asarray(numels, dtype=np.int64) // chunk)
 
 
 NCOL = 9  # p_off, g_off, s0_off, s1_off, s2_off, step_off, start, numel, flag (kernels/triton/optim.py)
@@ -163,11 +168,16 @@ def _table_cols(params, grads, states, steps, flags, device, chunk):
         out = (None, 0, cols, numels)
     else:
         out = (_backend.to_device_async(torch.from_numpy(rows), device), len(rows), cols, numels)
-    if capturing(device):
-        return out
-    if len(_TABLES) >= _MAX_TABLES:
-        _TABLES.clear()
-    _TABLES[key] = out
+    return _remember(_TABLES, key, out, device)
+
+
+def _remember(cache: dict, key, out, device):
+    """``out`` kept in ``cache`` under ``key`` (the cache emptied at _MAX_TABLES), except while a
+    CUDA graph is captured on ``device`` (what it builds is that capture's alone); returns it."""
+    if not capturing(device):
+        if len(cache) >= _MAX_TABLES:
+            cache.clear()
+        cache[key] = out
     return out
 
 
@@ -349,15 +359,10 @@ def _tensor_bounds(numels, codes, chunk: int, device):
     hit = _BOUNDS.get(key)
     if hit is not None:
         return hit
-    per = -(-np.asarray(numels, dtype=np.int64) // chunk)
-    bounds = np.concatenate(([0], np.cumsum(per))).astype(np.int32)
+    bounds = np.concatenate(([0], np.cumsum(chunks_per(numels, chunk)))).astype(np.int32)
     out = (_backend.to_device_async(torch.from_numpy(bounds), device),
            _backend.to_device_async(torch.from_numpy(np.asarray(codes, dtype=np.int32)), device))
-    if not capturing(device):
-        if len(_BOUNDS) >= _MAX_TABLES:
-            _BOUNDS.clear()
-        _BOUNDS[key] = out
-    return out
+    return _remember(_BOUNDS, key, out, device)
 
 
 def clip_grad_norm(grads, max_norm: float, norm_type: float, error_if_nonfinite: bool,

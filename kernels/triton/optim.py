@@ -412,6 +412,16 @@ def _clip_reduce(part_ptr, c0, c1, p, NORM: tl.constexpr, RBLOCK: tl.constexpr):
     return total
 
 
+@triton.jit
+def _round_to(x, rnd):
+    """float32 ``x`` rounded to float16 (``rnd`` 1) or bfloat16 (2), back in float32; 0: ``x``."""
+    if rnd == 1:
+        x = x.to(tl.float16).to(tl.float32)
+    elif rnd == 2:
+        x = x.to(tl.bfloat16).to(tl.float32)
+    return x
+
+
 @triton.jit(do_not_specialize=["max_norm_b", "p_b", "rnd"])
 def _clip_scale_kernel(table_ptr, g_base, part_ptr, n_parts, total_ptr, max_norm_b, p_b, rnd, NORM: tl.constexpr,
                        VP: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr, RBLOCK: tl.constexpr):
@@ -430,17 +440,10 @@ def _clip_scale_kernel(table_ptr, g_base, part_ptr, n_parts, total_ptr, max_norm
     total = _clip_total(part_ptr, n_parts, p, NORM, RBLOCK)
     if tl.program_id(0) == 0:
         tl.store(total_ptr, total)
-    max_norm = _f64(max_norm_b).to(tl.float32)
-    if rnd == 1:  # torch's coefficient in the half dtype, each op rounded to it as torch's 0-d math
-        total = total.to(tl.float16).to(tl.float32)
-        coef = (1.0 / (total + 1e-6).to(tl.float16).to(tl.float32)).to(tl.float16).to(tl.float32)
-        coef = (coef * max_norm).to(tl.float16).to(tl.float32)
-    elif rnd == 2:
-        total = total.to(tl.bfloat16).to(tl.float32)
-        coef = (1.0 / (total + 1e-6).to(tl.bfloat16).to(tl.float32)).to(tl.bfloat16).to(tl.float32)
-        coef = (coef * max_norm).to(tl.bfloat16).to(tl.float32)
-    else:
-        coef = (1.0 / (total + 1e-6)) * max_norm
+    # torch's coefficient as its 0-d math in the total's dtype: each op rounded to it (rnd 0:
+    # float32, no rounding)
+    total = _round_to(total, rnd)
+    coef = _round_to(_round_to(1.0 / _round_to(total + 1e-6, rnd), rnd) * _f64(max_norm_b).to(tl.float32), rnd)
     coef = tl.where(coef > 1.0, 1.0, coef)  # NaN stays NaN, as torch.clamp keeps it
     for it in range(ITERS):
         offs = start + it * BLOCK + tl.arange(0, BLOCK)
@@ -460,11 +463,7 @@ def _clip_tensor_kernel(part_ptr, bounds_ptr, rnd_ptr, out_ptr, p_b, NORM: tl.co
     t = tl.program_id(0)
     p = _f64(p_b).to(tl.float32)
     v = _clip_reduce(part_ptr, tl.load(bounds_ptr + t), tl.load(bounds_ptr + t + 1), p, NORM, RBLOCK)
-    rnd = tl.load(rnd_ptr + t)
-    if rnd == 1:
-        v = v.to(tl.float16).to(tl.float32)
-    elif rnd == 2:
-        v = v.to(tl.bfloat16).to(tl.float32)
+    v = _round_to(v, tl.load(rnd_ptr + t))
     if NORM == 2:
         v = v * v
     elif NORM == 1:
