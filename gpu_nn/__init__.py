@@ -6,8 +6,8 @@ fuses its convolution / linear -> activation pairs.
 """
 
 from ._backend import available_backends, backend, status as backend_status
-from ._errors import (BackendUnavailableError, KernelInputError, KernelInputIndexError, KernelInputNotImplementedError,
-                      KernelInputTypeError)
+from ._errors import (BackendUnavailableError, KernelInputAttributeError, KernelInputError, KernelInputIndexError,
+                      KernelInputNotImplementedError, KernelInputTypeError)
 
 __version__ = "0.1.0"
 
@@ -28,6 +28,7 @@ from .nn._jit import ScriptingNotSupportedError  # noqa: E402
 __all__ = [
     "BackendUnavailableError",
     "KernelInputError",
+    "KernelInputAttributeError",
     "KernelInputIndexError",
     "KernelInputNotImplementedError",
     "KernelInputTypeError",

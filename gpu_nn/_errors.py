@@ -26,6 +26,16 @@ class KernelInputIndexError(KernelInputError, IndexError):
     """Bad input where torch raises ``IndexError`` ("Dimension out of range")."""
 
 
+class KernelInputAttributeError(KernelInputError, AttributeError):
+    """Bad input where torch raises ``AttributeError``: a functional form or a module of torch's
+    that calls a tensor method on its argument ("'list' object has no attribute 'sigmoid'")."""
+
+
+def no_attribute(obj, attr: str) -> KernelInputAttributeError:
+    """The error Python raises for ``obj.attr`` where ``obj`` has no such attribute, in its words."""
+    return KernelInputAttributeError(f"'{type_name(obj)}' object has no attribute '{attr}'")
+
+
 class KernelInputNotImplementedError(KernelInputError, NotImplementedError):
     """Bad input where torch raises ``NotImplementedError`` (a kernel torch has no dtype for:
     softmax of an integer tensor)."""

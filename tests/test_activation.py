@@ -301,6 +301,23 @@ def test_bad_input():
         F.relu(torch.ones(3, dtype=torch.bool))
 
 
+@pytest.mark.parametrize("name", ["relu", "sigmoid", "tanh"])
+@pytest.mark.parametrize("form", ["functional", "module"])
+@pytest.mark.parametrize("arg", [[1.0, 2.0], 3.0, None], ids=["list", "float", "None"])
+def test_non_tensors_get_torchs_error_type_and_words(name, form, arg):
+    """Not a tensor: torch's exception type and words. ``F.sigmoid`` / ``F.tanh`` call the
+    argument's method (AttributeError), ``F.relu`` and the modules torch's parser (TypeError);
+    ours raised the TypeError everywhere (a leftover of an earlier audit)."""
+    mod = {"relu": "ReLU", "sigmoid": "Sigmoid", "tanh": "Tanh"}[name]
+    theirs = getattr(torch.nn.functional, name) if form == "functional" else getattr(torch.nn, mod)()
+    ours = getattr(F, name) if form == "functional" else getattr(gpu_nn.nn, mod)()
+    with pytest.raises((AttributeError, TypeError)) as want:
+        theirs(arg)
+    with pytest.raises(gpu_nn.KernelInputError) as got:
+        ours(arg)
+    assert isinstance(got.value, type(want.value)) and str(got.value) == str(want.value)
+
+
 @pytest.mark.parametrize("backend,device", backend_params(BACKENDS))
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int32, torch.int64, torch.bool])
 def test_integer_inputs_as_torch(backend, device, dtype, rng):

@@ -613,6 +613,27 @@ def test_clip_grad_norm_nan_gradient_as_torch(backend, device, norm_type):
         torch.testing.assert_close(a.grad.cpu(), b.grad.cpu(), equal_nan=True)
 
 
+@pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
+@pytest.mark.parametrize("norm_type", (float("inf"), float("-inf")))
+@pytest.mark.parametrize("foreach", (None, False, True))
+def test_clip_grad_norm_inf_of_an_empty_gradient_refused_as_torch(backend, device, norm_type, foreach):
+    """An empty gradient under norm_type inf / -inf: a max / min over no elements, which torch
+    refuses in words that depend on foreach; ours returned the other gradients' norm (or 0) and
+    scaled them (an optimizer audit's leftover). torch's error, every gradient left as it was."""
+    def params():
+        p, q = torch.nn.Parameter(torch.zeros(3, device=device)), torch.nn.Parameter(torch.zeros(0, device=device))
+        p.grad, q.grad = torch.full((3,), 4.0, device=device), torch.zeros(0, device=device)
+        return [p, q]
+
+    with pytest.raises(RuntimeError) as want:
+        torch.nn.utils.clip_grad_norm_(params(), 1.0, norm_type, foreach=foreach)
+    ours = params()
+    with gpu_nn.backend(backend), pytest.raises(KernelInputError) as got:
+        clip_grad_norm_(ours, 1.0, norm_type, foreach=foreach)
+    assert str(got.value) == str(want.value)
+    assert torch.equal(ours[0].grad.cpu(), torch.full((3,), 4.0))
+
+
 def test_clip_grad_norm_refuses_complex_gradients_before_touching_any():
     """Complex gradients: torch clips them (the norm of their moduli); ours cast them to float32
     and wrote the real part back, the imaginary part dropped with only NumPy's warning (a dtype

@@ -207,6 +207,48 @@ def test_functional_cell_with_one_bias_as_torch(mode, which, rng):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_functional_cell_biases_as_torch_broadcasts_them(mode, rng):
+    """torch's functional cells broadcast each bias to [batch, G] (its linears' addmm): a bias the
+    same for every row in any shape torch takes (0-d, [1], [1, G], [1, 1]) runs as its [G] (values
+    and gradients, the bias's own shape, against torch in float64); a bias of another size gets
+    torch's words, whichever torch names first (the hidden one, the input one in a GRU); a bias
+    that differs from row to row ([B, G], [B, 1]), which torch takes, our refusal that says so.
+    Ours said 'bias of shape [5], expected [4]' for every one of these."""
+    G, I, H, B = ops.GATES[mode] * 4, 3, 4, 2
+    theirs_fn = {"rnn_tanh": torch.rnn_tanh_cell, "rnn_relu": torch.rnn_relu_cell, "gru": torch.gru_cell,
+                 "lstm": torch.lstm_cell}[mode]
+    args = [randn(rng, B, I), randn(rng, B, H), randn(rng, G, I), randn(rng, G, H)]
+
+    def run(fn, b_ih, b_hh):
+        x, h, w_ih, w_hh = args
+        with gpu_nn.backend("reference"):
+            out = fn(x, (h, h * 0.5), w_ih, w_hh, b_ih, b_hh) if mode == "lstm" else fn(x, h, w_ih, w_hh, b_ih, b_hh)
+        return out if isinstance(out, tuple) else (out,)
+
+    for shapes in [((), (G,)), ((1,), (G,)), ((G,), (1,)), ((1, G), (1, 1)), ((1, 1), ())]:
+        got, given = [], [torch.from_numpy(rng.standard_normal(s)) for s in shapes]
+        for fn in (ops.CELL_FUNCS[mode], theirs_fn):
+            biases = [b.clone().requires_grad_() for b in given]
+            out = run(fn, *biases)
+            got.append([o.detach() for o in out] + list(torch.autograd.grad([o.sum() for o in out], biases)))
+        for a, b in zip(*got):
+            assert a.shape == b.shape
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    for shapes in [((G + 1,), (G,)), ((G,), (G + 1,)), ((G + 1,), (G + 2,)), ((G // 2,), (G,)), ((3, G), (G,)),
+                   ((1, 1, G), (G,))]:
+        biases = [torch.zeros(s, dtype=torch.float64) for s in shapes]
+        want = _torch_msg(lambda: run(theirs_fn, *biases))
+        with pytest.raises(gpu_nn.KernelInputError) as info:
+            run(ops.CELL_FUNCS[mode], *biases)
+        assert str(info.value) == want
+    for shapes in [((B, G), (G,)), ((G,), (B, 1))]:
+        biases = [torch.zeros(s, dtype=torch.float64) for s in shapes]
+        run(theirs_fn, *biases)  # torch takes it
+        with pytest.raises(gpu_nn.KernelInputError, match="take one bias for every row"):
+            run(ops.CELL_FUNCS[mode], *biases)
+
+
 # ----------------------------------------------------------------------------------------------
 # finite differences of the reference backward
 
@@ -381,6 +423,29 @@ def test_module_dropout_in_training_only(rng):
     e = m(x)[0]
     torch.manual_seed(7)
     assert torch.equal(e, m(x)[0])
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("packed", [False, True])
+def test_training_dropout_same_seed_as_torch(mode, packed, rng):
+    """Dropout between the layers in training, the same seed: torch's masks and torch's generator
+    state after the forward (the next draw), on the CPU where torch draws them (its cuDNN layers
+    draw their own). A packed input draws over the packed rows, as torch's layers draw over the
+    packed data (ours drew a padded batch's: other masks, the generator left elsewhere; an audit)."""
+    torch.manual_seed(int(rng.integers(1 << 30)))
+    T, B, L = 5, 4, 3
+    ours, theirs = _pair(mode, 3, 4, num_layers=L, bidirectional=True, dropout=0.4)
+    x = randn(rng, T, B, 3)
+    if packed:
+        x = torch.nn.utils.rnn.pack_padded_sequence(x, [5, 2, 4, 1], enforce_sorted=False)
+    got = []
+    for m in (ours, theirs):
+        torch.manual_seed(7)
+        with gpu_nn.backend("reference"):
+            out = m(x)[0]
+        got.append(((out.data if packed else out), torch.rand(3)))
+    assert_close(got[0][0], got[1][0], torch.float64, k=4)
+    assert torch.equal(got[0][1], got[1][1])
 
 
 @pytest.mark.parametrize("backend,device", backend_params(("triton",)))
@@ -833,6 +898,40 @@ def test_bad_cell_input_torch_wording(mode):
         assert str(info.value) == want
     with pytest.raises(gpu_nn.KernelInputError, match="dtype"):
         ours(torch.randn(3, 8).double())
+
+
+def _nobias(name):
+    def make(lib):
+        m = getattr(lib, name)(2, 3)
+        setattr(m, "bias_ih_l0" if name == "GRU" else "bias_hh_l0", None)
+        return m
+    return make
+
+
+@pytest.mark.parametrize("what,make,call", [
+    ("LSTM list input", lambda lib: lib.LSTM(2, 3), lambda m: m([[1.0, 2.0]] * 3)),
+    ("GRU list input", lambda lib: lib.GRU(2, 3), lambda m: m([[1.0, 2.0]] * 3)),
+    ("RNN int input", lambda lib: lib.RNN(2, 3), lambda m: m(3)),
+    ("LSTM list state", lambda lib: lib.LSTM(2, 3), lambda m: m(torch.randn(3, 2, 2), [[0.0]])),
+    ("GRU list state", lambda lib: lib.GRU(2, 3), lambda m: m(torch.randn(3, 2, 2), [[0.0]])),
+    ("LSTMCell None cell state", lambda lib: lib.LSTMCell(2, 3), lambda m: m(torch.randn(2, 2), (torch.randn(2, 3), None))),
+    ("GRUCell list input", lambda lib: lib.GRUCell(2, 3), lambda m: m([1.0, 2.0])),
+    ("GRU bias set to None", _nobias("GRU"), lambda m: m(torch.randn(3, 2, 2))),
+    ("LSTM bias set to None", _nobias("LSTM"), lambda m: m(torch.randn(3, 2, 2))),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_non_tensors_get_torchs_error_type_and_words(what, make, call):
+    """What is not a tensor where torch's recurrent modules want one: torch's exception type (an
+    AttributeError where its forward asks the object's dim(), a TypeError from its parser for a
+    weight set to None) and words, as a KernelInputError (an audit: ours raised KernelInputError,
+    IndexError, TypeError or a bare AttributeError of its own)."""
+    torch.manual_seed(0)
+    with pytest.raises((AttributeError, TypeError)) as want:
+        call(make(torch.nn))
+    torch.manual_seed(0)
+    with pytest.raises(gpu_nn.KernelInputError) as got:
+        call(make(gnn))
+    assert isinstance(got.value, type(want.value))
+    assert str(got.value) == str(want.value)
 
 
 def test_functional_bad_input():

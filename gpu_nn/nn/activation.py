@@ -11,6 +11,14 @@ from torch import Tensor
 
 from .. import functional as F
 from ._jit import NotScriptable
+from ..ops._dispatch import check_tensor, has_torch_function
+
+
+def _torchs_type_check(op: str, input) -> None:
+    """torch's modules call ``torch.sigmoid`` / ``torch.tanh``, whose parser refuses a non-tensor
+    with a TypeError (``F.sigmoid`` / ``F.tanh``, which call the tensor's method, an AttributeError)."""
+    if not isinstance(input, Tensor) and not has_torch_function(input):
+        check_tensor(op, "input", input, 1)
 
 __all__ = ["ReLU", "Sigmoid", "Tanh"]
 
@@ -26,6 +34,7 @@ class Sigmoid(NotScriptable, torch.nn.Sigmoid):
     """torch.nn.Sigmoid()."""
 
     def forward(self, input: Tensor) -> Tensor:
+        _torchs_type_check("sigmoid", input)
         return F.sigmoid(input)
 
 
@@ -33,4 +42,5 @@ class Tanh(NotScriptable, torch.nn.Tanh):
     """torch.nn.Tanh()."""
 
     def forward(self, input: Tensor) -> Tensor:
+        _torchs_type_check("tanh", input)
         return F.tanh(input)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from .._errors import KernelInputError, KernelInputIndexError
+from .._errors import KernelInputError, KernelInputIndexError, no_attribute
 from ..ops import rnn as ops
 from ..ops._dispatch import autocast_on
 from ._jit import NotScriptable
@@ -39,21 +39,32 @@ def _as_input_error(fn, *args):
 def _check_hx_dims(hx, is_lstm: bool, want: int) -> None:
     """torch's check that the initial states match the input's rank (2-D unbatched, 3-D batched),
     in its words."""
-    hs = (hx,)
-    if is_lstm:
-        # torch reads hx[0] and hx[1]: a single tensor (an LSTM given GRU's state) is indexed
-        # along its first dimension, which fails with torch's IndexError when it has fewer than 2
+    kind = "unbatched 2-D" if want == 2 else "batched 3-D"
+    if not is_lstm:
+        if _dim(hx) != want:
+            raise KernelInputError(f"For {kind} input, hx should also be {want}-D but got {hx.dim()}-D tensor")
+        return
+
+    def at(i):
+        # torch reads hx[0].dim(), then hx[1].dim(): a single tensor (an LSTM given GRU's state)
+        # is indexed along its first dimension, which fails with torch's IndexError when it has
+        # fewer than 2; a list of numbers has no dim()
         try:
-            hs = (hx[0], hx[1])
+            return hx[i]
         except IndexError as exc:
             raise KernelInputIndexError(str(exc)) from None
-    if any(h.dim() != want for h in hs):
-        kind = "unbatched 2-D" if want == 2 else "batched 3-D"
-        dims = ", ".join(f"{h.dim()}-D" for h in hs)
+
+    if _dim(at(0)) != want or _dim(at(1)) != want:
         raise KernelInputError(
-            f"For {kind} input, hx and cx should also be {want}-D but got ({dims}) tensors"
-            if is_lstm else f"For {kind} input, hx should also be {want}-D but got {hx.dim()}-D tensor"
-        )
+            f"For {kind} input, hx and cx should also be {want}-D but got ({_dim(at(0))}-D, {_dim(at(1))}-D) tensors")
+
+
+def _dim(t) -> int:
+    """``t.dim()``, or Python's AttributeError in its words where ``t`` has none (torch's forwards
+    ask it of whatever they were given)."""
+    if not isinstance(t, torch.Tensor) and not hasattr(t, "dim"):
+        raise no_attribute(t, "dim")
+    return t.dim()
 
 class _SeqMixin:
     """``forward`` of RNN / LSTM / GRU on our ops; mirrors ``torch.nn.LSTM.forward`` step by step."""
@@ -87,8 +98,8 @@ class _SeqMixin:
             hx = hx_checked
             batch_first, is_batched = False, True
         else:
-            if not isinstance(input, torch.Tensor):
-                raise KernelInputError(f"{name}: expected a Tensor or PackedSequence input, got {type(input).__name__}")
+            if not isinstance(input, torch.Tensor) and not hasattr(input, "dim"):
+                raise no_attribute(input, "dim")  # torch's forward asks input.dim()
             if input.dim() not in (2, 3):
                 # torch's RNN says "tensor instead", its LSTM and GRU "instead"
                 word = "D tensor" if name == "RNN" else "D"
@@ -178,10 +189,12 @@ class GRU(NotScriptable, _SeqMixin, torch.nn.GRU):
 
 
 def _check_cell_dims(name, input, hs):
-    if input.dim() not in (1, 2):
+    """torch's cells' checks of the input's and the states' ranks (an LSTM cell's ``hx[i]`` of
+    ``idx`` i, the others' ``hx`` of idx None, which may be None)."""
+    if _dim(input) not in (1, 2):
         raise KernelInputError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
     for idx, h in hs:
-        if h is not None and h.dim() not in (1, 2):
+        if (h is not None or idx is not None) and _dim(h) not in (1, 2):
             what = "hidden" if idx is None else f"hx[{idx}]"
             raise KernelInputError(f"{name}: Expected {what} to be 1D or 2D, got {h.dim()}D instead")
 

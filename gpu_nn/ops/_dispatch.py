@@ -1056,3 +1056,16 @@ def plain_arg(v, strings: bool = False) -> bool:
     return True
 
 
+def torchs_own_error(call, fallback: str, fallback_type=KernelInputTypeError) -> KernelInputError:
+    """The error ``call()`` (torch's own call on stand-ins: empty or expanded tensors) raises, as
+    ours of the same type: TypeError, IndexError or another RuntimeError; a ``fallback_type`` of
+    ``fallback`` where torch takes the arguments after all."""
+    try:
+        call()
+    except TypeError as exc:
+        return KernelInputTypeError(str(exc))
+    except IndexError as exc:
+        return KernelInputIndexError(str(exc))
+    except RuntimeError as exc:
+        return KernelInputError(str(exc))
+    return fallback_type(fallback)

@@ -39,7 +39,7 @@ from ..check import CheckCase
 from ..reference import dense as ref
 from ._dispatch import (FLOAT_DTYPES, autocast_inputs, check_float_like_torch, check_tensor, empty, float64_in_float32, from_numpy, is_int,
                         on_device, refuse_wrapping_count, require, routed, to_numpy, triton_kernels)
-from ._dispatch import _eager_ok
+from ._dispatch import _eager_ok, torchs_own_error
 from ._dispatch import has_torch_function as _has_tf
 from ._dispatch import torch_function as _tf
 
@@ -84,22 +84,7 @@ def _torchs_flatten_error(ndim: int, start_dim, end_dim, fallback: str) -> Kerne
     (position 2) must be int', 2.11 'received an invalid combination of arguments'; a string
     may be taken as a dim name), with its type; ``fallback``: where torch takes them after all."""
     args = (start_dim,) if type(end_dim) is int and end_dim == -1 else (start_dim, end_dim)  # as the caller's, mostly
-    return _torchs_own_error(lambda: torch.flatten(torch.empty((0,) * ndim), *args), fallback)
-
-
-def _torchs_own_error(call, fallback: str) -> KernelInputError:
-    """The error ``call()`` (torch's own call on an empty tensor) raises, as ours of the same
-    type: TypeError, IndexError or another RuntimeError; a TypeError of ``fallback`` where torch
-    takes the arguments after all."""
-    try:
-        call()
-    except TypeError as exc:
-        return KernelInputTypeError(str(exc))
-    except IndexError as exc:
-        return KernelInputIndexError(str(exc))
-    except RuntimeError as exc:
-        return KernelInputError(str(exc))
-    return KernelInputTypeError(fallback)
+    return torchs_own_error(lambda: torch.flatten(torch.empty((0,) * ndim), *args), fallback)
 
 
 def flatten(input: Tensor, start_dim: int = 0, end_dim: int = -1) -> Tensor:
@@ -348,7 +333,7 @@ def _vector_weight_checks(input, weight) -> None:
         return
     x0 = torch.zeros((), dtype=input.dtype, device="cpu").expand(input.shape)
     w0 = torch.zeros((), dtype=weight.dtype, device="cpu").expand(weight.shape)
-    raise _torchs_own_error(lambda: _TF.linear(x0, w0), f"linear: a 1-D weight of {Kw} elements ({weight.dtype}) "
+    raise torchs_own_error(lambda: _TF.linear(x0, w0), f"linear: a 1-D weight of {Kw} elements ({weight.dtype}) "
                             f"for an input of {K} features ({input.dtype})")
 
 
@@ -663,7 +648,7 @@ def _torchs_error(name: str, ndim: int, dim, dtype, fallback: str) -> KernelInpu
     its type. ``fallback``: a TypeError's message, where torch takes the arguments after all."""
     args = (0 if dim is None else dim,)  # F resolves dim=None to an int before that call
     kwargs = {} if dtype is None else {"dtype": dtype}
-    return _torchs_own_error(lambda: getattr(torch.empty((0,) * ndim), name)(*args, **kwargs), fallback)
+    return torchs_own_error(lambda: getattr(torch.empty((0,) * ndim), name)(*args, **kwargs), fallback)
 
 
 def _softmax_public(name, op, input, dim, _stacklevel, dtype):

@@ -105,7 +105,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend, _precision
-from .._errors import KernelInputError, scalar_type_name, type_name
+from .._errors import KernelInputError, KernelInputTypeError, scalar_type_name, type_name
 from ..check import CheckCase, _rel, generic_error
 from ..reference import rnn as ref
 from ._dispatch import (
@@ -113,6 +113,7 @@ from ._dispatch import (
     on_device, refuse_wrapping_count, routed, to_numpy, triton_kernels,
 )
 from ._dispatch import has_torch_function as _has_tf
+from ._dispatch import torchs_own_error
 from ._dispatch import torch_function as _tf
 from .dense import linear_dtype_message
 
@@ -1744,9 +1745,42 @@ def _check_cell(op, input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode):
                 f"{op}: input dtype ({input.dtype}), weight dtype ({w_ih.dtype}) and {name} dtype ({t.dtype}) must be "
                 "the same (torch computes this mix in the promoted dtype; gpu-nn's cells take one dtype)"
             )
-    for b in (b_ih, b_hh):  # (both or neither: _cell fills in a missing one, as torch's cells take either alone)
-        if b is not None and tuple(b.shape) != (G,):
-            raise KernelInputError(f"{op}: bias of shape {list(b.shape)}, expected [{G}]")
+    if any(b is not None and tuple(b.shape) != (G,) for b in (b_ih, b_hh)):
+        # (both or neither: _cell fills in a missing one, as torch's cells take either alone).
+        # torch's words: its linears broadcast each bias to [B, G] (the hidden one first, the
+        # input one first in a GRU), so torch is asked on stand-ins; a bias it broadcasts that
+        # differs from row to row, which ours do not take, gets our words
+        raise torchs_own_error(
+            lambda: _TORCH_CELLS[mode](*map(_stand_in, (input, hx, cx, w_ih, w_hh, b_ih, b_hh))),
+            f"{op}: a bias of shape {[list(b.shape) for b in (b_ih, b_hh) if tuple(b.shape) != (G,)][0]} where "
+            f"[{G}] is expected (torch's cells broadcast a bias to [batch, {G}]; gpu-nn's take one bias for every "
+            "row)", KernelInputError)
+
+
+def _stand_in(t):
+    """A tensor of ``t``'s shape, dtype and device holding one element, expanded (None stays
+    None): what torch's own cell is given to say which error it raises."""
+    return None if t is None else torch.zeros((), dtype=t.dtype, device=t.device).expand(t.shape)
+
+
+# torch's own cells (their functional forms), called with (input, hx, cx, w_ih, w_hh, b_ih, b_hh)
+_TORCH_CELLS = {
+    "rnn_tanh": lambda x, h, c, *w: torch._VF.rnn_tanh_cell(x, h, *w),
+    "rnn_relu": lambda x, h, c, *w: torch._VF.rnn_relu_cell(x, h, *w),
+    "lstm": lambda x, h, c, *w: torch._VF.lstm_cell(x, (h, c), *w),
+    "gru": lambda x, h, c, *w: torch._VF.gru_cell(x, h, *w),
+}
+
+
+def _one_bias(b, G: int):
+    """A bias torch's cells take by broadcasting it to ``[B, G]`` that is the same for every row
+    (0-d, ``[1]``, ``[1, G]``, ``[1, 1]``) as the ``[G]`` ours take (a view, expanded and made
+    dense: autograd sums its gradient back); anything else as it is (:func:`_check_cell` words
+    it)."""
+    if (isinstance(b, Tensor) and tuple(b.shape) != (G,) and b.dim() <= 2 and b.shape[-1:] in ((), (1,), (G,))
+            and b.shape[:-1] in ((), (1,))):
+        return b.reshape(-1).expand(G).contiguous()
+    return b
 
 
 @routed
@@ -1899,6 +1933,9 @@ def _cell(op, mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh):
         hx = input.new_zeros((input.shape[0], H))
     if mode == "lstm" and cx is None:
         cx = input.new_zeros((input.shape[0], H))
+    G = GATES[mode] * H if isinstance(H, int) else None
+    if G is not None:
+        b_ih, b_hh = _one_bias(b_ih, G), _one_bias(b_hh, G)
     if (b_ih is None) != (b_hh is None):  # torch's cells take either bias alone (its linear's None)
         b_ih, b_hh = (torch.zeros_like(b_hh), b_hh) if b_ih is None else (b_ih, torch.zeros_like(b_ih))
     _check_cell(op, input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode)
@@ -1937,14 +1974,25 @@ def gru_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
     return _cell("gru_cell", "gru", input, hx, None, w_ih, w_hh, b_ih, b_hh)[0]
 
 
-def draw_dropout_masks(p: float, num_layers: int, T: int, B: int, width: int, like: Tensor) -> Tensor | None:
-    """Inverted-dropout masks ``[L - 1, T, B, width]`` drawn with torch's RNG (values 0 or 1/(1-p))."""
+def draw_dropout_masks(p: float, num_layers: int, T: int, B: int, width: int, like: Tensor,
+                       lengths: Tensor | None = None) -> Tensor | None:
+    """Inverted-dropout masks ``[L - 1, T, B, width]`` drawn with torch's RNG (values 0 or 1/(1-p)),
+    as torch's layers draw them on the CPU: one draw per layer over its output, which for
+    sequences of ``lengths`` (a packed input) is the packed data, ``sum(lengths)`` rows in time-major
+    order, so the same seed gives torch's masks and leaves the generator where torch's leaves it
+    (the steps past a sequence's end, which no output reads, mask 0)."""
     if num_layers < 2 or p <= 0:
         return None
     if p >= 1:
         return like.new_zeros((num_layers - 1, T, B, width))
-    keep = torch.empty((num_layers - 1, T, B, width), dtype=like.dtype, device=like.device).bernoulli_(1 - p)
-    return keep.div_(1 - p)
+    if lengths is None:
+        keep = torch.empty((num_layers - 1, T, B, width), dtype=like.dtype, device=like.device).bernoulli_(1 - p)
+        return keep.div_(1 - p)
+    live = torch.arange(T)[:, None] < lengths[None, :]  # [T, B]: the packed rows, time-major
+    keep = torch.empty((num_layers - 1, int(live.sum()), width), dtype=like.dtype, device=like.device).bernoulli_(1 - p)
+    masks = like.new_zeros((num_layers - 1, T, B, width))
+    masks[:, live.to(like.device)] = keep.div_(1 - p)
+    return masks
 
 
 def _seq(mode, input, hx, cx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first, lengths,
@@ -1952,6 +2000,9 @@ def _seq(mode, input, hx, cx, params, has_biases, num_layers, dropout, train, bi
     check_tensor(mode, "input", input, 1)
     if mode != "lstm":  # (the LSTM's pair: _lstm_state)
         check_tensor(mode, "hx", hx, 2)
+    for i, w in enumerate(params):  # torch's parser on its TensorList (a module's weight set to None)
+        if not isinstance(w, Tensor):
+            raise KernelInputTypeError(f"expected Tensor as element {i} in argument 2, but got {type_name(w)}")
     if input.dim() != 3:
         raise KernelInputError(f"{mode}: input must have 3 dimensions, got {input.dim()}")
     _check_devices(input, [hx, cx], params)
@@ -1967,15 +2018,18 @@ def _seq(mode, input, hx, cx, params, has_biases, num_layers, dropout, train, bi
     T, B, _ = x.shape
     D = 2 if bidirectional else 1
     H = hx.shape[-1]
+    if lengths is not None:
+        lengths = torch.as_tensor(lengths, dtype=torch.int64, device="cpu")
     if dropout_masks is None and train and num_layers > 1 and dropout != 0:
         p = float(dropout)
         if not 0 <= p <= 1:  # torch's dropout between the layers (a module's dropout set after construction)
             raise KernelInputError(f"dropout probability has to be between 0 and 1, but got {p:g}")
-        dropout_masks = draw_dropout_masks(p, num_layers, T, B, D * H, x)
+        # (lengths the op refuses draw as a padded batch: the op's check words the refusal)
+        ok = lengths is None or (lengths.dim() == 1 and lengths.shape[0] == B
+                                 and (B == 0 or 0 <= int(lengths.min()) and int(lengths.max()) <= T))
+        dropout_masks = draw_dropout_masks(p, num_layers, T, B, D * H, x, lengths if ok else None)
     if not train:
         dropout_masks = None
-    if lengths is not None:
-        lengths = torch.as_tensor(lengths, dtype=torch.int64, device="cpu")
     out, hn, cn, _ = _rnn_seq_op(x.contiguous(), hx, cx, list(params), mode, int(num_layers), bool(bidirectional),
                                  bool(has_biases), lengths, dropout_masks)
     if batch_first:

@@ -52,6 +52,14 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_i
         if g.is_complex():  # before any gradient is touched: the float kernels would drop the imaginary part
             raise KernelInputError(f"gpu_nn.nn.utils.clip_grad_norm_ does not support complex gradients "
                                    f"(got {g.dtype}), as gpu-nn's optimizers take no complex parameters")
+    if math.isinf(norm_type) and any(g.numel() == 0 for g in grads):
+        # a max / min over no elements: torch refuses (its words depend on foreach), so torch is
+        # asked on an empty gradient (ours returned the other gradients' norm, or 0)
+        from ...ops._dispatch import torchs_own_error
+
+        empty = next(g for g in grads if g.numel() == 0)
+        raise torchs_own_error(lambda: torch.nn.utils.get_total_norm([empty], norm_type, foreach=foreach),
+                               f"the {norm_type} norm of an empty gradient has no value", KernelInputError)
     devices = {g.device for g in grads}
     # float64 gradients (any of a device's: the kernels take no float64) take the reference under
     # auto, as every op's float64 does
