@@ -934,6 +934,23 @@ def test_non_tensors_get_torchs_error_type_and_words(what, make, call):
     assert str(got.value) == str(want.value)
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_input_projection_width_mismatch_in_torchs_words(mode):
+    """A layer-0 input weight whose width is not the input's (a module's weight_ih_l0 replaced,
+    or the functional form's params): torch's matmul error over the layer's whole input (T x B
+    rows); ours said 'input.size(-1) must be equal to input_size. Expected <the weight's width>',
+    which names the module's attribute the input did match (an audit)."""
+    _, theirs_cls, extra = MODULES[mode]
+    ours_cls = MODULES[mode][0]
+    x = torch.randn(3, 2, 2, dtype=torch.float64)  # (torch's float32 LSTM on oneDNN takes it, reading past the weight)
+    msgs = []
+    for cls in (theirs_cls, ours_cls):
+        m = cls(2, 3, **extra).double()
+        m.weight_ih_l0 = torch.nn.Parameter(torch.randn(m.weight_ih_l0.shape[0], 4, dtype=torch.float64))
+        msgs.append(_torch_msg(lambda: m(x)))
+    assert msgs[0] == msgs[1] and msgs[0].startswith("mat1 and mat2 shapes cannot be multiplied (6x2 and 4x")
+
+
 def test_functional_bad_input():
     with pytest.raises(gpu_nn.KernelInputError, match="3 dimensions"):
         F.gru(torch.randn(3, 4), torch.zeros(1, 3, 5), [torch.randn(15, 4), torch.randn(15, 5)], False)

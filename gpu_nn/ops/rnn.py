@@ -277,8 +277,11 @@ def _check_seq(op, input, hx, cx, weights, mode, num_layers, bidirectional, has_
             want = [(G, in_w), (G, W)] + ([(G,), (G,)] if has_biases else []) + ([(P, H)] if P else [])
             for w, s in zip(ws, want):
                 if tuple(w.shape) != s:
-                    if len(s) == 2 and s[1] == in_w and w.dim() == 2 and w.shape[0] == G and l == 0:
-                        raise KernelInputError(f"input.size(-1) must be equal to input_size. Expected {w.shape[1]}, got {I}")
+                    if w is ws[0] and w.dim() == 2 and w.shape[0] == G and w.shape[1] != in_w:
+                        # torch projects a layer's whole input at once (its packed rows, or T x B)
+                        rows = int(lengths.sum()) if lengths is not None and lengths.dim() == 1 else T * B
+                        raise KernelInputError(f"mat1 and mat2 shapes cannot be multiplied ({rows}x{in_w} and "
+                                               f"{w.shape[1]}x{w.shape[0]})")
                     raise KernelInputError(
                         f"{op}: weight of layer {l} direction {d} has shape {list(w.shape)}, expected {list(s)}"
                     )
