@@ -18,6 +18,10 @@ _SUPPORTED = frozenset({
 })
 
 
+# ours that read their ``activation`` attribute as the epilogue they fuse (``activation=``)
+_FUSING = frozenset({"Linear", "Conv1d", "Conv2d", "LazyLinear", "LazyConv1d", "LazyConv2d"})
+
+
 # torch's own subclasses of a layer we convert whose owner never calls them, so that converting
 # them would change nothing and a warning about them would be noise: MultiheadAttention's
 # out_proj (every Transformer has one) is read by F.multi_head_attention_forward as weights
@@ -48,6 +52,12 @@ def _parametrized_class(generated: type, ours: type) -> type:
     restores ``__bases__[0]``, leaves our layer."""
     body = {k: v for k, v in generated.__dict__.items() if k not in ("__dict__", "__weakref__")}
     return type(f"Parametrized{ours.__name__}", (ours,), body)
+
+
+def _own_attribute(module: torch.nn.Module, name: str) -> bool:
+    """Whether ``module`` itself holds ``name``: an instance attribute, a submodule, a parameter
+    or a buffer."""
+    return any(name in d for d in (module.__dict__, module._modules, module._parameters, module._buffers))
 
 
 def _swap(module: torch.nn.Module, ours: type) -> torch.nn.Module:
@@ -104,6 +114,12 @@ def convert(model: torch.nn.Module, *, inplace: bool = True) -> torch.nn.Module:
             elif base is not None and f"{cls.__module__}.{cls.__qualname__}" not in _NEVER_CALLED:
                 skipped.append(f"{prefix or '<model>'} ({cls.__name__}): a subclass of torch.nn.{base.__name__}, left as "
                                "it is (a subclass may change what the layer does)")
+            return mod
+        if ours.__name__ in _FUSING and _own_attribute(mod, "activation"):
+            # our layer reads ``activation`` as the epilogue it fuses: a user's own attribute of
+            # that name (a string would be applied, a module refused) is left to torch's layer
+            skipped.append(f"{prefix or '<model>'} ({cls.__name__}): has an attribute of its own named 'activation', "
+                           f"which our {cls.__name__} reads as the activation it fuses")
             return mod
         return _swap(mod, ours)
 

@@ -816,6 +816,28 @@ def test_bad_input_raises_torchs_exception_type():
         assert str(theirs.value).splitlines()[0] in str(ours.value), (i, ours.value, theirs.value)
 
 
+@pytest.mark.parametrize("arg", [[1.0, 2.0], np.zeros(2), None], ids=["list", "ndarray", "None"])
+@pytest.mark.parametrize("call", ["F.softmax", "F.log_softmax", "nn.Softmax", "nn.LogSoftmax", "nn.Flatten", "flatten",
+                                  "nn.Linear"])
+def test_non_tensors_get_torchs_error_type_and_words(call, arg):
+    """Not a tensor: torch's exception type and words. torch.nn.functional's softmax / log_softmax
+    (and the modules over them) and nn.Flatten call the argument's method (an AttributeError, an
+    ndarray's own TypeError), torch.flatten and linear its parser (TypeError); ours raised the
+    parser's TypeError everywhere (an audit)."""
+    def run(lib, fn_lib):
+        return {"F.softmax": lambda: fn_lib.softmax(arg, 0), "F.log_softmax": lambda: fn_lib.log_softmax(arg, 0),
+                "nn.Softmax": lambda: lib.Softmax(0)(arg), "nn.LogSoftmax": lambda: lib.LogSoftmax(0)(arg),
+                "nn.Flatten": lambda: lib.Flatten()(arg),
+                "flatten": lambda: (torch.flatten if fn_lib is TF else F.flatten)(arg),
+                "nn.Linear": lambda: lib.Linear(2, 2)(arg)}[call]()
+
+    with pytest.raises((AttributeError, TypeError)) as want:
+        run(torch.nn, TF)
+    with pytest.raises(gpu_nn.KernelInputError) as got:
+        run(gpu_nn.nn, F)
+    assert isinstance(got.value, type(want.value)) and str(got.value) == str(want.value)
+
+
 # =========================================================================== Triton kernels vs reference
 
 

@@ -98,6 +98,29 @@ def test_convert_not_inplace_leaves_model_alone():
     assert type(new.head) is gnn.Linear
 
 
+@pytest.mark.parametrize("layer", ["Linear", "Conv1d", "Conv2d", "LazyLinear"])
+@pytest.mark.parametrize("value", ["tanh", "module", None])
+def test_convert_leaves_a_layer_with_its_own_activation_attribute(layer, value):
+    """A torch layer carrying an attribute of its own named ``activation`` (a string kept for a
+    config, a submodule stored beside it, even None): our layers read that name as the epilogue
+    they fuse, so convert leaves it as torch's layer, named in the warning, and the model
+    computes what it did (a string was applied after convert, a module made the forward raise;
+    an audit). A layer of ours keeps taking ``activation=``."""
+    make = {"Linear": lambda: tnn.Linear(4, 3), "Conv1d": lambda: tnn.Conv1d(4, 3, 1),
+            "Conv2d": lambda: tnn.Conv2d(4, 3, 1), "LazyLinear": lambda: tnn.LazyLinear(3)}[layer]
+    x = torch.randn(2, 4, *({"Conv1d": (5,), "Conv2d": (5, 5)}.get(layer, ())))
+    m = make()
+    m.activation = tnn.ReLU() if value == "module" else value
+    model = tnn.Sequential(m)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the lazy layer's warning about its parameters)
+        want = model(x)
+    with pytest.warns(UserWarning, match="named 'activation'"):
+        gpu_nn.convert(model)
+    assert type(model[0]).__module__.startswith("torch.nn")
+    torch.testing.assert_close(model(x), want)
+
+
 @pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
 def test_a_default_device_elsewhere_leaves_our_internals_on_the_operands_device(backend, device):
     """Under torch.set_default_device (here a ``torch.device`` context: meta) our ops and

@@ -951,6 +951,33 @@ def test_input_projection_width_mismatch_in_torchs_words(mode):
     assert msgs[0] == msgs[1] and msgs[0].startswith("mat1 and mat2 shapes cannot be multiplied (6x2 and 4x")
 
 
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_functional_packed_overload_as_torch(mode, bidirectional, rng):
+    """torch.lstm / gru / rnn_tanh / rnn_relu's packed overload, (data, batch_sizes, hx, params,
+    has_biases, num_layers, dropout, train, bidirectional), which torch's modules call: the same
+    packed output, final states and gradients of data, states and every parameter (float64);
+    ours refused it as a bad hx (a recurrent-layer audit)."""
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    ours_cls, theirs_cls, extra = MODULES[mode]
+    m = theirs_cls(3, 4, num_layers=2, bidirectional=bidirectional, **extra).double()
+    p = pack_padded_sequence(randn(rng, 5, 3, 3), [5, 3, 2])
+    D = 2 if bidirectional else 1
+    h0 = randn(rng, 2 * D, 3, 4)
+    theirs_fn = {"rnn_tanh": torch.rnn_tanh, "rnn_relu": torch.rnn_relu, "gru": torch.gru, "lstm": torch.lstm}[mode]
+    got = []
+    for fn in (ops.SEQ_FUNCS[mode], theirs_fn):
+        data, h, *ws = leaves = [t.detach().clone().requires_grad_() for t in (p.data, h0, *m._flat_weights)]
+        hx = (h, h * 0.5) if mode == "lstm" else h
+        with gpu_nn.backend("reference"):
+            out = fn(data, p.batch_sizes, hx, ws, True, 2, 0.0, False, bidirectional)
+            grads = torch.autograd.grad([o.sum() for o in out], leaves)
+        got.append([o.detach() for o in out] + list(grads))
+    for a, b in zip(*got):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
 def test_functional_bad_input():
     with pytest.raises(gpu_nn.KernelInputError, match="3 dimensions"):
         F.gru(torch.randn(3, 4), torch.zeros(1, 3, 5), [torch.randn(15, 4), torch.randn(15, 5)], False)

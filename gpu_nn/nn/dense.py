@@ -13,7 +13,8 @@ import torch
 from torch import Tensor
 
 from .. import functional as F
-from .._errors import KernelInputError
+from .._errors import KernelInputAttributeError, KernelInputError, KernelInputTypeError
+from ..ops._dispatch import has_torch_function
 from ..ops.dense import ACTIVATIONS
 from ._jit import NotScriptable
 
@@ -24,6 +25,15 @@ class Flatten(NotScriptable, torch.nn.Flatten):
     """torch.nn.Flatten (start_dim=1, end_dim=-1): a view when the strides allow, as torch."""
 
     def forward(self, input: Tensor) -> Tensor:
+        if not isinstance(input, Tensor) and not has_torch_function(input):
+            # torch's calls input.flatten(start_dim, end_dim): Python's error (an AttributeError,
+            # an ndarray's TypeError), or what that method returns, as there
+            try:
+                return input.flatten(self.start_dim, self.end_dim)
+            except AttributeError as exc:
+                raise KernelInputAttributeError(str(exc)) from None
+            except TypeError as exc:
+                raise KernelInputTypeError(str(exc)) from None
         return F.flatten(input, self.start_dim, self.end_dim)
 
 

@@ -2090,6 +2090,9 @@ def rnn_tanh(input, hx, params, has_biases=True, num_layers=1, dropout=0.0, trai
                dropout_masks):
         return _tf(rnn_tanh, input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first,
                    lengths, dropout_masks)
+    if isinstance(params, Tensor):  # torch's packed overload: (data, batch_sizes, hx, params, ...)
+        return _packed_overload("rnn_tanh", input, hx, params, has_biases, num_layers, dropout, train, bidirectional,
+                                batch_first)
     out, hn, _ = _seq("rnn_tanh", input, hx, None, params, has_biases, num_layers, dropout, train, bidirectional,
                       batch_first, lengths, dropout_masks)
     return out, hn
@@ -2102,6 +2105,9 @@ def rnn_relu(input, hx, params, has_biases=True, num_layers=1, dropout=0.0, trai
                dropout_masks):
         return _tf(rnn_relu, input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first,
                    lengths, dropout_masks)
+    if isinstance(params, Tensor):  # torch's packed overload: (data, batch_sizes, hx, params, ...)
+        return _packed_overload("rnn_relu", input, hx, params, has_biases, num_layers, dropout, train, bidirectional,
+                                batch_first)
     out, hn, _ = _seq("rnn_relu", input, hx, None, params, has_biases, num_layers, dropout, train, bidirectional,
                       batch_first, lengths, dropout_masks)
     return out, hn
@@ -2114,6 +2120,9 @@ def gru(input, hx, params, has_biases=True, num_layers=1, dropout=0.0, train=Fal
                dropout_masks):
         return _tf(gru, input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first, lengths,
                    dropout_masks)
+    if isinstance(params, Tensor):  # torch's packed overload: (data, batch_sizes, hx, params, ...)
+        return _packed_overload("gru", input, hx, params, has_biases, num_layers, dropout, train, bidirectional,
+                                batch_first)
     out, hn, _ = _seq("gru", input, hx, None, params, has_biases, num_layers, dropout, train, bidirectional,
                       batch_first, lengths, dropout_masks)
     return out, hn
@@ -2127,9 +2136,28 @@ def lstm(input, hx, params, has_biases=True, num_layers=1, dropout=0.0, train=Fa
                dropout_masks):
         return _tf(lstm, input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first, lengths,
                    dropout_masks)
+    if isinstance(hx, Tensor) and isinstance(params, (tuple, list)) and all(isinstance(t, Tensor) for t in params):
+        # torch's packed overload: (data, batch_sizes, (h0, c0), params, ...)
+        return _packed_overload("lstm", input, hx, params, has_biases, num_layers, dropout, train, bidirectional,
+                                batch_first)
     h0, c0 = _lstm_state("lstm", hx)
     return _seq("lstm", input, h0, c0, params, has_biases, num_layers, dropout, train, bidirectional, batch_first,
                 lengths, dropout_masks)
+
+
+def _packed_overload(mode, data, batch_sizes, hx, params, has_biases, num_layers, dropout, train, bidirectional):
+    """torch.lstm / gru / rnn_tanh / rnn_relu's packed overload, ``(data, batch_sizes, hx, params,
+    has_biases, num_layers, dropout, train, bidirectional)``, as torch's recurrent modules call it:
+    the packed rows (sorted, longest first, as ``hx``'s batch is) run as the padded batch of their
+    lengths, the output packed back -> ``(output data, h_n[, c_n])``."""
+    from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+    x, lengths = pad_packed_sequence(PackedSequence(data, batch_sizes))
+    h0, c0 = _lstm_state(mode, hx) if mode == "lstm" else (hx, None)
+    out, hn, cn = _seq(mode, x, h0, c0, params, has_biases, num_layers, dropout, train, bidirectional, False,
+                       lengths, None)
+    out = pack_padded_sequence(out, lengths).data
+    return (out, hn, cn) if mode == "lstm" else (out, hn)
 
 
 SEQ_FUNCS = {"rnn_tanh": rnn_tanh, "rnn_relu": rnn_relu, "lstm": lstm, "gru": gru}
