@@ -136,10 +136,46 @@ def cases(device: str, quick: bool) -> list[harness.Case]:
                 out.append(harness.Case("optim", f"{name} step", f"{len(sizes)} tensors, {total / 1e6:.1f}M {label}, "
                                         f"vs torch {'fused' if fused else 'foreach'}", device="cuda", bytes=bytes_,
                                         providers=providers))
+        # a mixed-precision loop's step: GradScaler.step + update over fused Adam, which hands the
+        # optimizer its scale and found_inf (the kernels unscale and skip on the device; torch's
+        # fused Adam the same), against ours without fused=True (GradScaler unscales in a pass of
+        # its own and reads found_inf on the host before the step). bytes: the fused step's
+        # (Adam's 28 B a parameter, the gradient written back unscaled: 4 more)
+        out.append(harness.Case(
+            "optim", "adam step, GradScaler", f"{len(sizes)} tensors, {total / 1e6:.1f}M fp32", device="cuda",
+            bytes=32 * total,
+            providers={"torch": _amp_setup(torch.optim.Adam, sizes, fused=True),
+                       "triton": _amp_setup(go.Adam, sizes, backend="triton", fused=True),
+                       "cupy": _amp_setup(go.Adam, sizes, backend="cupy", fused=True),
+                       "triton-unfused": _amp_setup(go.Adam, sizes, backend="triton")}))
         out.append(harness.Case(
             "optim", "copy (bandwidth ceiling)", f"{total / 1e6:.1f}M fp32 x 7 arrays", device="cuda", bytes=28 * total,
             providers={"torch": lambda total=total: _copy_setup(total)}))
     return out
+
+
+def _amp_setup(cls, sizes, backend=None, **kw):
+    """One ``scaler.step(opt); scaler.update()`` of a GradScaler (scale 1, never growing: the
+    gradients keep their values call after call) over float32 CUDA parameters."""
+    def setup():
+        import contextlib
+
+        import gpu_nn
+
+        ps = _params(sizes, torch.float32, "cuda")
+        opt = cls(ps, **kw)
+        scaler = torch.amp.GradScaler("cuda", init_scale=1.0, growth_interval=2**30)
+        scaler.scale(torch.ones((), device="cuda"))  # (makes its scale tensor)
+        region = (lambda: gpu_nn.backend(backend)) if backend else contextlib.nullcontext
+
+        def step():
+            with region():
+                scaler.step(opt)
+            scaler.update()
+
+        return step
+
+    return setup
 
 
 def _copy_setup(total):

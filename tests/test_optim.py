@@ -479,6 +479,110 @@ def test_step_moves_the_version_counters_as_torchs_in_place_step(backend, device
             w.grad = None
 
 
+_FUSED = [("Adam", {}), ("AdamW", {"weight_decay": 0.1}), ("Adam", {"amsgrad": True, "maximize": True}),
+          ("SGD", {"momentum": 0.9}), ("SGD", {"momentum": 0.9, "nesterov": True, "weight_decay": 0.01}),
+          ("Adagrad", {"lr_decay": 0.01})]
+
+
+class _NoHostRead(torch.Tensor):
+    """A found_inf the step may hand to kernels but never read on the host (a CUDA one would
+    be a synchronisation per step)."""
+
+    def __float__(self):
+        raise AssertionError("found_inf read on the host")
+
+    def item(self):
+        raise AssertionError("found_inf read on the host")
+
+    def __bool__(self):
+        raise AssertionError("found_inf read on the host")
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("reference", "triton", "cupy")))
+@pytest.mark.parametrize("name,kw", _FUSED, ids=lambda v: v if isinstance(v, str) else "-".join(f"{k}={x}" for k, x in v.items()))
+def test_fused_steps_take_gradscalers_scale_and_found_inf_as_torchs(backend, device, name, kw):
+    """fused=True: _step_supports_amp_scaling, and the step reads GradScaler's grad_scale and
+    found_inf attributes as torch's fused steps do: found_inf nonzero skips everything (parameters,
+    state, gradients, the step count as it was), else the gradients are divided by the scale,
+    left so, and the step uses them (ours ignored both: GradScaler unscaled and checked on the host,
+    a synchronisation per step). Against torch's fused step on the CPU, float32; the kernel
+    paths never read found_inf on the host."""
+    if backend == "cupy" and name != "Adam" and name != "AdamW":
+        pytest.skip("the cupy backend has kernels for Adam / AdamW and RMSprop only")
+    torch.manual_seed(0)
+    init = [torch.randn(5, 3), torch.randn(7)]
+    grads = [torch.randn(5, 3) * 64, torch.randn(7) * 64]
+
+    def make(lib, dev):
+        ps = [torch.nn.Parameter(t.clone().to(dev)) for t in init]
+        opt = getattr(lib, name)(ps, lr=0.05, fused=True, **kw)
+        # (ours always; torch's fused Adagrad says so in 2.13, not in 2.11, and reads the two either way)
+        assert lib is torch.optim or opt._step_supports_amp_scaling
+        return ps, opt
+
+    def steps(ps, opt, dev, wrap=lambda t: t):
+        seen = []
+        for scale, found in ((8.0, 0.0), (8.0, 1.0), (None, 0.0), (4.0, 0.0), (4.0, 1.0)):
+            for p, g in zip(ps, grads):
+                p.grad = g.clone().to(dev)
+            opt.grad_scale = None if scale is None else torch.tensor(scale, device=dev)
+            opt.found_inf = wrap(torch.tensor(found, device=dev))
+            opt.step()
+            del opt.grad_scale, opt.found_inf
+            state = [{k: v.detach().cpu().clone() if torch.is_tensor(v) else v for k, v in opt.state[p].items()}
+                     for p in ps]
+            seen.append(([p.detach().cpu().clone() for p in ps], [p.grad.cpu().clone() for p in ps], state))
+        return seen
+
+    want = steps(*make(torch.optim, "cpu"), "cpu")
+    ps, opt = make(go, device)
+    with gpu_nn.backend(backend):
+        got = steps(ps, opt, device, (lambda t: t.as_subclass(_NoHostRead)) if backend != "reference" else (lambda t: t))
+    for i, ((wp, wg, ws), (gp, gg, gs)) in enumerate(zip(want, got)):
+        for a, b in zip(gg, wg):  # the gradients as the step left them: unscaled, or untouched
+            torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"step {i} gradient")
+        for a, b in zip(gp, wp):
+            torch.testing.assert_close(a, b, rtol=2e-6, atol=1e-7, msg=f"step {i} parameter")
+        for a, b in zip(gs, ws):
+            assert a.keys() == b.keys()
+            for k in a:
+                torch.testing.assert_close(torch.as_tensor(a[k]), torch.as_tensor(b[k]), rtol=2e-6, atol=1e-7,
+                                           msg=f"step {i} state {k}")
+    assert all(torch.equal(a, b) for a, b in zip(got[1][0], got[0][0]))  # step 1 found an inf: nothing moved
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
+def test_fused_steps_under_gradscaler_match_torchs_fused(backend, device):
+    """A float32 training loop under torch.amp.GradScaler with fused Adam, inf losses on two
+    steps: the same scales (the same steps skipped) and parameters as torch's fused Adam, with
+    and without scaler.unscale_ before the step (where the scale arrives as None)."""
+    def run(lib, unscale_first):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).to(device)
+        opt = lib.Adam(model.parameters(), lr=0.01, fused=True)
+        scaler = torch.amp.GradScaler(device, init_scale=2.0**10, growth_interval=2)
+        x = torch.randn(5, 3, device=device)
+        scales = []
+        for i in range(6):
+            opt.zero_grad()
+            loss = model(x).pow(2).sum() * (float("inf") if i in (1, 4) else 1.0)
+            scaler.scale(loss).backward()
+            if unscale_first:
+                scaler.unscale_(opt)
+            scaler.step(opt)
+            scaler.update()
+            scales.append(scaler.get_scale())
+        return scales, [p.detach().cpu() for p in model.parameters()]
+
+    for unscale_first in (False, True):
+        want = run(torch.optim, unscale_first)
+        with gpu_nn.backend(backend):
+            got = run(go, unscale_first)
+        assert got[0] == want[0]
+        for a, b in zip(got[1], want[1]):
+            torch.testing.assert_close(a, b, rtol=2e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
 def test_clip_grad_norm_moves_the_gradients_version_counters(backend, device):
     """torch's clip_grad_norm_ scales the gradients with mul_ (always, the factor clamped to 1):
@@ -1772,6 +1876,28 @@ def test_cupy_launch_passes_a_tensor_lr_by_address(kind, monkeypatch):
     assert (n1, n2) == (f"{kind}_step", f"{kind}_step_lr_ptr")
     assert type(a1[1]) is np.float64 and a1[1] == 0.25 and a2[1] is lr
     assert a1[0] is a2[0] is table and all(type(x) is type(y) and x == y for x, y in zip(a1[2:], a2[2:]))
+
+
+def test_cupy_launch_passes_gradscalers_scalars_by_address(monkeypatch):
+    """The cupy glue (the launch recorded, no GPU): Adam's entry points take GradScaler's scale
+    and found_inf last, as the tensors (their addresses), or null pointers without them; RMSprop
+    (no fused form in torch) refuses them."""
+    from gpu_nn.kernels import cuda as kcuda
+    from gpu_nn.optim import _cupy
+
+    calls = []
+    monkeypatch.setattr(kcuda, "launch", lambda mod, name, grid, block, args, device=0: calls.append((name, args)))
+    hp = dict(lr=0.25, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, amsgrad=True, maximize=False,
+              decoupled_weight_decay=True, alpha=0.99, momentum=0.5, centered=True)
+    table = torch.zeros(3, 8, dtype=torch.int64)
+    scale, found = torch.tensor(8.0), torch.tensor(0.0)
+    _cupy.Launch("adam", table, 3, object(), 0, [])(hp)
+    _cupy.Launch("adam", table, 3, object(), 0, [])(dict(hp, grad_scale=scale, found_inf=found))
+    (_, plain), (_, amp) = calls
+    assert [type(a) for a in plain[-2:]] == [np.uint64, np.uint64] and plain[-2:] == (0, 0)
+    assert amp[-2] is scale and amp[-1] is found and len(amp) == len(plain)
+    with pytest.raises(KernelInputError, match="no fused RMSprop"):
+        _cupy.Launch("rmsprop", table, 3, object(), 0, [])(dict(hp, grad_scale=scale, found_inf=found))
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device: a CPU tensor lr for CUDA parameters")

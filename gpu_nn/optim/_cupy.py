@@ -51,14 +51,18 @@ class Launch(Prepared):
     the compiled module; its gradient column holds the gradients' raw addresses
     (``_triton.Prepared.regrad`` rebuilds it where they moved)."""
 
-    __slots__ = ("kind", "table", "n", "mod", "device", "copies", "cols", "numels", "flags", "chunk")
+    __slots__ = ("kind", "table", "n", "mod", "device", "copies", "cols", "numels", "flags", "chunk", "staged_g")
 
-    def __init__(self, kind, table, n, mod, device, copies, cols=None, numels=None):
+    def __init__(self, kind, table, n, mod, device, copies, cols=None, numels=None, staged_g=None):
         self.kind, self.table, self.n, self.mod, self.device, self.copies = kind, table, n, mod, device, copies
         self.cols, self.numels, self.flags, self.chunk = cols, numels, None, CHUNK  # raw addresses, no flag column
+        self.staged_g = staged_g
 
     def _grad_column(self, grads) -> list:
         return [g.data_ptr() for g in grads]
+
+    def staged_grads(self) -> list:
+        return self.staged_g or []
 
     def __call__(self, hp: dict, grads=None) -> None:
         from ..kernels import cuda as kcuda
@@ -73,16 +77,22 @@ class Launch(Prepared):
             lr_arg = f64(lr) if by_value else lr
             if self.kind == "adam":
                 decoupled = bool(hp["decoupled_weight_decay"])
+                # GradScaler's scalars on this device (a fused step's: _dispatch.run_parts), or null
+                scale, found_inf = (hp.get(k) for k in ("grad_scale", "found_inf"))
                 args = (self.table, lr_arg, f64(hp["beta1"]), f64(hp["beta2"]), f64(hp["eps"]),
-                        f64(hp["weight_decay"]), i32(hp["amsgrad"]), i32(hp["maximize"]), i32(decoupled))
+                        f64(hp["weight_decay"]), i32(hp["amsgrad"]), i32(hp["maximize"]), i32(decoupled),
+                        np.uint64(0) if scale is None else scale, np.uint64(0) if found_inf is None else found_inf)
                 kcuda.launch(self.mod, "adam_step" if by_value else "adam_step_lr_ptr", (self.n,), (THREADS,), args,
                              device=self.device)
             else:
+                if hp.get("found_inf") is not None or hp.get("grad_scale") is not None:
+                    raise KernelInputError("optim.rmsprop takes no GradScaler scalars (torch has no fused RMSprop)")
                 args = (self.table, lr_arg, f64(hp["alpha"]), f64(hp["eps"]), f64(hp["weight_decay"]),
                         f64(hp["momentum"]), i32(hp["centered"]), i32(hp["maximize"]))
                 kcuda.launch(self.mod, "rmsprop_step" if by_value else "rmsprop_step_lr_ptr", (self.n,), (THREADS,),
                              args, device=self.device)
         self.write_back()
+        self.unscaled_back(hp, grads)
 
 
 def prepare(kind: str, params, st: dict, grads) -> Launch:
@@ -103,4 +113,4 @@ def prepare(kind: str, params, st: dict, grads) -> Launch:
     table, n, tcols, numels = _table(P, G, C, steps, device)
     index = device.index or 0
     mod = kcuda.load("optim", {"PARAM_KIND": _KIND[params[0].dtype], "OPTIM_CHUNK": CHUNK}, index) if n else None
-    return Launch(kind, table, n, mod, index, copies, tcols, numels)
+    return Launch(kind, table, n, mod, index, copies, tcols, numels, G if copies else None)

@@ -13,6 +13,7 @@ reference backend) goes through a host copy that is written back.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch.autograd.graph import increment_version
 
@@ -110,6 +111,7 @@ def run_parts(kind: str, parts_: list, hp: dict, grads) -> None:
     lr = hp["lr"]
     tensor_lr = type(lr) is not float and isinstance(lr, torch.Tensor)  # the float test first: the hot path
     host_hp = None
+    amp = "found_inf" in hp  # GradScaler's scalars (a fused step's: optimizers._Base._step_hp)
     for part in parts_:
         # the parameters change in place, as torch's step changes them with in-place ops: their
         # version counters move, so a backward through a graph that saved them before the step
@@ -127,6 +129,8 @@ def run_parts(kind: str, parts_: list, hp: dict, grads) -> None:
             if host_hp is None:
                 host_hp = dict(hp, lr=float(lr))  # a CUDA tensor: a host synchronisation
             part_hp = host_hp
+        if amp:
+            part_hp = _amp_on(part_hp, part.device)
         if backend == "reference":
             _run_reference(kind, part.params, part.states, part_hp, sub_g)
             continue
@@ -141,6 +145,24 @@ def run_parts(kind: str, parts_: list, hp: dict, grads) -> None:
                 # torch's fused path does the same: one multi-tensor add, no host round trip
                 torch._foreach_add_(part.steps, 1.0)
             launch(part_hp, sub_g)
+            if amp and part.steps and part_hp["found_inf"] is not None:
+                # a step GradScaler skips (found_inf 1) does not count, as torch's fused steps
+                # take it back: on the device, no host read
+                torch._foreach_sub_(part.steps, [part_hp["found_inf"]] * len(part.steps))
+
+
+def _amp_on(hp: dict, device) -> dict:
+    """``hp`` with GradScaler's scalars as the kernels on ``device`` read them: float32 0-d
+    tensors there (moved without a host wait, as torch's fused steps move them), a zero
+    ``found_inf`` where only a scale was given."""
+    scale, found = hp.get("grad_scale"), hp.get("found_inf")
+    if scale is not None:
+        scale = scale.to(device=device, dtype=torch.float32, non_blocking=True).reshape(())
+    if found is not None:
+        found = found.to(device=device, dtype=torch.float32, non_blocking=True).reshape(())
+    elif scale is not None:
+        found = torch.zeros((), dtype=torch.float32, device=device)
+    return dict(hp, grad_scale=scale, found_inf=found)
 
 
 def run(kind: str, params, state_lists: dict, hp: dict, grads=None) -> list:
@@ -190,10 +212,28 @@ def _steps(step_tensors):
     return out
 
 
+def _unscaled(h: _Host, grads, scale) -> list:
+    """The gradients as the reference reads them, divided by GradScaler's ``scale`` (in their
+    dtype's opmath: float32, float64 for float64 gradients, as torch's fused steps divide) and
+    left so in the gradients, rounded to their dtype, as torch's fused steps leave them (the
+    step itself uses the unrounded quotient)."""
+    out = []
+    s = float(scale)
+    for g in grads:
+        a = h.inp(g)
+        q = (a / (np.float64(s) if a.dtype == np.float64 else np.float32(s))).astype(a.dtype, copy=False)
+        g.copy_(torch.from_numpy(q))
+        out.append(q)
+    return out
+
+
 def _run_reference(kind, params, st, hp, grads) -> None:
+    found, scale = hp.get("found_inf"), hp.get("grad_scale")
+    if found is not None and float(found) != 0:
+        return  # GradScaler found an inf / NaN: the step skipped, nothing written (torch's fused)
     h = _Host()
     P = [h.inout(p) for p in params]
-    G = [h.inp(g) for g in grads]
+    G = [h.inp(g) for g in grads] if scale is None else _unscaled(h, grads, scale)
     if kind == "sgd":
         bufs = [None if first or b is None else h.inout(b) for b, first in zip(st["momentum_buffer"], st["first"])]
         ref.sgd_step(P, G, bufs, lr=hp["lr"], momentum=hp["momentum"], dampening=hp["dampening"],

@@ -218,6 +218,20 @@ class Prepared:
         for orig, tmp in self.copies:
             orig.copy_(tmp)
 
+    def unscaled_back(self, hp: dict, grads) -> None:
+        """After a step that unscaled the gradients (GradScaler's ``grad_scale``, a fused step's),
+        the staged copies' unscaled gradients into the gradients the step was given (torch's
+        fused steps leave them unscaled); nothing where the kernels read the gradients in place."""
+        if hp.get("grad_scale") is None or not self.copies or grads is None:
+            return
+        for orig, staged in zip(grads, self.staged_grads()):
+            if staged is not orig:
+                orig.copy_(staged)
+
+    def staged_grads(self) -> list:  # pragma: no cover - abstract
+        """The gradients the launch reads: the step's own, or staged copies."""
+        raise NotImplementedError
+
     def _grad_column(self, grads) -> list | None:  # pragma: no cover - abstract
         """The table's gradient column for ``grads``, or None where no table describes them."""
         raise NotImplementedError
@@ -287,6 +301,9 @@ class Launch(Prepared):
     def _grad_column(self, grads) -> list | None:
         return grad_offsets(grads)
 
+    def staged_grads(self) -> list:
+        return self.staged_g or []
+
     def __call__(self, hp: dict, grads) -> None:
         from ..kernels import triton as ktriton
         from ..kernels.triton import optim as kt
@@ -316,8 +333,9 @@ class Launch(Prepared):
         g_base = gs[base_index(gs)]
         graph_keep(self.table)
         kt.launch(kind, self.table, self.n, self.p_base, g_base, self.s_base, self.step_base, sc, fl,
-                  ktriton.INTERPRET)
+                  ktriton.INTERPRET, hp.get("grad_scale"), hp.get("found_inf"))
         self.write_back()
+        self.unscaled_back(hp, grads)
 
 
 def prepare(kind: str, params, st: dict, grads) -> Launch:

@@ -327,6 +327,11 @@ class _Base(Optimizer):
     def __init__(self, params, defaults):
         self._plans: dict = {}
         super().__init__(params, defaults)
+        if defaults.get("fused"):
+            # as torch's fused optimizers: GradScaler then hands the step its scale and found_inf
+            # (as attributes) instead of unscaling, checking and skipping on the host (a host
+            # synchronisation per step); the kernels unscale and skip on the device (_step_hp)
+            self._step_supports_amp_scaling = True
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -469,7 +474,7 @@ class _Base(Optimizer):
             params = self._params_with_grad(group)
             if params:
                 grads = self._checked_grads(group, params)
-                hp = self._hp(group)  # (read first, as torch's steps: a bad value refused before any state exists)
+                hp = self._step_hp(group)  # (read first, as torch's steps: a bad value refused before any state exists)
                 state_lists = self._state_lists(group, params)
                 parts = _dispatch.run(self._KIND, params, state_lists, hp, grads)
                 plan = _Plan.record(self, group, params, grads, state_lists, parts, key)
@@ -495,9 +500,21 @@ class _Base(Optimizer):
             if plan.holds(self, group, key):
                 if i:
                     kept.insert(0, kept.pop(i))
-                _dispatch.run_parts(self._KIND, plan.parts, self._hp(group), grads)
+                _dispatch.run_parts(self._KIND, plan.parts, self._step_hp(group), grads)
                 return True
         return False
+
+    def _step_hp(self, group) -> dict:
+        """:meth:`_hp`, and for a fused group the scalars GradScaler gave the step as attributes
+        (``grad_scale``, None once ``unscale_`` ran; ``found_inf``), which torch's fused steps
+        read: the step skipped where found_inf is nonzero, the gradients unscaled before it (and
+        left so), on the device, no host read (``_dispatch.run_parts``)."""
+        hp = self._hp(group)
+        if group.get("fused"):
+            scale, found = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+            if scale is not None or found is not None:
+                hp = dict(hp, grad_scale=scale, found_inf=found)
+        return hp
 
     def _struct(self, group) -> tuple:
         """The group settings that decide which state tensors a step uses."""

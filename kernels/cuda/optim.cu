@@ -106,11 +106,17 @@ __device__ __forceinline__ bool gn_row_aligned(const long long* row, long long s
 }
 
 template <int N>
-__device__ __forceinline__ void adam_group(PARAM_T* p, const PARAM_T* g, float* m, float* v, float* vmax, int amsgrad,
-                                           int maximize, int decoupled, const GnAdamScalars& s) {
+__device__ __forceinline__ void adam_group(PARAM_T* p, PARAM_T* g, float* m, float* v, float* vmax, int amsgrad,
+                                           int maximize, int decoupled, const GnAdamScalars& s,
+                                           const float* __restrict__ scale) {
     float pi[N], gi[N], mi[N], vi[N], vm[N];
     gn_load<N>(p, pi);
     gn_load<N>(g, gi);
+    if (scale) {  // GradScaler's unscale (IEEE division, as torch's fused step), left in the gradient
+        const float sc = *scale;
+        for (int j = 0; j < N; ++j) gi[j] = __fdiv_rn(gi[j], sc);
+        gn_store<N>(g, gi);
+    }
     gn_load<N>(m, mi);
     gn_load<N>(v, vi);
     if (amsgrad) gn_load<N>(vmax, vm);
@@ -125,12 +131,16 @@ __device__ __forceinline__ void adam_group(PARAM_T* p, const PARAM_T* g, float* 
     if (amsgrad) gn_store<N>(vmax, vm);
 }
 
-// One block's chunk of an Adam/AdamW step. hyper: lr, beta1, beta2, eps, weight_decay (float64)
+// One block's chunk of an Adam/AdamW step. hyper: lr, beta1, beta2, eps, weight_decay (float64).
+// GradScaler's scalars (null where not given): found_inf nonzero skips the whole step (nothing
+// written, as torch's fused step), scale unscales the gradient first.
 __device__ __forceinline__ void adam_chunk(const long long* __restrict__ table, double lr, double beta1, double beta2,
-                                           double eps, double wd, int amsgrad, int maximize, int decoupled) {
+                                           double eps, double wd, int amsgrad, int maximize, int decoupled,
+                                           const float* __restrict__ scale, const float* __restrict__ found_inf) {
+    if (found_inf && *found_inf != 0.0f) return;
     const long long* row = table + (long long)blockIdx.x * OPTIM_NCOL;
     PARAM_T* p = reinterpret_cast<PARAM_T*>(row[0]);
-    const PARAM_T* g = reinterpret_cast<const PARAM_T*>(row[1]);
+    PARAM_T* g = reinterpret_cast<PARAM_T*>(row[1]);
     float* m = reinterpret_cast<float*>(row[2]);
     float* v = reinterpret_cast<float*>(row[3]);
     float* vmax = reinterpret_cast<float*>(row[4]);
@@ -139,15 +149,16 @@ __device__ __forceinline__ void adam_chunk(const long long* __restrict__ table, 
     const GnAdamScalars s = gn_adam_scalars(lr, beta1, beta2, eps, wd, step);
     long long end = start + OPTIM_CHUNK < n ? start + OPTIM_CHUNK : n;
     gn_chunk_loop(gn_row_aligned(row, start), start, end, threadIdx.x, blockDim.x, [&](long long i, int n) {
-        if (n == GN_ILP) adam_group<GN_ILP>(p + i, g + i, m + i, v + i, vmax + i, amsgrad, maximize, decoupled, s);
-        else adam_group<1>(p + i, g + i, m + i, v + i, vmax + i, amsgrad, maximize, decoupled, s);
+        if (n == GN_ILP) adam_group<GN_ILP>(p + i, g + i, m + i, v + i, vmax + i, amsgrad, maximize, decoupled, s, scale);
+        else adam_group<1>(p + i, g + i, m + i, v + i, vmax + i, amsgrad, maximize, decoupled, s, scale);
     });
 }
 
 // The learning rate by value (a Python float) ...
 extern "C" __global__ void adam_step(const long long* __restrict__ table, double lr, double beta1, double beta2,
-                                     double eps, double wd, int amsgrad, int maximize, int decoupled) {
-    adam_chunk(table, lr, beta1, beta2, eps, wd, amsgrad, maximize, decoupled);
+                                     double eps, double wd, int amsgrad, int maximize, int decoupled,
+                                     const float* __restrict__ scale, const float* __restrict__ found_inf) {
+    adam_chunk(table, lr, beta1, beta2, eps, wd, amsgrad, maximize, decoupled, scale, found_inf);
 }
 
 // ... or read from a 1-element float32 tensor on the device when the kernel runs (a tensor lr that a
@@ -155,8 +166,9 @@ extern "C" __global__ void adam_step(const long long* __restrict__ table, double
 // float lr of its value.
 extern "C" __global__ void adam_step_lr_ptr(const long long* __restrict__ table, const float* __restrict__ lr,
                                             double beta1, double beta2, double eps, double wd, int amsgrad,
-                                            int maximize, int decoupled) {
-    adam_chunk(table, (double)*lr, beta1, beta2, eps, wd, amsgrad, maximize, decoupled);
+                                            int maximize, int decoupled, const float* __restrict__ scale,
+                                            const float* __restrict__ found_inf) {
+    adam_chunk(table, (double)*lr, beta1, beta2, eps, wd, amsgrad, maximize, decoupled, scale, found_inf);
 }
 
 template <int N>

@@ -90,13 +90,44 @@ def _lerp(a, b, w):
     return tl.where(w < 0.5, a + w * d, b - d * (1.0 - w))
 
 
+@triton.jit
+def _amp_live(n, inf_ptr, AMP: tl.constexpr):
+    """The chunk's element count, or 0 where GradScaler found an inf / NaN (``AMP`` > 0 and
+    ``found_inf`` nonzero, read here on the device): every program then skips the whole step and
+    writes nothing, as torch's fused steps do, with no host read."""
+    if AMP != 0:
+        n = tl.where(tl.load(inf_ptr) != 0.0, 0, n)
+    return n
+
+
+@triton.jit
+def _amp_scale(scale_ptr, AMP: tl.constexpr):
+    """GradScaler's scale (``AMP`` 2: read on the device), 1 otherwise (unused)."""
+    if AMP == 2:
+        s = tl.load(scale_ptr).to(tl.float32)
+    else:
+        s = 1.0
+    return s
+
+
+@triton.jit
+def _grad(g_ptr, offs, mask, scale, AMP: tl.constexpr):
+    """The gradient in float32; with ``AMP`` 2 unscaled (g / scale, IEEE-rounded as torch's fused
+    steps divide) and written back so, as torch's fused steps leave the gradients unscaled."""
+    g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
+    if AMP == 2:
+        g = tl.div_rn(g, scale)
+        tl.store(g_ptr + offs, g.to(g_ptr.dtype.element_ty), mask=mask)
+    return g
+
+
 # -- SGD ----------------------------------------------------------------------------------
 
 @triton.jit
-def _sgd_block(p_ptr, g_ptr, b_ptr, offs, mask, first, sign, lr, wd, momentum, damp1,
-               MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, WD: tl.constexpr):
+def _sgd_block(p_ptr, g_ptr, b_ptr, offs, mask, first, sign, lr, wd, momentum, damp1, scale,
+               MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, WD: tl.constexpr, AMP: tl.constexpr):
     p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
-    g = tl.load(g_ptr + offs, mask=mask).to(tl.float32) * sign
+    g = _grad(g_ptr, offs, mask, scale, AMP) * sign
     if WD:
         g = g + wd * p
     if MOMENTUM:
@@ -112,9 +143,9 @@ def _sgd_block(p_ptr, g_ptr, b_ptr, offs, mask, first, sign, lr, wd, momentum, d
 
 
 @triton.jit(do_not_specialize=["lr_arg", "wd_b", "mom_b", "damp_b", "sign_b"])
-def _sgd_kernel(table_ptr, p_base, g_base, s_base, lr_arg, wd_b, mom_b, damp_b, sign_b,
+def _sgd_kernel(table_ptr, p_base, g_base, s_base, lr_arg, wd_b, mom_b, damp_b, sign_b, scale_ptr, inf_ptr,
                 MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, WD: tl.constexpr, VP: tl.constexpr, VS: tl.constexpr,
-                BLOCK: tl.constexpr, ITERS: tl.constexpr, LR_PTR: tl.constexpr = False):
+                BLOCK: tl.constexpr, ITERS: tl.constexpr, LR_PTR: tl.constexpr = False, AMP: tl.constexpr = 0):
     """p -= lr * (b or g + momentum b); b = g (first step) | momentum b + (1 - dampening) g."""
     row = table_ptr + tl.program_id(0).to(tl.int64) * 9  # this program's chunk
     p_ptr = p_base + tl.multiple_of(tl.load(row + 0), VP)
@@ -123,6 +154,8 @@ def _sgd_kernel(table_ptr, p_base, g_base, s_base, lr_arg, wd_b, mom_b, damp_b, 
     start = tl.multiple_of(tl.load(row + 6), BLOCK)
     n = tl.load(row + 7)
     first = tl.load(row + 8)
+    n = _amp_live(n, inf_ptr, AMP)
+    scale = _amp_scale(scale_ptr, AMP)
     lr = _lr64(lr_arg, LR_PTR).to(tl.float32)
     wd = _f64(wd_b).to(tl.float32)
     momentum = _f64(mom_b).to(tl.float32)
@@ -131,19 +164,20 @@ def _sgd_kernel(table_ptr, p_base, g_base, s_base, lr_arg, wd_b, mom_b, damp_b, 
     for it in range(ITERS):
         offs = start + it * BLOCK + tl.arange(0, BLOCK)
         if start + (it + 1) * BLOCK <= n:
-            _sgd_block(p_ptr, g_ptr, b_ptr, offs, None, first, sign, lr, wd, momentum, damp1,
-                       MOMENTUM, NESTEROV, WD)
+            _sgd_block(p_ptr, g_ptr, b_ptr, offs, None, first, sign, lr, wd, momentum, damp1, scale,
+                       MOMENTUM, NESTEROV, WD, AMP)
         elif start + it * BLOCK < n:
-            _sgd_block(p_ptr, g_ptr, b_ptr, offs, offs < n, first, sign, lr, wd, momentum, damp1,
-                       MOMENTUM, NESTEROV, WD)
+            _sgd_block(p_ptr, g_ptr, b_ptr, offs, offs < n, first, sign, lr, wd, momentum, damp1, scale,
+                       MOMENTUM, NESTEROV, WD, AMP)
 
 
 # -- Adagrad ------------------------------------------------------------------------------
 
 @triton.jit
-def _adagrad_block(p_ptr, g_ptr, s_ptr, offs, mask, sign, wd, neg_clr, eps, WD: tl.constexpr):
+def _adagrad_block(p_ptr, g_ptr, s_ptr, offs, mask, sign, wd, neg_clr, eps, scale, WD: tl.constexpr,
+                   AMP: tl.constexpr):
     p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
-    g = tl.load(g_ptr + offs, mask=mask).to(tl.float32) * sign
+    g = _grad(g_ptr, offs, mask, scale, AMP) * sign
     if WD:
         g = g + wd * p
     s = tl.load(s_ptr + offs, mask=mask).to(tl.float32) + g * g
@@ -152,9 +186,9 @@ def _adagrad_block(p_ptr, g_ptr, s_ptr, offs, mask, sign, wd, neg_clr, eps, WD: 
 
 
 @triton.jit(do_not_specialize=["lr_arg", "lr_decay_b", "wd_b", "eps_b", "sign_b"])
-def _adagrad_kernel(table_ptr, p_base, g_base, s_base, step_base, lr_arg, lr_decay_b, wd_b, eps_b, sign_b,
-                    WD: tl.constexpr, VP: tl.constexpr, VS: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr,
-                    LR_PTR: tl.constexpr = False):
+def _adagrad_kernel(table_ptr, p_base, g_base, s_base, step_base, lr_arg, lr_decay_b, wd_b, eps_b, sign_b, scale_ptr,
+                    inf_ptr, WD: tl.constexpr, VP: tl.constexpr, VS: tl.constexpr, BLOCK: tl.constexpr,
+                    ITERS: tl.constexpr, LR_PTR: tl.constexpr = False, AMP: tl.constexpr = 0):
     """sum += g^2; p -= lr / (1 + (step - 1) lr_decay) * g / (sqrt(sum) + eps)."""
     row = table_ptr + tl.program_id(0).to(tl.int64) * 9  # this program's chunk
     p_ptr = p_base + tl.multiple_of(tl.load(row + 0), VP)
@@ -162,7 +196,8 @@ def _adagrad_kernel(table_ptr, p_base, g_base, s_base, step_base, lr_arg, lr_dec
     s_ptr = s_base + tl.multiple_of(tl.load(row + 2), VS)
     step = tl.load(step_base + tl.load(row + 5)).to(tl.float64)
     start = tl.multiple_of(tl.load(row + 6), BLOCK)
-    n = tl.load(row + 7)
+    n = _amp_live(tl.load(row + 7), inf_ptr, AMP)
+    scale = _amp_scale(scale_ptr, AMP)
     neg_clr = (-(_lr64(lr_arg, LR_PTR) / (1.0 + (step - 1.0) * _f64(lr_decay_b)))).to(tl.float32)
     wd = _f64(wd_b).to(tl.float32)
     eps = _f64(eps_b).to(tl.float32)
@@ -170,9 +205,9 @@ def _adagrad_kernel(table_ptr, p_base, g_base, s_base, step_base, lr_arg, lr_dec
     for it in range(ITERS):
         offs = start + it * BLOCK + tl.arange(0, BLOCK)
         if start + (it + 1) * BLOCK <= n:
-            _adagrad_block(p_ptr, g_ptr, s_ptr, offs, None, sign, wd, neg_clr, eps, WD)
+            _adagrad_block(p_ptr, g_ptr, s_ptr, offs, None, sign, wd, neg_clr, eps, scale, WD, AMP)
         elif start + it * BLOCK < n:
-            _adagrad_block(p_ptr, g_ptr, s_ptr, offs, offs < n, sign, wd, neg_clr, eps, WD)
+            _adagrad_block(p_ptr, g_ptr, s_ptr, offs, offs < n, sign, wd, neg_clr, eps, scale, WD, AMP)
 
 
 # -- Adadelta -----------------------------------------------------------------------------
@@ -286,9 +321,9 @@ def _rmsprop_kernel(table_ptr, p_base, g_base, s_base, lr_arg, alpha_b, eps_b, w
 
 @triton.jit
 def _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vm_ptr, offs, mask, sign, wd, decay, w1, beta2, w2, eps, neg_step,
-                bc2s, WD_MODE: tl.constexpr, AMSGRAD: tl.constexpr):
+                bc2s, scale, WD_MODE: tl.constexpr, AMSGRAD: tl.constexpr, AMP: tl.constexpr):
     p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
-    g = tl.load(g_ptr + offs, mask=mask).to(tl.float32) * sign
+    g = _grad(g_ptr, offs, mask, scale, AMP) * sign
     if WD_MODE == 1:
         g = g + wd * p
     if WD_MODE == 2:
@@ -309,8 +344,9 @@ def _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vm_ptr, offs, mask, sign, wd, decay,
 
 @triton.jit(do_not_specialize=["lr_arg", "beta1_b", "beta2_b", "eps_b", "wd_b", "sign_b"])
 def _adam_kernel(table_ptr, p_base, g_base, s_base, step_base, lr_arg, beta1_b, beta2_b, eps_b, wd_b, sign_b,
-                 WD_MODE: tl.constexpr, AMSGRAD: tl.constexpr, VP: tl.constexpr, VS: tl.constexpr, BLOCK: tl.constexpr,
-                 ITERS: tl.constexpr, LR_PTR: tl.constexpr = False):
+                 scale_ptr, inf_ptr, WD_MODE: tl.constexpr, AMSGRAD: tl.constexpr, VP: tl.constexpr,
+                 VS: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr, LR_PTR: tl.constexpr = False,
+                 AMP: tl.constexpr = 0):
     """Adam (WD_MODE 1: L2 into the gradient) / AdamW (WD_MODE 2: decoupled decay), torch's order:
     m = lerp(m, g, 1-b1); v = b2 v + (1-b2) g^2; p += -(lr / bc1) m / (sqrt(v) / sqrt(bc2) + eps)."""
     row = table_ptr + tl.program_id(0).to(tl.int64) * 9  # this program's chunk
@@ -321,7 +357,8 @@ def _adam_kernel(table_ptr, p_base, g_base, s_base, step_base, lr_arg, beta1_b, 
     vm_ptr = s_base + tl.multiple_of(tl.load(row + 4), VS)
     step = tl.load(step_base + tl.load(row + 5)).to(tl.float64)
     start = tl.multiple_of(tl.load(row + 6), BLOCK)
-    n = tl.load(row + 7)
+    n = _amp_live(tl.load(row + 7), inf_ptr, AMP)
+    scale = _amp_scale(scale_ptr, AMP)
     lr64 = _lr64(lr_arg, LR_PTR)
     b1 = _f64(beta1_b)
     b2 = _f64(beta2_b)
@@ -341,10 +378,10 @@ def _adam_kernel(table_ptr, p_base, g_base, s_base, step_base, lr_arg, beta1_b, 
         offs = start + it * BLOCK + tl.arange(0, BLOCK)
         if start + (it + 1) * BLOCK <= n:
             _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vm_ptr, offs, None, sign, wd, decay, w1, beta2, w2, eps,
-                        neg_step, bc2s, WD_MODE, AMSGRAD)
+                        neg_step, bc2s, scale, WD_MODE, AMSGRAD, AMP)
         elif start + it * BLOCK < n:
             _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vm_ptr, offs, offs < n, sign, wd, decay, w1, beta2, w2, eps,
-                        neg_step, bc2s, WD_MODE, AMSGRAD)
+                        neg_step, bc2s, scale, WD_MODE, AMSGRAD, AMP)
 
 
 # -- clipping -----------------------------------------------------------------------------
@@ -487,16 +524,28 @@ def config(interpret: bool) -> tuple[int, int, int]:
 
 
 def launch(kind: str, table, n_chunks: int, p_base, g_base, s_base, step_base, scalars: dict, flags: dict,
-           interpret: bool) -> None:
+           interpret: bool, grad_scale=None, found_inf=None) -> None:
     """One multi-tensor step launch over ``n_chunks`` table rows (see the module docstring).
     ``scalars`` are Python numbers, but ``scalars["lr"]`` may be a 1-element float32 tensor on
-    the parameters' device: the kernel then reads it when it runs (``LR_PTR``)."""
+    the parameters' device: the kernel then reads it when it runs (``LR_PTR``). ``found_inf``
+    (and ``grad_scale``): GradScaler's float32 scalars on that device, for the kernels torch
+    fuses (SGD, Adagrad, Adam): the step skipped where ``found_inf`` is nonzero, the gradients
+    unscaled by ``grad_scale`` (and left so) before it (``AMP`` 1: found_inf alone, 2: both)."""
     if n_chunks == 0:
         return
     blk, iters, warps = config(interpret)
     lr = scalars["lr"]
     grid = (n_chunks,)
     common = dict(VP=16 // p_base.element_size(), VS=4, BLOCK=blk, ITERS=iters, num_warps=warps)
+    amp = 0 if found_inf is None and grad_scale is None else (2 if grad_scale is not None else 1)
+    if amp:  # (0 by default: a step without GradScaler keeps its keywords and plan key)
+        if kind not in ("sgd", "adagrad", "adam"):
+            raise ValueError(f"the {kind} kernel takes no GradScaler scalars (torch has no fused {kind})")
+        common["AMP"] = amp
+    if amp == 2 and found_inf is None:
+        raise ValueError("a grad_scale launch reads found_inf too (a zero where nothing was found)")
+    scale_ptr = grad_scale if grad_scale is not None else s_base
+    inf_ptr = found_inf if found_inf is not None else s_base
     if type(lr) is float or isinstance(lr, int):
         b = {k: f64_bits(v) for k, v in scalars.items()}
     else:  # LR_PTR (False by default: the by-value launch keeps its keywords and plan key)
@@ -505,10 +554,11 @@ def launch(kind: str, table, n_chunks: int, p_base, g_base, s_base, step_base, s
         common["LR_PTR"] = True
     if kind == "sgd":
         launch_kernel(_sgd_kernel, grid, table, p_base, g_base, s_base, b["lr"], b["weight_decay"], b["momentum"], b["dampening"],
-                      b["sign"], MOMENTUM=flags["momentum"], NESTEROV=flags["nesterov"], WD=flags["wd"], **common)
+                      b["sign"], scale_ptr, inf_ptr, MOMENTUM=flags["momentum"], NESTEROV=flags["nesterov"],
+                      WD=flags["wd"], **common)
     elif kind == "adagrad":
         launch_kernel(_adagrad_kernel, grid, table, p_base, g_base, s_base, step_base, b["lr"], b["lr_decay"], b["weight_decay"],
-                      b["eps"], b["sign"], WD=flags["wd"], **common)
+                      b["eps"], b["sign"], scale_ptr, inf_ptr, WD=flags["wd"], **common)
     elif kind == "adadelta":
         launch_kernel(_adadelta_kernel, grid, table, p_base, g_base, s_base, b["lr"], b["rho"], b["eps"], b["weight_decay"],
                       b["sign"], WD=flags["wd"], **common)
@@ -518,7 +568,8 @@ def launch(kind: str, table, n_chunks: int, p_base, g_base, s_base, step_base, s
                       MOMENTUM=flags["momentum"], **common)
     elif kind == "adam":
         launch_kernel(_adam_kernel, grid, table, p_base, g_base, s_base, step_base, b["lr"], b["beta1"], b["beta2"], b["eps"],
-                      b["weight_decay"], b["sign"], WD_MODE=flags["wd_mode"], AMSGRAD=flags["amsgrad"], **common)
+                      b["weight_decay"], b["sign"], scale_ptr, inf_ptr, WD_MODE=flags["wd_mode"],
+                      AMSGRAD=flags["amsgrad"], **common)
     else:
         raise ValueError(f"unknown optimizer kernel {kind!r}")
 
@@ -548,6 +599,15 @@ def clip_total(partials, n_parts, total, norm_code, p):
     launch_kernel(_clip_total_kernel, (1,), partials, n_parts, total, f64_bits(p), NORM=norm_code, RBLOCK=CLIP_RBLOCK, num_warps=4)
 
 
+# GradScaler's forms of the fused steps (SGD, Adagrad, Adam): 0 none, 1 found_inf alone (the
+# gradients unscaled before: scaler.unscale_), 2 found_inf and the scale
+AMP_FORMS = (0, 1, 2)
+
+
+def _amp_tag(amp: int) -> str:
+    return {0: "", 1: " amp=found_inf", 2: " amp=scale"}[amp]
+
+
 def aot_specs():
     """Every configuration the launchers can launch with on a GPU: each kernel x parameter dtype
     x option flags (offsets are always 16-byte aligned: the launch glue copies anything else)."""
@@ -556,6 +616,7 @@ def aot_specs():
     base = {"BLOCK": blk, "ITERS": iters}
     # the learning rate by value (int64 bits of a double) or, LR_PTR, read from a float32 tensor
     lr_forms = ((False, "i64", ""), (True, "*fp32", " lr_ptr"))
+    amp_sig = {"scale_ptr": "*fp32", "inf_ptr": "*fp32"}  # GradScaler's scalars (the state base with AMP 0)
     for dt in ("fp32", "fp16", "bf16"):
         pg = {"table_ptr": "*i64", "p_base": f"*{dt}", "g_base": f"*{dt}", "s_base": "*fp32"}
         isz = {"fp32": 4, "fp16": 2, "bf16": 2}[dt]
@@ -567,18 +628,21 @@ def aot_specs():
             for mom in (False, True):
                 for nest in ((False, True) if mom else (False,)):
                     for wd in (False, True):
-                        sig = {**pg, **lr_sig, **{k: "i64" for k in ("wd_b", "mom_b", "damp_b", "sign_b")},
-                               **{k: "constexpr" for k in ("MOMENTUM", "NESTEROV", "WD", "VP", "VS", "BLOCK", "ITERS",
-                                                           "LR_PTR")}}
-                        specs.append(AotSpec(_sgd_kernel, sig, {**lr_cx, "MOMENTUM": mom, "NESTEROV": nest, "WD": wd},
-                                             num_warps=warps,
-                                             label=f"sgd {tag} mom={mom} nesterov={nest} wd={wd}{lr_tag}"))
+                        for amp in AMP_FORMS:
+                            sig = {**pg, **lr_sig, **{k: "i64" for k in ("wd_b", "mom_b", "damp_b", "sign_b")}, **amp_sig,
+                                   **{k: "constexpr" for k in ("MOMENTUM", "NESTEROV", "WD", "VP", "VS", "BLOCK", "ITERS",
+                                                               "LR_PTR", "AMP")}}
+                            specs.append(AotSpec(_sgd_kernel, sig, {**lr_cx, "MOMENTUM": mom, "NESTEROV": nest, "WD": wd,
+                                                                    "AMP": amp}, num_warps=warps,
+                                                 label=f"sgd {tag} mom={mom} nesterov={nest} wd={wd}{lr_tag}"
+                                                       f"{_amp_tag(amp)}"))
             for wd in (False, True):
-                sig = {**pg, "step_base": "*fp32", **lr_sig,
-                       **{k: "i64" for k in ("lr_decay_b", "wd_b", "eps_b", "sign_b")},
-                       **{k: "constexpr" for k in ("WD", "VP", "VS", "BLOCK", "ITERS", "LR_PTR")}}
-                specs.append(AotSpec(_adagrad_kernel, sig, {**lr_cx, "WD": wd}, num_warps=warps,
-                                     label=f"adagrad {tag} wd={wd}{lr_tag}"))
+                for amp in AMP_FORMS:
+                    sig = {**pg, "step_base": "*fp32", **lr_sig,
+                           **{k: "i64" for k in ("lr_decay_b", "wd_b", "eps_b", "sign_b")}, **amp_sig,
+                           **{k: "constexpr" for k in ("WD", "VP", "VS", "BLOCK", "ITERS", "LR_PTR", "AMP")}}
+                    specs.append(AotSpec(_adagrad_kernel, sig, {**lr_cx, "WD": wd, "AMP": amp}, num_warps=warps,
+                                         label=f"adagrad {tag} wd={wd}{lr_tag}{_amp_tag(amp)}"))
                 sig = {**pg, **lr_sig, **{k: "i64" for k in ("rho_b", "eps_b", "wd_b", "sign_b")},
                        **{k: "constexpr" for k in ("WD", "VP", "VS", "BLOCK", "ITERS", "LR_PTR")}}
                 specs.append(AotSpec(_adadelta_kernel, sig, {**lr_cx, "WD": wd}, num_warps=warps,
@@ -593,11 +657,14 @@ def aot_specs():
                                              label=f"rmsprop {tag} wd={wd} centered={cen} momentum={mom}{lr_tag}"))
             for wd_mode in (0, 1, 2):
                 for ams in (False, True):
-                    sig = {**pg, "step_base": "*fp32", **lr_sig,
-                           **{k: "i64" for k in ("beta1_b", "beta2_b", "eps_b", "wd_b", "sign_b")},
-                           **{k: "constexpr" for k in ("WD_MODE", "AMSGRAD", "VP", "VS", "BLOCK", "ITERS", "LR_PTR")}}
-                    specs.append(AotSpec(_adam_kernel, sig, {**lr_cx, "WD_MODE": wd_mode, "AMSGRAD": ams},
-                                         num_warps=warps, label=f"adam {tag} wd_mode={wd_mode} amsgrad={ams}{lr_tag}"))
+                    for amp in AMP_FORMS:
+                        sig = {**pg, "step_base": "*fp32", **lr_sig,
+                               **{k: "i64" for k in ("beta1_b", "beta2_b", "eps_b", "wd_b", "sign_b")}, **amp_sig,
+                               **{k: "constexpr" for k in ("WD_MODE", "AMSGRAD", "VP", "VS", "BLOCK", "ITERS", "LR_PTR",
+                                                           "AMP")}}
+                        specs.append(AotSpec(_adam_kernel, sig, {**lr_cx, "WD_MODE": wd_mode, "AMSGRAD": ams, "AMP": amp},
+                                             num_warps=warps,
+                                             label=f"adam {tag} wd_mode={wd_mode} amsgrad={ams}{lr_tag}{_amp_tag(amp)}"))
         for norm in NORM_CODES.values():
             sig = {"table_ptr": "*i64", "g_base": f"*{dt}", "part_ptr": "*fp32", "part0": "i32", "p_b": "i64",
                    **{k: "constexpr" for k in ("NORM", "VP", "BLOCK", "ITERS")}}
