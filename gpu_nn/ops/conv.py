@@ -47,7 +47,7 @@ from ._dispatch import (
 from ._dispatch import chooser as _chooser  # module-level name: tests replace it
 from ._dispatch import dense_channels_last as _dense_channels_last
 from ._dispatch import has_torch_function as _has_tf
-from ._dispatch import torchs_own_error
+from ._dispatch import stand_in, torchs_own_error
 from ._dispatch import torch_function as _tf
 
 __all__ = ["conv1d", "conv2d"]
@@ -839,18 +839,10 @@ def _conv_args(nd, input, weight, bias, stride, padding, dilation, groups, activ
             _pixels_per_sample(nd, x, pads))
 
 
-def _stand_in(t: Tensor) -> Tensor:
-    """A tensor of ``t``'s shape, dtype and device holding one element, expanded: what torch's
-    own conv is given to say which error it raises (:func:`_torchs_verdict`; its verdict agreed
-    with the real tensors' in every layout tried: contiguous, channels_last, strided, requiring a
-    gradient, float32 / float64 / bfloat16)."""
-    return torch.zeros((), dtype=t.dtype, device=t.device).expand(t.shape)
-
-
 def _torchs_verdict(nd, input, weight, bias, stride, padding, dilation, groups, ours: KernelInputError):
     """The error torch's own conv raises for these arguments, on stand-ins of the tensors
-    (:func:`_stand_in`: it refuses before computing anything), as ours; ``ours`` where torch
-    takes them. Where several arguments are wrong torch's order of checks, and some of its words,
+    (``_dispatch.stand_in``: it refuses before computing anything), as ours; ``ours`` where
+    torch takes them. Where several arguments are wrong torch's order of checks, and some of its words,
     depend on the kernel it picks (its oneDNN path, which a batched float32 CPU input takes on a
     machine with more than one thread, checks padding before stride and the channel count before
     dilation, and says 'non-positive dilation is not supported'), so torch is asked rather than
@@ -858,8 +850,8 @@ def _torchs_verdict(nd, input, weight, bias, stride, padding, dilation, groups, 
     failure to build its kernel (an empty kernel, batched float32), ours, which names the weight."""
     theirs = _TF.conv1d if nd == 1 else _TF.conv2d
     verdict = torchs_own_error(
-        lambda: theirs(_stand_in(input), _stand_in(weight), None if bias is None else _stand_in(bias), stride,
-                       padding, dilation, groups), str(ours), type(ours))
+        lambda: theirs(stand_in(input), stand_in(weight), stand_in(bias), stride, padding, dilation, groups),
+        str(ours), type(ours))
     # oneDNN's own failure on an empty kernel names no argument: ours does
     return ours if str(verdict).startswith("could not create a primitive descriptor") else verdict
 

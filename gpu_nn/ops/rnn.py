@@ -113,7 +113,7 @@ from ._dispatch import (
     on_device, refuse_wrapping_count, routed, to_numpy, triton_kernels,
 )
 from ._dispatch import has_torch_function as _has_tf
-from ._dispatch import torchs_own_error
+from ._dispatch import stand_in, torchs_own_error
 from ._dispatch import torch_function as _tf
 from .dense import linear_dtype_message
 
@@ -1754,16 +1754,10 @@ def _check_cell(op, input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode):
         # input one first in a GRU), so torch is asked on stand-ins; a bias it broadcasts that
         # differs from row to row, which ours do not take, gets our words
         raise torchs_own_error(
-            lambda: _TORCH_CELLS[mode](*map(_stand_in, (input, hx, cx, w_ih, w_hh, b_ih, b_hh))),
+            lambda: _TORCH_CELLS[mode](*map(stand_in, (input, hx, cx, w_ih, w_hh, b_ih, b_hh))),
             f"{op}: a bias of shape {[list(b.shape) for b in (b_ih, b_hh) if tuple(b.shape) != (G,)][0]} where "
             f"[{G}] is expected (torch's cells broadcast a bias to [batch, {G}]; gpu-nn's take one bias for every "
             "row)", KernelInputError)
-
-
-def _stand_in(t):
-    """A tensor of ``t``'s shape, dtype and device holding one element, expanded (None stays
-    None): what torch's own cell is given to say which error it raises."""
-    return None if t is None else torch.zeros((), dtype=t.dtype, device=t.device).expand(t.shape)
 
 
 # torch's own cells (their functional forms), called with (input, hx, cx, w_ih, w_hh, b_ih, b_hh)
