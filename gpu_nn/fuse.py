@@ -293,6 +293,30 @@ def _restore_state(gm: torch.fx.GraphModule, model: torch.nn.Module, originals: 
                 own._non_persistent_buffers_set.add(name)
 
 
+def _model_order(gm: torch.fx.GraphModule, model: torch.nn.Module, originals: set) -> None:
+    """``gm``'s submodules, parameters and buffers in ``model``'s order, level by level (torch.fx's
+    GraphModule makes its containers in the order its graph uses them, and :func:`_restore_state`
+    adds what the graph does not use after them): so ``parameters()`` and ``state_dict()`` list
+    them as ``model``'s do, and an optimizer state or a checkpoint matched up by position lands
+    on the same tensors (a model calling its layers in another order than it made them had its
+    moments moved to other layers of the same shapes, silently; an audit). What ``gm`` has that
+    ``model`` has not (a fused layer's copy keeps its original's place) stays after, in its order."""
+    for path, own in gm.named_modules():
+        if id(own) in originals:  # the model's own object: its order already
+            continue
+        try:
+            mod = model.get_submodule(path) if path else model
+        except AttributeError:
+            continue
+        for attr in ("_modules", "_parameters", "_buffers"):
+            have, want = getattr(own, attr), getattr(mod, attr)
+            order = [k for k in want if k in have] + [k for k in have if k not in want]
+            if list(have) != order:
+                items = dict(have)
+                have.clear()
+                have.update((k, items[k]) for k in order)
+
+
 # ------------------------------------------------------------------ both training modes
 
 
@@ -599,13 +623,20 @@ def fuse(model: torch.nn.Module) -> torch.fx.GraphModule:
     that is one of our layers itself (nothing to fuse: set its ``activation=``), ``ValueError``
     for a model with forward / backward hooks of its own (the GraphModule returned could not run
     them), and torch.fx's own error, with a note, for a model it cannot trace (data-dependent
-    control flow, a branch on a buffer's value).
+    control flow, a branch on a buffer's value). A model of its own with state_dict hooks or its
+    own ``state_dict`` / ``_load_from_state_dict`` is refused (``ValueError``) as one with hooks,
+    and a ``torch.compile`` wrapper (``TypeError``: fuse its ``_orig_mod``). The result lists its
+    submodules, parameters and buffers in ``model``'s order.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"fuse() expects a torch.nn.Module, got {type(model).__name__}")
     if isinstance(model, _OURS):
+        fusing = isinstance(model, (_gnn.Conv1d, _gnn.Conv2d, _gnn.Linear))
         raise TypeError(f"fuse() expects a model of layers; {type(model).__name__} is a gpu_nn layer itself "
-                        "(nothing to fuse: Conv1d / Conv2d / Linear take activation=)")
+                        f"(nothing to fuse{': Conv1d / Conv2d / Linear take activation=' if fusing else ''})")
+    if type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
+        raise TypeError("fuse() expects the model itself, not its torch.compile wrapper (OptimizedModule, which "
+                        "torch.fx cannot trace): fuse the model (compiled._orig_mod), then compile the result")
     if _own_hooks(model) or _state_rules(model):
         raise ValueError(f"fuse(): the model ({type(model).__name__}) has forward / backward / state_dict hooks or "
                          "state_dict methods of its own, which the GraphModule fuse returns would not have; fuse its "
@@ -663,6 +694,7 @@ def fuse(model: torch.nn.Module) -> torch.fx.GraphModule:
                 g.lint()
             gm.recompile()
         _restore_state(gm, model, originals)
+        _model_order(gm, model, originals)
     finally:
         for m, flag in flags:  # a fused model's own graph follows its flag (before its state is put back)
             m.training = flag

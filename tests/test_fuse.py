@@ -202,6 +202,47 @@ def test_refusals():
     with pytest.raises(torch.fx.proxy.TraceError) as info:
         gpu_nn.fuse(Branchy())
     assert any("gpu_nn.fuse traces the model with torch.fx" in n for n in info.value.__notes__)
+    # a torch.compile wrapper names what to fuse (torch.fx's own error did not); a layer of ours
+    # alone is nothing to fuse, which only a convolution / linear one takes as activation=
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.ReLU())
+    with pytest.raises(TypeError, match=r"torch.compile wrapper .*\(compiled._orig_mod\)"):
+        gpu_nn.fuse(torch.compile(model))
+    with pytest.raises(TypeError, match=r"\(nothing to fuse: Conv1d / Conv2d / Linear take activation=\)"):
+        gpu_nn.fuse(gpu_nn.nn.Linear(3, 3))
+    with pytest.raises(TypeError, match=r"LSTM is a gpu_nn layer itself \(nothing to fuse\)$"):
+        gpu_nn.fuse(gpu_nn.nn.LSTM(3, 3))
+
+
+def test_parameters_and_state_dict_keep_the_models_order():
+    """A model that calls its layers in another order than it made them: the fused model lists
+    its parameters and state_dict as the model does (torch.fx's GraphModule lists them in the
+    order its graph uses them), so an optimizer state or checkpoint matched up by position lands
+    on the same tensors (it moved the momentum of one layer to another of the same shape,
+    silently; an audit)."""
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+            self.inner = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh(), torch.nn.Linear(4, 4))
+            self.register_buffer("z", torch.zeros(4))
+            self.register_buffer("y", torch.ones(4))
+
+        def forward(self, x):
+            x = self.b(torch.relu(self.c(torch.relu(self.a(x)))))
+            return self.inner[0](self.inner[2](x)) * self.y + self.z
+
+    model = M()
+    fused = gpu_nn.fuse(model)
+    assert [n for n, _ in fused.named_parameters()] == [n for n, _ in model.named_parameters()]
+    assert list(fused.state_dict()) == list(model.state_dict())
+    assert [p is q for p, q in zip(fused.parameters(), model.parameters())] == [True] * 10
+    opt_m = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(3, 4)).sum().backward()
+    opt_m.step()
+    opt_f = torch.optim.SGD(fused.parameters(), lr=0.1, momentum=0.9)
+    opt_f.load_state_dict(opt_m.state_dict())
+    for p in model.parameters():
+        assert torch.equal(opt_f.state[p]["momentum_buffer"], opt_m.state[p]["momentum_buffer"])
 
 
 def test_conv_modules_take_activation():
