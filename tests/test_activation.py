@@ -466,9 +466,10 @@ def _layouts(rng):
 def test_output_layout_is_torchs(backend, device, name, rng):
     """As torch's activations: the output laid out as torch.empty_like(input) (a channels_last
     input stays channels_last; the kernel runs over a dense input's memory as it is, any dim
-    order); the gradient laid out as the output (threshold_backward's rule; torch's sigmoid /
-    tanh backward follow grad_output's instead where the two differ, and agree where they match,
-    as in a channels_last network); values and gradients as the reference's."""
+    order); the gradient laid out as torch's backward lays it out: as the output where the two
+    share a layout (a channels_last network), else relu's (threshold_backward) as the output and
+    sigmoid's / tanh's as grad_output (ours followed the output there too; a dtype / layout
+    audit); values and gradients as the reference's."""
     ours, theirs = OPS[name]
     for lay, x64 in _layouts(rng).items():
         dtype = gpu_dtypes_for(backend, device)[-1]
@@ -482,19 +483,19 @@ def test_output_layout_is_torchs(backend, device, name, rng):
             with gpu_nn.backend(backend):
                 (dx,) = torch.autograd.grad(y, x, g, retain_graph=True)
             (dxt,) = torch.autograd.grad(want, x, g, retain_graph=True)
-            assert dx.stride() == torch.empty_like(y).stride(), (lay, g_lay, dx.stride())
-            if g_lay == "same" or name == "relu":
-                assert dx.stride() == dxt.stride(), (lay, g_lay, dx.stride(), dxt.stride())
+            assert dx.stride() == dxt.stride(), (lay, g_lay, dx.stride(), dxt.stride())
             assert_close(y, want, dtype, what=f"{name} {lay}")
             assert_close(dx, dxt, dtype, what=f"{name} {lay} grad ({g_lay} grad_output)")
 
 
 @pytest.mark.parametrize("name", OPS)
 def test_opcheck_channels_last(name, rng):
-    """The fake kernels give the real ones' layout (torch.empty_like of the input, of the
-    output for the backward): opcheck on channels_last tensors."""
+    """The fake kernels give the real ones' layout (torch.empty_like of the input; torch's
+    backward's for the backward, a contiguous gradient of a channels_last output included):
+    opcheck on channels_last tensors."""
     x = randn(rng, 2, 3, 4, 5).contiguous(memory_format=torch.channels_last).requires_grad_()
     torch.library.opcheck(torch.ops.gpu_nn.activation.default, (x, name))
     y = OPS[name][1](x).detach()
     g = randn(rng, 2, 3, 4, 5).contiguous(memory_format=torch.channels_last)
     torch.library.opcheck(torch.ops.gpu_nn.activation_backward.default, (g, y, name))
+    torch.library.opcheck(torch.ops.gpu_nn.activation_backward.default, (g.contiguous(), y, name))

@@ -76,18 +76,51 @@ def activation_forward(x: Tensor, activation: str) -> Tensor:
     return y
 
 
+# torch's backward of each activation, (grad_output, output) -> grad_input: its operands' order
+# decides the result's layout where theirs differ (threshold_backward's TensorIterator takes the
+# output first, sigmoid's and tanh's the gradient)
+_TORCH_BACKWARD = {
+    "relu": lambda g, y: torch.ops.aten.threshold_backward(g, y, 0),
+    "sigmoid": torch.ops.aten.sigmoid_backward,
+    "tanh": torch.ops.aten.tanh_backward,
+}
+_BWD_STRIDES: dict = {}  # (activation, shape, grad strides, output strides) -> torch's result strides
+
+
+def _backward_strides(activation: str, g: Tensor, y: Tensor) -> tuple:
+    """The strides of torch's backward result for a gradient and an output laid out as ``g`` and
+    ``y`` (TensorIterator's order of their dims, asked of torch on meta tensors once per layouts:
+    the first operand's order, ties broken by the second's), for a pair whose layouts differ."""
+    key = (activation, tuple(g.shape), g.stride(), y.stride())
+    hit = _BWD_STRIDES.get(key)
+    if hit is None:
+        gm = torch.empty_strided(g.shape, g.stride(), dtype=torch.float32, device="meta")
+        ym = torch.empty_strided(y.shape, y.stride(), dtype=torch.float32, device="meta")
+        hit = _TORCH_BACKWARD[activation](gm, ym).stride()
+        if len(_BWD_STRIDES) > 1024:
+            _BWD_STRIDES.clear()
+        _BWD_STRIDES[key] = hit
+    return hit
+
+
 def activation_backward(grad_output: Tensor, output: Tensor, activation: str) -> Tensor:
-    """dx = grad_output * act'(x), written through the forward output; laid out as
-    ``torch.empty_like(output)`` (torch's threshold / sigmoid / tanh backward follow the output's
-    layout), grad_output copied into that layout first where it differs."""
+    """dx = grad_output * act'(x), written through the forward output; laid out as torch's
+    backward lays it out (``output``'s layout where the two share theirs, else TensorIterator's
+    for its operands: relu's threshold_backward follows the output, sigmoid's and tanh's backward
+    the gradient), the operands copied into that layout first where theirs differs."""
     _check(activation, grad_output)
     if grad_output.shape != output.shape:
         raise KernelInputError(f"{activation} backward: grad_output shape {tuple(grad_output.shape)} != output shape {tuple(output.shape)}")
+    same = same_dense_layout(grad_output, output)
     backend = _backend.resolve(activation + "_backward", grad_output.device, BACKENDS, dtype=grad_output.dtype)
     if backend == "reference":
         res = from_numpy(ref.BACKWARD[activation](to_numpy(grad_output), to_numpy(output)), grad_output.dtype,
                          grad_output.device)
-        return _laid_out_as(res, output, grad_output.dtype)
+        if same:
+            return _laid_out_as(res, output, grad_output.dtype)
+        strides = _backward_strides(activation, grad_output, output)
+        return res if res.stride() == strides else torch.empty_strided(
+            res.shape, strides, dtype=res.dtype, device=res.device).copy_(res)
     _backend.check_interpreter_dtype(activation, backend, grad_output)
     ktriton, kt = triton_kernels("activation")
 
@@ -96,7 +129,11 @@ def activation_backward(grad_output: Tensor, output: Tensor, activation: str) ->
     if g.is_contiguous() and y.is_contiguous():
         dx = empty(g.shape, dtype=g.dtype, device=g.device)
     else:
-        dx = empty_like(output, dtype=g.dtype)
+        if same:
+            dx = empty_like(output, dtype=g.dtype)
+        else:
+            dx = torch.empty_strided(g.shape, _backward_strides(activation, grad_output, output), dtype=g.dtype,
+                                     device=g.device)
         if not same_dense_layout(y, dx):
             y = torch.empty_like(dx).copy_(y)
         if not same_dense_layout(g, dx):
@@ -126,7 +163,8 @@ def _activation_backward_op(grad_output: Tensor, output: Tensor, activation: str
 
 @_activation_backward_op.register_fake
 def _(grad_output, output, activation):
-    return torch.empty_like(output, dtype=grad_output.dtype)
+    # torch's own backward on the fake operands: its result's layout (activation_backward's)
+    return _TORCH_BACKWARD[activation](grad_output, output.to(grad_output.dtype))
 
 
 def _setup_context(ctx, inputs, output):
