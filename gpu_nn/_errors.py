@@ -22,18 +22,20 @@ class KernelInputTypeError(KernelInputError, TypeError):
     ``except KernelInputError`` still catches every bad input."""
 
 
-class KernelInputIndexError(KernelInputError, IndexError):
-    """Bad input where torch raises ``IndexError`` ("Dimension out of range")."""
-
-
-class KernelInputAttributeError(KernelInputError, AttributeError):
+class KernelInputAttributeError(KernelInputTypeError, AttributeError):
     """Bad input where torch raises ``AttributeError``: a functional form or a module of torch's
-    that calls a tensor method on its argument ("'list' object has no attribute 'sigmoid'")."""
+    that calls a tensor method on its argument ("'list' object has no attribute 'sigmoid'").
+    Also a ``KernelInputTypeError`` (a ``TypeError``: what the argument's wrong type is, and what
+    torch's functions that parse their arguments raise for it), so either ``except`` catches it."""
 
 
 def no_attribute(obj, attr: str) -> KernelInputAttributeError:
     """The error Python raises for ``obj.attr`` where ``obj`` has no such attribute, in its words."""
     return KernelInputAttributeError(f"'{type_name(obj)}' object has no attribute '{attr}'")
+
+
+class KernelInputIndexError(KernelInputError, IndexError):
+    """Bad input where torch raises ``IndexError`` ("Dimension out of range")."""
 
 
 class KernelInputNotImplementedError(KernelInputError, NotImplementedError):
