@@ -443,8 +443,10 @@ def cross_entropy_target_backward(grad_out: np.ndarray, x: np.ndarray, target: n
     g2, _ = _ce_logp(x2, lse)
     s = _ce_row_scale(grad_out, x2, t2, prob, weight, ignore_index, reduction)
     w = _weights(weight, C, x2.dtype)
-    g2 *= w
-    g2 *= (-(1 - label_smoothing) * s)[:, None]
+    # (-(1 - eps) s) w first, then logp, as the Triton kernels order it: the row's scale (1 / N
+    # for 'mean') before a large logp, whose product with the weight alone overflowed to inf where
+    # torch's gradient is finite (a non-finite-values audit)
+    g2 *= (-(1 - label_smoothing) * s)[:, None] * w
     return _ce_unlayout(g2, x)
 
 

@@ -213,6 +213,12 @@ def _max2d(x, k, s, p, d, ceil_mode, indices=True):
         fw = _first_valid(ow, k[1], s[1], p[1], d[1], W)[None, :]
         first = np.where((fh >= 0) & (fw >= 0), fh * W + fw, -1)
         idx = np.where(unset, np.broadcast_to(first, out.shape), idx)
+    zero = out == 0
+    if zero.any():
+        # a window whose maximum is a zero: its sign is the winning element's (torch returns
+        # x[index]), where np.maximum may keep either of +0 and -0 (a non-finite-values audit)
+        won = np.take_along_axis(x.reshape(-1, H * W), np.maximum(idx, 0).reshape(-1, oh * ow), axis=1)
+        np.copyto(out, won.reshape(out.shape), where=zero)
     return out, idx
 
 

@@ -209,7 +209,8 @@ SHARDS = {"conv": 2, "rnn": 2, "dense": 2}
 # least once is (_aot.covering, order 1, with every spec of the spill table below, so that the
 # table is held exactly: 266 of 1,343 specs at stop 58; 1,339 specs since stop 62 dropped four
 # duplicates; 270 of 1,342 since stop 63 added clipping's per-tensor norm kernel and two spills
-# found by a full run) and the rest go through Triton's front end only, where a kernel's own code
+# found by a full run; 270 of 1,510 since stop 64 added the optimizers' GradScaler forms, whose
+# AMP values the same specs cover) and the rest go through Triton's front end only, where a kernel's own code
 # fails; GPU_NN_AOT_COVER=pairs compiles an all-pairs subset (617 specs; the default until stop 58, when
 # the suite neared CI's 15 minutes). A spill or backend
 # failure that needs two factors together hides from the default subset until a pairs or full

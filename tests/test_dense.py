@@ -838,6 +838,53 @@ def test_non_tensors_get_torchs_error_type_and_words(call, arg):
     assert isinstance(got.value, type(want.value)) and str(got.value) == str(want.value)
 
 
+@pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
+@pytest.mark.parametrize("shape", [(2, 3), (1, 3, 40)], ids=["rows", "middle-dim"])
+def test_an_infinite_class_weight_leaves_class_target_gradients_finite_as_torchs(backend, device, shape):
+    """A class weight of inf that no row targets, label_smoothing 0: torch's loss and gradient are
+    finite (the weight enters only the smoothing term, which is 0 x ... and absent); the Triton
+    backwards computed (eps / C)(w_tot p - w) anyway, 0 x inf = NaN in every gradient element (the
+    forward already left it out; a non-finite-values audit). Both layouts' kernels."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=g)
+    t = torch.zeros((shape[0],) + tuple(shape[2:]), dtype=torch.long)
+    t[..., ::2] = 1
+    w = torch.tensor([1.0, 2.0, float("inf")])
+    for reduction in ("mean", "sum", "none"):
+        got = []
+        for fn in (F.cross_entropy, TF.cross_entropy):
+            xs = x.clone().to(device).requires_grad_()
+            with gpu_nn.backend(backend):
+                loss = fn(xs, t.to(device), weight=w.to(device), reduction=reduction)
+                (gx,) = torch.autograd.grad(loss.sum(), xs)
+            got.append((loss.detach().cpu(), gx.cpu()))
+        assert torch.isfinite(got[1][1]).all()
+        for a, b in zip(*got):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_probability_target_gradient_scales_before_a_huge_logp(backend, device, label_smoothing):
+    """d loss / d target = -(1 - eps) s w logp: with logp -3.4e38, a class weight of 3 and 'mean'
+    over 13 rows the product is 7.8e37, finite, as torch's; the reference formed w logp first and
+    overflowed to inf (a non-finite-values audit). 'none' with a grad_output of 1 / 13 too."""
+    N = 13
+    x = torch.ones(N, 5)
+    x[0] = torch.tensor([3.4e38, -3.4e38, 0.0, 1.0, 2.0])
+    p, w = torch.full((N, 5), 0.2), torch.tensor([1.0, 2.0, 0.5, 1.0, 3.0])
+    for reduction, go in (("mean", None), ("none", torch.full((N,), 1 / 13))):
+        got = []
+        for fn in (F.cross_entropy, TF.cross_entropy):
+            t = p.clone().to(device).requires_grad_()
+            with gpu_nn.backend(backend):
+                loss = fn(x.to(device), t, weight=w.to(device), reduction=reduction, label_smoothing=label_smoothing)
+                (g,) = torch.autograd.grad(loss, t, None if go is None else go.to(device))
+            got.append(g.cpu())
+        assert torch.isfinite(got[1][0, 2:]).all()
+        torch.testing.assert_close(got[0], got[1], rtol=1e-6, atol=0)
+
+
 # =========================================================================== Triton kernels vs reference
 
 

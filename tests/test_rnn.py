@@ -2483,6 +2483,77 @@ def test_packed_steps_past_a_length_add_nothing_to_the_weight_gradients(backend,
         torch.testing.assert_close(a, b, equal_nan=True, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("mode", ["lstm", "gru"])
+def test_reference_gates_keep_small_values_as_torchs(mode, dtype):
+    """A strongly negative gate pre-activation: the reference's sigmoid gates keep their relative
+    precision, as torch's sigmoid does (a forget gate of sigmoid(-50) = 1.9e-22 times an inf cell
+    state is inf; a gate of sigmoid(-16) times a state of 1e8 is 11.25). The reference computed
+    (1 + tanh(x / 2)) / 2, which cancels: 0 from about -19 in float32 (NaN where torch gives inf)
+    and 6 % off at -16 (a non-finite-values audit). Layer and cell, the state 1e8 and inf."""
+    H = 2
+    ours_cls, theirs_cls, extra = MODULES[mode]
+    c_ours, c_theirs, _ = CELLS[mode]
+    for pre in (-16.0, -50.0):
+        for big in (1e8, float("inf")):
+            got = []
+            for layer, cell in ((ours_cls, c_ours), (theirs_cls, c_theirs)):
+                m = layer(1, H, **extra).to(dtype)
+                c = cell(1, H, **extra).to(dtype)
+                with torch.no_grad():
+                    for mod in (m, c):
+                        for name, p in mod.named_parameters():
+                            p.zero_()
+                            if name.startswith("bias_ih"):
+                                p[H: 2 * H] = pre  # the forget gate f, the GRU's z (h' = n + z (h - n))
+                x = torch.zeros(1, 1, 1, dtype=dtype)
+                state = torch.full((1, 1, H), big, dtype=dtype)
+                with gpu_nn.backend("reference"):
+                    if mode == "lstm":
+                        out = (m(x, (torch.zeros_like(state), state))[1][1], c(x[0], (torch.zeros_like(state[0]), state[0]))[1])
+                    else:
+                        out = (m(x, state)[1], c(x[0], state[0]))
+                got.append(out)
+            for a, b in zip(*got):
+                # (a GRU's inf state is NaN in both: its h W_hn^T has inf x 0)
+                torch.testing.assert_close(a, b, rtol=4 * torch.finfo(dtype).eps, atol=0, equal_nan=mode == "gru")
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_gru_backward_under_an_infinite_upstream_gradient_as_torchs(backend, device):
+    """A GRU (cell and layer) with +-inf in the upstream gradient: torch's autograd sums the new
+    gate's gradient as dh - dh z, NaN (inf - inf) where dh is infinite; the reference does, and the
+    Triton and CUDA C backwards computed dh (1 - z), which kept it infinite (+-inf where torch has
+    NaN; a non-finite-values audit). Where NaN and inf land in every gradient, as torch's; rows
+    without an infinite gradient finite (compared in float32 on the GPU backends' dtype)."""
+    dtype = torch.float32
+    g = torch.Generator().manual_seed(2)
+    x, h = torch.randn(4, 5, generator=g), torch.randn(4, 3, generator=g)
+    go = torch.randn(4, 3, generator=g)
+    go[1, 0], go[2, 2] = float("inf"), -float("inf")
+    xs, gos = torch.randn(3, 4, 5, generator=g), torch.randn(3, 4, 3, generator=g)
+    gos[2, 1, 0] = float("inf")
+    for ours_cls, theirs_cls, args, upstream in ((gnn.GRUCell, torch.nn.GRUCell, (x, h), go),
+                                                 (gnn.GRU, torch.nn.GRU, (xs,), gos)):
+        theirs = theirs_cls(5, 3).to(dtype)
+        ours = ours_cls(5, 3).to(device=device, dtype=dtype)
+        ours.load_state_dict(theirs.state_dict())
+        got = []
+        for net, dev in ((ours, device), (theirs, "cpu")):
+            leaves = [a.to(dev).requires_grad_() for a in args]
+            with gpu_nn.backend(backend if net is ours else "reference"):
+                out = net(*leaves)
+                out = out[0] if isinstance(out, tuple) else out
+                grads = torch.autograd.grad(out, leaves + list(net.parameters()), upstream.to(dev))
+            got.append([t.cpu() for t in grads])
+        for a, b in zip(*got):
+            assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.isinf(), b.isinf())
+            assert torch.equal(a.isinf() & (a > 0), b.isinf() & (b > 0))
+            fin = torch.isfinite(b)
+            torch.testing.assert_close(a[fin], b[fin], rtol=1e-4, atol=1e-5)
+        assert any(t.isnan().any() for t in got[1])
+
+
 def test_relu_recurrence_at_nan_inf_and_zero_is_torchs(rng):
     """rnn_relu keeps a NaN pre-activation (torch's relu) and its backward is torch's
     threshold_backward: 0 where h <= 0, else dh, so a NaN h passes the gradient. Reference and

@@ -57,12 +57,15 @@ GN_HD void gn_lstm_bwd(float dh, float dc_in, const float* g, float c, float cp,
 
 GN_HD void gn_gru_bwd(float dh, const float* g, float hp, float* dgi, float* dgh, float* carry) {
     float r = g[0], z = g[1], n = g[2], hn = g[3];
-    float dn = dh * (1.0f - z) * (1.0f - n * n);
+    // dn = (dh - dh z) (1 - n^2), as torch's autograd sums it (h' = (h - n) z + n): an infinite
+    // dh gives NaN there, where dh (1 - z) kept it infinite
+    float dhz = dh * z;
+    float dn = (dh - dhz) * (1.0f - n * n);
     dgi[0] = dgh[0] = dn * hn * r * (1.0f - r);
     dgi[1] = dgh[1] = dh * (hp - n) * z * (1.0f - z);
     dgi[2] = dn;
     dgh[2] = dn * r;
-    *carry = dh * z;
+    *carry = dhz;
 }
 
 // The LSTM projection (proj_size) around h' = m W_hr^T, m = o * tanh(c') (the product itself is a

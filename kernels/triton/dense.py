@@ -1161,7 +1161,10 @@ def _ce_bwd_kernel(x_ptr, t_ptr, w_ptr, stats_ptr, g_ptr, stride_g, mean, dx_ptr
                 tl.store(dt_ptr + base + cols, dt.to(dt_ptr.dtype.element_ty), mask=mask)
         else:
             onehot = tl.where(cols == tc, 1.0, 0.0)
-            dx = s * ((1.0 - eps) * w_t * (p - onehot) + (eps / C) * (w_tot * p - w))
+            # the smoothing term only where eps > 0: 0 x (w_tot p - w) is NaN where a class weight
+            # (so w_tot) is inf, which no class-target gradient of torch's has (as the forward)
+            smooth = tl.where(eps > 0.0, (eps / C) * (w_tot * p - w), 0.0)
+            dx = s * ((1.0 - eps) * w_t * (p - onehot) + smooth)
         tl.store(dx_ptr + base + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
@@ -1274,7 +1277,8 @@ def _ce_bwd_mid_kernel(x_ptr, t_ptr, w_ptr, stats_ptr, g_ptr, stride_g, mean, dx
                 tl.store(dt_ptr + off, dt.to(dt_ptr.dtype.element_ty), mask=msk)
         else:
             onehot = tl.where(cs[:, None] == tc[None, :], 1.0, 0.0)
-            dx = s[None, :] * ((1.0 - eps) * w_t[None, :] * (p - onehot) + (eps / C) * (w_tot[None, :] * p - w))
+            smooth = tl.where(eps > 0.0, (eps / C) * (w_tot[None, :] * p - w), 0.0)  # (see _ce_bwd_kernel)
+            dx = s[None, :] * ((1.0 - eps) * w_t[None, :] * (p - onehot) + smooth)
         tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=msk)
 
 
