@@ -47,19 +47,26 @@ def keep_where(mask: np.ndarray, a: np.ndarray) -> np.ndarray:
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
-    # a / (a + b) with a = exp(min(x, 0)), b = exp(min(-x, 0)): that is e^x / (e^x + 1) for x < 0
-    # and 1 / (1 + e^-x) otherwise, so no exp overflows and tiny results keep their relative
-    # precision (0.5 + 0.5 tanh(x / 2) would round them to 0); +-inf give 1 / 0, NaN stays NaN.
-    # Seven plain passes: a select (np.where, or multiply with where=) cost 5x more than all of them.
+    """sigmoid of a copy of ``x`` (:func:`sigmoid_`)."""
     x = np.asarray(x)
-    zero = np.zeros((), x.dtype)
-    a = np.minimum(x, zero, out=np.empty_like(x))  # out= keeps 0-d inputs arrays
+    return sigmoid_(np.array(x, copy=True))
+
+
+def sigmoid_(a: np.ndarray) -> np.ndarray:
+    """sigmoid in place: A / (A + B) with A = exp(min(x, 0)), B = exp(min(-x, 0)): that is
+    e^x / (e^x + 1) for x < 0 and 1 / (1 + e^-x) otherwise, so no exp overflows and tiny results
+    keep their relative precision (0.5 + 0.5 tanh(x / 2) would round them to 0: the recurrent
+    reference's gates did, a forget gate of sigmoid(-50) times an inf state giving NaN where
+    torch's gives inf); +-inf give 1 / 0, NaN stays NaN. Six plain passes: a select (np.where, or
+    multiply with where=) cost 5x more than all of them. ``a`` may be a strided view."""
+    zero = np.zeros((), a.dtype)
+    t = np.minimum(a, zero, out=np.empty(a.shape, a.dtype))  # out= keeps a 0-d input an array
+    np.exp(t, out=t)
+    np.negative(a, out=a)
+    np.minimum(a, zero, out=a)
     np.exp(a, out=a)
-    b = np.negative(x, out=np.empty_like(x))
-    np.minimum(b, zero, out=b)
-    np.exp(b, out=b)
-    b += a
-    return np.divide(a, b, out=a)
+    a += t
+    return np.divide(t, a, out=a)
 
 
 @quiet  # inf * 0 where torch gives NaN without a warning

@@ -40,6 +40,7 @@ import numpy as np
 
 from ._errstate import quiet
 from .activation import relu_
+from .activation import sigmoid_ as _sigmoid_
 
 MODES = ("rnn_tanh", "rnn_relu", "lstm", "gru")
 # rows of w_ih / w_hh per hidden unit, and per-step values stored in the reserve per hidden unit
@@ -94,23 +95,6 @@ def _unpack(ws):
 
 def _views(reserve, layout):
     return {k: reserve[o:o + math.prod(s)].reshape(s) for k, (o, s) in layout.items()}
-
-
-def _sigmoid_(a):
-    """sigmoid in place, as reference.activation.sigmoid computes it: e^min(x, 0) / (e^min(x, 0) +
-    e^min(-x, 0)), which never overflows and keeps a small gate's relative precision. The former
-    (1 + tanh(x / 2)) / 2 rounded a gate below about e^-17 (float32) to a few ulps of 1 in its
-    cancellation and to exactly 0 from about -19: a forget gate of 1.9e-22 times an inf cell
-    state gave NaN where torch's gives inf, and a cell state of 1e8 times a gate of 1.1e-7 was
-    6 % off (a non-finite-values audit)."""
-    zero = _consts(a.dtype)[2]
-    t = np.minimum(a, zero)
-    np.exp(t, out=t)
-    np.negative(a, out=a)
-    np.minimum(a, zero, out=a)
-    np.exp(a, out=a)
-    a += t
-    return np.divide(t, a, out=a)
 
 
 _CONSTS: dict = {}  # dtype -> 0-d arrays (0.5, 1, 0)
