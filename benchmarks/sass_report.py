@@ -53,7 +53,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--family", action="append",
                         help="family to compile (repeatable); default all of gpu_nn.kernels.triton.FAMILIES "
                              "(with --cuda: pool, optim or rnn, the CUDA C sources)")
-    parser.add_argument("--json", help="write the rows as a JSON list to this path")
+    from gpu_nn.cli import output_path  # (a typo in the path failed after minutes of compiling)
+
+    parser.add_argument("--json", type=output_path, help="write the rows as a JSON list to this path")
     parser.add_argument("--jobs", type=int, default=max(1, min(8, (os.cpu_count() or 2))),
                         help="families compiled at once (default %(default)s)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per family (default %(default)s)")

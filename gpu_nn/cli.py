@@ -148,8 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def output_path(path: str) -> str:
-    """argparse type of an output file: its folder must exist, so that a long run does not fail at
-    its very end when it writes (checked when the arguments are parsed)."""
+    """argparse type of an output file: its folder must exist and the file must open for writing,
+    so that a long run does not fail at its very end when it writes (checked when the arguments
+    are parsed: a file that did not exist is made and removed again, one that did is opened to
+    append, which changes nothing; a folder that exists but takes no file, such as /proc, was
+    found only after the run)."""
     import os
 
     folder = os.path.dirname(os.path.abspath(path))
@@ -157,6 +160,14 @@ def output_path(path: str) -> str:
         raise argparse.ArgumentTypeError(f"no folder {folder} to write {path} into")
     if os.path.isdir(path):
         raise argparse.ArgumentTypeError(f"{path} is a folder, not a file")
+    existed = os.path.exists(path)
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"cannot write {path}: {exc.strerror or exc}") from None
+    if not existed:
+        os.remove(path)
     return path
 
 

@@ -437,6 +437,9 @@ def run(args) -> int:
         if args.compile_backend not in known:
             raise SystemExit(f"gpu-nn demo: --compile-backend {args.compile_backend!r} is not one of torch.compile's "
                              f"backends: {', '.join(sorted(known))}")
+    if not args.compile and (args.compile_mode is not None or args.compile_backend != "inductor"):
+        # (they would be ignored: the run trains eager and its figures say nothing of them)
+        raise SystemExit("gpu-nn demo: --compile-mode / --compile-backend take effect with --compile only")
     if args.fuse and args.ours_from != "gpu_nn":
         raise SystemExit("gpu-nn demo: --fuse makes gpu_nn layers; it cannot go with --ours-from torch")
     ours = gpu_nn_impl() if args.ours_from == "gpu_nn" else torch_impl()

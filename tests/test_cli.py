@@ -262,3 +262,37 @@ def test_bad_values_are_refused_before_anything_runs(capsys):
     assert exc.value.code == 0 and capsys.readouterr().out.startswith("gpu-nn 0.")
     with pytest.raises(SystemExit, match="is not one of torch.compile's backends"):
         main(["demo", "--compile", "--compile-backend", "bogus", "--model", "cnn", "--epochs", "1", "--no-progress"])
+    # a compile option without --compile was ignored (the run trained eager, a CLI audit)
+    for opt in (["--compile-mode", "reduce-overhead"], ["--compile-backend", "aot_eager"]):
+        with pytest.raises(SystemExit, match="take effect with --compile only"):
+            main(["demo", *opt, "--model", "cnn", "--epochs", "1", "--no-progress"])
+
+
+def test_an_output_file_that_cannot_be_written_is_refused_before_anything_runs(tmp_path, capsys):
+    """--json to a folder that exists but takes no file (/proc), or to a read-only folder, is
+    refused when the arguments are parsed (it failed at the end of the run: a whole demo, check or
+    sass compile lost; a CLI audit), sass's --json included; an existing file is left as it was
+    and a file that did not exist is not left behind."""
+    import os
+
+    import pytest
+
+    from gpu_nn.cli import output_path
+
+    targets = ["/proc/gpu-nn-test.json"]
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    if not os.access(ro, os.W_OK):  # (root writes anywhere: the read-only case only for others)
+        targets.append(str(ro / "x.json"))
+    for target in targets:
+        for argv in (["demo", "--json", target], ["check", "--op", "relu", "--json", target],
+                     ["sass", "--family", "activation", "--json", target]):
+            with pytest.raises(SystemExit) as exc:
+                main(argv)
+            assert exc.value.code == 2 and "cannot write" in capsys.readouterr().err, argv
+    kept = tmp_path / "kept.json"
+    kept.write_text("old")
+    assert output_path(str(kept)) == str(kept) and kept.read_text() == "old"
+    fresh = tmp_path / "fresh.json"
+    assert output_path(str(fresh)) == str(fresh) and not fresh.exists()
