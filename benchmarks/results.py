@@ -151,6 +151,11 @@ def run_name(run: dict) -> str:
 def record(run_dir: str, into: str = RESULTS_DIR) -> str:
     """Store one gpu_run.sh folder; returns the new results folder."""
     run = summarize_run(run_dir)
+    device = (_load_json(os.path.join(run_dir, "bench", "bench.json")) or {}).get("run_device")
+    if device is not None and not str(device).startswith("cuda"):
+        # (it would be listed, as a "cpu" run, among the README's results on a GPU; a CLI audit)
+        raise SystemExit(f"gpu-nn results: {run_dir}'s bench.json ran on {device}: benchmarks/results/ records GPU "
+                         "runs (CPU figures live in benchmarks/results/cpu/)")
     if not run["bench_cases"] and run["check"] is None:
         raise SystemExit(f"gpu-nn results: {run_dir} has neither bench/bench.json nor check.json: nothing to record")
     dest = os.path.join(into, run_name(run))

@@ -27,6 +27,7 @@ session sets it. A family whose kernel module does not exist is listed as missin
 
 from __future__ import annotations
 
+import argparse
 import concurrent.futures
 import importlib.util
 import json
@@ -56,9 +57,11 @@ def add_arguments(parser) -> None:
     from gpu_nn.cli import output_path  # (a typo in the path failed after minutes of compiling)
 
     parser.add_argument("--json", type=output_path, help="write the rows as a JSON list to this path")
-    parser.add_argument("--jobs", type=int, default=max(1, min(8, (os.cpu_count() or 2))),
+    from gpu_nn.cli import count
+
+    parser.add_argument("--jobs", type=count(1), default=max(1, min(8, (os.cpu_count() or 2))),
                         help="families compiled at once (default %(default)s)")
-    parser.add_argument("--timeout", type=float, default=900, help="seconds per family (default %(default)s)")
+    parser.add_argument("--timeout", type=_seconds, default=900, help="seconds per family (default %(default)s)")
     parser.add_argument("--cuda", action="store_true",
                         help="the CUDA C kernels instead: the builds the CuPy launchers load at the benchmark shapes "
                              "(pooling windows compiled in, optimizer steps, recurrent loops)")
@@ -67,6 +70,14 @@ def add_arguments(parser) -> None:
                              "common launches compile to (aligned tensors, sizes multiples of 16, unit strides as "
                              "constants): the elementwise activations, the softmax rows and the dense matmul in "
                              "linear's three layouts")
+
+
+def _seconds(text: str) -> float:
+    """argparse type: a positive number of seconds (0 timed every family out at once)."""
+    v = float(text)
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
+    return v
 
 
 def _needs_mma(row: dict) -> bool:

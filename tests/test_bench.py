@@ -270,6 +270,25 @@ def test_gpu_run_script_steps_summary_and_archive(tmp_path):
         assert "out/tuning.jsonl" in tar.getnames()
 
 
+def test_results_record_refuses_a_cpu_bench(tmp_path):
+    """A folder whose bench.json ran on the CPU is refused (it was stored and listed as a 'cpu' run
+    among the README's results on a GPU; a CLI audit); a CUDA one is stored."""
+    from gpu_nn.benchmarks import results
+
+    for device, ok in (("cpu", False), ("cuda", True)):
+        run_dir = tmp_path / f"run-{device}"
+        (run_dir / "bench").mkdir(parents=True)
+        (run_dir / "machine.txt").write_text("date: 2026-12-01T10:00:00Z\nhost: h\ncommit: abcdef1234567\n")
+        rows = [{"family": "activation", "name": "relu fwd", "shape": "N=32", "ratio": {"triton": 1.5}, "errors": {}}]
+        (run_dir / "bench" / "bench.json").write_text(json.dumps({"environment": {"device": "x"}, "results": rows,
+                                                                  "run_device": device}))
+        if ok:
+            assert results.record(str(run_dir), str(tmp_path / "results"))
+        else:
+            with pytest.raises(SystemExit, match="ran on cpu: benchmarks/results/ records GPU runs"):
+                results.record(str(run_dir), str(tmp_path / "results"))
+
+
 def test_results_record_and_render(tmp_path):
     """A gpu_run.sh folder becomes benchmarks/results/<run>/ and the README section and history
     plot are rebuilt from recorded runs only."""

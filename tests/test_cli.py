@@ -253,7 +253,9 @@ def test_bad_values_are_refused_before_anything_runs(capsys):
                         (["demo", "--subset", "0"], "--subset: must be at least 1"),
                         (["demo", "--plot", "/tmp/loss.txt"], "written as .png, .pdf, .svg or .jpg"),
                         (["demo", "--compile", "--compile-mode", "bogus"], "invalid choice: 'bogus'"),
-                        (["bench", "--warm-jobs", "-1"], "--warm-jobs: must be at least 0")):
+                        (["bench", "--warm-jobs", "-1"], "--warm-jobs: must be at least 0"),
+                        (["sass", "--jobs", "0"], "--jobs: must be at least 1"),
+                        (["sass", "--timeout", "0"], "--timeout: must be more than 0")):
         with pytest.raises(SystemExit) as exc:
             main(argv)
         assert exc.value.code == 2 and words in capsys.readouterr().err, argv
