@@ -29,9 +29,11 @@ class KernelInputAttributeError(KernelInputTypeError, AttributeError):
     torch's functions that parse their arguments raise for it), so either ``except`` catches it."""
 
 
-def no_attribute(obj, attr: str) -> KernelInputAttributeError:
-    """The error Python raises for ``obj.attr`` where ``obj`` has no such attribute, in its words."""
-    return KernelInputAttributeError(f"'{type_name(obj)}' object has no attribute '{attr}'")
+def require_attribute(obj, attr: str) -> None:
+    """Raise what Python raises for ``obj.attr`` (torch's functions that call the argument's method:
+    an AttributeError, in its words) where ``obj``, not a tensor, has no such attribute."""
+    if not isinstance(obj, torch.Tensor) and not hasattr(obj, attr):
+        raise KernelInputAttributeError(f"'{type_name(obj)}' object has no attribute '{attr}'")
 
 
 class KernelInputIndexError(KernelInputError, IndexError):

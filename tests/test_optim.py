@@ -551,6 +551,27 @@ def test_fused_steps_take_gradscalers_scale_and_found_inf_as_torchs(backend, dev
     assert all(torch.equal(a, b) for a, b in zip(got[1][0], got[0][0]))  # step 1 found an inf: nothing moved
 
 
+@pytest.mark.parametrize("backend,device", backend_params(("reference", "triton", "cupy")))
+def test_fused_step_leaves_a_staged_gradient_unscaled(backend, device):
+    """A gradient in another layout than its parameter runs on a staged copy (the kernels walk one
+    dense layout): the unscaled values are copied back into the user's gradient, as torch's fused
+    Adam leaves it, and the step equals torch's (given the same values contiguous: torch's CPU fused
+    Adam reads a gradient of another layout in its memory order, wrongly)."""
+    got = []
+    for lib, dev, be in ((torch.optim, "cpu", "reference"), (go, device, backend)):
+        p = torch.nn.Parameter(torch.arange(12.0, device=dev).reshape(3, 4))
+        p.grad = torch.linspace(-8, 8, 12, device=dev).reshape(4, 3).t()  # column-major
+        if lib is torch.optim:
+            p.grad = p.grad.contiguous()
+        opt = lib.Adam([p], lr=0.1, fused=True)
+        opt.grad_scale, opt.found_inf = torch.tensor(4.0, device=dev), torch.tensor(0.0, device=dev)
+        with gpu_nn.backend(be):
+            opt.step()
+        got.append((p.detach().cpu(), p.grad.cpu()))
+    torch.testing.assert_close(got[0][1], got[1][1], rtol=0, atol=0)
+    torch.testing.assert_close(got[0][0], got[1][0], rtol=2e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
 def test_fused_steps_under_gradscaler_match_torchs_fused(backend, device):
     """A float32 training loop under torch.amp.GradScaler with fused Adam, inf losses on two

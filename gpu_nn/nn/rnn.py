@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from .._errors import KernelInputError, KernelInputIndexError, no_attribute
+from .._errors import KernelInputError, KernelInputIndexError, require_attribute
 from ..ops import rnn as ops
 from ..ops._dispatch import autocast_on
 from ._jit import NotScriptable
@@ -62,8 +62,7 @@ def _check_hx_dims(hx, is_lstm: bool, want: int) -> None:
 def _dim(t) -> int:
     """``t.dim()``, or Python's AttributeError in its words where ``t`` has none (torch's forwards
     ask it of whatever they were given)."""
-    if not isinstance(t, torch.Tensor) and not hasattr(t, "dim"):
-        raise no_attribute(t, "dim")
+    require_attribute(t, "dim")
     return t.dim()
 
 class _SeqMixin:
@@ -98,9 +97,7 @@ class _SeqMixin:
             hx = hx_checked
             batch_first, is_batched = False, True
         else:
-            if not isinstance(input, torch.Tensor) and not hasattr(input, "dim"):
-                raise no_attribute(input, "dim")  # torch's forward asks input.dim()
-            if input.dim() not in (2, 3):
+            if _dim(input) not in (2, 3):  # (torch's forward asks input.dim() of whatever it is)
                 # torch's RNN says "tensor instead", its LSTM and GRU "instead"
                 word = "D tensor" if name == "RNN" else "D"
                 raise KernelInputError(f"{name}: Expected input to be 2D or 3D, got {input.dim()}{word} instead")

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend
-from .._errors import KernelInputError, no_attribute
+from .._errors import KernelInputError, require_attribute
 from ..check import CheckCase
 from ..reference import activation as ref
 from ._dispatch import (FLOAT_DTYPES, check_float, check_float_like_torch, check_tensor, empty, empty_like, from_numpy, on_device, routed,
@@ -334,8 +334,7 @@ def sigmoid(input: Tensor) -> Tensor:
     a list is an AttributeError there, a TypeError in ``torch.sigmoid`` and ``nn.Sigmoid``)."""
     if _has_tf(input):
         return _tf(sigmoid, input)
-    if not isinstance(input, Tensor) and not hasattr(input, "sigmoid"):
-        raise no_attribute(input, "sigmoid")
+    require_attribute(input, "sigmoid")
     return _apply(input, "sigmoid")
 
 
@@ -343,8 +342,7 @@ def tanh(input: Tensor) -> Tensor:
     """tanh(input); as ``torch.nn.functional.tanh`` (``input.tanh()``: see :func:`sigmoid`)."""
     if _has_tf(input):
         return _tf(tanh, input)
-    if not isinstance(input, Tensor) and not hasattr(input, "tanh"):
-        raise no_attribute(input, "tanh")
+    require_attribute(input, "tanh")
     return _apply(input, "tanh")
 
 

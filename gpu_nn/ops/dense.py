@@ -33,8 +33,8 @@ import torch.nn.functional as _TF
 from torch import Tensor
 
 from .. import _backend, _precision
-from .._errors import (KernelInputError, KernelInputIndexError, KernelInputTypeError, cpp_type_name, no_attribute,
-                       scalar_type_name, type_name)
+from .._errors import (KernelInputError, KernelInputIndexError, KernelInputTypeError, cpp_type_name,
+                       require_attribute, scalar_type_name, type_name)
 from ..check import CheckCase
 from ..reference import dense as ref
 from ._dispatch import (FLOAT_DTYPES, autocast_inputs, check_float_like_torch, check_tensor, empty, float64_in_float32, from_numpy, is_int,
@@ -652,8 +652,7 @@ def _torchs_error(name: str, ndim: int, dim, dtype, fallback: str) -> KernelInpu
 
 
 def _softmax_public(name, op, input, dim, _stacklevel, dtype):
-    if not isinstance(input, Tensor) and not hasattr(input, name):
-        raise no_attribute(input, name)  # F.softmax calls input.softmax(dim): Python's AttributeError
+    require_attribute(input, name)  # F.softmax calls input.softmax(dim): Python's AttributeError
     check_tensor(name, "input", input, 1)  # (an object with such a method: torch.softmax's words)
     if dim is not None and not is_int(dim):
         raise _torchs_error(name, input.dim(), dim, dtype,

@@ -61,9 +61,6 @@ class Launch(Prepared):
     def _grad_column(self, grads) -> list:
         return [g.data_ptr() for g in grads]
 
-    def staged_grads(self) -> list:
-        return self.staged_g or []
-
     def __call__(self, hp: dict, grads=None) -> None:
         from ..kernels import cuda as kcuda
 

@@ -205,8 +205,9 @@ class Prepared:
     table depends only on the addresses of the parameters, gradients and state, and a later
     step over the same parameters and state reuses it (:meth:`regrad` for gradients elsewhere).
     A subclass keeps ``table``, ``n``, the table's ``cols`` (six lists, one value per tensor;
-    ``cols[1]`` the gradient column), ``numels``, ``flags`` (None: no flag column) and ``chunk``,
-    and says what a gradient column is (:meth:`_grad_column`)."""
+    ``cols[1]`` the gradient column), ``numels``, ``flags`` (None: no flag column), ``chunk`` and
+    ``staged_g`` (the staged gradients the launch reads where there are copies, else None), and
+    says what a gradient column is (:meth:`_grad_column`)."""
 
     __slots__ = ()
 
@@ -222,15 +223,11 @@ class Prepared:
         """After a step that unscaled the gradients (GradScaler's ``grad_scale``, a fused step's),
         the staged copies' unscaled gradients into the gradients the step was given (torch's
         fused steps leave them unscaled); nothing where the kernels read the gradients in place."""
-        if hp.get("grad_scale") is None or not self.copies or grads is None:
+        if hp.get("grad_scale") is None or self.staged_g is None or grads is None:
             return
-        for orig, staged in zip(grads, self.staged_grads()):
+        for orig, staged in zip(grads, self.staged_g):
             if staged is not orig:
                 orig.copy_(staged)
-
-    def staged_grads(self) -> list:  # pragma: no cover - abstract
-        """The gradients the launch reads: the step's own, or staged copies."""
-        raise NotImplementedError
 
     def _grad_column(self, grads) -> list | None:  # pragma: no cover - abstract
         """The table's gradient column for ``grads``, or None where no table describes them."""
@@ -300,9 +297,6 @@ class Launch(Prepared):
 
     def _grad_column(self, grads) -> list | None:
         return grad_offsets(grads)
-
-    def staged_grads(self) -> list:
-        return self.staged_g or []
 
     def __call__(self, hp: dict, grads) -> None:
         from ..kernels import triton as ktriton
