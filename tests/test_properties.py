@@ -698,10 +698,14 @@ def test_activation_on_strided_views(backend, device):
 @pytest.mark.parametrize("backend,device", backend_params(("triton",)))
 def test_softmax_backend_matches_reference(backend, device):
     """Triton softmax / log_softmax on random shapes, dims (empty ones included) and strided
-    views against the reference (float32 values, float64 reference on the same values)."""
+    views against the reference (float32 values, float64 reference on the same values). The
+    examples are derandomized (a fixed sequence from the test itself): the guard below counts
+    non-empty ones, and random draws once gave 9 of 25 in a clean-clone CI run (0 of 60 alone:
+    the draws in a worker's process after other tests differ); the reference's property above
+    keeps drawing anew (150 examples)."""
     seen = collections.Counter()
 
-    @settings(max_examples=25, **PROFILE)
+    @settings(max_examples=25, **{**PROFILE, "derandomize": True})
     @given(cfg=softmax_configs(), seed=SEEDS)
     def prop(cfg, seed):
         name, shape, dim, perm, layout = cfg
