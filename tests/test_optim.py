@@ -376,6 +376,22 @@ def test_flags_accepted_and_differentiable_refused():
     assert isinstance(go.SGD(p), torch.optim.Optimizer)
 
 
+@pytest.mark.parametrize("name", ["SGD", "Adagrad", "Adam", "AdamW"])
+@pytest.mark.parametrize("flags", [dict(fused=True, differentiable=True),
+                                   dict(fused=True, differentiable=True, foreach=True),
+                                   dict(fused=True, foreach=True)], ids=["diff", "diff-foreach", "foreach"])
+@pytest.mark.parametrize("params", ["one", "empty"])
+def test_fused_flag_refusals_are_torchs(name, flags, params):
+    """The fused optimizers' flag refusals as torch's constructors raise them: its parameter
+    checks first (an empty list), then fused with differentiable, then fused with foreach."""
+    p = [torch.nn.Parameter(torch.randn(3))] if params == "one" else []
+    with pytest.raises(Exception) as theirs:
+        getattr(torch.optim, name)(p, **flags)
+    with pytest.raises(Exception) as ours:
+        getattr(go, name)(p, **flags)
+    assert (type(ours.value), str(ours.value)) == (type(theirs.value), str(theirs.value))
+
+
 # (parameter, gradient set through .data) pairs: integer and bool parameters, gradients torch
 # cannot broadcast, gradients it broadcasts or promotes, other dtypes that its lerp refuses
 BAD_GRADS = {

@@ -138,8 +138,17 @@ def _refuse_captured_tensor_betas(groups) -> None:
                 "(not permitted while capturing, and replays could not follow the tensors); pass float betas")
 
 
-def _no_differentiable(name: str, differentiable: bool) -> None:
-    if differentiable:
+def _flag_refusals(name: str, defaults: dict) -> None:
+    """The fused / foreach / differentiable refusals, in torch's order (after its parameter
+    checks): fused with differentiable, then fused with foreach, as torch's constructors raise
+    them; then differentiable alone, which torch takes and we refuse (our step runs outside
+    autograd)."""
+    if defaults.get("fused"):
+        if defaults.get("differentiable"):
+            raise RuntimeError("`fused` does not support `differentiable`")
+        if defaults.get("foreach"):
+            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+    if defaults.get("differentiable"):
         raise ValueError(
             f"gpu_nn.optim.{name} does not support differentiable=True (its step runs fused kernels "
             f"outside autograd); use torch.optim.{name} for a differentiable optimizer step"
@@ -327,6 +336,7 @@ class _Base(Optimizer):
     def __init__(self, params, defaults):
         self._plans: dict = {}
         super().__init__(params, defaults)
+        _flag_refusals(self._NAME, defaults)
         if defaults.get("fused"):
             # as torch's fused optimizers: GradScaler then hands the step its scale and found_inf
             # (as attributes) instead of unscaling, checking and skipping on the host (a host
@@ -550,9 +560,6 @@ class SGD(_Base):
                         fused=fused)
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
-        _no_differentiable("SGD", differentiable)
-        if fused and foreach:
-            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
         super().__init__(params, defaults)
 
     def _struct(self, group):
@@ -601,9 +608,6 @@ class Adagrad(_Base):
             raise ValueError(f"Invalid initial_accumulator_value value: {initial_accumulator_value}")
         if not 0.0 <= eps:
             raise ValueError(f"Invalid epsilon value: {eps}")
-        _no_differentiable("Adagrad", differentiable)
-        if fused and foreach:
-            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
         defaults = dict(lr=lr, lr_decay=lr_decay, eps=eps, weight_decay=weight_decay,
                         initial_accumulator_value=initial_accumulator_value, foreach=foreach, maximize=maximize,
                         differentiable=differentiable, fused=fused)
@@ -662,7 +666,6 @@ class Adadelta(_Base):
             raise ValueError(f"Invalid epsilon value: {eps}")
         if not 0.0 <= weight_decay:
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-        _no_differentiable("Adadelta", differentiable)
         defaults = dict(lr=lr, rho=rho, eps=eps, weight_decay=weight_decay, maximize=maximize,
                         capturable=capturable, foreach=foreach, differentiable=differentiable)
         super().__init__(params, defaults)
@@ -708,7 +711,6 @@ class RMSprop(_Base):
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
         if not 0.0 <= alpha:
             raise ValueError(f"Invalid alpha value: {alpha}")
-        _no_differentiable("RMSprop", differentiable)
         defaults = dict(lr=lr, momentum=momentum, alpha=alpha, eps=eps, centered=centered, weight_decay=weight_decay,
                         capturable=capturable, foreach=foreach, maximize=maximize, differentiable=differentiable)
         super().__init__(params, defaults)
@@ -777,9 +779,6 @@ class Adam(_Base):
         # kept as given (a tensor as a 0-d tensor, as torch's _to_scalar): each step reads them
         # (_hp), so a tensor changed in place, by a scheduler say, takes effect as in torch
         betas = tuple(b.squeeze() if isinstance(b, Tensor) and b.dim() != 0 else b for b in betas)
-        _no_differentiable(self._NAME, differentiable)
-        if fused and foreach:
-            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
                         foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused,
                         decoupled_weight_decay=decoupled_weight_decay)
