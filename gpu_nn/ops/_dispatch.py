@@ -423,14 +423,18 @@ class _NeedsView:
     ``needs_input_grad``, which is the unspread one. The ctx is never changed: several threads
     may run backward over one graph at once (``retain_graph=True``, as torch allows), and a
     ctx whose ``needs_input_grad`` one backward swapped and put back was read half-swapped by
-    the other (IndexError, and a graph left broken when the wrong value went back last)."""
+    the other (IndexError, and a graph left broken when the wrong value went back last).
 
-    __slots__ = ("_ctx", "needs_input_grad")
+    A plain instance dictionary, not ``__slots__``: compiled autograd traces this backward with
+    Dynamo, which did not find the slot and asked ``__getattr__`` for ``_ctx``, which asked for
+    ``_ctx`` again (RecursionError); ``_ctx`` itself is never forwarded."""
 
     def __init__(self, ctx, needs):
         self._ctx, self.needs_input_grad = ctx, needs
 
     def __getattr__(self, name):
+        if name == "_ctx":
+            raise AttributeError(name)
         return getattr(self._ctx, name)
 
 
