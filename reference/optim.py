@@ -22,6 +22,7 @@ Conventions shared by every step function:
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
 
@@ -43,16 +44,22 @@ __all__ = [
 # crosses the memory bus once per step instead of once per ufunc.
 BLOCK = 1 << 15
 
-_scratch_cache: dict = {}
+# per thread: NumPy releases the GIL inside its loops, so two threads stepping their own
+# optimizers at once overwrote each other's temporaries in one shared set (Adam's denominators:
+# NaN parameters)
+_SCRATCH = threading.local()
 
 
 def _scratch(dtype, n: int, k: int) -> list[np.ndarray]:
-    """``k`` reusable scratch vectors of at least ``n`` elements of ``dtype``."""
+    """``k`` reusable scratch vectors of at least ``n`` elements of ``dtype``, this thread's."""
+    cache = getattr(_SCRATCH, "bufs", None)
+    if cache is None:
+        cache = _SCRATCH.bufs = {}
     key = (np.dtype(dtype), k)
-    bufs = _scratch_cache.get(key)
+    bufs = cache.get(key)
     if bufs is None or bufs[0].size < n:
         bufs = [np.empty(max(n, 1), dtype=dtype) for _ in range(k)]
-        _scratch_cache[key] = bufs
+        cache[key] = bufs
     return bufs
 
 

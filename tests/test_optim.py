@@ -2029,3 +2029,38 @@ def test_kept_launch_refuses_gradients_shifted_off_alignment_together(backend, d
         o2.step()
         assert max(_rel(a, b) for a, b in zip(ours, theirs)) <= _f32_tol(4), step
     assert len(prepared) == 3, prepared  # step 0, then steps 2 and 3 (staged launches are never kept)
+
+
+@pytest.mark.parametrize("name", ["Adam", "AdamW", "RMSprop", "Adagrad"])
+def test_optimizers_stepping_in_threads_equal_one_thread(name):
+    """Threads stepping their own optimizers at once get what each gets alone (reference
+    backend, parameters of several of its blocks): the reference's scratch vectors were one set
+    for the process, and NumPy releases the GIL inside its loops, so concurrent Adam steps
+    overwrote each other's temporaries (NaN parameters; a concurrency audit)."""
+    import threading
+
+    n, steps = 3 * (1 << 15) + 7, 12
+
+    def train(seed, out):
+        gen = torch.Generator().manual_seed(seed)
+        p = torch.nn.Parameter(torch.randn(n, generator=gen))
+        opt = getattr(go, name)([p], lr=1e-2)
+        grads = [torch.randn(n, generator=gen) for _ in range(steps)]
+        start.wait()
+        for g in grads:
+            p.grad = g
+            opt.step()
+        out[seed] = p.detach().clone()
+
+    alone, together = {}, {}
+    start = threading.Barrier(1)
+    for seed in range(4):
+        train(seed, alone)
+    start = threading.Barrier(4)
+    threads = [threading.Thread(target=train, args=(seed, together)) for seed in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for seed in range(4):
+        torch.testing.assert_close(together[seed], alone[seed], rtol=0, atol=0)
