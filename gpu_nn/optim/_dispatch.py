@@ -226,7 +226,12 @@ def _unscaled(h: _Host, grads, scale) -> list:
     return out
 
 
+@torch.compiler.disable
 def _run_reference(kind, params, st, hp, grads) -> None:
+    """The step on the host through the NumPy reference. Opaque to torch.compile (run as it is
+    run eagerly): Dynamo would otherwise trace the NumPy code through its own NumPy emulation,
+    which refuses some of it (RMSprop centered's ``np.copyto(..., where=)``: the compiled step
+    raised) and need not round as NumPy does."""
     found, scale = hp.get("found_inf"), hp.get("grad_scale")
     if found is not None and float(found) != 0:
         return  # GradScaler found an inf / NaN: the step skipped, nothing written (torch's fused)
