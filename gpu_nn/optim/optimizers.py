@@ -337,6 +337,7 @@ class _Base(Optimizer):
         self._plans: dict = {}
         super().__init__(params, defaults)
         _flag_refusals(self._NAME, defaults)
+        _dispatch.opaque_to_compiler()
         if defaults.get("fused"):
             # as torch's fused optimizers: GradScaler then hands the step its scale and found_inf
             # (as attributes) instead of unscaling, checking and skipping on the host (a host
