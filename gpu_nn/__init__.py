@@ -1,8 +1,8 @@
 """gpu-nn: classic deep-learning layers as our own GPU kernels.
 
 Import ``gpu_nn.functional as F``, ``gpu_nn.nn as nn`` and ``gpu_nn.optim as optim`` in
-place of torch's, or call :func:`gpu_nn.convert` on an existing model; :func:`gpu_nn.fuse`
-fuses its convolution / linear -> activation pairs.
+place of torch's, or call :func:`gpu_nn.convert` on an existing model (:func:`gpu_nn.revert` gives
+it torch's layers back); :func:`gpu_nn.fuse` fuses its convolution / linear -> activation pairs.
 """
 
 from ._backend import available_backends, backend, status as backend_status
@@ -21,7 +21,7 @@ import torch as _torch  # noqa: E402
 _warnings.filterwarnings("ignore", category=_torch.jit.TracerWarning, module=r"gpu_nn(\.|$)")
 
 from . import functional, nn, optim  # noqa: E402  (registers the custom ops)
-from .convert import convert  # noqa: E402
+from .convert import convert, revert  # noqa: E402
 from .fuse import fuse  # noqa: E402
 from .nn._jit import ScriptingNotSupportedError  # noqa: E402
 
@@ -41,4 +41,5 @@ __all__ = [
     "fuse",
     "nn",
     "optim",
+    "revert",
 ]

@@ -131,3 +131,77 @@ def convert(model: torch.nn.Module, *, inplace: bool = True) -> torch.nn.Module:
             stacklevel=2,
         )
     return model
+
+
+def _torch_class(our_cls):
+    """torch's class for exactly one of our drop-in classes (the one ``convert`` swaps for it),
+    or None (a subclass of ours, a layer torch has no twin of: MinPool1d / MinPool2d)."""
+    from . import nn as gnn
+
+    name = our_cls.__name__
+    theirs = getattr(torch.nn, name, None)
+    if name not in _SUPPORTED or getattr(gnn, name, None) is not our_cls or theirs is None:
+        return None
+    return theirs
+
+
+def revert(model: torch.nn.Module, *, inplace: bool = True) -> torch.nn.Module:
+    """The inverse of :func:`convert`: every gpu-nn layer of ``model`` becomes torch's, in place.
+
+    For what needs torch's own layers after training with ours: ``torch.onnx.export``,
+    ``torch.jit.script``, quantization, a machine without gpu-nn. The same objects, parameter
+    and buffer tensors, hooks and options (so the state_dict and an optimizer built on the
+    model are unchanged); only the forward changes, to torch's. Layers with no torch
+    equivalent are left as ours and named in one warning: a layer with a fused ``activation``
+    (``activation=``, :func:`gpu_nn.fuse`: torch's layer has no place for it), ``MinPool1d`` /
+    ``MinPool2d``, a subclass of one of our layers. Calls of ``gpu_nn.functional`` in a model's
+    own forward (or in a :func:`gpu_nn.fuse` graph) stay ours: only modules are reverted. With
+    ``inplace=False`` a deep copy is reverted and ``model`` is left alone.
+    """
+    from . import nn as gnn
+    from .nn._jit import NotScriptable
+
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"revert() expects a torch.nn.Module, got {type(model).__name__}")
+    if not inplace:
+        model = copy.deepcopy(model)
+    left: list[str] = []
+
+    def visit(mod: torch.nn.Module, prefix: str) -> None:
+        for name, child in mod._modules.items():
+            if child is not None:
+                visit(child, f"{prefix}.{name}" if prefix else name)
+        cls = type(mod)
+        generated = _parametrized_ours(mod)
+        ours = cls.__bases__[0] if generated else cls
+        if not issubclass(ours, NotScriptable):  # (every module of gpu_nn.nn, and only those)
+            return
+        theirs = _torch_class(ours)
+        where = prefix or "<model>"
+        if theirs is None:
+            base = next((b for b in ours.__mro__ if b.__module__.startswith(gnn.__name__ + ".")), ours)
+            left.append(f"{where} ({ours.__name__}): " + (
+                "torch has no such layer" if base is ours else
+                f"a subclass of gpu_nn.nn.{base.__name__}, left as it is (a subclass may change what the layer does)"))
+            return
+        if ours.__name__ in _FUSING and getattr(mod, "activation", None) is not None:
+            left.append(f"{where} ({ours.__name__}): fuses activation={mod.activation!r}, which torch's "
+                        f"{theirs.__name__} has no place for")
+            return
+        mod.__class__ = _parametrized_class(cls, theirs) if generated else theirs
+        if ours.__name__ in _FUSING:
+            mod.__dict__.pop("activation", None)  # (None: torch's layer has no such attribute)
+
+    visit(model, "")
+    if left:
+        warnings.warn("gpu_nn.revert left these layers as gpu_nn layers: " + "; ".join(left), UserWarning,
+                      stacklevel=2)
+    return model
+
+
+def _parametrized_ours(module: torch.nn.Module) -> bool:
+    """One of our layers parametrized by torch.nn.utils.parametrize (its generated class over
+    ours, as :func:`convert` builds it)."""
+    cls = type(module)
+    return (torch.nn.utils.parametrize.is_parametrized(module) and cls.__name__.startswith("Parametrized")
+            and len(cls.__bases__) == 1)

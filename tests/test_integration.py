@@ -1390,3 +1390,117 @@ def test_compiled_autograd_backward_equals_eager(kind, kw):
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     torch._dynamo.reset()
+
+
+class _EveryLayer(tnn.Module):
+    """MixedCNN and Recurrent together, with a projected LSTM, the cells and a loss."""
+
+    def __init__(self):
+        super().__init__()
+        self.cnn, self.rnn = MixedCNN(), Recurrent()
+        self.proj = tnn.LSTM(5, 6, proj_size=3)
+        self.cells = tnn.ModuleList([tnn.LSTMCell(5, 4), tnn.RNNCell(5, 4, nonlinearity="relu")])
+        self.loss = tnn.CrossEntropyLoss(label_smoothing=0.1)
+
+    def forward(self, x, s, r):
+        z = self.cnn(x, s)
+        p = self.proj(r)[0].sum() + self.cells[0](r[0])[0].sum() + self.cells[1](r[0]).sum()
+        return self.loss(z, torch.tensor([1, 3])) + self.rnn(r.transpose(0, 1)).sum() + p
+
+
+def test_revert_gives_torchs_layers_back():
+    """gpu_nn.revert undoes convert: every layer of torch's class again (the same objects and
+    tensors: state_dict keys and optimizer untouched), computing what the torch model computed,
+    scriptable (what torch.jit.script, ONNX export and quantization need: a converted model
+    could not give its layers back)."""
+    torch.manual_seed(0)
+    model = _EveryLayer().double()
+    x, s = _inputs()
+    r = torch.randn(3, 2, 5, dtype=torch.float64)
+    want = model(x, s, r)
+    classes = {n: type(m) for n, m in model.named_modules()}
+    objects = {n: m for n, m in model.named_modules()}
+    params = dict(model.named_parameters())
+    opt = gpu_nn.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing left behind, either way
+        gpu_nn.convert(model)
+        assert sum(type(m).__module__.startswith("gpu_nn.nn") for m in model.modules()) == 23
+        assert gpu_nn.revert(model) is model
+    assert {n: type(m) for n, m in model.named_modules()} == classes
+    assert all(m is objects[n] for n, m in model.named_modules())
+    assert all(p is params[n] for n, p in model.named_parameters())
+    assert not any("activation" in m.__dict__ for m in model.modules())
+    torch.testing.assert_close(model(x, s, r), want, rtol=0, atol=0)
+    scripted = torch.jit.script(model.cnn)
+    torch.testing.assert_close(scripted(x, s), model.cnn(x, s), rtol=0, atol=0)
+    model(x, s, r).backward()
+    opt.step()  # the optimizer built on the converted model steps the reverted one's tensors
+    assert all(p.grad is not None for p in opt.param_groups[0]["params"])
+
+
+def test_revert_of_layers_built_as_ours_and_not_inplace():
+    """Layers made with gpu_nn.nn directly revert too (a model written with our import), a
+    lazy one to torch's lazy layer, which becomes torch's layer at its first call; inplace=False
+    reverts a copy and leaves the model as it was."""
+    model = tnn.Sequential(gnn.Conv2d(2, 3, 3), gnn.ReLU(), gnn.Flatten(), gnn.LazyLinear(4), gnn.GRU(4, 2))
+    x = torch.randn(2, 2, 5, 5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (torch's lazy-module warning)
+        copy_ = gpu_nn.revert(model, inplace=False)
+    assert copy_ is not model and type(model[0]) is gnn.Conv2d and type(copy_[0]) is tnn.Conv2d
+    assert [type(m) for m in copy_] == [tnn.Conv2d, tnn.ReLU, tnn.Flatten, tnn.LazyLinear, tnn.GRU]
+    assert "activation" not in copy_[0].__dict__ and model[0].activation is None  # (ours: None, kept)
+    y = copy_[:4](x)
+    assert type(copy_[3]) is tnn.Linear
+    twin = tnn.GRU(4, 2)
+    twin.load_state_dict(copy_[4].state_dict())
+    torch.testing.assert_close(copy_[4](y)[0], twin(y)[0], rtol=0, atol=0)
+    with pytest.raises(TypeError, match="revert\\(\\) expects a torch.nn.Module"):
+        gpu_nn.revert(lambda t: t)
+
+
+def test_revert_leaves_what_torch_has_no_layer_for():
+    """A layer fusing an activation (activation=, gpu_nn.fuse), MinPool2d and a subclass of one
+    of ours stay ours, named in one warning; the rest revert."""
+    class MyLinear(gnn.Linear):
+        pass
+
+    model = tnn.Sequential(gnn.Conv2d(2, 3, 3, activation="relu"), gnn.MinPool2d(2), gnn.Flatten(), MyLinear(3, 2),
+                           gnn.Tanh())
+    with pytest.warns(UserWarning) as got:
+        gpu_nn.revert(model)
+    message = str(got[0].message)
+    assert len(got) == 1 and message.startswith("gpu_nn.revert left these layers as gpu_nn layers")
+    assert "0 (Conv2d): fuses activation='relu'" in message
+    assert "1 (MinPool2d): torch has no such layer" in message
+    assert "3 (MyLinear): a subclass of gpu_nn.nn.Linear" in message
+    assert [type(m) for m in model] == [gnn.Conv2d, gnn.MinPool2d, tnn.Flatten, MyLinear, tnn.Tanh]
+    fused = gpu_nn.fuse(tnn.Sequential(tnn.Linear(3, 4), tnn.ReLU(), tnn.Linear(4, 2)))
+    with pytest.warns(UserWarning, match="fuses activation='relu'"):
+        gpu_nn.revert(fused)
+    assert type(fused.get_submodule("2")) is tnn.Linear
+
+
+@pytest.mark.parametrize("how", ["weight_norm", "custom"])
+def test_revert_takes_parametrized_layers(how):
+    """A parametrized layer of ours reverts to parametrize's generated class over torch's layer;
+    remove_parametrizations then leaves torch's layer (convert's mirror)."""
+    class Double(tnn.Module):
+        def forward(self, X):
+            return 2 * X
+
+    layer = gnn.Linear(4, 3)
+    if how == "custom":
+        torch.nn.utils.parametrize.register_parametrization(layer, "weight", Double())
+    else:
+        torch.nn.utils.parametrizations.weight_norm(layer, "weight")
+    x = torch.randn(5, 4)
+    want = layer(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gpu_nn.revert(layer)
+    assert type(layer).__bases__ == (tnn.Linear,) and torch.nn.utils.parametrize.is_parametrized(layer, "weight")
+    torch.testing.assert_close(layer(x), want)
+    torch.nn.utils.parametrize.remove_parametrizations(layer, "weight")
+    assert type(layer) is tnn.Linear

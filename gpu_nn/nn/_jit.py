@@ -28,5 +28,15 @@ class NotScriptable:
             f"gpu_nn.nn.{name} cannot be compiled by torch.jit.script: its forward runs gpu_nn's Python argument "
             f"checks and backend dispatch around the gpu_nn:: custom ops, which TorchScript cannot compile. "
             f"Use torch.jit.trace(model, example_inputs), torch.export.export(model, example_inputs) or "
-            f"torch.compile(model) instead; all three support gpu_nn.nn.{name}."
+            f"torch.compile(model) instead; all three support gpu_nn.nn.{name}." + _reverts(type(self))
         )
+
+
+def _reverts(cls) -> str:
+    """The error's pointer to gpu_nn.revert, for a class that it turns into torch's."""
+    from ..convert import _torch_class
+
+    if _torch_class(cls) is None:
+        return ""
+    return (" Or script torch's own layer: gpu_nn.revert(model) gives a model torch's layers back (the same "
+            "tensors).")
