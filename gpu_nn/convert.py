@@ -50,7 +50,9 @@ def _parametrized_class(generated: type, ours: type) -> type:
     """parametrize's generated class rebuilt over ``ours``: the same attributes (a property per
     parametrized tensor, its serialization rules), so that ``remove_parametrizations``, which
     restores ``__bases__[0]``, leaves our layer."""
-    body = {k: v for k, v in generated.__dict__.items() if k not in ("__dict__", "__weakref__")}
+    body = {k: v for k, v in generated.__dict__.items() if k not in ("__dict__", "__weakref__", "_gpu_nn_torchs")}
+    if ours.__module__.startswith("gpu_nn."):
+        body["_gpu_nn_torchs"] = generated  # the class revert gives back (the same class object)
     return type(f"Parametrized{ours.__name__}", (ours,), body)
 
 
@@ -75,9 +77,9 @@ def convert(model: torch.nn.Module, *, inplace: bool = True) -> torch.nn.Module:
     """Replace every supported torch.nn layer of ``model`` by gpu-nn's drop-in module.
 
     Parameters and buffers are kept (the same tensors, so optimizers built before the
-    conversion keep working), and the converted model computes the same function. Layers left
-    as torch's (a subclass of a supported layer, a lazy layer not initialised yet) are named
-    with the reason in one warning. Layers are converted in place (their class changes, the objects stay), so the
+    conversion keep working), and the converted model computes the same function (torch's lazy
+    layers become our lazy layers). Layers left as torch's (a subclass of a supported layer, a
+    lazy subclass not initialised yet) are named with the reason in one warning. Layers are converted in place (their class changes, the objects stay), so the
     same model object is returned, ``model`` itself included when it is a supported layer.
     With ``inplace=False`` a deep copy is converted and ``model`` is left alone.
     """
@@ -188,7 +190,14 @@ def revert(model: torch.nn.Module, *, inplace: bool = True) -> torch.nn.Module:
             left.append(f"{where} ({ours.__name__}): fuses activation={mod.activation!r}, which torch's "
                         f"{theirs.__name__} has no place for")
             return
-        mod.__class__ = _parametrized_class(cls, theirs) if generated else theirs
+        if generated:
+            # the class convert replaced, where it did and nothing was parametrized since (torch
+            # adds a property to the generated class for each tensor parametrized later)
+            before = cls.__dict__.get("_gpu_nn_torchs")
+            same = before is not None and before.__bases__ == (theirs,) and _properties(before) == _properties(cls)
+            mod.__class__ = before if same else _parametrized_class(cls, theirs)
+        else:
+            mod.__class__ = theirs
         if ours.__name__ in _FUSING:
             mod.__dict__.pop("activation", None)  # (None: torch's layer has no such attribute)
 
@@ -205,3 +214,8 @@ def _parametrized_ours(module: torch.nn.Module) -> bool:
     cls = type(module)
     return (torch.nn.utils.parametrize.is_parametrized(module) and cls.__name__.startswith("Parametrized")
             and len(cls.__bases__) == 1)
+
+
+def _properties(cls: type) -> set:
+    """The names of the properties a class itself defines (parametrize's: one per tensor)."""
+    return {k for k, v in vars(cls).items() if isinstance(v, property)}

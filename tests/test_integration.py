@@ -1504,3 +1504,44 @@ def test_revert_takes_parametrized_layers(how):
     torch.testing.assert_close(layer(x), want)
     torch.nn.utils.parametrize.remove_parametrizations(layer, "weight")
     assert type(layer) is tnn.Linear
+
+
+def test_revert_gives_a_converted_parametrized_layer_its_own_class_back():
+    """convert then revert of a parametrized torch layer gives back the very class parametrize
+    made (type() and isinstance() as before: a new look-alike class was made); a tensor
+    parametrized in between (torch adds its property to the class over ours) gets a class
+    with both properties instead."""
+    class Double(tnn.Module):
+        def forward(self, X):
+            return 2 * X
+
+    layer = tnn.Linear(4, 3)
+    torch.nn.utils.parametrizations.weight_norm(layer, "weight")
+    before = type(layer)
+    gpu_nn.convert(layer)
+    assert type(layer) is not before and isinstance(layer, gnn.Linear)
+    gpu_nn.revert(layer)
+    assert type(layer) is before
+    gpu_nn.convert(layer)
+    torch.nn.utils.parametrize.register_parametrization(layer, "bias", Double())
+    bias = layer.bias.clone()
+    gpu_nn.revert(layer)
+    assert type(layer) is not before and type(layer).__bases__ == (tnn.Linear,)
+    torch.testing.assert_close(layer.bias, bias, rtol=0, atol=0)
+    assert torch.nn.utils.parametrize.is_parametrized(layer, "weight")
+
+
+def test_scripting_error_names_revert_only_where_it_helps():
+    """ScriptingNotSupportedError points to gpu_nn.revert for a layer revert gives torch's
+    (a parametrized one too), not for one it leaves: a layer fusing an activation (its class
+    alone decided: the hint sent a fused layer's user round in a loop)."""
+    def message(module):
+        with pytest.raises(gpu_nn.ScriptingNotSupportedError) as info:
+            torch.jit.script(module)
+        return str(info.value)
+
+    assert "gpu_nn.revert" in message(gnn.Linear(4, 4))
+    assert "gpu_nn.revert" not in message(gnn.Linear(4, 4, activation="relu"))
+    assert "gpu_nn.revert" not in message(gnn.Conv2d(2, 2, 1, activation="tanh"))
+    weighted = torch.nn.utils.parametrizations.weight_norm(gnn.Linear(4, 4), "weight")
+    assert "gpu_nn.revert" in message(weighted)

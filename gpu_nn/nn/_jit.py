@@ -28,15 +28,19 @@ class NotScriptable:
             f"gpu_nn.nn.{name} cannot be compiled by torch.jit.script: its forward runs gpu_nn's Python argument "
             f"checks and backend dispatch around the gpu_nn:: custom ops, which TorchScript cannot compile. "
             f"Use torch.jit.trace(model, example_inputs), torch.export.export(model, example_inputs) or "
-            f"torch.compile(model) instead; all three support gpu_nn.nn.{name}." + _reverts(type(self))
+            f"torch.compile(model) instead; all three support gpu_nn.nn.{name}." + _reverts(self)
         )
 
 
-def _reverts(cls) -> str:
-    """The error's pointer to gpu_nn.revert, for a class that it turns into torch's."""
-    from ..convert import _torch_class
+def _reverts(module) -> str:
+    """The error's pointer to gpu_nn.revert, where it gives ``module`` torch's layer (not for
+    min pooling, a subclass of ours, a layer fusing an activation: revert leaves those)."""
+    import torch
 
-    if _torch_class(cls) is None:
+    from ..convert import _FUSING, _torch_class
+
+    cls = torch.nn.utils.parametrize.type_before_parametrizations(module)
+    if _torch_class(cls) is None or (cls.__name__ in _FUSING and getattr(module, "activation", None) is not None):
         return ""
     return (" Or script torch's own layer: gpu_nn.revert(model) gives a model torch's layers back (the same "
             "tensors).")
