@@ -202,6 +202,11 @@ def revert(model: torch.nn.Module, *, inplace: bool = True) -> torch.nn.Module:
             mod.__dict__.pop("activation", None)  # (None: torch's layer has no such attribute)
 
     visit(model, "")
+    calls = [n.name for gm in model.modules() if isinstance(gm, torch.fx.GraphModule) for n in gm.graph.nodes
+             if n.op == "call_function" and _ours(n.target)]
+    if calls:  # a traced model's calls of our functions (its modules' forwards, traced through)
+        left.append(f"{len(calls)} call(s) of gpu_nn functions in a torch.fx graph ({', '.join(calls[:5])}"
+                    f"{', ...' if len(calls) > 5 else ''}): revert the model before tracing it")
     if left:
         warnings.warn("gpu_nn.revert left these layers as gpu_nn layers: " + "; ".join(left), UserWarning,
                       stacklevel=2)
@@ -219,3 +224,10 @@ def _parametrized_ours(module: torch.nn.Module) -> bool:
 def _properties(cls: type) -> set:
     """The names of the properties a class itself defines (parametrize's: one per tensor)."""
     return {k for k, v in vars(cls).items() if isinstance(v, property)}
+
+
+def _ours(target) -> bool:
+    """A call target of gpu_nn's: one of its Python functions or one of its gpu_nn:: ops."""
+    if isinstance(target, torch._ops.OpOverload):
+        return target.namespace == "gpu_nn"
+    return (getattr(target, "__module__", None) or "").startswith("gpu_nn.")

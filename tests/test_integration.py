@@ -1480,6 +1480,10 @@ def test_revert_leaves_what_torch_has_no_layer_for():
     with pytest.warns(UserWarning, match="fuses activation='relu'"):
         gpu_nn.revert(fused)
     assert type(fused.get_submodule("2")) is tnn.Linear
+    # a traced converted model: our modules' forwards traced into calls of our functions
+    traced = torch.fx.symbolic_trace(gpu_nn.convert(tnn.Sequential(tnn.Linear(3, 4), tnn.ReLU())))
+    with pytest.warns(UserWarning, match=r"2 call\(s\) of gpu_nn functions in a torch.fx graph \(linear, relu\)"):
+        gpu_nn.revert(traced)
 
 
 @pytest.mark.parametrize("how", ["weight_norm", "custom"])
