@@ -85,8 +85,18 @@ def linear_backward(grad_out: np.ndarray, x: np.ndarray, w: np.ndarray, out: np.
         g = _act.activate_backward(g, out if flat else out.reshape(M, O), activation)
     dx = None if not need_input else (g @ w if flat else (g @ w).reshape(x.shape))
     dw = (g.T @ (x if flat else x.reshape(M, K))) if need_weight else None  # x read only here
-    db = np.add.reduce(g, axis=0) if has_bias else None  # g.sum(axis=0) without its Python wrapper
+    db = column_sums(g) if has_bias else None
     return dx, dw, db
+
+
+def column_sums(g: np.ndarray) -> np.ndarray:
+    """The column sums of a 2-d gradient (a bias gradient), accumulated in float64 where ``g``
+    is narrower, rounded once to its dtype: NumPy adds along axis 0 one row at a time (its
+    pairwise summation runs along a contiguous axis only), so a float32 sum over M rows erred as
+    M x eps (60x torch's pairwise sum at M = 65536, 10x at 1024; an accuracy audit)."""
+    if g.dtype == np.float64:
+        return np.add.reduce(g, axis=0)
+    return np.add.reduce(g, axis=0, dtype=np.float64).astype(g.dtype)
 
 
 # --------------------------------------------------------------------------- softmax

@@ -41,6 +41,7 @@ import numpy as np
 from ._errstate import quiet
 from .activation import relu_
 from .activation import sigmoid_ as _sigmoid_
+from .dense import column_sums
 
 MODES = ("rnn_tanh", "rnn_relu", "lstm", "gru")
 # rows of w_ih / w_hh per hidden unit, and per-step values stored in the reserve per hidden unit
@@ -422,8 +423,8 @@ def rnn_backward(mode, grad_output, grad_hn, grad_cn, x, weights, reserve, num_l
             hprev = _valid_rows(Hs[1:] if d == 1 else Hs[:T], valid)
             dw_ih = gi.T @ x_rows
             dw_hh = gh.T @ hprev
-            db_ih = gi.sum(0) if b_ih is not None else None
-            db_hh = (gh.sum(0) if gh is not gi else db_ih.copy()) if b_hh is not None else None
+            db_ih = column_sums(gi) if b_ih is not None else None
+            db_hh = (column_sums(gh) if gh is not gi else db_ih.copy()) if b_hh is not None else None
             dxin.reshape(T * B, in_w)[...] += gi @ w_ih
             dweights[k] = (dw_ih, dw_hh, db_ih, db_hh)
             if P:
@@ -638,6 +639,6 @@ def cell_backward(mode, grad_h, grad_c, x, h, c, w_ih, w_hh, b_ih=None, b_hh=Non
     dw_hh = dGh.T @ h
     db_ih = db_hh = None
     if b_ih is not None:
-        db_ih = dG.sum(0)
-        db_hh = dGh.sum(0) if dGh is not dG else db_ih.copy()
+        db_ih = column_sums(dG)
+        db_hh = column_sums(dGh) if dGh is not dG else db_ih.copy()
     return dx, dh, dc_prev, dw_ih, dw_hh, db_ih, db_hh

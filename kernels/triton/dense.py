@@ -659,7 +659,7 @@ def _online_exp_sum(m_vec, s_vec, x):
 
 @triton.jit
 def _row_stats(x_ptr, base, n_cols, BLOCK: tl.constexpr):
-    """(m, log_s) of one row, m = max(x), log_s = log(sum(exp(x - m))), online over blocks:
+    """(m, log_s, s) of one row, m = max(x), s = sum(exp(x - m)), log_s = log(s), online over blocks:
     per-lane running max and rescaled sums, combined once at the end (one reduction instead
     of two per block). Kept apart, never as m + log_s: that sum rounds to x's precision and
     x - (m + log_s) loses log_s (log_softmax([1e8, 1e8]) = 0, torch -0.693).
@@ -677,7 +677,7 @@ def _row_stats(x_ptr, base, n_cols, BLOCK: tl.constexpr):
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     s = tl.sum(s_vec * tl.exp(m_vec - m_safe), 0)
     log_s = tl.where(m == float("-inf"), float("nan"), tl.log(s))
-    return m, log_s
+    return m, log_s, s
 
 
 @triton.jit
@@ -687,7 +687,11 @@ def _softmax_fwd_kernel(x_ptr, y_ptr, n_cols, LOG: tl.constexpr, SINGLE: tl.cons
     off x before the small log(s) (see :func:`_row_stats`). NaN / inf placement as torch.
 
     SINGLE: the row fits one block (one read of x). Otherwise a first pass computes the
-    row's (m, log s) online and a second pass writes the result.
+    row's (m, s) online and a second pass writes the result, softmax as exp(x - m) / s too: not
+    exp((x - m) - log s), whose argument rounds at log s's size, log(n) ulps of error in every
+    probability of a long row (4-7x torch's float32 error from 10k columns on; an accuracy
+    audit). NaN / inf as before: an all -inf row's exp(x - m) is NaN, a row holding NaN or +inf
+    sums to NaN.
     """
     row = tl.program_id(0).to(tl.int64)
     base = row * n_cols
@@ -705,7 +709,7 @@ def _softmax_fwd_kernel(x_ptr, y_ptr, n_cols, LOG: tl.constexpr, SINGLE: tl.cons
             y = e / s
         tl.store(y_ptr + base + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
     else:
-        m, log_s = _row_stats(x_ptr, base, n_cols, BLOCK)
+        m, log_s, s = _row_stats(x_ptr, base, n_cols, BLOCK)
         for start in range(0, n_cols, BLOCK):
             cols = start + tl.arange(0, BLOCK).to(tl.int64)
             mask = cols < n_cols
@@ -713,7 +717,7 @@ def _softmax_fwd_kernel(x_ptr, y_ptr, n_cols, LOG: tl.constexpr, SINGLE: tl.cons
             if LOG:
                 y = (x - m) - log_s
             else:
-                y = tl.exp((x - m) - log_s)
+                y = tl.exp(x - m) / s
             tl.store(y_ptr + base + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -771,7 +775,8 @@ def _softmax_fwd_mid_kernel(x_ptr, y_ptr, C, INNER, LOG: tl.constexpr, BLOCK_C: 
     it), in place, without the transpose to rows and back: program (i, o) takes BLOCK_I
     consecutive inner positions of outer index o, lanes along the contiguous inner dim, and runs
     :func:`_row_stats`'s online pass over C in [BLOCK_C, BLOCK_I] tiles (the same per-lane
-    arithmetic, so the same NaN / inf placement), then writes."""
+    arithmetic, so the same NaN / inf placement), then writes (softmax as exp(x - m) / s, as
+    the row kernel's long rows)."""
     o = tl.program_id(1).to(tl.int64)
     offs_i = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
     mi = offs_i < INNER
@@ -792,7 +797,7 @@ def _softmax_fwd_mid_kernel(x_ptr, y_ptr, C, INNER, LOG: tl.constexpr, BLOCK_C: 
         if LOG:
             y = (x - m[None, :]) - log_s[None, :]
         else:
-            y = tl.exp((x - m[None, :]) - log_s[None, :])
+            y = tl.exp(x - m[None, :]) / s[None, :]
         tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=msk)
 
 
