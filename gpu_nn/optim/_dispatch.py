@@ -131,7 +131,7 @@ def run_parts(kind: str, parts_: list, hp: dict, grads) -> None:
         if amp:
             part_hp = _amp_on(part_hp, part.device)
         if backend == "reference":
-            _reference_step(kind, part.params, part.states, part_hp, sub_g)
+            _run_reference(kind, part.params, part.states, part_hp, sub_g)
             continue
         # the part's device current (Triton launches go to the current one; on_device's guard)
         with device_guard(part.device):
@@ -227,7 +227,7 @@ def _unscaled(h: _Host, grads, scale) -> list:
 
 
 def _run_reference(kind, params, st, hp, grads) -> None:
-    """The step on the host through the NumPy reference (called as :data:`_reference_step`)."""
+    """The step on the host through the NumPy reference."""
     found, scale = hp.get("found_inf"), hp.get("grad_scale")
     if found is not None and float(found) != 0:
         return  # GradScaler found an inf / NaN: the step skipped, nothing written (torch's fused)
@@ -267,18 +267,3 @@ def _run_reference(kind, params, st, hp, grads) -> None:
         raise ValueError(kind)
     h.write_back()
 
-
-# _run_reference, opaque to torch.compile once an optimizer exists (opaque_to_compiler): run as
-# it runs eagerly, where Dynamo would trace the NumPy code through its own NumPy emulation, which
-# refuses some of it (RMSprop centered's np.copyto(..., where=): the compiled step raised) and
-# need not round as NumPy does
-_reference_step = _run_reference
-
-
-def opaque_to_compiler() -> None:
-    """Wrap the reference step in ``torch.compiler.disable`` (once; the optimizers' constructor
-    calls it): made on first use, not at import, since the wrapper imports torch._dynamo and with
-    it Triton, which ``import gpu_nn`` must not (torch's own Optimizer constructor imports it)."""
-    global _reference_step
-    if _reference_step is _run_reference:
-        _reference_step = torch.compiler.disable(_run_reference)

@@ -155,6 +155,29 @@ def _flag_refusals(name: str, defaults: dict) -> None:
         )
 
 
+
+
+def _step_of(opt, closure):
+    return opt._step(closure)
+
+
+# the optimizers' step, opaque to torch.compile once an optimizer exists (_opaque_to_compiler):
+# Dynamo traced the step's Python planning with graph breaks at every host read (is_conj, data
+# pointers, float()): 6 frames and 19 breaks for an Adam step, which compiled ran 1.4x slower than
+# eager, and through the reference's NumPy code, which its NumPy emulation partly refused
+# (RMSprop centered's np.copyto(..., where=)) and rounded otherwise. Opaque, a compiled step is
+# the eager step behind one graph break: our step is one fused launch eagerly already.
+_opaque_step = _step_of
+
+
+def _opaque_to_compiler() -> None:
+    """Wrap :func:`_step_of` in ``torch.compiler.disable`` (once; the optimizers' constructor
+    calls it): made on first use, not at import, since the wrapper imports torch._dynamo and with
+    it Triton, which ``import gpu_nn`` must not (torch's own Optimizer constructor imports it)."""
+    global _opaque_step
+    if _opaque_step is _step_of:
+        _opaque_step = torch.compiler.disable(_step_of)
+
 class _NotImplementedInput(KernelInputError, NotImplementedError):
     """Where torch raises NotImplementedError ("... not implemented for 'Long'")."""
 
@@ -337,7 +360,7 @@ class _Base(Optimizer):
         self._plans: dict = {}
         super().__init__(params, defaults)
         _flag_refusals(self._NAME, defaults)
-        _dispatch.opaque_to_compiler()
+        _opaque_to_compiler()
         if defaults.get("fused"):
             # as torch's fused optimizers: GradScaler then hands the step its scale and found_inf
             # (as attributes) instead of unscaling, checking and skipping on the host (a host
@@ -470,6 +493,10 @@ class _Base(Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         """Perform a single optimization step (``closure`` re-evaluates the loss)."""
+        return _opaque_step(self, closure)
+
+    def _step(self, closure):
+        """:meth:`step`'s body, opaque to torch.compile (:func:`_step_of`)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
