@@ -2476,9 +2476,10 @@ def test_groups_taps_and_weight_rows_past_the_launch_limits_refused(backend, dev
     monkeypatch.setattr(oc, "_PLANS", {})
     xx = x.clone().requires_grad_()
     with gpu_nn.backend(backend):
-        y = F.conv1d(xx, plain.clone().requires_grad_())
+        wt = plain.clone().requires_grad_()
+        y = F.conv1d(xx, wt)
         with interpreted_launches(device) as names, pytest.raises(KernelInputError, match="3 kernel taps"):
-            torch.autograd.grad(y, xx, torch.ones_like(y))
+            torch.autograd.grad(y, (xx, wt), torch.ones_like(y))  # (the weight's gradient asked for)
         assert names == []
         y = F.conv1d(xx, plain)  # no weight gradient wanted
         (dx,) = torch.autograd.grad(y, xx, torch.ones_like(y))

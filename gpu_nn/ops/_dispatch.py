@@ -418,6 +418,34 @@ def _unflatten(flat, spec):
     return out
 
 
+def wanted(ctx) -> tuple:
+    """``ctx.needs_input_grad`` narrowed to the inputs the running backward will use. A Function's
+    ``needs_input_grad`` is fixed at the forward, so ``backward(inputs=[w])`` or
+    ``autograd.grad(loss, [w])`` through an input that requires grad had its gradient computed for
+    nobody (conv and linear: a whole input-gradient kernel; torch's own nodes ask the engine per
+    call, as this does). An input whose node the engine will not run is not wanted; where the
+    engine cannot say (a leaf under ``autograd.grad``, no engine running, a compiled backward),
+    ``needs_input_grad`` stands."""
+    needs = ctx.needs_input_grad
+    fns = getattr(ctx, "next_functions", None)
+    if fns is None or torch.compiler.is_compiling():
+        return needs
+    # the edges of the inputs that require grad, in order (next_functions lists the tensor
+    # inputs only, None for those that do not require grad)
+    live = [fn for fn, _ in fns if fn is not None]
+    if len(live) != sum(needs):
+        return needs
+    out, i = [], 0
+    for need in needs:
+        if need:
+            try:
+                need = torch._C._will_engine_execute_node(live[i])
+            except (RuntimeError, TypeError):  # (a leaf under autograd.grad; no backward running)
+                need = True
+            i += 1
+        out.append(need)
+    return tuple(out)
+
 class _NeedsView:
     """What a spread Function's backward gets for ``ctx``: the ctx itself for everything but
     ``needs_input_grad``, which is the unspread one. The ctx is never changed: several threads

@@ -47,7 +47,7 @@ from ._dispatch import (
 from ._dispatch import chooser as _chooser  # module-level name: tests replace it
 from ._dispatch import dense_channels_last as _dense_channels_last
 from ._dispatch import has_torch_function as _has_tf
-from ._dispatch import stand_in, torchs_own_error
+from ._dispatch import stand_in, torchs_own_error, wanted
 from ._dispatch import torch_function as _tf
 
 __all__ = ["conv1d", "conv2d"]
@@ -584,7 +584,8 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad):
     input, weight, output = ctx.saved_tensors
     stride, padding, dilation, groups, activation = ctx.args
-    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
+    needs = wanted(ctx)  # (what this backward call uses: not an input gradient nobody asked for)
+    mask = [needs[0], needs[1], ctx.has_bias and needs[2]]
     if not any(mask):
         return None, None, None, None, None, None, None, None
     gi, gw, gb = _conv_backward_op(grad, input, weight, output, stride, padding, dilation, groups, activation, mask)

@@ -39,7 +39,7 @@ from ..check import CheckCase
 from ..reference import dense as ref
 from ._dispatch import (FLOAT_DTYPES, autocast_inputs, check_float_like_torch, check_tensor, empty, float64_in_float32, from_numpy, is_int,
                         on_device, refuse_wrapping_count, require, routed, to_numpy, triton_kernels)
-from ._dispatch import _eager_ok, torchs_own_error
+from ._dispatch import _eager_ok, torchs_own_error, wanted
 from ._dispatch import has_torch_function as _has_tf
 from ._dispatch import torch_function as _tf
 
@@ -260,9 +260,12 @@ def _stand_in(t: Tensor | None, absent, device) -> Tensor:
 def _linear_backward(ctx, grad):
     x, w, out = ctx.saved_tensors
     x, w = _stand_in(x, ctx.absent[0], grad.device), _stand_in(w, ctx.absent[1], grad.device)
-    need_x, need_w = ctx.needs_input_grad[:2]
-    dx, dw, db = _linear_backward_op(grad, x, w, out, ctx.activation, ctx.has_bias, need_x, need_w)
-    return (dx if need_x else None), (dw if need_w else None), (db if ctx.has_bias else None), None
+    need_x, need_w, need_b = wanted(ctx)[:3]  # (what this backward call uses)
+    need_b = ctx.has_bias and need_b
+    if not (need_x or need_w or need_b):
+        return None, None, None, None
+    dx, dw, db = _linear_backward_op(grad, x, w, out, ctx.activation, need_b, need_x, need_w)
+    return (dx if need_x else None), (dw if need_w else None), (db if need_b else None), None
 
 
 _linear_op.register_autograd(_linear_backward, setup_context=_linear_setup)
