@@ -314,7 +314,7 @@ def test_wired_calls_have_the_fast_shape(monkeypatch):
             getattr(goptim, name)([p], lr=0.1).step()
         gpu_nn.nn.utils.clip_grad_norm_([p], 0.1)
         a = r(3, 5).requires_grad_()
-        F.linear(a, r(2, 5), r(2)).sum().backward()
+        F.linear(a, r(2, 5), r(2).requires_grad_()).sum().backward()  # (a bias gradient wanted: _colsum_kernel)
         out, _ = gpu_nn.nn.LSTM(3, 4, proj_size=2).to(dev)(r(2, 1, 3).requires_grad_())
         out.sum().backward()
     expected = {"_act_fwd_kernel", "_act_bwd_kernel", "_max_pool_fwd_kernel", "_max_pool_bwd_kernel",
