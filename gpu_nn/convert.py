@@ -168,8 +168,12 @@ def revert(model: torch.nn.Module, *, inplace: bool = True) -> torch.nn.Module:
     if not inplace:
         model = copy.deepcopy(model)
     left: list[str] = []
+    seen: set = set()  # (a module registered at two paths is reverted, or named, once)
 
     def visit(mod: torch.nn.Module, prefix: str) -> None:
+        if id(mod) in seen:
+            return
+        seen.add(id(mod))
         for name, child in mod._modules.items():
             if child is not None:
                 visit(child, f"{prefix}.{name}" if prefix else name)

@@ -1552,44 +1552,45 @@ def test_scripting_error_names_revert_only_where_it_helps():
 
 
 @pytest.mark.parametrize("op", ["conv2d", "linear"])
-@pytest.mark.parametrize("how", ["grad-w", "backward-inputs-w", "grad-x", "grad-x-w", "backward"])
+@pytest.mark.parametrize("how", ["grad-w", "backward-inputs-w", "grad-x", "grad-b", "grad-x-w", "backward"])
 @pytest.mark.parametrize("leaf", [True, False], ids=["leaf-x", "nonleaf-x"])
 def test_backward_computes_only_the_gradients_asked_for(op, how, leaf, monkeypatch):
     """autograd.grad(loss, [w]) / backward(inputs=[w]) through an input that requires grad: our
     conv and linear computed the input's gradient for nobody (a Function's needs_input_grad is
     fixed at the forward; torch's nodes ask the engine per call: an autograd audit; a whole
-    input-gradient kernel, 2-50x the weight gradient's time on the CPU). The backward now asks
-    the engine too (_dispatch.wanted); what is asked for is computed, with torch's values."""
+    input-gradient kernel, 2-50x the weight gradient's time on the CPU), and linear a bias
+    gradient whatever was asked. The backward now asks the engine too (_dispatch.wanted); what is
+    asked for is computed (input, weight, bias), with torch's values."""
     import gpu_nn.ops.conv as oc
     import gpu_nn.ops.dense as od
 
     computed = []
     if op == "conv2d":
         orig = oc.conv_backward
-        monkeypatch.setattr(oc, "conv_backward", lambda *a: (computed.append(tuple(a[-1])[:2]), orig(*a))[1])
+        monkeypatch.setattr(oc, "conv_backward", lambda *a: (computed.append(tuple(a[-1])), orig(*a))[1])
         ours, theirs = gpu_nn.functional.conv2d, torch.nn.functional.conv2d
         x0, w, b = torch.randn(2, 3, 6, 6), torch.randn(4, 3, 3, 3), torch.randn(4)
     else:
         orig = od.linear_backward
-        monkeypatch.setattr(od, "linear_backward", lambda *a: (computed.append(tuple(a[-2:])), orig(*a))[1])
+        # (has_bias, need_input, need_weight) -> (input, weight, bias) as conv's mask
+        monkeypatch.setattr(od, "linear_backward", lambda *a: (computed.append((a[-2], a[-1], a[-3])), orig(*a))[1])
         ours, theirs = gpu_nn.functional.linear, torch.nn.functional.linear
         x0, w, b = torch.randn(5, 3), torch.randn(4, 3), torch.randn(4)
-    base, w, b = x0.double().requires_grad_(), w.double().requires_grad_(), b.double()  # (values: float64)
-    want_x, want_w = {"grad-w": (False, True), "backward-inputs-w": (False, True), "grad-x": (True, False),
-                      "grad-x-w": (True, True), "backward": (True, True)}[how]
+    base, w, b = (t.double().requires_grad_() for t in (x0, w, b))  # (values: float64)
+    want = {"grad-w": (False, True, False), "backward-inputs-w": (False, True, False), "grad-x": (True, False, False),
+            "grad-b": (False, False, True), "grad-x-w": (True, True, False), "backward": (True, True, True)}[how]
     results = []
     for fn in (ours, theirs):
-        for t in (base, w):
+        for t in (base, w, b):
             t.grad = None
         x = base if leaf else base * 1
         loss = (fn(x, w, b) ** 2).sum()
         if how.startswith("grad"):
-            asked = [t for t, want in ((x, want_x), (w, want_w)) if want]
-            results.append(torch.autograd.grad(loss, asked))
+            results.append(torch.autograd.grad(loss, [t for t, k in zip((x, w, b), want) if k]))
         else:
             loss.backward(inputs=[w] if how == "backward-inputs-w" else None)
-            results.append((base.grad, w.grad))
-    assert computed == [(want_x, want_w)]
+            results.append((base.grad, w.grad, b.grad))
+    assert computed == [want]
     for a, b_ in zip(*results):
         if a is None or b_ is None:
             assert a is None and b_ is None

@@ -2072,14 +2072,55 @@ COMPILED_STEPS = [("SGD", dict(lr=0.1, momentum=0.9, dampening=0.1, maximize=Tru
                   ("Adam", dict(lr=0.01, amsgrad=True)), ("AdamW", dict(lr=0.01, fused=True))]
 
 
+def test_compiled_step_compiles_the_closure_and_survives_unpickling(tmp_path):
+    """The step is opaque to torch.compile but for its closure (the user's forward, compiled as
+    with torch's optimizers: the opaque region took it along, 0 frames compiled), and an
+    optimizer unpickled in a new process is opaque too (only the constructor made the step
+    opaque: a loaded RMSprop centered raised under torch.compile again; a review's finds)."""
+    import subprocess
+    import sys
+
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    m = torch.nn.Linear(8, 8)
+    for p in m.parameters():
+        p.grad = torch.zeros_like(p)
+    opt = go.SGD(m.parameters(), lr=0.1)
+    x = torch.randn(4, 8)
+    counter = CompileCounter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loss = torch.compile(lambda: opt.step(lambda: (m(x) ** 2).sum()), backend=counter)()
+    torch._dynamo.reset()
+    assert counter.frame_count == 1 and counter.op_count >= 3
+    torch.testing.assert_close(loss, (m(x) ** 2).sum())
+    p = torch.nn.Parameter(torch.randn(4, 3, dtype=torch.float64))
+    p.grad = torch.randn(4, 3, dtype=torch.float64)
+    saved = go.RMSprop([p], lr=0.01, centered=True, momentum=0.9)
+    saved.step()
+    torch.save({"opt": saved, "p": p}, tmp_path / "opt.pt")
+    code = (
+        "import warnings, torch, gpu_nn\n"
+        "import gpu_nn.optim.optimizers as oo\n"
+        f"d = torch.load({str(tmp_path / 'opt.pt')!r}, weights_only=False)\n"
+        "assert oo._opaque_step is not oo._step_of\n"
+        "d['p'].grad = torch.ones(4, 3, dtype=torch.float64)\n"
+        "warnings.simplefilter('ignore')\n"
+        "torch.compile(d['opt'].step, backend='eager')()\n"
+        "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
 @pytest.mark.parametrize("name,kw", COMPILED_STEPS, ids=[n for n, _ in COMPILED_STEPS])
 def test_compiled_step_equals_eager(name, kw):
     """torch.compile(optimizer.step) on the reference backend steps as the eager step, bit for
     bit, as torch's optimizers compile: Dynamo traced the reference's NumPy code through its
     own NumPy emulation, which refused RMSprop centered's masked copy (the compiled step
     raised; a compile-contract audit), and behind one graph break: Dynamo traced the step's
-    Python planning with a break at every host read (19 for Adam: the compiled step ran 1.4x
-    slower than the eager one). The step is opaque to the compiler now."""
+    Python planning with a break at every host read (19 reasons for Adam: the compiled step ran
+    1.4x slower than the eager one). The step is opaque to the compiler now: one break, there."""
     from torch._dynamo.utils import counters
 
     def run(compiled):
@@ -2100,7 +2141,8 @@ def test_compiled_step_equals_eager(name, kw):
         warnings.simplefilter("ignore")  # Dynamo's note that it drops the step's record_function
         (got, got_state), (want, want_state) = run(True), run(False)
         run(True)
-        assert sum(counters["graph_break"].values()) <= 1, dict(counters["graph_break"])
+        breaks = list(counters["graph_break"])  # (each reason once)
+        assert len(breaks) <= 1 and all("torch.compiler.disable" in b for b in breaks), breaks
     torch._dynamo.reset()
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=0, atol=0)

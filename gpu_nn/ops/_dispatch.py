@@ -425,26 +425,32 @@ def wanted(ctx) -> tuple:
     nobody (conv and linear: a whole input-gradient kernel; torch's own nodes ask the engine per
     call, as this does). An input whose node the engine will not run is not wanted; where the
     engine cannot say (a leaf under ``autograd.grad``, no engine running, a compiled backward),
-    ``needs_input_grad`` stands."""
+    ``needs_input_grad`` stands, as it does for an op whose arguments include tensor lists (its
+    entries there are lists: no edge lines up)."""
     needs = ctx.needs_input_grad
     fns = getattr(ctx, "next_functions", None)
-    if fns is None or torch.compiler.is_compiling():
+    if fns is None or _is_compiling():
         return needs
     # the edges of the inputs that require grad, in order (next_functions lists the tensor
     # inputs only, None for those that do not require grad)
     live = [fn for fn, _ in fns if fn is not None]
-    if len(live) != sum(needs):
+    if len(live) != needs.count(True):
         return needs
-    out, i = [], 0
-    for need in needs:
+    out = list(needs)
+    i = 0
+    for k, need in enumerate(needs):
         if need:
             try:
-                need = torch._C._will_engine_execute_node(live[i])
+                out[k] = _will_execute(live[i])
             except (RuntimeError, TypeError):  # (a leaf under autograd.grad; no backward running)
-                need = True
+                pass
             i += 1
-        out.append(need)
-    return tuple(out)
+    return out
+
+
+_will_execute = torch._C._will_engine_execute_node
+_is_compiling = torch.compiler.is_compiling
+
 
 class _NeedsView:
     """What a spread Function's backward gets for ``ctx``: the ctx itself for everything but

@@ -266,4 +266,3 @@ def _run_reference(kind, params, st, hp, grads) -> None:
     else:  # pragma: no cover
         raise ValueError(kind)
     h.write_back()
-

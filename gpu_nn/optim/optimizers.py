@@ -155,28 +155,29 @@ def _flag_refusals(name: str, defaults: dict) -> None:
         )
 
 
+def _step_of(opt) -> None:
+    opt._gpu_nn_step()
 
 
-def _step_of(opt, closure):
-    return opt._step(closure)
-
-
-# the optimizers' step, opaque to torch.compile once an optimizer exists (_opaque_to_compiler):
-# Dynamo traced the step's Python planning with graph breaks at every host read (is_conj, data
-# pointers, float()): 6 frames and 19 breaks for an Adam step, which compiled ran 1.4x slower than
-# eager, and through the reference's NumPy code, which its NumPy emulation partly refused
-# (RMSprop centered's np.copyto(..., where=)) and rounded otherwise. Opaque, a compiled step is
-# the eager step behind one graph break: our step is one fused launch eagerly already.
+# the optimizers' step (but the closure), opaque to torch.compile once an optimizer exists
+# (_opaque_to_compiler): Dynamo traced the step's Python planning with graph breaks at every host
+# read (is_conj, data pointers, float()): 6 frames and 19 breaks for an Adam step, which compiled
+# ran 1.4x slower than eager, and through the reference's NumPy code, which its NumPy emulation
+# partly refused (RMSprop centered's np.copyto(..., where=)) and rounded otherwise. Opaque, a
+# compiled step is the eager step behind one graph break: our step is one fused launch eagerly
+# already. The closure (the user's forward and backward) stays outside, compiled as torch's.
 _opaque_step = _step_of
 
 
 def _opaque_to_compiler() -> None:
-    """Wrap :func:`_step_of` in ``torch.compiler.disable`` (once; the optimizers' constructor
-    calls it): made on first use, not at import, since the wrapper imports torch._dynamo and with
-    it Triton, which ``import gpu_nn`` must not (torch's own Optimizer constructor imports it)."""
+    """Wrap :func:`_step_of` in ``torch.compiler.disable`` (once; the optimizers' constructor and
+    unpickling call it): made on first use, not at import, since the wrapper imports torch._dynamo
+    and with it Triton, which ``import gpu_nn`` must not (torch's own Optimizer constructor
+    imports it)."""
     global _opaque_step
     if _opaque_step is _step_of:
         _opaque_step = torch.compiler.disable(_step_of)
+
 
 class _NotImplementedInput(KernelInputError, NotImplementedError):
     """Where torch raises NotImplementedError ("... not implemented for 'Long'")."""
@@ -369,6 +370,7 @@ class _Base(Optimizer):
 
     def __setstate__(self, state):
         super().__setstate__(state)
+        _opaque_to_compiler()  # (an optimizer unpickled in a new process was never constructed there)
         self._plans = {}
         for group in self.param_groups:
             for k, v in self._SETDEFAULTS.items():
@@ -493,14 +495,15 @@ class _Base(Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         """Perform a single optimization step (``closure`` re-evaluates the loss)."""
-        return _opaque_step(self, closure)
-
-    def _step(self, closure):
-        """:meth:`step`'s body, opaque to torch.compile (:func:`_step_of`)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        _opaque_step(self)
+        return loss
+
+    def _gpu_nn_step(self) -> None:
+        """:meth:`step` but the closure, opaque to torch.compile (:func:`_step_of`)."""
         _refuse_captured_tensor_lr(self._KIND, self.param_groups)
         _refuse_captured_tensor_betas(self.param_groups)
         plans = self._plans
@@ -529,7 +532,6 @@ class _Base(Optimizer):
                 # state tensors alive)
                 same = [q for q in kept or () if q.same_state(plan)]
                 plans[id(group)] = [plan, *same[:PLANS_PER_GROUP - 1]]
-        return loss
 
     def _step_kept(self, group, kept, key, grads) -> bool:
         """Run the step through the kept plan that holds for ``key`` (moved to the front), if one
