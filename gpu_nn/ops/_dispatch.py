@@ -429,7 +429,7 @@ def wanted(ctx) -> tuple:
     entries there are lists: no edge lines up)."""
     needs = ctx.needs_input_grad
     fns = getattr(ctx, "next_functions", None)
-    if fns is None or _is_compiling():
+    if fns is None or _will_execute is None or _is_compiling():
         return needs
     # the edges of the inputs that require grad, in order (next_functions lists the tensor
     # inputs only, None for those that do not require grad)
@@ -448,7 +448,7 @@ def wanted(ctx) -> tuple:
     return out
 
 
-_will_execute = torch._C._will_engine_execute_node
+_will_execute = getattr(torch._C, "_will_engine_execute_node", None)  # (private: absent, needs_input_grad)
 _is_compiling = torch.compiler.is_compiling
 
 
