@@ -426,7 +426,12 @@ def wanted(ctx) -> tuple:
     call, as this does). An input whose node the engine will not run is not wanted; where the
     engine cannot say (a leaf under ``autograd.grad``, no engine running, a compiled backward),
     ``needs_input_grad`` stands, as it does for an op whose arguments include tensor lists (its
-    entries there are lists: no edge lines up)."""
+    entries there are lists: no edge lines up).
+
+    The engine answers a question about a leaf that ``autograd.grad`` asked for with an exception
+    (13 us here): an op whose inputs are all leaves is not asked about (one op on its parameters
+    and a leaf input: ``autograd.grad`` of it asks for all of them, as the overhead bench does),
+    and once a leaf's question raised, no other leaf is asked about in that backward."""
     needs = ctx.needs_input_grad
     fns = getattr(ctx, "next_functions", None)
     if fns is None or _will_execute is None or _is_compiling():
@@ -436,19 +441,31 @@ def wanted(ctx) -> tuple:
     live = [fn for fn, _ in fns if fn is not None]
     if len(live) != needs.count(True):
         return needs
+    leaves = [type(fn) is _LEAF for fn in live]
+    if all(leaves):
+        return needs
     out = list(needs)
     i = 0
+    task = None
     for k, need in enumerate(needs):
         if need:
-            try:
-                out[k] = _will_execute(live[i])
-            except (RuntimeError, TypeError):  # (a leaf under autograd.grad; no backward running)
-                pass
+            fn, leaf = live[i], leaves[i]
             i += 1
+            if leaf:
+                task = _task_id() if task is None else task
+                if _RAISED[0] == task:
+                    continue
+            try:
+                out[k] = _will_execute(fn)
+            except (RuntimeError, TypeError):  # (a leaf autograd.grad asked for; no backward running)
+                _RAISED[0] = _task_id() if task is None else task
     return out
 
 
 _will_execute = getattr(torch._C, "_will_engine_execute_node", None)  # (private: absent, needs_input_grad)
+_task_id = torch._C._current_graph_task_id
+_LEAF = torch._C._functions.AccumulateGrad
+_RAISED = [None]  # the backward (graph task id) in which a leaf's question raised
 _is_compiling = torch.compiler.is_compiling
 
 
