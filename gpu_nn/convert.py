@@ -160,7 +160,6 @@ def revert(model: torch.nn.Module, *, inplace: bool = True) -> torch.nn.Module:
     own forward (or in a :func:`gpu_nn.fuse` graph) stay ours: only modules are reverted. With
     ``inplace=False`` a deep copy is reverted and ``model`` is left alone.
     """
-    from . import nn as gnn
     from .nn._jit import NotScriptable
 
     if not isinstance(model, torch.nn.Module):
@@ -178,22 +177,15 @@ def revert(model: torch.nn.Module, *, inplace: bool = True) -> torch.nn.Module:
             if child is not None:
                 visit(child, f"{prefix}.{name}" if prefix else name)
         cls = type(mod)
-        generated = _parametrized_ours(mod)
-        ours = cls.__bases__[0] if generated else cls
+        ours = torch.nn.utils.parametrize.type_before_parametrizations(mod)
         if not issubclass(ours, NotScriptable):  # (every module of gpu_nn.nn, and only those)
             return
+        why = _left_as_ours(mod, ours)
+        if why is not None:
+            left.append(f"{prefix or '<model>'} ({ours.__name__}): {why}")
+            return
         theirs = _torch_class(ours)
-        where = prefix or "<model>"
-        if theirs is None:
-            base = next((b for b in ours.__mro__ if b.__module__.startswith(gnn.__name__ + ".")), ours)
-            left.append(f"{where} ({ours.__name__}): " + (
-                "torch has no such layer" if base is ours else
-                f"a subclass of gpu_nn.nn.{base.__name__}, left as it is (a subclass may change what the layer does)"))
-            return
-        if ours.__name__ in _FUSING and getattr(mod, "activation", None) is not None:
-            left.append(f"{where} ({ours.__name__}): fuses activation={mod.activation!r}, which torch's "
-                        f"{theirs.__name__} has no place for")
-            return
+        generated = ours is not cls  # parametrize's class over ours
         if generated:
             # the class convert replaced, where it did and nothing was parametrized since (torch
             # adds a property to the generated class for each tensor parametrized later)
@@ -217,12 +209,19 @@ def revert(model: torch.nn.Module, *, inplace: bool = True) -> torch.nn.Module:
     return model
 
 
-def _parametrized_ours(module: torch.nn.Module) -> bool:
-    """One of our layers parametrized by torch.nn.utils.parametrize (its generated class over
-    ours, as :func:`convert` builds it)."""
-    cls = type(module)
-    return (torch.nn.utils.parametrize.is_parametrized(module) and cls.__name__.startswith("Parametrized")
-            and len(cls.__bases__) == 1)
+def _left_as_ours(module: torch.nn.Module, ours: type) -> str | None:
+    """Why :func:`revert` leaves ``module`` (of our class ``ours``, parametrized or not) as ours,
+    or None where it gives torch's layer (ScriptingNotSupportedError asks it too)."""
+    from . import nn as gnn
+
+    theirs = _torch_class(ours)
+    if theirs is None:
+        base = next((b for b in ours.__mro__ if b.__module__.startswith(gnn.__name__ + ".")), ours)
+        return ("torch has no such layer" if base is ours else
+                f"a subclass of gpu_nn.nn.{base.__name__}, left as it is (a subclass may change what the layer does)")
+    if ours.__name__ in _FUSING and getattr(module, "activation", None) is not None:
+        return f"fuses activation={module.activation!r}, which torch's {theirs.__name__} has no place for"
+    return None
 
 
 def _properties(cls: type) -> set:

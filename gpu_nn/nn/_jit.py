@@ -37,10 +37,9 @@ def _reverts(module) -> str:
     min pooling, a subclass of ours, a layer fusing an activation: revert leaves those)."""
     import torch
 
-    from ..convert import _FUSING, _torch_class
+    from ..convert import _left_as_ours
 
-    cls = torch.nn.utils.parametrize.type_before_parametrizations(module)
-    if _torch_class(cls) is None or (cls.__name__ in _FUSING and getattr(module, "activation", None) is not None):
+    if _left_as_ours(module, torch.nn.utils.parametrize.type_before_parametrizations(module)) is not None:
         return ""
     return (" Or script torch's own layer: gpu_nn.revert(model) gives a model torch's layers back (the same "
             "tensors).")

@@ -445,20 +445,18 @@ def wanted(ctx) -> tuple:
     if all(leaves):
         return needs
     out = list(needs)
+    task = _task_id()
     i = 0
-    task = None
     for k, need in enumerate(needs):
         if need:
             fn, leaf = live[i], leaves[i]
             i += 1
-            if leaf:
-                task = _task_id() if task is None else task
-                if _RAISED[0] == task:
-                    continue
+            if leaf and _RAISED[0] == task:
+                continue
             try:
                 out[k] = _will_execute(fn)
             except (RuntimeError, TypeError):  # (a leaf autograd.grad asked for; no backward running)
-                _RAISED[0] = _task_id() if task is None else task
+                _RAISED[0] = task
     return out
 
 
