@@ -11,9 +11,10 @@ T=50, at H=256 / 512 / 1024 (``--quick`` and the Elman layer: 512) forward, and 
 H=512 (all three, issue 16's small-batch goals);
 a 2-layer bidirectional LSTM N=32 T=100 I=H=256 forward+backward; a bidirectional LSTM N=4 T=50
 I=H=512 forward; the demo's models (LSTM and GRU, T=8 N=32 I=8 H=32, two bidirectional layers,
-float32) forward+backward; a packed LSTM N=64 T=100 I=H=512 forward+backward (lengths T down to T / 10,
-``packed_lengths``; per step, both persistent forms forced on, cupy), PackedSequence in and out on
-both sides. torch (cuDNN) against our
+float32) forward+backward, with an input that requires grad and on data as the demo trains them
+(``data-input``: the weights' gradients alone); a packed LSTM N=64 T=100 I=H=512 forward+backward
+(lengths T down to T / 10, ``packed_lengths``; per step, both persistent forms forced on, cupy),
+PackedSequence in and out on both sides. torch (cuDNN) against our
 triton and cupy backends and against a Python loop of ``torch.nn.LSTMCell`` / ``GRUCell`` /
 ``RNNCell``; forward-only cases run both modules in eval mode (inference: cuDNN's own inference
 path); provider ``triton`` runs the per-step launches (``GPU_NN_RNN_PERSISTENT=0``), in the
@@ -136,12 +137,13 @@ def packed_lengths(T: int, N: int) -> torch.Tensor:
     return lens[torch.randperm(N, generator=torch.Generator().manual_seed(0))]
 
 
-def _case(mode, T, N, I, H, dtype, device, backward, providers, L=1, bidirectional=False, packed=False):
+def _case(mode, T, N, I, H, dtype, device, backward, providers, L=1, bidirectional=False, packed=False,
+          data_input=False):
     D = 2 if bidirectional else 1
     name = f"{mode} {'fwd+bwd' if backward else 'fwd'}"
     layers = f" L={L}" if L > 1 else ""
-    shape = (f"T={T} N={N} I={I} H={H}{layers}{' bi' if bidirectional else ''}{' packed' if packed else ''} "
-             f"{str(dtype).replace('torch.', '')}")
+    shape = (f"T={T} N={N} I={I} H={H}{layers}{' bi' if bidirectional else ''}{' packed' if packed else ''}"
+             f"{' data-input' if data_input else ''} {str(dtype).replace('torch.', '')}")
     kw = {"num_layers": L, "bidirectional": bidirectional}
     base = TORCH[mode](I, H, **kw).to(device=device, dtype=dtype)
     if not backward:
@@ -157,7 +159,9 @@ def _case(mode, T, N, I, H, dtype, device, backward, providers, L=1, bidirection
             p = pack_padded_sequence(torch.randn(T, N, I, device=device, dtype=dtype), lens, enforce_sorted=False)
             x = PackedSequence(p.data.requires_grad_(backward), p.batch_sizes, p.sorted_indices, p.unsorted_indices)
             return x, torch.randn(p.data.shape[0], D * H, device=device, dtype=dtype)
-        x = torch.randn(T, N, I, device=device, dtype=dtype, requires_grad=backward)
+        # data_input: a training step on data, the input needing no gradient (as the demo's):
+        # the weights' gradients alone (cuDNN's output_mask skips the input's, as ours does)
+        x = torch.randn(T, N, I, device=device, dtype=dtype, requires_grad=backward and not data_input)
         g = torch.randn(T, N, D * H, device=device, dtype=dtype)
         return x, g
 
@@ -273,6 +277,9 @@ def cases(device: str = "cpu", quick: bool = False) -> list[harness.Case]:
             for mode in ("lstm", "gru"):
                 out.append(_case(mode, 8, 32, 8, 32, dtype, device, True, _bi(_layer_providers()), L=2,
                                  bidirectional=True))
+                # as the demo trains them: on data (no input gradient, which both sides then skip)
+                out.append(_case(mode, 8, 32, 8, 32, dtype, device, True, _bi(_layer_providers()), L=2,
+                                 bidirectional=True, data_input=True))
         # a packed batch of unequal lengths (T down to T / 10, shuffled): the step kernels skip
         # the batch tiles whose sequences have ended (torch: cuDNN's packed path); --quick: float32.
         # The persistent kernels forced on (128 tiles: one a program, W_hh resident) and from L2:
