@@ -370,12 +370,18 @@ def rnn_forward(mode, x, hx, cx, weights, num_layers, bidirectional, lengths=Non
 
 @quiet
 def rnn_backward(mode, grad_output, grad_hn, grad_cn, x, weights, reserve, num_layers, bidirectional,
-                 lengths=None, dropout_masks=None):
+                 lengths=None, dropout_masks=None, need_input=True, need_weights=None):
     """Gradients of :func:`rnn_forward`. ``grad_hn`` / ``grad_cn`` may be ``None`` (zero).
 
     Returns ``(dx [T, B, I], dhx [L * D, B, W], dcx or None, dweights)`` with ``dweights`` a list
     of ``(dw_ih, dw_hh, db_ih, db_hh[, dw_hr])`` per layer and direction (bias gradients ``None``
     where the layer has no bias; ``dw_hr`` with a projection).
+
+    Only the gradients asked for are computed, as torch's cuDNN backward (its ``output_mask``):
+    ``need_input`` False gives ``dx`` None (no product with the first layer's ``w_ih``);
+    ``need_weights`` (None: all) lists per layer and direction a flag per entry of
+    ``weights[k]``, and a weight whose flag is False gets None (no product; the two biases share
+    one column sum, made when either is asked for).
     """
     T, B, I = x.shape
     D = 2 if bidirectional else 1
@@ -398,8 +404,8 @@ def rnn_backward(mode, grad_output, grad_hn, grad_cn, x, weights, reserve, num_l
     for l in range(num_layers - 1, -1, -1):
         xin = x if l == 0 else v[("x", l)]
         in_w = xin.shape[-1]
-        dxin = np.zeros((T, B, in_w), dt)
-        x_rows = _valid_rows(xin, valid)  # dW_ih's operand, both directions
+        dxin = np.zeros((T, B, in_w), dt) if (l > 0 or need_input) else None
+        x_rows = None  # dW_ih's operand, both directions (made where a dW_ih is asked for)
         if valid is not None:
             # a select, not a product: a NaN / inf gradient of a padded output adds nothing
             np.copyto(dout, 0, where=~valid[:, :, None])
@@ -420,15 +426,21 @@ def rnn_backward(mode, grad_output, grad_hn, grad_cn, x, weights, reserve, num_l
                 dcx[k] = dc0
             gi = dGi.reshape(T * B, gate_w)
             gh = dGh.reshape(T * B, gate_w)
-            hprev = _valid_rows(Hs[1:] if d == 1 else Hs[:T], valid)
-            dw_ih = gi.T @ x_rows
-            dw_hh = gh.T @ hprev
-            db_ih = column_sums(gi) if b_ih is not None else None
-            db_hh = (column_sums(gh) if gh is not gi else db_ih.copy()) if b_hh is not None else None
-            dxin.reshape(T * B, in_w)[...] += gi @ w_ih
+            want = (True,) * 5 if need_weights is None else need_weights[k]
+            if want[0] and x_rows is None:
+                x_rows = _valid_rows(xin, valid)
+            dw_ih = gi.T @ x_rows if want[0] else None
+            dw_hh = gh.T @ _valid_rows(Hs[1:] if d == 1 else Hs[:T], valid) if want[1] else None
+            db_ih = db_hh = None
+            if b_ih is not None and (want[2] or want[3]):
+                db_ih = column_sums(gi)
+                db_hh = column_sums(gh) if gh is not gi else db_ih.copy()
+                db_ih, db_hh = (db_ih if want[2] else None), (db_hh if want[3] else None)
+            if dxin is not None:
+                dxin.reshape(T * B, in_w)[...] += gi @ w_ih
             dweights[k] = (dw_ih, dw_hh, db_ih, db_hh)
             if P:
-                dweights[k] += (dHp.reshape(T * B, P).T @ _valid_rows(v[("m", l, d)], valid),)
+                dweights[k] += (dHp.reshape(T * B, P).T @ _valid_rows(v[("m", l, d)], valid) if want[4] else None,)
         if l > 0:
             dout = dxin
             if dropout_masks is not None:
@@ -566,11 +578,14 @@ def cell_forward(mode, x, h, c, w_ih, w_hh, b_ih=None, b_hh=None):
 
 
 @quiet
-def cell_backward(mode, grad_h, grad_c, x, h, c, w_ih, w_hh, b_ih=None, b_hh=None):
+def cell_backward(mode, grad_h, grad_c, x, h, c, w_ih, w_hh, b_ih=None, b_hh=None, need=None):
     """Gradients of :func:`cell_forward` (recomputed here): ``(dx, dh, dc or None, dw_ih, dw_hh,
     db_ih, db_hh)``, the bias gradients None without biases; ``grad_c`` None (or the LSTM's
-    absent c' gradient) counts as zero. Equal to ``rnn_backward`` at ``T = 1``."""
+    absent c' gradient) counts as zero. Equal to ``rnn_backward`` at ``T = 1``. ``need`` (None:
+    all) flags each of the seven: one that is False is not computed and comes back None (the two
+    biases share one column sum, made when either is asked for)."""
     hn, cn, G = cell_forward.__wrapped__(mode, x, h, c, w_ih, w_hh, b_ih, b_hh)  # quiet already
+    need_x, need_h, need_c, need_wih, need_whh, need_bih, need_bhh = (True,) * 7 if need is None else need
     H = w_hh.shape[1]
     one = _consts(hn.dtype)[1]
     if mode == "lstm":
@@ -597,9 +612,9 @@ def cell_backward(mode, grad_h, grad_c, x, h, c, w_ih, w_hh, b_ih=None, b_hh=Non
         np.subtract(one, t, out=t)
         t *= i
         np.multiply(dc, t, out=dG[:, 2 * H: 3 * H])
-        dc_prev = dc * f
+        dc_prev = dc * f if need_c else None
         dGh = dG
-        dh = dG @ w_hh
+        dh = dG @ w_hh if need_h else None
     elif mode == "gru":
         r, z, n, hW = G[:, :H], G[:, H: 2 * H], G[:, 2 * H: 3 * H], G[:, 3 * H:]
         dG = np.empty((x.shape[0], 3 * H), G.dtype)
@@ -618,9 +633,11 @@ def cell_backward(mode, grad_h, grad_c, x, h, c, w_ih, w_hh, b_ih=None, b_hh=Non
         d_r *= s[:, :H]
         dGh = dG.copy()
         np.multiply(d_n, r, out=dGh[:, 2 * H:])
-        dh = dGh @ w_hh
-        np.multiply(grad_h, z, out=t)
-        dh += t
+        dh = None
+        if need_h:
+            dh = dGh @ w_hh
+            np.multiply(grad_h, z, out=t)
+            dh += t
         dc_prev = None
     else:
         if mode == "rnn_tanh":
@@ -632,13 +649,14 @@ def cell_backward(mode, grad_h, grad_c, x, h, c, w_ih, w_hh, b_ih=None, b_hh=Non
             # it); a select, not grad * mask, which would make an infinite gradient NaN (inf * 0)
             dG = np.where(hn <= 0, _consts(hn.dtype)[2], grad_h)
         dGh = dG
-        dh = dG @ w_hh
+        dh = dG @ w_hh if need_h else None
         dc_prev = None
-    dx = dG @ w_ih
-    dw_ih = dG.T @ x
-    dw_hh = dGh.T @ h
+    dx = dG @ w_ih if need_x else None
+    dw_ih = dG.T @ x if need_wih else None
+    dw_hh = dGh.T @ h if need_whh else None
     db_ih = db_hh = None
-    if b_ih is not None:
+    if b_ih is not None and (need_bih or need_bhh):
         db_ih = column_sums(dG)
         db_hh = column_sums(dGh) if dGh is not dG else db_ih.copy()
+        db_ih, db_hh = (db_ih if need_bih else None), (db_hh if need_bhh else None)
     return dx, dh, dc_prev, dw_ih, dw_hh, db_ih, db_hh

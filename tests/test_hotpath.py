@@ -772,9 +772,10 @@ def _launch_case(name, device="cpu"):
     }[name]
 
 
-def count_launches(fn, args, grad):
+def count_launches(fn, args, grad, wrt=None):
     """(kernel launches by name, aten ops that would launch a GPU kernel or sync, by name) of
-    one fwd+bwd on triton (``NO_KERNEL``: the aten ops not counted)."""
+    one fwd+bwd on triton (``NO_KERNEL``: the aten ops not counted); the gradients of ``wrt``
+    (default: every argument)."""
     from triton.runtime.interpreter import InterpretedFunction
 
     launches = collections.Counter()
@@ -789,7 +790,7 @@ def count_launches(fn, args, grad):
     try:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             y = fn(*args)
-            torch.autograd.grad(y, list(args), grad)
+            torch.autograd.grad(y, list(args) if wrt is None else wrt, grad)
     finally:
         InterpretedFunction.run = orig
     ops = collections.Counter()
@@ -817,6 +818,58 @@ def test_launch_and_copy_counts_are_pinned(name, monkeypatch):
         grad = torch.randn_like(fn(*args))  # first call: anything lazily set up is not counted
         got = count_launches(fn, args, grad)
     assert got == {**LAUNCHES, **LAUNCHES_INTERP}[name], got
+
+
+# The recurrent cases' Triton launches when only some arguments require grad (the rest made
+# plain): a data input's product with w_ih, a frozen weight's product (a bias: the column sum),
+# the initial state's final step (dh0 = dG W_hh) are not launched. Against the all-grad pins
+# above: "weights" (a data input, no initial state of the user's), "input" (frozen weights), "state"
+# (a learned initial state and frozen weights). The bidirectional pair's backward: T step
+# launches, the (T + 1)-th forming both directions' dh0 only where the state asks for it.
+_M, _S, _C = "_rnn_matmul_kernel", "_rnn_step_bwd_kernel", "_rnn_colsum_kernel"
+PARTIAL = {
+    ("lstm_cell", "weights"): {_M: 3, "_rnn_step_fwd_kernel": 1, _S: 1, _C: 1},  # fwd, dW_ih, dW_hh
+    ("lstm_cell", "input"): {_M: 2, "_rnn_step_fwd_kernel": 1, _S: 1},  # fwd, dx
+    ("lstm_cell", "state"): {_M: 2, "_rnn_step_fwd_kernel": 1, _S: 1},  # fwd, dh
+    ("gru_cell", "weights"): {_M: 3, "_rnn_step_fwd_kernel": 1, _S: 1, _C: 1},
+    ("lstm", "weights"): {_M: 3, "_rnn_step_fwd_kernel": 3, _S: 3, _C: 1},  # fwd, dW_ih, dW_hh; T steps
+    ("lstm", "input"): {_M: 2, "_rnn_step_fwd_kernel": 3, _S: 3},  # fwd, dx
+    ("lstm", "state"): {_M: 1, "_rnn_step_fwd_kernel": 3, _S: 4},  # fwd; T steps and dh0's
+    ("gru", "weights"): {_M: 3, "_rnn_step_fwd_kernel": 3, _S: 3, _C: 1},
+    ("lstm bidirectional", "weights"): {"_rnn_matmul2_kernel": 3, "_rnn_step2_fwd_kernel": 3,
+                                        "_rnn_step2_bwd_kernel": 3, _C: 2},  # no dx of either direction
+    ("lstm bidirectional", "input"): {_M: 2, "_rnn_matmul2_kernel": 1, "_rnn_step2_fwd_kernel": 3,
+                                      "_rnn_step2_bwd_kernel": 3},  # fwd's projections, dx per direction
+    ("lstm bidirectional", "state"): {"_rnn_matmul2_kernel": 1, "_rnn_step2_fwd_kernel": 3,
+                                      "_rnn_step2_bwd_kernel": 4},  # T steps and both dh0's
+}
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or not _backend.interpret_mode(),
+                    reason="counts launches through the Triton interpreter")
+@pytest.mark.parametrize("name,asked", sorted(PARTIAL))
+def test_recurrent_backward_launches_only_what_is_asked(name, asked, monkeypatch):
+    monkeypatch.setattr(_dispatch, "_POISON", False)
+    fn, args = _launch_case(name)
+    n_state = 3 if "lstm" in name else 2  # input, h (, c), then the weights
+    keep = {"weights": lambda i: i >= n_state, "input": lambda i: i == 0, "state": lambda i: 0 < i < n_state}[asked]
+    args = tuple(a if keep(i) else a.detach() for i, a in enumerate(args))
+    wrt = [a for a in args if a.requires_grad]
+    with gpu_nn.backend("triton"):
+        grad = torch.randn_like(fn(*args))
+        launches, _ = count_launches(fn, args, grad, wrt)
+        ours = torch.autograd.grad(fn(*args), wrt, grad)
+    assert launches == PARTIAL[name, asked], launches
+    # torch's gradients of the same (its functional ops, the same arguments)
+    theirs_fn = {"lstm_cell": lambda x, h, c, *p: torch._VF.lstm_cell(x, (h, c), *p)[0],
+                 "gru_cell": torch._VF.gru_cell,
+                 "lstm": lambda x, h, c, *p: torch._VF.lstm(x, (h, c), p, True, 1, 0.0, False, False, False)[0],
+                 "gru": lambda x, h, *p: torch._VF.gru(x, h, p, True, 1, 0.0, False, False, False)[0],
+                 "lstm bidirectional": lambda x, h, c, *p: torch._VF.lstm(x, (h, c), p, True, 1, 0.0, False, True,
+                                                                           False)[0]}[name]
+    theirs = torch.autograd.grad(theirs_fn(*args), wrt, grad)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="counts CUDA kernels: needs a GPU")

@@ -839,10 +839,21 @@ def test_flop_counter_counts_our_layers_as_torchs():
     for name in ("GRU", "RNN"):  # (torch's CPU LSTM runs one fused op that it counts as 0)
         t, o = getattr(tnn, name)(4, 5, num_layers=2, bidirectional=True), getattr(gnn, name)(4, 5, num_layers=2, bidirectional=True)
         assert _flops(o, x, False) == _flops(t, x, False) > 0
-        assert _flops(o, x, True) >= _flops(t, x, True) > 0  # ours computes every gradient of the step
+        # the backward's products as torch's, what nobody wants left out as torch leaves it: a
+        # data input's, frozen weights', a zero initial state's last step (every case here)
+        for data, frozen in ((False, False), (True, False), (False, True)):
+            for m in (t, o):
+                m.requires_grad_(not frozen)
+            xi = x.detach() if data else x
+            assert _flops(o, xi, True) == _flops(t, xi, True) > 0, (name, data, frozen)
     for name in ("LSTMCell", "GRUCell", "RNNCell"):
         t, o = getattr(tnn, name)(4, 5), getattr(gnn, name)(4, 5)
         assert _flops(o, x[0], False) == _flops(t, x[0], False) > 0
+        for data, frozen in ((False, False), (True, False), (False, True)):
+            for m in (t, o):
+                m.requires_grad_(not frozen)
+            xi = x[0].detach() if data else x[0]
+            assert _flops(o, xi, True) == _flops(t, xi, True) > 0, (name, data, frozen)
     lstm = gnn.LSTM(4, 5, proj_size=3)
     assert _flops(lstm, x, False) == 2 * 6 * 3 * (20 * 4 + 20 * 3 + 3 * 5)  # input, recurrent, projection
 

@@ -3484,3 +3484,74 @@ def test_full_lengths_kept_per_stream(backend):
         want = layers[1].cpu()(x[1].cpu())[0]
     torch.testing.assert_close(y.cpu(), want, rtol=1e-4, atol=1e-5)
     assert len({k[3] for k in ops._FULL_LENGTHS}) == 2
+
+
+@pytest.mark.parametrize("kind", ["RNNCell", "LSTMCell", "GRUCell", "RNN", "LSTM", "GRU"])
+@pytest.mark.parametrize("how", ["data-input", "frozen", "frozen-part", "state", "grad-x", "grad-w", "all"])
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_recurrent_backward_computes_only_the_gradients_asked_for(kind, how, backend, device, monkeypatch):
+    """The recurrent backward computed every gradient whatever was asked: a data input's (the
+    first layer's product with w_ih), a frozen weight's, a zero initial state's, where torch's
+    cells (their autograd) and its cuDNN layers (output_mask) compute only what is used. The
+    cell and sequence backward ops now take a mask of what this backward uses (needs_input_grad
+    narrowed by the engine, as conv's and linear's); what it asks for gets torch's values (None
+    where torch's is None): float64 on the reference, float32 on the GPU backends against
+    torch's float64 (two layers, both directions: the paired step and persistent paths)."""
+    import gpu_nn.ops.rnn as orn
+
+    if backend == "triton" and device == "cpu" and how in ("grad-x", "grad-w", "all"):
+        pytest.skip("under the interpreter, the masks that differ: grad-x's is frozen's, grad-w's "
+                    "data-input's (they differ in how autograd asks, which the reference runs), all's "
+                    "every other test's")
+    seq = not kind.endswith("Cell")
+    masks = []
+    name = "rnn_seq_backward" if seq else "rnn_cell_backward"
+    orig = getattr(orn, name)
+    monkeypatch.setattr(orn, name, lambda *a: (masks.append(a[-1]), orig(*a))[1])
+    opts = {"num_layers": 2, "bidirectional": True} if seq else {}
+    dtype = torch.float64 if backend == "reference" else torch.float32
+    torch.manual_seed(0)
+    ours = getattr(gnn, kind)(5, 6, **opts).to(device, dtype)
+    theirs = getattr(torch.nn, kind)(5, 6, **opts).double()
+    theirs.load_state_dict(ours.state_dict())
+    lstm = kind.startswith("LSTM")
+    base = torch.randn(*((4, 3, 5) if seq else (3, 5)), dtype=torch.float64)
+    h0 = torch.randn(*((4, 3, 6) if seq else (3, 6)), dtype=torch.float64)
+    frozen = {"frozen": lambda n: True,
+              "frozen-part": (lambda n: "_l0" in n) if seq else (lambda n: n in ("weight_hh", "bias_ih"))}.get(how)
+    x_grad = how not in ("data-input", "state")
+    results = []
+    for module in (ours, theirs):
+        mine = module is ours
+        for n, p in module.named_parameters():
+            p.requires_grad_(frozen is None or not frozen(n))
+            p.grad = None
+        xb = base.to(device, dtype if mine else torch.float64).clone().requires_grad_(x_grad)
+        x = xb * 1 if how in ("grad-x", "grad-w") else xb  # (a non-leaf: its node is asked about)
+        hb = h0.to(device, xb.dtype).clone().requires_grad_(how == "state")
+        with gpu_nn.backend(backend) if mine else contextlib.nullcontext():
+            out = module(x, (hb, torch.zeros_like(hb)) if lstm else hb)
+            if seq:
+                y, extra = out[0], out[1][1] if lstm else out[1]
+            else:
+                y, extra = out if lstm else (out, None)
+            loss = (y ** 2).sum() + (0 if extra is None else (extra ** 2).sum())
+            if how == "grad-x":
+                results.append(torch.autograd.grad(loss, [x]))
+            elif how == "grad-w":
+                results.append(torch.autograd.grad(loss, list(module.parameters())))
+            else:
+                loss.backward()
+                results.append((xb.grad, hb.grad, *(p.grad for p in module.parameters())))
+    # the backward's mask: (input, state, cell state, each weight) for both the sequence op
+    # ([input, hx, cx, *weights]) and the cell op (dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh)
+    assert len(masks) == 1
+    trains = [p.requires_grad and how != "grad-x" for p in ours.parameters()]
+    assert [bool(m) for m in masks[0]] == [x_grad and how != "grad-w", how == "state", False, *trains]
+    for a, b in zip(*results):
+        if a is None or b is None:
+            assert a is None and b is None
+        elif backend == "reference":
+            torch.testing.assert_close(a, b)
+        else:
+            assert_close(a, b, dtype, k=8, what=f"{kind} {how}")

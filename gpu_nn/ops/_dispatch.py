@@ -418,7 +418,7 @@ def _unflatten(flat, spec):
     return out
 
 
-def wanted(ctx) -> tuple:
+def wanted(ctx, needs=None) -> tuple:
     """``ctx.needs_input_grad`` narrowed to the inputs the running backward will use. A Function's
     ``needs_input_grad`` is fixed at the forward, so ``backward(inputs=[w])`` or
     ``autograd.grad(loss, [w])`` through an input that requires grad had its gradient computed for
@@ -431,8 +431,11 @@ def wanted(ctx) -> tuple:
     The engine answers a question about a leaf that ``autograd.grad`` asked for with an exception
     (13 us here): an op whose inputs are all leaves is not asked about (one op on its parameters
     and a leaf input: ``autograd.grad`` of it asks for all of them, as the overhead bench does),
-    and once a leaf's question raised, no other leaf is asked about in that backward."""
-    needs = ctx.needs_input_grad
+    and once a leaf's question raised, no other leaf is asked about in that backward.
+
+    ``needs``: the inputs' flags flat, in place of ``ctx.needs_input_grad`` (an op with tensor-list
+    arguments, whose entries for a list are a list: flattened, they line up with the edges)."""
+    needs = ctx.needs_input_grad if needs is None else needs
     fns = getattr(ctx, "next_functions", None)
     if fns is None or _will_execute is None or _is_compiling():
         return needs

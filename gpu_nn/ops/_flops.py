@@ -70,16 +70,35 @@ def register(_fc) -> None:
         return _recurrent(x_shape[0], (w_ih, w_hh))
 
     @_fc.register_flop_formula(_ops.rnn_cell_backward)
-    def _cell_backward(_gh, _gc, x_shape, _hx, _cx, w_ih, w_hh, *args, **kwargs):
-        return 2 * _recurrent(x_shape[0], (w_ih, w_hh))
+    def _cell_backward(_gh, _gc, x_shape, _hx, _cx, w_ih, w_hh, *args, output_mask=None, **kwargs):
+        # each weight's two products, the one to its operand's gradient (dx with w_ih, dh with
+        # w_hh) and its own, each if wanted (output_mask: dx, dh, dc, dw_ih, dw_hh, ...)
+        output_mask = args[6] if len(args) > 6 else output_mask  # (b_ih, b_hh, h, c, reserve, mode, output_mask)
+        m = [True] * 5 if output_mask is None else [bool(b) for b in output_mask]
+        rows = x_shape[0]
+        return (_recurrent(rows, (w_ih,)) * (m[0] + m[3])) + (_recurrent(rows, (w_hh,)) * (m[1] + m[4]))
 
     @_fc.register_flop_formula(_ops.rnn_seq)
     def _seq_forward(x_shape, _hx, _cx, weights, *args, **kwargs):
         return _recurrent(x_shape[0] * x_shape[1], weights)  # input [T, B, I]
 
     @_fc.register_flop_formula(_ops.rnn_seq_backward)
-    def _seq_backward(_go, _ghn, _gcn, x_shape, weights, *args, **kwargs):
-        return 2 * _recurrent(x_shape[0] * x_shape[1], weights)
+    def _seq_backward(_go, _ghn, _gcn, x_shape, weights, _reserve, _mode, num_layers, bidirectional, has_biases,
+                      *args, output_mask=None, **kwargs):
+        # each 2-d weight's product to its operand's gradient and its own (output_mask [input, hx,
+        # cx, *weights]): the first layer's w_ih meets the rows where the input's gradient is
+        # wanted, each w_hh the rows of every step but the first (dh0's, where hx's is wanted)
+        T, B = x_shape[0], x_shape[1]
+        output_mask = args[2] if len(args) > 2 else output_mask  # (lengths, dropout_masks, output_mask)
+        m = [True] * (3 + len(weights)) if output_mask is None else [bool(b) for b in output_mask]
+        D = 2 if bidirectional else 1
+        per = len(weights) // (num_layers * D)  # each layer and direction: w_ih, w_hh, ...
+        total = 0
+        for i, w in enumerate(weights):
+            j = i % per
+            back = (T - 1 + m[1]) * B if j == 1 else (m[0] if i < D * per and j == 0 else 1) * T * B
+            total += _recurrent(back, (w,)) + _recurrent(T * B, (w,)) * m[3 + i]
+        return total
 
 
 def _register_or_warn(module) -> None:

@@ -113,7 +113,7 @@ from ._dispatch import (
     on_device, refuse_wrapping_count, routed, to_numpy, triton_kernels,
 )
 from ._dispatch import has_torch_function as _has_tf
-from ._dispatch import stand_in, torchs_own_error
+from ._dispatch import stand_in, torchs_own_error, wanted
 from ._dispatch import torch_function as _tf
 from .dense import linear_dtype_message
 
@@ -358,13 +358,41 @@ def rnn_seq_forward(input, hx, cx, weights, mode, num_layers, bidirectional, has
                         dropout_masks)
 
 
+def seq_mask(output_mask, n_weights: int) -> tuple:
+    """``(dinput, dhx, dcx, dweights)`` flags of :func:`rnn_seq_backward` from ``output_mask``
+    (``[input, hx, cx, *weights]``, None: all): the input's, the states' and one per weight."""
+    if output_mask is None:
+        return True, True, True, (True,) * n_weights
+    m = [bool(b) for b in output_mask]
+    if len(m) != 3 + n_weights:
+        raise KernelInputError(f"rnn_seq_backward: output_mask has {len(m)} entries, expected {3 + n_weights} "
+                               "(input, hx, cx and one per weight)")
+    return m[0], m[1], m[2], tuple(m[3:])
+
+
+def _flat_grads(per_k, need_w, has_biases, P, make):
+    """The weights' gradients flat, in the order of ``weights`` (per layer and direction ``w_ih,
+    w_hh[, b_ih, b_hh][, w_hr]``; ``per_k[k]`` indexed as :func:`_split`'s tuples): ``make(g)``
+    of each one asked for, ``make(None)`` (an empty ``[0]`` tensor) for each ``need_w`` leaves out."""
+    slots = (0, 1) + ((2, 3) if has_biases else ()) + ((4,) if P else ())
+    flat = []
+    for grads in per_k:
+        for j in slots:
+            flat.append(make(grads[j] if need_w[len(flat)] else None))
+    return flat
+
+
 def rnn_seq_backward(grad_output, grad_hn, grad_cn, input, weights, reserve, mode, num_layers, bidirectional,
-                     has_biases, lengths=None, dropout_masks=None):
+                     has_biases, lengths=None, dropout_masks=None, output_mask=None):
     """Gradients of :func:`rnn_seq_forward`: ``(dinput, dhx, dcx, dweights)`` (``dcx`` empty for
-    non-LSTM modes; ``dweights`` in the order of ``weights``)."""
+    non-LSTM modes; ``dweights`` in the order of ``weights``). Each gradient ``output_mask``
+    (``[input, hx, cx, *weights]``, None: all) leaves out comes back as an empty ``[0]`` tensor
+    and its products are not computed, as torch's cuDNN backward's ``output_mask``: a data
+    input's (the first layer's product with ``w_ih``), a frozen weight's."""
     op = mode + "_backward"
     T, B, I = input.shape
     D = 2 if bidirectional else 1
+    need_x, need_hx, need_cx, need_w = seq_mask(output_mask, len(weights))
     H, P, _ = _weight_dims(mode, weights, num_layers, D, has_biases)
     want = (T, B, D * (P or H))
     if tuple(grad_output.shape) != want:
@@ -380,13 +408,17 @@ def rnn_seq_backward(grad_output, grad_hn, grad_cn, input, weights, reserve, mod
             mode, to_numpy(grad_output), to_numpy(grad_hn), to_numpy(grad_cn) if mode == "lstm" else None,
             to_numpy(input), ws, to_numpy(reserve), num_layers, bidirectional,
             None if lengths is None else lengths.cpu().numpy(), to_numpy(dropout_masks),
+            need_input=need_x, need_weights=_split(need_w, num_layers, D, has_biases),
         )
-        flat = [from_numpy(g, dt, dev) for k in range(num_layers * D) for g in dws[k] if g is not None]
-        dcx_t = from_numpy(dcx, dt, dev) if dcx is not None else input.new_empty(0)
-        return from_numpy(dx, dt, dev), from_numpy(dhx, dt, dev), dcx_t, flat
+
+        def made(g):  # each absent gradient its own empty tensor (outputs never alias)
+            return input.new_empty(0) if g is None else from_numpy(g, dt, dev)
+
+        flat = _flat_grads(dws, need_w, has_biases, P, made)
+        return (made(dx), made(dhx if need_hx else None), made(dcx if need_cx else None), flat)
     _backend.check_interpreter_dtype(op, backend, input)
     return _gpu_backward(_impl(backend), mode, grad_output, grad_hn, grad_cn, input, weights, reserve, num_layers,
-                         bidirectional, has_biases, lengths, dropout_masks)
+                         bidirectional, has_biases, lengths, dropout_masks, (need_x, need_hx, need_cx, need_w))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -667,7 +699,11 @@ def _gpu_forward(K, mode, input, hx, cx, weights, num_layers, bidirectional, has
 
 
 def _gpu_backward(K, mode, gout, ghn, gcn, input, weights, reserve, num_layers, bidirectional, has_biases, lengths,
-                  masks):
+                  masks, need=None):
+    """:func:`rnn_seq_backward` on a GPU backend; ``need`` is :func:`seq_mask`'s (None: every
+    gradient): a weight's product (its column sum for a bias), the first layer's input product
+    and the initial state's final step run only for a gradient asked for."""
+    need_x, need_hx, need_cx, need_w = need or (True, True, True, (True,) * len(weights))
     T, B, I = input.shape
     D = 2 if bidirectional else 1
     L = num_layers
@@ -678,13 +714,14 @@ def _gpu_backward(K, mode, gout, ghn, gcn, input, weights, reserve, num_layers, 
     v = _reserve_views(reserve, mode, T, B, H, L, D, P)
     lens = _lengths_on(lengths, T, B, dev)
     f32 = torch.float32
-    dhx = empty((L * D, B, W), dtype=f32, device=dev)
+    dhx = empty((L * D, B, W), dtype=f32, device=dev) if need_hx else None
     dcx = empty((L * D, B, H), dtype=f32, device=dev) if mode == "lstm" else None
     # the whole backward time loop of a layer and direction in one launch (cupy's device loop,
     # triton's persistent backward), its program count (cupy: 1, sized at launch)
     bloop = hasattr(K, "loop_backward") and _persist_programs(K, dev, B, H, P, backward=True, T=T)
     steps_backward = getattr(K, "steps_backward", None)  # one call per layer and direction (triton; pairs below)
     ws = _split(weights, L, D, has_biases)
+    wants = _split(list(need_w), L, D, has_biases)  # per layer and direction, as ws (None: absent)
     # both directions of a layer in one launch per step (triton's per-step path) or in one whole
     # loop launch (triton's persistent backward, cupy's device loop): the two directions' gate
     # gradients coexist, one buffer each; otherwise one buffer serves both in turn
@@ -715,16 +752,19 @@ def _gpu_backward(K, mode, gout, ghn, gcn, input, weights, reserve, num_layers, 
     for l in range(L - 1, -1, -1):
         xin = input if l == 0 else v[("x", l)]
         in_w = xin.shape[-1]
-        x2 = rows(xin.reshape(T * B, in_w))  # dW_ih's operand, both directions
-        # dW_hh's operands, each direction's states before its steps (masked once, paired or not)
-        hps = [rows((v[("h", l, d)][1:] if d == 1 else v[("h", l, d)][:T]).reshape(T * B, W)) for d in range(D)]
-        dxin = empty((T, B, in_w), dtype=f32, device=dev)
+        # dW_ih's operand, both directions; dW_hh's, each direction's states before its steps
+        # (masked once, paired or not): each where a direction asks for that gradient
+        x2 = rows(xin.reshape(T * B, in_w)) if any(wants[l * D + d][0] for d in range(D)) else None
+        hps = [rows((v[("h", l, d)][1:] if d == 1 else v[("h", l, d)][:T]).reshape(T * B, W)) if wants[l * D + d][1]
+               else None for d in range(D)]
+        dxin = empty((T, B, in_w), dtype=f32, device=dev) if (l > 0 or need_x) else None  # (a data input's: none)
         mk = masks[l - 1] if (masks is not None and l > 0) else None
         dws_pair = None
         paired = pairs[l]
         if paired:
             dirs = [(ws[k][1], carries[k], None if dcx is None else dcx[k], dout[:, :, d * H:(d + 1) * H],
-                     v.get(("gates", l, d)), v[("h", l, d)], v.get(("c", l, d)), dGis[d], dGhs[d], dhx[k])
+                     v.get(("gates", l, d)), v[("h", l, d)], v.get(("c", l, d)), dGis[d], dGhs[d],
+                     dhx[k] if need_hx else None)
                     for d, k in ((0, l * D), (1, l * D + 1))]
             pdc = _dot_code(ws[l * D][1].dtype, tf32=tf32)
             if bpair:  # both directions' time loops in one persistent launch (cupy: False, not run, where
@@ -732,7 +772,7 @@ def _gpu_backward(K, mode, gout, ghn, gcn, input, weights, reserve, num_layers, 
                 paired = K.persist_backward_pair(mode, *dirs, lens, pdc, bpair) is not False
             else:
                 K.steps_backward_pair(mode, *dirs, lens, pdc)
-        if paired and hasattr(K, "pair_matmul_ok"):
+        if paired and hasattr(K, "pair_matmul_ok") and all(wants[l * D + d][0] and wants[l * D + d][1] for d in range(D)):
             # dW_ih and dW_hh of both directions, each pair in one launch where the two can share it
             dws_pair = [(empty(ws[l * D + d][0].shape, dtype=ws[l * D + d][0].dtype, device=dev),
                          empty(ws[l * D + d][1].shape, dtype=ws[l * D + d][1].dtype, device=dev)) for d in range(D)]
@@ -765,53 +805,60 @@ def _gpu_backward(K, mode, gout, ghn, gcn, input, weights, reserve, num_layers, 
                     K.step_backward(mode, None, w_hh, zero_h, dc, dm, G[t], None, None, Cs[p], Cs[n], dGi[t], dGh[t],
                                     None, lens, t, dcode)
                     prev = dGh[t]
-                K.proj_backward(prev, w_hh, carry, None, dhx[k], None, 0, dcode, final=True)
+                if need_hx:
+                    K.proj_backward(prev, w_hh, carry, None, dhx[k], None, 0, dcode, final=True)
             elif bloop and K.loop_backward(mode, w_hh, carry, dc, dout[:, :, d * H:(d + 1) * H], G, Hs, Cs, dGi, dGh,
                                            lens, d == 1, dcode, bloop):
                 prev = dGh[T - 1 if d == 1 else 0]  # the last step processed: the final dot below
-                K.step_backward(mode, prev, w_hh, carry, None, None, None, None, None, None, None, None, None, dhx[k], None,
-                                0, dcode, final=True)
+                if need_hx:
+                    K.step_backward(mode, prev, w_hh, carry, None, None, None, None, None, None, None, None, None, dhx[k],
+                                    None, 0, dcode, final=True)
             elif steps_backward is not None:
                 prev = steps_backward(mode, w_hh, carry, dc, dout[:, :, d * H:(d + 1) * H], G, Hs, Cs, dGi, dGh, lens,
                                       d == 1, dcode)
-                K.step_backward(mode, prev, w_hh, carry, None, None, None, None, None, None, None, None, None, dhx[k], None,
-                                0, dcode, final=True)
+                if need_hx:
+                    K.step_backward(mode, prev, w_hh, carry, None, None, None, None, None, None, None, None, None, dhx[k],
+                                    None, 0, dcode, final=True)
             else:
                 for t, p, n in reversed(ref._steps(T, d == 1)):
                     K.step_backward(mode, prev, w_hh, carry, dc, dout[t, :, d * H:(d + 1) * H],
                                     None if G is None else G[t], Hs[p], Hs[n], None if Cs is None else Cs[p],
                                     None if Cs is None else Cs[n], dGi[t], dGh[t], None, lens, t, dcode)
                     prev = dGh[t]
-                K.step_backward(mode, prev, w_hh, carry, None, None, None, None, None, None, None, None, None, dhx[k], None,
-                                0, dcode, final=True)
+                if need_hx:
+                    K.step_backward(mode, prev, w_hh, carry, None, None, None, None, None, None, None, None, None, dhx[k],
+                                    None, 0, dcode, final=True)
             gi, gh = dGi.view(T * B, GH), dGh.view(T * B, GH)
+            want = wants[k]
+            dw_ih = dw_hh = db_ih = db_hh = dw_hr = None
             if dws_pair is not None:
                 dw_ih, dw_hh = dws_pair[d]  # made above, both directions in one launch each
             else:
-                hprev = hps[d]
-                dw_ih = empty(w_ih.shape, dtype=w_ih.dtype, device=dev)
-                dw_hh = empty(w_hh.shape, dtype=w_hh.dtype, device=dev)
-                K.matmul(gi.t(), x2, dw_ih, dot=_dot_code(x2.dtype, tf32=tf32))
-                K.matmul(gh.t(), hprev, dw_hh, dot=_dot_code(hprev.dtype, tf32=tf32))
-            grads = [dw_ih, dw_hh]
-            if b_ih is not None:
+                if want[0]:
+                    dw_ih = empty(w_ih.shape, dtype=w_ih.dtype, device=dev)
+                    K.matmul(gi.t(), x2, dw_ih, dot=_dot_code(x2.dtype, tf32=tf32))
+                if want[1]:
+                    hprev = hps[d]
+                    dw_hh = empty(w_hh.shape, dtype=w_hh.dtype, device=dev)
+                    K.matmul(gh.t(), hprev, dw_hh, dot=_dot_code(hprev.dtype, tf32=tf32))
+            if b_ih is not None and (want[2] or want[3]):
                 db_ih = empty(b_ih.shape, dtype=b_ih.dtype, device=dev)
                 db_hh = empty(b_hh.shape, dtype=b_hh.dtype, device=dev)
                 # one launch for both (Elman / LSTM: one gate gradient; the GRU's two in one pass)
                 K.colsum(gi, db_ih, db_hh, None if dGhs is dGis else gh)
-                grads += [db_ih, db_hh]
-            K.matmul(gi, w_ih, dxin.view(T * B, in_w), scale=None if mk is None else mk.reshape(T * B, in_w),
-                     acc=d == 1, dot=_dot_code(w_ih.dtype, tf32=tf32))
-            if P:
+            if dxin is not None:
+                K.matmul(gi, w_ih, dxin.view(T * B, in_w), scale=None if mk is None else mk.reshape(T * B, in_w),
+                         acc=d == 1, dot=_dot_code(w_ih.dtype, tf32=tf32))
+            if P and want[4]:
                 dw_hr = empty(w_hr.shape, dtype=w_hr.dtype, device=dev)
                 K.matmul(dHp.view(T * B, P).t(), rows(v[("m", l, d)].reshape(T * B, H)), dw_hr, dot=_dot_code(f32, tf32=tf32))
-                grads.append(dw_hr)
-            dws[k] = grads
+            dws[k] = (dw_ih, dw_hh, db_ih, db_hh, dw_hr)
         dout = dxin
-    dx = dout.to(dt)
-    flat = [g for k in range(L * D) for g in dws[k]]
-    dcx_t = dcx.to(dt) if dcx is not None else input.new_empty(0)
-    return dx, dhx.to(dt), dcx_t, flat
+    e = input.new_empty
+    dx = dout.to(dt) if dout is not None else e(0)
+    flat = _flat_grads(dws, need_w, has_biases, P, lambda g: e(0) if g is None else g)
+    dcx_t = dcx.to(dt) if dcx is not None and need_cx else e(0)
+    return dx, dhx.to(dt) if need_hx else e(0), dcx_t, flat
 
 
 CUPY_RNN_ENV = "GPU_NN_CUPY_RNN"
@@ -1169,6 +1216,8 @@ class _CupyImpl:
             kcuda.launch(mod, "rnn_seq2_bwd", (grid,), (SEQ_THREADS,), (*args, count),
                          device=fwd[1].device.index or 0)
         for d, (w_hh, carry, _, _, _, _, _, _, dGh, dh0) in enumerate(dirs):
+            if dh0 is None:  # the initial state's gradient not asked for
+                continue
             # the last step processed: 0 forward, T - 1 reverse (its dG W_hh is dh0's last term)
             prev = dGh[T - 1 if d == 1 else 0] if T else None
             _CupyImpl.step_backward(mode, prev, w_hh, carry, None, None, None, None, None, None, None, None, None, dh0,
@@ -1321,17 +1370,20 @@ def _(input, hx, cx, weights, mode, num_layers, bidirectional, has_biases, lengt
 @on_device
 def _rnn_seq_backward_op(grad_output: Tensor, grad_hn: Tensor, grad_cn: Optional[Tensor], input: Tensor,
                          weights: list[Tensor], reserve: Tensor, mode: str, num_layers: int, bidirectional: bool,
-                         has_biases: bool, lengths: Optional[Tensor],
-                         dropout_masks: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
+                         has_biases: bool, lengths: Optional[Tensor], dropout_masks: Optional[Tensor],
+                         output_mask: Optional[list[bool]] = None) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
     return rnn_seq_backward(grad_output, grad_hn, grad_cn, input, weights, reserve, mode, num_layers, bidirectional,
-                            has_biases, lengths, dropout_masks)
+                            has_biases, lengths, dropout_masks, output_mask)
 
 
 @_rnn_seq_backward_op.register_fake
 def _(grad_output, grad_hn, grad_cn, input, weights, reserve, mode, num_layers, bidirectional, has_biases, lengths,
-      dropout_masks):
-    dcx = grad_cn.new_empty(grad_cn.shape) if mode == "lstm" else input.new_empty(0)
-    return input.new_empty(input.shape), grad_hn.new_empty(grad_hn.shape), dcx, [w.new_empty(w.shape) for w in weights]
+      dropout_masks, output_mask=None):
+    need_x, need_hx, need_cx, need_w = seq_mask(output_mask, len(weights))
+    e = input.new_empty
+    dcx = grad_cn.new_empty(grad_cn.shape) if mode == "lstm" and need_cx else e(0)
+    return (input.new_empty(input.shape) if need_x else e(0), grad_hn.new_empty(grad_hn.shape) if need_hx else e(0), dcx,
+            [w.new_empty(w.shape) if m else e(0) for w, m in zip(weights, need_w)])
 
 
 def _seq_setup(ctx, inputs, output):
@@ -1365,11 +1417,26 @@ def _seq_backward(ctx, g_out, g_hn, g_cn, _g_res):
         g_hn = input.new_zeros((num_layers * D, B, W))
     if mode == "lstm" and (g_cn is None or maybe_empty(g_cn)):
         g_cn = input.new_zeros((num_layers * D, B, H))
+    # the gradients this backward uses (a data input's, a zero initial state's, a frozen weight's
+    # are not computed, as torch's cuDNN backward's output_mask): needs_input_grad narrowed by the
+    # engine (wanted), its entry for the weight list a list (the tensor-list spread, torch's own
+    # pytree route alike), flattened to line up with the edges
+    needs = ctx.needs_input_grad
+    n_w = len(weights)
+    if isinstance(needs[3], (list, tuple)) and len(needs[3]) == n_w:
+        needs = wanted(ctx, (*needs[:3], *needs[3], *needs[4:]))
+        need_w = [bool(n) for n in needs[3:3 + n_w]]
+    else:
+        need_w = [bool(needs[3])] * n_w
+    mask = [bool(needs[0]), bool(needs[1]), ctx.has_cx and mode == "lstm" and bool(needs[2]), *need_w]
+    if not any(mask):
+        return (None,) * 10
     dx, dhx, dcx, dws = _rnn_seq_backward_op(
         g_out.contiguous(), g_hn.contiguous(), g_cn.contiguous() if mode == "lstm" else None, input, list(weights), reserve,
-        mode, num_layers, bidirectional, has_biases, lengths, masks,
+        mode, num_layers, bidirectional, has_biases, lengths, masks, mask,
     )
-    return dx, dhx, (dcx if ctx.has_cx and mode == "lstm" else None), list(dws), None, None, None, None, None, None
+    return (dx if mask[0] else None, dhx if mask[1] else None, dcx if mask[2] else None,
+            [g if m else None for g, m in zip(dws, need_w)], None, None, None, None, None, None)
 
 
 _rnn_seq_op.register_autograd(_seq_backward, setup_context=_seq_setup)
@@ -1454,7 +1521,9 @@ def _seq_backward_differentiable(ctx, g_out, g_hn, g_cn, input, hx, cx, weights,
     mode, num_layers, bidirectional, has_biases = ctx.args
     has_cx = ctx.has_cx and mode == "lstm"
     prims = [input, hx, cx if has_cx else None, *weights]
-    wrt = [i for i, p in enumerate(prims) if p is not None and ctx.needs_input_grad[min(i, 3)]]
+    needs = ctx.needs_input_grad  # (its weight entry a list of flags, one per weight, where it is one)
+    flags = [*needs[:3], *(needs[3] if isinstance(needs[3], (list, tuple)) else [needs[3]] * len(weights))]
+    wrt = [i for i, p in enumerate(prims) if p is not None and flags[i]]
     from ._autograd import leaf
 
     transformed = torch._C._are_functorch_transforms_active()
@@ -1487,7 +1556,8 @@ def _seq_backward_differentiable(ctx, g_out, g_hn, g_cn, input, hx, cx, weights,
     res = [None] * len(prims)
     for i, g in zip(wrt, grads):
         res[i] = g if g is not None else torch.zeros_like(prims[i])
-    return res[0], res[1], res[2], list(res[3:]) if ctx.needs_input_grad[3] else None, None, None, None, None, None, None
+    # (the weights' entry a list whatever is asked: torch's tensor-list route takes no None for it)
+    return res[0], res[1], res[2], list(res[3:]), None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1605,38 +1675,56 @@ def _gpu_cell_forward(K, mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh):
     return h, c, reserve
 
 
-def rnn_cell_backward(grad_h, grad_c, input, hx, cx, w_ih, w_hh, b_ih, b_hh, h, c, reserve, mode):
+def cell_mask(output_mask, mode: str, has_bias: bool) -> tuple:
+    """The gradients :func:`rnn_cell_backward` computes, ``(dx, dh, dc, dw_ih, dw_hh, db_ih,
+    db_hh)``: those ``output_mask`` asks for (None: all) that apply (dc an LSTM's, the biases'
+    with biases)."""
+    m = (True,) * 7 if output_mask is None else tuple(bool(b) for b in output_mask)
+    if len(m) != 7:
+        raise KernelInputError(f"rnn_cell_backward: output_mask has {len(m)} entries, expected 7 "
+                               "(dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh)")
+    return m[0], m[1], m[2] and mode == "lstm", m[3], m[4], m[5] and has_bias, m[6] and has_bias
+
+
+def rnn_cell_backward(grad_h, grad_c, input, hx, cx, w_ih, w_hh, b_ih, b_hh, h, c, reserve, mode, output_mask=None):
     """``(dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh)``; ``dc`` and the bias gradients are empty
-    ``[0]`` tensors where they do not apply. ``h, c, reserve`` are the forward's outputs;
-    ``grad_c`` None: no gradient reached c'."""
+    ``[0]`` tensors where they do not apply, and so is every gradient ``output_mask`` (seven
+    flags in that order; None: all) does not ask for, which is not computed (as torch's cells,
+    whose autograd skips a frozen weight's product and a data input's). ``h, c, reserve`` are the
+    forward's outputs; ``grad_c`` None: no gradient reached c'."""
     op = mode + "_cell_backward"
+    mask = cell_mask(output_mask, mode, b_ih is not None)
     backend = _backend.resolve(op, input.device, BACKENDS, dtype=input.dtype)
     if backend == "reference":
-        return _reference_cell_backward(grad_h, grad_c, input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode)
+        return _reference_cell_backward(grad_h, grad_c, input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode, mask)
     _backend.check_interpreter_dtype(op, backend, input)
     return _gpu_cell_backward(_impl(backend), mode, grad_h, grad_c, input, hx, cx, w_ih, w_hh, b_ih, b_hh, h, c,
-                              reserve)
+                              reserve, mask)
 
 
-def _reference_cell_backward(grad_h, grad_c, input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode):
+def _reference_cell_backward(grad_h, grad_c, input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode, mask=None):
     """``reference.rnn.cell_backward`` (the sequence reference's step backward on a recomputed
-    step); absent gradients as empty ``[0]`` tensors."""
+    step); absent gradients, and those ``mask`` (:func:`cell_mask`) leaves out, as empty ``[0]``
+    tensors."""
     dt, dev = input.dtype, input.device
     lstm = mode == "lstm"
-    dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh = ref.cell_backward(
+    mask = cell_mask(mask, mode, b_ih is not None)
+    grads = ref.cell_backward(
         mode, to_numpy(grad_h), to_numpy(grad_c) if lstm else None, to_numpy(input), to_numpy(hx), to_numpy(cx),
-        to_numpy(w_ih), to_numpy(w_hh), to_numpy(b_ih), to_numpy(b_hh))
-    e = input.new_empty(0)
-    db = (from_numpy(db_ih, dt, dev), from_numpy(db_hh, dt, dev)) if b_ih is not None else (e, e.clone())
-    return (from_numpy(dx, dt, dev), from_numpy(dh, dt, dev), from_numpy(dc, dt, dev) if lstm else e.clone(),
-            from_numpy(dw_ih, dt, dev), from_numpy(dw_hh, dt, dev), *db)
+        to_numpy(w_ih), to_numpy(w_hh), to_numpy(b_ih), to_numpy(b_hh), need=mask)
+    # each absent gradient its own empty tensor (outputs never alias)
+    return tuple(from_numpy(g, dt, dev) if m else input.new_empty(0) for g, m in zip(grads, mask))
 
 
-def _gpu_cell_backward(K, mode, grad_h, grad_c, input, hx, cx, w_ih, w_hh, b_ih, b_hh, h, c, reserve):
+def _gpu_cell_backward(K, mode, grad_h, grad_c, input, hx, cx, w_ih, w_hh, b_ih, b_hh, h, c, reserve, mask=None):
     """One ``K.step_backward`` (no carry in: dh = grad_h; the gate gradients dG, dc = dc_prev, the
     carry = the part of dh_prev that bypasses W_hh, zero but for the GRU), then the GEMMs: dh =
     (carry +) dG_hh W_hh, dx = dG W_ih, dW_ih = dG^T x, dW_hh = dG_hh^T h, and the bias gradients
-    as two column sums. Nine launches with float32 row-contiguous states and gradients."""
+    as two column sums. Nine launches with float32 row-contiguous states and gradients, fewer
+    where ``mask`` (:func:`cell_mask`) leaves gradients out: each GEMM and the column sums only
+    for a gradient asked for (dc comes from the step's own launch; one not asked for is dropped)."""
+    mask = cell_mask(mask, mode, b_ih is not None)
+    need_x, need_h, need_c, need_wih, need_whh, need_b = *mask[:5], mask[5] or mask[6]
     B, I = input.shape
     H = w_hh.shape[1]
     dt, dev = input.dtype, input.device
@@ -1661,29 +1749,35 @@ def _gpu_cell_backward(K, mode, grad_h, grad_c, input, hx, cx, w_ih, w_hh, b_ih,
     wdot = _dot_code(w_hh.dtype, tf32=tf32)
     K.step_backward(mode, None, w_hh, carry, dc32, _unit_cols(grad_h), v.get("gates"), hp, hn, cp, cn, dGi, dGh, None,
                     None, -1, wdot, has_carry=False, dc_in=dc_in)
-    if gru:  # dh = carry (dh * z) + dG_hh W_hh, in float32
+    # what is not asked for: empty placeholders, each its own tensor (outputs never alias), none a launch
+    dh = dx = dw_ih = dw_hh = db_ih = db_hh = None
+    if not need_h:
+        pass
+    elif gru:  # dh = carry (dh * z) + dG_hh W_hh, in float32
         K.matmul(dGh, w_hh, carry, acc=True, dot=wdot)
         dh = carry if f32_io else carry.to(dt)
     else:  # the carry is zero: dh = dG W_hh, straight into the io dtype
         dh = empty((B, H), dtype=dt, device=dev)
         K.matmul(dGh, w_hh, dh, dot=wdot)
-    dx = empty((B, I), dtype=dt, device=dev)
-    K.matmul(dGi, w_ih, dx, dot=_dot_code(w_ih.dtype, tf32=tf32))
-    dw_ih = empty(w_ih.shape, dtype=w_ih.dtype, device=dev)
-    K.matmul(dGi.t(), input, dw_ih, dot=_dot_code(input.dtype, tf32=tf32))
-    hprev = hx if f32_io else v["hp"]  # float32 h: the TF32 product of two float32 operands, as the sequence's
-    dw_hh = empty(w_hh.shape, dtype=w_hh.dtype, device=dev)
-    K.matmul(dGh.t(), hprev, dw_hh, dot=_dot_code(hprev.dtype, tf32=tf32))
-    if b_ih is not None:
+    if need_x:
+        dx = empty((B, I), dtype=dt, device=dev)
+        K.matmul(dGi, w_ih, dx, dot=_dot_code(w_ih.dtype, tf32=tf32))
+    if need_wih:
+        dw_ih = empty(w_ih.shape, dtype=w_ih.dtype, device=dev)
+        K.matmul(dGi.t(), input, dw_ih, dot=_dot_code(input.dtype, tf32=tf32))
+    if need_whh:
+        hprev = hx if f32_io else v["hp"]  # float32 h: the TF32 product of two float32 operands, as the sequence's
+        dw_hh = empty(w_hh.shape, dtype=w_hh.dtype, device=dev)
+        K.matmul(dGh.t(), hprev, dw_hh, dot=_dot_code(hprev.dtype, tf32=tf32))
+    if need_b:
         db_ih = empty(b_ih.shape, dtype=b_ih.dtype, device=dev)
         db_hh = empty(b_hh.shape, dtype=b_hh.dtype, device=dev)
         # one launch: Elman / LSTM have one gate gradient (b_ih's and b_hh's gradients are one
         # sum), the GRU two (summed in the same pass)
         K.colsum(dGi, db_ih, db_hh, None if dGh is dGi else dGh)
-    else:  # empty placeholders, each its own tensor (outputs never alias), none a launch
-        db_ih, db_hh = input.new_empty(0), input.new_empty(0)
-    dc = (dc32 if f32_io else dc32.to(dt)) if lstm else input.new_empty(0)
-    return dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh
+    dc = (dc32 if f32_io else dc32.to(dt)) if need_c else None
+    return tuple(g if m and g is not None else input.new_empty(0)
+                 for g, m in zip((dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh), mask))
 
 
 def _cell_usual(input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode) -> bool:
@@ -1800,17 +1894,16 @@ def _(input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode):
 @on_device
 def _rnn_cell_backward_op(grad_h: Tensor, grad_c: Optional[Tensor], input: Tensor, hx: Tensor, cx: Optional[Tensor],
                           w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor], h: Tensor,
-                          c: Tensor, reserve: Tensor,
-                          mode: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return rnn_cell_backward(grad_h, grad_c, input, hx, cx, w_ih, w_hh, b_ih, b_hh, h, c, reserve, mode)
+                          c: Tensor, reserve: Tensor, mode: str, output_mask: Optional[list[bool]] = None
+                          ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return rnn_cell_backward(grad_h, grad_c, input, hx, cx, w_ih, w_hh, b_ih, b_hh, h, c, reserve, mode, output_mask)
 
 
 @_rnn_cell_backward_op.register_fake
-def _(grad_h, grad_c, input, hx, cx, w_ih, w_hh, b_ih, b_hh, h, c, reserve, mode):
-    e = input.new_empty(0)
-    dc = hx.new_empty(hx.shape) if mode == "lstm" else e.clone()
-    db = (b_ih.new_empty(b_ih.shape), b_hh.new_empty(b_hh.shape)) if b_ih is not None else (e.clone(), e.clone())
-    return input.new_empty(input.shape), hx.new_empty(hx.shape), dc, w_ih.new_empty(w_ih.shape), w_hh.new_empty(w_hh.shape), *db
+def _(grad_h, grad_c, input, hx, cx, w_ih, w_hh, b_ih, b_hh, h, c, reserve, mode, output_mask=None):
+    mask = cell_mask(output_mask, mode, b_ih is not None)
+    return tuple(like.new_empty(like.shape) if m else input.new_empty(0)
+                 for like, m in zip((input, hx, hx, w_ih, w_hh, b_ih, b_hh), mask))
 
 
 def _cell_setup(ctx, inputs, output):
@@ -1840,18 +1933,22 @@ def _cell_backward(ctx, g_h, g_c, _g_res):
     if h is None or c is None:  # not saved (not read): empty placeholders for the op's arguments
         h = reserve.new_empty(0) if h is None else h
         c = reserve.new_empty(0) if c is None else c
-    if g_h is None and g_c is None:
+    # the gradients this backward uses (a data input's, a frozen weight's, a zero state's are not
+    # computed), in the op's output order (dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh)
+    needs = wanted(ctx)
+    mask = [bool(needs[0]), bool(needs[1]), mode == "lstm" and ctx.has_cx and bool(needs[2]), bool(needs[3]),
+            bool(needs[4]), ctx.has_b and bool(needs[5]), ctx.has_b and bool(needs[6])]
+    if (g_h is None and g_c is None) or not any(mask):
         return (None,) * 8
     if g_h is None:  # only c' reached the loss
         g_h = torch.zeros_like(hx)
     if mode != "lstm" or (g_c is not None and maybe_empty(g_c)):
         g_c = None
-    dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh = _rnn_cell_backward_op(
+    grads = _rnn_cell_backward_op(
         g_h, g_c, input, hx, cx if ctx.has_cx else None, w_ih, w_hh, b_ih if ctx.has_b else None,
-        b_hh if ctx.has_b else None, h, c, reserve, mode,
+        b_hh if ctx.has_b else None, h, c, reserve, mode, mask,
     )
-    return (dx, dh, dc if (mode == "lstm" and ctx.has_cx) else None, dw_ih, dw_hh,
-            db_ih if ctx.has_b else None, db_hh if ctx.has_b else None, None)
+    return (*(g if m else None for g, m in zip(grads, mask)), None)
 
 
 _rnn_cell_op.register_autograd(_cell_backward, setup_context=_cell_setup)
@@ -1864,8 +1961,9 @@ def _cell_compose(mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh):
 
 
 def _cell_bwd_setup(ctx, inputs, output):
-    grad_h, grad_c, input, hx, cx, w_ih, w_hh, b_ih, b_hh, h, c, reserve, mode = inputs
+    grad_h, grad_c, input, hx, cx, w_ih, w_hh, b_ih, b_hh, h, c, reserve, mode, output_mask = inputs
     ctx.mode = mode
+    ctx.mask = cell_mask(output_mask, mode, b_ih is not None)
     ctx.save_for_backward(grad_h, grad_c, input, hx, cx, w_ih, w_hh, b_ih, b_hh)
 
 
@@ -1881,11 +1979,11 @@ def _cell_backward_backward(ctx, *gg):
     lstm = mode == "lstm"
     # the backward's results in order (dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh) are the
     # gradients of the primals (input, hx, cx, w_ih, w_hh, b_ih, b_hh); dc and the biases' are
-    # empty placeholders where the primal is absent
-    wrt = [i for i, p in enumerate(prims) if p is not None and (i != 2 or lstm)]
+    # empty placeholders where the primal is absent, and so is every result the mask left out
+    wrt = [i for i, p in enumerate(prims) if p is not None and (i != 2 or lstm) and ctx.mask[i]]
     d_cot, d_prims = recompute_double_backward(
         lambda *p: _cell_compose(mode, *p), prims, wrt, [grad_h, grad_c if lstm else None], [gg[i] for i in wrt])
-    return (d_cot[0], d_cot[1], *d_prims, None, None, None, None)
+    return (d_cot[0], d_cot[1], *d_prims, None, None, None, None, None)
 
 
 # double backward (create_graph=True): the backward op is differentiable too

@@ -1619,6 +1619,8 @@ def persist_backward_pair(mode, fwd, rev, lengths, dot, programs):
             MODE=MODE_CODES[mode], DOT_DT=dot, BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=bk, KP=kp, num_warps=warps,
             num_stages=stages, **_launch_options(),
         )
+    if dh0 is None:  # the initial state's gradient not asked for: no final step
+        return
     # the final step: the last steps processed are 0 forward and T - 1 reverse (none when T = 0)
     bb, bh, bk, warps, stages = step_blocks(B, H, mode, dot, backward=True)
     kw = dict(MODE=MODE_CODES[mode], HAS_NEXT=T > 0, FINAL=True, DOT_DT=dot, BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=bk,
@@ -1872,7 +1874,8 @@ def steps_backward_pair(mode, fwd, rev, lengths, dot):
     ``step_backward`` make per direction, side by side. ``fwd`` / ``rev``: ``(w_hh, carry, dc,
     dout, G, Hs, Cs, dGi, dGh, dh0)`` of each direction (``dGi`` and ``dGh`` of one direction
     are its own buffers: the two directions' gate gradients coexist), as ``steps_backward``
-    takes them, ``dh0 [B, H]`` float32 the initial state's gradient written last."""
+    takes them, ``dh0 [B, H]`` float32 the initial state's gradient written last (both None: not
+    asked for, no final launch)."""
     w_hh, carry, dc, dout, G, Hs, Cs, dGi, dGh, dh0 = fwd
     w_hh1, carry1, dc1, dout1, G1, Hs1, Cs1, dGi1, dGh1, dh01 = rev
     T = dout.shape[0]
@@ -1909,7 +1912,8 @@ def steps_backward_pair(mode, fwd, rev, lengths, dot):
         prev, prev1, sprev, kw = dGh[t], dGh1[u], sdgn, kw_next
     else:
         prev, prev1, sprev, kw = carry, carry1, 0, kw_first
-    _final_pair_step(launch_kernel, grid, prev, prev1, sprev, w_hh, w_hh1, carry, carry1, dh0, dh01, lengths, kw)
+    if dh0 is not None:  # (None: the initial state's gradient not asked for)
+        _final_pair_step(launch_kernel, grid, prev, prev1, sprev, w_hh, w_hh1, carry, carry1, dh0, dh01, lengths, kw)
 
 
 def _final_pair_step(launch, grid, prev, prev1, sprev, w_hh, w_hh1, carry, carry1, dh0, dh01, lengths, kw):
