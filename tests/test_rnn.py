@@ -340,6 +340,11 @@ def test_opcheck_sequence(mode, rng):
     gc = randn(rng, *cn.shape) if mode == "lstm" else None
     torch.library.opcheck(torch.ops.gpu_nn.rnn_seq_backward.default,
                           (g[0], g[1], gc, x.detach(), [p.detach() for p in params], res.detach(), mode, 2, True, True, kw["lengths"], None))
+    # with a mask (a data input, hx's gradient, the second layer's weights): empty [0] tensors for the rest
+    mask = [False, True, False] + [i >= len(params) // 2 for i in range(len(params))]
+    torch.library.opcheck(torch.ops.gpu_nn.rnn_seq_backward.default,
+                          (g[0], g[1], gc, x.detach(), [p.detach() for p in params], res.detach(), mode, 2, True, True,
+                           kw["lengths"], None, mask))
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -357,6 +362,11 @@ def test_opcheck_cell(mode, bias, rng):
         torch.library.opcheck(torch.ops.gpu_nn.rnn_cell_backward.default,
                               (gh, gc, x.detach(), h.detach(), None if c is None else c.detach(),
                                *[w if w is None else w.detach() for w in ws], *outs, mode))
+        # with a mask (no dx, no dw_hh, one bias): empty [0] tensors for the rest
+        torch.library.opcheck(torch.ops.gpu_nn.rnn_cell_backward.default,
+                              (gh, gc, x.detach(), h.detach(), None if c is None else c.detach(),
+                               *[w if w is None else w.detach() for w in ws], *outs, mode,
+                               [False, True, True, True, False, False, True]))
 
 
 # ----------------------------------------------------------------------------------------------
