@@ -155,8 +155,12 @@ def _lstm_variants(census, monkeypatch, twins: bool) -> collections.Counter:
         for bi in (False, True):
             m = gpu_nn.nn.LSTM(4, 7, num_layers=2, bidirectional=bi, proj_size=proj)
             x = torch.randn(6, 5, 4, requires_grad=True)
+            # a learned initial state: its gradient's final dh0 step runs (none without one)
+            D = 2 if bi else 1
+            h0 = torch.randn(2 * D, 5, proj or 7, requires_grad=True)
+            c0 = torch.randn(2 * D, 5, 7, requires_grad=True)
             with gpu_nn.backend("triton"):
-                y, _ = m(x)
+                y, _ = m(x, (h0, c0))
                 y.sum().backward()
     rows = vc.load(str(census))
     return collections.Counter(k.rsplit(".", 1)[-1] for k, _ in {(r["kernel"], r["key"]) for r in rows})
