@@ -1429,8 +1429,8 @@ def _seq_backward(ctx, g_out, g_hn, g_cn, _g_res):
     else:
         need_w = [bool(needs[3])] * n_w
     mask = [bool(needs[0]), bool(needs[1]), ctx.has_cx and mode == "lstm" and bool(needs[2]), *need_w]
-    if not any(mask):
-        return (None,) * 10
+    if not any(mask):  # (the weights' entry a list: torch's tensor-list route takes no None for it)
+        return None, None, None, [None] * n_w, None, None, None, None, None, None
     dx, dhx, dcx, dws = _rnn_seq_backward_op(
         g_out.contiguous(), g_hn.contiguous(), g_cn.contiguous() if mode == "lstm" else None, input, list(weights), reserve,
         mode, num_layers, bidirectional, has_biases, lengths, masks, mask,
@@ -1704,11 +1704,11 @@ def rnn_cell_backward(grad_h, grad_c, input, hx, cx, w_ih, w_hh, b_ih, b_hh, h, 
 
 def _reference_cell_backward(grad_h, grad_c, input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode, mask=None):
     """``reference.rnn.cell_backward`` (the sequence reference's step backward on a recomputed
-    step); absent gradients, and those ``mask`` (:func:`cell_mask`) leaves out, as empty ``[0]``
-    tensors."""
+    step); absent gradients, and those ``mask`` (:func:`cell_mask`'s; None: all) leaves out, as
+    empty ``[0]`` tensors."""
     dt, dev = input.dtype, input.device
     lstm = mode == "lstm"
-    mask = cell_mask(mask, mode, b_ih is not None)
+    mask = cell_mask(mask, mode, b_ih is not None) if mask is None else mask
     grads = ref.cell_backward(
         mode, to_numpy(grad_h), to_numpy(grad_c) if lstm else None, to_numpy(input), to_numpy(hx), to_numpy(cx),
         to_numpy(w_ih), to_numpy(w_hh), to_numpy(b_ih), to_numpy(b_hh), need=mask)
@@ -1721,9 +1721,9 @@ def _gpu_cell_backward(K, mode, grad_h, grad_c, input, hx, cx, w_ih, w_hh, b_ih,
     carry = the part of dh_prev that bypasses W_hh, zero but for the GRU), then the GEMMs: dh =
     (carry +) dG_hh W_hh, dx = dG W_ih, dW_ih = dG^T x, dW_hh = dG_hh^T h, and the bias gradients
     as two column sums. Nine launches with float32 row-contiguous states and gradients, fewer
-    where ``mask`` (:func:`cell_mask`) leaves gradients out: each GEMM and the column sums only
+    where ``mask`` (:func:`cell_mask`'s; None: all) leaves gradients out: each GEMM and the column sums only
     for a gradient asked for (dc comes from the step's own launch; one not asked for is dropped)."""
-    mask = cell_mask(mask, mode, b_ih is not None)
+    mask = cell_mask(mask, mode, b_ih is not None) if mask is None else mask
     need_x, need_h, need_c, need_wih, need_whh, need_b = *mask[:5], mask[5] or mask[6]
     B, I = input.shape
     H = w_hh.shape[1]
