@@ -774,3 +774,65 @@ def test_vectorized_jacobian_with_create_graph_says_so():
             J(lambda v: J(f, v, create_graph=True, vectorize=True), x, vectorize=True)
         with pytest.raises(NotImplementedError, match="create_graph=True"):
             torch.autograd.functional.hessian(lambda v: f(v).pow(2).sum(), x, create_graph=True, vectorize=True)
+
+
+@pytest.mark.parametrize("act", ["Tanh", "Sigmoid", "ReLU"])
+@pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
+def test_forward_mode_ad_through_linear_and_activations(act, backend, device):
+    """Forward-mode AD through linear and the activations (register_jvp), what scientific
+    models (physics-informed networks: Laplacians, Hessians of small MLPs) ask of torch.func: a
+    dual tensor, torch.func.jvp in the input and in the parameters, jacfwd, hessian (forward over
+    reverse) of the input and of the parameters, jacrev of jacfwd (reverse over forward), a fused
+    activation, a 3-d input: torch's values (float64 on the reference; float32 on triton against
+    torch's float64). Forward over forward (jacfwd of jacfwd) raises: an autograd.Function's jvp
+    rule reads its saved tensors without the outer tangent (torch's own Functions give wrong
+    values there); ops without a formula (conv) still raise."""
+    import torch.autograd.forward_ad as fwad
+    from torch.func import functional_call, hessian, jacfwd, jacrev, jvp, vmap
+
+    if backend == "triton" and device == "cpu" and act != "Tanh":
+        pytest.skip("the interpreter runs one activation (12 s): the rules are the backends' common code")
+    dtype = torch.float64 if backend == "reference" else torch.float32
+    torch.manual_seed(0)
+
+    def mk(lib):
+        return lib.Sequential(lib.Linear(3, 5), getattr(lib, act)(), lib.Linear(5, 4), getattr(lib, act)(),
+                              lib.Linear(4, 1))
+
+    ours, theirs = mk(gnn).to(device, dtype), mk(torch.nn).double()
+    theirs.load_state_dict(ours.state_dict())
+    x, t = torch.randn(2, 4, 3, dtype=torch.float64), torch.randn(2, 4, 3, dtype=torch.float64)
+    tp = {k: torch.randn(p.shape, dtype=torch.float64) for k, p in theirs.named_parameters()}
+
+    def results(m, dt, dev):
+        xs, ts = x.to(dev, dt), t.to(dev, dt)
+        params = dict(m.named_parameters())
+        tps = {k: v.to(dev, dt) for k, v in tp.items()}
+        scalar = lambda u: m(u[None])[0, 0]  # noqa: E731
+        out = {"jvp": jvp(m, (xs,), (ts,))[1],
+               "jvp params": jvp(lambda p: functional_call(m, p, (xs,)), (params,), (tps,))[1],
+               "jacfwd": vmap(jacfwd(scalar))(xs[0]),
+               "hessian": vmap(hessian(scalar))(xs[0]),
+               "hessian params": hessian(lambda p: functional_call(m, p, (xs,)).sum())(params)["2.weight"]["0.weight"],
+               "jacrev(jacfwd)": jacrev(jacfwd(scalar))(xs[0, 0])}
+        with fwad.dual_level():
+            out["dual"] = fwad.unpack_dual(m(fwad.make_dual(xs, ts))).tangent
+        w, b = params["0.weight"], params["0.bias"]
+        f = (lambda u: gpu_nn.functional.linear(u, w, b, activation=act.lower())) if m is ours else \
+            (lambda u: getattr(torch, act.lower())(torch.nn.functional.linear(u, w, b)))
+        out["fused"] = jvp(f, (xs,), (ts,))[1]
+        return out
+
+    with gpu_nn.backend(backend):
+        got = results(ours, dtype, device)
+        with pytest.raises(NotImplementedError, match="forward-mode AD over forward-mode AD"):
+            jacfwd(jacfwd(lambda u: ours(u[None])[0, 0]))(x[0, 0].to(device, dtype))
+        conv = gnn.Conv1d(2, 2, 3).to(device, dtype)
+        with pytest.raises(NotImplementedError, match="forward-mode AD"):
+            jvp(conv, (torch.randn(1, 2, 5, device=device, dtype=dtype),), (torch.randn(1, 2, 5, device=device, dtype=dtype),))
+    want = results(theirs, torch.float64, "cpu")
+    for k in want:
+        if backend == "reference":
+            torch.testing.assert_close(got[k], want[k], msg=k)
+        else:
+            assert_close(got[k], want[k], torch.float32, k=16, what=k)

@@ -145,10 +145,12 @@ def test_meta_tensors_give_the_shapes_of_a_real_call(fam, case):
 
 @pytest.mark.parametrize("fam,case", CASES, ids=[f"{f}-{c.op}-{i}" for i, (f, c) in enumerate(CASES)])
 def test_forward_mode_ad_raises_instead_of_zero_tangents(fam, case):
-    """Our ops have reverse-mode derivatives only (as torch's custom ops with register_autograd,
-    which give zero or missing tangents silently): a dual tensor (torch.autograd.forward_ad) or a
-    torch.func.jvp input raises NotImplementedError, on both routes; a tensor without a tangent
-    inside a dual level still runs."""
+    """Our ops without a forward-mode formula (all but linear and the activations) have
+    reverse-mode derivatives only (as torch's custom ops with register_autograd, which give zero
+    or missing tangents silently): a dual tensor (torch.autograd.forward_ad) or a torch.func.jvp
+    input raises NotImplementedError, on both routes; a tensor without a tangent inside a dual
+    level still runs. Linear and the activations give the tangent that reverse mode gives (the
+    double-backward trick of torch.autograd.functional.jvp), dual tensors and torch.func.jvp alike."""
     import torch.autograd.forward_ad as fwad
 
     args, kwargs = case.make(np.random.default_rng(7))
@@ -159,6 +161,17 @@ def test_forward_mode_ad_raises_instead_of_zero_tangents(fam, case):
     def call(t):
         return check._float_outputs(case.fn(*args[:pos], t, *args[pos + 1:], **kwargs))[0]
 
+    if case.op in FORWARD_AD_OPS:
+        t = torch.randn(x.shape, dtype=x.dtype, generator=torch.Generator().manual_seed(1))
+        with gpu_nn.backend("reference"):
+            want = torch.autograd.functional.jvp(call, x, t)[1]
+            for eager in (True, False):
+                with pytest.MonkeyPatch.context() as mp:
+                    mp.setattr(_dispatch, "EAGER", eager)
+                    with fwad.dual_level():
+                        torch.testing.assert_close(fwad.unpack_dual(call(fwad.make_dual(x, t))).tangent, want)
+                    torch.testing.assert_close(torch.func.jvp(call, (x,), (t,))[1], want)
+        return
     for eager in (True, False):
         with pytest.MonkeyPatch.context() as mp, gpu_nn.backend("reference"):
             mp.setattr(_dispatch, "EAGER", eager)
@@ -176,6 +189,10 @@ def test_forward_mode_ad_raises_instead_of_zero_tangents(fam, case):
             torch.func.jvp(lambda t: torch.func.vmap(call)(t), (xs,), (torch.ones_like(xs),))
         with fwad.dual_level(), gpu_nn.backend("reference"):
             torch.testing.assert_close(torch.func.vmap(call)(xs), torch.stack([call(x), call(x)]))
+
+
+# the ops with a forward-mode formula (register_jvp)
+FORWARD_AD_OPS = ("relu", "sigmoid", "tanh", "linear", "linear+relu", "linear+sigmoid", "linear+tanh", "linear (no bias)")
 
 
 @pytest.mark.parametrize("fam,case", CASES, ids=[f"{f}-{c.op}-{i}" for i, (f, c) in enumerate(CASES)])

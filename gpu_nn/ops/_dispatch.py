@@ -633,6 +633,9 @@ def _any_tracked(args, kwargs) -> bool:
     return False
 
 
+_SAVED = object()  # a jvp rule's input that was a tensor (saved for the forward pass)
+
+
 class Routed:
     """A ``torch.library.custom_op`` with an eager route around its dispatcher machinery.
 
@@ -664,13 +667,25 @@ class Routed:
         self._c_apply = None
         self._func_function = self._func_spread = None
         self._pair = None
+        self._jvp = None
         self.__doc__ = getattr(op, "__doc__", None)
 
     def __getattr__(self, name):
         if name.startswith("__") or name in ("_op", "_overload", "_impl", "_function", "_c_apply", "_func_function",
-                                             "_func_spread", "_pair"):
+                                             "_func_spread", "_pair", "_jvp"):
             raise AttributeError(name)  # copy/pickle probe instances before __init__: no recursion
         return getattr(self._op, name)
+
+    def register_jvp(self, jvp):
+        """Forward-mode AD for this op (torch.autograd.forward_ad dual tensors, torch.func.jvp /
+        jacfwd / hessian): ``jvp(inputs, outputs, tangents)`` gives the tangent of each output
+        (``outputs`` a tuple, the tangents a tuple of the same length, None for a zero one),
+        ``tangents`` one per input, None where an input has none. A call with a tangent runs
+        through :meth:`_functorch_function` (the op's backward pair, a loop for vmap, and this),
+        on both the dual-tensor and the torch.func route; the op itself stays without a forward
+        formula of its own (torch's custom ops take none). Ops without one refuse tangents."""
+        self._jvp = jvp
+        self._func_function = None
 
     def register_autograd(self, backward, /, *, setup_context=None):
         setup, bwd = _backend.autograd_pair(setup_context or (lambda ctx, inputs, output: None), backward)
@@ -723,13 +738,21 @@ class Routed:
         # transform (jvp opens a dual level too) the interpreter check below decides instead:
         # unpack_dual has no batching rule, so it cannot look at a vmap-wrapped tensor
         if _fwad._current_level >= 0 and not _C._are_functorch_transforms_active():
-            _refuse_tangents(self._overload._schema.name, args, kwargs, _has_tangent)
+            if self._jvp is None or kwargs or len(args) != self._nargs or self._pair is None:
+                _refuse_tangents(self._overload._schema.name, args, kwargs, _has_tangent)
+            elif any(isinstance(a, torch.Tensor) and _has_tangent(a) for a in args):
+                return self._functorch_function().apply(*args)
         if torch.compiler.is_compiling() or kwargs or len(args) != self._nargs or not EAGER or not _eager_ok(args):
             if _C._are_functorch_transforms_active() and not torch.compiler.is_compiling():
                 keys = [i.key() for i in _functorch.get_interpreter_stack()]
-                if _JVP in keys:
-                    _refuse_tangents(self._overload._schema.name, args, kwargs, _functorch.is_functorch_wrapped_tensor)
-                elif (_GRAD in keys or _VMAP in keys) and _FUNCTIONALIZE not in keys:
+                jvp_ok = self._jvp is not None and not kwargs and len(args) == self._nargs and self._pair is not None
+                if _JVP in keys and not (jvp_ok and keys.count(_JVP) == 1):
+                    # (two jvp levels: an autograd.Function's jvp rule reads its saved tensors without
+                    # the outer level's tangent, so jvp of jvp / jacfwd of jacfwd come out wrong,
+                    # torch's own Functions alike: refused)
+                    _refuse_tangents(self._overload._schema.name, args, kwargs, _functorch.is_functorch_wrapped_tensor,
+                                     nested=jvp_ok)
+                elif (_GRAD in keys or _VMAP in keys or _JVP in keys) and _FUNCTIONALIZE not in keys:
                     if self._tensorlist:
                         if _GRAD in keys and _any_tracked(args, kwargs):
                             # autograd.Function tracks no tensor inside a list argument (the
@@ -783,12 +806,37 @@ class Routed:
         def vmap(info, in_dims, *args):
             return _looped(cls.apply, info.batch_size, in_dims, args, overload)
 
-        cls = type(f"Func_{self._op._name}", (torch.autograd.Function,), {
+        body = {
             "forward": staticmethod(lambda *args: overload(*args)),
             "setup_context": staticmethod(setup),
             "backward": staticmethod(bwd),
             "vmap": staticmethod(vmap),
-        })
+        }
+        jvp_rule = self._jvp
+        if jvp_rule is not None:
+            def setup_fwd(ctx, inputs, output):
+                setup(ctx, inputs, output)
+                # what the jvp rule reads: the inputs (their tensors saved for the forward pass,
+                # the rest kept as they are) and the outputs
+                outs = output if isinstance(output, tuple) else (output,)
+                ctx._gn_jvp = (tuple(_SAVED if isinstance(a, torch.Tensor) else a for a in inputs),
+                               isinstance(output, tuple), len(outs))
+                ctx.save_for_forward(*(a for a in inputs if isinstance(a, torch.Tensor)), *outs)
+
+            def jvp(ctx, *tangents):
+                kept, is_tuple, n_out = ctx._gn_jvp
+                saved = list(ctx.saved_tensors)
+                outs = tuple(saved[len(saved) - n_out:])
+                it = iter(saved[:len(saved) - n_out])
+                inputs = tuple(next(it) if k is _SAVED else k for k in kept)
+                res = jvp_rule(inputs, outs, tangents)
+                # a zero tangent (None from the rule) as a tensor: autograd.Function's jvp gives one per output
+                res = tuple(torch.zeros_like(o) if r is None else r for r, o in zip(res, outs))
+                return res if is_tuple else res[0]
+
+            body["setup_context"] = staticmethod(setup_fwd)
+            body["jvp"] = staticmethod(jvp)
+        cls = type(f"Func_{self._op._name}", (torch.autograd.Function,), body)
         self._func_function = cls
         return cls
 
@@ -1023,20 +1071,27 @@ def _has_tangent(t: torch.Tensor) -> bool:
     return _fwad.unpack_dual(t).tangent is not None
 
 
-def _refuse_tangents(name: str, args, kwargs, carries) -> None:
-    """Forward-mode AD has no formula in our ops (torch's custom ops with register_autograd have
-    none either, and give zero or missing tangents without a word): raise where an argument
-    carries a tangent (``carries``: a dual tensor of torch.autograd.forward_ad, or a tensor a
-    torch.func transform wrapped while a jvp transform is active) rather than return a wrong
-    derivative. Under jvp the test is conservative: a tensor only an inner vmap / grad wrapped
-    (no tangent of its own) is refused too, an error where the answer might have been right."""
+def _refuse_tangents(name: str, args, kwargs, carries, nested: bool = False) -> None:
+    """Forward-mode AD where an op has no formula for it (register_jvp: linear and the
+    activations have one; torch's custom ops with register_autograd have none, and give zero or
+    missing tangents without a word): raise where an argument carries a tangent (``carries``: a
+    dual tensor of torch.autograd.forward_ad, or a tensor a torch.func transform wrapped while a
+    jvp transform is active) rather than return a wrong derivative. Under jvp the test is
+    conservative: a tensor only an inner vmap / grad wrapped (no tangent of its own) is refused
+    too, an error where the answer might have been right. ``nested``: the op has a formula, but
+    two jvp levels are active (forward over forward)."""
     for a in (*args, *kwargs.values()):
         for t in (a if type(a) in (list, tuple) else (a,)):
             if isinstance(t, torch.Tensor) and carries(t):
+                if nested:
+                    raise NotImplementedError(
+                        f"{name}: forward-mode AD over forward-mode AD (torch.func.jvp of jvp, jacfwd of jacfwd) "
+                        "is not supported by gpu-nn's ops (an autograd.Function's jvp rule loses the outer "
+                        "tangent); torch.func.hessian, jacfwd(jacrev(...)) and jacrev(jacfwd(...)) work")
                 raise NotImplementedError(
                     f"{name}: forward-mode AD (torch.autograd.forward_ad dual tensors, torch.func.jvp / jacfwd / "
-                    "hessian) is not supported by gpu-nn's ops, which have reverse-mode derivatives only "
-                    "(torch.autograd.grad / backward)")
+                    "hessian) is not supported by this gpu-nn op, which has reverse-mode derivatives only "
+                    "(torch.autograd.grad / backward); linear and the activations (relu, sigmoid, tanh) have it")
 
 
 def on_device(fn):

@@ -190,11 +190,7 @@ def activation_double_backward(activation: str, gg: Tensor, grad: Tensor, output
     gives -2 gg * grad * y. ``need_output=False`` skips d output.
     """
     d_grad = _activation_backward_op(gg, output, activation)
-    d_out = None
-    if need_output and activation == "sigmoid":
-        d_out = gg * grad * (1 - 2 * output)
-    elif need_output and activation == "tanh":
-        d_out = -2 * gg * grad * output
+    d_out = _second_derivative_term(activation, gg, grad, output) if need_output else None
     return d_grad, d_out
 
 
@@ -211,6 +207,40 @@ def _backward_backward(ctx, gg):
 
 # double backward (create_graph=True): the backward op is differentiable too
 _activation_backward_op.register_autograd(_backward_backward, setup_context=_setup_backward_context)
+
+
+def _second_derivative_term(activation: str, t_out: Tensor, grad: Tensor, output: Tensor):
+    """The part of d(grad * act'(output)) that comes from the output, for an output tangent (or
+    gradient) ``t_out``: None for relu (act' is piecewise constant), else torch elementwise math
+    (activation_double_backward's d output)."""
+    if activation == "sigmoid":
+        return t_out * grad * (1 - 2 * output)
+    if activation == "tanh":
+        return -2 * t_out * grad * output
+    return None
+
+
+def _jvp(inputs, outputs, tangents):
+    """Forward-mode AD of y = act(x): the tangent is act'(x) tx, our activation backward of tx."""
+    tx = tangents[0]
+    return (None if tx is None else _activation_backward_op(tx, outputs[0], inputs[1]),)
+
+
+def _backward_jvp(inputs, outputs, tangents):
+    """Forward-mode AD of dx = grad * act'(output) (its tangent for forward-over-reverse, e.g.
+    torch.func.hessian): act'(output) t_grad, our backward again, plus the output's term."""
+    grad, out, act = inputs
+    t_grad, t_out = tangents[:2]
+    res = None if t_grad is None else _activation_backward_op(t_grad, out, act)
+    if t_out is not None:
+        term = _second_derivative_term(act, t_out.to(grad.dtype), grad, out.to(grad.dtype))
+        if term is not None:
+            res = term if res is None else res + term
+    return (res,)
+
+
+_activation_op.register_jvp(_jvp)
+_activation_backward_op.register_jvp(_backward_jvp)
 
 
 _GET_META = getattr(torch._C._autograd, "_get_creation_meta", None)

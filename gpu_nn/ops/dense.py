@@ -324,6 +324,79 @@ def _linear_backward_backward(ctx, ggx, ggw, ggb):
 _linear_backward_op.register_autograd(_linear_backward_backward, setup_context=_linear_bwd_setup)
 
 
+def _matrix_weight(w: Tensor) -> None:
+    if w.dim() != 2:
+        raise NotImplementedError("gpu_nn::linear: forward-mode AD (dual tensors, torch.func.jvp / jacfwd / hessian) "
+                                  "takes a 2-d weight")
+
+
+def _linear_jvp(inputs, outputs, tangents):
+    """Forward-mode AD of y = act(x w^T + b), each term our linear op: tz = tx w^T + x tw^T + tb,
+    ty = act'(y) tz (our activation backward)."""
+    from .activation import _activation_backward_op
+
+    x, w, b, act = inputs
+    tx, tw, tb = tangents[:3]
+    _matrix_weight(w)
+    tz = None
+    if tx is not None:
+        tz = _linear_op(tx, w, tb, None)
+    if tw is not None:
+        term = _linear_op(x, tw, None if tz is not None else tb, None)
+        tz = term if tz is None else tz + term
+    if tz is None:
+        if tb is None:
+            return (None,)
+        tz = tb.expand(outputs[0].shape).contiguous()
+    return (tz if act is None else _activation_backward_op(tz, outputs[0], act),)
+
+
+def _linear_backward_jvp(inputs, outputs, tangents):
+    """Forward-mode AD of linear_backward (forward-over-reverse: torch.func.hessian), its
+    terms as the double backward's: with gz = act_backward(grad, output), dx = gz w, dw = gz^T x,
+    db = sum gz, the tangents are tdx = tgz w + gz tw, tdw = tgz^T x + gz^T tx, tdb = sum tgz,
+    tgz our activation backward's own tangent. A result not computed (an empty placeholder) has
+    none."""
+    from .activation import _activation_backward_op
+
+    g, x, w, out, act, has_bias, *needs = inputs
+    need_x, need_w = (True, True) if not needs else needs
+    tg, tx, tw, tout = tangents[:4]
+    _matrix_weight(w)
+    O, K = w.shape
+    M = math.prod(x.shape[:-1])
+    g2 = g.reshape(M, O)
+    gz2 = g2 if act is None else _activation_backward_op(g2, out.reshape(M, O), act)
+    tgz2 = None
+    if tg is not None or (act is not None and tout is not None):
+        tg2 = None if tg is None else tg.reshape(M, O)
+        if act is None:
+            tgz2 = tg2
+        else:
+            tgz2 = _activation_backward_op._jvp((g2, out.reshape(M, O), act), (gz2,),
+                                                (tg2, None if tout is None else tout.reshape(M, O), None))[0]
+    x2 = x.reshape(M, K)
+
+    def add(a, b):
+        return b if a is None else a if b is None else a + b
+
+    tdx = tdw = tdb = None
+    if need_x:
+        tdx = add(None if tgz2 is None else _linear_op(tgz2, w.t(), None, None),
+                  None if tw is None else _linear_op(gz2, tw.t(), None, None))
+        tdx = None if tdx is None else tdx.reshape(x.shape)
+    if need_w:
+        tdw = add(None if tgz2 is None else _linear_op(tgz2.t(), x2.t(), None, None),
+                  None if tx is None else _linear_op(gz2.t(), tx.reshape(M, K).t(), None, None))
+    if has_bias and tgz2 is not None:
+        tdb = tgz2.sum(0)
+    return tdx, tdw, tdb
+
+
+_linear_op.register_jvp(_linear_jvp)
+_linear_backward_op.register_jvp(_linear_backward_jvp)
+
+
 def _vector_weight_checks(input, weight) -> None:
     """A 1-D weight without a bias: torch's matmul takes a dot product (1-D input) or a
     matrix-vector product, each with its own checks in its own order and words, which differ
