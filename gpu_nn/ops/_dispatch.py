@@ -824,6 +824,12 @@ class Routed:
                 ctx.save_for_forward(*(a for a in inputs if isinstance(a, torch.Tensor)), *outs)
 
             def jvp(ctx, *tangents):
+                if any(isinstance(t, torch.Tensor) and _functorch.is_legacy_batchedtensor(t) for t in tangents):
+                    # torch.autograd.functional's vectorized forward-mode jacobian (its legacy vmap)
+                    raise NotImplementedError(
+                        f"{self._op._name}: torch.autograd.functional's forward-mode strategy with vectorize=True "
+                        "(jacobian(strategy='forward-mode'), hessian(outer_jacobian_strategy='forward-mode')) is not "
+                        "supported by gpu-nn's ops; use torch.func.jacfwd / torch.func.hessian, or the reverse-mode strategy")
                 kept, is_tuple, n_out = ctx._gn_jvp
                 saved = list(ctx.saved_tensors)
                 outs = tuple(saved[len(saved) - n_out:])
@@ -1068,7 +1074,19 @@ _FUNCTIONALIZE = _functorch.TransformType.Functionalize
 
 
 def _has_tangent(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a dual tensor with a tangent at the open forward-AD level. A tensor
+    batched by torch's legacy vmap (a jvp rule's tangent under torch.autograd.functional's
+    vectorized forward-mode jacobian) is none: unpack_dual has no batching rule for it, and the
+    op then takes its legacy-batched route."""
+    if _functorch.is_legacy_batchedtensor(t):
+        return False
     return _fwad.unpack_dual(t).tangent is not None
+
+
+def carries_tangent(t: torch.Tensor) -> bool:
+    """A dual tensor with a tangent (a forward-AD level open): one the in-place fast paths,
+    which have no forward-mode rule, leave to the op."""
+    return _fwad._current_level >= 0 and isinstance(t, torch.Tensor) and _has_tangent(t)
 
 
 def _refuse_tangents(name: str, args, kwargs, carries, nested: bool = False) -> None:

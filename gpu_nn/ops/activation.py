@@ -17,6 +17,7 @@ from ..reference import activation as ref
 from ._dispatch import (FLOAT_DTYPES, check_float, check_float_like_torch, check_tensor, empty, empty_like, from_numpy, on_device, routed,
                         same_dense_layout, to_numpy, triton_kernels)
 from ._dispatch import _eager_ok as eager_ok
+from ._dispatch import carries_tangent
 from ._dispatch import device_guard
 from ._dispatch import has_torch_function as _has_tf
 from ._dispatch import torch_function as _tf
@@ -270,7 +271,9 @@ def _apply(input: Tensor, activation: str, inplace: bool = False) -> Tensor:
             raise KernelInputError("Boolean inputs not supported for relu")
         if activation != "relu":
             input = input.to(torch.get_default_dtype())
-    if inplace and not torch.compiler.is_compiling() and eager_ok((input,)):
+    # (a dual tensor with a tangent takes the op and a copy back, whose tangents forward AD
+    # carries: the in-place kernel and _ActivationInPlace have no forward-mode rule)
+    if inplace and not torch.compiler.is_compiling() and eager_ok((input,)) and not carries_tangent(input):
         if torch.is_grad_enabled() and input.requires_grad:
             if not input.is_leaf:  # (a leaf goes on to copy_'s refusal, in torch's words)
                 if input._is_view() and _refused_view(input):
