@@ -668,11 +668,12 @@ class Routed:
         self._func_function = self._func_spread = None
         self._pair = None
         self._jvp = None
+        self._fold = None
         self.__doc__ = getattr(op, "__doc__", None)
 
     def __getattr__(self, name):
         if name.startswith("__") or name in ("_op", "_overload", "_impl", "_function", "_c_apply", "_func_function",
-                                             "_func_spread", "_pair", "_jvp"):
+                                             "_func_spread", "_pair", "_jvp", "_fold"):
             raise AttributeError(name)  # copy/pickle probe instances before __init__: no recursion
         return getattr(self._op, name)
 
@@ -685,6 +686,14 @@ class Routed:
         on both the dual-tensor and the torch.func route; the op itself stays without a forward
         formula of its own (torch's custom ops take none). Ops without one refuse tangents."""
         self._jvp = jvp
+        self._func_function = None
+
+    def register_vmap_fold(self, fold):
+        """A vmap rule that runs the whole batch in one call where the op allows it (an
+        elementwise op; a linear whose weight is not batched: the batch folds into its rows):
+        ``fold(apply, in_dims, args)`` returns ``(out, out_dims)``, calling ``apply`` (the op's
+        torch.func Function) once, or None for the loop over the batch (the default rule)."""
+        self._fold = fold
         self._func_function = None
 
     def register_autograd(self, backward, /, *, setup_context=None):
@@ -803,7 +812,13 @@ class Routed:
         # the custom op's kernel's
         overload = self._overload
 
+        fold = self._fold
+
         def vmap(info, in_dims, *args):
+            if fold is not None and info.batch_size:
+                done = fold(cls.apply, in_dims, args)
+                if done is not None:
+                    return done
             return _looped(cls.apply, info.batch_size, in_dims, args, overload)
 
         body = {

@@ -244,6 +244,32 @@ _activation_op.register_jvp(_jvp)
 _activation_backward_op.register_jvp(_backward_jvp)
 
 
+def _batched_first(t: Tensor, d, like: Tensor | None = None) -> Tensor:
+    """``t`` with its vmap batch dim ``d`` first, or (``d`` None) expanded to ``like``'s batch."""
+    if d is not None:
+        return t.movedim(d, 0)
+    return t.unsqueeze(0).expand(like.shape[0], *t.shape)
+
+
+def _fold(apply, in_dims, args):
+    """vmap of an activation: elementwise, so the batch is one call (the batch dim where it is)."""
+    return apply(*args), in_dims[0]
+
+
+def _backward_fold(apply, in_dims, args):
+    """vmap of an activation backward: elementwise, the two operands' batch dims first."""
+    g, y, act = args
+    dg, dy = in_dims[:2]
+    if dg == dy:
+        return apply(g, y, act), dg
+    first = g.movedim(dg, 0) if dg is not None else y.movedim(dy, 0)
+    return apply(_batched_first(g, dg, first), _batched_first(y, dy, first), act), 0
+
+
+_activation_op.register_vmap_fold(_fold)
+_activation_backward_op.register_vmap_fold(_backward_fold)
+
+
 _GET_META = getattr(torch._C._autograd, "_get_creation_meta", None)
 
 

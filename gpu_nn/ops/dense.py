@@ -397,6 +397,38 @@ _linear_op.register_jvp(_linear_jvp)
 _linear_backward_op.register_jvp(_linear_backward_jvp)
 
 
+def _linear_fold(apply, in_dims, args):
+    """vmap of linear with its weight and bias not batched (hessians and jacobians in the input):
+    the batch folds into the rows, one call; else None (the loop)."""
+    x, w, b, act = args
+    dx, dw, db = in_dims[:3]
+    if dx is None or dw is not None or db is not None or w.dim() != 2:
+        return None
+    return apply(x.movedim(dx, 0), w, b, act), 0
+
+
+def _linear_backward_fold(apply, in_dims, args):
+    """vmap of linear_backward where only the input's gradient is computed and the weight is
+    not batched (a jacobian or hessian in the input): dx = gz w row by row, the batch folded
+    into the rows, one call; else None (the loop: a per-sample weight or bias gradient is a
+    product or sum per element)."""
+    g, x, w, out, act, has_bias, *needs = args
+    need_x, need_w = (True, True) if not needs else needs
+    dg, dx, dw, dout = in_dims[:4]
+    if dw is not None or need_w or has_bias or w.dim() != 2 or dg is None:
+        return None
+    from .activation import _batched_first
+
+    first = g.movedim(dg, 0)  # (x read for its shape alone: dx's)
+    res = apply(first, _batched_first(x, dx, first), w, None if out is None else _batched_first(out, dout, first), act,
+                has_bias, *needs)
+    return res, (0 if need_x else None, None, None)
+
+
+_linear_op.register_vmap_fold(_linear_fold)
+_linear_backward_op.register_vmap_fold(_linear_backward_fold)
+
+
 def _vector_weight_checks(input, weight) -> None:
     """A 1-D weight without a bias: torch's matmul takes a dot product (1-D input) or a
     matrix-vector product, each with its own checks in its own order and words, which differ
