@@ -908,3 +908,48 @@ def test_vmap_folds_linear_and_activations_into_one_call(backend, device, monkey
             torch.testing.assert_close(a, e, msg=name)
         else:
             assert_close(a, e, torch.float32, k=16, what=name)
+
+
+@pytest.mark.parametrize("name", ["softmax", "log_softmax"])
+@pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
+def test_forward_mode_and_vmap_through_softmax(name, backend, device, monkeypatch):
+    """softmax / log_softmax under forward-mode AD (their rules and their backward's: hessians of
+    a classifier head) and folded under vmap (the batch first, the softmax's dim past it, one
+    call): torch's values for jvp, a dual tensor, hessian, vmap(jacrev) and vmap(hessian), at a
+    positive, a negative and the batch's own dim; no loop over the batch left."""
+    import torch.autograd.forward_ad as fwad
+    from torch.func import hessian, jacrev, jvp, vmap
+
+    from gpu_nn.ops import _dispatch as D
+
+    loops = []
+    orig = D._looped
+    monkeypatch.setattr(D, "_looped", lambda fn, n, *a, **k: (loops.append(n), orig(fn, n, *a, **k))[1])
+    if backend == "triton" and device == "cpu" and name == "softmax":
+        pytest.skip("the interpreter runs one of the two (the rules are the backends' common code)")
+    dtype = torch.float64 if backend == "reference" else torch.float32
+    torch.manual_seed(0)
+    W = torch.randn(6, 4, dtype=torch.float64)
+    x, v = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+    for dim in (1, -1, 0):
+        def ours(u):
+            return getattr(F, name)(F.linear(u, W.to(u), None, activation="tanh"), dim=dim)
+
+        def theirs(u):
+            return getattr(torch, name)(torch.tanh(TF.linear(u, W)), dim=dim)
+
+        results = []
+        for f, dt, dev in ((ours, dtype, device), (theirs, torch.float64, "cpu")):
+            xs, vs = x.to(dev, dt), v.to(dev, dt)
+            with gpu_nn.backend(backend) if f is ours else torch.enable_grad():
+                r = [jvp(f, (xs,), (vs,))[1], hessian(lambda u: (f(u) ** 2).sum())(xs[:2]),
+                     vmap(jacrev(lambda u: f(u[None])[0]))(xs), vmap(hessian(lambda u: f(u[None]).pow(2).sum()))(xs)]
+                with fwad.dual_level():
+                    r.append(fwad.unpack_dual(f(fwad.make_dual(xs, vs))).tangent)
+            results.append(r)
+        for a, b in zip(*results):
+            if backend == "reference":
+                torch.testing.assert_close(a, b)
+            else:
+                assert_close(a, b, torch.float32, k=16, what=f"{name} dim={dim}")
+    assert loops == [], loops

@@ -723,6 +723,51 @@ def _register_softmax(log: bool):
 
     # double backward (create_graph=True): the backward op is differentiable too
     bwd.register_autograd(backward_backward, setup_context=bwd_setup)
+
+    def jvp(inputs, outputs, tangents):
+        """Forward-mode AD. softmax: ty = y (t - sum(t y)), our softmax backward of t;
+        log_softmax: ty = t - sum(t exp(y)) (torch elementwise math, as the double backward's)."""
+        t, dim = tangents[0], inputs[1]
+        if t is None:
+            return (None,)
+        y = outputs[0]
+        return (t - (t * y.exp()).sum(dim, keepdim=True) if log else bwd(t, y, dim),)
+
+    def bwd_jvp(inputs, outputs, tangents):
+        """Forward-mode AD of the backward (forward over reverse: hessians). softmax: dx = y (g -
+        sum(g y)), so tdx = bwd(tg, y) + ty (g - sum(g y)) - y sum(g ty); log_softmax: dx = g -
+        exp(y) sum(g), so tdx = bwd(tg, y) - exp(y) ty sum(g)."""
+        g, y, dim = inputs
+        tg, ty = tangents[:2]
+        res = None if tg is None else bwd(tg, y, dim)
+        if ty is not None:
+            if log:
+                term = -(y.exp() * ty * g.sum(dim, keepdim=True))
+            else:
+                term = ty * (g - (g * y).sum(dim, keepdim=True)) - y * (g * ty).sum(dim, keepdim=True)
+            res = term if res is None else res + term
+        return (res,)
+
+    def shifted(dim: int) -> int:  # a dim of one element, in the batch with its dim first
+        return dim + 1 if dim >= 0 else dim
+
+    def fold(apply, in_dims, args):
+        """vmap: the batch dim first, the softmax's dim past it; one call."""
+        x, dim = args
+        return apply(x.movedim(in_dims[0], 0), shifted(dim)), 0
+
+    def bwd_fold(apply, in_dims, args):
+        from .activation import _batched_first
+
+        g, y, dim = args
+        dg, dy = in_dims[:2]
+        first = g.movedim(dg, 0) if dg is not None else y.movedim(dy, 0)
+        return apply(_batched_first(g, dg, first), _batched_first(y, dy, first), shifted(dim)), 0
+
+    fwd.register_jvp(jvp)
+    bwd.register_jvp(bwd_jvp)
+    fwd.register_vmap_fold(fold)
+    bwd.register_vmap_fold(bwd_fold)
     return fwd, bwd
 
 
