@@ -844,7 +844,8 @@ class Routed:
                     raise NotImplementedError(
                         f"{self._op._name}: torch.autograd.functional's forward-mode strategy with vectorize=True "
                         "(jacobian(strategy='forward-mode'), hessian(outer_jacobian_strategy='forward-mode')) is not "
-                        "supported by gpu-nn's ops; use torch.func.jacfwd / torch.func.hessian, or the reverse-mode strategy")
+                        "supported by gpu-nn's ops; use torch.func.jacfwd / torch.func.hessian, or the reverse-mode "
+                        "strategy")
                 kept, is_tuple, n_out = ctx._gn_jvp
                 saved = list(ctx.saved_tensors)
                 outs = tuple(saved[len(saved) - n_out:])
@@ -1098,6 +1099,14 @@ def _has_tangent(t: torch.Tensor) -> bool:
     return _fwad.unpack_dual(t).tangent is not None
 
 
+def batched_first(t: torch.Tensor, d, like: torch.Tensor | None = None) -> torch.Tensor:
+    """For a vmap fold rule: ``t`` with its batch dim ``d`` first, or (``d`` None: not batched)
+    expanded to ``like``'s batch (``like`` has its batch dim first)."""
+    if d is not None:
+        return t.movedim(d, 0)
+    return t.unsqueeze(0).expand(like.shape[0], *t.shape)
+
+
 def carries_tangent(t: torch.Tensor) -> bool:
     """A dual tensor with a tangent (a forward-AD level open): one the in-place fast paths,
     which have no forward-mode rule, leave to the op."""
@@ -1106,10 +1115,10 @@ def carries_tangent(t: torch.Tensor) -> bool:
 
 def _refuse_tangents(name: str, args, kwargs, carries, nested: bool = False) -> None:
     """Forward-mode AD where an op has no formula for it (register_jvp: linear, the activations
-    and softmax / log_softmax have one; torch's custom ops with register_autograd have none, and give zero or
-    missing tangents without a word): raise where an argument carries a tangent (``carries``: a
-    dual tensor of torch.autograd.forward_ad, or a tensor a torch.func transform wrapped while a
-    jvp transform is active) rather than return a wrong derivative. Under jvp the test is
+    and softmax / log_softmax have one; torch's custom ops with register_autograd have none, and
+    give zero or missing tangents without a word): raise where an argument carries a tangent
+    (``carries``: a dual tensor of torch.autograd.forward_ad, or a tensor a torch.func transform
+    wrapped while a jvp transform is active) rather than return a wrong derivative. Under jvp the test is
     conservative: a tensor only an inner vmap / grad wrapped (no tangent of its own) is refused
     too, an error where the answer might have been right. ``nested``: the op has a formula, but
     two jvp levels are active (forward over forward)."""

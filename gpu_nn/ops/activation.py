@@ -17,7 +17,7 @@ from ..reference import activation as ref
 from ._dispatch import (FLOAT_DTYPES, check_float, check_float_like_torch, check_tensor, empty, empty_like, from_numpy, on_device, routed,
                         same_dense_layout, to_numpy, triton_kernels)
 from ._dispatch import _eager_ok as eager_ok
-from ._dispatch import carries_tangent
+from ._dispatch import batched_first, carries_tangent
 from ._dispatch import device_guard
 from ._dispatch import has_torch_function as _has_tf
 from ._dispatch import torch_function as _tf
@@ -244,13 +244,6 @@ _activation_op.register_jvp(_jvp)
 _activation_backward_op.register_jvp(_backward_jvp)
 
 
-def _batched_first(t: Tensor, d, like: Tensor | None = None) -> Tensor:
-    """``t`` with its vmap batch dim ``d`` first, or (``d`` None) expanded to ``like``'s batch."""
-    if d is not None:
-        return t.movedim(d, 0)
-    return t.unsqueeze(0).expand(like.shape[0], *t.shape)
-
-
 def _fold(apply, in_dims, args):
     """vmap of an activation: elementwise, so the batch is one call (the batch dim where it is)."""
     return apply(*args), in_dims[0]
@@ -263,7 +256,7 @@ def _backward_fold(apply, in_dims, args):
     if dg == dy:
         return apply(g, y, act), dg
     first = g.movedim(dg, 0) if dg is not None else y.movedim(dy, 0)
-    return apply(_batched_first(g, dg, first), _batched_first(y, dy, first), act), 0
+    return apply(batched_first(g, dg, first), batched_first(y, dy, first), act), 0
 
 
 _activation_op.register_vmap_fold(_fold)

@@ -39,7 +39,7 @@ from ..check import CheckCase
 from ..reference import dense as ref
 from ._dispatch import (FLOAT_DTYPES, autocast_inputs, check_float_like_torch, check_tensor, empty, float64_in_float32, from_numpy, is_int,
                         on_device, refuse_wrapping_count, require, routed, to_numpy, triton_kernels)
-from ._dispatch import _eager_ok, torchs_own_error, wanted
+from ._dispatch import _eager_ok, batched_first, torchs_own_error, wanted
 from ._dispatch import has_torch_function as _has_tf
 from ._dispatch import torch_function as _tf
 
@@ -357,7 +357,7 @@ def _linear_backward_jvp(inputs, outputs, tangents):
     db = sum gz, the tangents are tdx = tgz w + gz tw, tdw = tgz^T x + gz^T tx, tdb = sum tgz,
     tgz our activation backward's own tangent. A result not computed (an empty placeholder) has
     none."""
-    from .activation import _activation_backward_op
+    from .activation import _activation_backward_op, _backward_jvp
 
     g, x, w, out, act, has_bias, *needs = inputs
     need_x, need_w = (True, True) if not needs else needs
@@ -373,8 +373,8 @@ def _linear_backward_jvp(inputs, outputs, tangents):
         if act is None:
             tgz2 = tg2
         else:
-            tgz2 = _activation_backward_op._jvp((g2, out.reshape(M, O), act), (gz2,),
-                                                (tg2, None if tout is None else tout.reshape(M, O), None))[0]
+            tgz2 = _backward_jvp((g2, out.reshape(M, O), act), (gz2,),
+                                 (tg2, None if tout is None else tout.reshape(M, O), None))[0]
     x2 = x.reshape(M, K)
 
     def add(a, b):
@@ -417,10 +417,8 @@ def _linear_backward_fold(apply, in_dims, args):
     dg, dx, dw, dout = in_dims[:4]
     if dw is not None or need_w or has_bias or w.dim() != 2 or dg is None:
         return None
-    from .activation import _batched_first
-
     first = g.movedim(dg, 0)  # (x read for its shape alone: dx's)
-    res = apply(first, _batched_first(x, dx, first), w, None if out is None else _batched_first(out, dout, first), act,
+    res = apply(first, batched_first(x, dx, first), w, None if out is None else batched_first(out, dout, first), act,
                 has_bias, *needs)
     return res, (0 if need_x else None, None, None)
 
@@ -757,12 +755,10 @@ def _register_softmax(log: bool):
         return apply(x.movedim(in_dims[0], 0), shifted(dim)), 0
 
     def bwd_fold(apply, in_dims, args):
-        from .activation import _batched_first
-
         g, y, dim = args
         dg, dy = in_dims[:2]
         first = g.movedim(dg, 0) if dg is not None else y.movedim(dy, 0)
-        return apply(_batched_first(g, dg, first), _batched_first(y, dy, first), shifted(dim)), 0
+        return apply(batched_first(g, dg, first), batched_first(y, dy, first), shifted(dim)), 0
 
     fwd.register_jvp(jvp)
     bwd.register_jvp(bwd_jvp)
