@@ -841,12 +841,24 @@ def test_forward_mode_ad_through_linear_and_activations(act, backend, device):
                 d = ours[0](fwad.make_dual(x.to(device, dtype), t.to(device, dtype)))
                 gpu_nn.functional.relu(d, inplace=True)
                 got[f"relu_ grad={grad}"] = fwad.unpack_dual(d).tangent.detach().clone()
+        # reverse over forward through it (the tangent the rule's backward op saved is not the one
+        # the copy back overwrites: a review's find, "modified by an inplace operation" before)
+        xr = x.to(device, dtype).requires_grad_()
+        with fwad.dual_level():
+            d = ours[0](fwad.make_dual(xr, t.to(device, dtype)))
+            gpu_nn.functional.relu(d, inplace=True)
+            got["grad of relu_'s tangent"] = torch.autograd.grad(fwad.unpack_dual(d).tangent.pow(2).sum(), xr)[0]
     want = results(theirs, torch.float64, "cpu")
     for grad in (False, True):
         with fwad.dual_level(), torch.set_grad_enabled(grad):
             d = theirs[0](fwad.make_dual(x, t))
             torch.relu_(d)
             want[f"relu_ grad={grad}"] = fwad.unpack_dual(d).tangent.detach().clone()
+    xr = x.clone().requires_grad_()
+    with fwad.dual_level():
+        d = theirs[0](fwad.make_dual(xr, t))
+        torch.relu_(d)
+        want["grad of relu_'s tangent"] = torch.autograd.grad(fwad.unpack_dual(d).tangent.pow(2).sum(), xr)[0]
     for k in want:
         if backend == "reference":
             torch.testing.assert_close(got[k], want[k], msg=k)
@@ -953,3 +965,10 @@ def test_forward_mode_and_vmap_through_softmax(name, backend, device, monkeypatc
             else:
                 assert_close(a, b, torch.float32, k=16, what=f"{name} dim={dim}")
     assert loops == [], loops
+    # 0-d elements keep the loop (each one's softmax over itself: 1; folded, the softmax had
+    # run across the batch: a review's find)
+    s = torch.randn(5, device=device, dtype=dtype)
+    for dim in (0, -1):
+        with gpu_nn.backend(backend):
+            got = vmap(lambda u: getattr(F, name)(u, dim=dim))(s)
+        torch.testing.assert_close(got, vmap(lambda u: getattr(torch, name)(u, dim=dim))(s))

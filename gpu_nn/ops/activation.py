@@ -304,7 +304,9 @@ def _apply(input: Tensor, activation: str, inplace: bool = False) -> Tensor:
                 return _ActivationInPlace.apply(input, activation)
         elif _in_place(input, activation):
             return input
-    out = _activation_op(input, activation)
+    # a dual tensor changed in place: the op on a copy, whose tangent (which the rule's backward
+    # op saves, for a reverse pass over this forward one) the copy back leaves untouched
+    out = _activation_op(input.clone() if inplace and carries_tangent(input) else input, activation)
     if inplace:
         return input.copy_(out)
     return out

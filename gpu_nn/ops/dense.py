@@ -750,14 +750,19 @@ def _register_softmax(log: bool):
         return dim + 1 if dim >= 0 else dim
 
     def fold(apply, in_dims, args):
-        """vmap: the batch dim first, the softmax's dim past it; one call."""
+        """vmap: the batch dim first, the softmax's dim past it; one call. A 0-d element (its
+        softmax over itself: 1) keeps the loop: the batch would be the only dim to take."""
         x, dim = args
+        if x.dim() < 2:
+            return None
         return apply(x.movedim(in_dims[0], 0), shifted(dim)), 0
 
     def bwd_fold(apply, in_dims, args):
         g, y, dim = args
         dg, dy = in_dims[:2]
         first = g.movedim(dg, 0) if dg is not None else y.movedim(dy, 0)
+        if first.dim() < 2:
+            return None
         return apply(batched_first(g, dg, first), batched_first(y, dy, first), shifted(dim)), 0
 
     fwd.register_jvp(jvp)
