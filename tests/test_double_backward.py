@@ -786,7 +786,7 @@ def test_forward_mode_ad_through_linear_and_activations(act, backend, device):
     activation, a 3-d input: torch's values (float64 on the reference; float32 on triton against
     torch's float64). Forward over forward (jacfwd of jacfwd) raises: an autograd.Function's jvp
     rule reads its saved tensors without the outer tangent (torch's own Functions give wrong
-    values there); ops without a formula (conv) still raise."""
+    values there); ops without a formula (pooling) still raise."""
     import torch.autograd.forward_ad as fwad
     from torch.func import functional_call, hessian, jacfwd, jacrev, jvp, vmap
 
@@ -827,9 +827,9 @@ def test_forward_mode_ad_through_linear_and_activations(act, backend, device):
         got = results(ours, dtype, device)
         with pytest.raises(NotImplementedError, match="forward-mode AD over forward-mode AD"):
             jacfwd(jacfwd(lambda u: ours(u[None])[0, 0]))(x[0, 0].to(device, dtype))
-        conv = gnn.Conv1d(2, 2, 3).to(device, dtype)
+        pool = gnn.MaxPool1d(2)
         with pytest.raises(NotImplementedError, match="forward-mode AD"):
-            jvp(conv, (torch.randn(1, 2, 5, device=device, dtype=dtype),), (torch.randn(1, 2, 5, device=device, dtype=dtype),))
+            jvp(pool, (torch.randn(1, 2, 6, device=device, dtype=dtype),), (torch.randn(1, 2, 6, device=device, dtype=dtype),))
         # torch.autograd.functional's vectorized forward-mode jacobian: refused in words (its legacy
         # vmap's tangents have no unpack_dual; a RuntimeError from deep inside before)
         with pytest.raises(NotImplementedError, match="forward-mode strategy"):
@@ -972,3 +972,80 @@ def test_forward_mode_and_vmap_through_softmax(name, backend, device, monkeypatc
         with gpu_nn.backend(backend):
             got = vmap(lambda u: getattr(F, name)(u, dim=dim))(s)
         torch.testing.assert_close(got, vmap(lambda u: getattr(torch, name)(u, dim=dim))(s))
+
+
+@pytest.mark.parametrize("nd", [1, 2])
+@pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
+def test_forward_mode_and_vmap_through_convolutions(nd, backend, device, monkeypatch):
+    """Convolutions under forward-mode AD (their rule and their backward's, each term our conv
+    ops: jvp / jacfwd of CNNs, hessians in the input and the parameters) and folded under vmap
+    (the batch into the input's own batch dim): a CNN of two convolutions (one strided), tanh and
+    sigmoid, a linear head, and a fused-activation conv2d on channels_last input, against torch;
+    no loop over the batch left where the weights are not batched."""
+    import torch.autograd.forward_ad as fwad
+    from torch.func import functional_call, hessian, jacfwd, jacrev, jvp, vmap
+
+    from gpu_nn.ops import _dispatch as D
+
+    if backend == "triton" and device == "cpu" and nd == 1:
+        pytest.skip("the interpreter runs conv2d (the rules are the ranks' common code)")
+    loops = []
+    orig = D._looped
+    monkeypatch.setattr(D, "_looped", lambda fn, n, *a, **k: (loops.append(n), orig(fn, n, *a, **k))[1])
+    dtype = torch.float64 if backend == "reference" else torch.float32
+    torch.manual_seed(0)
+
+    def mk(lib):
+        conv = getattr(lib, f"Conv{nd}d")
+        return lib.Sequential(conv(2, 3, 3, padding=1), lib.Tanh(), conv(3, 4, 3, stride=2), lib.Sigmoid(), lib.Flatten(),
+                              lib.Linear(4 * (2 if nd == 1 else 4), 1))
+
+    ours, theirs = mk(gnn).to(device, dtype), mk(torch.nn).double()
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(3, 2, *((6,) * nd), dtype=torch.float64)
+    v = torch.randn_like(x)
+    w, b = torch.randn(4, 2, 3, 3, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    xl = torch.randn(2, 2, 7, 7, dtype=torch.float64)
+
+    # the interpreter (a hundred seconds for all of it) runs the first-order transforms and one
+    # hessian; the reference every one
+    light = backend == "triton" and device == "cpu"
+
+    def results(m, dt, dev):
+        xs, vs = x.to(dev, dt), v.to(dev, dt)
+        params = dict(m.named_parameters())
+        scalar = lambda u: m(u[None])[0, 0]  # noqa: E731
+        r = {"jvp": jvp(m, (xs,), (vs,))[1], "vmap jacrev": vmap(jacrev(scalar))(xs[:2]),
+             "hessian": hessian(scalar)(xs[0])}
+        with fwad.dual_level():
+            r["dual"] = fwad.unpack_dual(m(fwad.make_dual(xs, vs))).tangent
+        if not light:
+            r["vmap jacfwd"] = vmap(jacfwd(scalar))(xs[:2])
+        assert loops == [], loops  # (in the input: every op folded)
+        # in the parameters (their directions batch the weights: those keep the loop)
+        r["jvp params"] = jvp(lambda p: functional_call(m, p, (xs,)), (params,),
+                              ({k: torch.ones_like(q) for k, q in params.items()},))[1]
+        if not light:
+            r["hessian params"] = hessian(lambda p: functional_call(m, p, (xs,)).pow(2).sum())(params)["0.weight"][
+                "2.weight"]
+        loops.clear()
+        if nd == 2:
+            ws, bs = w.to(dev, dt), b.to(dev, dt)
+            xc = xl.to(dev, dt).to(memory_format=torch.channels_last)
+            f = (lambda u: F.conv2d(u, ws, bs, padding=1, activation="tanh")) if m is ours else \
+                (lambda u: torch.tanh(TF.conv2d(u, ws, bs, padding=1)))
+            r["fused jvp"] = jvp(f, (xc,), (torch.ones_like(xc),))[1]
+            if not light:
+                r["fused vmap hessian"] = vmap(hessian(lambda u: f(u[None]).pow(2).sum()))(xc)
+        return r
+
+    with gpu_nn.backend(backend):
+        got = results(ours, dtype, device)
+    assert loops == [], loops
+    want = results(theirs, torch.float64, "cpu")
+    assert set(got) == set(want)
+    for k in want:
+        if backend == "reference":
+            torch.testing.assert_close(got[k], want[k], msg=k)
+        else:
+            assert_close(got[k], want[k], torch.float32, k=16, what=k)

@@ -1114,8 +1114,8 @@ def carries_tangent(t: torch.Tensor) -> bool:
 
 
 def _refuse_tangents(name: str, args, kwargs, carries, nested: bool = False) -> None:
-    """Forward-mode AD where an op has no formula for it (register_jvp: linear, the activations
-    and softmax / log_softmax have one; torch's custom ops with register_autograd have none, and
+    """Forward-mode AD where an op has no formula for it (register_jvp: linear, convolution, the
+    activations and softmax / log_softmax have one; torch's custom ops with register_autograd have none, and
     give zero or missing tangents without a word): raise where an argument carries a tangent
     (``carries``: a dual tensor of torch.autograd.forward_ad, or a tensor a torch.func transform
     wrapped while a jvp transform is active) rather than return a wrong derivative. Under jvp the test is
@@ -1133,7 +1133,8 @@ def _refuse_tangents(name: str, args, kwargs, carries, nested: bool = False) -> 
                 raise NotImplementedError(
                     f"{name}: forward-mode AD (torch.autograd.forward_ad dual tensors, torch.func.jvp / jacfwd / "
                     "hessian) is not supported by this gpu-nn op, which has reverse-mode derivatives only "
-                    "(torch.autograd.grad / backward); linear, relu / sigmoid / tanh and softmax / log_softmax have it")
+                    "(torch.autograd.grad / backward); linear, convolution, relu / sigmoid / tanh and softmax / log_softmax "
+                    "have it")
 
 
 def on_device(fn):

@@ -47,7 +47,7 @@ from ._dispatch import (
 from ._dispatch import chooser as _chooser  # module-level name: tests replace it
 from ._dispatch import dense_channels_last as _dense_channels_last
 from ._dispatch import has_torch_function as _has_tf
-from ._dispatch import stand_in, torchs_own_error, wanted
+from ._dispatch import batched_first, stand_in, torchs_own_error, wanted
 from ._dispatch import torch_function as _tf
 
 __all__ = ["conv1d", "conv2d"]
@@ -647,6 +647,100 @@ def _backward_backward(ctx, ggi, ggw, ggb):
 
 # double backward (create_graph=True): the backward op is differentiable too
 _conv_backward_op.register_autograd(_backward_backward, setup_context=_bwd_setup_context)
+
+
+def _add(a, b):
+    return b if a is None else a if b is None else a + b
+
+
+def _jvp(inputs, outputs, tangents):
+    """Forward-mode AD of y = act(conv(x, w) + b), each term our conv: tz = conv(tx, w, tb) +
+    conv(x, tw), ty = act'(y) tz (our activation backward)."""
+    from .activation import _activation_backward_op
+
+    x, w, b, stride, padding, dilation, groups, act = inputs
+    tx, tw, tb = tangents[:3]
+    tz = None
+    if tx is not None:
+        tz = _conv_forward_op(tx, w, tb, stride, padding, dilation, groups, None)
+    if tw is not None:
+        tz = _add(tz, _conv_forward_op(x, tw, None if tz is not None else tb, stride, padding, dilation, groups, None))
+    if tz is None:
+        if tb is None:
+            return (None,)
+        tz = tb.reshape(1, -1, *([1] * (x.dim() - 2))).expand(outputs[0].shape).contiguous()
+    return (tz if act is None else _activation_backward_op(tz, outputs[0], act),)
+
+
+def _backward_jvp(inputs, outputs, tangents):
+    """Forward-mode AD of conv_backward (forward over reverse: torch.func.hessian), its terms as
+    the double backward's: with gz = act_backward(grad, output), gi = conv^T_x(gz; w), gw =
+    conv^T_w(x; gz), gb = sum gz, each linear in each argument: tgi = conv^T_x(tgz; w) +
+    conv^T_x(gz; tw), tgw = conv^T_w(x; tgz) + conv^T_w(tx; gz), tgb = sum tgz; tgz the
+    activation backward's own tangent. A result not asked for (an empty placeholder) has none."""
+    from .activation import _activation_backward_op, _backward_jvp as act_backward_jvp
+
+    g, x, w, y, stride, padding, dilation, groups, act, mask = inputs
+    tg, tx, tw, ty = tangents[:4]
+    mi, mw, mb = (bool(m) for m in mask)
+    gz = g if act is None else _activation_backward_op(g, y, act)
+    tgz = tg if act is None else (None if tg is None and ty is None else act_backward_jvp((g, y, act), (gz,), (tg, ty, None))[0])
+    geo = (stride, padding, dilation, groups, None)
+    tgi = tgw = tgb = None
+    if mi:
+        if tgz is not None:
+            tgi = _conv_backward_op(tgz, x, w, None, *geo, [True, False, False])[0]
+        if tw is not None:
+            tgi = _add(tgi, _conv_backward_op(gz, x, tw, None, *geo, [True, False, False])[0])
+    if mw:
+        if tgz is not None:
+            tgw = _conv_backward_op(tgz, x, w, None, *geo, [False, True, False])[1]
+        if tx is not None:
+            tgw = _add(tgw, _conv_backward_op(gz, tx, w, None, *geo, [False, True, False])[1])
+    if mb and tgz is not None:
+        tgb = tgz.sum([d for d in range(tgz.dim()) if d != 1])
+    return tgi, tgw, tgb
+
+
+def _fold_batch(t, d, like=None):
+    """``t`` with its vmap batch dim ``d`` merged into its own batch (first) dim, or (``d`` None)
+    repeated ``like``'s batch times; with the batch size."""
+    t = batched_first(t, d, like)
+    return t.reshape(t.shape[0] * t.shape[1], *t.shape[2:])
+
+
+def _fold(apply, in_dims, args):
+    """vmap of a convolution whose weight and bias are not batched: the batch folds into the
+    input's own batch dim, one call; else None (the loop)."""
+    x, w, b = args[:3]
+    dx, dw, db = in_dims[:3]
+    if dx is None or dw is not None or db is not None or x.dim() != w.dim() + 1:
+        return None
+    B = x.shape[dx]
+    out = apply(_fold_batch(x, dx), w, b, *args[3:])
+    return out.reshape(B, out.shape[0] // B, *out.shape[1:]), 0
+
+
+def _backward_fold(apply, in_dims, args):
+    """vmap of conv_backward where only the input's gradient is computed and the weight is not
+    batched (a jacobian or hessian in the input): the batch folds into the batch dim, one call;
+    else None (the loop: a per-sample weight or bias gradient is a sum per element)."""
+    g, x, w, y = args[:4]
+    dg, dx, dw, dy = in_dims[:4]
+    mask = [bool(m) for m in args[9]]
+    if dg is None or dw is not None or mask != [True, False, False] or g.dim() != w.dim() + 1:
+        return None
+    first = batched_first(g, dg)
+    B = first.shape[0]
+    folded = (_fold_batch(g, dg), _fold_batch(x, dx, first), w, None if y is None else _fold_batch(y, dy, first))
+    gi, gw, gb = apply(*folded, *args[4:])
+    return (gi.reshape(B, gi.shape[0] // B, *gi.shape[1:]), gw, gb), (0, None, None)
+
+
+_conv_forward_op.register_jvp(_jvp)
+_conv_backward_op.register_jvp(_backward_jvp)
+_conv_forward_op.register_vmap_fold(_fold)
+_conv_backward_op.register_vmap_fold(_backward_fold)
 
 
 # ----------------------------------------------------------------------------- public API
