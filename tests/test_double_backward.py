@@ -786,7 +786,7 @@ def test_forward_mode_ad_through_linear_and_activations(act, backend, device):
     activation, a 3-d input: torch's values (float64 on the reference; float32 on triton against
     torch's float64). Forward over forward (jacfwd of jacfwd) raises: an autograd.Function's jvp
     rule reads its saved tensors without the outer tangent (torch's own Functions give wrong
-    values there); ops without a formula (pooling) still raise."""
+    values there); ops without a formula (cross-entropy) still raise."""
     import torch.autograd.forward_ad as fwad
     from torch.func import functional_call, hessian, jacfwd, jacrev, jvp, vmap
 
@@ -827,9 +827,11 @@ def test_forward_mode_ad_through_linear_and_activations(act, backend, device):
         got = results(ours, dtype, device)
         with pytest.raises(NotImplementedError, match="forward-mode AD over forward-mode AD"):
             jacfwd(jacfwd(lambda u: ours(u[None])[0, 0]))(x[0, 0].to(device, dtype))
-        pool = gnn.MaxPool1d(2)
+        ce = gnn.CrossEntropyLoss()
+        target = torch.tensor([0, 2], device=device)
         with pytest.raises(NotImplementedError, match="forward-mode AD"):
-            jvp(pool, (torch.randn(1, 2, 6, device=device, dtype=dtype),), (torch.randn(1, 2, 6, device=device, dtype=dtype),))
+            jvp(lambda u: ce(u, target), (torch.randn(2, 3, device=device, dtype=dtype),),
+                (torch.randn(2, 3, device=device, dtype=dtype),))
         # torch.autograd.functional's vectorized forward-mode jacobian: refused in words (its legacy
         # vmap's tangents have no unpack_dual; a RuntimeError from deep inside before)
         with pytest.raises(NotImplementedError, match="forward-mode strategy"):
@@ -1043,6 +1045,70 @@ def test_forward_mode_and_vmap_through_convolutions(nd, backend, device, monkeyp
         got = results(ours, dtype, device)
     assert loops == [], loops
     want = results(theirs, torch.float64, "cpu")
+    assert set(got) == set(want)
+    for k in want:
+        if backend == "reference":
+            torch.testing.assert_close(got[k], want[k], msg=k)
+        else:
+            assert_close(got[k], want[k], torch.float32, k=16, what=k)
+
+
+@pytest.mark.parametrize("pool", ["MaxPool2d", "AvgPool2d", "MaxPool1d", "AvgPool1d"])
+@pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
+def test_forward_mode_and_vmap_through_pooling(pool, backend, device, monkeypatch):
+    """Max / min / average pooling under forward-mode AD (max pooling's tangent gathered at its
+    indices, average pooling's and both backward's the ops again: jvp / jacfwd / hessian of a
+    pooled CNN) and folded under vmap (the batch into the input's own batch dim, the forward's
+    indices expanded over a jacfwd's directions): a conv / tanh / pool / linear CNN, and min pooling
+    and dilated ceil-mode max pooling on channels_last input, against torch; no loop left."""
+    import torch.autograd.forward_ad as fwad
+    from torch.func import hessian, jacrev, jvp, vmap
+
+    from gpu_nn.ops import _dispatch as D
+
+    if backend == "triton" and device == "cpu" and pool != "MaxPool2d":
+        pytest.skip("the interpreter runs max_pool2d (the rules are the forms' common code)")
+    loops = []
+    orig = D._looped
+    monkeypatch.setattr(D, "_looped", lambda fn, n, *a, **k: (loops.append(n), orig(fn, n, *a, **k))[1])
+    dtype = torch.float64 if backend == "reference" else torch.float32
+    nd = 1 if pool.endswith("1d") else 2
+    torch.manual_seed(0)
+
+    def mk(lib):
+        conv = getattr(lib, f"Conv{nd}d")
+        return lib.Sequential(conv(2, 3, 3, padding=1), lib.Tanh(), getattr(lib, pool)(2), lib.Flatten(),
+                              lib.Linear(3 * (3 if nd == 1 else 9), 1))
+
+    ours, theirs = mk(gnn).to(device, dtype), mk(torch.nn).double()
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(3, 2, *((6,) * nd), dtype=torch.float64)
+    v = torch.randn_like(x)
+    xl = torch.randn(2, 3, 7, 7, dtype=torch.float64)
+    light = backend == "triton" and device == "cpu"
+    forms = {"min": (lambda u: F.min_pool2d(u, 3, 2, 1), lambda u: -TF.max_pool2d(-u, 3, 2, 1)),
+             "max dilated ceil": (lambda u: F.max_pool2d(u, 2, 2, 0, 2, True), lambda u: TF.max_pool2d(u, 2, 2, 0, 2, True))}
+
+    def results(m, dt, dev, k):
+        xs, vs = x.to(dev, dt), v.to(dev, dt)
+        scalar = lambda u: m(u[None])[0, 0]  # noqa: E731
+        r = {"jvp": jvp(m, (xs,), (vs,))[1], "vmap jacrev": vmap(jacrev(scalar))(xs[:2]),
+             "vmap hessian": vmap(hessian(scalar))(xs[:2])}
+        for grad in (True, False):
+            with fwad.dual_level(), torch.set_grad_enabled(grad):
+                r[f"dual grad={grad}"] = fwad.unpack_dual(m(fwad.make_dual(xs, vs))).tangent
+        if nd == 2 and not light:
+            xc = xl.to(dev, dt).to(memory_format=torch.channels_last)
+            for name, fs in forms.items():
+                f = fs[k]
+                r[f"{name} jvp"] = jvp(f, (xc,), (torch.ones_like(xc),))[1]
+                r[f"{name} vmap hessian"] = vmap(hessian(lambda u: f(u[None]).tanh().sum()))(xc)
+        return r
+
+    with gpu_nn.backend(backend):
+        got = results(ours, dtype, device, 0)
+    assert loops == [], loops
+    want = results(theirs, torch.float64, "cpu", 1)
     assert set(got) == set(want)
     for k in want:
         if backend == "reference":

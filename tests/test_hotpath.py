@@ -193,7 +193,8 @@ def test_forward_mode_ad_raises_instead_of_zero_tangents(fam, case):
 
 # the ops with a forward-mode formula (register_jvp)
 FORWARD_AD_OPS = ("relu", "sigmoid", "tanh", "linear", "linear+relu", "linear+sigmoid", "linear+tanh", "linear (no bias)",
-                  "softmax", "softmax dim=1", "log_softmax", "conv2d", "conv1d")
+                  "softmax", "softmax dim=1", "log_softmax", "conv2d", "conv1d", "max_pool2d", "min_pool2d",
+                  "max_pool1d", "min_pool1d", "avg_pool2d", "avg_pool1d")
 
 
 @pytest.mark.parametrize("fam,case", CASES, ids=[f"{f}-{c.op}-{i}" for i, (f, c) in enumerate(CASES)])

@@ -852,8 +852,9 @@ class Routed:
                 it = iter(saved[:len(saved) - n_out])
                 inputs = tuple(next(it) if k is _SAVED else k for k in kept)
                 res = jvp_rule(inputs, outs, tangents)
-                # a zero tangent (None from the rule) as a tensor: autograd.Function's jvp gives one per output
-                res = tuple(torch.zeros_like(o) if r is None else r for r, o in zip(res, outs))
+                # a zero tangent (None from the rule) as a tensor: autograd.Function's jvp gives one per
+                # output (none for an integer one: max pooling's indices)
+                res = tuple(torch.zeros_like(o) if r is None and o.is_floating_point() else r for r, o in zip(res, outs))
                 return res if is_tuple else res[0]
 
             body["setup_context"] = staticmethod(setup_fwd)
@@ -1114,8 +1115,8 @@ def carries_tangent(t: torch.Tensor) -> bool:
 
 
 def _refuse_tangents(name: str, args, kwargs, carries, nested: bool = False) -> None:
-    """Forward-mode AD where an op has no formula for it (register_jvp: linear, convolution, the
-    activations and softmax / log_softmax have one; torch's custom ops with register_autograd have none, and
+    """Forward-mode AD where an op has no formula for it (register_jvp: linear, convolution,
+    pooling, the activations and softmax / log_softmax have one; torch's custom ops with register_autograd have none, and
     give zero or missing tangents without a word): raise where an argument carries a tangent
     (``carries``: a dual tensor of torch.autograd.forward_ad, or a tensor a torch.func transform
     wrapped while a jvp transform is active) rather than return a wrong derivative. Under jvp the test is
@@ -1133,8 +1134,8 @@ def _refuse_tangents(name: str, args, kwargs, carries, nested: bool = False) -> 
                 raise NotImplementedError(
                     f"{name}: forward-mode AD (torch.autograd.forward_ad dual tensors, torch.func.jvp / jacfwd / "
                     "hessian) is not supported by this gpu-nn op, which has reverse-mode derivatives only "
-                    "(torch.autograd.grad / backward); linear, convolution, relu / sigmoid / tanh and softmax / log_softmax "
-                    "have it")
+                    "(torch.autograd.grad / backward); linear, convolution, pooling, relu / sigmoid / tanh and softmax / "
+                    "log_softmax have it")
 
 
 def on_device(fn):

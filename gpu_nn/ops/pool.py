@@ -856,6 +856,94 @@ def _avg_backward_backward(ctx, ggi):
 _avg_pool_backward_op.register_autograd(_avg_backward_backward, setup_context=_avg_bwd_setup)
 
 
+# forward-mode AD (register_jvp) and vmap folds: max / min pooling's tangent is the input's
+# tangent gathered at the indices (what its double backward gathers), its backward's a scatter of
+# the gradient's tangent (the backward op again); average pooling and its backward are linear
+
+
+def _gathered(t: Tensor, idx: Tensor) -> Tensor:
+    N, C, OH, OW = idx.shape
+    return t.reshape(N, C, t.shape[2] * t.shape[3]).gather(2, idx.reshape(N, C, OH * OW)).reshape(idx.shape)
+
+
+def _max_jvp(inputs, outputs, tangents):
+    vals, idx = outputs
+    if tangents[0] is None:
+        return None, None
+    if idx.dim() != 4:  # (the forward kept none: _need_indices asks for them under forward AD)
+        raise NotImplementedError("gpu_nn::max_pool: forward-mode AD needs the indices (need_indices=True)")
+    return _gathered(tangents[0], idx), None
+
+
+def _max_backward_jvp(inputs, outputs, tangents):
+    return (None if tangents[0] is None else _max_pool_backward_op(tangents[0], *inputs[1:]),)
+
+
+def _avg_jvp(inputs, outputs, tangents):
+    return (None if tangents[0] is None else _avg_pool_op(tangents[0], *inputs[1:]),)
+
+
+def _avg_backward_jvp(inputs, outputs, tangents):
+    return (None if tangents[0] is None else _avg_pool_backward_op(tangents[0], *inputs[1:]),)
+
+
+def _merged(t: Tensor, d) -> Tensor:
+    """``t`` with its vmap batch dim ``d`` merged into its own batch (first) dim."""
+    t = t.movedim(d, 0)
+    return t.reshape(t.shape[0] * t.shape[1], *t.shape[2:])
+
+
+def _split_batch(t: Tensor, B: int) -> Tensor:
+    return t.reshape(B, t.shape[0] // B, *t.shape[1:])
+
+
+def _max_fold(apply, in_dims, args):
+    x = args[0]
+    if in_dims[0] is None or x.dim() != 5:
+        return None
+    B = x.shape[in_dims[0]]
+    vals, idx = apply(_merged(x, in_dims[0]), *args[1:])
+    return (_split_batch(vals, B), _split_batch(idx, B) if idx.dim() == 4 else idx), (0, 0 if idx.dim() == 4 else None)
+
+
+def _max_backward_fold(apply, in_dims, args):
+    g, idx, size = args[:3]
+    if in_dims[0] is None or g.dim() != 5:
+        return None
+    B = g.shape[in_dims[0]]
+    # (indices not batched: the forward's, under a jacfwd over the gradient's directions)
+    idx_b = idx.movedim(in_dims[1], 0) if in_dims[1] is not None else idx.unsqueeze(0).expand(B, *idx.shape)
+    gi = apply(_merged(g, in_dims[0]), idx_b.reshape(B * idx_b.shape[1], *idx_b.shape[2:]), [B * size[0], *size[1:]],
+               *args[3:])
+    return _split_batch(gi, B), 0
+
+
+def _avg_fold(apply, in_dims, args):
+    x = args[0]
+    if in_dims[0] is None or x.dim() != 5:
+        return None
+    B = x.shape[in_dims[0]]
+    return _split_batch(apply(_merged(x, in_dims[0]), *args[1:]), B), 0
+
+
+def _avg_backward_fold(apply, in_dims, args):
+    g, size = args[:2]
+    if in_dims[0] is None or g.dim() != 5:
+        return None
+    B = g.shape[in_dims[0]]
+    return _split_batch(apply(_merged(g, in_dims[0]), [B * size[0], *size[1:]], *args[2:]), B), 0
+
+
+_max_pool_op.register_jvp(_max_jvp)
+_max_pool_backward_op.register_jvp(_max_backward_jvp)
+_avg_pool_op.register_jvp(_avg_jvp)
+_avg_pool_backward_op.register_jvp(_avg_backward_jvp)
+_max_pool_op.register_vmap_fold(_max_fold)
+_max_pool_backward_op.register_vmap_fold(_max_backward_fold)
+_avg_pool_op.register_vmap_fold(_avg_fold)
+_avg_pool_backward_op.register_vmap_fold(_avg_backward_fold)
+
+
 # --- public functions -----------------------------------------------------------------------
 
 
@@ -954,7 +1042,8 @@ def _need_indices(input: Tensor, return_indices: bool) -> bool:
     grad mode (a trace bakes the flag in as a constant, and its check run, without grad, would
     otherwise record another graph)."""
     return (return_indices or torch.compiler.is_compiling() or _C._get_tracing_state() is not None
-            or _C._are_functorch_transforms_active() or (_C.is_grad_enabled() and input.requires_grad))
+            or _C._are_functorch_transforms_active() or (_C.is_grad_enabled() and input.requires_grad)
+            or torch.autograd.forward_ad._current_level >= 0)  # (a dual level: the tangent's gather)
 
 
 def max_pool2d(input: Tensor, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
