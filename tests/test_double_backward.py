@@ -776,6 +776,17 @@ def test_vectorized_jacobian_with_create_graph_says_so():
             torch.autograd.functional.hessian(lambda v: f(v).pow(2).sum(), x, create_graph=True, vectorize=True)
 
 
+def _same_as_torch(got: dict, want: dict, backend: str) -> None:
+    """The forward-mode / vmap tests' results (name -> tensor) against torch's float64 ones:
+    exactly on the reference (float64), within float32's tolerance on a GPU backend."""
+    assert set(got) == set(want)
+    for k in want:
+        if backend == "reference":
+            torch.testing.assert_close(got[k], want[k], msg=k)
+        else:
+            assert_close(got[k], want[k], torch.float32, k=16, what=k)
+
+
 @pytest.mark.parametrize("act", ["Tanh", "Sigmoid", "ReLU"])
 @pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
 def test_forward_mode_ad_through_linear_and_activations(act, backend, device):
@@ -861,11 +872,7 @@ def test_forward_mode_ad_through_linear_and_activations(act, backend, device):
         d = theirs[0](fwad.make_dual(xr, t))
         torch.relu_(d)
         want["grad of relu_'s tangent"] = torch.autograd.grad(fwad.unpack_dual(d).tangent.pow(2).sum(), xr)[0]
-    for k in want:
-        if backend == "reference":
-            torch.testing.assert_close(got[k], want[k], msg=k)
-        else:
-            assert_close(got[k], want[k], torch.float32, k=16, what=k)
+    _same_as_torch(got, want, backend)
 
 
 @pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
@@ -1045,12 +1052,7 @@ def test_forward_mode_and_vmap_through_convolutions(nd, backend, device, monkeyp
         got = results(ours, dtype, device)
     assert loops == [], loops
     want = results(theirs, torch.float64, "cpu")
-    assert set(got) == set(want)
-    for k in want:
-        if backend == "reference":
-            torch.testing.assert_close(got[k], want[k], msg=k)
-        else:
-            assert_close(got[k], want[k], torch.float32, k=16, what=k)
+    _same_as_torch(got, want, backend)
 
 
 @pytest.mark.parametrize("pool", ["MaxPool2d", "AvgPool2d", "MaxPool1d", "AvgPool1d"])
@@ -1109,9 +1111,4 @@ def test_forward_mode_and_vmap_through_pooling(pool, backend, device, monkeypatc
         got = results(ours, dtype, device, 0)
     assert loops == [], loops
     want = results(theirs, torch.float64, "cpu", 1)
-    assert set(got) == set(want)
-    for k in want:
-        if backend == "reference":
-            torch.testing.assert_close(got[k], want[k], msg=k)
-        else:
-            assert_close(got[k], want[k], torch.float32, k=16, what=k)
+    _same_as_torch(got, want, backend)
