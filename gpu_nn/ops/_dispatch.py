@@ -696,6 +696,11 @@ class Routed:
         self._fold = fold
         self._func_function = None
 
+    def _takes_tangents(self, args, kwargs) -> bool:
+        """Whether a call with tangents runs through the op's jvp rule (it has one, and the
+        call is positional, as the torch.func Function takes it)."""
+        return self._jvp is not None and not kwargs and len(args) == self._nargs and self._pair is not None
+
     def register_autograd(self, backward, /, *, setup_context=None):
         setup, bwd = _backend.autograd_pair(setup_context or (lambda ctx, inputs, output: None), backward)
         self._op.register_autograd(bwd, setup_context=setup)
@@ -747,14 +752,14 @@ class Routed:
         # transform (jvp opens a dual level too) the interpreter check below decides instead:
         # unpack_dual has no batching rule, so it cannot look at a vmap-wrapped tensor
         if _fwad._current_level >= 0 and not _C._are_functorch_transforms_active():
-            if self._jvp is None or kwargs or len(args) != self._nargs or self._pair is None:
+            if not self._takes_tangents(args, kwargs):
                 _refuse_tangents(self._overload._schema.name, args, kwargs, _has_tangent)
             elif any(isinstance(a, torch.Tensor) and _has_tangent(a) for a in args):
                 return self._functorch_function().apply(*args)
         if torch.compiler.is_compiling() or kwargs or len(args) != self._nargs or not EAGER or not _eager_ok(args):
             if _C._are_functorch_transforms_active() and not torch.compiler.is_compiling():
                 keys = [i.key() for i in _functorch.get_interpreter_stack()]
-                jvp_ok = self._jvp is not None and not kwargs and len(args) == self._nargs and self._pair is not None
+                jvp_ok = self._takes_tangents(args, kwargs)
                 if _JVP in keys and not (jvp_ok and keys.count(_JVP) == 1):
                     # (two jvp levels: an autograd.Function's jvp rule reads its saved tensors without
                     # the outer level's tangent, so jvp of jvp / jacfwd of jacfwd come out wrong,
@@ -1108,6 +1113,31 @@ def batched_first(t: torch.Tensor, d, like: torch.Tensor | None = None) -> torch
     return t.unsqueeze(0).expand(like.shape[0], *t.shape)
 
 
+def merge_batch(t: torch.Tensor, d, like: torch.Tensor | None = None) -> torch.Tensor:
+    """For a vmap fold rule: :func:`batched_first`'s tensor with the vmap batch merged into the
+    tensor's own batch (first) dim, [B, N, ...] -> [B * N, ...]; :func:`split_batch` undoes it."""
+    t = batched_first(t, d, like)
+    return t.reshape(t.shape[0] * t.shape[1], *t.shape[2:])
+
+
+def split_batch(t: torch.Tensor, B: int) -> torch.Tensor:
+    """A merged result's vmap batch split off again, [B * N, ...] -> [B, N, ...]."""
+    return t.reshape(B, t.shape[0] // B, *t.shape[1:])
+
+
+def add_terms(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    """The sum of two tangent terms of a jvp rule, either of which may be None (zero)."""
+    return b if a is None else a if b is None else a + b
+
+
+def jvp_linear_in_first(op):
+    """The jvp rule of an op linear in its first argument alone (pooling, a pooling backward):
+    the op again, on that argument's tangent."""
+    def rule(inputs, outputs, tangents):
+        return (None if tangents[0] is None else op(tangents[0], *inputs[1:]),)
+    return rule
+
+
 def carries_tangent(t: torch.Tensor) -> bool:
     """A dual tensor with a tangent (a forward-AD level open): one the in-place fast paths,
     which have no forward-mode rule, leave to the op."""
@@ -1116,12 +1146,13 @@ def carries_tangent(t: torch.Tensor) -> bool:
 
 def _refuse_tangents(name: str, args, kwargs, carries, nested: bool = False) -> None:
     """Forward-mode AD where an op has no formula for it (register_jvp: linear, convolution,
-    pooling, the activations and softmax / log_softmax have one; torch's custom ops with register_autograd have none, and
-    give zero or missing tangents without a word): raise where an argument carries a tangent
-    (``carries``: a dual tensor of torch.autograd.forward_ad, or a tensor a torch.func transform
-    wrapped while a jvp transform is active) rather than return a wrong derivative. Under jvp the test is
-    conservative: a tensor only an inner vmap / grad wrapped (no tangent of its own) is refused
-    too, an error where the answer might have been right. ``nested``: the op has a formula, but
+    pooling, the activations and softmax / log_softmax have one; torch's custom ops with
+    register_autograd have none, and give zero or missing tangents without a word): raise where an
+    argument carries a tangent (``carries``: a dual tensor of torch.autograd.forward_ad, or a
+    tensor a torch.func transform wrapped while a jvp transform is active) rather than return a
+    wrong derivative. Under jvp the test is conservative: a tensor only an inner vmap / grad
+    wrapped (no tangent of its own) is refused too, an error where the answer might have been
+    right. ``nested``: the op has a formula, but
     two jvp levels are active (forward over forward)."""
     for a in (*args, *kwargs.values()):
         for t in (a if type(a) in (list, tuple) else (a,)):

@@ -17,7 +17,7 @@ from ..reference import activation as ref
 from ._dispatch import (FLOAT_DTYPES, check_float, check_float_like_torch, check_tensor, empty, empty_like, from_numpy, on_device, routed,
                         same_dense_layout, to_numpy, triton_kernels)
 from ._dispatch import _eager_ok as eager_ok
-from ._dispatch import batched_first, carries_tangent
+from ._dispatch import add_terms, batched_first, carries_tangent
 from ._dispatch import device_guard
 from ._dispatch import has_torch_function as _has_tf
 from ._dispatch import torch_function as _tf
@@ -234,9 +234,7 @@ def _backward_jvp(inputs, outputs, tangents):
     t_grad, t_out = tangents[:2]
     res = None if t_grad is None else _activation_backward_op(t_grad, out, act)
     if t_out is not None:
-        term = _second_derivative_term(act, t_out.to(grad.dtype), grad, out.to(grad.dtype))
-        if term is not None:
-            res = term if res is None else res + term
+        res = add_terms(res, _second_derivative_term(act, t_out.to(grad.dtype), grad, out.to(grad.dtype)))
     return (res,)
 
 

@@ -47,7 +47,7 @@ from ._dispatch import (
 from ._dispatch import chooser as _chooser  # module-level name: tests replace it
 from ._dispatch import dense_channels_last as _dense_channels_last
 from ._dispatch import has_torch_function as _has_tf
-from ._dispatch import batched_first, stand_in, torchs_own_error, wanted
+from ._dispatch import add_terms, batched_first, merge_batch, split_batch, stand_in, torchs_own_error, wanted
 from ._dispatch import torch_function as _tf
 
 __all__ = ["conv1d", "conv2d"]
@@ -649,10 +649,6 @@ def _backward_backward(ctx, ggi, ggw, ggb):
 _conv_backward_op.register_autograd(_backward_backward, setup_context=_bwd_setup_context)
 
 
-def _add(a, b):
-    return b if a is None else a if b is None else a + b
-
-
 def _jvp(inputs, outputs, tangents):
     """Forward-mode AD of y = act(conv(x, w) + b), each term our conv: tz = conv(tx, w, tb) +
     conv(x, tw), ty = act'(y) tz (our activation backward)."""
@@ -664,7 +660,7 @@ def _jvp(inputs, outputs, tangents):
     if tx is not None:
         tz = _conv_forward_op(tx, w, tb, stride, padding, dilation, groups, None)
     if tw is not None:
-        tz = _add(tz, _conv_forward_op(x, tw, None if tz is not None else tb, stride, padding, dilation, groups, None))
+        tz = add_terms(tz, _conv_forward_op(x, tw, None if tz is not None else tb, stride, padding, dilation, groups, None))
     if tz is None:
         if tb is None:
             return (None,)
@@ -691,22 +687,15 @@ def _backward_jvp(inputs, outputs, tangents):
         if tgz is not None:
             tgi = _conv_backward_op(tgz, x, w, None, *geo, [True, False, False])[0]
         if tw is not None:
-            tgi = _add(tgi, _conv_backward_op(gz, x, tw, None, *geo, [True, False, False])[0])
+            tgi = add_terms(tgi, _conv_backward_op(gz, x, tw, None, *geo, [True, False, False])[0])
     if mw:
         if tgz is not None:
             tgw = _conv_backward_op(tgz, x, w, None, *geo, [False, True, False])[1]
         if tx is not None:
-            tgw = _add(tgw, _conv_backward_op(gz, tx, w, None, *geo, [False, True, False])[1])
+            tgw = add_terms(tgw, _conv_backward_op(gz, tx, w, None, *geo, [False, True, False])[1])
     if mb and tgz is not None:
         tgb = tgz.sum([d for d in range(tgz.dim()) if d != 1])
     return tgi, tgw, tgb
-
-
-def _fold_batch(t, d, like=None):
-    """``t`` with its vmap batch dim ``d`` merged into its own batch (first) dim, or (``d`` None)
-    repeated ``like``'s batch times; with the batch size."""
-    t = batched_first(t, d, like)
-    return t.reshape(t.shape[0] * t.shape[1], *t.shape[2:])
 
 
 def _fold(apply, in_dims, args):
@@ -716,9 +705,7 @@ def _fold(apply, in_dims, args):
     dx, dw, db = in_dims[:3]
     if dx is None or dw is not None or db is not None or x.dim() != w.dim() + 1:
         return None
-    B = x.shape[dx]
-    out = apply(_fold_batch(x, dx), w, b, *args[3:])
-    return out.reshape(B, out.shape[0] // B, *out.shape[1:]), 0
+    return split_batch(apply(merge_batch(x, dx), w, b, *args[3:]), x.shape[dx]), 0
 
 
 def _backward_fold(apply, in_dims, args):
@@ -731,10 +718,9 @@ def _backward_fold(apply, in_dims, args):
     if dg is None or dw is not None or mask != [True, False, False] or g.dim() != w.dim() + 1:
         return None
     first = batched_first(g, dg)
-    B = first.shape[0]
-    folded = (_fold_batch(g, dg), _fold_batch(x, dx, first), w, None if y is None else _fold_batch(y, dy, first))
+    folded = (merge_batch(g, dg), merge_batch(x, dx, first), w, None if y is None else merge_batch(y, dy, first))
     gi, gw, gb = apply(*folded, *args[4:])
-    return (gi.reshape(B, gi.shape[0] // B, *gi.shape[1:]), gw, gb), (0, None, None)
+    return (split_batch(gi, first.shape[0]), gw, gb), (0, None, None)
 
 
 _conv_forward_op.register_jvp(_jvp)

@@ -39,7 +39,7 @@ from ..check import CheckCase
 from ..reference import dense as ref
 from ._dispatch import (FLOAT_DTYPES, autocast_inputs, check_float_like_torch, check_tensor, empty, float64_in_float32, from_numpy, is_int,
                         on_device, refuse_wrapping_count, require, routed, to_numpy, triton_kernels)
-from ._dispatch import _eager_ok, batched_first, torchs_own_error, wanted
+from ._dispatch import _eager_ok, add_terms, batched_first, torchs_own_error, wanted
 from ._dispatch import has_torch_function as _has_tf
 from ._dispatch import torch_function as _tf
 
@@ -342,8 +342,7 @@ def _linear_jvp(inputs, outputs, tangents):
     if tx is not None:
         tz = _linear_op(tx, w, tb, None)
     if tw is not None:
-        term = _linear_op(x, tw, None if tz is not None else tb, None)
-        tz = term if tz is None else tz + term
+        tz = add_terms(tz, _linear_op(x, tw, None if tz is not None else tb, None))
     if tz is None:
         if tb is None:
             return (None,)
@@ -376,17 +375,13 @@ def _linear_backward_jvp(inputs, outputs, tangents):
             tgz2 = _backward_jvp((g2, out.reshape(M, O), act), (gz2,),
                                  (tg2, None if tout is None else tout.reshape(M, O), None))[0]
     x2 = x.reshape(M, K)
-
-    def add(a, b):
-        return b if a is None else a if b is None else a + b
-
     tdx = tdw = tdb = None
     if need_x:
-        tdx = add(None if tgz2 is None else _linear_op(tgz2, w.t(), None, None),
+        tdx = add_terms(None if tgz2 is None else _linear_op(tgz2, w.t(), None, None),
                   None if tw is None else _linear_op(gz2, tw.t(), None, None))
         tdx = None if tdx is None else tdx.reshape(x.shape)
     if need_w:
-        tdw = add(None if tgz2 is None else _linear_op(tgz2.t(), x2.t(), None, None),
+        tdw = add_terms(None if tgz2 is None else _linear_op(tgz2.t(), x2.t(), None, None),
                   None if tx is None else _linear_op(gz2.t(), tx.reshape(M, K).t(), None, None))
     if has_bias and tgz2 is not None:
         tdb = tgz2.sum(0)
@@ -743,7 +738,7 @@ def _register_softmax(log: bool):
                 term = -(y.exp() * ty * g.sum(dim, keepdim=True))
             else:
                 term = ty * (g - (g * y).sum(dim, keepdim=True)) - y * (g * ty).sum(dim, keepdim=True)
-            res = term if res is None else res + term
+            res = add_terms(res, term)
         return (res,)
 
     def shifted(dim: int) -> int:  # a dim of one element, in the batch with its dim first

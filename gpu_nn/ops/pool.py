@@ -41,7 +41,7 @@ from ._dispatch import chooser as _chooser  # module-level name: tests replace i
 # a channels_last input (dense NHWC, not also contiguous): torch's pooling then returns
 # channels_last values, indices and input gradient, as ours do
 from ._dispatch import dense_channels_last as _channels_last
-from ._dispatch import exact_zero_of
+from ._dispatch import batched_first, exact_zero_of, jvp_linear_in_first, merge_batch, split_batch
 from ._dispatch import has_torch_function as _has_tf
 from ._dispatch import torch_function as _tf
 
@@ -875,47 +875,24 @@ def _max_jvp(inputs, outputs, tangents):
     return _gathered(tangents[0], idx), None
 
 
-def _max_backward_jvp(inputs, outputs, tangents):
-    return (None if tangents[0] is None else _max_pool_backward_op(tangents[0], *inputs[1:]),)
-
-
-def _avg_jvp(inputs, outputs, tangents):
-    return (None if tangents[0] is None else _avg_pool_op(tangents[0], *inputs[1:]),)
-
-
-def _avg_backward_jvp(inputs, outputs, tangents):
-    return (None if tangents[0] is None else _avg_pool_backward_op(tangents[0], *inputs[1:]),)
-
-
-def _merged(t: Tensor, d) -> Tensor:
-    """``t`` with its vmap batch dim ``d`` merged into its own batch (first) dim."""
-    t = t.movedim(d, 0)
-    return t.reshape(t.shape[0] * t.shape[1], *t.shape[2:])
-
-
-def _split_batch(t: Tensor, B: int) -> Tensor:
-    return t.reshape(B, t.shape[0] // B, *t.shape[1:])
-
-
 def _max_fold(apply, in_dims, args):
     x = args[0]
     if in_dims[0] is None or x.dim() != 5:
         return None
     B = x.shape[in_dims[0]]
-    vals, idx = apply(_merged(x, in_dims[0]), *args[1:])
-    return (_split_batch(vals, B), _split_batch(idx, B) if idx.dim() == 4 else idx), (0, 0 if idx.dim() == 4 else None)
+    vals, idx = apply(merge_batch(x, in_dims[0]), *args[1:])
+    return (split_batch(vals, B), split_batch(idx, B) if idx.dim() == 4 else idx), (0, 0 if idx.dim() == 4 else None)
 
 
 def _max_backward_fold(apply, in_dims, args):
     g, idx, size = args[:3]
     if in_dims[0] is None or g.dim() != 5:
         return None
-    B = g.shape[in_dims[0]]
+    first = batched_first(g, in_dims[0])
+    B = first.shape[0]
     # (indices not batched: the forward's, under a jacfwd over the gradient's directions)
-    idx_b = idx.movedim(in_dims[1], 0) if in_dims[1] is not None else idx.unsqueeze(0).expand(B, *idx.shape)
-    gi = apply(_merged(g, in_dims[0]), idx_b.reshape(B * idx_b.shape[1], *idx_b.shape[2:]), [B * size[0], *size[1:]],
-               *args[3:])
-    return _split_batch(gi, B), 0
+    gi = apply(merge_batch(g, in_dims[0]), merge_batch(idx, in_dims[1], first), [B * size[0], *size[1:]], *args[3:])
+    return split_batch(gi, B), 0
 
 
 def _avg_fold(apply, in_dims, args):
@@ -923,7 +900,7 @@ def _avg_fold(apply, in_dims, args):
     if in_dims[0] is None or x.dim() != 5:
         return None
     B = x.shape[in_dims[0]]
-    return _split_batch(apply(_merged(x, in_dims[0]), *args[1:]), B), 0
+    return split_batch(apply(merge_batch(x, in_dims[0]), *args[1:]), B), 0
 
 
 def _avg_backward_fold(apply, in_dims, args):
@@ -931,13 +908,13 @@ def _avg_backward_fold(apply, in_dims, args):
     if in_dims[0] is None or g.dim() != 5:
         return None
     B = g.shape[in_dims[0]]
-    return _split_batch(apply(_merged(g, in_dims[0]), [B * size[0], *size[1:]], *args[2:]), B), 0
+    return split_batch(apply(merge_batch(g, in_dims[0]), [B * size[0], *size[1:]], *args[2:]), B), 0
 
 
 _max_pool_op.register_jvp(_max_jvp)
-_max_pool_backward_op.register_jvp(_max_backward_jvp)
-_avg_pool_op.register_jvp(_avg_jvp)
-_avg_pool_backward_op.register_jvp(_avg_backward_jvp)
+_max_pool_backward_op.register_jvp(jvp_linear_in_first(_max_pool_backward_op))
+_avg_pool_op.register_jvp(jvp_linear_in_first(_avg_pool_op))
+_avg_pool_backward_op.register_jvp(jvp_linear_in_first(_avg_pool_backward_op))
 _max_pool_op.register_vmap_fold(_max_fold)
 _max_pool_backward_op.register_vmap_fold(_max_backward_fold)
 _avg_pool_op.register_vmap_fold(_avg_fold)

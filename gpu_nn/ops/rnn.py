@@ -1386,6 +1386,14 @@ def _(grad_output, grad_hn, grad_cn, input, weights, reserve, mode, num_layers, 
             [w.new_empty(w.shape) if m else e(0) for w, m in zip(weights, need_w)])
 
 
+def _flat_needs(needs, n_w: int) -> list:
+    """The sequence op's ``needs_input_grad`` flat, ``[input, hx, cx, one per weight, the rest]``:
+    its weight entry is a list of flags (the tensor-list spread, torch's own pytree route alike),
+    elsewhere one flag for the whole list."""
+    w = needs[3] if isinstance(needs[3], (list, tuple)) and len(needs[3]) == n_w else [bool(needs[3])] * n_w
+    return [*needs[:3], *w, *needs[4:]]
+
+
 def _seq_setup(ctx, inputs, output):
     input, hx, cx, weights, mode, num_layers, bidirectional, has_biases, lengths, masks = inputs
     ctx.args = (mode, num_layers, bidirectional, has_biases)
@@ -1421,13 +1429,11 @@ def _seq_backward(ctx, g_out, g_hn, g_cn, _g_res):
     # are not computed, as torch's cuDNN backward's output_mask): needs_input_grad narrowed by the
     # engine (wanted), its entry for the weight list a list (the tensor-list spread, torch's own
     # pytree route alike), flattened to line up with the edges
-    needs = ctx.needs_input_grad
     n_w = len(weights)
-    if isinstance(needs[3], (list, tuple)) and len(needs[3]) == n_w:
-        needs = wanted(ctx, (*needs[:3], *needs[3], *needs[4:]))
-        need_w = [bool(n) for n in needs[3:3 + n_w]]
-    else:
-        need_w = [bool(needs[3])] * n_w
+    needs = _flat_needs(ctx.needs_input_grad, n_w)
+    if isinstance(ctx.needs_input_grad[3], (list, tuple)):  # (flags per weight: they line up with the edges)
+        needs = wanted(ctx, needs)
+    need_w = [bool(n) for n in needs[3:3 + n_w]]
     mask = [bool(needs[0]), bool(needs[1]), ctx.has_cx and mode == "lstm" and bool(needs[2]), *need_w]
     if not any(mask):  # (the weights' entry a list: torch's tensor-list route takes no None for it)
         return None, None, None, [None] * n_w, None, None, None, None, None, None
@@ -1521,8 +1527,7 @@ def _seq_backward_differentiable(ctx, g_out, g_hn, g_cn, input, hx, cx, weights,
     mode, num_layers, bidirectional, has_biases = ctx.args
     has_cx = ctx.has_cx and mode == "lstm"
     prims = [input, hx, cx if has_cx else None, *weights]
-    needs = ctx.needs_input_grad  # (its weight entry a list of flags, one per weight, where it is one)
-    flags = [*needs[:3], *(needs[3] if isinstance(needs[3], (list, tuple)) else [needs[3]] * len(weights))]
+    flags = _flat_needs(ctx.needs_input_grad, len(weights))
     wrt = [i for i, p in enumerate(prims) if p is not None and flags[i]]
     from ._autograd import leaf
 
@@ -1558,6 +1563,7 @@ def _seq_backward_differentiable(ctx, g_out, g_hn, g_cn, input, hx, cx, weights,
         res[i] = g if g is not None else torch.zeros_like(prims[i])
     # (the weights' entry a list whatever is asked: torch's tensor-list route takes no None for it)
     return res[0], res[1], res[2], list(res[3:]), None, None, None, None, None, None
+
 
 
 # ----------------------------------------------------------------------------------------------
