@@ -802,7 +802,8 @@ def test_forward_mode_ad_through_linear_and_activations(act, backend, device):
     from torch.func import functional_call, hessian, jacfwd, jacrev, jvp, vmap
 
     if backend == "triton" and device == "cpu" and act != "Tanh":
-        pytest.skip("the interpreter runs one activation (12 s): the rules are the backends' common code")
+        pytest.skip("the interpreter runs Tanh only: the rules are the backends' common code, and the reference "
+                    "runs all three activations")
     dtype = torch.float64 if backend == "reference" else torch.float32
     torch.manual_seed(0)
 
@@ -947,7 +948,8 @@ def test_forward_mode_and_vmap_through_softmax(name, backend, device, monkeypatc
     orig = D._looped
     monkeypatch.setattr(D, "_looped", lambda fn, n, *a, **k: (loops.append(n), orig(fn, n, *a, **k))[1])
     if backend == "triton" and device == "cpu" and name == "softmax":
-        pytest.skip("the interpreter runs one of the two (the rules are the backends' common code)")
+        pytest.skip("the interpreter runs log_softmax only: the rules are the backends' common code, and the "
+                    "reference runs both")
     dtype = torch.float64 if backend == "reference" else torch.float32
     torch.manual_seed(0)
     W = torch.randn(6, 4, dtype=torch.float64)
@@ -997,7 +999,8 @@ def test_forward_mode_and_vmap_through_convolutions(nd, backend, device, monkeyp
     from gpu_nn.ops import _dispatch as D
 
     if backend == "triton" and device == "cpu" and nd == 1:
-        pytest.skip("the interpreter runs conv2d (the rules are the ranks' common code)")
+        pytest.skip("the interpreter runs conv2d only: the rules are the ranks' common code, and the reference "
+                    "runs both ranks")
     loops = []
     orig = D._looped
     monkeypatch.setattr(D, "_looped", lambda fn, n, *a, **k: (loops.append(n), orig(fn, n, *a, **k))[1])
@@ -1069,7 +1072,8 @@ def test_forward_mode_and_vmap_through_pooling(pool, backend, device, monkeypatc
     from gpu_nn.ops import _dispatch as D
 
     if backend == "triton" and device == "cpu" and pool != "MaxPool2d":
-        pytest.skip("the interpreter runs max_pool2d (the rules are the forms' common code)")
+        pytest.skip("the interpreter runs MaxPool2d only: the rules are the forms' common code, and the "
+                    "reference runs all four")
     loops = []
     orig = D._looped
     monkeypatch.setattr(D, "_looped", lambda fn, n, *a, **k: (loops.append(n), orig(fn, n, *a, **k))[1])
