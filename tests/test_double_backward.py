@@ -797,7 +797,7 @@ def test_forward_mode_ad_through_linear_and_activations(act, backend, device):
     activation, a 3-d input: torch's values (float64 on the reference; float32 on triton against
     torch's float64). Forward over forward (jacfwd of jacfwd) raises: an autograd.Function's jvp
     rule reads its saved tensors without the outer tangent (torch's own Functions give wrong
-    values there); ops without a formula (cross-entropy) still raise."""
+    values there); ops without a formula (the recurrent layers) still raise."""
     import torch.autograd.forward_ad as fwad
     from torch.func import functional_call, hessian, jacfwd, jacrev, jvp, vmap
 
@@ -839,11 +839,10 @@ def test_forward_mode_ad_through_linear_and_activations(act, backend, device):
         got = results(ours, dtype, device)
         with pytest.raises(NotImplementedError, match="forward-mode AD over forward-mode AD"):
             jacfwd(jacfwd(lambda u: ours(u[None])[0, 0]))(x[0, 0].to(device, dtype))
-        ce = gnn.CrossEntropyLoss()
-        target = torch.tensor([0, 2], device=device)
+        rnn = gnn.GRU(3, 2).to(device, dtype)
         with pytest.raises(NotImplementedError, match="forward-mode AD"):
-            jvp(lambda u: ce(u, target), (torch.randn(2, 3, device=device, dtype=dtype),),
-                (torch.randn(2, 3, device=device, dtype=dtype),))
+            jvp(lambda u: rnn(u)[0], (torch.randn(2, 1, 3, device=device, dtype=dtype),),
+                (torch.randn(2, 1, 3, device=device, dtype=dtype),))
         # torch.autograd.functional's vectorized forward-mode jacobian: refused in words (its legacy
         # vmap's tangents have no unpack_dual; a RuntimeError from deep inside before)
         with pytest.raises(NotImplementedError, match="forward-mode strategy"):
@@ -1116,3 +1115,112 @@ def test_forward_mode_and_vmap_through_pooling(pool, backend, device, monkeypatc
     assert loops == [], loops
     want = results(theirs, torch.float64, "cpu", 1)
     _same_as_torch(got, want, backend)
+
+
+def _ce_composed(x, target, weight, reduction, smoothing, ignore_index=-100):
+    """torch's cross_entropy written out in torch's own differentiable ops (log_softmax, gather,
+    sums): the derivative in every argument, the class weights included, which torch's
+    nll_loss lacks (forward mode drops its weight tangent, reverse mode refuses it)."""
+    cdim = 0 if x.dim() == 1 else 1
+    C = x.shape[cdim]
+    logp = torch.log_softmax(x, cdim)
+    wshape = [1] * x.dim()
+    wshape[cdim] = C
+    wlogp = logp * weight.reshape(wshape)
+    if target.is_floating_point():
+        rows = -(wlogp * (target * (1 - smoothing) + smoothing / C)).sum(cdim)
+        return rows if reduction == "none" else rows.sum() if reduction == "sum" else rows.sum() / (x.numel() // C)
+    valid = target != ignore_index
+    t = torch.where(valid, target, 0)
+    wt = weight[t] * valid
+    loss = (1 - smoothing) * -logp.gather(cdim, t.unsqueeze(cdim)).squeeze(cdim) * wt - \
+        smoothing / C * wlogp.sum(cdim) * valid
+    return loss if reduction == "none" else loss.sum() if reduction == "sum" else loss.sum() / wt.sum()
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
+def test_forward_mode_through_cross_entropy(backend, device):
+    """cross_entropy under forward-mode AD (its rule: the backward's inner product with the
+    tangent; its backward's: the tangent of g, the double backward's recomputation for x and the
+    target, the weights' term): jvp in the logits and in probability targets, a dual tensor,
+    hessian (forward over reverse), a Hessian-vector product jvp(grad(loss)) in logits and targets,
+    jacrev(jacfwd) (reverse over forward) and reverse mode through a dual tensor's tangent, for
+    class and probability targets, each reduction, weights, label smoothing, ignored rows, 1-d,
+    2-d and k-dim logits: torch's values. A tangent of the class weights: the derivative of
+    torch's loss written out in torch's ops (torch's own drops the nll term's, its nll_loss having
+    no weight derivative). 'mean' with every target ignored: NaN tangents, as torch's."""
+    import itertools
+
+    import torch.autograd.forward_ad as fwad
+    from torch.func import grad, hessian, jacfwd, jacrev, jvp
+
+    dtype = torch.float64 if backend == "reference" else torch.float32
+    interp = backend == "triton" and device == "cpu"
+    gen = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, dtype=D64, generator=gen)  # noqa: E731
+    grid = itertools.product([False, True], ["mean", "sum", "none"], [False, True], [0.0, 0.2], [(4, 5), (5,), (3, 5, 2)])
+    if interp:  # the interpreter runs a row kernel in seconds: the rules are the backends' common code
+        grid = [(False, "mean", True, 0.2, (4, 5)), (True, "none", True, 0.0, (3, 5, 2))]
+    for prob, reduction, weighted, smoothing, shape in grid:
+        cdim = 0 if len(shape) == 1 else 1
+        C = shape[cdim]
+        x, tx, tt = r(*shape), r(*shape), r(*shape)
+        if prob:
+            target = torch.softmax(r(*shape), cdim)
+        else:
+            target = torch.randint(0, C, shape[:cdim] + shape[cdim + 1:], generator=gen)
+            if len(shape) == 2:
+                target[1] = -100  # an ignored row
+        weight, tw = (torch.rand(C, dtype=D64, generator=gen), r(C)) if weighted else (None, None)
+        what = f"prob={prob} {reduction} weighted={weighted} smoothing={smoothing} {shape}"
+
+        def results(f, dt, dev):
+            cast = lambda u: None if u is None else u.to(dev, dt if u.is_floating_point() else u.dtype)  # noqa: E731
+            xs, txs, tts, ts, ws, tws = map(cast, (x, tx, tt, target, weight, tw))
+            kw = dict(weight=ws, reduction=reduction, label_smoothing=smoothing)
+            s = lambda u: f(u, ts, **kw).sum()  # noqa: E731
+            out = {"jvp": jvp(lambda u: f(u, ts, **kw), (xs,), (txs,))[1], "hessian": hessian(s)(xs),
+                   "hvp": jvp(grad(s), (xs,), (txs,))[1], "jacrev(jacfwd)": jacrev(jacfwd(s))(xs)}
+            with fwad.dual_level():
+                out["dual"] = fwad.unpack_dual(f(fwad.make_dual(xs, txs), ts, **kw)).tangent
+            if prob:
+                out["jvp target"] = jvp(lambda v: f(xs, v, **kw), (ts,), (tts,))[1]
+                out["hvp in (x, target)"] = jvp(grad(lambda u, v: f(u, v, **kw).sum(), argnums=(0, 1)), (xs, ts),
+                                                (txs, tts))[1]
+            # reverse over forward: torch's own fails there (its forward-mode formula's saved exp
+            # is modified in place), so torch.func's jvp under grad stands for it
+            if f is F.cross_entropy:
+                xr = xs.clone().requires_grad_()
+                with fwad.dual_level():
+                    tan = fwad.unpack_dual(f(fwad.make_dual(xr, txs), ts, **kw)).tangent
+                    out["grad of the tangent"] = torch.autograd.grad(tan.pow(2).sum(), xr)[0]
+            else:
+                out["grad of the tangent"] = grad(lambda u: jvp(lambda a: f(a, ts, **kw), (u,), (txs,))[1]
+                                                  .pow(2).sum())(xs)
+            if weighted:
+                fw = (lambda w: f(xs, ts, weight=w, reduction=reduction, label_smoothing=smoothing)) \
+                    if f is F.cross_entropy else (lambda w: _ce_composed(xs, ts, w, reduction, smoothing))
+                out["jvp weights"] = jvp(fw, (ws,), (tws,))[1]
+                fx = (lambda u, w: F.cross_entropy(u, ts, weight=w, reduction=reduction, label_smoothing=smoothing)) \
+                    if f is F.cross_entropy else (lambda u, w: _ce_composed(u, ts, w, reduction, smoothing))
+                out["hvp in the weights"] = jvp(lambda w: grad(lambda u: fx(u, w).sum())(xs), (ws,), (tws,))[1]
+            return out
+
+        with gpu_nn.backend(backend):
+            got = results(F.cross_entropy, dtype, device)
+        want = results(TF.cross_entropy, D64, "cpu")
+        assert set(got) == set(want), what
+        for k in want:
+            pairs = zip(got[k], want[k]) if isinstance(want[k], tuple) else [(got[k], want[k])]
+            for a, b in pairs:
+                if backend == "reference":
+                    torch.testing.assert_close(a, b, msg=f"{what}: {k}")
+                else:
+                    assert_close(a, b, torch.float32, k=16, what=f"{what}: {k}")
+    # 'mean' over no target at all: NaN, and NaN tangents, as torch's
+    x, tx = r(3, 4).to(device, dtype), r(3, 4).to(device, dtype)
+    none = torch.full((3,), -100, device=device)
+    with gpu_nn.backend(backend):
+        got = jvp(lambda u: F.cross_entropy(u, none), (x,), (tx,))
+    want = jvp(lambda u: TF.cross_entropy(u, none), (x,), (tx,))
+    torch.testing.assert_close(got, want, equal_nan=True)

@@ -194,7 +194,9 @@ def test_forward_mode_ad_raises_instead_of_zero_tangents(fam, case):
 # the ops with a forward-mode formula (register_jvp)
 FORWARD_AD_OPS = ("relu", "sigmoid", "tanh", "linear", "linear+relu", "linear+sigmoid", "linear+tanh", "linear (no bias)",
                   "softmax", "softmax dim=1", "log_softmax", "conv2d", "conv1d", "max_pool2d", "min_pool2d",
-                  "max_pool1d", "min_pool1d", "avg_pool2d", "avg_pool1d")
+                  "max_pool1d", "min_pool1d", "avg_pool2d", "avg_pool1d", "cross_entropy",
+                  "cross_entropy weight+smoothing", "cross_entropy none k-dim", "cross_entropy prob",
+                  "cross_entropy dim 1 map")
 
 
 @pytest.mark.parametrize("fam,case", CASES, ids=[f"{f}-{c.op}-{i}" for i, (f, c) in enumerate(CASES)])

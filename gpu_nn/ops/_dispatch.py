@@ -839,8 +839,11 @@ class Routed:
                 # what the jvp rule reads: the inputs (their tensors saved for the forward pass,
                 # the rest kept as they are) and the outputs
                 outs = output if isinstance(output, tuple) else (output,)
+                # outputs the setup marked non-differentiable (cross_entropy's statistics) take no
+                # tangent, not even a zero one
+                nd = {id(t) for t in getattr(ctx, "non_differentiable", None) or ()}
                 ctx._gn_jvp = (tuple(_SAVED if isinstance(a, torch.Tensor) else a for a in inputs),
-                               isinstance(output, tuple), len(outs))
+                               isinstance(output, tuple), len(outs), tuple(id(o) in nd for o in outs))
                 ctx.save_for_forward(*(a for a in inputs if isinstance(a, torch.Tensor)), *outs)
 
             def jvp(ctx, *tangents):
@@ -851,7 +854,7 @@ class Routed:
                         "(jacobian(strategy='forward-mode'), hessian(outer_jacobian_strategy='forward-mode')) is not "
                         "supported by gpu-nn's ops; use torch.func.jacfwd / torch.func.hessian, or the reverse-mode "
                         "strategy")
-                kept, is_tuple, n_out = ctx._gn_jvp
+                kept, is_tuple, n_out, plain = ctx._gn_jvp
                 saved = list(ctx.saved_tensors)
                 outs = tuple(saved[len(saved) - n_out:])
                 it = iter(saved[:len(saved) - n_out])
@@ -859,7 +862,8 @@ class Routed:
                 res = jvp_rule(inputs, outs, tangents)
                 # a zero tangent (None from the rule) as a tensor: autograd.Function's jvp gives one per
                 # output (none for an integer one: max pooling's indices)
-                res = tuple(torch.zeros_like(o) if r is None and o.is_floating_point() else r for r, o in zip(res, outs))
+                res = tuple(torch.zeros_like(o) if r is None and o.is_floating_point() and not p else r
+                            for r, o, p in zip(res, outs, plain))
                 return res if is_tuple else res[0]
 
             body["setup_context"] = staticmethod(setup_fwd)
@@ -1146,7 +1150,7 @@ def carries_tangent(t: torch.Tensor) -> bool:
 
 def _refuse_tangents(name: str, args, kwargs, carries, nested: bool = False) -> None:
     """Forward-mode AD where an op has no formula for it (register_jvp: linear, convolution,
-    pooling, the activations and softmax / log_softmax have one; torch's custom ops with
+    pooling, the activations, softmax / log_softmax and cross_entropy have one; torch's custom ops with
     register_autograd have none, and give zero or missing tangents without a word): raise where an
     argument carries a tangent (``carries``: a dual tensor of torch.autograd.forward_ad, or a
     tensor a torch.func transform wrapped while a jvp transform is active) rather than return a
@@ -1165,8 +1169,8 @@ def _refuse_tangents(name: str, args, kwargs, carries, nested: bool = False) -> 
                 raise NotImplementedError(
                     f"{name}: forward-mode AD (torch.autograd.forward_ad dual tensors, torch.func.jvp / jacfwd / "
                     "hessian) is not supported by this gpu-nn op, which has reverse-mode derivatives only "
-                    "(torch.autograd.grad / backward); linear, convolution, pooling, relu / sigmoid / tanh and softmax / "
-                    "log_softmax have it")
+                    "(torch.autograd.grad / backward); linear, convolution, pooling, relu / sigmoid / tanh, softmax / "
+                    "log_softmax and cross_entropy have it")
 
 
 def on_device(fn):

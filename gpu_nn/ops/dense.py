@@ -1167,6 +1167,95 @@ def _ce_backward_backward(ctx, ggx, ggt):
 _cross_entropy_backward_op.register_autograd(_ce_backward_backward, setup_context=_ce_bwd_setup)
 
 
+def _ce_mean_denominator(target: Tensor, w: Tensor, ignore_index: int) -> Tensor:
+    """Class targets' 'mean' denominator for the weights ``w``: the sum of w[t] over the rows
+    whose target is not ignored."""
+    valid = target != ignore_index
+    return (w[torch.where(valid, target, torch.zeros((), dtype=target.dtype, device=target.device))] * valid).sum()
+
+
+def _ce_weight_tangent(x, target, weight, tw, loss, reduction, ignore_index, smoothing, g=None, dx=None,
+                       target_grad=False):
+    """The tangent along the class weights' tangent ``tw`` of the loss (``g`` None), or of the
+    backward's results (dx = B(g), and the target's gradient where ``target_grad``). The loss is
+    linear in the weights except for class targets' 'mean', N(w) / W(w) (N the 'sum' loss, W the
+    denominator), whose tangent is (N(tw) - loss W(tw)) / W(w); likewise B's, (B_sum(g; tw) - dx
+    W(tw)) / W(w). Each linear term is our op run with ``tw`` as the weights (with its own
+    statistics: they hold the weights' totals)."""
+    ratio = reduction == "mean" and not target.is_floating_point()
+    red = "sum" if ratio else reduction
+    tl, stats = _cross_entropy_op(x, target, tw, red, ignore_index, smoothing)
+    if g is not None:
+        tl, tdt = _cross_entropy_backward_op(g, x, target, tw, stats, red, ignore_index, smoothing, target_grad)
+    if ratio:
+        tl = (tl - (loss if g is None else dx) * _ce_mean_denominator(target, tw, ignore_index)) / \
+            _ce_mean_denominator(target, weight, ignore_index)
+    return tl if g is None else (tl, tdt)
+
+
+def _ce_jvp(inputs, outputs, tangents):
+    """Forward-mode AD of cross_entropy. The loss is a scalar function of each row (or of the
+    whole input, reduced), so its tangent is the gradient's inner product with the input's
+    tangent: our backward with an upstream gradient of ones, times tx, summed over the class dim
+    ('none': one per row) or over everything. Probability targets: the loss is linear in the
+    target (the target gradient's inner product likewise). The class weights' term: see
+    :func:`_ce_weight_tangent` (torch drops the nll term's one for class targets, its nll_loss
+    having no weight derivative; this is the derivative). 'mean' with every target ignored:
+    torch's NaN (0 / 0) as the tangent too."""
+    x, target, weight, reduction, ignore_index, smoothing = inputs
+    tx, tt, tw = tangents[:3]
+    loss, stats = outputs
+    prob = target.is_floating_point()
+    want_dt = prob and tt is not None
+    res = None
+    if tx is not None or want_dt:
+        dx, dt = _cross_entropy_backward_op(torch.ones_like(loss), x, target, weight, stats, reduction,
+                                            ignore_index, smoothing, want_dt)
+        cdim = 0 if x.dim() == 1 else 1
+        red = (lambda p: p.sum(cdim)) if reduction == "none" else (lambda p: p.sum())  # noqa: E731
+        res = add_terms(None if tx is None else red(dx * tx), red(dt * tt) if want_dt else None)
+    if tw is not None:
+        res = add_terms(res, _ce_weight_tangent(x, target, weight, tw, loss, reduction, ignore_index, smoothing))
+    if res is not None and reduction == "mean" and not prob:
+        res = torch.where(loss.isnan(), loss, res)
+    return res, None
+
+
+def _ce_backward_jvp(inputs, outputs, tangents):
+    """Forward-mode AD of cross_entropy_backward (forward over reverse: hessians, Hessian-vector
+    products jvp(grad(loss))). The backward B(g, x, t) = g dL/d(x, t) is linear in g (its tangent
+    is B(tg, x, t)); its tangent along (tx, tt) is the second derivative g d2L/d(x, t)2 . (tx, tt),
+    which the double backward's recomputation gives with (tx, tt) as the gradients flowing into
+    B's results (the Hessian is symmetric), the saved statistics' dependence on x included; the
+    weights' term as :func:`_ce_weight_tangent`'s."""
+    from ._autograd import recompute_double_backward
+
+    g, x, target, weight, stats, reduction, ignore_index, smoothing, target_grad = inputs
+    tg, tx, tt, tw = tangents[:4]
+    prob = target.is_floating_point()
+    want_dt = prob and target_grad
+    args = (reduction, ignore_index, smoothing)
+    tdx = tdt = None
+    if tg is not None:
+        tdx, tdt = _cross_entropy_backward_op(tg, x, target, weight, stats, *args, target_grad)
+    if tw is not None:
+        wx, wt = _ce_weight_tangent(x, target, weight, tw, None, *args, g=g, dx=outputs[0], target_grad=want_dt)
+        tdx, tdt = add_terms(tdx, wx), (add_terms(tdt, wt) if want_dt else tdt)
+    tt = tt if prob else None
+    if tx is not None or tt is not None:
+        wrt, up = ([0, 1], [tx, tt]) if prob else ([0], [tx])
+        _, (sx, st) = recompute_double_backward(
+            lambda u, v: (_ce_compose(u, v, weight, *args),), [x, target], wrt, [g], up)
+        tdx = add_terms(tdx, sx)
+        if want_dt:
+            tdt = add_terms(tdt, st)
+    return tdx, (tdt if want_dt else None)
+
+
+_cross_entropy_op.register_jvp(_ce_jvp)
+_cross_entropy_backward_op.register_jvp(_ce_backward_jvp)
+
+
 def _check_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing):
     check_tensor("cross_entropy_loss", "input", input, 1)
     check_tensor("cross_entropy_loss", "target", target, 2)
