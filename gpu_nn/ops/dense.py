@@ -39,7 +39,7 @@ from ..check import CheckCase
 from ..reference import dense as ref
 from ._dispatch import (FLOAT_DTYPES, autocast_inputs, check_float_like_torch, check_tensor, empty, float64_in_float32, from_numpy, is_int,
                         on_device, refuse_wrapping_count, require, routed, to_numpy, triton_kernels)
-from ._dispatch import _eager_ok, add_terms, batched_first, torchs_own_error, wanted
+from ._dispatch import _eager_ok, add_terms, batched_first, merge_batch, torchs_own_error, wanted
 from ._dispatch import has_torch_function as _has_tf
 from ._dispatch import torch_function as _tf
 
@@ -403,19 +403,45 @@ def _linear_fold(apply, in_dims, args):
 
 
 def _linear_backward_fold(apply, in_dims, args):
-    """vmap of linear_backward where only the input's gradient is computed and the weight is
-    not batched (a jacobian or hessian in the input): dx = gz w row by row, the batch folded
-    into the rows, one call; else None (the loop: a per-sample weight or bias gradient is a
-    product or sum per element)."""
+    """vmap of linear_backward with the weight not batched: where only the input's gradient is
+    computed (a jacobian or hessian in the input), dx = gz w row by row, the batch folded into
+    the rows, one call; per-sample weight and bias gradients (torch.func's vmap(grad(...)), as
+    differentially private training takes them) of one row per element: see
+    :func:`_per_sample_linear_backward`; else None (the loop: an element's several rows make its
+    weight gradient a product of its own)."""
     g, x, w, out, act, has_bias, *needs = args
     need_x, need_w = (True, True) if not needs else needs
     dg, dx, dw, dout = in_dims[:4]
-    if dw is not None or need_w or has_bias or w.dim() != 2 or dg is None:
+    if dw is not None or w.dim() != 2 or dg is None:
         return None
     first = g.movedim(dg, 0)  # (x read for its shape alone: dx's)
+    if need_w or has_bias:
+        return _per_sample_linear_backward(first, batched_first(x, dx, first), w,
+                                           None if out is None else batched_first(out, dout, first), act, has_bias,
+                                           need_x, need_w)
     res = apply(first, batched_first(x, dx, first), w, None if out is None else batched_first(out, dout, first), act,
                 has_bias, *needs)
     return res, (0 if need_x else None, None, None)
+
+
+def _per_sample_linear_backward(g, x, w, out, act, has_bias, need_x, need_w):
+    """linear_backward of B elements of one row each ([B, 1.., O] gradients, the batch first):
+    gz = the activation's backward (our op), dx = gz w (our linear, one call), each element's
+    weight gradient gz_b^T x_b the outer product gz_b x_b^T (one broadcast multiply for the
+    batch) and its bias gradient gz_b itself; None where an element has several rows (the loop)."""
+    from .activation import _activation_backward_op
+
+    B, O = g.shape[0], w.shape[0]
+    if math.prod(g.shape[1:-1]) != 1:
+        return None
+    gz = g.reshape(B, O)
+    if act is not None:
+        gz = _activation_backward_op(gz, out.reshape(B, O), act)
+    x2 = x.reshape(B, w.shape[1])
+    dx = _linear_op(gz, w.t(), None, None).reshape(x.shape) if need_x else x.new_zeros(0)
+    dw = (gz.unsqueeze(2) * x2.unsqueeze(1)).to(w.dtype) if need_w else w.new_zeros(0)
+    db = gz.to(w.dtype) if has_bias else w.new_zeros(0)
+    return (dx, dw, db), (0 if need_x else None, 0 if need_w else None, 0 if has_bias else None)
 
 
 _linear_op.register_vmap_fold(_linear_fold)
@@ -1254,6 +1280,95 @@ def _ce_backward_jvp(inputs, outputs, tangents):
 
 _cross_entropy_op.register_jvp(_ce_jvp)
 _cross_entropy_backward_op.register_jvp(_ce_backward_jvp)
+
+
+def _ce_merged(x: Tensor, target: Tensor, dx, dt):
+    """For the vmap folds: (B, the merged input and target, an element's input shape). An
+    element's rows all go into one input: [C] elements (a 0-d target each) stack into a [B, C]
+    batch, [N, C, d...] ones merge into [B N, C, d...]; an unbatched one is expanded."""
+    first = x.movedim(dx, 0) if dx is not None else target.movedim(dt, 0)
+    one = first if dx is not None else None
+    if one is None:  # (only the target batched: its leading dims are the input's)
+        one = x.unsqueeze(0).expand(first.shape[0], *x.shape)
+    shape = tuple(one.shape[1:])
+    if len(shape) == 1:
+        return one.shape[0], one, batched_first(target, dt, one), shape
+    return one.shape[0], merge_batch(one, 0), merge_batch(target, dt, one), shape
+
+
+def _ce_denominators(target: Tensor, weight: Tensor | None, B: int, M: int, ignore_index: int, smoothing: float,
+                     dtype) -> Tensor:
+    """Each element's 'mean' denominator, [B]: the number of its rows (probability targets), or
+    the sum of w[t] over its rows not ignored, NaN where that is 0 with label smoothing (torch
+    averages the nll and smoothing terms apart, and the nll term is 0 / 0); as the kernels."""
+    if target.is_floating_point():
+        return torch.full((B,), float(M), dtype=dtype, device=target.device)
+    valid = (target != ignore_index).reshape(B, M)
+    t = torch.where(valid, target.reshape(B, M), torch.zeros((), dtype=target.dtype, device=target.device))
+    d = (valid.to(dtype) if weight is None else weight.to(dtype)[t] * valid).sum(1)
+    return torch.where(d == 0, math.nan, d) if smoothing > 0 else d
+
+
+def _ce_fold(apply, in_dims, args):
+    """vmap of cross_entropy (per-sample losses and, with its backward's fold, per-sample
+    gradients: vmap(grad(...))) as one call over every element's rows with reduction 'none',
+    each element's 'sum' / 'mean' then a sum over its rows (and a division by its
+    denominator); the statistics laid out as each element's own call lays them out. A batched
+    weight keeps the loop."""
+    x, target, weight, reduction, ignore_index, smoothing = args
+    dx, dt, dw = in_dims[:3]
+    if dw is not None:
+        return None
+    B, xm, tm, shape = _ce_merged(x, target, dx, dt)
+    C = shape[0] if len(shape) == 1 else shape[1]
+    M = math.prod(shape) // C if C else 0
+    loss, stats = apply(xm, tm, weight, "none", ignore_index, smoothing)
+    stats = stats.reshape(3, B, M).transpose(0, 1).reshape(B, 3 * M)
+    if reduction == "none":
+        return (loss.reshape(B, shape[0], *shape[2:]) if len(shape) > 1 else loss, stats), (0, 0)
+    loss = loss.reshape(B, M).sum(1)
+    if reduction == "mean":
+        den = _ce_denominators(tm, weight, B, M, ignore_index, smoothing, loss.dtype)
+        loss = loss / den
+        stats = torch.cat([stats, den.to(stats.dtype).unsqueeze(1)], 1)
+    return (loss, stats), (0, 0)
+
+
+def _ce_backward_fold(apply, in_dims, args):
+    """vmap of cross_entropy_backward (per-sample gradients, jacobians of per-row losses): one
+    call with reduction 'none' over every element's rows, each row's upstream gradient its
+    element's (divided by the element's denominator for 'mean'), the statistics gathered back
+    into one call's layout. A batched weight keeps the loop."""
+    g, x, target, weight, stats, reduction, ignore_index, smoothing, target_grad = args
+    dg, dx, dt, dw, ds = in_dims[:5]
+    if dw is not None:
+        return None
+    if dx is None and dt is None:  # (only g or the statistics batched: the input's rows expanded)
+        ref_dim = dg if dg is not None else ds
+        ref_t = g if dg is not None else stats
+        x, dx = x.unsqueeze(0).expand(ref_t.shape[ref_dim], *x.shape), 0
+    B, xm, tm, shape = _ce_merged(x, target, dx, dt)
+    C = shape[0] if len(shape) == 1 else shape[1]
+    M = math.prod(shape) // C if C else 0
+    like = x.new_empty((B, 0))
+    st = batched_first(stats, ds, like)[:, : 3 * M].reshape(B, 3, M).transpose(0, 1).reshape(3 * B * M)
+    gb = batched_first(g, dg, like)
+    rows = (B * shape[0], *shape[2:]) if len(shape) > 1 else (B,)  # the merged call's loss shape
+    if reduction == "none":
+        gm = gb.reshape(rows)
+    else:
+        if reduction == "mean":
+            gb = gb / _ce_denominators(tm, weight, B, M, ignore_index, smoothing, gb.dtype)
+        gm = gb.unsqueeze(1).expand(B, M).reshape(rows)
+    dxm, dtm = apply(gm, xm, tm, weight, st.contiguous(), "none", ignore_index, smoothing, target_grad)
+    want_dt = target.is_floating_point() and target_grad
+    dxr = dxm.reshape(B, *shape)
+    dtr = dtm.reshape(B, *shape) if want_dt else dtm
+    return (dxr, dtr), (0, 0 if want_dt else None)
+
+
+_cross_entropy_op.register_vmap_fold(_ce_fold)
+_cross_entropy_backward_op.register_vmap_fold(_ce_backward_fold)
 
 
 def _check_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing):
