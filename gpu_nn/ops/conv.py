@@ -709,18 +709,43 @@ def _fold(apply, in_dims, args):
 
 
 def _backward_fold(apply, in_dims, args):
-    """vmap of conv_backward where only the input's gradient is computed and the weight is not
-    batched (a jacobian or hessian in the input): the batch folds into the batch dim, one call;
-    else None (the loop: a per-sample weight or bias gradient is a sum per element)."""
+    """vmap of conv_backward with the weight not batched: where only the input's gradient is
+    computed (a jacobian or hessian in the input), the batch folds into the batch dim, one call;
+    per-sample weight and bias gradients (vmap(grad(...)) of a CNN): :func:`_per_sample_backward`;
+    else None (the loop)."""
     g, x, w, y = args[:4]
     dg, dx, dw, dy = in_dims[:4]
     mask = [bool(m) for m in args[9]]
-    if dg is None or dw is not None or mask != [True, False, False] or g.dim() != w.dim() + 1:
+    if dg is None or dw is not None or g.dim() != w.dim() + 1:
         return None
     first = batched_first(g, dg)
+    if mask != [True, False, False]:
+        return _per_sample_backward(apply, first, batched_first(x, dx, first), w,
+                                    None if y is None else batched_first(y, dy, first), *args[4:])
     folded = (merge_batch(g, dg), merge_batch(x, dx, first), w, None if y is None else merge_batch(y, dy, first))
     gi, gw, gb = apply(*folded, *args[4:])
     return (split_batch(gi, first.shape[0]), gw, gb), (0, None, None)
+
+
+def _per_sample_backward(apply, g, x, w, y, stride, padding, dilation, groups, act, mask):
+    """conv_backward of B elements ([B, N, C, ...], the batch first) with per-sample weight and
+    bias gradients, as ONE grouped convolution backward: each element's channels become B
+    groups' worth of a [N, B C, ...] input (the weight repeated B times), so each group's weight
+    gradient is one element's, summed over its N images, its bias gradient likewise, and the
+    input gradient each element's own."""
+    B, N = g.shape[:2]
+
+    def channels(t):  # [B, N, C, ...] -> [N, B C, ...]
+        return t.transpose(0, 1).reshape(N, B * t.shape[2], *t.shape[3:])
+
+    wg = w.repeat(B, *([1] * (w.dim() - 1)))
+    gi, gw, gb = apply(channels(g), channels(x), wg, None if y is None else channels(y), stride, padding, dilation,
+                       groups * B, act, mask)
+    mi, mw, mb = (bool(m) for m in mask)
+    gi = gi.reshape(N, B, *x.shape[2:]).transpose(0, 1) if mi else gi
+    gw = gw.reshape(B, *w.shape) if mw else gw
+    gb = gb.reshape(B, w.shape[0]) if mb else gb
+    return (gi, gw, gb), (0 if mi else None, 0 if mw else None, 0 if mb else None)
 
 
 _conv_forward_op.register_jvp(_jvp)

@@ -425,22 +425,37 @@ def _linear_backward_fold(apply, in_dims, args):
 
 
 def _per_sample_linear_backward(g, x, w, out, act, has_bias, need_x, need_w):
-    """linear_backward of B elements of one row each ([B, 1.., O] gradients, the batch first):
-    gz = the activation's backward (our op), dx = gz w (our linear, one call), each element's
-    weight gradient gz_b^T x_b the outer product gz_b x_b^T (one broadcast multiply for the
-    batch) and its bias gradient gz_b itself; None where an element has several rows (the loop)."""
+    """linear_backward of B elements ([B, rows.., O] gradients, the batch first) with per-sample
+    weight and bias gradients: gz = the activation's backward (our op), dx = gz w (our linear,
+    one call for every row). Each element's weight gradient gz_b^T x_b: with one row each the
+    outer product gz_b x_b^T (one broadcast multiply for the batch) and the bias gradient gz_b
+    itself; with several, the weight and bias gradients of one grouped kernel-size-1 conv1d
+    (our conv backward, one call: element b's K features are group b's input channels over a
+    length of its rows)."""
     from .activation import _activation_backward_op
 
-    B, O = g.shape[0], w.shape[0]
-    if math.prod(g.shape[1:-1]) != 1:
-        return None
-    gz = g.reshape(B, O)
+    B, (O, K) = g.shape[0], w.shape
+    M = math.prod(g.shape[1:-1])
+    gz = g.reshape(B * M, O)
     if act is not None:
-        gz = _activation_backward_op(gz, out.reshape(B, O), act)
-    x2 = x.reshape(B, w.shape[1])
+        gz = _activation_backward_op(gz, out.reshape(B * M, O), act)
     dx = _linear_op(gz, w.t(), None, None).reshape(x.shape) if need_x else x.new_zeros(0)
-    dw = (gz.unsqueeze(2) * x2.unsqueeze(1)).to(w.dtype) if need_w else w.new_zeros(0)
-    db = gz.to(w.dtype) if has_bias else w.new_zeros(0)
+    if M == 1:
+        dw = (gz.unsqueeze(2) * x.reshape(B, 1, K)).to(w.dtype) if need_w else w.new_zeros(0)
+        db = gz.to(w.dtype) if has_bias else w.new_zeros(0)
+    elif M == 0:
+        dw = w.new_zeros((B, O, K)) if need_w else w.new_zeros(0)
+        db = w.new_zeros((B, O)) if has_bias else w.new_zeros(0)
+    else:
+        from .conv import _conv_backward_op
+
+        def channels(t):  # [B M, F] -> [1, B F, M]
+            return t.reshape(B, M, -1).transpose(1, 2).reshape(1, -1, M)
+
+        _, dw, db = _conv_backward_op(channels(gz), channels(x.reshape(B * M, K)), w.unsqueeze(2).repeat(B, 1, 1), None,
+                                      [1], [0, 0], [1], B, None, [False, need_w, has_bias])
+        dw = dw.reshape(B, O, K) if need_w else w.new_zeros(0)
+        db = db.reshape(B, O) if has_bias else w.new_zeros(0)
     return (dx, dw, db), (0 if need_x else None, 0 if need_w else None, 0 if has_bias else None)
 
 
