@@ -797,7 +797,7 @@ def test_forward_mode_ad_through_linear_and_activations(act, backend, device):
     activation, a 3-d input: torch's values (float64 on the reference; float32 on triton against
     torch's float64). Forward over forward (jacfwd of jacfwd) raises: an autograd.Function's jvp
     rule reads its saved tensors without the outer tangent (torch's own Functions give wrong
-    values there); ops without a formula (the recurrent layers) still raise."""
+    values there)."""
     import torch.autograd.forward_ad as fwad
     from torch.func import functional_call, hessian, jacfwd, jacrev, jvp, vmap
 
@@ -839,10 +839,6 @@ def test_forward_mode_ad_through_linear_and_activations(act, backend, device):
         got = results(ours, dtype, device)
         with pytest.raises(NotImplementedError, match="forward-mode AD over forward-mode AD"):
             jacfwd(jacfwd(lambda u: ours(u[None])[0, 0]))(x[0, 0].to(device, dtype))
-        rnn = gnn.GRU(3, 2).to(device, dtype)
-        with pytest.raises(NotImplementedError, match="forward-mode AD"):
-            jvp(lambda u: rnn(u)[0], (torch.randn(2, 1, 3, device=device, dtype=dtype),),
-                (torch.randn(2, 1, 3, device=device, dtype=dtype),))
         # torch.autograd.functional's vectorized forward-mode jacobian: refused in words (its legacy
         # vmap's tangents have no unpack_dual; a RuntimeError from deep inside before)
         with pytest.raises(NotImplementedError, match="forward-mode strategy"):
@@ -1335,3 +1331,66 @@ def test_vmap_folds_cross_entropy_and_per_sample_gradients(backend, device, monk
         for a, e in (zip(res[0][k], res[1][k]) if k == "fused" else [(res[0][k], res[1][k])]):
             same(a, e, f"per-sample {k}")
     assert loops == [], loops
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
+def test_forward_mode_through_recurrent_layers(backend, device):
+    """The recurrent layers and cells under forward-mode AD: their public functions run the
+    steps as a composition of our linear and activation ops (each with its jvp rule) where a
+    tangent is in play, the fused ops having no rule. jvp of the output and of h_n, jvp in the
+    parameters, hessian (forward over reverse), jacrev(jacfwd), a Hessian-vector product in the
+    parameters and a dual tensor, for a 2-layer bidirectional LSTM, a batch_first GRU, a 2-layer
+    Elman RNN and a projected LSTM, and the three cells: torch's values (float64 on the
+    reference; float32 on triton against torch's float64)."""
+    import torch.autograd.forward_ad as fwad
+    from torch.func import functional_call, grad, hessian, jacfwd, jacrev, jvp
+
+    dtype = torch.float64 if backend == "reference" else torch.float32
+    layers = [("LSTM", dict(num_layers=2, bidirectional=True)), ("GRU", dict(batch_first=True)),
+              ("RNN", dict(num_layers=2)), ("LSTM", dict(proj_size=2, batch_first=True))]
+    cells = ["LSTMCell", "GRUCell", "RNNCell"]
+    if backend == "triton" and device == "cpu":  # the interpreter: one layer, one cell (the route is common code)
+        layers, cells = layers[1:2], cells[:1]
+    for kind, kw in layers:
+        torch.manual_seed(0)
+        ours, theirs = getattr(gnn, kind)(3, 4, **kw).to(device, dtype), getattr(torch.nn, kind)(3, 4, **kw).double()
+        theirs.load_state_dict(ours.state_dict())
+        x = torch.randn(2, 5, 3, dtype=torch.float64)
+        t = torch.randn_like(x)
+
+        def results(m, dt, dev):
+            xs, ts = x.to(dev, dt), t.to(dev, dt)
+            p = dict(m.named_parameters())
+            tp = {k: torch.ones_like(v) for k, v in p.items()}
+            last = (lambda o: o[1][0]) if kind == "LSTM" else (lambda o: o[1])  # noqa: E731
+            scalar = lambda u: m(u)[0].pow(2).sum()  # noqa: E731
+            r = {"jvp": jvp(lambda u: m(u)[0], (xs,), (ts,))[1], "jvp h_n": jvp(lambda u: last(m(u)), (xs,), (ts,))[1],
+                 "jvp params": jvp(lambda q: functional_call(m, q, (xs,))[0], (p,), (tp,))[1],
+                 "hessian": hessian(scalar)(xs), "jacrev(jacfwd)": jacrev(jacfwd(scalar))(xs)}
+            hvp = jvp(lambda q: grad(lambda w: functional_call(m, w, (xs,))[0].pow(2).sum())(q), (p,), (tp,))[1]
+            r.update({f"hvp params {k}": v for k, v in hvp.items()})
+            with fwad.dual_level():
+                r["dual"] = fwad.unpack_dual(m(fwad.make_dual(xs, ts))[0]).tangent
+            return r
+
+        with gpu_nn.backend(backend):
+            got = results(ours, dtype, device)
+        _same_as_torch(got, results(theirs, torch.float64, "cpu"), backend)
+    for kind in cells:
+        torch.manual_seed(0)
+        ours, theirs = getattr(gnn, kind)(3, 4).to(device, dtype), getattr(torch.nn, kind)(3, 4).double()
+        theirs.load_state_dict(ours.state_dict())
+        x = torch.randn(2, 3, dtype=torch.float64)
+        t = torch.randn_like(x)
+
+        def results(m, dt, dev):
+            xs, ts = x.to(dev, dt), t.to(dev, dt)
+            f = (lambda u: m(u)[0]) if kind == "LSTMCell" else m  # noqa: E731
+            r = {"jvp": jvp(f, (xs,), (ts,))[1], "hessian": hessian(lambda u: f(u).pow(2).sum())(xs)}
+            with fwad.dual_level():
+                r["dual"] = fwad.unpack_dual(f(fwad.make_dual(xs, ts))).tangent
+            return r
+
+        with gpu_nn.backend(backend):
+            got = results(ours, dtype, device)
+        _same_as_torch(got, results(theirs, torch.float64, "cpu"), backend)

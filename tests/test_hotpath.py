@@ -144,13 +144,13 @@ def test_meta_tensors_give_the_shapes_of_a_real_call(fam, case):
 
 
 @pytest.mark.parametrize("fam,case", CASES, ids=[f"{f}-{c.op}-{i}" for i, (f, c) in enumerate(CASES)])
-def test_forward_mode_ad_raises_instead_of_zero_tangents(fam, case):
-    """Our ops without a forward-mode formula (all but linear and the activations) have
-    reverse-mode derivatives only (as torch's custom ops with register_autograd, which give zero
-    or missing tangents silently): a dual tensor (torch.autograd.forward_ad) or a torch.func.jvp
-    input raises NotImplementedError, on both routes; a tensor without a tangent inside a dual
-    level still runs. Linear and the activations give the tangent that reverse mode gives (the
-    double-backward trick of torch.autograd.functional.jvp), dual tensors and torch.func.jvp alike."""
+def test_forward_mode_ad_gives_the_reverse_mode_tangent(fam, case):
+    """Every op's public function under forward-mode AD (its op's jvp rule; the recurrent layers'
+    composition of our linear and activation ops, their fused ops having none) gives the tangent
+    that reverse mode gives (the double-backward trick of torch.autograd.functional.jvp): a dual
+    tensor (torch.autograd.forward_ad) and torch.func.jvp, on both routes, and jvp of vmap (the
+    batch folded or looped under the jvp level); a tensor without a tangent inside a dual level
+    runs as usual."""
     import torch.autograd.forward_ad as fwad
 
     args, kwargs = case.make(np.random.default_rng(7))
@@ -161,42 +161,47 @@ def test_forward_mode_ad_raises_instead_of_zero_tangents(fam, case):
     def call(t):
         return check._float_outputs(case.fn(*args[:pos], t, *args[pos + 1:], **kwargs))[0]
 
-    if case.op in FORWARD_AD_OPS:
-        t = torch.randn(x.shape, dtype=x.dtype, generator=torch.Generator().manual_seed(1))
-        with gpu_nn.backend("reference"):
-            want = torch.autograd.functional.jvp(call, x, t)[1]
-            for eager in (True, False):
-                with pytest.MonkeyPatch.context() as mp:
-                    mp.setattr(_dispatch, "EAGER", eager)
-                    with fwad.dual_level():
-                        torch.testing.assert_close(fwad.unpack_dual(call(fwad.make_dual(x, t))).tangent, want)
-                    torch.testing.assert_close(torch.func.jvp(call, (x,), (t,))[1], want)
-        return
-    for eager in (True, False):
-        with pytest.MonkeyPatch.context() as mp, gpu_nn.backend("reference"):
-            mp.setattr(_dispatch, "EAGER", eager)
-            with fwad.dual_level():
+    t = torch.randn(x.shape, dtype=x.dtype, generator=torch.Generator().manual_seed(1))
+    with gpu_nn.backend("reference"):
+        want = torch.autograd.functional.jvp(call, x, t)[1]
+        for eager in (True, False):
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(_dispatch, "EAGER", eager)
+                with fwad.dual_level():
+                    torch.testing.assert_close(fwad.unpack_dual(call(fwad.make_dual(x, t))).tangent, want)
+                    torch.testing.assert_close(call(x), call(x.clone()))
+                torch.testing.assert_close(torch.func.jvp(call, (x,), (t,))[1], want)
+        if fam in ("activation", "dense"):
+            xs, ts = torch.stack([x, x]), torch.stack([t, -t])
+            torch.testing.assert_close(torch.func.jvp(lambda u: torch.func.vmap(call)(u), (xs,), (ts,))[1],
+                                       torch.stack([want, -want]))
+
+
+def test_recurrent_ops_without_a_jvp_rule_refuse_tangents():
+    """The fused recurrent ops have no forward-mode rule (their public functions run a
+    composition instead): called directly with a dual tensor or under torch.func.jvp they raise
+    NotImplementedError, as every op without one does, rather than give zero tangents; without
+    a tangent inside a dual level they run."""
+    import torch.autograd.forward_ad as fwad
+
+    from gpu_nn.ops.rnn import _rnn_cell_op
+
+    x, h = torch.randn(2, 3, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64)
+    w_ih, w_hh = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 4, dtype=torch.float64)
+
+    def cell(u):
+        return _rnn_cell_op(u, h, None, w_ih, w_hh, None, None, "rnn_tanh")[0]
+
+    with gpu_nn.backend("reference"):
+        for eager in (True, False):
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(_dispatch, "EAGER", eager)
+                with fwad.dual_level():
+                    with pytest.raises(NotImplementedError, match="forward-mode AD"):
+                        cell(fwad.make_dual(x, torch.ones_like(x)))
+                    torch.testing.assert_close(cell(x), torch.tanh(x @ w_ih.T + h @ w_hh.T))
                 with pytest.raises(NotImplementedError, match="forward-mode AD"):
-                    call(fwad.make_dual(x, torch.ones_like(x)))
-                assert call(x) is not None
-            with pytest.raises(NotImplementedError, match="forward-mode AD"):
-                torch.func.jvp(call, (x,), (torch.ones_like(x),))
-    # vmap inside a forward-AD region: a batched tensor has no dual to look at (unpack_dual has
-    # no batching rule); under jvp the transform check refuses it, in a bare dual level it runs
-    if fam == "activation":
-        xs = torch.stack([x, x])
-        with pytest.raises(NotImplementedError, match="forward-mode AD"):
-            torch.func.jvp(lambda t: torch.func.vmap(call)(t), (xs,), (torch.ones_like(xs),))
-        with fwad.dual_level(), gpu_nn.backend("reference"):
-            torch.testing.assert_close(torch.func.vmap(call)(xs), torch.stack([call(x), call(x)]))
-
-
-# the ops with a forward-mode formula (register_jvp)
-FORWARD_AD_OPS = ("relu", "sigmoid", "tanh", "linear", "linear+relu", "linear+sigmoid", "linear+tanh", "linear (no bias)",
-                  "softmax", "softmax dim=1", "log_softmax", "conv2d", "conv1d", "max_pool2d", "min_pool2d",
-                  "max_pool1d", "min_pool1d", "avg_pool2d", "avg_pool1d", "cross_entropy",
-                  "cross_entropy weight+smoothing", "cross_entropy none k-dim", "cross_entropy prob",
-                  "cross_entropy dim 1 map")
+                    torch.func.jvp(cell, (x,), (torch.ones_like(x),))
 
 
 @pytest.mark.parametrize("fam,case", CASES, ids=[f"{f}-{c.op}-{i}" for i, (f, c) in enumerate(CASES)])

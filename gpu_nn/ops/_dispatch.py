@@ -1109,6 +1109,16 @@ def _has_tangent(t: torch.Tensor) -> bool:
     return _fwad.unpack_dual(t).tangent is not None
 
 
+def tangents_in_play(tensors) -> bool:
+    """Whether forward-mode AD reaches a call: a torch.func jvp transform is active (jvp,
+    jacfwd, hessian), or a forward-AD dual level is open and one of ``tensors`` carries a
+    tangent. For ops without a jvp rule of their own whose public function then runs a
+    differentiable composition of ops that have one (the recurrent layers)."""
+    if _C._are_functorch_transforms_active():
+        return any(i.key() == _JVP for i in _functorch.get_interpreter_stack())
+    return _fwad._current_level >= 0 and any(isinstance(t, torch.Tensor) and _has_tangent(t) for t in tensors)
+
+
 def batched_first(t: torch.Tensor, d, like: torch.Tensor | None = None) -> torch.Tensor:
     """For a vmap fold rule: ``t`` with its batch dim ``d`` first, or (``d`` None: not batched)
     expanded to ``like``'s batch (``like`` has its batch dim first)."""
@@ -1170,7 +1180,8 @@ def _refuse_tangents(name: str, args, kwargs, carries, nested: bool = False) -> 
                     f"{name}: forward-mode AD (torch.autograd.forward_ad dual tensors, torch.func.jvp / jacfwd / "
                     "hessian) is not supported by this gpu-nn op, which has reverse-mode derivatives only "
                     "(torch.autograd.grad / backward); linear, convolution, pooling, relu / sigmoid / tanh, softmax / "
-                    "log_softmax and cross_entropy have it")
+                    "log_softmax and cross_entropy have it, and the recurrent layers' public functions and modules "
+                    "take it through a composition of those")
 
 
 def on_device(fn):

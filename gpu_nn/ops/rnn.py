@@ -113,7 +113,7 @@ from ._dispatch import (
     on_device, refuse_wrapping_count, routed, to_numpy, triton_kernels,
 )
 from ._dispatch import has_torch_function as _has_tf
-from ._dispatch import stand_in, torchs_own_error, wanted
+from ._dispatch import stand_in, tangents_in_play, torchs_own_error, wanted
 from ._dispatch import torch_function as _tf
 from .dense import linear_dtype_message
 
@@ -2040,7 +2040,12 @@ def _cell(op, mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh):
     if (b_ih is None) != (b_hh is None):  # torch's cells take either bias alone (its linear's None)
         b_ih, b_hh = (torch.zeros_like(b_hh), b_hh) if b_ih is None else (b_ih, torch.zeros_like(b_ih))
     _check_cell(op, input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode)
-    h, c, _ = _rnn_cell_op(input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode)
+    if tangents_in_play((input, hx, cx, w_ih, w_hh, b_ih, b_hh)):
+        # forward-mode AD: the step as a composition of our linear and activation ops (each
+        # with its jvp rule), which the fused cell op has none of
+        h, c = _cell_compose(mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh)
+    else:
+        h, c, _ = _rnn_cell_op(input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode)
     if not batched:
         h, c = h[0], (c[0] if mode == "lstm" else c)
     return h, c
@@ -2131,8 +2136,15 @@ def _seq(mode, input, hx, cx, params, has_biases, num_layers, dropout, train, bi
         dropout_masks = draw_dropout_masks(p, num_layers, T, B, D * H, x, lengths if ok else None)
     if not train:
         dropout_masks = None
-    out, hn, cn, _ = _rnn_seq_op(x.contiguous(), hx, cx, list(params), mode, int(num_layers), bool(bidirectional),
-                                 bool(has_biases), lengths, dropout_masks)
+    if tangents_in_play((x, hx, cx, *params)):
+        # forward-mode AD: the layers as a composition of our linear and activation ops over the
+        # steps (each with its jvp rule), which the fused sequence op has none of
+        out, hn, cn = _seq_compose(mode, int(num_layers), bool(bidirectional), bool(has_biases), lengths, dropout_masks,
+                                   x.contiguous(), hx, cx, *params)
+        cn = x.new_empty(0) if cn is None else cn
+    else:
+        out, hn, cn, _ = _rnn_seq_op(x.contiguous(), hx, cx, list(params), mode, int(num_layers), bool(bidirectional),
+                                     bool(has_biases), lengths, dropout_masks)
     if batch_first:
         out = out.transpose(0, 1)
     if native and hn.shape[-1] != cn.shape[-1] and in_dtype != torch.float64:
