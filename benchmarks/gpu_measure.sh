@@ -38,6 +38,8 @@
 #                  (host_split.json), when 20 s are left
 #   kernel_counts  python -m gpu_nn.benchmarks.kernel_counts: GPU events per op fwd+bwd at tiny
 #                  shapes (counts.json), when 30 s are left
+#   func           gpu-nn bench --family func --quick: per-sample gradients of an MLP and a CNN on both
+#                  backends against torch's layers (func/bench.json), when 30 s are left
 #   demo-persistent-lstm / -gru   the recurrent demos on triton with GPU_NN_RNN_PERSISTENT=1 (every
 #                  time loop one persistent launch, forward and backward), when 30 s are left each
 # OUTDIR/summary.txt has one line per step (exit status, seconds); everything OUTDIR holds is also
@@ -128,6 +130,13 @@ if (( $(left) >= 30 )); then
     step kernel_counts 40 "$PY" -m gpu_nn.benchmarks.kernel_counts --out "$OUTDIR/counts.json"
 else
     echo "kernel_counts: skipped ($(left)s left of ${BUDGET}s, it needs 30)" | tee -a "$SUMMARY"
+fi
+# torch.func workloads (per-sample gradients, vmap(hessian), a Hessian-vector product, jacfwd of an
+# LSTM) on both GPU backends against torch's layers: the fold rules' figures on a GPU
+if (( $(left) >= 30 )); then
+    step func 45 "${GN[@]}" bench --family func --quick --out "$OUTDIR/func" --no-progress
+else
+    echo "func: skipped ($(left)s left of ${BUDGET}s, it needs 30)" | tee -a "$SUMMARY"
 fi
 # the recurrent demos with every time loop in Triton's persistent launch (forward and backward; not
 # the default until measured): the same epochs, to set against demo.json's, on the triton backend

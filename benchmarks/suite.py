@@ -14,6 +14,8 @@ import os
 import time
 
 FAMILIES = ("conv", "pool", "dense", "activation", "rnn", "optim", "overhead")
+# families run only where named (--family): torch.func workloads (bench_func's docstring)
+EXTRA_FAMILIES = ("func",)
 # bench.json's timing["gpu"]: how a GPU run's "seconds" were taken (harness.run_case). Runs
 # without it bracketed one call on an idle stream: latency, the host's launch included.
 GPU_TIMING = "queued"
@@ -23,8 +25,8 @@ PROVIDERS = ("reference", "triton", "cupy")
 def add_arguments(parser) -> None:
     from ..cli import count as _count
 
-    parser.add_argument("--family", action="append", choices=(*FAMILIES, "all"),
-                        help="family to run (repeatable); default all")
+    parser.add_argument("--family", action="append", choices=(*FAMILIES, *EXTRA_FAMILIES, "all"),
+                        help="family to run (repeatable); default all (%s run only where named)" % ", ".join(EXTRA_FAMILIES))
     parser.add_argument("--quick", action="store_true",
                         help="small shape sets and few repetitions (about half a minute on a 2-core CPU)")
     parser.add_argument("--out", default="bench-results", help="directory for bench.json and bench.png (default %(default)s)")

@@ -1013,3 +1013,27 @@ def test_gpu_bench_lets_cudnn_measure_where_ours_measures(monkeypatch):
     monkeypatch.delenv("GPU_NN_TUNE")
     assert suite.tuned_configurations(torch) == {"ours_measured_configurations": True, "torch_cudnn_benchmark": True}
     assert torch.backends.cudnn.benchmark is True
+
+
+def test_func_family_times_the_same_computation_on_both_sides(monkeypatch):
+    """bench_func's cases (torch.func workloads: per-sample gradients, vmap(hessian), a
+    Hessian-vector product, jacfwd of an LSTM) run on our layers and compute what torch's layers
+    compute (small batches here), so the ratios compare like with like; torch's LSTM may have no
+    forward-mode AD (its oneDNN CPU path, mkldnn_rnn_layer, has none), ours does. Named only (--family func), not in
+    the default families."""
+    from gpu_nn.benchmarks import bench_func, suite
+
+    assert "func" not in suite.FAMILIES and "func" in suite.EXTRA_FAMILIES
+    monkeypatch.setattr(bench_func, "CASES", tuple((k, w, 3, 3) for k, w, _, _ in bench_func.CASES))
+    cases = bench_func.cases("cpu", quick=True)
+    assert [c.name for c in cases] == ["per-sample mlp", "per-sample cnn", "vmap-hessian pinn", "hvp mlp",
+                                       "jacfwd lstm"]
+    for case in cases:
+        ours = case.providers["reference"]()()
+        assert torch.utils._pytree.tree_leaves(ours)
+        try:
+            theirs = case.providers["torch"]()()
+        except NotImplementedError as exc:  # torch's CPU LSTM (oneDNN): "Trying to use forward AD with ..."
+            assert case.name == "jacfwd lstm" and "forward AD" in str(exc)
+            continue
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5, msg=case.name)

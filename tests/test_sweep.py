@@ -297,7 +297,7 @@ def test_gpu_measure_script_steps_summary_and_archive(tmp_path):
     summary = (out / "summary.txt").read_text()
     steps = [line.split(":")[0] for line in summary.splitlines() if not line.startswith(" ")]
     assert steps == ["tma-repeat", "sweep", "rnn", "profile", "demo", "demo-profile", "demo-compile", "demo-fuse",
-                     "host_split", "kernel_counts", "demo-persistent-lstm", "demo-persistent-gru", "total"]
+                     "host_split", "kernel_counts", "func", "demo-persistent-lstm", "demo-persistent-gru", "total"]
     assert "  sweep: 191 rows, complete" in summary and "  profile: 20 of 22" in summary
     assert "  demo profile: 6 of 6 regions profiled" in summary
     (demo_call,) = [c for c in calls if "--only demo" in c]
@@ -315,6 +315,7 @@ def test_gpu_measure_script_steps_summary_and_archive(tmp_path):
     assert profile_call.endswith("--profile-budget-s 40")
     assert f"-m gpu_nn.benchmarks.kernel_counts --out {out}/counts.json" in calls
     assert f"-m gpu_nn.benchmarks.host_split --json {out}/host_split.json" in calls
+    assert f"-m gpu_nn.cli bench --family func --quick --out {out}/func --no-progress" in calls
     demo = [c for c in calls if c.startswith("-m gpu_nn.cli demo ")]
     assert demo[0] == f"-m gpu_nn.cli demo --epochs 3 --json {out}/demo.json --no-progress"
     assert demo[1] == f"-m gpu_nn.cli demo --epochs 3 --compile --json {out}/demo-compile.json --no-progress"

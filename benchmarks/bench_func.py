@@ -1,0 +1,117 @@
+"""torch.func workloads: per-sample gradients, Hessians, Hessian-vector products.
+
+Where our ops meet torch.func's transforms (each op an ``autograd.Function`` under them, batched
+by a fold rule into one call or by a loop over vmap's batch), the whole transformed computation
+against the same computation on torch's layers, in the same process:
+
+* per-sample gradients of an MLP classifier and of a small CNN, ``vmap(grad(loss))`` over
+  ``functional_call`` (differentially private training's inner step);
+* ``vmap(hessian(...))`` of a 3-layer tanh MLP over a batch of points (physics-informed networks'
+  Laplacians);
+* a Hessian-vector product of a classifier's loss in its parameters, ``jvp(grad(loss))``;
+* ``jacfwd`` of an LSTM's last state in its input (forward mode through the recurrent layers'
+  composition).
+
+Not part of ``gpu-nn bench``'s default families (name it: ``--family func``): a GPU session
+runs it from ``benchmarks/gpu_measure.sh``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gpu_nn.benchmarks import harness
+
+
+def _ours(device: str):
+    return ("triton", "cupy") if device.startswith("cuda") else ("reference",)
+
+
+def _models(lib, kind: str):
+    if kind == "mlp":
+        return lib.Sequential(lib.Linear(784, 128), lib.ReLU(), lib.Linear(128, 10))
+    if kind == "cnn":
+        return lib.Sequential(lib.Conv2d(1, 16, 3, padding=1), lib.ReLU(), lib.MaxPool2d(2),
+                              lib.Conv2d(16, 32, 3, padding=1), lib.ReLU(), lib.MaxPool2d(2), lib.Flatten(),
+                              lib.Linear(32 * 7 * 7, 10))
+    if kind == "pinn":
+        return lib.Sequential(lib.Linear(3, 32), lib.Tanh(), lib.Linear(32, 32), lib.Tanh(), lib.Linear(32, 1))
+    return lib.LSTM(16, 32)
+
+
+def _setup(kind: str, work: str, B: int, device: str, backend):
+    """setup() for one provider: ``backend`` None is torch's layers, else ours on that backend."""
+    def setup():
+        import gpu_nn
+        import gpu_nn.nn as gnn
+        from torch.func import functional_call, grad, hessian, jacfwd, jvp, vmap
+
+        torch.manual_seed(0)
+        m = _models(torch.nn if backend is None else gnn, kind).to(device)
+        ce = torch.nn.functional.cross_entropy if backend is None else gpu_nn.functional.cross_entropy
+        params = {k: v.detach() for k, v in m.named_parameters()}
+        g = torch.Generator().manual_seed(1)
+        if kind == "cnn":
+            x = torch.randn(B, 1, 28, 28, generator=g).to(device)
+        elif kind == "pinn":
+            x = torch.randn(B, 3, generator=g).to(device)
+        elif kind == "lstm":
+            x = torch.randn(B, 20, 1, 16, generator=g).to(device)  # B sequences of 20 steps, batch 1
+        else:
+            x = torch.randn(B, 784, generator=g).to(device)
+        y = torch.randint(0, 10, (B,), generator=g).to(device)
+
+        if work == "per-sample":
+            f = vmap(grad(lambda p, a, c: ce(functional_call(m, p, (a[None],)), c[None])), in_dims=(None, 0, 0))
+
+            def call():
+                return f(params, x, y)
+        elif work == "vmap-hessian":
+            f = vmap(hessian(lambda a: m(a[None])[0, 0]))
+
+            def call():
+                return f(x)
+        elif work == "hvp":
+            v = {k: torch.randn(p.shape, generator=g).to(device) for k, p in params.items()}
+            loss = grad(lambda p: ce(functional_call(m, p, (x,)), y))
+
+            def call():
+                return jvp(loss, (params,), (v,))[1]
+        else:  # jacfwd of an LSTM's last state in its input, per sequence
+            f = vmap(jacfwd(lambda a: m(a)[1][0][0, 0]))
+
+            def call():
+                return f(x)
+
+        if backend is None:
+            return call
+
+        def ours():
+            with gpu_nn.backend(backend):
+                return call()
+
+        return ours
+
+    return setup
+
+
+# (model, work, batch on a CPU, batch on a GPU)
+CASES = (("mlp", "per-sample", 64, 256), ("cnn", "per-sample", 32, 128), ("pinn", "vmap-hessian", 64, 1024),
+         ("mlp", "hvp", 256, 4096), ("lstm", "jacfwd", 8, 32))
+
+
+def cases(device: str, quick: bool) -> list[harness.Case]:
+    out = []
+    gpu = device.startswith("cuda")
+    for kind, work, b_cpu, b_gpu in (CASES[:2] if quick and gpu else CASES):
+        B = b_gpu if gpu else b_cpu
+        providers = {"torch": _setup(kind, work, B, device, None)}
+        for b in _ours(device):
+            providers[b] = _setup(kind, work, B, device, b)
+        out.append(harness.Case(family="func", name=f"{work} {kind}", shape=f"B={B}", providers=providers,
+                                device=device))
+    return out
+
+
+if __name__ == "__main__":
+    harness.main_for(cases)
