@@ -17,7 +17,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from .._errors import KernelInputError, KernelInputIndexError, require_attribute
 from ..ops import rnn as ops
-from ..ops._dispatch import autocast_on
+from ..ops._dispatch import autocast_on, tangents_in_play
 from ._jit import NotScriptable
 
 __all__ = ["GRU", "GRUCell", "LSTM", "LSTMCell", "RNN", "RNNCell"]
@@ -65,6 +65,19 @@ def _dim(t) -> int:
     require_attribute(t, "dim")
     return t.dim()
 
+def _unpacked(data, batch_sizes):
+    """pad_packed_sequence and the places to pack again with, as indexing (which forward-mode AD
+    differentiates; torch's packing ops have no forward formula): ``(x [T, B, F], lengths,
+    (steps, rows))``, ``x[steps, rows]`` the packed data again."""
+    T, B = len(batch_sizes), int(batch_sizes[0]) if len(batch_sizes) else 0
+    steps = torch.repeat_interleave(torch.arange(T), batch_sizes)
+    rows = torch.cat([torch.arange(int(b)) for b in batch_sizes]) if T else torch.zeros(0, dtype=torch.int64)
+    lengths = torch.bincount(rows, minlength=B)  # (each sequence's steps: the steps it has a row in)
+    places = (steps.to(data.device), rows.to(data.device))
+    x = data.new_zeros((T, B, *data.shape[1:])).index_put(places, data)
+    return x, lengths, places
+
+
 class _SeqMixin:
     """``forward`` of RNN / LSTM / GRU on our ops; mirrors ``torch.nn.LSTM.forward`` step by step."""
 
@@ -93,7 +106,12 @@ class _SeqMixin:
             # the padded batch in the packed (sorted: longest first) order, the state permuted to
             # it as torch does: the sequences that end first fill the last batch tiles of the
             # step kernels, which skip a tile's recurrent product once all its sequences have ended
-            x, lengths = pad_packed_sequence(PackedSequence(data, batch_sizes), batch_first=False)
+            tangents = tangents_in_play((data, *((hx,) if isinstance(hx, torch.Tensor) else hx or ()),
+                                         *self._flat_weights))
+            if tangents:
+                x, lengths, places = _unpacked(data, batch_sizes)
+            else:
+                x, lengths = pad_packed_sequence(PackedSequence(data, batch_sizes), batch_first=False)
             hx = hx_checked
             batch_first, is_batched = False, True
         else:
@@ -134,7 +152,7 @@ class _SeqMixin:
         out, hidden = res[0], (res[1:] if is_lstm else res[1])
         if packed:
             # the output is in the packed order already; the final state goes back to the user's
-            data_out = pack_padded_sequence(out, lengths, enforce_sorted=True).data
+            data_out = out[places] if tangents else pack_padded_sequence(out, lengths, enforce_sorted=True).data
             return (PackedSequence(data_out, batch_sizes, sorted_indices, unsorted_indices),
                     self.permute_hidden(hidden, unsorted_indices))
         if not is_batched:

@@ -779,6 +779,11 @@ class Routed:
                                 "and modules call it)")
                     elif not kwargs and len(args) == self._nargs and self._pair is not None:
                         return self._functorch_function().apply(*args)
+            elif _fwad._current_level >= 0 and _C._are_functorch_transforms_active():
+                # torch.compile of a forward-mode transform (jvp, jacfwd, hessian): traced, the
+                # custom op would get zero tangents without a word (it has no forward formula of
+                # its own); outside the compiler the jvp rule runs (dynamo falls back to eager)
+                return _outside_compiler()(self, args, kwargs)
             return self._overload(*args, **kwargs)
         t = args[0]
         if isinstance(t, torch.Tensor) and not t.is_cpu:
@@ -1109,13 +1114,26 @@ def _has_tangent(t: torch.Tensor) -> bool:
     return _fwad.unpack_dual(t).tangent is not None
 
 
+_OUTSIDE = []
+
+
+def _outside_compiler():
+    """``call(op, args, kwargs)`` under ``torch.compiler.disable``, made on first use (the
+    decorator imports dynamo)."""
+    if not _OUTSIDE:
+        _OUTSIDE.append(torch.compiler.disable(lambda op, args, kwargs: op(*args, **kwargs)))
+    return _OUTSIDE[0]
+
+
 def tangents_in_play(tensors) -> bool:
     """Whether forward-mode AD reaches a call: a torch.func jvp transform is active (jvp,
     jacfwd, hessian), or a forward-AD dual level is open and one of ``tensors`` carries a
     tangent. For ops without a jvp rule of their own whose public function then runs a
     differentiable composition of ops that have one (the recurrent layers)."""
     if _C._are_functorch_transforms_active():
-        return any(i.key() == _JVP for i in _functorch.get_interpreter_stack())
+        # (a dual level open under a transform: vmap of a dual tensor, whose batched tensors
+        # unpack_dual cannot look into; the composition is right either way)
+        return _fwad._current_level >= 0 or any(i.key() == _JVP for i in _functorch.get_interpreter_stack())
     return _fwad._current_level >= 0 and any(isinstance(t, torch.Tensor) and _has_tangent(t) for t in tensors)
 
 

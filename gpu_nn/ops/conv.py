@@ -729,20 +729,30 @@ def _backward_fold(apply, in_dims, args):
 
 def _per_sample_backward(apply, g, x, w, y, stride, padding, dilation, groups, act, mask):
     """conv_backward of B elements ([B, N, C, ...], the batch first) with per-sample weight and
-    bias gradients, as ONE grouped convolution backward: each element's channels become B
-    groups' worth of a [N, B C, ...] input (the weight repeated B times), so each group's weight
-    gradient is one element's, summed over its N images, its bias gradient likewise, and the
-    input gradient each element's own."""
+    bias gradients: those as ONE grouped convolution's weight and bias gradients, each element's
+    channels B groups' worth of a [N, B C, ...] input, so that each group's gradients are one
+    element's, summed over its N images (its weight only a shape there: a placeholder of no
+    memory, not the weight repeated B times); the input gradient, where asked, the merged batch's
+    one call, as the input-only fold's. None (the loop) where the Triton kernels could not
+    launch the grouped problem (B groups past the grid's limit)."""
+    from .activation import _activation_backward_op
+
     B, N = g.shape[:2]
+    mi, mw, mb = (bool(m) for m in mask)
+    wshape = (B * w.shape[0], *w.shape[1:])
+    if _launch_problem("conv_backward", B * x.shape[2], wshape, groups * B, mw) is not None:
+        return None
+    gz = g if act is None else _activation_backward_op(g, y, act)  # (once for both calls)
 
     def channels(t):  # [B, N, C, ...] -> [N, B C, ...]
         return t.transpose(0, 1).reshape(N, B * t.shape[2], *t.shape[3:])
 
-    wg = w.repeat(B, *([1] * (w.dim() - 1)))
-    gi, gw, gb = apply(channels(g), channels(x), wg, None if y is None else channels(y), stride, padding, dilation,
-                       groups * B, act, mask)
-    mi, mw, mb = (bool(m) for m in mask)
-    gi = gi.reshape(N, B, *x.shape[2:]).transpose(0, 1) if mi else gi
+    _, gw, gb = apply(channels(gz), channels(x), w.new_empty(()).expand(wshape), None, stride, padding, dilation,
+                      groups * B, None, [False, mw, mb])
+    gi = x.new_zeros(0)
+    if mi:
+        gi = split_batch(apply(merge_batch(gz, 0), merge_batch(x, 0), w, None, stride, padding, dilation, groups, None,
+                               [True, False, False])[0], B)
     gw = gw.reshape(B, *w.shape) if mw else gw
     gb = gb.reshape(B, w.shape[0]) if mb else gb
     return (gi, gw, gb), (0 if mi else None, 0 if mw else None, 0 if mb else None)

@@ -427,11 +427,11 @@ def _linear_backward_fold(apply, in_dims, args):
 def _per_sample_linear_backward(g, x, w, out, act, has_bias, need_x, need_w):
     """linear_backward of B elements ([B, rows.., O] gradients, the batch first) with per-sample
     weight and bias gradients: gz = the activation's backward (our op), dx = gz w (our linear,
-    one call for every row). Each element's weight gradient gz_b^T x_b: with one row each the
-    outer product gz_b x_b^T (one broadcast multiply for the batch) and the bias gradient gz_b
-    itself; with several, the weight and bias gradients of one grouped kernel-size-1 conv1d
-    (our conv backward, one call: element b's K features are group b's input channels over a
-    length of its rows)."""
+    one call for every row), each element's bias gradient the sum of its rows' gz. Each
+    element's weight gradient gz_b^T x_b: with one row each the outer product gz_b x_b^T (one
+    broadcast multiply for the batch); with several, the weight gradient of a kernel-size-1
+    conv1d with one group per element (conv's per-sample fold: one call; None, the loop, where
+    the Triton kernels could not launch its groups)."""
     from .activation import _activation_backward_op
 
     B, (O, K) = g.shape[0], w.shape
@@ -439,24 +439,25 @@ def _per_sample_linear_backward(g, x, w, out, act, has_bias, need_x, need_w):
     gz = g.reshape(B * M, O)
     if act is not None:
         gz = _activation_backward_op(gz, out.reshape(B * M, O), act)
+    dw = w.new_zeros(0)
+    if need_w and M == 1:
+        dw = gz.unsqueeze(2) * x.reshape(B, 1, K)
+    elif need_w and M == 0:
+        dw = w.new_zeros((B, O, K))
+    elif need_w:
+        from .conv import _conv_backward_op, _per_sample_backward
+
+        def cols(t):  # [B M, F] -> [B, 1, F, M]: an element a one-image batch of length M
+            return t.reshape(B, M, -1).transpose(1, 2).unsqueeze(1)
+
+        done = _per_sample_backward(_conv_backward_op, cols(gz), cols(x.reshape(B * M, K)), w.unsqueeze(2), None, [1],
+                                    [0, 0], [1], 1, None, [False, True, False])
+        if done is None:
+            return None
+        dw = done[0][1].reshape(B, O, K)
     dx = _linear_op(gz, w.t(), None, None).reshape(x.shape) if need_x else x.new_zeros(0)
-    if M == 1:
-        dw = (gz.unsqueeze(2) * x.reshape(B, 1, K)).to(w.dtype) if need_w else w.new_zeros(0)
-        db = gz.to(w.dtype) if has_bias else w.new_zeros(0)
-    elif M == 0:
-        dw = w.new_zeros((B, O, K)) if need_w else w.new_zeros(0)
-        db = w.new_zeros((B, O)) if has_bias else w.new_zeros(0)
-    else:
-        from .conv import _conv_backward_op
-
-        def channels(t):  # [B M, F] -> [1, B F, M]
-            return t.reshape(B, M, -1).transpose(1, 2).reshape(1, -1, M)
-
-        _, dw, db = _conv_backward_op(channels(gz), channels(x.reshape(B * M, K)), w.unsqueeze(2).repeat(B, 1, 1), None,
-                                      [1], [0, 0], [1], B, None, [False, need_w, has_bias])
-        dw = dw.reshape(B, O, K) if need_w else w.new_zeros(0)
-        db = db.reshape(B, O) if has_bias else w.new_zeros(0)
-    return (dx, dw, db), (0 if need_x else None, 0 if need_w else None, 0 if has_bias else None)
+    db = gz.reshape(B, M, O).sum(1) if has_bias else w.new_zeros(0)
+    return (dx, dw.to(w.dtype), db.to(w.dtype)), (0 if need_x else None, 0 if need_w else None, 0 if has_bias else None)
 
 
 _linear_op.register_vmap_fold(_linear_fold)
@@ -1208,11 +1209,16 @@ def _ce_backward_backward(ctx, ggx, ggt):
 _cross_entropy_backward_op.register_autograd(_ce_backward_backward, setup_context=_ce_bwd_setup)
 
 
-def _ce_mean_denominator(target: Tensor, w: Tensor, ignore_index: int) -> Tensor:
-    """Class targets' 'mean' denominator for the weights ``w``: the sum of w[t] over the rows
-    whose target is not ignored."""
-    valid = target != ignore_index
-    return (w[torch.where(valid, target, torch.zeros((), dtype=target.dtype, device=target.device))] * valid).sum()
+def _ce_mean_denominator(target: Tensor, w: Tensor | None, ignore_index: int, rows: int = 1) -> Tensor:
+    """Class targets' 'mean' denominator for the weights ``w`` (None: 1 each): the sum of w[t]
+    over the rows whose target is not ignored; per element ([rows] of them, the target's rows
+    split evenly) where ``rows`` > 1, in float32 at least (a float16 sum of 65536 weights of 1
+    is inf)."""
+    valid = (target != ignore_index).reshape(rows, -1)
+    t = torch.where(valid, target.reshape(rows, -1), torch.zeros((), dtype=target.dtype, device=target.device))
+    dtype = torch.float64 if w is not None and w.dtype == torch.float64 else torch.float32
+    d = (valid.to(dtype) if w is None else w.to(dtype)[t] * valid).sum(1)
+    return d if rows > 1 else d[0]
 
 
 def _ce_weight_tangent(x, target, weight, tw, loss, reduction, ignore_index, smoothing, g=None, dx=None,
@@ -1225,12 +1231,18 @@ def _ce_weight_tangent(x, target, weight, tw, loss, reduction, ignore_index, smo
     statistics: they hold the weights' totals)."""
     ratio = reduction == "mean" and not target.is_floating_point()
     red = "sum" if ratio else reduction
+    if x.numel() == 0:  # no rows: no dependence on the weights (torch's 'mean' of nothing is a NaN constant)
+        tl = torch.zeros_like(loss) if g is None else torch.zeros_like(dx)
+        return tl if g is None else (tl, None)
     tl, stats = _cross_entropy_op(x, target, tw, red, ignore_index, smoothing)
     if g is not None:
         tl, tdt = _cross_entropy_backward_op(g, x, target, tw, stats, red, ignore_index, smoothing, target_grad)
     if ratio:
-        tl = (tl - (loss if g is None else dx) * _ce_mean_denominator(target, tw, ignore_index)) / \
-            _ce_mean_denominator(target, weight, ignore_index)
+        # (W(w) = 0: every target ignored; the backward's dx is 0 there, whatever the weights)
+        den = _ce_mean_denominator(target, weight, ignore_index)
+        tl = torch.where(den == 0, torch.zeros((), dtype=tl.dtype, device=tl.device),
+                         (tl - (loss if g is None else dx) * _ce_mean_denominator(target, tw, ignore_index)) / den
+                         ).to(tl.dtype)
     return tl if g is None else (tl, tdt)
 
 
@@ -1298,88 +1310,99 @@ _cross_entropy_backward_op.register_jvp(_ce_backward_jvp)
 
 
 def _ce_merged(x: Tensor, target: Tensor, dx, dt):
-    """For the vmap folds: (B, the merged input and target, an element's input shape). An
-    element's rows all go into one input: [C] elements (a 0-d target each) stack into a [B, C]
+    """For the vmap folds: (B, M, the merged input and target, an element's input shape). An
+    element's M rows all go into one input: [C] elements (a 0-d target each) stack into a [B, C]
     batch, [N, C, d...] ones merge into [B N, C, d...]; an unbatched one is expanded."""
     first = x.movedim(dx, 0) if dx is not None else target.movedim(dt, 0)
-    one = first if dx is not None else None
-    if one is None:  # (only the target batched: its leading dims are the input's)
-        one = x.unsqueeze(0).expand(first.shape[0], *x.shape)
-    shape = tuple(one.shape[1:])
+    one = first if dx is not None else x.unsqueeze(0).expand(first.shape[0], *x.shape)
+    B, shape = one.shape[0], tuple(one.shape[1:])
+    M = _ce_rows(one[0])[0]
     if len(shape) == 1:
-        return one.shape[0], one, batched_first(target, dt, one), shape
-    return one.shape[0], merge_batch(one, 0), merge_batch(target, dt, one), shape
+        return B, M, one, batched_first(target, dt, one), shape
+    return B, M, merge_batch(one, 0), merge_batch(target, dt, one), shape
 
 
-def _ce_denominators(target: Tensor, weight: Tensor | None, B: int, M: int, ignore_index: int, smoothing: float,
-                     dtype) -> Tensor:
-    """Each element's 'mean' denominator, [B]: the number of its rows (probability targets), or
-    the sum of w[t] over its rows not ignored, NaN where that is 0 with label smoothing (torch
-    averages the nll and smoothing terms apart, and the nll term is 0 / 0); as the kernels."""
+def _ce_fold_denominators(target: Tensor, weight: Tensor | None, B: int, M: int, ignore_index: int,
+                          smoothing: float) -> Tensor:
+    """Each element's 'mean' denominator, [B], in float32 (float64 for float64 weights): the
+    number of its rows (probability targets), or :func:`_ce_mean_denominator` per element, NaN
+    where that is 0 with label smoothing (torch averages the nll and smoothing terms apart, and
+    the nll term is 0 / 0); as the kernels."""
     if target.is_floating_point():
-        return torch.full((B,), float(M), dtype=dtype, device=target.device)
-    valid = (target != ignore_index).reshape(B, M)
-    t = torch.where(valid, target.reshape(B, M), torch.zeros((), dtype=target.dtype, device=target.device))
-    d = (valid.to(dtype) if weight is None else weight.to(dtype)[t] * valid).sum(1)
+        return torch.full((B,), float(M), dtype=torch.float64 if target.dtype == torch.float64 else torch.float32,
+                          device=target.device)
+    d = _ce_mean_denominator(target, weight, ignore_index, rows=B) if M else \
+        torch.zeros(B, dtype=torch.float32, device=target.device)
     return torch.where(d == 0, math.nan, d) if smoothing > 0 else d
 
 
 def _ce_fold(apply, in_dims, args):
     """vmap of cross_entropy (per-sample losses and, with its backward's fold, per-sample
     gradients: vmap(grad(...))) as one call over every element's rows with reduction 'none',
-    each element's 'sum' / 'mean' then a sum over its rows (and a division by its
-    denominator); the statistics laid out as each element's own call lays them out. A batched
-    weight keeps the loop."""
+    each element's 'sum' / 'mean' then a float32 sum over its rows (and a division by its
+    denominator), as the kernels reduce; the statistics laid out as each element's own call
+    lays them out. A batched weight keeps the loop."""
     x, target, weight, reduction, ignore_index, smoothing = args
     dx, dt, dw = in_dims[:3]
     if dw is not None:
         return None
-    B, xm, tm, shape = _ce_merged(x, target, dx, dt)
-    C = shape[0] if len(shape) == 1 else shape[1]
-    M = math.prod(shape) // C if C else 0
+    B, M, xm, tm, shape = _ce_merged(x, target, dx, dt)
     loss, stats = apply(xm, tm, weight, "none", ignore_index, smoothing)
     stats = stats.reshape(3, B, M).transpose(0, 1).reshape(B, 3 * M)
     if reduction == "none":
         return (loss.reshape(B, shape[0], *shape[2:]) if len(shape) > 1 else loss, stats), (0, 0)
-    loss = loss.reshape(B, M).sum(1)
+    total = loss.to(_lse_dtype(loss.dtype)).reshape(B, M).sum(1)
     if reduction == "mean":
-        den = _ce_denominators(tm, weight, B, M, ignore_index, smoothing, loss.dtype)
-        loss = loss / den
+        den = _ce_fold_denominators(tm, weight, B, M, ignore_index, smoothing)
         stats = torch.cat([stats, den.to(stats.dtype).unsqueeze(1)], 1)
-    return (loss, stats), (0, 0)
+        if target.is_floating_point():
+            total = total / den
+        else:
+            # an element whose every target is ignored: torch's NaN (0 / 0) as a constant, with a
+            # zero gradient, as the op's (a division by its 0 would send 1 / 0 into the backward)
+            some = (tm != ignore_index).reshape(B, M).any(1)
+            one = torch.ones((), dtype=den.dtype, device=den.device)
+            total = torch.where(some, total / torch.where(some, den, one), torch.full((), math.nan, dtype=den.dtype,
+                                                                                      device=den.device))
+    return (total.to(x.dtype), stats), (0, 0)
 
 
 def _ce_backward_fold(apply, in_dims, args):
     """vmap of cross_entropy_backward (per-sample gradients, jacobians of per-row losses): one
     call with reduction 'none' over every element's rows, each row's upstream gradient its
-    element's (divided by the element's denominator for 'mean'), the statistics gathered back
-    into one call's layout. A batched weight keeps the loop."""
+    element's (divided by the element's denominator for 'mean', in float32, as the kernels
+    divide), the statistics gathered back into one call's layout. A batched weight keeps the
+    loop."""
     g, x, target, weight, stats, reduction, ignore_index, smoothing, target_grad = args
     dg, dx, dt, dw, ds = in_dims[:5]
     if dw is not None:
         return None
     if dx is None and dt is None:  # (only g or the statistics batched: the input's rows expanded)
-        ref_dim = dg if dg is not None else ds
-        ref_t = g if dg is not None else stats
-        x, dx = x.unsqueeze(0).expand(ref_t.shape[ref_dim], *x.shape), 0
-    B, xm, tm, shape = _ce_merged(x, target, dx, dt)
-    C = shape[0] if len(shape) == 1 else shape[1]
-    M = math.prod(shape) // C if C else 0
+        batched, d = (g, dg) if dg is not None else (stats, ds)
+        x, dx = x.unsqueeze(0).expand(batched.shape[d], *x.shape), 0
+    B, M, xm, tm, shape = _ce_merged(x, target, dx, dt)
     like = x.new_empty((B, 0))
     st = batched_first(stats, ds, like)[:, : 3 * M].reshape(B, 3, M).transpose(0, 1).reshape(3 * B * M)
     gb = batched_first(g, dg, like)
     rows = (B * shape[0], *shape[2:]) if len(shape) > 1 else (B,)  # the merged call's loss shape
     if reduction == "none":
         gm = gb.reshape(rows)
-    else:
-        if reduction == "mean":
-            gb = gb / _ce_denominators(tm, weight, B, M, ignore_index, smoothing, gb.dtype)
+    elif reduction == "sum":
         gm = gb.unsqueeze(1).expand(B, M).reshape(rows)
+    else:
+        den = _ce_fold_denominators(tm, weight, B, M, ignore_index, smoothing)
+        if target.is_floating_point():
+            gm = (gb.to(den.dtype) / den).unsqueeze(1).expand(B, M).reshape(rows)
+        else:
+            # an ignored row's upstream gradient 0, and an element whose every target is ignored
+            # divided by 1, not 0: the kernels give such rows 0 either way, but an inf would reach
+            # the second derivatives (0 * inf: NaN where torch has 0; a fuzz's find)
+            valid = (tm != ignore_index).reshape(B, M)
+            gb = gb.to(den.dtype) / torch.where(valid.any(1), den, torch.ones((), dtype=den.dtype, device=den.device))
+            gm = torch.where(valid, gb.unsqueeze(1), torch.zeros((), dtype=gb.dtype, device=gb.device)).reshape(rows)
     dxm, dtm = apply(gm, xm, tm, weight, st.contiguous(), "none", ignore_index, smoothing, target_grad)
     want_dt = target.is_floating_point() and target_grad
-    dxr = dxm.reshape(B, *shape)
-    dtr = dtm.reshape(B, *shape) if want_dt else dtm
-    return (dxr, dtr), (0, 0 if want_dt else None)
+    return (dxm.reshape(B, *shape), dtm.reshape(B, *shape) if want_dt else dtm), (0, 0 if want_dt else None)
 
 
 _cross_entropy_op.register_vmap_fold(_ce_fold)
