@@ -1209,16 +1209,18 @@ def _ce_backward_backward(ctx, ggx, ggt):
 _cross_entropy_backward_op.register_autograd(_ce_backward_backward, setup_context=_ce_bwd_setup)
 
 
-def _ce_mean_denominator(target: Tensor, w: Tensor | None, ignore_index: int, rows: int = 1) -> Tensor:
+def _ce_mean_denominator(target: Tensor, w: Tensor | None, ignore_index: int, elements: int | None = None,
+                         dtype: torch.dtype | None = None) -> Tensor:
     """Class targets' 'mean' denominator for the weights ``w`` (None: 1 each): the sum of w[t]
-    over the rows whose target is not ignored; per element ([rows] of them, the target's rows
-    split evenly) where ``rows`` > 1, in float32 at least (a float16 sum of 65536 weights of 1
-    is inf)."""
-    valid = (target != ignore_index).reshape(rows, -1)
-    t = torch.where(valid, target.reshape(rows, -1), torch.zeros((), dtype=target.dtype, device=target.device))
-    dtype = torch.float64 if w is not None and w.dtype == torch.float64 else torch.float32
+    over the rows whose target is not ignored, 0-d; or, ``elements`` given, one per element
+    ([elements], the target's rows split evenly). In ``dtype``, by default float32 at least (a
+    float16 sum of 65536 weights of 1 is inf), float64 for float64 weights."""
+    if dtype is None:
+        dtype = torch.float64 if w is not None and w.dtype == torch.float64 else torch.float32
+    valid = (target != ignore_index).reshape(elements or 1, -1)
+    t = torch.where(valid, target.reshape(valid.shape), torch.zeros((), dtype=target.dtype, device=target.device))
     d = (valid.to(dtype) if w is None else w.to(dtype)[t] * valid).sum(1)
-    return d if rows > 1 else d[0]
+    return d if elements is not None else d[0]
 
 
 def _ce_weight_tangent(x, target, weight, tw, loss, reduction, ignore_index, smoothing, g=None, dx=None,
@@ -1323,16 +1325,15 @@ def _ce_merged(x: Tensor, target: Tensor, dx, dt):
 
 
 def _ce_fold_denominators(target: Tensor, weight: Tensor | None, B: int, M: int, ignore_index: int,
-                          smoothing: float) -> Tensor:
-    """Each element's 'mean' denominator, [B], in float32 (float64 for float64 weights): the
-    number of its rows (probability targets), or :func:`_ce_mean_denominator` per element, NaN
-    where that is 0 with label smoothing (torch averages the nll and smoothing terms apart, and
-    the nll term is 0 / 0); as the kernels."""
+                          smoothing: float, dtype: torch.dtype) -> Tensor:
+    """Each element's 'mean' denominator, [B], in ``dtype`` (the statistics': float32, float64
+    for float64 input): the number of its rows (probability targets), or
+    :func:`_ce_mean_denominator` per element, NaN where that is 0 with label smoothing (torch
+    averages the nll and smoothing terms apart, and the nll term is 0 / 0); as the kernels."""
     if target.is_floating_point():
-        return torch.full((B,), float(M), dtype=torch.float64 if target.dtype == torch.float64 else torch.float32,
-                          device=target.device)
-    d = _ce_mean_denominator(target, weight, ignore_index, rows=B) if M else \
-        torch.zeros(B, dtype=torch.float32, device=target.device)
+        return torch.full((B,), float(M), dtype=dtype, device=target.device)
+    d = _ce_mean_denominator(target, weight, ignore_index, B, dtype) if M else \
+        torch.zeros(B, dtype=dtype, device=target.device)
     return torch.where(d == 0, math.nan, d) if smoothing > 0 else d
 
 
@@ -1353,8 +1354,8 @@ def _ce_fold(apply, in_dims, args):
         return (loss.reshape(B, shape[0], *shape[2:]) if len(shape) > 1 else loss, stats), (0, 0)
     total = loss.to(_lse_dtype(loss.dtype)).reshape(B, M).sum(1)
     if reduction == "mean":
-        den = _ce_fold_denominators(tm, weight, B, M, ignore_index, smoothing)
-        stats = torch.cat([stats, den.to(stats.dtype).unsqueeze(1)], 1)
+        den = _ce_fold_denominators(tm, weight, B, M, ignore_index, smoothing, stats.dtype)
+        stats = torch.cat([stats, den.unsqueeze(1)], 1)
         if target.is_floating_point():
             total = total / den
         else:
@@ -1390,7 +1391,7 @@ def _ce_backward_fold(apply, in_dims, args):
     elif reduction == "sum":
         gm = gb.unsqueeze(1).expand(B, M).reshape(rows)
     else:
-        den = _ce_fold_denominators(tm, weight, B, M, ignore_index, smoothing)
+        den = _ce_fold_denominators(tm, weight, B, M, ignore_index, smoothing, stats.dtype)
         if target.is_floating_point():
             gm = (gb.to(den.dtype) / den).unsqueeze(1).expand(B, M).reshape(rows)
         else:
