@@ -991,9 +991,9 @@ def test_forward_mode_and_vmap_through_convolutions(nd, backend, device, monkeyp
     ops: jvp / jacfwd of CNNs, hessians in the input and the parameters) and folded under vmap
     (the batch into the input's own batch dim): a CNN of two convolutions (one strided), tanh and
     sigmoid, a linear head, and a fused-activation conv2d on channels_last input, against torch;
-    per-sample weight and bias gradients (one grouped convolution backward for the batch: 27.6 ms
-    looped, 18.0 folded for an MNIST CNN's 32 on the CPU machine, torch 4.0), a grouped strided
-    fused convolution's of two images per element among them; no loop over the batch left where
+    per-sample weight and bias gradients (one grouped convolution backward for the batch, a
+    dense one for the input gradient), a grouped strided fused convolution's of two images per
+    element among them; no loop over the batch left where
     the weights are not batched."""
     import torch.autograd.forward_ad as fwad
     from torch.func import functional_call, grad, hessian, jacfwd, jacrev, jvp, vmap
@@ -1259,8 +1259,8 @@ def test_vmap_folds_cross_entropy_and_per_sample_gradients(backend, device, monk
     out as each element's own call lays them), and per-sample gradients of a classifier
     (torch.func's vmap(grad(...)), what differentially private training takes: linear's weight
     and bias gradients per element one row each, a fused activation too) need no loop over the
-    batch: on the CPU machine a 2-layer MLP's 64 per-sample gradients took 26 ms looped, 4.8 ms
-    folded (torch 0.85). Per-element losses, gradients in the input and in probability targets,
+    batch (benchmarks/results/cpu/func_5b51e46.json, func_a127006.json: a 784-128-10 MLP's 64
+    per-sample gradients took 36 ms looped, 8.0 ms folded on the CPU machine). Per-element losses, gradients in the input and in probability targets,
     jacobians of 'none' losses, the input or the target alone batched, for class and probability
     targets, every reduction, weights, smoothing, an element with every target ignored, 1-d, 2-d
     and k-dim elements: torch's values element by element (torch's own vmap refuses some of them:
