@@ -4,8 +4,10 @@ Where our ops meet torch.func's transforms (each op an ``autograd.Function`` und
 by a fold rule into one call or by a loop over vmap's batch), the whole transformed computation
 against the same computation on torch's layers, in the same process:
 
-* per-sample gradients of an MLP classifier and of a small CNN, ``vmap(grad(loss))`` over
-  ``functional_call`` (differentially private training's inner step);
+* per-sample gradients of an MLP classifier, of a small CNN and of an LSTM classifier,
+  ``vmap(grad(loss))`` over ``functional_call`` (differentially private training's inner step;
+  torch's LSTM, which vmap refuses, as a loop over the samples; ours also with
+  ``GPU_NN_RNN_VMAP_COMPOSE=1``, ``-compose``);
 * ``vmap(hessian(...))`` of a 3-layer tanh MLP over a batch of points (physics-informed networks'
   Laplacians);
 * a Hessian-vector product of a classifier's loss in its parameters, ``jvp(grad(loss))``;
@@ -39,8 +41,9 @@ def _models(lib, kind: str):
     return lib.LSTM(16, 32)
 
 
-def _setup(kind: str, work: str, B: int, device: str, backend):
-    """setup() for one provider: ``backend`` None is torch's layers, else ours on that backend."""
+def _setup(kind: str, work: str, B: int, device: str, backend, compose: bool = False):
+    """setup() for one provider: ``backend`` None is torch's layers, else ours on that backend
+    (``compose``: with GPU_NN_RNN_VMAP_COMPOSE=1, the recurrent layers' composition under vmap)."""
     def setup():
         import gpu_nn
         import gpu_nn.nn as gnn
@@ -57,11 +60,24 @@ def _setup(kind: str, work: str, B: int, device: str, backend):
             x = torch.randn(B, 3, generator=g).to(device)
         elif kind == "lstm":
             x = torch.randn(B, 20, 1, 16, generator=g).to(device)  # B sequences of 20 steps, batch 1
+            head = (torch.nn.Linear if backend is None else gnn.Linear)(32, 10).to(device)
         else:
             x = torch.randn(B, 784, generator=g).to(device)
         y = torch.randint(0, 10, (B,), generator=g).to(device)
 
-        if work == "per-sample":
+        if work == "per-sample" and kind == "lstm" and backend is None:
+            # torch's LSTM has no vmap batching rule: a loop over the samples, as its users write
+            names = [k for k, _ in m.named_parameters()]
+
+            def call():
+                per = [torch.autograd.grad(ce(head(m(a)[0][-1]), c[None]), list(m.parameters())) for a, c in zip(x, y)]
+                return {k: torch.stack([g[i] for g in per]) for i, k in enumerate(names)}
+        elif work == "per-sample" and kind == "lstm":
+            f = vmap(grad(lambda p, a, c: ce(head(functional_call(m, p, (a,))[0][-1]), c[None])), in_dims=(None, 0, 0))
+
+            def call():
+                return f(params, x, y)
+        elif work == "per-sample":
             f = vmap(grad(lambda p, a, c: ce(functional_call(m, p, (a[None],)), c[None])), in_dims=(None, 0, 0))
 
             def call():
@@ -87,7 +103,7 @@ def _setup(kind: str, work: str, B: int, device: str, backend):
             return call
 
         def ours():
-            with gpu_nn.backend(backend):
+            with gpu_nn.backend(backend), harness.env_var("GPU_NN_RNN_VMAP_COMPOSE", "1" if compose else harness.UNSET):
                 return call()
 
         return ours
@@ -96,18 +112,20 @@ def _setup(kind: str, work: str, B: int, device: str, backend):
 
 
 # (model, work, batch on a CPU, batch on a GPU)
-CASES = (("mlp", "per-sample", 64, 256), ("cnn", "per-sample", 32, 128), ("pinn", "vmap-hessian", 64, 1024),
-         ("mlp", "hvp", 256, 4096), ("lstm", "jacfwd", 8, 32))
+CASES = (("mlp", "per-sample", 64, 256), ("cnn", "per-sample", 32, 128), ("lstm", "per-sample", 8, 64),
+         ("pinn", "vmap-hessian", 64, 1024), ("mlp", "hvp", 256, 4096), ("lstm", "jacfwd", 8, 32))
 
 
 def cases(device: str, quick: bool) -> list[harness.Case]:
     out = []
     gpu = device.startswith("cuda")
-    for kind, work, b_cpu, b_gpu in (CASES[:2] if quick and gpu else CASES):
+    for kind, work, b_cpu, b_gpu in (CASES[:3] if quick and gpu else CASES):
         B = b_gpu if gpu else b_cpu
         providers = {"torch": _setup(kind, work, B, device, None)}
         for b in _ours(device):
             providers[b] = _setup(kind, work, B, device, b)
+            if kind == "lstm" and work == "per-sample":  # the composition's folds against the loop
+                providers[f"{b}-compose"] = _setup(kind, work, B, device, b, compose=True)
         out.append(harness.Case(family="func", name=f"{work} {kind}", shape=f"B={B}", providers=providers,
                                 device=device))
     return out

@@ -343,6 +343,21 @@ def concurrent_programs(timeout_s: float = 300.0):
     # every such patch sets the mended one straight away.
     real_tensor_patch = interp._patch_lang_tensor
     interp._patch_lang_tensor = lambda tensor, scope: real_tensor_patch(tensor, _IndexScope(scope))
+    # A device function is rewritten (its source parsed with ast) on its first call, which here
+    # several programs' threads can make at once: CPython 3.11's AST constructor keeps its
+    # recursion depth per interpreter, not per thread, and raised a spurious "SystemError: AST
+    # constructor recursion depth mismatch" in a clean-clone CI run (cpython gh-106905). One
+    # rewrite at a time.
+    functions = getattr(interp, "InterpretedFunction", None)
+    real_rewrite = getattr(functions, "rewrite", None)
+    if real_rewrite is not None:
+        rewriting = threading.Lock()
+
+        def rewrite(self):
+            with rewriting:
+                return real_rewrite(self)
+
+        functions.rewrite = rewrite
     builder_cls.create_atomic_rmw = atomic(real_rmw)
     builder_cls.create_atomic_cas = atomic(real_cas)
     executor.__call__ = call
@@ -350,6 +365,8 @@ def concurrent_programs(timeout_s: float = 300.0):
         yield
     finally:
         interp._patch_lang_tensor = real_tensor_patch
+        if real_rewrite is not None:
+            functions.rewrite = real_rewrite
         executor.__call__ = real_call
         builder_cls.create_atomic_rmw, builder_cls.create_atomic_cas = real_rmw, real_cas
         if real_idx is missing:

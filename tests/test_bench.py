@@ -1016,9 +1016,9 @@ def test_gpu_bench_lets_cudnn_measure_where_ours_measures(monkeypatch):
 
 
 def test_func_family_times_the_same_computation_on_both_sides(monkeypatch):
-    """bench_func's cases (torch.func workloads: per-sample gradients, vmap(hessian), a
-    Hessian-vector product, jacfwd of an LSTM) run on our layers and compute what torch's layers
-    compute (small batches here), so the ratios compare like with like; torch's LSTM may have no
+    """bench_func's cases (torch.func workloads: per-sample gradients, an LSTM's among them both
+    ways, vmap(hessian), a Hessian-vector product, jacfwd of an LSTM) run on our layers and compute
+    what torch's layers compute (small batches here), so the ratios compare like with like; torch's LSTM may have no
     forward-mode AD (its oneDNN CPU path, mkldnn_rnn_layer, has none), ours does. Named only (--family func), not in
     the default families."""
     from gpu_nn.benchmarks import bench_func, suite
@@ -1026,11 +1026,22 @@ def test_func_family_times_the_same_computation_on_both_sides(monkeypatch):
     assert "func" not in suite.FAMILIES and "func" in suite.EXTRA_FAMILIES
     monkeypatch.setattr(bench_func, "CASES", tuple((k, w, 3, 3) for k, w, _, _ in bench_func.CASES))
     cases = bench_func.cases("cpu", quick=True)
-    assert [c.name for c in cases] == ["per-sample mlp", "per-sample cnn", "vmap-hessian pinn", "hvp mlp",
-                                       "jacfwd lstm"]
+    assert [c.name for c in cases] == ["per-sample mlp", "per-sample cnn", "per-sample lstm", "vmap-hessian pinn",
+                                       "hvp mlp", "jacfwd lstm"]
     for case in cases:
         ours = case.providers["reference"]()()
         assert torch.utils._pytree.tree_leaves(ours)
+        if case.name == "per-sample lstm":  # the composition under vmap (opt-in) computes the same, folded
+            from gpu_nn.ops import _dispatch as D
+
+            loops = []
+            orig = D._looped
+            monkeypatch.setattr(D, "_looped", lambda fn, n, *a, **k: (loops.append(n), orig(fn, n, *a, **k))[1])
+            torch.testing.assert_close(case.providers["reference-compose"]()(), ours)
+            assert loops == []
+            case.providers["reference"]()()
+            assert loops  # (the fused op, once per sample)
+            monkeypatch.setattr(D, "_looped", orig)
         try:
             theirs = case.providers["torch"]()()
         except NotImplementedError as exc:  # torch's CPU LSTM (oneDNN): "Trying to use forward AD with ..."

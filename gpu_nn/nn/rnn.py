@@ -65,6 +65,7 @@ def _dim(t) -> int:
     require_attribute(t, "dim")
     return t.dim()
 
+
 def _unpacked(data, batch_sizes):
     """pad_packed_sequence and the places to pack again with, as indexing (which forward-mode AD
     differentiates; torch's packing ops have no forward formula): ``(x [T, B, F], lengths,

@@ -780,9 +780,10 @@ class Routed:
                     elif not kwargs and len(args) == self._nargs and self._pair is not None:
                         return self._functorch_function().apply(*args)
             elif _fwad._current_level >= 0 and _C._are_functorch_transforms_active():
-                # torch.compile of a forward-mode transform (jvp, jacfwd, hessian): traced, the
-                # custom op would get zero tangents without a word (it has no forward formula of
-                # its own); outside the compiler the jvp rule runs (dynamo falls back to eager)
+                # torch.compile of a forward-mode transform (a dual level open under a transform
+                # while tracing): traced, the custom op would get zero tangents without a word (it
+                # has no forward formula of its own); outside the compiler its jvp rule runs
+                # (dynamo falls back to eager for the transform; jacfwd / hessian it refuses)
                 return _outside_compiler()(self, args, kwargs)
             return self._overload(*args, **kwargs)
         t = args[0]
@@ -1135,6 +1136,11 @@ def tangents_in_play(tensors) -> bool:
         # unpack_dual cannot look into; the composition is right either way)
         return _fwad._current_level >= 0 or any(i.key() == _JVP for i in _functorch.get_interpreter_stack())
     return _fwad._current_level >= 0 and any(isinstance(t, torch.Tensor) and _has_tangent(t) for t in tensors)
+
+
+def vmap_active() -> bool:
+    """Whether a torch.func vmap transform is active (one C call where none is)."""
+    return _C._are_functorch_transforms_active() and any(i.key() == _VMAP for i in _functorch.get_interpreter_stack())
 
 
 def batched_first(t: torch.Tensor, d, like: torch.Tensor | None = None) -> torch.Tensor:

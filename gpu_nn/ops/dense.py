@@ -406,9 +406,8 @@ def _linear_backward_fold(apply, in_dims, args):
     """vmap of linear_backward with the weight not batched: where only the input's gradient is
     computed (a jacobian or hessian in the input), dx = gz w row by row, the batch folded into
     the rows, one call; per-sample weight and bias gradients (torch.func's vmap(grad(...)), as
-    differentially private training takes them) of one row per element: see
-    :func:`_per_sample_linear_backward`; else None (the loop: an element's several rows make its
-    weight gradient a product of its own)."""
+    differentially private training takes them): :func:`_per_sample_linear_backward`; else None
+    (the loop: a batched weight)."""
     g, x, w, out, act, has_bias, *needs = args
     need_x, need_w = (True, True) if not needs else needs
     dg, dx, dw, dout = in_dims[:4]
@@ -1340,8 +1339,8 @@ def _ce_fold_denominators(target: Tensor, weight: Tensor | None, B: int, M: int,
 def _ce_fold(apply, in_dims, args):
     """vmap of cross_entropy (per-sample losses and, with its backward's fold, per-sample
     gradients: vmap(grad(...))) as one call over every element's rows with reduction 'none',
-    each element's 'sum' / 'mean' then a float32 sum over its rows (and a division by its
-    denominator), as the kernels reduce; the statistics laid out as each element's own call
+    each element's 'sum' / 'mean' then a sum over its rows in the statistics' dtype (float32,
+    float64 for float64 input; and a division by its denominator), as the kernels reduce; the statistics laid out as each element's own call
     lays them out. A batched weight keeps the loop."""
     x, target, weight, reduction, ignore_index, smoothing = args
     dx, dt, dw = in_dims[:3]
@@ -1371,8 +1370,8 @@ def _ce_fold(apply, in_dims, args):
 def _ce_backward_fold(apply, in_dims, args):
     """vmap of cross_entropy_backward (per-sample gradients, jacobians of per-row losses): one
     call with reduction 'none' over every element's rows, each row's upstream gradient its
-    element's (divided by the element's denominator for 'mean', in float32, as the kernels
-    divide), the statistics gathered back into one call's layout. A batched weight keeps the
+    element's (divided by the element's denominator for 'mean', in the statistics' dtype, as
+    the kernels divide), the statistics gathered back into one call's layout. A batched weight keeps the
     loop."""
     g, x, target, weight, stats, reduction, ignore_index, smoothing, target_grad = args
     dg, dx, dt, dw, ds = in_dims[:5]

@@ -113,7 +113,7 @@ from ._dispatch import (
     on_device, refuse_wrapping_count, routed, to_numpy, triton_kernels,
 )
 from ._dispatch import has_torch_function as _has_tf
-from ._dispatch import stand_in, tangents_in_play, torchs_own_error, wanted
+from ._dispatch import stand_in, tangents_in_play, torchs_own_error, vmap_active, wanted
 from ._dispatch import torch_function as _tf
 from .dense import linear_dtype_message
 
@@ -1960,6 +1960,15 @@ def _cell_backward(ctx, g_h, g_c, _g_res):
 _rnn_cell_op.register_autograd(_cell_backward, setup_context=_cell_setup)
 
 
+def _compose_under_vmap() -> bool:
+    """``GPU_NN_RNN_VMAP_COMPOSE=1`` and a vmap transform active: the recurrent functions run
+    their composition, whose ops all fold the batch (per-sample gradients of an LSTM as a few
+    launches per step for the whole batch), instead of the fused op once per element. Opt-in
+    until a GPU measures the two (bench_func's 'per-sample lstm'): on the CPU machine the
+    reference took 764 ms against 695 looped (B=16, T=20)."""
+    return vmap_active() and os.environ.get("GPU_NN_RNN_VMAP_COMPOSE") == "1"
+
+
 def _cell_compose(mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh):
     from .dense import _linear_op as linear
 
@@ -2040,7 +2049,7 @@ def _cell(op, mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh):
     if (b_ih is None) != (b_hh is None):  # torch's cells take either bias alone (its linear's None)
         b_ih, b_hh = (torch.zeros_like(b_hh), b_hh) if b_ih is None else (b_ih, torch.zeros_like(b_ih))
     _check_cell(op, input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode)
-    if tangents_in_play((input, hx, cx, w_ih, w_hh, b_ih, b_hh)):
+    if tangents_in_play((input, hx, cx, w_ih, w_hh, b_ih, b_hh)) or _compose_under_vmap():
         # forward-mode AD: the step as a composition of our linear and activation ops (each
         # with its jvp rule), which the fused cell op has none of
         h, c = _cell_compose(mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh)
@@ -2136,7 +2145,7 @@ def _seq(mode, input, hx, cx, params, has_biases, num_layers, dropout, train, bi
         dropout_masks = draw_dropout_masks(p, num_layers, T, B, D * H, x, lengths if ok else None)
     if not train:
         dropout_masks = None
-    if tangents_in_play((x, hx, cx, *params)):
+    if tangents_in_play((x, hx, cx, *params)) or _compose_under_vmap():
         # forward-mode AD: the layers as a composition of our linear and activation ops over the
         # steps (each with its jvp rule), which the fused sequence op has none of
         out, hn, cn = _seq_compose(mode, int(num_layers), bool(bidirectional), bool(has_biases), lengths, dropout_masks,
