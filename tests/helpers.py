@@ -119,6 +119,17 @@ EPS = {
 }
 
 
+def count_loops(monkeypatch) -> list:
+    """The batch sizes of every vmap loop over an op's batch (``_dispatch._looped``) from here to
+    the test's end, appended to the list returned: empty where every op folded the batch."""
+    from gpu_nn.ops import _dispatch
+
+    loops = []
+    looped = _dispatch._looped
+    monkeypatch.setattr(_dispatch, "_looped", lambda fn, n, *a, **k: (loops.append(n), looped(fn, n, *a, **k))[1])
+    return loops
+
+
 def max_rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """max |actual - expected| / max(max |expected|, 1): an error relative to the output scale."""
     a = actual.detach().to("cpu", torch.float64)

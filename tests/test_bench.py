@@ -1032,16 +1032,13 @@ def test_func_family_times_the_same_computation_on_both_sides(monkeypatch):
         ours = case.providers["reference"]()()
         assert torch.utils._pytree.tree_leaves(ours)
         if case.name == "per-sample lstm":  # the composition under vmap (opt-in) computes the same, folded
-            from gpu_nn.ops import _dispatch as D
+            from helpers import count_loops
 
-            loops = []
-            orig = D._looped
-            monkeypatch.setattr(D, "_looped", lambda fn, n, *a, **k: (loops.append(n), orig(fn, n, *a, **k))[1])
+            loops = count_loops(monkeypatch)
             torch.testing.assert_close(case.providers["reference-compose"]()(), ours)
             assert loops == []
             case.providers["reference"]()()
             assert loops  # (the fused op, once per sample)
-            monkeypatch.setattr(D, "_looped", orig)
         try:
             theirs = case.providers["torch"]()()
         except NotImplementedError as exc:  # torch's CPU LSTM (oneDNN): "Trying to use forward AD with ..."

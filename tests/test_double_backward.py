@@ -27,7 +27,7 @@ import gpu_nn.functional as F
 import gpu_nn.nn as gnn
 from gpu_nn.nn._jit import ScriptingNotSupportedError
 
-from helpers import assert_close, assert_like_torch, backend_params, randn
+from helpers import assert_close, assert_like_torch, backend_params, count_loops, randn
 
 D64 = torch.float64
 
@@ -882,11 +882,7 @@ def test_vmap_folds_linear_and_activations_into_one_call(backend, device, monkey
     batched weight (per-sample weights) keeps the loop."""
     from torch.func import functional_call, grad, hessian, vmap
 
-    from gpu_nn.ops import _dispatch as D
-
-    loops = []
-    orig = D._looped
-    monkeypatch.setattr(D, "_looped", lambda fn, n, *a, **k: (loops.append(n), orig(fn, n, *a, **k))[1])
+    loops = count_loops(monkeypatch)
     dtype = torch.float64 if backend == "reference" else torch.float32
     k = dict(device=device, dtype=dtype)
     torch.manual_seed(0)
@@ -941,11 +937,7 @@ def test_forward_mode_and_vmap_through_softmax(name, backend, device, monkeypatc
     import torch.autograd.forward_ad as fwad
     from torch.func import hessian, jacrev, jvp, vmap
 
-    from gpu_nn.ops import _dispatch as D
-
-    loops = []
-    orig = D._looped
-    monkeypatch.setattr(D, "_looped", lambda fn, n, *a, **k: (loops.append(n), orig(fn, n, *a, **k))[1])
+    loops = count_loops(monkeypatch)
     if backend == "triton" and device == "cpu" and name == "softmax":
         pytest.skip("the interpreter runs log_softmax only: the rules are the backends' common code, and the "
                     "reference runs both")
@@ -998,14 +990,10 @@ def test_forward_mode_and_vmap_through_convolutions(nd, backend, device, monkeyp
     import torch.autograd.forward_ad as fwad
     from torch.func import functional_call, grad, hessian, jacfwd, jacrev, jvp, vmap
 
-    from gpu_nn.ops import _dispatch as D
-
     if backend == "triton" and device == "cpu" and nd == 1:
         pytest.skip("the interpreter runs conv2d only: the rules are the ranks' common code, and the reference "
                     "runs both ranks")
-    loops = []
-    orig = D._looped
-    monkeypatch.setattr(D, "_looped", lambda fn, n, *a, **k: (loops.append(n), orig(fn, n, *a, **k))[1])
+    loops = count_loops(monkeypatch)
     dtype = torch.float64 if backend == "reference" else torch.float32
     torch.manual_seed(0)
 
@@ -1085,14 +1073,10 @@ def test_forward_mode_and_vmap_through_pooling(pool, backend, device, monkeypatc
     import torch.autograd.forward_ad as fwad
     from torch.func import hessian, jacrev, jvp, vmap
 
-    from gpu_nn.ops import _dispatch as D
-
     if backend == "triton" and device == "cpu" and pool != "MaxPool2d":
         pytest.skip("the interpreter runs MaxPool2d only: the rules are the forms' common code, and the "
                     "reference runs all four")
-    loops = []
-    orig = D._looped
-    monkeypatch.setattr(D, "_looped", lambda fn, n, *a, **k: (loops.append(n), orig(fn, n, *a, **k))[1])
+    loops = count_loops(monkeypatch)
     dtype = torch.float64 if backend == "reference" else torch.float32
     nd = 1 if pool.endswith("1d") else 2
     torch.manual_seed(0)
@@ -1269,11 +1253,7 @@ def test_vmap_folds_cross_entropy_and_per_sample_gradients(backend, device, monk
 
     from torch.func import functional_call, grad, hessian, jacrev, jvp, vmap
 
-    from gpu_nn.ops import _dispatch as D
-
-    loops = []
-    orig = D._looped
-    monkeypatch.setattr(D, "_looped", lambda fn, n, *a, **k: (loops.append(n), orig(fn, n, *a, **k))[1])
+    loops = count_loops(monkeypatch)
     dtype = torch.float64 if backend == "reference" else torch.float32
     gen = torch.Generator().manual_seed(0)
     r = lambda *s: torch.randn(*s, dtype=dtype, generator=gen).to(device)  # noqa: E731
@@ -1473,11 +1453,9 @@ def test_per_sample_conv_gradients_loop_where_the_grouped_launch_cannot(monkeypa
     the loop, with the same values (it raised the launch refusal before: a review's find)."""
     from torch.func import grad, vmap
 
-    from gpu_nn.ops import _dispatch as D, conv
+    from gpu_nn.ops import conv
 
-    loops = []
-    orig = D._looped
-    monkeypatch.setattr(D, "_looped", lambda fn, n, *a, **k: (loops.append(n), orig(fn, n, *a, **k))[1])
+    loops = count_loops(monkeypatch)
     torch.manual_seed(0)
     w, b, x = torch.randn(4, 1, 3, 3, dtype=D64), torch.randn(4, dtype=D64), torch.randn(3, 1, 2, 5, 5, dtype=D64)
 

@@ -1115,15 +1115,11 @@ def _has_tangent(t: torch.Tensor) -> bool:
     return _fwad.unpack_dual(t).tangent is not None
 
 
-_OUTSIDE = []
-
-
+@functools.cache
 def _outside_compiler():
     """``call(op, args, kwargs)`` under ``torch.compiler.disable``, made on first use (the
     decorator imports dynamo)."""
-    if not _OUTSIDE:
-        _OUTSIDE.append(torch.compiler.disable(lambda op, args, kwargs: op(*args, **kwargs)))
-    return _OUTSIDE[0]
+    return torch.compiler.disable(lambda op, args, kwargs: op(*args, **kwargs))
 
 
 def tangents_in_play(tensors) -> bool:
