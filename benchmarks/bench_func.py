@@ -12,13 +12,17 @@ against the same computation on torch's layers, in the same process:
   Laplacians);
 * a Hessian-vector product of a classifier's loss in its parameters, ``jvp(grad(loss))``;
 * ``jacfwd`` of an LSTM's last state in its input (forward mode through the recurrent layers'
-  composition).
+  composition);
+* a training step of an ensemble of B MLPs / CNNs on one minibatch, ``vmap(grad(loss))`` over
+  the models' weights stacked by ``stack_module_state`` (model ensembling).
 
 Not part of ``gpu-nn bench``'s default families (name it: ``--family func``): a GPU session
 runs it from ``benchmarks/gpu_measure.sh``.
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 
@@ -47,10 +51,11 @@ def _setup(kind: str, work: str, B: int, device: str, backend, compose: bool = F
     def setup():
         import gpu_nn
         import gpu_nn.nn as gnn
-        from torch.func import functional_call, grad, hessian, jacfwd, jvp, vmap
+        from torch.func import functional_call, grad, hessian, jacfwd, jvp, stack_module_state, vmap
 
         torch.manual_seed(0)
-        m = _models(torch.nn if backend is None else gnn, kind).to(device)
+        lib = torch.nn if backend is None else gnn
+        m = _models(lib, kind).to(device)
         ce = torch.nn.functional.cross_entropy if backend is None else gpu_nn.functional.cross_entropy
         params = {k: v.detach() for k, v in m.named_parameters()}
         g = torch.Generator().manual_seed(1)
@@ -65,7 +70,16 @@ def _setup(kind: str, work: str, B: int, device: str, backend, compose: bool = F
             x = torch.randn(B, 784, generator=g).to(device)
         y = torch.randint(0, 10, (B,), generator=g).to(device)
 
-        if work == "per-sample" and kind == "lstm" and backend is None:
+        if work == "ensemble":  # B models, one minibatch of 64
+            x = torch.randn(64, *x.shape[1:], generator=g).to(device)
+            y = torch.randint(0, 10, (64,), generator=g).to(device)
+            stacked = stack_module_state([_models(lib, kind).to(device) for _ in range(B)])
+            base = copy.deepcopy(m).to("meta")
+            f = vmap(grad(lambda p, b, a: ce(functional_call(base, (p, b), (a,)), y)), in_dims=(0, 0, None))
+
+            def call():
+                return f(*stacked, x)
+        elif work == "per-sample" and kind == "lstm" and backend is None:
             # torch's LSTM has no vmap batching rule: a loop over the samples, as its users write
             names = [k for k, _ in m.named_parameters()]
 
@@ -113,13 +127,18 @@ def _setup(kind: str, work: str, B: int, device: str, backend, compose: bool = F
 
 # (model, work, batch on a CPU, batch on a GPU)
 CASES = (("mlp", "per-sample", 64, 256), ("cnn", "per-sample", 32, 128), ("lstm", "per-sample", 8, 64),
-         ("pinn", "vmap-hessian", 64, 1024), ("mlp", "hvp", 256, 4096), ("lstm", "jacfwd", 8, 32))
+         ("pinn", "vmap-hessian", 64, 1024), ("mlp", "hvp", 256, 4096), ("lstm", "jacfwd", 8, 32),
+         ("mlp", "ensemble", 8, 32), ("cnn", "ensemble", 4, 16))
+
+# --quick on a GPU (gpu_measure.sh's func step, 45 s with compilation): the per-sample gradients
+# and the MLP ensemble
+QUICK_GPU = (("mlp", "per-sample"), ("cnn", "per-sample"), ("lstm", "per-sample"), ("mlp", "ensemble"))
 
 
 def cases(device: str, quick: bool) -> list[harness.Case]:
     out = []
     gpu = device.startswith("cuda")
-    for kind, work, b_cpu, b_gpu in (CASES[:3] if quick and gpu else CASES):
+    for kind, work, b_cpu, b_gpu in ([c for c in CASES if c[:2] in QUICK_GPU] if quick and gpu else CASES):
         B = b_gpu if gpu else b_cpu
         providers = {"torch": _setup(kind, work, B, device, None)}
         for b in _ours(device):

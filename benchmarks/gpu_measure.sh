@@ -38,7 +38,7 @@
 #                  (host_split.json), when 20 s are left
 #   kernel_counts  python -m gpu_nn.benchmarks.kernel_counts: GPU events per op fwd+bwd at tiny
 #                  shapes (counts.json), when 30 s are left
-#   func           gpu-nn bench --family func --quick: per-sample gradients of an MLP and a CNN on both
+#   func           gpu-nn bench --family func --quick: per-sample gradients of an MLP, a CNN and an LSTM, an MLP ensemble's step, on both
 #                  backends against torch's layers (func/bench.json), when 30 s are left
 #   demo-persistent-lstm / -gru   the recurrent demos on triton with GPU_NN_RNN_PERSISTENT=1 (every
 #                  time loop one persistent launch, forward and backward), when 30 s are left each

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -1470,6 +1471,183 @@ def test_per_sample_conv_gradients_loop_where_the_grouped_launch_cannot(monkeypa
         monkeypatch.setattr(conv, "GRID_YZ_MAX", 5)  # 3 elements x 2 groups: past it
         torch.testing.assert_close(per_sample(F.conv2d), want)
     assert loops == [3]
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
+def test_vmap_folds_ensembles_of_linear_and_convolution(backend, device, monkeypatch):
+    """vmap over stacked weights (model ensembling: torch.func's ``stack_module_state``, B models
+    run and trained as one) calls linear and convolution once for the B models, forward and
+    backward: a shared input against the B weights stacked as one layer's (a linear's rows, a
+    convolution's output channels), a batched one through one grouped convolution (linear as a
+    kernel-size-1 conv1d of B groups). Forward, the gradients in the weights (a shared input's
+    with no input gradient: the stacked layer's own backward), in the input too, in the input
+    alone (frozen weights: linear's stand-in input), and a vmap(jacrev): torch's values, on
+    shared and batched inputs, 1-d / 2-d / 3-d linear inputs, batched / shared / no bias, fused
+    activations, groups, stride, padding and dilation; an ensemble of MLPs and of CNNs trained
+    through vmap(grad(loss)) as torch's; no loop over the models."""
+    from torch.func import functional_call, grad, jacrev, stack_module_state, vmap
+
+    loops = count_loops(monkeypatch)
+    light = backend == "triton" and device == "cpu"  # the interpreter: a few (the folds are common code)
+    dtype = torch.float64 if backend == "reference" else torch.float32
+    gen = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, dtype=torch.float64, generator=gen)  # noqa: E731
+    B = 3
+    got, want = {}, {}
+
+    def both(name, make):
+        """make(lib, linear, conv1d, conv2d, to) -> a tensor or a tuple of them, ours and torch's."""
+        with gpu_nn.backend(backend):
+            got[name] = make(True, lambda t: t.to(device, dtype))
+        want[name] = make(False, lambda t: t)
+
+    def linear(ours, act):
+        if not ours:
+            return lambda x, w, b: getattr(torch, act)(TF.linear(x, w, b)) if act else TF.linear(x, w, b)
+        return lambda x, w, b: F.linear(x, w, b, activation=act)
+
+    def conv(ours, nd, act):
+        f = getattr(F if ours else TF, f"conv{nd}d")
+        if ours:
+            return lambda x, w, b, **k: f(x, w, b, activation=act, **k)
+        return lambda x, w, b, **k: getattr(torch, act)(f(x, w, b, **k)) if act else f(x, w, b, **k)
+
+    K, O = 5, 4
+    lin_cases = [((7, K), None, True, None), ((2, 3, K), 0, True, "tanh"), ((K,), 0, False, "relu"), ((6, K), 0, "shared", None),
+                 ((K,), None, None, "sigmoid")]
+    for xshape, dx, bias, act in lin_cases[:2] if light else lin_cases:
+        x = r(*(((B,) if dx is not None else ()) + xshape))
+        w, b = r(B, O, K), (r(B, O) if bias is True else r(O) if bias == "shared" else None)
+        db = 0 if bias is True else None
+        name = f"linear x{xshape} dx={dx} bias={bias} {act}"
+        lin_args = (x, w, b)
+
+        def make(ours, to, lin_args=lin_args, dx=dx, db=db, act=act):
+            f = linear(ours, act)
+            x, w, b = (None if t is None else to(t) for t in lin_args)
+            loss = lambda x, w, b: f(x, w, b).pow(2).sum()  # noqa: E731
+            out = [vmap(f, in_dims=(dx, 0, db))(x, w, b),
+                   *vmap(grad(loss, argnums=(1,) if b is None else (1, 2)), in_dims=(dx, 0, db))(x, w, b),
+                   vmap(grad(loss, argnums=0), in_dims=(dx, 0, db))(x, w, b)]
+            if dx is not None:
+                out += vmap(grad(loss, argnums=(0, 1)), in_dims=(dx, 0, db))(x, w, b)
+            return out
+
+        both(name, make)
+    if not light:
+        # the weights batched along their second dim, the input along its last
+        x, w, b = r(6, K, B), r(O, B, K), r(O, B)
+        both("linear batch dims elsewhere", lambda ours, to: vmap(grad(
+            lambda x, w, b: linear(ours, "tanh")(x, w, b).pow(2).sum(), argnums=(0, 1, 2)), in_dims=(2, 1, 1))(
+            to(x), to(w), to(b)))
+        x, w, b = r(B, 4, K), r(B, O, K), r(B, O)
+        both("linear vmap jacrev", lambda ours, to: vmap(jacrev(linear(ours, "tanh"), argnums=(0, 1)))(
+            to(x), to(w), to(b)))
+    conv_cases = [(2, False, 1, dict(padding=1), "tanh"), (2, True, 2, dict(stride=2, padding=1), None),
+                  (1, True, 1, dict(dilation=2), "relu"), (2, False, 2, dict(stride=(2, 1)), None),
+                  (1, False, 1, dict(padding=2), None)]
+    for nd, batched, groups, geo, act in conv_cases[:2] if light else conv_cases:
+        C = 4
+        x = r(*(((B,) if batched else ()) + (2, C) + (7,) * nd))
+        w, b = r(B, 6, C // groups, *(3,) * nd), r(B, 6)
+        name = f"conv{nd}d batched={batched} groups={groups} {geo} {act}"
+        dx = 0 if batched else None
+
+        def make(ours, to, x=x, w=w, b=b, nd=nd, dx=dx, groups=groups, geo=geo, act=act):
+            f = conv(ours, nd, act)
+            x, w, b = to(x), to(w), to(b)
+            g = lambda x, w, b: f(x, w, b, groups=groups, **geo)  # noqa: E731
+            loss = lambda x, w, b: g(x, w, b).pow(2).sum()  # noqa: E731
+            return [vmap(g, in_dims=(dx, 0, 0))(x, w, b), vmap(g, in_dims=(dx, 0, None))(x, w, b[0]),
+                    *vmap(grad(loss, argnums=(1, 2)), in_dims=(dx, 0, 0))(x, w, b),
+                    *vmap(grad(loss, argnums=(0, 1, 2)), in_dims=(dx, 0, 0))(x, w, b),
+                    vmap(grad(loss, argnums=0), in_dims=(dx, 0, 0))(x, w, b)]
+
+        both(name, make)
+
+    def trained(lib, to, cnn, x):
+        torch.manual_seed(1)
+        if cnn:
+            models = [lib.Sequential(lib.Conv2d(1, 4, 3, padding=1), lib.ReLU(), lib.MaxPool2d(2), lib.Flatten(),
+                                     lib.Linear(4 * 9, 3)) for _ in range(B)]
+        else:
+            models = [lib.Sequential(lib.Linear(8, 16), lib.Tanh(), lib.Linear(16, 3)) for _ in range(B)]
+        params, buffers = stack_module_state([to(m.double()) for m in models])
+        base = copy.deepcopy(models[0]).to("meta")
+        ce = F.cross_entropy if lib is gnn else TF.cross_entropy
+        t = torch.tensor([0, 2, 1, 1, 0], device=next(iter(params.values())).device)
+
+        def loss(p, bufs, a):
+            return ce(functional_call(base, (p, bufs), (a,)), t)
+
+        same_batch = vmap(grad(loss), in_dims=(0, 0, None))(params, buffers, to(x))
+        own_batches = vmap(grad(loss), in_dims=(0, 0, 0))(params, buffers, to(torch.stack([x * (i + 1) for i in range(B)])))
+        return [same_batch[k] for k in sorted(same_batch)] + [own_batches[k] for k in sorted(own_batches)]
+
+    for cnn in ((False,) if light else (False, True)):
+        x = r(5, 1, 6, 6) if cnn else r(5, 8)
+        with gpu_nn.backend(backend):
+            got[f"ensemble cnn={cnn}"] = trained(gnn, lambda t: t.to(device, dtype), cnn, x)
+        want[f"ensemble cnn={cnn}"] = trained(torch.nn, lambda t: t, cnn, x)
+    assert loops == [], loops
+    for name in want:
+        g, e = got[name], want[name]
+        g, e = (list(g), list(e)) if isinstance(e, (list, tuple)) else ([g], [e])
+        assert len(g) == len(e), name
+        for i, (a, b) in enumerate(zip(g, e)):
+            if backend == "reference":
+                torch.testing.assert_close(a, b, msg=f"{name} #{i}")
+            else:
+                assert_close(a, b, torch.float32, k=16, what=f"{name} #{i}")
+
+
+def test_ensemble_folds_loop_where_the_grouped_launch_cannot(monkeypatch):
+    """The ensemble folds' grouped convolution (a batched input) runs B groups per group; where
+    the Triton kernels could not launch that many (grid y: lowered here to 2) they leave the
+    models to the loop, with the same values; a shared input through one group still folds."""
+    from torch.func import grad, vmap
+
+    from gpu_nn.ops import conv
+
+    loops = count_loops(monkeypatch)
+    torch.manual_seed(0)
+    w, b, x = torch.randn(3, 4, 5, dtype=D64), torch.randn(3, 4, dtype=D64), torch.randn(3, 6, 5, dtype=D64)
+    wc, xc = torch.randn(3, 4, 2, 3, 3, dtype=D64), torch.randn(3, 1, 2, 5, 5, dtype=D64)
+
+    def run(linear, conv2d):
+        return [vmap(grad(lambda u, W, c: linear(u, W, c).pow(2).sum(), argnums=(0, 1, 2)))(x, w, b),
+                vmap(grad(lambda u, W, c: conv2d(u, W, c).pow(2).sum(), argnums=(0, 1, 2)))(xc, wc, b),
+                vmap(grad(lambda W, c: conv2d(xc[0], W, c).pow(2).sum(), argnums=(0, 1)))(wc, b)]
+
+    want = run(TF.linear, TF.conv2d)
+    with gpu_nn.backend("reference"):
+        torch.testing.assert_close(run(F.linear, F.conv2d), want)
+        assert loops == []
+        monkeypatch.setattr(conv, "GRID_YZ_MAX", 2)  # 3 models: past it
+        torch.testing.assert_close(run(F.linear, F.conv2d), want)
+    assert loops == [3, 3, 3, 3], loops  # each grouped forward and backward; the shared input's folded
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("triton",)))
+def test_ensemble_folds_take_matmul_precision_for_linear(backend, device, monkeypatch):
+    """Linear layers computed as a grouped convolution (an ensemble on batched inputs, forward and
+    backward) decide their float32 products' TF32 by matmul's setting, not the convolutions'
+    (torch's defaults differ: cuDNN convolutions may use TF32, cuBLAS matmuls not); a
+    convolution's own calls keep the convolutions' setting, outside the block too."""
+    from torch.func import grad, vmap
+
+    from gpu_nn.ops import conv
+
+    asked = []
+    monkeypatch.setattr(conv, "_tf32", lambda op: asked.append(op) or False)
+    x, w = torch.randn(2, 3, 4, device=device), torch.randn(2, 5, 4, device=device)
+    xc, wc = torch.randn(2, 1, 2, 5, 5, device=device), torch.randn(2, 3, 2, 3, 3, device=device)
+    with gpu_nn.backend(backend):
+        vmap(grad(lambda u, W: F.linear(u, W).sum(), argnums=(0, 1)))(x, w)
+        assert asked and set(asked) == {"matmul"}, asked
+        asked.clear()
+        vmap(grad(lambda u, W: F.conv2d(u, W).sum(), argnums=(0, 1)))(xc, wc)
+        assert asked and set(asked) == {"conv"}, asked
 
 
 def test_compiled_forward_mode_gives_eager_tangents_or_raises():

@@ -27,7 +27,9 @@ the reference computes contiguous and lays the result out afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 from typing import Optional
 
 import torch
@@ -539,7 +541,23 @@ def _precision(dtype: torch.dtype) -> str:
     so 'ieee' there."""
     if dtype != torch.float32:
         return "ieee"
-    return "tf32" if _tf32("conv") and torch.cuda.is_available() else "ieee"
+    return "tf32" if _tf32(getattr(_PRODUCTS, "op", "conv")) and torch.cuda.is_available() else "ieee"
+
+
+_PRODUCTS = threading.local()  # .op: whose TF32 setting our convolutions' float32 products follow
+
+
+@contextlib.contextmanager
+def products_as(op: str):
+    """A block (this thread) in which our convolutions' float32 products follow ``op``'s TF32
+    setting (``"matmul"``: linear layers computed as a grouped convolution under vmap) instead of
+    the convolutions' own."""
+    prev = getattr(_PRODUCTS, "op", "conv")
+    _PRODUCTS.op = op
+    try:
+        yield
+    finally:
+        _PRODUCTS.op = prev
 
 
 # ----------------------------------------------------------------------------- custom ops
@@ -700,22 +718,65 @@ def _backward_jvp(inputs, outputs, tangents):
 
 def _fold(apply, in_dims, args):
     """vmap of a convolution whose weight and bias are not batched: the batch folds into the
-    input's own batch dim, one call; else None (the loop)."""
+    input's own batch dim, one call; a batched weight (an ensemble of models, torch.func's
+    ``stack_module_state``): :func:`_ensemble_forward`; else None (the loop)."""
     x, w, b = args[:3]
     dx, dw, db = in_dims[:3]
-    if dx is None or dw is not None or db is not None or x.dim() != w.dim() + 1:
+    if dw is not None:
+        return _ensemble_forward(apply, x, w, b, dx, dw, db, *args[3:])
+    if dx is None or db is not None or x.dim() != w.dim() + 1:
         return None
     return split_batch(apply(merge_batch(x, dx), w, b, *args[3:]), x.shape[dx]), 0
+
+
+def _ensemble_bias(b, db, B: int):
+    """The bias of B stacked convolutions as one convolution's ``[B O]``: a batched bias in
+    its element order, a shared one repeated, None kept."""
+    if b is None:
+        return None
+    return b.movedim(db, 0).reshape(-1) if db is not None else b.repeat(B)
+
+
+def _channels(t, d, B: int):
+    """An input of B convolutions side by side in the channels, ``[N, B C, ...]`` (each element's
+    channels a run of its groups): ``t`` batched at ``d``, or (``d`` None) shared, repeated."""
+    t = t.movedim(d, 0) if d is not None else t.unsqueeze(0).expand(B, *t.shape)
+    return t.transpose(0, 1).reshape(t.shape[1], B * t.shape[2], *t.shape[3:])
+
+
+def _ensemble_forward(apply, x, w, b, dx, dw, db, stride, padding, dilation, groups, act):
+    """vmap of a convolution whose weight is batched (B models, one weight each: an ensemble,
+    torch.func's ``stack_module_state``): one call. A shared input and one group: the B weights
+    stacked along the output channels (``[B O, C, ...]``, the input read once); otherwise one
+    convolution of ``groups * B`` groups over the elements' inputs side by side in the channels.
+    The result's channels are the elements' in turn, ``[N, B, O, ...]``: the batch at dim 1.
+    None (the loop) for an unbatched input (``[C, ...]``, no N) or where the Triton kernels
+    could not launch the grouped problem."""
+    B, nd = w.shape[dw], w.dim() - 3
+    if x.dim() - (dx is not None) != nd + 2:
+        return None
+    w = w.movedim(dw, 0)
+    wcat = w.reshape(B * w.shape[1], *w.shape[2:])
+    bias = _ensemble_bias(b, db, B)
+    if dx is None and groups == 1:
+        y = apply(x, wcat, bias, stride, padding, dilation, 1, act)
+    else:
+        if _launch_problem("conv_forward", B * x.shape[-nd - 1], wcat.shape, groups * B, False) is not None:
+            return None
+        y = apply(_channels(x, dx, B), wcat, bias, stride, padding, dilation, groups * B, act)
+    return y.unflatten(1, (B, w.shape[1])), 1
 
 
 def _backward_fold(apply, in_dims, args):
     """vmap of conv_backward with the weight not batched: where only the input's gradient is
     computed (a jacobian or hessian in the input), the batch folds into the batch dim, one call;
     per-sample weight and bias gradients (vmap(grad(...)) of a CNN): :func:`_per_sample_backward`;
-    else None (the loop)."""
+    a batched weight and gradient (an ensemble): :func:`_ensemble_backward`; else None (the loop)."""
     g, x, w, y = args[:4]
     dg, dx, dw, dy = in_dims[:4]
     mask = [bool(m) for m in args[9]]
+    if dg is not None and dw is not None:
+        return _ensemble_backward(apply, g, x, w, y, dg, dx, dw, dy, *args[4:9], mask)
     if dg is None or dw is not None or g.dim() != w.dim() + 1:
         return None
     first = batched_first(g, dg)
@@ -725,6 +786,31 @@ def _backward_fold(apply, in_dims, args):
     folded = (merge_batch(g, dg), merge_batch(x, dx, first), w, None if y is None else merge_batch(y, dy, first))
     gi, gw, gb = apply(*folded, *args[4:])
     return (split_batch(gi, first.shape[0]), gw, gb), (0, None, None)
+
+
+def _ensemble_backward(apply, g, x, w, y, dg, dx, dw, dy, stride, padding, dilation, groups, act, mask):
+    """vmap of conv_backward with a batched weight (B models: an ensemble's training step), the
+    forward's :func:`_ensemble_forward` in reverse: one call of B times the groups over the
+    elements' gradients, inputs and outputs side by side in the channels; with a shared input,
+    one group and no input gradient wanted, the B weights stacked along the output channels
+    (the input read once: each output channel's weight gradient is its element's). None (the
+    loop) where the Triton kernels could not launch it."""
+    B, nd = w.shape[dw], w.dim() - 3
+    if g.dim() - 1 != nd + 2:
+        return None
+    w = w.movedim(dw, 0)
+    wcat = w.reshape(B * w.shape[1], *w.shape[2:])
+    mi, mw, mb = mask
+    ys = None if y is None else _channels(y, dy, B)
+    if dx is None and groups == 1 and not mi:
+        res = apply(_channels(g, dg, B), x, wcat, ys, stride, padding, dilation, 1, act, mask)
+    else:
+        if _launch_problem("conv_backward", B * x.shape[-nd - 1], wcat.shape, groups * B, mw, mi) is not None:
+            return None
+        res = apply(_channels(g, dg, B), _channels(x, dx, B), wcat, ys, stride, padding, dilation, groups * B, act, mask)
+    gi, gw, gb = res
+    return ((gi.unflatten(1, (B, gi.shape[1] // B)) if mi else gi, gw.unflatten(0, (B, w.shape[1])) if mw else gw,
+             gb.unflatten(0, (B, w.shape[1])) if mb else gb), (1 if mi else None, 0 if mw else None, 0 if mb else None))
 
 
 def _per_sample_backward(apply, g, x, w, y, stride, padding, dilation, groups, act, mask):

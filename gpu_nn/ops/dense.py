@@ -394,23 +394,96 @@ _linear_backward_op.register_jvp(_linear_backward_jvp)
 
 def _linear_fold(apply, in_dims, args):
     """vmap of linear with its weight and bias not batched (hessians and jacobians in the input):
-    the batch folds into the rows, one call; else None (the loop)."""
+    the batch folds into the rows, one call; a batched weight (an ensemble):
+    :func:`_ensemble_linear`; else None (the loop)."""
     x, w, b, act = args
     dx, dw, db = in_dims[:3]
-    if dx is None or dw is not None or db is not None or w.dim() != 2:
+    if dw is not None:
+        return _ensemble_linear(apply, x, w, b, act, dx, dw, db)
+    if dx is None or db is not None or w.dim() != 2:
         return None
     return apply(x.movedim(dx, 0), w, b, act), 0
+
+
+def _rows_side_by_side(t: Tensor, d, B: int, M: int) -> Tensor:
+    """``[B, rows.., F]`` batched at ``d`` (or, ``d`` None, shared: repeated) as ``[M, B F]``,
+    each row's B elements side by side."""
+    t = t.movedim(d, -2) if d is not None else t.unsqueeze(-2).expand(*t.shape[:-1], B, t.shape[-1])
+    return t.reshape(M, B * t.shape[-1])
+
+
+def _as_groups(t: Tensor, d, B: int, M: int) -> Tensor:
+    """``[B, rows.., F]`` batched at ``d`` (or, ``d`` None, shared: repeated) as the input of a
+    kernel-size-1 conv1d of B groups, ``[1, B F, M]``: one image of length M (the rows), each
+    element's features its group's channels (one product per group in the reference, where
+    images of one pixel would make one per row)."""
+    t = t.movedim(d, 0) if d is not None else t.unsqueeze(0).expand(B, *t.shape)
+    return t.reshape(B, M, t.shape[-1]).transpose(1, 2).reshape(1, B * t.shape[-1], M)
+
+
+def _from_groups(t: Tensor, B: int, rows) -> Tensor:
+    """:func:`_as_groups`' layout back, ``[1, B F, M]`` -> ``[B, rows.., F]`` (a view)."""
+    return t.reshape(B, -1, t.shape[-1]).transpose(1, 2).reshape(B, *rows, t.shape[1] // B)
+
+
+def _ensemble_linear(apply, x, w, b, act, dx, dw, db):
+    """vmap of linear with a batched weight (B models, one weight each: an ensemble through
+    torch.func's ``stack_module_state``): one call. A shared input: the B weights stacked as one
+    ``[B O, K]`` weight (each output feature its own weight row, the input read once; the result
+    ``[rows.., B, O]``); a batched one: a kernel-size-1 conv1d of B groups over the rows
+    (:func:`_as_groups`; the products at matmul's float32 precision, not conv's; the result
+    ``[B, rows.., O]``). None (the loop) where the Triton kernels could not launch that."""
+    from .conv import _conv_forward_op, _ensemble_bias
+
+    if w.dim() != 3:
+        return None
+    w = w.movedim(dw, 0)
+    B, O, K = w.shape
+    wcat, bias = w.reshape(B * O, K), _ensemble_bias(b, db, B)
+    if dx is None:
+        y = apply(x, wcat, bias, act)
+        return y.unflatten(-1, (B, O)), y.dim() - 1
+    rows = x.movedim(dx, 0).shape[1:-1]
+    M = math.prod(rows)
+    if M == 0 or not _grouped_rows_launch("conv_forward", B, O, K, False, False):
+        return None
+    with _matmul_precision():
+        y = _conv_forward_op(_as_groups(x, dx, B, M), wcat.unsqueeze(-1), bias, [1], [0, 0], [1], B, act)
+    return _from_groups(y, B, rows), 0
+
+
+def _grouped_rows_launch(name: str, B: int, O: int, K: int, wgrad: bool, dgrad: bool) -> bool:
+    """Whether the Triton kernels launch the kernel-size-1 conv1d of B groups that stands for B
+    linear layers, and its products can be made at matmul's float32 precision: under
+    torch.compile the convolution's kernel decides its precision when the graph runs, where
+    float32 products follow the convolution's TF32 setting, so a compiled call takes the
+    grouped form only where the two settings agree (else the loop)."""
+    from .conv import _launch_problem
+
+    if _launch_problem(name, B * K, (B * O, K, 1), B, wgrad, dgrad) is not None:
+        return False
+    return not torch.compiler.is_compiling() or _precision.tf32("matmul") == _precision.tf32("conv")
+
+
+def _matmul_precision():
+    """A block in which our convolutions' float32 products follow matmul's TF32 setting (a
+    linear layer's), not the convolutions' (conv.products_as)."""
+    from .conv import products_as
+
+    return products_as("matmul")
 
 
 def _linear_backward_fold(apply, in_dims, args):
     """vmap of linear_backward with the weight not batched: where only the input's gradient is
     computed (a jacobian or hessian in the input), dx = gz w row by row, the batch folded into
     the rows, one call; per-sample weight and bias gradients (torch.func's vmap(grad(...)), as
-    differentially private training takes them): :func:`_per_sample_linear_backward`; else None
-    (the loop: a batched weight)."""
+    differentially private training takes them): :func:`_per_sample_linear_backward`; a batched
+    weight and gradient (an ensemble): :func:`_ensemble_linear_backward`; else None (the loop)."""
     g, x, w, out, act, has_bias, *needs = args
     need_x, need_w = (True, True) if not needs else needs
     dg, dx, dw, dout = in_dims[:4]
+    if dw is not None and dg is not None:
+        return _ensemble_linear_backward(apply, g, x, w, out, act, has_bias, need_x, need_w, dg, dx, dw, dout)
     if dw is not None or w.dim() != 2 or dg is None:
         return None
     first = g.movedim(dg, 0)  # (x read for its shape alone: dx's)
@@ -421,6 +494,42 @@ def _linear_backward_fold(apply, in_dims, args):
     res = apply(first, batched_first(x, dx, first), w, None if out is None else batched_first(out, dout, first), act,
                 has_bias, *needs)
     return res, (0 if need_x else None, None, None)
+
+
+def _ensemble_linear_backward(apply, g, x, w, out, act, has_bias, need_x, need_w, dg, dx, dw, dout):
+    """vmap of linear_backward with a batched weight (an ensemble's training step), the forward's
+    :func:`_ensemble_linear` in reverse, one call: with a shared input and no input gradient
+    wanted, our linear backward of the B weights stacked as one (each weight row's gradient
+    its element's); otherwise the B-group conv1d's backward (at matmul's float32 precision).
+    None (the loop) where the Triton kernels could not launch it."""
+    from .conv import _conv_backward_op
+
+    if w.dim() != 3:
+        return None
+    w = w.movedim(dw, 0)
+    B, O, K = w.shape
+    wcat = w.reshape(B * O, K)
+    rows = g.movedim(dg, 0).shape[1:-1]
+    M = math.prod(rows)
+    if M == 0:
+        return None
+    if dx is None and not need_x:
+        gx, gw, gb = apply(_rows_side_by_side(g, dg, B, M), x.reshape(M, K), wcat,
+                           None if out is None else _rows_side_by_side(out, dout, B, M), act, has_bias, False, need_w)
+    else:
+        if not _grouped_rows_launch("conv_backward", B, O, K, need_w, need_x):
+            return None
+        # the input is read for its shape alone where no weight gradient is wanted (it may be
+        # linear's stand-in then: zeros of no memory)
+        xs = _as_groups(x, dx, B, M) if need_w else x.new_zeros(()).expand(1, B * K, M)
+        with _matmul_precision():
+            gx, gw, gb = _conv_backward_op(_as_groups(g, dg, B, M), xs, wcat.unsqueeze(-1),
+                                           None if out is None else _as_groups(out, dout, B, M), [1], [0, 0], [1], B,
+                                           act, [need_x, need_w, has_bias])
+        gx = _from_groups(gx, B, rows) if need_x else x.new_zeros(0)
+    gw = gw.reshape(B, O, K).to(w.dtype) if need_w else w.new_zeros(0)
+    gb = gb.reshape(B, O).to(w.dtype) if has_bias else w.new_zeros(0)
+    return (gx, gw, gb), (0 if need_x else None, 0 if need_w else None, 0 if has_bias else None)
 
 
 def _per_sample_linear_backward(g, x, w, out, act, has_bias, need_x, need_w):
