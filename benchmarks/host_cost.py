@@ -19,6 +19,7 @@ op and a bare custom op around a clone (``floor``) on the same inputs::
     .venv/bin/python -m gpu_nn.benchmarks.host_cost --demo            # the demo's training steps
     .venv/bin/python -m gpu_nn.benchmarks.host_cost --demo --profile lstm  # cProfile of one
     .venv/bin/python -m gpu_nn.benchmarks.host_cost --demo --fuse cnn      # demo --fuse's model
+    .venv/bin/python -m gpu_nn.benchmarks.host_cost --func "ensemble mlp"  # torch.func workloads' launches
 
 Must run in a fresh process: the environment is set before the kernels are imported.
 """
@@ -296,6 +297,35 @@ def _print_profile(body, warm: int, n: int, top: int) -> None:
     pstats.Stats(prof).sort_stats("tottime").print_stats(top)
 
 
+def measure_func(names=None, clock=time.thread_time, samples: int = 5) -> dict:
+    """The func bench's torch.func workloads on the Triton path, launches no-op: ``"work kind"``
+    -> our launches per call and the call's host time in microseconds (median of ``samples``).
+    What folds under vmap shows as launches; the time includes the host-side copies of real CPU
+    tensors (layouts merged for a fold), which a GPU makes on the device."""
+    from gpu_nn.benchmarks.bench_func import CASES, _setup
+
+    torch.set_num_threads(1)
+    out = {}
+    for kind, work, B, _ in CASES:
+        name = f"{work} {kind}"
+        if names and name not in names or (not names and work == "jacfwd"):  # (jacfwd: minutes here)
+            continue
+        for compose in ((False, True) if (kind, work) == ("lstm", "per-sample") else (False,)):
+            call = _setup(kind, work, B, "cpu", "triton", compose=compose)()
+            call()  # warm-up: plans, first-use imports
+            LAUNCHES[0] = 0
+            call()
+            launches = LAUNCHES[0]
+            times = []
+            for _ in range(samples):
+                t0 = clock()
+                call()
+                times.append(clock() - t0)
+            out[name + (" compose" if compose else "")] = {"B": B, "launches": launches,
+                                                           "us": round(statistics.median(times) * 1e6, 1)}
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("ops", nargs="*")
@@ -309,6 +339,9 @@ def main(argv=None) -> int:
     p.add_argument("--new-grads", action="store_true",
                    help="with --demo: gradients set to None each step, as the demo does (new CPU addresses)")
     p.add_argument("--fuse", action="store_true", help="with --demo: the model through gpu_nn.fuse (demo --fuse)")
+    p.add_argument("--func", action="store_true",
+                   help="the func bench's torch.func workloads (ops: their names, as 'ensemble mlp'; default all "
+                        "but jacfwd): launches per call and host time")
     p.add_argument("--samples", type=int, default=SAMPLES, help="with --demo: samples per phase (median)")
     p.add_argument("--steps", type=int, default=DEMO_STEPS, help="with --demo: training steps per sample")
     a = p.parse_args(argv)
@@ -328,6 +361,9 @@ def main(argv=None) -> int:
         for m, row in res.items():
             print(f"{m:<7}" + "".join(f"{row['us'][k]:>11.1f}" for k in (*DEMO_PHASES, "total")) + "   us")
             print(f"{'':<7}" + "".join(f"{row['launches'][k]:>11d}" for k in (*DEMO_PHASES, "total")) + "   launches")
+    elif a.func:
+        res = measure_func(a.ops or None, clock)
+        print("\n".join(f"{k:<24}B={v['B']:<4}{v['launches']:>6d} launches{v['us'] / 1e3:>10.1f} ms" for k, v in res.items()))
     elif a.optim:
         res = measure_optim(clock)
         print("\n".join(f"{k:<14}{v:>8.1f} us per step" for k, v in res.items()))
