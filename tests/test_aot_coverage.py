@@ -374,6 +374,28 @@ def extra_conv(rng, monkeypatch, rec):
             F.conv2d(_t(rng, 1, 2, 184, 184, dtype=dt, grad=False), _t(rng, 33, 2, 1, 1, dtype=dt, grad=False))
             _fwd_bwd(F.conv2d(_t(rng, 1, 33, 184, 184, dtype=dt), _t(rng, 1, 33, 1, 1, dtype=dt, grad=False),
                               _t(rng, 1, dtype=dt)))
+    # the vmap folds' grouped launches (tests/test_double_backward.py): per-sample weight
+    # gradients (B groups over a placeholder weight of no memory), an ensemble's stacked weights
+    # (a shared input: one convolution of B O output channels; a batched one: B groups), and
+    # linear layers as a kernel-size-1 conv1d of B groups (one image of length M: N = 1, ones
+    # the JIT makes constants)
+    from torch.func import grad, vmap
+
+    with _backend.backend("triton"):
+        for dt in DTYPES:
+            w, b, xs = _t(rng, 4, 2, 3, 3, dtype=dt, grad=False), _t(rng, 4, dtype=dt, grad=False), _t(rng, 3, 1, 2, 6, 6, dtype=dt, grad=False)
+            vmap(grad(lambda W, c, u: F.conv2d(u, W, c, padding=1, activation="tanh").sum(), argnums=(0, 1)),
+                 in_dims=(None, None, 0))(w, b, xs)
+            ws, bs = _t(rng, 3, 4, 2, 3, 3, dtype=dt, grad=False), _t(rng, 3, 4, dtype=dt, grad=False)
+            for dx, x in ((None, xs[0]), (0, xs)):
+                vmap(grad(lambda u, W, c: F.conv2d(u, W, c, stride=2).sum(), argnums=(0, 1, 2)), in_dims=(dx, 0, 0))(x, ws, bs)
+                vmap(grad(lambda u, W, c: F.conv2d(u, W, c).sum(), argnums=(1, 2)), in_dims=(dx, 0, 0))(x, ws, bs)
+            wl, bl = _t(rng, 3, 5, 7, dtype=dt, grad=False), _t(rng, 3, 5, dtype=dt, grad=False)
+            for dx, x in ((None, _t(rng, 6, 7, dtype=dt, grad=False)), (0, _t(rng, 3, 6, 7, dtype=dt, grad=False))):
+                vmap(grad(lambda u, W, c: F.linear(u, W, c, activation="relu").sum(), argnums=(0, 1, 2)),
+                     in_dims=(dx, 0, 0))(x, wl, bl)
+            vmap(grad(lambda W, c, u: F.linear(u, W, c).sum(), argnums=(0, 1)), in_dims=(None, None, 0))(
+                wl[0], bl[0], _t(rng, 3, 6, 7, dtype=dt, grad=False))
     # the via-channels_last copies both ways: a plane of 28x28 (every int a multiple of 16, as the
     # bench's problems launch them) and an odd one
     from gpu_nn.kernels.triton import conv as kc
