@@ -73,7 +73,9 @@ def _setup(kind: str, work: str, B: int, device: str, backend, compose: bool = F
         if work == "ensemble":  # B models, one minibatch of 64
             x = torch.randn(64, *x.shape[1:], generator=g).to(device)
             y = torch.randint(0, 10, (64,), generator=g).to(device)
-            stacked = stack_module_state([_models(lib, kind).to(device) for _ in range(B)])
+            # (detached, as the other workloads' parameters: no outer graph built around the transform)
+            stacked = tuple({k: v.detach() for k, v in d.items()}
+                            for d in stack_module_state([_models(lib, kind).to(device) for _ in range(B)]))
             base = copy.deepcopy(m).to("meta")
             f = vmap(grad(lambda p, b, a: ce(functional_call(base, (p, b), (a,)), y)), in_dims=(0, 0, None))
 

@@ -1584,10 +1584,22 @@ def test_vmap_folds_ensembles_of_linear_and_convolution(backend, device, monkeyp
         own_batches = vmap(grad(loss), in_dims=(0, 0, 0))(params, buffers, to(torch.stack([x * (i + 1) for i in range(B)])))
         return [same_batch[k] for k in sorted(same_batch)] + [own_batches[k] for k in sorted(own_batches)]
 
+    from gpu_nn.ops import conv as conv_ops
+    from gpu_nn.ops import dense as dense_ops
+
+    # which folds an ensemble's step took: on one minibatch the first layer's stacked backward
+    # (the input read once; the forward kept a stand-in of its weight, which needs no gradient
+    # of its input: unbatched, it read as per-sample weight gradients before, a review's find),
+    # on a minibatch per model the per-sample one there
+    ran = []
+    for mod, name in ((dense_ops, "_stacked_linear_backward"), (conv_ops, "_stacked_backward")):
+        monkeypatch.setattr(mod, name, lambda *a, _f=getattr(mod, name), _n=name, **k: (ran.append(_n), _f(*a, **k))[1])
     for cnn in ((False,) if light else (False, True)):
         x = r(5, 1, 6, 6) if cnn else r(5, 8)
+        ran.clear()
         with gpu_nn.backend(backend):
             got[f"ensemble cnn={cnn}"] = trained(gnn, lambda t: t.to(device, dtype), cnn, x)
+        assert ran == ["_stacked_backward" if cnn else "_stacked_linear_backward"], ran
         want[f"ensemble cnn={cnn}"] = trained(torch.nn, lambda t: t, cnn, x)
     assert loops == [], loops
     for name in want:
@@ -1612,7 +1624,8 @@ def test_ensemble_folds_loop_where_the_grouped_launch_cannot(monkeypatch):
     loops = count_loops(monkeypatch)
     torch.manual_seed(0)
     w, b, x = torch.randn(3, 4, 5, dtype=D64), torch.randn(3, 4, dtype=D64), torch.randn(3, 6, 5, dtype=D64)
-    wc, xc = torch.randn(3, 4, 2, 3, 3, dtype=D64), torch.randn(3, 1, 2, 5, 5, dtype=D64)
+    # (1x2 taps: within the lowered limit, which the weight gradient's taps must also keep)
+    wc, xc = torch.randn(3, 4, 2, 1, 2, dtype=D64), torch.randn(3, 1, 2, 5, 5, dtype=D64)
 
     def run(linear, conv2d):
         return [vmap(grad(lambda u, W, c: linear(u, W, c).pow(2).sum(), argnums=(0, 1, 2)))(x, w, b),
@@ -1626,6 +1639,15 @@ def test_ensemble_folds_loop_where_the_grouped_launch_cannot(monkeypatch):
         monkeypatch.setattr(conv, "GRID_YZ_MAX", 2)  # 3 models: past it
         torch.testing.assert_close(run(F.linear, F.conv2d), want)
     assert loops == [3, 3, 3, 3], loops  # each grouped forward and backward; the shared input's folded
+    # no output features: the loop too (the grouped convolution would have no channel per group;
+    # a review's find: it raised KernelInputError where the loop gives torch's empty results)
+    loops.clear()
+    w0, b0 = torch.randn(3, 0, 5, dtype=D64), torch.randn(3, 0, dtype=D64)
+    f0 = lambda linear: vmap(grad(lambda u, W, c: linear(u, W, c).sum(), argnums=(0, 1, 2)))(x, w0, b0)  # noqa: E731
+    with gpu_nn.backend("reference"):
+        got = [vmap(F.linear)(x, w0, b0), *f0(F.linear)]
+    torch.testing.assert_close(got, [vmap(TF.linear)(x, w0, b0), *f0(TF.linear)])
+    assert loops == [3, 3, 3], loops  # the forward; the forward and backward under grad
 
 
 @pytest.mark.parametrize("backend,device", backend_params(("triton",)))
@@ -1642,11 +1664,30 @@ def test_ensemble_folds_take_matmul_precision_for_linear(backend, device, monkey
     monkeypatch.setattr(conv, "_tf32", lambda op: asked.append(op) or False)
     x, w = torch.randn(2, 3, 4, device=device), torch.randn(2, 5, 4, device=device)
     xc, wc = torch.randn(2, 1, 2, 5, 5, device=device), torch.randn(2, 3, 2, 3, 3, device=device)
+    linear_cases = {
+        "vmap(grad)": lambda: vmap(grad(lambda u, W: F.linear(u, W).sum(), argnums=(0, 1)))(x, w),
+        # the grouped convolution's backward recorded by autograd outside the vmap rule: eager
+        # backward of a vmapped ensemble whose stacked weights require grad, grad of vmap
+        "backward of vmap": lambda: vmap(F.linear)(x, w.clone().requires_grad_()).sum().backward(),
+        "grad of vmap": lambda: grad(lambda W: vmap(F.linear)(x, W).sum())(w),
+        "double backward": lambda: torch.autograd.grad(
+            torch.autograd.grad(vmap(F.linear)(x.clone().requires_grad_(), wr := w.clone().requires_grad_()).pow(2).sum(),
+                                wr, create_graph=True)[0].sum(), wr),
+        # per-sample weight gradients of several rows per element (the grouped backward)
+        "per-sample": lambda: vmap(grad(lambda W, u: F.linear(u, W).pow(2).sum()), in_dims=(None, 0))(w[0], x),
+    }
     with gpu_nn.backend(backend):
-        vmap(grad(lambda u, W: F.linear(u, W).sum(), argnums=(0, 1)))(x, w)
-        assert asked and set(asked) == {"matmul"}, asked
+        for name, run in linear_cases.items():
+            asked.clear()
+            run()
+            assert asked and set(asked) == {"matmul"}, (name, asked)
         asked.clear()
+        # a shared input: the stacked linear itself (cuBLAS's setting, read by linear: conv asks nothing)
+        vmap(grad(lambda W: F.linear(x[0], W).pow(2).sum()))(w)
+        assert asked == [], asked
         vmap(grad(lambda u, W: F.conv2d(u, W).sum(), argnums=(0, 1)))(xc, wc)
+        xr = xc.clone().requires_grad_()
+        F.conv2d(xr[0], wc[0]).sum().backward()
         assert asked and set(asked) == {"conv"}, asked
 
 

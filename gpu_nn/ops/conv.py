@@ -596,10 +596,18 @@ def _setup_context(ctx, inputs, output):
     input, weight, bias, stride, padding, dilation, groups, activation = inputs
     ctx.args = (stride, padding, dilation, groups, activation)
     ctx.has_bias = bias is not None
+    ctx.products = getattr(_PRODUCTS, "op", "conv")  # (see products_as: its backward makes them alike)
     ctx.save_for_backward(input, weight, output if activation is not None else None)
 
 
 def _backward(ctx, grad):
+    if ctx.products != "conv":  # a linear layer's grouped convolution: its backward at matmul's precision too
+        with products_as(ctx.products):
+            return _backward_body(ctx, grad)
+    return _backward_body(ctx, grad)
+
+
+def _backward_body(ctx, grad):
     input, weight, output = ctx.saved_tensors
     stride, padding, dilation, groups, activation = ctx.args
     needs = wanted(ctx)  # (what this backward call uses: not an input gradient nobody asked for)
@@ -618,10 +626,18 @@ def _bwd_setup_context(ctx, inputs, output):
     grad_output, input, weight, output_, stride, padding, dilation, groups, activation, output_mask = inputs
     ctx.args = (stride, padding, dilation, groups, activation)
     ctx.mask = [bool(m) for m in output_mask]
+    ctx.products = getattr(_PRODUCTS, "op", "conv")
     ctx.save_for_backward(grad_output, input, weight, output_)
 
 
 def _backward_backward(ctx, ggi, ggw, ggb):
+    if ctx.products != "conv":
+        with products_as(ctx.products):
+            return _backward_backward_body(ctx, ggi, ggw, ggb)
+    return _backward_backward_body(ctx, ggi, ggw, ggb)
+
+
+def _backward_backward_body(ctx, ggi, ggw, ggb):
     """Double backward of conv_backward, in terms of our conv ops.
 
     With gz = grad_output through the activation, the backward is linear in each of its
@@ -758,11 +774,13 @@ def _ensemble_forward(apply, x, w, b, dx, dw, db, stride, padding, dilation, gro
     w = w.movedim(dw, 0)
     wcat = w.reshape(B * w.shape[1], *w.shape[2:])
     bias = _ensemble_bias(b, db, B)
-    if dx is None and groups == 1:
+    stacked = dx is None and groups == 1
+    if _launch_problem("conv_forward", (1 if stacked else B) * groups * w.shape[2], wcat.shape,
+                       1 if stacked else groups * B, False) is not None:
+        return None
+    if stacked:
         y = apply(x, wcat, bias, stride, padding, dilation, 1, act)
     else:
-        if _launch_problem("conv_forward", B * x.shape[-nd - 1], wcat.shape, groups * B, False) is not None:
-            return None
         y = apply(_channels(x, dx, B), wcat, bias, stride, padding, dilation, groups * B, act)
     return y.unflatten(1, (B, w.shape[1])), 1
 
@@ -775,10 +793,12 @@ def _backward_fold(apply, in_dims, args):
     g, x, w, y = args[:4]
     dg, dx, dw, dy = in_dims[:4]
     mask = [bool(m) for m in args[9]]
-    if dg is not None and dw is not None:
-        return _ensemble_backward(apply, g, x, w, y, dg, dx, dw, dy, *args[4:9], mask)
-    if dg is None or dw is not None or g.dim() != w.dim() + 1:
+    if dg is None or g.dim() - 1 != w.dim() - (dw is not None):
         return None
+    if dx is None and not mask[0] and args[7] == 1:
+        return _stacked_backward(apply, g, x, w, y, dg, dw, dy, *args[4:9], mask)
+    if dw is not None:
+        return _ensemble_backward(apply, g, x, w, y, dg, dx, dw, dy, *args[4:9], mask)
     first = batched_first(g, dg)
     if mask != [True, False, False]:
         return _per_sample_backward(apply, first, batched_first(x, dx, first), w,
@@ -788,27 +808,42 @@ def _backward_fold(apply, in_dims, args):
     return (split_batch(gi, first.shape[0]), gw, gb), (0, None, None)
 
 
-def _ensemble_backward(apply, g, x, w, y, dg, dx, dw, dy, stride, padding, dilation, groups, act, mask):
-    """vmap of conv_backward with a batched weight (B models: an ensemble's training step), the
-    forward's :func:`_ensemble_forward` in reverse: one call of B times the groups over the
-    elements' gradients, inputs and outputs side by side in the channels; with a shared input,
-    one group and no input gradient wanted, the B weights stacked along the output channels
-    (the input read once: each output channel's weight gradient is its element's). None (the
-    loop) where the Triton kernels could not launch it."""
-    B, nd = w.shape[dw], w.dim() - 3
-    if g.dim() - 1 != nd + 2:
+def _stacked_backward(apply, g, x, w, y, dg, dw, dy, stride, padding, dilation, groups, act, mask):
+    """vmap of conv_backward with a shared input, a batched gradient, one group and no input
+    gradient wanted (an ensemble's first layer on one minibatch, or a jacobian in the weight):
+    the B elements' weight and bias gradients as those of ONE convolution of B O output
+    channels, each element's gradients side by side in the channels, the input read once; one
+    call. The weight, batched or not, is read for its shape alone (a placeholder of no memory).
+    None (the loop) where the Triton kernels could not launch it."""
+    B, O = g.shape[dg], g.movedim(dg, 0).shape[2]
+    wshape = (B * O, *(w.movedim(dw, 0).shape[2:] if dw is not None else w.shape[1:]))
+    if _launch_problem("conv_backward", x.shape[1], wshape, 1, mask[1]) is not None:
         return None
+    _, gw, gb = apply(_channels(g, dg, B), x, w.new_zeros(()).expand(wshape), None if y is None else _channels(y, dy, B),
+                      stride, padding, dilation, 1, act, mask)
+    return ((x.new_empty(0), gw.unflatten(0, (B, O)) if mask[1] else gw, gb.unflatten(0, (B, O)) if mask[2] else gb),
+            (None, 0 if mask[1] else None, 0 if mask[2] else None))
+
+
+def _ensemble_backward(apply, g, x, w, y, dg, dx, dw, dy, stride, padding, dilation, groups, act, mask):
+    """vmap of conv_backward with a batched weight and a batched input or an input gradient
+    wanted (an ensemble's training step past its first layer), the forward's
+    :func:`_ensemble_forward` in reverse: one call of B times the groups over the elements'
+    gradients, inputs and outputs side by side in the channels (the input only a shape, of no
+    memory, where no weight gradient is wanted). None (the loop) where the Triton kernels could
+    not launch it."""
+    B = w.shape[dw]
     w = w.movedim(dw, 0)
     wcat = w.reshape(B * w.shape[1], *w.shape[2:])
     mi, mw, mb = mask
-    ys = None if y is None else _channels(y, dy, B)
-    if dx is None and groups == 1 and not mi:
-        res = apply(_channels(g, dg, B), x, wcat, ys, stride, padding, dilation, 1, act, mask)
-    else:
-        if _launch_problem("conv_backward", B * x.shape[-nd - 1], wcat.shape, groups * B, mw, mi) is not None:
-            return None
-        res = apply(_channels(g, dg, B), _channels(x, dx, B), wcat, ys, stride, padding, dilation, groups * B, act, mask)
-    gi, gw, gb = res
+    c = B * groups * w.shape[2]
+    if _launch_problem("conv_backward", c, wcat.shape, groups * B, mw, mi) is not None:
+        return None
+    gs = _channels(g, dg, B)
+    xshape = x.movedim(dx, 0).shape[1:] if dx is not None else x.shape  # an element's [N, C, ...]
+    xs = _channels(x, dx, B) if mw else x.new_zeros(()).expand(xshape[0], c, *xshape[2:])
+    gi, gw, gb = apply(gs, xs, wcat, None if y is None else _channels(y, dy, B), stride, padding, dilation, groups * B,
+                       act, mask)
     return ((gi.unflatten(1, (B, gi.shape[1] // B)) if mi else gi, gw.unflatten(0, (B, w.shape[1])) if mw else gw,
              gb.unflatten(0, (B, w.shape[1])) if mb else gb), (1 if mi else None, 0 if mw else None, 0 if mb else None))
 

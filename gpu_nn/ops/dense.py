@@ -445,24 +445,20 @@ def _ensemble_linear(apply, x, w, b, act, dx, dw, db):
         return y.unflatten(-1, (B, O)), y.dim() - 1
     rows = x.movedim(dx, 0).shape[1:-1]
     M = math.prod(rows)
-    if M == 0 or not _grouped_rows_launch("conv_forward", B, O, K, False, False):
+    if M == 0 or O == 0 or not _grouped_rows_launch("conv_forward", B, O, K, M, False, False):
         return None
     with _matmul_precision():
         y = _conv_forward_op(_as_groups(x, dx, B, M), wcat.unsqueeze(-1), bias, [1], [0, 0], [1], B, act)
     return _from_groups(y, B, rows), 0
 
 
-def _grouped_rows_launch(name: str, B: int, O: int, K: int, wgrad: bool, dgrad: bool) -> bool:
-    """Whether the Triton kernels launch the kernel-size-1 conv1d of B groups that stands for B
-    linear layers, and its products can be made at matmul's float32 precision: under
-    torch.compile the convolution's kernel decides its precision when the graph runs, where
-    float32 products follow the convolution's TF32 setting, so a compiled call takes the
-    grouped form only where the two settings agree (else the loop)."""
-    from .conv import _launch_problem
+def _grouped_rows_launch(name: str, B: int, O: int, K: int, M: int, wgrad: bool, dgrad: bool) -> bool:
+    """Whether the Triton kernels launch the kernel-size-1 conv1d of B groups over M rows that
+    stands for B linear layers (its groups on the grid, its rows within a convolution's pixel
+    bound)."""
+    from .conv import PIXELS_MAX, _launch_problem
 
-    if _launch_problem(name, B * K, (B * O, K, 1), B, wgrad, dgrad) is not None:
-        return False
-    return not torch.compiler.is_compiling() or _precision.tf32("matmul") == _precision.tf32("conv")
+    return M <= PIXELS_MAX and _launch_problem(name, B * K, (B * O, K, 1), B, wgrad, dgrad) is None
 
 
 def _matmul_precision():
@@ -477,15 +473,19 @@ def _linear_backward_fold(apply, in_dims, args):
     """vmap of linear_backward with the weight not batched: where only the input's gradient is
     computed (a jacobian or hessian in the input), dx = gz w row by row, the batch folded into
     the rows, one call; per-sample weight and bias gradients (torch.func's vmap(grad(...)), as
-    differentially private training takes them): :func:`_per_sample_linear_backward`; a batched
-    weight and gradient (an ensemble): :func:`_ensemble_linear_backward`; else None (the loop)."""
+    differentially private training takes them): :func:`_per_sample_linear_backward`; a shared
+    input and no input gradient wanted (an ensemble's first layer, whatever its weight):
+    :func:`_stacked_linear_backward`; a batched weight otherwise: :func:`_ensemble_linear_backward`;
+    else None (the loop)."""
     g, x, w, out, act, has_bias, *needs = args
     need_x, need_w = (True, True) if not needs else needs
     dg, dx, dw, dout = in_dims[:4]
-    if dw is not None and dg is not None:
-        return _ensemble_linear_backward(apply, g, x, w, out, act, has_bias, need_x, need_w, dg, dx, dw, dout)
-    if dw is not None or w.dim() != 2 or dg is None:
+    if dg is None or w.dim() - (dw is not None) != 2:
         return None
+    if dx is None and not need_x:
+        return _stacked_linear_backward(apply, g, x, w, out, act, has_bias, need_w, dg, dout)
+    if dw is not None:
+        return _ensemble_linear_backward(apply, g, x, w, out, act, has_bias, need_x, need_w, dg, dx, dw, dout)
     first = g.movedim(dg, 0)  # (x read for its shape alone: dx's)
     if need_w or has_bias:
         return _per_sample_linear_backward(first, batched_first(x, dx, first), w,
@@ -496,37 +496,48 @@ def _linear_backward_fold(apply, in_dims, args):
     return res, (0 if need_x else None, None, None)
 
 
+def _stacked_linear_backward(apply, g, x, w, out, act, has_bias, need_w, dg, dout):
+    """vmap of linear_backward with a shared input, a batched gradient and no input gradient
+    wanted (an ensemble's first layer on one minibatch, or a jacobian in the weight): the B
+    elements' weight and bias gradients as those of ONE linear layer of B O outputs, each row's
+    B gradients side by side (``[M, B O]``), the input read once; one call of our backward. The
+    weight, batched or not, is read for its shape alone (linear's stand-in, which is all the
+    forward keeps of it when the input needs no gradient). None (the loop) for no rows or no
+    outputs."""
+    B, O, K = g.shape[dg], g.shape[-1], x.shape[-1]
+    rows = g.movedim(dg, 0).shape[1:-1]
+    M = math.prod(rows)
+    if M == 0 or O == 0:
+        return None
+    _, gw, gb = apply(_rows_side_by_side(g, dg, B, M), x.reshape(M, K), w.new_zeros(()).expand(B * O, K),
+                      None if out is None else _rows_side_by_side(out, dout, B, M), act, has_bias, False, need_w)
+    return ((x.new_zeros(0), gw.reshape(B, O, K).to(w.dtype) if need_w else w.new_zeros(0),
+             gb.reshape(B, O).to(w.dtype) if has_bias else w.new_zeros(0)),
+            (None, 0 if need_w else None, 0 if has_bias else None))
+
+
 def _ensemble_linear_backward(apply, g, x, w, out, act, has_bias, need_x, need_w, dg, dx, dw, dout):
-    """vmap of linear_backward with a batched weight (an ensemble's training step), the forward's
-    :func:`_ensemble_linear` in reverse, one call: with a shared input and no input gradient
-    wanted, our linear backward of the B weights stacked as one (each weight row's gradient
-    its element's); otherwise the B-group conv1d's backward (at matmul's float32 precision).
-    None (the loop) where the Triton kernels could not launch it."""
+    """vmap of linear_backward with a batched weight and a batched input or an input gradient
+    wanted (an ensemble's training step past its first layer), the forward's
+    :func:`_ensemble_linear` in reverse: one backward of the B-group conv1d (at matmul's float32
+    precision). None (the loop) where the Triton kernels could not launch it."""
     from .conv import _conv_backward_op
 
-    if w.dim() != 3:
-        return None
     w = w.movedim(dw, 0)
     B, O, K = w.shape
     wcat = w.reshape(B * O, K)
     rows = g.movedim(dg, 0).shape[1:-1]
     M = math.prod(rows)
-    if M == 0:
+    if M == 0 or O == 0 or not _grouped_rows_launch("conv_backward", B, O, K, M, need_w, need_x):
         return None
-    if dx is None and not need_x:
-        gx, gw, gb = apply(_rows_side_by_side(g, dg, B, M), x.reshape(M, K), wcat,
-                           None if out is None else _rows_side_by_side(out, dout, B, M), act, has_bias, False, need_w)
-    else:
-        if not _grouped_rows_launch("conv_backward", B, O, K, need_w, need_x):
-            return None
-        # the input is read for its shape alone where no weight gradient is wanted (it may be
-        # linear's stand-in then: zeros of no memory)
-        xs = _as_groups(x, dx, B, M) if need_w else x.new_zeros(()).expand(1, B * K, M)
-        with _matmul_precision():
-            gx, gw, gb = _conv_backward_op(_as_groups(g, dg, B, M), xs, wcat.unsqueeze(-1),
-                                           None if out is None else _as_groups(out, dout, B, M), [1], [0, 0], [1], B,
-                                           act, [need_x, need_w, has_bias])
-        gx = _from_groups(gx, B, rows) if need_x else x.new_zeros(0)
+    # the input is read for its shape alone where no weight gradient is wanted (it may be
+    # linear's stand-in then: zeros of no memory)
+    xs = _as_groups(x, dx, B, M) if need_w else x.new_zeros(()).expand(1, B * K, M)
+    with _matmul_precision():
+        gx, gw, gb = _conv_backward_op(_as_groups(g, dg, B, M), xs, wcat.unsqueeze(-1),
+                                       None if out is None else _as_groups(out, dout, B, M), [1], [0, 0], [1], B, act,
+                                       [need_x, need_w, has_bias])
+    gx = _from_groups(gx, B, rows) if need_x else x.new_zeros(0)
     gw = gw.reshape(B, O, K).to(w.dtype) if need_w else w.new_zeros(0)
     gb = gb.reshape(B, O).to(w.dtype) if has_bias else w.new_zeros(0)
     return (gx, gw, gb), (0 if need_x else None, 0 if need_w else None, 0 if has_bias else None)
@@ -553,13 +564,17 @@ def _per_sample_linear_backward(g, x, w, out, act, has_bias, need_x, need_w):
     elif need_w and M == 0:
         dw = w.new_zeros((B, O, K))
     elif need_w:
-        from .conv import _conv_backward_op, _per_sample_backward
+        from .conv import PIXELS_MAX, _conv_backward_op, _per_sample_backward
+
+        if O == 0 or M > PIXELS_MAX:  # (no output channels: the grouped convolution has no groups to run)
+            return None
 
         def cols(t):  # [B M, F] -> [B, 1, F, M]: an element a one-image batch of length M
             return t.reshape(B, M, -1).transpose(1, 2).unsqueeze(1)
 
-        done = _per_sample_backward(_conv_backward_op, cols(gz), cols(x.reshape(B * M, K)), w.unsqueeze(2), None, [1],
-                                    [0, 0], [1], 1, None, [False, True, False])
+        with _matmul_precision():  # (linear's products, at matmul's float32 precision)
+            done = _per_sample_backward(_conv_backward_op, cols(gz), cols(x.reshape(B * M, K)), w.unsqueeze(2), None,
+                                        [1], [0, 0], [1], 1, None, [False, True, False])
         if done is None:
             return None
         dw = done[0][1].reshape(B, O, K)
