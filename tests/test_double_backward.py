@@ -1613,6 +1613,37 @@ def test_vmap_folds_ensembles_of_linear_and_convolution(backend, device, monkeyp
                 assert_close(a, b, torch.float32, k=16, what=f"{name} #{i}")
 
 
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+def test_recurrent_ensembles_fold_when_composed(mode, monkeypatch):
+    """An ensemble of recurrent layers (stacked weights under vmap) loops over its models, one
+    fused call each; with GPU_NN_RNN_VMAP_COMPOSE=1 the steps run as our linear and activation
+    ops, whose folds take the stacked weights (the ensemble folds): no loop. Both give torch's
+    gradients, model by model (torch's recurrent layers have no vmap rule: a loop of torch's)."""
+    from torch.func import functional_call, grad, stack_module_state, vmap
+
+    loops = count_loops(monkeypatch)
+    torch.manual_seed(0)
+    B = 3
+    ours = [getattr(gnn, mode)(4, 6, num_layers=2, bidirectional=True).double() for _ in range(B)]
+    theirs = [getattr(torch.nn, mode)(4, 6, num_layers=2, bidirectional=True).double() for _ in range(B)]
+    for o, t in zip(ours, theirs):
+        t.load_state_dict(o.state_dict())
+    x = torch.randn(5, 2, 4, dtype=D64)
+    params, buffers = stack_module_state(ours)
+    base = copy.deepcopy(ours[0]).to("meta")
+    want = [grad(lambda p: functional_call(t, p, (x,))[0].pow(2).sum())({k: v.detach() for k, v in t.named_parameters()})
+            for t in theirs]
+    for compose, looped in (("0", [B]), ("1", [])):
+        monkeypatch.setenv("GPU_NN_RNN_VMAP_COMPOSE", compose)
+        loops.clear()
+        with gpu_nn.backend("reference"):
+            got = vmap(grad(lambda p, b, a: functional_call(base, (p, b), (a,))[0].pow(2).sum()),
+                       in_dims=(0, 0, None))(params, buffers, x)
+        assert loops == looped, (compose, loops)
+        for i in range(B):
+            torch.testing.assert_close({k: v[i] for k, v in got.items()}, want[i], msg=f"compose={compose} model {i}")
+
+
 def test_ensemble_folds_loop_where_the_grouped_launch_cannot(monkeypatch):
     """The ensemble folds' grouped convolution (a batched input) runs B groups per group; where
     the Triton kernels could not launch that many (grid y: lowered here to 2) they leave the
