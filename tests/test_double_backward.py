@@ -572,6 +572,40 @@ def test_pooling_gradient_penalty_with_a_constant_upstream_gradient(backend, dev
     torch.testing.assert_close(results[0], results[1])
 
 
+@pytest.mark.parametrize("op", ["max_pool2d", "avg_pool2d"])
+def test_pooling_input_gradient_depends_on_the_input_without_a_pass(op):
+    """Where a graph is built (create_graph=True, torch.func's grad: per-sample gradients of a CNN),
+    the pooling's input gradient is made to depend on the input by a view, not by adding a zero
+    that depends on it: no elementwise op over the gradient, no reduction for the zero (one more
+    read and write of the input gradient in every pooling backward there before); the second
+    derivative in the input is still torch's zero."""
+    from torch.func import grad, vmap
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            first = args[0] if args and isinstance(args[0], torch.Tensor) else None
+            self.seen.append((str(func.overloadpacket), None if first is None else first.numel()))
+            return func(*args, **(kwargs or {}))
+
+    x = torch.randn(3, 2, 2, 6, 6, dtype=D64)
+    f = lambda u: getattr(F, op)(u, 2).sum()  # noqa: E731
+    with gpu_nn.backend("reference"), Ops() as ops:
+        g = vmap(grad(f))(x)
+    # (the loss's own sum reads the pooled values; the zero was a sum of an empty slice)
+    assert not [o for o in ops.seen if o[0] in ("aten.add", "aten.add_") or o == ("aten.sum", 0)], ops.seen
+    torch.testing.assert_close(g, vmap(grad(lambda u: getattr(TF, op)(u, 2).sum()))(x))
+    xr = x[0].clone().requires_grad_()
+    with gpu_nn.backend("reference"):
+        (gx,) = torch.autograd.grad(f(xr), xr, create_graph=True)
+        (gg,) = torch.autograd.grad(gx.pow(2).sum(), xr)
+    torch.testing.assert_close(gg, torch.zeros_like(xr))
+
+
 @pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
 @pytest.mark.parametrize("op", ["max_pool2d", "avg_pool2d", "max_pool1d", "avg_pool1d", "min_pool2d"])
 def test_pooling_input_gradient_through_a_graph_carrying_upstream_gradient(backend, device, op):
