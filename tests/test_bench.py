@@ -1017,7 +1017,8 @@ def test_gpu_bench_lets_cudnn_measure_where_ours_measures(monkeypatch):
 
 def test_func_family_times_the_same_computation_on_both_sides(monkeypatch):
     """bench_func's cases (torch.func workloads: per-sample gradients, an LSTM's among them both
-    ways, vmap(hessian), a Hessian-vector product, jacfwd of an LSTM) run on our layers and compute
+    ways, vmap(hessian), a Hessian-vector product, jacfwd of an LSTM, an MLP and a CNN ensemble's
+    training step) run on our layers and compute
     what torch's layers compute (small batches here), so the ratios compare like with like; torch's LSTM may have no
     forward-mode AD (its oneDNN CPU path, mkldnn_rnn_layer, has none), ours does. Named only (--family func), not in
     the default families."""
@@ -1027,7 +1028,10 @@ def test_func_family_times_the_same_computation_on_both_sides(monkeypatch):
     monkeypatch.setattr(bench_func, "CASES", tuple((k, w, 3, 3) for k, w, _, _ in bench_func.CASES))
     cases = bench_func.cases("cpu", quick=True)
     assert [c.name for c in cases] == ["per-sample mlp", "per-sample cnn", "per-sample lstm", "vmap-hessian pinn",
-                                       "hvp mlp", "jacfwd lstm"]
+                                       "hvp mlp", "jacfwd lstm", "ensemble mlp", "ensemble cnn"]
+    # a GPU's quick run (gpu_measure.sh's func step): the per-sample gradients and the MLP ensemble
+    assert [c.name for c in bench_func.cases("cuda", quick=True)] == ["per-sample mlp", "per-sample cnn",
+                                                                      "per-sample lstm", "ensemble mlp"]
     for case in cases:
         ours = case.providers["reference"]()()
         assert torch.utils._pytree.tree_leaves(ours)
