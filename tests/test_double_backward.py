@@ -1650,7 +1650,7 @@ def test_vmap_folds_ensembles_of_linear_and_convolution(backend, device, monkeyp
 @pytest.mark.parametrize("mode", ["LSTM", "GRU"])
 def test_recurrent_ensembles_fold_when_composed(mode, monkeypatch):
     """An ensemble of recurrent layers (stacked weights under vmap) loops over its models, one
-    fused call each; with GPU_NN_RNN_VMAP_COMPOSE=1 the steps run as our linear and activation
+    fused call each, forward and backward; with GPU_NN_RNN_VMAP_COMPOSE=1 the steps run as our linear and activation
     ops, whose folds take the stacked weights (the ensemble folds): no loop. Both give torch's
     gradients, model by model (torch's recurrent layers have no vmap rule: a loop of torch's)."""
     from torch.func import functional_call, grad, stack_module_state, vmap
@@ -1667,7 +1667,7 @@ def test_recurrent_ensembles_fold_when_composed(mode, monkeypatch):
     base = copy.deepcopy(ours[0]).to("meta")
     want = [grad(lambda p: functional_call(t, p, (x,))[0].pow(2).sum())({k: v.detach() for k, v in t.named_parameters()})
             for t in theirs]
-    for compose, looped in (("0", [B]), ("1", [])):
+    for compose, looped in (("0", [B, B]), ("1", [])):
         monkeypatch.setenv("GPU_NN_RNN_VMAP_COMPOSE", compose)
         loops.clear()
         with gpu_nn.backend("reference"):

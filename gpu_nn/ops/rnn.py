@@ -113,7 +113,7 @@ from ._dispatch import (
     on_device, refuse_wrapping_count, routed, to_numpy, triton_kernels,
 )
 from ._dispatch import has_torch_function as _has_tf
-from ._dispatch import stand_in, tangents_in_play, torchs_own_error, vmap_active, wanted
+from ._dispatch import _any_legacy_batched, stand_in, tangents_in_play, torchs_own_error, vmap_active, wanted
 from ._dispatch import torch_function as _tf
 from .dense import linear_dtype_message
 
@@ -1412,8 +1412,10 @@ def _seq_backward(ctx, g_out, g_hn, g_cn, _g_res):
     mode, num_layers, bidirectional, has_biases = ctx.args
     lengths = lengths if ctx.has_lengths else None
     masks = masks if ctx.has_masks else None
-    if torch.is_grad_enabled():
-        # create_graph=True: gradients that are themselves differentiable (double backward)
+    if torch.is_grad_enabled() and _any_legacy_batched((g_out, g_hn, g_cn)):
+        # gradients batched by torch's legacy vmap with create_graph=True (a vectorized jacobian
+        # of a vectorized jacobian): the recomputation, whose ops refuse it (the fused backward's
+        # results differentiated through that batching came out wrong: 0.05 off for an LSTM)
         return _seq_backward_differentiable(ctx, g_out, g_hn, g_cn, input, hx, cx, weights, lengths, masks)
     T, B, _ = input.shape
     D = 2 if bidirectional else 1
@@ -1437,12 +1439,72 @@ def _seq_backward(ctx, g_out, g_hn, g_cn, _g_res):
     mask = [bool(needs[0]), bool(needs[1]), ctx.has_cx and mode == "lstm" and bool(needs[2]), *need_w]
     if not any(mask):  # (the weights' entry a list: torch's tensor-list route takes no None for it)
         return None, None, None, [None] * n_w, None, None, None, None, None, None
-    dx, dhx, dcx, dws = _rnn_seq_backward_op(
-        g_out.contiguous(), g_hn.contiguous(), g_cn.contiguous() if mode == "lstm" else None, input, list(weights), reserve,
-        mode, num_layers, bidirectional, has_biases, lengths, masks, mask,
-    )
+    g_cn = g_cn.contiguous() if mode == "lstm" else None
+    if torch.is_grad_enabled():
+        # create_graph=True, torch.func's grad: the same fused backward, its results made
+        # differentiable by _SeqGrads (a second derivative recomputes the forward, only if asked)
+        dx, dhx, dcx, *dws = _SeqGrads.apply(
+            (mode, num_layers, bidirectional, has_biases, ctx.has_cx and mode == "lstm", tuple(mask)), g_out.contiguous(),
+            g_hn.contiguous(), g_cn, input, hx, cx, reserve, lengths, masks, *weights)
+    else:
+        dx, dhx, dcx, dws = _rnn_seq_backward_op(
+            g_out.contiguous(), g_hn.contiguous(), g_cn, input, list(weights), reserve,
+            mode, num_layers, bidirectional, has_biases, lengths, masks, mask,
+        )
     return (dx if mask[0] else None, dhx if mask[1] else None, dcx if mask[2] else None,
             [g if m else None for g, m in zip(dws, need_w)], None, None, None, None, None, None)
+
+
+class _SeqGrads(torch.autograd.Function):
+    """The sequence op's first-order gradients where a graph is built (create_graph=True, every
+    backward under torch.func's grad: per-sample gradients, MAML): the fused backward op, as
+    without a graph, its results differentiable. A second derivative recomputes the forward
+    from our linear and activation ops (ops/_autograd.py: recompute_double_backward), only when
+    one is asked for; the first-order gradients recomputed that way each time, as before, made
+    a whole composed forward and backward of every layer and step per backward. ``meta``:
+    ``(mode, num_layers, bidirectional, has_biases, has_cx, mask)``; results ``(dx, dhx, dcx,
+    *dws)``, empty placeholders where the mask is False."""
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        # once per element, as the sequence op itself under vmap (each element's results
+        # differentiable again: a vmapped Hessian); an empty batch asks the op's fake kernel
+        from ._dispatch import _looped
+
+        return _looped(_SeqGrads.apply, info.batch_size, in_dims, args, _SeqGrads.forward)
+
+    @staticmethod
+    def forward(meta, g_out, g_hn, g_cn, input, hx, cx, reserve, lengths, masks, *weights):
+        mode, num_layers, bidirectional, has_biases, _, mask = meta
+        dx, dhx, dcx, dws = _rnn_seq_backward_op(g_out, g_hn, g_cn, input, list(weights), reserve, mode, num_layers,
+                                                 bidirectional, has_biases, lengths, masks, list(mask))
+        return (dx, dhx, dcx, *dws)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        meta, g_out, g_hn, g_cn, input, hx, cx, _, lengths, masks, *weights = inputs
+        ctx.meta = meta
+        ctx.save_for_backward(g_out, g_hn, g_cn, input, hx, cx, lengths, masks, *weights)
+
+    @staticmethod
+    def backward(ctx, *gg):
+        from ._autograd import recompute_double_backward
+
+        g_out, g_hn, g_cn, input, hx, cx, lengths, masks, *weights = ctx.saved_tensors
+        mode, num_layers, bidirectional, has_biases, has_cx, mask = ctx.meta
+        lstm = mode == "lstm"
+        # the results (dx, dhx, dcx, *dws) are the gradients of the primals (input, hx, cx, *weights)
+        prims = [input, hx, cx if has_cx else None, *weights]
+        wrt = [i for i, p in enumerate(prims) if p is not None and mask[i]]
+
+        def compose(*p):
+            return _seq_compose(mode, num_layers, bidirectional, has_biases, lengths, masks, p[0], p[1],
+                                p[2] if has_cx else (cx if lstm else None), *p[3:])
+
+        d_cot, d_prims = recompute_double_backward(compose, prims, wrt, [g_out, g_hn, g_cn if lstm else None],
+                                                   [gg[i] for i in wrt])
+        return (None, d_cot[0], d_cot[1], d_cot[2], d_prims[0], d_prims[1], d_prims[2], None, None, None,
+                *d_prims[3:])
 
 
 _rnn_seq_op.register_autograd(_seq_backward, setup_context=_seq_setup)
