@@ -574,11 +574,13 @@ def test_pooling_gradient_penalty_with_a_constant_upstream_gradient(backend, dev
 
 @pytest.mark.parametrize("op", ["max_pool2d", "avg_pool2d"])
 def test_pooling_input_gradient_depends_on_the_input_without_a_pass(op):
-    """Where a graph is built (create_graph=True, torch.func's grad: per-sample gradients of a CNN),
-    the pooling's input gradient is made to depend on the input by a view, not by adding a zero
-    that depends on it: no elementwise op over the gradient, no reduction for the zero (one more
-    read and write of the input gradient in every pooling backward there before); the second
-    derivative in the input is still torch's zero."""
+    """Under torch.func's grad (per-sample gradients of a CNN), whose every backward builds a graph,
+    the pooling's input gradient is not made to depend on the input by adding a zero (torch.func
+    gives an input it does not reach a zero gradient itself): no elementwise op over the
+    gradient, no reduction for the zero (one more read and write of the input gradient in every
+    pooling backward there before). Outside it (create_graph=True) the dependence stays: the
+    second derivative in the input is torch's zero, and the returned gradient may be changed in
+    place, as torch's (a view made by an autograd.Function refused that: a review's find)."""
     from torch.func import grad, vmap
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -603,7 +605,14 @@ def test_pooling_input_gradient_depends_on_the_input_without_a_pass(op):
     with gpu_nn.backend("reference"):
         (gx,) = torch.autograd.grad(f(xr), xr, create_graph=True)
         (gg,) = torch.autograd.grad(gx.pow(2).sum(), xr)
+        (gx,) = torch.autograd.grad(f(xr), xr, create_graph=True)
+        gx.add_(1)
     torch.testing.assert_close(gg, torch.zeros_like(xr))
+    (want,) = torch.autograd.grad(getattr(TF, op)(xr, 2).sum(), xr, create_graph=True)
+    torch.testing.assert_close(gx, want + 1)
+    # grad of grad through the pooling alone: torch.func's zero
+    with gpu_nn.backend("reference"):
+        torch.testing.assert_close(grad(lambda u: grad(f)(u).pow(2).sum())(x[0]), torch.zeros_like(x[0]))
 
 
 @pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
@@ -1676,6 +1685,37 @@ def test_recurrent_ensembles_fold_when_composed(mode, monkeypatch):
         assert loops == looped, (compose, loops)
         for i in range(B):
             torch.testing.assert_close({k: v[i] for k, v in got.items()}, want[i], msg=f"compose={compose} model {i}")
+
+
+@pytest.mark.parametrize("mode", ["LSTM", "GRU", "RNN"])
+def test_forward_mode_through_a_recurrent_backward(mode):
+    """Forward-mode AD reaching a recurrent layer's backward whose forward ran fused (the jvp of a
+    vjp pullback: Gauss-Newton products; a dual cotangent with create_graph=True): the backward
+    recomputes through our ops, which have forward rules, where the fused backward's
+    differentiable wrapper has none (it raised there: a review's find). torch's values."""
+    import torch.autograd.forward_ad as fwad
+    from torch.func import jvp, vjp
+
+    torch.manual_seed(0)
+    theirs = getattr(torch.nn, mode)(2, 3, num_layers=2, bidirectional=True).double()
+    ours = getattr(gnn, mode)(2, 3, num_layers=2, bidirectional=True).double()
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(4, 1, 2, dtype=D64)
+    v, dv = torch.randn(4, 1, 6, dtype=D64), torch.randn(4, 1, 6, dtype=D64)
+
+    def ggn(m):
+        _, pull = vjp(lambda u: m(u)[0], x)
+        return jvp(lambda c: pull(c)[0], (v,), (dv,))[1]
+
+    def dual(m):
+        xr = x.clone().requires_grad_()
+        with fwad.dual_level():
+            (g,) = torch.autograd.grad(m(xr)[0], xr, fwad.make_dual(v, dv), create_graph=True)
+            return fwad.unpack_dual(g).tangent
+
+    with gpu_nn.backend("reference"):
+        got = [ggn(ours), dual(ours)]
+    torch.testing.assert_close(got, [ggn(theirs), dual(theirs)])
 
 
 def test_ensemble_folds_loop_where_the_grouped_launch_cannot(monkeypatch):

@@ -41,7 +41,7 @@ from ._dispatch import chooser as _chooser  # module-level name: tests replace i
 # a channels_last input (dense NHWC, not also contiguous): torch's pooling then returns
 # channels_last values, indices and input gradient, as ours do
 from ._dispatch import dense_channels_last as _channels_last
-from ._dispatch import batched_first, jvp_linear_in_first, merge_batch, split_batch
+from ._dispatch import _GRAD, _functorch, batched_first, exact_zero_of, jvp_linear_in_first, merge_batch, split_batch
 from ._dispatch import has_torch_function as _has_tf
 from ._dispatch import torch_function as _tf
 
@@ -828,45 +828,26 @@ def _avg_backward(ctx, grad):
 
 def _depends_on(gx: Tensor, x: Tensor) -> Tensor:
     """The input gradient ``gx``, made to depend on the input ``x`` (with a zero derivative) where
-    a graph is built (create_graph=True, torch.func's grad): torch's pooling backward is
-    differentiable in its input (a zero derivative), so a gradient penalty through a pooling can
-    be differentiated again with respect to the input, whether the upstream gradient is a
-    constant (``grad(pool(x).sum(), x, create_graph=True)``: ours gave a tensor without a graph)
-    or carries a graph of its own (a gradient through ``grad(y, x, v)`` with ``v`` requiring one:
-    ours said x was not used in the graph where torch's derivative is zero). Through
-    :class:`_ZeroDerivative`: no pass over ``gx`` (adding a zero that depended on ``x`` made one, a
-    whole read and write of the input gradient in every pooling backward under torch.func's grad,
-    and a launch for the zero)."""
-    if not (_C.is_grad_enabled() and x.requires_grad):
+    a graph is built (create_graph=True): torch's pooling backward is differentiable in its input
+    (a zero derivative), so a gradient penalty through a pooling can be differentiated again with
+    respect to the input, whether the upstream gradient is a constant
+    (``grad(pool(x).sum(), x, create_graph=True)``: ours gave a tensor without a graph) or carries
+    a graph of its own (a gradient through ``grad(y, x, v)`` with ``v`` requiring one: ours said x
+    was not used in the graph where torch's derivative is zero). Not under torch.func's grad /
+    vjp (every backward there builds a graph: per-sample gradients, ensembles), whose
+    differentiation gives an input it does not reach a zero gradient of its own: the zero added
+    there cost a reduction and a whole read and write of the input gradient in every pooling
+    backward. (A view made by an autograd.Function instead would refuse an in-place change of
+    the returned gradient, which torch's allows.)"""
+    if not _C.is_grad_enabled() or _under_grad_transform():
         return gx
-    return _ZeroDerivative.apply(gx, x)
+    zero = exact_zero_of((x,))
+    return gx if zero is None else gx + zero.to(gx.dtype)
 
 
-class _ZeroDerivative(torch.autograd.Function):
-    """``gx`` as it is (a view of it), depending on ``x`` with a zero derivative: the zero made
-    only where a gradient in ``x`` is asked of it (a double backward through the pooling's input
-    gradient). Forward-mode: ``gx``'s tangent; under vmap: itself on the batched tensors."""
-
-    @staticmethod
-    def forward(gx, x):
-        return gx.view_as(gx)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(inputs[1])
-
-    @staticmethod
-    def backward(ctx, g):
-        (x,) = ctx.saved_tensors
-        return g, (torch.zeros_like(x) if ctx.needs_input_grad[1] else None)
-
-    @staticmethod
-    def jvp(ctx, t_gx, t_x):
-        return t_gx
-
-    @staticmethod
-    def vmap(info, in_dims, gx, x):
-        return _ZeroDerivative.apply(gx, x), in_dims[0]
+def _under_grad_transform() -> bool:
+    """Whether a torch.func grad / vjp / jacrev transform is active (one C call where none is)."""
+    return _C._are_functorch_transforms_active() and any(i.key() == _GRAD for i in _functorch.get_interpreter_stack())
 
 
 _avg_pool_op.register_autograd(_avg_backward, setup_context=_avg_setup)

@@ -1412,10 +1412,13 @@ def _seq_backward(ctx, g_out, g_hn, g_cn, _g_res):
     mode, num_layers, bidirectional, has_biases = ctx.args
     lengths = lengths if ctx.has_lengths else None
     masks = masks if ctx.has_masks else None
-    if torch.is_grad_enabled() and _any_legacy_batched((g_out, g_hn, g_cn)):
-        # gradients batched by torch's legacy vmap with create_graph=True (a vectorized jacobian
-        # of a vectorized jacobian): the recomputation, whose ops refuse it (the fused backward's
-        # results differentiated through that batching came out wrong: 0.05 off for an LSTM)
+    if torch.is_grad_enabled() and (_any_legacy_batched((g_out, g_hn, g_cn)) or
+                                    tangents_in_play((g_out, g_hn, g_cn, input, hx, cx, *weights))):
+        # the recomputation: for gradients batched by torch's legacy vmap with create_graph=True
+        # (a vectorized jacobian of a vectorized jacobian), whose ops refuse them (the fused
+        # backward's results differentiated through that batching came out wrong: 0.05 off for
+        # an LSTM); and where forward-mode AD reaches the backward (jvp of a vjp pullback, a dual
+        # cotangent: its ops have forward rules, _SeqGrads none)
         return _seq_backward_differentiable(ctx, g_out, g_hn, g_cn, input, hx, cx, weights, lengths, masks)
     T, B, _ = input.shape
     D = 2 if bidirectional else 1
