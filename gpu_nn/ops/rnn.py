@@ -1463,18 +1463,19 @@ class _SeqGrads(torch.autograd.Function):
     backward under torch.func's grad: per-sample gradients, MAML): the fused backward op, as
     without a graph, its results differentiable. A second derivative recomputes the forward
     from our linear and activation ops (ops/_autograd.py: recompute_double_backward), only when
-    one is asked for; the first-order gradients recomputed that way each time, as before, made
-    a whole composed forward and backward of every layer and step per backward. ``meta``:
+    one is asked for (until 52b4f24 every such backward recomputed its first-order gradients
+    that way: a whole composed forward and backward of every layer and step). ``meta``:
     ``(mode, num_layers, bidirectional, has_biases, has_cx, mask)``; results ``(dx, dhx, dcx,
     *dws)``, empty placeholders where the mask is False."""
 
     @staticmethod
     def vmap(info, in_dims, *args):
         # once per element, as the sequence op itself under vmap (each element's results
-        # differentiable again: a vmapped Hessian); an empty batch asks the op's fake kernel
-        from ._dispatch import _looped
+        # differentiable again: a vmapped Hessian); an empty batch asks the op's fake kernel.
+        # (_dispatch's loop looked up at the call, as the ops' own vmap rules do: tests count it)
+        from . import _dispatch
 
-        return _looped(_SeqGrads.apply, info.batch_size, in_dims, args, _SeqGrads.forward)
+        return _dispatch._looped(_SeqGrads.apply, info.batch_size, in_dims, args, _SeqGrads.forward)
 
     @staticmethod
     def forward(meta, g_out, g_hn, g_cn, input, hx, cx, reserve, lengths, masks, *weights):
