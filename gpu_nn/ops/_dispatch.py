@@ -1134,9 +1134,15 @@ def tangents_in_play(tensors) -> bool:
     return _fwad._current_level >= 0 and any(isinstance(t, torch.Tensor) and _has_tangent(t) for t in tensors)
 
 
+def transform_active(key) -> bool:
+    """Whether a torch.func transform of kind ``key`` (``_VMAP``, ``_GRAD``: grad / vjp / jacrev,
+    ``_JVP``) is active (one C call where none is)."""
+    return _C._are_functorch_transforms_active() and any(i.key() == key for i in _functorch.get_interpreter_stack())
+
+
 def vmap_active() -> bool:
-    """Whether a torch.func vmap transform is active (one C call where none is)."""
-    return _C._are_functorch_transforms_active() and any(i.key() == _VMAP for i in _functorch.get_interpreter_stack())
+    """Whether a torch.func vmap transform is active."""
+    return transform_active(_VMAP)
 
 
 def batched_first(t: torch.Tensor, d, like: torch.Tensor | None = None) -> torch.Tensor:

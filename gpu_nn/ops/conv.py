@@ -28,6 +28,7 @@ the reference computes contiguous and lays the result out afterwards.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import threading
 from typing import Optional
@@ -541,10 +542,14 @@ def _precision(dtype: torch.dtype) -> str:
     so 'ieee' there."""
     if dtype != torch.float32:
         return "ieee"
-    return "tf32" if _tf32(getattr(_PRODUCTS, "op", "conv")) and torch.cuda.is_available() else "ieee"
+    return "tf32" if _tf32(_PRODUCTS.op) and torch.cuda.is_available() else "ieee"
 
 
-_PRODUCTS = threading.local()  # .op: whose TF32 setting our convolutions' float32 products follow
+class _Products(threading.local):
+    op = "conv"  # whose TF32 setting our convolutions' float32 products follow (per thread)
+
+
+_PRODUCTS = _Products()
 
 
 @contextlib.contextmanager
@@ -552,12 +557,24 @@ def products_as(op: str):
     """A block (this thread) in which our convolutions' float32 products follow ``op``'s TF32
     setting (``"matmul"``: linear layers computed as a grouped convolution under vmap) instead of
     the convolutions' own."""
-    prev = getattr(_PRODUCTS, "op", "conv")
+    prev = _PRODUCTS.op
     _PRODUCTS.op = op
     try:
         yield
     finally:
         _PRODUCTS.op = prev
+
+
+def _at_ctx_products(backward):
+    """A backward run at the products setting its forward ran at (``ctx.products``, set by the
+    setup): a linear layer's grouped convolution differentiated at matmul's precision too."""
+    @functools.wraps(backward)
+    def run(ctx, *grads):
+        if ctx.products == "conv":
+            return backward(ctx, *grads)
+        with products_as(ctx.products):
+            return backward(ctx, *grads)
+    return run
 
 
 # ----------------------------------------------------------------------------- custom ops
@@ -596,18 +613,12 @@ def _setup_context(ctx, inputs, output):
     input, weight, bias, stride, padding, dilation, groups, activation = inputs
     ctx.args = (stride, padding, dilation, groups, activation)
     ctx.has_bias = bias is not None
-    ctx.products = getattr(_PRODUCTS, "op", "conv")  # (see products_as: its backward makes them alike)
+    ctx.products = _PRODUCTS.op  # (see products_as and _at_ctx_products)
     ctx.save_for_backward(input, weight, output if activation is not None else None)
 
 
+@_at_ctx_products
 def _backward(ctx, grad):
-    if ctx.products != "conv":  # a linear layer's grouped convolution: its backward at matmul's precision too
-        with products_as(ctx.products):
-            return _backward_body(ctx, grad)
-    return _backward_body(ctx, grad)
-
-
-def _backward_body(ctx, grad):
     input, weight, output = ctx.saved_tensors
     stride, padding, dilation, groups, activation = ctx.args
     needs = wanted(ctx)  # (what this backward call uses: not an input gradient nobody asked for)
@@ -626,18 +637,12 @@ def _bwd_setup_context(ctx, inputs, output):
     grad_output, input, weight, output_, stride, padding, dilation, groups, activation, output_mask = inputs
     ctx.args = (stride, padding, dilation, groups, activation)
     ctx.mask = [bool(m) for m in output_mask]
-    ctx.products = getattr(_PRODUCTS, "op", "conv")
+    ctx.products = _PRODUCTS.op
     ctx.save_for_backward(grad_output, input, weight, output_)
 
 
+@_at_ctx_products
 def _backward_backward(ctx, ggi, ggw, ggb):
-    if ctx.products != "conv":
-        with products_as(ctx.products):
-            return _backward_backward_body(ctx, ggi, ggw, ggb)
-    return _backward_backward_body(ctx, ggi, ggw, ggb)
-
-
-def _backward_backward_body(ctx, ggi, ggw, ggb):
     """Double backward of conv_backward, in terms of our conv ops.
 
     With gz = grad_output through the activation, the backward is linear in each of its

@@ -41,7 +41,7 @@ from ._dispatch import chooser as _chooser  # module-level name: tests replace i
 # a channels_last input (dense NHWC, not also contiguous): torch's pooling then returns
 # channels_last values, indices and input gradient, as ours do
 from ._dispatch import dense_channels_last as _channels_last
-from ._dispatch import _GRAD, _functorch, batched_first, exact_zero_of, jvp_linear_in_first, merge_batch, split_batch
+from ._dispatch import _GRAD, batched_first, exact_zero_of, jvp_linear_in_first, merge_batch, split_batch, transform_active
 from ._dispatch import has_torch_function as _has_tf
 from ._dispatch import torch_function as _tf
 
@@ -839,15 +839,10 @@ def _depends_on(gx: Tensor, x: Tensor) -> Tensor:
     there cost a reduction and a whole read and write of the input gradient in every pooling
     backward. (A view made by an autograd.Function instead would refuse an in-place change of
     the returned gradient, which torch's allows.)"""
-    if not _C.is_grad_enabled() or _under_grad_transform():
+    if not _C.is_grad_enabled() or transform_active(_GRAD):
         return gx
     zero = exact_zero_of((x,))
     return gx if zero is None else gx + zero.to(gx.dtype)
-
-
-def _under_grad_transform() -> bool:
-    """Whether a torch.func grad / vjp / jacrev transform is active (one C call where none is)."""
-    return _C._are_functorch_transforms_active() and any(i.key() == _GRAD for i in _functorch.get_interpreter_stack())
 
 
 _avg_pool_op.register_autograd(_avg_backward, setup_context=_avg_setup)

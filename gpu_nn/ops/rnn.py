@@ -2031,7 +2031,8 @@ def _compose_under_vmap() -> bool:
     their composition, whose ops all fold the batch (per-sample gradients of an LSTM as a few
     launches per step for the whole batch), instead of the fused op once per element. Opt-in
     until a GPU measures the two (bench_func's 'per-sample lstm'): on the CPU machine the
-    reference took 111 ms against 131 looped (8 sequences of 20 steps, func_ade37ab.json)."""
+    reference took 112 ms against 10.4 looped (8 sequences of 20 steps, func_52b4f24_passive.json;
+    111 against 131 before the loop's backward took the fused op, func_ade37ab.json)."""
     return vmap_active() and os.environ.get("GPU_NN_RNN_VMAP_COMPOSE") == "1"
 
 
