@@ -10,10 +10,11 @@ GPU and versions so that the next process does not measure again. Afterwards the
 dictionary lookup.
 
 The heuristic (``default``) is used, and nothing is measured, where measuring is impossible or
-unwanted: CPU tensors (the Triton interpreter), ``GPU_NN_TUNE=0``, and while a CUDA graph is
-being captured (a timed launch would synchronise the host; a choice already made is still
-used during capture). ``GPU_NN_TUNE_CACHE`` names the cache file (default
-``~/.cache/gpu_nn/tuning.json``).
+unwanted: CPU tensors (the Triton interpreter), ``GPU_NN_TUNE=0``, deterministic algorithms
+asked for (``torch.use_deterministic_algorithms(True)``) without ``torch.backends.cudnn.benchmark``
+(see :func:`applies`), and while a CUDA graph is being captured (a timed launch would
+synchronise the host; a choice already made is still used during capture).
+``GPU_NN_TUNE_CACHE`` names the cache file (default ``~/.cache/gpu_nn/tuning.json``).
 
 ``GPU_NN_TUNE_RECORD=path`` keeps every timing this process measures: one JSON object per line
 (``{"device_key", "op", "key", "config", "ms", "chosen"}``; ``ms`` is null and ``error`` says why
@@ -66,11 +67,22 @@ def _tuning_off() -> bool:
 
 
 def applies(device: torch.device) -> bool:
-    """Whether measured configurations apply to calls on ``device`` at all: a CUDA device and
-    tuning not switched off. (During a CUDA graph capture :func:`choose` still serves a choice
-    already made; it only does not measure.)"""
+    """Whether measured configurations apply to calls on ``device`` at all: a CUDA device, tuning
+    not switched off, and no run-to-run reproducibility asked for: under
+    ``torch.use_deterministic_algorithms(True)`` the heuristic serves (no measuring, no cached
+    choice) unless ``torch.backends.cudnn.benchmark`` is set, as torch's cuDNN then selects its
+    algorithms (measured choices differ between processes, and with them the order of a
+    convolution's or a matmul's sums, so results would differ in their last bits from run to run;
+    our kernels themselves use no atomics, so one configuration gives the same bits every run).
+    (During a CUDA graph capture :func:`choose` still serves a choice already made; it only does
+    not measure.)"""
     kind = device.type if type(device) is torch.device else torch.device(device).type
-    return kind == "cuda" and not _tuning_off()
+    if kind != "cuda" or _tuning_off():
+        return False
+    return not _deterministic() or torch.backends.cudnn.benchmark
+
+
+_deterministic = torch._C._get_deterministic_algorithms  # torch.are_deterministic_algorithms_enabled's body
 
 
 def enabled(device: torch.device) -> bool:

@@ -94,6 +94,32 @@ def test_no_measurement_where_it_cannot_or_must_not_happen(cache, monkeypatch):
     assert timed == []
 
 
+def test_deterministic_algorithms_take_the_heuristic_unless_cudnn_benchmarks(cache, monkeypatch):
+    """torch.use_deterministic_algorithms(True): no measuring and no cached choice (a measured
+    choice may differ from one process to the next, and with it a sum's order), unless
+    torch.backends.cudnn.benchmark is set (torch's cuDNN measures its algorithms then too). On a
+    CPU machine choose() must return the default before it asks CUDA anything."""
+    from gpu_nn.ops import _dispatch
+
+    timed = []
+    cuda = torch.device("cuda")
+    monkeypatch.delenv(_tuning.ENV, raising=False)
+    assert _tuning.applies(cuda) and _dispatch.chooser(cuda) is not None
+    was_benchmark = torch.backends.cudnn.benchmark
+    torch.use_deterministic_algorithms(True)
+    try:
+        torch.backends.cudnn.benchmark = False
+        assert not _tuning.applies(cuda) and not _tuning.enabled(cuda)
+        assert _dispatch.chooser(cuda) is None
+        assert _tuning.choose("op", ("k",), [(1,), (2,)], lambda c: None, (2,), cuda, _never(timed)) == (2,)
+        torch.backends.cudnn.benchmark = True
+        assert _tuning.applies(cuda) and _dispatch.chooser(cuda) is not None
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.benchmark = was_benchmark
+    assert _tuning.applies(cuda) and timed == []
+
+
 def test_stale_cache_entry_not_among_candidates_is_ignored(cache):
     cache.write_text(json.dumps({"test": {_tuning._encode(("op", "k")): [99]}}))
     calls = []
