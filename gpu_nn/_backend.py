@@ -329,7 +329,7 @@ def to_device_async(host: torch.Tensor, device) -> torch.Tensor:
     captured into a CUDA graph; from pinned memory the copy is queued like a kernel (torch's
     host allocator keeps the pinned block until the copy has run). Copied while a graph is
     captured, the pinned tensor is kept for good."""
-    if torch.device(device).type != "cuda":
+    if torch.device(device).type != "cuda" or host.device.type != "cpu":
         return host.to(device)
     host = host.pin_memory()
     if torch.cuda.is_current_stream_capturing():

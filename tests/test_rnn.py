@@ -458,6 +458,36 @@ def test_training_dropout_same_seed_as_torch(mode, packed, rng):
     assert torch.equal(got[0][1], got[1][1])
 
 
+def test_packed_dropout_masks_need_no_data_dependent_op_on_the_device():
+    """The masks of a packed input are placed on the device without a boolean index there (on
+    CUDA a nonzero() and its host synchronisation, refused in a CUDA graph's capture): drawn for
+    a meta-device layer, no op gets a boolean tensor off the CPU; on the CPU they are the packed
+    rows' draws in time-major order, zero past each length."""
+    from torch.utils._pytree import tree_leaves
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class BoolOnDevice(TorchDispatchMode):
+        seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if any(isinstance(a, torch.Tensor) and a.dtype == torch.bool and a.device.type != "cpu"
+                   for a in tree_leaves((args, kwargs))):
+                self.seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    lengths = torch.tensor([5, 2, 4, 1])
+    with BoolOnDevice():
+        masks = ops.draw_dropout_masks(0.4, 3, 5, 4, 6, torch.empty(0, device="meta"), lengths)
+    assert masks.device.type == "meta" and masks.shape == (2, 5, 4, 6)
+    assert BoolOnDevice.seen == []  # the old boolean index_put_ on the device appeared here
+    torch.manual_seed(3)
+    got = ops.draw_dropout_masks(0.4, 3, 5, 4, 6, torch.empty(0, dtype=torch.float64), lengths)
+    torch.manual_seed(3)
+    keep = torch.empty((2, int(lengths.sum()), 6), dtype=torch.float64).bernoulli_(0.6).div_(0.6)
+    live = torch.arange(5)[:, None] < lengths[None, :]
+    assert torch.equal(got[:, live], keep) and not got[:, ~live].any()
+
+
 @pytest.mark.parametrize("backend,device", backend_params(("triton",)))
 def test_weights_past_the_kernels_int32_index_refused_on_triton(backend, device, monkeypatch):
     """The Triton recurrent step kernels index W_hh's rows and columns in int32 (an LSTM's wraps

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
+from .._backend import to_device_async
 from .._errors import KernelInputError, KernelInputIndexError, require_attribute
 from ..ops import rnn as ops
 from ..ops._dispatch import autocast_on, tangents_in_play
@@ -74,7 +75,7 @@ def _unpacked(data, batch_sizes):
     steps = torch.repeat_interleave(torch.arange(T), batch_sizes)
     rows = torch.cat([torch.arange(int(b)) for b in batch_sizes]) if T else torch.zeros(0, dtype=torch.int64)
     lengths = torch.bincount(rows, minlength=B)  # (each sequence's steps: the steps it has a row in)
-    places = (steps.to(data.device), rows.to(data.device))
+    places = (to_device_async(steps, data.device), to_device_async(rows, data.device))  # no host wait
     x = data.new_zeros((T, B, *data.shape[1:])).index_put(places, data)
     return x, lengths, places
 

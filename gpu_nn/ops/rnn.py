@@ -1556,7 +1556,8 @@ def _seq_compose(mode, num_layers, bidirectional, has_biases, lengths, masks, in
     D = 2 if bidirectional else 1
     valid = None
     if lengths is not None:
-        valid = (torch.arange(T, device=lengths.device)[:, None] < lengths[None, :]).to(input.device)[:, :, None]
+        valid = _backend.to_device_async(torch.arange(T, device=lengths.device)[:, None] < lengths[None, :],
+                                         input.device)[:, :, None]
     ws = _split(list(weights), num_layers, D, has_biases)
     xin, hns, cns = input, [], []
     for l in range(num_layers):
@@ -2170,10 +2171,14 @@ def draw_dropout_masks(p: float, num_layers: int, T: int, B: int, width: int, li
     if lengths is None:
         keep = torch.empty((num_layers - 1, T, B, width), dtype=like.dtype, device=like.device).bernoulli_(1 - p)
         return keep.div_(1 - p)
-    live = torch.arange(T)[:, None] < lengths[None, :]  # [T, B]: the packed rows, time-major
-    keep = torch.empty((num_layers - 1, int(live.sum()), width), dtype=like.dtype, device=like.device).bernoulli_(1 - p)
+    # the packed rows' places in [T * B], time-major, found on the host (lengths are a CPU
+    # tensor): a boolean mask on the device would cost a nonzero() and its host synchronisation
+    # (and break a CUDA graph's capture), a pageable copy another
+    live = (torch.arange(T)[:, None] < lengths[None, :]).reshape(-1).nonzero().reshape(-1)
+    keep = torch.empty((num_layers - 1, live.numel(), width), dtype=like.dtype, device=like.device).bernoulli_(1 - p)
     masks = like.new_zeros((num_layers - 1, T, B, width))
-    masks[:, live.to(like.device)] = keep.div_(1 - p)
+    masks.view(num_layers - 1, T * B, width).index_copy_(1, _backend.to_device_async(live, like.device),
+                                                          keep.div_(1 - p))
     return masks
 
 
