@@ -423,11 +423,12 @@ def _compile_candidates(a, b, c, bias, act, prec, cands) -> None:
 
 
 def matmul(a, b, c, bias=None, activation=None, allow_tf32=False, interpret=False) -> None:
-    """c[M, N] = act(a[M, K] @ b[K, N] + bias[N]); a, b, c any strides, same dtype; bias
-    contiguous [N] or None; c must not overlap a, b or bias.
+    """c[M, N] = act(a[M, K] @ b[K, N] + bias[N]); a, b, c any strides, a and b of one dtype, c
+    of theirs or float32 (:func:`_matmul_blocks`' partial sums); bias contiguous [N] or None; c
+    must not overlap a, b or bias.
 
     On a GPU the configuration is measured on first use of a (M, N, K, layouts of a / b / c,
-    dtype, bias, activation, precision, TMA eligibility) on the device (``gpu_nn._tuning``: every
+    dtypes, bias, activation, precision, TMA eligibility) on the device (``gpu_nn._tuning``: every
     :func:`tuning_candidates` entry timed on these very buffers, the fastest cached in memory and
     on disk; the persistent TMA kernel's among them where :func:`tma_eligible`); the heuristic
     serves CPU tensors, the interpreter, ``GPU_NN_TUNE=0`` and CUDA graph capture.
@@ -448,7 +449,8 @@ def matmul(a, b, c, bias=None, activation=None, allow_tf32=False, interpret=Fals
         # tma: whether the TMA candidates apply (alignment included), so that a cached TMA
         # choice is only ever served to calls that can run it
         tma = tma_output(c) and tma_eligible(a, b, dt, prec, interpret)
-        key = (M, N, K, _layout(a) + _layout(b) + _layout(c), dt, bias is not None, act, prec, tma)
+        # c's dtype too: _matmul_blocks sums half-precision products into a float32 c
+        key = (M, N, K, _layout(a) + _layout(b) + _layout(c), dt, _tdt(c), bias is not None, act, prec, tma)
         cfg = _tune.choose("matmul", key, tuning_candidates(dt, prec, tma),
                            lambda cand: _launch_matmul(a, b, c, bias, act, prec, cand), cfg, a.device,
                            prepare=lambda cands: _compile_candidates(a, b, c, bias, act, prec, cands))
