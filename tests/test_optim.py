@@ -668,6 +668,84 @@ def test_clip_grad_norm_matches_torch(backend, device, norm_type, max_norm, rng)
                 assert _rel(a.grad.cpu(), b.grad) <= bound
 
 
+def _clip_in_groups(grads_of, device, groups_of, norm_type, error_if_nonfinite=False):
+    """clip_grad_norm_ on the Triton path with the gradients dealt to ``groups_of(grads)``
+    device groups (on one machine device: the exchange of partials a model split over GPUs
+    takes, run where it can), against torch on float64 copies."""
+    from gpu_nn.optim import _triton
+
+    ours = grads_of()
+    theirs = [torch.nn.Parameter(p.detach().cpu().double()) for p in ours]
+    for a, b in zip(ours, theirs):
+        b.grad = None if a.grad is None else a.grad.detach().cpu().double().clone()
+    real = _triton._device_groups
+    try:
+        _triton._device_groups = lambda grads: [(torch.device(device), g) for g in groups_of(grads)]
+        with gpu_nn.backend("triton"):
+            tn = clip_grad_norm_(ours, 0.5, norm_type, error_if_nonfinite)
+    finally:
+        _triton._device_groups = real
+    return ours, theirs, tn, torch.nn.utils.clip_grad_norm_(theirs, 0.5, norm_type)
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("triton",)))
+@pytest.mark.parametrize("norm_type", [2.0, float("inf"), 3.0])
+def test_clip_grad_norm_over_device_groups_matches_torch(backend, device, norm_type, rng):
+    """Gradients on several devices (a model split over GPUs) took the reference through the host
+    (every gradient copied out and back, two host waits each, refused in a CUDA graph); each
+    device now reduces its own and the partials are exchanged, queued. Run here as groups of one
+    device: every way of dealing float32 and float16 gradients (a group of half gradients only,
+    one of an empty gradient first, one group) gives torch's total and gradients."""
+    def grads_of():
+        ps = _grads(rng, torch.float32, device)
+        for p in _grads(rng, torch.float16, device)[:3]:
+            ps.append(p)
+        if math.isinf(norm_type):  # (an empty gradient's max is refused, as torch refuses it)
+            return ps
+        empty = torch.nn.Parameter(torch.zeros(0, device=device))
+        empty.grad = torch.zeros(0, device=device)
+        return [empty] + ps
+
+    deals = {
+        "one": lambda gs: [gs],
+        "alternate": lambda gs: [gs[0::2], gs[1::2]],
+        "by dtype, empty first": lambda gs: [gs[:1], [g for g in gs[1:] if g.dtype == torch.float32],
+                                              [g for g in gs[1:] if g.dtype == torch.float16]],
+    }
+    for name, deal in deals.items():
+        ours, theirs, tn, tt = _clip_in_groups(grads_of, device, deal, norm_type)
+        assert tn.dtype == torch.float32 and tn.device == ours[0].grad.device
+        assert abs(float(tn) - float(tt)) <= 2e-3 * float(tt), name
+        for a, b in zip(ours, theirs):
+            if b.grad is not None and b.grad.numel():
+                assert _rel(a.grad.cpu().double(), b.grad) <= 2e-3, name
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("triton",)))
+def test_clip_grad_norm_over_device_groups_refuses_a_nonfinite_total(backend, device, rng):
+    def grads_of():
+        ps = _grads(rng, torch.float32, device)
+        ps[3].grad[1, 2] = float("inf")
+        return ps
+
+    with pytest.raises(RuntimeError, match="is non-finite"):
+        _clip_in_groups(grads_of, device, lambda gs: [gs[:2], gs[2:]], 2.0, error_if_nonfinite=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_clip_grad_norm_on_two_gpus_matches_torch(rng):
+    ours = _grads(rng, torch.float32, "cuda:0")[:3] + _grads(rng, torch.float32, "cuda:1")[:3]
+    theirs = [torch.nn.Parameter(p.detach().cpu().double()) for p in ours]
+    for a, b in zip(ours, theirs):
+        b.grad = a.grad.detach().cpu().double().clone()
+    with gpu_nn.backend("triton"):
+        tn = clip_grad_norm_(ours, 0.5)
+    tt = torch.nn.utils.clip_grad_norm_(theirs, 0.5)
+    assert tn.device == torch.device("cuda:0") and abs(float(tn) - float(tt)) <= 1e-6 * float(tt)
+    for a, b in zip(ours, theirs):
+        assert _rel(a.grad.cpu().double(), b.grad) <= 1e-6
+
+
 @pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
 def test_clip_grad_norm_of_mixed_dtypes_is_in_their_promoted_dtype(backend, device):
     """torch stacks the per-tensor norms, which promotes: a float16 gradient beside a float32 one

@@ -379,12 +379,17 @@ def _tensor_bounds(numels, codes, chunk: int, device):
 
 def clip_grad_norm(grads, max_norm: float, norm_type: float, error_if_nonfinite: bool,
                    out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Fused clipping of CUDA (or interpreter) gradients on one device: a partial-norm kernel per
+    """Fused clipping of CUDA (or interpreter) gradients: per device, a partial-norm kernel per
     dtype, then a scale kernel per dtype whose programs each finish the reduction themselves.
-    Returns the float32 total (the caller gives it the gradients' promoted dtype ``out_dtype``,
-    as which the scale kernels and the non-finite check read it: torch's total is in it)."""
+    Gradients on several devices (a model split over GPUs): each device's partials (a few
+    floats per gradient chunk) copied to every other device, queued (no host synchronisation),
+    so that each device's scale kernels reduce the same values to the same total, as torch
+    gathers its per-device norms. Returns the float32 total on ``grads[0]``'s device (the caller
+    gives it the gradients' promoted dtype ``out_dtype``, as which the scale kernels and the
+    non-finite check read it: torch's total is in it)."""
     from ..kernels import triton as ktriton
     from ..kernels.triton import optim as kt
+    from ..ops._dispatch import device_guard
 
     if any(g.dtype == torch.bfloat16 and g.device.type == "cpu" for g in grads):
         _backend.check_interpreter_dtype("clip_grad_norm_", "triton", *grads)
@@ -393,7 +398,63 @@ def clip_grad_norm(grads, max_norm: float, norm_type: float, error_if_nonfinite:
     code = NORM_INF if math.isinf(norm_type) else (NORM_TWO if norm_type == 2.0 else NORM_P)
     interpret = ktriton.INTERPRET
     chunk = _chunk(kt, interpret)
-    device = grads[0].device
+    groups = []  # per device: (device, plans, its partials' final form and count, copies)
+    for device, gs in _device_groups(grads):
+        with device_guard(device):
+            groups.append((device, *_clip_partials(kt, gs, device, chunk, code, norm_type, interpret)))
+    first = groups[0][0]
+    if len(groups) == 1:
+        gathered = [(groups[0][2], groups[0][3])]
+    else:  # every device's partials on every device, one buffer each (the copies queued in order)
+        n_all = sum(n for _, _, _, n, _ in groups)
+        gathered = []
+        for device, *_ in groups:
+            with device_guard(device):
+                pieces = [sums[:n].to(device, non_blocking=True) for _, _, sums, n, _ in groups if n]
+                gathered.append((torch.cat(pieces) if pieces else torch.zeros(1, device=device), n_all))
+    # written by a kernel on every path: the first device's first scale launch's program 0, or
+    # _clip_total_kernel (error_if_nonfinite, or no element on that device)
+    total = torch.empty((), dtype=torch.float32, device=first)
+    with device_guard(first):
+        if error_if_nonfinite:
+            kt.clip_total(*gathered[0], total, code, norm_type)
+            if not bool(torch.isfinite(total.to(out_dtype))):  # the one host read, as torch's own check needs
+                raise RuntimeError(
+                    f"The total norm of order {float(norm_type)} for gradients from `parameters` is non-finite, so "
+                    "it cannot be clipped. To disable this error and scale the gradients by the non-finite norm "
+                    "anyway, set `error_if_nonfinite=False`"
+                )
+    for k, ((device, plans, _, _, copies), (sums, n_sums)) in enumerate(zip(groups, gathered)):
+        with device_guard(device):
+            # each scale launch's program 0 stores the total: the first device's into the one
+            # returned, the others' into a scratch of their own
+            dst = total if k == 0 else torch.empty((), dtype=torch.float32, device=device)
+            for base, table, n in plans:
+                if n:
+                    kt.clip_scale(table, n, base, sums, n_sums, dst, max_norm, code, norm_type, interpret,
+                                  _HALF_CODE.get(out_dtype, 0))
+            if k == 0 and not any(n for _, _, n in plans):
+                kt.clip_total(sums, n_sums, total, code, norm_type)
+            for g, c in copies:
+                g.copy_(c)
+    return total
+
+
+def _device_groups(grads) -> list:
+    """``[(device, grads on it)]`` in the order of first appearance (``grads[0]``'s first: the
+    total is returned there, as torch's)."""
+    groups: dict = {}
+    for g in grads:
+        groups.setdefault(g.device, []).append(g)
+    return list(groups.items())
+
+
+def _clip_partials(kt, grads, device, chunk, code, norm_type, interpret):
+    """One device's partial norms: ``(plans, sums, n_sums, copies)``, ``sums[:n_sums]`` float32
+    values in the form the reduction adds up (a chunk's max |g|, sum g^2 or sum |g|^p; where a
+    gradient is float16 / bfloat16, each gradient's own norm rounded to its dtype and put back
+    in that form, as torch's per-tensor norms are), ``plans`` the (base, table, chunks) of each
+    dtype's scale launch, ``copies`` the (gradient, dense copy) pairs to write back."""
     parts = {}
     for i, g in enumerate(grads):
         parts.setdefault(g.dtype, []).append(i)
@@ -401,6 +462,7 @@ def clip_grad_norm(grads, max_norm: float, norm_type: float, error_if_nonfinite:
     copies = []
     n_total = 0
     numels, codes = [], []  # per gradient in the partials' order: its elements, its dtype's rounding
+    launches = []
     for dt, idx in parts.items():
         gs = []
         for i in idx:
@@ -411,41 +473,24 @@ def clip_grad_norm(grads, max_norm: float, norm_type: float, error_if_nonfinite:
                 g = c
             gs.append(g)
         table, n = _table(gs, gs, [], [], [0] * len(gs), device, chunk)
-        plans.append((gs[base_index(gs)], table, n, n_total))  # the tensor the table is measured from
+        base = gs[base_index(gs)]  # the tensor the table is measured from
+        plans.append((base, table, n))
+        launches.append((base, table, n, n_total))
         n_total += n
         numels += [g.numel() for g in gs]
         codes += [_HALF_CODE.get(dt, 0)] * len(gs)
     partials = torch.empty(max(n_total, 1), dtype=torch.float32, device=device)
-    # written by a kernel on every path: the first scale launch's program 0, or _clip_total_kernel
-    # (error_if_nonfinite, or no element at all)
-    total = torch.empty((), dtype=torch.float32, device=device)
-    for base, table, n, part0 in plans:
+    for base, table, n, part0 in launches:
         graph_keep(table)
         if n:
             kt.clip_partial(table, n, base, partials, part0, code, norm_type, interpret)
-    sums, n_sums = partials, n_total
     if n_total and any(codes):
         # a half gradient: each gradient's own norm rounded to its dtype first, as torch's
         # per-tensor norms are (one launch more; float32 / float64 lists keep the chunks' sums)
         bounds, rnd = _tensor_bounds(numels, codes, chunk, device)
         graph_keep(bounds)
         graph_keep(rnd)
-        sums, n_sums = torch.empty(len(numels), dtype=torch.float32, device=device), len(numels)
-        kt.clip_tensor(partials, bounds, rnd, sums, n_sums, code, norm_type)
-    if error_if_nonfinite:
-        kt.clip_total(sums, n_sums, total, code, norm_type)
-        if not bool(torch.isfinite(total.to(out_dtype))):  # the one host read, as torch's own check needs
-            raise RuntimeError(
-                f"The total norm of order {float(norm_type)} for gradients from `parameters` is non-finite, so it "
-                "cannot be clipped. To disable this error and scale the gradients by the non-finite norm anyway, "
-                "set `error_if_nonfinite=False`"
-            )
-    for base, table, n, part0 in plans:
-        if n:
-            kt.clip_scale(table, n, base, sums, n_sums, total, max_norm, code, norm_type, interpret,
-                          _HALF_CODE.get(out_dtype, 0))
-    if n_total == 0:
-        kt.clip_total(partials, 0, total, code, norm_type)
-    for g, c in copies:
-        g.copy_(c)
-    return total
+        sums = torch.empty(len(numels), dtype=torch.float32, device=device)
+        kt.clip_tensor(partials, bounds, rnd, sums, len(numels), code, norm_type)
+        return plans, sums, len(numels), copies
+    return plans, partials, n_total, copies

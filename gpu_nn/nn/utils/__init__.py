@@ -24,9 +24,11 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_i
     ``total`` as a 0-d tensor (``torch.tensor(0.0)`` when no parameter has a gradient).
 
     CPU gradients run the NumPy reference in place; CUDA gradients run one fused reduction and
-    one fused scale (Triton) with no host synchronisation unless ``error_if_nonfinite=True``
-    (which has to read the norm). ``foreach`` is accepted and ignored. The Triton path takes
-    norm_type 2, inf and any other p > 0; sparse gradients are not supported.
+    one fused scale (Triton) per device with no host synchronisation unless
+    ``error_if_nonfinite=True`` (which has to read the norm); gradients on several GPUs
+    exchange their devices' partial norms (a few floats per 16 Ki elements), queued.
+    ``foreach`` is accepted and ignored. The Triton path takes norm_type 2, inf and any other
+    p > 0; sparse gradients are not supported.
 
     As torch's: the total is the norm of the per-gradient norms, each rounded to its gradient's
     dtype (where one is float16 or bfloat16: one launch more on the Triton path), in the
@@ -66,13 +68,12 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_i
     backends = {d: _backend.resolve("clip_grad_norm_", d, ("reference", "triton"),
                                     dtype=torch.float64 if any(g.dtype == torch.float64 for g in grads if g.device == d)
                                     else None) for d in devices}
-    if len(devices) == 1 and backends[grads[0].device] == "triton" and norm_type > 0 and not math.isnan(norm_type):
-        from ...ops._dispatch import device_guard
+    if all(b == "triton" for b in backends.values()) and norm_type > 0 and not math.isnan(norm_type):
         from ...optim import _triton
 
-        with device_guard(grads[0].device):
-            out = _promoted_dtype(grads)
-            total = _triton.clip_grad_norm(grads, max_norm, norm_type, error_if_nonfinite, out)  # float32
+        out = _promoted_dtype(grads)
+        # (several devices: each one's partial norms gathered on every other, queued)
+        total = _triton.clip_grad_norm(grads, max_norm, norm_type, error_if_nonfinite, out)  # float32
         increment_version(grads)
         return total if out == torch.float32 else total.to(out)
     total = _clip_reference(grads, max_norm, norm_type, error_if_nonfinite)
