@@ -1650,6 +1650,28 @@ def test_tensor_betas_are_kept_and_read_at_every_step_as_torch(backend, device, 
         assert torch.equal(ours.detach(), before)
 
 
+@pytest.mark.parametrize("name,key", [("SGD", "momentum"), ("Adam", "eps"), ("RMSprop", "alpha"),
+                                      ("Adagrad", "lr_decay"), ("Adadelta", "rho"), ("AdamW", "weight_decay")])
+def test_tensor_hyperparameters_refused_in_a_capture_before_the_step(name, key, monkeypatch):
+    """A tensor hyperparameter the step reads on the host (any but lr, which the kernels may read
+    on the device) inside a CUDA graph capture: a KernelInputError naming it before the step
+    touches anything, as for tensor betas (the host read raised CUDA's own error there, which
+    also invalidates the capture); outside a capture it steps as torch's."""
+    from gpu_nn.optim import optimizers as optmod
+
+    p = torch.nn.Parameter(torch.randn(4, 3, dtype=torch.float64))
+    kw = {key: torch.tensor(0.9 if key in ("momentum", "alpha", "rho") else 1e-3, dtype=torch.float64)}
+    with gpu_nn.backend("reference"):
+        opt = getattr(go, name)([p], lr=0.01, **kw)
+        p.grad = torch.randn(4, 3, dtype=torch.float64)
+        opt.step()
+        monkeypatch.setattr(optmod, "_capturing", lambda device: True)
+        before = p.detach().clone()
+        with pytest.raises(KernelInputError, match=f"a tensor {key} cannot be captured"):
+            opt.step()
+        assert torch.equal(p.detach(), before) and opt.state[p]
+
+
 def test_adagrad_sums_start_at_the_constructors_value_as_torch():
     """torch's Adagrad fills every sum with the constructor's initial_accumulator_value (its
     defaults'), also for a group that names its own or is added later; ours read the group's

@@ -152,13 +152,16 @@ def run_parts(kind: str, parts_: list, hp: dict, grads) -> None:
 
 def _amp_on(hp: dict, device) -> dict:
     """``hp`` with GradScaler's scalars as the kernels on ``device`` read them: float32 0-d
-    tensors there (moved without a host wait, as torch's fused steps move them), a zero
+    tensors there (moved to a GPU without a host wait, as torch's fused steps move them), a zero
     ``found_inf`` where only a scale was given."""
     scale, found = hp.get("grad_scale"), hp.get("found_inf")
+    # to a CPU part (the reference, which reads them on the host at once) a CUDA scaler's values
+    # come synchronously: a non-blocking device-to-host copy returns before its bytes land
+    queued = torch.device(device).type != "cpu"
     if scale is not None:
-        scale = scale.to(device=device, dtype=torch.float32, non_blocking=True).reshape(())
+        scale = scale.to(device=device, dtype=torch.float32, non_blocking=queued).reshape(())
     if found is not None:
-        found = found.to(device=device, dtype=torch.float32, non_blocking=True).reshape(())
+        found = found.to(device=device, dtype=torch.float32, non_blocking=queued).reshape(())
     elif scale is not None:
         found = torch.zeros((), dtype=torch.float32, device=device)
     return dict(hp, grad_scale=scale, found_inf=found)

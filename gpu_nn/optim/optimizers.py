@@ -124,18 +124,33 @@ def _refuse_captured_tensor_lr(kind: str, groups) -> None:
             )
 
 
-def _refuse_captured_tensor_betas(groups) -> None:
-    """Tensor betas (Adam, AdamW) are read on the host at every step; inside a CUDA graph capture
-    that read is not permitted (and replays could not follow the tensors): refused before the
-    step does anything, as a tensor lr read on the host is (:func:`_refuse_captured_tensor_lr`)."""
+def _refuse_captured_tensor_scalars(groups) -> None:
+    """Tensor hyperparameters but lr (betas, momentum, eps, weight decay, ...: :func:`_real`) are
+    read on the host at every step; inside a CUDA graph capture that read is not permitted (CUDA's
+    own error, which also invalidates the capture) and replays could not follow the tensors:
+    refused before the step does anything, as a tensor lr read on the host is
+    (:func:`_refuse_captured_tensor_lr`). Outside a capture this costs a look at each of a
+    group's values."""
     for group in groups:
-        betas = group.get("betas")
-        if betas is None or not isinstance(betas[0], Tensor) or not group["params"]:
+        tensors = None
+        for key, v in group.items():
+            if isinstance(v, Tensor):
+                if key != "lr":
+                    tensors = tensors or {}
+                    tensors[key] = [v]
+            elif key == "betas" and isinstance(v, (tuple, list)) and any(isinstance(b, Tensor) for b in v):
+                tensors = tensors or {}
+                tensors[key] = [b for b in v if isinstance(b, Tensor)]
+        if tensors is None or not group["params"]:
             continue
-        if _capturing(group["params"][0].device) or any(_capturing(b.device) for b in betas):
-            raise KernelInputError(
-                "gpu_nn.optim: tensor betas cannot be captured into a CUDA graph: the step reads them on the host "
-                "(not permitted while capturing, and replays could not follow the tensors); pass float betas")
+        capturing = _capturing(group["params"][0].device)
+        for key, ts in tensors.items():
+            if capturing or any(_capturing(t.device) for t in ts):
+                what = "tensor betas" if key == "betas" else f"a tensor {key}"
+                raise KernelInputError(
+                    f"gpu_nn.optim: {what} cannot be captured into a CUDA graph: the step reads it on the "
+                    f"host (not permitted while capturing, and replays could not follow the tensor); pass a "
+                    f"float {key}")
 
 
 def _flag_refusals(name: str, defaults: dict) -> None:
@@ -505,7 +520,7 @@ class _Base(Optimizer):
     def _gpu_nn_step(self) -> None:
         """:meth:`step` but the closure, opaque to torch.compile (:func:`_step_of`)."""
         _refuse_captured_tensor_lr(self._KIND, self.param_groups)
-        _refuse_captured_tensor_betas(self.param_groups)
+        _refuse_captured_tensor_scalars(self.param_groups)
         plans = self._plans
         for group in self.param_groups:
             key, current = _grad_key(group["params"])
