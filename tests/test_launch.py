@@ -164,6 +164,33 @@ def test_plans_reach_the_kernel_the_jit_would_pick(fake_env, rng):
     assert len(fake.compiled) <= st["plans"]
 
 
+def test_a_kernel_still_compiling_makes_no_plan_yet(fake_env):
+    """Under Triton 3.9's async compile mode (the tuner's compile-all step) the JIT returns a
+    future, not the compiled kernel: no plan can be made from it, and none may be recorded in
+    its place (a None plan sent that key through the JIT for good); the next call makes it."""
+    kernel = JITFunction(_k_plain)
+    fake = _FakeJit(kernel)
+    jit_run = fake.run
+
+    class Future:
+        def __init__(self, ck):
+            self._ck = ck
+
+        def result(self):
+            return self._ck
+
+    fake.run = kernel.run = lambda *a, **k: Future(jit_run(*a, **k))
+    x = torch.zeros(8)
+    args, kw = (x, x, 8, 3, 0.5, True), {"BLOCK": 16}
+    assert isinstance(L.launch(kernel, (1,), *args, **kw), Future)
+    assert L.stats()["plans"] == 0 and L.stats()["jit_only"] == 0
+    kernel.run = jit_run  # compiled now: the next call's JIT returns the kernel, whose plan is kept
+    L.launch(kernel, (1,), *args, **kw)
+    assert L.stats()["plans"] == 1 and fake.n_jit == 2
+    L.launch(kernel, (1,), *args, **kw)
+    assert fake.n_jit == 2, "the plan launched it"
+
+
 def test_bind_launches_then_calls_that_kernel_with_the_arguments_given(fake_env, rng):
     """_launch.bind (the recurrent time loops): the call is launched as launch() would, and the
     returned function calls the compiled kernel the JIT picked for that call, on its grid and

@@ -300,6 +300,10 @@ def launch(kernel, grid, *args, **kwargs):
     info, device, key, plan = found
     if plan is False:
         compiled = kernel[grid](*args, **kwargs)
+        if type(compiled) is not _COMPILED_TYPE and hasattr(compiled, "result"):
+            # a kernel still compiling (Triton 3.9's async compile mode, the tuner's compile-all
+            # step, returns a future): no plan yet, the next call of the key makes it
+            return compiled
         if len(info.plans) >= MAX_PLANS:
             info.plans.clear()
         info.plans[key] = _make_plan(kernel, compiled, args, kwargs)
