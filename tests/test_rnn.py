@@ -476,10 +476,15 @@ def test_packed_dropout_masks_need_no_data_dependent_op_on_the_device():
             return func(*args, **(kwargs or {}))
 
     lengths = torch.tensor([5, 2, 4, 1])
-    with BoolOnDevice():
-        masks = ops.draw_dropout_masks(0.4, 3, 5, 4, 6, torch.empty(0, device="meta"), lengths)
+    with BoolOnDevice(), torch.device("meta"):  # (a default device elsewhere too: lengths stay on the CPU)
+        masks = ops.draw_dropout_masks(0.4, 3, 5, 4, 6, torch.empty(0), lengths)
     assert masks.device.type == "meta" and masks.shape == (2, 5, 4, 6)
     assert BoolOnDevice.seen == []  # the old boolean index_put_ on the device appeared here
+    from gpu_nn.nn.rnn import _unpacked
+
+    with torch.device("meta"):  # forward-mode's unpacking: its places found beside batch_sizes
+        x, _, places = _unpacked(torch.empty(12, 3), torch.tensor([4, 3, 3, 2], device="cpu"))
+    assert x.shape == (4, 4, 3) and places[0].device.type == "meta"
     torch.manual_seed(3)
     got = ops.draw_dropout_masks(0.4, 3, 5, 4, 6, torch.empty(0, dtype=torch.float64), lengths)
     torch.manual_seed(3)

@@ -72,8 +72,10 @@ def _unpacked(data, batch_sizes):
     differentiates; torch's packing ops have no forward formula): ``(x [T, B, F], lengths,
     (steps, rows))``, ``x[steps, rows]`` the packed data again."""
     T, B = len(batch_sizes), int(batch_sizes[0]) if len(batch_sizes) else 0
-    steps = torch.repeat_interleave(torch.arange(T), batch_sizes)
-    rows = torch.cat([torch.arange(int(b)) for b in batch_sizes]) if T else torch.zeros(0, dtype=torch.int64)
+    # (on the CPU, where batch_sizes are, whatever torch.set_default_device says)
+    steps = torch.repeat_interleave(torch.arange(T, device="cpu"), batch_sizes)
+    rows = (torch.cat([torch.arange(int(b), device="cpu") for b in batch_sizes]) if T
+            else torch.zeros(0, dtype=torch.int64, device="cpu"))
     lengths = torch.bincount(rows, minlength=B)  # (each sequence's steps: the steps it has a row in)
     places = (to_device_async(steps, data.device), to_device_async(rows, data.device))  # no host wait
     x = data.new_zeros((T, B, *data.shape[1:])).index_put(places, data)

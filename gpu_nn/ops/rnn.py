@@ -2174,7 +2174,7 @@ def draw_dropout_masks(p: float, num_layers: int, T: int, B: int, width: int, li
     # the packed rows' places in [T * B], time-major, found on the host (lengths are a CPU
     # tensor): a boolean mask on the device would cost a nonzero() and its host synchronisation
     # (and break a CUDA graph's capture), a pageable copy another
-    live = (torch.arange(T)[:, None] < lengths[None, :]).reshape(-1).nonzero().reshape(-1)
+    live = (torch.arange(T, device="cpu")[:, None] < lengths[None, :]).reshape(-1).nonzero().reshape(-1)
     keep = torch.empty((num_layers - 1, live.numel(), width), dtype=like.dtype, device=like.device).bernoulli_(1 - p)
     masks = like.new_zeros((num_layers - 1, T, B, width))
     masks.view(num_layers - 1, T * B, width).index_copy_(1, _backend.to_device_async(live, like.device),
