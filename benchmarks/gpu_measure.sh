@@ -6,7 +6,7 @@
 # the whole within GPU_MEASURE_BUDGET_S (default 300 s), most wanted first:
 #   install        only when gpu_nn does not import (gpu_run.sh has installed it)
 #   tma-repeat     python -m gpu_nn.benchmarks.tma_fwd_repeat: the TMA conv forward tile the H200
-#                  found wrong once (tma8x16 storing y through pointers) and its twins, 20 launches
+#                  found wrong once (tma8x16 storing y through pointers) and its twins, 10 launches
 #                  each, against a float64 reference: a race or a fault (tma_fwd_repeat.json)
 #   sweep          python -m gpu_nn.benchmarks.sweep --only sweep: first every conv forward,
 #                  input- and weight-gradient candidate (tiles, NHWC tiles, via channels_last, packed
@@ -22,11 +22,12 @@
 #                  The two sweeps share what the profile and REST seconds leave, in proportion to
 #                  what each wants: GPU_MEASURE_SWEEP_S (default 150) and GPU_MEASURE_RNN_S
 #                  (default 120) seconds of measuring, each plus MARGIN for its process; each gets
-#                  all it wants when the budget holds both. GPU_MEASURE_REST_S (default 75) is what
-#                  they leave for the demo and its profile
+#                  all it wants when the budget holds both, none (skipped) where its measuring
+#                  budget would be under 10 s. GPU_MEASURE_REST_S (default 75) is what they leave
+#                  for the demo and its profile
 #   profile        ... --only profile: torch.profiler breakdown of one warm fwd+bwd per op, ours
-#                  against torch: every GPU event, wall time, GPU busy / idle (profile.json,
-#                  profile.txt)
+#                  against torch, both on their heuristics (GPU_NN_TUNE=0): every GPU event, wall
+#                  time, GPU busy / idle (profile.json, profile.txt)
 #   demo           gpu-nn demo --epochs 3 (eager; demo.json)
 #   demo-profile   ... sweep --only demo: 10 training steps of each demo model, ours and the torch
 #                  twin, under torch.profiler and cProfile (demo_profile.json / .txt), when 20 s are left
@@ -59,11 +60,10 @@ if ! "$PY" -c "import gpu_nn" > /dev/null 2>&1; then
     step install 60 "$PY" -m pip install --no-deps --no-build-isolation --no-index -e . || true
 fi
 
-# a correctness question first (about a minute with its compiles): is the suspect TMA tile's wrong
+# a correctness question first (under a minute with its compiles): is the suspect TMA tile's wrong
 # result a race of every pipelined TMA tile, or its own fault? Its time comes out of the sweeps'
-# share (AVAIL below is what it leaves): at the default 300 s, a 60 s run halves the conv sweep's
-# measuring time, by choice: a wrong result outranks a timing
-step tma-repeat 75 "$PY" -m gpu_nn.benchmarks.tma_fwd_repeat --repeats 20 --out "$OUTDIR"
+# share (AVAIL below is what it leaves), by choice: a wrong result outranks a timing
+step tma-repeat 45 "$PY" -m gpu_nn.benchmarks.tma_fwd_repeat --repeats 10 --out "$OUTDIR"
 
 SW=("$PY" -m gpu_nn.benchmarks.sweep --out "$OUTDIR")
 PROFILE_S=60   # the profile step's limit; it starts no new case after PROFILE_S - 20
@@ -81,15 +81,30 @@ else
 fi
 SW_BUDGET=$(( SW_LIMIT - MARGIN )); (( SW_BUDGET < 0 )) && SW_BUDGET=0
 RNN_BUDGET=$(( RNN_LIMIT - MARGIN )); (( RNN_BUDGET < 0 )) && RNN_BUDGET=0
-step sweep "$SW_LIMIT" "${SW[@]}" --only sweep --budget-s "$SW_BUDGET"
-SWEEP_RC=$?
-grep -E "^sweep: " "$OUTDIR/sweep.log" 2>/dev/null | tail -n 1 | sed 's/^/  /' | tee -a "$SUMMARY"
+# a sweep with under MIN_SWEEP_S of measuring would spend its start-up (imports, CUDA) for no row
+MIN_SWEEP_S=10
+if (( SW_BUDGET >= MIN_SWEEP_S )); then
+    step sweep "$SW_LIMIT" "${SW[@]}" --only sweep --budget-s "$SW_BUDGET"
+    SWEEP_RC=$?
+    grep -E "^sweep: " "$OUTDIR/sweep.log" 2>/dev/null | tail -n 1 | sed 's/^/  /' | tee -a "$SUMMARY"
+else
+    echo "sweep: skipped (a measuring budget of ${SW_BUDGET}s, under ${MIN_SWEEP_S})" | tee -a "$SUMMARY"
+    SWEEP_RC=0
+fi
 
-step rnn "$RNN_LIMIT" "${SW[@]}" --only rnn --budget-s "$RNN_BUDGET"
-RNN_RC=$?
-grep -E "^rnn: " "$OUTDIR/rnn.log" 2>/dev/null | tail -n 1 | sed 's/^/  /' | tee -a "$SUMMARY"
+if (( RNN_BUDGET >= MIN_SWEEP_S )); then
+    step rnn "$RNN_LIMIT" "${SW[@]}" --only rnn --budget-s "$RNN_BUDGET"
+    RNN_RC=$?
+    grep -E "^rnn: " "$OUTDIR/rnn.log" 2>/dev/null | tail -n 1 | sed 's/^/  /' | tee -a "$SUMMARY"
+else
+    echo "rnn: skipped (a measuring budget of ${RNN_BUDGET}s, under ${MIN_SWEEP_S})" | tee -a "$SUMMARY"
+    RNN_RC=0
+fi
 
-step profile "$PROFILE_S" "${SW[@]}" --only profile --profile-budget-s $(( PROFILE_S - 20 ))
+# the profile times each side's heuristic configurations (torch's cuDNN does not benchmark by
+# default): measuring ours would compile every candidate of its first cases (the convolutions)
+# inside the step's limit, and the later ops would go unprofiled
+step profile "$PROFILE_S" env GPU_NN_TUNE=0 "${SW[@]}" --only profile --profile-budget-s $(( PROFILE_S - 20 ))
 PROFILE_RC=$?
 grep -E "^profile: " "$OUTDIR/profile.log" 2>/dev/null | tail -n 1 | sed 's/^/  /' | tee -a "$SUMMARY"
 
@@ -151,5 +166,5 @@ for m in lstm gru; do
 done
 
 echo "total: $(( SECONDS - START ))s; sweep rc=$SWEEP_RC, rnn rc=$RNN_RC, profile rc=$PROFILE_RC" | tee -a "$SUMMARY"
-tar -czf "$OUTDIR.tgz" -C "$(dirname "$OUTDIR")" "$(basename "$OUTDIR")"
+pack
 exit $(( SWEEP_RC != 0 || RNN_RC != 0 || PROFILE_RC != 0 ))

@@ -111,5 +111,5 @@ head -n 1 "$OUTDIR/triton_cache.txt" | sed 's/^/  /' | tee -a "$SUMMARY"
 step record 20 "${GN[@]}" results record "$OUTDIR" --into "$OUTDIR/results" --no-render
 
 echo "total: $(( SECONDS - START ))s; check rc=$CHECK_RC, pytest rc=$TEST_RC" | tee -a "$SUMMARY"
-tar -czf "$OUTDIR.tgz" -C "$(dirname "$OUTDIR")" "$(basename "$OUTDIR")"
+pack
 exit $(( CHECK_RC != 0 || TEST_RC != 0 ))

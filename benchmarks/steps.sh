@@ -21,6 +21,14 @@ begin() {
     machine_info > "$OUTDIR/machine.txt"
 }
 
+# pack: OUTDIR.tgz of everything OUTDIR holds. The script's own budget is what bounds it (every
+# step's limit, its kill's grace included, within what is left), so a device call's limit can
+# sit just above the budgets: an outer `timeout` would end the script before this and lose the
+# archive (a trap could not help: bash runs it only once the step in the foreground has ended)
+pack() {
+    tar -czf "$OUTDIR.tgz" -C "$(dirname "$OUTDIR")" "$(basename "$OUTDIR")"
+}
+
 # seconds of BUDGET left
 left() { echo $(( BUDGET - (SECONDS - START) )); }
 
@@ -29,7 +37,7 @@ left() { echo $(( BUDGET - (SECONDS - START) )); }
 # on which it still prints its failure summary), SIGKILL 10 s later.
 step() {
     local name=$1 limit=$2; shift 2
-    local rem; rem=$(left)
+    local rem; rem=$(( $(left) - 10 ))  # (the kill's 10 s grace inside the budget)
     (( limit > rem )) && limit=$rem
     if (( limit < 5 )); then
         echo "$name: skipped (no time left of ${BUDGET}s)" | tee -a "$SUMMARY"

@@ -421,6 +421,13 @@ def add_arguments(parser) -> None:
                         help="build 'ours' from gpu_nn (default) or, as a self-check of the demo itself, from torch")
 
 
+def _write_json(path: str, results: dict) -> None:
+    """``results`` to ``path``, whole or not at all (a reader never sees half a file)."""
+    from .kernels import replace_file
+
+    replace_file(path, json.dumps(results, indent=1).encode())
+
+
 def run(args) -> int:
     from rich.console import Console
 
@@ -453,14 +460,15 @@ def run(args) -> int:
         results[m] = train_pair(m, args.epochs, device, args.backend or _backend.requested(), args.subset, args.seed, ours,
                                 progress=not args.no_progress, compile=args.compile,
                                 compile_backend=args.compile_backend, compile_mode=mode, fuse=args.fuse)
+        if args.json and len(results) < len(models):  # the models done so far: a run cut short keeps them
+            _write_json(args.json, results)
     console = Console()
     if not console.is_terminal:  # logs and pipes: wide enough that cells do not wrap
         console = Console(width=160)
     print_table(results, console)
     console.print(f"total {time.perf_counter() - t0:.1f} s")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+        _write_json(args.json, results)
         console.print(f"wrote {args.json}")
     if args.plot:
         plot_losses(results, args.plot)

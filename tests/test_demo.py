@@ -142,6 +142,23 @@ def test_compile_flags_reach_both_twins(monkeypatch, tmp_path):
     assert seen[1]["fuse"] is False and seen[2]["fuse"] is True
 
 
+def test_json_keeps_the_models_done_when_a_run_is_cut(monkeypatch, tmp_path):
+    """A GPU session's demo step runs under a time limit: demo.json holds every model trained so
+    far after each one (it was written once, at the end: a cut run kept nothing)."""
+    def fake(model, *args, **kw):
+        if model == "gru":
+            raise KeyboardInterrupt  # the limit's signal, mid-run
+        return {"test_accuracy": 1.0, "torch_test_accuracy": 1.0, "seconds_per_epoch": 1.0,
+                "torch_seconds_per_epoch": 1.0, "backend": "x", "device": "cpu", "epochs": 1, "loss_curve": [1.0],
+                "torch_loss_curve": [1.0]}
+
+    monkeypatch.setattr(demo, "train_pair", fake)
+    js = tmp_path / "demo.json"
+    with pytest.raises(KeyboardInterrupt):
+        main(["demo", "--no-progress", "--json", str(js)])
+    assert set(json.loads(js.read_text())) == {"cnn", "lstm"}
+
+
 def test_fuse_trains_ours_fused_against_the_unfused_twin(monkeypatch):
     """--fuse: our CNN through gpu_nn.fuse (its three layer -> ReLU pairs fused), the twin as
     built; the twin still gets our weights (same state_dict keys) and the two match step by step."""

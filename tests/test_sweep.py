@@ -306,7 +306,7 @@ def test_gpu_measure_script_steps_summary_and_archive(tmp_path):
     assert "profile: rc=3" in summary and "total:" in summary and "sweep rc=0, rnn rc=0, profile rc=3" in summary
     # machine.txt's package list first, then: installed already, so no pip install
     assert calls[:4] == ["--version", "-m pip list --format=freeze", "-c import gpu_nn",
-                         f"-m gpu_nn.benchmarks.tma_fwd_repeat --repeats 20 --out {out}"]
+                         f"-m gpu_nn.benchmarks.tma_fwd_repeat --repeats 10 --out {out}"]
     # 300 - 60 (profile) - 75 (the demo and its profile) = 165 s of limits: 90 and 75, less 25 s
     # each for the process
     sw, rnn = _budget(calls, "sweep"), _budget(calls, "rnn")
@@ -331,6 +331,14 @@ def test_gpu_measure_script_steps_summary_and_archive(tmp_path):
     (tmp_path / "big").mkdir()
     _, _, calls = _measure(tmp_path / "big", 1000)
     assert (_budget(calls, "sweep"), _budget(calls, "rnn")) == (150, 120)
+    # one that leaves a sweep under 10 s of measuring skips it (its start-up would buy no row):
+    # 180 - 60 - 75 = 45 s of limits, 24 and 21, less 25 each
+    (tmp_path / "small").mkdir()
+    _, out, calls = _measure(tmp_path / "small", 180)
+    summary = (out / "summary.txt").read_text()
+    assert "sweep: skipped (a measuring budget of 0s, under 10)" in summary
+    assert "rnn: skipped (a measuring budget of 0s, under 10)" in summary
+    assert not any("--only sweep" in c or "--only rnn" in c for c in calls) and any("--only profile" in c for c in calls)
 
 
 def test_gpu_measure_script_installs_when_needed_and_skips_what_the_budget_cannot_hold(tmp_path):
@@ -343,6 +351,16 @@ def test_gpu_measure_script_installs_when_needed_and_skips_what_the_budget_canno
     assert not any("gpu_nn.benchmarks.sweep" in c for c in calls)
     assert r.returncode == 1  # nothing was measured
     assert (pathlib.Path(str(out) + ".tgz")).exists()
+
+
+def test_gpu_measure_steps_keep_the_kills_grace_inside_the_budget(tmp_path):
+    """Every step's limit leaves the 10 s its kill may add inside what is left of the budget, so
+    the script ends within it and a device call's limit can sit just above the two budgets
+    (the recipe has no outer timeout, which would lose the archive): with 40 s, the first
+    step's 45 s limit becomes 30 s."""
+    r, out, calls = _measure(tmp_path, 40)
+    log = (out / "tma-repeat.log").read_text().splitlines()[0]
+    assert log.startswith("== tma-repeat (limit 30s)") or log.startswith("== tma-repeat (limit 29s)"), log
 
 
 # ------------------------------------------------------------------------------ recurrent part
