@@ -347,6 +347,33 @@ def test_opcheck_sequence(mode, rng):
                            kw["lengths"], None, mask))
 
 
+@pytest.mark.parametrize("backend,device", backend_params(("triton", "cupy")))
+def test_float64_sequence_on_a_named_gpu_backend_keeps_the_fake_kernels_promise(backend, device, rng):
+    """float64 layers on a GPU backend named explicitly run the kernels' float32 reserve; the op's
+    fake kernel (torch.compile's memory plan) promises the float64 one the reference keeps: the
+    reserve comes back float64, and the backward takes it (its float32 reserve failed
+    opcheck's fake-tensor test)."""
+    args, kw = ops._make_seq("lstm", T=3, B=2, I=4, H=5, L=1, bi=False, lengths=None)(rng)
+    x, (h, c), params = args[0], args[1], args[2]
+    x, h, c = (t.to(device) for t in (x, h, c))
+    params = [p.to(device) for p in params]
+    with gpu_nn.backend(backend):
+        torch.library.opcheck(torch.ops.gpu_nn.rnn_seq.default, (x, h, c, params, "lstm", 1, False, True, None, None),
+                              test_utils="test_faketensor")
+        out, hn, cn, res = torch.ops.gpu_nn.rnn_seq.default(x, h, c, params, "lstm", 1, False, True, None, None)
+        assert res.dtype == torch.float64
+        g = [randn(rng, *t.shape).to(device) for t in (out, hn, cn)]
+        torch.library.opcheck(torch.ops.gpu_nn.rnn_seq_backward.default,
+                              (*g, x, params, res, "lstm", 1, False, True, None, None), test_utils="test_faketensor")
+        got = torch.ops.gpu_nn.rnn_seq_backward.default(*g, x, params, res, "lstm", 1, False, True, None, None)
+    with gpu_nn.backend("reference"):
+        want = torch.ops.gpu_nn.rnn_seq_backward.default(*[t.cpu() for t in g], x.cpu(), [p.cpu() for p in params],
+                                                         res.cpu(), "lstm", 1, False, True, None, None)
+    for a, b in zip([*got[:3], *got[3]], [*want[:3], *want[3]]):  # (the kernels compute in float32)
+        assert a.dtype == torch.float64
+        assert_close(a.cpu(), b, torch.float32, k=4 * 5, what="float64 on a GPU backend vs reference")
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("bias", [True, False])
 def test_opcheck_cell(mode, bias, rng):

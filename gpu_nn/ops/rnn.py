@@ -354,8 +354,13 @@ def rnn_seq_forward(input, hx, cx, weights, mode, num_layers, bidirectional, has
         cn_t = from_numpy(cn, dt, dev) if cn is not None else input.new_empty(0)
         return from_numpy(out, dt, dev), from_numpy(hn, dt, dev), cn_t, from_numpy(res, reserve_dtype(dt), dev)
     _backend.check_interpreter_dtype(op, backend, input)
-    return _gpu_forward(_impl(backend), mode, input, hx, cx, weights, num_layers, bidirectional, has_biases, lengths,
-                        dropout_masks)
+    out, hn, cn, res = _gpu_forward(_impl(backend), mode, input, hx, cx, weights, num_layers, bidirectional, has_biases,
+                                    lengths, dropout_masks)
+    if res.dtype != reserve_dtype(dt):
+        # float64 on a GPU backend named explicitly: the kernels keep a float32 reserve, the op
+        # promises (its fake kernel, torch.compile's memory plan) the float64 the reference keeps
+        res = res.to(reserve_dtype(dt))
+    return out, hn, cn, res
 
 
 def seq_mask(output_mask, n_weights: int) -> tuple:
@@ -417,6 +422,8 @@ def rnn_seq_backward(grad_output, grad_hn, grad_cn, input, weights, reserve, mod
         flat = _flat_grads(dws, need_w, has_biases, P, made)
         return (made(dx), made(dhx if need_hx else None), made(dcx if need_cx else None), flat)
     _backend.check_interpreter_dtype(op, backend, input)
+    if reserve.dtype != torch.float32:  # (a float64 one: see rnn_seq_forward)
+        reserve = reserve.float()
     return _gpu_backward(_impl(backend), mode, grad_output, grad_hn, grad_cn, input, weights, reserve, num_layers,
                          bidirectional, has_biases, lengths, dropout_masks, (need_x, need_hx, need_cx, need_w))
 
