@@ -208,6 +208,14 @@ def _cupy_status() -> tuple[bool, str]:
         return False, f"cupy {cupy.__version__} is installed but finds no usable CUDA device ({exc})"
     if count < 1:
         return False, f"cupy {cupy.__version__} is installed but finds no CUDA device"
+    try:  # our CuPy kernels are compiled at run time: no NVRTC library, no kernel
+        from cupy_backends.cuda.libs import nvrtc
+
+        nvrtc.getVersion()
+    except Exception as exc:  # (cuda.pathfinder's DynamicLibNotFoundError, a RuntimeError)
+        return False, (f"cupy {cupy.__version__} finds no NVRTC library to compile its kernels with "
+                       f"({type(exc).__name__}: {exc}); install gpu-nn[cuda12] or gpu-nn[cuda13], whose NVRTC "
+                       "wheels provide it")
     ok, why = _cuda_ok()
     if not ok:
         return False, why

@@ -266,14 +266,70 @@ def run_job(index: int, job: tuple, seed: int = 0) -> dict:
 _WORKER_JOBS: list | None = None
 
 
+class WorkerPoisoned(Exception):
+    """Raised by a worker process asked for a job after one of its jobs met a CUDA error: CUDA's
+    errors of a kernel (an illegal address, a launch failure) are sticky, every later call in
+    that process would fail with it, under other ops' names; the job is run again alone."""
+
+
+_POISONED = False
+
+
+def _cuda_error(row: dict) -> bool:
+    """Whether a failed row's error is CUDA's own (the context is then unusable)."""
+    err = row.get("error") or ""
+    return not row["ok"] and ("CUDA error" in err or "AcceleratorError" in err or "CUDA_ERROR" in err)
+
+
 def _worker_run(index: int, ops, seed: int) -> dict:
     """In a worker process: plan once (cases hold closures, so only indices cross processes),
     then run job ``index``."""
-    global _WORKER_JOBS
+    global _WORKER_JOBS, _POISONED
+    if _POISONED:
+        raise WorkerPoisoned(index)
     _TIMER.install()
     if _WORKER_JOBS is None:
         _WORKER_JOBS = plan(ops)
-    return run_job(index, _WORKER_JOBS[index], seed)
+    row = run_job(index, _WORKER_JOBS[index], seed)
+    _POISONED = _cuda_error(row)
+    return row
+
+
+def _isolated_run(conn, runner, index: int, ops, seed: int) -> None:
+    """In a process of its own: job ``index``'s row (``runner``: :func:`_worker_run`) sent
+    through ``conn``."""
+    conn.send(runner(index, ops, seed))
+    conn.close()
+
+
+def _run_isolated(indices, ops, seed: int, workers: int, runner=None):
+    """Jobs ``indices``, each in a fresh process of its own (at most ``workers`` at a time), as
+    ``(index, row or None, exit code)`` in completion order: a job that kills its process (a
+    crash in a launch, the driver's abort) is named by its own None row, and no other job fails
+    with it."""
+    import multiprocessing as mp
+    from multiprocessing.connection import wait
+
+    ctx = mp.get_context("spawn")
+    pending, running = list(indices), {}
+    while pending or running:
+        while pending and len(running) < max(1, workers):
+            i = pending.pop(0)
+            recv, send = ctx.Pipe(duplex=False)
+            proc = ctx.Process(target=_isolated_run, args=(send, runner or _worker_run, i, ops, seed), daemon=True)
+            proc.start()
+            send.close()
+            running[proc.sentinel] = (proc, i, recv)
+        for sentinel in wait(list(running)):
+            proc, i, recv = running.pop(sentinel)
+            row = None
+            try:
+                if recv.poll():
+                    row = recv.recv()
+            except (EOFError, OSError):
+                pass
+            proc.join()
+            yield i, row, proc.exitcode
 
 
 # The order in which run_checks hands jobs to its worker processes: the ones that compile the
@@ -354,20 +410,39 @@ def run_checks(ops=None, seed=0, progress=True, workers: int = 1, on_op=None) ->
         import concurrent.futures as cf
         import multiprocessing as mp
 
+        def failed(i: int, why: str) -> dict:  # a row for a job whose process died under it
+            fam, case, backend, device, dtype = jobs[i]
+            return {"family": fam, "op": case.op, "backend": backend, "device": device,
+                    "dtype": str(dtype).replace("torch.", ""), "max_rel_err": float("nan"),
+                    "tol": TOL[dtype] * case.tol_scale, "ok": False, "error": why, "seconds": 0.0, "compile_s": 0.0}
+
+        # jobs run once more, each alone, after the pool: a broken pool's unfinished ones (a
+        # process that dies fails every job the pool had not finished, whichever one killed it),
+        # a job that met a CUDA error (CUDA reports a kernel's fault at a later call, maybe
+        # another job's) and those its poisoned worker refused afterwards
+        again = []
+        runner = _worker_run  # (looked up here: a test stands in its own)
+        order = submission_order(jobs)
         # spawn: a forked child would inherit this process's CUDA context, which CUDA forbids
         with cf.ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=mp.get_context("spawn")) as ex:
-            futs = {ex.submit(_worker_run, i, ops, seed): i for i in submission_order(jobs)}
+            futs = {ex.submit(runner, i, ops, seed): i for i in order}
             for fut in cf.as_completed(futs):
                 i = futs[fut]
                 try:
                     row = fut.result()
-                except Exception as exc:  # the worker itself died (the row could not even be made)
-                    fam, case, backend, device, dtype = jobs[i]
-                    row = {"family": fam, "op": case.op, "backend": backend, "device": device,
-                           "dtype": str(dtype).replace("torch.", ""), "max_rel_err": float("nan"),
-                           "tol": TOL[dtype] * case.tol_scale, "ok": False,
-                           "error": f"worker failed: {type(exc).__name__}: {exc}", "seconds": 0.0, "compile_s": 0.0}
+                except (WorkerPoisoned, cf.process.BrokenProcessPool):
+                    again.append(i)
+                    continue
+                except Exception as exc:  # the row could not even be made, nor sent back
+                    row = failed(i, f"worker failed: {type(exc).__name__}: {exc}")
+                if _cuda_error(row):
+                    again.append(i)
+                    continue
                 finished(i, row)
+        rank = {i: k for k, i in enumerate(order)}
+        for i, row, code in _run_isolated(sorted(again, key=rank.__getitem__), ops, seed, workers, runner):
+            finished(i, row if row is not None else failed(
+                i, f"its process died (exit code {code}): this job, run alone, killed it"))
     if bar is not None:
         bar.close()
     return [r for r in rows if r is not None]

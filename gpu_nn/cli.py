@@ -66,6 +66,11 @@ def cmd_check(args) -> int:
 
     from . import _backend
 
+    # the heuristic configurations unless the caller set GPU_NN_TUNE (the workers inherit it):
+    # check's odd shapes would each compile and time every candidate of a tuned launcher, in
+    # every worker process at once on one GPU, for choices no model uses; what it proves is the
+    # values, which every configuration must give (the tuner's own tests time them)
+    os.environ.setdefault("GPU_NN_TUNE", "0")
     if not torch.cuda.is_available() and "gpu_nn.kernels.triton" not in sys.modules:
         # no GPU: check the Triton kernels in the interpreter (decided before they are imported)
         os.environ.setdefault("TRITON_INTERPRET", "1")

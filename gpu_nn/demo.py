@@ -449,6 +449,13 @@ def run(args) -> int:
         raise SystemExit("gpu-nn demo: --compile-mode / --compile-backend take effect with --compile only")
     if args.fuse and args.ours_from != "gpu_nn":
         raise SystemExit("gpu-nn demo: --fuse makes gpu_nn layers; it cannot go with --ours-from torch")
+    if args.ours_from == "gpu_nn" and (args.backend or _backend.requested()) == "cupy":
+        from ._errors import BackendUnavailableError
+
+        # said before any data is read or model made (the first linear would refuse it mid-run)
+        raise BackendUnavailableError(
+            "the demo's models need linear, conv2d and cross_entropy, which have no cupy kernels (cupy runs "
+            "pooling, the recurrent layers and the optimizers' steps); use --backend triton or auto")
     ours = gpu_nn_impl() if args.ours_from == "gpu_nn" else torch_impl()
     models = MODELS if args.model == "all" else (args.model,)
     results = {}

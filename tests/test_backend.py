@@ -143,6 +143,27 @@ def test_cupy_refused_without_gpu_with_reason():
             pass
 
 
+def test_cupy_without_an_nvrtc_library_is_refused_with_its_reason(monkeypatch):
+    """Our CuPy kernels compile at run time: a CuPy that sees a device but finds no NVRTC library
+    (cupy-cuda12x installed without the extra's NVRTC wheel, no CUDA toolkit) is refused by the
+    status check, saying how to install one; it was accepted, and the first op raised
+    cuda.pathfinder's error from inside the custom op."""
+    cupy = pytest.importorskip("cupy")
+    from cupy_backends.cuda.libs import nvrtc
+
+    def missing():
+        raise RuntimeError('Failure finding "libnvrtc.so.13 or libnvrtc.so.12"')
+
+    monkeypatch.setattr(cupy.cuda.runtime, "getDeviceCount", lambda: 1)
+    monkeypatch.setattr(nvrtc, "getVersion", missing)
+    _backend._cupy_status.cache_clear()
+    try:
+        ok, why = _backend._cupy_status()
+    finally:
+        _backend._cupy_status.cache_clear()
+    assert not ok and "finds no NVRTC library" in why and "libnvrtc.so" in why and "gpu-nn[cuda12]" in why
+
+
 def test_op_without_backend_says_so(monkeypatch):
     with pytest.raises(gpu_nn.BackendUnavailableError, match="has no cupy implementation"):
         monkeypatch.setattr(_backend, "requested", lambda: "cupy")

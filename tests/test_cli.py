@@ -22,14 +22,23 @@ def test_info_names_every_backend(capsys):
     assert "torch" in out and "device" in out
 
 
-def test_check_relu_passes(capsys, tmp_path):
-    """Every backend and dtype that runs here: on the interpreter bfloat16 too."""
+def test_check_relu_passes(capsys, tmp_path, monkeypatch):
+    """Every backend and dtype that runs here: on the interpreter bfloat16 too. On the heuristic
+    configurations (GPU_NN_TUNE=0, inherited by the workers) unless GPU_NN_TUNE is set."""
+    import os
+
     import torch
 
     from gpu_nn import _backend, check
 
     js = tmp_path / "check.json"
+    monkeypatch.setenv("GPU_NN_TUNE", "1")  # (so that teardown restores whatever was there)
+    monkeypatch.delenv("GPU_NN_TUNE")
     assert main(["check", "--op", "relu", "--no-progress", "--json", str(js)]) == 0
+    assert os.environ["GPU_NN_TUNE"] == "0"
+    monkeypatch.setenv("GPU_NN_TUNE", "1")
+    assert main(["check", "--op", "relu", "--no-progress", "--json", str(js)]) == 0
+    assert os.environ["GPU_NN_TUNE"] == "1"
     out = capsys.readouterr().out
     assert "relu" in out and "0 failed" in out and "FAIL" not in out
     # a row for every planned check, every backend and dtype that runs here among them
@@ -139,6 +148,43 @@ def test_check_prints_each_op_as_it_finishes(capsys):
     assert "compiling kernels" in out  # the summary says how much of the time was compilation
 
 
+def _dies_on_sigmoids_float32(index, ops, seed):
+    """check's job runner, but the process running sigmoid's float32 reference job dies (a crash
+    in a launch, say), wherever it runs (pickled by name into the worker processes)."""
+    import os
+
+    from gpu_nn import check
+
+    job = check.plan(ops)[index]
+    if job[1].op == "sigmoid" and job[2] == "reference" and str(job[4]) == "torch.float32":
+        os._exit(139)
+    marker = os.environ["GPU_NN_TEST_MARKER"]
+    if job[1].op == "relu" and job[2] == "reference" and str(job[4]) == "torch.float32" and not os.path.exists(marker):
+        open(marker, "w").close()  # the first run only (another job's fault surfacing here, say)
+        row = check._worker_run(index, ops, seed)
+        check._POISONED = True  # as after a CUDA error: this worker refuses its next jobs
+        return {**row, "ok": False, "error": "RuntimeError: CUDA error: an illegal memory access was encountered"}
+    return check._worker_run(index, ops, seed)
+
+
+def test_check_names_the_job_that_kills_its_process(monkeypatch, tmp_path):
+    """A job that kills its worker process broke the pool, and every row it had not finished read
+    'worker failed: BrokenProcessPool', naming no culprit; they now run again each alone, and only
+    the killer fails, saying so. A row with a CUDA error (sticky in its process, and maybe another
+    job's fault surfacing late) runs again alone too, as do the jobs its worker refused after it."""
+    from gpu_nn import check
+
+    monkeypatch.setattr(check, "_worker_run", _dies_on_sigmoids_float32)
+    monkeypatch.setattr(check, "_POISONED", False)
+    monkeypatch.setenv("GPU_NN_TEST_MARKER", str(tmp_path / "faulted"))
+    rows = check.run_checks(ops=["relu", "sigmoid"], progress=False, workers=2)
+    assert len(rows) == len(check.plan(["relu", "sigmoid"]))
+    bad = [r for r in rows if not r["ok"]]
+    assert [(r["op"], r["backend"], r["dtype"]) for r in bad] == [("sigmoid", "reference", "float32")], bad
+    assert "its process died (exit code 139): this job, run alone, killed it" in bad[0]["error"]
+    assert not any("CUDA error" in (r["error"] or "") for r in rows)  # relu's, run alone: passed
+
+
 def test_check_workers_give_the_same_rows():
     """Jobs seed their inputs by their place in the plan, so spreading them over processes
     changes nothing but the time."""
@@ -210,13 +256,17 @@ def test_user_mistakes_get_a_message_not_a_traceback(tmp_path, monkeypatch, caps
         assert exc.value.code == 2, argv
     err = capsys.readouterr().err
     assert "no folder" in err and "is a folder" in err and "must be at least 1" in err and "must be at least 0" in err
+    # the demo's models need linear / conv2d / cross_entropy, which CuPy has no kernels for: said
+    # before anything is read or made, wherever CuPy runs (on a GPU the first linear refused it
+    # mid-run), from --backend or GPU_NN_BACKEND
+    assert main(["demo", "--backend", "cupy", "--model", "lstm", "--epochs", "1"]) == 1
+    assert "gpu-nn demo: error: the demo's models need linear, conv2d and cross_entropy" in capsys.readouterr().err
+    with monkeypatch.context() as m:
+        m.setenv("GPU_NN_BACKEND", "cupy")
+        assert main(["demo", "--model", "cnn", "--epochs", "1"]) == 1
+        assert "which have no cupy kernels" in capsys.readouterr().err
     if not __import__("torch").cuda.is_available():
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-        from gpu_nn import _backend
-
-        if not _backend.status("cupy")[0]:
-            assert main(["demo", "--backend", "cupy", "--model", "cnn", "--epochs", "1"]) == 1
-            assert "gpu-nn demo: error: " in capsys.readouterr().err
         with pytest.raises(SystemExit, match="on a CPU our side is the reference backend"):
             main(["bench", "--family", "activation", "--quick", "--backend", "cupy", "--out", str(tmp_path / "b")])
     monkeypatch.setenv("GPU_NN_BACKEND", "bogus")
