@@ -423,22 +423,36 @@ def run_checks(ops=None, seed=0, progress=True, workers: int = 1, on_op=None) ->
         again = []
         runner = _worker_run  # (looked up here: a test stands in its own)
         order = submission_order(jobs)
-        # spawn: a forked child would inherit this process's CUDA context, which CUDA forbids
-        with cf.ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=mp.get_context("spawn")) as ex:
-            futs = {ex.submit(runner, i, ops, seed): i for i in order}
-            for fut in cf.as_completed(futs):
-                i = futs[fut]
-                try:
-                    row = fut.result()
-                except (WorkerPoisoned, cf.process.BrokenProcessPool):
-                    again.append(i)
-                    continue
-                except Exception as exc:  # the row could not even be made, nor sent back
-                    row = failed(i, f"worker failed: {type(exc).__name__}: {exc}")
-                if _cuda_error(row):
-                    again.append(i)
-                    continue
-                finished(i, row)
+        pending = order
+        while pending:
+            # a CUDA error ends this pool (its poisoned worker would refuse, at once, every job
+            # it is handed) and the jobs not yet started go to a fresh one
+            cancelled = []
+            # spawn: a forked child would inherit this process's CUDA context, which CUDA forbids
+            ex = cf.ProcessPoolExecutor(max_workers=min(workers, len(pending)), mp_context=mp.get_context("spawn"))
+            try:
+                futs = {ex.submit(runner, i, ops, seed): i for i in pending}
+                for fut in cf.as_completed(futs):
+                    i = futs[fut]
+                    try:
+                        row = fut.result()
+                    except cf.CancelledError:
+                        cancelled.append(i)
+                        continue
+                    except (WorkerPoisoned, cf.process.BrokenProcessPool):
+                        again.append(i)
+                        continue
+                    except Exception as exc:  # the row could not even be made, nor sent back
+                        row = failed(i, f"worker failed: {type(exc).__name__}: {exc}")
+                    if _cuda_error(row):
+                        again.append(i)
+                        for f in futs:
+                            f.cancel()  # (those not started yet)
+                        continue
+                    finished(i, row)
+            finally:
+                ex.shutdown(wait=True, cancel_futures=True)
+            pending = sorted(cancelled, key=order.index)
         rank = {i: k for k, i in enumerate(order)}
         for i, row, code in _run_isolated(sorted(again, key=rank.__getitem__), ops, seed, workers, runner):
             finished(i, row if row is not None else failed(
