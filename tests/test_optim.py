@@ -1670,6 +1670,9 @@ def test_tensor_hyperparameters_refused_in_a_capture_before_the_step(name, key, 
         with pytest.raises(KernelInputError, match=f"a tensor {key} cannot be captured"):
             opt.step()
         assert torch.equal(p.detach(), before) and opt.state[p]
+        # what a step never reads is not refused: a scheduler's initial_lr (a tensor where lr is)
+        optmod._refuse_captured_tensor_scalars([{"params": [p], "lr": torch.tensor(0.01),
+                                                 "initial_lr": torch.tensor(0.01), "eps": 1e-8}])
 
 
 def test_adagrad_sums_start_at_the_constructors_value_as_torch():
