@@ -11,8 +11,8 @@ dictionary lookup.
 
 The heuristic (``default``) is used, and nothing is measured, where measuring is impossible or
 unwanted: CPU tensors (the Triton interpreter), ``GPU_NN_TUNE=0``, deterministic algorithms
-asked for (``torch.use_deterministic_algorithms(True)``) without ``torch.backends.cudnn.benchmark``
-(see :func:`applies`), and while a CUDA graph is being captured (a timed launch would
+asked for (``torch.use_deterministic_algorithms(True)`` or ``torch.backends.cudnn.deterministic``)
+without ``torch.backends.cudnn.benchmark`` (see :func:`applies`), and while a CUDA graph is being captured (a timed launch would
 synchronise the host; a choice already made is still used during capture).
 ``GPU_NN_TUNE_CACHE`` names the cache file (default ``~/.cache/gpu_nn/tuning.json``).
 
@@ -69,8 +69,9 @@ def _tuning_off() -> bool:
 def applies(device: torch.device) -> bool:
     """Whether measured configurations apply to calls on ``device`` at all: a CUDA device, tuning
     not switched off, and no run-to-run reproducibility asked for: under
-    ``torch.use_deterministic_algorithms(True)`` the heuristic serves (no measuring, no cached
-    choice) unless ``torch.backends.cudnn.benchmark`` is set, as torch's cuDNN then selects its
+    ``torch.use_deterministic_algorithms(True)`` or ``torch.backends.cudnn.deterministic = True``
+    (PyTorch's reproducibility recipe) the heuristic serves (no measuring, no cached choice)
+    unless ``torch.backends.cudnn.benchmark`` is set, as torch's cuDNN then selects its
     algorithms (measured choices differ between processes, and with them the order of a
     convolution's or a matmul's sums, so results would differ in their last bits from run to run;
     our kernels themselves use no atomics, so one configuration gives the same bits every run).
@@ -79,10 +80,12 @@ def applies(device: torch.device) -> bool:
     kind = device.type if type(device) is torch.device else torch.device(device).type
     if kind != "cuda" or _tuning_off():
         return False
-    return not _deterministic() or torch.backends.cudnn.benchmark
+    return not (_deterministic() or _cudnn_deterministic()) or _cudnn_benchmark()
 
 
 _deterministic = torch._C._get_deterministic_algorithms  # torch.are_deterministic_algorithms_enabled's body
+_cudnn_deterministic = torch._C._get_cudnn_deterministic  # torch.backends.cudnn.deterministic's
+_cudnn_benchmark = torch._C._get_cudnn_benchmark  # torch.backends.cudnn.benchmark's
 
 
 def enabled(device: torch.device) -> bool:

@@ -95,9 +95,9 @@ def test_no_measurement_where_it_cannot_or_must_not_happen(cache, monkeypatch):
 
 
 def test_deterministic_algorithms_take_the_heuristic_unless_cudnn_benchmarks(cache, monkeypatch):
-    """torch.use_deterministic_algorithms(True): no measuring and no cached choice (a measured
-    choice may differ from one process to the next, and with it a sum's order), unless
-    torch.backends.cudnn.benchmark is set (torch's cuDNN measures its algorithms then too). On a
+    """torch.use_deterministic_algorithms(True), or torch.backends.cudnn.deterministic: no
+    measuring and no cached choice (a measured choice may differ from one process to the next,
+    and with it a sum's order), unless torch.backends.cudnn.benchmark is set (torch's cuDNN measures its algorithms then too). On a
     CPU machine choose() must return the default before it asks CUDA anything."""
     from gpu_nn.ops import _dispatch
 
@@ -118,6 +118,15 @@ def test_deterministic_algorithms_take_the_heuristic_unless_cudnn_benchmarks(cac
         torch.use_deterministic_algorithms(False)
         torch.backends.cudnn.benchmark = was_benchmark
     assert _tuning.applies(cuda) and timed == []
+    # PyTorch's reproducibility recipe: cudnn.deterministic = True, cudnn.benchmark = False
+    was_deterministic = torch.backends.cudnn.deterministic
+    try:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+        assert not _tuning.applies(cuda) and _dispatch.chooser(cuda) is None
+        torch.backends.cudnn.benchmark = True
+        assert _tuning.applies(cuda)
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = was_deterministic, was_benchmark
 
 
 def test_stale_cache_entry_not_among_candidates_is_ignored(cache):
