@@ -81,25 +81,24 @@ else
 fi
 SW_BUDGET=$(( SW_LIMIT - MARGIN )); (( SW_BUDGET < 0 )) && SW_BUDGET=0
 RNN_BUDGET=$(( RNN_LIMIT - MARGIN )); (( RNN_BUDGET < 0 )) && RNN_BUDGET=0
-# a sweep with under MIN_SWEEP_S of measuring would spend its start-up (imports, CUDA) for no row
+# sweep_part NAME LIMIT BUDGET: the sweep's part NAME (sweep, rnn) with BUDGET seconds of
+# measuring, its result line into the summary; skipped (status 0) under MIN_SWEEP_S of measuring,
+# which would spend its start-up (imports, CUDA) for no row
 MIN_SWEEP_S=10
-if (( SW_BUDGET >= MIN_SWEEP_S )); then
-    step sweep "$SW_LIMIT" "${SW[@]}" --only sweep --budget-s "$SW_BUDGET"
-    SWEEP_RC=$?
-    grep -E "^sweep: " "$OUTDIR/sweep.log" 2>/dev/null | tail -n 1 | sed 's/^/  /' | tee -a "$SUMMARY"
-else
-    echo "sweep: skipped (a measuring budget of ${SW_BUDGET}s, under ${MIN_SWEEP_S})" | tee -a "$SUMMARY"
-    SWEEP_RC=0
-fi
-
-if (( RNN_BUDGET >= MIN_SWEEP_S )); then
-    step rnn "$RNN_LIMIT" "${SW[@]}" --only rnn --budget-s "$RNN_BUDGET"
-    RNN_RC=$?
-    grep -E "^rnn: " "$OUTDIR/rnn.log" 2>/dev/null | tail -n 1 | sed 's/^/  /' | tee -a "$SUMMARY"
-else
-    echo "rnn: skipped (a measuring budget of ${RNN_BUDGET}s, under ${MIN_SWEEP_S})" | tee -a "$SUMMARY"
-    RNN_RC=0
-fi
+sweep_part() {
+    if (( $3 < MIN_SWEEP_S )); then
+        echo "$1: skipped (a measuring budget of ${3}s, under ${MIN_SWEEP_S})" | tee -a "$SUMMARY"
+        return 0
+    fi
+    step "$1" "$2" "${SW[@]}" --only "$1" --budget-s "$3"
+    local rc=$?
+    grep -E "^$1: " "$OUTDIR/$1.log" 2>/dev/null | tail -n 1 | sed 's/^/  /' | tee -a "$SUMMARY"
+    return "$rc"
+}
+sweep_part sweep "$SW_LIMIT" "$SW_BUDGET"
+SWEEP_RC=$?
+sweep_part rnn "$RNN_LIMIT" "$RNN_BUDGET"
+RNN_RC=$?
 
 # the profile times each side's heuristic configurations (torch's cuDNN does not benchmark by
 # default): measuring ours would compile every candidate of its first cases (the convolutions)
