@@ -62,7 +62,11 @@ def sigmoid_(a: np.ndarray) -> np.ndarray:
     zero = np.zeros((), a.dtype)
     t = np.minimum(a, zero, out=np.empty(a.shape, a.dtype))  # out= keeps a 0-d input an array
     np.exp(t, out=t)
-    np.negative(a, out=a)
+    # -x as x * -1 (the same bits but a NaN's sign, which the division below never returns: it
+    # gives t's NaN): NumPy 2.4's negation of a strided view in place is wrong (_ufuncs.negative),
+    # and a gate here is one (an LSTM's [rows, 4H] gates); its multiplication is right and needs
+    # no temporary
+    np.multiply(a, a.dtype.type(-1), out=a)
     np.minimum(a, zero, out=a)
     np.exp(a, out=a)
     a += t

@@ -16,6 +16,7 @@ import numpy as np
 
 from . import activation as _act
 from ._errstate import quiet
+from ._ufuncs import negative
 
 REDUCTIONS = ("none", "mean", "sum")
 # cross_entropy with class indices and no label smoothing takes a path of fewer NumPy calls
@@ -298,7 +299,7 @@ def _ce_index_rows(x2, t2, weight, ignore_index):
         valid, _, every, tc = _ce_targets(t2, ignore_index)
         loss = shifted[rows, tc]
         loss -= stats[1]
-        np.negative(loss, out=loss)  # -logp[t]
+        negative(loss, loss)  # -logp[t]
         if weight is None:
             wt = None if every else valid.astype(x2.dtype)  # None: all ones
         else:

@@ -27,6 +27,7 @@ import threading
 import numpy as np
 
 from ._errstate import quiet
+from ._ufuncs import negative
 
 __all__ = [
     "sgd_step",
@@ -105,7 +106,7 @@ def _effective_grad(p, g, weight_decay: float, maximize: bool, out) -> np.ndarra
     """``(-g if maximize else g) + weight_decay * p`` (torch: ``grad.add(param, alpha=wd)``);
     returns ``g`` itself when there is nothing to do, else ``out``."""
     if maximize:
-        np.negative(g, out=out)
+        negative(g, out)
         g = out
     if weight_decay != 0:
         tmp = np.multiply(p, weight_decay)
@@ -267,7 +268,7 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, l
             if weight_decay != 0 and decoupled_weight_decay:
                 pb *= 1 - lr * weight_decay
             if maximize:
-                np.negative(gb, out=t1)
+                negative(gb, t1)
                 gb = t1
             if weight_decay != 0 and not decoupled_weight_decay:
                 np.multiply(pb, weight_decay, out=t0)

@@ -33,6 +33,7 @@ import functools
 import numpy as np
 
 from ._errstate import quiet
+from ._ufuncs import negative
 
 # Small inputs take a gather path (one fancy index and one reduction, or one product with a
 # 0/1 window matrix) whose index tables are cached per geometry: on a few hundred elements the
@@ -377,7 +378,7 @@ def max_pool2d_backward(grad_output, indices, input_shape):
 def min_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
     """``-max_pool2d(-input)``, indices included."""
     out, idx = _max2d(-np.asarray(input), *_params2d(kernel_size, stride, padding, dilation), ceil_mode)
-    np.negative(out, out=out)
+    negative(out, out)
     return (out, idx) if return_indices else out
 
 
@@ -416,7 +417,7 @@ def max_pool1d_backward(grad_output, indices, input_shape):
 def min_pool1d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
     """``-max_pool1d(-input)``, indices included."""
     out, idx = max_pool1d(-np.asarray(input), kernel_size, stride, padding, dilation, ceil_mode, True)
-    np.negative(out, out=out)
+    negative(out, out)
     return (out, idx) if return_indices else out
 
 

@@ -499,3 +499,56 @@ def test_opcheck_channels_last(name, rng):
     g = randn(rng, 2, 3, 4, 5).contiguous(memory_format=torch.channels_last)
     torch.library.opcheck(torch.ops.gpu_nn.activation_backward.default, (g, y, name))
     torch.library.opcheck(torch.ops.gpu_nn.activation_backward.default, (g.contiguous(), y, name))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "int32", "int64", "float16"])
+def test_reference_negation_right_on_every_stride(dtype):
+    """NumPy 2.4 negates a strided operand wrongly where the result is strided too (elements 16
+    or 64 bytes apart; in place included): the reference's sigmoid of an LSTM's one-unit output
+    gate, a column of [rows, 4] float32 gates, took other rows' values. reference._ufuncs.negative
+    negates right at every stride, in place and into another view, as a contiguous negation does
+    (NaN's sign flipped, -0.0 for 0.0)."""
+    import numpy as np
+
+    from reference._ufuncs import negative
+
+    for step in range(1, 18):
+        for n in (1, 2, 3, 17, 64):
+            x = (np.arange(n * step) % 11 - 5).astype(dtype)
+            if dtype.startswith("float"):  # the values whose sign bits a negation must flip too
+                k = min(5, n)
+                x[::step][:k] = np.array([np.nan, 0.0, -0.0, np.inf, -np.inf], dtype)[:k]
+            want = np.negative(np.ascontiguousarray(x[::step]))
+            a = x.copy()[::step]
+            assert negative(a, a) is a
+            other = np.zeros(n * step, dtype)[::step]
+            negative(x[::step], other)
+            for got in (a, other):
+                assert got.tobytes() == want.tobytes(), (dtype, step, n)
+
+
+@pytest.mark.parametrize("cell", [False, True])
+def test_reference_lstm_of_one_unit_matches_torch_in_float32(cell, rng):
+    """The one-unit LSTM's output gate is a 16-byte-strided column of its gates: in float32 every
+    row but the first came out 1e-2 off torch's through NumPy's strided negation (see
+    test_reference_negation_right_on_every_stride); outputs, states and gradients now match."""
+    import gpu_nn.nn as gnn
+
+    torch.manual_seed(int(rng.integers(1 << 30)))
+    theirs = torch.nn.LSTMCell(3, 1) if cell else torch.nn.LSTM(3, 1, num_layers=2, bidirectional=True)
+    ours = (gnn.LSTMCell if cell else gnn.LSTM)(3, 1, **({} if cell else {"num_layers": 2, "bidirectional": True}))
+    ours.load_state_dict(theirs.state_dict())
+    x = randn(rng, *((5, 3) if cell else (4, 5, 3))).float()
+    outs = []
+    for m in (ours, theirs):
+        xi = x.clone().requires_grad_()
+        with gpu_nn.backend("reference"):
+            y = m(xi)
+            y = torch.cat([y[0].reshape(-1), y[1].reshape(-1)]) if cell else torch.cat(
+                [y[0].reshape(-1), y[1][0].reshape(-1), y[1][1].reshape(-1)])
+            g = torch.autograd.grad(y.sum(), [xi, *m.parameters()])
+        outs.append((y, g))
+    (y0, g0), (y1, g1) = outs
+    assert_close(y0, y1.double(), torch.float32, k=12, what="one-unit LSTM outputs")
+    for a, b in zip(g0, g1):
+        assert_close(a, b.double(), torch.float32, k=12 * 5, what="one-unit LSTM gradients")

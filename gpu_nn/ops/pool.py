@@ -35,6 +35,7 @@ from .._errors import KernelInputError, KernelInputIndexError, KernelInputTypeEr
 from ..check import CheckCase
 from ..kernels import fastdiv
 from ..reference import pool as ref
+from ..reference._ufuncs import negative as negate
 from ._dispatch import (FLOAT_DTYPES, check_float, check_float_like_torch, check_tensor, cuda_kernels, empty, from_numpy, is_int, memo, on_device, plain_arg, routed,
                         to_numpy, triton_kernels)
 from ._dispatch import chooser as _chooser  # module-level name: tests replace it
@@ -396,7 +397,7 @@ def max_pool_forward(x: Tensor, kernel_size, stride, padding, dilation, ceil_mod
             xn = -xn
         vals, idx = ref._max2d(xn, k, s, p, d, ceil_mode, need_indices)
         if minimum:
-            np.negative(vals, out=vals)
+            negate(vals, vals)
         dev, cl = x.device, _channels_last(x)
         vals = _as_format(from_numpy(vals, x.dtype, dev), cl)
         return vals, (_as_format(from_numpy(idx, torch.int64, dev), cl) if need_indices else _no_indices(dev))
