@@ -1725,3 +1725,26 @@ def test_with_indices_names_return_both_as_torchs(backend, device, dim, rng):
     torch.testing.assert_close(yo, yt)
     assert torch.equal(io, it)
     torch.testing.assert_close(go, gt)
+
+
+def test_max_pool1d_layout_follows_torch_under_forward_mode_and_functorch():
+    """torch's max_pool1d keeps an (N, L, C)-ordered CPU input's order where it runs its
+    with-indices form: a gradient wanted, a tangent at level 0 (forward-mode AD, torch.func.jvp),
+    functorch's wrapped tensors; its plain 1d kernel (no gradient) returns contiguous values. Ours
+    made them contiguous under forward-mode AD (a fuzz against torch)."""
+    import torch.autograd.forward_ad as fwAD
+    from torch.func import jvp, vmap
+
+    x = torch.randn(2, 9, 3, dtype=torch.float64).transpose(1, 2)
+    v = torch.randn_like(x)
+    xb = torch.randn(4, 2, 9, 3, dtype=torch.float64).transpose(2, 3)
+    for name, ours, theirs in (("max", F.max_pool1d, torch.nn.functional.max_pool1d),
+                               ("min", F.min_pool1d, lambda a, k: -torch.nn.functional.max_pool1d(-a, k))):
+        got, want = [], []
+        for fn, into in ((ours, got), (theirs, want)):
+            with fwAD.dual_level():
+                y = fn(fwAD.make_dual(x, v), 2)
+                into += [y.stride(), fwAD.unpack_dual(y).tangent.stride()]
+            out, tangent = jvp(lambda a: fn(a, 2), (x,), (v,))
+            into += [out.stride(), tangent.stride(), vmap(lambda a: fn(a, 2))(xb).stride(), fn(x, 2).stride()]
+        assert got == want, (name, got, want)

@@ -1011,12 +1011,25 @@ def _max1d_public(op, input, kernel_size, stride, padding, dilation, ceil_mode, 
     if return_indices:
         return out.view(oshape), idx.view(oshape)
     out = out.view(oshape)
-    if input.is_cpu and not (_C.is_grad_enabled() and input.requires_grad) and not out.is_contiguous():
+    if input.is_cpu and not out.is_contiguous() and not _torch_pools_with_indices(input):
         # torch's max_pool1d on a CPU tensor that needs no gradient runs its own 1d kernel, whose
         # values are contiguous whatever the input's layout (with_indices, which it runs
         # elsewhere and we run always, keeps a (N, L, C)-ordered input's order)
         out = out.contiguous()
     return out
+
+
+def _torch_pools_with_indices(input: Tensor) -> bool:
+    """Whether torch's max_pool1d runs its with-indices form on this CPU input (whose result keeps
+    the input's order), as its condition reads: a gradient wanted, a forward gradient (a tangent
+    at level 0: fwAD.make_dual, torch.func.jvp) or a tensor-subclass-like input (functorch's
+    wrappers under vmap / grad)."""
+    if _C.is_grad_enabled() and input.requires_grad:
+        return True
+    if _C._are_functorch_transforms_active():
+        return True
+    return (torch.autograd.forward_ad._current_level >= 0
+            and torch._VF._unpack_dual(input, level=0)[1] is not None)
 
 
 def _need_indices(input: Tensor, return_indices: bool) -> bool:
