@@ -1748,3 +1748,35 @@ def test_max_pool1d_layout_follows_torch_under_forward_mode_and_functorch():
             out, tangent = jvp(lambda a: fn(a, 2), (x,), (v,))
             into += [out.stride(), tangent.stride(), vmap(lambda a: fn(a, 2))(xb).stride(), fn(x, 2).stride()]
         assert got == want, (name, got, want)
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
+def test_pooling_layout_is_torchs_suggest_memory_format(backend, device):
+    """Pooling results, indices and input gradients take the layout torch's do, its
+    suggest_memory_format of the input (c10's channels_last test over the actual strides, size-1
+    dims included, no density required), as convolution already did; pooling had tested for
+    dense NHWC: an HWC image made a batch of one (channels_last-strided but for its size-1 batch
+    dim) came out channels_last where torch's is contiguous, a strided channels_last slice
+    contiguous where torch's is channels_last (a fuzz against torch)."""
+    img = torch.randn(4, 6, 3)
+    base = torch.randn(2, 3, 4, 8).contiguous(memory_format=torch.channels_last)
+    inputs = [img.permute(2, 0, 1).unsqueeze(0),                              # (3, 1, 18, 3)
+              base[..., ::2],                                                 # channels_last, not dense
+              torch.randn(3, 5, 3, 1).permute(0, 2, 3, 1),                    # H of 1
+              torch.randn(2, 3, 4, 4).contiguous(memory_format=torch.channels_last)]
+    seqs = [torch.randn(5, 3).t().unsqueeze(0), torch.randn(2, 7, 3).transpose(1, 2)]
+    cases = [(lambda f, x: f.max_pool2d(x, (1, 2), return_indices=True), inputs),
+             (lambda f, x: f.avg_pool2d(x, (1, 2)), inputs),
+             (lambda f, x: f.max_pool1d(x, 2, return_indices=True), seqs),
+             (lambda f, x: f.avg_pool1d(x, 2), seqs)]
+    for fn, xs in cases:
+        for x in xs:
+            got, want = [], []
+            for lib, into in ((F, got), (TF, want)):
+                xi = x.detach().to(device).requires_grad_()
+                with gpu_nn.backend(backend):
+                    out = fn(lib, xi)
+                    outs = out if isinstance(out, tuple) else (out,)
+                    (gi,) = torch.autograd.grad(outs[0], xi, torch.ones_like(outs[0]))
+                into += [tuple(st for st, n in zip(t.stride(), t.shape) if n > 1) for t in (*outs, gi)]
+            assert got == want, (x.shape, x.stride(), got, want)

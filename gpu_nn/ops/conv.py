@@ -49,6 +49,7 @@ from ._dispatch import (
 )
 from ._dispatch import chooser as _chooser  # module-level name: tests replace it
 from ._dispatch import dense_channels_last as _dense_channels_last
+from ._dispatch import suggests_channels_last as _channels_last_like
 from ._dispatch import has_torch_function as _has_tf
 from ._dispatch import add_terms, batched_first, merge_batch, split_batch, stand_in, torchs_own_error, wanted
 from ._dispatch import torch_function as _tf
@@ -489,24 +490,6 @@ def _memory_format(input: Tensor, weight: Tensor) -> torch.memory_format:
     if _channels_last_like(_as4d(weight)) or (input.dim() == 4 and _channels_last_like(input)):
         return torch.channels_last
     return torch.contiguous_format
-
-
-def _channels_last_like(t: Tensor) -> bool:
-    """torch's ``suggest_memory_format(t) == channels_last`` for a 4-d strided tensor (c10's
-    is_channels_last_strides_2d): strides non-decreasing in the order C, W, H, N, each at least
-    the extent of the previous one, ambiguous cases (zero C stride, N111-like) NCHW. Inline
-    here: torch._prims_common's version costs ~45 us a call, this ~2 us."""
-    sizes, strides = t.shape, t.stride()
-    if strides[1] == 0:
-        return False
-    lo = 0
-    for d in (1, 3, 2, 0):
-        if sizes[d] == 0 or strides[d] < lo:
-            return False
-        if d == 0 and lo == strides[1]:
-            return False
-        lo = strides[d] * sizes[d] if sizes[d] > 1 else strides[d]
-    return True
 
 
 def _alloc(shape, fmt: torch.memory_format, new) -> Tensor:
