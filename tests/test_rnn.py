@@ -1050,6 +1050,35 @@ def test_functional_packed_overload_as_torch(mode, bidirectional, rng):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+def test_cells_state_of_too_few_dims_raise_torchs_index_error():
+    """A batched cell given a 1-d (or 0-d) state: torch reads its size(1) (size(0)) and raises
+    IndexError with its words; ours said 'inconsistent hidden_size: got 1' (a fuzz against
+    torch). A state of the wrong batch size still says so first, as torch's."""
+    x = torch.randn(2, 3)
+    cases = [(mod, bad) for mod in ("RNNCell", "GRUCell", "LSTMCell") for bad in (torch.randn(2), torch.randn(3))]
+    for mod, bad in cases:
+        for which in ((0, 1) if mod == "LSTMCell" else (0,)):
+            got = []
+            for lib in (gnn, torch.nn):
+                torch.manual_seed(0)
+                m = getattr(lib, mod)(3, 2)
+                if mod == "LSTMCell":
+                    states = [torch.randn(2, 2), torch.randn(2, 2)]
+                    states[which] = bad
+                    hx = tuple(states)
+                else:
+                    hx = bad
+                with pytest.raises(Exception) as err:
+                    m(x, hx)
+                got.append((isinstance(err.value, IndexError), str(err.value)))
+            assert got[0] == got[1], (mod, which, tuple(bad.shape), got)
+    for fn in (ops.gru_cell, ops.lstm_cell):  # 0-d: torch's functional forms (its modules refuse 0-d first)
+        w = [torch.randn(6 if fn is ops.gru_cell else 8, 3), torch.randn(6 if fn is ops.gru_cell else 8, 2)]
+        h0 = torch.randn(()) if fn is ops.gru_cell else (torch.randn(()), torch.randn(2, 2))
+        with pytest.raises(IndexError, match="Dimension specified as 0 but tensor has no dimensions"):
+            fn(x, h0, *w)
+
+
 def test_functional_bad_input():
     with pytest.raises(gpu_nn.KernelInputError, match="3 dimensions"):
         F.gru(torch.randn(3, 4), torch.zeros(1, 3, 5), [torch.randn(15, 4), torch.randn(15, 5)], False)

@@ -105,7 +105,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend, _precision
-from .._errors import KernelInputError, KernelInputTypeError, scalar_type_name, type_name
+from .._errors import KernelInputError, KernelInputIndexError, KernelInputTypeError, scalar_type_name, type_name
 from ..check import CheckCase, _rel, generic_error
 from ..reference import rnn as ref
 from ._dispatch import (
@@ -1899,13 +1899,16 @@ def _check_cell(op, input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode):
     for i, t in enumerate((hx, cx)):
         if t is None:
             continue
-        # torch's order: the batch size, then the hidden size, then the rank
-        if t.dim() == 0 or t.shape[0] != input.shape[0]:
-            raise KernelInputError(
-                f"Input batch size {input.shape[0]} doesn't match hidden{i} batch size {t.shape[0] if t.dim() else 0}")
-        if t.dim() < 2 or t.shape[1] != H:
-            raise KernelInputError(
-                f"hidden{i} has inconsistent hidden_size: got {t.shape[1] if t.dim() > 1 else 1}, expected {H}")
+        # torch's order: the batch size, then the hidden size, then the rank; its sizes read as
+        # size(0) and size(1), which raise IndexError where the state has no such dim
+        if t.dim() == 0:
+            raise KernelInputIndexError("Dimension specified as 0 but tensor has no dimensions")
+        if t.shape[0] != input.shape[0]:
+            raise KernelInputError(f"Input batch size {input.shape[0]} doesn't match hidden{i} batch size {t.shape[0]}")
+        if t.dim() < 2:
+            raise KernelInputIndexError("Dimension out of range (expected to be in range of [-1, 0], but got 1)")
+        if t.shape[1] != H:
+            raise KernelInputError(f"hidden{i} has inconsistent hidden_size: got {t.shape[1]}, expected {H}")
         if t.dim() != 2:
             raise KernelInputError(f"{op}: Expected hidden{i} to be 2D, got {t.dim()}D instead")
     # (devices: _check_devices, which _cell calls first, has refused any other device already)
