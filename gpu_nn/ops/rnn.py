@@ -476,9 +476,14 @@ def _valid_rows(lengths, T, B, device):
     relu RNN whose state overflowed made dW_hh NaN where torch's is finite (a user audit)."""
     if lengths is None or not B or int(lengths.min()) >= T:
         return lambda m: m
-    pad = _backend.to_device_async((torch.arange(T, device=lengths.device)[:, None] >= lengths[None, :]).reshape(T * B, 1),
-                                   device)
+    pad = _backend.to_device_async(~_steps_alive(lengths, T).reshape(T * B, 1), device)
     return lambda m: m.masked_fill(pad, 0)
+
+
+def _steps_alive(lengths: Tensor, T: int) -> Tensor:
+    """``[T, B]`` bool, step t of sequence b within its length (``lengths``, int64 on the CPU: the
+    table is made beside them, whatever torch.set_default_device says)."""
+    return torch.arange(T, device=lengths.device)[:, None] < lengths[None, :]
 
 
 def _lengths_on(lengths, T, B, device):
@@ -1563,8 +1568,7 @@ def _seq_compose(mode, num_layers, bidirectional, has_biases, lengths, masks, in
     D = 2 if bidirectional else 1
     valid = None
     if lengths is not None:
-        valid = _backend.to_device_async(torch.arange(T, device=lengths.device)[:, None] < lengths[None, :],
-                                         input.device)[:, :, None]
+        valid = _backend.to_device_async(_steps_alive(lengths, T), input.device)[:, :, None]
     ws = _split(list(weights), num_layers, D, has_biases)
     xin, hns, cns = input, [], []
     for l in range(num_layers):
@@ -2184,7 +2188,7 @@ def draw_dropout_masks(p: float, num_layers: int, T: int, B: int, width: int, li
     # the packed rows' places in [T * B], time-major, found on the host (lengths are a CPU
     # tensor): a boolean mask on the device would cost a nonzero() and its host synchronisation
     # (and break a CUDA graph's capture), a pageable copy another
-    live = (torch.arange(T, device="cpu")[:, None] < lengths[None, :]).reshape(-1).nonzero().reshape(-1)
+    live = _steps_alive(lengths, T).reshape(-1).nonzero().reshape(-1)
     keep = torch.empty((num_layers - 1, live.numel(), width), dtype=like.dtype, device=like.device).bernoulli_(1 - p)
     masks = like.new_zeros((num_layers - 1, T, B, width))
     masks.view(num_layers - 1, T * B, width).index_copy_(1, _backend.to_device_async(live, like.device),
