@@ -12,8 +12,9 @@ dictionary lookup.
 The heuristic (``default``) is used, and nothing is measured, where measuring is impossible or
 unwanted: CPU tensors (the Triton interpreter), ``GPU_NN_TUNE=0``, deterministic algorithms
 asked for (``torch.use_deterministic_algorithms(True)`` or ``torch.backends.cudnn.deterministic``)
-without ``torch.backends.cudnn.benchmark`` (see :func:`applies`), and while a CUDA graph is being captured (a timed launch would
-synchronise the host; a choice already made is still used during capture).
+without ``torch.backends.cudnn.benchmark`` (see :func:`applies`), and while a CUDA graph is
+being captured (a timed launch would synchronise the host; a choice already made is still used
+during capture).
 ``GPU_NN_TUNE_CACHE`` names the cache file (default ``~/.cache/gpu_nn/tuning.json``).
 
 ``GPU_NN_TUNE_RECORD=path`` keeps every timing this process measures: one JSON object per line

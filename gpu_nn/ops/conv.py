@@ -733,6 +733,13 @@ def _fold(apply, in_dims, args):
     return split_batch(apply(merge_batch(x, dx), w, b, *args[3:]), x.shape[dx]), 0
 
 
+def _ensemble_weights(w, dw):
+    """B weights batched at ``dw`` as ``(w [B, O, ...], one weight [B O, ...])``: each element's
+    output channels (a linear's rows) a run of the stacked weight's."""
+    w = w.movedim(dw, 0)
+    return w, w.reshape(w.shape[0] * w.shape[1], *w.shape[2:])
+
+
 def _ensemble_bias(b, db, B: int):
     """The bias of B stacked convolutions as one convolution's ``[B O]``: a batched bias in
     its element order, a shared one repeated, None kept."""
@@ -759,8 +766,7 @@ def _ensemble_forward(apply, x, w, b, dx, dw, db, stride, padding, dilation, gro
     B, nd = w.shape[dw], w.dim() - 3
     if x.dim() - (dx is not None) != nd + 2:
         return None
-    w = w.movedim(dw, 0)
-    wcat = w.reshape(B * w.shape[1], *w.shape[2:])
+    w, wcat = _ensemble_weights(w, dw)
     bias = _ensemble_bias(b, db, B)
     stacked = dx is None and groups == 1
     if _launch_problem("conv_forward", (1 if stacked else B) * groups * w.shape[2], wcat.shape,
@@ -821,8 +827,7 @@ def _ensemble_backward(apply, g, x, w, y, dg, dx, dw, dy, stride, padding, dilat
     memory, where no weight gradient is wanted). None (the loop) where the Triton kernels could
     not launch it."""
     B = w.shape[dw]
-    w = w.movedim(dw, 0)
-    wcat = w.reshape(B * w.shape[1], *w.shape[2:])
+    w, wcat = _ensemble_weights(w, dw)
     mi, mw, mb = mask
     c = B * groups * w.shape[2]
     if _launch_problem("conv_backward", c, wcat.shape, groups * B, mw, mi) is not None:

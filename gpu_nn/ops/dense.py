@@ -405,6 +405,12 @@ def _linear_fold(apply, in_dims, args):
     return apply(x.movedim(dx, 0), w, b, act), 0
 
 
+def _rows(t: Tensor, d) -> tuple:
+    """``(rows, M)`` of ``[B, rows.., F]`` batched at ``d``: an element's row dims and their count."""
+    rows = t.movedim(d, 0).shape[1:-1]
+    return rows, math.prod(rows)
+
+
 def _rows_side_by_side(t: Tensor, d, B: int, M: int) -> Tensor:
     """``[B, rows.., F]`` batched at ``d`` (or, ``d`` None, shared: repeated) as ``[M, B F]``,
     each row's B elements side by side."""
@@ -433,18 +439,17 @@ def _ensemble_linear(apply, x, w, b, act, dx, dw, db):
     ``[rows.., B, O]``); a batched one: a kernel-size-1 conv1d of B groups over the rows
     (:func:`_as_groups`; the products at matmul's float32 precision, not conv's; the result
     ``[B, rows.., O]``). None (the loop) where the Triton kernels could not launch that."""
-    from .conv import _conv_forward_op, _ensemble_bias
+    from .conv import _conv_forward_op, _ensemble_bias, _ensemble_weights
 
     if w.dim() != 3:
         return None
-    w = w.movedim(dw, 0)
+    w, wcat = _ensemble_weights(w, dw)
     B, O, K = w.shape
-    wcat, bias = w.reshape(B * O, K), _ensemble_bias(b, db, B)
+    bias = _ensemble_bias(b, db, B)
     if dx is None:
         y = apply(x, wcat, bias, act)
         return y.unflatten(-1, (B, O)), y.dim() - 1
-    rows = x.movedim(dx, 0).shape[1:-1]
-    M = math.prod(rows)
+    rows, M = _rows(x, dx)
     if M == 0 or O == 0 or not _grouped_rows_launch("conv_forward", B, O, K, M, False, False):
         return None
     with _matmul_precision():
@@ -505,8 +510,7 @@ def _stacked_linear_backward(apply, g, x, w, out, act, has_bias, need_w, dg, dou
     forward keeps of it when the input needs no gradient). None (the loop) for no rows or no
     outputs."""
     B, O, K = g.shape[dg], g.shape[-1], x.shape[-1]
-    rows = g.movedim(dg, 0).shape[1:-1]
-    M = math.prod(rows)
+    _, M = _rows(g, dg)
     if M == 0 or O == 0:
         return None
     _, gw, gb = apply(_rows_side_by_side(g, dg, B, M), x.reshape(M, K), w.new_zeros(()).expand(B * O, K),
@@ -521,13 +525,11 @@ def _ensemble_linear_backward(apply, g, x, w, out, act, has_bias, need_x, need_w
     wanted (an ensemble's training step past its first layer), the forward's
     :func:`_ensemble_linear` in reverse: one backward of the B-group conv1d (at matmul's float32
     precision). None (the loop) where the Triton kernels could not launch it."""
-    from .conv import _conv_backward_op
+    from .conv import _conv_backward_op, _ensemble_weights
 
-    w = w.movedim(dw, 0)
+    w, wcat = _ensemble_weights(w, dw)
     B, O, K = w.shape
-    wcat = w.reshape(B * O, K)
-    rows = g.movedim(dg, 0).shape[1:-1]
-    M = math.prod(rows)
+    rows, M = _rows(g, dg)
     if M == 0 or O == 0 or not _grouped_rows_launch("conv_backward", B, O, K, M, need_w, need_x):
         return None
     # the input is read for its shape alone where no weight gradient is wanted (it may be
