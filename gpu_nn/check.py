@@ -423,6 +423,7 @@ def run_checks(ops=None, seed=0, progress=True, workers: int = 1, on_op=None) ->
         again = []
         runner = _worker_run  # (looked up here: a test stands in its own)
         order = submission_order(jobs)
+        rank = {i: k for k, i in enumerate(order)}
         pending = order
         while pending:
             # a CUDA error ends this pool (its poisoned worker would refuse, at once, every job
@@ -452,8 +453,7 @@ def run_checks(ops=None, seed=0, progress=True, workers: int = 1, on_op=None) ->
                     finished(i, row)
             finally:
                 ex.shutdown(wait=True, cancel_futures=True)
-            pending = sorted(cancelled, key=order.index)
-        rank = {i: k for k, i in enumerate(order)}
+            pending = sorted(cancelled, key=rank.__getitem__)
         for i, row, code in _run_isolated(sorted(again, key=rank.__getitem__), ops, seed, workers, runner):
             finished(i, row if row is not None else failed(
                 i, f"its process died (exit code {code}): this job, run alone, killed it"))
