@@ -39,9 +39,10 @@ from ..reference._ufuncs import negative as negate
 from ._dispatch import (FLOAT_DTYPES, check_float, check_float_like_torch, check_tensor, cuda_kernels, empty, from_numpy, is_int, memo, on_device, plain_arg, routed,
                         to_numpy, triton_kernels)
 from ._dispatch import chooser as _chooser  # module-level name: tests replace it
-# a channels_last input (dense NHWC, not also contiguous): torch's pooling then returns
-# channels_last values, indices and input gradient, as ours do
-from ._dispatch import suggests_channels_last as _channels_last  # torch's rule (suggest_memory_format)
+# an input whose suggest_memory_format is channels_last (torch's test over its strides, size-1
+# dims included, no density required): torch's pooling then returns channels_last values,
+# indices and input gradient, as ours do
+from ._dispatch import suggests_channels_last as _channels_last
 from ._dispatch import _GRAD, batched_first, exact_zero_of, jvp_linear_in_first, merge_batch, split_batch, transform_active
 from ._dispatch import has_torch_function as _has_tf
 from ._dispatch import torch_function as _tf
