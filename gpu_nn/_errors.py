@@ -45,6 +45,23 @@ class KernelInputNotImplementedError(KernelInputError, NotImplementedError):
     softmax of an integer tensor)."""
 
 
+_OVERLAP_MSG = ("unsupported operation: more than one element of the written-to tensor refers to a single "
+                "memory location. Please clone() the tensor before performing the operation.")
+
+
+def refuse_internal_overlap(t: torch.Tensor) -> None:
+    """torch's ``assert_no_internal_overlap`` for a tensor about to be written in place (an
+    optimizer's parameter, a gradient clipping scales): refused where a dim of more than one
+    element has stride 0 (an ``expand()``), whose elements share one memory location, so that
+    a kernel's writes would race and a host loop's last write win. Like torch, a layout that is
+    merely hard to judge (other overlapping ``as_strided`` views) is not refused."""
+    if t.is_contiguous():  # (the usual case, one call)
+        return
+    for n, s in zip(t.shape, t.stride()):
+        if s == 0 and n > 1:
+            raise KernelInputError(_OVERLAP_MSG)
+
+
 def type_name(obj) -> str:
     """The name of ``obj``'s type as torch's argument errors print it (CPython's ``tp_name``):
     the bare name for builtins and for classes defined in Python, the dotted name for types

@@ -279,6 +279,29 @@ def test_relu_inplace_refuses_what_torch_refuses(backend, device):
             assert F.relu(t, inplace=True) is t and torch.equal(t, expect)
 
 
+@pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
+@pytest.mark.parametrize("grad", (False, True))
+def test_relu_inplace_refuses_an_expanded_input_as_torch(backend, device, grad):
+    """relu in place on an expand()ed tensor (4 rows, one memory location): torch's relu_ refuses
+    it, in its words, before computing; ours computed the relu out of place (a kernel run) and
+    then failed in the copy back with copy_'s RuntimeError, not a KernelInputError. Refused
+    first now, the tensor and its version untouched."""
+    def expanded():
+        base = torch.tensor([[-1.0, 2.0, -3.0]], device=device)
+        return (base * 1).requires_grad_(False) if not grad else (base.requires_grad_() * 1), base
+
+    with pytest.raises(RuntimeError) as theirs:
+        torch.relu_(expanded()[0].expand(4, 3))
+    with gpu_nn.backend(backend):
+        for call in (lambda x: F.relu(x, inplace=True), F.relu_, gpu_nn.nn.ReLU(inplace=True)):
+            x, _ = expanded()
+            e = x.expand(4, 3)
+            before = e._version
+            with pytest.raises(gpu_nn.KernelInputError, match=re.escape(str(theirs.value))):
+                call(e)
+            assert torch.equal(x.detach().cpu(), torch.tensor([[-1.0, 2.0, -3.0]])) and e._version == before
+
+
 @pytest.mark.parametrize("name", OPS)
 def test_opcheck(name, rng):
     x = randn(rng, 3, 5, requires_grad=True)

@@ -2254,3 +2254,56 @@ def test_compiled_step_equals_eager(name, kw):
     for k in want_state:
         for key, v in want_state[k].items():
             torch.testing.assert_close(got_state[k][key], v, rtol=0, atol=0)
+
+
+_OVERLAP = "more than one element of the written-to tensor refers to a single memory location"
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("reference", "triton", "cupy")))
+@pytest.mark.parametrize("name", ("SGD", "Adagrad", "Adadelta", "RMSprop", "Adam", "AdamW"))
+def test_an_expanded_parameter_is_refused_as_torch(backend, device, name):
+    """A parameter made by expand() (stride 0 over 4 rows: every row one memory location): torch's
+    in-place update refuses it; ours wrote each row's update to the same place, the last one
+    winning (a fuzz's leftover of stop 69). torch's error, before the parameter or any state is
+    touched; an expanded gradient is still taken (torch reads it only)."""
+    def param():
+        p = torch.nn.Parameter(torch.arange(3.0, device=device).reshape(1, 3).expand(4, 3))
+        p.grad = torch.ones(4, 3, device=device)
+        return p
+
+    with pytest.raises(RuntimeError) as want:
+        getattr(torch.optim, name)([param()], lr=0.1).step()
+    p = param()
+    opt = getattr(go, name)([p], lr=0.1)
+    with gpu_nn.backend(backend), pytest.raises(KernelInputError) as got:
+        opt.step()
+    assert _OVERLAP in str(want.value) and str(got.value) == str(want.value)
+    assert torch.equal(p.detach().cpu(), torch.arange(3.0).expand(4, 3))
+    # no state made by the step (Adagrad's, made by its constructor as torch's, not stepped)
+    assert all(float(s["step"]) == 0 and not s["sum"].any() for s in opt.state.values()) if name == "Adagrad" else not opt.state
+
+    q = torch.nn.Parameter(torch.zeros(4, 3, device=device))
+    q.grad = torch.arange(3.0, device=device).reshape(1, 3).expand(4, 3)
+    with gpu_nn.backend(backend):
+        getattr(go, name)([q], lr=0.1).step()
+    assert torch.isfinite(q).all() and torch.equal(q[0], q[3])
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
+def test_clip_grad_norm_refuses_an_expanded_gradient_as_torch(backend, device):
+    """An expanded gradient (stride 0 over 4 rows): torch's in-place scaling refuses it; ours
+    scaled the shared row (on the Triton path each program read-modify-writing the same memory).
+    torch's error, every gradient left as it was."""
+    def params():
+        p, q = torch.nn.Parameter(torch.zeros(4, 3, device=device)), torch.nn.Parameter(torch.zeros(2, device=device))
+        p.grad = torch.full((1, 3), 5.0, device=device).expand(4, 3)
+        q.grad = torch.full((2,), 5.0, device=device)
+        return [q, p]
+
+    with pytest.raises(RuntimeError) as want:
+        torch.nn.utils.clip_grad_norm_(params(), 1.0)
+    ours = params()
+    with gpu_nn.backend(backend), pytest.raises(KernelInputError) as got:
+        clip_grad_norm_(ours, 1.0)
+    assert _OVERLAP in str(want.value) and str(got.value) == str(want.value)
+    assert torch.equal(ours[0].grad.cpu(), torch.full((2,), 5.0)) and torch.equal(ours[1].grad.cpu(), torch.full((4, 3), 5.0))

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend
-from .._errors import KernelInputError, require_attribute
+from .._errors import KernelInputError, refuse_internal_overlap, require_attribute
 from ..check import CheckCase
 from ..reference import activation as ref
 from ._dispatch import (FLOAT_DTYPES, check_float, check_float_like_torch, check_tensor, empty, empty_like, from_numpy, on_device, routed,
@@ -277,6 +277,10 @@ def _refused_view(t: Tensor) -> bool:
 def _apply(input: Tensor, activation: str, inplace: bool = False) -> Tensor:
     # a TypeError, as torch's (relu_ for the in-place form, as torch.relu_ names itself)
     check_tensor(f"{activation}{'_' if inplace else ''}", "input", input, 1)
+    if inplace and not torch.compiler.is_compiling():
+        # an expanded input (stride 0 over a dim of 2 or more): torch's in-place op refuses it
+        # before computing; ours computed it and then failed in the copy back (a RuntimeError)
+        refuse_internal_overlap(input)
     if input.is_complex() or (input.is_floating_point() and input.dtype not in FLOAT_DTYPES):
         # torch's verdict: relu refuses complex tensors (NotImplementedError), sigmoid / tanh
         # compute them; a float8 tensor none of the three takes on a CPU

@@ -52,7 +52,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .. import _backend
-from .._errors import KernelInputError, KernelInputTypeError, cpp_type_name, scalar_type_name, type_name
+from .._errors import (KernelInputError, KernelInputTypeError, cpp_type_name, refuse_internal_overlap, scalar_type_name,
+                       type_name)
 from . import _dispatch
 from ._triton import capturing as _capturing
 
@@ -492,6 +493,7 @@ class _Base(Optimizer):
             g = p.grad
             if not (p.is_floating_point() or p.is_complex()):
                 raise self._integral_error(group, p.dtype)
+            refuse_internal_overlap(p)  # (an expanded parameter: torch's in-place update refuses it)
             if g.shape != p.shape:
                 a, b = (g.shape, p.shape) if self._grad_first(group) else (p.shape, g.shape)
                 shape = _infer_size(tuple(a), tuple(b))

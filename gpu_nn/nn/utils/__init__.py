@@ -11,7 +11,7 @@ import torch
 from torch.autograd.graph import increment_version
 
 from ... import _backend
-from ..._errors import KernelInputError, KernelInputNotImplementedError
+from ..._errors import KernelInputError, KernelInputNotImplementedError, refuse_internal_overlap
 
 __all__ = ["clip_grad_norm_"]
 
@@ -54,6 +54,7 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_i
         if g.is_complex():  # before any gradient is touched: the float kernels would drop the imaginary part
             raise KernelInputError(f"gpu_nn.nn.utils.clip_grad_norm_ does not support complex gradients "
                                    f"(got {g.dtype}), as gpu-nn's optimizers take no complex parameters")
+        refuse_internal_overlap(g)  # an expanded gradient: torch's in-place scaling refuses it
     if math.isinf(norm_type) and any(g.numel() == 0 for g in grads):
         # a max / min over no elements: torch refuses (its words depend on foreach), so torch is
         # asked on an empty gradient (ours returned the other gradients' norm, or 0)
