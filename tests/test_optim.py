@@ -1334,7 +1334,7 @@ PLAN_OPTS = [("Adam", dict(lr=0.01, amsgrad=True, weight_decay=0.1)), ("SGD", di
              ("RMSprop", dict(lr=0.01, momentum=0.5, centered=True)), ("Adagrad", dict(lr=0.1)),
              ("Adadelta", dict(lr=0.5))]
 PLAN_EVENTS = ["none", "grads-new-addresses", "grad-none", "grad-layout-same-address", "state-replaced",
-               "state-data-moved", "param-data-moved", "lr-changed", "load-state-dict", "backend-switch",
+               "state-data-moved", "param-data-moved", "param-layout-same-address", "lr-changed", "load-state-dict", "backend-switch",
                "group-added", "momentum-on"]
 
 
@@ -1396,6 +1396,11 @@ def _plan_run(backend, name, kw, event, dtype=torch.float32):
             elif event == "param-data-moved":
                 ours[2].data = ours[2].data.clone()
                 theirs[2].data = theirs[2].data.clone()
+            elif event == "param-layout-same-address":
+                # the same address and shape, column-major strides (a kept plan keyed on the
+                # address alone stepped it row-major: other elements than torch's)
+                for p in (ours[0], theirs[0]):
+                    p.data = p.data.as_strided(p.shape, (1, p.shape[0]))
             elif event == "lr-changed":
                 for o in (o1, o2):
                     o.param_groups[0]["lr"] *= 0.5

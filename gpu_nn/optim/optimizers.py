@@ -272,8 +272,10 @@ def _state_dtype(p: Tensor) -> torch.dtype:
 
 def _grad_key(params):
     """What a kept plan depends on in the gradients and parameters, read cheaply: per
-    parameter None (no gradient) or the parameter's address and dtype and the gradient's dtype,
-    shape and strides -- not the gradient's address: a kept launch takes the step's gradients
+    parameter None (no gradient) or the parameter's address, dtype, shape and strides (a
+    ``p.data`` swapped for a transposed or reshaped view at the same address changes them: the
+    kept launch would step it in the old layout) and the gradient's dtype, shape and strides --
+    not the gradient's address: a kept launch takes the step's gradients
     where they lie (``regrad``: the table's gradient column rebuilt when they moved, as a caching
     allocator moves them between steps). None where a gradient has no strides or storage
     (sparse): the full step says why."""
@@ -284,7 +286,7 @@ def _grad_key(params):
             if g is None:
                 key.append(None)
             else:
-                key.append((p.data_ptr(), p.dtype, g.dtype, g.shape, g.stride(), g.get_device()))
+                key.append((p.data_ptr(), p.dtype, p.shape, p.stride(), g.dtype, g.shape, g.stride(), g.get_device()))
                 grads.append(g)
     except (RuntimeError, NotImplementedError):
         return None, None
