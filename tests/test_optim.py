@@ -2312,3 +2312,69 @@ def test_clip_grad_norm_refuses_an_expanded_gradient_as_torch(backend, device):
         clip_grad_norm_(ours, 1.0)
     assert _OVERLAP in str(want.value) and str(got.value) == str(want.value)
     assert torch.equal(ours[0].grad.cpu(), torch.full((2,), 5.0)) and torch.equal(ours[1].grad.cpu(), torch.full((4, 3), 5.0))
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
+@pytest.mark.parametrize("dtype", (torch.int64, torch.int32, torch.uint8, torch.bool))
+def test_clip_grad_norm_refuses_integer_gradients_as_torch(backend, device, dtype):
+    """An integer or bool gradient: torch's norm refuses its dtype; ours wrote zeros into it and
+    then failed making the total with NumPy's TypeError (an optimizer fuzz). torch's error now,
+    before any gradient is touched."""
+    def params():
+        p = torch.nn.Parameter(torch.zeros(2, device=device))
+        p.grad = torch.full((2,), 5.0, device=device)
+        q = torch.zeros(3, dtype=dtype, device=device)
+        q.grad = torch.tensor([3, 4, 12], device=device).to(dtype)
+        return [p, q]
+
+    with pytest.raises(RuntimeError) as want:
+        torch.nn.utils.clip_grad_norm_(params(), 1.0)
+    ours = params()
+    with gpu_nn.backend(backend), pytest.raises(KernelInputError) as got:
+        clip_grad_norm_(ours, 1.0)
+    assert str(got.value) == str(want.value)
+    assert torch.equal(ours[0].grad.cpu(), torch.full((2,), 5.0))
+    assert torch.equal(ours[1].grad.cpu(), torch.tensor([3, 4, 12]).to(dtype))
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
+@pytest.mark.parametrize("norm_type", (-1.0, -0.5))
+def test_clip_grad_norm_negative_norm_of_an_empty_gradient_refused_as_torch(backend, device, norm_type):
+    """A negative norm_type over an empty gradient: a sum of negative powers has no identity, and
+    torch refuses it; ours returned 0 and left the gradients unclipped (an optimizer fuzz)."""
+    def params():
+        p, q = torch.nn.Parameter(torch.zeros(2, device=device)), torch.nn.Parameter(torch.zeros(0, device=device))
+        p.grad, q.grad = torch.tensor([3.0, 4.0], device=device), torch.zeros(0, device=device)
+        return [p, q]
+
+    with pytest.raises(RuntimeError) as want:
+        torch.nn.utils.clip_grad_norm_(params(), 1.0, norm_type)
+    ours = params()
+    with gpu_nn.backend(backend), pytest.raises(KernelInputError) as got:
+        clip_grad_norm_(ours, 1.0, norm_type)
+    assert str(got.value) == str(want.value)
+    assert torch.equal(ours[0].grad.cpu(), torch.tensor([3.0, 4.0]))
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16))
+def test_clip_grad_norm_of_meta_gradients_as_torch(dtype):
+    """Meta gradients (a model built on the meta device): torch returns a meta 0-d total of the
+    gradients' dtype; ours raised NotImplementedError from the reference's host copy."""
+    def params():
+        p = torch.zeros(2, 3, device="meta", dtype=dtype, requires_grad=True)
+        p.grad = torch.zeros(2, 3, device="meta", dtype=dtype)
+        return [p]
+
+    want = torch.nn.utils.clip_grad_norm_(params(), 1.0)
+    got = clip_grad_norm_(params(), 1.0)
+    assert (got.device, got.dtype, got.shape) == (want.device, want.dtype, want.shape)
+
+
+def test_clip_grad_norm_empty_generator_warning_points_at_the_caller():
+    """The empty-generator warning is attributed to the caller's line, as torch's (its stacklevel
+    counted torch.no_grad's wrapper as the caller: filterwarnings(module=...) missed it)."""
+    for clip in (torch.nn.utils.clip_grad_norm_, clip_grad_norm_):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            clip((p for p in []), 1.0)
+        assert [w.filename for w in caught] == [__file__], clip

@@ -42,7 +42,8 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_i
         is_generator = isinstance(parameters, types.GeneratorType)
         parameters = list(parameters)
         if is_generator and len(parameters) == 0:
-            warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.", stacklevel=2)
+            # (3: past torch.no_grad's wrapper, to the caller, as torch's own warning points)
+            warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.", stacklevel=3)
     grads = [p.grad for p in parameters if p.grad is not None]
     norm_type = float(norm_type)
     max_norm = float(max_norm)
@@ -54,15 +55,26 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_i
         if g.is_complex():  # before any gradient is touched: the float kernels would drop the imaginary part
             raise KernelInputError(f"gpu_nn.nn.utils.clip_grad_norm_ does not support complex gradients "
                                    f"(got {g.dtype}), as gpu-nn's optimizers take no complex parameters")
+        if not g.is_floating_point():
+            # an integer or bool gradient: torch's norm refuses its dtype (ours wrote zeros into
+            # it and then failed making the total); torch is asked, on an empty stand-in
+            from ...ops._dispatch import torchs_own_error
+
+            raise torchs_own_error(lambda: torch.linalg.vector_norm(torch.zeros(0, dtype=g.dtype), norm_type),
+                                   f"clip_grad_norm_: a gradient of {g.dtype}", KernelInputError)
         refuse_internal_overlap(g)  # an expanded gradient: torch's in-place scaling refuses it
-    if math.isinf(norm_type) and any(g.numel() == 0 for g in grads):
-        # a max / min over no elements: torch refuses (its words depend on foreach), so torch is
-        # asked on an empty gradient (ours returned the other gradients' norm, or 0)
+    if (math.isinf(norm_type) or norm_type < 0) and any(g.numel() == 0 for g in grads):
+        # a max / min or a negative power over no elements (no identity): torch refuses (its
+        # words depend on foreach), so torch is asked on an empty gradient (ours returned the
+        # other gradients' norm, or 0)
         from ...ops._dispatch import torchs_own_error
 
         empty = next(g for g in grads if g.numel() == 0)
         raise torchs_own_error(lambda: torch.nn.utils.get_total_norm([empty], norm_type, foreach=foreach),
                                f"the {norm_type} norm of an empty gradient has no value", KernelInputError)
+    if all(g.is_meta for g in grads):
+        # meta gradients have no values: the total's shape, dtype and device, as torch's
+        return torch.empty((), dtype=_promoted_dtype(grads), device="meta")
     devices = {g.device for g in grads}
     # float64 gradients (any of a device's: the kernels take no float64) take the reference under
     # auto, as every op's float64 does
