@@ -93,6 +93,19 @@ class _Tracer(torch.fx.Tracer):
 
     def __init__(self):
         super().__init__(autowrap_modules=(math, _F), autowrap_functions=(_untraced_mode,))
+        self._modes = _modes()
+
+    def create_proxy(self, kind, target, args, kwargs, *rest, **kw):
+        # a node recorded under another grad / inference / autocast mode than the trace began in:
+        # torch.fx records no mode switch (a ``with torch.no_grad():`` block inside forward would
+        # run with gradients in the graph, an autocast block in the default dtype), so refused
+        if kind != "placeholder" and _modes() != self._modes:
+            raise _ModeSwitch(
+                "fuse(): the model's forward switches gradient, inference or autocast mode (torch.no_grad, "
+                "torch.set_grad_enabled, torch.inference_mode, torch.autocast), which torch.fx cannot record: the "
+                "fused model would compute that part in the caller's mode; fuse the submodules that run inside one "
+                "mode (model.head = gpu_nn.fuse(model.head)) instead")
+        return super().create_proxy(kind, target, args, kwargs, *rest, **kw)
 
     def getattr(self, attr, attr_val, parameter_proxy_cache):
         # buffers as graph inputs (get_attr), not their values at trace time: read, and updated in
@@ -538,8 +551,25 @@ def _same_graph(a: torch.fx.Graph, b: torch.fx.Graph, root: torch.nn.Module) -> 
     return True
 
 
+class _ModeSwitch(ValueError):
+    """A forward that switches a mode torch.fx does not record (:meth:`_Tracer.create_proxy`)."""
+
+
+def _modes() -> tuple:
+    """The modes a forward may switch that torch.fx does not record: gradient, inference, and
+    autocast (enabled and dtype) of each device type autocast knows here."""
+    amp = tuple((d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in _AUTOCAST_DEVICES)
+    return torch.is_grad_enabled(), torch.is_inference_mode_enabled(), amp
+
+
+_AUTOCAST_DEVICES = ("cpu", "cuda")
+
+
 def _trace(model: torch.nn.Module) -> torch.fx.Graph:
-    return _Tracer().trace(model)
+    # traced with gradients on (a forward's torch.no_grad() block is then a mode switch the tracer
+    # sees), whatever the caller's mode
+    with torch.enable_grad():
+        return _Tracer().trace(model)
 
 
 # ------------------------------------------------------------------ fusing
@@ -625,7 +655,11 @@ def fuse(model: torch.nn.Module) -> torch.fx.GraphModule:
     them), and torch.fx's own error, with a note, for a model it cannot trace (data-dependent
     control flow, a branch on a buffer's value). A model of its own with state_dict hooks or its
     own ``state_dict`` / ``_load_from_state_dict`` is refused (``ValueError``) as one with hooks,
-    and a ``torch.compile`` wrapper (``TypeError``: fuse its ``_orig_mod``). The result lists its
+    and so is a forward that switches gradient, inference or autocast mode (a ``torch.no_grad()``
+    block: torch.fx records no switch), and a ``torch.compile`` wrapper (``TypeError``: fuse its
+    ``_orig_mod``). As under torch.fx, Python runs once, while tracing: a branch on an argument
+    (``if mask is not None:``, always taken for the traced one) and a side effect (a counter on
+    ``self``) are not repeated at each call. The result lists its
     submodules, parameters and buffers in ``model``'s order.
     """
     if not isinstance(model, torch.nn.Module):
@@ -648,8 +682,9 @@ def fuse(model: torch.nn.Module) -> torch.fx.GraphModule:
         try:
             graph = _trace(model)  # the present mode, each module's flag as it is
         except Exception as exc:
-            exc.add_note("gpu_nn.fuse traces the model with torch.fx: fuse the layers by hand (Conv1d / Conv2d / "
-                         "Linear(..., activation='relu')) where the model cannot be traced")
+            if not isinstance(exc, _ModeSwitch):  # (says what to do already)
+                exc.add_note("gpu_nn.fuse traces the model with torch.fx: fuse the layers by hand (Conv1d / Conv2d / "
+                             "Linear(..., activation='relu')) where the model cannot be traced")
             raise
 
         def uniform(mode: bool) -> torch.fx.Graph:  # every module in ``mode``, as model.train(mode) sets them

@@ -329,6 +329,48 @@ def test_a_leaf_modules_child_is_not_fused_into_the_model():
         torch.testing.assert_close(model(x), before, rtol=0, atol=0)
 
 
+class _ModeSwitch(torch.nn.Module):
+    """A frozen Linear + ReLU under a mode switch inside forward, then a trained head."""
+
+    def __init__(self, switch):
+        super().__init__()
+        self.frozen, self.head, self.switch = torch.nn.Linear(4, 4), torch.nn.Linear(4, 2), switch
+
+    def forward(self, x):
+        if self.switch == "set_grad_enabled":
+            torch.set_grad_enabled(False)
+            h = torch.relu(self.frozen(x))
+            torch.set_grad_enabled(True)
+        else:
+            ctx = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode,
+                   "autocast": lambda: torch.autocast("cpu", dtype=torch.bfloat16)}[self.switch]()
+            with ctx:
+                h = torch.relu(self.frozen(x))
+            h = h.float().clone()
+        return self.head(h)
+
+
+@pytest.mark.parametrize("switch", ("no_grad", "set_grad_enabled", "inference_mode", "autocast"))
+def test_a_forward_that_switches_modes_is_refused(switch):
+    """A forward with a torch.no_grad() (set_grad_enabled, inference_mode, autocast) block: torch.fx
+    records no mode switch, so the fused model computed the frozen part with gradients (the frozen
+    layer got a gradient torch's never does) or in float32 where autocast gives bfloat16, without
+    a word (a fuse audit). Refused now, with what to do; a model without a switch still fuses
+    when fuse itself is called under no_grad or autocast (the mode is the caller's, not the
+    forward's)."""
+    model = _ModeSwitch(switch)
+    with pytest.raises(ValueError, match=r"switches gradient, inference or autocast mode .*\(model\.head = gpu_nn\.fuse\(model\.head\)\) instead$"):
+        gpu_nn.fuse(model)
+    assert torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
+    plain = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
+    x = torch.randn(3, 4)
+    for ctx in (torch.no_grad, lambda: torch.autocast("cpu", dtype=torch.bfloat16)):
+        with ctx():
+            fused = gpu_nn.fuse(plain)
+        assert fused.get_submodule("0").activation == "relu"
+        torch.testing.assert_close(fused(x), plain(x))
+
+
 def test_hooked_containers_stay_whole_and_a_hooked_model_is_refused():
     block = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.ReLU())
     block.register_forward_hook(lambda mod, inp, out: out - 1.0)  # traced through, it would be lost
