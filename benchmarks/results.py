@@ -34,8 +34,10 @@ def add_arguments(parser) -> None:
     rec.add_argument("--into", default=RESULTS_DIR, help="results folder (default: the repository's)")
     rec.add_argument("--no-render", action="store_true", help="do not rewrite README and history.png")
     ren = sub.add_parser("render", help="rewrite README's results section and history.png from the recorded runs")
-    ren.add_argument("--dir", default=RESULTS_DIR)
-    ren.add_argument("--readme", default=os.path.join(os.path.dirname(HERE), "README.md"))
+    ren.add_argument("--dir", default=RESULTS_DIR, help="results folder (default: the repository's)")
+    ren.add_argument("--readme", default=None,
+                     help="README to rewrite (default: the repository's README when --dir is the repository's "
+                          "results folder; for another folder none unless given: history.png only)")
 
 
 def _read(path: str) -> str:
@@ -123,9 +125,13 @@ def summarize_run(run_dir: str) -> dict:
         "tuning": tuning_summary(os.path.join(run_dir, "tuning.jsonl")),
     }
     if isinstance(check, list):
+        if not all(isinstance(r, dict) for r in check):
+            raise SystemExit(f"gpu-nn results: {os.path.join(run_dir, 'check.json')} is not a gpu-nn check --json "
+                             "table (a list of rows)")
         bad = [r for r in check if not r.get("ok")]
         run["check"] = {"rows": len(check), "failed": len(bad),
-                        "failures": [f"{r['op']} {r['backend']} {r['dtype']}: {r.get('error') or r.get('max_rel_err')}" for r in bad][:50]}
+                        "failures": [f"{r.get('op', '?')} {r.get('backend', '?')} {r.get('dtype', '?')}: "
+                                     f"{r.get('error') or r.get('max_rel_err')}" for r in bad][:50]}
     return run
 
 
@@ -150,6 +156,12 @@ def run_name(run: dict) -> str:
 
 def record(run_dir: str, into: str = RESULTS_DIR) -> str:
     """Store one gpu_run.sh folder; returns the new results folder."""
+    if not os.path.isdir(run_dir):
+        raise SystemExit(f"gpu-nn results: no folder {run_dir}")
+    for part in (os.path.join("bench", "bench.json"), "check.json"):
+        path = os.path.join(run_dir, part)
+        if os.path.exists(path) and _load_json(path) is None:
+            raise SystemExit(f"gpu-nn results: {path} is not readable JSON (a step cut off while writing it?)")
     run = summarize_run(run_dir)
     device = (_load_json(os.path.join(run_dir, "bench", "bench.json")) or {}).get("run_device")
     if device is not None and not str(device).startswith("cuda"):
@@ -177,9 +189,16 @@ def load_runs(results_dir: str = RESULTS_DIR) -> list[dict]:
     if not os.path.isdir(results_dir):
         return runs
     for name in sorted(os.listdir(results_dir)):
-        run = _load_json(os.path.join(results_dir, name, "run.json"))
+        path = os.path.join(results_dir, name, "run.json")
+        run = _load_json(path)
         if not isinstance(run, dict):
+            if os.path.exists(path):
+                raise SystemExit(f"gpu-nn results: {path} is not readable JSON")
             continue
+        missing = [k for k in ("date", "commit", "gpu") if not isinstance(run.get(k), str)]
+        if missing:
+            raise SystemExit(f"gpu-nn results: {path} is not a run record (no {', '.join(missing)}); "
+                             "gpu-nn results record writes them")
         bench = _load_json(os.path.join(results_dir, name, "bench.json")) or {}
         run["name"] = name
         run["bench"] = bench.get("results", [])
@@ -377,6 +396,12 @@ def run(args) -> int:
         if not args.no_render:
             render(args.into, os.path.join(os.path.dirname(HERE), "README.md") if args.into == RESULTS_DIR else None)
         return 0
-    render(args.dir, args.readme)
-    print(f"rendered {args.readme} and {os.path.join(args.dir, 'history.png')} from {len(load_runs(args.dir))} runs")
+    readme = args.readme
+    if readme is None and os.path.realpath(args.dir) == os.path.realpath(RESULTS_DIR):
+        readme = os.path.join(os.path.dirname(HERE), "README.md")
+    # (another folder leaves the repository's README alone unless --readme names it, as record
+    # --into does: its runs would stand in README as the repository's; a CLI audit)
+    render(args.dir, readme)
+    what = f"{readme} and " if readme else ""
+    print(f"rendered {what}{os.path.join(args.dir, 'history.png')} from {len(load_runs(args.dir))} runs")
     return 0

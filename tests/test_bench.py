@@ -1,6 +1,7 @@
 """The benchmark harness and ``gpu-nn bench``, on tiny fake cases (seconds, not minutes)."""
 
 import json
+import os
 import statistics
 import time
 
@@ -410,6 +411,59 @@ def test_results_render_refuses_a_folder_without_runs(tmp_path):
         with pytest.raises(SystemExit, match="no folder|holds no recorded run"):
             results.render(str(folder), str(readme))
     assert readme.read_text() == text and not (tmp_path / "no-such-folder").exists()
+
+
+def test_results_render_of_another_folder_leaves_the_repositorys_readme(tmp_path, monkeypatch):
+    """`gpu-nn results render --dir OTHER` without --readme rewrote the repository's README with
+    OTHER's runs (its table claiming them recorded in benchmarks/results/; a CLI audit did so to
+    this repository). Now another folder renders its history.png only, unless --readme names a
+    README; the repository's folder still renders the repository's README."""
+    import argparse
+
+    from gpu_nn.benchmarks import results
+
+    calls = []
+    monkeypatch.setattr(results, "render", lambda d, readme: calls.append((d, readme)))
+    monkeypatch.setattr(results, "load_runs", lambda d: [])
+    parser = argparse.ArgumentParser()
+    results.add_arguments(parser)
+    repo_readme = os.path.join(os.path.dirname(results.HERE), "README.md")
+    for argv, want in ((["render", "--dir", str(tmp_path)], (str(tmp_path), None)),
+                       (["render", "--dir", str(tmp_path), "--readme", str(tmp_path / "R.md")],
+                        (str(tmp_path), str(tmp_path / "R.md"))),
+                       (["render"], (results.RESULTS_DIR, repo_readme))):
+        calls.clear()
+        assert results.run(parser.parse_args(argv)) == 0
+        assert calls == [want], argv
+
+
+def test_results_malformed_records_are_refused_in_one_line(tmp_path):
+    """Malformed records stopped `gpu-nn results` with a traceback (KeyError 'date' sorting the
+    runs, KeyError 'backend' summarising a check table), and a missing or unreadable run folder
+    was reported as one that had neither file (a CLI audit): each is one line now."""
+    from gpu_nn.benchmarks import results
+
+    (tmp_path / "runs" / "a").mkdir(parents=True)
+    (tmp_path / "runs" / "a" / "run.json").write_text("{}")
+    with pytest.raises(SystemExit, match=r"run.json is not a run record \(no date, commit, gpu\)"):
+        results.load_runs(str(tmp_path / "runs"))
+    (tmp_path / "runs" / "a" / "run.json").write_text("{not json")
+    with pytest.raises(SystemExit, match="run.json is not readable JSON"):
+        results.load_runs(str(tmp_path / "runs"))
+
+    run_dir = tmp_path / "out"
+    run_dir.mkdir()
+    (run_dir / "check.json").write_text(json.dumps([{"op": "relu"}]))
+    summary = results.summarize_run(str(run_dir))
+    assert summary["check"] == {"rows": 1, "failed": 1, "failures": ["relu ? ?: None"]}
+    (run_dir / "check.json").write_text(json.dumps(["row"]))
+    with pytest.raises(SystemExit, match="is not a gpu-nn check --json table"):
+        results.summarize_run(str(run_dir))
+    (run_dir / "check.json").write_text("[{")
+    with pytest.raises(SystemExit, match="check.json is not readable JSON"):
+        results.record(str(run_dir), str(tmp_path / "into"))
+    with pytest.raises(SystemExit, match="no folder"):
+        results.record(str(tmp_path / "nope"), str(tmp_path / "into"))
 
 
 def test_overhead_family_times_ours_torch_and_both_floors():
