@@ -90,23 +90,32 @@ def requested() -> str:
     return name
 
 
-@contextlib.contextmanager
-def backend(name: str):
-    """Run the enclosed ops on backend ``name`` (``auto``, ``reference``, ``triton``, ``cupy``).
+class backend(contextlib.ContextDecorator):
+    """Run the enclosed ops on backend ``name`` (``auto``, ``reference``, ``triton``, ``cupy``):
+    ``with gpu_nn.backend("triton"):`` (``as`` gives the name), or as a decorator.
 
-    Asking for a backend that cannot run here raises at once, not at the first op.
+    An unknown name is refused when the object is made; a backend that cannot run here when the
+    block is entered, not at the first op. As torch's ``no_grad()`` objects, one object may be
+    entered again, nested, and from several threads (each thread has its own stack of blocks).
     """
-    name = _validate(name, "gpu_nn.backend")
-    if name not in ("auto", "reference"):
-        ok, why = status(name)
-        if not ok:
-            raise BackendUnavailableError(f"backend {name!r} cannot run here: {why}")
-    stack = _thread_stack()
-    stack.append(name)
-    try:
-        yield name
-    finally:
-        stack.pop()
+
+    def __init__(self, name: str):
+        self.name = _validate(name, "gpu_nn.backend")
+
+    def __enter__(self) -> str:
+        name = self.name
+        if name not in ("auto", "reference"):
+            ok, why = status(name)
+            if not ok:
+                raise BackendUnavailableError(f"backend {name!r} cannot run here: {why}")
+        _thread_stack().append(name)
+        return name
+
+    def __exit__(self, *exc) -> None:
+        _thread_stack().pop()
+
+    def __repr__(self) -> str:
+        return f"gpu_nn.backend({self.name!r})"
 
 
 @contextlib.contextmanager
@@ -230,7 +239,7 @@ def status(name: str) -> tuple[bool, str]:
     got = _status_cache.get(name)
     if got is not None:
         return got
-    got = _status_cache[name] = _status(_validate(name, "gpu_nn.status"))
+    got = _status_cache[name] = _status(_validate(name, "gpu_nn.backend_status"))
     return got
 
 

@@ -41,7 +41,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .kernels import replace_file
+from .kernels import env_switch, replace_file
 
 ENV = "GPU_NN_TUNE"
 CACHE_ENV = "GPU_NN_TUNE_CACHE"
@@ -55,16 +55,20 @@ _disk: dict[str, dict] | None = None
 
 _ENV_DATA = getattr(os.environ, "_data", None)
 _ENV_KEY = os.environ.encodekey(ENV) if _ENV_DATA is not None and hasattr(os.environ, "encodekey") else None
-_OFF = (b"0", "0")
+_ON = (None, b"1", "1")
 
 
 def _tuning_off() -> bool:
-    """GPU_NN_TUNE == "0", read on every call (a change is seen) from CPython's own store of the
-    environment where it has one (a tenth of ``os.environ.get``, as ``_backend`` reads
-    GPU_NN_BACKEND), else through ``os.environ``."""
-    if _ENV_KEY is None:
-        return os.environ.get(ENV, "1") == "0"
-    return _ENV_DATA.get(_ENV_KEY) in _OFF
+    """GPU_NN_TUNE off (0, false, no, off: :func:`gpu_nn.kernels.env_switch`), read on every call
+    (a change is seen) from CPython's own store of the environment where it has one (a tenth of
+    ``os.environ.get``, as ``_backend`` reads GPU_NN_BACKEND), else through ``os.environ``; unset
+    and "1", the usual values, answered without parsing."""
+    raw = os.environ.get(ENV) if _ENV_KEY is None else _ENV_DATA.get(_ENV_KEY)
+    if raw in _ON:
+        return False
+    if isinstance(raw, bytes):
+        raw = os.fsdecode(raw)
+    return env_switch(ENV, raw, read=False) is False
 
 
 def applies(device: torch.device) -> bool:

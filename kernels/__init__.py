@@ -22,6 +22,29 @@ def replace_file(path: str, data: bytes) -> None:
         raise
 
 
+_ON = ("1", "true", "yes", "on")
+_OFF = ("0", "false", "no", "off")
+
+
+def env_switch(name: str, value: str | None = None, read: bool = True) -> bool | None:
+    """An on / off environment variable ``name`` (its value ``value``, read from the environment
+    where ``read`` and ``value`` is None): True for 1 / true / yes / on, False for 0 / false / no /
+    off (any case, spaces around ignored), None where unset or empty (the default applies).
+    Anything else raises ValueError naming the variable, so a value gpu-nn cannot read is never
+    taken silently for either (GPU_NN_TUNE=off left tuning on; GPU_NN_EAGER=false the eager route;
+    a CLI audit). Every gpu-nn switch reads through this."""
+    if value is None and read:
+        value = os.environ.get(name)
+    if value is None or not value.strip():
+        return None
+    v = value.strip().lower()
+    if v in _ON:
+        return True
+    if v in _OFF:
+        return False
+    raise ValueError(f"{name} must be 0 or 1 (or false / true, no / yes, off / on) or unset, got {value!r}")
+
+
 def memo(table: dict, limit: int, key, fn, *args):
     """``fn(*args)``, remembered in ``table`` under ``key`` (bounded: cleared when it holds
     ``limit`` entries). Only results are kept: a call that raises is never remembered, so bad

@@ -36,6 +36,62 @@ def test_unknown_backend_is_refused():
             pass
 
 
+def test_a_backend_object_enters_again_and_decorates():
+    """One gpu_nn.backend(...) object entered twice, nested, and as a decorator, as torch's
+    no_grad() objects (the generator-based one raised AttributeError on its second use); an
+    unknown name is refused when the object is made (a decorator with one failed at its first
+    call); the status error names the public function (it named a gpu_nn.status that is not)."""
+    cm = gpu_nn.backend("reference")
+    base = _backend.requested()
+    for _ in range(2):
+        with cm as name:
+            assert name == "reference" and _backend.requested() == "reference"
+            with cm, gpu_nn.backend("auto"):
+                assert _backend.requested() == "auto"
+            assert _backend.requested() == "reference"
+        assert _backend.requested() == base
+
+    @gpu_nn.backend("reference")
+    def inside():
+        return _backend.requested()
+
+    assert inside() == inside() == "reference" and _backend.requested() == base
+    with pytest.raises(gpu_nn.BackendUnavailableError, match="gpu_nn.backend: unknown backend 'bogus'"):
+        gpu_nn.backend("bogus")
+    with pytest.raises(gpu_nn.BackendUnavailableError, match="gpu_nn.backend_status: unknown backend 'bogus'"):
+        gpu_nn.backend_status("bogus")
+
+
+def test_env_switches_read_every_spelling_and_refuse_the_rest():
+    """Every on / off GPU_NN_* variable reads through kernels.env_switch: 1 / true / yes / on and
+    0 / false / no / off in any case, unset or empty for the default, anything else a ValueError
+    naming the variable (GPU_NN_TUNE=off and GPU_NN_EAGER=false were taken as on, silently; a
+    CLI audit)."""
+    from gpu_nn.kernels import env_switch
+
+    for value, want in (("1", True), (" TRUE ", True), ("yes", True), ("On", True), ("0", False), ("false", False),
+                        ("NO", False), ("off", False), ("", None), ("  ", None), (None, None)):
+        assert env_switch("GPU_NN_X", value, read=False) is want, value
+    with pytest.raises(ValueError, match=r"^GPU_NN_X must be 0 or 1 .* got 'banana'$"):
+        env_switch("GPU_NN_X", "banana", read=False)
+
+
+@pytest.mark.parametrize("var,value,code,want", [
+    ("GPU_NN_EAGER", "false", "from gpu_nn.ops import _dispatch; print(_dispatch.EAGER)", "False"),
+    ("GPU_NN_EAGER", "banana", "import gpu_nn", "GPU_NN_EAGER must be 0 or 1"),
+    ("GPU_NN_TUNE", "off", "from gpu_nn import _tuning; print(_tuning._tuning_off())", "True"),
+    ("GPU_NN_TUNE", "1", "from gpu_nn import _tuning; print(_tuning._tuning_off())", "False"),
+    ("GPU_NN_TUNE", "banana", "from gpu_nn import _tuning; _tuning._tuning_off()", "GPU_NN_TUNE must be 0 or 1"),
+    ("GPU_NN_RNN_COOPERATIVE", "yes", "from gpu_nn.kernels.triton import rnn; print(rnn.COOPERATIVE)", "True"),
+    ("GPU_NN_RNN_VMAP_COMPOSE", "maybe", "import torch, gpu_nn; from gpu_nn.ops import rnn; "
+     "torch.func.vmap(lambda x: (rnn._compose_under_vmap(), x)[1])(torch.zeros(2))", "GPU_NN_RNN_VMAP_COMPOSE must be"),
+])
+def test_env_switches_in_a_fresh_process(var, value, code, want):
+    env = {**os.environ, var: value}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert want in out.stdout + out.stderr, out.stdout + out.stderr
+
+
 def test_env_var_selects_backend(monkeypatch):
     monkeypatch.setenv("GPU_NN_BACKEND", "reference")
     assert _backend.requested() == "reference"

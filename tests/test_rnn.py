@@ -1716,8 +1716,12 @@ def test_persistent_opt_in_runs_projections_per_step(rng, monkeypatch):
 
 
 def test_persistent_choice_rejects_bad_env():
+    """A value the switch cannot read is refused, naming the variable; its spellings of on / off
+    (kernels.env_switch: yes, off, ...) read as 1 / 0."""
     with pytest.raises(ValueError, match=_PERSIST_ENV):
-        ops.persistent_choice("cuda", 4, 256, 132, "yes")
+        ops.persistent_choice("cuda", 4, 256, 132, "banana")
+    assert ops.persistent_choice("cuda", 40, 256, 132, "yes") is True
+    assert ops.persistent_choice("cuda", 4, 256, 132, "Off") is False
 
 
 def test_step_table_entries_are_chosen_by_bucket_and_compiled(monkeypatch):
@@ -1964,7 +1968,7 @@ def test_resident_kp_takes_one_tile_per_program_and_tensor_core_dots(monkeypatch
     assert kt.resident_kp(7, tf32, 1, 1) == 0
     monkeypatch.setenv(kt.RESIDENT_ENV, "1")
     assert kt.resident_kp(7, tf32, 1, 1) == 16
-    monkeypatch.setenv(kt.RESIDENT_ENV, "yes")
+    monkeypatch.setenv(kt.RESIDENT_ENV, "banana")
     with pytest.raises(ValueError, match=kt.RESIDENT_ENV):
         kt.resident_kp(7, tf32, 1, 1)
 

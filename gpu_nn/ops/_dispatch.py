@@ -6,19 +6,18 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-import os
 
 import numpy as np
 import torch
 import torch.autograd.forward_ad as _fwad
 
 from .. import _backend, _tuning
-from ..kernels import memo  # noqa: F401  (the ops' memo: ops.pool, ops.conv import it from here)
+from ..kernels import env_switch, memo  # noqa: F401  (the ops' memo: ops.pool, ops.conv import it from here)
 from .._errors import KernelInputError, KernelInputIndexError, KernelInputNotImplementedError, KernelInputTypeError, type_name
 
 _NUMPY_NATIVE = (torch.float32, torch.float64)
 _VIEWABLE = (torch.float32, torch.float64, torch.int64)  # read by the reference as they are
-_POISON = os.environ.get("GPU_NN_POISON", "0") == "1"
+_POISON = env_switch("GPU_NN_POISON") is True
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -387,7 +386,7 @@ def autocast_inputs(policy: str, *tensors, cpu: str | None = None, state=None):
 
 # ----------------------------------------------------------------------------- eager route
 
-EAGER = os.environ.get("GPU_NN_EAGER", "1") != "0"  # 0: every call through the custom op (tests compare)
+EAGER = env_switch("GPU_NN_EAGER") is not False  # 0: every call through the custom op (tests compare)
 
 try:  # what torch's own custom ops use for list[Tensor] arguments (torch >= 2.4)
     from torch._library.autograd import supports_tensorlist as _supports_tensorlist

@@ -113,7 +113,7 @@ from ._dispatch import (
     on_device, refuse_wrapping_count, routed, to_numpy, triton_kernels,
 )
 from ._dispatch import has_torch_function as _has_tf
-from ._dispatch import _any_legacy_batched, stand_in, tangents_in_play, torchs_own_error, vmap_active, wanted
+from ._dispatch import _any_legacy_batched, env_switch, stand_in, tangents_in_play, torchs_own_error, vmap_active, wanted
 from ._dispatch import torch_function as _tf
 from .dense import linear_dtype_message
 
@@ -567,11 +567,10 @@ def persistent_choice(device_type: str, B: int, H: int, sm_count: int, env: Opti
     Never for an LSTM with a projection (``proj_size > 0``): the persistent kernel has no
     projection step.
     """
-    if env not in (None, "", "0", "1"):
-        raise ValueError(f"{PERSISTENT_ENV} must be 0, 1 or unset, got {env!r}")
-    if env == "0" or proj_size > 0 or sm_count < 1 or not (1 <= B <= PERSIST_MAX_B and 1 <= H <= 1024):
+    switch = env_switch(PERSISTENT_ENV, env, read=False)
+    if switch is False or proj_size > 0 or sm_count < 1 or not (1 <= B <= PERSIST_MAX_B and 1 <= H <= 1024):
         return False
-    return env == "1" or (by_default and device_type == "cuda" and B <= PERSIST_DEFAULT_MAX_B)
+    return switch is True or (by_default and device_type == "cuda" and B <= PERSIST_DEFAULT_MAX_B)
 
 
 # The Triton persistent kernels' grid barrier counts arrivals in an int32 (its target at step s is
@@ -2048,7 +2047,7 @@ def _compose_under_vmap() -> bool:
     until a GPU measures the two (bench_func's 'per-sample lstm'): on the CPU machine the
     reference took 112 ms against 10.4 looped (8 sequences of 20 steps, func_52b4f24_passive.json;
     111 against 131 before the loop's backward took the fused op, func_ade37ab.json)."""
-    return vmap_active() and os.environ.get("GPU_NN_RNN_VMAP_COMPOSE") == "1"
+    return vmap_active() and env_switch("GPU_NN_RNN_VMAP_COMPOSE") is True
 
 
 def _cell_compose(mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh):

@@ -14,10 +14,12 @@ development); they are installed here, before any kernel module runs a kernel.
 
 import os
 
+from .. import env_switch
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # GPU_NN_POISON=1 (the test suite sets it): scratch buffers a kernel must write before it reads
 # them start NaN, as gpu_nn.ops._dispatch.empty does for kernel outputs; read once, at import
-POISON = os.environ.get("GPU_NN_POISON", "0") == "1"
+POISON = env_switch("GPU_NN_POISON") is True
 
 if INTERPRET:
     # the only version difference found so far is in the interpreter (see _compat)

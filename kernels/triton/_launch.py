@@ -68,6 +68,7 @@ from __future__ import annotations
 import inspect
 import os
 
+from .. import env_switch
 from . import INTERPRET
 from ._compat import triton_version
 
@@ -81,7 +82,7 @@ ENV = "GPU_NN_FAST_LAUNCH"
 def fast_launch_supported(version: tuple[int, int], interpret: bool, env_value: str | None) -> bool:
     """Whether the fast path may be used at all: a verified Triton version, compiled kernels
     (not the interpreter), and not switched off with ``GPU_NN_FAST_LAUNCH=0``."""
-    if env_value is not None and env_value.strip().lower() in ("0", "false", "no", "off"):
+    if env_switch(ENV, env_value, read=False) is False:
         return False
     return version in VERIFIED and not interpret
 

@@ -61,12 +61,12 @@ Not supported: projections in the persistent kernel (the ops never choose it for
 """
 
 import inspect
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from .. import env_switch
 from . import INTERPRET as _INTERPRET, POISON as _POISON
 from ._aot import AotSpec
 from .activation import _grouped_tile, _tanh_quot as _tanh
@@ -1376,7 +1376,7 @@ PERSIST_MAX_H = 1024
 # resident is a launch error); off by default until a GPU run has passed its tests that way
 # (tests/test_rnn.py, test_persistent_cooperative_launch_matches_per_step_on_gpu).
 COOPERATIVE_ENV = "GPU_NN_RNN_COOPERATIVE"
-COOPERATIVE = os.environ.get(COOPERATIVE_ENV, "0") == "1"
+COOPERATIVE = env_switch(COOPERATIVE_ENV) is True
 
 
 def _launch_options() -> dict:
@@ -1433,10 +1433,7 @@ def resident_kp(H: int, dot: int, tiles: int, programs: int, backward: bool = Fa
     ``tiles`` tiles: the resident operands' depth (a power of two >= max(H, 16)), or 0 (W_hh read
     from L2 per step) where the resident form does not apply (see RESIDENT_MAX_KP, and
     RESIDENT_BWD_MAX_KP for the backward) or GPU_NN_RNN_RESIDENT=0."""
-    env = os.environ.get(RESIDENT_ENV)
-    if env not in (None, "", "0", "1"):
-        raise ValueError(f"{RESIDENT_ENV} must be 0, 1 or unset, got {env!r}")
-    if env == "0" or dot == DOT_CODES["fp32"] or programs != tiles:
+    if env_switch(RESIDENT_ENV) is False or dot == DOT_CODES["fp32"] or programs != tiles:
         return 0
     kp = max(16, next_power_of_2(H))
     return kp if kp <= (RESIDENT_BWD_MAX_KP if backward else RESIDENT_MAX_KP) else 0
