@@ -564,6 +564,31 @@ def test_cpu_autocast_lstm_dtypes_as_torchs_native_and_onednn_paths(autocast_dty
     assert compared == 3 if packed or proj else compared >= 1  # torch's native path runs everywhere
 
 
+def test_lstm_exported_under_cpu_autocast_keeps_the_eager_dtype_as_torchs():
+    """An LSTM exported (torch.export) with a CPU bfloat16 autocast region inside its forward: torch
+    turns oneDNN off while it traces, so ours took torch's native path there (float32 results)
+    where the exported program and eager give bfloat16 (torch's runs its oneDNN LSTM when it
+    runs; a compile audit). Now the exported program gives what eager gives, as torch's does."""
+    class Wrapped(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, x):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return self.m(x)[0]
+
+    torch.manual_seed(0)
+    theirs = Wrapped(tnn.LSTM(3, 4))
+    ours = Wrapped(gpu_nn.convert(copy.deepcopy(theirs.m)))
+    x = torch.randn(5, 2, 3)
+    for model in (theirs, ours):
+        eager = model(x)
+        exported = torch.export.export(model, (x,)).module()(x)
+        assert exported.dtype == eager.dtype, (type(model.m), exported.dtype, eager.dtype)
+    torch.testing.assert_close(torch.export.export(ours, (x,)).module()(x), ours(x), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("name", ["lstm_cell", "gru_cell", "rnn_tanh_cell"])
 def test_cell_dtype_mismatches_raise_torchs_words(name):
     """A cell given tensors of mixed dtypes raises where torch raises, with torch's message (its

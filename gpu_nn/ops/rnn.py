@@ -2271,7 +2271,10 @@ def _onednn_takes(dtype: torch.dtype) -> bool:
     # (oneDNN built in: a constant read at import; torch.backends.mkldnn.is_available() is a
     # function Dynamo refuses to trace, which broke torch.compile(fullgraph) of an LSTM under
     # CPU autocast)
-    if not (_MKLDNN_BUILT and torch.backends.mkldnn.enabled):
+    if not _MKLDNN_BUILT or not (torch.backends.mkldnn.enabled or torch.compiler.is_exporting()):
+        # (torch.export turns oneDNN off while it traces; the program it exports runs torch's
+        # LSTM with the flag as it is then, on by default: read as on there, so an LSTM exported
+        # under CPU autocast keeps the dtype eager gives, not float32; a compile audit)
         return False
     return dtype == torch.float32 or _mkldnn_bf16()
 
