@@ -1629,8 +1629,9 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, s
 
     input [N, C, d1, ...] or unbatched [C]; target class indices [N, d1, ...] / [] (int64 or
     uint8, ``ignore_index`` entries contribute nothing) or class probabilities of input's shape
-    (any float dtype; input, target and weight are then computed in their promoted dtype, as
-    torch); weight [C]. 'mean' divides by the sum of the weights of
+    (any float dtype; input, target and weight are then computed in their promoted dtype, the
+    result's as torch's, though torch takes log_softmax in the input's dtype before promoting:
+    ours is the more exact where the target is wider); weight [C]. 'mean' divides by the sum of the weights of
     the non-ignored targets (class indices) or by N * d1 * ... (probabilities), as torch. The
     legacy ``size_average`` / ``reduce`` arguments map to ``reduction`` with torch's warning.
     Not supported: torch's tolerance of a [1]-shaped target for a [C] input.
