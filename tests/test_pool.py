@@ -1751,6 +1751,26 @@ def test_max_pool1d_layout_follows_torch_under_forward_mode_and_functorch():
 
 
 @pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
+def test_channels_last_pooling_to_one_pixel_has_torchs_strides(backend, device):
+    """A channels_last input pooled to 1 x 1 (a global pool): torch's values, indices and input
+    gradient have empty(memory_format=channels_last)'s strides, size-1 dims included ((3, 1, 3, 3)
+    for [2, 3, 1, 1]); the reference kept NCHW's (3, 1, 1, 1), channels_last-contiguous too but
+    read as contiguous by a later layer's layout test (a compile fuzz)."""
+    for shape, k in (((2, 3, 4, 4), 4), ((2, 3, 1, 4), (1, 4)), ((1, 3, 1, 1), 1)):
+        x = torch.randn(*shape).contiguous(memory_format=torch.channels_last)
+        for name in ("max_pool2d", "avg_pool2d"):
+            got, want = [], []
+            for lib, into in ((F, got), (TF, want)):
+                xi = x.detach().to(device).requires_grad_()
+                with gpu_nn.backend(backend):
+                    out = getattr(lib, name)(xi, k, **({"return_indices": True} if name == "max_pool2d" else {}))
+                    outs = out if isinstance(out, tuple) else (out,)
+                    (gi,) = torch.autograd.grad(outs[0], xi, torch.ones_like(outs[0]))
+                into += [t.stride() for t in (*outs, gi)]
+            assert got == want, (name, shape, got, want)
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
 def test_pooling_layout_is_torchs_suggest_memory_format(backend, device):
     """Pooling results, indices and input gradients take the layout torch's do, its
     suggest_memory_format of the input (c10's channels_last test over the actual strides, size-1

@@ -373,7 +373,22 @@ _CONTIG = torch.contiguous_format
 
 
 def _as_format(t: Tensor, cl: bool) -> Tensor:
-    return t.contiguous(memory_format=_CL) if cl else t
+    """The reference's result ``t`` (contiguous) in channels_last where ``cl``, with the strides
+    torch's pooling gives (``empty(memory_format=channels_last)``'s): a result whose H and W are
+    1 (or C is) is channels_last-contiguous already, and ``contiguous()`` kept its NCHW strides
+    ((3, 1, 1, 1) for [2, 3, 1, 1], torch's (3, 1, 3, 3): a later layer's layout test reads them;
+    a compile fuzz)."""
+    if not cl:
+        return t
+    out = t.contiguous(memory_format=_CL)
+    if out is t and t.dim() == 4 and t.stride() != _cl_strides(t.shape):
+        out = torch.empty(t.shape, dtype=t.dtype, device=t.device, memory_format=_CL).copy_(t)
+    return out
+
+
+def _cl_strides(shape) -> tuple:
+    N, C, H, W = shape
+    return (H * W * C, 1, W * C, C)
 
 
 def max_pool_forward(x: Tensor, kernel_size, stride, padding, dilation, ceil_mode: bool, minimum: bool,
