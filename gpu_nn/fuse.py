@@ -698,6 +698,8 @@ def fuse(model: torch.nn.Module) -> torch.fx.GraphModule:
             # be the graph of every module in the model's mode
             try:
                 same = _same_graph(graph, uniform(training), model)
+            except _ModeSwitch:
+                raise
             except Exception:
                 same = False
             if not same:
@@ -708,6 +710,8 @@ def fuse(model: torch.nn.Module) -> torch.fx.GraphModule:
                                  "called whole, such as dropout and batch norm, may be in either")
         try:
             other = uniform(not training)
+        except _ModeSwitch:  # a switch in the other mode's forward alone (if self.training: no_grad)
+            raise
         except Exception as exc:  # a model that traces only in its present mode: the other raises
             other = _raising_graph(graph, f"gpu_nn.fuse could not trace the model in {name[not training]} mode "
                                           f"({type(exc).__name__}: {exc}); this fused model runs in "

@@ -362,6 +362,20 @@ def test_a_forward_that_switches_modes_is_refused(switch):
     with pytest.raises(ValueError, match=r"switches gradient, inference or autocast mode .*\(model\.head = gpu_nn\.fuse\(model\.head\)\) instead$"):
         gpu_nn.fuse(model)
     assert torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
+    # a switch in one training mode's forward alone: refused too (the other mode's trace, whose
+    # failure would otherwise make a fused model that raises in that mode)
+
+    class OnlyInEval(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, x):
+            return self.inner(x) if not self.training else self.inner.head(self.inner.frozen(x))
+
+    for mode in (True, False):
+        with pytest.raises(ValueError, match="switches gradient, inference or autocast mode"):
+            gpu_nn.fuse(OnlyInEval().train(mode))
     plain = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
     x = torch.randn(3, 4)
     for ctx in (torch.no_grad, lambda: torch.autocast("cpu", dtype=torch.bfloat16)):
