@@ -302,6 +302,23 @@ def test_relu_inplace_refuses_an_expanded_input_as_torch(backend, device, grad):
             assert torch.equal(x.detach().cpu(), torch.tensor([[-1.0, 2.0, -3.0]])) and e._version == before
 
 
+@pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
+def test_relu_inplace_on_an_expanded_input_keeps_torchs_order_of_errors(backend, device):
+    """The expanded-input refusal comes after torch's earlier checks, as in torch: an expanded
+    view of a leaf requiring grad gets autograd's view error, a bool one relu's dtype error, a
+    complex one clamp's NotImplementedError (the refusal first said "more than one element" for
+    all three: a re-read)."""
+    cases = [lambda: torch.randn(1, 3, device=device, requires_grad=True).expand(2, 3),
+             lambda: torch.ones(1, 3, dtype=torch.bool, device=device).expand(2, 3),
+             lambda: torch.randn(1, 3, dtype=torch.complex64, device=device).expand(2, 3)]
+    for make in cases:
+        with pytest.raises(Exception) as theirs:
+            torch.relu_(make())
+        with gpu_nn.backend(backend), pytest.raises(type(theirs.value)) as ours:
+            F.relu_(make())
+        assert str(ours.value) == str(theirs.value), (str(ours.value), str(theirs.value))
+
+
 @pytest.mark.parametrize("name", OPS)
 def test_opcheck(name, rng):
     x = randn(rng, 3, 5, requires_grad=True)

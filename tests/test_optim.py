@@ -2290,8 +2290,18 @@ def test_an_expanded_parameter_is_refused_as_torch(backend, device, name):
     q = torch.nn.Parameter(torch.zeros(4, 3, device=device))
     q.grad = torch.arange(3.0, device=device).reshape(1, 3).expand(4, 3)
     with gpu_nn.backend(backend):
-        getattr(go, name)([q], lr=0.1).step()
+        opt = getattr(go, name)([q], lr=0.1)
+        opt.step()
     assert torch.isfinite(q).all() and torch.equal(q[0], q[3])
+
+    # an expanded state tensor (a loaded state_dict's: .to() keeps it as it is): torch's update
+    # refuses it; ours stepped through it (the last write winning) or failed late on Triton
+    for k, v in list(opt.state[q].items()):
+        if torch.is_tensor(v) and v.dim():
+            opt.state[q][k] = v[:1].expand(4, 3)
+    if any(torch.is_tensor(v) and v.dim() for v in opt.state[q].values()):
+        with gpu_nn.backend(backend), pytest.raises(KernelInputError, match=_OVERLAP):
+            opt.step()
 
 
 @pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
@@ -2359,15 +2369,23 @@ def test_clip_grad_norm_negative_norm_of_an_empty_gradient_refused_as_torch(back
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float16))
 def test_clip_grad_norm_of_meta_gradients_as_torch(dtype):
     """Meta gradients (a model built on the meta device): torch returns a meta 0-d total of the
-    gradients' dtype; ours raised NotImplementedError from the reference's host copy."""
+    gradients' dtype, bumps their versions, and refuses error_if_nonfinite (it reads the total);
+    ours raised NotImplementedError from the reference's host copy."""
     def params():
         p = torch.zeros(2, 3, device="meta", dtype=dtype, requires_grad=True)
         p.grad = torch.zeros(2, 3, device="meta", dtype=dtype)
         return [p]
 
-    want = torch.nn.utils.clip_grad_norm_(params(), 1.0)
-    got = clip_grad_norm_(params(), 1.0)
+    a, b = params(), params()
+    want = torch.nn.utils.clip_grad_norm_(a, 1.0)
+    got = clip_grad_norm_(b, 1.0)
     assert (got.device, got.dtype, got.shape) == (want.device, want.dtype, want.shape)
+    assert b[0].grad._version == a[0].grad._version
+    with pytest.raises(RuntimeError) as theirs:
+        torch.nn.utils.clip_grad_norm_(params(), 1.0, error_if_nonfinite=True)
+    with pytest.raises(RuntimeError) as ours:
+        clip_grad_norm_(params(), 1.0, error_if_nonfinite=True)
+    assert str(ours.value) == str(theirs.value)
 
 
 def test_clip_grad_norm_empty_generator_warning_points_at_the_caller():
@@ -2378,3 +2396,24 @@ def test_clip_grad_norm_empty_generator_warning_points_at_the_caller():
             warnings.simplefilter("always")
             clip((p for p in []), 1.0)
         assert [w.filename for w in caught] == [__file__], clip
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
+def test_kept_plan_refuses_a_parameter_reshaped_at_its_address(backend, device):
+    """p.data swapped for a reshaped view at the same address, its gradient keeping the old
+    shape: torch's step refuses the broadcast; a kept plan keyed on the address alone stepped it
+    quietly (an optimizer fuzz). The plan's key holds the parameter's shape: torch's error."""
+    def run(mod):
+        p = torch.nn.Parameter(torch.zeros(2, 2, device=device))
+        opt = mod.SGD([p], lr=1.0)
+        p.grad = torch.zeros(2, 2, device=device)
+        opt.step()
+        p.grad = torch.ones(2, 2, device=device)
+        p.data = p.data.view(4)
+        opt.step()
+
+    with pytest.raises(RuntimeError) as want:
+        run(torch.optim)
+    with gpu_nn.backend(backend), pytest.raises(KernelInputError) as got:
+        run(go)
+    assert str(got.value) == str(want.value)

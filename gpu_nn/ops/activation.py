@@ -277,10 +277,6 @@ def _refused_view(t: Tensor) -> bool:
 def _apply(input: Tensor, activation: str, inplace: bool = False) -> Tensor:
     # a TypeError, as torch's (relu_ for the in-place form, as torch.relu_ names itself)
     check_tensor(f"{activation}{'_' if inplace else ''}", "input", input, 1)
-    if inplace and not torch.compiler.is_compiling():
-        # an expanded input (stride 0 over a dim of 2 or more): torch's in-place op refuses it
-        # before computing; ours computed it and then failed in the copy back (a RuntimeError)
-        refuse_internal_overlap(input)
     if input.is_complex() or (input.is_floating_point() and input.dtype not in FLOAT_DTYPES):
         # torch's verdict: relu refuses complex tensors (NotImplementedError), sigmoid / tanh
         # compute them; a float8 tensor none of the three takes on a CPU
@@ -303,9 +299,16 @@ def _apply(input: Tensor, activation: str, inplace: bool = False) -> Tensor:
                     # raises its error here, before anything is written (mark_dirty raised it
                     # after the kernel had written)
                     input.mul_(1)
+                refuse_internal_overlap(input)  # (after torch's autograd checks, as torch's order)
                 return _ActivationInPlace.apply(input, activation)
-        elif _in_place(input, activation):
+        elif _in_place(input, activation):  # (takes only dense layouts: never an expanded input)
             return input
+    if inplace and not torch.compiler.is_compiling() and not (input.is_leaf and input.requires_grad
+                                                              and torch.is_grad_enabled()):
+        # an expanded input (stride 0 over a dim of 2 or more): torch's in-place op refuses it
+        # after its dtype and autograd checks (a leaf requiring grad: copy_'s refusal below), before
+        # computing; ours computed it and then failed in the copy back (a plain RuntimeError)
+        refuse_internal_overlap(input)
     # a dual tensor changed in place: the op on a copy, whose tangent (which the rule's backward
     # op saves, for a reverse pass over this forward one) the copy back leaves untouched
     out = _activation_op(input.clone() if inplace and carries_tangent(input) else input, activation)

@@ -456,6 +456,7 @@ class _Base(Optimizer):
                 buf = _state_of_shape(key, buf, p)
             buf = buf.to(device=p.device, dtype=dt)
             state[key] = buf
+        refuse_internal_overlap(buf)  # an expanded state (a loaded state_dict's): torch's update refuses it
         return buf
 
     def _params_with_grad(self, group):

@@ -73,8 +73,9 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_i
         raise torchs_own_error(lambda: torch.nn.utils.get_total_norm([empty], norm_type, foreach=foreach),
                                f"the {norm_type} norm of an empty gradient has no value", KernelInputError)
     if all(g.is_meta for g in grads):
-        # meta gradients have no values: the total's shape, dtype and device, as torch's
-        return torch.empty((), dtype=_promoted_dtype(grads), device="meta")
+        # meta gradients have no values, so nothing of ours to run: torch's own clipping (its meta
+        # total, its version bumps, its refusal of error_if_nonfinite, which reads the total)
+        return torch.nn.utils.clip_grad_norm_(parameters, max_norm, norm_type, error_if_nonfinite, foreach)
     devices = {g.device for g in grads}
     # float64 gradients (any of a device's: the kernels take no float64) take the reference under
     # auto, as every op's float64 does
