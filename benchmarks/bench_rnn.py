@@ -35,14 +35,13 @@ default CUDA-core loop (``cupy``).
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import gpu_nn
 from gpu_nn import nn as gnn
 from gpu_nn.benchmarks import harness
+from gpu_nn.kernels import env_switch
 
 TORCH = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "rnn": torch.nn.RNN}
 PERSISTENT_ENV = "GPU_NN_RNN_PERSISTENT"
@@ -63,7 +62,7 @@ SKIP_PERSISTENT_ENV = "GPU_NN_BENCH_SKIP_PERSISTENT"  # set by hand ("1") to lea
 
 def _unskipped(providers):
     """``providers`` less the persistent ones where GPU_NN_BENCH_SKIP_PERSISTENT=1."""
-    if os.environ.get(SKIP_PERSISTENT_ENV) == "1":
+    if env_switch(SKIP_PERSISTENT_ENV):
         return tuple(p for p in providers if p not in PERSISTENT_PROVIDERS)
     return tuple(providers)
 
@@ -86,7 +85,7 @@ def _with_default(providers):
     gets. At small batch its fwd+bwd is neither forced form (the persistent forward by default,
     the per-step backward: ops.rnn PERSISTENT_BWD_BY_DEFAULT), so the forced ones alone would leave
     the default combination untimed (a benchmark audit); its kernels are theirs (no compile)."""
-    if os.environ.get(SKIP_PERSISTENT_ENV) == "1":  # (the default forward is persistent at small batch)
+    if env_switch(SKIP_PERSISTENT_ENV):  # (the default forward is persistent at small batch)
         return tuple(providers)
     return tuple(q for p in providers for q in ((p, "triton-default") if p == "triton" else (p,)))
 

@@ -56,16 +56,19 @@ _disk: dict[str, dict] | None = None
 _ENV_DATA = getattr(os.environ, "_data", None)
 _ENV_KEY = os.environ.encodekey(ENV) if _ENV_DATA is not None and hasattr(os.environ, "encodekey") else None
 _ON = (None, b"1", "1")
+_OFF = (b"0", "0")
 
 
 def _tuning_off() -> bool:
     """GPU_NN_TUNE off (0, false, no, off: :func:`gpu_nn.kernels.env_switch`), read on every call
     (a change is seen) from CPython's own store of the environment where it has one (a tenth of
-    ``os.environ.get``, as ``_backend`` reads GPU_NN_BACKEND), else through ``os.environ``; unset
-    and "1", the usual values, answered without parsing."""
+    ``os.environ.get``, as ``_backend`` reads GPU_NN_BACKEND), else through ``os.environ``; unset,
+    "1" and "0", the usual values, answered without parsing."""
     raw = os.environ.get(ENV) if _ENV_KEY is None else _ENV_DATA.get(_ENV_KEY)
     if raw in _ON:
         return False
+    if raw in _OFF:  # (the GPU scripts' and gpu-nn check's setting: answered as fast)
+        return True
     if isinstance(raw, bytes):
         raw = os.fsdecode(raw)
     return env_switch(ENV, raw, read=False) is False

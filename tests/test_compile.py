@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+from gpu_nn.kernels import env_switch
 from gpu_nn.kernels import cuda as kcuda
 from gpu_nn.kernels import triton as ktriton
 from gpu_nn.kernels.triton import _aot
@@ -215,7 +216,7 @@ SHARDS = {"conv": 2, "rnn": 2, "dense": 2}
 # the suite neared CI's 15 minutes). A spill or backend
 # failure that needs two factors together hides from the default subset until a pairs or full
 # run, which runs at every stop that touches a kernel (README, Tests).
-AOT_COVER = "all" if os.environ.get("GPU_NN_AOT_FULL", "0") == "1" else os.environ.get("GPU_NN_AOT_COVER", "each")
+AOT_COVER = "all" if env_switch("GPU_NN_AOT_FULL") else os.environ.get("GPU_NN_AOT_COVER", "each")
 if AOT_COVER not in ("all", "pairs", "each"):
     raise ValueError(f"GPU_NN_AOT_COVER must be all, pairs or each, got {AOT_COVER!r}")
 AOT_CASES = [(fam, f"{k}/{SHARDS.get(fam, 1)}") for fam in ktriton.FAMILIES for k in range(SHARDS.get(fam, 1))]

@@ -2274,7 +2274,10 @@ def _onednn_takes(dtype: torch.dtype) -> bool:
     if not _MKLDNN_BUILT or not (torch.backends.mkldnn.enabled or torch.compiler.is_exporting()):
         # (torch.export turns oneDNN off while it traces; the program it exports runs torch's
         # LSTM with the flag as it is then, on by default: read as on there, so an LSTM exported
-        # under CPU autocast keeps the dtype eager gives, not float32; a compile audit)
+        # under CPU autocast keeps the dtype eager gives, not float32; a compile audit. Ours
+        # decides when traced, torch's when run: a program exported, and run, with oneDNN turned
+        # off by the user gives bfloat16 where torch's gives float32, a re-read found; the flag
+        # as the user set it is not visible while export traces)
         return False
     return dtype == torch.float32 or _mkldnn_bf16()
 
