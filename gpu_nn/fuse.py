@@ -45,9 +45,11 @@ model's own is refused (one graph per mode could not follow both).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import math
+import threading
 
 import torch
 import torch.fx
@@ -96,15 +98,11 @@ class _Tracer(torch.fx.Tracer):
         self._modes = _modes()
 
     def create_proxy(self, kind, target, args, kwargs, *rest, **kw):
-        # a node recorded under another grad / inference / autocast mode than the trace began in:
-        # torch.fx records no mode switch (a ``with torch.no_grad():`` block inside forward would
-        # run with gradients in the graph, an autocast block in the default dtype), so refused
+        # a node recorded under another grad / inference / autocast mode than the trace began in
+        # (a switch :func:`_switches_refused` does not see: torch.set_autocast_enabled called
+        # as a function)
         if kind != "placeholder" and _modes() != self._modes:
-            raise _ModeSwitch(
-                "fuse(): the model's forward switches gradient, inference or autocast mode (torch.no_grad, "
-                "torch.set_grad_enabled, torch.inference_mode, torch.autocast), which torch.fx cannot record: the "
-                "fused model would compute that part in the caller's mode; fuse the submodules that run inside one "
-                "mode (model.head = gpu_nn.fuse(model.head)) instead")
+            raise _ModeSwitch(_MODE_SWITCH)
         return super().create_proxy(kind, target, args, kwargs, *rest, **kw)
 
     def getattr(self, attr, attr_val, parameter_proxy_cache):
@@ -552,7 +550,44 @@ def _same_graph(a: torch.fx.Graph, b: torch.fx.Graph, root: torch.nn.Module) -> 
 
 
 class _ModeSwitch(ValueError):
-    """A forward that switches a mode torch.fx does not record (:meth:`_Tracer.create_proxy`)."""
+    """A forward that switches a mode torch.fx does not record (:func:`_switches_refused`)."""
+
+
+_MODE_SWITCH = ("fuse(): the model's forward switches gradient, inference or autocast mode (torch.no_grad, "
+                "torch.enable_grad, torch.set_grad_enabled, torch.inference_mode, torch.autocast), which torch.fx "
+                "cannot record: the fused model would compute that part in the caller's mode; fuse the submodules "
+                "that run inside one mode (model.head = gpu_nn.fuse(model.head)) instead")
+
+
+@contextlib.contextmanager
+def _switches_refused():
+    """While the model is traced (in this thread), entering a gradient, inference or autocast mode
+    raises :class:`_ModeSwitch`: torch.fx records no switch, so a ``with torch.no_grad():`` block
+    inside forward would run with gradients in the fused model, an ``autocast(enabled=False)``
+    block under the caller's autocast, an ``enable_grad()`` one under the caller's no_grad.
+    Every grad-mode switch goes through ``torch._C._set_grad_enabled`` (no_grad, enable_grad,
+    set_grad_enabled in either form); inference_mode and autocast through their ``__enter__``.
+    Other threads pass through."""
+    me = threading.get_ident()
+    grad_mode = torch.autograd.grad_mode
+    amp = torch.amp.autocast_mode.autocast
+    real = (torch._C._set_grad_enabled, grad_mode.inference_mode.__enter__, amp.__enter__)
+
+    def guard(fn):
+        @functools.wraps(fn)
+        def wrapped(*args, **kwargs):
+            if threading.get_ident() == me:
+                raise _ModeSwitch(_MODE_SWITCH)
+            return fn(*args, **kwargs)
+        return wrapped
+
+    torch._C._set_grad_enabled = guard(real[0])
+    grad_mode.inference_mode.__enter__, amp.__enter__ = guard(real[1]), guard(real[2])
+    try:
+        yield
+    finally:
+        torch._C._set_grad_enabled = real[0]
+        grad_mode.inference_mode.__enter__, amp.__enter__ = real[1], real[2]
 
 
 def _modes() -> tuple:
@@ -566,9 +601,7 @@ _AUTOCAST_DEVICES = ("cpu", "cuda")
 
 
 def _trace(model: torch.nn.Module) -> torch.fx.Graph:
-    # traced with gradients on (a forward's torch.no_grad() block is then a mode switch the tracer
-    # sees), whatever the caller's mode
-    with torch.enable_grad():
+    with _switches_refused():
         return _Tracer().trace(model)
 
 

@@ -343,25 +343,33 @@ class _ModeSwitch(torch.nn.Module):
             torch.set_grad_enabled(True)
         else:
             ctx = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode,
-                   "autocast": lambda: torch.autocast("cpu", dtype=torch.bfloat16)}[self.switch]()
+                   "autocast": lambda: torch.autocast("cpu", dtype=torch.bfloat16),
+                   "enable_grad": torch.enable_grad,
+                   "autocast_off": lambda: torch.autocast("cpu", enabled=False)}[self.switch]()
             with ctx:
                 h = torch.relu(self.frozen(x))
             h = h.float().clone()
         return self.head(h)
 
 
-@pytest.mark.parametrize("switch", ("no_grad", "set_grad_enabled", "inference_mode", "autocast"))
+@pytest.mark.parametrize("switch", ("no_grad", "set_grad_enabled", "inference_mode", "autocast", "enable_grad",
+                                    "autocast_off"))
 def test_a_forward_that_switches_modes_is_refused(switch):
     """A forward with a torch.no_grad() (set_grad_enabled, inference_mode, autocast) block: torch.fx
     records no mode switch, so the fused model computed the frozen part with gradients (the frozen
     layer got a gradient torch's never does) or in float32 where autocast gives bfloat16, without
-    a word (a fuse audit). Refused now, with what to do; a model without a switch still fuses
-    when fuse itself is called under no_grad or autocast (the mode is the caller's, not the
-    forward's)."""
+    a word (a fuse audit). Refused now, with what to do, also where the switch would change
+    nothing at fuse time (enable_grad, autocast(enabled=False): they matter under the caller's
+    no_grad or autocast later); a model without a switch still fuses when fuse itself is called
+    under no_grad or autocast (the mode is the caller's, not the forward's), and the tracing
+    leaves torch's switches as they were."""
     model = _ModeSwitch(switch)
     with pytest.raises(ValueError, match=r"switches gradient, inference or autocast mode .*\(model\.head = gpu_nn\.fuse\(model\.head\)\) instead$"):
         gpu_nn.fuse(model)
     assert torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
+    assert torch._C._set_grad_enabled.__module__ is None or not hasattr(torch._C._set_grad_enabled, "__wrapped__")
+    with torch.no_grad():
+        assert not torch.is_grad_enabled()
     # a switch in one training mode's forward alone: refused too (the other mode's trace, whose
     # failure would otherwise make a fused model that raises in that mode)
 
