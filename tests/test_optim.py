@@ -2304,6 +2304,18 @@ def test_an_expanded_parameter_is_refused_as_torch(backend, device, name):
             opt.step()
 
 
+def _clip_refused_as_torch(params, backend, *args):
+    """clip_grad_norm_(params(), *args) refused by torch and by ours on ``backend`` with the same
+    words (ours a KernelInputError); returns our parameters, for what the refusal left."""
+    with pytest.raises(RuntimeError) as want:
+        torch.nn.utils.clip_grad_norm_(params(), *args)
+    ours = params()
+    with gpu_nn.backend(backend), pytest.raises(KernelInputError) as got:
+        clip_grad_norm_(ours, *args)
+    assert str(got.value) == str(want.value)
+    return ours
+
+
 @pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
 def test_clip_grad_norm_refuses_an_expanded_gradient_as_torch(backend, device):
     """An expanded gradient (stride 0 over 4 rows): torch's in-place scaling refuses it; ours
@@ -2315,12 +2327,7 @@ def test_clip_grad_norm_refuses_an_expanded_gradient_as_torch(backend, device):
         q.grad = torch.full((2,), 5.0, device=device)
         return [q, p]
 
-    with pytest.raises(RuntimeError) as want:
-        torch.nn.utils.clip_grad_norm_(params(), 1.0)
-    ours = params()
-    with gpu_nn.backend(backend), pytest.raises(KernelInputError) as got:
-        clip_grad_norm_(ours, 1.0)
-    assert _OVERLAP in str(want.value) and str(got.value) == str(want.value)
+    ours = _clip_refused_as_torch(params, backend, 1.0)
     assert torch.equal(ours[0].grad.cpu(), torch.full((2,), 5.0)) and torch.equal(ours[1].grad.cpu(), torch.full((4, 3), 5.0))
 
 
@@ -2337,12 +2344,7 @@ def test_clip_grad_norm_refuses_integer_gradients_as_torch(backend, device, dtyp
         q.grad = torch.tensor([3, 4, 12], device=device).to(dtype)
         return [p, q]
 
-    with pytest.raises(RuntimeError) as want:
-        torch.nn.utils.clip_grad_norm_(params(), 1.0)
-    ours = params()
-    with gpu_nn.backend(backend), pytest.raises(KernelInputError) as got:
-        clip_grad_norm_(ours, 1.0)
-    assert str(got.value) == str(want.value)
+    ours = _clip_refused_as_torch(params, backend, 1.0)
     assert torch.equal(ours[0].grad.cpu(), torch.full((2,), 5.0))
     assert torch.equal(ours[1].grad.cpu(), torch.tensor([3, 4, 12]).to(dtype))
 
@@ -2357,12 +2359,7 @@ def test_clip_grad_norm_negative_norm_of_an_empty_gradient_refused_as_torch(back
         p.grad, q.grad = torch.tensor([3.0, 4.0], device=device), torch.zeros(0, device=device)
         return [p, q]
 
-    with pytest.raises(RuntimeError) as want:
-        torch.nn.utils.clip_grad_norm_(params(), 1.0, norm_type)
-    ours = params()
-    with gpu_nn.backend(backend), pytest.raises(KernelInputError) as got:
-        clip_grad_norm_(ours, 1.0, norm_type)
-    assert str(got.value) == str(want.value)
+    ours = _clip_refused_as_torch(params, backend, 1.0, norm_type)
     assert torch.equal(ours[0].grad.cpu(), torch.tensor([3.0, 4.0]))
 
 
