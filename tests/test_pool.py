@@ -1755,7 +1755,7 @@ def test_channels_last_pooling_to_one_pixel_has_torchs_strides(backend, device):
     """A channels_last input pooled to 1 x 1 (a global pool): torch's values, indices and input
     gradient have empty(memory_format=channels_last)'s strides, size-1 dims included ((3, 1, 3, 3)
     for [2, 3, 1, 1]); the reference kept NCHW's (3, 1, 1, 1), channels_last-contiguous too but
-    read as contiguous by a later layer's layout test (a compile fuzz)."""
+    read as contiguous by a later layer's layout test (a compile fuzz); the fake kernels as the real."""
     for shape, k in (((2, 3, 4, 4), 4), ((2, 3, 1, 4), (1, 4)), ((1, 3, 1, 1), 1)):
         x = torch.randn(*shape).contiguous(memory_format=torch.channels_last)
         for name in ("max_pool2d", "avg_pool2d"):
@@ -1768,6 +1768,23 @@ def test_channels_last_pooling_to_one_pixel_has_torchs_strides(backend, device):
                     (gi,) = torch.autograd.grad(outs[0], xi, torch.ones_like(outs[0]))
                 into += [t.stride() for t in (*outs, gi)]
             assert got == want, (name, shape, got, want)
+        # the fake kernels (torch.compile, export) give the real results' strides too (their
+        # new_empty(...).contiguous(memory_format=) kept NCHW's for these)
+        kk = [k, k] if isinstance(k, int) else list(k)
+        xi = x.to(device)
+        calls = [(torch.ops.gpu_nn.max_pool.default, (xi, kk, kk, [0, 0], [1, 1], False, False)),
+                 (torch.ops.gpu_nn.avg_pool.default, (xi, kk, kk, [0, 0], False, True, None))]
+        with gpu_nn.backend(backend):
+            real = [op(*args) for op, args in calls]
+        g, idx = torch.ones_like(real[0][0]), real[0][1]
+        calls += [(torch.ops.gpu_nn.max_pool_backward.default, (g, idx, list(shape), kk, kk, [0, 0], [1, 1], True)),
+                  (torch.ops.gpu_nn.avg_pool_backward.default, (g, list(shape), kk, kk, [0, 0], False, True, None, True))]
+        with gpu_nn.backend(backend):
+            real += [op(*args) for op, args in calls[2:]]
+        with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+            fake = [op(*[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]) for op, args in calls]
+        strides = [[t.stride() for t in (o if isinstance(o, tuple) else (o,))] for o in (*real, *fake)]
+        assert strides[:4] == strides[4:], (shape, strides)
 
 
 @pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))

@@ -372,23 +372,19 @@ _CL = torch.channels_last
 _CONTIG = torch.contiguous_format
 
 
+def _laid_out(like: Tensor, shape, fmt: torch.memory_format, dtype=None) -> Tensor:
+    """An uninitialised ``shape`` tensor on ``like``'s device in ``fmt`` with
+    ``torch.empty(memory_format=)``'s strides, size-1 dims included, as torch's pooling and our
+    kernels allocate their results: the fake kernels' results and the reference's copies too
+    (``new_empty(...).contiguous(memory_format=)`` keeps NCHW strides for a result that is
+    channels_last-contiguous already, (3, 1, 1, 1) for [2, 3, 1, 1] where torch's is (3, 1, 3, 3):
+    a later layer's layout test reads them; a compile fuzz)."""
+    return torch.empty(shape, dtype=dtype or like.dtype, device=like.device, memory_format=fmt)
+
+
 def _as_format(t: Tensor, cl: bool) -> Tensor:
-    """The reference's result ``t`` (contiguous) in channels_last where ``cl``, with the strides
-    torch's pooling gives (``empty(memory_format=channels_last)``'s): a result whose H and W are
-    1 (or C is) is channels_last-contiguous already, and ``contiguous()`` kept its NCHW strides
-    ((3, 1, 1, 1) for [2, 3, 1, 1], torch's (3, 1, 3, 3): a later layer's layout test reads them;
-    a compile fuzz)."""
-    if not cl:
-        return t
-    out = t.contiguous(memory_format=_CL)
-    if out is t and t.dim() == 4 and t.stride() != _cl_strides(t.shape):
-        out = torch.empty(t.shape, dtype=t.dtype, device=t.device, memory_format=_CL).copy_(t)
-    return out
-
-
-def _cl_strides(shape) -> tuple:
-    N, C, H, W = shape
-    return (H * W * C, 1, W * C, C)
+    """The reference's result ``t`` (contiguous) in channels_last where ``cl`` (:func:`_laid_out`)."""
+    return _laid_out(t, t.shape, _CL).copy_(t) if cl else t
 
 
 def max_pool_forward(x: Tensor, kernel_size, stride, padding, dilation, ceil_mode: bool, minimum: bool,
@@ -743,9 +739,9 @@ def _(input, kernel_size, stride, padding, dilation, ceil_mode, minimum, need_in
     N, C, H, W = input.shape
     oh, ow = _out_hw(H, W, kernel_size, stride, padding, dilation, ceil_mode)
     fmt = _CL if _channels_last(input) else _CONTIG
-    idx = (input.new_empty((N, C, oh, ow), dtype=torch.int64).contiguous(memory_format=fmt) if need_indices
+    idx = (_laid_out(input, (N, C, oh, ow), fmt, torch.int64) if need_indices
            else input.new_empty((0,), dtype=torch.int64))
-    return input.new_empty((N, C, oh, ow)).contiguous(memory_format=fmt), idx
+    return _laid_out(input, (N, C, oh, ow), fmt), idx
 
 
 @routed
@@ -758,7 +754,7 @@ def _max_pool_backward_op(grad_output: Tensor, indices: Tensor, input_size: list
 
 @_max_pool_backward_op.register_fake
 def _(grad_output, indices, input_size, kernel_size, stride, padding, dilation, channels_last=False):
-    return grad_output.new_empty(tuple(input_size)).contiguous(memory_format=_CL if channels_last else _CONTIG)
+    return _laid_out(grad_output, tuple(input_size), _CL if channels_last else _CONTIG)
 
 
 def _max_setup(ctx, inputs, output):
@@ -813,7 +809,7 @@ def _avg_pool_op(input: Tensor, kernel_size: list[int], stride: list[int], paddi
 def _(input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override):
     N, C, H, W = input.shape
     oh, ow = _out_hw(H, W, kernel_size, stride, padding, (1, 1), ceil_mode)
-    return input.new_empty((N, C, oh, ow)).contiguous(memory_format=_CL if _channels_last(input) else _CONTIG)
+    return _laid_out(input, (N, C, oh, ow), _CL if _channels_last(input) else _CONTIG)
 
 
 @routed
@@ -829,7 +825,7 @@ def _avg_pool_backward_op(grad_output: Tensor, input_size: list[int], kernel_siz
 @_avg_pool_backward_op.register_fake
 def _(grad_output, input_size, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override,
       channels_last=False):
-    return grad_output.new_empty(tuple(input_size)).contiguous(memory_format=_CL if channels_last else _CONTIG)
+    return _laid_out(grad_output, tuple(input_size), _CL if channels_last else _CONTIG)
 
 
 def _avg_setup(ctx, inputs, output):
