@@ -1091,3 +1091,46 @@ def test_eager_route_unwraps_what_a_finished_transform_left_wrapped():
             results.append((y.detach(), x0.grad, z))
         for a, b in zip(*results):
             assert torch.equal(a, b), (backend, a, b)
+
+
+def _layout_inputs():
+    """(kind, make(shape)) of the tensors no kernel of ours reads: sparse COO, a jagged nested
+    tensor, a MaskedTensor."""
+    from torch.masked import masked_tensor
+
+    return [("sparse_coo", lambda shape: torch.randn(*shape).to_sparse()),
+            ("nested", lambda shape: torch.nested.nested_tensor([torch.randn(*shape[1:]), torch.randn(*shape[1:])],
+                                                                layout=torch.jagged)),
+            ("MaskedTensor", lambda shape: (lambda x: masked_tensor(x, x > 0))(torch.randn(*shape)))]
+
+
+_LAYOUT_OPS = {
+    "relu": (lambda x: F.relu(x), (2, 3, 4)), "sigmoid": (lambda x: F.sigmoid(x), (2, 3, 4)),
+    "softmax": (lambda x: F.softmax(x, -1), (2, 3, 4)), "log_softmax": (lambda x: F.log_softmax(x, -1), (2, 3, 4)),
+    "linear": (lambda x: F.linear(x, torch.ones(2, 4)), (2, 3, 4)),
+    "max_pool2d": (lambda x: F.max_pool2d(x, 2), (2, 3, 4, 4)), "avg_pool1d": (lambda x: F.avg_pool1d(x, 2), (2, 3, 4)),
+}
+
+
+@pytest.mark.parametrize("op", sorted(_LAYOUT_OPS))
+@pytest.mark.parametrize("kind", [k for k, _ in _layout_inputs()])
+def test_unreadable_layouts_refused_with_a_kernel_input_error(op, kind):
+    """A sparse, nested or masked tensor reached NumPy's conversion, the dispatcher or the
+    subclass's dispatch and failed there in their words (a TypeError "can't convert Sparse
+    layout tensor to numpy", NotImplementedError "gpu_nn.activation.default", "Multiple dispatch
+    failed"; a mode fuzz). Now a KernelInputError saying what the kernels take, from the
+    original error; found on the error path only (the hot path pays nothing)."""
+    fn, shape = _LAYOUT_OPS[op]
+    x = dict(_layout_inputs())[kind](shape)
+    with pytest.raises(gpu_nn.KernelInputError, match="gpu-nn's kernels take dense \\(strided\\) tensors") as e:
+        fn(x)
+    assert e.value.__cause__ is not None
+    label = {"sparse_coo": "a sparse_coo tensor", "nested": "a nested tensor", "MaskedTensor": "a MaskedTensor"}[kind]
+    assert label in str(e.value)
+
+
+def test_plain_errors_are_not_relabelled_as_layouts():
+    """The error path's layout test changes nothing for a dense tensor: an op's own error (a
+    wrong-length weight) reaches the caller as before."""
+    with pytest.raises(gpu_nn.KernelInputError, match="mat1 and mat2 shapes cannot be multiplied"):
+        F.linear(torch.randn(2, 3), torch.randn(4, 5))

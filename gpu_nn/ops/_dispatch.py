@@ -766,52 +766,60 @@ class Routed:
         self._c_apply = None if fn is None or self._tensorlist else super(torch.autograd.Function, fn).apply
 
     def __call__(self, *args, **kwargs):
-        # a forward-AD dual level is open (one module global read otherwise); under a torch.func
-        # transform (jvp opens a dual level too) the interpreter check below decides instead:
-        # unpack_dual has no batching rule, so it cannot look at a vmap-wrapped tensor
-        if _fwad._current_level >= 0 and not _C._are_functorch_transforms_active():
-            if not self._takes_tangents(args, kwargs):
-                _refuse_tangents(self._overload._schema.name, args, kwargs, _has_tangent)
-            elif any(isinstance(a, torch.Tensor) and _has_tangent(a) for a in args):
-                return self._functorch_function().apply(*args)
-        if torch.compiler.is_compiling() or kwargs or len(args) != self._nargs or not EAGER or not _eager_ok(args):
-            if _C._are_functorch_transforms_active() and not torch.compiler.is_compiling():
-                keys = [i.key() for i in _functorch.get_interpreter_stack()]
-                jvp_ok = self._takes_tangents(args, kwargs)
-                if _JVP in keys and not (jvp_ok and keys.count(_JVP) == 1):
-                    # (two jvp levels: an autograd.Function's jvp rule reads its saved tensors without
-                    # the outer level's tangent, so jvp of jvp / jacfwd of jacfwd come out wrong,
-                    # torch's own Functions alike: refused)
-                    _refuse_tangents(self._overload._schema.name, args, kwargs, _functorch.is_functorch_wrapped_tensor,
-                                     nested=jvp_ok)
-                elif (_GRAD in keys or _VMAP in keys or _JVP in keys) and _FUNCTIONALIZE not in keys:
-                    if self._tensorlist:
-                        if _GRAD in keys and _any_tracked(args, kwargs):
-                            # autograd.Function tracks no tensor inside a list argument (the
-                            # weights): the lists spread into its own inputs
-                            if not kwargs and len(args) == self._nargs and self._pair is not None:
-                                return self._functorch_list_apply(args)
-                            raise NotImplementedError(
-                                f"{self._overload._schema.name}: under torch.func's grad / vjp / jacrev an op with "
-                                "list arguments is called with its arguments positionally (as gpu-nn's functions "
-                                "and modules call it)")
-                    elif not kwargs and len(args) == self._nargs and self._pair is not None:
-                        return self._functorch_function().apply(*args)
-            elif _fwad._current_level >= 0 and _C._are_functorch_transforms_active():
-                # torch.compile of a forward-mode transform (a dual level open under a transform
-                # while tracing): traced, the custom op would get zero tangents without a word (it
-                # has no forward formula of its own); outside the compiler its jvp rule runs
-                # (dynamo falls back to eager for the transform; jacfwd / hessian it refuses)
-                return _outside_compiler()(self, args, kwargs)
-            return self._overload(*args, **kwargs)
-        t = args[0]
-        if isinstance(t, torch.Tensor) and not t.is_cpu:
-            if t.is_meta:  # shapes only (a model built on device="meta"): the op's fake kernel
-                return self._overload(*args)
-            if t.is_cuda and t.get_device() != _get_device():  # on_device's guard
-                with torch.cuda.device(t.get_device()):
-                    return self._eager(args)
-        return self._eager(args)
+        try:
+            # a forward-AD dual level is open (one module global read otherwise); under a torch.func
+            # transform (jvp opens a dual level too) the interpreter check below decides instead:
+            # unpack_dual has no batching rule, so it cannot look at a vmap-wrapped tensor
+            if _fwad._current_level >= 0 and not _C._are_functorch_transforms_active():
+                if not self._takes_tangents(args, kwargs):
+                    _refuse_tangents(self._overload._schema.name, args, kwargs, _has_tangent)
+                elif any(isinstance(a, torch.Tensor) and _has_tangent(a) for a in args):
+                    return self._functorch_function().apply(*args)
+            if torch.compiler.is_compiling() or kwargs or len(args) != self._nargs or not EAGER or not _eager_ok(args):
+                if _C._are_functorch_transforms_active() and not torch.compiler.is_compiling():
+                    keys = [i.key() for i in _functorch.get_interpreter_stack()]
+                    jvp_ok = self._takes_tangents(args, kwargs)
+                    if _JVP in keys and not (jvp_ok and keys.count(_JVP) == 1):
+                        # (two jvp levels: an autograd.Function's jvp rule reads its saved tensors without
+                        # the outer level's tangent, so jvp of jvp / jacfwd of jacfwd come out wrong,
+                        # torch's own Functions alike: refused)
+                        _refuse_tangents(self._overload._schema.name, args, kwargs, _functorch.is_functorch_wrapped_tensor,
+                                         nested=jvp_ok)
+                    elif (_GRAD in keys or _VMAP in keys or _JVP in keys) and _FUNCTIONALIZE not in keys:
+                        if self._tensorlist:
+                            if _GRAD in keys and _any_tracked(args, kwargs):
+                                # autograd.Function tracks no tensor inside a list argument (the
+                                # weights): the lists spread into its own inputs
+                                if not kwargs and len(args) == self._nargs and self._pair is not None:
+                                    return self._functorch_list_apply(args)
+                                raise NotImplementedError(
+                                    f"{self._overload._schema.name}: under torch.func's grad / vjp / jacrev an op with "
+                                    "list arguments is called with its arguments positionally (as gpu-nn's functions "
+                                    "and modules call it)")
+                        elif not kwargs and len(args) == self._nargs and self._pair is not None:
+                            return self._functorch_function().apply(*args)
+                elif _fwad._current_level >= 0 and _C._are_functorch_transforms_active():
+                    # torch.compile of a forward-mode transform (a dual level open under a transform
+                    # while tracing): traced, the custom op would get zero tangents without a word (it
+                    # has no forward formula of its own); outside the compiler its jvp rule runs
+                    # (dynamo falls back to eager for the transform; jacfwd / hessian it refuses)
+                    return _outside_compiler()(self, args, kwargs)
+                return self._overload(*args, **kwargs)
+            t = args[0]
+            if isinstance(t, torch.Tensor) and not t.is_cpu:
+                if t.is_meta:  # shapes only (a model built on device="meta"): the op's fake kernel
+                    return self._overload(*args)
+                if t.is_cuda and t.get_device() != _get_device():  # on_device's guard
+                    with torch.cuda.device(t.get_device()):
+                        return self._eager(args)
+            return self._eager(args)
+        except KernelInputError:
+            raise
+        except (TypeError, RuntimeError, NotImplementedError) as exc:
+            # (the error path only: nothing on the hot path) a tensor our kernels cannot read
+            # failed somewhere below with NumPy's, the dispatcher's or a subclass's words
+            _refuse_layouts(self._overload._schema.name, args, exc)
+            raise
 
     def _functorch_list_apply(self, args):
         """:meth:`_functorch_function` for an op with list arguments (the recurrent sequence
@@ -959,6 +967,32 @@ class Routed:
                 "inside another) through gpu-nn's recurrent sequence layers are not supported; use "
                 "vectorize=False, or torch.func.vmap") from None
         return out
+
+
+def _unreadable(t) -> str | None:
+    """What makes ``t`` a tensor no kernel of ours reads (None for a dense strided tensor): a
+    sparse or other non-strided layout, a nested tensor (jagged or strided), a MaskedTensor."""
+    if t.is_nested:
+        return "a nested tensor"
+    if t.layout is not torch.strided:
+        return f"a {str(t.layout).replace('torch.', '')} tensor"
+    if type(t).__name__ == "MaskedTensor":
+        return "a MaskedTensor"
+    return None
+
+
+def _refuse_layouts(op: str, args, exc) -> None:
+    """A KernelInputError naming the argument of ``args`` (lists searched too) that our kernels
+    cannot take (:func:`_unreadable`), raised from ``exc``, the error it caused; nothing where
+    none is such an argument."""
+    for a in args:
+        for t in (a if isinstance(a, (list, tuple)) else (a,)):
+            if isinstance(t, torch.Tensor):
+                what = _unreadable(t)
+                if what is not None:
+                    raise KernelInputError(
+                        f"{op}: gpu-nn's kernels take dense (strided) tensors, got {what}; torch's own "
+                        "op takes it where torch has one for it (or convert it with .to_dense())") from exc
 
 
 def _legacy_batched(t) -> bool:
