@@ -49,6 +49,20 @@ _OVERLAP_MSG = ("unsupported operation: more than one element of the written-to 
                 "memory location. Please clone() the tensor before performing the operation.")
 
 
+_INFERENCE_MSG = ("Inplace update to inference tensor outside InferenceMode is not allowed.You can make a clone to "
+                  "get a normal tensor before doing inplace update.See https://github.com/pytorch/rfcs/pull/17 for "
+                  "more details.")
+
+
+def refuse_inference_write(t: torch.Tensor) -> None:
+    """torch's refusal of an in-place update of an inference tensor (made under
+    ``torch.inference_mode``) outside inference mode: an optimizer's parameter or state, a
+    gradient clipping scales, all written past the dispatcher (NumPy views, kernels) that would
+    otherwise change it where torch refuses to."""
+    if t.is_inference() and not torch.is_inference_mode_enabled():
+        raise KernelInputError(_INFERENCE_MSG)
+
+
 def refuse_internal_overlap(t: torch.Tensor) -> None:
     """torch's ``assert_no_internal_overlap`` for a tensor about to be written in place (an
     optimizer's parameter, a gradient clipping scales): refused where a dim of more than one

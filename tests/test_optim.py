@@ -2414,3 +2414,131 @@ def test_kept_plan_refuses_a_parameter_reshaped_at_its_address(backend, device):
     with gpu_nn.backend(backend), pytest.raises(KernelInputError) as got:
         run(go)
     assert str(got.value) == str(want.value)
+
+
+class _Wrapped(torch.Tensor):
+    """A ``__torch_dispatch__`` wrapper subclass (as DTensor and FSDP2's parameters are): every
+    op runs on the wrapped tensor ``elem``; no storage of its own for NumPy or a kernel to read."""
+
+    @staticmethod
+    def __new__(cls, elem):
+        r = torch.Tensor._make_wrapper_subclass(cls, elem.size(), strides=elem.stride(), dtype=elem.dtype,
+                                                device=elem.device, requires_grad=elem.requires_grad)
+        r.elem = elem
+        return r
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        from torch.utils._pytree import tree_map
+
+        def un(t):
+            return t.elem if isinstance(t, _Wrapped) else t
+
+        def wrap(t):
+            return _Wrapped(t) if isinstance(t, torch.Tensor) and not isinstance(t, _Wrapped) else t
+
+        return tree_map(wrap, func(*tree_map(un, args), **tree_map(un, kwargs or {})))
+
+
+_SUBCLASS_CASES = [("SGD", dict(lr=0.1, momentum=0.9, nesterov=True)), ("SGD", dict(lr=0.1, weight_decay=0.1)),
+                   ("Adam", dict(lr=0.1, amsgrad=True, weight_decay=0.1)), ("AdamW", dict(lr=0.1, maximize=True)),
+                   ("Adagrad", dict(lr=0.1, lr_decay=0.01)), ("Adadelta", dict(lr=0.5, weight_decay=0.1)),
+                   ("RMSprop", dict(lr=0.01, momentum=0.5, centered=True))]
+
+
+@pytest.mark.parametrize("backend", ("reference", "triton"))
+@pytest.mark.parametrize("name,kw", _SUBCLASS_CASES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(_SUBCLASS_CASES)])
+def test_wrapper_subclass_parameters_step_as_torchs(backend, name, kw):
+    """Parameters and gradients of a ``__torch_dispatch__`` wrapper subclass (DTensor's kind):
+    torch's step runs its in-place ops through the subclass; ours failed (".numpy() is not
+    supported for tensor subclasses" on the reference, an invalid storage on Triton). Now torch's
+    own functional step runs on them, into our state: the parameters and state as torch's over
+    three steps, bit for bit, on any backend (a mode fuzz)."""
+    got = []
+    for lib in (torch.optim, go):
+        torch.manual_seed(0)
+        p = _Wrapped(torch.randn(5, dtype=torch.float64)).requires_grad_()
+        opt = getattr(lib, name)([p], **kw)
+        with gpu_nn.backend(backend):
+            for _ in range(3):
+                p.grad = _Wrapped(torch.randn(5, dtype=torch.float64))
+                opt.step()
+        state = {k: (v.elem if isinstance(v, _Wrapped) else v).clone() for k, v in opt.state[p].items()
+                 if torch.is_tensor(v)}
+        got.append((p.elem.clone(), state))
+    torch.testing.assert_close(got[1][0], got[0][0], rtol=0, atol=0)
+    assert set(got[1][1]) == set(got[0][1])
+    for k, v in got[0][1].items():
+        torch.testing.assert_close(got[1][1][k].to(v.dtype), v, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ("reference", "triton"))
+def test_clip_grad_norm_of_wrapper_subclass_gradients_as_torch(backend):
+    """Gradients of a wrapper subclass: torch's clipping runs through it; ours failed in the host
+    copy (reference) or the kernel's launch (Triton). Now torch's clipping: its total and scaled
+    gradients."""
+    out = []
+    for clip in (torch.nn.utils.clip_grad_norm_, clip_grad_norm_):
+        p = _Wrapped(torch.ones(3)).requires_grad_()
+        p.grad = _Wrapped(torch.full((3,), 2.0))
+        with gpu_nn.backend(backend):
+            total = clip([p], 1.0)
+        out.append((getattr(total, "elem", total), p.grad.elem.clone()))
+    torch.testing.assert_close(out[1][0], out[0][0], rtol=0, atol=0)
+    torch.testing.assert_close(out[1][1], out[0][1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_steps_and_clipping_under_fake_tensor_mode_as_torchs(name):
+    """Under FakeTensorMode (tracing, memory estimates): torch's step and clipping run on the fake
+    tensors; ours failed (".numpy() is not supported for tensor subclasses"). Now torch's: the
+    same state keys, shapes and dtypes, fake results."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    got = []
+    for lib, clip in ((torch.optim, torch.nn.utils.clip_grad_norm_), (go, clip_grad_norm_)):
+        with FakeTensorMode():
+            p = torch.randn(3, 4, requires_grad=True)
+            p.grad = torch.randn(3, 4)
+            total = clip([p], 1.0)
+            opt = getattr(lib, name)([p], **_kw(name))
+            opt.step()
+            opt.step()
+        assert isinstance(total, FakeTensor) and isinstance(p, FakeTensor)
+        got.append({k: (v.shape, v.dtype) for k, v in opt.state[p].items() if torch.is_tensor(v) and k != "step"})
+    assert got[1] == got[0]
+
+
+@pytest.mark.parametrize("backend", ("reference", "triton"))
+@pytest.mark.parametrize("name", NAMES)
+def test_inference_tensors_refused_outside_inference_mode_as_torch(backend, name):
+    """Parameters made under torch.inference_mode, stepped (or their gradients clipped) outside
+    it: torch refuses the in-place update; ours wrote through (NumPy views, kernels) and changed
+    them (a mode fuzz). torch's words, nothing written; inside inference mode both step, and a
+    later step outside is refused again (the kept plan does not skip the check)."""
+    def param():
+        with torch.inference_mode():
+            p = torch.ones(3)
+            p.grad = torch.full((3,), 2.0)
+        return p
+
+    with pytest.raises(RuntimeError) as want:
+        getattr(torch.optim, name)([param()], **_kw(name)).step()
+    p = param()
+    opt = getattr(go, name)([p], **_kw(name))
+    with gpu_nn.backend(backend):
+        with pytest.raises(KernelInputError) as got:
+            opt.step()
+        assert str(got.value) == str(want.value) and "inference tensor" in str(got.value)
+        assert torch.equal(p, torch.ones(3))
+        with pytest.raises(KernelInputError, match="inference tensor"):
+            clip_grad_norm_([p], 1.0)
+        assert torch.equal(p.grad, torch.full((3,), 2.0))
+        with torch.inference_mode():
+            opt.step()
+            opt.step()
+        assert not torch.equal(p, torch.ones(3))
+        moved = p.clone()
+        with pytest.raises(KernelInputError, match="inference tensor"):
+            opt.step()
+    assert torch.equal(p, moved)

@@ -29,6 +29,7 @@ BACKENDS = {
     "adam": ("reference", "triton", "cupy"),
 }
 GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_C = torch._C
 
 
 def _split(params):
@@ -112,6 +113,10 @@ def run_parts(kind: str, parts_: list, hp: dict, grads) -> None:
     host_hp = None
     amp = "found_inf" in hp  # GradScaler's scalars (a fused step's: optimizers._Base._step_hp)
     for part in parts_:
+        sub_g = [grads[i] for i in part.idx]
+        if needs_torch(part.params, sub_g):
+            _run_torch(kind, part.params, part.states, hp, sub_g)
+            continue
         # the parameters change in place, as torch's step changes them with in-place ops: their
         # version counters move, so a backward through a graph that saved them before the step
         # fails as torch's does ("modified by an inplace operation") instead of mixing old and
@@ -121,7 +126,6 @@ def run_parts(kind: str, parts_: list, hp: dict, grads) -> None:
             for s in part.steps:  # nothing there either; its step counts (CPU tensors) advance
                 s.add_(1)
             continue
-        sub_g = [grads[i] for i in part.idx]
         backend = _backend.resolve(f"optim.{kind}", part.device, BACKENDS[kind], dtype=part.dtype)
         part_hp = hp
         if tensor_lr and (backend == "reference" or not device_lr(lr, part.device)):
@@ -148,6 +152,69 @@ def run_parts(kind: str, parts_: list, hp: dict, grads) -> None:
                 # a step GradScaler skips (found_inf 1) does not count, as torch's fused steps
                 # take it back: on the device, no host read
                 torch._foreach_sub_(part.steps, [part_hp["found_inf"]] * len(part.steps))
+
+
+def needs_torch(params, grads) -> bool:
+    """Whether a step (or a clipping) of these tensors is torch's own to run: a tensor subclass
+    with a torch function or dispatch of its own among them (FSDP2's DTensor parameters, fake
+    tensors, a wrapper subclass), whose data neither NumPy nor a kernel can read (".numpy() is
+    not supported for tensor subclasses"; an invalid storage), or a dispatch mode active
+    (FakeTensorMode, a logging mode), which would not see writes made past the dispatcher.
+    nn.Parameter and its subclasses that keep its disabled torch function are plain."""
+    if _C._len_torch_dispatch_stack() > 0:
+        return True
+    for ts in (params, grads):
+        for t in ts:
+            c = type(t)
+            if c is not torch.Tensor and c is not _Parameter and (
+                    c.__torch_dispatch__ is not _NO_DISPATCH or _C._has_torch_function((t,))):
+                return True
+    return False
+
+
+_Parameter = torch.nn.Parameter
+_NO_DISPATCH = _C._disabled_torch_dispatch_impl  # a subclass without a __torch_dispatch__ of its own
+
+
+def _run_torch(kind, params, st, hp, grads) -> None:
+    """The step of torch's own optimizer on ``params`` (its functional form, one tensor at a
+    time, as its step runs on a CPU), into this optimizer's state tensors: for the tensors of
+    :func:`needs_torch`, on which torch's in-place ops are the subclass's or the mode's to run.
+    GradScaler's scalars of a fused step are applied as its fused step applies them (skipped
+    where found_inf is set, the gradients unscaled in place first)."""
+    from torch.optim import adadelta, adagrad, adam, rmsprop, sgd
+
+    found, scale = hp.get("found_inf"), hp.get("grad_scale")
+    if found is not None and float(found) != 0:
+        return
+    if scale is not None:
+        for g in grads:
+            g.div_(scale)
+    lr = hp["lr"]
+    if isinstance(lr, torch.Tensor) and kind != "adam":
+        lr = float(lr)  # (torch's single-tensor steps but Adam's take a float lr)
+    common = dict(lr=lr, weight_decay=hp["weight_decay"], maximize=hp["maximize"])
+    if kind == "sgd":
+        bufs = [None if first else b for b, first in zip(st["momentum_buffer"], st["first"])]
+        sgd.sgd(params, grads, bufs, foreach=False, momentum=hp["momentum"], dampening=hp["dampening"],
+                nesterov=hp["nesterov"], **common)
+        for b, first, new in zip(st["momentum_buffer"], st["first"], bufs):
+            if first and b is not None:
+                b.copy_(new)  # (torch's first step clones the gradient into a buffer of its own)
+    elif kind == "adagrad":
+        adagrad.adagrad(params, grads, st["sum"], st["step"], foreach=False, lr_decay=hp["lr_decay"], eps=hp["eps"],
+                        **common)
+    elif kind == "adadelta":
+        adadelta.adadelta(params, grads, st["square_avg"], st["acc_delta"], st["step"], foreach=False, rho=hp["rho"],
+                          eps=hp["eps"], **common)
+    elif kind == "rmsprop":
+        rmsprop.rmsprop(params, grads, st["square_avg"], st["grad_avg"], st["momentum_buffer"], st["step"],
+                        foreach=False, alpha=hp["alpha"], eps=hp["eps"], momentum=hp["momentum"],
+                        centered=hp["centered"], **common)
+    else:
+        adam.adam(params, grads, st["exp_avg"], st["exp_avg_sq"], st["max_exp_avg_sq"], st["step"], foreach=False,
+                  decoupled_weight_decay=hp["decoupled_weight_decay"], amsgrad=hp["amsgrad"], beta1=hp["beta1"],
+                  beta2=hp["beta2"], eps=hp["eps"], **common)
 
 
 def _amp_on(hp: dict, device) -> dict:

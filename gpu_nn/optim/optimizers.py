@@ -52,7 +52,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .. import _backend
-from .._errors import (KernelInputError, KernelInputTypeError, cpp_type_name, refuse_internal_overlap, scalar_type_name,
+from .._errors import (KernelInputError, KernelInputTypeError, cpp_type_name, refuse_inference_write,
+                       refuse_internal_overlap, scalar_type_name,
                        type_name)
 from . import _dispatch
 from ._triton import capturing as _capturing
@@ -279,6 +280,8 @@ def _grad_key(params):
     where they lie (``regrad``: the table's gradient column rebuilt when they moved, as a caching
     allocator moves them between steps). None where a gradient has no strides or storage
     (sparse): the full step says why."""
+    if torch._C._len_torch_dispatch_stack():  # (a fake tensor's data_ptr warns; torch's step runs there)
+        return None, None
     key, grads = [], []
     try:
         for p in params:
@@ -317,11 +320,14 @@ class _Plan:
     lr changed from a float to a tensor, to another tensor or in place takes effect at the next
     step. A plan holds no gradient: their memory stays the caller's to free."""
 
-    __slots__ = ("group", "params", "struct", "key", "state", "parts")
+    __slots__ = ("group", "params", "struct", "key", "state", "parts", "inference")
 
-    def __init__(self, group, struct, key, state, parts):
+    def __init__(self, group, struct, key, state, parts, inference=False):
         self.group, self.params, self.struct = group, list(group["params"]), struct
         self.key, self.state, self.parts = key, state, parts
+        # whether it writes an inference tensor (a step taken inside torch.inference_mode): a
+        # step outside the mode then takes the full path, which refuses it as torch does
+        self.inference = inference
 
     @classmethod
     def record(cls, opt, group, params, grads, state_lists, parts, key):
@@ -335,15 +341,19 @@ class _Plan:
         if any(_capturing(part.device) for part in parts):  # its tables are written by the graph alone
             return None
         state = []
+        inference = False
         for p in params:
             d = opt.state.get(p)  # None: no state (SGD without momentum), and none may appear
             items = () if d is None else d.items()
             state.append((p, d, tuple((k, v, v.data_ptr() if torch.is_tensor(v) else None) for k, v in items)))
-        return cls(group, opt._struct(group), key, state, parts)
+            inference = inference or p.is_inference() or any(torch.is_tensor(v) and v.is_inference() for _, v in items)
+        return cls(group, opt._struct(group), key, state, parts, inference)
 
     def holds(self, opt, group, key) -> bool:
         """Whether the plan serves a step of ``group`` whose gradients have ``key``."""
         if key != self.key or group is not self.group or opt._struct(group) != self.struct:
+            return False
+        if self.inference and not torch.is_inference_mode_enabled():
             return False
         if not _identical(group["params"], self.params):
             return False
@@ -440,6 +450,7 @@ class _Base(Optimizer):
             step = torch.tensor(float(step), dtype=_scalar_dtype(), device="cpu")
         if p.device.type not in ("cpu", "meta") and (step.device != p.device or step.dtype != torch.float32):
             step = step.to(device=p.device, dtype=torch.float32)
+        refuse_inference_write(step)  # (torch's step count goes up in place first)
         state["step"] = step
         return step
 
@@ -456,6 +467,7 @@ class _Base(Optimizer):
                 buf = _state_of_shape(key, buf, p)
             buf = buf.to(device=p.device, dtype=dt)
             state[key] = buf
+        refuse_inference_write(buf)  # (a state made in an inference-mode step, stepped outside one)
         refuse_internal_overlap(buf)  # an expanded state (a loaded state_dict's): torch's update refuses it
         return buf
 
@@ -496,6 +508,7 @@ class _Base(Optimizer):
             g = p.grad
             if not (p.is_floating_point() or p.is_complex()):
                 raise self._integral_error(group, p.dtype)
+            refuse_inference_write(p)  # (a parameter made under torch.inference_mode, stepped outside it)
             refuse_internal_overlap(p)  # (an expanded parameter: torch's in-place update refuses it)
             if g.shape != p.shape:
                 a, b = (g.shape, p.shape) if self._grad_first(group) else (p.shape, g.shape)

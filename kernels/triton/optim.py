@@ -517,8 +517,8 @@ def _clip_total_kernel(part_ptr, n_parts, total_ptr, p_b, NORM: tl.constexpr, RB
 # -- launch configuration -----------------------------------------------------------------
 
 def config(interpret: bool) -> tuple[int, int, int]:
-    """(BLOCK, ITERS, num_warps): on a GPU 2048 x 8 = 16 Ki elements per program at 4 warps
-    (16 elements per thread per block: four 16-byte vectors per fp32 array); the interpreter
+    """(BLOCK, ITERS, num_warps): on a GPU 1024 x 16 = 16 Ki elements per program at 4 warps
+    (8 elements per thread per block: two 16-byte vectors per fp32 array); the interpreter
     runs each program in Python, so one small block per program."""
     return (INTERP_BLOCK, INTERP_ITERS, 4) if interpret else (GPU_BLOCK, GPU_ITERS, GPU_WARPS)
 

@@ -11,7 +11,7 @@ import torch
 from torch.autograd.graph import increment_version
 
 from ... import _backend
-from ..._errors import KernelInputError, KernelInputNotImplementedError, refuse_internal_overlap
+from ..._errors import KernelInputError, KernelInputNotImplementedError, refuse_inference_write, refuse_internal_overlap
 
 __all__ = ["clip_grad_norm_"]
 
@@ -62,6 +62,7 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_i
 
             raise torchs_own_error(lambda: torch.linalg.vector_norm(torch.zeros(0, dtype=g.dtype), norm_type),
                                    f"clip_grad_norm_: a gradient of {g.dtype}", KernelInputError)
+        refuse_inference_write(g)  # (a gradient made under torch.inference_mode, scaled outside it)
         refuse_internal_overlap(g)  # an expanded gradient: torch's in-place scaling refuses it
     if (math.isinf(norm_type) or norm_type < 0) and any(g.numel() == 0 for g in grads):
         # a max / min or a negative power over no elements (no identity): torch refuses (its
@@ -72,9 +73,13 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_i
         empty = next(g for g in grads if g.numel() == 0)
         raise torchs_own_error(lambda: torch.nn.utils.get_total_norm([empty], norm_type, foreach=foreach),
                                f"the {norm_type} norm of an empty gradient has no value", KernelInputError)
-    if all(g.is_meta for g in grads):
+    from ...optim._dispatch import needs_torch
+
+    if all(g.is_meta for g in grads) or needs_torch(grads, ()):
         # meta gradients have no values, so nothing of ours to run: torch's own clipping (its meta
-        # total, its version bumps, its refusal of error_if_nonfinite, which reads the total)
+        # total, its version bumps, its refusal of error_if_nonfinite, which reads the total); so
+        # for tensor subclasses (DTensor, fake tensors) and under a dispatch mode (optim/_dispatch
+        # needs_torch): their in-place ops are theirs to run
         return torch.nn.utils.clip_grad_norm_(parameters, max_norm, norm_type, error_if_nonfinite, foreach)
     devices = {g.device for g in grads}
     # float64 gradients (any of a device's: the kernels take no float64) take the reference under
