@@ -1042,13 +1042,21 @@ def test_split_k_candidates_match_reference(half, monkeypatch, rng):
                 assert_close(y, yr, dtype, 6 * c, f"split {cand} {layout}")
 
 
+# (kernel, conv kwargs) of the tap-split input gradient: 6 taps split within residue classes;
+# 25 taps in 16 splits of 2, the last three splits past the last tap (a mutation audit: their
+# bound went untested, every case's splits dividing its taps)
+DGRAD_SPLIT_KERNELS = [((3, 2), dict(stride=(3, 2), padding=(1, 0), dilation=(1, 2))),
+                       ((5, 5), dict(stride=(2, 1), padding=(2, 2)))]
+
+
 @pytest.mark.usefixtures("no_tf32")
+@pytest.mark.parametrize("kernel,kw", DGRAD_SPLIT_KERNELS, ids=["3x2", "5x5"])
 @pytest.mark.parametrize("half", [False, True], ids=["fp32", "half"])
-def test_dgrad_split_candidates_match_reference(half, monkeypatch, rng):
+def test_dgrad_split_candidates_match_reference(half, kernel, kw, monkeypatch, rng):
     """The input gradient's tap-split candidates (dgrad_problem_candidates), forced: whole taps
     per split into the float32 workspace, then summed into dx; against the reference gradient
     on an odd NCHW problem and a channels_last one in the NHWC specialisation, with stride,
-    dilation and padding, every split launched (two or more)."""
+    dilation and padding, every split launched (two or more), splits past the last tap too."""
     from gpu_nn.kernels.triton import conv as kt
     from gpu_nn.ops import conv as oc
 
@@ -1059,8 +1067,8 @@ def test_dgrad_split_candidates_match_reference(half, monkeypatch, rng):
     for layout, c, o, nhwc in (("contig", 5, 7, False), ("channels_last", 16, 32, True)):
         tf32 = nhwc and not half
         monkeypatch.setattr(oc, "_precision", lambda dt, tf32=tf32: "tf32" if tf32 and dt == torch.float32 else "ieee")
-        x64, w64 = randn(rng, 2, c, 9, 7), randn(rng, o, c, 3, 2) / (6 * c) ** 0.5
-        kw = dict(stride=(3, 2), padding=(1, 0), dilation=(1, 2))  # taps split within residue classes
+        taps = kernel[0] * kernel[1]
+        x64, w64 = randn(rng, 2, c, 9, 7), randn(rng, o, c, *kernel) / (taps * c) ** 0.5
         with gpu_nn.backend("reference"):
             xr = x64.clone().requires_grad_()
             yr = F.conv2d(xr, w64, None, **kw)
@@ -1083,11 +1091,13 @@ def test_dgrad_split_candidates_match_reference(half, monkeypatch, rng):
                 got = torch.autograd.grad(y, x, g)[0]
             dgrad = [grid for nm, grid in launched if nm == "_conv_dgrad_kernel"]
             assert len(dgrad) == 1 and dgrad[0][2] >= 2, launched
+            if taps == 25:  # (16 splits of two taps: the last three start past the last tap)
+                assert dgrad[0][2] == 16, launched
             assert "_conv_splitk_reduce_kernel" in [nm for nm, _ in launched]
             if tf32:
-                assert max_rel_err(got, want) <= _tf32_bound(6 * o), f"dgrad split {cand} {layout} (tf32)"
+                assert max_rel_err(got, want) <= _tf32_bound(taps * o), f"dgrad split {cand} {layout} (tf32)"
             else:
-                assert_close(got, want, dtype, 6 * o, f"dgrad split {cand} {layout}")
+                assert_close(got, want, dtype, taps * o, f"dgrad split {cand} {layout}")
 
 
 # Few channels per group: the packed (channel, tap) forms and the nested ones, both directions of
