@@ -1130,7 +1130,13 @@ def test_unreadable_layouts_refused_with_a_kernel_input_error(op, kind):
 
 
 def test_plain_errors_are_not_relabelled_as_layouts():
-    """The error path's layout test changes nothing for a dense tensor: an op's own error (a
-    wrong-length weight) reaches the caller as before."""
+    """The error path's layout test changes nothing for a dense tensor: an error raised inside the
+    routed call that is not a KernelInputError (forward over forward AD, refused with a
+    NotImplementedError) reaches the caller as it was, and so does an op's own KernelInputError
+    (a wrong-length weight)."""
+    x, t = torch.randn(4), torch.randn(4)
+    with pytest.raises(NotImplementedError, match="forward-mode AD over forward-mode AD") as e:
+        torch.func.jvp(lambda u: torch.func.jvp(F.relu, (u,), (t,))[1], (x,), (t,))
+    assert not isinstance(e.value, gpu_nn.KernelInputError)
     with pytest.raises(gpu_nn.KernelInputError, match="mat1 and mat2 shapes cannot be multiplied"):
         F.linear(torch.randn(2, 3), torch.randn(4, 5))

@@ -2446,22 +2446,25 @@ _SUBCLASS_CASES = [("SGD", dict(lr=0.1, momentum=0.9, nesterov=True)), ("SGD", d
                    ("RMSprop", dict(lr=0.01, momentum=0.5, centered=True))]
 
 
+@pytest.mark.parametrize("dtype", (torch.float64, torch.bfloat16), ids=["f64", "bf16"])
 @pytest.mark.parametrize("backend", ("reference", "triton"))
 @pytest.mark.parametrize("name,kw", _SUBCLASS_CASES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(_SUBCLASS_CASES)])
-def test_wrapper_subclass_parameters_step_as_torchs(backend, name, kw):
+def test_wrapper_subclass_parameters_step_as_torchs(backend, name, kw, dtype):
     """Parameters and gradients of a ``__torch_dispatch__`` wrapper subclass (DTensor's kind):
     torch's step runs its in-place ops through the subclass; ours failed (".numpy() is not
     supported for tensor subclasses" on the reference, an invalid storage on Triton). Now torch's
     own functional step runs on them, into our state: the parameters and state as torch's over
-    three steps, bit for bit, on any backend (a mode fuzz)."""
+    three steps, bit for bit, on any backend (a mode fuzz). bfloat16: torch keeps the state in
+    the parameter's dtype, ours in float32 (the step runs on copies in torch's dtype: a review
+    found Adam's lerp refusing our float32 state)."""
     got = []
     for lib in (torch.optim, go):
         torch.manual_seed(0)
-        p = _Wrapped(torch.randn(5, dtype=torch.float64)).requires_grad_()
+        p = _Wrapped(torch.randn(5, dtype=dtype)).requires_grad_()
         opt = getattr(lib, name)([p], **kw)
         with gpu_nn.backend(backend):
             for _ in range(3):
-                p.grad = _Wrapped(torch.randn(5, dtype=torch.float64))
+                p.grad = _Wrapped(torch.randn(5, dtype=dtype))
                 opt.step()
         state = {k: (v.elem if isinstance(v, _Wrapped) else v).clone() for k, v in opt.state[p].items()
                  if torch.is_tensor(v)}
@@ -2488,25 +2491,51 @@ def test_clip_grad_norm_of_wrapper_subclass_gradients_as_torch(backend):
     torch.testing.assert_close(out[1][1], out[0][1], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=["f32", "bf16"])
 @pytest.mark.parametrize("name", NAMES)
-def test_steps_and_clipping_under_fake_tensor_mode_as_torchs(name):
+def test_steps_and_clipping_under_fake_tensor_mode_as_torchs(name, dtype):
     """Under FakeTensorMode (tracing, memory estimates): torch's step and clipping run on the fake
     tensors; ours failed (".numpy() is not supported for tensor subclasses"). Now torch's: the
-    same state keys, shapes and dtypes, fake results."""
+    same state keys and shapes, fake results (bfloat16: our state in float32, as ours keeps it)."""
     from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
     got = []
     for lib, clip in ((torch.optim, torch.nn.utils.clip_grad_norm_), (go, clip_grad_norm_)):
         with FakeTensorMode():
-            p = torch.randn(3, 4, requires_grad=True)
-            p.grad = torch.randn(3, 4)
+            p = torch.randn(3, 4, requires_grad=True, dtype=dtype)
+            p.grad = torch.randn(3, 4, dtype=dtype)
             total = clip([p], 1.0)
             opt = getattr(lib, name)([p], **_kw(name))
             opt.step()
             opt.step()
         assert isinstance(total, FakeTensor) and isinstance(p, FakeTensor)
-        got.append({k: (v.shape, v.dtype) for k, v in opt.state[p].items() if torch.is_tensor(v) and k != "step"})
+        got.append({k: v.shape for k, v in opt.state[p].items() if torch.is_tensor(v) and k != "step"})
     assert got[1] == got[0]
+
+
+def test_which_tensors_take_torchs_step():
+    """optim._dispatch.needs_torch: nn.Parameter, its plain subclasses and plain tensors are ours
+    (whatever torch-function mode is active: a review found a Parameter subclass sent to torch's
+    step inside ``torch.device(...)``); a wrapper subclass, an ``as_subclass`` view and any
+    tensor under a dispatch mode are torch's."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from gpu_nn.optim._dispatch import needs_torch
+
+    class MyParam(torch.nn.Parameter):
+        pass
+
+    class Sub(torch.Tensor):
+        pass
+
+    mine = [torch.ones(2), torch.nn.Parameter(torch.ones(2)), MyParam(torch.ones(2))]
+    assert not needs_torch(mine, [torch.ones(2)])
+    with torch.device("cpu"):
+        assert not needs_torch(mine, [])
+    assert needs_torch([_Wrapped(torch.ones(2))], [])
+    assert needs_torch([torch.nn.Parameter(torch.ones(2))], [torch.ones(2).as_subclass(Sub)])
+    with FakeTensorMode():
+        assert needs_torch(mine, [])
 
 
 @pytest.mark.parametrize("backend", ("reference", "triton"))

@@ -156,32 +156,37 @@ def run_parts(kind: str, parts_: list, hp: dict, grads) -> None:
 
 def needs_torch(params, grads) -> bool:
     """Whether a step (or a clipping) of these tensors is torch's own to run: a tensor subclass
-    with a torch function or dispatch of its own among them (FSDP2's DTensor parameters, fake
-    tensors, a wrapper subclass), whose data neither NumPy nor a kernel can read (".numpy() is
-    not supported for tensor subclasses"; an invalid storage), or a dispatch mode active
-    (FakeTensorMode, a logging mode), which would not see writes made past the dispatcher.
-    nn.Parameter and its subclasses that keep its disabled torch function are plain."""
+    among them with a torch function or dispatch of its own (FSDP2's DTensor parameters, fake
+    tensors, a wrapper subclass, an ``as_subclass`` view), whose data neither NumPy nor a kernel
+    can read (".numpy() is not supported for tensor subclasses"; an invalid storage), or a
+    dispatch mode active (FakeTensorMode, a logging mode), which would not see writes made past
+    the dispatcher. nn.Parameter and its subclasses that keep its disabled torch function are
+    plain, whatever torch-function mode is active (the class decides, not the mode stack)."""
     if _C._len_torch_dispatch_stack() > 0:
         return True
     for ts in (params, grads):
         for t in ts:
             c = type(t)
             if c is not torch.Tensor and c is not _Parameter and (
-                    c.__torch_dispatch__ is not _NO_DISPATCH or _C._has_torch_function((t,))):
+                    c.__torch_dispatch__ is not _NO_DISPATCH or c.__torch_function__ is not _NO_FUNCTION):
                 return True
     return False
 
 
 _Parameter = torch.nn.Parameter
 _NO_DISPATCH = _C._disabled_torch_dispatch_impl  # a subclass without a __torch_dispatch__ of its own
+_NO_FUNCTION = _C._disabled_torch_function_impl  # nn.Parameter's (and its plain subclasses') torch function
 
 
 def _run_torch(kind, params, st, hp, grads) -> None:
-    """The step of torch's own optimizer on ``params`` (its functional form, one tensor at a
-    time, as its step runs on a CPU), into this optimizer's state tensors: for the tensors of
-    :func:`needs_torch`, on which torch's in-place ops are the subclass's or the mode's to run.
-    GradScaler's scalars of a fused step are applied as its fused step applies them (skipped
-    where found_inf is set, the gradients unscaled in place first)."""
+    """The step of torch's own optimizer on ``params`` (its functional form, its implementation
+    chosen as its step chooses it by default: foreach where torch's would be, per tensor else),
+    into this optimizer's state tensors: for the tensors of :func:`needs_torch`, on which torch's
+    in-place ops are the subclass's or the mode's to run. Torch keeps a half parameter's state in
+    the parameter's dtype where ours is float32: the step runs on copies in torch's dtype, copied
+    back (the values torch's state holds). GradScaler's scalars of a fused step are applied as its
+    fused step applies them (skipped where found_inf is set, read on the host; the gradients
+    unscaled in place first)."""
     from torch.optim import adadelta, adagrad, adam, rmsprop, sgd
 
     found, scale = hp.get("found_inf"), hp.get("grad_scale")
@@ -190,31 +195,44 @@ def _run_torch(kind, params, st, hp, grads) -> None:
     if scale is not None:
         for g in grads:
             g.div_(scale)
-    lr = hp["lr"]
-    if isinstance(lr, torch.Tensor) and kind != "adam":
-        lr = float(lr)  # (torch's single-tensor steps but Adam's take a float lr)
-    common = dict(lr=lr, weight_decay=hp["weight_decay"], maximize=hp["maximize"])
+    common = dict(lr=hp["lr"], weight_decay=hp["weight_decay"], maximize=hp["maximize"], foreach=None)
+    back = []  # (our state tensor, torch's copy in the parameter's dtype)
+
+    def as_torch(key):
+        out = []
+        for p, s in zip(params, st[key]):
+            if s is not None and s.dtype != p.dtype:
+                c = s.to(p.dtype)
+                back.append((s, c))
+                s = c
+            out.append(s)
+        return out
+
     if kind == "sgd":
-        bufs = [None if first else b for b, first in zip(st["momentum_buffer"], st["first"])]
-        sgd.sgd(params, grads, bufs, foreach=False, momentum=hp["momentum"], dampening=hp["dampening"],
-                nesterov=hp["nesterov"], **common)
-        for b, first, new in zip(st["momentum_buffer"], st["first"], bufs):
+        ours = st["momentum_buffer"]
+        kept = [None if first else b for b, first in zip(st["momentum_buffer"], st["first"])]
+        st = dict(st, momentum_buffer=kept)
+        bufs = as_torch("momentum_buffer")
+        sgd.sgd(params, grads, bufs, momentum=hp["momentum"], dampening=hp["dampening"], nesterov=hp["nesterov"],
+                **common)
+        for b, first, new in zip(ours, st["first"], bufs):
             if first and b is not None:
                 b.copy_(new)  # (torch's first step clones the gradient into a buffer of its own)
     elif kind == "adagrad":
-        adagrad.adagrad(params, grads, st["sum"], st["step"], foreach=False, lr_decay=hp["lr_decay"], eps=hp["eps"],
-                        **common)
+        adagrad.adagrad(params, grads, as_torch("sum"), st["step"], lr_decay=hp["lr_decay"], eps=hp["eps"], **common)
     elif kind == "adadelta":
-        adadelta.adadelta(params, grads, st["square_avg"], st["acc_delta"], st["step"], foreach=False, rho=hp["rho"],
+        adadelta.adadelta(params, grads, as_torch("square_avg"), as_torch("acc_delta"), st["step"], rho=hp["rho"],
                           eps=hp["eps"], **common)
     elif kind == "rmsprop":
-        rmsprop.rmsprop(params, grads, st["square_avg"], st["grad_avg"], st["momentum_buffer"], st["step"],
-                        foreach=False, alpha=hp["alpha"], eps=hp["eps"], momentum=hp["momentum"],
-                        centered=hp["centered"], **common)
+        rmsprop.rmsprop(params, grads, as_torch("square_avg"), as_torch("grad_avg"), as_torch("momentum_buffer"),
+                        st["step"], alpha=hp["alpha"], eps=hp["eps"], momentum=hp["momentum"], centered=hp["centered"],
+                        **common)
     else:
-        adam.adam(params, grads, st["exp_avg"], st["exp_avg_sq"], st["max_exp_avg_sq"], st["step"], foreach=False,
+        adam.adam(params, grads, as_torch("exp_avg"), as_torch("exp_avg_sq"), as_torch("max_exp_avg_sq"), st["step"],
                   decoupled_weight_decay=hp["decoupled_weight_decay"], amsgrad=hp["amsgrad"], beta1=hp["beta1"],
                   beta2=hp["beta2"], eps=hp["eps"], **common)
+    for s, c in back:
+        s.copy_(c)
 
 
 def _amp_on(hp: dict, device) -> dict:
