@@ -25,14 +25,6 @@ GN_HD float gn_inf() { return HUGE_VALF; }
 GN_HD float gn_to_float(float v) { return v; }
 GN_HD float gn_to_float(double v) { return (float)v; }
 
-// torch's pooling_output_shape for one dimension.
-GN_HD gn_index gn_pool_out_size(gn_index len, int k, int s, int p, int d, int ceil_mode) {
-    gn_index num = len + 2 * (gn_index)p - (gn_index)d * (k - 1) - 1 + (ceil_mode ? s - 1 : 0);
-    gn_index out = (num >= 0 ? num / s : -((-num + s - 1) / s)) + 1;  // floor division
-    if (ceil_mode && (out - 1) * s >= len + p) out -= 1;
-    return out;
-}
-
 // Division of a 32-bit index n in [0, 2^31) by a divisor d in [1, 2^31) that every thread of a
 // launch shares (a tensor size), as a multiply-high, an add and a shift instead of the dozen or
 // more instructions of an integer division: Granlund and Montgomery's method in the form torch's
