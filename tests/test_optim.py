@@ -1126,6 +1126,9 @@ extern "C" void rmsprop_scalars_host(double lr, double alpha, double eps, double
     const float v[7] = {s.lr, s.alpha, s.w, s.eps, s.wd, s.momentum, (float)s.use_momentum};
     for (int i = 0; i < 7; ++i) out[i] = v[i];
 }
+extern "C" void lerp_host(const float* a, const float* b, float w, float* out, long long n) {
+    for (long long i = 0; i < n; ++i) out[i] = gn_lerp(a[i], b[i], w);
+}
 // optim.cu's chunk loop run for every thread of a block: per element of [start, end), how many
 // times it was updated (count) and the size of the group it was updated in (group)
 extern "C" void chunk_cover(int aligned, long long start, long long end, long long nthreads, int* count, int* group) {
@@ -1178,6 +1181,43 @@ def test_cuda_adam_math_on_host(opts, rng):
                   f(1 - b2), f(wd), f(eps), f(-(lr / bc1)), f(bc2**0.5), f(1 - lr * wd))
     for a, b in zip(arrs, (p, g, m, v, vmax)):
         np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("w", [0.0, 0.25, 0.5, 0.75, 1.0])
+def test_cuda_lerp_is_torchs_two_sided_formula_on_host(w, rng):
+    """gn_lerp (Adam's first moment, centered RMSprop's mean gradient) is torch.lerp's formula,
+    ``a + w (b - a)`` below w = 0.5 and ``b - (b - a)(1 - w)`` from it on, bit for bit (each op
+    rounded to float32, as the host build and the GPU's non-fused arithmetic compute it), so
+    exact at w = 1 (beta1 = 0). The mutation audit found the one-sided form passing the adam
+    math test, whose tolerance is wider than the ulps between the two."""
+    lib = build_host_library(_HOST, "optim_math")
+    n = 4097
+    a, b = rng.standard_normal(n).astype(np.float32) * 3, rng.standard_normal(n).astype(np.float32)
+    out = np.empty(n, np.float32)
+    lib.lerp_host(fptr(a), fptr(b), ctypes.c_float(w), fptr(out), ctypes.c_longlong(n))
+    wf, d = np.float32(w), b - a
+    want = a + wf * d if w < 0.5 else b - d * (np.float32(1) - wf)
+    np.testing.assert_array_equal(out, want)
+    if w == 1.0:
+        np.testing.assert_array_equal(out, b)
+
+
+def test_cuda_amsgrad_keeps_nan_on_host(rng):
+    """gn_adam_update's amsgrad maximum keeps a NaN second moment (torch.maximum propagates NaN;
+    a plain ``v > vmax ? v : vmax`` keeps the old maximum): the mutation audit found no host test
+    with a NaN gradient under amsgrad."""
+    lib = build_host_library(_HOST, "optim_math")
+    n = 7
+    p, g = rng.standard_normal(n).astype(np.float32), rng.standard_normal(n).astype(np.float32)
+    g[[1, 4]] = np.nan
+    m, v = np.zeros(n, np.float32), np.zeros(n, np.float32)
+    vmax = np.full(n, 0.5, np.float32)
+    f = ctypes.c_float
+    b1, b2, lr = 0.9, 0.999, 0.01
+    lib.adam_host(fptr(p), fptr(g), fptr(m), fptr(v), fptr(vmax), ctypes.c_longlong(n), 1, 0, 0, f(1 - b1), f(b2),
+                  f(1 - b2), f(0.0), f(1e-8), f(-(lr / (1 - b1))), f((1 - b2) ** 0.5), f(1.0))
+    assert np.isnan(vmax[[1, 4]]).all() and np.isnan(p[[1, 4]]).all()
+    assert np.isfinite(vmax[[0, 2, 3, 5, 6]]).all() and np.isfinite(p[[0, 2, 3, 5, 6]]).all()
 
 
 @pytest.mark.parametrize("opts", [dict(), dict(centered=True, momentum=0.9, weight_decay=0.1, maximize=True)])
@@ -2571,3 +2611,22 @@ def test_inference_tensors_refused_outside_inference_mode_as_torch(backend, name
         with pytest.raises(KernelInputError, match="inference tensor"):
             opt.step()
     assert torch.equal(p, moved)
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("reference", "triton", "cupy")))
+@pytest.mark.parametrize("name", ("Adam", "AdamW"))
+def test_first_moment_is_the_gradient_exactly_at_beta1_zero(backend, device, name):
+    """torch's exp_avg.lerp_(grad, 1 - beta1) is exact at weight 1 (its two-sided formula takes
+    ``grad - (grad - m) * 0`` there): with beta1 = 0 the first moment after a step is the
+    gradient itself, bit for bit, whatever it was before. The mutation audit found the
+    one-sided ``m + w (g - m)`` (off by rounding where |m| dwarfs |g|) passing every optimizer
+    test, their tolerances being wider than its ulps."""
+    p = torch.nn.Parameter(torch.zeros(1000, device=device))
+    opt = getattr(go, name)([p], lr=1e-3, betas=(0.0, 0.999))
+    g = torch.randn(1000, generator=torch.Generator().manual_seed(3))
+    with gpu_nn.backend(backend):
+        for scale in (1e4, 1e-3):
+            p.grad = (g * scale).to(device)
+            g = g.roll(1)
+            opt.step()
+    assert torch.equal(opt.state[p]["exp_avg"].cpu(), p.grad.cpu())
