@@ -63,6 +63,14 @@ def refuse_inference_write(t: torch.Tensor) -> None:
         raise KernelInputError(_INFERENCE_MSG)
 
 
+def refuse_in_place_write(t: torch.Tensor) -> None:
+    """Both of torch's refusals of an in-place update, in torch's order, for a tensor our code
+    writes past the dispatcher (an optimizer's parameter or state, a clipped gradient):
+    :func:`refuse_inference_write`, then :func:`refuse_internal_overlap`."""
+    refuse_inference_write(t)
+    refuse_internal_overlap(t)
+
+
 def refuse_internal_overlap(t: torch.Tensor) -> None:
     """torch's ``assert_no_internal_overlap`` for a tensor about to be written in place (an
     optimizer's parameter, a gradient clipping scales): refused where a dim of more than one

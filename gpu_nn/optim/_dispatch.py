@@ -198,9 +198,9 @@ def _run_torch(kind, params, st, hp, grads) -> None:
     common = dict(lr=hp["lr"], weight_decay=hp["weight_decay"], maximize=hp["maximize"], foreach=None)
     back = []  # (our state tensor, torch's copy in the parameter's dtype)
 
-    def as_torch(key):
+    def as_torch(states):
         out = []
-        for p, s in zip(params, st[key]):
+        for p, s in zip(params, states):
             if s is not None and s.dtype != p.dtype:
                 c = s.to(p.dtype)
                 back.append((s, c))
@@ -210,27 +210,27 @@ def _run_torch(kind, params, st, hp, grads) -> None:
 
     if kind == "sgd":
         ours = st["momentum_buffer"]
-        kept = [None if first else b for b, first in zip(st["momentum_buffer"], st["first"])]
-        st = dict(st, momentum_buffer=kept)
-        bufs = as_torch("momentum_buffer")
+        # torch's first step clones the gradient into a buffer of its own (None asks for that)
+        bufs = as_torch([None if first else b for b, first in zip(ours, st["first"])])
         sgd.sgd(params, grads, bufs, momentum=hp["momentum"], dampening=hp["dampening"], nesterov=hp["nesterov"],
                 **common)
         for b, first, new in zip(ours, st["first"], bufs):
             if first and b is not None:
-                b.copy_(new)  # (torch's first step clones the gradient into a buffer of its own)
+                b.copy_(new)
     elif kind == "adagrad":
-        adagrad.adagrad(params, grads, as_torch("sum"), st["step"], lr_decay=hp["lr_decay"], eps=hp["eps"], **common)
-    elif kind == "adadelta":
-        adadelta.adadelta(params, grads, as_torch("square_avg"), as_torch("acc_delta"), st["step"], rho=hp["rho"],
-                          eps=hp["eps"], **common)
-    elif kind == "rmsprop":
-        rmsprop.rmsprop(params, grads, as_torch("square_avg"), as_torch("grad_avg"), as_torch("momentum_buffer"),
-                        st["step"], alpha=hp["alpha"], eps=hp["eps"], momentum=hp["momentum"], centered=hp["centered"],
+        adagrad.adagrad(params, grads, as_torch(st["sum"]), st["step"], lr_decay=hp["lr_decay"], eps=hp["eps"],
                         **common)
+    elif kind == "adadelta":
+        adadelta.adadelta(params, grads, as_torch(st["square_avg"]), as_torch(st["acc_delta"]), st["step"],
+                          rho=hp["rho"], eps=hp["eps"], **common)
+    elif kind == "rmsprop":
+        rmsprop.rmsprop(params, grads, as_torch(st["square_avg"]), as_torch(st["grad_avg"]),
+                        as_torch(st["momentum_buffer"]), st["step"], alpha=hp["alpha"], eps=hp["eps"],
+                        momentum=hp["momentum"], centered=hp["centered"], **common)
     else:
-        adam.adam(params, grads, as_torch("exp_avg"), as_torch("exp_avg_sq"), as_torch("max_exp_avg_sq"), st["step"],
-                  decoupled_weight_decay=hp["decoupled_weight_decay"], amsgrad=hp["amsgrad"], beta1=hp["beta1"],
-                  beta2=hp["beta2"], eps=hp["eps"], **common)
+        adam.adam(params, grads, as_torch(st["exp_avg"]), as_torch(st["exp_avg_sq"]), as_torch(st["max_exp_avg_sq"]),
+                  st["step"], decoupled_weight_decay=hp["decoupled_weight_decay"], amsgrad=hp["amsgrad"],
+                  beta1=hp["beta1"], beta2=hp["beta2"], eps=hp["eps"], **common)
     for s, c in back:
         s.copy_(c)
 

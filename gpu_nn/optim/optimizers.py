@@ -52,9 +52,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .. import _backend
-from .._errors import (KernelInputError, KernelInputTypeError, cpp_type_name, refuse_inference_write,
-                       refuse_internal_overlap, scalar_type_name,
-                       type_name)
+from .._errors import (KernelInputError, KernelInputTypeError, cpp_type_name, refuse_in_place_write,
+                       refuse_inference_write, scalar_type_name, type_name)
 from . import _dispatch
 from ._triton import capturing as _capturing
 
@@ -467,8 +466,9 @@ class _Base(Optimizer):
                 buf = _state_of_shape(key, buf, p)
             buf = buf.to(device=p.device, dtype=dt)
             state[key] = buf
-        refuse_inference_write(buf)  # (a state made in an inference-mode step, stepped outside one)
-        refuse_internal_overlap(buf)  # an expanded state (a loaded state_dict's): torch's update refuses it
+        # a state made in an inference-mode step and stepped outside one, or an expanded state (a
+        # loaded state_dict's): torch's update refuses either
+        refuse_in_place_write(buf)
         return buf
 
     def _params_with_grad(self, group):
@@ -508,8 +508,7 @@ class _Base(Optimizer):
             g = p.grad
             if not (p.is_floating_point() or p.is_complex()):
                 raise self._integral_error(group, p.dtype)
-            refuse_inference_write(p)  # (a parameter made under torch.inference_mode, stepped outside it)
-            refuse_internal_overlap(p)  # (an expanded parameter: torch's in-place update refuses it)
+            refuse_in_place_write(p)  # (made under torch.inference_mode, or expanded: torch's update refuses it)
             if g.shape != p.shape:
                 a, b = (g.shape, p.shape) if self._grad_first(group) else (p.shape, g.shape)
                 shape = _infer_size(tuple(a), tuple(b))

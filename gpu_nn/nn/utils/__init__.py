@@ -11,7 +11,8 @@ import torch
 from torch.autograd.graph import increment_version
 
 from ... import _backend
-from ..._errors import KernelInputError, KernelInputNotImplementedError, refuse_inference_write, refuse_internal_overlap
+from ..._errors import KernelInputError, KernelInputNotImplementedError, refuse_in_place_write
+from ...optim._dispatch import needs_torch
 
 __all__ = ["clip_grad_norm_"]
 
@@ -62,8 +63,7 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_i
 
             raise torchs_own_error(lambda: torch.linalg.vector_norm(torch.zeros(0, dtype=g.dtype), norm_type),
                                    f"clip_grad_norm_: a gradient of {g.dtype}", KernelInputError)
-        refuse_inference_write(g)  # (a gradient made under torch.inference_mode, scaled outside it)
-        refuse_internal_overlap(g)  # an expanded gradient: torch's in-place scaling refuses it
+        refuse_in_place_write(g)  # (made under torch.inference_mode, or expanded: torch's scaling refuses it)
     if (math.isinf(norm_type) or norm_type < 0) and any(g.numel() == 0 for g in grads):
         # a max / min or a negative power over no elements (no identity): torch refuses (its
         # words depend on foreach), so torch is asked on an empty gradient (ours returned the
@@ -73,8 +73,6 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_i
         empty = next(g for g in grads if g.numel() == 0)
         raise torchs_own_error(lambda: torch.nn.utils.get_total_norm([empty], norm_type, foreach=foreach),
                                f"the {norm_type} norm of an empty gradient has no value", KernelInputError)
-    from ...optim._dispatch import needs_torch
-
     if all(g.is_meta for g in grads) or needs_torch(grads, ()):
         # meta gradients have no values, so nothing of ours to run: torch's own clipping (its meta
         # total, its version bumps, its refusal of error_if_nonfinite, which reads the total); so
