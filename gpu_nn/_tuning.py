@@ -121,7 +121,41 @@ def _device_key(idx: int) -> str:
 
     name = torch.cuda.get_device_name(idx)
     major, minor = torch.cuda.get_device_capability(idx)
-    return f"{name}|sm_{major}{minor}|torch {torch.__version__}|triton {triton.__version__}|gpu_nn {__version__}"
+    return (f"{name}|sm_{major}{minor}|torch {torch.__version__}|triton {triton.__version__}|gpu_nn {__version__}"
+            f"|kernels {kernels_digest()}")
+
+
+KERNEL_SOURCES = (".py", ".cu", ".cuh")
+
+
+def sources_digest(root: str) -> str:
+    """A digest of the kernel sources under ``root`` (every ``.py`` / ``.cu`` / ``.cuh`` file, by
+    relative path and content, in a fixed order). The package version alone did not key the
+    disk cache to the code it measured: ``gpu_nn.__version__`` stays the same across commits, so
+    a choice timed before a kernel changed was served after it (as long as the configuration
+    was still a candidate), and the change was never measured."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for dirpath, dirnames, files in os.walk(root):  # top-down, directories in sorted order
+        dirnames[:] = sorted(d for d in dirnames if d != "__pycache__")
+        for f in sorted(files):
+            if f.endswith(KERNEL_SOURCES):
+                path = os.path.join(dirpath, f)
+                h.update(os.path.relpath(path, root).replace(os.sep, "/").encode() + b"\0")
+                with open(path, "rb") as fh:
+                    h.update(fh.read())
+                h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=None)
+def kernels_digest() -> str:
+    """:func:`sources_digest` of ``gpu_nn.kernels`` (read once per process, on the first tuned
+    call of a CUDA device)."""
+    from . import kernels
+
+    return sources_digest(os.path.dirname(os.path.abspath(kernels.__file__)))
 
 
 def _encode(key: tuple) -> str:

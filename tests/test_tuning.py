@@ -3,6 +3,7 @@ and the cases where the heuristic must be used instead. A fake timer stands in f
 events, so these run on any machine."""
 
 import json
+import os
 import statistics
 import time
 
@@ -370,3 +371,39 @@ def test_queued_times_on_a_gpu_time_the_kernel_not_the_host():
     assert queued and statistics.median(times) < 1e-3, times
     times, queued = _tuning.queued_times(syncing, 3, 2e-3)
     assert not queued
+
+
+def test_device_key_names_the_kernel_sources(tmp_path, monkeypatch):
+    """The disk cache's device key carries a digest of the kernel sources, so that a choice timed
+    before a kernel changed is measured again after it (gpu_nn's version string does not move
+    between commits); the digest follows every .py / .cu / .cuh file's path and content, and
+    nothing else (compiled caches beside them)."""
+    root = tmp_path / "kernels"
+    (root / "triton").mkdir(parents=True)
+    (root / "cuda").mkdir()
+    (root / "__init__.py").write_text("")
+    (root / "triton" / "conv.py").write_text("BLOCK = 64\n")
+    (root / "cuda" / "pool.cu").write_text("// pool\n")
+    first = _tuning.sources_digest(str(root))
+    (root / "__pycache__").mkdir()
+    (root / "__pycache__" / "x.cpython-311.pyc").write_bytes(b"\x00")
+    (root / "notes.txt").write_text("not a source")
+    assert _tuning.sources_digest(str(root)) == first
+    (root / "triton" / "conv.py").write_text("BLOCK = 128\n")
+    changed = _tuning.sources_digest(str(root))
+    assert changed != first
+    (root / "triton" / "conv.py").rename(root / "triton" / "conv2.py")  # same content, another file
+    assert _tuning.sources_digest(str(root)) not in (first, changed)
+    (root / "cuda" / "pool.cuh").write_text("")
+    assert len({_tuning.sources_digest(str(root)), first, changed}) == 3
+
+    _tuning._device_key.cache_clear()
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda idx: "NVIDIA H200")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda idx: (9, 0))
+    try:
+        key = _tuning.device_key(torch.device("cuda", 0))
+    finally:
+        _tuning._device_key.cache_clear()
+    assert key.startswith("NVIDIA H200|sm_90|") and key.endswith(f"|kernels {_tuning.kernels_digest()}")
+    import gpu_nn.kernels as kernels_pkg
+    assert _tuning.kernels_digest() == _tuning.sources_digest(os.path.dirname(os.path.abspath(kernels_pkg.__file__)))
