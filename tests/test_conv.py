@@ -664,6 +664,81 @@ def test_activation_and_bias_gradient_in_one_launch(backend, device, act, monkey
 
 
 @pytest.mark.usefixtures("no_tf32")
+@pytest.mark.parametrize("backend,device", backend_params(("triton",)))
+@pytest.mark.parametrize("nd", [1, 2])
+def test_fused_activation_gradient_takes_the_outputs_layout(backend, device, nd, monkeypatch, rng):
+    """The backward of a convolution with a fused activation runs the activation's gradient in
+    the layout of the forward's output (its input and weight's), whatever layout grad_output
+    comes in: a channels_last layer's NCHW gradient (back from a flatten) or an expanded one
+    (y.sum()) is copied once into y's layout, and y itself never (it was copied, and an expanded
+    gradient materialised as well, before); the gradient kernels then read one layout. Values
+    against the float64 reference, every gradient; the copies counted outside the kernels'
+    launches (a dispatch mode around the op's own function, which the interpreter's launches
+    would also feed)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from gpu_nn.ops import conv as oc
+    from gpu_nn.ops._dispatch import triton_kernels
+
+    inside = [0]
+    for fam in ("conv", "dense", "activation"):
+        mod = triton_kernels(fam)[1]
+        real = mod.launch_kernel
+
+        def counted(*a, _real=real, **k):
+            inside[0] += 1
+            try:
+                return _real(*a, **k)
+            finally:
+                inside[0] -= 1
+        monkeypatch.setattr(mod, "launch_kernel", counted)
+
+    class Copies(TorchDispatchMode):
+        def __init__(self, shape):
+            super().__init__()
+            self.shape, self.seen = shape, []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = func.__name__.split(".")[0]
+            if not inside[0] and name in ("copy_", "clone", "_to_copy", "contiguous") and \
+                    isinstance(out, torch.Tensor) and out.shape == self.shape:
+                self.seen.append((name, tuple(out.stride()), tuple(args[-1].stride())))
+            return out
+
+    xs, ws = ((2, 6, 5, 7), (8, 6, 3, 3)) if nd == 2 else ((2, 6, 9), (8, 6, 3))
+    x64, w64, b64 = randn(rng, *xs), randn(rng, *ws) * 0.3, randn(rng, ws[0])
+    cl = _layout(x64, "channels_last")
+    stride, padding, dilation = ([1, 1], [1, 1, 1, 1], [1, 1]) if nd == 2 else ([1], [1, 1], [1])
+    dtype = torch.float32
+    x = cl.to(device=device, dtype=dtype)
+    w = _layout(w64, "channels_last").to(device=device, dtype=dtype) if nd == 2 else \
+        w64.permute(0, 2, 1).contiguous().permute(0, 2, 1).to(device=device, dtype=dtype)
+    b = b64.to(device=device, dtype=dtype)
+    with gpu_nn.backend(backend):
+        y = oc.conv_forward(x, w, b, stride, padding, dilation, 1, "relu")
+    assert not y.is_contiguous() and y.permute(0, *range(2, y.dim()), 1).is_contiguous()  # channels_last
+    g64 = randn(rng, *y.shape)
+    with gpu_nn.backend("reference"):
+        leaves = [t.double().requires_grad_() for t in (x, w, b)]
+        fn = F.conv2d if nd == 2 else F.conv1d
+        yr = fn(*leaves, padding=1, activation="relu")
+    for how in ("nchw", "expanded", "channels_last"):
+        g = {"nchw": g64.contiguous(), "expanded": torch.ones(()).expand(y.shape),
+             "channels_last": g64.permute(0, *range(2, y.dim()), 1).contiguous().permute(0, y.dim() - 1, *range(1, y.dim() - 1))
+             }[how].to(device=device, dtype=dtype)
+        expect = torch.autograd.grad(yr, leaves, g.double(), retain_graph=True)
+        with gpu_nn.backend(backend), Copies(y.shape) as spy:
+            got = oc.conv_backward(g, x, w, y, stride, padding, dilation, 1, "relu", [True, True, True])
+        # one copy of the gradient into y's strides where it comes in another layout; y never moves
+        assert spy.seen == ([] if how == "channels_last" else [("copy_", y.stride(), g.stride())]), (how, spy.seen)
+        kx, kb = ws[0] * math.prod(ws[2:]), g.numel() // ws[0]
+        for name, a, e, k in zip(("grad_input", "grad_weight", "grad_bias"), got, expect, (kx, kb, kb)):
+            assert_close(a, e, dtype, k, f"{name} {nd}d {how}")
+        assert got[0].stride() == x.stride() and got[1].stride() == w.stride()
+
+
+@pytest.mark.usefixtures("no_tf32")
 @pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
 @pytest.mark.parametrize("nd", [1, 2])
 @pytest.mark.parametrize("wants", [w for w in itertools.product((0, 1), repeat=3) if any(w)], ids=str)

@@ -395,8 +395,14 @@ def _bwd_plan(grad_output, input, weight, output, stride, padding, dilation, gro
         raise KernelInputError(f"conv{nd}d backward with activation={activation!r} needs the forward output")
     mask = tuple(bool(m) for m in output_mask)
     # the activation's elementwise kernel walks flat memory: g, y and its result share one dense
-    # layout (channels_last stays channels_last, no transpose pass)
-    gfmt = torch.channels_last if _dense_channels_last(grad_output) else torch.contiguous_format
+    # layout (channels_last stays channels_last, no transpose pass). With an activation, the
+    # forward output's: y is the forward's own result, in the layout of the input and weight that
+    # the gradient kernels read next, so a grad_output in the other layout (an NCHW gradient
+    # back from a flatten after a channels_last layer) or expanded (y.sum()) is copied into y's
+    # once, where taking grad_output's layout copied y, and an expanded one twice (materialised,
+    # then y), and left the input and weight gradients to mixed layouts
+    lead = output if activation is not None and (output.is_contiguous() or _dense_channels_last(output)) else grad_output
+    gfmt = torch.channels_last if _dense_channels_last(lead) else torch.contiguous_format
     return (nd, _memory_format(input, weight), *_geometry(nd, stride, padding, dilation), mask, gfmt,
             (0, *range(2, grad_output.dim())), _ref_args(stride, padding, dilation),
             input.shape[0] * _pixels_per_sample(nd, input, padding),
@@ -436,7 +442,8 @@ def conv_backward(grad_output: Tensor, input: Tensor, weight: Tensor, output: Op
     new = lambda s: empty(s, dtype=dt, device=dev)  # noqa: E731
     gb = None
     if activation is not None:
-        gc = g if gfmt == torch.channels_last else g.contiguous()
+        dense = _dense_channels_last(g) if gfmt == torch.channels_last else g.is_contiguous()
+        gc = g if dense else _alloc(g.shape, gfmt, new).copy_(g)
         yc = output.to(g.dtype)
         if yc.stride() != gc.stride():
             yc = _alloc(yc.shape, gfmt, lambda s: torch.empty(s, dtype=dt, device=dev)).copy_(yc)
