@@ -30,7 +30,13 @@ _set = getattr(torch._C, "_set_fp32_precision_setter", None)
 def tf32(op: str) -> bool:
     """Whether torch lets its CUDA kernels for ``op`` (``"matmul"``: cuBLAS, linear's;
     ``"conv"`` / ``"rnn"``: cuDNN's convolutions / recurrent layers) compute float32 products in
-    TF32, as they decide it. Never raises for a mix of the legacy and new APIs."""
+    TF32, as they decide it. Never raises for a mix of the legacy and new APIs. With cuDNN
+    switched off (``torch.backends.cudnn.enabled = False``) torch's CUDA convolutions and
+    recurrent layers run their native kernels, whose products are cuBLAS GEMMs (im2col and
+    matmuls; a depthwise convolution's own kernel is exact float32): they follow the matmul
+    setting then, and so does ``op`` here."""
+    if op != "matmul" and not torch._C._get_cudnn_enabled():
+        op = "matmul"
     if _get is not None:
         return _get("cuda", op) == "tf32"
     if op == "matmul":

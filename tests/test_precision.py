@@ -63,6 +63,31 @@ def test_tf32_follows_both_apis_where_torchs_legacy_getters_raise():
     """)
 
 
+def test_without_cudnn_convolutions_and_recurrent_layers_follow_the_matmul_setting():
+    """``torch.backends.cudnn.enabled = False``: torch's CUDA convolutions and recurrent layers run
+    their native kernels, cuBLAS GEMMs under the matmul TF32 setting (off by default), so float32
+    products are exact there whatever cudnn.allow_tf32 says; ours decide the same way (before,
+    they read cudnn.allow_tf32 alone and ran TF32)."""
+    _run("""
+    from gpu_nn.ops import conv as oc, rnn as orn
+    available = torch.cuda.is_available
+    torch.cuda.is_available = lambda: True  # the interpreter answers 'ieee' otherwise
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_tf32 = False
+    assert P.tf32("conv") and P.tf32("rnn") and oc._precision(torch.float32) == "tf32" and orn.tf32_allowed(torch.float32)
+    torch.backends.cudnn.enabled = False
+    assert not P.tf32("conv") and not P.tf32("rnn") and not P.tf32("matmul")
+    assert oc._precision(torch.float32) == "ieee" and not orn.tf32_allowed(torch.float32)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    assert P.tf32("conv") and P.tf32("rnn") and oc._precision(torch.float32) == "tf32"
+    torch.backends.cudnn.allow_tf32 = False  # cuDNN's own setting means nothing while it is off
+    assert P.tf32("conv") and P.tf32("rnn")
+    torch.backends.cudnn.enabled = True
+    assert not P.tf32("conv") and not P.tf32("rnn") and P.tf32("matmul")
+    torch.cuda.is_available = available
+    """)
+
+
 def test_float32_ops_choose_their_precision_under_the_new_api():
     """Linear, convolution and recurrent layers on the Triton path (the interpreter, or a GPU) after
     a user set the new API for one operation each: their choices follow it (before, each raised
