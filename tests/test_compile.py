@@ -57,8 +57,7 @@ def _uninterpreted_json(tmp_path, name: str, code: str, timeout: float = 300):
 # matmul configuration, compiled in linear's three layouts with the unit strides and 16-divisible
 # pointers and sizes such launches have (dense.launched_specs(), `gpu-nn sass --launched`), does
 # not spill (110-254 registers; the half tiles with their 3-stage pipeline);
-# half's dgrad "medium" tile likewise (unit stride_gw / stride_ww / stride_dw: 0 bytes), and the
-# recurrent projection's 128x128x32 tile (unit K or N strides: 194-197 registers, 0 bytes). The
+# and the recurrent projection's 128x128x32 tile (unit K or N strides: 194-197 registers, 0 bytes). The
 # persistent kernels' spills (8-24 B: one to three long-lived values reloaded once per step, in
 # a kernel whose step is a grid barrier) moved when they came to deal (batch, hidden) tiles
 # rather than hidden tiles alone: the half and TF32 LSTM / GRU forwards, the default path, lost
@@ -67,8 +66,6 @@ def _uninterpreted_json(tmp_path, name: str, code: str, timeout: float = 300):
 # (kernels/triton/rnn.py _tile_index), the Elman half backwards' stayed. The list is exact: a new
 # spill fails, and so does an entry that stops spilling (remove it then).
 KNOWN_SPILLS = {
-    ("_conv_dgrad_kernel", "dgrad medium fp16 ieee"): 16,
-    ("_conv_dgrad_kernel", "dgrad medium bf16 ieee"): 16,
     ("_matmul_kernel", "fp32 ieee 128x128x32 g8 w8 s3"): 192,
     ("_matmul_kernel", "fp32 ieee 128x64x32 g8 w4 s3"): 136,
     ("_matmul_kernel", "fp16 ieee 128x128x64 g8 w8 s3"): 24,
@@ -119,10 +116,6 @@ KNOWN_SPILLS = {
 KNOWN_SPILLS_TRITON_36 = {
     ("_rnn_persist2_bwd_kernel", "pair persist bwd rnn_tanh fp32 dot3 dout fp32 kp512 w8 s1"): 0,
     ("_rnn_persist2_bwd_kernel", "pair persist bwd rnn_relu fp32 dot3 dout fp32 kp512 w8 s1"): 0,
-    ("_conv_dgrad_kernel", "dgrad medium bf16 ieee"): 0,
-    ("_conv_dgrad_kernel", "dgrad medium bf16 ieee apix"): 112,
-    ("_conv_dgrad_kernel", "dgrad medium fp16 ieee"): 0,
-    ("_conv_dgrad_kernel", "dgrad medium fp16 ieee apix"): 112,
     ("_conv_fwd_kernel", "fwd large fp32 ieee apix"): 24,
     ("_conv_fwd_kernel", "fwd large fp32 ieee packed"): 16,
     ("_conv_fwd_kernel", "fwd large3 fp32 ieee apix"): 32,
