@@ -663,21 +663,13 @@ def test_activation_and_bias_gradient_in_one_launch(backend, device, act, monkey
                 assert_close(a, e, dtype, k, f"{name} {nd}d {layout} {dtype}")
 
 
-@pytest.mark.usefixtures("no_tf32")
-@pytest.mark.parametrize("backend,device", backend_params(("triton",)))
-@pytest.mark.parametrize("nd", [1, 2])
-def test_fused_activation_gradient_takes_the_outputs_layout(backend, device, nd, monkeypatch, rng):
-    """The backward of a convolution with a fused activation runs the activation's gradient in
-    the layout of the forward's output (its input and weight's), whatever layout grad_output
-    comes in: a channels_last layer's NCHW gradient (back from a flatten) or an expanded one
-    (y.sum()) is copied once into y's layout, and y itself never (it was copied, and an expanded
-    gradient materialised as well, before); the gradient kernels then read one layout. Values
-    against the float64 reference, every gradient; the copies counted outside the kernels'
-    launches (a dispatch mode around the op's own function, which the interpreter's launches
-    would also feed)."""
+def _copies_outside_launches(monkeypatch):
+    """A dispatch mode class, ``Copies(shape)``, that records (op, result strides, source strides)
+    of every copy (copy_, clone, _to_copy, contiguous) of a tensor of ``shape`` made outside the
+    Triton launches of the conv, dense and activation families (the interpreter's launches issue
+    torch ops of their own, which it leaves out): the copies a launcher makes around its kernels."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from gpu_nn.ops import conv as oc
     from gpu_nn.ops._dispatch import triton_kernels
 
     inside = [0]
@@ -696,16 +688,34 @@ def test_fused_activation_gradient_takes_the_outputs_layout(backend, device, nd,
     class Copies(TorchDispatchMode):
         def __init__(self, shape):
             super().__init__()
-            self.shape, self.seen = shape, []
+            self.shape, self.seen = tuple(shape), []
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
             name = func.__name__.split(".")[0]
             if not inside[0] and name in ("copy_", "clone", "_to_copy", "contiguous") and \
-                    isinstance(out, torch.Tensor) and out.shape == self.shape:
+                    isinstance(out, torch.Tensor) and tuple(out.shape) == self.shape:
                 self.seen.append((name, tuple(out.stride()), tuple(args[-1].stride())))
             return out
 
+    return Copies
+
+
+@pytest.mark.usefixtures("no_tf32")
+@pytest.mark.parametrize("backend,device", backend_params(("triton",)))
+@pytest.mark.parametrize("nd", [1, 2])
+def test_fused_activation_gradient_takes_the_outputs_layout(backend, device, nd, monkeypatch, rng):
+    """The backward of a convolution with a fused activation runs the activation's gradient in
+    the layout of the forward's output (its input and weight's), whatever layout grad_output
+    comes in: a channels_last layer's NCHW gradient (back from a flatten) or an expanded one
+    (y.sum()) is copied once into y's layout, and y itself never (it was copied, and an expanded
+    gradient materialised as well, before); the gradient kernels then read one layout. Values
+    against the float64 reference, every gradient; the copies counted outside the kernels'
+    launches (a dispatch mode around the op's own function, which the interpreter's launches
+    would also feed)."""
+    from gpu_nn.ops import conv as oc
+
+    Copies = _copies_outside_launches(monkeypatch)
     xs, ws = ((2, 6, 5, 7), (8, 6, 3, 3)) if nd == 2 else ((2, 6, 9), (8, 6, 3))
     x64, w64, b64 = randn(rng, *xs), randn(rng, *ws) * 0.3, randn(rng, ws[0])
     cl = _layout(x64, "channels_last")
@@ -736,6 +746,38 @@ def test_fused_activation_gradient_takes_the_outputs_layout(backend, device, nd,
         for name, a, e, k in zip(("grad_input", "grad_weight", "grad_bias"), got, expect, (kx, kb, kb)):
             assert_close(a, e, dtype, k, f"{name} {nd}d {how}")
         assert got[0].stride() == x.stride() and got[1].stride() == w.stride()
+
+
+@pytest.mark.usefixtures("no_tf32")
+@pytest.mark.parametrize("backend,device", backend_params(("triton",)))
+@pytest.mark.parametrize("depthwise", [False, True], ids=["dense", "depthwise"])
+def test_channels_last_float32_weight_gradient_is_summed_in_place(backend, device, depthwise, monkeypatch, rng):
+    """The weight gradient's float32 partial sums ([split, O, C, taps]) reduce straight into a
+    channels_last float32 weight gradient, through its strides (one pass; a contiguous sum and a
+    transposing copy were two), with the values of the contiguous weight's gradient; a bfloat16
+    one keeps its float32 sum and one rounding copy (torch's sum into a half out rounds first)."""
+    from gpu_nn.kernels.triton import conv as kt
+
+    Copies = _copies_outside_launches(monkeypatch)
+    c, o, groups = (6, 6, 6) if depthwise else (6, 8, 1)
+    x = _layout(randn(rng, 3, c, 9, 7), "channels_last").to(device)
+    w_shape = (o, c // groups, 3, 3)
+    g = _layout(randn(rng, 3, o, 9, 7), "channels_last").to(device)
+    got = {}
+    for dtype in (torch.float32, *([torch.bfloat16] if device != "cpu" else ())):
+        for layout in ("contig", "channels_last"):
+            dw = _layout(torch.empty(w_shape, device=device, dtype=dtype), layout)
+            with Copies(w_shape) as spy:
+                kt.conv_backward_weight(g.to(dtype), x.to(dtype), dw, (1, 1), (1, 1, 1, 1), (1, 1), groups, "ieee",
+                                        device == "cpu")
+            if dtype == torch.float32:
+                assert spy.seen == [], (layout, spy.seen)
+            got[dtype, layout] = dw
+        assert torch.equal(got[dtype, "contig"], got[dtype, "channels_last"]), dtype
+    ref = torch.ops.aten.convolution_backward(  # torch's own, float64 on the CPU
+        g.double().cpu(), x.double().cpu(), torch.zeros(w_shape, dtype=torch.float64), None,
+        [1, 1], [1, 1], [1, 1], False, [0, 0], groups, [False, True, False])[1]
+    assert_close(got[torch.float32, "channels_last"], ref, torch.float32, 3 * 9 * 7, "grad_weight")
 
 
 @pytest.mark.usefixtures("no_tf32")

@@ -2102,11 +2102,16 @@ def _partials(split: int, shape: tuple, dw):
 
 
 def _reduce_partials(ws, dw) -> None:
-    """dw = sum of the partials: one reduction, written in place when dw can take it."""
+    """dw = sum of the partials: one reduction, written in place when dw can take it. A float32
+    dw in another layout (channels_last) takes the sum through its own strides, one pass where a
+    contiguous sum and a transposing copy were two; a half-precision dw keeps the float32 sum and
+    one rounding copy (torch's sum into a half ``out`` rounds its float32 input to half first)."""
     if ws.data_ptr() == dw.data_ptr() and ws.shape[0] == 1:
         return  # the kernel wrote dw directly
     if _direct(dw):
         torch.sum(ws, 0, out=dw.view(ws.shape[1:]))
+    elif dw.dtype == torch.float32:
+        torch.sum(ws.view(ws.shape[0], *dw.shape), 0, out=dw)
     else:
         dw.copy_(ws.sum(0).view(dw.shape))
 
