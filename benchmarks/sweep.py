@@ -500,6 +500,8 @@ def conv_config(cfg: tuple) -> dict:
     via-channels_last variant) as a row's config."""
     from gpu_nn.kernels.triton import conv as kt
 
+    if len(cfg) == 3:  # a depthwise tile (DW_FWD_CANDIDATES)
+        return {"variant": "depthwise", **dict(zip(("BLOCK_P", "BLOCK_C", "num_warps"), cfg))}
     variant = "via_channels_last" if kt.VIA_CL in cfg[5:] else "direct"
     if kt.TMA in cfg:  # the TMA forward: a BH x BW block of output pixels, its own tuple
         keys = ("BH", "BW", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
@@ -512,6 +514,8 @@ def conv_config(cfg: tuple) -> dict:
 def _conv_tuple(cfg: dict) -> tuple:
     from gpu_nn.kernels.triton import conv as kt
 
+    if cfg.get("variant") == "depthwise":
+        return tuple(cfg[k] for k in ("BLOCK_P", "BLOCK_C", "num_warps"))
     if cfg.get("tma"):
         t = (*(cfg[k] for k in ("BH", "BW", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")), kt.TMA)
         return (*t, kt.VIA_CL) if cfg["variant"] == "via_channels_last" else t
@@ -555,13 +559,14 @@ def conv_candidates(p: dict, dtype, channels_last: bool, device: str = "cpu") ->
     """The heuristic's forward configuration first, then every candidate the measuring chooser
     would time for this problem (``problem_candidates``: the NHWC tiles and the via-channels_last
     variant where they apply; the float32 precision as the launcher decides it here), then torch
-    (``{"provider": "torch"}``). Depthwise problems have one configuration: none."""
+    (``{"provider": "torch"}``). Depthwise problems: their kernel's tiles (``DW_FWD_CANDIDATES``,
+    the heuristic's ``DW_CONFIG`` first)."""
     from gpu_nn.kernels.triton import conv as kt
     from gpu_nn.ops import conv as oc
 
     groups = p.get("groups", 1)
     if kt.is_depthwise(p["c"], p["c"] // groups, groups):
-        return []
+        return [conv_config(c) for c in dict.fromkeys([kt.DW_CONFIG, *kt.DW_FWD_CANDIDATES])] + [{"provider": "torch"}]
     x, w, b, y, stride, tma = _conv_standins(p, dtype, channels_last, device)
     prec = oc._precision(dtype)
     default = kt.fwd_heuristic(x, w, b, y, groups, kt.fwd_default(
@@ -626,7 +631,7 @@ def _conv_setup(p: dict, dtype, channels_last: bool, device: str, copies: int, c
         return compare_tol(launch(cfg, chk), ref, **tol)
 
     if not interpret:  # the conv launchers index their kernel object directly
-        _precompile_direct(kt, ("_conv_fwd_kernel", "_conv_tma_fwd_kernel"), run,
+        _precompile_direct(kt, ("_conv_fwd_kernel", "_conv_tma_fwd_kernel", "_conv_dw_fwd_kernel"), run,
                            [c for c in configs if "provider" not in c])
     return run, check
 
@@ -744,8 +749,8 @@ def conv_bwd_groups(dtypes, layouts=("channels_last", "nchw"), shapes=None, devi
 
 def conv_groups(dtypes, layouts=("nchw", "channels_last"), shapes=None, device: str = "cuda", copies: int = 2,
                 configs=None) -> list[Group]:
-    """The forward of bench_conv's conv2d / conv1d cases (``GPU_SHAPES``; depthwise has no
-    candidates), per dtype and layout (channels_last: conv2d only, as bench_conv): every
+    """The forward of bench_conv's conv2d / conv1d cases (``GPU_SHAPES``, depthwise's tiles
+    too), per dtype and layout (channels_last: conv2d only, as bench_conv): every
     configuration of :func:`conv_candidates` and torch. ResNet's 3x3 stages first."""
     from gpu_nn.benchmarks import bench_conv
 
@@ -762,7 +767,9 @@ def conv_groups(dtypes, layouts=("nchw", "channels_last"), shapes=None, device: 
                 if not cfgs:
                     continue
                 x, w, _, y = _conv_problem(p, dtype, cl, "cpu", fill=False)
-                out.append(Group("_conv_fwd_kernel", f"{name} fwd {layout}", _dtype_str(dtype), shape,
+                dw = cfgs[0].get("variant") == "depthwise"
+                out.append(Group("_conv_dw_fwd_kernel" if dw else "_conv_fwd_kernel", f"{name} fwd {layout}",
+                                 _dtype_str(dtype), shape,
                                  (x.numel() + w.numel() + y.numel()) * es, cfgs,
                                  functools.partial(_conv_setup, p, dtype, cl, device, copies)))
     order = {n: i for i, n in enumerate(("conv2d 3x3", "conv2d 1x1", "conv2d 7x7/2 stem"))}

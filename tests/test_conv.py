@@ -1103,6 +1103,73 @@ def test_every_candidate_matches_reference(half, monkeypatch, rng):
             assert_close(got, want, dtype, 35, f"wgrad {cand} {layout}")
 
 
+@pytest.mark.parametrize("layout", ["contig", "channels_last"])
+def test_depthwise_forward_candidates_through_the_chooser(layout, monkeypatch, rng):
+    """A depthwise forward asks a measuring chooser (op "conv_dw_fwd") to pick among
+    DW_FWD_CANDIDATES, the heuristic's DW_CONFIG as the default, under a key that names the
+    problem; every candidate, run as the chooser runs it, rewrites y in full with the
+    reference's values (float32 and float16, conv2d with a channel multiplier and a bias, and
+    conv1d; stride, padding and dilation); the backward keeps its single configuration."""
+    from gpu_nn.kernels.triton import conv as kt
+    from gpu_nn.ops import conv as oc
+
+    _need_triton()
+    asked = []
+
+    def chooser(op, key, candidates, run, default, prepare=None):
+        asked.append((op, key, tuple(candidates), default))
+        if op != "conv_dw_fwd":
+            return default
+        for c in candidates:
+            run(c)
+        return candidates[-1]
+
+    monkeypatch.setattr(oc, "_chooser", lambda device: chooser)
+    cases = [(2, (2, 3, 9, 7), (6, 1, 3, 2), dict(stride=(2, 1), padding=(1, 0), dilation=(1, 2), groups=3)),
+             (1, (3, 5, 11), (5, 1, 3), dict(stride=1, padding=2, dilation=2, groups=5))]
+    for nd, xs, ws, kw in cases:
+        for dtype in (torch.float32, torch.float16):
+            x64, w64, b64 = randn(rng, *xs), randn(rng, *ws), randn(rng, ws[0])
+            fn = F.conv2d if nd == 2 else F.conv1d
+            with gpu_nn.backend("reference"):
+                want = fn(*(t.to(dtype).double() for t in (x64, w64, b64)), **kw)
+            x = _layout(x64.to(dtype), layout) if nd == 2 else x64.to(dtype)
+            runs = []
+            real = kt._launcher
+
+            def spy(kernel, grid, warm, _real=real):
+                launch = _real(kernel, grid, warm)
+                return lambda *a, **k: (runs.append((k.get("BLOCK_P"), k.get("BLOCK_C"), k.get("num_warps")))
+                                        if getattr(kernel, "fn", kernel).__name__ == "_conv_dw_fwd_kernel" else None,
+                                        launch(*a, **k))[1]
+            monkeypatch.setattr(kt, "_launcher", spy)
+            asked.clear()
+            with gpu_nn.backend("triton"):
+                y = fn(x, w64.to(dtype), b64.to(dtype), **kw)
+            op, key, cands, default = asked[-1]
+            assert op == "conv_dw_fwd" and cands == kt.DW_FWD_CANDIDATES and default == kt.dw_config(True)
+            assert key[0] == "depthwise" and str(dtype) in key
+            # each candidate once as the chooser ran it, then the choice (the last) for the call itself
+            assert runs == [*kt.DW_FWD_CANDIDATES, kt.DW_FWD_CANDIDATES[-1]], runs
+            assert_close(y, want, dtype, math.prod(ws[2:]), f"depthwise {nd}d {layout} {dtype}")
+            # each candidate on its own (the suite's GPU_NN_POISON fills y with NaN first: every
+            # element written)
+            for cand in kt.DW_FWD_CANDIDATES:
+                monkeypatch.setattr(oc, "_chooser", lambda device, cand=cand: (
+                    lambda op, key, cs, run, default, **_: cand if op == "conv_dw_fwd" else default))
+                with gpu_nn.backend("triton"):
+                    got = fn(x, w64.to(dtype), b64.to(dtype), **kw)
+                assert_close(got, want, dtype, math.prod(ws[2:]), f"depthwise {cand} {nd}d {layout} {dtype}")
+            monkeypatch.setattr(oc, "_chooser", lambda device: chooser)
+            monkeypatch.setattr(kt, "_launcher", real)
+    # the backward asks for nothing of its depthwise kernels
+    x = randn(rng, 2, 3, 9, 7, requires_grad=True)
+    asked.clear()
+    with gpu_nn.backend("triton"):
+        F.conv2d(x, randn(rng, 6, 1, 3, 3), groups=3).sum().backward()
+    assert [a[0] for a in asked] == ["conv_dw_fwd"]
+
+
 def _spy_launches(kt, monkeypatch) -> list:
     """(kernel name, grid) of every launch the conv launchers plan from here on."""
     launched = []

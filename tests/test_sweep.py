@@ -597,7 +597,8 @@ def test_conv_section_times_every_candidate_and_torch(tmp_path):
     holds the heuristic's configuration first, every candidate the measuring chooser would time
     (the via-channels_last variant for NCHW half problems, the NHWC tiles for channels_last
     ones) and torch last; every configuration's output matches torch's in float64; the best
-    rows carry torch's time; depthwise (one configuration) has no group."""
+    rows carry torch's time; depthwise has its own kernel's tiles (DW_FWD_CANDIDATES, the
+    heuristic's DW_CONFIG first)."""
     from gpu_nn.kernels import triton as ktriton
     from gpu_nn.kernels.triton import conv as kt
 
@@ -608,8 +609,13 @@ def test_conv_section_times_every_candidate_and_torch(tmp_path):
     names = [(g.op, g.dtype) for g in groups]
     assert names == [("conv2d 3x3 fwd nchw", "float16"), ("conv2d 3x3 fwd channels_last", "float16"),
                      ("conv2d 3x3 fwd nchw", "float32"), ("conv2d 3x3 fwd channels_last", "float32"),
-                     ("conv1d k3 fwd nchw", "float16"), ("conv1d k3 fwd nchw", "float32")]
+                     ("conv1d k3 fwd nchw", "float16"), ("conv1d depthwise fwd nchw", "float16"),
+                     ("conv1d k3 fwd nchw", "float32"), ("conv1d depthwise fwd nchw", "float32")]
     by = dict(zip(names, groups))
+    dw = by[names[7]]
+    assert dw.kernel == "_conv_dw_fwd_kernel" and by[names[6]].kernel == "_conv_fwd_kernel"
+    assert [sweep._conv_tuple(c) for c in dw.configs[:-1]] == list(kt.DW_FWD_CANDIDATES)
+    assert dw.configs[0] == sweep.conv_config(kt.DW_CONFIG) and dw.configs[-1] == {"provider": "torch"}
     half_nchw, half_cl = by[names[0]].configs, by[names[1]].configs
     # 16 channels fill half of the half-precision channel block (32): the heuristic packs
     default = kt.fwd_default(16, 30, 16, 9, True, False)
@@ -632,8 +638,9 @@ def test_conv_section_times_every_candidate_and_torch(tmp_path):
         fn()
         return 3e-6
 
-    # run: the half groups of conv2d (both variants, the NHWC tiles) and float32 conv1d (keeps the test short)
-    groups = [by[names[0]], by[names[1]], by[names[5]]]
+    # run: the half groups of conv2d (both variants, the NHWC tiles), float32 conv1d and its
+    # depthwise tiles (keeps the test short)
+    groups = [by[names[0]], by[names[1]], by[names[6]], dw]
     doc = sweep.run_sweep(groups, str(tmp_path / "conv.json"), 1e9, bench=bench, log=lambda s: None)
     rows = doc["rows"]
     assert doc["status"] == "complete" and len(rows) == sum(len(g.configs) for g in groups)

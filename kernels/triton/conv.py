@@ -293,6 +293,11 @@ INTERP_CONFIG = (64, 16, 16, 4, 1)
 WGRAD_TARGET_PROGRAMS = 264  # two waves of an H100's 132 SMs
 # (BLOCK_P, BLOCK_C, num_warps) of the depthwise FMA kernels, on a GPU and in the interpreter.
 DW_CONFIG = (64, 32, 8)  # 4 warps: the dgrad spills (255 registers)
+# The depthwise forward's candidates for a measuring chooser (DW_CONFIG first: the heuristic's),
+# (BLOCK_P, BLOCK_C, num_warps): longer pixel runs for the pixels-fastest (NCHW) form, wider
+# channel runs for channels_last; each compiled for sm_90 in both forms and every dtype without
+# spills (aot_specs). An FMA kernel: nothing but the tile and its warps to choose.
+DW_FWD_CANDIDATES = ((64, 32, 8), (128, 16, 4), (128, 32, 8), (32, 64, 8), (16, 128, 8))
 DW_INTERP_CONFIG = (64, 16, 4)
 
 
@@ -1857,8 +1862,8 @@ def conv_forward(x, w, bias, y, stride, padding, dilation, groups, activation, p
     ``choose(op, key, candidates, run, default, prepare=) -> config`` (``gpu_nn._tuning.choose``
     bound to the device, which the caller passes only where measuring is possible; ``prepare``
     compiles every candidate at once before they are timed): the implicit-GEMM forward then
-    launches the fastest of :func:`problem_candidates` for this problem. Depthwise convolutions
-    keep their single configuration."""
+    launches the fastest of :func:`problem_candidates` for this problem; a depthwise one the
+    fastest of ``DW_FWD_CANDIDATES`` (its input and weight gradients keep ``DW_CONFIG``)."""
     n, c, h, wd = x.shape
     o, cg, kh, kw = w.shape
     _, _, ho, wo = y.shape
@@ -1866,17 +1871,28 @@ def conv_forward(x, w, bias, y, stride, padding, dilation, groups, activation, p
         return
     og = o // groups
     if is_depthwise(c, cg, groups):
-        bp, bc, warps = dw_config(interpret)
-        grid = (cdiv(n * ho * wo, bp), cdiv(o, bc))
-        launch_kernel(
-            _conv_dw_fwd_kernel, grid,
-            x, w, bias if bias is not None else y, y,
-            n, h, wd, o, ho, wo, kw, kh * kw, og,
-            *x.stride(), w.stride(0), w.stride(2), w.stride(3), *y.stride(),
-            stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
-            int(bias is not None), ACT_CODES[activation],
-            BLOCK_P=bp, BLOCK_C=bc, PIX_FAST=pixels_adjacent(x), num_warps=warps,
-        )
+        pix = pixels_adjacent(x)
+
+        def dw_launch(cfg, warm=False):
+            bp, bc, warps = cfg
+            _launcher(_conv_dw_fwd_kernel, (cdiv(n * ho * wo, bp), cdiv(o, bc)), warm)(
+                x, w, bias if bias is not None else y, y,
+                n, h, wd, o, ho, wo, kw, kh * kw, og,
+                *x.stride(), w.stride(0), w.stride(2), w.stride(3), *y.stride(),
+                stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
+                int(bias is not None), ACT_CODES[activation],
+                BLOCK_P=bp, BLOCK_C=bc, PIX_FAST=pix, num_warps=warps,
+            )
+
+        cfg = dw_config(interpret)
+        if choose is not None:
+            # every launch rewrites y in full (the candidates are timed on the real buffers)
+            key = ("depthwise", tuple(x.shape), tuple(x.stride()), tuple(w.shape), tuple(w.stride()), tuple(y.stride()),
+                   str(x.dtype), tuple(stride), tuple(padding), tuple(dilation), bias is not None, activation,
+                   x.data_ptr() % 16 == 0)
+            cfg = tuple(choose("conv_dw_fwd", key, list(DW_FWD_CANDIDATES), dw_launch, cfg,
+                               prepare=lambda cs: _compile_all(cs, interpret, lambda c, _: dw_launch(c, warm=True))))
+        dw_launch(cfg)
         return
     half = x.element_size() == 2
 
@@ -2348,18 +2364,19 @@ def aot_specs():
         for pix in (False, True):
             specs.append(AotSpec(_conv_splitk_reduce_kernel, sig, {"BLOCK_M": rbm, "BLOCK_N": rbn, "Y_PIX": pix},
                                  num_warps=rwarps, label=f"splitk reduce {dt}{' apix' if pix else ''}"))
-    bp, bc, warps = DW_CONFIG
-    blocks = {"BLOCK_P": bp, "BLOCK_C": bc}
     for dt in ("fp32", "fp16", "bf16"):
         for kernel, ptrs, ints, kind in (
             (_conv_dw_fwd_kernel, ("x_ptr", "w_ptr", "b_ptr", "y_ptr"), _INTS_DW_FWD, "fwd"),
             (_conv_dw_dgrad_kernel, ("g_ptr", "w_ptr", "dx_ptr"), _INTS_DW_DGRAD, "dgrad"),
             (_conv_dw_wgrad_kernel, ("g_ptr", "x_ptr", "ws_ptr"), _INTS_DW_WGRAD, "wgrad"),
         ):
-            for pix in (False, True):
-                sig = {p: ("*fp32" if p == "ws_ptr" else f"*{dt}") for p in ptrs}
-                sig.update({k: "i32" for k in ints})
-                sig.update({k: "constexpr" for k in (*blocks, "PIX_FAST")})
-                specs.append(AotSpec(kernel, sig, {**blocks, "PIX_FAST": pix}, num_warps=warps,
-                                     label=f"depthwise {kind} {dt}{' pixels' if pix else ''}"))
+            # the forward's tuning candidates too, DW_CONFIG's label unchanged
+            for bp, bc, warps in (DW_FWD_CANDIDATES if kind == "fwd" else (DW_CONFIG,)):
+                tile = "" if (bp, bc, warps) == DW_CONFIG else f" {bp}x{bc} w{warps}"
+                for pix in (False, True):
+                    sig = {p: ("*fp32" if p == "ws_ptr" else f"*{dt}") for p in ptrs}
+                    sig.update({k: "i32" for k in ints})
+                    sig.update({k: "constexpr" for k in ("BLOCK_P", "BLOCK_C", "PIX_FAST")})
+                    specs.append(AotSpec(kernel, sig, {"BLOCK_P": bp, "BLOCK_C": bc, "PIX_FAST": pix}, num_warps=warps,
+                                         label=f"depthwise {kind} {dt}{tile}{' pixels' if pix else ''}"))
     return specs
