@@ -1413,6 +1413,27 @@ def test_matmul_launches_the_measured_winner_and_caches_it(tune_cache, monkeypat
     assert len(stored) == 2 and all(v == list(winner) for v in stored.values())
 
 
+def test_matmul_tuning_key_names_strides_and_alignment():
+    """A matmul's tuning key tells apart what Triton compiles apart: a sliced operand whose
+    leading stride is not its row length, or whose start is not 16-byte aligned, gets a key of
+    its own (before, the layout letters r / c / g alone: the choice timed for the dense tensor's
+    compiled form was served to the view's); the same problem in fresh tensors keeps one key."""
+    from gpu_nn.kernels.triton import dense as kd
+
+    def key(a, b, c, bias=None):
+        return kd.tuning_key(a, b, c, bias, 0, "fp32", "ieee", False)
+
+    a, b, c = torch.empty(64, 32), torch.empty(32, 48), torch.empty(64, 48)
+    base = key(a, b, c)
+    assert key(torch.empty(64, 32), torch.empty(32, 48), torch.empty(64, 48)) == base
+    wide = torch.empty(64, 40)[:, :32]  # row-major, leading stride 40
+    assert kd._layout(wide) == kd._layout(a) and key(wide, b, c) != base
+    shifted = torch.empty(64 * 32 + 1)[1:].view(64, 32)  # row-major, 4 bytes past alignment
+    assert shifted.stride() == a.stride() and key(shifted, b, c) != base
+    assert key(a, b, c, torch.empty(48)) != base and key(a, b, c, torch.empty(49)[1:]) != key(a, b, c, torch.empty(48))
+    assert key(a, b.t().contiguous().t(), c) != base  # (column-major b: the layout letters already differ)
+
+
 def test_linear_tunes_and_records_on_a_gpu(tune_cache, monkeypatch, rng):
     """On a GPU, unforced: a linear forward and backward measure every candidate of each of the
     three GEMMs with CUDA events (recorded: one row per candidate with a positive time, one chosen

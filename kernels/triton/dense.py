@@ -449,12 +449,26 @@ def matmul(a, b, c, bias=None, activation=None, allow_tf32=False, interpret=Fals
         # tma: whether the TMA candidates apply (alignment included), so that a cached TMA
         # choice is only ever served to calls that can run it
         tma = tma_output(c) and tma_eligible(a, b, dt, prec, interpret)
-        # c's dtype too: _matmul_blocks sums half-precision products into a float32 c
-        key = (M, N, K, _layout(a) + _layout(b) + _layout(c), dt, _tdt(c), bias is not None, act, prec, tma)
+        key = tuning_key(a, b, c, bias, act, dt, prec, tma)
         cfg = _tune.choose("matmul", key, tuning_candidates(dt, prec, tma),
                            lambda cand: _launch_matmul(a, b, c, bias, act, prec, cand), cfg, a.device,
                            prepare=lambda cands: _compile_candidates(a, b, c, bias, act, prec, cands))
     _launch_matmul(a, b, c, bias, act, prec, cfg)
+
+
+def tuning_key(a, b, c, bias, act: int, dt: str, prec: str, tma: bool) -> tuple:
+    """What names a matmul problem for the measured choice: sizes, each operand's layout and
+    strides, the dtypes (c's too: _matmul_blocks sums half-precision products into a float32 c),
+    bias, activation, precision, TMA eligibility, and whether every pointer is 16-byte aligned.
+    The strides and the alignment are what Triton's JIT specialises the compiled kernel on (a
+    stride equal to 1 or a multiple of 16, an aligned pointer: the load widths), so a sliced view
+    (a leading stride not the row length, an offset start) is timed on its own compiled form,
+    not served the choice made for the dense tensor's."""
+    M, K = a.shape
+    N = b.shape[1]
+    aligned = all(t.data_ptr() % 16 == 0 for t in (a, b, c, *(() if bias is None else (bias,))))
+    return (M, N, K, _layout(a) + _layout(b) + _layout(c), dt, _tdt(c), bias is not None, act, prec,
+            tuple(a.stride()), tuple(b.stride()), tuple(c.stride()), aligned, tma)
 
 
 # The most rows, columns or inner length one matmul launch takes. The kernels number rows and
