@@ -717,6 +717,28 @@ def test_linear_launched_forms_compile_without_spills(tmp_path):
     assert row["spill_bytes"] == 0 and row["spill_stores"] == 0 and row["hgmma"] > 0, row
 
 
+def test_convolutions_reach_the_tensor_cores_in_every_operand_type(tmp_path):
+    """The implicit-GEMM convolution kernels (forward, input gradient, weight gradient) compiled
+    for sm_90 in half precision and TF32 run their products on wgmma (HGMMA in the SASS), in
+    both operand orientations (channels_last, and NCHW's pixels-fastest ``apix`` form) (issue
+    15: tensor cores for every fp16 / bf16 / tf32 configuration; the spill check above reads no
+    SASS, and linear's test holds only the matmul to it). One tile per kernel, orientation and
+    dot kind, bfloat16 for both half types (float16 takes the same wgmma path): a SASS read
+    costs about a second a kernel."""
+    code = (
+        "import json\n"
+        "from gpu_nn.kernels.triton import _aot\n"
+        "want = {f'{k} large {dt} {prec}{o}' for k in ('fwd', 'dgrad', 'wgrad') for dt, prec in\n"
+        "        (('bf16', 'ieee'), ('fp32', 'tf32')) for o in ('', ' apix')}\n"
+        "rows = {s.label: _aot.compile_spec(s)['hgmma'] for s in _aot.family_specs('conv')\n"
+        "        if s.name in ('_conv_fwd_kernel', '_conv_dgrad_kernel', '_conv_wgrad_kernel') and s.label in want}\n"
+        "print(json.dumps(rows))\n"
+    )
+    rows = _uninterpreted_json(tmp_path, "hgmma.py", code, timeout=600)
+    assert len(rows) == 12, sorted(rows)
+    assert all(hgmma > 0 for hgmma in rows.values()), rows
+
+
 def test_access_widths_reads_the_size_suffix_of_global_loads_and_stores():
     from gpu_nn.kernels.triton._aot import access_widths
 
