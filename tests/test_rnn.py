@@ -3660,3 +3660,42 @@ def test_recurrent_backward_computes_only_the_gradients_asked_for(kind, how, bac
             torch.testing.assert_close(a, b)
         else:
             assert_close(a, b, dtype, k=8, what=f"{kind} {how}")
+
+
+@pytest.mark.parametrize("mode", ["lstm", "gru"])
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+def test_backward_of_unused_final_states_fills_and_copies_nothing_extra(mode, bidirectional, rng):
+    """The backward of a layer whose h_n (and c_n) nobody used: the autograd wrapper hands the
+    op an empty placeholder and the op zero-fills its float32 carries once, where a zeros tensor
+    of the state's shape and its copy into the carries were two launches each; and a
+    one-direction first layer of a half-precision layer writes its input gradient in that dtype
+    (one rounding, in the product), where a float32 one and a .to(dtype) copy were two passes.
+    Counted with torch's profiler on the Triton path (the interpreter's own copies are flat: the
+    shapes here are the op's); the gradients against the float64 reference, and a used h_n still
+    reaches them (the same layer, h_n's gradient given)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    T, B, I, H, layers = 3, 3, 8, 16, 2
+    D = 2 if bidirectional else 1
+    for dtype in (torch.float32, torch.float16):
+        layer = getattr(gnn, mode.upper())(I, H, num_layers=layers, bidirectional=bidirectional).to(dtype)
+        x = randn(rng, T, B, I, dtype=dtype, requires_grad=True)
+        with gpu_nn.backend("triton"):
+            out, _ = layer(x)
+            with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+                gx, *gw = torch.autograd.grad(out.sum(), [x, *layer.parameters()])
+        state = [layers * D, B, H]
+        seen = [(e.name, e.input_shapes[0] if e.input_shapes else None) for e in prof.events()]
+        # (a zeros tensor is an empty one zero-filled: the fills alone do not tell; the copies do)
+        copied = [s for n, s in seen if n == "aten::copy_" and s == state]
+        zeroed = [s for n, s in seen if n == "aten::zero_" and s == state]
+        assert not copied and len(zeroed) == (2 if mode == "lstm" else 1), (dtype, copied, zeroed)
+        rounded = [s for n, s in seen if n == "aten::_to_copy" and s == [T, B, I]]
+        assert len(rounded) == (1 if D == 2 and dtype != torch.float32 else 0), (dtype, rounded)
+        with gpu_nn.backend("reference"):
+            ref_layer = copy.deepcopy(layer).double()
+            x64 = x.detach().double().requires_grad_()
+            want = torch.autograd.grad(ref_layer(x64)[0].sum(), [x64, *ref_layer.parameters()])
+        k = T * (I + H) * layers * D
+        for got, exp in zip([gx, *gw], want):
+            assert_close(got, exp, dtype, k, f"{mode} {dtype} D={D}")

@@ -393,7 +393,9 @@ def rnn_seq_backward(grad_output, grad_hn, grad_cn, input, weights, reserve, mod
     non-LSTM modes; ``dweights`` in the order of ``weights``). Each gradient ``output_mask``
     (``[input, hx, cx, *weights]``, None: all) leaves out comes back as an empty ``[0]`` tensor
     and its products are not computed, as torch's cuDNN backward's ``output_mask``: a data
-    input's (the first layer's product with ``w_ih``), a frozen weight's."""
+    input's (the first layer's product with ``w_ih``), a frozen weight's. An empty ``grad_hn`` /
+    ``grad_cn`` stands for zeros (the forward's h_n / c_n unused: the autograd wrapper passes one
+    rather than a zeros tensor the backward would copy)."""
     op = mode + "_backward"
     T, B, I = input.shape
     D = 2 if bidirectional else 1
@@ -409,8 +411,13 @@ def rnn_seq_backward(grad_output, grad_hn, grad_cn, input, weights, reserve, mod
     dev, dt = input.device, input.dtype
     if backend == "reference":
         ws = _split([to_numpy(w) for w in weights], num_layers, D, has_biases)
+        states = (num_layers * D, B)
+
+        def state(g, width):  # an empty placeholder (an unused h_n / c_n): zero
+            a = to_numpy(g)
+            return np.zeros((*states, width), a.dtype) if a.size == 0 else a
         dx, dhx, dcx, dws = ref.rnn_backward(
-            mode, to_numpy(grad_output), to_numpy(grad_hn), to_numpy(grad_cn) if mode == "lstm" else None,
+            mode, to_numpy(grad_output), state(grad_hn, P or H), state(grad_cn, H) if mode == "lstm" else None,
             to_numpy(input), ws, to_numpy(reserve), num_layers, bidirectional,
             None if lengths is None else lengths.cpu().numpy(), to_numpy(dropout_masks),
             need_input=need_x, need_weights=_split(need_w, num_layers, D, has_biases),
@@ -745,10 +752,18 @@ def _gpu_backward(K, mode, gout, ghn, gcn, input, weights, reserve, num_layers, 
     dGhs = empty((nbuf, T, B, GH), dtype=f32, device=dev) if mode == "gru" else dGis
     # the state-gradient carries of every layer and direction, from grad h_n in one copy (and the
     # LSTM's cell-state carries in dcx itself, from grad c_n: what the steps leave there is dc0)
+    # (an empty grad h_n / c_n: the outputs were not used, their gradients zero; filled here,
+    # once, where a zeros tensor made by the autograd wrapper and its copy were two launches)
     carries = empty((L * D, B, W), dtype=f32, device=dev)
-    carries.copy_(ghn)
+    if maybe_empty(ghn):
+        carries.zero_()
+    else:
+        carries.copy_(ghn)
     if dcx is not None:
-        dcx.copy_(gcn)
+        if maybe_empty(gcn):
+            dcx.zero_()
+        else:
+            dcx.copy_(gcn)
     if P:
         # per step: dHp[t] the projected state's gradient (zero where invalid), dm = dHp[t] W_hr
         # the cell's output gradient; the cell's own carry stays zero (an LSTM's dh_prev goes
@@ -768,7 +783,11 @@ def _gpu_backward(K, mode, gout, ghn, gcn, input, weights, reserve, num_layers, 
         x2 = rows(xin.reshape(T * B, in_w)) if any(wants[l * D + d][0] for d in range(D)) else None
         hps = [rows((v[("h", l, d)][1:] if d == 1 else v[("h", l, d)][:T]).reshape(T * B, W)) if wants[l * D + d][1]
                else None for d in range(D)]
-        dxin = empty((T, B, in_w), dtype=f32, device=dev) if (l > 0 or need_x) else None  # (a data input's: none)
+        # (a data input's: none; the first layer's of one direction in the input's dtype, which
+        # its one product writes rounded once, as the float32 result's .to(dt) after the loop did;
+        # two directions accumulate in float32)
+        dx_dt = dt if l == 0 and D == 1 else f32
+        dxin = empty((T, B, in_w), dtype=dx_dt, device=dev) if (l > 0 or need_x) else None
         mk = masks[l - 1] if (masks is not None and l > 0) else None
         dws_pair = None
         paired = pairs[l]
@@ -1392,8 +1411,12 @@ def _(grad_output, grad_hn, grad_cn, input, weights, reserve, mode, num_layers, 
       dropout_masks, output_mask=None):
     need_x, need_hx, need_cx, need_w = seq_mask(output_mask, len(weights))
     e = input.new_empty
-    dcx = grad_cn.new_empty(grad_cn.shape) if mode == "lstm" and need_cx else e(0)
-    return (input.new_empty(input.shape) if need_x else e(0), grad_hn.new_empty(grad_hn.shape) if need_hx else e(0), dcx,
+    # the state gradients' shapes from the layer's (grad h_n / c_n may be empty placeholders: zero)
+    D = 2 if bidirectional else 1
+    H, P, _ = _weight_dims(mode, weights, num_layers, D, has_biases)
+    states = (num_layers * D, input.shape[1])
+    dcx = e((*states, H)) if mode == "lstm" and need_cx else e(0)
+    return (e(input.shape) if need_x else e(0), e((*states, P or H)) if need_hx else e(0), dcx,
             [w.new_empty(w.shape) if m else e(0) for w, m in zip(weights, need_w)])
 
 
@@ -1437,10 +1460,14 @@ def _seq_backward(ctx, g_out, g_hn, g_cn, _g_res):
     W = P or H
     if g_out is None:
         g_out = input.new_zeros((T, B, D * W))
+    # an unused h_n / c_n (the usual case): without a graph to build, an empty placeholder the
+    # op reads as zero (it fills its float32 carries once); _SeqGrads' double backward takes
+    # real zeros (it differentiates through them)
+    lean = not torch.is_grad_enabled()
     if g_hn is None:
-        g_hn = input.new_zeros((num_layers * D, B, W))
+        g_hn = input.new_empty(0) if lean else input.new_zeros((num_layers * D, B, W))
     if mode == "lstm" and (g_cn is None or maybe_empty(g_cn)):
-        g_cn = input.new_zeros((num_layers * D, B, H))
+        g_cn = input.new_empty(0) if lean else input.new_zeros((num_layers * D, B, H))
     # the gradients this backward uses (a data input's, a zero initial state's, a frozen weight's
     # are not computed, as torch's cuDNN backward's output_mask): needs_input_grad narrowed by the
     # engine (wanted), its entry for the weight list a list (the tensor-list spread, torch's own
