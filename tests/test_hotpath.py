@@ -700,21 +700,21 @@ LAUNCHES_INTERP = {
                   "_rnn_colsum_kernel": 1}, {}),
     "lstm_cell": ({"_rnn_matmul_kernel": 5, "_rnn_step_fwd_kernel": 1, "_rnn_step_bwd_kernel": 1,
                    "_rnn_colsum_kernel": 1}, {}),
-    # the sequences: the unused h_n (and c_n) get one zero gradient each; the reserve none; the
-    # states in and out of the reserve one multi-tensor copy each way (all layers and
-    # directions), the backward's carries (and the LSTM's dc) one copy each; the full lengths
-    # made once (the first call), not per call
+    # the sequences: the reserve gets no zero fill; the states in and out of the reserve one
+    # multi-tensor copy each way (all layers and directions); the unused h_n (and c_n): the
+    # backward's carries (and the LSTM's dc) one fill each (a zeros tensor per state and its copy
+    # into the carries until b6f32cf); the full lengths made once (the first call), not per call
     "gru": ({"_rnn_matmul_kernel": 4, "_rnn_step_fwd_kernel": 3, "_rnn_step_bwd_kernel": 4, "_rnn_colsum_kernel": 1},
-            {"aten::_foreach_copy_": 2, "aten::copy_": 1, "aten::new_zeros": 1}),
+            {"aten::_foreach_copy_": 2, "aten::zero_": 1}),
     "lstm": ({"_rnn_matmul_kernel": 4, "_rnn_step_fwd_kernel": 3, "_rnn_step_bwd_kernel": 4, "_rnn_colsum_kernel": 1},
-             {"aten::_foreach_copy_": 2, "aten::copy_": 2, "aten::new_zeros": 2}),
+             {"aten::_foreach_copy_": 2, "aten::zero_": 2}),
     # bidirectional: both directions of a step in one launch (the pair kernels), T = 3 of them
     # forward and T + 1 backward (the last forms both directions' dh0); the two directions' input
     # projections, dW_ih and dW_hh in one launch each (_rnn_matmul2_kernel), dx per direction (the
     # second accumulates into the first's), and each direction's bias sums (one launch for both)
     "lstm bidirectional": ({"_rnn_matmul_kernel": 2, "_rnn_matmul2_kernel": 3, "_rnn_step2_fwd_kernel": 3,
                             "_rnn_step2_bwd_kernel": 4, "_rnn_colsum_kernel": 2},
-                           {"aten::_foreach_copy_": 2, "aten::copy_": 2, "aten::new_zeros": 2}),
+                           {"aten::_foreach_copy_": 2, "aten::zero_": 2}),
 }
 # The same fwd+bwd on a GPU, as GPU events (torch.profiler, CUDA activity; kernel_counts.by_kind):
 # our kernels are LAUNCHES' own, by name and number; beside them, torch's events by kind. Each aten
