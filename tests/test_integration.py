@@ -564,22 +564,25 @@ def test_cpu_autocast_lstm_dtypes_as_torchs_native_and_onednn_paths(autocast_dty
     assert compared == 3 if packed or proj else compared >= 1  # torch's native path runs everywhere
 
 
+class _BF16Autocast(torch.nn.Module):
+    """A recurrent layer's output run inside a CPU bfloat16 autocast region of the forward."""
+
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return self.m(x)[0]
+
+
 def test_lstm_exported_under_cpu_autocast_keeps_the_eager_dtype_as_torchs():
     """An LSTM exported (torch.export) with a CPU bfloat16 autocast region inside its forward: torch
     turns oneDNN off while it traces, so ours took torch's native path there (float32 results)
     where the exported program and eager give bfloat16 (torch's runs its oneDNN LSTM when it
     runs; a compile audit). Now the exported program gives what eager gives, as torch's does."""
-    class Wrapped(torch.nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, x):
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                return self.m(x)[0]
-
     torch.manual_seed(0)
-    ours = Wrapped(gpu_nn.convert(tnn.LSTM(3, 4)))
+    ours = _BF16Autocast(gpu_nn.convert(tnn.LSTM(3, 4)))
     x = torch.randn(5, 2, 3)
     eager = ours(x)
     assert eager.dtype == torch.bfloat16  # torch's own CPU autocast rule for its LSTM
@@ -593,17 +596,8 @@ def test_torchs_lstm_exported_under_cpu_autocast_keeps_the_eager_dtype():
     autocast region, gives what its eager call gives (bfloat16), where torch's oneDNN builds a
     bfloat16 LSTM on this CPU: an AVX2-only one refuses ("could not create a primitive descriptor
     for the LSTM forward propagation primitive", seen on a 2-core AMD EPYC), and the check skips."""
-    class Wrapped(torch.nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, x):
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                return self.m(x)[0]
-
     torch.manual_seed(0)
-    theirs = Wrapped(tnn.LSTM(3, 4))
+    theirs = _BF16Autocast(tnn.LSTM(3, 4))
     x = torch.randn(5, 2, 3)
     try:
         eager = theirs(x)
