@@ -1148,7 +1148,7 @@ def test_depthwise_forward_candidates_through_the_chooser(layout, monkeypatch, r
                 y = fn(x, w64.to(dtype), b64.to(dtype), **kw)
             op, key, cands, default = asked[-1]
             assert op == "conv_dw_fwd" and cands == kt.DW_FWD_CANDIDATES and default == kt.dw_config(True)
-            assert key[0] == "depthwise" and str(dtype) in key
+            assert str(dtype) in key and key[9] == kw["groups"]  # the forward's problem key
             # each candidate once as the chooser ran it, then the choice (the last) for the call itself
             assert runs == [*kt.DW_FWD_CANDIDATES, kt.DW_FWD_CANDIDATES[-1]], runs
             assert_close(y, want, dtype, math.prod(ws[2:]), f"depthwise {nd}d {layout} {dtype}")

@@ -1870,6 +1870,14 @@ def conv_forward(x, w, bias, y, stride, padding, dilation, groups, activation, p
     if y.numel() == 0:
         return
     og = o // groups
+    # the problem as a measuring chooser keys it (every launch rewrites y in full, so the
+    # candidates are timed on the real buffers); x's 16-byte alignment too: a TMA candidate that
+    # reads x as it is exists only for an aligned x, and a choice kept for one must not serve a
+    # view of the same strides that is not
+    key = None if choose is None else (
+        tuple(x.shape), tuple(x.stride()), tuple(w.shape), tuple(w.stride()), tuple(y.stride()), str(x.dtype),
+        tuple(stride), tuple(padding), tuple(dilation), groups, prec, bias is not None, activation,
+        x.data_ptr() % 16 == 0)
     if is_depthwise(c, cg, groups):
         pix = pixels_adjacent(x)
 
@@ -1886,10 +1894,6 @@ def conv_forward(x, w, bias, y, stride, padding, dilation, groups, activation, p
 
         cfg = dw_config(interpret)
         if choose is not None:
-            # every launch rewrites y in full (the candidates are timed on the real buffers)
-            key = ("depthwise", tuple(x.shape), tuple(x.stride()), tuple(w.shape), tuple(w.stride()), tuple(y.stride()),
-                   str(x.dtype), tuple(stride), tuple(padding), tuple(dilation), bias is not None, activation,
-                   x.data_ptr() % 16 == 0)
             cfg = tuple(choose("conv_dw_fwd", key, list(DW_FWD_CANDIDATES), dw_launch, cfg,
                                prepare=lambda cs: _compile_all(cs, interpret, lambda c, _: dw_launch(c, warm=True))))
         dw_launch(cfg)
@@ -1933,12 +1937,6 @@ def conv_forward(x, w, bias, y, stride, padding, dilation, groups, activation, p
     cfg = fwd_heuristic(x, w, bias, y, groups, fwd_default(og, n * ho * wo, cg, kh * kw, half, interpret), interpret,
                         prec)
     if choose is not None:
-        # every launch rewrites y in full, so the candidates are timed on the real buffers
-        # x's 16-byte alignment too: a TMA candidate that reads x as it is exists only for an aligned
-        # x, and a choice kept for one must not serve a view of the same strides that is not
-        key = (tuple(x.shape), tuple(x.stride()), tuple(w.shape), tuple(w.stride()), tuple(y.stride()),
-               str(x.dtype), tuple(stride), tuple(padding), tuple(dilation), groups, prec,
-               bias is not None, activation, x.data_ptr() % 16 == 0)
         facts = (problem_candidates, key, tuple(y.shape), w.data_ptr() % 16 == 0, y.data_ptr() % 16 == 0,
                  bias is None or bias.data_ptr() % 16 == 0, x.get_device())
         cands = _candidates(facts, lambda: problem_candidates(x, w, bias, y, groups, prec, stride))
