@@ -290,3 +290,92 @@ def test_older_triton_fixes_work_when_installed_on_any_version(tmp_path):
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"fma_exact": True, "range_sum": True}
+
+
+_INTERPRETER_OVERHEAD = """
+import json, os
+os.environ["TRITON_INTERPRET"] = "1"
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+from triton.runtime import interpreter
+import gpu_nn  # noqa: F401  (applies kernels/triton/_compat.py's fixes)
+from gpu_nn.kernels.triton import _compat
+
+
+@triton.jit
+def _affine(v, a):
+    return v * a + 1
+
+
+@triton.jit
+def k(x_ptr, o_ptr, w_ptr, n, a, STEPS: tl.constexpr, BLOCK: tl.constexpr):
+    r = tl.arange(0, BLOCK)
+    v = tl.load(x_ptr + r, mask=r < n, other=0)
+    for _ in range(STEPS):  # a helper called at every step, as the recurrent kernels' cells are
+        v = _affine(v, 3) % 1000003
+    tl.store(o_ptr + r, tl.zeros((BLOCK,), tl.int32) + v, mask=r < n)  # tl.zeros: tl.core's helper
+    tl.store(w_ptr + r, (r + a) * a, mask=r < n)  # int32 products past 2^31: wrap, as on the GPU
+
+
+patches = []
+real = interpreter._patch_lang_tensor  # the language patch calls it once per module it patches
+
+
+def counting(tensor, scope):
+    patches.append(1)
+    return real(tensor, scope)
+
+
+interpreter._patch_lang_tensor = counting
+x = torch.arange(1, 38, dtype=torch.int32)
+counts, right = [], []
+for steps in (2, 2, 9):  # (the first launch reads the language's names once)
+    o, w = torch.empty_like(x), torch.empty_like(x)
+    del patches[:]
+    k[(1,)](x, o, w, 37, 65536, STEPS=steps, BLOCK=64)
+    counts.append(len(patches))
+    want = x.long()
+    for _ in range(steps):
+        want = (want * 3 + 1) % 1000003
+    wrapped = ((torch.arange(37) + 65536) * 65536) % 2 ** 32
+    right.append(torch.equal(o.long(), want) and torch.equal(w.long() % 2 ** 32, wrapped))
+restored = tl.core.is_builtin(tl.load) and tl.core.is_builtin(tl.tensor.__add__)
+kinds = [tl.int1, tl.int8, tl.uint8, tl.int16, tl.uint16, tl.int32, tl.uint32, tl.int64, tl.uint64, tl.float16,
+         tl.bfloat16, tl.float32, tl.float64, tl.float8e5, tl.float8e4nv, tl.pointer_type(tl.float32)]
+held = {str(t): (str(interpreter._get_np_dtype(t)), str(interpreter._get_np_dtype(tl.block_type(t, [2, 4]))))
+        for t in kinds}
+opts = interpreter.interpreter_builder.options
+print(json.dumps({"installed": sorted(_compat.installed), "patches": counts, "right": right,
+                  "restored": restored, "held": held, "debug": opts.debug,
+                  "sanitize_overflow": opts.sanitize_overflow}))
+"""
+
+
+def test_interpreter_overhead_fixes_keep_what_the_interpreter_computes(tmp_path):
+    """kernels/triton/_compat.py's interpreter speed fixes, in a fresh interpreted process (on a
+    GPU machine too): a launch patches the language once per module, however many times its
+    kernel calls a helper (the interpreter patched again at every call); the kernel
+    computes what it did (a helper in a loop, triton.language's own tl.zeros, int32 products
+    that wrap as on the GPU); the language is restored after the launch; the overflow checks are
+    off only where debug (the one reader of their result) is off; each Triton type is held in
+    the NumPy dtype the interpreter's table gives it, block types as their elements."""
+    import json
+    import subprocess
+    import sys
+
+    script = tmp_path / "overhead.py"
+    script.write_text(_INTERPRETER_OVERHEAD)
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    first, two, nine = got["patches"]  # the kernel's tl, then tl.core for tl.zeros: not per step
+    assert two == nine and 2 <= nine <= 3, got["patches"]
+    assert got["right"] == [True, True, True] and got["restored"]
+    assert got["debug"] is False and got["sanitize_overflow"] is False
+    want = {"int1": "bool", "int8": "int8", "uint8": "uint8", "int16": "int16", "uint16": "uint16", "int32": "int32",
+            "uint32": "uint32", "int64": "int64", "uint64": "uint64", "fp16": "float16", "bf16": "uint16",
+            "fp32": "float32", "fp64": "float64", "fp8e5": "uint8", "fp8e4nv": "uint8", "pointer<fp32>": "uint64"}
+    assert got["held"] == {k: [v, v] for k, v in want.items()}
+    assert {"patch_once", "no_dead_overflow_checks", "launch_lock"} <= set(got["installed"])
