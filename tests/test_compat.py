@@ -347,8 +347,12 @@ kinds = [tl.int1, tl.int8, tl.uint8, tl.int16, tl.uint16, tl.int32, tl.uint32, t
 held = {str(t): (str(interpreter._get_np_dtype(t)), str(interpreter._get_np_dtype(tl.block_type(t, [2, 4]))))
         for t in kinds}
 opts = interpreter.interpreter_builder.options
+a, b = tl.block_type(tl.float32, [2, 4]), tl.block_type(tl.float32, (2, 4))
+kept = {"same": a is b and a.with_element_ty(tl.float32) is a,
+        "apart": a is not tl.block_type(tl.float32, [4, 2]) and a is not tl.block_type(tl.float16, [2, 4]),
+        "shape": [int(v) for v in a.shape] == [2, 4] and a.numel == 8 and str(a) == str(tl.block_type(tl.float32, [2, 4]))}
 print(json.dumps({"installed": sorted(_compat.installed), "patches": counts, "right": right,
-                  "restored": restored, "held": held, "debug": opts.debug,
+                  "restored": restored, "held": held, "kept": kept, "debug": opts.debug,
                   "sanitize_overflow": opts.sanitize_overflow}))
 """
 
@@ -360,7 +364,8 @@ def test_interpreter_overhead_fixes_keep_what_the_interpreter_computes(tmp_path)
     computes what it did (a helper in a loop, triton.language's own tl.zeros, int32 products
     that wrap as on the GPU); the language is restored after the launch; the overflow checks are
     off only where debug (the one reader of their result) is off; each Triton type is held in
-    the NumPy dtype the interpreter's table gives it, block types as their elements."""
+    the NumPy dtype the interpreter's table gives it, block types as their elements; a block
+    type is made once per element type and shape (the tensors of that type share its shape)."""
     import json
     import subprocess
     import sys
@@ -378,4 +383,5 @@ def test_interpreter_overhead_fixes_keep_what_the_interpreter_computes(tmp_path)
             "uint32": "uint32", "int64": "int64", "uint64": "uint64", "fp16": "float16", "bf16": "uint16",
             "fp32": "float32", "fp64": "float64", "fp8e5": "uint8", "fp8e4nv": "uint8", "pointer<fp32>": "uint64"}
     assert got["held"] == {k: [v, v] for k, v in want.items()}
-    assert {"patch_once", "no_dead_overflow_checks", "launch_lock"} <= set(got["installed"])
+    assert got["kept"] == {"same": True, "apart": True, "shape": True}
+    assert {"patch_once", "no_dead_overflow_checks", "type_memo", "launch_lock"} <= set(got["installed"])

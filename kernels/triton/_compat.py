@@ -56,6 +56,13 @@ configuration compiles for sm_90 under both 3.6 and 3.9).
   interpretation of the persistent recurrent forward tests. :func:`apply` turns the checks off
   where ``debug`` is off (:func:`_install_interpreter_no_dead_overflow_checks`): no check
   that ran is lost.
+* Every version (3.6 to 3.9): every interpreted operation makes a new ``block_type`` (its shape
+  turned into triton.language's own tuple of constexpr types, and a name formatted from it) and
+  a new ``tensor`` whose shape is another such tuple: 17 % and 14 % of the interpretation of
+  tests/test_double_backward.py and test_dense.py. Neither is changed after it is made (code
+  that reshapes copies the shape into a list first), so :func:`apply` keeps one block type per
+  element type and shape of ints, and one shape tuple per block type for its tensors
+  (:func:`_install_interpreter_type_memo`): those two files 128 s -> 97 s (-n 2).
 """
 
 from __future__ import annotations
@@ -65,7 +72,7 @@ import contextlib
 import numpy as np
 
 installed: set[str] = set()  # the fixes apply() installed in this process: "index", "fma", "bf16", "launch_lock",
-# "patch_once", "no_dead_overflow_checks"
+# "patch_once", "no_dead_overflow_checks", "type_memo"
 
 
 def _version(text: str) -> tuple[int, int]:
@@ -481,6 +488,63 @@ def _install_interpreter_no_dead_overflow_checks() -> None:
     installed.add("no_dead_overflow_checks")
 
 
+def _install_interpreter_type_memo() -> None:
+    import builtins
+
+    from triton.runtime import interpreter
+
+    core = interpreter.tl.core
+    block, tensor = core.block_type, core.tensor
+    if block.__new__ is not object.__new__ or "__init__" not in vars(block) or "__init__" not in vars(tensor):
+        return
+    real_block_init, real_tensor_init = block.__init__, tensor.__init__
+    types: dict = {}  # (element type, shape) -> the block type made for it
+
+    def key_of(element_ty, shape):
+        values = getattr(shape, "values", shape)  # triton.language's tuple, a list or a tuple
+        if not isinstance(values, (list, builtins.tuple)) or not all(type(v) is int for v in values):
+            return None
+        try:
+            key = (element_ty, builtins.tuple(values))
+            hash(key)
+        except TypeError:
+            return None
+        return key
+
+    def block_new(cls, element_ty=None, shape=None):
+        if cls is block:
+            key = key_of(element_ty, shape)
+            if key is not None and key in types:
+                return types[key]
+        return object.__new__(cls)
+
+    def block_init(self, element_ty, shape):
+        if "_gpu_nn_key" in self.__dict__:  # the type kept for this key, made before
+            return
+        real_block_init(self, element_ty, shape)
+        key = key_of(element_ty, shape)
+        if key is not None:
+            self._gpu_nn_key = key
+            types.setdefault(key, self)
+
+    def tensor_init(self, handle, type):
+        kept = type.__dict__.get("_gpu_nn_tensor_shape") if type.__class__ is block else None
+        if kept is None:
+            real_tensor_init(self, handle, type)
+            if type.__class__ is block and "_gpu_nn_key" in type.__dict__:
+                type._gpu_nn_tensor_shape = (self.shape, self.numel)
+            return
+        self.handle = handle
+        self.shape, self.numel = kept
+        self.type = type
+        self.dtype = type.scalar
+
+    block.__new__ = block_new
+    block.__init__ = block_init
+    tensor.__init__ = tensor_init
+    installed.add("type_memo")
+
+
 def apply(interpret: bool) -> None:
     """Install the version-specific fixes listed in the module docstring (idempotent)."""
     global _applied, _bf16_exact
@@ -495,6 +559,7 @@ def apply(interpret: bool) -> None:
         _install_interpreter_launch_lock()
         _install_interpreter_patch_once()
         _install_interpreter_no_dead_overflow_checks()
+        _install_interpreter_type_memo()
         if not _bf16_probe():
             _install_interpreter_bf16_fix()
         _bf16_exact = _bf16_probe()
