@@ -522,7 +522,7 @@ def _install_interpreter_type_memo() -> None:
         if "_gpu_nn_key" in self.__dict__:  # the type kept for this key, made before
             return
         real_block_init(self, element_ty, shape)
-        key = key_of(element_ty, shape)
+        key = key_of(element_ty, shape) if type(self) is block else None  # (a subclass is not served)
         if key is not None:
             self._gpu_nn_key = key
             types.setdefault(key, self)
