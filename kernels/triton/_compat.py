@@ -44,10 +44,7 @@ configuration compiles for sm_90 under both 3.6 and 3.9).
   20 launches spent 8.4 s of 29.7 s of interpretation patching. :func:`apply` lets a helper
   call inside a launch whose patch covers the helper's language modules skip it
   (:func:`_install_interpreter_patch_once`), and reads each module's member names once
-  instead of at every patch; what is patched, and when it is restored, is unchanged. Its
-  ``_get_np_dtype`` (the NumPy dtype holding a Triton type, asked at every splat, cast and
-  load) builds a dict of 19 dtypes at each call (7 % of the same tests): the answer for each
-  scalar type is kept instead.
+  instead of at every patch; what is patched, and when it is restored, is unchanged.
 * Every version (3.6 to 3.9): the interpreter's options ask for integer-overflow checks
   (``sanitize_overflow``) with ``debug`` off, and its ``device_assert`` returns without
   looking when ``debug`` is off (as a compiled kernel's, where the check's code is then dead):
@@ -62,7 +59,10 @@ configuration compiles for sm_90 under both 3.6 and 3.9).
   tests/test_double_backward.py and test_dense.py. Neither is changed after it is made (code
   that reshapes copies the shape into a list first), so :func:`apply` keeps one block type per
   element type and shape of ints, and one shape tuple per block type for its tensors
-  (:func:`_install_interpreter_type_memo`): those two files 128 s -> 97 s (-n 2).
+  (:func:`_install_interpreter_type_memo`): those two files 128 s -> 97 s (-n 2). The same
+  function keeps the answer of ``_get_np_dtype`` (the NumPy dtype holding a Triton type, asked
+  at every splat, cast and load), which built a dict of 19 dtypes at each call (7 % of the
+  persistent recurrent forward tests), per scalar type.
 """
 
 from __future__ import annotations
@@ -454,21 +454,6 @@ def _install_interpreter_patch_once() -> None:
         finally:
             local.helper_depth -= 1
 
-    real_np_dtype = getattr(interpreter, "_get_np_dtype", None)
-    np_dtypes: dict = {}  # a scalar Triton type -> the NumPy dtype the interpreter holds it in
-
-    def get_np_dtype(tt_dtype):
-        scalar = tt_dtype.element_ty if isinstance(tt_dtype, tl.block_type) else tt_dtype
-        try:
-            return np_dtypes[scalar]
-        except KeyError:
-            np_dtypes[scalar] = out = real_np_dtype(scalar)  # (a block's dtype is its element's)
-            return out
-        except TypeError:  # an unhashable type: as the interpreter does
-            return real_np_dtype(tt_dtype)
-
-    if real_np_dtype is not None:
-        interpreter._get_np_dtype = get_np_dtype
     interpreter._patch_builtin = patch_builtin
     interpreter._patch_lang = patch_lang
     interpreter.InterpretedFunction.__call__ = device_call
@@ -539,6 +524,21 @@ def _install_interpreter_type_memo() -> None:
         self.type = type
         self.dtype = type.scalar
 
+    real_np_dtype = getattr(interpreter, "_get_np_dtype", None)
+    np_dtypes: dict = {}  # a scalar Triton type -> the NumPy dtype the interpreter holds it in
+
+    def get_np_dtype(tt_dtype):
+        scalar = tt_dtype.element_ty if isinstance(tt_dtype, block) else tt_dtype
+        try:
+            return np_dtypes[scalar]
+        except KeyError:
+            np_dtypes[scalar] = out = real_np_dtype(scalar)  # (a block's dtype is its element's)
+            return out
+        except TypeError:  # an unhashable type: as the interpreter does
+            return real_np_dtype(tt_dtype)
+
+    if real_np_dtype is not None:
+        interpreter._get_np_dtype = get_np_dtype
     block.__new__ = block_new
     block.__init__ = block_init
     tensor.__init__ = tensor_init
