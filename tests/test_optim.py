@@ -1494,6 +1494,62 @@ def _count_full_steps(monkeypatch):
     return full
 
 
+def _within_ulps(got, exact, what, scale=None, ulps=2.0):
+    """``got`` within ``ulps`` ulps of its dtype of the float64 value ``exact``, the ulp taken at
+    ``scale`` (default ``exact``: the largest magnitude the computation went through, where a
+    difference cancels). Two: a step's float32 roundings (the learning rate, the product, the
+    sum) are each at most half an ulp of that magnitude; a half-precision result adds its one
+    rounding to the negligible float32 ones."""
+    bits = {torch.float32: 23, torch.float16: 10, torch.bfloat16: 7}[got.dtype]
+    mag = exact.abs() if scale is None else scale
+    ulp = torch.exp2(torch.floor(torch.log2(mag.clamp_min(torch.finfo(got.dtype).tiny))) - bits)
+    err = (got.double() - exact).abs() / ulp
+    assert float(err.max()) <= ulps, f"{what}: {float(err.max()):.2f} ulp"
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("triton", "cupy")))
+def test_tables_of_another_dtype_at_the_same_addresses_are_their_own(backend, device):
+    """The chunk tables of a step and of clipping are kept by the tensors' addresses; their
+    offsets count elements, so a float16 / bfloat16 run whose tensors a caching allocator puts
+    where a float32 run's were (the same addresses and sizes: blocks of 512 bytes) needs its own
+    table: served the float32 one, the second tensor was stepped and scaled 256 bytes into the
+    first's block and left as it was (a helper's audit). Each dtype in turn, against the step and
+    the clipping computed in float64 from the same values."""
+    pbuf = torch.zeros(4096, dtype=torch.uint8, device=device)
+    gbuf = torch.zeros(4096, dtype=torch.uint8, device=device)
+
+    def views(buf, dtype, n=100):
+        es = torch.empty((), dtype=dtype).element_size()
+        return [buf[0:n * es].view(dtype), buf[512:512 + n * es].view(dtype)]
+
+    torch.manual_seed(3)
+    lr, max_norm = 0.1, 1.0
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for opt in ("SGD", "clip"):
+            ours = [torch.nn.Parameter(v) for v in views(pbuf, dtype)]
+            for p, g in zip(ours, views(gbuf, dtype)):
+                with torch.no_grad():
+                    p.copy_(torch.randn(100))
+                    g.copy_(torch.randn(100) * 3)
+                p.grad = g
+            p64 = [p.detach().double().cpu() for p in ours]
+            g64 = [p.grad.double().cpu() for p in ours]
+            with gpu_nn.backend(backend):
+                if opt == "SGD":
+                    go.SGD(ours, lr=lr).step()
+                    got, exact = [p.detach().cpu() for p in ours], [p - lr * g for p, g in zip(p64, g64)]
+                    scales = [torch.maximum(p.abs(), (lr * g).abs()) for p, g in zip(p64, g64)]
+                else:
+                    total = clip_grad_norm_(ours, max_norm)
+                    norm = torch.linalg.vector_norm(torch.cat(g64))
+                    _within_ulps(total.cpu(), norm, f"clip {dtype} total")
+                    coef = min(1.0, max_norm / (float(norm) + 1e-6))
+                    got, exact = [p.grad.cpu() for p in ours], [g * coef for g in g64]
+                    scales = [e.abs() for e in exact]
+            for i, (a, b, m) in enumerate(zip(got, exact, scales)):
+                _within_ulps(a, b, f"{opt} {dtype} tensor {i}", m)
+
+
 @pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
 @pytest.mark.parametrize("event", PLAN_EVENTS)
 @pytest.mark.parametrize("name,kw", PLAN_OPTS, ids=[n for n, _ in PLAN_OPTS])

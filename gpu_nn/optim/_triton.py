@@ -151,14 +151,20 @@ def _table_cols(params, grads, states, steps, flags, device, chunk):
     numels = [p.numel() for p in params]
     sp = [[0 if s is None else s.data_ptr() for s in col] for col in states]
     tp = [0 if s is None else s.data_ptr() for s in steps]
-    key = (chunk, str(device), tuple(pp), tuple(numels), tuple(gp), tuple(map(tuple, sp)), tuple(tp), tuple(flags))
+    # one element size per role: a part's parameters and gradients share a dtype, state and
+    # steps are float32 (the tables index each role from its first tensor's address)
+    es_p = params[0].element_size()
+    es_g = grads[0].element_size() if grads else es_p
+    es_s = next((s.element_size() for col in states for s in col if s is not None), 4)
+    # the offsets are in elements, so the element sizes key the table with the addresses: tensors
+    # of another dtype at the same addresses (the caching allocator hands a float16 run the blocks
+    # of a float32 one) were served the other dtype's offsets, stepping and scaling wrong memory
+    key = (chunk, str(device), tuple(pp), tuple(numels), tuple(gp), tuple(map(tuple, sp)), tuple(tp), tuple(flags),
+           es_p, es_g, es_s)
     hit = _TABLES.get(key)
     if hit is not None:
         return hit
-    # one element size per role: a part's parameters and gradients share a dtype, state and
-    # steps are float32 (the tables index each role from its first tensor's address)
-    es_s = next((s.element_size() for col in states for s in col if s is not None), 4)
-    cols = [_offsets(pp, params[0].element_size()), _offsets(gp, grads[0].element_size())]
+    cols = [_offsets(pp, es_p), _offsets(gp, es_g)]
     # every state column from one base, the first state tensor of any column (the kernels' s_base)
     base_s = next((p for col in sp for p in col if p), 0)
     cols += [_offsets(sp[k], es_s, base_s) if k < len(sp) else [0] * len(pp) for k in range(3)]
