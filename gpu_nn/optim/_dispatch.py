@@ -46,12 +46,18 @@ class Part:
     a later step over the same tensors launches it again, its gradient column rebuilt where the
     gradients moved: ``regrad``)."""
 
-    __slots__ = ("device", "dtype", "idx", "params", "states", "steps", "prepared")
+    __slots__ = ("device", "dtype", "idx", "params", "states", "steps", "prepared", "repeated")
 
     def __init__(self, device, dtype, idx, params, states):
         self.device, self.dtype, self.idx, self.params, self.states = device, dtype, idx, params, states
         self.steps = states.get("step") or []
         self.prepared: dict = {}
+        # a parameter listed more than once (torch warns that it will refuse this one day, and
+        # meanwhile steps the entries one after the other, each reading what the one before
+        # wrote): torch's own per-tensor step runs such a part (:func:`run_parts`); one launch
+        # over all entries stepped the shared state several times over (a buffer per entry
+        # updated in turn, in what a GPU runs as concurrent programs)
+        self.repeated = len({id(p) for p in params}) != len(params)
 
 
 def parts(params, state_lists: dict) -> list:
@@ -114,8 +120,8 @@ def run_parts(kind: str, parts_: list, hp: dict, grads) -> None:
     amp = "found_inf" in hp  # GradScaler's scalars (a fused step's: optimizers._Base._step_hp)
     for part in parts_:
         sub_g = [grads[i] for i in part.idx]
-        if needs_torch(part.params, sub_g):
-            _run_torch(kind, part.params, part.states, hp, sub_g)
+        if part.repeated or needs_torch(part.params, sub_g):
+            _run_torch(kind, part.params, part.states, hp, sub_g, foreach=False if part.repeated else None)
             continue
         # the parameters change in place, as torch's step changes them with in-place ops: their
         # version counters move, so a backward through a graph that saved them before the step
@@ -178,11 +184,14 @@ _NO_DISPATCH = _C._disabled_torch_dispatch_impl  # a subclass without a __torch_
 _NO_FUNCTION = _C._disabled_torch_function_impl  # nn.Parameter's (and its plain subclasses') torch function
 
 
-def _run_torch(kind, params, st, hp, grads) -> None:
+def _run_torch(kind, params, st, hp, grads, foreach=None) -> None:
     """The step of torch's own optimizer on ``params`` (its functional form, its implementation
-    chosen as its step chooses it by default: foreach where torch's would be, per tensor else),
-    into this optimizer's state tensors: for the tensors of :func:`needs_torch`, on which torch's
-    in-place ops are the subclass's or the mode's to run. Torch keeps a half parameter's state in
+    chosen as its step chooses it by default: foreach where torch's would be, per tensor else;
+    ``foreach=False``: per tensor, in order), into this optimizer's state tensors: for the
+    tensors of :func:`needs_torch`, on which torch's in-place ops are the subclass's or the
+    mode's to run, and for a parameter listed more than once (per tensor: each entry sees what
+    the one before it wrote, as torch's CPU step does; a multi-tensor op over one tensor twice
+    is a race on a GPU, torch's own foreach step too). Torch keeps a half parameter's state in
     the parameter's dtype where ours is float32: the step runs on copies in torch's dtype, copied
     back (the values torch's state holds). GradScaler's scalars of a fused step are applied as its
     fused step applies them (skipped where found_inf is set, read on the host; the gradients
@@ -195,7 +204,7 @@ def _run_torch(kind, params, st, hp, grads) -> None:
     if scale is not None:
         for g in grads:
             g.div_(scale)
-    common = dict(lr=hp["lr"], weight_decay=hp["weight_decay"], maximize=hp["maximize"], foreach=None)
+    common = dict(lr=hp["lr"], weight_decay=hp["weight_decay"], maximize=hp["maximize"], foreach=foreach)
     back = []  # (our state tensor, torch's copy in the parameter's dtype)
 
     def as_torch(states):

@@ -636,11 +636,13 @@ class SGD(_Base):
     def _state_lists(self, group, params):
         momentum = group["momentum"]
         bufs, first = [], []
+        fresh = set()  # parameters without a buffer before this step (every entry of one listed twice)
         for p in params:
             if momentum != 0:
                 state = self.state[p]
-                b = state.get("momentum_buffer")
-                first.append(b is None)
+                if state.get("momentum_buffer") is None:
+                    fresh.add(id(p))
+                first.append(id(p) in fresh)
                 bufs.append(self._buf(state, "momentum_buffer", p))
             else:
                 bufs.append(None)
