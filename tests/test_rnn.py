@@ -347,6 +347,79 @@ def test_opcheck_sequence(mode, rng):
                            kw["lengths"], None, mask))
 
 
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("mode", ["lstm", "gru"])
+def test_recurrent_ops_called_directly_refuse_what_their_kernels_would_read_past(backend, device, mode, rng):
+    """The custom ops may be called directly (torch.ops.gpu_nn.*); their kernels index by the
+    weights' sizes and the batch, so a call whose other tensors disagree is refused before a
+    kernel runs: the sequence backward's lengths (one entry, int32, past T), state gradients and
+    dropout masks of another shape, a weight of another shape; the cell's forward and backward
+    with a state or gradient of another batch, and a reserve of another size. The CUDA C loops
+    read lengths[b] and every row of the state gradients for each of B rows (a helper's audit
+    showed the reads past a one-entry lengths under AddressSanitizer); the autograd wrappers
+    always pass the forward's own. A good call still runs."""
+    E = gpu_nn.KernelInputError
+    seq = torch.ops.gpu_nn.rnn_seq.default
+    seq_bwd = torch.ops.gpu_nn.rnn_seq_backward.default
+    args, kw = ops._make_seq(mode, T=3, B=4, I=4, H=5, L=2, bi=True, lengths=(3, 1, 2, 3))(rng)
+    x, hx, params = args[0].to(device), args[1], [p.detach().to(device) for p in args[2]]
+    h, c = (t.to(device) for t in hx) if mode == "lstm" else (hx.to(device), None)
+    lengths = kw["lengths"]
+    with gpu_nn.backend(backend):
+        out, hn, cn, res = seq(x, h, c, params, mode, 2, True, True, lengths, None)
+        g = [torch.randn_like(t) for t in (out, hn)]
+        gc = torch.randn_like(cn) if mode == "lstm" else None
+
+        def bwd(**change):
+            a = dict(g_out=g[0], g_hn=g[1], g_cn=gc, params=params, lengths=lengths, masks=None)
+            a.update(change)
+            return seq_bwd(a["g_out"], a["g_hn"], a["g_cn"], x, a["params"], res, mode, 2, True, True, a["lengths"],
+                           a["masks"])
+
+        bwd()
+        bwd(g_hn=g[1].new_empty(0), g_cn=None if gc is None else gc.new_empty(0))  # empty: zeros
+        for what, change in (("lengths", dict(lengths=lengths[:1])), ("lengths", dict(lengths=lengths.int())),
+                             ("lengths", dict(lengths=lengths + 5)), ("grad_hn", dict(g_hn=g[1][:, :1])),
+                             ("dropout_masks", dict(masks=torch.ones(1, 3, 4, 9, dtype=x.dtype, device=device))),
+                             ("weight of layer 1", dict(params=[*params[:-1], params[-1][:-1]]))):
+            with pytest.raises(E, match=what):
+                bwd(**change)
+        if mode == "lstm":
+            with pytest.raises(E, match="grad_cn"):
+                bwd(g_cn=gc[:, :2])
+        cargs, _ = ops._make_cell(mode, B=3, I=4, H=5, bias=True)(rng)
+        cx_in, chx = cargs[0].to(device), cargs[1]
+        ch, cc = (t.to(device) for t in chx) if mode == "lstm" else (chx.to(device), None)
+        ws = [w.to(device) for w in cargs[2:]]
+        cell, cell_bwd = torch.ops.gpu_nn.rnn_cell.default, torch.ops.gpu_nn.rnn_cell_backward.default
+        hh, ch2, cres = cell(cx_in, ch, cc, *ws, mode)
+        with pytest.raises(E, match="batch size"):
+            cell(cx_in, ch[:1], cc, *ws, mode)
+        gh = torch.randn_like(hh)
+        gcc = torch.randn_like(ch2) if mode == "lstm" else None
+        cell_bwd(gh, gcc, cx_in, ch, cc, *ws, hh, ch2, cres, mode)
+        with pytest.raises(E, match="grad_h must have shape"):
+            cell_bwd(gh[:1], gcc, cx_in, ch, cc, *ws, hh, ch2, cres, mode)
+        with pytest.raises(E, match="reserve must be"):
+            cell_bwd(gh, gcc, cx_in, ch, cc, *ws, hh, ch2, cres[:-1], mode)
+        if mode == "lstm":
+            with pytest.raises(E, match="grad_c must have shape"):
+                cell_bwd(gh, gcc[:1], cx_in, ch, cc, *ws, hh, ch2, cres, mode)
+            with pytest.raises(E, match="needs a cell state"):
+                cell(cx_in, ch, None, *ws, mode)
+        # the same values in other layouts: a strided reserve, expanded saved outputs; the
+        # kernels read them as dense rows (the Triton backward gave NaN and values 1e12 off)
+        want = bwd()
+        got = seq_bwd(g[0], g[1], gc, x, params, torch.stack([res, torch.full_like(res, 1e3)], 1)[:, 0], mode, 2, True,
+                      True, lengths, None)
+        for a, b_ in zip([*want[:3], *want[3]], [*got[:3], *got[3]]):
+            assert torch.equal(a, b_)
+        wantc = cell_bwd(gh, gcc, cx_in, ch, cc, *ws, hh, ch2, cres, mode)
+        spread = [torch.stack([t, torch.full_like(t, 1e6)], -1)[..., 0] for t in (hh, ch2, cres)]
+        for a, b_ in zip(wantc, cell_bwd(gh, gcc, cx_in, ch, cc, *ws, *spread, mode)):
+            assert torch.equal(a, b_)
+
+
 @pytest.mark.parametrize("backend,device", backend_params(("triton", "cupy")))
 def test_float64_sequence_on_a_named_gpu_backend_keeps_the_fake_kernels_promise(backend, device, rng):
     """float64 layers on a GPU backend named explicitly run the kernels' float32 reserve; the op's

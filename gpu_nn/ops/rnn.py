@@ -260,16 +260,26 @@ def _check_seq(op, input, hx, cx, weights, mode, num_layers, bidirectional, has_
             raise KernelInputError(f"Expected hidden size ({num_layers * D}, {B}, {H}), got {list(cx.shape)}")
         if P and P > H:
             raise KernelInputError(f"{op}: proj_size has to be smaller than hidden_size (h0 width {P}, c0 width {H})")
-    per = (4 if has_biases else 2) + (1 if P else 0)
-    if len(weights) != num_layers * D * per:
-        raise KernelInputError(f"{op}: expected {num_layers * D * per} weight tensors, got {len(weights)}")
-    G = GATES[mode] * H
     for what, ts in (("hidden", (hx, cx)), ("parameter", weights)):
         for t in ts:
             if t is not None and t.dtype != input.dtype:  # torch's check_attributes (its CUDA layers' words)
                 raise KernelInputError(
                     f"Input and {what} tensors are not the same dtype, found input tensor with "
                     f"{scalar_type_name(input.dtype)} and {what} tensor with {scalar_type_name(t.dtype)}")
+    _check_weight_shapes(op, weights, mode, num_layers, D, has_biases, T, B, I, H, P, lengths)
+    _check_lengths(op, lengths, T, B)
+    _check_masks(op, masks, input, num_layers, T, B, D * W)
+
+
+def _check_weight_shapes(op, weights, mode, num_layers, D, has_biases, T, B, I, H, P, lengths):
+    """Each layer's and direction's ``w_ih, w_hh[, b_ih, b_hh][, w_hr]`` of the shapes a layer of
+    input width ``I``, hidden width ``H`` and projection ``P`` has (torch's words where its
+    projection of the whole input would fail)."""
+    W = P or H
+    G = GATES[mode] * H
+    per = (4 if has_biases else 2) + (1 if P else 0)
+    if len(weights) != num_layers * D * per:
+        raise KernelInputError(f"{op}: expected {num_layers * D * per} weight tensors, got {len(weights)}")
     for l in range(num_layers):
         in_w = I if l == 0 else D * W
         for d in range(D):
@@ -285,20 +295,50 @@ def _check_seq(op, input, hx, cx, weights, mode, num_layers, bidirectional, has_
                     raise KernelInputError(
                         f"{op}: weight of layer {l} direction {d} has shape {list(w.shape)}, expected {list(s)}"
                     )
+
+
+def _check_lengths(op, lengths, T, B):
+    """``lengths``: None, or a CPU int64 ``[B]`` with every length in ``[0, T]``."""
     if lengths is not None:
         if lengths.dim() != 1 or lengths.shape[0] != B or lengths.dtype != torch.int64 or lengths.device.type != "cpu":
             raise KernelInputError(f"{op}: lengths must be a CPU int64 tensor of shape [{B}] (as pack_padded_sequence's), "
                                    f"got {lengths.dtype} {list(lengths.shape)} on {lengths.device}")
         if B and (int(lengths.min()) < 0 or int(lengths.max()) > T):
             raise KernelInputError(f"{op}: lengths must lie in [0, {T}]")
+
+
+def _check_masks(op, masks, input, num_layers, T, B, width):
+    """``masks``: None, or the inner layers' dropout masks ``[L - 1, T, B, width]`` on the
+    input's device."""
     if masks is not None:
         if masks.device != input.device:
             raise KernelInputError(
                 f"Expected all tensors to be on the same device, but found at least two devices, {input.device} and {masks.device}!"
             )
-        want = (num_layers - 1, T, B, D * W)
+        want = (num_layers - 1, T, B, width)
         if tuple(masks.shape) != want:
             raise KernelInputError(f"{op}: dropout_masks must have shape {list(want)}, got {list(masks.shape)}")
+
+
+def _check_seq_backward(op, grad_hn, grad_cn, input, weights, reserve, mode, num_layers, D, has_biases, H, P, lengths,
+                        masks):
+    """What the sequence backward's kernels index by, checked as the forward checks it (a direct
+    call of ``torch.ops.gpu_nn.rnn_seq_backward``; the autograd wrapper passes the forward's
+    own): every weight's shape, ``lengths`` (a CPU int64 ``[B]`` in ``[0, T]``, read for every
+    batch row), the dropout masks, and ``grad_hn`` / ``grad_cn`` each ``[L * D, B, width]`` or
+    empty (zeros), all on the input's device."""
+    T, B, I = input.shape
+    W = P or H
+    _check_devices(input, [grad_hn, grad_cn, reserve], weights)
+    _check_weight_shapes(op, weights, mode, num_layers, D, has_biases, T, B, I, H, P, lengths)
+    _check_lengths(op, lengths, T, B)
+    _check_masks(op, masks, input, num_layers, T, B, D * W)
+    for name, g, width in (("grad_hn", grad_hn, W), ("grad_cn", grad_cn, H)):
+        if g is None or (name == "grad_cn" and mode != "lstm"):
+            continue
+        if g.numel() and tuple(g.shape) != (num_layers * D, B, width):
+            raise KernelInputError(f"{op}: {name} must have shape {[num_layers * D, B, width]} (or be empty: zeros), "
+                                   f"got {list(g.shape)}")
 
 
 def _split(weights, num_layers, D, has_biases):
@@ -407,6 +447,8 @@ def rnn_seq_backward(grad_output, grad_hn, grad_cn, input, weights, reserve, mod
     size = ref.reserve_size(mode, T, B, H, num_layers, D, P)
     if reserve.numel() != size:
         raise KernelInputError(f"{op}: reserve has {reserve.numel()} elements, expected {size}")
+    _check_seq_backward(op, grad_hn, grad_cn, input, weights, reserve, mode, num_layers, D, has_biases, H, P, lengths,
+                        dropout_masks)
     backend = _backend.resolve(op, input.device, BACKENDS, dtype=input.dtype)
     dev, dt = input.device, input.dtype
     if backend == "reference":
@@ -431,6 +473,9 @@ def rnn_seq_backward(grad_output, grad_hn, grad_cn, input, weights, reserve, mod
     _backend.check_interpreter_dtype(op, backend, input)
     if reserve.dtype != torch.float32:  # (a float64 one: see rnn_seq_forward)
         reserve = reserve.float()
+    # its views (_reserve_views) are dense [.., B, H] blocks to the kernels: a direct call's
+    # strided reserve is made dense (the forward's own is; it was read as dense)
+    reserve = reserve.contiguous()
     return _gpu_backward(_impl(backend), mode, grad_output, grad_hn, grad_cn, input, weights, reserve, num_layers,
                          bidirectional, has_biases, lengths, dropout_masks, (need_x, need_hx, need_cx, need_w))
 
@@ -1720,6 +1765,10 @@ def rnn_cell_forward(input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode):
     """``input [B, I]``, ``hx / cx [B, H]`` -> ``(h' [B, H], c' [B, H] or empty [0], reserve)``,
     ``reserve`` float32, laid out by :func:`cell_reserve_layout`."""
     op = mode + "_cell"
+    # the public cells have checked already (_cell: a few comparisons here, _cell_usual); a call
+    # of the op itself (torch.ops.gpu_nn.rnn_cell) is checked as they are, before a kernel indexes
+    # by the weights' sizes
+    _check_cell_op(op, input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode)
     backend = _backend.resolve(op, input.device, BACKENDS, dtype=input.dtype)
     if backend == "reference":
         return _reference_cell_forward(input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode)
@@ -1805,6 +1854,8 @@ def rnn_cell_backward(grad_h, grad_c, input, hx, cx, w_ih, w_hh, b_ih, b_hh, h, 
     op = mode + "_cell_backward"
     mask = cell_mask(output_mask, mode, b_ih is not None)
     backend = _backend.resolve(op, input.device, BACKENDS, dtype=input.dtype)
+    _check_cell_backward(op, grad_h, grad_c, input, hx, cx, w_ih, w_hh, b_ih, b_hh, h, c, reserve, mode,
+                         backend != "reference")
     if backend == "reference":
         return _reference_cell_backward(grad_h, grad_c, input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode, mask)
     _backend.check_interpreter_dtype(op, backend, input)
@@ -1841,12 +1892,14 @@ def _gpu_cell_backward(K, mode, grad_h, grad_c, input, hx, cx, w_ih, w_hh, b_ih,
     f32 = torch.float32
     f32_io = dt == f32
     lstm, gru = mode == "lstm", mode == "gru"
-    v = _cell_views(reserve, mode, B, H, f32_io)
+    # the kernels index the reserve and the saved h' / c' as dense [B, H] rows: the forward's own
+    # are; a direct call's strided or expanded ones are made so (they were read as dense)
+    v = _cell_views(reserve.contiguous(), mode, B, H, f32_io)
     GH = GATES[mode] * H
     if f32_io:
         hp = _rows32(hx) if gru else None
-        hn = h if mode in ("rnn_tanh", "rnn_relu") else None
-        cp, cn = (_rows32(cx), c) if lstm else (None, None)
+        hn = h.contiguous() if mode in ("rnn_tanh", "rnn_relu") else None
+        cp, cn = (_rows32(cx), c.contiguous()) if lstm else (None, None)
     else:
         hp, hn = v["hp"], v["h"]
         cp, cn = (v["cp"], v["c"]) if lstm else (None, None)
@@ -1888,6 +1941,51 @@ def _gpu_cell_backward(K, mode, grad_h, grad_c, input, hx, cx, w_ih, w_hh, b_ih,
     dc = (dc32 if f32_io else dc32.to(dt)) if need_c else None
     return tuple(g if m and g is not None else input.new_empty(0)
                  for g, m in zip((dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh), mask))
+
+
+def _check_cell_op(op, input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode):
+    """The cell op's own checks (the public cells' :func:`_check_cell`, on the batched call the op
+    takes: ``hx`` given, an LSTM's ``cx`` too, both biases or neither), so that a direct call of
+    ``torch.ops.gpu_nn.rnn_cell`` is refused as the public cells refuse it, not indexed past its
+    tensors by the kernels. The usual call costs :func:`_cell_usual`'s comparisons."""
+    if mode not in MODES:
+        raise KernelInputError(f"{op}: unknown mode {mode!r}; expected one of {MODES}")
+    if _cell_usual(input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode) and (cx is not None or mode != "lstm"):
+        return
+    if mode == "lstm" and cx is None:
+        raise KernelInputError(f"{op}: lstm needs a cell state")
+    if (b_ih is None) != (b_hh is None):
+        raise KernelInputError(f"{op}: both biases or neither")
+    _check_devices(input, [hx, cx], [w_ih, w_hh, b_ih, b_hh], cell=True)
+    _check_cell(op, input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode)
+
+
+def _check_cell_backward(op, grad_h, grad_c, input, hx, cx, w_ih, w_hh, b_ih, b_hh, h, c, reserve, mode, gpu):
+    """The cell backward op's checks: the forward's inputs as the forward checks them, then what
+    the kernels read by those sizes: ``grad_h`` (and an LSTM's ``grad_c``, when given) ``[B, H]``
+    on the input's device, the reserve's size, and ``h`` / ``c``, each ``[B, H]`` or an empty
+    placeholder (the autograd wrapper saves only what the backward reads: on a GPU backend
+    (``gpu``) a float32 Elman cell's h', a float32 LSTM's c', which must then be ``[B, H]``). A
+    direct call of ``torch.ops.gpu_nn.rnn_cell_backward`` with a gradient of another batch read
+    past its end."""
+    _check_cell_op(op, input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode)
+    B, H = input.shape[0], w_hh.shape[1]
+    f32_io = input.dtype == torch.float32
+    read = {"h": gpu and f32_io and mode.startswith("rnn"), "c": gpu and f32_io and mode == "lstm"}
+    tensors = [("grad_h", grad_h), ("h", h), ("c", c)] + ([("grad_c", grad_c)] if mode == "lstm" else [])
+    for name, t in tensors:
+        if t is None and name == "grad_c":
+            continue
+        if not isinstance(t, Tensor) or (tuple(t.shape) != (B, H) and not (name in read and not read[name]
+                                                                            and t.numel() == 0)):
+            got = list(t.shape) if isinstance(t, Tensor) else type_name(t)
+            raise KernelInputError(f"{op}: {name} must have shape {[B, H]}, got {got}")
+        if t.device != input.device:
+            raise KernelInputError(
+                f"Expected all tensors to be on the same device, but found at least two devices, {input.device} and {t.device}!")
+    _, size = cell_reserve_layout(mode, B, H, f32_io)
+    if not isinstance(reserve, Tensor) or reserve.numel() != size or reserve.device != input.device:
+        raise KernelInputError(f"{op}: reserve must be the forward's ({size} elements on {input.device})")
 
 
 def _cell_usual(input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode) -> bool:
