@@ -1063,7 +1063,7 @@ def test_memoised_argument_checks_still_refuse_what_torch_refuses():
             F.avg_pool2d(torch.randn(1, 2, 1, 1), 3, 2, 0)
 
 
-@pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
+@pytest.mark.parametrize("backend,device", backend_params())
 def test_remembered_launcher_checks_still_refuse_direct_calls(backend, device, rng):
     """The custom ops' own checks (they may be called directly) are remembered per (shapes,
     dtypes, arguments) that passed: after a good call, a call that differs only in what a check
@@ -1086,6 +1086,24 @@ def test_remembered_launcher_checks_still_refuse_direct_calls(backend, device, r
                 ops.max_pool_backward.default(torch.ones_like(y), idx.int(), [2, 3, 9, 7], [3, 3], [2, 2], [1, 1], [1, 1])
             with pytest.raises(gpu_nn.KernelInputError, match="must be the same 4D shape"):
                 ops.max_pool_backward.default(torch.ones_like(y)[:, :2], idx, [2, 3, 9, 7], [3, 3], [2, 2], [1, 1], [1, 1])
+            # an input_size of other planes: the kernels gather each plane's gradient from the
+            # same plane of grad_output (past its end, a helper's audit found under ASan)
+            with pytest.raises(gpu_nn.KernelInputError, match="batch and channels of input_size"):
+                ops.max_pool_backward.default(torch.ones_like(y)[:1, :2], idx[:1, :2], [2, 3, 9, 7], [3, 3], [2, 2], [1, 1],
+                                              [1, 1])
+            # the forward's geometry (a stride of 0 divided by zero in the kernels), and a
+            # grad_output that is the output of that geometry, with or without ceil_mode
+            for k, st, pd, dl in (([3, 3], [0, 0], [1, 1], [1, 1]), ([3, 3], [2, 2], [-1, -1], [1, 1]),
+                                  ([3, 3], [2, 2], [1, 1], [0, 0]), ([3], [2], [1], [1])):
+                with pytest.raises(gpu_nn.KernelInputError, match="pooling parameters|2 entries each"):
+                    ops.max_pool_backward.default(torch.ones_like(y), idx, [2, 3, 9, 7], k, st, pd, dl)
+            with pytest.raises(gpu_nn.KernelInputError, match="is not the output of"):
+                ops.max_pool_backward.default(torch.ones_like(y), idx, [2, 3, 30, 30], [3, 3], [2, 2], [1, 1], [1, 1])
+            with pytest.raises(gpu_nn.KernelInputError, match="divisor must be not zero"):
+                ops.avg_pool_backward.default(torch.ones_like(a), [2, 3, 9, 7], [3, 3], [2, 2], [1, 1], False, True, 0)
+            for st, pd in (([0, 0], [1, 1]), ([2, 2], [2, 2])):
+                with pytest.raises(gpu_nn.KernelInputError, match="invalid pooling parameters"):
+                    ops.avg_pool_backward.default(torch.ones_like(a), [2, 3, 9, 7], [3, 3], st, pd, False, True, None)
             with pytest.raises(gpu_nn.KernelInputError, match="divisor must be not zero"):
                 ops.avg_pool.default(x, [3, 3], [2, 2], [1, 1], False, True, 0)
             with pytest.raises(gpu_nn.KernelInputError, match="!= output shape"):

@@ -447,6 +447,18 @@ def _max_bwd_args(grad_output: Tensor, indices: Tensor, input_size, kernel_size,
         )
     if indices.dtype != torch.int64:
         raise KernelInputError(f"max_pool_backward: expected int64 indices, got {indices.dtype}")
+    if tuple(grad_output.shape[:2]) != size[:2]:
+        # (the kernels gather each input plane's gradient from the same plane of grad_output)
+        raise KernelInputError(f"max_pool_backward: grad_output shape {list(grad_output.shape)} does not match the batch "
+                               f"and channels of input_size {list(size)}")
+    # the forward's geometry checks, and grad_output the output of that geometry (with or without
+    # ceil_mode, which the backward is not given): a stride of 0 divided by zero in the kernels
+    _check_params4("max_pool_backward", grad_output, k, s, p, d)
+    out = tuple(grad_output.shape[2:])
+    if min(size) < 0 or out not in {_out_hw(size[2], size[3], k, s, p, d, cm) for cm in (False, True)}:
+        raise KernelInputError(f"max_pool_backward: grad_output shape {list(grad_output.shape)} is not the output of "
+                               f"input_size {list(size)} with kernel_size={list(k)} stride={list(s)} padding={list(p)} "
+                               f"dilation={list(d)}")
     return k, s, p, d, size
 
 
@@ -528,6 +540,10 @@ def _avg_bwd_args(grad_output: Tensor, input_size, kernel_size, stride, padding,
     check_float("avg_pool_backward", "grad_output", grad_output)
     if grad_output.dim() != 4 or len(size) != 4:
         raise KernelInputError(f"avg_pool_backward: expected 4D grad_output and input_size, got {list(grad_output.shape)} and {list(size)}")
+    # the forward's geometry checks (a stride of 0 divided by zero; a padding past half the window)
+    _check_params4("avg_pool_backward", grad_output, k, s, p, (1, 1))
+    if min(size) < 0:
+        raise KernelInputError(f"avg_pool_backward: negative input_size {list(size)}")
     oh, ow = _out_hw(size[2], size[3], k, s, p, (1, 1), ceil_mode)
     if tuple(grad_output.shape) != (size[0], size[1], oh, ow):
         raise KernelInputError(f"avg_pool_backward: grad_output shape {list(grad_output.shape)} != output shape {[size[0], size[1], oh, ow]}")
@@ -539,6 +555,8 @@ def avg_pool_backward(grad_output: Tensor, input_size, kernel_size, stride, padd
     """d input ``[N, C, H, W]``: each output's gradient / its divisor, summed over the windows
     that cover the input position (gathered per input element: no atomics); channels_last where
     the input was (``channels_last``, as torch's), else contiguous."""
+    if divisor_override is not None and int(divisor_override) == 0:  # (the forward's check, torch's words)
+        raise KernelInputError("divisor must be not zero")
     k, s, p, size = _memo(("avg_bwd", grad_output.shape, grad_output.dtype, tuple(input_size), tuple(kernel_size),
                            tuple(stride), tuple(padding), ceil_mode),
                           _avg_bwd_args, grad_output, input_size, kernel_size, stride, padding, ceil_mode)
