@@ -387,6 +387,24 @@ def test_opcheck(nd, act, bias, rng):
                               (g, x.detach(), w.detach(), y if act else None, stride, pad, dil, 2, act, mask))
 
 
+@pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
+def test_conv_ops_called_directly_refuse_argument_lists_of_other_lengths(backend, device, rng):
+    """The public functions expand stride, padding and dilation to one entry per dimension (padding
+    per side); a direct call of the custom op with other lengths was read in part (the Triton
+    forward took a conv2d padding of six entries) or failed with an IndexError; and the backward's
+    output_mask has three entries (a helper's audit)."""
+    x, w = randn(rng, 2, 4, 7, 6).to(device), randn(rng, 6, 2, 3, 2).to(device)
+    ops = torch.ops.gpu_nn
+    with gpu_nn.backend(backend):
+        y = ops.conv_forward.default(x, w, None, [1, 1], [1, 1, 0, 0], [1, 1], 2, None)
+        for st, pad, dil in (([1, 1], [1, 1, 0, 0, 5, 5], [1, 1]), ([1, 1], [1, 1], [1, 1]), ([1], [1, 1, 0, 0], [1, 1]),
+                             ([1, 1], [1, 1, 0, 0], [1])):
+            with pytest.raises(gpu_nn.KernelInputError, match="paddings \\(one per side\\)"):
+                ops.conv_forward.default(x, w, None, st, pad, dil, 2, None)
+        with pytest.raises(gpu_nn.KernelInputError, match="output_mask has 2 entries"):
+            ops.conv_backward.default(torch.ones_like(y), x, w, None, [1, 1], [1, 1, 0, 0], [1, 1], 2, None, [True, True])
+
+
 class _SmallCNN(torch.nn.Module):
     def __init__(self):
         super().__init__()

@@ -2204,3 +2204,58 @@ def test_softmax_of_long_rows_as_accurate_as_torchs(backend, device, layout, rng
         err = lambda a: ((a.double() - truth).abs().max() / truth.abs().max()).item()  # noqa: E731
         torchs = err(torch.softmax(x, 1))
         assert err(y) <= 2 * max(torchs, torch.finfo(torch.float32).eps), (err(y), torchs)
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
+def test_dense_ops_called_directly_refuse_tensors_that_disagree(backend, device):
+    """The custom ops may be called directly (torch.ops.gpu_nn.*), and their kernels take M, K and
+    O from one tensor each and read the rest by those sizes: a bias, weight, target, class weight
+    or saved statistics of another size was read past its end (values from beyond the tensors
+    came back), and linear_backward's products wrote a gradient past its end (the process died
+    of heap corruption under the interpreter; a helper's audit). Each is refused before a kernel
+    runs, on every backend; the consistent calls still run."""
+    E = gpu_nn.KernelInputError
+    ops = torch.ops.gpu_nn
+    torch.manual_seed(0)
+    x, w, b = torch.randn(3, 4, device=device), torch.randn(5, 4, device=device), torch.randn(5, device=device)
+    with gpu_nn.backend(backend):
+        y = ops.linear.default(x, w, b, "relu")
+        g = torch.randn_like(y)
+        ops.linear_backward.default(g, x, w, y, "relu", True)
+        bad_linear = [((x, w, b[:2], None), "bias of shape"), ((x, w[:, :3], None, None), "cannot be multiplied"),
+                      ((x, w[0], None, None), "2-D weight"), ((x.int(), w.int(), None, None), "floating-point"),
+                      ((x, w.double(), None, None), "same dtype"), ((x, w, None, "gelu"), "unknown activation")]
+        for args, msg in bad_linear:
+            with pytest.raises(E, match=msg):
+                ops.linear.default(*args)
+        for args, msg in (((g[:2], x, w, y, "relu", True), "grad of shape"),
+                          ((torch.randn(6, 5, device=device), x, w, None, None, True), "grad of shape"),
+                          ((g, x[:2], w, None, None, True), "grad of shape"), ((g, x, w, y[:, :3], "relu", True), "output of shape"),
+                          ((g[:, :4], x, w, None, None, True), "grad of shape")):
+            with pytest.raises(E, match=msg):
+                ops.linear_backward.default(*args)
+        logits, t = torch.randn(4, 5, device=device), torch.tensor([0, 3, 1, 4], device=device)
+        loss, stats = ops.cross_entropy.default(logits, t, None, "mean", -100, 0.0)
+        ops.cross_entropy_backward.default(torch.ones((), device=device), logits, t, None, stats, "mean", -100, 0.0, False)
+        for args, msg in (((logits, t[:2], None, "none", -100, 0.0), "target of shape"),
+                          ((logits, t, torch.ones(2, device=device), "sum", -100, 0.0), "weight tensor should be defined"),
+                          ((logits, torch.rand(2, 5, device=device), None, "none", -100, 0.0), "probability target"),
+                          ((logits, t, None, "foo", -100, 0.0), "not a valid value for reduction"),
+                          ((logits, t.short(), None, "mean", -100, 0.0), "Long or Byte")):
+            with pytest.raises(E, match=msg):
+                ops.cross_entropy.default(*args)
+        one = torch.ones((), device=device)
+        for args, msg in (((one, logits, t, None, stats[:-1], "mean", -100, 0.0, False), "statistics have 13"),
+                          ((one, logits, t, None, stats[:0], "mean", -100, 0.0, False), "statistics have 13"),
+                          ((one[None][:0], logits, t, None, stats, "mean", -100, 0.0, False), "grad of shape"),
+                          ((torch.ones(2, device=device), logits, t, None, stats, "mean", -100, 0.0, False), "grad of shape"),
+                          ((one, logits, t[:2], None, stats, "mean", -100, 0.0, False), "target of shape")):
+            with pytest.raises(E, match=msg):
+                ops.cross_entropy_backward.default(*args)
+        for args, msg in (((logits.int(), 1), "floating-point"), ((logits, 2), "Dimension out of range"),
+                          ((logits[0, 0], 1), "Dimension out of range")):
+            with pytest.raises(E, match=msg):
+                ops.softmax.default(*args)
+        sm = ops.log_softmax.default(logits, 1)
+        with pytest.raises(E, match="floating-point"):
+            ops.log_softmax_backward.default(torch.ones_like(sm).int(), sm, 1)

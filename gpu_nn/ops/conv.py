@@ -221,6 +221,11 @@ def _check_all(nd: int, input: Tensor, weight: Tensor, bias: Optional[Tensor], s
             check_tensor(name, arg, t, pos)
     if activation not in ACTIVATIONS:
         raise KernelInputError(f"{name}: unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+    # (the public functions expand their arguments to these lengths; a direct call of the custom
+    # op with others was indexed past them or read in part)
+    if len(stride) != nd or len(dilation) != nd or len(padding) != 2 * nd:
+        raise KernelInputError(f"{name}: expected {nd} strides, {nd} dilations and {2 * nd} paddings (one per side), got "
+                               f"{list(stride)}, {list(dilation)} and {list(padding)}")
     if weight.dim() != nd + 2:
         raise KernelInputError(
             f"{name}: expected weight to be {nd + 2}-dimensional [out_channels, in_channels/groups, kernel...], "
@@ -394,6 +399,8 @@ def _bwd_plan(grad_output, input, weight, output, stride, padding, dilation, gro
     if activation is not None and (output is None or output.shape != grad_output.shape):
         raise KernelInputError(f"conv{nd}d backward with activation={activation!r} needs the forward output")
     mask = tuple(bool(m) for m in output_mask)
+    if len(mask) != 3:
+        raise KernelInputError(f"conv{nd}d backward: output_mask has {len(mask)} entries, expected 3 (input, weight, bias)")
     # the activation's elementwise kernel walks flat memory: g, y and its result share one dense
     # layout (channels_last stays channels_last, no transpose pass). With an activation, the
     # forward output's: y is the forward's own result, in the layout of the input and weight that

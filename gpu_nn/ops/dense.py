@@ -37,7 +37,7 @@ from .._errors import (KernelInputError, KernelInputIndexError, KernelInputTypeE
                        require_attribute, scalar_type_name, type_name)
 from ..check import CheckCase
 from ..reference import dense as ref
-from ._dispatch import (FLOAT_DTYPES, autocast_inputs, check_float_like_torch, check_tensor, empty, float64_in_float32, from_numpy, is_int,
+from ._dispatch import (FLOAT_DTYPES, autocast_inputs, check_float, check_float_like_torch, check_tensor, empty, float64_in_float32, from_numpy, is_int,
                         on_device, refuse_wrapping_count, require, routed, to_numpy, triton_kernels)
 from ._dispatch import _eager_ok, add_terms, batched_first, merge_batch, torchs_own_error, wanted
 from ._dispatch import has_torch_function as _has_tf
@@ -121,8 +121,35 @@ def _tf32_allowed() -> bool:
     return _precision.tf32("matmul")
 
 
+def _check_linear_op(op: str, x, w, b, activation) -> None:
+    """The linear ops' own checks (the public ``linear`` has made its arguments so already; a
+    direct call of ``torch.ops.gpu_nn.linear`` / ``linear_backward`` is refused here): the
+    kernels take M and K from ``x``, O from ``w``, and read the bias by unit, so a weight, bias
+    or input of another size was read (and a gradient written) past its end."""
+    if activation not in ACTIVATIONS:
+        raise KernelInputError(f"{op}: unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+    if not (isinstance(x, Tensor) and isinstance(w, Tensor)) or x.dim() < 1 or w.dim() != 2:
+        got = [t.dim() if isinstance(t, Tensor) else type_name(t) for t in (x, w)]
+        raise KernelInputError(f"{op}: expected an input of at least 1 dimension and a 2-D weight, got {got[0]}-D and "
+                               f"{got[1]}-D")
+    check_float(op, "input", x)
+    O, K = w.shape
+    if x.shape[-1] != K:
+        raise KernelInputError(f"mat1 and mat2 shapes cannot be multiplied ({math.prod(x.shape[:-1])}x{x.shape[-1]} "
+                               f"and {K}x{O})")
+    if b is not None and tuple(b.shape) != (O,):
+        raise KernelInputError(f"{op}: bias of shape {list(b.shape)}, expected [{O}]")
+    if w.dtype != x.dtype or (b is not None and b.dtype != x.dtype):
+        raise KernelInputError(linear_dtype_message(x, w, b) or f"{op}: input, weight and bias must have one dtype")
+    if w.device != x.device or (b is not None and b.device != x.device):
+        other = w.device if w.device != x.device else b.device
+        raise KernelInputError(
+            f"Expected all tensors to be on the same device, but found at least two devices, {x.device} and {other}!")
+
+
 def linear_forward(x: Tensor, w: Tensor, b: Tensor | None, activation: str | None) -> Tensor:
     """y = act(x @ w^T + b); x [..., K], w [O, K], b [O] or None; y [..., O] in x's dtype."""
+    _check_linear_op("linear", x, w, b, activation)
     O, K = w.shape
     backend = _backend.resolve("linear", x.device, BACKENDS, dtype=x.dtype)
     if backend == "reference":
@@ -153,9 +180,16 @@ def linear_backward(grad: Tensor, x: Tensor, w: Tensor, out: Tensor | None, acti
     (written through the forward output), dx = dY' @ w, dw = dY'^T @ x, db = sum_rows dY'. A
     gradient not needed (``need_input`` / ``need_weight`` False: a first layer's input, a frozen
     weight) is not computed: an empty [0] placeholder, as torch's mm backward skips it."""
+    _check_linear_op("linear_backward", x, w, None, activation)
     O, K = w.shape
     if activation is not None and out is None:
         raise KernelInputError("linear backward: a fused activation needs the forward output")
+    want = (*x.shape[:-1], O)
+    for name, t in (("grad", grad), ("output", out)):
+        if t is not None and tuple(t.shape) != want:
+            raise KernelInputError(f"linear backward: {name} of shape {list(t.shape)}, expected {list(want)} (the "
+                                   "forward's output)")
+    check_float("linear_backward", "grad", grad)
     backend = _backend.resolve("linear_backward", grad.device, BACKENDS, dtype=grad.dtype)
     if backend == "reference":
         dx, dw, db = ref.linear_backward(to_numpy(grad), to_numpy(x), to_numpy(w), to_numpy(out), activation, has_bias,
@@ -753,9 +787,21 @@ def _mid_shape(t: Tensor, dim: int):
     return math.prod(t.shape[:d]), t.shape[d], inner
 
 
+def _check_softmax_op(name: str, t: Tensor, dim: int, what: str = "input") -> None:
+    """The softmax ops' own checks (the public functions make their arguments so; a direct call
+    of ``torch.ops.gpu_nn.softmax`` and the rest is refused here): a floating-point tensor (the
+    Triton kernels computed an integer one in its dtype, where torch's kernel is "not
+    implemented") and a dim in range (a 0-d tensor's: -1 or 0), torch's words."""
+    check_float(name, what, t)
+    n = max(t.dim(), 1)
+    if not -n <= dim < n:
+        raise KernelInputIndexError(f"Dimension out of range (expected to be in range of [{-n}, {n - 1}], but got {dim})")
+
+
 def _softmax_forward(x: Tensor, dim: int, log: bool) -> Tensor:
     """softmax / log_softmax of x over ``dim`` (any shape); result in x's dtype."""
     name = "log_softmax" if log else "softmax"
+    _check_softmax_op(name, x, dim)
     backend = _backend.resolve(name, x.device, BACKENDS, dtype=x.dtype)
     if backend == "reference":
         fn = ref.log_softmax if log else ref.softmax
@@ -791,6 +837,8 @@ def _softmax_backward(grad: Tensor, out: Tensor, dim: int, log: bool) -> Tensor:
     name = ("log_softmax" if log else "softmax") + "_backward"
     if grad.shape != out.shape:
         raise KernelInputError(f"{name}: grad_output shape {tuple(grad.shape)} != output shape {tuple(out.shape)}")
+    _check_softmax_op(name, grad, dim, "grad_output")
+    check_float(name, "output", out)
     backend = _backend.resolve(name, grad.device, BACKENDS, dtype=grad.dtype)
     if backend == "reference":
         fn = ref.log_softmax_backward if log else ref.softmax_backward
@@ -1093,6 +1141,38 @@ def _check_target_range(target: Tensor, ignore_index: int, C: int, kernels=None)
         raise KernelInputIndexError(f"Target {int(target[bad].reshape(-1)[0])} is out of bounds.")
 
 
+def _check_ce_op(op: str, input, target, weight, reduction) -> None:
+    """The cross-entropy ops' own checks of what their kernels index by (the public
+    ``cross_entropy`` has checked in torch's words already; a direct call of
+    ``torch.ops.gpu_nn.cross_entropy`` / ``cross_entropy_backward`` is refused here): M rows of
+    C classes from the input, a target of those M rows (class indices of int64 / uint8, or
+    probabilities of the input's shape), a weight of C entries, a known reduction. A short target
+    or weight was read past its end."""
+    if reduction not in REDUCTIONS:
+        raise KernelInputError(f"{reduction} is not a valid value for reduction")
+    if not (isinstance(input, Tensor) and isinstance(target, Tensor)) or input.dim() < 1:
+        raise KernelInputError(f"{op}: input must have at least one dimension (the classes)")
+    check_float(op, "input", input)
+    C = input.shape[0] if input.dim() == 1 else input.shape[1]
+    if target.is_floating_point():
+        if target.shape != input.shape:
+            raise KernelInputError(f"{op}: a probability target must have the input's shape {list(input.shape)}, got "
+                                   f"{list(target.shape)}")
+    else:
+        want = () if input.dim() == 1 else (input.shape[0], *input.shape[2:])
+        if tuple(target.shape) != want:
+            raise KernelInputError(f"{op}: class-index target of shape {list(target.shape)}, expected {list(want)}")
+        if target.dtype not in (torch.int64, torch.uint8):
+            raise KernelInputError(f"expected target dtype to be Long or Byte, but got {scalar_type_name(target.dtype)}")
+    if weight is not None and weight.numel() != C:
+        raise KernelInputError(f"weight tensor should be defined either for all {C} classes or no classes but got "
+                               f"weight tensor of shape: {list(weight.shape)}")
+    for t in (target, weight):
+        if t is not None and t.device != input.device:
+            raise KernelInputError(
+                f"Expected all tensors to be on the same device, but found at least two devices, {input.device} and {t.device}!")
+
+
 def cross_entropy_forward(input: Tensor, target: Tensor, weight: Tensor | None, reduction: str, ignore_index: int,
                           label_smoothing: float) -> tuple[Tensor, Tensor]:
     """(loss, stats): the loss as torch's cross_entropy, and the statistics the backward reuses
@@ -1100,6 +1180,7 @@ def cross_entropy_forward(input: Tensor, target: Tensor, weight: Tensor | None, 
     M = input.numel() / C). The Triton route launches the per-row kernel and, for 'sum' /
     'mean', one finishing reduction; the reference fills only the [2, M] max / log-sum-exp rows
     that its backward reads (the rest 0)."""
+    _check_ce_op("cross_entropy", input, target, weight, reduction)
     M, C = _ce_rows(input)
     prob = target.is_floating_point()
     backend = _backend.resolve("cross_entropy", input.device, BACKENDS, dtype=input.dtype)
@@ -1153,8 +1234,19 @@ def cross_entropy_backward(grad: Tensor, input: Tensor, target: Tensor, weight: 
     ``target_grad``, else [0]); ``lse``: the forward's statistics (:func:`_stats_size`); see
     :func:`reference.dense.cross_entropy_backward`. The Triton route is one kernel launch,
     reading ``grad`` (0-d, or the loss's shape for 'none', any float dtype) as it is."""
+    _check_ce_op("cross_entropy_backward", input, target, weight, reduction)
     M, C = _ce_rows(input)
     prob = target.is_floating_point()
+    # the kernel reads the statistics of M rows (and 'mean''s denominator after them) and one
+    # gradient per row ('none') or one in all
+    if not isinstance(lse, Tensor) or lse.numel() != _stats_size(M, reduction) or lse.device != input.device:
+        raise KernelInputError(f"cross_entropy_backward: the forward's statistics have {_stats_size(M, reduction)} "
+                               f"elements for {M} rows and reduction {reduction!r}, got "
+                               f"{lse.numel() if isinstance(lse, Tensor) else type_name(lse)}")
+    check_float("cross_entropy_backward", "grad", grad)
+    if grad.numel() != (M if reduction == "none" else 1) or (reduction != "none" and grad.dim() != 0):
+        raise KernelInputError(f"cross_entropy_backward: grad of shape {list(grad.shape)}, expected the loss's "
+                               f"({'one per row' if reduction == 'none' else 'a 0-d tensor'})")
     want_dt = prob and target_grad
     backend = _backend.resolve("cross_entropy_backward", input.device, BACKENDS, dtype=input.dtype)
     args = (ignore_index, reduction, label_smoothing)
