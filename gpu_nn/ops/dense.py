@@ -141,10 +141,7 @@ def _check_linear_op(op: str, x, w, b, activation) -> None:
         raise KernelInputError(f"{op}: bias of shape {list(b.shape)}, expected [{O}]")
     if w.dtype != x.dtype or (b is not None and b.dtype != x.dtype):
         raise KernelInputError(linear_dtype_message(x, w, b) or f"{op}: input, weight and bias must have one dtype")
-    if w.device != x.device or (b is not None and b.device != x.device):
-        other = w.device if w.device != x.device else b.device
-        raise KernelInputError(
-            f"Expected all tensors to be on the same device, but found at least two devices, {x.device} and {other}!")
+    _same_device(x, w, b)
 
 
 def linear_forward(x: Tensor, w: Tensor, b: Tensor | None, activation: str | None) -> Tensor:
@@ -189,6 +186,7 @@ def linear_backward(grad: Tensor, x: Tensor, w: Tensor, out: Tensor | None, acti
         if t is not None and tuple(t.shape) != want:
             raise KernelInputError(f"linear backward: {name} of shape {list(t.shape)}, expected {list(want)} (the "
                                    "forward's output)")
+        _same_device(x, t)
     check_float("linear_backward", "grad", grad)
     backend = _backend.resolve("linear_backward", grad.device, BACKENDS, dtype=grad.dtype)
     if backend == "reference":
@@ -839,6 +837,7 @@ def _softmax_backward(grad: Tensor, out: Tensor, dim: int, log: bool) -> Tensor:
         raise KernelInputError(f"{name}: grad_output shape {tuple(grad.shape)} != output shape {tuple(out.shape)}")
     _check_softmax_op(name, grad, dim, "grad_output")
     check_float(name, "output", out)
+    _same_device(grad, out)
     backend = _backend.resolve(name, grad.device, BACKENDS, dtype=grad.dtype)
     if backend == "reference":
         fn = ref.log_softmax_backward if log else ref.softmax_backward
@@ -1167,10 +1166,16 @@ def _check_ce_op(op: str, input, target, weight, reduction) -> None:
     if weight is not None and weight.numel() != C:
         raise KernelInputError(f"weight tensor should be defined either for all {C} classes or no classes but got "
                                f"weight tensor of shape: {list(weight.shape)}")
-    for t in (target, weight):
-        if t is not None and t.device != input.device:
+    _same_device(input, target, weight)
+
+
+def _same_device(first: Tensor, *others) -> None:
+    """torch's refusal of tensors on two devices (an op's own check: a kernel handed another
+    device's pointer faults); None entries skipped."""
+    for t in others:
+        if t is not None and t.device != first.device:
             raise KernelInputError(
-                f"Expected all tensors to be on the same device, but found at least two devices, {input.device} and {t.device}!")
+                f"Expected all tensors to be on the same device, but found at least two devices, {first.device} and {t.device}!")
 
 
 def cross_entropy_forward(input: Tensor, target: Tensor, weight: Tensor | None, reduction: str, ignore_index: int,
@@ -1239,7 +1244,8 @@ def cross_entropy_backward(grad: Tensor, input: Tensor, target: Tensor, weight: 
     prob = target.is_floating_point()
     # the kernel reads the statistics of M rows (and 'mean''s denominator after them) and one
     # gradient per row ('none') or one in all
-    if not isinstance(lse, Tensor) or lse.numel() != _stats_size(M, reduction) or lse.device != input.device:
+    _same_device(input, grad, lse)
+    if not isinstance(lse, Tensor) or lse.numel() != _stats_size(M, reduction):
         raise KernelInputError(f"cross_entropy_backward: the forward's statistics have {_stats_size(M, reduction)} "
                                f"elements for {M} rows and reduction {reduction!r}, got "
                                f"{lse.numel() if isinstance(lse, Tensor) else type_name(lse)}")

@@ -447,6 +447,9 @@ def _max_bwd_args(grad_output: Tensor, indices: Tensor, input_size, kernel_size,
         )
     if indices.dtype != torch.int64:
         raise KernelInputError(f"max_pool_backward: expected int64 indices, got {indices.dtype}")
+    if indices.device != grad_output.device:  # (a kernel handed another device's pointer faults)
+        raise KernelInputError(f"Expected all tensors to be on the same device, but found at least two devices, "
+                               f"{grad_output.device} and {indices.device}!")
     if tuple(grad_output.shape[:2]) != size[:2]:
         # (the kernels gather each input plane's gradient from the same plane of grad_output)
         raise KernelInputError(f"max_pool_backward: grad_output shape {list(grad_output.shape)} does not match the batch "
@@ -468,7 +471,7 @@ def max_pool_backward(grad_output: Tensor, indices: Tensor, input_size, kernel_s
     points at that input position (the same for max and min pooling); channels_last where the
     input was (``channels_last``, as torch's), else contiguous."""
     k, s, p, d, size = _memo(("max_bwd", grad_output.shape, indices.shape, grad_output.dtype, indices.dtype,
-                              tuple(input_size), tuple(kernel_size), tuple(stride), tuple(padding), tuple(dilation)),
+                              grad_output.device, indices.device, tuple(input_size), tuple(kernel_size), tuple(stride), tuple(padding), tuple(dilation)),
                              _max_bwd_args, grad_output, indices, input_size, kernel_size, stride, padding, dilation)
     backend = _backend.resolve("max_pool_backward", grad_output.device, BACKENDS, dtype=grad_output.dtype)
     if backend == "reference":

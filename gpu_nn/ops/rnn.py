@@ -320,8 +320,8 @@ def _check_masks(op, masks, input, num_layers, T, B, width):
             raise KernelInputError(f"{op}: dropout_masks must have shape {list(want)}, got {list(masks.shape)}")
 
 
-def _check_seq_backward(op, grad_hn, grad_cn, input, weights, reserve, mode, num_layers, D, has_biases, H, P, lengths,
-                        masks):
+def _check_seq_backward(op, grad_output, grad_hn, grad_cn, input, weights, reserve, mode, num_layers, D, has_biases, H,
+                        P, lengths, masks):
     """What the sequence backward's kernels index by, checked as the forward checks it (a direct
     call of ``torch.ops.gpu_nn.rnn_seq_backward``; the autograd wrapper passes the forward's
     own): every weight's shape, ``lengths`` (a CPU int64 ``[B]`` in ``[0, T]``, read for every
@@ -329,7 +329,7 @@ def _check_seq_backward(op, grad_hn, grad_cn, input, weights, reserve, mode, num
     empty (zeros), all on the input's device."""
     T, B, I = input.shape
     W = P or H
-    _check_devices(input, [grad_hn, grad_cn, reserve], weights)
+    _check_devices(input, [grad_output, grad_hn, grad_cn, reserve], weights)
     _check_weight_shapes(op, weights, mode, num_layers, D, has_biases, T, B, I, H, P, lengths)
     _check_lengths(op, lengths, T, B)
     _check_masks(op, masks, input, num_layers, T, B, D * W)
@@ -447,8 +447,8 @@ def rnn_seq_backward(grad_output, grad_hn, grad_cn, input, weights, reserve, mod
     size = ref.reserve_size(mode, T, B, H, num_layers, D, P)
     if reserve.numel() != size:
         raise KernelInputError(f"{op}: reserve has {reserve.numel()} elements, expected {size}")
-    _check_seq_backward(op, grad_hn, grad_cn, input, weights, reserve, mode, num_layers, D, has_biases, H, P, lengths,
-                        dropout_masks)
+    _check_seq_backward(op, grad_output, grad_hn, grad_cn, input, weights, reserve, mode, num_layers, D, has_biases, H,
+                        P, lengths, dropout_masks)
     backend = _backend.resolve(op, input.device, BACKENDS, dtype=input.dtype)
     dev, dt = input.device, input.dtype
     if backend == "reference":
@@ -1950,13 +1950,14 @@ def _check_cell_op(op, input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode):
     tensors by the kernels. The usual call costs :func:`_cell_usual`'s comparisons."""
     if mode not in MODES:
         raise KernelInputError(f"{op}: unknown mode {mode!r}; expected one of {MODES}")
+    # (the devices first, on every call: a kernel handed another device's pointer faults)
+    _check_devices(input, [hx, cx], [w_ih, w_hh, b_ih, b_hh], cell=True)
     if _cell_usual(input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode) and (cx is not None or mode != "lstm"):
         return
     if mode == "lstm" and cx is None:
         raise KernelInputError(f"{op}: lstm needs a cell state")
     if (b_ih is None) != (b_hh is None):
         raise KernelInputError(f"{op}: both biases or neither")
-    _check_devices(input, [hx, cx], [w_ih, w_hh, b_ih, b_hh], cell=True)
     _check_cell(op, input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode)
 
 
