@@ -232,6 +232,15 @@ def check_float_like_torch(op: str, name: str, t: torch.Tensor, theirs) -> None:
     raise KernelInputError(not_float_message(op, name, t.dtype))
 
 
+def check_same_device(first: torch.Tensor, *others) -> None:
+    """torch's refusal of tensors on two devices, in its words (None entries skipped): also an
+    op's own check, where a kernel handed another device's pointer would fault."""
+    for t in others:
+        if t is not None and t.device != first.device:
+            raise KernelInputError(
+                f"Expected all tensors to be on the same device, but found at least two devices, {first.device} and {t.device}!")
+
+
 def check_same(op: str, input: torch.Tensor, other: torch.Tensor | None, other_name: str) -> None:
     """dtype and device of ``other`` must match ``input`` (torch's wording)."""
     if other is None:

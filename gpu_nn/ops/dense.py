@@ -37,7 +37,7 @@ from .._errors import (KernelInputError, KernelInputIndexError, KernelInputTypeE
                        require_attribute, scalar_type_name, type_name)
 from ..check import CheckCase
 from ..reference import dense as ref
-from ._dispatch import (FLOAT_DTYPES, autocast_inputs, check_float, check_float_like_torch, check_tensor, empty, float64_in_float32, from_numpy, is_int,
+from ._dispatch import (FLOAT_DTYPES, autocast_inputs, check_float, check_float_like_torch, check_same_device, check_tensor, empty, float64_in_float32, from_numpy, is_int,
                         on_device, refuse_wrapping_count, require, routed, to_numpy, triton_kernels)
 from ._dispatch import _eager_ok, add_terms, batched_first, merge_batch, torchs_own_error, wanted
 from ._dispatch import has_torch_function as _has_tf
@@ -141,7 +141,7 @@ def _check_linear_op(op: str, x, w, b, activation) -> None:
         raise KernelInputError(f"{op}: bias of shape {list(b.shape)}, expected [{O}]")
     if w.dtype != x.dtype or (b is not None and b.dtype != x.dtype):
         raise KernelInputError(linear_dtype_message(x, w, b) or f"{op}: input, weight and bias must have one dtype")
-    _same_device(x, w, b)
+    check_same_device(x, w, b)
 
 
 def linear_forward(x: Tensor, w: Tensor, b: Tensor | None, activation: str | None) -> Tensor:
@@ -186,7 +186,7 @@ def linear_backward(grad: Tensor, x: Tensor, w: Tensor, out: Tensor | None, acti
         if t is not None and tuple(t.shape) != want:
             raise KernelInputError(f"linear backward: {name} of shape {list(t.shape)}, expected {list(want)} (the "
                                    "forward's output)")
-        _same_device(x, t)
+        check_same_device(x, t)
     check_float("linear_backward", "grad", grad)
     backend = _backend.resolve("linear_backward", grad.device, BACKENDS, dtype=grad.dtype)
     if backend == "reference":
@@ -659,11 +659,7 @@ def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None, *, activat
         )
     if weight.dim() > 2:
         raise KernelInputError(f"t() expects a tensor with <= 2 dimensions, but self is {weight.dim()}D")
-    if weight.device != input.device or (bias is not None and bias.device != input.device):
-        other = weight.device if weight.device != input.device else bias.device
-        raise KernelInputError(
-            f"Expected all tensors to be on the same device, but found at least two devices, {input.device} and {other}!"
-        )
+    check_same_device(input, weight, bias)
     if weight.dim() == 1 and bias is None:
         _vector_weight_checks(input, weight)
     if weight.dtype != input.dtype:  # torch's words (an integer input too)
@@ -837,7 +833,7 @@ def _softmax_backward(grad: Tensor, out: Tensor, dim: int, log: bool) -> Tensor:
         raise KernelInputError(f"{name}: grad_output shape {tuple(grad.shape)} != output shape {tuple(out.shape)}")
     _check_softmax_op(name, grad, dim, "grad_output")
     check_float(name, "output", out)
-    _same_device(grad, out)
+    check_same_device(grad, out)
     backend = _backend.resolve(name, grad.device, BACKENDS, dtype=grad.dtype)
     if backend == "reference":
         fn = ref.log_softmax_backward if log else ref.softmax_backward
@@ -1166,16 +1162,7 @@ def _check_ce_op(op: str, input, target, weight, reduction) -> None:
     if weight is not None and weight.numel() != C:
         raise KernelInputError(f"weight tensor should be defined either for all {C} classes or no classes but got "
                                f"weight tensor of shape: {list(weight.shape)}")
-    _same_device(input, target, weight)
-
-
-def _same_device(first: Tensor, *others) -> None:
-    """torch's refusal of tensors on two devices (an op's own check: a kernel handed another
-    device's pointer faults); None entries skipped."""
-    for t in others:
-        if t is not None and t.device != first.device:
-            raise KernelInputError(
-                f"Expected all tensors to be on the same device, but found at least two devices, {first.device} and {t.device}!")
+    check_same_device(input, target, weight)
 
 
 def cross_entropy_forward(input: Tensor, target: Tensor, weight: Tensor | None, reduction: str, ignore_index: int,
@@ -1244,7 +1231,7 @@ def cross_entropy_backward(grad: Tensor, input: Tensor, target: Tensor, weight: 
     prob = target.is_floating_point()
     # the kernel reads the statistics of M rows (and 'mean''s denominator after them) and one
     # gradient per row ('none') or one in all
-    _same_device(input, grad, lse)
+    check_same_device(input, grad, lse)
     if not isinstance(lse, Tensor) or lse.numel() != _stats_size(M, reduction):
         raise KernelInputError(f"cross_entropy_backward: the forward's statistics have {_stats_size(M, reduction)} "
                                f"elements for {M} rows and reduction {reduction!r}, got "
@@ -1646,10 +1633,7 @@ def _check_cross_entropy(input, target, weight, ignore_index, reduction, label_s
     if input.dtype not in FLOAT_DTYPES:
         check_float_like_torch("cross_entropy", "input", input, lambda: _TF.cross_entropy(
             input, target, weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing))
-    if target.device != input.device:
-        raise KernelInputError(
-            f"Expected all tensors to be on the same device, but found at least two devices, {input.device} and {target.device}!"
-        )
+    check_same_device(input, target)
     prob = input.shape == target.shape
     if input.dim() == 0:
         raise KernelInputError("Expected floating point type for target with class probabilities, got "
@@ -1658,10 +1642,7 @@ def _check_cross_entropy(input, target, weight, ignore_index, reduction, label_s
     C = input.shape[0] if input.dim() == 1 else input.shape[1]
     if weight is not None:
         check_tensor("cross_entropy_loss", "weight", weight, 3)
-        if weight.device != input.device:
-            raise KernelInputError(
-                f"Expected all tensors to be on the same device, but found at least two devices, {input.device} and {weight.device}!"
-            )
+        check_same_device(input, weight)
     if prob:
         if not target.is_floating_point():
             raise KernelInputError(

@@ -36,7 +36,7 @@ from ..check import CheckCase
 from ..kernels import fastdiv
 from ..reference import pool as ref
 from ..reference._ufuncs import negative as negate
-from ._dispatch import (FLOAT_DTYPES, check_float, check_float_like_torch, check_tensor, cuda_kernels, empty, from_numpy, is_int, memo, on_device, plain_arg, routed,
+from ._dispatch import (FLOAT_DTYPES, check_float, check_float_like_torch, check_same_device, check_tensor, cuda_kernels, empty, from_numpy, is_int, memo, on_device, plain_arg, routed,
                         to_numpy, triton_kernels)
 from ._dispatch import chooser as _chooser  # module-level name: tests replace it
 # an input whose suggest_memory_format is channels_last (torch's test over its strides, size-1
@@ -341,6 +341,12 @@ def _check_params4(op: str, x: Tensor, k, s, p, d):
     check_float(op, "input", x)
     if x.dim() != 4:
         raise KernelInputError(f"{op}: expected a 4D [N, C, H, W] tensor, got shape {list(x.shape)}")
+    _check_geometry(op, k, s, p, d)
+
+
+def _check_geometry(op: str, k, s, p, d):
+    """The pooling geometry every op takes (the backward ops too, whose gradient the callers
+    have checked): two entries each, positive window, stride and dilation, padding in [0, k/2]."""
     if len(k) != 2 or len(s) != 2 or len(p) != 2 or len(d) != 2:
         raise KernelInputError(f"{op}: kernel_size, stride, padding and dilation must have 2 entries each")
     if min(k) <= 0 or min(s) <= 0 or min(d) <= 0 or min(p) < 0 or p[0] > k[0] // 2 or p[1] > k[1] // 2:
@@ -447,16 +453,14 @@ def _max_bwd_args(grad_output: Tensor, indices: Tensor, input_size, kernel_size,
         )
     if indices.dtype != torch.int64:
         raise KernelInputError(f"max_pool_backward: expected int64 indices, got {indices.dtype}")
-    if indices.device != grad_output.device:  # (a kernel handed another device's pointer faults)
-        raise KernelInputError(f"Expected all tensors to be on the same device, but found at least two devices, "
-                               f"{grad_output.device} and {indices.device}!")
+    check_same_device(grad_output, indices)
     if tuple(grad_output.shape[:2]) != size[:2]:
         # (the kernels gather each input plane's gradient from the same plane of grad_output)
         raise KernelInputError(f"max_pool_backward: grad_output shape {list(grad_output.shape)} does not match the batch "
                                f"and channels of input_size {list(size)}")
     # the forward's geometry checks, and grad_output the output of that geometry (with or without
     # ceil_mode, which the backward is not given): a stride of 0 divided by zero in the kernels
-    _check_params4("max_pool_backward", grad_output, k, s, p, d)
+    _check_geometry("max_pool_backward", k, s, p, d)
     out = tuple(grad_output.shape[2:])
     if min(size) < 0 or out not in {_out_hw(size[2], size[3], k, s, p, d, cm) for cm in (False, True)}:
         raise KernelInputError(f"max_pool_backward: grad_output shape {list(grad_output.shape)} is not the output of "
@@ -544,7 +548,7 @@ def _avg_bwd_args(grad_output: Tensor, input_size, kernel_size, stride, padding,
     if grad_output.dim() != 4 or len(size) != 4:
         raise KernelInputError(f"avg_pool_backward: expected 4D grad_output and input_size, got {list(grad_output.shape)} and {list(size)}")
     # the forward's geometry checks (a stride of 0 divided by zero; a padding past half the window)
-    _check_params4("avg_pool_backward", grad_output, k, s, p, (1, 1))
+    _check_geometry("avg_pool_backward", k, s, p, (1, 1))
     if min(size) < 0:
         raise KernelInputError(f"avg_pool_backward: negative input_size {list(size)}")
     oh, ow = _out_hw(size[2], size[3], k, s, p, (1, 1), ceil_mode)

@@ -109,7 +109,7 @@ from .._errors import KernelInputError, KernelInputIndexError, KernelInputTypeEr
 from ..check import CheckCase, _rel, generic_error
 from ..reference import rnn as ref
 from ._dispatch import (
-    FLOAT_DTYPES, autocast_inputs, check_tensor, compute_dtype, cuda_kernels, empty, from_numpy, maybe_empty, not_float_message,
+    FLOAT_DTYPES, autocast_inputs, check_same_device, check_tensor, compute_dtype, cuda_kernels, empty, from_numpy, maybe_empty, not_float_message,
     on_device, refuse_wrapping_count, routed, to_numpy, triton_kernels,
 )
 from ._dispatch import has_torch_function as _has_tf
@@ -311,10 +311,7 @@ def _check_masks(op, masks, input, num_layers, T, B, width):
     """``masks``: None, or the inner layers' dropout masks ``[L - 1, T, B, width]`` on the
     input's device."""
     if masks is not None:
-        if masks.device != input.device:
-            raise KernelInputError(
-                f"Expected all tensors to be on the same device, but found at least two devices, {input.device} and {masks.device}!"
-            )
+        check_same_device(input, masks)
         want = (num_layers - 1, T, B, width)
         if tuple(masks.shape) != want:
             raise KernelInputError(f"{op}: dropout_masks must have shape {list(want)}, got {list(masks.shape)}")
@@ -1972,18 +1969,16 @@ def _check_cell_backward(op, grad_h, grad_c, input, hx, cx, w_ih, w_hh, b_ih, b_
     _check_cell_op(op, input, hx, cx, w_ih, w_hh, b_ih, b_hh, mode)
     B, H = input.shape[0], w_hh.shape[1]
     f32_io = input.dtype == torch.float32
-    read = {"h": gpu and f32_io and mode.startswith("rnn"), "c": gpu and f32_io and mode == "lstm"}
+    # h' / c' may be empty placeholders where the kernels do not read them
+    placeholder = {"h": not (gpu and f32_io and mode.startswith("rnn")), "c": not (gpu and f32_io and mode == "lstm")}
     tensors = [("grad_h", grad_h), ("h", h), ("c", c)] + ([("grad_c", grad_c)] if mode == "lstm" else [])
     for name, t in tensors:
         if t is None and name == "grad_c":
             continue
-        if not isinstance(t, Tensor) or (tuple(t.shape) != (B, H) and not (name in read and not read[name]
-                                                                            and t.numel() == 0)):
+        if not isinstance(t, Tensor) or (tuple(t.shape) != (B, H) and not (placeholder.get(name) and t.numel() == 0)):
             got = list(t.shape) if isinstance(t, Tensor) else type_name(t)
             raise KernelInputError(f"{op}: {name} must have shape {[B, H]}, got {got}")
-        if t.device != input.device:
-            raise KernelInputError(
-                f"Expected all tensors to be on the same device, but found at least two devices, {input.device} and {t.device}!")
+        check_same_device(input, t)
     _, size = cell_reserve_layout(mode, B, H, f32_io)
     if not isinstance(reserve, Tensor) or reserve.numel() != size or reserve.device != input.device:
         raise KernelInputError(f"{op}: reserve must be the forward's ({size} elements on {input.device})")
