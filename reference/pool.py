@@ -354,9 +354,12 @@ def _avg_backward2d(grad_output, input_shape, k, s, p, ceil_mode, count_include_
     gs = g / div.astype(dtype)
     if empty.any():
         gs[..., empty] = 0
-    for i in range(k[0]):
-        for j in range(k[1]):
-            # one tap's positions are distinct (stride > 0), so += on the strided view is exact
+    # the taps from last to first: an input position then receives its windows' terms in
+    # increasing (oh, ow) order (tap i of window oh lands where tap i + 1 of window oh - 1 does),
+    # as torch's kernels add them, so the float32 sums are torch's bit for bit. One tap's
+    # positions are distinct (stride > 0), so += on the strided view is exact
+    for i in range(k[0] - 1, -1, -1):
+        for j in range(k[1] - 1, -1, -1):
             _tap_view(gp, i, j, (d, s), oh, ow)[...] += gs
     return np.ascontiguousarray(gp[..., p[0]:p[0] + H, p[1]:p[1] + W])
 

@@ -1829,3 +1829,120 @@ def test_pooling_layout_is_torchs_suggest_memory_format(backend, device):
                     (gi,) = torch.autograd.grad(outs[0], xi, torch.ones_like(outs[0]))
                 into += [tuple(st for st, n in zip(t.stride(), t.shape) if n > 1) for t in (*outs, gi)]
             assert got == want, (x.shape, x.stride(), got, want)
+
+
+# --- the backward's sums in torch's order -----------------------------------------------------
+#
+# torch adds an input element's window terms in increasing (oh, ow) order: its CPU kernels
+# scatter the outputs in order, its CUDA ones gather in that order, both in float32 for a float32
+# tensor. Another order gives other last bits for about half the elements that take three terms
+# or more (random float gradients; the integer gradients of the tests above sum exactly in any
+# order). Max / min inputs get a peak every third row and column, so one peak wins all the
+# windows around it (nine at 3x3 / 1).
+_ORDER_CASES = [  # 2-d cases with every positional argument (the CUDA C test reads them)
+    (F.max_pool2d, (3, 1, 1, 1, False), (2, 3, 10, 11)),
+    (F.max_pool2d, (3, 1, 1, 2, True), (2, 3, 11, 10)),
+    (F.min_pool2d, ((3, 4), (1, 2), (1, 2), 1, False), (2, 3, 9, 12)),
+    (F.max_pool1d, (5, 1, 2), (2, 3, 29)),
+    (F.avg_pool2d, (3, 1, 1, False, True, None), (2, 3, 10, 11)),
+    (F.avg_pool2d, ((5, 3), (1, 2), (2, 1), True, False, None), (2, 3, 11, 10)),
+    (F.avg_pool2d, (4, 1, 2, False, True, 7), (2, 3, 9, 9)),
+    (F.avg_pool1d, (4, 1, 2, True, False), (2, 3, 23)),
+]
+_TORCH_POOLS = {"max_pool2d": TF.max_pool2d, "min_pool2d": TF.max_pool2d, "max_pool1d": TF.max_pool1d,
+                "avg_pool2d": TF.avg_pool2d, "avg_pool1d": TF.avg_pool1d}
+_ORDER_FORMS = [pytest.param("reference", "cpu", None, id="reference-cpu")] + [
+    pytest.param(*p.values, form, marks=p.marks, id=f"{p.id}-{form}") for p in backend_params(("triton", "cupy"))
+    for form in (("flat", "tile", "cltile") if p.values[0] == "triton" else (None,))]
+
+
+def _order_input(rng, fn, shape):
+    """float32 normal values; for max / min a peak (a trough for min) every third row and column."""
+    x = torch.from_numpy(rng.standard_normal(shape).astype(np.float32))
+    if not fn.__name__.startswith("avg"):
+        peaks = x[..., ::3, ::3] if x.dim() == 4 else x[..., ::3]  # a view: += lands in x
+        peaks += -50.0 if fn.__name__.startswith("min") else 50.0
+    return x
+
+
+def _torch_pool(fn, x, args):
+    """torch's forward of our ``fn`` (min pooling as -max_pool(-x), exact)."""
+    theirs = _TORCH_POOLS[fn.__name__]
+    return -theirs(-x, *args) if fn.__name__.startswith("min") else theirs(x, *args)
+
+
+@pytest.mark.parametrize("backend,device,form", _ORDER_FORMS)
+@pytest.mark.parametrize("case", _ORDER_CASES, ids=lambda c: f"{c[0].__name__}{c[1]}{c[2]}")
+def test_backward_adds_the_windows_in_torchs_order(backend, device, form, case, rng, monkeypatch):
+    """float32 values and gradients bit for bit torch's, with random float gradients and inputs
+    whose elements take up to 9 (max) or 15 (avg) windows' terms: each backward kernel (Triton's
+    flat, plane-tile and channels_last-tile forms, in both layouts; CUDA C's; the reference's tap
+    loop, which the small-matrix plan skips here) adds them in torch's order. Averages also
+    divide as torch does (IEEE: Triton's ``/`` is approximate on a GPU, ``tl.div_rn`` is not)."""
+    fn, args, shape = case
+    if form is not None:
+        _forcing(monkeypatch, form)
+    if backend == "reference":
+        monkeypatch.setattr(R, "SMALL", 0)  # the tap loop; the matrix product sums in BLAS's order
+    x = _order_input(rng, fn, shape)
+    layouts = (torch.contiguous_format, torch.channels_last) if x.dim() == 4 else (torch.contiguous_format,)
+    for fmt in layouts:
+        xt = x.contiguous(memory_format=fmt).requires_grad_()
+        yt = _torch_pool(fn, xt, args)
+        g = torch.from_numpy(rng.standard_normal(tuple(yt.shape)).astype(np.float32))
+        if x.dim() == 4:
+            g = g.contiguous(memory_format=fmt)
+        (gt,) = torch.autograd.grad(yt, xt, g)
+        xo = x.to(device).contiguous(memory_format=fmt).requires_grad_()
+        with gpu_nn.backend(backend):
+            y = fn(xo, *args)
+            (gx,) = torch.autograd.grad(y, xo, g.to(device))
+        assert torch.equal(y.detach().cpu(), yt.detach()), ("values", fmt)
+        wrong = (gx.cpu() != gt).sum().item()
+        assert wrong == 0, f"{wrong} of {gt.numel()} gradient elements differ from torch's ({fmt})"
+        if device == "cuda" and not fn.__name__.startswith("avg"):
+            # 16-bit max / min: float32 sums rounded once, as torch's CUDA kernels add them (its
+            # average is not compared: AveragePool2d.cu divides a c10::Half by an int, rounding
+            # each quotient to the 16-bit type before its float32 sum; ours keeps them in float32)
+            for dt in (torch.float16, torch.bfloat16):
+                xh = xt.detach().to(device=device, dtype=dt).requires_grad_()
+                (gh,) = torch.autograd.grad(_torch_pool(fn, xh, args), xh, g.to(device=device, dtype=dt))
+                xo = xh.detach().clone().requires_grad_()
+                with gpu_nn.backend(backend):
+                    (go,) = torch.autograd.grad(fn(xo, *args), xo, g.to(device=device, dtype=dt))
+                assert torch.equal(go, gh), (dt, fmt)
+
+
+@_INDEX
+@pytest.mark.parametrize("cl", [0, 1], ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize("case", [c for c in _ORDER_CASES if len(c[2]) == 4], ids=lambda c: f"{c[0].__name__}{c[1]}")
+def test_cuda_gathers_add_in_torchs_order_on_host(host_lib, case, cl, sfx, rng):
+    """gn_max_gather / gn_avg_gather (pool.cu's backward) compiled with g++, both index types and
+    layouts: the gradient bit for bit torch's float32 one (see the test above)."""
+    fn, args, shape = case
+    N, C, H, W = shape
+    x = _order_input(rng, fn, shape)
+    lay = _nhwc if cl else np.ascontiguousarray
+    xt = x.clone().requires_grad_()
+    if fn.__name__.startswith("avg"):
+        k, s, p, ceil, cip, dov = args
+        yt = TF.avg_pool2d(xt, *args)
+    else:
+        k, s, p, d, ceil = args
+        sign = -1.0 if fn.__name__.startswith("min") else 1.0
+        yt, it = TF.max_pool2d(sign * xt, *args, return_indices=True)
+        yt = sign * yt
+        d = R._pair(d, 2)
+    k, s, p = (R._pair(v, 2) for v in (k, s, p))
+    OH, OW = yt.shape[-2:]
+    g = rng.standard_normal(tuple(yt.shape)).astype(np.float32)
+    (gt,) = torch.autograd.grad(yt, xt, torch.from_numpy(g))
+    dx = np.empty_like(lay(x.numpy()))
+    if fn.__name__.startswith("avg"):
+        getattr(host_lib, "avg_bwd_k" + sfx)(fptr(lay(g)), fptr(dx), *_ll(N, C, H, W, OH, OW),
+                                             *_ci(*k, *s, *p, int(cip), dov or 0, cl))
+    else:
+        idx = lay(it.numpy())
+        getattr(host_lib, "max_bwd_k" + sfx)(fptr(lay(g)), fptr(idx), fptr(dx), *_ll(N, C, H, W, OH, OW),
+                                             *_ci(*k, *s, *p, *d, cl))
+    np.testing.assert_array_equal(dx, lay(gt.numpy()))

@@ -170,22 +170,23 @@ GN_HD float gn_avg_window(const T* x, I plane, I sxh, I sxw, I H, I W, I h0, I w
 // Gradient of input element (ih, iw): the sum of g over the windows covering it whose saved
 // index names it. g and idx point at the [OH, OW] plane of this element's (n, c), its output
 // positions SO elements apart (1 for NCHW, C for channels_last, where the channels of one
-// position lie together). The windows
-// that can cover row ih start at or before it and reach it: oh from (ih + PH) / SH down while
-// oh * SH - PH + (KH - 1) * DH >= ih (one division per dimension, none per window). With
-// dilation some of them skip ih; their saved index then names another element. Visited in the
-// order of decreasing oh, then ow, as the taps of a window are (so the same float sums).
+// position lie together). The windows that can cover row ih start at or before it and reach it:
+// oh <= (ih + PH) / SH with oh * SH - PH + (KH - 1) * DH >= ih, i.e. at most (KH - 1) * DH / SH
+// below that quotient (one division per dimension, none per window). With dilation some of them
+// skip ih; their saved index then names another element. Added in increasing oh, then ow, the
+// order torch's kernels add them in (its CPU kernel scatters the outputs in order, its CUDA one
+// gathers as here), so the float sums are torch's bit for bit.
 template <typename T, typename I>
 GN_HD float gn_max_gather(const T* g, const gn_index* idx, I ih, I iw, I W, I OH, I OW, I SO,
                           int KH, int KW, int SH, int SW, int PH, int PW, int DH, int DW) {
     float acc = 0.0f;
     I target = ih * W + iw;
     I reach_h = (I)(KH - 1) * DH, reach_w = (I)(KW - 1) * DW;
-    I left = (iw + PW) / SW;  // iw + PW >= 0: the quotient is the floor
-    for (I oh = (ih + PH) / SH; oh >= 0 && oh * SH - PH + reach_h >= ih; --oh) {
-        if (oh >= OH) continue;
-        for (I ow = left; ow >= 0 && ow * SW - PW + reach_w >= iw; --ow) {
-            if (ow >= OW) continue;
+    I top = (ih + PH) / SH, left = (iw + PW) / SW;  // ih + PH, iw + PW >= 0: the quotients are floors
+    for (I oh = top - reach_h / SH; oh <= top; ++oh) {
+        if (oh < 0 || oh >= OH || oh * SH - PH + reach_h < ih) continue;
+        for (I ow = left - reach_w / SW; ow <= left; ++ow) {
+            if (ow < 0 || ow >= OW || ow * SW - PW + reach_w < iw) continue;
             I o = (oh * OW + ow) * SO;
             if (idx[o] == target) acc += gn_to_float(g[o]);
         }
@@ -193,15 +194,18 @@ GN_HD float gn_max_gather(const T* g, const gn_index* idx, I ih, I iw, I W, I OH
     return acc;
 }
 
+// The sum of g / divisor over the windows covering (ih, iw), in gn_max_gather's order; each
+// quotient rounded to float as torch's CUDA kernel rounds it for float32 (NVRTC divides IEEE:
+// no -prec-div=false here).
 template <typename T, typename I>
 GN_HD float gn_avg_gather(const T* g, I ih, I iw, I H, I W, I OH, I OW, I SO,
                           int KH, int KW, int SH, int SW, int PH, int PW, int count_pad, int divisor) {
     float acc = 0.0f;
-    I left = (iw + PW) / SW;
-    for (I oh = (ih + PH) / SH; oh >= 0 && oh * SH - PH + (KH - 1) >= ih; --oh) {
-        if (oh >= OH) continue;
-        for (I ow = left; ow >= 0 && ow * SW - PW + (KW - 1) >= iw; --ow) {
-            if (ow >= OW) continue;
+    I top = (ih + PH) / SH, left = (iw + PW) / SW;
+    for (I oh = top - (I)(KH - 1) / SH; oh <= top; ++oh) {
+        if (oh < 0 || oh >= OH || oh * SH - PH + (KH - 1) < ih) continue;
+        for (I ow = left - (I)(KW - 1) / SW; ow <= left; ++ow) {
+            if (ow < 0 || ow >= OW || ow * SW - PW + (KW - 1) < iw) continue;
             bool empty;
             float div = gn_avg_divisor<I>(oh * SH - PH, ow * SW - PW, H, W, KH, KW, PH, PW, count_pad, divisor, &empty);
             if (!empty) acc += gn_to_float(g[(oh * OW + ow) * SO]) / div;

@@ -188,6 +188,13 @@ def rs_wgmma_unguarded(ptx: str) -> tuple[int, int]:
     return rs, unguarded
 
 
+def approx_div_f32(ptx: str) -> int:
+    """How many approximate float32 divisions ``ptx`` has: ``div.full.f32`` (what Triton makes of
+    ``/`` on float32: within 2 ulp, not IEEE) and ``div.approx.f32``. ``tl.div_rn`` makes IEEE's
+    ``div.rn.f32``, which torch's CUDA kernels (nvcc's default) divide with."""
+    return len(re.findall(r"\bdiv\.(?:full|approx)(?:\.ftz)?\.f32\b", ptx))
+
+
 def compile_spec(spec: AotSpec, sass: bool = True) -> dict:
     """Compile one spec for sm_90; returns its resource usage (raises on a compile error); without
     ``sass`` no disassembly counts (see :func:`_resources`)."""
@@ -211,6 +218,7 @@ def compile_spec(spec: AotSpec, sass: bool = True) -> dict:
         "shared_bytes": int(compiled.metadata.shared),
         "compile_s": round(time.perf_counter() - t0, 3),
         "wide_transposed_32bit": wide_transposed_32bit(compiled.asm["ttgir"]),
+        "approx_div_f32": approx_div_f32(compiled.asm["ptx"]),
     }
     out.update(_resources(compiled.asm["cubin"], sass))
     return out

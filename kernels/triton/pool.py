@@ -33,7 +33,11 @@ dtype (exact for max/min).
 
 Backward kernels gather: each input element visits the windows that cover it (for tap (i, j),
 ``oh = (ih + ph - i*dh) / sh`` when that divides exactly) and sums their gradients, for max/min
-only where the saved index names this element. No atomics, so results are deterministic.
+only where the saved index names this element, in increasing (oh, ow) order: torch's order (its
+CPU kernels scatter the outputs in order, its CUDA ones gather as here), so float32 sums are
+torch's bit for bit. Averages divide with ``tl.div_rn`` (Triton's ``/`` on float32 is PTX's
+approximate ``div.full.f32``, torch's CUDA kernels divide IEEE). No atomics, so results are
+deterministic.
 
 Not supported: 3d pooling, return of indices from avg, bfloat16 under the interpreter.
 """
@@ -257,7 +261,7 @@ def _avg_pool_fwd_kernel(x_ptr, y_ptr, total, C, H, W, OH, OW,
             v = tl.load(x_ptr + _tap(plane, ih, iw, stride_xh, stride_xw, not WIDE), mask=ok, other=0.0)
             acc += v.to(tl.float32)
     div, empty = _avg_divisor(h0, w0, H, W, KH, KW, PH, PW, COUNT_PAD, DIVISOR)
-    y = tl.where(empty, 0.0, acc / div)
+    y = tl.where(empty, 0.0, tl.div_rn(acc, div))
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -272,29 +276,37 @@ def _max_pool_bwd_kernel(g_ptr, i_ptr, dx_ptr, total, H, W, OH, OW,
     (:func:`_max_pool_bwd_tile_kernel`): rows ``oh = (ih + PH) // SH - a`` for ``a <
     (KH - 1) * DH // SH + 1``, likewise columns (2 x 2 windows at 3x3/2, one division per row
     and per column), where the loop over every tap took 9 with a division by the stride each;
-    the windows come in the same order (oh, then ow, descending), so the sums are the same.
+    the windows come in the same order (oh, then ow, increasing: torch's), so the sums are the
+    same. (The loop form and the bounds as ``oh * SH >= lo_h`` are the ones found to compile
+    without a spill under Triton 3.6 and 3.9 in every layout and index width: 54-64 registers
+    at 32-bit indices, 102-104 at 64-bit ones, where the former loop took 126-128 there.)
     ``mC`` .. ``sQ``, ``mSH`` .. ``sSW``: the multiply-high divisors of C, H, W and of the strides
     (:func:`_div`; unused where ``WIDE``)."""
     offs, mask = _block_offsets(total, WIDE, BLOCK)
     if CL:
         n, c, ih, iw = _unravel(offs, C, H, W, mC, sC, mR, sR, mQ, sQ, not WIDE, CL)
         obase = n * OH * OW * C + c  # int64 where WIDE (offs are), else every offset fits int32
-        target = ih.to(tl.int64) * W + iw
     else:
         nc, ih, iw = _decompose(offs, H, W, mR, sR, mQ, sQ, not WIDE)
         obase = nc * OH * OW
-        target = ih * W + iw  # int32 unless WIDE (channels_last keeps int64: each as compiles without a spill)
+    target = ih * W + iw  # int32 unless WIDE (then int64, as offs), in both layouts: each compiles without a spill
     top = _div(ih + PH, SH, mSH, sSH, not WIDE)  # ih + PH >= 0: floor division
     left = _div(iw + PW, SW, mSW, sSW, not WIDE)
     reach_h = (KH - 1) * DH - PH
     reach_w = (KW - 1) * DW - PW
     acc = tl.zeros([BLOCK], tl.float32)
-    for a in range(0, (KH - 1) * DH // SH + 1):
-        oh = top - a
-        hok = mask & (oh >= 0) & (oh < OH) & (oh * SH + reach_h >= ih)
-        for b in range(0, (KW - 1) * DW // SW + 1):
-            ow = left - b
-            ok = hok & (ow >= 0) & (ow < OW) & (ow * SW + reach_w >= iw)
+    nwh = (KH - 1) * DH // SH + 1  # the windows covering an element: at most nwh x nww of them,
+    nww = (KW - 1) * DW // SW + 1  # rows top - nwh + 1 .. top, columns likewise, visited increasing
+    lo_h = ih - reach_h  # a window of row oh reaches ih where oh * SH >= lo_h
+    lo_w = iw - reach_w
+    first_h = top - (nwh - 1)
+    first_w = left - (nww - 1)
+    for a in range(0, nwh):
+        oh = first_h + a
+        hok = mask & (oh >= 0) & (oh < OH) & (oh * SH >= lo_h)
+        for b in range(0, nww):
+            ow = first_w + b
+            ok = hok & (ow >= 0) & (ow < OW) & (ow * SW >= lo_w)
             if CL:
                 o = obase + (oh * OW + ow) * C
             else:
@@ -321,19 +333,25 @@ def _avg_pool_bwd_kernel(g_ptr, dx_ptr, total, H, W, OH, OW,
     top = _div(ih + PH, SH, mSH, sSH, not WIDE)  # ih + PH >= 0: floor division
     left = _div(iw + PW, SW, mSW, sSW, not WIDE)
     acc = tl.zeros([BLOCK], tl.float32)
-    for a in range(0, (KH - 1) // SH + 1):
+    nwh = (KH - 1) // SH + 1
+    nww = (KW - 1) // SW + 1
+    lo_h = ih - (KH - 1 - PH)  # as in _max_pool_bwd_kernel
+    lo_w = iw - (KW - 1 - PW)
+    # the same windows in the same order as there, counted down from the last (the form of these
+    # loops that compiles without a spill here under Triton 3.6 and 3.9; the max's counts up)
+    for a in range(nwh - 1, -1, -1):
         oh = top - a
-        hok = mask & (oh >= 0) & (oh < OH) & (oh * SH + (KH - 1 - PH) >= ih)
-        for b in range(0, (KW - 1) // SW + 1):
+        hok = mask & (oh >= 0) & (oh < OH) & (oh * SH >= lo_h)
+        for b in range(nww - 1, -1, -1):
             ow = left - b
-            ok = hok & (ow >= 0) & (ow < OW) & (ow * SW + (KW - 1 - PW) >= iw)
+            ok = hok & (ow >= 0) & (ow < OW) & (ow * SW >= lo_w)
             if CL:
                 o = obase + (oh * OW + ow) * C
             else:
                 o = obase + oh * OW + ow
             g = tl.load(g_ptr + o, mask=ok, other=0.0).to(tl.float32)
             div, empty = _avg_divisor(oh * SH - PH, ow * SW - PW, H, W, KH, KW, PH, PW, COUNT_PAD, DIVISOR)
-            acc += tl.where(ok & (~empty), g / div, 0.0)
+            acc += tl.where(ok & (~empty), tl.div_rn(g, div), 0.0)
     tl.store(dx_ptr + offs, acc.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
@@ -489,7 +507,7 @@ def _avg_pool_fwd_tile_kernel(x_ptr, y_ptr, C, H, W, OH, OW, tiles_h, tiles_w, m
     w0 = ow * SW - PW
     acc = _avg_taps(base, h0, w0, H, W, stride_xh, stride_xw, omask, tl.zeros([BH, BW], tl.float32), KH, KW, True)
     div, empty = _avg_divisor(h0, w0, H, W, KH, KW, PH, PW, COUNT_PAD, DIVISOR)
-    y = tl.where(empty, 0.0, acc / div)
+    y = tl.where(empty, 0.0, tl.div_rn(acc, div))
     o = plane.to(tl.int64) * OH * OW + oh * OW + ow
     tl.store(y_ptr + o, y.to(y_ptr.dtype.element_ty), mask=omask)
 
@@ -510,10 +528,10 @@ def _max_pool_bwd_tile_kernel(g_ptr, i_ptr, dx_ptr, H, W, OH, OW, tiles_h, tiles
     left = _div(iw + PW, SW, mSW, sSW, True)
     obase = plane.to(tl.int64) * OH * OW
     acc = tl.zeros([BH, BW], tl.float32)
-    for a in tl.static_range(NWH):
+    for a in tl.static_range(NWH - 1, -1, -1):
         oh = top - a
         hok = imask & _inside(oh, OH) & (oh * SH - PH + (KH - 1) * DH >= ih)
-        for b in tl.static_range(NWW):
+        for b in tl.static_range(NWW - 1, -1, -1):
             ow = left - b
             ok = hok & _inside(ow, OW) & (ow * SW - PW + (KW - 1) * DW >= iw)
             o = obase + oh * OW + ow
@@ -535,15 +553,15 @@ def _avg_pool_bwd_tile_kernel(g_ptr, dx_ptr, H, W, OH, OW, tiles_h, tiles_w, mP,
     left = _div(iw + PW, SW, mSW, sSW, True)
     obase = plane.to(tl.int64) * OH * OW
     acc = tl.zeros([BH, BW], tl.float32)
-    for a in tl.static_range(NWH):
+    for a in tl.static_range(NWH - 1, -1, -1):
         oh = top - a
         hok = imask & _inside(oh, OH) & (oh * SH - PH + (KH - 1) >= ih)
-        for b in tl.static_range(NWW):
+        for b in tl.static_range(NWW - 1, -1, -1):
             ow = left - b
             ok = hok & _inside(ow, OW) & (ow * SW - PW + (KW - 1) >= iw)
             g = tl.load(g_ptr + obase + oh * OW + ow, mask=ok, other=0.0).to(tl.float32)
             div, empty = _avg_divisor(oh * SH - PH, ow * SW - PW, H, W, KH, KW, PH, PW, COUNT_PAD, DIVISOR)
-            acc += tl.where(ok & (~empty), g / div, 0.0)
+            acc += tl.where(ok & (~empty), tl.div_rn(g, div), 0.0)
     tl.store(dx_ptr + plane.to(tl.int64) * H * W + ih * W + iw, acc.to(dx_ptr.dtype.element_ty), mask=imask)
 
 
@@ -592,7 +610,7 @@ def _avg_pool_fwd_cl_kernel(x_ptr, y_ptr, C, H, W, OH, OW, tiles_w, tiles_c, mP,
     acc = _avg_taps(x_ptr + (n * stride_xn + c), h0, w0, H, W, stride_xh, stride_xw, omask,
                     tl.zeros([BP, BC], tl.float32), KH, KW, False)
     div, empty = _avg_divisor(h0, w0, H, W, KH, KW, PH, PW, COUNT_PAD, DIVISOR)
-    y = tl.where(empty, 0.0, acc / div)
+    y = tl.where(empty, 0.0, tl.div_rn(acc, div))
     o = ((n * OH + oh) * OW + ow) * C + c
     tl.store(y_ptr + o, y.to(y_ptr.dtype.element_ty), mask=omask)
 
@@ -624,11 +642,11 @@ def _max_pool_bwd_cl_kernel(g_ptr, i_ptr, dx_ptr, C, H, W, OH, OW, tiles_w, tile
     imask = (iw < W) & (c < C)
     target = ihv * W + iw
     acc = tl.zeros([BP, BC], tl.float32)
-    for a in tl.static_range(NWH):
+    for a in tl.static_range(NWH - 1, -1, -1):
         oh = top - a
         hok = _inside(oh, OH) & (oh * SH - PH + (KH - 1) * DH >= ihv)
         orow = (n * OH + oh) * OW
-        for b in tl.static_range(NWW):
+        for b in tl.static_range(NWW - 1, -1, -1):
             ow = left - b
             ok = imask & hok & _inside(ow, OW) & (ow * SW - PW + (KW - 1) * DW >= iw)
             o = (orow + ow) * C + c
@@ -650,16 +668,16 @@ def _avg_pool_bwd_cl_kernel(g_ptr, dx_ptr, C, H, W, OH, OW, tiles_w, tiles_c, mP
                                                   mSH, sSH, mSW, sSW, BP, BC)
     imask = (iw < W) & (c < C)
     acc = tl.zeros([BP, BC], tl.float32)
-    for a in tl.static_range(NWH):
+    for a in tl.static_range(NWH - 1, -1, -1):
         oh = top - a
         hok = _inside(oh, OH) & (oh * SH - PH + (KH - 1) >= ihv)
         orow = (n * OH + oh) * OW
-        for b in tl.static_range(NWW):
+        for b in tl.static_range(NWW - 1, -1, -1):
             ow = left - b
             ok = imask & hok & _inside(ow, OW) & (ow * SW - PW + (KW - 1) >= iw)
             g = tl.load(g_ptr + (orow + ow) * C + c, mask=ok, other=0.0).to(tl.float32)
             div, empty = _avg_divisor(oh * SH - PH, ow * SW - PW, H, W, KH, KW, PH, PW, COUNT_PAD, DIVISOR)
-            acc += tl.where(ok & (~empty), g / div, 0.0)
+            acc += tl.where(ok & (~empty), tl.div_rn(g, div), 0.0)
     tl.store(dx_ptr + ((n * H + ih) * W + iw) * C + c, acc.to(dx_ptr.dtype.element_ty), mask=imask)
 
 
