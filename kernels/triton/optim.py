@@ -41,7 +41,7 @@ NCOL = 9  # p_off, g_off, s0_off, s1_off, s2_off, step_off, start, numel, flag
 GPU_BLOCK, GPU_ITERS, GPU_WARPS = 1024, 16, 4
 INTERP_BLOCK, INTERP_ITERS = 512, 1
 CLIP_RBLOCK = 1024
-NORM_CODES = {"inf": 0, "two": 2, "p": 1}
+NORM_CODES = {"inf": 0, "two": 2, "p": 1, "one": 3}
 
 
 def f64_bits(x: float) -> int:
@@ -182,7 +182,7 @@ def _adagrad_block(p_ptr, g_ptr, s_ptr, offs, mask, sign, wd, neg_clr, eps, scal
         g = g + wd * p
     s = tl.load(s_ptr + offs, mask=mask).to(tl.float32) + g * g
     tl.store(s_ptr + offs, (s).to(s_ptr.dtype.element_ty), mask=mask)
-    tl.store(p_ptr + offs, (p + (neg_clr * g) / (tl.sqrt_rn(s) + eps)).to(p_ptr.dtype.element_ty), mask=mask)
+    tl.store(p_ptr + offs, (p + tl.div_rn(neg_clr * g, tl.sqrt_rn(s) + eps)).to(p_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=["lr_arg", "lr_decay_b", "wd_b", "eps_b", "sign_b"])
@@ -221,7 +221,7 @@ def _adadelta_block(p_ptr, g_ptr, v_ptr, u_ptr, offs, mask, sign, wd, neg_lr, rh
         g = g + wd * p
     v = tl.load(v_ptr + offs, mask=mask).to(tl.float32) * rho + (w * g) * g
     u = tl.load(u_ptr + offs, mask=mask).to(tl.float32)
-    delta = tl.sqrt_rn(u + eps) / tl.sqrt_rn(v + eps) * g
+    delta = tl.div_rn(tl.sqrt_rn(u + eps), tl.sqrt_rn(v + eps)) * g
     u = u * rho + (w * delta) * delta
     tl.store(v_ptr + offs, (v).to(v_ptr.dtype.element_ty), mask=mask)
     tl.store(u_ptr + offs, (u).to(u_ptr.dtype.element_ty), mask=mask)
@@ -278,11 +278,11 @@ def _rmsprop_block(p_ptr, g_ptr, v_ptr, ga_ptr, b_ptr, offs, mask, sign, wd, neg
         avg = tl.sqrt_rn(v)
     avg = avg + eps
     if MOMENTUM:
-        b = tl.load(b_ptr + offs, mask=mask).to(tl.float32) * momentum + g / avg
+        b = tl.load(b_ptr + offs, mask=mask).to(tl.float32) * momentum + tl.div_rn(g, avg)
         tl.store(b_ptr + offs, (b).to(b_ptr.dtype.element_ty), mask=mask)
         p = p + neg_lr * b
     else:
-        p = p + (neg_lr * g) / avg
+        p = p + tl.div_rn(neg_lr * g, avg)
     tl.store(p_ptr + offs, (p).to(p_ptr.dtype.element_ty), mask=mask)
 
 
@@ -336,10 +336,10 @@ def _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vm_ptr, offs, mask, sign, wd, decay,
         # NaN kept, as torch.maximum keeps it (and the CUDA C twin's select)
         vm = tl.maximum(tl.load(vm_ptr + offs, mask=mask).to(tl.float32), v, propagate_nan=tl.PropagateNan.ALL)
         tl.store(vm_ptr + offs, (vm).to(vm_ptr.dtype.element_ty), mask=mask)
-        denom = tl.sqrt_rn(vm) / bc2s + eps
+        denom = tl.div_rn(tl.sqrt_rn(vm), bc2s) + eps
     else:
-        denom = tl.sqrt_rn(v) / bc2s + eps
-    tl.store(p_ptr + offs, (p + (neg_step * m) / denom).to(p_ptr.dtype.element_ty), mask=mask)
+        denom = tl.div_rn(tl.sqrt_rn(v), bc2s) + eps
+    tl.store(p_ptr + offs, (p + tl.div_rn(neg_step * m, denom)).to(p_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=["lr_arg", "beta1_b", "beta2_b", "eps_b", "wd_b", "sign_b"])
@@ -388,26 +388,31 @@ def _adam_kernel(table_ptr, p_base, g_base, s_base, step_base, lr_arg, beta1_b, 
 
 @triton.jit
 def _norm_piece(x, p, NORM: tl.constexpr):
+    """|x| (NORM 0: inf, 3: one), x^2 (2) or |x|^p (1) in float32; ``p`` float64."""
     a = tl.abs(x)
-    if NORM == 0:
+    if NORM == 0 or NORM == 3:
         return a
     elif NORM == 2:
         return a * a
     else:
         # |x|^p where |x| > 0; else |x| itself: 0 stays 0, and NaN stays NaN (torch's norm is NaN
-        # then; a select of 0 there made a NaN gradient count as 0 in the total)
-        return tl.where(a > 0, tl.exp(p * tl.log(tl.where(a > 0, a, 1.0))), a)
+        # then; a select of 0 there made a NaN gradient count as 0 in the total). exp(p log|x|)
+        # in float64, rounded once: in float32 the product's rounding grows with |p log|x|| (and
+        # a GPU's float32 exp is ex2.approx), 4-20x torch's error at |x| near 1e30
+        a64 = tl.where(a > 0, a, 1.0).to(tl.float64)
+        return tl.where(a > 0, tl.exp(p * tl.log(a64)).to(tl.float32), a)
 
 
 @triton.jit(do_not_specialize=["p_b"])
 def _clip_partial_kernel(table_ptr, g_base, part_ptr, part0, p_b, NORM: tl.constexpr, VP: tl.constexpr,
                          BLOCK: tl.constexpr, ITERS: tl.constexpr):
-    """part[part0 + pid] = max |g| (NORM 0) | sum g^2 (NORM 2) | sum |g|^p (NORM 1) over the chunk."""
+    """part[part0 + pid] = max |g| (NORM 0) | sum g^2 (NORM 2) | sum |g|^p (NORM 1) | sum |g| (NORM
+    3) over the chunk."""
     row = table_ptr + tl.program_id(0).to(tl.int64) * 9  # this program's chunk
     g_ptr = g_base + tl.multiple_of(tl.load(row + 1), VP)
     start = tl.multiple_of(tl.load(row + 6), BLOCK)
     n = tl.load(row + 7)
-    p = _f64(p_b).to(tl.float32)
+    p = _f64(p_b)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for it in range(ITERS):
         offs = start + it * BLOCK + tl.arange(0, BLOCK)
@@ -444,8 +449,10 @@ def _clip_reduce(part_ptr, c0, c1, p, NORM: tl.constexpr, RBLOCK: tl.constexpr):
         total = tl.max(acc, axis=0) + tl.sum(tl.where(acc != acc, acc, 0.0), axis=0)  # + NaN if any
     elif NORM == 2:
         total = tl.sqrt_rn(tl.sum(acc, axis=0))
+    elif NORM == 3:
+        total = tl.sum(acc, axis=0)  # p = 1: the sum itself, as torch's (no exp / log round trip)
     else:
-        total = tl.exp(tl.log(tl.sum(acc, axis=0)) / p)
+        total = tl.exp(tl.log(tl.sum(acc, axis=0).to(tl.float64)) / p).to(tl.float32)  # p float64
     return total
 
 
@@ -473,14 +480,16 @@ def _clip_scale_kernel(table_ptr, g_base, part_ptr, n_parts, total_ptr, max_norm
     g_ptr = g_base + tl.multiple_of(tl.load(row + 1), VP)
     start = tl.multiple_of(tl.load(row + 6), BLOCK)
     n = tl.load(row + 7)
-    p = _f64(p_b).to(tl.float32)
+    p = _f64(p_b)
     total = _clip_total(part_ptr, n_parts, p, NORM, RBLOCK)
     if tl.program_id(0) == 0:
         tl.store(total_ptr, total)
     # torch's coefficient as its 0-d math in the total's dtype: each op rounded to it (rnd 0:
     # float32, no rounding)
     total = _round_to(total, rnd)
-    coef = _round_to(_round_to(1.0 / _round_to(total + 1e-6, rnd), rnd) * _f64(max_norm_b).to(tl.float32), rnd)
+    # (1 / t IEEE-rounded, as torch's reciprocal: Triton's float32 '/' is approximate on a GPU)
+    coef = _round_to(_round_to(tl.div_rn(tl.full([], 1.0, tl.float32), _round_to(total + 1e-6, rnd)), rnd)
+                     * _f64(max_norm_b).to(tl.float32), rnd)
     coef = tl.where(coef > 1.0, 1.0, coef)  # NaN stays NaN, as torch.clamp keeps it
     for it in range(ITERS):
         offs = start + it * BLOCK + tl.arange(0, BLOCK)
@@ -498,7 +507,7 @@ def _clip_tensor_kernel(part_ptr, bounds_ptr, rnd_ptr, out_ptr, p_b, NORM: tl.co
     itself) for _clip_total: torch's total is the norm of those rounded norms, so a float16
     gradient whose own norm passes 65504 makes it inf beside float32 gradients too."""
     t = tl.program_id(0)
-    p = _f64(p_b).to(tl.float32)
+    p = _f64(p_b)
     v = _clip_reduce(part_ptr, tl.load(bounds_ptr + t), tl.load(bounds_ptr + t + 1), p, NORM, RBLOCK)
     v = _round_to(v, tl.load(rnd_ptr + t))
     if NORM == 2:
@@ -511,7 +520,7 @@ def _clip_tensor_kernel(part_ptr, bounds_ptr, rnd_ptr, out_ptr, p_b, NORM: tl.co
 @triton.jit
 def _clip_total_kernel(part_ptr, n_parts, total_ptr, p_b, NORM: tl.constexpr, RBLOCK: tl.constexpr):
     """The total norm alone (error_if_nonfinite reads it before anything is scaled)."""
-    tl.store(total_ptr, _clip_total(part_ptr, n_parts, _f64(p_b).to(tl.float32), NORM, RBLOCK))
+    tl.store(total_ptr, _clip_total(part_ptr, n_parts, _f64(p_b), NORM, RBLOCK))
 
 
 # -- launch configuration -----------------------------------------------------------------
