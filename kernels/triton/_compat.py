@@ -443,6 +443,9 @@ def _install_interpreter_patch_once() -> None:
                 restore()
             finally:
                 patched[:] = [e for e in patched if e is not entry]
+                # the instance attribute referred to this closure, which refers to the scope
+                # through its bound restore: a cycle per launch, left to the collector
+                del scope.restore
 
         scope.restore = restore_and_forget
         return scope
