@@ -101,7 +101,7 @@ def _first_valid(o: int, k: int, s: int, p: int, d: int, length: int):
     return first
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=64)  # up to 2 x SMALL intp a plan: 32 MiB at most
 def _window_plan(H: int, W: int, k: tuple, s: tuple, p: tuple, d: tuple, ceil_mode: bool):
     """Per geometry: ``(oh, ow, pos, gather, padded)``. ``pos[o, t]`` is the flat plane position
     ``ih * W + iw`` of tap ``t`` (row-major) of window ``o`` (row-major); ``gather`` is the same
@@ -268,7 +268,7 @@ def _avg_divisor(H, W, oh, ow, k, s, p, count_include_pad, divisor_override):
     return div, empty
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=64)  # a window matrix of up to SMALL elements: 16 MiB at most
 def _avg_plan(H: int, W: int, k: tuple, s: tuple, p: tuple, ceil_mode: bool, count_include_pad: bool,
               divisor_override, dtype: np.dtype):
     """Per geometry and dtype: ``(oh, ow, A, div, empty)``: the 0/1 window matrix ``A``
