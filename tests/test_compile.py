@@ -246,7 +246,7 @@ def test_triton_kernels_compile_for_sm90(family, shard, tmp_path):
     # torch's CUDA average pooling and optimizer steps divide IEEE; ours do too (tl.div_rn: Triton's
     # float32 '/' is PTX's approximate div.full.f32), so pooling's float32 results are torch's bit
     # for bit (test_pool's summation-order tests check the sums under the interpreter) and a step's
-    # quotients are torch's
+    # quotients are IEEE-rounded as torch's
     approx = [r for r in rows if (r["kernel"].startswith("_avg_pool") or family == "optim") and r["approx_div_f32"]]
     assert not approx, "approximate float32 divisions in average pooling or an optimizer: " + ", ".join(
         f"{r['kernel']} [{r['label']}] {r['approx_div_f32']}" for r in approx)

@@ -1875,7 +1875,7 @@ def _torch_pool(fn, x, args):
 @pytest.mark.parametrize("case", _ORDER_CASES, ids=lambda c: f"{c[0].__name__}{c[1]}{c[2]}")
 def test_backward_adds_the_windows_in_torchs_order(backend, device, form, case, rng, monkeypatch):
     """float32 values and gradients bit for bit torch's, with random float gradients and inputs
-    whose elements take up to 9 (max) or 15 (avg) windows' terms: each backward kernel (Triton's
+    whose elements take up to 9 (max) or 16 (avg) windows' terms: each backward kernel (Triton's
     flat, plane-tile and channels_last-tile forms, in both layouts; CUDA C's; the reference's tap
     loop, which the small-matrix plan skips here) adds them in torch's order. Averages also
     divide as torch does (IEEE: Triton's ``/`` is approximate on a GPU, ``tl.div_rn`` is not)."""
