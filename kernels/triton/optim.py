@@ -436,7 +436,8 @@ def _clip_total(part_ptr, n_parts, p, NORM: tl.constexpr, RBLOCK: tl.constexpr):
 
 @triton.jit
 def _clip_reduce(part_ptr, c0, c1, p, NORM: tl.constexpr, RBLOCK: tl.constexpr):
-    """The norm over the partials part[c0:c1] (each a chunk's max |g|, sum g^2 or sum |g|^p)."""
+    """The norm over the partials part[c0:c1] (each a chunk's max |g|, sum g^2, sum |g|^p or sum
+    |g|)."""
     acc = tl.zeros([RBLOCK], dtype=tl.float32)
     for s in range(c0, c1, RBLOCK):
         o = s + tl.arange(0, RBLOCK)
@@ -504,7 +505,7 @@ def _clip_tensor_kernel(part_ptr, bounds_ptr, rnd_ptr, out_ptr, p_b, NORM: tl.co
     """out[t] = gradient t's own norm over its chunks' partials part[bounds[t]:bounds[t+1]],
     rounded to its dtype (rnd[t]: 0 float32, 1 float16, 2 bfloat16) as torch's per-tensor norm
     is, then put back in the partials' form (NORM 2 its square, NORM 1 its p-th power, NORM 0
-    itself) for _clip_total: torch's total is the norm of those rounded norms, so a float16
+    and 3 itself) for _clip_total: torch's total is the norm of those rounded norms, so a float16
     gradient whose own norm passes 65504 makes it inf beside float32 gradients too."""
     t = tl.program_id(0)
     p = _f64(p_b)
