@@ -43,6 +43,8 @@
 #                  backends against torch's layers (func/bench.json), when 30 s are left
 #   demo-persistent-lstm / -gru   the recurrent demos on triton with GPU_NN_RNN_PERSISTENT=1 (every
 #                  time loop one persistent launch, forward and backward), when 30 s are left each
+# Kernel caches as in gpu_run.sh: a carried archive unpacked first (gpu_run.sh's entries already
+# there are left alone), GPU_NN_PACK_CACHE=PATH packs the caches at the end (40 s kept for it).
 # OUTDIR/summary.txt has one line per step (exit status, seconds); everything OUTDIR holds is also
 # packed into OUTDIR.tgz beside it. Exits non-zero when a sweep or the profile failed or could
 # not finish (the later steps repeat earlier measurements; their status is in the summary).
@@ -53,12 +55,14 @@ set -u -o pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/steps.sh"  # begin, left, step, machine_info
 begin "${1:?usage: benchmarks/gpu_measure.sh OUTDIR}"
 BUDGET=${GPU_MEASURE_BUDGET_S:-300}
+reserve_pack
 SWEEP_S=${GPU_MEASURE_SWEEP_S:-150}
 RNN_S=${GPU_MEASURE_RNN_S:-120}
 
 if ! "$PY" -c "import gpu_nn" > /dev/null 2>&1; then
     step install 60 "$PY" -m pip install --no-deps --no-build-isolation --no-index -e . || true
 fi
+carried_cache
 
 # a correctness question first (under a minute with its compiles): is the suspect TMA tile's wrong
 # result a race of every pipelined TMA tile, or its own fault? Its time comes out of the sweeps'
@@ -165,5 +169,6 @@ for m in lstm gru; do
 done
 
 echo "total: $(( SECONDS - START ))s; sweep rc=$SWEEP_RC, rnn rc=$RNN_RC, profile rc=$PROFILE_RC" | tee -a "$SUMMARY"
+pack_cache
 pack
 exit $(( SWEEP_RC != 0 || RNN_RC != 0 || PROFILE_RC != 0 ))

@@ -27,7 +27,12 @@
 #             reported, GPU_NN_FAIL_LOG in tests/conftest.py, for a run killed before its summary); it gets the time the steps before left, so the tests only a GPU
 #             runs go first and the CUDA-graph captures last (GPU_NN_TEST_ORDER=gpu-first,
 #             tests/conftest.py)
-#   (cache)   python -m gpu_nn.benchmarks.triton_cache: compiled variants per kernel (triton_cache.json)
+#   (cache)   python -m gpu_nn.benchmarks.triton_cache: compiled variants per kernel (triton_cache.json;
+#             with a carried cache, how many this run compiled itself)
+# Kernel caches: after install, the archive an earlier run packed is unpacked where one travelled
+# with the repository (.gpu_cache/triton-cache.tar.xz, or GPU_NN_CARRIED_CACHE; =none for a fresh
+# machine's figures); GPU_NN_PACK_CACHE=PATH packs what this run leaves for the next one (steps.sh:
+# carried_cache, pack_cache). The summary says whether a carried cache served the run.
 #   record    gpu-nn results record: OUTDIR/results/<run>/ is what goes into benchmarks/results/
 # The SASS report needs no GPU: it runs on CPU machines (`gpu-nn sass`), not here.
 # OUTDIR/summary.txt has one line per step (exit status, seconds); everything OUTDIR holds is also
@@ -42,11 +47,13 @@ set -u -o pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/steps.sh"  # begin, left, step, machine_info
 begin "${1:?usage: benchmarks/gpu_run.sh OUTDIR}"
 BUDGET=${GPU_RUN_BUDGET_S:-330}
+reserve_pack
 NCPU=$(nproc 2>/dev/null || echo 4)
 
 if ! step install 60 "$PY" -m pip install --no-deps --no-build-isolation --no-index -e .; then
     step install-noneditable 60 "$PY" -m pip install --no-deps --no-build-isolation --no-index . || true
 fi
+carried_cache
 
 GN=("$PY" -m gpu_nn.cli)
 # check and the tests run the heuristic configurations: measuring every candidate at each of
@@ -111,5 +118,6 @@ head -n 1 "$OUTDIR/triton_cache.txt" | sed 's/^/  /' | tee -a "$SUMMARY"
 step record 20 "${GN[@]}" results record "$OUTDIR" --into "$OUTDIR/results" --no-render
 
 echo "total: $(( SECONDS - START ))s; check rc=$CHECK_RC, pytest rc=$TEST_RC" | tee -a "$SUMMARY"
+pack_cache
 pack
 exit $(( CHECK_RC != 0 || TEST_RC != 0 ))

@@ -29,6 +29,41 @@ pack() {
     tar -czf "$OUTDIR.tgz" -C "$(dirname "$OUTDIR")" "$(basename "$OUTDIR")"
 }
 
+# carried_cache: unpack the kernel caches an earlier GPU run on the same image packed
+# (python -m gpu_nn.benchmarks.triton_cache pack; its docstring says what it holds), where one
+# travelled with the repository: GPU_NN_CARRIED_CACHE, else .gpu_cache/triton-cache.tar.xz (the
+# device tool's `carry`). GPU_NN_CARRIED_CACHE=none compiles everything, as a fresh machine does
+# (issue 17's figures are a fresh machine's). The summary says which it was; a second script on
+# the same machine finds the entries there and writes nothing.
+carried_cache() {
+    local archive=${GPU_NN_CARRIED_CACHE:-$ROOT/.gpu_cache/triton-cache.tar.xz}
+    if [ "$archive" = none ]; then
+        echo "  cache: none carried (GPU_NN_CARRIED_CACHE=none): kernels compile on first use" | tee -a "$SUMMARY"
+        return 0
+    fi
+    if [ ! -f "$archive" ]; then
+        echo "  cache: none carried ($archive absent): kernels compile on first use" | tee -a "$SUMMARY"
+        return 0
+    fi
+    step cache 60 "$PY" -m gpu_nn.benchmarks.triton_cache unpack "$archive"
+    tail -n 1 "$OUTDIR/cache.log" | sed 's/^/  cache: /' | tee -a "$SUMMARY"
+}
+
+# pack_cache: with GPU_NN_PACK_CACHE=PATH, the kernel caches as this run leaves them packed into
+# PATH (outside OUTDIR: one more file for the device tool, at most 15 MiB), for the next run to
+# carry. Its own PACK_S, after the budget: a script that packs runs on BUDGET - PACK_S
+# (reserve_pack, called before its steps)
+PACK_S=40
+reserve_pack() {
+    [ -n "${GPU_NN_PACK_CACHE:-}" ] && BUDGET=$(( BUDGET - PACK_S ))
+    return 0
+}
+pack_cache() {
+    [ -n "${GPU_NN_PACK_CACHE:-}" ] || return 0
+    timeout -k 5 "$PACK_S" "$PY" -m gpu_nn.benchmarks.triton_cache pack "$GPU_NN_PACK_CACHE" > "$OUTDIR/cache-pack.log" 2>&1
+    echo "  cache: rc=$? $(tail -n 1 "$OUTDIR/cache-pack.log")" | tee -a "$SUMMARY"
+}
+
 # seconds of BUDGET left
 left() { echo $(( BUDGET - (SECONDS - START) )); }
 

@@ -9,14 +9,46 @@ it: one folder per compiled variant, holding ``<kernel>.cubin``::
 
 ``CACHE_DIR`` defaults to ``TRITON_CACHE_DIR`` or ``~/.triton/cache``. Prints the total and the
 kernels with the most variants; ``--json`` keeps every count.
+
+A GPU session is short, and on a fresh machine most of it went to compiling (at a331102: 68 % of
+``gpu-nn check``, the whole of the bench's first-call phase, the demo's 50 s limit). What one GPU
+run compiled can serve the next one on the same image, so a run can leave its compiled kernels
+behind and the next carry them in::
+
+    python -m gpu_nn.benchmarks.triton_cache pack OUT.tar.xz [--max-mib 15]
+    python -m gpu_nn.benchmarks.triton_cache unpack ARCHIVE [--force]
+    python -m gpu_nn.benchmarks.triton_cache stamp
+
+``pack`` writes what a cache hit reads and nothing else: per compiled variant its metadata
+``.json``, its ``.cubin`` and its group file (child paths relative), the compiled launcher
+modules (``.so``: Triton builds one per kernel signature with the host's C compiler), and the
+CUDA C modules of ``kernels/cuda`` (``GPU_NN_CUDA_CACHE``); the IR files (ttir, ttgir, llir, ptx,
+source) stay behind, an eighth of the bytes. Newest first, until the archive reaches
+``--max-mib`` (one file the device tool returns: 16 MiB at most); what did not fit is counted in
+its ``STAMP.json``, with the Triton version, a digest of ``triton_key()`` (Triton's sources and
+its ``libtriton`` build, the first part of every kernel's cache key) and of the ptxas that
+compiles for sm_90 (the second part). ``unpack`` writes the entries into this process's caches
+(Triton's ``knobs.cache.dir``, absolute child paths in the group files as Triton writes them) only
+where those two digests match this Triton's: another build's entries could never be read (their
+keys differ), and ``--force`` is for tests. A kernel whose source changed since the pack has
+another key: it compiles as before, and only the unchanged kernels are served. Nothing here reads
+a key Triton would not have computed itself: the entries are the files Triton wrote.
+``benchmarks/steps.sh`` unpacks ``.gpu_cache/triton-cache.tar.xz`` (or ``GPU_NN_CARRIED_CACHE``)
+before a GPU run, and says so in its summary: figures of a run that used one are not a fresh
+machine's.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import hashlib
+import io
 import json
 import os
+import sys
+import tarfile
+import time
 
 
 def cache_dir() -> str:
@@ -25,8 +57,13 @@ def cache_dir() -> str:
 
 def summary(path: str) -> dict:
     """``{"dir", "variants", "kernels": {name: count}}``: one variant per cache folder holding a
-    ``.cubin`` (a folder without one is a group file or an unfinished compile), largest first."""
+    ``.cubin`` (a folder without one is a group file or an unfinished compile), largest first.
+    Where :func:`unpack` wrote into the cache, also ``carried`` and ``compiled_here``: the
+    variants written before its marker and those compiled after it (by the run that followed)."""
     counts: collections.Counter = collections.Counter()
+    mark = carried(path)
+    since = mark.get("at") if isinstance(mark, dict) else None
+    newer = 0
     if os.path.isdir(path):
         for entry in os.scandir(path):
             if not entry.is_dir():
@@ -34,17 +71,317 @@ def summary(path: str) -> dict:
             for f in os.listdir(entry.path):
                 if f.endswith(".cubin"):
                     counts[f[:-len(".cubin")]] += 1
-    return {"dir": path, "variants": sum(counts.values()), "kernels": dict(counts.most_common())}
+                    if since is not None and os.path.getmtime(os.path.join(entry.path, f)) > since:
+                        newer += 1
+    out = {"dir": path, "variants": sum(counts.values()), "kernels": dict(counts.most_common())}
+    if since is not None:
+        out.update(carried=out["variants"] - newer, compiled_here=newer)
+    return out
+
+
+def triton_cache_dir() -> str:
+    """Where this process's Triton reads and writes its cache (``knobs.cache.dir``)."""
+    try:
+        from triton import knobs
+
+        return knobs.cache.dir or cache_dir()
+    except (ImportError, AttributeError):
+        return cache_dir()
+
+
+STAMP = "STAMP.json"
+MARKER = ".gpu_nn_unpacked.json"  # in the Triton cache once unpack wrote there: what and when
+DEFAULT_ARCHIVE = os.path.join(".gpu_cache", "triton-cache.tar.xz")
+MAX_MIB = 15.0
+PRESET = 1  # xz: cubins shrink 6-7x at presets 0-1 (9x at 6, four to eight times slower)
+# what a kernel entry carries: the cache hit reads the metadata and the binary alone
+KERNEL_EXTS = (".json", ".cubin")
+
+
+def stamp() -> dict:
+    """What decides whether this process's Triton can read another's cache entries: its version,
+    a digest of ``triton_key()`` and of the sm_90 backend's hash (the ptxas version), beside the
+    Python that runs it."""
+    import triton
+    from triton.runtime.cache import triton_key
+
+    out = {"triton": triton.__version__, "python": sys.version.split()[0],
+           "triton_key": hashlib.sha256(triton_key().encode()).hexdigest()[:24]}
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler.compiler import make_backend
+
+        out["ptxas_sm90"] = hashlib.sha256(make_backend(GPUTarget("cuda", 90, 32)).hash().encode()).hexdigest()[:24]
+    except Exception as exc:  # noqa: BLE001 - no CUDA backend: nothing of a cache serves here
+        out["ptxas_sm90"] = f"unavailable: {type(exc).__name__}: {exc}"[:200]
+    return out
+
+
+def compatible(theirs: dict, mine: dict) -> bool:
+    """Whether entries packed under stamp ``theirs`` can be cache hits under ``mine``."""
+    return all(theirs.get(k) == mine.get(k) and mine.get(k) for k in ("triton_key", "ptxas_sm90")) \
+        and not str(mine.get("ptxas_sm90", "")).startswith("unavailable")
+
+
+def cuda_cache_dir() -> str:
+    return os.environ.get("GPU_NN_CUDA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "gpu_nn", "cuda")
+
+
+def _entries(path: str) -> list:
+    """``(mtime, kind, folder, {name: file path})`` of every usable entry of the Triton cache at
+    ``path``: a kernel (its group file names a metadata json and a cubin that exist) or compiled
+    launcher / helper modules (a folder of ``.so`` files)."""
+    out = []
+    if not os.path.isdir(path):
+        return out
+    for entry in os.scandir(path):
+        if not entry.is_dir():
+            continue
+        names = set(os.listdir(entry.path))
+        groups = sorted(n for n in names if n.startswith("__grp__") and n.endswith(".json"))
+        for g in groups:
+            meta = g[len("__grp__"):]
+            try:
+                with open(os.path.join(entry.path, g)) as f:
+                    children = json.load(f).get("child_paths") or {}
+            except (OSError, ValueError, AttributeError):
+                continue
+            bins = [os.path.basename(p) for c, p in children.items() if isinstance(p, str) and c.endswith(".cubin")]
+            if meta in names and bins and bins[0] in names:
+                files = {meta: os.path.join(entry.path, meta), bins[0]: os.path.join(entry.path, bins[0])}
+                out.append((os.path.getmtime(os.path.join(entry.path, bins[0])), "kernel", entry.name, files, g))
+        if not groups:
+            sos = sorted(n for n in names if n.endswith(".so"))
+            if sos:
+                files = {n: os.path.join(entry.path, n) for n in sos}
+                out.append((max(os.path.getmtime(p) for p in files.values()), "module", entry.name, files, None))
+    return out
+
+
+def _add(tar, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), int(time.time()), 0o644
+    tar.addfile(info, io.BytesIO(data))
+
+
+def pack(out_path: str, cache: str | None = None, cuda: str | None = None, max_mib: float = MAX_MIB,
+         preset: int = PRESET, max_s: float = 30.0) -> dict:
+    """Write the archive (see the module docstring); returns its stamp, counts included. Entries
+    stop being added after ``max_s`` seconds too (the rest counted as left out), and the archive
+    is written beside ``out_path`` and renamed onto it when whole: a pack cut short by its
+    caller's time limit leaves no archive rather than a broken one."""
+    t0 = time.monotonic()
+    cache = cache or triton_cache_dir()
+    cuda = cuda or cuda_cache_dir()
+    limit = int(max_mib * 2 ** 20)
+    # the compressor holds back up to a block: stop adding this far below the limit
+    margin = 2 ** 20
+    info = stamp()
+    entries = _entries(cache)
+    # launchers first (small; each spares a C compile), then kernels newest first: what this run
+    # compiled before what it was carried
+    entries.sort(key=lambda e: (e[1] != "module", -e[0]))
+    cuda_files = sorted((os.path.join(cuda, n) for n in (os.listdir(cuda) if os.path.isdir(cuda) else ())
+                         if n.endswith((".cubin", ".ptx"))), key=lambda p: -os.path.getmtime(p))
+    counts = collections.Counter()
+    raw = 0
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    tmp = f"{out_path}.part{os.getpid()}"
+
+    def full(f) -> bool:
+        return f.tell() + margin > limit or time.monotonic() - t0 > max_s
+
+    try:
+        with open(tmp, "wb") as f:
+            with tarfile.open(fileobj=f, mode="w:xz", preset=preset) as tar:
+                for path in cuda_files:
+                    if full(f):
+                        counts["cuda_left_out"] += 1
+                        continue
+                    with open(path, "rb") as g:
+                        data = g.read()
+                    _add(tar, "cuda/" + os.path.basename(path), data)
+                    counts["cuda_modules"] += 1
+                    raw += len(data)
+                for _, kind, folder, files, group in entries:
+                    if full(f):
+                        counts[f"{kind}s_left_out"] += 1
+                        continue
+                    blobs = {}
+                    try:
+                        for name, path in files.items():
+                            with open(path, "rb") as g:
+                                blobs[name] = g.read()
+                    except OSError:
+                        continue
+                    for name, data in blobs.items():
+                        _add(tar, f"triton/{folder}/{name}", data)
+                        raw += len(data)
+                    if group is not None:
+                        _add(tar, f"triton/{folder}/{group}", json.dumps({"child_paths": {n: n for n in blobs}}).encode())
+                    counts[f"{kind}s"] += 1
+                info.update(counts, packed_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), raw_bytes=raw,
+                            cache=cache, commit=_commit())
+                _add(tar, STAMP, json.dumps(info, indent=1, sort_keys=True).encode())
+        os.replace(tmp, out_path)
+    finally:
+        if os.path.exists(tmp):  # (an error on the way: no half archive left)
+            os.unlink(tmp)
+    info["bytes"] = os.path.getsize(out_path)
+    return info
+
+
+def _commit() -> str | None:
+    import subprocess
+
+    try:
+        r = subprocess.run(["git", "rev-parse", "--short=7", "HEAD"], capture_output=True, text=True, timeout=10,
+                           cwd=os.path.dirname(os.path.abspath(__file__)))
+        return r.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _safe(parts: list) -> bool:
+    return bool(parts) and all(p not in ("", ".", "..") and "/" not in p and "\\" not in p for p in parts)
+
+
+def unpack(archive: str, cache: str | None = None, cuda: str | None = None, force: bool = False) -> dict:
+    """Write the archive's entries into the caches (see the module docstring). Returns
+    ``{"stamp", "compatible", "kernels", "modules", "cuda_modules", "present", "skipped"}``; an
+    entry already there is left as it is (counted in ``present``)."""
+    cache = cache or triton_cache_dir()
+    cuda = cuda or cuda_cache_dir()
+    mine = stamp()
+    out = collections.Counter()
+    with tarfile.open(archive, "r:*") as tar:
+        member = tar.getmember(STAMP)
+        theirs = json.load(tar.extractfile(member))
+        ok = force or compatible(theirs, mine)
+        folders: dict = {}
+        for m in tar.getmembers():
+            parts = m.name.split("/")
+            if not m.isfile() or m.name == STAMP:
+                continue
+            if parts[0] == "cuda" and len(parts) == 2 and _safe(parts[1:]):
+                target = os.path.join(cuda, parts[1])
+                if os.path.exists(target):
+                    out["present"] += 1
+                    continue
+                os.makedirs(cuda, exist_ok=True)
+                _write(target, tar.extractfile(m).read())
+                out["cuda_modules"] += 1
+            elif parts[0] == "triton" and len(parts) == 3 and _safe(parts[1:]):
+                if not ok:
+                    out["skipped"] += 1
+                    continue
+                folders.setdefault(parts[1], []).append((parts[2], m))
+            else:
+                out["skipped"] += 1
+        for folder, members in folders.items():
+            d = os.path.join(cache, folder)
+            if os.path.isdir(d) and os.listdir(d):
+                out["present"] += 1
+                continue
+            os.makedirs(d, exist_ok=True)
+            groups = []
+            for name, m in members:
+                data = tar.extractfile(m).read()
+                if name.startswith("__grp__"):
+                    groups.append((name, json.loads(data)))
+                else:
+                    _write(os.path.join(d, name), data)
+            # group files last, child paths absolute (as Triton writes them): an entry is whole
+            # before Triton can find it
+            for name, grp in groups:
+                children = {c: os.path.join(d, os.path.basename(p)) for c, p in (grp.get("child_paths") or {}).items()}
+                _write(os.path.join(d, name), json.dumps({"child_paths": children}).encode())
+            out["kernels" if groups else "modules"] += 1
+    result = {"stamp": theirs, "mine": mine, "compatible": ok, **{k: out[k] for k in
+              ("kernels", "modules", "cuda_modules", "present", "skipped")}}
+    # the marker dates what was carried: kept where an unpack before this one wrote it and this
+    # one added nothing (a second script of the same run)
+    if ok and (out["kernels"] or out["modules"] or carried(cache) is None):
+        try:
+            os.makedirs(cache, exist_ok=True)
+            _write(os.path.join(cache, MARKER), json.dumps({"archive": os.path.abspath(archive), "at": time.time(),
+                                                           **{k: v for k, v in result.items() if k != "mine"}}).encode())
+        except OSError:
+            pass
+    return result
+
+
+def _write(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def carried(path: str) -> dict | None:
+    """What unpack left in the Triton cache at ``path`` (its marker), or None."""
+    try:
+        with open(os.path.join(path, MARKER)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _cli(argv: list) -> int:
+    p = argparse.ArgumentParser(prog="python -m gpu_nn.benchmarks.triton_cache", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    pk = sub.add_parser("pack", help="archive what a cache hit reads")
+    pk.add_argument("out")
+    pk.add_argument("--cache", default=None)
+    pk.add_argument("--cuda-cache", default=None)
+    pk.add_argument("--max-mib", type=float, default=MAX_MIB)
+    up = sub.add_parser("unpack", help="write an archive's entries into this process's caches")
+    up.add_argument("archive")
+    up.add_argument("--cache", default=None)
+    up.add_argument("--cuda-cache", default=None)
+    up.add_argument("--force", action="store_true", help="unpack whatever the stamps say (tests)")
+    sub.add_parser("stamp", help="print this Triton's stamp")
+    a = p.parse_args(argv)
+    if a.cmd == "stamp":
+        print(json.dumps(stamp(), indent=1))
+        return 0
+    if a.cmd == "pack":
+        t0 = time.time()
+        info = pack(a.out, a.cache, a.cuda_cache, a.max_mib)
+        left = {k: v for k, v in info.items() if k.endswith("_left_out")}
+        print(f"packed {info.get('kernels', 0)} kernels, {info.get('modules', 0)} launcher modules, "
+              f"{info.get('cuda_modules', 0)} CUDA C modules into {a.out}: {info['bytes'] / 2 ** 20:.1f} MiB "
+              f"({info['raw_bytes'] / 2 ** 20:.1f} MiB raw) in {time.time() - t0:.1f} s"
+              + (f"; left out (size limit): {left}" if left else ""))
+        return 0
+    if not os.path.isfile(a.archive):
+        print(f"no archive at {a.archive}")
+        return 1
+    t0 = time.time()
+    r = unpack(a.archive, a.cache, a.cuda_cache, a.force)
+    s = r["stamp"]
+    print(f"carried cache {a.archive} (packed {s.get('packed_at')} at commit {s.get('commit')}, Triton "
+          f"{s.get('triton')}): {r['kernels']} kernels, {r['modules']} launcher modules, {r['cuda_modules']} CUDA C "
+          f"modules unpacked, {r['present']} already there in {time.time() - t0:.1f} s"
+          + ("" if r["compatible"] else f"; its Triton entries skipped ({r['skipped']}): packed under another "
+             f"Triton build (theirs {s.get('triton')} {s.get('triton_key')} / ptxas {s.get('ptxas_sm90')}, "
+             f"this {r['mine'].get('triton')} {r['mine'].get('triton_key')} / ptxas {r['mine'].get('ptxas_sm90')})"))
+    return 0
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in ("pack", "unpack", "stamp"):
+        return _cli(argv)
     p = argparse.ArgumentParser(prog="python -m gpu_nn.benchmarks.triton_cache", description=__doc__.split("\n\n")[0])
     p.add_argument("dir", nargs="?", default=None)
     p.add_argument("--json", default=None)
     p.add_argument("--top", type=int, default=25)
     a = p.parse_args(argv)
     s = summary(a.dir or cache_dir())
-    print(f"triton cache {s['dir']}: {s['variants']} compiled variants of {len(s['kernels'])} kernels")
+    print(f"triton cache {s['dir']}: {s['variants']} compiled variants of {len(s['kernels'])} kernels"
+          + (f" ({s['compiled_here']} compiled since a carried cache was unpacked, {s['carried']} carried)"
+             if "carried" in s else ""))
     for name, n in list(s["kernels"].items())[:a.top]:
         print(f"  {n:5d}  {name}")
     if a.json:

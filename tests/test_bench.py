@@ -229,7 +229,8 @@ def test_gpu_run_script_steps_summary_and_archive(tmp_path):
         ' echo "1 failed, 41 passed in 3.21s"; echo "KeyboardInterrupt"; exit 1;; esac\n'
         'case "$*" in *" check "*) echo "relu: 4/4 pass"; echo "time: 1.0 s wall"; echo "4 passed, 0 failed";; esac\n'
         "exit 0\n",
-        {k: v for k, v in os.environ.items() if not k.startswith("GPU_NN_TUNE")},
+        {**{k: v for k, v in os.environ.items() if not k.startswith(("GPU_NN_TUNE", "GPU_NN_PACK"))},
+         "GPU_NN_CARRIED_CACHE": "none"},
         log_line='echo "$* [TUNE=${GPU_NN_TUNE:-} RECORD=${GPU_NN_TUNE_RECORD:-} CACHE=${GPU_NN_TUNE_CACHE:-}]'
                  ' [ORDER=${GPU_NN_TEST_ORDER:-} FUSION=${TRITON_DEFAULT_FP_FUSION:-}]"')
     assert r.returncode == 1, r.stdout + r.stderr  # the tests failed
@@ -261,7 +262,8 @@ def test_gpu_run_script_steps_summary_and_archive(tmp_path):
         tmp_path / "tuned", "gpu_run.sh",
         'case "$*" in *" bench "*) echo \'{"op": "matmul", "ms": 0.5}\' >> "$GPU_NN_TUNE_RECORD";; esac\n'
         "exit 0\n",
-        {**{k: v for k, v in os.environ.items() if not k.startswith("GPU_NN_TUNE")}, "GPU_RUN_BENCH_TUNE": "1"},
+        {**{k: v for k, v in os.environ.items() if not k.startswith(("GPU_NN_TUNE", "GPU_NN_PACK"))},
+         "GPU_RUN_BENCH_TUNE": "1", "GPU_NN_CARRIED_CACHE": "none"},
         log_line='echo "$* [TUNE=${GPU_NN_TUNE:-} RECORD=${GPU_NN_TUNE_RECORD:-} CACHE=${GPU_NN_TUNE_CACHE:-}]"')
     (bench_call,) = [c for c in calls if " bench " in c]
     assert f"[TUNE=1 RECORD={out}/tuning.jsonl CACHE={out}/tuning-cache.json]" in bench_call
@@ -1034,6 +1036,121 @@ def test_triton_cache_counts_compiled_variants_per_kernel(tmp_path):
     out = tmp_path / "c.json"
     assert triton_cache.main([str(tmp_path), "--json", str(out)]) == 0
     assert json.loads(out.read_text())["kernels"] == {"_a": 2, "_b": 1}
+
+
+_COMPILE_ONE = """
+import hashlib, json, sys, triton
+from triton import knobs
+from triton.backends.compiler import GPUTarget
+from gpu_nn.kernels.triton import _aot
+hits = []
+knobs.compilation.listener = lambda **kw: hits.append(bool(kw.get("cache_hit")))
+spec = _aot.family_specs("activation")[0]
+src = _aot._source(spec.kernel, spec.signature, spec.constexprs, spec.divisible_by_16)
+c = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+print(json.dumps({"hits": hits, "cubin": hashlib.sha256(c.asm["cubin"]).hexdigest(), "ptx": "ptx" in c.asm}))
+"""
+
+
+def _compile_one(cache) -> dict:
+    """One activation kernel compiled for sm_90 by Triton's own compile() in a fresh process
+    (no interpreter) with TRITON_CACHE_DIR=cache: whether it was a cache hit, its cubin's digest."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", _COMPILE_ONE], env={**env, "TRITON_CACHE_DIR": str(cache)},
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_a_packed_kernel_cache_serves_cache_hits_where_it_is_unpacked(tmp_path):
+    """benchmarks/triton_cache pack / unpack (a GPU run's compiled kernels carried to the next run
+    on the same image): a kernel Triton compiled for sm_90 into one cache, packed (its metadata,
+    cubin and group file only: no IR), unpacked into an empty cache elsewhere, is a cache hit of
+    Triton's own compile() there, the same cubin (group paths rewritten to the new place); the
+    CUDA C modules travel too; an archive from another Triton build writes no Triton entry; the
+    size limit leaves entries out and counts them; the summary counts what was carried."""
+    import io
+    import tarfile
+
+    from gpu_nn.benchmarks import triton_cache as tc
+
+    first, cuda = tmp_path / "first", tmp_path / "cuda"
+    cuda.mkdir()
+    (cuda / "rnn-0123.cubin").write_bytes(b"\x7fELF cubin")
+    built = _compile_one(first)
+    assert built["hits"] == [False] and built["ptx"]
+    archive = tmp_path / "cache.tar.xz"
+    info = tc.pack(str(archive), str(first), str(cuda))
+    assert info["kernels"] == 1 and info["cuda_modules"] == 1 and info["bytes"] == archive.stat().st_size
+    with tarfile.open(archive) as tar:
+        names = tar.getnames()
+        stamp = json.load(tar.extractfile("STAMP.json"))
+    assert stamp["triton_key"] == tc.stamp()["triton_key"] and "cuda/rnn-0123.cubin" in names
+    kept = {n.rsplit(".", 1)[-1] for n in names if n.startswith("triton/")}
+    assert kept == {"json", "cubin"}, names  # no ttir / ttgir / llir / ptx / source
+    second, cuda2 = tmp_path / "second", tmp_path / "cuda2"
+    r = tc.unpack(str(archive), str(second), str(cuda2))
+    assert r["compatible"] and (r["kernels"], r["cuda_modules"], r["present"]) == (1, 1, 0)
+    assert (cuda2 / "rnn-0123.cubin").read_bytes() == b"\x7fELF cubin"
+    (grp,) = second.glob("*/__grp__*.json")
+    assert all(os.path.isfile(p) and p.startswith(str(second)) for p in json.loads(grp.read_text())["child_paths"].values())
+    assert tc.summary(str(second))["carried"] == 1 and tc.summary(str(second))["compiled_here"] == 0
+    served = _compile_one(second)
+    assert served["hits"] == [True] and served["cubin"] == built["cubin"] and not served["ptx"]
+    # unpacked again: nothing written, the entries counted as there
+    assert tc.unpack(str(archive), str(second), str(cuda2))["present"] == 2
+    # another Triton build's archive: its Triton entries are skipped, its CUDA C ones kept
+    other = tmp_path / "other.tar.xz"
+    with tarfile.open(archive) as src, tarfile.open(other, "w:xz") as dst:
+        for m in src.getmembers():
+            data = src.extractfile(m).read()
+            if m.name == "STAMP.json":
+                data = json.dumps(dict(stamp, triton_key="0" * 24)).encode()
+                m.size = len(data)
+            dst.addfile(m, io.BytesIO(data))
+    third = tmp_path / "third"
+    r = tc.unpack(str(other), str(third), str(tmp_path / "cuda3"))
+    assert not r["compatible"] and r["kernels"] == 0 and r["skipped"] > 0 and r["cuda_modules"] == 1
+    assert not third.exists() or not any(third.iterdir())
+    # a size limit below what the entries take: they are left out, and counted
+    small = tc.pack(str(tmp_path / "small.tar.xz"), str(first), str(cuda), max_mib=0.5)
+    assert small.get("kernels", 0) == 0 and small["kernels_left_out"] == 1 and small["cuda_left_out"] == 1
+
+
+def test_gpu_run_unpacks_a_carried_cache_and_packs_one_for_the_next_run(tmp_path):
+    """gpu_run.sh with a carried archive (GPU_NN_CARRIED_CACHE): unpacked after install, before
+    any kernel runs, and said in the summary; with GPU_NN_PACK_CACHE the caches are packed after
+    the record step, outside the run folder; without an archive the summary says that nothing was
+    carried (a fresh machine's figures)."""
+    from helpers import run_bench_script
+
+    archive = tmp_path / "carried.tar.xz"
+    archive.write_bytes(b"x")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GPU_NN_TUNE", "GPU_NN_CARRIED", "GPU_NN_PACK"))}
+    packed = tmp_path / "packed.tar.xz"
+    r, out, calls = run_bench_script(
+        tmp_path, "gpu_run.sh",
+        'case "$*" in *"triton_cache unpack"*) echo "carried cache x: 5 kernels unpacked";; '
+        '*"triton_cache pack"*) echo "packed 7 kernels";; esac\nexit 0\n',
+        {**env, "GPU_NN_CARRIED_CACHE": str(archive), "GPU_NN_PACK_CACHE": str(packed)})
+    assert r.returncode == 0, r.stdout + r.stderr
+    summary = (out / "summary.txt").read_text()
+    steps = [line.split(":")[0] for line in summary.splitlines() if not line.startswith(" ")]
+    assert steps == ["install", "cache", "info", "check", "bench", "pytest", "record", "total"], summary
+    assert "cache: carried cache x: 5 kernels unpacked" in summary and "cache: rc=0 packed 7 kernels" in summary
+    names = [c.removeprefix("-m ") for c in calls]
+    assert names.index(f"gpu_nn.benchmarks.triton_cache unpack {archive}") < \
+        min(i for i, c in enumerate(names) if c.startswith("gpu_nn.cli"))
+    assert names[-1] == f"gpu_nn.benchmarks.triton_cache pack {packed}"
+    (tmp_path / "bare").mkdir()
+    r, out, calls = run_bench_script(tmp_path / "bare", "gpu_run.sh", "exit 0\n",
+                                     {**env, "GPU_NN_CARRIED_CACHE": str(tmp_path / "absent.tar.xz")})
+    summary = (out / "summary.txt").read_text()
+    assert "cache: none carried" in summary and not any("triton_cache unpack" in c or "triton_cache pack" in c
+                                                        for c in calls)
 
 
 def test_saved_bytes_counts_what_the_forward_adds_and_every_case_runs(tmp_path):
