@@ -33,14 +33,24 @@ ROOT = os.path.dirname(HERE)
 
 _POOL, _CONV, _DENSE = "kernels/triton/pool.py", "kernels/triton/conv.py", "kernels/triton/dense.py"
 _RNN, _OPTIM = "kernels/triton/rnn.py", "kernels/triton/optim.py"
+_ACT = "kernels/triton/activation.py"
 _POOL_CU, _OPTIM_CU = "kernels/cuda/pool_math.cuh", "kernels/cuda/optim_math.cuh"
 _T_POOL, _T_CONV, _T_DENSE = ["tests/test_pool.py"], ["tests/test_conv.py", "tests/test_properties.py"], ["tests/test_dense.py"]
 _T_RNN, _T_OPTIM = ["tests/test_rnn.py"], ["tests/test_optim.py"]
+_T_ACT = ["tests/test_activation.py"]
 _T_POOL_CU = ["tests/test_pool.py", "-k", "host or cuda or math or fastdiv"]
 _T_OPTIM_CU = ["tests/test_optim.py", "-k", "host or cuda or math"]
 
 # (id, file, old text, new text, occurrence of old (0: the first), pytest arguments)
 MUTATIONS = [
+    # the activation kernel's torch expressions and math (stop 76)
+    ("act-sigmoid-stable", _ACT, "    return tl.div_rn(1.0, 1.0 + libdevice.exp(-x))\n",
+     "    e = libdevice.exp(-tl.abs(x))\n    return tl.where(x >= 0, tl.div_rn(1.0, 1.0 + e), tl.div_rn(e, 1.0 + e))\n", 0,
+     _T_ACT),
+    ("act-sigmoid-bwd-order", _ACT, "g = g * (1.0 - y) * y", "g = g * y * (1.0 - y)", 0, _T_ACT),
+    ("act-tanh-bwd-fma", _ACT, "g = g * tl.fma(-y, y, 1.0)", "g = g * (1.0 - y * y)", 0, _T_ACT),
+    ("act-tanh-tiny", _ACT, "tl.where(tl.abs(x) < 6.103515625e-05, x, libdevice.tanh(x))",
+     "tl.where(tl.abs(x) < 6.103515625e-05, 0.0 * x, libdevice.tanh(x))", 0, _T_ACT),
     ("pool-tie-ge", _POOL, "upd = (v > best) | (v != v)", "upd = (v >= best) | (v != v)", 0, _T_POOL),
     ("pool-nan-values", _POOL, "best = tl.where(nan != nan, nan, best)", "best = best", 0, _T_POOL),
     ("pool-nan-idx", _POOL, "upd = (v > best) | (v != v)", "upd = (v > best)", 0, _T_POOL),

@@ -75,7 +75,10 @@ def sigmoid_(a: np.ndarray) -> np.ndarray:
 
 @quiet  # inf * 0 where torch gives NaN without a warning
 def sigmoid_backward(grad_out: np.ndarray, out: np.ndarray) -> np.ndarray:
-    return grad_out * out * (1 - out)
+    """torch's sigmoid_backward ``a * (1 - b) * b``, in that order: its CPU float32 / float64
+    result bit for bit (16-bit tensors reach the reference widened to float32 and are rounded once
+    at the end, as torch's CUDA kernels round; its CPU float16 kernel rounds each product)."""
+    return grad_out * (1 - out) * out
 
 
 def tanh(x: np.ndarray) -> np.ndarray:
@@ -84,7 +87,17 @@ def tanh(x: np.ndarray) -> np.ndarray:
 
 @quiet  # inf * 0 where torch gives NaN without a warning
 def tanh_backward(grad_out: np.ndarray, out: np.ndarray) -> np.ndarray:
-    return grad_out * (1 - out * out)
+    """torch's tanh_backward ``a * (1 - b * b)`` as its builds compile it, ``1 - b * b`` one fma
+    (one rounding): for float32 and float16 outputs computed in float64, where b * b is exact, and
+    rounded once (torch's CPU result bit for bit); float64 in float64 (two roundings, where
+    torch's fma rounds once: within an ulp)."""
+    out = np.asarray(out)
+    if out.dtype.itemsize <= 4 and out.dtype.kind == "f":
+        wide = out.astype(np.float64)
+        one_minus = (1 - wide * wide).astype(out.dtype)
+    else:
+        one_minus = 1 - out * out
+    return grad_out * one_minus
 
 
 FORWARD = {"relu": relu, "sigmoid": sigmoid, "tanh": tanh}

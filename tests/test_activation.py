@@ -101,6 +101,63 @@ def test_nan_propagates(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", backend_params(BACKENDS))
+def test_sigmoid_and_tanh_gradients_are_torchs_expressions(backend, device, rng):
+    """sigmoid's gradient is torch's sigmoid_backward ``a * (1 - b) * b`` in that order, tanh's
+    ``a * (1 - b * b)`` with ``1 - b * b`` rounded once (the fma torch's CPU and CUDA builds make
+    of it): float32 gradients are torch's own backward of the same output and gradient bit for
+    bit (torch's CPU kernels here, its CUDA ones on a GPU). Before: ``a * b * (1 - b)`` (a third
+    of 100,000 elements an ulp off torch's) and two roundings of ``1 - b * b`` (two thirds)."""
+    backwards = {"sigmoid": torch.ops.aten.sigmoid_backward, "tanh": torch.ops.aten.tanh_backward}
+    for name, bw in backwards.items():
+        ours, _ = OPS[name]
+        x = (randn(rng, 30011) * 6).float().to(device).requires_grad_()
+        g = randn(rng, 30011).float().to(device)
+        with gpu_nn.backend(backend):
+            y = ours(x)
+            (gx,) = torch.autograd.grad(y, x, g)
+        want = bw(g, y.detach())
+        assert torch.equal(gx, want), (name, int((gx != want).sum()))
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("triton",)))
+def test_triton_sigmoid_and_tanh_are_torchs_expressions_and_math(backend, device):
+    """The Triton activation kernel computes torch's CUDA float32 sigmoid and tanh: sigmoid as
+    ``1 / (1 + exp(-x))`` with libdevice's expf and an IEEE division, so exactly 0 below x =
+    -88.72, where exp(-x) overflows, as torch's are on the CPU and on CUDA (the e / (1 + e) form
+    gave values down to 1.4e-45 there: fails before), and tanh as libdevice's tanhf, x itself
+    below 2^-14 (-0.0 kept); both within 3 float32 ulps of float64 (relative, normal results;
+    libdevice's expf and tanhf are within 2, the interpreter's NumPy within 1) and NaN / +-inf as
+    torch's. On a GPU, also torch's CUDA results bit for bit (the same libdevice functions,
+    the same expression): what the kernel was made to be, which only a GPU can show."""
+    nan, inf = float("nan"), float("inf")
+    special = [-88.73, -88.72, -88.7, -87.4, -104.0, -200.0, 17.5, 1e-30, -1e-40, 1.4e-45, 6.1e-5, -6.2e-5,
+               -0.0, 0.0, inf, -inf, nan]
+    x = torch.cat([torch.linspace(-100, 100, 20011), torch.tensor(special)])
+    x64 = x.double()
+    with gpu_nn.backend(backend):
+        got = {"sigmoid": F.sigmoid(x.to(device)).cpu(), "tanh": F.tanh(x.to(device)).cpu()}
+    truth = {"sigmoid": torch.sigmoid(x64), "tanh": torch.tanh(x64)}
+    tiny = torch.finfo(torch.float32).tiny
+    for name, y in got.items():
+        want = OPS[name][1](x)  # torch's own float32 result (its CPU kernels here)
+        assert torch.equal(torch.isnan(y), torch.isnan(want)), name
+        ok = ~torch.isnan(want)
+        # where torch's is exactly 0 or +-1 (overflow, saturation), ours is the same value
+        ends = ok & ((want == 0) | (want.abs() == 1))
+        assert torch.equal(y[ends], want[ends]), (name, x[ends][y[ends] != want[ends]])
+        normal = ok & (truth[name].abs() >= tiny)
+        rel = ((y[normal].double() - truth[name][normal]).abs() / truth[name][normal].abs()).max()
+        assert rel <= 3 * EPS32, (name, float(rel) / EPS32)
+        if str(device).startswith("cuda"):
+            torch_cuda = OPS[name][1](x.to(device)).cpu()
+            torch.testing.assert_close(y, torch_cuda, rtol=0, atol=0, equal_nan=True, msg=name)
+    assert (got["sigmoid"][x < -88.72] == 0).all() and (got["sigmoid"][x < -88.72] == 0).any()
+    small = x.abs() < 6.103515625e-05
+    assert torch.equal(got["tanh"][small], x[small]) and torch.signbit(got["tanh"][x == 0]).tolist() == \
+        torch.signbit(x[x == 0]).tolist()
+
+
+@pytest.mark.parametrize("backend,device", backend_params(BACKENDS))
 def test_tanh_near_zero_keeps_float32_precision(backend, device):
     """tanh of tiny, subnormal and signed-zero inputs as torch's (tanh(x) = x there, -0.0 kept),
     and within a few float32 ulps across the range, through F.tanh. The Triton form (1 - e) /

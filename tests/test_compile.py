@@ -871,6 +871,34 @@ def test_softmax_online_pass_takes_one_exp_per_element(tmp_path):
         assert r["ex2"] == (2 if r["log"] else 3) * per_thread, (r["label"], r["ex2"], per_thread)
 
 
+def test_activation_kernel_takes_torchs_math_library(tmp_path):
+    """The activation kernel's sigmoid and tanh (F.sigmoid / F.tanh, every dtype) compiled for
+    sm_90 call libdevice's __nv_expf / __nv_tanhf (TTIR), the functions CUDA's expf and tanhf
+    are (torch's CUDA kernels' std::exp / ::tanh), and divide IEEE (PTX div.rn): Triton's tl.exp
+    is ex2.approx of x * log2(e) rounded to float32 and its '/' the approximate div.full.f32,
+    which the kernel took before (16 div.full per thread in float32 sigmoid: fails before). The
+    fused epilogues keep them (registers): not checked here."""
+    code = (
+        "import json, re, triton\n"
+        "from triton.backends.compiler import GPUTarget\n"
+        "from gpu_nn.kernels.triton import activation as ka, _aot\n"
+        "rows = []\n"
+        "for s in ka.aot_specs():\n"
+        "    if s.kernel is ka._act_fwd_kernel and s.constexprs['ACT'] in (2, 3):\n"
+        "        c = triton.compile(_aot._source(s.kernel, s.signature, s.constexprs, s.divisible_by_16),\n"
+        "                           target=GPUTarget('cuda', 90, 32), options={'num_warps': s.num_warps})\n"
+        "        rows.append({'label': s.label, 'act': s.constexprs['ACT'], 'nv': sorted(set(re.findall(r'__nv_\\w+', c.asm['ttir']))),\n"
+        "                     'approx_div': _aot.approx_div_f32(c.asm['ptx']), 'div_rn': c.asm['ptx'].count('div.rn.f32')})\n"
+        "print(json.dumps(rows))\n"
+    )
+    rows = _uninterpreted_json(tmp_path, "act_libdevice.py", code, timeout=600)
+    assert len(rows) == 6, rows  # sigmoid, tanh x fp32, fp16, bf16
+    for r in rows:
+        assert r["nv"] == (["__nv_expf"] if r["act"] == 2 else ["__nv_tanhf"]), r
+        assert r["approx_div"] == 0, r
+        assert (r["div_rn"] > 0) == (r["act"] == 2), r
+
+
 def test_layout_copy_moves_128_bits_both_ways_through_shared_memory(tmp_path):
     """The via-channels_last copies (conv.py ``_layout_copy_kernel``) as a 28x28 plane launches
     them (every int a multiple of 16; the unit strides constants): 128-bit loads along the

@@ -35,6 +35,9 @@ configuration compiles for sm_90 under both 3.6 and 3.9).
   (:func:`_install_interpreter_launch_lock`: one process-wide lock around
   ``GridExecutor.__call__``); a launch's own programs are untouched (tests/helpers.py
   ``concurrent_programs`` still runs them all at once).
+* Every version (3.6 to 3.9): the interpreter runs ``triton.language.extra.libdevice``'s stubs,
+  which return None; :func:`apply` computes the few functions the kernels call with NumPy
+  (:func:`_install_interpreter_libdevice`).
 * Every version (3.6 to 3.9): the interpreter patches ``triton.language`` (every builtin of
   ``tl``, ``tl.tensor``, ``tl.math``: ``inspect.getmembers`` of each, sorted) at every launch,
   and again at every call of a ``@triton.jit`` helper inside a kernel, though the launch's
@@ -148,6 +151,44 @@ def _install_interpreter_fma_fix() -> None:
 
     interpreter.InterpreterBuilder.create_fma = create_fma
     installed.add("fma")
+
+
+# -- libdevice in the interpreter --------------------------------------------------------------
+
+# the libdevice functions gpu-nn's kernels call (``triton.language.extra.libdevice``), as the
+# interpreter computes them: in float64, rounded once to the argument's dtype (libdevice's own
+# float32 functions are within 1-2 ulps of that)
+INTERPRETED_LIBDEVICE = {"exp": np.exp, "tanh": np.tanh}
+
+
+def _interpreted_libdevice(np_fn):
+    def fn(arg0, _semantic=None, **_):
+        from triton.language import core
+        from triton.runtime import interpreter
+
+        handle = arg0.handle
+        data = np.asarray(handle.data)
+        with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+            out = np_fn(data.astype(np.float64)).astype(data.dtype)
+        return core.tensor(interpreter.TensorHandle(out, handle.dtype.scalar), arg0.type)
+
+    fn.__name__ = np_fn.__name__
+    return fn
+
+
+def _install_interpreter_libdevice() -> None:
+    """Every version (3.6 to 3.9): ``triton.language.extra.libdevice``'s functions are stubs
+    that Triton's code generator maps to the backend's (CUDA's ``__nv_expf``...); the
+    interpreter runs the stubs themselves, which return None, so a kernel that calls libdevice
+    (the activation kernel's exp and tanh, as torch's CUDA kernels compute them) could not run on
+    a CPU machine. The functions of :data:`INTERPRETED_LIBDEVICE` are computed by NumPy on the
+    interpreter's tensors; the code generator never reads these attributes (it maps the module
+    by name to the backend's), so compiled kernels are untouched."""
+    from triton.language.extra import libdevice
+
+    for name, np_fn in INTERPRETED_LIBDEVICE.items():
+        setattr(libdevice, name, _interpreted_libdevice(np_fn))
+    installed.add("libdevice")
 
 
 # -- bfloat16 in the interpreter ---------------------------------------------------------------
@@ -563,6 +604,7 @@ def apply(interpret: bool) -> None:
         _install_interpreter_patch_once()
         _install_interpreter_no_dead_overflow_checks()
         _install_interpreter_type_memo()
+        _install_interpreter_libdevice()
         if not _bf16_probe():
             _install_interpreter_bf16_fix()
         _bf16_exact = _bf16_probe()

@@ -4,10 +4,23 @@ Elementwise over a flattened contiguous tensor of ``n`` elements; computed in fl
 stored in the tensor's dtype. ``ACT`` selects the function at compile time
 (0 = identity, 1 = relu, 2 = sigmoid, 3 = tanh); the ``_apply_act`` / ``_act_grad`` helpers
 are shared with the fused epilogues of conv and linear.
+
+The activation kernel (``F.sigmoid`` / ``F.tanh``, ``nn.Sigmoid`` / ``nn.Tanh``) computes in
+float32 what torch's CUDA kernels compute, by their expressions and their math library: sigmoid
+``1 / (1 + exp(-x))`` with libdevice's ``__nv_expf`` (which CUDA's ``expf``, torch's
+``std::exp(float)``, is) and an IEEE division (``tl.div_rn``), tanh libdevice's ``__nv_tanhf``
+(torch's ``::tanh``); the gradients (here and in the fused epilogues' backward) torch's
+``a * (1 - b) * b`` and ``a * fma(-b, b, 1)``, as its builds compile ``a * (1 - b * b)``.
+Triton's own ``tl.exp`` is ``ex2.approx`` of ``x * log2(e)`` rounded to float32 (an error
+growing with |x|: up to about 60 float32 ulps of a sigmoid near x = -80 from that rounding
+alone, ex2 taken exact; 16 in the median over [-87, -70]) and its ``/`` PTX's
+approximate ``div.full.f32`` (2 ulps). The fused epilogues and the recurrent cells keep the
+``tl.exp`` forms (``_apply_act``, ``_tanh_quot``): their registers are counted.
 """
 
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from ._aot import AotSpec
 from ._launch import cdiv
@@ -37,26 +50,31 @@ def _tanh_quot(x):
     |x|, a few float32 ulps from |x| = 0.25 up, about 1e-8 absolute below, where 1 - e cancels
     (the relative error grows as |x| shrinks: 1.3 % at 1e-6, and tanh(-0.0) is +0.0). What the
     fused epilogues (conv, linear: one compiled form carries every activation there) and the
-    recurrent kernels compute: :func:`_tanh`'s exact small-|x| branch costs them registers they do
-    not have (Triton 3.6, sm_90: a float16 conv tile from 0 to 72-80 B of spills, a TF32 matmul
-    tile from 0 to 56 B, whatever activation the launch asks for; the LSTM's persistent forward 8
-    B). F.tanh / nn.Tanh (:func:`_tanh`) are exact there."""
+    recurrent kernels compute: an exact small-|x| branch (a Taylor series, which the activation
+    kernel had before it took libdevice's tanhf) cost them registers they do not have (Triton
+    3.6, sm_90: a float16 conv tile from 0 to 72-80 B of spills, a TF32 matmul tile from 0 to 56
+    B, whatever activation the launch asks for; the LSTM's persistent forward 8 B). F.tanh /
+    nn.Tanh (:func:`_tanh_torch`) are exact there."""
     e = tl.exp(-2.0 * tl.abs(x))
     t = (1.0 - e) / (1.0 + e)
     return tl.where(x >= 0, t, -t)
 
 
 @triton.jit
-def _tanh(x):
-    """tanh of a float32 tile, to a few float32 ulps at every |x|: sign(x) (1 - e) / (1 + e)
-    with e = exp(-2|x|) (no overflow for large |x|) from |x| = 0.25 up, below it the odd Taylor
-    series to x^9 (truncation under 1e-8 relative there), where 1 - e cancels: the quotient alone
-    was 1.3 % off at 1e-6 and 0 at 1e-8 (a user audit). The series keeps x's sign, so tanh(-0.0)
-    is -0.0 as torch's; NaN takes the quotient and stays NaN. The activation kernel's (F.tanh,
-    nn.Tanh); the fused epilogues and the recurrent kernels keep :func:`_tanh_quot`."""
-    x2 = x * x
-    series = x * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0 + x2 * (62.0 / 2835.0)))))
-    return tl.where(tl.abs(x) < 0.25, series, _tanh_quot(x))
+def _sigmoid_torch(x):
+    """torch's CUDA sigmoid of a float32 tile: ``1 / (1 + exp(-x))`` with CUDA's expf (libdevice)
+    and an IEEE division, so 0 below x = -88.72, where exp(-x) overflows, as torch's (the
+    reference and the fused forms keep e / (1 + e) there: tiny results)."""
+    return tl.div_rn(1.0, 1.0 + libdevice.exp(-x))
+
+
+@triton.jit
+def _tanh_torch(x):
+    """torch's CUDA tanh of a float32 tile: libdevice's tanhf. Below |x| = 2^-14, x itself,
+    which tanhf returns there (x^3 / 3 is under half an ulp of x): Triton compiles libdevice in
+    flush-to-zero mode (``enable_reflect_ftz``), which would return 0 for a subnormal x where
+    torch's (nvcc's default, no flush) returns x; -0.0 keeps its sign, NaN stays NaN."""
+    return tl.where(tl.abs(x) < 6.103515625e-05, x, libdevice.tanh(x))
 
 
 @triton.jit
@@ -94,9 +112,11 @@ def _act_grad(g, y, ACT: tl.constexpr):
         # torch's threshold_backward: 0 where y <= 0, else g; a NaN output (NaN input) passes g
         g = tl.where(y <= 0, 0.0, g)
     elif ACT == 2:
-        g = g * y * (1.0 - y)
+        g = g * (1.0 - y) * y  # torch's sigmoid_backward: a * (1 - b) * b, in that order
     elif ACT == 3:
-        g = g * (1.0 - y * y)
+        # torch's tanh_backward a * (1 - b * b), whose 1 - b * b its CPU and CUDA builds compile to
+        # one fma: fused here too, whatever Triton's contraction (the interpreter's is exact)
+        g = g * tl.fma(-y, y, 1.0)
     return g
 
 
@@ -106,8 +126,10 @@ def _act_fwd_kernel(x_ptr, y_ptr, n, ACT: tl.constexpr, BLOCK: tl.constexpr):
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if ACT == 3:
-        y = _tanh(x)  # exact to a few ulps at every |x| (the epilogues' _tanh_quot is not below 0.25)
+    if ACT == 2:
+        y = _sigmoid_torch(x)
+    elif ACT == 3:
+        y = _tanh_torch(x)
     else:
         y = _apply_act(x, ACT)
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
