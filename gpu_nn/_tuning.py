@@ -15,7 +15,11 @@ asked for (``torch.use_deterministic_algorithms(True)`` or ``torch.backends.cudn
 without ``torch.backends.cudnn.benchmark`` (see :func:`applies`), and while a CUDA graph is
 being captured (a timed launch would synchronise the host; a choice already made is still used
 during capture).
-``GPU_NN_TUNE_CACHE`` names the cache file (default ``~/.cache/gpu_nn/tuning.json``).
+``GPU_NN_TUNE_CACHE`` names the cache file (default ``~/.cache/gpu_nn/tuning.json``; it keeps
+the newest :data:`DISK_MAX_KEYS` entries per device). An op measures at most
+``GPU_NN_TUNE_MAX_SHAPES`` (default :data:`MAX_SHAPES`) problems per process: a model fed ever new
+sizes (variable sequence lengths or image sizes) then runs the heuristic for new ones, with one
+warning, rather than measuring every candidate at every size (``0`` removes the bound).
 
 ``GPU_NN_TUNE_RECORD=path`` keeps every timing this process measures: one JSON object per line
 (``{"device_key", "op", "key", "config", "ms", "chosen"}``; ``ms`` is null and ``error`` says why
@@ -46,11 +50,21 @@ from .kernels import env_switch, replace_file
 ENV = "GPU_NN_TUNE"
 CACHE_ENV = "GPU_NN_TUNE_CACHE"
 RECORD_ENV = "GPU_NN_TUNE_RECORD"
+MAX_SHAPES_ENV = "GPU_NN_TUNE_MAX_SHAPES"
 REPS = 5
+# problems measured per op and process before new ones take the heuristic (a model fed inputs of
+# ever new sizes -- variable sequence lengths, image sizes, token counts -- would otherwise pay
+# a measurement of every candidate, host synchronisations included, at every new size, where
+# torch's heuristics pay nothing; torch measures every new size only under cudnn.benchmark)
+MAX_SHAPES = 64
+# entries kept per device in the cache file, oldest dropped first (each new entry rewrites it)
+DISK_MAX_KEYS = 8192
 
 _lock = threading.Lock()
 _memory: dict[tuple, object] = {}
 _disk: dict[str, dict] | None = None
+_measured: dict[tuple, int] = {}  # (device key, op) -> problems measured in this process
+_capped: set = set()  # (device key, op) already warned about
 
 
 _ENV_DATA = getattr(os.environ, "_data", None)
@@ -102,6 +116,39 @@ def enabled(device: torch.device) -> bool:
     if not applies(device):
         return False
     return not torch.cuda.is_current_stream_capturing()
+
+
+def max_shapes() -> int:
+    """GPU_NN_TUNE_MAX_SHAPES: problems measured per op and process (default :data:`MAX_SHAPES`;
+    0: no bound). Read on a miss only (the hot path never reaches it); anything but a
+    non-negative integer raises ValueError naming the variable."""
+    raw = os.environ.get(MAX_SHAPES_ENV)
+    if raw is None or not raw.strip():
+        return MAX_SHAPES
+    try:
+        n = int(raw.strip())
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise ValueError(f"{MAX_SHAPES_ENV} must be a non-negative integer (0: no bound) or unset, got {raw!r}")
+    return n
+
+
+def _room(dev_key: str, op: str) -> bool:
+    """Whether ``op`` may measure one more problem in this process (:func:`max_shapes`); the
+    first refusal per op warns, naming the variable."""
+    cap = max_shapes()
+    if cap == 0 or _measured.get((dev_key, op), 0) < cap:
+        return True
+    if (dev_key, op) not in _capped:
+        _capped.add((dev_key, op))
+        import warnings
+
+        warnings.warn(f"gpu_nn: {op} has measured its configurations for {cap} problem sizes in this process; "
+                      f"new sizes take the heuristic configuration from here on (choices already made are kept; "
+                      f"{MAX_SHAPES_ENV}=N sets the bound, 0 removes it, GPU_NN_TUNE=0 measures nothing)",
+                      RuntimeWarning, stacklevel=4)
+    return False
 
 
 def cache_path() -> str:
@@ -222,7 +269,11 @@ def _save_disk(dev_key: str, key: str, config) -> None:
                 data = None
             if not isinstance(data, dict):
                 data = {}
-            _section(data, dev_key)[key] = list(config)
+            section = _section(data, dev_key)
+            section.pop(key, None)  # (re-inserted last: the newest)
+            section[key] = list(config)
+            for old in list(section)[:max(0, len(section) - DISK_MAX_KEYS)]:  # oldest first (JSON keeps the order)
+                del section[old]
             replace_file(path, json.dumps(data, indent=0).encode())
     except OSError:  # a read-only home: the choice still lives in memory
         pass
@@ -390,6 +441,11 @@ def choose(op: str, key: tuple, candidates: Sequence[tuple], run: Callable[[tupl
                 hit = _memory[mkey] = tuple(stored)
     if hit is not None:
         return hit
+    if not recording:  # (a recording run measures every problem it meets: its rows are the point)
+        with _lock:
+            if not _room(dev_key, op):
+                return default
+            _measured[(dev_key, op)] = _measured.get((dev_key, op), 0) + 1
     if prepare is not None:
         try:
             prepare(candidates)
@@ -423,8 +479,11 @@ def choose(op: str, key: tuple, candidates: Sequence[tuple], run: Callable[[tupl
 
 
 def clear() -> None:
-    """Forget every choice held in memory; the disk cache is read again on the next miss."""
+    """Forget every choice held in memory and the per-op counts of measured problems; the disk
+    cache is read again on the next miss."""
     global _disk
     with _lock:
         _memory.clear()
         _disk = None
+        _measured.clear()
+        _capped.clear()

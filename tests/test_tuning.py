@@ -130,6 +130,60 @@ def test_deterministic_algorithms_take_the_heuristic_unless_cudnn_benchmarks(cac
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = was_deterministic, was_benchmark
 
 
+def test_measured_problems_per_op_are_bounded(cache, monkeypatch):
+    """GPU_NN_TUNE_MAX_SHAPES=3: an op measures its first three problems; a fourth and fifth new
+    one take the default without a timed launch, with one RuntimeWarning naming the variable;
+    a measured problem keeps its choice; another op has its own count; a recording run measures
+    everything; 0 removes the bound; clear() starts the count again; a bad value is refused."""
+    import warnings
+
+    costs = {(1,): 2.0, (2,): 1.0}
+    calls = []
+    monkeypatch.setenv(_tuning.MAX_SHAPES_ENV, "3")
+
+    def pick(op, key):
+        return _tuning.choose(op, (key,), list(costs), calls.append, (1,), torch.device("cpu"),
+                              _fake(costs, calls), force=True)
+
+    assert [pick("a", k) for k in range(3)] == [(2,)] * 3 and len(calls) == 6
+    calls.clear()
+    with pytest.warns(RuntimeWarning, match="GPU_NN_TUNE_MAX_SHAPES"):
+        assert pick("a", 3) == (1,)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once per op
+        assert pick("a", 4) == (1,) and pick("a", 0) == (2,)
+    assert calls == []
+    assert pick("b", 0) == (2,) and len(calls) == 2
+    calls.clear()
+    monkeypatch.setenv(_tuning.RECORD_ENV, str(cache.parent / "rec.jsonl"))
+    assert pick("a", 5) == (2,) and len(calls) == 2
+    monkeypatch.delenv(_tuning.RECORD_ENV)
+    calls.clear()
+    monkeypatch.setenv(_tuning.MAX_SHAPES_ENV, "0")
+    assert pick("a", 6) == (2,) and len(calls) == 2
+    monkeypatch.setenv(_tuning.MAX_SHAPES_ENV, "3")
+    _tuning.clear()
+    cache.unlink()
+    calls.clear()
+    assert pick("a", 7) == (2,) and len(calls) == 2
+    monkeypatch.setenv(_tuning.MAX_SHAPES_ENV, "many")
+    with pytest.raises(ValueError, match="GPU_NN_TUNE_MAX_SHAPES"):
+        pick("a", 8)
+
+
+def test_cache_file_keeps_the_newest_entries(cache, monkeypatch):
+    """The cache file holds at most DISK_MAX_KEYS entries per device, the newest: an op fed ever
+    new sizes no longer grows it (and the rewrite each new entry costs) without bound."""
+    monkeypatch.setattr(_tuning, "DISK_MAX_KEYS", 3)
+    costs = {(1,): 2.0, (2,): 1.0}
+    calls = []
+    for k in range(5):
+        _tuning.choose("op", (k,), list(costs), calls.append, (1,), torch.device("cpu"), _fake(costs, calls),
+                       force=True)
+    section = json.loads(cache.read_text())["test"]
+    assert list(section) == [_tuning._encode(("op", k)) for k in (2, 3, 4)]
+
+
 def test_stale_cache_entry_not_among_candidates_is_ignored(cache):
     cache.write_text(json.dumps({"test": {_tuning._encode(("op", "k")): [99]}}))
     calls = []
