@@ -398,6 +398,23 @@ def test_results_record_and_render(tmp_path):
     assert "| activation | relu fwd | N=32 | cupy | 1.30x † | - | `89abcde` |" in text
     assert "† one side's calls could not be queued" in text
     assert "| activation | tanh fwd | N=32 | triton | 0.50x | - | `abcdef1` |" in text and "1.50x" not in text
+    # a run on another GPU (an H100): its table alone, no case filled in from the H200's runs,
+    # which are named
+    h100 = tmp_path / "gpu-run-h100"
+    (h100 / "bench").mkdir(parents=True)
+    (h100 / "machine.txt").write_text((third / "machine.txt").read_text().replace("2026-12-05T11", "2026-12-06T11")
+                                      .replace("89abcde123456", "fedcba9876543").replace("NVIDIA H200", "NVIDIA H100 80GB HBM3"))
+    (h100 / "bench" / "bench.json").write_text(json.dumps({
+        "environment": {"device": "NVIDIA H100 80GB HBM3"}, "timing": {"gpu": "queued"},
+        "results": [{"family": "activation", "name": "relu fwd", "shape": "N=32", "ratio": {"triton": 0.9},
+                     "errors": {}, "baseline": "torch"}]}))
+    results.record(str(h100), str(into))
+    results.render(str(into), str(readme))
+    text = readme.read_text()
+    assert "Latest recorded GPU run: **NVIDIA H100 80GB HBM3**" in text
+    assert "| activation | relu fwd | N=32 | triton | 0.90x |" in text and "tanh fwd" not in text
+    assert ("The table below holds runs on the NVIDIA H100 80GB HBM3 only; bench tables of NVIDIA H200 (2 runs) "
+            "are in `benchmarks/results/`.") in text
 
 
 def test_results_render_refuses_a_folder_without_runs(tmp_path):
