@@ -16,7 +16,8 @@ without ``torch.backends.cudnn.benchmark`` (see :func:`applies`), and while a CU
 being captured (a timed launch would synchronise the host; a choice already made is still used
 during capture).
 ``GPU_NN_TUNE_CACHE`` names the cache file (default ``~/.cache/gpu_nn/tuning.json``; it keeps
-the newest :data:`DISK_MAX_KEYS` entries per device). An op measures at most
+the newest :data:`DISK_MAX_KEYS` entries per device section and the :data:`DISK_MAX_SECTIONS`
+sections written last). An op measures at most
 ``GPU_NN_TUNE_MAX_SHAPES`` (default :data:`MAX_SHAPES`) problems per process: a model fed ever new
 sizes (variable sequence lengths or image sizes) then runs the heuristic for new ones, with one
 warning, rather than measuring every candidate at every size (``0`` removes the bound).
@@ -57,14 +58,21 @@ REPS = 5
 # a measurement of every candidate, host synchronisations included, at every new size, where
 # torch's heuristics pay nothing; torch measures every new size only under cudnn.benchmark)
 MAX_SHAPES = 64
-# entries kept per device in the cache file, oldest dropped first (each new entry rewrites it)
+# entries kept per device in the cache file, oldest dropped first (each new entry rewrites it),
+# and device sections kept (a section is per GPU, versions and kernel sources: every edit of a
+# kernel starts a new one), the least recently written dropped first
 DISK_MAX_KEYS = 8192
+DISK_MAX_SECTIONS = 8
+# problems that took the default (past the bound, or every candidate failed), remembered so that
+# their next calls return at once instead of measuring or asking again (cleared when full)
+_FALLBACK_MAX = 4096
 
 _lock = threading.Lock()
 _memory: dict[tuple, object] = {}
 _disk: dict[str, dict] | None = None
-_measured: dict[tuple, int] = {}  # (device key, op) -> problems measured in this process
+_measured: dict[tuple, set] = {}  # (device key, op) -> the problems measured in this process
 _capped: set = set()  # (device key, op) already warned about
+_fallback: set = set()  # (device key, op, key) that took the default in this process
 
 
 _ENV_DATA = getattr(os.environ, "_data", None)
@@ -138,7 +146,7 @@ def _room(dev_key: str, op: str) -> bool:
     """Whether ``op`` may measure one more problem in this process (:func:`max_shapes`); the
     first refusal per op warns, naming the variable."""
     cap = max_shapes()
-    if cap == 0 or _measured.get((dev_key, op), 0) < cap:
+    if cap == 0 or len(_measured.get((dev_key, op), ())) < cap:
         return True
     if (dev_key, op) not in _capped:
         _capped.add((dev_key, op))
@@ -270,10 +278,13 @@ def _save_disk(dev_key: str, key: str, config) -> None:
             if not isinstance(data, dict):
                 data = {}
             section = _section(data, dev_key)
+            data[dev_key] = data.pop(dev_key)  # (the most recently written section last)
             section.pop(key, None)  # (re-inserted last: the newest)
             section[key] = list(config)
             for old in list(section)[:max(0, len(section) - DISK_MAX_KEYS)]:  # oldest first (JSON keeps the order)
                 del section[old]
+            for old in list(data)[:max(0, len(data) - DISK_MAX_SECTIONS)]:
+                del data[old]
             replace_file(path, json.dumps(data, indent=0).encode())
     except OSError:  # a read-only home: the choice still lives in memory
         pass
@@ -412,7 +423,8 @@ def choose(op: str, key: tuple, candidates: Sequence[tuple], run: Callable[[tupl
 
     Returns ``default`` untouched where tuning does not apply. ``timer`` and ``force`` exist for
     tests (a fake clock, measuring without a GPU). A candidate that fails to launch (too much
-    shared memory, say) is skipped; if all fail, ``default`` is returned. ``prepare(candidates)``,
+    shared memory, say) is skipped; if all fail, ``default`` is returned (and, for this key, from
+    then on in this process, without measuring again). ``prepare(candidates)``,
     when given, is called once before a measurement (never on a cached key): a launcher compiles
     all its candidates there at once (in parallel) instead of one by one in their warm-up
     launches; whatever it raises is ignored (the warm-up launches compile what it did not).
@@ -426,6 +438,8 @@ def choose(op: str, key: tuple, candidates: Sequence[tuple], run: Callable[[tupl
     hit = _memory.get(mkey)  # the hot path: one dictionary lookup, and the hit among this call's
     if hit is not None and hit in candidates:  # candidates (a key that missed a fact which
         return hit  # changes them must not serve a form this call does not offer: measure again)
+    if mkey in _fallback:
+        return default
     if not force and torch.cuda.is_current_stream_capturing():
         return default  # measuring would synchronise the host inside the capture
     recording = bool(os.environ.get(RECORD_ENV))
@@ -444,8 +458,9 @@ def choose(op: str, key: tuple, candidates: Sequence[tuple], run: Callable[[tupl
     if not recording:  # (a recording run measures every problem it meets: its rows are the point)
         with _lock:
             if not _room(dev_key, op):
+                _fall_back(mkey)
                 return default
-            _measured[(dev_key, op)] = _measured.get((dev_key, op), 0) + 1
+            _measured.setdefault((dev_key, op), set()).add(ekey)
     if prepare is not None:
         try:
             prepare(candidates)
@@ -470,12 +485,21 @@ def choose(op: str, key: tuple, candidates: Sequence[tuple], run: Callable[[tupl
     if recording:
         _record(rows)
     if best is None:
+        with _lock:
+            _fall_back(mkey)
         return default
     with _lock:
         _memory[mkey] = best
         _section(_load_disk(), dev_key)[ekey] = list(best)
     _save_disk(dev_key, ekey, best)
     return best
+
+
+def _fall_back(mkey) -> None:
+    """Remember that ``mkey`` takes the default in this process (under ``_lock``)."""
+    if len(_fallback) >= _FALLBACK_MAX:
+        _fallback.clear()
+    _fallback.add(mkey)
 
 
 def clear() -> None:
@@ -487,3 +511,4 @@ def clear() -> None:
         _disk = None
         _measured.clear()
         _capped.clear()
+        _fallback.clear()

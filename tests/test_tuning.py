@@ -66,10 +66,15 @@ def test_failing_candidates_are_skipped_and_all_failing_gives_the_default(cache)
     assert _tuning.choose("op", ("k",), [(1,), (2,)], run, (9,), torch.device("cpu"), lambda fn: (fn(), 1.0)[1],
                           force=True) == (2,)
 
+    tried = []
+
     def bad(cfg):
+        tried.append(cfg)
         raise RuntimeError("no")
-    assert _tuning.choose("op", ("k2",), [(1,), (2,)], bad, (9,), torch.device("cpu"), lambda fn: (fn(), 1.0)[1],
-                          force=True) == (9,)
+    for _ in range(3):  # measured once: the key takes the default from then on
+        assert _tuning.choose("op", ("k2",), [(1,), (2,)], bad, (9,), torch.device("cpu"),
+                              lambda fn: (fn(), 1.0)[1], force=True) == (9,)
+    assert tried == [(1,), (2,)]
 
 
 def _never(timed):
@@ -171,6 +176,23 @@ def test_measured_problems_per_op_are_bounded(cache, monkeypatch):
         pick("a", 8)
 
 
+def test_a_problem_whose_candidates_all_fail_counts_once_against_the_bound(cache, monkeypatch):
+    """A problem whose every candidate fails is one measured problem, however often it is met
+    (it was counted at each call, and three calls of it used up a bound of 3: the review of the
+    bound)."""
+    monkeypatch.setenv(_tuning.MAX_SHAPES_ENV, "2")
+    costs = {(1,): 2.0, (2,): 1.0}
+    calls = []
+
+    def bad(cfg):
+        raise RuntimeError("no")
+    for _ in range(3):
+        assert _tuning.choose("op", ("bad",), list(costs), bad, (1,), torch.device("cpu"), lambda fn: fn(),
+                              force=True) == (1,)
+    assert _tuning.choose("op", ("good",), list(costs), calls.append, (1,), torch.device("cpu"), _fake(costs, calls),
+                          force=True) == (2,)
+
+
 def test_cache_file_keeps_the_newest_entries(cache, monkeypatch):
     """The cache file holds at most DISK_MAX_KEYS entries per device, the newest: an op fed ever
     new sizes no longer grows it (and the rewrite each new entry costs) without bound."""
@@ -182,6 +204,13 @@ def test_cache_file_keeps_the_newest_entries(cache, monkeypatch):
                        force=True)
     section = json.loads(cache.read_text())["test"]
     assert list(section) == [_tuning._encode(("op", k)) for k in (2, 3, 4)]
+    # sections (one per GPU, versions and kernel sources): the ones written last are kept
+    monkeypatch.setattr(_tuning, "DISK_MAX_SECTIONS", 2)
+    for dev in ("old", "mid", "new"):
+        _tuning._save_disk(dev, "k", (1,))
+    assert list(json.loads(cache.read_text())) == ["mid", "new"]
+    _tuning._save_disk("mid", "k2", (2,))
+    assert list(json.loads(cache.read_text())) == ["new", "mid"]
 
 
 def test_stale_cache_entry_not_among_candidates_is_ignored(cache):
