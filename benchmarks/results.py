@@ -276,7 +276,8 @@ def markdown(runs: list[dict], others: list[str] = ()) -> str:
     table = tables[-1]
     if table is not last:
         lines.append(f"The latest run's bench step left no table: the table below is the run of "
-                     f"{table['date'][:10]}, commit `{table['commit'][:7]}`.  ")
+                     f"{table['date'][:10]}, commit `{table['commit'][:7]}`"
+                     + (f", on the {table.get('gpu')}" if table.get("gpu") != last.get("gpu") else "") + ".  ")
     # ratios of one GPU only: an H100 (about 3.0 TB/s copied, the device tool's default draw) and
     # an H200 (about 4.3) give torch and ours other times, so a case is never filled in from another
     # GPU's run

@@ -137,10 +137,7 @@ def reference(a) -> dict:
 
 def compile_ptx(a) -> tuple[str, int]:
     """The PTX of the resident form as the launch specialises it, and its KP."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-
-    from gpu_nn.kernels.triton._aot import _source
+    from gpu_nn.kernels.triton._aot import _source, compile_with_ir
 
     kt = _kernels(a.source)
     kp = max(16, 1 << (a.H - 1).bit_length())
@@ -159,8 +156,7 @@ def compile_ptx(a) -> tuple[str, int]:
             div.append(name)
     spec = dataclasses.replace(spec, signature=sig, constexprs=cons, divisible_by_16=tuple(div))
     src = _source(spec.kernel, spec.signature, spec.constexprs, spec.divisible_by_16)
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+    compiled = compile_with_ir(src, {"num_warps": spec.num_warps, "num_stages": spec.num_stages})
     return compiled.asm["ptx"], kp
 
 

@@ -60,7 +60,9 @@ reserve_pack() {
 }
 pack_cache() {
     [ -n "${GPU_NN_PACK_CACHE:-}" ] || return 0
-    timeout -k 5 "$PACK_S" "$PY" -m gpu_nn.benchmarks.triton_cache pack "$GPU_NN_PACK_CACHE" > "$OUTDIR/cache-pack.log" 2>&1
+    # within PACK_S, the kill's grace included; entries stop 15 s before it (imports, the flush)
+    timeout -k 5 "$(( PACK_S - 5 ))" "$PY" -m gpu_nn.benchmarks.triton_cache pack "$GPU_NN_PACK_CACHE" \
+        --max-s "$(( PACK_S - 15 ))" > "$OUTDIR/cache-pack.log" 2>&1
     echo "  cache: rc=$? $(tail -n 1 "$OUTDIR/cache-pack.log")" | tee -a "$SUMMARY"
 }
 

@@ -23,9 +23,10 @@ behind and the next carry them in::
 ``.json``, its ``.cubin`` and its group file (child paths relative), the compiled launcher
 modules (``.so``: Triton builds one per kernel signature with the host's C compiler), and the
 CUDA C modules of ``kernels/cuda`` (``GPU_NN_CUDA_CACHE``); the IR files (ttir, ttgir, llir, ptx,
-source) stay behind, an eighth of the bytes. Newest first, until the archive reaches
-``--max-mib`` (one file the device tool returns: 16 MiB at most); what did not fit is counted in
-its ``STAMP.json``, with the Triton version, a digest of ``triton_key()`` (Triton's sources and
+source) stay behind, an eighth of the bytes. Most recently used or written first (a file's later
+of mtime and atime: unpacked files keep the times they were packed with, and a cache hit reads
+the cubin), until the archive reaches ``--max-mib`` (one file the device tool returns: 16 MiB at
+most) or ``--max-s`` seconds have gone; what did not fit is counted in its ``STAMP.json``, with the Triton version, a digest of ``triton_key()`` (Triton's sources and
 its ``libtriton`` build, the first part of every kernel's cache key) and of the ptxas that
 compiles for sm_90 (the second part). ``unpack`` writes the entries into this process's caches
 (Triton's ``knobs.cache.dir``, absolute child paths in the group files as Triton writes them) only
@@ -58,12 +59,14 @@ def cache_dir() -> str:
 def summary(path: str) -> dict:
     """``{"dir", "variants", "kernels": {name: count}}``: one variant per cache folder holding a
     ``.cubin`` (a folder without one is a group file or an unfinished compile), largest first.
-    Where :func:`unpack` wrote into the cache, also ``carried`` and ``compiled_here``: the
-    variants written before its marker and those compiled after it (by the run that followed)."""
+    Where :func:`unpack` wrote into the cache, also ``carried`` (the variants in the folders it
+    wrote) and ``compiled_here`` (those written after it: unpacked files keep the times they were
+    packed with)."""
     counts: collections.Counter = collections.Counter()
     mark = carried(path)
     since = mark.get("at") if isinstance(mark, dict) else None
-    newer = 0
+    folders = set(mark.get("folders") or ()) if isinstance(mark, dict) else set()
+    carried_n = newer = 0
     if os.path.isdir(path):
         for entry in os.scandir(path):
             if not entry.is_dir():
@@ -71,11 +74,13 @@ def summary(path: str) -> dict:
             for f in os.listdir(entry.path):
                 if f.endswith(".cubin"):
                     counts[f[:-len(".cubin")]] += 1
-                    if since is not None and os.path.getmtime(os.path.join(entry.path, f)) > since:
+                    if entry.name in folders:
+                        carried_n += 1
+                    elif since is not None and os.path.getmtime(os.path.join(entry.path, f)) > since:
                         newer += 1
     out = {"dir": path, "variants": sum(counts.values()), "kernels": dict(counts.most_common())}
     if since is not None:
-        out.update(carried=out["variants"] - newer, compiled_here=newer)
+        out.update(carried=carried_n, compiled_here=newer)
     return out
 
 
@@ -94,8 +99,6 @@ MARKER = ".gpu_nn_unpacked.json"  # in the Triton cache once unpack wrote there:
 DEFAULT_ARCHIVE = os.path.join(".gpu_cache", "triton-cache.tar.xz")
 MAX_MIB = 15.0
 PRESET = 1  # xz: cubins shrink 6-7x at presets 0-1 (9x at 6, four to eight times slower)
-# what a kernel entry carries: the cache hit reads the metadata and the binary alone
-KERNEL_EXTS = (".json", ".cubin")
 
 
 def stamp() -> dict:
@@ -127,49 +130,68 @@ def cuda_cache_dir() -> str:
     return os.environ.get("GPU_NN_CUDA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "gpu_nn", "cuda")
 
 
+def _recency(path: str) -> float:
+    """When ``path`` was last written or read (the later of its mtime and atime: a Triton cache
+    hit reads the cubin, and :func:`unpack` gives a file the times it was packed with, so where
+    the file system keeps access times a carried entry this run used counts as this run's)."""
+    st = os.stat(path)
+    return max(st.st_mtime, st.st_atime)
+
+
 def _entries(path: str) -> list:
-    """``(mtime, kind, folder, {name: file path})`` of every usable entry of the Triton cache at
-    ``path``: a kernel (its group file names a metadata json and a cubin that exist) or compiled
-    launcher / helper modules (a folder of ``.so`` files)."""
+    """``(recency, kind, folder, {name: file path}, group file or None)`` of every usable entry of
+    the Triton cache at ``path``: a kernel (its group file names a metadata json and a cubin that
+    exist) or compiled launcher / helper modules (a folder of ``.so`` files). Anything else (a
+    group file of another form, unreadable, a partial entry) is left out."""
     out = []
     if not os.path.isdir(path):
         return out
     for entry in os.scandir(path):
         if not entry.is_dir():
             continue
-        names = set(os.listdir(entry.path))
-        groups = sorted(n for n in names if n.startswith("__grp__") and n.endswith(".json"))
-        for g in groups:
-            meta = g[len("__grp__"):]
-            try:
-                with open(os.path.join(entry.path, g)) as f:
-                    children = json.load(f).get("child_paths") or {}
-            except (OSError, ValueError, AttributeError):
-                continue
-            bins = [os.path.basename(p) for c, p in children.items() if isinstance(p, str) and c.endswith(".cubin")]
-            if meta in names and bins and bins[0] in names:
-                files = {meta: os.path.join(entry.path, meta), bins[0]: os.path.join(entry.path, bins[0])}
-                out.append((os.path.getmtime(os.path.join(entry.path, bins[0])), "kernel", entry.name, files, g))
-        if not groups:
-            sos = sorted(n for n in names if n.endswith(".so"))
-            if sos:
-                files = {n: os.path.join(entry.path, n) for n in sos}
-                out.append((max(os.path.getmtime(p) for p in files.values()), "module", entry.name, files, None))
+        try:
+            names = set(os.listdir(entry.path))
+            groups = sorted(n for n in names if n.startswith("__grp__") and n.endswith(".json"))
+            for g in groups:
+                meta = g[len("__grp__"):]
+                try:
+                    with open(os.path.join(entry.path, g)) as f:
+                        children = json.load(f).get("child_paths")
+                except (OSError, ValueError, AttributeError):
+                    continue
+                if not isinstance(children, dict):  # (a remote cache manager's list form)
+                    continue
+                bins = [os.path.basename(p) for c, p in children.items() if isinstance(p, str) and c.endswith(".cubin")]
+                if meta in names and bins and bins[0] in names:
+                    files = {meta: os.path.join(entry.path, meta), bins[0]: os.path.join(entry.path, bins[0])}
+                    out.append((_recency(files[bins[0]]), "kernel", entry.name, files, g))
+            if not groups:
+                sos = sorted(n for n in names if n.endswith(".so"))
+                if sos:
+                    files = {n: os.path.join(entry.path, n) for n in sos}
+                    out.append((max(_recency(p) for p in files.values()), "module", entry.name, files, None))
+        except OSError:  # (an entry removed while it was read)
+            continue
     return out
 
 
-def _add(tar, name: str, data: bytes) -> None:
+def _add(tar, name: str, data: bytes, mtime: float | None = None) -> None:
     info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), int(time.time()), 0o644
+    info.size, info.mode = len(data), 0o644
+    info.mtime = int(time.time() if mtime is None else mtime)
     tar.addfile(info, io.BytesIO(data))
 
 
 def pack(out_path: str, cache: str | None = None, cuda: str | None = None, max_mib: float = MAX_MIB,
          preset: int = PRESET, max_s: float = 30.0) -> dict:
     """Write the archive (see the module docstring); returns its stamp, counts included. Entries
-    stop being added after ``max_s`` seconds too (the rest counted as left out), and the archive
-    is written beside ``out_path`` and renamed onto it when whole: a pack cut short by its
-    caller's time limit leaves no archive rather than a broken one."""
+    of every kind go in most recently used or written first (:func:`_recency`) until the archive
+    nears ``max_mib`` or ``max_s`` seconds have gone (the rest counted as left out); each file
+    keeps its modification time. The archive is built in a temporary folder and moved onto
+    ``out_path`` when whole: a pack cut short leaves no archive there rather than a broken one."""
+    import shutil
+    import tempfile
+
     t0 = time.monotonic()
     cache = cache or triton_cache_dir()
     cuda = cuda or cuda_cache_dir()
@@ -177,56 +199,48 @@ def pack(out_path: str, cache: str | None = None, cuda: str | None = None, max_m
     # the compressor holds back up to a block: stop adding this far below the limit
     margin = 2 ** 20
     info = stamp()
-    entries = _entries(cache)
-    # launchers first (small; each spares a C compile), then kernels newest first: what this run
-    # compiled before what it was carried
-    entries.sort(key=lambda e: (e[1] != "module", -e[0]))
-    cuda_files = sorted((os.path.join(cuda, n) for n in (os.listdir(cuda) if os.path.isdir(cuda) else ())
-                         if n.endswith((".cubin", ".ptx"))), key=lambda p: -os.path.getmtime(p))
+    info["commit"] = _commit()
+    items = [(r, kind, folder, files, group) for r, kind, folder, files, group in _entries(cache)]
+    if os.path.isdir(cuda):
+        for n in os.listdir(cuda):
+            if n.endswith((".cubin", ".ptx")):
+                try:
+                    items.append((_recency(os.path.join(cuda, n)), "cuda_module", None, {n: os.path.join(cuda, n)}, None))
+                except OSError:
+                    continue
+    items.sort(key=lambda e: -e[0])
     counts = collections.Counter()
     raw = 0
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    tmp = f"{out_path}.part{os.getpid()}"
-
-    def full(f) -> bool:
-        return f.tell() + margin > limit or time.monotonic() - t0 > max_s
-
+    tmpdir = tempfile.mkdtemp(prefix="gpu_nn_pack_")
+    tmp = os.path.join(tmpdir, "cache.tar.xz")
     try:
         with open(tmp, "wb") as f:
             with tarfile.open(fileobj=f, mode="w:xz", preset=preset) as tar:
-                for path in cuda_files:
-                    if full(f):
-                        counts["cuda_left_out"] += 1
-                        continue
-                    with open(path, "rb") as g:
-                        data = g.read()
-                    _add(tar, "cuda/" + os.path.basename(path), data)
-                    counts["cuda_modules"] += 1
-                    raw += len(data)
-                for _, kind, folder, files, group in entries:
-                    if full(f):
+                for _, kind, folder, files, group in items:
+                    if f.tell() + margin > limit or time.monotonic() - t0 > max_s:
                         counts[f"{kind}s_left_out"] += 1
                         continue
                     blobs = {}
                     try:
                         for name, path in files.items():
                             with open(path, "rb") as g:
-                                blobs[name] = g.read()
+                                blobs[name] = (g.read(), os.path.getmtime(path))
                     except OSError:
                         continue
-                    for name, data in blobs.items():
-                        _add(tar, f"triton/{folder}/{name}", data)
+                    prefix = "cuda/" if kind == "cuda_module" else f"triton/{folder}/"
+                    for name, (data, mtime) in blobs.items():
+                        _add(tar, prefix + name, data, mtime)
                         raw += len(data)
                     if group is not None:
-                        _add(tar, f"triton/{folder}/{group}", json.dumps({"child_paths": {n: n for n in blobs}}).encode())
+                        _add(tar, prefix + group, json.dumps({"child_paths": {n: n for n in blobs}}).encode())
                     counts[f"{kind}s"] += 1
                 info.update(counts, packed_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), raw_bytes=raw,
-                            cache=cache, commit=_commit())
+                            cache=cache)
                 _add(tar, STAMP, json.dumps(info, indent=1, sort_keys=True).encode())
-        os.replace(tmp, out_path)
+        shutil.move(tmp, out_path)
     finally:
-        if os.path.exists(tmp):  # (an error on the way: no half archive left)
-            os.unlink(tmp)
+        shutil.rmtree(tmpdir, ignore_errors=True)
     info["bytes"] = os.path.getsize(out_path)
     return info
 
@@ -247,15 +261,21 @@ def _safe(parts: list) -> bool:
 
 
 def unpack(archive: str, cache: str | None = None, cuda: str | None = None, force: bool = False) -> dict:
-    """Write the archive's entries into the caches (see the module docstring). Returns
-    ``{"stamp", "compatible", "kernels", "modules", "cuda_modules", "present", "skipped"}``; an
-    entry already there is left as it is (counted in ``present``)."""
+    """Write the archive's entries into the caches (see the module docstring), each file with the
+    modification time it was packed with. Returns ``{"stamp", "mine", "compatible", "kernels",
+    "modules", "cuda_modules", "present", "skipped"}``; an entry already there is left as it is
+    (counted in ``present``), one whose group file does not read is skipped. Raises ValueError
+    for an archive without a stamp (not one :func:`pack` wrote)."""
     cache = cache or triton_cache_dir()
     cuda = cuda or cuda_cache_dir()
     mine = stamp()
     out = collections.Counter()
+    written: list = []
     with tarfile.open(archive, "r:*") as tar:
-        member = tar.getmember(STAMP)
+        try:
+            member = tar.getmember(STAMP)
+        except KeyError:
+            raise ValueError(f"{archive} is not a gpu-nn kernel cache archive (no {STAMP})") from None
         theirs = json.load(tar.extractfile(member))
         ok = force or compatible(theirs, mine)
         folders: dict = {}
@@ -269,7 +289,7 @@ def unpack(archive: str, cache: str | None = None, cuda: str | None = None, forc
                     out["present"] += 1
                     continue
                 os.makedirs(cuda, exist_ok=True)
-                _write(target, tar.extractfile(m).read())
+                _write(target, tar.extractfile(m).read(), m.mtime)
                 out["cuda_modules"] += 1
             elif parts[0] == "triton" and len(parts) == 3 and _safe(parts[1:]):
                 if not ok:
@@ -283,38 +303,48 @@ def unpack(archive: str, cache: str | None = None, cuda: str | None = None, forc
             if os.path.isdir(d) and os.listdir(d):
                 out["present"] += 1
                 continue
+            try:  # the group files first: an entry whose group does not read is not written at all
+                groups = [(name, json.loads(tar.extractfile(m).read())) for name, m in members if name.startswith("__grp__")]
+                for _, grp in groups:
+                    if not isinstance(grp.get("child_paths"), dict):
+                        raise ValueError("child_paths")
+            except (ValueError, AttributeError):
+                out["skipped"] += 1
+                continue
             os.makedirs(d, exist_ok=True)
-            groups = []
             for name, m in members:
-                data = tar.extractfile(m).read()
-                if name.startswith("__grp__"):
-                    groups.append((name, json.loads(data)))
-                else:
-                    _write(os.path.join(d, name), data)
+                if not name.startswith("__grp__"):
+                    _write(os.path.join(d, name), tar.extractfile(m).read(), m.mtime)
             # group files last, child paths absolute (as Triton writes them): an entry is whole
             # before Triton can find it
             for name, grp in groups:
-                children = {c: os.path.join(d, os.path.basename(p)) for c, p in (grp.get("child_paths") or {}).items()}
+                children = {c: os.path.join(d, os.path.basename(p)) for c, p in grp["child_paths"].items()}
                 _write(os.path.join(d, name), json.dumps({"child_paths": children}).encode())
             out["kernels" if groups else "modules"] += 1
+            written.append(folder)
     result = {"stamp": theirs, "mine": mine, "compatible": ok, **{k: out[k] for k in
               ("kernels", "modules", "cuda_modules", "present", "skipped")}}
-    # the marker dates what was carried: kept where an unpack before this one wrote it and this
-    # one added nothing (a second script of the same run)
-    if ok and (out["kernels"] or out["modules"] or carried(cache) is None):
+    # the marker: when the first unpack wrote here and every folder the unpacks wrote (summary()
+    # counts those as carried)
+    if ok and (written or carried(cache) is None):
+        before = carried(cache) or {}
         try:
             os.makedirs(cache, exist_ok=True)
-            _write(os.path.join(cache, MARKER), json.dumps({"archive": os.path.abspath(archive), "at": time.time(),
-                                                           **{k: v for k, v in result.items() if k != "mine"}}).encode())
+            _write(os.path.join(cache, MARKER), json.dumps({
+                "archive": os.path.abspath(archive), "at": before.get("at", time.time()),
+                "folders": sorted(set(before.get("folders") or ()) | set(written)),
+                **{k: v for k, v in result.items() if k not in ("mine", "stamp")}}).encode())
         except OSError:
             pass
     return result
 
 
-def _write(path: str, data: bytes) -> None:
+def _write(path: str, data: bytes, mtime: float | None = None) -> None:
     tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, "wb") as f:
         f.write(data)
+    if mtime is not None:
+        os.utime(tmp, (mtime, mtime))
     os.replace(tmp, path)
 
 
@@ -335,6 +365,7 @@ def _cli(argv: list) -> int:
     pk.add_argument("--cache", default=None)
     pk.add_argument("--cuda-cache", default=None)
     pk.add_argument("--max-mib", type=float, default=MAX_MIB)
+    pk.add_argument("--max-s", type=float, default=30.0, help="stop adding entries after this many seconds")
     up = sub.add_parser("unpack", help="write an archive's entries into this process's caches")
     up.add_argument("archive")
     up.add_argument("--cache", default=None)
@@ -346,19 +377,28 @@ def _cli(argv: list) -> int:
         print(json.dumps(stamp(), indent=1))
         return 0
     if a.cmd == "pack":
+        import signal
+
+        # a time limit's SIGTERM unwinds (pack's temporary folder is removed) instead of ending
+        # the process where it stands
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
         t0 = time.time()
-        info = pack(a.out, a.cache, a.cuda_cache, a.max_mib)
+        info = pack(a.out, a.cache, a.cuda_cache, a.max_mib, max_s=a.max_s)
         left = {k: v for k, v in info.items() if k.endswith("_left_out")}
         print(f"packed {info.get('kernels', 0)} kernels, {info.get('modules', 0)} launcher modules, "
               f"{info.get('cuda_modules', 0)} CUDA C modules into {a.out}: {info['bytes'] / 2 ** 20:.1f} MiB "
               f"({info['raw_bytes'] / 2 ** 20:.1f} MiB raw) in {time.time() - t0:.1f} s"
-              + (f"; left out (size limit): {left}" if left else ""))
+              + (f"; left out (size or time limit): {left}" if left else ""))
         return 0
     if not os.path.isfile(a.archive):
         print(f"no archive at {a.archive}")
         return 1
     t0 = time.time()
-    r = unpack(a.archive, a.cache, a.cuda_cache, a.force)
+    try:
+        r = unpack(a.archive, a.cache, a.cuda_cache, a.force)
+    except (tarfile.TarError, EOFError, ValueError, OSError) as exc:  # a truncated or foreign file
+        print(f"carried cache {a.archive} not unpacked: {type(exc).__name__}: {exc}")
+        return 1
     s = r["stamp"]
     print(f"carried cache {a.archive} (packed {s.get('packed_at')} at commit {s.get('commit')}, Triton "
           f"{s.get('triton')}): {r['kernels']} kernels, {r['modules']} launcher modules, {r['cuda_modules']} CUDA C "

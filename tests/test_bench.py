@@ -415,6 +415,17 @@ def test_results_record_and_render(tmp_path):
     assert "| activation | relu fwd | N=32 | triton | 0.90x |" in text and "tanh fwd" not in text
     assert ("The table below holds runs on the NVIDIA H100 80GB HBM3 only; bench tables of NVIDIA H200 (2 runs) "
             "are in `benchmarks/results/`.") in text
+    # then an H200 run whose bench left no table: the H100's table is shown, and named as the H100's
+    last = tmp_path / "gpu-run-h200-late"
+    last.mkdir()
+    (last / "machine.txt").write_text((later / "machine.txt").read_text().replace("2026-12-04T11", "2026-12-07T11")
+                                      .replace("1234567abcdef", "0123456789abc"))
+    (last / "check.json").write_text((later / "check.json").read_text())
+    results.record(str(last), str(into))
+    results.render(str(into), str(readme))
+    text = readme.read_text()
+    assert "Latest recorded GPU run: **NVIDIA H200**" in text
+    assert ("the table below is the run of 2026-12-06, commit `fedcba9`, on the NVIDIA H100 80GB HBM3.") in text
 
 
 def test_results_render_refuses_a_folder_without_runs(tmp_path):
@@ -1062,21 +1073,39 @@ from triton.backends.compiler import GPUTarget
 from gpu_nn.kernels.triton import _aot
 hits = []
 knobs.compilation.listener = lambda **kw: hits.append(bool(kw.get("cache_hit")))
-spec = _aot.family_specs("activation")[0]
+spec = _aot.family_specs("activation")[int(sys.argv[1]) if len(sys.argv) > 1 else 0]
 src = _aot._source(spec.kernel, spec.signature, spec.constexprs, spec.divisible_by_16)
 c = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
 print(json.dumps({"hits": hits, "cubin": hashlib.sha256(c.asm["cubin"]).hexdigest(), "ptx": "ptx" in c.asm}))
 """
 
 
-def _compile_one(cache) -> dict:
-    """One activation kernel compiled for sm_90 by Triton's own compile() in a fresh process
-    (no interpreter) with TRITON_CACHE_DIR=cache: whether it was a cache hit, its cubin's digest."""
+_COMPILE_SPEC = """
+import json, sys
+from gpu_nn.kernels.triton import _aot
+print(json.dumps(_aot.compile_spec(_aot.family_specs("activation")[int(sys.argv[1])], sass=False)))
+"""
+
+
+def _folder_of(cache, compiled: dict) -> str:
+    """The cache folder whose cubin has the digest ``compiled`` reported."""
+    import hashlib
+
+    for cubin in cache.glob("*/*.cubin"):
+        if hashlib.sha256(cubin.read_bytes()).hexdigest() == compiled["cubin"]:
+            return cubin.parent.name
+    raise AssertionError("no such cubin")
+
+
+def _compile_one(cache, which: int = 0, code: str = _COMPILE_ONE) -> dict:
+    """The activation family's spec ``which`` compiled for sm_90 by Triton's own compile() in a
+    fresh process (no interpreter) with TRITON_CACHE_DIR=cache: whether it was a cache hit, its
+    cubin's digest."""
     import subprocess
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-c", _COMPILE_ONE], env={**env, "TRITON_CACHE_DIR": str(cache)},
+    r = subprocess.run([sys.executable, "-c", code, str(which)], env={**env, "TRITON_CACHE_DIR": str(cache)},
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -1088,7 +1117,9 @@ def test_a_packed_kernel_cache_serves_cache_hits_where_it_is_unpacked(tmp_path):
     cubin and group file only: no IR), unpacked into an empty cache elsewhere, is a cache hit of
     Triton's own compile() there, the same cubin (group paths rewritten to the new place); the
     CUDA C modules travel too; an archive from another Triton build writes no Triton entry; the
-    size limit leaves entries out and counts them; the summary counts what was carried."""
+    size limit leaves entries out and counts them; the summary counts what was carried apart from
+    what was there before and what compiled after; the files keep their times; compile_spec (which
+    reads the IR) compiles a carried entry again; a foreign or cut archive is refused."""
     import io
     import tarfile
 
@@ -1099,26 +1130,47 @@ def test_a_packed_kernel_cache_serves_cache_hits_where_it_is_unpacked(tmp_path):
     (cuda / "rnn-0123.cubin").write_bytes(b"\x7fELF cubin")
     built = _compile_one(first)
     assert built["hits"] == [False] and built["ptx"]
+    launcher = first / "LAUNCHERKEY"  # a compiled launcher module's folder, as Triton's build keeps it
+    launcher.mkdir()
+    (launcher / "__triton_launcher.cpython-312-x86_64-linux-gnu.so").write_bytes(b"\x7fELF so")
+    (first / "half").mkdir()  # an unfinished compile: a group file that names no cubin
+    (first / "half" / "__grp__k.json").write_text(json.dumps({"child_paths": {"k.json": str(first / "half" / "k.json")}}))
+    (first / "remote").mkdir()  # a remote cache manager's group form (a list): left out
+    (first / "remote" / "__grp__r.json").write_text(json.dumps({"child_paths": ["r.json", "r.cubin"]}))
     archive = tmp_path / "cache.tar.xz"
     info = tc.pack(str(archive), str(first), str(cuda))
-    assert info["kernels"] == 1 and info["cuda_modules"] == 1 and info["bytes"] == archive.stat().st_size
+    assert (info["kernels"], info["modules"], info["cuda_modules"]) == (1, 1, 1) and info["bytes"] == archive.stat().st_size
     with tarfile.open(archive) as tar:
         names = tar.getnames()
         stamp = json.load(tar.extractfile("STAMP.json"))
     assert stamp["triton_key"] == tc.stamp()["triton_key"] and "cuda/rnn-0123.cubin" in names
-    kept = {n.rsplit(".", 1)[-1] for n in names if n.startswith("triton/")}
+    kept = {n.rsplit(".", 1)[-1] for n in names if n.startswith("triton/") and "LAUNCHERKEY" not in n}
     assert kept == {"json", "cubin"}, names  # no ttir / ttgir / llir / ptx / source
     second, cuda2 = tmp_path / "second", tmp_path / "cuda2"
+    before = _compile_one(second, 1)  # a variant compiled there before the unpack: not carried
+    assert before["hits"] == [False]
     r = tc.unpack(str(archive), str(second), str(cuda2))
-    assert r["compatible"] and (r["kernels"], r["cuda_modules"], r["present"]) == (1, 1, 0)
+    assert r["compatible"] and (r["kernels"], r["modules"], r["cuda_modules"], r["present"]) == (1, 1, 1, 0)
     assert (cuda2 / "rnn-0123.cubin").read_bytes() == b"\x7fELF cubin"
-    (grp,) = second.glob("*/__grp__*.json")
+    assert (second / "LAUNCHERKEY" / "__triton_launcher.cpython-312-x86_64-linux-gnu.so").read_bytes() == b"\x7fELF so"
+    (grp,) = [g for g in second.glob("*/__grp__*.json") if (g.parent / (g.name[len("__grp__"):])).exists()
+              and g.parent.name != _folder_of(second, before)]
     assert all(os.path.isfile(p) and p.startswith(str(second)) for p in json.loads(grp.read_text())["child_paths"].values())
-    assert tc.summary(str(second))["carried"] == 1 and tc.summary(str(second))["compiled_here"] == 0
+    cubin = next(grp.parent.glob("*.cubin"))
+    assert int(cubin.stat().st_mtime) == int(next((first / grp.parent.name).glob("*.cubin")).stat().st_mtime)
+    assert {k: tc.summary(str(second))[k] for k in ("variants", "carried", "compiled_here")} == \
+        {"variants": 2, "carried": 1, "compiled_here": 0}
     served = _compile_one(second)
     assert served["hits"] == [True] and served["cubin"] == built["cubin"] and not served["ptx"]
+    after = _compile_one(second, 2)  # compiled after the unpack
+    assert after["hits"] == [False]
+    assert {k: tc.summary(str(second))[k] for k in ("variants", "carried", "compiled_here")} == \
+        {"variants": 3, "carried": 1, "compiled_here": 1}
+    # what reads the IR (compile_spec: registers, the PTX's divisions) compiles a carried entry again
+    row = _compile_one(second, 0, _COMPILE_SPEC)
+    assert row["approx_div_f32"] == 0 and row["registers"] > 0
     # unpacked again: nothing written, the entries counted as there
-    assert tc.unpack(str(archive), str(second), str(cuda2))["present"] == 2
+    assert tc.unpack(str(archive), str(second), str(cuda2))["present"] == 3
     # another Triton build's archive: its Triton entries are skipped, its CUDA C ones kept
     other = tmp_path / "other.tar.xz"
     with tarfile.open(archive) as src, tarfile.open(other, "w:xz") as dst:
@@ -1134,7 +1186,16 @@ def test_a_packed_kernel_cache_serves_cache_hits_where_it_is_unpacked(tmp_path):
     assert not third.exists() or not any(third.iterdir())
     # a size limit below what the entries take: they are left out, and counted
     small = tc.pack(str(tmp_path / "small.tar.xz"), str(first), str(cuda), max_mib=0.5)
-    assert small.get("kernels", 0) == 0 and small["kernels_left_out"] == 1 and small["cuda_left_out"] == 1
+    assert small.get("kernels", 0) == 0 and small["kernels_left_out"] == 1 and small["cuda_modules_left_out"] == 1
+    # an archive cut short, or one pack did not write, is refused with a message
+    cut = tmp_path / "cut.tar.xz"
+    cut.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
+    foreign = tmp_path / "foreign.tar.xz"
+    with tarfile.open(foreign, "w:xz") as tar:
+        tar.addfile(tarfile.TarInfo("triton/x/y.cubin"), io.BytesIO(b""))
+    for bad in (cut, foreign):
+        assert tc.main(["unpack", str(bad), "--cache", str(tmp_path / "fourth")]) == 1
+    assert not (tmp_path / "fourth").exists() or not any((tmp_path / "fourth").iterdir())
 
 
 def test_gpu_run_unpacks_a_carried_cache_and_packs_one_for_the_next_run(tmp_path):
@@ -1161,7 +1222,7 @@ def test_gpu_run_unpacks_a_carried_cache_and_packs_one_for_the_next_run(tmp_path
     names = [c.removeprefix("-m ") for c in calls]
     assert names.index(f"gpu_nn.benchmarks.triton_cache unpack {archive}") < \
         min(i for i, c in enumerate(names) if c.startswith("gpu_nn.cli"))
-    assert names[-1] == f"gpu_nn.benchmarks.triton_cache pack {packed}"
+    assert names[-1] == f"gpu_nn.benchmarks.triton_cache pack {packed} --max-s 25"
     (tmp_path / "bare").mkdir()
     r, out, calls = run_bench_script(tmp_path / "bare", "gpu_run.sh", "exit 0\n",
                                      {**env, "GPU_NN_CARRIED_CACHE": str(tmp_path / "absent.tar.xz")})

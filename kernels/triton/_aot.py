@@ -195,26 +195,36 @@ def approx_div_f32(ptx: str) -> int:
     return len(re.findall(r"\bdiv\.(?:full|approx)(?:\.ftz)?\.f32\b", ptx))
 
 
-def compile_spec(spec: AotSpec, sass: bool = True) -> dict:
-    """Compile one spec for sm_90; returns its resource usage (raises on a compile error); without
-    ``sass`` no disassembly counts (see :func:`_resources`)."""
+IR_LEVELS = ("ttir", "ttgir", "llir", "ptx", "cubin")
+
+
+def compile_with_ir(src, options: dict):
+    """``triton.compile(src)`` for sm_90 with every level of IR in the result. Triton's cache
+    can hold an entry without its IR (``gpu_nn.benchmarks.triton_cache`` carries what a launch
+    reads: the metadata and the cubin; ``TRITON_STORE_BINARY_ONLY`` keeps the same): such a hit
+    is compiled again here, whatever the cache holds."""
     import triton
     from triton.backends.compiler import GPUTarget
 
+    target = GPUTarget("cuda", 90, 32)
+    compiled = triton.compile(src, target=target, options=options)
+    if all(k in compiled.asm for k in IR_LEVELS):
+        return compiled
+    from triton import knobs
+
+    with knobs.compilation.scope():
+        knobs.compilation.always_compile = True
+        return triton.compile(src, target=target, options=options)
+
+
+def compile_spec(spec: AotSpec, sass: bool = True) -> dict:
+    """Compile one spec for sm_90; returns its resource usage (raises on a compile error); without
+    ``sass`` no disassembly counts (see :func:`_resources`)."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("AOT compilation needs TRITON_INTERPRET unset (interpreted kernels cannot compile)")
     src = _source(spec.kernel, spec.signature, spec.constexprs, spec.divisible_by_16)
     t0 = time.perf_counter()
-    options = {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
-    if not all(k in compiled.asm for k in ("ttgir", "ptx", "cubin")):
-        # a cache entry carried without its IR (gpu_nn.benchmarks.triton_cache packs what a
-        # launch reads): compile it here, whatever the cache holds
-        from triton import knobs
-
-        with knobs.compilation.scope():
-            knobs.compilation.always_compile = True
-            compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    compiled = compile_with_ir(src, {"num_warps": spec.num_warps, "num_stages": spec.num_stages})
     out = {
         "kernel": spec.name,
         "label": spec.label,

@@ -166,6 +166,11 @@ def _interpreted_libdevice(np_fn):
         from triton.language import core
         from triton.runtime import interpreter
 
+        # what the compiled dispatch takes (fp32 / fp64 tensors): anything else is refused here
+        # too (the interpreter holds bfloat16 as its bit patterns, which NumPy would take for numbers)
+        if not isinstance(arg0, core.tensor) or arg0.dtype not in (core.float32, core.float64):
+            raise ValueError(f"libdevice.{np_fn.__name__}: gpu-nn's kernels call it on float32 / float64 tensors "
+                             f"only, got {getattr(arg0, 'dtype', type(arg0).__name__)}")
         handle = arg0.handle
         data = np.asarray(handle.data)
         with np.errstate(over="ignore", under="ignore", invalid="ignore"):
