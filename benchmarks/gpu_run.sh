@@ -29,11 +29,11 @@
 #             tests/conftest.py)
 #   (cache)   python -m gpu_nn.benchmarks.triton_cache: compiled variants per kernel (triton_cache.json;
 #             with a carried cache, how many this run compiled itself)
+#   record    gpu-nn results record: OUTDIR/results/<run>/ is what goes into benchmarks/results/
 # Kernel caches: after install, the archive an earlier run packed is unpacked where one travelled
 # with the repository (.gpu_cache/triton-cache.tar.xz, or GPU_NN_CARRIED_CACHE; =none for a fresh
 # machine's figures); GPU_NN_PACK_CACHE=PATH packs what this run leaves for the next one (steps.sh:
 # carried_cache, pack_cache). The summary says whether a carried cache served the run.
-#   record    gpu-nn results record: OUTDIR/results/<run>/ is what goes into benchmarks/results/
 # The SASS report needs no GPU: it runs on CPU machines (`gpu-nn sass`), not here.
 # OUTDIR/summary.txt has one line per step (exit status, seconds); everything OUTDIR holds is also
 # packed into OUTDIR.tgz beside it, one file for the device tool (which returns at most 8).
