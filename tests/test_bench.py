@@ -1066,24 +1066,24 @@ def test_triton_cache_counts_compiled_variants_per_kernel(tmp_path):
     assert json.loads(out.read_text())["kernels"] == {"_a": 2, "_b": 1}
 
 
-_COMPILE_ONE = """
+_COMPILE = """
 import hashlib, json, sys, triton
 from triton import knobs
 from triton.backends.compiler import GPUTarget
 from gpu_nn.kernels.triton import _aot
 hits = []
 knobs.compilation.listener = lambda **kw: hits.append(bool(kw.get("cache_hit")))
-spec = _aot.family_specs("activation")[int(sys.argv[1]) if len(sys.argv) > 1 else 0]
-src = _aot._source(spec.kernel, spec.signature, spec.constexprs, spec.divisible_by_16)
-c = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
-print(json.dumps({"hits": hits, "cubin": hashlib.sha256(c.asm["cubin"]).hexdigest(), "ptx": "ptx" in c.asm}))
-"""
-
-
-_COMPILE_SPEC = """
-import json, sys
-from gpu_nn.kernels.triton import _aot
-print(json.dumps(_aot.compile_spec(_aot.family_specs("activation")[int(sys.argv[1])], sass=False)))
+out = []
+for item in sys.argv[1:]:
+    spec = _aot.family_specs("activation")[int(item[1:])]
+    hits.clear()
+    if item[0] == "s":  # compile_spec: what reads the IR
+        out.append(dict(_aot.compile_spec(spec, sass=False), hits=list(hits)))
+        continue
+    src = _aot._source(spec.kernel, spec.signature, spec.constexprs, spec.divisible_by_16)
+    c = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+    out.append({"hits": list(hits), "cubin": hashlib.sha256(c.asm["cubin"]).hexdigest(), "ptx": "ptx" in c.asm})
+print(json.dumps(out))
 """
 
 
@@ -1097,15 +1097,16 @@ def _folder_of(cache, compiled: dict) -> str:
     raise AssertionError("no such cubin")
 
 
-def _compile_one(cache, which: int = 0, code: str = _COMPILE_ONE) -> dict:
-    """The activation family's spec ``which`` compiled for sm_90 by Triton's own compile() in a
-    fresh process (no interpreter) with TRITON_CACHE_DIR=cache: whether it was a cache hit, its
-    cubin's digest."""
+def _compile(cache, *items: str) -> list:
+    """The activation family's specs compiled for sm_90 in one fresh process (no interpreter)
+    with TRITON_CACHE_DIR=cache, in order: ``"cN"`` spec N by Triton's own compile() (whether
+    each compile was a cache hit, the cubin's digest, whether the result holds PTX), ``"sN"``
+    spec N through ``_aot.compile_spec`` (its row, and the compiles' hits)."""
     import subprocess
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-c", code, str(which)], env={**env, "TRITON_CACHE_DIR": str(cache)},
+    r = subprocess.run([sys.executable, "-c", _COMPILE, *items], env={**env, "TRITON_CACHE_DIR": str(cache)},
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -1128,7 +1129,7 @@ def test_a_packed_kernel_cache_serves_cache_hits_where_it_is_unpacked(tmp_path):
     first, cuda = tmp_path / "first", tmp_path / "cuda"
     cuda.mkdir()
     (cuda / "rnn-0123.cubin").write_bytes(b"\x7fELF cubin")
-    built = _compile_one(first)
+    (built,) = _compile(first, "c0")
     assert built["hits"] == [False] and built["ptx"]
     launcher = first / "LAUNCHERKEY"  # a compiled launcher module's folder, as Triton's build keeps it
     launcher.mkdir()
@@ -1147,7 +1148,7 @@ def test_a_packed_kernel_cache_serves_cache_hits_where_it_is_unpacked(tmp_path):
     kept = {n.rsplit(".", 1)[-1] for n in names if n.startswith("triton/") and "LAUNCHERKEY" not in n}
     assert kept == {"json", "cubin"}, names  # no ttir / ttgir / llir / ptx / source
     second, cuda2 = tmp_path / "second", tmp_path / "cuda2"
-    before = _compile_one(second, 1)  # a variant compiled there before the unpack: not carried
+    (before,) = _compile(second, "c1")  # a variant compiled there before the unpack: not carried
     assert before["hits"] == [False]
     r = tc.unpack(str(archive), str(second), str(cuda2))
     assert r["compatible"] and (r["kernels"], r["modules"], r["cuda_modules"], r["present"]) == (1, 1, 1, 0)
@@ -1160,15 +1161,14 @@ def test_a_packed_kernel_cache_serves_cache_hits_where_it_is_unpacked(tmp_path):
     assert int(cubin.stat().st_mtime) == int(next((first / grp.parent.name).glob("*.cubin")).stat().st_mtime)
     assert {k: tc.summary(str(second))[k] for k in ("variants", "carried", "compiled_here")} == \
         {"variants": 2, "carried": 1, "compiled_here": 0}
-    served = _compile_one(second)
+    # served: a hit, the same cubin, no IR; then a variant compiled after the unpack; then what
+    # reads the IR (compile_spec: registers, the PTX's divisions) compiles the carried entry again
+    served, after, row = _compile(second, "c0", "c2", "s0")
     assert served["hits"] == [True] and served["cubin"] == built["cubin"] and not served["ptx"]
-    after = _compile_one(second, 2)  # compiled after the unpack
     assert after["hits"] == [False]
+    assert row["hits"] == [True, False] and row["approx_div_f32"] == 0 and row["registers"] > 0
     assert {k: tc.summary(str(second))[k] for k in ("variants", "carried", "compiled_here")} == \
         {"variants": 3, "carried": 1, "compiled_here": 1}
-    # what reads the IR (compile_spec: registers, the PTX's divisions) compiles a carried entry again
-    row = _compile_one(second, 0, _COMPILE_SPEC)
-    assert row["approx_div_f32"] == 0 and row["registers"] > 0
     # unpacked again: nothing written, the entries counted as there
     assert tc.unpack(str(archive), str(second), str(cuda2))["present"] == 3
     # another Triton build's archive: its Triton entries are skipped, its CUDA C ones kept
