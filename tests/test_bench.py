@@ -1231,6 +1231,35 @@ def test_gpu_run_unpacks_a_carried_cache_and_packs_one_for_the_next_run(tmp_path
                                                         for c in calls)
 
 
+def test_gpu_measure_unpacks_a_carried_cache_and_packs_within_its_budget(tmp_path):
+    """gpu_measure.sh (after gpu_run.sh on the same machine): the carried archive is unpacked
+    before its first measurement, GPU_NN_PACK_CACHE packs the caches as its last call, and the
+    40 s the pack is given come out of GPU_MEASURE_BUDGET_S (the steps' limits shrink with it)."""
+    from helpers import run_bench_script
+
+    archive = tmp_path / "carried.tar.xz"
+    archive.write_bytes(b"x")
+    packed = tmp_path / "packed.tar.xz"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GPU_NN_TUNE", "GPU_NN_CARRIED", "GPU_NN_PACK",
+                                                                    "GPU_MEASURE"))}
+    r, out, calls = run_bench_script(tmp_path, "gpu_measure.sh", "exit 0\n",
+                                     {**env, "GPU_NN_CARRIED_CACHE": str(archive), "GPU_NN_PACK_CACHE": str(packed)})
+    names = [c.removeprefix("-m ") for c in calls]
+    unpack = names.index(f"gpu_nn.benchmarks.triton_cache unpack {archive}")
+    assert unpack < min(i for i, c in enumerate(names) if "tma_fwd_repeat" in c or "sweep" in c), names
+    assert names[-1] == f"gpu_nn.benchmarks.triton_cache pack {packed} --max-s 25"
+    assert "cache: rc=0" in (out / "summary.txt").read_text()
+    limits = {}
+    for name, extra in (("plain", {}), ("packing", {"GPU_NN_PACK_CACHE": str(packed)})):
+        (tmp_path / name).mkdir()
+        r, out, calls = run_bench_script(tmp_path / name, "gpu_measure.sh", "exit 0\n",
+                                         {**env, "GPU_NN_CARRIED_CACHE": "none", "GPU_MEASURE_BUDGET_S": "60", **extra})
+        limits[name] = (out / "tma-repeat.log").read_text().split("(limit ")[1].split("s)")[0]
+        assert any(c.endswith(f"pack {packed} --max-s 25") for c in calls) == bool(extra)
+    # 60 s: the first step gets its 45; with the pack's 40 kept, what 20 s leave (less the kill's 10)
+    assert limits == {"plain": "45", "packing": "10"}
+
+
 def test_saved_bytes_counts_what_the_forward_adds_and_every_case_runs(tmp_path):
     """benchmarks/saved_bytes (the README's figures of what the recurrent layers keep for the
     backward): a Linear saves only its input and weight, which the caller holds (0 bytes); a ReLU
