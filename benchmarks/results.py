@@ -14,6 +14,7 @@ figure that no run recorded cannot reach the README.
 
 from __future__ import annotations
 
+import collections
 import datetime
 import json
 import math
@@ -281,12 +282,10 @@ def markdown(runs: list[dict], others: list[str] = ()) -> str:
     # ratios of one GPU only: an H100 (about 3.0 TB/s copied, the device tool's default draw) and
     # an H200 (about 4.3) give torch and ours other times, so a case is never filled in from another
     # GPU's run
-    others_gpu = [r for r in tables if r.get("gpu") != table.get("gpu")]
+    others_gpu = collections.Counter(r.get("gpu") for r in tables if r.get("gpu") != table.get("gpu"))
     if others_gpu:
-        kinds = sorted({r.get("gpu") for r in others_gpu})
         lines.append(f"The table below holds runs on the {table.get('gpu')} only; bench tables of "
-                     + ", ".join(f"{k} ({sum(r.get('gpu') == k for r in others_gpu)} run"
-                                 f"{'s' if sum(r.get('gpu') == k for r in others_gpu) != 1 else ''})" for k in kinds)
+                     + ", ".join(f"{k} ({n} run{'s' if n != 1 else ''})" for k, n in sorted(others_gpu.items()))
                      + " are in `benchmarks/results/`.  ")
     tables = [r for r in tables if r.get("gpu") == table.get("gpu")]
     merged, seen, used = [], set(), []

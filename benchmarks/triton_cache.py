@@ -53,9 +53,18 @@ import sys
 import tarfile
 import time
 
+from ..kernels.cuda import cache_dir as cuda_cache_dir  # (GPU_NN_CUDA_CACHE: where the CUDA C modules are)
+
 
 def cache_dir() -> str:
-    return os.environ.get("TRITON_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".triton", "cache")
+    """Where this process's Triton reads and writes its cache (``knobs.cache.dir``: where
+    ``TRITON_CACHE_DIR`` points, else ``~/.triton/cache``); the same without Triton."""
+    try:
+        from triton import knobs
+
+        return knobs.cache.dir
+    except (ImportError, AttributeError):
+        return os.environ.get("TRITON_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".triton", "cache")
 
 
 def summary(path: str) -> dict:
@@ -86,19 +95,8 @@ def summary(path: str) -> dict:
     return out
 
 
-def triton_cache_dir() -> str:
-    """Where this process's Triton reads and writes its cache (``knobs.cache.dir``)."""
-    try:
-        from triton import knobs
-
-        return knobs.cache.dir or cache_dir()
-    except (ImportError, AttributeError):
-        return cache_dir()
-
-
 STAMP = "STAMP.json"
 MARKER = ".gpu_nn_unpacked.json"  # in the Triton cache once unpack wrote there: what and when
-DEFAULT_ARCHIVE = os.path.join(".gpu_cache", "triton-cache.tar.xz")
 MAX_MIB = 15.0
 PRESET = 1  # xz: cubins shrink 6-7x at presets 0-1 (9x at 6, four to eight times slower)
 
@@ -126,10 +124,6 @@ def compatible(theirs: dict, mine: dict) -> bool:
     """Whether entries packed under stamp ``theirs`` can be cache hits under ``mine``."""
     return all(theirs.get(k) == mine.get(k) and mine.get(k) for k in ("triton_key", "ptxas_sm90")) \
         and not str(mine.get("ptxas_sm90", "")).startswith("unavailable")
-
-
-def cuda_cache_dir() -> str:
-    return os.environ.get("GPU_NN_CUDA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "gpu_nn", "cuda")
 
 
 def _recency(path: str) -> float:
@@ -195,7 +189,7 @@ def pack(out_path: str, cache: str | None = None, cuda: str | None = None, max_m
     import tempfile
 
     t0 = time.monotonic()
-    cache = cache or triton_cache_dir()
+    cache = cache or cache_dir()
     cuda = cuda or cuda_cache_dir()
     limit = int(max_mib * 2 ** 20)
     # the compressor holds back up to a block: stop adding this far below the limit
@@ -268,7 +262,7 @@ def unpack(archive: str, cache: str | None = None, cuda: str | None = None, forc
     "modules", "cuda_modules", "present", "skipped"}``; an entry already there is left as it is
     (counted in ``present``), one whose group file does not read is skipped. Raises ValueError
     for an archive without a stamp (not one :func:`pack` wrote)."""
-    cache = cache or triton_cache_dir()
+    cache = cache or cache_dir()
     cuda = cuda or cuda_cache_dir()
     mine = stamp()
     out = collections.Counter()

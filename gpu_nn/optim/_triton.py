@@ -361,9 +361,6 @@ def prepare(kind: str, params, st: dict, grads) -> Launch:
                   steps[base_index(steps)] if steps else dummy, copies, tcols, numels, list(flags), chunk)
 
 
-NORM_INF, NORM_TWO, NORM_P, NORM_ONE = 0, 2, 1, 3  # kernels/triton/optim.py NORM_CODES
-
-
 _HALF_CODE = {torch.float16: 1, torch.bfloat16: 2}
 _BOUNDS: dict = {}
 
@@ -401,7 +398,8 @@ def clip_grad_norm(grads, max_norm: float, norm_type: float, error_if_nonfinite:
         _backend.check_interpreter_dtype("clip_grad_norm_", "triton", *grads)
     if any(g.dtype not in (torch.float32, torch.float16, torch.bfloat16) for g in grads):
         raise KernelInputError("clip_grad_norm_: the triton backend takes float32/float16/bfloat16 gradients")
-    code = NORM_INF if math.isinf(norm_type) else {2.0: NORM_TWO, 1.0: NORM_ONE}.get(float(norm_type), NORM_P)
+    norms = kt.NORM_CODES
+    code = norms["inf"] if math.isinf(norm_type) else norms[{2.0: "two", 1.0: "one"}.get(float(norm_type), "p")]
     interpret = ktriton.INTERPRET
     chunk = _chunk(kt, interpret)
     groups = []  # per device: (device, plans, its partials' final form and count, copies)
