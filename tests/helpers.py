@@ -480,3 +480,108 @@ def interpreted_launches(device: str):
         yield names
     finally:
         InterpretedFunction.run = orig
+
+
+def uninterpreted_env(**extra) -> dict:
+    """The environment of this process without ``TRITON_INTERPRET`` (a process that compiles
+    kernels must not have it: kernels imported under the interpreter cannot compile), plus
+    ``extra``."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(extra)
+    return env
+
+
+class _UninterpretedServer:
+    """The client of ``tests/uninterpreted_server.py``: one server per test process, started at
+    its first use and stopped when the process exits; a server that died is started again."""
+
+    def __init__(self):
+        self.proc = None
+        self.buf = b""
+
+    def _line(self, timeout: float):
+        import json
+        import select
+        import time
+
+        deadline = time.monotonic() + timeout
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self.buf:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                return None
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                raise RuntimeError(f"the uninterpreted server exited (code {self.proc.wait()}): "
+                                   f"{self.err_path.read_text()[-3000:] if self.err_path.exists() else ''}")
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        return json.loads(line)
+
+    def _start(self):
+        import atexit
+        import pathlib
+        import sys
+
+        self.err_path = pathlib.Path(tempfile.mkstemp(prefix="gpu-nn-server-", suffix=".err")[1])
+        server = pathlib.Path(__file__).with_name("uninterpreted_server.py")
+        self.proc = subprocess.Popen([sys.executable, str(server)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=open(self.err_path, "wb"), env=uninterpreted_env(), bufsize=0)
+        self.buf = b""
+        if self._line(300) is None:
+            self.stop()
+            raise RuntimeError("the uninterpreted server did not start within 300 s")
+        atexit.register(self.stop)
+
+    def stop(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+    def run(self, argv: list, timeout: float, cwd, env: dict) -> subprocess.CompletedProcess:
+        import json
+        import signal
+
+        if self.proc is None or self.proc.poll() is not None:
+            self._start()
+        with tempfile.TemporaryDirectory(prefix="gpu-nn-run-") as d:
+            out, err = os.path.join(d, "out"), os.path.join(d, "err")
+            req = {"argv": [str(a) for a in argv], "cwd": str(cwd), "env": env, "out": out, "err": err}
+            self.proc.stdin.write((json.dumps(req) + "\n").encode())
+            pid = self._line(60)["pid"]
+            done = self._line(timeout)
+            if done is None:  # as subprocess.run's timeout: the child killed, TimeoutExpired raised
+                os.kill(pid, signal.SIGKILL)
+                self._line(60)
+                raise subprocess.TimeoutExpired(argv, timeout, output=_read(out), stderr=_read(err))
+            return subprocess.CompletedProcess(argv, done["rc"], _read(out), _read(err))
+
+
+def _read(path) -> str:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return f.read()
+
+
+_SERVER = _UninterpretedServer()
+
+
+def run_uninterpreted(argv: list, timeout: float = 300, cwd=None, env=None) -> subprocess.CompletedProcess:
+    """``subprocess.run([sys.executable, *argv], env=uninterpreted_env(**env), capture_output=True,
+    text=True, timeout=timeout, cwd=cwd)``, in a child forked from a server that made torch's,
+    Triton's and gpu-nn's imports once (tests/uninterpreted_server.py: about 3.8 s of each such
+    process, the most of many tests' time). The child is a process of its own (exit code, output,
+    working directory, ``sys.argv``); what it shares with the others is those imports, made with
+    this process's environment at the server's start: ``env`` is set in the child before its
+    script runs, so it may hold only variables read after import (``TRITON_CACHE_DIR``, read at
+    each compile, say); a script that needs another environment at import time runs as a
+    subprocess of its own. ``GPU_NN_TEST_NO_SERVER=1`` runs every one so, as does a machine with
+    CUDA (a child forked after CUDA's driver was initialised, as torch's import may do, cannot use
+    it; and those machines have cores to spare)."""
+    import sys
+
+    env = {str(k): str(v) for k, v in (env or {}).items()}
+    if CUDA or os.environ.get("GPU_NN_TEST_NO_SERVER", "") not in ("", "0") or not hasattr(os, "fork"):
+        return subprocess.run([sys.executable, *map(str, argv)], env=uninterpreted_env(**env), capture_output=True,
+                              text=True, timeout=timeout, cwd=cwd)
+    return _SERVER.run(argv, timeout, cwd or os.getcwd(), env)

@@ -678,15 +678,13 @@ def frontend_failures(rows, tmp_path) -> list:
     """``_aot.frontend`` on ``rows`` in a process without TRITON_INTERPRET (only compiled
     kernels have a front end); the failed rows."""
     import json
-    import os
     import pickle
-    import subprocess
+
+    from helpers import run_uninterpreted
 
     path = tmp_path / "specialised.pkl"
     path.write_bytes(pickle.dumps([{k: v for k, v in r.items() if k != "where"} for r in rows]))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "gpu_nn.kernels.triton._aot", "--frontend", str(path)],
-                          capture_output=True, text=True, env=env, timeout=600)
+    proc = run_uninterpreted(["-m", "gpu_nn.kernels.triton._aot", "--frontend", path], timeout=600)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("[")]
     assert lines, f"no report from the front-end run (rc {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
     failed = json.loads(lines[-1])

@@ -250,7 +250,9 @@ def test_triton_bfloat16_in_interpreter_or_refused(monkeypatch):
 def test_triton_without_interpreter_explains_why():
     """Started without TRITON_INTERPRET: a CPU-only machine refuses triton and names the
     variable; a GPU machine accepts it."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    from helpers import uninterpreted_env
+
+    env = uninterpreted_env()
     code = (
         "import torch, gpu_nn\n"
         "try:\n"

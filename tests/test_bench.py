@@ -652,14 +652,14 @@ def test_loop_cost_runs_every_time_loop_both_ways(tmp_path):
     """``python -m gpu_nn.benchmarks.loop_cost`` (host time per step of the recurrent loops, per
     step key against bound) runs its four loops both ways and writes them; in a process without
     TRITON_INTERPRET, as it needs. Figures are not judged here (speed lives in benchmarks/)."""
-    import os
     import subprocess
     import sys
 
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    from helpers import run_uninterpreted, uninterpreted_env
+
+    env = uninterpreted_env()
     out = tmp_path / "loops.json"
-    proc = subprocess.run([sys.executable, "-m", "gpu_nn.benchmarks.loop_cost", "--T", "3", "--B", "4", "--H", "8",
-                           "--json", str(out)], env=env, capture_output=True, text=True, timeout=300)
+    proc = run_uninterpreted(["-m", "gpu_nn.benchmarks.loop_cost", "--T", "3", "--B", "4", "--H", "8", "--json", out])
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.read_text())["us_per_step"]
     assert set(res) == {"forward", "backward", "pair forward", "pair backward"}
@@ -1088,16 +1088,14 @@ print(json.dumps(out))
 
 
 def _compile(cache, *items: str) -> list:
-    """The activation family's specs compiled for sm_90 in one fresh process (no interpreter)
+    """The activation family's specs compiled for sm_90 in one process of its own (no interpreter)
     with TRITON_CACHE_DIR=cache, in order: ``"cN"`` spec N by Triton's own compile() (whether
     each compile was a cache hit, the cubin's digest, whether the result holds PTX), ``"sN"``
     spec N through ``_aot.compile_spec`` (its row, and the compiles' hits)."""
-    import subprocess
-    import sys
+    from helpers import run_uninterpreted
 
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-c", _COMPILE, *items], env={**env, "TRITON_CACHE_DIR": str(cache)},
-                       capture_output=True, text=True, timeout=300)
+    # (Triton reads TRITON_CACHE_DIR at each compile, not at import)
+    r = run_uninterpreted(["-c", _COMPILE, *items], env={"TRITON_CACHE_DIR": cache})
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
 

@@ -125,7 +125,9 @@ def test_triton_status_says_when_the_interpreter_came_too_late():
     pytest.importorskip("triton")
     code = ("import os, triton.language; os.environ['TRITON_INTERPRET'] = '1'; import torch, gpu_nn; "
             "from gpu_nn import _backend; print(_backend.triton_library_compiled(), _backend.status('triton'))")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    from helpers import uninterpreted_env
+
+    env = uninterpreted_env()
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     if torch.cuda.is_available():  # compiled kernels: the interpreter is not needed there

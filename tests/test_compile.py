@@ -6,8 +6,6 @@ import inspect
 import json
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 
@@ -15,31 +13,27 @@ from gpu_nn.kernels import env_switch
 from gpu_nn.kernels import cuda as kcuda
 from gpu_nn.kernels import triton as ktriton
 from gpu_nn.kernels.triton import _aot
+from helpers import run_uninterpreted
 
 
 def _aot_rows(family, tmp_path, shard="0/1", cover="all", must=()):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = tmp_path / f"{family}.json"
     extra = []
     if cover != "all":
         (tmp_path / "must.json").write_text(json.dumps(sorted(must)))
         extra = ["--cover", cover, "--must", str(tmp_path / "must.json")]
-    proc = subprocess.run(
-        [sys.executable, "-m", "gpu_nn.kernels.triton._aot", "--family", family, "--json", str(out), "--no-sass",
-         "--shard", shard, *extra],
-        env=env, capture_output=True, text=True, timeout=900,
-    )
+    proc = run_uninterpreted(["-m", "gpu_nn.kernels.triton._aot", "--family", family, "--json", out, "--no-sass",
+                              "--shard", shard, *extra], timeout=900)
     assert out.exists(), f"AOT run for {family} produced nothing:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return json.loads(out.read_text()), proc
 
 
 def _run_uninterpreted(tmp_path, name: str, code: str, timeout: float = 300):
     """Run ``code`` as a script in a process without TRITON_INTERPRET (kernels imported under
-    the interpreter cannot be compiled); returns the finished process."""
+    the interpreter cannot be compiled; helpers.run_uninterpreted); returns the finished process."""
     script = tmp_path / name
     script.write_text(code)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    return subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=timeout)
+    return run_uninterpreted([script], timeout=timeout)
 
 
 def _uninterpreted_json(tmp_path, name: str, code: str, timeout: float = 300):
@@ -47,6 +41,43 @@ def _uninterpreted_json(tmp_path, name: str, code: str, timeout: float = 300):
     proc = _run_uninterpreted(tmp_path, name, code, timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_run_uninterpreted_is_a_process_of_its_own(tmp_path):
+    """helpers.run_uninterpreted (the forked children of tests/uninterpreted_server.py, which
+    this file's compile checks run in) gives what ``subprocess.run([python, ...])`` would: the
+    exit code, the output and error streams apart, ``sys.argv`` and ``sys.path[0]`` as ``python``
+    sets them for a script, ``-m`` and ``-c``, the working directory asked for, no
+    TRITON_INTERPRET, ``env`` set, an uncaught exception's traceback with code 1, no standard
+    input (the server's requests), a state of its own (what one child changes, the next does not
+    see), and a timeout that kills the child and raises as subprocess.run does."""
+    import subprocess
+
+    script = tmp_path / "probe.py"
+    script.write_text(
+        "import json, os, sys\n"
+        "import gpu_nn.kernels.triton as kt\n"
+        "seen = getattr(kt, '_probe_mark', None)\n"
+        "kt._probe_mark = 'set'\n"
+        "print(json.dumps({'argv': sys.argv, 'path0': sys.path[0], 'cwd': os.getcwd(), 'stdin': sys.stdin.read(),\n"
+        "                  'interp': os.environ.get('TRITON_INTERPRET'), 'extra': os.environ.get('PROBE_EXTRA'),\n"
+        "                  'interpreted': kt.INTERPRET, 'seen': seen}))\n"
+        "print('to stderr', file=sys.stderr)\n"
+        "sys.exit(3)\n")
+    for _ in range(2):  # the second child does not see what the first set
+        proc = run_uninterpreted([script, "a", "b"], cwd=tmp_path, env={"PROBE_EXTRA": "x"})
+        assert proc.returncode == 3 and proc.stderr == "to stderr\n", (proc.returncode, proc.stderr)
+        assert json.loads(proc.stdout) == {"argv": [str(script), "a", "b"], "path0": str(tmp_path), "cwd": str(tmp_path),
+                                           "stdin": "", "interp": None, "extra": "x", "interpreted": False, "seen": None}
+    proc = run_uninterpreted(["-c", "import sys; print(sys.argv, repr(sys.path[0])); raise KeyError('boom')", "z"])
+    assert proc.returncode == 1 and proc.stdout == "['-c', 'z'] ''\n", proc.stdout
+    assert proc.stderr.startswith("Traceback (most recent call last):") and proc.stderr.endswith("KeyError: 'boom'\n")
+    proc = run_uninterpreted(["-m", "json.tool", "--help"], cwd=tmp_path)
+    assert proc.returncode == 0 and "usage:" in proc.stdout and "json.tool" in proc.stdout
+    with pytest.raises(subprocess.TimeoutExpired):
+        run_uninterpreted(["-c", "import time; print('started', flush=True); time.sleep(60)"], timeout=2)
+    proc = run_uninterpreted(["-c", "print('after the timeout')"])  # the server goes on
+    assert proc.returncode == 0 and proc.stdout == "after the timeout\n"
 
 
 # The configurations known to spill registers in the specialisation aot_specs() compiles (sm_90,
@@ -1064,10 +1095,8 @@ def test_front_end_check_fails_a_specialisation_that_does_not_compile(tmp_path):
             {"module": "fe_mod", "kernel": "fe_kernel", "num_warps": 4, "num_stages": 3,
              "signature": {"x_ptr": "*fp32", "n": "constexpr", "B": "constexpr"}, "constexprs": {"n": 1, "B": 16}}]
     (tmp_path / "rows.json").write_text(json.dumps(rows))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, "-m", "gpu_nn.kernels.triton._aot", "--frontend", str(tmp_path / "rows.json")],
-                          env=env, capture_output=True, text=True, timeout=300)
+    # run from tmp_path: ``python -m`` puts its working directory first on sys.path
+    proc = run_uninterpreted(["-m", "gpu_nn.kernels.triton._aot", "--frontend", tmp_path / "rows.json"], cwd=tmp_path)
     assert proc.returncode == 1, proc.stderr[-3000:]
     failed = json.loads(proc.stdout.strip().splitlines()[-1])
     assert [f["signature"]["n"] for f in failed] == ["constexpr"] and "CompilationError" in failed[0]["error"]

@@ -848,7 +848,9 @@ assert "def register_flop_formula" in inspect.getsource(fc)
 assert "exec_module" not in vars(fc.__spec__.loader._loader)
 print("ok")
 """
-    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    from helpers import uninterpreted_env
+
+    env = uninterpreted_env()
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stdout[-2000:] + out.stderr[-2000:]
 

@@ -1,0 +1,112 @@
+"""A process that imports torch, Triton and gpu-nn once, without ``TRITON_INTERPRET``, and then
+forks one child per script it is asked to run (``tests/helpers.py: run_uninterpreted``).
+
+The tests that compile kernels for sm_90 run their code in processes without the interpreter
+(kernels imported under it cannot compile); a fresh Python paid about 3.8 s of imports (torch,
+Triton, gpu-nn's kernel modules) before each one's first line, about a quarter of most such
+tests' time. A forked child starts from those imports already made and is otherwise a process of
+its own: its own exit code, standard output and error (written to the files the request names),
+working directory and ``sys.argv``. What it does not get is a fresh import: a script that needs
+the environment read at import time to differ (a switch read when a module loads) runs as a
+real subprocess instead.
+
+Protocol (one request at a time, on stdin / the stdout this process starts with): the server
+writes ``{"ready": ...}`` once its imports are made; each request is a JSON line ``{"argv":
+[...], "cwd": ..., "env": {...}, "out": path, "err": path}`` (argv as after ``python``: ``["-m", module,
+*args]`` or ``[script, *args]``), answered by ``{"pid": n}`` when the child is forked and ``{"rc":
+n}`` when it has exited (a negative code: killed by that signal, as ``subprocess`` reports it).
+"""
+
+import json
+import os
+import sys
+
+
+def _child(req) -> None:
+    """Run the request's script as ``python`` would and exit with its code (never returns)."""
+    import atexit
+    import runpy
+    import traceback
+    import warnings
+
+    code = 1
+    try:
+        for fd, path, flags in ((0, os.devnull, os.O_RDONLY), (1, req["out"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
+                                (2, req["err"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)):
+            f = os.open(path, flags, 0o644)  # (stdin: the requests' pipe otherwise)
+            os.dup2(f, fd)
+            os.close(f)
+        os.chdir(req["cwd"])
+        os.environ.update(req.get("env") or {})  # read from here on: not by the imports made before the fork
+        argv = req["argv"]
+        if argv[0] == "-m":
+            sys.argv = [argv[1], *argv[2:]]
+            sys.path[0] = os.getcwd()  # as ``python -m`` puts it
+            # the module was imported here already (the imports this process is for): runpy
+            # warns that it runs a second copy as __main__, as ``python -m`` does for a module
+            # its package imports
+            warnings.filterwarnings("ignore", message=".*found in sys.modules after import of package", category=RuntimeWarning)
+            runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+        elif argv[0] == "-c":
+            sys.argv = ["-c", *argv[2:]]
+            sys.path[0] = ""  # as ``python -c`` puts it
+            main = {"__name__": "__main__", "__builtins__": __builtins__}
+            exec(compile(argv[1], "<string>", "exec"), main)
+        else:
+            sys.argv = list(argv)
+            sys.path[0] = os.path.dirname(os.path.abspath(argv[0]))
+            runpy.run_path(argv[0], run_name="__main__")
+        code = 0
+    except SystemExit as e:
+        if e.code is None:
+            code = 0
+        elif isinstance(e.code, int):
+            code = e.code
+        else:
+            print(e.code, file=sys.stderr)
+            code = 1
+    except BaseException:  # as the interpreter's own handler: the traceback, exit code 1
+        traceback.print_exc()
+        code = 1
+    try:
+        atexit._run_exitfuncs()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:
+                pass
+        os._exit(code)
+
+
+def main() -> None:
+    ctl = os.fdopen(os.dup(1), "w", buffering=1)  # the protocol channel
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)  # whatever the imports print stays off the channel
+    os.close(devnull)
+    if os.environ.get("TRITON_INTERPRET") not in (None, "", "0"):
+        raise SystemExit("the uninterpreted server must start without TRITON_INTERPRET")
+    import importlib
+
+    # the imports every such script makes first (the kernel modules: every family's)
+    for name in ("torch", "triton", "gpu_nn", "gpu_nn.kernels.triton._aot"):
+        importlib.import_module(name)
+    for family in importlib.import_module("gpu_nn.kernels.triton").FAMILIES:
+        importlib.import_module(f"gpu_nn.kernels.triton.{family}")
+
+    ctl.write(json.dumps({"ready": True, "pid": os.getpid()}) + "\n")
+    for line in sys.stdin:
+        req = json.loads(line)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            ctl.close()
+            _child(req)
+        ctl.write(json.dumps({"pid": pid}) + "\n")
+        _, status = os.waitpid(pid, 0)
+        ctl.write(json.dumps({"rc": os.waitstatus_to_exitcode(status)}) + "\n")
+
+
+if __name__ == "__main__":
+    main()
