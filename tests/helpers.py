@@ -493,11 +493,31 @@ def uninterpreted_env(**extra) -> dict:
 
 class _UninterpretedServer:
     """The client of ``tests/uninterpreted_server.py``: one server per test process, started at
-    its first use and stopped when the process exits; a server that died is started again."""
+    its first use and stopped when the process exits. A request that does not end as the
+    protocol says (a timeout's kill that finds the child gone, an interrupt, a server that
+    died) stops the server, and the next request starts another."""
+
+    # variables the imports read: a child whose environment differs in one of these from the
+    # server's at its start is not served (run_uninterpreted starts a fresh Python instead)
+    IMPORT_TIME = ("GPU_NN_", "TRITON_", "TORCH", "PYTORCH", "CUDA", "OMP_", "MKL_", "OPENBLAS_", "PYTHON")
+    AFTER_IMPORT = ("TRITON_CACHE_DIR",)  # read at each compile (Triton 3.6 and 3.9: knobs.cache.dir)
 
     def __init__(self):
         self.proc = None
         self.buf = b""
+        self.started_env: dict = {}
+        self.err_path = None
+        self.next_id = 0
+        self.exit_hook = False
+
+    def serves(self, env: dict) -> bool:
+        """Whether a child may take ``env`` (the server, started now if it is not running, made
+        its imports with the same values of every variable they may read)."""
+        if self.proc is None or self.proc.poll() is not None:
+            self._start()
+        keys = {k for k in set(env) | set(self.started_env)
+                if k.startswith(self.IMPORT_TIME) and k not in self.AFTER_IMPORT}
+        return all(env.get(k) == self.started_env.get(k) for k in keys)
 
     def _line(self, timeout: float):
         import json
@@ -512,8 +532,9 @@ class _UninterpretedServer:
                 return None
             chunk = os.read(fd, 65536)
             if not chunk:
-                raise RuntimeError(f"the uninterpreted server exited (code {self.proc.wait()}): "
-                                   f"{self.err_path.read_text()[-3000:] if self.err_path.exists() else ''}")
+                code = self.proc.wait()
+                raise RuntimeError(f"the uninterpreted server exited (code {code}): "
+                                   f"{open(self.err_path, errors='replace').read()[-3000:]}")
             self.buf += chunk
         line, self.buf = self.buf.split(b"\n", 1)
         return json.loads(line)
@@ -523,38 +544,65 @@ class _UninterpretedServer:
         import pathlib
         import sys
 
-        self.err_path = pathlib.Path(tempfile.mkstemp(prefix="gpu-nn-server-", suffix=".err")[1])
+        self.stop()
+        fd, self.err_path = tempfile.mkstemp(prefix="gpu-nn-server-", suffix=".err")
         server = pathlib.Path(__file__).with_name("uninterpreted_server.py")
-        self.proc = subprocess.Popen([sys.executable, str(server)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=open(self.err_path, "wb"), env=uninterpreted_env(), bufsize=0)
+        self.started_env = uninterpreted_env()
+        try:
+            self.proc = subprocess.Popen([sys.executable, str(server)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         stderr=fd, env=self.started_env, bufsize=0)
+        finally:
+            os.close(fd)
         self.buf = b""
+        if not self.exit_hook:
+            atexit.register(self.stop)
+            self.exit_hook = True
         if self._line(300) is None:
             self.stop()
             raise RuntimeError("the uninterpreted server did not start within 300 s")
-        atexit.register(self.stop)
 
     def stop(self):
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.kill()
             self.proc.wait()
+            for f in (self.proc.stdin, self.proc.stdout):
+                f.close()
         self.proc = None
+        if self.err_path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.err_path)
+            self.err_path = None
+
+    def _answer(self, rid: int, key: str, timeout: float):
+        msg = self._line(timeout)
+        if msg is not None and (msg.get("id") != rid or key not in msg):
+            raise RuntimeError(f"the uninterpreted server answered {msg} to request {rid}")
+        return msg
 
     def run(self, argv: list, timeout: float, cwd, env: dict) -> subprocess.CompletedProcess:
         import json
         import signal
 
-        if self.proc is None or self.proc.poll() is not None:
-            self._start()
+        self.next_id += 1
+        rid = self.next_id
         with tempfile.TemporaryDirectory(prefix="gpu-nn-run-") as d:
             out, err = os.path.join(d, "out"), os.path.join(d, "err")
-            req = {"argv": [str(a) for a in argv], "cwd": str(cwd), "env": env, "out": out, "err": err}
-            self.proc.stdin.write((json.dumps(req) + "\n").encode())
-            pid = self._line(60)["pid"]
-            done = self._line(timeout)
-            if done is None:  # as subprocess.run's timeout: the child killed, TimeoutExpired raised
-                os.kill(pid, signal.SIGKILL)
-                self._line(60)
-                raise subprocess.TimeoutExpired(argv, timeout, output=_read(out), stderr=_read(err))
+            req = {"id": rid, "argv": [str(a) for a in argv], "cwd": str(cwd), "env": env, "out": out, "err": err}
+            try:
+                self.proc.stdin.write((json.dumps(req) + "\n").encode())
+                pid = self._answer(rid, "pid", 60)["pid"]
+                done = self._answer(rid, "rc", timeout)
+                if done is None:  # as subprocess.run's timeout: the child killed, TimeoutExpired raised
+                    os.kill(pid, signal.SIGKILL)  # (the server reaps it only after: the pid is still the child's)
+                    if self._answer(rid, "rc", 60) is None:
+                        raise RuntimeError(f"the uninterpreted server did not report its killed child {pid}")
+                    raise subprocess.TimeoutExpired(argv, timeout, output=_read(out), stderr=_read(err))
+            except subprocess.TimeoutExpired:
+                raise
+            except BaseException:
+                self.stop()  # out of step with the protocol: the next request starts a server afresh
+                raise
             return subprocess.CompletedProcess(argv, done["rc"], _read(out), _read(err))
 
 
@@ -568,20 +616,21 @@ _SERVER = _UninterpretedServer()
 
 def run_uninterpreted(argv: list, timeout: float = 300, cwd=None, env=None) -> subprocess.CompletedProcess:
     """``subprocess.run([sys.executable, *argv], env=uninterpreted_env(**env), capture_output=True,
-    text=True, timeout=timeout, cwd=cwd)``, in a child forked from a server that made torch's,
-    Triton's and gpu-nn's imports once (tests/uninterpreted_server.py: about 3.8 s of each such
-    process, the most of many tests' time). The child is a process of its own (exit code, output,
-    working directory, ``sys.argv``); what it shares with the others is those imports, made with
-    this process's environment at the server's start: ``env`` is set in the child before its
-    script runs, so it may hold only variables read after import (``TRITON_CACHE_DIR``, read at
-    each compile, say); a script that needs another environment at import time runs as a
-    subprocess of its own. ``GPU_NN_TEST_NO_SERVER=1`` runs every one so, as does a machine with
-    CUDA (a child forked after CUDA's driver was initialised, as torch's import may do, cannot use
-    it; and those machines have cores to spare)."""
+    text=True, timeout=timeout, cwd=cwd, stdin=subprocess.DEVNULL)``, in a child forked from a
+    server that made torch's, Triton's and gpu-nn's imports once (tests/uninterpreted_server.py:
+    about 3.8 s of each such process, the most of many tests' time). The child is a process of its
+    own (exit code, output, working directory, ``sys.argv``, its environment: this process's now,
+    with ``env``; its end through Python's own shutdown); what it shares with the others is those
+    imports. Where a variable they may read (GPU_NN_*, TRITON_* but TRITON_CACHE_DIR, torch's,
+    CUDA's, the thread counts, PYTHON*) differs from the server's at its start, the script runs
+    as a fresh Python, as every one does with ``GPU_NN_TEST_NO_SERVER=1`` and on a machine with
+    CUDA (a child forked after torch.cuda.is_available() initialised CUDA's driver cannot use it;
+    those machines have cores to spare)."""
     import sys
 
-    env = {str(k): str(v) for k, v in (env or {}).items()}
-    if CUDA or os.environ.get("GPU_NN_TEST_NO_SERVER", "") not in ("", "0") or not hasattr(os, "fork"):
-        return subprocess.run([sys.executable, *map(str, argv)], env=uninterpreted_env(**env), capture_output=True,
-                              text=True, timeout=timeout, cwd=cwd)
+    env = uninterpreted_env(**{str(k): str(v) for k, v in (env or {}).items()})
+    if (CUDA or os.environ.get("GPU_NN_TEST_NO_SERVER", "") not in ("", "0") or not hasattr(os, "fork")
+            or not _SERVER.serves(env)):
+        return subprocess.run([sys.executable, *map(str, argv)], env=env, capture_output=True, text=True,
+                              timeout=timeout, cwd=cwd, stdin=subprocess.DEVNULL)
     return _SERVER.run(argv, timeout, cwd or os.getcwd(), env)

@@ -43,16 +43,20 @@ def _uninterpreted_json(tmp_path, name: str, code: str, timeout: float = 300):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_run_uninterpreted_is_a_process_of_its_own(tmp_path):
+def test_run_uninterpreted_is_a_process_of_its_own(tmp_path, monkeypatch):
     """helpers.run_uninterpreted (the forked children of tests/uninterpreted_server.py, which
     this file's compile checks run in) gives what ``subprocess.run([python, ...])`` would: the
     exit code, the output and error streams apart, ``sys.argv`` and ``sys.path[0]`` as ``python``
     sets them for a script, ``-m`` and ``-c``, the working directory asked for, no
-    TRITON_INTERPRET, ``env`` set, an uncaught exception's traceback with code 1, no standard
-    input (the server's requests), a state of its own (what one child changes, the next does not
-    see), and a timeout that kills the child and raises as subprocess.run does."""
+    TRITON_INTERPRET, the asking process's environment now with ``env``, an uncaught exception's
+    traceback with code 1, no standard input (the server's requests), a state of its own (what
+    one child changes, the next does not see), Python's own end (a file left open flushed, a
+    thread joined, a ``-c`` function picklable from ``__main__``), and a timeout that kills the
+    child and raises as subprocess.run does. With GPU_NN_TEST_NO_SERVER=1 the same test runs
+    fresh Pythons."""
     import subprocess
 
+    monkeypatch.setenv("PROBE_LATER", "now")  # set after the server started (or before: either way)
     script = tmp_path / "probe.py"
     script.write_text(
         "import json, os, sys\n"
@@ -61,21 +65,35 @@ def test_run_uninterpreted_is_a_process_of_its_own(tmp_path):
         "kt._probe_mark = 'set'\n"
         "print(json.dumps({'argv': sys.argv, 'path0': sys.path[0], 'cwd': os.getcwd(), 'stdin': sys.stdin.read(),\n"
         "                  'interp': os.environ.get('TRITON_INTERPRET'), 'extra': os.environ.get('PROBE_EXTRA'),\n"
-        "                  'interpreted': kt.INTERPRET, 'seen': seen}))\n"
+        "                  'later': os.environ.get('PROBE_LATER'), 'interpreted': kt.INTERPRET, 'seen': seen}))\n"
         "print('to stderr', file=sys.stderr)\n"
         "sys.exit(3)\n")
     for _ in range(2):  # the second child does not see what the first set
         proc = run_uninterpreted([script, "a", "b"], cwd=tmp_path, env={"PROBE_EXTRA": "x"})
         assert proc.returncode == 3 and proc.stderr == "to stderr\n", (proc.returncode, proc.stderr)
         assert json.loads(proc.stdout) == {"argv": [str(script), "a", "b"], "path0": str(tmp_path), "cwd": str(tmp_path),
-                                           "stdin": "", "interp": None, "extra": "x", "interpreted": False, "seen": None}
+                                           "stdin": "", "interp": None, "extra": "x", "later": "now",
+                                           "interpreted": False, "seen": None}
+    (tmp_path / "probe_mod.py").write_text("import sys\nprint(sys.argv, sys.path[0], __name__)\n")
+    proc = run_uninterpreted(["-m", "probe_mod", "q"], cwd=tmp_path)
+    assert proc.returncode == 0 and proc.stdout == f"{[str(tmp_path / 'probe_mod.py'), 'q']} {tmp_path} __main__\n", proc
     proc = run_uninterpreted(["-c", "import sys; print(sys.argv, repr(sys.path[0])); raise KeyError('boom')", "z"])
     assert proc.returncode == 1 and proc.stdout == "['-c', 'z'] ''\n", proc.stdout
     assert proc.stderr.startswith("Traceback (most recent call last):") and proc.stderr.endswith("KeyError: 'boom'\n")
-    proc = run_uninterpreted(["-m", "json.tool", "--help"], cwd=tmp_path)
-    assert proc.returncode == 0 and "usage:" in proc.stdout and "json.tool" in proc.stdout
-    with pytest.raises(subprocess.TimeoutExpired):
-        run_uninterpreted(["-c", "import time; print('started', flush=True); time.sleep(60)"], timeout=2)
+    left_open = tmp_path / "left_open.txt"
+    proc = run_uninterpreted(["-c", (
+        "import pickle, sys, threading, time\n"
+        "def f(): pass\n"
+        "assert pickle.loads(pickle.dumps(f)) is f\n"
+        f"handle = open({str(left_open)!r}, 'w'); handle.write('flushed at exit')\n"
+        "threading.Thread(target=lambda: (time.sleep(0.5), print('joined', flush=True))).start()\n")])
+    assert proc.returncode == 0 and proc.stdout == "joined\n", proc
+    assert left_open.read_text() == "flushed at exit"
+    with pytest.raises(subprocess.TimeoutExpired) as timed_out:
+        run_uninterpreted(["-c", "import os, time; print(os.getpid(), flush=True); time.sleep(60)"], timeout=3)
+    pid = int((timed_out.value.output or "").split()[0])
+    with pytest.raises(ProcessLookupError):  # killed, and reaped
+        os.kill(pid, 0)
     proc = run_uninterpreted(["-c", "print('after the timeout')"])  # the server goes on
     assert proc.returncode == 0 and proc.stdout == "after the timeout\n"
 

@@ -11,10 +11,12 @@ the environment read at import time to differ (a switch read when a module loads
 real subprocess instead.
 
 Protocol (one request at a time, on stdin / the stdout this process starts with): the server
-writes ``{"ready": ...}`` once its imports are made; each request is a JSON line ``{"argv":
-[...], "cwd": ..., "env": {...}, "out": path, "err": path}`` (argv as after ``python``: ``["-m", module,
-*args]`` or ``[script, *args]``), answered by ``{"pid": n}`` when the child is forked and ``{"rc":
-n}`` when it has exited (a negative code: killed by that signal, as ``subprocess`` reports it).
+writes ``{"ready": ...}`` once its imports are made; each request is a JSON line ``{"id": n,
+"argv": [...], "cwd": ..., "env": {...}, "out": path, "err": path}`` (env: the child's whole
+environment; argv as after ``python``: ``["-m", module, *args]``, ``["-c", code, *args]`` or
+``[script, *args]``), answered by ``{"id": n, "pid": p}`` when the child is forked and ``{"id": n,
+"rc": c}`` when it has exited (a negative code: killed by that signal, as ``subprocess`` reports
+it).
 """
 
 import json
@@ -23,60 +25,46 @@ import sys
 
 
 def _child(req) -> None:
-    """Run the request's script as ``python`` would and exit with its code (never returns)."""
-    import atexit
+    """Run the request's script as ``python`` would; never returns. Nothing is caught: the
+    script's end, its SystemExit or an uncaught exception ends this process through Python's own
+    shutdown (the traceback and code 1, non-daemon threads joined, atexit, files left open
+    flushed when the interpreter finalises them), as in a fresh ``python``."""
     import runpy
-    import traceback
+    import types
     import warnings
 
-    code = 1
-    try:
-        for fd, path, flags in ((0, os.devnull, os.O_RDONLY), (1, req["out"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
-                                (2, req["err"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)):
-            f = os.open(path, flags, 0o644)  # (stdin: the requests' pipe otherwise)
-            os.dup2(f, fd)
-            os.close(f)
-        os.chdir(req["cwd"])
-        os.environ.update(req.get("env") or {})  # read from here on: not by the imports made before the fork
-        argv = req["argv"]
-        if argv[0] == "-m":
-            sys.argv = [argv[1], *argv[2:]]
+    for fd, path, flags in ((0, os.devnull, os.O_RDONLY), (1, req["out"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
+                            (2, req["err"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)):
+        f = os.open(path, flags, 0o644)  # (stdin: the requests' pipe otherwise)
+        os.dup2(f, fd)
+        os.close(f)
+    os.chdir(req["cwd"])
+    os.environ.clear()  # the asking test's environment now (read from here on: not by the imports made before the fork)
+    os.environ.update(req["env"])
+    argv = req["argv"]
+    safe = getattr(sys.flags, "safe_path", False)  # PYTHONSAFEPATH / -P: python puts no path first
+    if argv[0] == "-m":
+        sys.argv = [argv[1], *argv[2:]]
+        if not safe:
             sys.path[0] = os.getcwd()  # as ``python -m`` puts it
-            # the module was imported here already (the imports this process is for): runpy
-            # warns that it runs a second copy as __main__, as ``python -m`` does for a module
-            # its package imports
-            warnings.filterwarnings("ignore", message=".*found in sys.modules after import of package", category=RuntimeWarning)
-            runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
-        elif argv[0] == "-c":
-            sys.argv = ["-c", *argv[2:]]
+        # the module was imported here already (the imports this process is for): runpy warns
+        # that it runs a second copy as __main__, as ``python -m`` does where its package imports
+        # the module (the kernel families import _aot)
+        warnings.filterwarnings("ignore", message=".*found in sys.modules after import of package", category=RuntimeWarning)
+        runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+    elif argv[0] == "-c":
+        sys.argv = ["-c", *argv[2:]]
+        if not safe:
             sys.path[0] = ""  # as ``python -c`` puts it
-            main = {"__name__": "__main__", "__builtins__": __builtins__}
-            exec(compile(argv[1], "<string>", "exec"), main)
-        else:
-            sys.argv = list(argv)
+        main = types.ModuleType("__main__")  # a __main__ of its own to the end, as python's
+        sys.modules["__main__"] = main
+        exec(compile(argv[1], "<string>", "exec"), main.__dict__)
+    else:
+        sys.argv = list(argv)
+        if not safe:
             sys.path[0] = os.path.dirname(os.path.abspath(argv[0]))
-            runpy.run_path(argv[0], run_name="__main__")
-        code = 0
-    except SystemExit as e:
-        if e.code is None:
-            code = 0
-        elif isinstance(e.code, int):
-            code = e.code
-        else:
-            print(e.code, file=sys.stderr)
-            code = 1
-    except BaseException:  # as the interpreter's own handler: the traceback, exit code 1
-        traceback.print_exc()
-        code = 1
-    try:
-        atexit._run_exitfuncs()
-    finally:
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except Exception:
-                pass
-        os._exit(code)
+        runpy.run_path(argv[0], run_name="__main__")
+    raise SystemExit(0)
 
 
 def main() -> None:
@@ -102,10 +90,10 @@ def main() -> None:
         pid = os.fork()
         if pid == 0:
             ctl.close()
-            _child(req)
-        ctl.write(json.dumps({"pid": pid}) + "\n")
+            _child(req)  # (ends the child)
+        ctl.write(json.dumps({"id": req["id"], "pid": pid}) + "\n")
         _, status = os.waitpid(pid, 0)
-        ctl.write(json.dumps({"rc": os.waitstatus_to_exitcode(status)}) + "\n")
+        ctl.write(json.dumps({"id": req["id"], "rc": os.waitstatus_to_exitcode(status)}) + "\n")
 
 
 if __name__ == "__main__":
