@@ -59,15 +59,40 @@ THREAD_ENVS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
 def pytest_configure(config):
-    """Under xdist (``-n N``) each worker runs its tests on one thread: the workers take a core
-    each, and torch's OpenMP pool (MKL's, NumPy's OpenBLAS) otherwise starts as many threads as
-    the machine has cores in every worker, which spin-wait for work and take the other workers'
-    cores (on CI's 2 cores with ``-n 2``: test_conv + test_dense 107 s -> 91 s, test_pool +
-    test_double_backward 124 s -> 114 s). Set in the controller before it starts the workers,
-    which inherit it, as do the processes tests start; a value already set is kept."""
-    if getattr(config.option, "numprocesses", None) and not os.environ.get("PYTEST_XDIST_WORKER"):
+    """In the session's first process (xdist's controller, or the only one): under xdist (``-n
+    N``, ``--tx``) each worker runs its tests on one thread: the workers take a core each, and
+    torch's OpenMP pool (MKL's, NumPy's OpenBLAS) otherwise starts as many threads as the machine
+    has cores in every worker, which spin-wait for work and take the other workers' cores (on
+    CI's 2 cores with ``-n 2``, runs interleaved: test_conv + test_dense 107 s -> 91 s, test_pool
+    + test_optim 110-113 s -> 89-93 s, test_double_backward 94 s -> 81 s). Set before the
+    controller starts its workers, which inherit it, as do the processes tests start; a value
+    already set is kept. Then :func:`_compile_sources`."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    if getattr(config.option, "numprocesses", None) or getattr(config.option, "tx", None):
         for name in THREAD_ENVS:
             os.environ.setdefault(name, "1")
+    _compile_sources()
+
+
+def _compile_sources() -> None:
+    """Where Python writes no bytecode (PYTHONDONTWRITEBYTECODE, as on this project's machines),
+    every process the session starts -- the xdist workers, the uninterpreted server, each test's
+    own Python, `gpu-nn check`'s workers -- compiled gpu-nn's 68,000 lines of source again on
+    import (about a second of each). They are compiled once here, into the __pycache__ folders
+    Python itself would write (git ignores them); a tree that cannot be written is left as it is."""
+    import compileall
+    import sys
+
+    if not sys.dont_write_bytecode:
+        return
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for folder in ("gpu_nn", "kernels", "reference", "benchmarks", "tests"):
+        if os.path.isdir(os.path.join(root, folder)):
+            try:
+                compileall.compile_dir(os.path.join(root, folder), quiet=2)
+            except OSError:
+                return
 
 
 ORDER_ENV = "GPU_NN_TEST_ORDER"
