@@ -196,7 +196,7 @@ def pack(out_path: str, cache: str | None = None, cuda: str | None = None, max_m
     margin = 2 ** 20
     info = stamp()
     info["commit"] = _commit()
-    items = [(r, kind, folder, files, group) for r, kind, folder, files, group in _entries(cache)]
+    items = _entries(cache)
     if os.path.isdir(cuda):
         for n in os.listdir(cuda):
             if n.endswith((".cubin", ".ptx")):

@@ -272,9 +272,9 @@ SHARDS = {"conv": 2, "rnn": 2, "dense": 2}
 # they are generic specialisations no launch compiles (the launched forms are held to no spills by
 # test_linear_launched_forms_compile_without_spills and `gpu-nn sass --launched`), and compiling
 # them took 80 of the default run's 390 worker-seconds (tiles spilling 8 to 728 B a thread: the
-# slowest ptxas runs; the suite went past CI's 15 minutes at stop 76). A spill or backend failure that needs two factors
-# together hides from the default subset until a pairs or full run, which runs at every stop that
-# touches a kernel (README, Tests).
+# slowest ptxas runs; the suite went past CI's 15 minutes at stop 76). A spill or backend failure
+# that needs two factors together hides from the default subset until a pairs or full run, which
+# runs at every stop that touches a kernel (README, Tests).
 AOT_COVER = "all" if env_switch("GPU_NN_AOT_FULL") else os.environ.get("GPU_NN_AOT_COVER", "each")
 if AOT_COVER not in ("all", "pairs", "each"):
     raise ValueError(f"GPU_NN_AOT_COVER must be all, pairs or each, got {AOT_COVER!r}")
