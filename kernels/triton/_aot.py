@@ -239,11 +239,28 @@ def compile_spec(spec: AotSpec, sass: bool = True) -> dict:
     return out
 
 
+_DESC = re.compile(r"tensordesc<(\w+)\[([\d, ]*)\]>$")
+
+
+def _type_factors(arg: str, ty: str) -> list:
+    """An argument's type as factors: the type itself, but a TMA descriptor's
+    (``tensordesc<fp32[1, 8, 8, 128]>``) as its element type and each dimension of its block
+    apart. The block is made of the tile constexprs (each a factor of its own), so a descriptor
+    string per tile would ask for every tile combination again: 12 of the 20 forms of the TMA
+    convolution forward, where its tile values take 5."""
+    m = _DESC.match(ty)
+    if m is None:
+        return [("type", arg, ty)]
+    dims = [d.strip() for d in m.group(2).split(",") if d.strip()]
+    return [("type", arg, f"tensordesc<{m.group(1)}>")] + [("block", arg, len(dims), i, int(d)) for i, d in enumerate(dims)]
+
+
 def _factors(spec: AotSpec) -> list:
     """What tells one compiled form of a kernel from another: each constexpr's value, each
-    argument's type, warps, stages, and which arguments are compiled as multiples of 16."""
+    argument's type (a TMA descriptor's element type and block dimensions: :func:`_type_factors`),
+    warps, stages, and which arguments are compiled as multiples of 16."""
     out = [("constexpr", k, repr(v)) for k, v in spec.constexprs.items()]
-    out += [("type", k, v) for k, v in spec.signature.items()]
+    out += [f for k, v in spec.signature.items() for f in _type_factors(k, v)]
     out += [("num_warps", spec.num_warps), ("num_stages", spec.num_stages),
             ("divisible_by_16", tuple(sorted(spec.divisible_by_16)))]
     return sorted(out, key=repr)
