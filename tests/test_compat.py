@@ -377,9 +377,51 @@ a, b = tl.block_type(tl.float32, [2, 4]), tl.block_type(tl.float32, (2, 4))
 kept = {"same": a is b and a.with_element_ty(tl.float32) is a,
         "apart": a is not tl.block_type(tl.float32, [4, 2]) and a is not tl.block_type(tl.float16, [2, 4]),
         "shape": [int(v) for v in a.shape] == [2, 4] and a.numel == 8 and str(a) == str(tl.block_type(tl.float32, [2, 4]))}
+
+# broadcast_impl_value (every binary operation's splat / broadcast) against the function it replaced
+sem = interpreter.TritonSemantic(interpreter.interpreter_builder)
+real_bc = _compat.replaced["broadcast_impl_value"]
+TH = interpreter.TensorHandle
+
+
+def block(dtype, np_dtype, shape, start=1):
+    data = (np.arange(int(np.prod(shape))) + start).astype(np_dtype).reshape(shape)
+    return tl.tensor(TH(data, dtype), tl.block_type(dtype, list(shape)))
+
+
+def scalar(dtype, np_dtype, v):
+    return tl.tensor(TH(np.array([v], dtype=np_dtype), dtype), dtype)
+
+
+ptr = tl.pointer_type(tl.float32)
+cases = {
+    "block_scalar": (block(tl.float32, np.float32, (2, 4)), scalar(tl.int32, np.int32, 3)),
+    "scalar_block": (scalar(tl.float16, np.float16, 2), block(tl.int64, np.int64, (4,))),
+    "row_col": (block(tl.float32, np.float32, (2, 1)), block(tl.int32, np.int32, (1, 4))),
+    "same_shape": (block(tl.float32, np.float32, (2, 4)), block(tl.int1, np.bool_, (2, 4))),
+    "one_type": (block(tl.float32, np.float32, (2, 4)), block(tl.float32, np.float32, (2, 4), 9)),
+    "pointer_offsets": (block(ptr, np.uint64, (2, 4), 4096), block(tl.int32, np.int32, (2, 1))),
+    "pointer_scalar": (scalar(ptr, np.uint64, 4096), block(tl.int32, np.int32, (8,))),
+    "two_scalars": (scalar(tl.int32, np.int32, 1), scalar(tl.int64, np.int64, 2)),
+    "ranks": (block(tl.float32, np.float32, (4,)), block(tl.float32, np.float32, (2, 4))),
+}
+
+
+def seen(pair):
+    return [(str(t.type), np.broadcast_to(t.handle.data, [int(v) for v in t.shape]).tolist() if t.type.is_block()
+             else t.handle.data.tolist()) for t in pair]
+
+
+same = {k: seen(sem.broadcast_impl_value(*v)) == seen(real_bc(sem, *v)) for k, v in cases.items()}
+refused = []
+for fn in (sem.broadcast_impl_value, lambda a, b: real_bc(sem, a, b)):
+    try:
+        fn(block(tl.float32, np.float32, (2,)), block(tl.float32, np.float32, (4,)))
+    except ValueError as e:
+        refused.append(str(e))
 print(json.dumps({"installed": sorted(_compat.installed), "patches": counts, "right": right,
                   "restored": restored, "held": held, "kept": kept, "debug": opts.debug,
-                  "sanitize_overflow": opts.sanitize_overflow}))
+                  "sanitize_overflow": opts.sanitize_overflow, "broadcast_same": same, "refused": refused}))
 """
 
 
@@ -391,7 +433,8 @@ def test_interpreter_overhead_fixes_keep_what_the_interpreter_computes(tmp_path)
     that wrap as on the GPU); the language is restored after the launch; the overflow checks are
     off only where debug (the one reader of their result) is off; each Triton type is held in
     the NumPy dtype the interpreter's table gives it, block types as their elements; a block
-    type is made once per element type and shape (the tensors of that type share its shape)."""
+    type is made once per element type and shape (the tensors of that type share its shape);
+    the operands' splat and broadcast are what the function it replaced makes."""
     import json
     import subprocess
     import sys
@@ -411,3 +454,7 @@ def test_interpreter_overhead_fixes_keep_what_the_interpreter_computes(tmp_path)
     assert got["held"] == {k: [v, v] for k, v in want.items()}
     assert got["kept"] == {"same": True, "apart": True, "shape": True}
     assert {"patch_once", "no_dead_overflow_checks", "type_memo", "launch_lock"} <= set(got["installed"])
+    # the splat / broadcast of a binary operation's operands made as the function it replaced made
+    # them (types and values), and the same shapes refused with its error
+    assert got["broadcast_same"] == dict.fromkeys(got["broadcast_same"], True) and len(got["broadcast_same"]) == 9, got
+    assert len(got["refused"]) == 2 and got["refused"][0] == got["refused"][1], got["refused"]
