@@ -234,6 +234,9 @@ def compile_spec(spec: AotSpec, sass: bool = True) -> dict:
         "compile_s": round(time.perf_counter() - t0, 3),
         "wide_transposed_32bit": wide_transposed_32bit(compiled.asm["ttgir"]),
         "approx_div_f32": approx_div_f32(compiled.asm["ptx"]),
+        # tensor-core products issued (sm_90a: each is an HGMMA in the SASS; ptxas has no other
+        # form of wgmma), read without the disassembly's second a kernel
+        "wgmma": len(re.findall(r"^\s*(?:@%p\d+\s+)?wgmma\.mma_async\b", compiled.asm["ptx"], re.M)),
     }
     out.update(_resources(compiled.asm["cubin"], sass))
     return out
