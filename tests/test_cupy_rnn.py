@@ -7,6 +7,7 @@ and on a GPU the whole path against the reference and against the per-step path.
 import contextlib
 import ctypes
 import itertools
+import os
 
 import numpy as np
 import pytest
@@ -778,15 +779,39 @@ def test_cupy_loop_grid(B, H, sm, per_sm, cap, want):
     assert ops.cupy_loop_grid(B, H, sm, per_sm, cap) == want
 
 
+def rnn_cu_builds(mode_index: int, every: bool) -> list:
+    """The (GN_ROUND, GN_MMA) builds of the cell ``GN_MODE=mode_index`` the compile test below
+    takes: all 6 with ``every``, else each round with GN_MMA (round + mode) % 2, so that over the
+    four cells every pair of two factors' values is compiled (mode and round, mode and MMA, round
+    and MMA: 12 of the 24 builds, each about 2 s of NVRTC on CI's machine)."""
+    if every:
+        return list(itertools.product(range(3), range(2)))
+    return [(rnd, (rnd + mode_index) % 2) for rnd in range(3)]
+
+
+def test_rnn_cu_builds_meet_every_pair_of_values():
+    builds = {m: rnn_cu_builds(m, every=False) for m in range(len(ref.MODES))}
+    combos = [(m, r, k) for m, bs in builds.items() for r, k in bs]
+    assert len(combos) == 12 and len(set(combos)) == 12
+    for a, b in itertools.combinations(range(3), 2):
+        want = {(x, y) for x in range((4, 3, 2)[a]) for y in range((4, 3, 2)[b])}
+        assert {(c[a], c[b]) for c in combos} == want, (a, b)
+    assert all(set(rnn_cu_builds(m, every=True)) == set(itertools.product(range(3), range(2))) for m in builds)
+
+
 @pytest.mark.parametrize("mode", ref.MODES)  # a test per cell (GN_MODE): xdist's workers share the compiles
 def test_rnn_cu_compiles_in_every_loader_configuration(mode):
-    """NVRTC for sm_90, every (GN_MODE, GN_ROUND, GN_MMA) the loader builds, the loop kernels without
-    register spills (ptxas's report)."""
+    """NVRTC for sm_90, the (GN_MODE, GN_ROUND, GN_MMA) builds the loader makes, the loop kernels
+    without register spills (ptxas's report): every pair of two factors' values (rnn_cu_builds),
+    every build with GPU_NN_AOT_FULL=1 or GPU_NN_AOT_COVER=all (the sm_90 check's switches: run at
+    every stop that touches a kernel)."""
     from cupy_backends.cuda.libs import nvrtc
 
     from gpu_nn.kernels import cuda as kcuda
+    from gpu_nn.kernels import env_switch
 
-    for rnd, mma in itertools.product(range(3), range(2)):
+    every = bool(env_switch("GPU_NN_AOT_FULL")) or os.environ.get("GPU_NN_AOT_COVER") == "all"
+    for rnd, mma in rnn_cu_builds(ref.MODES.index(mode), every):
         opts = ["-arch=sm_90", *kcuda.options("rnn"), f"-DGN_MODE={ref.MODES.index(mode)}", f"-DGN_ROUND={rnd}",
                 f"-DGN_MMA={mma}", "--ptxas-options=-v"]  # the loader's own options
         prog = nvrtc.createProgram(kcuda.source("rnn"), "rnn.cu", [], [])
