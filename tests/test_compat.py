@@ -319,7 +319,7 @@ def test_older_triton_fixes_work_when_installed_on_any_version(tmp_path):
 
 
 _INTERPRETER_OVERHEAD = """
-import json, os
+import copy, json, os, pickle
 os.environ["TRITON_INTERPRET"] = "1"
 import numpy as np
 import torch
@@ -407,12 +407,26 @@ cases = {
 }
 
 
-def seen(pair):
-    return [(str(t.type), np.broadcast_to(t.handle.data, [int(v) for v in t.shape]).tolist() if t.type.is_block()
-             else t.handle.data.tolist()) for t in pair]
+def seen(pair):  # each operand's type, and its handle as it is: shape, dtype and values
+    return [(str(t.type), [int(v) for v in t.shape], str(t.handle.dtype), list(t.handle.data.shape),
+             str(t.handle.data.dtype), t.handle.data.tolist()) for t in pair]
+
+
+calls = []
+real_seen = lambda self, a, b: (calls.append(1), real_bc(self, a, b))[1]  # noqa: E731
 
 
 same = {k: seen(sem.broadcast_impl_value(*v)) == seen(real_bc(sem, *v)) for k, v in cases.items()}
+# which operand pairs reach the real function (the fast one holds it in its closure)
+fast = interpreter.TritonSemantic.broadcast_impl_value
+cell = next(c for c in fast.__closure__ if c.cell_contents is real_bc)
+cell.cell_contents = real_seen
+went_real = {}
+for k, v in cases.items():
+    del calls[:]
+    sem.broadcast_impl_value(*v)
+    went_real[k] = bool(calls)
+cell.cell_contents = real_bc
 refused = []
 for fn in (sem.broadcast_impl_value, lambda a, b: real_bc(sem, a, b)):
     try:
@@ -421,7 +435,9 @@ for fn in (sem.broadcast_impl_value, lambda a, b: real_bc(sem, a, b)):
         refused.append(str(e))
 print(json.dumps({"installed": sorted(_compat.installed), "patches": counts, "right": right,
                   "restored": restored, "held": held, "kept": kept, "debug": opts.debug,
-                  "sanitize_overflow": opts.sanitize_overflow, "broadcast_same": same, "refused": refused}))
+                  "sanitize_overflow": opts.sanitize_overflow, "broadcast_same": same, "refused": refused,
+                  "went_real": went_real, "dtypes_copy": copy.deepcopy(tl.float32) == tl.float32
+                  and pickle.loads(pickle.dumps(tl.int32)) == tl.int32}))
 """
 
 
@@ -458,3 +474,6 @@ def test_interpreter_overhead_fixes_keep_what_the_interpreter_computes(tmp_path)
     # them (types and values), and the same shapes refused with its error
     assert got["broadcast_same"] == dict.fromkeys(got["broadcast_same"], True) and len(got["broadcast_same"]) == 9, got
     assert len(got["refused"]) == 2 and got["refused"][0] == got["refused"][1], got["refused"]
+    # (and the fast steps are the ones taken: only ranks that differ go to the real function)
+    assert got["went_real"] == {k: k == "ranks" for k in got["broadcast_same"]}, got["went_real"]
+    assert got["dtypes_copy"]  # (nothing kept on triton.language's dtypes breaks their copy or pickle)

@@ -576,14 +576,23 @@ def _install_interpreter_type_memo() -> None:
             types.setdefault(key, self)
 
     scalar_types = (core.dtype, core.pointer_type)  # (their tensors' shape is () whatever the instance)
+    scalar_kept: list = []  # (shape, numel) of the first scalar tensor: every scalar tensor's (kept
+    # here, not on the dtypes: a tuple on tl.float32 made it fail copy.deepcopy and pickle)
 
     def tensor_init(self, handle, type):
         cls = type.__class__
-        kept = type.__dict__.get("_gpu_nn_tensor_shape") if cls is block or cls in scalar_types else None
+        if cls is block:
+            kept = type.__dict__.get("_gpu_nn_tensor_shape")
+        elif cls in scalar_types:
+            kept = scalar_kept[0] if scalar_kept else None
+        else:
+            kept = None
         if kept is None:
             real_tensor_init(self, handle, type)
-            if (cls is block and "_gpu_nn_key" in type.__dict__) or cls in scalar_types:
+            if cls is block and "_gpu_nn_key" in type.__dict__:
                 type._gpu_nn_tensor_shape = (self.shape, self.numel)
+            elif cls in scalar_types and not scalar_kept:
+                scalar_kept.append((self.shape, self.numel))
             return
         self.handle = handle
         self.shape, self.numel = kept
