@@ -263,9 +263,10 @@ SHARDS = {"conv": 2, "rnn": 2, "dense": 2}
 # GPU_NN_AOT_FULL=1 (or GPU_NN_AOT_COVER=all) compiles every spec of every family (882 s of one
 # core on the 2-core CPU machine when last timed, 5816991, Triton 3.9, cold cache: the suite's
 # largest part). By default a subset of each kernel's specs in which every factor value is compiled at
-# least once is (_aot.covering, order 1: 257 of 1,542 specs) and the rest go through Triton's
-# front end only, where a kernel's own code fails; GPU_NN_AOT_COVER=pairs compiles an all-pairs
-# subset (617 specs; the default until stop 58, when the suite neared CI's 15 minutes). The spill
+# least once is (_aot.covering, order 1: 237 of 1,542 specs, a TMA descriptor's block counted
+# dimension by dimension) and the rest go through Triton's front end only, where a kernel's own
+# code fails; GPU_NN_AOT_COVER=pairs compiles an all-pairs subset (635 specs; the default until
+# stop 58, when the suite neared CI's 15 minutes). The spill
 # table above is held exactly (an entry that stops spilling fails too) where every entry is
 # compiled: in the full and pairs runs, which force the table's specs in. The default run checks
 # the entries among the specs it compiles and fails any other spill, but does not force the rest in:
@@ -1004,7 +1005,7 @@ def test_aot_shards_cover_every_spec_once(tmp_path, monkeypatch):
 def _spec_pairs(spec):
     """Every value and pair of values of the factors that make a compiled form, written here
     apart from _aot's own code: constexprs, argument types (a TMA descriptor's element type, and
-    its block's rank and each dimension, apart), warps, stages, divisibility."""
+    each dimension of its block with the block's rank, apart), warps, stages, divisibility."""
     import itertools
 
     f = [("c", k, repr(v)) for k, v in spec.constexprs.items()]

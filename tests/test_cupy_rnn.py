@@ -14,9 +14,10 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from gpu_nn.kernels import env_switch
 from gpu_nn.ops import rnn as ops
 from gpu_nn.reference import rnn as ref
-from helpers import CUDA, assert_close, backend_params, build_host_library, fptr, max_rel_err
+from helpers import CUDA, assert_close, backend_params, build_host_library, fptr, latin_cover, max_rel_err
 
 MODES = ("rnn_tanh", "rnn_relu", "lstm", "gru")
 
@@ -779,28 +780,32 @@ def test_cupy_loop_grid(B, H, sm, per_sm, cap, want):
     assert ops.cupy_loop_grid(B, H, sm, per_sm, cap) == want
 
 
-def rnn_cu_builds(mode_index: int, every: bool) -> list:
-    """The (GN_ROUND, GN_MMA) builds of the cell ``GN_MODE=mode_index`` the compile test below
-    takes: all 6 with ``every``, else each round with GN_MMA (round + mode) % 2, so that over the
-    four cells every pair of two factors' values is compiled (mode and round, mode and MMA, round
-    and MMA: 12 of the 24 builds, each about 2 s of NVRTC on CI's machine)."""
+def rnn_cu_builds(every: bool) -> list:
+    """The (GN_MODE, GN_ROUND, GN_MMA) builds of rnn.cu the compile test below takes: all 24 with
+    ``every``, else a Latin rectangle (helpers.latin_cover: every cell with every rounding, GN_MMA
+    alternating), in which every pair of two factors' values is compiled (cell and rounding, cell
+    and MMA, rounding and MMA: 12 of the 24 builds, each about 2 s of NVRTC on CI's machine)."""
     if every:
-        return list(itertools.product(range(3), range(2)))
-    return [(rnd, (rnd + mode_index) % 2) for rnd in range(3)]
+        return list(itertools.product(range(len(ref.MODES)), range(3), range(2)))
+    return latin_cover(range(len(ref.MODES)), range(3), (0, 1))
 
 
 def test_rnn_cu_builds_meet_every_pair_of_values():
-    builds = {m: rnn_cu_builds(m, every=False) for m in range(len(ref.MODES))}
-    combos = [(m, r, k) for m, bs in builds.items() for r, k in bs]
+    combos = rnn_cu_builds(every=False)
     assert len(combos) == 12 and len(set(combos)) == 12
     for a, b in itertools.combinations(range(3), 2):
         want = {(x, y) for x in range((4, 3, 2)[a]) for y in range((4, 3, 2)[b])}
         assert {(c[a], c[b]) for c in combos} == want, (a, b)
-    assert all(set(rnn_cu_builds(m, every=True)) == set(itertools.product(range(3), range(2))) for m in builds)
+    assert sorted(rnn_cu_builds(every=True)) == sorted(itertools.product(range(4), range(3), range(2)))
+
+
+AOT_COVER = "all" if env_switch("GPU_NN_AOT_FULL") else os.environ.get("GPU_NN_AOT_COVER", "each")
+if AOT_COVER not in ("all", "pairs", "each"):  # (as tests/test_compile.py reads them)
+    raise ValueError(f"GPU_NN_AOT_COVER must be all, pairs or each, got {AOT_COVER!r}")
 
 
 @pytest.mark.parametrize("mode", ref.MODES)  # a test per cell (GN_MODE): xdist's workers share the compiles
-def test_rnn_cu_compiles_in_every_loader_configuration(mode):
+def test_rnn_cu_loader_builds_compile_for_sm90_without_spills(mode):
     """NVRTC for sm_90, the (GN_MODE, GN_ROUND, GN_MMA) builds the loader makes, the loop kernels
     without register spills (ptxas's report): every pair of two factors' values (rnn_cu_builds),
     every build with GPU_NN_AOT_FULL=1 or GPU_NN_AOT_COVER=all (the sm_90 check's switches: run at
@@ -808,10 +813,8 @@ def test_rnn_cu_compiles_in_every_loader_configuration(mode):
     from cupy_backends.cuda.libs import nvrtc
 
     from gpu_nn.kernels import cuda as kcuda
-    from gpu_nn.kernels import env_switch
 
-    every = bool(env_switch("GPU_NN_AOT_FULL")) or os.environ.get("GPU_NN_AOT_COVER") == "all"
-    for rnd, mma in rnn_cu_builds(ref.MODES.index(mode), every):
+    for _, rnd, mma in (b for b in rnn_cu_builds(AOT_COVER == "all") if b[0] == ref.MODES.index(mode)):
         opts = ["-arch=sm_90", *kcuda.options("rnn"), f"-DGN_MODE={ref.MODES.index(mode)}", f"-DGN_ROUND={rnd}",
                 f"-DGN_MMA={mma}", "--ptxas-options=-v"]  # the loader's own options
         prog = nvrtc.createProgram(kcuda.source("rnn"), "rnn.cu", [], [])

@@ -248,11 +248,13 @@ _DESC = re.compile(r"tensordesc<(\w+)\[([\d, ]*)\]>$")
 def _type_factors(arg: str, ty: str) -> list:
     """An argument's type as factors: the type itself, but a TMA descriptor's
     (``tensordesc<fp32[1, 8, 8, 128]>``) as its element type and each dimension of its block
-    apart. The block is made of the tile constexprs (each a factor of its own), so a descriptor
-    string per tile would ask for every tile combination again: 12 of the 20 forms of the TMA
-    convolution forward, where its tile values take 5."""
+    apart. The block is made of the tile constexprs (each a factor of its own), so one value per
+    descriptor string asked for nearly every tile combination again: the TMA convolution
+    forward's x_desc has 12 strings in its 20 forms (13 compiled; 6 with the block split)."""
     m = _DESC.match(ty)
     if m is None:
+        if ty.startswith("tensordesc"):  # a form this reading does not know: not a silent whole value
+            raise ValueError(f"{arg}: unrecognised descriptor type {ty!r}")
         return [("type", arg, ty)]
     dims = [d.strip() for d in m.group(2).split(",") if d.strip()]
     return [("type", arg, f"tensordesc<{m.group(1)}>")] + [("block", arg, len(dims), i, int(d)) for i, d in enumerate(dims)]
