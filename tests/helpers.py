@@ -482,6 +482,18 @@ def interpreted_launches(device: str):
         InterpretedFunction.run = orig
 
 
+def aot_cover() -> str:
+    """How much of each kernel's configurations the sm_90 compile checks compile (test_compile's
+    Triton specs, test_cupy_rnn's rnn.cu builds): ``"all"`` with GPU_NN_AOT_FULL=1, else
+    GPU_NN_AOT_COVER (``all``, ``pairs`` or ``each``; default ``each``); another value is refused."""
+    from gpu_nn.kernels import env_switch
+
+    cover = "all" if env_switch("GPU_NN_AOT_FULL") else os.environ.get("GPU_NN_AOT_COVER", "each")
+    if cover not in ("all", "pairs", "each"):
+        raise ValueError(f"GPU_NN_AOT_COVER must be all, pairs or each, got {cover!r}")
+    return cover
+
+
 def uninterpreted_env(**extra) -> dict:
     """The environment of this process without ``TRITON_INTERPRET`` (a process that compiles
     kernels must not have it: kernels imported under the interpreter cannot compile), plus

@@ -9,11 +9,10 @@ import re
 
 import pytest
 
-from gpu_nn.kernels import env_switch
 from gpu_nn.kernels import cuda as kcuda
 from gpu_nn.kernels import triton as ktriton
 from gpu_nn.kernels.triton import _aot
-from helpers import run_uninterpreted
+from helpers import aot_cover, run_uninterpreted
 
 
 def _aot_rows(family, tmp_path, shard="0/1", cover="all", must=()):
@@ -276,9 +275,7 @@ SHARDS = {"conv": 2, "rnn": 2, "dense": 2}
 # slowest ptxas runs; the suite went past CI's 15 minutes at stop 76). A spill or backend failure
 # that needs two factors together hides from the default subset until a pairs or full run, which
 # runs at every stop that touches a kernel (README, Tests).
-AOT_COVER = "all" if env_switch("GPU_NN_AOT_FULL") else os.environ.get("GPU_NN_AOT_COVER", "each")
-if AOT_COVER not in ("all", "pairs", "each"):
-    raise ValueError(f"GPU_NN_AOT_COVER must be all, pairs or each, got {AOT_COVER!r}")
+AOT_COVER = aot_cover()
 AOT_CASES = [(fam, f"{k}/{SHARDS.get(fam, 1)}") for fam in ktriton.FAMILIES for k in range(SHARDS.get(fam, 1))]
 
 

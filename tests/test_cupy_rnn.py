@@ -7,17 +7,15 @@ and on a GPU the whole path against the reference and against the per-step path.
 import contextlib
 import ctypes
 import itertools
-import os
 
 import numpy as np
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from gpu_nn.kernels import env_switch
 from gpu_nn.ops import rnn as ops
 from gpu_nn.reference import rnn as ref
-from helpers import CUDA, assert_close, backend_params, build_host_library, fptr, latin_cover, max_rel_err
+from helpers import CUDA, aot_cover, assert_close, backend_params, build_host_library, fptr, latin_cover, max_rel_err
 
 MODES = ("rnn_tanh", "rnn_relu", "lstm", "gru")
 
@@ -799,9 +797,7 @@ def test_rnn_cu_builds_meet_every_pair_of_values():
     assert sorted(rnn_cu_builds(every=True)) == sorted(itertools.product(range(4), range(3), range(2)))
 
 
-AOT_COVER = "all" if env_switch("GPU_NN_AOT_FULL") else os.environ.get("GPU_NN_AOT_COVER", "each")
-if AOT_COVER not in ("all", "pairs", "each"):  # (as tests/test_compile.py reads them)
-    raise ValueError(f"GPU_NN_AOT_COVER must be all, pairs or each, got {AOT_COVER!r}")
+AOT_COVER = aot_cover()  # (as tests/test_compile.py reads it)
 
 
 @pytest.mark.parametrize("mode", ref.MODES)  # a test per cell (GN_MODE): xdist's workers share the compiles
