@@ -103,14 +103,14 @@ def _worker(family: str, json_path: str, launched: bool = False) -> int:
         rows.append({"family": family, "kernel": "-", "label": "", "ok": False,
                      "error": f"aot_specs() failed: {type(exc).__name__}: {exc}"[:2000]})
         specs = []
-    for spec in specs:
+    # every failing config is reported, not only the first; the SASS read in one run for all
+    for spec, row in zip(specs, _aot.compile_specs(specs, keep_errors=True)):
         half = any(str(t) in HALF_TYPES for t in spec.signature.values())
-        try:
-            row = _aot.compile_spec(spec)
-            row["ok"] = True
-        except Exception as exc:  # every failing config is reported, not only the first
+        if isinstance(row, Exception):
             row = {"kernel": spec.name, "label": spec.label, "num_warps": spec.num_warps,
-                   "num_stages": spec.num_stages, "ok": False, "error": f"{type(exc).__name__}: {exc}"[:2000]}
+                   "num_stages": spec.num_stages, "ok": False, "error": f"{type(row).__name__}: {row}"[:2000]}
+        else:
+            row["ok"] = True
         row["family"] = family
         row["half"] = half
         row["needs_mma"] = _needs_mma(row)

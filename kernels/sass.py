@@ -7,8 +7,10 @@ Triton one (``kernels/triton/_aot``, ``gpu-nn sass``).
 
 from __future__ import annotations
 
+import bisect
 import os
 import re
+import struct
 import subprocess
 import tempfile
 
@@ -33,6 +35,97 @@ def cuobjdump(cubin: bytes, sass: bool = True) -> tuple:
         return run("-res-usage"), (run("-sass") if sass else None)
     finally:
         os.unlink(path)
+
+def _code_sections(cubin: bytes):
+    """``[(function, code), ...]`` of a cubin's ``.text.<function>`` sections, or None where
+    :func:`disassemble` must leave the cubin to :func:`cuobjdump`: not a little-endian ELF64, not
+    sm_90, or code the linker patches (a non-empty relocation section of a text section: a call
+    into another section reads as a branch to 0 in the bare code)."""
+    if cubin[:6] != b"\x7fELF\x02\x01":
+        return None
+    flags, = struct.unpack_from("<I", cubin, 0x30)
+    # the SM: bits 8-15 of e_flags from ABI version 8 (CUDA 12.8 on), bits 0-7 before
+    if (flags >> 8 if cubin[8] >= 8 else flags) & 0xFF != 90:
+        return None
+    shoff, = struct.unpack_from("<Q", cubin, 0x28)
+    entsize, count, names = struct.unpack_from("<HHH", cubin, 0x3A)
+    heads = [struct.unpack_from("<IIQQQQIIQQ", cubin, shoff + i * entsize) for i in range(count)]
+    base = heads[names][4]
+
+    def name(h):
+        return cubin[base + h[0]:cubin.index(b"\0", base + h[0])].decode()
+
+    out = []
+    for h in heads:
+        n = name(h)
+        if n.startswith((".rel.text.", ".rela.text.")) and h[5]:
+            return None
+        if n.startswith(".text."):
+            out.append((n[len(".text."):], cubin[h[4]:h[4] + h[5]]))
+    return out or None
+
+
+# the instructions whose hexadecimal operand is a code address (branch targets, reconvergence
+# points, calls): in one file of many functions these are the file's, made the function's again
+_CODE_ADDRESS = re.compile(r"^((?:@!?U?P[T0-9]+\s+)?(?:BRA|BSSY|CALL|JMP|BREAK|BPT|RET|WARPSYNC)\b[^;]*?)(0x[0-9a-f]+)(\s*)$")
+
+
+def _nvdisasm(blob: bytes) -> str:
+    with tempfile.NamedTemporaryFile(suffix=".bin", delete=False) as f:
+        f.write(blob)
+        path = f.name
+    try:
+        return subprocess.run([tool("nvdisasm"), "-b", "SM90a", path], capture_output=True, text=True,
+                              check=True).stdout
+    finally:
+        os.unlink(path)
+
+
+def disassemble(cubins: list, run_bytes: int = 16 << 20) -> list:
+    """The ``cuobjdump -sass`` listing of each of ``cubins`` (each function as ``Function : name``
+    and its ``/*address*/ instruction ;`` lines, addresses from the function's start), read with
+    one disassembler run for all of them. cuobjdump starts nvdisasm once per ELF, and that start
+    (about 0.7 s of CPU on CI's machine, a 50 KB cubin or a 1 MB one) was nearly all of a SASS
+    read: here every function's code is taken out of its ELF, the pieces laid end to end in one
+    file that ``nvdisasm -b SM90a`` decodes at once (a new run after ``run_bytes`` of code, so
+    the listing held at once stays bounded), and each function's lines cut back out, their
+    addresses and code-address operands made relative to the function's start again. A cubin
+    this cannot read (:func:`_code_sections`) goes through :func:`cuobjdump` alone. The
+    instructions are cuobjdump's, line for line (tests/test_compile.py compares them)."""
+    pieces = [_code_sections(c) for c in cubins]
+    runs, listed = [[]], {}
+    for i, fns in enumerate(pieces):
+        for fn, code in fns or ():
+            if runs[-1] and sum(len(c) for *_, c in runs[-1]) + len(code) > run_bytes:
+                runs.append([])
+            runs[-1].append((i, fn, code))
+    for run in runs:
+        if not run:
+            continue
+        blob, spans = bytearray(), []
+        for i, fn, code in run:
+            blob += bytes(-len(blob) % 128)
+            spans.append((len(blob), len(blob) + len(code), i, fn))
+            blob += code
+        starts = [s[0] for s in spans]
+        for a, ins in _SASS_LINE.findall(_nvdisasm(bytes(blob))):
+            addr = int(a, 16)
+            start, end, i, fn = spans[bisect.bisect_right(starts, addr) - 1]
+            if addr >= end:
+                continue  # (the padding between two functions)
+            m = _CODE_ADDRESS.match(ins)
+            if m and start <= int(m.group(2), 16) <= end:
+                ins = f"{m.group(1)}{int(m.group(2), 16) - start:#x}{m.group(3)}"
+            listed.setdefault((i, fn), []).append(f"        /*{addr - start:04x}*/ {ins} ;")
+    out = []
+    for i, fns in enumerate(pieces):
+        if fns is None:
+            out.append(cuobjdump(cubins[i])[1])
+            continue
+        out.append("".join(f"\n\tcode for sm_90a\n\t\tFunction : {fn}\n" + "\n".join(listed.get((i, fn), ())) + "\n"
+                           for fn, _ in fns))
+    return out
+
 
 _SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 _BRANCH = re.compile(r"^(@!?U?P[T0-9]+\s+)?BRA(?:\.\w+)*\s+(?:`\()?(0x[0-9a-f]+)")

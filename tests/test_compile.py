@@ -467,6 +467,27 @@ def test_cuda_sass_report_reads_a_whole_cubin():
         assert r["registers"] > 0 and r["instructions"] > r["straight"] > 0 and r["global_loads"], r
 
 
+def test_one_disassembler_run_reads_what_cuobjdump_reads():
+    """sass.disassemble reads many cubins with one nvdisasm run (cuobjdump starts one per cubin,
+    about 0.7 s each): every function's instructions and addresses are cuobjdump's, the code
+    addresses of branches, reconvergence points, calls, returns and warp syncs (BRA, BRA.DIV,
+    BSSY, CALL.REL, RET.REL, WARPSYNC.COLLECTIVE: the CUDA C recurrent module has each) made the
+    function's again, the module read both first and deep in the run's file. A cubin it cannot
+    read so (another architecture) is left to cuobjdump."""
+    from gpu_nn.kernels.sass import _code_sections, cuobjdump, disassemble, functions
+
+    rnn = kcuda.compile_cubin("rnn")
+    norm = lambda fns: {k: [(a, " ".join(t.split())) for a, t in v] for k, v in fns.items()}  # noqa: E731
+    want = norm(functions(cuobjdump(rnn)[1]))
+    got = [norm(functions(t)) for t in disassemble([rnn, rnn])]
+    assert got == [want, want] and len(want) > 1
+    ops = {t.split()[1 if t.startswith("@") else 0] for ins in want.values() for _, t in ins}
+    assert {"BRA", "BRA.DIV", "BSSY", "CALL.REL.NOINC", "RET.REL.NODEC", "WARPSYNC.COLLECTIVE"} <= ops
+    ampere = kcuda.compile_cubin("pool", arch="sm_80")
+    assert _code_sections(rnn) and _code_sections(ampere) is None
+    assert sorted(functions(disassemble([ampere])[0])) == ["pool_avg_bwd", "pool_avg_fwd", "pool_max_bwd", "pool_max_fwd"]
+
+
 def test_cubin_read_only_through_an_nvrtc_of_cupys_version(tmp_path, monkeypatch):
     """The cubin is read through an NVRTC library of CuPy's own version, never another one this
     process maps (torch's CUDA 13 builds map a libnvrtc.so.13 beside cupy-cuda12x's 12: a program
@@ -796,8 +817,8 @@ def test_convolutions_reach_the_tensor_cores_in_every_operand_type(tmp_path):
     15: tensor cores for every fp16 / bf16 / tf32 configuration; the spill check above reads no
     SASS, and linear's test holds only the matmul to it). One tile per kernel, orientation and
     dot kind, bfloat16 for both half types (float16 takes the same wgmma path). The PTX's
-    ``wgmma.mma_async`` are counted (each an HGMMA in the SASS: the first kernel's disassembly
-    shows it, equal counts); a SASS read costs about a second a kernel, 12 s of this test's 32."""
+    ``wgmma.mma_async`` are counted, and the SASS's HGMMA (the 12 disassemblies in one run:
+    ``_aot.compile_specs``): the same counts, ptxas having no other form of a wgmma."""
     code = (
         "import json\n"
         "from gpu_nn.kernels.triton import _aot\n"
@@ -805,14 +826,11 @@ def test_convolutions_reach_the_tensor_cores_in_every_operand_type(tmp_path):
         "        (('bf16', 'ieee'), ('fp32', 'tf32')) for o in ('', ' apix')}\n"
         "specs = [s for s in _aot.family_specs('conv')\n"
         "         if s.name in ('_conv_fwd_kernel', '_conv_dgrad_kernel', '_conv_wgrad_kernel') and s.label in want]\n"
-        "rows = {s.label: _aot.compile_spec(s, sass=i == 0) for i, s in enumerate(specs)}\n"
-        "print(json.dumps(rows))\n"
+        "print(json.dumps({s.label: r for s, r in zip(specs, _aot.compile_specs(specs))}))\n"
     )
     rows = _uninterpreted_json(tmp_path, "hgmma.py", code, timeout=600)
     assert len(rows) == 12, sorted(rows)
-    assert all(r["wgmma"] > 0 for r in rows.values()), {k: r["wgmma"] for k, r in rows.items()}
-    read = [r for r in rows.values() if "hgmma" in r]
-    assert len(read) == 1 and read[0]["hgmma"] == read[0]["wgmma"], read
+    assert all(0 < r["wgmma"] == r["hgmma"] for r in rows.values()), {k: (r["wgmma"], r["hgmma"]) for k, r in rows.items()}
 
 
 def test_access_widths_reads_the_size_suffix_of_global_loads_and_stores():
@@ -881,15 +899,15 @@ def test_launched_elementwise_kernels_move_128_bits_per_access(tmp_path):
     code = (
         "import json\n"
         "from gpu_nn.kernels.triton import activation as ka, dense as kd\n"
-        "from gpu_nn.kernels.triton._aot import compile_spec\n"
+        "from gpu_nn.kernels.triton._aot import compile_specs\n"
         "soft = (kd._softmax_fwd_kernel, kd._softmax_bwd_kernel)\n"
         "pick = lambda s: s.label.startswith(('fp32 softmax', 'fp16 softmax BLOCK=2048'))\n"
         "acts = [s for s in ka.launched_specs() if s.label.startswith(('sigmoid fp32', 'sigmoid bf16'))]\n"
         "launched = acts + [s for s in kd.launched_specs() if s.kernel in soft and pick(s)]\n"
         "general = ka.aot_specs()[:2] + [s for s in kd.aot_specs() if s.kernel in soft][:2]\n"
-        "rows = [dict(compile_spec(s), which=w, block=s.constexprs['BLOCK'],\n"
-        "             bits=16 if '16' in next(iter(s.signature.values())) else 32)\n"
-        "        for w, specs in (('launched', launched), ('general', general)) for s in specs]\n"
+        "pairs = [(w, s) for w, specs in (('launched', launched), ('general', general)) for s in specs]\n"
+        "rows = [dict(r, which=w, block=s.constexprs['BLOCK'], bits=16 if '16' in next(iter(s.signature.values())) else 32)\n"
+        "        for (w, s), r in zip(pairs, compile_specs([s for _, s in pairs]))]\n"
         "print(json.dumps(rows))\n"
     )
     rows = _uninterpreted_json(tmp_path, "widths.py", code, timeout=600)
@@ -915,10 +933,11 @@ def test_softmax_online_pass_takes_one_exp_per_element(tmp_path):
     code = (
         "import json\n"
         "from gpu_nn.kernels.triton import dense as kd\n"
-        "from gpu_nn.kernels.triton._aot import compile_spec\n"
+        "from gpu_nn.kernels.triton._aot import compile_specs\n"
         "specs = [s for s in kd.launched_specs() if s.kernel is kd._softmax_fwd_kernel and 'loop' in s.label\n"
         "         and s.label.startswith(('fp32', 'bf16'))]\n"
-        "print(json.dumps([dict(compile_spec(s), block=s.constexprs['BLOCK'], log=s.constexprs['LOG']) for s in specs]))\n"
+        "print(json.dumps([dict(r, block=s.constexprs['BLOCK'], log=s.constexprs['LOG'])\n"
+        "                  for s, r in zip(specs, compile_specs(specs))]))\n"
     )
     rows = _uninterpreted_json(tmp_path, "ex2.py", code, timeout=600)
     assert len(rows) == 4, rows  # softmax / log_softmax x fp32 / bf16
@@ -964,9 +983,9 @@ def test_layout_copy_moves_128_bits_both_ways_through_shared_memory(tmp_path):
     code = (
         "import json\n"
         "from gpu_nn.kernels.triton import conv as kc\n"
-        "from gpu_nn.kernels.triton._aot import compile_spec\n"
+        "from gpu_nn.kernels.triton._aot import compile_specs\n"
         "specs = [s for s in kc.aot_specs() if s.kernel is kc._layout_copy_kernel]\n"
-        "print(json.dumps([dict(compile_spec(s), label=s.label) for s in specs]))\n"
+        "print(json.dumps([dict(r, label=s.label) for s, r in zip(specs, compile_specs(specs))]))\n"
     )
     rows = _uninterpreted_json(tmp_path, "layout.py", code, timeout=600)
     launched = [r for r in rows if r["label"].endswith("launched")]

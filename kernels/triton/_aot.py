@@ -71,18 +71,22 @@ class AotSpec:
         return dataclasses.replace(self, label=f"{self.label} launched", divisible_by_16=div)
 
 
-def _resources(cubin: bytes, sass: bool = True) -> dict:
+def _resources(cubin: bytes, sass=True) -> dict:
     """Registers, stack and local memory (``cuobjdump -res-usage``) and, with ``sass``, counts of
     instructions in the disassembly (tensor-core MMAs, spill stores / loads, TMA loads, global
     accesses by width, special-function exp2s, the straight path:
-    ``gpu_nn.kernels.sass.straight_path``).
+    ``gpu_nn.kernels.sass.straight_path``). ``sass`` may be the cubin's listing already read
+    (``gpu_nn.kernels.sass.disassemble``, many cubins in one run: :func:`compile_specs`); True
+    reads it here.
 
     ``spill_bytes`` is the per-thread stack frame plus local memory: ptxas places spilled
     registers in the stack frame (``STL`` / ``LDL`` instructions), not in ``LOCAL``, which stays
     0 for Triton's kernels (no local arrays, every call inlined); a non-zero stack in a Triton
-    kernel is spilled registers. The disassembly is the slow part (about a second for a large
-    GEMM kernel), so the ahead-of-time test skips it."""
-    usage, text = cuobjdump(cubin, sass)
+    kernel is spilled registers. The disassembly is the slow part (about 0.7 s a cubin, most of
+    it the disassembler's start), so the ahead-of-time test skips it."""
+    usage, text = cuobjdump(cubin, sass is True)
+    if isinstance(sass, str):
+        text = sass
     m = re.search(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)", usage)
     regs, stack, shared, local = (int(g) for g in m.groups()) if m else (-1, -1, -1, -1)
     out = {
@@ -93,6 +97,7 @@ def _resources(cubin: bytes, sass: bool = True) -> dict:
         "static_shared_bytes": shared,
     }
     if text is not None:
+        fns = functions(text)
         out.update({
             "hgmma": len(re.findall(r"\bHGMMA\b", text)),
             "hmma": len(re.findall(r"\bHMMA\b", text)),
@@ -100,11 +105,13 @@ def _resources(cubin: bytes, sass: bool = True) -> dict:
             "spill_loads": len(re.findall(r"\bLDL\b", text)),
             "tma_loads": len(re.findall(r"\bUTMALDG\b", text)),
             "ex2": len(re.findall(r"\bMUFU\.EX2\b", text)),  # the special-function unit's exp2
-            "sass_lines": text.count("\n"),
+            # the listing's instructions, NOPs and each function's closing self-branch left out
+            # (as the CUDA C report counts them; the line count of cuobjdump's text before)
+            "instructions": sum(1 for ins in fns.values() for _, t in ins if not t.startswith("NOP")),
             "global_loads": access_widths(text, "LDG"),
             "global_stores": access_widths(text, "STG"),
             # instructions per thread with every guard holding, each loop once (kernels/sass.py)
-            "straight": sum(straight_path(ins) for ins in functions(text).values()),
+            "straight": sum(straight_path(ins) for ins in fns.values()),
         })
     return out
 
@@ -217,15 +224,14 @@ def compile_with_ir(src, options: dict):
         return triton.compile(src, target=target, options=options)
 
 
-def compile_spec(spec: AotSpec, sass: bool = True) -> dict:
-    """Compile one spec for sm_90; returns its resource usage (raises on a compile error); without
-    ``sass`` no disassembly counts (see :func:`_resources`)."""
+def _compile(spec: AotSpec) -> tuple:
+    """``(row, cubin)``: one spec compiled for sm_90, its row without the cubin's resources."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("AOT compilation needs TRITON_INTERPRET unset (interpreted kernels cannot compile)")
     src = _source(spec.kernel, spec.signature, spec.constexprs, spec.divisible_by_16)
     t0 = time.perf_counter()
     compiled = compile_with_ir(src, {"num_warps": spec.num_warps, "num_stages": spec.num_stages})
-    out = {
+    row = {
         "kernel": spec.name,
         "label": spec.label,
         "num_warps": spec.num_warps,
@@ -238,8 +244,35 @@ def compile_spec(spec: AotSpec, sass: bool = True) -> dict:
         # form of wgmma), read without the disassembly's second a kernel
         "wgmma": len(re.findall(r"^\s*(?:@%p\d+\s+)?wgmma\.mma_async\b", compiled.asm["ptx"], re.M)),
     }
-    out.update(_resources(compiled.asm["cubin"], sass))
-    return out
+    return row, compiled.asm["cubin"]
+
+
+def compile_spec(spec: AotSpec, sass: bool = True) -> dict:
+    """Compile one spec for sm_90; returns its resource usage (raises on a compile error); without
+    ``sass`` no disassembly counts (see :func:`_resources`). Many specs with their SASS:
+    :func:`compile_specs`."""
+    row, cubin = _compile(spec)
+    row.update(_resources(cubin, sass))
+    return row
+
+
+def compile_specs(specs, sass: bool = True, keep_errors: bool = False) -> list:
+    """:func:`compile_spec` of each of ``specs``, in order, every SASS read in one disassembler
+    run (``gpu_nn.kernels.sass.disassemble``: the disassembler's start, not the cubin, was most
+    of a read). A compile error is raised, or with ``keep_errors`` kept in the spec's place."""
+    from ..sass import disassemble
+
+    done = []
+    for spec in specs:
+        try:
+            done.append(_compile(spec))
+        except Exception as exc:
+            if not keep_errors:
+                raise
+            done.append(exc)
+    ok = [d for d in done if not isinstance(d, Exception)]
+    texts = iter(disassemble([cubin for _, cubin in ok]) if sass else [False] * len(ok))
+    return [d if isinstance(d, Exception) else {**d[0], **_resources(d[1], next(texts))} for d in done]
 
 
 _DESC = re.compile(r"tensordesc<(\w+)\[([\d, ]*)\]>$")
