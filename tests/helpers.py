@@ -484,7 +484,8 @@ def interpreted_launches(device: str):
 
 def aot_cover() -> str:
     """How much of each kernel's configurations the sm_90 compile checks compile (test_compile's
-    Triton specs, test_cupy_rnn's rnn.cu builds): ``"all"`` with GPU_NN_AOT_FULL=1, else
+    Triton specs, test_cupy_rnn's rnn.cu builds) and of the recorded launches test_aot_coverage
+    takes through the front end: ``"all"`` with GPU_NN_AOT_FULL=1, else
     GPU_NN_AOT_COVER (``all``, ``pairs`` or ``each``; default ``each``); another value is refused."""
     from gpu_nn.kernels import env_switch
 

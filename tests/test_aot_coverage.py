@@ -41,6 +41,7 @@ import torch
 import gpu_nn
 from gpu_nn import _backend, check
 from gpu_nn.kernels import triton as ktriton
+from helpers import aot_cover
 
 pytestmark = pytest.mark.skipif(not ktriton.INTERPRET, reason="records launches through the Triton interpreter (CPU only)")
 
@@ -715,11 +716,56 @@ def test_every_launch_is_in_aot_specs(family, monkeypatch, tmp_path):
     # arguments on a GPU: the AOT specs type run-time ints as i32, the JIT makes an int equal to 1
     # a constant (the H200 at 09f2311: every 1-d tiled pooling failed to compile there, a helper
     # calling .to on such a constant, which neither the interpreter nor the specs met)
-    rows = specialised_rows(rec.launches, retyped(rec.launches, specs))
+    rows = covered(specialised_rows(rec.launches, retyped(rec.launches, specs)), aot_cover())
     failed = frontend_failures(rows, tmp_path) if rows else []
     assert not failed, (f"{family}: {len(failed)} of {len(rows)} specialised launches fail Triton's front end for "
                         "sm_90:\n" + "\n".join(f"{r['kernel']} from {next(x['where'] for x in rows if x['kernel'] == r['kernel'])}: "
                                                  f"{r['error'][-600:]}" for r in failed[:5]))
+
+
+def covered(rows, cover: str) -> list:
+    """The specialised launches ``rows`` the front-end check runs, under the sm_90 checks' cover
+    switch (helpers.aot_cover, as test_compile.py's): all of them with ``all``; else, kernel by
+    kernel, a subset in which every value (``each``, the default) or every pair of values
+    (``pairs``) of the factors that make a compiled form -- each constexpr, the constants the JIT
+    makes of ints equal to 1 and of None, each argument's type, warps, stages -- is met
+    (``_aot.covering``, as test_compile.py chooses the specs it compiles all the way). A front
+    end takes about 80 ms a launch on CI's machine; the six families' 853 launches took about a
+    minute of the suite, the each-cover's 157 about 12 s. A failure that needs two factors
+    together waits for a pairs (440 launches) or full run, which run at every stop that touches a
+    kernel; the H200's (every 1-d tiled pooling: a helper calling ``.to`` on such a constant)
+    needed one."""
+    if cover == "all":
+        return rows
+    from gpu_nn.kernels.triton import _aot
+
+    specs = [_aot.AotSpec(r["kernel"], r["signature"], r["constexprs"], r["num_warps"], r["num_stages"]) for r in rows]
+    return [r for r, keep in zip(rows, _aot.covering(specs, order={"each": 1, "pairs": 2}[cover])) if keep]
+
+
+def test_front_end_cover_meets_every_value_of_the_specialised_launches():
+    """``covered`` keeps, kernel by kernel, launches in which every factor value (``each``) or
+    pair of values (``pairs``) of the whole list is met, fewer than all; ``all`` keeps all."""
+    rows = [{"kernel": k, "signature": {"x_ptr": t, "n": "constexpr" if one else "i32", "A": "constexpr"},
+             "constexprs": {"A": a, **({"n": 1} if one else {})}, "num_warps": w, "num_stages": 3}
+            for k in ("k1", "k2") for t in ("*fp32", "*bf16") for one in (False, True) for a in (16, 32, 64) for w in (4, 8)]
+
+    def values(rs):
+        return {(r["kernel"], name, repr(v)) for r in rs
+                for name, v in [*r["signature"].items(), *r["constexprs"].items(), ("warps", r["num_warps"])]}
+
+    def pairs(rs):
+        out = set()
+        for r in rs:
+            f = sorted((n, repr(v)) for n, v in [*r["signature"].items(), *r["constexprs"].items(), ("w", r["num_warps"])])
+            out |= {(r["kernel"], a, b) for i, a in enumerate(f) for b in f[i + 1:]}
+        return out
+
+    each, two = covered(rows, "each"), covered(rows, "pairs")
+    assert covered(rows, "all") == rows
+    assert values(each) == values(rows) and len(each) < len(two) < len(rows)
+    assert pairs(two) == pairs(rows) and pairs(each) != pairs(rows)
+    assert all(r in rows for r in two) and {r["kernel"] for r in each} == {"k1", "k2"}
 
 
 def test_checker_reports_a_launch_missing_from_the_specs(monkeypatch):
