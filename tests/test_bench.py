@@ -1261,8 +1261,10 @@ def test_gpu_measure_unpacks_a_carried_cache_and_packs_within_its_budget(tmp_pat
                                          {**env, "GPU_NN_CARRIED_CACHE": "none", "GPU_MEASURE_BUDGET_S": "60", **extra})
         limits[name] = (out / "tma-repeat.log").read_text().split("(limit ")[1].split("s)")[0]
         assert any(c.endswith(f"pack {packed} --max-s 25") for c in calls) == bool(extra)
-    # 60 s: the first step gets its 45; with the pack's 40 kept, what 20 s leave (less the kill's 10)
-    assert limits == {"plain": "45", "packing": "10"}
+    # 60 s: the first step gets its 45; with the pack's 40 kept, what 20 s leave less the kill's
+    # 10 and the whole seconds bash's SECONDS has counted since the start (a second boundary
+    # crossed in a few milliseconds: 9; a loaded machine, 8; this read 10 only, and failed so)
+    assert limits["plain"] == "45" and limits["packing"] in ("10", "9", "8"), limits
 
 
 def test_saved_bytes_counts_what_the_forward_adds_and_every_case_runs(tmp_path):
