@@ -713,26 +713,45 @@ def test_host_cost_demo_times_and_counts_every_phase_of_a_training_step(tmp_path
     assert res["gru"]["launches"]["clip"] == 2
 
 
-def test_gpu_first_order_runs_the_tests_only_a_gpu_runs_first():
+def test_gpu_first_order_runs_the_tests_only_a_gpu_runs_first(request, monkeypatch):
     """GPU_NN_TEST_ORDER=gpu-first (gpu_run.sh's pytest step, which its time limit may cut): the
     cases only a GPU runs (the cupy backend's, those skipped without CUDA) come first, the
     CUDA-graph captures last (a failed capture breaks its worker), the rest between; the first
     group and the rest each spread in a fixed pseudo-random order (CRC-32 of the node id), so that
     xdist's runs of consecutive tests do not hand one worker a test's parametrisations together
-    (each compiling its kernel variants on a GPU); without the variable, collection order."""
+    (each compiling its kernel variants on a GPU); without the variable, collection order. The
+    two files' tests as this session collected them, ordered again by conftest's hook with the
+    variable unset and set (where the session did not collect them, as pytest collects them in
+    a process of its own: two collections, about 14 s)."""
     import itertools
     import os
     import subprocess
     import sys
     import zlib
 
+    import conftest
+
+    files = ("tests/test_cuda_graphs.py", "tests/test_optim.py")
+    opt = request.config.option
+    # this session holds both files whole, in collection order: collected from the tests folder
+    # or those files, nothing deselected, not reordered by the variable itself
+    whole = (os.environ.get("GPU_NN_TEST_ORDER") is None
+             and not (opt.keyword or opt.markexpr or getattr(opt, "deselect", None) or getattr(opt, "lf", False))
+             and all(any(os.path.normpath(a) in ("tests", f) for a in request.config.args) for f in files))
+    mine = [it for it in request.session.items if it.nodeid.startswith(files)] if whole else []
+
     def collect(order):
-        env = {k: v for k, v in os.environ.items() if k != "GPU_NN_TEST_ORDER"}
         if order:
-            env["GPU_NN_TEST_ORDER"] = order
-        r = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
-                            "tests/test_cuda_graphs.py", "tests/test_optim.py"],
-                           capture_output=True, text=True, env=env, cwd=os.path.dirname(os.path.dirname(__file__)))
+            monkeypatch.setenv("GPU_NN_TEST_ORDER", order)
+        else:
+            monkeypatch.delenv("GPU_NN_TEST_ORDER", raising=False)
+        if mine:
+            items = sorted(mine, key=lambda it: files.index(it.nodeid.split("::")[0]))  # (stable: collection order)
+            conftest.pytest_collection_modifyitems(request.config, items)
+            return [it.nodeid for it in items]
+        r = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *files],
+                           capture_output=True, text=True, env=dict(os.environ),
+                           cwd=os.path.dirname(os.path.dirname(__file__)))
         return [ln for ln in r.stdout.splitlines() if "::" in ln]
 
     plain, ordered = collect(None), collect("gpu-first")
