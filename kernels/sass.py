@@ -38,36 +38,40 @@ def cuobjdump(cubin: bytes, sass: bool = True) -> tuple:
 
 def _code_sections(cubin: bytes):
     """``[(function, code), ...]`` of a cubin's ``.text.<function>`` sections, or None where
-    :func:`disassemble` must leave the cubin to :func:`cuobjdump`: not a little-endian ELF64, not
-    sm_90, or code the linker patches (a non-empty relocation section of a text section: a call
-    into another section reads as a branch to 0 in the bare code)."""
+    :func:`disassemble` must leave the cubin to :func:`cuobjdump`: not a little-endian ELF64 it
+    can read, not sm_90, code the linker patches (a non-empty relocation section of a text
+    section: a call into another section reads as a branch to 0 in the bare code), or code not
+    whole 16-byte instructions."""
     if cubin[:6] != b"\x7fELF\x02\x01":
         return None
-    flags, = struct.unpack_from("<I", cubin, 0x30)
-    # the SM: bits 8-15 of e_flags from ABI version 8 (CUDA 12.8 on), bits 0-7 before
-    if (flags >> 8 if cubin[8] >= 8 else flags) & 0xFF != 90:
-        return None
-    shoff, = struct.unpack_from("<Q", cubin, 0x28)
-    entsize, count, names = struct.unpack_from("<HHH", cubin, 0x3A)
-    heads = [struct.unpack_from("<IIQQQQIIQQ", cubin, shoff + i * entsize) for i in range(count)]
-    base = heads[names][4]
-
-    def name(h):
-        return cubin[base + h[0]:cubin.index(b"\0", base + h[0])].decode()
-
-    out = []
-    for h in heads:
-        n = name(h)
-        if n.startswith((".rel.text.", ".rela.text.")) and h[5]:
+    try:
+        flags, = struct.unpack_from("<I", cubin, 0x30)
+        # the SM: bits 8-15 of e_flags from ABI version 8 (CUDA 12.8 on), bits 0-7 before
+        if (flags >> 8 if cubin[8] >= 8 else flags) & 0xFF != 90:
             return None
-        if n.startswith(".text."):
-            out.append((n[len(".text."):], cubin[h[4]:h[4] + h[5]]))
+        shoff, = struct.unpack_from("<Q", cubin, 0x28)
+        entsize, count, names = struct.unpack_from("<HHH", cubin, 0x3A)
+        heads = [struct.unpack_from("<IIQQQQIIQQ", cubin, shoff + i * entsize) for i in range(count)]
+        base = heads[names][4]
+        out = []
+        for h in heads:
+            n = cubin[base + h[0]:cubin.index(b"\0", base + h[0])].decode()
+            if n.startswith((".rel.text.", ".rela.text.")) and h[5]:
+                return None
+            if n.startswith(".text."):
+                code = cubin[h[4]:h[4] + h[5]]
+                if len(code) != h[5] or len(code) % 16:
+                    return None
+                out.append((n[len(".text."):], code))
+    except (struct.error, IndexError, ValueError):  # (a truncated or malformed ELF: cuobjdump says what)
+        return None
     return out or None
 
 
 # the instructions whose hexadecimal operand is a code address (branch targets, reconvergence
-# points, calls): in one file of many functions these are the file's, made the function's again
-_CODE_ADDRESS = re.compile(r"^((?:@!?U?P[T0-9]+\s+)?(?:BRA|BSSY|CALL|JMP|BREAK|BPT|RET|WARPSYNC)\b[^;]*?)(0x[0-9a-f]+)(\s*)$")
+# points, calls, relative returns, a collective warp sync's target): in one file of many
+# functions these are the file's, made the function's again
+_CODE_ADDRESS = re.compile(r"^((?:@!?U?P[T0-9]+\s+)?(?:BRA|BSSY|CALL|JMP|RET|WARPSYNC\.COLLECTIVE)\b[^;]*?)(0x[0-9a-f]+)(\s*)$")
 
 
 def _nvdisasm(blob: bytes) -> str:
@@ -83,36 +87,36 @@ def _nvdisasm(blob: bytes) -> str:
 
 def disassemble(cubins: list, run_bytes: int = 16 << 20) -> list:
     """The ``cuobjdump -sass`` listing of each of ``cubins`` (each function as ``Function : name``
-    and its ``/*address*/ instruction ;`` lines, addresses from the function's start), read with
-    one disassembler run for all of them. cuobjdump starts nvdisasm once per ELF, and that start
-    (about 0.7 s of CPU on CI's machine, a 50 KB cubin or a 1 MB one) was nearly all of a SASS
-    read: here every function's code is taken out of its ELF, the pieces laid end to end in one
-    file that ``nvdisasm -b SM90a`` decodes at once (a new run after ``run_bytes`` of code, so
-    the listing held at once stays bounded), and each function's lines cut back out, their
-    addresses and code-address operands made relative to the function's start again. A cubin
-    this cannot read (:func:`_code_sections`) goes through :func:`cuobjdump` alone. The
-    instructions are cuobjdump's, line for line (tests/test_compile.py compares them)."""
+    and its ``/*address*/ instruction ;`` lines, addresses from the function's start, in the
+    ELF's section order), read with one disassembler run for all of them. cuobjdump starts
+    nvdisasm once per ELF, and that start (about 0.7 s of CPU on CI's machine, a 50 KB cubin or a
+    1 MB one) was nearly all of a SASS read: here every function's code is taken out of its ELF,
+    the pieces laid end to end in one file that ``nvdisasm -b SM90a`` decodes at once (a new run
+    after ``run_bytes`` of code, so that one run's output stays bounded), and each function's
+    lines cut back out, their addresses and code-address operands made relative to the
+    function's start again. A cubin this cannot read (:func:`_code_sections`) goes through
+    :func:`cuobjdump` alone. The instructions are cuobjdump's, line for line
+    (tests/test_compile.py compares them)."""
     pieces = [_code_sections(c) for c in cubins]
-    runs, listed = [[]], {}
+    runs, size, listed = [[]], 0, {}
     for i, fns in enumerate(pieces):
         for fn, code in fns or ():
-            if runs[-1] and sum(len(c) for *_, c in runs[-1]) + len(code) > run_bytes:
+            if runs[-1] and size + len(code) > run_bytes:
                 runs.append([])
+                size = 0
             runs[-1].append((i, fn, code))
+            size += len(code)
     for run in runs:
         if not run:
             continue
         blob, spans = bytearray(), []
-        for i, fn, code in run:
-            blob += bytes(-len(blob) % 128)
+        for i, fn, code in run:  # (whole 16-byte instructions: each piece starts on one)
             spans.append((len(blob), len(blob) + len(code), i, fn))
             blob += code
         starts = [s[0] for s in spans]
         for a, ins in _SASS_LINE.findall(_nvdisasm(bytes(blob))):
             addr = int(a, 16)
             start, end, i, fn = spans[bisect.bisect_right(starts, addr) - 1]
-            if addr >= end:
-                continue  # (the padding between two functions)
             m = _CODE_ADDRESS.match(ins)
             if m and start <= int(m.group(2), 16) <= end:
                 ins = f"{m.group(1)}{int(m.group(2), 16) - start:#x}{m.group(3)}"
@@ -164,12 +168,15 @@ def straight_path(instructions) -> int:
 
 def functions(text: str) -> dict:
     """``{function name: [(address, instruction text), ...]}`` of a ``cuobjdump -sass`` listing,
-    each function's trailing self-branch (the padding after its last instruction) left out."""
+    each function's closing padding left out: the self-branch after its last instruction and the
+    NOPs to the section's 128-byte end (the branch was kept, the NOPs after it hiding it, until
+    stop 79)."""
     out = {}
     for chunk in re.split(r"\n\s*Function : ", text)[1:]:
         name, body = chunk.split("\n", 1)
         ins = [(int(a, 16), t.strip()) for a, t in _SASS_LINE.findall(body)]
-        while ins and _BRANCH.match(ins[-1][1]) and int(_BRANCH.match(ins[-1][1]).group(2), 16) == ins[-1][0]:
+        while ins and (ins[-1][1].startswith("NOP") or (
+                _BRANCH.match(ins[-1][1]) and int(_BRANCH.match(ins[-1][1]).group(2), 16) == ins[-1][0])):
             ins.pop()
         out[name.strip()] = ins
     return out

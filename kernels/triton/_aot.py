@@ -71,22 +71,22 @@ class AotSpec:
         return dataclasses.replace(self, label=f"{self.label} launched", divisible_by_16=div)
 
 
-def _resources(cubin: bytes, sass=True) -> dict:
+def _resources(cubin: bytes, sass: bool = True, listing: str | None = None) -> dict:
     """Registers, stack and local memory (``cuobjdump -res-usage``) and, with ``sass``, counts of
     instructions in the disassembly (tensor-core MMAs, spill stores / loads, TMA loads, global
     accesses by width, special-function exp2s, the straight path:
-    ``gpu_nn.kernels.sass.straight_path``). ``sass`` may be the cubin's listing already read
-    (``gpu_nn.kernels.sass.disassemble``, many cubins in one run: :func:`compile_specs`); True
-    reads it here.
+    ``gpu_nn.kernels.sass.straight_path``): ``listing`` where the cubin's was read already
+    (``gpu_nn.kernels.sass.disassemble``, many cubins in one run: :func:`compile_specs`), else
+    read here.
 
     ``spill_bytes`` is the per-thread stack frame plus local memory: ptxas places spilled
     registers in the stack frame (``STL`` / ``LDL`` instructions), not in ``LOCAL``, which stays
     0 for Triton's kernels (no local arrays, every call inlined); a non-zero stack in a Triton
     kernel is spilled registers. The disassembly is the slow part (about 0.7 s a cubin, most of
     it the disassembler's start), so the ahead-of-time test skips it."""
-    usage, text = cuobjdump(cubin, sass is True)
-    if isinstance(sass, str):
-        text = sass
+    usage, text = cuobjdump(cubin, sass and listing is None)
+    if sass and listing is not None:
+        text = listing
     m = re.search(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)", usage)
     regs, stack, shared, local = (int(g) for g in m.groups()) if m else (-1, -1, -1, -1)
     out = {
@@ -241,7 +241,7 @@ def _compile(spec: AotSpec) -> tuple:
         "wide_transposed_32bit": wide_transposed_32bit(compiled.asm["ttgir"]),
         "approx_div_f32": approx_div_f32(compiled.asm["ptx"]),
         # tensor-core products issued (sm_90a: each is an HGMMA in the SASS; ptxas has no other
-        # form of wgmma), read without the disassembly's second a kernel
+        # form of wgmma), read without a disassembly
         "wgmma": len(re.findall(r"^\s*(?:@%p\d+\s+)?wgmma\.mma_async\b", compiled.asm["ptx"], re.M)),
     }
     return row, compiled.asm["cubin"]
@@ -259,7 +259,8 @@ def compile_spec(spec: AotSpec, sass: bool = True) -> dict:
 def compile_specs(specs, sass: bool = True, keep_errors: bool = False) -> list:
     """:func:`compile_spec` of each of ``specs``, in order, every SASS read in one disassembler
     run (``gpu_nn.kernels.sass.disassemble``: the disassembler's start, not the cubin, was most
-    of a read). A compile error is raised, or with ``keep_errors`` kept in the spec's place."""
+    of a read). An error (the compile's, or reading a cubin's resources) is raised, or with
+    ``keep_errors`` kept in its spec's place; a failed joint read is then taken cubin by cubin."""
     from ..sass import disassemble
 
     done = []
@@ -270,9 +271,27 @@ def compile_specs(specs, sass: bool = True, keep_errors: bool = False) -> list:
             if not keep_errors:
                 raise
             done.append(exc)
-    ok = [d for d in done if not isinstance(d, Exception)]
-    texts = iter(disassemble([cubin for _, cubin in ok]) if sass else [False] * len(ok))
-    return [d if isinstance(d, Exception) else {**d[0], **_resources(d[1], next(texts))} for d in done]
+    cubins = [d[1] for d in done if not isinstance(d, Exception)]
+    listings = [None] * len(cubins)
+    if sass and cubins:
+        try:
+            listings = disassemble(cubins)
+        except Exception:
+            if not keep_errors:
+                raise
+    listings = iter(listings)
+    out = []
+    for d in done:
+        if isinstance(d, Exception):
+            out.append(d)
+            continue
+        try:
+            out.append({**d[0], **_resources(d[1], sass, next(listings))})
+        except Exception as exc:
+            if not keep_errors:
+                raise
+            out.append(exc)
+    return out
 
 
 _DESC = re.compile(r"tensordesc<(\w+)\[([\d, ]*)\]>$")
