@@ -271,13 +271,25 @@ def collect_cuda(sources=None) -> list[dict]:
     """One row per kernel of every :func:`cuda_builds` build (an error row for a build that
     fails); ``sources``: only the builds of these CUDA C sources (``pool``, ``optim``, ``rnn``)."""
     from gpu_nn.kernels import cuda as kcuda
+    from gpu_nn.kernels.sass import disassemble
 
+    builds = [b for b in cuda_builds() if not sources or b[0] in sources]
+    cubins = []
+    for name, _, defines in builds:
+        try:
+            cubins.append(kcuda.compile_cubin(name, defines))
+        except Exception as exc:  # noqa: BLE001 - a row says what failed
+            cubins.append(exc)
+    built = [c for c in cubins if not isinstance(c, Exception)]
+    listings = iter(disassemble(built))  # (every build's SASS in one disassembler run)
     rows = []
-    for name, label, defines in cuda_builds():
-        if sources and name not in sources:
+    for (name, label, defines), cubin in zip(builds, cubins):
+        if isinstance(cubin, Exception):
+            rows.append({"source": name, "label": label, "kernel": "-", "ok": False,
+                         "error": f"{type(cubin).__name__}: {cubin}"})
             continue
         try:
-            report = kcuda.sass_report(kcuda.compile_cubin(name, defines))
+            report = kcuda.sass_report(cubin, next(listings))
         except Exception as exc:  # noqa: BLE001 - a row says what failed
             rows.append({"source": name, "label": label, "kernel": "-", "ok": False,
                          "error": f"{type(exc).__name__}: {exc}"})

@@ -83,10 +83,12 @@ def test_sass_cuda_compiles_only_the_families_named(monkeypatch, capsys):
 
     from gpu_nn.benchmarks import sass_report
     from gpu_nn.kernels import cuda as kcuda
+    from gpu_nn.kernels import sass
 
     compiled = []
     monkeypatch.setattr(kcuda, "compile_cubin", lambda name, defines: compiled.append(name) or name)
-    monkeypatch.setattr(kcuda, "sass_report", lambda cubin: {})
+    monkeypatch.setattr(sass, "disassemble", lambda cubins: [None] * len(cubins))
+    monkeypatch.setattr(kcuda, "sass_report", lambda cubin, listing=None: {})
     assert main(["sass", "--cuda", "--family", "optim"]) == 0
     assert compiled and set(compiled) == {"optim"}
     compiled.clear()

@@ -243,17 +243,19 @@ def _private_dir() -> str:
     return path
 
 
-def sass_report(cubin: bytes) -> dict:
+def sass_report(cubin: bytes, listing: str | None = None) -> dict:
     """Per kernel of ``cubin``: ``registers``, ``stack_bytes`` (the stack frame: spilled registers,
     and the registers a call to a slow-path subroutine such as a 64-bit division saves), the
     SASS's ``spill_stores`` / ``spill_loads`` (STL / LDL), ``calls``, ``instructions`` (the
     listing, NOPs and the final self-branch left out), ``straight`` (``gpu_nn.kernels.sass.straight_path``) and
     the global and generic-address loads and stores by access width. Reads the cubin with the ``cuobjdump`` of
-    Triton's wheel; no GPU needed."""
+    Triton's wheel; no GPU needed. ``listing``: the cubin's SASS read already (``gpu_nn.kernels.sass.disassemble``,
+    many cubins in one disassembler run)."""
     from ..sass import cuobjdump, functions, straight_path
     from ..triton._aot import access_widths
 
-    usage, text = cuobjdump(cubin)
+    usage, text = cuobjdump(cubin, listing is None)
+    text = listing if listing is not None else text
     res = {m.group(1): (int(m.group(2)), int(m.group(3)))
            for m in re.finditer(r"Function (\w+):\s*\n\s*REG:(\d+)\s+STACK:(\d+)", usage)}
     out = {}
