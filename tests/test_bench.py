@@ -733,11 +733,16 @@ def test_gpu_first_order_runs_the_tests_only_a_gpu_runs_first(request, monkeypat
 
     files = ("tests/test_cuda_graphs.py", "tests/test_optim.py")
     opt = request.config.option
-    # this session holds both files whole, in collection order: collected from the tests folder
-    # or those files, nothing deselected, not reordered by the variable itself
-    whole = (os.environ.get("GPU_NN_TEST_ORDER") is None
-             and not (opt.keyword or opt.markexpr or getattr(opt, "deselect", None) or getattr(opt, "lf", False))
+    # this session holds both files whole, once each, in collection order: collected from the tests
+    # folder or those files, nothing deselected or ignored, not reordered (the variable itself,
+    # failed-first, new-first)
+    narrowing = ("keyword", "markexpr", "deselect", "lf", "failedfirst", "newfirst", "stepwise", "ignore",
+                 "ignore_glob", "keepduplicates")
+    whole = (os.environ.get("GPU_NN_TEST_ORDER") is None and not any(getattr(opt, o, None) for o in narrowing)
              and all(any(os.path.normpath(a) in ("tests", f) for a in request.config.args) for f in files))
+    # (and the hook called here is the one pytest calls: conftest's, registered)
+    hooks = request.config.pluginmanager.hook.pytest_collection_modifyitems.get_hookimpls()
+    assert conftest.pytest_collection_modifyitems in [h.function for h in hooks]
     mine = [it for it in request.session.items if it.nodeid.startswith(files)] if whole else []
 
     def collect(order):
