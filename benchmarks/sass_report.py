@@ -281,7 +281,10 @@ def collect_cuda(sources=None) -> list[dict]:
         except Exception as exc:  # noqa: BLE001 - a row says what failed
             cubins.append(exc)
     built = [c for c in cubins if not isinstance(c, Exception)]
-    listings = iter(disassemble(built))  # (every build's SASS in one disassembler run)
+    try:
+        listings = iter(disassemble(built))  # (every build's SASS in one disassembler run)
+    except Exception:  # noqa: BLE001 - then each build reads its own (sass_report), a failure its row
+        listings = iter([None] * len(built))
     rows = []
     for (name, label, defines), cubin in zip(builds, cubins):
         if isinstance(cubin, Exception):

@@ -36,6 +36,7 @@ def cuobjdump(cubin: bytes, sass: bool = True) -> tuple:
     finally:
         os.unlink(path)
 
+
 def _code_sections(cubin: bytes):
     """``[(function, code), ...]`` of a cubin's ``.text.<function>`` sections, or None where
     :func:`disassemble` must leave the cubin to :func:`cuobjdump`: not a little-endian ELF64 it
