@@ -36,6 +36,17 @@ def _exact_float32():
         yield
 
 
+@pytest.fixture(autouse=True)
+def _environment_put_back():
+    """Every test ends with the process environment it started with (helpers.environment_kept:
+    a variable a test left set stayed for the rest of its worker's tests, and sent every later
+    sm_90 script of the worker to a fresh Python)."""
+    from helpers import environment_kept
+
+    with environment_kept():
+        yield
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _private_tuning_cache(tmp_path_factory):
     """Measured configurations (gpu_nn._tuning, GPU only) go to a file of this session, not the

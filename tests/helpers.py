@@ -495,6 +495,27 @@ def aot_cover() -> str:
     return cover
 
 
+@contextlib.contextmanager
+def environment_kept():
+    """Put the process environment back as it was on entry, on leaving (pytest's own
+    PYTEST_CURRENT_TEST, set phase by phase, left as it is then). conftest wraps every test in
+    it: a variable a test leaves set (``gpu-nn check``'s ``main()`` called in-process sets
+    GPU_NN_TUNE=0) otherwise stayed for the rest of the worker's tests, and each later
+    :func:`run_uninterpreted` differed from the server's start in a variable imports may read, so
+    ran as a fresh Python: in a full ``-n 2`` run, some 20 sm_90 scripts of one worker, about 4 s
+    of imports each."""
+    before = dict(os.environ)
+    try:
+        yield
+    finally:
+        if os.environ != before:
+            current = os.environ.get("PYTEST_CURRENT_TEST")
+            os.environ.clear()
+            os.environ.update({k: v for k, v in before.items() if k != "PYTEST_CURRENT_TEST"})
+            if current is not None:
+                os.environ["PYTEST_CURRENT_TEST"] = current
+
+
 def uninterpreted_env(**extra) -> dict:
     """The environment of this process without ``TRITON_INTERPRET`` (a process that compiles
     kernels must not have it: kernels imported under the interpreter cannot compile), plus
@@ -513,7 +534,10 @@ class _UninterpretedServer:
     # variables the imports read: a child whose environment differs in one of these from the
     # server's at its start is not served (run_uninterpreted starts a fresh Python instead)
     IMPORT_TIME = ("GPU_NN_", "TRITON_", "TORCH", "PYTORCH", "CUDA", "OMP_", "MKL_", "OPENBLAS_", "PYTHON")
-    AFTER_IMPORT = ("TRITON_CACHE_DIR",)  # read at each compile (Triton 3.6 and 3.9: knobs.cache.dir)
+    # read at use, not by the imports: Triton's cache at each compile (3.6 and 3.9: knobs.cache.dir),
+    # inductor's when it compiles (torch sets it in os.environ then: a test process that ran
+    # torch.compile has it, the server's start did not)
+    AFTER_IMPORT = ("TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR")
 
     def __init__(self):
         self.proc = None
@@ -627,6 +651,12 @@ def _read(path) -> str:
 _SERVER = _UninterpretedServer()
 
 
+def server_wanted() -> bool:
+    """Whether :func:`run_uninterpreted` forks its scripts from the server (no CUDA, ``os.fork``,
+    GPU_NN_TEST_NO_SERVER unset or 0) where their environment lets it."""
+    return not CUDA and hasattr(os, "fork") and os.environ.get("GPU_NN_TEST_NO_SERVER", "") in ("", "0")
+
+
 def run_uninterpreted(argv: list, timeout: float = 300, cwd=None, env=None) -> subprocess.CompletedProcess:
     """``subprocess.run([sys.executable, *argv], env=uninterpreted_env(**env), capture_output=True,
     text=True, timeout=timeout, cwd=cwd, stdin=subprocess.DEVNULL)``, in a child forked from a
@@ -642,8 +672,7 @@ def run_uninterpreted(argv: list, timeout: float = 300, cwd=None, env=None) -> s
     import sys
 
     env = uninterpreted_env(**{str(k): str(v) for k, v in (env or {}).items()})
-    if (CUDA or os.environ.get("GPU_NN_TEST_NO_SERVER", "") not in ("", "0") or not hasattr(os, "fork")
-            or not _SERVER.serves(env)):
+    if not server_wanted() or not _SERVER.serves(env):
         return subprocess.run([sys.executable, *map(str, argv)], env=env, capture_output=True, text=True,
                               timeout=timeout, cwd=cwd, stdin=subprocess.DEVNULL)
     return _SERVER.run(argv, timeout, cwd or os.getcwd(), env)

@@ -97,6 +97,48 @@ def test_run_uninterpreted_is_a_process_of_its_own(tmp_path, monkeypatch):
     assert proc.returncode == 0 and proc.stdout == "after the timeout\n"
 
 
+def test_variables_a_test_leaves_are_put_back(monkeypatch):
+    """A test's leftover variables do not reach the next test (helpers.environment_kept, which
+    conftest wraps every test in): one in-process ``gpu-nn check`` (GPU_NN_TUNE=0) sent every
+    later sm_90 script of its worker to a fresh Python (about 20 in a full run, 4 s of imports
+    each), its environment no longer the uninterpreted server's."""
+    import helpers
+    from gpu_nn.cli import main
+
+    monkeypatch.setenv("PUT_BACK_PROBE", "kept")
+    monkeypatch.delenv("GPU_NN_TUNE", raising=False)
+    current = os.environ.get("PYTEST_CURRENT_TEST")
+    with helpers.environment_kept():
+        assert main(["check", "--op", "flatten", "--no-progress"]) == 0
+        assert os.environ["GPU_NN_TUNE"] == "0"  # what check sets (the leak this guards against)
+        os.environ["LEFT_PROBE"] = "1"
+        del os.environ["PUT_BACK_PROBE"]
+        os.environ["PYTEST_CURRENT_TEST"] = "a later phase"
+    assert "GPU_NN_TUNE" not in os.environ and "LEFT_PROBE" not in os.environ
+    assert os.environ["PUT_BACK_PROBE"] == "kept"
+    assert os.environ["PYTEST_CURRENT_TEST"] == "a later phase"  # pytest's own: as it set it last
+    if current is not None:
+        os.environ["PYTEST_CURRENT_TEST"] = current
+
+
+def test_inductors_cache_variable_keeps_scripts_forked_from_the_server(monkeypatch):
+    """torch sets TORCHINDUCTOR_CACHE_DIR in os.environ at inductor's first compile; read at use,
+    not by the imports, it does not send a script to a fresh Python (it sent every later sm_90
+    script of a worker that had run a torch.compile test); a variable the imports read does."""
+    import helpers
+
+    if not helpers.server_wanted():
+        pytest.skip("scripts run as fresh Pythons here (CUDA, or GPU_NN_TEST_NO_SERVER): no server")
+    run_uninterpreted(["-c", "pass"])  # (the server started, if it was not, before the variable is set)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", f"/tmp/inductor-probe-{os.getpid()}")
+    proc = run_uninterpreted(["-c", "import os; print(os.getppid())"])
+    assert proc.returncode == 0, proc.stderr
+    assert int(proc.stdout) != os.getpid(), "forked by the server, not started by this process"
+    monkeypatch.setenv("GPU_NN_TUNE", "0")  # a variable imports read: a fresh Python, as it must be
+    proc = run_uninterpreted(["-c", "import os; print(os.getppid())"])
+    assert proc.returncode == 0 and int(proc.stdout) == os.getpid(), proc.stderr
+
+
 # The configurations known to spill registers in the specialisation aot_specs() compiles (sm_90,
 # Triton 3.9), bytes of stack frame per thread. Until 2026-12-01 the check read cuobjdump's LOCAL,
 # which stays 0 (ptxas keeps spills in the stack frame), so these went unseen. Most spill only in
