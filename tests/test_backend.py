@@ -250,9 +250,8 @@ def test_triton_bfloat16_in_interpreter_or_refused(monkeypatch):
 def test_triton_without_interpreter_explains_why():
     """Started without TRITON_INTERPRET: a CPU-only machine refuses triton and names the
     variable; a GPU machine accepts it."""
-    from helpers import uninterpreted_env
+    from helpers import run_uninterpreted
 
-    env = uninterpreted_env()
     code = (
         "import torch, gpu_nn\n"
         "try:\n"
@@ -261,7 +260,9 @@ def test_triton_without_interpreter_explains_why():
         "except gpu_nn.BackendUnavailableError as e:\n"
         "    print('REFUSED:', e)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120).stdout
+    # (forked from the uninterpreted server where there is one: gpu-nn imported there, as here,
+    # without the variable)
+    out = run_uninterpreted(["-c", code], timeout=120).stdout
     if torch.cuda.is_available():
         assert "REFUSED:" not in out
     else:

@@ -2347,9 +2347,7 @@ def test_compiled_step_compiles_the_closure_and_survives_unpickling(tmp_path):
     with torch's optimizers: the opaque region took it along, 0 frames compiled), and an
     optimizer unpickled in a new process is opaque too (only the constructor made the step
     opaque: a loaded RMSprop centered raised under torch.compile again; a review's finds)."""
-    import subprocess
-    import sys
-
+    from helpers import run_uninterpreted
     from torch._dynamo.testing import CompileCounter
 
     torch._dynamo.reset()
@@ -2379,7 +2377,9 @@ def test_compiled_step_compiles_the_closure_and_survives_unpickling(tmp_path):
         "warnings.simplefilter('ignore')\n"
         "torch.compile(d['opt'].step, backend='eager')()\n"
         "print('ok')\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    # a process of its own that never constructed an optimizer: forked from the uninterpreted
+    # server (torch and gpu-nn imported: about 3.4 s a fresh Python spent on them)
+    out = run_uninterpreted(["-c", code], timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
 
 

@@ -1,10 +1,8 @@
 """float32 precision as torch decides it (gpu_nn._precision): torch's per-operation API
 (``fp32_precision``, torch >= 2.9) and its legacy flags, read without the legacy getters' "mix of
-the legacy and new APIs" error. Each check runs in a fresh process: these settings are
+the legacy and new APIs" error. Each check runs in a process of its own: these settings are
 process-wide and some (the generic one) have no getter that gives back what was set."""
 
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -14,11 +12,24 @@ pytestmark = pytest.mark.skipif(not hasattr(torch._C, "_get_fp32_precision_gette
                                 reason="torch before 2.9 has no per-operation fp32_precision API")
 
 
-def _run(body: str) -> None:
-    """Run PRELUDE then ``body`` (an indented block: dedented here) in a fresh interpreter, which
-    prints DONE last: a body that never ran to its end fails the test."""
+def _run(body: str, kernels: bool = False) -> None:
+    """Run PRELUDE then ``body`` (an indented block: dedented here) in a process of its own, which
+    prints DONE last: a body that never ran to its end fails the test. The process is forked from
+    the uninterpreted server (helpers.run_uninterpreted: torch and gpu-nn imported, no precision
+    setting touched or read; a fresh Python where there is no server): a fresh Python cost about
+    3.4 s of imports, 20 s of a run for the six bodies that run no kernel. One that does
+    (``kernels``: Triton's, which on a CPU machine need the interpreter the server has not) runs
+    in a fresh Python with this process's environment."""
+    import subprocess
+    import sys
+
+    from helpers import run_uninterpreted
+
     code = PRELUDE + textwrap.dedent(body) + "\nprint('DONE')\n"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    if kernels:
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    else:
+        proc = run_uninterpreted(["-c", code], timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("DONE"), proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
@@ -113,7 +124,7 @@ def test_float32_ops_choose_their_precision_under_the_new_api():
         F.linear(torch.randn(3, 4, device=dev), torch.randn(2, 4, device=dev)).sum()
         F.conv2d(x, torch.randn(2, 3, 3, 3, device=dev)).sum().backward()
         gpu_nn.nn.GRU(3, 4).to(dev)(torch.randn(2, 1, 3, device=dev))
-    """)
+    """, kernels=True)
 
 
 def test_matmul_tf32_sets_and_restores_cublas_under_either_api():
