@@ -539,6 +539,8 @@ class _UninterpretedServer:
     # torch.compile has it, the server's start did not)
     AFTER_IMPORT = ("TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR")
 
+    ARGS: tuple = ()  # the server script's arguments
+
     def __init__(self):
         self.proc = None
         self.buf = b""
@@ -584,9 +586,9 @@ class _UninterpretedServer:
         self.stop()
         fd, self.err_path = tempfile.mkstemp(prefix="gpu-nn-server-", suffix=".err")
         server = pathlib.Path(__file__).with_name("uninterpreted_server.py")
-        self.started_env = uninterpreted_env()
+        self.started_env = self._start_env()
         try:
-            self.proc = subprocess.Popen([sys.executable, str(server)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            self.proc = subprocess.Popen([sys.executable, str(server), *self.ARGS], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                          stderr=fd, env=self.started_env, bufsize=0)
         finally:
             os.close(fd)
@@ -597,6 +599,10 @@ class _UninterpretedServer:
         if self._line(300) is None:
             self.stop()
             raise RuntimeError("the uninterpreted server did not start within 300 s")
+
+    @staticmethod
+    def _start_env() -> dict:
+        return uninterpreted_env()
 
     def stop(self):
         if self.proc is not None:
@@ -648,7 +654,22 @@ def _read(path) -> str:
         return f.read()
 
 
+class _TorchServer(_UninterpretedServer):
+    """The same server with torch imported alone (``--torch-only``), for :func:`run_fresh`: only
+    the variables torch's import may read must match its start; gpu-nn's, Triton's and
+    TRITON_INTERPRET itself are read by the child's own imports."""
+
+    ARGS = ("--torch-only",)
+    IMPORT_TIME = ("TORCH", "PYTORCH", "CUDA", "OMP_", "MKL_", "OPENBLAS_", "PYTHON")
+    AFTER_IMPORT = ("TORCHINDUCTOR_CACHE_DIR",)
+
+    @staticmethod
+    def _start_env() -> dict:
+        return dict(os.environ)
+
+
 _SERVER = _UninterpretedServer()
+_TORCH_SERVER = _TorchServer()
 
 
 def server_wanted() -> bool:
@@ -676,3 +697,20 @@ def run_uninterpreted(argv: list, timeout: float = 300, cwd=None, env=None) -> s
         return subprocess.run([sys.executable, *map(str, argv)], env=env, capture_output=True, text=True,
                               timeout=timeout, cwd=cwd, stdin=subprocess.DEVNULL)
     return _SERVER.run(argv, timeout, cwd or os.getcwd(), env)
+
+
+def run_fresh(argv: list, timeout: float = 300, cwd=None, env=None) -> subprocess.CompletedProcess:
+    """``subprocess.run([sys.executable, *argv], env=env, capture_output=True, text=True,
+    timeout=timeout, cwd=cwd, stdin=subprocess.DEVNULL)`` (``env``: the whole environment, this
+    process's by default), for a script that must make gpu-nn's and Triton's imports itself
+    (what they read from the environment at import is its point), in a child forked from a server
+    that imported torch alone (``uninterpreted_server.py --torch-only``: about 2 s of each such
+    Python). Where a variable torch's import may read differs from that server's start, or as
+    :func:`run_uninterpreted` says (CUDA, GPU_NN_TEST_NO_SERVER=1), a fresh Python runs it."""
+    import sys
+
+    env = {str(k): str(v) for k, v in (os.environ if env is None else env).items()}
+    if not server_wanted() or not _TORCH_SERVER.serves(env):
+        return subprocess.run([sys.executable, *map(str, argv)], env=env, capture_output=True, text=True,
+                              timeout=timeout, cwd=cwd, stdin=subprocess.DEVNULL)
+    return _TORCH_SERVER.run(argv, timeout, cwd or os.getcwd(), env)

@@ -2,8 +2,6 @@
 
 import copy
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -87,8 +85,11 @@ def test_env_switches_read_every_spelling_and_refuse_the_rest():
      "torch.func.vmap(lambda x: (rnn._compose_under_vmap(), x)[1])(torch.zeros(2))", "GPU_NN_RNN_VMAP_COMPOSE must be"),
 ])
 def test_env_switches_in_a_fresh_process(var, value, code, want):
-    env = {**os.environ, var: value}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    """Set before gpu-nn is imported, each switch is read (helpers.run_fresh: a process that makes
+    every import but torch's itself)."""
+    from helpers import run_fresh
+
+    out = run_fresh(["-c", code], env={**os.environ, var: value}, timeout=120)
     assert want in out.stdout + out.stderr, out.stdout + out.stderr
 
 

@@ -668,10 +668,7 @@ def test_loop_cost_runs_every_time_loop_both_ways(tmp_path):
     """``python -m gpu_nn.benchmarks.loop_cost`` (host time per step of the recurrent loops, per
     step key against bound) runs its four loops both ways and writes them; in a process without
     TRITON_INTERPRET, as it needs. Figures are not judged here (speed lives in benchmarks/)."""
-    import subprocess
-    import sys
-
-    from helpers import run_uninterpreted, uninterpreted_env
+    from helpers import run_fresh, run_uninterpreted, uninterpreted_env
 
     env = uninterpreted_env()
     out = tmp_path / "loops.json"
@@ -680,8 +677,7 @@ def test_loop_cost_runs_every_time_loop_both_ways(tmp_path):
     res = json.loads(out.read_text())["us_per_step"]
     assert set(res) == {"forward", "backward", "pair forward", "pair backward"}
     assert all(row["per_step_key"] > 0 and row["bound"] > 0 for row in res.values())
-    bad = subprocess.run([sys.executable, "-m", "gpu_nn.benchmarks.loop_cost"], env={**env, "TRITON_INTERPRET": "1"},
-                         capture_output=True, text=True, timeout=300)
+    bad = run_fresh(["-m", "gpu_nn.benchmarks.loop_cost"], env={**env, "TRITON_INTERPRET": "1"})
     assert bad.returncode == 2 and "TRITON_INTERPRET" in bad.stderr
 
 
@@ -690,14 +686,11 @@ def test_host_cost_demo_times_and_counts_every_phase_of_a_training_step(tmp_path
     phase on the Triton path with launches no-op, and counts the launches of each phase. Figures
     are not judged (speed lives in benchmarks/); the counts are what the step launches: the
     optimizer's whole step in one launch, clipping in two (norm, scale), nothing to zero."""
-    import os
-    import subprocess
-    import sys
+    from helpers import run_fresh
 
     out = tmp_path / "demo.json"
-    proc = subprocess.run([sys.executable, "-m", "gpu_nn.benchmarks.host_cost", "--demo", "cnn", "gru",
-                           "--samples", "1", "--steps", "1", "--json", str(out)],
-                          env=dict(os.environ), capture_output=True, text=True, timeout=300)
+    proc = run_fresh(["-m", "gpu_nn.benchmarks.host_cost", "--demo", "cnn", "gru",
+                      "--samples", "1", "--steps", "1", "--json", str(out)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.read_text())
     phases = ("zero_grad", "forward", "loss", "backward", "clip", "step")

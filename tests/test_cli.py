@@ -2,13 +2,12 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from gpu_nn.cli import main
+from helpers import run_fresh
 
 
 def test_info_names_every_backend(capsys):
@@ -56,8 +55,7 @@ def test_sass_prints_the_table(tmp_path):
     TRITON_INTERPRET; gpu-nn sass must drop it for its compiler processes)."""
     js = tmp_path / "sass.json"
     env = dict(os.environ, TRITON_INTERPRET="1", COLUMNS="200")
-    proc = subprocess.run([sys.executable, "-m", "gpu_nn.cli", "sass", "--family", "activation", "--json", str(js)],
-                          env=env, capture_output=True, text=True, timeout=600)
+    proc = run_fresh(["-m", "gpu_nn.cli", "sass", "--family", "activation", "--json", str(js)], env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "_act_fwd_kernel" in proc.stdout and "registers" in proc.stdout
     assert "18 configurations compiled, 0 failed, 0 spill" in proc.stdout
@@ -113,7 +111,7 @@ def test_check_runs_triton_when_started_without_interpret(tmp_path, first):
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "GPU_NN_CHECK_RERUN")}
     code = (f"import sys; {first}from gpu_nn.cli import main; "
             f"sys.exit(main(['check', '--op', 'relu', '--op', 'softmax', '--no-progress', '--json', {str(js)!r}]))")
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    proc = run_fresh(["-c", code], env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     rows = json.loads(js.read_text())
     assert {(r["op"], r["backend"]) for r in rows} >= {(op, b) for op in ("relu", "softmax") for b in ("reference", "triton")}
@@ -129,8 +127,7 @@ def test_triton_status_says_when_the_interpreter_came_too_late():
             "from gpu_nn import _backend; print(_backend.triton_library_compiled(), _backend.status('triton'))")
     from helpers import uninterpreted_env
 
-    env = uninterpreted_env()
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    out = run_fresh(["-c", code], env=uninterpreted_env())
     assert out.returncode == 0, out.stderr[-2000:]
     if torch.cuda.is_available():  # compiled kernels: the interpreter is not needed there
         assert "True (True, 'compiled kernels on" in out.stdout, out.stdout

@@ -308,12 +308,12 @@ def test_older_triton_fixes_work_when_installed_on_any_version(tmp_path):
     passed every other test, an audit): (1 + 2^-12)^2 - (1 + 2^-11) is 2^-24 only without an
     intermediate rounding, and a loop over a run-time bound sums every block."""
     import json
-    import subprocess
-    import sys
+
+    from helpers import run_fresh
 
     script = tmp_path / "forced.py"
     script.write_text(_FORCED_FIXES)
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    proc = run_fresh([script])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"fma_exact": True, "range_sum": True}
 
@@ -452,12 +452,12 @@ def test_interpreter_overhead_fixes_keep_what_the_interpreter_computes(tmp_path)
     type is made once per element type and shape (the tensors of that type share its shape);
     the operands' splat and broadcast are what the function it replaced makes."""
     import json
-    import subprocess
-    import sys
+
+    from helpers import run_fresh
 
     script = tmp_path / "overhead.py"
     script.write_text(_INTERPRETER_OVERHEAD)
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    proc = run_fresh([script])
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     first, two, nine = got["patches"]  # the kernel's tl, then tl.core for tl.zeros: not per step

@@ -139,6 +139,34 @@ def test_inductors_cache_variable_keeps_scripts_forked_from_the_server(monkeypat
     assert proc.returncode == 0 and int(proc.stdout) == os.getpid(), proc.stderr
 
 
+def test_run_fresh_makes_every_import_but_torchs_in_the_child(monkeypatch, tmp_path):
+    """helpers.run_fresh: a script whose point is what gpu-nn or Triton read from the environment
+    at import runs in a child of a server that imported torch alone, so the child makes those
+    imports itself, after its environment (TRITON_INTERPRET and GPU_NN_* included) is set; a
+    variable torch's import may read that differs from the server's start gives a fresh Python."""
+    import helpers
+
+    if not helpers.server_wanted():
+        pytest.skip("scripts run as fresh Pythons here (CUDA, or GPU_NN_TEST_NO_SERVER): no server")
+    code = ("import json, os, sys; print(json.dumps({'ppid': os.getppid(), 'pre': sorted(m for m in ('gpu_nn', 'triton') "
+            "if m in sys.modules), 'torch': 'torch' in sys.modules, 'interp': os.environ.get('TRITON_INTERPRET')})); "
+            "import gpu_nn.kernels.triton as kt; print(kt.INTERPRET)")
+    run = lambda env: helpers.run_fresh(["-c", code], env=env, cwd=tmp_path)  # noqa: E731
+    for interp in ("1", None):
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        if interp:
+            env["TRITON_INTERPRET"] = interp
+        proc = run(env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        first, second = proc.stdout.splitlines()
+        assert json.loads(first) == {"ppid": json.loads(first)["ppid"], "pre": [], "torch": True, "interp": interp}
+        assert json.loads(first)["ppid"] != os.getpid() and second == str(interp == "1")
+    # a variable torch's import may read, not as at the server's start: not served (a fresh Python)
+    started = helpers._TORCH_SERVER.started_env.get("TORCH_SHOW_CPP_STACKTRACES")
+    assert not helpers._TORCH_SERVER.serves({**os.environ, "TORCH_SHOW_CPP_STACKTRACES": f"{started}-not"})
+    assert helpers._TORCH_SERVER.serves({**os.environ, "GPU_NN_ANYTHING": "1", "TRITON_INTERPRET": "0"})
+
+
 # The configurations known to spill registers in the specialisation aot_specs() compiles (sm_90,
 # Triton 3.9), bytes of stack frame per thread. Until 2026-12-01 the check read cuobjdump's LOCAL,
 # which stays 0 (ptxas keeps spills in the stack frame), so these went unseen. Most spill only in

@@ -497,8 +497,7 @@ def test_trace_shows_no_warnings_of_ours():
     """torch.jit.trace of a converted CNN: none of the 'Converting a tensor to a Python boolean'
     TracerWarnings our argument checks provoked (20 for this model; torch's twin gives none),
     while the user's own warnings filters keep working (a fresh process: pytest sets its own)."""
-    import subprocess
-    import sys
+    from helpers import run_fresh
 
     code = (
         "import warnings, torch, gpu_nn\n"
@@ -508,8 +507,7 @@ def test_trace_shows_no_warnings_of_ours():
         "    torch.jit.trace(m, torch.randn(2, 3, 8, 8))\n"
         "print(sum('gpu_nn' in x.filename for x in w), sum(issubclass(x.category, torch.jit.TracerWarning) for x in w))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         env={**__import__("os").environ, "GPU_NN_BACKEND": "reference"})
+    out = run_fresh(["-c", code], env={**__import__("os").environ, "GPU_NN_BACKEND": "reference"})
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["0", "0"], out.stdout
 

@@ -826,8 +826,6 @@ def test_import_leaves_triton_and_the_flop_counter_until_they_are_wanted():
     gpu-nn check sets the variable after importing gpu_nn); importing the counter afterwards
     registers our formulas, so FlopCounterMode counts our linear as torch's, forward and backward.
     In a fresh process, since this session has imported both."""
-    import subprocess
-    import sys
 
     code = """
 import sys
@@ -848,10 +846,9 @@ assert "def register_flop_formula" in inspect.getsource(fc)
 assert "exec_module" not in vars(fc.__spec__.loader._loader)
 print("ok")
 """
-    from helpers import uninterpreted_env
+    from helpers import run_fresh, uninterpreted_env
 
-    env = uninterpreted_env()
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    out = run_fresh(["-c", code], env=uninterpreted_env())
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stdout[-2000:] + out.stderr[-2000:]
 
 

@@ -20,14 +20,11 @@ def _run(body: str, kernels: bool = False) -> None:
     3.4 s of imports, 20 s of a run for the six bodies that run no kernel. One that does
     (``kernels``: Triton's, which on a CPU machine need the interpreter the server has not) runs
     in a fresh Python with this process's environment."""
-    import subprocess
-    import sys
-
-    from helpers import run_uninterpreted
+    from helpers import run_fresh, run_uninterpreted
 
     code = PRELUDE + textwrap.dedent(body) + "\nprint('DONE')\n"
     if kernels:
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+        proc = run_fresh(["-c", code])
     else:
         proc = run_uninterpreted(["-c", code], timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("DONE"), proc.stdout[-3000:] + proc.stderr[-3000:]

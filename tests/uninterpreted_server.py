@@ -10,6 +10,11 @@ working directory and ``sys.argv``. What it does not get is a fresh import: a sc
 the environment read at import time to differ (a switch read when a module loads) runs as a
 real subprocess instead.
 
+With ``--torch-only`` the server imports torch alone (about 2 s of a fresh Python's 3.4 before
+gpu-nn's first line) and takes any ``TRITON_INTERPRET``: its children make every other import
+themselves, after their environment is set, as a fresh Python does (``tests/helpers.py:
+run_fresh``, for the scripts whose point is what gpu-nn or Triton read at import).
+
 Protocol (one request at a time, on stdin / the stdout this process starts with): the server
 writes ``{"ready": ...}`` once its imports are made; each request is a JSON line ``{"id": n,
 "argv": [...], "cwd": ..., "env": {...}, "out": path, "err": path}`` (env: the child's whole
@@ -72,15 +77,18 @@ def main() -> None:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)  # whatever the imports print stays off the channel
     os.close(devnull)
-    if os.environ.get("TRITON_INTERPRET") not in (None, "", "0"):
-        raise SystemExit("the uninterpreted server must start without TRITON_INTERPRET")
     import importlib
 
-    # the imports every such script makes first (the kernel modules: every family's)
-    for name in ("torch", "triton", "gpu_nn", "gpu_nn.kernels.triton._aot"):
-        importlib.import_module(name)
-    for family in importlib.import_module("gpu_nn.kernels.triton").FAMILIES:
-        importlib.import_module(f"gpu_nn.kernels.triton.{family}")
+    if sys.argv[1:] == ["--torch-only"]:
+        importlib.import_module("torch")
+    else:
+        if os.environ.get("TRITON_INTERPRET") not in (None, "", "0"):
+            raise SystemExit("the uninterpreted server must start without TRITON_INTERPRET")
+        # the imports every such script makes first (the kernel modules: every family's)
+        for name in ("torch", "triton", "gpu_nn", "gpu_nn.kernels.triton._aot"):
+            importlib.import_module(name)
+        for family in importlib.import_module("gpu_nn.kernels.triton").FAMILIES:
+            importlib.import_module(f"gpu_nn.kernels.triton.{family}")
 
     ctl.write(json.dumps({"ready": True, "pid": os.getpid()}) + "\n")
     for line in sys.stdin:
