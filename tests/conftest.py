@@ -56,6 +56,16 @@ def _private_tuning_cache(tmp_path_factory):
     yield
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _server_base_environment(_private_tuning_cache):
+    """The test servers (helpers.run_uninterpreted, run_fresh) start from the session's
+    environment, as the session fixtures left it, not from whatever test first used them."""
+    from helpers import set_base_env
+
+    set_base_env(os.environ)
+    yield
+
+
 @pytest.fixture
 def rng(request):
     """A fresh NumPy generator per test, seeded from the test's id so failures reproduce."""

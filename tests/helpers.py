@@ -508,12 +508,24 @@ def environment_kept():
     try:
         yield
     finally:
-        if os.environ != before:
-            current = os.environ.get("PYTEST_CURRENT_TEST")
-            os.environ.clear()
-            os.environ.update({k: v for k, v in before.items() if k != "PYTEST_CURRENT_TEST"})
-            if current is not None:
-                os.environ["PYTEST_CURRENT_TEST"] = current
+        if os.environ != before:  # only what changed is undone (no moment without the rest)
+            for k in [k for k in os.environ if k not in before and k != "PYTEST_CURRENT_TEST"]:
+                del os.environ[k]
+            for k, v in before.items():
+                if k != "PYTEST_CURRENT_TEST" and os.environ.get(k) != v:
+                    os.environ[k] = v
+
+
+_BASE_ENV: dict | None = None  # the session's environment before any test changed it (conftest)
+
+
+def set_base_env(env: dict) -> None:
+    """The environment the servers start with (conftest: the session's, once its session fixtures
+    set what they set). Where a server started from the environment at its first use instead, a
+    test that had changed a variable imports may read (monkeypatch, or a leak) started it so, and
+    no later request of the worker matched it."""
+    global _BASE_ENV
+    _BASE_ENV = dict(env)
 
 
 def uninterpreted_env(**extra) -> dict:
@@ -526,8 +538,9 @@ def uninterpreted_env(**extra) -> dict:
 
 
 class _UninterpretedServer:
-    """The client of ``tests/uninterpreted_server.py``: one server per test process, started at
-    its first use and stopped when the process exits. A request that does not end as the
+    """The client of ``tests/uninterpreted_server.py``: one server of each kind (this one, and
+    :class:`_TorchServer`) per test process, started at its first use from the session's
+    environment (:func:`set_base_env`) and stopped when the process exits. A request that does not end as the
     protocol says (a timeout's kill that finds the child gone, an interrupt, a server that
     died) stops the server, and the next request starts another."""
 
@@ -602,7 +615,8 @@ class _UninterpretedServer:
 
     @staticmethod
     def _start_env() -> dict:
-        return uninterpreted_env()
+        base = os.environ if _BASE_ENV is None else _BASE_ENV
+        return {k: v for k, v in base.items() if k != "TRITON_INTERPRET"}
 
     def stop(self):
         if self.proc is not None:
@@ -665,7 +679,7 @@ class _TorchServer(_UninterpretedServer):
 
     @staticmethod
     def _start_env() -> dict:
-        return dict(os.environ)
+        return dict(os.environ if _BASE_ENV is None else _BASE_ENV)
 
 
 _SERVER = _UninterpretedServer()
@@ -685,8 +699,8 @@ def run_uninterpreted(argv: list, timeout: float = 300, cwd=None, env=None) -> s
     about 3.8 s of each such process, the most of many tests' time). The child is a process of its
     own (exit code, output, working directory, ``sys.argv``, its environment: this process's now,
     with ``env``; its end through Python's own shutdown); what it shares with the others is those
-    imports. Where a variable they may read (GPU_NN_*, TRITON_* but TRITON_CACHE_DIR, torch's,
-    CUDA's, the thread counts, PYTHON*) differs from the server's at its start, the script runs
+    imports. Where a variable they may read (GPU_NN_*, TRITON_* but TRITON_CACHE_DIR, torch's but
+    TORCHINDUCTOR_CACHE_DIR, CUDA's, the thread counts, PYTHON*) differs from the server's at its start, the script runs
     as a fresh Python, as every one does with ``GPU_NN_TEST_NO_SERVER=1`` and on a machine with
     CUDA (a child forked after torch.cuda.is_available() initialised CUDA's driver cannot use it;
     those machines have cores to spare)."""

@@ -79,7 +79,7 @@ def test_without_cudnn_convolutions_and_recurrent_layers_follow_the_matmul_setti
     _run("""
     from gpu_nn.ops import conv as oc, rnn as orn
     available = torch.cuda.is_available
-    torch.cuda.is_available = lambda: True  # the interpreter answers 'ieee' otherwise
+    torch.cuda.is_available = lambda: True  # a CPU machine (no GPU: the interpreter, or none) answers 'ieee' otherwise
     torch.backends.cudnn.allow_tf32 = True
     torch.backends.cuda.matmul.allow_tf32 = False
     assert P.tf32("conv") and P.tf32("rnn") and oc._precision(torch.float32) == "tf32" and orn.tf32_allowed(torch.float32)

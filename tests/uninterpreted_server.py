@@ -52,10 +52,12 @@ def _child(req) -> None:
         sys.argv = [argv[1], *argv[2:]]
         if not safe:
             sys.path[0] = os.getcwd()  # as ``python -m`` puts it
-        # the module was imported here already (the imports this process is for): runpy warns
-        # that it runs a second copy as __main__, as ``python -m`` does where its package imports
-        # the module (the kernel families import _aot)
-        warnings.filterwarnings("ignore", message=".*found in sys.modules after import of package", category=RuntimeWarning)
+        if not _TORCH_ONLY:
+            # the module was imported here already (the imports this process is for): runpy warns
+            # that it runs a second copy as __main__, as ``python -m`` does where its package
+            # imports the module (the kernel families import _aot)
+            warnings.filterwarnings("ignore", message=".*found in sys.modules after import of package",
+                                    category=RuntimeWarning)
         runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
     elif argv[0] == "-c":
         sys.argv = ["-c", *argv[2:]]
@@ -72,7 +74,12 @@ def _child(req) -> None:
     raise SystemExit(0)
 
 
+_TORCH_ONLY = False  # --torch-only: nothing but torch imported here
+
+
 def main() -> None:
+    global _TORCH_ONLY
+
     ctl = os.fdopen(os.dup(1), "w", buffering=1)  # the protocol channel
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)  # whatever the imports print stays off the channel
@@ -80,6 +87,7 @@ def main() -> None:
     import importlib
 
     if sys.argv[1:] == ["--torch-only"]:
+        _TORCH_ONLY = True
         importlib.import_module("torch")
     else:
         if os.environ.get("TRITON_INTERPRET") not in (None, "", "0"):
