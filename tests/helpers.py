@@ -540,9 +540,9 @@ def uninterpreted_env(**extra) -> dict:
 class _UninterpretedServer:
     """The client of ``tests/uninterpreted_server.py``: one server of each kind (this one, and
     :class:`_TorchServer`) per test process, started at its first use from the session's
-    environment (:func:`set_base_env`) and stopped when the process exits. A request that does not end as the
-    protocol says (a timeout's kill that finds the child gone, an interrupt, a server that
-    died) stops the server, and the next request starts another."""
+    environment (:func:`set_base_env`) and stopped when the process exits. A request that does
+    not end as the protocol says (a timeout's kill that finds the child gone, an interrupt, a
+    server that died) stops the server, and the next request starts another."""
 
     # variables the imports read: a child whose environment differs in one of these from the
     # server's at its start is not served (run_uninterpreted starts a fresh Python instead)
@@ -700,9 +700,9 @@ def run_uninterpreted(argv: list, timeout: float = 300, cwd=None, env=None) -> s
     own (exit code, output, working directory, ``sys.argv``, its environment: this process's now,
     with ``env``; its end through Python's own shutdown); what it shares with the others is those
     imports. Where a variable they may read (GPU_NN_*, TRITON_* but TRITON_CACHE_DIR, torch's but
-    TORCHINDUCTOR_CACHE_DIR, CUDA's, the thread counts, PYTHON*) differs from the server's at its start, the script runs
-    as a fresh Python, as every one does with ``GPU_NN_TEST_NO_SERVER=1`` and on a machine with
-    CUDA (a child forked after torch.cuda.is_available() initialised CUDA's driver cannot use it;
+    TORCHINDUCTOR_CACHE_DIR, CUDA's, the thread counts, PYTHON*) differs from the server's at its
+    start, the script runs as a fresh Python, as every one does with ``GPU_NN_TEST_NO_SERVER=1``
+    and on a machine with CUDA (a child forked after torch.cuda.is_available() initialised CUDA's driver cannot use it;
     those machines have cores to spare)."""
     import sys
 
