@@ -553,6 +553,7 @@ class _UninterpretedServer:
     AFTER_IMPORT = ("TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR")
 
     ARGS: tuple = ()  # the server script's arguments
+    DROPPED: tuple = ("TRITON_INTERPRET",)  # left out of the session's environment at its start
 
     def __init__(self):
         self.proc = None
@@ -613,10 +614,19 @@ class _UninterpretedServer:
             self.stop()
             raise RuntimeError("the uninterpreted server did not start within 300 s")
 
-    @staticmethod
-    def _start_env() -> dict:
+    def _start_env(self) -> dict:
         base = os.environ if _BASE_ENV is None else _BASE_ENV
-        return {k: v for k, v in base.items() if k != "TRITON_INTERPRET"}
+        return {k: v for k, v in base.items() if k not in self.DROPPED}
+
+    def launch(self, argv: list, timeout: float, cwd, env: dict) -> subprocess.CompletedProcess:
+        """``argv`` run as ``python`` would with ``env``: forked from this server where it serves
+        ``env`` (:func:`server_wanted`, :meth:`serves`), else a fresh Python."""
+        import sys
+
+        if not server_wanted() or not self.serves(env):
+            return subprocess.run([sys.executable, *map(str, argv)], env=env, capture_output=True, text=True,
+                                  timeout=timeout, cwd=cwd, stdin=subprocess.DEVNULL)
+        return self.run(argv, timeout, cwd or os.getcwd(), env)
 
     def stop(self):
         if self.proc is not None:
@@ -676,10 +686,7 @@ class _TorchServer(_UninterpretedServer):
     ARGS = ("--torch-only",)
     IMPORT_TIME = ("TORCH", "PYTORCH", "CUDA", "OMP_", "MKL_", "OPENBLAS_", "PYTHON")
     AFTER_IMPORT = ("TORCHINDUCTOR_CACHE_DIR",)
-
-    @staticmethod
-    def _start_env() -> dict:
-        return dict(os.environ if _BASE_ENV is None else _BASE_ENV)
+    DROPPED = ()
 
 
 _SERVER = _UninterpretedServer()
@@ -704,13 +711,8 @@ def run_uninterpreted(argv: list, timeout: float = 300, cwd=None, env=None) -> s
     start, the script runs as a fresh Python, as every one does with ``GPU_NN_TEST_NO_SERVER=1``
     and on a machine with CUDA (a child forked after torch.cuda.is_available() initialised CUDA's driver cannot use it;
     those machines have cores to spare)."""
-    import sys
-
     env = uninterpreted_env(**{str(k): str(v) for k, v in (env or {}).items()})
-    if not server_wanted() or not _SERVER.serves(env):
-        return subprocess.run([sys.executable, *map(str, argv)], env=env, capture_output=True, text=True,
-                              timeout=timeout, cwd=cwd, stdin=subprocess.DEVNULL)
-    return _SERVER.run(argv, timeout, cwd or os.getcwd(), env)
+    return _SERVER.launch(argv, timeout, cwd, env)
 
 
 def run_fresh(argv: list, timeout: float = 300, cwd=None, env=None) -> subprocess.CompletedProcess:
@@ -721,10 +723,5 @@ def run_fresh(argv: list, timeout: float = 300, cwd=None, env=None) -> subproces
     that imported torch alone (``uninterpreted_server.py --torch-only``: about 2 s of each such
     Python). Where a variable torch's import may read differs from that server's start, or as
     :func:`run_uninterpreted` says (CUDA, GPU_NN_TEST_NO_SERVER=1), a fresh Python runs it."""
-    import sys
-
     env = {str(k): str(v) for k, v in (os.environ if env is None else env).items()}
-    if not server_wanted() or not _TORCH_SERVER.serves(env):
-        return subprocess.run([sys.executable, *map(str, argv)], env=env, capture_output=True, text=True,
-                              timeout=timeout, cwd=cwd, stdin=subprocess.DEVNULL)
-    return _TORCH_SERVER.run(argv, timeout, cwd or os.getcwd(), env)
+    return _TORCH_SERVER.launch(argv, timeout, cwd, env)
