@@ -432,6 +432,31 @@ def test_queued_times_of_a_call_that_waits_for_the_device_stay_short(monkeypatch
     assert max(times[2:]) < 1e-3
 
 
+def test_sleep_calibration_takes_the_clock_after_it_has_risen(monkeypatch):
+    """The GPU sleep's cycle time is measured after a long untimed sleep, as the shortest of a
+    few: an idle GPU's clock is low and rises under load (here 5x slower for the first 5 ms of
+    device time). The former calibration (one 1,000-cycle warm-up, one 2M-cycle measure) read
+    the slow clock (5 ns a cycle), so every later sleep lasted a fifth of what was asked and a
+    host-bound call (1 ms of host, 0.1 ms of kernel) passed as queued with the host's time in its
+    figure; now the fast clock's 1 ns, and that call times as its kernel."""
+    from helpers import FakeDevice
+
+    dev = FakeDevice().install(monkeypatch)
+    monkeypatch.setattr(_tuning, "_cycle_s", [])
+    ramp_s, slow = 5e-3, 5.0
+
+    def _sleep(cycles):  # a sleep's cycles at the clock of when it starts on the device
+        dev.log.append(("sleep", cycles))
+        dev._queue(cycles * dev.CYCLE_S * (slow if max(dev.free_at, dev.now) < ramp_s else 1.0))
+
+    monkeypatch.setattr(torch.cuda, "_sleep", _sleep)
+    assert _tuning.sleep_cycle_seconds() == pytest.approx(dev.CYCLE_S)
+    assert [e[1] for e in dev.log if isinstance(e, tuple)] == [_tuning.SLEEP_WARM_CYCLES] + [
+        _tuning.SLEEP_CAL_CYCLES] * _tuning.SLEEP_CAL_REPS
+    times, queued = _tuning.queued_times(dev.call(host=1e-3, kernel=0.1e-3), reps=3, host_s=1e-3)
+    assert queued and times == pytest.approx([0.1e-3] * 3)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA events and torch.cuda._sleep need a GPU")
 def test_queued_times_on_a_gpu_time_the_kernel_not_the_host():
     """On a real GPU: a call that spends 2 ms on the host before launching a tiny kernel times as
