@@ -188,7 +188,8 @@ def run_case(case: Case, providers=None, warmup: int = 2, reps: int = 7, max_tim
             _sync(case.device)
             row["first_call"][name] = time.perf_counter() - t0
             host: list = []
-            times = time_callable(fn, case.device, warmup, max(reps, case.min_reps), max_time=max_time, host=host)
+            times = time_callable(fn, case.device, warmup, max(reps, case.min_reps), max_time=max_time, host=host,
+                                  min_reps=max(3, case.min_reps))
             host_s = statistics.median(host)
             if case.device.startswith("cuda"):
                 # those were latencies: one call on an idle stream, its events stamped while the

@@ -548,6 +548,15 @@ def test_harness_divides_by_calls_per_sample(clock):
     assert row["ratio"]["reference"] == pytest.approx(2.0)
 
 
+def test_a_cases_own_minimum_of_timed_calls_holds_under_the_time_limit(clock):
+    """``Case.min_reps`` is a floor whatever the run's setting: a run's per-provider time limit
+    (``max_time``, --quick's) ended timing after 3 calls though the case asked for 9."""
+    case = harness.Case("fake", "op", "n=1", {"torch": _sleeper([0.02], clock), "reference": _sleeper([0.04], clock)},
+                        min_reps=9)
+    row = harness.run_case(case, warmup=0, reps=2, max_time=0.05)
+    assert row["stats"]["torch"]["reps"] == 9 and row["stats"]["reference"]["reps"] == 9
+
+
 def test_thread_clock_times_cpu_not_waiting(tmp_path, monkeypatch):
     """--clock thread: a provider that sleeps (waits, as on a loaded machine) costs ~0 CPU."""
     import types
