@@ -1778,6 +1778,36 @@ def test_steps_captured_into_a_graph_keep_their_tables_and_no_plan(backend, devi
     assert len(full) == 4  # three captured steps, then one full step records the plan it reuses
 
 
+def test_clipping_that_must_read_its_norm_refuses_a_capture_before_any_launch(monkeypatch):
+    """``error_if_nonfinite=True`` reads the total norm on the host, which CUDA refuses while a
+    stream is captured (and the refused read invalidates the capture, as torch's own clipping's
+    does): during a capture (simulated: the capture test says yes) the Triton path refuses it
+    with a KernelInputError before any kernel is launched, the gradients untouched; without the
+    flag the captured clipping runs, and outside a capture the flag works as before."""
+    from helpers import interpreted_launches
+
+    from gpu_nn.optim import _triton
+
+    capturing = [True]
+    monkeypatch.setattr(_triton, "capturing", lambda device: capturing[0])
+    torch.manual_seed(3)
+    params = [torch.nn.Parameter(torch.randn(s)) for s in ((7, 5), (5,))]
+    for p in params:
+        p.grad = torch.randn(p.shape) * 10
+    before = [p.grad.clone() for p in params]
+    with gpu_nn.backend("triton"), interpreted_launches("cpu") as launched:
+        with pytest.raises(KernelInputError, match="error_if_nonfinite=True .* CUDA graph is being captured"):
+            clip_grad_norm_(params, 1.0, error_if_nonfinite=True)
+    assert launched == [] and all(torch.equal(p.grad, b) for p, b in zip(params, before))
+    with gpu_nn.backend("triton"):
+        captured = clip_grad_norm_(params, 1.0)
+        capturing[0] = False
+        for p, b in zip(params, before):
+            p.grad.copy_(b)
+        eager = clip_grad_norm_(params, 1.0, error_if_nonfinite=True)
+    assert float(captured) == pytest.approx(float(eager)) and float(eager) > 1.0
+
+
 @pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
 @pytest.mark.parametrize("name", ["Adam", "AdamW"])
 def test_tensor_betas_are_kept_and_read_at_every_step_as_torch(backend, device, name, monkeypatch):

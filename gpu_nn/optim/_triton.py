@@ -5,7 +5,7 @@ int64 element offset from the role's base tensor, one table row per chunk of ``B
 elements. Tables are cached by the tensors' addresses; a kept launch whose gradients moved (a
 caching allocator's new blocks every step) rebuilds only its gradient column (``Launch.regrad``);
 a rebuilt table goes to the device with a non-blocking copy. Nothing here reads a device value on the host (except clipping with
-``error_if_nonfinite=True``, which must).
+``error_if_nonfinite=True``, which must, and which a CUDA-graph capture therefore refuses).
 """
 
 from __future__ import annotations
@@ -394,6 +394,13 @@ def clip_grad_norm(grads, max_norm: float, norm_type: float, error_if_nonfinite:
     from ..kernels.triton import optim as kt
     from ..ops._dispatch import device_guard
 
+    if error_if_nonfinite and any(capturing(d) for d in {g.device for g in grads}):
+        # the check reads the total on the host, which CUDA refuses while a stream is captured,
+        # and the refusal invalidates the capture (torch's own clipping fails so): refused before
+        # any launch, the capture left as it was
+        raise KernelInputError(
+            "clip_grad_norm_: error_if_nonfinite=True reads the total norm on the host, which is not "
+            "permitted while a CUDA graph is being captured; pass error_if_nonfinite=False inside a captured region")
     if any(g.dtype == torch.bfloat16 and g.device.type == "cpu" for g in grads):
         _backend.check_interpreter_dtype("clip_grad_norm_", "triton", *grads)
     if any(g.dtype not in (torch.float32, torch.float16, torch.bfloat16) for g in grads):
