@@ -3472,6 +3472,35 @@ def test_full_lengths_made_once():
     assert torch.equal(ops._lengths_on(given, 4, 3, torch.device("cpu")), given)
 
 
+def test_full_lengths_kept_only_for_the_default_stream(monkeypatch):
+    """On a CUDA device (simulated: the stream handles, the capture test and the fill stood in),
+    the full lengths are kept for the device's default stream only: made per call on any other
+    stream (where torch's CUDA graphs capture and warm up, allocating from the graphs' pool) and
+    during a capture."""
+    handle, capturing, made = [0], [False], []
+    real_full = torch.full
+
+    def full(size, value, dtype=None, device=None):
+        made.append(device)
+        return real_full(size, value, dtype=dtype)
+
+    monkeypatch.setattr(ops, "cuda_kernels", lambda: type("K", (), {"current_stream_handle": staticmethod(lambda i: handle[0])}))
+    monkeypatch.setattr(torch.cuda, "default_stream", lambda device=None: type("S", (), {"cuda_stream": 0})())
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    monkeypatch.setattr(torch, "full", full)
+    monkeypatch.setattr(ops, "_FULL_LENGTHS", {})
+    monkeypatch.setattr(ops, "_DEFAULT_STREAMS", {}, raising=False)
+    dev = torch.device("cuda", 0)
+    a = ops._lengths_on(None, 4, 3, dev)
+    assert ops._lengths_on(None, 4, 3, dev) is a and len(made) == 1 and list(ops._FULL_LENGTHS) == [(4, 3, dev, 0)]
+    handle[0] = 7  # a side stream
+    b, c = ops._lengths_on(None, 4, 3, dev), ops._lengths_on(None, 4, 3, dev)
+    assert b is not a and c is not b and len(made) == 3 and len(ops._FULL_LENGTHS) == 1
+    handle[0], capturing[0] = 0, True  # (a capture is on a side stream; and were it not)
+    assert ops._lengths_on(None, 5, 3, dev) is not ops._lengths_on(None, 5, 3, dev) and len(ops._FULL_LENGTHS) == 1
+    assert torch.equal(b, real_full((3,), 4, dtype=torch.int64))
+
+
 def _mixed_pairs():
     """(forward backend, backward backend, device) pairs that can run here: the reference with
     Triton (the interpreter on a CPU machine), and on a GPU also Triton with CuPy."""
@@ -3632,11 +3661,13 @@ def test_fx_symbolic_trace_of_a_subclass_with_its_own_forward_fails_as_torchs(mo
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: two CUDA streams, one held back by a GPU sleep")
 @pytest.mark.parametrize("backend", ["triton", "cupy"])
 def test_full_lengths_kept_per_stream(backend):
-    """The full-length tensor a layer without lengths reads is kept per (T, B, device, stream):
-    its fill is queued on the stream that made it. A first call on a stream held back by a GPU
-    sleep, then one of the same T and B on another stream ordered after nothing of it (other
-    inputs, another layer): the second must not read the first's lengths before their fill ran
-    (keyed without the stream it did, and read them as they came: rows ended early)."""
+    """The full-length tensor a layer without lengths reads is kept only for the device's
+    default stream: its fill is queued on the stream that made it. A first call on a stream held
+    back by a GPU sleep, then one of the same T and B on another stream ordered after nothing of
+    it (other inputs, another layer): the second must not read the first's lengths before their
+    fill ran (kept without the stream in the key it did, and read them as they came: rows ended
+    early). Neither side stream's is kept (those are where CUDA graphs capture and warm up), the
+    default stream's is."""
     from gpu_nn import _backend
 
     ok, why = _backend.status(backend)
@@ -3661,7 +3692,10 @@ def test_full_lengths_kept_per_stream(backend):
     with gpu_nn.backend("reference"), torch.no_grad():
         want = layers[1].cpu()(x[1].cpu())[0]
     torch.testing.assert_close(y.cpu(), want, rtol=1e-4, atol=1e-5)
-    assert len({k[3] for k in ops._FULL_LENGTHS}) == 2
+    assert not ops._FULL_LENGTHS
+    with gpu_nn.backend(backend), torch.no_grad():
+        layers[1].cuda()(x[1])
+    assert [k[3] for k in ops._FULL_LENGTHS] == [torch.cuda.default_stream().cuda_stream]
 
 
 @pytest.mark.parametrize("kind", ["RNNCell", "LSTMCell", "GRUCell", "RNN", "LSTM", "GRU"])

@@ -514,6 +514,7 @@ def _dot_code(*dtypes, tf32: bool):
 
 _FULL_LENGTHS: dict = {}  # (T, B, device, stream) -> read-only int64 [B] filled with T
 _FULL_LENGTHS_MAX = 256
+_DEFAULT_STREAMS: dict = {}  # CUDA device index -> its default stream's raw handle
 
 
 def _valid_rows(lengths, T, B, device):
@@ -542,24 +543,33 @@ def _lengths_on(lengths, T, B, device):
     kernels always mask; a sequence passing none to the per-step kernels, t = -1 as the cells
     do, would take a further compiled variant of each for the other lengths pointer type).
 
-    The full lengths are made once per (T, B, device, stream) and kept (a fill per call was one
-    more GPU launch and a few microseconds on the host): the kernels only read them, and a kept
-    tensor is never freed, so no stream can see its memory reused. Per stream, since the fill is
-    queued on the stream that made it: a layer on another stream, ordered after nothing of that
-    one (independent work, another thread), could read the tensor before its fill ran. Not kept
-    when made during CUDA-graph capture (its fill would only run at replay), nor beyond
+    The full lengths are made once per (T, B, device) and kept (a fill per call was one more GPU
+    launch and a few microseconds on the host) where the call runs on the device's default
+    stream (or on the CPU): the kernels only read them, and a kept tensor is never freed. On any
+    other stream they are made per call: the fill is queued on the stream that made it, so a
+    layer on another stream, ordered after nothing of that one (independent work, another
+    thread), could read a kept tensor before its fill ran; and the side streams are where
+    torch's CUDA graphs work (a capture, whose fill would only run at replay, and the warm-up
+    runs of ``torch.compile(mode="reduce-overhead")``, whose allocations come from the graphs'
+    memory pool, which torch later resets to a checkpoint and hands to other graphs: a kept
+    tensor from there could be overwritten under the graphs that read it). Nor kept beyond
     ``_FULL_LENGTHS_MAX`` entries (then made per call, never evicted: an evicted tensor could
     still be read by queued kernels)."""
     if lengths is not None:  # int64 on the CPU (_check_seq): no stream synchronisation, capturable
         return _backend.to_device_async(lengths.contiguous(), device)
-    # (a tensor's device always has its index)
-    stream = cuda_kernels().current_stream_handle(device.index) if device.type == "cuda" else 0
+    stream = 0
+    if device.type == "cuda":  # (a tensor's device always has its index)
+        stream = cuda_kernels().current_stream_handle(device.index)
+        default = _DEFAULT_STREAMS.get(device.index)
+        if default is None:
+            default = _DEFAULT_STREAMS[device.index] = torch.cuda.default_stream(device).cuda_stream
+        if stream != default or torch.cuda.is_current_stream_capturing():
+            return torch.full((B,), T, dtype=torch.int64, device=device)
     key = (T, B, device, stream)
     full = _FULL_LENGTHS.get(key)
     if full is None:
         full = torch.full((B,), T, dtype=torch.int64, device=device)
-        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-        if not capturing and len(_FULL_LENGTHS) < _FULL_LENGTHS_MAX:
+        if len(_FULL_LENGTHS) < _FULL_LENGTHS_MAX:
             _FULL_LENGTHS[key] = full
     return full
 
