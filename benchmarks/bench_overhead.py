@@ -406,23 +406,41 @@ QUICK_GPU = ("relu", "sigmoid", "conv2d", "max_pool2d", "avg_pool2d", "linear", 
              "lstm_cell", "lstm", "gru", "Linear", "Conv2d", "LSTM", "SGD", "Adam", "clip_grad_norm_", "launch")
 
 
+class _Resolved(Exception):
+    """Raised by :func:`_implemented`'s probe once a call has resolved its backend."""
+
+
 def _implemented(providers: dict, device: str) -> dict:
     """On a GPU, drop the providers of ours whose backend lacks the op (relu has no CUDA C
-    kernel, say): one call each, and a BackendUnavailableError means the op is not there.
-    Any other error stays for the timed run to report."""
+    kernel, say): one call each, stopped where it first resolves its backend
+    (``gpu_nn._backend.resolve``, which raises BackendUnavailableError where the op is not
+    there), before any kernel. The call ran whole before: this runs in the bench's parent
+    process ahead of the warm phase, so on a fresh GPU every overhead provider's kernels
+    compiled here one after another (about 70 under --quick) before the parallel warm phase
+    started its clock. Any other error stays for the timed run to report."""
     if not device.startswith("cuda"):
         return providers
+    from gpu_nn import _backend
     from gpu_nn._errors import BackendUnavailableError
+
+    real = _backend.resolve
+
+    def probe(*args, **kwargs):
+        real(*args, **kwargs)  # (BackendUnavailableError where the backend lacks the op)
+        raise _Resolved
 
     keep = {}
     for name, setup in providers.items():
         if name in ("triton", "cupy"):
+            _backend.resolve = probe
             try:
                 setup()()
             except BackendUnavailableError:
                 continue
-            except Exception:  # noqa: BLE001 - reported by the timed run
+            except Exception:  # noqa: BLE001 - _Resolved: it is there; else reported by the timed run
                 pass
+            finally:
+                _backend.resolve = real
         keep[name] = setup
     return keep
 

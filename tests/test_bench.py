@@ -653,6 +653,35 @@ def test_overhead_drops_only_the_backends_that_lack_the_op():
     assert bench_overhead._implemented(provs, "cpu") is provs
 
 
+def test_overhead_probe_stops_each_call_where_it_resolves_its_backend(monkeypatch):
+    """The probe of which backends have an op stops each call where the op resolves its backend
+    (gpu_nn._backend.resolve), before its kernels: on a fresh GPU those calls compiled every
+    overhead provider's kernels one after another in the bench's parent, ahead of the parallel
+    warm phase. A backend the op lacks (the real resolve's refusal) is dropped; nothing is
+    launched for the ones kept; resolve is put back."""
+    import gpu_nn
+    from gpu_nn import _backend
+    from gpu_nn.benchmarks import bench_overhead
+
+    monkeypatch.setattr(_backend, "status", lambda name: (True, ""))  # (a GPU machine's backends)
+    real = _backend.resolve
+    launched = []
+
+    def provider(backend, have):
+        def setup():
+            def call():
+                with gpu_nn.backend(backend):
+                    _backend.resolve("op", torch.device("cuda", 0), have)
+                launched.append(backend)
+            return call
+        return setup
+
+    provs = {"torch": lambda: (lambda: None), "triton": provider("triton", ("reference", "triton")),
+             "cupy": provider("cupy", ("reference", "triton"))}
+    assert set(bench_overhead._implemented(provs, "cuda")) == {"torch", "triton"}
+    assert launched == [] and _backend.resolve is real
+
+
 def test_rnn_bidirectional_cases_time_cupy_both_ways():
     """bench_rnn's bidirectional cases time cupy twice: its default (both directions of a layer
     in one device-loop launch) and ``cupy-one-direction``, which turns the pairing off for the
