@@ -89,9 +89,13 @@ RNN_BUDGET=$(( RNN_LIMIT - MARGIN )); (( RNN_BUDGET < 0 )) && RNN_BUDGET=0
 # measuring, its result line into the summary; skipped (status 0) under MIN_SWEEP_S of measuring,
 # which would spend its start-up (imports, CUDA) for no row
 MIN_SWEEP_S=10
+# sweep_part NAME LIMIT BUDGET WANT: a skipped sweep says how many seconds more of
+# GPU_MEASURE_BUDGET_S would have given it MIN_SWEEP_S of measuring (its share of AVAIL is WANT's)
 sweep_part() {
     if (( $3 < MIN_SWEEP_S )); then
-        echo "$1: skipped (a measuring budget of ${3}s, under ${MIN_SWEEP_S})" | tee -a "$SUMMARY"
+        local need=$(( ((MIN_SWEEP_S + MARGIN) * (WANT_SW + WANT_RNN) + $4 - 1) / $4 - AVAIL ))
+        echo "$1: skipped (a measuring budget of ${3}s, under ${MIN_SWEEP_S}: about ${need}s more of" \
+             "GPU_MEASURE_BUDGET_S would run it)" | tee -a "$SUMMARY"
         return 0
     fi
     step "$1" "$2" "${SW[@]}" --only "$1" --budget-s "$3"
@@ -99,9 +103,9 @@ sweep_part() {
     grep -E "^$1: " "$OUTDIR/$1.log" 2>/dev/null | tail -n 1 | sed 's/^/  /' | tee -a "$SUMMARY"
     return "$rc"
 }
-sweep_part sweep "$SW_LIMIT" "$SW_BUDGET"
+sweep_part sweep "$SW_LIMIT" "$SW_BUDGET" "$WANT_SW"
 SWEEP_RC=$?
-sweep_part rnn "$RNN_LIMIT" "$RNN_BUDGET"
+sweep_part rnn "$RNN_LIMIT" "$RNN_BUDGET" "$WANT_RNN"
 RNN_RC=$?
 
 # the profile times each side's heuristic configurations (torch's cuDNN does not benchmark by

@@ -71,10 +71,11 @@ left() { echo $(( BUDGET - (SECONDS - START) )); }
 
 # step NAME LIMIT_S CMD...: run CMD under timeout (capped by the time left), log to NAME.log,
 # and write one summary line. The limit's signal is STEP_SIGNAL (default TERM; pytest takes INT,
-# on which it still prints its failure summary), SIGKILL 10 s later.
+# on which it still prints its failure summary), SIGKILL STEP_KILL_S (default 10) s later.
 step() {
     local name=$1 limit=$2; shift 2
-    local rem; rem=$(( $(left) - 10 ))  # (the kill's 10 s grace inside the budget)
+    local grace=${STEP_KILL_S:-10}
+    local rem; rem=$(( $(left) - grace ))  # (the kill's grace inside the budget)
     (( limit > rem )) && limit=$rem
     if (( limit < 5 )); then
         echo "$name: skipped (no time left of ${BUDGET}s)" | tee -a "$SUMMARY"
@@ -82,7 +83,7 @@ step() {
     fi
     local t0=$SECONDS
     echo "== $name (limit ${limit}s): $*" > "$OUTDIR/$name.log"
-    timeout -s "${STEP_SIGNAL:-TERM}" -k 10 "$limit" "$@" >> "$OUTDIR/$name.log" 2>&1
+    timeout -s "${STEP_SIGNAL:-TERM}" -k "$grace" "$limit" "$@" >> "$OUTDIR/$name.log" 2>&1
     local rc=$?
     echo "$name: rc=$rc $(( SECONDS - t0 ))s$( [ "$rc" = 124 ] && echo ' (timed out)')" | tee -a "$SUMMARY"
     return "$rc"

@@ -248,7 +248,7 @@ def test_gpu_run_script_steps_summary_and_archive(tmp_path):
         {**{k: v for k, v in os.environ.items() if not k.startswith(("GPU_NN_TUNE", "GPU_NN_PACK"))},
          "GPU_NN_CARRIED_CACHE": "none"},
         log_line='echo "$* [TUNE=${GPU_NN_TUNE:-} RECORD=${GPU_NN_TUNE_RECORD:-} CACHE=${GPU_NN_TUNE_CACHE:-}]'
-                 ' [ORDER=${GPU_NN_TEST_ORDER:-} FUSION=${TRITON_DEFAULT_FP_FUSION:-}]"')
+                 ' [KILL=${STEP_KILL_S:-}] [ORDER=${GPU_NN_TEST_ORDER:-} FUSION=${TRITON_DEFAULT_FP_FUSION:-}]"')
     assert r.returncode == 1, r.stdout + r.stderr  # the tests failed
     summary = (out / "summary.txt").read_text()
     steps = [line.split(":")[0] for line in summary.splitlines() if not line.startswith(" ")]
@@ -264,6 +264,10 @@ def test_gpu_run_script_steps_summary_and_archive(tmp_path):
     assert not any(" sass" in c for c in calls)
     (pytest_call,) = [c for c in calls if "-m pytest" in c]
     assert "-rfE" in pytest_call and "-x" not in pytest_call.split()
+    # pytest's closing print after the limit's SIGINT (xdist alone waits up to 10 s for its
+    # workers) gets a longer kill grace than the other steps' 10 s, and short tracebacks
+    assert "--tb=short" in pytest_call.split() and "[KILL=20]" in pytest_call
+    assert all("[KILL=]" in c for c in calls if "-m pytest" not in c)
     # the GPU-only tests first (a cut run has run them), one Triton cache key for every step
     assert pytest_call.endswith("[ORDER=gpu-first FUSION=1]")
     assert all(c.endswith("FUSION=1]") for c in calls)
@@ -287,6 +291,22 @@ def test_gpu_run_script_steps_summary_and_archive(tmp_path):
     assert "bench: 1 tuning timings recorded" in (out / "summary.txt").read_text()
     with tarfile.open(str(out) + ".tgz") as tar:
         assert "out/tuning.jsonl" in tar.getnames()
+
+
+def test_step_keeps_its_kill_grace_inside_the_budget(tmp_path):
+    """benchmarks/steps.sh's step: a limit is capped so that the kill's grace (STEP_KILL_S,
+    default 10 s) still ends inside the script's budget, and timeout is given that grace."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = (f'. "{root}/benchmarks/steps.sh"; OUTDIR="{tmp_path}"; SUMMARY="$OUTDIR/summary.txt"; '
+              'START=$SECONDS; BUDGET=40; timeout() { echo "timeout $*"; }; '
+              'step plain 60 true; STEP_KILL_S=25 step long 60 true; STEP_KILL_S=36 step none 60 true; true')
+    r = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "(limit 30s)" in (tmp_path / "plain.log").read_text() and "-k 10 30 true" in (tmp_path / "plain.log").read_text()
+    assert "(limit 15s)" in (tmp_path / "long.log").read_text() and "-k 25 15 true" in (tmp_path / "long.log").read_text()
+    assert "none: skipped (no time left of 40s)" in (tmp_path / "summary.txt").read_text()
 
 
 def test_results_record_refuses_a_cpu_bench(tmp_path):
