@@ -93,7 +93,12 @@ MIN_SWEEP_S=10
 # GPU_MEASURE_BUDGET_S would have given it MIN_SWEEP_S of measuring (its share of AVAIL is WANT's)
 sweep_part() {
     if (( $3 < MIN_SWEEP_S )); then
+        if (( $4 - MARGIN < MIN_SWEEP_S )); then  # (its GPU_MEASURE_*_S asks for less: no budget runs it)
+            echo "$1: skipped (it asks for $(( $4 - MARGIN ))s of measuring, under ${MIN_SWEEP_S})" | tee -a "$SUMMARY"
+            return 0
+        fi
         local need=$(( ((MIN_SWEEP_S + MARGIN) * (WANT_SW + WANT_RNN) + $4 - 1) / $4 - AVAIL ))
+        (( need < 1 )) && need=1
         echo "$1: skipped (a measuring budget of ${3}s, under ${MIN_SWEEP_S}: about ${need}s more of" \
              "GPU_MEASURE_BUDGET_S would run it)" | tee -a "$SUMMARY"
         return 0

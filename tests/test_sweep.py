@@ -353,11 +353,12 @@ def test_gpu_measure_script_installs_when_needed_and_skips_what_the_budget_canno
     assert (pathlib.Path(str(out) + ".tgz")).exists()
 
 
-def test_gpu_measure_says_how_much_more_budget_a_skipped_sweep_needs(tmp_path):
+def test_gpu_measure_says_how_much_more_budget_a_skipped_sweep_needs(tmp_path, monkeypatch):
     """A sweep skipped for want of budget says how many seconds more of GPU_MEASURE_BUDGET_S
     would run it (the recipe's 230 s with the cache pack's 40 kept left the sweeps nothing on
     the H200 runs' step times: an audit of the GPU call, which the summary's bare "skipped" did
-    not show); given that much more, it runs."""
+    not show); given that much more, it runs. One that asks for under 10 s of measuring
+    (GPU_MEASURE_RNN_S=0) says so, whatever the budget."""
     import re
 
     (tmp_path / "short").mkdir()
@@ -371,6 +372,11 @@ def test_gpu_measure_says_how_much_more_budget_a_skipped_sweep_needs(tmp_path):
     assert 0 < more < 60
     r, out, calls = _measure(tmp_path / "enough", 190 + more + 2)  # (a second or two of the stand-in's steps)
     assert "sweep: skipped" not in (out / "summary.txt").read_text() and _budget(calls, "sweep") >= 10
+    (tmp_path / "off").mkdir()
+    monkeypatch.setenv("GPU_MEASURE_RNN_S", "0")
+    r, out, calls = _measure(tmp_path / "off", 600)
+    summary = (out / "summary.txt").read_text()
+    assert "rnn: skipped (it asks for 0s of measuring, under 10)" in summary and "sweep: skipped" not in summary
 
 
 def test_gpu_measure_steps_keep_the_kills_grace_inside_the_budget(tmp_path):

@@ -438,12 +438,15 @@ def test_sleep_calibration_takes_the_clock_after_it_has_risen(monkeypatch):
     device time). The former calibration (one 1,000-cycle warm-up, one 2M-cycle measure) read
     the slow clock (5 ns a cycle), so every later sleep lasted a fifth of what was asked and a
     host-bound call (1 ms of host, 0.1 ms of kernel) passed as queued with the host's time in its
-    figure; now the fast clock's 1 ns, and that call times as its kernel."""
+    figure; now the fast clock's 1 ns, and that call times as its kernel. The clock rises 0.5 ms
+    after the warm sleep's 100 ms, once the first timed sleep has started (slow), so one timed
+    sleep after the warm one, or the longest of three, would read the slow clock."""
     from helpers import FakeDevice
 
     dev = FakeDevice().install(monkeypatch)
     monkeypatch.setattr(_tuning, "_cycle_s", [])
-    ramp_s, slow = 5e-3, 5.0
+    slow = 5.0
+    ramp_s = _tuning.SLEEP_WARM_CYCLES * dev.CYCLE_S * slow + 0.5e-3
 
     def _sleep(cycles):  # a sleep's cycles at the clock of when it starts on the device
         dev.log.append(("sleep", cycles))

@@ -563,13 +563,15 @@ def _lengths_on(lengths, T, B, device):
         default = _DEFAULT_STREAMS.get(device.index)
         if default is None:
             default = _DEFAULT_STREAMS[device.index] = torch.cuda.default_stream(device).cuda_stream
-        if stream != default or torch.cuda.is_current_stream_capturing():
+        if stream != default:
             return torch.full((B,), T, dtype=torch.int64, device=device)
     key = (T, B, device, stream)
     full = _FULL_LENGTHS.get(key)
     if full is None:
         full = torch.full((B,), T, dtype=torch.int64, device=device)
-        if len(_FULL_LENGTHS) < _FULL_LENGTHS_MAX:
+        # (CUDA captures no work of the default stream: the capture test is a guard, on a miss only)
+        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        if not capturing and len(_FULL_LENGTHS) < _FULL_LENGTHS_MAX:
             _FULL_LENGTHS[key] = full
     return full
 
