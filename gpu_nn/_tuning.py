@@ -348,8 +348,8 @@ SLEEP_CAL_REPS = 3
 def sleep_cycle_seconds() -> float:
     """GPU seconds one cycle of ``torch.cuda._sleep`` lasts, measured once per process with CUDA
     events (about 0.5 ns at the H200's clock): the shortest of ``SLEEP_CAL_REPS`` timed sleeps
-    after an untimed one of ``SLEEP_WARM_CYCLES``. An idle GPU's clock is low (an H200 reports
-    about 345 MHz idle against 1,980 MHz boost) and rises under load; measured at the low clock,
+    after an untimed one of ``SLEEP_WARM_CYCLES``. An idle GPU's SM clock is a fraction of its
+    boost clock (1,980 MHz on the H200) and rises under load; measured at the low clock,
     every later sleep would last a fraction of what :func:`queued_times` asks, and its check
     (the host's queuing against the length asked) would pass calls the host had not queued in
     time, their figures holding host time. The shortest measurement is the fastest clock's: a
