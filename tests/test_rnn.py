@@ -3489,7 +3489,7 @@ def test_full_lengths_kept_only_for_the_default_stream(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
     monkeypatch.setattr(torch, "full", full)
     monkeypatch.setattr(ops, "_FULL_LENGTHS", {})
-    monkeypatch.setattr(ops, "_DEFAULT_STREAMS", {}, raising=False)
+    monkeypatch.setattr(ops, "_DEFAULT_STREAMS", {})
     dev = torch.device("cuda", 0)
     a = ops._lengths_on(None, 4, 3, dev)
     assert ops._lengths_on(None, 4, 3, dev) is a and len(made) == 1 and list(ops._FULL_LENGTHS) == [(4, 3, dev, 0)]
