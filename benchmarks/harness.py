@@ -167,8 +167,8 @@ def run_case(case: Case, providers=None, warmup: int = 2, reps: int = 7, max_tim
     ``first_call`` holds, per provider, the seconds of its ``setup()`` plus one synchronised
     call: the first use of a shape, kernel compilation included, kept apart from the medians.
 
-    ``providers`` (an iterable of names) restricts the run to those providers plus the
-    baseline. A provider whose ``setup()`` or call raises is recorded under ``errors``.
+    ``providers`` (an iterable of backend names) restricts our providers to those backends
+    (:func:`timed`); the others are always timed. A provider whose ``setup()`` or call raises is recorded under ``errors``.
     """
     row = {
         "family": case.family, "name": case.name, "shape": case.shape, "device": case.device,
@@ -177,7 +177,7 @@ def run_case(case: Case, providers=None, warmup: int = 2, reps: int = 7, max_tim
     }
     t_case = time.perf_counter()
     for name, setup in case.providers.items():
-        if providers and name not in providers and name != case.baseline:
+        if not timed(name, providers):
             continue
         try:
             # first use apart from the steady state: setup plus one call, synchronised, is where
@@ -240,6 +240,15 @@ def is_ours(provider: str) -> bool:
     """A provider of ours: a backend, or a variant of one (``triton-persistent``, ``cupy-mma``);
     not torch's own others (``torch_foreach``, the ``cell_loop`` of torch's cells)."""
     return provider.split("-", 1)[0] in OUR_BACKENDS
+
+
+def timed(provider: str, providers=None) -> bool:
+    """Whether a run restricted to ``providers`` (``gpu-nn bench --backend``: backends of ours)
+    times ``provider``: every provider that is not ours (torch, its foreach form and cell loop,
+    the overhead family's floors) always; one of ours where its backend is named, a variant
+    (``triton-persistent``) with its backend. The floors were dropped before, so that
+    ``--family overhead --backend reference`` judged every case against torch alone."""
+    return not providers or not is_ours(provider) or provider.split("-", 1)[0] in providers
 
 
 def host_bound(rows: list) -> list:

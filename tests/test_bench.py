@@ -56,6 +56,21 @@ def test_time_callable_stops_early_past_max_time():
     assert 3 <= len(times) < 10
 
 
+def test_backend_restriction_keeps_every_provider_that_is_not_ours(clock):
+    # `gpu-nn bench --backend reference`: our other backends are left out; torch, its other forms
+    # and the overhead family's floors stay (the floors were dropped, so every overhead case was
+    # judged against torch alone); a variant of ours goes with its backend
+    names = ("torch", "torch_foreach", "floor-custom-op", "floor-function", "reference", "triton",
+             "triton-persistent", "cupy")
+    case = harness.Case("fake", "op", "n=1", {n: _sleeper([0.001], clock) for n in names})
+    row = harness.run_case(case, {"reference"}, warmup=0, reps=2)
+    assert set(row["seconds"]) == {"torch", "torch_foreach", "floor-custom-op", "floor-function", "reference"}
+    row = harness.run_case(case, {"triton"}, warmup=0, reps=2)
+    assert set(row["seconds"]) == {"torch", "torch_foreach", "floor-custom-op", "floor-function", "triton",
+                                   "triton-persistent"}
+    assert set(harness.run_case(case, None, warmup=0, reps=2)["seconds"]) == set(names)
+
+
 def test_median_is_robust_to_an_outlier_and_ratio_is_against_the_baseline(clock):
     # ours: 2 ms typically with one 60 ms outlier; torch: 4 ms. Median ratio 0.5, not the mean's.
     ours = [0.002, 0.002, 0.06, 0.002, 0.002]
