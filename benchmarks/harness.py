@@ -167,7 +167,7 @@ def run_case(case: Case, providers=None, warmup: int = 2, reps: int = 7, max_tim
     ``first_call`` holds, per provider, the seconds of its ``setup()`` plus one synchronised
     call: the first use of a shape, kernel compilation included, kept apart from the medians.
 
-    ``providers`` (an iterable of backend names) restricts our providers to those backends
+    ``providers`` (an iterable of names) restricts our providers to those backends or variants
     (:func:`timed`); the others are always timed. A provider whose ``setup()`` or call raises is recorded under ``errors``.
     """
     row = {
@@ -246,9 +246,11 @@ def timed(provider: str, providers=None) -> bool:
     """Whether a run restricted to ``providers`` (``gpu-nn bench --backend``: backends of ours)
     times ``provider``: every provider that is not ours (torch, its foreach form and cell loop,
     the overhead family's floors) always; one of ours where its backend is named, a variant
-    (``triton-persistent``) with its backend. The floors were dropped before, so that
+    (``triton-persistent``) with its backend or by its own name (a bench module's
+    ``--provider``). The floors were dropped before, so that
     ``--family overhead --backend reference`` judged every case against torch alone."""
-    return not providers or not is_ours(provider) or provider.split("-", 1)[0] in providers
+    return (not providers or provider in providers or not is_ours(provider)
+            or provider.split("-", 1)[0] in providers)
 
 
 def host_bound(rows: list) -> list:
@@ -397,7 +399,7 @@ def main_for(cases_fn: Callable[..., list[Case]], argv=None) -> list[dict]:
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true", help="fewer repetitions")
     p.add_argument("--json", help="write results to this JSON file")
-    p.add_argument("--provider", action="append", help="only these providers (plus the baseline)")
+    p.add_argument("--provider", action="append", help="only these providers of ours (a backend or a variant); torch's always")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
     args = p.parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -69,6 +69,9 @@ def test_backend_restriction_keeps_every_provider_that_is_not_ours(clock):
     assert set(row["seconds"]) == {"torch", "torch_foreach", "floor-custom-op", "floor-function", "triton",
                                    "triton-persistent"}
     assert set(harness.run_case(case, None, warmup=0, reps=2)["seconds"]) == set(names)
+    # a variant named alone (a bench module's --provider): it, not its backend's other forms
+    row = harness.run_case(case, {"triton-persistent"}, warmup=0, reps=2)
+    assert set(row["seconds"]) == {"torch", "torch_foreach", "floor-custom-op", "floor-function", "triton-persistent"}
 
 
 def test_median_is_robust_to_an_outlier_and_ratio_is_against_the_baseline(clock):
