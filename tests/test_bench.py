@@ -971,9 +971,12 @@ def test_cnn_block_case_computes_the_same_block_as_torch():
     quick = bench_conv.cases("cuda", quick=True)
     gpu = [c for c in quick if "cnn block" in c.name]
     assert [c.name for c in gpu] == ["conv2d cnn block fwd+bwd float32", "conv2d cnn block fwd+bwd bfloat16"]
-    # --quick's other forward+backward cases: the 56x56 stage, both layouts, both dtypes
-    assert sorted(c.name for c in quick if "bwd" in c.name and c not in gpu) == sorted(
-        f"conv2d 3x3{cl} fwd+bwd {dt}" for cl in ("", " channels_last") for dt in ("float32", "bfloat16"))
+    # --quick's other forward+backward cases: the four ResNet 3x3 stages, both layouts, both dtypes
+    assert sorted((c.name, c.shape) for c in quick if "bwd" in c.name and c not in gpu) == sorted(
+        (f"conv2d 3x3{cl} fwd+bwd {dt}", shape) for cl in ("", " channels_last") for dt in ("float32", "bfloat16")
+        for _, shape, _ in bench_conv.GPU_SHAPES[:4])
+    assert [s for _, s, _ in bench_conv.GPU_SHAPES[:4]] == [
+        f"N=32 C={c} {hw}x{hw} O={c}" for c, hw in ((64, 56), (128, 28), (256, 14), (512, 7))]
     assert gpu[0].shape == bench_conv.BLOCK_SHAPE and gpu[0].flops == pytest.approx(
         2 * (2 * 128 * 32 * 784 * 9) + 3 * (2 * 128 * 64 * 784 * 32 * 9))
 
