@@ -49,6 +49,11 @@
 # packed into OUTDIR.tgz beside it. Exits non-zero when a sweep or the profile failed or could
 # not finish (the later steps repeat earlier measurements; their status is in the summary).
 #
+# GPU_MEASURE_STEPS (default: every step above) names the steps to run, in the order above; the
+# others get a "not run" summary line. The demos run our heuristic configurations (GPU_NN_TUNE=0),
+# as the bench and the torch twin's cuDNN do: tuning every candidate in the first epoch took the
+# eager demo past its 50 s limit at a331102, with no demo.json.
+#
 # Typical device call (README, tools): gpu_run.sh, then this, each archive copied to $OUT.
 set -u -o pipefail
 
@@ -58,6 +63,21 @@ BUDGET=${GPU_MEASURE_BUDGET_S:-300}
 reserve_pack
 SWEEP_S=${GPU_MEASURE_SWEEP_S:-150}
 RNN_S=${GPU_MEASURE_RNN_S:-120}
+ALL_STEPS="tma-repeat sweep rnn profile demo demo-profile demo-compile demo-fuse host_split kernel_counts func demo-persistent"
+STEPS_ASKED=${GPU_MEASURE_STEPS:-$ALL_STEPS}
+for s in $STEPS_ASKED; do
+    [[ " $ALL_STEPS " == *" $s "* ]] && continue
+    echo "GPU_MEASURE_STEPS: unknown step '$s' ($ALL_STEPS)" | tee -a "$SUMMARY"
+    exit 2
+done
+# asked NAME: whether GPU_MEASURE_STEPS names step NAME (quietly)
+asked() { [[ " $STEPS_ASKED " == *" $1 "* ]]; }
+# wanted NAME: asked, else a summary line says it was left out
+wanted() {
+    asked "$1" && return 0
+    echo "$1: not run (GPU_MEASURE_STEPS=$STEPS_ASKED)" | tee -a "$SUMMARY"
+    return 1
+}
 
 if ! "$PY" -c "import gpu_nn" > /dev/null 2>&1; then
     step install 60 "$PY" -m pip install --no-deps --no-build-isolation --no-index -e . || true
@@ -67,13 +87,16 @@ carried_cache
 # a correctness question first (under a minute with its compiles): is the suspect TMA tile's wrong
 # result a race of every pipelined TMA tile, or its own fault? Its time comes out of the sweeps'
 # share (AVAIL below is what it leaves), by choice: a wrong result outranks a timing
-step tma-repeat 45 "$PY" -m gpu_nn.benchmarks.tma_fwd_repeat --repeats 10 --out "$OUTDIR"
+wanted tma-repeat && step tma-repeat 45 "$PY" -m gpu_nn.benchmarks.tma_fwd_repeat --repeats 10 --out "$OUTDIR"
 
 SW=("$PY" -m gpu_nn.benchmarks.sweep --out "$OUTDIR")
 PROFILE_S=60   # the profile step's limit; it starts no new case after PROFILE_S - 20
 MARGIN=25      # a sweep's limit over its own budget: imports, CUDA start, the row in flight
 REST=${GPU_MEASURE_REST_S:-75}  # kept for the demo (50 s) and its profile (25 s): the demo goal's only figures
-# the two sweeps share what the profile and REST leave, in proportion to their wants
+# the two sweeps share what the profile and REST leave (where those are asked for), in proportion
+# to their wants
+asked profile || PROFILE_S=0
+asked demo || asked demo-profile || REST=0
 AVAIL=$(( $(left) - PROFILE_S - REST ))
 WANT_SW=$(( SWEEP_S + MARGIN )); WANT_RNN=$(( RNN_S + MARGIN ))
 if (( AVAIL >= WANT_SW + WANT_RNN )); then
@@ -92,6 +115,7 @@ MIN_SWEEP_S=10
 # sweep_part NAME LIMIT BUDGET WANT: a skipped sweep says how many seconds more of
 # GPU_MEASURE_BUDGET_S would have given it MIN_SWEEP_S of measuring (its share of AVAIL is WANT's)
 sweep_part() {
+    wanted "$1" || return 0
     if (( $3 < MIN_SWEEP_S )); then
         if (( $4 - MARGIN < MIN_SWEEP_S )); then  # (its GPU_MEASURE_*_S asks for less: no budget runs it)
             echo "$1: skipped (it asks for $(( $4 - MARGIN ))s of measuring, under ${MIN_SWEEP_S})" | tee -a "$SUMMARY"
@@ -116,51 +140,68 @@ RNN_RC=$?
 # the profile times each side's heuristic configurations (torch's cuDNN does not benchmark by
 # default): measuring ours would compile every candidate of its first cases (the convolutions)
 # inside the step's limit, and the later ops would go unprofiled
-step profile "$PROFILE_S" env GPU_NN_TUNE=0 "${SW[@]}" --only profile --profile-budget-s $(( PROFILE_S - 20 ))
-PROFILE_RC=$?
-grep -E "^profile: " "$OUTDIR/profile.log" 2>/dev/null | tail -n 1 | sed 's/^/  /' | tee -a "$SUMMARY"
+PROFILE_RC=0
+if wanted profile; then
+    step profile "$PROFILE_S" env GPU_NN_TUNE=0 "${SW[@]}" --only profile --profile-budget-s $(( PROFILE_S - 20 ))
+    PROFILE_RC=$?
+    grep -E "^profile: " "$OUTDIR/profile.log" 2>/dev/null | tail -n 1 | sed 's/^/  /' | tee -a "$SUMMARY"
+fi
 
 GN=("$PY" -m gpu_nn.cli)
-step demo 50 "${GN[@]}" demo --epochs 3 --json "$OUTDIR/demo.json" --no-progress
-# where a demo step's time goes (its kernels compiled and tuned by the demo just run, the tuning
-# cache on disk): GPU busy against wall, and the host's Python functions, ours against the twin
-if (( $(left) >= 20 )); then
-    step demo-profile 30 "${SW[@]}" --only demo --profile-budget-s 20
+# the demos (and their profile) on our heuristic configurations, as the bench and the twin's cuDNN
+DEMO=(env GPU_NN_TUNE=0 "${GN[@]}" demo)
+wanted demo && step demo 50 "${DEMO[@]}" --epochs 3 --json "$OUTDIR/demo.json" --no-progress
+# where a demo step's time goes (its kernels compiled by the demo just run): GPU busy against
+# wall, and the host's Python functions, ours against the twin
+if ! wanted demo-profile; then
+    :
+elif (( $(left) >= 20 )); then
+    step demo-profile 30 env GPU_NN_TUNE=0 "${SW[@]}" --only demo --profile-budget-s 20
     grep -E "^demo profile: " "$OUTDIR/demo-profile.log" 2>/dev/null | tail -n 1 | sed 's/^/  /' | tee -a "$SUMMARY"
 else
     echo "demo-profile: skipped ($(left)s left of ${BUDGET}s, it needs 20)" | tee -a "$SUMMARY"
 fi
 # issue 14's other demo goal (<= 1.0x torch with both twins compiled with CUDA graphs): never
 # measured yet (it came last), so right after the eager demo and its profile
-if (( $(left) >= 60 )); then
-    step demo-compile 90 "${GN[@]}" demo --epochs 3 --compile --json "$OUTDIR/demo-compile.json" --no-progress
+if ! wanted demo-compile; then
+    :
+elif (( $(left) >= 60 )); then
+    step demo-compile 90 "${DEMO[@]}" --epochs 3 --compile --json "$OUTDIR/demo-compile.json" --no-progress
 else
     echo "demo-compile: skipped ($(left)s left of ${BUDGET}s, it needs 60)" | tee -a "$SUMMARY"
 fi
 # the CNN with its activations fused into the layers' epilogues (gpu_nn.fuse): 3 launches and 3
 # autograd nodes fewer per step, measured against the unfused demo above
-if (( $(left) >= 30 )); then
-    step demo-fuse 30 "${GN[@]}" demo --model cnn --epochs 3 --fuse --json "$OUTDIR/demo-fuse.json" --no-progress
+if ! wanted demo-fuse; then
+    :
+elif (( $(left) >= 30 )); then
+    step demo-fuse 30 "${DEMO[@]}" --model cnn --epochs 3 --fuse --json "$OUTDIR/demo-fuse.json" --no-progress
 else
     echo "demo-fuse: skipped ($(left)s left of ${BUDGET}s, it needs 30)" | tee -a "$SUMMARY"
 fi
 # a call's host time piece by piece (allocation, current stream, the launch plan, Triton's launcher,
 # our forward and backward apart, a bare autograd.Function; the optimizer with moving gradients):
 # issue 14's host cost, the figures no CPU machine gives
-if (( $(left) >= 20 )); then
+if ! wanted host_split; then
+    :
+elif (( $(left) >= 20 )); then
     step host_split 30 "$PY" -m gpu_nn.benchmarks.host_split --json "$OUTDIR/host_split.json"
 else
     echo "host_split: skipped ($(left)s left of ${BUDGET}s, it needs 20)" | tee -a "$SUMMARY"
 fi
 # the tests pin the launch counts on a GPU already: these tables only where time is left
-if (( $(left) >= 30 )); then
+if ! wanted kernel_counts; then
+    :
+elif (( $(left) >= 30 )); then
     step kernel_counts 40 "$PY" -m gpu_nn.benchmarks.kernel_counts --out "$OUTDIR/counts.json"
 else
     echo "kernel_counts: skipped ($(left)s left of ${BUDGET}s, it needs 30)" | tee -a "$SUMMARY"
 fi
 # torch.func workloads (per-sample gradients, vmap(hessian), a Hessian-vector product, jacfwd of an
 # LSTM) on both GPU backends against torch's layers: the fold rules' figures on a GPU
-if (( $(left) >= 30 )); then
+if ! wanted func; then
+    :
+elif (( $(left) >= 30 )); then
     step func 45 "${GN[@]}" bench --family func --quick --out "$OUTDIR/func" --no-progress
 else
     echo "func: skipped ($(left)s left of ${BUDGET}s, it needs 30)" | tee -a "$SUMMARY"
@@ -169,8 +210,10 @@ fi
 # the default until measured): the same epochs, to set against demo.json's, on the triton backend
 # named explicitly (the persistent kernels are Triton's, whatever auto picks)
 for m in lstm gru; do
-    if (( $(left) >= 30 )); then
-        step "demo-persistent-$m" 25 env GPU_NN_RNN_PERSISTENT=1 "${GN[@]}" demo --model "$m" --epochs 3 \
+    if ! wanted demo-persistent; then
+        break
+    elif (( $(left) >= 30 )); then
+        step "demo-persistent-$m" 25 env GPU_NN_RNN_PERSISTENT=1 "${DEMO[@]}" --model "$m" --epochs 3 \
             --backend triton --json "$OUTDIR/demo-persistent-$m.json" --no-progress
     else
         echo "demo-persistent-$m: skipped ($(left)s left of ${BUDGET}s, it needs 30)" | tee -a "$SUMMARY"

@@ -38,9 +38,17 @@
 # OUTDIR/summary.txt has one line per step (exit status, seconds); everything OUTDIR holds is also
 # packed into OUTDIR.tgz beside it, one file for the device tool (which returns at most 8).
 # Exits non-zero when check or the tests failed or could not finish.
+# GPU_RUN_STEPS (default "check bench pytest") names which of those three run (install, info and
+# record always do): a session splits them over two device calls, the measurement first
+# (GPU_RUN_STEPS="check bench" with GPU_RUN_BENCH_S / GPU_RUN_WARM_S, the bench step's limit and
+# its warm phase's budget, defaults 120 and 60 s), the tests in a second call on the warm machine
+# (GPU_RUN_STEPS=pytest). One call of all three cut both: at 09f2311 the bench timed 40 of 186
+# cases in its 120 s (all convolutions) and the tests, in what was left, about 72 % of the suite.
 #
-# Typical device call:
-#   bash benchmarks/gpu_run.sh /tmp/gpu-run; cp /tmp/gpu-run.tgz "$OUT/"
+# Typical device calls (README has the whole recipe, gpu_measure.sh in the first):
+#   GPU_RUN_STEPS="check bench" GPU_RUN_BUDGET_S=400 GPU_RUN_BENCH_S=280 GPU_RUN_WARM_S=110 \
+#       bash benchmarks/gpu_run.sh /tmp/gpu-run; cp /tmp/gpu-run.tgz "$OUT/"
+#   GPU_RUN_STEPS=pytest GPU_RUN_BUDGET_S=... bash benchmarks/gpu_run.sh /tmp/gpu-tests; cp /tmp/gpu-tests.tgz "$OUT/"
 # then here: tar -xzf gpu-run.tgz -C /tmp && gpu-nn results record /tmp/gpu-run
 set -u -o pipefail
 
@@ -49,6 +57,26 @@ begin "${1:?usage: benchmarks/gpu_run.sh OUTDIR}"
 BUDGET=${GPU_RUN_BUDGET_S:-330}
 reserve_pack
 NCPU=$(nproc 2>/dev/null || echo 4)
+# GPU_RUN_STEPS: refused before anything runs where it names an unknown step
+STEPS_ASKED=${GPU_RUN_STEPS:-check bench pytest}
+for s in $STEPS_ASKED; do
+    case "$s" in
+        check|bench|pytest) ;;
+        *) echo "GPU_RUN_STEPS: unknown step '$s' (check, bench, pytest)" | tee -a "$SUMMARY"; exit 2;;
+    esac
+done
+# asked NAME: whether GPU_RUN_STEPS names step NAME (quietly)
+asked() { [[ " $STEPS_ASKED " == *" $1 "* ]]; }
+# wanted NAME: asked, else its summary line says it was left out
+wanted() {
+    asked "$1" && return 0
+    echo "$1: not run (GPU_RUN_STEPS=$STEPS_ASKED)" | tee -a "$SUMMARY"
+    return 1
+}
+BENCH_S=${GPU_RUN_BENCH_S:-120}
+WARM_S=${GPU_RUN_WARM_S:-60}
+CHECK_RC=0
+TEST_RC=0
 
 if ! step install 60 "$PY" -m pip install --no-deps --no-build-isolation --no-index -e .; then
     step install-noneditable 60 "$PY" -m pip install --no-deps --no-build-isolation --no-index . || true
@@ -63,25 +91,29 @@ export GPU_NN_TUNE=0
 step info 30 "${GN[@]}" info
 
 # check: one worker per core (up to 16); first use of each kernel compiles, in parallel.
-step check 90 "${GN[@]}" check --json "$OUTDIR/check.json" --no-progress
-CHECK_RC=$?
-tail -n 3 "$OUTDIR/check.log" | grep -v '^== ' | sed -e 's/^/  check: /' -e '$a\' | tee -a "$SUMMARY"
+if wanted check; then
+    step check 90 "${GN[@]}" check --json "$OUTDIR/check.json" --no-progress
+    CHECK_RC=$?
+    tail -n 3 "$OUTDIR/check.log" | grep -v '^== ' | sed -e 's/^/  check: /' -e '$a\' | tee -a "$SUMMARY"
+fi
 
 # the first call of each tuned shape compiles and times every candidate (first_call in bench.json)
-rm -f "$OUTDIR/tuning.jsonl" "$OUTDIR/tuning-cache.json"
-WARM_JOBS=$(( NCPU > 12 ? 12 : NCPU ))
-BENCH=("${GN[@]}" bench --quick --warm-jobs "$WARM_JOBS" --warm-budget-s 60 --out "$OUTDIR/bench" --no-progress)
-if [ "${GPU_RUN_BENCH_TUNE:-0}" = 1 ]; then
-    step bench 120 env GPU_NN_TUNE=1 GPU_NN_TUNE_RECORD="$OUTDIR/tuning.jsonl" GPU_NN_TUNE_CACHE="$OUTDIR/tuning-cache.json" \
-        "${BENCH[@]}"
-    echo "  bench: $(cat "$OUTDIR/tuning.jsonl" 2>/dev/null | wc -l | tr -d ' ') tuning timings recorded in tuning.jsonl" \
-        | tee -a "$SUMMARY"
-else
-    step bench 120 "${BENCH[@]}"
+if wanted bench; then
+    rm -f "$OUTDIR/tuning.jsonl" "$OUTDIR/tuning-cache.json"
+    WARM_JOBS=$(( NCPU > 12 ? 12 : NCPU ))
+    BENCH=("${GN[@]}" bench --quick --warm-jobs "$WARM_JOBS" --warm-budget-s "$WARM_S" --out "$OUTDIR/bench" --no-progress)
+    if [ "${GPU_RUN_BENCH_TUNE:-0}" = 1 ]; then
+        step bench "$BENCH_S" env GPU_NN_TUNE=1 GPU_NN_TUNE_RECORD="$OUTDIR/tuning.jsonl" GPU_NN_TUNE_CACHE="$OUTDIR/tuning-cache.json" \
+            "${BENCH[@]}"
+        echo "  bench: $(cat "$OUTDIR/tuning.jsonl" 2>/dev/null | wc -l | tr -d ' ') tuning timings recorded in tuning.jsonl" \
+            | tee -a "$SUMMARY"
+    else
+        step bench "$BENCH_S" "${BENCH[@]}"
+    fi
+    grep -E "^warm phase: " "$OUTDIR/bench.log" 2>/dev/null | sed 's/^/  bench: /' | tee -a "$SUMMARY"
+    # issue 14's goal: our calls at the bench shapes whose host time nears their event time
+    grep -E "^host-bound " "$OUTDIR/bench.log" 2>/dev/null | sed 's/^/  bench: /' | tee -a "$SUMMARY"
 fi
-grep -E "^warm phase: " "$OUTDIR/bench.log" 2>/dev/null | sed 's/^/  bench: /' | tee -a "$SUMMARY"
-# issue 14's goal: our calls at the bench shapes whose host time nears their event time
-grep -E "^host-bound " "$OUTDIR/bench.log" 2>/dev/null | sed 's/^/  bench: /' | tee -a "$SUMMARY"
 
 # The tests reuse the kernels check compiled (Triton's on-disk cache).
 WORKERS=$(( NCPU > 16 ? 16 : NCPU ))
@@ -100,27 +132,32 @@ PYTEST_ARGS=(-q -rfE --tb=short tests -p no:cacheprovider --durations=15 --ignor
 # xdist waits up to 10 s for its workers and pytest then prints its failures and closing counts,
 # which the default 10 s grace cut off in both H200 runs (a331102, 09f2311: rc 137, no counts
 # line; record then had no time left); --tb=short keeps that print short
-PT_KILL_S=20
-PT_LIMIT=$(( $(left) - 25 - PT_KILL_S )); (( PT_LIMIT > 240 )) && PT_LIMIT=240
-rm -f "$OUTDIR/pytest-failures.txt"
-STEP_SIGNAL=INT STEP_KILL_S=$PT_KILL_S step pytest "$PT_LIMIT" env GPU_NN_TEST_ORDER=gpu-first \
-    GPU_NN_FAIL_LOG="$OUTDIR/pytest-failures.txt" "$PY" -m pytest "${PYTEST_ARGS[@]}"
-TEST_RC=$?
-grep -E "^(FAILED|ERROR) " "$OUTDIR/pytest.log" | head -20 | sed 's/^/  pytest: /' | tee -a "$SUMMARY"
-# each failure as it was reported (tests/conftest.py's GPU_NN_FAIL_LOG): named even when the limit
-# killed pytest before its summary
-[ -s "$OUTDIR/pytest-failures.txt" ] && echo "  pytest: $(grep -c '^=== FAILED' "$OUTDIR/pytest-failures.txt") failures named in pytest-failures.txt" | tee -a "$SUMMARY"
-# pytest's closing counts (after an interrupt a traceback follows them), else the log's last line
-PT_LAST=$(grep -E "[0-9]+ (passed|failed|errors?)\b.* in [0-9.]+s" "$OUTDIR/pytest.log" | tail -n 1)
-[ -n "$PT_LAST" ] || PT_LAST=$(tail -n 1 "$OUTDIR/pytest.log")
-echo "  pytest: $PT_LAST" | tee -a "$SUMMARY"
+if wanted pytest; then
+    PT_KILL_S=20
+    PT_LIMIT=$(( $(left) - 25 - PT_KILL_S )); (( PT_LIMIT > 240 )) && PT_LIMIT=240
+    rm -f "$OUTDIR/pytest-failures.txt"
+    STEP_SIGNAL=INT STEP_KILL_S=$PT_KILL_S step pytest "$PT_LIMIT" env GPU_NN_TEST_ORDER=gpu-first \
+        GPU_NN_FAIL_LOG="$OUTDIR/pytest-failures.txt" "$PY" -m pytest "${PYTEST_ARGS[@]}"
+    TEST_RC=$?
+    grep -E "^(FAILED|ERROR) " "$OUTDIR/pytest.log" | head -20 | sed 's/^/  pytest: /' | tee -a "$SUMMARY"
+    # each failure as it was reported (tests/conftest.py's GPU_NN_FAIL_LOG): named even when the limit
+    # killed pytest before its summary
+    [ -s "$OUTDIR/pytest-failures.txt" ] && echo "  pytest: $(grep -c '^=== FAILED' "$OUTDIR/pytest-failures.txt") failures named in pytest-failures.txt" | tee -a "$SUMMARY"
+    # pytest's closing counts (after an interrupt a traceback follows them), else the log's last line
+    PT_LAST=$(grep -E "[0-9]+ (passed|failed|errors?)\b.* in [0-9.]+s" "$OUTDIR/pytest.log" | tail -n 1)
+    [ -n "$PT_LAST" ] || PT_LAST=$(tail -n 1 "$OUTDIR/pytest.log")
+    echo "  pytest: $PT_LAST" | tee -a "$SUMMARY"
+fi
 
 # what the run compiled, per kernel (Triton's cache): the suite's time on a fresh machine is
 # compilation, and these counts say which kernels' variants to cut
 "$PY" -m gpu_nn.benchmarks.triton_cache --json "$OUTDIR/triton_cache.json" > "$OUTDIR/triton_cache.txt" 2>&1
 head -n 1 "$OUTDIR/triton_cache.txt" | sed 's/^/  /' | tee -a "$SUMMARY"
 
-step record 20 "${GN[@]}" results record "$OUTDIR" --into "$OUTDIR/results" --no-render
+# (a call of the tests alone has nothing to record: its logs are in the archive)
+if asked check || asked bench; then
+    step record 20 "${GN[@]}" results record "$OUTDIR" --into "$OUTDIR/results" --no-render
+fi
 
 echo "total: $(( SECONDS - START ))s; check rc=$CHECK_RC, pytest rc=$TEST_RC" | tee -a "$SUMMARY"
 pack_cache

@@ -311,6 +311,48 @@ def test_gpu_run_script_steps_summary_and_archive(tmp_path):
         assert "out/tuning.jsonl" in tar.getnames()
 
 
+def test_gpu_run_steps_split_over_two_calls(tmp_path):
+    """GPU_RUN_STEPS names which of check, bench and pytest a call runs (install, info and record
+    always): a session's measurement call gives the bench GPU_RUN_BENCH_S and its warm phase
+    GPU_RUN_WARM_S (one call of all three cut both at 09f2311: the bench timed 40 of 186 cases
+    in its 120 s, the tests about 72 % of the suite), and a second call runs the tests alone.
+    An unknown step name runs nothing."""
+    import os
+
+    from helpers import run_bench_script
+
+    base = {**{k: v for k, v in os.environ.items() if not k.startswith(("GPU_NN_TUNE", "GPU_NN_PACK", "GPU_RUN"))},
+            "GPU_NN_CARRIED_CACHE": "none"}
+    (tmp_path / "measure").mkdir()
+    r, out, calls = run_bench_script(
+        tmp_path / "measure", "gpu_run.sh", "exit 0\n",
+        {**base, "GPU_RUN_STEPS": "check bench", "GPU_RUN_BUDGET_S": "400", "GPU_RUN_BENCH_S": "280",
+         "GPU_RUN_WARM_S": "110"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    summary = (out / "summary.txt").read_text()
+    steps = [line.split(":")[0] for line in summary.splitlines() if not line.startswith(" ")]
+    assert steps == ["install", "info", "check", "bench", "pytest", "record", "total"]
+    assert "pytest: not run (GPU_RUN_STEPS=check bench)" in summary
+    assert not any("-m pytest" in c for c in calls)
+    (bench_call,) = [c for c in calls if " bench " in c]
+    assert "--warm-budget-s 110" in bench_call
+    assert (out / "bench.log").read_text().startswith("== bench (limit 280s)")
+    (tmp_path / "tests").mkdir()
+    r, out, calls = run_bench_script(tmp_path / "tests", "gpu_run.sh", "exit 0\n", {**base, "GPU_RUN_STEPS": "pytest"})
+    summary = (out / "summary.txt").read_text()
+    steps = [line.split(":")[0] for line in summary.splitlines() if not line.startswith(" ")]
+    # (nothing to record: neither bench.json nor check.json)
+    assert steps == ["install", "info", "check", "bench", "pytest", "total"], summary
+    assert not any("results record" in c for c in calls)
+    assert "check: not run" in summary and "bench: not run" in summary and "pytest: rc=0" in summary
+    assert not any(" check " in c or " bench " in c for c in calls) and any("-m pytest" in c for c in calls)
+    assert r.returncode == 0 and "check rc=0, pytest rc=0" in summary
+    (tmp_path / "typo").mkdir()
+    r, out, calls = run_bench_script(tmp_path / "typo", "gpu_run.sh", "exit 0\n", {**base, "GPU_RUN_STEPS": "check tests"})
+    assert r.returncode == 2 and "unknown step 'tests'" in (out / "summary.txt").read_text()
+    assert not any("pip install" in c or "gpu_nn" in c for c in calls)
+
+
 def test_step_keeps_its_kill_grace_inside_the_budget(tmp_path):
     """benchmarks/steps.sh's step: a limit is capped so that the kill's grace (STEP_KILL_S,
     default 10 s) still ends inside the script's budget, and timeout is given that grace."""

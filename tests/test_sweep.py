@@ -379,6 +379,46 @@ def test_gpu_measure_says_how_much_more_budget_a_skipped_sweep_needs(tmp_path, m
     assert "rnn: skipped (it asks for 0s of measuring, under 10)" in summary and "sweep: skipped" not in summary
 
 
+def test_gpu_measure_runs_the_steps_asked_and_the_demos_on_the_heuristics(tmp_path, monkeypatch):
+    """GPU_MEASURE_STEPS names the steps a call runs (the measurement call of a session split in
+    two: the demo and its compiled twin, which came after a minute and more of TMA repeat and
+    profile and were skipped at 230 s); the others say "not run", and the sweeps' shares keep
+    nothing for a profile or demo not asked for. The demos run our heuristic configurations
+    (GPU_NN_TUNE=0), as the bench and the twin's cuDNN do: tuning in the first epoch took the
+    eager demo past its limit at a331102. An unknown step name runs nothing."""
+    monkeypatch.setenv("GPU_MEASURE_STEPS", "demo demo-compile")
+    env = {**os.environ, "GPU_MEASURE_BUDGET_S": "160"}
+    r, out, calls = run_bench_script(tmp_path, "gpu_measure.sh", "exit 0\n", env,
+                                     log_line='echo "$* [TUNE=${GPU_NN_TUNE:-}]"')
+    assert r.returncode == 0, r.stdout + r.stderr
+    summary = (out / "summary.txt").read_text()
+    steps = [line.split(":")[0] for line in summary.splitlines() if not line.startswith(" ")]
+    assert steps == ["tma-repeat", "sweep", "rnn", "profile", "demo", "demo-profile", "demo-compile", "demo-fuse",
+                     "host_split", "kernel_counts", "func", "demo-persistent", "total"]
+    assert "tma-repeat: not run (GPU_MEASURE_STEPS=demo demo-compile)" in summary
+    assert "demo: rc=0" in summary and "demo-compile: rc=0" in summary
+    demo = [c for c in calls if c.startswith("-m gpu_nn.cli demo ")]
+    assert demo == [f"-m gpu_nn.cli demo --epochs 3 --json {out}/demo.json --no-progress [TUNE=0]",
+                    f"-m gpu_nn.cli demo --epochs 3 --compile --json {out}/demo-compile.json --no-progress [TUNE=0]"]
+    assert not any("gpu_nn.benchmarks" in c for c in calls)
+    # the default runs every step, the demos on the heuristics too
+    monkeypatch.delenv("GPU_MEASURE_STEPS")
+    (tmp_path / "all").mkdir()
+    r, out, calls = run_bench_script(tmp_path / "all", "gpu_measure.sh", "exit 0\n",
+                                     {**os.environ, "GPU_MEASURE_BUDGET_S": "600"},
+                                     log_line='echo "$* [TUNE=${GPU_NN_TUNE:-}]"')
+    demo = [c for c in calls if c.startswith("-m gpu_nn.cli demo ")]
+    assert len(demo) == 5 and all(c.endswith("[TUNE=0]") for c in demo)
+    assert "not run" not in (out / "summary.txt").read_text()
+    assert any("--only sweep" in c for c in calls) and any("tma_fwd_repeat" in c for c in calls)
+    # a step name the script does not have: refused before anything runs
+    monkeypatch.setenv("GPU_MEASURE_STEPS", "demo demo-compiled")
+    (tmp_path / "typo").mkdir()
+    r, out, calls = run_bench_script(tmp_path / "typo", "gpu_measure.sh", "exit 0\n", {**os.environ})
+    assert r.returncode == 2 and "unknown step 'demo-compiled'" in (out / "summary.txt").read_text()
+    assert not any("gpu_nn" in c for c in calls if not c.startswith(("--version", "-m pip list")))
+
+
 def test_gpu_measure_steps_keep_the_kills_grace_inside_the_budget(tmp_path):
     """Every step's limit leaves the 10 s its kill may add inside what is left of the budget, so
     the script ends within it and a device call's limit can sit just above the two budgets
