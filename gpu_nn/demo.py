@@ -183,10 +183,13 @@ class _Side:
     """One twin: its (maybe compiled) model, optimizer, loss, clipping and backend block, the
     per-step losses and per-epoch seconds. Both twins run this same code."""
 
-    def __init__(self, net, opt, loss_fn, clip, context):
+    def __init__(self, net, opt, loss_fn, clip, context, compiled: bool = False):
         self.net, self.opt, self.loss_fn, self.clip, self.context = net, opt, loss_fn, clip, context
         self.curve: list[float] = []
         self.epoch_seconds: list[float] = []
+        # with torch.compile: what torch's counters say this twin's steps compiled (graphs, graph
+        # breaks, CUDA graphs skipped), taken around each step outside its timed span
+        self.compiled = dict.fromkeys(COMPILE_COUNTS, 0) if compiled else None
 
     def step(self, xb, yb, clip_norm):
         """One training step in the twin's block: zero_grad, loss, backward, clipping (``clip_norm``
@@ -201,11 +204,15 @@ class _Side:
         return loss
 
     def timed_step(self, xb, yb, clip_norm, device) -> None:
+        before = compile_counts() if self.compiled is not None else None
         _sync(device)
         t0 = time.perf_counter()
         loss = self.step(xb, yb, clip_norm)
         _sync(device)
         self.epoch_seconds[-1] += time.perf_counter() - t0
+        if before is not None:
+            for k, v in compile_counts().items():
+                self.compiled[k] += v - before[k]
         self.curve.append(float(loss.detach()))
 
     def figures(self) -> tuple[float, float, float]:
@@ -213,6 +220,19 @@ class _Side:
         e = self.epoch_seconds
         steady = sum(e[1:]) / (len(e) - 1) if len(e) > 1 else (e[0] if e else 0.0)
         return sum(e), (e[0] if e else 0.0), steady
+
+
+COMPILE_COUNTS = ("graphs", "graph_breaks", "cudagraph_skips")
+
+
+def compile_counts() -> dict:
+    """torch.compile's process-wide counters (``torch._dynamo.utils.counters``): graphs compiled,
+    graph breaks, and the times inductor skipped CUDA graphs for a graph (reduce-overhead then
+    runs it without them, which issue 14's compiled-demo goal does not measure)."""
+    from torch._dynamo.utils import counters
+
+    return {"graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values()),
+            "cudagraph_skips": counters["inductor"]["cudagraph_skips"]}
 
 
 def train_pair(model: str, epochs: int | None = None, device: str = "cpu", backend: str = "auto",
@@ -263,8 +283,9 @@ def train_pair(model: str, epochs: int | None = None, device: str = "cpu", backe
         fwd, twin_fwd = net, twin
 
     sides = (
-        _Side(fwd, opt, loss_fn, ours.clip_grad_norm_, lambda: gpu_nn.backend(backend)),
-        _Side(twin_fwd, twin_opt, twin_loss_fn, twin_impl.clip_grad_norm_, contextlib.nullcontext),
+        _Side(fwd, opt, loss_fn, ours.clip_grad_norm_, lambda: gpu_nn.backend(backend), compiled=compile is not None),
+        _Side(twin_fwd, twin_opt, twin_loss_fn, twin_impl.clip_grad_norm_, contextlib.nullcontext,
+              compiled=compile is not None),
     )
     order = np.random.default_rng(seed)
     n = len(y_tr)
@@ -305,6 +326,8 @@ def train_pair(model: str, epochs: int | None = None, device: str = "cpu", backe
         "torch_warmup_seconds": round(twin_warmup, 3),
         "steady_state": epochs > 1,
         "compile": None if compile is None else {"backend": compile_backend, "mode": compile_mode},
+        # per twin, what its steps compiled: a graph break or a CUDA graph skipped shows here
+        "compiled": None if compile is None else {"ours": sides[0].compiled, "torch": sides[1].compiled},
         "fused": bool(fuse),
         "epochs": epochs,
         "backend": backend_label(backend, device, ours),
@@ -473,6 +496,11 @@ def run(args) -> int:
     if not console.is_terminal:  # logs and pipes: wide enough that cells do not wrap
         console = Console(width=160)
     print_table(results, console)
+    for name, r in results.items():  # --compile: what each twin's steps compiled, said beside its figures
+        if r.get("compiled"):
+            console.print(f"{name} compiled: " + "; ".join(
+                f"{side} {c['graphs']} graphs, {c['graph_breaks']} graph breaks, {c['cudagraph_skips']} CUDA graphs skipped"
+                for side, c in r["compiled"].items()), markup=False)
     console.print(f"total {time.perf_counter() - t0:.1f} s")
     if args.json:
         _write_json(args.json, results)

@@ -123,6 +123,39 @@ def test_compile_compiles_both_twins_the_same_way():
     assert r["backend"] == "reference"  # ours is gpu_nn's (with torch on both sides it reads "self-check")
     np.testing.assert_allclose(r["loss_curve"], r["torch_loss_curve"], rtol=1e-4, atol=1e-6)
     assert r["warmup_seconds"] > 0 and r["seconds_per_epoch"] > 0
+    # what each twin's steps compiled, from torch's counters: graphs (64 samples in batches of
+    # HYPER's size: a last, smaller batch recompiles), no graph break on either side
+    for side in ("ours", "torch"):
+        assert set(r["compiled"][side]) == {"graphs", "graph_breaks", "cudagraph_skips"}
+        assert r["compiled"][side]["graphs"] >= 1 and r["compiled"][side]["graph_breaks"] == 0, r["compiled"]
+    assert r["compiled"]["ours"]["graphs"] == r["compiled"]["torch"]["graphs"]
+
+
+def test_compiled_counts_go_to_the_twin_whose_step_made_them(monkeypatch):
+    """A CUDA graph skipped (inductor then runs the graph without one, which the compiled-demo
+    goal does not measure) or a graph break is counted for the twin whose step met it; eager
+    twins count nothing."""
+    from torch._dynamo.utils import counters
+
+    def stepper(skips, breaks):
+        def step(xb, yb, clip_norm):
+            counters["inductor"]["cudagraph_skips"] += skips
+            counters["graph_break"]["a test's break"] += breaks
+            return torch.zeros(())
+        return step
+
+    sides = [demo._Side(None, None, None, None, None, compiled=True) for _ in range(2)]
+    eager = demo._Side(None, None, None, None, None)
+    for side, (skips, breaks) in zip((*sides, eager), ((2, 0), (0, 1), (5, 5))):
+        monkeypatch.setattr(side, "step", stepper(skips, breaks))
+        side.epoch_seconds.append(0.0)
+        for _ in range(3):
+            side.timed_step(None, None, None, "cpu")
+    assert sides[0].compiled == {"graphs": 0, "graph_breaks": 0, "cudagraph_skips": 6}
+    assert sides[1].compiled == {"graphs": 0, "graph_breaks": 3, "cudagraph_skips": 0}
+    assert eager.compiled is None
+    r = demo.train_pair("cnn", epochs=1, subset=16, ours=demo.torch_impl(), progress=False)
+    assert r["compiled"] is None
 
 
 def test_compile_flags_reach_both_twins(monkeypatch, tmp_path):
