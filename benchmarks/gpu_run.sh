@@ -46,7 +46,7 @@
 # cases in its 120 s (all convolutions) and the tests, in what was left, about 72 % of the suite.
 #
 # Typical device calls (README has the whole recipe, gpu_measure.sh in the first):
-#   GPU_RUN_STEPS="check bench" GPU_RUN_BUDGET_S=400 GPU_RUN_BENCH_S=280 GPU_RUN_WARM_S=110 \
+#   GPU_RUN_STEPS="check bench" GPU_RUN_BUDGET_S=420 GPU_RUN_BENCH_S=290 GPU_RUN_WARM_S=110 \
 #       bash benchmarks/gpu_run.sh /tmp/gpu-run; cp /tmp/gpu-run.tgz "$OUT/"
 #   GPU_RUN_STEPS=pytest GPU_RUN_BUDGET_S=... bash benchmarks/gpu_run.sh /tmp/gpu-tests; cp /tmp/gpu-tests.tgz "$OUT/"
 # then here: tar -xzf gpu-run.tgz -C /tmp && gpu-nn results record /tmp/gpu-run
