@@ -915,6 +915,8 @@ def test_rnn_gpu_case_list_builds(monkeypatch):
         built.clear()
         assert len(bench_rnn.cases("cuda", quick=quick)) == len(built) > 20
         assert not any("cell_loop" in p for *_, p, bi_or_packed in built if bi_or_packed)
+        # torch's cell loop (context, no goal; the slowest provider) only in the full set
+        assert any("cell_loop" in p for *_, p, _ in built) is not quick
         # the main N=64 cases (not packed) time the persistent kernel too (128 tiles: one program each)
         main = [p for mode, T, N, H, p, other in built if (T, N, H, other) == (100, 64, 512, False)]
         assert len(main) == 12 and all("triton-persistent" in p for p in main)
