@@ -64,10 +64,13 @@ reserve_pack
 SWEEP_S=${GPU_MEASURE_SWEEP_S:-150}
 RNN_S=${GPU_MEASURE_RNN_S:-120}
 ALL_STEPS="tma-repeat sweep rnn profile demo demo-profile demo-compile demo-fuse host_split kernel_counts func demo-persistent"
-STEPS_ASKED=${GPU_MEASURE_STEPS:-$ALL_STEPS}
+# (names apart by any white space; unset or empty: every step; an unknown one is refused before
+# any step runs, its archive made for the call's copy)
+STEPS_ASKED=$(printf '%s' "${GPU_MEASURE_STEPS:-$ALL_STEPS}" | tr -s ' \t\n' '   ' | sed 's/^ //; s/ $//')
 for s in $STEPS_ASKED; do
     [[ " $ALL_STEPS " == *" $s "* ]] && continue
     echo "GPU_MEASURE_STEPS: unknown step '$s' ($ALL_STEPS)" | tee -a "$SUMMARY"
+    pack
     exit 2
 done
 # asked NAME: whether GPU_MEASURE_STEPS names step NAME (quietly)
@@ -99,6 +102,9 @@ asked profile || PROFILE_S=0
 asked demo || asked demo-profile || REST=0
 AVAIL=$(( $(left) - PROFILE_S - REST ))
 WANT_SW=$(( SWEEP_S + MARGIN )); WANT_RNN=$(( RNN_S + MARGIN ))
+# (a sweep not asked for takes no share)
+asked sweep || WANT_SW=0
+asked rnn || WANT_RNN=0
 if (( AVAIL >= WANT_SW + WANT_RNN )); then
     SW_LIMIT=$WANT_SW; RNN_LIMIT=$WANT_RNN
 elif (( AVAIL > 0 )); then

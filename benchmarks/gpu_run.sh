@@ -8,9 +8,10 @@
 #   info      gpu-nn info (versions, device, which backends work)
 #   check     gpu-nn check --no-progress --json (one line per op as it finishes; its workers
 #             compile kernels in parallel, and its last lines say how much time was compilation)
-#   bench     gpu-nn bench --quick --warm-jobs N --warm-budget-s 60 (JSON + PNG): N processes
+#   bench     gpu-nn bench --quick --warm-jobs N --warm-budget-s GPU_RUN_WARM_S (JSON + PNG): N processes
 #             first make every case's first call in parallel (kernel compilation on N cores; the
-#             cold first calls are kept in bench.json as first_call_cold), starting none after 60 s,
+#             cold first calls are kept in bench.json as first_call_cold), starting none after
+#             GPU_RUN_WARM_S (default 60 s), within GPU_RUN_BENCH_S (default 120 s) in all,
 #             then one process times every case, bench.json rewritten after each. The heuristic
 #             configurations (GPU_NN_TUNE=0): with tuning on, the warm phase of the H200 run at
 #             a331102 compiled and timed every candidate of every tuned launcher and did not end
@@ -38,8 +39,8 @@
 # OUTDIR/summary.txt has one line per step (exit status, seconds); everything OUTDIR holds is also
 # packed into OUTDIR.tgz beside it, one file for the device tool (which returns at most 8).
 # Exits non-zero when check or the tests failed or could not finish.
-# GPU_RUN_STEPS (default "check bench pytest") names which of those three run (install, info and
-# record always do): a session splits them over two device calls, the measurement first
+# GPU_RUN_STEPS (default "check bench pytest") names which of those three run (install and info
+# always do, record where check or bench ran): a session splits them over two device calls, the measurement first
 # (GPU_RUN_STEPS="check bench" with GPU_RUN_BENCH_S / GPU_RUN_WARM_S, the bench step's limit and
 # its warm phase's budget, defaults 120 and 60 s), the tests in a second call on the warm machine
 # (GPU_RUN_STEPS=pytest). One call of all three cut both: at 09f2311 the bench timed 40 of 186
@@ -57,12 +58,13 @@ begin "${1:?usage: benchmarks/gpu_run.sh OUTDIR}"
 BUDGET=${GPU_RUN_BUDGET_S:-330}
 reserve_pack
 NCPU=$(nproc 2>/dev/null || echo 4)
-# GPU_RUN_STEPS: refused before anything runs where it names an unknown step
-STEPS_ASKED=${GPU_RUN_STEPS:-check bench pytest}
+# GPU_RUN_STEPS (names apart by any white space; unset or empty: all three): an unknown step is
+# refused before any step runs, its archive made for the call's copy
+STEPS_ASKED=$(printf '%s' "${GPU_RUN_STEPS:-check bench pytest}" | tr -s ' \t\n' '   ' | sed 's/^ //; s/ $//')
 for s in $STEPS_ASKED; do
     case "$s" in
         check|bench|pytest) ;;
-        *) echo "GPU_RUN_STEPS: unknown step '$s' (check, bench, pytest)" | tee -a "$SUMMARY"; exit 2;;
+        *) echo "GPU_RUN_STEPS: unknown step '$s' (check, bench, pytest)" | tee -a "$SUMMARY"; pack; exit 2;;
     esac
 done
 # asked NAME: whether GPU_RUN_STEPS names step NAME (quietly)
@@ -73,6 +75,9 @@ wanted() {
     echo "$1: not run (GPU_RUN_STEPS=$STEPS_ASKED)" | tee -a "$SUMMARY"
     return 1
 }
+# what record and the cache count after the last step need: a call of the tests alone records nothing
+RECORD_S=10
+if asked check || asked bench; then RECORD_S=25; fi
 BENCH_S=${GPU_RUN_BENCH_S:-120}
 WARM_S=${GPU_RUN_WARM_S:-60}
 CHECK_RC=0
@@ -102,6 +107,8 @@ if wanted bench; then
     rm -f "$OUTDIR/tuning.jsonl" "$OUTDIR/tuning-cache.json"
     WARM_JOBS=$(( NCPU > 12 ? 12 : NCPU ))
     BENCH=("${GN[@]}" bench --quick --warm-jobs "$WARM_JOBS" --warm-budget-s "$WARM_S" --out "$OUTDIR/bench" --no-progress)
+    # (its limit leaves record its time: the step's own grace, 10 s, and RECORD_S)
+    (( BENCH_S > $(left) - 10 - RECORD_S )) && BENCH_S=$(( $(left) - 10 - RECORD_S ))
     if [ "${GPU_RUN_BENCH_TUNE:-0}" = 1 ]; then
         step bench "$BENCH_S" env GPU_NN_TUNE=1 GPU_NN_TUNE_RECORD="$OUTDIR/tuning.jsonl" GPU_NN_TUNE_CACHE="$OUTDIR/tuning-cache.json" \
             "${BENCH[@]}"
@@ -134,7 +141,7 @@ PYTEST_ARGS=(-q -rfE --tb=short tests -p no:cacheprovider --durations=15 --ignor
 # line; record then had no time left); --tb=short keeps that print short
 if wanted pytest; then
     PT_KILL_S=20
-    PT_LIMIT=$(( $(left) - 25 - PT_KILL_S )); (( PT_LIMIT > 240 )) && PT_LIMIT=240
+    PT_LIMIT=$(( $(left) - RECORD_S - PT_KILL_S )); (( PT_LIMIT > 240 )) && PT_LIMIT=240
     rm -f "$OUTDIR/pytest-failures.txt"
     STEP_SIGNAL=INT STEP_KILL_S=$PT_KILL_S step pytest "$PT_LIMIT" env GPU_NN_TEST_ORDER=gpu-first \
         GPU_NN_FAIL_LOG="$OUTDIR/pytest-failures.txt" "$PY" -m pytest "${PYTEST_ARGS[@]}"

@@ -153,7 +153,8 @@ def summarize(times: list[float]) -> dict:
     return {"median": statistics.median(s), "min": s[0], "max": s[-1], "iqr": q[2] - q[0], "reps": len(s)}
 
 
-def run_case(case: Case, providers=None, warmup: int = 2, reps: int = 7, max_time: float | None = None) -> dict:
+def run_case(case: Case, providers=None, warmup: int = 2, reps: int = 7, max_time: float | None = None,
+             exact: bool = False) -> dict:
     """Time every provider of ``case``; returns a result row (seconds are medians).
 
     On a GPU, ``seconds`` is device time: :func:`time_callable`'s reps (one call between events
@@ -167,8 +168,8 @@ def run_case(case: Case, providers=None, warmup: int = 2, reps: int = 7, max_tim
     ``first_call`` holds, per provider, the seconds of its ``setup()`` plus one synchronised
     call: the first use of a shape, kernel compilation included, kept apart from the medians.
 
-    ``providers`` (an iterable of names) restricts our providers to those backends or variants
-    (:func:`timed`); the others are always timed. A provider whose ``setup()`` or call raises is recorded under ``errors``.
+    ``providers`` (an iterable of names) restricts our providers to those backends and their
+    variants, or with ``exact`` to those names (:func:`timed`); the others are always timed. A provider whose ``setup()`` or call raises is recorded under ``errors``.
     """
     row = {
         "family": case.family, "name": case.name, "shape": case.shape, "device": case.device,
@@ -177,7 +178,7 @@ def run_case(case: Case, providers=None, warmup: int = 2, reps: int = 7, max_tim
     }
     t_case = time.perf_counter()
     for name, setup in case.providers.items():
-        if not timed(name, providers):
+        if not timed(name, providers, exact):
             continue
         try:
             # first use apart from the steady state: setup plus one call, synchronised, is where
@@ -242,15 +243,15 @@ def is_ours(provider: str) -> bool:
     return provider.split("-", 1)[0] in OUR_BACKENDS
 
 
-def timed(provider: str, providers=None) -> bool:
+def timed(provider: str, providers=None, exact: bool = False) -> bool:
     """Whether a run restricted to ``providers`` (``gpu-nn bench --backend``: backends of ours)
     times ``provider``: every provider that is not ours (torch, its foreach form and cell loop,
     the overhead family's floors) always; one of ours where its backend is named, a variant
-    (``triton-persistent``) with its backend or by its own name (a bench module's
-    ``--provider``). The floors were dropped before, so that
+    (``triton-persistent``) with its backend or by its own name; with ``exact`` (a bench
+    module's ``--provider``) ours only by their own names. The floors were dropped before, so that
     ``--family overhead --backend reference`` judged every case against torch alone."""
     return (not providers or provider in providers or not is_ours(provider)
-            or provider.split("-", 1)[0] in providers)
+            or (not exact and provider.split("-", 1)[0] in providers))
 
 
 def host_bound(rows: list) -> list:
@@ -306,7 +307,7 @@ def environment() -> dict:
 
 
 def run_cases(cases: list[Case], providers=None, warmup: int = 2, reps: int = 7, progress: bool = True,
-              max_time: float | None = None, on_row=None) -> list[dict]:
+              max_time: float | None = None, on_row=None, exact: bool = False) -> list[dict]:
     """Run every case in order (with a tqdm progress bar unless ``progress`` is False);
     ``on_row(rows)`` after each case (``gpu-nn bench`` writes its JSON so far, so that a run
     cut short by a time limit keeps what it measured)."""
@@ -320,7 +321,7 @@ def run_cases(cases: list[Case], providers=None, warmup: int = 2, reps: int = 7,
         for c in cases:
             if bar is not None:
                 bar.set_postfix_str(f"{c.family}: {c.name} {c.shape}"[:60])
-            rows.append(run_case(c, providers, warmup, reps, max_time=max_time))
+            rows.append(run_case(c, providers, warmup, reps, max_time=max_time, exact=exact))
             if on_row is not None:
                 on_row(rows)
             if bar is not None:
@@ -399,12 +400,13 @@ def main_for(cases_fn: Callable[..., list[Case]], argv=None) -> list[dict]:
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true", help="fewer repetitions")
     p.add_argument("--json", help="write results to this JSON file")
-    p.add_argument("--provider", action="append", help="only these providers of ours (a backend or a variant); torch's always")
+    p.add_argument("--provider", action="append", help="only these providers of ours, by name (triton: not triton-persistent); torch's always")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
     args = p.parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     warmup, reps, max_time = QUICK if args.quick else FULL
-    rows = run_cases(cases_fn(device=device, quick=args.quick), args.provider, warmup=warmup, reps=reps, max_time=max_time)
+    rows = run_cases(cases_fn(device=device, quick=args.quick), args.provider, warmup=warmup, reps=reps, max_time=max_time,
+                     exact=True)
     print_table(rows)
     if args.json:
         write_json(rows, args.json)

@@ -31,7 +31,8 @@ def add_arguments(parser) -> None:
                         help="small shape sets and few repetitions (about half a minute on a 2-core CPU)")
     parser.add_argument("--out", default="bench-results", help="directory for bench.json and bench.png (default %(default)s)")
     parser.add_argument("--backend", action="append", choices=PROVIDERS,
-                        help="only time these providers of ours (repeatable); torch is always timed as the baseline")
+                        help="only time these backends of ours, each with its variants (triton: triton-persistent too; "
+                             "repeatable); torch's providers and the overhead family's floors are always timed")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
     parser.add_argument("--clock", choices=("wall", "thread"), default="wall",
                         help="CPU runs: 'wall' (default) times wall-clock seconds; 'thread' times the calling "

@@ -69,9 +69,12 @@ def test_backend_restriction_keeps_every_provider_that_is_not_ours(clock):
     assert set(row["seconds"]) == {"torch", "torch_foreach", "floor-custom-op", "floor-function", "triton",
                                    "triton-persistent"}
     assert set(harness.run_case(case, None, warmup=0, reps=2)["seconds"]) == set(names)
-    # a variant named alone (a bench module's --provider): it, not its backend's other forms
+    # a variant named alone: it, not its backend's other forms
     row = harness.run_case(case, {"triton-persistent"}, warmup=0, reps=2)
     assert set(row["seconds"]) == {"torch", "torch_foreach", "floor-custom-op", "floor-function", "triton-persistent"}
+    # by name only (a bench module's --provider): triton without its variants
+    row = harness.run_case(case, {"triton"}, warmup=0, reps=2, exact=True)
+    assert set(row["seconds"]) == {"torch", "torch_foreach", "floor-custom-op", "floor-function", "triton"}
 
 
 def test_median_is_robust_to_an_outlier_and_ratio_is_against_the_baseline(clock):
@@ -347,10 +350,29 @@ def test_gpu_run_steps_split_over_two_calls(tmp_path):
     assert "check: not run" in summary and "bench: not run" in summary and "pytest: rc=0" in summary
     assert not any(" check " in c or " bench " in c for c in calls) and any("-m pytest" in c for c in calls)
     assert r.returncode == 0 and "check rc=0, pytest rc=0" in summary
+    # the tests alone keep 10 s after them (the cache count), not record's 25: 100 - 10 - 20 (pytest's
+    # kill grace) = 70 s at most, less the seconds install and info took
+    (tmp_path / "tests-limit").mkdir()
+    r, out, calls = run_bench_script(tmp_path / "tests-limit", "gpu_run.sh", "exit 0\n",
+                                     {**base, "GPU_RUN_STEPS": "pytest", "GPU_RUN_BUDGET_S": "100"})
+    limit = int((out / "pytest.log").read_text().split("(limit ")[1].split("s)")[0])
+    assert 60 <= limit <= 70, limit
+    # the bench's limit leaves record its 25 s and the bench's own 10 s kill grace
+    (tmp_path / "bench-limit").mkdir()
+    r, out, calls = run_bench_script(tmp_path / "bench-limit", "gpu_run.sh", "exit 0\n",
+                                     {**base, "GPU_RUN_STEPS": "bench", "GPU_RUN_BUDGET_S": "200", "GPU_RUN_BENCH_S": "290"})
+    limit = int((out / "bench.log").read_text().split("(limit ")[1].split("s)")[0])
+    assert 155 <= limit <= 165 and "record: rc=0" in (out / "summary.txt").read_text(), limit
+    # names apart by any white space
+    (tmp_path / "lines").mkdir()
+    r, out, calls = run_bench_script(tmp_path / "lines", "gpu_run.sh", "exit 0\n", {**base, "GPU_RUN_STEPS": "check\n\tbench"})
+    summary = (out / "summary.txt").read_text()
+    assert "check: rc=0" in summary and "bench: rc=0" in summary and "pytest: not run (GPU_RUN_STEPS=check bench)" in summary
     (tmp_path / "typo").mkdir()
     r, out, calls = run_bench_script(tmp_path / "typo", "gpu_run.sh", "exit 0\n", {**base, "GPU_RUN_STEPS": "check tests"})
     assert r.returncode == 2 and "unknown step 'tests'" in (out / "summary.txt").read_text()
     assert not any("pip install" in c or "gpu_nn" in c for c in calls)
+    assert os.path.exists(str(out) + ".tgz")  # (the recipe's copy finds its archive)
 
 
 def test_step_keeps_its_kill_grace_inside_the_budget(tmp_path):
@@ -522,6 +544,29 @@ def test_results_record_and_render(tmp_path):
     text = readme.read_text()
     assert "Latest recorded GPU run: **NVIDIA H200**" in text
     assert ("the table below is the run of 2026-12-06, commit `fedcba9`, on the NVIDIA H100 80GB HBM3.") in text
+
+
+def test_results_of_a_call_that_left_the_tests_to_another_say_nothing_of_them(tmp_path):
+    """A measurement call (GPU_RUN_STEPS="check bench") says "pytest: not run" in its summary:
+    its record claims no test run (it read as one cut by its limit: the review of the split)."""
+    from gpu_nn.benchmarks import results
+
+    run_dir = tmp_path / "gpu-run"
+    run_dir.mkdir()
+    (run_dir / "machine.txt").write_text("date: 2026-12-08T10:00:00Z\nhost: h\ncommit: abcdef1234567\n"
+                                         "|   0  NVIDIA H100 80GB HBM3           On  |\n")
+    (run_dir / "summary.txt").write_text(
+        "install: rc=0 3s\ninfo: rc=0 4s\ncheck: rc=0 41s\nbench: rc=0 250s\n"
+        "pytest: not run (GPU_RUN_STEPS=check bench)\nrecord: rc=0 2s\n")
+    (run_dir / "check.json").write_text(json.dumps([
+        {"op": "relu", "backend": "triton", "dtype": "float32", "ok": True, "max_rel_err": 1e-7, "error": ""}]))
+    into = tmp_path / "results"
+    results.record(str(run_dir), str(into))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{results.START}\n{results.END}\n")
+    results.render(str(into), str(readme))
+    text = readme.read_text()
+    assert "1 of 1 rows pass" in text and "Test suite" not in text, text
 
 
 def test_results_render_refuses_a_folder_without_runs(tmp_path):

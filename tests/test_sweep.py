@@ -383,7 +383,7 @@ def test_gpu_measure_runs_the_steps_asked_and_the_demos_on_the_heuristics(tmp_pa
     """GPU_MEASURE_STEPS names the steps a call runs (the measurement call of a session split in
     two: the demo and its compiled twin, which came after a minute and more of TMA repeat and
     profile and were skipped at 230 s); the others say "not run", and the sweeps' shares keep
-    nothing for a profile or demo not asked for. The demos run our heuristic configurations
+    nothing for a sweep, a profile or a demo not asked for. The demos run our heuristic configurations
     (GPU_NN_TUNE=0), as the bench and the twin's cuDNN do: tuning in the first epoch took the
     eager demo past its limit at a331102. An unknown step name runs nothing."""
     monkeypatch.setenv("GPU_MEASURE_STEPS", "demo demo-compile")
@@ -411,12 +411,20 @@ def test_gpu_measure_runs_the_steps_asked_and_the_demos_on_the_heuristics(tmp_pa
     assert len(demo) == 5 and all(c.endswith("[TUNE=0]") for c in demo)
     assert "not run" not in (out / "summary.txt").read_text()
     assert any("--only sweep" in c for c in calls) and any("tma_fwd_repeat" in c for c in calls)
-    # a step name the script does not have: refused before anything runs
+    # a sweep alone (names apart by any white space) gets all it wants: the other sweep, the
+    # profile and the demo not asked for take no share
+    monkeypatch.setenv("GPU_MEASURE_STEPS", "rnn\n\ttma-repeat")
+    (tmp_path / "rnn").mkdir()
+    r, out, calls = _measure(tmp_path / "rnn", 250)
+    assert _budget(calls, "rnn") == 120 and not any("--only sweep" in c or "--only profile" in c for c in calls)
+    assert "sweep: not run (GPU_MEASURE_STEPS=rnn tma-repeat)" in (out / "summary.txt").read_text()
+    # a step name the script does not have: refused before any step runs, the archive made
     monkeypatch.setenv("GPU_MEASURE_STEPS", "demo demo-compiled")
     (tmp_path / "typo").mkdir()
     r, out, calls = run_bench_script(tmp_path / "typo", "gpu_measure.sh", "exit 0\n", {**os.environ})
     assert r.returncode == 2 and "unknown step 'demo-compiled'" in (out / "summary.txt").read_text()
     assert not any("gpu_nn" in c for c in calls if not c.startswith(("--version", "-m pip list")))
+    assert pathlib.Path(str(out) + ".tgz").exists()
 
 
 def test_gpu_measure_steps_keep_the_kills_grace_inside_the_budget(tmp_path):
