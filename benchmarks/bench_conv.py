@@ -188,9 +188,11 @@ def cases(device: str = "cpu", quick: bool = False) -> list[harness.Case]:
             _case("conv2d 3x3", "N=32 C=3 32x32 O=32 k3 p1", "cpu", torch.float32, 32, 3, (32, 32), 32, (3, 3), padding=1),
         ]
     shapes = GPU_SHAPES
-    out = []
+    lanes = []
     gpu = ("torch", "triton")
     for dtype in (torch.float32, torch.bfloat16):
+        out = []  # this dtype's cases: the lanes alternate (harness.interleave)
+        lanes.append(out)
         for backward in ((False,) if quick else (False, True)):
             for name, shape, kw in shapes:
                 out.append(_case(name, shape, device, dtype, backward=backward, providers=gpu, **kw))
@@ -211,7 +213,7 @@ def cases(device: str = "cpu", quick: bool = False) -> list[harness.Case]:
                     out.append(_case(name, shape, device, dtype, backward=True, providers=gpu, channels_last=cl, **kw))
         # a goal case of its own (issue 15), in --quick too
         out.append(block_case(device, dtype, providers=gpu))
-    return out
+    return harness.interleave(lanes)
 
 
 def _script_cases(device: str = "cpu", quick: bool = False) -> list[harness.Case]:

@@ -255,7 +255,10 @@ def cases(device: str = "cpu", quick: bool = False) -> list[harness.Case]:
         return tuple(p for p in ps if not (quick and p == "cell_loop"))
 
     provs = loop(_unskipped(("triton", "triton-persistent", "cupy", "cell_loop")))
+    lanes = []
     for dtype in (torch.float32, torch.bfloat16):
+        out = []  # this dtype's cases: the lanes alternate (harness.interleave)
+        lanes.append(out)
         for mode in ("lstm", "gru", "rnn"):
             for backward in (False, True):
                 # (cupy-mma on the LSTM only: the GPU run's bench step has a time limit)
@@ -292,7 +295,7 @@ def cases(device: str = "cpu", quick: bool = False) -> list[harness.Case]:
         if not quick or dtype == torch.float32:
             ps = _unskipped(("triton", "triton-persistent", "triton-persistent-l2", "cupy"))
             out.append(_case("lstm", 100, 64, 512, 512, dtype, device, True, ps, packed=True))
-    return out
+    return harness.interleave(lanes)
 
 
 if __name__ == "__main__":

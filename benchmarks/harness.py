@@ -78,6 +78,14 @@ class env_var:
         return False
 
 
+def interleave(lanes) -> list:
+    """The lists of ``lanes`` dealt round-robin (their first items, then their seconds, ...): a
+    family's dtypes alternate in its lane of the timed phase, so that a run its limit cuts has
+    timed some of each (the dtype a goal names first need not come first in the loops)."""
+    lanes = [list(x) for x in lanes]
+    return [lane[k] for k in range(max(map(len, lanes), default=0)) for lane in lanes if k < len(lane)]
+
+
 def rotating(make_inputs: Callable[[], tuple], copies: int = 3) -> Callable[[], tuple]:
     """A function that returns a different one of ``copies`` input sets on each call."""
     sets = [make_inputs() for _ in range(copies)]

@@ -965,6 +965,11 @@ def test_rnn_gpu_case_list_builds(monkeypatch):
         # the main N=64 cases (not packed) time the persistent kernel too (128 tiles: one program each)
         main = [p for mode, T, N, H, p, other in built if (T, N, H, other) == (100, 64, 512, False)]
         assert len(main) == 12 and all("triton-persistent" in p for p in main)
+    # the dtypes alternate in the list (the cases are built float32 first, then bfloat16)
+    monkeypatch.setattr(bench_rnn, "_case", lambda mode, T, N, I, H, dtype, *a, **kw: (mode, T, N, dtype))
+    listed = bench_rnn.cases("cuda", quick=True)
+    assert listed[:4] == [("lstm", 100, 64, torch.float32), ("lstm", 100, 64, torch.bfloat16)] * 2
+    assert len(listed) == 45 and sum(c[3] == torch.bfloat16 for c in listed) == 20
     # forward-only cases run both sides in eval mode (cuDNN's inference path), fwd+bwd in training
     monkeypatch.setattr(bench_rnn, "_case", real)
     for backward in (False, True):
@@ -1060,6 +1065,9 @@ def test_cnn_block_case_computes_the_same_block_as_torch():
     quick = bench_conv.cases("cuda", quick=True)
     gpu = [c for c in quick if "cnn block" in c.name]
     assert [c.name for c in gpu] == ["conv2d cnn block fwd+bwd float32", "conv2d cnn block fwd+bwd bfloat16"]
+    # the dtypes alternate (a run its limit cuts has timed bfloat16, issue 15's headline, too)
+    assert [c.name for c in quick[:4]] == ["conv2d 3x3 fwd float32", "conv2d 3x3 fwd bfloat16"] * 2
+    assert harness.interleave([[1, 2, 3], [4], [], [5, 6]]) == [1, 4, 5, 2, 6, 3]
     # --quick's other forward+backward cases: the four ResNet 3x3 stages, both layouts, both dtypes
     assert sorted((c.name, c.shape) for c in quick if "bwd" in c.name and c not in gpu) == sorted(
         (f"conv2d 3x3{cl} fwd+bwd {dt}", shape) for cl in ("", " channels_last") for dt in ("float32", "bfloat16")
