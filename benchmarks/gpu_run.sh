@@ -40,10 +40,10 @@
 # packed into OUTDIR.tgz beside it, one file for the device tool (which returns at most 8).
 # Exits non-zero when check or the tests failed or could not finish.
 # GPU_RUN_STEPS (default "check bench pytest") names which of those three run (install and info
-# always do, record where check or bench ran): a session splits them over two device calls, the measurement first
-# (GPU_RUN_STEPS="check bench" with GPU_RUN_BENCH_S / GPU_RUN_WARM_S, the bench step's limit and
-# its warm phase's budget, defaults 120 and 60 s), the tests in a second call on the warm machine
-# (GPU_RUN_STEPS=pytest). One call of all three cut both: at 09f2311 the bench timed 40 of 186
+# always do, record where check or bench ran): a session splits them over two device calls, the
+# measurement first (GPU_RUN_STEPS="check bench" with GPU_RUN_BENCH_S / GPU_RUN_WARM_S, the bench
+# step's limit and its warm phase's budget, defaults 120 and 60 s), the tests in a second call on
+# the warm machine (GPU_RUN_STEPS=pytest). One call of all three cut both: at 09f2311 the bench timed 40 of 186
 # cases in its 120 s (all convolutions) and the tests, in what was left, about 72 % of the suite.
 #
 # Typical device calls (README has the whole recipe, gpu_measure.sh in the first):

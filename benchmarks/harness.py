@@ -177,7 +177,8 @@ def run_case(case: Case, providers=None, warmup: int = 2, reps: int = 7, max_tim
     call: the first use of a shape, kernel compilation included, kept apart from the medians.
 
     ``providers`` (an iterable of names) restricts our providers to those backends and their
-    variants, or with ``exact`` to those names (:func:`timed`); the others are always timed. A provider whose ``setup()`` or call raises is recorded under ``errors``.
+    variants, or with ``exact`` to those names (:func:`timed`); the others are always timed. A
+    provider whose ``setup()`` or call raises is recorded under ``errors``.
     """
     row = {
         "family": case.family, "name": case.name, "shape": case.shape, "device": case.device,
@@ -256,8 +257,8 @@ def timed(provider: str, providers=None, exact: bool = False) -> bool:
     times ``provider``: every provider that is not ours (torch, its foreach form and cell loop,
     the overhead family's floors) always; one of ours where its backend is named, a variant
     (``triton-persistent``) with its backend or by its own name; with ``exact`` (a bench
-    module's ``--provider``) ours only by their own names. The floors were dropped before, so that
-    ``--family overhead --backend reference`` judged every case against torch alone."""
+    module's ``--provider``) ours only by their own names. The floors were dropped before, so
+    that ``--family overhead --backend reference`` judged every case against torch alone."""
     return (not providers or provider in providers or not is_ours(provider)
             or (not exact and provider.split("-", 1)[0] in providers))
 
@@ -408,7 +409,8 @@ def main_for(cases_fn: Callable[..., list[Case]], argv=None) -> list[dict]:
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true", help="fewer repetitions")
     p.add_argument("--json", help="write results to this JSON file")
-    p.add_argument("--provider", action="append", help="only these providers of ours, by name (triton: not triton-persistent); torch's always")
+    p.add_argument("--provider", action="append",
+                   help="only these providers of ours, by name (triton: not triton-persistent); torch's always")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
     args = p.parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
