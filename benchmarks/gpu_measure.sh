@@ -57,30 +57,14 @@
 # Typical device call (README, tools): gpu_run.sh, then this, each archive copied to $OUT.
 set -u -o pipefail
 
-. "$(dirname "${BASH_SOURCE[0]}")/steps.sh"  # begin, left, step, machine_info
+. "$(dirname "${BASH_SOURCE[0]}")/steps.sh"  # begin, left, step, machine_info, select_steps, asked, wanted
 begin "${1:?usage: benchmarks/gpu_measure.sh OUTDIR}"
 BUDGET=${GPU_MEASURE_BUDGET_S:-300}
 reserve_pack
 SWEEP_S=${GPU_MEASURE_SWEEP_S:-150}
 RNN_S=${GPU_MEASURE_RNN_S:-120}
 ALL_STEPS="tma-repeat sweep rnn profile demo demo-profile demo-compile demo-fuse host_split kernel_counts func demo-persistent"
-# (names apart by any white space; unset or empty: every step; an unknown one is refused before
-# any step runs, its archive made for the call's copy)
-STEPS_ASKED=$(printf '%s' "${GPU_MEASURE_STEPS:-$ALL_STEPS}" | tr -s ' \t\n' '   ' | sed 's/^ //; s/ $//')
-for s in $STEPS_ASKED; do
-    [[ " $ALL_STEPS " == *" $s "* ]] && continue
-    echo "GPU_MEASURE_STEPS: unknown step '$s' ($ALL_STEPS)" | tee -a "$SUMMARY"
-    pack
-    exit 2
-done
-# asked NAME: whether GPU_MEASURE_STEPS names step NAME (quietly)
-asked() { [[ " $STEPS_ASKED " == *" $1 "* ]]; }
-# wanted NAME: asked, else a summary line says it was left out
-wanted() {
-    asked "$1" && return 0
-    echo "$1: not run (GPU_MEASURE_STEPS=$STEPS_ASKED)" | tee -a "$SUMMARY"
-    return 1
-}
+select_steps GPU_MEASURE_STEPS "$ALL_STEPS" "$ALL_STEPS"
 
 if ! "$PY" -c "import gpu_nn" > /dev/null 2>&1; then
     step install 60 "$PY" -m pip install --no-deps --no-build-isolation --no-index -e . || true

@@ -53,28 +53,12 @@
 # then here: tar -xzf gpu-run.tgz -C /tmp && gpu-nn results record /tmp/gpu-run
 set -u -o pipefail
 
-. "$(dirname "${BASH_SOURCE[0]}")/steps.sh"  # begin, left, step, machine_info
+. "$(dirname "${BASH_SOURCE[0]}")/steps.sh"  # begin, left, step, machine_info, select_steps, asked, wanted
 begin "${1:?usage: benchmarks/gpu_run.sh OUTDIR}"
 BUDGET=${GPU_RUN_BUDGET_S:-330}
 reserve_pack
 NCPU=$(nproc 2>/dev/null || echo 4)
-# GPU_RUN_STEPS (names apart by any white space; unset or empty: all three): an unknown step is
-# refused before any step runs, its archive made for the call's copy
-STEPS_ASKED=$(printf '%s' "${GPU_RUN_STEPS:-check bench pytest}" | tr -s ' \t\n' '   ' | sed 's/^ //; s/ $//')
-for s in $STEPS_ASKED; do
-    case "$s" in
-        check|bench|pytest) ;;
-        *) echo "GPU_RUN_STEPS: unknown step '$s' (check, bench, pytest)" | tee -a "$SUMMARY"; pack; exit 2;;
-    esac
-done
-# asked NAME: whether GPU_RUN_STEPS names step NAME (quietly)
-asked() { [[ " $STEPS_ASKED " == *" $1 "* ]]; }
-# wanted NAME: asked, else its summary line says it was left out
-wanted() {
-    asked "$1" && return 0
-    echo "$1: not run (GPU_RUN_STEPS=$STEPS_ASKED)" | tee -a "$SUMMARY"
-    return 1
-}
+select_steps GPU_RUN_STEPS "check bench pytest" "check bench pytest"
 # what record and the cache count after the last step need: a call of the tests alone records nothing
 RECORD_S=10
 if asked check || asked bench; then RECORD_S=25; fi

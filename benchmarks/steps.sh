@@ -66,6 +66,31 @@ pack_cache() {
     echo "  cache: rc=$? $(tail -n 1 "$OUTDIR/cache-pack.log")" | tee -a "$SUMMARY"
 }
 
+# select_steps VAR ALLOWED DEFAULT: the steps a call runs, STEPS_ASKED, from the variable named VAR
+# (names apart by any white space; unset or empty: DEFAULT); a name not in ALLOWED is refused
+# before any step runs (exit 2), the archive made for the call's copy
+select_steps() {
+    local var=$1 allowed=$2 default=$3 s
+    STEPS_VAR=$var
+    STEPS_ASKED=$(printf '%s' "${!var:-$default}" | tr -s ' \t\n' '   ' | sed 's/^ //; s/ $//')
+    for s in $STEPS_ASKED; do
+        [[ " $allowed " == *" $s "* ]] && continue
+        echo "$var: unknown step '$s' ($allowed)" | tee -a "$SUMMARY"
+        pack
+        exit 2
+    done
+}
+
+# asked NAME: whether the call runs step NAME (select_steps), quietly
+asked() { [[ " $STEPS_ASKED " == *" $1 "* ]]; }
+
+# wanted NAME: asked, else a summary line says it was left out
+wanted() {
+    asked "$1" && return 0
+    echo "$1: not run ($STEPS_VAR=$STEPS_ASKED)" | tee -a "$SUMMARY"
+    return 1
+}
+
 # seconds of BUDGET left
 left() { echo $(( BUDGET - (SECONDS - START) )); }
 
