@@ -50,7 +50,8 @@
 #   GPU_RUN_STEPS="check bench" GPU_RUN_BUDGET_S=420 GPU_RUN_BENCH_S=290 GPU_RUN_WARM_S=110 \
 #       bash benchmarks/gpu_run.sh /tmp/gpu-run; cp /tmp/gpu-run.tgz "$OUT/"
 #   GPU_RUN_STEPS=pytest GPU_RUN_BUDGET_S=... bash benchmarks/gpu_run.sh /tmp/gpu-tests; cp /tmp/gpu-tests.tgz "$OUT/"
-# then here: tar -xzf gpu-run.tgz -C /tmp && gpu-nn results record /tmp/gpu-run
+# then here: tar -xzf gpu-run.tgz -C /tmp && tar -xzf gpu-tests.tgz -C /tmp &&
+#   gpu-nn results record /tmp/gpu-run --tests /tmp/gpu-tests
 set -u -o pipefail
 
 . "$(dirname "${BASH_SOURCE[0]}")/steps.sh"  # begin, left, step, machine_info, select_steps, asked, wanted

@@ -34,6 +34,9 @@ def add_arguments(parser) -> None:
     rec.add_argument("run_dir", help="the OUTDIR that benchmarks/gpu_run.sh wrote (unpacked)")
     rec.add_argument("--into", default=RESULTS_DIR, help="results folder (default: the repository's)")
     rec.add_argument("--no-render", action="store_true", help="do not rewrite README and history.png")
+    rec.add_argument("--tests", default=None, metavar="DIR",
+                     help="the OUTDIR of a tests-only gpu_run.sh call of the same commit (GPU_RUN_STEPS=pytest, "
+                          "the session's second call): its test summary and failures join the run's record")
     ren = sub.add_parser("render", help="rewrite README's results section and history.png from the recorded runs")
     ren.add_argument("--dir", default=RESULTS_DIR, help="results folder (default: the repository's)")
     ren.add_argument("--readme", default=None,
@@ -136,6 +139,20 @@ def summarize_run(run_dir: str) -> dict:
     return run
 
 
+def _join_tests(run: dict, tests_dir: str) -> None:
+    """A tests-only call's results into ``run`` (see :func:`record`): refused where its commit is
+    not the run's (the tests of another tree)."""
+    commit = dict(re.findall(r"^(commit): (.+)$", _read(os.path.join(tests_dir, "machine.txt")), flags=re.M)).get("commit")
+    if commit != run["commit"]:
+        raise SystemExit(f"gpu-nn results: {tests_dir} ran commit {commit or 'unknown'}, the run {run['commit']}: "
+                         "a tests-only call joins the record of its own commit only")
+    log = _read(os.path.join(tests_dir, "pytest.log"))
+    run["tests"] = {"summary": pytest_summary(log), "failures": failures(log), "from": "a second call"}
+    ours = [ln for ln in run["steps"] if not ln.startswith("pytest: not run")]
+    theirs = [ln for ln in _read(os.path.join(tests_dir, "summary.txt")).splitlines() if ln.startswith(("pytest:", "  pytest:"))]
+    run["steps"] = ours + theirs
+
+
 def machine_versions(machine: str, pkgs: dict) -> dict:
     """The versions a run's bench.json would name, from its machine.txt (``pkgs``: its package
     list; python and CUDA from the text), for a run whose bench step left no bench.json."""
@@ -155,10 +172,14 @@ def run_name(run: dict) -> str:
     return f"{day}_{_slug(run['gpu'])}_{run['commit'][:7]}"
 
 
-def record(run_dir: str, into: str = RESULTS_DIR) -> str:
-    """Store one gpu_run.sh folder; returns the new results folder."""
+def record(run_dir: str, into: str = RESULTS_DIR, tests_dir: str | None = None) -> str:
+    """Store one gpu_run.sh folder; returns the new results folder. ``tests_dir``: a tests-only
+    call's folder of the same commit (a session's second call, GPU_RUN_STEPS=pytest), whose test
+    summary, failures and pytest step lines join the record (its own steps say "pytest: not run")."""
     if not os.path.isdir(run_dir):
         raise SystemExit(f"gpu-nn results: no folder {run_dir}")
+    if tests_dir is not None and not os.path.isfile(os.path.join(tests_dir, "pytest.log")):
+        raise SystemExit(f"gpu-nn results: {tests_dir} holds no pytest.log (the tests-only call's OUTDIR, unpacked)")
     for part in (os.path.join("bench", "bench.json"), "check.json"):
         path = os.path.join(run_dir, part)
         if os.path.exists(path) and _load_json(path) is None:
@@ -171,6 +192,8 @@ def record(run_dir: str, into: str = RESULTS_DIR) -> str:
                          "runs (CPU figures live in benchmarks/results/cpu/)")
     if not run["bench_cases"] and run["check"] is None:
         raise SystemExit(f"gpu-nn results: {run_dir} has neither bench/bench.json nor check.json: nothing to record")
+    if tests_dir is not None:
+        _join_tests(run, tests_dir)
     dest = os.path.join(into, run_name(run))
     os.makedirs(dest, exist_ok=True)
     with open(os.path.join(dest, "run.json"), "w") as f:
@@ -403,7 +426,7 @@ def render(results_dir: str = RESULTS_DIR, readme: str | None = None) -> None:
 
 def run(args) -> int:
     if args.action == "record":
-        dest = record(args.run_dir, args.into)
+        dest = record(args.run_dir, args.into, args.tests)
         print(f"recorded {args.run_dir} as {dest}")
         if not args.no_render:
             render(args.into, os.path.join(os.path.dirname(HERE), "README.md") if args.into == RESULTS_DIR else None)

@@ -548,7 +548,10 @@ def test_results_record_and_render(tmp_path):
 
 def test_results_of_a_call_that_left_the_tests_to_another_say_nothing_of_them(tmp_path):
     """A measurement call (GPU_RUN_STEPS="check bench") says "pytest: not run" in its summary:
-    its record claims no test run (it read as one cut by its limit: the review of the split)."""
+    its record claims no test run (it read as one cut by its limit: the review of the split);
+    ``record --tests`` joins the second call's tests, of the same commit only."""
+    import pathlib
+
     from gpu_nn.benchmarks import results
 
     run_dir = tmp_path / "gpu-run"
@@ -567,6 +570,28 @@ def test_results_of_a_call_that_left_the_tests_to_another_say_nothing_of_them(tm
     results.render(str(into), str(readme))
     text = readme.read_text()
     assert "1 of 1 rows pass" in text and "Test suite" not in text, text
+    # the session's second call (GPU_RUN_STEPS=pytest) joins the record of its commit: --tests
+    tests_dir = tmp_path / "gpu-tests"
+    tests_dir.mkdir()
+    (tests_dir / "machine.txt").write_text("date: 2026-12-08T10:10:00Z\nhost: h\ncommit: abcdef1234567\n")
+    (tests_dir / "summary.txt").write_text("install: rc=0 3s\ninfo: rc=0 4s\ncheck: not run (GPU_RUN_STEPS=pytest)\n"
+                                           "bench: not run (GPU_RUN_STEPS=pytest)\npytest: rc=1 80s\n"
+                                           "  pytest: FAILED tests/test_a.py::test_b - x\n")
+    (tests_dir / "pytest.log").write_text("..F\nFAILED tests/test_a.py::test_b - x\n1 failed, 2 passed in 80.1s\n")
+    into2 = tmp_path / "results2"
+    dest = results.record(str(run_dir), str(into2), str(tests_dir))
+    run = json.loads((pathlib.Path(dest) / "run.json").read_text())
+    assert run["tests"]["summary"] == "1 failed, 2 passed in 80.1s"
+    assert run["tests"]["failures"] == ["FAILED tests/test_a.py::test_b - x"]
+    assert "pytest: rc=1 80s" in run["steps"] and not any("not run" in ln for ln in run["steps"] if ln.startswith("pytest"))
+    results.render(str(into2), str(readme))
+    assert "Test suite: 1 failed, 2 passed in 80.1s." in readme.read_text()
+    # the tests of another commit, or a folder without pytest.log, are refused
+    (tests_dir / "machine.txt").write_text("date: 2026-12-08T10:10:00Z\nhost: h\ncommit: 1111111222222\n")
+    with pytest.raises(SystemExit, match="ran commit 1111111222222"):
+        results.record(str(run_dir), str(tmp_path / "results3"), str(tests_dir))
+    with pytest.raises(SystemExit, match="holds no pytest.log"):
+        results.record(str(run_dir), str(tmp_path / "results3"), str(tmp_path))
 
 
 def test_results_render_refuses_a_folder_without_runs(tmp_path):
