@@ -142,9 +142,10 @@ def summarize_run(run_dir: str) -> dict:
 def _join_tests(run: dict, tests_dir: str) -> None:
     """A tests-only call's results into ``run`` (see :func:`record`): refused where its commit is
     not the run's (the tests of another tree)."""
-    commit = dict(re.findall(r"^(commit): (.+)$", _read(os.path.join(tests_dir, "machine.txt")), flags=re.M)).get("commit")
+    commit = dict(re.findall(r"^(commit): (.+)$", _read(os.path.join(tests_dir, "machine.txt")), flags=re.M)).get(
+        "commit", "unknown")  # (as summarize_run reads the run's)
     if commit != run["commit"]:
-        raise SystemExit(f"gpu-nn results: {tests_dir} ran commit {commit or 'unknown'}, the run {run['commit']}: "
+        raise SystemExit(f"gpu-nn results: {tests_dir} ran commit {commit}, the run {run['commit']}: "
                          "a tests-only call joins the record of its own commit only")
     log = _read(os.path.join(tests_dir, "pytest.log"))
     run["tests"] = {"summary": pytest_summary(log), "failures": failures(log), "from": "a second call"}
