@@ -10,6 +10,7 @@ torch's CPU kernels. Ratios are ours / torch median times measured in the same r
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import time
 
@@ -110,12 +111,14 @@ def plot(rows, path: str, title: str, note: str = "") -> None:
     plt.close(fig)
 
 
-def _warm_worker(fams, device, quick, indices, cache_path, deadline=None):
+def _warm_worker(fams, device, quick, indices, cache_path, deadline=None, record_path=None):
     """One warm-phase process: the first call of every provider of cases ``indices`` (in the
     order ``collect`` gives), timed; {index: {provider: seconds}}. Tuned launchers measure their
     candidates here too (so that every candidate compiles), but into a throw-away cache and with
     no record: timings taken beside other busy processes are not choices. No case is started
-    after ``deadline`` (time.time()), if given."""
+    after ``deadline`` (time.time()), if given. ``record_path``: each finished case is also
+    appended there as a JSON line, so that a process ended past the phase's grace (a case still
+    compiling) keeps the cases it did finish (:func:`_warm_records`)."""
     os.environ.pop("GPU_NN_TUNE_RECORD", None)
     os.environ["GPU_NN_TUNE_CACHE"] = cache_path
     import torch
@@ -143,6 +146,28 @@ def _warm_worker(fams, device, quick, indices, cache_path, deadline=None):
                 fn = None
         if device == "cuda":
             torch.cuda.empty_cache()
+        if record_path is not None:
+            with open(record_path, "a") as f:
+                f.write(json.dumps({"i": i, "got": got}) + "\n")
+    return out
+
+
+def _warm_records(paths) -> dict:
+    """{case index: {provider: seconds}} from the warm processes' record files (a line cut short by
+    a killed process, or a file never written, is skipped)."""
+    out = {}
+    for path in paths:
+        try:
+            with open(path) as f:
+                lines = f.read().splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            try:
+                row = json.loads(line)
+                out[int(row["i"])] = {str(k): float(v) for k, v in row["got"].items()}
+            except (ValueError, KeyError, TypeError, AttributeError):
+                continue
     return out
 
 
@@ -150,7 +175,9 @@ def warm(fams, device: str, quick: bool, n_cases: int, jobs: int, budget_s: floa
     """The parallel warm phase: ({case index: {provider: cold first-call seconds}}, wall seconds).
     Cases are dealt round-robin so that each process gets a mix of families. With ``budget_s``
     the workers start no case after that many seconds, and a worker still busy 30 s later (a case
-    compiling many kernels) is ended: its cases stay cold, and the timed run compiles them."""
+    compiling many kernels) is ended: the case it was in stays cold, and the timed run compiles
+    it; the cases it finished before count as warm (their record files), as they did not before
+    (a late worker's whole share was taken for cold and timed after every warm case)."""
     import concurrent.futures as cf
     import multiprocessing as mp
     import tempfile
@@ -163,8 +190,9 @@ def warm(fams, device: str, quick: bool, n_cases: int, jobs: int, budget_s: floa
         # spawn: a forked child would inherit this process's CUDA context, which CUDA forbids
         ex = cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"))
         try:
+            records = [os.path.join(tmp, f"warm-{j}.jsonl") for j in range(jobs)]
             futs = [ex.submit(_warm_worker, tuple(fams), device, quick, list(range(j, n_cases, jobs)),
-                              os.path.join(tmp, f"tuning-{j}.json"), deadline) for j in range(jobs)]
+                              os.path.join(tmp, f"tuning-{j}.json"), deadline, records[j]) for j in range(jobs)]
             done, late = cf.wait(futs, timeout=None if budget_s is None else budget_s + 30)
             for f in done:
                 try:
@@ -176,6 +204,8 @@ def warm(fams, device: str, quick: bool, n_cases: int, jobs: int, budget_s: floa
                 for proc in list((getattr(ex, "_processes", None) or {}).values()):
                     proc.terminate()
             ex.shutdown(wait=True, cancel_futures=True)
+        for i, got in _warm_records(records).items():  # (a late worker's finished cases too)
+            cold.setdefault(i, got)
     return cold, time.perf_counter() - t0
 
 

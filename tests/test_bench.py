@@ -766,6 +766,37 @@ def test_warm_phase_budget_starts_no_case_after_it():
     assert parser.parse_args([]).warm_budget_s is None
 
 
+def test_warm_phase_keeps_the_cases_a_worker_finished_before_it_was_ended(tmp_path, monkeypatch):
+    """A warm process ended past the phase's grace (a case still compiling) kept none of its
+    cases: its whole share was taken for cold and timed after every warm case. Each finished
+    case is now a line of its record file, and the phase reads them: here the worker is stopped
+    inside its second case (KeyboardInterrupt, as a terminate stands), and its first is kept; a
+    line cut short is skipped."""
+    import types
+
+    def call(t, stop=False):
+        def setup():
+            def fn():
+                if stop:
+                    raise KeyboardInterrupt
+            return fn
+        return setup
+
+    fake = [types.SimpleNamespace(providers={"torch": call(0), "reference": call(0)}),
+            types.SimpleNamespace(providers={"torch": call(0, stop=True)})]
+    monkeypatch.setattr(suite, "collect", lambda fams, device, quick: (fake, None))
+    # (the worker sets these for its own process: put back after the test)
+    monkeypatch.setenv("GPU_NN_TUNE_CACHE", str(tmp_path / "before.json"))
+    monkeypatch.setenv("GPU_NN_TUNE_RECORD", str(tmp_path / "record.jsonl"))
+    record = tmp_path / "warm-0.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        suite._warm_worker(("x",), "cpu", True, [0, 1], str(tmp_path / "tuning.json"), None, str(record))
+    with open(record, "a") as f:
+        f.write('{"i": 1, "got": {"tor')  # a line a killed process left unfinished
+    got = suite._warm_records([str(record), str(tmp_path / "never-written.jsonl")])
+    assert set(got) == {0} and set(got[0]) == {"torch", "reference"} and all(v >= 0 for v in got[0].values())
+
+
 def test_warmed_cases_are_timed_first():
     """A warm phase cut by its budget: the cases it reached are timed first (their order kept),
     the cold ones after, and each cold first-call time stays with its case."""
