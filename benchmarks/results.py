@@ -109,7 +109,7 @@ def summarize_run(run_dir: str) -> dict:
     steps = [ln for ln in _read(os.path.join(run_dir, "summary.txt")).splitlines() if ln.strip()]
     test_log = _read(os.path.join(run_dir, "pytest.log"))
     packages = dict(re.findall(r"^  ([A-Za-z0-9_.-]+)==(\S+)$", machine, flags=re.M))
-    gpu = env.get("device") or (re.search(r"NVIDIA [A-Z]\w+[^|]*?(?=\s{2,}|\|)", machine) or [None])[0] or "unknown GPU"
+    gpu = env.get("device") or _machine_gpu(machine) or "unknown GPU"
     run = {
         "date": meta.get("date") or env.get("date") or datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "commit": meta.get("commit", "unknown"),
@@ -139,19 +139,35 @@ def summarize_run(run_dir: str) -> dict:
     return run
 
 
-def _join_tests(run: dict, tests_dir: str) -> None:
-    """A tests-only call's results into ``run`` (see :func:`record`): refused where its commit is
-    not the run's (the tests of another tree)."""
-    commit = dict(re.findall(r"^(commit): (.+)$", _read(os.path.join(tests_dir, "machine.txt")), flags=re.M)).get(
-        "commit", "unknown")  # (as summarize_run reads the run's)
-    if commit != run["commit"]:
+def _machine_gpu(machine: str) -> str | None:
+    """The GPU nvidia-smi names in a machine.txt (None where it names none)."""
+    m = re.search(r"NVIDIA [A-Z]\w+[^|]*?(?=\s{2,}|\|)", machine)
+    return m[0].strip() if m else None
+
+
+def _join_tests(run: dict, run_dir: str, tests_dir: str) -> None:
+    """A tests-only call's results into ``run`` (see :func:`record`). Refused where the run ran
+    its own tests (its summary has no "pytest: not run": they would be replaced), where either
+    names no commit or they differ (the tests of another tree), and where the two machines'
+    GPUs differ (a second call on another machine)."""
+    if not any(ln.startswith("pytest: not run") for ln in run["steps"]):
+        raise SystemExit("gpu-nn results: the run ran its own tests (no 'pytest: not run' in its summary): "
+                         "--tests joins a tests-only call to a run that left them out")
+    machine = _read(os.path.join(tests_dir, "machine.txt"))
+    commit = dict(re.findall(r"^(commit): (.+)$", machine, flags=re.M)).get("commit", "unknown")
+    if "unknown" in (commit, run["commit"]) or commit != run["commit"]:
         raise SystemExit(f"gpu-nn results: {tests_dir} ran commit {commit}, the run {run['commit']}: "
-                         "a tests-only call joins the record of its own commit only")
+                         "a tests-only call joins the record of its own, named commit only")
+    gpu, ran_on = _machine_gpu(machine), _machine_gpu(_read(os.path.join(run_dir, "machine.txt")))
+    if gpu and ran_on and gpu != ran_on:  # (each as nvidia-smi names it)
+        raise SystemExit(f"gpu-nn results: {tests_dir} ran on a {gpu}, the run on a {ran_on}")
     log = _read(os.path.join(tests_dir, "pytest.log"))
     run["tests"] = {"summary": pytest_summary(log), "failures": failures(log), "from": "a second call"}
-    ours = [ln for ln in run["steps"] if not ln.startswith("pytest: not run")]
     theirs = [ln for ln in _read(os.path.join(tests_dir, "summary.txt")).splitlines() if ln.startswith(("pytest:", "  pytest:"))]
-    run["steps"] = ours + theirs
+    steps = []
+    for ln in run["steps"]:  # the tests' lines where the run says it left them out
+        steps.extend(theirs if ln.startswith("pytest: not run") else (ln,))
+    run["steps"] = steps
 
 
 def machine_versions(machine: str, pkgs: dict) -> dict:
@@ -194,7 +210,7 @@ def record(run_dir: str, into: str = RESULTS_DIR, tests_dir: str | None = None) 
     if not run["bench_cases"] and run["check"] is None:
         raise SystemExit(f"gpu-nn results: {run_dir} has neither bench/bench.json nor check.json: nothing to record")
     if tests_dir is not None:
-        _join_tests(run, tests_dir)
+        _join_tests(run, run_dir, tests_dir)
     dest = os.path.join(into, run_name(run))
     os.makedirs(dest, exist_ok=True)
     with open(os.path.join(dest, "run.json"), "w") as f:

@@ -67,12 +67,15 @@ pack_cache() {
 }
 
 # select_steps VAR ALLOWED DEFAULT: the steps a call runs, STEPS_ASKED, from the variable named VAR
-# (names apart by any white space; unset or empty: DEFAULT); a name not in ALLOWED is refused
+# (names apart by any white space; unset, empty or blank: DEFAULT); a name not in ALLOWED is refused
 # before any step runs (exit 2), the archive made for the call's copy
 select_steps() {
     local var=$1 allowed=$2 default=$3 s
+    local -  # (set -f below: a name is never a file pattern)
+    set -f
     STEPS_VAR=$var
-    STEPS_ASKED=$(printf '%s' "${!var:-$default}" | tr -s ' \t\n' '   ' | sed 's/^ //; s/ $//')
+    STEPS_ASKED=$(printf '%s' "${!var:-}" | tr -s ' \t\n' '   ' | sed 's/^ //; s/ $//')
+    [ -n "$STEPS_ASKED" ] || STEPS_ASKED=$default  # (unset, empty or white space only)
     for s in $STEPS_ASKED; do
         [[ " $allowed " == *" $s "* ]] && continue
         echo "$var: unknown step '$s' ($allowed)" | tee -a "$SUMMARY"

@@ -171,9 +171,22 @@ def _warm_records(paths) -> dict:
     return out
 
 
+def _dealt(n: int, jobs: int) -> list[list[int]]:
+    """Case indices ``0..n-1`` dealt to ``jobs`` processes in rounds, each round in the other
+    direction (0, 1, ..., jobs-1, then jobs-1, ..., 0): a family that alternates two kinds of case
+    (bench_conv's and bench_rnn's dtypes) gives every process both, where dealing every round
+    the same way gave an even number of processes one kind each."""
+    shares: list[list[int]] = [[] for _ in range(jobs)]
+    for i in range(n):
+        r, k = divmod(i, jobs)
+        shares[k if r % 2 == 0 else jobs - 1 - k].append(i)
+    return shares
+
+
 def warm(fams, device: str, quick: bool, n_cases: int, jobs: int, budget_s: float | None = None) -> tuple[dict, float]:
     """The parallel warm phase: ({case index: {provider: cold first-call seconds}}, wall seconds).
-    Cases are dealt round-robin so that each process gets a mix of families. With ``budget_s``
+    Cases are dealt in rounds, each the other way round (:func:`_dealt`), so that each process
+    gets a mix of families and of dtypes. With ``budget_s``
     the workers start no case after that many seconds, and a worker still busy 30 s later (a case
     compiling many kernels) is ended: the case it was in stays cold, and the timed run compiles
     it; the cases it finished before count as warm (their record files), as they did not before
@@ -191,7 +204,8 @@ def warm(fams, device: str, quick: bool, n_cases: int, jobs: int, budget_s: floa
         ex = cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"))
         try:
             records = [os.path.join(tmp, f"warm-{j}.jsonl") for j in range(jobs)]
-            futs = [ex.submit(_warm_worker, tuple(fams), device, quick, list(range(j, n_cases, jobs)),
+            shares = _dealt(n_cases, jobs)
+            futs = [ex.submit(_warm_worker, tuple(fams), device, quick, shares[j],
                               os.path.join(tmp, f"tuning-{j}.json"), deadline, records[j]) for j in range(jobs)]
             done, late = cf.wait(futs, timeout=None if budget_s is None else budget_s + 30)
             for f in done:

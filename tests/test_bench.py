@@ -368,6 +368,13 @@ def test_gpu_run_steps_split_over_two_calls(tmp_path):
     r, out, calls = run_bench_script(tmp_path / "lines", "gpu_run.sh", "exit 0\n", {**base, "GPU_RUN_STEPS": "check\n\tbench"})
     summary = (out / "summary.txt").read_text()
     assert "check: rc=0" in summary and "bench: rc=0" in summary and "pytest: not run (GPU_RUN_STEPS=check bench)" in summary
+    # blank: every step; a pattern is a name, never the files it would match
+    (tmp_path / "blank").mkdir()
+    r, out, calls = run_bench_script(tmp_path / "blank", "gpu_run.sh", "exit 0\n", {**base, "GPU_RUN_STEPS": " \n "})
+    assert "not run" not in (out / "summary.txt").read_text() and any("-m pytest" in c for c in calls)
+    (tmp_path / "glob").mkdir()
+    r, out, calls = run_bench_script(tmp_path / "glob", "gpu_run.sh", "exit 0\n", {**base, "GPU_RUN_STEPS": "*"})
+    assert r.returncode == 2 and "unknown step '*'" in (out / "summary.txt").read_text()
     (tmp_path / "typo").mkdir()
     r, out, calls = run_bench_script(tmp_path / "typo", "gpu_run.sh", "exit 0\n", {**base, "GPU_RUN_STEPS": "check tests"})
     assert r.returncode == 2 and "unknown step 'tests'" in (out / "summary.txt").read_text()
@@ -586,12 +593,25 @@ def test_results_of_a_call_that_left_the_tests_to_another_say_nothing_of_them(tm
     assert "pytest: rc=1 80s" in run["steps"] and not any("not run" in ln for ln in run["steps"] if ln.startswith("pytest"))
     results.render(str(into2), str(readme))
     assert "Test suite: 1 failed, 2 passed in 80.1s." in readme.read_text()
-    # the tests of another commit, or a folder without pytest.log, are refused
-    (tests_dir / "machine.txt").write_text("date: 2026-12-08T10:10:00Z\nhost: h\ncommit: 1111111222222\n")
-    with pytest.raises(SystemExit, match="ran commit 1111111222222"):
+    assert run["steps"].index("pytest: rc=1 80s") == 4  # where the run's 'not run' line stood
+    # refused: the tests of another commit or of none named, on another GPU, a folder without
+    # pytest.log, and a run that ran its own tests (they would be replaced)
+    for commit in ("1111111222222", None):
+        (tests_dir / "machine.txt").write_text("date: 2026-12-08T10:10:00Z\nhost: h\n"
+                                               + (f"commit: {commit}\n" if commit else ""))
+        with pytest.raises(SystemExit, match=f"ran commit {commit or 'unknown'}"):
+            results.record(str(run_dir), str(tmp_path / "results3"), str(tests_dir))
+    (tests_dir / "machine.txt").write_text("date: 2026-12-08T10:10:00Z\nhost: h\ncommit: abcdef1234567\n"
+                                           "|   0  NVIDIA H200                    On  |\n")
+    with pytest.raises(SystemExit, match="ran on a NVIDIA H200, the run on a NVIDIA H100 80GB HBM3"):
         results.record(str(run_dir), str(tmp_path / "results3"), str(tests_dir))
+    (tests_dir / "machine.txt").write_text("date: 2026-12-08T10:10:00Z\nhost: h\ncommit: abcdef1234567\n")
     with pytest.raises(SystemExit, match="holds no pytest.log"):
         results.record(str(run_dir), str(tmp_path / "results3"), str(tmp_path))
+    (run_dir / "summary.txt").write_text("check: rc=0 41s\npytest: rc=1 200s\n")
+    (run_dir / "pytest.log").write_text("F\n1 failed, 5 passed in 200s\n")
+    with pytest.raises(SystemExit, match="ran its own tests"):
+        results.record(str(run_dir), str(tmp_path / "results3"), str(tests_dir))
 
 
 def test_results_render_refuses_a_folder_without_runs(tmp_path):
@@ -795,6 +815,19 @@ def test_warm_phase_keeps_the_cases_a_worker_finished_before_it_was_ended(tmp_pa
         f.write('{"i": 1, "got": {"tor')  # a line a killed process left unfinished
     got = suite._warm_records([str(record), str(tmp_path / "never-written.jsonl")])
     assert set(got) == {0} and set(got[0]) == {"torch", "reference"} and all(v >= 0 for v in got[0].values())
+
+
+def test_warm_phase_deals_alternating_cases_to_every_process():
+    """The warm processes' shares: every index once, each in increasing order, and a list that
+    alternates two kinds (conv's and rnn's float32 / bfloat16 cases) gives each of an even number
+    of processes both kinds (dealt the same way every round, process j got indices of j's parity
+    only: with gpu_run.sh's 12 jobs one half compiled only float32, the other only bfloat16)."""
+    for n, jobs in ((58, 12), (201, 12), (7, 2), (5, 8), (0, 3)):
+        shares = suite._dealt(n, jobs)
+        assert len(shares) == jobs and sorted(i for s in shares for i in s) == list(range(n))
+        assert all(s == sorted(s) for s in shares)
+        if n >= 2 * jobs:
+            assert all({i % 2 for i in s} == {0, 1} for s in shares), shares
 
 
 def test_warmed_cases_are_timed_first():
