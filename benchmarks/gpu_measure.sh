@@ -32,6 +32,7 @@
 #   demo-profile   ... sweep --only demo: 10 training steps of each demo model, ours and the torch
 #                  twin, under torch.profiler and cProfile (demo_profile.json / .txt), when 20 s are left
 #   demo-compile   gpu-nn demo --epochs 3 --compile (demo-compile.json), when 60 s are left
+#   demo-compile-rnn-gru / -lstm   the same with --compile-rnn, one model each, when 60 s are left
 #   demo-fuse      gpu-nn demo --model cnn --epochs 3 --fuse: the CNN through gpu_nn.fuse (its three
 #                  convolution / linear -> ReLU pairs one layer each), to set against demo.json's CNN,
 #                  when 30 s are left
@@ -63,7 +64,7 @@ BUDGET=${GPU_MEASURE_BUDGET_S:-300}
 reserve_pack
 SWEEP_S=${GPU_MEASURE_SWEEP_S:-150}
 RNN_S=${GPU_MEASURE_RNN_S:-120}
-ALL_STEPS="tma-repeat sweep rnn profile demo demo-profile demo-compile demo-fuse host_split kernel_counts func demo-persistent"
+ALL_STEPS="tma-repeat sweep rnn profile demo demo-profile demo-compile demo-compile-rnn demo-fuse host_split kernel_counts func demo-persistent"
 select_steps GPU_MEASURE_STEPS "$ALL_STEPS" "$ALL_STEPS"
 
 if ! "$PY" -c "import gpu_nn" > /dev/null 2>&1; then
@@ -160,6 +161,19 @@ elif (( $(left) >= 60 )); then
 else
     echo "demo-compile: skipped ($(left)s left of ${BUDGET}s, it needs 60)" | tee -a "$SUMMARY"
 fi
+# the recurrent demos compiled with Dynamo tracing their recurrent layers too (--compile-rnn: by
+# default Dynamo runs torch's recurrent modules, and ours, eagerly inside the compiled models),
+# one model a run: torch's own LSTM failed to train so under AOT autograd on the CPU (2.11, 2.13)
+for m in gru lstm; do
+    if ! wanted demo-compile-rnn; then
+        break
+    elif (( $(left) >= 60 )); then
+        step "demo-compile-rnn-$m" 60 "${DEMO[@]}" --model "$m" --epochs 3 --compile --compile-rnn \
+            --json "$OUTDIR/demo-compile-rnn-$m.json" --no-progress
+    else
+        echo "demo-compile-rnn-$m: skipped ($(left)s left of ${BUDGET}s, it needs 60)" | tee -a "$SUMMARY"
+    fi
+done
 # the CNN with its activations fused into the layers' epilogues (gpu_nn.fuse): 3 launches and 3
 # autograd nodes fewer per step, measured against the unfused demo above
 if ! wanted demo-fuse; then

@@ -239,14 +239,15 @@ def train_pair(model: str, epochs: int | None = None, device: str = "cpu", backe
                subset: int | None = None, seed: int = 0, ours: Impl | None = None,
                batch_size: int | None = None, lr: float | None = None, progress: bool = True,
                keep_models: bool = False, compile: bool | None = None, compile_backend: str = "inductor",
-               compile_mode: str | None = None, fuse: bool = False) -> dict:
+               compile_mode: str | None = None, fuse: bool = False, compile_rnn: bool = False) -> dict:
     """Train ``model`` built from ``ours`` (default gpu_nn) and its torch twin side by side.
 
     Both start from the same weights and take the same batches; each step runs ours (under
     ``gpu_nn.backend(backend)``) then the twin. Returns the figures of the JSON report, with
     per-step losses ``loss_curve`` / ``torch_loss_curve``; with ``keep_models`` also the two
     trained modules under ``models``. ``compile`` (truthy) wraps both models in
-    ``torch.compile(backend=compile_backend, mode=compile_mode)``. ``fuse``: ours is
+    ``torch.compile(backend=compile_backend, mode=compile_mode)``; ``compile_rnn`` with it lets
+    Dynamo trace the recurrent modules of both (``torch._dynamo.config.allow_rnn``). ``fuse``: ours is
     ``gpu_nn.fuse`` of its model (each convolution / linear -> ReLU pair one layer; the twin stays
     as built, the same weights through the unchanged state_dict keys).
     """
@@ -287,28 +288,36 @@ def train_pair(model: str, epochs: int | None = None, device: str = "cpu", backe
         _Side(twin_fwd, twin_opt, twin_loss_fn, twin_impl.clip_grad_norm_, contextlib.nullcontext,
               compiled=compile is not None),
     )
-    order = np.random.default_rng(seed)
-    n = len(y_tr)
-    for epoch in range(epochs):
-        perm = order.permutation(n)
-        batches = [perm[i:i + batch_size] for i in range(0, n, batch_size)]
-        bar = None
-        if progress:
-            from tqdm import tqdm
+    # --compile-rnn: Dynamo traces the recurrent modules too (torch._dynamo.config.allow_rnn, off by
+    # default: Dynamo then runs torch's recurrent modules, and ours, which are theirs by type, eagerly)
+    rnn_ctx = contextlib.nullcontext()
+    if compile is not None and compile_rnn:
+        from torch import _dynamo
 
-            bar = tqdm(total=len(batches), desc=f"{model} epoch {epoch + 1}/{epochs}", unit="batch", leave=True)
-        for side in sides:
-            side.epoch_seconds.append(0.0)
-        for idx in batches:
-            xb = _inputs(model, x_tr[idx], device)
-            yb = torch.from_numpy(y_tr[idx]).to(device)
-            for side in sides:  # same batch, same code, ours then the twin
-                side.timed_step(xb, yb, hp["clip"], device)
+        rnn_ctx = _dynamo.config.patch(allow_rnn=True)
+    with rnn_ctx:
+        order = np.random.default_rng(seed)
+        n = len(y_tr)
+        for epoch in range(epochs):
+            perm = order.permutation(n)
+            batches = [perm[i:i + batch_size] for i in range(0, n, batch_size)]
+            bar = None
+            if progress:
+                from tqdm import tqdm
+
+                bar = tqdm(total=len(batches), desc=f"{model} epoch {epoch + 1}/{epochs}", unit="batch", leave=True)
+            for side in sides:
+                side.epoch_seconds.append(0.0)
+            for idx in batches:
+                xb = _inputs(model, x_tr[idx], device)
+                yb = torch.from_numpy(y_tr[idx]).to(device)
+                for side in sides:  # same batch, same code, ours then the twin
+                    side.timed_step(xb, yb, hp["clip"], device)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{sides[0].curve[-1]:.4f}", torch=f"{sides[1].curve[-1]:.4f}", refresh=False)
+                    bar.update(1)
             if bar is not None:
-                bar.set_postfix(loss=f"{sides[0].curve[-1]:.4f}", torch=f"{sides[1].curve[-1]:.4f}", refresh=False)
-                bar.update(1)
-        if bar is not None:
-            bar.close()
+                bar.close()
     (seconds, warmup, steady), (twin_seconds, twin_warmup, twin_steady) = (s.figures() for s in sides)
     curve, twin_curve = sides[0].curve, sides[1].curve
 
@@ -325,7 +334,8 @@ def train_pair(model: str, epochs: int | None = None, device: str = "cpu", backe
         "warmup_seconds": round(warmup, 3),
         "torch_warmup_seconds": round(twin_warmup, 3),
         "steady_state": epochs > 1,
-        "compile": None if compile is None else {"backend": compile_backend, "mode": compile_mode},
+        "compile": None if compile is None else {"backend": compile_backend, "mode": compile_mode,
+                                                 "allow_rnn": bool(compile_rnn)},
         # per twin, what its steps compiled: a graph break or a CUDA graph skipped shows here
         "compiled": None if compile is None else {"ours": sides[0].compiled, "torch": sides[1].compiled},
         "fused": bool(fuse),
@@ -436,6 +446,9 @@ def add_arguments(parser) -> None:
                         choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
                         help="torch.compile mode for --compile (default: reduce-overhead, i.e. CUDA graphs, on cuda "
                              "with inductor; torch's default otherwise)")
+    parser.add_argument("--compile-rnn", action="store_true",
+                        help="with --compile: Dynamo traces the recurrent modules of both twins too "
+                             "(torch._dynamo.config.allow_rnn; by default it runs them eagerly, torch's and ours)")
     parser.add_argument("--fuse", action="store_true",
                         help="our model through gpu_nn.fuse: each convolution / linear -> ReLU pair one layer with "
                              "the activation in its epilogue (the CNN's three; the recurrent models have none)")
@@ -470,6 +483,8 @@ def run(args) -> int:
     if not args.compile and (args.compile_mode is not None or args.compile_backend != "inductor"):
         # (they would be ignored: the run trains eager and its figures say nothing of them)
         raise SystemExit("gpu-nn demo: --compile-mode / --compile-backend take effect with --compile only")
+    if args.compile_rnn and not args.compile:
+        raise SystemExit("gpu-nn demo: --compile-rnn takes effect with --compile only")
     if args.fuse and args.ours_from != "gpu_nn":
         raise SystemExit("gpu-nn demo: --fuse makes gpu_nn layers; it cannot go with --ours-from torch")
     if args.ours_from == "gpu_nn" and (args.backend or _backend.requested()) == "cupy":
@@ -489,7 +504,8 @@ def run(args) -> int:
     for m in models:
         results[m] = train_pair(m, args.epochs, device, args.backend or _backend.requested(), args.subset, args.seed, ours,
                                 progress=not args.no_progress, compile=args.compile,
-                                compile_backend=args.compile_backend, compile_mode=mode, fuse=args.fuse)
+                                compile_backend=args.compile_backend, compile_mode=mode, fuse=args.fuse,
+                                compile_rnn=args.compile_rnn)
         if args.json and len(results) < len(models):  # the models done so far: a run cut short keeps them
             _write_json(args.json, results)
     console = Console()

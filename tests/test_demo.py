@@ -119,7 +119,7 @@ def test_compile_compiles_both_twins_the_same_way():
     through the custom ops under torch.compile."""
     r = demo.train_pair("cnn", epochs=2, subset=64, backend="reference", progress=False,
                         compile=True, compile_backend="aot_eager", keep_models=True)
-    assert r["compile"] == {"backend": "aot_eager", "mode": None} and r["steady_state"] is True
+    assert r["compile"] == {"backend": "aot_eager", "mode": None, "allow_rnn": False} and r["steady_state"] is True
     assert r["backend"] == "reference"  # ours is gpu_nn's (with torch on both sides it reads "self-check")
     np.testing.assert_allclose(r["loss_curve"], r["torch_loss_curve"], rtol=1e-4, atol=1e-6)
     assert r["warmup_seconds"] > 0 and r["seconds_per_epoch"] > 0
@@ -129,6 +129,23 @@ def test_compile_compiles_both_twins_the_same_way():
         assert set(r["compiled"][side]) == {"graphs", "graph_breaks", "cudagraph_skips"}
         assert r["compiled"][side]["graphs"] >= 1 and r["compiled"][side]["graph_breaks"] == 0, r["compiled"]
     assert r["compiled"]["ours"]["graphs"] == r["compiled"]["torch"]["graphs"]
+
+
+def test_compile_rnn_lets_dynamo_trace_both_twins_recurrent_layers():
+    """--compile-rnn: Dynamo traces the recurrent modules of both twins (torch's allow_rnn, off by
+    default, when Dynamo runs torch's recurrent modules and ours, theirs by type, eagerly): the
+    GRU demo compiles one graph a side with no break, same losses as eager's; the setting is
+    put back after the run and recorded."""
+    from torch import _dynamo
+
+    before = _dynamo.config.allow_rnn
+    r = demo.train_pair("gru", epochs=1, subset=48, backend="reference", progress=False,
+                        compile=True, compile_backend="aot_eager", compile_rnn=True)
+    assert _dynamo.config.allow_rnn == before
+    assert r["compile"]["allow_rnn"] is True
+    for side in ("ours", "torch"):
+        assert r["compiled"][side]["graphs"] >= 1 and r["compiled"][side]["graph_breaks"] == 0, r["compiled"]
+    np.testing.assert_allclose(r["loss_curve"], r["torch_loss_curve"], rtol=1e-4, atol=1e-6)
 
 
 def test_compiled_counts_go_to_the_twin_whose_step_made_them(monkeypatch):
@@ -170,7 +187,12 @@ def test_compile_flags_reach_both_twins(monkeypatch, tmp_path):
     assert main(["demo", "--model", "cnn", "--compile", "--compile-backend", "aot_eager", "--no-progress"]) == 0
     assert main(["demo", "--model", "cnn", "--no-progress"]) == 0
     assert seen[0]["compile"] is True and seen[0]["compile_backend"] == "aot_eager" and seen[0]["compile_mode"] is None
-    assert seen[1]["compile"] is False
+    assert seen[1]["compile"] is False and seen[0]["compile_rnn"] is False
+    assert main(["demo", "--model", "gru", "--compile", "--compile-rnn", "--no-progress"]) == 0
+    assert seen[2]["compile_rnn"] is True
+    seen.pop()
+    with pytest.raises(SystemExit, match="--compile-rnn takes effect with --compile only"):
+        main(["demo", "--model", "gru", "--compile-rnn", "--no-progress"])
     assert main(["demo", "--model", "cnn", "--fuse", "--no-progress"]) == 0
     assert seen[1]["fuse"] is False and seen[2]["fuse"] is True
 

@@ -296,7 +296,8 @@ def test_gpu_measure_script_steps_summary_and_archive(tmp_path):
     assert r.returncode == 1, r.stdout + r.stderr  # the profile failed
     summary = (out / "summary.txt").read_text()
     steps = [line.split(":")[0] for line in summary.splitlines() if not line.startswith(" ")]
-    assert steps == ["tma-repeat", "sweep", "rnn", "profile", "demo", "demo-profile", "demo-compile", "demo-fuse",
+    assert steps == ["tma-repeat", "sweep", "rnn", "profile", "demo", "demo-profile", "demo-compile",
+                     "demo-compile-rnn-gru", "demo-compile-rnn-lstm", "demo-fuse",
                      "host_split", "kernel_counts", "func", "demo-persistent-lstm", "demo-persistent-gru", "total"]
     assert "  sweep: 191 rows, complete" in summary and "  profile: 20 of 22" in summary
     assert "  demo profile: 6 of 6 regions profiled" in summary
@@ -319,8 +320,11 @@ def test_gpu_measure_script_steps_summary_and_archive(tmp_path):
     demo = [c for c in calls if c.startswith("-m gpu_nn.cli demo ")]
     assert demo[0] == f"-m gpu_nn.cli demo --epochs 3 --json {out}/demo.json --no-progress"
     assert demo[1] == f"-m gpu_nn.cli demo --epochs 3 --compile --json {out}/demo-compile.json --no-progress"
-    assert demo[2] == f"-m gpu_nn.cli demo --model cnn --epochs 3 --fuse --json {out}/demo-fuse.json --no-progress"
-    for m, call in zip(("lstm", "gru"), demo[3:]):
+    for m, call in zip(("gru", "lstm"), demo[2:4]):
+        assert call == (f"-m gpu_nn.cli demo --model {m} --epochs 3 --compile --compile-rnn "
+                        f"--json {out}/demo-compile-rnn-{m}.json --no-progress")
+    assert demo[4] == f"-m gpu_nn.cli demo --model cnn --epochs 3 --fuse --json {out}/demo-fuse.json --no-progress"
+    for m, call in zip(("lstm", "gru"), demo[5:]):
         assert call == (f"-m gpu_nn.cli demo --model {m} --epochs 3 --backend triton --json {out}/demo-persistent-{m}.json"
                         " --no-progress")
     with tarfile.open(str(out) + ".tgz") as tar:
@@ -393,8 +397,8 @@ def test_gpu_measure_runs_the_steps_asked_and_the_demos_on_the_heuristics(tmp_pa
     assert r.returncode == 0, r.stdout + r.stderr
     summary = (out / "summary.txt").read_text()
     steps = [line.split(":")[0] for line in summary.splitlines() if not line.startswith(" ")]
-    assert steps == ["tma-repeat", "sweep", "rnn", "profile", "demo", "demo-profile", "demo-compile", "demo-fuse",
-                     "host_split", "kernel_counts", "func", "demo-persistent", "total"]
+    assert steps == ["tma-repeat", "sweep", "rnn", "profile", "demo", "demo-profile", "demo-compile", "demo-compile-rnn",
+                     "demo-fuse", "host_split", "kernel_counts", "func", "demo-persistent", "total"]
     assert "tma-repeat: not run (GPU_MEASURE_STEPS=demo demo-compile)" in summary
     assert "demo: rc=0" in summary and "demo-compile: rc=0" in summary
     demo = [c for c in calls if c.startswith("-m gpu_nn.cli demo ")]
@@ -408,7 +412,7 @@ def test_gpu_measure_runs_the_steps_asked_and_the_demos_on_the_heuristics(tmp_pa
                                      {**os.environ, "GPU_MEASURE_BUDGET_S": "600"},
                                      log_line='echo "$* [TUNE=${GPU_NN_TUNE:-}]"')
     demo = [c for c in calls if c.startswith("-m gpu_nn.cli demo ")]
-    assert len(demo) == 5 and all(c.endswith("[TUNE=0]") for c in demo)
+    assert len(demo) == 7 and all(c.endswith("[TUNE=0]") for c in demo)
     assert "not run" not in (out / "summary.txt").read_text()
     assert any("--only sweep" in c for c in calls) and any("tma_fwd_repeat" in c for c in calls)
     # a sweep alone (names apart by any white space) gets all it wants: the other sweep, the
