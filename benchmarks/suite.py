@@ -111,14 +111,14 @@ def plot(rows, path: str, title: str, note: str = "") -> None:
     plt.close(fig)
 
 
-def _warm_worker(fams, device, quick, indices, cache_path, deadline=None, record_path=None):
+def _warm_worker(fams, device, quick, indices, cache_path, deadline, record_path):
     """One warm-phase process: the first call of every provider of cases ``indices`` (in the
-    order ``collect`` gives), timed; {index: {provider: seconds}}. Tuned launchers measure their
-    candidates here too (so that every candidate compiles), but into a throw-away cache and with
-    no record: timings taken beside other busy processes are not choices. No case is started
-    after ``deadline`` (time.time()), if given. ``record_path``: each finished case is also
-    appended there as a JSON line, so that a process ended past the phase's grace (a case still
-    compiling) keeps the cases it did finish (:func:`_warm_records`)."""
+    order ``collect`` gives), timed, each finished case appended to ``record_path`` as a JSON line
+    {"i": index, "got": {provider: seconds}} (:func:`_warm_records`), so that a process ended
+    past the phase's grace (a case still compiling) keeps the cases it did finish. Tuned
+    launchers measure their candidates here too (so that every candidate compiles), but into a
+    throw-away cache and with no record: timings taken beside other busy processes are not
+    choices. No case is started after ``deadline`` (time.time()), if given."""
     os.environ.pop("GPU_NN_TUNE_RECORD", None)
     os.environ["GPU_NN_TUNE_CACHE"] = cache_path
     import torch
@@ -126,11 +126,10 @@ def _warm_worker(fams, device, quick, indices, cache_path, deadline=None, record
     if device == "cuda":  # the first calls like for like too: cuDNN searches where ours measures
         tuned_configurations(torch)
     cases, _ = collect(fams, device, quick)
-    out = {}
     for i in indices:
         if deadline is not None and time.time() > deadline:
             break
-        got = out.setdefault(i, {})
+        got = {}
         for name, setup in cases[i].providers.items():
             fn = None
             try:
@@ -146,10 +145,8 @@ def _warm_worker(fams, device, quick, indices, cache_path, deadline=None, record
                 fn = None
         if device == "cuda":
             torch.cuda.empty_cache()
-        if record_path is not None:
-            with open(record_path, "a") as f:
-                f.write(json.dumps({"i": i, "got": got}) + "\n")
-    return out
+        with open(record_path, "a") as f:
+            f.write(json.dumps({"i": i, "got": got}) + "\n")
 
 
 def _warm_records(paths) -> dict:
@@ -198,7 +195,7 @@ def warm(fams, device: str, quick: bool, n_cases: int, jobs: int, budget_s: floa
     t0 = time.perf_counter()
     jobs = max(1, min(jobs, n_cases))
     deadline = None if budget_s is None else time.time() + budget_s
-    cold, late = {}, ()
+    late = ()
     with tempfile.TemporaryDirectory(prefix="gpu_nn_warm_") as tmp:
         # spawn: a forked child would inherit this process's CUDA context, which CUDA forbids
         ex = cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"))
@@ -207,19 +204,15 @@ def warm(fams, device: str, quick: bool, n_cases: int, jobs: int, budget_s: floa
             shares = _dealt(n_cases, jobs)
             futs = [ex.submit(_warm_worker, tuple(fams), device, quick, shares[j],
                               os.path.join(tmp, f"tuning-{j}.json"), deadline, records[j]) for j in range(jobs)]
-            done, late = cf.wait(futs, timeout=None if budget_s is None else budget_s + 30)
-            for f in done:
-                try:
-                    cold.update(f.result())
-                except Exception:  # a worker that died leaves its cases cold: the timed run compiles them
-                    pass
+            _, late = cf.wait(futs, timeout=None if budget_s is None else budget_s + 30)
         finally:
             if budget_s is not None and late:
                 for proc in list((getattr(ex, "_processes", None) or {}).values()):
                     proc.terminate()
             ex.shutdown(wait=True, cancel_futures=True)
-        for i, got in _warm_records(records).items():  # (a late worker's finished cases too)
-            cold.setdefault(i, got)
+        # every worker's finished cases, a late or dead one's too (the case it was in stays cold:
+        # the timed run compiles it)
+        cold = _warm_records(records)
     return cold, time.perf_counter() - t0
 
 
@@ -239,11 +232,12 @@ def _by_family(idx: list, cases: list) -> list:
     """``idx`` dealt round-robin over the cases' families, each family in its own order: a timed
     phase cut by its limit still times some of every family (at 09f2311 its 40 cases were all
     convolutions, the first family)."""
+    from . import harness
+
     groups: dict = {}
     for i in idx:
         groups.setdefault(getattr(cases[i], "family", None), []).append(i)
-    lanes = list(groups.values())
-    return [lane[k] for k in range(max(map(len, lanes), default=0)) for lane in lanes if k < len(lane)]
+    return harness.interleave(groups.values())
 
 
 def tuned_configurations(torch) -> dict:
