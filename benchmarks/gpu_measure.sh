@@ -58,7 +58,7 @@
 # Typical device call (README, tools): gpu_run.sh, then this, each archive copied to $OUT.
 set -u -o pipefail
 
-. "$(dirname "${BASH_SOURCE[0]}")/steps.sh"  # begin, left, step, machine_info, select_steps, asked, wanted
+. "$(dirname "${BASH_SOURCE[0]}")/steps.sh"  # begin, left, step, step_if_left, machine_info, select_steps, asked, wanted
 begin "${1:?usage: benchmarks/gpu_measure.sh OUTDIR}"
 BUDGET=${GPU_MEASURE_BUDGET_S:-300}
 reserve_pack
@@ -144,85 +144,45 @@ DEMO=(env GPU_NN_TUNE=0 "${GN[@]}" demo)
 wanted demo && step demo 50 "${DEMO[@]}" --epochs 3 --json "$OUTDIR/demo.json" --no-progress
 # where a demo step's time goes (its kernels compiled by the demo just run): GPU busy against
 # wall, and the host's Python functions, ours against the twin
-if ! wanted demo-profile; then
-    :
-elif (( $(left) >= 20 )); then
-    step demo-profile 30 env GPU_NN_TUNE=0 "${SW[@]}" --only demo --profile-budget-s 20
+if wanted demo-profile; then
+    step_if_left 20 demo-profile 30 env GPU_NN_TUNE=0 "${SW[@]}" --only demo --profile-budget-s 20
     grep -E "^demo profile: " "$OUTDIR/demo-profile.log" 2>/dev/null | tail -n 1 | sed 's/^/  /' | tee -a "$SUMMARY"
-else
-    echo "demo-profile: skipped ($(left)s left of ${BUDGET}s, it needs 20)" | tee -a "$SUMMARY"
 fi
 # issue 14's other demo goal (<= 1.0x torch with both twins compiled with CUDA graphs): never
 # measured yet (it came last), so right after the eager demo and its profile
-if ! wanted demo-compile; then
-    :
-elif (( $(left) >= 60 )); then
-    step demo-compile 90 "${DEMO[@]}" --epochs 3 --compile --json "$OUTDIR/demo-compile.json" --no-progress
-else
-    echo "demo-compile: skipped ($(left)s left of ${BUDGET}s, it needs 60)" | tee -a "$SUMMARY"
-fi
+wanted demo-compile && step_if_left 60 demo-compile 90 "${DEMO[@]}" --epochs 3 --compile \
+    --json "$OUTDIR/demo-compile.json" --no-progress
 # the recurrent demos compiled with Dynamo tracing their recurrent layers too (--compile-rnn: by
 # default Dynamo runs torch's recurrent modules, and ours, eagerly inside the compiled models),
 # one model a run: torch's own LSTM failed to train so under AOT autograd on the CPU (2.11, 2.13)
-for m in gru lstm; do
-    if ! wanted demo-compile-rnn; then
-        break
-    elif (( $(left) >= 60 )); then
-        step "demo-compile-rnn-$m" 60 "${DEMO[@]}" --model "$m" --epochs 3 --compile --compile-rnn \
+if wanted demo-compile-rnn; then
+    for m in gru lstm; do
+        step_if_left 60 "demo-compile-rnn-$m" 60 "${DEMO[@]}" --model "$m" --epochs 3 --compile --compile-rnn \
             --json "$OUTDIR/demo-compile-rnn-$m.json" --no-progress
-    else
-        echo "demo-compile-rnn-$m: skipped ($(left)s left of ${BUDGET}s, it needs 60)" | tee -a "$SUMMARY"
-    fi
-done
+    done
+fi
 # the CNN with its activations fused into the layers' epilogues (gpu_nn.fuse): 3 launches and 3
 # autograd nodes fewer per step, measured against the unfused demo above
-if ! wanted demo-fuse; then
-    :
-elif (( $(left) >= 30 )); then
-    step demo-fuse 30 "${DEMO[@]}" --model cnn --epochs 3 --fuse --json "$OUTDIR/demo-fuse.json" --no-progress
-else
-    echo "demo-fuse: skipped ($(left)s left of ${BUDGET}s, it needs 30)" | tee -a "$SUMMARY"
-fi
+wanted demo-fuse && step_if_left 30 demo-fuse 30 "${DEMO[@]}" --model cnn --epochs 3 --fuse \
+    --json "$OUTDIR/demo-fuse.json" --no-progress
 # a call's host time piece by piece (allocation, current stream, the launch plan, Triton's launcher,
 # our forward and backward apart, a bare autograd.Function; the optimizer with moving gradients):
 # issue 14's host cost, the figures no CPU machine gives
-if ! wanted host_split; then
-    :
-elif (( $(left) >= 20 )); then
-    step host_split 30 "$PY" -m gpu_nn.benchmarks.host_split --json "$OUTDIR/host_split.json"
-else
-    echo "host_split: skipped ($(left)s left of ${BUDGET}s, it needs 20)" | tee -a "$SUMMARY"
-fi
+wanted host_split && step_if_left 20 host_split 30 "$PY" -m gpu_nn.benchmarks.host_split --json "$OUTDIR/host_split.json"
 # the tests pin the launch counts on a GPU already: these tables only where time is left
-if ! wanted kernel_counts; then
-    :
-elif (( $(left) >= 30 )); then
-    step kernel_counts 40 "$PY" -m gpu_nn.benchmarks.kernel_counts --out "$OUTDIR/counts.json"
-else
-    echo "kernel_counts: skipped ($(left)s left of ${BUDGET}s, it needs 30)" | tee -a "$SUMMARY"
-fi
+wanted kernel_counts && step_if_left 30 kernel_counts 40 "$PY" -m gpu_nn.benchmarks.kernel_counts --out "$OUTDIR/counts.json"
 # torch.func workloads (per-sample gradients, vmap(hessian), a Hessian-vector product, jacfwd of an
 # LSTM) on both GPU backends against torch's layers: the fold rules' figures on a GPU
-if ! wanted func; then
-    :
-elif (( $(left) >= 30 )); then
-    step func 45 "${GN[@]}" bench --family func --quick --out "$OUTDIR/func" --no-progress
-else
-    echo "func: skipped ($(left)s left of ${BUDGET}s, it needs 30)" | tee -a "$SUMMARY"
-fi
+wanted func && step_if_left 30 func 45 "${GN[@]}" bench --family func --quick --out "$OUTDIR/func" --no-progress
 # the recurrent demos with every time loop in Triton's persistent launch (forward and backward; not
 # the default until measured): the same epochs, to set against demo.json's, on the triton backend
 # named explicitly (the persistent kernels are Triton's, whatever auto picks)
-for m in lstm gru; do
-    if ! wanted demo-persistent; then
-        break
-    elif (( $(left) >= 30 )); then
-        step "demo-persistent-$m" 25 env GPU_NN_RNN_PERSISTENT=1 "${DEMO[@]}" --model "$m" --epochs 3 \
+if wanted demo-persistent; then
+    for m in lstm gru; do
+        step_if_left 30 "demo-persistent-$m" 25 env GPU_NN_RNN_PERSISTENT=1 "${DEMO[@]}" --model "$m" --epochs 3 \
             --backend triton --json "$OUTDIR/demo-persistent-$m.json" --no-progress
-    else
-        echo "demo-persistent-$m: skipped ($(left)s left of ${BUDGET}s, it needs 30)" | tee -a "$SUMMARY"
-    fi
-done
+    done
+fi
 
 echo "total: $(( SECONDS - START ))s; sweep rc=$SWEEP_RC, rnn rc=$RNN_RC, profile rc=$PROFILE_RC" | tee -a "$SUMMARY"
 pack_cache

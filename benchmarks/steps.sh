@@ -94,6 +94,17 @@ wanted() {
     return 1
 }
 
+# step_if_left NEED NAME LIMIT_S CMD...: step NAME (see step) where at least NEED s of the budget
+# are left, else a summary line says it was skipped and what it needs
+step_if_left() {
+    local need=$1 name=$2; shift 2
+    if (( $(left) >= need )); then
+        step "$name" "$@"
+    else
+        echo "$name: skipped ($(left)s left of ${BUDGET}s, it needs $need)" | tee -a "$SUMMARY"
+    fi
+}
+
 # seconds of BUDGET left
 left() { echo $(( BUDGET - (SECONDS - START) )); }
 
