@@ -102,7 +102,7 @@ def tuning_summary(path: str) -> dict | None:
 def summarize_run(run_dir: str) -> dict:
     """Everything ``record`` keeps about one gpu_run.sh folder, as one dict."""
     machine = _read(os.path.join(run_dir, "machine.txt"))
-    meta = dict(re.findall(r"^(date|host|commit): (.+)$", machine, flags=re.M))
+    meta = _machine_meta(machine)
     bench = _load_json(os.path.join(run_dir, "bench", "bench.json")) or {}
     env = bench.get("environment", {})
     check = _load_json(os.path.join(run_dir, "check.json"))
@@ -139,6 +139,11 @@ def summarize_run(run_dir: str) -> dict:
     return run
 
 
+def _machine_meta(machine: str) -> dict:
+    """The date, host and commit lines of a machine.txt (steps.sh's machine_info)."""
+    return dict(re.findall(r"^(date|host|commit): (.+)$", machine, flags=re.M))
+
+
 def _machine_gpu(machine: str) -> str | None:
     """The GPU nvidia-smi names in a machine.txt (None where it names none)."""
     m = re.search(r"NVIDIA [A-Z]\w+[^|]*?(?=\s{2,}|\|)", machine)
@@ -154,7 +159,7 @@ def _join_tests(run: dict, run_dir: str, tests_dir: str) -> None:
         raise SystemExit("gpu-nn results: the run ran its own tests (no 'pytest: not run' in its summary): "
                          "--tests joins a tests-only call to a run that left them out")
     machine = _read(os.path.join(tests_dir, "machine.txt"))
-    commit = dict(re.findall(r"^(commit): (.+)$", machine, flags=re.M)).get("commit", "unknown")
+    commit = _machine_meta(machine).get("commit", "unknown")
     if "unknown" in (commit, run["commit"]) or commit != run["commit"]:
         raise SystemExit(f"gpu-nn results: {tests_dir} ran commit {commit}, the run {run['commit']}: "
                          "a tests-only call joins the record of its own, named commit only")
