@@ -7,7 +7,7 @@ import warnings
 
 import torch
 
-
+from .nn.dense import ACTIVATION_ATTR, fused_activation
 
 # the torch.nn classes converted (ours has the same name in gpu_nn.nn), every option of theirs
 # taken (a convolution's padding_mode too: gpu_nn.nn.Conv1d / Conv2d pad as torch's)
@@ -18,7 +18,7 @@ _SUPPORTED = frozenset({
 })
 
 
-# ours that read their ``activation`` attribute as the epilogue they fuse (``activation=``)
+# ours that fuse an activation in their epilogue (``activation=``, kept as ``ACTIVATION_ATTR``)
 _FUSING = frozenset({"Linear", "Conv1d", "Conv2d", "LazyLinear", "LazyConv1d", "LazyConv2d"})
 
 
@@ -54,12 +54,6 @@ def _parametrized_class(generated: type, ours: type) -> type:
     if ours.__module__.startswith("gpu_nn."):
         body["_gpu_nn_torchs"] = generated  # the class revert gives back (the same class object)
     return type(f"Parametrized{ours.__name__}", (ours,), body)
-
-
-def _own_attribute(module: torch.nn.Module, name: str) -> bool:
-    """Whether ``module`` itself holds ``name``: an instance attribute, a submodule, a parameter
-    or a buffer."""
-    return any(name in d for d in (module.__dict__, module._modules, module._parameters, module._buffers))
 
 
 def _swap(module: torch.nn.Module, ours: type) -> torch.nn.Module:
@@ -116,12 +110,6 @@ def convert(model: torch.nn.Module, *, inplace: bool = True) -> torch.nn.Module:
             elif base is not None and f"{cls.__module__}.{cls.__qualname__}" not in _NEVER_CALLED:
                 skipped.append(f"{prefix or '<model>'} ({cls.__name__}): a subclass of torch.nn.{base.__name__}, left as "
                                "it is (a subclass may change what the layer does)")
-            return mod
-        if ours.__name__ in _FUSING and _own_attribute(mod, "activation"):
-            # our layer reads ``activation`` as the epilogue it fuses: a user's own attribute of
-            # that name (a string would be applied, a module refused) is left to torch's layer
-            skipped.append(f"{prefix or '<model>'} ({cls.__name__}): has an attribute of its own named 'activation', "
-                           f"which our {cls.__name__} reads as the activation it fuses")
             return mod
         return _swap(mod, ours)
 
@@ -195,7 +183,7 @@ def revert(model: torch.nn.Module, *, inplace: bool = True) -> torch.nn.Module:
         else:
             mod.__class__ = theirs
         if ours.__name__ in _FUSING:
-            mod.__dict__.pop("activation", None)  # (None: torch's layer has no such attribute)
+            mod.__dict__.pop(ACTIVATION_ATTR, None)  # (None: torch's layer has no such attribute)
 
     visit(model, "")
     calls = [n.name for gm in model.modules() if isinstance(gm, torch.fx.GraphModule) for n in gm.graph.nodes
@@ -219,8 +207,8 @@ def _left_as_ours(module: torch.nn.Module, ours: type) -> str | None:
         base = next((b for b in ours.__mro__ if b.__module__.startswith(gnn.__name__ + ".")), ours)
         return ("torch has no such layer" if base is ours else
                 f"a subclass of gpu_nn.nn.{base.__name__}, left as it is (a subclass may change what the layer does)")
-    if ours.__name__ in _FUSING and getattr(module, "activation", None) is not None:
-        return f"fuses activation={module.activation!r}, which torch's {theirs.__name__} has no place for"
+    if ours.__name__ in _FUSING and fused_activation(module) is not None:
+        return f"fuses activation={fused_activation(module)!r}, which torch's {theirs.__name__} has no place for"
     return None
 
 

@@ -58,6 +58,7 @@ import torch.package
 
 from . import functional as _F
 from . import nn as _gnn
+from .nn.dense import fused_activation
 
 __all__ = ["fuse"]
 
@@ -221,7 +222,7 @@ def _fusable_layer(node: torch.fx.Node, module):
     if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
         return None
     m = module(node.target)
-    if type(m) not in _LAYERS or _hooked(m) or getattr(m, "activation", None) is not None:
+    if type(m) not in _LAYERS or _hooked(m) or fused_activation(m) is not None:
         return None
     # a forward of the instance's own (or Module.compile's) would run the layer without its
     # activation in the copy
@@ -257,7 +258,7 @@ def _fused_copy(layer: torch.nn.Module, act: str) -> torch.nn.Module:
         if name in d:
             d[name] = type(d[name])()
     new.__class__ = _LAYERS[type(layer)]
-    new.activation = act
+    new._gpu_nn_activation = act
     return new
 
 
@@ -653,7 +654,7 @@ def _fuse_graphs(gm: torch.fx.GraphModule, graphs: list, originals: set) -> int:
                 src.kwargs = {**src.kwargs, "activation": act}
             elif acts[src.target] != {act}:
                 continue
-            elif getattr(gm.get_submodule(src.target), "activation", None) is None:  # not by another graph yet
+            elif fused_activation(gm.get_submodule(src.target)) is None:  # not by another graph yet
                 parent, name = _parent(gm, src.target)
                 # under the layer's own name: state_dict keys kept
                 setattr(parent, name, _fused_copy(gm.get_submodule(src.target), act))

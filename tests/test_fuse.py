@@ -13,6 +13,7 @@ import torch.nn.utils.prune
 import gpu_nn
 import gpu_nn.functional as GF
 from gpu_nn import _backend, demo
+from gpu_nn.nn.dense import fused_activation
 
 from helpers import assert_close, backend_params, interpreted_launches
 
@@ -125,7 +126,7 @@ def test_fused_model_computes_the_models_function_and_gradients(name, backend, d
     called = _called(fused)
     for target, act in want.items():
         layer = fused.get_submodule(target)
-        assert type(layer).__module__.startswith("gpu_nn.nn") and layer.activation == act, (target, layer)
+        assert type(layer).__module__.startswith("gpu_nn.nn") and fused_activation(layer) == act, (target, layer)
         assert called[target] == 1
     assert not gone & set(called), called
     acts = {n.target for n in fused.graph.nodes if n.op == "call_module"
@@ -135,7 +136,7 @@ def test_fused_model_computes_the_models_function_and_gradients(name, backend, d
         assert called == {"conv": 2}
     # the model is as it was: the same classes, no activation set on its layers
     assert {k: type(m) for k, m in model.named_modules()} == before
-    assert all(getattr(m, "activation", None) is None for k, m in model.named_modules() if k != "pre")
+    assert all(fused_activation(m) is None for k, m in model.named_modules() if k != "pre")
     # parameters shared, state_dict keys the model's (in the order of the calls)
     assert sorted(fused.state_dict()) == sorted(model.state_dict())
     for k, p in fused.named_parameters():
@@ -389,7 +390,7 @@ def test_a_forward_that_switches_modes_is_refused(switch):
     for ctx in (torch.no_grad, lambda: torch.autocast("cpu", dtype=torch.bfloat16)):
         with ctx():
             fused = gpu_nn.fuse(plain)
-        assert fused.get_submodule("0").activation == "relu"
+        assert fused_activation(fused.get_submodule("0")) == "relu"
         torch.testing.assert_close(fused(x), plain(x))
 
 
@@ -398,7 +399,7 @@ def test_hooked_containers_stay_whole_and_a_hooked_model_is_refused():
     block.register_forward_hook(lambda mod, inp, out: out - 1.0)  # traced through, it would be lost
     model = torch.nn.Sequential(block, torch.nn.Linear(3, 2), torch.nn.Tanh())
     fused = gpu_nn.fuse(model)
-    assert type(fused.get_submodule("0.0")) is torch.nn.Linear and fused.get_submodule("1").activation == "tanh"
+    assert type(fused.get_submodule("0.0")) is torch.nn.Linear and fused_activation(fused.get_submodule("1")) == "tanh"
     _same_function(fused, model, torch.randn(4, 3))
     model.register_forward_pre_hook(lambda mod, inp: (inp[0] + 1,))
     with pytest.raises(ValueError, match="has forward / backward / state_dict hooks"):
@@ -432,7 +433,7 @@ def test_the_fused_copy_has_containers_of_its_own_and_keeps_state_dict_hooks():
     model[0]._register_state_dict_hook(lambda mod, sd, prefix, local: sd.update(
         {k: v.half() for k, v in sd.items() if k.startswith(prefix)}))
     fused = gpu_nn.fuse(model)
-    assert fused.get_submodule("0").activation == "relu"
+    assert fused_activation(fused.get_submodule("0")) == "relu"
     assert {v.dtype for v in fused.state_dict().values()} == {torch.float16}  # the layer's hook kept
     torch.nn.utils.prune.l1_unstructured(fused.get_submodule("0"), "weight", amount=0.5)
     fused.get_submodule("0").register_buffer("calib", torch.ones(1))
@@ -455,7 +456,7 @@ def test_state_dict_keys_are_the_models_with_unused_tied_and_non_persistent_stat
 
     model = M()
     fused = gpu_nn.fuse(model)
-    assert fused.c.activation == "relu"
+    assert fused_activation(fused.c) == "relu"
     assert sorted(fused.state_dict()) == sorted(model.state_dict())
     assert "scale" not in fused.state_dict()
     model.load_state_dict(fused.state_dict())
@@ -497,7 +498,7 @@ def test_containers_with_state_dict_rules_stay_whole():
     model = torch.nn.Sequential(hooked, Half(torch.nn.Linear(3, 3), torch.nn.Tanh()), torch.nn.Linear(3, 2),
                                 torch.nn.Sigmoid())
     fused = gpu_nn.fuse(model)
-    assert fused.get_submodule("2").activation == "sigmoid"  # outside them: fused
+    assert fused_activation(fused.get_submodule("2")) == "sigmoid"  # outside them: fused
     assert type(fused.get_submodule("0.0")) is torch.nn.Linear and type(fused.get_submodule("1.0")) is torch.nn.Linear
     sd, msd = fused.state_dict(), model.state_dict()
     assert sorted(sd) == sorted(msd) and all(sd[k].dtype == msd[k].dtype for k in sd)
@@ -552,7 +553,7 @@ def test_buffers_are_read_when_the_graph_runs_not_when_fused():
     model = Scaled()
     before = set(vars(model))
     fused = gpu_nn.fuse(model)
-    assert fused.l.activation == "relu"
+    assert fused_activation(fused.l) == "relu"
     x = torch.randn(3, 4)
     with torch.no_grad():
         model.log_scale.fill_(1.0)   # a buffer the model computes with, changed after fusing
@@ -614,7 +615,7 @@ def test_the_fused_model_follows_its_training_flag():
     fused = gpu_nn.fuse(model)
     assert {k: m.training for k, m in model.named_modules()} == flags
     assert isinstance(fused, torch.fx.GraphModule) and fused.training
-    assert (fused.l1.activation, fused.out.activation, fused.aux.activation) == ("relu", "tanh", "tanh")
+    assert (fused_activation(fused.l1), fused_activation(fused.out), fused_activation(fused.aux)) == ("relu", "tanh", "tanh")
     assert type(fused.l2) is torch.nn.Linear  # fused in eval mode only: left as it is in both
     x = torch.randn(5, 4)
     assert_close(_run(fused, x), _run(model, x), torch.float32, k=16, what="as fused")
@@ -744,7 +745,7 @@ class BufferShapes(torch.nn.Module):
 def test_a_forward_may_read_its_buffers_sizes():
     model = BufferShapes()
     fused = gpu_nn.fuse(model)
-    assert fused.l.activation == "relu"
+    assert fused_activation(fused.l) == "relu"
     x = torch.randn(2, 4)
     _same_function(fused, model, x)
     with torch.no_grad():

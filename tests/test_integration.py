@@ -14,6 +14,7 @@ import torch.nn as tnn
 
 import gpu_nn
 import gpu_nn.nn as gnn
+from gpu_nn.nn.dense import fused_activation
 from helpers import backend_params
 
 
@@ -100,26 +101,101 @@ def test_convert_not_inplace_leaves_model_alone():
 
 @pytest.mark.parametrize("layer", ["Linear", "Conv1d", "Conv2d", "LazyLinear"])
 @pytest.mark.parametrize("value", ["tanh", "module", None])
-def test_convert_leaves_a_layer_with_its_own_activation_attribute(layer, value):
+def test_convert_takes_a_layer_with_its_own_activation_attribute(layer, value):
     """A torch layer carrying an attribute of its own named ``activation`` (a string kept for a
-    config, a submodule stored beside it, even None): our layers read that name as the epilogue
-    they fuse, so convert leaves it as torch's layer, named in the warning, and the model
-    computes what it did (a string was applied after convert, a module made the forward raise;
-    an audit). A layer of ours keeps taking ``activation=``."""
+    config, a submodule stored beside it, even None) converts like any other, the attribute
+    kept and not read: our layers keep the activation they fuse under a name of ours
+    (``_gpu_nn_activation``). Until then they read ``activation``, so convert left such layers
+    as torch's (a string would have been applied, a module refused)."""
     make = {"Linear": lambda: tnn.Linear(4, 3), "Conv1d": lambda: tnn.Conv1d(4, 3, 1),
             "Conv2d": lambda: tnn.Conv2d(4, 3, 1), "LazyLinear": lambda: tnn.LazyLinear(3)}[layer]
-    x = torch.randn(2, 4, *({"Conv1d": (5,), "Conv2d": (5, 5)}.get(layer, ())))
-    m = make()
-    m.activation = tnn.ReLU() if value == "module" else value
+    x = torch.randn(2, 4, *({"Conv1d": (5,), "Conv2d": (5, 5)}.get(layer, ())), dtype=torch.float64)
+    m = make().double()
+    act = m.activation = tnn.ReLU() if value == "module" else value
     model = tnn.Sequential(m)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # (the lazy layer's warning about its parameters)
         want = model(x)
-    with pytest.warns(UserWarning, match="named 'activation'"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing left as torch's
         gpu_nn.convert(model)
-    assert type(model[0]).__module__.startswith("torch.nn")
-    torch.testing.assert_close(model(x), want)
+    # (the lazy layer became torch.nn.Linear at its first call)
+    assert type(model[0]) is getattr(gnn, layer.replace("Lazy", "")) and model[0].activation is act
+    assert fused_activation(model[0]) is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = model(x)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
+
+def _subclasses_with_an_activation(nn):
+    """Three subclasses of ``nn``'s Linear / Conv2d (torch.nn or gpu_nn.nn) that keep an
+    ``activation`` of their own and apply it after ``super().forward``: a module given to the
+    constructor, a name set in the constructor, a class attribute."""
+
+    class Dense(nn.Linear):
+        def __init__(self, i, o, act=None):
+            super().__init__(i, o)
+            self.activation = act
+
+        def forward(self, x):
+            y = super().forward(x)
+            return self.activation(y) if self.activation is not None else y
+
+    class ConvTanh(nn.Conv2d):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.activation = "tanh"
+
+        def forward(self, x):
+            y = super().forward(x)
+            return torch.tanh(y) if self.activation == "tanh" else y
+
+    class Tagged(nn.Linear):
+        activation = "relu"
+
+        def forward(self, x):
+            y = super().forward(x)
+            return torch.relu(y) if self.activation == "relu" else y
+
+    return Dense, ConvTanh, Tagged
+
+
+def test_a_subclass_of_our_layers_keeps_its_own_activation_attribute():
+    """A model written against ``gpu_nn.nn`` (the drop-in import) whose subclass of Linear or
+    Conv2d keeps an ``activation`` of its own computes what the same code computes with torch.nn
+    (float64, the same weights): our layers once read that attribute as the activation they
+    fuse, so a module there was refused ('unknown activation Tanh()'), a name was applied twice,
+    and a class attribute was hidden behind the instance's None (an audit)."""
+    x = torch.randn(4, 3, dtype=torch.float64)
+    xi = torch.randn(2, 1, 5, 5, dtype=torch.float64)
+    got = {}
+    for nn in (tnn, gnn):
+        Dense, ConvTanh, Tagged = _subclasses_with_an_activation(nn)
+        torch.manual_seed(0)
+        layers = (Dense(3, 2, nn.Tanh()).double(), ConvTanh(1, 2, 3).double(), Tagged(3, 2).double())
+        assert layers[2].activation == "relu"
+        got[nn] = [layers[0](x), layers[1](xi), layers[2](x)]
+    for ours, theirs in zip(got[gnn], got[tnn]):
+        torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("act", ["tanh", None])
+def test_a_layer_pickled_with_activation_as_its_fused_activation_unpickles_fused(act):
+    """A layer pickled by a gpu-nn that kept its fused activation as ``activation`` (simulated:
+    the attribute renamed in the instance's dict) unpickles with it fused, as it was pickled;
+    one of today's pickles and copies round-trip as they are."""
+    torch.manual_seed(0)
+    layer = gnn.Linear(3, 2, activation=act).double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    want = layer(x)
+    old = copy.copy(layer)
+    old.__dict__ = dict(layer.__dict__)
+    old.__dict__["activation"] = old.__dict__.pop("_gpu_nn_activation")
+    for made in (old, layer):
+        back = pickle.loads(pickle.dumps(made))
+        assert fused_activation(back) == act and fused_activation(copy.deepcopy(made)) == act
+        torch.testing.assert_close(back(x), want, rtol=0, atol=0)
 
 @pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
 def test_a_default_device_elsewhere_leaves_our_internals_on_the_operands_device(backend, device):
@@ -1485,7 +1561,7 @@ def test_revert_gives_torchs_layers_back():
     assert {n: type(m) for n, m in model.named_modules()} == classes
     assert all(m is objects[n] for n, m in model.named_modules())
     assert all(p is params[n] for n, p in model.named_parameters())
-    assert not any("activation" in m.__dict__ for m in model.modules())
+    assert not any("_gpu_nn_activation" in m.__dict__ for m in model.modules())
     torch.testing.assert_close(model(x, s, r), want, rtol=0, atol=0)
     scripted = torch.jit.script(model.cnn)
     torch.testing.assert_close(scripted(x, s), model.cnn(x, s), rtol=0, atol=0)
@@ -1505,7 +1581,7 @@ def test_revert_of_layers_built_as_ours_and_not_inplace():
         copy_ = gpu_nn.revert(model, inplace=False)
     assert copy_ is not model and type(model[0]) is gnn.Conv2d and type(copy_[0]) is tnn.Conv2d
     assert [type(m) for m in copy_] == [tnn.Conv2d, tnn.ReLU, tnn.Flatten, tnn.LazyLinear, tnn.GRU]
-    assert "activation" not in copy_[0].__dict__ and model[0].activation is None  # (ours: None, kept)
+    assert "_gpu_nn_activation" not in copy_[0].__dict__ and fused_activation(model[0]) is None  # (ours: None, kept)
     y = copy_[:4](x)
     assert type(copy_[3]) is tnn.Linear
     twin = tnn.GRU(4, 2)

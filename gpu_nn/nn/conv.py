@@ -6,8 +6,9 @@ forward differs. A ``padding_mode`` other than ``'zeros'`` (``'reflect'``, ``'re
 ``'circular'``) pads the input as torch's layers do, with ``torch.nn.functional.pad`` (a copy of
 the input, padded; torch's own kernel), and convolves that without padding.
 As ``Linear``, both take a keyword-only ``activation=None`` ('relu', 'sigmoid', 'tanh') fused
-after the bias (not a parameter or buffer: state_dicts stay interchangeable with torch's);
-:func:`gpu_nn.fuse` sets it on a model's convolution -> activation pairs.
+after the bias (not a parameter or buffer: state_dicts stay interchangeable with torch's; kept
+under a name of ours, :class:`~gpu_nn.nn.dense.FusesActivation`); :func:`gpu_nn.fuse` sets it on
+a model's convolution -> activation pairs.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from torch import Tensor
 
 from ..ops import conv as _conv
 from ._jit import NotScriptable
-from .dense import BecomesOurs, activation_repr, checked_activation
+from .dense import BecomesOurs, FusesActivation, activation_repr, checked_activation
 
 __all__ = ["Conv1d", "Conv2d", "LazyConv1d", "LazyConv2d"]
 
@@ -35,37 +36,37 @@ def _padded(module, input: Tensor):
             (0,) * len(module.kernel_size))
 
 
-class Conv1d(NotScriptable, torch.nn.Conv1d):
+class Conv1d(FusesActivation, NotScriptable, torch.nn.Conv1d):
     """As ``torch.nn.Conv1d`` (input [N, C, L] or [C, L]); any padding_mode; plus
     ``activation`` (ours only, keyword-only, default None) fused after the bias."""
 
     def __init__(self, *args, **kwargs):
         act = checked_activation("Conv1d", kwargs.pop("activation", None))
         super().__init__(*args, **kwargs)
-        self.activation = act
+        self._gpu_nn_activation = act
 
     def forward(self, input: Tensor) -> Tensor:
         x, padding = _padded(self, input)
         return _conv.conv1d(x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups,
-                             activation=getattr(self, "activation", None))
+                             activation=self._gpu_nn_activation)
 
     def extra_repr(self) -> str:
         return activation_repr(self, super().extra_repr())
 
 
-class Conv2d(NotScriptable, torch.nn.Conv2d):
+class Conv2d(FusesActivation, NotScriptable, torch.nn.Conv2d):
     """As ``torch.nn.Conv2d`` (input [N, C, H, W] or [C, H, W]); any padding_mode; plus
     ``activation`` (ours only, keyword-only, default None) fused after the bias."""
 
     def __init__(self, *args, **kwargs):
         act = checked_activation("Conv2d", kwargs.pop("activation", None))
         super().__init__(*args, **kwargs)
-        self.activation = act
+        self._gpu_nn_activation = act
 
     def forward(self, input: Tensor) -> Tensor:
         x, padding = _padded(self, input)
         return _conv.conv2d(x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups,
-                             activation=getattr(self, "activation", None))
+                             activation=self._gpu_nn_activation)
 
     def extra_repr(self) -> str:
         return activation_repr(self, super().extra_repr())

@@ -4,7 +4,7 @@ Subclasses of the torch modules (same constructor arguments, parameters, initial
 ``extra_repr`` and ``state_dict``), whose ``forward`` calls :mod:`gpu_nn.functional`. Only
 ``Linear`` adds something: a keyword-only ``activation=None`` ('relu', 'sigmoid', 'tanh')
 fused into the matmul epilogue; it is not a parameter or buffer, so state_dicts stay
-interchangeable with torch's.
+interchangeable with torch's, and it is kept under a name of ours (:class:`FusesActivation`).
 """
 
 from __future__ import annotations
@@ -45,13 +45,41 @@ def checked_activation(layer: str, activation):
     return activation
 
 
+ACTIVATION_ATTR = "_gpu_nn_activation"
+
+
+def fused_activation(module) -> str | None:
+    """The activation ``module`` fuses after its bias (one of our Conv1d / Conv2d / Linear), or
+    None (none fused, or any other module)."""
+    return getattr(module, ACTIVATION_ATTR, None)
+
+
+class FusesActivation:
+    """Our Conv1d / Conv2d / Linear's fused activation (None, 'relu', 'sigmoid', 'tanh': the
+    constructor's ``activation=``, or :func:`gpu_nn.fuse`'s) is the attribute
+    ``_gpu_nn_activation`` (the class's None where an instance has none: a lazy layer that became
+    ours), not ``activation``. torch's layers read no ``activation``, so a user's subclass of the
+    drop-in layer may keep one of its own (a module or a name it applies itself after
+    ``super().forward``, or a class attribute): under that name ours would have applied a name a
+    second time, refused a module and hidden a class attribute behind its instance's None."""
+
+    _gpu_nn_activation: str | None = None
+
+    def __setstate__(self, state):
+        # pickled by a gpu-nn that kept the fused activation as ``activation``
+        if ACTIVATION_ATTR not in state and state.get("activation") in ACTIVATIONS[1:]:
+            state = dict(state)
+            state[ACTIVATION_ATTR] = state.pop("activation")
+        super().__setstate__(state)
+
+
 def activation_repr(module, s: str) -> str:
     """``s`` (torch's extra_repr) with ``activation=`` added where the layer has one."""
-    act = getattr(module, "activation", None)
+    act = fused_activation(module)
     return s + (f", activation={act!r}" if act is not None else "")
 
 
-class Linear(NotScriptable, torch.nn.Linear):
+class Linear(FusesActivation, NotScriptable, torch.nn.Linear):
     """torch.nn.Linear: y = x W^T + b, W [out_features, in_features], b [out_features];
     plus ``activation`` (ours only, keyword-only, default None) fused into the epilogue."""
 
@@ -59,10 +87,10 @@ class Linear(NotScriptable, torch.nn.Linear):
                  activation: str | None = None) -> None:
         checked_activation("Linear", activation)
         super().__init__(in_features, out_features, bias, device, dtype)
-        self.activation = activation
+        self._gpu_nn_activation = activation
 
     def forward(self, input: Tensor) -> Tensor:
-        return F.linear(input, self.weight, self.bias, activation=getattr(self, "activation", None))
+        return F.linear(input, self.weight, self.bias, activation=self._gpu_nn_activation)
 
     def extra_repr(self) -> str:
         return activation_repr(self, super().extra_repr())
