@@ -144,6 +144,29 @@ def test_state_dict_swap_mid_run(name, kw, direction):
     assert _max_err(mc, mb) <= 1e-10
 
 
+@pytest.mark.parametrize("default", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name,fused", [(n, False) for n in ("Adam", "AdamW", "Adagrad", "RMSprop", "Adadelta")]
+                         + [(n, True) for n in ("Adam", "AdamW", "Adagrad")])  # (torch's fused ones)
+def test_step_count_dtype_and_device_as_torchs(name, fused, default):
+    """A new state's step count has torch's dtype and device: the default dtype's on the CPU, but
+    float32 in a fused group whatever the default (torch's _get_scalar_dtype(is_fused=True));
+    ours was float64 under set_default_dtype(float64) with fused=True (an audit)."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(default)
+    try:
+        steps = []
+        for mod in (go, torch.optim):
+            p = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+            opt = getattr(mod, name)([p], **({"fused": True} if fused else {}))
+            p.grad = torch.full_like(p, 0.5)
+            opt.step()
+            steps.append(opt.state[p]["step"])
+    finally:
+        torch.set_default_dtype(before)
+    ours, theirs = steps
+    assert (ours.dtype, ours.device, ours.shape, float(ours)) == (theirs.dtype, theirs.device, theirs.shape, 1.0)
+
+
 @pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("name,kw", CONFIGS, ids=IDS)

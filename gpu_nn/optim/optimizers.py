@@ -434,11 +434,12 @@ class _Base(Optimizer):
                 self.state[p][k] = v.to(device=p.device)
 
     # -- state helpers -------------------------------------------------------------------
-    def _new_step(self, p: Tensor) -> Tensor:
+    def _new_step(self, p: Tensor, fused=False) -> Tensor:
         # a CPU or meta parameter's on the CPU whatever torch.set_default_device says (torch's
-        # non-fused steps keep it there; a meta one counts the steps too, as torch's)
+        # non-fused steps keep it there; a meta one counts the steps too, as torch's), in float32
+        # for a fused group as torch's (_get_scalar_dtype(is_fused=True)), else the default's
         if p.device.type in ("cpu", "meta"):
-            return torch.tensor(0.0, dtype=_scalar_dtype(), device="cpu")
+            return torch.tensor(0.0, dtype=torch.float32 if fused else _scalar_dtype(), device="cpu")
         return torch.zeros((), dtype=torch.float32, device=p.device)
 
     def _fix_step(self, state, p: Tensor) -> Tensor:
@@ -688,7 +689,7 @@ class Adagrad(_Base):
         for group in self.param_groups:
             for p in group["params"]:
                 state = self.state[p]
-                state["step"] = self._new_step(p)
+                state["step"] = self._new_step(p, group.get("fused"))
                 self._buf(state, "sum", p, initial_accumulator_value)
 
     def share_memory(self) -> None:
@@ -702,7 +703,7 @@ class Adagrad(_Base):
         for p in params:
             state = self.state[p]
             if "step" not in state:
-                state["step"] = self._new_step(p)
+                state["step"] = self._new_step(p, group.get("fused"))
             steps.append(self._fix_step(state, p))
             sums.append(self._buf(state, "sum", p, self.defaults["initial_accumulator_value"]))
         return dict(step=steps, sum=sums)
@@ -745,7 +746,7 @@ class Adadelta(_Base):
         for p in params:
             state = self.state[p]
             if len(state) == 0:
-                state["step"] = self._new_step(p)
+                state["step"] = self._new_step(p, group.get("fused"))
             steps.append(self._fix_step(state, p))
             sq.append(self._buf(state, "square_avg", p))
             acc.append(self._buf(state, "acc_delta", p))
@@ -793,7 +794,7 @@ class RMSprop(_Base):
         for p in params:
             state = self.state[p]
             if len(state) == 0:
-                state["step"] = self._new_step(p)
+                state["step"] = self._new_step(p, group.get("fused"))
             steps.append(self._fix_step(state, p))
             sq.append(self._buf(state, "square_avg", p))
             mb.append(self._buf(state, "momentum_buffer", p) if group["momentum"] > 0 else None)
@@ -863,7 +864,7 @@ class Adam(_Base):
         for p in params:
             state = self.state[p]
             if len(state) == 0:
-                state["step"] = self._new_step(p)
+                state["step"] = self._new_step(p, group.get("fused"))
             steps.append(self._fix_step(state, p))
             m.append(self._buf(state, "exp_avg", p))
             v.append(self._buf(state, "exp_avg_sq", p))
