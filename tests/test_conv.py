@@ -2870,6 +2870,26 @@ def test_module_padding_modes_on_each_backend(mode, backend, device, rng):
         assert_close(ours(x), torch.relu(theirs(x)), torch.float32, 30)
 
 
+@pytest.mark.parametrize("case", [
+    ("Conv2d", dict(padding=3, padding_mode="reflect"), (1, 3, 3, 3)),  # reflection past the input
+    ("Conv2d", dict(padding=4, padding_mode="circular"), (1, 3, 3, 3)),  # wrapping more than once
+    ("Conv1d", dict(padding=1, padding_mode="reflect"), (1, 1, 3, 5)),  # 4-D: NotImplementedError
+    ("Conv1d", dict(padding=1, padding_mode="reflect"), (1, 3, 0)),  # an empty length
+    ("Conv2d", dict(padding=1, padding_mode="replicate"), None),  # a list: TypeError
+], ids=["reflect-past", "circular-twice", "reflect-4d", "reflect-empty", "replicate-list"])
+def test_module_padding_mode_bad_input_is_our_error_in_torchs_words(case):
+    """Bad input that a layer of another padding_mode refuses in its F.pad (torch's layer refuses
+    it there too) raises our error of torch's kind (KernelInputError, ...TypeError,
+    ...NotImplementedError) in torch's words; it escaped as torch's own error (an audit)."""
+    name, kw, shape = case
+    x = [[1.0]] if shape is None else torch.randn(*shape)
+    theirs = getattr(torch.nn, name)(3, 4, 3, **kw)
+    ours = getattr(gpu_nn.nn, name)(3, 4, 3, **kw)
+    want, got = _outcome(lambda: theirs(x)), _outcome(lambda: ours(x))
+    assert want[0] is not None and issubclass(got[0], (gpu_nn.KernelInputError, want[0])), (want, got)
+    assert issubclass(got[0], gpu_nn.KernelInputError) and issubclass(got[0], want[0]) and got[1] == want[1], (want, got)
+
+
 # --- torch's checks, in torch's order and wording (issues 18.3, 19.6, 19.9) -------------------
 
 

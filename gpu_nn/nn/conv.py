@@ -18,6 +18,8 @@ import inspect
 import torch
 from torch import Tensor
 
+from .._errors import (KernelInputError, KernelInputIndexError, KernelInputNotImplementedError,
+                       KernelInputTypeError)
 from ..ops import conv as _conv
 from ._jit import NotScriptable
 from .dense import BecomesOurs, FusesActivation, activation_repr, checked_activation
@@ -32,8 +34,20 @@ def _padded(module, input: Tensor):
     twice) and no padding."""
     if module.padding_mode == "zeros":
         return input, module.padding
-    return (torch.nn.functional.pad(input, module._reversed_padding_repeated_twice, mode=module.padding_mode),
-            (0,) * len(module.kernel_size))
+    try:
+        padded = torch.nn.functional.pad(input, module._reversed_padding_repeated_twice, mode=module.padding_mode)
+    except KernelInputError:
+        raise
+    except (NotImplementedError, TypeError, IndexError, RuntimeError, ValueError) as exc:
+        # bad input torch's layer refuses in the same F.pad: its words, as our error of that kind
+        raise _AS_OURS[next(t for t in _AS_OURS if isinstance(exc, t))](str(exc)) from None
+    return padded, (0,) * len(module.kernel_size)
+
+
+# torch's error classes -> ours, the more specific first (NotImplementedError is a RuntimeError;
+# a ValueError is our KernelInputError too)
+_AS_OURS = {NotImplementedError: KernelInputNotImplementedError, TypeError: KernelInputTypeError,
+            IndexError: KernelInputIndexError, RuntimeError: KernelInputError, ValueError: KernelInputError}
 
 
 class Conv1d(FusesActivation, NotScriptable, torch.nn.Conv1d):
