@@ -757,6 +757,51 @@ def test_cross_entropy_weight_requiring_grad_as_torch(reduction, smoothing):
         torch.testing.assert_close(F.cross_entropy(x, idx, ws), TF.cross_entropy(x, idx, ws), rtol=1e-12, atol=0)
 
 
+_CE_ORDER_INPUTS = {  # (input shape, target shape, target dtype) of class-index targets, C = 5
+    "2d": ((3, 5), (3,), torch.int64), "3d": ((3, 5, 4), (3, 4), torch.int64),
+    "4d": ((3, 5, 4, 2), (3, 4, 2), torch.int64), "5d": ((3, 5, 4, 2, 2), (3, 4, 2, 2), torch.int64),
+    "unbatched": ((5,), (), torch.int64), "2d-target-rank": ((3, 5), (3, 2), torch.int64),
+    "4d-target-rank": ((3, 5, 4, 2), (3, 4), torch.int64), "4d-target-size": ((3, 5, 4, 2), (3, 4, 3), torch.int64),
+    "3d-target-size": ((3, 5, 4), (3, 5), torch.int64), "batch": ((3, 5), (2,), torch.int64),
+    "target-int32": ((3, 5), (3,), torch.int32),
+}
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
+@pytest.mark.parametrize("wshape,wdtype", [((5,), torch.float32), ((6,), torch.float32), ((5,), torch.float64),
+                                           ((1, 5), torch.float32)], ids=["w", "w-size", "w-dtype", "w-2d"])
+@pytest.mark.parametrize("case", list(_CE_ORDER_INPUTS))
+def test_cross_entropy_weight_requiring_grad_refused_in_torchs_order(case, wshape, wdtype, grad):
+    """Class-index targets with a weight that requires grad: torch refuses the weight's gradient
+    where its nll_loss autograd kernel is entered, after the batch check (and, for a rank that is
+    reshaped, the target size) but before the kernel's checks of the target's rank, sizes and
+    dtype and of the weight; naming nll_loss2d_forward for every input of rank 3 and up. Ours
+    checked those first and always named nll_loss_forward (an audit). The same error type and
+    words as torch's, or the same values where torch computes (under no_grad)."""
+    if case == "target-int32" and not grad and torch.__version__ < (2, 13):
+        pytest.skip("torch before 2.13 refuses an int32 target after the weight's checks, in other words ('expected "
+                    "scalar type Long but found Int'); ours has 2.13's order and words")
+    xshape, tshape, tdtype = _CE_ORDER_INPUTS[case]
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(*xshape, generator=g)
+    t = torch.randint(0, 5, tshape, generator=g).to(tdtype)
+    w = (torch.rand(*wshape, generator=g) + 0.1).to(wdtype).requires_grad_()
+    outcomes = []
+    for f in (F.cross_entropy, TF.cross_entropy):
+        with torch.set_grad_enabled(grad):
+            try:
+                outcomes.append(("value", f(x, t, w).detach()))
+            except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+                outcomes.append((type(exc), str(exc)))
+    (kind, got), (want_kind, want) = outcomes
+    if want_kind == "value":
+        assert kind == "value", got
+        torch.testing.assert_close(got, want)
+    else:
+        assert kind != "value" and issubclass(kind, gpu_nn.KernelInputError) and issubclass(kind, want_kind)
+        assert got == want
+
+
 # class indices with a [4, 0, 3] input are left out: torch itself fails there ('size mismatch' in
 # its nll_loss2d), so there is nothing to compare
 @pytest.mark.parametrize("shape,prob", [((4, 0), True), ((4, 0, 3), True), ((0,), True), ((4, 0), False), ((0,), False)])
@@ -1581,6 +1626,8 @@ _DENSE_TYPE_CASES = [
     ("log_softmax", lambda M, x: M.log_softmax(x, dim=1.9)),
     ("softmax dtype str", lambda M, x: M.softmax(x, 1, dtype="float")),
     ("log_softmax dtype numpy", lambda M, x: M.log_softmax(x, 1, dtype=__import__("numpy").float32)),
+    ("softmax dtype list", lambda M, x: M.softmax(x, 1, dtype=[torch.float64])),  # (unhashable: an audit)
+    ("log_softmax dtype dict", lambda M, x: M.log_softmax(x, 1, dtype={})),
     ("cross_entropy ignore_index", lambda M, x: M.cross_entropy(x, torch.tensor([1, 2, 0]), ignore_index=1.5)),
     ("cross_entropy ignore_index str", lambda M, x: M.cross_entropy(x, torch.tensor([1, 2, 0]), ignore_index="1")),
     ("cross_entropy label_smoothing str", lambda M, x: M.cross_entropy(x, torch.tensor([1, 2, 0]), label_smoothing="0.1")),

@@ -1017,7 +1017,7 @@ def _softmax_public(name, op, input, dim, _stacklevel, dtype):
         raise _torchs_error(name, input.dim(), dim, dtype,
                             f"{name}(): argument 'dim' (position 1) must be int, not {type_name(dim)}")
     if dtype is not None and not isinstance(dtype, torch.dtype):
-        if dtype not in _PY_DTYPES:
+        if not isinstance(dtype, type) or dtype not in _PY_DTYPES:  # (a list is not hashable)
             raise _torchs_error(name, input.dim(), dim, dtype,
                                 f"{name}(): argument 'dtype' must be torch.dtype, not {type_name(dtype)}")
         dtype = _PY_DTYPES[dtype]
@@ -1620,6 +1620,17 @@ _cross_entropy_op.register_vmap_fold(_ce_fold)
 _cross_entropy_backward_op.register_vmap_fold(_ce_backward_fold)
 
 
+def _refuse_weight_grad(input, weight) -> None:
+    """torch's nll_loss has no gradient for its weight and says so where its autograd kernel is
+    entered (nll_loss_forward for an input of rank <= 2, nll_loss2d_forward for the others,
+    reshaped to 4-D), before that kernel's own checks of the target and the weight (grad mode
+    on; under no_grad it computes)."""
+    if weight is not None and weight.requires_grad and torch.is_grad_enabled():
+        name = "nll_loss_forward" if input.dim() <= 2 else "nll_loss2d_forward"
+        raise KernelInputError(f"The function '{name}' is not differentiable with respect to argument 'weight'. "
+                               "This input cannot have requires_grad True.")
+
+
 def _check_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing):
     check_tensor("cross_entropy_loss", "input", input, 1)
     check_tensor("cross_entropy_loss", "target", target, 2)
@@ -1657,28 +1668,32 @@ def _check_cross_entropy(input, target, weight, ignore_index, reduction, label_s
                                    f"no classes but got weight tensor of shape: {list(weight.shape)}")
         return True
     if input.dim() == 1:
+        _refuse_weight_grad(input, weight)
         if target.dim() != 0:
             raise KernelInputError("0D target tensor expected for an unbatched [C] input (gpu_nn does not accept the "
                                    "[1]-shaped target that torch's forward alone tolerates)")
     else:
         # torch's nll_loss_nd: the batch sizes first (a 0-d target's: 0), then a 2-D input goes to
         # nll_loss, a 4-D one to nll_loss2d (its target rank, then its sizes), any other rank to
-        # the reshaped path (the target size)
+        # the reshaped path (the target size first); the weight's gradient refused on entering
+        # either (_refuse_weight_grad)
         batch = target.shape[0] if target.dim() else 0
         require(batch == input.shape[0],
                   lambda: f"Expected input batch_size ({input.shape[0]}) to match target batch_size ({batch}).")
+        if input.dim() not in (2, 4) and tuple(target.shape[1:]) != tuple(input.shape[2:]):
+            raise KernelInputError(f"Expected target size {[input.shape[0], *input.shape[2:]]}, got {list(target.shape)}")
+        _refuse_weight_grad(input, weight)
         if input.dim() == 2:
             if target.dim() != 1:
                 raise KernelInputError("0D or 1D target tensor expected, multi-target not supported")
-        elif input.dim() == 4 and target.dim() != 3:
-            raise KernelInputError(
-                f"only batches of spatial targets supported (3D tensors) but got targets of dimension: {target.dim()}")
-        elif tuple(target.shape[1:]) != tuple(input.shape[2:]):
-            if input.dim() == 4:
+        elif input.dim() == 4:
+            if target.dim() != 3:
+                raise KernelInputError(
+                    f"only batches of spatial targets supported (3D tensors) but got targets of dimension: {target.dim()}")
+            if tuple(target.shape[1:]) != tuple(input.shape[2:]):
                 if weight is not None and weight.numel() != C:  # nll_loss2d checks the weight first
                     raise KernelInputError("weight tensor should be defined either for all or no classes")
                 raise KernelInputError(f"size mismatch (got input: {list(input.shape)} , target: {list(target.shape)}")
-            raise KernelInputError(f"Expected target size {[input.shape[0], *input.shape[2:]]}, got {list(target.shape)}")
     if target.dtype not in (torch.int64, torch.uint8):
         raise KernelInputError(f"expected target dtype to be Long or Byte, but got {scalar_type_name(target.dtype)}")
     if weight is not None:
@@ -1749,11 +1764,9 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, s
     if input.shape[cdim] == 0:
         return _ce_no_class(input, target, prob, reduction, int(ignore_index), cdim)
     if weight is not None and weight.requires_grad and torch.is_grad_enabled():
-        if not prob:  # torch's nll_loss has no weight gradient, and says so at the forward
-            raise KernelInputError("The function 'nll_loss_forward' is not differentiable with respect to argument "
-                                   "'weight'. This input cannot have requires_grad True.")
-        # a weight to learn (probability targets): torch differentiates its composite loss, so
-        # do we, through our log_softmax and torch's elementwise math
+        # a weight to learn (probability targets; class indices refused it: _refuse_weight_grad):
+        # torch differentiates its composite loss, so do we, through our log_softmax and torch's
+        # elementwise math
         return _ce_compose(input, target, weight, reduction, int(ignore_index), float(label_smoothing))
     if not prob and target.dtype != torch.int64:
         target = target.long()
