@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import importlib.resources
 import json
 import os
@@ -436,8 +437,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--subset", type=count(1), help="train on only the first N training images")
     parser.add_argument("--seed", type=count(0), default=0, help="initial weights and batch order (default %(default)s)")
     parser.add_argument("--threads", type=count(1), default=1,
-                        help="torch CPU threads (default %(default)s: the models are tiny, and fanning each small "
-                             "op out over threads costs more than it saves, badly so on a busy machine)")
+                        help="CPU threads of torch and of NumPy's BLAS (the reference fallback's matrix products) "
+                             "(default %(default)s: the models are tiny, and fanning each small op out over threads "
+                             "costs more than it saves, badly so on a busy machine)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile both models the same way (see --compile-backend / --compile-mode)")
     parser.add_argument("--compile-backend", default="inductor",
@@ -457,6 +459,51 @@ def add_arguments(parser) -> None:
                         help="build 'ours' from gpu_nn (default) or, as a self-check of the demo itself, from torch")
 
 
+# NumPy's bundled OpenBLAS (its wheels' numpy.libs, or numpy/.dylibs on macOS): the thread
+# setters a build may export, each with its getter (set -> get)
+_BLAS_SETTERS = ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads",
+                 "openblas_set_num_threads64_", "openblas_set_num_threads")
+
+
+@functools.lru_cache(maxsize=1)
+def _numpy_openblas():
+    """(set, get) of the OpenBLAS threads of the library NumPy's wheel bundles (opened by its path:
+    the copy NumPy has loaded), or None (another BLAS, a NumPy built otherwise)."""
+    import ctypes
+    import glob
+
+    base = os.path.dirname(np.__file__)
+    for path in sorted(glob.glob(os.path.join(base + ".libs", "*openblas*"))
+                       + glob.glob(os.path.join(base, ".dylibs", "*openblas*"))):
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for name in _BLAS_SETTERS:
+            setter = getattr(lib, name, None)
+            getter = getattr(lib, name.replace("_set_", "_get_"), None)
+            if setter is not None and getter is not None:
+                setter.argtypes, setter.restype = [ctypes.c_int], None
+                getter.argtypes, getter.restype = [], ctypes.c_int
+                return setter, getter
+    return None
+
+
+def numpy_blas_threads(n: int) -> int | None:
+    """Set the threads of NumPy's BLAS (the reference fallback's matrix products) to ``n``; the
+    count before, or None where that BLAS is not found (left alone). ``torch.set_num_threads``
+    leaves it be: on a 2-core machine with one core busy, its two threads waiting on each other
+    made the demo's reference LSTM and GRU 10-17x slower per epoch (CNN unchanged; an audit:
+    119.8 s in all against 12.2 s with OPENBLAS_NUM_THREADS=1; the LSTM alone, 3 epochs, 2.27 s
+    an epoch against 0.21 s capped by this)."""
+    blas = _numpy_openblas()
+    if blas is None:
+        return None
+    before = blas[1]()
+    blas[0](int(n))
+    return before
+
+
 def _write_json(path: str, results: dict) -> None:
     """``results`` to ``path``, whole or not at all (a reader never sees half a file)."""
     from .kernels import replace_file
@@ -465,14 +512,23 @@ def _write_json(path: str, results: dict) -> None:
 
 
 def run(args) -> int:
-    from rich.console import Console
-
-    from . import _backend
-
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("gpu-nn demo: --device cuda but torch sees no CUDA device")
     torch.set_num_threads(args.threads)
+    blas_before = numpy_blas_threads(args.threads)
+    try:
+        return _run(args, device)
+    finally:
+        if blas_before is not None:
+            numpy_blas_threads(blas_before)
+
+
+def _run(args, device: str) -> int:
+    from rich.console import Console
+
+    from . import _backend
+
     if args.compile:
         from torch import _dynamo
 
