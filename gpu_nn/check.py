@@ -353,7 +353,8 @@ def submission_order(jobs) -> list[int]:
 def default_workers() -> int:
     """Workers for ``gpu-nn check``: on a GPU most of a first run is kernel compilation, which
     is CPU work that parallelises across processes; under the interpreter (no GPU) the work
-    is the interpreter itself, and CI machines have two cores, so one process."""
+    is the interpreter itself, and CI machines have two cores, so one process. On a GPU, one per
+    core but one (the parent, which hands out the jobs and prints), at most 16."""
     if not torch.cuda.is_available():
         return 1
     return max(1, min(16, (os.cpu_count() or 2) - 1))

@@ -141,8 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", type=output_path, help="write the rows to this JSON file")
     sp.add_argument("--no-progress", action="store_true")
     sp.add_argument("--workers", type=count(1), default=None,
-                    help="processes to spread the checks over (default: one per CPU core up to 16 on a GPU "
-                         "machine, where kernel compilation dominates; 1 without a GPU)")
+                    help="processes to spread the checks over (default: one per CPU core but one, at most 16, on a "
+                         "GPU machine, where kernel compilation dominates; 1 without a GPU)")
     sp.set_defaults(func=cmd_check)
     for name, (mod_name, help_text) in SUBCOMMANDS.items():
         mod = importlib.import_module(mod_name)
