@@ -195,15 +195,23 @@ def _hooked(m: torch.nn.Module) -> bool:
                 or g._global_backward_hooks or g._global_backward_pre_hooks)
 
 
+def _own_forward(m: torch.nn.Module) -> bool:
+    """Whether ``m`` runs a forward of the instance's own (an assigned ``forward`` or
+    ``__call__``, or Module.compile's), not its class's."""
+    return "forward" in m.__dict__ or "__call__" in m.__dict__ or m.__dict__.get("_compiled_call_impl") is not None
+
+
 def _activation_of(node: torch.fx.Node, module):
     """The activation ``node`` applies to its first argument ('relu', 'sigmoid', 'tanh'), or None
-    when it is not one of them or takes anything beyond its input (and ``inplace``)."""
+    when it is not one of them or takes anything beyond its input (and ``inplace``); a module
+    with a forward of its own computes whatever that does (fused, it was relu all the same)."""
     extra_args = node.args[1:]
     kw = dict(node.kwargs)
     if node.op == "call_module":
         m = module(node.target)
         act = _ACT_MODULES.get(type(m))
-        return act if act is not None and not extra_args and not kw and not _hooked(m) else None
+        return (act if act is not None and not extra_args and not kw and not _hooked(m) and not _own_forward(m)
+                else None)
     if node.op == "call_function":
         act = _ACT_FUNCTIONS.get(node.target)
         inplace = kw.pop("inplace", extra_args[0] if extra_args else False)
@@ -226,7 +234,7 @@ def _fusable_layer(node: torch.fx.Node, module):
         return None
     # a forward of the instance's own (or Module.compile's) would run the layer without its
     # activation in the copy
-    if "forward" in m.__dict__ or "__call__" in m.__dict__ or m.__dict__.get("_compiled_call_impl") is not None:
+    if _own_forward(m):
         return None
     return m
 

@@ -428,6 +428,35 @@ def test_layers_with_a_forward_of_their_own_stay():
     _same_function(fused, model, torch.randn(3, 4))
 
 
+def test_activation_modules_with_a_forward_of_their_own_stay():
+    """An activation module whose instance has a forward of its own (assigned, bound with
+    MethodType, or Module.compile's) computes what that does, not its class's activation: the
+    pair stays unfused (it was fused as the class's relu / sigmoid, an audit: (W x + b) * 2
+    became relu(W x + b)); torch.fx calls the instance's forward, as the model does."""
+    import types
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Conv1d(1, 1, 1),
+                                gpu_nn.nn.Sigmoid(), torch.nn.Linear(3, 3), torch.nn.Tanh())
+    model[1].forward = lambda t: t * 2.0
+    model[3].forward = types.MethodType(lambda self, t: torch.tanh(t), model[3])
+    model[5].compile(backend="eager")
+
+    class Wrap(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = model
+
+        def forward(self, x):
+            h = self.m[1](self.m[0](x))
+            h = self.m[3](self.m[2](h[:, None, :3]))[:, 0]
+            return self.m[5](self.m[4](h))
+
+    root = Wrap().double()
+    fused = gpu_nn.fuse(root)
+    assert not any(fused_activation(m) for m in fused.modules())
+    _same_function(fused, root, torch.randn(2, 4, dtype=torch.float64))
+
+
 def test_the_fused_copy_has_containers_of_its_own_and_keeps_state_dict_hooks():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
     model[0]._register_state_dict_hook(lambda mod, sd, prefix, local: sd.update(
