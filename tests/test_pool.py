@@ -987,6 +987,28 @@ _TYPE_CASES = [
 ]
 
 
+_MODULE_TYPE_CASES = [dict(ceil_mode=1), dict(count_include_pad=None), dict(divisor_override=1.5),
+                      dict(kernel_size=2.0), dict(stride=1.5), dict(padding=(0.5, 0)), dict(kernel_size="2"),
+                      dict(kernel_size=(2, 2.5))]
+
+
+@pytest.mark.parametrize("layer,kw", [(n, c) for n in ("AvgPool1d", "AvgPool2d") for c in _MODULE_TYPE_CASES
+                                       if n == "AvgPool2d" or "divisor_override" not in c],  # (2-d only)
+                         ids=str)
+def test_avg_pool_layers_word_a_bad_argument_as_torchs_layers(layer, kw, rng):
+    """torch's AvgPool layers pass their arguments to its parser's avg_pool* by position, which
+    then names the position of a bad one ("argument 'ceil_mode' (position 5) must be bool");
+    ours say the same, type and words (the flags and divisor_override lacked the position, an
+    audit: our functional forms word them as the usual keyword call)."""
+    k = {"kernel_size": 2, **kw}
+    x = torch.from_numpy(rng.standard_normal((1, 2, 8, 8) if layer.endswith("2d") else (1, 2, 8)))
+    with pytest.raises(TypeError) as theirs:
+        getattr(torch.nn, layer)(**k)(x)
+    with pytest.raises(gpu_nn.KernelInputError) as ours:
+        getattr(gpu_nn.nn, layer)(**k)(x)
+    assert isinstance(ours.value, TypeError) and str(ours.value) == str(theirs.value)
+
+
 @pytest.mark.parametrize("name,args,kwargs", _TYPE_CASES, ids=[f"{c[0]}-{c[1]}-{c[2]}" for c in _TYPE_CASES])
 def test_non_int_arguments_raise_torchs_type_error(name, args, kwargs, rng):
     """A float, string or bool where torch wants ints is torch's TypeError, never coerced."""
