@@ -20,6 +20,7 @@ import torch
 
 import gpu_nn
 import gpu_nn.functional as F
+import gpu_nn.nn as gnn
 from gpu_nn import _backend, check
 from gpu_nn.ops import _dispatch
 from gpu_nn.ops import pool as _pool
@@ -641,6 +642,46 @@ def test_backward_in_another_thread_runs_on_the_forwards_backend(monkeypatch):
         want = torch.autograd.grad(F.log_softmax(y2.flatten(1), 1).sum(), [xc, wc])
     for a, b in zip((g.cpu() for g in box["g"]), want):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@needs_triton
+@pytest.mark.parametrize("layer", ["LSTM", "GRU", "RNN", "LSTMCell"])
+def test_double_backward_in_another_thread_runs_on_the_forwards_backend(layer, monkeypatch):
+    """The second derivative of a recurrent layer (the sequence layers' recomputed forward, of our
+    linear and activation ops) runs on the backend its forward ran on, from a thread that sees no
+    block: the sequence layers' took the thread's (an audit: an LSTM under 'triton' recomputed on
+    'reference'), the cells' already stayed."""
+    calls = []
+    resolve = _backend.resolve
+
+    def spy(op, device, have, *a, **k):
+        got = resolve(op, device, have, *a, **k)
+        calls.append((op, got))
+        return got
+
+    monkeypatch.setattr(_backend, "resolve", spy)
+    torch.manual_seed(0)
+    mod = getattr(gnn, layer)(2, 3)
+    x = torch.randn(*((1, 2) if layer.endswith("Cell") else (2, 1, 2)), device=DEVICE["triton"], requires_grad=True)
+    mod = mod.to(x.device)
+    with gpu_nn.backend("triton"):
+        out = mod(x)
+        out = out[0] if isinstance(out, tuple) else out
+        (g,) = torch.autograd.grad(out.sum(), x, create_graph=True)
+    calls.clear()
+    box = {}
+
+    def worker():
+        try:
+            box["gg"] = torch.autograd.grad(g.pow(2).sum(), x)
+        except Exception as exc:  # noqa: BLE001
+            box["e"] = exc
+
+    t = threading.Thread(target=worker, name="not-the-forward-thread")
+    t.start()
+    t.join(120)
+    assert "e" not in box, box.get("e")
+    assert calls and {c[1] for c in calls} == {"triton"}, sorted(set(calls))
 
 
 def test_backward_keeps_the_forwards_backend_after_the_block_exits(monkeypatch):

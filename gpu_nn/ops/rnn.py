@@ -1602,6 +1602,11 @@ class _SeqGrads(torch.autograd.Function):
         return (None, d_cot[0], d_cot[1], d_cot[2], d_prims[0], d_prims[1], d_prims[2], None, None, None,
                 *d_prims[3:])
 
+    # the second derivative's recomputed forward runs on the backend the first-order gradients'
+    # forward ran on, in whatever thread autograd runs it (as every op's backward: it took the
+    # thread's block, an audit: an LSTM's under 'triton' recomputed on 'reference' from a thread)
+    setup_context, backward = map(staticmethod, _backend.autograd_pair(setup_context, backward))
+
 
 _rnn_seq_op.register_autograd(_seq_backward, setup_context=_seq_setup)
 
