@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import os
 import sys
 import threading
@@ -113,6 +114,38 @@ class backend(contextlib.ContextDecorator):
 
     def __exit__(self, *exc) -> None:
         _thread_stack().pop()
+
+    def __call__(self, func):
+        """As a decorator: ``func`` runs in the block. A generator function's body does at each
+        resumption, as under torch's ``no_grad()`` decorator, and the caller's code between its
+        yields does not (ContextDecorator alone opened and closed the block around making the
+        generator, so its body ran outside it)."""
+        if not inspect.isgeneratorfunction(func):
+            return super().__call__(func)
+
+        @functools.wraps(func)
+        def generator(*args, **kwargs):
+            gen = func(*args, **kwargs)
+            try:
+                with self:
+                    response = gen.send(None)
+                while True:
+                    try:
+                        request = yield response
+                    except GeneratorExit:
+                        with self:
+                            gen.close()
+                        raise
+                    except BaseException as exc:  # (thrown in by the caller: handed to the body)
+                        with self:
+                            response = gen.throw(exc)
+                    else:
+                        with self:
+                            response = gen.send(request)
+            except StopIteration as stop:
+                return stop.value
+
+        return generator
 
     def __repr__(self) -> str:
         return f"gpu_nn.backend({self.name!r})"

@@ -444,6 +444,55 @@ def test_modes_and_subclasses_take_the_custom_op():
 needs_triton = pytest.mark.skipif("triton" not in BACKENDS, reason="needs a second backend (triton) that runs here")
 
 
+def test_backend_decorates_a_generator_function_as_torchs_no_grad():
+    """gpu_nn.backend(...) as a decorator of a generator function: its body runs in the block at
+    every resumption (send, throw, close included) and the caller's code between the yields
+    outside it, as torch's no_grad() decorator; the generator's return value and a plain
+    function keep working. ContextDecorator alone closed the block once the generator was made
+    (an audit: the body saw 'auto')."""
+    seen = []
+
+    @gpu_nn.backend("reference")
+    def gen():
+        seen.append(_backend.requested())
+        try:
+            got = yield 1
+            seen.append((_backend.requested(), got))
+            yield 2
+        except KeyError:
+            seen.append(("thrown", _backend.requested()))
+            yield 3
+        finally:
+            seen.append(("closed", _backend.requested()))
+        return "done"
+
+    @gpu_nn.backend("reference")
+    def plain():
+        return _backend.requested()
+
+    g = gen()
+    assert seen == [] and next(g) == 1 and _backend.requested() == "auto"
+    assert g.send("x") == 2 and _backend.requested() == "auto"
+    g.close()
+    assert seen == ["reference", ("reference", "x"), ("closed", "reference")]
+    seen.clear()
+    g = gen()
+    next(g)
+    assert g.throw(KeyError("k")) == 3 and seen[-1] == ("thrown", "reference")
+
+    def outer():
+        result = yield from gen()
+        return result
+
+    seen.clear()
+    assert list(outer()) == [1, 2] and seen[0] == "reference" and seen[-1] == ("closed", "reference")
+    with pytest.raises(StopIteration) as stop:
+        g = gen()
+        next(g), next(g), next(g)
+    assert stop.value.value == "done"
+    assert plain() == "reference" and _backend.requested() == "auto"
+
+
 @needs_triton
 def test_backend_blocks_in_two_threads_do_not_mix():
     """A enters triton, B enters reference, A exits: B is still on reference (issue 19.10)."""
