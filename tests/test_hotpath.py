@@ -733,6 +733,37 @@ def test_double_backward_in_another_thread_runs_on_the_forwards_backend(layer, m
     assert calls and {c[1] for c in calls} == {"triton"}, sorted(set(calls))
 
 
+@needs_triton
+def test_non_reentrant_checkpoint_with_the_readmes_context_fn_recomputes_on_the_forwards_backend(monkeypatch):
+    """README's recipe: checkpoint(use_reentrant=False, context_fn=(nullcontext, the backend's
+    block)) recomputes our ops on the forward's backend from a thread that sees no block, also
+    where an op of torch's after ours asks for the recomputed tensor first (without it, the
+    recompute takes that thread's backend: an audit)."""
+    import contextlib
+
+    from torch.utils.checkpoint import checkpoint
+
+    calls = []
+    resolve = _backend.resolve
+
+    def spy(op, device, have, *a, **k):
+        got = resolve(op, device, have, *a, **k)
+        calls.append((op, got))
+        return got
+
+    monkeypatch.setattr(_backend, "resolve", spy)
+    x = torch.randn(2, 8, device=DEVICE["triton"], requires_grad=True)
+    with gpu_nn.backend("triton"):
+        y = checkpoint(lambda t: F.sigmoid(t).exp(), x, use_reentrant=False,
+                       context_fn=lambda: (contextlib.nullcontext(), gpu_nn.backend("triton")))
+    calls.clear()
+    t = threading.Thread(target=lambda: y.sum().backward())
+    t.start()
+    t.join(60)
+    assert ("sigmoid", "triton") in calls and {c[1] for c in calls} == {"triton"}, calls
+    torch.testing.assert_close(x.grad, (torch.sigmoid(x) * (1 - torch.sigmoid(x)) * torch.sigmoid(x).exp()).detach())
+
+
 def test_backward_keeps_the_forwards_backend_after_the_block_exits(monkeypatch):
     """Same thread: forward inside backend('reference') over an env default that cannot run
     these tensors; the backward after the block still runs on the reference."""
