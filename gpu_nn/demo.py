@@ -475,8 +475,8 @@ def _numpy_openblas():
     base = os.path.dirname(np.__file__)
     for path in sorted(glob.glob(os.path.join(base + ".libs", "*openblas*"))
                        + glob.glob(os.path.join(base, ".dylibs", "*openblas*"))):
-        try:
-            lib = ctypes.CDLL(path)
+        try:  # the copy NumPy has loaded, never one of its own (RTLD_NOLOAD where there is one)
+            lib = ctypes.CDLL(path, mode=getattr(os, "RTLD_NOLOAD", 0) or ctypes.DEFAULT_MODE)
         except OSError:
             continue
         for name in _BLAS_SETTERS:
@@ -515,11 +515,13 @@ def run(args) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("gpu-nn demo: --device cuda but torch sees no CUDA device")
+    torch_before = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     blas_before = numpy_blas_threads(args.threads)
     try:
         return _run(args, device)
-    finally:
+    finally:  # (both given back: a caller in the same process keeps its own)
+        torch.set_num_threads(torch_before)
         if blas_before is not None:
             numpy_blas_threads(blas_before)
 

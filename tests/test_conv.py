@@ -2870,6 +2870,22 @@ def test_module_padding_modes_on_each_backend(mode, backend, device, rng):
         assert_close(ours(x), torch.relu(theirs(x)), torch.float32, 30)
 
 
+def test_module_padding_mode_passes_errors_that_judge_no_input(monkeypatch):
+    """An error of F.pad that says nothing of the input (out of memory, a recursion limit: torch's
+    subclasses of its plain errors) reaches the caller as it is, for an OOM retry loop's except;
+    only torch's plain error classes become ours (review)."""
+    layer = gpu_nn.nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect")
+    x = torch.randn(1, 3, 5, 5)
+    for exc in (torch.OutOfMemoryError("CUDA out of memory"), RecursionError("deep")):
+        def fail(*a, _exc=exc, **k):
+            raise _exc
+
+        monkeypatch.setattr(torch.nn.functional, "pad", fail)
+        with pytest.raises(type(exc)) as got:
+            layer(x)
+        assert got.value is exc and not isinstance(got.value, gpu_nn.KernelInputError)
+
+
 @pytest.mark.parametrize("case", [
     ("Conv2d", dict(padding=3, padding_mode="reflect"), (1, 3, 3, 3)),  # reflection past the input
     ("Conv2d", dict(padding=4, padding_mode="circular"), (1, 3, 3, 3)),  # wrapping more than once

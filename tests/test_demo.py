@@ -216,17 +216,19 @@ def test_threads_cap_numpys_blas_for_the_run(monkeypatch):
                 "torch_loss_curve": [1.0]}
 
     monkeypatch.setattr(demo, "train_pair", fake)
-    before = demo.numpy_blas_threads(3)
+    before, torch_before = demo.numpy_blas_threads(3), torch.get_num_threads()
     try:
         assert get() == 3
+        torch.set_num_threads(2)
         assert main(["demo", "--model", "cnn", "--no-progress"]) == 0
         assert main(["demo", "--model", "lstm", "--threads", "2", "--no-progress"]) == 0
-        assert get() == 3
+        assert get() == 3 and torch.get_num_threads() == 2  # (torch's given back too)
         with pytest.raises(KeyboardInterrupt):
             main(["demo", "--model", "gru", "--no-progress"])
-        assert seen == [1, 2, 1] and get() == 3
+        assert seen == [1, 2, 1] and get() == 3 and torch.get_num_threads() == 2
     finally:
         demo.numpy_blas_threads(before)
+        torch.set_num_threads(torch_before)
 
 
 def test_json_keeps_the_models_done_when_a_run_is_cut(monkeypatch, tmp_path):

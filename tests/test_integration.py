@@ -189,13 +189,53 @@ def test_a_layer_pickled_with_activation_as_its_fused_activation_unpickles_fused
     layer = gnn.Linear(3, 2, activation=act).double()
     x = torch.randn(4, 3, dtype=torch.float64)
     want = layer(x)
-    old = copy.copy(layer)
-    old.__dict__ = dict(layer.__dict__)
-    old.__dict__["activation"] = old.__dict__.pop("_gpu_nn_activation")
+    old_state = dict(layer.__dict__)  # what such a gpu-nn pickled: the instance's dict as it was
+    old_state["activation"] = old_state.pop("_gpu_nn_activation")
+    old = gnn.Linear.__new__(gnn.Linear)
+    old.__setstate__(old_state)
+    assert fused_activation(old) == act
+    torch.testing.assert_close(old(x), want, rtol=0, atol=0)
     for made in (old, layer):
         back = pickle.loads(pickle.dumps(made))
         assert fused_activation(back) == act and fused_activation(copy.deepcopy(made)) == act
         torch.testing.assert_close(back(x), want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle", "revert-copy"])
+@pytest.mark.parametrize("layer", ["Linear", "LazyLinear"])
+def test_a_users_own_activation_survives_copies_of_a_converted_layer(layer, how):
+    """A layer whose own ``activation`` (a fused name, 'tanh', kept for the user's code) came to
+    us through convert (a torch layer swapped) or a lazy layer (which becomes ours): copies and
+    pickles keep it the user's and fuse nothing (review: the old-pickle migration read it as
+    the fused activation of an old pickle, 0.128 off after a deepcopy)."""
+    torch.manual_seed(0)
+    m = (tnn.Linear(4, 3) if layer == "Linear" else gnn.LazyLinear(3)).double()
+    m.activation = "tanh"
+    model = tnn.Sequential(m)
+    x = torch.randn(2, 4, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the lazy layer's warning about its parameters)
+        want = model(x)
+        gpu_nn.convert(model)
+        got = {"deepcopy": lambda: copy.deepcopy(model), "pickle": lambda: pickle.loads(pickle.dumps(model)),
+               "revert-copy": lambda: gpu_nn.revert(model, inplace=False)}[how]()
+    assert got[0].activation == "tanh" and fused_activation(got[0]) is None
+    torch.testing.assert_close(got(x), want, rtol=1e-12, atol=1e-12)
+
+
+def test_a_lazy_layers_forward_called_directly_runs_ours():
+    """A lazy layer of ours given its parameters (a state_dict loaded) and its forward called
+    directly, before any call made it ours: our forward runs on the lazy instance, which has no
+    fused activation (review: it read an attribute the lazy instance lacked, AttributeError)."""
+    w, b = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    x = torch.randn(2, 3, dtype=torch.float64)
+    m = gnn.LazyLinear(4).double()
+    m.load_state_dict({"weight": w, "bias": b})
+    torch.testing.assert_close(m.forward(x), x @ w.T + b, rtol=1e-12, atol=1e-12)
+    c = gnn.LazyConv1d(2, 3).double()
+    c.load_state_dict({"weight": torch.randn(2, 1, 3, dtype=torch.float64), "bias": torch.zeros(2, dtype=torch.float64)})
+    xc = torch.randn(1, 1, 5, dtype=torch.float64)
+    torch.testing.assert_close(c.forward(xc), torch.nn.functional.conv1d(xc, c.weight, c.bias), rtol=1e-12, atol=1e-12)
 
 @pytest.mark.parametrize("backend,device", backend_params(("reference", "triton")))
 def test_a_default_device_elsewhere_leaves_our_internals_on_the_operands_device(backend, device):

@@ -36,16 +36,17 @@ def _padded(module, input: Tensor):
         return input, module.padding
     try:
         padded = torch.nn.functional.pad(input, module._reversed_padding_repeated_twice, mode=module.padding_mode)
-    except KernelInputError:
-        raise
     except (NotImplementedError, TypeError, IndexError, RuntimeError, ValueError) as exc:
+        ours = _AS_OURS.get(type(exc))
+        if ours is None:  # ours already, or a subclass (out of memory, a device or tracing error)
+            raise
         # bad input torch's layer refuses in the same F.pad: its words, as our error of that kind
-        raise _AS_OURS[next(t for t in _AS_OURS if isinstance(exc, t))](str(exc)) from None
+        raise ours(str(exc)) from None
     return padded, (0,) * len(module.kernel_size)
 
 
-# torch's error classes -> ours, the more specific first (NotImplementedError is a RuntimeError;
-# a ValueError is our KernelInputError too)
+# the plain error classes torch's checks raise -> ours (exactly these: a subclass, such as
+# torch.OutOfMemoryError or a RecursionError, is no verdict on the input and passes unchanged)
 _AS_OURS = {NotImplementedError: KernelInputNotImplementedError, TypeError: KernelInputTypeError,
             IndexError: KernelInputIndexError, RuntimeError: KernelInputError, ValueError: KernelInputError}
 

@@ -65,8 +65,17 @@ class FusesActivation:
 
     _gpu_nn_activation: str | None = None
 
+    def __getstate__(self):
+        # every state pickled carries the name (the class's None included: a layer convert
+        # swapped, a lazy one that became ours), so that __setstate__ tells an old pickle from a
+        # layer with an ``activation`` of its user's
+        state = super().__getstate__()
+        state.setdefault(ACTIVATION_ATTR, self._gpu_nn_activation)
+        return state
+
     def __setstate__(self, state):
-        # pickled by a gpu-nn that kept the fused activation as ``activation``
+        # pickled by a gpu-nn that kept the fused activation as ``activation`` (its convert left a
+        # layer with an ``activation`` of its own as torch's: that name was always ours there)
         if ACTIVATION_ATTR not in state and state.get("activation") in ACTIVATIONS[1:]:
             state = dict(state)
             state[ACTIVATION_ATTR] = state.pop("activation")
@@ -125,6 +134,7 @@ class BecomesOurs(NotScriptable):
     on ours too: torch takes the bound forward before its hook changes the class."""
 
     cls_to_become: type
+    _gpu_nn_activation = None  # (ours' forward reads it; a lazy layer fuses none)
 
     def forward(self, input: Tensor) -> Tensor:
         # the class is ours already in the call that changed it (our layer: no cls_to_become);
