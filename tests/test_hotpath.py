@@ -693,13 +693,8 @@ def test_backward_in_another_thread_runs_on_the_forwards_backend(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
-@needs_triton
-@pytest.mark.parametrize("layer", ["LSTM", "GRU", "RNN", "LSTMCell"])
-def test_double_backward_in_another_thread_runs_on_the_forwards_backend(layer, monkeypatch):
-    """The second derivative of a recurrent layer (the sequence layers' recomputed forward, of our
-    linear and activation ops) runs on the backend its forward ran on, from a thread that sees no
-    block: the sequence layers' took the thread's (an audit: an LSTM under 'triton' recomputed on
-    'reference'), the cells' already stayed."""
+def _resolve_spy(monkeypatch) -> list:
+    """The (op, backend) of every backend resolution from now on, in a list it returns."""
     calls = []
     resolve = _backend.resolve
 
@@ -709,6 +704,17 @@ def test_double_backward_in_another_thread_runs_on_the_forwards_backend(layer, m
         return got
 
     monkeypatch.setattr(_backend, "resolve", spy)
+    return calls
+
+
+@needs_triton
+@pytest.mark.parametrize("layer", ["LSTM", "GRU", "RNN", "LSTMCell"])
+def test_double_backward_in_another_thread_runs_on_the_forwards_backend(layer, monkeypatch):
+    """The second derivative of a recurrent layer (the sequence layers' recomputed forward, of our
+    linear and activation ops) runs on the backend its forward ran on, from a thread that sees no
+    block: the sequence layers' took the thread's (an audit: an LSTM under 'triton' recomputed on
+    'reference'), the cells' already stayed."""
+    calls = _resolve_spy(monkeypatch)
     torch.manual_seed(0)
     mod = getattr(gnn, layer)(2, 3)
     x = torch.randn(*((1, 2) if layer.endswith("Cell") else (2, 1, 2)), device=DEVICE["triton"], requires_grad=True)
@@ -743,15 +749,7 @@ def test_non_reentrant_checkpoint_with_the_readmes_context_fn_recomputes_on_the_
 
     from torch.utils.checkpoint import checkpoint
 
-    calls = []
-    resolve = _backend.resolve
-
-    def spy(op, device, have, *a, **k):
-        got = resolve(op, device, have, *a, **k)
-        calls.append((op, got))
-        return got
-
-    monkeypatch.setattr(_backend, "resolve", spy)
+    calls = _resolve_spy(monkeypatch)
     x = torch.randn(2, 8, device=DEVICE["triton"], requires_grad=True)
     with gpu_nn.backend("triton"):
         y = checkpoint(lambda t: F.sigmoid(t).exp(), x, use_reentrant=False,
