@@ -1523,6 +1523,45 @@ def test_compile_fullgraph_of_recurrent_layers_under_cpu_autocast(kind):
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("kind", ["LSTM", "GRU-bi", "RNN", "GRUCell", "LSTMCell", "max_pool1d"])
+def test_compile_fullgraph_of_vmap_over_recurrent_layers_and_pooling(kind):
+    """torch.compile(vmap(f), fullgraph=True), which README says works, of our recurrent layers,
+    cells and pooling: one graph, values and input gradients as eager's (float64). Their checks
+    for an active jvp / grad transform read torch.func's interpreter stack, which Dynamo cannot
+    trace (an audit: 'does not know how to trace ... get_interpreter_stack' with fullgraph, 2-4
+    graph breaks without); under compile they read the innermost transform (_transform_kinds)."""
+    from torch._dynamo.utils import counters
+    from torch.func import vmap
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    make = {"LSTM": lambda: gnn.LSTM(3, 4), "GRU-bi": lambda: gnn.GRU(3, 4, bidirectional=True),
+            "RNN": lambda: gnn.RNN(3, 4), "GRUCell": lambda: gnn.GRUCell(3, 4), "LSTMCell": lambda: gnn.LSTMCell(3, 4)}
+    if kind == "max_pool1d":
+        def one(x):  # x [5, 3]: one element's [C, L]
+            return gpu_nn.functional.max_pool1d(x, 2)
+    else:
+        layer = make[kind]().double()
+        if kind.endswith("Cell"):
+            def one(x):  # x [5, 3]: one element's batch of 5
+                out = layer(x)
+                return out[0] if isinstance(out, tuple) else out
+        else:
+            def one(x):  # x [5, 3]: one element's sequence of 5 steps
+                return layer(x.unsqueeze(1))[0]
+    xs = torch.randn(6, 5, 3, dtype=torch.float64, requires_grad=True)
+    with torch._dynamo.config.patch(allow_rnn=True):
+        got = torch.compile(lambda v: vmap(one)(v), backend="aot_eager", fullgraph=True)(xs)
+    want = vmap(one)(xs)
+    assert sum(counters["graph_break"].values()) == 0
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(want)
+    torch.testing.assert_close(torch.autograd.grad(got, xs, g)[0], torch.autograd.grad(want, xs, g)[0],
+                               rtol=1e-12, atol=1e-12)
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("kind,kw", [("LSTM", {}), ("GRU", dict(bidirectional=True)), ("RNN", dict(num_layers=2)),
                                      ("LSTMCell", {}), ("Conv2d", {})], ids=["LSTM", "GRU-bi", "RNN-2", "LSTMCell",
                                                                              "Conv2d"])

@@ -1191,14 +1191,27 @@ def tangents_in_play(tensors) -> bool:
     if _C._are_functorch_transforms_active():
         # (a dual level open under a transform: vmap of a dual tensor, whose batched tensors
         # unpack_dual cannot look into; the composition is right either way)
-        return _fwad._current_level >= 0 or any(i.key() == _JVP for i in _functorch.get_interpreter_stack())
+        return _fwad._current_level >= 0 or _JVP in _transform_kinds()
     return _fwad._current_level >= 0 and any(isinstance(t, torch.Tensor) and _has_tangent(t) for t in tensors)
+
+
+def _transform_kinds() -> tuple:
+    """The kinds of the active torch.func transforms (``_VMAP``, ``_GRAD``, ``_JVP``), outermost
+    first. Under torch.compile the innermost alone: Dynamo traces neither get_interpreter_stack()
+    nor a C interpreter's key() (compile(vmap(...)) of a recurrent layer broke its graph, and
+    failed with fullgraph=True), but it traces the innermost as pyfunctorch's interpreter."""
+    if torch.compiler.is_compiling():
+        from torch._functorch.pyfunctorch import coerce_cinterpreter
+
+        return (coerce_cinterpreter(_functorch.peek_interpreter_stack()).key(),)
+    return tuple(i.key() for i in _functorch.get_interpreter_stack())
 
 
 def transform_active(key) -> bool:
     """Whether a torch.func transform of kind ``key`` (``_VMAP``, ``_GRAD``: grad / vjp / jacrev,
-    ``_JVP``) is active (one C call where none is)."""
-    return _C._are_functorch_transforms_active() and any(i.key() == key for i in _functorch.get_interpreter_stack())
+    ``_JVP``) is active (one C call where none is; under torch.compile, the innermost one's kind:
+    :func:`_transform_kinds`)."""
+    return _C._are_functorch_transforms_active() and key in _transform_kinds()
 
 
 def vmap_active() -> bool:
