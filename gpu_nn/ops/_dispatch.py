@@ -786,7 +786,7 @@ class Routed:
                     return self._functorch_function().apply(*args)
             if torch.compiler.is_compiling() or kwargs or len(args) != self._nargs or not EAGER or not _eager_ok(args):
                 if _C._are_functorch_transforms_active() and not torch.compiler.is_compiling():
-                    keys = [i.key() for i in _functorch.get_interpreter_stack()]
+                    keys = _transform_kinds()  # (not compiling: the whole stack)
                     jvp_ok = self._takes_tangents(args, kwargs)
                     if _JVP in keys and not (jvp_ok and keys.count(_JVP) == 1):
                         # (two jvp levels: an autograd.Function's jvp rule reads its saved tensors without
