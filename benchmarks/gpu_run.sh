@@ -62,7 +62,8 @@ NCPU=$(nproc 2>/dev/null || echo 4)
 select_steps GPU_RUN_STEPS "check bench pytest" "check bench pytest"
 # what record and the cache count after the last step need: a call of the tests alone records nothing
 RECORD_S=10
-if asked check || asked bench; then RECORD_S=25; fi
+RECORDS=false  # (record runs where check or bench did)
+if asked check || asked bench; then RECORDS=true; RECORD_S=25; fi
 BENCH_S=${GPU_RUN_BENCH_S:-120}
 WARM_S=${GPU_RUN_WARM_S:-60}
 CHECK_RC=0
@@ -147,7 +148,7 @@ fi
 head -n 1 "$OUTDIR/triton_cache.txt" | sed 's/^/  /' | tee -a "$SUMMARY"
 
 # (a call of the tests alone has nothing to record: its logs are in the archive)
-if asked check || asked bench; then
+if $RECORDS; then
     step record 20 "${GN[@]}" results record "$OUTDIR" --into "$OUTDIR/results" --no-render
 fi
 
